@@ -1,0 +1,111 @@
+// Package audit is where every observation of egressd ends up. The proxy,
+// the DNS forwarder and capture each emit an [Event] per connection, query or
+// flow into a [Sink]; the ledger (built on this contract) turns events into
+// per-rule usage and the list of what was or would be dropped, and the
+// reports read the ledger.
+//
+// It sits between policy/ (whose Decision it records) and the components,
+// which import it and never each other.
+package audit
+
+import (
+	"net/netip"
+	"time"
+
+	"egressd/policy"
+)
+
+// Kind says what an event describes.
+type Kind string
+
+// The kinds of events.
+const (
+	KindFlow Kind = "flow" // one TCP connection, or one UDP exchange
+	KindDNS  Kind = "dns"  // one DNS query
+)
+
+// Source names the component that emitted an event.
+type Source string
+
+// The sources.
+const (
+	SourceProxy   Source = "proxy"
+	SourceDNS     Source = "dnsfilter"
+	SourceCapture Source = "capture"
+)
+
+// NameSource says how the destination name of a flow was found.
+type NameSource string
+
+// The ways a name is found.
+const (
+	NameSNI        NameSource = "sni"         // TLS ClientHello server_name
+	NameHost       NameSource = "host"        // HTTP Host header or absolute URL
+	NameConnect    NameSource = "connect"     // explicit proxy CONNECT authority
+	NameQUIC       NameSource = "quic-sni"    // SNI from a decrypted QUIC Initial
+	NameDNSAnswer  NameSource = "dns-answer"  // the question of a DNS answer
+	NameDNSLearned NameSource = "dns-learned" // an address our DNS gave out for the name
+	NameNoSNI      NameSource = "no-sni"      // TLS without a usable SNI
+	NameNone       NameSource = "none"        // nothing names the destination
+)
+
+// Event is one observation. The zero value of every optional field means
+// "unknown" and is omitted from JSON.
+type Event struct {
+	Kind   Kind      `json:"kind"`
+	Source Source    `json:"source"`
+	Time   time.Time `json:"time"` // start of the flow, or the query's arrival
+
+	Client     netip.Addr `json:"client"`
+	ClientPort uint16     `json:"client_port,omitempty"`
+	ClientMAC  string     `json:"client_mac,omitempty"`
+	Dest       netip.Addr `json:"dest_ip,omitzero"`
+	DestPort   uint16     `json:"dest_port,omitempty"`
+	Proto      string     `json:"proto"` // "tcp" or "udp"
+
+	Name       string     `json:"name,omitempty"`
+	NameSource NameSource `json:"name_source,omitempty"`
+	Path       string     `json:"path,omitempty"`
+
+	Verdict policy.Verdict `json:"verdict"`
+	Rule    string         `json:"rule,omitempty"`
+	Mode    policy.Mode    `json:"mode"`
+	Reason  string         `json:"reason,omitempty"`
+	// Enforced is true when the flow or query was actually blocked.
+	Enforced bool `json:"enforced,omitempty"`
+
+	BytesOut uint64  `json:"bytes_out,omitempty"` // client to destination
+	BytesIn  uint64  `json:"bytes_in,omitempty"`  // destination to client
+	Duration float64 `json:"duration_seconds,omitempty"`
+	Close    string  `json:"close,omitempty"` // how a connection ended
+
+	// DNS queries.
+	QType    string  `json:"qtype,omitempty"`
+	RCode    string  `json:"rcode,omitempty"`
+	CacheHit bool    `json:"cache_hit,omitempty"`
+	Upstream string  `json:"upstream,omitempty"`
+	Latency  float64 `json:"latency_seconds,omitempty"`
+}
+
+// FlowKey identifies a flow across observers: the 5-tuple. Together with
+// the start time it lets the ledger count a flow once, however many
+// components saw it.
+type FlowKey struct {
+	Client     netip.Addr
+	ClientPort uint16
+	Dest       netip.Addr
+	DestPort   uint16
+	Proto      string
+}
+
+// Key returns the event's flow key.
+func (e *Event) Key() FlowKey {
+	return FlowKey{Client: e.Client.Unmap(), ClientPort: e.ClientPort, Dest: e.Dest.Unmap(), DestPort: e.DestPort, Proto: e.Proto}
+}
+
+// Stamp copies a policy decision into the event and sets Enforced: a deny is
+// enforced only in enforce mode.
+func (e *Event) Stamp(d policy.Decision) {
+	e.Verdict, e.Rule, e.Mode, e.Reason = d.Verdict, d.Rule, d.Mode, d.Reason
+	e.Enforced = d.Verdict == policy.Deny && d.Mode == policy.ModeEnforce
+}

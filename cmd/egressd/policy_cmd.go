@@ -1,0 +1,220 @@
+package main
+
+import (
+	"context"
+	"encoding/json"
+	"errors"
+	"fmt"
+	"io"
+	"strings"
+
+	"egressd/policy"
+	"egressd/profiles"
+)
+
+func init() {
+	commands["policy"] = command{"policy check FILE | policy explain FILE --to DEST [--port N/proto] [--from IP] [--json]",
+		"validate a policy, or explain its verdict for a destination", cmdPolicy}
+}
+
+func cmdPolicy(ctx context.Context, args []string, stdout, stderr io.Writer) int {
+	if len(args) == 0 {
+		fmt.Fprintln(stderr, "usage: egressd "+commands["policy"].usage)
+		return exitUsage
+	}
+	switch args[0] {
+	case "check":
+		return cmdPolicyCheck(args[1:], stdout, stderr)
+	case "explain":
+		return cmdPolicyExplain(args[1:], stdout, stderr)
+	}
+	fmt.Fprintf(stderr, "egressd policy: unknown subcommand %q (expected check or explain)\n", args[0])
+	return exitUsage
+}
+
+// loadEngine compiles a policy file, or an embedded profile when file is
+// "profile:NAME". Warnings go to stderr.
+func loadEngine(file string, stderr io.Writer) (*policy.Engine, error) {
+	var src []byte
+	var err error
+	if name, ok := strings.CutPrefix(file, "profile:"); ok {
+		src, err = profiles.Get(name)
+	} else {
+		src, err = readPolicySource(file)
+	}
+	if err != nil {
+		return nil, fmt.Errorf("policy: %w", err)
+	}
+	eng, err := policy.Compile(file, src)
+	if err != nil {
+		return nil, err
+	}
+	for _, w := range eng.Warnings() {
+		fmt.Fprintf(stderr, "warning: %s\n", w)
+	}
+	return eng, nil
+}
+
+func cmdPolicyCheck(args []string, stdout, stderr io.Writer) int {
+	fs := newFlags("policy check", stderr)
+	quiet := fs.Bool("q", false, "print nothing when the policy is valid")
+	pos, err := parseArgs(fs, args)
+	if err != nil {
+		return flagErr(err)
+	}
+	if len(pos) != 1 {
+		fmt.Fprintln(stderr, "usage: egressd policy check FILE   (FILE may be - or profile:NAME)")
+		return exitUsage
+	}
+	eng, err := loadEngine(pos[0], stderr)
+	if err != nil {
+		var pe *policy.Error
+		if errors.As(err, &pe) {
+			fmt.Fprintln(stderr, pe.Error())
+			fmt.Fprintf(stderr, "%s: %d error(s)\n", pos[0], len(pe.Problems))
+		} else {
+			fmt.Fprintln(stderr, "egressd:", err)
+		}
+		return exitFail
+	}
+	if !*quiet {
+		fmt.Fprintf(stdout, "%s: valid, %d rules, mode %s, %d warning(s)\n", pos[0], len(eng.Rules()), eng.Mode(), len(eng.Warnings()))
+	}
+	return exitOK
+}
+
+// explanation is the JSON of `policy explain --json`.
+type explanation struct {
+	Verdict  policy.Verdict `json:"verdict"`
+	Rule     string         `json:"rule"`
+	Reason   string         `json:"reason"`
+	Why      string         `json:"why,omitempty"`
+	Mode     policy.Mode    `json:"mode"`
+	Dest     string         `json:"dest"`
+	Name     string         `json:"name,omitempty"`
+	IP       string         `json:"ip,omitempty"`
+	Path     string         `json:"path,omitempty"`
+	Port     string         `json:"port"`
+	From     string         `json:"from,omitempty"`
+	DNS      policy.Verdict `json:"dns,omitempty"` // for names: may the client resolve it
+	DNSRule  string         `json:"dns_rule,omitempty"`
+	Warnings []string       `json:"warnings,omitempty"`
+}
+
+func cmdPolicyExplain(args []string, stdout, stderr io.Writer) int {
+	fs := newFlags("policy explain", stderr)
+	to := fs.String("to", "", "destination: a name, an IP address or a URL (required)")
+	port := fs.String("port", "443/tcp", "destination port and protocol, N/tcp or N/udp")
+	from := fs.String("from", "", "client IP address (default: any client)")
+	mac := fs.String("mac", "", "client MAC address")
+	asJSON := fs.Bool("json", false, "print one JSON object")
+	pos, err := parseArgs(fs, args)
+	if err != nil {
+		return flagErr(err)
+	}
+	if len(pos) != 1 || *to == "" {
+		fmt.Fprintln(stderr, "usage: egressd "+commands["policy"].usage)
+		return exitUsage
+	}
+	in, dest, err := explainInput(*to, *port, *from, *mac, fs)
+	if err != nil {
+		fmt.Fprintln(stderr, "egressd:", err)
+		return exitUsage
+	}
+	eng, err := loadEngine(pos[0], io.Discard)
+	if err != nil {
+		fmt.Fprintln(stderr, err)
+		return exitFail
+	}
+	d := eng.Decide(in)
+	ex := explanation{Verdict: d.Verdict, Rule: d.Rule, Reason: d.Reason, Mode: d.Mode, Dest: *to,
+		Name: dest.Name, Path: dest.Path, Port: fmt.Sprintf("%d/%s", in.Port, in.Proto), From: *from}
+	if dest.Addr.IsValid() {
+		ex.IP = dest.Addr.String()
+	}
+	if d.RuleIndex >= 0 {
+		ex.Why = eng.Rules()[d.RuleIndex].Why
+		for _, w := range eng.Warnings() {
+			if strings.Contains(w.Msg, "rule "+d.Rule+":") && d.Verdict == policy.Allow && in.Path == "" {
+				ex.Warnings = append(ex.Warnings, w.Msg)
+			}
+		}
+	}
+	if dest.Name != "" {
+		dn := eng.DecideName(in)
+		ex.DNS, ex.DNSRule = dn.Verdict, dn.Rule
+	}
+	if *asJSON {
+		enc := json.NewEncoder(stdout)
+		if err := enc.Encode(ex); err != nil {
+			fmt.Fprintln(stderr, "egressd:", err)
+			return exitFail
+		}
+		return exitOK
+	}
+	target := *to
+	fmt.Fprintf(stdout, "%s %s on %s", strings.ToUpper(string(d.Verdict)), target, ex.Port)
+	if *from != "" {
+		fmt.Fprintf(stdout, " from %s", *from)
+	}
+	fmt.Fprintln(stdout)
+	switch {
+	case d.Verdict == policy.Allow:
+		fmt.Fprintf(stdout, "  rule:   %s\n  why:    %s\n", d.Rule, ex.Why)
+	case d.Rule != "":
+		fmt.Fprintf(stdout, "  reason: %s (rule %s)\n", d.Reason, d.Rule)
+	default:
+		fmt.Fprintf(stdout, "  reason: %s\n", d.Reason)
+	}
+	if ex.DNS != "" {
+		if ex.DNS == policy.Allow {
+			fmt.Fprintf(stdout, "  dns:    %s resolves through egressd (rule %s)\n", dest.Name, ex.DNSRule)
+		} else {
+			fmt.Fprintf(stdout, "  dns:    %s does not resolve through egressd\n", dest.Name)
+		}
+	}
+	for _, w := range ex.Warnings {
+		fmt.Fprintf(stdout, "  note:   %s\n", w)
+	}
+	fmt.Fprintf(stdout, "  mode:   %s\n", d.Mode)
+	return exitOK
+}
+
+// explainInput builds the policy input of `policy explain`.
+func explainInput(to, port, from, mac string, fs interface{ Visit(func(*flagT)) }) (policy.Input, policy.Dest, error) {
+	var in policy.Input
+	dest, err := policy.ParseDest(to)
+	if err != nil {
+		return in, dest, err
+	}
+	prs, err := parsePortFlag(port)
+	if err != nil {
+		return in, dest, err
+	}
+	in.Port, in.Proto = prs.Lo, prs.Proto
+	explicitPort := false
+	fs.Visit(func(f *flagT) {
+		if f.Name == "port" {
+			explicitPort = true
+		}
+	})
+	if dest.Port != 0 && !explicitPort {
+		in.Port = dest.Port
+	}
+	in.Name, in.Dest, in.Path = dest.Name, dest.Addr, dest.Path
+	if from != "" {
+		a, err := parseAddr(from)
+		if err != nil {
+			return in, dest, fmt.Errorf("--from: %v", err)
+		}
+		in.Client = a
+	}
+	if mac != "" {
+		m, err := parseMAC(mac)
+		if err != nil {
+			return in, dest, fmt.Errorf("--mac: %v", err)
+		}
+		in.ClientMAC = m
+	}
+	return in, dest, nil
+}

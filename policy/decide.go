@@ -1,0 +1,181 @@
+package policy
+
+import (
+	"net/netip"
+	"time"
+)
+
+// Decide returns the verdict for a flow: allowed when any rule allows it,
+// crediting the first such rule in file order. It does not allocate when
+// in.Name is already normal (see NormalizeName).
+func (e *Engine) Decide(in Input) Decision {
+	m := matcher{e: e, in: &in, best: -1, expired: -1, flow: true}
+	if e.hasExpiry && in.Now.IsZero() {
+		in.Now = time.Now()
+	}
+	m.run()
+	return m.decision()
+}
+
+// DecideName says whether a client may resolve a name through egressd's
+// DNS: "DNS follows the names", so a rule allows the query when one of its
+// name patterns (or "*") matches and it applies to the client, whatever its
+// ports. CIDR entries open no names. Only Client, ClientMAC, Name and Now of
+// in are used.
+func (e *Engine) DecideName(in Input) Decision {
+	in.Dest, in.Path = netip.Addr{}, ""
+	m := matcher{e: e, in: &in, best: -1, expired: -1}
+	if e.hasExpiry && in.Now.IsZero() {
+		in.Now = time.Now()
+	}
+	m.run()
+	return m.decision()
+}
+
+type matcher struct {
+	e    *Engine
+	in   *Input
+	flow bool // check ports and paths (a flow), or not (a DNS name)
+
+	best       int32 // lowest allowing rule, -1 none
+	expired    int32 // lowest expired rule that would allow, -1 none
+	portMiss   bool
+	pathMiss   bool
+	clientMiss bool
+	badName    bool
+}
+
+func (m *matcher) run() {
+	for _, r := range m.e.anyRefs {
+		m.consider(ref{rule: r})
+	}
+	if m.in.Name != "" {
+		name, ok := NormalizeName(m.in.Name)
+		if !ok {
+			m.badName = true
+		} else {
+			m.names(name)
+		}
+	}
+	if m.flow && m.in.Dest.IsValid() {
+		m.addrs(m.in.Dest.Unmap())
+	}
+}
+
+func (m *matcher) names(name string) {
+	n := m.e.names
+	end := len(name)
+	for {
+		// The label to the left of end.
+		start := end - 1
+		for start >= 0 && name[start] != '.' {
+			start--
+		}
+		if len(n.sub) > 0 {
+			for _, r := range n.sub {
+				m.consider(r)
+			}
+		}
+		if len(n.globs) > 0 {
+			rest := name[:end]
+			for _, g := range n.globs {
+				if g.g.Match(rest) {
+					m.consider(g.ref)
+				}
+			}
+		}
+		if end <= 0 {
+			break
+		}
+		c := n.children[name[start+1:end]]
+		if c == nil {
+			return
+		}
+		n = c
+		end = start
+		if end < 0 {
+			// The whole name is consumed: patterns that end here match
+			// exactly; "*." patterns here need a deeper name.
+			for _, r := range n.exact {
+				m.consider(r)
+			}
+			return
+		}
+	}
+}
+
+func (m *matcher) addrs(a netip.Addr) {
+	bits := m.e.addrs.bits16
+	if a.Is4() {
+		bits = m.e.addrs.bits4
+	}
+	for _, b := range bits {
+		pf, _ := a.Prefix(b)
+		for _, r := range m.e.addrs.m[pf] {
+			m.consider(ref{rule: r})
+		}
+	}
+}
+
+// consider checks one candidate rule against everything but the destination,
+// which the caller has matched.
+func (m *matcher) consider(r ref) {
+	if m.best >= 0 && r.rule >= m.best {
+		return
+	}
+	rule := &m.e.pol.Rules[r.rule]
+	if m.flow {
+		ok := false
+		for _, p := range rule.Ports {
+			if p.Contains(m.in.Port, m.in.Proto) {
+				ok = true
+				break
+			}
+		}
+		if !ok {
+			m.portMiss = true
+			return
+		}
+		if r.path != nil && m.in.Path != "" && !r.path.Match(m.in.Path) {
+			m.pathMiss = true
+			return
+		}
+	}
+	if !rule.From.Contains(m.in.Client, m.in.ClientMAC) {
+		m.clientMiss = true
+		return
+	}
+	if !rule.Expires.IsZero() && !m.in.Now.Before(rule.Expires) {
+		if m.expired < 0 || r.rule < m.expired {
+			m.expired = r.rule
+		}
+		return
+	}
+	m.best = r.rule
+}
+
+func (m *matcher) decision() Decision {
+	d := Decision{Verdict: Deny, RuleIndex: -1, Mode: m.e.pol.Mode}
+	switch {
+	case m.best >= 0:
+		d.Verdict, d.RuleIndex, d.Reason = Allow, int(m.best), ReasonAllowed
+	case m.expired >= 0:
+		d.RuleIndex, d.Reason = int(m.expired), ReasonExpired
+	case m.pathMiss:
+		d.Reason = ReasonPath
+	case m.portMiss:
+		d.Reason = ReasonPort
+	case m.clientMiss:
+		d.Reason = ReasonClient
+	case m.badName:
+		d.Reason = ReasonInvalidName
+	case m.in.Name == "" && !m.in.Dest.IsValid():
+		d.Reason = ReasonNoDestination
+	default:
+		d.Reason = ReasonNoRule
+	}
+	if d.RuleIndex >= 0 {
+		d.Rule = m.e.pol.Rules[d.RuleIndex].Name
+	}
+	return d
+}

@@ -1,0 +1,181 @@
+package policy
+
+import (
+	"net/netip"
+	"slices"
+	"strings"
+	"sync/atomic"
+	"time"
+
+	"github.com/gobwas/glob"
+)
+
+// Engine is a compiled policy. It is immutable and safe for concurrent use;
+// a reload builds a new Engine and swaps it in a [Store].
+//
+// Names live in a label-wise suffix tree ("com" → "docker" → …), addresses in
+// one hash table per prefix length, so the cost of a decision depends on the
+// length of the name and the number of distinct prefix lengths, not on the
+// number of rules.
+type Engine struct {
+	pol       *Policy
+	names     *nameNode
+	addrs     addrTable
+	anyRefs   []int32 // rules with "*"
+	hasExpiry bool
+}
+
+// ref points from the matcher to a rule, with the path glob of a
+// host/path target.
+type ref struct {
+	rule int32
+	path *glob.Pattern // nil: not a path rule
+}
+
+type nameNode struct {
+	children map[string]*nameNode
+	exact    []ref // patterns that end at this node
+	sub      []ref // "*.<this node>": any deeper name
+	globs    []globRef
+}
+
+// globRef is a pattern with a '*' inside a label; lit is the literal suffix
+// that leads to the node holding it, g matches what stands before it.
+type globRef struct {
+	ref
+	g *glob.Pattern
+}
+
+// addrTable holds address prefixes in one map, probed once per distinct
+// prefix length of the address family.
+type addrTable struct {
+	m      map[netip.Prefix][]int32
+	bits4  []int // distinct prefix lengths, longest first
+	bits16 []int
+}
+
+// Compile parses and compiles a policy file in one step.
+func Compile(file string, src []byte) (*Engine, error) {
+	p, err := Parse(file, src)
+	if err != nil {
+		return nil, err
+	}
+	return New(p), nil
+}
+
+// New compiles a parsed policy and adds the warnings that need the compiled
+// form (shadowed rules) to p.Warnings.
+func New(p *Policy) *Engine {
+	e := &Engine{pol: p, names: &nameNode{}, addrs: addrTable{m: map[netip.Prefix][]int32{}}}
+	for i := range p.Rules {
+		r := &p.Rules[i]
+		if !r.Expires.IsZero() {
+			e.hasExpiry = true
+		}
+		for _, t := range r.To {
+			e.add(int32(i), t)
+		}
+	}
+	slices.Sort(e.addrs.bits4)
+	slices.Reverse(e.addrs.bits4)
+	slices.Sort(e.addrs.bits16)
+	slices.Reverse(e.addrs.bits16)
+	p.Warnings = append(p.Warnings, lint(e, time.Now())...)
+	return e
+}
+
+func (e *Engine) add(rule int32, t Target) {
+	switch t.Kind {
+	case TargetAny:
+		if !slices.Contains(e.anyRefs, rule) {
+			e.anyRefs = append(e.anyRefs, rule)
+		}
+	case TargetPrefix:
+		pf := t.Prefix
+		list := e.addrs.m[pf]
+		if len(list) == 0 || list[len(list)-1] != rule {
+			e.addrs.m[pf] = append(list, rule)
+		}
+		bits := &e.addrs.bits16
+		if pf.Addr().Is4() {
+			bits = &e.addrs.bits4
+		}
+		if !slices.Contains(*bits, pf.Bits()) {
+			*bits = append(*bits, pf.Bits())
+		}
+	case TargetName, TargetHostPath:
+		r := ref{rule: rule, path: t.path}
+		labels := strings.Split(t.Pattern, ".")
+		// Walk the literal suffix from the right.
+		n := e.names
+		i := len(labels) - 1
+		for ; i >= 0 && !strings.Contains(labels[i], "*"); i-- {
+			c := n.children[labels[i]]
+			if c == nil {
+				if n.children == nil {
+					n.children = map[string]*nameNode{}
+				}
+				c = &nameNode{}
+				n.children[labels[i]] = c
+			}
+			n = c
+		}
+		switch {
+		case i < 0:
+			n.exact = append(n.exact, r)
+		case i == 0 && labels[0] == "*":
+			n.sub = append(n.sub, r)
+		default:
+			g, _ := compileNameGlob(strings.Join(labels[:i+1], ".")) // validated by Parse
+			n.globs = append(n.globs, globRef{ref: r, g: g})
+		}
+	}
+}
+
+// Policy returns the parsed policy the engine was compiled from. Callers must
+// not modify it.
+func (e *Engine) Policy() *Policy { return e.pol }
+
+// Mode returns the policy's mode.
+func (e *Engine) Mode() Mode { return e.pol.Mode }
+
+// Rules returns the rules in file order. Callers must not modify them.
+func (e *Engine) Rules() []Rule { return e.pol.Rules }
+
+// Warnings returns the policy's warnings.
+func (e *Engine) Warnings() []Problem { return e.pol.Warnings }
+
+// WithMode returns an engine that shares this one's matcher with another
+// mode (the command line's --mode overrides the file).
+func (e *Engine) WithMode(m Mode) *Engine {
+	if m == "" || m == e.pol.Mode {
+		return e
+	}
+	p := *e.pol
+	p.Mode = m
+	c := *e
+	c.pol = &p
+	return &c
+}
+
+// Store holds the current engine; Load and Swap are atomic, so a reload
+// never tears a decision in flight.
+type Store struct {
+	p atomic.Pointer[Engine]
+}
+
+// NewStore returns a store holding e.
+func NewStore(e *Engine) *Store {
+	s := &Store{}
+	s.p.Store(e)
+	return s
+}
+
+// Load returns the current engine.
+func (s *Store) Load() *Engine { return s.p.Load() }
+
+// Swap installs e and returns the previous engine.
+func (s *Store) Swap(e *Engine) *Engine { return s.p.Swap(e) }
+
+// Decide asks the current engine.
+func (s *Store) Decide(in Input) Decision { return s.p.Load().Decide(in) }

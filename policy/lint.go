@@ -1,0 +1,189 @@
+package policy
+
+import (
+	"fmt"
+	"net"
+	"net/netip"
+	"slices"
+	"strings"
+	"time"
+
+	"golang.org/x/net/publicsuffix"
+)
+
+// lint returns the warnings that need the compiled engine: path rules that
+// act at host level, "*" opening DNS, wildcards at a public suffix, expired
+// rules, and rules that an earlier rule shadows (so they are never credited).
+func lint(e *Engine, now time.Time) []Problem {
+	p := e.pol
+	var ws []Problem
+	warn := func(line, col int, format string, args ...any) {
+		ws = append(ws, Problem{File: p.File, Line: line, Col: col, Msg: fmt.Sprintf(format, args...)})
+	}
+	for j := range p.Rules {
+		r := &p.Rules[j]
+		if !r.Expires.IsZero() && !now.Before(r.Expires) {
+			warn(r.Line, r.Col, "rule %s expired on %s: it no longer matches and reports list it as expired", r.Name, r.Expires.Add(-time.Nanosecond).Format("2006-01-02"))
+		}
+		for _, t := range r.To {
+			switch t.Kind {
+			case TargetAny:
+				warn(t.Line, t.Col, "rule %s: \"*\" also lets its clients resolve every name through egressd's DNS, which is a tunnel; to allow any address without opening DNS, write 0.0.0.0/0 and ::/0", r.Name)
+			case TargetHostPath:
+				warn(t.Line, t.Col, "rule %s: %q can only be checked on plain HTTP or with inspection enabled; on HTTPS without inspection it allows the whole host %s", r.Name, t.Raw, t.Pattern)
+			}
+			if t.Kind == TargetName || t.Kind == TargetHostPath {
+				if s, ok := strings.CutPrefix(t.Pattern, "*."); ok && !strings.Contains(s, "*") {
+					if ps, icann := publicsuffix.PublicSuffix(s); ps == s && (icann || strings.Contains(s, ".")) {
+						warn(t.Line, t.Col, "rule %s: %q matches every name under the public suffix %s, owned by many parties", r.Name, t.Raw, s)
+					}
+				}
+			}
+		}
+		if by := shadowedBy(e, int32(j)); by != nil {
+			names := make([]string, len(by))
+			for i, b := range by {
+				names[i] = p.Rules[b].Name
+			}
+			warn(r.Line, r.Col, "rule %s is shadowed by %s: everything it allows is allowed earlier, so it is never credited", r.Name, strings.Join(names, ", "))
+		}
+	}
+	return ws
+}
+
+// shadowedBy returns the earlier rules that together cover every target of
+// rule j for all its clients and ports, or nil when j is reachable.
+func shadowedBy(e *Engine, j int32) []int32 {
+	rules := e.pol.Rules
+	rj := &rules[j]
+	if len(rj.To) == 0 {
+		return nil
+	}
+	var by []int32
+	for _, t := range rj.To {
+		found := int32(-1)
+		try := func(r ref) {
+			if r.rule >= j || (found >= 0 && r.rule >= found) {
+				return
+			}
+			if covers(&rules[r.rule], rj) {
+				found = r.rule
+			}
+		}
+		for _, a := range e.anyRefs {
+			try(ref{rule: a})
+		}
+		switch t.Kind {
+		case TargetPrefix:
+			bits := e.addrs.bits16
+			if t.Prefix.Addr().Is4() {
+				bits = e.addrs.bits4
+			}
+			for _, b := range bits {
+				if b > t.Prefix.Bits() {
+					continue
+				}
+				pf, _ := t.Prefix.Addr().Prefix(b)
+				for _, r := range e.addrs.m[pf] {
+					try(ref{rule: r})
+				}
+			}
+		case TargetName, TargetHostPath:
+			walkCovering(e.names, t, func(r ref) {
+				if r.path == nil || (t.Kind == TargetHostPath && r.path.String() == t.path.String()) {
+					try(r)
+				}
+			})
+		}
+		if found < 0 {
+			return nil
+		}
+		if !slices.Contains(by, found) {
+			by = append(by, found)
+		}
+	}
+	slices.Sort(by)
+	return by
+}
+
+// walkCovering calls fn for the name refs whose pattern matches every name
+// that t's pattern matches.
+func walkCovering(root *nameNode, t Target, fn func(ref)) {
+	labels := strings.Split(t.Pattern, ".")
+	lit := len(labels) // labels[lit:] is the literal suffix
+	for lit > 0 && !strings.Contains(labels[lit-1], "*") {
+		lit--
+	}
+	wildSub := lit == 1 && labels[0] == "*"
+	n := root
+	for i := len(labels) - 1; i >= lit; i-- {
+		// Any "*." at an ancestor of the remaining labels covers them.
+		for _, r := range n.sub {
+			fn(r)
+		}
+		if lit == 0 {
+			rest := strings.Join(labels[:i+1], ".")
+			for _, g := range n.globs {
+				if g.g.Match(rest) {
+					fn(g.ref)
+				}
+			}
+		}
+		if n = n.children[labels[i]]; n == nil {
+			return
+		}
+	}
+	switch {
+	case lit == 0:
+		for _, r := range n.exact {
+			fn(r)
+		}
+	case wildSub:
+		for _, r := range n.sub {
+			fn(r)
+		}
+	default:
+		g := strings.Join(labels[:lit], ".")
+		for _, gr := range n.globs {
+			if gr.g.String() == strings.Replace(g, "*.", "**.", 1) || gr.g.String() == g {
+				fn(gr.ref)
+			}
+		}
+		for _, r := range n.sub {
+			fn(r)
+		}
+	}
+}
+
+// covers reports whether rule a allows every client, port and time that b
+// does.
+func covers(a, b *Rule) bool {
+	if !a.Expires.IsZero() && (b.Expires.IsZero() || a.Expires.Before(b.Expires)) {
+		return false
+	}
+	if !a.From.Any() {
+		if b.From.Any() {
+			return false
+		}
+		for _, pb := range b.From.Prefixes {
+			if !slices.ContainsFunc(a.From.Prefixes, func(pa netip.Prefix) bool {
+				return pa.Bits() <= pb.Bits() && pa.Contains(pb.Addr())
+			}) {
+				return false
+			}
+		}
+		for _, mb := range b.From.MACs {
+			if !slices.ContainsFunc(a.From.MACs, func(ma net.HardwareAddr) bool { return string(ma) == string(mb) }) {
+				return false
+			}
+		}
+	}
+	for _, pb := range b.Ports {
+		if !slices.ContainsFunc(a.Ports, func(pa PortRange) bool {
+			return pa.Proto == pb.Proto && pa.Lo <= pb.Lo && pa.Hi >= pb.Hi
+		}) {
+			return false
+		}
+	}
+	return true
+}
