@@ -1,0 +1,263 @@
+// Package testnet builds test topologies out of network namespaces and veth
+// pairs for egressd's tests: a client, a gateway and an "internet", each its
+// own namespace, joined by veth links that carry only addresses the tests
+// assign (198.18.0.0/15 and the TEST-NET ranges). Everything it creates is
+// removed by t.Cleanup, processes by PID.
+//
+// Code in the test process can create sockets inside a namespace with Do,
+// Listen and Dial: a socket belongs to the namespace of the thread that
+// created it, for its whole life.
+package testnet
+
+import (
+	"bytes"
+	"context"
+	"fmt"
+	"net"
+	"os"
+	"os/exec"
+	"runtime"
+	"strings"
+	"sync/atomic"
+	"syscall"
+	"testing"
+	"time"
+
+	"golang.org/x/sys/unix"
+)
+
+// RequireRoot skips the test when not root, unless CI is set: in CI the
+// namespace tests must run, so there it fails instead.
+func RequireRoot(t testing.TB) {
+	t.Helper()
+	if os.Geteuid() == 0 {
+		if _, err := exec.LookPath("ip"); err != nil {
+			t.Fatalf("testnet: ip (iproute2) is not installed: %v", err)
+		}
+		return
+	}
+	if os.Getenv("CI") != "" {
+		t.Fatal("testnet: this test needs root (network namespaces); CI must run it as root")
+	}
+	t.Skip("testnet: needs root for network namespaces")
+}
+
+var seq atomic.Uint64
+
+// NS is a network namespace made by a test.
+type NS struct {
+	Name string
+	t    testing.TB
+}
+
+// New makes a namespace with loopback up. The name gets a unique suffix so
+// parallel tests and packages do not collide.
+func New(t testing.TB, prefix string) *NS {
+	t.Helper()
+	RequireRoot(t)
+	name := fmt.Sprintf("%s-%d-%d", prefix, os.Getpid()%100000, seq.Add(1))
+	if len(name) > 30 {
+		name = name[:30]
+	}
+	if out, err := exec.Command("ip", "netns", "add", name).CombinedOutput(); err != nil {
+		t.Fatalf("testnet: ip netns add %s: %v: %s", name, err, out)
+	}
+	ns := &NS{Name: name, t: t}
+	t.Cleanup(func() { ns.destroy() })
+	ns.MustRun("ip", "link", "set", "lo", "up")
+	return ns
+}
+
+func (ns *NS) destroy() {
+	// Kill what still lives in the namespace, by PID.
+	out, _ := exec.Command("ip", "netns", "pids", ns.Name).Output()
+	for _, f := range strings.Fields(string(out)) {
+		var pid int
+		if _, err := fmt.Sscan(f, &pid); err == nil && pid > 1 && pid != os.Getpid() {
+			syscall.Kill(pid, syscall.SIGKILL)
+		}
+	}
+	exec.Command("ip", "netns", "del", ns.Name).Run()
+}
+
+// Run runs a command in the namespace and returns its combined output.
+func (ns *NS) Run(args ...string) (string, error) {
+	ctx, cancel := context.WithTimeout(context.Background(), 60*time.Second)
+	defer cancel()
+	cmd := exec.CommandContext(ctx, "ip", append([]string{"netns", "exec", ns.Name}, args...)...)
+	out, err := cmd.CombinedOutput()
+	return string(out), err
+}
+
+// MustRun is Run that fails the test on error.
+func (ns *NS) MustRun(args ...string) string {
+	ns.t.Helper()
+	out, err := ns.Run(args...)
+	if err != nil {
+		ns.t.Fatalf("testnet: %s: %s: %v: %s", ns.Name, strings.Join(args, " "), err, out)
+	}
+	return out
+}
+
+// Proc is a process started in a namespace.
+type Proc struct {
+	Cmd    *exec.Cmd
+	Stdout *bytes.Buffer // safe to read after Wait or Stop
+	Stderr *bytes.Buffer
+	done   chan struct{}
+	err    error
+}
+
+// Start starts a command in the namespace. It is killed (by PID) at cleanup
+// if it is still running.
+func (ns *NS) Start(args ...string) *Proc {
+	ns.t.Helper()
+	cmd := exec.Command("ip", append([]string{"netns", "exec", ns.Name}, args...)...)
+	p := &Proc{Cmd: cmd, Stdout: &bytes.Buffer{}, Stderr: &bytes.Buffer{}, done: make(chan struct{})}
+	cmd.Stdout, cmd.Stderr = &lockedWriter{b: p.Stdout}, &lockedWriter{b: p.Stderr}
+	cmd.SysProcAttr = &syscall.SysProcAttr{Setpgid: true}
+	if err := cmd.Start(); err != nil {
+		ns.t.Fatalf("testnet: start %s: %v", strings.Join(args, " "), err)
+	}
+	go func() { p.err = cmd.Wait(); close(p.done) }()
+	ns.t.Cleanup(func() { p.Stop() })
+	return p
+}
+
+// Stop kills the process group by PID and waits for it.
+func (p *Proc) Stop() error {
+	select {
+	case <-p.done:
+		return p.err
+	default:
+	}
+	syscall.Kill(-p.Cmd.Process.Pid, syscall.SIGKILL)
+	<-p.done
+	return p.err
+}
+
+// Signal sends sig to the process (the ip netns exec wrapper execs the
+// command, so the PID is the command's).
+func (p *Proc) Signal(sig syscall.Signal) error { return syscall.Kill(p.Cmd.Process.Pid, sig) }
+
+// Done is closed when the process has exited.
+func (p *Proc) Done() <-chan struct{} { return p.done }
+
+type lockedWriter struct {
+	mu atomic.Bool
+	b  *bytes.Buffer
+}
+
+func (w *lockedWriter) Write(p []byte) (int, error) {
+	for !w.mu.CompareAndSwap(false, true) {
+		runtime.Gosched()
+	}
+	defer w.mu.Store(false)
+	return w.b.Write(p)
+}
+
+// Link joins two namespaces with a veth pair: ifA in a with addrsA, ifB in b
+// with addrsB (CIDR notation, IPv4 or IPv6). IPv6 duplicate address
+// detection is turned off so addresses work at once.
+func Link(t testing.TB, a *NS, ifA string, addrsA []string, b *NS, ifB string, addrsB []string) {
+	t.Helper()
+	tmpA := fmt.Sprintf("tn%d", seq.Add(1))
+	tmpB := fmt.Sprintf("tn%d", seq.Add(1))
+	if out, err := exec.Command("ip", "link", "add", tmpA, "type", "veth", "peer", "name", tmpB).CombinedOutput(); err != nil {
+		t.Fatalf("testnet: veth: %v: %s", err, out)
+	}
+	for _, x := range []struct {
+		ns        *NS
+		tmp, name string
+		addrs     []string
+	}{{a, tmpA, ifA, addrsA}, {b, tmpB, ifB, addrsB}} {
+		if out, err := exec.Command("ip", "link", "set", x.tmp, "netns", x.ns.Name).CombinedOutput(); err != nil {
+			t.Fatalf("testnet: move veth: %v: %s", err, out)
+		}
+		x.ns.MustRun("ip", "link", "set", x.tmp, "name", x.name)
+		x.ns.MustRun("sysctl", "-qw", "net.ipv6.conf."+x.name+".accept_dad=0")
+		for _, ad := range x.addrs {
+			if strings.Contains(ad, ":") {
+				x.ns.MustRun("ip", "-6", "addr", "add", ad, "dev", x.name, "nodad")
+			} else {
+				x.ns.MustRun("ip", "addr", "add", ad, "dev", x.name)
+			}
+		}
+		x.ns.MustRun("ip", "link", "set", x.name, "up")
+	}
+}
+
+// Do runs fn with the calling goroutine's thread switched into the
+// namespace. Sockets fn creates stay in the namespace.
+func (ns *NS) Do(fn func() error) error {
+	runtime.LockOSThread()
+	orig, err := os.Open("/proc/thread-self/ns/net")
+	if err != nil {
+		runtime.UnlockOSThread()
+		return err
+	}
+	defer orig.Close()
+	target, err := os.Open("/var/run/netns/" + ns.Name)
+	if err != nil {
+		runtime.UnlockOSThread()
+		return err
+	}
+	defer target.Close()
+	if err := unix.Setns(int(target.Fd()), unix.CLONE_NEWNET); err != nil {
+		runtime.UnlockOSThread()
+		return fmt.Errorf("testnet: setns %s: %w", ns.Name, err)
+	}
+	ferr := fn()
+	if err := unix.Setns(int(orig.Fd()), unix.CLONE_NEWNET); err != nil {
+		// Leave the thread locked: it dies with the goroutine instead of
+		// serving others from the wrong namespace.
+		return fmt.Errorf("testnet: setns back: %w", err)
+	}
+	runtime.UnlockOSThread()
+	return ferr
+}
+
+// Listen listens inside the namespace.
+func (ns *NS) Listen(network, addr string) (net.Listener, error) {
+	var ln net.Listener
+	err := ns.Do(func() (err error) { ln, err = net.Listen(network, addr); return })
+	return ln, err
+}
+
+// ListenPacket listens for packets inside the namespace.
+func (ns *NS) ListenPacket(network, addr string) (net.PacketConn, error) {
+	var pc net.PacketConn
+	err := ns.Do(func() (err error) { pc, err = net.ListenPacket(network, addr); return })
+	return pc, err
+}
+
+// DialContext dials from inside the namespace. Its signature fits
+// net.Dialer-style hooks.
+func (ns *NS) DialContext(ctx context.Context, network, addr string) (net.Conn, error) {
+	var c net.Conn
+	err := ns.Do(func() (err error) {
+		var d net.Dialer
+		c, err = d.DialContext(ctx, network, addr)
+		return
+	})
+	return c, err
+}
+
+// WaitTCP waits until addr accepts TCP connections from inside ns, or the
+// timeout passes.
+func (ns *NS) WaitTCP(addr string, timeout time.Duration) error {
+	deadline := time.Now().Add(timeout)
+	for {
+		ctx, cancel := context.WithTimeout(context.Background(), 500*time.Millisecond)
+		c, err := ns.DialContext(ctx, "tcp", addr)
+		cancel()
+		if err == nil {
+			c.Close()
+			return nil
+		}
+		if time.Now().After(deadline) {
+			return fmt.Errorf("testnet: %s not accepting in %s: %w", addr, ns.Name, err)
+		}
+		time.Sleep(50 * time.Millisecond)
+	}
+}

@@ -1,0 +1,47 @@
+package testnet
+
+import (
+	"context"
+	"io"
+	"strings"
+	"testing"
+	"time"
+)
+
+func TestLinkAndSockets(t *testing.T) {
+	a := New(t, "tna")
+	b := New(t, "tnb")
+	Link(t, a, "eth0", []string{"198.18.100.1/24", "2001:db8:100::1/64"}, b, "eth0", []string{"198.18.100.2/24", "2001:db8:100::2/64"})
+	if out := a.MustRun("ip", "-br", "addr", "show", "eth0"); !strings.Contains(out, "198.18.100.1/24") {
+		t.Fatalf("address not assigned: %s", out)
+	}
+	for _, addr := range []string{"198.18.100.2:7000", "[2001:db8:100::2]:7000"} {
+		ln, err := b.Listen("tcp", addr)
+		if err != nil {
+			t.Fatal(err)
+		}
+		go func() {
+			c, err := ln.Accept()
+			if err == nil {
+				c.Write([]byte("hello"))
+				c.Close()
+			}
+		}()
+		ctx, cancel := context.WithTimeout(context.Background(), 5*time.Second)
+		c, err := a.DialContext(ctx, "tcp", addr)
+		cancel()
+		if err != nil {
+			t.Fatal(err)
+		}
+		got, _ := io.ReadAll(c)
+		c.Close()
+		ln.Close()
+		if string(got) != "hello" {
+			t.Fatalf("got %q", got)
+		}
+	}
+	// The test process itself is not in either namespace.
+	if _, err := (&NS{Name: "x"}).Run("true"); err == nil {
+		t.Fatal("ip netns exec in a missing namespace succeeded")
+	}
+}
