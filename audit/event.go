@@ -22,6 +22,9 @@ type Kind string
 const (
 	KindFlow Kind = "flow" // one TCP connection, or one UDP exchange
 	KindDNS  Kind = "dns"  // one DNS query
+	// KindShed is a record the event log writes for events it had to shed
+	// (Count of them, up to Time); components never emit it.
+	KindShed Kind = "shed"
 )
 
 // Source names the component that emitted an event.
@@ -85,6 +88,9 @@ type Event struct {
 	CacheHit bool    `json:"cache_hit,omitempty"`
 	Upstream string  `json:"upstream,omitempty"`
 	Latency  float64 `json:"latency_seconds,omitempty"`
+
+	// Count is the number of events a KindShed record stands for.
+	Count uint64 `json:"count,omitempty"`
 }
 
 // FlowKey identifies a flow across observers: the 5-tuple. Together with

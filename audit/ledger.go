@@ -1,0 +1,557 @@
+package audit
+
+import (
+	"cmp"
+	"net/netip"
+	"slices"
+	"sync"
+	"time"
+
+	"egressd/policy"
+)
+
+// LedgerOptions tune the ledger's memory bounds. The zero value of every
+// field picks the documented default.
+type LedgerOptions struct {
+	// MaxClients bounds the client addresses kept per rule and per dropped
+	// entry; beyond it the list is marked as truncated. Default 64.
+	MaxClients int
+	// TopDestinations is how many destinations a rule lists in a report,
+	// most used first. Default 10.
+	TopDestinations int
+	// MaxDestinations bounds the destinations counted per rule (a
+	// space-saving counter: the top ones stay exact while the set is
+	// small, and approximately right beyond it). Default 256.
+	MaxDestinations int
+	// MaxDropped bounds the dropped entries (dest, port, proto); flows of
+	// further destinations are counted in Report.DroppedOverflow.
+	// Default 4096.
+	MaxDropped int
+	// MaxFlows bounds the table of recent flows used to count a flow once
+	// when several components report it. Default 65536.
+	MaxFlows int
+	// Now is the clock for expired rules; nil means time.Now.
+	Now func() time.Time
+}
+
+func (o *LedgerOptions) fill() {
+	def := func(v *int, d int) {
+		if *v <= 0 {
+			*v = d
+		}
+	}
+	def(&o.MaxClients, 64)
+	def(&o.TopDestinations, 10)
+	def(&o.MaxDestinations, 256)
+	def(&o.MaxDropped, 4096)
+	o.MaxDropped = max(o.MaxDropped, 2)
+	def(&o.MaxFlows, 65536)
+	if o.Now == nil {
+		o.Now = time.Now
+	}
+}
+
+// How far apart two reports of one flow may start and still be the same
+// flow. TCP: observers see the same connection a few milliseconds apart
+// (capture sees the SYN, the proxy the accept). UDP: DESIGN.md says a UDP
+// flow is one 5-tuple exchange with no more than 60 s of silence.
+const (
+	tcpFlowSlack = 2 * time.Second
+	udpFlowIdle  = 60 * time.Second
+)
+
+// Ledger turns events into per-rule usage and the dropped list. It
+// implements [Sink] (Emit never waits on anything but its own mutex, held
+// for map updates only) and is safe for concurrent use.
+//
+// Counting rules (see also DESIGN.md):
+//   - A flow event counts once per flow: events with the same 5-tuple whose
+//     start times fall within the flow (2 s slack for TCP, 60 s of silence
+//     for UDP) are one flow, whichever components reported it. The first
+//     report attributes the flow to a rule or to a dropped entry; later
+//     reports only raise its byte counts (to the largest seen, never a sum),
+//     its last-seen time, and its enforced flag.
+//   - A DNS query event is not a flow. An allowed query counts in its
+//     rule's "queries" (and its name as a destination, its client as a
+//     client, its time in first/last seen), so a rule whose names were only
+//     resolved is used, not unused. A denied query counts in the dropped
+//     list under (name, 53, "dns") with "queries" set and "flows" zero.
+//     Queries are deduplicated like flows, with the name and type in the
+//     key.
+//   - Unused rules are the policy's rules with neither flows nor queries;
+//     expired rules are listed separately, with the flows they would have
+//     allowed.
+type Ledger struct {
+	opt LedgerOptions
+
+	mu      sync.Mutex // guards following
+	eng     *policy.Engine
+	rules   map[string]*ruleStats
+	dropped map[dropKey]*dropStats
+	flows   map[flowID][]*flowRec
+	ring    []*flowRec // insertion order, for eviction; len <= MaxFlows
+	ringPos int
+	totals  Totals
+	shed    uint64
+	// shedMarks are (time, count) of shed records, for windowed reports.
+	shedMarks []shedMark
+	// history, when set, streams the recorded events since a time: the
+	// journal sets it so that reports over a window re-read the log.
+	history func(since time.Time, fn func(Event)) error
+	// metrics, when set, counts live events per rule and verdict.
+	metrics *ledgerMetrics
+}
+
+var _ Sink = (*Ledger)(nil)
+
+// Totals are the ledger's event counts.
+type Totals struct {
+	Events     uint64 `json:"events"`     // events added, duplicates included
+	Duplicates uint64 `json:"duplicates"` // events merged into a flow or query already counted
+	Flows      uint64 `json:"flows"`      // distinct flows
+	Allowed    uint64 `json:"allowed_flows"`
+	Dropped    uint64 `json:"dropped_flows"` // denied flows, enforced or not
+	Queries    uint64 `json:"queries"`       // distinct DNS queries
+	Ignored    uint64 `json:"ignored"`       // events of unknown kind
+}
+
+type shedMark struct {
+	t time.Time
+	n uint64
+}
+
+type ruleStats struct {
+	name              string
+	flows, queries    uint64
+	bytesOut, bytesIn uint64
+	denied            uint64 // flows denied citing this rule (expired)
+	clients           clientSet
+	dests             destCounter
+	first, last       time.Time
+}
+
+type dropKey struct {
+	dest  string
+	port  uint16
+	proto string
+}
+
+type dropStats struct {
+	key               dropKey
+	ip                netip.Addr
+	flows, queries    uint64
+	enforcedFlows     uint64
+	enforced          bool // the latest flow was blocked
+	bytesOut, bytesIn uint64
+	reason, rule      string
+	clients           clientSet
+	first, last       time.Time
+}
+
+// flowID identifies a flow or a query for deduplication.
+type flowID struct {
+	FlowKey
+	kind  Kind
+	name  string // queries only
+	qtype string // queries only
+}
+
+type flowRec struct {
+	id                flowID
+	start, end        time.Time
+	bytesOut, bytesIn uint64
+	enforced          bool
+	rule              *ruleStats // allowed
+	drop              *dropStats // denied
+}
+
+// NewLedger returns an empty ledger for the policy eng (which may be nil:
+// then no rule is unused or expired).
+func NewLedger(eng *policy.Engine, opt LedgerOptions) *Ledger {
+	opt.fill()
+	return &Ledger{
+		opt:     opt,
+		eng:     eng,
+		rules:   map[string]*ruleStats{},
+		dropped: map[dropKey]*dropStats{},
+		flows:   map[flowID][]*flowRec{},
+	}
+}
+
+// SetPolicy replaces the policy whose rules the report lists as unused or
+// expired, after a reload. Counts are kept.
+func (l *Ledger) SetPolicy(eng *policy.Engine) {
+	l.mu.Lock()
+	l.eng = eng
+	l.mu.Unlock()
+}
+
+// Policy returns the current policy, or nil.
+func (l *Ledger) Policy() *policy.Engine {
+	l.mu.Lock()
+	defer l.mu.Unlock()
+	return l.eng
+}
+
+// Emit adds a live event to the ledger.
+func (l *Ledger) Emit(ev Event) {
+	l.mu.Lock()
+	counted := l.addLocked(&ev)
+	m := l.metrics
+	l.mu.Unlock()
+	if m != nil {
+		m.observe(&ev, counted)
+	}
+}
+
+// add adds a recorded event (no metrics).
+func (l *Ledger) add(ev *Event) {
+	l.mu.Lock()
+	l.addLocked(ev)
+	l.mu.Unlock()
+}
+
+// addShed records n events shed at t.
+func (l *Ledger) addShed(t time.Time, n uint64) {
+	if n == 0 {
+		return
+	}
+	l.mu.Lock()
+	l.shed += n
+	l.shedMarks = append(l.shedMarks, shedMark{t.UTC(), n})
+	// Bound the marks: merge pairs when there are too many (windowed
+	// reports lose some precision about when, never how many).
+	if len(l.shedMarks) > 4096 {
+		half := l.shedMarks[:0]
+		for i := 0; i+1 < len(l.shedMarks); i += 2 {
+			half = append(half, shedMark{l.shedMarks[i+1].t, l.shedMarks[i].n + l.shedMarks[i+1].n})
+		}
+		if len(l.shedMarks)%2 == 1 {
+			half = append(half, l.shedMarks[len(l.shedMarks)-1])
+		}
+		l.shedMarks = half
+	}
+	l.mu.Unlock()
+}
+
+// Len returns the number of entries the ledger holds (rules, dropped
+// entries and remembered flows): its size for metrics.
+func (l *Ledger) Len() int {
+	l.mu.Lock()
+	defer l.mu.Unlock()
+	return len(l.rules) + len(l.dropped) + len(l.flows)
+}
+
+// addLocked adds ev and reports whether it was a new flow or query (false
+// for a duplicate or an ignored event).
+func (l *Ledger) addLocked(ev *Event) bool {
+	l.totals.Events++
+	if ev.Kind != KindFlow && ev.Kind != KindDNS {
+		l.totals.Ignored++
+		return false
+	}
+	t := ev.Time.UTC()
+	id := flowID{FlowKey: ev.Key(), kind: ev.Kind}
+	if ev.Kind == KindDNS {
+		id.name, id.qtype = lowerASCII(trimDot(ev.Name)), ev.QType
+	}
+	dedup := id.ClientPort != 0 || id.DestPort != 0
+	if dedup {
+		if rec := l.findLocked(id, t); rec != nil {
+			l.totals.Duplicates++
+			l.mergeLocked(rec, ev, t)
+			return false
+		}
+	}
+	rec := &flowRec{id: id, start: t, end: t.Add(time.Duration(ev.Duration * float64(time.Second)))}
+	if ev.Kind == KindFlow {
+		l.totals.Flows++
+	} else {
+		l.totals.Queries++
+	}
+	if ev.Verdict == policy.Allow {
+		rs := l.ruleLocked(ev.Rule)
+		if ev.Kind == KindFlow {
+			rs.flows++
+			l.totals.Allowed++
+		} else {
+			rs.queries++
+		}
+		rs.bytesOut += ev.BytesOut
+		rs.bytesIn += ev.BytesIn
+		rs.clients.add(ev.Client.Unmap(), l.opt.MaxClients)
+		rs.dests.add(destName(ev), l.opt.MaxDestinations)
+		rs.seen(t)
+		rec.rule = rs
+	} else {
+		if ev.Rule != "" { // an expired rule that would have allowed it
+			rs := l.ruleLocked(ev.Rule)
+			if ev.Kind == KindFlow {
+				rs.denied++
+			}
+		}
+		if ev.Kind == KindFlow {
+			l.totals.Dropped++
+		}
+		ds := l.dropLocked(ev)
+		if ds != nil {
+			if ev.Kind == KindFlow {
+				ds.flows++
+				if ev.Enforced {
+					ds.enforcedFlows++
+				}
+			} else {
+				ds.queries++
+			}
+			if !t.Before(ds.last) {
+				ds.enforced = ev.Enforced
+				if ev.Dest.IsValid() && ev.Kind == KindFlow { // a query's Dest is the resolver
+					ds.ip = ev.Dest.Unmap()
+				}
+			}
+			ds.bytesOut += ev.BytesOut
+			ds.bytesIn += ev.BytesIn
+			ds.reason, ds.rule = ev.Reason, ev.Rule
+			ds.clients.add(ev.Client.Unmap(), l.opt.MaxClients)
+			if ds.first.IsZero() || t.Before(ds.first) {
+				ds.first = t
+			}
+			if t.After(ds.last) {
+				ds.last = t
+			}
+		}
+		rec.drop = ds
+	}
+	rec.bytesOut, rec.bytesIn, rec.enforced = ev.BytesOut, ev.BytesIn, ev.Enforced
+	if dedup {
+		l.rememberLocked(rec)
+	}
+	return true
+}
+
+func (rs *ruleStats) seen(t time.Time) {
+	if rs.first.IsZero() || t.Before(rs.first) {
+		rs.first = t
+	}
+	if t.After(rs.last) {
+		rs.last = t
+	}
+}
+
+// findLocked returns the remembered flow ev belongs to, if any.
+func (l *Ledger) findLocked(id flowID, t time.Time) *flowRec {
+	slack := tcpFlowSlack
+	if id.Proto == "udp" && id.kind == KindFlow {
+		slack = udpFlowIdle
+	}
+	for _, r := range l.flows[id] {
+		if !t.Before(r.start.Add(-slack)) && !t.After(r.end.Add(slack)) {
+			return r
+		}
+	}
+	return nil
+}
+
+// mergeLocked folds a second report of a flow into its record: bytes rise
+// to the largest reported, never summed.
+func (l *Ledger) mergeLocked(r *flowRec, ev *Event, t time.Time) {
+	end := t.Add(time.Duration(ev.Duration * float64(time.Second)))
+	if end.After(r.end) {
+		r.end = end
+	}
+	var dOut, dIn uint64
+	if ev.BytesOut > r.bytesOut {
+		dOut, r.bytesOut = ev.BytesOut-r.bytesOut, ev.BytesOut
+	}
+	if ev.BytesIn > r.bytesIn {
+		dIn, r.bytesIn = ev.BytesIn-r.bytesIn, ev.BytesIn
+	}
+	switch {
+	case r.rule != nil:
+		r.rule.bytesOut += dOut
+		r.rule.bytesIn += dIn
+		r.rule.seen(t)
+	case r.drop != nil:
+		r.drop.bytesOut += dOut
+		r.drop.bytesIn += dIn
+		if ev.Enforced && !r.enforced && r.id.kind == KindFlow {
+			r.drop.enforcedFlows++
+			r.drop.enforced = true
+		}
+		if t.After(r.drop.last) {
+			r.drop.last = t
+		}
+	}
+	r.enforced = r.enforced || ev.Enforced
+}
+
+// rememberLocked keeps r for deduplication, evicting the oldest record
+// when the table is full.
+func (l *Ledger) rememberLocked(r *flowRec) {
+	if len(l.ring) < l.opt.MaxFlows {
+		l.ring = append(l.ring, r)
+	} else {
+		old := l.ring[l.ringPos]
+		recs := l.flows[old.id]
+		if i := slices.Index(recs, old); i >= 0 {
+			recs = slices.Delete(recs, i, i+1)
+		}
+		if len(recs) == 0 {
+			delete(l.flows, old.id)
+		} else {
+			l.flows[old.id] = recs
+		}
+		l.ring[l.ringPos] = r
+		l.ringPos = (l.ringPos + 1) % l.opt.MaxFlows
+	}
+	l.flows[r.id] = append(l.flows[r.id], r)
+}
+
+func (l *Ledger) ruleLocked(name string) *ruleStats {
+	rs := l.rules[name]
+	if rs == nil {
+		rs = &ruleStats{name: name}
+		l.rules[name] = rs
+	}
+	return rs
+}
+
+// overflowKey collects the flows of dropped destinations beyond MaxDropped.
+var overflowKey = dropKey{dest: "(other destinations)", proto: "*"}
+
+func (l *Ledger) dropLocked(ev *Event) *dropStats {
+	k := dropKey{dest: destName(ev), port: ev.DestPort, proto: ev.Proto}
+	if ev.Kind == KindDNS {
+		k.port, k.proto = 53, "dns"
+	}
+	ds := l.dropped[k]
+	if ds == nil {
+		if len(l.dropped) >= l.opt.MaxDropped-1 { // one kept for the overflow entry
+			k = overflowKey
+			if ds = l.dropped[k]; ds != nil {
+				return ds
+			}
+		}
+		ds = &dropStats{key: k}
+		l.dropped[k] = ds
+	}
+	return ds
+}
+
+// destName is the best name known for the event's destination, else its
+// address.
+func destName(ev *Event) string {
+	if ev.Name != "" {
+		return lowerASCII(trimDot(ev.Name))
+	}
+	if ev.Dest.IsValid() {
+		return ev.Dest.Unmap().String()
+	}
+	return "(unknown)"
+}
+
+func trimDot(s string) string {
+	if len(s) > 1 && s[len(s)-1] == '.' {
+		return s[:len(s)-1]
+	}
+	return s
+}
+
+func lowerASCII(s string) string {
+	for i := 0; i < len(s); i++ {
+		if c := s[i]; c >= 'A' && c <= 'Z' {
+			b := []byte(s)
+			for j := i; j < len(b); j++ {
+				if b[j] >= 'A' && b[j] <= 'Z' {
+					b[j] += 'a' - 'A'
+				}
+			}
+			return string(b)
+		}
+	}
+	return s
+}
+
+// clientSet is a bounded set of client addresses.
+type clientSet struct {
+	m         map[netip.Addr]struct{}
+	truncated bool // more clients were seen than kept
+}
+
+func (c *clientSet) add(a netip.Addr, max int) {
+	if !a.IsValid() {
+		return
+	}
+	if c.m == nil {
+		c.m = map[netip.Addr]struct{}{}
+	}
+	if _, ok := c.m[a]; ok {
+		return
+	}
+	if len(c.m) >= max {
+		c.truncated = true
+		return
+	}
+	c.m[a] = struct{}{}
+}
+
+func (c *clientSet) list() []string {
+	as := make([]netip.Addr, 0, len(c.m))
+	for a := range c.m {
+		as = append(as, a)
+	}
+	slices.SortFunc(as, netip.Addr.Compare)
+	out := make([]string, len(as))
+	for i, a := range as {
+		out[i] = a.String()
+	}
+	return out
+}
+
+// destCounter counts destinations with a bounded space-saving counter
+// (Metwally et al.): when full, a new destination replaces the least
+// counted one and inherits its count, so heavy hitters stay on top.
+type destCounter struct {
+	m map[string]uint64
+}
+
+func (d *destCounter) add(name string, max int) {
+	if d.m == nil {
+		d.m = map[string]uint64{}
+	}
+	if _, ok := d.m[name]; ok || len(d.m) < max {
+		d.m[name]++
+		return
+	}
+	minName, minN := "", uint64(0)
+	for n, c := range d.m {
+		if minName == "" || c < minN || (c == minN && n < minName) {
+			minName, minN = n, c
+		}
+	}
+	delete(d.m, minName)
+	d.m[name] = minN + 1
+}
+
+// DestCount is one destination and the flows (and queries) that reached it.
+type DestCount struct {
+	Dest  string `json:"dest"`
+	Count uint64 `json:"count"`
+}
+
+func (d *destCounter) top(n int) []DestCount {
+	out := make([]DestCount, 0, len(d.m))
+	for k, v := range d.m {
+		out = append(out, DestCount{k, v})
+	}
+	slices.SortFunc(out, func(a, b DestCount) int {
+		if c := cmp.Compare(b.Count, a.Count); c != 0 {
+			return c
+		}
+		return cmp.Compare(a.Dest, b.Dest)
+	})
+	if len(out) > n {
+		out = out[:n]
+	}
+	return out
+}

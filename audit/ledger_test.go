@@ -1,0 +1,216 @@
+package audit
+
+import (
+	"bytes"
+	"encoding/json"
+	"net/netip"
+	"os"
+	"path/filepath"
+	"strconv"
+	"testing"
+	"time"
+
+	"github.com/google/go-cmp/cmp"
+
+	"egressd/policy"
+)
+
+func golden(t *testing.T, name string, got []byte) {
+	t.Helper()
+	path := filepath.Join("testdata", name)
+	if *update {
+		if err := os.WriteFile(path, got, 0o644); err != nil {
+			t.Fatal(err)
+		}
+		return
+	}
+	want, err := os.ReadFile(path)
+	if err != nil {
+		t.Fatalf("%v (run go test ./audit -run %s -update)", err, t.Name())
+	}
+	if d := cmp.Diff(string(want), string(got)); d != "" {
+		t.Errorf("%s differs (-want +got); rerun with -update if intended:\n%s", name, d)
+	}
+}
+
+func fixtureReport(t *testing.T) *Report {
+	eng := loadPolicy(t, "policy.yaml")
+	l := NewLedger(eng, LedgerOptions{})
+	for _, ev := range fixtureEvents(t, eng) {
+		l.Emit(ev)
+	}
+	return l.Report(ReportOptions{Now: reportNow})
+}
+
+func TestGoldenReports(t *testing.T) {
+	r := fixtureReport(t)
+	var txt, js bytes.Buffer
+	if err := r.WriteText(&txt); err != nil {
+		t.Fatal(err)
+	}
+	if err := r.WriteJSON(&js); err != nil {
+		t.Fatal(err)
+	}
+	golden(t, "report.txt", txt.Bytes())
+	golden(t, "report.json", js.Bytes())
+}
+
+// TestReportFacts checks the counting rules on the fixture independently
+// of the golden files, so that an -update cannot bless a wrong count.
+func TestReportFacts(t *testing.T) {
+	r := fixtureReport(t)
+	rules := map[string]RuleReport{}
+	for _, u := range r.Rules {
+		rules[u.Name] = u
+	}
+	vc := rules["vendor-cloud"]
+	// 40001 (capture + proxy: once), 40002, 40004.
+	if vc.Flows != 3 || vc.BytesOut != 5120+1000+100 || vc.BytesIn != 90210+2000+200 {
+		t.Errorf("vendor-cloud = %d flows, %d out, %d in; want 3, 6220, 92410", vc.Flows, vc.BytesOut, vc.BytesIn)
+	}
+	if d := cmp.Diff([]string{"api.nirovision.com", "registry-1.docker.io"}, vc.Destinations); d != "" {
+		t.Errorf("vendor-cloud destinations (-want +got):\n%s", d)
+	}
+	if d := cmp.Diff([]string{"192.168.10.5", "192.168.10.6"}, vc.Clients); d != "" {
+		t.Errorf("vendor-cloud clients (-want +got):\n%s", d)
+	}
+	if n := rules["ntp"].Flows; n != 2 {
+		t.Errorf("ntp flows = %d, want 2 (two packets 30 s apart are one exchange)", n)
+	}
+	if u := rules["dns-only"]; u.Flows != 0 || u.Queries != 1 {
+		t.Errorf("dns-only = %d flows, %d queries; want 0, 1", u.Flows, u.Queries)
+	}
+	if d := cmp.Diff([]string{"vendor-docs"}, r.UnusedRules); d != "" {
+		t.Errorf("unused (-want +got):\n%s", d)
+	}
+	if len(r.ExpiredRules) != 1 || r.ExpiredRules[0].Name != "old-exception" || r.ExpiredRules[0].Flows != 1 {
+		t.Errorf("expired = %+v, want old-exception with 1 flow", r.ExpiredRules)
+	}
+	var tracker, trackerDNS *DroppedReport
+	for i, d := range r.Dropped {
+		switch {
+		case d.Dest == "tracker.example" && d.Proto == "tcp":
+			tracker = &r.Dropped[i]
+		case d.Dest == "tracker.example" && d.Proto == "dns":
+			trackerDNS = &r.Dropped[i]
+		}
+	}
+	if tracker == nil || tracker.Flows != 2 || tracker.ClientCount != 2 || tracker.IP != "203.0.113.9" || tracker.Enforced {
+		t.Errorf("tracker.example:443/tcp = %+v, want 2 flows from 2 clients, not enforced", tracker)
+	}
+	if trackerDNS == nil || trackerDNS.Queries != 1 || trackerDNS.Flows != 0 || trackerDNS.Port != 53 {
+		t.Errorf("tracker.example dns = %+v, want 1 query", trackerDNS)
+	}
+	// capture+proxy of 40001, the NTP packet 30 s later, the DNS query seen
+	// by capture, capture+proxy of 40010.
+	if r.Totals.Duplicates != 4 {
+		t.Errorf("duplicates = %d, want 4", r.Totals.Duplicates)
+	}
+	// Every distinct flow is either credited to a rule or dropped.
+	var sum uint64
+	for _, u := range r.Rules {
+		sum += u.Flows
+	}
+	for _, d := range r.Dropped {
+		sum += d.Flows
+	}
+	if sum != r.Totals.Flows {
+		t.Errorf("rules+dropped = %d flows, totals say %d", sum, r.Totals.Flows)
+	}
+}
+
+// TestReportJSONContract checks the keys DESIGN.md promises.
+func TestReportJSONContract(t *testing.T) {
+	var buf bytes.Buffer
+	if err := fixtureReport(t).WriteJSON(&buf); err != nil {
+		t.Fatal(err)
+	}
+	var m map[string]any
+	if err := json.Unmarshal(buf.Bytes(), &m); err != nil {
+		t.Fatal(err)
+	}
+	if m["mode"] != "audit" {
+		t.Errorf("mode = %v", m["mode"])
+	}
+	rule := m["rules"].([]any)[0].(map[string]any)
+	for _, k := range []string{"name", "flows", "bytes_out", "bytes_in", "clients", "destinations", "first_seen", "last_seen"} {
+		if _, ok := rule[k]; !ok {
+			t.Errorf("rules[0] lacks %q", k)
+		}
+	}
+	if _, ok := m["unused_rules"].([]any); !ok {
+		t.Errorf("unused_rules is not a list")
+	}
+	drop := m["dropped"].([]any)[0].(map[string]any)
+	for _, k := range []string{"dest", "ip", "port", "proto", "flows", "clients", "enforced", "first_seen", "last_seen"} {
+		if _, ok := drop[k]; !ok {
+			t.Errorf("dropped[0] lacks %q", k)
+		}
+	}
+	back, err := ReadReportJSON(bytes.NewReader(buf.Bytes()))
+	if err != nil {
+		t.Fatal(err)
+	}
+	if d := cmp.Diff(fixtureReport(t), back); d != "" {
+		t.Errorf("JSON round trip (-want +got):\n%s", d)
+	}
+}
+
+func TestEmptyReport(t *testing.T) {
+	l := NewLedger(nil, LedgerOptions{})
+	r := l.Report(ReportOptions{Since: time.Now().Add(-time.Hour)})
+	var buf bytes.Buffer
+	if err := r.WriteJSON(&buf); err != nil {
+		t.Fatal(err)
+	}
+	if !bytes.Contains(buf.Bytes(), []byte(`"rules": []`)) || !bytes.Contains(buf.Bytes(), []byte(`"dropped": []`)) {
+		t.Errorf("empty lists must be [] not null:\n%s", buf.String())
+	}
+	if len(r.Notes) == 0 {
+		t.Errorf("a windowed report without an event log must say it ignored Since")
+	}
+	for _, f := range []func(*bytes.Buffer) error{func(b *bytes.Buffer) error { return r.WriteText(b) }, func(b *bytes.Buffer) error { return r.WriteHTML(b) }} {
+		buf.Reset()
+		if err := f(&buf); err != nil {
+			t.Fatal(err)
+		}
+	}
+}
+
+func TestDedupAndBounds(t *testing.T) {
+	eng := loadPolicy(t, "policy.yaml")
+	l := NewLedger(eng, LedgerOptions{MaxClients: 3, MaxDropped: 2, MaxFlows: 4})
+	base := Event{Kind: KindFlow, Source: SourceProxy, Time: t0, Dest: mustAddr("203.0.113.5"), DestPort: 443, Proto: "tcp", Name: "x.example", Verdict: policy.Deny, Mode: policy.ModeAudit, Reason: policy.ReasonNoRule}
+	for i := range 10 {
+		ev := base
+		ev.Client = mustAddr("192.168.10." + itoa(i+1))
+		ev.ClientPort = uint16(1000 + i)
+		l.Emit(ev)
+		l.Emit(ev) // the same flow twice: once
+	}
+	r := l.Report(ReportOptions{Now: reportNow})
+	if len(r.Dropped) != 1 || r.Dropped[0].Flows != 10 || r.Dropped[0].ClientCount != 3 || !r.Dropped[0].ClientsTruncated {
+		t.Fatalf("dropped = %+v, want one entry of 10 flows, 3 clients kept, truncated", r.Dropped)
+	}
+	// Beyond MaxDropped, flows go to the overflow entry.
+	for i := range 3 {
+		ev := base
+		ev.Name = "y" + itoa(i) + ".example"
+		ev.Client, ev.ClientPort = mustAddr("192.168.10.1"), uint16(2000+i)
+		l.Emit(ev)
+	}
+	r = l.Report(ReportOptions{Now: reportNow})
+	if len(r.Dropped) != 2 {
+		t.Fatalf("dropped has %d entries, want 2 (bounded)", len(r.Dropped))
+	}
+	if got := r.Dropped[1]; got.Dest != overflowKey.dest || got.Flows != 3 {
+		t.Errorf("overflow entry = %+v, want 3 flows", got)
+	}
+	if n := l.Len(); n > 2+2+4+1 {
+		t.Errorf("ledger holds %d entries, bounds allow at most %d", n, 9)
+	}
+}
+
+func mustAddr(s string) netip.Addr { return netip.MustParseAddr(s) }
+
+func itoa(i int) string { return strconv.Itoa(i) }

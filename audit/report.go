@@ -1,0 +1,406 @@
+package audit
+
+import (
+	"cmp"
+	"encoding/json"
+	"fmt"
+	"io"
+	"slices"
+	"strings"
+	"text/tabwriter"
+	"time"
+
+	"egressd/policy"
+)
+
+// ReportOptions select what a report covers.
+type ReportOptions struct {
+	// Since, when not zero, limits the report to events at or after it.
+	// It needs the event log (a ledger opened through a [Journal] or
+	// [LoadDir]): without one the report covers everything and says so
+	// in Notes.
+	Since time.Time
+	// Now is the report's time (for expired rules and GeneratedAt); zero
+	// means the ledger's clock.
+	Now time.Time
+}
+
+// Report is the rule-usage report: DESIGN.md's report JSON, plus extra
+// fields (queries, client counts, top destinations with counts, expired
+// rules, shed events, totals).
+type Report struct {
+	Mode         policy.Mode     `json:"mode"`
+	Policy       string          `json:"policy,omitempty"` // the policy file the rules come from
+	GeneratedAt  time.Time       `json:"generated_at"`
+	Since        *time.Time      `json:"since,omitempty"`
+	Rules        []RuleReport    `json:"rules"`
+	UnusedRules  []string        `json:"unused_rules"`
+	ExpiredRules []ExpiredRule   `json:"expired_rules"`
+	Dropped      []DroppedReport `json:"dropped"`
+	// ShedEvents is how many events the event path dropped because the
+	// disk could not keep up; they are in no count above.
+	ShedEvents uint64   `json:"shed_events"`
+	Totals     Totals   `json:"totals"`
+	Notes      []string `json:"notes,omitempty"`
+}
+
+// RuleReport is one used rule.
+type RuleReport struct {
+	Name     string `json:"name"`
+	Flows    uint64 `json:"flows"`
+	Queries  uint64 `json:"queries"` // allowed DNS queries credited to the rule
+	BytesOut uint64 `json:"bytes_out"`
+	BytesIn  uint64 `json:"bytes_in"`
+	Clients  []string `json:"clients"`
+	// ClientCount is len(Clients); ClientsTruncated says more were seen
+	// than the ledger keeps.
+	ClientCount      int         `json:"client_count"`
+	ClientsTruncated bool        `json:"clients_truncated,omitempty"`
+	Destinations     []string    `json:"destinations"` // top destinations, most used first
+	TopDestinations  []DestCount `json:"top_destinations"`
+	FirstSeen        time.Time   `json:"first_seen"`
+	LastSeen         time.Time   `json:"last_seen"`
+	// InPolicy is false for a rule that events name but the current
+	// policy no longer has (renamed or removed since).
+	InPolicy bool `json:"in_policy"`
+}
+
+// ExpiredRule is a rule past its "expires" date.
+type ExpiredRule struct {
+	Name string `json:"name"`
+	// Expires is the first instant the rule no longer matched (the day
+	// after the date written in the policy).
+	Expires time.Time `json:"expires"`
+	// Flows is how many flows were denied that only this rule would have
+	// allowed.
+	Flows uint64 `json:"flows"`
+}
+
+// DroppedReport is one entry of the dropped list: what was (enforced) or
+// would be (audit mode) dropped, grouped by destination, port and protocol.
+type DroppedReport struct {
+	Dest             string    `json:"dest"`
+	IP               string    `json:"ip"` // the latest address seen, "" when none
+	Port             uint16    `json:"port"`
+	Proto            string    `json:"proto"` // "tcp", "udp", or "dns" for denied queries
+	Flows            uint64    `json:"flows"`
+	Queries          uint64    `json:"queries,omitempty"`
+	BytesOut         uint64    `json:"bytes_out,omitempty"`
+	BytesIn          uint64    `json:"bytes_in,omitempty"`
+	Clients          []string  `json:"clients"`
+	ClientCount      int       `json:"client_count"`
+	ClientsTruncated bool      `json:"clients_truncated,omitempty"`
+	Enforced         bool      `json:"enforced"` // the latest flow was blocked
+	EnforcedFlows    uint64    `json:"enforced_flows"`
+	Reason           string    `json:"reason,omitempty"`
+	Rule             string    `json:"rule,omitempty"` // the expired rule that would allow it
+	FirstSeen        time.Time `json:"first_seen"`
+	LastSeen         time.Time `json:"last_seen"`
+}
+
+// Report builds a report. It is a snapshot: later events do not change it.
+func (l *Ledger) Report(opt ReportOptions) *Report {
+	if opt.Now.IsZero() {
+		opt.Now = l.opt.Now()
+	}
+	src := l
+	var notes []string
+	if !opt.Since.IsZero() {
+		l.mu.Lock()
+		hist, eng := l.history, l.eng
+		l.mu.Unlock()
+		if hist != nil {
+			tmp := NewLedger(eng, l.opt)
+			since := opt.Since
+			err := hist(since, func(ev Event) {
+				if ev.Time.Before(since) {
+					return
+				}
+				if ev.Kind == KindShed {
+					tmp.addShed(ev.Time, ev.Count)
+					return
+				}
+				tmp.add(&ev)
+			})
+			if err != nil {
+				notes = append(notes, fmt.Sprintf("reading the event log: %v", err))
+			}
+			src = tmp
+		} else {
+			notes = append(notes, "no event log: the report covers everything recorded, not only since "+opt.Since.UTC().Format(time.RFC3339))
+			opt.Since = time.Time{}
+		}
+	}
+	r := src.snapshot(opt)
+	r.Notes = append(r.Notes, notes...)
+	return r
+}
+
+func (l *Ledger) snapshot(opt ReportOptions) *Report {
+	l.mu.Lock()
+	defer l.mu.Unlock()
+	r := &Report{
+		GeneratedAt:  opt.Now.UTC(),
+		Rules:        []RuleReport{},
+		UnusedRules:  []string{},
+		ExpiredRules: []ExpiredRule{},
+		Dropped:      []DroppedReport{},
+		Totals:       l.totals,
+	}
+	if !opt.Since.IsZero() {
+		s := opt.Since.UTC()
+		r.Since = &s
+	}
+	for _, m := range l.shedMarks {
+		if opt.Since.IsZero() || !m.t.Before(opt.Since) {
+			r.ShedEvents += m.n
+		}
+	}
+	order := map[string]int{}
+	if l.eng != nil {
+		r.Mode = l.eng.Mode()
+		r.Policy = l.eng.Policy().File
+		for i, rule := range l.eng.Rules() {
+			order[rule.Name] = i
+			rs := l.rules[rule.Name]
+			expired := !rule.Expires.IsZero() && !opt.Now.Before(rule.Expires)
+			if expired {
+				var n uint64
+				if rs != nil {
+					n = rs.denied
+				}
+				r.ExpiredRules = append(r.ExpiredRules, ExpiredRule{Name: rule.Name, Expires: rule.Expires.UTC(), Flows: n})
+				continue
+			}
+			if rs == nil || rs.flows == 0 && rs.queries == 0 {
+				r.UnusedRules = append(r.UnusedRules, rule.Name)
+			}
+		}
+	}
+	for _, rs := range l.rules {
+		if rs.flows == 0 && rs.queries == 0 {
+			continue
+		}
+		_, in := order[rs.name]
+		top := rs.dests.top(l.opt.TopDestinations)
+		names := make([]string, len(top))
+		for i, d := range top {
+			names[i] = d.Dest
+		}
+		cl := rs.clients.list()
+		r.Rules = append(r.Rules, RuleReport{
+			Name: rs.name, Flows: rs.flows, Queries: rs.queries,
+			BytesOut: rs.bytesOut, BytesIn: rs.bytesIn,
+			Clients: cl, ClientCount: len(cl), ClientsTruncated: rs.clients.truncated,
+			Destinations: names, TopDestinations: top,
+			FirstSeen: rs.first, LastSeen: rs.last, InPolicy: in,
+		})
+	}
+	slices.SortFunc(r.Rules, func(a, b RuleReport) int {
+		if c := cmp.Compare(b.Flows, a.Flows); c != 0 {
+			return c
+		}
+		if c := cmp.Compare(b.Queries, a.Queries); c != 0 {
+			return c
+		}
+		ia, oka := order[a.Name]
+		ib, okb := order[b.Name]
+		if oka && okb && ia != ib {
+			return cmp.Compare(ia, ib)
+		}
+		return cmp.Compare(a.Name, b.Name)
+	})
+	for _, ds := range l.dropped {
+		cl := ds.clients.list()
+		ip := ""
+		if ds.ip.IsValid() {
+			ip = ds.ip.String()
+		}
+		r.Dropped = append(r.Dropped, DroppedReport{
+			Dest: ds.key.dest, IP: ip, Port: ds.key.port, Proto: ds.key.proto,
+			Flows: ds.flows, Queries: ds.queries, BytesOut: ds.bytesOut, BytesIn: ds.bytesIn,
+			Clients: cl, ClientCount: len(cl), ClientsTruncated: ds.clients.truncated,
+			Enforced: ds.enforced, EnforcedFlows: ds.enforcedFlows,
+			Reason: ds.reason, Rule: ds.rule, FirstSeen: ds.first, LastSeen: ds.last,
+		})
+	}
+	slices.SortFunc(r.Dropped, func(a, b DroppedReport) int {
+		if c := cmp.Compare(b.Flows+b.Queries, a.Flows+a.Queries); c != 0 {
+			return c
+		}
+		if c := cmp.Compare(a.Dest, b.Dest); c != 0 {
+			return c
+		}
+		if c := cmp.Compare(a.Port, b.Port); c != 0 {
+			return c
+		}
+		return cmp.Compare(a.Proto, b.Proto)
+	})
+	return r
+}
+
+// WriteJSON writes the report as indented JSON (DESIGN.md's report JSON).
+func (r *Report) WriteJSON(w io.Writer) error {
+	enc := json.NewEncoder(w)
+	enc.SetIndent("", "  ")
+	if err := enc.Encode(r); err != nil {
+		return fmt.Errorf("audit: write report: %w", err)
+	}
+	return nil
+}
+
+// ReadReportJSON decodes a report written by WriteJSON (the admin API's
+// /report.json).
+func ReadReportJSON(rd io.Reader) (*Report, error) {
+	var r Report
+	if err := json.NewDecoder(io.LimitReader(rd, 256<<20)).Decode(&r); err != nil {
+		return nil, fmt.Errorf("audit: read report: %w", err)
+	}
+	return &r, nil
+}
+
+// WriteText writes the report as terminal tables.
+func (r *Report) WriteText(w io.Writer) error {
+	ew := &errWriter{w: w}
+	mode := string(r.Mode)
+	if mode == "" {
+		mode = "unknown"
+	}
+	fmt.Fprintf(ew, "egressd report: mode %s, generated %s", mode, fmtTime(r.GeneratedAt))
+	if r.Since != nil {
+		fmt.Fprintf(ew, ", since %s", fmtTime(*r.Since))
+	}
+	fmt.Fprintln(ew)
+	if r.Policy != "" {
+		fmt.Fprintf(ew, "policy: %s\n", r.Policy)
+	}
+	fmt.Fprintf(ew, "%d flows (%d allowed, %d dropped), %d DNS queries, %d events shed\n",
+		r.Totals.Flows, r.Totals.Allowed, r.Totals.Dropped, r.Totals.Queries, r.ShedEvents)
+	if r.ShedEvents > 0 {
+		fmt.Fprintf(ew, "WARNING: %d events were shed (the event log could not keep up); they are in no count below\n", r.ShedEvents)
+	}
+	for _, n := range r.Notes {
+		fmt.Fprintf(ew, "note: %s\n", n)
+	}
+
+	fmt.Fprintf(ew, "\nRULES BY USE (%d)\n", len(r.Rules))
+	if len(r.Rules) == 0 {
+		fmt.Fprintln(ew, "  (none used)")
+	} else {
+		tw := tabwriter.NewWriter(ew, 0, 0, 2, ' ', 0)
+		fmt.Fprintln(tw, "  RULE\tFLOWS\tQUERIES\tOUT\tIN\tCLIENTS\tFIRST SEEN\tLAST SEEN\tTOP DESTINATIONS")
+		for _, u := range r.Rules {
+			name := u.Name
+			if !u.InPolicy {
+				name += " (not in policy)"
+			}
+			fmt.Fprintf(tw, "  %s\t%d\t%d\t%s\t%s\t%s\t%s\t%s\t%s\n", name, u.Flows, u.Queries,
+				fmtBytes(u.BytesOut), fmtBytes(u.BytesIn), fmtCount(u.ClientCount, u.ClientsTruncated),
+				fmtTime(u.FirstSeen), fmtTime(u.LastSeen), shortList(u.Destinations, 3))
+		}
+		tw.Flush()
+	}
+
+	fmt.Fprintf(ew, "\nUNUSED RULES (%d)\n", len(r.UnusedRules))
+	for _, n := range r.UnusedRules {
+		fmt.Fprintf(ew, "  %s\n", n)
+	}
+	if len(r.ExpiredRules) > 0 {
+		fmt.Fprintf(ew, "\nEXPIRED RULES (%d)\n", len(r.ExpiredRules))
+		for _, e := range r.ExpiredRules {
+			fmt.Fprintf(ew, "  %s  expires: %s, %d flows denied that only it would allow\n", e.Name, expiresDate(e.Expires), e.Flows)
+		}
+	}
+
+	title := "DROPPED"
+	if r.Mode == policy.ModeAudit {
+		title = "WOULD BE DROPPED (audit mode: not blocked)"
+	}
+	fmt.Fprintf(ew, "\n%s (%d)\n", title, len(r.Dropped))
+	if len(r.Dropped) == 0 {
+		fmt.Fprintln(ew, "  (nothing)")
+	} else {
+		tw := tabwriter.NewWriter(ew, 0, 0, 2, ' ', 0)
+		fmt.Fprintln(tw, "  DEST\tIP\tPORT\tFLOWS\tQUERIES\tCLIENTS\tENFORCED\tREASON\tFIRST SEEN\tLAST SEEN")
+		for _, d := range r.Dropped {
+			ip := d.IP
+			if ip == "" || ip == d.Dest {
+				ip = "-"
+			}
+			enf := "no"
+			if d.EnforcedFlows > 0 {
+				enf = fmt.Sprintf("%d/%d", d.EnforcedFlows, d.Flows)
+				if d.EnforcedFlows == d.Flows {
+					enf = "yes"
+				}
+			} else if d.Enforced {
+				enf = "yes"
+			}
+			reason := d.Reason
+			if d.Rule != "" {
+				reason += " (" + d.Rule + ")"
+			}
+			fmt.Fprintf(tw, "  %s\t%s\t%d/%s\t%d\t%d\t%s\t%s\t%s\t%s\t%s\n", d.Dest, ip, d.Port, d.Proto,
+				d.Flows, d.Queries, fmtCount(d.ClientCount, d.ClientsTruncated), enf, reason,
+				fmtTime(d.FirstSeen), fmtTime(d.LastSeen))
+		}
+		tw.Flush()
+	}
+	return ew.err
+}
+
+type errWriter struct {
+	w   io.Writer
+	err error
+}
+
+func (e *errWriter) Write(p []byte) (int, error) {
+	if e.err != nil {
+		return 0, e.err
+	}
+	n, err := e.w.Write(p)
+	if err != nil {
+		e.err = fmt.Errorf("audit: write report: %w", err)
+	}
+	return n, err
+}
+
+func fmtTime(t time.Time) string {
+	if t.IsZero() {
+		return "-"
+	}
+	return t.UTC().Format("2006-01-02 15:04:05Z")
+}
+
+func fmtCount(n int, more bool) string {
+	if more {
+		return fmt.Sprintf("%d+", n)
+	}
+	return fmt.Sprint(n)
+}
+
+func fmtBytes(n uint64) string {
+	const unit = 1024
+	if n < unit {
+		return fmt.Sprintf("%d B", n)
+	}
+	div, exp := uint64(unit), 0
+	for m := n / unit; m >= unit && exp < 4; m /= unit {
+		div *= unit
+		exp++
+	}
+	return fmt.Sprintf("%.1f %ciB", float64(n)/float64(div), "KMGTP"[exp])
+}
+
+func shortList(s []string, n int) string {
+	if len(s) <= n {
+		return strings.Join(s, ", ")
+	}
+	return strings.Join(s[:n], ", ") + fmt.Sprintf(", +%d", len(s)-n)
+}
+
+// expiresDate is the date as written in the policy ("expires: 2026-12-31"
+// stops matching at the start of 2027-01-01).
+func expiresDate(t time.Time) string {
+	return t.Add(-time.Nanosecond).Format("2006-01-02")
+}
