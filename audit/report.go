@@ -46,11 +46,11 @@ type Report struct {
 
 // RuleReport is one used rule.
 type RuleReport struct {
-	Name     string `json:"name"`
-	Flows    uint64 `json:"flows"`
-	Queries  uint64 `json:"queries"` // allowed DNS queries credited to the rule
-	BytesOut uint64 `json:"bytes_out"`
-	BytesIn  uint64 `json:"bytes_in"`
+	Name     string   `json:"name"`
+	Flows    uint64   `json:"flows"`
+	Queries  uint64   `json:"queries"` // allowed DNS queries credited to the rule
+	BytesOut uint64   `json:"bytes_out"`
+	BytesIn  uint64   `json:"bytes_in"`
 	Clients  []string `json:"clients"`
 	// ClientCount is len(Clients); ClientsTruncated says more were seen
 	// than the ledger keeps.
