@@ -36,19 +36,24 @@ type matcher struct {
 	e    *Engine
 	in   *Input
 	flow bool // check ports and paths (a flow), or not (a DNS name)
+	wild bool // considering "*" rules: a miss there says nothing of the destination
 
 	best       int32 // lowest allowing rule, -1 none
 	expired    int32 // lowest expired rule that would allow, -1 none
 	portMiss   bool
 	pathMiss   bool
 	clientMiss bool
-	badName    bool
+	// wildClientMiss: a "*" rule would allow it, for other clients.
+	wildClientMiss bool
+	badName        bool
 }
 
 func (m *matcher) run() {
+	m.wild = true
 	for _, r := range m.e.anyRefs {
 		m.consider(ref{rule: r})
 	}
+	m.wild = false
 	if m.in.Name != "" {
 		name, ok := NormalizeName(m.in.Name)
 		if !ok {
@@ -111,10 +116,13 @@ func (m *matcher) addrs(a netip.Addr) {
 	}
 	for _, b := range bits {
 		pf, _ := a.Prefix(b)
+		// A /0 matches everything, like "*": a miss there is no reason.
+		m.wild = b == 0
 		for _, r := range m.e.addrs.m[pf] {
 			m.consider(ref{rule: r})
 		}
 	}
+	m.wild = false
 }
 
 // consider checks one candidate rule against everything but the destination,
@@ -133,7 +141,7 @@ func (m *matcher) consider(r ref) {
 			}
 		}
 		if !ok {
-			m.portMiss = true
+			m.portMiss = m.portMiss || !m.wild
 			return
 		}
 		if r.path != nil && m.in.Path != "" && !r.path.Match(m.in.Path) {
@@ -142,7 +150,11 @@ func (m *matcher) consider(r ref) {
 		}
 	}
 	if !rule.From.Contains(m.in.Client, m.in.ClientMAC) {
-		m.clientMiss = true
+		if m.wild {
+			m.wildClientMiss = true
+		} else {
+			m.clientMiss = true
+		}
 		return
 	}
 	if !rule.Expires.IsZero() && !m.in.Now.Before(rule.Expires) {
@@ -171,6 +183,8 @@ func (m *matcher) decision() Decision {
 		d.Reason = ReasonInvalidName
 	case m.in.Name == "" && !m.in.Dest.IsValid():
 		d.Reason = ReasonNoDestination
+	case m.wildClientMiss:
+		d.Reason = ReasonClient
 	default:
 		d.Reason = ReasonNoRule
 	}

@@ -26,6 +26,9 @@ func (p Problem) String() string {
 	if p.Line == 0 {
 		return fmt.Sprintf("%s: %s", p.File, p.Msg)
 	}
+	if p.Col == 0 {
+		return fmt.Sprintf("%s:%d: %s", p.File, p.Line, p.Msg)
+	}
 	return fmt.Sprintf("%s:%d:%d: %s", p.File, p.Line, p.Col, p.Msg)
 }
 
@@ -174,7 +177,8 @@ func Parse(file string, src []byte) (*Policy, error) {
 	p := &parser{pol: &Policy{File: file, Version: 1, Mode: ModeAudit}}
 	var doc yaml.Node
 	if err := yaml.Unmarshal(src, &doc); err != nil {
-		p.errf(yamlLine(err), 0, "%s", strings.TrimPrefix(err.Error(), "yaml: "))
+		msg := yamlLineRE.ReplaceAllString(strings.TrimPrefix(err.Error(), "yaml: "), "")
+		p.errf(yamlLine(err), 0, "YAML syntax: %s", strings.TrimPrefix(msg, ": "))
 		return nil, &Error{Problems: p.errs}
 	}
 	if len(doc.Content) == 0 {
@@ -189,7 +193,7 @@ func Parse(file string, src []byte) (*Policy, error) {
 	return p.pol, nil
 }
 
-var yamlLineRE = regexp.MustCompile(`line (\d+)`)
+var yamlLineRE = regexp.MustCompile(`line (\d+)(: )?`)
 
 func yamlLine(err error) int {
 	if m := yamlLineRE.FindStringSubmatch(err.Error()); m != nil {

@@ -1,0 +1,116 @@
+package policy
+
+import (
+	"fmt"
+	"time"
+	"net/netip"
+	"testing"
+)
+
+// FuzzCompile feeds arbitrary bytes to Parse and Compile: they must return
+// a policy or an *Error, never panic, and every problem must carry the file.
+func FuzzCompile(f *testing.F) {
+	f.Add([]byte(matchPolicy))
+	f.Add([]byte("rules:\n  - {name: a, to: [\"*.a.test\"], ports: [443/tcp]}\n"))
+	// A host/path rule with a glob class in the path.
+	f.Add([]byte("rules:\n  - {name: a, to: [\"a.test/x/[ab]*\"], ports: [80/tcp]}\n"))
+	// Unicode patterns: fullwidth, eszett, ZWJ.
+	f.Add([]byte("rules:\n  - {name: a, to: [\"ｅｘａｍｐｌｅ．ｃｏｍ\", \"faß.de\", \"a\u200db.c\"], ports: [any]}\n"))
+	// Broken YAML, anchors and aliases.
+	f.Add([]byte("rules: &a [*a]\n"))
+	f.Add([]byte("groups: {g: [aa:bb:cc:dd:ee:ff]}\nrules:\n  - {name: a, from: [g], to: [\"::/0\"], ports: [1-65535/udp]}\n"))
+	f.Fuzz(func(t *testing.T, src []byte) {
+		// A watchdog: a hang in the YAML decoder or the linter is a bug too.
+		tm := time.AfterFunc(2*time.Second, func() { panic(fmt.Sprintf("slow input %q", src)) })
+		defer tm.Stop()
+		e, err := Compile("fuzz.yaml", src)
+		if err != nil {
+			pe, ok := err.(*Error)
+			if !ok || len(pe.Problems) == 0 {
+				t.Fatalf("error of type %T without problems: %v", err, err)
+			}
+			return
+		}
+		for _, r := range e.Rules() {
+			if r.Name == "" || len(r.To) == 0 || len(r.Ports) == 0 {
+				t.Fatalf("compiled an incomplete rule %+v", r)
+			}
+		}
+		e.Decide(Input{Name: "a.test", Port: 443, Proto: TCP})
+	})
+}
+
+// FuzzDecide checks Decide against a slow reference on arbitrary names,
+// addresses and ports: the credited rule must be the first rule in file
+// order that allows the flow.
+func FuzzDecide(f *testing.F) {
+	e, err := Compile("fuzz.yaml", []byte(matchPolicy))
+	if err != nil {
+		f.Fatal(err)
+	}
+	f.Add("api.nirovision.com", []byte{17, 1, 2, 3}, uint16(443), true, "", []byte{192, 168, 10, 5})
+	f.Add("A.B.CDN-1.EXAMPLE.ORG.", []byte{}, uint16(443), true, "", []byte{})
+	f.Add("notion.so", []byte{}, uint16(80), true, "/nirovision/x", []byte{})
+	f.Add("xn--fa-hia.de", []byte{0x20, 0x01, 0x0d, 0xb8, 0, 0x17, 0, 0, 0, 0, 0, 0, 0, 0, 0, 1}, uint16(443), true, "", []byte{})
+	f.Add("\xff\x00", []byte{10, 0, 0, 1}, uint16(7001), false, "", []byte{198, 51, 100, 7})
+	f.Fuzz(func(t *testing.T, name string, dst []byte, port uint16, tcp bool, path string, client []byte) {
+		in := Input{Name: name, Port: port, Proto: UDP, Path: path}
+		if tcp {
+			in.Proto = TCP
+		}
+		in.Dest, _ = netip.AddrFromSlice(dst)
+		in.Client, _ = netip.AddrFromSlice(client)
+		d := e.Decide(in)
+		want := referenceDecide(e, in)
+		if (d.Verdict == Allow) != (want >= 0) || (want >= 0 && d.RuleIndex != want) {
+			t.Fatalf("Decide(%+v) = %+v, reference says rule %d", in, d, want)
+		}
+	})
+}
+
+// referenceDecide is the obvious, slow implementation: every rule in order,
+// every target matched on its own.
+func referenceDecide(e *Engine, in Input) int {
+	name, nameOK := NormalizeName(in.Name)
+	dest := in.Dest.Unmap()
+	for i, r := range e.Rules() {
+		if !r.Expires.IsZero() && !in.Now.IsZero() && !in.Now.Before(r.Expires) {
+			continue
+		}
+		if !r.Expires.IsZero() && in.Now.IsZero() {
+			continue // the fixture's only expiring rule expired in 2020
+		}
+		if !r.From.Contains(in.Client, in.ClientMAC) {
+			continue
+		}
+		portOK := false
+		for _, p := range r.Ports {
+			portOK = portOK || p.Contains(in.Port, in.Proto)
+		}
+		if !portOK {
+			continue
+		}
+		for _, t := range r.To {
+			ok := false
+			switch t.Kind {
+			case TargetAny:
+				ok = true
+			case TargetPrefix:
+				ok = dest.IsValid() && t.Prefix.Contains(dest)
+			case TargetName, TargetHostPath:
+				if !nameOK || in.Name == "" {
+					break
+				}
+				g, _ := compileNameGlob(t.Pattern)
+				ok = g.Match(name)
+				if ok && t.Kind == TargetHostPath && in.Path != "" {
+					ok = t.path.Match(in.Path)
+				}
+			}
+			if ok {
+				return i
+			}
+		}
+	}
+	return -1
+}
