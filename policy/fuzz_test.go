@@ -2,9 +2,9 @@ package policy
 
 import (
 	"fmt"
-	"time"
 	"net/netip"
 	"testing"
+	"time"
 )
 
 // FuzzCompile feeds arbitrary bytes to Parse and Compile: they must return
