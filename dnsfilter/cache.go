@@ -1,0 +1,332 @@
+package dnsfilter
+
+import (
+	"encoding/binary"
+	"hash/maphash"
+	"net/netip"
+	"sync"
+	"sync/atomic"
+	"time"
+
+	"github.com/miekg/dns"
+)
+
+// entry is an upstream answer, filtered (rebinding, ECH), ready to be given
+// to any client that may resolve the name. It is immutable once built, so
+// concurrent queries share it (the cache, singleflight waiters).
+type entry struct {
+	name   string   // normalised name asked
+	msg    *dns.Msg // ID 0, lower-case question, no OPT; never modified
+	rcode  int
+	stored int64 // unix nanoseconds, the time TTLs in wire count from
+	// expires is when the entry leaves the cache: the smallest TTL of the
+	// answer (positive) or of the SOA (negative, RFC 2308), capped.
+	expires int64
+	// wire is msg packed for a client without EDNS ([0]) and with it ([1],
+	// an OPT with our UDP size and the key's DO bit); ttls are the offsets
+	// of the TTL fields in each, rewritten on every hit.
+	wire [2][]byte
+	ttls [2][]uint16
+	// addrs are the answer's addresses with their own expiry, for the
+	// learned-address table.
+	addrs    []learnedAddr
+	upstream string
+	filtered string // what the answer filter removed ("rebinding", "ech"), for the log
+}
+
+type learnedAddr struct {
+	addr    netip.Addr
+	expires int64
+}
+
+// cache is a bounded TTL cache of entries keyed by the question (lower-case
+// wire name, type, class, DO and CD bits). When a shard is full, expired
+// entries go first, else a random one (map order): cheap, and good enough
+// for a resolver cache.
+type cache struct {
+	shards [cacheShards]cacheShard
+	seed   maphash.Seed
+	perCap int
+	size   atomic.Int64
+	evict  atomic.Uint64
+}
+
+const cacheShards = 64
+
+type cacheShard struct {
+	mu sync.RWMutex // guards m
+	m  map[string]*entry
+}
+
+func newCache(size int) *cache {
+	c := &cache{seed: maphash.MakeSeed(), perCap: max(1, (size+cacheShards-1)/cacheShards)}
+	for i := range c.shards {
+		c.shards[i].m = make(map[string]*entry)
+	}
+	return c
+}
+
+func (c *cache) shard(key []byte) *cacheShard {
+	return &c.shards[maphash.Bytes(c.seed, key)%cacheShards]
+}
+
+// get returns the unexpired entry for key. It does not allocate.
+func (c *cache) get(key []byte, now int64) *entry {
+	sh := c.shard(key)
+	sh.mu.RLock()
+	e := sh.m[string(key)]
+	sh.mu.RUnlock()
+	if e == nil || e.expires <= now {
+		return nil
+	}
+	return e
+}
+
+func (c *cache) put(key []byte, e *entry, now int64) {
+	sh := c.shard(key)
+	sh.mu.Lock()
+	defer sh.mu.Unlock()
+	if _, ok := sh.m[string(key)]; !ok && len(sh.m) >= c.perCap {
+		removed := 0
+		for k, v := range sh.m {
+			if v.expires <= now {
+				delete(sh.m, k)
+				removed++
+			}
+		}
+		if removed == 0 {
+			for k := range sh.m {
+				delete(sh.m, k)
+				removed++
+				c.evict.Add(1)
+				break
+			}
+		}
+		c.size.Add(int64(-removed))
+	} else if ok {
+		c.size.Add(-1)
+	}
+	sh.m[string(key)] = e
+	c.size.Add(1)
+}
+
+// sweep removes expired entries.
+func (c *cache) sweep(now int64) {
+	for i := range c.shards {
+		sh := &c.shards[i]
+		sh.mu.Lock()
+		for k, v := range sh.m {
+			if v.expires <= now {
+				delete(sh.m, k)
+				c.size.Add(-1)
+			}
+		}
+		sh.mu.Unlock()
+	}
+}
+
+func (c *cache) len() int { return int(c.size.Load()) }
+
+// Key flags.
+const (
+	keyDO = 1 << 0
+	keyCD = 1 << 1
+)
+
+// appendKey appends the cache key of a question: the name in lower-case wire
+// form, type, class and flags. name must be a valid domain name.
+func appendKey(dst []byte, name string, qtype, qclass uint16, flags byte) []byte {
+	start := len(dst)
+	dst = append(dst, make([]byte, 256)...)
+	n, err := dns.PackDomainName(dns.Fqdn(name), dst[start:], 0, nil, false)
+	if err != nil {
+		return dst[:start]
+	}
+	dst = dst[:start+n]
+	lowerASCII(dst[start:])
+	dst = binary.BigEndian.AppendUint16(dst, qtype)
+	dst = binary.BigEndian.AppendUint16(dst, qclass)
+	return append(dst, flags)
+}
+
+func lowerASCII(b []byte) {
+	for i, c := range b {
+		if c >= 'A' && c <= 'Z' {
+			b[i] = c + 'a' - 'A'
+		}
+	}
+}
+
+// ttlOffsets returns the offsets of the TTL fields of every RR but OPT in a
+// packed message, or ok=false if the message does not parse.
+func ttlOffsets(msg []byte) (offs []uint16, ok bool) {
+	if len(msg) < 12 {
+		return nil, false
+	}
+	qd := int(binary.BigEndian.Uint16(msg[4:]))
+	rr := int(binary.BigEndian.Uint16(msg[6:])) + int(binary.BigEndian.Uint16(msg[8:])) + int(binary.BigEndian.Uint16(msg[10:]))
+	off := 12
+	for range qd {
+		off = skipName(msg, off)
+		if off < 0 || off+4 > len(msg) {
+			return nil, false
+		}
+		off += 4
+	}
+	for range rr {
+		off = skipName(msg, off)
+		if off < 0 || off+10 > len(msg) {
+			return nil, false
+		}
+		typ := binary.BigEndian.Uint16(msg[off:])
+		if typ != dns.TypeOPT {
+			offs = append(offs, uint16(off+4))
+		}
+		rdlen := int(binary.BigEndian.Uint16(msg[off+8:]))
+		off += 10 + rdlen
+		if off > len(msg) {
+			return nil, false
+		}
+	}
+	return offs, off == len(msg)
+}
+
+// skipName returns the offset after the (possibly compressed) name at off,
+// or -1.
+func skipName(msg []byte, off int) int {
+	for n := 0; n < 128; n++ {
+		if off >= len(msg) {
+			return -1
+		}
+		c := int(msg[off])
+		switch c & 0xC0 {
+		case 0x00:
+			if c == 0 {
+				return off + 1
+			}
+			off += 1 + c
+		case 0xC0:
+			if off+2 > len(msg) {
+				return -1
+			}
+			return off + 2
+		default:
+			return -1
+		}
+	}
+	return -1
+}
+
+// newEntry builds an entry from a filtered upstream answer. m must be
+// private to the caller; it becomes the entry's.
+func newEntry(name string, m *dns.Msg, do bool, udpSize uint16, now time.Time, maxTTL, maxNeg time.Duration, upstream, filtered string) *entry {
+	m.Id = 0
+	m.Compress = true
+	// Drop the upstream's OPT (and any TSIG/SIG0 in additional, which are
+	// per-hop); each client gets an OPT of ours, or none.
+	extra := m.Extra[:0]
+	for _, rr := range m.Extra {
+		switch rr.Header().Rrtype {
+		case dns.TypeOPT, dns.TypeTSIG, dns.TypeSIG:
+			continue
+		}
+		extra = append(extra, rr)
+	}
+	m.Extra = extra
+	e := &entry{name: name, msg: m, rcode: m.Rcode, stored: now.UnixNano(), upstream: upstream, filtered: filtered}
+
+	ttl := time.Duration(-1)
+	switch {
+	case m.Rcode == dns.RcodeSuccess && len(m.Answer) > 0:
+		for _, rr := range m.Answer {
+			t := time.Duration(rr.Header().Ttl) * time.Second
+			if ttl < 0 || t < ttl {
+				ttl = t
+			}
+			var a netip.Addr
+			switch v := rr.(type) {
+			case *dns.A:
+				a, _ = netip.AddrFromSlice(v.A.To4())
+			case *dns.AAAA:
+				a, _ = netip.AddrFromSlice(v.AAAA.To16())
+			}
+			if a.IsValid() && t > 0 {
+				e.addrs = append(e.addrs, learnedAddr{addr: a.Unmap(), expires: now.Add(t).UnixNano()})
+			}
+		}
+		ttl = min(ttl, maxTTL)
+	case m.Rcode == dns.RcodeSuccess || m.Rcode == dns.RcodeNameError:
+		// Negative answer: cacheable only with an SOA (RFC 2308 §5).
+		for _, rr := range m.Ns {
+			if soa, ok := rr.(*dns.SOA); ok {
+				ttl = time.Duration(min(soa.Hdr.Ttl, soa.Minttl)) * time.Second
+				ttl = min(ttl, maxNeg)
+			}
+		}
+	}
+	if ttl > 0 {
+		e.expires = now.Add(ttl).UnixNano()
+	} // else 0: not cacheable, used once
+
+	var err error
+	if e.wire[0], err = m.Pack(); err == nil {
+		e.ttls[0], _ = ttlOffsets(e.wire[0])
+	}
+	withOPT := *m
+	withOPT.Extra = append(append([]dns.RR(nil), m.Extra...), newOPT(udpSize, do))
+	if e.wire[1], err = withOPT.Pack(); err == nil {
+		e.ttls[1], _ = ttlOffsets(e.wire[1])
+	}
+	return e
+}
+
+func newOPT(udpSize uint16, do bool) *dns.OPT {
+	o := &dns.OPT{Hdr: dns.RR_Header{Name: ".", Rrtype: dns.TypeOPT}}
+	o.SetUDPSize(udpSize)
+	if do {
+		o.SetDo()
+	}
+	return o
+}
+
+// render writes the entry's answer for a client into dst: the client's ID,
+// RD bit and question spelling, TTLs aged since the entry was stored.
+// qname is the client's question name in wire form (same length as the
+// entry's, equal but for case). It returns nil if the entry could not be
+// packed.
+func (e *entry) render(dst []byte, id uint16, rd bool, qname []byte, edns bool, now int64) []byte {
+	i := 0
+	if edns {
+		i = 1
+	}
+	w := e.wire[i]
+	if w == nil {
+		return nil
+	}
+	dst = append(dst[:0], w...)
+	binary.BigEndian.PutUint16(dst, id)
+	if rd {
+		dst[2] |= 0x01
+	} else {
+		dst[2] &^= 0x01
+	}
+	if len(qname) > 0 && 12+len(qname) <= len(dst) {
+		copy(dst[12:], qname)
+	}
+	age := uint32(0)
+	if now > e.stored {
+		age = uint32((now - e.stored) / int64(time.Second))
+	}
+	if age > 0 {
+		for _, off := range e.ttls[i] {
+			t := binary.BigEndian.Uint32(dst[off:])
+			if t > age {
+				t -= age
+			} else {
+				t = 0
+			}
+			binary.BigEndian.PutUint32(dst[off:], t)
+		}
+	}
+	return dst
+}

@@ -1,0 +1,272 @@
+package dnsfilter
+
+import (
+	"bufio"
+	"errors"
+	"fmt"
+	"net"
+	"net/netip"
+	"os"
+	"strings"
+	"time"
+)
+
+// DenyAnswer says how a denied query is answered in enforce mode.
+type DenyAnswer string
+
+// The deny answers.
+const (
+	// DenyRefused answers REFUSED (the default): the client does not retry
+	// elsewhere with the same resolver and nothing is cached downstream.
+	DenyRefused DenyAnswer = "REFUSED"
+	// DenyNXDomain answers NXDOMAIN with a synthesised SOA in the authority
+	// section, so downstream caches keep the denial for DenyTTL (RFC 2308).
+	DenyNXDomain DenyAnswer = "NXDOMAIN"
+	// DenyNull answers A queries with 0.0.0.0 and AAAA queries with ::
+	// (other types get an empty NOERROR with the SOA).
+	DenyNull DenyAnswer = "null"
+)
+
+// Config is the forwarder's configuration. Every field's zero value means
+// the documented default, so Config{} is a working forwarder on port 53
+// that forwards to the resolvers of /etc/resolv.conf. A Config is read by
+// New and must not be changed afterwards.
+type Config struct {
+	// Listen are the addresses served on both UDP and TCP. Empty means
+	// ":53" (every local address). A port 0 picks one free port that UDP
+	// and TCP then share (tests); see Server.Addr.
+	Listen []string
+
+	// Upstreams are the resolvers queried, "ip" or "ip:port" (port 53 by
+	// default), tried in order with failover. Empty means the nameservers
+	// of ResolvConf.
+	Upstreams []string
+	// ResolvConf is read when Upstreams is empty. Empty means
+	// "/etc/resolv.conf".
+	ResolvConf string
+
+	// UpstreamTimeout bounds one attempt at one upstream. Zero means 1.5s.
+	UpstreamTimeout time.Duration
+	// QueryTimeout bounds the whole resolution of a query, failover
+	// included; when it passes the client gets SERVFAIL. Zero means 4s.
+	QueryTimeout time.Duration
+	// DownAfter is the number of consecutive failures (timeouts, network
+	// errors) after which an upstream is considered down and skipped while
+	// others are healthy. Zero means 3.
+	DownAfter int
+	// DownFor is how long a down upstream is skipped before a query probes
+	// it again (doubling on each failed probe, up to 16 times). Zero means
+	// 5s.
+	DownFor time.Duration
+	// MaxInflight caps the queries waiting for an upstream at once; beyond
+	// it new misses get SERVFAIL at once (THREATS.md G2). Zero means 4096.
+	MaxInflight int
+
+	// Deny is the enforce-mode answer to denied names. Empty means
+	// DenyRefused.
+	Deny DenyAnswer
+	// DenyTTL is the TTL of synthesised denials (SOA, null addresses).
+	// Zero means 60s.
+	DenyTTL time.Duration
+
+	// KeepECH keeps the "ech" parameter of HTTPS/SVCB answers. False (the
+	// default) strips it, so clients send a readable SNI that the proxy
+	// can check (THREATS.md B2).
+	KeepECH bool
+	// AllowPrivateAnswers turns off the rebinding filter. False (the
+	// default) drops private, loopback, link-local and other special
+	// addresses from answers to names outside PrivateSuffixes (THREATS.md
+	// E3).
+	AllowPrivateAnswers bool
+	// PrivateSuffixes are names whose answers may hold private addresses
+	// (the site's own names). Nil means "local", "lan", "internal",
+	// "home.arpa", "localhost" and the reverse zones "in-addr.arpa" and
+	// "ip6.arpa"; an empty non-nil slice means none.
+	PrivateSuffixes []string
+
+	// CacheSize bounds the number of cached answers. Zero means 10000;
+	// negative disables the cache.
+	CacheSize int
+	// MaxTTL caps the time an answer is cached. Zero means 1h.
+	MaxTTL time.Duration
+	// MaxNegativeTTL caps the time a negative answer (NXDOMAIN, NODATA, with
+	// an SOA) is cached (RFC 2308). Zero means 15m.
+	MaxNegativeTTL time.Duration
+
+	// TableSize bounds the learned-address table (client, name, address
+	// entries). Zero means 65536.
+	TableSize int
+
+	// ClientRate is the sustained queries per second allowed from one
+	// client address; queries beyond it are dropped (UDP) or REFUSED (TCP).
+	// Zero means 500; negative disables the limit.
+	ClientRate float64
+	// ClientBurst is the token-bucket depth of ClientRate. Zero means
+	// 4 × ClientRate (at least 100).
+	ClientBurst int
+
+	// UDPSize is the EDNS0 buffer size advertised to clients and upstreams
+	// (DNS flag day 2020). Zero means 1232.
+	UDPSize uint16
+	// TCPIdleTimeout closes idle client TCP connections. Zero means 8s.
+	TCPIdleTimeout time.Duration
+	// TCPMaxQueries is the number of queries served on one client TCP
+	// connection. Zero means 128.
+	TCPMaxQueries int
+	// UDPReaders is the number of UDP sockets (SO_REUSEPORT) and reader
+	// goroutines per listen address. Zero means GOMAXPROCS.
+	UDPReaders int
+}
+
+// Defaults used for zero fields.
+const (
+	defaultUpstreamTimeout = 1500 * time.Millisecond
+	defaultQueryTimeout    = 4 * time.Second
+	defaultDownAfter       = 3
+	defaultDownFor         = 5 * time.Second
+	defaultMaxInflight     = 4096
+	defaultDenyTTL         = 60 * time.Second
+	defaultCacheSize       = 10000
+	defaultMaxTTL          = time.Hour
+	defaultMaxNegativeTTL  = 15 * time.Minute
+	defaultTableSize       = 65536
+	defaultClientRate      = 500
+	defaultUDPSize         = 1232
+	defaultTCPIdle         = 8 * time.Second
+	defaultTCPMaxQueries   = 128
+)
+
+var defaultPrivateSuffixes = []string{"local", "lan", "internal", "home.arpa", "localhost", "in-addr.arpa", "ip6.arpa"}
+
+// Validate returns every problem of c at once.
+func (c Config) Validate() error {
+	var errs []error
+	for _, l := range c.Listen {
+		if _, _, err := net.SplitHostPort(l); err != nil {
+			errs = append(errs, fmt.Errorf("dnsfilter: listen address %q: %w", l, err))
+		}
+	}
+	for _, u := range c.Upstreams {
+		if _, err := parseUpstream(u); err != nil {
+			errs = append(errs, err)
+		}
+	}
+	switch c.Deny {
+	case "", DenyRefused, DenyNXDomain, DenyNull:
+	default:
+		errs = append(errs, fmt.Errorf("dnsfilter: deny answer %q: want REFUSED, NXDOMAIN or null", c.Deny))
+	}
+	for name, d := range map[string]time.Duration{
+		"upstream timeout": c.UpstreamTimeout, "query timeout": c.QueryTimeout, "down for": c.DownFor,
+		"deny ttl": c.DenyTTL, "max ttl": c.MaxTTL, "max negative ttl": c.MaxNegativeTTL, "tcp idle timeout": c.TCPIdleTimeout,
+	} {
+		if d < 0 {
+			errs = append(errs, fmt.Errorf("dnsfilter: %s %v is negative", name, d))
+		}
+	}
+	if c.UpstreamTimeout > 0 && c.QueryTimeout > 0 && c.UpstreamTimeout > c.QueryTimeout {
+		errs = append(errs, fmt.Errorf("dnsfilter: upstream timeout %v exceeds query timeout %v", c.UpstreamTimeout, c.QueryTimeout))
+	}
+	if c.UDPSize != 0 && c.UDPSize < 512 {
+		errs = append(errs, fmt.Errorf("dnsfilter: udp size %d is below 512", c.UDPSize))
+	}
+	if c.DownAfter < 0 || c.MaxInflight < 0 || c.TableSize < 0 || c.ClientBurst < 0 || c.TCPMaxQueries < 0 || c.UDPReaders < 0 {
+		errs = append(errs, errors.New("dnsfilter: counts must not be negative (except CacheSize and ClientRate, where negative disables)"))
+	}
+	return errors.Join(errs...)
+}
+
+// withDefaults returns c with every zero field set to its default.
+func (c Config) withDefaults() Config {
+	if len(c.Listen) == 0 {
+		c.Listen = []string{":53"}
+	}
+	if c.ResolvConf == "" {
+		c.ResolvConf = "/etc/resolv.conf"
+	}
+	def := func(d *time.Duration, v time.Duration) {
+		if *d == 0 {
+			*d = v
+		}
+	}
+	def(&c.UpstreamTimeout, defaultUpstreamTimeout)
+	def(&c.QueryTimeout, defaultQueryTimeout)
+	def(&c.DownFor, defaultDownFor)
+	def(&c.DenyTTL, defaultDenyTTL)
+	def(&c.MaxTTL, defaultMaxTTL)
+	def(&c.MaxNegativeTTL, defaultMaxNegativeTTL)
+	def(&c.TCPIdleTimeout, defaultTCPIdle)
+	if c.UpstreamTimeout > c.QueryTimeout {
+		c.UpstreamTimeout = c.QueryTimeout
+	}
+	if c.DownAfter == 0 {
+		c.DownAfter = defaultDownAfter
+	}
+	if c.MaxInflight == 0 {
+		c.MaxInflight = defaultMaxInflight
+	}
+	if c.Deny == "" {
+		c.Deny = DenyRefused
+	}
+	if c.PrivateSuffixes == nil {
+		c.PrivateSuffixes = defaultPrivateSuffixes
+	}
+	if c.CacheSize == 0 {
+		c.CacheSize = defaultCacheSize
+	}
+	if c.TableSize == 0 {
+		c.TableSize = defaultTableSize
+	}
+	if c.ClientRate == 0 {
+		c.ClientRate = defaultClientRate
+	}
+	if c.ClientBurst == 0 {
+		c.ClientBurst = max(100, int(4*c.ClientRate))
+	}
+	if c.UDPSize == 0 {
+		c.UDPSize = defaultUDPSize
+	}
+	if c.TCPMaxQueries == 0 {
+		c.TCPMaxQueries = defaultTCPMaxQueries
+	}
+	return c
+}
+
+// parseUpstream turns "ip" or "ip:port" into an address.
+func parseUpstream(s string) (netip.AddrPort, error) {
+	if ap, err := netip.ParseAddrPort(s); err == nil {
+		return ap, nil
+	}
+	if a, err := netip.ParseAddr(strings.TrimSuffix(strings.TrimPrefix(s, "["), "]")); err == nil {
+		return netip.AddrPortFrom(a, 53), nil
+	}
+	return netip.AddrPort{}, fmt.Errorf("dnsfilter: upstream %q: want an IP address with an optional port", s)
+}
+
+// readResolvConf returns the nameservers of a resolv.conf file.
+func readResolvConf(path string) ([]string, error) {
+	f, err := os.Open(path)
+	if err != nil {
+		return nil, fmt.Errorf("dnsfilter: upstreams: %w", err)
+	}
+	defer f.Close()
+	var out []string
+	sc := bufio.NewScanner(f)
+	for sc.Scan() {
+		fields := strings.Fields(sc.Text())
+		if len(fields) >= 2 && fields[0] == "nameserver" {
+			a, err := netip.ParseAddr(fields[1])
+			if err != nil {
+				continue // e.g. a zone index we cannot dial
+			}
+			out = append(out, netip.AddrPortFrom(a, 53).String())
+		}
+	}
+	if err := sc.Err(); err != nil {
+		return nil, fmt.Errorf("dnsfilter: upstreams: %s: %w", path, err)
+	}
+	if len(out) == 0 {
+		return nil, fmt.Errorf("dnsfilter: upstreams: no nameserver in %s", path)
+	}
+	return out, nil
+}

@@ -1,0 +1,22 @@
+// Package dnsfilter is egressd's filtering DNS forwarder: the resolver LAN
+// clients use (nftables redirects UDP and TCP port 53 to it). It resolves
+// only what the policy lets each client resolve ("DNS follows the names",
+// policy.Engine.DecideName) and never sends a denied name upstream in
+// enforce mode, because the query itself is the exfiltration channel
+// (THREATS.md E1).
+//
+// Where it sits in the flow: a query arrives on a UDP or TCP listener, goes
+// through the chain in [Server.handle] (sanity, rate limit, hardening, policy,
+// cache, forward), and is answered; every query ends in one canonical slog
+// line and one audit.Event (Kind dns, Source dnsfilter). Answers to allowed
+// queries feed the learned-address [Table] (client, name asked, address,
+// expiry), which the proxy (SNI versus destination), capture (naming raw-IP
+// flows) and the firewall (nftables sets, through [Table.Subscribe]) read
+// through small interfaces of their own; cmd/ wires them. The package
+// imports policy/ and audit/ only.
+//
+// Hot path: UDP queries whose answer is cached are answered from the packed
+// wire form of the cached answer without unpacking the query into a
+// dns.Msg (see fastpath.go); everything else takes the general path on
+// github.com/miekg/dns (v1, kept behind this package).
+package dnsfilter

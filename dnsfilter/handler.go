@@ -1,0 +1,469 @@
+package dnsfilter
+
+import (
+	"context"
+	"encoding/binary"
+	"fmt"
+	"log/slog"
+	"net/netip"
+	"time"
+
+	"github.com/miekg/dns"
+
+	"egressd/audit"
+	"egressd/policy"
+)
+
+// canaryName is Firefox's DoH canary: NXDOMAIN keeps the browser's DNS on
+// this forwarder (THREATS.md B3).
+const canaryName = "use-application-dns.net"
+
+// Reasons of local answers that are not policy decisions.
+const (
+	ReasonCanary       = "doh-canary"    // use-application-dns.net
+	ReasonRateLimited  = "rate-limited"  // the client exceeded its rate
+	ReasonQType        = "qtype-refused" // ANY, AXFR, IXFR
+	ReasonClass        = "class-refused" // not class IN
+	ReasonOpcode       = "opcode"        // not a standard query
+	ReasonFormat       = "format-error"  // not exactly one question, bad EDNS
+	ReasonUpstreamFail = "upstream-failed"
+)
+
+// query is one query on its way through the chain, and what the canonical
+// line and the audit event say about it.
+type query struct {
+	start    time.Time
+	client   netip.AddrPort
+	proto    string // "udp" or "tcp"
+	id       uint16
+	rd       bool
+	qnameW   []byte // question name in wire form, as the client spelled it
+	name     string // normalised name; the raw name when invalid
+	qtype    uint16
+	edns     bool
+	do, cd   bool
+	maxSize  int
+	dec      policy.Decision
+	enforced bool // answered locally by hardening, whatever the mode
+	rcode    int  // -1: not answered (dropped)
+	path     string
+	hit      bool
+	upstream string
+	filtered string
+	quiet    bool // a repeated rate-limit drop: count only
+	err      error
+}
+
+// serveWire answers one packed query (UDP general path, fuzzing). It
+// returns the packed answer, or nil to send nothing.
+func (s *Server) serveWire(ctx context.Context, pkt []byte, src netip.AddrPort, proto string) (out []byte) {
+	defer func() {
+		if r := recover(); r != nil {
+			s.m.dropped.WithLabelValues("panic").Inc()
+			s.log.Error("dnsfilter: panic answering a query", audit.LogClient, src.Addr(), audit.LogError, fmt.Sprint(r))
+			out = nil
+		}
+	}()
+	if len(pkt) < 12 || pkt[2]&0x80 != 0 {
+		// Too short to answer, or a response: answering would amplify or
+		// loop.
+		s.m.dropped.WithLabelValues("malformed").Inc()
+		return nil
+	}
+	req := new(dns.Msg)
+	if err := req.Unpack(pkt); err != nil {
+		s.m.dropped.WithLabelValues("malformed").Inc()
+		// FORMERR with the client's ID and opcode, no sections.
+		out = make([]byte, 12)
+		copy(out, pkt[:2])
+		out[2] = 0x80 | pkt[2]&0x78 // QR, opcode
+		out[3] = dns.RcodeFormatError
+		return out
+	}
+	return s.serveMsg(ctx, req, src, proto)
+}
+
+// serveMsg answers one unpacked query and logs it.
+func (s *Server) serveMsg(ctx context.Context, req *dns.Msg, src netip.AddrPort, proto string) (out []byte) {
+	q := &query{start: s.now(), client: src, proto: proto, id: req.Id, rd: req.RecursionDesired, rcode: -1}
+	defer func() {
+		if r := recover(); r != nil {
+			s.m.dropped.WithLabelValues("panic").Inc()
+			q.err = fmt.Errorf("dnsfilter: panic: %v", r)
+			out = nil
+		}
+		s.finish(q)
+	}()
+	out = s.answer(ctx, q, req)
+	return out
+}
+
+// answer is the chain. Each link may answer; the order matters:
+//  1. shape (opcode, one question, EDNS version): cheap, and protects the
+//     links below from odd messages;
+//  2. per-client rate limit, before any work a flood could multiply;
+//  3. hostname validity: tunnels (iodine) use bytes no hostname has;
+//  4. class, the DoH canary and zone transfers/ANY: local answers that do
+//     not depend on the policy;
+//  5. the policy, per client: in enforce mode a denied name is answered
+//     here and never goes further (THREATS.md E1);
+//  6. cache, then upstream (one exchange for identical concurrent
+//     queries), with the answer filter (rebinding, ECH) applied before
+//     caching;
+//  7. the learned-address table, for allowed answers.
+func (s *Server) answer(ctx context.Context, q *query, req *dns.Msg) []byte {
+	eng := s.pol.Load()
+	q.dec = policy.Decision{Verdict: policy.Deny, RuleIndex: -1, Mode: eng.Mode()}
+	if req.Opcode != dns.OpcodeQuery {
+		q.dec.Reason, q.enforced = ReasonOpcode, true
+		return s.local(q, req, dns.RcodeNotImplemented, 0, "")
+	}
+	if len(req.Question) != 1 {
+		q.dec.Reason, q.enforced = ReasonFormat, true
+		return s.local(q, req, dns.RcodeFormatError, 0, "")
+	}
+	qs := req.Question[0]
+	q.qtype, q.name, q.cd = qs.Qtype, qs.Name, req.CheckingDisabled
+	q.maxSize = 512
+	if opt := req.IsEdns0(); opt != nil {
+		q.edns, q.do = true, opt.Do()
+		q.maxSize = int(max(512, min(opt.UDPSize(), s.cfg.UDPSize)))
+		if opt.Version() != 0 {
+			q.dec.Reason, q.enforced = ReasonFormat, true
+			return s.local(q, req, dns.RcodeBadVers, 0, "")
+		}
+	}
+	if q.proto == "tcp" {
+		q.maxSize = dns.MaxMsgSize
+	}
+	if s.rl != nil {
+		if ok, first := s.rl.allow(q.client.Addr(), q.start.UnixNano()); !ok {
+			s.m.rateLimited.Inc()
+			q.dec.Reason, q.enforced, q.quiet = ReasonRateLimited, true, !first
+			if q.proto == "udp" {
+				return nil // dropping costs the flood its reflection too
+			}
+			return s.local(q, req, dns.RcodeRefused, dns.ExtendedErrorCodeOther, "egressd: rate limit exceeded")
+		}
+	}
+	name, ok := policy.NormalizeName(qs.Name)
+	if !ok {
+		q.dec.Reason, q.enforced = policy.ReasonInvalidName, true
+		return s.local(q, req, dns.RcodeRefused, dns.ExtendedErrorCodeOther, "egressd: not a valid hostname")
+	}
+	q.name = name
+	if qs.Qclass != dns.ClassINET {
+		q.dec.Reason, q.enforced = ReasonClass, true
+		return s.local(q, req, dns.RcodeRefused, dns.ExtendedErrorCodeNotSupported, "egressd: only class IN")
+	}
+	if name == canaryName {
+		q.dec.Reason, q.enforced = ReasonCanary, true
+		return s.local(q, req, dns.RcodeNameError, 0, "")
+	}
+	switch q.qtype {
+	case dns.TypeAXFR, dns.TypeIXFR:
+		q.dec.Reason, q.enforced = ReasonQType, true
+		return s.local(q, req, dns.RcodeRefused, dns.ExtendedErrorCodeNotSupported, "egressd: no zone transfers")
+	case dns.TypeANY:
+		q.dec.Reason, q.enforced = ReasonQType, true
+		return s.local(q, req, dns.RcodeNotImplemented, dns.ExtendedErrorCodeNotSupported, "egressd: no ANY queries (RFC 8482)")
+	}
+	q.dec = eng.DecideName(policy.Input{Client: q.client.Addr().Unmap(), Name: name, Now: q.start})
+	if !q.dec.Allowed() && q.dec.Mode == policy.ModeEnforce {
+		return s.deny(q, req, eng)
+	}
+
+	q.qnameW = packName(qs.Name)
+	flags := byte(0)
+	if q.do {
+		flags |= keyDO
+	}
+	if q.cd {
+		flags |= keyCD
+	}
+	key := appendKey(make([]byte, 0, 64), name, q.qtype, qs.Qclass, flags)
+	e, hit, err := s.resolve(ctx, key, name, q.qtype, qs.Qclass, flags)
+	if err != nil {
+		q.err = err
+		q.path = "upstream"
+		return s.local(q, req, dns.RcodeServerFailure, dns.ExtendedErrorCodeNoReachableAuthority, "egressd: upstreams failed")
+	}
+	q.path, q.hit, q.upstream, q.filtered, q.rcode = "upstream", hit, e.upstream, e.filtered, e.rcode
+	if hit {
+		q.path = "cache"
+	}
+	now := s.now().UnixNano()
+	out := e.render(nil, q.id, q.rd, q.qnameW, q.edns, now)
+	if out == nil {
+		q.err = fmt.Errorf("dnsfilter: answer for %s does not pack", name)
+		return s.local(q, req, dns.RcodeServerFailure, 0, "")
+	}
+	if len(out) > q.maxSize {
+		out = truncate(out, q.maxSize)
+	}
+	if q.dec.Allowed() {
+		s.learn(q.client.Addr(), e, q.dec.Rule, now)
+	}
+	return out
+}
+
+// truncate cuts a packed answer to size for UDP, setting TC (RFC 2181 §9).
+func truncate(wire []byte, size int) []byte {
+	m := new(dns.Msg)
+	if err := m.Unpack(wire); err != nil {
+		return nil
+	}
+	m.Truncate(size)
+	out, err := m.Pack()
+	if err != nil {
+		return nil
+	}
+	return out
+}
+
+func packName(name string) []byte {
+	b := make([]byte, 256)
+	n, err := dns.PackDomainName(dns.Fqdn(name), b, 0, nil, false)
+	if err != nil {
+		return nil
+	}
+	return b[:n]
+}
+
+func (s *Server) learn(client netip.Addr, e *entry, rule string, now int64) {
+	client = client.Unmap()
+	for _, a := range e.addrs {
+		if a.expires > now {
+			s.table.Learn(Learned{Client: client, Name: e.name, Addr: a.addr, Rule: rule, Expires: time.Unix(0, a.expires)})
+		}
+	}
+}
+
+// resolve returns the answer for a question, from the cache or upstream.
+func (s *Server) resolve(ctx context.Context, key []byte, name string, qtype, qclass uint16, flags byte) (*entry, bool, error) {
+	if s.cache != nil {
+		if e := s.cache.get(key, s.now().UnixNano()); e != nil {
+			s.m.cacheHits.Inc()
+			return e, true, nil
+		}
+	}
+	s.m.cacheMisses.Inc()
+	ch := s.sf.DoChan(string(key), func() (any, error) {
+		return s.fetch(key, name, qtype, qclass, flags)
+	})
+	select {
+	case r := <-ch:
+		if r.Err != nil {
+			return nil, false, r.Err
+		}
+		if r.Shared {
+			s.m.shared.Inc()
+		}
+		return r.Val.(*entry), false, nil
+	case <-ctx.Done():
+		return nil, false, ctx.Err()
+	}
+}
+
+// fetch asks the upstreams (once for all identical concurrent queries),
+// filters the answer and caches it.
+func (s *Server) fetch(key []byte, name string, qtype, qclass uint16, flags byte) (*entry, error) {
+	select {
+	case s.inflight <- struct{}{}:
+		defer func() { <-s.inflight }()
+	default:
+		return nil, ErrOverload
+	}
+	// The exchange outlives any one waiter: its own deadline, cancelled
+	// only by Close.
+	ctx, cancel := context.WithTimeout(s.baseCtx, s.cfg.QueryTimeout)
+	defer cancel()
+	m := new(dns.Msg)
+	m.SetQuestion(dns.Fqdn(name), qtype)
+	m.Question[0].Qclass = qclass
+	m.CheckingDisabled = flags&keyCD != 0
+	m.SetEdns0(s.cfg.UDPSize, flags&keyDO != 0)
+	r, up, err := s.ups.exchange(ctx, m)
+	if err != nil {
+		return nil, err
+	}
+	filtered := filterAnswer(name, r, !s.cfg.AllowPrivateAnswers && !privateName(name, s.cfg.PrivateSuffixes), s.cfg.KeepECH)
+	switch filtered {
+	case "rebinding+ech":
+		s.m.filtered.WithLabelValues("rebinding").Inc()
+		s.m.filtered.WithLabelValues("ech").Inc()
+	case "rebinding", "ech":
+		s.m.filtered.WithLabelValues(filtered).Inc()
+	}
+	now := s.now()
+	e := newEntry(name, r, flags&keyDO != 0, s.cfg.UDPSize, now, s.cfg.MaxTTL, s.cfg.MaxNegativeTTL, up.name, filtered)
+	if s.cache != nil && e.expires > 0 && (e.rcode == dns.RcodeSuccess || e.rcode == dns.RcodeNameError) {
+		s.cache.put(key, e, now.UnixNano())
+	}
+	return e, nil
+}
+
+// deny answers a denied name in enforce mode, as configured, with an RFC
+// 8914 Extended DNS Error naming the policy.
+func (s *Server) deny(q *query, req *dns.Msg, eng *policy.Engine) []byte {
+	text := denyText(eng, q.dec)
+	switch s.cfg.Deny {
+	case DenyNXDomain:
+		return s.local(q, req, dns.RcodeNameError, dns.ExtendedErrorCodeBlocked, text)
+	case DenyNull:
+		return s.local(q, req, dns.RcodeSuccess, dns.ExtendedErrorCodeBlocked, text)
+	}
+	return s.local(q, req, dns.RcodeRefused, dns.ExtendedErrorCodeBlocked, text)
+}
+
+func denyText(eng *policy.Engine, d policy.Decision) string {
+	file := "policy"
+	if p := eng.Policy(); p != nil && p.File != "" {
+		file = p.File
+	}
+	if d.Rule != "" {
+		return fmt.Sprintf("egressd policy %s: %s (rule %s)", file, d.Reason, d.Rule)
+	}
+	return fmt.Sprintf("egressd policy %s: %s", file, d.Reason)
+}
+
+// local builds an answer here: rcode, for NXDOMAIN and NODATA a
+// synthesised SOA (so caches keep it, RFC 2308), for a null denial the
+// unspecified address, and an Extended DNS Error when the client speaks
+// EDNS (ede 0 with no text: none).
+func (s *Server) local(q *query, req *dns.Msg, rcode int, ede uint16, text string) []byte {
+	q.rcode, q.path = rcode, "local"
+	m := new(dns.Msg)
+	m.SetRcode(req, rcode)
+	m.RecursionAvailable = true
+	m.Compress = true
+	if len(req.Question) > 1 {
+		m.Question = req.Question[:1]
+	}
+	ttl := uint32(s.cfg.DenyTTL / time.Second)
+	if len(m.Question) == 1 {
+		qn := m.Question[0].Name
+		switch {
+		case rcode == dns.RcodeNameError:
+			m.Ns = []dns.RR{s.soa(qn, ttl)}
+		case rcode == dns.RcodeSuccess && q.qtype == dns.TypeA:
+			m.Answer = []dns.RR{&dns.A{Hdr: dns.RR_Header{Name: qn, Rrtype: dns.TypeA, Class: dns.ClassINET, Ttl: ttl}, A: netip.IPv4Unspecified().AsSlice()}}
+		case rcode == dns.RcodeSuccess && q.qtype == dns.TypeAAAA:
+			m.Answer = []dns.RR{&dns.AAAA{Hdr: dns.RR_Header{Name: qn, Rrtype: dns.TypeAAAA, Class: dns.ClassINET, Ttl: ttl}, AAAA: netip.IPv6Unspecified().AsSlice()}}
+		case rcode == dns.RcodeSuccess:
+			m.Ns = []dns.RR{s.soa(qn, ttl)}
+		}
+	}
+	if q.edns || rcode == dns.RcodeBadVers {
+		opt := newOPT(s.cfg.UDPSize, q.do)
+		if rcode > 0xF {
+			opt.SetExtendedRcode(uint16(rcode))
+		}
+		if text != "" || ede != 0 {
+			opt.Option = append(opt.Option, &dns.EDNS0_EDE{InfoCode: ede, ExtraText: text})
+		}
+		m.Extra = append(m.Extra, opt)
+	}
+	out, err := m.Pack()
+	if err != nil {
+		// A name miekg unpacked but cannot pack back: answer with the
+		// header only.
+		out = make([]byte, 12)
+		binary.BigEndian.PutUint16(out, req.Id)
+		out[2] = 0x80 | byte(req.Opcode&0xF)<<3
+		out[3] = byte(rcode & 0xF)
+	}
+	if len(out) > q.maxSize && q.maxSize > 0 {
+		out = truncate(out, q.maxSize)
+	}
+	return out
+}
+
+func (s *Server) soa(zone string, ttl uint32) *dns.SOA {
+	return &dns.SOA{
+		Hdr:     dns.RR_Header{Name: zone, Rrtype: dns.TypeSOA, Class: dns.ClassINET, Ttl: ttl},
+		Ns:      "egressd.invalid.",
+		Mbox:    "hostmaster.egressd.invalid.",
+		Serial:  1,
+		Refresh: 3600,
+		Retry:   600,
+		Expire:  86400,
+		Minttl:  ttl,
+	}
+}
+
+// finish counts, logs and records one query: one canonical line, one
+// audit event.
+func (s *Server) finish(q *query) {
+	lat := s.now().Sub(q.start)
+	d := q.dec
+	s.m.countQuery(d.Verdict, d.Mode, q.rcode)
+	switch q.path {
+	case "cache":
+		s.durCache.Observe(lat.Seconds())
+	case "upstream":
+		s.durUpstream.Observe(lat.Seconds())
+	default:
+		s.durLocal.Observe(lat.Seconds())
+	}
+	if q.quiet {
+		return
+	}
+	enforced := q.enforced || (d.Verdict == policy.Deny && d.Mode == policy.ModeEnforce)
+	level := slog.LevelInfo
+	switch {
+	case q.err != nil:
+		level = slog.LevelError
+	case d.Verdict == policy.Deny:
+		level = slog.LevelWarn
+	}
+	ctx := context.Background()
+	if s.log.Enabled(ctx, level) {
+		attrs := []slog.Attr{
+			slog.String(audit.LogClient, q.client.Addr().Unmap().String()),
+			slog.String(audit.LogProto, q.proto),
+			slog.String(audit.LogName, q.name),
+			slog.String(audit.LogQType, dns.Type(q.qtype).String()),
+			slog.String(audit.LogVerdict, string(d.Verdict)),
+			slog.String(audit.LogRule, d.Rule),
+			slog.String(audit.LogMode, string(d.Mode)),
+			slog.String(audit.LogReason, d.Reason),
+			slog.Bool(audit.LogEnforced, enforced),
+			slog.String(audit.LogRCode, rcodeName(q.rcode)),
+			slog.Bool(audit.LogCacheHit, q.hit),
+			slog.String(audit.LogUpstream, q.upstream),
+			slog.Float64(audit.LogLatency, lat.Seconds()),
+		}
+		if q.filtered != "" {
+			attrs = append(attrs, slog.String("filtered", q.filtered))
+		}
+		if q.err != nil {
+			attrs = append(attrs, slog.String(audit.LogError, q.err.Error()))
+		}
+		s.log.LogAttrs(ctx, level, audit.CanonicalMessage, attrs...)
+	}
+	ev := audit.Event{
+		Kind:       audit.KindDNS,
+		Source:     audit.SourceDNS,
+		Time:       q.start,
+		Client:     q.client.Addr().Unmap(),
+		ClientPort: q.client.Port(),
+		Proto:      q.proto,
+		Name:       q.name,
+		QType:      dns.Type(q.qtype).String(),
+		RCode:      rcodeName(q.rcode),
+		CacheHit:   q.hit,
+		Upstream:   q.upstream,
+		Latency:    lat.Seconds(),
+	}
+	ev.Stamp(d)
+	ev.Enforced = enforced
+	s.sink.Emit(ev)
+}
+
+func rcodeName(rc int) string {
+	if rc < 0 {
+		return "DROPPED"
+	}
+	return rcodeString(rc)
+}

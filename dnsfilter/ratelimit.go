@@ -1,0 +1,102 @@
+package dnsfilter
+
+import (
+	"hash/maphash"
+	"net/netip"
+	"sync"
+	"time"
+)
+
+// rateLimiter is a token bucket per client address (THREATS.md E1, G2). It
+// is bounded: idle buckets are swept, and when a shard is still full a new
+// client shares a fresh bucket slot by replacing a random idle one.
+type rateLimiter struct {
+	rate   float64 // tokens per nanosecond
+	burst  float64
+	seed   maphash.Seed
+	perCap int
+	shards [rlShards]rlShard
+}
+
+const (
+	rlShards  = 32
+	rlClients = 65536
+)
+
+type rlShard struct {
+	mu sync.Mutex // guards m
+	m  map[netip.Addr]*bucket
+}
+
+type bucket struct {
+	tokens  float64
+	last    int64 // unix nanoseconds
+	dropped bool  // a query was dropped since the last allowed one
+}
+
+func newRateLimiter(perSecond float64, burst int) *rateLimiter {
+	r := &rateLimiter{rate: perSecond / float64(time.Second), burst: float64(burst), seed: maphash.MakeSeed(), perCap: rlClients / rlShards}
+	for i := range r.shards {
+		r.shards[i].m = map[netip.Addr]*bucket{}
+	}
+	return r
+}
+
+// allow takes a token for client. first is true for the first dropped query
+// after an allowed one, so that a flood is logged once, not per packet.
+func (r *rateLimiter) allow(client netip.Addr, now int64) (ok, first bool) {
+	b16 := client.As16()
+	sh := &r.shards[maphash.Bytes(r.seed, b16[:])%rlShards]
+	sh.mu.Lock()
+	defer sh.mu.Unlock()
+	b := sh.m[client]
+	if b == nil {
+		if len(sh.m) >= r.perCap {
+			r.sweepLocked(sh, now)
+		}
+		b = &bucket{tokens: r.burst, last: now}
+		sh.m[client] = b
+	}
+	if el := now - b.last; el > 0 {
+		b.tokens = min(r.burst, b.tokens+float64(el)*r.rate)
+		b.last = now
+	}
+	if b.tokens >= 1 {
+		b.tokens--
+		b.dropped = false
+		return true, false
+	}
+	first = !b.dropped
+	b.dropped = true
+	return false, first
+}
+
+// sweepLocked removes buckets that are full again (idle clients); if none
+// are, it removes one at random so the map stays bounded.
+func (r *rateLimiter) sweepLocked(sh *rlShard, now int64) {
+	n := len(sh.m)
+	for k, b := range sh.m {
+		if b.tokens+float64(now-b.last)*r.rate >= r.burst {
+			delete(sh.m, k)
+		}
+	}
+	if len(sh.m) == n {
+		for k := range sh.m {
+			delete(sh.m, k)
+			break
+		}
+	}
+}
+
+func (r *rateLimiter) sweep(now int64) {
+	for i := range r.shards {
+		sh := &r.shards[i]
+		sh.mu.Lock()
+		for k, b := range sh.m {
+			if b.tokens+float64(now-b.last)*r.rate >= r.burst {
+				delete(sh.m, k)
+			}
+		}
+		sh.mu.Unlock()
+	}
+}

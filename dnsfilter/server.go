@@ -1,0 +1,484 @@
+package dnsfilter
+
+import (
+	"context"
+	"errors"
+	"fmt"
+	"log/slog"
+	"net"
+	"net/netip"
+	"runtime"
+	"strconv"
+	"sync"
+	"sync/atomic"
+	"syscall"
+	"time"
+
+	"github.com/miekg/dns"
+	"github.com/prometheus/client_golang/prometheus"
+	"golang.org/x/sync/errgroup"
+	"golang.org/x/sync/singleflight"
+	"golang.org/x/sys/unix"
+
+	"egressd/audit"
+	"egressd/policy"
+)
+
+// Deps are the forwarder's collaborators.
+type Deps struct {
+	// Policy answers "may this client resolve this name"; required. Its
+	// engine's mode decides audit (forward, record would-deny) versus
+	// enforce (answer locally).
+	Policy *policy.Store
+	// Sink receives one audit.Event per query. Nil means audit.Discard.
+	Sink audit.Sink
+	// Logger gets one canonical line per query. Nil discards.
+	Logger *slog.Logger
+	// Registerer gets the egress_dnsfilter_* metrics. Nil means a private
+	// registry (metrics are kept but not exported).
+	Registerer prometheus.Registerer
+	// Table is the learned-address table to fill. Nil means a new table of
+	// Config.TableSize entries.
+	Table *Table
+	// Now is the clock. Nil means time.Now.
+	Now func() time.Time
+}
+
+// Server is the filtering forwarder. Create it with New, start it with Run.
+type Server struct {
+	cfg   Config
+	pol   *policy.Store
+	sink  audit.Sink
+	log   *slog.Logger
+	m     *metrics
+	table *Table       // always non-nil
+	cache *cache       // nil when disabled
+	rl    *rateLimiter // nil when disabled
+	ups   *upstreams
+	sf    singleflight.Group
+	now   func() time.Time
+
+	durCache, durUpstream, durLocal prometheus.Observer
+
+	slowSem  chan struct{} // bounds UDP queries on the general path
+	inflight chan struct{} // bounds upstream exchanges
+	slow     sync.WaitGroup
+
+	baseCtx    context.Context // cancelled by Close; bounds upstream work
+	baseCancel context.CancelFunc
+
+	mu      sync.Mutex // guards following
+	running bool
+	udp     []*net.UDPConn
+	tcp     []net.Listener
+	tcpSrv  []*dns.Server
+	addrs   []netip.AddrPort
+
+	closing   atomic.Bool
+	ready     chan struct{} // closed once listeners are bound
+	done      chan struct{} // closed by Close
+	closeOnce sync.Once
+}
+
+// New checks cfg and builds a server. It opens no socket.
+func New(cfg Config, deps Deps) (*Server, error) {
+	if err := cfg.Validate(); err != nil {
+		return nil, err
+	}
+	if deps.Policy == nil || deps.Policy.Load() == nil {
+		return nil, errors.New("dnsfilter: no policy")
+	}
+	cfg = cfg.withDefaults()
+	ups := cfg.Upstreams
+	if len(ups) == 0 {
+		var err error
+		if ups, err = readResolvConf(cfg.ResolvConf); err != nil {
+			return nil, err
+		}
+	}
+	s := &Server{
+		cfg:   cfg,
+		pol:   deps.Policy,
+		sink:  deps.Sink,
+		log:   deps.Logger,
+		table: deps.Table,
+		now:   deps.Now,
+		m:     newMetrics(),
+		ready: make(chan struct{}),
+		done:  make(chan struct{}),
+	}
+	if s.sink == nil {
+		s.sink = audit.Discard
+	}
+	if s.log == nil {
+		s.log = slog.New(slog.DiscardHandler)
+	}
+	s.log = s.log.With(audit.LogComponent, "dnsfilter")
+	if s.now == nil {
+		s.now = time.Now
+	}
+	if s.table == nil {
+		s.table = NewTable(cfg.TableSize)
+	}
+	if cfg.CacheSize > 0 {
+		s.cache = newCache(cfg.CacheSize)
+	}
+	if cfg.ClientRate > 0 {
+		s.rl = newRateLimiter(cfg.ClientRate, cfg.ClientBurst)
+	}
+	s.ups = &upstreams{timeout: cfg.UpstreamTimeout, downAfter: cfg.DownAfter, downFor: cfg.DownFor, udpSize: cfg.UDPSize, m: s.m, now: s.now}
+	for _, u := range ups {
+		ap, err := parseUpstream(u)
+		if err != nil {
+			return nil, err
+		}
+		s.ups.list = append(s.ups.list, &upstream{addr: ap, name: ap.String()})
+		s.m.upstreamUp.WithLabelValues(ap.String()).Set(1)
+	}
+	s.slowSem = make(chan struct{}, cfg.MaxInflight)
+	s.inflight = make(chan struct{}, cfg.MaxInflight)
+	s.baseCtx, s.baseCancel = context.WithCancel(context.Background())
+	s.durCache = s.m.queryDuration.WithLabelValues("cache")
+	s.durUpstream = s.m.queryDuration.WithLabelValues("upstream")
+	s.durLocal = s.m.queryDuration.WithLabelValues("local")
+	reg := deps.Registerer
+	if reg == nil {
+		reg = prometheus.NewRegistry()
+	}
+	if err := s.m.register(reg, s); err != nil {
+		return nil, fmt.Errorf("dnsfilter: metrics: %w", err)
+	}
+	return s, nil
+}
+
+// Table returns the learned-address table.
+func (s *Server) Table() *Table { return s.table }
+
+// Ready is closed once Run has bound its listeners.
+func (s *Server) Ready() <-chan struct{} { return s.ready }
+
+// Addrs returns the bound listen addresses (UDP and TCP share each), once
+// Ready is closed.
+func (s *Server) Addrs() []netip.AddrPort {
+	s.mu.Lock()
+	defer s.mu.Unlock()
+	return append([]netip.AddrPort(nil), s.addrs...)
+}
+
+// Run binds the listeners and serves until ctx is done or Close is called.
+// It returns nil after a clean shutdown, or the error that stopped it.
+func (s *Server) Run(ctx context.Context) error {
+	s.mu.Lock()
+	if s.running {
+		s.mu.Unlock()
+		return errors.New("dnsfilter: already running")
+	}
+	s.running = true
+	s.mu.Unlock()
+	select {
+	case <-s.done:
+		s.shutdown()
+		return net.ErrClosed
+	default:
+	}
+	if err := s.listen(); err != nil {
+		s.shutdown()
+		return err
+	}
+	close(s.ready)
+
+	g, gctx := errgroup.WithContext(ctx)
+	s.mu.Lock()
+	for _, c := range s.udp {
+		g.Go(func() error { return s.readUDP(c) })
+	}
+	for _, srv := range s.tcpSrv {
+		g.Go(func() error {
+			err := srv.ActivateAndServe()
+			if s.closing.Load() {
+				return nil
+			}
+			return fmt.Errorf("dnsfilter: tcp: %w", err)
+		})
+	}
+	s.mu.Unlock()
+	g.Go(func() error {
+		t := time.NewTicker(10 * time.Second)
+		defer t.Stop()
+		for {
+			select {
+			case <-gctx.Done():
+				return nil
+			case <-s.done:
+				return nil
+			case <-t.C:
+				now := s.now().UnixNano()
+				s.table.Sweep()
+				if s.cache != nil {
+					s.cache.sweep(now)
+				}
+				if s.rl != nil {
+					s.rl.sweep(now)
+				}
+			}
+		}
+	})
+	g.Go(func() error {
+		select {
+		case <-gctx.Done():
+		case <-s.done:
+		}
+		s.shutdown()
+		return nil
+	})
+	err := g.Wait()
+	s.slow.Wait()
+	return err
+}
+
+// Close stops the server; it is idempotent and safe before or without Run.
+func (s *Server) Close() error {
+	s.closeOnce.Do(func() { close(s.done) })
+	s.mu.Lock()
+	running := s.running
+	s.mu.Unlock()
+	if !running {
+		s.shutdown()
+	}
+	return nil
+}
+
+func (s *Server) shutdown() {
+	s.closing.Store(true)
+	s.mu.Lock()
+	udp, tcp, srvs := s.udp, s.tcp, s.tcpSrv
+	s.mu.Unlock()
+	// Stop reading first, then let in-flight TCP queries finish briefly;
+	// upstream work is cancelled last so those queries can still answer.
+	for _, c := range udp {
+		_ = c.Close()
+	}
+	for _, l := range tcp {
+		_ = l.Close()
+	}
+	ctx, cancel := context.WithTimeout(context.Background(), 2*time.Second)
+	defer cancel()
+	for _, srv := range srvs {
+		_ = srv.ShutdownContext(ctx)
+	}
+	s.baseCancel()
+}
+
+var reusePort = net.ListenConfig{Control: func(_, _ string, c syscall.RawConn) error {
+	var serr error
+	if err := c.Control(func(fd uintptr) {
+		serr = unix.SetsockoptInt(int(fd), unix.SOL_SOCKET, unix.SO_REUSEPORT, 1)
+	}); err != nil {
+		return err
+	}
+	return serr
+}}
+
+// listen binds UDP (UDPReaders sockets sharing the port through
+// SO_REUSEPORT, so the kernel spreads queries over the readers) and TCP on
+// every listen address. With port 0, UDP picks the port and TCP takes the
+// same one, retrying if it is taken.
+func (s *Server) listen() error {
+	readers := s.cfg.UDPReaders
+	if readers == 0 {
+		readers = runtime.GOMAXPROCS(0)
+	}
+	for _, addr := range s.cfg.Listen {
+		host, port, _ := net.SplitHostPort(addr)
+		var err error
+		for try := 0; try < 10; try++ {
+			if err = s.listenOne(host, port, readers); err == nil || port != "0" {
+				break
+			}
+		}
+		if err != nil {
+			return err
+		}
+	}
+	return nil
+}
+
+func (s *Server) listenOne(host, port string, readers int) error {
+	ctx := context.Background()
+	pc, err := reusePort.ListenPacket(ctx, "udp", net.JoinHostPort(host, port))
+	if err != nil {
+		return fmt.Errorf("dnsfilter: listen udp: %w", err)
+	}
+	first := pc.(*net.UDPConn)
+	ap := first.LocalAddr().(*net.UDPAddr).AddrPort()
+	bound := net.JoinHostPort(host, strconv.Itoa(int(ap.Port())))
+	conns := []*net.UDPConn{first}
+	closeAll := func() {
+		for _, c := range conns {
+			_ = c.Close()
+		}
+	}
+	for i := 1; i < readers; i++ {
+		pc, err := reusePort.ListenPacket(ctx, "udp", bound)
+		if err != nil {
+			closeAll()
+			return fmt.Errorf("dnsfilter: listen udp: %w", err)
+		}
+		conns = append(conns, pc.(*net.UDPConn))
+	}
+	for _, c := range conns {
+		_ = c.SetReadBuffer(4 << 20)
+		_ = c.SetWriteBuffer(4 << 20)
+	}
+	l, err := net.Listen("tcp", bound)
+	if err != nil {
+		closeAll()
+		return fmt.Errorf("dnsfilter: listen tcp: %w", err)
+	}
+	srv := &dns.Server{
+		Listener:      l,
+		Net:           "tcp",
+		Handler:       dns.HandlerFunc(s.serveTCP),
+		ReadTimeout:   2 * time.Second,
+		WriteTimeout:  2 * time.Second,
+		IdleTimeout:   func() time.Duration { return s.cfg.TCPIdleTimeout },
+		MaxTCPQueries: s.cfg.TCPMaxQueries,
+		MsgAcceptFunc: acceptQuery,
+		MsgInvalidFunc: func([]byte, error) {
+			s.m.dropped.WithLabelValues("malformed").Inc()
+		},
+	}
+	s.mu.Lock()
+	defer s.mu.Unlock()
+	s.udp = append(s.udp, conns...)
+	s.tcp = append(s.tcp, l)
+	s.tcpSrv = append(s.tcpSrv, srv)
+	s.addrs = append(s.addrs, ap)
+	return nil
+}
+
+// acceptQuery is miekg's default filter for TCP, but NOTIFY is not
+// implemented here and a query carries no answer or authority records.
+func acceptQuery(dh dns.Header) dns.MsgAcceptAction {
+	switch {
+	case dh.Bits&(1<<15) != 0: // a response: ignore, never answer it
+		return dns.MsgIgnore
+	case int(dh.Bits>>11)&0xF != dns.OpcodeQuery:
+		return dns.MsgRejectNotImplemented
+	case dh.Qdcount != 1, dh.Ancount != 0, dh.Nscount != 0, dh.Arcount > 2:
+		return dns.MsgReject
+	}
+	return dns.MsgAccept
+}
+
+func (s *Server) readUDP(c *net.UDPConn) error {
+	buf := make([]byte, 65536)
+	sc := newScratch()
+	for {
+		n, src, err := c.ReadFromUDPAddrPort(buf)
+		if err != nil {
+			if s.closing.Load() {
+				return nil
+			}
+			var ne net.Error
+			if errors.As(err, &ne) && ne.Timeout() {
+				continue
+			}
+			return fmt.Errorf("dnsfilter: read udp: %w", err)
+		}
+		if s.fastSafe(sc, c, buf[:n], src) {
+			continue
+		}
+		select {
+		case s.slowSem <- struct{}{}:
+		default:
+			s.m.dropped.WithLabelValues("overload").Inc()
+			continue
+		}
+		pkt := append([]byte(nil), buf[:n]...)
+		s.slow.Add(1)
+		go func() {
+			defer func() { <-s.slowSem; s.slow.Done() }()
+			if out := s.serveWire(s.baseCtx, pkt, src, "udp"); out != nil {
+				_, _ = c.WriteToUDPAddrPort(out, src)
+			}
+		}()
+	}
+}
+
+func (s *Server) serveTCP(w dns.ResponseWriter, req *dns.Msg) {
+	var src netip.AddrPort
+	if ta, ok := w.RemoteAddr().(*net.TCPAddr); ok {
+		src = ta.AddrPort()
+	}
+	out := s.serveMsg(s.baseCtx, req, src, "tcp")
+	if out == nil {
+		_ = w.Close()
+		return
+	}
+	_, _ = w.Write(out)
+}
+
+// LookupNetIP resolves name (A and AAAA) through the configured upstreams
+// and the cache, with the answer filter applied (no special addresses for a
+// public name). The policy is not consulted and nothing is learned: the
+// proxy uses it to check that a name really resolves to a destination.
+func (s *Server) LookupNetIP(ctx context.Context, name string) ([]netip.Addr, error) {
+	n, ok := policy.NormalizeName(name)
+	if !ok {
+		return nil, fmt.Errorf("%w: %q", ErrInvalidName, name)
+	}
+	if n == canaryName {
+		return nil, fmt.Errorf("%w: %s", ErrNotFound, n)
+	}
+	type res struct {
+		e   *entry
+		err error
+	}
+	var rs [2]res
+	var wg sync.WaitGroup
+	for i, t := range []uint16{dns.TypeA, dns.TypeAAAA} {
+		wg.Add(1)
+		go func() {
+			defer wg.Done()
+			key := appendKey(nil, n, t, dns.ClassINET, 0)
+			rs[i].e, _, rs[i].err = s.resolve(ctx, key, n, t, dns.ClassINET, 0)
+		}()
+	}
+	wg.Wait()
+	var out []netip.Addr
+	var errs []error
+	notFound := false
+	for _, r := range rs {
+		if r.err != nil {
+			errs = append(errs, r.err)
+			continue
+		}
+		switch r.e.rcode {
+		case dns.RcodeSuccess:
+			for _, rr := range r.e.msg.Answer {
+				var a netip.Addr
+				switch v := rr.(type) {
+				case *dns.A:
+					a, _ = netip.AddrFromSlice(v.A.To4())
+				case *dns.AAAA:
+					a, _ = netip.AddrFromSlice(v.AAAA.To16())
+				}
+				if a.IsValid() {
+					out = append(out, a.Unmap())
+				}
+			}
+		case dns.RcodeNameError:
+			notFound = true
+		default:
+			errs = append(errs, fmt.Errorf("%w: %s answered %s", ErrUpstream, r.e.upstream, rcodeString(r.e.rcode)))
+		}
+	}
+	if len(out) > 0 {
+		return out, nil
+	}
+	if notFound || len(errs) == 0 {
+		return nil, fmt.Errorf("%w: %s", ErrNotFound, n)
+	}
+	return nil, errors.Join(errs...)
+}

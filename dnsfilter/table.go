@@ -1,0 +1,324 @@
+package dnsfilter
+
+import (
+	"hash/maphash"
+	"net/netip"
+	"sync"
+	"sync/atomic"
+	"time"
+)
+
+// Learned is one fact of the learned-address table: our DNS told Client that
+// Name has address Addr, until Expires.
+type Learned struct {
+	Client  netip.Addr
+	Name    string // normalised name the client asked (CNAME chains are credited to it)
+	Addr    netip.Addr
+	Rule    string // rule that allowed the name
+	Expires time.Time
+}
+
+// Table is the learned-address table: for every allowed answer, which client
+// was given which address for which name, until when. It is bounded (the
+// soonest-expiring entries go first when it is full), expired entries are
+// removed, and it is safe for concurrent use. Readers call NamesFor on every
+// flow, so lookups take a read lock on one shard and allocate only the
+// returned slice.
+type Table struct {
+	shards [tableShards]tableShard
+	seed   maphash.Seed
+	perCap int // max entries per shard
+	now    func() time.Time
+
+	subsMu sync.Mutex                    // guards writes to subs
+	subs   atomic.Pointer[[]*subscriber] // copy-on-write list
+
+	size    atomic.Int64
+	evicted atomic.Uint64
+	dropped atomic.Uint64 // feed entries lost by slow subscribers
+}
+
+const (
+	tableShards = 64
+	// maxPerAddr bounds the (client, name) pairs kept for one address (a
+	// CDN address shared by many names and clients).
+	maxPerAddr = 64
+)
+
+type tableShard struct {
+	mu sync.RWMutex // guards m
+	m  map[netip.Addr][]tableItem
+	n  int // items in m
+}
+
+type tableItem struct {
+	client  netip.Addr
+	name    string
+	rule    string
+	expires int64 // unix nanoseconds
+}
+
+type subscriber struct {
+	ch     chan Learned
+	closed atomic.Bool
+}
+
+// NewTable returns a table holding at most size entries (65536 if size <= 0).
+func NewTable(size int) *Table {
+	if size <= 0 {
+		size = defaultTableSize
+	}
+	t := &Table{seed: maphash.MakeSeed(), perCap: max(1, (size+tableShards-1)/tableShards), now: time.Now}
+	for i := range t.shards {
+		t.shards[i].m = map[netip.Addr][]tableItem{}
+	}
+	empty := []*subscriber{}
+	t.subs.Store(&empty)
+	return t
+}
+
+func (t *Table) shard(a netip.Addr) *tableShard {
+	b := a.As16()
+	return &t.shards[maphash.Bytes(t.seed, b[:])%tableShards]
+}
+
+// NamesFor returns the normalised names our DNS gave addr out for to client,
+// unexpired; when client is the zero Addr, for any client. It returns nil
+// when there are none. IPv4-mapped addresses are looked up as IPv4.
+func (t *Table) NamesFor(client, addr netip.Addr) []string {
+	addr = addr.Unmap()
+	client = client.Unmap()
+	now := t.now().UnixNano()
+	sh := t.shard(addr)
+	sh.mu.RLock()
+	defer sh.mu.RUnlock()
+	var out []string
+	for _, it := range sh.m[addr] {
+		if it.expires <= now || (client.IsValid() && it.client != client) {
+			continue
+		}
+		dup := false
+		for _, n := range out {
+			if n == it.name {
+				dup = true
+				break
+			}
+		}
+		if !dup {
+			out = append(out, it.name)
+		}
+	}
+	return out
+}
+
+// Lookup returns the unexpired entries for addr (any client), for reports
+// and debugging.
+func (t *Table) Lookup(addr netip.Addr) []Learned {
+	addr = addr.Unmap()
+	now := t.now().UnixNano()
+	sh := t.shard(addr)
+	sh.mu.RLock()
+	defer sh.mu.RUnlock()
+	var out []Learned
+	for _, it := range sh.m[addr] {
+		if it.expires > now {
+			out = append(out, Learned{Client: it.client, Name: it.name, Addr: addr, Rule: it.rule, Expires: time.Unix(0, it.expires)})
+		}
+	}
+	return out
+}
+
+// Len returns the number of entries, expired ones not yet removed included.
+func (t *Table) Len() int { return int(t.size.Load()) }
+
+// Dropped returns how many change-feed entries slow subscribers lost.
+func (t *Table) Dropped() uint64 { return t.dropped.Load() }
+
+// Evicted returns how many unexpired entries were evicted because the table
+// was full.
+func (t *Table) Evicted() uint64 { return t.evicted.Load() }
+
+// Learn records that client was given addr for name until expires. A new
+// entry, or one whose expiry moves, is published to subscribers; a refresh
+// with the same expiry (a cache hit) costs one map lookup.
+func (t *Table) Learn(l Learned) {
+	l.Addr, l.Client = l.Addr.Unmap(), l.Client.Unmap()
+	exp := l.Expires.UnixNano()
+	now := t.now().UnixNano()
+	if exp <= now || !l.Addr.IsValid() {
+		return
+	}
+	sh := t.shard(l.Addr)
+	sh.mu.RLock()
+	for _, it := range sh.m[l.Addr] {
+		if it.client == l.Client && it.name == l.Name && it.expires == exp && it.rule == l.Rule {
+			sh.mu.RUnlock()
+			return
+		}
+	}
+	sh.mu.RUnlock()
+
+	sh.mu.Lock()
+	items := sh.m[l.Addr]
+	found := false
+	for i := range items {
+		if items[i].client == l.Client && items[i].name == l.Name {
+			if items[i].expires == exp && items[i].rule == l.Rule {
+				sh.mu.Unlock()
+				return
+			}
+			items[i].expires, items[i].rule = exp, l.Rule
+			found = true
+			break
+		}
+	}
+	if !found {
+		if len(items) >= maxPerAddr {
+			// Replace the soonest-expiring pair of this address.
+			j := 0
+			for i := range items {
+				if items[i].expires < items[j].expires {
+					j = i
+				}
+			}
+			if items[j].expires > now {
+				t.evicted.Add(1)
+			}
+			items[j] = tableItem{client: l.Client, name: l.Name, rule: l.Rule, expires: exp}
+		} else {
+			if sh.n >= t.perCap {
+				t.makeRoomLocked(sh, now)
+			}
+			items = append(items, tableItem{client: l.Client, name: l.Name, rule: l.Rule, expires: exp})
+			sh.m[l.Addr] = items
+			sh.n++
+			t.size.Add(1)
+		}
+	}
+	sh.mu.Unlock()
+	t.publish(l)
+}
+
+// makeRoomLocked removes expired items of the shard, and when none were,
+// the soonest-expiring item among a few addresses (map order is random).
+func (t *Table) makeRoomLocked(sh *tableShard, now int64) {
+	removed := t.sweepLocked(sh, now)
+	if removed > 0 {
+		return
+	}
+	var victim netip.Addr
+	vi, vexp, seen := -1, int64(0), 0
+	for a, items := range sh.m {
+		for i, it := range items {
+			if vi < 0 || it.expires < vexp {
+				victim, vi, vexp = a, i, it.expires
+			}
+		}
+		if seen++; seen >= 8 {
+			break
+		}
+	}
+	if vi < 0 {
+		return
+	}
+	items := sh.m[victim]
+	items = append(items[:vi], items[vi+1:]...)
+	if len(items) == 0 {
+		delete(sh.m, victim)
+	} else {
+		sh.m[victim] = items
+	}
+	sh.n--
+	t.size.Add(-1)
+	t.evicted.Add(1)
+}
+
+func (t *Table) sweepLocked(sh *tableShard, now int64) int {
+	removed := 0
+	for a, items := range sh.m {
+		kept := items[:0]
+		for _, it := range items {
+			if it.expires > now {
+				kept = append(kept, it)
+			}
+		}
+		if d := len(items) - len(kept); d > 0 {
+			removed += d
+			clear(items[len(kept):])
+			if len(kept) == 0 {
+				delete(sh.m, a)
+			} else {
+				sh.m[a] = kept
+			}
+		}
+	}
+	sh.n -= removed
+	t.size.Add(int64(-removed))
+	return removed
+}
+
+// Sweep removes expired entries; the server calls it periodically.
+func (t *Table) Sweep() int {
+	now := t.now().UnixNano()
+	n := 0
+	for i := range t.shards {
+		sh := &t.shards[i]
+		sh.mu.Lock()
+		n += t.sweepLocked(sh, now)
+		sh.mu.Unlock()
+	}
+	return n
+}
+
+// Subscribe returns a feed of new and refreshed entries, buffered by buf
+// (at least 1), and a function that ends the subscription and closes the
+// channel. A subscriber that does not keep up loses entries (counted in
+// Dropped); DNS never waits for it.
+func (t *Table) Subscribe(buf int) (<-chan Learned, func()) {
+	s := &subscriber{ch: make(chan Learned, max(1, buf))}
+	t.subsMu.Lock()
+	old := *t.subs.Load()
+	next := append(append(make([]*subscriber, 0, len(old)+1), old...), s)
+	t.subs.Store(&next)
+	t.subsMu.Unlock()
+	var once sync.Once
+	return s.ch, func() {
+		once.Do(func() {
+			t.subsMu.Lock()
+			defer t.subsMu.Unlock()
+			old := *t.subs.Load()
+			next := make([]*subscriber, 0, len(old))
+			for _, o := range old {
+				if o != s {
+					next = append(next, o)
+				}
+			}
+			t.subs.Store(&next)
+			// Under subsMu, and publish checks closed under it too, so no
+			// send races the close.
+			s.closed.Store(true)
+			close(s.ch)
+		})
+	}
+}
+
+func (t *Table) publish(l Learned) {
+	subs := *t.subs.Load()
+	if len(subs) == 0 {
+		return
+	}
+	// subsMu orders sends against close in the unsubscribe function; it is
+	// only taken when someone subscribed and only for non-blocking sends.
+	t.subsMu.Lock()
+	defer t.subsMu.Unlock()
+	for _, s := range subs {
+		if s.closed.Load() {
+			continue
+		}
+		select {
+		case s.ch <- l:
+		default:
+			t.dropped.Add(1)
+		}
+	}
+}
