@@ -1,0 +1,220 @@
+package proxy
+
+import (
+	"context"
+	"crypto/x509"
+	"errors"
+	"fmt"
+	"html/template"
+	"log/slog"
+	"net"
+	"net/netip"
+	"time"
+
+	"github.com/prometheus/client_golang/prometheus"
+
+	"egressd/audit"
+	"egressd/policy"
+)
+
+// Config is the proxy's part of egressd's configuration. The zero value of
+// every field is a working default, documented on the field.
+type Config struct {
+	// TransparentAddr is where the transparent listener listens (the target
+	// of the nftables REDIRECT), e.g. "[::]:15001". Empty: no transparent
+	// listener is opened by Run (Serve can still be given one).
+	TransparentAddr string
+	// ExplicitAddr is where the explicit HTTP/CONNECT proxy listens, e.g.
+	// "192.168.1.1:3128". Empty: off (ServeExplicit can still be given a
+	// listener).
+	ExplicitAddr string
+
+	// HelloTimeout bounds the whole TLS ClientHello or HTTP request head,
+	// from accept to the last byte (slowloris). Zero: 10 s.
+	HelloTimeout time.Duration
+	// FirstByteWait is how long the transparent proxy waits for the
+	// client's first byte before it treats the connection as a protocol
+	// where the server speaks first and decides on the address. Zero: 1 s.
+	FirstByteWait time.Duration
+	// HelloMaxBytes caps the bytes read to find a ClientHello or an HTTP
+	// head. Zero: 64 KiB (crypto/tls's own handshake limit, plus records).
+	HelloMaxBytes int
+	// DialTimeout bounds the connect to the destination. Zero: 10 s.
+	DialTimeout time.Duration
+	// KeepAlive is the TCP keepalive period on both sides of a tunnel.
+	// Zero: 30 s; negative: keepalive off. Established tunnels have no
+	// idle timeout (a device's VPN over 443 lives for days): keepalive is
+	// what finds dead peers.
+	KeepAlive time.Duration
+	// LookupTimeout bounds the fresh lookup of a name whose destination was
+	// not handed out by our DNS. Zero: 3 s.
+	LookupTimeout time.Duration
+
+	// MaxConns caps concurrent connections over all clients. Zero: 50,000;
+	// negative: no cap.
+	MaxConns int
+	// MaxConnsPerClient caps concurrent connections of one client address.
+	// Zero: 5,000; negative: no cap.
+	MaxConnsPerClient int
+
+	// DenyPage is the body of the HTTP 403 answer, an html/template
+	// executed with a DenyInfo. Empty: a short built-in page.
+	DenyPage string
+
+	// Inspect turns on decryption of connections to hosts that have
+	// host/path rules, so that each request is decided on host and path.
+	// All other hosts stay spliced. It needs StateDir, where the CA is
+	// generated on first use (see LoadOrCreateCA).
+	Inspect bool
+	// StateDir holds the inspection CA (ca.pem, ca-key.pem).
+	StateDir string
+	// UpstreamRoots verifies upstream certificates where the proxy itself
+	// talks TLS to the destination (inspected connections). Nil: the
+	// system's roots. Certificates are always verified.
+	UpstreamRoots *x509.CertPool
+
+	// ProxyUsers, when not empty, makes the explicit proxy require HTTP
+	// Basic proxy authentication with one of these user → password pairs
+	// (answering 407 otherwise).
+	ProxyUsers map[string]string
+
+	// AllowSpecial lists destination prefixes that the special-range guard
+	// lets through even without a CIDR rule naming them (for sites whose
+	// "internet" is one of these ranges). Empty: none.
+	AllowSpecial []netip.Prefix
+	// OwnAddrs are the gateway's own addresses, denied as destinations
+	// unless a CIDR rule names them. Nil: the addresses of the local
+	// interfaces, read when Run or Serve starts.
+	OwnAddrs []netip.Addr
+}
+
+// Deps are the proxy's collaborators; cmd/ wires them.
+type Deps struct {
+	// Policy decides every flow. Required.
+	Policy *policy.Store
+	// Sink receives one event per connection. Nil: audit.Discard.
+	Sink audit.Sink
+	// Logger gets the canonical line per connection. Nil: slog.Default().
+	Logger *slog.Logger
+	// Registerer gets the proxy's metrics. Nil: not registered.
+	Registerer prometheus.Registerer
+	// DNS says which names our DNS gave an address out for. Nil: none
+	// (only CIDR rules and fresh lookups then vouch for a destination).
+	DNS DNSFacts
+	// Resolver looks names up through the configured upstreams, for the
+	// explicit proxy and for destinations DNS did not hand out. Nil: no
+	// fresh lookups (the explicit proxy then refuses names).
+	Resolver Resolver
+	// Dial connects to destinations. Nil: a net.Dialer with DialTimeout.
+	// Tests use it to dial from inside a network namespace.
+	Dial func(ctx context.Context, network, addr string) (net.Conn, error)
+}
+
+// DNSFacts is what the proxy needs to know from the DNS forwarder.
+type DNSFacts interface {
+	// NamesFor returns the normalised names our DNS gave addr out for to
+	// client, whose answers have not expired. Nil or empty: none.
+	NamesFor(client, addr netip.Addr) []string
+}
+
+// Resolver is a fresh lookup through the configured upstream resolvers.
+type Resolver interface {
+	LookupNetIP(ctx context.Context, name string) ([]netip.Addr, error)
+}
+
+// DenyInfo is what the deny page template gets.
+type DenyInfo struct {
+	Host   string // the name or address that was refused
+	Path   string // the request path, when known
+	Client string
+	Rule   string // the rule that would have allowed it (expired), if any
+	Reason string
+	Policy string // the policy file
+}
+
+// Defaults.
+const (
+	defaultHelloTimeout      = 10 * time.Second
+	defaultFirstByteWait     = time.Second
+	defaultHelloMaxBytes     = 64 << 10
+	defaultDialTimeout       = 10 * time.Second
+	defaultKeepAlive         = 30 * time.Second
+	defaultLookupTimeout     = 3 * time.Second
+	defaultMaxConns          = 50000
+	defaultMaxConnsPerClient = 5000
+)
+
+const defaultDenyPage = `<!doctype html>
+<html><head><meta charset="utf-8"><title>Blocked by egressd</title></head>
+<body><h1>Blocked by egressd</h1>
+<p>The connection to <b>{{.Host}}{{.Path}}</b> was blocked by the site's egress policy
+{{- if .Policy}} (<code>{{.Policy}}</code>){{end}}.</p>
+<p>Reason: <code>{{.Reason}}</code>{{if .Rule}}; rule <code>{{.Rule}}</code>{{end}}. Client: {{.Client}}.</p>
+<p>Ask the administrator to add a rule if this destination is needed.</p>
+</body></html>
+`
+
+// withDefaults fills in zero fields.
+func (c Config) withDefaults() Config {
+	if c.HelloTimeout == 0 {
+		c.HelloTimeout = defaultHelloTimeout
+	}
+	if c.FirstByteWait == 0 {
+		c.FirstByteWait = defaultFirstByteWait
+	}
+	if c.HelloMaxBytes == 0 {
+		c.HelloMaxBytes = defaultHelloMaxBytes
+	}
+	if c.DialTimeout == 0 {
+		c.DialTimeout = defaultDialTimeout
+	}
+	if c.KeepAlive == 0 {
+		c.KeepAlive = defaultKeepAlive
+	}
+	if c.LookupTimeout == 0 {
+		c.LookupTimeout = defaultLookupTimeout
+	}
+	if c.MaxConns == 0 {
+		c.MaxConns = defaultMaxConns
+	}
+	if c.MaxConnsPerClient == 0 {
+		c.MaxConnsPerClient = defaultMaxConnsPerClient
+	}
+	if c.DenyPage == "" {
+		c.DenyPage = defaultDenyPage
+	}
+	return c
+}
+
+// Validate returns every problem of the configuration at once.
+func (c Config) Validate() error {
+	var errs []error
+	for _, a := range []struct{ name, v string }{{"transparent", c.TransparentAddr}, {"explicit", c.ExplicitAddr}} {
+		if a.v == "" {
+			continue
+		}
+		if _, _, err := net.SplitHostPort(a.v); err != nil {
+			errs = append(errs, fmt.Errorf("proxy: %s listen address %q: %v", a.name, a.v, err))
+		}
+	}
+	if c.HelloTimeout < 0 || c.FirstByteWait < 0 || c.DialTimeout < 0 || c.LookupTimeout < 0 {
+		errs = append(errs, errors.New("proxy: timeouts must not be negative"))
+	}
+	if c.HelloMaxBytes < 0 || (c.HelloMaxBytes > 0 && c.HelloMaxBytes < 1024) {
+		errs = append(errs, fmt.Errorf("proxy: hello size cap %d: at least 1024 bytes", c.HelloMaxBytes))
+	}
+	if c.Inspect && c.StateDir == "" {
+		errs = append(errs, errors.New("proxy: inspection needs a state directory for its CA"))
+	}
+	if c.DenyPage != "" {
+		if _, err := template.New("deny").Parse(c.DenyPage); err != nil {
+			errs = append(errs, fmt.Errorf("proxy: deny page template: %w", err))
+		}
+	}
+	for u := range c.ProxyUsers {
+		if u == "" {
+			errs = append(errs, errors.New("proxy: a proxy user has an empty name"))
+		}
+	}
+	return errors.Join(errs...)
+}

@@ -1,0 +1,234 @@
+package proxy
+
+import (
+	"context"
+	"net/netip"
+	"sync/atomic"
+
+	"egressd/audit"
+	"egressd/policy"
+)
+
+// Reasons the proxy adds to policy's. They are constants (metric labels).
+const (
+	ReasonSNIMismatch   = "sni-mismatch"    // the name is allowed, the address was not given out for it
+	ReasonSpecialRange  = "special-range"   // loopback, link-local, CGNAT, embeddings, the gateway itself
+	ReasonDuplicateSNI  = "duplicate-sni"   // more than one server name in the ClientHello
+	ReasonHelloBad      = "hello-malformed" // starts as TLS, does not parse
+	ReasonHelloTimeout  = "hello-timeout"   // the ClientHello or HTTP head did not complete in time
+	ReasonHelloTooLarge = "hello-too-large" // over the size cap
+	ReasonHTTPBad       = "http-malformed"  // an HTTP head the proxy refuses
+	ReasonHostMismatch  = "host-mismatch"   // Host and absolute-form target disagree
+	ReasonIPLiteral     = "ip-literal-form" // a CONNECT host in a numeric form that is not an address
+	ReasonLimit         = "connection-limit"
+	ReasonNoOrigDst     = "no-original-dst"
+	ReasonResolve       = "resolve-failed"
+	ReasonAuth          = "proxy-auth"
+)
+
+// verdict is a decision plus how the name was found and what to do.
+type verdict struct {
+	d       policy.Decision
+	name    string
+	src     audit.NameSource
+	inspect bool // host/path rules decide this host: decrypt and decide per request
+}
+
+// enforced reports whether the connection must be refused.
+func (v verdict) enforced() bool {
+	return !v.d.Allowed() && v.d.Mode == policy.ModeEnforce
+}
+
+// denyDecision builds a proxy-made deny in the engine's mode.
+func denyDecision(eng *policy.Engine, reason string) policy.Decision {
+	return policy.Decision{Verdict: policy.Deny, RuleIndex: -1, Reason: reason, Mode: eng.Mode()}
+}
+
+// engines caches the two derived engines the inspection decision needs for
+// the current policy engine.
+type engines struct {
+	eng       *policy.Engine
+	hostLevel *policy.Engine // every rule without its host/path targets
+	pathOnly  *policy.Engine // only host/path targets, as host names
+}
+
+type engineCache struct{ p atomic.Pointer[engines] }
+
+func (c *engineCache) get(eng *policy.Engine) *engines {
+	if e := c.p.Load(); e != nil && e.eng == eng {
+		return e
+	}
+	pol := eng.Policy()
+	host := &policy.Policy{File: pol.File, Version: pol.Version, Mode: pol.Mode, Groups: pol.Groups}
+	path := &policy.Policy{File: pol.File, Version: pol.Version, Mode: pol.Mode, Groups: pol.Groups}
+	for _, r := range pol.Rules {
+		hr, pr := r, r
+		hr.To, pr.To = nil, nil
+		for _, t := range r.To {
+			if t.Kind == policy.TargetHostPath {
+				pr.To = append(pr.To, policy.Target{Kind: policy.TargetName, Raw: t.Raw, Pattern: t.Pattern, Line: t.Line, Col: t.Col})
+			} else {
+				hr.To = append(hr.To, t)
+			}
+		}
+		host.Rules = append(host.Rules, hr)
+		path.Rules = append(path.Rules, pr)
+	}
+	e := &engines{eng: eng, hostLevel: policy.New(host), pathOnly: policy.New(path)}
+	c.p.Store(e)
+	return e
+}
+
+// needsInspection reports whether a host/path rule, and no host-level rule,
+// allows the flow: only then does the path change the verdict.
+func (p *Proxy) needsInspection(eng *policy.Engine, in policy.Input) bool {
+	if !p.cfg.Inspect || in.Name == "" {
+		return false
+	}
+	e := p.engines.get(eng)
+	in.Path = ""
+	return e.pathOnly.Decide(in).Allowed() && !e.hostLevel.Decide(in).Allowed()
+}
+
+// decideName decides a flow whose name the client sent (SNI or Host).
+// in.Name is normalised. When in.Dest is valid the destination must be
+// vouched for (no spoofing); the special-range guard applies either way.
+func (p *Proxy) decideName(ctx context.Context, eng *policy.Engine, in policy.Input, src audit.NameSource) verdict {
+	v := verdict{name: in.Name, src: src}
+	v.d = eng.Decide(in)
+	if !v.d.Allowed() {
+		return v
+	}
+	if in.Dest.IsValid() {
+		if g, ok := specialRange(in.Dest, p.ownAddrs(), p.cfg.AllowSpecial); ok && !cidrRuleNames(eng, in, g) {
+			v.d = denyDecision(eng, ReasonSpecialRange)
+			return v
+		}
+		if !p.vouched(ctx, eng, in, v.d) {
+			v.d = denyDecision(eng, ReasonSNIMismatch)
+			return v
+		}
+	}
+	v.inspect = p.needsInspection(eng, in)
+	return v
+}
+
+// vouched reports whether the destination address belongs to the name: a
+// CIDR rule allows the address by itself, our DNS gave it out to this
+// client for a name the same rule allows, or a fresh lookup of the name
+// returns it (THREATS.md A2).
+func (p *Proxy) vouched(ctx context.Context, eng *policy.Engine, in policy.Input, d policy.Decision) bool {
+	addrIn := in
+	addrIn.Name, addrIn.Path = "", ""
+	if eng.Decide(addrIn).Allowed() {
+		return true
+	}
+	dest := in.Dest.Unmap()
+	if p.deps.DNS != nil {
+		for _, n := range p.deps.DNS.NamesFor(in.Client.Unmap(), dest) {
+			if n == in.Name {
+				return true
+			}
+			ni := addrIn
+			ni.Name = n
+			if dd := eng.Decide(ni); dd.Allowed() && dd.Rule == d.Rule {
+				return true
+			}
+		}
+	}
+	if p.deps.Resolver != nil {
+		lctx, cancel := context.WithTimeout(ctx, p.cfg.LookupTimeout)
+		addrs, err := p.deps.Resolver.LookupNetIP(lctx, in.Name)
+		cancel()
+		if err == nil {
+			for _, a := range addrs {
+				if a.Unmap() == dest {
+					return true
+				}
+			}
+		}
+	}
+	return false
+}
+
+// decideAddr decides a flow without a usable name from the stream: by the
+// destination address (CIDR rules), else by the names our DNS gave this
+// address out for to this client. src is how the lack of a name is
+// recorded (no-sni for TLS, none otherwise).
+func (p *Proxy) decideAddr(eng *policy.Engine, in policy.Input, src audit.NameSource) verdict {
+	in.Name = ""
+	v := verdict{src: src}
+	v.d = eng.Decide(in)
+	if !v.d.Allowed() && p.deps.DNS != nil {
+		for _, n := range p.deps.DNS.NamesFor(in.Client.Unmap(), in.Dest.Unmap()) {
+			ni := in
+			ni.Name = n
+			if v.name == "" {
+				v.name, v.src = n, audit.NameDNSLearned // the best name known, even for a deny
+			}
+			if d := eng.Decide(ni); d.Allowed() {
+				v.d, v.name, v.src = d, n, audit.NameDNSLearned
+				in = ni
+				break
+			}
+		}
+	}
+	if v.d.Allowed() {
+		if g, ok := specialRange(in.Dest, p.ownAddrs(), p.cfg.AllowSpecial); ok && !cidrRuleNames(eng, in, g) {
+			v.d = denyDecision(eng, ReasonSpecialRange)
+		}
+	}
+	if v.d.Allowed() && v.name != "" {
+		v.inspect = p.needsInspection(eng, in)
+	}
+	return v
+}
+
+// literalAddr returns the address a name-shaped string spells, if it is an
+// IP literal (with or without brackets, IPv6 zone refused).
+func literalAddr(s string) (netip.Addr, bool) {
+	if len(s) > 1 && s[0] == '[' && s[len(s)-1] == ']' {
+		s = s[1 : len(s)-1]
+	}
+	a, err := netip.ParseAddr(s)
+	if err != nil || a.Zone() != "" {
+		return netip.Addr{}, false
+	}
+	return a, true
+}
+
+// numericForm reports whether a host that is not an IP literal still looks
+// like one of the numeric forms libc or other proxies accept as an address
+// (2130706433, 0x7f.1, 127.1, 0177.0.0.1): they are refused, never resolved
+// (THREATS.md F4).
+func numericForm(s string) bool {
+	last := s
+	for i := len(s) - 1; i >= 0; i-- {
+		if s[i] == '.' {
+			last = s[i+1:]
+			if last == "" { // trailing dot
+				return numericForm(s[:i])
+			}
+			break
+		}
+	}
+	if last == "" {
+		return false
+	}
+	if len(last) > 2 && (last[:2] == "0x" || last[:2] == "0X") {
+		last = last[2:]
+		for i := 0; i < len(last); i++ {
+			c := last[i] | 0x20
+			if !(c >= '0' && c <= '9' || c >= 'a' && c <= 'f') {
+				return false
+			}
+		}
+		return true
+	}
+	for i := 0; i < len(last); i++ {
+		if last[i] < '0' || last[i] > '9' {
+			return false
+		}
+	}
+	return true
+}

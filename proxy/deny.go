@@ -1,0 +1,66 @@
+package proxy
+
+import (
+	"bytes"
+	"fmt"
+	"net"
+	"net/http"
+	"strconv"
+)
+
+// tlsAlertAccessDenied is a fatal access_denied(49) alert in a TLS 1.2
+// record, which every TLS client version accepts before a ServerHello.
+var tlsAlertAccessDenied = []byte{0x15, 0x03, 0x03, 0x00, 0x02, 0x02, 0x31}
+
+// denyPage renders the 403 body.
+func (p *Proxy) denyPage(info DenyInfo) []byte {
+	if info.Policy == "" {
+		if eng := p.deps.Policy.Load(); eng != nil && eng.Policy() != nil {
+			info.Policy = eng.Policy().File
+		}
+	}
+	var b bytes.Buffer
+	if err := p.deny.Execute(&b, info); err != nil {
+		b.Reset()
+		fmt.Fprintf(&b, "Blocked by egressd: %s (%s)\n", info.Host, info.Reason)
+	}
+	return b.Bytes()
+}
+
+// writeHTTPDeny writes a complete 403 response with the deny page.
+func (p *Proxy) writeHTTPDeny(c net.Conn, info DenyInfo) {
+	body := p.denyPage(info)
+	var b bytes.Buffer
+	b.WriteString("HTTP/1.1 403 Forbidden\r\nContent-Type: text/html; charset=utf-8\r\nCache-Control: no-store\r\nConnection: close\r\nX-Egressd-Reason: ")
+	b.WriteString(info.Reason)
+	b.WriteString("\r\nContent-Length: ")
+	b.WriteString(strconv.Itoa(len(body)))
+	b.WriteString("\r\n\r\n")
+	b.Write(body)
+	c.Write(b.Bytes())
+}
+
+// denyResponse builds the 403 as an *http.Response for goproxy.
+func (p *Proxy) denyResponse(req *http.Request, info DenyInfo) *http.Response {
+	body := p.denyPage(info)
+	resp := &http.Response{
+		StatusCode:    http.StatusForbidden,
+		Status:        "403 Forbidden",
+		Proto:         "HTTP/1.1",
+		ProtoMajor:    1,
+		ProtoMinor:    1,
+		Header:        http.Header{},
+		Body:          nopCloser{bytes.NewReader(body)},
+		ContentLength: int64(len(body)),
+		Request:       req,
+		Close:         true,
+	}
+	resp.Header.Set("Content-Type", "text/html; charset=utf-8")
+	resp.Header.Set("Cache-Control", "no-store")
+	resp.Header.Set("X-Egressd-Reason", info.Reason)
+	return resp
+}
+
+type nopCloser struct{ *bytes.Reader }
+
+func (nopCloser) Close() error { return nil }

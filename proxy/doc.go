@@ -1,0 +1,18 @@
+// Package proxy is egressd's TCP egress point. nftables redirects every TCP
+// connection from the LAN to its transparent listener; the proxy reads the
+// original destination (SO_ORIGINAL_DST / IP6T_SO_ORIGINAL_DST), peeks at
+// the first bytes to find the destination's name (the TLS ClientHello's SNI,
+// parsed by crypto/tls from a recorded copy, or the HTTP/1.x Host), asks the
+// policy (policy.Store) and then either splices the connection to the
+// original destination or answers with a deny (a TLS alert, an HTTP 403, or
+// a close). It also serves an explicit HTTP/CONNECT proxy built on goproxy
+// for clients configured with HTTP(S)_PROXY and, when inspection is on and a
+// CA exists in the state directory, decrypts connections to hosts that have
+// host/path rules so that each request is decided on host and path.
+//
+// In the flow it sits after nftables and beside dnsfilter: it reads the
+// addresses dnsfilter handed out through the small [DNSFacts] interface
+// declared here (so that an allowed SNI cannot open a path to an arbitrary
+// address), and it records one audit.Event and one canonical slog line per
+// connection. It imports policy and audit, never another component.
+package proxy

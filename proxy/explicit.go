@@ -1,0 +1,520 @@
+package proxy
+
+import (
+	"bufio"
+	"bytes"
+	"context"
+	"crypto/subtle"
+	"crypto/tls"
+	"encoding/base64"
+	"errors"
+	"fmt"
+	"io"
+	"log"
+	"log/slog"
+	"net"
+	"net/http"
+	"net/netip"
+	"net/url"
+	"strconv"
+	"strings"
+	"time"
+
+	"github.com/elazarl/goproxy"
+
+	"egressd/audit"
+	"egressd/policy"
+)
+
+// connectState is what a CONNECT (or a transparent connection handed to
+// goproxy for inspection) decided; inspected requests read it from
+// ProxyCtx.UserData.
+type connectState struct {
+	host        string         // normalised name; "" for an IP literal
+	addr        netip.AddrPort // the destination dialled
+	client      netip.AddrPort
+	src         audit.NameSource
+	transparent bool
+	rec         *flowRecord // the connection's record (transparent inspection)
+}
+
+type dialKey struct{}
+type transparentKey struct{}
+
+// newGoproxy builds the goproxy server with its unsafe defaults turned
+// off: upstream certificates are verified, no proxy environment variables
+// are followed, every phase has a timeout, CONNECT is default-deny.
+func (p *Proxy) newGoproxy() *goproxy.ProxyHttpServer {
+	gp := goproxy.NewProxyHttpServer()
+	gp.Logger = log.New(slogWriter{p.log}, "", 0)
+	gp.Verbose = false
+	gp.AllowHTTP2 = false
+	gp.CertStore = &certStore{}
+	gp.Tr = &http.Transport{
+		Proxy:                 nil, // never HTTP(S)_PROXY from the environment
+		DialContext:           p.transportDial,
+		TLSClientConfig:       &tls.Config{RootCAs: p.cfg.UpstreamRoots, MinVersion: tls.VersionTLS12},
+		TLSHandshakeTimeout:   p.cfg.DialTimeout,
+		ResponseHeaderTimeout: 60 * time.Second,
+		ExpectContinueTimeout: time.Second,
+		IdleConnTimeout:       90 * time.Second,
+		MaxIdleConnsPerHost:   16,
+		ForceAttemptHTTP2:     false,
+	}
+	refuse := func(*http.Request, string, string) (net.Conn, error) {
+		return nil, errors.New("proxy: goproxy's own CONNECT dialer is not used")
+	}
+	gp.ConnectDial = nil
+	gp.ConnectDialWithReq = refuse
+	gp.NonproxyHandler = http.HandlerFunc(func(w http.ResponseWriter, r *http.Request) {
+		http.Error(w, "egressd: this is an HTTP proxy; send absolute-form requests or CONNECT", http.StatusBadRequest)
+	})
+	gp.OnRequest().HandleConnectFunc(p.handleConnect)
+	gp.OnRequest().DoFunc(p.handleRequest)
+	return gp
+}
+
+// slogWriter bridges goproxy's Printf logger to slog at debug level.
+type slogWriter struct{ l *slog.Logger }
+
+func (w slogWriter) Write(b []byte) (int, error) {
+	w.l.Debug("goproxy", "msg", strings.TrimSpace(string(b)))
+	return len(b), nil
+}
+
+// transportDial is the http.Transport's dialer: it dials only the address
+// the request's decision chose (a context value), never the URL's host.
+func (p *Proxy) transportDial(ctx context.Context, _, _ string) (net.Conn, error) {
+	ap, ok := ctx.Value(dialKey{}).(netip.AddrPort)
+	if !ok {
+		return nil, errors.New("proxy: request has no decided destination")
+	}
+	return p.dial(ctx, ap)
+}
+
+// ServeExplicit serves the explicit HTTP/CONNECT proxy on ln until ln
+// fails or the proxy is closed.
+func (p *Proxy) ServeExplicit(ln net.Listener) error {
+	srv := &http.Server{
+		Handler:           p.explicitHandler(),
+		ReadHeaderTimeout: p.cfg.HelloTimeout,
+		IdleTimeout:       90 * time.Second,
+		MaxHeaderBytes:    p.cfg.HelloMaxBytes,
+		ErrorLog:          log.New(slogWriter{p.log}, "", 0),
+	}
+	p.mu.Lock()
+	if p.closed {
+		p.mu.Unlock()
+		ln.Close()
+		return net.ErrClosed
+	}
+	p.servers[srv] = struct{}{}
+	p.mu.Unlock()
+	p.ownAddrs()
+	err := srv.Serve(ln)
+	if errors.Is(err, http.ErrServerClosed) {
+		return nil
+	}
+	return err
+}
+
+// explicitHandler checks proxy authentication (407) before goproxy.
+func (p *Proxy) explicitHandler() http.Handler {
+	return http.HandlerFunc(func(w http.ResponseWriter, r *http.Request) {
+		if len(p.cfg.ProxyUsers) > 0 && !p.authOK(r) {
+			ca := addrPortOf(tcpAddrString(r.RemoteAddr))
+			f := &flowRecord{listener: "explicit", ev: audit.Event{Kind: audit.KindFlow, Source: audit.SourceProxy, Time: time.Now(),
+				Client: ca.Addr(), ClientPort: ca.Port(), Proto: "tcp", Name: r.URL.Hostname(), NameSource: audit.NameConnect}}
+			eng := p.deps.Policy.Load()
+			f.ev.Stamp(denyDecision(eng, ReasonAuth))
+			f.ev.Enforced, f.ev.Close = true, closeDenied
+			p.finish(f)
+			w.Header().Set("Proxy-Authenticate", `Basic realm="egressd"`)
+			w.Header().Set("Content-Type", "text/plain; charset=utf-8")
+			w.Header().Set("Connection", "close")
+			w.WriteHeader(http.StatusProxyAuthRequired)
+			io.WriteString(w, "egressd: proxy authentication required (HTTP Basic, realm \"egressd\")\n")
+			return
+		}
+		p.gp.ServeHTTP(w, r)
+	})
+}
+
+func (p *Proxy) authOK(r *http.Request) bool {
+	h := r.Header.Get("Proxy-Authorization")
+	enc, ok := strings.CutPrefix(h, "Basic ")
+	if !ok {
+		return false
+	}
+	raw, err := base64.StdEncoding.DecodeString(strings.TrimSpace(enc))
+	if err != nil {
+		return false
+	}
+	user, pass, ok := strings.Cut(string(raw), ":")
+	if !ok {
+		return false
+	}
+	want, ok := p.cfg.ProxyUsers[user]
+	return ok && subtle.ConstantTimeCompare([]byte(pass), []byte(want)) == 1
+}
+
+func tcpAddrString(s string) net.Addr {
+	ap, err := netip.ParseAddrPort(s)
+	if err != nil {
+		return &net.TCPAddr{}
+	}
+	return net.TCPAddrFromAddrPort(ap)
+}
+
+// decideTarget decides an explicit request's authority (CONNECT host:port
+// or an absolute URL's host) and picks the address to dial: an IP literal
+// is decided by address alone; a name is decided, then resolved through
+// the configured upstreams, and the first address outside the guarded
+// ranges is used (THREATS.md A2, F1, F4, F5).
+func (p *Proxy) decideTarget(ctx context.Context, eng *policy.Engine, client netip.Addr, host string, port uint16, path string, src audit.NameSource) (verdict, netip.AddrPort) {
+	in := policy.Input{Client: client, Port: port, Proto: policy.TCP, Path: path, Now: time.Now()}
+	if a, ok := literalAddr(host); ok {
+		in.Dest = a
+		v := p.decideAddr(eng, in, audit.NameNone)
+		if v.d.Allowed() {
+			// decideAddr guarded the unmapped form only when it was
+			// allowed by address; guard the literal as written too.
+			if g, ok := specialRange(a, p.ownAddrs(), p.cfg.AllowSpecial); ok && !cidrRuleNames(eng, in, g) {
+				v.d = denyDecision(eng, ReasonSpecialRange)
+			}
+		}
+		return v, netip.AddrPortFrom(a.Unmap(), port)
+	}
+	if numericForm(host) {
+		return verdict{d: denyDecision(eng, ReasonIPLiteral), name: host, src: src}, netip.AddrPort{}
+	}
+	name, ok := policy.NormalizeName(host)
+	if !ok {
+		return verdict{d: denyDecision(eng, policy.ReasonInvalidName), name: host, src: src}, netip.AddrPort{}
+	}
+	in.Name = name
+	v := verdict{name: name, src: src}
+	v.d = eng.Decide(in)
+	if v.d.Allowed() {
+		v.inspect = p.needsInspection(eng, in)
+	}
+	if p.deps.Resolver == nil {
+		if v.d.Allowed() {
+			v.d = denyDecision(eng, ReasonResolve)
+		}
+		return v, netip.AddrPort{}
+	}
+	lctx, cancel := context.WithTimeout(ctx, p.cfg.LookupTimeout)
+	addrs, err := p.deps.Resolver.LookupNetIP(lctx, name)
+	cancel()
+	if err != nil || len(addrs) == 0 {
+		// A failed lookup is a deny (THREATS.md G4); in audit mode there is
+		// nothing to connect to either.
+		v.d = denyDecision(eng, ReasonResolve)
+		v.d.Mode = policy.ModeEnforce
+		return v, netip.AddrPort{}
+	}
+	var special bool
+	for _, a := range addrs {
+		in.Dest = a
+		if g, ok := specialRange(a, p.ownAddrs(), p.cfg.AllowSpecial); ok && !cidrRuleNames(eng, in, g) {
+			special = true
+			continue
+		}
+		return v, netip.AddrPortFrom(a.Unmap(), port)
+	}
+	if special && v.d.Allowed() {
+		v.d = denyDecision(eng, ReasonSpecialRange)
+	}
+	return v, netip.AddrPortFrom(addrs[0].Unmap(), port)
+}
+
+// splitHostPortStrict splits a CONNECT authority; the port is required.
+func splitHostPortStrict(hp string) (string, uint16, bool) {
+	h, port, ok := splitAuthority(hp)
+	if !ok || port == "" {
+		return "", 0, false
+	}
+	n, _ := strconv.Atoi(port)
+	return h, uint16(n), true
+}
+
+// handleConnect decides a CONNECT.
+func (p *Proxy) handleConnect(host string, ctx *goproxy.ProxyCtx) (*goproxy.ConnectAction, string) {
+	r := ctx.Req
+	if st, ok := r.Context().Value(transparentKey{}).(*connectState); ok {
+		// A transparent connection handed over for inspection.
+		ctx.UserData = st
+		return &goproxy.ConnectAction{Action: goproxy.ConnectMitm, TLSConfig: p.mitmTLSConfig}, host
+	}
+	ca := addrPortOf(tcpAddrString(r.RemoteAddr))
+	f := &flowRecord{listener: "explicit", ev: audit.Event{Kind: audit.KindFlow, Source: audit.SourceProxy, Time: time.Now(),
+		Client: ca.Addr(), ClientPort: ca.Port(), Proto: "tcp", NameSource: audit.NameConnect}}
+	eng := p.deps.Policy.Load()
+	reject := func(v verdict, code int) (*goproxy.ConnectAction, string) {
+		f.ev.Stamp(v.d)
+		f.ev.Enforced, f.ev.Close = true, closeDenied
+		p.finish(f)
+		if code == http.StatusForbidden {
+			shown := v.name
+			if shown == "" {
+				shown = host
+			}
+			ctx.Resp = p.denyResponse(r, DenyInfo{Host: shown, Client: ca.Addr().String(), Rule: v.d.Rule, Reason: v.d.Reason})
+		} else {
+			ctx.Resp = plainResponse(r, code, v.d.Reason)
+		}
+		return &goproxy.ConnectAction{Action: goproxy.ConnectReject}, host
+	}
+	h, port, ok := splitHostPortStrict(host)
+	if !ok {
+		f.ev.Name = host
+		return reject(verdict{d: denyDecision(eng, ReasonHTTPBad), name: host}, http.StatusBadRequest)
+	}
+	f.ev.DestPort = port
+	v, addr := p.decideTarget(r.Context(), eng, ca.Addr(), h, port, "", audit.NameConnect)
+	f.ev.Name, f.ev.NameSource = v.name, v.src
+	if v.src == audit.NameNone {
+		f.ev.NameSource = audit.NameConnect
+		f.ev.Name = ""
+	}
+	if addr.IsValid() {
+		f.ev.Dest = addr.Addr()
+	}
+	if v.enforced() {
+		return reject(v, http.StatusForbidden)
+	}
+	if !addr.IsValid() {
+		return reject(v, http.StatusBadGateway)
+	}
+	st := &connectState{host: v.name, addr: addr, client: ca, src: audit.NameConnect}
+	if v.inspect && v.d.Allowed() {
+		if _, err := p.ensureCA(); err == nil {
+			f.ev.Stamp(v.d)
+			f.ev.Close = "inspected"
+			p.finish(f)
+			ctx.UserData = st
+			return &goproxy.ConnectAction{Action: goproxy.ConnectMitm, TLSConfig: p.mitmTLSConfig}, host
+		} else if eng.Mode() == policy.ModeEnforce {
+			f.err = err
+			return reject(verdict{d: denyDecision(eng, "inspection-unavailable"), name: v.name}, http.StatusForbidden)
+		}
+	}
+	return &goproxy.ConnectAction{Action: goproxy.ConnectHijack, Hijack: func(req *http.Request, client net.Conn, _ *goproxy.ProxyCtx) {
+		p.tunnelConnect(client, st, v, f)
+	}}, host
+}
+
+// plainResponse is a short text response for errors that are not policy
+// denies (bad request, no route).
+func plainResponse(req *http.Request, code int, reason string) *http.Response {
+	body := fmt.Sprintf("egressd: %s (%s)\n", http.StatusText(code), reason)
+	resp := &http.Response{
+		StatusCode: code, Status: fmt.Sprintf("%d %s", code, http.StatusText(code)),
+		Proto: "HTTP/1.1", ProtoMajor: 1, ProtoMinor: 1,
+		Header: http.Header{"Content-Type": {"text/plain; charset=utf-8"}},
+		Body:   nopCloser{bytes.NewReader([]byte(body))}, ContentLength: int64(len(body)),
+		Request: req, Close: true,
+	}
+	return resp
+}
+
+// tunnelConnect dials the decided address and splices an accepted CONNECT.
+func (p *Proxy) tunnelConnect(client net.Conn, st *connectState, v verdict, f *flowRecord) {
+	f.ev.Stamp(v.d)
+	defer p.finish(f)
+	if !p.trackConn(client) {
+		f.ev.Close = closeShutdown
+		return
+	}
+	defer p.untrackConn(client)
+	defer client.Close()
+	if !p.acquire(st.client.Addr()) {
+		f.ev.Stamp(policy.Decision{Verdict: policy.Deny, RuleIndex: -1, Reason: ReasonLimit, Mode: v.d.Mode})
+		f.ev.Enforced, f.ev.Close = true, closeLimit
+		io.WriteString(client, "HTTP/1.1 503 Service Unavailable\r\nContent-Type: text/plain\r\nContent-Length: 38\r\nConnection: close\r\n\r\negressd: too many connections, retry\n")
+		return
+	}
+	defer p.release(st.client.Addr())
+	server, err := p.dial(context.Background(), st.addr)
+	if err != nil {
+		f.err, f.ev.Close = err, closeDial
+		io.WriteString(client, "HTTP/1.1 502 Bad Gateway\r\nContent-Type: text/plain\r\nContent-Length: 39\r\nConnection: close\r\n\r\negressd: cannot connect to destination\n")
+		return
+	}
+	if !p.trackConn(server) {
+		f.ev.Close = closeShutdown
+		return
+	}
+	defer p.untrackConn(server)
+	if _, err := io.WriteString(client, "HTTP/1.1 200 Connection established\r\n\r\n"); err != nil {
+		server.Close()
+		f.err, f.ev.Close = err, closeReset
+		return
+	}
+	out, in, reason := p.pipe(client, server)
+	f.ev.BytesOut, f.ev.BytesIn, f.ev.Close = uint64(out), uint64(in), reason
+}
+
+// handleRequest decides a plain HTTP request of the explicit proxy, or a
+// request inside an inspected connection, on host and path.
+func (p *Proxy) handleRequest(req *http.Request, ctx *goproxy.ProxyCtx) (*http.Request, *http.Response) {
+	eng := p.deps.Policy.Load()
+	if st, ok := ctx.UserData.(*connectState); ok {
+		return p.inspectedRequest(eng, st, req)
+	}
+	ca := addrPortOf(tcpAddrString(req.RemoteAddr))
+	f := &flowRecord{listener: "explicit", ev: audit.Event{Kind: audit.KindFlow, Source: audit.SourceProxy, Time: time.Now(),
+		Client: ca.Addr(), ClientPort: ca.Port(), Proto: "tcp", NameSource: audit.NameHost, Path: req.URL.Path}}
+	defer p.finish(f)
+	if !strings.EqualFold(req.URL.Scheme, "http") {
+		f.ev.Stamp(denyDecision(eng, ReasonHTTPBad))
+		f.ev.Enforced, f.ev.Close = true, closeDenied
+		return req, plainResponse(req, http.StatusBadRequest, "only http:// URLs; use CONNECT for https")
+	}
+	host := req.URL.Hostname()
+	port := uint16(80)
+	if ps := req.URL.Port(); ps != "" {
+		if !validPort(ps) {
+			f.ev.Stamp(denyDecision(eng, ReasonHTTPBad))
+			f.ev.Enforced, f.ev.Close = true, closeDenied
+			return req, plainResponse(req, http.StatusBadRequest, "bad port")
+		}
+		n, _ := strconv.Atoi(ps)
+		port = uint16(n)
+	}
+	f.ev.DestPort = port
+	v, addr := p.decideTarget(req.Context(), eng, ca.Addr(), host, port, req.URL.Path, audit.NameHost)
+	f.ev.Name, f.ev.NameSource = v.name, v.src
+	if addr.IsValid() {
+		f.ev.Dest = addr.Addr()
+	}
+	f.ev.Stamp(v.d)
+	if v.enforced() {
+		f.ev.Close = closeDenied
+		shown := v.name
+		if shown == "" {
+			shown = host
+		}
+		return req, p.denyResponse(req, DenyInfo{Host: shown, Path: req.URL.Path, Client: ca.Addr().String(), Rule: v.d.Rule, Reason: v.d.Reason})
+	}
+	if !addr.IsValid() {
+		f.ev.Close = closeDial
+		return req, plainResponse(req, http.StatusBadGateway, v.d.Reason)
+	}
+	f.ev.Close = "forwarded"
+	return req.WithContext(context.WithValue(req.Context(), dialKey{}, addr)), nil
+}
+
+// inspectedRequest decides one request inside an inspected connection: the
+// host must be the one the connection was decided for (THREATS.md A4), and
+// the path must be allowed.
+func (p *Proxy) inspectedRequest(eng *policy.Engine, st *connectState, req *http.Request) (*http.Request, *http.Response) {
+	f := &flowRecord{listener: "inspect", ev: audit.Event{Kind: audit.KindFlow, Source: audit.SourceProxy, Time: time.Now(),
+		Client: st.client.Addr(), ClientPort: st.client.Port(), Proto: "tcp", Dest: st.addr.Addr(), DestPort: st.addr.Port(),
+		Name: st.host, NameSource: st.src, Path: req.URL.Path}}
+	defer p.finish(f)
+	host, _ := policy.NormalizeName(req.URL.Hostname())
+	var d policy.Decision
+	if host != st.host {
+		d = denyDecision(eng, ReasonHostMismatch)
+	} else {
+		d = eng.Decide(policy.Input{Client: st.client.Addr(), Dest: st.addr.Addr(), Port: st.addr.Port(), Proto: policy.TCP, Name: st.host, Path: req.URL.Path})
+	}
+	f.ev.Stamp(d)
+	if !d.Allowed() && d.Mode == policy.ModeEnforce {
+		f.ev.Close = closeDenied
+		return req, p.denyResponse(req, DenyInfo{Host: st.host, Path: req.URL.Path, Client: st.client.Addr().String(), Rule: d.Rule, Reason: d.Reason})
+	}
+	f.ev.Close = "forwarded"
+	return req.WithContext(context.WithValue(req.Context(), dialKey{}, st.addr)), nil
+}
+
+// mitmTLSConfig is the TLS configuration for an inspected connection: a
+// leaf for the host signed by the inspection CA.
+func (p *Proxy) mitmTLSConfig(host string, ctx *goproxy.ProxyCtx) (*tls.Config, error) {
+	ca, err := p.ensureCA()
+	if err != nil {
+		return nil, err
+	}
+	return goproxy.TLSConfigFromCA(&ca.cert)(host, ctx)
+}
+
+// inspectTransparent hands a redirected connection whose host has
+// host/path rules to goproxy as if the client had sent CONNECT: goproxy
+// terminates TLS with a leaf from our CA (or reads plain HTTP), and
+// handleRequest decides every request on host and path.
+func (p *Proxy) inspectTransparent(c *net.TCPConn, recorded []byte, orig netip.AddrPort, v verdict, isTLS bool, f *flowRecord) error {
+	if _, err := p.ensureCA(); err != nil {
+		return err
+	}
+	st := &connectState{host: v.name, addr: orig, client: addrPortOf(c.RemoteAddr()), src: v.src, transparent: true, rec: f}
+	hostport := net.JoinHostPort(v.name, strconv.Itoa(int(orig.Port())))
+	req := (&http.Request{
+		Method: http.MethodConnect, URL: &url.URL{Host: hostport}, Host: hostport,
+		RemoteAddr: c.RemoteAddr().String(), Header: http.Header{},
+		Proto: "HTTP/1.1", ProtoMajor: 1, ProtoMinor: 1,
+	}).WithContext(context.WithValue(context.Background(), transparentKey{}, st))
+	f.ev.Close = "inspected"
+	rc := &replayConn{TCPConn: c, r: io.MultiReader(bytes.NewReader(recorded), c), swallow: true}
+	rc.onClose = func() {
+		p.untrackConn(c)
+		p.release(st.client.Addr())
+		p.finish(f)
+	}
+	p.gp.ServeHTTP(&hijackWriter{conn: rc}, req)
+	return nil
+}
+
+// replayConn is the client connection as goproxy sees it for transparent
+// inspection: reads replay the peeked bytes first; the "200 OK" goproxy
+// writes for the synthetic CONNECT is swallowed (the client never sent
+// one); Close reports the end of the connection once.
+type replayConn struct {
+	*net.TCPConn
+	r       io.Reader
+	swallow bool
+	closed  bool
+	onClose func()
+}
+
+func (c *replayConn) Read(b []byte) (int, error) { return c.r.Read(b) }
+
+func (c *replayConn) Write(b []byte) (int, error) {
+	if c.swallow {
+		c.swallow = false
+		if bytes.HasPrefix(b, []byte("HTTP/1.")) {
+			return len(b), nil
+		}
+	}
+	return c.TCPConn.Write(b)
+}
+
+func (c *replayConn) Close() error {
+	err := c.TCPConn.Close()
+	if !c.closed {
+		c.closed = true
+		if c.onClose != nil {
+			c.onClose()
+		}
+	}
+	return err
+}
+
+// hijackWriter is the http.ResponseWriter for the synthetic CONNECT.
+type hijackWriter struct {
+	conn net.Conn
+	h    http.Header
+}
+
+func (w *hijackWriter) Header() http.Header {
+	if w.h == nil {
+		w.h = http.Header{}
+	}
+	return w.h
+}
+func (w *hijackWriter) Write(b []byte) (int, error) { return w.conn.Write(b) }
+func (w *hijackWriter) WriteHeader(int)             {}
+func (w *hijackWriter) Hijack() (net.Conn, *bufio.ReadWriter, error) {
+	return w.conn, bufio.NewReadWriter(bufio.NewReader(bytes.NewReader(nil)), bufio.NewWriter(w.conn)), nil
+}

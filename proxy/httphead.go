@@ -1,0 +1,230 @@
+package proxy
+
+import (
+	"bytes"
+	"errors"
+	"net"
+	"strconv"
+	"strings"
+)
+
+// Errors of the HTTP head parser.
+var (
+	errHeadIncomplete  = errors.New("proxy: http request head incomplete")
+	errHeadMalformed   = errors.New("proxy: http request head malformed")
+	errHostMismatch    = errors.New("proxy: http host header and request target disagree")
+	errHeadDuplicateCL = errors.New("proxy: http request has conflicting framing headers")
+)
+
+// httpMethods are the request methods that make the transparent proxy treat
+// a connection as HTTP/1.x.
+var httpMethods = []string{"GET ", "POST ", "HEAD ", "PUT ", "DELETE ", "OPTIONS ", "PATCH ", "TRACE ", "CONNECT "}
+
+// looksHTTP reports whether b starts like an HTTP/1.x request, or could
+// still (more reports whether more bytes are needed to know).
+func looksHTTP(b []byte) (yes, more bool) {
+	for _, m := range httpMethods {
+		n := min(len(b), len(m))
+		if string(b[:n]) == m[:n] {
+			if n == len(m) {
+				return true, false
+			}
+			more = true
+		}
+	}
+	return false, more
+}
+
+// httpHead is what the proxy keeps of a request head.
+type httpHead struct {
+	Method string
+	Target string
+	Host   string // the authority that names the destination (absolute-form wins, and must agree with Host)
+	Port   string // port from that authority, "" when absent
+	Path   string // the path (origin-form or from an absolute URL), "" for '*'
+	Len    int    // bytes of the head, including the final CRLF CRLF
+}
+
+// parseHTTPHead parses an HTTP/1.x request head at the start of b. It
+// returns errHeadIncomplete when b holds no complete head yet, and
+// errHeadMalformed, errHostMismatch or errHeadDuplicateCL for heads the proxy
+// refuses. It is strict where laxness lets a request name two
+// destinations: one Host header, no obs-fold, CRLF line ends, the
+// absolute-form authority equal to Host, no Content-Length together with
+// Transfer-Encoding.
+func parseHTTPHead(b []byte) (h httpHead, err error) {
+	end := bytes.Index(b, []byte("\r\n\r\n"))
+	if end < 0 {
+		if bytes.Contains(b, []byte("\n\n")) || bytes.Contains(b, []byte("\r\n\n")) {
+			return h, errHeadMalformed // bare LF line ends
+		}
+		return h, errHeadIncomplete
+	}
+	h.Len = end + 4
+	head := string(b[:end])
+	lines := strings.Split(head, "\r\n")
+	// Request line: METHOD SP target SP HTTP/1.x
+	parts := strings.Split(lines[0], " ")
+	if len(parts) != 3 || !isToken(parts[0]) || parts[1] == "" {
+		return h, errHeadMalformed
+	}
+	if parts[2] != "HTTP/1.1" && parts[2] != "HTTP/1.0" {
+		return h, errHeadMalformed
+	}
+	h.Method, h.Target = parts[0], parts[1]
+	for i := 0; i < len(h.Target); i++ {
+		if c := h.Target[i]; c <= ' ' || c >= 0x7f {
+			return h, errHeadMalformed
+		}
+	}
+	var host string
+	hosts, cl, te := 0, 0, 0
+	var clVal string
+	for _, l := range lines[1:] {
+		if l == "" || l[0] == ' ' || l[0] == '\t' {
+			return h, errHeadMalformed // obs-fold or empty line inside the head
+		}
+		name, val, ok := strings.Cut(l, ":")
+		if !ok || !isToken(name) {
+			return h, errHeadMalformed
+		}
+		for i := 0; i < len(val); i++ {
+			if c := val[i]; (c < ' ' && c != '\t') || c == 0x7f {
+				return h, errHeadMalformed
+			}
+		}
+		val = strings.Trim(val, " \t")
+		switch {
+		case strings.EqualFold(name, "Host"):
+			hosts++
+			host = val
+		case strings.EqualFold(name, "Content-Length"):
+			if cl > 0 && val != clVal {
+				return h, errHeadDuplicateCL
+			}
+			cl++
+			clVal = val
+		case strings.EqualFold(name, "Transfer-Encoding"):
+			te++
+		}
+	}
+	if hosts > 1 || (cl > 0 && te > 0) {
+		if hosts > 1 {
+			return h, errHeadMalformed
+		}
+		return h, errHeadDuplicateCL
+	}
+	if hosts == 1 {
+		if _, _, ok := splitAuthority(host); !ok {
+			return h, errHeadMalformed
+		}
+	}
+	switch {
+	case h.Target == "*":
+		if h.Method != "OPTIONS" {
+			return h, errHeadMalformed
+		}
+		h.Host = host
+	case h.Target[0] == '/':
+		h.Path = h.Target
+		h.Host = host
+	default:
+		// Absolute form: http://authority[/path]. Any other form (CONNECT's
+		// authority-form, another scheme) has no business on a transparent
+		// connection.
+		rest, ok := cutPrefixFold(h.Target, "http://")
+		if !ok || h.Method == "CONNECT" {
+			return h, errHeadMalformed
+		}
+		auth, path := rest, "/"
+		if i := strings.IndexAny(rest, "/?#"); i >= 0 {
+			auth, path = rest[:i], rest[i:]
+			if path[0] != '/' {
+				path = "/" + path
+			}
+		}
+		ah, ap, ok := splitAuthority(auth)
+		if !ok || ah == "" {
+			return h, errHeadMalformed
+		}
+		if hosts == 1 {
+			hh, hp, _ := splitAuthority(host)
+			if !strings.EqualFold(strings.TrimSuffix(hh, "."), strings.TrimSuffix(ah, ".")) || (hp != ap && hp != "" && ap != "") {
+				return h, errHostMismatch
+			}
+		}
+		h.Host, h.Path = auth, path
+	}
+	if h.Host != "" {
+		hh, hp, _ := splitAuthority(h.Host)
+		h.Host, h.Port = hh, hp
+	}
+	if i := strings.IndexByte(h.Path, '#'); i >= 0 {
+		h.Path = h.Path[:i]
+	}
+	return h, nil
+}
+
+// splitAuthority splits "host[:port]" or "[v6]:port", strictly: no
+// userinfo, no spaces, a decimal port of 1 to 65535.
+func splitAuthority(a string) (host, port string, ok bool) {
+	if a == "" || strings.ContainsAny(a, "@ \t/\\?#,") {
+		return "", "", false
+	}
+	if a[0] == '[' {
+		i := strings.IndexByte(a, ']')
+		if i < 0 {
+			return "", "", false
+		}
+		host, rest := a[1:i], a[i+1:]
+		if ip := net.ParseIP(host); ip == nil || !strings.Contains(host, ":") {
+			return "", "", false
+		}
+		if rest == "" {
+			return host, "", true
+		}
+		if rest[0] != ':' || !validPort(rest[1:]) {
+			return "", "", false
+		}
+		return host, rest[1:], true
+	}
+	if strings.Count(a, ":") > 1 {
+		return "", "", false // an IPv6 literal must be bracketed
+	}
+	host, port, found := strings.Cut(a, ":")
+	if found && !validPort(port) {
+		return "", "", false
+	}
+	if host == "" {
+		return "", "", false
+	}
+	return host, port, true
+}
+
+func validPort(p string) bool {
+	if p == "" || len(p) > 5 || (len(p) > 1 && p[0] == '0') {
+		return false
+	}
+	n, err := strconv.Atoi(p)
+	return err == nil && n >= 1 && n <= 65535 && p[0] != '+' && p[0] != '-'
+}
+
+func isToken(s string) bool {
+	if s == "" {
+		return false
+	}
+	for i := 0; i < len(s); i++ {
+		c := s[i]
+		if c <= ' ' || c >= 0x7f || strings.IndexByte("()<>@,;:\\\"/[]?={}", c) >= 0 {
+			return false
+		}
+	}
+	return true
+}
+
+func cutPrefixFold(s, prefix string) (string, bool) {
+	if len(s) >= len(prefix) && strings.EqualFold(s[:len(prefix)], prefix) {
+		return s[len(prefix):], true
+	}
+	return s, false
+}

@@ -1,0 +1,47 @@
+package proxy
+
+import "github.com/prometheus/client_golang/prometheus"
+
+// metrics are the proxy's Prometheus series: namespace egress, subsystem
+// proxy, bounded labels only.
+type metrics struct {
+	conns     *prometheus.CounterVec // listener, verdict, mode
+	active    prometheus.Gauge
+	bytes     *prometheus.CounterVec // direction
+	limitHits *prometheus.CounterVec // scope
+	peek      prometheus.Histogram
+}
+
+func newMetrics(reg prometheus.Registerer) (*metrics, error) {
+	m := &metrics{
+		conns: prometheus.NewCounterVec(prometheus.CounterOpts{
+			Namespace: "egress", Subsystem: "proxy", Name: "connections_total",
+			Help: "Connections (and explicit-proxy requests) decided, by listener, verdict and mode.",
+		}, []string{"listener", "verdict", "mode"}),
+		active: prometheus.NewGauge(prometheus.GaugeOpts{
+			Namespace: "egress", Subsystem: "proxy", Name: "active_connections",
+			Help: "Client connections currently open.",
+		}),
+		bytes: prometheus.NewCounterVec(prometheus.CounterOpts{
+			Namespace: "egress", Subsystem: "proxy", Name: "bytes_total",
+			Help: "Bytes forwarded, by direction (out: client to destination).",
+		}, []string{"direction"}),
+		limitHits: prometheus.NewCounterVec(prometheus.CounterOpts{
+			Namespace: "egress", Subsystem: "proxy", Name: "limit_rejections_total",
+			Help: "Connections refused because a concurrency limit was reached, by scope.",
+		}, []string{"scope"}),
+		peek: prometheus.NewHistogram(prometheus.HistogramOpts{
+			Namespace: "egress", Subsystem: "proxy", Name: "peek_duration_seconds",
+			Help:    "Time from accept to a decision on the transparent listener.",
+			Buckets: []float64{.0005, .001, .0025, .005, .01, .025, .05, .1, .25, .5, 1, 2.5, 5, 10},
+		}),
+	}
+	if reg != nil {
+		for _, c := range []prometheus.Collector{m.conns, m.active, m.bytes, m.limitHits, m.peek} {
+			if err := reg.Register(c); err != nil {
+				return nil, err
+			}
+		}
+	}
+	return m, nil
+}

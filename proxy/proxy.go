@@ -1,0 +1,368 @@
+package proxy
+
+import (
+	"context"
+	"errors"
+	"fmt"
+	"html/template"
+	"log/slog"
+	"net"
+	"net/http"
+	"net/netip"
+	"sync"
+	"sync/atomic"
+	"time"
+
+	"github.com/elazarl/goproxy"
+	"golang.org/x/sync/errgroup"
+
+	"egressd/audit"
+	"egressd/policy"
+)
+
+// Proxy is the transparent and explicit proxy. Build it with New, start it
+// with Run (or Serve / ServeExplicit with listeners of your own), stop it
+// with Close.
+type Proxy struct {
+	cfg     Config
+	deps    Deps
+	log     *slog.Logger
+	met     *metrics
+	deny    *template.Template
+	engines engineCache
+
+	gp      *goproxy.ProxyHttpServer // explicit proxy and inspection; always non-nil
+	mitm    atomic.Pointer[mitmCA]   // nil until inspection first needs it
+	caOnce  sync.Mutex               // guards loading the CA
+	ownOnce sync.Once
+	own     []netip.Addr // the gateway's own addresses (cfg.OwnAddrs or the interfaces')
+
+	limMu    sync.Mutex // guards following
+	perIP    map[netip.Addr]int
+	total    int
+	lastWarn map[string]time.Time // per limit scope, to keep the log line rate-limited
+
+	mu        sync.Mutex // guards following
+	closed    bool
+	listeners map[net.Listener]struct{}
+	servers   map[*http.Server]struct{}
+	conns     map[net.Conn]struct{} // every client and destination conn, closed by Close
+
+	closeOnce sync.Once
+	done      chan struct{}
+}
+
+// New checks the configuration and builds a proxy. It has no side effects:
+// no listener is opened and no file is touched (the CA is loaded or
+// generated when inspection first needs it).
+func New(cfg Config, deps Deps) (*Proxy, error) {
+	if err := cfg.Validate(); err != nil {
+		return nil, err
+	}
+	if deps.Policy == nil || deps.Policy.Load() == nil {
+		return nil, errors.New("proxy: no policy")
+	}
+	cfg = cfg.withDefaults()
+	if deps.Sink == nil {
+		deps.Sink = audit.Discard
+	}
+	if deps.Logger == nil {
+		deps.Logger = slog.Default()
+	}
+	if deps.Dial == nil {
+		d := &net.Dialer{Timeout: cfg.DialTimeout, KeepAlive: cfg.KeepAlive}
+		deps.Dial = d.DialContext
+	}
+	tpl, err := template.New("deny").Parse(cfg.DenyPage)
+	if err != nil {
+		return nil, fmt.Errorf("proxy: deny page template: %w", err)
+	}
+	met, err := newMetrics(deps.Registerer)
+	if err != nil {
+		return nil, fmt.Errorf("proxy: metrics: %w", err)
+	}
+	p := &Proxy{
+		cfg:       cfg,
+		deps:      deps,
+		log:       deps.Logger.With(audit.LogComponent, "proxy"),
+		met:       met,
+		deny:      tpl,
+		perIP:     map[netip.Addr]int{},
+		lastWarn:  map[string]time.Time{},
+		listeners: map[net.Listener]struct{}{},
+		servers:   map[*http.Server]struct{}{},
+		conns:     map[net.Conn]struct{}{},
+		done:      make(chan struct{}),
+	}
+	p.gp = p.newGoproxy()
+	return p, nil
+}
+
+// Run opens the configured listeners and serves them until ctx is done or
+// a listener fails; then it closes the proxy.
+func (p *Proxy) Run(ctx context.Context) error {
+	g, ctx := errgroup.WithContext(ctx)
+	var lc net.ListenConfig
+	if a := p.cfg.TransparentAddr; a != "" {
+		ln, err := lc.Listen(ctx, "tcp", a)
+		if err != nil {
+			p.Close()
+			return fmt.Errorf("proxy: transparent listener: %w", err)
+		}
+		g.Go(func() error { return p.Serve(ln) })
+	}
+	if a := p.cfg.ExplicitAddr; a != "" {
+		ln, err := lc.Listen(ctx, "tcp", a)
+		if err != nil {
+			p.Close()
+			return fmt.Errorf("proxy: explicit listener: %w", err)
+		}
+		g.Go(func() error { return p.ServeExplicit(ln) })
+	}
+	g.Go(func() error {
+		select {
+		case <-ctx.Done():
+		case <-p.done:
+		}
+		p.Close()
+		return nil
+	})
+	err := g.Wait()
+	if errors.Is(err, net.ErrClosed) {
+		err = nil
+	}
+	return err
+}
+
+// Close stops the listeners and closes every open connection. It is
+// idempotent and safe after a partial start.
+func (p *Proxy) Close() error {
+	p.closeOnce.Do(func() {
+		p.mu.Lock()
+		p.closed = true
+		for ln := range p.listeners {
+			ln.Close()
+		}
+		for s := range p.servers {
+			s.Close()
+		}
+		for c := range p.conns {
+			c.Close()
+		}
+		p.mu.Unlock()
+		close(p.done)
+	})
+	return nil
+}
+
+// track registers a listener or connection so Close can close it; it
+// reports false (and closes it) when the proxy is already closed.
+func (p *Proxy) trackConn(c net.Conn) bool {
+	p.mu.Lock()
+	defer p.mu.Unlock()
+	if p.closed {
+		c.Close()
+		return false
+	}
+	p.conns[c] = struct{}{}
+	return true
+}
+
+func (p *Proxy) untrackConn(c net.Conn) {
+	p.mu.Lock()
+	delete(p.conns, c)
+	p.mu.Unlock()
+}
+
+func (p *Proxy) trackListener(ln net.Listener) bool {
+	p.mu.Lock()
+	defer p.mu.Unlock()
+	if p.closed {
+		ln.Close()
+		return false
+	}
+	p.listeners[ln] = struct{}{}
+	return true
+}
+
+// Serve accepts redirected connections on ln (the transparent listener)
+// until ln fails or the proxy is closed. A test can create ln inside a
+// network namespace.
+func (p *Proxy) Serve(ln net.Listener) error {
+	if !p.trackListener(ln) {
+		return net.ErrClosed
+	}
+	p.ownAddrs()
+	var delay time.Duration
+	for {
+		c, err := ln.Accept()
+		if err != nil {
+			select {
+			case <-p.done:
+				return nil
+			default:
+			}
+			var ne net.Error
+			if errors.As(err, &ne) && ne.Timeout() || errors.Is(err, errTemporary(err)) {
+				// EMFILE and friends: back off instead of spinning.
+				delay = min(max(2*delay, 5*time.Millisecond), time.Second)
+				time.Sleep(delay)
+				continue
+			}
+			return fmt.Errorf("proxy: accept: %w", err)
+		}
+		delay = 0
+		tc, ok := c.(*net.TCPConn)
+		if !ok {
+			c.Close()
+			continue
+		}
+		go p.handleTransparent(tc)
+	}
+}
+
+// errTemporary returns err when accept failed for a reason worth retrying
+// (out of file descriptors), else a sentinel that matches nothing.
+func errTemporary(err error) error {
+	type temporary interface{ Temporary() bool }
+	var t temporary
+	if errors.As(err, &t) && t.Temporary() {
+		return err
+	}
+	return errNever
+}
+
+var errNever = errors.New("never")
+
+// ownAddrs returns the gateway's own addresses, read once.
+func (p *Proxy) ownAddrs() []netip.Addr {
+	p.ownOnce.Do(func() {
+		if p.cfg.OwnAddrs != nil {
+			p.own = p.cfg.OwnAddrs
+			return
+		}
+		addrs, err := net.InterfaceAddrs()
+		if err != nil {
+			p.log.Warn("cannot list the gateway's own addresses", audit.LogError, err)
+			return
+		}
+		for _, a := range addrs {
+			if pn, ok := a.(*net.IPNet); ok {
+				if ip, ok := netip.AddrFromSlice(pn.IP); ok {
+					p.own = append(p.own, ip.Unmap())
+				}
+			}
+		}
+	})
+	return p.own
+}
+
+// acquire takes a connection slot for client; false when a limit is hit
+// (and then it logs, at most once a second per scope).
+func (p *Proxy) acquire(client netip.Addr) bool {
+	p.limMu.Lock()
+	scope := ""
+	switch {
+	case p.cfg.MaxConns > 0 && p.total >= p.cfg.MaxConns:
+		scope = "global"
+	case p.cfg.MaxConnsPerClient > 0 && p.perIP[client] >= p.cfg.MaxConnsPerClient:
+		scope = "client"
+	default:
+		p.total++
+		p.perIP[client]++
+		p.limMu.Unlock()
+		p.met.active.Inc()
+		return true
+	}
+	now := time.Now()
+	warn := now.Sub(p.lastWarn[scope]) >= time.Second
+	if warn {
+		p.lastWarn[scope] = now
+	}
+	n := p.perIP[client]
+	total := p.total
+	p.limMu.Unlock()
+	p.met.limitHits.WithLabelValues(scope).Inc()
+	if warn {
+		limit := p.cfg.MaxConns
+		if scope == "client" {
+			limit = p.cfg.MaxConnsPerClient
+		}
+		p.log.Warn("connection limit reached: refusing new connections",
+			"scope", scope, "limit", limit, audit.LogClient, client, "client_conns", n, "total_conns", total)
+	}
+	return false
+}
+
+func (p *Proxy) release(client netip.Addr) {
+	p.limMu.Lock()
+	p.total--
+	if p.perIP[client]--; p.perIP[client] <= 0 {
+		delete(p.perIP, client)
+	}
+	p.limMu.Unlock()
+	p.met.active.Dec()
+}
+
+// flowRecord is the state of one connection that ends up in the canonical
+// line and the audit event.
+type flowRecord struct {
+	listener string
+	ev       audit.Event
+	err      error
+}
+
+// finish emits the canonical slog line and the audit event.
+func (p *Proxy) finish(f *flowRecord) {
+	ev := &f.ev
+	ev.Duration = time.Since(ev.Time).Seconds()
+	p.deps.Sink.Emit(*ev)
+	p.met.conns.WithLabelValues(f.listener, string(ev.Verdict), string(ev.Mode)).Inc()
+	p.met.bytes.WithLabelValues("out").Add(float64(ev.BytesOut))
+	p.met.bytes.WithLabelValues("in").Add(float64(ev.BytesIn))
+	level := slog.LevelInfo
+	switch {
+	case f.err != nil && ev.Verdict != policy.Deny:
+		level = slog.LevelError
+	case ev.Verdict == policy.Deny:
+		level = slog.LevelWarn
+	}
+	if !p.log.Enabled(context.Background(), level) {
+		return
+	}
+	attrs := []slog.Attr{
+		slog.String("listener", f.listener),
+		slog.String(audit.LogClient, ev.Client.String()),
+		slog.String(audit.LogDest, ev.Dest.String()),
+		slog.Int(audit.LogDestPort, int(ev.DestPort)),
+		slog.String(audit.LogProto, ev.Proto),
+		slog.String(audit.LogName, ev.Name),
+		slog.String(audit.LogNameSource, string(ev.NameSource)),
+		slog.String(audit.LogVerdict, string(ev.Verdict)),
+		slog.String(audit.LogRule, ev.Rule),
+		slog.String(audit.LogMode, string(ev.Mode)),
+		slog.String(audit.LogReason, ev.Reason),
+		slog.Bool(audit.LogEnforced, ev.Enforced),
+		slog.Uint64(audit.LogBytesOut, ev.BytesOut),
+		slog.Uint64(audit.LogBytesIn, ev.BytesIn),
+		slog.Float64(audit.LogDuration, ev.Duration),
+		slog.String(audit.LogClose, ev.Close),
+	}
+	if ev.Path != "" {
+		attrs = append(attrs, slog.String(audit.LogPath, ev.Path))
+	}
+	if f.err != nil {
+		attrs = append(attrs, slog.String(audit.LogError, f.err.Error()))
+	}
+	p.log.LogAttrs(context.Background(), level, audit.CanonicalMessage, attrs...)
+}
+
+// addrPortOf converts a net.Addr of a TCP connection.
+func addrPortOf(a net.Addr) netip.AddrPort {
+	if ta, ok := a.(*net.TCPAddr); ok {
+		ap := ta.AddrPort()
+		return netip.AddrPortFrom(ap.Addr().Unmap(), ap.Port())
+	}
+	ap, _ := netip.ParseAddrPort(a.String())
+	return netip.AddrPortFrom(ap.Addr().Unmap(), ap.Port())
+}

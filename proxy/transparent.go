@@ -1,0 +1,246 @@
+package proxy
+
+import (
+	"context"
+	"errors"
+	"io"
+	"net"
+	"net/netip"
+	"time"
+
+	"egressd/audit"
+	"egressd/internal/netutil"
+	"egressd/policy"
+)
+
+// What the first bytes of a connection turned out to be.
+type streamKind int
+
+const (
+	kindOther streamKind = iota // not TLS, not HTTP, or the server speaks first
+	kindTLS
+	kindHTTP
+)
+
+// handleTransparent serves one redirected connection: original
+// destination, peek, decide, then deny or forward.
+func (p *Proxy) handleTransparent(c *net.TCPConn) {
+	start := time.Now()
+	ca := addrPortOf(c.RemoteAddr())
+	f := &flowRecord{listener: "transparent", ev: audit.Event{
+		Kind: audit.KindFlow, Source: audit.SourceProxy, Time: start,
+		Client: ca.Addr(), ClientPort: ca.Port(), Proto: "tcp",
+	}}
+	if !p.trackConn(c) {
+		return
+	}
+	handedOff := false
+	defer func() {
+		if !handedOff {
+			p.untrackConn(c)
+			c.Close()
+		}
+	}()
+	eng := p.deps.Policy.Load()
+	if !p.acquire(ca.Addr()) {
+		f.ev.Stamp(policy.Decision{Verdict: policy.Deny, RuleIndex: -1, Reason: ReasonLimit, Mode: eng.Mode()})
+		f.ev.Enforced, f.ev.Close = true, closeLimit
+		c.SetLinger(0)
+		p.finish(f)
+		return
+	}
+	defer func() {
+		if !handedOff {
+			p.release(ca.Addr())
+			p.finish(f)
+		}
+	}()
+
+	orig, err := netutil.OriginalDst(c)
+	if err != nil {
+		f.err = err
+		f.ev.Stamp(denyDecision(eng, ReasonNoOrigDst))
+		f.ev.Enforced, f.ev.Close = true, closeDenied
+		return
+	}
+	orig = netip.AddrPortFrom(orig.Addr().Unmap(), orig.Port())
+	f.ev.Dest, f.ev.DestPort = orig.Addr(), orig.Port()
+	in := policy.Input{Client: ca.Addr(), Dest: orig.Addr(), Port: orig.Port(), Proto: policy.TCP, Now: start}
+	p.setKeepAlive(c)
+
+	kind, v, head := p.peek(c, eng, in, start)
+	p.met.peek.Observe(time.Since(start).Seconds())
+	f.ev.Stamp(v.d)
+	f.ev.Name, f.ev.NameSource = v.name, v.src
+	if kind == kindHTTP && head.Path != "" {
+		f.ev.Path = head.Path
+	}
+	rc := head.rec
+
+	if head.early {
+		// The client closed before sending anything: nothing to forward.
+		f.ev.Close = closeEarly
+		return
+	}
+	if v.enforced() {
+		f.ev.Close = closeDenied
+		switch kind {
+		case kindTLS:
+			c.Write(tlsAlertAccessDenied)
+			lingerClose(c)
+		case kindHTTP:
+			host := v.name
+			if host == "" {
+				host = orig.Addr().String()
+			}
+			p.writeHTTPDeny(c, DenyInfo{Host: host, Path: head.Path, Client: ca.Addr().String(), Rule: v.d.Rule, Reason: v.d.Reason})
+			lingerClose(c)
+		}
+		return
+	}
+	if v.inspect && v.d.Allowed() && (kind == kindTLS || kind == kindHTTP) {
+		if err := p.inspectTransparent(c, rc.buf, orig, v, kind == kindTLS, f); err == nil {
+			handedOff = true
+			return
+		} else {
+			// Inspection cannot start (no CA): fail closed in enforce
+			// mode, splice in audit mode.
+			f.err = err
+			if eng.Mode() == policy.ModeEnforce {
+				f.ev.Stamp(denyDecision(eng, "inspection-unavailable"))
+				f.ev.Close = closeDenied
+				return
+			}
+		}
+	}
+
+	server, err := p.dial(context.Background(), orig)
+	if err != nil {
+		f.err, f.ev.Close = err, closeDial
+		return
+	}
+	if !p.trackConn(server) {
+		f.ev.Close = closeShutdown
+		return
+	}
+	defer p.untrackConn(server)
+	if len(rc.buf) > 0 {
+		if _, err := server.Write(rc.buf); err != nil {
+			server.Close()
+			f.err, f.ev.Close = err, closeReset
+			return
+		}
+	}
+	out, inBytes, reason := p.pipe(c, server)
+	f.ev.BytesOut = uint64(out) + uint64(len(rc.buf))
+	f.ev.BytesIn = uint64(inBytes)
+	f.ev.Close = reason
+}
+
+// peekResult carries what the peek read.
+type peekResult struct {
+	rec   *recorder
+	Path  string
+	early bool // the client closed before its first byte
+}
+
+// peek reads the first bytes within the hello deadline and decides.
+func (p *Proxy) peek(c *net.TCPConn, eng *policy.Engine, in policy.Input, start time.Time) (streamKind, verdict, peekResult) {
+	rc := &recorder{r: c, max: p.cfg.HelloMaxBytes}
+	res := peekResult{rec: rc}
+	defer c.SetReadDeadline(time.Time{})
+	ctx := context.Background()
+
+	c.SetReadDeadline(start.Add(min(p.cfg.FirstByteWait, p.cfg.HelloTimeout)))
+	if err := rc.fill(1); err != nil {
+		if isTimeout(err) {
+			// The server speaks first (or the client is silent): decide on
+			// the address.
+			return kindOther, p.decideAddr(eng, in, audit.NameNone), res
+		}
+		res.early = true
+		return kindOther, p.decideAddr(eng, in, audit.NameNone), res
+	}
+	c.SetReadDeadline(start.Add(p.cfg.HelloTimeout))
+	if rc.buf[0] == 0x16 {
+		ch, err := readClientHello(rc)
+		if err != nil {
+			v := verdict{src: audit.NameNone}
+			switch {
+			case errors.Is(err, errDuplicateSNI):
+				v.d = denyDecision(eng, ReasonDuplicateSNI)
+			case errors.Is(err, errHelloTooLarge):
+				v.d = denyDecision(eng, ReasonHelloTooLarge)
+			case isTimeout(err):
+				v.d = denyDecision(eng, ReasonHelloTimeout)
+			default:
+				v.d = denyDecision(eng, ReasonHelloBad)
+			}
+			return kindTLS, v, res
+		}
+		sni := ch.ServerName
+		if _, lit := literalAddr(sni); sni == "" || lit {
+			return kindTLS, p.decideAddr(eng, in, audit.NameNoSNI), res
+		}
+		if n, ok := policy.NormalizeName(sni); ok {
+			sni = n
+		}
+		in.Name = sni
+		return kindTLS, p.decideName(ctx, eng, in, audit.NameSNI), res
+	}
+	for {
+		yes, more := looksHTTP(rc.buf)
+		if yes {
+			break
+		}
+		if !more {
+			return kindOther, p.decideAddr(eng, in, audit.NameNone), res
+		}
+		if err := rc.fill(len(rc.buf) + 1); err != nil {
+			return kindOther, p.decideAddr(eng, in, audit.NameNone), res
+		}
+	}
+	h, err := readHTTPHead(rc)
+	res.Path = h.Path
+	if err != nil {
+		v := verdict{src: audit.NameNone}
+		switch {
+		case errors.Is(err, errHostMismatch):
+			v.d = denyDecision(eng, ReasonHostMismatch)
+		case errors.Is(err, errHelloTooLarge):
+			v.d = denyDecision(eng, ReasonHelloTooLarge)
+		case isTimeout(err):
+			v.d = denyDecision(eng, ReasonHelloTimeout)
+		default:
+			v.d = denyDecision(eng, ReasonHTTPBad)
+		}
+		return kindHTTP, v, res
+	}
+	if _, lit := literalAddr(h.Host); h.Host == "" || lit {
+		in.Path = h.Path
+		return kindHTTP, p.decideAddr(eng, in, audit.NameNone), res
+	}
+	name := h.Host
+	if n, ok := policy.NormalizeName(name); ok {
+		name = n
+	}
+	in.Name, in.Path = name, h.Path
+	return kindHTTP, p.decideName(ctx, eng, in, audit.NameHost), res
+}
+
+// readHTTPHead reads from rc until a complete request head is recorded.
+func readHTTPHead(rc *recorder) (httpHead, error) {
+	var tmp [2048]byte
+	for {
+		h, err := parseHTTPHead(rc.buf)
+		if !errors.Is(err, errHeadIncomplete) {
+			return h, err
+		}
+		if _, err := rc.Read(tmp[:]); err != nil {
+			if errors.Is(err, io.EOF) {
+				return h, errHeadIncomplete
+			}
+			return h, err
+		}
+	}
+}
