@@ -1,0 +1,189 @@
+package capture
+
+import (
+	"errors"
+	"fmt"
+	"io"
+	"log/slog"
+	"sync"
+	"sync/atomic"
+	"time"
+
+	"github.com/gopacket/gopacket"
+	"github.com/prometheus/client_golang/prometheus"
+
+	"egressd/audit"
+	"egressd/policy"
+)
+
+// Config configures capture. The zero value of every field but Interface
+// is a working default; Interface is needed only by Run.
+type Config struct {
+	// Interface is the LAN interface Run captures on (AF_PACKET). Empty
+	// means Run fails; ReadFile does not need it.
+	Interface string
+	// MaxFlows bounds the flow table. 0 means 65536. When the table is full
+	// the oldest-looking flow is ended early ("evicted") and counted.
+	MaxFlows int
+	// MaxLearned bounds the table of addresses learned from DNS answers on
+	// the wire. 0 means 65536.
+	MaxLearned int
+	// TCPIdle ends a TCP flow that saw no packet for this long. 0 means 5m.
+	TCPIdle time.Duration
+	// UDPIdle ends a UDP flow that saw no packet for this long. 0 means 60s.
+	UDPIdle time.Duration
+	// RingMB is the size of the AF_PACKET ring in MiB. 0 means 64.
+	RingMB int
+}
+
+// Validate returns every problem of the configuration.
+func (c Config) Validate() error {
+	var errs []error
+	if c.MaxFlows < 0 {
+		errs = append(errs, fmt.Errorf("capture: max flows %d is negative", c.MaxFlows))
+	}
+	if c.MaxLearned < 0 {
+		errs = append(errs, fmt.Errorf("capture: max learned %d is negative", c.MaxLearned))
+	}
+	if c.TCPIdle < 0 || c.UDPIdle < 0 {
+		errs = append(errs, errors.New("capture: idle timeouts must not be negative"))
+	}
+	if c.RingMB < 0 || c.RingMB > 4096 {
+		errs = append(errs, fmt.Errorf("capture: ring size %d MiB out of range 0..4096", c.RingMB))
+	}
+	return errors.Join(errs...)
+}
+
+func (c Config) withDefaults() Config {
+	if c.MaxFlows == 0 {
+		c.MaxFlows = 65536
+	}
+	if c.MaxLearned == 0 {
+		c.MaxLearned = 65536
+	}
+	if c.TCPIdle == 0 {
+		c.TCPIdle = 5 * time.Minute
+	}
+	if c.UDPIdle == 0 {
+		c.UDPIdle = 60 * time.Second
+	}
+	if c.RingMB == 0 {
+		c.RingMB = 64
+	}
+	return c
+}
+
+// Deps are capture's collaborators.
+type Deps struct {
+	// Policy classifies flows. Required.
+	Policy *policy.Store
+	// Sink receives one event per flow. nil means audit.Discard.
+	Sink audit.Sink
+	// Logger gets one canonical line per flow (deny at Warn, allow at
+	// Info). nil means no logging.
+	Logger *slog.Logger
+	// Registerer gets capture's metrics. nil means they are not registered.
+	Registerer prometheus.Registerer
+	// DNS gives the names egressd's forwarder handed out. nil means none.
+	DNS DNSFacts
+}
+
+// Stats counts what capture saw. Counters are cumulative for the Capture.
+type Stats struct {
+	Packets     uint64 // packets read
+	Bytes       uint64 // bytes of packets read
+	Malformed   uint64 // packets that failed to decode, skipped
+	Panics      uint64 // of those, decodes that panicked (recovered)
+	NotIP       uint64 // frames that carry no TCP or UDP over IP
+	Fragments   uint64 // IP fragments seen
+	Reassembled uint64 // UDP datagrams rebuilt from fragments
+	FragDropped uint64 // fragmented datagrams given up
+	Flows       uint64 // flows ended and emitted
+	Denied      uint64 // of those, denied (dropped or would-drop)
+	Evicted     uint64 // flows ended early because the table was full
+	Hellos      uint64 // TLS ClientHellos parsed (TCP and QUIC)
+	BadHellos   uint64 // of those, malformed (the SNI before the fault is kept)
+	QUICOpened  uint64 // QUIC Initial packets decrypted
+	DNSQueries  uint64 // DNS queries seen
+	DNSAnswers  uint64 // DNS responses seen
+	KernelDrops uint64 // packets the kernel dropped on the capture socket (live)
+}
+
+// Capture is the flow auditor. Use New; Run captures live, ReadFile reads a
+// capture file; they must not run at the same time.
+type Capture struct {
+	cfg  Config
+	deps Deps
+	log  *slog.Logger
+	m    *metrics
+
+	learned *learned
+	proc    *proc // the packet pipeline; used by one goroutine at a time
+
+	mu      sync.Mutex // guards following
+	handle  packetSource
+	running bool
+	closed  bool
+
+	kernelDrops atomic.Uint64
+	// observe, when set (by tests), is told every name capture reads off
+	// the wire.
+	observe func(o observation)
+}
+
+// packetSource is the live socket (afpacket on Linux).
+type packetSource interface {
+	ZeroCopyReadPacketData() ([]byte, gopacket.CaptureInfo, error)
+	KernelDrops() (uint64, error)
+	Close()
+}
+
+// New checks the configuration and returns a Capture. It opens nothing.
+func New(cfg Config, deps Deps) (*Capture, error) {
+	if err := cfg.Validate(); err != nil {
+		return nil, err
+	}
+	if deps.Policy == nil {
+		return nil, errors.New("capture: deps.Policy is required")
+	}
+	if deps.Sink == nil {
+		deps.Sink = audit.Discard
+	}
+	log := deps.Logger
+	if log == nil {
+		log = slog.New(slog.NewTextHandler(io.Discard, nil))
+	}
+	cfg = cfg.withDefaults()
+	c := &Capture{cfg: cfg, deps: deps, log: log.With(audit.LogComponent, "capture")}
+	c.learned = newLearned(cfg.MaxLearned)
+	c.m = newMetrics()
+	c.proc = newProc(c)
+	if deps.Registerer != nil {
+		if err := c.m.register(deps.Registerer, c); err != nil {
+			return nil, err
+		}
+	}
+	return c, nil
+}
+
+// Stats returns the counters so far. It is safe to call while Run runs.
+func (c *Capture) Stats() Stats {
+	s := c.proc.stats.snapshot()
+	s.KernelDrops = c.kernelDrops.Load()
+	return s
+}
+
+// Close releases the live socket. It is idempotent; a running Run returns.
+func (c *Capture) Close() error {
+	c.mu.Lock()
+	defer c.mu.Unlock()
+	if c.closed {
+		return nil
+	}
+	c.closed = true
+	if c.handle != nil && !c.running {
+		c.handle.Close()
+		c.handle = nil
+	}
+	return nil
+}

@@ -1,0 +1,111 @@
+package capture
+
+// IP fragment reassembly for UDP, which is where DNS needs it (large
+// answers, DNSSEC: THREATS E5). TCP segments are never fragmented in
+// practice and other protocols carry no names, so only UDP is reassembled.
+// It is bounded: maxDatagrams in progress, maxFragsPer fragments and 64 KiB
+// each, and a datagram not complete within fragTimeout is dropped.
+
+import (
+	"net/netip"
+	"time"
+)
+
+const (
+	maxDatagrams = 256
+	maxFragsPer  = 64
+	fragTimeout  = 30 * time.Second
+)
+
+type fragKey struct {
+	src, dst netip.Addr
+	id       uint32
+	proto    uint8
+}
+
+type fragment struct {
+	off  int
+	data []byte
+}
+
+type fragDatagram struct {
+	first time.Time
+	parts []fragment
+	total int // length of the whole payload, -1 until the last fragment is seen
+}
+
+type defragger struct {
+	m       map[fragKey]*fragDatagram
+	dropped uint64 // datagrams given up
+}
+
+func newDefragger() *defragger { return &defragger{m: make(map[fragKey]*fragDatagram)} }
+
+// add stores one fragment (the payload after the IP and fragment headers,
+// at byte offset off; more says more fragments follow). It returns the
+// reassembled payload when the datagram is complete.
+func (d *defragger) add(k fragKey, off int, more bool, data []byte, now time.Time) []byte {
+	if off+len(data) > 65535 {
+		d.dropped++
+		return nil
+	}
+	dg := d.m[k]
+	if dg == nil {
+		if len(d.m) >= maxDatagrams {
+			d.expire(now)
+			if len(d.m) >= maxDatagrams {
+				for kk := range d.m {
+					delete(d.m, kk)
+					d.dropped++
+					break
+				}
+			}
+		}
+		dg = &fragDatagram{first: now, total: -1}
+		d.m[k] = dg
+	}
+	if len(dg.parts) >= maxFragsPer {
+		delete(d.m, k)
+		d.dropped++
+		return nil
+	}
+	dg.parts = append(dg.parts, fragment{off, append([]byte(nil), data...)})
+	if !more {
+		dg.total = off + len(data)
+	}
+	if dg.total < 0 {
+		return nil
+	}
+	// Complete when the pieces cover [0, total).
+	out := make([]byte, dg.total)
+	have := 0
+	for progress := true; progress && have < dg.total; {
+		progress = false
+		for _, p := range dg.parts {
+			if p.off <= have && p.off+len(p.data) > have {
+				end := p.off + len(p.data)
+				if end > dg.total {
+					end = dg.total
+				}
+				copy(out[p.off:end], p.data[:end-p.off])
+				have = end
+				progress = true
+			}
+		}
+	}
+	if have < dg.total {
+		return nil
+	}
+	delete(d.m, k)
+	return out
+}
+
+// expire drops datagrams older than fragTimeout.
+func (d *defragger) expire(now time.Time) {
+	for k, dg := range d.m {
+		if now.Sub(dg.first) > fragTimeout {
+			delete(d.m, k)
+			d.dropped++
+		}
+	}
+}

@@ -1,0 +1,15 @@
+// Package capture is egressd's passive flow auditor. It sees every packet a
+// LAN client sends (live from the LAN interface through an AF_PACKET ring,
+// or offline from a pcap or pcapng file), decodes it with gopacket without
+// per-packet allocations, tracks 5-tuple flows, finds the best name for each
+// flow (TLS SNI over reassembled TCP, the SNI of decrypted QUIC Initial
+// packets, the HTTP Host header, names learned from DNS answers on the wire
+// and from egressd's own DNS forwarder), classifies the flow with the policy
+// and emits one audit.Event per flow into the ledger.
+//
+// It sits beside the proxy and the DNS forwarder: policy decides, capture
+// observes, audit counts. In audit mode it is how egressd sees everything
+// without touching traffic; in enforce mode it records what was dropped.
+// Capture never changes what is forwarded: when it is overloaded it drops
+// observations, never packets.
+package capture

@@ -1,0 +1,57 @@
+package capture
+
+import (
+	"github.com/prometheus/client_golang/prometheus"
+
+	"egressd/policy"
+)
+
+// metrics are capture's Prometheus metrics (namespace egress, subsystem
+// capture). Labels are bounded: verdict and mode only.
+type metrics struct {
+	flows *prometheus.CounterVec
+}
+
+func newMetrics() *metrics {
+	return &metrics{
+		flows: prometheus.NewCounterVec(prometheus.CounterOpts{
+			Namespace: "egress", Subsystem: "capture", Name: "flows_total",
+			Help: "Flows capture ended and classified, by verdict and mode.",
+		}, []string{"verdict", "mode"}),
+	}
+}
+
+func (m *metrics) flow(d policy.Decision) {
+	m.flows.WithLabelValues(string(d.Verdict), string(d.Mode)).Inc()
+}
+
+// register registers the metrics; counters kept by the pipeline are read
+// at scrape time.
+func (m *metrics) register(r prometheus.Registerer, c *Capture) error {
+	counter := func(name, help string, f func(Stats) uint64) prometheus.Collector {
+		return prometheus.NewCounterFunc(prometheus.CounterOpts{
+			Namespace: "egress", Subsystem: "capture", Name: name, Help: help,
+		}, func() float64 { return float64(f(c.Stats())) })
+	}
+	cs := []prometheus.Collector{
+		m.flows,
+		counter("packets_total", "Packets capture read.", func(s Stats) uint64 { return s.Packets }),
+		counter("bytes_total", "Bytes of packets capture read.", func(s Stats) uint64 { return s.Bytes }),
+		counter("malformed_packets_total", "Packets that failed to decode and were skipped.", func(s Stats) uint64 { return s.Malformed }),
+		counter("evicted_flows_total", "Flows ended early because the flow table was full.", func(s Stats) uint64 { return s.Evicted }),
+		counter("kernel_drops_total", "Packets the kernel dropped on the capture socket.", func(s Stats) uint64 { return s.KernelDrops }),
+		counter("client_hellos_total", "TLS ClientHellos parsed, over TCP and QUIC.", func(s Stats) uint64 { return s.Hellos }),
+		counter("quic_initials_opened_total", "QUIC Initial packets decrypted.", func(s Stats) uint64 { return s.QUICOpened }),
+		counter("fragments_total", "IP fragments seen.", func(s Stats) uint64 { return s.Fragments }),
+		prometheus.NewGaugeFunc(prometheus.GaugeOpts{
+			Namespace: "egress", Subsystem: "capture", Name: "active_flows",
+			Help: "Flows in the flow table.",
+		}, func() float64 { return float64(c.proc.stats.active.Load()) }),
+	}
+	for _, col := range cs {
+		if err := r.Register(col); err != nil {
+			return err
+		}
+	}
+	return nil
+}

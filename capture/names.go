@@ -1,0 +1,119 @@
+package capture
+
+import (
+	"net/netip"
+	"sync"
+	"time"
+)
+
+// DNSFacts is what capture asks egressd's DNS forwarder: the names it gave
+// addr out for to client (client zero means any client), most recent
+// first. cmd/ passes dnsfilter's learned-address table; nil means none.
+// NamesFor must be safe for concurrent use and must not block.
+type DNSFacts interface {
+	NamesFor(client, addr netip.Addr) []string
+}
+
+// learned is capture's own table of names learned from DNS answers seen on
+// the wire: address -> the names asked for it, with the client that asked.
+// It is bounded: when full, an arbitrary entry is dropped and counted.
+type learned struct {
+	mu      sync.Mutex // guards following
+	m       map[netip.Addr]*learnedEntry
+	max     int
+	evicted uint64
+}
+
+type learnedEntry struct {
+	names [4]learnedName // most recent first
+	n     int
+}
+
+type learnedName struct {
+	name    string
+	client  netip.Addr
+	expires time.Time
+}
+
+// minLearnedTTL keeps names longer than short DNS TTLs: clients reuse
+// addresses well after the record expired, and an offline audit replays
+// captures whose flows follow their lookups by minutes.
+const minLearnedTTL = 30 * time.Minute
+
+func newLearned(max int) *learned {
+	return &learned{m: make(map[netip.Addr]*learnedEntry), max: max}
+}
+
+// add records that client was told name for addr at now, valid for ttl.
+func (l *learned) add(client, addr netip.Addr, name string, now time.Time, ttl time.Duration) {
+	if ttl < minLearnedTTL {
+		ttl = minLearnedTTL
+	}
+	addr = addr.Unmap()
+	l.mu.Lock()
+	defer l.mu.Unlock()
+	e := l.m[addr]
+	if e == nil {
+		if len(l.m) >= l.max {
+			for k := range l.m {
+				delete(l.m, k)
+				l.evicted++
+				break
+			}
+		}
+		e = &learnedEntry{}
+		l.m[addr] = e
+	}
+	// Move or insert name at the front.
+	nn := learnedName{name: name, client: client, expires: now.Add(ttl)}
+	j := 0
+	for ; j < e.n; j++ {
+		if e.names[j].name == name && e.names[j].client == client {
+			break
+		}
+	}
+	if j == e.n {
+		if e.n < len(e.names) {
+			e.n++
+		}
+		j = e.n - 1
+	}
+	copy(e.names[1:j+1], e.names[:j])
+	e.names[0] = nn
+}
+
+// namesFor returns the live names for addr, those learned by client first.
+func (l *learned) namesFor(client, addr netip.Addr, now time.Time, out []string) []string {
+	l.mu.Lock()
+	defer l.mu.Unlock()
+	e := l.m[addr.Unmap()]
+	if e == nil {
+		return out
+	}
+	for pass := 0; pass < 2; pass++ {
+		for _, n := range e.names[:e.n] {
+			if now.After(n.expires) {
+				continue
+			}
+			if (n.client == client) == (pass == 0) && !contains(out, n.name) {
+				out = append(out, n.name)
+			}
+		}
+	}
+	return out
+}
+
+func (l *learned) len() int {
+	l.mu.Lock()
+	defer l.mu.Unlock()
+	return len(l.m)
+}
+
+func contains(s []string, v string) bool {
+	for _, x := range s {
+		if x == v {
+			return true
+		}
+	}
+	return false
+}

@@ -1,0 +1,827 @@
+package capture
+
+import (
+	"bytes"
+	"context"
+	"encoding/binary"
+	"log/slog"
+	"net"
+	"net/netip"
+	"strings"
+	"time"
+
+	"github.com/gopacket/gopacket"
+	"github.com/gopacket/gopacket/layers"
+
+	"egressd/audit"
+	"egressd/policy"
+)
+
+// How long a closed TCP flow stays in the table to absorb its last ACKs,
+// and how often idle flows are looked for (in packet time).
+const (
+	closedLinger  = 10 * time.Second
+	sweepInterval = 5 * time.Second
+)
+
+// obsKind says what a wire observation is (for tests and debugging).
+type obsKind uint8
+
+const (
+	obsHello    obsKind = iota // a TLS ClientHello (TCP or QUIC) was parsed
+	obsSNI                     // its SNI, over TCP
+	obsQUICSNI                 // its SNI, from QUIC Initial packets
+	obsHost                    // an HTTP Host header
+	obsDNSQuery                // a DNS question in a query
+)
+
+type observation struct {
+	Kind  obsKind
+	Name  string
+	QType uint16
+	Size  int // of a ClientHello, in bytes
+	Flow  flowKey
+}
+
+// flowKey is the 5-tuple in canonical order (a before b), so that both
+// directions find the same flow with one lookup.
+type flowKey struct {
+	a, b   netip.Addr
+	pa, pb uint16
+	proto  uint8
+}
+
+func makeKey(src netip.Addr, sp uint16, dst netip.Addr, dp uint16, proto uint8) flowKey {
+	c := src.Compare(dst)
+	if c < 0 || (c == 0 && sp <= dp) {
+		return flowKey{src, dst, sp, dp, proto}
+	}
+	return flowKey{dst, src, dp, sp, proto}
+}
+
+// What the client side of a flow speaks, as far as naming goes.
+type app uint8
+
+const (
+	appUnknown app = iota
+	appTLS
+	appHTTP
+	appDNS
+	appQUIC
+	appOther
+)
+
+// flow is one entry of the flow table. Direction 0 is client to server.
+type flow struct {
+	cli, srv     netip.Addr
+	cport, sport uint16
+	proto        uint8
+	mac          [6]byte
+	hasMAC       bool
+
+	first, last time.Time
+	pkts        [2]uint64
+	bytes       [2]uint64
+
+	name    string
+	nameSrc audit.NameSource
+	app     app
+	inspect bool // still looking for a name
+	gaveUp  bool // a segment was missing or a limit was hit
+	fin     [2]bool
+	closed  bool // ended and emitted; lingers for trailing packets
+
+	base     [2]uint32 // TCP sequence number of stream offset 0
+	haveBase [2]bool
+	st       [2]*stream
+	dnsOff   [2]int
+	quic     *quicOpener
+}
+
+// proc is the packet pipeline: decoding, flows, names, classification. It
+// is used by one goroutine at a time (Run or ReadFile).
+type proc struct {
+	c *Capture
+
+	eth     layers.Ethernet
+	dot1q   layers.Dot1Q
+	ip4     layers.IPv4
+	ip6     layers.IPv6
+	ip6frag layers.IPv6Fragment
+	tcp     layers.TCP
+	udp     layers.UDP
+	gtp     layers.GTPv1U
+	payload gopacket.Payload
+	dns     layers.DNS
+
+	ethParser, ip4Parser, ip6Parser *gopacket.DecodingLayerParser
+	decoded                         []gopacket.LayerType
+
+	flows     map[flowKey]*flow
+	defrag    *defragger
+	now       time.Time
+	nextSweep time.Time
+	scratch   []byte
+	cands     []candidate
+
+	stats counters
+}
+
+type candidate struct {
+	name string
+	src  audit.NameSource
+}
+
+func newProc(c *Capture) *proc {
+	p := &proc{c: c, flows: make(map[flowKey]*flow), defrag: newDefragger()}
+	dl := []gopacket.DecodingLayer{&p.eth, &p.dot1q, &p.ip4, &p.ip6, &p.ip6frag, &p.tcp, &p.udp, &p.gtp, &p.payload}
+	mk := func(first gopacket.LayerType) *gopacket.DecodingLayerParser {
+		dp := gopacket.NewDecodingLayerParser(first, dl...)
+		dp.IgnoreUnsupported = true
+		return dp
+	}
+	p.ethParser = mk(layers.LayerTypeEthernet)
+	p.ip4Parser = mk(layers.LayerTypeIPv4)
+	p.ip6Parser = mk(layers.LayerTypeIPv6)
+	p.decoded = make([]gopacket.LayerType, 0, 12)
+	return p
+}
+
+// packet runs one captured frame through the pipeline. A frame that does
+// not decode is counted and skipped; a panic in any decoder is recovered
+// and counted the same way.
+func (p *proc) packet(data []byte, ts time.Time, link layers.LinkType) {
+	p.stats.packets.Add(1)
+	p.stats.bytes.Add(uint64(len(data)))
+	if ts.After(p.now) {
+		p.now = ts
+	}
+	if p.now.After(p.nextSweep) {
+		p.sweep()
+		p.nextSweep = p.now.Add(sweepInterval)
+	}
+	defer func() {
+		if r := recover(); r != nil {
+			p.stats.malformed.Add(1)
+			p.stats.panics.Add(1)
+		}
+	}()
+	parser := p.ethParser
+	switch link {
+	case layers.LinkTypeEthernet:
+	case layers.LinkTypeLinuxSLL:
+		if len(data) < 16 {
+			p.stats.malformed.Add(1)
+			return
+		}
+		parser = p.byEtherType(binary.BigEndian.Uint16(data[14:16]))
+		data = data[16:]
+	case layers.LinkTypeLinuxSLL2:
+		if len(data) < 20 {
+			p.stats.malformed.Add(1)
+			return
+		}
+		parser = p.byEtherType(binary.BigEndian.Uint16(data[0:2]))
+		data = data[20:]
+	case layers.LinkTypeRaw, layers.LinkTypeIPv4, layers.LinkTypeIPv6, 12, 14:
+		parser = p.byVersion(data)
+	case layers.LinkTypeNull, layers.LinkTypeLoop:
+		if len(data) < 4 {
+			p.stats.malformed.Add(1)
+			return
+		}
+		data = data[4:]
+		parser = p.byVersion(data)
+	default:
+		parser = nil
+	}
+	if parser == nil {
+		p.stats.notIP.Add(1)
+		return
+	}
+	err := parser.DecodeLayers(data, &p.decoded)
+	var hasEth, has4, has6, hasFrag6, hasTCP, hasUDP bool
+	for _, t := range p.decoded {
+		switch t {
+		case layers.LayerTypeEthernet:
+			hasEth = true
+		case layers.LayerTypeIPv4:
+			// The last IP layer wins: inside a tunnel (GTP-U) the inner
+			// packet is the flow.
+			has4, has6, hasFrag6 = true, false, false
+		case layers.LayerTypeIPv6:
+			has4, has6, hasFrag6 = false, true, false
+		case layers.LayerTypeIPv6Fragment:
+			hasFrag6 = true
+		case layers.LayerTypeTCP:
+			hasTCP = true
+		case layers.LayerTypeUDP:
+			hasUDP = true
+		}
+	}
+	if err != nil {
+		p.stats.malformed.Add(1)
+		return
+	}
+	var src, dst netip.Addr
+	switch {
+	case has4:
+		src, _ = netip.AddrFromSlice(p.ip4.SrcIP)
+		dst, _ = netip.AddrFromSlice(p.ip4.DstIP)
+	case has6:
+		src, _ = netip.AddrFromSlice(p.ip6.SrcIP)
+		dst, _ = netip.AddrFromSlice(p.ip6.DstIP)
+	default:
+		p.stats.notIP.Add(1)
+		return
+	}
+	var mac []byte
+	if hasEth {
+		mac = p.eth.SrcMAC
+	}
+	switch {
+	case has4 && (p.ip4.Flags&layers.IPv4MoreFragments != 0 || p.ip4.FragOffset != 0):
+		p.stats.fragments.Add(1)
+		if p.ip4.Protocol != layers.IPProtocolUDP {
+			return
+		}
+		k := fragKey{src: src, dst: dst, id: uint32(p.ip4.Id), proto: 17}
+		full := p.defrag.add(k, int(p.ip4.FragOffset)*8, p.ip4.Flags&layers.IPv4MoreFragments != 0, p.ip4.Payload, p.now)
+		p.reassembled(src, dst, full, mac)
+	case hasFrag6 && (p.ip6frag.FragmentOffset != 0 || p.ip6frag.MoreFragments):
+		p.stats.fragments.Add(1)
+		if p.ip6frag.NextHeader != layers.IPProtocolUDP {
+			return
+		}
+		k := fragKey{src: src, dst: dst, id: p.ip6frag.Identification, proto: 17}
+		full := p.defrag.add(k, int(p.ip6frag.FragmentOffset)*8, p.ip6frag.MoreFragments, p.ip6frag.Payload, p.now)
+		p.reassembled(src, dst, full, mac)
+	case hasTCP:
+		p.tcpPacket(src, dst, mac)
+	case hasUDP:
+		p.udpPacket(src, dst, p.udp.SrcPort, p.udp.DstPort, p.udp.Payload, mac)
+	default:
+		p.stats.notIP.Add(1)
+	}
+}
+
+func (p *proc) byEtherType(et uint16) *gopacket.DecodingLayerParser {
+	switch et {
+	case 0x0800:
+		return p.ip4Parser
+	case 0x86dd:
+		return p.ip6Parser
+	}
+	return nil
+}
+
+func (p *proc) byVersion(data []byte) *gopacket.DecodingLayerParser {
+	if len(data) == 0 {
+		return nil
+	}
+	switch data[0] >> 4 {
+	case 4:
+		return p.ip4Parser
+	case 6:
+		return p.ip6Parser
+	}
+	return nil
+}
+
+// reassembled handles a UDP datagram rebuilt from fragments (nil: not yet).
+func (p *proc) reassembled(src, dst netip.Addr, full []byte, mac []byte) {
+	p.stats.fragDropped.Store(p.defrag.dropped)
+	if full == nil {
+		return
+	}
+	p.stats.reassembled.Add(1)
+	if err := p.udp.DecodeFromBytes(full, gopacket.NilDecodeFeedback); err != nil {
+		p.stats.malformed.Add(1)
+		return
+	}
+	p.udpPacket(src, dst, p.udp.SrcPort, p.udp.DstPort, p.udp.Payload, mac)
+}
+
+// servicePort guesses that a port is a server's when no handshake says who
+// opened a flow.
+func servicePort(port uint16) bool { return port < 1024 }
+
+// lookup finds or makes the flow of a packet and returns its direction.
+func (p *proc) lookup(src netip.Addr, sp uint16, dst netip.Addr, dp uint16, proto uint8, srcIsClient bool, mac []byte) (*flow, int) {
+	k := makeKey(src, sp, dst, dp, proto)
+	f := p.flows[k]
+	if f == nil {
+		if len(p.flows) >= p.c.cfg.MaxFlows {
+			p.makeRoom()
+		}
+		f = &flow{proto: proto, first: p.now, inspect: true}
+		if srcIsClient {
+			f.cli, f.cport, f.srv, f.sport = src, sp, dst, dp
+		} else {
+			f.cli, f.cport, f.srv, f.sport = dst, dp, src, sp
+		}
+		p.flows[k] = f
+		p.stats.active.Store(int64(len(p.flows)))
+	}
+	dir := 1
+	if src == f.cli && sp == f.cport {
+		dir = 0
+		if !f.hasMAC && len(mac) == 6 {
+			copy(f.mac[:], mac)
+			f.hasMAC = true
+		}
+	}
+	f.last = p.now
+	return f, dir
+}
+
+func (p *proc) tcpPacket(src, dst netip.Addr, mac []byte) {
+	t := &p.tcp
+	sp, dp := uint16(t.SrcPort), uint16(t.DstPort)
+	k := makeKey(src, sp, dst, dp, 6)
+	if f := p.flows[k]; f != nil && f.closed && t.SYN && !t.ACK {
+		delete(p.flows, k) // the port pair is reused by a new connection
+	} else if f == nil && (t.RST || t.FIN) && len(t.Payload) == 0 {
+		return // the end of a connection we never saw
+	}
+	clientIsSrc := !servicePort(sp) || servicePort(dp)
+	if sp < dp && !t.SYN {
+		clientIsSrc = false
+	}
+	if t.SYN {
+		clientIsSrc = !t.ACK
+	}
+	f, dir := p.lookup(src, sp, dst, dp, 6, clientIsSrc, mac)
+	f.pkts[dir]++
+	f.bytes[dir] += uint64(len(t.Payload))
+	if f.closed {
+		return
+	}
+	seq := t.Seq
+	if t.SYN {
+		seq++
+		f.base[dir], f.haveBase[dir] = seq, true
+	}
+	if len(t.Payload) > 0 && f.inspect && (dir == 0 || f.app == appDNS || (f.app == appUnknown && f.sport == 53)) {
+		p.tcpData(f, dir, seq, t.Payload)
+	}
+	switch {
+	case t.RST:
+		p.end(f, "rst")
+	case t.FIN:
+		f.fin[dir] = true
+		if f.fin[0] && f.fin[1] {
+			p.end(f, "fin")
+		}
+	}
+}
+
+func (p *proc) tcpData(f *flow, dir int, seq uint32, data []byte) {
+	if !f.haveBase[dir] {
+		f.base[dir], f.haveBase[dir] = seq, true
+	}
+	off := int32(seq - f.base[dir])
+	if off < 0 {
+		if int(-off) >= len(data) {
+			return
+		}
+		data = data[-off:]
+		off = 0
+	}
+	s := f.st[dir]
+	if s == nil {
+		s = &stream{}
+		f.st[dir] = s
+	}
+	if s.add(uint32(off), data) {
+		p.examine(f, dir)
+	}
+	if f.inspect && s.full {
+		p.giveUp(f)
+	}
+}
+
+var httpMethods = [][]byte{
+	[]byte("GET "), []byte("POST "), []byte("HEAD "), []byte("PUT "), []byte("DELETE "),
+	[]byte("OPTIONS "), []byte("PATCH "), []byte("TRACE "), []byte("CONNECT "),
+}
+
+// httpStart says whether b starts an HTTP request: yes, no, or not yet
+// known (b is a prefix of a method).
+func httpStart(b []byte) (yes, maybe bool) {
+	for _, m := range httpMethods {
+		if bytes.HasPrefix(b, m) {
+			return true, false
+		}
+		if len(b) < len(m) && bytes.HasPrefix(m, b) {
+			maybe = true
+		}
+	}
+	return false, maybe
+}
+
+const maxHTTPHead = 16 << 10
+
+// examine looks at the reassembled bytes of a TCP flow for a name.
+func (p *proc) examine(f *flow, dir int) {
+	b := f.st[0].bufOrNil()
+	if f.app == appUnknown {
+		switch {
+		case f.sport == 53 || f.cport == 53:
+			f.app = appDNS
+		case len(b) == 0:
+			return
+		case b[0] == 22:
+			f.app = appTLS
+		default:
+			yes, maybe := httpStart(b)
+			switch {
+			case yes:
+				f.app = appHTTP
+			case maybe:
+				return
+			default:
+				f.app = appOther
+				p.done(f)
+				return
+			}
+		}
+	}
+	switch f.app {
+	case appTLS:
+		msg, err := helloFromRecords(b, &p.scratch)
+		if err != nil {
+			f.gaveUp = true
+			p.done(f)
+			return
+		}
+		if msg == nil {
+			return
+		}
+		p.hello(f, msg, audit.NameSNI)
+	case appHTTP:
+		end := bytes.Index(b, []byte("\r\n\r\n"))
+		if end < 0 {
+			if len(b) < maxHTTPHead {
+				return
+			}
+			end = len(b)
+		}
+		if host, literal := httpHost(b[:end]); host != "" {
+			p.observe(obsHost, host, 0, f)
+			if !literal {
+				f.name, f.nameSrc = host, audit.NameHost
+			}
+		}
+		p.done(f)
+	case appDNS:
+		s := f.st[dir]
+		if s == nil {
+			return
+		}
+		for {
+			o := f.dnsOff[dir]
+			if len(s.buf) < o+2 {
+				return
+			}
+			n := int(binary.BigEndian.Uint16(s.buf[o:]))
+			if len(s.buf) < o+2+n {
+				return
+			}
+			p.dnsMessage(s.buf[o+2:o+2+n], f, dir == 0)
+			f.dnsOff[dir] = o + 2 + n
+		}
+	}
+}
+
+func (s *stream) bufOrNil() []byte {
+	if s == nil {
+		return nil
+	}
+	return s.buf
+}
+
+// hello records a complete ClientHello.
+func (p *proc) hello(f *flow, msg []byte, src audit.NameSource) {
+	h, err := parseClientHello(msg)
+	p.stats.hellos.Add(1)
+	if p.c.observe != nil {
+		p.c.observe(observation{Kind: obsHello, Size: len(msg), Flow: makeKey(f.cli, f.cport, f.srv, f.sport, f.proto)})
+	}
+	if err != nil {
+		p.stats.badHellos.Add(1)
+	}
+	// A server_name read before the hello turned out malformed is still
+	// what the client asked for, and what the report should show.
+	if h.SNI != "" {
+		f.name, f.nameSrc = h.SNI, src
+		kind := obsSNI
+		if src == audit.NameQUIC {
+			kind = obsQUICSNI
+		}
+		p.observe(kind, h.SNI, 0, f)
+	} else {
+		f.nameSrc = audit.NameNoSNI
+	}
+	p.done(f)
+}
+
+// done stops looking for a name and frees the buffers.
+func (p *proc) done(f *flow) {
+	f.inspect = false
+	f.st = [2]*stream{}
+	f.quic = nil
+}
+
+// giveUp stops looking after a missing segment or a limit.
+func (p *proc) giveUp(f *flow) {
+	f.gaveUp = true
+	if f.app == appTLS || f.app == appQUIC {
+		f.nameSrc = audit.NameNoSNI
+	}
+	p.done(f)
+}
+
+// httpHost returns the Host header of a request head without its port, ""
+// when absent, and whether it is an address literal (which names nothing).
+func httpHost(head []byte) (string, bool) {
+	for len(head) > 0 {
+		line := head
+		if i := bytes.IndexByte(head, '\n'); i >= 0 {
+			line, head = head[:i], head[i+1:]
+		} else {
+			head = nil
+		}
+		line = bytes.TrimRight(line, "\r")
+		if len(line) < 5 || !bytes.EqualFold(line[:5], []byte("host:")) {
+			continue
+		}
+		h := string(bytes.TrimSpace(line[5:]))
+		if host, _, err := net.SplitHostPort(h); err == nil {
+			h = host
+		}
+		_, err := netip.ParseAddr(strings.Trim(h, "[]"))
+		return h, err == nil
+	}
+	return "", false
+}
+
+func (p *proc) udpPacket(src, dst netip.Addr, sp, dp layers.UDPPort, payload []byte, mac []byte) {
+	s, d := uint16(sp), uint16(dp)
+	clientIsSrc := !(servicePort(s) && !servicePort(d))
+	if s == 443 && d != 443 {
+		clientIsSrc = false
+	}
+	f, dir := p.lookup(src, s, dst, d, 17, clientIsSrc, mac)
+	f.pkts[dir]++
+	f.bytes[dir] += uint64(len(payload))
+	if s == 53 || d == 53 {
+		f.app = appDNS
+		p.dnsMessage(payload, f, dir == 0)
+		return
+	}
+	if !f.inspect || dir != 0 {
+		return
+	}
+	if f.quic == nil {
+		if !isQUICInitial(payload) {
+			if f.pkts[0] > 3 {
+				f.app = appOther
+				p.done(f)
+			}
+			return
+		}
+		f.app = appQUIC
+		f.quic = &quicOpener{}
+		f.st[0] = &stream{}
+	}
+	s0 := f.st[0]
+	n, _ := f.quic.open(payload, func(off uint64, data []byte) {
+		if off < maxStream {
+			s0.add(uint32(off), data)
+		}
+	})
+	p.stats.quicOpened.Add(uint64(n))
+	if s0.full {
+		p.giveUp(f)
+		return
+	}
+	done, err := helloComplete(s0.buf)
+	switch {
+	case err != nil:
+		p.giveUp(f)
+	case done:
+		n := int(s0.buf[1])<<16 | int(s0.buf[2])<<8 | int(s0.buf[3])
+		p.hello(f, s0.buf[:4+n], audit.NameQUIC)
+	case f.pkts[0] > 16:
+		p.giveUp(f) // the hello never completed
+	}
+}
+
+// dnsMessage reads one DNS message: questions of queries are observed,
+// A and AAAA answers teach the learned table which name the client asked
+// for each address.
+func (p *proc) dnsMessage(msg []byte, f *flow, fromClient bool) {
+	d := &p.dns
+	err := d.DecodeFromBytes(msg, gopacket.NilDecodeFeedback)
+	if len(msg) < 12 {
+		return
+	}
+	qr := msg[2]&0x80 != 0
+	if !qr {
+		p.stats.dnsQueries.Add(1)
+		if p.c.observe != nil {
+			for _, q := range d.Questions {
+				p.observe(obsDNSQuery, string(q.Name), uint16(q.Type), f)
+			}
+		}
+		return
+	}
+	p.stats.dnsAnswers.Add(1)
+	if err != nil || fromClient || len(d.Questions) == 0 || d.ResponseCode != layers.DNSResponseCodeNoErr {
+		return
+	}
+	name, ok := policy.NormalizeName(string(d.Questions[0].Name))
+	if !ok {
+		return
+	}
+	for i := range d.Answers {
+		a := &d.Answers[i]
+		if a.Class != layers.DNSClassIN || (a.Type != layers.DNSTypeA && a.Type != layers.DNSTypeAAAA) {
+			continue
+		}
+		addr, ok := netip.AddrFromSlice(a.IP)
+		if !ok {
+			continue
+		}
+		p.c.learned.add(f.cli, addr, name, p.now, time.Duration(a.TTL)*time.Second)
+	}
+}
+
+func (p *proc) observe(k obsKind, name string, qt uint16, f *flow) {
+	if p.c.observe == nil {
+		return
+	}
+	p.c.observe(observation{Kind: k, Name: name, QType: qt, Flow: makeKey(f.cli, f.cport, f.srv, f.sport, f.proto)})
+}
+
+// sweep ends idle flows and forgets closed ones.
+func (p *proc) sweep() {
+	cfg := &p.c.cfg
+	for k, f := range p.flows {
+		idle := p.now.Sub(f.last)
+		switch {
+		case f.closed:
+			if idle > closedLinger {
+				delete(p.flows, k)
+			}
+		case f.proto == 6 && idle > cfg.TCPIdle, f.proto == 17 && idle > cfg.UDPIdle:
+			p.end(f, "idle")
+			delete(p.flows, k)
+		}
+	}
+	p.defrag.expire(p.now)
+	p.stats.fragDropped.Store(p.defrag.dropped)
+	p.stats.active.Store(int64(len(p.flows)))
+}
+
+// makeRoom frees one slot of a full table: idle and closed flows first,
+// else an arbitrary live flow, which is ended early and counted.
+func (p *proc) makeRoom() {
+	p.sweep()
+	if len(p.flows) < p.c.cfg.MaxFlows {
+		return
+	}
+	var victim flowKey
+	found := false
+	for k, f := range p.flows {
+		if f.closed {
+			delete(p.flows, k)
+			return
+		}
+		if !found {
+			victim, found = k, true
+		}
+	}
+	if found {
+		p.end(p.flows[victim], "evicted")
+		delete(p.flows, victim)
+		p.stats.evicted.Add(1)
+	}
+}
+
+// flush ends every flow (end of file, shutdown).
+func (p *proc) flush(how string) {
+	for k, f := range p.flows {
+		p.end(f, how)
+		delete(p.flows, k)
+	}
+	p.stats.active.Store(0)
+}
+
+// end classifies a flow and emits its event, once.
+func (p *proc) end(f *flow, how string) {
+	if f.closed {
+		return
+	}
+	f.closed = true
+	if f.inspect && (f.app == appTLS || f.app == appQUIC) {
+		f.gaveUp = true
+		f.nameSrc = audit.NameNoSNI
+	}
+	p.done(f)
+	p.emit(f, how)
+}
+
+func (p *proc) emit(f *flow, how string) {
+	proto := policy.TCP
+	ps := "tcp"
+	if f.proto == 17 {
+		proto, ps = policy.UDP, "udp"
+	}
+	in := policy.Input{Client: f.cli.Unmap(), Dest: f.srv.Unmap(), Port: f.sport, Proto: proto, Now: f.first}
+	if f.hasMAC {
+		in.ClientMAC = net.HardwareAddr(f.mac[:])
+	}
+	eng := p.c.deps.Policy.Load()
+	var d policy.Decision
+	name, src := f.name, f.nameSrc
+	if name != "" {
+		in.Name = name
+		d = eng.Decide(in)
+	} else {
+		p.cands = p.cands[:0]
+		if p.c.deps.DNS != nil {
+			for _, n := range p.c.deps.DNS.NamesFor(in.Client, in.Dest) {
+				p.cands = append(p.cands, candidate{n, audit.NameDNSLearned})
+			}
+		}
+		var names [4]string
+		for _, n := range p.c.learned.namesFor(in.Client, in.Dest, f.first, names[:0]) {
+			p.cands = append(p.cands, candidate{n, audit.NameDNSAnswer})
+		}
+		if len(p.cands) == 0 {
+			d = eng.Decide(in)
+			if src == "" {
+				src = audit.NameNone
+			}
+		}
+		for i, c := range p.cands {
+			in.Name = c.name
+			dd := eng.Decide(in)
+			if i == 0 || dd.Allowed() {
+				d, name, src = dd, c.name, c.src
+			}
+			if dd.Allowed() {
+				break
+			}
+		}
+	}
+	ev := audit.Event{
+		Kind: audit.KindFlow, Source: audit.SourceCapture, Time: f.first,
+		Client: in.Client, ClientPort: f.cport, Dest: in.Dest, DestPort: f.sport, Proto: ps,
+		Name: name, NameSource: src,
+		BytesOut: f.bytes[0], BytesIn: f.bytes[1], Duration: f.last.Sub(f.first).Seconds(), Close: how,
+	}
+	if f.hasMAC {
+		ev.ClientMAC = in.ClientMAC.String()
+	}
+	ev.Stamp(d)
+	p.stats.flows.Add(1)
+	if d.Verdict == policy.Deny {
+		p.stats.denied.Add(1)
+	}
+	p.c.m.flow(d)
+	p.c.deps.Sink.Emit(ev)
+	p.c.logFlow(&ev)
+}
+
+// logFlow writes the canonical line of a flow: deny at Warn, allow at Info.
+func (c *Capture) logFlow(ev *audit.Event) {
+	level := slog.LevelInfo
+	if ev.Verdict == policy.Deny {
+		level = slog.LevelWarn
+	}
+	ctx := context.Background()
+	if !c.log.Enabled(ctx, level) {
+		return
+	}
+	c.log.LogAttrs(ctx, level, audit.CanonicalMessage,
+		slog.String(audit.LogClient, ev.Client.String()),
+		slog.String(audit.LogClientMAC, ev.ClientMAC),
+		slog.String(audit.LogDest, ev.Dest.String()),
+		slog.Int(audit.LogDestPort, int(ev.DestPort)),
+		slog.String(audit.LogProto, ev.Proto),
+		slog.String(audit.LogName, ev.Name),
+		slog.String(audit.LogNameSource, string(ev.NameSource)),
+		slog.String(audit.LogVerdict, string(ev.Verdict)),
+		slog.String(audit.LogRule, ev.Rule),
+		slog.String(audit.LogMode, string(ev.Mode)),
+		slog.String(audit.LogReason, ev.Reason),
+		slog.Bool(audit.LogEnforced, ev.Enforced),
+		slog.Uint64(audit.LogBytesOut, ev.BytesOut),
+		slog.Uint64(audit.LogBytesIn, ev.BytesIn),
+		slog.Float64(audit.LogDuration, ev.Duration),
+		slog.String(audit.LogClose, ev.Close),
+	)
+}

@@ -1,0 +1,24 @@
+package capture
+
+import "sync/atomic"
+
+// counters are the pipeline's counters: written by the one goroutine that
+// runs the pipeline, read by Stats and the metrics collector.
+type counters struct {
+	packets, bytes, malformed, notIP           atomic.Uint64
+	fragments, reassembled, fragDropped        atomic.Uint64
+	flows, denied, evicted                     atomic.Uint64
+	hellos, quicOpened, dnsQueries, dnsAnswers atomic.Uint64
+	panics, badHellos                          atomic.Uint64
+	active                                     atomic.Int64
+}
+
+func (c *counters) snapshot() Stats {
+	return Stats{
+		Packets: c.packets.Load(), Bytes: c.bytes.Load(), Malformed: c.malformed.Load(), NotIP: c.notIP.Load(),
+		Fragments: c.fragments.Load(), Reassembled: c.reassembled.Load(), FragDropped: c.fragDropped.Load(),
+		Flows: c.flows.Load(), Denied: c.denied.Load(), Evicted: c.evicted.Load(),
+		Hellos: c.hellos.Load(), QUICOpened: c.quicOpened.Load(), DNSQueries: c.dnsQueries.Load(), DNSAnswers: c.dnsAnswers.Load(),
+		Panics: c.panics.Load(), BadHellos: c.badHellos.Load(),
+	}
+}

@@ -1,0 +1,80 @@
+package capture
+
+// stream reassembles the first bytes of one direction of a TCP connection,
+// or of a QUIC CRYPTO stream, just far enough to read a ClientHello, an
+// HTTP request head or a DNS message. It is bounded: at most maxStream
+// bytes in order, at most maxPending out-of-order pieces; past that it
+// gives up, and a gap that is never filled gives up when the flow ends.
+
+const (
+	maxStream     = 64 << 10
+	maxPending    = 32
+	maxPendingLen = 32 << 10
+)
+
+type piece struct {
+	off  uint32
+	data []byte
+}
+
+type stream struct {
+	buf     []byte  // the in-order bytes from offset 0
+	pending []piece // out-of-order pieces beyond len(buf), copied
+	pendLen int
+	full    bool // the limits were hit
+}
+
+// add places data at offset off. It reports whether the in-order prefix
+// grew.
+func (s *stream) add(off uint32, data []byte) bool {
+	if s.full || len(data) == 0 {
+		return false
+	}
+	end := uint64(off) + uint64(len(data))
+	have := uint64(len(s.buf))
+	if end <= have {
+		return false // a retransmission
+	}
+	if end > maxStream {
+		if uint64(off) >= maxStream {
+			return false
+		}
+		data = data[:maxStream-off]
+		end = maxStream
+	}
+	if uint64(off) > have {
+		if len(s.pending) >= maxPending || s.pendLen+len(data) > maxPendingLen {
+			s.full = true
+			s.pending, s.pendLen = nil, 0
+			return false
+		}
+		s.pending = append(s.pending, piece{off, append([]byte(nil), data...)})
+		s.pendLen += len(data)
+		return false
+	}
+	s.buf = append(s.buf, data[have-uint64(off):]...)
+	// Pull in pending pieces that now touch the prefix.
+	for moved := true; moved && len(s.pending) > 0; {
+		moved = false
+		for i := 0; i < len(s.pending); i++ {
+			p := s.pending[i]
+			pend := uint64(p.off) + uint64(len(p.data))
+			have = uint64(len(s.buf))
+			if uint64(p.off) > have {
+				continue
+			}
+			if pend > have {
+				s.buf = append(s.buf, p.data[have-uint64(p.off):]...)
+			}
+			s.pendLen -= len(p.data)
+			s.pending[i] = s.pending[len(s.pending)-1]
+			s.pending = s.pending[:len(s.pending)-1]
+			i--
+			moved = true
+		}
+	}
+	return true
+}
+
+// gap reports whether bytes are missing before data that arrived.
+func (s *stream) gap() bool { return len(s.pending) > 0 }
