@@ -89,6 +89,7 @@ code{font-family:ui-monospace,Menlo,Consolas,monospace}
 <p class="meta">Mode <strong id="mode">{{if .Mode}}{{.Mode}}{{else}}unknown{{end}}</strong>{{if .Policy}} · policy <code>{{.Policy}}</code>{{end}} · generated {{time .GeneratedAt}}{{if .Since}} · since {{time .Since}}{{end}}</p>
 <p class="meta" id="totals">{{.Totals.Flows}} flows ({{.Totals.Allowed}} allowed, {{.Totals.Dropped}} {{if .Audit}}would be dropped{{else}}dropped{{end}}), {{.Totals.Queries}} DNS queries, <span id="shed">{{.ShedEvents}}</span> events shed.</p>
 {{if .ShedEvents}}<p class="warn">{{.ShedEvents}} events were shed because the event log could not keep up; they are in no count on this page.</p>{{end}}
+{{if .UnwrittenEvents}}<p class="warn" id="unwritten">{{.UnwrittenEvents}} events could not be written to the event log (disk full?); they are counted here but will be missing after a restart.</p>{{end}}
 {{range .Notes}}<p class="warn">{{.}}</p>{{end}}
 
 <h2>Rule use</h2>

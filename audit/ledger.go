@@ -93,6 +93,9 @@ type Ledger struct {
 	ringPos int
 	totals  Totals
 	shed    uint64
+	// unwritten counts events added here that the journal failed to
+	// write: they will be missing after a restart.
+	unwritten uint64
 	// shedMarks are (time, count) of shed records, for windowed reports.
 	shedMarks []shedMark
 	// history, when set, streams the recorded events since a time: the
@@ -231,6 +234,16 @@ func (l *Ledger) addShed(t time.Time, n uint64) {
 		}
 		l.shedMarks = half
 	}
+	l.mu.Unlock()
+}
+
+// addUnwritten records n events that could not be written to the log.
+func (l *Ledger) addUnwritten(n uint64) {
+	if n == 0 {
+		return
+	}
+	l.mu.Lock()
+	l.unwritten += n
 	l.mu.Unlock()
 }
 

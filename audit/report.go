@@ -39,9 +39,12 @@ type Report struct {
 	Dropped      []DroppedReport `json:"dropped"`
 	// ShedEvents is how many events the event path dropped because the
 	// disk could not keep up; they are in no count above.
-	ShedEvents uint64   `json:"shed_events"`
-	Totals     Totals   `json:"totals"`
-	Notes      []string `json:"notes,omitempty"`
+	ShedEvents uint64 `json:"shed_events"`
+	// UnwrittenEvents were counted here but lost to event log write
+	// errors (a full disk): they will be missing after a restart.
+	UnwrittenEvents uint64   `json:"unwritten_events,omitempty"`
+	Totals          Totals   `json:"totals"`
+	Notes           []string `json:"notes,omitempty"`
 }
 
 // RuleReport is one used rule.
@@ -146,6 +149,9 @@ func (l *Ledger) snapshot(opt ReportOptions) *Report {
 		ExpiredRules: []ExpiredRule{},
 		Dropped:      []DroppedReport{},
 		Totals:       l.totals,
+	}
+	if opt.Since.IsZero() {
+		r.UnwrittenEvents = l.unwritten
 	}
 	if !opt.Since.IsZero() {
 		s := opt.Since.UTC()
@@ -278,6 +284,9 @@ func (r *Report) WriteText(w io.Writer) error {
 		r.Totals.Flows, r.Totals.Allowed, r.Totals.Dropped, r.Totals.Queries, r.ShedEvents)
 	if r.ShedEvents > 0 {
 		fmt.Fprintf(ew, "WARNING: %d events were shed (the event log could not keep up); they are in no count below\n", r.ShedEvents)
+	}
+	if r.UnwrittenEvents > 0 {
+		fmt.Fprintf(ew, "WARNING: %d events could not be written to the event log (disk full?); they are counted below but will be missing after a restart\n", r.UnwrittenEvents)
 	}
 	for _, n := range r.Notes {
 		fmt.Fprintf(ew, "note: %s\n", n)

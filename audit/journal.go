@@ -1,0 +1,638 @@
+package audit
+
+import (
+	"bufio"
+	"bytes"
+	"context"
+	"encoding/json"
+	"errors"
+	"fmt"
+	"io"
+	"log/slog"
+	"os"
+	"path/filepath"
+	"slices"
+	"strings"
+	"sync"
+	"sync/atomic"
+	"time"
+
+	"github.com/prometheus/client_golang/prometheus"
+
+	"egressd/policy"
+)
+
+// The event log's files in the state directory: the current file, and
+// rotated ones named by the time they were rotated (so that sorting the
+// names sorts them in time).
+const (
+	CurrentLog    = "events.ndjson"
+	rotatedPrefix = "events-"
+	rotatedSuffix = ".ndjson"
+	// maxLine bounds one event line; longer lines are skipped on read.
+	maxLine = 1 << 20
+)
+
+// JournalConfig configures the event log.
+type JournalConfig struct {
+	// Dir is the state directory; it is created if missing. Required.
+	Dir string
+	// MaxFileBytes is the size at which the current file is rotated.
+	// Default 64 MiB.
+	MaxFileBytes int64
+	// MaxFiles is how many rotated files are kept; older ones are
+	// deleted, and their events no longer count after a restart.
+	// Default 16.
+	MaxFiles int
+	// QueueLen bounds the events waiting for the disk; beyond it Emit
+	// sheds (and counts) events instead of waiting. Default 65536.
+	QueueLen int
+	// FlushInterval is the longest an event waits in the write buffer
+	// before it reaches the kernel (and so survives kill -9). Default
+	// 250 ms; at most 1 s.
+	FlushInterval time.Duration
+	// Logger receives warnings (torn or bad lines, write errors). Nil
+	// means slog.Default().
+	Logger *slog.Logger
+}
+
+// Validate returns all problems of c.
+func (c JournalConfig) Validate() error {
+	var errs []error
+	if c.Dir == "" {
+		errs = append(errs, errors.New("audit: journal: state directory is required"))
+	}
+	if c.MaxFileBytes < 0 || c.MaxFiles < 0 || c.QueueLen < 0 {
+		errs = append(errs, errors.New("audit: journal: sizes must not be negative"))
+	}
+	if c.FlushInterval > time.Second {
+		errs = append(errs, fmt.Errorf("audit: journal: flush interval %s is over 1s", c.FlushInterval))
+	}
+	return errors.Join(errs...)
+}
+
+func (c *JournalConfig) fill() {
+	if c.MaxFileBytes <= 0 {
+		c.MaxFileBytes = 64 << 20
+	}
+	if c.MaxFiles <= 0 {
+		c.MaxFiles = 16
+	}
+	if c.QueueLen <= 0 {
+		c.QueueLen = 65536
+	}
+	if c.FlushInterval <= 0 {
+		c.FlushInterval = 250 * time.Millisecond
+	}
+	if c.Logger == nil {
+		c.Logger = slog.Default()
+	}
+}
+
+// LoadStats say what reading the event log found.
+type LoadStats struct {
+	Files   int    // files read
+	Events  uint64 // events added to the ledger
+	Shed    uint64 // events recorded as shed
+	Skipped int    // lines that were not events (bad JSON, too long)
+	Torn    bool   // the last line of the current file was incomplete
+}
+
+// Journal is the append-only event log in front of a ledger: the [Sink]
+// the components emit into when the daemon runs. Emit never blocks: it
+// puts the event on a bounded queue, or, when the queue is full, sheds it
+// and counts it. One writer goroutine (Run) takes events off the queue,
+// adds them to the ledger and appends them to the log, flushing at least
+// every FlushInterval, and records shed counts in the log as KindShed
+// records, so a report after a restart still says how many were lost.
+//
+// Because the ledger is fed from the queue, the ledger and the log hold the
+// same events: counts after a restart continue from where they were.
+type Journal struct {
+	cfg    JournalConfig
+	ledger *Ledger
+	log    *slog.Logger
+	q      chan Event
+
+	shed        atomic.Uint64 // events shed by Emit, ever
+	written     atomic.Uint64 // events written to the kernel
+	writeFailed atomic.Uint64 // events lost to write errors
+	queued      atomic.Int64  // for the queue gauge
+
+	mu      sync.Mutex // guards following
+	lastErr error      // the last write error, nil once a write succeeds
+	closed  bool
+
+	// Owned by the writer (Run, or Close when Run never ran).
+	f           *os.File
+	size        int64  // of f
+	buf         []byte // lines not yet written
+	ends        []int  // end offsets in buf of the event lines
+	shedLogged  uint64 // shed count already recorded in the log
+	torn        bool   // the file may end in a partial line (after a write error)
+	lastFlush   time.Time
+	lastErrLog  time.Time
+	encodeBuf   bytes.Buffer
+	testHookPre func() // tests: called before each write, to stall the writer
+
+	stop    chan struct{}
+	done    chan struct{}
+	running atomic.Bool
+	once    sync.Once
+}
+
+var _ Sink = (*Journal)(nil)
+
+// OpenJournal reads the event log in cfg.Dir into ledger (counts continue
+// across restarts; a torn last line is skipped with a warning and cut off),
+// then opens the log for appending. Call Run to start writing and Close
+// when done. The ledger should be fresh.
+func OpenJournal(cfg JournalConfig, ledger *Ledger) (*Journal, LoadStats, error) {
+	if err := cfg.Validate(); err != nil {
+		return nil, LoadStats{}, err
+	}
+	cfg.fill()
+	if err := os.MkdirAll(cfg.Dir, 0o750); err != nil {
+		return nil, LoadStats{}, fmt.Errorf("audit: state directory: %w", err)
+	}
+	j := &Journal{
+		cfg: cfg, ledger: ledger, log: cfg.Logger,
+		q:    make(chan Event, cfg.QueueLen),
+		stop: make(chan struct{}), done: make(chan struct{}),
+	}
+	st, err := readDir(cfg.Dir, cfg.Logger, time.Time{}, true, func(ev Event) {
+		if ev.Kind == KindShed {
+			ledger.addShed(ev.Time, ev.Count)
+			return
+		}
+		ledger.add(&ev)
+	})
+	if err != nil {
+		return nil, st, err
+	}
+	f, err := os.OpenFile(filepath.Join(cfg.Dir, CurrentLog), os.O_CREATE|os.O_WRONLY|os.O_APPEND, 0o640)
+	if err != nil {
+		return nil, st, fmt.Errorf("audit: open event log: %w", err)
+	}
+	fi, err := f.Stat()
+	if err != nil {
+		f.Close()
+		return nil, st, fmt.Errorf("audit: open event log: %w", err)
+	}
+	j.f, j.size = f, fi.Size()
+	ledger.mu.Lock()
+	ledger.history = j.scan
+	ledger.mu.Unlock()
+	return j, st, nil
+}
+
+// LoadDir reads the event log in dir into a new ledger, without writing
+// anything (for `egressd report` when the daemon is not running).
+func LoadDir(dir string, eng *policy.Engine, opt LedgerOptions, log *slog.Logger) (*Ledger, LoadStats, error) {
+	if log == nil {
+		log = slog.Default()
+	}
+	l := NewLedger(eng, opt)
+	st, err := readDir(dir, log, time.Time{}, false, func(ev Event) {
+		if ev.Kind == KindShed {
+			l.addShed(ev.Time, ev.Count)
+			return
+		}
+		l.add(&ev)
+	})
+	if err != nil {
+		return nil, st, err
+	}
+	l.history = func(since time.Time, fn func(Event)) error {
+		_, err := readDir(dir, slog.New(slog.DiscardHandler), since, false, fn)
+		return err
+	}
+	return l, st, nil
+}
+
+// scan streams the recorded events (for windowed reports).
+func (j *Journal) scan(since time.Time, fn func(Event)) error {
+	_, err := readDir(j.cfg.Dir, slog.New(slog.DiscardHandler), since, false, fn)
+	return err
+}
+
+// LogFiles returns the event log files of dir, oldest first.
+func LogFiles(dir string) ([]string, error) {
+	ents, err := os.ReadDir(dir)
+	if err != nil {
+		return nil, fmt.Errorf("audit: state directory: %w", err)
+	}
+	var files []string
+	for _, e := range ents {
+		n := e.Name()
+		if e.Type().IsRegular() && strings.HasPrefix(n, rotatedPrefix) && strings.HasSuffix(n, rotatedSuffix) {
+			files = append(files, filepath.Join(dir, n))
+		}
+	}
+	slices.Sort(files)
+	if fi, err := os.Stat(filepath.Join(dir, CurrentLog)); err == nil && fi.Mode().IsRegular() {
+		files = append(files, filepath.Join(dir, CurrentLog))
+	}
+	return files, nil
+}
+
+// readDir reads every log file of dir in order. With repair, a torn last
+// line of the current file is cut off so that appends start on a fresh
+// line. Rotated files older than since (by name) are still read: names
+// say when a file ended, not when its events began.
+func readDir(dir string, log *slog.Logger, since time.Time, repair bool, fn func(Event)) (LoadStats, error) {
+	var st LoadStats
+	files, err := LogFiles(dir)
+	if err != nil {
+		if errors.Is(err, os.ErrNotExist) && !repair {
+			return st, nil
+		}
+		return st, err
+	}
+	for i, path := range files {
+		if !since.IsZero() && i < len(files)-1 {
+			if end, ok := rotatedTime(path); ok && end.Before(since) {
+				continue
+			}
+		}
+		last := i == len(files)-1 && filepath.Base(path) == CurrentLog
+		if err := readFile(path, log, repair && last, &st, fn); err != nil {
+			return st, err
+		}
+		st.Files++
+	}
+	return st, nil
+}
+
+func rotatedTime(path string) (time.Time, bool) {
+	n := strings.TrimSuffix(strings.TrimPrefix(filepath.Base(path), rotatedPrefix), rotatedSuffix)
+	n, _, _ = strings.Cut(n, "-")
+	t, err := time.Parse(rotateStamp, n)
+	return t, err == nil
+}
+
+const rotateStamp = "20060102T150405.000000000Z"
+
+// ReadEvents calls fn for each event of an NDJSON stream (an events file),
+// skipping lines that are not events; it returns how many it skipped and
+// whether the last line was torn. Shed records are passed on too.
+func ReadEvents(r io.Reader, fn func(Event)) (skipped int, torn bool, err error) {
+	var st LoadStats
+	_, err = readStream(r, "events", slog.New(slog.DiscardHandler), &st, fn)
+	return st.Skipped, st.Torn, err
+}
+
+func readFile(path string, log *slog.Logger, repair bool, st *LoadStats, fn func(Event)) error {
+	f, err := os.Open(path)
+	if err != nil {
+		return fmt.Errorf("audit: read event log: %w", err)
+	}
+	defer f.Close()
+	good, err := readStream(f, path, log, st, fn)
+	if err != nil {
+		return err
+	}
+	if st.Torn && repair {
+		// Cut the partial line so the next event starts on its own line.
+		if err := os.Truncate(path, good); err != nil {
+			return fmt.Errorf("audit: repair event log: %w", err)
+		}
+	}
+	return nil
+}
+
+// readStream reads events line by line and returns the offset after the
+// last complete line.
+func readStream(r io.Reader, name string, log *slog.Logger, st *LoadStats, fn func(Event)) (int64, error) {
+	br := bufio.NewReaderSize(r, 64<<10)
+	var off, good int64 // bytes read; offset after the last complete line
+	var line []byte
+	tooLong := false
+	lineNo := 0
+	for {
+		chunk, err := br.ReadSlice('\n')
+		off += int64(len(chunk))
+		if !tooLong && len(line)+len(chunk) <= maxLine {
+			line = append(line, chunk...)
+		} else {
+			tooLong, line = true, line[:0]
+		}
+		if errors.Is(err, bufio.ErrBufferFull) {
+			continue
+		}
+		if errors.Is(err, io.EOF) {
+			if tooLong || len(bytes.TrimSpace(line)) > 0 {
+				st.Torn = true
+				log.Warn("audit: event log ends in a torn line; skipped it", "file", name, "line", lineNo+1, "bytes", off-good)
+			}
+			return good, nil
+		}
+		if err != nil {
+			return good, fmt.Errorf("audit: read %s: %w", name, err)
+		}
+		lineNo++
+		good = off
+		body := bytes.TrimSpace(line)
+		bad := tooLong
+		line, tooLong = line[:0], false
+		if len(body) == 0 && !bad {
+			continue
+		}
+		var ev Event
+		if bad || body[0] != '{' || json.Unmarshal(body, &ev) != nil || ev.Kind == "" {
+			st.Skipped++
+			if st.Skipped <= 5 {
+				log.Warn("audit: skipped a line of the event log that is not an event", "file", name, "line", lineNo)
+			}
+			continue
+		}
+		if ev.Kind == KindShed {
+			st.Shed += ev.Count
+		} else {
+			st.Events++
+		}
+		fn(ev)
+	}
+}
+
+// Emit queues ev for the ledger and the log. It never blocks: when the
+// queue is full the event is shed and counted.
+func (j *Journal) Emit(ev Event) {
+	select {
+	case j.q <- ev:
+		j.queued.Add(1)
+	default:
+		j.shed.Add(1)
+	}
+}
+
+// Shed returns how many events Emit has shed since the journal opened.
+func (j *Journal) Shed() uint64 { return j.shed.Load() }
+
+// Written returns how many events reached the log file.
+func (j *Journal) Written() uint64 { return j.written.Load() }
+
+// WriteFailed returns how many events were lost to write errors.
+func (j *Journal) WriteFailed() uint64 { return j.writeFailed.Load() }
+
+// Err returns the last write error, or nil when the latest write
+// succeeded: a degraded state for /readyz ("event log write failing").
+func (j *Journal) Err() error {
+	j.mu.Lock()
+	defer j.mu.Unlock()
+	return j.lastErr
+}
+
+// Ledger returns the journal's ledger.
+func (j *Journal) Ledger() *Ledger { return j.ledger }
+
+// Run writes queued events until ctx is done or Close is called, then
+// drains the queue, records the shed count, flushes and closes the file.
+func (j *Journal) Run(ctx context.Context) error {
+	if !j.running.CompareAndSwap(false, true) {
+		return errors.New("audit: journal: Run called twice")
+	}
+	defer close(j.done)
+	tick := time.NewTicker(j.cfg.FlushInterval / 2)
+	defer tick.Stop()
+	j.lastFlush = time.Now()
+	for {
+		select {
+		case ev := <-j.q:
+			j.queued.Add(-1)
+			j.writeEvent(ev)
+			if len(j.q) == 0 || time.Since(j.lastFlush) >= j.cfg.FlushInterval {
+				j.recordShed()
+				j.flush()
+			}
+		case <-tick.C:
+			j.recordShed()
+			if len(j.buf) > 0 {
+				j.flush()
+			}
+		case <-ctx.Done():
+			return j.finish()
+		case <-j.stop:
+			return j.finish()
+		}
+	}
+}
+
+// finish drains what is queued now, records shed events and closes the
+// file.
+func (j *Journal) finish() error {
+	for {
+		select {
+		case ev := <-j.q:
+			j.queued.Add(-1)
+			j.writeEvent(ev)
+			continue
+		default:
+		}
+		break
+	}
+	j.recordShed()
+	j.flush()
+	var err error
+	if j.f != nil {
+		err = j.f.Close()
+		j.f = nil
+	}
+	j.mu.Lock()
+	j.closed = true
+	j.mu.Unlock()
+	if err != nil {
+		return fmt.Errorf("audit: close event log: %w", err)
+	}
+	return nil
+}
+
+// Close stops Run (or, if Run never ran, writes what is queued) and closes
+// the log. It is idempotent.
+func (j *Journal) Close() error {
+	var err error
+	j.once.Do(func() {
+		close(j.stop)
+		if j.running.CompareAndSwap(false, true) {
+			// Run never started: do its final work here.
+			err = j.finish()
+			close(j.done)
+			return
+		}
+		<-j.done
+	})
+	return err
+}
+
+func (j *Journal) writeEvent(ev Event) {
+	j.ledger.Emit(ev)
+	if j.testHookPre != nil {
+		j.testHookPre()
+	}
+	j.encodeBuf.Reset()
+	if err := json.NewEncoder(&j.encodeBuf).Encode(ev); err != nil {
+		j.writeFailed.Add(1)
+		j.ledger.addUnwritten(1)
+		return
+	}
+	j.append(j.encodeBuf.Bytes(), true)
+}
+
+// recordShed writes a KindShed record for events shed since the last one.
+func (j *Journal) recordShed() {
+	n := j.shed.Load() - j.shedLogged
+	if n == 0 {
+		return
+	}
+	j.shedLogged += n
+	now := time.Now().UTC()
+	j.ledger.addShed(now, n)
+	b, _ := json.Marshal(Event{Kind: KindShed, Time: now, Count: n})
+	j.append(append(b, '\n'), false)
+}
+
+// append adds one line to the write buffer; event says whether it is an
+// event (counted as written or lost) or a shed record.
+func (j *Journal) append(line []byte, event bool) {
+	if len(j.buf) == 0 && j.torn {
+		// The previous write may have left a partial line: start a new
+		// one, so readers skip only the fragment.
+		j.buf = append(j.buf, '\n')
+	}
+	j.buf = append(j.buf, line...)
+	if event {
+		j.ends = append(j.ends, len(j.buf))
+	}
+	if len(j.buf) >= 64<<10 || j.size+int64(len(j.buf)) >= j.cfg.MaxFileBytes {
+		j.flush()
+	}
+}
+
+// flush writes the buffer to the file. Accounting is exact: the events
+// whose whole line reached the file are written, the others lost.
+func (j *Journal) flush() {
+	j.lastFlush = time.Now()
+	if len(j.buf) == 0 {
+		return
+	}
+	var n int
+	err := errJournalClosed
+	if j.f != nil {
+		n, err = j.f.Write(j.buf)
+	}
+	var ok uint64
+	for _, e := range j.ends {
+		if e > n {
+			break
+		}
+		ok++
+	}
+	j.written.Add(ok)
+	j.size += int64(n)
+	if err != nil {
+		lost := uint64(len(j.ends)) - ok
+		j.writeFailed.Add(lost)
+		j.ledger.addUnwritten(lost)
+		j.torn = (n > 0 && j.buf[n-1] != '\n') || (n == 0 && j.torn)
+		j.failed(err)
+	} else {
+		j.torn = false
+		j.mu.Lock()
+		j.lastErr = nil
+		j.mu.Unlock()
+	}
+	j.buf, j.ends = j.buf[:0], j.ends[:0]
+	if j.f != nil && j.size >= j.cfg.MaxFileBytes {
+		j.rotate()
+	}
+}
+
+var errJournalClosed = errors.New("audit: event log is not open")
+
+// failed records and (rate-limited) logs a write error.
+func (j *Journal) failed(err error) {
+	err = fmt.Errorf("audit: write event log: %w", err)
+	j.mu.Lock()
+	j.lastErr = err
+	j.mu.Unlock()
+	if time.Since(j.lastErrLog) > 10*time.Second {
+		j.lastErrLog = time.Now()
+		j.log.Error("audit: event log write failed; events are still counted but will be missing after a restart",
+			LogError, err, "lost_events", j.writeFailed.Load())
+	}
+}
+
+// rotate closes the current file under a rotated name and opens a new one,
+// deleting the oldest rotated files beyond MaxFiles.
+func (j *Journal) rotate() {
+	if err := j.f.Sync(); err != nil {
+		j.failed(err)
+	}
+	cur := filepath.Join(j.cfg.Dir, CurrentLog)
+	name := filepath.Join(j.cfg.Dir, rotatedPrefix+time.Now().UTC().Format(rotateStamp)+rotatedSuffix)
+	for i := 1; ; i++ {
+		if _, err := os.Lstat(name); errors.Is(err, os.ErrNotExist) {
+			break
+		}
+		name = filepath.Join(j.cfg.Dir, fmt.Sprintf("%s%s-%d%s", rotatedPrefix, time.Now().UTC().Format(rotateStamp), i, rotatedSuffix))
+	}
+	if err := os.Rename(cur, name); err != nil {
+		j.failed(err)
+		return
+	}
+	j.f.Close()
+	f, err := os.OpenFile(cur, os.O_CREATE|os.O_WRONLY|os.O_APPEND, 0o640)
+	if err != nil {
+		j.f = nil
+		j.mu.Lock()
+		j.lastErr = fmt.Errorf("audit: rotate event log: %w", err)
+		j.mu.Unlock()
+		return
+	}
+	j.f, j.size = f, 0
+	files, err := LogFiles(j.cfg.Dir)
+	if err != nil {
+		return
+	}
+	rotated := files[:len(files)-1]
+	for len(rotated) > j.cfg.MaxFiles {
+		if err := os.Remove(rotated[0]); err != nil {
+			j.log.Warn("audit: remove old event log", LogError, err)
+		}
+		rotated = rotated[1:]
+	}
+}
+
+// RegisterMetrics registers the journal's metrics on reg:
+// egress_audit_events_shed_total, egress_audit_events_written_total,
+// egress_audit_write_failed_events_total and egress_audit_queue_length.
+func (j *Journal) RegisterMetrics(reg prometheus.Registerer) error {
+	cs := []prometheus.Collector{
+		prometheus.NewCounterFunc(prometheus.CounterOpts{
+			Namespace: "egress", Subsystem: "audit", Name: "events_shed_total",
+			Help: "Events dropped because the event log could not keep up (they are in no count).",
+		}, func() float64 { return float64(j.shed.Load()) }),
+		prometheus.NewCounterFunc(prometheus.CounterOpts{
+			Namespace: "egress", Subsystem: "audit", Name: "events_written_total",
+			Help: "Events written to the event log.",
+		}, func() float64 { return float64(j.written.Load()) }),
+		prometheus.NewCounterFunc(prometheus.CounterOpts{
+			Namespace: "egress", Subsystem: "audit", Name: "write_failed_events_total",
+			Help: "Events counted but lost to event log write errors (missing after a restart).",
+		}, func() float64 { return float64(j.writeFailed.Load()) }),
+		prometheus.NewGaugeFunc(prometheus.GaugeOpts{
+			Namespace: "egress", Subsystem: "audit", Name: "queue_length",
+			Help: "Events waiting for the event log writer.",
+		}, func() float64 { return float64(j.queued.Load()) }),
+	}
+	for _, c := range cs {
+		if err := reg.Register(c); err != nil {
+			return fmt.Errorf("audit: register metrics: %w", err)
+		}
+	}
+	return nil
+}
+
+func jsonEncode(w io.Writer, ev Event) error {
+	return json.NewEncoder(w).Encode(ev)
+}
