@@ -1,0 +1,155 @@
+package main
+
+import (
+	"context"
+	"fmt"
+	"io"
+	"log/slog"
+	"strconv"
+	"strings"
+
+	"egressd/firewall"
+	"egressd/policy"
+)
+
+func init() {
+	commands["firewall"] = command{
+		"firewall print [--policy FILE | --profile NAME] [--mode audit|enforce] [--lan IFACE] [--wan IFACE] ... | firewall remove",
+		"show the nftables ruleset egressd would install, or remove egressd's table", cmdFirewall}
+}
+
+// defaultProxyPort is the transparent proxy's port when none is given (the
+// port of the proxy's documented listen address, [::]:15001).
+const defaultProxyPort = 15001
+
+func cmdFirewall(ctx context.Context, args []string, stdout, stderr io.Writer) int {
+	if len(args) == 0 {
+		fmt.Fprintln(stderr, "usage: egressd "+commands["firewall"].usage)
+		return exitUsage
+	}
+	switch args[0] {
+	case "print":
+		return cmdFirewallPrint(args[1:], stdout, stderr)
+	case "remove":
+		return cmdFirewallRemove(args[1:], stdout, stderr)
+	}
+	fmt.Fprintf(stderr, "egressd firewall: unknown subcommand %q (expected print or remove)\n", args[0])
+	return exitUsage
+}
+
+func cmdFirewallPrint(args []string, stdout, stderr io.Writer) int {
+	fs := newFlags("firewall print", stderr)
+	file := fs.String("policy", "", "policy file (default: the embedded profile)")
+	profile := fs.String("profile", "nirovision", "embedded profile, when no --policy is given")
+	mode := fs.String("mode", "", "audit or enforce (default: the policy's mode)")
+	lan := fs.String("lan", "", "LAN interface (required in enforce mode)")
+	wan := fs.String("wan", "", "WAN interface (new connections arriving there are dropped in enforce mode)")
+	proxyPort := fs.Uint("proxy-port", defaultProxyPort, "transparent proxy port that LAN TCP is redirected to")
+	proxyPort6 := fs.Uint("proxy-port6", 0, "transparent proxy port for IPv6 (default: --proxy-port)")
+	dnsPort := fs.Uint("dns-port", firewall.DefaultDNSPort, "DNS forwarder port that LAN DNS is redirected to")
+	tcpPorts := fs.String("tcp-ports", "all", `TCP ports redirected to the proxy: "all" or a list such as 80,443,5228-5230`)
+	masq := fs.Bool("masquerade", false, "NAT traffic leaving the WAN interface")
+	guard := fs.Bool("guard-wan", false, "drop new connections from the WAN side in audit mode too")
+	pos, err := parseArgs(fs, args)
+	if err != nil {
+		return flagErr(err)
+	}
+	if len(pos) != 0 {
+		fmt.Fprintln(stderr, "usage: egressd "+commands["firewall"].usage)
+		return exitUsage
+	}
+	cfg := firewall.Config{LAN: *lan, WAN: *wan, Masquerade: *masq, GuardWAN: *guard}
+	for _, p := range []struct {
+		name string
+		v    uint
+		dst  *uint16
+	}{{"proxy-port", *proxyPort, &cfg.ProxyPort}, {"proxy-port6", *proxyPort6, &cfg.ProxyPort6}, {"dns-port", *dnsPort, &cfg.DNSPort}} {
+		if p.v > 65535 {
+			fmt.Fprintf(stderr, "egressd firewall print: --%s %d is not a port\n", p.name, p.v)
+			return exitUsage
+		}
+		*p.dst = uint16(p.v)
+	}
+	if cfg.TCPPorts, err = parseTCPPorts(*tcpPorts); err != nil {
+		fmt.Fprintln(stderr, "egressd firewall print: --tcp-ports:", err)
+		return exitUsage
+	}
+	src := *file
+	if src == "" {
+		src = "profile:" + *profile
+	}
+	eng, err := loadEngine(src, stderr)
+	if err != nil {
+		fmt.Fprintln(stderr, err)
+		return exitFail
+	}
+	if *mode != "" {
+		m, ok := policy.ParseMode(*mode)
+		if !ok {
+			fmt.Fprintf(stderr, "egressd firewall print: --mode %q: expected audit or enforce\n", *mode)
+			return exitUsage
+		}
+		eng = eng.WithMode(m)
+	}
+	rs, err := firewall.Render(cfg, eng)
+	if err != nil {
+		fmt.Fprintln(stderr, err)
+		return exitFail
+	}
+	fmt.Fprintf(stdout, "# egressd firewall, mode %s, policy %s\n", rs.Mode, src)
+	if rs.Mode == policy.ModeAudit {
+		fmt.Fprintln(stdout, "# audit: nothing is redirected or blocked; capture observes the LAN passively")
+	}
+	fmt.Fprint(stdout, rs.String())
+	return exitOK
+}
+
+// parseTCPPorts parses "all" (nil: every port) or a comma-separated list of
+// ports and ranges.
+func parseTCPPorts(s string) ([]policy.PortRange, error) {
+	s = strings.TrimSpace(s)
+	if s == "" || s == "all" {
+		return nil, nil
+	}
+	var out []policy.PortRange
+	for _, f := range strings.Split(s, ",") {
+		f = strings.TrimSpace(f)
+		lo, hi, isRange := strings.Cut(f, "-")
+		l, err := strconv.ParseUint(lo, 10, 16)
+		if err != nil || l == 0 {
+			return nil, fmt.Errorf("%q is not a port or a range N-M", f)
+		}
+		h := l
+		if isRange {
+			if h, err = strconv.ParseUint(hi, 10, 16); err != nil || h < l {
+				return nil, fmt.Errorf("%q is not a port or a range N-M", f)
+			}
+		}
+		out = append(out, policy.PortRange{Lo: uint16(l), Hi: uint16(h), Proto: policy.TCP})
+	}
+	return out, nil
+}
+
+func cmdFirewallRemove(args []string, stdout, stderr io.Writer) int {
+	fs := newFlags("firewall remove", stderr)
+	netns := fs.String("netns", "", "network namespace file, such as /var/run/netns/NAME (default: this one)")
+	pos, err := parseArgs(fs, args)
+	if err != nil {
+		return flagErr(err)
+	}
+	if len(pos) != 0 {
+		fmt.Fprintln(stderr, "usage: egressd firewall remove [--netns PATH]")
+		return exitUsage
+	}
+	fw, err := firewall.New(firewall.Config{NetNS: *netns}, firewall.Deps{Logger: slog.New(slog.NewTextHandler(io.Discard, nil))})
+	if err == nil {
+		err = fw.Remove()
+		fw.Close()
+	}
+	if err != nil {
+		fmt.Fprintln(stderr, "egressd:", err, "(removing the table needs CAP_NET_ADMIN)")
+		return exitFail
+	}
+	fmt.Fprintf(stdout, "removed table inet %s (if it was there)\n", firewall.TableName)
+	return exitOK
+}

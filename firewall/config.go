@@ -1,0 +1,177 @@
+package firewall
+
+import (
+	"errors"
+	"fmt"
+	"log/slog"
+	"strings"
+	"time"
+
+	"github.com/prometheus/client_golang/prometheus"
+
+	"egressd/policy"
+)
+
+// TableName is the name of egressd's table, of the inet family. The firewall
+// creates, replaces and deletes this table and no other.
+const TableName = "egressd"
+
+// Defaults of Config fields whose zero value means "the default".
+const (
+	DefaultDNSPort    = 53
+	DefaultMinTTL     = 60 * time.Second
+	DefaultMaxLearned = 65536
+	// MaxTTL caps a learned address's lifetime (old kernels refuse set
+	// timeouts beyond about 23 days; a day is plenty for DNS).
+	MaxTTL = 24 * time.Hour
+)
+
+// Config says where the ruleset applies and where it sends traffic. The
+// mode is not here: it is the engine's ([policy.Engine.Mode]; the command
+// line's --mode goes through [policy.Engine.WithMode]), so that a reload can
+// switch it. A Config is read by New and must not be changed afterwards.
+type Config struct {
+	// LAN is the interface LAN clients arrive on. Required in enforce mode;
+	// unused in audit mode.
+	LAN string
+	// WAN is the interface toward the internet. Empty means no inbound
+	// guard and no masquerade. In enforce mode new connections arriving on
+	// it are dropped (forwarded and to the gateway itself).
+	WAN string
+
+	// ProxyPort is the transparent proxy's listen port: TCP from the LAN is
+	// redirected to it (nftables redirect: the gateway's address on the LAN
+	// interface, IPv4 and IPv6). Required in enforce mode.
+	ProxyPort uint16
+	// ProxyPort6 is the port IPv6 TCP is redirected to. Zero means
+	// ProxyPort (one dual-stack listener).
+	ProxyPort6 uint16
+	// DNSPort is the DNS forwarder's port: UDP and TCP 53 from the LAN, to
+	// any address, are redirected to it. Zero means 53.
+	DNSPort uint16
+	// TCPPorts limits the redirect to the proxy to these destination port
+	// ranges (Proto must be TCP). Empty means every TCP port. TCP to other
+	// ports is forwarded only where a rule's addresses allow it, like UDP.
+	TCPPorts []policy.PortRange
+
+	// Masquerade NATs traffic leaving the WAN interface (IPv4 and IPv6) to
+	// the WAN address, in both modes. Requires WAN. It is removed with the
+	// table on a clean stop (see the package documentation).
+	Masquerade bool
+	// GuardWAN installs the WAN inbound guard in audit mode too (see the
+	// package documentation for why it is off by default there). In enforce
+	// mode the guard is always installed when WAN is set.
+	GuardWAN bool
+
+	// MinTTL is the shortest time a learned address stays in its set,
+	// whatever the DNS TTL, so that a client has time to use an answer with
+	// a tiny TTL. Zero means 60s.
+	MinTTL time.Duration
+	// MaxLearned bounds the addresses kept per learned set (per rule and
+	// address family); beyond it Learn returns ErrSetFull. Zero means 65536.
+	MaxLearned int
+
+	// NetNS is the path of the network namespace to install into, such as
+	// /var/run/netns/NAME. Empty means the process's own namespace.
+	NetNS string
+}
+
+// Deps are the firewall's collaborators. Every field may be nil.
+type Deps struct {
+	// Logger receives one line per install, replace and remove, and errors
+	// of the learned-address feed. Nil means slog.Default().
+	Logger *slog.Logger
+	// Registerer gets the firewall's metrics. Nil means they are not
+	// registered anywhere.
+	Registerer prometheus.Registerer
+	// Now is the clock, for tests. Nil means time.Now.
+	Now func() time.Time
+}
+
+// Errors.
+var (
+	// ErrSetFull is returned by Learn when a learned set already holds
+	// Config.MaxLearned live addresses.
+	ErrSetFull = errors.New("firewall: learned set full")
+	// ErrClosed is returned by Install and Replace after Close.
+	ErrClosed = errors.New("firewall: closed")
+)
+
+func (c Config) dnsPort() uint16 {
+	if c.DNSPort == 0 {
+		return DefaultDNSPort
+	}
+	return c.DNSPort
+}
+
+func (c Config) proxyPort6() uint16 {
+	if c.ProxyPort6 == 0 {
+		return c.ProxyPort
+	}
+	return c.ProxyPort6
+}
+
+func (c Config) minTTL() time.Duration {
+	if c.MinTTL <= 0 {
+		return DefaultMinTTL
+	}
+	return min(c.MinTTL, MaxTTL)
+}
+
+func (c Config) maxLearned() int {
+	if c.MaxLearned <= 0 {
+		return DefaultMaxLearned
+	}
+	return c.MaxLearned
+}
+
+// Validate returns every problem of the configuration for the given mode, or
+// nil.
+func (c Config) Validate(mode policy.Mode) error {
+	var errs []error
+	for _, f := range []struct{ flag, name string }{{"LAN", c.LAN}, {"WAN", c.WAN}} {
+		if f.name != "" {
+			if err := checkIfName(f.name); err != nil {
+				errs = append(errs, fmt.Errorf("firewall: %s interface: %w", f.flag, err))
+			}
+		}
+	}
+	if c.LAN != "" && c.LAN == c.WAN {
+		errs = append(errs, fmt.Errorf("firewall: the LAN and WAN interfaces are both %q", c.LAN))
+	}
+	if c.Masquerade && c.WAN == "" {
+		errs = append(errs, errors.New("firewall: masquerade needs the WAN interface"))
+	}
+	for _, pr := range c.TCPPorts {
+		if pr.Proto != policy.TCP || pr.Lo == 0 || pr.Hi < pr.Lo {
+			errs = append(errs, fmt.Errorf("firewall: redirected port range %s: expected TCP ports N or N-M, 1-65535", pr))
+		}
+	}
+	if c.MaxLearned < 0 {
+		errs = append(errs, errors.New("firewall: MaxLearned is negative"))
+	}
+	switch mode {
+	case policy.ModeEnforce:
+		if c.LAN == "" {
+			errs = append(errs, errors.New("firewall: enforce mode needs the LAN interface"))
+		}
+		if c.ProxyPort == 0 {
+			errs = append(errs, errors.New("firewall: enforce mode needs the transparent proxy's port"))
+		}
+	case policy.ModeAudit:
+	default:
+		errs = append(errs, fmt.Errorf("firewall: unknown mode %q", mode))
+	}
+	return errors.Join(errs...)
+}
+
+// checkIfName checks an interface name as the kernel would (IFNAMSIZ).
+func checkIfName(s string) error {
+	if len(s) > 15 {
+		return fmt.Errorf("%q is longer than 15 bytes", s)
+	}
+	if s == "." || s == ".." || strings.ContainsAny(s, "/: \t\n\x00\"\\") {
+		return fmt.Errorf("%q is not a valid interface name", s)
+	}
+	return nil
+}

@@ -1,0 +1,59 @@
+// Package firewall renders an egressd policy into an nftables ruleset and
+// installs it, through netlink (github.com/google/nftables), in egressd's own
+// table "inet egressd". It never touches another table.
+//
+// Where it sits in the flow: LAN packets meet this ruleset first. In enforce
+// mode it redirects TCP from the LAN to proxy/'s transparent listener and DNS
+// to dnsfilter/'s forwarder, lets other forwarded traffic (UDP, and TCP on
+// ports that are not redirected) out only to the addresses the policy's
+// rules allow (their CIDRs, and the addresses dnsfilter learned for their
+// names, fed live through [Firewall.Learn] into sets with timeouts), rejects
+// QUIC (UDP 443) and DoT/DoQ (853) unless a rule allows them so that clients
+// fall back to TCP where the proxy sees the SNI, and drops new connections
+// arriving from the WAN side. IPv6 is treated like IPv4: the table is of the
+// inet family, so every rule sees both.
+//
+// [Render] turns a policy and a [Config] into a [Ruleset] without touching
+// the kernel (egressd firewall print shows it); [Firewall.Install],
+// [Firewall.Replace] and [Firewall.Remove] apply it in one netlink batch each
+// (delete and recreate the table in a single transaction), which needs
+// CAP_NET_ADMIN. A reload never flushes conntrack, so established connections
+// (including redirected ones, whose NAT binding lives in conntrack) survive.
+//
+// # Modes and failure
+//
+// Enforce fails closed. The ruleset lives in the kernel, not in the process:
+// if egressd is killed, TCP and DNS from the LAN are still redirected to the
+// gateway's own ports, where nothing listens any more, so new connections are
+// refused and queries get "port unreachable"; UDP outside the sets and
+// everything else forwarded from the LAN is still dropped. Nothing new gets
+// out until egressd is back. (Learned addresses age out of their sets on
+// their own timeouts.)
+//
+// Audit fails open, and this package guarantees it by installing nothing
+// that can block: no redirect, no drop, no reject. In audit mode capture/
+// observes the LAN interface passively (AF_PACKET sees a copy of every
+// packet) and the kernel forwards as it did before egressd; dnsfilter and the
+// proxy are only used by clients that are pointed at them. A redirect would
+// make the site depend on egressd's listeners being alive (a kill -9 would
+// then cut every TCP connection and every DNS query), so audit mode has none;
+// the audit table is empty unless the operator asked for one of two things
+// that do not depend on egressd running:
+//
+//   - masquerade (Config.Masquerade), which is what lets the LAN out at all
+//     when egressd's box is the router: it stays in the kernel if egressd
+//     dies, so it keeps the site connected rather than cutting it off;
+//   - the WAN inbound guard (Config.GuardWAN), dropping new connections that
+//     arrive from the WAN interface. It is off by default in audit mode,
+//     because a drop in our table cannot be overridden by an accept in the
+//     operator's own tables: if the site relies on an inbound service (a
+//     port forward, a VPN endpoint, remote management), a default guard
+//     would cut it off during a rollout whose promise is that nothing
+//     breaks. Outbound flows and their replies are never affected by it. In
+//     enforce mode the guard is always on when Config.WAN is set (the seed
+//     policy needs no inbound ports).
+//
+// A clean stop removes the whole table, masquerade included: a gateway that
+// must keep routing while egressd is stopped should have its NAT in the
+// system's own nftables configuration and leave Config.Masquerade off.
+package firewall

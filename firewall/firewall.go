@@ -1,0 +1,489 @@
+package firewall
+
+import (
+	"errors"
+	"fmt"
+	"log/slog"
+	"net/netip"
+	"os"
+	"sync"
+	"time"
+
+	"github.com/google/nftables"
+
+	"egressd/audit"
+	"egressd/policy"
+)
+
+// Firewall owns egressd's nftables table. New has no side effects;
+// Install puts the ruleset in the kernel, Replace swaps it on reload, Learn
+// feeds DNS-learned addresses into its sets, and Remove (or Close) deletes
+// the table. All methods are safe for concurrent use.
+type Firewall struct {
+	cfg Config
+	log *slog.Logger
+	now func() time.Time
+	m   *metrics
+
+	ioMu sync.Mutex     // serialises netlink transactions; taken before mu
+	conn *nftables.Conn // guarded by ioMu; opened on first use
+
+	mu   sync.Mutex // guards the fields below
+	cond *sync.Cond // on mu: a learn batch was written
+	eng  *policy.Engine
+	rs   *Ruleset // the installed ruleset; nil when nothing is installed
+	// learned holds, per learned set, the addresses in it and when they
+	// expire. The kernel's expiry of an element is never earlier (it is
+	// computed from the same TTL after this one), so an address whose
+	// expiry here is in the future is in the kernel's set.
+	learned  map[string]map[netip.Addr]time.Time
+	pending  *learnBatch // collecting; nil when empty
+	flushing bool        // a goroutine is writing a learn batch
+	timer    *time.Timer // re-renders when a rule expires
+	closed   bool
+}
+
+// learnBatch is a group of learned addresses written in one transaction:
+// concurrent Learn calls share it ("group commit"), so a burst of DNS
+// answers costs one netlink round trip, not one each.
+type learnBatch struct {
+	ops  []learnOp
+	done bool
+	err  error
+}
+
+type learnOp struct {
+	rule, set string
+	addr      netip.Addr
+	exp       time.Time
+	// refresh: the address is in the set already and its expiry is
+	// extended (delete and add again in the same transaction, which works
+	// on every kernel; a plain add of an existing element does not change
+	// its timeout before Linux 6.10). prev is its current expiry.
+	refresh bool
+	prev    time.Time
+}
+
+// New validates nothing against the kernel and opens nothing: the first
+// Install does.
+func New(cfg Config, deps Deps) (*Firewall, error) {
+	if cfg.MaxLearned < 0 {
+		return nil, errors.New("firewall: MaxLearned is negative")
+	}
+	f := &Firewall{cfg: cfg, log: deps.Logger, now: deps.Now, m: newMetrics(deps.Registerer),
+		learned: map[string]map[netip.Addr]time.Time{}}
+	if f.log == nil {
+		f.log = slog.Default()
+	}
+	f.log = f.log.With(audit.LogComponent, "firewall")
+	if f.now == nil {
+		f.now = time.Now
+	}
+	f.cond = sync.NewCond(&f.mu)
+	return f, nil
+}
+
+// connLocked returns the netlink connection, opening it (in Config.NetNS)
+// on first use. f.ioMu must be held.
+func (f *Firewall) connLocked() (*nftables.Conn, error) {
+	if f.conn != nil {
+		return f.conn, nil
+	}
+	opts := []nftables.ConnOption{nftables.AsLasting()}
+	if f.cfg.NetNS != "" {
+		ns, err := os.Open(f.cfg.NetNS)
+		if err != nil {
+			return nil, fmt.Errorf("firewall: network namespace: %w", err)
+		}
+		// The socket is created in the namespace by New and stays there;
+		// the namespace file is not needed afterwards.
+		defer ns.Close()
+		opts = append(opts, nftables.WithNetNSFd(int(ns.Fd())))
+	}
+	c, err := nftables.New(opts...)
+	if err != nil {
+		return nil, fmt.Errorf("firewall: netlink: %w", err)
+	}
+	f.conn = c
+	return c, nil
+}
+
+// Install renders eng and installs the ruleset, replacing any egressd table
+// already there (one left by a killed egressd, say) in one transaction. It
+// needs CAP_NET_ADMIN.
+func (f *Firewall) Install(eng *policy.Engine) error { return f.apply(eng, "install") }
+
+// Replace renders eng and swaps it for the installed ruleset in one
+// transaction: packets see the old ruleset or the new one, never none.
+// Addresses learned for rules that still have learned sets are carried
+// over with their remaining timeouts; conntrack is left alone, so
+// established connections (redirected ones included) carry on. If rendering
+// or installing fails, the old ruleset stays.
+func (f *Firewall) Replace(eng *policy.Engine) error { return f.apply(eng, "replace") }
+
+func (f *Firewall) apply(eng *policy.Engine, op string) (err error) {
+	now := f.now()
+	rs, err := render(f.cfg, eng, now)
+	if err != nil {
+		return err
+	}
+	f.ioMu.Lock()
+	defer f.ioMu.Unlock()
+	defer func() { f.count(op, err) }()
+	f.mu.Lock()
+	if f.closed {
+		f.mu.Unlock()
+		return ErrClosed
+	}
+	// Carry learned addresses over, for the rules that still learn.
+	seeds := map[string][]seed{}
+	keep := map[string]bool{}
+	for _, s := range rs.learn {
+		keep[s[0]], keep[s[1]] = true, true
+	}
+	for name, m := range f.learned {
+		if !keep[name] {
+			delete(f.learned, name)
+			continue
+		}
+		for a, exp := range m {
+			left := exp.Sub(now)
+			if left < time.Millisecond {
+				delete(m, a)
+				continue
+			}
+			if rs.inKernel {
+				seeds[name] = append(seeds[name], seed{a, left})
+			}
+		}
+	}
+	f.mu.Unlock()
+
+	conn, err := f.connLocked()
+	if err != nil {
+		return err
+	}
+	if err := queueReplace(conn, rs, seeds); err != nil {
+		// Half a transaction is queued: throw the connection away with
+		// it, unsent.
+		f.dropConnLocked()
+		return err
+	}
+	if err := conn.Flush(); err != nil {
+		f.dropConnLocked()
+		return fmt.Errorf("firewall: %s: %w", op, err)
+	}
+
+	f.mu.Lock()
+	f.rs, f.eng = rs, eng
+	f.scheduleLocked(rs.NextExpiry, now)
+	f.mu.Unlock()
+	for _, mode := range []policy.Mode{policy.ModeAudit, policy.ModeEnforce} {
+		v := 0.0
+		if mode == rs.Mode {
+			v = 1
+		}
+		f.m.installed.WithLabelValues(string(mode)).Set(v)
+	}
+	n := 0
+	for _, c := range rs.Chains {
+		n += len(c.Rules)
+	}
+	f.log.Info("firewall "+op, audit.LogMode, string(rs.Mode), "table", "inet "+TableName,
+		"lan", f.cfg.LAN, "wan", f.cfg.WAN, "chains", len(rs.Chains), "rules", n, "sets", len(rs.Sets))
+	return nil
+}
+
+// scheduleLocked arranges a re-render when the next rule expires, so that an
+// expired rule's addresses close without waiting for a reload.
+func (f *Firewall) scheduleLocked(at, now time.Time) {
+	if f.timer != nil {
+		f.timer.Stop()
+		f.timer = nil
+	}
+	if at.IsZero() {
+		return
+	}
+	eng := f.eng
+	f.timer = time.AfterFunc(max(at.Sub(now), 0)+time.Second, func() {
+		f.mu.Lock()
+		current := f.eng == eng && f.rs != nil && !f.closed
+		f.mu.Unlock()
+		if !current {
+			return
+		}
+		if err := f.Replace(eng); err != nil {
+			f.log.Error("firewall: re-render after a rule expired", audit.LogError, err.Error())
+		}
+	})
+}
+
+// Remove deletes egressd's table, and nothing else. It succeeds when there
+// is no table.
+func (f *Firewall) Remove() (err error) {
+	f.ioMu.Lock()
+	defer f.ioMu.Unlock()
+	defer func() { f.count("remove", err) }()
+	conn, err := f.connLocked()
+	if err != nil {
+		return err
+	}
+	queueRemove(conn)
+	if err := conn.Flush(); err != nil {
+		f.dropConnLocked()
+		return fmt.Errorf("firewall: remove: %w", err)
+	}
+	f.mu.Lock()
+	f.rs = nil
+	clear(f.learned)
+	if f.timer != nil {
+		f.timer.Stop()
+		f.timer = nil
+	}
+	f.mu.Unlock()
+	f.m.installed.Reset()
+	f.log.Info("firewall removed", "table", "inet "+TableName)
+	return nil
+}
+
+// Close removes the table if this Firewall installed one, and releases the
+// netlink socket. It is idempotent.
+func (f *Firewall) Close() error {
+	f.mu.Lock()
+	if f.closed {
+		f.mu.Unlock()
+		return nil
+	}
+	f.closed = true
+	installed := f.rs != nil
+	f.mu.Unlock()
+	var err error
+	if installed {
+		err = f.Remove()
+	}
+	f.ioMu.Lock()
+	if f.conn != nil {
+		err = errors.Join(err, f.conn.CloseLasting())
+		f.conn = nil
+	}
+	f.ioMu.Unlock()
+	return err
+}
+
+// Ruleset returns the installed ruleset, or nil.
+func (f *Firewall) Ruleset() *Ruleset {
+	f.mu.Lock()
+	defer f.mu.Unlock()
+	return f.rs
+}
+
+// Learn opens the rule's forwarded ports (UDP, and TCP ports that are not
+// redirected) to addr for ttl (at least Config.MinTTL, at most MaxTTL),
+// because dnsfilter answered a name of that rule with it. Rules without
+// names, unknown rules and calls when nothing is installed are ignored
+// (nil). An address already in the set with a later or similar expiry costs
+// a map lookup; otherwise the call waits until the address is in the
+// kernel's set, sharing one transaction with concurrent calls. In audit
+// mode the address is only remembered, for a reload to enforce.
+func (f *Firewall) Learn(rule string, addr netip.Addr, ttl time.Duration) error {
+	if !addr.IsValid() {
+		return errors.New("firewall: learn: invalid address")
+	}
+	addr = addr.Unmap()
+	ttl = min(max(ttl, f.cfg.minTTL()), MaxTTL)
+
+	f.mu.Lock()
+	rs := f.rs
+	if rs == nil || f.closed {
+		f.mu.Unlock()
+		return nil
+	}
+	sets, ok := rs.learn[rule]
+	if !ok {
+		f.mu.Unlock()
+		return nil
+	}
+	set := sets[0]
+	if addr.Is6() {
+		set = sets[1]
+	}
+	now := f.now()
+	exp := now.Add(ttl)
+	m := f.learned[set]
+	if m == nil {
+		m = map[netip.Addr]time.Time{}
+		f.learned[set] = m
+	}
+	prev, had := m[addr]
+	live := had && prev.After(now)
+	if live && exp.Sub(prev) < ttl/4 {
+		// Already there for (nearly) as long: nothing to write.
+		f.mu.Unlock()
+		return nil
+	}
+	if !had && len(m) >= f.cfg.maxLearned() {
+		for a, e := range m {
+			if !e.After(now) {
+				delete(m, a)
+			}
+		}
+		if len(m) >= f.cfg.maxLearned() {
+			f.mu.Unlock()
+			f.m.setFull.Inc()
+			return fmt.Errorf("%w: %s (%d addresses)", ErrSetFull, set, len(m))
+		}
+	}
+	m[addr] = exp
+	if !rs.inKernel {
+		f.mu.Unlock()
+		return nil
+	}
+	// If the kernel's copy expires before the delete reaches it, the
+	// transaction fails and writeLearned retries with adds only.
+	op := learnOp{rule: rule, set: set, addr: addr, exp: exp, refresh: live, prev: prev}
+	if f.pending == nil {
+		f.pending = &learnBatch{}
+	}
+	b := f.pending
+	b.ops = append(b.ops, op)
+	for !b.done {
+		if f.flushing {
+			f.cond.Wait()
+			continue
+		}
+		// Nobody is writing: write everything pending, this call's
+		// address included.
+		f.flushing = true
+		cur := f.pending
+		f.pending = nil
+		f.mu.Unlock()
+		err := f.writeLearned(cur.ops)
+		f.mu.Lock()
+		cur.done, cur.err = true, err
+		f.flushing = false
+		f.cond.Broadcast()
+	}
+	f.mu.Unlock()
+	return b.err
+}
+
+// writeLearned writes a batch of learned addresses in one transaction.
+func (f *Firewall) writeLearned(ops []learnOp) (err error) {
+	f.ioMu.Lock()
+	defer f.ioMu.Unlock()
+	defer func() { f.count("learn", err) }()
+
+	f.mu.Lock()
+	rs := f.rs
+	f.mu.Unlock()
+	if rs == nil || !rs.inKernel {
+		return nil // removed, or switched to audit, in the meantime
+	}
+	conn, err := f.connLocked()
+	if err != nil {
+		return err
+	}
+	// Keep the ops whose set is still installed (a reload may have
+	// dropped the rule).
+	live := ops[:0:0]
+	for _, op := range ops {
+		if s := rs.Set(op.set); s != nil && s.Kind == SetLearned {
+			live = append(live, op)
+		}
+	}
+	if len(live) == 0 {
+		return nil
+	}
+	write := func(refresh bool) error {
+		now := f.now()
+		dels := map[string][]nftables.SetElement{}
+		adds := map[string][]nftables.SetElement{}
+		var order []string
+		for _, op := range live {
+			if _, ok := adds[op.set]; !ok {
+				order = append(order, op.set)
+			}
+			key := op.addr.AsSlice()
+			if refresh && op.refresh {
+				dels[op.set] = append(dels[op.set], nftables.SetElement{Key: key})
+			}
+			adds[op.set] = append(adds[op.set], nftables.SetElement{Key: key, Timeout: max(op.exp.Sub(now), time.Millisecond)})
+		}
+		t := table()
+		for _, name := range order {
+			s := &nftables.Set{Table: t, Name: name, HasTimeout: true}
+			if len(dels[name]) > 0 {
+				if err := conn.SetDeleteElements(s, dels[name]); err != nil {
+					return err
+				}
+			}
+			if err := conn.SetAddElements(s, adds[name]); err != nil {
+				return err
+			}
+		}
+		if err := conn.Flush(); err != nil {
+			f.dropConnLocked()
+			return err
+		}
+		return nil
+	}
+	err = write(true)
+	if err != nil {
+		var cerr error
+		if conn, cerr = f.connLocked(); cerr != nil {
+			f.forget(live)
+			return errors.Join(err, cerr)
+		}
+		// A refreshed address may have left the set after all (someone
+		// flushed it): add only, and remember the old expiry of the
+		// refreshed ones, so that the next Learn tries again.
+		if err2 := write(false); err2 != nil {
+			f.forget(live)
+			return fmt.Errorf("firewall: learn: %w", errors.Join(err, err2))
+		}
+		f.mu.Lock()
+		for _, op := range live {
+			if op.refresh {
+				if m := f.learned[op.set]; m != nil && m[op.addr].Equal(op.exp) {
+					m[op.addr] = op.prev
+				}
+			}
+		}
+		f.mu.Unlock()
+	}
+	for _, op := range live {
+		f.m.learned.WithLabelValues(op.rule).Inc()
+	}
+	return nil
+}
+
+// forget drops addresses whose write failed, so that the next Learn
+// retries them.
+func (f *Firewall) forget(ops []learnOp) {
+	f.mu.Lock()
+	defer f.mu.Unlock()
+	for _, op := range ops {
+		if m := f.learned[op.set]; m != nil && m[op.addr].Equal(op.exp) {
+			delete(m, op.addr)
+		}
+	}
+}
+
+// dropConnLocked closes the netlink connection after a failed
+// transaction: google/nftables keeps a serialisation error, and messages
+// queued before it, in the connection, so it is not reused. f.ioMu must be
+// held.
+func (f *Firewall) dropConnLocked() {
+	if f.conn != nil {
+		f.conn.CloseLasting()
+		f.conn = nil
+	}
+}
+
+func (f *Firewall) count(op string, err error) {
+	result := "ok"
+	if err != nil {
+		result = "error"
+	}
+	f.m.applies.WithLabelValues(op, result).Inc()
+}

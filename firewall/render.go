@@ -1,0 +1,448 @@
+package firewall
+
+import (
+	"fmt"
+	"net"
+	"net/netip"
+	"slices"
+	"time"
+
+	"egressd/policy"
+)
+
+// Ruleset is the rendered form of a policy and a Config: egressd's whole
+// table. It is a description, built without touching the kernel; String
+// prints it as `nft list table` would, and Install turns it into netlink
+// messages. A Ruleset is immutable once rendered.
+type Ruleset struct {
+	Mode   policy.Mode
+	Sets   []Set
+	Chains []Chain
+	// NextExpiry is the earliest time a rendered rule expires (zero: none);
+	// the Firewall re-renders then.
+	NextExpiry time.Time
+
+	// learn maps a rule name to its learned sets, IPv4 then IPv6. Rules
+	// whose names feed address sets appear here in both modes, so that
+	// addresses learned in audit mode are ready when a reload switches to
+	// enforce; inKernel says whether the sets exist in the table.
+	learn    map[string][2]string
+	inKernel bool
+}
+
+// Family is an address family a rule or set applies to.
+type Family uint8
+
+// The families. FamilyAny means the rule does not look at the network
+// header.
+const (
+	FamilyAny Family = iota
+	IPv4
+	IPv6
+)
+
+func (f Family) String() string {
+	switch f {
+	case IPv4:
+		return "ipv4"
+	case IPv6:
+		return "ipv6"
+	}
+	return "any"
+}
+
+// SetKind is what a set holds.
+type SetKind uint8
+
+// The set kinds.
+const (
+	// SetPrefixes holds address prefixes, fixed at render time (flags
+	// interval).
+	SetPrefixes SetKind = iota + 1
+	// SetLearned holds addresses fed by Learn, each with its own timeout
+	// (flags timeout).
+	SetLearned
+	// SetMACs holds client MAC addresses, fixed at render time.
+	SetMACs
+)
+
+// Set is a named nftables set.
+type Set struct {
+	Name     string
+	Kind     SetKind
+	Family   Family // the address family (FamilyAny for SetMACs)
+	Rule     string // the policy rule it serves
+	Prefixes []netip.Prefix
+	MACs     []net.HardwareAddr
+}
+
+// Chain is a base chain of the table. Every chain's policy is accept: the
+// ruleset drops only what its rules say, so a chain with no rules yet (in
+// the middle of a transaction) never drops anything.
+type Chain struct {
+	Name     string
+	Type     string // "filter" or "nat"
+	Hook     string // "prerouting", "input", "forward", "postrouting"
+	Priority int    // -100 dstnat, 0 filter, 100 srcnat
+	Rules    []Rule
+}
+
+// Rule is one rule: every non-zero match must hold, then the verdict
+// applies.
+type Rule struct {
+	IIf     string  // meta iifname
+	OIf     string  // meta oifname
+	CTState CTState // ct state (any of the bits); 0: no match
+	Family  Family  // meta nfproto; implied by SrcSet/DstSet
+	// SrcSet, DstSet name address sets of Family; SrcMACSet a MAC set.
+	SrcSet, DstSet, SrcMACSet string
+	FibLocal                  bool         // fib daddr type local
+	Proto                     policy.Proto // meta l4proto (TCP, UDP); 0: any
+	ICMPv6                    bool         // meta l4proto ipv6-icmp, with ICMPTypes
+	ICMPTypes                 [2]uint8     // icmpv6 type range (inclusive)
+	// Ports is the destination port range of Proto; zero Lo: any port.
+	Ports   policy.PortRange
+	Counter bool
+	Verdict Verdict
+	Comment string
+}
+
+// CTState is a set of conntrack state bits.
+type CTState uint32
+
+// The conntrack states the ruleset uses (kernel bit values).
+const (
+	CTEstablished CTState = 2
+	CTRelated     CTState = 4
+)
+
+// VerdictKind is what a matching rule does.
+type VerdictKind uint8
+
+// The verdicts.
+const (
+	Accept VerdictKind = iota + 1
+	Drop
+	Return
+	Reject         // ICMP(v6) port unreachable
+	RejectTCPReset // TCP reset
+	Redirect       // to the gateway's own address, port Verdict.Port
+	Masquerade
+)
+
+// Verdict is a rule's action.
+type Verdict struct {
+	Kind VerdictKind
+	Port uint16 // Redirect
+}
+
+// Chain names.
+const (
+	chainPrerouting  = "prerouting"
+	chainInput       = "input"
+	chainForward     = "forward"
+	chainPostrouting = "postrouting"
+)
+
+// Ports that carry protocols the proxy cannot see into: QUIC (UDP 443) and
+// DNS over TLS/QUIC (853). They are rejected, not dropped, so that clients
+// give up at once and fall back to TCP and to the forwarder.
+const (
+	portQUIC = 443
+	portDoT  = 853
+)
+
+// Render renders the policy's current rules (expired ones left out) and cfg
+// into the ruleset the firewall would install, in the engine's mode.
+func Render(cfg Config, eng *policy.Engine) (*Ruleset, error) {
+	return render(cfg, eng, time.Now())
+}
+
+func render(cfg Config, eng *policy.Engine, now time.Time) (*Ruleset, error) {
+	if eng == nil {
+		return nil, fmt.Errorf("firewall: no policy")
+	}
+	mode := eng.Mode()
+	if err := cfg.Validate(mode); err != nil {
+		return nil, err
+	}
+	rs := &Ruleset{Mode: mode, learn: map[string][2]string{}, inKernel: mode == policy.ModeEnforce}
+	ar := renderAllows(cfg, eng, now, rs)
+
+	guard := cfg.WAN != "" && (mode == policy.ModeEnforce || cfg.GuardWAN)
+	if mode == policy.ModeEnforce {
+		rs.Sets = ar.sets
+		rs.Chains = append(rs.Chains, Chain{Name: chainPrerouting, Type: "nat", Hook: "prerouting", Priority: -100, Rules: redirectRules(cfg)})
+	}
+	if guard {
+		rs.Chains = append(rs.Chains, Chain{Name: chainInput, Type: "filter", Hook: "input", Priority: 0, Rules: inputGuard(cfg.WAN)})
+	}
+	if mode == policy.ModeEnforce || guard {
+		var rules []Rule
+		rules = append(rules, Rule{CTState: CTEstablished | CTRelated, Verdict: Verdict{Kind: Accept},
+			Comment: "replies and related traffic"})
+		if guard {
+			rules = append(rules, Rule{IIf: cfg.WAN, Counter: true, Verdict: Verdict{Kind: Drop},
+				Comment: "new connections from the WAN side"})
+		}
+		if mode == policy.ModeEnforce {
+			rules = append(rules, ar.rules...)
+			rules = append(rules,
+				Rule{IIf: cfg.LAN, Proto: policy.UDP, Ports: portRange(portQUIC, policy.UDP), Counter: true, Verdict: Verdict{Kind: Reject},
+					Comment: "QUIC: fall back to TCP through the proxy"},
+				Rule{IIf: cfg.LAN, Proto: policy.UDP, Ports: portRange(portDoT, policy.UDP), Counter: true, Verdict: Verdict{Kind: Reject},
+					Comment: "DNS over QUIC: use the forwarder"},
+				Rule{IIf: cfg.LAN, Proto: policy.TCP, Ports: portRange(portDoT, policy.TCP), Counter: true, Verdict: Verdict{Kind: RejectTCPReset},
+					Comment: "DNS over TLS: use the forwarder"},
+				Rule{IIf: cfg.LAN, Counter: true, Verdict: Verdict{Kind: Drop},
+					Comment: "enforce: nothing else from the LAN"})
+		}
+		rs.Chains = append(rs.Chains, Chain{Name: chainForward, Type: "filter", Hook: "forward", Priority: 0, Rules: rules})
+	}
+	if cfg.Masquerade {
+		rs.Chains = append(rs.Chains, Chain{Name: chainPostrouting, Type: "nat", Hook: "postrouting", Priority: 100,
+			Rules: []Rule{{OIf: cfg.WAN, Verdict: Verdict{Kind: Masquerade}, Comment: "NAT to the WAN address"}}})
+	}
+	rs.NextExpiry = ar.nextExpiry
+	return rs, nil
+}
+
+func portRange(p uint16, proto policy.Proto) policy.PortRange {
+	return policy.PortRange{Lo: p, Hi: p, Proto: proto}
+}
+
+// redirectRules sends DNS from the LAN to the forwarder and TCP to the
+// proxy. Order matters: DNS first (to any address, the gateway's own
+// included), then traffic to the gateway's own addresses is left alone (its
+// admin and SSH ports are not the proxy's business), then TCP.
+func redirectRules(cfg Config) []Rule {
+	dns := cfg.dnsPort()
+	rules := []Rule{
+		{IIf: cfg.LAN, Proto: policy.UDP, Ports: portRange(53, policy.UDP), Verdict: Verdict{Kind: Redirect, Port: dns}, Comment: "DNS to the forwarder"},
+		{IIf: cfg.LAN, Proto: policy.TCP, Ports: portRange(53, policy.TCP), Verdict: Verdict{Kind: Redirect, Port: dns}, Comment: "DNS over TCP to the forwarder"},
+		{IIf: cfg.LAN, FibLocal: true, Verdict: Verdict{Kind: Return}, Comment: "the gateway's own services"},
+	}
+	ranges := cfg.TCPPorts
+	if len(ranges) == 0 {
+		ranges = []policy.PortRange{{}}
+	}
+	p4, p6 := cfg.ProxyPort, cfg.proxyPort6()
+	for _, pr := range ranges {
+		if p4 == p6 {
+			rules = append(rules, Rule{IIf: cfg.LAN, Proto: policy.TCP, Ports: pr, Verdict: Verdict{Kind: Redirect, Port: p4}, Comment: "TCP to the transparent proxy"})
+			continue
+		}
+		rules = append(rules,
+			Rule{IIf: cfg.LAN, Family: IPv4, Proto: policy.TCP, Ports: pr, Verdict: Verdict{Kind: Redirect, Port: p4}, Comment: "TCP to the transparent proxy"},
+			Rule{IIf: cfg.LAN, Family: IPv6, Proto: policy.TCP, Ports: pr, Verdict: Verdict{Kind: Redirect, Port: p6}, Comment: "TCP to the transparent proxy"})
+	}
+	return rules
+}
+
+// inputGuard protects the gateway itself from the WAN side: replies pass,
+// and IPv6 neighbour discovery and DHCPv6 replies, without which the WAN
+// link itself stops working; every other new packet is dropped.
+func inputGuard(wan string) []Rule {
+	return []Rule{
+		{IIf: wan, CTState: CTEstablished | CTRelated, Verdict: Verdict{Kind: Accept}, Comment: "replies to the gateway"},
+		{IIf: wan, Family: IPv6, ICMPv6: true, ICMPTypes: [2]uint8{133, 137}, Verdict: Verdict{Kind: Accept}, Comment: "IPv6 neighbour and router discovery"},
+		{IIf: wan, Family: IPv6, Proto: policy.UDP, Ports: portRange(546, policy.UDP), Verdict: Verdict{Kind: Accept}, Comment: "DHCPv6 replies"},
+		{IIf: wan, Counter: true, Verdict: Verdict{Kind: Drop}, Comment: "new connections to the gateway from the WAN side"},
+	}
+}
+
+type allows struct {
+	sets       []Set
+	rules      []Rule
+	nextExpiry time.Time
+}
+
+// renderAllows turns each rule that allows forwarded traffic (UDP, and TCP
+// on ports that are not redirected) into sets and accept rules:
+//
+//	[ip saddr @from4_R | ether saddr @frommac_R] ip daddr @net4_R|@dns4_R udp dport P accept
+//
+// A rule with "*" (or a /0) allows any address of that family; its names
+// feed the learned sets dns4_R and dns6_R.
+func renderAllows(cfg Config, eng *policy.Engine, now time.Time, rs *Ruleset) allows {
+	var a allows
+	for _, r := range eng.Rules() {
+		if !r.Expires.IsZero() {
+			if !now.Before(r.Expires) {
+				continue
+			}
+			if a.nextExpiry.IsZero() || r.Expires.Before(a.nextExpiry) {
+				a.nextExpiry = r.Expires
+			}
+		}
+		var ports []policy.PortRange
+		for _, pr := range r.Ports {
+			if pr.Proto == policy.UDP || (pr.Proto == policy.TCP && len(cfg.TCPPorts) > 0) {
+				ports = append(ports, pr)
+			}
+		}
+		if len(ports) == 0 {
+			continue
+		}
+		var any4, any6, names bool
+		var nets4, nets6 []netip.Prefix
+		for _, t := range r.To {
+			switch t.Kind {
+			case policy.TargetAny:
+				any4, any6 = true, true
+			case policy.TargetName, policy.TargetHostPath:
+				names = true
+			case policy.TargetPrefix:
+				p := t.Prefix
+				switch {
+				case p.Addr().Is4() && p.Bits() == 0:
+					any4 = true
+				case p.Addr().Is4():
+					nets4 = append(nets4, p)
+				case p.Bits() == 0:
+					any6 = true
+				default:
+					nets6 = append(nets6, p)
+				}
+			}
+		}
+		if names {
+			rs.learn[r.Name] = [2]string{"dns4_" + r.Name, "dns6_" + r.Name}
+		}
+
+		var from4, from6 []netip.Prefix
+		for _, p := range r.From.Prefixes {
+			if p.Addr().Is4() {
+				from4 = append(from4, p)
+			} else {
+				from6 = append(from6, p)
+			}
+		}
+		macSet := ""
+		if len(r.From.MACs) > 0 {
+			macSet = "frommac_" + r.Name
+			a.sets = append(a.sets, Set{Name: macSet, Kind: SetMACs, Rule: r.Name, MACs: slices.Clone(r.From.MACs)})
+		}
+		if any4 && any6 && r.From.Any() {
+			// Any address of either family: one rule, no family match.
+			for _, pr := range ports {
+				a.rules = append(a.rules, allowRule(cfg, r.Name, Rule{}, pr))
+			}
+			continue
+		}
+		for _, fam := range []struct {
+			f           Family
+			any, names  bool
+			nets, froms []netip.Prefix
+			suffix      string
+		}{{IPv4, any4, names, nets4, from4, "4_"}, {IPv6, any6, names, nets6, from6, "6_"}} {
+			// Sources: any client, or the rule's client prefixes of this
+			// family, or its MAC addresses.
+			var srcs []Rule
+			if r.From.Any() {
+				srcs = append(srcs, Rule{})
+			} else {
+				if len(fam.froms) > 0 {
+					name := "from" + fam.suffix + r.Name
+					a.sets = append(a.sets, Set{Name: name, Kind: SetPrefixes, Family: fam.f, Rule: r.Name, Prefixes: fam.froms})
+					srcs = append(srcs, Rule{SrcSet: name})
+				}
+				if macSet != "" {
+					srcs = append(srcs, Rule{SrcMACSet: macSet})
+				}
+			}
+			var dsts []Rule
+			switch {
+			case fam.any:
+				dsts = append(dsts, Rule{})
+			default:
+				if len(fam.nets) > 0 {
+					name := "net" + fam.suffix + r.Name
+					a.sets = append(a.sets, Set{Name: name, Kind: SetPrefixes, Family: fam.f, Rule: r.Name, Prefixes: fam.nets})
+					dsts = append(dsts, Rule{DstSet: name})
+				}
+				if fam.names {
+					name := "dns" + fam.suffix + r.Name
+					a.sets = append(a.sets, Set{Name: name, Kind: SetLearned, Family: fam.f, Rule: r.Name})
+					dsts = append(dsts, Rule{DstSet: name})
+				}
+			}
+			for _, s := range srcs {
+				for _, d := range dsts {
+					for _, pr := range ports {
+						a.rules = append(a.rules, allowRule(cfg, r.Name, Rule{Family: fam.f, SrcSet: s.SrcSet, SrcMACSet: s.SrcMACSet, DstSet: d.DstSet}, pr))
+					}
+				}
+			}
+		}
+	}
+	return a
+}
+
+// allowRule completes an accept rule of a policy rule: from the LAN, to the
+// port range.
+func allowRule(cfg Config, rule string, ru Rule, pr policy.PortRange) Rule {
+	ru.IIf, ru.Proto, ru.Ports = cfg.LAN, pr.Proto, pr
+	if pr.Lo == 1 && pr.Hi == 65535 {
+		ru.Ports = policy.PortRange{}
+	}
+	ru.Verdict = Verdict{Kind: Accept}
+	ru.Comment = "rule " + rule
+	return ru
+}
+
+// LearnedSets returns the names of the sets that Learn feeds for the rule,
+// IPv4 then IPv6, and whether the rule has any.
+func (rs *Ruleset) LearnedSets(rule string) (v4, v6 string, ok bool) {
+	s, ok := rs.learn[rule]
+	return s[0], s[1], ok
+}
+
+// Set returns the set of that name, or nil.
+func (rs *Ruleset) Set(name string) *Set {
+	for i := range rs.Sets {
+		if rs.Sets[i].Name == name {
+			return &rs.Sets[i]
+		}
+	}
+	return nil
+}
+
+// addrRange is an inclusive range of addresses of one family.
+type addrRange struct{ lo, hi netip.Addr }
+
+// mergePrefixes turns prefixes into sorted, disjoint, non-adjacent ranges,
+// as an interval set needs them (overlapping elements are an error).
+func mergePrefixes(ps []netip.Prefix) []addrRange {
+	rs := make([]addrRange, 0, len(ps))
+	for _, p := range ps {
+		p = p.Masked()
+		rs = append(rs, addrRange{p.Addr(), lastAddr(p)})
+	}
+	slices.SortFunc(rs, func(a, b addrRange) int { return a.lo.Compare(b.lo) })
+	var out []addrRange
+	for _, r := range rs {
+		if n := len(out); n > 0 {
+			last := &out[n-1]
+			next := last.hi.Next()
+			if !next.IsValid() || r.lo.Compare(next) <= 0 {
+				if r.hi.Compare(last.hi) > 0 {
+					last.hi = r.hi
+				}
+				continue
+			}
+		}
+		out = append(out, r)
+	}
+	return out
+}
+
+// lastAddr is the last address of a masked prefix.
+func lastAddr(p netip.Prefix) netip.Addr {
+	b := p.Addr().AsSlice()
+	for i := p.Bits(); i < len(b)*8; i++ {
+		b[i/8] |= 0x80 >> (i % 8)
+	}
+	a, _ := netip.AddrFromSlice(b)
+	return a
+}

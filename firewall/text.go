@@ -1,0 +1,165 @@
+package firewall
+
+import (
+	"fmt"
+	"strconv"
+	"strings"
+)
+
+// String prints the ruleset the way `nft list table inet egressd` prints an
+// installed one (counters and learned elements aside).
+func (rs *Ruleset) String() string {
+	var b strings.Builder
+	fmt.Fprintf(&b, "table inet %s {\n", TableName)
+	first := true
+	sep := func() {
+		if !first {
+			b.WriteString("\n")
+		}
+		first = false
+	}
+	for _, s := range rs.Sets {
+		sep()
+		fmt.Fprintf(&b, "\tset %s {\n", s.Name)
+		switch s.Kind {
+		case SetMACs:
+			b.WriteString("\t\ttype ether_addr\n")
+		default:
+			fmt.Fprintf(&b, "\t\ttype %s_addr\n", s.Family)
+		}
+		switch s.Kind {
+		case SetPrefixes:
+			b.WriteString("\t\tflags interval\n")
+		case SetLearned:
+			b.WriteString("\t\tflags timeout\n")
+		}
+		if s.Rule != "" {
+			fmt.Fprintf(&b, "\t\tcomment %q\n", "rule "+s.Rule)
+		}
+		var elems []string
+		for _, r := range mergePrefixes(s.Prefixes) {
+			elems = append(elems, rangeString(r))
+		}
+		for _, m := range s.MACs {
+			elems = append(elems, m.String())
+		}
+		if len(elems) > 0 {
+			fmt.Fprintf(&b, "\t\telements = { %s }\n", strings.Join(elems, ", "))
+		}
+		b.WriteString("\t}\n")
+	}
+	for _, c := range rs.Chains {
+		sep()
+		fmt.Fprintf(&b, "\tchain %s {\n", c.Name)
+		fmt.Fprintf(&b, "\t\ttype %s hook %s priority %s; policy accept;\n", c.Type, c.Hook, priorityName(c.Priority))
+		for _, r := range c.Rules {
+			fmt.Fprintf(&b, "\t\t%s\n", r.String())
+		}
+		b.WriteString("\t}\n")
+	}
+	b.WriteString("}\n")
+	return b.String()
+}
+
+func priorityName(p int) string {
+	switch p {
+	case -100:
+		return "dstnat"
+	case 0:
+		return "filter"
+	case 100:
+		return "srcnat"
+	}
+	return strconv.Itoa(p)
+}
+
+// rangeString prints a merged range as a prefix when it is one, else as
+// lo-hi.
+func rangeString(r addrRange) string {
+	for bits := 0; bits <= r.lo.BitLen(); bits++ {
+		p, err := r.lo.Prefix(bits)
+		if err == nil && p.Addr() == r.lo && lastAddr(p) == r.hi {
+			if bits == r.lo.BitLen() {
+				return r.lo.String()
+			}
+			return p.String()
+		}
+	}
+	return r.lo.String() + "-" + r.hi.String()
+}
+
+// String prints the rule in nft syntax.
+func (r Rule) String() string {
+	var w []string
+	if r.IIf != "" {
+		w = append(w, fmt.Sprintf("iifname %q", r.IIf))
+	}
+	if r.OIf != "" {
+		w = append(w, fmt.Sprintf("oifname %q", r.OIf))
+	}
+	if r.CTState != 0 {
+		var st []string
+		if r.CTState&CTEstablished != 0 {
+			st = append(st, "established")
+		}
+		if r.CTState&CTRelated != 0 {
+			st = append(st, "related")
+		}
+		w = append(w, "ct state "+strings.Join(st, ","))
+	}
+	ip := "ip"
+	if r.Family == IPv6 {
+		ip = "ip6"
+	}
+	if r.Family != FamilyAny && r.SrcSet == "" && r.DstSet == "" && !r.ICMPv6 {
+		w = append(w, "meta nfproto "+r.Family.String())
+	}
+	if r.SrcSet != "" {
+		w = append(w, ip+" saddr @"+r.SrcSet)
+	}
+	if r.SrcMACSet != "" {
+		w = append(w, "ether saddr @"+r.SrcMACSet)
+	}
+	if r.DstSet != "" {
+		w = append(w, ip+" daddr @"+r.DstSet)
+	}
+	if r.FibLocal {
+		w = append(w, "fib daddr type local")
+	}
+	if r.ICMPv6 {
+		w = append(w, fmt.Sprintf("icmpv6 type %d-%d", r.ICMPTypes[0], r.ICMPTypes[1]))
+	}
+	if r.Proto != 0 {
+		switch {
+		case r.Ports.Lo == 0:
+			w = append(w, "meta l4proto "+r.Proto.String())
+		case r.Ports.Lo == r.Ports.Hi:
+			w = append(w, fmt.Sprintf("%s dport %d", r.Proto, r.Ports.Lo))
+		default:
+			w = append(w, fmt.Sprintf("%s dport %d-%d", r.Proto, r.Ports.Lo, r.Ports.Hi))
+		}
+	}
+	if r.Counter {
+		w = append(w, "counter")
+	}
+	switch r.Verdict.Kind {
+	case Accept:
+		w = append(w, "accept")
+	case Drop:
+		w = append(w, "drop")
+	case Return:
+		w = append(w, "return")
+	case Reject:
+		w = append(w, "reject")
+	case RejectTCPReset:
+		w = append(w, "reject with tcp reset")
+	case Redirect:
+		w = append(w, fmt.Sprintf("redirect to :%d", r.Verdict.Port))
+	case Masquerade:
+		w = append(w, "masquerade")
+	}
+	if r.Comment != "" {
+		w = append(w, fmt.Sprintf("comment %q", r.Comment))
+	}
+	return strings.Join(w, " ")
+}
