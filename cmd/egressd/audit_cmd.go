@@ -1,0 +1,157 @@
+package main
+
+import (
+	"context"
+	"fmt"
+	"io"
+	"os"
+	"strings"
+	"time"
+
+	"golang.org/x/sys/unix"
+
+	"egressd/audit"
+	"egressd/capture"
+	"egressd/policy"
+)
+
+func init() {
+	commands["audit"] = command{"audit --policy FILE CAPTURE.pcap [--json | --html OUT] [--mode audit|enforce]",
+		"classify every flow of a pcap/pcapng capture and print the report (no root needed)", cmdAudit}
+}
+
+func cmdAudit(ctx context.Context, args []string, stdout, stderr io.Writer) int {
+	fs := newFlags("audit", stderr)
+	policyFile := fs.String("policy", "", "policy file, or profile:NAME (required)")
+	asJSON := fs.Bool("json", false, "print the report as JSON")
+	htmlOut := fs.String("html", "", "write the report as HTML to this file")
+	mode := fs.String("mode", "", "override the policy's mode: audit or enforce")
+	noProgress := fs.Bool("no-progress", false, "no progress bar, even on a terminal")
+	pos, err := parseArgs(fs, args)
+	if err != nil {
+		return flagErr(err)
+	}
+	if *policyFile == "" || len(pos) != 1 {
+		fmt.Fprintln(stderr, "usage: egressd "+commands["audit"].usage)
+		return exitUsage
+	}
+	if *asJSON && *htmlOut != "" {
+		fmt.Fprintln(stderr, "egressd audit: --json and --html exclude each other")
+		return exitUsage
+	}
+	eng, err := loadEngine(*policyFile, stderr)
+	if err != nil {
+		fmt.Fprintln(stderr, "egressd:", err)
+		return exitFail
+	}
+	if *mode != "" {
+		m, ok := policy.ParseMode(*mode)
+		if !ok {
+			fmt.Fprintf(stderr, "egressd audit: --mode %q: expected audit or enforce\n", *mode)
+			return exitUsage
+		}
+		eng = eng.WithMode(m)
+	}
+	ledger := audit.NewLedger(eng, audit.LedgerOptions{})
+	c, err := capture.New(capture.Config{}, capture.Deps{Policy: policy.NewStore(eng), Sink: ledger})
+	if err != nil {
+		fmt.Fprintln(stderr, "egressd:", err)
+		return exitFail
+	}
+	defer c.Close()
+
+	var bar *progressBar
+	if !*noProgress && isTerminal(stderr) {
+		bar = &progressBar{w: stderr, name: pos[0]}
+	}
+	var progress func(done, total int64)
+	if bar != nil {
+		progress = bar.update
+	}
+	stats, rerr := c.ReadFile(ctx, pos[0], progress)
+	if bar != nil {
+		bar.finish()
+	}
+	if rerr != nil {
+		// A truncated capture (tcpdump killed mid-write) still has a
+		// report for what it holds; anything else is a failure.
+		if !strings.Contains(rerr.Error(), "truncated") {
+			fmt.Fprintln(stderr, "egressd:", rerr)
+			return exitFail
+		}
+		fmt.Fprintln(stderr, "egressd: warning:", rerr)
+	}
+	fmt.Fprintf(stderr, "capture: %d packets, %d flows (%d denied), %d malformed packets skipped, %d flows evicted\n",
+		stats.Packets, stats.Flows, stats.Denied, stats.Malformed, stats.Evicted)
+
+	rep := ledger.Report(audit.ReportOptions{})
+	switch {
+	case *asJSON:
+		err = rep.WriteJSON(stdout)
+	case *htmlOut != "":
+		err = writeFileWith(*htmlOut, rep.WriteHTML)
+		if err == nil {
+			fmt.Fprintf(stderr, "report written to %s\n", *htmlOut)
+		}
+	default:
+		err = rep.WriteText(stdout)
+	}
+	if err != nil {
+		fmt.Fprintln(stderr, "egressd:", err)
+		return exitFail
+	}
+	return exitOK
+}
+
+func writeFileWith(path string, write func(io.Writer) error) error {
+	f, err := os.Create(path)
+	if err != nil {
+		return err
+	}
+	if err := write(f); err != nil {
+		f.Close()
+		return err
+	}
+	return f.Close()
+}
+
+// isTerminal reports whether w is a terminal.
+func isTerminal(w io.Writer) bool {
+	f, ok := w.(*os.File)
+	if !ok {
+		return false
+	}
+	_, err := unix.IoctlGetTermios(int(f.Fd()), unix.TCGETS)
+	return err == nil
+}
+
+// progressBar draws "name [#####.....] 45% 12.3/27.0 MB" on one terminal
+// line, at most ten times a second, for files big enough to wait for.
+type progressBar struct {
+	w     io.Writer
+	name  string
+	last  time.Time
+	shown bool
+}
+
+const progressMinSize = 8 << 20
+
+func (b *progressBar) update(done, total int64) {
+	if total < progressMinSize || time.Since(b.last) < 100*time.Millisecond {
+		return
+	}
+	b.last = time.Now()
+	b.shown = true
+	const width = 30
+	frac := float64(done) / float64(total)
+	frac = min(max(frac, 0), 1)
+	n := int(frac * width)
+	fmt.Fprintf(b.w, "\r%s [%s%s] %3.0f%% %.1f/%.1f MB", b.name, strings.Repeat("#", n), strings.Repeat(".", width-n),
+		frac*100, float64(done)/1e6, float64(total)/1e6)
+}
+
+func (b *progressBar) finish() {
+	if b.shown {
+		fmt.Fprint(b.w, "\r\033[K")
+	}
+}
