@@ -2,6 +2,7 @@ package policy
 
 import (
 	"net/netip"
+	"slices"
 	"time"
 )
 
@@ -110,17 +111,13 @@ func (m *matcher) names(name string) {
 }
 
 func (m *matcher) addrs(a netip.Addr) {
-	bits := m.e.addrs.bits16
+	zero := m.e.zero6
 	if a.Is4() {
-		bits = m.e.addrs.bits4
+		zero = m.e.zero4
 	}
-	for _, b := range bits {
-		pf, _ := a.Prefix(b)
-		// A /0 matches everything, like "*": a miss there is no reason.
-		m.wild = b == 0
-		for _, r := range m.e.addrs.m[pf] {
-			m.consider(ref{rule: r})
-		}
+	for _, r := range m.e.addrs.lookup(a) {
+		m.wild = len(zero) > 0 && slices.Contains(zero, r)
+		m.consider(ref{rule: r})
 	}
 	m.wild = false
 }

@@ -1,7 +1,6 @@
 package policy
 
 import (
-	"net/netip"
 	"slices"
 	"strings"
 	"sync/atomic"
@@ -13,15 +12,16 @@ import (
 // Engine is a compiled policy. It is immutable and safe for concurrent use;
 // a reload builds a new Engine and swaps it in a [Store].
 //
-// Names live in a label-wise suffix tree ("com" → "docker" → …), addresses in
-// one hash table per prefix length, so the cost of a decision depends on the
-// length of the name and the number of distinct prefix lengths, not on the
-// number of rules.
+// Names live in a label-wise suffix tree ("com" → "docker" → …) and
+// addresses in sorted range tables (see addrTable), so the cost of a
+// decision depends on the length of the name, not on the number of rules.
 type Engine struct {
 	pol       *Policy
 	names     *nameNode
 	addrs     addrTable
 	anyRefs   []int32 // rules with "*"
+	zero4     []int32 // rules with 0.0.0.0/0
+	zero6     []int32 // rules with ::/0
 	hasExpiry bool
 }
 
@@ -46,14 +46,6 @@ type globRef struct {
 	g *glob.Pattern
 }
 
-// addrTable holds address prefixes in one map, probed once per distinct
-// prefix length of the address family.
-type addrTable struct {
-	m      map[netip.Prefix][]int32
-	bits4  []int // distinct prefix lengths, longest first
-	bits16 []int
-}
-
 // Compile parses and compiles a policy file in one step.
 func Compile(file string, src []byte) (*Engine, error) {
 	p, err := Parse(file, src)
@@ -66,7 +58,7 @@ func Compile(file string, src []byte) (*Engine, error) {
 // New compiles a parsed policy and adds the warnings that need the compiled
 // form (shadowed rules) to p.Warnings.
 func New(p *Policy) *Engine {
-	e := &Engine{pol: p, names: &nameNode{}, addrs: addrTable{m: map[netip.Prefix][]int32{}}}
+	e := &Engine{pol: p, names: &nameNode{}}
 	for i := range p.Rules {
 		r := &p.Rules[i]
 		if !r.Expires.IsZero() {
@@ -76,10 +68,7 @@ func New(p *Policy) *Engine {
 			e.add(int32(i), t)
 		}
 	}
-	slices.Sort(e.addrs.bits4)
-	slices.Reverse(e.addrs.bits4)
-	slices.Sort(e.addrs.bits16)
-	slices.Reverse(e.addrs.bits16)
+	e.addrs.build()
 	p.Warnings = append(p.Warnings, lint(e, time.Now())...)
 	return e
 }
@@ -91,18 +80,16 @@ func (e *Engine) add(rule int32, t Target) {
 			e.anyRefs = append(e.anyRefs, rule)
 		}
 	case TargetPrefix:
-		pf := t.Prefix
-		list := e.addrs.m[pf]
-		if len(list) == 0 || list[len(list)-1] != rule {
-			e.addrs.m[pf] = append(list, rule)
+		if t.Prefix.Bits() == 0 {
+			// 0.0.0.0/0 and ::/0 match every address of their family, like
+			// "*": kept apart so that a port miss there is no reason.
+			zero := &e.zero6
+			if t.Prefix.Addr().Is4() {
+				zero = &e.zero4
+			}
+			*zero = append(*zero, rule)
 		}
-		bits := &e.addrs.bits16
-		if pf.Addr().Is4() {
-			bits = &e.addrs.bits4
-		}
-		if !slices.Contains(*bits, pf.Bits()) {
-			*bits = append(*bits, pf.Bits())
-		}
+		e.addrs.add(t.Prefix, rule)
 	case TargetName, TargetHostPath:
 		r := ref{rule: rule, path: t.path}
 		labels := strings.Split(t.Pattern, ".")

@@ -84,7 +84,7 @@ func shadowedBy(e *Engine, j int32) []int32 {
 					continue
 				}
 				pf, _ := t.Prefix.Addr().Prefix(b)
-				for _, r := range e.addrs.m[pf] {
+				for _, r := range e.addrs.byPrefix[pf] {
 					try(ref{rule: r})
 				}
 			}
