@@ -222,6 +222,8 @@ func skipName(msg []byte, off int) int {
 func newEntry(name string, m *dns.Msg, do bool, udpSize uint16, now time.Time, maxTTL, maxNeg time.Duration, upstream, filtered string) *entry {
 	m.Id = 0
 	m.Compress = true
+	// We answer as a recursive resolver, not as the zone's authority.
+	m.RecursionAvailable, m.Authoritative = true, false
 	// Drop the upstream's OPT (and any TSIG/SIG0 in additional, which are
 	// per-hop); each client gets an OPT of ours, or none.
 	extra := m.Extra[:0]

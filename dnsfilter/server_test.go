@@ -1,0 +1,537 @@
+package dnsfilter
+
+import (
+	"context"
+	"errors"
+	"net"
+	"net/netip"
+	"slices"
+	"strings"
+	"sync"
+	"testing"
+	"time"
+
+	"github.com/google/go-cmp/cmp"
+	"github.com/miekg/dns"
+
+	"egressd/policy"
+)
+
+const labZone = `
+www.allowed.test. 300 IN A 192.0.2.10
+www.allowed.test. 300 IN AAAA 2001:db8::10
+api.allowed.test. 300 IN A 192.0.2.11
+cdn.allowed.test. 300 IN CNAME edge.evil.example.
+edge.evil.example. 60 IN A 203.0.113.5
+tracker.evil.example. 300 IN A 203.0.113.66
+www.denied.test. 300 IN A 198.51.100.1
+meta.allowed.test. 300 IN A 169.254.169.254
+meta.allowed.test. 300 IN A 192.0.2.12
+mixed.allowed.test. 300 IN AAAA ::ffff:10.0.0.1
+mixed.allowed.test. 300 IN AAAA 2001:db8::12
+printer.lan. 300 IN A 192.168.1.5
+svc.allowed.test. 300 IN HTTPS 1 . alpn=h2 ipv4hint=192.0.2.13,10.1.1.1 ech=AEX+DQBBpQAgACBiKb0o0NGUNyCuUvfTaK7l5ImkkTAQGhzWKqS7C5xLHgAEAAEAAQASY2xvdWRmbGFyZS1lY2guY29tAAA=
+only6.allowed.test. 300 IN AAAA 2001:db8::6
+`
+
+func TestForwardAllowed(t *testing.T) {
+	up := newUpstream(t, labZone+bigTXT(40))
+	ts := startServer(t, enforcePolicy, Config{Upstreams: []string{up.Addr}}, Deps{})
+	for _, proto := range []string{"udp", "tcp"} {
+		for _, edns := range []bool{false, true} {
+			t.Run(proto+map[bool]string{false: "", true: "-edns"}[edns], func(t *testing.T) {
+				for i := 0; i < 2; i++ { // the second is a cache hit
+					r := ask(t, proto, ts.Addr, "www.allowed.test.", dns.TypeA, edns)
+					if r.Rcode != dns.RcodeSuccess || !r.Response || !r.RecursionAvailable {
+						t.Fatalf("answer: %v", r)
+					}
+					if got := answerAddrs(r); !slices.Equal(got, []netip.Addr{netip.MustParseAddr("192.0.2.10")}) {
+						t.Fatalf("addresses %v", got)
+					}
+					if (r.IsEdns0() != nil) != edns {
+						t.Errorf("OPT in answer = %v, query had EDNS %v", r.IsEdns0() != nil, edns)
+					}
+				}
+				r := ask(t, proto, ts.Addr, "www.allowed.test.", dns.TypeAAAA, edns)
+				if got := answerAddrs(r); !slices.Equal(got, []netip.Addr{netip.MustParseAddr("2001:db8::10")}) {
+					t.Fatalf("AAAA %v", got)
+				}
+			})
+		}
+	}
+	if n := up.count("www.allowed.test"); n != 2 {
+		t.Errorf("upstream asked %d times for www.allowed.test, want 2 (A and AAAA, then cache)", n)
+	}
+	ev, ok := ts.Sink.find("www.allowed.test")
+	if !ok || ev.Verdict != policy.Allow || ev.Rule != "lab" || ev.Kind != "dns" || ev.Source != "dnsfilter" || !ev.CacheHit || ev.RCode != "NOERROR" {
+		t.Errorf("audit event %+v", ev)
+	}
+	names := ts.Table().NamesFor(netip.MustParseAddr("127.0.0.1"), netip.MustParseAddr("192.0.2.10"))
+	if !cmp.Equal(names, []string{"www.allowed.test"}) {
+		t.Errorf("learned names %v", names)
+	}
+	if n := ts.Table().NamesFor(netip.MustParseAddr("127.0.0.2"), netip.MustParseAddr("192.0.2.10")); n != nil {
+		t.Errorf("another client learned %v", n)
+	}
+	if n := ts.Table().NamesFor(netip.Addr{}, netip.MustParseAddr("2001:db8::10")); !cmp.Equal(n, []string{"www.allowed.test"}) {
+		t.Errorf("any client: %v", n)
+	}
+}
+
+func TestCaseAndTrailingDot(t *testing.T) {
+	up := newUpstream(t, labZone)
+	ts := startServer(t, enforcePolicy, Config{Upstreams: []string{up.Addr}}, Deps{})
+	for i, name := range []string{"WwW.AlLoWeD.TeSt.", "www.allowed.test", "WWW.ALLOWED.TEST."} {
+		for _, proto := range []string{"udp", "tcp"} {
+			r := ask(t, proto, ts.Addr, dns.Fqdn(name), dns.TypeA, i%2 == 0)
+			if r.Rcode != dns.RcodeSuccess || len(r.Answer) != 1 {
+				t.Fatalf("%s over %s: %v", name, proto, r)
+			}
+			if r.Question[0].Name != dns.Fqdn(name) {
+				t.Errorf("question spelled %q, client asked %q (0x20 must survive)", r.Question[0].Name, name)
+			}
+		}
+	}
+	if n := up.count("www.allowed.test"); n != 1 {
+		t.Errorf("upstream asked %d times; case variants must share the cache", n)
+	}
+	// Denied names are denied whatever their spelling.
+	r := ask(t, "udp", ts.Addr, "WWW.Denied.Test.", dns.TypeA, true)
+	if r.Rcode != dns.RcodeRefused {
+		t.Errorf("denied mixed case: %v", dns.RcodeToString[r.Rcode])
+	}
+}
+
+func TestEnforceDenyAnswers(t *testing.T) {
+	cases := []struct {
+		deny  DenyAnswer
+		qtype uint16
+		rcode int
+		check func(t *testing.T, r *dns.Msg)
+	}{
+		{"", dns.TypeA, dns.RcodeRefused, nil},
+		{DenyRefused, dns.TypeTXT, dns.RcodeRefused, nil},
+		{DenyNXDomain, dns.TypeA, dns.RcodeNameError, func(t *testing.T, r *dns.Msg) {
+			if len(r.Ns) != 1 || r.Ns[0].Header().Rrtype != dns.TypeSOA || r.Ns[0].(*dns.SOA).Minttl != 60 {
+				t.Errorf("NXDOMAIN without the SOA for negative caching: %v", r.Ns)
+			}
+		}},
+		{DenyNull, dns.TypeA, dns.RcodeSuccess, func(t *testing.T, r *dns.Msg) {
+			if got := answerAddrs(r); !slices.Equal(got, []netip.Addr{netip.IPv4Unspecified()}) {
+				t.Errorf("null A: %v", got)
+			}
+		}},
+		{DenyNull, dns.TypeAAAA, dns.RcodeSuccess, func(t *testing.T, r *dns.Msg) {
+			if got := answerAddrs(r); !slices.Equal(got, []netip.Addr{netip.IPv6Unspecified()}) {
+				t.Errorf("null AAAA: %v", got)
+			}
+		}},
+	}
+	for _, c := range cases {
+		t.Run(string(c.deny)+"-"+dns.TypeToString[c.qtype], func(t *testing.T) {
+			up := newUpstream(t, labZone)
+			ts := startServer(t, enforcePolicy, Config{Upstreams: []string{up.Addr}, Deny: c.deny}, Deps{})
+			for _, proto := range []string{"udp", "tcp"} {
+				for _, edns := range []bool{true, false} {
+					for _, name := range []string{"www.denied.test.", "tracker.evil.example.", "edge.evil.example."} {
+						r := ask(t, proto, ts.Addr, name, c.qtype, edns)
+						if r.Rcode != c.rcode {
+							t.Fatalf("%s %s edns=%v: rcode %s, want %s", proto, name, edns, dns.RcodeToString[r.Rcode], dns.RcodeToString[c.rcode])
+						}
+						if r.Question[0].Name != name || !r.Response {
+							t.Errorf("question %v", r.Question)
+						}
+						code, text, ok := ede(r)
+						if edns && (!ok || code != dns.ExtendedErrorCodeBlocked || !strings.Contains(text, "test-policy.yaml") || !strings.Contains(text, policy.ReasonNoRule)) {
+							t.Errorf("EDE %d %q %v", code, text, ok)
+						}
+						if !edns && r.IsEdns0() != nil {
+							t.Errorf("OPT in an answer to a query without EDNS")
+						}
+						if c.check != nil {
+							c.check(t, r)
+						}
+					}
+				}
+			}
+			if seen := up.Seen(); len(seen) != 0 {
+				t.Errorf("denied names reached the upstream: %v", seen)
+			}
+			ev, ok := ts.Sink.find("www.denied.test")
+			if !ok || ev.Verdict != policy.Deny || !ev.Enforced || ev.Mode != policy.ModeEnforce || ev.Reason != policy.ReasonNoRule {
+				t.Errorf("event %+v", ev)
+			}
+			if n := ts.Table().NamesFor(netip.Addr{}, netip.MustParseAddr("198.51.100.1")); n != nil {
+				t.Errorf("denied name learned: %v", n)
+			}
+		})
+	}
+}
+
+func TestAuditModeForwardsAndRecords(t *testing.T) {
+	up := newUpstream(t, labZone)
+	ts := startServer(t, auditPolicy, Config{Upstreams: []string{up.Addr}}, Deps{})
+	for i := 0; i < 2; i++ {
+		for _, proto := range []string{"udp", "tcp"} {
+			r := ask(t, proto, ts.Addr, "www.denied.test.", dns.TypeA, true)
+			if r.Rcode != dns.RcodeSuccess || len(answerAddrs(r)) != 1 {
+				t.Fatalf("audit mode must forward: %v", r)
+			}
+		}
+	}
+	if up.count("www.denied.test") != 1 {
+		t.Errorf("upstream saw www.denied.test %d times, want 1 (then cached)", up.count("www.denied.test"))
+	}
+	ev, ok := ts.Sink.find("www.denied.test")
+	if !ok || ev.Verdict != policy.Deny || ev.Enforced || ev.Mode != policy.ModeAudit || ev.Reason != policy.ReasonNoRule {
+		t.Errorf("would-deny event %+v", ev)
+	}
+	if n := ts.Table().NamesFor(netip.Addr{}, netip.MustParseAddr("198.51.100.1")); n != nil {
+		t.Errorf("would-deny learned: %v", n)
+	}
+	// The allowed name in audit mode is an allow.
+	ask(t, "udp", ts.Addr, "www.allowed.test.", dns.TypeA, false)
+	if ev, _ := ts.Sink.find("www.allowed.test"); ev.Verdict != policy.Allow || ev.Mode != policy.ModeAudit {
+		t.Errorf("allow event %+v", ev)
+	}
+	// Switching the store to enforce takes effect at once (reload).
+	ts.pol.Swap(ts.pol.Load().WithMode(policy.ModeEnforce))
+	if r := ask(t, "udp", ts.Addr, "www.denied.test.", dns.TypeA, true); r.Rcode != dns.RcodeRefused {
+		t.Errorf("after swap to enforce: %s (cached answers must not bypass the policy)", dns.RcodeToString[r.Rcode])
+	}
+}
+
+// bigTXT returns TXT records that do not fit 512 bytes nor 1232.
+func bigTXT(n int) string {
+	var b strings.Builder
+	for i := 0; i < n; i++ {
+		b.WriteString("big.allowed.test. 300 IN TXT \"" + strings.Repeat("x", 60) + string(rune('a'+i%26)) + "\"\n")
+	}
+	return b.String()
+}
+
+func TestTruncation(t *testing.T) {
+	up := newUpstream(t, labZone+bigTXT(40))
+	ts := startServer(t, enforcePolicy, Config{Upstreams: []string{up.Addr}}, Deps{})
+	r := ask(t, "udp", ts.Addr, "big.allowed.test.", dns.TypeTXT, false)
+	if !r.Truncated {
+		t.Errorf("a 512-byte client got no TC bit (%d answers)", len(r.Answer))
+	}
+	r.Compress = true
+	if m, _ := r.Pack(); len(m) > 512 {
+		t.Errorf("UDP answer of %d bytes to a client without EDNS", len(m))
+	}
+	r = ask(t, "tcp", ts.Addr, "big.allowed.test.", dns.TypeTXT, false)
+	if r.Truncated || len(r.Answer) != 40 {
+		t.Errorf("TCP: truncated=%v answers=%d, want 40", r.Truncated, len(r.Answer))
+	}
+	var protos []string
+	for _, s := range up.Seen() {
+		if s.Name == "big.allowed.test" {
+			protos = append(protos, s.Proto)
+		}
+	}
+	if !cmp.Equal(protos, []string{"udp", "tcp"}) {
+		t.Errorf("upstream transports %v, want a truncated UDP answer retried over TCP, then the cache", protos)
+	}
+}
+
+func TestUpstreamFailover(t *testing.T) {
+	good := newUpstream(t, labZone)
+	slow := newUpstream(t, labZone)
+	slow.delay.Store(int64(3 * time.Second))
+	// A closed port: the kernel answers ICMP unreachable.
+	pc, _ := net.ListenPacket("udp", "127.0.0.1:0")
+	closed := pc.LocalAddr().String()
+	pc.Close()
+	ts := startServer(t, enforcePolicy, Config{
+		Upstreams:       []string{closed, slow.Addr, good.Addr},
+		UpstreamTimeout: 200 * time.Millisecond, QueryTimeout: 2 * time.Second, DownAfter: 2, DownFor: time.Minute,
+		CacheSize: -1,
+	}, Deps{})
+	for i := 0; i < 4; i++ {
+		r := ask(t, "udp", ts.Addr, "www.allowed.test.", dns.TypeA, false)
+		if r.Rcode != dns.RcodeSuccess || len(r.Answer) != 1 {
+			t.Fatalf("query %d: %v", i, r)
+		}
+	}
+	// After DownAfter failures the dead and slow upstreams are skipped.
+	if n := slow.count("www.allowed.test"); n != 2 {
+		t.Errorf("slow upstream asked %d times, want 2 (then marked down)", n)
+	}
+	if n := good.count("www.allowed.test"); n != 4 {
+		t.Errorf("good upstream asked %d times, want 4", n)
+	}
+	ev, _ := ts.Sink.find("www.allowed.test")
+	if ev.Upstream != good.Addr {
+		t.Errorf("event upstream %q, want %q", ev.Upstream, good.Addr)
+	}
+}
+
+func TestUpstreamDownServfail(t *testing.T) {
+	dead := newUpstream(t, labZone)
+	dead.drop.Store(true)
+	ts := startServer(t, enforcePolicy, Config{
+		Upstreams:       []string{dead.Addr},
+		UpstreamTimeout: 300 * time.Millisecond, QueryTimeout: 600 * time.Millisecond,
+	}, Deps{})
+	// The client waits up to 6s; the forwarder must answer SERVFAIL itself.
+	for _, proto := range []string{"udp", "tcp"} {
+		r := ask(t, proto, ts.Addr, "www.allowed.test.", dns.TypeA, true)
+		if r.Rcode != dns.RcodeServerFailure {
+			t.Fatalf("%s: %s, want SERVFAIL", proto, dns.RcodeToString[r.Rcode])
+		}
+		if code, _, _ := ede(r); code != dns.ExtendedErrorCodeNoReachableAuthority {
+			t.Errorf("EDE %d", code)
+		}
+	}
+	ev, _ := ts.Sink.find("www.allowed.test")
+	if ev.RCode != "SERVFAIL" || ev.Verdict != policy.Allow {
+		t.Errorf("event %+v", ev)
+	}
+	// LookupNetIP fails with ErrUpstream rather than hanging.
+	if _, err := ts.LookupNetIP(context.Background(), "api.allowed.test"); !errors.Is(err, ErrUpstream) {
+		t.Errorf("LookupNetIP: %v", err)
+	}
+}
+
+func TestSingleflight(t *testing.T) {
+	up := newUpstream(t, labZone)
+	up.delay.Store(int64(300 * time.Millisecond))
+	ts := startServer(t, enforcePolicy, Config{Upstreams: []string{up.Addr}}, Deps{})
+	var wg sync.WaitGroup
+	errs := make(chan error, 20)
+	for i := 0; i < 20; i++ {
+		wg.Add(1)
+		go func() {
+			defer wg.Done()
+			r, err := tryAsk("udp", ts.Addr, "api.allowed.test.", dns.TypeA, true)
+			if err == nil && len(r.Answer) != 1 {
+				err = errors.New(r.String())
+			}
+			if err != nil {
+				errs <- err
+			}
+		}()
+	}
+	wg.Wait()
+	close(errs)
+	for err := range errs {
+		t.Error(err)
+	}
+	if n := up.count("api.allowed.test"); n != 1 {
+		t.Errorf("20 identical concurrent queries went upstream %d times, want 1", n)
+	}
+}
+
+func TestCNAMEChainOutsideAllowedSet(t *testing.T) {
+	up := newUpstream(t, labZone)
+	ts := startServer(t, enforcePolicy, Config{Upstreams: []string{up.Addr}}, Deps{})
+	r := ask(t, "udp", ts.Addr, "cdn.allowed.test.", dns.TypeA, true)
+	if r.Rcode != dns.RcodeSuccess || len(r.Answer) != 2 {
+		t.Fatalf("CNAME chain: %v", r)
+	}
+	if c, ok := r.Answer[0].(*dns.CNAME); !ok || c.Target != "edge.evil.example." {
+		t.Errorf("first record %v", r.Answer[0])
+	}
+	// The chain's address is credited to the name asked.
+	if n := ts.Table().NamesFor(netip.MustParseAddr("127.0.0.1"), netip.MustParseAddr("203.0.113.5")); !cmp.Equal(n, []string{"cdn.allowed.test"}) {
+		t.Errorf("learned %v", n)
+	}
+	l := ts.Table().Lookup(netip.MustParseAddr("203.0.113.5"))
+	if len(l) != 1 || l[0].Rule != "lab" || time.Until(l[0].Expires) > 61*time.Second {
+		t.Errorf("learned entry %+v (expiry from the A record's 60s TTL)", l)
+	}
+	// The target itself is still denied when asked directly.
+	if r := ask(t, "udp", ts.Addr, "edge.evil.example.", dns.TypeA, true); r.Rcode != dns.RcodeRefused {
+		t.Errorf("chain target asked directly: %s", dns.RcodeToString[r.Rcode])
+	}
+}
+
+func TestAnswerFilter(t *testing.T) {
+	up := newUpstream(t, labZone)
+	ts := startServer(t, enforcePolicy, Config{Upstreams: []string{up.Addr}}, Deps{})
+	r := ask(t, "udp", ts.Addr, "meta.allowed.test.", dns.TypeA, true)
+	if got := answerAddrs(r); !slices.Equal(got, []netip.Addr{netip.MustParseAddr("192.0.2.12")}) {
+		t.Errorf("rebinding: %v, want only 192.0.2.12", got)
+	}
+	r = ask(t, "tcp", ts.Addr, "mixed.allowed.test.", dns.TypeAAAA, true)
+	if got := answerAddrs(r); !slices.Equal(got, []netip.Addr{netip.MustParseAddr("2001:db8::12")}) {
+		t.Errorf("mapped private AAAA: %v", got)
+	}
+	r = ask(t, "udp", ts.Addr, "printer.lan.", dns.TypeA, true)
+	if got := answerAddrs(r); !slices.Equal(got, []netip.Addr{netip.MustParseAddr("192.168.1.5")}) {
+		t.Errorf("private name keeps private address: %v", got)
+	}
+	if n := ts.Table().NamesFor(netip.Addr{}, netip.MustParseAddr("169.254.169.254")); n != nil {
+		t.Errorf("filtered address learned: %v", n)
+	}
+	ev, _ := ts.Sink.find("meta.allowed.test")
+	if ev.Verdict != policy.Allow {
+		t.Errorf("event %+v", ev)
+	}
+	addrs, err := ts.LookupNetIP(context.Background(), "META.allowed.test.")
+	if err != nil || !slices.Equal(addrs, []netip.Addr{netip.MustParseAddr("192.0.2.12")}) {
+		t.Errorf("LookupNetIP applies the filter: %v %v", addrs, err)
+	}
+}
+
+func TestHTTPSRecordECH(t *testing.T) {
+	for _, keep := range []bool{false, true} {
+		up := newUpstream(t, labZone)
+		ts := startServer(t, enforcePolicy, Config{Upstreams: []string{up.Addr}, KeepECH: keep}, Deps{})
+		for _, proto := range []string{"udp", "tcp", "udp"} {
+			r := ask(t, proto, ts.Addr, "svc.allowed.test.", dns.TypeHTTPS, true)
+			if r.Rcode != dns.RcodeSuccess || len(r.Answer) != 1 {
+				t.Fatalf("HTTPS: %v", r)
+			}
+			h := r.Answer[0].(*dns.HTTPS)
+			var ech bool
+			var hints []string
+			for _, kv := range h.Value {
+				switch v := kv.(type) {
+				case *dns.SVCBECHConfig:
+					ech = true
+				case *dns.SVCBIPv4Hint:
+					for _, ip := range v.Hint {
+						hints = append(hints, ip.String())
+					}
+				}
+			}
+			if ech != keep {
+				t.Errorf("keep=%v: ech present=%v in %v", keep, ech, h)
+			}
+			if !cmp.Equal(hints, []string{"192.0.2.13"}) {
+				t.Errorf("ipv4hint %v: the private hint must go", hints)
+			}
+		}
+	}
+}
+
+func TestHardening(t *testing.T) {
+	up := newUpstream(t, labZone)
+	// Even a policy that opens every name keeps the hardening.
+	ts := startServer(t, "version: 1\nmode: enforce\nrules:\n  - name: all\n    to: [\"*\"]\n    ports: [443/tcp]\n", Config{Upstreams: []string{up.Addr}}, Deps{})
+	for _, proto := range []string{"udp", "tcp"} {
+		for _, qt := range []uint16{dns.TypeA, dns.TypeAAAA} {
+			r := ask(t, proto, ts.Addr, "use-application-dns.net.", qt, true)
+			if r.Rcode != dns.RcodeNameError {
+				t.Errorf("canary %s %s: %s", proto, dns.TypeToString[qt], dns.RcodeToString[r.Rcode])
+			}
+		}
+		if r := ask(t, proto, ts.Addr, "www.allowed.test.", dns.TypeANY, true); r.Rcode != dns.RcodeNotImplemented {
+			t.Errorf("ANY: %s", dns.RcodeToString[r.Rcode])
+		}
+		if r := ask(t, proto, ts.Addr, "allowed.test.", dns.TypeAXFR, true); r.Rcode != dns.RcodeRefused {
+			t.Errorf("AXFR: %s", dns.RcodeToString[r.Rcode])
+		}
+		for _, bad := range []string{"b\\195\\164d.allowed.test.", "sp\\032ace.allowed.test.", "."} {
+			r := ask(t, proto, ts.Addr, bad, dns.TypeA, true)
+			if r.Rcode != dns.RcodeRefused {
+				t.Errorf("invalid name %q: %s", bad, dns.RcodeToString[r.Rcode])
+			}
+		}
+		m := new(dns.Msg)
+		m.SetQuestion("version.bind.", dns.TypeTXT)
+		m.Question[0].Qclass = dns.ClassCHAOS
+		c := &dns.Client{Net: proto, Timeout: 3 * time.Second}
+		if r, _, err := c.Exchange(m, ts.Addr); err != nil || r.Rcode != dns.RcodeRefused {
+			t.Errorf("CHAOS: %v %v", r, err)
+		}
+	}
+	if seen := up.Seen(); len(seen) != 0 {
+		t.Errorf("upstream asked %v", seen)
+	}
+	ev, _ := ts.Sink.find("use-application-dns.net")
+	if ev.Reason != ReasonCanary || !ev.Enforced {
+		t.Errorf("canary event %+v", ev)
+	}
+}
+
+func TestRateLimit(t *testing.T) {
+	up := newUpstream(t, labZone)
+	ts := startServer(t, enforcePolicy, Config{Upstreams: []string{up.Addr}, ClientRate: 1, ClientBurst: 3}, Deps{})
+	refused := 0
+	for i := 0; i < 10; i++ {
+		r := ask(t, "tcp", ts.Addr, "www.allowed.test.", dns.TypeA, true)
+		if r.Rcode == dns.RcodeRefused {
+			refused++
+		}
+	}
+	if refused < 5 {
+		t.Errorf("%d of 10 queries refused at 1/s with burst 3", refused)
+	}
+	// Over UDP the excess is dropped: no answer.
+	if _, err := tryAsk("udp", ts.Addr, "www.allowed.test.", dns.TypeA, true); err == nil {
+		t.Errorf("rate-limited UDP query answered")
+	}
+}
+
+func TestNegativeCache(t *testing.T) {
+	up := newUpstream(t, labZone)
+	ts := startServer(t, enforcePolicy, Config{Upstreams: []string{up.Addr}}, Deps{})
+	for i := 0; i < 3; i++ {
+		if r := ask(t, "udp", ts.Addr, "nope.allowed.test.", dns.TypeA, true); r.Rcode != dns.RcodeNameError || len(r.Ns) != 1 {
+			t.Fatalf("NXDOMAIN: %v", r)
+		}
+		if r := ask(t, "udp", ts.Addr, "only6.allowed.test.", dns.TypeA, false); r.Rcode != dns.RcodeSuccess || len(r.Answer) != 0 {
+			t.Fatalf("NODATA: %v", r)
+		}
+		if r := ask(t, "udp", ts.Addr, "nosoa.allowed.test.", dns.TypeA, false); r.Rcode != dns.RcodeNameError {
+			t.Fatalf("NXDOMAIN without SOA: %v", r)
+		}
+	}
+	if up.count("nope.allowed.test") != 1 || up.count("only6.allowed.test") != 1 {
+		t.Errorf("negative answers with an SOA are cached: %d %d", up.count("nope.allowed.test"), up.count("only6.allowed.test"))
+	}
+	if up.count("nosoa.allowed.test") != 3 {
+		t.Errorf("negative answer without an SOA cached (RFC 2308 §5): %d", up.count("nosoa.allowed.test"))
+	}
+	_, err := ts.LookupNetIP(context.Background(), "nope.allowed.test")
+	if !errors.Is(err, ErrNotFound) {
+		t.Errorf("LookupNetIP NXDOMAIN: %v", err)
+	}
+	if _, err := ts.LookupNetIP(context.Background(), "bad name"); !errors.Is(err, ErrInvalidName) {
+		t.Errorf("LookupNetIP invalid: %v", err)
+	}
+	addrs, err := ts.LookupNetIP(context.Background(), "www.allowed.test")
+	if err != nil || len(addrs) != 2 {
+		t.Errorf("LookupNetIP A+AAAA: %v %v", addrs, err)
+	}
+}
+
+// TestCacheTTL uses the injectable clock: a hit ages the TTL, and the entry
+// leaves the cache when the smallest TTL runs out.
+func TestCacheTTL(t *testing.T) {
+	up := newUpstream(t, labZone)
+	var mu sync.Mutex
+	now := time.Unix(1_800_000_000, 0)
+	clock := func() time.Time { mu.Lock(); defer mu.Unlock(); return now }
+	advance := func(d time.Duration) { mu.Lock(); now = now.Add(d); mu.Unlock() }
+	ts := startServer(t, enforcePolicy, Config{Upstreams: []string{up.Addr}}, Deps{Now: clock})
+	ts.Table().now = clock
+	for _, proto := range []string{"udp", "tcp"} {
+		r := ask(t, proto, ts.Addr, "cdn.allowed.test.", dns.TypeA, false)
+		if ttl := r.Answer[1].Header().Ttl; ttl != 60 && proto == "udp" {
+			t.Fatalf("first TTL %d", ttl)
+		}
+	}
+	advance(25 * time.Second)
+	for _, proto := range []string{"udp", "tcp"} {
+		r := ask(t, proto, ts.Addr, "cdn.allowed.test.", dns.TypeA, false)
+		if got := []uint32{r.Answer[0].Header().Ttl, r.Answer[1].Header().Ttl}; !cmp.Equal(got, []uint32{275, 35}) {
+			t.Errorf("%s: aged TTLs %v, want [275 35]", proto, got)
+		}
+	}
+	if up.count("cdn.allowed.test") != 1 {
+		t.Fatalf("upstream asked %d times", up.count("cdn.allowed.test"))
+	}
+	advance(40 * time.Second)
+	if n := ts.Table().NamesFor(netip.Addr{}, netip.MustParseAddr("203.0.113.5")); n != nil {
+		t.Errorf("expired learned entry still named: %v", n)
+	}
+	ask(t, "udp", ts.Addr, "cdn.allowed.test.", dns.TypeA, false)
+	if up.count("cdn.allowed.test") != 2 {
+		t.Errorf("expired entry served from cache")
+	}
+}
