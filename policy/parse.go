@@ -6,6 +6,7 @@ import (
 	"net"
 	"net/netip"
 	"regexp"
+	"slices"
 	"strconv"
 	"strings"
 	"time"
@@ -186,6 +187,12 @@ func Parse(file string, src []byte) (*Policy, error) {
 		return nil, &Error{Problems: p.errs}
 	}
 	p.top(doc.Content[0])
+	slices.SortStableFunc(p.errs, func(a, b Problem) int {
+		if a.Line != b.Line {
+			return a.Line - b.Line
+		}
+		return a.Col - b.Col
+	})
 	if len(p.errs) > 0 {
 		return nil, &Error{Problems: p.errs}
 	}
@@ -327,15 +334,16 @@ func (p *parser) top(n *yaml.Node) {
 	names := map[string]int{}
 	for _, rn := range rulesNode.Content {
 		r, ok := p.parseRule(rn)
-		if !ok {
-			continue
+		if r.Name != "" {
+			if prev, dup := names[r.Name]; dup {
+				p.errf(r.Line, r.Col, "duplicate rule name %q (first used on line %d)", r.Name, prev)
+				continue
+			}
+			names[r.Name] = r.Line
 		}
-		if prev, dup := names[r.Name]; dup {
-			p.errf(r.Line, r.Col, "duplicate rule name %q (first used on line %d)", r.Name, prev)
-			continue
+		if ok {
+			p.pol.Rules = append(p.pol.Rules, r)
 		}
-		names[r.Name] = r.Line
-		p.pol.Rules = append(p.pol.Rules, r)
 	}
 }
 

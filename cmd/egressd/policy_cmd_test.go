@@ -1,0 +1,153 @@
+package main
+
+import (
+	"bytes"
+	"context"
+	"encoding/json"
+	"os"
+	"path/filepath"
+	"strings"
+	"testing"
+)
+
+func runCLI(t *testing.T, args ...string) (int, string, string) {
+	t.Helper()
+	var out, errb bytes.Buffer
+	code := run(context.Background(), args, &out, &errb)
+	return code, out.String(), errb.String()
+}
+
+// TestSeedProfileExplain checks that the embedded profile answers every line
+// of the vendor page (../shared/seed/firewall-exceptions.txt) as the page
+// means it, through the real command line.
+func TestSeedProfileExplain(t *testing.T) {
+	cases := []struct {
+		to, port, from string
+		verdict, rule  string
+	}{
+		// [443 TCP] + the five domain globs.
+		{"api.nirovision.com", "", "", "allow", "vendor-cloud"},
+		{"a.b.nirovision.com", "443/tcp", "", "allow", "vendor-cloud"},
+		{"nirovision.com", "", "", "deny", ""},
+		{"cloud.balena-cloud.com", "", "", "allow", "vendor-cloud"},
+		{"production.cloudflare.docker.com", "", "", "allow", "vendor-cloud"},
+		{"registry-1.docker.io", "", "", "allow", "vendor-cloud"},
+		{"docker.io.evil.net", "", "", "deny", ""},
+		{"evildocker.io", "", "", "deny", ""},
+		{"intake.agent.datadoghq.com", "", "", "allow", "vendor-cloud"},
+		{"app.datadoghq.com", "", "", "deny", ""},
+		{"api.nirovision.com", "80/tcp", "", "deny", ""},
+		// notion.so/nirovision/*: host level without inspection, path with.
+		{"https://notion.so/nirovision/setup", "", "", "allow", "vendor-docs"},
+		{"http://notion.so/other/page", "80/tcp", "", "deny", ""},
+		{"notion.so", "", "", "allow", "vendor-docs"},
+		{"www.notion.so", "", "", "deny", ""},
+		// [10516 TCP] health and logging.
+		{"agent-intake.logs.datadoghq.com", "10516/tcp", "", "allow", "health-logging"},
+		{"health.nirovision.com", "10516/tcp", "", "allow", "health-logging"},
+		{"evil.example", "10516/tcp", "", "deny", ""},
+		// [123 UDP] NTP.
+		{"0.pool.ntp.org", "123/udp", "", "allow", "ntp"},
+		{"time.apple.com", "123/udp", "", "allow", "ntp"},
+		{"0.pool.ntp.org", "123/tcp", "", "deny", ""},
+		{"203.0.113.5", "123/udp", "", "deny", ""},
+		// [53 UDP] DNS.
+		{"198.51.100.53", "53/udp", "", "allow", "dns"},
+		{"2001:db8::53", "53/udp", "", "allow", "dns"},
+		{"198.51.100.53", "853/tcp", "", "deny", ""},
+		// Nx Witness 7001 and 5000 toward the site's private ranges.
+		{"192.168.1.20", "7001/tcp", "192.168.1.10", "allow", "nx-witness"},
+		{"10.0.0.5", "5000/tcp", "", "allow", "nx-witness"},
+		{"198.51.100.5", "7001/tcp", "", "deny", ""},
+		{"169.254.169.254", "5000/tcp", "", "deny", ""},
+		// Apple MDM: 17.0.0.0/8 on 5223, 443, 2197, and the push names.
+		{"17.1.2.3", "5223/tcp", "", "allow", "apple-mdm"},
+		{"17.1.2.3", "5224/tcp", "", "deny", ""},
+		{"17.1.2.3", "443/tcp", "", "allow", "apple-mdm"},
+		{"17.1.2.3", "2197/tcp", "", "allow", "apple-mdm"},
+		{"::ffff:17.1.2.3", "5223/tcp", "", "allow", "apple-mdm"},
+		{"18.1.2.3", "5223/tcp", "", "deny", ""},
+		{"1-courier.push.apple.com", "5223/tcp", "", "allow", "apple-mdm"},
+		// Android MDM: 443 and 5228-5230 plus the FCM names.
+		{"mtalk.google.com", "5228/tcp", "", "allow", "android-mdm"},
+		{"alt4-mtalk.google.com", "5230/tcp", "", "allow", "android-mdm"},
+		{"mtalk.google.com", "5231/tcp", "", "deny", ""},
+		{"fcm.googleapis.com", "443/tcp", "", "allow", "android-mdm"},
+		{"www.google.com", "443/tcp", "", "deny", ""},
+	}
+	for _, c := range cases {
+		args := []string{"policy", "explain", "profile:nirovision", "--to", c.to, "--json"}
+		if c.port != "" {
+			args = append(args, "--port", c.port)
+		}
+		if c.from != "" {
+			args = append(args, "--from", c.from)
+		}
+		code, out, stderr := runCLI(t, args...)
+		if code != 0 {
+			t.Fatalf("%v: exit %d: %s", args, code, stderr)
+		}
+		var ex struct{ Verdict, Rule, Reason string }
+		if err := json.Unmarshal([]byte(out), &ex); err != nil {
+			t.Fatalf("%v: %v: %q", args, err, out)
+		}
+		if ex.Verdict != c.verdict || (c.verdict == "allow" && ex.Rule != c.rule) {
+			t.Errorf("%s %s: %s by %q (%s), want %s by %q", c.to, c.port, ex.Verdict, ex.Rule, ex.Reason, c.verdict, c.rule)
+		}
+	}
+}
+
+func TestPolicyCheckExitCodes(t *testing.T) {
+	dir := t.TempDir()
+	good := filepath.Join(dir, "good.yaml")
+	bad := filepath.Join(dir, "bad.yaml")
+	os.WriteFile(good, []byte("rules:\n  - {name: a, to: [\"*\"], ports: [53/udp]}\n"), 0o644)
+	os.WriteFile(bad, []byte("rules:\n  - {name: a, to: [a.test], ports: [70000/tcp]}\n  - {name: a, to: [b.test], ports: [443/sctp]}\n"), 0o644)
+
+	code, out, stderr := runCLI(t, "policy", "check", good)
+	if code != 0 || !strings.Contains(out, "valid") || !strings.Contains(stderr, "resolve every name") {
+		t.Errorf("good policy: exit %d, out %q, stderr %q", code, out, stderr)
+	}
+	code, _, stderr = runCLI(t, "policy", "check", bad)
+	if code != 1 {
+		t.Errorf("bad policy: exit %d", code)
+	}
+	for _, want := range []string{"bad.yaml:2:", "70000", "bad.yaml:3:", "sctp", "duplicate rule name"} {
+		if !strings.Contains(stderr, want) {
+			t.Errorf("bad policy errors lack %q:\n%s", want, stderr)
+		}
+	}
+	if code, _, _ := runCLI(t, "policy", "check", filepath.Join(dir, "missing.yaml")); code != 1 {
+		t.Errorf("missing file: exit %d", code)
+	}
+	if code, _, _ := runCLI(t, "policy", "check"); code != 2 {
+		t.Errorf("no file: exit %d", code)
+	}
+	if code, _, _ := runCLI(t, "policy", "check", "profile:nirovision"); code != 0 {
+		t.Errorf("seed profile: exit %d", code)
+	}
+	// Flags after positional arguments.
+	if code, out, _ := runCLI(t, "policy", "explain", "--json", "profile:nirovision", "--to", "17.1.2.3", "--port", "5223/tcp"); code != 0 || !strings.Contains(out, `"verdict":"allow"`) {
+		t.Errorf("explain with flags around the file: %d %q", code, out)
+	}
+	if code, _, _ := runCLI(t, "policy", "explain", "profile:nirovision", "--to", "[example.com]"); code != 2 {
+		t.Errorf("bad --to: exit %d", code)
+	}
+}
+
+func TestProfilesCommand(t *testing.T) {
+	code, out, _ := runCLI(t, "profiles")
+	if code != 0 || !strings.Contains(out, "nirovision (default)") {
+		t.Fatalf("profiles: %d %q", code, out)
+	}
+	code, out, _ = runCLI(t, "profiles", "show", "nirovision")
+	if code != 0 || !strings.Contains(out, "*.docker.com") {
+		t.Fatalf("profiles show: %d", code)
+	}
+	if code, _, _ := runCLI(t, "profiles", "show", "nope"); code != 1 {
+		t.Fatalf("unknown profile: exit %d", code)
+	}
+	if code, out, _ := runCLI(t, "version"); code != 0 || !strings.HasPrefix(out, "egressd ") {
+		t.Fatalf("version: %d %q", code, out)
+	}
+}
