@@ -70,15 +70,28 @@ func (s *Server) serveWire(ctx context.Context, pkt []byte, src netip.AddrPort, 
 		s.m.dropped.WithLabelValues("malformed").Inc()
 		return nil
 	}
-	req := new(dns.Msg)
-	if err := req.Unpack(pkt); err != nil {
+	// The same header checks as miekg applies for TCP (acceptQuery).
+	formErr := func(rcode byte) []byte {
 		s.m.dropped.WithLabelValues("malformed").Inc()
-		// FORMERR with the client's ID and opcode, no sections.
-		out = make([]byte, 12)
+		// The client's ID and opcode, no sections.
+		out := make([]byte, 12)
 		copy(out, pkt[:2])
 		out[2] = 0x80 | pkt[2]&0x78 // QR, opcode
-		out[3] = dns.RcodeFormatError
+		out[3] = rcode
 		return out
+	}
+	switch acceptQuery(dns.Header{
+		Bits: binary.BigEndian.Uint16(pkt[2:]), Qdcount: binary.BigEndian.Uint16(pkt[4:]), Ancount: binary.BigEndian.Uint16(pkt[6:]),
+		Nscount: binary.BigEndian.Uint16(pkt[8:]), Arcount: binary.BigEndian.Uint16(pkt[10:]),
+	}) {
+	case dns.MsgReject:
+		return formErr(dns.RcodeFormatError)
+	case dns.MsgRejectNotImplemented:
+		return formErr(dns.RcodeNotImplemented)
+	}
+	req := new(dns.Msg)
+	if err := req.Unpack(pkt); err != nil {
+		return formErr(dns.RcodeFormatError)
 	}
 	return s.serveMsg(ctx, req, src, proto)
 }
@@ -119,6 +132,16 @@ func (s *Server) answer(ctx context.Context, q *query, req *dns.Msg) []byte {
 		return s.local(q, req, dns.RcodeNotImplemented, 0, "")
 	}
 	if len(req.Question) != 1 {
+		q.dec.Reason, q.enforced = ReasonFormat, true
+		return s.local(q, req, dns.RcodeFormatError, 0, "")
+	}
+	opts := 0
+	for _, rr := range req.Extra {
+		if rr.Header().Rrtype == dns.TypeOPT {
+			opts++
+		}
+	}
+	if opts > 1 { // RFC 6891 §6.1.1
 		q.dec.Reason, q.enforced = ReasonFormat, true
 		return s.local(q, req, dns.RcodeFormatError, 0, "")
 	}
