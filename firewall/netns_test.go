@@ -6,10 +6,12 @@ import (
 	"errors"
 	"fmt"
 	"io"
+	"log/slog"
 	"net"
 	"net/netip"
 	"os"
 	"os/exec"
+	"regexp"
 	"strings"
 	"sync"
 	"syscall"
@@ -17,8 +19,10 @@ import (
 	"time"
 	"unsafe"
 
+	"github.com/google/go-cmp/cmp"
 	"github.com/google/nftables"
 	"github.com/prometheus/client_golang/prometheus"
+	dto "github.com/prometheus/client_model/go"
 	"golang.org/x/sys/unix"
 
 	"egressd/internal/testnet"
@@ -110,7 +114,7 @@ func (tp *topo) firewall(t *testing.T, cfg Config) *Firewall {
 	if cfg.DNSPort == 0 {
 		cfg.DNSPort = dnsPort
 	}
-	fw, err := New(cfg, Deps{Registerer: prometheus.NewRegistry()})
+	fw, err := New(cfg, Deps{Registerer: prometheus.NewRegistry(), Logger: slog.New(slog.NewTextHandler(io.Discard, nil))})
 	if err != nil {
 		t.Fatal(err)
 	}
@@ -730,4 +734,138 @@ func TestReplaceAtomic(t *testing.T) {
 	if _, err := watch.ListTableOfFamily(TableName, nftables.TableFamilyINet); err != nil {
 		t.Errorf("table gone after a failed replace: %v", err)
 	}
+}
+
+// TestInstalledMatchesRender: what the kernel holds, listed by nft, is what
+// Render describes (counter values aside), in every configuration of the
+// golden files: the netlink translation and the printed form agree.
+func TestInstalledMatchesRender(t *testing.T) {
+	requireNft(t)
+	tp := newTopo(t)
+	eng := sitePolicy(t)
+	counters := regexp.MustCompile(`counter packets \d+ bytes \d+`)
+	wrapped := regexp.MustCompile(`,\n\s+`) // nft wraps long element lists
+	for _, c := range []struct {
+		cfg  Config
+		mode policy.Mode
+	}{
+		{Config{Masquerade: true}, policy.ModeEnforce},
+		{Config{TCPPorts: []policy.PortRange{{Lo: 80, Hi: 90, Proto: policy.TCP}, {Lo: 443, Hi: 443, Proto: policy.TCP}}, ProxyPort6: 15002}, policy.ModeEnforce},
+		{Config{GuardWAN: true, Masquerade: true}, policy.ModeAudit},
+		{Config{}, policy.ModeAudit},
+	} {
+		fw := tp.firewall(t, c.cfg)
+		if err := fw.Install(eng.WithMode(c.mode)); err != nil {
+			t.Fatal(err)
+		}
+		got := counters.ReplaceAllString(tp.gw.MustRun("nft", "list", "table", "inet", "egressd"), "counter")
+		got = wrapped.ReplaceAllString(got, ", ")
+		want := fw.Ruleset().String()
+		if diff := cmp.Diff(want, got); diff != "" {
+			t.Errorf("%s %+v: nft list differs from Render (-render +nft):\n%s", c.mode, c.cfg, diff)
+		}
+		if err := fw.Close(); err != nil {
+			t.Fatal(err)
+		}
+	}
+}
+
+// TestLearnGroupCommit: Learn calls that arrive while a transaction is in
+// flight share the next one, and every address lands in its set.
+func TestLearnGroupCommit(t *testing.T) {
+	requireNft(t)
+	tp := newTopo(t)
+	fw := tp.firewall(t, Config{})
+	if err := fw.Install(compile(t, testPolicy)); err != nil {
+		t.Fatal(err)
+	}
+	learns := func() float64 { return counterValue(fw.m.applies.WithLabelValues("learn", "ok")) }
+	// Hold the netlink lock, as a slow transaction would.
+	fw.ioMu.Lock()
+	const n = 100
+	errs := make(chan error, n)
+	for i := 0; i < n; i++ {
+		go func() {
+			errs <- fw.Learn("udp-name", netip.AddrFrom4([4]byte{203, 0, 113, byte(i)}), time.Minute)
+		}()
+	}
+	deadline := time.Now().Add(10 * time.Second)
+	for {
+		fw.mu.Lock()
+		queued := 0
+		if fw.pending != nil {
+			queued = len(fw.pending.ops)
+		}
+		fw.mu.Unlock()
+		if queued == n-1 { // one call is the writer, waiting for the lock
+			break
+		}
+		if time.Now().After(deadline) {
+			fw.ioMu.Unlock()
+			t.Fatalf("only %d calls queued", queued)
+		}
+		time.Sleep(5 * time.Millisecond)
+	}
+	fw.ioMu.Unlock()
+	for i := 0; i < n; i++ {
+		if err := <-errs; err != nil {
+			t.Fatal(err)
+		}
+	}
+	if got := learns(); got != 2 {
+		t.Errorf("%d learn transactions for %d addresses, want 2", int(got), n)
+	}
+	out := tp.gw.MustRun("nft", "list", "set", "inet", "egressd", "dns4_udp-name")
+	for i := 0; i < n; i++ {
+		if a := fmt.Sprintf("203.0.113.%d ", i); !strings.Contains(out, a) {
+			t.Fatalf("%s missing from the set:\n%s", a, out)
+		}
+	}
+	// Learning them again is free: no transaction.
+	for i := 0; i < n; i++ {
+		if err := fw.Learn("udp-name", netip.AddrFrom4([4]byte{203, 0, 113, byte(i)}), time.Minute); err != nil {
+			t.Fatal(err)
+		}
+	}
+	if got := learns(); got != 2 {
+		t.Errorf("re-learning wrote %d transactions", int(got)-2)
+	}
+}
+
+// TestLearnAfterExternalFlush: if the kernel's set lost an address behind
+// egressd's back, a refresh (delete + add) fails and Learn retries with an
+// add, so the address is back.
+func TestLearnAfterExternalFlush(t *testing.T) {
+	requireNft(t)
+	tp := newTopo(t)
+	tp.serverUDP(t, "198.18.2.4:9000")
+	fw := tp.firewall(t, Config{MinTTL: time.Second})
+	if err := fw.Install(compile(t, testPolicy)); err != nil {
+		t.Fatal(err)
+	}
+	a := netip.MustParseAddr("198.18.2.4")
+	if err := fw.Learn("udp-name", a, 4*time.Second); err != nil {
+		t.Fatal(err)
+	}
+	tp.gw.MustRun("nft", "flush", "set", "inet", "egressd", "dns4_udp-name")
+	if got, err := udpAsk(tp.client, "198.18.2.4:9000", 700*time.Millisecond); !isTimeout(err) {
+		t.Fatalf("after the flush: got %q, %v; want a timeout", got, err)
+	}
+	if err := fw.Learn("udp-name", a, time.Minute); err != nil {
+		t.Fatal(err)
+	}
+	if _, err := udpAsk(tp.client, "198.18.2.4:9000", 3*time.Second); err != nil {
+		t.Fatalf("after learning again: %v", err)
+	}
+	if got := counterValue(fw.m.applies.WithLabelValues("learn", "ok")); got != 2 {
+		t.Errorf("learn transactions: %v, want 2", got)
+	}
+}
+
+func counterValue(c prometheus.Counter) float64 {
+	var m dto.Metric
+	if err := c.Write(&m); err != nil {
+		return -1
+	}
+	return m.GetCounter().GetValue()
 }

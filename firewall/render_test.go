@@ -1,0 +1,326 @@
+package firewall
+
+import (
+	"errors"
+	"flag"
+	"net/netip"
+	"os"
+	"path/filepath"
+	"strings"
+	"testing"
+	"time"
+
+	"github.com/google/go-cmp/cmp"
+
+	"egressd/policy"
+)
+
+var update = flag.Bool("update", false, "rewrite the golden files in testdata")
+
+func sitePolicy(t testing.TB) *policy.Engine {
+	t.Helper()
+	src, err := os.ReadFile("testdata/site.yaml")
+	if err != nil {
+		t.Fatal(err)
+	}
+	return compile(t, string(src))
+}
+
+var siteConfig = Config{LAN: "lan0", WAN: "wan0", ProxyPort: 15001, DNSPort: 5353}
+
+// TestGolden renders testdata/site.yaml in each configuration and compares
+// with the golden files (go test -run TestGolden -update rewrites them).
+func TestGolden(t *testing.T) {
+	eng := sitePolicy(t)
+	tcp := []policy.PortRange{{Lo: 80, Hi: 80, Proto: policy.TCP}, {Lo: 443, Hi: 443, Proto: policy.TCP}}
+	cases := []struct {
+		name string
+		cfg  Config
+		mode policy.Mode
+	}{
+		{"enforce", siteConfig, policy.ModeEnforce},
+		{"enforce-tcp-ports", func() Config { c := siteConfig; c.TCPPorts = tcp; c.ProxyPort6 = 15002; c.Masquerade = true; return c }(), policy.ModeEnforce},
+		{"audit", siteConfig, policy.ModeAudit},
+		{"audit-guard-masquerade", func() Config { c := siteConfig; c.GuardWAN, c.Masquerade = true, true; return c }(), policy.ModeAudit},
+	}
+	for _, c := range cases {
+		t.Run(c.name, func(t *testing.T) {
+			rs, err := render(c.cfg, eng.WithMode(c.mode), time.Date(2026, 1, 1, 0, 0, 0, 0, time.UTC))
+			if err != nil {
+				t.Fatal(err)
+			}
+			got := rs.String()
+			path := filepath.Join("testdata", c.name+".nft")
+			if *update {
+				if err := os.WriteFile(path, []byte(got), 0o644); err != nil {
+					t.Fatal(err)
+				}
+			}
+			want, err := os.ReadFile(path)
+			if err != nil {
+				t.Fatal(err)
+			}
+			if diff := cmp.Diff(string(want), got); diff != "" {
+				t.Errorf("%s (-want +got):\n%s", path, diff)
+			}
+		})
+	}
+}
+
+// TestAuditBlocksNothing is the audit promise in the rendered form: no
+// rule of an audit ruleset redirects, drops or rejects anything from the
+// LAN, whatever the configuration.
+func TestAuditBlocksNothing(t *testing.T) {
+	eng := sitePolicy(t).WithMode(policy.ModeAudit)
+	for _, cfg := range []Config{{}, siteConfig, {WAN: "wan0", GuardWAN: true, Masquerade: true}, {LAN: "lan0", WAN: "wan0", GuardWAN: true}} {
+		rs, err := Render(cfg, eng)
+		if err != nil {
+			t.Fatal(err)
+		}
+		if len(rs.Sets) != 0 {
+			t.Errorf("%+v: audit ruleset has sets", cfg)
+		}
+		for _, c := range rs.Chains {
+			for _, r := range c.Rules {
+				switch r.Verdict.Kind {
+				case Redirect, Reject, RejectTCPReset:
+					t.Errorf("%+v: audit rule %q", cfg, r)
+				case Drop:
+					if r.IIf != cfg.WAN || !cfg.GuardWAN {
+						t.Errorf("%+v: audit drops %q", cfg, r)
+					}
+				}
+			}
+		}
+		if cfg.LAN == "" && cfg.WAN == "" && len(rs.Chains) != 0 {
+			t.Errorf("default audit ruleset has chains:\n%s", rs)
+		}
+	}
+}
+
+func TestRenderEnforce(t *testing.T) {
+	rs, err := Render(siteConfig, sitePolicy(t))
+	if err != nil {
+		t.Fatal(err)
+	}
+	text := rs.String()
+	for _, want := range []string{
+		`iifname "lan0" udp dport 53 redirect to :5353`,
+		`iifname "lan0" tcp dport 53 redirect to :5353`,
+		`iifname "lan0" meta l4proto tcp redirect to :15001`,
+		`iifname "lan0" ip daddr @dns4_ntp udp dport 123 accept`,
+		`iifname "lan0" ip6 daddr @dns6_ntp udp dport 123 accept`,
+		`iifname "lan0" ip daddr @dns4_quic udp dport 443 accept`,
+		`iifname "lan0" udp dport 9 accept`,
+		`iifname "wan0" counter drop`,
+		`iifname "lan0" udp dport 443 counter reject`,
+		`iifname "lan0" counter drop comment "enforce: nothing else from the LAN"`,
+		`elements = { 198.51.100.7, 203.0.113.0/24 }`,
+	} {
+		if !strings.Contains(text, want) {
+			t.Errorf("missing %q in\n%s", want, text)
+		}
+	}
+	// TCP rules are the proxy's business when every port is redirected:
+	// no TCP accepts in forward.
+	for _, c := range rs.Chains {
+		for _, r := range c.Rules {
+			if c.Name == chainForward && r.Proto == policy.TCP && r.Verdict.Kind == Accept {
+				t.Errorf("forward accepts TCP: %q", r)
+			}
+		}
+	}
+	// The QUIC allowance comes before the QUIC reject.
+	if strings.Index(text, "@dns4_quic udp dport 443 accept") > strings.Index(text, "udp dport 443 counter reject") {
+		t.Error("QUIC reject before the rule that allows it")
+	}
+	for rule, want := range map[string]bool{"ntp": true, "media": true, "quic": true, "web": false, "dns": false, "nx": false, "anything": false} {
+		if _, _, ok := rs.LearnedSets(rule); ok != want {
+			t.Errorf("LearnedSets(%s) = %v, want %v", rule, ok, want)
+		}
+	}
+}
+
+func TestRenderTCPPorts(t *testing.T) {
+	cfg := siteConfig
+	cfg.TCPPorts = []policy.PortRange{{Lo: 443, Hi: 443, Proto: policy.TCP}}
+	rs, err := Render(cfg, sitePolicy(t))
+	if err != nil {
+		t.Fatal(err)
+	}
+	text := rs.String()
+	for _, want := range []string{
+		`iifname "lan0" tcp dport 443 redirect to :15001`,
+		`iifname "lan0" ip daddr @net4_nx tcp dport 7001 accept`,
+		`iifname "lan0" ip6 daddr @net6_nx tcp dport 5000 accept`,
+		`elements = { 10.0.0.0/8, 172.16.0.0/12, 192.168.0.0/16 }`,
+		`iifname "lan0" tcp dport 853 counter reject with tcp reset`,
+	} {
+		if !strings.Contains(text, want) {
+			t.Errorf("missing %q in\n%s", want, text)
+		}
+	}
+	if strings.Contains(text, "meta l4proto tcp redirect") {
+		t.Error("every TCP port redirected despite TCPPorts")
+	}
+}
+
+func TestRenderExpiry(t *testing.T) {
+	eng := compile(t, `
+version: 1
+mode: enforce
+rules:
+  - name: old
+    to: [198.51.100.1]
+    ports: [1000/udp]
+    expires: 2025-06-30
+  - name: soon
+    to: [198.51.100.2]
+    ports: [1001/udp]
+    expires: 2026-03-01
+  - name: later
+    to: [198.51.100.3]
+    ports: [1002/udp]
+    expires: 2027-01-01
+`)
+	now := time.Date(2026, 1, 1, 0, 0, 0, 0, time.UTC)
+	rs, err := render(siteConfig, eng, now)
+	if err != nil {
+		t.Fatal(err)
+	}
+	text := rs.String()
+	if strings.Contains(text, "rule old") || !strings.Contains(text, "rule soon") || !strings.Contains(text, "rule later") {
+		t.Errorf("expired rule rendered, or live one missing:\n%s", text)
+	}
+	if want := eng.Rules()[1].Expires; !rs.NextExpiry.Equal(want) {
+		t.Errorf("NextExpiry = %v, want %v", rs.NextExpiry, want)
+	}
+}
+
+func TestConfigValidate(t *testing.T) {
+	cases := []struct {
+		name string
+		cfg  Config
+		mode policy.Mode
+		want []string // substrings of the error; none: valid
+	}{
+		{"audit zero", Config{}, policy.ModeAudit, nil},
+		{"enforce ok", siteConfig, policy.ModeEnforce, nil},
+		{"enforce empty", Config{}, policy.ModeEnforce, []string{"LAN interface", "proxy's port"}},
+		{"masquerade without wan", Config{Masquerade: true}, policy.ModeAudit, []string{"masquerade needs the WAN"}},
+		{"same iface", Config{LAN: "eth0", WAN: "eth0"}, policy.ModeAudit, []string{"both"}},
+		{"long name", Config{LAN: "abcdefghijklmnop"}, policy.ModeAudit, []string{"longer than 15"}},
+		{"bad name", Config{WAN: "a/b"}, policy.ModeAudit, []string{"not a valid interface"}},
+		{"udp port range", Config{TCPPorts: []policy.PortRange{{Lo: 1, Hi: 2, Proto: policy.UDP}}}, policy.ModeAudit, []string{"expected TCP"}},
+		{"backwards", Config{TCPPorts: []policy.PortRange{{Lo: 9, Hi: 2, Proto: policy.TCP}}}, policy.ModeAudit, []string{"expected TCP"}},
+		{"mode", Config{}, "loud", []string{"unknown mode"}},
+	}
+	for _, c := range cases {
+		t.Run(c.name, func(t *testing.T) {
+			err := c.cfg.Validate(c.mode)
+			if len(c.want) == 0 {
+				if err != nil {
+					t.Fatalf("unexpected error: %v", err)
+				}
+				return
+			}
+			if err == nil {
+				t.Fatalf("no error, want %q", c.want)
+			}
+			for _, w := range c.want {
+				if !strings.Contains(err.Error(), w) {
+					t.Errorf("error %q does not say %q", err, w)
+				}
+			}
+			if !strings.HasPrefix(err.Error(), "firewall: ") {
+				t.Errorf("error %q has no package prefix", err)
+			}
+		})
+	}
+	if _, err := Render(Config{}, nil); err == nil {
+		t.Error("Render(nil engine) succeeded")
+	}
+}
+
+func TestMergePrefixes(t *testing.T) {
+	pp := func(ss ...string) []netip.Prefix {
+		var out []netip.Prefix
+		for _, s := range ss {
+			out = append(out, netip.MustParsePrefix(s))
+		}
+		return out
+	}
+	cases := []struct {
+		in   []netip.Prefix
+		want []string
+	}{
+		{pp("203.0.113.0/25", "203.0.113.128/25"), []string{"203.0.113.0/24"}},
+		{pp("10.0.0.0/8", "10.1.0.0/16", "10.2.3.4/32"), []string{"10.0.0.0/8"}},
+		{pp("198.51.100.7/32", "198.51.100.9/32", "198.51.100.8/32"), []string{"198.51.100.7-198.51.100.9"}},
+		{pp("255.255.255.255/32", "255.255.255.0/24"), []string{"255.255.255.0/24"}},
+		{pp("2001:db8::/33", "2001:db8:8000::/33"), []string{"2001:db8::/32"}},
+		{pp("192.0.2.1/32"), []string{"192.0.2.1"}},
+		{nil, nil},
+	}
+	for _, c := range cases {
+		var got []string
+		for _, r := range mergePrefixes(c.in) {
+			got = append(got, rangeString(r))
+		}
+		if diff := cmp.Diff(c.want, got); diff != "" {
+			t.Errorf("%v (-want +got):\n%s", c.in, diff)
+		}
+	}
+}
+
+// TestLearnBookkeeping checks Learn's decisions without a kernel: the
+// ruleset is rendered in audit mode, where Learn only remembers.
+func TestLearnBookkeeping(t *testing.T) {
+	now := time.Date(2026, 1, 1, 0, 0, 0, 0, time.UTC)
+	fw, err := New(Config{MaxLearned: 2, MinTTL: 10 * time.Second}, Deps{Now: func() time.Time { return now }})
+	if err != nil {
+		t.Fatal(err)
+	}
+	a1, a2, a3 := netip.MustParseAddr("198.51.100.1"), netip.MustParseAddr("198.51.100.2"), netip.MustParseAddr("198.51.100.3")
+	// Nothing installed: ignored.
+	if err := fw.Learn("ntp", a1, time.Minute); err != nil || len(fw.learned) != 0 {
+		t.Fatalf("learn before install: %v, %v", err, fw.learned)
+	}
+	rs, err := render(Config{}, sitePolicy(t).WithMode(policy.ModeAudit), now)
+	if err != nil {
+		t.Fatal(err)
+	}
+	fw.rs = rs
+	if err := fw.Learn("web", a1, time.Minute); err != nil || len(fw.learned) != 0 {
+		t.Fatalf("rule without UDP ports: %v, %v", err, fw.learned)
+	}
+	if err := fw.Learn("nope", a1, time.Minute); err != nil || len(fw.learned) != 0 {
+		t.Fatalf("unknown rule: %v, %v", err, fw.learned)
+	}
+	if err := fw.Learn("ntp", netip.MustParseAddr("::ffff:198.51.100.1"), time.Second); err != nil {
+		t.Fatal(err)
+	}
+	if got := fw.learned["dns4_ntp"][a1]; !got.Equal(now.Add(10 * time.Second)) {
+		t.Errorf("mapped address, ttl under MinTTL: expiry %v, want %v", got, now.Add(10*time.Second))
+	}
+	if err := fw.Learn("ntp", a2, 100*24*time.Hour); err != nil {
+		t.Fatal(err)
+	}
+	if got := fw.learned["dns4_ntp"][a2]; !got.Equal(now.Add(MaxTTL)) {
+		t.Errorf("ttl over MaxTTL: expiry %v", got)
+	}
+	if err := fw.Learn("ntp", a3, time.Minute); !errors.Is(err, ErrSetFull) {
+		t.Errorf("third address in a set of 2: %v, want ErrSetFull", err)
+	}
+	// Once the first has expired there is room.
+	now = now.Add(11 * time.Second)
+	if err := fw.Learn("ntp", a3, time.Minute); err != nil {
+		t.Errorf("after an expiry: %v", err)
+	}
+	if err := fw.Learn("ntp", netip.MustParseAddr("2001:db8::1"), time.Minute); err != nil || len(fw.learned["dns6_ntp"]) != 1 {
+		t.Errorf("IPv6: %v, %v", err, fw.learned["dns6_ntp"])
+	}
+	if err := fw.Learn("ntp", netip.Addr{}, time.Minute); err == nil {
+		t.Error("invalid address accepted")
+	}
+}
