@@ -12,6 +12,7 @@ import (
 	"os"
 	"os/exec"
 	"regexp"
+	"runtime"
 	"strings"
 	"sync"
 	"syscall"
@@ -868,4 +869,110 @@ func counterValue(c prometheus.Counter) float64 {
 		return -1
 	}
 	return m.GetCounter().GetValue()
+}
+
+// TestKill9 runs a real process that installs the firewall and serves the
+// "proxy", then kills it with SIGKILL: enforce fails closed (the ruleset
+// stays, redirected connections are refused), audit fails open (traffic
+// flows with no egressd at all).
+func TestKill9(t *testing.T) {
+	requireNft(t)
+	for _, mode := range []policy.Mode{policy.ModeEnforce, policy.ModeAudit} {
+		t.Run(string(mode), func(t *testing.T) {
+			tp := newTopo(t)
+			tp.serverTCP(t, "[::]:80")
+			cmd := exec.Command(os.Args[0], "-test.run=^TestHelperProcess$", "-test.count=1")
+			cmd.Env = append(os.Environ(), "EGRESSD_FW_HELPER=1", "EGRESSD_FW_NETNS="+tp.nsPath, "EGRESSD_FW_MODE="+string(mode))
+			cmd.Stderr = os.Stderr
+			out, err := cmd.StdoutPipe()
+			if err != nil {
+				t.Fatal(err)
+			}
+			if err := cmd.Start(); err != nil {
+				t.Fatal(err)
+			}
+			t.Cleanup(func() { cmd.Process.Kill(); cmd.Wait() })
+			ready := make(chan string, 1)
+			go func() {
+				line, _ := bufio.NewReader(out).ReadString('\n')
+				ready <- line
+			}()
+			select {
+			case line := <-ready:
+				if line != "ready\n" {
+					t.Fatalf("helper said %q", line)
+				}
+			case <-time.After(20 * time.Second):
+				t.Fatal("helper not ready")
+			}
+			line, err := tcpLine(tp.client, "198.18.2.2:80", 3*time.Second)
+			if err != nil {
+				t.Fatal(err)
+			}
+			want := map[policy.Mode]string{policy.ModeEnforce: "helper proxy\n", policy.ModeAudit: "server saw 198.18.1.2:"}[mode]
+			if !strings.HasPrefix(line, want) {
+				t.Fatalf("with egressd running: got %q, want %q", line, want)
+			}
+			if err := cmd.Process.Signal(syscall.SIGKILL); err != nil {
+				t.Fatal(err)
+			}
+			cmd.Wait()
+			line, err = tcpLine(tp.client, "198.18.2.2:80", 3*time.Second)
+			switch mode {
+			case policy.ModeEnforce:
+				if !errors.Is(err, syscall.ECONNREFUSED) {
+					t.Errorf("after kill -9: got %q, %v; want connection refused", line, err)
+				}
+				if out := tp.gw.MustRun("nft", "list", "table", "inet", "egressd"); !strings.Contains(out, "redirect to :15001") {
+					t.Errorf("the ruleset went with the process:\n%s", out)
+				}
+			case policy.ModeAudit:
+				if err != nil || !strings.HasPrefix(line, "server saw 198.18.1.2:") {
+					t.Errorf("after kill -9: got %q, %v; want the server", line, err)
+				}
+			}
+		})
+	}
+}
+
+// TestHelperProcess is the process TestKill9 kills; it does nothing in a
+// normal test run.
+func TestHelperProcess(t *testing.T) {
+	if os.Getenv("EGRESSD_FW_HELPER") != "1" {
+		return
+	}
+	nsPath := os.Getenv("EGRESSD_FW_NETNS")
+	mode, _ := policy.ParseMode(os.Getenv("EGRESSD_FW_MODE"))
+	fw, err := New(Config{LAN: "lan0", WAN: "wan0", ProxyPort: proxyPort, DNSPort: dnsPort, NetNS: nsPath}, Deps{Logger: slog.New(slog.NewTextHandler(io.Discard, nil))})
+	if err != nil {
+		t.Fatal(err)
+	}
+	if err := fw.Install(compile(t, testPolicy).WithMode(mode)); err != nil {
+		t.Fatal(err)
+	}
+	// Listen in the gateway's namespace from a thread that stays there.
+	runtime.LockOSThread()
+	nsf, err := os.Open(nsPath)
+	if err != nil {
+		t.Fatal(err)
+	}
+	if err := unix.Setns(int(nsf.Fd()), unix.CLONE_NEWNET); err != nil {
+		t.Fatal(err)
+	}
+	ln, err := net.Listen("tcp", fmt.Sprintf("[::]:%d", proxyPort))
+	if err != nil {
+		t.Fatal(err)
+	}
+	go func() {
+		for {
+			c, err := ln.Accept()
+			if err != nil {
+				return
+			}
+			fmt.Fprintln(c, "helper proxy")
+			c.Close()
+		}
+	}()
+	fmt.Println("ready")
+	time.Sleep(60 * time.Second) // killed long before
 }

@@ -1,0 +1,60 @@
+package main
+
+import (
+	"os"
+	"path/filepath"
+	"strings"
+	"testing"
+)
+
+func TestFirewallPrint(t *testing.T) {
+	dir := t.TempDir()
+	pol := filepath.Join(dir, "p.yaml")
+	if err := os.WriteFile(pol, []byte("version: 1\nmode: enforce\nrules:\n  - name: ntp\n    to: [pool.ntp.test]\n    ports: [123/udp]\n"), 0o644); err != nil {
+		t.Fatal(err)
+	}
+	cases := []struct {
+		name   string
+		args   []string
+		code   int
+		want   []string // in stdout
+		absent []string
+		stderr string
+	}{
+		{"seed audit by default", []string{"firewall", "print"}, exitOK,
+			[]string{"mode audit", "table inet egressd {"}, []string{"redirect to", " drop", "reject"}, ""},
+		{"seed enforce", []string{"firewall", "print", "--mode", "enforce", "--lan", "lan0", "--wan", "wan0", "--masquerade"}, exitOK,
+			[]string{`iifname "lan0" meta l4proto tcp redirect to :15001`, `udp dport 53 redirect to :53`, `@dns4_ntp udp dport 123 accept`,
+				`iifname "wan0" counter drop`, `oifname "wan0" masquerade`}, nil, ""},
+		{"policy file, flags after", []string{"firewall", "print", "--policy", pol, "--lan", "br0", "--proxy-port", "3129", "--dns-port", "5353", "--tcp-ports", "80,443,8000-8100"}, exitOK,
+			[]string{`tcp dport 8000-8100 redirect to :3129`, `udp dport 53 redirect to :5353`, "policy " + pol}, []string{"meta l4proto tcp redirect"}, ""},
+		{"enforce needs lan", []string{"firewall", "print", "--mode", "enforce"}, exitFail, nil, nil, "needs the LAN interface"},
+		{"bad mode", []string{"firewall", "print", "--mode", "loud"}, exitUsage, nil, nil, "expected audit or enforce"},
+		{"bad ports", []string{"firewall", "print", "--tcp-ports", "80,x"}, exitUsage, nil, nil, `"x" is not a port`},
+		{"bad port number", []string{"firewall", "print", "--proxy-port", "70000"}, exitUsage, nil, nil, "is not a port"},
+		{"no subcommand", []string{"firewall"}, exitUsage, nil, nil, "usage"},
+		{"unknown subcommand", []string{"firewall", "install"}, exitUsage, nil, nil, "unknown subcommand"},
+		{"missing policy", []string{"firewall", "print", "--policy", filepath.Join(dir, "none.yaml")}, exitFail, nil, nil, "no such file"},
+	}
+	for _, c := range cases {
+		t.Run(c.name, func(t *testing.T) {
+			code, out, errs := runCLI(t, c.args...)
+			if code != c.code {
+				t.Fatalf("exit %d, want %d\nstdout:\n%s\nstderr:\n%s", code, c.code, out, errs)
+			}
+			for _, w := range c.want {
+				if !strings.Contains(out, w) {
+					t.Errorf("stdout lacks %q:\n%s", w, out)
+				}
+			}
+			for _, a := range c.absent {
+				if strings.Contains(out, a) {
+					t.Errorf("stdout has %q:\n%s", a, out)
+				}
+			}
+			if c.stderr != "" && !strings.Contains(errs, c.stderr) {
+				t.Errorf("stderr lacks %q:\n%s", c.stderr, errs)
+			}
+		})
+	}
+}
