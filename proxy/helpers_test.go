@@ -1,0 +1,574 @@
+package proxy
+
+import (
+	"context"
+	"crypto/ecdsa"
+	"crypto/elliptic"
+	"crypto/rand"
+	"crypto/tls"
+	"crypto/x509"
+	"crypto/x509/pkix"
+	"encoding/binary"
+	"encoding/pem"
+	"fmt"
+	"io"
+	"log/slog"
+	"math/big"
+	"net"
+	"net/http"
+	"net/netip"
+	"os"
+	"path/filepath"
+	"strings"
+	"sync"
+	"testing"
+	"time"
+
+	"github.com/miekg/dns"
+
+	"egressd/audit"
+	"egressd/internal/testnet"
+	"egressd/policy"
+)
+
+// Addresses of the test topology (198.18.0.0/15 and 2001:db8::/32 only).
+var (
+	clientV4  = netip.MustParseAddr("198.18.1.2")
+	client2V4 = netip.MustParseAddr("198.18.1.3")
+	clientV6  = netip.MustParseAddr("2001:db8:1::2")
+	gwLanV4   = netip.MustParseAddr("198.18.1.1")
+	gwLanV6   = netip.MustParseAddr("2001:db8:1::1")
+	gwWanV4   = netip.MustParseAddr("198.18.2.1")
+	gwWanV6   = netip.MustParseAddr("2001:db8:2::1")
+	srvV4     = netip.MustParseAddr("198.18.2.2") // www.allowed.test, docs.paths.test
+	srvV6     = netip.MustParseAddr("2001:db8:2::2")
+	spoofV4   = netip.MustParseAddr("198.18.2.3") // a server nobody was told about
+	echoV4    = netip.MustParseAddr("198.18.2.4") // a non-TLS service allowed by CIDR
+	deniedV4  = netip.MustParseAddr("198.18.2.5") // evil.example
+)
+
+const (
+	transparentPort = 15001
+	explicitPort    = 3128
+)
+
+const testPolicy = `version: 1
+mode: %s
+rules:
+  - name: allowed
+    to: ["*.allowed.test", "allowed.test"]
+    ports: [443/tcp, 80/tcp]
+  - name: docs
+    to: ["docs.paths.test/public/*"]
+    ports: [443/tcp, 80/tcp]
+  - name: vpn
+    to: [198.18.2.4/32]
+    ports: [8443/tcp]
+  - name: ech-front
+    to: ["ech-front.allowed-ech.test"]
+    ports: [443/tcp]
+`
+
+// facts is an in-test DNSFacts: what "our DNS" gave out, per client.
+type facts struct {
+	mu sync.Mutex
+	m  map[[2]netip.Addr][]string
+}
+
+func (f *facts) add(client, addr netip.Addr, names ...string) {
+	f.mu.Lock()
+	defer f.mu.Unlock()
+	if f.m == nil {
+		f.m = map[[2]netip.Addr][]string{}
+	}
+	k := [2]netip.Addr{client, addr}
+	f.m[k] = append(f.m[k], names...)
+}
+
+func (f *facts) NamesFor(client, addr netip.Addr) []string {
+	f.mu.Lock()
+	defer f.mu.Unlock()
+	return append([]string(nil), f.m[[2]netip.Addr{client, addr}]...)
+}
+
+// dnsResolver is a Resolver that asks a real miekg/dns server on loopback.
+type dnsResolver struct{ addr string }
+
+func (r dnsResolver) LookupNetIP(ctx context.Context, name string) ([]netip.Addr, error) {
+	var out []netip.Addr
+	c := &dns.Client{Timeout: 2 * time.Second}
+	for _, qt := range []uint16{dns.TypeA, dns.TypeAAAA} {
+		m := new(dns.Msg)
+		m.SetQuestion(dns.Fqdn(name), qt)
+		resp, _, err := c.ExchangeContext(ctx, m, r.addr)
+		if err != nil {
+			return nil, err
+		}
+		for _, rr := range resp.Answer {
+			switch x := rr.(type) {
+			case *dns.A:
+				a, _ := netip.AddrFromSlice(x.A)
+				out = append(out, a.Unmap())
+			case *dns.AAAA:
+				a, _ := netip.AddrFromSlice(x.AAAA)
+				out = append(out, a)
+			}
+		}
+	}
+	if len(out) == 0 {
+		return nil, fmt.Errorf("no addresses for %s", name)
+	}
+	return out, nil
+}
+
+// startDNS runs a miekg/dns server on 127.0.0.1 answering from zone.
+func startDNS(t *testing.T, zone map[string][]netip.Addr) dnsResolver {
+	t.Helper()
+	pc, err := net.ListenPacket("udp", "127.0.0.1:0")
+	if err != nil {
+		t.Fatal(err)
+	}
+	srv := &dns.Server{PacketConn: pc, Handler: dns.HandlerFunc(func(w dns.ResponseWriter, q *dns.Msg) {
+		m := new(dns.Msg)
+		m.SetReply(q)
+		if len(q.Question) == 1 {
+			name := strings.TrimSuffix(strings.ToLower(q.Question[0].Name), ".")
+			for _, a := range zone[name] {
+				hdr := dns.RR_Header{Name: q.Question[0].Name, Class: dns.ClassINET, Ttl: 60}
+				if a.Is4() && q.Question[0].Qtype == dns.TypeA {
+					hdr.Rrtype = dns.TypeA
+					m.Answer = append(m.Answer, &dns.A{Hdr: hdr, A: a.AsSlice()})
+				}
+				if a.Is6() && q.Question[0].Qtype == dns.TypeAAAA {
+					hdr.Rrtype = dns.TypeAAAA
+					m.Answer = append(m.Answer, &dns.AAAA{Hdr: hdr, AAAA: a.AsSlice()})
+				}
+			}
+			if len(zone[name]) == 0 {
+				m.Rcode = dns.RcodeNameError
+			}
+		}
+		w.WriteMsg(m)
+	})}
+	go srv.ActivateAndServe()
+	t.Cleanup(func() { srv.Shutdown() })
+	return dnsResolver{addr: pc.LocalAddr().String()}
+}
+
+// events collects audit events.
+type events struct {
+	mu  sync.Mutex
+	evs []audit.Event
+}
+
+func (e *events) Emit(ev audit.Event) {
+	e.mu.Lock()
+	e.evs = append(e.evs, ev)
+	e.mu.Unlock()
+}
+
+// wait returns the first event matching pred, waiting up to 10 s.
+func (e *events) wait(t *testing.T, what string, pred func(audit.Event) bool) audit.Event {
+	t.Helper()
+	deadline := time.Now().Add(10 * time.Second)
+	for {
+		e.mu.Lock()
+		for _, ev := range e.evs {
+			if pred(ev) {
+				e.mu.Unlock()
+				return ev
+			}
+		}
+		n := len(e.evs)
+		e.mu.Unlock()
+		if time.Now().After(deadline) {
+			e.mu.Lock()
+			defer e.mu.Unlock()
+			var b strings.Builder
+			for _, ev := range e.evs[max(0, len(e.evs)-4):] {
+				fmt.Fprintf(&b, "\n  %+v", ev)
+			}
+			t.Fatalf("no event %s among %d; the last:%s", what, n, b.String())
+		}
+		time.Sleep(20 * time.Millisecond)
+	}
+}
+
+// byClientPort matches the event of one connection.
+func byClientPort(port int) func(audit.Event) bool {
+	return func(ev audit.Event) bool { return int(ev.ClientPort) == port }
+}
+
+// pki is a test CA and a server certificate for every test name.
+type pki struct {
+	pool    *x509.CertPool
+	caFile  string
+	srvCert tls.Certificate
+}
+
+func newPKI(t *testing.T) *pki {
+	t.Helper()
+	caKey, _ := ecdsa.GenerateKey(elliptic.P256(), rand.Reader)
+	caT := &x509.Certificate{SerialNumber: big.NewInt(1), Subject: pkix.Name{CommonName: "egressd test CA"},
+		NotBefore: time.Now().Add(-time.Hour), NotAfter: time.Now().Add(24 * time.Hour),
+		IsCA: true, BasicConstraintsValid: true, KeyUsage: x509.KeyUsageCertSign}
+	caDER, err := x509.CreateCertificate(rand.Reader, caT, caT, &caKey.PublicKey, caKey)
+	if err != nil {
+		t.Fatal(err)
+	}
+	ca, _ := x509.ParseCertificate(caDER)
+	key, _ := ecdsa.GenerateKey(elliptic.P256(), rand.Reader)
+	leafT := &x509.Certificate{SerialNumber: big.NewInt(2), Subject: pkix.Name{CommonName: "www.allowed.test"},
+		NotBefore: time.Now().Add(-time.Hour), NotAfter: time.Now().Add(24 * time.Hour),
+		DNSNames:    []string{"*.allowed.test", "allowed.test", "docs.paths.test", "evil.example", "ech-front.allowed-ech.test"},
+		IPAddresses: []net.IP{srvV4.AsSlice(), spoofV4.AsSlice(), srvV6.AsSlice(), deniedV4.AsSlice()},
+		KeyUsage:    x509.KeyUsageDigitalSignature, ExtKeyUsage: []x509.ExtKeyUsage{x509.ExtKeyUsageServerAuth}}
+	der, err := x509.CreateCertificate(rand.Reader, leafT, ca, &key.PublicKey, caKey)
+	if err != nil {
+		t.Fatal(err)
+	}
+	p := &pki{pool: x509.NewCertPool(), caFile: filepath.Join(t.TempDir(), "ca.pem")}
+	p.pool.AddCert(ca)
+	os.WriteFile(p.caFile, pem.EncodeToMemory(&pem.Block{Type: "CERTIFICATE", Bytes: caDER}), 0o644)
+	p.srvCert = tls.Certificate{Certificate: [][]byte{der}, PrivateKey: key}
+	return p
+}
+
+// topo is the three-namespace topology with the proxy in the gateway.
+type topo struct {
+	c, g, s *testnet.NS
+	pki     *pki
+	facts   *facts
+	ev      *events
+	proxy   *Proxy
+	store   *policy.Store
+	res     dnsResolver
+	state   string // the proxy's state dir (inspection CA)
+}
+
+type topoOpts struct {
+	mode   string
+	config func(*Config)
+}
+
+func newTopo(t *testing.T, o topoOpts) *topo {
+	t.Helper()
+	testnet.RequireRoot(t)
+	if _, err := os.Stat("/usr/sbin/nft"); err != nil {
+		if _, err := execLookPath("nft"); err != nil {
+			t.Fatal("nft (Debian package nftables) is needed for the transparent-mode tests")
+		}
+	}
+	if o.mode == "" {
+		o.mode = "enforce"
+	}
+	tp := &topo{pki: newPKI(t), facts: &facts{}, ev: &events{}}
+	tp.c = testnet.New(t, "pxc")
+	tp.g = testnet.New(t, "pxg")
+	tp.s = testnet.New(t, "pxs")
+	testnet.Link(t, tp.c, "c0", []string{"198.18.1.2/24", "198.18.1.3/24", "2001:db8:1::2/64"},
+		tp.g, "gwc", []string{"198.18.1.1/24", "2001:db8:1::1/64"})
+	testnet.Link(t, tp.g, "gws", []string{"198.18.2.1/24", "2001:db8:2::1/64"},
+		tp.s, "s0", []string{"198.18.2.2/24", "198.18.2.3/24", "198.18.2.4/24", "198.18.2.5/24", "2001:db8:2::2/64"})
+	tp.c.MustRun("ip", "route", "add", "default", "via", "198.18.1.1")
+	tp.c.MustRun("ip", "-6", "route", "add", "default", "via", "2001:db8:1::1")
+	tp.s.MustRun("ip", "route", "add", "default", "via", "198.18.2.1")
+	tp.s.MustRun("ip", "-6", "route", "add", "default", "via", "2001:db8:2::1")
+	tp.g.MustRun("sysctl", "-qw", "net.ipv4.ip_forward=1")
+	tp.g.MustRun("sysctl", "-qw", "net.ipv6.conf.all.forwarding=1")
+	rules := filepath.Join(t.TempDir(), "redirect.nft")
+	os.WriteFile(rules, []byte(fmt.Sprintf(`table inet egressd_test {
+	chain prerouting {
+		type nat hook prerouting priority dstnat; policy accept;
+		iifname "gwc" tcp dport %d return
+		iifname "gwc" meta l4proto tcp redirect to :%d
+	}
+}
+`, explicitPort, transparentPort)), 0o644)
+	tp.g.MustRun("nft", "-f", rules)
+
+	tp.startServers(t)
+
+	tp.res = startDNS(t, map[string][]netip.Addr{
+		"www.allowed.test": {srvV4, srvV6},
+		"allowed.test":     {srvV4},
+		"docs.paths.test":  {srvV4},
+		"evil.example":     {deniedV4},
+		"loop.allowed.test": {netip.MustParseAddr("127.0.0.1")},
+	})
+	eng, err := policy.Compile("test.yaml", []byte(fmt.Sprintf(testPolicy, o.mode)))
+	if err != nil {
+		t.Fatal(err)
+	}
+	tp.store = policy.NewStore(eng)
+	tp.state = t.TempDir()
+	cfg := Config{
+		HelloTimeout:  2 * time.Second,
+		FirstByteWait: 300 * time.Millisecond,
+		Inspect:       true,
+		StateDir:      tp.state,
+		UpstreamRoots: tp.pki.pool,
+		OwnAddrs:      []netip.Addr{gwLanV4, gwLanV6, gwWanV4, gwWanV6},
+	}
+	if o.config != nil {
+		o.config(&cfg)
+	}
+	p, err := New(cfg, Deps{
+		Policy:   tp.store,
+		Sink:     tp.ev,
+		Logger:   slog.New(slog.NewTextHandler(testWriter{t}, &slog.HandlerOptions{Level: slog.LevelInfo})),
+		DNS:      tp.facts,
+		Resolver: tp.res,
+		Dial:     tp.g.DialContext,
+	})
+	if err != nil {
+		t.Fatal(err)
+	}
+	tp.proxy = p
+	ln, err := tp.g.Listen("tcp", fmt.Sprintf("[::]:%d", transparentPort))
+	if err != nil {
+		t.Fatal(err)
+	}
+	eln, err := tp.g.Listen("tcp", fmt.Sprintf("198.18.1.1:%d", explicitPort))
+	if err != nil {
+		t.Fatal(err)
+	}
+	done := make(chan struct{}, 2)
+	go func() { p.Serve(ln); done <- struct{}{} }()
+	go func() { p.ServeExplicit(eln); done <- struct{}{} }()
+	t.Cleanup(func() {
+		p.Close()
+		<-done
+		<-done
+	})
+	return tp
+}
+
+// testWriter sends log lines to t.Log, until the test ends.
+type testWriter struct{ t *testing.T }
+
+func (w testWriter) Write(b []byte) (int, error) {
+	defer func() { recover() }() // a late line after the test ended
+	if testing.Verbose() {
+		w.t.Log(strings.TrimSpace(string(b)))
+	}
+	return len(b), nil
+}
+
+// echoHandler tells the client what the server saw.
+func echoHandler(w http.ResponseWriter, r *http.Request) {
+	sni := ""
+	if r.TLS != nil {
+		sni = r.TLS.ServerName
+	}
+	fmt.Fprintf(w, "sni=%s host=%s path=%s", sni, r.Host, r.URL.Path)
+}
+
+func (tp *topo) startServers(t *testing.T) {
+	t.Helper()
+	tlsLn, err := tp.s.Listen("tcp", "[::]:443")
+	if err != nil {
+		t.Fatal(err)
+	}
+	httpLn, err := tp.s.Listen("tcp", "[::]:80")
+	if err != nil {
+		t.Fatal(err)
+	}
+	echoLn, err := tp.s.Listen("tcp", "198.18.2.4:8443")
+	if err != nil {
+		t.Fatal(err)
+	}
+	tlsSrv := &http.Server{Handler: http.HandlerFunc(echoHandler), TLSConfig: &tls.Config{Certificates: []tls.Certificate{tp.pki.srvCert}},
+		ErrorLog: nil}
+	tlsSrv.ErrorLog = nil
+	httpSrv := &http.Server{Handler: http.HandlerFunc(echoHandler)}
+	go tlsSrv.ServeTLS(tlsLn, "", "")
+	go httpSrv.Serve(httpLn)
+	go func() {
+		for {
+			c, err := echoLn.Accept()
+			if err != nil {
+				return
+			}
+			go func() {
+				io.Copy(c, c) // echo until the client half-closes, then close
+				c.Close()
+			}()
+		}
+	}()
+	t.Cleanup(func() {
+		tlsSrv.Close()
+		httpSrv.Close()
+		echoLn.Close()
+	})
+}
+
+// dialFromClient dials dest from the client namespace, from a chosen
+// source address (invalid: the default).
+func (tp *topo) dialFromClient(t *testing.T, src netip.Addr, dest netip.AddrPort) *net.TCPConn {
+	t.Helper()
+	var c net.Conn
+	err := tp.c.Do(func() error {
+		d := net.Dialer{Timeout: 5 * time.Second}
+		if src.IsValid() {
+			d.LocalAddr = net.TCPAddrFromAddrPort(netip.AddrPortFrom(src, 0))
+		}
+		var err error
+		c, err = d.Dial("tcp", dest.String())
+		return err
+	})
+	if err != nil {
+		t.Fatalf("dial %s: %v", dest, err)
+	}
+	t.Cleanup(func() { c.Close() })
+	return c.(*net.TCPConn)
+}
+
+// tlsGet does a TLS handshake with serverName over conn and one GET,
+// returning the body.
+func (tp *topo) tlsGet(conn net.Conn, serverName, path string, cfg *tls.Config) (string, error) {
+	if cfg == nil {
+		cfg = &tls.Config{}
+	}
+	cfg.ServerName = serverName
+	if cfg.RootCAs == nil {
+		cfg.RootCAs = tp.pki.pool
+	}
+	tc := tls.Client(conn, cfg)
+	defer tc.Close() // the connection's event comes when both sides closed
+	tc.SetDeadline(time.Now().Add(10 * time.Second))
+	if err := tc.Handshake(); err != nil {
+		return "", err
+	}
+	host := serverName
+	if host == "" || net.ParseIP(host) != nil {
+		host = "x"
+	}
+	fmt.Fprintf(tc, "GET %s HTTP/1.1\r\nHost: %s\r\nConnection: close\r\n\r\n", path, host)
+	b, err := io.ReadAll(tc)
+	return string(b), err
+}
+
+// localPort of a connection.
+func localPort(c net.Conn) int { return c.LocalAddr().(*net.TCPAddr).Port }
+
+// ---- ClientHello crafting ----
+
+func ext(typ uint16, body []byte) []byte {
+	b := binary.BigEndian.AppendUint16(nil, typ)
+	b = binary.BigEndian.AppendUint16(b, uint16(len(body)))
+	return append(b, body...)
+}
+
+// sniExt is one server_name extension with a host_name entry per name.
+func sniExt(names ...string) []byte {
+	var list []byte
+	for _, n := range names {
+		list = append(list, 0)
+		list = binary.BigEndian.AppendUint16(list, uint16(len(n)))
+		list = append(list, n...)
+	}
+	return ext(0x0000, append(binary.BigEndian.AppendUint16(nil, uint16(len(list))), list...))
+}
+
+// echOuterExt is a well-formed outer encrypted_client_hello extension
+// (type outer, HKDF-SHA256, AES-128-GCM, config id, enc, payload).
+func echOuterExt() []byte {
+	b := []byte{0x00, 0x00, 0x01, 0x00, 0x01, 0x2a}
+	b = binary.BigEndian.AppendUint16(b, 32)
+	b = append(b, make([]byte, 32)...)
+	b = binary.BigEndian.AppendUint16(b, 144)
+	b = append(b, make([]byte, 144)...)
+	return ext(0xfe0d, b)
+}
+
+// buildHello builds a TLS 1.3 ClientHello record with the given extra
+// extensions (plus supported_versions, groups, key_share, sigalgs).
+func buildHello(extra ...[]byte) []byte {
+	var body []byte
+	body = append(body, 0x03, 0x03)
+	body = append(body, make([]byte, 32)...) // random
+	body = append(body, 32)
+	body = append(body, make([]byte, 32)...) // session id
+	body = append(body, 0x00, 0x04, 0x13, 0x01, 0xc0, 0x2f)
+	body = append(body, 0x01, 0x00)
+	var exts []byte
+	for _, e := range extra {
+		exts = append(exts, e...)
+	}
+	exts = append(exts, ext(0x002b, []byte{0x02, 0x03, 0x04})...)
+	exts = append(exts, ext(0x000a, []byte{0x00, 0x02, 0x00, 0x1d})...)
+	ks := []byte{0x00, 0x24, 0x00, 0x1d, 0x00, 0x20}
+	ks = append(ks, make([]byte, 32)...)
+	exts = append(exts, ext(0x0033, ks)...)
+	exts = append(exts, ext(0x000d, []byte{0x00, 0x04, 0x04, 0x03, 0x08, 0x04})...)
+	body = binary.BigEndian.AppendUint16(body, uint16(len(exts)))
+	body = append(body, exts...)
+	hs := []byte{0x01, byte(len(body) >> 16), byte(len(body) >> 8), byte(len(body))}
+	hs = append(hs, body...)
+	rec := []byte{0x16, 0x03, 0x01}
+	rec = binary.BigEndian.AppendUint16(rec, uint16(len(hs)))
+	return append(rec, hs...)
+}
+
+// refragment re-records TLS handshake records into records of at most n
+// payload bytes each.
+func refragment(b []byte, n int) []byte {
+	var out []byte
+	for len(b) >= 5 {
+		l := int(binary.BigEndian.Uint16(b[3:5]))
+		if len(b) < 5+l {
+			break
+		}
+		typ, ver, payload := b[0], b[1:3], b[5:5+l]
+		for len(payload) > 0 {
+			k := min(n, len(payload))
+			out = append(out, typ, ver[0], ver[1], 0, 0)
+			binary.BigEndian.PutUint16(out[len(out)-2:], uint16(k))
+			out = append(out, payload[:k]...)
+			payload = payload[k:]
+		}
+		b = b[5+l:]
+	}
+	return append(out, b...)
+}
+
+// helloWriter wraps a client conn: the first Write (the ClientHello) is
+// transformed and sent as chunks of chunk bytes, one Write each.
+type helloWriter struct {
+	net.Conn
+	transform func([]byte) []byte
+	chunk     int
+	done      bool
+	size      int // size of the hello as sent
+}
+
+func (w *helloWriter) Write(b []byte) (int, error) {
+	if w.done {
+		return w.Conn.Write(b)
+	}
+	w.done = true
+	out := b
+	if w.transform != nil {
+		out = w.transform(b)
+	}
+	w.size = len(out)
+	for len(out) > 0 {
+		k := len(out)
+		if w.chunk > 0 {
+			k = min(w.chunk, len(out))
+		}
+		if _, err := w.Conn.Write(out[:k]); err != nil {
+			return 0, err
+		}
+		out = out[k:]
+	}
+	return len(b), nil
+}
+
+// readAlert reads what the proxy answered to a raw hello.
+func readAll(c net.Conn, d time.Duration) []byte {
+	c.SetReadDeadline(time.Now().Add(d))
+	b, _ := io.ReadAll(c)
+	return b
+}

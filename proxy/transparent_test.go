@@ -1,0 +1,349 @@
+package proxy
+
+import (
+	"bytes"
+	"crypto/tls"
+	"fmt"
+	"io"
+	"net"
+	"net/netip"
+	"strings"
+	"testing"
+	"time"
+
+	"egressd/audit"
+	"egressd/policy"
+)
+
+var alert = tlsAlertAccessDenied
+
+// TestTransparent drives real clients (Go, curl, openssl s_client) from the
+// client namespace through the nftables REDIRECT in the gateway namespace
+// to servers in the server namespace, IPv4 and IPv6.
+func TestTransparent(t *testing.T) {
+	tp := newTopo(t, topoOpts{})
+	// What our DNS told the client.
+	tp.facts.add(clientV4, srvV4, "www.allowed.test")
+	tp.facts.add(clientV6, srvV6, "www.allowed.test")
+
+	t.Run("go-client-mlkem", func(t *testing.T) {
+		for _, dst := range []netip.Addr{srvV4, srvV6} {
+			c := tp.dialFromClient(t, netip.Addr{}, netip.AddrPortFrom(dst, 443))
+			hw := &helloWriter{Conn: c}
+			body, err := tp.tlsGet(hw, "www.allowed.test", "/x", nil)
+			if err != nil || !strings.Contains(body, "sni=www.allowed.test") {
+				t.Fatalf("%s: body %q err %v", dst, body, err)
+			}
+			// Go's default client offers X25519MLKEM768: a hello of ~1.8 KB.
+			if hw.size < 1500 {
+				t.Errorf("hello is %d bytes: not an ML-KEM hello", hw.size)
+			}
+			ev := tp.ev.wait(t, "allowed "+dst.String(), byClientPort(localPort(c)))
+			if ev.Verdict != policy.Allow || ev.Rule != "allowed" || ev.Name != "www.allowed.test" || ev.NameSource != audit.NameSNI ||
+				ev.Dest != dst || ev.DestPort != 443 || ev.BytesIn == 0 || ev.BytesOut < uint64(hw.size) || ev.Close == "" {
+				t.Errorf("event %+v", ev)
+			}
+		}
+	})
+
+	t.Run("curl", func(t *testing.T) {
+		for _, c := range []struct{ ip, flag string }{{"198.18.2.2", "-4"}, {"[2001:db8:2::2]", "-6"}} {
+			out, err := tp.c.Run("curl", "-sS", c.flag, "--max-time", "10", "--cacert", tp.pki.caFile,
+				"--resolve", "www.allowed.test:443:"+strings.Trim(c.ip, "[]"), "https://www.allowed.test/curl")
+			if err != nil || !strings.Contains(out, "sni=www.allowed.test") || !strings.Contains(out, "path=/curl") {
+				t.Errorf("curl %s allowed: %v: %s", c.flag, err, out)
+			}
+			out, err = tp.c.Run("curl", "-sS", c.flag, "--max-time", "10", "--cacert", tp.pki.caFile,
+				"--resolve", "evil.example:443:"+strings.Trim(c.ip, "[]"), "https://evil.example/")
+			if err == nil || !strings.Contains(strings.ToLower(out), "access denied") {
+				t.Errorf("curl %s denied: want a TLS access_denied alert, got %v: %s", c.flag, err, out)
+			}
+			// Plain HTTP: allowed Host, and a 403 page for a denied one.
+			out, err = tp.c.Run("curl", "-sS", c.flag, "--max-time", "10", "--resolve", "www.allowed.test:80:"+strings.Trim(c.ip, "[]"), "http://www.allowed.test/plain")
+			if err != nil || !strings.Contains(out, "host=www.allowed.test path=/plain") {
+				t.Errorf("curl %s http allowed: %v: %s", c.flag, err, out)
+			}
+			out, err = tp.c.Run("curl", "-sS", c.flag, "--max-time", "10", "-w", "\ncode=%{http_code}", "--resolve", "evil.example:80:"+strings.Trim(c.ip, "[]"), "http://evil.example/secret")
+			if err != nil || !strings.Contains(out, "code=403") || !strings.Contains(out, "evil.example/secret") || !strings.Contains(out, "no-rule") || !strings.Contains(out, "test.yaml") {
+				t.Errorf("curl %s http denied: %v: %s", c.flag, err, out)
+			}
+		}
+		tp.ev.wait(t, "IPv6 deny", func(ev audit.Event) bool {
+			return ev.Dest == srvV6 && ev.Name == "evil.example" && ev.Verdict == policy.Deny && ev.Enforced && ev.Reason == policy.ReasonNoRule && ev.Close == closeDenied
+		})
+	})
+
+	t.Run("openssl", func(t *testing.T) {
+		out, err := tp.c.Run("sh", "-c", "echo | openssl s_client -connect 198.18.2.2:443 -servername www.allowed.test -CAfile "+tp.pki.caFile+" 2>&1")
+		if err != nil || !strings.Contains(out, "Verify return code: 0") {
+			t.Errorf("openssl allowed: %v: %s", err, out)
+		}
+		out, _ = tp.c.Run("sh", "-c", "echo | openssl s_client -connect [2001:db8:2::2]:443 -servername evil.example 2>&1")
+		if !strings.Contains(strings.ToLower(out), "access denied") {
+			t.Errorf("openssl denied: want alert access denied: %s", out)
+		}
+	})
+
+	t.Run("hello-one-byte-per-write", func(t *testing.T) {
+		c := tp.dialFromClient(t, netip.Addr{}, netip.AddrPortFrom(srvV4, 443))
+		c.SetNoDelay(true)
+		body, err := tp.tlsGet(&helloWriter{Conn: c, chunk: 1}, "www.allowed.test", "/bytes", nil)
+		if err != nil || !strings.Contains(body, "sni=www.allowed.test") {
+			t.Fatalf("body %q err %v", body, err)
+		}
+	})
+
+	t.Run("hello-split-across-records", func(t *testing.T) {
+		for _, n := range []int{1, 3, 100} {
+			c := tp.dialFromClient(t, netip.Addr{}, netip.AddrPortFrom(srvV4, 443))
+			hw := &helloWriter{Conn: c, transform: func(b []byte) []byte { return refragment(b, n) }, chunk: 7}
+			body, err := tp.tlsGet(hw, "www.allowed.test", "/records", nil)
+			if err != nil || !strings.Contains(body, "sni=www.allowed.test") {
+				t.Fatalf("%d-byte records: body %q err %v", n, body, err)
+			}
+		}
+	})
+
+	t.Run("hello-11KB", func(t *testing.T) {
+		c := tp.dialFromClient(t, netip.Addr{}, netip.AddrPortFrom(srvV4, 443))
+		var protos []string
+		for i := 0; i < 45; i++ {
+			protos = append(protos, fmt.Sprintf("p%03d-%s", i, strings.Repeat("x", 240)))
+		}
+		protos = append(protos, "http/1.1")
+		hw := &helloWriter{Conn: c}
+		body, err := tp.tlsGet(hw, "www.allowed.test", "/big", &tls.Config{NextProtos: protos})
+		if err != nil || !strings.Contains(body, "sni=www.allowed.test") {
+			t.Fatalf("body %q err %v", body, err)
+		}
+		if hw.size < 11*1024 {
+			t.Fatalf("hello is only %d bytes", hw.size)
+		}
+	})
+
+	t.Run("slowloris", func(t *testing.T) {
+		c := tp.dialFromClient(t, netip.Addr{}, netip.AddrPortFrom(srvV4, 443))
+		hello := buildHello(sniExt("www.allowed.test"))
+		c.Write(hello[:20]) // starts as TLS, never completes
+		got := readAll(c, 15*time.Second)
+		if !bytes.Equal(got, alert) {
+			t.Errorf("got %x, want the access_denied alert", got)
+		}
+		ev := tp.ev.wait(t, "slowloris", byClientPort(localPort(c)))
+		if ev.Reason != ReasonHelloTimeout || !ev.Enforced {
+			t.Errorf("event %+v", ev)
+		}
+	})
+
+	rawHello := func(t *testing.T, dst netip.Addr, hello []byte) ([]byte, audit.Event) {
+		c := tp.dialFromClient(t, netip.Addr{}, netip.AddrPortFrom(dst, 443))
+		c.Write(hello)
+		got := readAll(c, 2*time.Second)
+		c.Close()
+		return got, tp.ev.wait(t, "raw hello", byClientPort(localPort(c)))
+	}
+
+	t.Run("duplicate-sni", func(t *testing.T) {
+		for name, h := range map[string][]byte{
+			"two-extensions": buildHello(sniExt("www.allowed.test"), sniExt("evil.example")),
+			"two-entries":    buildHello(sniExt("www.allowed.test", "evil.example")),
+		} {
+			got, ev := rawHello(t, srvV4, h)
+			if !bytes.Equal(got, alert) || ev.Reason != ReasonDuplicateSNI || ev.Verdict != policy.Deny {
+				t.Errorf("%s: answer %x event %+v", name, got, ev)
+			}
+		}
+	})
+
+	t.Run("malformed-hello", func(t *testing.T) {
+		// A server_name extension whose body is one byte: not a list.
+		h := buildHello(ext(0x0000, []byte{0x00}))
+		got, ev := rawHello(t, srvV4, h)
+		if !bytes.Equal(got, alert) || ev.Verdict != policy.Deny || ev.Reason != ReasonHelloBad {
+			t.Errorf("answer %x event %+v", got, ev)
+		}
+	})
+
+	t.Run("ip-literal-sni", func(t *testing.T) {
+		// Decided by address: the client was told srvV4 is www.allowed.test.
+		_, ev := rawHello(t, srvV4, buildHello(sniExt("198.18.2.2")))
+		if ev.Verdict != policy.Allow || ev.NameSource != audit.NameDNSLearned || ev.Name != "www.allowed.test" {
+			t.Errorf("learned address: event %+v", ev)
+		}
+		// Nobody was told about spoofV4: denied, no name.
+		got, ev := rawHello(t, spoofV4, buildHello(sniExt("198.18.2.3")))
+		if !bytes.Equal(got, alert) || ev.Verdict != policy.Deny || ev.NameSource != audit.NameNoSNI {
+			t.Errorf("unknown address: answer %x event %+v", got, ev)
+		}
+	})
+
+	t.Run("no-sni", func(t *testing.T) {
+		// A Go client sends no SNI for an IP address.
+		c := tp.dialFromClient(t, netip.Addr{}, netip.AddrPortFrom(srvV4, 443))
+		body, err := tp.tlsGet(c, "198.18.2.2", "/nosni", nil)
+		if err != nil || !strings.Contains(body, "sni= ") {
+			t.Fatalf("dns-learned: body %q err %v", body, err)
+		}
+		ev := tp.ev.wait(t, "no-sni allowed", byClientPort(localPort(c)))
+		if ev.NameSource != audit.NameDNSLearned || ev.Rule != "allowed" {
+			t.Errorf("event %+v", ev)
+		}
+		c = tp.dialFromClient(t, netip.Addr{}, netip.AddrPortFrom(spoofV4, 443))
+		if _, err := tp.tlsGet(c, "198.18.2.3", "/", nil); err == nil {
+			t.Fatal("no-SNI to an address nobody was told about went through")
+		}
+		ev = tp.ev.wait(t, "no-sni denied", byClientPort(localPort(c)))
+		if ev.NameSource != audit.NameNoSNI || ev.Verdict != policy.Deny || !ev.Enforced {
+			t.Errorf("event %+v", ev)
+		}
+	})
+
+	t.Run("ech-outer-sni-decides", func(t *testing.T) {
+		tp.facts.add(clientV4, srvV4, "ech-front.allowed-ech.test")
+		_, ev := rawHello(t, srvV4, buildHello(sniExt("ech-front.allowed-ech.test"), echOuterExt()))
+		if ev.Verdict != policy.Allow || ev.Name != "ech-front.allowed-ech.test" || ev.NameSource != audit.NameSNI {
+			t.Errorf("allowed outer name: event %+v", ev)
+		}
+		got, ev := rawHello(t, srvV4, buildHello(sniExt("cloudflare-ech.com"), echOuterExt()))
+		if !bytes.Equal(got, alert) || ev.Verdict != policy.Deny || ev.Name != "cloudflare-ech.com" {
+			t.Errorf("denied outer name: answer %x event %+v", got, ev)
+		}
+	})
+
+	t.Run("sni-spoofing", func(t *testing.T) {
+		// An allowed SNI toward an address no DNS answer gave out for it
+		// (and a fresh lookup of www.allowed.test does not return).
+		c := tp.dialFromClient(t, netip.Addr{}, netip.AddrPortFrom(spoofV4, 443))
+		if _, err := tp.tlsGet(c, "www.allowed.test", "/", nil); err == nil {
+			t.Fatal("spoofed SNI went through")
+		}
+		ev := tp.ev.wait(t, "spoof", byClientPort(localPort(c)))
+		if ev.Reason != ReasonSNIMismatch || !ev.Enforced || ev.Dest != spoofV4 {
+			t.Errorf("event %+v", ev)
+		}
+		// An address only the fresh lookup vouches for: our DNS told
+		// client2 nothing.
+		c = tp.dialFromClient(t, client2V4, netip.AddrPortFrom(srvV4, 443))
+		if body, err := tp.tlsGet(c, "allowed.test", "/", nil); err != nil || !strings.Contains(body, "sni=allowed.test") {
+			t.Fatalf("fresh lookup: %q %v", body, err)
+		}
+	})
+
+	t.Run("host-vs-absolute-form", func(t *testing.T) {
+		c := tp.dialFromClient(t, netip.Addr{}, netip.AddrPortFrom(srvV4, 80))
+		io.WriteString(c, "GET http://evil.example/ HTTP/1.1\r\nHost: www.allowed.test\r\n\r\n")
+		got := string(readAll(c, 5*time.Second))
+		if !strings.HasPrefix(got, "HTTP/1.1 403") || !strings.Contains(got, ReasonHostMismatch) {
+			t.Errorf("got %q", got)
+		}
+	})
+
+	t.Run("special-range", func(t *testing.T) {
+		tp.c.MustRun("ip", "route", "replace", "169.254.0.0/16", "via", "198.18.1.1")
+		tp.facts.add(clientV4, netip.MustParseAddr("169.254.169.254"), "www.allowed.test")
+		c := tp.dialFromClient(t, netip.Addr{}, netip.MustParseAddrPort("169.254.169.254:443"))
+		c.Write(buildHello(sniExt("www.allowed.test")))
+		got := readAll(c, 5*time.Second)
+		ev := tp.ev.wait(t, "metadata", byClientPort(localPort(c)))
+		if !bytes.Equal(got, alert) || ev.Reason != ReasonSpecialRange {
+			t.Errorf("answer %x event %+v", got, ev)
+		}
+	})
+
+	t.Run("non-tls-by-cidr-and-half-close", func(t *testing.T) {
+		c := tp.dialFromClient(t, netip.Addr{}, netip.AddrPortFrom(echoV4, 8443))
+		msg := []byte("\x00\x2a\x38 not TLS, a VPN over TCP \xff\xfe")
+		c.Write(msg)
+		c.CloseWrite() // the echo server sees EOF only if the half close is propagated
+		got := readAll(c, 5*time.Second)
+		if !bytes.Equal(got, msg) {
+			t.Fatalf("echo %q", got)
+		}
+		ev := tp.ev.wait(t, "vpn", byClientPort(localPort(c)))
+		if ev.Verdict != policy.Allow || ev.Rule != "vpn" || ev.BytesOut != uint64(len(msg)) || ev.BytesIn != uint64(len(msg)) || ev.NameSource != audit.NameNone {
+			t.Errorf("event %+v", ev)
+		}
+		// Denied non-TLS: closed.
+		c = tp.dialFromClient(t, netip.Addr{}, netip.AddrPortFrom(deniedV4, 8443))
+		c.Write(msg)
+		if got := readAll(c, 5*time.Second); len(got) != 0 {
+			t.Errorf("denied non-TLS got %q", got)
+		}
+		// Server speaks first: nothing from the client, decided on the
+		// address after FirstByteWait and spliced.
+		c = tp.dialFromClient(t, netip.Addr{}, netip.AddrPortFrom(echoV4, 8443))
+		time.Sleep(500 * time.Millisecond)
+		c.Write([]byte("late"))
+		c.CloseWrite()
+		if got := readAll(c, 5*time.Second); string(got) != "late" {
+			t.Errorf("server-first flow: %q", got)
+		}
+	})
+}
+
+// TestTransparentAudit: audit mode never denies, and records what enforce
+// would have done.
+func TestTransparentAudit(t *testing.T) {
+	tp := newTopo(t, topoOpts{mode: "audit"})
+	c := tp.dialFromClient(t, netip.Addr{}, netip.AddrPortFrom(spoofV4, 443))
+	body, err := tp.tlsGet(c, "www.allowed.test", "/spoof", nil)
+	if err != nil || !strings.Contains(body, "sni=www.allowed.test") {
+		t.Fatalf("audit mode blocked a spoofed SNI: %q %v", body, err)
+	}
+	ev := tp.ev.wait(t, "audit spoof", byClientPort(localPort(c)))
+	if ev.Verdict != policy.Deny || ev.Reason != ReasonSNIMismatch || ev.Enforced || ev.Mode != policy.ModeAudit || ev.BytesIn == 0 {
+		t.Errorf("event %+v", ev)
+	}
+	c = tp.dialFromClient(t, netip.Addr{}, netip.AddrPortFrom(srvV4, 443))
+	body, err = tp.tlsGet(c, "evil.example", "/", nil)
+	if err != nil || !strings.Contains(body, "sni=evil.example") {
+		t.Fatalf("audit mode blocked a denied name: %q %v", body, err)
+	}
+	ev = tp.ev.wait(t, "audit deny", byClientPort(localPort(c)))
+	if ev.Verdict != policy.Deny || ev.Reason != policy.ReasonNoRule || ev.Enforced {
+		t.Errorf("event %+v", ev)
+	}
+}
+
+// TestTransparentLimits: one client at its limit does not stop another.
+func TestTransparentLimits(t *testing.T) {
+	tp := newTopo(t, topoOpts{config: func(c *Config) { c.MaxConnsPerClient = 20 }})
+	var conns []net.Conn
+	for i := 0; i < 20; i++ {
+		c := tp.dialFromClient(t, clientV4, netip.AddrPortFrom(echoV4, 8443))
+		c.Write([]byte("x"))
+		if got := make([]byte, 1); true {
+			c.SetReadDeadline(time.Now().Add(5 * time.Second))
+			if _, err := io.ReadFull(c, got); err != nil {
+				t.Fatalf("tunnel %d: %v", i, err)
+			}
+		}
+		conns = append(conns, c)
+	}
+	// The 21st is refused with a reset: the dial itself may already see it.
+	var c21 net.Conn
+	tp.c.Do(func() (err error) {
+		c21, err = net.DialTimeout("tcp", "198.18.2.4:8443", 5*time.Second)
+		return
+	})
+	if c21 != nil {
+		c21.Write([]byte("x"))
+		if got := readAll(c21, 5*time.Second); len(got) != 0 {
+			t.Errorf("21st connection got %q", got)
+		}
+		c21.Close()
+	}
+	ev := tp.ev.wait(t, "limit", func(ev audit.Event) bool { return ev.Reason == ReasonLimit })
+	if ev.Client != clientV4 || !ev.Enforced || ev.Close != closeLimit {
+		t.Errorf("event %+v", ev)
+	}
+	c := tp.dialFromClient(t, client2V4, netip.AddrPortFrom(echoV4, 8443))
+	c.Write([]byte("y"))
+	c.CloseWrite()
+	if got := readAll(c, 5*time.Second); string(got) != "y" {
+		t.Errorf("other client: %q", got)
+	}
+	for _, c := range conns {
+		c.Close()
+	}
+}
