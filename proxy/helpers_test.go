@@ -290,10 +290,10 @@ func newTopo(t *testing.T, o topoOpts) *topo {
 	tp.startServers(t)
 
 	tp.res = startDNS(t, map[string][]netip.Addr{
-		"www.allowed.test": {srvV4, srvV6},
-		"allowed.test":     {srvV4},
-		"docs.paths.test":  {srvV4},
-		"evil.example":     {deniedV4},
+		"www.allowed.test":  {srvV4, srvV6},
+		"allowed.test":      {srvV4},
+		"docs.paths.test":   {srvV4},
+		"evil.example":      {deniedV4},
 		"loop.allowed.test": {netip.MustParseAddr("127.0.0.1")},
 	})
 	eng, err := policy.Compile("test.yaml", []byte(fmt.Sprintf(testPolicy, o.mode)))
