@@ -335,6 +335,14 @@ func (p *proc) lookup(src netip.Addr, sp uint16, dst netip.Addr, dp uint16, prot
 	return f, dir
 }
 
+// swap turns a flow around when capture guessed its client wrong.
+func (f *flow) swap() {
+	f.cli, f.srv, f.cport, f.sport = f.srv, f.cli, f.sport, f.cport
+	f.pkts[0], f.pkts[1] = f.pkts[1], f.pkts[0]
+	f.bytes[0], f.bytes[1] = f.bytes[1], f.bytes[0]
+	f.hasMAC = false
+}
+
 func (p *proc) tcpPacket(src, dst netip.Addr, mac []byte) {
 	t := &p.tcp
 	sp, dp := uint16(t.SrcPort), uint16(t.DstPort)
@@ -580,27 +588,63 @@ func (p *proc) udpPacket(src, dst netip.Addr, sp, dp layers.UDPPort, payload []b
 		p.dnsMessage(payload, f, dir == 0)
 		return
 	}
-	if !f.inspect || dir != 0 {
+	if !f.inspect {
 		return
 	}
-	if f.quic == nil {
-		if !isQUICInitial(payload) {
-			if f.pkts[0] > 3 {
-				f.app = appOther
-				p.done(f)
-			}
-			return
-		}
-		f.app = appQUIC
-		f.quic = &quicOpener{}
-		f.st[0] = &stream{}
+	if (f.app == appUnknown || f.app == appQUIC) && isQUICInitial(payload) {
+		p.quicPacket(f, dir, payload)
+		return
 	}
-	s0 := f.st[0]
-	n, _ := f.quic.open(payload, func(off uint64, data []byte) {
+	if f.pkts[0]+f.pkts[1] > 6 {
+		if f.app == appQUIC {
+			p.giveUp(f) // the hello never completed
+		} else {
+			f.app = appOther
+			p.done(f)
+		}
+	}
+}
+
+// quicPacket opens a QUIC Initial packet of either direction. Until one
+// opens, capture does not know which side is the client (no well-known
+// port, a capture begun mid-flow, packets out of order): the client is the
+// side whose Initial opens with client keys, and Initials that do not open
+// yet (another DCID, reordering) wait, a few at most, to be tried again
+// with the keys that worked.
+func (p *proc) quicPacket(f *flow, dir int, payload []byte) {
+	if f.quic == nil {
+		f.app, f.quic, f.st[0] = appQUIC, &quicOpener{}, &stream{}
+	}
+	q, s0 := f.quic, f.st[0]
+	if q.established && dir != 0 {
+		return // the server's Initials are sealed with server keys
+	}
+	add := func(off uint64, data []byte) {
 		if off < maxStream {
 			s0.add(uint32(off), data)
 		}
-	})
+	}
+	n, _ := q.open(payload, add)
+	if n == 0 {
+		if !q.established && len(q.pending) < maxQUICPending {
+			q.pending = append(q.pending, pendingDgram{dir, append([]byte(nil), payload...)})
+		}
+	} else if !q.established {
+		q.established = true
+		if dir == 1 {
+			f.swap()
+			for i := range q.pending {
+				q.pending[i].dir ^= 1
+			}
+		}
+		for _, pd := range q.pending {
+			if pd.dir == 0 {
+				m, _ := q.open(pd.data, add)
+				n += m
+			}
+		}
+		q.pending = nil
+	}
 	p.stats.quicOpened.Add(uint64(n))
 	if s0.full {
 		p.giveUp(f)
@@ -613,7 +657,7 @@ func (p *proc) udpPacket(src, dst netip.Addr, sp, dp layers.UDPPort, payload []b
 	case done:
 		n := int(s0.buf[1])<<16 | int(s0.buf[2])<<8 | int(s0.buf[3])
 		p.hello(f, s0.buf[:4+n], audit.NameQUIC)
-	case f.pkts[0] > 16:
+	case f.pkts[0]+f.pkts[1] > 32:
 		p.giveUp(f) // the hello never completed
 	}
 }

@@ -144,6 +144,17 @@ func quicType(b0 byte, v uint32) int {
 type quicOpener struct {
 	keys *quicKeys
 	buf  []byte // scratch for the decrypted packet
+
+	established bool           // a client Initial opened: the flow's direction is known
+	pending     []pendingDgram // Initials that did not open yet
+}
+
+// maxQUICPending bounds the Initials kept while no Initial has opened.
+const maxQUICPending = 4
+
+type pendingDgram struct {
+	dir  int
+	data []byte
 }
 
 // open walks the coalesced long-header packets of a UDP datagram and calls

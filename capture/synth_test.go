@@ -1,0 +1,591 @@
+package capture
+
+import (
+	"bytes"
+	"context"
+	"crypto/tls"
+	"io"
+	"net"
+	"net/netip"
+	"os"
+	"path/filepath"
+	"testing"
+	"time"
+
+	"github.com/gopacket/gopacket"
+	"github.com/gopacket/gopacket/layers"
+	"github.com/gopacket/gopacket/pcapgo"
+
+	"egressd/audit"
+	"egressd/policy"
+)
+
+// pcapWriter writes synthetic captures with gopacket, for the cases the
+// real captures miss.
+type pcapWriter struct {
+	t    testing.TB
+	f    *os.File
+	w    *pcapgo.Writer
+	now  time.Time
+	vlan uint16 // when set, frames carry an 802.1Q tag
+	path string
+}
+
+func newPcap(t testing.TB) *pcapWriter {
+	t.Helper()
+	path := filepath.Join(t.TempDir(), "synthetic.pcap")
+	f, err := os.Create(path)
+	if err != nil {
+		t.Fatal(err)
+	}
+	w := pcapgo.NewWriter(f)
+	if err := w.WriteFileHeader(65536, layers.LinkTypeEthernet); err != nil {
+		t.Fatal(err)
+	}
+	return &pcapWriter{t: t, f: f, w: w, path: path, now: time.Date(2026, 11, 24, 10, 0, 0, 0, time.UTC)}
+}
+
+var (
+	macClient = net.HardwareAddr{0x02, 0, 0, 0, 0, 1}
+	macGW     = net.HardwareAddr{0x02, 0, 0, 0, 0, 2}
+)
+
+// frame writes one Ethernet frame around an IP packet's layers.
+func (p *pcapWriter) frame(fromClient bool, ls ...gopacket.SerializableLayer) {
+	p.t.Helper()
+	src, dst := macClient, macGW
+	if !fromClient {
+		src, dst = dst, src
+	}
+	et := layers.EthernetTypeIPv4
+	if _, ok := ls[0].(*layers.IPv6); ok {
+		et = layers.EthernetTypeIPv6
+	}
+	eth := &layers.Ethernet{SrcMAC: src, DstMAC: dst, EthernetType: et}
+	all := []gopacket.SerializableLayer{eth}
+	if p.vlan != 0 {
+		eth.EthernetType = layers.EthernetTypeDot1Q
+		all = append(all, &layers.Dot1Q{VLANIdentifier: p.vlan, Type: et})
+	}
+	all = append(all, ls...)
+	buf := gopacket.NewSerializeBuffer()
+	if err := gopacket.SerializeLayers(buf, gopacket.SerializeOptions{FixLengths: true, ComputeChecksums: true}, all...); err != nil {
+		p.t.Fatal(err)
+	}
+	p.raw(buf.Bytes())
+}
+
+func (p *pcapWriter) raw(b []byte) {
+	p.t.Helper()
+	p.now = p.now.Add(time.Millisecond)
+	ci := gopacket.CaptureInfo{Timestamp: p.now, CaptureLength: len(b), Length: len(b)}
+	if err := p.w.WritePacket(ci, b); err != nil {
+		p.t.Fatal(err)
+	}
+}
+
+func (p *pcapWriter) close() string {
+	p.t.Helper()
+	if err := p.f.Close(); err != nil {
+		p.t.Fatal(err)
+	}
+	return p.path
+}
+
+// ipLayer returns the network layer for src -> dst (v4 or v6).
+func ipLayer(src, dst netip.Addr, proto layers.IPProtocol) gopacket.NetworkLayer {
+	if src.Is4() {
+		return &layers.IPv4{Version: 4, TTL: 64, Protocol: proto, SrcIP: src.AsSlice(), DstIP: dst.AsSlice()}
+	}
+	return &layers.IPv6{Version: 6, HopLimit: 64, NextHeader: proto, SrcIP: src.AsSlice(), DstIP: dst.AsSlice()}
+}
+
+// tcpConn writes one TCP connection's packets.
+type tcpConn struct {
+	p            *pcapWriter
+	cli, srv     netip.Addr
+	cport, sport uint16
+	cseq, sseq   uint32
+}
+
+func (c *tcpConn) seg(fromClient bool, flags string, seq uint32, data []byte) {
+	src, dst, sp, dp := c.cli, c.srv, c.cport, c.sport
+	ack := c.sseq
+	if !fromClient {
+		src, dst, sp, dp = dst, src, dp, sp
+		ack = c.cseq
+	}
+	ip := ipLayer(src, dst, layers.IPProtocolTCP)
+	t := &layers.TCP{SrcPort: layers.TCPPort(sp), DstPort: layers.TCPPort(dp), Seq: seq, Ack: ack, Window: 65535,
+		SYN: bytes.ContainsRune([]byte(flags), 'S'), ACK: bytes.ContainsRune([]byte(flags), 'A'),
+		FIN: bytes.ContainsRune([]byte(flags), 'F'), RST: bytes.ContainsRune([]byte(flags), 'R'), PSH: len(data) > 0}
+	t.SetNetworkLayerForChecksum(ip)
+	c.p.frame(fromClient, ip.(gopacket.SerializableLayer), t, gopacket.Payload(data))
+}
+
+func (c *tcpConn) handshake() {
+	c.seg(true, "S", c.cseq, nil)
+	c.seg(false, "SA", c.sseq, nil)
+	c.cseq++
+	c.sseq++
+	c.seg(true, "A", c.cseq, nil)
+}
+
+// send writes data from one side in segments of size mss, in the order
+// given by order (indexes of segments; nil = in order), skipping those in
+// skip.
+func (c *tcpConn) send(fromClient bool, data []byte, mss int, order []int, skip map[int]bool) {
+	seq := &c.sseq
+	if fromClient {
+		seq = &c.cseq
+	}
+	var segs [][]byte
+	for len(data) > 0 {
+		n := min(mss, len(data))
+		segs = append(segs, data[:n])
+		data = data[n:]
+	}
+	offs := make([]uint32, len(segs))
+	o := *seq
+	for i, s := range segs {
+		offs[i] = o
+		o += uint32(len(s))
+	}
+	// Segments the order leaves out follow in order; indexes past the end
+	// are ignored.
+	seen := map[int]bool{}
+	for _, i := range order {
+		seen[i] = true
+	}
+	for i := range segs {
+		if !seen[i] {
+			order = append(order, i)
+		}
+	}
+	for _, i := range order {
+		if i < len(segs) && !skip[i] {
+			c.seg(fromClient, "A", offs[i], segs[i])
+		}
+	}
+	*seq = o
+}
+
+func (c *tcpConn) close() {
+	c.seg(true, "FA", c.cseq, nil)
+	c.seg(false, "FA", c.sseq, nil)
+	c.cseq++
+	c.sseq++
+	c.seg(true, "A", c.cseq, nil)
+}
+
+// realClientHello makes Go's crypto/tls client send its ClientHello to a
+// local listener and returns the bytes as they went on the wire (whole
+// TLS records). Go's default key shares include X25519MLKEM768, so the
+// hello is larger than one Ethernet frame.
+func realClientHello(t testing.TB, sni string) []byte {
+	t.Helper()
+	ln, err := net.Listen("tcp", "127.0.0.1:0")
+	if err != nil {
+		t.Fatal(err)
+	}
+	defer ln.Close()
+	got := make(chan []byte, 1)
+	go func() {
+		c, err := ln.Accept()
+		if err != nil {
+			got <- nil
+			return
+		}
+		defer c.Close()
+		c.SetDeadline(time.Now().Add(5 * time.Second))
+		var buf []byte
+		hdr := make([]byte, 5)
+		// Read whole records until the handshake message is complete.
+		for {
+			if _, err := io.ReadFull(c, hdr); err != nil {
+				got <- buf
+				return
+			}
+			body := make([]byte, int(hdr[3])<<8|int(hdr[4]))
+			if _, err := io.ReadFull(c, body); err != nil {
+				got <- nil
+				return
+			}
+			buf = append(append(buf, hdr...), body...)
+			if msg, _ := helloFromRecords(buf, new([]byte)); msg != nil {
+				got <- buf
+				return
+			}
+		}
+	}()
+	conn, err := net.Dial("tcp", ln.Addr().String())
+	if err != nil {
+		t.Fatal(err)
+	}
+	defer conn.Close()
+	tc := tls.Client(conn, &tls.Config{ServerName: sni, InsecureSkipVerify: true})
+	go tc.Handshake() // fails when the listener hangs up; we only want the hello
+	hello := <-got
+	if len(hello) == 0 {
+		t.Fatal("no ClientHello captured")
+	}
+	return hello
+}
+
+func synthRun(t *testing.T, path string, src string, dns DNSFacts, cfg Config) fileResult {
+	t.Helper()
+	rec := &recorder{}
+	c, err := New(cfg, Deps{Policy: policy.NewStore(testEngine(t, src)), Sink: rec, DNS: dns})
+	if err != nil {
+		t.Fatal(err)
+	}
+	var res fileResult
+	c.observe = func(o observation) { res.obs = append(res.obs, o) }
+	res.stats, res.err = c.ReadFile(context.Background(), path, nil)
+	if res.err != nil {
+		t.Fatal(res.err)
+	}
+	if res.stats.Panics != 0 || res.stats.Malformed != 0 {
+		t.Errorf("synthetic capture: %d malformed, %d panics", res.stats.Malformed, res.stats.Panics)
+	}
+	res.events = rec.all()
+	return res
+}
+
+func TestSyntheticSplitMLKEMHello(t *testing.T) {
+	hello := realClientHello(t, "mlkem.allowed.test")
+	if len(hello) < 1500 {
+		t.Fatalf("ClientHello of %d bytes: want an ML-KEM key share (> 1500 bytes)", len(hello))
+	}
+	cases := []struct {
+		name    string
+		cli     netip.Addr
+		srv     netip.Addr
+		vlan    uint16
+		mss     int
+		order   []int
+		skip    map[int]bool
+		wantSrc audit.NameSource
+		verdict policy.Verdict
+	}{
+		{"in order over IPv4", netip.MustParseAddr("192.0.2.10"), netip.MustParseAddr("203.0.113.5"), 0, 600, nil, nil, audit.NameSNI, policy.Allow},
+		{"out of order with a retransmission", netip.MustParseAddr("192.0.2.10"), netip.MustParseAddr("203.0.113.5"), 0, 300, []int{0, 2, 1, 1, 4, 3, 5, 6, 0}, nil, audit.NameSNI, policy.Allow},
+		{"VLAN tagged", netip.MustParseAddr("192.0.2.11"), netip.MustParseAddr("203.0.113.5"), 42, 500, nil, nil, audit.NameSNI, policy.Allow},
+		{"IPv6 in 100-byte segments", netip.MustParseAddr("2001:db8::10"), netip.MustParseAddr("2001:db8:1::5"), 0, 100, nil, nil, audit.NameSNI, policy.Allow},
+		{"missing segment gives up", netip.MustParseAddr("192.0.2.12"), netip.MustParseAddr("203.0.113.5"), 0, 400, nil, map[int]bool{1: true}, audit.NameNoSNI, policy.Deny},
+	}
+	for _, tc := range cases {
+		t.Run(tc.name, func(t *testing.T) {
+			p := newPcap(t)
+			p.vlan = tc.vlan
+			c := &tcpConn{p: p, cli: tc.cli, srv: tc.srv, cport: 40000, sport: 443, cseq: 0xfffffe00, sseq: 7}
+			c.handshake()
+			c.send(true, hello, tc.mss, tc.order, tc.skip)
+			c.send(false, bytes.Repeat([]byte{0x17}, 3000), 1400, nil, nil)
+			c.close()
+			res := synthRun(t, p.close(), testPolicy, nil, Config{})
+			if len(res.events) != 1 {
+				t.Fatalf("events %+v", res.events)
+			}
+			ev := res.events[0]
+			wantName := "mlkem.allowed.test"
+			if tc.wantSrc != audit.NameSNI {
+				wantName = ""
+			}
+			if ev.Name != wantName || ev.NameSource != tc.wantSrc || ev.Verdict != tc.verdict {
+				t.Errorf("event name %q (%s) verdict %s, want %q (%s) %s", ev.Name, ev.NameSource, ev.Verdict, wantName, tc.wantSrc, tc.verdict)
+			}
+			if ev.Client != tc.cli || ev.Dest != tc.srv || ev.ClientPort != 40000 || ev.DestPort != 443 || ev.Proto != "tcp" {
+				t.Errorf("5-tuple %v:%d -> %v:%d %s", ev.Client, ev.ClientPort, ev.Dest, ev.DestPort, ev.Proto)
+			}
+			if ev.ClientMAC != macClient.String() {
+				t.Errorf("client MAC %q", ev.ClientMAC)
+			}
+			sent := uint64(len(hello))
+			if tc.skip != nil {
+				sent -= uint64(tc.mss)
+			}
+			if ev.BytesIn != 3000 || ev.BytesOut < sent {
+				t.Errorf("bytes out %d in %d, want >= %d and 3000", ev.BytesOut, ev.BytesIn, sent)
+			}
+			if ev.Close != "fin" || !ev.Time.Equal(time.Date(2026, 11, 24, 10, 0, 0, int(time.Millisecond), time.UTC)) {
+				t.Errorf("close %q time %v", ev.Close, ev.Time)
+			}
+		})
+	}
+}
+
+// dnsResponse builds a DNS answer to client for name with n A records in
+// 198.51.100.0/24 and 203.0.113.0/24 (big enough to be fragmented).
+func dnsResponse(t testing.TB, name string, addrs []netip.Addr) []byte {
+	t.Helper()
+	d := &layers.DNS{ID: 7, QR: true, RD: true, RA: true, ResponseCode: layers.DNSResponseCodeNoErr,
+		Questions: []layers.DNSQuestion{{Name: []byte(name), Type: layers.DNSTypeA, Class: layers.DNSClassIN}}}
+	for _, a := range addrs {
+		typ := layers.DNSTypeA
+		if a.Is6() {
+			typ = layers.DNSTypeAAAA
+		}
+		d.Answers = append(d.Answers, layers.DNSResourceRecord{Name: []byte(name), Type: typ, Class: layers.DNSClassIN, TTL: 30, IP: a.AsSlice()})
+	}
+	buf := gopacket.NewSerializeBuffer()
+	if err := gopacket.SerializeLayers(buf, gopacket.SerializeOptions{FixLengths: true}, d); err != nil {
+		t.Fatal(err)
+	}
+	return buf.Bytes()
+}
+
+// udpFragments writes a UDP datagram from src to dst as IP fragments of at
+// most size payload bytes, in the order given (indexes; nil = in order).
+func (p *pcapWriter) udpFragments(fromClient bool, src, dst netip.Addr, sp, dp uint16, payload []byte, size int, order []int) {
+	p.t.Helper()
+	ip := ipLayer(src, dst, layers.IPProtocolUDP)
+	u := &layers.UDP{SrcPort: layers.UDPPort(sp), DstPort: layers.UDPPort(dp)}
+	u.SetNetworkLayerForChecksum(ip)
+	buf := gopacket.NewSerializeBuffer()
+	if err := gopacket.SerializeLayers(buf, gopacket.SerializeOptions{FixLengths: true, ComputeChecksums: true}, u, gopacket.Payload(payload)); err != nil {
+		p.t.Fatal(err)
+	}
+	dgram := buf.Bytes()
+	var chunks [][]byte
+	for len(dgram) > 0 {
+		n := min(size, len(dgram))
+		chunks = append(chunks, dgram[:n])
+		dgram = dgram[n:]
+	}
+	seen := map[int]bool{}
+	for _, i := range order {
+		seen[i] = true
+	}
+	for i := range chunks {
+		if !seen[i] {
+			order = append(order, i)
+		}
+	}
+	for _, i := range order {
+		off := uint16(i * size / 8)
+		more := i < len(chunks)-1
+		if src.Is4() {
+			flags := layers.IPv4Flag(0)
+			if more {
+				flags = layers.IPv4MoreFragments
+			}
+			h := &layers.IPv4{Version: 4, TTL: 64, Protocol: layers.IPProtocolUDP, SrcIP: src.AsSlice(), DstIP: dst.AsSlice(), Id: 0x4242, Flags: flags, FragOffset: off}
+			p.frame(fromClient, h, gopacket.Payload(chunks[i]))
+		} else {
+			h := &layers.IPv6{Version: 6, HopLimit: 64, NextHeader: layers.IPProtocolIPv6Fragment, SrcIP: src.AsSlice(), DstIP: dst.AsSlice()}
+			fh := &layers.IPv6Fragment{NextHeader: layers.IPProtocolUDP, FragmentOffset: off, MoreFragments: more, Identification: 0x4242}
+			p.frame(fromClient, h, fh, gopacket.Payload(chunks[i]))
+		}
+	}
+}
+
+func (p *pcapWriter) udp(fromClient bool, src, dst netip.Addr, sp, dp uint16, payload []byte) {
+	ip := ipLayer(src, dst, layers.IPProtocolUDP)
+	u := &layers.UDP{SrcPort: layers.UDPPort(sp), DstPort: layers.UDPPort(dp)}
+	u.SetNetworkLayerForChecksum(ip)
+	p.frame(fromClient, ip.(gopacket.SerializableLayer), u, gopacket.Payload(payload))
+}
+
+func dnsQuery(t testing.TB, name string) []byte {
+	d := &layers.DNS{ID: 7, RD: true, Questions: []layers.DNSQuestion{{Name: []byte(name), Type: layers.DNSTypeA, Class: layers.DNSClassIN}}}
+	buf := gopacket.NewSerializeBuffer()
+	if err := gopacket.SerializeLayers(buf, gopacket.SerializeOptions{FixLengths: true}, d); err != nil {
+		t.Fatal(err)
+	}
+	return buf.Bytes()
+}
+
+// A fragmented DNS answer (IPv4 and IPv6, fragments out of order) teaches
+// capture the name of an address; a later raw-IP TLS flow without SNI to
+// that address is named from it and classified by the name.
+func TestSyntheticFragmentedDNSNamesFlows(t *testing.T) {
+	for _, v6 := range []bool{false, true} {
+		name := "IPv4"
+		cli, res := netip.MustParseAddr("192.0.2.20"), netip.MustParseAddr("198.51.100.53")
+		if v6 {
+			name, cli, res = "IPv6", netip.MustParseAddr("2001:db8::20"), netip.MustParseAddr("2001:db8:53::53")
+		}
+		t.Run(name, func(t *testing.T) {
+			var addrs []netip.Addr
+			unknown := netip.MustParseAddr("203.0.113.200")
+			for i := 1; i <= 120; i++ { // 120 A records: about 4 KB
+				a := netip.AddrFrom4([4]byte{203, 0, 113, byte(i)})
+				if v6 {
+					a = netip.AddrFrom16([16]byte{0x20, 0x01, 0x0d, 0xb8, 0x01, 0x13, 15: byte(i)})
+					unknown = netip.MustParseAddr("2001:db8:113::200")
+				}
+				addrs = append(addrs, a)
+			}
+			p := newPcap(t)
+			p.udp(true, cli, res, 5353, 53, dnsQuery(t, "cdn.allowed.test"))
+			p.udpFragments(false, res, cli, 53, 5353, dnsResponse(t, "cdn.allowed.test", addrs), 600, []int{2, 0, 3, 1})
+			// TLS without SNI to a learned address, and one to an unknown one.
+			hello := realClientHello(t, "")
+			for _, dst := range []netip.Addr{addrs[77], unknown} {
+				c := &tcpConn{p: p, cli: cli, srv: dst, cport: 40001, sport: 443, cseq: 1, sseq: 1}
+				c.handshake()
+				c.send(true, hello, 1400, nil, nil)
+				c.close()
+			}
+			r := synthRun(t, p.close(), testPolicy, nil, Config{})
+			if r.stats.Reassembled != 1 || r.stats.Fragments < 4 || r.stats.DNSAnswers != 1 {
+				t.Errorf("fragments %d reassembled %d answers %d", r.stats.Fragments, r.stats.Reassembled, r.stats.DNSAnswers)
+			}
+			got := map[netip.Addr]audit.Event{}
+			for _, ev := range r.events {
+				got[ev.Dest] = ev
+			}
+			if ev := got[addrs[77]]; ev.Name != "cdn.allowed.test" || ev.NameSource != audit.NameDNSAnswer || ev.Verdict != policy.Allow || ev.Rule != "web" {
+				t.Errorf("learned flow: %+v", ev)
+			}
+			if ev := got[unknown]; ev.Name != "" || ev.Verdict != policy.Deny || ev.Reason != policy.ReasonNoRule {
+				t.Errorf("unknown flow: %+v", ev)
+			}
+			if ev := got[res]; ev.Proto != "udp" || ev.DestPort != 53 || ev.Client != cli || ev.Rule != "dns" {
+				t.Errorf("DNS flow: %+v", ev)
+			}
+		})
+	}
+}
+
+// factsMap is a DNSFacts backed by a map, as dnsfilter's table would be.
+type factsMap map[netip.Addr][]string
+
+func (m factsMap) NamesFor(_, addr netip.Addr) []string { return m[addr] }
+
+func TestSyntheticDNSFactsAndModes(t *testing.T) {
+	cli := netip.MustParseAddr("192.0.2.30")
+	p := newPcap(t)
+	write := func(dst netip.Addr, port uint16) {
+		c := &tcpConn{p: p, cli: cli, srv: dst, cport: 40100 + port, sport: port, cseq: 1, sseq: 1}
+		c.handshake()
+		c.send(true, []byte("SSH-2.0-test\r\n"), 1400, nil, nil)
+		c.seg(true, "RA", c.cseq, nil)
+	}
+	write(netip.MustParseAddr("203.0.113.40"), 443) // our DNS gave this out for a.allowed.test
+	write(netip.MustParseAddr("203.0.113.41"), 443) // nothing knows it
+	write(netip.MustParseAddr("198.51.100.9"), 22)  // allowed by CIDR
+	path := p.close()
+	facts := factsMap{netip.MustParseAddr("203.0.113.40"): {"evil.test", "a.allowed.test"}}
+	for _, mode := range []string{"audit", "enforce"} {
+		t.Run(mode, func(t *testing.T) {
+			src := testPolicy
+			if mode == "enforce" {
+				src = "version: 1\nmode: enforce\n" + testPolicy[len("version: 1\nmode: audit\n"):]
+			}
+			r := synthRun(t, path, src, facts, Config{})
+			got := map[netip.Addr]audit.Event{}
+			for _, ev := range r.events {
+				got[ev.Dest] = ev
+			}
+			if len(r.events) != 3 {
+				t.Fatalf("events: %+v", r.events)
+			}
+			ev := got[netip.MustParseAddr("203.0.113.40")]
+			if ev.Name != "a.allowed.test" || ev.NameSource != audit.NameDNSLearned || ev.Verdict != policy.Allow || ev.Enforced {
+				t.Errorf("learned: %+v", ev)
+			}
+			ev = got[netip.MustParseAddr("203.0.113.41")]
+			if ev.Verdict != policy.Deny || ev.NameSource != audit.NameNone || ev.Enforced != (mode == "enforce") || string(ev.Mode) != mode {
+				t.Errorf("unknown: %+v", ev)
+			}
+			ev = got[netip.MustParseAddr("198.51.100.9")]
+			if ev.Verdict != policy.Allow || ev.Rule != "lab" || ev.Close != "rst" || ev.BytesOut != 14 {
+				t.Errorf("cidr: %+v", ev)
+			}
+		})
+	}
+}
+
+func TestSyntheticTableBoundsAndIdle(t *testing.T) {
+	p := newPcap(t)
+	cli := netip.MustParseAddr("192.0.2.50")
+	for i := 0; i < 50; i++ {
+		p.udp(true, cli, netip.AddrFrom4([4]byte{203, 0, 113, byte(i)}), 30000, 9999, []byte("x"))
+	}
+	// One UDP exchange, silent for 61 s, then again: two flows.
+	srv := netip.MustParseAddr("198.51.100.7")
+	p.udp(true, cli, srv, 30001, 123, []byte("ntp"))
+	p.udp(false, srv, cli, 123, 30001, []byte("ntp-reply"))
+	p.now = p.now.Add(61 * time.Second)
+	p.udp(true, cli, srv, 30001, 123, []byte("ntp"))
+	// A reply seen before its query: the client is still the one on the
+	// high port.
+	p.udp(false, srv, cli, 53, 30002, dnsResponse(t, "x.allowed.test", []netip.Addr{netip.MustParseAddr("203.0.113.77")}))
+	r := synthRun(t, p.close(), testPolicy, nil, Config{MaxFlows: 10})
+	if r.stats.Evicted < 40 {
+		t.Errorf("evicted %d, want >= 40 with a table of 10", r.stats.Evicted)
+	}
+	if uint64(len(r.events)) != r.stats.Flows || r.stats.Flows != 50+2+1 {
+		t.Errorf("events %d flows %d, want 53", len(r.events), r.stats.Flows)
+	}
+	ntp := 0
+	for _, ev := range r.events {
+		if ev.Dest == srv && ev.DestPort == 123 {
+			ntp++
+			if ev.Client != cli {
+				t.Errorf("ntp flow client %v", ev.Client)
+			}
+		}
+		if ev.DestPort == 53 && (ev.Client != cli || ev.ClientPort != 30002) {
+			t.Errorf("reply-first DNS flow: %+v", ev)
+		}
+	}
+	if ntp != 2 {
+		t.Errorf("ntp flows %d, want 2 (60 s idle splits them)", ntp)
+	}
+}
+
+// The real QUIC capture whose ClientHello spans several Initial packets,
+// rewritten with the client's packets in reverse order: the CRYPTO stream
+// is reassembled by offset, so the SNI-less hello is still found whole.
+func TestSyntheticQUICInitialsOutOfOrder(t *testing.T) {
+	in := filepath.Join(pcapDir, "ndpi/quic_frags_ch_in_multiple_packets.pcapng")
+	f, err := os.Open(in)
+	if err != nil {
+		t.Fatalf("real capture missing: %v", err)
+	}
+	defer f.Close()
+	r, err := pcapgo.NewNgReader(f, pcapgo.DefaultNgReaderOptions)
+	if err != nil {
+		t.Fatal(err)
+	}
+	type pkt struct {
+		ci   gopacket.CaptureInfo
+		data []byte
+	}
+	var pkts []pkt
+	for {
+		data, ci, err := r.ReadPacketData()
+		if err != nil {
+			break
+		}
+		pkts = append(pkts, pkt{ci, data})
+	}
+	want := runFile(t, in, testPolicy, nil)
+	var wantSize int
+	for _, o := range want.obs {
+		if o.Kind == obsHello {
+			wantSize = o.Size
+		}
+	}
+	out := filepath.Join(t.TempDir(), "rev.pcap")
+	of, _ := os.Create(out)
+	w := pcapgo.NewWriter(of)
+	w.WriteFileHeader(65536, r.LinkType())
+	for i := len(pkts) - 1; i >= 0; i-- {
+		w.WritePacket(pkts[i].ci, pkts[i].data)
+	}
+	of.Close()
+	got := runFile(t, out, testPolicy, nil)
+	var sizes []int
+	for _, o := range got.obs {
+		if o.Kind == obsHello {
+			sizes = append(sizes, o.Size)
+		}
+	}
+	if len(sizes) != 1 || sizes[0] != wantSize || wantSize == 0 {
+		t.Errorf("reversed: hellos %v, want one of %d bytes", sizes, wantSize)
+	}
+}
