@@ -1,0 +1,224 @@
+package proxy
+
+import (
+	"bufio"
+	"fmt"
+	"io"
+	"log/slog"
+	"net"
+	"net/http"
+	"os"
+	"path/filepath"
+	"strings"
+	"testing"
+	"time"
+
+	"egressd/audit"
+	"egressd/policy"
+)
+
+// connectRaw sends one proxy request from the client namespace and returns
+// the response (status, reason header, body).
+func (tp *topo) proxyRequest(t *testing.T, raw string) (*http.Response, string) {
+	t.Helper()
+	var c net.Conn
+	if err := tp.c.Do(func() (err error) {
+		c, err = net.DialTimeout("tcp", fmt.Sprintf("198.18.1.1:%d", explicitPort), 5*time.Second)
+		return
+	}); err != nil {
+		t.Fatal(err)
+	}
+	defer c.Close()
+	c.SetDeadline(time.Now().Add(10 * time.Second))
+	io.WriteString(c, raw)
+	resp, err := http.ReadResponse(bufio.NewReader(c), &http.Request{Method: strings.Fields(raw)[0]})
+	if err != nil {
+		t.Fatalf("%q: %v", raw, err)
+	}
+	defer resp.Body.Close()
+	var body []byte
+	if resp.StatusCode != http.StatusOK {
+		body, _ = io.ReadAll(resp.Body)
+	}
+	return resp, string(body)
+}
+
+func TestExplicit(t *testing.T) {
+	tp := newTopo(t, topoOpts{})
+	proxyURL := fmt.Sprintf("http://198.18.1.1:%d", explicitPort)
+
+	t.Run("connect-allowed-curl", func(t *testing.T) {
+		out, err := tp.c.Run("curl", "-sS", "--max-time", "10", "-x", proxyURL, "--cacert", tp.pki.caFile, "https://www.allowed.test/conn")
+		if err != nil || !strings.Contains(out, "sni=www.allowed.test host=www.allowed.test path=/conn") {
+			t.Fatalf("%v: %s", err, out)
+		}
+		ev := tp.ev.wait(t, "connect allowed", func(ev audit.Event) bool {
+			return ev.NameSource == audit.NameConnect && ev.Name == "www.allowed.test" && ev.Verdict == policy.Allow && ev.BytesIn > 0
+		})
+		if ev.Dest != srvV4 || ev.DestPort != 443 || ev.Rule != "allowed" {
+			t.Errorf("event %+v", ev)
+		}
+	})
+
+	t.Run("connect-denied-curl", func(t *testing.T) {
+		out, err := tp.c.Run("curl", "-sS", "--max-time", "10", "-x", proxyURL, "--cacert", tp.pki.caFile, "https://evil.example/")
+		if err == nil || !strings.Contains(out, "403") {
+			t.Fatalf("%v: %s", err, out)
+		}
+	})
+
+	t.Run("connect-refusals", func(t *testing.T) {
+		for _, c := range []struct{ authority, reason string }{
+			{"evil.example:443", policy.ReasonNoRule},
+			{"www.allowed.test:22", policy.ReasonPort}, // THREATS F5: right name, wrong port
+			{"2130706433:80", ReasonIPLiteral},          // THREATS F4
+			{"0x7f.1:80", ReasonIPLiteral},
+			{"127.1:80", ReasonIPLiteral},
+			{"0177.0.0.1:80", ReasonIPLiteral},
+			{"[::ffff:7f00:1]:80", ""},
+			{"127.0.0.1:443", ""},
+			{"198.18.2.2:443", policy.ReasonNoRule}, // an IP literal no CIDR rule allows
+			{"[64:ff9b::a9fe:a9fe]:443", ""},
+			{"[2002:a9fe:a9fe::1]:443", ""},
+			{"loop.allowed.test:443", ReasonSpecialRange}, // resolves to 127.0.0.1
+		} {
+			resp, body := tp.proxyRequest(t, "CONNECT "+c.authority+" HTTP/1.1\r\nHost: "+c.authority+"\r\n\r\n")
+			if resp.StatusCode != http.StatusForbidden || !strings.Contains(body, "Blocked by egressd") {
+				t.Errorf("CONNECT %s: %d %q", c.authority, resp.StatusCode, body)
+				continue
+			}
+			if got := resp.Header.Get("X-Egressd-Reason"); c.reason != "" && got != c.reason {
+				t.Errorf("CONNECT %s: reason %q, want %q", c.authority, got, c.reason)
+			}
+		}
+		resp, _ := tp.proxyRequest(t, "CONNECT www.allowed.test HTTP/1.1\r\nHost: www.allowed.test\r\n\r\n")
+		if resp.StatusCode != http.StatusBadRequest {
+			t.Errorf("CONNECT without a port: %d", resp.StatusCode)
+		}
+	})
+
+	t.Run("plain-http", func(t *testing.T) {
+		out, err := tp.c.Run("curl", "-sS", "--max-time", "10", "-x", proxyURL, "http://www.allowed.test/plainx")
+		if err != nil || !strings.Contains(out, "host=www.allowed.test path=/plainx") {
+			t.Fatalf("%v: %s", err, out)
+		}
+		resp, body := tp.proxyRequest(t, "GET http://evil.example/x HTTP/1.1\r\nHost: evil.example\r\n\r\n")
+		if resp.StatusCode != http.StatusForbidden || !strings.Contains(body, "evil.example/x") || !strings.Contains(body, "no-rule") {
+			t.Errorf("denied plain HTTP: %d %q", resp.StatusCode, body)
+		}
+		resp, _ = tp.proxyRequest(t, "GET http://127.0.0.1:80/ HTTP/1.1\r\nHost: 127.0.0.1\r\n\r\n")
+		if resp.StatusCode != http.StatusForbidden {
+			t.Errorf("plain HTTP to loopback: %d", resp.StatusCode)
+		}
+	})
+}
+
+// TestExplicitAuth: 407 with its body, then policy as usual.
+func TestExplicitAuth(t *testing.T) {
+	eng, err := policy.Compile("auth.yaml", []byte(fmt.Sprintf(testPolicy, "enforce")))
+	if err != nil {
+		t.Fatal(err)
+	}
+	p, err := New(Config{ProxyUsers: map[string]string{"alice": "s3cret"}}, Deps{Policy: policy.NewStore(eng), Logger: slog.New(slog.NewTextHandler(io.Discard, nil))})
+	if err != nil {
+		t.Fatal(err)
+	}
+	ln, err := net.Listen("tcp", "127.0.0.1:0")
+	if err != nil {
+		t.Fatal(err)
+	}
+	go p.ServeExplicit(ln)
+	defer p.Close()
+	ask := func(raw string) (*http.Response, string) {
+		c, err := net.Dial("tcp", ln.Addr().String())
+		if err != nil {
+			t.Fatal(err)
+		}
+		defer c.Close()
+		c.SetDeadline(time.Now().Add(5 * time.Second))
+		io.WriteString(c, raw)
+		resp, err := http.ReadResponse(bufio.NewReader(c), &http.Request{Method: "CONNECT"})
+		if err != nil {
+			t.Fatal(err)
+		}
+		b, _ := io.ReadAll(resp.Body)
+		return resp, string(b)
+	}
+	resp, body := ask("CONNECT www.allowed.test:443 HTTP/1.1\r\nHost: www.allowed.test:443\r\n\r\n")
+	if resp.StatusCode != http.StatusProxyAuthRequired || resp.Header.Get("Proxy-Authenticate") == "" || !strings.Contains(body, "proxy authentication required") {
+		t.Errorf("no credentials: %d %v %q", resp.StatusCode, resp.Header, body)
+	}
+	resp, _ = ask("CONNECT www.allowed.test:443 HTTP/1.1\r\nHost: www.allowed.test:443\r\nProxy-Authorization: Basic YWxpY2U6d3Jvbmc=\r\n\r\n")
+	if resp.StatusCode != http.StatusProxyAuthRequired {
+		t.Errorf("wrong password: %d", resp.StatusCode)
+	}
+	// alice:s3cret
+	resp, body = ask("CONNECT evil.example:443 HTTP/1.1\r\nHost: evil.example:443\r\nProxy-Authorization: Basic YWxpY2U6czNjcmV0\r\n\r\n")
+	if resp.StatusCode != http.StatusForbidden || !strings.Contains(body, "evil.example") || !strings.Contains(body, "auth.yaml") {
+		t.Errorf("authenticated, denied: %d %q", resp.StatusCode, body)
+	}
+}
+
+// TestInspection: with inspection on, a host with host/path rules is
+// decrypted and each request decided on its path, explicitly (CONNECT)
+// and transparently; other hosts stay spliced.
+func TestInspection(t *testing.T) {
+	tp := newTopo(t, topoOpts{})
+	_, caPEM, err := LoadOrCreateCA(tp.state)
+	if err != nil {
+		t.Fatal(err)
+	}
+	// Clients trust both the inspection CA and the servers' CA.
+	testCA, _ := os.ReadFile(tp.pki.caFile)
+	bundle := filepath.Join(t.TempDir(), "bundle.pem")
+	os.WriteFile(bundle, append(append([]byte{}, caPEM...), testCA...), 0o644)
+	proxyURL := fmt.Sprintf("http://198.18.1.1:%d", explicitPort)
+
+	curl := func(args ...string) (string, error) {
+		return tp.c.Run(append([]string{"curl", "-sS", "--max-time", "10", "-w", "\ncode=%{http_code}"}, args...)...)
+	}
+	for _, mode := range []struct {
+		name string
+		args []string
+	}{
+		{"explicit", []string{"-x", proxyURL}},
+		{"transparent", []string{"--resolve", "docs.paths.test:443:198.18.2.2", "--resolve", "docs.paths.test:80:198.18.2.2"}},
+	} {
+		t.Run(mode.name, func(t *testing.T) {
+			a := append([]string{"--cacert", bundle}, mode.args...)
+			out, err := curl(append(a, "https://docs.paths.test/public/a")...)
+			if err != nil || !strings.Contains(out, "sni=docs.paths.test host=docs.paths.test path=/public/a") || !strings.Contains(out, "code=200") {
+				t.Errorf("allowed path: %v: %s", err, out)
+			}
+			out, err = curl(append(a, "https://docs.paths.test/private/b")...)
+			if err != nil || !strings.Contains(out, "code=403") || !strings.Contains(out, "docs.paths.test/private/b") || !strings.Contains(out, policy.ReasonPath) {
+				t.Errorf("denied path: %v: %s", err, out)
+			}
+			// The certificate the client saw for docs.paths.test is ours.
+			out, _ = curl(append([]string{"--cacert", tp.pki.caFile}, append(mode.args, "https://docs.paths.test/public/a")...)...)
+			if !strings.Contains(out, "code=000") {
+				t.Errorf("inspected host was not decrypted: %s", out)
+			}
+			// A host without path rules is spliced: the servers' own certificate.
+			out, err = curl(append([]string{"--cacert", tp.pki.caFile, "--resolve", "www.allowed.test:443:198.18.2.2"}, append(mode.args, "https://www.allowed.test/s")...)...)
+			if err != nil || !strings.Contains(out, "code=200") {
+				t.Errorf("spliced host: %v: %s", err, out)
+			}
+			// Plain HTTP to the inspected host: decided per request too.
+			out, _ = curl(append(a, "http://docs.paths.test/public/h")...)
+			if !strings.Contains(out, "code=200") || !strings.Contains(out, "path=/public/h") {
+				t.Errorf("plain allowed path: %s", out)
+			}
+			out, _ = curl(append(a, "http://docs.paths.test/private/h")...)
+			if !strings.Contains(out, "code=403") {
+				t.Errorf("plain denied path: %s", out)
+			}
+		})
+	}
+	ev := tp.ev.wait(t, "inspected deny", func(ev audit.Event) bool {
+		return ev.Path == "/private/b" && ev.Reason == policy.ReasonPath && ev.Enforced
+	})
+	if ev.Name != "docs.paths.test" {
+		t.Errorf("event %+v", ev)
+	}
+}
