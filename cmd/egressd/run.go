@@ -1,0 +1,560 @@
+package main
+
+import (
+	"context"
+	"errors"
+	"flag"
+	"fmt"
+	"io"
+	"log/slog"
+	"net"
+	"net/http"
+	"net/netip"
+	"os"
+	"os/signal"
+	"strconv"
+	"strings"
+	"sync"
+	"syscall"
+	"time"
+
+	"github.com/prometheus/client_golang/prometheus"
+	"github.com/prometheus/client_golang/prometheus/collectors"
+
+	"egressd/audit"
+	"egressd/capture"
+	"egressd/dnsfilter"
+	"egressd/firewall"
+	"egressd/internal/sdnotify"
+	"egressd/policy"
+	"egressd/profiles"
+	"egressd/proxy"
+)
+
+func init() {
+	commands["run"] = command{
+		"run [--policy FILE | --profile NAME] [--mode audit|enforce] [--lan IFACE] [--wan IFACE] ...",
+		"run the gateway: DNS forwarder, proxy, capture, firewall, report on the admin address", cmdRun}
+}
+
+// runConfig is what `egressd run` is told on its command line. Behaviour
+// lives in the policy file; flags only say where things are.
+type runConfig struct {
+	policyFile  string
+	profile     string
+	mode        string
+	lan, wan    string
+	upstreams   string
+	stateDir    string
+	admin       string
+	noFirewall  bool
+	masquerade  bool
+	guardWAN    bool
+	transparent string
+	explicit    string
+	dnsListen   string
+	tcpPorts    string
+	inspect     bool
+	denyAnswer  string
+	logLevel    string
+	logFormat   string
+}
+
+func (c *runConfig) flags(fs *flag.FlagSet) {
+	fs.StringVar(&c.policyFile, "policy", "", "policy file (default: the embedded profile)")
+	fs.StringVar(&c.profile, "profile", profiles.Default, "embedded profile, when no --policy is given (see egressd profiles)")
+	fs.StringVar(&c.mode, "mode", "", "audit or enforce (default: the policy's mode)")
+	fs.StringVar(&c.lan, "lan", "", "interface LAN clients arrive on; capture listens there (default: the only non-WAN interface, else the WAN one)")
+	fs.StringVar(&c.wan, "wan", "", "interface toward the internet (default: the interface of the default route)")
+	fs.StringVar(&c.upstreams, "upstream-dns", "", "upstream resolvers, comma-separated ip[:port] (default: /etc/resolv.conf)")
+	fs.StringVar(&c.stateDir, "state-dir", "/var/lib/egressd", "state directory: event log (the ledger survives restarts), inspection CA")
+	fs.StringVar(&c.admin, "admin", "127.0.0.1:9901", "admin address: / (HTML report), /report.json, /metrics, /healthz, /readyz")
+	fs.BoolVar(&c.noFirewall, "no-firewall", false, "do not touch nftables: the operator brings traffic to the listeners")
+	fs.BoolVar(&c.masquerade, "masquerade", false, "NAT LAN traffic leaving the WAN interface")
+	fs.BoolVar(&c.guardWAN, "guard-wan", false, "drop new connections from the WAN side in audit mode too (always on in enforce)")
+	fs.StringVar(&c.transparent, "proxy-listen", "[::]:15001", "transparent proxy listen address (the target of the nftables redirect)")
+	fs.StringVar(&c.explicit, "explicit-proxy-listen", "", "explicit HTTP/CONNECT proxy listen address (default: the LAN address, port 3128; \"off\" to disable)")
+	fs.StringVar(&c.dnsListen, "dns-listen", ":53", "DNS forwarder listen addresses, comma-separated (UDP and TCP)")
+	fs.StringVar(&c.tcpPorts, "tcp-ports", "all", `TCP ports redirected to the proxy in enforce mode: "all" or a list such as 80,443,5228-5230`)
+	fs.BoolVar(&c.inspect, "inspect", false, "decrypt connections to hosts with host/path rules (CA in the state directory; egressd ca export)")
+	fs.StringVar(&c.denyAnswer, "dns-deny", "", "answer to denied names in enforce mode: REFUSED (default), NXDOMAIN or NULL")
+	fs.StringVar(&c.logLevel, "log-level", "info", "debug, info, warn or error")
+	fs.StringVar(&c.logFormat, "log-format", "json", "json or text")
+}
+
+// daemon holds what `egressd run` started, for reload and shutdown.
+type daemon struct {
+	cfg    runConfig
+	log    *slog.Logger
+	out    io.Writer
+	store  *policy.Store
+	mode   policy.Mode // the --mode override, or ""
+	source string      // where the policy comes from, for reloads
+
+	reg     *prometheus.Registry
+	metrics *daemonMetrics
+
+	journal *audit.Journal
+	ledger  *audit.Ledger
+	sink    audit.Sink
+	dns     *dnsfilter.Server
+	proxy   *proxy.Proxy
+	capture *capture.Capture
+	fw      *firewall.Firewall
+
+	mu       sync.Mutex // guards degraded
+	degraded map[string]string
+}
+
+func cmdRun(ctx context.Context, args []string, stdout, stderr io.Writer) int {
+	var cfg runConfig
+	fs := newFlags("run", stderr)
+	cfg.flags(fs)
+	pos, err := parseArgs(fs, args)
+	if err != nil {
+		return flagErr(err)
+	}
+	if len(pos) != 0 {
+		fmt.Fprintf(stderr, "egressd run: unexpected argument %q\n", pos[0])
+		return exitUsage
+	}
+	d, err := newDaemon(cfg, stdout, stderr)
+	if err != nil {
+		fmt.Fprintln(stderr, "egressd:", err)
+		return exitFail
+	}
+	if err := d.run(ctx); err != nil {
+		fmt.Fprintln(stderr, "egressd:", err)
+		return exitFail
+	}
+	return exitOK
+}
+
+func newLogger(cfg runConfig, w io.Writer) (*slog.Logger, *slog.LevelVar, error) {
+	lv := new(slog.LevelVar)
+	if err := lv.UnmarshalText([]byte(cfg.logLevel)); err != nil {
+		return nil, nil, fmt.Errorf("--log-level %q: expected debug, info, warn or error", cfg.logLevel)
+	}
+	opts := &slog.HandlerOptions{Level: lv}
+	switch cfg.logFormat {
+	case "json":
+		return slog.New(slog.NewJSONHandler(w, opts)), lv, nil
+	case "text":
+		return slog.New(slog.NewTextHandler(w, opts)), lv, nil
+	}
+	return nil, nil, fmt.Errorf("--log-format %q: expected json or text", cfg.logFormat)
+}
+
+func newDaemon(cfg runConfig, stdout, stderr io.Writer) (*daemon, error) {
+	log, _, err := newLogger(cfg, stderr)
+	if err != nil {
+		return nil, err
+	}
+	d := &daemon{cfg: cfg, log: log, out: stdout, degraded: map[string]string{}}
+	if cfg.mode != "" {
+		m, ok := policy.ParseMode(cfg.mode)
+		if !ok {
+			return nil, fmt.Errorf("--mode %q: expected audit or enforce", cfg.mode)
+		}
+		d.mode = m
+	}
+	d.source = cfg.policyFile
+	if d.source == "" {
+		d.source = "profile:" + cfg.profile
+	}
+	eng, err := d.loadPolicy()
+	if err != nil {
+		return nil, err
+	}
+	d.store = policy.NewStore(eng)
+	d.reg = prometheus.NewRegistry()
+	d.reg.MustRegister(collectors.NewGoCollector(), collectors.NewProcessCollector(collectors.ProcessCollectorOpts{}))
+	d.metrics = newDaemonMetrics(d.reg)
+	d.metrics.reloaded(true)
+	return d, nil
+}
+
+// loadPolicy reads and compiles the policy, applying the --mode override.
+func (d *daemon) loadPolicy() (*policy.Engine, error) {
+	eng, err := loadEngine(d.source, io.Discard)
+	if err != nil {
+		return nil, err
+	}
+	for _, w := range eng.Warnings() {
+		d.log.Warn("policy warning", "problem", w.String())
+	}
+	return eng.WithMode(d.mode), nil
+}
+
+// capabilities reports which of the capabilities egressd's parts need the
+// process has.
+type capabilities struct{ netAdmin, netRaw, bindService bool }
+
+func currentCapabilities() capabilities {
+	b, err := os.ReadFile("/proc/self/status")
+	if err != nil {
+		root := os.Geteuid() == 0
+		return capabilities{root, root, root}
+	}
+	for _, line := range strings.Split(string(b), "\n") {
+		if v, ok := strings.CutPrefix(line, "CapEff:"); ok {
+			n, err := strconv.ParseUint(strings.TrimSpace(v), 16, 64)
+			if err != nil {
+				break
+			}
+			return capabilities{netAdmin: n&(1<<12) != 0, netRaw: n&(1<<13) != 0, bindService: n&(1<<10) != 0}
+		}
+	}
+	return capabilities{}
+}
+
+// degrade records a part that does not run, for /readyz and the summary.
+func (d *daemon) degrade(part, why string) {
+	d.mu.Lock()
+	d.degraded[part] = why
+	d.mu.Unlock()
+	d.log.Error("part not running", "part", part, audit.LogReason, why)
+}
+
+func (d *daemon) degradedParts() map[string]string {
+	d.mu.Lock()
+	defer d.mu.Unlock()
+	out := make(map[string]string, len(d.degraded))
+	for k, v := range d.degraded {
+		out[k] = v
+	}
+	return out
+}
+
+func (d *daemon) say(format string, args ...any) { fmt.Fprintf(d.out, format+"\n", args...) }
+
+func (d *daemon) run(ctx context.Context) error {
+	ctx, cancel := context.WithCancel(ctx)
+	defer cancel()
+	cfg := d.cfg
+	caps := currentCapabilities()
+	eng := d.store.Load()
+	d.say("egressd %s: policy %s, %d rules, mode %s", version, d.source, len(eng.Rules()), eng.Mode())
+
+	wan := cfg.wan
+	if wan == "" {
+		wan = defaultRouteInterface()
+	}
+	lan := cfg.lan
+	if lan == "" {
+		lan = guessLAN(wan)
+	}
+
+	// The event path: components → journal (bounded queue, never blocks)
+	// → ledger and the append-only log in the state directory. Without a
+	// usable state directory the ledger still counts, in memory only.
+	var wg sync.WaitGroup
+	j, stats, err := audit.OpenJournal(audit.JournalConfig{Dir: cfg.stateDir, Logger: d.log.With(audit.LogComponent, "audit")}, audit.NewLedger(eng, audit.LedgerOptions{}))
+	if err != nil {
+		d.degrade("event log", fmt.Sprintf("%v: reports are kept in memory only and lost on restart", err))
+		d.ledger = audit.NewLedger(eng, audit.LedgerOptions{})
+		d.sink = d.ledger
+	} else {
+		d.journal, d.ledger, d.sink = j, j.Ledger(), j
+		d.say("event log: %s (%d earlier events restored)", cfg.stateDir, stats.Events)
+		j.RegisterMetrics(d.reg)
+		wg.Add(1)
+		go func() { defer wg.Done(); j.Run(ctx) }()
+	}
+	d.ledger.RegisterMetrics(d.reg)
+
+	// DNS first: the proxy and capture read its learned-address table.
+	dnsCfg := dnsfilter.Config{Listen: splitList(cfg.dnsListen), Upstreams: splitList(cfg.upstreams), Deny: dnsfilter.DenyAnswer(strings.ToUpper(cfg.denyAnswer))}
+	table := dnsfilter.NewTable(0)
+	if d.dns, err = dnsfilter.New(dnsCfg, dnsfilter.Deps{Policy: d.store, Sink: d.sink, Logger: d.log.With(audit.LogComponent, "dnsfilter"), Registerer: d.reg, Table: table}); err != nil {
+		d.degrade("dns", err.Error())
+	}
+	var dnsFacts interface {
+		NamesFor(client, addr netip.Addr) []string
+	} = table
+	var resolver proxy.Resolver
+	if d.dns != nil {
+		resolver = d.dns
+		wg.Add(1)
+		go func() {
+			defer wg.Done()
+			if err := d.dns.Run(ctx); err != nil && ctx.Err() == nil {
+				d.degrade("dns", err.Error())
+			}
+		}()
+	}
+
+	explicit := cfg.explicit
+	if explicit == "" {
+		if a := interfaceAddr(lan); a.IsValid() && lan != wan {
+			explicit = netip.AddrPortFrom(a, 3128).String()
+		} else {
+			explicit = "127.0.0.1:3128"
+		}
+	}
+	if explicit == "off" {
+		explicit = ""
+	}
+	pcfg := proxy.Config{TransparentAddr: cfg.transparent, ExplicitAddr: explicit, Inspect: cfg.inspect, StateDir: cfg.stateDir}
+	if d.proxy, err = proxy.New(pcfg, proxy.Deps{Policy: d.store, Sink: d.sink, Logger: d.log.With(audit.LogComponent, "proxy"), Registerer: d.reg, DNS: dnsFacts, Resolver: resolver}); err != nil {
+		d.degrade("proxy", err.Error())
+	} else {
+		wg.Add(1)
+		go func() {
+			defer wg.Done()
+			if err := d.proxy.Run(ctx); err != nil && ctx.Err() == nil {
+				d.degrade("proxy", err.Error())
+			}
+		}()
+	}
+
+	// Capture sees every packet of the LAN interface (AF_PACKET: CAP_NET_RAW).
+	switch {
+	case lan == "":
+		d.degrade("capture", "no LAN interface (give --lan IFACE)")
+	case !caps.netRaw:
+		d.degrade("capture", "needs CAP_NET_RAW to open an AF_PACKET socket on "+lan+" (run as root, or grant it: see the systemd unit)")
+	default:
+		if d.capture, err = capture.New(capture.Config{Interface: lan}, capture.Deps{Policy: d.store, Sink: d.sink, Logger: d.log.With(audit.LogComponent, "capture"), Registerer: d.reg, DNS: dnsFacts}); err != nil {
+			d.degrade("capture", err.Error())
+		} else if err := d.capture.Open(); err != nil {
+			d.degrade("capture", err.Error())
+			d.capture = nil
+		} else {
+			d.say("capture: listening on %s", lan)
+			wg.Add(1)
+			go func() {
+				defer wg.Done()
+				if err := d.capture.Run(ctx); err != nil && ctx.Err() == nil {
+					d.degrade("capture", err.Error())
+				}
+			}()
+		}
+	}
+
+	// Wait for the listeners before the firewall points traffic at them.
+	if d.dns != nil {
+		select {
+		case <-d.dns.Ready():
+			d.say("dns: listening on %s", joinAddrPorts(d.dns.Addrs()))
+		case <-time.After(5 * time.Second):
+		case <-ctx.Done():
+		}
+	}
+	if d.proxy != nil {
+		d.say("proxy: transparent on %s, explicit on %s", orOff(pcfg.TransparentAddr), orOff(pcfg.ExplicitAddr))
+	}
+
+	switch {
+	case eng.Mode() == policy.ModeAudit && !cfg.masquerade && !cfg.guardWAN:
+		// Audit mode never redirects or blocks (fail-open by design: see
+		// the firewall package), so there is nothing to install.
+		d.say("firewall: audit mode: nothing installed, traffic is only observed")
+	case cfg.noFirewall:
+		d.say("firewall: not touched (--no-firewall): bring traffic to the listeners yourself")
+	case !caps.netAdmin:
+		d.degrade("firewall", "needs CAP_NET_ADMIN to install nftables rules (run as root, or use --no-firewall)")
+	default:
+		if err := d.startFirewall(ctx, lan, wan, table, &wg); err != nil {
+			d.degrade("firewall", err.Error())
+		}
+	}
+
+	admin, err := d.serveAdmin(ctx, &wg)
+	if err != nil {
+		d.degrade("admin", err.Error())
+	} else {
+		d.say("admin: http://%s/ (report), /report.json, /metrics, /healthz, /readyz", admin)
+	}
+	for part, why := range d.degradedParts() {
+		d.say("NOT RUNNING: %s: %s", part, why)
+	}
+	sdnotify.Notify(sdnotify.Ready)
+	d.log.Info("egressd running", audit.LogMode, string(eng.Mode()), "policy", d.source)
+
+	hup := make(chan os.Signal, 1)
+	signal.Notify(hup, syscall.SIGHUP)
+	defer signal.Stop(hup)
+	for {
+		select {
+		case <-hup:
+			d.reload()
+		case <-ctx.Done():
+			return d.shutdown(cancel, &wg)
+		}
+	}
+}
+
+// startFirewall installs the ruleset and feeds it the addresses DNS learns.
+func (d *daemon) startFirewall(ctx context.Context, lan, wan string, table *dnsfilter.Table, wg *sync.WaitGroup) error {
+	tcpPorts, err := parseTCPPorts(d.cfg.tcpPorts)
+	if err != nil {
+		return fmt.Errorf("--tcp-ports: %w", err)
+	}
+	proxyPort, dnsPort := listenPort(d.cfg.transparent), listenPort(firstOf(splitList(d.cfg.dnsListen)))
+	fcfg := firewall.Config{LAN: lan, WAN: wan, ProxyPort: proxyPort, DNSPort: dnsPort, TCPPorts: tcpPorts, Masquerade: d.cfg.masquerade, GuardWAN: d.cfg.guardWAN}
+	fw, err := firewall.New(fcfg, firewall.Deps{Logger: d.log.With(audit.LogComponent, "firewall"), Registerer: d.reg})
+	if err != nil {
+		return err
+	}
+	if err := fw.Install(d.store.Load()); err != nil {
+		return err
+	}
+	d.fw = fw
+	rs := fw.Ruleset()
+	d.say("firewall: installed nftables table inet %s (%d chains, %d sets; LAN %s, WAN %s); `egressd firewall print` shows it", firewall.TableName, len(rs.Chains), len(rs.Sets), orOff(lan), orOff(wan))
+	feed, stop := table.Subscribe(4096)
+	wg.Add(1)
+	go func() {
+		defer wg.Done()
+		defer stop()
+		for {
+			select {
+			case l, ok := <-feed:
+				if !ok {
+					return
+				}
+				if err := fw.Learn(l.Rule, l.Addr, time.Until(l.Expires)); err != nil && !errors.Is(err, firewall.ErrSetFull) {
+					d.log.Warn("firewall learn", audit.LogError, err.Error())
+				}
+			case <-ctx.Done():
+				return
+			}
+		}
+	}()
+	return nil
+}
+
+// reload re-reads the policy (SIGHUP). An invalid policy keeps the old one
+// running; a valid one is swapped atomically into every part.
+func (d *daemon) reload() {
+	sdnotify.Notify(sdnotify.Reloading)
+	defer sdnotify.Notify(sdnotify.Ready)
+	eng, err := d.loadPolicy()
+	if err != nil {
+		d.metrics.reloaded(false)
+		d.log.Error("reload failed, keeping the running policy", "policy", d.source, audit.LogError, err.Error())
+		return
+	}
+	old := d.store.Swap(eng)
+	d.ledger.SetPolicy(eng)
+	if d.fw != nil {
+		if err := d.fw.Replace(eng); err != nil {
+			d.store.Swap(old)
+			d.ledger.SetPolicy(old)
+			d.metrics.reloaded(false)
+			d.log.Error("reload failed in nftables, keeping the running policy", audit.LogError, err.Error())
+			return
+		}
+	}
+	if d.fw == nil && eng.Mode() == policy.ModeEnforce && !d.cfg.noFirewall {
+		d.log.Warn("the policy now says enforce, but no firewall is installed: restart egressd to install it")
+	}
+	d.metrics.reloaded(true)
+	d.log.Info("policy reloaded", "policy", d.source, "rules", len(eng.Rules()), audit.LogMode, string(eng.Mode()))
+}
+
+func (d *daemon) shutdown(cancel context.CancelFunc, wg *sync.WaitGroup) error {
+	sdnotify.Notify(sdnotify.Stopping)
+	d.log.Info("stopping")
+	cancel()
+	var errs []error
+	if d.fw != nil {
+		if err := d.fw.Remove(); err != nil {
+			errs = append(errs, err)
+		}
+	}
+	for _, c := range []io.Closer{closerOf(d.proxy), closerOf(d.dns), closerOf(d.capture)} {
+		if c != nil {
+			if err := c.Close(); err != nil {
+				errs = append(errs, err)
+			}
+		}
+	}
+	done := make(chan struct{})
+	go func() { wg.Wait(); close(done) }()
+	select {
+	case <-done:
+	case <-time.After(10 * time.Second):
+		errs = append(errs, errors.New("run: parts did not stop within 10s"))
+	}
+	if d.journal != nil {
+		if err := d.journal.Close(); err != nil {
+			errs = append(errs, err)
+		}
+	}
+	return errors.Join(errs...)
+}
+
+// closerOf returns c as an io.Closer, or nil for a nil pointer.
+func closerOf[T any, P interface {
+	*T
+	Close() error
+}](p P) io.Closer {
+	if p == nil {
+		return nil
+	}
+	return p
+}
+
+func (d *daemon) serveAdmin(ctx context.Context, wg *sync.WaitGroup) (string, error) {
+	ln, err := net.Listen("tcp", d.cfg.admin)
+	if err != nil {
+		return "", fmt.Errorf("admin: %w", err)
+	}
+	srv := &http.Server{Handler: d.adminHandler(), ReadHeaderTimeout: 10 * time.Second}
+	wg.Add(1)
+	go func() {
+		defer wg.Done()
+		go func() {
+			<-ctx.Done()
+			sctx, c := context.WithTimeout(context.Background(), 2*time.Second)
+			defer c()
+			srv.Shutdown(sctx)
+		}()
+		srv.Serve(ln)
+	}()
+	return ln.Addr().String(), nil
+}
+
+func splitList(s string) []string {
+	var out []string
+	for _, f := range strings.Split(s, ",") {
+		if f = strings.TrimSpace(f); f != "" {
+			out = append(out, f)
+		}
+	}
+	return out
+}
+
+func firstOf(l []string) string {
+	if len(l) == 0 {
+		return ""
+	}
+	return l[0]
+}
+
+func orOff(s string) string {
+	if s == "" {
+		return "off"
+	}
+	return s
+}
+
+func joinAddrPorts(a []netip.AddrPort) string {
+	s := make([]string, len(a))
+	for i, x := range a {
+		s[i] = x.String()
+	}
+	return strings.Join(s, ", ")
+}
+
+// listenPort returns the port of a listen address, 0 when it has none.
+func listenPort(addr string) uint16 {
+	_, p, err := net.SplitHostPort(addr)
+	if err != nil {
+		return 0
+	}
+	n, _ := strconv.Atoi(p)
+	return uint16(n)
+}
