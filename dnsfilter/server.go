@@ -305,7 +305,15 @@ func (s *Server) listen() error {
 
 func (s *Server) listenOne(host, port string, readers int) error {
 	ctx := context.Background()
-	pc, err := reusePort.ListenPacket(ctx, "udp", net.JoinHostPort(host, port))
+	// A fixed port gets one SO_REUSEPORT socket per reader, so the kernel
+	// spreads queries over them. Port 0 (tests) gets one plain socket read
+	// by every reader: the kernel may give a port-0 SO_REUSEPORT socket a
+	// port that another process's reuse group already holds.
+	lc := reusePort
+	if port == "0" {
+		lc = net.ListenConfig{}
+	}
+	pc, err := lc.ListenPacket(ctx, "udp", net.JoinHostPort(host, port))
 	if err != nil {
 		return fmt.Errorf("dnsfilter: listen udp: %w", err)
 	}
@@ -319,6 +327,10 @@ func (s *Server) listenOne(host, port string, readers int) error {
 		}
 	}
 	for i := 1; i < readers; i++ {
+		if port == "0" {
+			conns = append(conns, first) // another reader of the same socket
+			continue
+		}
 		pc, err := reusePort.ListenPacket(ctx, "udp", bound)
 		if err != nil {
 			closeAll()

@@ -49,6 +49,8 @@ type tableShard struct {
 	mu sync.RWMutex // guards m
 	m  map[netip.Addr][]tableItem
 	n  int // items in m
+
+	lastSweep int64 // unix nanoseconds of the last full sweep by makeRoomLocked
 }
 
 type tableItem struct {
@@ -188,6 +190,7 @@ func (t *Table) Learn(l Learned) {
 		} else {
 			if sh.n >= t.perCap {
 				t.makeRoomLocked(sh, now)
+				items = sh.m[l.Addr] // the victim may have been of this address
 			}
 			items = append(items, tableItem{client: l.Client, name: l.Name, rule: l.Rule, expires: exp})
 			sh.m[l.Addr] = items
@@ -202,9 +205,13 @@ func (t *Table) Learn(l Learned) {
 // makeRoomLocked removes expired items of the shard, and when none were,
 // the soonest-expiring item among a few addresses (map order is random).
 func (t *Table) makeRoomLocked(sh *tableShard, now int64) {
-	removed := t.sweepLocked(sh, now)
-	if removed > 0 {
-		return
+	// A full sweep costs the whole shard; do it at most once a second and
+	// otherwise evict from a sample.
+	if now-sh.lastSweep > int64(time.Second) {
+		sh.lastSweep = now
+		if t.sweepLocked(sh, now) > 0 {
+			return
+		}
 	}
 	var victim netip.Addr
 	vi, vexp, seen := -1, int64(0), 0

@@ -1,0 +1,57 @@
+// Command dnsbench starts egressd's filtering DNS forwarder (dnsfilter) on
+// its own, for bench/dns.sh: it allows one name pattern in enforce mode and
+// forwards to one upstream. egressd run will wire the same package.
+package main
+
+import (
+	"context"
+	"flag"
+	"fmt"
+	"log/slog"
+	"os"
+	"os/signal"
+	"syscall"
+
+	"egressd/dnsfilter"
+	"egressd/policy"
+)
+
+func main() {
+	listen := flag.String("listen", "127.0.0.1:5399", "listen address (UDP and TCP)")
+	upstream := flag.String("upstream", "127.0.0.1:5300", "upstream resolver")
+	allow := flag.String("allow", "*.allowed.test", "name pattern the policy allows")
+	noCache := flag.Bool("no-cache", false, "disable the answer cache")
+	logLevel := flag.String("log", "none", "canonical log lines: none, or a slog level (info, warn) to stderr")
+	flag.Parse()
+	if err := run(*listen, *upstream, *allow, *noCache, *logLevel); err != nil {
+		fmt.Fprintln(os.Stderr, "dnsbench:", err)
+		os.Exit(1)
+	}
+}
+
+func run(listen, upstream, allow string, noCache bool, logLevel string) error {
+	src := fmt.Sprintf("version: 1\nmode: enforce\nrules:\n  - name: bench\n    to: [%q]\n    ports: [443/tcp]\n", allow)
+	eng, err := policy.Compile("bench-policy.yaml", []byte(src))
+	if err != nil {
+		return err
+	}
+	logger := slog.New(slog.DiscardHandler)
+	if logLevel != "none" {
+		var lv slog.Level
+		if err := lv.UnmarshalText([]byte(logLevel)); err != nil {
+			return err
+		}
+		logger = slog.New(slog.NewJSONHandler(os.Stderr, &slog.HandlerOptions{Level: lv}))
+	}
+	cfg := dnsfilter.Config{Listen: []string{listen}, Upstreams: []string{upstream}, ClientRate: -1}
+	if noCache {
+		cfg.CacheSize = -1
+	}
+	s, err := dnsfilter.New(cfg, dnsfilter.Deps{Policy: policy.NewStore(eng), Logger: logger})
+	if err != nil {
+		return err
+	}
+	ctx, stop := signal.NotifyContext(context.Background(), syscall.SIGINT, syscall.SIGTERM)
+	defer stop()
+	return s.Run(ctx)
+}

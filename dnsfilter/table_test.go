@@ -1,0 +1,219 @@
+package dnsfilter
+
+import (
+	"fmt"
+	"net/netip"
+	"slices"
+	"sync"
+	"testing"
+	"time"
+
+	"github.com/miekg/dns"
+)
+
+func TestTable(t *testing.T) {
+	now := time.Unix(1_800_000_000, 0)
+	tb := NewTable(1000)
+	tb.now = func() time.Time { return now }
+	c1, c2 := netip.MustParseAddr("192.168.1.10"), netip.MustParseAddr("192.168.1.11")
+	a := netip.MustParseAddr("203.0.113.7")
+	feed, stop := tb.Subscribe(10)
+	defer stop()
+
+	tb.Learn(Learned{Client: c1, Name: "a.example.com", Addr: a, Rule: "r1", Expires: now.Add(time.Minute)})
+	tb.Learn(Learned{Client: c1, Name: "b.example.com", Addr: netip.MustParseAddr("::ffff:203.0.113.7"), Rule: "r1", Expires: now.Add(time.Minute)})
+	tb.Learn(Learned{Client: c2, Name: "a.example.com", Addr: a, Rule: "r1", Expires: now.Add(2 * time.Minute)})
+	// Same entry, same expiry: no change, nothing published.
+	tb.Learn(Learned{Client: c1, Name: "a.example.com", Addr: a, Rule: "r1", Expires: now.Add(time.Minute)})
+	// Already expired: ignored.
+	tb.Learn(Learned{Client: c1, Name: "old.example.com", Addr: a, Rule: "r1", Expires: now.Add(-time.Second)})
+
+	if got := tb.NamesFor(c1, a); !slices.Equal(got, []string{"a.example.com", "b.example.com"}) {
+		t.Errorf("c1: %v", got)
+	}
+	if got := tb.NamesFor(c2, netip.MustParseAddr("::ffff:203.0.113.7")); !slices.Equal(got, []string{"a.example.com"}) {
+		t.Errorf("c2 (mapped lookup): %v", got)
+	}
+	if got := tb.NamesFor(netip.Addr{}, a); !slices.Equal(got, []string{"a.example.com", "b.example.com"}) {
+		t.Errorf("any client: %v (deduplicated)", got)
+	}
+	if got := tb.NamesFor(netip.MustParseAddr("192.168.1.99"), a); got != nil {
+		t.Errorf("unknown client: %v", got)
+	}
+	if got := tb.NamesFor(c1, netip.MustParseAddr("203.0.113.8")); got != nil {
+		t.Errorf("unknown address: %v", got)
+	}
+	if n := len(feed); n != 3 {
+		t.Errorf("feed has %d entries, want 3", n)
+	}
+	// A refresh that moves the expiry is published.
+	tb.Learn(Learned{Client: c1, Name: "a.example.com", Addr: a, Rule: "r1", Expires: now.Add(3 * time.Minute)})
+	if n := len(feed); n != 4 {
+		t.Errorf("feed has %d entries after refresh, want 4", n)
+	}
+
+	now = now.Add(90 * time.Second)
+	if got := tb.NamesFor(c1, a); !slices.Equal(got, []string{"a.example.com"}) {
+		t.Errorf("after 90s: %v", got)
+	}
+	if n := tb.Sweep(); n != 1 || tb.Len() != 2 {
+		t.Errorf("sweep removed %d, %d left", n, tb.Len())
+	}
+}
+
+func TestTableBounded(t *testing.T) {
+	now := time.Unix(1_800_000_000, 0)
+	tb := NewTable(6400)
+	tb.now = func() time.Time { return now }
+	for i := 0; i < 20000; i++ {
+		a := netip.AddrFrom4([4]byte{198, 18, byte(i >> 8), byte(i)})
+		tb.Learn(Learned{Client: netip.MustParseAddr("192.168.1.1"), Name: fmt.Sprintf("h%d.example.com", i), Addr: a, Expires: now.Add(time.Duration(i+1) * time.Second)})
+	}
+	if n := tb.Len(); n > 6400 {
+		t.Errorf("%d entries in a table of 6400", n)
+	}
+	if tb.Evicted() == 0 {
+		t.Errorf("no evictions counted")
+	}
+	// The latest entries are there.
+	if got := tb.NamesFor(netip.Addr{}, netip.AddrFrom4([4]byte{198, 18, 19999 >> 8 & 0xff, 19999 & 0xff})); len(got) != 1 {
+		t.Errorf("newest entry missing: %v", got)
+	}
+	// One address shared by many names stays bounded too.
+	a := netip.MustParseAddr("203.0.113.1")
+	for i := 0; i < 500; i++ {
+		tb.Learn(Learned{Client: netip.MustParseAddr("192.168.1.1"), Name: fmt.Sprintf("n%d.example.com", i), Addr: a, Expires: now.Add(time.Hour)})
+	}
+	if got := tb.NamesFor(netip.Addr{}, a); len(got) != maxPerAddr {
+		t.Errorf("%d names for one address, want the cap %d", len(got), maxPerAddr)
+	}
+}
+
+func TestTableSlowSubscriber(t *testing.T) {
+	tb := NewTable(0)
+	feed, stop := tb.Subscribe(2)
+	exp := time.Now().Add(time.Minute)
+	done := make(chan struct{})
+	go func() {
+		for i := 0; i < 100; i++ {
+			tb.Learn(Learned{Client: netip.MustParseAddr("192.168.1.1"), Name: "x.example.com", Addr: netip.AddrFrom4([4]byte{198, 18, 0, byte(i)}), Expires: exp})
+		}
+		close(done)
+	}()
+	select {
+	case <-done:
+	case <-time.After(10 * time.Second):
+		t.Fatal("Learn blocked on a subscriber that does not read")
+	}
+	if len(feed) != 2 || tb.Dropped() != 98 {
+		t.Errorf("buffered %d, dropped %d", len(feed), tb.Dropped())
+	}
+	stop()
+	stop() // idempotent
+	if _, ok := <-feed; !ok {
+		t.Errorf("buffered entries lost at unsubscribe")
+	}
+	// Learning after unsubscribe does not panic on the closed channel.
+	tb.Learn(Learned{Client: netip.MustParseAddr("192.168.1.1"), Name: "y.example.com", Addr: netip.MustParseAddr("198.18.1.1"), Expires: exp})
+}
+
+func TestTableConcurrent(t *testing.T) {
+	tb := NewTable(1000)
+	exp := time.Now().Add(time.Minute)
+	var wg sync.WaitGroup
+	for w := 0; w < 4; w++ {
+		wg.Add(1)
+		go func() {
+			defer wg.Done()
+			feed, stop := tb.Subscribe(8)
+			defer stop()
+			go func() {
+				for range feed {
+				}
+			}()
+			for i := 0; i < 2000; i++ {
+				a := netip.AddrFrom4([4]byte{198, 18, byte(w), byte(i)})
+				tb.Learn(Learned{Client: netip.MustParseAddr("192.168.1.1"), Name: "c.example.com", Addr: a, Expires: exp})
+				tb.NamesFor(netip.Addr{}, a)
+			}
+		}()
+	}
+	wg.Wait()
+}
+
+func TestIsSpecial(t *testing.T) {
+	for _, s := range []string{"10.1.2.3", "127.0.0.1", "169.254.169.254", "100.100.100.200", "172.31.0.1", "192.168.0.1",
+		"0.0.0.0", "224.0.0.1", "255.255.255.255", "168.63.129.16", "::1", "::", "fe80::1", "fd00:ec2::254", "ff02::1",
+		"::ffff:169.254.169.254", "64:ff9b::a9fe:a9fe", "2002:a9fe:a9fe::1", "2001::1", "::10.0.0.1", "fec0::1"} {
+		if !IsSpecial(netip.MustParseAddr(s)) {
+			t.Errorf("%s not special", s)
+		}
+	}
+	for _, s := range []string{"192.0.2.1", "198.51.100.1", "203.0.113.1", "198.18.0.1", "8.8.8.8", "17.1.2.3", "2001:db8::1",
+		"2606:4700::1111", "64:ff9b::808:808", "2002:808:808::1"} {
+		if IsSpecial(netip.MustParseAddr(s)) {
+			t.Errorf("%s special", s)
+		}
+	}
+}
+
+func TestConfigValidate(t *testing.T) {
+	if err := (Config{}).Validate(); err != nil {
+		t.Errorf("zero config: %v", err)
+	}
+	err := Config{Upstreams: []string{"dns.example"}, Deny: "DROP", UDPSize: 100, Listen: []string{"nohost"}, QueryTimeout: -1}.Validate()
+	if err == nil {
+		t.Fatal("bad config accepted")
+	}
+	for _, want := range []string{"dns.example", "DROP", "udp size", "nohost", "negative"} {
+		if !contains(err.Error(), want) {
+			t.Errorf("error %q does not mention %q", err, want)
+		}
+	}
+	dir := t.TempDir()
+	path := dir + "/resolv.conf"
+	if err := writeFile(path, "# comment\nnameserver 192.0.2.53\nnameserver 2001:db8::53\nsearch lan\n"); err != nil {
+		t.Fatal(err)
+	}
+	ups, err := readResolvConf(path)
+	if err != nil || !slices.Equal(ups, []string{"192.0.2.53:53", "[2001:db8::53]:53"}) {
+		t.Errorf("resolv.conf: %v %v", ups, err)
+	}
+	s, err := New(Config{ResolvConf: path}, Deps{Policy: compile(t, enforcePolicy)})
+	if err != nil || len(s.ups.list) != 2 {
+		t.Fatalf("New with resolv.conf: %v", err)
+	}
+	if err := s.Close(); err != nil || s.Close() != nil {
+		t.Errorf("Close before Run: %v", err)
+	}
+	if _, err := New(Config{ResolvConf: dir + "/missing"}, Deps{Policy: compile(t, enforcePolicy)}); err == nil {
+		t.Errorf("missing resolv.conf accepted")
+	}
+}
+
+func TestTTLOffsets(t *testing.T) {
+	m := new(dns.Msg)
+	m.SetQuestion("a.example.", dns.TypeA)
+	rr1, _ := dns.NewRR("a.example. 100 IN CNAME b.example.")
+	rr2, _ := dns.NewRR("b.example. 200 IN A 192.0.2.1")
+	soa, _ := dns.NewRR("example. 300 IN SOA ns.example. h.example. 1 2 3 4 5")
+	m.Answer = []dns.RR{rr1, rr2}
+	m.Ns = []dns.RR{soa}
+	m.SetEdns0(1232, true)
+	m.Compress = true
+	wire, _ := m.Pack()
+	offs, ok := ttlOffsets(wire)
+	if !ok || len(offs) != 3 {
+		t.Fatalf("offsets %v %v", offs, ok)
+	}
+	var ttls []uint32
+	for _, o := range offs {
+		ttls = append(ttls, uint32(wire[o])<<24|uint32(wire[o+1])<<16|uint32(wire[o+2])<<8|uint32(wire[o+3]))
+	}
+	if !slices.Equal(ttls, []uint32{100, 200, 300}) {
+		t.Errorf("ttls %v", ttls)
+	}
+	if _, ok := ttlOffsets(wire[:len(wire)-3]); ok {
+		t.Errorf("truncated message parsed")
+	}
+}
