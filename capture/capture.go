@@ -3,7 +3,6 @@ package capture
 import (
 	"errors"
 	"fmt"
-	"io"
 	"log/slog"
 	"sync"
 	"sync/atomic"
@@ -151,7 +150,7 @@ func New(cfg Config, deps Deps) (*Capture, error) {
 	}
 	log := deps.Logger
 	if log == nil {
-		log = slog.New(slog.NewTextHandler(io.Discard, nil))
+		log = slog.New(slog.DiscardHandler)
 	}
 	cfg = cfg.withDefaults()
 	c := &Capture{cfg: cfg, deps: deps, log: log.With(audit.LogComponent, "capture")}

@@ -1,0 +1,156 @@
+package capture
+
+import (
+	"os"
+	"path/filepath"
+	"testing"
+	"time"
+
+	"github.com/gopacket/gopacket/layers"
+	"github.com/gopacket/gopacket/pcapgo"
+
+	"egressd/policy"
+)
+
+// firstPackets returns up to n frames of a real capture, as fuzz seeds.
+func firstPackets(f *testing.F, file string, n int, keep func([]byte) bool) [][]byte {
+	f.Helper()
+	fh, err := os.Open(filepath.Join(pcapDir, file))
+	if err != nil {
+		f.Fatalf("real capture missing: %v", err)
+	}
+	defer fh.Close()
+	var out [][]byte
+	var next func() ([]byte, error)
+	if r, err := pcapgo.NewReader(fh); err == nil {
+		next = func() ([]byte, error) { d, _, err := r.ReadPacketData(); return d, err }
+	} else {
+		fh.Seek(0, 0)
+		r, err := pcapgo.NewNgReader(fh, pcapgo.DefaultNgReaderOptions)
+		if err != nil {
+			f.Fatal(err)
+		}
+		next = func() ([]byte, error) { d, _, err := r.ReadPacketData(); return d, err }
+	}
+	for len(out) < n {
+		d, err := next()
+		if err != nil {
+			break
+		}
+		if keep == nil || keep(d) {
+			out = append(out, d)
+		}
+	}
+	return out
+}
+
+// FuzzPacket feeds arbitrary frames through the whole pipeline (decode,
+// defragment, reassemble, name, classify). Invariants: no panic escapes
+// (decoders are recovered), no panic is even recovered for the frames of
+// the pipeline's own parsers, and every flow is emitted once.
+func FuzzPacket(f *testing.F) {
+	// Seeds: real frames (Ethernet) of a TLS hello over two segments, a
+	// QUIC v2 Initial, fragmented DNS, malformed DNS, GTP-tunnelled TLS.
+	for _, file := range []string{"ndpi/tls_2_reasms.pcapng", "ndpi/quic-v2.pcapng", "ndpi/dns_fragmented.pcap", "ndpi/malformed_dns.pcap", "ndpi/tls_invalid_reads.pcap"} {
+		for _, p := range firstPackets(f, file, 6, nil) {
+			f.Add(p, uint8(1))
+		}
+	}
+	// A raw IPv4 header claiming 5 words of options but only 20 bytes long.
+	f.Add([]byte{0x46, 0, 0, 20, 0, 0, 0, 0, 64, 17, 0, 0, 192, 0, 2, 1, 192, 0, 2, 2}, uint8(101))
+	// A Linux cooked header that ends before its protocol field.
+	f.Add([]byte{0, 0, 0, 1, 0, 6}, uint8(113))
+	eng, err := policy.Compile("fuzz.yaml", []byte(testPolicy))
+	if err != nil {
+		f.Fatal(err)
+	}
+	f.Fuzz(func(t *testing.T, frame []byte, link uint8) {
+		rec := &recorder{}
+		c, err := New(Config{MaxFlows: 4}, Deps{Policy: policy.NewStore(eng), Sink: rec})
+		if err != nil {
+			t.Fatal(err)
+		}
+		now := time.Unix(1e9, 0)
+		lt := layers.LinkType(link)
+		// The same frame twice (a retransmission), then a truncated copy.
+		c.proc.packet(frame, now, lt)
+		c.proc.packet(frame, now.Add(time.Second), lt)
+		c.proc.packet(frame[:len(frame)/2], now.Add(2*time.Second), lt)
+		c.proc.flush("end-of-capture")
+		s := c.Stats()
+		if uint64(len(rec.all())) != s.Flows {
+			t.Fatalf("events %d != flows %d", len(rec.all()), s.Flows)
+		}
+		if s.Panics != 0 {
+			t.Fatalf("a decoder panicked (recovered): %d", s.Panics)
+		}
+	})
+}
+
+// FuzzQUICInitial feeds arbitrary datagrams to the Initial opener and the
+// CRYPTO frame walker. Invariants: no panic; CRYPTO data handed out always
+// lies within the datagram's bounds.
+func FuzzQUICInitial(f *testing.F) {
+	// Seeds: the UDP payloads of real client Initials (v1 split over
+	// packets, v2), as they are on the wire.
+	for _, file := range []string{"ndpi/quic-v2.pcapng", "ndpi/quic_frags_ch_in_multiple_packets.pcapng", "ndpi/doq.pcapng"} {
+		for _, p := range firstPackets(f, file, 3, nil) {
+			// Skip Ethernet (14) + IP (20 or 40) + UDP (8).
+			off := 14 + 20 + 8
+			if len(p) > 14 && p[12] == 0x86 && p[13] == 0xdd {
+				off = 14 + 40 + 8
+			}
+			if len(p) > off {
+				f.Add(p[off:])
+			}
+		}
+	}
+	// A long header Initial with a DCID length of 255 (over the limit).
+	f.Add([]byte{0xc0, 0, 0, 0, 1, 0xff, 1, 2, 3})
+	// A decrypted-looking frame list: ACK with a huge range count.
+	f.Add([]byte{0x02, 0x00, 0x00, 0xbf, 0xff, 0xff, 0xff, 0x00})
+	f.Fuzz(func(t *testing.T, dgram []byte) {
+		var o quicOpener
+		o.open(dgram, func(off uint64, data []byte) {
+			if len(data) > len(dgram) {
+				t.Fatalf("CRYPTO frame of %d bytes from a %d-byte datagram", len(data), len(dgram))
+			}
+		})
+		// The frame walker on its own, as if dgram were a decrypted payload.
+		quicFrames(dgram, func(uint64, []byte) {})
+		var s stream
+		quicFrames(dgram, func(off uint64, data []byte) {
+			if off < maxStream {
+				s.add(uint32(off), data)
+			}
+		})
+		if len(s.buf) > maxStream || s.pendLen > maxPendingLen {
+			t.Fatalf("stream over its bounds: %d, %d pending", len(s.buf), s.pendLen)
+		}
+	})
+}
+
+// FuzzClientHello parses arbitrary bytes as a TLS record stream and a
+// handshake message. Invariants: no panic; a returned SNI lies within the
+// input.
+func FuzzClientHello(f *testing.F) {
+	// Seed: the ML-KEM hello Go's crypto/tls sends (about 1.8 KB).
+	f.Add(realClientHello(f, "seed.allowed.test"))
+	// A record header announcing 0x4000 bytes with 3 present.
+	f.Add([]byte{0x16, 0x03, 0x01, 0x40, 0x00, 0x01, 0x00, 0x00})
+	// A ClientHello whose extensions length runs past the message.
+	f.Add([]byte{0x01, 0x00, 0x00, 0x26, 0x03, 0x03, 31: 0, 38: 0, 39: 0xff, 40: 0xff})
+	var scratch []byte
+	f.Fuzz(func(t *testing.T, b []byte) {
+		if msg, err := helloFromRecords(b, &scratch); err == nil && msg != nil {
+			h, _ := parseClientHello(msg)
+			if len(h.SNI) > len(b) {
+				t.Fatalf("SNI longer than the input")
+			}
+		}
+		h, _ := parseClientHello(b)
+		if len(h.SNI) > len(b) {
+			t.Fatalf("SNI longer than the input")
+		}
+	})
+}
