@@ -636,3 +636,19 @@ func (j *Journal) RegisterMetrics(reg prometheus.Registerer) error {
 func jsonEncode(w io.Writer, ev Event) error {
 	return json.NewEncoder(w).Encode(ev)
 }
+
+// readPath reads a state directory's event log, or one events file.
+func readPath(path string, fn func(Event)) (LoadStats, error) {
+	fi, err := os.Stat(path)
+	if err != nil {
+		return LoadStats{}, fmt.Errorf("audit: %w", err)
+	}
+	log := slog.New(slog.DiscardHandler)
+	if fi.IsDir() {
+		return readDir(path, log, time.Time{}, false, fn)
+	}
+	var st LoadStats
+	err = readFile(path, log, false, &st, fn)
+	st.Files = 1
+	return st, err
+}

@@ -1,0 +1,289 @@
+// Package admin is egressd's admin HTTP API, bound to localhost by
+// default: the live HTML report at "/", the report JSON at "/report.json"
+// (what `egressd report` reads from a running daemon), Prometheus metrics
+// at "/metrics", and "/healthz" and "/readyz".
+//
+// It sits at the end of the flow: the components emit into audit/, and
+// this package serves what the audit ledger makes of it. cmd/egressd wires
+// it into `egressd run`.
+package admin
+
+import (
+	"context"
+	"errors"
+	"fmt"
+	"log/slog"
+	"net"
+	"net/http"
+	"runtime/debug"
+	"strings"
+	"sync"
+	"time"
+
+	"github.com/prometheus/client_golang/prometheus"
+	"github.com/prometheus/client_golang/prometheus/promhttp"
+
+	"egressd/audit"
+)
+
+// DefaultAddr is the admin address when none is configured.
+const DefaultAddr = "127.0.0.1:9901"
+
+// Reporter makes reports; *audit.Ledger implements it.
+type Reporter interface {
+	Report(audit.ReportOptions) *audit.Report
+}
+
+// Check is a named readiness check: a non-nil error names a degraded
+// state ("event log write failing") and makes /readyz answer 503.
+type Check struct {
+	Name string
+	Fn   func() error
+}
+
+// Config configures the admin server.
+type Config struct {
+	// Addr is the listen address. Default DefaultAddr (localhost only).
+	Addr string
+	// Version is reported in egress_build_info. Default: the module
+	// version from the build info, else "dev".
+	Version string
+}
+
+// Deps are what the admin server serves.
+type Deps struct {
+	// Reporter makes the reports of "/" and "/report.json". Required.
+	Reporter Reporter
+	// Registry registers the admin metrics (build info, config reload)
+	// and gathers everything for /metrics. Nil means a new registry
+	// with only the admin metrics.
+	Registry *prometheus.Registry
+	// Checks run on /readyz. Empty: ready as soon as it serves.
+	Checks []Check
+	// Logger; nil means slog.Default().
+	Logger *slog.Logger
+}
+
+// Server is the admin HTTP server.
+type Server struct {
+	cfg  Config
+	deps Deps
+	log  *slog.Logger
+	mux  *http.ServeMux
+
+	reloadOK   prometheus.Gauge
+	reloadTime prometheus.Gauge
+
+	mu     sync.Mutex // guards following
+	srv    *http.Server
+	ln     net.Listener
+	closed bool
+}
+
+// New builds the server and registers its metrics: egress_build_info,
+// egress_config_last_reload_successful and
+// egress_config_last_reload_success_timestamp_seconds. It does not listen.
+func New(cfg Config, deps Deps) (*Server, error) {
+	if deps.Reporter == nil {
+		return nil, errors.New("admin: a reporter is required")
+	}
+	if cfg.Addr == "" {
+		cfg.Addr = DefaultAddr
+	}
+	if cfg.Version == "" {
+		cfg.Version = "dev"
+		if bi, ok := debug.ReadBuildInfo(); ok && bi.Main.Version != "" && bi.Main.Version != "(devel)" {
+			cfg.Version = bi.Main.Version
+		}
+	}
+	if deps.Registry == nil {
+		deps.Registry = prometheus.NewRegistry()
+	}
+	if deps.Logger == nil {
+		deps.Logger = slog.Default()
+	}
+	s := &Server{cfg: cfg, deps: deps, log: deps.Logger}
+	goVersion := "unknown"
+	if bi, ok := debug.ReadBuildInfo(); ok {
+		goVersion = bi.GoVersion
+	}
+	build := prometheus.NewGauge(prometheus.GaugeOpts{
+		Namespace: "egress", Name: "build_info",
+		Help:        "Build information; the value is always 1.",
+		ConstLabels: prometheus.Labels{"version": cfg.Version, "goversion": goVersion},
+	})
+	build.Set(1)
+	s.reloadOK = prometheus.NewGauge(prometheus.GaugeOpts{
+		Namespace: "egress", Subsystem: "config", Name: "last_reload_successful",
+		Help: "Whether the last configuration (policy) load or reload succeeded.",
+	})
+	s.reloadTime = prometheus.NewGauge(prometheus.GaugeOpts{
+		Namespace: "egress", Subsystem: "config", Name: "last_reload_success_timestamp_seconds",
+		Help: "Unix time of the last successful configuration (policy) load or reload.",
+	})
+	for _, c := range []prometheus.Collector{build, s.reloadOK, s.reloadTime} {
+		if err := deps.Registry.Register(c); err != nil {
+			return nil, fmt.Errorf("admin: register metrics: %w", err)
+		}
+	}
+	s.mux = http.NewServeMux()
+	s.mux.HandleFunc("GET /{$}", s.serveHTML)
+	s.mux.HandleFunc("GET /report.json", s.serveJSON)
+	s.mux.HandleFunc("GET /healthz", func(w http.ResponseWriter, _ *http.Request) {
+		w.Header().Set("Content-Type", "text/plain; charset=utf-8")
+		fmt.Fprintln(w, "ok")
+	})
+	s.mux.HandleFunc("GET /readyz", s.serveReady)
+	s.mux.Handle("GET /metrics", promhttp.HandlerFor(deps.Registry, promhttp.HandlerOpts{ErrorLog: slogPrinter{s.log}}))
+	return s, nil
+}
+
+// ConfigLoaded records the outcome of a policy load or reload for the
+// config gauges: on failure the old policy stays and the gauge says 0.
+func (s *Server) ConfigLoaded(ok bool, at time.Time) {
+	if ok {
+		s.reloadOK.Set(1)
+		s.reloadTime.Set(float64(at.UnixNano()) / 1e9)
+	} else {
+		s.reloadOK.Set(0)
+	}
+}
+
+// Handler returns the admin API's handler (for tests, or to mount
+// elsewhere).
+func (s *Server) Handler() http.Handler { return s.mux }
+
+// Addr returns the listening address once Run listens, else the
+// configured one.
+func (s *Server) Addr() string {
+	s.mu.Lock()
+	defer s.mu.Unlock()
+	if s.ln != nil {
+		return s.ln.Addr().String()
+	}
+	return s.cfg.Addr
+}
+
+// Run listens and serves until ctx is done or Close is called.
+func (s *Server) Run(ctx context.Context) error {
+	ln, err := net.Listen("tcp", s.cfg.Addr)
+	if err != nil {
+		return fmt.Errorf("admin: listen %s: %w", s.cfg.Addr, err)
+	}
+	srv := &http.Server{Handler: s.mux, ReadHeaderTimeout: 5 * time.Second, ReadTimeout: 10 * time.Second,
+		WriteTimeout: 60 * time.Second, IdleTimeout: 60 * time.Second}
+	s.mu.Lock()
+	if s.closed {
+		s.mu.Unlock()
+		ln.Close()
+		return nil
+	}
+	s.srv, s.ln = srv, ln
+	s.mu.Unlock()
+	stop := context.AfterFunc(ctx, func() { s.Close() })
+	defer stop()
+	if err := srv.Serve(ln); err != nil && !errors.Is(err, http.ErrServerClosed) {
+		return fmt.Errorf("admin: serve: %w", err)
+	}
+	return nil
+}
+
+// Close stops the server, letting requests in flight finish for up to
+// 5 s. It is idempotent.
+func (s *Server) Close() error {
+	s.mu.Lock()
+	srv := s.srv
+	already := s.closed
+	s.closed = true
+	s.mu.Unlock()
+	if already || srv == nil {
+		return nil
+	}
+	ctx, cancel := context.WithTimeout(context.Background(), 5*time.Second)
+	defer cancel()
+	if err := srv.Shutdown(ctx); err != nil {
+		return srv.Close()
+	}
+	return nil
+}
+
+// ParseSince parses a report window: a duration back from now ("24h",
+// "90m", "7d") or an RFC 3339 time. Empty means everything.
+func ParseSince(s string, now time.Time) (time.Time, error) {
+	if s == "" {
+		return time.Time{}, nil
+	}
+	if days, ok := strings.CutSuffix(s, "d"); ok {
+		var n int
+		if _, err := fmt.Sscanf(days, "%d", &n); err == nil && n > 0 && fmt.Sprint(n) == days {
+			return now.Add(-time.Duration(n) * 24 * time.Hour), nil
+		}
+	}
+	if d, err := time.ParseDuration(s); err == nil && d > 0 {
+		return now.Add(-d), nil
+	}
+	if t, err := time.Parse(time.RFC3339, s); err == nil {
+		return t, nil
+	}
+	return time.Time{}, fmt.Errorf("admin: since %q: expected a duration such as 24h or 7d, or an RFC 3339 time", s)
+}
+
+func (s *Server) report(w http.ResponseWriter, r *http.Request) (*audit.Report, bool) {
+	since, err := ParseSince(r.URL.Query().Get("since"), time.Now())
+	if err != nil {
+		http.Error(w, err.Error(), http.StatusBadRequest)
+		return nil, false
+	}
+	return s.deps.Reporter.Report(audit.ReportOptions{Since: since}), true
+}
+
+func (s *Server) serveJSON(w http.ResponseWriter, r *http.Request) {
+	rep, ok := s.report(w, r)
+	if !ok {
+		return
+	}
+	w.Header().Set("Content-Type", "application/json")
+	w.Header().Set("Cache-Control", "no-store")
+	if err := rep.WriteJSON(w); err != nil {
+		s.log.Debug("admin: write report", audit.LogError, err)
+	}
+}
+
+func (s *Server) serveHTML(w http.ResponseWriter, r *http.Request) {
+	rep, ok := s.report(w, r)
+	if !ok {
+		return
+	}
+	h := w.Header()
+	h.Set("Content-Type", "text/html; charset=utf-8")
+	h.Set("Cache-Control", "no-store")
+	// The page is self-contained: forbid anything external, and scripts.
+	h.Set("Content-Security-Policy", "default-src 'none'; style-src 'unsafe-inline'; img-src data:")
+	h.Set("X-Content-Type-Options", "nosniff")
+	if err := rep.WriteHTML(w); err != nil {
+		s.log.Debug("admin: write report", audit.LogError, err)
+	}
+}
+
+func (s *Server) serveReady(w http.ResponseWriter, _ *http.Request) {
+	w.Header().Set("Content-Type", "text/plain; charset=utf-8")
+	var failing []string
+	for _, c := range s.deps.Checks {
+		if err := c.Fn(); err != nil {
+			failing = append(failing, fmt.Sprintf("%s: %v", c.Name, err))
+		}
+	}
+	if len(failing) > 0 {
+		w.WriteHeader(http.StatusServiceUnavailable)
+		for _, f := range failing {
+			fmt.Fprintln(w, f)
+		}
+		return
+	}
+	fmt.Fprintln(w, "ready")
+}
+
+// slogPrinter adapts promhttp's error log to slog.
+type slogPrinter struct{ log *slog.Logger }
+
+func (p slogPrinter) Println(v ...any) { p.log.Warn("admin: metrics: " + fmt.Sprint(v...)) }

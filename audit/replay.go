@@ -1,0 +1,232 @@
+package audit
+
+import (
+	"cmp"
+	"encoding/json"
+	"fmt"
+	"io"
+	"net"
+	"slices"
+	"text/tabwriter"
+	"time"
+
+	"egressd/policy"
+)
+
+// ReplayResult says what a candidate policy would change for recorded
+// flows and queries: newly dropped, newly allowed, and allowed by another
+// rule. Each flow counts once, as in the ledger.
+type ReplayResult struct {
+	Policy       string         `json:"policy"`
+	Events       uint64         `json:"events"`
+	Flows        uint64         `json:"flows"`
+	Queries      uint64         `json:"queries"`
+	Unchanged    uint64         `json:"unchanged"`
+	NewlyDropped []ReplayChange `json:"newly_dropped"`
+	NewlyAllowed []ReplayChange `json:"newly_allowed"`
+	RuleChanged  []ReplayChange `json:"rule_changed"`
+}
+
+// ReplayChange groups the flows (or queries) of one destination, port and
+// protocol whose verdict or rule changes the same way.
+type ReplayChange struct {
+	Dest        string    `json:"dest"`
+	IP          string    `json:"ip"`
+	Port        uint16    `json:"port"`
+	Proto       string    `json:"proto"` // "tcp", "udp", or "dns" for queries
+	Flows       uint64    `json:"flows"`
+	Queries     uint64    `json:"queries,omitempty"`
+	Clients     []string  `json:"clients"`
+	ClientCount int       `json:"client_count"`
+	OldVerdict  string    `json:"old_verdict"`
+	OldRule     string    `json:"old_rule,omitempty"`
+	OldReason   string    `json:"old_reason,omitempty"`
+	NewVerdict  string    `json:"new_verdict"`
+	NewRule     string    `json:"new_rule,omitempty"`
+	NewReason   string    `json:"new_reason,omitempty"`
+	FirstSeen   time.Time `json:"first_seen"`
+	LastSeen    time.Time `json:"last_seen"`
+}
+
+// Replayer runs recorded events against a candidate policy. Feed it with
+// Add (it is a Sink too), then call Result.
+type Replayer struct {
+	eng    *policy.Engine
+	now    time.Time
+	dedup  *Ledger // for counting each flow once
+	res    ReplayResult
+	groups map[replayKey]*replayGroup
+}
+
+type replayKey struct {
+	dest, proto      string
+	port             uint16
+	oldRule, newRule string
+	oldV, newV       policy.Verdict
+	newReason        string
+}
+
+type replayGroup struct {
+	ch      ReplayChange
+	clients clientSet
+}
+
+// NewReplayer returns a replayer for the candidate policy eng. Rules that
+// expire are judged at now (zero: time.Now()), when the candidate would
+// be applied.
+func NewReplayer(eng *policy.Engine, now time.Time) *Replayer {
+	if now.IsZero() {
+		now = time.Now()
+	}
+	return &Replayer{eng: eng, now: now, dedup: NewLedger(nil, LedgerOptions{}), groups: map[replayKey]*replayGroup{},
+		res: ReplayResult{Policy: eng.Policy().File, NewlyDropped: []ReplayChange{}, NewlyAllowed: []ReplayChange{}, RuleChanged: []ReplayChange{}}}
+}
+
+// Emit adds one recorded event.
+func (r *Replayer) Emit(ev Event) {
+	r.res.Events++
+	if ev.Kind != KindFlow && ev.Kind != KindDNS {
+		return
+	}
+	r.dedup.mu.Lock()
+	first := r.dedup.addLocked(&ev)
+	r.dedup.mu.Unlock()
+	if !first {
+		return
+	}
+	var mac net.HardwareAddr
+	if ev.ClientMAC != "" {
+		mac, _ = net.ParseMAC(ev.ClientMAC)
+	}
+	pr, _ := policy.ParseProto(ev.Proto)
+	in := policy.Input{Client: ev.Client.Unmap(), ClientMAC: mac, Dest: ev.Dest.Unmap(), Port: ev.DestPort, Proto: pr,
+		Name: ev.Name, Path: ev.Path, Now: r.now}
+	var d policy.Decision
+	if ev.Kind == KindDNS {
+		r.res.Queries++
+		d = r.eng.DecideName(in)
+	} else {
+		r.res.Flows++
+		d = r.eng.Decide(in)
+	}
+	oldV := ev.Verdict
+	if oldV != policy.Allow {
+		oldV = policy.Deny
+	}
+	switch {
+	case oldV == d.Verdict && (d.Verdict == policy.Deny || ev.Rule == d.Rule):
+		r.res.Unchanged++
+		return
+	}
+	k := replayKey{dest: destName(&ev), proto: ev.Proto, port: ev.DestPort, oldRule: ev.Rule, newRule: d.Rule, oldV: oldV, newV: d.Verdict, newReason: d.Reason}
+	if ev.Kind == KindDNS {
+		k.proto, k.port = "dns", 53
+	}
+	g := r.groups[k]
+	if g == nil {
+		g = &replayGroup{ch: ReplayChange{Dest: k.dest, Port: k.port, Proto: k.proto,
+			OldVerdict: string(oldV), OldRule: ev.Rule, OldReason: ev.Reason,
+			NewVerdict: string(d.Verdict), NewRule: d.Rule, NewReason: d.Reason}}
+		r.groups[k] = g
+	}
+	t := ev.Time.UTC()
+	if ev.Kind == KindDNS {
+		g.ch.Queries++
+	} else {
+		g.ch.Flows++
+		if ev.Dest.IsValid() {
+			g.ch.IP = ev.Dest.Unmap().String()
+		}
+	}
+	g.clients.add(ev.Client.Unmap(), 64)
+	if g.ch.FirstSeen.IsZero() || t.Before(g.ch.FirstSeen) {
+		g.ch.FirstSeen = t
+	}
+	if t.After(g.ch.LastSeen) {
+		g.ch.LastSeen = t
+	}
+}
+
+// Result returns what changes.
+func (r *Replayer) Result() *ReplayResult {
+	res := r.res
+	res.NewlyDropped, res.NewlyAllowed, res.RuleChanged = []ReplayChange{}, []ReplayChange{}, []ReplayChange{}
+	for _, g := range r.groups {
+		ch := g.ch
+		ch.Clients = g.clients.list()
+		ch.ClientCount = len(ch.Clients)
+		switch {
+		case ch.OldVerdict == string(policy.Allow) && ch.NewVerdict == string(policy.Deny):
+			res.NewlyDropped = append(res.NewlyDropped, ch)
+		case ch.OldVerdict == string(policy.Deny) && ch.NewVerdict == string(policy.Allow):
+			res.NewlyAllowed = append(res.NewlyAllowed, ch)
+		default:
+			res.RuleChanged = append(res.RuleChanged, ch)
+		}
+	}
+	for _, l := range [][]ReplayChange{res.NewlyDropped, res.NewlyAllowed, res.RuleChanged} {
+		slices.SortFunc(l, func(a, b ReplayChange) int {
+			if c := cmp.Compare(b.Flows+b.Queries, a.Flows+a.Queries); c != 0 {
+				return c
+			}
+			if c := cmp.Compare(a.Dest, b.Dest); c != 0 {
+				return c
+			}
+			if c := cmp.Compare(a.Port, b.Port); c != 0 {
+				return c
+			}
+			return cmp.Compare(a.Proto, b.Proto)
+		})
+	}
+	return &res
+}
+
+// ReplayPath feeds every recorded event of a state directory (or of one
+// events file, when path is a file) to r. It never repairs anything.
+func ReplayPath(path string, r *Replayer) (LoadStats, error) {
+	return readPath(path, r.Emit)
+}
+
+// WriteJSON writes the result as indented JSON.
+func (res *ReplayResult) WriteJSON(w io.Writer) error {
+	enc := json.NewEncoder(w)
+	enc.SetIndent("", "  ")
+	if err := enc.Encode(res); err != nil {
+		return fmt.Errorf("audit: write replay: %w", err)
+	}
+	return nil
+}
+
+// WriteText writes the result as terminal tables.
+func (res *ReplayResult) WriteText(w io.Writer) error {
+	ew := &errWriter{w: w}
+	fmt.Fprintf(ew, "replay against %s: %d recorded events, %d flows and %d DNS queries (each counted once)\n", res.Policy, res.Events, res.Flows, res.Queries)
+	changed := func(title string, l []ReplayChange, was, now func(ReplayChange) string) {
+		fmt.Fprintf(ew, "\n%s (%d)\n", title, len(l))
+		if len(l) == 0 {
+			fmt.Fprintln(ew, "  (none)")
+			return
+		}
+		tw := tabwriter.NewWriter(ew, 0, 0, 2, ' ', 0)
+		fmt.Fprintln(tw, "  DEST\tIP\tPORT\tFLOWS\tQUERIES\tCLIENTS\tWAS\tNOW\tFIRST SEEN\tLAST SEEN")
+		for _, c := range l {
+			ip := c.IP
+			if ip == "" || ip == c.Dest {
+				ip = "-"
+			}
+			fmt.Fprintf(tw, "  %s\t%s\t%d/%s\t%d\t%d\t%d\t%s\t%s\t%s\t%s\n", c.Dest, ip, c.Port, c.Proto, c.Flows, c.Queries,
+				c.ClientCount, was(c), now(c), fmtTime(c.FirstSeen), fmtTime(c.LastSeen))
+		}
+		tw.Flush()
+	}
+	allowed := func(rule string) string { return "allow (" + rule + ")" }
+	denied := func(reason string) string { return "deny (" + reason + ")" }
+	changed("NEWLY DROPPED", res.NewlyDropped,
+		func(c ReplayChange) string { return allowed(c.OldRule) }, func(c ReplayChange) string { return denied(c.NewReason) })
+	changed("NEWLY ALLOWED", res.NewlyAllowed,
+		func(c ReplayChange) string { return denied(c.OldReason) }, func(c ReplayChange) string { return allowed(c.NewRule) })
+	changed("ALLOWED BY ANOTHER RULE", res.RuleChanged,
+		func(c ReplayChange) string { return allowed(c.OldRule) }, func(c ReplayChange) string { return allowed(c.NewRule) })
+	fmt.Fprintf(ew, "\nunchanged: %d\n", res.Unchanged)
+	return ew.err
+}
