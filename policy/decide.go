@@ -128,16 +128,9 @@ func (m *matcher) consider(r ref) {
 	if m.best >= 0 && r.rule >= m.best {
 		return
 	}
-	rule := &m.e.pol.Rules[r.rule]
+	c := &m.e.checks[r.rule]
 	if m.flow {
-		ok := false
-		for _, p := range rule.Ports {
-			if p.Contains(m.in.Port, m.in.Proto) {
-				ok = true
-				break
-			}
-		}
-		if !ok {
+		if !c.allowsPort(m.in.Port, m.in.Proto) {
 			m.portMiss = m.portMiss || !m.wild
 			return
 		}
@@ -146,7 +139,7 @@ func (m *matcher) consider(r ref) {
 			return
 		}
 	}
-	if !rule.From.Contains(m.in.Client, m.in.ClientMAC) {
+	if c.from != nil && !c.from.Contains(m.in.Client, m.in.ClientMAC) {
 		if m.wild {
 			m.wildClientMiss = true
 		} else {
@@ -154,7 +147,7 @@ func (m *matcher) consider(r ref) {
 		}
 		return
 	}
-	if !rule.Expires.IsZero() && !m.in.Now.Before(rule.Expires) {
+	if c.expires != 0 && m.in.Now.UnixNano() >= c.expires {
 		if m.expired < 0 || r.rule < m.expired {
 			m.expired = r.rule
 		}
@@ -189,4 +182,45 @@ func (m *matcher) decision() Decision {
 		d.Rule = m.e.pol.Rules[d.RuleIndex].Name
 	}
 	return d
+}
+
+// ruleCheck is what consider needs of a rule, packed so that checking a
+// candidate rule touches one cache line: the first two port ranges inline
+// (most rules have one or two), the rest, the client set and the expiry
+// only when the rule has them.
+type ruleCheck struct {
+	port    [2]PortRange
+	nports  uint8
+	more    []PortRange // port ranges beyond the first two
+	from    *ClientSet  // nil: any client
+	expires int64       // UnixNano of Rule.Expires; 0: never
+}
+
+func newRuleCheck(r *Rule) ruleCheck {
+	c := ruleCheck{nports: uint8(min(len(r.Ports), 2))}
+	copy(c.port[:], r.Ports)
+	if len(r.Ports) > 2 {
+		c.more = r.Ports[2:]
+	}
+	if !r.From.Any() {
+		c.from = &r.From
+	}
+	if !r.Expires.IsZero() {
+		c.expires = r.Expires.UnixNano()
+	}
+	return c
+}
+
+func (c *ruleCheck) allowsPort(port uint16, proto Proto) bool {
+	for i := uint8(0); i < c.nports; i++ {
+		if c.port[i].Contains(port, proto) {
+			return true
+		}
+	}
+	for _, p := range c.more {
+		if p.Contains(port, proto) {
+			return true
+		}
+	}
+	return false
 }

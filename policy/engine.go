@@ -17,6 +17,7 @@ import (
 // decision depends on the length of the name, not on the number of rules.
 type Engine struct {
 	pol       *Policy
+	checks    []ruleCheck // per rule, in file order
 	names     *nameNode
 	addrs     addrTable
 	anyRefs   []int32 // rules with "*"
@@ -59,8 +60,10 @@ func Compile(file string, src []byte) (*Engine, error) {
 // form (shadowed rules) to p.Warnings.
 func New(p *Policy) *Engine {
 	e := &Engine{pol: p, names: &nameNode{}}
+	e.checks = make([]ruleCheck, len(p.Rules))
 	for i := range p.Rules {
 		r := &p.Rules[i]
+		e.checks[i] = newRuleCheck(r)
 		if !r.Expires.IsZero() {
 			e.hasExpiry = true
 		}
