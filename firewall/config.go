@@ -58,6 +58,11 @@ type Config struct {
 	// the WAN address, in both modes. Requires WAN. It is removed with the
 	// table on a clean stop (see the package documentation).
 	Masquerade bool
+	// WANOpen are ports of the gateway itself that stay reachable from the
+	// WAN side while the inbound guard is on (22/tcp, say, when the box is
+	// managed over its WAN link). Empty means none: only replies, IPv6
+	// neighbour discovery and DHCPv6 replies get in.
+	WANOpen []policy.PortRange
 	// GuardWAN installs the WAN inbound guard in audit mode too (see the
 	// package documentation for why it is off by default there). In enforce
 	// mode the guard is always installed when WAN is set.
@@ -145,6 +150,11 @@ func (c Config) Validate(mode policy.Mode) error {
 	for _, pr := range c.TCPPorts {
 		if pr.Proto != policy.TCP || pr.Lo == 0 || pr.Hi < pr.Lo {
 			errs = append(errs, fmt.Errorf("firewall: redirected port range %s: expected TCP ports N or N-M, 1-65535", pr))
+		}
+	}
+	for _, pr := range c.WANOpen {
+		if (pr.Proto != policy.TCP && pr.Proto != policy.UDP) || pr.Lo == 0 || pr.Hi < pr.Lo {
+			errs = append(errs, fmt.Errorf("firewall: WAN-open port range %s: expected N/tcp, N-M/udp, 1-65535", pr))
 		}
 	}
 	if c.MaxLearned < 0 {

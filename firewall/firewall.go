@@ -220,9 +220,13 @@ func (f *Firewall) scheduleLocked(at, now time.Time) {
 
 // Remove deletes egressd's table, and nothing else. It succeeds when there
 // is no table.
-func (f *Firewall) Remove() (err error) {
+func (f *Firewall) Remove() error {
 	f.ioMu.Lock()
 	defer f.ioMu.Unlock()
+	return f.removeLocked()
+}
+
+func (f *Firewall) removeLocked() (err error) {
 	defer func() { f.count("remove", err) }()
 	conn, err := f.connLocked()
 	if err != nil {
@@ -246,27 +250,42 @@ func (f *Firewall) Remove() (err error) {
 	return nil
 }
 
-// Close removes the table if this Firewall installed one, and releases the
-// netlink socket. It is idempotent.
+// Close removes the table if this Firewall installed one (and was not
+// detached), and releases the netlink socket. It is idempotent.
 func (f *Firewall) Close() error {
+	return f.shut(true)
+}
+
+// Detach releases the netlink socket and leaves the ruleset in the kernel,
+// as a killed process would: in enforce mode the gateway stays fail-closed
+// until the next egressd's Install replaces the table (atomically, so a
+// restart never opens a gap). Install, Replace and Learn do nothing more
+// after it; Remove still deletes the table.
+func (f *Firewall) Detach() error {
+	return f.shut(false)
+}
+
+func (f *Firewall) shut(remove bool) error {
+	// ioMu first: an Install in flight finishes, and is then undone.
+	f.ioMu.Lock()
+	defer f.ioMu.Unlock()
 	f.mu.Lock()
-	if f.closed {
-		f.mu.Unlock()
-		return nil
-	}
+	wasClosed := f.closed
 	f.closed = true
 	installed := f.rs != nil
+	if !remove {
+		f.rs = nil
+	}
+	if f.timer != nil {
+		f.timer.Stop()
+		f.timer = nil
+	}
 	f.mu.Unlock()
 	var err error
-	if installed {
-		err = f.Remove()
+	if remove && installed && !wasClosed {
+		err = f.removeLocked()
 	}
-	f.ioMu.Lock()
-	if f.conn != nil {
-		err = errors.Join(err, f.conn.CloseLasting())
-		f.conn = nil
-	}
-	f.ioMu.Unlock()
+	f.dropConnLocked()
 	return err
 }
 
@@ -469,10 +488,10 @@ func (f *Firewall) forget(ops []learnOp) {
 	}
 }
 
-// dropConnLocked closes the netlink connection after a failed
-// transaction: google/nftables keeps a serialisation error, and messages
-// queued before it, in the connection, so it is not reused. f.ioMu must be
-// held.
+// dropConnLocked closes the netlink connection, after a failed
+// transaction too: google/nftables keeps a serialisation error, and
+// messages queued before it, in the connection, so it is not reused. f.ioMu
+// must be held.
 func (f *Firewall) dropConnLocked() {
 	if f.conn != nil {
 		f.conn.CloseLasting()

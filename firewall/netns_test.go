@@ -295,7 +295,7 @@ func TestEnforce(t *testing.T) {
 	// happen would reach it and say so.
 	tp.serverTCP(t, "[::]:80")
 
-	fw := tp.firewall(t, Config{MinTTL: time.Second})
+	fw := tp.firewall(t, Config{MinTTL: time.Second, WANOpen: []policy.PortRange{{Lo: 2225, Hi: 2225, Proto: policy.TCP}}})
 	if err := fw.Install(compile(t, testPolicy)); err != nil {
 		t.Fatal(err)
 	}
@@ -422,6 +422,17 @@ func TestEnforce(t *testing.T) {
 		if got, err := udpAsk(tp.server, "198.18.1.2:2224", 700*time.Millisecond); !isTimeout(err) {
 			t.Errorf("inbound udp: got %q, %v; want a timeout", got, err)
 		}
+		// A port the operator opened on the gateway answers from the WAN.
+		open, err := tp.gw.Listen("tcp", "[::]:2225")
+		if err != nil {
+			t.Fatal(err)
+		}
+		serve(t, open, func(c net.Conn) { fmt.Fprintln(c, "ssh") })
+		for _, dst := range []string{"198.18.2.1:2225", "[2001:db8:2::1]:2225"} {
+			if got, err := tcpLine(tp.server, dst, 3*time.Second); err != nil || got != "ssh\n" {
+				t.Errorf("WAN-open port %s: got %q, %v", dst, got, err)
+			}
+		}
 		// The same ports answer from the LAN side: only the WAN is shut.
 		if got, err := tcpLine(tp.client, "198.18.1.1:2223", 3*time.Second); err != nil || got != "gateway\n" {
 			t.Errorf("gateway from the LAN: got %q, %v", got, err)
@@ -434,9 +445,9 @@ func TestEnforce(t *testing.T) {
 		proxyLn.Close()
 		dnsPC.Close()
 		dnsLn.Close()
-		fw.ioMu.Lock()
-		fw.dropConnLocked()
-		fw.ioMu.Unlock()
+		if err := fw.Detach(); err != nil {
+			t.Fatal(err)
+		}
 		for _, dst := range []string{"198.18.2.2:80", "[2001:db8:2::2]:80"} {
 			if got, err := tcpLine(tp.client, dst, 3*time.Second); !errors.Is(err, syscall.ECONNREFUSED) {
 				t.Errorf("tcp %s: got %q, %v; want connection refused", dst, got, err)
@@ -975,4 +986,116 @@ func TestHelperProcess(t *testing.T) {
 	}()
 	fmt.Println("ready")
 	time.Sleep(60 * time.Second) // killed long before
+}
+
+// TestRuleExpiry: when a rule's expiry passes, the firewall re-renders on
+// its own and the rule's addresses close.
+func TestRuleExpiry(t *testing.T) {
+	requireNft(t)
+	tp := newTopo(t)
+	tp.serverUDP(t, "198.18.2.2:9000")
+	fw := tp.firewall(t, Config{})
+	expires := time.Now().Add(2 * time.Second).Truncate(time.Second).Add(time.Second)
+	eng := compile(t, fmt.Sprintf(`
+version: 1
+mode: enforce
+rules:
+  - name: temporary
+    to: [198.18.2.2]
+    ports: [9000/udp]
+    expires: %s
+`, expires.UTC().Format(time.RFC3339)))
+	if err := fw.Install(eng); err != nil {
+		t.Fatal(err)
+	}
+	if _, err := udpAsk(tp.client, "198.18.2.2:9000", 3*time.Second); err != nil {
+		t.Fatalf("before the expiry: %v", err)
+	}
+	time.Sleep(time.Until(expires.Add(2 * time.Second)))
+	if got, err := udpAsk(tp.client, "198.18.2.2:9000", 700*time.Millisecond); !isTimeout(err) {
+		t.Errorf("after the expiry: got %q, %v; want a timeout", got, err)
+	}
+	if rs := fw.Ruleset(); rs == nil || strings.Contains(rs.String(), "rule temporary") {
+		t.Errorf("installed ruleset still has the expired rule")
+	}
+}
+
+func BenchmarkRender(b *testing.B) {
+	eng := sitePolicy(b)
+	for b.Loop() {
+		if _, err := Render(siteConfig, eng); err != nil {
+			b.Fatal(err)
+		}
+	}
+}
+
+// BenchmarkLearn measures Learn in the gateway's namespace: "known" is an
+// address already in the set (the common case: a repeated DNS answer),
+// "new" writes one address per call (one netlink transaction each),
+// "parallel" many concurrent writers sharing transactions (ns/op is per
+// address).
+func BenchmarkLearn(b *testing.B) {
+	if _, err := exec.LookPath("nft"); err != nil {
+		b.Skip("nft not installed")
+	}
+	gw := testnet.New(b, "fwb")
+	fw, err := New(Config{LAN: "lo", ProxyPort: proxyPort, NetNS: "/var/run/netns/" + gw.Name, MaxLearned: 1 << 22},
+		Deps{Logger: slog.New(slog.NewTextHandler(io.Discard, nil))})
+	if err != nil {
+		b.Fatal(err)
+	}
+	defer fw.Close()
+	if err := fw.Install(compile(b, testPolicy)); err != nil {
+		b.Fatal(err)
+	}
+	// Distinct documentation addresses (set elements only, no traffic).
+	var n uint64
+	addrN := func() netip.Addr {
+		n++
+		var a [16]byte
+		copy(a[:], []byte{0x20, 0x01, 0x0d, 0xb8})
+		for i := 0; i < 8; i++ {
+			a[15-i] = byte(n >> (8 * i))
+		}
+		return netip.AddrFrom16(a)
+	}
+	b.Run("known", func(b *testing.B) {
+		a := netip.MustParseAddr("203.0.113.1")
+		if err := fw.Learn("udp-name", a, time.Hour); err != nil {
+			b.Fatal(err)
+		}
+		for b.Loop() {
+			if err := fw.Learn("udp-name", a, time.Hour); err != nil {
+				b.Fatal(err)
+			}
+		}
+	})
+	b.Run("new", func(b *testing.B) {
+		for b.Loop() {
+			if err := fw.Learn("udp-name", addrN(), time.Hour); err != nil {
+				b.Fatal(err)
+			}
+		}
+	})
+	b.Run("parallel", func(b *testing.B) {
+		var mu sync.Mutex
+		tx0, n0 := counterValue(fw.m.applies.WithLabelValues("learn", "ok")), n
+		defer func() {
+			if tx := counterValue(fw.m.applies.WithLabelValues("learn", "ok")) - tx0; tx > 0 {
+				b.ReportMetric(float64(n-n0)/tx, "addrs/tx")
+			}
+		}()
+		b.SetParallelism(32) // many DNS answers at once, as under load
+		b.RunParallel(func(pb *testing.PB) {
+			for pb.Next() {
+				mu.Lock()
+				a := addrN()
+				mu.Unlock()
+				if err := fw.Learn("udp-name", a, time.Hour); err != nil {
+					b.Error(err)
+					return
+				}
+			}
+		})
+	})
 }

@@ -175,7 +175,7 @@ func render(cfg Config, eng *policy.Engine, now time.Time) (*Ruleset, error) {
 		rs.Chains = append(rs.Chains, Chain{Name: chainPrerouting, Type: "nat", Hook: "prerouting", Priority: -100, Rules: redirectRules(cfg)})
 	}
 	if guard {
-		rs.Chains = append(rs.Chains, Chain{Name: chainInput, Type: "filter", Hook: "input", Priority: 0, Rules: inputGuard(cfg.WAN)})
+		rs.Chains = append(rs.Chains, Chain{Name: chainInput, Type: "filter", Hook: "input", Priority: 0, Rules: inputGuard(cfg.WAN, cfg.WANOpen)})
 	}
 	if mode == policy.ModeEnforce || guard {
 		var rules []Rule
@@ -242,13 +242,16 @@ func redirectRules(cfg Config) []Rule {
 // inputGuard protects the gateway itself from the WAN side: replies pass,
 // and IPv6 neighbour discovery and DHCPv6 replies, without which the WAN
 // link itself stops working; every other new packet is dropped.
-func inputGuard(wan string) []Rule {
-	return []Rule{
+func inputGuard(wan string, open []policy.PortRange) []Rule {
+	rules := []Rule{
 		{IIf: wan, CTState: CTEstablished | CTRelated, Verdict: Verdict{Kind: Accept}, Comment: "replies to the gateway"},
 		{IIf: wan, Family: IPv6, ICMPv6: true, ICMPTypes: [2]uint8{133, 137}, Verdict: Verdict{Kind: Accept}, Comment: "IPv6 neighbour and router discovery"},
 		{IIf: wan, Family: IPv6, Proto: policy.UDP, Ports: portRange(546, policy.UDP), Verdict: Verdict{Kind: Accept}, Comment: "DHCPv6 replies"},
-		{IIf: wan, Counter: true, Verdict: Verdict{Kind: Drop}, Comment: "new connections to the gateway from the WAN side"},
 	}
+	for _, pr := range open {
+		rules = append(rules, Rule{IIf: wan, Proto: pr.Proto, Ports: pr, Verdict: Verdict{Kind: Accept}, Comment: "open on the gateway from the WAN side"})
+	}
+	return append(rules, Rule{IIf: wan, Counter: true, Verdict: Verdict{Kind: Drop}, Comment: "new connections to the gateway from the WAN side"})
 }
 
 type allows struct {

@@ -50,6 +50,7 @@ func cmdFirewallPrint(args []string, stdout, stderr io.Writer) int {
 	tcpPorts := fs.String("tcp-ports", "all", `TCP ports redirected to the proxy: "all" or a list such as 80,443,5228-5230`)
 	masq := fs.Bool("masquerade", false, "NAT traffic leaving the WAN interface")
 	guard := fs.Bool("guard-wan", false, "drop new connections from the WAN side in audit mode too")
+	wanOpen := fs.String("wan-open", "", "ports of the gateway reachable from the WAN side, such as 22/tcp,51820/udp")
 	pos, err := parseArgs(fs, args)
 	if err != nil {
 		return flagErr(err)
@@ -72,6 +73,10 @@ func cmdFirewallPrint(args []string, stdout, stderr io.Writer) int {
 	}
 	if cfg.TCPPorts, err = parseTCPPorts(*tcpPorts); err != nil {
 		fmt.Fprintln(stderr, "egressd firewall print: --tcp-ports:", err)
+		return exitUsage
+	}
+	if cfg.WANOpen, err = parsePortProtos(*wanOpen); err != nil {
+		fmt.Fprintln(stderr, "egressd firewall print: --wan-open:", err)
 		return exitUsage
 	}
 	src := *file
@@ -113,21 +118,50 @@ func parseTCPPorts(s string) ([]policy.PortRange, error) {
 	}
 	var out []policy.PortRange
 	for _, f := range strings.Split(s, ",") {
-		f = strings.TrimSpace(f)
-		lo, hi, isRange := strings.Cut(f, "-")
-		l, err := strconv.ParseUint(lo, 10, 16)
-		if err != nil || l == 0 {
-			return nil, fmt.Errorf("%q is not a port or a range N-M", f)
+		pr, err := parsePortRange(strings.TrimSpace(f), policy.TCP)
+		if err != nil {
+			return nil, err
 		}
-		h := l
-		if isRange {
-			if h, err = strconv.ParseUint(hi, 10, 16); err != nil || h < l {
-				return nil, fmt.Errorf("%q is not a port or a range N-M", f)
-			}
-		}
-		out = append(out, policy.PortRange{Lo: uint16(l), Hi: uint16(h), Proto: policy.TCP})
+		out = append(out, pr)
 	}
 	return out, nil
+}
+
+// parsePortProtos parses a comma-separated list of N/proto or N-M/proto.
+func parsePortProtos(s string) ([]policy.PortRange, error) {
+	var out []policy.PortRange
+	for _, f := range strings.Split(s, ",") {
+		f = strings.TrimSpace(f)
+		if f == "" {
+			continue
+		}
+		num, proto, _ := strings.Cut(f, "/")
+		p, ok := policy.ParseProto(proto)
+		if !ok {
+			return nil, fmt.Errorf("%q: expected N/tcp, N/udp or N-M/proto", f)
+		}
+		pr, err := parsePortRange(num, p)
+		if err != nil {
+			return nil, err
+		}
+		out = append(out, pr)
+	}
+	return out, nil
+}
+
+func parsePortRange(f string, proto policy.Proto) (policy.PortRange, error) {
+	lo, hi, isRange := strings.Cut(f, "-")
+	l, err := strconv.ParseUint(lo, 10, 16)
+	if err != nil || l == 0 {
+		return policy.PortRange{}, fmt.Errorf("%q is not a port or a range N-M", f)
+	}
+	h := l
+	if isRange {
+		if h, err = strconv.ParseUint(hi, 10, 16); err != nil || h < l {
+			return policy.PortRange{}, fmt.Errorf("%q is not a port or a range N-M", f)
+		}
+	}
+	return policy.PortRange{Lo: uint16(l), Hi: uint16(h), Proto: proto}, nil
 }
 
 func cmdFirewallRemove(args []string, stdout, stderr io.Writer) int {

@@ -5,6 +5,8 @@ import (
 	"path/filepath"
 	"strings"
 	"testing"
+
+	"egressd/internal/testnet"
 )
 
 func TestFirewallPrint(t *testing.T) {
@@ -28,6 +30,9 @@ func TestFirewallPrint(t *testing.T) {
 				`iifname "wan0" counter drop`, `oifname "wan0" masquerade`}, nil, ""},
 		{"policy file, flags after", []string{"firewall", "print", "--policy", pol, "--lan", "br0", "--proxy-port", "3129", "--dns-port", "5353", "--tcp-ports", "80,443,8000-8100"}, exitOK,
 			[]string{`tcp dport 8000-8100 redirect to :3129`, `udp dport 53 redirect to :5353`, "policy " + pol}, []string{"meta l4proto tcp redirect"}, ""},
+		{"wan open", []string{"firewall", "print", "--mode", "enforce", "--lan", "lan0", "--wan", "wan0", "--wan-open", "22/tcp,51820-51821/udp"}, exitOK,
+			[]string{`iifname "wan0" tcp dport 22 accept`, `iifname "wan0" udp dport 51820-51821 accept`}, nil, ""},
+		{"bad wan open", []string{"firewall", "print", "--wan-open", "22"}, exitUsage, nil, nil, "expected N/tcp"},
 		{"enforce needs lan", []string{"firewall", "print", "--mode", "enforce"}, exitFail, nil, nil, "needs the LAN interface"},
 		{"bad mode", []string{"firewall", "print", "--mode", "loud"}, exitUsage, nil, nil, "expected audit or enforce"},
 		{"bad ports", []string{"firewall", "print", "--tcp-ports", "80,x"}, exitUsage, nil, nil, `"x" is not a port`},
@@ -56,5 +61,28 @@ func TestFirewallPrint(t *testing.T) {
 				t.Errorf("stderr lacks %q:\n%s", c.stderr, errs)
 			}
 		})
+	}
+}
+
+// TestFirewallRemove: `egressd firewall remove` deletes egressd's table in
+// a namespace and leaves the operator's own alone.
+func TestFirewallRemove(t *testing.T) {
+	ns := testnet.New(t, "fwrm")
+	if _, err := ns.Run("nft", "--version"); err != nil {
+		t.Fatalf("nft (Debian package nftables) is not installed: %v", err)
+	}
+	ns.MustRun("nft", "add", "table", "inet", "egressd")
+	ns.MustRun("nft", "add", "chain", "inet", "egressd", "forward", "{ type filter hook forward priority 0; policy accept; }")
+	ns.MustRun("nft", "add", "table", "ip", "operator")
+	path := "/var/run/netns/" + ns.Name
+	for i := 0; i < 2; i++ { // the second time there is nothing to remove
+		code, out, errs := runCLI(t, "firewall", "remove", "--netns", path)
+		if code != exitOK || !strings.Contains(out, "removed table inet egressd") {
+			t.Fatalf("exit %d: %s%s", code, out, errs)
+		}
+	}
+	out := ns.MustRun("nft", "list", "ruleset")
+	if strings.Contains(out, "egressd") || !strings.Contains(out, "table ip operator") {
+		t.Errorf("after remove:\n%s", out)
 	}
 }
