@@ -41,13 +41,16 @@ type Config struct {
 
 	// ProxyPort is the transparent proxy's listen port: TCP from the LAN is
 	// redirected to it (nftables redirect: the gateway's address on the LAN
-	// interface, IPv4 and IPv6). Required in enforce mode.
+	// interface, IPv4 and IPv6), so the listener must accept on that
+	// address: a wildcard such as [::]:PORT, not loopback. Required in
+	// enforce mode.
 	ProxyPort uint16
 	// ProxyPort6 is the port IPv6 TCP is redirected to. Zero means
 	// ProxyPort (one dual-stack listener).
 	ProxyPort6 uint16
 	// DNSPort is the DNS forwarder's port: UDP and TCP 53 from the LAN, to
-	// any address, are redirected to it. Zero means 53.
+	// any address, are redirected to it (the same way: listen on a wildcard
+	// or the LAN address). Zero means 53.
 	DNSPort uint16
 	// TCPPorts limits the redirect to the proxy to these destination port
 	// ranges (Proto must be TCP). Empty means every TCP port. TCP to other

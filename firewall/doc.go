@@ -53,7 +53,11 @@
 //     enforce mode the guard is always on when Config.WAN is set (the seed
 //     policy needs no inbound ports).
 //
-// A clean stop removes the whole table, masquerade included: a gateway that
-// must keep routing while egressd is stopped should have its NAT in the
-// system's own nftables configuration and leave Config.Masquerade off.
+// A clean stop ([Firewall.Close]) removes the whole table, masquerade
+// included: a gateway that must keep routing while egressd is stopped
+// should have its NAT in the system's own nftables configuration and leave
+// Config.Masquerade off. In enforce mode a removal also lifts enforcement
+// until egressd is back; [Firewall.Detach] instead leaves the ruleset in the
+// kernel, as a kill -9 would, so that a restart stays fail-closed (the next
+// Install replaces the table in one transaction).
 package firewall

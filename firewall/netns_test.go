@@ -433,6 +433,15 @@ func TestEnforce(t *testing.T) {
 				t.Errorf("WAN-open port %s: got %q, %v", dst, got, err)
 			}
 		}
+		// The gateway's own connections out (the proxy's, the forwarder's
+		// upstream queries) pass, replies included, even where the LAN may
+		// not go.
+		if line, err := tcpLine(tp.gw, "198.18.2.2:80", 3*time.Second); err != nil || !strings.HasPrefix(line, "server saw 198.18.2.1:") {
+			t.Errorf("gateway dialing out: got %q, %v", line, err)
+		}
+		if got, err := udpAsk(tp.gw, "198.18.2.3:9000", 3*time.Second); err != nil {
+			t.Errorf("gateway UDP out: got %q, %v", got, err)
+		}
 		// The same ports answer from the LAN side: only the WAN is shut.
 		if got, err := tcpLine(tp.client, "198.18.1.1:2223", 3*time.Second); err != nil || got != "gateway\n" {
 			t.Errorf("gateway from the LAN: got %q, %v", got, err)
@@ -587,6 +596,12 @@ func TestAudit(t *testing.T) {
 		}
 		if out := tp.gw.MustRun("nft", "list", "ruleset"); strings.Contains(out, "egressd") {
 			t.Errorf("Close left the table:\n%s", out)
+		}
+		if err := fw.Close(); err != nil {
+			t.Errorf("second Close: %v", err)
+		}
+		if err := fw.Install(eng); !errors.Is(err, ErrClosed) {
+			t.Errorf("Install after Close: %v, want ErrClosed", err)
 		}
 	})
 	t.Run("guard wan", func(t *testing.T) {
