@@ -92,6 +92,9 @@ type Ledger struct {
 	ring    []*flowRec // insertion order, for eviction; len <= MaxFlows
 	ringPos int
 	totals  Totals
+	// lastMode is the mode of the latest event, for reports without a
+	// policy.
+	lastMode policy.Mode
 	shed    uint64
 	// unwritten counts events added here that the journal failed to
 	// write: they will be missing after a restart.
@@ -264,6 +267,9 @@ func (l *Ledger) addLocked(ev *Event) bool {
 		return false
 	}
 	t := ev.Time.UTC()
+	if ev.Mode != "" {
+		l.lastMode = ev.Mode
+	}
 	id := flowID{FlowKey: ev.Key(), kind: ev.Kind}
 	if ev.Kind == KindDNS {
 		id.name, id.qtype = lowerASCII(trimDot(ev.Name)), ev.QType

@@ -163,6 +163,7 @@ func (l *Ledger) snapshot(opt ReportOptions) *Report {
 		}
 	}
 	order := map[string]int{}
+	r.Mode = l.lastMode
 	if l.eng != nil {
 		r.Mode = l.eng.Mode()
 		r.Policy = l.eng.Policy().File

@@ -1,0 +1,40 @@
+package main
+
+import (
+	"fmt"
+	"io"
+	"time"
+
+	"egressd/audit"
+	"egressd/policy"
+)
+
+// runReplay runs the flows and queries recorded at path (a state directory
+// or an events file) against the candidate policy eng and prints what
+// would change: newly dropped, newly allowed, allowed by another rule.
+// `egressd audit --policy NEW.yaml --replay PATH` calls it.
+func runReplay(eng *policy.Engine, path string, stdout, stderr io.Writer, asJSON bool) int {
+	r := audit.NewReplayer(eng, time.Now())
+	st, err := audit.ReplayPath(path, r)
+	if err != nil {
+		fmt.Fprintln(stderr, "egressd replay:", err)
+		return exitFail
+	}
+	if st.Skipped > 0 || st.Torn {
+		fmt.Fprintf(stderr, "warning: %s: %d lines were not events, torn last line: %v\n", path, st.Skipped, st.Torn)
+	}
+	if st.Events == 0 {
+		fmt.Fprintf(stderr, "warning: %s holds no recorded events\n", path)
+	}
+	res := r.Result()
+	if asJSON {
+		err = res.WriteJSON(stdout)
+	} else {
+		err = res.WriteText(stdout)
+	}
+	if err != nil {
+		fmt.Fprintln(stderr, "egressd replay:", err)
+		return exitFail
+	}
+	return exitOK
+}

@@ -1,0 +1,155 @@
+package main
+
+import (
+	"context"
+	"errors"
+	"fmt"
+	"io"
+	"log/slog"
+	"net"
+	"net/http"
+	"net/url"
+	"os"
+	"time"
+
+	"egressd/admin"
+	"egressd/audit"
+	"egressd/policy"
+)
+
+// defaultStateDir is where `egressd run` keeps its event log by default.
+const defaultStateDir = "/var/lib/egressd"
+
+func init() {
+	commands["report"] = command{"report [--json | --html OUT] [--state-dir DIR] [--admin ADDR] [--since DUR] [--suggest] [--policy FILE]",
+		"the rule-usage report, from the running daemon or else the state directory", cmdReport}
+}
+
+func cmdReport(ctx context.Context, args []string, stdout, stderr io.Writer) int {
+	fs := newFlags("report", stderr)
+	asJSON := fs.Bool("json", false, "print the report as JSON")
+	htmlOut := fs.String("html", "", "write the report as one self-contained HTML page to this file")
+	stateDir := fs.String("state-dir", defaultStateDir, "the daemon's state directory, read when the daemon is not running")
+	adminAddr := fs.String("admin", admin.DefaultAddr, "the running daemon's admin address")
+	since := fs.String("since", "", "only events since this long ago (24h, 7d) or this RFC 3339 time")
+	suggest := fs.Bool("suggest", false, "print a YAML snippet of rules that would allow what was dropped")
+	policyFile := fs.String("policy", "", "policy file (or profile:NAME) for unused and expired rules when reading the state directory")
+	pos, err := parseArgs(fs, args)
+	if err != nil {
+		return flagErr(err)
+	}
+	if len(pos) != 0 {
+		fmt.Fprintln(stderr, "usage: egressd "+commands["report"].usage)
+		return exitUsage
+	}
+	outputs := 0
+	for _, b := range []bool{*asJSON, *htmlOut != "", *suggest} {
+		if b {
+			outputs++
+		}
+	}
+	if outputs > 1 {
+		fmt.Fprintln(stderr, "egressd report: --json, --html and --suggest exclude each other")
+		return exitUsage
+	}
+	sinceT, err := admin.ParseSince(*since, time.Now())
+	if err != nil {
+		fmt.Fprintln(stderr, "egressd report: --since:", err)
+		return exitUsage
+	}
+	set := map[string]bool{}
+	fs.Visit(func(f *flagT) { set[f.Name] = true })
+
+	// Where the report comes from: the daemon when it answers, unless
+	// --state-dir names a directory to read; an explicit --admin must
+	// answer.
+	var rep *audit.Report
+	if !set["state-dir"] || set["admin"] {
+		rep, err = fetchReport(ctx, *adminAddr, *since)
+		switch {
+		case err == nil:
+			fmt.Fprintf(stderr, "report from the daemon at %s\n", *adminAddr)
+		case set["admin"] || !errors.Is(err, errNoDaemon):
+			fmt.Fprintln(stderr, "egressd report:", err)
+			return exitFail
+		}
+	}
+	if rep == nil {
+		var eng *policy.Engine
+		if *policyFile != "" {
+			if eng, err = loadEngine(*policyFile, stderr); err != nil {
+				fmt.Fprintln(stderr, "egressd:", err)
+				return exitFail
+			}
+		}
+		if _, err := os.Stat(*stateDir); err != nil {
+			fmt.Fprintf(stderr, "egressd report: no daemon at %s and no state directory: %v\n", *adminAddr, err)
+			return exitFail
+		}
+		log := slog.New(slog.NewTextHandler(stderr, &slog.HandlerOptions{Level: slog.LevelWarn}))
+		l, st, err := audit.LoadDir(*stateDir, eng, audit.LedgerOptions{}, log)
+		if err != nil {
+			fmt.Fprintln(stderr, "egressd report:", err)
+			return exitFail
+		}
+		fmt.Fprintf(stderr, "report from %s: %d files, %d events\n", *stateDir, st.Files, st.Events)
+		rep = l.Report(audit.ReportOptions{Since: sinceT})
+		if eng == nil {
+			rep.Notes = append(rep.Notes, "no policy given (--policy): unused and expired rules are not listed")
+		}
+	}
+
+	switch {
+	case *asJSON:
+		err = rep.WriteJSON(stdout)
+	case *htmlOut != "":
+		err = writeFileWith(*htmlOut, rep.WriteHTML)
+		if err == nil {
+			fmt.Fprintf(stderr, "report written to %s\n", *htmlOut)
+		}
+	case *suggest:
+		err = rep.WriteSuggestions(stdout)
+	default:
+		err = rep.WriteText(stdout)
+	}
+	if err != nil {
+		fmt.Fprintln(stderr, "egressd report:", err)
+		return exitFail
+	}
+	return exitOK
+}
+
+// errNoDaemon means nothing listens at the admin address.
+var errNoDaemon = errors.New("no daemon answering")
+
+// fetchReport reads /report.json from the daemon's admin API.
+func fetchReport(ctx context.Context, addr, since string) (*audit.Report, error) {
+	ctx, cancel := context.WithTimeout(ctx, 30*time.Second)
+	defer cancel()
+	u := url.URL{Scheme: "http", Host: addr, Path: "/report.json"}
+	if since != "" {
+		u.RawQuery = url.Values{"since": {since}}.Encode()
+	}
+	req, err := http.NewRequestWithContext(ctx, http.MethodGet, u.String(), nil)
+	if err != nil {
+		return nil, fmt.Errorf("admin address %q: %w", addr, err)
+	}
+	client := &http.Client{Transport: &http.Transport{
+		Proxy:       nil, // the admin API is local: never through a proxy
+		DialContext: (&net.Dialer{Timeout: 2 * time.Second}).DialContext,
+	}}
+	resp, err := client.Do(req)
+	if err != nil {
+		var op *net.OpError
+		if errors.As(err, &op) && op.Op == "dial" {
+			return nil, fmt.Errorf("%w at %s: %v", errNoDaemon, addr, err)
+		}
+		return nil, fmt.Errorf("daemon at %s: %w", addr, err)
+	}
+	defer resp.Body.Close()
+	if resp.StatusCode != http.StatusOK {
+		b, _ := io.ReadAll(io.LimitReader(resp.Body, 512))
+		return nil, fmt.Errorf("daemon at %s: %s: %s", addr, resp.Status, b)
+	}
+	return audit.ReadReportJSON(resp.Body)
+}
