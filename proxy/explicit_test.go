@@ -71,7 +71,7 @@ func TestExplicit(t *testing.T) {
 		for _, c := range []struct{ authority, reason string }{
 			{"evil.example:443", policy.ReasonNoRule},
 			{"www.allowed.test:22", policy.ReasonPort}, // THREATS F5: right name, wrong port
-			{"2130706433:80", ReasonIPLiteral},          // THREATS F4
+			{"2130706433:80", ReasonIPLiteral},         // THREATS F4
 			{"0x7f.1:80", ReasonIPLiteral},
 			{"127.1:80", ReasonIPLiteral},
 			{"0177.0.0.1:80", ReasonIPLiteral},

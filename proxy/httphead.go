@@ -168,8 +168,13 @@ func parseHTTPHead(b []byte) (h httpHead, err error) {
 // splitAuthority splits "host[:port]" or "[v6]:port", strictly: no
 // userinfo, no spaces, a decimal port of 1 to 65535.
 func splitAuthority(a string) (host, port string, ok bool) {
-	if a == "" || strings.ContainsAny(a, "@ \t/\\?#,") {
+	if a == "" || strings.ContainsAny(a, "@/\\?#,") {
 		return "", "", false
+	}
+	for i := 0; i < len(a); i++ {
+		if a[i] < 0x21 || a[i] > 0x7e {
+			return "", "", false // spaces, controls, non-ASCII
+		}
 	}
 	if a[0] == '[' {
 		i := strings.IndexByte(a, ']')

@@ -1,0 +1,246 @@
+package proxy
+
+import (
+	"bytes"
+	"crypto/tls"
+	"errors"
+	"io"
+	"net"
+	"net/netip"
+	"testing"
+	"time"
+
+	"egressd/policy"
+)
+
+func TestParseHTTPHead(t *testing.T) {
+	for _, c := range []struct {
+		name, in   string
+		err        error
+		host, path string
+	}{
+		{"origin", "GET /a?b HTTP/1.1\r\nHost: Example.com:8080\r\n\r\n", nil, "Example.com", "/a?b"},
+		{"absolute", "GET http://example.com/x HTTP/1.1\r\nHost: example.com\r\n\r\n", nil, "example.com", "/x"},
+		{"absolute-no-host", "GET http://example.com HTTP/1.0\r\n\r\n", nil, "example.com", "/"},
+		{"absolute-disagrees", "GET http://evil.test/ HTTP/1.1\r\nHost: allowed.test\r\n\r\n", errHostMismatch, "", ""},
+		{"absolute-port-disagrees", "GET http://a.test:81/ HTTP/1.1\r\nHost: a.test:80\r\n\r\n", errHostMismatch, "", ""},
+		{"two-hosts", "GET / HTTP/1.1\r\nHost: a\r\nHost: b\r\n\r\n", errHeadMalformed, "", ""},
+		{"userinfo-host", "GET / HTTP/1.1\r\nHost: allowed.test@evil.test\r\n\r\n", errHeadMalformed, "", ""},
+		{"space-host", "GET / HTTP/1.1\r\nHost: a b\r\n\r\n", errHeadMalformed, "", ""},
+		{"obs-fold", "GET / HTTP/1.1\r\nHost: a\r\n b\r\n\r\n", errHeadMalformed, "", ""},
+		{"bare-lf", "GET / HTTP/1.1\nHost: a\n\n", errHeadMalformed, "", ""},
+		{"cl-and-te", "POST / HTTP/1.1\r\nHost: a\r\nContent-Length: 3\r\nTransfer-Encoding: chunked\r\n\r\n", errHeadDuplicateCL, "", ""},
+		{"two-cl", "POST / HTTP/1.1\r\nHost: a\r\nContent-Length: 3\r\nContent-Length: 4\r\n\r\n", errHeadDuplicateCL, "", ""},
+		{"http2-version", "GET / HTTP/2.0\r\nHost: a\r\n\r\n", errHeadMalformed, "", ""},
+		{"connect-form", "CONNECT a.test:443 HTTP/1.1\r\nHost: a.test:443\r\n\r\n", errHeadMalformed, "", ""},
+		{"other-scheme", "GET https://a.test/ HTTP/1.1\r\n\r\n", errHeadMalformed, "", ""},
+		{"ipv6-host", "GET / HTTP/1.1\r\nHost: [2001:db8::1]:80\r\n\r\n", nil, "2001:db8::1", "/"},
+		{"ipv6-unbracketed", "GET / HTTP/1.1\r\nHost: 2001:db8::1\r\n\r\n", errHeadMalformed, "", ""},
+		{"bad-port", "GET / HTTP/1.1\r\nHost: a:007\r\n\r\n", errHeadMalformed, "", ""},
+		{"incomplete", "GET / HTTP/1.1\r\nHost: a\r\n", errHeadIncomplete, "", ""},
+		{"options-star", "OPTIONS * HTTP/1.1\r\nHost: a\r\n\r\n", nil, "a", ""},
+		{"non-ascii-host", "0 / HTTP/1.0\r\nHost:\x89\r\n\r\n", errHeadMalformed, "", ""}, // found by FuzzHTTPHead
+		{"ctl-in-value", "GET / HTTP/1.1\r\nHost: a\x00b\r\n\r\n", errHeadMalformed, "", ""},
+	} {
+		t.Run(c.name, func(t *testing.T) {
+			h, err := parseHTTPHead([]byte(c.in))
+			if !errors.Is(err, c.err) {
+				t.Fatalf("err %v, want %v", err, c.err)
+			}
+			if err == nil && (h.Host != c.host || h.Path != c.path) {
+				t.Errorf("host %q path %q", h.Host, h.Path)
+			}
+		})
+	}
+}
+
+func TestNumericForm(t *testing.T) {
+	for s, want := range map[string]bool{
+		"2130706433": true, "0x7f.1": true, "127.1": true, "0177.0.0.1": true, "1.2.3.4.": true,
+		"example.com": false, "x1.example": false, "0x7f.example": false, "a.0xzz": false,
+	} {
+		if got := numericForm(s); got != want {
+			t.Errorf("numericForm(%q) = %v", s, got)
+		}
+	}
+}
+
+// TestSpecialRanges: THREATS.md F1/F2 addresses are guarded; a CIDR rule
+// naming the range opens it, "0.0.0.0/0" does not.
+func TestSpecialRanges(t *testing.T) {
+	own := []netip.Addr{netip.MustParseAddr("198.18.1.1")}
+	for _, s := range []string{"127.0.0.1", "169.254.169.254", "100.100.100.200", "::1", "fe80::1", "::ffff:169.254.169.254",
+		"::ffff:127.0.0.1", "::ffff:8.8.8.8", "64:ff9b::a9fe:a9fe", "2002:a9fe:a9fe::1", "2001:0:4136:e378::1", "fd00:ec2::254",
+		"198.18.1.1", "224.0.0.1", "0.0.0.0", "168.63.129.16"} {
+		if _, ok := specialRange(netip.MustParseAddr(s), own, nil); !ok {
+			t.Errorf("%s is not guarded", s)
+		}
+	}
+	for _, s := range []string{"198.18.2.2", "203.0.113.9", "2001:db8::1", "10.1.2.3"} {
+		if _, ok := specialRange(netip.MustParseAddr(s), own, nil); ok {
+			t.Errorf("%s is guarded", s)
+		}
+	}
+	eng, err := policy.Compile("g.yaml", []byte(`version: 1
+rules:
+  - name: all
+    to: [0.0.0.0/0, "::/0"]
+    ports: [443/tcp]
+  - name: meta
+    to: [169.254.169.254/32]
+    ports: [80/tcp]
+`))
+	if err != nil {
+		t.Fatal(err)
+	}
+	meta := netip.MustParseAddr("169.254.169.254")
+	g, _ := specialRange(meta, nil, nil)
+	if cidrRuleNames(eng, policy.Input{Dest: meta, Port: 443}, g) {
+		t.Error("0.0.0.0/0 opened the metadata address")
+	}
+	if !cidrRuleNames(eng, policy.Input{Dest: meta, Port: 80}, g) {
+		t.Error("a /32 rule did not open the metadata address")
+	}
+	mapped := netip.MustParseAddr("::ffff:169.254.169.254")
+	g, _ = specialRange(mapped, nil, nil)
+	if !cidrRuleNames(eng, policy.Input{Dest: mapped, Port: 80}, g) || cidrRuleNames(eng, policy.Input{Dest: mapped, Port: 443}, g) {
+		t.Error("mapped form not guarded as its IPv4 address")
+	}
+}
+
+// goHello returns the ClientHello a Go client sends for serverName.
+func goHello(t testing.TB, serverName string, cfg *tls.Config) []byte {
+	c1, c2 := net.Pipe()
+	defer c1.Close()
+	defer c2.Close()
+	if cfg == nil {
+		cfg = &tls.Config{}
+	}
+	cfg.ServerName = serverName
+	go tls.Client(c1, cfg).Handshake()
+	c2.SetReadDeadline(time.Now().Add(5 * time.Second))
+	var hdr [5]byte
+	if _, err := io.ReadFull(c2, hdr[:]); err != nil {
+		t.Fatal(err)
+	}
+	body := make([]byte, int(hdr[3])<<8|int(hdr[4]))
+	if _, err := io.ReadFull(c2, body); err != nil {
+		t.Fatal(err)
+	}
+	return append(hdr[:], body...)
+}
+
+func TestReadClientHello(t *testing.T) {
+	h := goHello(t, "www.allowed.test", nil)
+	for _, c := range []struct {
+		name string
+		in   []byte
+		sni  string
+		err  error
+	}{
+		{"go", h, "www.allowed.test", nil},
+		{"1-byte-records", refragment(h, 1), "www.allowed.test", nil},
+		{"3-byte-records", refragment(h, 3), "www.allowed.test", nil},
+		{"no-sni", goHello(t, "192.0.2.1", nil), "", nil},
+		{"ech-outer", buildHello(sniExt("public.example"), echOuterExt()), "public.example", nil},
+		{"dup-ext", buildHello(sniExt("a.test"), sniExt("b.test")), "", errDuplicateSNI},
+		{"dup-entry", buildHello(sniExt("a.test", "b.test")), "", errDuplicateSNI},
+		{"trailing-dot", buildHello(sniExt("a.test.")), "", errHelloMalformed},
+		{"truncated", h[:len(h)/2], "", io.ErrUnexpectedEOF},
+		{"server-hello", []byte{0x16, 0x03, 0x01, 0x00, 0x04, 0x02, 0x00, 0x00, 0x00}, "", errHelloMalformed},
+	} {
+		t.Run(c.name, func(t *testing.T) {
+			rc := &recorder{r: bytes.NewReader(c.in), max: 64 << 10}
+			ch, err := readClientHello(rc)
+			if c.err == io.ErrUnexpectedEOF {
+				if err == nil {
+					t.Fatal("a truncated hello parsed")
+				}
+				return
+			}
+			if !errors.Is(err, c.err) {
+				t.Fatalf("err %v, want %v", err, c.err)
+			}
+			if ch.ServerName != c.sni {
+				t.Errorf("SNI %q", ch.ServerName)
+			}
+			if c.name == "ech-outer" && !ch.ECH {
+				t.Error("ECH extension not seen")
+			}
+			if !bytes.Equal(rc.buf, c.in[:len(rc.buf)]) {
+				t.Error("recorded bytes differ from the input")
+			}
+		})
+	}
+	rc := &recorder{r: bytes.NewReader(h), max: 1024}
+	if _, err := readClientHello(rc); !errors.Is(err, errHelloTooLarge) {
+		t.Errorf("size cap: %v", err)
+	}
+}
+
+// FuzzClientHello: the peek never panics, never records more than the
+// cap, records exactly the bytes it read, and a duplicate-SNI verdict
+// agrees with countServerNames.
+func FuzzClientHello(f *testing.F) {
+	// A Go ML-KEM hello, as one record.
+	f.Add(goHello(f, "www.allowed.test", nil))
+	// The same, split into 3-byte records.
+	f.Add(refragment(goHello(f, "a.test", nil), 3))
+	// Two server_name extensions (allowed first, evil second).
+	f.Add(buildHello(sniExt("allowed.test"), sniExt("evil.test")))
+	// ECH outer extension with a public name.
+	f.Add(buildHello(sniExt("public.example"), echOuterExt()))
+	// A record header claiming 0xffff bytes and nothing else.
+	f.Add([]byte{0x16, 0x03, 0x01, 0xff, 0xff})
+	// An empty handshake record.
+	f.Add([]byte{0x16, 0x03, 0x01, 0x00, 0x00})
+	f.Fuzz(func(t *testing.T, b []byte) {
+		rc := &recorder{r: bytes.NewReader(b), max: 16 << 10}
+		var err error
+		done := make(chan struct{})
+		go func() { _, err = readClientHello(rc); close(done) }()
+		select {
+		case <-done:
+		case <-time.After(5 * time.Second):
+			t.Fatalf("readClientHello hangs on %x", b)
+		}
+		if len(rc.buf) > 16<<10 || !bytes.Equal(rc.buf, b[:len(rc.buf)]) {
+			t.Fatalf("recorded %d bytes that are not the input's prefix", len(rc.buf))
+		}
+		if errors.Is(err, errDuplicateSNI) {
+			if n, ok := countServerNames(rc.buf); !ok || n < 2 {
+				t.Fatalf("duplicate verdict but count %d %v", n, ok)
+			}
+		}
+		countServerNames(b)
+	})
+}
+
+// FuzzHTTPHead: the head parser never panics, and an accepted head names
+// one host that has no userinfo, spaces or second authority.
+func FuzzHTTPHead(f *testing.F) {
+	// Origin form with a Host header.
+	f.Add([]byte("GET /a HTTP/1.1\r\nHost: a.test\r\n\r\n"))
+	// Absolute form that disagrees with Host (THREATS A1).
+	f.Add([]byte("GET http://evil.test/ HTTP/1.1\r\nHost: allowed.test\r\n\r\n"))
+	// Userinfo smuggling in Host (THREATS C6).
+	f.Add([]byte("GET / HTTP/1.1\r\nHost: allowed.test@evil.test\r\n\r\n"))
+	// CL + TE.
+	f.Add([]byte("POST / HTTP/1.1\r\nHost: a\r\nContent-Length: 1\r\nTransfer-Encoding: chunked\r\n\r\n"))
+	// Bracketed IPv6 host with a port.
+	f.Add([]byte("GET / HTTP/1.1\r\nHost: [2001:db8::1]:8080\r\n\r\n"))
+	f.Fuzz(func(t *testing.T, b []byte) {
+		h, err := parseHTTPHead(b)
+		if err != nil {
+			return
+		}
+		if h.Len > len(b) || h.Len < 4 {
+			t.Fatalf("head length %d of %d", h.Len, len(b))
+		}
+		for _, c := range []byte(h.Host) {
+			if c == '@' || c == ' ' || c == '/' || c < 0x21 || c > 0x7e {
+				t.Fatalf("accepted host %q", h.Host)
+			}
+		}
+	})
+}
