@@ -16,8 +16,8 @@ import (
 )
 
 func init() {
-	commands["audit"] = command{"audit --policy FILE CAPTURE.pcap [--json | --html OUT] [--mode audit|enforce]",
-		"classify every flow of a pcap/pcapng capture and print the report (no root needed)", cmdAudit}
+	commands["audit"] = command{"audit --policy FILE (CAPTURE.pcap | --replay STATE_DIR_OR_EVENTS) [--json | --html OUT] [--mode audit|enforce]",
+		"classify every flow of a pcap/pcapng capture, or replay recorded events, under a policy and print the report (no root needed)", cmdAudit}
 }
 
 func cmdAudit(ctx context.Context, args []string, stdout, stderr io.Writer) int {
@@ -27,11 +27,20 @@ func cmdAudit(ctx context.Context, args []string, stdout, stderr io.Writer) int 
 	htmlOut := fs.String("html", "", "write the report as HTML to this file")
 	mode := fs.String("mode", "", "override the policy's mode: audit or enforce")
 	noProgress := fs.Bool("no-progress", false, "no progress bar, even on a terminal")
+	replay := fs.String("replay", "", "replay the events of a state directory or event log under the policy instead of reading a capture")
 	pos, err := parseArgs(fs, args)
 	if err != nil {
 		return flagErr(err)
 	}
-	if *policyFile == "" || len(pos) != 1 {
+	if *replay != "" && *policyFile != "" && len(pos) == 0 {
+		eng, err := loadEngine(*policyFile, stderr)
+		if err != nil {
+			fmt.Fprintln(stderr, "egressd:", err)
+			return exitFail
+		}
+		return runReplay(eng, *replay, stdout, stderr, *asJSON)
+	}
+	if *policyFile == "" || len(pos) != 1 || *replay != "" {
 		fmt.Fprintln(stderr, "usage: egressd "+commands["audit"].usage)
 		return exitUsage
 	}

@@ -52,6 +52,14 @@ func TestAuditCommand(t *testing.T) {
 	if b, err := os.ReadFile(html); err != nil || !bytes.Contains(b, []byte("insta")) {
 		t.Errorf("html report: %v %.200s", err, b)
 	}
+	// --replay hands the policy and the path to runReplay (no capture).
+	out.Reset()
+	if code := run(context.Background(), []string{"audit", "--policy", pol, "--replay", t.TempDir(), "--json"}, &out, &errb); code != 0 {
+		t.Errorf("--replay: exit %d: %s", code, errb.String())
+	}
+	if code := run(context.Background(), []string{"audit", "--policy", pol, "--replay", dir, pcap}, &out, &errb); code != exitUsage {
+		t.Errorf("--replay with a capture: exit %d, want %d", code, exitUsage)
+	}
 	// Usage errors.
 	if code := run(context.Background(), []string{"audit", pcap}, &out, &errb); code != exitUsage {
 		t.Errorf("no --policy: exit %d, want %d", code, exitUsage)
