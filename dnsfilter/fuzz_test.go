@@ -46,7 +46,7 @@ func FuzzServeWire(f *testing.F) {
 		0, 0, 41, 0x10, 0, 0, 0, 0x80, 0, 0, 4, 0, 15, 0, 9}) // OPT whose option overruns rdata
 	f.Add([]byte{0xBE, 0xEF, 0x81, 0x80, 0, 0, 0, 0, 0, 0, 0, 0}) // a response: ignored
 
-	up := newUpstream(f, labZone)
+	up := newFakeUpstream(f, labZone)
 	ts := startServer(f, enforcePolicy, Config{Upstreams: []string{up.Addr}}, Deps{Sink: audit.Discard})
 	c, err := net.ListenUDP("udp", &net.UDPAddr{IP: net.IPv4(127, 0, 0, 1)})
 	if err != nil {

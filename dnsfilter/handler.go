@@ -271,9 +271,20 @@ func (s *Server) resolve(ctx context.Context, key []byte, name string, qtype, qc
 		}
 	}
 	s.m.cacheMisses.Inc()
-	ch := s.sf.DoChan(string(key), func() (any, error) {
-		return s.fetch(key, name, qtype, qclass, flags)
-	})
+	fetch := func() (any, error) { return s.fetch(key, name, qtype, qclass, flags) }
+	if ctx == s.baseCtx {
+		// Queries from clients: fetch is bounded by QueryTimeout, so wait
+		// in this goroutine rather than start another.
+		v, err, shared := s.sf.Do(string(key), fetch)
+		if err != nil {
+			return nil, false, err
+		}
+		if shared {
+			s.m.shared.Inc()
+		}
+		return v.(*entry), false, nil
+	}
+	ch := s.sf.DoChan(string(key), fetch)
 	select {
 	case r := <-ch:
 		if r.Err != nil {
@@ -299,14 +310,13 @@ func (s *Server) fetch(key []byte, name string, qtype, qclass uint16, flags byte
 	}
 	// The exchange outlives any one waiter: its own deadline, cancelled
 	// only by Close.
-	ctx, cancel := context.WithTimeout(s.baseCtx, s.cfg.QueryTimeout)
-	defer cancel()
+	deadline := s.now().Add(s.cfg.QueryTimeout)
 	m := new(dns.Msg)
 	m.SetQuestion(dns.Fqdn(name), qtype)
 	m.Question[0].Qclass = qclass
 	m.CheckingDisabled = flags&keyCD != 0
 	m.SetEdns0(s.cfg.UDPSize, flags&keyDO != 0)
-	r, up, err := s.ups.exchange(ctx, m)
+	r, up, err := s.ups.exchange(s.baseCtx, deadline, m)
 	if err != nil {
 		return nil, err
 	}

@@ -43,7 +43,7 @@ const testSOA = "allowed.test. 300 IN SOA ns.allowed.test. h.allowed.test. 1 360
 
 // newUpstream starts an upstream serving the records in zone (one RR per
 // line, zone-file syntax with absolute names).
-func newUpstream(t testing.TB, zone string) *fakeUpstream {
+func newFakeUpstream(t testing.TB, zone string) *fakeUpstream {
 	t.Helper()
 	u := &fakeUpstream{zone: map[string][]dns.RR{}}
 	for _, line := range strings.Split(zone, "\n") {

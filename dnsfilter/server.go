@@ -132,8 +132,7 @@ func New(cfg Config, deps Deps) (*Server, error) {
 		if err != nil {
 			return nil, err
 		}
-		s.ups.list = append(s.ups.list, &upstream{addr: ap, name: ap.String()})
-		s.m.upstreamUp.WithLabelValues(ap.String()).Set(1)
+		s.ups.list = append(s.ups.list, newUpstream(ap, s.m))
 	}
 	s.slowSem = make(chan struct{}, cfg.MaxInflight)
 	s.inflight = make(chan struct{}, cfg.MaxInflight)
@@ -267,6 +266,9 @@ func (s *Server) shutdown() {
 		_ = srv.ShutdownContext(ctx)
 	}
 	s.baseCancel()
+	for _, u := range s.ups.list {
+		u.mux.close()
+	}
 }
 
 var reusePort = net.ListenConfig{Control: func(_, _ string, c syscall.RawConn) error {

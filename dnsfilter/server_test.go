@@ -35,7 +35,7 @@ only6.allowed.test. 300 IN AAAA 2001:db8::6
 `
 
 func TestForwardAllowed(t *testing.T) {
-	up := newUpstream(t, labZone+bigTXT(40))
+	up := newFakeUpstream(t, labZone+bigTXT(40))
 	ts := startServer(t, enforcePolicy, Config{Upstreams: []string{up.Addr}}, Deps{})
 	for _, proto := range []string{"udp", "tcp"} {
 		for _, edns := range []bool{false, true} {
@@ -79,7 +79,7 @@ func TestForwardAllowed(t *testing.T) {
 }
 
 func TestCaseAndTrailingDot(t *testing.T) {
-	up := newUpstream(t, labZone)
+	up := newFakeUpstream(t, labZone)
 	ts := startServer(t, enforcePolicy, Config{Upstreams: []string{up.Addr}}, Deps{})
 	for i, name := range []string{"WwW.AlLoWeD.TeSt.", "www.allowed.test", "WWW.ALLOWED.TEST."} {
 		for _, proto := range []string{"udp", "tcp"} {
@@ -129,7 +129,7 @@ func TestEnforceDenyAnswers(t *testing.T) {
 	}
 	for _, c := range cases {
 		t.Run(string(c.deny)+"-"+dns.TypeToString[c.qtype], func(t *testing.T) {
-			up := newUpstream(t, labZone)
+			up := newFakeUpstream(t, labZone)
 			ts := startServer(t, enforcePolicy, Config{Upstreams: []string{up.Addr}, Deny: c.deny}, Deps{})
 			for _, proto := range []string{"udp", "tcp"} {
 				for _, edns := range []bool{true, false} {
@@ -169,7 +169,7 @@ func TestEnforceDenyAnswers(t *testing.T) {
 }
 
 func TestAuditModeForwardsAndRecords(t *testing.T) {
-	up := newUpstream(t, labZone)
+	up := newFakeUpstream(t, labZone)
 	ts := startServer(t, auditPolicy, Config{Upstreams: []string{up.Addr}}, Deps{})
 	for i := 0; i < 2; i++ {
 		for _, proto := range []string{"udp", "tcp"} {
@@ -211,7 +211,7 @@ func bigTXT(n int) string {
 }
 
 func TestTruncation(t *testing.T) {
-	up := newUpstream(t, labZone+bigTXT(40))
+	up := newFakeUpstream(t, labZone+bigTXT(40))
 	ts := startServer(t, enforcePolicy, Config{Upstreams: []string{up.Addr}}, Deps{})
 	r := ask(t, "udp", ts.Addr, "big.allowed.test.", dns.TypeTXT, false)
 	if !r.Truncated {
@@ -237,8 +237,8 @@ func TestTruncation(t *testing.T) {
 }
 
 func TestUpstreamFailover(t *testing.T) {
-	good := newUpstream(t, labZone)
-	slow := newUpstream(t, labZone)
+	good := newFakeUpstream(t, labZone)
+	slow := newFakeUpstream(t, labZone)
 	slow.delay.Store(int64(time.Second))
 	// A closed port: the kernel answers ICMP unreachable.
 	pc, _ := net.ListenPacket("udp", "127.0.0.1:0")
@@ -269,7 +269,7 @@ func TestUpstreamFailover(t *testing.T) {
 }
 
 func TestUpstreamDownServfail(t *testing.T) {
-	dead := newUpstream(t, labZone)
+	dead := newFakeUpstream(t, labZone)
 	dead.drop.Store(true)
 	ts := startServer(t, enforcePolicy, Config{
 		Upstreams:       []string{dead.Addr},
@@ -296,7 +296,7 @@ func TestUpstreamDownServfail(t *testing.T) {
 }
 
 func TestSingleflight(t *testing.T) {
-	up := newUpstream(t, labZone)
+	up := newFakeUpstream(t, labZone)
 	up.delay.Store(int64(300 * time.Millisecond))
 	ts := startServer(t, enforcePolicy, Config{Upstreams: []string{up.Addr}}, Deps{})
 	var wg sync.WaitGroup
@@ -325,7 +325,7 @@ func TestSingleflight(t *testing.T) {
 }
 
 func TestCNAMEChainOutsideAllowedSet(t *testing.T) {
-	up := newUpstream(t, labZone)
+	up := newFakeUpstream(t, labZone)
 	ts := startServer(t, enforcePolicy, Config{Upstreams: []string{up.Addr}}, Deps{})
 	r := ask(t, "udp", ts.Addr, "cdn.allowed.test.", dns.TypeA, true)
 	if r.Rcode != dns.RcodeSuccess || len(r.Answer) != 2 {
@@ -349,7 +349,7 @@ func TestCNAMEChainOutsideAllowedSet(t *testing.T) {
 }
 
 func TestAnswerFilter(t *testing.T) {
-	up := newUpstream(t, labZone)
+	up := newFakeUpstream(t, labZone)
 	ts := startServer(t, enforcePolicy, Config{Upstreams: []string{up.Addr}}, Deps{})
 	r := ask(t, "udp", ts.Addr, "meta.allowed.test.", dns.TypeA, true)
 	if got := answerAddrs(r); !slices.Equal(got, []netip.Addr{netip.MustParseAddr("192.0.2.12")}) {
@@ -378,7 +378,7 @@ func TestAnswerFilter(t *testing.T) {
 
 func TestHTTPSRecordECH(t *testing.T) {
 	for _, keep := range []bool{false, true} {
-		up := newUpstream(t, labZone)
+		up := newFakeUpstream(t, labZone)
 		ts := startServer(t, enforcePolicy, Config{Upstreams: []string{up.Addr}, KeepECH: keep}, Deps{})
 		for _, proto := range []string{"udp", "tcp", "udp"} {
 			r := ask(t, proto, ts.Addr, "svc.allowed.test.", dns.TypeHTTPS, true)
@@ -409,7 +409,7 @@ func TestHTTPSRecordECH(t *testing.T) {
 }
 
 func TestHardening(t *testing.T) {
-	up := newUpstream(t, labZone)
+	up := newFakeUpstream(t, labZone)
 	// Even a policy that opens every name keeps the hardening.
 	ts := startServer(t, "version: 1\nmode: enforce\nrules:\n  - name: all\n    to: [\"*\"]\n    ports: [443/tcp]\n", Config{Upstreams: []string{up.Addr}}, Deps{})
 	for _, proto := range []string{"udp", "tcp"} {
@@ -449,7 +449,7 @@ func TestHardening(t *testing.T) {
 }
 
 func TestRateLimit(t *testing.T) {
-	up := newUpstream(t, labZone)
+	up := newFakeUpstream(t, labZone)
 	ts := startServer(t, enforcePolicy, Config{Upstreams: []string{up.Addr}, ClientRate: 1, ClientBurst: 3}, Deps{})
 	refused := 0
 	for i := 0; i < 10; i++ {
@@ -470,7 +470,7 @@ func TestRateLimit(t *testing.T) {
 }
 
 func TestNegativeCache(t *testing.T) {
-	up := newUpstream(t, labZone)
+	up := newFakeUpstream(t, labZone)
 	ts := startServer(t, enforcePolicy, Config{Upstreams: []string{up.Addr}}, Deps{})
 	for i := 0; i < 3; i++ {
 		if r := ask(t, "udp", ts.Addr, "nope.allowed.test.", dns.TypeA, true); r.Rcode != dns.RcodeNameError || len(r.Ns) != 1 {
@@ -505,7 +505,7 @@ func TestNegativeCache(t *testing.T) {
 // TestCacheTTL uses the injectable clock: a hit ages the TTL, and the entry
 // leaves the cache when the smallest TTL runs out.
 func TestCacheTTL(t *testing.T) {
-	up := newUpstream(t, labZone)
+	up := newFakeUpstream(t, labZone)
 	var mu sync.Mutex
 	now := time.Unix(1_800_000_000, 0)
 	clock := func() time.Time { mu.Lock(); defer mu.Unlock(); return now }

@@ -68,7 +68,7 @@ func dig(t *testing.T, addr string, args ...string) digResult {
 }
 
 func TestDig(t *testing.T) {
-	up := newUpstream(t, labZone+bigTXT(40))
+	up := newFakeUpstream(t, labZone+bigTXT(40))
 	ts := startServer(t, enforcePolicy, Config{Upstreams: []string{up.Addr}}, Deps{})
 	for _, tr := range []string{"+notcp", "+tcp"} {
 		r := dig(t, ts.Addr, tr, "WWW.allowed.test", "A")

@@ -13,6 +13,7 @@ import (
 	"time"
 
 	"github.com/miekg/dns"
+	"github.com/prometheus/client_golang/prometheus"
 )
 
 // upstream is one resolver we forward to, with its health.
@@ -24,6 +25,25 @@ type upstream struct {
 	fails     int        // consecutive failures
 	downUntil time.Time  // skipped until then, when others are healthy
 	backoff   time.Duration
+
+	mux *udpMux // always non-nil
+
+	// metric children, resolved once
+	mDur              prometheus.Observer
+	mFail, mUDP, mTCP prometheus.Counter
+	mUp               prometheus.Gauge
+}
+
+func newUpstream(ap netip.AddrPort, m *metrics) *upstream {
+	u := &upstream{addr: ap, name: ap.String()}
+	u.mux = &udpMux{up: u}
+	u.mDur = m.upstreamDuration.WithLabelValues(u.name)
+	u.mFail = m.upstreamFailures.WithLabelValues(u.name)
+	u.mUDP = m.upstreamRequests.WithLabelValues(u.name, "udp")
+	u.mTCP = m.upstreamRequests.WithLabelValues(u.name, "tcp")
+	u.mUp = m.upstreamUp.WithLabelValues(u.name)
+	u.mUp.Set(1)
+	return u
 }
 
 // upstreams forwards queries with failover: healthy upstreams in configured
@@ -36,10 +56,7 @@ type upstreams struct {
 	udpSize   uint16
 	m         *metrics
 	now       func() time.Time
-	// dialUDP opens the socket for one UDP attempt; a fresh socket per
-	// attempt gives every upstream query its own random source port
-	// (THREATS.md E6).
-	dialer net.Dialer
+	dialer    net.Dialer // TCP
 }
 
 func (u *upstream) healthy(now time.Time) bool {
@@ -48,12 +65,15 @@ func (u *upstream) healthy(now time.Time) bool {
 	return !now.Before(u.downUntil)
 }
 
-func (u *upstream) result(ok bool, now time.Time, downAfter int, downFor time.Duration) (wentDown bool) {
+// result records an attempt's outcome; it reports whether the health
+// changed (went down on a failure, came back on a success).
+func (u *upstream) result(ok bool, now time.Time, downAfter int, downFor time.Duration) (changed bool) {
 	u.mu.Lock()
 	defer u.mu.Unlock()
 	if ok {
+		changed = u.fails >= downAfter
 		u.fails, u.backoff, u.downUntil = 0, 0, time.Time{}
-		return false
+		return changed
 	}
 	u.fails++
 	if u.fails < downAfter {
@@ -72,6 +92,16 @@ func (u *upstream) result(ok bool, now time.Time, downAfter int, downFor time.Du
 // order returns the upstreams to try, healthy first.
 func (p *upstreams) order() []*upstream {
 	now := p.now()
+	all := true
+	for _, u := range p.list {
+		if !u.healthy(now) {
+			all = false
+			break
+		}
+	}
+	if all {
+		return p.list // callers do not modify it
+	}
 	out := make([]*upstream, 0, len(p.list))
 	var down []*upstream
 	for _, u := range p.list {
@@ -114,33 +144,37 @@ var (
 	ErrOverload = errors.New("dnsfilter: too many queries in flight")
 )
 
-// exchange sends q (one question) upstream with failover until ctx is done.
-// q.Id is replaced by a fresh random ID for every attempt. A SERVFAIL or
-// REFUSED answer makes it try the next upstream; if all answer so, the last
-// such answer is returned.
-func (p *upstreams) exchange(ctx context.Context, q *dns.Msg) (*dns.Msg, *upstream, error) {
+// exchange sends q (one question) upstream with failover until deadline
+// or ctx is done. q.Id is replaced by a fresh random ID for every attempt. A
+// SERVFAIL or REFUSED answer makes it try the next upstream; if all answer
+// so, the last such answer is returned.
+func (p *upstreams) exchange(ctx context.Context, deadline time.Time, q *dns.Msg) (*dns.Msg, *upstream, error) {
 	var last *dns.Msg
 	var lastUp *upstream
 	var errs []error
 	for _, u := range p.order() {
-		if ctx.Err() != nil {
+		start := p.now()
+		if ctx.Err() != nil || !start.Before(deadline) {
 			break
 		}
-		actx, cancel := context.WithTimeout(ctx, p.timeout)
-		start := p.now()
-		r, err := p.exchangeOne(actx, u, q)
-		cancel()
-		p.m.upstreamDuration.WithLabelValues(u.name).Observe(p.now().Sub(start).Seconds())
+		dl := start.Add(p.timeout)
+		if deadline.Before(dl) {
+			dl = deadline
+		}
+		r, err := p.exchangeOne(ctx, dl, u, q)
+		end := p.now()
+		u.mDur.Observe(end.Sub(start).Seconds())
 		if err != nil {
-			p.m.upstreamFailures.WithLabelValues(u.name).Inc()
-			if u.result(false, p.now(), p.downAfter, p.downFor) {
-				p.m.upstreamUp.WithLabelValues(u.name).Set(0)
+			u.mFail.Inc()
+			if u.result(false, end, p.downAfter, p.downFor) {
+				u.mUp.Set(0)
 			}
 			errs = append(errs, fmt.Errorf("dnsfilter: upstream %s: %w", u.name, err))
 			continue
 		}
-		u.result(true, p.now(), p.downAfter, p.downFor)
-		p.m.upstreamUp.WithLabelValues(u.name).Set(1)
+		if u.result(true, end, p.downAfter, p.downFor) {
+			u.mUp.Set(1)
+		}
 		if r.Rcode == dns.RcodeServerFailure || r.Rcode == dns.RcodeRefused {
 			last, lastUp = r, u
 			continue
@@ -152,6 +186,8 @@ func (p *upstreams) exchange(ctx context.Context, q *dns.Msg) (*dns.Msg, *upstre
 	}
 	if err := ctx.Err(); err != nil {
 		errs = append(errs, err)
+	} else if len(errs) == 0 {
+		errs = append(errs, context.DeadlineExceeded)
 	}
 	return nil, nil, fmt.Errorf("%w: %w", ErrUpstream, errors.Join(errs...))
 }
@@ -164,10 +200,9 @@ func randomID() uint16 {
 	return binary.BigEndian.Uint16(b[:])
 }
 
-func (p *upstreams) exchangeOne(ctx context.Context, u *upstream, q *dns.Msg) (*dns.Msg, error) {
-	q.Id = randomID()
-	p.m.upstreamRequests.WithLabelValues(u.name, "udp").Inc()
-	r, err := p.exchangeUDP(ctx, u, q)
+func (p *upstreams) exchangeOne(ctx context.Context, deadline time.Time, u *upstream, q *dns.Msg) (*dns.Msg, error) {
+	u.mUDP.Inc()
+	r, err := u.mux.exchange(ctx, deadline, q) // sets a random ID
 	if err != nil {
 		return nil, err
 	}
@@ -176,54 +211,10 @@ func (p *upstreams) exchangeOne(ctx context.Context, u *upstream, q *dns.Msg) (*
 	}
 	// Truncated: ask the same upstream again over TCP (RFC 7766).
 	q.Id = randomID()
-	p.m.upstreamRequests.WithLabelValues(u.name, "tcp").Inc()
-	return p.exchangeTCP(ctx, u, q)
-}
-
-var udpBufPool = sync.Pool{New: func() any { b := make([]byte, 65535); return &b }}
-
-func (p *upstreams) exchangeUDP(ctx context.Context, u *upstream, q *dns.Msg) (*dns.Msg, error) {
-	wire, err := q.Pack()
-	if err != nil {
-		return nil, err
-	}
-	c, err := p.dialer.DialContext(ctx, "udp", u.name)
-	if err != nil {
-		return nil, err
-	}
-	defer c.Close()
-	if dl, ok := ctx.Deadline(); ok {
-		_ = c.SetDeadline(dl)
-	}
-	stop := context.AfterFunc(ctx, func() { _ = c.SetDeadline(time.Unix(1, 0)) })
-	defer stop()
-	if _, err := c.Write(wire); err != nil {
-		return nil, err
-	}
-	bp := udpBufPool.Get().(*[]byte)
-	defer udpBufPool.Put(bp)
-	buf := *bp
-	for {
-		n, err := c.Read(buf)
-		if err != nil {
-			if ctx.Err() != nil {
-				return nil, ctx.Err()
-			}
-			var ne net.Error
-			if errors.As(err, &ne) && ne.Timeout() {
-				return nil, context.DeadlineExceeded
-			}
-			return nil, err
-		}
-		r := new(dns.Msg)
-		if err := r.Unpack(buf[:n]); err != nil {
-			continue // junk on our port: keep waiting for the real answer
-		}
-		if !isAnswerTo(r, q) {
-			continue // wrong ID or question: spoofed or stale, ignore it
-		}
-		return r, nil
-	}
+	u.mTCP.Inc()
+	tctx, cancel := context.WithDeadline(ctx, deadline)
+	defer cancel()
+	return p.exchangeTCP(tctx, u, q)
 }
 
 func (p *upstreams) exchangeTCP(ctx context.Context, u *upstream, q *dns.Msg) (*dns.Msg, error) {

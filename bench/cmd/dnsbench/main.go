@@ -10,6 +10,7 @@ import (
 	"log/slog"
 	"os"
 	"os/signal"
+	"runtime/pprof"
 	"syscall"
 
 	"egressd/dnsfilter"
@@ -22,9 +23,20 @@ func main() {
 	allow := flag.String("allow", "*.allowed.test", "name pattern the policy allows")
 	noCache := flag.Bool("no-cache", false, "disable the answer cache")
 	logLevel := flag.String("log", "none", "canonical log lines: none, or a slog level (info, warn) to stderr")
+	cpuProfile := flag.String("cpuprofile", "", "write a CPU profile to this file")
 	flag.Parse()
+	if *cpuProfile != "" {
+		f, err := os.Create(*cpuProfile)
+		if err != nil {
+			fmt.Fprintln(os.Stderr, "dnsbench:", err)
+			os.Exit(1)
+		}
+		_ = pprof.StartCPUProfile(f)
+		defer pprof.StopCPUProfile()
+	}
 	if err := run(*listen, *upstream, *allow, *noCache, *logLevel); err != nil {
 		fmt.Fprintln(os.Stderr, "dnsbench:", err)
+		pprof.StopCPUProfile()
 		os.Exit(1)
 	}
 }

@@ -1,0 +1,129 @@
+// Command proxybench runs egressd's proxy (package proxy) on its own, with
+// a generated policy, for the benchmark scripts under bench/: they start it
+// in a gateway network namespace behind an nftables REDIRECT (transparent)
+// or as an explicit CONNECT proxy. It stands in for "egressd run" there.
+//
+// Names are resolved from a hosts file (the role dnsfilter's upstream
+// lookups play in egressd), so no query leaves the namespace.
+package main
+
+import (
+	"bufio"
+	"context"
+	"flag"
+	"fmt"
+	"log/slog"
+	"net/netip"
+	"os"
+	"os/signal"
+	"strings"
+	"syscall"
+
+	"egressd/audit"
+	"egressd/policy"
+	"egressd/proxy"
+)
+
+// hostsResolver answers from a hosts file.
+type hostsResolver map[string][]netip.Addr
+
+func (h hostsResolver) LookupNetIP(_ context.Context, name string) ([]netip.Addr, error) {
+	if a := h[strings.ToLower(strings.TrimSuffix(name, "."))]; len(a) > 0 {
+		return a, nil
+	}
+	return nil, fmt.Errorf("proxybench: %s not in the hosts file", name)
+}
+
+func readHosts(path string, h hostsResolver) error {
+	f, err := os.Open(path)
+	if err != nil {
+		return err
+	}
+	defer f.Close()
+	sc := bufio.NewScanner(f)
+	for sc.Scan() {
+		fields := strings.Fields(strings.SplitN(sc.Text(), "#", 2)[0])
+		if len(fields) < 2 {
+			continue
+		}
+		a, err := netip.ParseAddr(fields[0])
+		if err != nil {
+			continue
+		}
+		for _, n := range fields[1:] {
+			h[strings.ToLower(n)] = append(h[strings.ToLower(n)], a)
+		}
+	}
+	return sc.Err()
+}
+
+func main() {
+	transparent := flag.String("transparent", "", "transparent listen address (REDIRECT target), e.g. :8441")
+	explicit := flag.String("explicit", "", "explicit proxy listen address, e.g. 198.18.1.1:3131")
+	allow := flag.String("allow", "*.allowed.test", "comma-separated name patterns the policy allows")
+	ports := flag.String("ports", "443/tcp", "comma-separated ports of the allow rule")
+	hosts := flag.String("hosts", "", "hosts file for name lookups")
+	mapFlag := flag.String("map", "", "comma-separated name=ip lookups, in addition to -hosts")
+	logLevel := flag.String("log", "warn", "log level: debug, info, warn, error")
+	flag.Parse()
+
+	var b strings.Builder
+	b.WriteString("version: 1\nmode: enforce\nrules:\n  - name: bench\n    to: [")
+	for i, p := range strings.Split(*allow, ",") {
+		if i > 0 {
+			b.WriteString(", ")
+		}
+		fmt.Fprintf(&b, "%q", strings.TrimSpace(p))
+	}
+	fmt.Fprintf(&b, "]\n    ports: [%s]\n", *ports)
+	eng, err := policy.Compile("proxybench.yaml", []byte(b.String()))
+	if err != nil {
+		fmt.Fprintln(os.Stderr, "proxybench:", err)
+		os.Exit(1)
+	}
+	res := hostsResolver{}
+	if *hosts != "" {
+		if err := readHosts(*hosts, res); err != nil {
+			fmt.Fprintln(os.Stderr, "proxybench:", err)
+			os.Exit(1)
+		}
+	}
+	for _, kv := range strings.Split(*mapFlag, ",") {
+		if n, ip, ok := strings.Cut(kv, "="); ok {
+			a, err := netip.ParseAddr(ip)
+			if err != nil {
+				fmt.Fprintln(os.Stderr, "proxybench: -map:", err)
+				os.Exit(1)
+			}
+			res[strings.ToLower(n)] = append(res[strings.ToLower(n)], a)
+		}
+	}
+	var lvl slog.Level
+	if err := lvl.UnmarshalText([]byte(*logLevel)); err != nil {
+		fmt.Fprintln(os.Stderr, "proxybench: -log:", err)
+		os.Exit(1)
+	}
+	log := slog.New(slog.NewTextHandler(os.Stderr, &slog.HandlerOptions{Level: lvl}))
+	p, err := proxy.New(proxy.Config{
+		TransparentAddr:   *transparent,
+		ExplicitAddr:      *explicit,
+		MaxConns:          -1,
+		MaxConnsPerClient: -1,
+	}, proxy.Deps{
+		Policy:   policy.NewStore(eng),
+		Sink:     audit.Discard,
+		Logger:   log,
+		Resolver: res,
+	})
+	if err != nil {
+		fmt.Fprintln(os.Stderr, "proxybench:", err)
+		os.Exit(1)
+	}
+	ctx, stop := signal.NotifyContext(context.Background(), syscall.SIGINT, syscall.SIGTERM)
+	defer stop()
+	fmt.Fprintf(os.Stderr, "proxybench: pid %d transparent %q explicit %q\n", os.Getpid(), *transparent, *explicit)
+	if err := p.Run(ctx); err != nil {
+		fmt.Fprintln(os.Stderr, "proxybench:", err)
+		os.Exit(1)
+	}
+}
