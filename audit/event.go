@@ -1,11 +1,17 @@
 // Package audit is where every observation of egressd ends up. The proxy,
 // the DNS forwarder and capture each emit an [Event] per connection, query or
-// flow into a [Sink]; the ledger (built on this contract) turns events into
-// per-rule usage and the list of what was or would be dropped, and the
-// reports read the ledger.
+// flow into a [Sink]. In the daemon that sink is a [Journal]: a bounded queue
+// (Emit never blocks; what it must shed it counts) in front of one writer
+// that appends each event to the NDJSON event log in the state directory
+// and adds it to the [Ledger]. The ledger turns events into per-rule usage
+// and the list of what was or would be dropped, counting each flow once
+// whichever components reported it; on start it is rebuilt from the log,
+// so counts continue across restarts. A [Report] (terminal, JSON, HTML,
+// policy suggestions) is a snapshot of the ledger; a [Replayer] runs
+// recorded events against a candidate policy.
 //
 // It sits between policy/ (whose Decision it records) and the components,
-// which import it and never each other.
+// which import it and never each other; admin/ serves its reports.
 package audit
 
 import (

@@ -95,7 +95,7 @@ type Ledger struct {
 	// lastMode is the mode of the latest event, for reports without a
 	// policy.
 	lastMode policy.Mode
-	shed    uint64
+	shed     uint64
 	// unwritten counts events added here that the journal failed to
 	// write: they will be missing after a restart.
 	unwritten uint64
