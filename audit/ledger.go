@@ -2,6 +2,7 @@ package audit
 
 import (
 	"cmp"
+	"hash/maphash"
 	"net/netip"
 	"slices"
 	"sync"
@@ -88,7 +89,8 @@ type Ledger struct {
 	eng     *policy.Engine
 	rules   map[string]*ruleStats
 	dropped map[dropKey]*dropStats
-	flows   map[flowID][]*flowRec
+	flows   map[uint64][]*flowRec // by flowID.hash: one cheap hash per lookup
+	seed    maphash.Seed
 	ring    []*flowRec // insertion order, for eviction; len <= MaxFlows
 	ringPos int
 	totals  Totals
@@ -162,8 +164,30 @@ type flowID struct {
 	qtype string // queries only
 }
 
+// hash digests id for the flows map (records still compare whole ids).
+func (id *flowID) hash(seed maphash.Seed) uint64 {
+	var h maphash.Hash
+	h.SetSeed(seed)
+	c, d := id.Client.As16(), id.Dest.As16()
+	var b [16 + 16 + 4]byte
+	copy(b[:16], c[:])
+	copy(b[16:32], d[:])
+	b[32], b[33] = byte(id.ClientPort>>8), byte(id.ClientPort)
+	b[34], b[35] = byte(id.DestPort>>8), byte(id.DestPort)
+	h.Write(b[:])
+	h.WriteString(string(id.kind))
+	h.WriteByte(0)
+	h.WriteString(id.Proto)
+	h.WriteByte(0)
+	h.WriteString(id.name)
+	h.WriteByte(0)
+	h.WriteString(id.qtype)
+	return h.Sum64()
+}
+
 type flowRec struct {
 	id                flowID
+	h                 uint64 // id.hash
 	start, end        time.Time
 	bytesOut, bytesIn uint64
 	enforced          bool
@@ -180,7 +204,8 @@ func NewLedger(eng *policy.Engine, opt LedgerOptions) *Ledger {
 		eng:     eng,
 		rules:   map[string]*ruleStats{},
 		dropped: map[dropKey]*dropStats{},
-		flows:   map[flowID][]*flowRec{},
+		flows:   map[uint64][]*flowRec{},
+		seed:    maphash.MakeSeed(),
 	}
 }
 
@@ -275,14 +300,16 @@ func (l *Ledger) addLocked(ev *Event) bool {
 		id.name, id.qtype = lowerASCII(trimDot(ev.Name)), ev.QType
 	}
 	dedup := id.ClientPort != 0 || id.DestPort != 0
+	var h uint64
 	if dedup {
-		if rec := l.findLocked(id, t); rec != nil {
+		h = id.hash(l.seed)
+		if rec := l.findLocked(id, h, t); rec != nil {
 			l.totals.Duplicates++
 			l.mergeLocked(rec, ev, t)
 			return false
 		}
 	}
-	rec := &flowRec{id: id, start: t, end: t.Add(time.Duration(ev.Duration * float64(time.Second)))}
+	rec := &flowRec{id: id, h: h, start: t, end: t.Add(time.Duration(ev.Duration * float64(time.Second)))}
 	if ev.Kind == KindFlow {
 		l.totals.Flows++
 	} else {
@@ -358,13 +385,13 @@ func (rs *ruleStats) seen(t time.Time) {
 }
 
 // findLocked returns the remembered flow ev belongs to, if any.
-func (l *Ledger) findLocked(id flowID, t time.Time) *flowRec {
+func (l *Ledger) findLocked(id flowID, h uint64, t time.Time) *flowRec {
 	slack := tcpFlowSlack
 	if id.Proto == "udp" && id.kind == KindFlow {
 		slack = udpFlowIdle
 	}
-	for _, r := range l.flows[id] {
-		if !t.Before(r.start.Add(-slack)) && !t.After(r.end.Add(slack)) {
+	for _, r := range l.flows[h] {
+		if r.id == id && !t.Before(r.start.Add(-slack)) && !t.After(r.end.Add(slack)) {
 			return r
 		}
 	}
@@ -411,19 +438,19 @@ func (l *Ledger) rememberLocked(r *flowRec) {
 		l.ring = append(l.ring, r)
 	} else {
 		old := l.ring[l.ringPos]
-		recs := l.flows[old.id]
+		recs := l.flows[old.h]
 		if i := slices.Index(recs, old); i >= 0 {
 			recs = slices.Delete(recs, i, i+1)
 		}
 		if len(recs) == 0 {
-			delete(l.flows, old.id)
+			delete(l.flows, old.h)
 		} else {
-			l.flows[old.id] = recs
+			l.flows[old.h] = recs
 		}
 		l.ring[l.ringPos] = r
 		l.ringPos = (l.ringPos + 1) % l.opt.MaxFlows
 	}
-	l.flows[r.id] = append(l.flows[r.id], r)
+	l.flows[r.h] = append(l.flows[r.h], r)
 }
 
 func (l *Ledger) ruleLocked(name string) *ruleStats {
