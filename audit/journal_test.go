@@ -17,6 +17,7 @@ import (
 	"time"
 
 	"github.com/google/go-cmp/cmp"
+	"github.com/prometheus/client_golang/prometheus"
 
 	"egressd/internal/testnet"
 	"egressd/policy"
@@ -238,6 +239,10 @@ func TestJournalShedExact(t *testing.T) {
 	dir := t.TempDir()
 	const queue = 100
 	j, l, _ := openJournal(t, JournalConfig{Dir: dir, QueueLen: queue}, eng)
+	reg := prometheus.NewRegistry()
+	if err := j.RegisterMetrics(reg); err != nil {
+		t.Fatal(err)
+	}
 	entered := make(chan struct{})
 	release := make(chan struct{})
 	var once sync.Once
@@ -274,6 +279,9 @@ func TestJournalShedExact(t *testing.T) {
 	}
 	if got, want := j.Shed(), uint64(workers*per-queue); got != want {
 		t.Errorf("shed %d, want exactly %d", got, want)
+	}
+	if got := gathered(t, reg, "egress_audit_events_shed_total"); got != float64(workers*per-queue) {
+		t.Errorf("egress_audit_events_shed_total = %v, want %d", got, workers*per-queue)
 	}
 	close(release)
 	j.Close()
@@ -579,4 +587,23 @@ func TestJournalFullDisk(t *testing.T) {
 	if b, _ := os.ReadFile("/proc/self/mounts"); bytes.Contains(b, []byte(dir)) {
 		t.Errorf("tmpfs leaked into the parent namespace")
 	}
+}
+
+func gathered(t *testing.T, reg *prometheus.Registry, name string) float64 {
+	t.Helper()
+	mfs, err := reg.Gather()
+	if err != nil {
+		t.Fatal(err)
+	}
+	for _, mf := range mfs {
+		if mf.GetName() == name {
+			m := mf.GetMetric()[0]
+			if c := m.GetCounter(); c != nil {
+				return c.GetValue()
+			}
+			return m.GetGauge().GetValue()
+		}
+	}
+	t.Fatalf("metric %s not registered", name)
+	return 0
 }
