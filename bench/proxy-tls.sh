@@ -1,0 +1,32 @@
+#!/usr/bin/env bash
+# proxy-tls.sh - the transparent proxy against direct routing and HAProxy
+# (SNI allow-list) in one run, in the three-namespace topology of the shared
+# peers script (client -> gateway with an nftables REDIRECT -> server).
+#
+# It builds bench/cmd/proxybench (the proxy package with a generated policy
+# allowing *.allowed.test:443, names resolved from a static map) and hands it
+# to the peers script through its CUSTOM_TLS hook, so egressd is measured
+# interleaved with the peers under the same load: bulk download MiB/s
+# (splice), new TLS connections/s and p99 under wrk, refusals of denied SNIs
+# and of a ClientHello without SNI.
+#
+# Usage (root): bench/proxy-tls.sh
+#   PEERS_TLS=path/to/peers-tls.sh  (default ../shared/bench-peers/peers-tls.sh)
+#   SYSTEMS="direct egressd haproxy"  and the peers script's knobs
+#   (BULK_RUNS, BULK_MIB, WRK_RUNS, WRK_SECS, WRK_CONNS, ...).
+# Traffic stays in the namespaces the peers script creates (198.18.0.0/15).
+set -euo pipefail
+cd "$(dirname "$0")/.."
+PEERS_TLS=${PEERS_TLS:-../shared/bench-peers/peers-tls.sh}
+[ -x "$PEERS_TLS" ] || [ -f "$PEERS_TLS" ] || { echo "proxy-tls.sh: peers script $PEERS_TLS not found (set PEERS_TLS)" >&2; exit 1; }
+BIN=$(mktemp -d /tmp/proxybench.XXXXXX)
+trap 'rm -rf "$BIN"' EXIT
+GO=${GO:-$(command -v go || echo /usr/local/go/bin/go)}
+"$GO" build -o "$BIN/proxybench" ./bench/cmd/proxybench
+# egressd needs many descriptors for splice pipes at high connection rates.
+ulimit -n "$(ulimit -Hn)" 2>/dev/null || true
+export SYSTEMS=${SYSTEMS:-"direct egressd haproxy"}
+export CUSTOM_TLS_NAME=egressd
+# Started in the gateway namespace with SERVER_IP and PROXY_PORT set.
+export CUSTOM_TLS_CMD="$BIN/proxybench -transparent :{PORT} -allow '*.allowed.test' -map www.allowed.test=\$SERVER_IP"
+bash "$PEERS_TLS"
