@@ -258,8 +258,10 @@ func (d *daemon) run(ctx context.Context) error {
 		d.journal, d.ledger, d.sink = j, j.Ledger(), j
 		d.say("event log: %s (%d earlier events restored)", cfg.stateDir, stats.Events)
 		j.RegisterMetrics(d.reg)
-		wg.Add(1)
-		go func() { defer wg.Done(); j.Run(ctx) }()
+		// The journal outlives the components: it stops in shutdown,
+		// after them, so that what they emit while stopping (capture
+		// flushes its open flows) still reaches the log.
+		go j.Run(context.Background())
 	}
 	d.ledger.RegisterMetrics(d.reg)
 
