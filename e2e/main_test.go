@@ -1,0 +1,40 @@
+package e2e
+
+import (
+	"fmt"
+	"os"
+	"os/exec"
+	"path/filepath"
+	"runtime"
+	"testing"
+)
+
+// egressdBin is the egressd binary TestMain builds once for every test.
+var egressdBin string
+
+func TestMain(m *testing.M) {
+	// Without root the tests skip (testnet.RequireRoot), so there is
+	// nothing to build; as root, and in CI, build the real binary.
+	if os.Geteuid() != 0 && os.Getenv("CI") == "" {
+		os.Exit(m.Run())
+	}
+	dir, err := os.MkdirTemp("", "egressd-e2e-")
+	if err != nil {
+		fmt.Fprintln(os.Stderr, "e2e:", err)
+		os.Exit(1)
+	}
+	egressdBin = filepath.Join(dir, "egressd")
+	gobin := filepath.Join(runtime.GOROOT(), "bin", "go")
+	if _, err := os.Stat(gobin); err != nil {
+		gobin = "go"
+	}
+	cmd := exec.Command(gobin, "build", "-o", egressdBin, "egressd/cmd/egressd")
+	if out, err := cmd.CombinedOutput(); err != nil {
+		fmt.Fprintf(os.Stderr, "e2e: go build egressd: %v\n%s", err, out)
+		os.RemoveAll(dir)
+		os.Exit(1)
+	}
+	code := m.Run()
+	os.RemoveAll(dir)
+	os.Exit(code)
+}
