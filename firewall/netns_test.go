@@ -717,7 +717,11 @@ func TestReplaceAtomic(t *testing.T) {
 					n++
 				}
 			}
-			if err != nil || n != 3 { // prerouting, input, forward
+			// prerouting, input, forward. A dump that spans the commit can
+			// see the old chains and the new ones (the kernel flags such a
+			// dump as interrupted; this library does not retry), never
+			// fewer: more than 3 is not a gap.
+			if err != nil || n < 3 {
 				missing++
 				lastErr = fmt.Errorf("%d chains, %v", n, err)
 			}
