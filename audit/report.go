@@ -64,7 +64,8 @@ type RuleReport struct {
 	FirstSeen        time.Time   `json:"first_seen"`
 	LastSeen         time.Time   `json:"last_seen"`
 	// InPolicy is false for a rule that events name but the current
-	// policy no longer has (renamed or removed since).
+	// policy no longer has (renamed or removed since); true when the
+	// report has no policy to compare with.
 	InPolicy bool `json:"in_policy"`
 }
 
@@ -189,6 +190,7 @@ func (l *Ledger) snapshot(opt ReportOptions) *Report {
 			continue
 		}
 		_, in := order[rs.name]
+		in = in || l.eng == nil
 		top := rs.dests.top(l.opt.TopDestinations)
 		names := make([]string, len(top))
 		for i, d := range top {
