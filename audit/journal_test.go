@@ -5,6 +5,7 @@ import (
 	"bytes"
 	"context"
 	"fmt"
+	"io"
 	"log/slog"
 	"net/netip"
 	"os"
@@ -606,4 +607,34 @@ func gathered(t *testing.T, reg *prometheus.Registry, name string) float64 {
 	}
 	t.Fatalf("metric %s not registered", name)
 	return 0
+}
+
+// FuzzReadEvents feeds arbitrary bytes to the event log reader: it never
+// panics, never returns more events than complete lines, and a torn tail
+// is reported as torn.
+func FuzzReadEvents(f *testing.F) {
+	good, _ := jsonLine(seqEvent(1, t0))
+	f.Add(good)                                           // one event
+	f.Add(append(append([]byte{}, good...), good[:9]...)) // an event, then a torn line
+	f.Add([]byte("not json\n{\"kind\":\"flow\"}\n"))      // garbage, then a minimal event
+	f.Add([]byte("{\"kind\":\"shed\",\"count\":3}\n"))    // a shed record
+	f.Add([]byte("\n\n\r\n"))                             // blank lines
+	f.Fuzz(func(t *testing.T, b []byte) {
+		n := 0
+		skipped, torn, err := ReadEvents(bytes.NewReader(b), func(Event) { n++ })
+		if err != nil {
+			t.Fatal(err)
+		}
+		lines := bytes.Count(b, []byte("\n"))
+		if n+skipped > lines {
+			t.Errorf("%d events + %d skipped from %d complete lines", n, skipped, lines)
+		}
+		tail := b[bytes.LastIndexByte(b, '\n')+1:]
+		if torn != (len(bytes.TrimSpace(tail)) > 0) {
+			t.Errorf("torn = %v with tail %q", torn, tail)
+		}
+		l := NewLedger(nil, LedgerOptions{MaxDropped: 4, MaxFlows: 8})
+		ReadEvents(bytes.NewReader(b), l.Emit)
+		l.Report(ReportOptions{}).WriteHTML(io.Discard)
+	})
 }

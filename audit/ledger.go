@@ -462,6 +462,10 @@ func (l *Ledger) ruleLocked(name string) *ruleStats {
 	return rs
 }
 
+// maxNameLen bounds the names the ledger keeps (a DNS name has at most
+// 253 characters).
+const maxNameLen = 255
+
 // overflowKey collects the flows of dropped destinations beyond MaxDropped.
 var overflowKey = dropKey{dest: "(other destinations)", proto: "*"}
 
@@ -488,7 +492,11 @@ func (l *Ledger) dropLocked(ev *Event) *dropStats {
 // address.
 func destName(ev *Event) string {
 	if ev.Name != "" {
-		return lowerASCII(trimDot(ev.Name))
+		n := ev.Name
+		if len(n) > maxNameLen { // a hostile name must not grow the ledger
+			n = n[:maxNameLen]
+		}
+		return lowerASCII(trimDot(n))
 	}
 	if ev.Dest.IsValid() {
 		return ev.Dest.Unmap().String()
