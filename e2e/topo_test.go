@@ -79,7 +79,14 @@ var zone = [][3]string{
 	{lookalike, "A", lookalikeIP},
 	{ntpName, "A", ntpIP},
 	{apnsName, "A", apnsIP},
+	{"0.pool.ntp.org", "A", "198.51.100.124"}, // ntp: fresh addresses for
+	{"1.pool.ntp.org", "A", "198.51.100.125"}, // TestKnownBugs
+	{"2.pool.ntp.org", "A", "198.51.100.126"},
 }
+
+// poolNames are the pool.ntp.org names of the zone, each with its own
+// address and NTP responder.
+var poolNames = []string{"0.pool.ntp.org", "1.pool.ntp.org", "2.pool.ntp.org"}
 
 // topo is one LAN, one gateway and one internet, with the internet's
 // servers running.
@@ -109,7 +116,7 @@ func newTopo(t *testing.T) *topo {
 	tp.gw.MustRun("sysctl", "-qw", "net.ipv6.conf.all.forwarding=1")
 	tp.inet.MustRun("ip", "route", "add", "198.18.1.0/24", "via", gwWAN4)
 	tp.inet.MustRun("ip", "-6", "route", "add", "2001:db8:1::/64", "via", gwWAN6)
-	for _, a := range []string{authDNS4, dockerIP4, vendorIP, intakeIP, notionIP, registryIP, trackerIP, lookalikeIP, ntpIP, udpDenyIP, apnsIP, apnsBareIP} {
+	for _, a := range []string{"198.51.100.124", "198.51.100.125", "198.51.100.126", authDNS4, dockerIP4, vendorIP, intakeIP, notionIP, registryIP, trackerIP, lookalikeIP, ntpIP, udpDenyIP, apnsIP, apnsBareIP} {
 		tp.inet.MustRun("ip", "addr", "add", a+"/32", "dev", "eth0")
 	}
 	tp.inet.MustRun("ip", "-6", "addr", "add", dockerIP6+"/128", "dev", "eth0", "nodad")
@@ -355,7 +362,7 @@ func (tp *topo) startGoServers(t *testing.T) {
 		st := tc.ConnectionState()
 		fmt.Fprintf(tc, "group=%s sni=%s got=%q\n", st.CurveID, st.ServerName, bytes.TrimSpace(buf[:n]))
 	})
-	serveUDP(tp.inet, ntpIP+":123", func(req []byte) []byte {
+	ntpServer := func(req []byte) []byte {
 		// NTP server: mode 4, the client's transmit time as origin.
 		if len(req) < 48 || req[0]&7 != 3 {
 			return nil
@@ -369,7 +376,10 @@ func (tp *topo) startGoServers(t *testing.T) {
 		binary.BigEndian.PutUint32(r[32:], uint32(secs))
 		binary.BigEndian.PutUint32(r[40:], uint32(secs))
 		return r
-	})
+	}
+	for _, a := range []string{ntpIP, "198.51.100.124", "198.51.100.125", "198.51.100.126"} {
+		serveUDP(tp.inet, a+":123", ntpServer)
+	}
 	serveUDP(tp.inet, fmt.Sprintf("%s:%d", udpDenyIP, udpDenyPort), func(req []byte) []byte {
 		tp.udpEchoes.Add(1)
 		return append([]byte("echo:"), req...)
