@@ -56,6 +56,7 @@ type daemon struct {
 	runs     int
 	logDir   string
 	logFile  string
+	extra    []string // more egressd run flags
 }
 
 // logs returns what egressd printed so far (stdout and stderr).
@@ -115,6 +116,7 @@ func (d *daemon) start() {
 	args := []string{egressdBin, "run", "--policy", d.policy, "--mode", d.mode,
 		"--lan", "lan0", "--wan", "wan0", "--state-dir", d.stateDir, "--upstream-dns", authDNS4,
 		"--admin", adminAddr, "--log-level", "info"}
+	args = append(args, d.extra...)
 	if d.mode == "audit" {
 		// The WAN guard is off by default in audit mode (see the
 		// firewall package); the suite checks it keeps the internet
@@ -123,9 +125,11 @@ func (d *daemon) start() {
 	}
 	// Output goes to a file (read while egressd runs, without racing its
 	// writes); sh execs egressd, so the PID signalled is egressd's.
+	// SSL_CERT_FILE is the test CA: the inspecting proxy verifies the
+	// origins with it.
 	d.runs++
 	d.logFile = filepath.Join(d.logDir, fmt.Sprintf("egressd-%d.log", d.runs))
-	d.proc = d.tp.gw.Start(append([]string{"sh", "-c", `exec "$0" "$@" >'` + d.logFile + `' 2>&1`}, args...)...)
+	d.proc = d.tp.gw.Start(append([]string{"sh", "-c", `SSL_CERT_FILE='` + d.tp.caFile + `' exec "$0" "$@" >'` + d.logFile + `' 2>&1`}, args...)...)
 	deadline := time.Now().Add(20 * time.Second)
 	for {
 		code, body, err := d.get("/readyz")

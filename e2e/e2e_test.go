@@ -2,6 +2,8 @@ package e2e
 
 import (
 	"fmt"
+	"os"
+	"path/filepath"
 	"slices"
 	"sort"
 	"strings"
@@ -351,4 +353,49 @@ func sortedKeys[V any](m map[string]V) []string {
 	}
 	sort.Strings(out)
 	return out
+}
+
+// TestInspect runs enforce mode with --inspect: the seed's host/path rule
+// notion.so/nirovision/* is then checked per request, so another path of
+// notion.so is blocked. The client trusts egressd's CA (egressd ca export).
+func TestInspect(t *testing.T) {
+	tp := newTopo(t)
+	d := newDaemon(t, tp, "enforce")
+	d.extra = []string{"--inspect"}
+	d.start()
+	pem := tp.gw.MustRun(egressdBin, "ca", "export", "--state-dir", d.stateDir)
+	if !strings.Contains(pem, "BEGIN CERTIFICATE") {
+		t.Fatalf("egressd ca export: %s", pem)
+	}
+	tp.caFile = filepath.Join(t.TempDir(), "egressd-ca.pem")
+	if err := os.WriteFile(tp.caFile, []byte(pem), 0o600); err != nil {
+		t.Fatal(err)
+	}
+	ta := newTally()
+	if rcode, addrs := tp.dig(t, notionName, "A"); rcode != "NOERROR" || !slices.Equal(addrs, []string{notionIP}) {
+		t.Fatalf("dig %s: %s %v", notionName, rcode, addrs)
+	}
+	ta.rule("dns").flows++
+	ta.rule("vendor-docs").queries++
+
+	body, err := tp.curl(notionName, 443, notionIP, "/nirovision/setup-guide", true)
+	if err != nil || !strings.Contains(body, "path=/nirovision/setup-guide") {
+		t.Errorf("https://notion.so/nirovision/setup-guide through inspection: %q %v", body, err)
+	}
+	ta.rule("vendor-docs").flows++
+	body, err = tp.curl(notionName, 443, notionIP, "/someone-else/page", true)
+	if err == nil {
+		t.Errorf("https://notion.so/someone-else/page got through with inspection on: %q", body)
+	}
+	c := ta.drop(notionName, 443, "tcp")
+	c.flows++
+	c.enforced = true
+
+	time.Sleep(500 * time.Millisecond)
+	d.stop()
+	d.start()
+	checkReport(t, d.report(), ta, "enforce")
+	if t.Failed() {
+		t.Logf("egressd output:\n%s", d.logs())
+	}
 }

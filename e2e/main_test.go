@@ -28,8 +28,13 @@ func TestMain(m *testing.M) {
 	if _, err := os.Stat(gobin); err != nil {
 		gobin = "go"
 	}
-	cmd := exec.Command(gobin, "build", "-o", egressdBin, "egressd/cmd/egressd")
-	if out, err := cmd.CombinedOutput(); err != nil {
+	out, err := exec.Command(gobin, "build", "-o", egressdBin, "egressd/cmd/egressd").CombinedOutput()
+	if err != nil {
+		// Once more: a build cache shared with concurrent builds (go test
+		// ./... builds packages in parallel) can fail a build spuriously.
+		out, err = exec.Command(gobin, "build", "-o", egressdBin, "egressd/cmd/egressd").CombinedOutput()
+	}
+	if err != nil {
 		fmt.Fprintf(os.Stderr, "e2e: go build egressd: %v\n%s", err, out)
 		os.RemoveAll(dir)
 		os.Exit(1)
