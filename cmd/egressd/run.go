@@ -21,6 +21,7 @@ import (
 	"github.com/prometheus/client_golang/prometheus"
 	"github.com/prometheus/client_golang/prometheus/collectors"
 
+	"egressd/admin"
 	"egressd/audit"
 	"egressd/capture"
 	"egressd/dnsfilter"
@@ -92,7 +93,7 @@ type daemon struct {
 	source string      // where the policy comes from, for reloads
 
 	reg     *prometheus.Registry
-	metrics *daemonMetrics
+	admin   *admin.Server // created once the ledger exists
 
 	journal *audit.Journal
 	ledger  *audit.Ledger
@@ -169,8 +170,6 @@ func newDaemon(cfg runConfig, stdout, stderr io.Writer) (*daemon, error) {
 	d.store = policy.NewStore(eng)
 	d.reg = prometheus.NewRegistry()
 	d.reg.MustRegister(collectors.NewGoCollector(), collectors.NewProcessCollector(collectors.ProcessCollectorOpts{}))
-	d.metrics = newDaemonMetrics(d.reg)
-	d.metrics.reloaded(true)
 	return d, nil
 }
 
@@ -268,7 +267,7 @@ func (d *daemon) run(ctx context.Context) error {
 	// DNS first: the proxy and capture read its learned-address table.
 	dnsCfg := dnsfilter.Config{Listen: splitList(cfg.dnsListen), Upstreams: splitList(cfg.upstreams), Deny: dnsfilter.DenyAnswer(strings.ToUpper(cfg.denyAnswer))}
 	table := dnsfilter.NewTable(0)
-	if d.dns, err = dnsfilter.New(dnsCfg, dnsfilter.Deps{Policy: d.store, Sink: d.sink, Logger: d.log.With(audit.LogComponent, "dnsfilter"), Registerer: d.reg, Table: table}); err != nil {
+	if d.dns, err = dnsfilter.New(dnsCfg, dnsfilter.Deps{Policy: d.store, Sink: d.sink, Logger: d.log, Registerer: d.reg, Table: table}); err != nil {
 		d.degrade("dns", err.Error())
 	}
 	var dnsFacts interface {
@@ -298,7 +297,7 @@ func (d *daemon) run(ctx context.Context) error {
 		explicit = ""
 	}
 	pcfg := proxy.Config{TransparentAddr: cfg.transparent, ExplicitAddr: explicit, Inspect: cfg.inspect, StateDir: cfg.stateDir}
-	if d.proxy, err = proxy.New(pcfg, proxy.Deps{Policy: d.store, Sink: d.sink, Logger: d.log.With(audit.LogComponent, "proxy"), Registerer: d.reg, DNS: dnsFacts, Resolver: resolver}); err != nil {
+	if d.proxy, err = proxy.New(pcfg, proxy.Deps{Policy: d.store, Sink: d.sink, Logger: d.log, Registerer: d.reg, DNS: dnsFacts, Resolver: resolver}); err != nil {
 		d.degrade("proxy", err.Error())
 	} else {
 		wg.Add(1)
@@ -317,7 +316,7 @@ func (d *daemon) run(ctx context.Context) error {
 	case !caps.netRaw:
 		d.degrade("capture", "needs CAP_NET_RAW to open an AF_PACKET socket on "+lan+" (run as root, or grant it: see the systemd unit)")
 	default:
-		if d.capture, err = capture.New(capture.Config{Interface: lan}, capture.Deps{Policy: d.store, Sink: d.sink, Logger: d.log.With(audit.LogComponent, "capture"), Registerer: d.reg, DNS: dnsFacts}); err != nil {
+		if d.capture, err = capture.New(capture.Config{Interface: lan}, capture.Deps{Policy: d.store, Sink: d.sink, Logger: d.log, Registerer: d.reg, DNS: dnsFacts}); err != nil {
 			d.degrade("capture", err.Error())
 		} else if err := d.capture.Open(); err != nil {
 			d.degrade("capture", err.Error())
@@ -362,11 +361,11 @@ func (d *daemon) run(ctx context.Context) error {
 		}
 	}
 
-	admin, err := d.serveAdmin(ctx, &wg)
+	adminAddr, err := d.serveAdmin(ctx, &wg)
 	if err != nil {
 		d.degrade("admin", err.Error())
 	} else {
-		d.say("admin: http://%s/ (report), /report.json, /metrics, /healthz, /readyz", admin)
+		d.say("admin: http://%s/ (report), /report.json, /metrics, /healthz, /readyz", adminAddr)
 	}
 	for part, why := range d.degradedParts() {
 		d.say("NOT RUNNING: %s: %s", part, why)
@@ -395,7 +394,7 @@ func (d *daemon) startFirewall(ctx context.Context, lan, wan string, table *dnsf
 	}
 	proxyPort, dnsPort := listenPort(d.cfg.transparent), listenPort(firstOf(splitList(d.cfg.dnsListen)))
 	fcfg := firewall.Config{LAN: lan, WAN: wan, ProxyPort: proxyPort, DNSPort: dnsPort, TCPPorts: tcpPorts, Masquerade: d.cfg.masquerade, GuardWAN: d.cfg.guardWAN}
-	fw, err := firewall.New(fcfg, firewall.Deps{Logger: d.log.With(audit.LogComponent, "firewall"), Registerer: d.reg})
+	fw, err := firewall.New(fcfg, firewall.Deps{Logger: d.log, Registerer: d.reg})
 	if err != nil {
 		return err
 	}
@@ -434,7 +433,7 @@ func (d *daemon) reload() {
 	defer sdnotify.Notify(sdnotify.Ready)
 	eng, err := d.loadPolicy()
 	if err != nil {
-		d.metrics.reloaded(false)
+		d.configLoaded(false)
 		d.log.Error("reload failed, keeping the running policy", "policy", d.source, audit.LogError, err.Error())
 		return
 	}
@@ -444,7 +443,7 @@ func (d *daemon) reload() {
 		if err := d.fw.Replace(eng); err != nil {
 			d.store.Swap(old)
 			d.ledger.SetPolicy(old)
-			d.metrics.reloaded(false)
+			d.configLoaded(false)
 			d.log.Error("reload failed in nftables, keeping the running policy", audit.LogError, err.Error())
 			return
 		}
@@ -452,7 +451,7 @@ func (d *daemon) reload() {
 	if d.fw == nil && eng.Mode() == policy.ModeEnforce && !d.cfg.noFirewall {
 		d.log.Warn("the policy now says enforce, but no firewall is installed: restart egressd to install it")
 	}
-	d.metrics.reloaded(true)
+	d.configLoaded(true)
 	d.log.Info("policy reloaded", "policy", d.source, "rules", len(eng.Rules()), audit.LogMode, string(eng.Mode()))
 }
 
@@ -499,24 +498,52 @@ func closerOf[T any, P interface {
 	return p
 }
 
+// serveAdmin serves the admin API (report, metrics, health) on its own
+// listener, so that a bind error is known before the summary is printed.
 func (d *daemon) serveAdmin(ctx context.Context, wg *sync.WaitGroup) (string, error) {
+	checks := []admin.Check{{Name: "parts not running", Fn: func() error {
+		if parts := d.degradedParts(); len(parts) > 0 {
+			names := make([]string, 0, len(parts))
+			for p, why := range parts {
+				names = append(names, p+": "+why)
+			}
+			return errors.New(strings.Join(names, "; "))
+		}
+		return nil
+	}}}
+	if d.journal != nil {
+		checks = append(checks, admin.Check{Name: "event log write failing", Fn: d.journal.Err})
+	}
+	srv, err := admin.New(admin.Config{Addr: d.cfg.admin, Version: version}, admin.Deps{Reporter: d.ledger, Registry: d.reg, Checks: checks, Logger: d.log.With(audit.LogComponent, "admin")})
+	if err != nil {
+		return "", err
+	}
+	d.admin = srv
+	d.configLoaded(true)
 	ln, err := net.Listen("tcp", d.cfg.admin)
 	if err != nil {
 		return "", fmt.Errorf("admin: %w", err)
 	}
-	srv := &http.Server{Handler: d.adminHandler(), ReadHeaderTimeout: 10 * time.Second}
+	hs := &http.Server{Handler: srv.Handler(), ReadHeaderTimeout: 5 * time.Second, ReadTimeout: 10 * time.Second, WriteTimeout: 60 * time.Second}
 	wg.Add(1)
 	go func() {
 		defer wg.Done()
-		go func() {
-			<-ctx.Done()
+		stop := context.AfterFunc(ctx, func() {
 			sctx, c := context.WithTimeout(context.Background(), 2*time.Second)
 			defer c()
-			srv.Shutdown(sctx)
-		}()
-		srv.Serve(ln)
+			hs.Shutdown(sctx)
+		})
+		defer stop()
+		hs.Serve(ln)
 	}()
 	return ln.Addr().String(), nil
+}
+
+// configLoaded records the outcome of a policy load in the admin metrics.
+func (d *daemon) configLoaded(ok bool) {
+	if d.admin != nil {
+		d.admin.ConfigLoaded(ok, time.Now())
+	}
 }
 
 func splitList(s string) []string {
