@@ -35,6 +35,22 @@ func cmdPolicy(ctx context.Context, args []string, stdout, stderr io.Writer) int
 // loadEngine compiles a policy file, or an embedded profile when file is
 // "profile:NAME". Warnings go to stderr.
 func loadEngine(file string, stderr io.Writer) (*policy.Engine, error) {
+	src, err := policySource(file)
+	if err != nil {
+		return nil, err
+	}
+	eng, err := policy.Compile(file, src)
+	if err != nil {
+		return nil, err
+	}
+	for _, w := range eng.Warnings() {
+		fmt.Fprintf(stderr, "warning: %s\n", w)
+	}
+	return eng, nil
+}
+
+// policySource reads a policy file, "-", or "profile:NAME".
+func policySource(file string) ([]byte, error) {
 	var src []byte
 	var err error
 	if name, ok := strings.CutPrefix(file, "profile:"); ok {
@@ -45,14 +61,7 @@ func loadEngine(file string, stderr io.Writer) (*policy.Engine, error) {
 	if err != nil {
 		return nil, fmt.Errorf("policy: %w", err)
 	}
-	eng, err := policy.Compile(file, src)
-	if err != nil {
-		return nil, err
-	}
-	for _, w := range eng.Warnings() {
-		fmt.Fprintf(stderr, "warning: %s\n", w)
-	}
-	return eng, nil
+	return src, nil
 }
 
 func cmdPolicyCheck(args []string, stdout, stderr io.Writer) int {

@@ -10,6 +10,7 @@ import (
 	"net/http"
 	"net/url"
 	"os"
+	"path/filepath"
 	"time"
 
 	"egressd/admin"
@@ -76,6 +77,13 @@ func cmdReport(ctx context.Context, args []string, stdout, stderr io.Writer) int
 	}
 	if rep == nil {
 		var eng *policy.Engine
+		if *policyFile == "" {
+			// The daemon keeps a copy of the policy it runs in the state
+			// directory, so that unused rules can be listed without it.
+			if p := filepath.Join(*stateDir, runningPolicyFile); fileExists(p) {
+				*policyFile = p
+			}
+		}
 		if *policyFile != "" {
 			if eng, err = loadEngine(*policyFile, stderr); err != nil {
 				fmt.Fprintln(stderr, "egressd:", err)

@@ -12,6 +12,7 @@ import (
 	"net/netip"
 	"os"
 	"os/signal"
+	"path/filepath"
 	"strconv"
 	"strings"
 	"sync"
@@ -182,7 +183,36 @@ func (d *daemon) loadPolicy() (*policy.Engine, error) {
 	for _, w := range eng.Warnings() {
 		d.log.Warn("policy warning", "problem", w.String())
 	}
+	d.savePolicy()
 	return eng.WithMode(d.mode), nil
+}
+
+// runningPolicyFile is the copy of the running policy in the state
+// directory, which `egressd report` reads when the daemon is not running.
+const runningPolicyFile = "policy.yaml"
+
+// savePolicy copies the policy just loaded into the state directory
+// (atomically: a report never reads half a file). Failure only costs the
+// report its unused-rules list, so it is logged, not fatal.
+func (d *daemon) savePolicy() {
+	src, err := policySource(d.source)
+	if err == nil {
+		err = os.MkdirAll(d.cfg.stateDir, 0o750)
+	}
+	if err == nil {
+		tmp := filepath.Join(d.cfg.stateDir, runningPolicyFile+".tmp")
+		if err = os.WriteFile(tmp, src, 0o640); err == nil {
+			err = os.Rename(tmp, filepath.Join(d.cfg.stateDir, runningPolicyFile))
+		}
+	}
+	if err != nil {
+		d.log.Warn("cannot keep a copy of the policy in the state directory", audit.LogError, err.Error())
+	}
+}
+
+func fileExists(p string) bool {
+	_, err := os.Stat(p)
+	return err == nil
 }
 
 // capabilities reports which of the capabilities egressd's parts need the
