@@ -123,7 +123,8 @@ start_upstream() {
 }
 
 upstream_count() {
-	inns unbound-control -c "$W/upstream.conf" stats_noreset 2>/dev/null | awk -F= '$1 == "total.num.queries" { print $2 }'
+	{ inns unbound-control -c "$W/upstream.conf" stats_noreset 2>/dev/null || true; } |
+		awk -F= '$1 == "total.num.queries" { n = $2 } END { print n + 0 }'
 }
 
 declare -A PORT

@@ -3,6 +3,7 @@ package proxy
 import (
 	"context"
 	"io"
+	"sync/atomic"
 	"net"
 	"net/netip"
 	"time"
@@ -46,72 +47,89 @@ const (
 	closeEarly    = "client-closed-early"
 )
 
-type copyResult struct {
-	n   int64
-	err error
-}
-
-// upstreamCopier copies client → server in its own goroutine; a named type
-// so stacks of long-lived tunnels read well.
-type upstreamCopier struct {
+// tunnel forwards both directions of an established connection, each on
+// its own goroutine, and reports once both have ended. The goroutine that
+// accepted and peeked (whose stack grew in crypto/tls) does not stay
+// around for the tunnel's life: an idle tunnel is two small goroutines
+// blocked in splice.
+type tunnel struct {
+	p              *Proxy
 	client, server net.Conn
-	done           chan<- copyResult
+	pending        atomic.Int32 // directions still running
+	first          atomic.Int32 // which direction ended first: 1 up (client closed), 2 down
+	out, in        int64        // written by their direction before pending drops
+	errOut, errIn  error
+	done           func(out, in int64, reason string)
 }
 
-func (u upstreamCopier) run() {
-	n, err := io.Copy(u.server, u.client)
+// startTunnel copies client ⇄ server. Between two *net.TCPConn io.Copy uses
+// splice(2), so the bytes stay in the kernel. Half closes are propagated;
+// a reset on either side tears both down. Established tunnels have no idle
+// timeout. done is called once, after both directions ended and both
+// connections are closed.
+func (p *Proxy) startTunnel(client, server net.Conn, done func(out, in int64, reason string)) {
+	t := &tunnel{p: p, client: client, server: server, done: done}
+	t.pending.Store(2)
+	go t.upstream()
+	go t.downstream()
+}
+
+func (t *tunnel) upstream() {
+	n, err := io.Copy(t.server, t.client)
+	t.out, t.errOut = n, err
 	if err == nil {
-		closeWrite(u.server)
+		closeWrite(t.server)
 	} else {
-		// A reset: end the other direction too.
-		u.client.Close()
-		u.server.Close()
+		t.client.Close()
+		t.server.Close()
 	}
-	u.done <- copyResult{n, err}
+	t.first.CompareAndSwap(0, 1)
+	t.end()
 }
 
-// pipe copies both ways until both directions ended, propagating half
-// closes. Between two *net.TCPConn io.Copy uses splice(2), so the bytes
-// stay in the kernel. It returns the bytes each way and the close reason.
-// Established tunnels have no idle timeout.
-func (p *Proxy) pipe(client, server net.Conn) (out, in int64, reason string) {
-	done := make(chan copyResult, 1)
-	go upstreamCopier{client: client, server: server, done: done}.run()
+func (t *tunnel) downstream() {
+	n, err := io.Copy(t.client, t.server)
+	t.in, t.errIn = n, err
+	if err == nil {
+		closeWrite(t.client)
+	} else {
+		t.client.Close()
+		t.server.Close()
+	}
+	t.first.CompareAndSwap(0, 2)
+	t.end()
+}
 
-	nIn, errIn := io.Copy(client, server)
-	var up copyResult
-	got := false
-	select {
-	case up = <-done:
-		got = true
-	default:
+func (t *tunnel) end() {
+	if t.pending.Add(-1) != 0 {
+		return
 	}
+	t.client.Close()
+	t.server.Close()
+	reason := closeServer
 	switch {
-	case errIn != nil:
-		client.Close()
-		server.Close()
+	case t.errOut != nil || t.errIn != nil:
 		reason = closeReset
-	case got && up.err == nil:
-		closeWrite(client)
+	case t.first.Load() == 1:
 		reason = closeClient
-	default:
-		closeWrite(client)
-		reason = closeServer
-	}
-	if !got {
-		up = <-done
-	}
-	if up.err != nil {
-		reason = closeReset
 	}
 	select {
-	case <-p.done:
+	case <-t.p.done:
 		reason = closeShutdown
 	default:
 	}
-	client.Close()
-	server.Close()
-	return up.n, nIn, reason
+	t.done(t.out, t.in, reason)
+}
+
+// pipe is startTunnel that waits for the end.
+func (p *Proxy) pipe(client, server net.Conn) (out, in int64, reason string) {
+	ch := make(chan struct{})
+	p.startTunnel(client, server, func(o, i int64, r string) {
+		out, in, reason = o, i, r
+		close(ch)
+	})
+	<-ch
+	return out, in, reason
 }
 
 func closeWrite(c net.Conn) {

@@ -123,18 +123,27 @@ func (p *Proxy) handleTransparent(c *net.TCPConn) {
 		f.ev.Close = closeShutdown
 		return
 	}
-	defer p.untrackConn(server)
 	if len(rc.buf) > 0 {
 		if _, err := server.Write(rc.buf); err != nil {
+			p.untrackConn(server)
 			server.Close()
 			f.err, f.ev.Close = err, closeReset
 			return
 		}
 	}
-	out, inBytes, reason := p.pipe(c, server)
-	f.ev.BytesOut = uint64(out) + uint64(len(rc.buf))
-	f.ev.BytesIn = uint64(inBytes)
-	f.ev.Close = reason
+	// From here the tunnel's goroutines own both connections, the slot and
+	// the record.
+	handedOff = true
+	replayed := uint64(len(rc.buf))
+	p.startTunnel(c, server, func(out, in int64, reason string) {
+		p.untrackConn(server)
+		p.untrackConn(c)
+		p.release(ca.Addr())
+		f.ev.BytesOut = uint64(out) + replayed
+		f.ev.BytesIn = uint64(in)
+		f.ev.Close = reason
+		p.finish(f)
+	})
 }
 
 // peekResult carries what the peek read.

@@ -16,6 +16,7 @@ import (
 	"net/netip"
 	"os"
 	"os/signal"
+	"runtime/debug"
 	"strings"
 	"syscall"
 
@@ -121,6 +122,16 @@ func main() {
 	}
 	ctx, stop := signal.NotifyContext(context.Background(), syscall.SIGINT, syscall.SIGTERM)
 	defer stop()
+	// SIGUSR1: collect garbage and return free memory to the OS, so that
+	// bench/proxy-idle.sh can also read a settled RSS (the runtime does the
+	// same on its own within minutes).
+	usr1 := make(chan os.Signal, 1)
+	signal.Notify(usr1, syscall.SIGUSR1)
+	go func() {
+		for range usr1 {
+			debug.FreeOSMemory()
+		}
+	}()
 	fmt.Fprintf(os.Stderr, "proxybench: pid %d transparent %q explicit %q\n", os.Getpid(), *transparent, *explicit)
 	if err := p.Run(ctx); err != nil {
 		fmt.Fprintln(os.Stderr, "proxybench:", err)
