@@ -3,9 +3,9 @@ package proxy
 import (
 	"context"
 	"io"
-	"sync/atomic"
 	"net"
 	"net/netip"
+	"sync/atomic"
 	"time"
 )
 
