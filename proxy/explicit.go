@@ -209,9 +209,8 @@ func (p *Proxy) decideTarget(ctx context.Context, eng *policy.Engine, client net
 	cancel()
 	if err != nil || len(addrs) == 0 {
 		// A failed lookup is a deny (THREATS.md G4); in audit mode there is
-		// nothing to connect to either.
+		// nothing to connect to either, and the caller refuses (502).
 		v.d = denyDecision(eng, ReasonResolve)
-		v.d.Mode = policy.ModeEnforce
 		return v, netip.AddrPort{}
 	}
 	var special bool

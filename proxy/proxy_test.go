@@ -1,0 +1,61 @@
+package proxy
+
+import (
+	"context"
+	"net"
+	"strings"
+	"testing"
+	"time"
+
+	"egressd/policy"
+)
+
+func TestConfigValidate(t *testing.T) {
+	err := Config{TransparentAddr: "nope", HelloTimeout: -1, HelloMaxBytes: 10, Inspect: true, DenyPage: "{{"}.Validate()
+	if err == nil {
+		t.Fatal("no error")
+	}
+	for _, want := range []string{"transparent listen address", "timeouts", "hello size cap", "state directory", "deny page"} {
+		if !strings.Contains(err.Error(), want) {
+			t.Errorf("error lacks %q: %v", want, err)
+		}
+	}
+	if err := (Config{}).Validate(); err != nil {
+		t.Errorf("zero config: %v", err)
+	}
+	if _, err := New(Config{}, Deps{}); err == nil {
+		t.Error("New without a policy succeeded")
+	}
+}
+
+// TestRunClose: Run serves until its context ends; Close is idempotent and
+// safe before and after.
+func TestRunClose(t *testing.T) {
+	eng, err := policy.Compile("t.yaml", []byte("version: 1\nrules: []\n"))
+	if err != nil {
+		t.Fatal(err)
+	}
+	p, err := New(Config{TransparentAddr: "127.0.0.1:0", ExplicitAddr: "127.0.0.1:0"}, Deps{Policy: policy.NewStore(eng)})
+	if err != nil {
+		t.Fatal(err)
+	}
+	ctx, cancel := context.WithCancel(context.Background())
+	done := make(chan error, 1)
+	go func() { done <- p.Run(ctx) }()
+	time.Sleep(100 * time.Millisecond)
+	cancel()
+	select {
+	case err := <-done:
+		if err != nil {
+			t.Fatalf("Run: %v", err)
+		}
+	case <-time.After(5 * time.Second):
+		t.Fatal("Run did not return after cancel")
+	}
+	p.Close()
+	p.Close()
+	ln, _ := net.Listen("tcp", "127.0.0.1:0")
+	if err := p.Serve(ln); err == nil {
+		t.Error("Serve after Close succeeded")
+	}
+}
