@@ -62,8 +62,8 @@ type tunnel struct {
 	done           func(out, in int64, reason string)
 }
 
-// startTunnel copies client ⇄ server. Between two *net.TCPConn io.Copy uses
-// splice(2), so the bytes stay in the kernel. Half closes are propagated;
+// startTunnel copies client ⇄ server. Between two *net.TCPConn it uses
+// splice(2) (spliceCopy), so the bytes stay in the kernel. Half closes are propagated;
 // a reset on either side tears both down. Established tunnels have no idle
 // timeout. done is called once, after both directions ended and both
 // connections are closed.
@@ -75,7 +75,7 @@ func (p *Proxy) startTunnel(client, server net.Conn, done func(out, in int64, re
 }
 
 func (t *tunnel) upstream() {
-	n, err := io.Copy(t.server, t.client)
+	n, err := copyConn(t.server, t.client)
 	t.out, t.errOut = n, err
 	if err == nil {
 		closeWrite(t.server)
@@ -88,7 +88,7 @@ func (t *tunnel) upstream() {
 }
 
 func (t *tunnel) downstream() {
-	n, err := io.Copy(t.client, t.server)
+	n, err := copyConn(t.client, t.server)
 	t.in, t.errIn = n, err
 	if err == nil {
 		closeWrite(t.client)

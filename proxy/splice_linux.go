@@ -1,0 +1,172 @@
+package proxy
+
+import (
+	"io"
+	"net"
+	"runtime"
+	"sync"
+
+	"golang.org/x/sys/unix"
+)
+
+// spliceCopy copies src to dst through a pipe with splice(2), so the bytes
+// stay in the kernel, like io.Copy between two *net.TCPConn. Unlike the
+// standard library's splice, it holds a pipe only while bytes move: an idle
+// tunnel waits for data with a MSG_PEEK, so it costs its two sockets and
+// no pipe (4 file descriptors and two pipe buffers fewer per idle tunnel).
+// It returns at EOF (nil) or on the first error.
+func spliceCopy(dst, src *net.TCPConn) (int64, error) {
+	srcRC, err := src.SyscallConn()
+	if err != nil {
+		return 0, err
+	}
+	dstRC, err := dst.SyscallConn()
+	if err != nil {
+		return 0, err
+	}
+	var (
+		written int64
+		pp      *pipe
+		peek    [1]byte
+	)
+	defer func() {
+		if pp != nil {
+			pp.release()
+		}
+	}()
+	for {
+		if pp == nil {
+			// Wait, without a pipe, until src has data, EOF or an error.
+			var eof bool
+			var rerr error
+			err := srcRC.Read(func(fd uintptr) bool {
+				n, _, e := unix.Recvfrom(int(fd), peek[:], unix.MSG_PEEK|unix.MSG_DONTWAIT)
+				switch {
+				case e == unix.EAGAIN || e == unix.EINTR:
+					return false
+				case e != nil:
+					rerr = e
+				case n == 0:
+					eof = true
+				}
+				return true
+			})
+			if err == nil {
+				err = rerr
+			}
+			if err != nil {
+				return written, err
+			}
+			if eof {
+				return written, nil
+			}
+			if pp, err = getPipe(); err != nil {
+				return written, err
+			}
+		}
+		// Fill the pipe with what src has now.
+		var n int
+		var serr error
+		err := srcRC.Read(func(fd uintptr) bool {
+			for {
+				n64, e := unix.Splice(int(fd), nil, pp.w, nil, pipeSize, unix.SPLICE_F_MOVE|unix.SPLICE_F_NONBLOCK)
+				if e == unix.EINTR {
+					continue
+				}
+				n, serr = int(n64), e
+				return true
+			}
+		})
+		if err == nil && serr != nil && serr != unix.EAGAIN {
+			err = serr
+		}
+		if err != nil {
+			return written, err
+		}
+		if serr == unix.EAGAIN {
+			// Drained: give the (empty) pipe back and wait.
+			putPipe(pp)
+			pp = nil
+			continue
+		}
+		if n == 0 {
+			return written, nil // EOF
+		}
+		// Drain the pipe into dst.
+		left := n
+		var werr error
+		err = dstRC.Write(func(fd uintptr) bool {
+			for left > 0 {
+				m, e := unix.Splice(pp.r, nil, int(fd), nil, left, unix.SPLICE_F_MOVE|unix.SPLICE_F_NONBLOCK)
+				switch {
+				case e == unix.EINTR:
+					continue
+				case e == unix.EAGAIN:
+					return false
+				case e != nil:
+					werr = e
+					return true
+				}
+				left -= int(m)
+				written += m
+			}
+			return true
+		})
+		if err == nil {
+			err = werr
+		}
+		if err != nil {
+			return written, err
+		}
+	}
+}
+
+// pipeSize is how much one splice moves at most (the default pipe
+// capacity).
+const pipeSize = 64 << 10
+
+// pipe is a pipe for splice. Pipes in the pool are empty.
+type pipe struct {
+	r, w    int
+	cleanup runtime.Cleanup
+}
+
+var pipePool sync.Pool
+
+func getPipe() (*pipe, error) {
+	if p, ok := pipePool.Get().(*pipe); ok {
+		return p, nil
+	}
+	var fds [2]int
+	if err := unix.Pipe2(fds[:], unix.O_CLOEXEC|unix.O_NONBLOCK); err != nil {
+		return nil, err
+	}
+	p := &pipe{r: fds[0], w: fds[1]}
+	// A pipe the pool drops is closed.
+	p.cleanup = runtime.AddCleanup(p, func(fds [2]int) {
+		unix.Close(fds[0])
+		unix.Close(fds[1])
+	}, fds)
+	return p, nil
+}
+
+func putPipe(p *pipe) { pipePool.Put(p) }
+
+// release closes a pipe that may still hold bytes (after an error)
+// instead of reusing it.
+func (p *pipe) release() {
+	p.cleanup.Stop()
+	unix.Close(p.r)
+	unix.Close(p.w)
+}
+
+// copyConn copies src to dst: spliceCopy between two TCP connections,
+// io.Copy otherwise.
+func copyConn(dst, src net.Conn) (int64, error) {
+	d, ok1 := dst.(*net.TCPConn)
+	s, ok2 := src.(*net.TCPConn)
+	if ok1 && ok2 {
+		return spliceCopy(d, s)
+	}
+	return io.Copy(dst, src)
+}
