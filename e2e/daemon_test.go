@@ -69,6 +69,32 @@ func (d *daemon) logs() string {
 	return b.String()
 }
 
+// events returns the flow events of the event log in the state directory,
+// one short line each, for failure messages.
+func (d *daemon) events() string {
+	var b strings.Builder
+	files, _ := filepath.Glob(filepath.Join(d.stateDir, "*"))
+	for _, f := range files {
+		data, err := os.ReadFile(f)
+		if err != nil {
+			continue
+		}
+		for _, line := range strings.Split(string(data), "\n") {
+			var ev struct {
+				Kind, Source, Client, Proto, Name, Verdict, Rule, Time string
+				Dest                                                   string `json:"dest_ip"`
+				ClientPort                                             int    `json:"client_port"`
+				DestPort                                               int    `json:"dest_port"`
+			}
+			if json.Unmarshal([]byte(line), &ev) != nil || ev.Kind != "flow" {
+				continue
+			}
+			fmt.Fprintf(&b, "%s %-8s %s:%d > %s:%d/%s %s %s %s\n", ev.Time, ev.Source, ev.Client, ev.ClientPort, ev.Dest, ev.DestPort, ev.Proto, ev.Name, ev.Verdict, ev.Rule)
+		}
+	}
+	return b.String()
+}
+
 // waitDropped waits up to 10s until the running daemon's report lists
 // flows flows to dest:port/proto as dropped: the ledger has them (capture
 // reports a TCP flow when it closes).

@@ -257,6 +257,7 @@ func gatewayScenario(t *testing.T, tp *topo, mode string) {
 	checkReport(t, d.report(), ta, mode)
 	if t.Failed() {
 		t.Logf("egressd output:\n%s", d.logs())
+		t.Logf("event log:\n%s", d.events())
 	}
 
 	// kill -9: audit fails open, enforce fails closed.
