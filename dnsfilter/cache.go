@@ -23,10 +23,14 @@ type entry struct {
 	// answer (positive) or of the SOA (negative, RFC 2308), capped.
 	expires int64
 	// wire is msg packed for a client without EDNS ([0]) and with it ([1],
-	// an OPT with our UDP size and the key's DO bit); ttls are the offsets
-	// of the TTL fields in each, rewritten on every hit.
-	wire [2][]byte
-	ttls [2][]uint16
+	// an OPT with our UDP size and the key's DO bit), each packed on first
+	// use; ttls are the offsets of the TTL fields in each, rewritten on
+	// every hit.
+	once    [2]sync.Once
+	wire    [2][]byte
+	ttls    [2][]uint16
+	do      bool
+	udpSize uint16
 	// addrs are the answer's addresses with their own expiry, for the
 	// learned-address table.
 	addrs    []learnedAddr
@@ -235,7 +239,7 @@ func newEntry(name string, m *dns.Msg, do bool, udpSize uint16, now time.Time, m
 		extra = append(extra, rr)
 	}
 	m.Extra = extra
-	e := &entry{name: name, msg: m, rcode: m.Rcode, stored: now.UnixNano(), upstream: upstream, filtered: filtered}
+	e := &entry{name: name, msg: m, rcode: m.Rcode, stored: now.UnixNano(), upstream: upstream, filtered: filtered, do: do, udpSize: udpSize}
 
 	ttl := time.Duration(-1)
 	switch {
@@ -270,16 +274,30 @@ func newEntry(name string, m *dns.Msg, do bool, udpSize uint16, now time.Time, m
 		e.expires = now.Add(ttl).UnixNano()
 	} // else 0: not cacheable, used once
 
-	var err error
-	if e.wire[0], err = m.Pack(); err == nil {
-		e.ttls[0], _ = ttlOffsets(e.wire[0])
-	}
-	withOPT := *m
-	withOPT.Extra = append(append([]dns.RR(nil), m.Extra...), newOPT(udpSize, do))
-	if e.wire[1], err = withOPT.Pack(); err == nil {
-		e.ttls[1], _ = ttlOffsets(e.wire[1])
-	}
 	return e
+}
+
+// wireFor returns the packed answer without (0) or with (1) an OPT, packing
+// it on first use; nil if it does not pack.
+func (e *entry) wireFor(i int) ([]byte, []uint16) {
+	e.once[i].Do(func() {
+		m := e.msg
+		if i == 1 {
+			c := *e.msg // shallow: the records are shared and only read
+			c.Extra = append(append([]dns.RR(nil), e.msg.Extra...), newOPT(e.udpSize, e.do))
+			m = &c
+		}
+		w, err := m.Pack()
+		if err != nil {
+			return
+		}
+		offs, ok := ttlOffsets(w)
+		if !ok {
+			return
+		}
+		e.wire[i], e.ttls[i] = w, offs
+	})
+	return e.wire[i], e.ttls[i]
 }
 
 func newOPT(udpSize uint16, do bool) *dns.OPT {
@@ -301,7 +319,7 @@ func (e *entry) render(dst []byte, id uint16, rd bool, qname []byte, edns bool, 
 	if edns {
 		i = 1
 	}
-	w := e.wire[i]
+	w, ttls := e.wireFor(i)
 	if w == nil {
 		return nil
 	}
@@ -320,7 +338,7 @@ func (e *entry) render(dst []byte, id uint16, rd bool, qname []byte, edns bool, 
 		age = uint32((now - e.stored) / int64(time.Second))
 	}
 	if age > 0 {
-		for _, off := range e.ttls[i] {
+		for _, off := range ttls {
 			t := binary.BigEndian.Uint32(dst[off:])
 			if t > age {
 				t -= age

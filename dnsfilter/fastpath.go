@@ -5,6 +5,7 @@ import (
 	"fmt"
 	"net"
 	"net/netip"
+	"time"
 	"unsafe"
 
 	"github.com/miekg/dns"
@@ -131,9 +132,6 @@ func (s *Server) fast(sc *scratch, c *net.UDPConn, pkt []byte, src netip.AddrPor
 		s.finish(&q)
 		return true
 	}
-	if s.cache == nil {
-		return false
-	}
 	flags := byte(0)
 	if do {
 		flags |= keyDO
@@ -145,9 +143,23 @@ func (s *Server) fast(sc *scratch, c *net.UDPConn, pkt []byte, src netip.AddrPor
 	key = binary.BigEndian.AppendUint16(key, qclass)
 	key = append(key, flags)
 	sc.key, sc.name = key[:0], name[:0]
-	e := s.cache.get(key, nowNs)
+	var e *entry
+	if s.cache != nil {
+		e = s.cache.get(key, nowNs)
+	}
 	if e == nil {
-		return false
+		// A miss: resolve in a goroutine with what was parsed here.
+		select {
+		case s.slowSem <- struct{}{}:
+		default:
+			s.m.dropped.WithLabelValues("overload").Inc()
+			return true
+		}
+		m := &missQuery{pkt: append([]byte(nil), pkt...), key: append([]byte(nil), key...), qnameEnd: len(qnameW) + 12,
+			name: string(name), qtype: qtype, qclass: qclass, flags: flags, edns: edns, do: do, maxSize: maxSize, dec: dec, src: src, start: now}
+		s.slow.Add(1)
+		go s.serveMiss(c, m)
+		return true
 	}
 	out := e.render(sc.out, binary.BigEndian.Uint16(pkt), pkt[2]&0x01 != 0, qnameW, edns, nowNs)
 	if out == nil || len(out) > maxSize {
@@ -162,6 +174,55 @@ func (s *Server) fast(sc *scratch, c *net.UDPConn, pkt []byte, src netip.AddrPor
 		path: "cache", hit: true, upstream: e.upstream, filtered: e.filtered, edns: edns}
 	s.finish(&q)
 	return true
+}
+
+// missQuery is a UDP query parsed by the fast path whose answer is not
+// cached.
+type missQuery struct {
+	pkt      []byte // the query
+	key      []byte
+	qnameEnd int // pkt[12:qnameEnd] is the question name as spelled
+	name     string
+	qtype    uint16
+	qclass   uint16
+	flags    byte
+	edns, do bool
+	maxSize  int
+	dec      policy.Decision
+	src      netip.AddrPort
+	start    time.Time
+}
+
+// serveMiss resolves a fast-path miss and answers it; the query is
+// unpacked only if a local answer (SERVFAIL) is needed.
+func (s *Server) serveMiss(c *net.UDPConn, m *missQuery) {
+	q := &query{start: m.start, client: m.src, proto: "udp", id: binary.BigEndian.Uint16(m.pkt), rd: m.pkt[2]&0x01 != 0,
+		qnameW: m.pkt[12:m.qnameEnd], name: m.name, qtype: m.qtype, edns: m.edns, do: m.do, cd: m.flags&keyCD != 0,
+		maxSize: m.maxSize, dec: m.dec, rcode: -1}
+	defer func() {
+		if r := recover(); r != nil {
+			s.m.dropped.WithLabelValues("panic").Inc()
+			q.err = fmt.Errorf("dnsfilter: panic: %v", r)
+		}
+		s.finish(q)
+		<-s.slowSem
+		s.slow.Done()
+	}()
+	e, hit, err := s.resolve(s.baseCtx, m.key, m.name, m.qtype, m.qclass, m.flags)
+	var out []byte
+	if err != nil {
+		q.err, q.path = err, "upstream"
+		req := new(dns.Msg)
+		if req.Unpack(m.pkt) != nil {
+			return
+		}
+		out = s.local(q, req, dns.RcodeServerFailure, dns.ExtendedErrorCodeNoReachableAuthority, "egressd: upstreams failed")
+	} else {
+		out = s.reply(q, nil, e, hit)
+	}
+	if out != nil {
+		_, _ = c.WriteToUDPAddrPort(out, m.src)
+	}
 }
 
 // refused writes a REFUSED answer to the question in qpkt (header and

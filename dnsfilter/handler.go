@@ -211,6 +211,13 @@ func (s *Server) answer(ctx context.Context, q *query, req *dns.Msg) []byte {
 		q.path = "upstream"
 		return s.local(q, req, dns.RcodeServerFailure, dns.ExtendedErrorCodeNoReachableAuthority, "egressd: upstreams failed")
 	}
+	return s.reply(q, req, e, hit)
+}
+
+// reply renders an entry for the query's client, truncated to what the
+// client can take over UDP, and credits its addresses to the client when
+// the name is allowed. req may be nil when the query was not unpacked.
+func (s *Server) reply(q *query, req *dns.Msg, e *entry, hit bool) []byte {
 	q.path, q.hit, q.upstream, q.filtered, q.rcode = "upstream", hit, e.upstream, e.filtered, e.rcode
 	if hit {
 		q.path = "cache"
@@ -218,7 +225,11 @@ func (s *Server) answer(ctx context.Context, q *query, req *dns.Msg) []byte {
 	now := s.now().UnixNano()
 	out := e.render(nil, q.id, q.rd, q.qnameW, q.edns, now)
 	if out == nil {
-		q.err = fmt.Errorf("dnsfilter: answer for %s does not pack", name)
+		q.err = fmt.Errorf("dnsfilter: answer for %s does not pack", q.name)
+		if req == nil {
+			q.rcode = -1
+			return nil
+		}
 		return s.local(q, req, dns.RcodeServerFailure, 0, "")
 	}
 	if len(out) > q.maxSize {

@@ -132,6 +132,9 @@ func New(cfg Config, deps Deps) (*Server, error) {
 		if err != nil {
 			return nil, err
 		}
+		if loopsBack(ap, cfg.Listen) {
+			return nil, fmt.Errorf("dnsfilter: upstream %s is one of our own listen addresses (a forwarding loop)", ap)
+		}
 		s.ups.list = append(s.ups.list, newUpstream(ap, s.m))
 	}
 	s.slowSem = make(chan struct{}, cfg.MaxInflight)
@@ -495,4 +498,25 @@ func (s *Server) LookupNetIP(ctx context.Context, name string) ([]netip.Addr, er
 		return nil, fmt.Errorf("%w: %s", ErrNotFound, n)
 	}
 	return nil, errors.Join(errs...)
+}
+
+// loopsBack reports whether an upstream is one of the listen addresses
+// (resolv.conf pointing at 127.0.0.1 while we listen on :53).
+func loopsBack(up netip.AddrPort, listen []string) bool {
+	for _, l := range listen {
+		host, port, err := net.SplitHostPort(l)
+		if err != nil || port != strconv.Itoa(int(up.Port())) {
+			continue
+		}
+		if host == "" {
+			if up.Addr().IsLoopback() || up.Addr().IsUnspecified() {
+				return true
+			}
+			continue
+		}
+		if a, err := netip.ParseAddr(host); err == nil && (a.Unmap() == up.Addr().Unmap() || a.IsUnspecified() && up.Addr().IsLoopback()) {
+			return true
+		}
+	}
+	return false
 }

@@ -186,6 +186,9 @@ func TestConfigValidate(t *testing.T) {
 	if err := s.Close(); err != nil || s.Close() != nil {
 		t.Errorf("Close before Run: %v", err)
 	}
+	if _, err := New(Config{Upstreams: []string{"127.0.0.1"}}, Deps{Policy: compile(t, enforcePolicy)}); err == nil || !contains(err.Error(), "loop") {
+		t.Errorf("upstream 127.0.0.1:53 while listening on :53: %v", err)
+	}
 	if _, err := New(Config{ResolvConf: dir + "/missing"}, Deps{Policy: compile(t, enforcePolicy)}); err == nil {
 		t.Errorf("missing resolv.conf accepted")
 	}
