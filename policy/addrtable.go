@@ -68,6 +68,10 @@ type rangeTable struct {
 	// starts4 is starts as 32-bit values for IPv4: four times denser in
 	// the cache, which is what a lookup in a large table pays for.
 	starts4 []uint32
+	// index16[k] is the number of ranges starting below k<<16, so that a
+	// lookup reads one index entry and searches a handful of ranges
+	// instead of the whole table. Built for large tables only.
+	index16 []uint32
 }
 
 func (t *rangeTable) lookup(a u128) []int32 {
@@ -75,6 +79,11 @@ func (t *rangeTable) lookup(a u128) []int32 {
 	lo, hi := 0, len(t.starts)
 	if t.starts4 != nil {
 		v := uint32(a.lo)
+		if t.index16 != nil {
+			// Only the ranges starting under the same /16 need a search.
+			top := v >> 16
+			lo, hi = int(t.index16[top]), int(t.index16[top+1])
+		}
 		for lo < hi {
 			mid := int(uint(lo+hi) >> 1)
 			if v < t.starts4[mid] {
@@ -138,6 +147,17 @@ func (t *addrTable) build() {
 	t.v4.starts4 = make([]uint32, len(t.v4.starts))
 	for i, s := range t.v4.starts {
 		t.v4.starts4[i] = uint32(s.lo)
+	}
+	if len(t.v4.starts4) > 256 {
+		idx := make([]uint32, 1<<16+1)
+		i := 0
+		for k := range idx {
+			for i < len(t.v4.starts4) && uint64(t.v4.starts4[i])>>16 < uint64(k) {
+				i++
+			}
+			idx[k] = uint32(i)
+		}
+		t.v4.index16 = idx
 	}
 	t.v6 = t.flatten(p6)
 }
