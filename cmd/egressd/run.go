@@ -297,7 +297,7 @@ func (d *daemon) run(ctx context.Context) error {
 	// DNS first: the proxy and capture read its learned-address table.
 	dnsCfg := dnsfilter.Config{Listen: splitList(cfg.dnsListen), Upstreams: splitList(cfg.upstreams), Deny: dnsfilter.DenyAnswer(strings.ToUpper(cfg.denyAnswer))}
 	table := dnsfilter.NewTable(0)
-	if d.dns, err = dnsfilter.New(dnsCfg, dnsfilter.Deps{Policy: d.store, Sink: d.sink, Logger: d.log.With(audit.LogComponent, "dnsfilter"), Registerer: d.reg, Table: table}); err != nil {
+	if d.dns, err = dnsfilter.New(dnsCfg, dnsfilter.Deps{Policy: d.store, Sink: d.sink, Logger: d.log, Registerer: d.reg, Table: table}); err != nil {
 		d.degrade("dns", err.Error())
 	}
 	var dnsFacts interface {
@@ -327,7 +327,7 @@ func (d *daemon) run(ctx context.Context) error {
 		explicit = ""
 	}
 	pcfg := proxy.Config{TransparentAddr: cfg.transparent, ExplicitAddr: explicit, Inspect: cfg.inspect, StateDir: cfg.stateDir}
-	if d.proxy, err = proxy.New(pcfg, proxy.Deps{Policy: d.store, Sink: d.sink, Logger: d.log.With(audit.LogComponent, "proxy"), Registerer: d.reg, DNS: dnsFacts, Resolver: resolver}); err != nil {
+	if d.proxy, err = proxy.New(pcfg, proxy.Deps{Policy: d.store, Sink: d.sink, Logger: d.log, Registerer: d.reg, DNS: dnsFacts, Resolver: resolver}); err != nil {
 		d.degrade("proxy", err.Error())
 	} else {
 		wg.Add(1)
@@ -346,7 +346,7 @@ func (d *daemon) run(ctx context.Context) error {
 	case !caps.netRaw:
 		d.degrade("capture", "needs CAP_NET_RAW to open an AF_PACKET socket on "+lan+" (run as root, or grant it: see the systemd unit)")
 	default:
-		if d.capture, err = capture.New(capture.Config{Interface: lan}, capture.Deps{Policy: d.store, Sink: d.sink, Logger: d.log.With(audit.LogComponent, "capture"), Registerer: d.reg, DNS: dnsFacts}); err != nil {
+		if d.capture, err = capture.New(capture.Config{Interface: lan}, capture.Deps{Policy: d.store, Sink: d.sink, Logger: d.log, Registerer: d.reg, DNS: dnsFacts}); err != nil {
 			d.degrade("capture", err.Error())
 		} else if err := d.capture.Open(); err != nil {
 			d.degrade("capture", err.Error())
@@ -424,7 +424,7 @@ func (d *daemon) startFirewall(ctx context.Context, lan, wan string, table *dnsf
 	}
 	proxyPort, dnsPort := listenPort(d.cfg.transparent), listenPort(firstOf(splitList(d.cfg.dnsListen)))
 	fcfg := firewall.Config{LAN: lan, WAN: wan, ProxyPort: proxyPort, DNSPort: dnsPort, TCPPorts: tcpPorts, Masquerade: d.cfg.masquerade, GuardWAN: d.cfg.guardWAN}
-	fw, err := firewall.New(fcfg, firewall.Deps{Logger: d.log.With(audit.LogComponent, "firewall"), Registerer: d.reg})
+	fw, err := firewall.New(fcfg, firewall.Deps{Logger: d.log, Registerer: d.reg})
 	if err != nil {
 		return err
 	}
