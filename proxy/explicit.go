@@ -49,6 +49,7 @@ func (p *Proxy) newGoproxy() *goproxy.ProxyHttpServer {
 	gp.Logger = log.New(slogWriter{p.log}, "", 0)
 	gp.Verbose = false
 	gp.AllowHTTP2 = false
+	gp.KeepAcceptEncoding = true // pass the client's Accept-Encoding through, do not recompress
 	gp.CertStore = &certStore{}
 	gp.Tr = &http.Transport{
 		Proxy:                 nil, // never HTTP(S)_PROXY from the environment
@@ -60,6 +61,7 @@ func (p *Proxy) newGoproxy() *goproxy.ProxyHttpServer {
 		IdleConnTimeout:       90 * time.Second,
 		MaxIdleConnsPerHost:   16,
 		ForceAttemptHTTP2:     false,
+		DisableCompression:    true,
 	}
 	refuse := func(*http.Request, string, string) (net.Conn, error) {
 		return nil, errors.New("proxy: goproxy's own CONNECT dialer is not used")

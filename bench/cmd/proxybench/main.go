@@ -17,6 +17,7 @@ import (
 	"os"
 	"os/signal"
 	"runtime/debug"
+	"runtime/pprof"
 	"strings"
 	"syscall"
 
@@ -66,7 +67,17 @@ func main() {
 	hosts := flag.String("hosts", "", "hosts file for name lookups")
 	mapFlag := flag.String("map", "", "comma-separated name=ip lookups, in addition to -hosts")
 	logLevel := flag.String("log", "warn", "log level: debug, info, warn, error")
+	cpuProfile := flag.String("cpuprofile", "", "write a CPU profile of the whole run to this file")
 	flag.Parse()
+	if *cpuProfile != "" {
+		f, err := os.Create(*cpuProfile)
+		if err != nil {
+			fmt.Fprintln(os.Stderr, "proxybench:", err)
+			os.Exit(1)
+		}
+		pprof.StartCPUProfile(f)
+		defer func() { pprof.StopCPUProfile(); f.Close() }()
+	}
 
 	var b strings.Builder
 	b.WriteString("version: 1\nmode: enforce\nrules:\n  - name: bench\n    to: [")
@@ -135,6 +146,7 @@ func main() {
 	fmt.Fprintf(os.Stderr, "proxybench: pid %d transparent %q explicit %q\n", os.Getpid(), *transparent, *explicit)
 	if err := p.Run(ctx); err != nil {
 		fmt.Fprintln(os.Stderr, "proxybench:", err)
+		pprof.StopCPUProfile()
 		os.Exit(1)
 	}
 }
