@@ -3,8 +3,6 @@ package proxy
 import (
 	"io"
 	"net"
-	"runtime"
-	"sync"
 
 	"golang.org/x/sys/unix"
 )
@@ -125,17 +123,21 @@ func spliceCopy(dst, src *net.TCPConn) (int64, error) {
 // at most.
 const pipeSize = 1 << 20
 
-// pipe is a pipe for splice. Pipes in the pool are empty.
+// pipe is a pipe for splice. Pipes in the free list are empty.
 type pipe struct {
-	r, w    int
-	cleanup runtime.Cleanup
+	r, w int
 }
 
-var pipePool sync.Pool
+// freePipes keeps empty pipes for reuse. A bounded list rather than a
+// sync.Pool: the pool drops its contents at every garbage collection,
+// which would make busy proxies create and close pipes all the time.
+var freePipes = make(chan *pipe, 512)
 
 func getPipe() (*pipe, error) {
-	if p, ok := pipePool.Get().(*pipe); ok {
+	select {
+	case p := <-freePipes:
 		return p, nil
+	default:
 	}
 	var fds [2]int
 	if err := unix.Pipe2(fds[:], unix.O_CLOEXEC|unix.O_NONBLOCK); err != nil {
@@ -145,21 +147,22 @@ func getPipe() (*pipe, error) {
 	// standard library does; its pages are only allocated while bytes sit
 	// in it. A failure leaves the default 64 KiB.
 	unix.FcntlInt(uintptr(fds[0]), unix.F_SETPIPE_SZ, pipeSize)
-	p := &pipe{r: fds[0], w: fds[1]}
-	// A pipe the pool drops is closed.
-	p.cleanup = runtime.AddCleanup(p, func(fds [2]int) {
-		unix.Close(fds[0])
-		unix.Close(fds[1])
-	}, fds)
-	return p, nil
+	return &pipe{r: fds[0], w: fds[1]}, nil
 }
 
-func putPipe(p *pipe) { pipePool.Put(p) }
+// putPipe returns an empty pipe to the free list, or closes it when the
+// list is full.
+func putPipe(p *pipe) {
+	select {
+	case freePipes <- p:
+	default:
+		p.release()
+	}
+}
 
-// release closes a pipe that may still hold bytes (after an error)
-// instead of reusing it.
+// release closes a pipe (one that may still hold bytes after an error, or
+// one the free list has no room for).
 func (p *pipe) release() {
-	p.cleanup.Stop()
 	unix.Close(p.r)
 	unix.Close(p.w)
 }
