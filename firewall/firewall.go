@@ -1,12 +1,15 @@
 package firewall
 
 import (
+	"context"
 	"errors"
 	"fmt"
 	"log/slog"
 	"net/netip"
 	"os"
+	"slices"
 	"sync"
+	"sync/atomic"
 	"time"
 
 	"github.com/google/nftables"
@@ -28,17 +31,19 @@ type Firewall struct {
 	ioMu sync.Mutex     // serialises netlink transactions; taken before mu
 	conn *nftables.Conn // guarded by ioMu; opened on first use
 
-	mu   sync.Mutex // guards the fields below
-	cond *sync.Cond // on mu: a learn batch was written
-	eng  *policy.Engine
-	rs   *Ruleset // the installed ruleset; nil when nothing is installed
+	// cur is rs, for Wants without a lock.
+	cur atomic.Pointer[Ruleset]
+
+	mu  sync.Mutex // guards the fields below
+	eng *policy.Engine
+	rs  *Ruleset // the installed ruleset; nil when nothing is installed
 	// learned holds, per learned set, the addresses in it and when they
 	// expire. The kernel's expiry of an element is never earlier (it is
 	// computed from the same TTL after this one), so an address whose
 	// expiry here is in the future is in the kernel's set.
-	learned  map[string]map[netip.Addr]time.Time
+	learned  map[string]map[netip.Addr]learnedAddr
 	pending  *learnBatch // collecting; nil when empty
-	flushing bool        // a goroutine is writing a learn batch
+	flushing bool        // a flush goroutine is writing learn batches
 	timer    *time.Timer // re-renders when a rule expires
 	closed   bool
 }
@@ -48,8 +53,16 @@ type Firewall struct {
 // answers costs one netlink round trip, not one each.
 type learnBatch struct {
 	ops  []learnOp
-	done bool
+	done chan struct{} // closed once written (or failed); err is set then
 	err  error
+}
+
+// learnedAddr is a learned address's expiry, as written to (or on its way
+// to) the kernel.
+type learnedAddr struct {
+	exp time.Time
+	b   *learnBatch // the batch writing it, until written; nil after
+	op  int         // its index in b.ops
 }
 
 type learnOp struct {
@@ -71,7 +84,7 @@ func New(cfg Config, deps Deps) (*Firewall, error) {
 		return nil, errors.New("firewall: MaxLearned is negative")
 	}
 	f := &Firewall{cfg: cfg, log: deps.Logger, now: deps.Now, m: newMetrics(deps.Registerer),
-		learned: map[string]map[netip.Addr]time.Time{}}
+		learned: map[string]map[netip.Addr]learnedAddr{}}
 	if f.log == nil {
 		f.log = slog.Default()
 	}
@@ -79,7 +92,6 @@ func New(cfg Config, deps Deps) (*Firewall, error) {
 	if f.now == nil {
 		f.now = time.Now
 	}
-	f.cond = sync.NewCond(&f.mu)
 	return f, nil
 }
 
@@ -146,8 +158,8 @@ func (f *Firewall) apply(eng *policy.Engine, op string) (err error) {
 			delete(f.learned, name)
 			continue
 		}
-		for a, exp := range m {
-			left := exp.Sub(now)
+		for a, v := range m {
+			left := v.exp.Sub(now)
 			if left < time.Millisecond {
 				delete(m, a)
 				continue
@@ -176,6 +188,7 @@ func (f *Firewall) apply(eng *policy.Engine, op string) (err error) {
 
 	f.mu.Lock()
 	f.rs, f.eng = rs, eng
+	f.cur.Store(rs)
 	f.scheduleLocked(rs.NextExpiry, now)
 	f.mu.Unlock()
 	for _, mode := range []policy.Mode{policy.ModeAudit, policy.ModeEnforce} {
@@ -239,6 +252,7 @@ func (f *Firewall) removeLocked() (err error) {
 	}
 	f.mu.Lock()
 	f.rs = nil
+	f.cur.Store(nil)
 	clear(f.learned)
 	if f.timer != nil {
 		f.timer.Stop()
@@ -276,6 +290,7 @@ func (f *Firewall) shut(remove bool) error {
 	if !remove {
 		f.rs = nil
 	}
+	f.cur.Store(nil)
 	if f.timer != nil {
 		f.timer.Stop()
 		f.timer = nil
@@ -296,94 +311,172 @@ func (f *Firewall) Ruleset() *Ruleset {
 	return f.rs
 }
 
+// Address is one address for [Firewall.LearnAll]: open the rule's
+// forwarded ports to Addr for TTL.
+type Address struct {
+	Rule string
+	Addr netip.Addr
+	TTL  time.Duration
+}
+
+// Wants reports whether Learn does anything for the rule: a ruleset is
+// installed and the rule has names whose addresses feed its learned sets
+// (it forwards UDP, or TCP ports that are not redirected). It takes no lock
+// and does not allocate, so a DNS forwarder can ask it on every answer.
+func (f *Firewall) Wants(rule string) bool {
+	rs := f.cur.Load()
+	if rs == nil {
+		return false
+	}
+	_, ok := rs.learn[rule]
+	return ok
+}
+
 // Learn opens the rule's forwarded ports (UDP, and TCP ports that are not
 // redirected) to addr for ttl (at least Config.MinTTL, at most MaxTTL),
-// because dnsfilter answered a name of that rule with it. Rules without
-// names, unknown rules and calls when nothing is installed are ignored
-// (nil). An address already in the set with a later or similar expiry costs
-// a map lookup; otherwise the call waits until the address is in the
-// kernel's set, sharing one transaction with concurrent calls. In audit
-// mode the address is only remembered, for a reload to enforce.
+// because dnsfilter answered a name of that rule with it. It is LearnAll
+// of one address, without a deadline.
 func (f *Firewall) Learn(rule string, addr netip.Addr, ttl time.Duration) error {
-	if !addr.IsValid() {
-		return errors.New("firewall: learn: invalid address")
-	}
-	addr = addr.Unmap()
-	ttl = min(max(ttl, f.cfg.minTTL()), MaxTTL)
+	return f.LearnAll(context.Background(), []Address{{Rule: rule, Addr: addr, TTL: ttl}})
+}
 
+// LearnAll opens each rule's forwarded ports to each address for its TTL (at
+// least Config.MinTTL, at most MaxTTL), and returns once every address is
+// in the kernel's set, so that a DNS answer handed out after it returns
+// never meets a closed set. Rules without names, unknown rules and calls
+// when nothing is installed are ignored. An address is never shortened:
+// one already in its set (or on its way there) until at least the time
+// asked costs a map lookup, and waits only for the transaction that is
+// writing it, if any. Others are written with the next transaction,
+// shared with concurrent calls ("group commit"), and their set timeout is
+// padded by min(TTL/16, 1s) so that repeated answers do not each cost one.
+// In audit mode the addresses are only remembered, for a reload to
+// enforce.
+//
+// When ctx is done first, LearnAll returns its error; the addresses are
+// still written. Invalid addresses and full sets (ErrSetFull) are errors
+// too, reported after the others are written.
+func (f *Firewall) LearnAll(ctx context.Context, as []Address) error {
+	var errs []error
+	var waitBuf [2]*learnBatch
+	waits := waitBuf[:0]
 	f.mu.Lock()
 	rs := f.rs
 	if rs == nil || f.closed {
 		f.mu.Unlock()
 		return nil
 	}
-	sets, ok := rs.learn[rule]
-	if !ok {
-		f.mu.Unlock()
-		return nil
-	}
-	set := sets[0]
-	if addr.Is6() {
-		set = sets[1]
-	}
 	now := f.now()
-	exp := now.Add(ttl)
-	m := f.learned[set]
-	if m == nil {
-		m = map[netip.Addr]time.Time{}
-		f.learned[set] = m
-	}
-	prev, had := m[addr]
-	live := had && prev.After(now)
-	if live && exp.Sub(prev) < ttl/4 {
-		// Already there for (nearly) as long: nothing to write.
-		f.mu.Unlock()
-		return nil
-	}
-	if !had && len(m) >= f.cfg.maxLearned() {
-		for a, e := range m {
-			if !e.After(now) {
-				delete(m, a)
-			}
-		}
-		if len(m) >= f.cfg.maxLearned() {
-			f.mu.Unlock()
-			f.m.setFull.Inc()
-			return fmt.Errorf("%w: %s (%d addresses)", ErrSetFull, set, len(m))
-		}
-	}
-	m[addr] = exp
-	if !rs.inKernel {
-		f.mu.Unlock()
-		return nil
-	}
-	// If the kernel's copy expires before the delete reaches it, the
-	// transaction fails and writeLearned retries with adds only.
-	op := learnOp{rule: rule, set: set, addr: addr, exp: exp, refresh: live, prev: prev}
-	if f.pending == nil {
-		f.pending = &learnBatch{}
-	}
-	b := f.pending
-	b.ops = append(b.ops, op)
-	for !b.done {
-		if f.flushing {
-			f.cond.Wait()
+	for _, a := range as {
+		if !a.Addr.IsValid() {
+			errs = append(errs, errors.New("firewall: learn: invalid address"))
 			continue
 		}
-		// Nobody is writing: write everything pending, this call's
-		// address included.
+		sets, ok := rs.learn[a.Rule]
+		if !ok {
+			continue
+		}
+		addr := a.Addr.Unmap()
+		set := sets[0]
+		if addr.Is6() {
+			set = sets[1]
+		}
+		ttl := min(max(a.TTL, f.cfg.minTTL()), MaxTTL)
+		exp := now.Add(ttl)
+		m := f.learned[set]
+		if m == nil {
+			m = map[netip.Addr]learnedAddr{}
+			f.learned[set] = m
+		}
+		prev, had := m[addr]
+		live := had && prev.exp.After(now)
+		if live && !prev.exp.Before(exp) {
+			// There already (or being written) for at least as long.
+			if prev.b != nil && !slices.Contains(waits, prev.b) {
+				waits = append(waits, prev.b)
+			}
+			continue
+		}
+		if !had && len(m) >= f.cfg.maxLearned() {
+			for a, e := range m {
+				if !e.exp.After(now) && e.b == nil {
+					delete(m, a)
+				}
+			}
+			if len(m) >= f.cfg.maxLearned() {
+				f.m.setFull.Inc()
+				errs = append(errs, fmt.Errorf("%w: %s (%d addresses)", ErrSetFull, set, len(m)))
+				continue
+			}
+		}
+		if !rs.inKernel {
+			m[addr] = learnedAddr{exp: exp}
+			continue
+		}
+		exp = exp.Add(min(ttl/16, time.Second))
+		b := f.pending
+		if b == nil {
+			b = &learnBatch{done: make(chan struct{})}
+			f.pending = b
+		}
+		if live && prev.b == b {
+			// Not written yet: write the later expiry instead.
+			b.ops[prev.op].exp = exp
+			m[addr] = learnedAddr{exp: exp, b: b, op: prev.op}
+		} else {
+			// If the kernel's copy expires before the delete reaches
+			// it, the transaction fails and writeLearned retries with
+			// adds only.
+			b.ops = append(b.ops, learnOp{rule: a.Rule, set: set, addr: addr, exp: exp, refresh: live, prev: prev.exp})
+			m[addr] = learnedAddr{exp: exp, b: b, op: len(b.ops) - 1}
+		}
+		if !slices.Contains(waits, b) {
+			waits = append(waits, b)
+		}
+	}
+	if f.pending != nil && !f.flushing {
+		// Take the batch now: the next calls start the next one.
 		f.flushing = true
-		cur := f.pending
+		go f.flush(f.pending)
 		f.pending = nil
+	}
+	f.mu.Unlock()
+	for _, b := range waits {
+		select {
+		case <-b.done:
+			if b.err != nil {
+				errs = append(errs, b.err)
+			}
+		case <-ctx.Done():
+			return errors.Join(append(errs, fmt.Errorf("firewall: learn: %w", ctx.Err()))...)
+		}
+	}
+	return errors.Join(errs...)
+}
+
+// flush writes cur, then the batches that collected meanwhile, one
+// transaction each, until none is left. One flush runs at a time
+// (f.flushing).
+func (f *Firewall) flush(cur *learnBatch) {
+	f.mu.Lock()
+	for cur != nil {
 		f.mu.Unlock()
 		err := f.writeLearned(cur.ops)
 		f.mu.Lock()
-		cur.done, cur.err = true, err
-		f.flushing = false
-		f.cond.Broadcast()
+		for _, op := range cur.ops {
+			if m := f.learned[op.set]; m != nil {
+				if v, ok := m[op.addr]; ok && v.b == cur {
+					v.b = nil
+					m[op.addr] = v
+				}
+			}
+		}
+		cur.err = err
+		close(cur.done)
+		cur, f.pending = f.pending, nil
 	}
+	f.flushing = false
 	f.mu.Unlock()
-	return b.err
 }
 
 // writeLearned writes a batch of learned addresses in one transaction.
@@ -463,8 +556,10 @@ func (f *Firewall) writeLearned(ops []learnOp) (err error) {
 		f.mu.Lock()
 		for _, op := range live {
 			if op.refresh {
-				if m := f.learned[op.set]; m != nil && m[op.addr].Equal(op.exp) {
-					m[op.addr] = op.prev
+				if m := f.learned[op.set]; m != nil && m[op.addr].exp.Equal(op.exp) {
+					v := m[op.addr]
+					v.exp = op.prev
+					m[op.addr] = v
 				}
 			}
 		}
@@ -482,7 +577,7 @@ func (f *Firewall) forget(ops []learnOp) {
 	f.mu.Lock()
 	defer f.mu.Unlock()
 	for _, op := range ops {
-		if m := f.learned[op.set]; m != nil && m[op.addr].Equal(op.exp) {
+		if m := f.learned[op.set]; m != nil && m[op.addr].exp.Equal(op.exp) {
 			delete(m, op.addr)
 		}
 	}

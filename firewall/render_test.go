@@ -300,13 +300,13 @@ func TestLearnBookkeeping(t *testing.T) {
 	if err := fw.Learn("ntp", netip.MustParseAddr("::ffff:198.51.100.1"), time.Second); err != nil {
 		t.Fatal(err)
 	}
-	if got := fw.learned["dns4_ntp"][a1]; !got.Equal(now.Add(10 * time.Second)) {
+	if got := fw.learned["dns4_ntp"][a1].exp; !got.Equal(now.Add(10 * time.Second)) {
 		t.Errorf("mapped address, ttl under MinTTL: expiry %v, want %v", got, now.Add(10*time.Second))
 	}
 	if err := fw.Learn("ntp", a2, 100*24*time.Hour); err != nil {
 		t.Fatal(err)
 	}
-	if got := fw.learned["dns4_ntp"][a2]; !got.Equal(now.Add(MaxTTL)) {
+	if got := fw.learned["dns4_ntp"][a2].exp; !got.Equal(now.Add(MaxTTL)) {
 		t.Errorf("ttl over MaxTTL: expiry %v", got)
 	}
 	if err := fw.Learn("ntp", a3, time.Minute); !errors.Is(err, ErrSetFull) {

@@ -1,0 +1,190 @@
+package firewall
+
+import (
+	"context"
+	"errors"
+	"net/netip"
+	"strings"
+	"testing"
+	"time"
+)
+
+// TestWants: Wants is true exactly for the rules whose names feed learned
+// sets of the installed ruleset (in either mode), and false when nothing
+// is installed.
+func TestWants(t *testing.T) {
+	requireNft(t)
+	tp := newTopo(t)
+	fw := tp.firewall(t, Config{})
+	if fw.Wants("udp-name") {
+		t.Error("Wants before Install")
+	}
+	eng := compile(t, testPolicy)
+	if err := fw.Install(eng); err != nil {
+		t.Fatal(err)
+	}
+	for rule, want := range map[string]bool{"udp-name": true, "udp-net": false, "quic-ok": false, "web": false, "nope": false} {
+		if got := fw.Wants(rule); got != want {
+			t.Errorf("Wants(%q) = %v, want %v", rule, got, want)
+		}
+	}
+	if allocs := testing.AllocsPerRun(100, func() { fw.Wants("web"); fw.Wants("udp-name") }); allocs != 0 {
+		t.Errorf("Wants allocates %v times", allocs)
+	}
+	if err := fw.Replace(eng.WithMode("audit")); err != nil {
+		t.Fatal(err)
+	}
+	if !fw.Wants("udp-name") {
+		t.Error("Wants false in audit mode: addresses would not be ready for a reload to enforce")
+	}
+	if err := fw.Remove(); err != nil {
+		t.Fatal(err)
+	}
+	if fw.Wants("udp-name") {
+		t.Error("Wants after Remove")
+	}
+}
+
+// TestLearnWaitsForPendingWrite: a second Learn of an address whose
+// transaction is still on its way does not return before the address is in
+// the kernel's set (a DNS answer given to a second client must not beat
+// the first one's write).
+func TestLearnWaitsForPendingWrite(t *testing.T) {
+	requireNft(t)
+	tp := newTopo(t)
+	fw := tp.firewall(t, Config{})
+	if err := fw.Install(compile(t, testPolicy)); err != nil {
+		t.Fatal(err)
+	}
+	a := netip.MustParseAddr("203.0.113.7")
+	fw.ioMu.Lock() // a slow transaction
+	first, second := make(chan error, 1), make(chan error, 1)
+	go func() { first <- fw.Learn("udp-name", a, time.Minute) }()
+	// Wait until the first call's batch is being written.
+	for deadline := time.Now().Add(5 * time.Second); ; {
+		fw.mu.Lock()
+		v, ok := fw.learned["dns4_udp-name"][a]
+		fw.mu.Unlock()
+		if ok && v.b != nil {
+			break
+		}
+		if time.Now().After(deadline) {
+			fw.ioMu.Unlock()
+			t.Fatal("the first Learn did not start")
+		}
+		time.Sleep(5 * time.Millisecond)
+	}
+	go func() { second <- fw.Learn("udp-name", a, 30*time.Second) }()
+	select {
+	case err := <-second:
+		fw.ioMu.Unlock()
+		t.Fatalf("the second Learn returned (%v) before the address was written", err)
+	case <-time.After(200 * time.Millisecond):
+	}
+	fw.ioMu.Unlock()
+	for _, ch := range []chan error{first, second} {
+		if err := <-ch; err != nil {
+			t.Fatal(err)
+		}
+	}
+	if out := tp.gw.MustRun("nft", "list", "set", "inet", "egressd", "dns4_udp-name"); !strings.Contains(out, "203.0.113.7") {
+		t.Errorf("address not in the set:\n%s", out)
+	}
+}
+
+// TestLearnAllDeadline: when ctx ends first LearnAll returns its error,
+// and the addresses still reach the set; a later call for them waits for
+// nothing.
+func TestLearnAllDeadline(t *testing.T) {
+	requireNft(t)
+	tp := newTopo(t)
+	fw := tp.firewall(t, Config{})
+	if err := fw.Install(compile(t, testPolicy)); err != nil {
+		t.Fatal(err)
+	}
+	as := []Address{
+		{Rule: "udp-name", Addr: netip.MustParseAddr("203.0.113.8"), TTL: time.Minute},
+		{Rule: "udp-name", Addr: netip.MustParseAddr("2001:db8:2::8"), TTL: time.Minute},
+		{Rule: "web", Addr: netip.MustParseAddr("203.0.113.9"), TTL: time.Minute}, // ignored
+	}
+	fw.ioMu.Lock()
+	ctx, cancel := context.WithTimeout(context.Background(), 50*time.Millisecond)
+	err := fw.LearnAll(ctx, as)
+	cancel()
+	fw.ioMu.Unlock()
+	if !errors.Is(err, context.DeadlineExceeded) {
+		t.Fatalf("LearnAll with a blocked transaction: %v, want a deadline error", err)
+	}
+	if err := fw.LearnAll(context.Background(), as); err != nil {
+		t.Fatal(err)
+	}
+	if out := tp.gw.MustRun("nft", "list", "set", "inet", "egressd", "dns4_udp-name"); !strings.Contains(out, "203.0.113.8") {
+		t.Errorf("IPv4 address not in the set:\n%s", out)
+	}
+	if out := tp.gw.MustRun("nft", "list", "set", "inet", "egressd", "dns6_udp-name"); !strings.Contains(out, "2001:db8:2::8") {
+		t.Errorf("IPv6 address not in the set:\n%s", out)
+	}
+	if got := counterValue(fw.m.applies.WithLabelValues("learn", "ok")); got != 1 {
+		t.Errorf("learn transactions: %v, want 1", got)
+	}
+}
+
+// TestLearnNeverShortens: an address is rewritten when asked for longer
+// than its set entry lasts, never for shorter, and the set timeout covers
+// what was asked.
+func TestLearnNeverShortens(t *testing.T) {
+	requireNft(t)
+	tp := newTopo(t)
+	fw := tp.firewall(t, Config{MinTTL: time.Second})
+	if err := fw.Install(compile(t, testPolicy)); err != nil {
+		t.Fatal(err)
+	}
+	a := netip.MustParseAddr("203.0.113.10")
+	learns := func() float64 { return counterValue(fw.m.applies.WithLabelValues("learn", "ok")) }
+	expiry := func() time.Time {
+		fw.mu.Lock()
+		defer fw.mu.Unlock()
+		return fw.learned["dns4_udp-name"][a].exp
+	}
+	start := time.Now()
+	if err := fw.Learn("udp-name", a, 20*time.Second); err != nil {
+		t.Fatal(err)
+	}
+	if e := expiry(); e.Before(start.Add(20 * time.Second)) {
+		t.Errorf("expiry %v, before the 20s asked", e.Sub(start))
+	}
+	if err := fw.Learn("udp-name", a, 10*time.Second); err != nil {
+		t.Fatal(err)
+	}
+	if got := learns(); got != 1 {
+		t.Errorf("a shorter ttl wrote a transaction (%v)", got)
+	}
+	if err := fw.Learn("udp-name", a, 40*time.Second); err != nil {
+		t.Fatal(err)
+	}
+	if got := learns(); got != 2 {
+		t.Errorf("a longer ttl: %v transactions, want 2", got)
+	}
+	if e := expiry(); e.Before(start.Add(40 * time.Second)) {
+		t.Errorf("expiry %v after a refresh, before the 40s asked", e.Sub(start))
+	}
+	out := tp.gw.MustRun("nft", "list", "set", "inet", "egressd", "dns4_udp-name")
+	// nft lists "203.0.113.10 timeout 41s expires 40s..." (the timeout is
+	// padded); the expiry must not be under the 40s asked, less the time
+	// this test took.
+	i := strings.Index(out, "203.0.113.10 timeout ")
+	if i < 0 {
+		t.Fatalf("address not in the set:\n%s", out)
+	}
+	f := strings.Fields(out[i:])
+	if len(f) < 5 || f[3] != "expires" {
+		t.Fatalf("unexpected listing:\n%s", out)
+	}
+	d, err := time.ParseDuration(strings.TrimSuffix(f[4], ","))
+	if err != nil {
+		t.Fatalf("expiry %q: %v", f[4], err)
+	}
+	if d < 40*time.Second-time.Since(start) {
+		t.Errorf("kernel expiry %v, under the 40s asked", d)
+	}
+}
