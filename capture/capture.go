@@ -33,6 +33,11 @@ type Config struct {
 	UDPIdle time.Duration
 	// RingMB is the size of the AF_PACKET ring in MiB. 0 means 64.
 	RingMB int
+	// ReportOpenAfter makes Run report a flow still open this long after
+	// it started, then update it when it ends (see proc.go, "When a flow
+	// is classified and reported"). 0 means 1m; ReadFile reports every
+	// flow once, at its end.
+	ReportOpenAfter time.Duration
 }
 
 // Validate returns every problem of the configuration.
@@ -46,6 +51,9 @@ func (c Config) Validate() error {
 	}
 	if c.TCPIdle < 0 || c.UDPIdle < 0 {
 		errs = append(errs, errors.New("capture: idle timeouts must not be negative"))
+	}
+	if c.ReportOpenAfter < 0 {
+		errs = append(errs, fmt.Errorf("capture: report-open-after %v is negative", c.ReportOpenAfter))
 	}
 	if c.RingMB < 0 || c.RingMB > 4096 {
 		errs = append(errs, fmt.Errorf("capture: ring size %d MiB out of range 0..4096", c.RingMB))
@@ -68,6 +76,9 @@ func (c Config) withDefaults() Config {
 	}
 	if c.RingMB == 0 {
 		c.RingMB = 64
+	}
+	if c.ReportOpenAfter == 0 {
+		c.ReportOpenAfter = defaultOpenReport
 	}
 	return c
 }
@@ -97,8 +108,9 @@ type Stats struct {
 	Fragments   uint64 // IP fragments seen
 	Reassembled uint64 // UDP datagrams rebuilt from fragments
 	FragDropped uint64 // fragmented datagrams given up
-	Flows       uint64 // flows ended and emitted
+	Flows       uint64 // flows classified and reported (each counted once)
 	Denied      uint64 // of those, denied (dropped or would-drop)
+	Updates     uint64 // end events of flows first reported while open
 	Evicted     uint64 // flows ended early because the table was full
 	Hellos      uint64 // TLS ClientHellos parsed (TCP and QUIC)
 	BadHellos   uint64 // of those, malformed (the SNI before the fault is kept)

@@ -92,6 +92,8 @@ func (c *Capture) Run(ctx context.Context) error {
 		c.mu.Unlock()
 	}()
 	p := c.proc
+	p.openReport = c.cfg.ReportOpenAfter
+	defer func() { p.openReport = 0 }()
 	c.log.Info("capture started", "interface", c.cfg.Interface)
 	nextStats := time.Now()
 	for {

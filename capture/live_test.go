@@ -30,7 +30,7 @@ func TestLiveAFPacket(t *testing.T) {
 	}
 	cli := testnet.New(t, "capc")
 	gw := testnet.New(t, "capg")
-	testnet.Link(t, cli, "lan0", []string{"198.18.0.2/24"}, gw, "lan1", []string{"198.18.0.1/24", "198.18.0.3/24"})
+	testnet.Link(t, cli, "lan0", []string{"198.18.0.2/24"}, gw, "lan1", []string{"198.18.0.1/24", "198.18.0.3/24", "198.18.0.4/24", "198.18.0.5/24"})
 
 	// Servers in the gateway namespace.
 	handler := http.HandlerFunc(func(w http.ResponseWriter, r *http.Request) { w.Write([]byte("hello " + r.Host)) })
@@ -41,17 +41,19 @@ func TestLiveAFPacket(t *testing.T) {
 		}
 		return ln
 	}
-	tlsSrv := httptest.NewUnstartedServer(handler)
-	tlsSrv.Listener = listen("198.18.0.1:443")
-	tlsSrv.StartTLS()
-	defer tlsSrv.Close()
+	for _, addr := range []string{"198.18.0.1:443", "198.18.0.4:443"} {
+		s := httptest.NewUnstartedServer(handler)
+		s.Listener = listen(addr)
+		s.StartTLS()
+		defer s.Close()
+	}
 	for _, addr := range []string{"198.18.0.1:80", "198.18.0.3:8080"} {
 		s := httptest.NewUnstartedServer(handler)
 		s.Listener = listen(addr)
 		s.Start()
 		defer s.Close()
 	}
-	pc, err := gw.ListenPacket("udp", "198.18.0.1:53")
+	pc, err := gw.ListenPacket("udp", "198.18.0.5:53")
 	if err != nil {
 		t.Fatal(err)
 	}
@@ -59,7 +61,11 @@ func TestLiveAFPacket(t *testing.T) {
 		m := new(dns.Msg)
 		m.SetReply(r)
 		if len(r.Question) == 1 && r.Question[0].Qtype == dns.TypeA {
-			rr, _ := dns.NewRR(r.Question[0].Name + " 60 IN A 198.18.0.3")
+			a := "198.18.0.3"
+			if q := r.Question[0].Name; q == "www.allowed.test." || q == "plain.allowed.test." {
+				a = "198.18.0.1"
+			}
+			rr, _ := dns.NewRR(r.Question[0].Name + " 60 IN A " + a)
 			m.Answer = append(m.Answer, rr)
 		}
 		w.WriteMsg(m)
@@ -82,7 +88,14 @@ func TestLiveAFPacket(t *testing.T) {
 	errc := make(chan error, 1)
 	go func() { errc <- c.Run(ctx) }()
 
-	// Real clients in the client namespace.
+	// Real clients in the client namespace. The names are looked up
+	// first: capture reads the answers, which vouch for the addresses
+	// the SNI and Host go to.
+	for _, name := range []string{"www.allowed.test", "plain.allowed.test"} {
+		if out := cli.MustRun("dig", "+short", "+time=3", "+tries=1", "@198.18.0.5", name, "A"); strings.TrimSpace(out) != "198.18.0.1" {
+			t.Fatalf("dig %s: %q", name, out)
+		}
+	}
 	out := cli.MustRun("curl", "-sk", "--max-time", "10", "--resolve", "www.allowed.test:443:198.18.0.1", "https://www.allowed.test/")
 	if !strings.Contains(out, "hello www.allowed.test") {
 		t.Fatalf("curl https: %q", out)
@@ -91,16 +104,22 @@ func TestLiveAFPacket(t *testing.T) {
 	if !strings.Contains(out, "hello plain.allowed.test") {
 		t.Fatalf("curl http: %q", out)
 	}
-	out = cli.MustRun("dig", "+short", "+time=3", "+tries=1", "@198.18.0.1", "api.allowed.test", "A")
+	out = cli.MustRun("dig", "+short", "+time=3", "+tries=1", "@198.18.0.5", "api.allowed.test", "A")
 	if strings.TrimSpace(out) != "198.18.0.3" {
 		t.Fatalf("dig: %q", out)
 	}
 	// An address literal: named only by the DNS answer capture saw.
 	cli.MustRun("curl", "-s", "--max-time", "10", "http://198.18.0.3:8080/")
+	// An allowed SNI sent to an address no DNS answer gave out for it
+	// (THREATS.md A2): the server answers, capture reports sni-mismatch.
+	out = cli.MustRun("curl", "-sk", "--max-time", "10", "--resolve", "www.allowed.test:443:198.18.0.4", "https://www.allowed.test/")
+	if !strings.Contains(out, "hello www.allowed.test") {
+		t.Fatalf("curl https to 198.18.0.4: %q", out)
+	}
 
 	// Wait for the flows to end (FIN both ways) and reach the capture.
 	deadline := time.Now().Add(10 * time.Second)
-	for c.Stats().Flows < 3 && time.Now().Before(deadline) {
+	for c.Stats().Flows < 4 && time.Now().Before(deadline) { // the four TCP flows; UDP ones end at shutdown
 		time.Sleep(50 * time.Millisecond)
 	}
 	time.Sleep(300 * time.Millisecond) // TPACKET_V3 hands blocks over after 64 ms
@@ -122,8 +141,9 @@ func TestLiveAFPacket(t *testing.T) {
 	}
 	wants := []want{
 		{443, "198.18.0.1", "tcp", "www.allowed.test", audit.NameSNI, policy.Allow},
+		{443, "198.18.0.4", "tcp", "www.allowed.test", audit.NameSNI, policy.Deny},
 		{80, "198.18.0.1", "tcp", "plain.allowed.test", audit.NameHost, policy.Allow},
-		{53, "198.18.0.1", "udp", "", audit.NameNone, policy.Allow},
+		{53, "198.18.0.5", "udp", "", audit.NameNone, policy.Allow},
 		// Allowed names, but not on port 8080: denied by port.
 		{8080, "198.18.0.3", "tcp", "api.allowed.test", audit.NameDNSAnswer, policy.Deny},
 	}
@@ -132,7 +152,7 @@ func TestLiveAFPacket(t *testing.T) {
 	for _, w := range wants {
 		found := false
 		for _, ev := range evs {
-			if ev.DestPort != w.port || ev.Proto != w.proto {
+			if ev.DestPort != w.port || ev.Proto != w.proto || ev.Dest != netip.MustParseAddr(w.dest) {
 				continue
 			}
 			found = true
@@ -144,6 +164,9 @@ func TestLiveAFPacket(t *testing.T) {
 			}
 			if w.port == 8080 && ev.Reason != policy.ReasonPort {
 				t.Errorf("port 8080: reason %q, want %q", ev.Reason, policy.ReasonPort)
+			}
+			if w.dest == "198.18.0.4" && ev.Reason != ReasonSNIMismatch {
+				t.Errorf("SNI to 198.18.0.4: reason %q, want %q", ev.Reason, ReasonSNIMismatch)
 			}
 			if ev.ClientMAC == "" {
 				t.Errorf("port %d: no client MAC", w.port)

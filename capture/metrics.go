@@ -16,7 +16,7 @@ func newMetrics() *metrics {
 	return &metrics{
 		flows: prometheus.NewCounterVec(prometheus.CounterOpts{
 			Namespace: "egress", Subsystem: "capture", Name: "flows_total",
-			Help: "Flows capture ended and classified, by verdict and mode.",
+			Help: "Flows capture classified and reported (once each), by verdict and mode.",
 		}, []string{"verdict", "mode"}),
 	}
 }

@@ -96,6 +96,16 @@ type flow struct {
 	st       [2]*stream
 	dnsOff   [2]int
 	quic     *quicOpener
+
+	// The verdict, decided once when the flow first became classifiable
+	// (see classify) with the policy of that moment, and kept for every
+	// event of the flow.
+	est      time.Time // when the wait for a name began (TCP: the client's first non-SYN packet)
+	decided  bool
+	reported bool // its first event went out (while open, or at its end)
+	dec      policy.Decision
+	evName   string
+	evSrc    audit.NameSource
 }
 
 // proc is the packet pipeline: decoding, flows, names, classification. It
@@ -121,8 +131,11 @@ type proc struct {
 	defrag    *defragger
 	now       time.Time
 	nextSweep time.Time
-	scratch   []byte
-	cands     []candidate
+	// openReport, when positive, reports a flow still open this long
+	// after it started (live capture only; see emit).
+	openReport time.Duration
+	scratch    []byte
+	cands      []candidate
 
 	stats counters
 }
@@ -341,6 +354,14 @@ func (p *proc) lookup(src netip.Addr, sp uint16, dst netip.Addr, dp uint16, prot
 	return f, dir
 }
 
+// waited decides a flow that has waited classifyWait for its name since
+// it was established (see settle).
+func (p *proc) waited(f *flow) {
+	if !f.decided && !f.est.IsZero() && p.now.Sub(f.est) >= classifyWait {
+		p.settle(f)
+	}
+}
+
 // swap turns a flow around when capture guessed its client wrong.
 func (f *flow) swap() {
 	f.cli, f.srv, f.cport, f.sport = f.srv, f.cli, f.sport, f.cport
@@ -366,6 +387,14 @@ func (p *proc) tcpPacket(src, dst netip.Addr, mac []byte) {
 		clientIsSrc = !t.ACK
 	}
 	f, dir := p.lookup(src, sp, dst, dp, 6, clientIsSrc, mac)
+	if !f.decided && (f.sport == 53 || f.cport == 53) {
+		p.classify(f) // by address: DNS flows carry no name of their own
+	}
+	if dir == 0 && !t.SYN && f.est.IsZero() {
+		// The proxy's clocks start when it accepts, after the handshake.
+		f.est = p.now
+	}
+	p.waited(f)
 	f.pkts[dir]++
 	f.bytes[dir] += uint64(len(t.Payload))
 	if f.closed {
@@ -540,11 +569,12 @@ func (p *proc) hello(f *flow, msg []byte, src audit.NameSource) {
 	p.done(f)
 }
 
-// done stops looking for a name and frees the buffers.
+// done stops looking for a name, frees the buffers and decides the flow.
 func (p *proc) done(f *flow) {
 	f.inspect = false
 	f.st = [2]*stream{}
 	f.quic = nil
+	p.classify(f)
 }
 
 // giveUp stops looking after a missing segment or a limit.
@@ -587,10 +617,15 @@ func (p *proc) udpPacket(src, dst netip.Addr, sp, dp layers.UDPPort, payload []b
 		clientIsSrc = false
 	}
 	f, dir := p.lookup(src, s, dst, d, 17, clientIsSrc, mac)
+	if f.est.IsZero() {
+		f.est = f.first
+	}
+	p.waited(f)
 	f.pkts[dir]++
 	f.bytes[dir] += uint64(len(payload))
 	if s == 53 || d == 53 {
 		f.app = appDNS
+		p.classify(f) // by address: DNS flows carry no name of their own
 		p.dnsMessage(payload, f, dir == 0)
 		return
 	}
@@ -728,6 +763,11 @@ func (p *proc) sweep() {
 		case f.proto == 6 && idle > cfg.TCPIdle, f.proto == 17 && idle > cfg.UDPIdle:
 			p.end(f, "idle")
 			delete(p.flows, k)
+		default:
+			p.waited(f)
+			if p.openReport > 0 && !f.reported && p.now.Sub(f.first) >= p.openReport {
+				p.emit(f, "")
+			}
 		}
 	}
 	p.defrag.expire(p.now)
@@ -769,7 +809,8 @@ func (p *proc) flush(how string) {
 	p.stats.active.Store(0)
 }
 
-// end classifies a flow and emits its event, once.
+// end ends a flow: it is classified now if it was not before, and its
+// event (or, for a flow reported while open, its final update) goes out.
 func (p *proc) end(f *flow, how string) {
 	if f.closed {
 		return
@@ -783,13 +824,71 @@ func (p *proc) end(f *flow, how string) {
 	p.emit(f, how)
 }
 
-func (p *proc) emit(f *flow, how string) {
-	proto := policy.TCP
-	ps := "tcp"
-	if f.proto == 17 {
-		proto, ps = policy.UDP, "udp"
+// When a flow is classified and reported.
+//
+// A flow is decided once, when it first becomes classifiable, with the
+// policy in force at that moment: when its name is found (TLS or QUIC
+// ClientHello, HTTP request head), when its first client payload shows it
+// names nothing, when it is DNS (decided by address at its first packet),
+// when classifyWait passed without any of these, or at its end, whichever
+// comes first. That is when the proxy decides a connection too, so a
+// reload while a flow is open changes neither verdict: a connection no rule
+// allowed when it opened stays a drop even if a rule allowing it arrives
+// later (enforce would have refused it then).
+//
+// The decision is kept in the flow and stamped on every event of the flow.
+// Events go out as follows. The ledger counts a flow once by its 5-tuple
+// and start time (Event.Time, the flow's first packet): the first report
+// attributes it to a rule or a drop, later ones only raise its bytes (to
+// the largest seen) and its end. So:
+//   - A flow that ends within openReport after it started (nearly all of
+//     them) gets one event, at its end, with its final bytes and duration:
+//     one event per flow, exact, no duplicate for the ledger to merge.
+//   - A flow still open openReport after it started (live capture only; a
+//     connection open for days would otherwise reach the ledger only when
+//     it ends, and meanwhile its rule would look unused and a would-drop
+//     would be missing from the report) is reported at once with its bytes
+//     so far and no close reason, then once more when it ends, with the
+//     same start time and verdict and the final bytes, which the ledger
+//     folds into the first report. The only inexact case: the ledger keeps
+//     its dedup records for its last MaxFlows flows (65536 by default); if
+//     that many other flows were recorded between the two reports, the end
+//     update counts as a second flow.
+//
+// Offline (ReadFile) every flow gets one event: the whole file reaches the
+// ledger in one go, so early reports would only add duplicates.
+const (
+	classifyWait      = 10 * time.Second // the proxy's default hello timeout
+	defaultOpenReport = time.Minute
+)
+
+// settle decides a flow whose name did not come within classifyWait: the
+// proxy would have decided by then, on what it had.
+func (p *proc) settle(f *flow) {
+	if f.inspect && f.app != appDNS {
+		p.giveUp(f)
 	}
-	in := policy.Input{Client: f.cli.Unmap(), Dest: f.srv.Unmap(), Port: f.sport, Proto: proto, Now: f.first}
+	p.classify(f)
+}
+
+// ReasonSNIMismatch is the reason of a flow whose name (SNI, QUIC SNI or
+// HTTP Host) a rule allows but whose destination address was not given out
+// for a name of that rule (THREATS.md A2). It is the proxy's reason string
+// (proxy.ReasonSNIMismatch), so the ledger and the reports see one reason
+// whichever component reported the flow.
+const ReasonSNIMismatch = "sni-mismatch"
+
+// classify decides a flow once, with the policy in force now (see above).
+func (p *proc) classify(f *flow) {
+	if f.decided {
+		return
+	}
+	f.decided = true
+	proto := policy.TCP
+	if f.proto == 17 {
+		proto = policy.UDP
+	}
+	in := policy.Input{Client: f.cli.Unmap(), Dest: f.srv.Unmap(), Port: f.sport, Proto: proto, Now: p.now}
 	if f.hasMAC {
 		in.ClientMAC = net.HardwareAddr(f.mac[:])
 	}
@@ -797,8 +896,14 @@ func (p *proc) emit(f *flow, how string) {
 	var d policy.Decision
 	name, src := f.name, f.nameSrc
 	if name != "" {
+		if n, ok := policy.NormalizeName(name); ok {
+			name = n
+		}
 		in.Name = name
 		d = eng.Decide(in)
+		if d.Allowed() && !p.vouched(eng, in, d) {
+			d = policy.Decision{Verdict: policy.Deny, RuleIndex: -1, Reason: ReasonSNIMismatch, Mode: eng.Mode()}
+		}
 	} else {
 		p.cands = p.cands[:0]
 		if p.c.deps.DNS != nil {
@@ -807,7 +912,7 @@ func (p *proc) emit(f *flow, how string) {
 			}
 		}
 		var names [4]string
-		for _, n := range p.c.learned.namesFor(in.Client, in.Dest, f.first, names[:0]) {
+		for _, n := range p.c.learned.namesFor(in.Client, in.Dest, p.now, names[:0]) {
 			p.cands = append(p.cands, candidate{n, audit.NameDNSAnswer})
 		}
 		if len(p.cands) == 0 {
@@ -827,16 +932,85 @@ func (p *proc) emit(f *flow, how string) {
 			}
 		}
 	}
+	f.dec, f.evName, f.evSrc = d, name, src
+}
+
+// vouched reports whether a flow's destination address belongs to the
+// name the client sent, which rule d allows. It is the proxy's check
+// (proxy.vouched, THREATS.md A2) as far as a passive observer can make it:
+// a CIDR rule allows the address by itself, or the address was given out
+// for the name, or for another name the same rule allows, by egressd's DNS
+// forwarder (DNSFacts, to this client) or in a DNS answer capture saw on
+// the wire (to any client: the wire table stands in for the proxy's fresh
+// lookup, which accepts any current answer for the name).
+//
+// Where neither knows the address the proxy makes a fresh lookup of the
+// name and allows the flow if it returns the address. Capture cannot look
+// up (it is passive, and offline the answer would be today's, not the
+// capture's): it reads the flow as a mismatch. That is the safe reading
+// for audit: a client that reaches an allowed name at an address nobody
+// resolved for it is what domain fronting looks like, and the report
+// shows it as a drop rather than hiding it. The price: a client that
+// resolved elsewhere (its own DoH, a hard-coded address, a lookup older
+// than the capture) is reported as sni-mismatch even where the proxy's
+// lookup would have returned the same address and let it through.
+func (p *proc) vouched(eng *policy.Engine, in policy.Input, d policy.Decision) bool {
+	addrIn := in
+	addrIn.Name, addrIn.Path = "", ""
+	if eng.Decide(addrIn).Allowed() {
+		return true
+	}
+	same := func(n string) bool {
+		if n == in.Name {
+			return true
+		}
+		ni := addrIn
+		ni.Name = n
+		dd := eng.Decide(ni)
+		return dd.Allowed() && dd.Rule == d.Rule
+	}
+	if p.c.deps.DNS != nil {
+		for _, n := range p.c.deps.DNS.NamesFor(in.Client, in.Dest) {
+			if same(n) {
+				return true
+			}
+		}
+	}
+	var names [4]string
+	for _, n := range p.c.learned.namesFor(in.Client, in.Dest, p.now, names[:0]) {
+		if same(n) {
+			return true
+		}
+	}
+	return false
+}
+
+// emit sends an event of f: how is its close reason, "" while it is open.
+// The first event of a flow is counted, logged and measured; a later one
+// is the end update of a flow reported while open.
+func (p *proc) emit(f *flow, how string) {
+	p.classify(f)
+	d := f.dec
+	ps := "tcp"
+	if f.proto == 17 {
+		ps = "udp"
+	}
 	ev := audit.Event{
 		Kind: audit.KindFlow, Source: audit.SourceCapture, Time: f.first,
-		Client: in.Client, ClientPort: f.cport, Dest: in.Dest, DestPort: f.sport, Proto: ps,
-		Name: name, NameSource: src,
+		Client: f.cli.Unmap(), ClientPort: f.cport, Dest: f.srv.Unmap(), DestPort: f.sport, Proto: ps,
+		Name: f.evName, NameSource: f.evSrc,
 		BytesOut: f.bytes[0], BytesIn: f.bytes[1], Duration: f.last.Sub(f.first).Seconds(), Close: how,
 	}
 	if f.hasMAC {
-		ev.ClientMAC = in.ClientMAC.String()
+		ev.ClientMAC = net.HardwareAddr(f.mac[:]).String()
 	}
 	ev.Stamp(d)
+	if f.reported {
+		p.stats.updates.Add(1)
+		p.c.deps.Sink.Emit(ev)
+		return
+	}
+	f.reported = true
 	p.stats.flows.Add(1)
 	if d.Verdict == policy.Deny {
 		p.stats.denied.Add(1)

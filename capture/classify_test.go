@@ -1,0 +1,330 @@
+package capture
+
+import (
+	"context"
+	"errors"
+	"fmt"
+	"io"
+	"net/netip"
+	"os"
+	"strings"
+	"testing"
+	"time"
+
+	"github.com/gopacket/gopacket/pcapgo"
+
+	"egressd/audit"
+	"egressd/policy"
+)
+
+// mismatchPolicy has two name rules on 443, so that "a name of the same
+// rule" and "a name of another rule" differ, and a CIDR rule.
+const mismatchPolicy = `version: 1
+mode: %s
+rules:
+  - name: web
+    to: ["*.allowed.test", "allowed.test"]
+    ports: [443/tcp, 80/tcp]
+  - name: other
+    to: ["other.test"]
+    ports: [443/tcp]
+  - name: lab
+    to: [198.51.100.0/24]
+    ports: [any]
+`
+
+// TestSNIMismatch checks capture's copy of the proxy's A2 check: an
+// allowed SNI (or Host) to an address that nothing gave out for a name of
+// the same rule is denied as sni-mismatch, in audit and enforce mode.
+func TestSNIMismatch(t *testing.T) {
+	cli := netip.MustParseAddr("192.0.2.60")
+	other := netip.MustParseAddr("192.0.2.61")
+	resolver := netip.MustParseAddr("198.51.100.53")
+	addr := func(i byte) netip.Addr { return netip.AddrFrom4([4]byte{203, 0, 113, i}) }
+	facts := factsMap{
+		addr(1): {"a.allowed.test"},
+		addr(2): {"b.allowed.test"},
+		addr(3): {"other.test"},
+	}
+	type want struct {
+		verdict policy.Verdict
+		rule    string
+		reason  string
+		src     audit.NameSource
+	}
+	allow := want{policy.Allow, "web", policy.ReasonAllowed, audit.NameSNI}
+	mismatch := want{policy.Deny, "", ReasonSNIMismatch, audit.NameSNI}
+	cases := []struct {
+		what string
+		dst  netip.Addr
+		port uint16
+		name string
+		want want
+	}{
+		{"our DNS gave the address out for the name", addr(1), 443, "a.allowed.test", allow},
+		{"our DNS gave it out for another name of the same rule", addr(2), 443, "a.allowed.test", allow},
+		{"our DNS gave it out for a name of another rule", addr(3), 443, "a.allowed.test", mismatch},
+		{"an answer on the wire, to this client", addr(4), 443, "A.Allowed.Test", allow},
+		{"an answer on the wire, to another client", addr(5), 443, "a.allowed.test", allow},
+		{"nothing knows the address", addr(6), 443, "a.allowed.test", mismatch},
+		{"a CIDR rule allows the address itself", netip.MustParseAddr("198.51.100.7"), 443, "a.allowed.test", allow},
+		{"a name no rule allows is no-rule, not a mismatch", addr(8), 443, "evil.test", want{policy.Deny, "", policy.ReasonNoRule, audit.NameSNI}},
+		{"HTTP Host to an address nothing knows", addr(9), 80, "a.allowed.test", want{policy.Deny, "", ReasonSNIMismatch, audit.NameHost}},
+		{"HTTP Host, vouched by our DNS", addr(1), 80, "a.allowed.test", want{policy.Allow, "web", policy.ReasonAllowed, audit.NameHost}},
+		{"a wire answer older than its 30-minute floor", addr(10), 443, "a.allowed.test", mismatch},
+	}
+
+	p := newPcap(t)
+	// DNS answers on the wire: addr(4) to this client, addr(5) to another
+	// one, addr(10) to this client half an hour before its flow.
+	p.udp(false, resolver, cli, 53, 5300, dnsResponse(t, "a.allowed.test", []netip.Addr{addr(4), addr(10)}))
+	p.udp(false, resolver, other, 53, 5301, dnsResponse(t, "a.allowed.test", []netip.Addr{addr(5)}))
+	for i, tc := range cases {
+		if tc.dst == addr(10) {
+			p.now = p.now.Add(31 * time.Minute)
+		}
+		c := &tcpConn{p: p, cli: cli, srv: tc.dst, cport: uint16(41000 + i), sport: tc.port, cseq: 1, sseq: 1}
+		c.handshake()
+		if tc.port == 80 {
+			c.send(true, []byte("GET / HTTP/1.1\r\nHost: "+tc.name+"\r\n\r\n"), 1400, nil, nil)
+		} else {
+			c.send(true, realClientHello(t, tc.name), 1400, nil, nil)
+		}
+		c.close()
+	}
+	path := p.close()
+	for _, mode := range []policy.Mode{policy.ModeAudit, policy.ModeEnforce} {
+		t.Run(string(mode), func(t *testing.T) {
+			r := synthRun(t, path, fmt.Sprintf(mismatchPolicy, mode), facts, Config{})
+			for i, tc := range cases {
+				var ev *audit.Event
+				for j := range r.events {
+					if e := &r.events[j]; e.ClientPort == uint16(41000+i) && e.Client == cli {
+						ev = e
+					}
+				}
+				if ev == nil {
+					t.Errorf("%s: no event", tc.what)
+					continue
+				}
+				w := tc.want
+				if ev.Verdict != w.verdict || ev.Rule != w.rule || ev.Reason != w.reason || ev.NameSource != w.src || ev.Mode != mode {
+					t.Errorf("%s: %s %q reason %q (%s, %s), want %s %q reason %q (%s, %s)", tc.what,
+						ev.Verdict, ev.Rule, ev.Reason, ev.NameSource, ev.Mode, w.verdict, w.rule, w.reason, w.src, mode)
+				}
+				if ev.Name != strings.ToLower(tc.name) {
+					t.Errorf("%s: name %q, want %q", tc.what, ev.Name, strings.ToLower(tc.name))
+				}
+				if wantEnf := w.verdict == policy.Deny && mode == policy.ModeEnforce; ev.Enforced != wantEnf {
+					t.Errorf("%s: enforced %v, want %v", tc.what, ev.Enforced, wantEnf)
+				}
+			}
+		})
+	}
+}
+
+// feed runs a capture file through c's pipeline frame by frame, calling
+// before with each frame's time ahead of it, then ends every flow.
+func feed(t *testing.T, c *Capture, path string, before func(ts time.Time)) {
+	t.Helper()
+	f, err := os.Open(path)
+	if err != nil {
+		t.Fatal(err)
+	}
+	defer f.Close()
+	r, err := pcapgo.NewReader(f)
+	if err != nil {
+		t.Fatal(err)
+	}
+	for {
+		data, ci, err := r.ReadPacketData()
+		if errors.Is(err, io.EOF) {
+			break
+		}
+		if err != nil {
+			t.Fatal(err)
+		}
+		before(ci.Timestamp)
+		c.proc.packet(data, ci.Timestamp, r.LinkType())
+	}
+	c.proc.flush("end-of-capture")
+}
+
+// TestVerdictAtClassification reloads the policy while flows are open:
+// each keeps the verdict of the moment its name was read, not the one in
+// force when it ends (a connection no rule allowed when it opened is not
+// credited to a rule added later, and the other way round).
+func TestVerdictAtClassification(t *testing.T) {
+	const base = `version: 1
+mode: audit
+rules:
+  - name: web
+    to: ["*.allowed.test"]
+    ports: [443/tcp]
+`
+	const withNew = base + `  - name: new
+    to: ["tracker.test"]
+    ports: [443/tcp]
+`
+	cli := netip.MustParseAddr("192.0.2.70")
+	srv := netip.MustParseAddr("203.0.113.70")
+	facts := factsMap{srv: {"tracker.test"}}
+	cases := []struct {
+		what       string
+		start, end string // policy at the hello, policy from just after it
+		verdict    policy.Verdict
+		rule       string
+	}{
+		{"rule added while open", base, withNew, policy.Deny, ""},
+		{"rule removed while open", withNew, base, policy.Allow, "new"},
+	}
+	for _, tc := range cases {
+		t.Run(tc.what, func(t *testing.T) {
+			p := newPcap(t)
+			c := &tcpConn{p: p, cli: cli, srv: srv, cport: 42000, sport: 443, cseq: 1, sseq: 1}
+			c.handshake()
+			c.send(true, realClientHello(t, "tracker.test"), 1400, nil, nil)
+			reload := p.now
+			for i := 0; i < 5; i++ {
+				p.now = p.now.Add(2 * time.Second)
+				c.send(false, []byte("server data"), 1400, nil, nil)
+				c.send(true, []byte("client data"), 1400, nil, nil)
+			}
+			c.close()
+			path := p.close()
+
+			rec := &recorder{}
+			store := policy.NewStore(testEngine(t, tc.start))
+			capt, err := New(Config{}, Deps{Policy: store, Sink: rec, DNS: facts})
+			if err != nil {
+				t.Fatal(err)
+			}
+			swapped := false
+			feed(t, capt, path, func(ts time.Time) {
+				if !swapped && ts.After(reload) {
+					store.Swap(testEngine(t, tc.end))
+					swapped = true
+				}
+			})
+			evs := rec.all()
+			if !swapped || len(evs) != 1 {
+				t.Fatalf("swapped %v, events %+v", swapped, evs)
+			}
+			ev := evs[0]
+			if ev.Verdict != tc.verdict || ev.Rule != tc.rule || ev.Name != "tracker.test" || ev.Close != "fin" || ev.BytesIn != 5*11 {
+				t.Errorf("event %+v, want %s %q", ev, tc.verdict, tc.rule)
+			}
+		})
+	}
+}
+
+// A flow whose client stays silent longer than classifyWait after the
+// handshake is decided then, on its address, as the proxy decides on
+// what it has when its hello timeout passes; a hello sent later does not
+// change the verdict.
+func TestClassifyWaitBound(t *testing.T) {
+	cli := netip.MustParseAddr("192.0.2.71")
+	srv := netip.MustParseAddr("203.0.113.71")
+	p := newPcap(t)
+	c := &tcpConn{p: p, cli: cli, srv: srv, cport: 42001, sport: 443, cseq: 1, sseq: 1}
+	// A handshake that takes 14 s (SYN retries) does not count: the wait
+	// starts when the client completes it.
+	c.seg(true, "S", c.cseq, nil)
+	p.now = p.now.Add(14 * time.Second)
+	c.seg(true, "S", c.cseq, nil)
+	c.seg(false, "SA", c.sseq, nil)
+	c.cseq++
+	c.sseq++
+	c.seg(true, "A", c.cseq, nil)
+	p.now = p.now.Add(5 * time.Second)
+	hello := realClientHello(t, "late.allowed.test")
+	c.send(true, hello, 1400, nil, nil) // in time: named
+	c.close()
+
+	c = &tcpConn{p: p, cli: cli, srv: srv, cport: 42002, sport: 443, cseq: 1, sseq: 1}
+	c.handshake()
+	p.now = p.now.Add(classifyWait + time.Second)
+	c.send(true, hello, 1400, nil, nil) // too late
+	c.close()
+	facts := factsMap{srv: {"late.allowed.test"}}
+	r := synthRun(t, p.close(), testPolicy, facts, Config{})
+	got := map[uint16]audit.Event{}
+	for _, ev := range r.events {
+		got[ev.ClientPort] = ev
+	}
+	if ev := got[42001]; ev.NameSource != audit.NameSNI || ev.Name != "late.allowed.test" || ev.Verdict != policy.Allow {
+		t.Errorf("hello 5 s after a slow handshake: %+v", ev)
+	}
+	// Decided by address at the wait: named by our DNS, not by the hello.
+	if ev := got[42002]; ev.NameSource != audit.NameDNSLearned || ev.Verdict != policy.Allow {
+		t.Errorf("hello after the wait: %+v", ev)
+	}
+}
+
+// TestOpenFlowReport: a flow still open ReportOpenAfter after it started
+// is reported then and updated when it ends; a real ledger counts it once,
+// with its final bytes. A short flow gets one event.
+func TestOpenFlowReport(t *testing.T) {
+	cli := netip.MustParseAddr("192.0.2.72")
+	srv := netip.MustParseAddr("203.0.113.72")
+	p := newPcap(t)
+	long := &tcpConn{p: p, cli: cli, srv: srv, cport: 43000, sport: 443, cseq: 1, sseq: 1}
+	long.handshake()
+	long.send(true, realClientHello(t, "push.allowed.test"), 1400, nil, nil)
+	for i := 0; i < 30; i++ { // 5 minutes of keep-alives, 10 s apart
+		p.now = p.now.Add(10 * time.Second)
+		long.send(false, []byte("ping"), 1400, nil, nil)
+		long.send(true, []byte("pong"), 1400, nil, nil)
+	}
+	short := &tcpConn{p: p, cli: cli, srv: srv, cport: 43001, sport: 443, cseq: 1, sseq: 1}
+	short.handshake()
+	short.send(true, realClientHello(t, "push.allowed.test"), 1400, nil, nil)
+	short.close()
+	long.close()
+	path := p.close()
+
+	eng := testEngine(t, testPolicy)
+	rec := &recorder{}
+	ledger := audit.NewLedger(eng, audit.LedgerOptions{})
+	capt, err := New(Config{}, Deps{Policy: policy.NewStore(eng), Sink: audit.Tee(rec, ledger), DNS: factsMap{srv: {"push.allowed.test"}}})
+	if err != nil {
+		t.Fatal(err)
+	}
+	capt.proc.openReport = time.Minute // what Run sets from Config.ReportOpenAfter
+	if _, err := capt.ReadFile(context.Background(), path, nil); err != nil {
+		t.Fatal(err)
+	}
+	var longEvs []audit.Event
+	shortEvs := 0
+	for _, ev := range rec.all() {
+		switch ev.ClientPort {
+		case 43000:
+			longEvs = append(longEvs, ev)
+		case 43001:
+			shortEvs++
+		}
+	}
+	if shortEvs != 1 || len(longEvs) != 2 {
+		t.Fatalf("short flow: %d events, want 1; long flow: %d, want 2: %+v", shortEvs, len(longEvs), longEvs)
+	}
+	open, final := longEvs[0], longEvs[1]
+	if open.Close != "" || final.Close != "fin" || !open.Time.Equal(final.Time) || open.Verdict != policy.Allow || final.Verdict != policy.Allow || open.Rule != "web" || final.Rule != "web" {
+		t.Errorf("open report %+v, final %+v", open, final)
+	}
+	if open.Duration < 50 || open.Duration > 70 || open.BytesIn >= final.BytesIn || final.BytesIn != 30*4 {
+		t.Errorf("open report at %.0f s with %d bytes in, final %d bytes in", open.Duration, open.BytesIn, final.BytesIn)
+	}
+	if s := capt.Stats(); s.Flows != 2 || s.Updates != 1 {
+		t.Errorf("stats: %d flows, %d updates, want 2 and 1", s.Flows, s.Updates)
+	}
+	rep := ledger.Report(audit.ReportOptions{})
+	if rep.Totals.Flows != 2 || rep.Totals.Duplicates != 1 {
+		t.Errorf("ledger totals %+v, want 2 flows and 1 duplicate", rep.Totals)
+	}
+	for _, rr := range rep.Rules {
+		// The short flow has no bytes in: the rule's are the long flow's.
+		if rr.Name == "web" && (rr.Flows != 2 || rr.BytesIn != final.BytesIn) {
+			t.Errorf("rule web: %d flows, %d bytes in", rr.Flows, rr.BytesIn)
+		}
+	}
+}
