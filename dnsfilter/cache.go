@@ -33,7 +33,10 @@ type entry struct {
 	udpSize uint16
 	// addrs are the answer's addresses with their own expiry, for the
 	// learned-address table.
-	addrs    []learnedAddr
+	addrs []learnedAddr
+	// gate is set once Deps.Firewall holds addrs for a rule (see
+	// Firewall.Learn); nil before.
+	gate     atomic.Pointer[gateMark]
 	upstream string
 	filtered string // what the answer filter removed ("rebinding", "ech"), for the log
 }

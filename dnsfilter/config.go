@@ -93,6 +93,14 @@ type Config struct {
 	// an SOA) is cached (RFC 2308). Zero means 15m.
 	MaxNegativeTTL time.Duration
 
+	// LearnTimeout bounds the wait for Deps.Firewall before an allowed
+	// answer is written. When it passes the answer is sent anyway (the
+	// firewall goes on writing the addresses; the client's first packets
+	// may meet a closed set) and the miss is counted in
+	// egress_dnsfilter_firewall_learn_total{result="timeout"}. Zero means
+	// 250ms.
+	LearnTimeout time.Duration
+
 	// TableSize bounds the learned-address table (client, name, address
 	// entries). Zero means 65536.
 	TableSize int
@@ -130,6 +138,7 @@ const (
 	defaultMaxTTL          = time.Hour
 	defaultMaxNegativeTTL  = 15 * time.Minute
 	defaultTableSize       = 65536
+	defaultLearnTimeout    = 250 * time.Millisecond
 	defaultClientRate      = 500
 	defaultUDPSize         = 1232
 	defaultTCPIdle         = 8 * time.Second
@@ -159,6 +168,7 @@ func (c Config) Validate() error {
 	for name, d := range map[string]time.Duration{
 		"upstream timeout": c.UpstreamTimeout, "query timeout": c.QueryTimeout, "down for": c.DownFor,
 		"deny ttl": c.DenyTTL, "max ttl": c.MaxTTL, "max negative ttl": c.MaxNegativeTTL, "tcp idle timeout": c.TCPIdleTimeout,
+		"learn timeout": c.LearnTimeout,
 	} {
 		if d < 0 {
 			errs = append(errs, fmt.Errorf("dnsfilter: %s %v is negative", name, d))
@@ -196,6 +206,7 @@ func (c Config) withDefaults() Config {
 	def(&c.MaxTTL, defaultMaxTTL)
 	def(&c.MaxNegativeTTL, defaultMaxNegativeTTL)
 	def(&c.TCPIdleTimeout, defaultTCPIdle)
+	def(&c.LearnTimeout, defaultLearnTimeout)
 	if c.UpstreamTimeout > c.QueryTimeout {
 		c.UpstreamTimeout = c.QueryTimeout
 	}

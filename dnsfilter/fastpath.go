@@ -147,8 +147,11 @@ func (s *Server) fast(sc *scratch, c *net.UDPConn, pkt []byte, src netip.AddrPor
 	if s.cache != nil {
 		e = s.cache.get(key, nowNs)
 	}
-	if e == nil {
-		// A miss: resolve in a goroutine with what was parsed here.
+	if e == nil || dec.Allowed() && s.needsGate(e, eng, dec.Rule) {
+		// A miss: resolve in a goroutine with what was parsed here. So
+		// too a hit whose addresses the firewall must take before the
+		// answer goes out (after a policy reload, or a failed wait):
+		// that wait must not hold up this reader.
 		select {
 		case s.slowSem <- struct{}{}:
 		default:
@@ -156,7 +159,7 @@ func (s *Server) fast(sc *scratch, c *net.UDPConn, pkt []byte, src netip.AddrPor
 			return true
 		}
 		m := &missQuery{pkt: append([]byte(nil), pkt...), key: append([]byte(nil), key...), qnameEnd: len(qnameW) + 12,
-			name: string(name), qtype: qtype, qclass: qclass, flags: flags, edns: edns, do: do, maxSize: maxSize, dec: dec, src: src, start: now}
+			name: string(name), qtype: qtype, qclass: qclass, flags: flags, edns: edns, do: do, maxSize: maxSize, dec: dec, eng: eng, src: src, start: now}
 		s.slow.Add(1)
 		go s.serveMiss(c, m)
 		return true
@@ -189,6 +192,7 @@ type missQuery struct {
 	edns, do bool
 	maxSize  int
 	dec      policy.Decision
+	eng      *policy.Engine
 	src      netip.AddrPort
 	start    time.Time
 }
@@ -198,7 +202,7 @@ type missQuery struct {
 func (s *Server) serveMiss(c *net.UDPConn, m *missQuery) {
 	q := &query{start: m.start, client: m.src, proto: "udp", id: binary.BigEndian.Uint16(m.pkt), rd: m.pkt[2]&0x01 != 0,
 		qnameW: m.pkt[12:m.qnameEnd], name: m.name, qtype: m.qtype, edns: m.edns, do: m.do, cd: m.flags&keyCD != 0,
-		maxSize: m.maxSize, dec: m.dec, rcode: -1}
+		maxSize: m.maxSize, dec: m.dec, eng: m.eng, rcode: -1}
 	defer func() {
 		if r := recover(); r != nil {
 			s.m.dropped.WithLabelValues("panic").Inc()

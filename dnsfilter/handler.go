@@ -44,13 +44,15 @@ type query struct {
 	do, cd   bool
 	maxSize  int
 	dec      policy.Decision
-	enforced bool // answered locally by hardening, whatever the mode
-	rcode    int  // -1: not answered (dropped)
+	eng      *policy.Engine // the engine dec came from
+	enforced bool           // answered locally by hardening, whatever the mode
+	rcode    int            // -1: not answered (dropped)
 	path     string
 	hit      bool
 	upstream string
 	filtered string
-	quiet    bool // a repeated rate-limit drop: count only
+	quiet    bool   // a repeated rate-limit drop: count only
+	fwErr    string // Deps.Firewall did not take the addresses in time: why
 	err      error
 }
 
@@ -123,9 +125,13 @@ func (s *Server) serveMsg(ctx context.Context, req *dns.Msg, src netip.AddrPort,
 //  6. cache, then upstream (one exchange for identical concurrent
 //     queries), with the answer filter (rebinding, ECH) applied before
 //     caching;
-//  7. the learned-address table, for allowed answers.
+//  7. for allowed answers, the firewall (Deps.Firewall) before the answer
+//     is written, so the client's first packet finds the addresses open
+//     (reply → gate);
+//  8. the learned-address table, for allowed answers.
 func (s *Server) answer(ctx context.Context, q *query, req *dns.Msg) []byte {
 	eng := s.pol.Load()
+	q.eng = eng
 	q.dec = policy.Decision{Verdict: policy.Deny, RuleIndex: -1, Mode: eng.Mode()}
 	if req.Opcode != dns.OpcodeQuery {
 		q.dec.Reason, q.enforced = ReasonOpcode, true
@@ -215,8 +221,9 @@ func (s *Server) answer(ctx context.Context, q *query, req *dns.Msg) []byte {
 }
 
 // reply renders an entry for the query's client, truncated to what the
-// client can take over UDP, and credits its addresses to the client when
-// the name is allowed. req may be nil when the query was not unpacked.
+// client can take over UDP, and, when the name is allowed, waits until
+// Deps.Firewall has its addresses (gate) and credits them to the client.
+// req may be nil when the query was not unpacked.
 func (s *Server) reply(q *query, req *dns.Msg, e *entry, hit bool) []byte {
 	q.path, q.hit, q.upstream, q.filtered, q.rcode = "upstream", hit, e.upstream, e.filtered, e.rcode
 	if hit {
@@ -236,6 +243,9 @@ func (s *Server) reply(q *query, req *dns.Msg, e *entry, hit bool) []byte {
 		out = truncate(out, q.maxSize)
 	}
 	if q.dec.Allowed() {
+		// The firewall first: the client may use the addresses as soon
+		// as it reads the answer.
+		s.gate(q, e, now)
 		s.learn(q.client.Addr(), e, q.dec.Rule, now)
 	}
 	return out
@@ -458,7 +468,7 @@ func (s *Server) finish(q *query) {
 	switch {
 	case q.err != nil:
 		level = slog.LevelError
-	case d.Verdict == policy.Deny:
+	case d.Verdict == policy.Deny, q.fwErr != "":
 		level = slog.LevelWarn
 	}
 	ctx := context.Background()
@@ -480,6 +490,9 @@ func (s *Server) finish(q *query) {
 		}
 		if q.filtered != "" {
 			attrs = append(attrs, slog.String("filtered", q.filtered))
+		}
+		if q.fwErr != "" {
+			attrs = append(attrs, slog.String("firewall_learn", q.fwErr))
 		}
 		if q.err != nil {
 			attrs = append(attrs, slog.String(audit.LogError, q.err.Error()))

@@ -25,6 +25,11 @@ type metrics struct {
 	upstreamFailures *prometheus.CounterVec // upstream
 	upstreamUp       *prometheus.GaugeVec   // upstream
 	upstreamDuration *prometheus.HistogramVec
+	learnTotal       *prometheus.CounterVec // result: ok, timeout, error
+	learnOK          prometheus.Counter
+	learnTimeout     prometheus.Counter
+	learnError       prometheus.Counter
+	learnDuration    prometheus.Histogram
 
 	// queryCounters caches the queries children for the hot path:
 	// [verdict allow/deny][mode audit/enforce][rcode 0..23].
@@ -33,7 +38,7 @@ type metrics struct {
 
 func newMetrics() *metrics {
 	const ns, sub = "egress", "dnsfilter"
-	return &metrics{
+	m := &metrics{
 		queries: prometheus.NewCounterVec(prometheus.CounterOpts{Namespace: ns, Subsystem: sub, Name: "queries_total",
 			Help: "DNS queries answered, by verdict, policy mode and response code."}, []string{"verdict", "mode", "rcode"}),
 		queryDuration: prometheus.NewHistogramVec(prometheus.HistogramOpts{Namespace: ns, Subsystem: sub, Name: "query_duration_seconds",
@@ -60,12 +65,21 @@ func newMetrics() *metrics {
 		upstreamDuration: prometheus.NewHistogramVec(prometheus.HistogramOpts{Namespace: ns, Subsystem: sub, Name: "upstream_duration_seconds",
 			Help:    "Duration of one upstream attempt, by upstream.",
 			Buckets: []float64{0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5}}, []string{"upstream"}),
+		learnTotal: prometheus.NewCounterVec(prometheus.CounterOpts{Namespace: ns, Subsystem: sub, Name: "firewall_learn_total",
+			Help: "Allowed answers whose addresses were handed to the firewall before the answer was sent, by result (ok; timeout or error: the answer went out anyway)."}, []string{"result"}),
+		learnDuration: prometheus.NewHistogram(prometheus.HistogramOpts{Namespace: ns, Subsystem: sub, Name: "firewall_learn_duration_seconds",
+			Help:    "Time an allowed answer waited for the firewall to take its addresses.",
+			Buckets: []float64{0.00005, 0.0001, 0.00025, 0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5}}),
 	}
+	m.learnOK = m.learnTotal.WithLabelValues("ok")
+	m.learnTimeout = m.learnTotal.WithLabelValues("timeout")
+	m.learnError = m.learnTotal.WithLabelValues("error")
+	return m
 }
 
 func (m *metrics) register(r prometheus.Registerer, s *Server) error {
 	cs := []prometheus.Collector{m.queries, m.queryDuration, m.cacheHits, m.cacheMisses, m.shared, m.rateLimited,
-		m.dropped, m.filtered, m.upstreamRequests, m.upstreamFailures, m.upstreamUp, m.upstreamDuration,
+		m.dropped, m.filtered, m.upstreamRequests, m.upstreamFailures, m.upstreamUp, m.upstreamDuration, m.learnTotal, m.learnDuration,
 		prometheus.NewGaugeFunc(prometheus.GaugeOpts{Namespace: "egress", Subsystem: "dnsfilter", Name: "cache_entries",
 			Help: "Answers in the cache."}, func() float64 {
 			if s.cache == nil {

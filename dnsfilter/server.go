@@ -40,6 +40,12 @@ type Deps struct {
 	// Table is the learned-address table to fill. Nil means a new table of
 	// Config.TableSize entries.
 	Table *Table
+	// Firewall, when set, is handed the addresses of every allowed answer
+	// whose rule it Wants, and the answer is written to the client only
+	// once it has them (or Config.LearnTimeout passed), so that the
+	// client's first packet to them is not dropped. Nil means answers go
+	// out at once (the Table's Subscribe feed still tells who listens).
+	Firewall Firewall
 	// Now is the clock. Nil means time.Now.
 	Now func() time.Time
 }
@@ -52,6 +58,7 @@ type Server struct {
 	log   *slog.Logger
 	m     *metrics
 	table *Table       // always non-nil
+	fw    Firewall     // nil: answers do not wait
 	cache *cache       // nil when disabled
 	rl    *rateLimiter // nil when disabled
 	ups   *upstreams
@@ -102,6 +109,7 @@ func New(cfg Config, deps Deps) (*Server, error) {
 		sink:  deps.Sink,
 		log:   deps.Logger,
 		table: deps.Table,
+		fw:    deps.Firewall,
 		now:   deps.Now,
 		m:     newMetrics(),
 		ready: make(chan struct{}),

@@ -1,0 +1,274 @@
+package dnsfilter
+
+import (
+	"bytes"
+	"context"
+	"log/slog"
+	"net"
+	"net/netip"
+	"slices"
+	"strings"
+	"sync"
+	"testing"
+	"time"
+
+	"github.com/miekg/dns"
+	"github.com/prometheus/client_golang/prometheus"
+	dto "github.com/prometheus/client_model/go"
+
+	"egressd/policy"
+)
+
+// gatePolicy: api.allowed.test is a TCP-only rule (the proxy sees it; the
+// firewall does not want its addresses), the other allowed names are a
+// UDP rule whose addresses the firewall must have first.
+const gatePolicy = `version: 1
+mode: enforce
+rules:
+  - name: web
+    to: [api.allowed.test]
+    ports: [443/tcp]
+  - name: ntp
+    to: ["*.allowed.test"]
+    ports: [123/udp]
+`
+
+// recFirewall is a Firewall that records what it is given. While hold is
+// set, Learn waits for it to be closed (or for its deadline), as a
+// firewall whose netlink transaction is slow would.
+type recFirewall struct {
+	wants map[string]bool
+
+	mu      sync.Mutex // guards the fields below
+	calls   [][]Learned
+	hold    chan struct{}
+	entered chan struct{} // gets a value as each Learn starts, if set
+}
+
+func (f *recFirewall) Wants(rule string) bool { return f.wants[rule] }
+
+func (f *recFirewall) Learn(ctx context.Context, ls []Learned) error {
+	f.mu.Lock()
+	f.calls = append(f.calls, slices.Clone(ls))
+	hold, entered := f.hold, f.entered
+	f.mu.Unlock()
+	if entered != nil {
+		entered <- struct{}{}
+	}
+	if hold != nil {
+		select {
+		case <-hold:
+		case <-ctx.Done():
+			return ctx.Err()
+		}
+	}
+	return nil
+}
+
+func (f *recFirewall) setHold(hold, entered chan struct{}) {
+	f.mu.Lock()
+	f.hold, f.entered = hold, entered
+	f.mu.Unlock()
+}
+
+func (f *recFirewall) Calls() [][]Learned {
+	f.mu.Lock()
+	defer f.mu.Unlock()
+	return slices.Clone(f.calls)
+}
+
+// syncBuffer is a log destination written by the server's goroutines.
+type syncBuffer struct {
+	mu sync.Mutex
+	b  bytes.Buffer
+}
+
+func (s *syncBuffer) Write(p []byte) (int, error) {
+	s.mu.Lock()
+	defer s.mu.Unlock()
+	return s.b.Write(p)
+}
+
+func (s *syncBuffer) String() string {
+	s.mu.Lock()
+	defer s.mu.Unlock()
+	return s.b.String()
+}
+
+// TestFirewallBeforeAnswer: an allowed answer whose rule the firewall
+// wants is not written before Learn has returned, over UDP and TCP; a
+// cache hit does not ask again under the same policy, does after a
+// reload; answers of rules the firewall ignores never wait.
+func TestFirewallBeforeAnswer(t *testing.T) {
+	up := newFakeUpstream(t, labZone)
+	fw := &recFirewall{wants: map[string]bool{"ntp": true}}
+	store := compile(t, gatePolicy)
+	ts := startServer(t, "", Config{Upstreams: []string{up.Addr}, LearnTimeout: 5 * time.Second}, Deps{Policy: store, Firewall: fw})
+
+	for _, c := range []struct {
+		proto string
+		qtype uint16
+		addr  string
+	}{{"udp", dns.TypeA, "192.0.2.10"}, {"tcp", dns.TypeAAAA, "2001:db8::10"}} {
+		t.Run(c.proto, func(t *testing.T) {
+			hold, entered := make(chan struct{}), make(chan struct{}, 1)
+			fw.setHold(hold, entered)
+			before := len(fw.Calls())
+			start := time.Now()
+			answer := make(chan *dns.Msg, 1)
+			go func() {
+				r, err := tryAsk(c.proto, ts.Addr, "www.allowed.test.", c.qtype, false)
+				if err != nil {
+					t.Error(err)
+				}
+				answer <- r
+			}()
+			select {
+			case <-entered:
+			case <-time.After(5 * time.Second):
+				t.Fatal("Learn was not called")
+			}
+			select {
+			case r := <-answer:
+				t.Fatalf("answer sent while the firewall had not taken its addresses: %v", r)
+			case <-time.After(200 * time.Millisecond):
+			}
+			close(hold)
+			r := <-answer
+			if r == nil || r.Rcode != dns.RcodeSuccess || len(answerAddrs(r)) != 1 || answerAddrs(r)[0].String() != c.addr {
+				t.Fatalf("answer %v", r)
+			}
+			calls := fw.Calls()[before:]
+			if len(calls) != 1 || len(calls[0]) != 1 {
+				t.Fatalf("Learn calls %+v, want one of one address", calls)
+			}
+			l := calls[0][0]
+			if l.Addr.String() != c.addr || l.Rule != "ntp" || l.Name != "www.allowed.test" || l.Client != netip.MustParseAddr("127.0.0.1") {
+				t.Errorf("learned %+v", l)
+			}
+			// TTL 300, plus the second the wire's TTL rounds down to.
+			if lo, hi := start.Add(300*time.Second), time.Now().Add(301*time.Second); l.Expires.Before(lo) || l.Expires.After(hi) {
+				t.Errorf("expires in %v, want 300s-301s", time.Until(l.Expires))
+			}
+			fw.setHold(nil, nil)
+			// A hit: the firewall has them already.
+			for range 3 {
+				ask(t, c.proto, ts.Addr, "www.allowed.test.", c.qtype, false)
+			}
+			if n := len(fw.Calls()) - before; n != 1 {
+				t.Errorf("%d Learn calls after 3 cache hits, want 1", n)
+			}
+		})
+	}
+
+	// A rule the firewall does not want: never asked.
+	before := len(fw.Calls())
+	ask(t, "udp", ts.Addr, "api.allowed.test.", dns.TypeA, false)
+	ask(t, "udp", ts.Addr, "api.allowed.test.", dns.TypeA, false)
+	if n := len(fw.Calls()) - before; n != 0 {
+		t.Errorf("%d Learn calls for a rule the firewall ignores", n)
+	}
+
+	// A reload: the next hit asks again (the new ruleset may lack the
+	// address), once.
+	eng, err := policy.Compile("test-policy.yaml", []byte(gatePolicy))
+	if err != nil {
+		t.Fatal(err)
+	}
+	store.Swap(eng)
+	before = len(fw.Calls())
+	for range 3 {
+		ask(t, "udp", ts.Addr, "www.allowed.test.", dns.TypeA, false)
+	}
+	if n := len(fw.Calls()) - before; n != 1 {
+		t.Errorf("%d Learn calls for 3 hits after a reload, want 1", n)
+	}
+	if got := counterValue(ts.m.learnOK); got != 3 {
+		t.Errorf("firewall_learn_total{result=ok} = %v, want 3", got)
+	}
+}
+
+// TestFirewallTimeout: a firewall that does not answer in LearnTimeout
+// delays the answer, does not lose it; the miss is counted and logged, and
+// the next hit asks again.
+func TestFirewallTimeout(t *testing.T) {
+	up := newFakeUpstream(t, labZone)
+	fw := &recFirewall{wants: map[string]bool{"ntp": true}}
+	var logs syncBuffer
+	ts := startServer(t, gatePolicy, Config{Upstreams: []string{up.Addr}, LearnTimeout: 100 * time.Millisecond},
+		Deps{Firewall: fw, Logger: slog.New(slog.NewJSONHandler(&logs, nil))})
+	fw.setHold(make(chan struct{}), nil) // never released
+	for i := 0; i < 2; i++ {
+		r := ask(t, "udp", ts.Addr, "www.allowed.test.", dns.TypeA, false)
+		if r.Rcode != dns.RcodeSuccess || len(answerAddrs(r)) != 1 {
+			t.Fatalf("answer %d after a firewall timeout: %v", i, r)
+		}
+	}
+	if got := counterValue(ts.m.learnTimeout); got != 2 {
+		t.Errorf("firewall_learn_total{result=timeout} = %v, want 2", got)
+	}
+	if n := len(fw.Calls()); n != 2 {
+		t.Errorf("%d Learn calls, want 2 (a hit after a timeout asks again)", n)
+	}
+	if !strings.Contains(logs.String(), `"firewall_learn":"timeout"`) || !strings.Contains(logs.String(), `"level":"WARN"`) {
+		t.Errorf("no warning with firewall_learn=timeout in the log:\n%s", logs.String())
+	}
+	fw.setHold(nil, nil)
+	for range 3 {
+		ask(t, "udp", ts.Addr, "www.allowed.test.", dns.TypeA, false)
+	}
+	if n := len(fw.Calls()); n != 3 {
+		t.Errorf("%d Learn calls, want 3 (one more once the firewall answers, then none)", n)
+	}
+}
+
+// TestFirewallHitAllocs: on the UDP fast path, a cache hit for a rule the
+// firewall ignores, or whose addresses it already has, allocates no more
+// than a hit with no firewall at all.
+func TestFirewallHitAllocs(t *testing.T) {
+	up := newFakeUpstream(t, labZone)
+	client, err := net.ListenUDP("udp", &net.UDPAddr{IP: net.IPv4(127, 0, 0, 1)})
+	if err != nil {
+		t.Fatal(err)
+	}
+	defer client.Close()
+	src := client.LocalAddr().(*net.UDPAddr).AddrPort()
+	q := new(dns.Msg)
+	q.SetQuestion("www.allowed.test.", dns.TypeA)
+	pkt, err := q.Pack()
+	if err != nil {
+		t.Fatal(err)
+	}
+	allocs := func(fw Firewall) float64 {
+		deps := Deps{}
+		if fw != nil {
+			deps.Firewall = fw
+		}
+		ts := startServer(t, gatePolicy, Config{Upstreams: []string{up.Addr}}, deps)
+		ask(t, "udp", ts.Addr, "www.allowed.test.", dns.TypeA, false) // fills the cache (and the firewall)
+		ts.mu.Lock()
+		conn := ts.udp[0]
+		ts.mu.Unlock()
+		sc := newScratch()
+		return testing.AllocsPerRun(200, func() {
+			if !ts.fast(sc, conn, pkt, src) {
+				t.Fatal("not answered on the fast path")
+			}
+		})
+	}
+	base := allocs(nil)
+	ignoring := allocs(&recFirewall{wants: map[string]bool{}})
+	holding := allocs(&recFirewall{wants: map[string]bool{"ntp": true}})
+	t.Logf("allocations per hit: %v without a firewall, %v ignoring the rule, %v holding the addresses", base, ignoring, holding)
+	if ignoring != base || holding != base {
+		t.Errorf("allocations per hit: %v without a firewall, %v ignoring the rule, %v holding the addresses", base, ignoring, holding)
+	}
+}
+
+func counterValue(c prometheus.Counter) float64 {
+	var m dto.Metric
+	if err := c.Write(&m); err != nil {
+		return -1
+	}
+	return m.GetCounter().GetValue()
+}
