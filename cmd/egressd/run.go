@@ -16,6 +16,7 @@ import (
 	"strconv"
 	"strings"
 	"sync"
+	"sync/atomic"
 	"syscall"
 	"time"
 
@@ -297,7 +298,8 @@ func (d *daemon) run(ctx context.Context) error {
 	// DNS first: the proxy and capture read its learned-address table.
 	dnsCfg := dnsfilter.Config{Listen: splitList(cfg.dnsListen), Upstreams: splitList(cfg.upstreams), Deny: dnsfilter.DenyAnswer(strings.ToUpper(cfg.denyAnswer))}
 	table := dnsfilter.NewTable(0)
-	if d.dns, err = dnsfilter.New(dnsCfg, dnsfilter.Deps{Policy: d.store, Sink: d.sink, Logger: d.log, Registerer: d.reg, Table: table}); err != nil {
+	gate := &firewallGate{} // the firewall, once installed, takes allowed answers' addresses before the client gets them
+	if d.dns, err = dnsfilter.New(dnsCfg, dnsfilter.Deps{Policy: d.store, Sink: d.sink, Logger: d.log, Registerer: d.reg, Table: table, Firewall: gate}); err != nil {
 		d.degrade("dns", err.Error())
 	}
 	var dnsFacts interface {
@@ -386,7 +388,7 @@ func (d *daemon) run(ctx context.Context) error {
 	case !caps.netAdmin:
 		d.degrade("firewall", "needs CAP_NET_ADMIN to install nftables rules (run as root, or use --no-firewall)")
 	default:
-		if err := d.startFirewall(ctx, lan, wan, table, &wg); err != nil {
+		if err := d.startFirewall(lan, wan, gate); err != nil {
 			d.degrade("firewall", err.Error())
 		}
 	}
@@ -416,8 +418,9 @@ func (d *daemon) run(ctx context.Context) error {
 	}
 }
 
-// startFirewall installs the ruleset and feeds it the addresses DNS learns.
-func (d *daemon) startFirewall(ctx context.Context, lan, wan string, table *dnsfilter.Table, wg *sync.WaitGroup) error {
+// startFirewall installs the ruleset and hands it to the DNS forwarder's
+// gate, which feeds it the addresses of allowed answers.
+func (d *daemon) startFirewall(lan, wan string, gate *firewallGate) error {
 	tcpPorts, err := parseTCPPorts(d.cfg.tcpPorts)
 	if err != nil {
 		return fmt.Errorf("--tcp-ports: %w", err)
@@ -434,26 +437,36 @@ func (d *daemon) startFirewall(ctx context.Context, lan, wan string, table *dnsf
 	d.fw = fw
 	rs := fw.Ruleset()
 	d.say("firewall: installed nftables table inet %s (%d chains, %d sets; LAN %s, WAN %s); `egressd firewall print` shows it", firewall.TableName, len(rs.Chains), len(rs.Sets), orOff(lan), orOff(wan))
-	feed, stop := table.Subscribe(4096)
-	wg.Add(1)
-	go func() {
-		defer wg.Done()
-		defer stop()
-		for {
-			select {
-			case l, ok := <-feed:
-				if !ok {
-					return
-				}
-				if err := fw.Learn(l.Rule, l.Addr, time.Until(l.Expires)); err != nil && !errors.Is(err, firewall.ErrSetFull) {
-					d.log.Warn("firewall learn", audit.LogError, err.Error())
-				}
-			case <-ctx.Done():
-				return
-			}
-		}
-	}()
+	gate.fw.Store(fw)
 	return nil
+}
+
+// firewallGate is the firewall as the DNS forwarder sees it
+// (dnsfilter.Firewall): an allowed answer reaches the client only once the
+// firewall has its addresses in its sets, so the client's first UDP packet
+// is not dropped. The firewall is installed after DNS starts (and not at
+// all in plain audit mode); until then the gate wants nothing.
+type firewallGate struct {
+	fw atomic.Pointer[firewall.Firewall]
+}
+
+func (g *firewallGate) Wants(rule string) bool {
+	fw := g.fw.Load()
+	return fw != nil && fw.Wants(rule)
+}
+
+func (g *firewallGate) Learn(ctx context.Context, ls []dnsfilter.Learned) error {
+	fw := g.fw.Load()
+	if fw == nil {
+		return errors.New("egressd: no firewall installed")
+	}
+	var buf [8]firewall.Address
+	as := buf[:0]
+	now := time.Now()
+	for _, l := range ls {
+		as = append(as, firewall.Address{Rule: l.Rule, Addr: l.Addr, TTL: l.Expires.Sub(now)})
+	}
+	return fw.LearnAll(ctx, as)
 }
 
 // reload re-reads the policy (SIGHUP). An invalid policy keeps the old one
