@@ -1,5 +1,7 @@
 package audit
 
+import "log/slog"
+
 // Attribute keys for slog lines, shared by every component so that one
 // canonical line per decision reads the same everywhere.
 const (
@@ -31,3 +33,35 @@ const (
 	// CanonicalMessage is the message of the one line per decision.
 	CanonicalMessage = "decision"
 )
+
+// FlowAttrs returns the attributes of the canonical line of a flow event,
+// with the keys above, so that the proxy's and capture's lines read alike.
+// Callers append what only they know (the listener, an error).
+func (e *Event) FlowAttrs() []slog.Attr {
+	attrs := make([]slog.Attr, 0, 20)
+	attrs = append(attrs, slog.String(LogClient, e.Client.String()))
+	if e.ClientMAC != "" {
+		attrs = append(attrs, slog.String(LogClientMAC, e.ClientMAC))
+	}
+	attrs = append(attrs,
+		slog.String(LogDest, e.Dest.String()),
+		slog.Int(LogDestPort, int(e.DestPort)),
+		slog.String(LogProto, e.Proto),
+		slog.String(LogName, e.Name),
+		slog.String(LogNameSource, string(e.NameSource)),
+	)
+	if e.Path != "" {
+		attrs = append(attrs, slog.String(LogPath, e.Path))
+	}
+	return append(attrs,
+		slog.String(LogVerdict, string(e.Verdict)),
+		slog.String(LogRule, e.Rule),
+		slog.String(LogMode, string(e.Mode)),
+		slog.String(LogReason, e.Reason),
+		slog.Bool(LogEnforced, e.Enforced),
+		slog.Uint64(LogBytesOut, e.BytesOut),
+		slog.Uint64(LogBytesIn, e.BytesIn),
+		slog.Float64(LogDuration, e.Duration),
+		slog.String(LogClose, e.Close),
+	)
+}

@@ -330,27 +330,7 @@ func (p *Proxy) finish(f *flowRecord) {
 	if !p.log.Enabled(context.Background(), level) {
 		return
 	}
-	attrs := []slog.Attr{
-		slog.String("listener", f.listener),
-		slog.String(audit.LogClient, ev.Client.String()),
-		slog.String(audit.LogDest, ev.Dest.String()),
-		slog.Int(audit.LogDestPort, int(ev.DestPort)),
-		slog.String(audit.LogProto, ev.Proto),
-		slog.String(audit.LogName, ev.Name),
-		slog.String(audit.LogNameSource, string(ev.NameSource)),
-		slog.String(audit.LogVerdict, string(ev.Verdict)),
-		slog.String(audit.LogRule, ev.Rule),
-		slog.String(audit.LogMode, string(ev.Mode)),
-		slog.String(audit.LogReason, ev.Reason),
-		slog.Bool(audit.LogEnforced, ev.Enforced),
-		slog.Uint64(audit.LogBytesOut, ev.BytesOut),
-		slog.Uint64(audit.LogBytesIn, ev.BytesIn),
-		slog.Float64(audit.LogDuration, ev.Duration),
-		slog.String(audit.LogClose, ev.Close),
-	}
-	if ev.Path != "" {
-		attrs = append(attrs, slog.String(audit.LogPath, ev.Path))
-	}
+	attrs := append(ev.FlowAttrs(), slog.String("listener", f.listener))
 	if f.err != nil {
 		attrs = append(attrs, slog.String(audit.LogError, f.err.Error()))
 	}
