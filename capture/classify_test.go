@@ -328,3 +328,85 @@ func TestOpenFlowReport(t *testing.T) {
 		}
 	}
 }
+
+// handHello builds a TLS record holding a minimal ClientHello with the
+// given extensions (type, data).
+func handHello(exts ...[]byte) []byte {
+	var ext []byte
+	for _, e := range exts {
+		ext = append(ext, e...)
+	}
+	body := []byte{3, 3}
+	body = append(body, make([]byte, 32)...) // random
+	body = append(body, 0)                   // session id
+	body = append(body, 0, 2, 0x13, 0x01)    // cipher suites
+	body = append(body, 1, 0)                // compression
+	body = append(body, byte(len(ext)>>8), byte(len(ext)))
+	body = append(body, ext...)
+	hs := append([]byte{1, 0, byte(len(body) >> 8), byte(len(body))}, body...)
+	return append([]byte{22, 3, 1, byte(len(hs) >> 8), byte(len(hs))}, hs...)
+}
+
+// sniExt is a server_name extension listing names as host_name entries.
+func sniExt(names ...string) []byte {
+	var list []byte
+	for _, n := range names {
+		list = append(list, 0, byte(len(n)>>8), byte(len(n)))
+		list = append(list, n...)
+	}
+	data := append([]byte{byte(len(list) >> 8), byte(len(list))}, list...)
+	return append([]byte{0, 0, byte(len(data) >> 8), byte(len(data))}, data...)
+}
+
+// TestProxyHelloReasons: hellos the proxy refuses before any rule is
+// asked are denied by capture with the proxy's reason, even where the name
+// read would be allowed and vouched for.
+func TestProxyHelloReasons(t *testing.T) {
+	cli := netip.MustParseAddr("192.0.2.80")
+	srv := netip.MustParseAddr("203.0.113.80")
+	good := handHello(sniExt("a.allowed.test"))
+	bad := handHello(sniExt("a.allowed.test"))
+	bad[len(bad)-len(sniExt("a.allowed.test"))+3]++ // the extension claims one byte more than there is
+	cases := []struct {
+		what   string
+		write  func(c *tcpConn)
+		reason string
+		name   string
+	}{
+		{"a well-formed hello (control)", func(c *tcpConn) { c.send(true, good, 1400, nil, nil) }, policy.ReasonAllowed, "a.allowed.test"},
+		{"two server_name extensions", func(c *tcpConn) {
+			c.send(true, handHello(sniExt("a.allowed.test"), sniExt("evil.test")), 1400, nil, nil)
+		}, ReasonDuplicateSNI, ""},
+		{"two host names in one extension", func(c *tcpConn) {
+			c.send(true, handHello(sniExt("a.allowed.test", "evil.test")), 1400, nil, nil)
+		}, ReasonDuplicateSNI, ""},
+		{"a malformed extension", func(c *tcpConn) { c.send(true, bad, 1400, nil, nil) }, ReasonHelloBad, ""},
+		{"a hello begun and not finished within the wait", func(c *tcpConn) {
+			c.send(true, good[:20], 1400, nil, nil)
+			c.p.now = c.p.now.Add(classifyWait + time.Second)
+			c.send(true, good[20:], 1400, nil, nil)
+		}, ReasonHelloTimeout, ""},
+	}
+	p := newPcap(t)
+	for i, tc := range cases {
+		c := &tcpConn{p: p, cli: cli, srv: srv, cport: uint16(44000 + i), sport: 443, cseq: 1, sseq: 1}
+		c.handshake()
+		tc.write(c)
+		c.close()
+	}
+	r := synthRun(t, p.close(), testPolicy, factsMap{srv: {"a.allowed.test"}}, Config{})
+	got := map[uint16]audit.Event{}
+	for _, ev := range r.events {
+		got[ev.ClientPort] = ev
+	}
+	for i, tc := range cases {
+		ev, ok := got[uint16(44000+i)]
+		wantVerdict := policy.Deny
+		if tc.reason == policy.ReasonAllowed {
+			wantVerdict = policy.Allow
+		}
+		if !ok || ev.Reason != tc.reason || ev.Verdict != wantVerdict || ev.Name != tc.name {
+			t.Errorf("%s: %+v, want %s %q name %q", tc.what, ev, wantVerdict, tc.reason, tc.name)
+		}
+	}
+}

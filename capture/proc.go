@@ -4,6 +4,7 @@ import (
 	"bytes"
 	"context"
 	"encoding/binary"
+	"errors"
 	"log/slog"
 	"net"
 	"net/netip"
@@ -440,6 +441,9 @@ func (p *proc) tcpData(f *flow, dir int, seq uint32, data []byte) {
 		p.examine(f, dir)
 	}
 	if f.inspect && s.full {
+		if f.app == appTLS || f.app == appHTTP {
+			p.deny(f, ReasonHelloTooLarge, "", audit.NameNone) // over the proxy's cap too
+		}
 		p.giveUp(f)
 	}
 }
@@ -494,6 +498,12 @@ func (p *proc) examine(f *flow, dir int) {
 	case appTLS:
 		msg, err := helloFromRecords(b, &p.scratch)
 		if err != nil {
+			// Starts as TLS and does not parse: the proxy refuses it.
+			reason := ReasonHelloBad
+			if errors.Is(err, errTooLarge) {
+				reason = ReasonHelloTooLarge
+			}
+			p.deny(f, reason, "", audit.NameNone)
 			f.gaveUp = true
 			p.done(f)
 			return
@@ -553,9 +563,20 @@ func (p *proc) hello(f *flow, msg []byte, src audit.NameSource) {
 	}
 	if err != nil {
 		p.stats.badHellos.Add(1)
+		// The proxy refuses a hello that does not parse; the name read
+		// before the fault still shows what the client asked for.
+		name, ns := "", audit.NameNone
+		if h.SNI != "" {
+			name, ns = h.SNI, src
+		}
+		p.deny(f, ReasonHelloBad, name, ns)
 	}
 	// A server_name read before the hello turned out malformed is still
 	// what the client asked for, and what the report should show.
+	if h.DupSNI {
+		// The proxy refuses a hello naming two servers (THREATS.md A5).
+		p.deny(f, ReasonDuplicateSNI, "", audit.NameNone)
+	}
 	if h.SNI != "" {
 		f.name, f.nameSrc = h.SNI, src
 		kind := obsSNI
@@ -863,20 +884,52 @@ const (
 )
 
 // settle decides a flow whose name did not come within classifyWait: the
-// proxy would have decided by then, on what it had.
+// proxy would have decided by then, on what it had. A client that sent
+// nothing is decided by address (the proxy does so after its first-byte
+// wait); a TLS ClientHello or HTTP request head begun and not finished is
+// denied as hello-timeout, as the proxy denies it.
 func (p *proc) settle(f *flow) {
+	if f.inspect && (f.app == appTLS || f.app == appHTTP) {
+		p.deny(f, ReasonHelloTimeout, "", audit.NameNone)
+	}
 	if f.inspect && f.app != appDNS {
 		p.giveUp(f)
 	}
 	p.classify(f)
 }
 
-// ReasonSNIMismatch is the reason of a flow whose name (SNI, QUIC SNI or
-// HTTP Host) a rule allows but whose destination address was not given out
-// for a name of that rule (THREATS.md A2). It is the proxy's reason string
-// (proxy.ReasonSNIMismatch), so the ledger and the reports see one reason
-// whichever component reported the flow.
-const ReasonSNIMismatch = "sni-mismatch"
+// Reasons capture adds to policy's. They are the proxy's reason strings
+// (proxy.ReasonSNIMismatch and the others of the same name), so that the
+// ledger and the reports see one reason whichever component reported a
+// flow.
+const (
+	// ReasonSNIMismatch: the name (SNI, QUIC SNI or HTTP Host) is allowed,
+	// but the destination address was not given out for a name of the
+	// rule that allows it (THREATS.md A2).
+	ReasonSNIMismatch = "sni-mismatch"
+	// ReasonHelloTimeout: the ClientHello or HTTP request head did not
+	// complete within classifyWait of the handshake.
+	ReasonHelloTimeout = "hello-timeout"
+	// ReasonDuplicateSNI: more than one server name in the ClientHello.
+	ReasonDuplicateSNI = "duplicate-sni"
+	// ReasonHelloBad: the stream starts as TLS and its ClientHello does
+	// not parse.
+	ReasonHelloBad = "hello-malformed"
+	// ReasonHelloTooLarge: the ClientHello or HTTP head is over 64 KiB,
+	// the proxy's default cap.
+	ReasonHelloTooLarge = "hello-too-large"
+)
+
+// deny decides f as denied by capture (not by a rule), with the policy's
+// mode at this moment.
+func (p *proc) deny(f *flow, reason, name string, src audit.NameSource) {
+	if f.decided {
+		return
+	}
+	f.decided = true
+	f.dec = policy.Decision{Verdict: policy.Deny, RuleIndex: -1, Reason: reason, Mode: p.c.deps.Policy.Load().Mode()}
+	f.evName, f.evSrc = name, src
+}
 
 // classify decides a flow once, with the policy in force now (see above).
 func (p *proc) classify(f *flow) {

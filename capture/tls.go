@@ -16,6 +16,7 @@ const (
 var (
 	errNotTLS    = errors.New("capture: not a TLS handshake")
 	errMalformed = errors.New("capture: malformed ClientHello")
+	errTooLarge  = errors.New("capture: ClientHello over 64 KiB")
 )
 
 // reader is a bounds-checked cursor over a byte slice.
@@ -59,6 +60,9 @@ func (r *reader) bytes(n int) []byte {
 type helloInfo struct {
 	SNI string // first host_name of the first server_name extension; "" none
 	ECH bool   // an encrypted_client_hello (0xfe0d) or ESNI (0xffce) extension
+	// DupSNI: more than one host name, in one server_name extension or
+	// in two (the proxy refuses these).
+	DupSNI bool
 }
 
 // parseClientHello parses one complete handshake message (type, 24-bit
@@ -98,6 +102,7 @@ func parseClientHello(msg []byte) (helloInfo, error) {
 		switch typ {
 		case 0: // server_name
 			if sawSNI {
+				h.DupSNI = true
 				continue // the first one is the one we report
 			}
 			sawSNI = true
@@ -112,8 +117,12 @@ func parseClientHello(msg []byte) (helloInfo, error) {
 				if !list.ok {
 					return h, errMalformed
 				}
-				if nt == 0 && h.SNI == "" {
-					h.SNI = string(name)
+				switch {
+				case nt != 0:
+				case h.SNI == "":
+					h.SNI = string(name) // the first one is the one we report
+				default:
+					h.DupSNI = true // the proxy counts host names, not extensions
 				}
 			}
 		case 0xfe0d, 0xffce:
@@ -177,7 +186,7 @@ func helloComplete(hs []byte) (bool, error) {
 	}
 	n := int(hs[1])<<16 | int(hs[2])<<8 | int(hs[3])
 	if n+4 > maxHandshake {
-		return false, errMalformed
+		return false, errTooLarge
 	}
 	return len(hs) >= 4+n, nil
 }
