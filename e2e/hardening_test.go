@@ -417,10 +417,12 @@ func startSlowloris(tp *topo, addr string, n int) <-chan slowResult {
 					continue
 				}
 				res.sent[i]++
-				// A closed peer shows on the next write, or as EOF now.
+				// egressd sends nothing to a client whose hello is still
+				// coming, except its alert when it gives up: any byte, EOF
+				// or reset means the connection was refused.
 				c.SetReadDeadline(time.Now().Add(time.Millisecond))
 				var b [16]byte
-				if _, err := c.Read(b[:]); err != nil && !isTimeoutErr(err) {
+				if n, err := c.Read(b[:]); n > 0 || err != nil && !isTimeoutErr(err) {
 					done[i] = true
 					res.closed++
 					res.closedAfter = max(res.closedAfter, time.Since(start))

@@ -1,0 +1,460 @@
+package e2e
+
+import (
+	"context"
+	"fmt"
+	"io"
+	"net"
+	"os"
+	"strconv"
+	"strings"
+	"sync"
+	"sync/atomic"
+	"testing"
+	"time"
+
+	"github.com/miekg/dns"
+)
+
+// Load and faults (THREATS.md C4, G1, G2, G4), bounded in count and time,
+// inside the test namespaces only. Figures are logged (t.Logf) and
+// collected in SECURITY.md; the assertions are about what must hold
+// (legitimate clients served, limits applied, fail closed), never about
+// speed. E2E_TUNNELS and E2E_SLOWLORIS scale the first case (defaults
+// 2,000 and 200, sized for a 2-core CI box).
+func TestHardeningLoad(t *testing.T) {
+	tp := newTopo(t)
+	u := tp.startUpstream(t)
+	u.add(loadName + ". 300 IN A " + loadIP)
+	u.add(holeName + ". 300 IN A " + holeIP)
+	const freshIP = "203.0.113.41" // given out for no name before the upstream goes down
+	for i := range 3 {
+		u.add(fmt.Sprintf("fresh%d.nirovision.com. 300 IN A %s", i, freshIP))
+	}
+	w := tp.newWitness(t, []string{loadIP + ":443", freshIP + ":443"}, nil)
+	hole := tp.silentOrigin(t, holeIP+":443")
+	tp.lan.MustRun("ip", "addr", "add", "198.18.1.11/24", "dev", "eth0")
+
+	d := hardeningDaemon(t, tp, u, "")
+	for _, n := range []string{dockerName, loadName, holeName} {
+		if rcode, addrs := tp.dig(t, n, "A"); rcode != "NOERROR" || len(addrs) == 0 {
+			t.Fatalf("dig %s: %s %v", n, rcode, addrs)
+		}
+	}
+	legit := func(when string) {
+		t.Helper()
+		body, _, err := tp.tlsGet(dockerIP4+":443", dockerName, nil, nil)
+		if err != nil || !strings.Contains(body, "sni="+dockerName) {
+			t.Errorf("legitimate client %s: %q %v", when, body, err)
+		}
+	}
+	rss0, _, thr0 := d.rss()
+	t.Logf("egressd at rest: RSS %d KiB, %d threads, %d fds", rss0, thr0, d.fds())
+
+	t.Run("tunnels-and-slowloris", func(t *testing.T) {
+		nTun := envInt("E2E_TUNNELS", 2000)
+		nSlow := envInt("E2E_SLOWLORIS", 200)
+		slow := startSlowloris(tp, dockerIP4+":443", nSlow)
+		start := time.Now()
+		conns, failed := openTunnels(tp, loadIP+":443", loadName, nTun, 64)
+		defer func() {
+			for _, c := range conns {
+				c.Close()
+			}
+		}()
+		opened := time.Since(start)
+		rss, hwm, thr := d.rss()
+		t.Logf("%d tunnels open in %v (%d failed) with %d slowloris clients: egressd RSS %d KiB (peak %d), %d threads, %d fds, active %v",
+			len(conns), opened.Round(time.Millisecond), failed, nSlow, rss, hwm, thr, d.fds(), d.metric("egress_proxy_active_connections"))
+		if failed > 0 {
+			t.Errorf("%d of %d tunnels failed", failed, nTun)
+		}
+		// The tunnels carry data, and a legitimate client is still served.
+		for i := 0; i < len(conns); i += max(1, len(conns)/20) {
+			c := conns[i]
+			c.SetDeadline(time.Now().Add(5 * time.Second))
+			if _, err := io.WriteString(c, "ping\n"); err != nil {
+				t.Errorf("tunnel %d: %v", i, err)
+				continue
+			}
+			buf := make([]byte, 5)
+			if _, err := io.ReadFull(c, buf); err != nil || string(buf) != "ping\n" {
+				t.Errorf("tunnel %d echo: %q %v", i, buf, err)
+			}
+		}
+		legit("with the tunnels and slowloris clients open")
+		if rcode, _ := tp.dig(t, dockerName, "A"); rcode != "NOERROR" {
+			t.Errorf("DNS under load: %s", rcode)
+		}
+		if hwm > 1<<20 {
+			t.Errorf("egressd peak RSS %d KiB over 1 GiB with %d tunnels", hwm, nTun)
+		}
+		res := <-slow
+		if res.err != nil || res.closed != nSlow {
+			t.Errorf("slowloris: %d of %d closed by egressd: %v", res.closed, nSlow, res.err)
+		}
+		t.Logf("slowloris: all %d closed within %v (hello deadline 10 s)", res.closed, res.closedAfter.Round(time.Millisecond))
+		for _, c := range conns {
+			c.Close()
+		}
+		conns = nil
+		deadline := time.Now().Add(10 * time.Second)
+		for d.metric("egress_proxy_active_connections") > 0 && time.Now().Before(deadline) {
+			time.Sleep(100 * time.Millisecond)
+		}
+		rss, hwm, thr = d.rss()
+		t.Logf("after closing: RSS %d KiB (peak %d), %d threads, %d fds, active %v", rss, hwm, thr, d.fds(), d.metric("egress_proxy_active_connections"))
+		if a := d.metric("egress_proxy_active_connections"); a > 0 {
+			t.Errorf("%v proxy connections still active 10 s after every client closed", a)
+		}
+	})
+
+	t.Run("dns-flood", func(t *testing.T) {
+		// One client floods (6,000 queries in about 1.5 s); another asks
+		// 20 questions meanwhile and must get every answer.
+		limited0 := d.metric("egress_dnsfilter_rate_limited_total")
+		var other atomic.Int64
+		var wg sync.WaitGroup
+		wg.Add(1)
+		go func() {
+			defer wg.Done()
+			for range 20 {
+				if m, err := tp.dnsQueryFrom("198.18.1.11", dockerName, dns.TypeA); err == nil && m.Rcode == dns.RcodeSuccess {
+					other.Add(1)
+				}
+				time.Sleep(75 * time.Millisecond)
+			}
+		}()
+		sent, answered, dur := tp.dnsFlood(dockerName, 6000, 1500*time.Millisecond)
+		wg.Wait()
+		limited := d.metric("egress_dnsfilter_rate_limited_total") - limited0
+		t.Logf("DNS flood: %d queries in %v, %d answered, %v rate-limited; the other client got %d of 20 answers",
+			sent, dur.Round(time.Millisecond), answered, limited, other.Load())
+		if other.Load() != 20 {
+			t.Errorf("the other client got %d of 20 answers during the flood", other.Load())
+		}
+		if limited == 0 || answered >= sent {
+			t.Errorf("flood not rate-limited: %d of %d answered, %v limited", answered, sent, limited)
+		}
+		// 500 q/s with a burst of 2,000 (the defaults): the flood gets at
+		// most burst + rate × duration (+ slack for timing).
+		if bound := 2000 + int(500*dur.Seconds()) + 500; answered > bound {
+			t.Errorf("flood: %d answered, over the limit's %d", answered, bound)
+		}
+		legit("after the DNS flood")
+	})
+
+	t.Run("upstream-down-and-back", func(t *testing.T) {
+		u.down.Store(true)
+		start := time.Now()
+		m, err := tp.dnsQuery("fresh0.nirovision.com", dns.TypeA, 8*time.Second)
+		took := time.Since(start)
+		if err != nil || m.Rcode != dns.RcodeServerFailure {
+			t.Errorf("uncached name with the upstream down: %v %v, want SERVFAIL", m, err)
+		}
+		t.Logf("upstream down: SERVFAIL after %v", took.Round(time.Millisecond))
+		// Cached names are still answered.
+		if rcode, _ := tp.dig(t, dockerName, "A"); rcode != "NOERROR" {
+			t.Errorf("cached name with the upstream down: %s", rcode)
+		}
+		// The proxy needs a fresh lookup for an allowed SNI at an address
+		// our DNS did not give this client (for any name of the rule): it
+		// fails closed.
+		o := tp.sendHello(freshIP+":443", buildHello(helloSpec{sni: [][]string{{"fresh1.nirovision.com"}}}), 0, 0)
+		if !o.denied {
+			t.Errorf("SNI needing a lookup with the upstream down: %v", o)
+		}
+		wantEvent(t, d, "lookup with the upstream down", byClientPort(o.port), "deny", "sni-mismatch")
+		if n := w.hits(freshIP + ":443"); n != 0 {
+			t.Errorf("%s accepted %d connections while the upstream was down", freshIP, n)
+		}
+		legit("with the upstream down (address given out before)")
+
+		u.down.Store(false)
+		back := time.Now()
+		for {
+			m, err := tp.dnsQuery("fresh2.nirovision.com", dns.TypeA, 2*time.Second)
+			if err == nil && m.Rcode == dns.RcodeSuccess && len(m.Answer) > 0 {
+				break
+			}
+			if time.Since(back) > 30*time.Second {
+				t.Fatalf("the forwarder did not recover within 30 s of the upstream coming back: %v %v", m, err)
+			}
+			time.Sleep(250 * time.Millisecond)
+		}
+		t.Logf("upstream back: answers again after %v", time.Since(back).Round(time.Millisecond))
+	})
+
+	t.Run("silent-origin", func(t *testing.T) {
+		// 20 connections to an allowed origin that accepts and never
+		// answers: the clients time out on their own; egressd keeps
+		// serving others and records each connection when it ends.
+		var wg sync.WaitGroup
+		var timedOut atomic.Int64
+		ports := make([]int, 20)
+		for i := range 20 {
+			wg.Add(1)
+			go func() {
+				defer wg.Done()
+				ctx, cancel := context.WithTimeout(context.Background(), 3*time.Second)
+				defer cancel()
+				c, err := tp.lan.DialContext(ctx, "tcp", holeIP+":443")
+				if err != nil {
+					return
+				}
+				defer c.Close()
+				ports[i] = c.LocalAddr().(*net.TCPAddr).Port
+				c.Write(buildHello(helloSpec{sni: [][]string{{holeName}}}))
+				c.SetReadDeadline(time.Now().Add(3 * time.Second))
+				if _, err := c.Read(make([]byte, 1)); isTimeoutErr(err) {
+					timedOut.Add(1)
+				}
+			}()
+		}
+		time.Sleep(500 * time.Millisecond)
+		legit("while 20 connections wait on a silent origin")
+		wg.Wait()
+		t.Logf("silent origin: %d of 20 clients timed out waiting, the origin accepted %d", timedOut.Load(), hole.Load())
+		if timedOut.Load() != 20 || hole.Load() < 20 {
+			t.Errorf("silent origin: %d timed out, %d accepted, want 20 and 20", timedOut.Load(), hole.Load())
+		}
+		// The clients have closed: their tunnels should end, and be
+		// recorded. They do not (see below).
+		if os.Getenv("E2E_KNOWN_BUGS") == "" {
+			t.Skip("known bug (proxy): after the client closes, a tunnel to an origin that never answers and never closes stays open for good (the proxy half-closes toward the origin and waits for it; no half-close timeout); run with E2E_KNOWN_BUGS=1")
+		}
+		deadline := time.Now().Add(15 * time.Second)
+		for d.metric("egress_proxy_active_connections") > 0 && time.Now().Before(deadline) {
+			time.Sleep(200 * time.Millisecond)
+		}
+		if a := d.metric("egress_proxy_active_connections"); a > 0 {
+			t.Fatalf("%v tunnels to the silent origin still open 15 s after their clients closed (egressd holds %d fds)", a, d.fds())
+		}
+		for _, p := range ports {
+			wantEvent(t, d, "silent origin", byClientPort(p), "allow", "")
+		}
+	})
+
+	t.Run("reload-every-second", func(t *testing.T) {
+		// Ten reloads, one a second, under a steady mix of allowed and
+		// denied connections: none of the allowed fail, none of the denied
+		// get through, and every reload succeeds.
+		stop := make(chan struct{})
+		var ok, bad, leaked, denied atomic.Int64
+		var wg sync.WaitGroup
+		for range 2 {
+			wg.Add(1)
+			go func() {
+				defer wg.Done()
+				for {
+					select {
+					case <-stop:
+						return
+					default:
+					}
+					if body, _, err := tp.tlsGet(dockerIP4+":443", dockerName, nil, nil); err == nil && strings.Contains(body, "sni="+dockerName) {
+						ok.Add(1)
+					} else {
+						bad.Add(1)
+						t.Logf("allowed connection failed during reloads: %v", err)
+					}
+					if o := tp.sendHello(trackerIP+":443", buildHello(helloSpec{sni: [][]string{{trackerName}}}), 0, 0); o.denied {
+						denied.Add(1)
+					} else {
+						leaked.Add(1)
+					}
+				}
+			}()
+		}
+		base := append(testPolicy(t), hardeningRules...)
+		for i := range 10 {
+			time.Sleep(time.Second)
+			p := base
+			if i%2 == 0 {
+				p = append(append([]byte(nil), base...), fmt.Sprintf("\n  - name: e2e-reload-%d\n    to: [\"reload%d.example\"]\n    ports: [443/tcp]\n", i, i)...)
+			}
+			d.writePolicy(p)
+			d.hup(true)
+		}
+		close(stop)
+		wg.Wait()
+		t.Logf("10 reloads in 10 s: %d allowed connections served, %d failed; %d denied connections refused, %d got through", ok.Load(), bad.Load(), denied.Load(), leaked.Load())
+		if bad.Load() != 0 || leaked.Load() != 0 || ok.Load() == 0 {
+			t.Errorf("during reloads: %d allowed failed, %d denied got through (%d served)", bad.Load(), leaked.Load(), ok.Load())
+		}
+	})
+
+	rss, hwm, thr := d.rss()
+	t.Logf("egressd at the end: RSS %d KiB (peak %d), %d threads, %d fds", rss, hwm, thr, d.fds())
+	if !strings.Contains(d.tp.gw.MustRun("nft", "list", "table", "inet", "egressd"), "egressd") {
+		t.Errorf("nftables table gone")
+	}
+	select {
+	case <-d.proc.Done():
+		t.Fatalf("egressd exited under load\n%s", d.logs())
+	default:
+	}
+}
+
+func envInt(name string, def int) int {
+	if v, err := strconv.Atoi(os.Getenv(name)); err == nil && v > 0 {
+		return v
+	}
+	return def
+}
+
+// openTunnels opens n TLS-shaped tunnels to addr (a hello with sni, then
+// the echo origin's "hit\n"), workers at a time, and returns the open ones.
+func openTunnels(tp *topo, addr, sni string, n, workers int) ([]net.Conn, int) {
+	var mu sync.Mutex
+	var conns []net.Conn
+	failed := 0
+	jobs := make(chan struct{})
+	var wg sync.WaitGroup
+	for range workers {
+		wg.Add(1)
+		go func() {
+			defer wg.Done()
+			for range jobs {
+				c, err := openTunnel(tp, addr, sni)
+				mu.Lock()
+				if err != nil {
+					failed++
+				} else {
+					conns = append(conns, c)
+				}
+				mu.Unlock()
+			}
+		}()
+	}
+	for range n {
+		jobs <- struct{}{}
+	}
+	close(jobs)
+	wg.Wait()
+	return conns, failed
+}
+
+func openTunnel(tp *topo, addr, sni string) (net.Conn, error) {
+	ctx, cancel := context.WithTimeout(context.Background(), 10*time.Second)
+	defer cancel()
+	c, err := tp.lan.DialContext(ctx, "tcp", addr)
+	if err != nil {
+		return nil, err
+	}
+	hello := buildHello(helloSpec{sni: [][]string{{sni}}})
+	c.SetDeadline(time.Now().Add(10 * time.Second))
+	if _, err := c.Write(hello); err != nil {
+		c.Close()
+		return nil, err
+	}
+	// The origin says "hit\n" then echoes the hello back.
+	buf := make([]byte, 4+len(hello))
+	if _, err := io.ReadFull(c, buf); err != nil || string(buf[:4]) != "hit\n" {
+		c.Close()
+		return nil, fmt.Errorf("tunnel: %q %v", buf[:min(8, len(buf))], err)
+	}
+	c.SetDeadline(time.Time{})
+	return c, nil
+}
+
+// silentOrigin accepts TCP connections on addr (added to the internet
+// namespace) and never answers; it returns the accept count.
+func (tp *topo) silentOrigin(t *testing.T, addr string) *atomic.Int64 {
+	t.Helper()
+	h, _, _ := net.SplitHostPort(addr)
+	tp.inet.MustRun("ip", "addr", "add", h+"/32", "dev", "eth0")
+	ln, err := tp.inet.Listen("tcp", addr)
+	if err != nil {
+		t.Fatal(err)
+	}
+	var n atomic.Int64
+	var mu sync.Mutex
+	var held []net.Conn
+	t.Cleanup(func() {
+		ln.Close()
+		mu.Lock()
+		for _, c := range held {
+			c.Close()
+		}
+		mu.Unlock()
+	})
+	go func() {
+		for {
+			c, err := ln.Accept()
+			if err != nil {
+				return
+			}
+			n.Add(1)
+			mu.Lock()
+			held = append(held, c)
+			mu.Unlock()
+		}
+	}()
+	return &n
+}
+
+// dnsQueryFrom asks the gateway from a given LAN source address.
+func (tp *topo) dnsQueryFrom(src, name string, qtype uint16) (*dns.Msg, error) {
+	var pc net.PacketConn
+	if err := tp.lan.Do(func() (err error) { pc, err = net.ListenPacket("udp", net.JoinHostPort(src, "0")); return }); err != nil {
+		return nil, err
+	}
+	defer pc.Close()
+	m := new(dns.Msg)
+	m.SetQuestion(dns.Fqdn(name), qtype)
+	b, _ := m.Pack()
+	gw := &net.UDPAddr{IP: net.ParseIP(gwLAN4), Port: 53}
+	pc.SetDeadline(time.Now().Add(2 * time.Second))
+	if _, err := pc.WriteTo(b, gw); err != nil {
+		return nil, err
+	}
+	buf := make([]byte, 1500)
+	n, _, err := pc.ReadFrom(buf)
+	if err != nil {
+		return nil, err
+	}
+	r := new(dns.Msg)
+	return r, r.Unpack(buf[:n])
+}
+
+// dnsFlood sends n queries for name from the LAN client's address, spread
+// over about dur, and counts the answers (waiting 1 s after the last).
+func (tp *topo) dnsFlood(name string, n int, dur time.Duration) (sent, answered int, took time.Duration) {
+	var pc net.PacketConn
+	if err := tp.lan.Do(func() (err error) { pc, err = net.ListenPacket("udp", net.JoinHostPort(lanClient4, "0")); return }); err != nil {
+		return 0, 0, 0
+	}
+	defer pc.Close()
+	var got atomic.Int64
+	done := make(chan struct{})
+	go func() {
+		defer close(done)
+		buf := make([]byte, 1500)
+		for {
+			if _, _, err := pc.ReadFrom(buf); err != nil {
+				return
+			}
+			got.Add(1)
+		}
+	}()
+	gw := &net.UDPAddr{IP: net.ParseIP(gwLAN4), Port: 53}
+	m := new(dns.Msg)
+	m.SetQuestion(dns.Fqdn(name), dns.TypeA)
+	start := time.Now()
+	per := dur / time.Duration(n/100)
+	for i := range n {
+		m.Id = uint16(i)
+		b, _ := m.Pack()
+		if _, err := pc.WriteTo(b, gw); err == nil {
+			sent++
+		}
+		if i%100 == 99 {
+			time.Sleep(time.Until(start.Add(per * time.Duration(i/100+1))))
+		}
+	}
+	took = time.Since(start)
+	pc.SetReadDeadline(time.Now().Add(time.Second))
+	<-done
+	return sent, int(got.Load()), took
+}
