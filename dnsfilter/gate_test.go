@@ -16,6 +16,7 @@ import (
 	"github.com/prometheus/client_golang/prometheus"
 	dto "github.com/prometheus/client_model/go"
 
+	"egressd/audit"
 	"egressd/policy"
 )
 
@@ -271,4 +272,74 @@ func counterValue(c prometheus.Counter) float64 {
 		return -1
 	}
 	return m.GetCounter().GetValue()
+}
+
+// BenchmarkFastPathHit measures a UDP cache hit on the fast path (parse,
+// policy, cache, render, send) without a firewall, with one that ignores
+// the rule, and with one that already holds the answer's addresses: the
+// three should cost the same.
+func BenchmarkFastPathHit(b *testing.B) {
+	up := newFakeUpstream(b, labZone)
+	client, err := net.ListenUDP("udp", &net.UDPAddr{IP: net.IPv4(127, 0, 0, 1)})
+	if err != nil {
+		b.Fatal(err)
+	}
+	defer client.Close()
+	src := client.LocalAddr().(*net.UDPAddr).AddrPort()
+	q := new(dns.Msg)
+	q.SetQuestion("www.allowed.test.", dns.TypeA)
+	pkt, err := q.Pack()
+	if err != nil {
+		b.Fatal(err)
+	}
+	for _, c := range []struct {
+		name string
+		fw   Firewall
+	}{{"none", nil}, {"ignored", &recFirewall{wants: map[string]bool{}}}, {"held", &recFirewall{wants: map[string]bool{"ntp": true}}}} {
+		b.Run(c.name, func(b *testing.B) {
+			deps := Deps{Sink: audit.Discard}
+			if c.fw != nil {
+				deps.Firewall = c.fw
+			}
+			ts := startServer(b, gatePolicy, Config{Upstreams: []string{up.Addr}}, deps)
+			ask(b, "udp", ts.Addr, "www.allowed.test.", dns.TypeA, false)
+			ts.mu.Lock()
+			conn := ts.udp[0]
+			ts.mu.Unlock()
+			sc := newScratch()
+			b.ReportAllocs()
+			for b.Loop() {
+				if !ts.fast(sc, conn, pkt, src) {
+					b.Fatal("not answered on the fast path")
+				}
+			}
+		})
+	}
+}
+
+// BenchmarkNeedsGate measures the check a cache hit adds when a firewall
+// is wired: a rule it ignores, and an answer whose addresses it holds.
+func BenchmarkNeedsGate(b *testing.B) {
+	store := compile(b, gatePolicy)
+	eng := store.Load()
+	r := new(dns.Msg)
+	r.SetQuestion("www.allowed.test.", dns.TypeA)
+	rr, err := dns.NewRR("www.allowed.test. 300 IN A 192.0.2.10")
+	if err != nil {
+		b.Fatal(err)
+	}
+	r.Answer = []dns.RR{rr}
+	e := newEntry("www.allowed.test", r, false, 1232, time.Now(), time.Hour, time.Hour, "up", "")
+	e.gate.Store(&gateMark{eng: eng, rule: "ntp"})
+	s := &Server{fw: &recFirewall{wants: map[string]bool{"ntp": true}}}
+	for _, c := range []struct{ name, rule string }{{"ignored", "web"}, {"held", "ntp"}} {
+		b.Run(c.name, func(b *testing.B) {
+			b.ReportAllocs()
+			for b.Loop() {
+				if s.needsGate(e, eng, c.rule) {
+					b.Fatal("needs the firewall")
+				}
+			}
+		})
+	}
 }

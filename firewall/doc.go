@@ -7,7 +7,9 @@
 // to dnsfilter/'s forwarder, lets other forwarded traffic (UDP, and TCP on
 // ports that are not redirected) out only to the addresses the policy's
 // rules allow (their CIDRs, and the addresses dnsfilter learned for their
-// names, fed live through [Firewall.Learn] into sets with timeouts), rejects
+// names, fed through [Firewall.LearnAll] into sets with timeouts before
+// dnsfilter sends the answer, so a client's first packet finds them open;
+// [Firewall.Wants] says which rules it needs them for), rejects
 // QUIC (UDP 443) and DoT/DoQ (853) unless a rule allows them so that clients
 // fall back to TCP where the proxy sees the SNI, and drops new connections
 // arriving from the WAN side. IPv6 is treated like IPv4: the table is of the
