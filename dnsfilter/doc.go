@@ -10,10 +10,12 @@
 // cache, forward), and is answered; every query ends in one canonical slog
 // line and one audit.Event (Kind dns, Source dnsfilter). Answers to allowed
 // queries feed the learned-address [Table] (client, name asked, address,
-// expiry), which the proxy (SNI versus destination), capture (naming raw-IP
-// flows) and the firewall (nftables sets, through [Table.Subscribe]) read
-// through small interfaces of their own; cmd/ wires them. The package
-// imports policy/ and audit/ only.
+// expiry), which the proxy (SNI versus destination) and capture (naming
+// raw-IP flows) read through small interfaces of their own. Before an
+// allowed answer is written, its addresses go to the firewall (nftables
+// sets, through the [Firewall] interface of Deps) and the answer waits,
+// briefly, until they are there. cmd/ wires them. The package imports
+// policy/ and audit/ only.
 //
 // Hot path: UDP queries whose answer is cached are answered from the packed
 // wire form of the cached answer without unpacking the query into a

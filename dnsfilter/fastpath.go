@@ -31,8 +31,10 @@ func newScratch() *scratch {
 
 // fast answers the common UDP queries without unpacking them into a
 // dns.Msg: one question of class IN for a valid hostname, no or one OPT,
-// and either a cached answer the client may have, or a denial in enforce
-// mode with the default REFUSED. It reports false, having done nothing
+// and either a cached answer the client may have (and whose addresses
+// Deps.Firewall, if it wants them, already holds: else the answer waits for
+// it on the miss path's goroutine), or a denial in enforce mode with the
+// default REFUSED. It reports false, having done nothing
 // visible, when the query needs the general path. Everything the general
 // path would check first (shape, rate, hostname, canary, type, policy) is
 // checked here in the same order.
