@@ -229,23 +229,24 @@ func (w *witness) hits(addr string) int {
 // flowEvent is one line of the event log, the fields the hardening suite
 // checks.
 type flowEvent struct {
-	Kind       string `json:"kind"`
-	Source     string `json:"source"`
-	Client     string `json:"client"`
-	ClientPort int    `json:"client_port"`
-	Dest       string `json:"dest_ip"`
-	DestPort   int    `json:"dest_port"`
-	Proto      string `json:"proto"`
-	Name       string `json:"name"`
-	NameSource string `json:"name_source"`
-	Path       string `json:"path"`
-	Verdict    string `json:"verdict"`
-	Rule       string `json:"rule"`
-	Reason     string `json:"reason"`
-	Enforced   bool   `json:"enforced"`
-	Close      string `json:"close"`
-	QType      string `json:"qtype"`
-	RCode      string `json:"rcode"`
+	Kind       string    `json:"kind"`
+	Source     string    `json:"source"`
+	Time       time.Time `json:"time"`
+	Client     string    `json:"client"`
+	ClientPort int       `json:"client_port"`
+	Dest       string    `json:"dest_ip"`
+	DestPort   int       `json:"dest_port"`
+	Proto      string    `json:"proto"`
+	Name       string    `json:"name"`
+	NameSource string    `json:"name_source"`
+	Path       string    `json:"path"`
+	Verdict    string    `json:"verdict"`
+	Rule       string    `json:"rule"`
+	Reason     string    `json:"reason"`
+	Enforced   bool      `json:"enforced"`
+	Close      string    `json:"close"`
+	QType      string    `json:"qtype"`
+	RCode      string    `json:"rcode"`
 }
 
 func (e flowEvent) String() string {
@@ -301,9 +302,30 @@ func (d *daemon) waitEvent(t *testing.T, what string, match func(flowEvent) bool
 	}
 }
 
+// dialTimes remembers when each LAN client port was last dialled, so that
+// an event is matched to the latest connection from that port, not to an
+// earlier one that reused it (the load test cycles through ports).
+var dialTimes sync.Map // int → time.Time
+
+// dialTCP dials from the LAN and records the local port's dial time.
+func (tp *topo) dialTCP(ctx context.Context, addr string) (net.Conn, error) {
+	start := time.Now()
+	c, err := tp.lan.DialContext(ctx, "tcp", addr)
+	if err == nil {
+		dialTimes.Store(c.LocalAddr().(*net.TCPAddr).Port, start)
+	}
+	return c, err
+}
+
 // byClientPort matches the proxy's event for one client connection.
 func byClientPort(port int) func(flowEvent) bool {
-	return func(e flowEvent) bool { return e.Kind == "flow" && e.Source == "proxy" && e.ClientPort == port }
+	var since time.Time
+	if v, ok := dialTimes.Load(port); ok {
+		since = v.(time.Time)
+	}
+	return func(e flowEvent) bool {
+		return e.Kind == "flow" && (e.Source == "proxy") && e.ClientPort == port && !e.Time.Before(since)
+	}
 }
 
 // helloSpec describes a raw ClientHello.
@@ -467,7 +489,7 @@ var tlsAlertDenied = []byte{0x15, 0x03, 0x03, 0x00, 0x02, 0x02, 0x31}
 func (tp *topo) sendHello(addr string, raw []byte, seg int, gap time.Duration) helloOutcome {
 	ctx, cancel := context.WithTimeout(context.Background(), 5*time.Second)
 	defer cancel()
-	c, err := tp.lan.DialContext(ctx, "tcp", addr)
+	c, err := tp.dialTCP(ctx, addr)
 	if err != nil {
 		return helloOutcome{err: err}
 	}
@@ -504,7 +526,7 @@ func isReset(err error) bool {
 func (tp *topo) tlsGet(addr, sni string, wrap func(net.Conn) net.Conn, cfg func(*tls.Config)) (string, int, error) {
 	ctx, cancel := context.WithTimeout(context.Background(), 5*time.Second)
 	defer cancel()
-	c, err := tp.lan.DialContext(ctx, "tcp", addr)
+	c, err := tp.dialTCP(ctx, addr)
 	if err != nil {
 		return "", 0, err
 	}
@@ -539,7 +561,7 @@ func (tp *topo) tlsGet(addr, sni string, wrap func(net.Conn) net.Conn, cfg func(
 func (tp *topo) rawHTTP(addr, req string) (string, int, error) {
 	ctx, cancel := context.WithTimeout(context.Background(), 5*time.Second)
 	defer cancel()
-	c, err := tp.lan.DialContext(ctx, "tcp", addr)
+	c, err := tp.dialTCP(ctx, addr)
 	if err != nil {
 		return "", 0, err
 	}

@@ -7,6 +7,7 @@ import (
 	"net"
 	"slices"
 	"strings"
+	"sync/atomic"
 	"testing"
 	"time"
 )
@@ -316,7 +317,7 @@ func TestHardeningNames(t *testing.T) {
 		// CONNECT to an allowed name, then an inner ClientHello for a
 		// denied one: the tunnel goes to the address the proxy resolved
 		// for the CONNECT name, never to the inner name's.
-		c, err := tp.lan.DialContext(t.Context(), "tcp", proxyAddr)
+		c, err := tp.dialTCP(t.Context(), proxyAddr)
 		if err != nil {
 			t.Fatal(err)
 		}
@@ -380,58 +381,66 @@ type slowResult struct {
 
 // startSlowloris opens n connections to addr that each send a ClientHello
 // one byte per second, for at most 30 s, and reports when egressd closed
-// them (THREATS.md C4).
+// them (THREATS.md C4). egressd sends nothing to a client whose hello is
+// still coming, except its alert when it gives up: any byte, EOF or reset
+// on a connection's reader means egressd refused it.
 func startSlowloris(tp *topo, addr string, n int) <-chan slowResult {
 	out := make(chan slowResult, 1)
 	hello := buildHello(helloSpec{sni: [][]string{{dockerName}}})
 	go func() {
 		res := slowResult{ports: make([]int, n), sent: make([]int, n)}
-		conns := make([]net.Conn, n)
+		conns := make([]net.Conn, 0, n)
+		defer func() {
+			for _, c := range conns {
+				c.Close()
+			}
+		}()
 		for i := range n {
 			ctx, cancel := context.WithTimeout(context.Background(), 5*time.Second)
-			c, err := tp.lan.DialContext(ctx, "tcp", addr)
+			c, err := tp.dialTCP(ctx, addr)
 			cancel()
 			if err != nil {
 				res.err = err
 				out <- res
-				for _, c := range conns[:i] {
-					c.Close()
-				}
 				return
 			}
 			c.(*net.TCPConn).SetNoDelay(true)
-			conns[i] = c
+			// The first byte at once: a client silent for a second is
+			// taken for a server-speaks-first protocol and decided by
+			// address instead (see SECURITY.md).
+			if _, err := c.Write(hello[:1]); err == nil {
+				res.sent[i] = 1
+			}
+			conns = append(conns, c)
 			res.ports[i] = c.LocalAddr().(*net.TCPAddr).Port
 		}
 		start := time.Now()
-		done := make([]bool, n)
-		for time.Since(start) < 30*time.Second && res.closed < n {
-			for i, c := range conns {
-				if done[i] {
-					continue
-				}
-				if _, err := c.Write(hello[res.sent[i] : res.sent[i]+1]); err != nil {
-					done[i] = true
-					res.closed++
-					res.closedAfter = max(res.closedAfter, time.Since(start))
-					continue
-				}
-				res.sent[i]++
-				// egressd sends nothing to a client whose hello is still
-				// coming, except its alert when it gives up: any byte, EOF
-				// or reset means the connection was refused.
-				c.SetReadDeadline(time.Now().Add(time.Millisecond))
+		closedAt := make([]atomic.Int64, n) // nanoseconds after start; 0: open
+		var closed atomic.Int64
+		for i, c := range conns {
+			go func() {
 				var b [16]byte
-				if n, err := c.Read(b[:]); n > 0 || err != nil && !isTimeoutErr(err) {
-					done[i] = true
-					res.closed++
-					res.closedAfter = max(res.closedAfter, time.Since(start))
+				c.Read(b[:]) // returns on egressd's alert, EOF, reset, or our Close
+				if closedAt[i].CompareAndSwap(0, int64(time.Since(start))) {
+					closed.Add(1)
+				}
+			}()
+		}
+		for time.Since(start) < 30*time.Second && int(closed.Load()) < n {
+			for i, c := range conns {
+				if closedAt[i].Load() == 0 && res.sent[i] < len(hello) {
+					if _, err := c.Write(hello[res.sent[i] : res.sent[i]+1]); err == nil {
+						res.sent[i]++
+					}
 				}
 			}
 			time.Sleep(time.Second)
 		}
-		for _, c := range conns {
-			c.Close()
+		for i := range conns {
+			if at := closedAt[i].Load(); at > 0 {
+				res.closed++
+				res.closedAfter = max(res.closedAfter, time.Duration(at))
+			}
 		}
 		if res.closed < n {
 			res.closedAfter = 0

@@ -198,7 +198,7 @@ func TestHardeningLoad(t *testing.T) {
 				defer wg.Done()
 				ctx, cancel := context.WithTimeout(context.Background(), 3*time.Second)
 				defer cancel()
-				c, err := tp.lan.DialContext(ctx, "tcp", holeIP+":443")
+				c, err := tp.dialTCP(ctx, holeIP+":443")
 				if err != nil {
 					return
 				}
@@ -338,7 +338,7 @@ func openTunnels(tp *topo, addr, sni string, n, workers int) ([]net.Conn, int) {
 func openTunnel(tp *topo, addr, sni string) (net.Conn, error) {
 	ctx, cancel := context.WithTimeout(context.Background(), 10*time.Second)
 	defer cancel()
-	c, err := tp.lan.DialContext(ctx, "tcp", addr)
+	c, err := tp.dialTCP(ctx, addr)
 	if err != nil {
 		return nil, err
 	}
