@@ -33,6 +33,10 @@ type Config struct {
 	UDPIdle time.Duration
 	// RingMB is the size of the AF_PACKET ring in MiB. 0 means 64.
 	RingMB int
+	// FullFrames makes the live socket copy whole frames. By default a
+	// filter cuts frames to what capture reads (see snapFilter in
+	// live.go), so the ring holds far more packets under bulk load.
+	FullFrames bool
 	// ReportOpenAfter makes Run report a flow still open this long after
 	// it started, then update it when it ends (see proc.go, "When a flow
 	// is classified and reported"). 0 means 1m; ReadFile reports every
@@ -100,24 +104,28 @@ type Deps struct {
 
 // Stats counts what capture saw. Counters are cumulative for the Capture.
 type Stats struct {
-	Packets     uint64 // packets read
-	Bytes       uint64 // bytes of packets read
-	Malformed   uint64 // packets that failed to decode, skipped
-	Panics      uint64 // of those, decodes that panicked (recovered)
-	NotIP       uint64 // frames that carry no TCP or UDP over IP
-	Fragments   uint64 // IP fragments seen
-	Reassembled uint64 // UDP datagrams rebuilt from fragments
-	FragDropped uint64 // fragmented datagrams given up
-	Flows       uint64 // flows classified and reported (each counted once)
-	Denied      uint64 // of those, denied (dropped or would-drop)
-	Updates     uint64 // end events of flows first reported while open
-	Evicted     uint64 // flows ended early because the table was full
-	Hellos      uint64 // TLS ClientHellos parsed (TCP and QUIC)
-	BadHellos   uint64 // of those, malformed (the SNI before the fault is kept)
-	QUICOpened  uint64 // QUIC Initial packets decrypted
-	DNSQueries  uint64 // DNS queries seen
-	DNSAnswers  uint64 // DNS responses seen
-	KernelDrops uint64 // packets the kernel dropped on the capture socket (live)
+	Packets uint64 // packets read
+	Bytes   uint64 // bytes of packets read, as long as they were on the wire
+	Snapped uint64 // packets the capture cut short (the live snap filter)
+	// CapturedBytes are the bytes the kernel copied into the ring (or the
+	// file held): less than Bytes when frames were cut short.
+	CapturedBytes uint64
+	Malformed     uint64 // packets that failed to decode, skipped
+	Panics        uint64 // of those, decodes that panicked (recovered)
+	NotIP         uint64 // frames that carry no TCP or UDP over IP
+	Fragments     uint64 // IP fragments seen
+	Reassembled   uint64 // UDP datagrams rebuilt from fragments
+	FragDropped   uint64 // fragmented datagrams given up
+	Flows         uint64 // flows classified and reported (each counted once)
+	Denied        uint64 // of those, denied (dropped or would-drop)
+	Updates       uint64 // end events of flows first reported while open
+	Evicted       uint64 // flows ended early because the table was full
+	Hellos        uint64 // TLS ClientHellos parsed (TCP and QUIC)
+	BadHellos     uint64 // of those, malformed (the SNI before the fault is kept)
+	QUICOpened    uint64 // QUIC Initial packets decrypted
+	DNSQueries    uint64 // DNS queries seen
+	DNSAnswers    uint64 // DNS responses seen
+	KernelDrops   uint64 // packets the kernel dropped on the capture socket (live)
 }
 
 // Capture is the flow auditor. Use New; Run captures live, ReadFile reads a

@@ -101,6 +101,6 @@ func (c *Capture) ReadFile(ctx context.Context, path string, progress func(done,
 				}
 			}
 		}
-		p.packet(data, ci.Timestamp, link)
+		p.packetLen(data, ci.Length, ci.Timestamp, link)
 	}
 }

@@ -9,6 +9,7 @@ import (
 	"github.com/gopacket/gopacket"
 	"github.com/gopacket/gopacket/afpacket"
 	"github.com/gopacket/gopacket/layers"
+	"golang.org/x/net/bpf"
 )
 
 // tpacket is the live AF_PACKET ring (no cgo).
@@ -65,8 +66,78 @@ func (c *Capture) Open() error {
 	if err != nil {
 		return fmt.Errorf("capture: open %s: %w", c.cfg.Interface, err)
 	}
+	if !c.cfg.FullFrames {
+		if err := h.SetBPF(snapFilter); err != nil {
+			h.Close()
+			return fmt.Errorf("capture: snap filter on %s: %w", c.cfg.Interface, err)
+		}
+	}
 	c.handle = tpacket{h}
 	return nil
+}
+
+// Snap lengths of the capture filter. Capture reads payload only to name
+// flows: the client's first bytes (TLS ClientHello, HTTP request head),
+// DNS, QUIC Initials. Everything else is counted, not read, so the kernel
+// copies only what is needed into the ring and the ring holds many more
+// packets (bulk TCP on a LAN interface comes in 20 to 64 KB GRO/GSO
+// packets; cut to 256 bytes, a 64 MiB ring holds seconds of traffic at
+// 10 Gb/s instead of tens of milliseconds). Flow and packet bytes are
+// counted from the length on the wire (proc.packetLen), so reports do not
+// change.
+const (
+	snapHeaders = 256                  // Ethernet, VLAN, IPv6 and TCP headers with options fit
+	snapClient  = 16<<10 + snapHeaders // a ClientHello or request head of up to 16 KiB per packet
+	snapFull    = 1 << 18              // the whole frame
+)
+
+// snapFilter is the classic BPF program of the live socket. Its return
+// value is how many bytes of the frame the kernel copies:
+//   - TCP sent out of the LAN interface (to the clients: pkt_type
+//     PACKET_OUTGOING), except DNS: headers only. Capture never reads a
+//     server's TCP payload but DNS over TCP.
+//   - TCP arriving from the clients, except DNS: the first 16 KiB of
+//     payload of each packet. A ClientHello or HTTP head is read from the
+//     first packets of a stream; one larger than 16 KiB in a single GRO
+//     packet is cut, and capture then gives up naming that flow (it is
+//     decided by address; the proxy reads up to 64 KiB).
+//   - Everything else (UDP, so DNS and QUIC; IP fragments; DNS over TCP;
+//     IPv6 with extension headers; non-IP; frames with in-band VLAN tags):
+//     whole.
+var snapFilter = mustAssemble([]bpf.Instruction{
+	/* 0 */ bpf.LoadAbsolute{Off: 12, Size: 2}, // EtherType
+	/* 1 */ bpf.JumpIf{Cond: bpf.JumpEqual, Val: 0x0800, SkipFalse: 11}, // IPv4, else 13
+	/* 2 */ bpf.LoadAbsolute{Off: 23, Size: 1}, // IPv4 protocol
+	/* 3 */ bpf.JumpIf{Cond: bpf.JumpEqual, Val: 6, SkipFalse: 20}, // TCP, else full (24)
+	/* 4 */ bpf.LoadAbsolute{Off: 20, Size: 2}, // flags and fragment offset
+	/* 5 */ bpf.JumpIf{Cond: bpf.JumpBitsSet, Val: 0x3fff, SkipTrue: 18}, // a fragment: full
+	/* 6 */ bpf.LoadMemShift{Off: 14}, // X = IPv4 header length
+	/* 7 */ bpf.LoadIndirect{Off: 14, Size: 2}, // TCP source port
+	/* 8 */ bpf.JumpIf{Cond: bpf.JumpEqual, Val: 53, SkipTrue: 15}, // DNS: full
+	/* 9 */ bpf.LoadIndirect{Off: 16, Size: 2}, // TCP destination port
+	/* 10 */ bpf.JumpIf{Cond: bpf.JumpEqual, Val: 53, SkipTrue: 13}, // DNS: full
+	/* 11 */ bpf.LoadExtension{Num: bpf.ExtType},
+	/* 12 */ bpf.JumpIf{Cond: bpf.JumpEqual, Val: 4, SkipTrue: 9, SkipFalse: 10}, // PACKET_OUTGOING: 22, else 23
+	/* 13 */ bpf.JumpIf{Cond: bpf.JumpEqual, Val: 0x86dd, SkipFalse: 10}, // IPv6, else full (24)
+	/* 14 */ bpf.LoadAbsolute{Off: 20, Size: 1}, // IPv6 next header
+	/* 15 */ bpf.JumpIf{Cond: bpf.JumpEqual, Val: 6, SkipFalse: 8}, // TCP, else full (24)
+	/* 16 */ bpf.LoadAbsolute{Off: 54, Size: 2}, // TCP source port
+	/* 17 */ bpf.JumpIf{Cond: bpf.JumpEqual, Val: 53, SkipTrue: 6}, // DNS: full
+	/* 18 */ bpf.LoadAbsolute{Off: 56, Size: 2}, // TCP destination port
+	/* 19 */ bpf.JumpIf{Cond: bpf.JumpEqual, Val: 53, SkipTrue: 4}, // DNS: full
+	/* 20 */ bpf.LoadExtension{Num: bpf.ExtType},
+	/* 21 */ bpf.JumpIf{Cond: bpf.JumpEqual, Val: 4, SkipFalse: 1}, // PACKET_OUTGOING: 22, else 23
+	/* 22 */ bpf.RetConstant{Val: snapHeaders},
+	/* 23 */ bpf.RetConstant{Val: snapClient},
+	/* 24 */ bpf.RetConstant{Val: snapFull},
+})
+
+func mustAssemble(prog []bpf.Instruction) []bpf.RawInstruction {
+	raw, err := bpf.Assemble(prog)
+	if err != nil {
+		panic(err)
+	}
+	return raw
 }
 
 // Run captures on Config.Interface until ctx is done, then ends every open
@@ -106,7 +177,7 @@ func (c *Capture) Run(ctx context.Context) error {
 		now := time.Now()
 		switch {
 		case err == nil:
-			p.packet(data, ci.Timestamp, layers.LinkTypeEthernet)
+			p.packetLen(data, ci.Length, ci.Timestamp, layers.LinkTypeEthernet)
 		case errors.Is(err, afpacket.ErrTimeout), errors.Is(err, afpacket.ErrPoll):
 			// No packet: let packet time advance so idle flows end.
 			if now.After(p.now) {

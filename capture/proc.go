@@ -137,6 +137,7 @@ type proc struct {
 	openReport time.Duration
 	scratch    []byte
 	cands      []candidate
+	cut        int // bytes of the current frame the capture cut off
 
 	stats counters
 }
@@ -167,12 +168,28 @@ func newProc(c *Capture) *proc {
 	return p
 }
 
-// packet runs one captured frame through the pipeline. A frame that does
-// not decode is counted and skipped; a panic in any decoder is recovered
-// and counted the same way.
+// packet runs one whole captured frame through the pipeline.
 func (p *proc) packet(data []byte, ts time.Time, link layers.LinkType) {
+	p.packetLen(data, len(data), ts, link)
+}
+
+// packetLen runs one captured frame through the pipeline; wireLen is its
+// length on the wire, more than len(data) when the capture cut it short
+// (the live snap filter, a pcap written with a snap length). Bytes are
+// counted from wireLen: what was cut is TCP payload (snap lengths keep
+// every header). A frame that does not decode is counted and skipped; a
+// panic in any decoder is recovered and counted the same way.
+func (p *proc) packetLen(data []byte, wireLen int, ts time.Time, link layers.LinkType) {
+	p.cut = 0
+	if wireLen > len(data) {
+		p.cut = wireLen - len(data)
+		p.stats.snapped.Add(1)
+	} else {
+		wireLen = len(data)
+	}
 	p.stats.packets.Add(1)
-	p.stats.bytes.Add(uint64(len(data)))
+	p.stats.bytes.Add(uint64(wireLen))
+	p.stats.captured.Add(uint64(len(data)))
 	if ts.After(p.now) {
 		p.now = ts
 	}
@@ -397,7 +414,7 @@ func (p *proc) tcpPacket(src, dst netip.Addr, mac []byte) {
 	}
 	p.waited(f)
 	f.pkts[dir]++
-	f.bytes[dir] += uint64(len(t.Payload))
+	f.bytes[dir] += uint64(len(t.Payload) + p.cut)
 	if f.closed {
 		return
 	}
