@@ -53,10 +53,14 @@ func TestHardeningDNS(t *testing.T) {
 	} {
 		u.add(rr)
 	}
+	// Witnesses listen only on test-range addresses (the project's network
+	// rule): the metadata and private addresses get no host; a dial to them
+	// is checked by the proxy's verdict, and it is intercepted at the
+	// gateway either way.
 	w := tp.newWitness(t,
-		[]string{metaIP + ":443", privIP + ":443", dohIP4 + ":443", dohIP4 + ":853"},
+		[]string{dohIP4 + ":443", dohIP4 + ":853"},
 		[]string{dockerIP4 + ":443", dohIP4 + ":853"})
-	for _, a := range []string{metaIP + ":443", privIP + ":443", dohIP4 + ":853"} {
+	for _, a := range []string{dohIP4 + ":853"} {
 		if !tp.dialOK(a) {
 			t.Fatalf("without egressd, %s is not reachable from the LAN: the test would prove nothing", a)
 		}

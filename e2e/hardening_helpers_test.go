@@ -148,6 +148,9 @@ func (tp *topo) newWitness(t *testing.T, tcpAddrs, udpAddrs []string) *witness {
 		}
 		added[h] = true
 		a := netip.MustParseAddr(h)
+		if !testRange(a) {
+			t.Fatalf("witness on %s: tests assign only 198.18.0.0/15, TEST-NET and 2001:db8::/32 addresses", a)
+		}
 		var out string
 		var err error
 		if a.Is4() {
@@ -716,4 +719,23 @@ func (d *daemon) rss() (rssKB, hwmKB, threads int) {
 func (d *daemon) fds() int {
 	ents, _ := os.ReadDir(fmt.Sprintf("/proc/%d/fd", d.proc.Cmd.Process.Pid))
 	return len(ents)
+}
+
+// testRanges are the only addresses tests may give a host (the project's
+// network rule).
+var testRanges = []netip.Prefix{
+	netip.MustParsePrefix("198.18.0.0/15"),
+	netip.MustParsePrefix("192.0.2.0/24"),
+	netip.MustParsePrefix("198.51.100.0/24"),
+	netip.MustParsePrefix("203.0.113.0/24"),
+	netip.MustParsePrefix("2001:db8::/32"),
+}
+
+func testRange(a netip.Addr) bool {
+	for _, p := range testRanges {
+		if p.Contains(a.Unmap()) {
+			return true
+		}
+	}
+	return false
 }
