@@ -46,6 +46,13 @@ type Config struct {
 	// idle timeout (a device's VPN over 443 lives for days): keepalive is
 	// what finds dead peers.
 	KeepAlive time.Duration
+	// HalfCloseTimeout bounds how long a tunnel stays open once one side
+	// has closed its half and the other sends nothing: the bytes still
+	// flowing keep it open, silence ends it (reason "half-close-timeout").
+	// Without it a client that closes toward an origin that never answers
+	// and never closes would hold two sockets for good. Zero: 30 s;
+	// negative: no limit.
+	HalfCloseTimeout time.Duration
 	// LookupTimeout bounds the fresh lookup of a name whose destination was
 	// not handed out by our DNS. Zero: 3 s.
 	LookupTimeout time.Duration
@@ -140,6 +147,7 @@ const (
 	defaultDialTimeout       = 10 * time.Second
 	defaultKeepAlive         = 30 * time.Second
 	defaultLookupTimeout     = 3 * time.Second
+	defaultHalfCloseTimeout  = 30 * time.Second
 	defaultMaxConns          = 50000
 	defaultMaxConnsPerClient = 5000
 )
@@ -170,6 +178,9 @@ func (c Config) withDefaults() Config {
 	}
 	if c.KeepAlive == 0 {
 		c.KeepAlive = defaultKeepAlive
+	}
+	if c.HalfCloseTimeout == 0 {
+		c.HalfCloseTimeout = defaultHalfCloseTimeout
 	}
 	if c.LookupTimeout == 0 {
 		c.LookupTimeout = defaultLookupTimeout

@@ -2,9 +2,11 @@ package proxy
 
 import (
 	"context"
+	"errors"
 	"io"
 	"net"
 	"net/netip"
+	"os"
 	"sync/atomic"
 	"time"
 )
@@ -45,6 +47,7 @@ const (
 	closeShutdown = "shutdown"
 	closeLimit    = "limit"
 	closeEarly    = "client-closed-early"
+	closeHalfIdle = "half-close-timeout"
 )
 
 // tunnel forwards both directions of an established connection, each on
@@ -60,6 +63,33 @@ type tunnel struct {
 	out, in        int64        // written by their direction before pending drops
 	errOut, errIn  error
 	done           func(out, in int64, reason string)
+	// halfClosed is set when one direction has ended cleanly; from then on
+	// the other direction's source gets an idle read deadline.
+	halfClosed atomic.Bool
+	halfIdle   time.Duration // Config.HalfCloseTimeout; <= 0: none
+}
+
+// idle is the deadline refresher the copy loops call after moving bytes:
+// once the tunnel is half-closed, each read must come within halfIdle.
+func (t *tunnel) idle(src net.Conn) func() {
+	if t.halfIdle <= 0 {
+		return nil
+	}
+	return func() {
+		if t.halfClosed.Load() {
+			src.SetReadDeadline(time.Now().Add(t.halfIdle))
+		}
+	}
+}
+
+// halfClose marks the tunnel half-closed and starts the idle deadline of
+// the direction still running, which reads from src.
+func (t *tunnel) halfClose(src net.Conn) {
+	if t.halfIdle <= 0 {
+		return
+	}
+	t.halfClosed.Store(true)
+	src.SetReadDeadline(time.Now().Add(t.halfIdle))
 }
 
 // startTunnel copies client ⇄ server. Between two *net.TCPConn it uses
@@ -68,17 +98,18 @@ type tunnel struct {
 // timeout. done is called once, after both directions ended and both
 // connections are closed.
 func (p *Proxy) startTunnel(client, server net.Conn, done func(out, in int64, reason string)) {
-	t := &tunnel{p: p, client: client, server: server, done: done}
+	t := &tunnel{p: p, client: client, server: server, done: done, halfIdle: p.cfg.HalfCloseTimeout}
 	t.pending.Store(2)
 	go t.upstream()
 	go t.downstream()
 }
 
 func (t *tunnel) upstream() {
-	n, err := copyConn(t.server, t.client)
+	n, err := copyConn(t.server, t.client, t.idle(t.client))
 	t.out, t.errOut = n, err
 	if err == nil {
 		closeWrite(t.server)
+		t.halfClose(t.server)
 	} else {
 		t.client.Close()
 		t.server.Close()
@@ -88,10 +119,11 @@ func (t *tunnel) upstream() {
 }
 
 func (t *tunnel) downstream() {
-	n, err := copyConn(t.client, t.server)
+	n, err := copyConn(t.client, t.server, t.idle(t.server))
 	t.in, t.errIn = n, err
 	if err == nil {
 		closeWrite(t.client)
+		t.halfClose(t.client)
 	} else {
 		t.client.Close()
 		t.server.Close()
@@ -108,6 +140,8 @@ func (t *tunnel) end() {
 	t.server.Close()
 	reason := closeServer
 	switch {
+	case errors.Is(t.errOut, os.ErrDeadlineExceeded) || errors.Is(t.errIn, os.ErrDeadlineExceeded):
+		reason = closeHalfIdle
 	case t.errOut != nil || t.errIn != nil:
 		reason = closeReset
 	case t.first.Load() == 1:

@@ -13,7 +13,10 @@ import (
 // tunnel waits for data with a MSG_PEEK, so it costs its two sockets and
 // no pipe (4 file descriptors and two pipe buffers fewer per idle tunnel).
 // It returns at EOF (nil) or on the first error.
-func spliceCopy(dst, src *net.TCPConn) (int64, error) {
+//
+// moved, when not nil, is called after each chunk is written (the tunnel's
+// idle deadline once it is half-closed).
+func spliceCopy(dst, src *net.TCPConn, moved func()) (int64, error) {
 	srcRC, err := src.SyscallConn()
 	if err != nil {
 		return 0, err
@@ -116,6 +119,9 @@ func spliceCopy(dst, src *net.TCPConn) (int64, error) {
 		if err != nil {
 			return written, err
 		}
+		if moved != nil {
+			moved()
+		}
 	}
 }
 
@@ -168,12 +174,29 @@ func (p *pipe) release() {
 }
 
 // copyConn copies src to dst: spliceCopy between two TCP connections,
-// io.Copy otherwise.
-func copyConn(dst, src net.Conn) (int64, error) {
+// io.Copy otherwise. moved, when not nil, is called after each chunk.
+func copyConn(dst, src net.Conn, moved func()) (int64, error) {
 	d, ok1 := dst.(*net.TCPConn)
 	s, ok2 := src.(*net.TCPConn)
 	if ok1 && ok2 {
-		return spliceCopy(d, s)
+		return spliceCopy(d, s, moved)
 	}
-	return io.Copy(dst, src)
+	if moved == nil {
+		return io.Copy(dst, src)
+	}
+	return io.Copy(dst, notifyReader{src, moved})
+}
+
+// notifyReader calls moved after each read that returned bytes.
+type notifyReader struct {
+	r     io.Reader
+	moved func()
+}
+
+func (n notifyReader) Read(p []byte) (int, error) {
+	k, err := n.r.Read(p)
+	if k > 0 {
+		n.moved()
+	}
+	return k, err
 }

@@ -90,3 +90,42 @@ func TestSpliceReset(t *testing.T) {
 		t.Fatal("tunnel did not end after a reset")
 	}
 }
+
+// TestHalfCloseTimeout: once the client has closed its half, an origin that
+// keeps sending keeps the tunnel open, and one that falls silent (and never
+// closes) ends it after HalfCloseTimeout.
+func TestHalfCloseTimeout(t *testing.T) {
+	client, proxyIn := tcpPair(t)
+	proxyOut, server := tcpPair(t)
+	var p Proxy
+	p.done = make(chan struct{})
+	p.cfg.HalfCloseTimeout = 300 * time.Millisecond
+	ended := make(chan string, 1)
+	p.startTunnel(proxyIn, proxyOut, func(_, _ int64, reason string) { ended <- reason })
+	go io.Copy(io.Discard, server)
+	go io.Copy(io.Discard, client)
+	client.Write([]byte("request"))
+	client.CloseWrite()
+	// The origin answers slowly but steadily for longer than the timeout:
+	// every chunk comes within it, so the tunnel stays.
+	for i := 0; i < 6; i++ {
+		time.Sleep(150 * time.Millisecond)
+		if _, err := server.Write([]byte("chunk")); err != nil {
+			t.Fatalf("write %d: %v", i, err)
+		}
+		select {
+		case r := <-ended:
+			t.Fatalf("tunnel ended (%s) while the origin was still sending", r)
+		default:
+		}
+	}
+	// Then silence, without a close.
+	select {
+	case r := <-ended:
+		if r != closeHalfIdle {
+			t.Errorf("reason %q, want %q", r, closeHalfIdle)
+		}
+	case <-time.After(5 * time.Second):
+		t.Fatal("half-closed tunnel to a silent origin did not end")
+	}
+}
