@@ -192,7 +192,7 @@ func TestHardeningLoad(t *testing.T) {
 		var wg sync.WaitGroup
 		var timedOut atomic.Int64
 		silentStart := time.Now()
-		for i := range 20 {
+		for range 20 {
 			wg.Add(1)
 			go func() {
 				defer wg.Done()
