@@ -20,6 +20,7 @@ type DNSFacts interface {
 type learned struct {
 	mu      sync.Mutex // guards following
 	m       map[netip.Addr]*learnedEntry
+	byName  map[string]time.Time // names seen answered, until when
 	max     int
 	evicted uint64
 }
@@ -41,7 +42,7 @@ type learnedName struct {
 const minLearnedTTL = 30 * time.Minute
 
 func newLearned(max int) *learned {
-	return &learned{m: make(map[netip.Addr]*learnedEntry), max: max}
+	return &learned{m: make(map[netip.Addr]*learnedEntry), byName: make(map[string]time.Time), max: max}
 }
 
 // add records that client was told name for addr at now, valid for ttl.
@@ -63,6 +64,15 @@ func (l *learned) add(client, addr netip.Addr, name string, now time.Time, ttl t
 		}
 		e = &learnedEntry{}
 		l.m[addr] = e
+	}
+	if _, ok := l.byName[name]; !ok && len(l.byName) >= l.max {
+		for k := range l.byName {
+			delete(l.byName, k)
+			break
+		}
+	}
+	if exp := now.Add(ttl); exp.After(l.byName[name]) {
+		l.byName[name] = exp
 	}
 	// Move or insert name at the front.
 	nn := learnedName{name: name, client: client, expires: now.Add(ttl)}
@@ -101,6 +111,14 @@ func (l *learned) namesFor(client, addr netip.Addr, now time.Time, out []string)
 		}
 	}
 	return out
+}
+
+// resolved reports whether an answer for name was seen and is still live.
+func (l *learned) resolved(name string, now time.Time) bool {
+	l.mu.Lock()
+	defer l.mu.Unlock()
+	exp, ok := l.byName[name]
+	return ok && !now.After(exp)
 }
 
 func (l *learned) len() int {

@@ -1052,6 +1052,15 @@ func (p *proc) vouched(eng *policy.Engine, in policy.Input, d policy.Decision) b
 			return true
 		}
 	}
+	// Neither DNS knows the address for a name of this rule. The proxy
+	// would now look the name up afresh and usually find the address
+	// (CDNs, answers older than the capture, lookups capture did not
+	// see): capture cannot ask, so it calls a mismatch only on evidence,
+	// an answer for this very name seen on the wire that did not give out
+	// this address. Without it the flow is judged by its name.
+	if name, ok := policy.NormalizeName(in.Name); ok && !p.c.learned.resolved(name, p.now) {
+		return true
+	}
 	return false
 }
 
