@@ -1109,22 +1109,5 @@ func (c *Capture) logFlow(ev *audit.Event) {
 	if !c.log.Enabled(ctx, level) {
 		return
 	}
-	c.log.LogAttrs(ctx, level, audit.CanonicalMessage,
-		slog.String(audit.LogClient, ev.Client.String()),
-		slog.String(audit.LogClientMAC, ev.ClientMAC),
-		slog.String(audit.LogDest, ev.Dest.String()),
-		slog.Int(audit.LogDestPort, int(ev.DestPort)),
-		slog.String(audit.LogProto, ev.Proto),
-		slog.String(audit.LogName, ev.Name),
-		slog.String(audit.LogNameSource, string(ev.NameSource)),
-		slog.String(audit.LogVerdict, string(ev.Verdict)),
-		slog.String(audit.LogRule, ev.Rule),
-		slog.String(audit.LogMode, string(ev.Mode)),
-		slog.String(audit.LogReason, ev.Reason),
-		slog.Bool(audit.LogEnforced, ev.Enforced),
-		slog.Uint64(audit.LogBytesOut, ev.BytesOut),
-		slog.Uint64(audit.LogBytesIn, ev.BytesIn),
-		slog.Float64(audit.LogDuration, ev.Duration),
-		slog.String(audit.LogClose, ev.Close),
-	)
+	c.log.LogAttrs(ctx, level, audit.CanonicalMessage, ev.FlowAttrs()...)
 }
