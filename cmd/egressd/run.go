@@ -238,6 +238,14 @@ func currentCapabilities() capabilities {
 	return capabilities{}
 }
 
+// withCapHint adds which capability is missing to a permission error.
+func withCapHint(err error, have bool, hint string) string {
+	if !have && errors.Is(err, os.ErrPermission) {
+		return err.Error() + ": needs " + hint
+	}
+	return err.Error()
+}
+
 // degrade records a part that does not run, for /readyz and the summary.
 func (d *daemon) degrade(part, why string) {
 	d.mu.Lock()
@@ -312,7 +320,7 @@ func (d *daemon) run(ctx context.Context) error {
 		go func() {
 			defer wg.Done()
 			if err := d.dns.Run(ctx); err != nil && ctx.Err() == nil {
-				d.degrade("dns", err.Error())
+				d.degrade("dns", withCapHint(err, caps.bindService, "CAP_NET_BIND_SERVICE to listen on port 53 (or give --dns-listen a port above 1023)"))
 			}
 		}()
 	}
@@ -336,7 +344,7 @@ func (d *daemon) run(ctx context.Context) error {
 		go func() {
 			defer wg.Done()
 			if err := d.proxy.Run(ctx); err != nil && ctx.Err() == nil {
-				d.degrade("proxy", err.Error())
+				d.degrade("proxy", withCapHint(err, caps.bindService, "CAP_NET_BIND_SERVICE for a listen port below 1024"))
 			}
 		}()
 	}
