@@ -72,7 +72,7 @@ func usage(w io.Writer) {
 	}
 	sort.Strings(names)
 	for _, n := range names {
-		fmt.Fprintf(w, "  egressd %-60s %s\n", commands[n].usage, commands[n].help)
+		fmt.Fprintf(w, "  egressd %s\n      %s\n", commands[n].usage, commands[n].help)
 	}
 }
 
