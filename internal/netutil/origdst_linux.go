@@ -1,6 +1,9 @@
 // Package netutil holds small Linux socket helpers shared by egressd's
 // components: reading the original destination of a connection that
-// nftables redirected (REDIRECT/DNAT) to a local listener.
+// nftables redirected (REDIRECT/DNAT) to a local listener
+// (SO_ORIGINAL_DST), and its original source when NAT remapped the
+// client's port (Conntrack, over ctnetlink). The transparent proxy uses
+// both on every accepted connection, before it decides.
 package netutil
 
 import (

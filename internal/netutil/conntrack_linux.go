@@ -1,0 +1,284 @@
+package netutil
+
+import (
+	"encoding/binary"
+	"errors"
+	"fmt"
+	"net/netip"
+	"sync"
+	"time"
+
+	"golang.org/x/sys/unix"
+)
+
+// Conntrack asks the kernel's connection tracking table, over a
+// NETLINK_NETFILTER socket (ctnetlink, IPCTNL_MSG_CT_GET), which source
+// address and port a client really used for a connection that nftables
+// redirected to a local listener.
+//
+// Why: after a REDIRECT every destination becomes the same listener
+// address. A client that reuses one source port toward two destinations
+// (Linux does) makes the second connection's reply tuple
+// (listener -> client:port) clash with the first one's conntrack entry
+// while that entry lingers (TIME_WAIT, CLOSE); the kernel's NAT then
+// remaps the source port, and the accepted socket shows a port the client
+// never used. SO_ORIGINAL_DST only gives back the original destination;
+// the original source is in the entry's CTA_TUPLE_ORIG, which this reads.
+//
+// One Conntrack holds one netlink socket, opened in the network namespace
+// of the thread that called OpenConntrack, and serialises lookups on it
+// (one request and one answer, a few microseconds). It is safe for
+// concurrent use. Asking needs CAP_NET_ADMIN in that namespace.
+type Conntrack struct {
+	mu     sync.Mutex // guards following
+	fd     int        // -1 once closed
+	seq    uint32
+	buf    []byte
+	closed bool
+}
+
+// ctnetlink numbers (linux/netfilter/nfnetlink_conntrack.h); x/sys/unix
+// does not carry them.
+const (
+	ipctnlMsgCtNew = 0
+	ipctnlMsgCtGet = 1
+
+	ctaTupleOrig  = 1
+	ctaTupleReply = 2
+
+	ctaTupleIP    = 1
+	ctaTupleProto = 2
+
+	ctaIPv4Src = 1
+	ctaIPv4Dst = 2
+	ctaIPv6Src = 3
+	ctaIPv6Dst = 4
+
+	ctaProtoNum     = 1
+	ctaProtoSrcPort = 2
+	ctaProtoDstPort = 3
+
+	nlaTypeMask = 0x3fff // strips NLA_F_NESTED and NLA_F_NET_BYTEORDER
+)
+
+// conntrackTimeout bounds one lookup's wait for the kernel's answer (the
+// kernel answers a GET synchronously; this is a guard, not a budget).
+const conntrackTimeout = 200 * time.Millisecond
+
+// ErrNoConntrack means conntrack has no entry for the asked tuple.
+var ErrNoConntrack = errors.New("netutil: no conntrack entry")
+
+// errConntrackClosed is returned by lookups after Close.
+var errConntrackClosed = errors.New("netutil: conntrack: closed")
+
+// OpenConntrack opens the netlink socket, in the network namespace of the
+// calling thread.
+func OpenConntrack() (*Conntrack, error) {
+	fd, err := unix.Socket(unix.AF_NETLINK, unix.SOCK_RAW|unix.SOCK_CLOEXEC, unix.NETLINK_NETFILTER)
+	if err != nil {
+		return nil, fmt.Errorf("netutil: conntrack socket: %w", err)
+	}
+	tv := unix.NsecToTimeval(int64(conntrackTimeout))
+	for _, opt := range []int{unix.SO_RCVTIMEO, unix.SO_SNDTIMEO} {
+		if err := unix.SetsockoptTimeval(fd, unix.SOL_SOCKET, opt, &tv); err != nil {
+			unix.Close(fd)
+			return nil, fmt.Errorf("netutil: conntrack socket timeout: %w", err)
+		}
+	}
+	if err := unix.Bind(fd, &unix.SockaddrNetlink{Family: unix.AF_NETLINK}); err != nil {
+		unix.Close(fd)
+		return nil, fmt.Errorf("netutil: conntrack bind: %w", err)
+	}
+	return &Conntrack{fd: fd, buf: make([]byte, 8192)}, nil
+}
+
+// Close closes the socket. It is idempotent; lookups after it fail.
+func (ct *Conntrack) Close() error {
+	ct.mu.Lock()
+	defer ct.mu.Unlock()
+	if ct.closed {
+		return nil
+	}
+	ct.closed = true
+	err := unix.Close(ct.fd)
+	ct.fd = -1
+	return err
+}
+
+// OriginalSource returns the source address and port of the connection's
+// original direction, for an accepted TCP connection whose local end is
+// local (the listener's address and port) and whose remote end is remote
+// (the socket's peer): conntrack's reply tuple is local -> remote. Without
+// NAT on the source, the result equals remote. IPv4-mapped addresses are
+// unmapped; local and remote must then be of one family.
+func (ct *Conntrack) OriginalSource(local, remote netip.AddrPort) (netip.AddrPort, error) {
+	la, ra := local.Addr().Unmap(), remote.Addr().Unmap()
+	if !la.IsValid() || !ra.IsValid() || la.Is4() != ra.Is4() {
+		return netip.AddrPort{}, fmt.Errorf("netutil: conntrack: bad tuple %s -> %s", local, remote)
+	}
+	ct.mu.Lock()
+	defer ct.mu.Unlock()
+	if ct.closed {
+		return netip.AddrPort{}, errConntrackClosed
+	}
+	ct.seq++
+	seq := ct.seq
+	req := buildCtGet(seq, netip.AddrPortFrom(la, local.Port()), netip.AddrPortFrom(ra, remote.Port()))
+	if err := unix.Sendto(ct.fd, req, 0, &unix.SockaddrNetlink{Family: unix.AF_NETLINK}); err != nil {
+		return netip.AddrPort{}, fmt.Errorf("netutil: conntrack send: %w", err)
+	}
+	// Answers to earlier requests that timed out may still be queued: skip
+	// them by sequence number. Bounded: a handful of reads, each bounded by
+	// SO_RCVTIMEO.
+	for range 16 {
+		n, _, err := unix.Recvfrom(ct.fd, ct.buf, 0)
+		if errors.Is(err, unix.EINTR) {
+			continue // a signal (Go's preemption) during the timed wait
+		}
+		if err != nil {
+			return netip.AddrPort{}, fmt.Errorf("netutil: conntrack receive: %w", err)
+		}
+		src, done, err := parseCtAnswer(ct.buf[:n], seq)
+		if done {
+			return src, err
+		}
+	}
+	return netip.AddrPort{}, errors.New("netutil: conntrack: no answer")
+}
+
+// buildCtGet builds an IPCTNL_MSG_CT_GET request for the reply tuple
+// src -> dst, TCP.
+func buildCtGet(seq uint32, src, dst netip.AddrPort) []byte {
+	family, srcType, dstType := byte(unix.AF_INET), uint16(ctaIPv4Src), uint16(ctaIPv4Dst)
+	if src.Addr().Is6() {
+		family, srcType, dstType = unix.AF_INET6, ctaIPv6Src, ctaIPv6Dst
+	}
+	b := make([]byte, unix.SizeofNlMsghdr, 128)
+	b = append(b, family, unix.NFNETLINK_V0, 0, 0) // nfgenmsg, res_id 0
+	reply := beginAttr(&b, ctaTupleReply|unix.NLA_F_NESTED)
+	ip := beginAttr(&b, ctaTupleIP|unix.NLA_F_NESTED)
+	putAttr(&b, srcType, src.Addr().AsSlice())
+	putAttr(&b, dstType, dst.Addr().AsSlice())
+	endAttr(b, ip)
+	proto := beginAttr(&b, ctaTupleProto|unix.NLA_F_NESTED)
+	putAttr(&b, ctaProtoNum, []byte{unix.IPPROTO_TCP})
+	putAttr(&b, ctaProtoSrcPort, binary.BigEndian.AppendUint16(nil, src.Port()))
+	putAttr(&b, ctaProtoDstPort, binary.BigEndian.AppendUint16(nil, dst.Port()))
+	endAttr(b, proto)
+	endAttr(b, reply)
+	binary.NativeEndian.PutUint32(b[0:4], uint32(len(b)))
+	binary.NativeEndian.PutUint16(b[4:6], unix.NFNL_SUBSYS_CTNETLINK<<8|ipctnlMsgCtGet)
+	binary.NativeEndian.PutUint16(b[6:8], unix.NLM_F_REQUEST)
+	binary.NativeEndian.PutUint32(b[8:12], seq)
+	binary.NativeEndian.PutUint32(b[12:16], 0)
+	return b
+}
+
+// beginAttr starts a nested attribute and returns its offset for endAttr.
+func beginAttr(b *[]byte, typ uint16) int {
+	off := len(*b)
+	*b = binary.NativeEndian.AppendUint16(*b, 0)
+	*b = binary.NativeEndian.AppendUint16(*b, typ)
+	return off
+}
+
+// endAttr writes the length of the nested attribute started at off.
+func endAttr(b []byte, off int) {
+	binary.NativeEndian.PutUint16(b[off:], uint16(len(b)-off))
+}
+
+// putAttr appends one attribute, padded to 4 bytes.
+func putAttr(b *[]byte, typ uint16, v []byte) {
+	*b = binary.NativeEndian.AppendUint16(*b, uint16(unix.SizeofNlAttr+len(v)))
+	*b = binary.NativeEndian.AppendUint16(*b, typ)
+	*b = append(*b, v...)
+	for len(*b)%unix.NLA_ALIGNTO != 0 {
+		*b = append(*b, 0)
+	}
+}
+
+// parseCtAnswer reads the netlink messages of one datagram. done reports
+// that the answer to seq was among them (then src or err is it).
+func parseCtAnswer(b []byte, seq uint32) (src netip.AddrPort, done bool, err error) {
+	for len(b) >= unix.SizeofNlMsghdr {
+		l := int(binary.NativeEndian.Uint32(b[0:4]))
+		if l < unix.SizeofNlMsghdr || l > len(b) {
+			return netip.AddrPort{}, true, errors.New("netutil: conntrack: malformed answer")
+		}
+		typ := binary.NativeEndian.Uint16(b[4:6])
+		mseq := binary.NativeEndian.Uint32(b[8:12])
+		body := b[unix.SizeofNlMsghdr:l]
+		b = b[min(nlAlign(l), len(b)):]
+		if mseq != seq {
+			continue
+		}
+		switch typ {
+		case unix.NLMSG_ERROR:
+			if len(body) < 4 {
+				return netip.AddrPort{}, true, errors.New("netutil: conntrack: malformed error")
+			}
+			code := int32(binary.NativeEndian.Uint32(body[0:4]))
+			if code == 0 {
+				continue // an acknowledgement
+			}
+			if unix.Errno(-code) == unix.ENOENT {
+				return netip.AddrPort{}, true, ErrNoConntrack
+			}
+			return netip.AddrPort{}, true, fmt.Errorf("netutil: conntrack: %w", unix.Errno(-code))
+		case unix.NFNL_SUBSYS_CTNETLINK<<8 | ipctnlMsgCtNew:
+			src, err := parseOrigSource(body)
+			return src, true, err
+		}
+	}
+	return netip.AddrPort{}, false, nil
+}
+
+// parseOrigSource reads CTA_TUPLE_ORIG's source address and port out of
+// a conntrack message body (nfgenmsg and attributes).
+func parseOrigSource(body []byte) (netip.AddrPort, error) {
+	bad := errors.New("netutil: conntrack: answer without an original source")
+	if len(body) < 4 {
+		return netip.AddrPort{}, bad
+	}
+	orig, ok := findAttr(body[4:], ctaTupleOrig)
+	if !ok {
+		return netip.AddrPort{}, bad
+	}
+	ip, ok1 := findAttr(orig, ctaTupleIP)
+	proto, ok2 := findAttr(orig, ctaTupleProto)
+	if !ok1 || !ok2 {
+		return netip.AddrPort{}, bad
+	}
+	var addr netip.Addr
+	if v, ok := findAttr(ip, ctaIPv4Src); ok && len(v) == 4 {
+		addr = netip.AddrFrom4([4]byte(v))
+	} else if v, ok := findAttr(ip, ctaIPv6Src); ok && len(v) == 16 {
+		addr = netip.AddrFrom16([16]byte(v))
+	} else {
+		return netip.AddrPort{}, bad
+	}
+	port, ok := findAttr(proto, ctaProtoSrcPort)
+	if !ok || len(port) != 2 {
+		return netip.AddrPort{}, bad
+	}
+	return netip.AddrPortFrom(addr, binary.BigEndian.Uint16(port)), nil
+}
+
+// findAttr returns the payload of the first attribute of type typ in b
+// (nested and byte-order flags ignored). A malformed list ends the search.
+func findAttr(b []byte, typ uint16) ([]byte, bool) {
+	for len(b) >= unix.SizeofNlAttr {
+		l := int(binary.NativeEndian.Uint16(b[0:2]))
+		t := binary.NativeEndian.Uint16(b[2:4]) & nlaTypeMask
+		if l < unix.SizeofNlAttr || l > len(b) {
+			return nil, false
+		}
+		if t == typ {
+			return b[unix.SizeofNlAttr:l], true
+		}
+		b = b[min(nlAlign(l), len(b)):]
+	}
+	return nil, false
+}
+
+func nlAlign(n int) int { return (n + unix.NLA_ALIGNTO - 1) &^ (unix.NLA_ALIGNTO - 1) }
