@@ -18,12 +18,19 @@ func TestCaptureVerdictAtClassification(t *testing.T) {
 	tp := newTopo(t)
 	d := newDaemon(t, tp, "audit")
 	d.start()
+	hellos := d.metric("egress_capture_client_hellos_total")
 	ka, err := tp.openKeepAlive(trackerName, trackerIP)
 	if err != nil {
 		t.Fatal(err)
 	}
 	if _, err := ka.get("/"); err != nil {
 		t.Fatal(err)
+	}
+	// Capture reads the ring on its own time: the reload must come after
+	// it has read (and so classified) the connection's ClientHello.
+	deadline := time.Now().Add(10 * time.Second)
+	for d.metric("egress_capture_client_hellos_total") <= hellos && time.Now().Before(deadline) {
+		time.Sleep(50 * time.Millisecond)
 	}
 	d.writePolicy(append(testPolicy(t), newRule...))
 	d.hup(true)
