@@ -115,6 +115,19 @@ type Deps struct {
 	// Dial connects to destinations. Nil: a net.Dialer with DialTimeout.
 	// Tests use it to dial from inside a network namespace.
 	Dial func(ctx context.Context, network, addr string) (net.Conn, error)
+	// Conntrack gives back the client's own source address and port of a
+	// redirected connection whose source NAT remapped (see
+	// netutil.Conntrack). Nil: the proxy opens a netutil.Conntrack in its
+	// own network namespace when the first connection needs it. Tests pass
+	// one opened inside the gateway's namespace.
+	Conntrack Conntrack
+}
+
+// Conntrack looks up the original source of a connection in the kernel's
+// connection tracking table: local and remote are the accepted socket's
+// ends (conntrack's reply tuple). *netutil.Conntrack implements it.
+type Conntrack interface {
+	OriginalSource(local, remote netip.AddrPort) (netip.AddrPort, error)
 }
 
 // DNSFacts is what the proxy needs to know from the DNS forwarder.

@@ -449,11 +449,11 @@ func (p *Proxy) inspectTransparent(c *net.TCPConn, recorded []byte, orig netip.A
 	if _, err := p.ensureCA(); err != nil {
 		return err
 	}
-	st := &connectState{host: v.name, addr: orig, client: addrPortOf(c.RemoteAddr()), src: v.src, transparent: true, rec: f}
+	st := &connectState{host: v.name, addr: orig, client: netip.AddrPortFrom(f.ev.Client, f.ev.ClientPort), src: v.src, transparent: true, rec: f}
 	hostport := net.JoinHostPort(v.name, strconv.Itoa(int(orig.Port())))
 	req := (&http.Request{
 		Method: http.MethodConnect, URL: &url.URL{Host: hostport}, Host: hostport,
-		RemoteAddr: c.RemoteAddr().String(), Header: http.Header{},
+		RemoteAddr: st.client.String(), Header: http.Header{},
 		Proto: "HTTP/1.1", ProtoMajor: 1, ProtoMinor: 1,
 	}).WithContext(context.WithValue(context.Background(), transparentKey{}, st))
 	f.ev.Close = "inspected"

@@ -27,6 +27,7 @@ import (
 	"github.com/miekg/dns"
 
 	"egressd/audit"
+	"egressd/internal/netutil"
 	"egressd/internal/testnet"
 	"egressd/policy"
 )
@@ -249,6 +250,7 @@ type topo struct {
 type topoOpts struct {
 	mode   string
 	config func(*Config)
+	deps   func(*Deps)
 }
 
 func newTopo(t *testing.T, o topoOpts) *topo {
@@ -313,14 +315,25 @@ func newTopo(t *testing.T, o topoOpts) *topo {
 	if o.config != nil {
 		o.config(&cfg)
 	}
-	p, err := New(cfg, Deps{
-		Policy:   tp.store,
-		Sink:     tp.ev,
-		Logger:   slog.New(slog.NewTextHandler(testWriter{t}, &slog.HandlerOptions{Level: slog.LevelInfo})),
-		DNS:      tp.facts,
-		Resolver: tp.res,
-		Dial:     tp.g.DialContext,
-	})
+	// The proxy's conntrack lookups must ask the gateway's table.
+	var ct *netutil.Conntrack
+	if err := tp.g.Do(func() (err error) { ct, err = netutil.OpenConntrack(); return }); err != nil {
+		t.Fatal(err)
+	}
+	t.Cleanup(func() { ct.Close() })
+	deps := Deps{
+		Policy:    tp.store,
+		Sink:      tp.ev,
+		Logger:    slog.New(slog.NewTextHandler(testWriter{t}, &slog.HandlerOptions{Level: slog.LevelInfo})),
+		DNS:       tp.facts,
+		Resolver:  tp.res,
+		Dial:      tp.g.DialContext,
+		Conntrack: ct,
+	}
+	if o.deps != nil {
+		o.deps(&deps)
+	}
+	p, err := New(cfg, deps)
 	if err != nil {
 		t.Fatal(err)
 	}

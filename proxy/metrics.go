@@ -10,6 +10,7 @@ type metrics struct {
 	bytes     *prometheus.CounterVec // direction
 	limitHits *prometheus.CounterVec // scope
 	peek      prometheus.Histogram
+	conntrack *prometheus.CounterVec // result
 }
 
 func newMetrics(reg prometheus.Registerer) (*metrics, error) {
@@ -35,9 +36,13 @@ func newMetrics(reg prometheus.Registerer) (*metrics, error) {
 			Help:    "Time from accept to a decision on the transparent listener.",
 			Buckets: []float64{.0005, .001, .0025, .005, .01, .025, .05, .1, .25, .5, 1, 2.5, 5, 10},
 		}),
+		conntrack: prometheus.NewCounterVec(prometheus.CounterOpts{
+			Namespace: "egress", Subsystem: "proxy", Name: "conntrack_lookups_total",
+			Help: "Original-source lookups of transparent connections, by result: same (the socket's address was the client's), remapped (NAT had changed the source port; the client's was restored), not-found (no conntrack entry) or error (the socket's address was kept).",
+		}, []string{"result"}),
 	}
 	if reg != nil {
-		for _, c := range []prometheus.Collector{m.conns, m.active, m.bytes, m.limitHits, m.peek} {
+		for _, c := range []prometheus.Collector{m.conns, m.active, m.bytes, m.limitHits, m.peek, m.conntrack} {
 			if err := reg.Register(c); err != nil {
 				return nil, err
 			}

@@ -17,6 +17,7 @@ import (
 	"golang.org/x/sync/errgroup"
 
 	"egressd/audit"
+	"egressd/internal/netutil"
 	"egressd/policy"
 )
 
@@ -36,6 +37,9 @@ type Proxy struct {
 	caOnce  sync.Mutex               // guards loading the CA
 	ownOnce sync.Once
 	own     []netip.Addr // the gateway's own addresses (cfg.OwnAddrs or the interfaces')
+	ctOnce  sync.Once
+	ct      Conntrack          // deps.Conntrack or ctOwn; nil if it could not be opened
+	ctOwn   *netutil.Conntrack // opened by the proxy, closed by Close
 
 	limMu    sync.Mutex // guards following
 	perIP    map[netip.Addr]int
@@ -151,6 +155,13 @@ func (p *Proxy) Close() error {
 		}
 		p.mu.Unlock()
 		close(p.done)
+		// After the lookups of connections still being set up, if any:
+		// Conntrack.Close waits for one in flight, and later ones fail (and
+		// keep the socket's address).
+		p.ctOnce.Do(func() {})
+		if p.ctOwn != nil {
+			p.ctOwn.Close()
+		}
 	})
 	return nil
 }

@@ -3,6 +3,7 @@ package proxy
 import (
 	"context"
 	"errors"
+	"fmt"
 	"io"
 	"net"
 	"net/netip"
@@ -26,7 +27,7 @@ const (
 // destination, peek, decide, then deny or forward.
 func (p *Proxy) handleTransparent(c *net.TCPConn) {
 	start := time.Now()
-	ca := addrPortOf(c.RemoteAddr())
+	ca := p.clientAddr(c)
 	f := &flowRecord{listener: "transparent", ev: audit.Event{
 		Kind: audit.KindFlow, Source: audit.SourceProxy, Time: start,
 		Client: ca.Addr(), ClientPort: ca.Port(), Proto: "tcp",
@@ -144,6 +145,53 @@ func (p *Proxy) handleTransparent(c *net.TCPConn) {
 		f.ev.Close = reason
 		p.finish(f)
 	})
+}
+
+// clientAddr is the client's address and port as the client used them.
+// After the REDIRECT every destination is our listener, so a client that
+// reuses a source port toward another destination while the first
+// connection's conntrack entry lingers clashes with it, and NAT remaps the
+// source port: the socket then shows a port the client never used, and
+// the flow would not match the one capture sees on the LAN. Conntrack's
+// original tuple has the client's; one netlink round trip per connection
+// (about 5 µs, BenchmarkConntrack in internal/netutil), done always since
+// nothing cheaper tells a remapped port from a chosen one. Any failure
+// keeps the socket's address and is counted.
+func (p *Proxy) clientAddr(c *net.TCPConn) netip.AddrPort {
+	remote := addrPortOf(c.RemoteAddr())
+	p.ctOnce.Do(func() {
+		if p.deps.Conntrack != nil {
+			p.ct = p.deps.Conntrack
+			return
+		}
+		ct, err := netutil.OpenConntrack()
+		if err != nil {
+			p.log.Warn("proxy: conntrack unavailable: client ports of remapped connections stay as NAT made them", audit.LogError, err.Error())
+			return
+		}
+		p.ctOwn, p.ct = ct, ct
+	})
+	if p.ct == nil {
+		p.met.conntrack.WithLabelValues("error").Inc()
+		return remote
+	}
+	orig, err := p.ct.OriginalSource(addrPortOf(c.LocalAddr()), remote)
+	switch {
+	case errors.Is(err, netutil.ErrNoConntrack):
+		p.met.conntrack.WithLabelValues("not-found").Inc()
+		return remote
+	case err != nil || !orig.IsValid():
+		p.met.conntrack.WithLabelValues("error").Inc()
+		p.log.Debug("proxy: conntrack lookup", audit.LogError, fmt.Sprint(err))
+		return remote
+	}
+	orig = netip.AddrPortFrom(orig.Addr().Unmap(), orig.Port())
+	if orig == remote {
+		p.met.conntrack.WithLabelValues("same").Inc()
+		return remote
+	}
+	p.met.conntrack.WithLabelValues("remapped").Inc()
+	return orig
 }
 
 // peekResult carries what the peek read.

@@ -8,10 +8,15 @@ import (
 	"net"
 	"net/netip"
 	"strings"
+	"syscall"
 	"testing"
 	"time"
 
+	dto "github.com/prometheus/client_model/go"
+	"golang.org/x/sys/unix"
+
 	"egressd/audit"
+	"egressd/internal/netutil"
 	"egressd/policy"
 )
 
@@ -346,4 +351,124 @@ func TestTransparentLimits(t *testing.T) {
 	for _, c := range conns {
 		c.Close()
 	}
+}
+
+// TestTransparentPortClash: a client reuses its source port toward another
+// destination while the first connection's conntrack entry lingers in
+// TIME_WAIT. After the REDIRECT both connections have the reply tuple
+// gateway:15001 -> client:port, so the kernel's NAT remaps the second
+// one's source port; the proxy's event must still carry the port the
+// client used (capture sees that one on the LAN, and the ledger matches
+// the two by 5-tuple). IPv4 and IPv6.
+func TestTransparentPortClash(t *testing.T) {
+	tp := newTopo(t, topoOpts{})
+	remapped := func() float64 { return tp.conntrackLookups("remapped") }
+	for _, c := range []struct {
+		name         string
+		client       netip.Addr
+		destA, destB netip.AddrPort
+	}{
+		// A is an allowed tunnel to the echo service, B a denied address.
+		{"ipv4", clientV4, netip.AddrPortFrom(echoV4, 8443), netip.AddrPortFrom(deniedV4, 8443)},
+		// Both denied (no rule for the ports): the proxy closes.
+		{"ipv6", clientV6, netip.AddrPortFrom(srvV6, 8443), netip.AddrPortFrom(srvV6, 8444)},
+	} {
+		t.Run(c.name, func(t *testing.T) {
+			local := netip.AddrPortFrom(c.client, 40123)
+			before := remapped()
+			msg := []byte("\x00\x2a not TLS")
+
+			a := tp.dialFromPort(t, local, c.destA)
+			a.Write(msg)
+			a.CloseWrite()
+			readAll(a, 5*time.Second) // the echo, or nothing; then the proxy's close
+			a.Close()
+			ev := tp.ev.wait(t, "first connection", func(ev audit.Event) bool { return ev.Dest == c.destA.Addr() && ev.DestPort == c.destA.Port() })
+			if ev.Client != c.client || ev.ClientPort != local.Port() {
+				t.Fatalf("first connection: event from %s:%d, want %s", ev.Client, ev.ClientPort, local)
+			}
+
+			// Within seconds, from the same port to another destination.
+			b := tp.dialFromPort(t, local, c.destB)
+			b.Write(msg)
+			readAll(b, 5*time.Second)
+			ev = tp.ev.wait(t, "second connection", func(ev audit.Event) bool { return ev.Dest == c.destB.Addr() && ev.DestPort == c.destB.Port() })
+			if got := remapped() - before; got != 1 {
+				t.Fatalf("%v remapped lookups, want 1: the kernel did not remap the clashing port, the test reproduced nothing", got)
+			}
+			if ev.Client != c.client || ev.ClientPort != local.Port() {
+				t.Errorf("second connection: event from %s:%d, want %s", ev.Client, ev.ClientPort, local)
+			}
+			if ev.Verdict != policy.Deny || !ev.Enforced {
+				t.Errorf("second connection: event %+v", ev)
+			}
+		})
+	}
+	if n := tp.conntrackLookups("same"); n != 2 {
+		t.Errorf("%v lookups found the socket's own address, want 2 (the first connections)", n)
+	}
+	if n := tp.conntrackLookups("error") + tp.conntrackLookups("not-found"); n != 0 {
+		t.Errorf("%v lookups failed", n)
+	}
+}
+
+// dialFromPort dials dest from the client namespace from a fixed local
+// address and port, with SO_REUSEADDR (the port's previous connection may
+// be in TIME_WAIT).
+func (tp *topo) dialFromPort(t *testing.T, local, dest netip.AddrPort) *net.TCPConn {
+	t.Helper()
+	var c net.Conn
+	err := tp.c.Do(func() error {
+		d := net.Dialer{Timeout: 5 * time.Second, LocalAddr: net.TCPAddrFromAddrPort(local),
+			Control: func(_, _ string, rc syscall.RawConn) error {
+				var serr error
+				rc.Control(func(fd uintptr) { serr = unix.SetsockoptInt(int(fd), unix.SOL_SOCKET, unix.SO_REUSEADDR, 1) })
+				return serr
+			}}
+		var err error
+		c, err = d.Dial("tcp", dest.String())
+		return err
+	})
+	if err != nil {
+		t.Fatalf("dial %s from %s: %v", dest, local, err)
+	}
+	t.Cleanup(func() { c.Close() })
+	return c.(*net.TCPConn)
+}
+
+// TestTransparentConntrackFallback: a lookup that cannot be done (here a
+// closed netlink socket) keeps the socket's address, counts an error, and
+// the connection goes on.
+func TestTransparentConntrackFallback(t *testing.T) {
+	tp := newTopo(t, topoOpts{deps: func(d *Deps) {
+		ct, err := netutil.OpenConntrack()
+		if err != nil {
+			t.Fatal(err)
+		}
+		ct.Close()
+		d.Conntrack = ct
+	}})
+	c := tp.dialFromClient(t, netip.Addr{}, netip.AddrPortFrom(echoV4, 8443))
+	c.Write([]byte("ping"))
+	c.CloseWrite()
+	if got := readAll(c, 5*time.Second); string(got) != "ping" {
+		t.Fatalf("echo %q", got)
+	}
+	ev := tp.ev.wait(t, "tunnel", byClientPort(localPort(c)))
+	if ev.Verdict != policy.Allow || ev.Client != clientV4 {
+		t.Errorf("event %+v", ev)
+	}
+	if n := tp.conntrackLookups("error"); n != 1 {
+		t.Errorf("%v lookup errors counted, want 1", n)
+	}
+	if n := tp.conntrackLookups("same") + tp.conntrackLookups("remapped"); n != 0 {
+		t.Errorf("%v lookups succeeded on a closed socket", n)
+	}
+}
+
+// conntrackLookups reads the proxy's lookup counter for one result.
+func (tp *topo) conntrackLookups(result string) float64 {
+	var m dto.Metric
+	tp.proxy.met.conntrack.WithLabelValues(result).Write(&m)
+	return m.GetCounter().GetValue()
 }
