@@ -39,7 +39,12 @@ var floodSources = []string{"198.18.1.200", "198.18.1.201", "198.18.1.202", "198
 func TestHardeningFaults(t *testing.T) {
 	tp := newTopo(t)
 	tp.inet.MustRun("ip", "addr", "add", floodIP+"/32", "dev", "eth0")
-	t.Run("syn-flood", func(t *testing.T) { synFlood(t, tp) })
+	// Enforce: the SYNs are redirected to the proxy's listener (SYN
+	// cookies); audit: they are forwarded, and capture is the only
+	// observer of every flow.
+	for _, mode := range []string{"enforce", "audit"} {
+		t.Run("syn-flood-"+mode, func(t *testing.T) { synFlood(t, tp, mode) })
+	}
 	t.Run("state-dir-full", func(t *testing.T) { stateDirFull(t, tp) })
 }
 
@@ -62,8 +67,8 @@ func (d *daemon) alive() bool {
 	}
 }
 
-func synFlood(t *testing.T, tp *topo) {
-	d := newDaemon(t, tp, "enforce")
+func synFlood(t *testing.T, tp *topo, mode string) {
+	d := newDaemon(t, tp, mode)
 	d.start()
 	defer d.stop()
 	if rcode, addrs := tp.dig(t, dockerName, "A"); rcode != "NOERROR" || len(addrs) == 0 {
@@ -72,7 +77,8 @@ func synFlood(t *testing.T, tp *topo) {
 	if err := tp.legitGet(); err != nil {
 		t.Fatalf("legitimate client before the flood: %v", err)
 	}
-	const maxPackets, maxDur = 200000, 10 * time.Second
+	// E2E_SYN_FLOOD scales the flood (default 200,000 SYNs, 10 s at most).
+	maxPackets, maxDur := envInt("E2E_SYN_FLOOD", 200000), 10*time.Second
 	rss0, hwm0, thr0 := d.rss()
 	pk0, dr0, ev0 := d.metric("egress_capture_packets_total"), d.metric("egress_capture_kernel_drops_total"), d.metric("egress_capture_evicted_flows_total")
 	t.Logf("before the flood: RSS %d KiB (peak %d), %d threads, %d fds, capture active flows %v", rss0, hwm0, thr0, d.fds(), d.metric("egress_capture_active_flows"))
@@ -154,8 +160,8 @@ func synFlood(t *testing.T, tp *topo) {
 	ev := d.metric("egress_capture_evicted_flows_total") - ev0
 	active := d.metric("egress_capture_active_flows")
 	rss, hwm, thr := d.rss()
-	t.Logf("SYN flood: %d SYNs from %d addresses × many ports in %v (%.0f/s); %v later capture had read %.0f packets, the kernel dropped %.0f; flow table max %d seen (bound %d), %v now, %.0f flows evicted (%.0f/s once the table was full); legitimate client %d served, %d failed",
-		sent, len(floodSources), took.Round(time.Millisecond), float64(sent)/took.Seconds(), time.Since(waitStart).Round(time.Millisecond), pk, dr, maxActive.Load(), captureMaxFlows, active, ev, evRate, legitOK.Load(), legitBad.Load())
+	t.Logf("%s mode, SYN flood: %d SYNs from %d addresses × many ports in %v (%.0f/s); %v later capture had read %.0f packets, the kernel dropped %.0f; flow table max %d seen (bound %d), %v now, %.0f flows evicted (%.0f/s once the table was full); legitimate client %d served, %d failed",
+		mode, sent, len(floodSources), took.Round(time.Millisecond), float64(sent)/took.Seconds(), time.Since(waitStart).Round(time.Millisecond), pk, dr, maxActive.Load(), captureMaxFlows, active, ev, evRate, legitOK.Load(), legitBad.Load())
 	t.Logf("after the flood: RSS %d KiB (peak %d; before %d), %d threads, %d fds", rss, hwm, rss0, thr, d.fds())
 
 	if code, body, err := d.get("/healthz"); err != nil || code != 200 {
@@ -185,6 +191,32 @@ func synFlood(t *testing.T, tp *topo) {
 			t.Error(msg)
 		} else {
 			t.Log("known bug (E2E_KNOWN_BUGS=1 to fail on it): " + msg)
+		}
+	}
+	if mode == "audit" {
+		// In audit mode capture is the only record of a flow: a client's
+		// connection after the flood is in the event log (capture reports
+		// a TCP flow when it closes), or the flood has blinded the audit.
+		_, port, err := tp.tlsGet(dockerIP4+":443", dockerName, nil, nil)
+		if err != nil {
+			t.Errorf("legitimate client after the flood: %v", err)
+		}
+		seen := false
+		for deadline := time.Now().Add(3 * time.Second); !seen && time.Now().Before(deadline); time.Sleep(100 * time.Millisecond) {
+			for _, e := range d.allEvents() {
+				if e.Kind == "flow" && e.Source == "capture" && e.ClientPort == port && e.Dest == dockerIP4 {
+					seen = true
+				}
+			}
+		}
+		t.Logf("audit mode: a connection made after the flood is in the event log within 3 s: %v", seen)
+		if !seen {
+			msg := "audit mode: capture has not recorded a connection made after the flood (3 s): it is still working through the flood's backlog"
+			if knownBugs {
+				t.Error(msg)
+			} else {
+				t.Log("known bug (E2E_KNOWN_BUGS=1 to fail on it): " + msg)
+			}
 		}
 	}
 	if legitOK.Load() == 0 {
