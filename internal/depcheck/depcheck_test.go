@@ -1,0 +1,40 @@
+package depcheck
+
+import (
+	"os/exec"
+	"strings"
+	"testing"
+)
+
+// TestDependencyDirection lists each package's egressd imports (direct and
+// indirect) and checks them against what it may use.
+func TestDependencyDirection(t *testing.T) {
+	allowed := map[string][]string{
+		"egressd/policy":    {},
+		"egressd/profiles":  {},
+		"egressd/audit":     {"egressd/policy"},
+		"egressd/admin":     {"egressd/policy", "egressd/audit"},
+		"egressd/dnsfilter": {"egressd/policy", "egressd/audit"},
+		"egressd/proxy":     {"egressd/policy", "egressd/audit", "egressd/internal/netutil"},
+		"egressd/capture":   {"egressd/policy", "egressd/audit"},
+		"egressd/firewall":  {"egressd/policy", "egressd/audit"},
+	}
+	for pkg, ok := range allowed {
+		out, err := exec.Command("go", "list", "-deps", "-f", "{{.ImportPath}}", pkg).Output()
+		if err != nil {
+			t.Fatalf("go list %s: %v", pkg, err)
+		}
+		for _, dep := range strings.Fields(string(out)) {
+			if !strings.HasPrefix(dep, "egressd/") || dep == pkg {
+				continue
+			}
+			found := false
+			for _, a := range ok {
+				found = found || a == dep
+			}
+			if !found {
+				t.Errorf("%s imports %s", pkg, dep)
+			}
+		}
+	}
+}
