@@ -13,6 +13,9 @@ if [ -n "$bad" ]; then echo "gofmt would change: $bad"; exit 1; fi
 echo "== go vet"
 go vet ./...
 
+echo "== go mod tidy"
+go mod tidy -diff
+
 echo "== go test -race"
 go test -race -count=1 -timeout 30m ./... 2>&1 | tee /tmp/egressd-test.log
 status=${PIPESTATUS[0]}
