@@ -114,6 +114,8 @@ type flow struct {
 type proc struct {
 	c *Capture
 
+	roomSweep time.Time // last sweep makeRoom ran (at most one a second)
+
 	eth     layers.Ethernet
 	dot1q   layers.Dot1Q
 	ip4     layers.IPv4
@@ -816,25 +818,25 @@ func (p *proc) sweep() {
 // makeRoom frees one slot of a full table: idle and closed flows first,
 // else an arbitrary live flow, which is ended early and counted.
 func (p *proc) makeRoom() {
-	p.sweep()
-	if len(p.flows) < p.c.cfg.MaxFlows {
-		return
-	}
-	var victim flowKey
-	found := false
-	for k, f := range p.flows {
-		if f.closed {
-			delete(p.flows, k)
+	// A full sweep walks the whole table: under a flood of new flows it
+	// would run for every packet, so it runs at most once a second here
+	// (the periodic sweep does the rest).
+	if p.now.Sub(p.roomSweep) >= time.Second {
+		p.roomSweep = p.now
+		p.sweep()
+		if len(p.flows) < p.c.cfg.MaxFlows {
 			return
 		}
-		if !found {
-			victim, found = k, true
-		}
 	}
-	if found {
-		p.end(p.flows[victim], "evicted")
-		delete(p.flows, victim)
-		p.stats.evicted.Add(1)
+	// Map iteration starts at a random place: the first flow is an
+	// arbitrary one, found in constant time.
+	for k, f := range p.flows {
+		if !f.closed {
+			p.end(f, "evicted")
+			p.stats.evicted.Add(1)
+		}
+		delete(p.flows, k)
+		return
 	}
 }
 

@@ -134,14 +134,9 @@ func synFlood(t *testing.T, tp *topo, mode string) {
 		wg.Wait()
 		t.Fatalf("flood: %v (after %d packets)", err, sent)
 	}
-	// Capture reads the ring after the flood: wait (5 s at most; 15 s
-	// with E2E_KNOWN_BUGS=1) until every flood packet is read or counted
-	// as dropped by the kernel.
-	knownBugs := os.Getenv("E2E_KNOWN_BUGS") != ""
+	// Capture reads the ring after the flood: wait (5 s at most) until
+	// every flood packet is read or counted as dropped by the kernel.
 	wait := 5 * time.Second
-	if knownBugs {
-		wait = 15 * time.Second
-	}
 	evEnd, waitStart := d.metric("egress_capture_evicted_flows_total"), time.Now()
 	var pk, dr float64
 	for {
@@ -180,18 +175,11 @@ func synFlood(t *testing.T, tp *topo, mode string) {
 	}
 	// Every flood packet is either read or counted as a kernel drop:
 	// nothing is lost silently, and capture is not left behind for
-	// minutes. Known bug (capture/proc.go): with the table full, every
-	// new flow runs makeRoom, which sweeps the whole table (and scans it
-	// again for a victim), so capture ends about 35 flows a second and
-	// the rest of the flood waits in the ring, unread and uncounted.
+	// minutes (it once was: a full table swept itself for every new flow,
+	// and capture ended about 35 flows a second).
 	if pk+dr < float64(sent) {
-		msg := fmt.Sprintf("capture had read %.0f and the kernel dropped %.0f of %d SYNs %v after the flood: %.0f neither read nor counted (evicting %.0f flows/s)",
+		t.Errorf("capture had read %.0f and the kernel dropped %.0f of %d SYNs %v after the flood: %.0f neither read nor counted (evicting %.0f flows/s)",
 			pk, dr, sent, time.Since(waitStart).Round(time.Second), float64(sent)-pk-dr, evRate)
-		if knownBugs {
-			t.Error(msg)
-		} else {
-			t.Log("known bug (E2E_KNOWN_BUGS=1 to fail on it): " + msg)
-		}
 	}
 	if mode == "audit" {
 		// In audit mode capture is the only record of a flow: a client's
@@ -211,12 +199,7 @@ func synFlood(t *testing.T, tp *topo, mode string) {
 		}
 		t.Logf("audit mode: a connection made after the flood is in the event log within 3 s: %v", seen)
 		if !seen {
-			msg := "audit mode: capture has not recorded a connection made after the flood (3 s): it is still working through the flood's backlog"
-			if knownBugs {
-				t.Error(msg)
-			} else {
-				t.Log("known bug (E2E_KNOWN_BUGS=1 to fail on it): " + msg)
-			}
+			t.Error("audit mode: capture has not recorded a connection made after the flood (3 s): it is still working through the flood's backlog")
 		}
 	}
 	if legitOK.Load() == 0 {
