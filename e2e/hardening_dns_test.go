@@ -68,6 +68,7 @@ func TestHardeningDNS(t *testing.T) {
 	if err := udpExchange(tp, dockerIP4+":443", []byte("ping")); err != nil {
 		t.Fatalf("without egressd, UDP %s:443 does not answer: %v", dockerIP4, err)
 	}
+	w.settle()
 	baseTCP, baseUDP := w.tcp.Load(), w.udp.Load()
 
 	d := hardeningDaemon(t, tp, u, "")

@@ -739,3 +739,18 @@ func testRange(a netip.Addr) bool {
 	}
 	return false
 }
+
+// settle waits until the witness's counters have not moved for 300 ms (2 s
+// at most): a baseline connection is complete for the client before the
+// witness's accept loop has counted it, and a late count must not be taken
+// for a connection made while egressd enforces.
+func (w *witness) settle() {
+	deadline := time.Now().Add(2 * time.Second)
+	last, lastU, since := w.tcp.Load(), w.udp.Load(), time.Now()
+	for time.Now().Before(deadline) && time.Since(since) < 300*time.Millisecond {
+		time.Sleep(20 * time.Millisecond)
+		if t, u := w.tcp.Load(), w.udp.Load(); t != last || u != lastU {
+			last, lastU, since = t, u, time.Now()
+		}
+	}
+}
