@@ -61,23 +61,76 @@ func lastAddr(p netip.Prefix) u128 {
 }
 
 // rangeTable is the flattened form: starts[i] begins range i, which runs to
-// starts[i+1]; rules[i] are its rules in file order (nil: none).
+// starts[i+1]; rules[i] are its rules in file order (nil: none). seal turns
+// them into the lookup form.
 type rangeTable struct {
 	starts []u128
 	rules  [][]int32
-	// starts4 is starts as 32-bit values for IPv4: four times denser in
-	// the cache, which is what a lookup in a large table pays for.
-	starts4 []uint32
+	// What a lookup reads, built from starts and rules: a range's first
+	// rule sits beside its start, so the common case (the first rule
+	// decides) touches the search's cache line and nothing else of the
+	// table; all its rules are flat[off:off+n].
+	ents4 []ent4     // IPv4 tables: starts as 32-bit values
+	pay   []rangePay // IPv6 tables, beside starts
+	flat  []int32
 	// index16[k] is the number of ranges starting below k<<16, so that a
 	// lookup reads one index entry and searches a handful of ranges
-	// instead of the whole table. Built for large tables only.
+	// instead of the whole table. Built for large IPv4 tables only.
 	index16 []uint32
 }
 
-func (t *rangeTable) lookup(a u128) []int32 {
+// rangePay is a range's rules: first (-1: none) and flat[off:off+n], which
+// starts with first.
+type rangePay struct {
+	first  int32
+	off, n uint32
+}
+
+type ent4 struct {
+	start uint32
+	rangePay
+}
+
+// seal builds the lookup form of a table whose starts and rules are final.
+func (t *rangeTable) seal(v4 bool) {
+	pays := make([]rangePay, len(t.rules))
+	for i, rs := range t.rules {
+		pays[i] = rangePay{first: -1, off: uint32(len(t.flat)), n: uint32(len(rs))}
+		if len(rs) > 0 {
+			pays[i].first = rs[0]
+			t.flat = append(t.flat, rs...)
+		}
+	}
+	t.rules = nil
+	if !v4 {
+		t.pay = pays
+		return
+	}
+	t.ents4 = make([]ent4, len(t.starts))
+	for i, s := range t.starts {
+		t.ents4[i] = ent4{start: uint32(s.lo), rangePay: pays[i]}
+	}
+	t.starts = nil
+	if len(t.ents4) > 256 {
+		idx := make([]uint32, 1<<16+1)
+		i := 0
+		for k := range idx {
+			for i < len(t.ents4) && uint64(t.ents4[i].start)>>16 < uint64(k) {
+				i++
+			}
+			idx[k] = uint32(i)
+		}
+		t.index16 = idx
+	}
+}
+
+var noRange = rangePay{first: -1}
+
+// find returns the rules of the range holding a.
+func (t *rangeTable) find(a u128) rangePay {
 	// The last start <= a: lo is the first index whose start is > a.
-	lo, hi := 0, len(t.starts)
-	if t.starts4 != nil {
+	if t.ents4 != nil {
+		lo, hi := 0, len(t.ents4)
 		v := uint32(a.lo)
 		if t.index16 != nil {
 			// Only the ranges starting under the same /16 need a search.
@@ -86,26 +139,30 @@ func (t *rangeTable) lookup(a u128) []int32 {
 		}
 		for lo < hi {
 			mid := int(uint(lo+hi) >> 1)
-			if v < t.starts4[mid] {
+			if v < t.ents4[mid].start {
 				hi = mid
 			} else {
 				lo = mid + 1
 			}
 		}
-	} else {
-		for lo < hi {
-			mid := int(uint(lo+hi) >> 1)
-			if a.less(t.starts[mid]) {
-				hi = mid
-			} else {
-				lo = mid + 1
-			}
+		if lo == 0 {
+			return noRange
+		}
+		return t.ents4[lo-1].rangePay
+	}
+	lo, hi := 0, len(t.starts)
+	for lo < hi {
+		mid := int(uint(lo+hi) >> 1)
+		if a.less(t.starts[mid]) {
+			hi = mid
+		} else {
+			lo = mid + 1
 		}
 	}
 	if lo == 0 {
-		return nil
+		return noRange
 	}
-	return t.rules[lo-1]
+	return t.pay[lo-1]
 }
 
 func (t *addrTable) add(pf netip.Prefix, rule int32) {
@@ -144,22 +201,9 @@ func (t *addrTable) build() {
 	if n := len(t.v4.starts); n > 0 && t.v4.starts[n-1].lo > 0xffffffff {
 		t.v4.starts, t.v4.rules = t.v4.starts[:n-1], t.v4.rules[:n-1]
 	}
-	t.v4.starts4 = make([]uint32, len(t.v4.starts))
-	for i, s := range t.v4.starts {
-		t.v4.starts4[i] = uint32(s.lo)
-	}
-	if len(t.v4.starts4) > 256 {
-		idx := make([]uint32, 1<<16+1)
-		i := 0
-		for k := range idx {
-			for i < len(t.v4.starts4) && uint64(t.v4.starts4[i])>>16 < uint64(k) {
-				i++
-			}
-			idx[k] = uint32(i)
-		}
-		t.v4.index16 = idx
-	}
+	t.v4.seal(true)
 	t.v6 = t.flatten(p6)
+	t.v6.seal(false)
 }
 
 func (t *addrTable) flatten(pfs []netip.Prefix) rangeTable {
@@ -220,9 +264,16 @@ func (t *addrTable) flatten(pfs []netip.Prefix) rangeTable {
 	return rt
 }
 
-func (t *addrTable) lookup(a netip.Addr) []int32 {
+// lookup returns the rules whose prefixes hold a, in file order; the first
+// (or -1) is also returned apart, read without touching the list.
+func (t *addrTable) lookup(a netip.Addr) (first int32, all []int32) {
+	tab := &t.v6
 	if a.Is4() {
-		return t.v4.lookup(toU128(a))
+		tab = &t.v4
 	}
-	return t.v6.lookup(toU128(a))
+	p := tab.find(toU128(a))
+	if p.first < 0 {
+		return -1, nil
+	}
+	return p.first, tab.flat[p.off : p.off+p.n : p.off+p.n]
 }

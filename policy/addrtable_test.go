@@ -52,7 +52,11 @@ func TestAddrTableMatchesNaive(t *testing.T) {
 			}
 			slices.Sort(want)
 			want = slices.Compact(want)
-			got := slices.Clone(tab.lookup(a))
+			first, all := tab.lookup(a)
+			got := slices.Clone(all)
+			if (first < 0) != (len(got) == 0) || (first >= 0 && first != got[0]) {
+				t.Fatalf("round %d: lookup(%s): first %d, all %v", round, a, first, got)
+			}
 			if !slices.Equal(got, want) {
 				t.Fatalf("round %d: lookup(%s) = %v, want %v", round, a, got, want)
 			}

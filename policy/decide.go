@@ -115,9 +115,22 @@ func (m *matcher) addrs(a netip.Addr) {
 	if a.Is4() {
 		zero = m.e.zero4
 	}
-	for _, r := range m.e.addrs.lookup(a) {
-		m.wild = len(zero) > 0 && slices.Contains(zero, r)
-		m.consider(ref{rule: r})
+	first, all := m.e.addrs.lookup(a)
+	if first < 0 {
+		return
+	}
+	m.wild = len(zero) > 0 && slices.Contains(zero, first)
+	m.consider(ref{rule: first})
+	// The rest come after first in file order: nothing to read once a
+	// rule at or before first allows.
+	if m.best < 0 || m.best > first {
+		for _, r := range all[1:] {
+			if m.best >= 0 && r >= m.best {
+				break
+			}
+			m.wild = len(zero) > 0 && slices.Contains(zero, r)
+			m.consider(ref{rule: r})
+		}
 	}
 	m.wild = false
 }
@@ -129,8 +142,12 @@ func (m *matcher) consider(r ref) {
 		return
 	}
 	c := &m.e.checks[r.rule]
+	x := &noExtra
+	if c.extra {
+		x = &m.e.extras[r.rule]
+	}
 	if m.flow {
-		if !c.allowsPort(m.in.Port, m.in.Proto) {
+		if !c.allowsPort(x, m.in.Port, m.in.Proto) {
 			m.portMiss = m.portMiss || !m.wild
 			return
 		}
@@ -139,7 +156,7 @@ func (m *matcher) consider(r ref) {
 			return
 		}
 	}
-	if c.from != nil && !c.from.Contains(m.in.Client, m.in.ClientMAC) {
+	if x.from != nil && !x.from.Contains(m.in.Client, m.in.ClientMAC) {
 		if m.wild {
 			m.wildClientMiss = true
 		} else {
@@ -147,7 +164,7 @@ func (m *matcher) consider(r ref) {
 		}
 		return
 	}
-	if c.expires != 0 && m.in.Now.UnixNano() >= c.expires {
+	if x.expires != 0 && m.in.Now.UnixNano() >= x.expires {
 		if m.expired < 0 || r.rule < m.expired {
 			m.expired = r.rule
 		}
@@ -155,6 +172,8 @@ func (m *matcher) consider(r ref) {
 	}
 	m.best = r.rule
 }
+
+var noExtra ruleExtra
 
 func (m *matcher) decision() Decision {
 	d := Decision{Verdict: Deny, RuleIndex: -1, Mode: m.e.pol.Mode}
@@ -179,47 +198,56 @@ func (m *matcher) decision() Decision {
 		d.Reason = ReasonNoRule
 	}
 	if d.RuleIndex >= 0 {
-		d.Rule = m.e.pol.Rules[d.RuleIndex].Name
+		d.Rule = m.e.ruleNames[d.RuleIndex]
 	}
 	return d
 }
 
-// ruleCheck is what consider needs of a rule, packed so that checking a
-// candidate rule touches one cache line: the first two port ranges inline
-// (most rules have one or two), the rest, the client set and the expiry
-// only when the rule has them.
+// ruleCheck is what consider needs of a rule, packed into 16 bytes so that
+// checking a candidate touches one cache line of a dense array: the first
+// two port ranges inline (most rules have one or two); the rest, the client
+// set and the expiry sit in a ruleExtra, read only when the rule has them.
 type ruleCheck struct {
-	port    [2]PortRange
-	nports  uint8
+	port   [2]PortRange
+	nports uint8
+	extra  bool // e.extras[rule] holds more ports, a client set or an expiry
+	_      [2]byte
+}
+
+type ruleExtra struct {
 	more    []PortRange // port ranges beyond the first two
 	from    *ClientSet  // nil: any client
 	expires int64       // UnixNano of Rule.Expires; 0: never
 }
 
-func newRuleCheck(r *Rule) ruleCheck {
+func newRuleCheck(r *Rule) (ruleCheck, ruleExtra) {
 	c := ruleCheck{nports: uint8(min(len(r.Ports), 2))}
 	copy(c.port[:], r.Ports)
+	var x ruleExtra
 	if len(r.Ports) > 2 {
-		c.more = r.Ports[2:]
+		x.more = r.Ports[2:]
 	}
 	if !r.From.Any() {
-		c.from = &r.From
+		x.from = &r.From
 	}
 	if !r.Expires.IsZero() {
-		c.expires = r.Expires.UnixNano()
+		x.expires = r.Expires.UnixNano()
 	}
-	return c
+	c.extra = x.more != nil || x.from != nil || x.expires != 0
+	return c, x
 }
 
-func (c *ruleCheck) allowsPort(port uint16, proto Proto) bool {
+func (c *ruleCheck) allowsPort(x *ruleExtra, port uint16, proto Proto) bool {
 	for i := uint8(0); i < c.nports; i++ {
 		if c.port[i].Contains(port, proto) {
 			return true
 		}
 	}
-	for _, p := range c.more {
-		if p.Contains(port, proto) {
-			return true
+	if x != nil {
+		for _, p := range x.more {
+			if p.Contains(port, proto) {
+				return true
+			}
 		}
 	}
 	return false

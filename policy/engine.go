@@ -18,6 +18,8 @@ import (
 type Engine struct {
 	pol       *Policy
 	checks    []ruleCheck // per rule, in file order
+	extras    []ruleExtra // per rule with checks[i].extra, else zero
+	ruleNames []string    // per rule: what a decision names, apart from the bulky Rule
 	names     *nameNode
 	addrs     addrTable
 	anyRefs   []int32 // rules with "*"
@@ -61,9 +63,18 @@ func Compile(file string, src []byte) (*Engine, error) {
 func New(p *Policy) *Engine {
 	e := &Engine{pol: p, names: &nameNode{}}
 	e.checks = make([]ruleCheck, len(p.Rules))
+	e.ruleNames = make([]string, len(p.Rules))
 	for i := range p.Rules {
 		r := &p.Rules[i]
-		e.checks[i] = newRuleCheck(r)
+		c, x := newRuleCheck(r)
+		e.checks[i] = c
+		if c.extra {
+			if e.extras == nil {
+				e.extras = make([]ruleExtra, len(p.Rules))
+			}
+			e.extras[i] = x
+		}
+		e.ruleNames[i] = r.Name
 		if !r.Expires.IsZero() {
 			e.hasExpiry = true
 		}
