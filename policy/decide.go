@@ -69,22 +69,22 @@ func (m *matcher) run() {
 }
 
 func (m *matcher) names(name string) {
-	n := m.e.names
+	t := m.e.nameTab
+	id := uint32(0)
 	end := len(name)
 	for {
+		n := &t.nodes[id]
 		// The label to the left of end.
 		start := end - 1
 		for start >= 0 && name[start] != '.' {
 			start--
 		}
-		if len(n.sub) > 0 {
-			for _, r := range n.sub {
-				m.consider(r)
-			}
+		for _, r := range t.refs[n.subOff : n.subOff+n.subN] {
+			m.consider(r)
 		}
-		if len(n.globs) > 0 {
+		if n.globN > 0 {
 			rest := name[:end]
-			for _, g := range n.globs {
+			for _, g := range t.globs[n.globOff : n.globOff+n.globN] {
 				if g.g.Match(rest) {
 					m.consider(g.ref)
 				}
@@ -93,16 +93,15 @@ func (m *matcher) names(name string) {
 		if end <= 0 {
 			break
 		}
-		c := n.children[name[start+1:end]]
-		if c == nil {
+		if id = t.child(id, name[start+1:end]); id == 0 {
 			return
 		}
-		n = c
 		end = start
 		if end < 0 {
 			// The whole name is consumed: patterns that end here match
 			// exactly; "*." patterns here need a deeper name.
-			for _, r := range n.exact {
+			n = &t.nodes[id]
+			for _, r := range t.refs[n.exactOff : n.exactOff+n.exactN] {
 				m.consider(r)
 			}
 			return

@@ -20,7 +20,8 @@ type Engine struct {
 	checks    []ruleCheck // per rule, in file order
 	extras    []ruleExtra // per rule with checks[i].extra, else zero
 	ruleNames []string    // per rule: what a decision names, apart from the bulky Rule
-	names     *nameNode
+	names     *nameNode   // the name suffix tree while compiling (lint walks it)
+	nameTab   *nameTable  // its lookup form
 	addrs     addrTable
 	anyRefs   []int32 // rules with "*"
 	zero4     []int32 // rules with 0.0.0.0/0
@@ -83,7 +84,9 @@ func New(p *Policy) *Engine {
 		}
 	}
 	e.addrs.build()
+	e.nameTab = sealNames(e.names)
 	p.Warnings = append(p.Warnings, lint(e, time.Now())...)
+	e.names = nil
 	return e
 }
 
