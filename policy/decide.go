@@ -79,8 +79,8 @@ func (m *matcher) names(name string) {
 		for start >= 0 && name[start] != '.' {
 			start--
 		}
-		for _, r := range t.refs[n.subOff : n.subOff+n.subN] {
-			m.consider(r)
+		if n.subN > 0 {
+			m.refs(n.sub0, t.refs[n.subOff:n.subOff+n.subN])
 		}
 		if n.globN > 0 {
 			rest := name[:end]
@@ -100,12 +100,30 @@ func (m *matcher) names(name string) {
 		if end < 0 {
 			// The whole name is consumed: patterns that end here match
 			// exactly; "*." patterns here need a deeper name.
-			n = &t.nodes[id]
-			for _, r := range t.refs[n.exactOff : n.exactOff+n.exactN] {
-				m.consider(r)
+			if n = &t.nodes[id]; n.exactN > 0 {
+				m.refs(n.exact0, t.refs[n.exactOff:n.exactOff+n.exactN])
 			}
 			return
 		}
+	}
+}
+
+// refs considers a node's refs, in file order; first is refs[0].rule when
+// that ref has no path (else -1), known without reading refs, which then
+// stay unread when first decides.
+func (m *matcher) refs(first int32, refs []ref) {
+	if first >= 0 {
+		m.consider(ref{rule: first})
+		if m.best >= 0 && m.best <= first {
+			return
+		}
+		refs = refs[1:]
+	}
+	for _, r := range refs {
+		if m.best >= 0 && r.rule >= m.best {
+			return
+		}
+		m.consider(r)
 	}
 }
 

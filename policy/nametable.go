@@ -24,6 +24,17 @@ type flatNode struct {
 	exactOff, exactN uint32 // refs[exactOff:][:exactN]
 	subOff, subN     uint32 // refs[subOff:][:subN]
 	globOff, globN   uint32 // globs[globOff:][:globN]
+	// The first exact and "*." rules (refs are in file order) when they
+	// have no path, so that the common case reads no refs; -1 otherwise.
+	exact0, sub0 int32
+}
+
+// first returns the rule of refs[0] when it has no path, else -1.
+func first(refs []ref) int32 {
+	if len(refs) == 0 || refs[0].path != nil {
+		return -1
+	}
+	return refs[0].rule
 }
 
 // inlineLabel is how many bytes of a label an edge holds; longer labels are
@@ -94,6 +105,7 @@ func sealNames(root *nameNode) *nameTable {
 		t.refs = append(t.refs, n.sub...)
 		f.globOff, f.globN = uint32(len(t.globs)), uint32(len(n.globs))
 		t.globs = append(t.globs, n.globs...)
+		f.exact0, f.sub0 = first(n.exact), first(n.sub)
 		t.nodes[id] = f
 		for l, c := range n.children {
 			srcs = append(srcs, edgeSrc{parent: id, child: visit(c, l), label: l})
