@@ -12,8 +12,9 @@ import (
 // Engine is a compiled policy. It is immutable and safe for concurrent use;
 // a reload builds a new Engine and swaps it in a [Store].
 //
-// Names live in a label-wise suffix tree ("com" → "docker" → …) and
-// addresses in sorted range tables (see addrTable), so the cost of a
+// Names live in a label-wise suffix tree ("com" → "docker" → …), built
+// with maps and then flattened into one hash table of edges (nameTable),
+// and addresses in sorted range tables (see addrTable), so the cost of a
 // decision depends on the length of the name, not on the number of rules.
 type Engine struct {
 	pol       *Policy
