@@ -28,6 +28,11 @@ type Kind string
 const (
 	KindFlow Kind = "flow" // one TCP connection, or one UDP exchange
 	KindDNS  Kind = "dns"  // one DNS query
+	// KindRequest is one HTTP request after the first on a plain-HTTP
+	// connection, decided on its own Host and path (the connection's flow
+	// event stands for the first). It is not a flow: it credits its rule
+	// or records the (would-be) drop, and never adds to flow counts.
+	KindRequest Kind = "request"
 	// KindShed is a record the event log writes for events it had to shed
 	// (Count of them, up to Time); components never emit it.
 	KindShed Kind = "shed"
