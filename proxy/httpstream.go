@@ -204,6 +204,7 @@ func (u *httpUpstream) refuse(t *tunnel, err error) bool {
 	now := time.Now()
 	v := verdict{d: httpErrDecision(eng, err), src: audit.NameNone}
 	ev := u.event(now)
+	ev.NameSource = audit.NameNone
 	ev.Stamp(v.d)
 	return u.finish(t, ev, v, "", err)
 }
