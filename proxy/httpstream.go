@@ -18,6 +18,11 @@ const (
 	closeForwarded     = "forwarded"      // a request event: forwarded to the origin
 )
 
+// httpBufSize is the client-to-origin buffer of a plain-HTTP connection
+// (the size of one read; a head longer than it grows it up to
+// HelloMaxBytes plus this).
+const httpBufSize = 16 << 10
+
 // decideHTTP decides one plain-HTTP request head on the transparent
 // listener: by its Host (or absolute-form authority) and path when it names
 // one, else by address. in carries the connection (client, original
@@ -90,8 +95,10 @@ func (p *Proxy) newHTTPUpstream(in policy.Input, f *flowRecord, h *httpHead, res
 // run is the tunnel's upstream copy (tunnel.up).
 func (u *httpUpstream) run(t *tunnel) (int64, error) {
 	client, server := t.client, t.server
-	// Room for a whole head plus a read.
-	buf := make([]byte, u.s.maxHead+16<<10)
+	// A small buffer, grown (up to a whole head plus a read) only while a
+	// head larger than it is being read, and given back after.
+	small := max(httpBufSize, len(u.held))
+	buf := make([]byte, small)
 	data := buf[:copy(buf, u.held)]
 	u.held = nil
 	var out int64
@@ -143,6 +150,13 @@ func (u *httpUpstream) run(t *tunnel) (int64, error) {
 			}
 			n, err := copyConn(server, client, idle)
 			return out + n, err
+		}
+		switch {
+		case len(data) == len(buf) && len(buf) < u.s.maxHead+httpBufSize:
+			// A head or line longer than the buffer: grow it.
+			buf = make([]byte, min(2*len(buf), u.s.maxHead+httpBufSize))
+		case len(data) == 0 && len(buf) > small:
+			buf = make([]byte, small)
 		}
 		data = buf[:copy(buf, data)]
 		if len(data) > 0 && u.s.inHead() && headStart.IsZero() {

@@ -318,6 +318,27 @@ func TestTransparentKeepAlive(t *testing.T) {
 		}
 	})
 
+	t.Run("large-later-heads", func(t *testing.T) {
+		// A 40 KiB head after the first (the buffer grows for it, the
+		// request goes through), then one over the 64 KiB cap (refused).
+		c := tp.dialFromClient(t, netip.Addr{}, dest)
+		br := bufio.NewReader(c)
+		io.WriteString(c, req("www.allowed.test", "/large-first"))
+		big := "GET /large-40k HTTP/1.1\r\nHost: www.allowed.test\r\nX-Big: " + strings.Repeat("b", 40<<10) + "\r\n\r\n"
+		io.WriteString(c, big)
+		codes, bodies, err := readResponses(c, br, 2)
+		if err != nil || fmt.Sprint(codes) != "[200 200]" || !strings.Contains(bodies[1], "path=/large-40k") {
+			t.Fatalf("40 KiB head: %v %v", err, codes)
+		}
+		huge := "GET /large-70k HTTP/1.1\r\nHost: www.allowed.test\r\nX-Big: " + strings.Repeat("h", 70<<10) + "\r\n\r\n"
+		go io.WriteString(c, huge)
+		codes, bodies, err = readResponses(c, br, 1)
+		if err != nil || codes[0] != 403 || !strings.Contains(bodies[0], ReasonHelloTooLarge) {
+			t.Fatalf("70 KiB head: %v %v", err, codes)
+		}
+		assertNotSeen(t, "large-70k")
+	})
+
 	t.Run("websocket-upgrade", func(t *testing.T) {
 		c := tp.dialFromClient(t, netip.Addr{}, dest)
 		br := bufio.NewReader(c)
