@@ -6,6 +6,7 @@ import (
 	"io"
 	"log/slog"
 	"os"
+	"strings"
 	"time"
 
 	"egressd/audit"
@@ -29,17 +30,59 @@ const httpBufSize = 16 << 10
 // destination, port); the destination must be vouched for the name, as for
 // an SNI. Host/path rules apply to the path (plain HTTP shows it without a
 // CA).
+//
+// Path rules match the path without its query. A path that an origin may
+// read as another one (dot segments, encoded dots, slashes or
+// backslashes, double encoding) is refused when only a host/path rule
+// allows the request (reason path-form): a glob must not be passed by
+// "/allowed/../other".
 func (p *Proxy) decideHTTP(ctx context.Context, eng *policy.Engine, in policy.Input, h *httpHead) verdict {
-	in.Path = h.Path
+	in.Path, _, _ = strings.Cut(h.Path, "?")
+	var v verdict
 	if _, lit := literalAddr(h.Host); h.Host == "" || lit {
-		return p.decideAddr(eng, in, audit.NameNone)
+		v = p.decideAddr(eng, in, audit.NameNone)
+	} else {
+		name := h.Host
+		if n, ok := policy.NormalizeName(name); ok {
+			name = n
+		}
+		in.Name = name
+		v = p.decideName(ctx, eng, in, audit.NameHost)
 	}
-	name := h.Host
-	if n, ok := policy.NormalizeName(name); ok {
-		name = n
+	if v.d.Allowed() && in.Path != "" && !plainPath(in.Path) {
+		hin := in
+		hin.Path, hin.Name = "", v.name
+		if !p.engines.get(eng).hostLevel.Decide(hin).Allowed() {
+			v.d = denyDecision(eng, ReasonPathForm)
+		}
 	}
-	in.Name = name
-	return p.decideName(ctx, eng, in, audit.NameHost)
+	return v
+}
+
+// plainPath reports whether an origin-form path means what it spells: no
+// "." or ".." segment (also as "..;" for servlet containers), no
+// backslash, no percent-encoded dot, slash, backslash, percent or
+// overlong UTF-8 lead byte.
+func plainPath(path string) bool {
+	if strings.IndexByte(path, '\\') >= 0 {
+		return false
+	}
+	for i := 0; i+2 < len(path); i++ {
+		if path[i] != '%' {
+			continue
+		}
+		switch strings.ToLower(path[i+1 : i+3]) {
+		case "2e", "2f", "5c", "25", "c0", "c1":
+			return false
+		}
+	}
+	for _, seg := range strings.Split(path, "/") {
+		seg, _, _ = strings.Cut(seg, ";")
+		if seg == "." || seg == ".." {
+			return false
+		}
+	}
+	return true
 }
 
 // httpErrDecision is the deny for a request head or stream the proxy

@@ -282,6 +282,29 @@ func TestTransparentKeepAlive(t *testing.T) {
 			t.Fatalf("private path: %v %v %q", err, codes, bodies)
 		}
 		assertNotSeen(t, "private-path")
+		// Paths that an origin reads as another one do not pass a path
+		// glob; a query is not part of the path.
+		for _, c := range []struct {
+			path string
+			code int
+		}{
+			{"/public/q?x=/elsewhere", 200},
+			{"/public/../private-dots", 403},
+			{"/public/%2e%2e/private-enc", 403},
+			{"/public/..;/private-semi", 403},
+			{"/public/x%2f..%2fprivate-slash", 403},
+		} {
+			c2 := tp.dialFromClient(t, netip.Addr{}, dest)
+			br := bufio.NewReader(c2)
+			io.WriteString(c2, req("docs.paths.test", "/public/ok")+req("docs.paths.test", c.path))
+			codes, bodies, err := readResponses(c2, br, 2)
+			if err != nil || codes[0] != 200 || codes[1] != c.code || c.code == 403 && !strings.Contains(bodies[1], ReasonPathForm) {
+				t.Errorf("%s: %v %v", c.path, err, codes)
+			}
+			if c.code == 403 {
+				assertNotSeen(t, strings.TrimPrefix(c.path, "/public/"))
+			}
+		}
 	})
 
 	t.Run("smuggling-shapes", func(t *testing.T) {
