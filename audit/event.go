@@ -1,6 +1,7 @@
 // Package audit is where every observation of egressd ends up. The proxy,
 // the DNS forwarder and capture each emit an [Event] per connection, query or
-// flow into a [Sink]. In the daemon that sink is a [Journal]: a bounded queue
+// flow into a [Sink] (the proxy also one per later HTTP request on a
+// plain-HTTP connection, [KindRequest]). In the daemon that sink is a [Journal]: a bounded queue
 // (Emit never blocks; what it must shed it counts) in front of one writer
 // that appends each event to the NDJSON event log in the state directory
 // and adds it to the [Ledger]. The ledger turns events into per-rule usage
