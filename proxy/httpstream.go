@@ -117,13 +117,12 @@ func httpErrDecision(eng *policy.Engine, err error) policy.Decision {
 // HelloTimeout) is denied the same way in enforce mode; in audit mode it
 // is recorded and the rest of the connection is spliced unparsed.
 type httpUpstream struct {
-	p       *Proxy
-	base    policy.Input // client, original destination, port
-	f       *flowRecord  // the connection's record
-	s       reqStream
-	held    []byte // bytes read with the first head, after it
-	denied  bool   // a later request was refused (enforce)
-	decided int    // requests decided after the first
+	p      *Proxy
+	base   policy.Input // client, original destination, port
+	f      *flowRecord  // the connection's record
+	s      reqStream
+	held   []byte // bytes read with the first head, after it
+	denied bool   // a later request was refused (enforce)
 }
 
 // newHTTPUpstream follows a connection whose first head h has been
@@ -276,7 +275,6 @@ func (u *httpUpstream) event(now time.Time) audit.Event {
 // request is refused in enforce mode, stops the upstream: the origin gets
 // EOF, the client the 403 after the origin's last byte.
 func (u *httpUpstream) finish(t *tunnel, ev audit.Event, v verdict, path string, perr error) bool {
-	u.decided++
 	refused := v.enforced()
 	ev.Close = closeForwarded
 	if refused {
