@@ -264,3 +264,27 @@ func TestLedgerRequests(t *testing.T) {
 		t.Errorf("dropped %+v", d)
 	}
 }
+
+// TestReplayRequests: a candidate policy that drops what a later request
+// of a plain-HTTP connection reached says so, counted as a request.
+func TestReplayRequests(t *testing.T) {
+	cand, err := policy.Compile("c.yaml", []byte("version: 1\nmode: enforce\nrules:\n  - name: web\n    to: [a.test]\n    ports: [80/tcp]\n"))
+	if err != nil {
+		t.Fatal(err)
+	}
+	t0 := time.Date(2026, 11, 24, 10, 0, 0, 0, time.UTC)
+	r := NewReplayer(cand, t0)
+	ev := Event{Kind: KindFlow, Source: SourceProxy, Time: t0, Client: netip.MustParseAddr("192.0.2.7"), ClientPort: 40000,
+		Dest: netip.MustParseAddr("203.0.113.5"), DestPort: 80, Proto: "tcp", Name: "a.test", NameSource: NameHost,
+		Verdict: policy.Allow, Rule: "web", Mode: policy.ModeEnforce}
+	r.Emit(ev)
+	ev.Kind, ev.Name, ev.Rule, ev.Time = KindRequest, "b.test", "other", t0.Add(time.Second)
+	r.Emit(ev)
+	res := r.Result()
+	if res.Flows != 1 || res.Requests != 1 || res.Unchanged != 1 || len(res.NewlyDropped) != 1 {
+		t.Fatalf("%+v", res)
+	}
+	if d := res.NewlyDropped[0]; d.Dest != "b.test" || d.Requests != 1 || d.Flows != 0 || d.OldRule != "other" {
+		t.Errorf("%+v", d)
+	}
+}
