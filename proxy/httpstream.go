@@ -248,9 +248,10 @@ func (u *httpUpstream) request(t *tunnel, h *httpHead) bool {
 	in.Now = time.Now()
 	v := u.p.decideHTTP(context.Background(), eng, in, h)
 	ev := u.event(in.Now)
-	ev.Name, ev.NameSource, ev.Path = v.name, v.src, h.Path
+	path, _, _ := strings.Cut(h.Path, "?") // the query stays out of events and logs
+	ev.Name, ev.NameSource, ev.Path = v.name, v.src, path
 	ev.Stamp(v.d)
-	return u.finish(t, ev, v, h.Path, nil)
+	return u.finish(t, ev, v, path, nil)
 }
 
 // refuse records a request the parser refused or whose head did not

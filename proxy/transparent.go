@@ -7,6 +7,7 @@ import (
 	"io"
 	"net"
 	"net/netip"
+	"strings"
 	"time"
 
 	"egressd/audit"
@@ -275,7 +276,7 @@ func (p *Proxy) peek(c *net.TCPConn, eng *policy.Engine, in policy.Input, start 
 		}
 	}
 	h, err := readHTTPHead(rc)
-	res.Path = h.Path
+	res.Path, _, _ = strings.Cut(h.Path, "?") // the query stays out of events and logs
 	if err != nil {
 		return kindHTTP, verdict{d: httpErrDecision(eng, err), src: audit.NameNone}, res
 	}
