@@ -199,6 +199,7 @@ func TestTransparentKeepAlive(t *testing.T) {
 		if !closedAfter(c, br, 5*time.Second) {
 			t.Error("the connection stayed open after the 403")
 		}
+		c.Close()
 		assertNotSeen(t, "second-ka")
 		ev := reqEvent(t, localPort(c), "denied request", func(ev audit.Event) bool { return ev.Name == "evil.example" })
 		if ev.Verdict != policy.Deny || !ev.Enforced || ev.Reason != policy.ReasonNoRule || ev.Path != "/second-ka" || ev.Close != closeDenied ||
