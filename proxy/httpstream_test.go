@@ -363,6 +363,33 @@ func TestTransparentKeepAlive(t *testing.T) {
 		assertNotSeen(t, "large-70k")
 	})
 
+	t.Run("half-close-and-slow-head", func(t *testing.T) {
+		// The client half-closes after its requests: the responses still
+		// come, then the end.
+		c := tp.dialFromClient(t, netip.Addr{}, dest)
+		br := bufio.NewReader(c)
+		io.WriteString(c, req("www.allowed.test", "/hc-1")+req("allowed.test", "/hc-2"))
+		c.CloseWrite()
+		codes, _, err := readResponses(c, br, 2)
+		if err != nil || fmt.Sprint(codes) != "[200 200]" || !closedAfter(c, br, 5*time.Second) {
+			t.Fatalf("half-closed client: %v %v", err, codes)
+		}
+		// A later head that does not complete within HelloTimeout (2 s
+		// here): refused, never forwarded.
+		c = tp.dialFromClient(t, netip.Addr{}, dest)
+		br = bufio.NewReader(c)
+		io.WriteString(c, req("www.allowed.test", "/slow-1"))
+		if codes, _, err := readResponses(c, br, 1); err != nil || codes[0] != 200 {
+			t.Fatalf("first: %v %v", err, codes)
+		}
+		io.WriteString(c, "GET /slow-2 HTTP/1.1\r\nHost: www.allo")
+		codes, bodies, err := readResponses(c, br, 1)
+		if err != nil || codes[0] != 403 || !strings.Contains(bodies[0], ReasonHelloTimeout) {
+			t.Fatalf("slow head: %v %v", err, codes)
+		}
+		assertNotSeen(t, "slow-2")
+	})
+
 	t.Run("websocket-upgrade", func(t *testing.T) {
 		c := tp.dialFromClient(t, netip.Addr{}, dest)
 		br := bufio.NewReader(c)
