@@ -79,7 +79,13 @@ const (
 //     list under (name, 53, "dns") with "queries" set and "flows" zero.
 //     Queries are deduplicated like flows, with the name and type in the
 //     key.
-//   - Unused rules are the policy's rules with neither flows nor queries;
+//   - A request event (a later HTTP request on a plain-HTTP connection) is
+//     not a flow either: allowed, it counts in its rule's "requests" (with
+//     its name, client and time); denied, in the dropped list under (name,
+//     port, "tcp") with "requests" set. Requests are never deduplicated:
+//     only the proxy reports them, once each.
+//   - Unused rules are the policy's rules with neither flows, queries nor
+//     requests;
 //     expired rules are listed separately, with the flows they would have
 //     allowed.
 type Ledger struct {
@@ -120,7 +126,11 @@ type Totals struct {
 	Allowed    uint64 `json:"allowed_flows"`
 	Dropped    uint64 `json:"dropped_flows"` // denied flows, enforced or not
 	Queries    uint64 `json:"queries"`       // distinct DNS queries
-	Ignored    uint64 `json:"ignored"`       // events of unknown kind
+	// Requests are HTTP requests after the first on plain-HTTP
+	// connections (each decided on its own), DroppedRequests those denied.
+	Requests        uint64 `json:"requests,omitempty"`
+	DroppedRequests uint64 `json:"dropped_requests,omitempty"`
+	Ignored         uint64 `json:"ignored"` // events of unknown kind
 }
 
 type shedMark struct {
@@ -131,6 +141,7 @@ type shedMark struct {
 type ruleStats struct {
 	name              string
 	flows, queries    uint64
+	requests          uint64
 	bytesOut, bytesIn uint64
 	denied            uint64 // flows denied citing this rule (expired)
 	clients           clientSet
@@ -148,6 +159,7 @@ type dropStats struct {
 	key               dropKey
 	ip                netip.Addr
 	flows, queries    uint64
+	requests          uint64
 	enforcedFlows     uint64
 	enforced          bool // the latest flow was blocked
 	bytesOut, bytesIn uint64
@@ -287,6 +299,10 @@ func (l *Ledger) Len() int {
 // for a duplicate or an ignored event).
 func (l *Ledger) addLocked(ev *Event) bool {
 	l.totals.Events++
+	if ev.Kind == KindRequest {
+		l.addRequestLocked(ev)
+		return true
+	}
 	if ev.Kind != KindFlow && ev.Kind != KindDNS {
 		l.totals.Ignored++
 		return false
@@ -373,6 +389,41 @@ func (l *Ledger) addLocked(ev *Event) bool {
 		l.rememberLocked(rec)
 	}
 	return true
+}
+
+// addRequestLocked counts a request event: in its rule, or in the dropped
+// list; never as a flow, never deduplicated.
+func (l *Ledger) addRequestLocked(ev *Event) {
+	t := ev.Time.UTC()
+	if ev.Mode != "" {
+		l.lastMode = ev.Mode
+	}
+	l.totals.Requests++
+	if ev.Verdict == policy.Allow {
+		rs := l.ruleLocked(ev.Rule)
+		rs.requests++
+		rs.clients.add(ev.Client.Unmap(), l.opt.MaxClients)
+		rs.dests.add(destName(ev), l.opt.MaxDestinations)
+		rs.seen(t)
+		return
+	}
+	l.totals.DroppedRequests++
+	ds := l.dropLocked(ev)
+	ds.requests++
+	if !t.Before(ds.last) {
+		ds.enforced = ev.Enforced
+		if ev.Dest.IsValid() {
+			ds.ip = ev.Dest.Unmap()
+		}
+	}
+	ds.reason, ds.rule = ev.Reason, ev.Rule
+	ds.clients.add(ev.Client.Unmap(), l.opt.MaxClients)
+	if ds.first.IsZero() || t.Before(ds.first) {
+		ds.first = t
+	}
+	if t.After(ds.last) {
+		ds.last = t
+	}
 }
 
 func (rs *ruleStats) seen(t time.Time) {

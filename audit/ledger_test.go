@@ -214,3 +214,77 @@ func TestDedupAndBounds(t *testing.T) {
 func mustAddr(s string) netip.Addr { return netip.MustParseAddr(s) }
 
 func itoa(i int) string { return strconv.Itoa(i) }
+
+// TestLedgerRequests: later HTTP requests of a plain-HTTP connection share
+// its 5-tuple but are not flows: an allowed one credits its rule (so the
+// rule is used), a denied one is a dropped request; the connection stays
+// one flow, and a second report of it (capture) is still a duplicate.
+func TestLedgerRequests(t *testing.T) {
+	eng, err := policy.Compile("r.yaml", []byte("version: 1\nmode: enforce\nrules:\n  - name: web\n    to: [a.test]\n    ports: [80/tcp]\n  - name: other\n    to: [b.test]\n    ports: [80/tcp]\n  - name: unused\n    to: [c.test]\n    ports: [80/tcp]\n"))
+	if err != nil {
+		t.Fatal(err)
+	}
+	l := NewLedger(eng, LedgerOptions{})
+	t0 := time.Date(2026, 11, 24, 10, 0, 0, 0, time.UTC)
+	base := Event{Kind: KindFlow, Source: SourceProxy, Time: t0, Client: netip.MustParseAddr("192.0.2.7"), ClientPort: 40000,
+		Dest: netip.MustParseAddr("203.0.113.5"), DestPort: 80, Proto: "tcp", Name: "a.test", NameSource: NameHost,
+		Verdict: policy.Allow, Rule: "web", Mode: policy.ModeEnforce, BytesOut: 100, BytesIn: 1000, Duration: 2}
+	l.Emit(base)
+	capt := base
+	capt.Source, capt.BytesOut = SourceCapture, 120
+	l.Emit(capt)
+	r1 := base
+	r1.Kind, r1.Time, r1.Name, r1.Rule, r1.BytesOut, r1.BytesIn, r1.Duration = KindRequest, t0.Add(time.Second), "b.test", "other", 0, 0, 0
+	l.Emit(r1)
+	r2 := r1
+	r2.Time, r2.Name, r2.Rule, r2.Verdict, r2.Reason, r2.Enforced = t0.Add(1500*time.Millisecond), "evil.test", "", policy.Deny, policy.ReasonNoRule, true
+	l.Emit(r2)
+	l.Emit(r2) // two refused requests, both counted (requests are never merged)
+	rep := l.Report(ReportOptions{Now: t0.Add(time.Hour)})
+	if tt := rep.Totals; tt.Flows != 1 || tt.Allowed != 1 || tt.Dropped != 0 || tt.Duplicates != 1 || tt.Requests != 3 || tt.DroppedRequests != 2 {
+		t.Errorf("totals %+v", tt)
+	}
+	rules := map[string]RuleReport{}
+	for _, r := range rep.Rules {
+		rules[r.Name] = r
+	}
+	if w := rules["web"]; w.Flows != 1 || w.Requests != 0 || w.BytesOut != 120 {
+		t.Errorf("web %+v", w)
+	}
+	if o := rules["other"]; o.Flows != 0 || o.Requests != 1 || len(o.Destinations) != 1 || o.Destinations[0] != "b.test" {
+		t.Errorf("other %+v", o)
+	}
+	if len(rep.UnusedRules) != 1 || rep.UnusedRules[0] != "unused" {
+		t.Errorf("unused %v", rep.UnusedRules)
+	}
+	if len(rep.Dropped) != 1 {
+		t.Fatalf("dropped %+v", rep.Dropped)
+	}
+	if d := rep.Dropped[0]; d.Dest != "evil.test" || d.Port != 80 || d.Proto != "tcp" || d.Flows != 0 || d.Requests != 2 || !d.Enforced || d.IP != "203.0.113.5" {
+		t.Errorf("dropped %+v", d)
+	}
+}
+
+// TestReplayRequests: a candidate policy that drops what a later request
+// of a plain-HTTP connection reached says so, counted as a request.
+func TestReplayRequests(t *testing.T) {
+	cand, err := policy.Compile("c.yaml", []byte("version: 1\nmode: enforce\nrules:\n  - name: web\n    to: [a.test]\n    ports: [80/tcp]\n"))
+	if err != nil {
+		t.Fatal(err)
+	}
+	t0 := time.Date(2026, 11, 24, 10, 0, 0, 0, time.UTC)
+	r := NewReplayer(cand, t0)
+	ev := Event{Kind: KindFlow, Source: SourceProxy, Time: t0, Client: netip.MustParseAddr("192.0.2.7"), ClientPort: 40000,
+		Dest: netip.MustParseAddr("203.0.113.5"), DestPort: 80, Proto: "tcp", Name: "a.test", NameSource: NameHost,
+		Verdict: policy.Allow, Rule: "web", Mode: policy.ModeEnforce}
+	r.Emit(ev)
+	ev.Kind, ev.Name, ev.Rule, ev.Time = KindRequest, "b.test", "other", t0.Add(time.Second)
+	r.Emit(ev)
+	res := r.Result()
+	if res.Flows != 1 || res.Requests != 1 || res.Unchanged != 1 || len(res.NewlyDropped) != 1 {
+		t.Fatalf("%+v", res)
+	}
+	if d := res.NewlyDropped[0]; d.Dest != "b.test" || d.Requests != 1 || d.Flows != 0 || d.OldRule != "other" {
+		t.Errorf("%+v", d)
+	}
+}

@@ -14,6 +14,7 @@ import (
 type ledgerMetrics struct {
 	flows      *prometheus.CounterVec
 	queries    *prometheus.CounterVec
+	requests   *prometheus.CounterVec
 	duplicates prometheus.Counter
 }
 
@@ -21,8 +22,8 @@ type ledgerMetrics struct {
 const noRule = "(none)"
 
 // RegisterMetrics registers the ledger's metrics on reg:
-// egress_audit_flows_total and egress_audit_queries_total {rule, verdict,
-// mode}, egress_audit_duplicate_events_total and the gauge
+// egress_audit_flows_total, egress_audit_queries_total and
+// egress_audit_requests_total {rule, verdict, mode}, egress_audit_duplicate_events_total and the gauge
 // egress_audit_ledger_entries. Only live events (Emit, or a journal's
 // Emit) count, not the ones replayed from the log at start.
 func (l *Ledger) RegisterMetrics(reg prometheus.Registerer) error {
@@ -35,6 +36,10 @@ func (l *Ledger) RegisterMetrics(reg prometheus.Registerer) error {
 			Namespace: "egress", Subsystem: "audit", Name: "queries_total",
 			Help: "Distinct DNS queries recorded, by credited rule, verdict and mode.",
 		}, []string{"rule", "verdict", "mode"}),
+		requests: prometheus.NewCounterVec(prometheus.CounterOpts{
+			Namespace: "egress", Subsystem: "audit", Name: "requests_total",
+			Help: "Later HTTP requests on plain-HTTP connections (each decided on its own), by credited rule, verdict and mode.",
+		}, []string{"rule", "verdict", "mode"}),
 		duplicates: prometheus.NewCounter(prometheus.CounterOpts{
 			Namespace: "egress", Subsystem: "audit", Name: "duplicate_events_total",
 			Help: "Events merged into a flow or query another component already reported.",
@@ -44,7 +49,7 @@ func (l *Ledger) RegisterMetrics(reg prometheus.Registerer) error {
 		Namespace: "egress", Subsystem: "audit", Name: "ledger_entries",
 		Help: "Entries held by the ledger: rules, dropped destinations and remembered flows.",
 	}, func() float64 { return float64(l.Len()) })
-	for _, c := range []prometheus.Collector{m.flows, m.queries, m.duplicates, size} {
+	for _, c := range []prometheus.Collector{m.flows, m.queries, m.requests, m.duplicates, size} {
 		if err := reg.Register(c); err != nil {
 			return fmt.Errorf("audit: register metrics: %w", err)
 		}
@@ -79,5 +84,7 @@ func (m *ledgerMetrics) observe(ev *Event, counted bool) {
 		m.flows.WithLabelValues(rule, verdict, mode).Inc()
 	case KindDNS:
 		m.queries.WithLabelValues(rule, verdict, mode).Inc()
+	case KindRequest:
+		m.requests.WithLabelValues(rule, verdict, mode).Inc()
 	}
 }

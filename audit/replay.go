@@ -21,6 +21,7 @@ type ReplayResult struct {
 	Events       uint64         `json:"events"`
 	Flows        uint64         `json:"flows"`
 	Queries      uint64         `json:"queries"`
+	Requests     uint64         `json:"requests,omitempty"` // later HTTP requests on plain-HTTP connections
 	Unchanged    uint64         `json:"unchanged"`
 	NewlyDropped []ReplayChange `json:"newly_dropped"`
 	NewlyAllowed []ReplayChange `json:"newly_allowed"`
@@ -36,6 +37,7 @@ type ReplayChange struct {
 	Proto       string    `json:"proto"` // "tcp", "udp", or "dns" for queries
 	Flows       uint64    `json:"flows"`
 	Queries     uint64    `json:"queries,omitempty"`
+	Requests    uint64    `json:"requests,omitempty"`
 	Clients     []string  `json:"clients"`
 	ClientCount int       `json:"client_count"`
 	OldVerdict  string    `json:"old_verdict"`
@@ -85,7 +87,7 @@ func NewReplayer(eng *policy.Engine, now time.Time) *Replayer {
 // Emit adds one recorded event.
 func (r *Replayer) Emit(ev Event) {
 	r.res.Events++
-	if ev.Kind != KindFlow && ev.Kind != KindDNS {
+	if ev.Kind != KindFlow && ev.Kind != KindDNS && ev.Kind != KindRequest {
 		return
 	}
 	r.dedup.mu.Lock()
@@ -102,10 +104,14 @@ func (r *Replayer) Emit(ev Event) {
 	in := policy.Input{Client: ev.Client.Unmap(), ClientMAC: mac, Dest: ev.Dest.Unmap(), Port: ev.DestPort, Proto: pr,
 		Name: ev.Name, Path: ev.Path, Now: r.now}
 	var d policy.Decision
-	if ev.Kind == KindDNS {
+	switch ev.Kind {
+	case KindDNS:
 		r.res.Queries++
 		d = r.eng.DecideName(in)
-	} else {
+	case KindRequest:
+		r.res.Requests++
+		d = r.eng.Decide(in)
+	default:
 		r.res.Flows++
 		d = r.eng.Decide(in)
 	}
@@ -133,7 +139,11 @@ func (r *Replayer) Emit(ev Event) {
 	if ev.Kind == KindDNS {
 		g.ch.Queries++
 	} else {
-		g.ch.Flows++
+		if ev.Kind == KindRequest {
+			g.ch.Requests++
+		} else {
+			g.ch.Flows++
+		}
 		if ev.Dest.IsValid() {
 			g.ch.IP = ev.Dest.Unmap().String()
 		}
@@ -166,7 +176,7 @@ func (r *Replayer) Result() *ReplayResult {
 	}
 	for _, l := range [][]ReplayChange{res.NewlyDropped, res.NewlyAllowed, res.RuleChanged} {
 		slices.SortFunc(l, func(a, b ReplayChange) int {
-			if c := cmp.Compare(b.Flows+b.Queries, a.Flows+a.Queries); c != 0 {
+			if c := cmp.Compare(b.Flows+b.Queries+b.Requests, a.Flows+a.Queries+a.Requests); c != 0 {
 				return c
 			}
 			if c := cmp.Compare(a.Dest, b.Dest); c != 0 {
@@ -200,7 +210,11 @@ func (res *ReplayResult) WriteJSON(w io.Writer) error {
 // WriteText writes the result as terminal tables.
 func (res *ReplayResult) WriteText(w io.Writer) error {
 	ew := &errWriter{w: w}
-	fmt.Fprintf(ew, "replay against %s: %d recorded events, %d flows and %d DNS queries (each counted once)\n", res.Policy, res.Events, res.Flows, res.Queries)
+	fmt.Fprintf(ew, "replay against %s: %d recorded events, %d flows and %d DNS queries (each counted once)", res.Policy, res.Events, res.Flows, res.Queries)
+	if res.Requests > 0 {
+		fmt.Fprintf(ew, ", %d further HTTP requests on plain-HTTP connections", res.Requests)
+	}
+	fmt.Fprintln(ew)
 	changed := func(title string, l []ReplayChange, was, now func(ReplayChange) string) {
 		fmt.Fprintf(ew, "\n%s (%d)\n", title, len(l))
 		if len(l) == 0 {
@@ -208,13 +222,13 @@ func (res *ReplayResult) WriteText(w io.Writer) error {
 			return
 		}
 		tw := tabwriter.NewWriter(ew, 0, 0, 2, ' ', 0)
-		fmt.Fprintln(tw, "  DEST\tIP\tPORT\tFLOWS\tQUERIES\tCLIENTS\tWAS\tNOW\tFIRST SEEN\tLAST SEEN")
+		fmt.Fprintln(tw, "  DEST\tIP\tPORT\tFLOWS\tQUERIES\tREQUESTS\tCLIENTS\tWAS\tNOW\tFIRST SEEN\tLAST SEEN")
 		for _, c := range l {
 			ip := c.IP
 			if ip == "" || ip == c.Dest {
 				ip = "-"
 			}
-			fmt.Fprintf(tw, "  %s\t%s\t%d/%s\t%d\t%d\t%d\t%s\t%s\t%s\t%s\n", c.Dest, ip, c.Port, c.Proto, c.Flows, c.Queries,
+			fmt.Fprintf(tw, "  %s\t%s\t%d/%s\t%d\t%d\t%d\t%d\t%s\t%s\t%s\t%s\n", c.Dest, ip, c.Port, c.Proto, c.Flows, c.Queries, c.Requests,
 				c.ClientCount, was(c), now(c), fmtTime(c.FirstSeen), fmtTime(c.LastSeen))
 		}
 		tw.Flush()

@@ -49,9 +49,12 @@ type Report struct {
 
 // RuleReport is one used rule.
 type RuleReport struct {
-	Name     string   `json:"name"`
-	Flows    uint64   `json:"flows"`
-	Queries  uint64   `json:"queries"` // allowed DNS queries credited to the rule
+	Name    string `json:"name"`
+	Flows   uint64 `json:"flows"`
+	Queries uint64 `json:"queries"` // allowed DNS queries credited to the rule
+	// Requests are later HTTP requests on plain-HTTP connections credited
+	// to the rule (the first request of a connection is its flow).
+	Requests uint64   `json:"requests,omitempty"`
 	BytesOut uint64   `json:"bytes_out"`
 	BytesIn  uint64   `json:"bytes_in"`
 	Clients  []string `json:"clients"`
@@ -89,6 +92,7 @@ type DroppedReport struct {
 	Proto            string    `json:"proto"` // "tcp", "udp", or "dns" for denied queries
 	Flows            uint64    `json:"flows"`
 	Queries          uint64    `json:"queries,omitempty"`
+	Requests         uint64    `json:"requests,omitempty"` // later HTTP requests on plain-HTTP connections
 	BytesOut         uint64    `json:"bytes_out,omitempty"`
 	BytesIn          uint64    `json:"bytes_in,omitempty"`
 	Clients          []string  `json:"clients"`
@@ -180,13 +184,13 @@ func (l *Ledger) snapshot(opt ReportOptions) *Report {
 				r.ExpiredRules = append(r.ExpiredRules, ExpiredRule{Name: rule.Name, Expires: rule.Expires.UTC(), Flows: n})
 				continue
 			}
-			if rs == nil || rs.flows == 0 && rs.queries == 0 {
+			if rs == nil || rs.flows == 0 && rs.queries == 0 && rs.requests == 0 {
 				r.UnusedRules = append(r.UnusedRules, rule.Name)
 			}
 		}
 	}
 	for _, rs := range l.rules {
-		if rs.flows == 0 && rs.queries == 0 {
+		if rs.flows == 0 && rs.queries == 0 && rs.requests == 0 {
 			continue
 		}
 		_, in := order[rs.name]
@@ -198,7 +202,7 @@ func (l *Ledger) snapshot(opt ReportOptions) *Report {
 		}
 		cl := rs.clients.list()
 		r.Rules = append(r.Rules, RuleReport{
-			Name: rs.name, Flows: rs.flows, Queries: rs.queries,
+			Name: rs.name, Flows: rs.flows, Queries: rs.queries, Requests: rs.requests,
 			BytesOut: rs.bytesOut, BytesIn: rs.bytesIn,
 			Clients: cl, ClientCount: len(cl), ClientsTruncated: rs.clients.truncated,
 			Destinations: names, TopDestinations: top,
@@ -227,14 +231,14 @@ func (l *Ledger) snapshot(opt ReportOptions) *Report {
 		}
 		r.Dropped = append(r.Dropped, DroppedReport{
 			Dest: ds.key.dest, IP: ip, Port: ds.key.port, Proto: ds.key.proto,
-			Flows: ds.flows, Queries: ds.queries, BytesOut: ds.bytesOut, BytesIn: ds.bytesIn,
+			Flows: ds.flows, Queries: ds.queries, Requests: ds.requests, BytesOut: ds.bytesOut, BytesIn: ds.bytesIn,
 			Clients: cl, ClientCount: len(cl), ClientsTruncated: ds.clients.truncated,
 			Enforced: ds.enforced, EnforcedFlows: ds.enforcedFlows,
 			Reason: ds.reason, Rule: ds.rule, FirstSeen: ds.first, LastSeen: ds.last,
 		})
 	}
 	slices.SortFunc(r.Dropped, func(a, b DroppedReport) int {
-		if c := cmp.Compare(b.Flows+b.Queries, a.Flows+a.Queries); c != 0 {
+		if c := cmp.Compare(b.Flows+b.Queries+b.Requests, a.Flows+a.Queries+a.Requests); c != 0 {
 			return c
 		}
 		if c := cmp.Compare(a.Dest, b.Dest); c != 0 {
@@ -285,6 +289,9 @@ func (r *Report) WriteText(w io.Writer) error {
 	}
 	fmt.Fprintf(ew, "%d flows (%d allowed, %d dropped), %d DNS queries, %d events shed\n",
 		r.Totals.Flows, r.Totals.Allowed, r.Totals.Dropped, r.Totals.Queries, r.ShedEvents)
+	if r.Totals.Requests > 0 {
+		fmt.Fprintf(ew, "%d further HTTP requests on plain-HTTP connections (%d dropped), decided one by one\n", r.Totals.Requests, r.Totals.DroppedRequests)
+	}
 	if r.ShedEvents > 0 {
 		fmt.Fprintf(ew, "WARNING: %d events were shed (the event log could not keep up); they are in no count below\n", r.ShedEvents)
 	}

@@ -264,6 +264,7 @@ type report struct {
 		Name         string   `json:"name"`
 		Flows        uint64   `json:"flows"`
 		Queries      uint64   `json:"queries"`
+		Requests     uint64   `json:"requests"`
 		BytesOut     uint64   `json:"bytes_out"`
 		BytesIn      uint64   `json:"bytes_in"`
 		Clients      []string `json:"clients"`
@@ -277,6 +278,7 @@ type report struct {
 		Proto    string   `json:"proto"`
 		Flows    uint64   `json:"flows"`
 		Queries  uint64   `json:"queries"`
+		Requests uint64   `json:"requests"`
 		Clients  []string `json:"clients"`
 		Enforced bool     `json:"enforced"`
 	} `json:"dropped"`

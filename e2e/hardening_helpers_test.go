@@ -286,7 +286,7 @@ func (d *daemon) allEvents() []flowEvent {
 				continue
 			}
 			var ev flowEvent
-			if json.Unmarshal(line, &ev) == nil && (ev.Kind == "flow" || ev.Kind == "dns") {
+			if json.Unmarshal(line, &ev) == nil && (ev.Kind == "flow" || ev.Kind == "dns" || ev.Kind == "request") {
 				out = append(out, ev)
 			}
 		}

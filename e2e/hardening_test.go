@@ -1,10 +1,15 @@
 package e2e
 
 import (
+	"bufio"
 	"context"
 	"crypto/tls"
 	"fmt"
+	"io"
 	"net"
+	"net/http"
+	"os"
+	"path/filepath"
 	"slices"
 	"strings"
 	"sync/atomic"
@@ -289,6 +294,108 @@ func TestHardeningNames(t *testing.T) {
 				t.Errorf("%s: got through: %q", c.name, body)
 			}
 			wantEvent(t, d, c.name, byClientPort(port), "deny", c.reason)
+		}
+	})
+
+	t.Run("keep-alive-host", func(t *testing.T) {
+		// Transparent plain HTTP, several requests on one connection
+		// (THREATS.md C6): each is decided on its own Host. A later request
+		// to a denied name on the same address, sent after a response
+		// (keep-alive) or in the same write (pipelined), or a smuggling
+		// shape, gets the 403 and the connection ends; nginx never logs it.
+		reqLine := func(host, path string) string {
+			return "GET " + path + " HTTP/1.1\r\nHost: " + host + "\r\nUser-Agent: e2e\r\n\r\n"
+		}
+		type step struct {
+			write string
+			codes []int // the responses expected after this write
+		}
+		for _, c := range []struct {
+			name, marker, reason string
+			steps                []step
+		}{
+			{"keep-alive", "c6-ka-denied", "no-rule", []step{
+				{reqLine(vendorName, "/c6-ka-first"), []int{200}},
+				{reqLine(vendorName, "/c6-ka-allowed"), []int{200}},
+				{reqLine(trackerName, "/c6-ka-denied"), []int{403}},
+			}},
+			{"pipelined", "c6-pl-denied", "no-rule", []step{
+				{reqLine(vendorName, "/c6-pl-first") + reqLine(trackerName, "/c6-pl-denied") + reqLine(vendorName, "/c6-pl-after"), []int{200, 403}},
+			}},
+			{"cl-te", "/c6-clte HTTP", "http-framing", []step{
+				{reqLine(vendorName, "/c6-clte-first"), []int{200}},
+				{"POST /c6-clte HTTP/1.1\r\nHost: " + vendorName + "\r\nContent-Length: 44\r\nTransfer-Encoding: chunked\r\n\r\n0\r\n\r\n" +
+					reqLine(trackerName, "/c6-clte-smuggled"), []int{403}},
+			}},
+			{"absolute-form-later", "c6-abs-denied", "no-rule", []step{
+				{reqLine(vendorName, "/c6-abs-first"), []int{200}},
+				{"GET http://" + trackerName + "/c6-abs-denied HTTP/1.1\r\nHost: " + trackerName + "\r\n\r\n", []int{403}},
+			}},
+		} {
+			ctx, cancel := context.WithTimeout(t.Context(), 20*time.Second)
+			conn, err := tp.dialTCP(ctx, vendorIP+":80")
+			cancel()
+			if err != nil {
+				t.Fatal(err)
+			}
+			port := conn.LocalAddr().(*net.TCPAddr).Port
+			br := bufio.NewReader(conn)
+			conn.SetDeadline(time.Now().Add(15 * time.Second))
+			for i, s := range c.steps {
+				io.WriteString(conn, s.write)
+				for _, want := range s.codes {
+					resp, err := http.ReadResponse(br, nil)
+					if err != nil {
+						t.Fatalf("%s: step %d: want %d: %v", c.name, i, want, err)
+					}
+					body, _ := io.ReadAll(resp.Body)
+					resp.Body.Close()
+					if resp.StatusCode != want {
+						t.Fatalf("%s: step %d: got %d, want %d: %q", c.name, i, resp.StatusCode, want, body)
+					}
+					if want == 403 && resp.Header.Get("X-Egressd-Reason") != c.reason {
+						t.Errorf("%s: 403 reason %q, want %q", c.name, resp.Header.Get("X-Egressd-Reason"), c.reason)
+					}
+				}
+			}
+			if _, err := br.ReadByte(); err != io.EOF {
+				t.Errorf("%s: the connection did not end after the 403: %v", c.name, err)
+			}
+			conn.Close()
+			ev := wantEvent(t, d, c.name+": the refused request", func(e flowEvent) bool {
+				return e.Kind == "request" && e.ClientPort == port && e.Verdict == "deny"
+			}, "deny", c.reason)
+			if c.reason == "no-rule" && ev.Name != trackerName {
+				t.Errorf("%s: request event names %q, want %s", c.name, ev.Name, trackerName)
+			}
+			fe := wantEvent(t, d, c.name+": the connection", byClientPort(port), "allow", "")
+			if fe.Rule != httpRule || fe.Close != "request-denied" {
+				t.Errorf("%s: connection event %v: want rule %s, close request-denied", c.name, fe, httpRule)
+			}
+			if log, _ := os.ReadFile(filepath.Join(tp.dir, "nginx-access.log")); strings.Contains(string(log), c.marker) ||
+				strings.Contains(string(log), "c6-clte-smuggled") || strings.Contains(string(log), "c6-pl-after") || !strings.Contains(string(log), "c6-") {
+				t.Errorf("%s: nginx's access log has the refused request %q (or no c6 request at all):\n%s", c.name, c.marker, log)
+			}
+		}
+		// The report credits the allowed later request to its rule and
+		// lists the refused ones as dropped requests, without extra flows.
+		r := d.report()
+		var credited, dropped uint64
+		for _, rr := range r.Rules {
+			if rr.Name == httpRule {
+				credited = rr.Requests
+			}
+		}
+		for _, dr := range r.Dropped {
+			if dr.Dest == trackerName && dr.Port == 80 {
+				dropped = dr.Requests
+				if dr.Flows != 0 {
+					t.Errorf("report: %s:80 counted as %d flows; the refused requests rode allowed connections", trackerName, dr.Flows)
+				}
+			}
+		}
+		if credited < 1 || dropped < 3 {
+			t.Errorf("report: rule %s requests %d (want >= 1), %s:80 dropped requests %d (want >= 3)", httpRule, credited, trackerName, dropped)
 		}
 	})
 

@@ -19,6 +19,8 @@ const (
 	ReasonHelloTooLarge = "hello-too-large" // over the size cap
 	ReasonHTTPBad       = "http-malformed"  // an HTTP head the proxy refuses
 	ReasonHostMismatch  = "host-mismatch"   // Host and absolute-form target disagree
+	ReasonHTTPFraming   = "http-framing"    // ambiguous or invalid body framing (request smuggling shapes)
+	ReasonPathForm      = "path-form"       // a path an origin may read as another, where a host/path rule decides
 	ReasonIPLiteral     = "ip-literal-form" // a CONNECT host in a numeric form that is not an address
 	ReasonLimit         = "connection-limit"
 	ReasonNoOrigDst     = "no-original-dst"

@@ -29,6 +29,11 @@ func (p *Proxy) denyPage(info DenyInfo) []byte {
 
 // writeHTTPDeny writes a complete 403 response with the deny page.
 func (p *Proxy) writeHTTPDeny(c net.Conn, info DenyInfo) {
+	c.Write(p.httpDeny(info))
+}
+
+// httpDeny is the complete 403 response with the deny page.
+func (p *Proxy) httpDeny(info DenyInfo) []byte {
 	body := p.denyPage(info)
 	var b bytes.Buffer
 	b.WriteString("HTTP/1.1 403 Forbidden\r\nContent-Type: text/html; charset=utf-8\r\nCache-Control: no-store\r\nConnection: close\r\nX-Egressd-Reason: ")
@@ -37,7 +42,7 @@ func (p *Proxy) writeHTTPDeny(c net.Conn, info DenyInfo) {
 	b.WriteString(strconv.Itoa(len(body)))
 	b.WriteString("\r\n\r\n")
 	b.Write(body)
-	c.Write(b.Bytes())
+	return b.Bytes()
 }
 
 // denyResponse builds the 403 as an *http.Response for goproxy.

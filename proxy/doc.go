@@ -5,7 +5,12 @@
 // parsed by crypto/tls from a recorded copy, or the HTTP/1.x Host), asks the
 // policy (policy.Store) and then either splices the connection to the
 // original destination or answers with a deny (a TLS alert, an HTTP 403, or
-// a close). It also serves an explicit HTTP/CONNECT proxy built on goproxy
+// a close). On plain HTTP/1.x the client-to-origin direction is not
+// spliced but copied through a request-stream parser (reqstream.go) that
+// finds and decides every later request on the connection too (Host,
+// absolute target, path), refusing ambiguous framing (request smuggling);
+// a denied later request gets the 403 after the origin's earlier responses
+// and the connection closes. The origin-to-client direction stays spliced. It also serves an explicit HTTP/CONNECT proxy built on goproxy
 // for clients configured with HTTP(S)_PROXY and, when inspection is on and a
 // CA exists in the state directory, decrypts connections to hosts that have
 // host/path rules so that each request is decided on host and path.
@@ -14,5 +19,7 @@
 // addresses dnsfilter handed out through the small [DNSFacts] interface
 // declared here (so that an allowed SNI cannot open a path to an arbitrary
 // address), and it records one audit.Event and one canonical slog line per
-// connection. It imports policy and audit, never another component.
+// connection, plus one per later request of a plain-HTTP connection
+// (audit.KindRequest). It imports policy and audit, never another
+// component.
 package proxy

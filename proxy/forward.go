@@ -7,6 +7,7 @@ import (
 	"net"
 	"net/netip"
 	"os"
+	"sync"
 	"sync/atomic"
 	"time"
 )
@@ -67,6 +68,43 @@ type tunnel struct {
 	// the other direction's source gets an idle read deadline.
 	halfClosed atomic.Bool
 	halfIdle   time.Duration // Config.HalfCloseTimeout; <= 0: none
+
+	// up, when set, replaces the spliced client-to-server copy (plain
+	// HTTP: every request decided, httpstream.go).
+	up func(t *tunnel) (int64, error)
+	// denyMu guards a final answer for the client (a 403 for a request
+	// refused mid-connection): it is written once the server's bytes have
+	// all been forwarded, so that it follows the earlier responses.
+	denyMu    sync.Mutex
+	denyPage  []byte
+	downEnded bool
+}
+
+// setDeny queues page for the client after the server's last byte; false
+// when the server-to-client direction has already ended (the client's
+// write half is closed).
+func (t *tunnel) setDeny(page []byte) bool {
+	t.denyMu.Lock()
+	defer t.denyMu.Unlock()
+	if t.downEnded {
+		return false
+	}
+	t.denyPage = page
+	return true
+}
+
+// sendDeny writes the queued answer, if any, when the server-to-client
+// direction ends; it reports whether there was one.
+func (t *tunnel) sendDeny() bool {
+	t.denyMu.Lock()
+	t.downEnded = true
+	page := t.denyPage
+	t.denyMu.Unlock()
+	if page != nil {
+		t.client.SetWriteDeadline(time.Now().Add(5 * time.Second))
+		t.client.Write(page)
+	}
+	return page != nil
 }
 
 // idle is the deadline refresher the copy loops call after moving bytes:
@@ -98,14 +136,26 @@ func (t *tunnel) halfClose(src net.Conn) {
 // timeout. done is called once, after both directions ended and both
 // connections are closed.
 func (p *Proxy) startTunnel(client, server net.Conn, done func(out, in int64, reason string)) {
-	t := &tunnel{p: p, client: client, server: server, done: done, halfIdle: p.cfg.HalfCloseTimeout}
+	p.startTunnelUp(client, server, nil, done)
+}
+
+// startTunnelUp is startTunnel with up, when not nil, as the
+// client-to-server copy.
+func (p *Proxy) startTunnelUp(client, server net.Conn, up func(*tunnel) (int64, error), done func(out, in int64, reason string)) {
+	t := &tunnel{p: p, client: client, server: server, done: done, halfIdle: p.cfg.HalfCloseTimeout, up: up}
 	t.pending.Store(2)
 	go t.upstream()
 	go t.downstream()
 }
 
 func (t *tunnel) upstream() {
-	n, err := copyConn(t.server, t.client, t.idle(t.client))
+	var n int64
+	var err error
+	if t.up != nil {
+		n, err = t.up(t)
+	} else {
+		n, err = copyConn(t.server, t.client, t.idle(t.client))
+	}
 	t.out, t.errOut = n, err
 	if err == nil {
 		closeWrite(t.server)
@@ -121,9 +171,12 @@ func (t *tunnel) upstream() {
 func (t *tunnel) downstream() {
 	n, err := copyConn(t.client, t.server, t.idle(t.server))
 	t.in, t.errIn = n, err
+	denied := t.sendDeny()
 	if err == nil {
 		closeWrite(t.client)
-		t.halfClose(t.client)
+		if !denied { // after a deny, the client's side drains on its own deadline
+			t.halfClose(t.client)
+		}
 	} else {
 		t.client.Close()
 		t.server.Close()

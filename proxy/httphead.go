@@ -10,10 +10,10 @@ import (
 
 // Errors of the HTTP head parser.
 var (
-	errHeadIncomplete  = errors.New("proxy: http request head incomplete")
-	errHeadMalformed   = errors.New("proxy: http request head malformed")
-	errHostMismatch    = errors.New("proxy: http host header and request target disagree")
-	errHeadDuplicateCL = errors.New("proxy: http request has conflicting framing headers")
+	errHeadIncomplete = errors.New("proxy: http request head incomplete")
+	errHeadMalformed  = errors.New("proxy: http request head malformed")
+	errHostMismatch   = errors.New("proxy: http host header and request target disagree")
+	errHeadFraming    = errors.New("proxy: http request framing ambiguous or invalid")
 )
 
 // httpMethods are the request methods that make the transparent proxy treat
@@ -43,15 +43,25 @@ type httpHead struct {
 	Port   string // port from that authority, "" when absent
 	Path   string // the path (origin-form or from an absolute URL), "" for '*'
 	Len    int    // bytes of the head, including the final CRLF CRLF
+
+	// Body framing (RFC 9112 section 6): BodyLen bytes follow the head
+	// (Content-Length; 0 without one), or a chunked body when Chunked.
+	BodyLen int64
+	Chunked bool
+	// Upgrade: the request carries an Upgrade header (WebSocket, h2c, ...),
+	// so the connection may stop being HTTP after it.
+	Upgrade bool
 }
 
 // parseHTTPHead parses an HTTP/1.x request head at the start of b. It
 // returns errHeadIncomplete when b holds no complete head yet, and
-// errHeadMalformed, errHostMismatch or errHeadDuplicateCL for heads the proxy
+// errHeadMalformed, errHostMismatch or errHeadFraming for heads the proxy
 // refuses. It is strict where laxness lets a request name two
-// destinations: one Host header, no obs-fold, CRLF line ends, the
-// absolute-form authority equal to Host, no Content-Length together with
-// Transfer-Encoding.
+// destinations, or lets two parsers disagree on where its body ends
+// (request smuggling, THREATS.md C6): one Host header, no obs-fold, CRLF
+// line ends, the absolute-form authority equal to Host; Content-Length all
+// digits (repeated only with the same value), Transfer-Encoding exactly
+// "chunked" (once, HTTP/1.1 only), never both.
 func parseHTTPHead(b []byte) (h httpHead, err error) {
 	end := bytes.Index(b, []byte("\r\n\r\n"))
 	if end < 0 {
@@ -80,6 +90,7 @@ func parseHTTPHead(b []byte) (h httpHead, err error) {
 	var host string
 	hosts, cl, te := 0, 0, 0
 	var clVal string
+	teChunked := false
 	for _, l := range lines[1:] {
 		if l == "" || l[0] == ' ' || l[0] == '\t' {
 			return h, errHeadMalformed // obs-fold or empty line inside the head
@@ -93,26 +104,42 @@ func parseHTTPHead(b []byte) (h httpHead, err error) {
 				return h, errHeadMalformed
 			}
 		}
+		raw := val
 		val = strings.Trim(val, " \t")
 		switch {
 		case strings.EqualFold(name, "Host"):
 			hosts++
 			host = val
 		case strings.EqualFold(name, "Content-Length"):
+			// 1*DIGIT and nothing else: no sign, no list ("5, 5"), no
+			// tab; at most 18 digits so that it fits an int64.
+			if strings.Trim(raw, " ") != val || !allDigits(val) || len(val) > 18 {
+				return h, errHeadFraming
+			}
 			if cl > 0 && val != clVal {
-				return h, errHeadDuplicateCL
+				return h, errHeadFraming
 			}
 			cl++
 			clVal = val
 		case strings.EqualFold(name, "Transfer-Encoding"):
+			// Only "chunked", alone: any other coding, a list, a tab
+			// ("\tchunked") or a second header is a body length another
+			// parser may see differently.
 			te++
+			teChunked = strings.EqualFold(strings.Trim(raw, " "), "chunked")
+		case strings.EqualFold(name, "Upgrade"):
+			h.Upgrade = true
 		}
 	}
-	if hosts > 1 || (cl > 0 && te > 0) {
-		if hosts > 1 {
-			return h, errHeadMalformed
-		}
-		return h, errHeadDuplicateCL
+	if hosts > 1 {
+		return h, errHeadMalformed
+	}
+	if te > 0 && (cl > 0 || te > 1 || !teChunked || parts[2] != "HTTP/1.1") {
+		return h, errHeadFraming
+	}
+	h.Chunked = te == 1
+	if cl > 0 {
+		h.BodyLen, _ = strconv.ParseInt(clVal, 10, 64)
 	}
 	if hosts == 1 {
 		if _, _, ok := splitAuthority(host); !ok {
@@ -212,6 +239,18 @@ func validPort(p string) bool {
 	}
 	n, err := strconv.Atoi(p)
 	return err == nil && n >= 1 && n <= 65535 && p[0] != '+' && p[0] != '-'
+}
+
+func allDigits(s string) bool {
+	if s == "" {
+		return false
+	}
+	for i := 0; i < len(s); i++ {
+		if s[i] < '0' || s[i] > '9' {
+			return false
+		}
+	}
+	return true
 }
 
 func isToken(s string) bool {

@@ -11,6 +11,7 @@ type metrics struct {
 	limitHits *prometheus.CounterVec // scope
 	peek      prometheus.Histogram
 	conntrack *prometheus.CounterVec // result
+	requests  *prometheus.CounterVec // verdict, mode
 }
 
 func newMetrics(reg prometheus.Registerer) (*metrics, error) {
@@ -40,9 +41,13 @@ func newMetrics(reg prometheus.Registerer) (*metrics, error) {
 			Namespace: "egress", Subsystem: "proxy", Name: "conntrack_lookups_total",
 			Help: "Original-source lookups of transparent connections, by result: same (the socket's address was the client's), remapped (NAT had changed the source port; the client's was restored), not-found (no conntrack entry) or error (the socket's address was kept).",
 		}, []string{"result"}),
+		requests: prometheus.NewCounterVec(prometheus.CounterOpts{
+			Namespace: "egress", Subsystem: "proxy", Name: "http_requests_total",
+			Help: "Later HTTP requests on plain-HTTP transparent connections, each decided on its own (the first is the connection's), by verdict and mode.",
+		}, []string{"verdict", "mode"}),
 	}
 	if reg != nil {
-		for _, c := range []prometheus.Collector{m.conns, m.active, m.bytes, m.limitHits, m.peek, m.conntrack} {
+		for _, c := range []prometheus.Collector{m.conns, m.active, m.bytes, m.limitHits, m.peek, m.conntrack, m.requests} {
 			if err := reg.Register(c); err != nil {
 				return nil, err
 			}

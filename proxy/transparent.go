@@ -7,6 +7,7 @@ import (
 	"io"
 	"net"
 	"net/netip"
+	"strings"
 	"time"
 
 	"egressd/audit"
@@ -124,8 +125,17 @@ func (p *Proxy) handleTransparent(c *net.TCPConn) {
 		f.ev.Close = closeShutdown
 		return
 	}
-	if len(rc.buf) > 0 {
-		if _, err := server.Write(rc.buf); err != nil {
+	// Plain HTTP whose first head parsed: only that head is replayed now;
+	// what came after it goes through the request parser, so that every
+	// later request is decided too (httpstream.go).
+	first := rc.buf
+	var up *httpUpstream
+	if kind == kindHTTP && head.head != nil {
+		first = rc.buf[:head.head.Len]
+		up = p.newHTTPUpstream(in, f, head.head, rc.buf[head.head.Len:])
+	}
+	if len(first) > 0 {
+		if _, err := server.Write(first); err != nil {
 			p.untrackConn(server)
 			server.Close()
 			f.err, f.ev.Close = err, closeReset
@@ -135,14 +145,21 @@ func (p *Proxy) handleTransparent(c *net.TCPConn) {
 	// From here the tunnel's goroutines own both connections, the slot and
 	// the record.
 	handedOff = true
-	replayed := uint64(len(rc.buf))
-	p.startTunnel(c, server, func(out, in int64, reason string) {
+	replayed := uint64(len(first))
+	var upFn func(*tunnel) (int64, error)
+	if up != nil {
+		upFn = up.run
+	}
+	p.startTunnelUp(c, server, upFn, func(out, in int64, reason string) {
 		p.untrackConn(server)
 		p.untrackConn(c)
 		p.release(ca.Addr())
 		f.ev.BytesOut = uint64(out) + replayed
 		f.ev.BytesIn = uint64(in)
 		f.ev.Close = reason
+		if up != nil && up.denied && reason != closeShutdown {
+			f.ev.Close = closeRequestDenied
+		}
 		p.finish(f)
 	})
 }
@@ -198,7 +215,8 @@ func (p *Proxy) clientAddr(c *net.TCPConn) netip.AddrPort {
 type peekResult struct {
 	rec   *recorder
 	Path  string
-	early bool // the client closed before its first byte
+	early bool      // the client closed before its first byte
+	head  *httpHead // the first HTTP request head, when it parsed
 }
 
 // peek reads the first bytes within the hello deadline and decides.
@@ -258,31 +276,12 @@ func (p *Proxy) peek(c *net.TCPConn, eng *policy.Engine, in policy.Input, start 
 		}
 	}
 	h, err := readHTTPHead(rc)
-	res.Path = h.Path
+	res.Path, _, _ = strings.Cut(h.Path, "?") // the query stays out of events and logs
 	if err != nil {
-		v := verdict{src: audit.NameNone}
-		switch {
-		case errors.Is(err, errHostMismatch):
-			v.d = denyDecision(eng, ReasonHostMismatch)
-		case errors.Is(err, errHelloTooLarge):
-			v.d = denyDecision(eng, ReasonHelloTooLarge)
-		case isTimeout(err):
-			v.d = denyDecision(eng, ReasonHelloTimeout)
-		default:
-			v.d = denyDecision(eng, ReasonHTTPBad)
-		}
-		return kindHTTP, v, res
+		return kindHTTP, verdict{d: httpErrDecision(eng, err), src: audit.NameNone}, res
 	}
-	if _, lit := literalAddr(h.Host); h.Host == "" || lit {
-		in.Path = h.Path
-		return kindHTTP, p.decideAddr(eng, in, audit.NameNone), res
-	}
-	name := h.Host
-	if n, ok := policy.NormalizeName(name); ok {
-		name = n
-	}
-	in.Name, in.Path = name, h.Path
-	return kindHTTP, p.decideName(ctx, eng, in, audit.NameHost), res
+	res.head = &h
+	return kindHTTP, p.decideHTTP(ctx, eng, in, &h), res
 }
 
 // readHTTPHead reads from rc until a complete request head is recorded.
