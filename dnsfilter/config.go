@@ -122,8 +122,12 @@ type Config struct {
 	// connection. Zero means 128.
 	TCPMaxQueries int
 	// UDPReaders is the number of UDP sockets (SO_REUSEPORT) and reader
-	// goroutines per listen address. Zero means GOMAXPROCS.
+	// goroutines per listen address. Zero means GOMAXPROCS. On Linux an
+	// IPv4 socket's reader takes and answers up to 16 queries per system
+	// call (recvmmsg, sendmmsg) when they queue up.
 	UDPReaders int
+
+	noBatch bool // tests: one datagram per system call on every socket
 }
 
 // Defaults used for zero fields.

@@ -20,6 +20,9 @@ type scratch struct {
 	name []byte // lower-case dotted name
 	out  []byte // the answer
 
+	batch   bool   // answers wait in pending for the reader's sendmmsg
+	pending []byte // the answer to send, when batch
+
 	// denial texts of the engine they were made for, by rule and reason
 	textEng *policy.Engine
 	texts   map[[2]string]string
@@ -129,7 +132,7 @@ func (s *Server) fast(sc *scratch, c *net.UDPConn, pkt []byte, src netip.AddrPor
 			return false
 		}
 		out := s.refused(sc, eng, dec, pkt[:qend], edns, do)
-		_, _ = c.WriteToUDPAddrPort(out, src)
+		s.sendFast(sc, c, out, src)
 		q := query{start: now, client: src, proto: "udp", qtype: qtype, name: string(name), rcode: dns.RcodeRefused, dec: dec, path: "local", edns: edns}
 		s.finish(&q)
 		return true
@@ -170,7 +173,7 @@ func (s *Server) fast(sc *scratch, c *net.UDPConn, pkt []byte, src netip.AddrPor
 	if out == nil || len(out) > maxSize {
 		return false // truncation: general path
 	}
-	_, _ = c.WriteToUDPAddrPort(out, src)
+	s.sendFast(sc, c, out, src)
 	s.m.cacheHits.Inc()
 	if dec.Allowed() {
 		s.learn(src.Addr(), e, dec.Rule, nowNs)

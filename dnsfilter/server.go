@@ -397,6 +397,9 @@ func acceptQuery(dh dns.Header) dns.MsgAcceptAction {
 }
 
 func (s *Server) readUDP(c *net.UDPConn) error {
+	if !s.cfg.noBatch && canBatch(c) {
+		return s.readUDPBatch(c)
+	}
 	buf := make([]byte, 65536)
 	sc := newScratch()
 	for {
@@ -411,24 +414,29 @@ func (s *Server) readUDP(c *net.UDPConn) error {
 			}
 			return fmt.Errorf("dnsfilter: read udp: %w", err)
 		}
-		if s.fastSafe(sc, c, buf[:n], src) {
-			continue
+		if !s.fastSafe(sc, c, buf[:n], src) {
+			s.slowUDP(c, buf[:n], src)
 		}
-		select {
-		case s.slowSem <- struct{}{}:
-		default:
-			s.m.dropped.WithLabelValues("overload").Inc()
-			continue
-		}
-		pkt := append([]byte(nil), buf[:n]...)
-		s.slow.Add(1)
-		go func() {
-			defer func() { <-s.slowSem; s.slow.Done() }()
-			if out := s.serveWire(s.baseCtx, pkt, src, "udp"); out != nil {
-				_, _ = c.WriteToUDPAddrPort(out, src)
-			}
-		}()
 	}
+}
+
+// slowUDP serves a UDP query the fast path left alone on the general path,
+// in a goroutine with a copy of b.
+func (s *Server) slowUDP(c *net.UDPConn, b []byte, src netip.AddrPort) {
+	select {
+	case s.slowSem <- struct{}{}:
+	default:
+		s.m.dropped.WithLabelValues("overload").Inc()
+		return
+	}
+	pkt := append([]byte(nil), b...)
+	s.slow.Add(1)
+	go func() {
+		defer func() { <-s.slowSem; s.slow.Done() }()
+		if out := s.serveWire(s.baseCtx, pkt, src, "udp"); out != nil {
+			_, _ = c.WriteToUDPAddrPort(out, src)
+		}
+	}()
 }
 
 func (s *Server) serveTCP(w dns.ResponseWriter, req *dns.Msg) {

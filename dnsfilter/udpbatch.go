@@ -1,0 +1,104 @@
+package dnsfilter
+
+import (
+	"errors"
+	"fmt"
+	"net"
+	"net/netip"
+
+	"golang.org/x/net/ipv4"
+)
+
+// udpBatch is how many datagrams one recvmmsg may return and one sendmmsg
+// may carry. Under load a reader takes up to this many queries per system
+// call and sends the fast path's answers to them in one more; when idle a
+// batch is one query, answered as soon as it is read.
+const udpBatch = 16
+
+// readUDPBatch is readUDP for an IPv4 socket on Linux: recvmmsg in, the
+// fast path's answers out with sendmmsg once the batch is handled. Misses
+// and general-path queries answer from their goroutines as before.
+// (IPv6 sockets keep readUDP: their IPv4 clients arrive as v4-mapped
+// addresses that x/net would send to as AF_INET, which such a socket
+// refuses.)
+func (s *Server) readUDPBatch(c *net.UDPConn) error {
+	pc := ipv4.NewPacketConn(c)
+	rms := make([]ipv4.Message, udpBatch)
+	for i := range rms {
+		rms[i].Buffers = [][]byte{make([]byte, 65536)}
+	}
+	wms := make([]ipv4.Message, udpBatch)
+	wbufs := make([][]byte, udpBatch)
+	for i := range wms {
+		wms[i].Buffers = make([][]byte, 1)
+		wbufs[i] = make([]byte, 0, int(s.cfg.UDPSize))
+	}
+	sc := newScratch()
+	sc.batch = true
+	for {
+		n, err := pc.ReadBatch(rms, 0)
+		if err != nil {
+			if s.closing.Load() {
+				return nil
+			}
+			var ne net.Error
+			if errors.As(err, &ne) && ne.Timeout() {
+				continue
+			}
+			return fmt.Errorf("dnsfilter: read udp: %w", err)
+		}
+		nw := 0
+		for i := range rms[:n] {
+			m := &rms[i]
+			ua, ok := m.Addr.(*net.UDPAddr)
+			if !ok {
+				continue
+			}
+			src := ua.AddrPort()
+			pkt := m.Buffers[0][:m.N]
+			sc.out, sc.pending = wbufs[nw][:0], nil
+			done := s.fastSafe(sc, c, pkt, src)
+			if sc.pending != nil {
+				wms[nw].Buffers[0], wms[nw].Addr = sc.pending, ua
+				nw++
+				sc.pending = nil
+			}
+			if !done {
+				s.slowUDP(c, pkt, src)
+			}
+		}
+		s.sendBatch(pc, wms[:nw])
+		for i := range wms[:nw] {
+			wms[i].Buffers[0], wms[i].Addr = nil, nil
+		}
+	}
+}
+
+// sendBatch writes ms with as few sendmmsg calls as the kernel allows; a
+// message the kernel refuses (its error is for that one datagram) is
+// skipped, as a failed sendto would be.
+func (s *Server) sendBatch(pc *ipv4.PacketConn, ms []ipv4.Message) {
+	for len(ms) > 0 {
+		n, err := pc.WriteBatch(ms, 0)
+		if err != nil {
+			if s.closing.Load() {
+				return
+			}
+			n++ // ms[n] failed
+		}
+		if n <= 0 {
+			n = 1
+		}
+		ms = ms[min(n, len(ms)):]
+	}
+}
+
+// sendFast sends a fast-path answer: at once, or, on a batching reader,
+// with the rest of its batch. out lives in sc.out's memory until then.
+func (s *Server) sendFast(sc *scratch, c *net.UDPConn, out []byte, dst netip.AddrPort) {
+	if sc.batch {
+		sc.pending = out
+		return
+	}
+	_, _ = c.WriteToUDPAddrPort(out, dst)
+}

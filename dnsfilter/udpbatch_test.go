@@ -1,0 +1,139 @@
+package dnsfilter
+
+import (
+	"fmt"
+	"net"
+	"net/netip"
+	"strings"
+	"testing"
+	"time"
+
+	"github.com/miekg/dns"
+)
+
+// TestUDPBurst sends bursts of queries from several client sockets without
+// waiting for answers, so a reader finds many queued (recvmmsg returns
+// several, the fast path's answers leave in one sendmmsg), mixing cache
+// hits, enforce denials, misses and general-path queries. Every query must
+// get exactly one answer, to its own client, for its own ID and question,
+// and one audit event. The same runs with batching off and on an IPv6
+// socket (which reads one datagram per call).
+func TestUDPBurst(t *testing.T) {
+	const clients, perClient = 4, 48
+	var zone strings.Builder
+	zone.WriteString(labZone)
+	for i := range clients * perClient {
+		fmt.Fprintf(&zone, "h%d.allowed.test. 300 IN A 192.0.2.%d\n", i, 1+i%250)
+	}
+	for _, tc := range []struct {
+		name, listen string
+		noBatch      bool
+	}{
+		{"ipv4-batch", "127.0.0.1:0", false},
+		{"ipv4-single", "127.0.0.1:0", true},
+		{"ipv6", "[::1]:0", false},
+	} {
+		t.Run(tc.name, func(t *testing.T) {
+			if strings.HasPrefix(tc.listen, "[") {
+				if c, err := net.ListenPacket("udp", tc.listen); err != nil {
+					t.Skipf("no IPv6 loopback: %v", err)
+				} else {
+					_ = c.Close()
+				}
+			}
+			up := newFakeUpstream(t, zone.String())
+			ts := startServer(t, enforcePolicy, Config{Listen: []string{tc.listen}, Upstreams: []string{up.Addr}, UDPReaders: 1, noBatch: tc.noBatch}, Deps{})
+			ask(t, "udp", ts.Addr, "www.allowed.test.", dns.TypeA, false) // warm the cache
+			warm := len(ts.Sink.Events())
+
+			type sent struct {
+				name  string
+				qtype uint16
+				rcode int // -1: any
+				addr  string
+			}
+			server := net.UDPAddrFromAddrPort(netip.MustParseAddrPort(ts.Addr))
+			conns := make([]*net.UDPConn, clients)
+			want := make([]map[uint16]sent, clients)
+			for c := range conns {
+				conn, err := net.DialUDP("udp", nil, server)
+				if err != nil {
+					t.Fatal(err)
+				}
+				t.Cleanup(func() { _ = conn.Close() })
+				conns[c], want[c] = conn, map[uint16]sent{}
+				for i := range perClient {
+					s := sent{qtype: dns.TypeA, rcode: dns.RcodeSuccess}
+					switch i % 4 {
+					case 0:
+						s.name, s.addr = "www.allowed.test.", "192.0.2.10"
+					case 1:
+						s.name, s.rcode = "www.denied.test.", dns.RcodeRefused
+					case 2:
+						n := c*perClient + i
+						s.name, s.addr = fmt.Sprintf("h%d.allowed.test.", n), fmt.Sprintf("192.0.2.%d", 1+n%250)
+					case 3:
+						s.name, s.qtype, s.rcode = "www.allowed.test.", dns.TypeANY, -1 // the general path
+					}
+					m := new(dns.Msg)
+					m.SetQuestion(s.name, s.qtype)
+					m.Id = uint16(1000*c + i + 1)
+					if i%2 == 0 {
+						m.SetEdns0(1232, false)
+					}
+					want[c][m.Id] = s
+					wire, err := m.Pack()
+					if err != nil {
+						t.Fatal(err)
+					}
+					if _, err := conn.Write(wire); err != nil {
+						t.Fatal(err)
+					}
+				}
+			}
+			buf := make([]byte, 65536)
+			for c, conn := range conns {
+				_ = conn.SetReadDeadline(time.Now().Add(8 * time.Second))
+				for len(want[c]) > 0 {
+					n, err := conn.Read(buf)
+					if err != nil {
+						t.Fatalf("client %d: %d answers missing (%v)", c, len(want[c]), err)
+					}
+					r := new(dns.Msg)
+					if err := r.Unpack(buf[:n]); err != nil {
+						t.Fatalf("client %d: bad answer: %v", c, err)
+					}
+					s, ok := want[c][r.Id]
+					if !ok {
+						t.Fatalf("client %d: unexpected or repeated answer ID %d: %v", c, r.Id, r)
+					}
+					delete(want[c], r.Id)
+					if !r.Response || len(r.Question) != 1 || r.Question[0].Name != s.name || r.Question[0].Qtype != s.qtype {
+						t.Fatalf("client %d: answer %d is not to %s: %v", c, r.Id, s.name, r)
+					}
+					if s.rcode >= 0 && r.Rcode != s.rcode {
+						t.Fatalf("client %d: %s rcode %s, want %s", c, s.name, dns.RcodeToString[r.Rcode], dns.RcodeToString[s.rcode])
+					}
+					if s.addr != "" {
+						if got := answerAddrs(r); len(got) != 1 || got[0].String() != s.addr {
+							t.Fatalf("client %d: %s answered %v, want %s", c, s.name, got, s.addr)
+						}
+					}
+				}
+				// Nothing more may arrive (no answer twice).
+				_ = conn.SetReadDeadline(time.Now().Add(100 * time.Millisecond))
+				if n, err := conn.Read(buf); err == nil {
+					t.Fatalf("client %d: an extra datagram of %d bytes", c, n)
+				}
+			}
+			total := warm + clients*perClient
+			deadline := time.Now().Add(3 * time.Second)
+			for len(ts.Sink.Events()) < total && time.Now().Before(deadline) {
+				time.Sleep(10 * time.Millisecond)
+			}
+			if n := len(ts.Sink.Events()); n != total {
+				t.Errorf("%d audit events, want %d (one per query)", n, total)
+			}
+		})
+	}
+}
