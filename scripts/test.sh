@@ -22,11 +22,31 @@ status=${PIPESTATUS[0]}
 [ "$status" -eq 0 ] || exit "$status"
 
 echo "== fuzz (${FUZZTIME:=10s} per target)"
+# fuzz_one runs one target. Go 1.26's fuzz coordinator can fail a run with a
+# bare "context deadline exceeded" when -fuzztime ends while a worker is
+# busy (golang/go#75804, fixed in Go 1.27): no input is written and nothing
+# is wrong with the target. That signature alone is retried once and then
+# reported as a warning; any failing input, panic or other error fails.
+fuzz_one() {
+  local pkg=$1 t=$2 try
+  for try in 1 2; do
+    if go test -run '^$' -fuzz "^$t\$" -fuzztime "$FUZZTIME" "$pkg" >/tmp/egressd-fuzz.log 2>&1; then
+      return 0
+    fi
+    if grep -q 'Failing input written\|panic:' /tmp/egressd-fuzz.log ||
+      ! grep -q '^    context deadline exceeded$' /tmp/egressd-fuzz.log; then
+      cat /tmp/egressd-fuzz.log
+      exit 1
+    fi
+    echo "   $t: Go's fuzz deadline race (golang/go#75804), no failing input (try $try)"
+  done
+  echo "   warning: $t ended twice on the deadline race; no failing input either time"
+}
 for pkg in $(go list ./...); do
   dir=$(go list -f '{{.Dir}}' "$pkg")
   for t in $(grep -ho '^func Fuzz[A-Za-z0-9_]*' "$dir"/*_test.go 2>/dev/null | sed 's/^func //' | sort -u); do
     echo "-- $pkg $t"
-    go test -run '^$' -fuzz "^$t\$" -fuzztime "$FUZZTIME" "$pkg" >/tmp/egressd-fuzz.log 2>&1 || { cat /tmp/egressd-fuzz.log; exit 1; }
+    fuzz_one "$pkg" "$t"
   done
 done
 
