@@ -375,12 +375,7 @@ func (l *Ledger) addLocked(ev *Event) bool {
 			ds.bytesIn += ev.BytesIn
 			ds.reason, ds.rule = ev.Reason, ev.Rule
 			ds.clients.add(ev.Client.Unmap(), l.opt.MaxClients)
-			if ds.first.IsZero() || t.Before(ds.first) {
-				ds.first = t
-			}
-			if t.After(ds.last) {
-				ds.last = t
-			}
+			ds.seen(t)
 		}
 		rec.drop = ds
 	}
@@ -418,12 +413,7 @@ func (l *Ledger) addRequestLocked(ev *Event) {
 	}
 	ds.reason, ds.rule = ev.Reason, ev.Rule
 	ds.clients.add(ev.Client.Unmap(), l.opt.MaxClients)
-	if ds.first.IsZero() || t.Before(ds.first) {
-		ds.first = t
-	}
-	if t.After(ds.last) {
-		ds.last = t
-	}
+	ds.seen(t)
 }
 
 func (rs *ruleStats) seen(t time.Time) {
@@ -432,6 +422,15 @@ func (rs *ruleStats) seen(t time.Time) {
 	}
 	if t.After(rs.last) {
 		rs.last = t
+	}
+}
+
+func (ds *dropStats) seen(t time.Time) {
+	if ds.first.IsZero() || t.Before(ds.first) {
+		ds.first = t
+	}
+	if t.After(ds.last) {
+		ds.last = t
 	}
 }
 
