@@ -119,8 +119,9 @@ type Journal struct {
 	writeFailed atomic.Uint64 // events lost to write errors
 	queued      atomic.Int64  // for the queue gauge
 
-	mu      sync.Mutex // guards following
-	lastErr error      // the last write error, nil once a write succeeds
+	rotMu   sync.RWMutex // rotate holds it; scan reads under it
+	mu      sync.Mutex   // guards following
+	lastErr error        // the last write error, nil once a write succeeds
 	closed  bool
 
 	// Owned by the writer (Run, or Close when Run never ran).
@@ -210,8 +211,12 @@ func LoadDir(dir string, eng *policy.Engine, opt LedgerOptions, log *slog.Logger
 	return l, st, nil
 }
 
-// scan streams the recorded events (for windowed reports).
+// scan streams the recorded events (for windowed reports). It holds off
+// rotation, which renames the current file and opens a new one: a listing
+// taken in between would miss the renamed file.
 func (j *Journal) scan(since time.Time, fn func(Event)) error {
+	j.rotMu.RLock()
+	defer j.rotMu.RUnlock()
 	_, err := readDir(j.cfg.Dir, slog.New(slog.DiscardHandler), since, false, fn)
 	return err
 }
@@ -565,6 +570,8 @@ func (j *Journal) failed(err error) {
 // rotate closes the current file under a rotated name and opens a new one,
 // deleting the oldest rotated files beyond MaxFiles.
 func (j *Journal) rotate() {
+	j.rotMu.Lock()
+	defer j.rotMu.Unlock()
 	if err := j.f.Sync(); err != nil {
 		j.failed(err)
 	}
