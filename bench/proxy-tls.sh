@@ -14,6 +14,9 @@
 #   PEERS_TLS=path/to/peers-tls.sh  (default ../shared/bench-peers/peers-tls.sh)
 #   SYSTEMS="direct egressd haproxy"  and the peers script's knobs
 #   (BULK_RUNS, BULK_MIB, WRK_RUNS, WRK_SECS, WRK_CONNS, ...).
+#   PROXYBENCH_ARGS="-cpuprofile /tmp/cpu.pprof"  extra proxybench flags
+#   (profiles; see bench/cmd/proxybench). By default proxybench logs and
+#   records events as egressd run does (JSON lines at info, event journal).
 # Traffic stays in the namespaces the peers script creates (198.18.0.0/15).
 set -euo pipefail
 cd "$(dirname "$0")/.."
@@ -28,5 +31,5 @@ ulimit -n "$(ulimit -Hn)" 2>/dev/null || true
 export SYSTEMS=${SYSTEMS:-"direct egressd haproxy"}
 export CUSTOM_TLS_NAME=egressd
 # Started in the gateway namespace with SERVER_IP and PROXY_PORT set.
-export CUSTOM_TLS_CMD="$BIN/proxybench -transparent :{PORT} -allow '*.allowed.test' -map www.allowed.test=\$SERVER_IP"
+export CUSTOM_TLS_CMD="$BIN/proxybench -transparent :{PORT} -allow '*.allowed.test' -map www.allowed.test=\$SERVER_IP ${PROXYBENCH_ARGS:-}"
 bash "$PEERS_TLS"

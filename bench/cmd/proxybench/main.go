@@ -16,12 +16,16 @@ import (
 	"net/netip"
 	"os"
 	"os/signal"
+	"runtime"
 	"runtime/debug"
 	"runtime/pprof"
 	"strings"
 	"syscall"
 
+	"github.com/prometheus/client_golang/prometheus"
+
 	"egressd/audit"
+	"egressd/dnsfilter"
 	"egressd/policy"
 	"egressd/proxy"
 )
@@ -66,9 +70,29 @@ func main() {
 	ports := flag.String("ports", "443/tcp", "comma-separated ports of the allow rule")
 	hosts := flag.String("hosts", "", "hosts file for name lookups")
 	mapFlag := flag.String("map", "", "comma-separated name=ip lookups, in addition to -hosts")
-	logLevel := flag.String("log", "warn", "log level: debug, info, warn, error")
+	logLevel := flag.String("log", "info", "log level: debug, info, warn, error (egressd run's default is info)")
+	logFormat := flag.String("log-format", "json", "json or text (egressd run's default is json)")
+	stateDir := flag.String("state-dir", "", "audit event log directory (default: a temporary one, removed at exit); \"none\": discard events")
 	cpuProfile := flag.String("cpuprofile", "", "write a CPU profile of the whole run to this file")
+	blockProfile := flag.String("blockprofile", "", "write a block profile (every blocking event) at exit to this file")
+	mutexProfile := flag.String("mutexprofile", "", "write a mutex contention profile at exit to this file")
 	flag.Parse()
+	for _, pf := range []struct{ name, file string }{{"block", *blockProfile}, {"mutex", *mutexProfile}} {
+		if pf.file == "" {
+			continue
+		}
+		if pf.name == "block" {
+			runtime.SetBlockProfileRate(1)
+		} else {
+			runtime.SetMutexProfileFraction(1)
+		}
+		defer func() {
+			if f, err := os.Create(pf.file); err == nil {
+				pprof.Lookup(pf.name).WriteTo(f, 0)
+				f.Close()
+			}
+		}()
+	}
 	if *cpuProfile != "" {
 		f, err := os.Create(*cpuProfile)
 		if err != nil {
@@ -115,17 +139,51 @@ func main() {
 		fmt.Fprintln(os.Stderr, "proxybench: -log:", err)
 		os.Exit(1)
 	}
-	log := slog.New(slog.NewTextHandler(os.Stderr, &slog.HandlerOptions{Level: lvl}))
+	// As egressd run: JSON lines on stderr at info (one decision line per
+	// connection), events through the journal (ledger and event log on
+	// disk), metrics registered.
+	hopts := &slog.HandlerOptions{Level: lvl}
+	var log *slog.Logger
+	switch *logFormat {
+	case "json":
+		log = slog.New(slog.NewJSONHandler(os.Stderr, hopts))
+	case "text":
+		log = slog.New(slog.NewTextHandler(os.Stderr, hopts))
+	default:
+		fmt.Fprintln(os.Stderr, "proxybench: -log-format: expected json or text")
+		os.Exit(1)
+	}
+	var sink audit.Sink = audit.Discard
+	if *stateDir != "none" {
+		dir := *stateDir
+		if dir == "" {
+			if dir, err = os.MkdirTemp("", "proxybench-state."); err != nil {
+				fmt.Fprintln(os.Stderr, "proxybench:", err)
+				os.Exit(1)
+			}
+			defer os.RemoveAll(dir)
+		}
+		j, _, err := audit.OpenJournal(audit.JournalConfig{Dir: dir, Logger: log.With(audit.LogComponent, "audit")}, audit.NewLedger(eng, audit.LedgerOptions{}))
+		if err != nil {
+			fmt.Fprintln(os.Stderr, "proxybench:", err)
+			os.Exit(1)
+		}
+		go j.Run(context.Background())
+		defer j.Close()
+		sink = j
+	}
 	p, err := proxy.New(proxy.Config{
 		TransparentAddr:   *transparent,
 		ExplicitAddr:      *explicit,
 		MaxConns:          -1,
 		MaxConnsPerClient: -1,
 	}, proxy.Deps{
-		Policy:   policy.NewStore(eng),
-		Sink:     audit.Discard,
-		Logger:   log,
-		Resolver: res,
+		Policy:     policy.NewStore(eng),
+		Sink:       sink,
+		Logger:     log,
+		Resolver:   res,
+		Registerer: prometheus.NewRegistry(),
+		DNS:        dnsfilter.NewTable(0), // empty: the bench client resolves from a hosts file, so every SNI is vouched by lookup
 	})
 	if err != nil {
 		fmt.Fprintln(os.Stderr, "proxybench:", err)
@@ -147,6 +205,6 @@ func main() {
 	if err := p.Run(ctx); err != nil {
 		fmt.Fprintln(os.Stderr, "proxybench:", err)
 		pprof.StopCPUProfile()
-		os.Exit(1)
+		os.Exit(1) // the deferred cleanups do not run; a temporary state directory stays
 	}
 }
