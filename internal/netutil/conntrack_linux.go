@@ -25,16 +25,29 @@ import (
 // never used. SO_ORIGINAL_DST only gives back the original destination;
 // the original source is in the entry's CTA_TUPLE_ORIG, which this reads.
 //
-// One Conntrack holds one netlink socket, opened in the network namespace
-// of the thread that called OpenConntrack, and serialises lookups on it
-// (one request and one answer, a few microseconds). It is safe for
+// One Conntrack holds a few netlink sockets (ConntrackSockets), all opened
+// in the network namespace of the thread that called OpenConntrack; a
+// lookup takes one for its request and answer (a few microseconds), so
+// concurrent lookups do not queue behind one another's system calls (a
+// single socket under one lock did, and a lock holder descheduled on a
+// busy machine held up every connection being accepted). It is safe for
 // concurrent use. Asking needs CAP_NET_ADMIN in that namespace.
 type Conntrack struct {
-	mu     sync.Mutex // guards following
-	fd     int        // -1 once closed
-	seq    uint32
-	buf    []byte
+	mu     sync.RWMutex // read-held by lookups, write-held by Close
 	closed bool
+	free   chan *ctSocket // sockets not in use
+	all    []*ctSocket
+}
+
+// ConntrackSockets is how many netlink sockets a Conntrack opens: how many
+// lookups run at once; more wait for a free socket.
+const ConntrackSockets = 4
+
+// ctSocket is one netlink socket and its buffers; one lookup at a time.
+type ctSocket struct {
+	fd  int
+	seq uint32
+	buf []byte
 }
 
 // ctnetlink numbers (linux/netfilter/nfnetlink_conntrack.h); x/sys/unix
@@ -71,28 +84,48 @@ var ErrNoConntrack = errors.New("netutil: no conntrack entry")
 // errConntrackClosed is returned by lookups after Close.
 var errConntrackClosed = errors.New("netutil: conntrack: closed")
 
-// OpenConntrack opens the netlink socket, in the network namespace of the
-// calling thread.
+// OpenConntrack opens the netlink sockets, in the network namespace of
+// the calling thread.
 func OpenConntrack() (*Conntrack, error) {
+	ct := &Conntrack{free: make(chan *ctSocket, ConntrackSockets)}
+	for i := range ConntrackSockets {
+		fd, err := openCtSocket()
+		if err != nil {
+			for _, s := range ct.all {
+				unix.Close(s.fd)
+			}
+			return nil, err
+		}
+		// Distinct sequence ranges, so that a stale answer on one socket
+		// can never carry another socket's current number.
+		s := &ctSocket{fd: fd, seq: uint32(i) << 28, buf: make([]byte, 8192)}
+		ct.all = append(ct.all, s)
+		ct.free <- s
+	}
+	return ct, nil
+}
+
+func openCtSocket() (int, error) {
 	fd, err := unix.Socket(unix.AF_NETLINK, unix.SOCK_RAW|unix.SOCK_CLOEXEC, unix.NETLINK_NETFILTER)
 	if err != nil {
-		return nil, fmt.Errorf("netutil: conntrack socket: %w", err)
+		return -1, fmt.Errorf("netutil: conntrack socket: %w", err)
 	}
 	tv := unix.NsecToTimeval(int64(conntrackTimeout))
 	for _, opt := range []int{unix.SO_RCVTIMEO, unix.SO_SNDTIMEO} {
 		if err := unix.SetsockoptTimeval(fd, unix.SOL_SOCKET, opt, &tv); err != nil {
 			unix.Close(fd)
-			return nil, fmt.Errorf("netutil: conntrack socket timeout: %w", err)
+			return -1, fmt.Errorf("netutil: conntrack socket timeout: %w", err)
 		}
 	}
 	if err := unix.Bind(fd, &unix.SockaddrNetlink{Family: unix.AF_NETLINK}); err != nil {
 		unix.Close(fd)
-		return nil, fmt.Errorf("netutil: conntrack bind: %w", err)
+		return -1, fmt.Errorf("netutil: conntrack bind: %w", err)
 	}
-	return &Conntrack{fd: fd, buf: make([]byte, 8192)}, nil
+	return fd, nil
 }
 
-// Close closes the socket. It is idempotent; lookups after it fail.
+// Close closes the sockets, after the lookups in flight. It is
+// idempotent; lookups after it fail.
 func (ct *Conntrack) Close() error {
 	ct.mu.Lock()
 	defer ct.mu.Unlock()
@@ -100,8 +133,13 @@ func (ct *Conntrack) Close() error {
 		return nil
 	}
 	ct.closed = true
-	err := unix.Close(ct.fd)
-	ct.fd = -1
+	var err error
+	for _, s := range ct.all {
+		if e := unix.Close(s.fd); e != nil && err == nil {
+			err = e
+		}
+		s.fd = -1
+	}
 	return err
 }
 
@@ -116,29 +154,31 @@ func (ct *Conntrack) OriginalSource(local, remote netip.AddrPort) (netip.AddrPor
 	if !la.IsValid() || !ra.IsValid() || la.Is4() != ra.Is4() {
 		return netip.AddrPort{}, fmt.Errorf("netutil: conntrack: bad tuple %s -> %s", local, remote)
 	}
-	ct.mu.Lock()
-	defer ct.mu.Unlock()
+	ct.mu.RLock()
+	defer ct.mu.RUnlock()
 	if ct.closed {
 		return netip.AddrPort{}, errConntrackClosed
 	}
-	ct.seq++
-	seq := ct.seq
+	s := <-ct.free // Close waits for this lookup, so the socket stays open
+	defer func() { ct.free <- s }()
+	s.seq++
+	seq := s.seq
 	req := buildCtGet(seq, netip.AddrPortFrom(la, local.Port()), netip.AddrPortFrom(ra, remote.Port()))
-	if err := unix.Sendto(ct.fd, req, 0, &unix.SockaddrNetlink{Family: unix.AF_NETLINK}); err != nil {
+	if err := unix.Sendto(s.fd, req, 0, &unix.SockaddrNetlink{Family: unix.AF_NETLINK}); err != nil {
 		return netip.AddrPort{}, fmt.Errorf("netutil: conntrack send: %w", err)
 	}
 	// Answers to earlier requests that timed out may still be queued: skip
 	// them by sequence number. Bounded: a handful of reads, each bounded by
 	// SO_RCVTIMEO.
 	for range 16 {
-		n, _, err := unix.Recvfrom(ct.fd, ct.buf, 0)
+		n, _, err := unix.Recvfrom(s.fd, s.buf, 0)
 		if errors.Is(err, unix.EINTR) {
 			continue // a signal (Go's preemption) during the timed wait
 		}
 		if err != nil {
 			return netip.AddrPort{}, fmt.Errorf("netutil: conntrack receive: %w", err)
 		}
-		src, done, err := parseCtAnswer(ct.buf[:n], seq)
+		src, done, err := parseCtAnswer(s.buf[:n], seq)
 		if done {
 			return src, err
 		}

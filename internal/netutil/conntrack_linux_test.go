@@ -185,6 +185,73 @@ func TestConntrackOriginalSource(t *testing.T) {
 	})
 }
 
+// TestConntrackConcurrent: lookups from many goroutines at once (more than
+// ConntrackSockets) each get their own connection's answer, and a Close
+// in the middle of them lets the ones in flight finish: every lookup
+// returns its right source or an error, never another's.
+func TestConntrackConcurrent(t *testing.T) {
+	tp := newRedirectTopo(t)
+	ct := openConntrackIn(t, tp.g)
+	const n = 3 * ConntrackSockets
+	type pair struct{ local, remote, want netip.AddrPort }
+	var pairs []pair
+	for i := range n {
+		want := netip.AddrPortFrom(netip.MustParseAddr("198.18.1.2"), uint16(40300+i))
+		cl := tp.dialFrom(t, want, netip.MustParseAddrPort("198.18.2.10:443"))
+		defer cl.Close()
+		sv := tp.accept(t)
+		defer sv.Close()
+		pairs = append(pairs, pair{sv.LocalAddr().(*net.TCPAddr).AddrPort(), sv.RemoteAddr().(*net.TCPAddr).AddrPort(), cl.LocalAddr().(*net.TCPAddr).AddrPort()})
+	}
+	run := func(rounds int, closeAfter int) (ok, failed int) {
+		type res struct{ ok, failed int }
+		results := make(chan res, n)
+		start := make(chan struct{})
+		for i := range n {
+			go func() {
+				<-start
+				var r res
+				for j := range rounds {
+					pr := pairs[(i+j)%n]
+					src, err := ct.OriginalSource(pr.local, netip.AddrPortFrom(pr.remote.Addr(), pr.remote.Port()))
+					switch {
+					case err != nil:
+						r.failed++
+					case src.Addr().Unmap() != pr.want.Addr() || src.Port() != pr.want.Port():
+						t.Errorf("lookup of %s: got %s, want %s", pr.remote, src, pr.want)
+					default:
+						r.ok++
+					}
+				}
+				results <- r
+			}()
+		}
+		close(start)
+		if closeAfter > 0 {
+			time.Sleep(time.Duration(closeAfter) * time.Millisecond)
+			if err := ct.Close(); err != nil {
+				t.Errorf("Close during lookups: %v", err)
+			}
+		}
+		for range n {
+			r := <-results
+			ok += r.ok
+			failed += r.failed
+		}
+		return ok, failed
+	}
+	if ok, failed := run(50, 0); failed != 0 || ok != 50*n {
+		t.Fatalf("concurrent lookups: %d right, %d failed; want %d right", ok, failed, 50*n)
+	}
+	// Then Close while lookups run: the ones before it are right, the
+	// ones after it fail.
+	ok, failed := run(2000, 5)
+	t.Logf("with Close after 5 ms: %d right, %d failed", ok, failed)
+	if failed == 0 {
+		t.Error("no lookup failed after Close")
+	}
+}
+
 // BenchmarkConntrack measures the lookup the transparent proxy does per
 // accepted connection, next to the getsockopt(SO_ORIGINAL_DST) it already
 // does (the peer), and to opening a netlink socket per lookup (the design
