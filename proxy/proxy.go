@@ -321,6 +321,7 @@ type flowRecord struct {
 	listener string
 	ev       audit.Event
 	err      error
+	portDone bool // transparent: ev.ClientPort is the client's own (clientPort)
 }
 
 // finish emits the canonical slog line and the audit event.

@@ -28,7 +28,10 @@ const (
 // destination, peek, decide, then deny or forward.
 func (p *Proxy) handleTransparent(c *net.TCPConn) {
 	start := time.Now()
-	ca := p.clientAddr(c)
+	// The client's address is the socket's (REDIRECT does not change it);
+	// its port may not be (clientPort), and only the record needs it: the
+	// lookup waits until the connection is decided and forwarded.
+	ca := addrPortOf(c.RemoteAddr())
 	f := &flowRecord{listener: "transparent", ev: audit.Event{
 		Kind: audit.KindFlow, Source: audit.SourceProxy, Time: start,
 		Client: ca.Addr(), ClientPort: ca.Port(), Proto: "tcp",
@@ -48,12 +51,14 @@ func (p *Proxy) handleTransparent(c *net.TCPConn) {
 		f.ev.Stamp(policy.Decision{Verdict: policy.Deny, RuleIndex: -1, Reason: ReasonLimit, Mode: eng.Mode()})
 		f.ev.Enforced, f.ev.Close = true, closeLimit
 		c.SetLinger(0)
+		p.clientPort(c, f)
 		p.finish(f)
 		return
 	}
 	defer func() {
 		if !handedOff {
 			p.release(ca.Addr())
+			p.clientPort(c, f)
 			p.finish(f)
 		}
 	}()
@@ -101,6 +106,7 @@ func (p *Proxy) handleTransparent(c *net.TCPConn) {
 		return
 	}
 	if v.inspect && v.d.Allowed() && (kind == kindTLS || kind == kindHTTP) {
+		p.clientPort(c, f) // the inspection's records copy it
 		if err := p.inspectTransparent(c, rc.buf, orig, v, kind == kindTLS, f); err == nil {
 			handedOff = true
 			return
@@ -142,6 +148,9 @@ func (p *Proxy) handleTransparent(c *net.TCPConn) {
 			return
 		}
 	}
+	// While the origin reads the first bytes: the record's client port,
+	// before the tunnel's goroutines own the record.
+	p.clientPort(c, f)
 	// From here the tunnel's goroutines own both connections, the slot and
 	// the record.
 	handedOff = true
@@ -164,17 +173,24 @@ func (p *Proxy) handleTransparent(c *net.TCPConn) {
 	})
 }
 
-// clientAddr is the client's address and port as the client used them.
-// After the REDIRECT every destination is our listener, so a client that
-// reuses a source port toward another destination while the first
-// connection's conntrack entry lingers clashes with it, and NAT remaps the
-// source port: the socket then shows a port the client never used, and
-// the flow would not match the one capture sees on the LAN. Conntrack's
-// original tuple has the client's; one netlink round trip per connection
-// (about 5 µs, BenchmarkConntrack in internal/netutil), done always since
-// nothing cheaper tells a remapped port from a chosen one. Any failure
-// keeps the socket's address and is counted.
-func (p *Proxy) clientAddr(c *net.TCPConn) netip.AddrPort {
+// clientPort sets the record's client port to the one the client used,
+// once per record. After the REDIRECT every destination is our listener,
+// so a client that reuses a source port toward another destination while
+// the first connection's conntrack entry lingers clashes with it, and NAT
+// remaps the source port: the socket then shows a port the client never
+// used, and the flow would not match the one capture sees on the LAN.
+// Conntrack's original tuple has the client's; one netlink round trip
+// (about 5 µs, BenchmarkConntrack in internal/netutil), done for every
+// connection since nothing cheaper tells a remapped port from a chosen
+// one. Only the port can differ (REDIRECT rewrites the destination, and
+// the clash only the source port), and nothing decides on it, so the
+// lookup is made after the decision and the forward of the first bytes,
+// not before them. Any failure keeps the socket's port and is counted.
+func (p *Proxy) clientPort(c *net.TCPConn, f *flowRecord) {
+	if f.portDone {
+		return
+	}
+	f.portDone = true
 	remote := addrPortOf(c.RemoteAddr())
 	p.ctOnce.Do(func() {
 		if p.deps.Conntrack != nil {
@@ -190,25 +206,30 @@ func (p *Proxy) clientAddr(c *net.TCPConn) netip.AddrPort {
 	})
 	if p.ct == nil {
 		p.met.conntrack.WithLabelValues("error").Inc()
-		return remote
+		return
 	}
 	orig, err := p.ct.OriginalSource(addrPortOf(c.LocalAddr()), remote)
 	switch {
 	case errors.Is(err, netutil.ErrNoConntrack):
 		p.met.conntrack.WithLabelValues("not-found").Inc()
-		return remote
+		return
 	case err != nil || !orig.IsValid():
 		p.met.conntrack.WithLabelValues("error").Inc()
 		p.log.Debug("proxy: conntrack lookup", audit.LogError, fmt.Sprint(err))
-		return remote
+		return
 	}
 	orig = netip.AddrPortFrom(orig.Addr().Unmap(), orig.Port())
-	if orig == remote {
+	switch {
+	case orig == remote:
 		p.met.conntrack.WithLabelValues("same").Inc()
-		return remote
+	case orig.Addr() != remote.Addr():
+		// Not a port remap: keep the socket's address and port together.
+		p.met.conntrack.WithLabelValues("error").Inc()
+		p.log.Debug("proxy: conntrack lookup: another source address", "conntrack", orig.String(), "socket", remote.String())
+	default:
+		p.met.conntrack.WithLabelValues("remapped").Inc()
+		f.ev.ClientPort = orig.Port()
 	}
-	p.met.conntrack.WithLabelValues("remapped").Inc()
-	return orig
 }
 
 // peekResult carries what the peek read.
