@@ -5,6 +5,8 @@ import (
 	"crypto/rand"
 	"io"
 	"net"
+	"os"
+	"strings"
 	"testing"
 	"time"
 )
@@ -68,6 +70,61 @@ func TestSpliceCopy(t *testing.T) {
 	case <-time.After(5 * time.Second):
 		t.Fatal("tunnel did not end")
 	}
+}
+
+// TestSpliceIdleHoldsNoPipe: a tunnel waiting for data holds no pipe: after
+// a chunk each way, every pipe the process has open is in the free list
+// while the tunnel idles (and is taken again for the next chunk).
+func TestSpliceIdleHoldsNoPipe(t *testing.T) {
+	// Start from an empty free list (pipes of earlier tests are closed).
+	for len(freePipes) > 0 {
+		(<-freePipes).release()
+	}
+	base := openPipeFDs(t) // the test binary's own (stdout, stderr, ...)
+	client, proxyIn := tcpPair(t)
+	proxyOut, server := tcpPair(t)
+	var p Proxy
+	p.done = make(chan struct{})
+	p.startTunnel(proxyIn, proxyOut, func(int64, int64, string) {})
+	buf := make([]byte, 64)
+	for round := range 3 {
+		client.Write([]byte("ping"))
+		server.SetReadDeadline(time.Now().Add(5 * time.Second))
+		if n, err := io.ReadFull(server, buf[:4]); err != nil || string(buf[:n]) != "ping" {
+			t.Fatalf("round %d: server read %q, %v", round, buf[:n], err)
+		}
+		server.Write([]byte("pong"))
+		client.SetReadDeadline(time.Now().Add(5 * time.Second))
+		if n, err := io.ReadFull(client, buf[:4]); err != nil || string(buf[:n]) != "pong" {
+			t.Fatalf("round %d: client read %q, %v", round, buf[:n], err)
+		}
+		// Both directions go back to waiting and give their pipes back.
+		deadline := time.Now().Add(5 * time.Second)
+		for openPipeFDs(t)-base != 2*len(freePipes) && time.Now().Before(deadline) {
+			time.Sleep(5 * time.Millisecond)
+		}
+		if open, free := openPipeFDs(t)-base, len(freePipes); open != 2*free || free == 0 {
+			t.Fatalf("round %d: %d pipe descriptors open, %d pipes in the free list while the tunnel idles: a direction holds a pipe", round, open, free)
+		}
+	}
+	client.Close()
+	server.Close()
+}
+
+// openPipeFDs counts the process's open pipe descriptors.
+func openPipeFDs(t *testing.T) int {
+	t.Helper()
+	ents, err := os.ReadDir("/proc/self/fd")
+	if err != nil {
+		t.Skip("no /proc/self/fd:", err)
+	}
+	n := 0
+	for _, e := range ents {
+		if l, err := os.Readlink("/proc/self/fd/" + e.Name()); err == nil && strings.HasPrefix(l, "pipe:") {
+			n++
+		}
+	}
+	return n
 }
 
 // TestSpliceReset: a reset on one side ends the tunnel.
