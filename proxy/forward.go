@@ -13,7 +13,7 @@ import (
 )
 
 // dial connects to the destination with the dial timeout and sets TCP
-// keepalive on the connection.
+// keepalive on the connection (only here: the default dialer does not).
 func (p *Proxy) dial(ctx context.Context, dest netip.AddrPort) (net.Conn, error) {
 	ctx, cancel := context.WithTimeout(ctx, p.cfg.DialTimeout)
 	defer cancel()
@@ -34,8 +34,9 @@ func (p *Proxy) setKeepAlive(c net.Conn) {
 		tc.SetKeepAlive(false)
 		return
 	}
-	tc.SetKeepAlive(true)
-	tc.SetKeepAlivePeriod(p.cfg.KeepAlive)
+	// Idle the configured period, then probes at Go's defaults (15 s, 9
+	// of them), as the dialer and listener defaults this replaces set.
+	tc.SetKeepAliveConfig(net.KeepAliveConfig{Enable: true, Idle: p.cfg.KeepAlive})
 }
 
 // Close reasons recorded in events.

@@ -74,7 +74,8 @@ func New(cfg Config, deps Deps) (*Proxy, error) {
 		deps.Logger = slog.Default()
 	}
 	if deps.Dial == nil {
-		d := &net.Dialer{Timeout: cfg.DialTimeout, KeepAlive: cfg.KeepAlive}
+		// Keepalive is set once, by dial (setKeepAlive), not also here.
+		d := &net.Dialer{Timeout: cfg.DialTimeout, KeepAlive: -1}
 		deps.Dial = d.DialContext
 	}
 	tpl, err := template.New("deny").Parse(cfg.DenyPage)
@@ -108,7 +109,10 @@ func (p *Proxy) Run(ctx context.Context) error {
 	g, ctx := errgroup.WithContext(ctx)
 	var lc net.ListenConfig
 	if a := p.cfg.TransparentAddr; a != "" {
-		ln, err := lc.Listen(ctx, "tcp", a)
+		// handleTransparent sets the configured keepalive on each
+		// connection; the listener's default would set it once before.
+		tlc := net.ListenConfig{KeepAlive: -1}
+		ln, err := tlc.Listen(ctx, "tcp", a)
 		if err != nil {
 			p.Close()
 			return fmt.Errorf("proxy: transparent listener: %w", err)

@@ -7,6 +7,8 @@ import (
 	"testing"
 	"time"
 
+	"golang.org/x/sys/unix"
+
 	"egressd/policy"
 )
 
@@ -57,5 +59,55 @@ func TestRunClose(t *testing.T) {
 	ln, _ := net.Listen("tcp", "127.0.0.1:0")
 	if err := p.Serve(ln); err == nil {
 		t.Error("Serve after Close succeeded")
+	}
+}
+
+// TestDialKeepAlive: a destination connection made by the default dialer
+// has TCP keepalive on with the configured idle period and Go's default
+// probe interval (set once, by dial), and with KeepAlive < 0 it has none.
+func TestDialKeepAlive(t *testing.T) {
+	eng, err := policy.Compile("t.yaml", []byte("version: 1\nrules: []\n"))
+	if err != nil {
+		t.Fatal(err)
+	}
+	ln, err := net.Listen("tcp", "127.0.0.1:0")
+	if err != nil {
+		t.Fatal(err)
+	}
+	defer ln.Close()
+	go func() {
+		for {
+			c, err := ln.Accept()
+			if err != nil {
+				return
+			}
+			defer c.Close()
+		}
+	}()
+	dest := ln.Addr().(*net.TCPAddr).AddrPort()
+	for _, c := range []struct {
+		ka       time.Duration
+		on, idle int
+	}{{7 * time.Second, 1, 7}, {-1, 0, -1}} {
+		p, err := New(Config{KeepAlive: c.ka}, Deps{Policy: policy.NewStore(eng)})
+		if err != nil {
+			t.Fatal(err)
+		}
+		conn, err := p.dial(context.Background(), dest)
+		if err != nil {
+			t.Fatal(err)
+		}
+		rc, _ := conn.(*net.TCPConn).SyscallConn()
+		var on, idle, intvl int
+		rc.Control(func(fd uintptr) {
+			on, _ = unix.GetsockoptInt(int(fd), unix.SOL_SOCKET, unix.SO_KEEPALIVE)
+			idle, _ = unix.GetsockoptInt(int(fd), unix.IPPROTO_TCP, unix.TCP_KEEPIDLE)
+			intvl, _ = unix.GetsockoptInt(int(fd), unix.IPPROTO_TCP, unix.TCP_KEEPINTVL)
+		})
+		conn.Close()
+		p.Close()
+		if on != c.on || c.idle > 0 && (idle != c.idle || intvl != 15) {
+			t.Errorf("KeepAlive %v: SO_KEEPALIVE %d, idle %d s, interval %d s; want %d, %d s, 15 s", c.ka, on, idle, intvl, c.on, c.idle)
+		}
 	}
 }
