@@ -50,7 +50,13 @@ type Proxy struct {
 	closed    bool
 	listeners map[net.Listener]struct{}
 	servers   map[*http.Server]struct{}
-	conns     map[net.Conn]struct{} // every client and destination conn, closed by Close
+
+	// Every client and destination conn, closed by Close. Two entries a
+	// connection, added and removed by many goroutines at once: a
+	// sync.Map, not a map under mu (whose lock was the proxy's most
+	// contended under a high connection rate).
+	conns       sync.Map    // net.Conn → struct{}
+	connsClosed atomic.Bool // set by Close before it closes conns
 
 	closeOnce sync.Once
 	done      chan struct{}
@@ -96,7 +102,6 @@ func New(cfg Config, deps Deps) (*Proxy, error) {
 		lastWarn:  map[string]time.Time{},
 		listeners: map[net.Listener]struct{}{},
 		servers:   map[*http.Server]struct{}{},
-		conns:     map[net.Conn]struct{}{},
 		done:      make(chan struct{}),
 	}
 	p.gp = p.newGoproxy()
@@ -154,10 +159,14 @@ func (p *Proxy) Close() error {
 		for s := range p.servers {
 			s.Close()
 		}
-		for c := range p.conns {
-			c.Close()
-		}
+		p.connsClosed.Store(true)
 		p.mu.Unlock()
+		// A trackConn that stored its conn before the flag was set is in
+		// the map now; one after it sees the flag and closes its own.
+		p.conns.Range(func(c, _ any) bool {
+			c.(net.Conn).Close()
+			return true
+		})
 		close(p.done)
 		// After the lookups of connections still being set up, if any:
 		// Conntrack.Close waits for one in flight, and later ones fail (and
@@ -173,20 +182,21 @@ func (p *Proxy) Close() error {
 // track registers a listener or connection so Close can close it; it
 // reports false (and closes it) when the proxy is already closed.
 func (p *Proxy) trackConn(c net.Conn) bool {
-	p.mu.Lock()
-	defer p.mu.Unlock()
-	if p.closed {
+	if p.connsClosed.Load() {
 		c.Close()
 		return false
 	}
-	p.conns[c] = struct{}{}
+	p.conns.Store(c, struct{}{})
+	if p.connsClosed.Load() { // Close may have listed the map before the Store
+		p.conns.Delete(c)
+		c.Close()
+		return false
+	}
 	return true
 }
 
 func (p *Proxy) untrackConn(c net.Conn) {
-	p.mu.Lock()
-	delete(p.conns, c)
-	p.mu.Unlock()
+	p.conns.Delete(c)
 }
 
 func (p *Proxy) trackListener(ln net.Listener) bool {

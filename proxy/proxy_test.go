@@ -111,3 +111,49 @@ func TestDialKeepAlive(t *testing.T) {
 		}
 	}
 }
+
+// TestTrackConnClose: connections registered while Close runs are all
+// closed, whether trackConn saw the proxy closed or Close found them.
+func TestTrackConnClose(t *testing.T) {
+	eng, err := policy.Compile("t.yaml", []byte("version: 1\nrules: []\n"))
+	if err != nil {
+		t.Fatal(err)
+	}
+	for round := range 20 {
+		p, err := New(Config{}, Deps{Policy: policy.NewStore(eng)})
+		if err != nil {
+			t.Fatal(err)
+		}
+		const workers, each = 4, 50
+		conns := make(chan net.Conn, workers*each)
+		start := make(chan struct{})
+		done := make(chan struct{})
+		for range workers {
+			go func() {
+				defer func() { done <- struct{}{} }()
+				<-start
+				for range each {
+					a, b := net.Pipe()
+					defer b.Close()
+					conns <- a
+					if p.trackConn(a) && round%2 == 0 {
+						p.untrackConn(a) // some are done with before Close
+						a.Close()
+					}
+				}
+			}()
+		}
+		close(start)
+		p.Close()
+		for range workers {
+			<-done
+		}
+		close(conns)
+		for c := range conns {
+			c.SetWriteDeadline(time.Now().Add(10 * time.Millisecond)) // an open pipe would block
+			if _, err := c.Write([]byte{1}); err == nil || !strings.Contains(err.Error(), "closed") {
+				t.Fatalf("round %d: a connection tracked around Close is still open (write: %v)", round, err)
+			}
+		}
+	}
+}
