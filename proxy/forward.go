@@ -3,13 +3,17 @@ package proxy
 import (
 	"context"
 	"errors"
+	"fmt"
 	"io"
 	"net"
 	"net/netip"
 	"os"
 	"sync"
 	"sync/atomic"
+	"syscall"
 	"time"
+
+	"golang.org/x/sys/unix"
 )
 
 // dial connects to the destination with the dial timeout and sets TCP
@@ -21,8 +25,59 @@ func (p *Proxy) dial(ctx context.Context, dest netip.AddrPort) (net.Conn, error)
 	if err != nil {
 		return nil, err
 	}
-	p.setKeepAlive(c)
+	if !p.dialKA { // a dialer of the caller's: set it now
+		p.setKeepAlive(c)
+	}
 	return c, nil
+}
+
+// keepAliveControl is a Dialer's or ListenConfig's Control: it sets the
+// configured keepalive on the socket before it connects or listens. A
+// connection accepted from a listening socket inherits its keepalive
+// settings (Linux copies them and starts the timer), and a socket that has
+// not connected yet takes them at no cost to the packets in flight: a
+// connection never pays these four system calls once established (on an
+// established socket they also run the receive backlog under the socket
+// lock, in the path of the ClientHello or the origin's first answer).
+func (p *Proxy) keepAliveControl(_, _ string, rc syscall.RawConn) error {
+	if p.cfg.KeepAlive < 0 {
+		return nil // new sockets have no keepalive
+	}
+	var serr error
+	err := rc.Control(func(fd uintptr) { serr = setKeepAliveFD(int(fd), p.cfg.KeepAlive) })
+	if err != nil {
+		return err
+	}
+	return serr
+}
+
+// setKeepAliveFD turns keepalive on with idle (rounded up to a second)
+// and Go's default probes: every 15 s, 9 of them.
+func setKeepAliveFD(fd int, idle time.Duration) error {
+	secs := int((idle + time.Second - 1) / time.Second)
+	for _, o := range []struct{ level, opt, v int }{
+		{unix.SOL_SOCKET, unix.SO_KEEPALIVE, 1},
+		{unix.IPPROTO_TCP, unix.TCP_KEEPIDLE, secs},
+		{unix.IPPROTO_TCP, unix.TCP_KEEPINTVL, 15},
+		{unix.IPPROTO_TCP, unix.TCP_KEEPCNT, 9},
+	} {
+		if err := unix.SetsockoptInt(fd, o.level, o.opt, o.v); err != nil {
+			return fmt.Errorf("proxy: keepalive: %w", err)
+		}
+	}
+	return nil
+}
+
+// listenTransparent opens the transparent listener with the keepalive its
+// connections inherit (handleTransparent then sets none).
+func (p *Proxy) listenTransparent(ctx context.Context, addr string) (net.Listener, error) {
+	lc := net.ListenConfig{KeepAlive: -1, Control: p.keepAliveControl}
+	ln, err := lc.Listen(ctx, "tcp", addr)
+	if err != nil {
+		return nil, err
+	}
+	p.kaListener = ln
+	return ln, nil
 }
 
 func (p *Proxy) setKeepAlive(c net.Conn) {

@@ -41,6 +41,9 @@ type Proxy struct {
 	ct      Conntrack          // deps.Conntrack or ctOwn; nil if it could not be opened
 	ctOwn   *netutil.Conntrack // opened by the proxy, closed by Close
 
+	dialKA     bool         // deps.Dial is ours: its sockets get keepalive before they connect
+	kaListener net.Listener // opened by listenTransparent: accepted connections inherit keepalive
+
 	limMu    sync.Mutex // guards following
 	perIP    map[netip.Addr]int
 	total    int
@@ -79,11 +82,6 @@ func New(cfg Config, deps Deps) (*Proxy, error) {
 	if deps.Logger == nil {
 		deps.Logger = slog.Default()
 	}
-	if deps.Dial == nil {
-		// Keepalive is set once, by dial (setKeepAlive), not also here.
-		d := &net.Dialer{Timeout: cfg.DialTimeout, KeepAlive: -1}
-		deps.Dial = d.DialContext
-	}
 	tpl, err := template.New("deny").Parse(cfg.DenyPage)
 	if err != nil {
 		return nil, fmt.Errorf("proxy: deny page template: %w", err)
@@ -104,6 +102,11 @@ func New(cfg Config, deps Deps) (*Proxy, error) {
 		servers:   map[*http.Server]struct{}{},
 		done:      make(chan struct{}),
 	}
+	if deps.Dial == nil {
+		// Keepalive set on the socket before it connects (keepAliveControl).
+		d := &net.Dialer{Timeout: cfg.DialTimeout, KeepAlive: -1, Control: p.keepAliveControl}
+		p.deps.Dial, p.dialKA = d.DialContext, true
+	}
 	p.gp = p.newGoproxy()
 	return p, nil
 }
@@ -114,10 +117,7 @@ func (p *Proxy) Run(ctx context.Context) error {
 	g, ctx := errgroup.WithContext(ctx)
 	var lc net.ListenConfig
 	if a := p.cfg.TransparentAddr; a != "" {
-		// handleTransparent sets the configured keepalive on each
-		// connection; the listener's default would set it once before.
-		tlc := net.ListenConfig{KeepAlive: -1}
-		ln, err := tlc.Listen(ctx, "tcp", a)
+		ln, err := p.listenTransparent(ctx, a)
 		if err != nil {
 			p.Close()
 			return fmt.Errorf("proxy: transparent listener: %w", err)
@@ -218,6 +218,7 @@ func (p *Proxy) Serve(ln net.Listener) error {
 		return net.ErrClosed
 	}
 	p.ownAddrs()
+	inherited := ln == p.kaListener
 	var delay time.Duration
 	for {
 		c, err := ln.Accept()
@@ -242,7 +243,7 @@ func (p *Proxy) Serve(ln net.Listener) error {
 			c.Close()
 			continue
 		}
-		go p.handleTransparent(tc)
+		go p.handleTransparent(tc, inherited)
 	}
 }
 

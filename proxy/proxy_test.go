@@ -62,53 +62,65 @@ func TestRunClose(t *testing.T) {
 	}
 }
 
-// TestDialKeepAlive: a destination connection made by the default dialer
-// has TCP keepalive on with the configured idle period and Go's default
-// probe interval (set once, by dial), and with KeepAlive < 0 it has none.
-func TestDialKeepAlive(t *testing.T) {
+// TestKeepAlive: a destination connection made by the default dialer and a
+// connection accepted by the transparent listener have TCP keepalive on,
+// with the configured idle period and Go's default probe interval (set on
+// the socket before it connects or, inherited, on the listener); with
+// KeepAlive < 0 they have none.
+func TestKeepAlive(t *testing.T) {
 	eng, err := policy.Compile("t.yaml", []byte("version: 1\nrules: []\n"))
 	if err != nil {
 		t.Fatal(err)
 	}
-	ln, err := net.Listen("tcp", "127.0.0.1:0")
-	if err != nil {
-		t.Fatal(err)
-	}
-	defer ln.Close()
-	go func() {
-		for {
-			c, err := ln.Accept()
-			if err != nil {
-				return
-			}
-			defer c.Close()
-		}
-	}()
-	dest := ln.Addr().(*net.TCPAddr).AddrPort()
-	for _, c := range []struct {
-		ka       time.Duration
-		on, idle int
-	}{{7 * time.Second, 1, 7}, {-1, 0, -1}} {
-		p, err := New(Config{KeepAlive: c.ka}, Deps{Policy: policy.NewStore(eng)})
-		if err != nil {
-			t.Fatal(err)
-		}
-		conn, err := p.dial(context.Background(), dest)
-		if err != nil {
-			t.Fatal(err)
-		}
-		rc, _ := conn.(*net.TCPConn).SyscallConn()
-		var on, idle, intvl int
+	sockopts := func(c net.Conn) (on, idle, intvl, cnt int) {
+		rc, _ := c.(*net.TCPConn).SyscallConn()
 		rc.Control(func(fd uintptr) {
 			on, _ = unix.GetsockoptInt(int(fd), unix.SOL_SOCKET, unix.SO_KEEPALIVE)
 			idle, _ = unix.GetsockoptInt(int(fd), unix.IPPROTO_TCP, unix.TCP_KEEPIDLE)
 			intvl, _ = unix.GetsockoptInt(int(fd), unix.IPPROTO_TCP, unix.TCP_KEEPINTVL)
+			cnt, _ = unix.GetsockoptInt(int(fd), unix.IPPROTO_TCP, unix.TCP_KEEPCNT)
 		})
-		conn.Close()
-		p.Close()
-		if on != c.on || c.idle > 0 && (idle != c.idle || intvl != 15) {
-			t.Errorf("KeepAlive %v: SO_KEEPALIVE %d, idle %d s, interval %d s; want %d, %d s, 15 s", c.ka, on, idle, intvl, c.on, c.idle)
+		return
+	}
+	for _, c := range []struct {
+		ka       time.Duration
+		on, idle int
+	}{{7 * time.Second, 1, 7}, {1500 * time.Millisecond, 1, 2}, {-1, 0, -1}} {
+		p, err := New(Config{KeepAlive: c.ka}, Deps{Policy: policy.NewStore(eng)})
+		if err != nil {
+			t.Fatal(err)
 		}
+		ln, err := p.listenTransparent(context.Background(), "127.0.0.1:0")
+		if err != nil {
+			t.Fatal(err)
+		}
+		accepted := make(chan net.Conn, 1)
+		go func() {
+			a, err := ln.Accept()
+			if err != nil {
+				close(accepted)
+				return
+			}
+			accepted <- a
+		}()
+		out, err := p.dial(context.Background(), ln.Addr().(*net.TCPAddr).AddrPort())
+		if err != nil {
+			t.Fatal(err)
+		}
+		in, ok := <-accepted
+		if !ok {
+			t.Fatal("accept failed")
+		}
+		for side, conn := range map[string]net.Conn{"dialed": out, "accepted": in} {
+			on, idle, intvl, cnt := sockopts(conn)
+			if on != c.on || c.on == 1 && (idle != c.idle || intvl != 15 || cnt != 9) {
+				t.Errorf("KeepAlive %v, %s: SO_KEEPALIVE %d, idle %d s, interval %d s, count %d; want %d, %d s, 15 s, 9", c.ka, side, on, idle, intvl, cnt, c.on, c.idle)
+			}
+		}
+		out.Close()
+		in.Close()
+		ln.Close()
+		p.Close()
 	}
 }
 

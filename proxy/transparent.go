@@ -25,8 +25,9 @@ const (
 )
 
 // handleTransparent serves one redirected connection: original
-// destination, peek, decide, then deny or forward.
-func (p *Proxy) handleTransparent(c *net.TCPConn) {
+// destination, peek, decide, then deny or forward. kaSet: c has its
+// keepalive already (inherited from the listener).
+func (p *Proxy) handleTransparent(c *net.TCPConn, kaSet bool) {
 	start := time.Now()
 	// The client's address is the socket's (REDIRECT does not change it);
 	// its port may not be (clientPort), and only the record needs it: the
@@ -73,7 +74,9 @@ func (p *Proxy) handleTransparent(c *net.TCPConn) {
 	orig = netip.AddrPortFrom(orig.Addr().Unmap(), orig.Port())
 	f.ev.Dest, f.ev.DestPort = orig.Addr(), orig.Port()
 	in := policy.Input{Client: ca.Addr(), Dest: orig.Addr(), Port: orig.Port(), Proto: policy.TCP, Now: start}
-	p.setKeepAlive(c)
+	if !kaSet {
+		p.setKeepAlive(c)
+	}
 
 	kind, v, head := p.peek(c, eng, in, start)
 	p.met.peek.Observe(time.Since(start).Seconds())
