@@ -40,20 +40,25 @@ func (rc *recorder) Read(p []byte) (int, error) {
 	return n, err
 }
 
-// fill reads until at least n bytes are recorded.
+// fill reads until at least n bytes are recorded, taking what is there
+// in reads of up to fillChunk bytes (so it may record more than n): a
+// ClientHello that has arrived is read in one system call, and crypto/tls
+// then parses it from the recording without reading the socket again (a
+// read of exactly the missing bytes took one call for the first byte and
+// more for the rest).
 func (rc *recorder) fill(n int) error {
-	var tmp [512]byte
+	var tmp [fillChunk]byte
 	for len(rc.buf) < n {
-		want := n - len(rc.buf)
-		if want > len(tmp) {
-			want = len(tmp)
-		}
-		if _, err := rc.Read(tmp[:want]); err != nil {
+		if _, err := rc.Read(tmp[:]); err != nil {
 			return err
 		}
 	}
 	return nil
 }
+
+// fillChunk is the most fill reads at once: a ClientHello with a
+// post-quantum key share (about 1.8 KB) fits.
+const fillChunk = 4096
 
 // replayReader serves recorded bytes first: crypto/tls consumes what the
 // recorder already holds (the sniffed first bytes) before reading more.

@@ -282,3 +282,36 @@ func BenchmarkDecideName(b *testing.B) {
 		}
 	}
 }
+
+// countingReader counts the reads that reach it.
+type countingReader struct {
+	r     io.Reader
+	reads int
+}
+
+func (c *countingReader) Read(p []byte) (int, error) {
+	c.reads++
+	return c.r.Read(p)
+}
+
+// TestHelloOneRead: a ClientHello that has fully arrived (here a Go
+// ML-KEM hello, about 1.8 KB) costs the peek one read of the socket: the
+// first-byte wait takes all there is, and crypto/tls parses the recording.
+func TestHelloOneRead(t *testing.T) {
+	h := goHello(t, "www.allowed.test", nil)
+	cr := &countingReader{r: bytes.NewReader(h)}
+	rc := &recorder{r: cr, max: 64 << 10}
+	if err := rc.fill(1); err != nil {
+		t.Fatal(err)
+	}
+	ch, err := readClientHello(rc)
+	if err != nil || ch.ServerName != "www.allowed.test" {
+		t.Fatalf("hello: %q, %v", ch.ServerName, err)
+	}
+	if cr.reads != 1 {
+		t.Errorf("%d reads for a %d-byte hello that was all there, want 1", cr.reads, len(h))
+	}
+	if !bytes.Equal(rc.buf, h) {
+		t.Error("recorded bytes differ from the hello")
+	}
+}
