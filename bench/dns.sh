@@ -17,7 +17,9 @@
 #        unbound-control, dnsmasq, dnsperf, dig, go)
 # Knobs: SYSTEMS, ROUNDS (3), DNSPERF_SECS (10), DNSPERF_CLIENTS (8),
 #        DNSPERF_Q (100), LIGHT_QPS (5000, 0 = skip), LIGHT_SECS (4),
-#        NAMES (1000), BENCH_DNS_DIR (/tmp/bench-dns-egressd).
+#        NAMES (1000), BENCH_DNS_DIR (/tmp/bench-dns-egressd),
+#        DNSBENCH_ARGS (more flags for egressd's dnsbench, e.g.
+#        "-cpuprofile F" with SYSTEMS naming one egressd variant).
 set -euo pipefail
 export LC_ALL=C
 cd "$(dirname "$0")/.."
@@ -162,7 +164,7 @@ start_system() { # name port
 	egressd | egressd-nocache)
 		local extra=""
 		[ "$sys" = egressd-nocache ] && extra=-no-cache
-		inns "$W/dnsbench" -listen "127.0.0.1:$p" -upstream "127.0.0.1:$UP_PORT" -allow '*.allowed.test' $extra >"$W/$sys.log" 2>&1 &
+		inns "$W/dnsbench" -listen "127.0.0.1:$p" -upstream "127.0.0.1:$UP_PORT" -allow '*.allowed.test' $extra ${DNSBENCH_ARGS:-} >"$W/$sys.log" 2>&1 &
 		;;
 	*) fail "unknown system $sys" ;;
 	esac
