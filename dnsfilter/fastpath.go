@@ -164,9 +164,12 @@ func (s *Server) fast(sc *scratch, c *net.UDPConn, pkt []byte, src netip.AddrPor
 			return true
 		}
 		m := &missQuery{pkt: append([]byte(nil), pkt...), key: append([]byte(nil), key...), qnameEnd: len(qnameW) + 12,
-			name: string(name), qtype: qtype, qclass: qclass, flags: flags, edns: edns, do: do, maxSize: maxSize, dec: dec, eng: eng, src: src, start: now}
+			name: string(name), qtype: qtype, qclass: qclass, flags: flags, edns: edns, do: do, maxSize: maxSize, dec: dec, eng: eng, src: src, start: now, c: c}
+		if e == nil && s.missAsync(m) {
+			return true
+		}
 		s.slow.Add(1)
-		go s.serveMiss(c, m)
+		go s.serveMiss(m, time.Time{}, nil)
 		return true
 	}
 	out := e.render(sc.out, binary.BigEndian.Uint16(pkt), pkt[2]&0x01 != 0, qnameW, edns, nowNs)
@@ -200,14 +203,15 @@ type missQuery struct {
 	eng      *policy.Engine
 	src      netip.AddrPort
 	start    time.Time
+	c        *net.UDPConn // the listener it came in on
 }
 
-// serveMiss resolves a fast-path miss and answers it; the query is
-// unpacked only if a local answer (SERVFAIL) is needed.
-func (s *Server) serveMiss(c *net.UDPConn, m *missQuery) {
-	q := &query{start: m.start, client: m.src, proto: "udp", id: binary.BigEndian.Uint16(m.pkt), rd: m.pkt[2]&0x01 != 0,
-		qnameW: m.pkt[12:m.qnameEnd], name: m.name, qtype: m.qtype, edns: m.edns, do: m.do, cd: m.flags&keyCD != 0,
-		maxSize: m.maxSize, dec: m.dec, eng: m.eng, rcode: -1}
+// serveMiss resolves a fast-path miss and answers it, on the general path
+// (deadline and skip as for fetch); the query is unpacked only if a local
+// answer (SERVFAIL) is needed. It runs in a goroutine of its own, counted
+// in s.slow, and releases m's slowSem token.
+func (s *Server) serveMiss(m *missQuery, deadline time.Time, skip *upstream) {
+	q := m.query()
 	defer func() {
 		if r := recover(); r != nil {
 			s.m.dropped.WithLabelValues("panic").Inc()
@@ -217,7 +221,7 @@ func (s *Server) serveMiss(c *net.UDPConn, m *missQuery) {
 		<-s.slowSem
 		s.slow.Done()
 	}()
-	e, hit, err := s.resolve(s.baseCtx, m.key, m.name, m.qtype, m.qclass, m.flags)
+	e, hit, err := s.resolve(s.baseCtx, m.key, m.name, m.qtype, m.qclass, m.flags, deadline, skip)
 	var out []byte
 	if err != nil {
 		q.err, q.path = err, "upstream"
@@ -230,7 +234,7 @@ func (s *Server) serveMiss(c *net.UDPConn, m *missQuery) {
 		out = s.reply(q, nil, e, hit)
 	}
 	if out != nil {
-		_, _ = c.WriteToUDPAddrPort(out, m.src)
+		_, _ = m.c.WriteToUDPAddrPort(out, m.src)
 	}
 }
 

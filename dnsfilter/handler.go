@@ -211,7 +211,7 @@ func (s *Server) answer(ctx context.Context, q *query, req *dns.Msg) []byte {
 		flags |= keyCD
 	}
 	key := appendKey(make([]byte, 0, 64), name, q.qtype, qs.Qclass, flags)
-	e, hit, err := s.resolve(ctx, key, name, q.qtype, qs.Qclass, flags)
+	e, hit, err := s.resolve(ctx, key, name, q.qtype, qs.Qclass, flags, time.Time{}, nil)
 	if err != nil {
 		q.err = err
 		q.path = "upstream"
@@ -284,7 +284,7 @@ func (s *Server) learn(client netip.Addr, e *entry, rule string, now int64) {
 }
 
 // resolve returns the answer for a question, from the cache or upstream.
-func (s *Server) resolve(ctx context.Context, key []byte, name string, qtype, qclass uint16, flags byte) (*entry, bool, error) {
+func (s *Server) resolve(ctx context.Context, key []byte, name string, qtype, qclass uint16, flags byte, deadline time.Time, skip *upstream) (*entry, bool, error) {
 	if s.cache != nil {
 		if e := s.cache.get(key, s.now().UnixNano()); e != nil {
 			s.m.cacheHits.Inc()
@@ -292,7 +292,7 @@ func (s *Server) resolve(ctx context.Context, key []byte, name string, qtype, qc
 		}
 	}
 	s.m.cacheMisses.Inc()
-	fetch := func() (any, error) { return s.fetch(key, name, qtype, qclass, flags) }
+	fetch := func() (any, error) { return s.fetch(key, name, qtype, qclass, flags, deadline, skip) }
 	if ctx == s.baseCtx {
 		// Queries from clients: fetch is bounded by QueryTimeout, so wait
 		// in this goroutine rather than start another.
@@ -322,7 +322,11 @@ func (s *Server) resolve(ctx context.Context, key []byte, name string, qtype, qc
 
 // fetch asks the upstreams (once for all identical concurrent queries),
 // filters the answer and caches it.
-func (s *Server) fetch(key []byte, name string, qtype, qclass uint16, flags byte) (*entry, error) {
+//
+// A query the asynchronous miss path (missAsync) gave up on comes here
+// with its own deadline and the upstream that failed it (skip), which is
+// not asked again; otherwise deadline is zero and skip nil.
+func (s *Server) fetch(key []byte, name string, qtype, qclass uint16, flags byte, deadline time.Time, skip *upstream) (*entry, error) {
 	select {
 	case s.inflight <- struct{}{}:
 		defer func() { <-s.inflight }()
@@ -331,16 +335,20 @@ func (s *Server) fetch(key []byte, name string, qtype, qclass uint16, flags byte
 	}
 	// The exchange outlives any one waiter: its own deadline, cancelled
 	// only by Close.
-	deadline := s.now().Add(s.cfg.QueryTimeout)
-	m := new(dns.Msg)
-	m.SetQuestion(dns.Fqdn(name), qtype)
-	m.Question[0].Qclass = qclass
-	m.CheckingDisabled = flags&keyCD != 0
-	m.SetEdns0(s.cfg.UDPSize, flags&keyDO != 0)
-	r, up, err := s.ups.exchange(s.baseCtx, deadline, m)
+	if deadline.IsZero() {
+		deadline = s.now().Add(s.cfg.QueryTimeout)
+	}
+	m := s.upstreamQuery(name, qtype, qclass, flags)
+	r, up, err := s.ups.exchange(s.baseCtx, deadline, m, skip)
 	if err != nil {
 		return nil, err
 	}
+	return s.entryFrom(key, name, flags, r, up), nil
+}
+
+// entryFrom filters an upstream answer, builds its entry and caches it.
+// r becomes the entry's.
+func (s *Server) entryFrom(key []byte, name string, flags byte, r *dns.Msg, up *upstream) *entry {
 	filtered := filterAnswer(name, r, !s.cfg.AllowPrivateAnswers && !privateName(name, s.cfg.PrivateSuffixes), s.cfg.KeepECH)
 	switch filtered {
 	case "rebinding+ech":
@@ -354,7 +362,18 @@ func (s *Server) fetch(key []byte, name string, qtype, qclass uint16, flags byte
 	if s.cache != nil && e.expires > 0 && (e.rcode == dns.RcodeSuccess || e.rcode == dns.RcodeNameError) {
 		s.cache.put(key, e, now.UnixNano())
 	}
-	return e, nil
+	return e
+}
+
+// upstreamQuery is the question we send upstream for a key: our EDNS
+// buffer size, the client's DO and CD bits.
+func (s *Server) upstreamQuery(name string, qtype, qclass uint16, flags byte) *dns.Msg {
+	m := new(dns.Msg)
+	m.SetQuestion(dns.Fqdn(name), qtype)
+	m.Question[0].Qclass = qclass
+	m.CheckingDisabled = flags&keyCD != 0
+	m.SetEdns0(s.cfg.UDPSize, flags&keyDO != 0)
+	return m
 }
 
 // deny answers a denied name in enforce mode, as configured, with an RFC

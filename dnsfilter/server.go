@@ -63,7 +63,10 @@ type Server struct {
 	rl    *rateLimiter // nil when disabled
 	ups   *upstreams
 	sf    singleflight.Group
-	now   func() time.Time
+
+	flMu    sync.Mutex         // guards flights
+	flights map[string]*flight // the asynchronous miss path's, by cache key
+	now     func() time.Time
 
 	durCache, durUpstream, durLocal prometheus.Observer
 
@@ -114,6 +117,8 @@ func New(cfg Config, deps Deps) (*Server, error) {
 		m:     newMetrics(),
 		ready: make(chan struct{}),
 		done:  make(chan struct{}),
+
+		flights: map[string]*flight{},
 	}
 	if s.sink == nil {
 		s.sink = audit.Discard
@@ -475,7 +480,7 @@ func (s *Server) LookupNetIP(ctx context.Context, name string) ([]netip.Addr, er
 		go func() {
 			defer wg.Done()
 			key := appendKey(nil, n, t, dns.ClassINET, 0)
-			rs[i].e, _, rs[i].err = s.resolve(ctx, key, n, t, dns.ClassINET, 0)
+			rs[i].e, _, rs[i].err = s.resolve(ctx, key, n, t, dns.ClassINET, 0, time.Time{}, nil)
 		}()
 	}
 	wg.Wait()

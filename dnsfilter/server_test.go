@@ -537,3 +537,72 @@ func TestCacheTTL(t *testing.T) {
 		t.Errorf("expired entry served from cache")
 	}
 }
+
+// TestMissesInFlightAtClose: Close while misses wait for a slow upstream on
+// the asynchronous path. Run returns, every query gets its one event
+// (SERVFAIL, the upstream work cancelled), and nothing answers or panics
+// after.
+func TestMissesInFlightAtClose(t *testing.T) {
+	up := newFakeUpstream(t, labZone)
+	up.delay.Store(int64(3 * time.Second))
+	sink := &recSink{}
+	s, err := New(Config{Listen: []string{"127.0.0.1:0"}, Upstreams: []string{up.Addr}, ClientRate: -1,
+		UpstreamTimeout: 5 * time.Second, QueryTimeout: 10 * time.Second},
+		Deps{Policy: compile(t, enforcePolicy), Sink: sink})
+	if err != nil {
+		t.Fatal(err)
+	}
+	done := make(chan error, 1)
+	go func() { done <- s.Run(context.Background()) }()
+	<-s.Ready()
+	c, err := net.Dial("udp", s.Addrs()[0].String())
+	if err != nil {
+		t.Fatal(err)
+	}
+	defer c.Close()
+	names := []string{"www.allowed.test", "api.allowed.test", "cdn.allowed.test"}
+	for i, n := range names {
+		m := new(dns.Msg)
+		m.SetQuestion(n+".", dns.TypeA)
+		m.Id = uint16(i + 1)
+		w, _ := m.Pack()
+		if _, err := c.Write(w); err != nil {
+			t.Fatal(err)
+		}
+	}
+	for deadline := time.Now().Add(5 * time.Second); ; time.Sleep(10 * time.Millisecond) {
+		all := true
+		for _, n := range names {
+			all = all && up.count(n) == 1
+		}
+		if all {
+			break
+		}
+		if time.Now().After(deadline) {
+			t.Fatal("the queries did not reach the upstream")
+		}
+	}
+	s.Close()
+	select {
+	case err := <-done:
+		if err != nil && !errors.Is(err, net.ErrClosed) {
+			t.Errorf("run: %v", err)
+		}
+	case <-time.After(8 * time.Second):
+		t.Fatal("Run did not return with misses in flight")
+	}
+	for _, n := range names {
+		evs := 0
+		for _, ev := range sink.Events() {
+			if ev.Name == n {
+				evs++
+				if ev.RCode != "SERVFAIL" {
+					t.Errorf("%s: rcode %s, want SERVFAIL", n, ev.RCode)
+				}
+			}
+		}
+		if evs != 1 {
+			t.Errorf("%s: %d events, want 1", n, evs)
+		}
+	}
+}

@@ -43,7 +43,30 @@ type muxSocket struct {
 
 type muxWait struct {
 	q  *dns.Msg
-	ch chan *dns.Msg // buffered 1
+	ch chan *dns.Msg // buffered 1; nil for an asynchronous wait
+
+	// An asynchronous wait (exchangeAsync): fn is called exactly once, by
+	// whoever takes the wait out of pending (the reader with the answer
+	// or the socket's error, the timer with the deadline).
+	fn    func(*dns.Msg, error)
+	timer *time.Timer
+}
+
+// deliver hands r (or err) to the waiter; the caller has taken w out of
+// pending and holds no lock.
+func (w *muxWait) deliver(r *dns.Msg, err error) {
+	if w.fn == nil {
+		if r != nil {
+			w.ch <- r
+		} else {
+			close(w.ch)
+		}
+		return
+	}
+	if w.timer != nil {
+		w.timer.Stop()
+	}
+	w.fn(r, err)
 }
 
 var errMuxClosed = errors.New("upstream socket closed")
@@ -93,15 +116,19 @@ func (s *muxSocket) read() {
 		if err != nil {
 			s.m.mu.Lock()
 			s.closed = true
+			ws := make([]*muxWait, 0, len(s.pending))
 			for id, w := range s.pending {
 				delete(s.pending, id)
-				close(w.ch)
+				ws = append(ws, w)
 			}
 			if s.m.cur == s {
 				s.m.cur = nil
 			}
 			s.m.mu.Unlock()
 			_ = s.conn.Close()
+			for _, w := range ws {
+				w.deliver(nil, errMuxClosed)
+			}
 			return
 		}
 		if n < 12 {
@@ -119,15 +146,18 @@ func (s *muxSocket) read() {
 			continue // keep waiting for the real answer
 		}
 		s.m.mu.Lock()
-		if s.pending[id] == w {
+		mine := s.pending[id] == w
+		if mine {
 			delete(s.pending, id)
-			w.ch <- r
 		}
 		if s.sent >= queriesPerSocket && len(s.pending) == 0 && !s.closed {
 			s.closed = true
 			_ = s.conn.Close()
 		}
 		s.m.mu.Unlock()
+		if mine {
+			w.deliver(r, nil)
+		}
 	}
 }
 
@@ -150,32 +180,9 @@ func (m *udpMux) exchange(ctx context.Context, deadline time.Time, q *dns.Msg) (
 	s.sent++
 	m.mu.Unlock()
 
-	done := func() {
-		m.mu.Lock()
-		if s.pending[id] == w {
-			delete(s.pending, id)
-		}
-		if s.sent >= queriesPerSocket && len(s.pending) == 0 && !s.closed {
-			s.closed = true
-			_ = s.conn.Close()
-		}
-		m.mu.Unlock()
-	}
-	wire, err := q.Pack()
-	if err != nil {
+	done := func() { s.take(id, w) }
+	if err := s.send(q); err != nil {
 		done()
-		return nil, err
-	}
-	if _, err := s.conn.Write(wire); err != nil {
-		done()
-		// A refused port (ICMP) or a closed socket: this socket is no
-		// good, the next query opens another.
-		m.mu.Lock()
-		if m.cur == s {
-			s.retireLocked()
-			m.cur = nil
-		}
-		m.mu.Unlock()
 		return nil, err
 	}
 	t := time.NewTimer(time.Until(deadline))
@@ -193,6 +200,80 @@ func (m *udpMux) exchange(ctx context.Context, deadline time.Time, q *dns.Msg) (
 		done()
 		return nil, ctx.Err()
 	}
+}
+
+// take removes w from pending if it is still there, and reports whether
+// it was: the caller then owns the wait's delivery.
+func (s *muxSocket) take(id uint16, w *muxWait) bool {
+	s.m.mu.Lock()
+	defer s.m.mu.Unlock()
+	mine := s.pending[id] == w
+	if mine {
+		delete(s.pending, id)
+	}
+	if s.sent >= queriesPerSocket && len(s.pending) == 0 && !s.closed {
+		s.closed = true
+		_ = s.conn.Close()
+	}
+	return mine
+}
+
+// send packs and writes q on the socket. A write that fails (a refused
+// port, reported by ICMP, or a closed socket) retires the socket: the next
+// query opens another.
+func (s *muxSocket) send(q *dns.Msg) error {
+	wire, err := q.Pack()
+	if err != nil {
+		return err
+	}
+	if _, err := s.conn.Write(wire); err != nil {
+		m := s.m
+		m.mu.Lock()
+		if m.cur == s {
+			s.retireLocked()
+			m.cur = nil
+		}
+		m.mu.Unlock()
+		return err
+	}
+	return nil
+}
+
+// exchangeAsync sends q (its ID is replaced) and returns at once; fn gets
+// the answer, or an error at deadline or when the socket fails, exactly
+// once, on the socket's reader or a timer goroutine. When exchangeAsync
+// itself returns an error, fn is never called.
+func (m *udpMux) exchangeAsync(deadline time.Time, q *dns.Msg, fn func(*dns.Msg, error)) error {
+	m.mu.Lock()
+	s, err := m.socketLocked()
+	if err != nil {
+		m.mu.Unlock()
+		return err
+	}
+	id := randomID()
+	for s.pending[id] != nil {
+		id = randomID()
+	}
+	q.Id = id
+	w := &muxWait{q: q, fn: fn}
+	s.pending[id] = w
+	s.sent++
+	// Armed under the lock: the timer's take waits for it, so w.timer is
+	// set before anyone can deliver.
+	w.timer = time.AfterFunc(time.Until(deadline), func() {
+		if s.take(id, w) {
+			w.fn(nil, context.DeadlineExceeded)
+		}
+	})
+	m.mu.Unlock()
+	if err := s.send(q); err != nil {
+		if s.take(id, w) {
+			w.timer.Stop()
+			return err
+		}
+		return nil // the reader or the timer took it: fn is called
+	}
+	return nil
 }
 
 // close closes every socket; later exchanges fail.

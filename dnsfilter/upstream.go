@@ -147,12 +147,15 @@ var (
 // exchange sends q (one question) upstream with failover until deadline
 // or ctx is done. q.Id is replaced by a fresh random ID for every attempt. A
 // SERVFAIL or REFUSED answer makes it try the next upstream; if all answer
-// so, the last such answer is returned.
-func (p *upstreams) exchange(ctx context.Context, deadline time.Time, q *dns.Msg) (*dns.Msg, *upstream, error) {
+// so, the last such answer is returned. skip, if not nil, is not asked.
+func (p *upstreams) exchange(ctx context.Context, deadline time.Time, q *dns.Msg, skip *upstream) (*dns.Msg, *upstream, error) {
 	var last *dns.Msg
 	var lastUp *upstream
 	var errs []error
 	for _, u := range p.order() {
+		if u == skip {
+			continue
+		}
 		start := p.now()
 		if ctx.Err() != nil || !start.Before(deadline) {
 			break
@@ -162,18 +165,10 @@ func (p *upstreams) exchange(ctx context.Context, deadline time.Time, q *dns.Msg
 			dl = deadline
 		}
 		r, err := p.exchangeOne(ctx, dl, u, q)
-		end := p.now()
-		u.mDur.Observe(end.Sub(start).Seconds())
+		p.account(u, start, err)
 		if err != nil {
-			u.mFail.Inc()
-			if u.result(false, end, p.downAfter, p.downFor) {
-				u.mUp.Set(0)
-			}
 			errs = append(errs, fmt.Errorf("dnsfilter: upstream %s: %w", u.name, err))
 			continue
-		}
-		if u.result(true, end, p.downAfter, p.downFor) {
-			u.mUp.Set(1)
 		}
 		if r.Rcode == dns.RcodeServerFailure || r.Rcode == dns.RcodeRefused {
 			last, lastUp = r, u
@@ -190,6 +185,41 @@ func (p *upstreams) exchange(ctx context.Context, deadline time.Time, q *dns.Msg
 		errs = append(errs, context.DeadlineExceeded)
 	}
 	return nil, nil, fmt.Errorf("%w: %w", ErrUpstream, errors.Join(errs...))
+}
+
+// exchangeAsync sends q (one question) to u over UDP and returns at once;
+// fn gets the answer or the error, once, with u's health and metrics
+// updated as exchange updates them. When exchangeAsync returns an error
+// (u's socket could not send), fn is never called and the failure is
+// counted. No failover and no TCP retry: the caller falls back to
+// exchange for those.
+func (p *upstreams) exchangeAsync(u *upstream, deadline time.Time, q *dns.Msg, fn func(*dns.Msg, error)) error {
+	u.mUDP.Inc()
+	start := p.now()
+	err := u.mux.exchangeAsync(deadline, q, func(r *dns.Msg, err error) {
+		p.account(u, start, err)
+		fn(r, err)
+	})
+	if err != nil {
+		p.account(u, start, err)
+	}
+	return err
+}
+
+// account records one attempt's outcome in u's health and metrics.
+func (p *upstreams) account(u *upstream, start time.Time, err error) {
+	end := p.now()
+	u.mDur.Observe(end.Sub(start).Seconds())
+	if err != nil {
+		u.mFail.Inc()
+		if u.result(false, end, p.downAfter, p.downFor) {
+			u.mUp.Set(0)
+		}
+		return
+	}
+	if u.result(true, end, p.downAfter, p.downFor) {
+		u.mUp.Set(1)
+	}
 }
 
 // randomID returns a DNS message ID from the operating system's CSPRNG

@@ -1,0 +1,173 @@
+package dnsfilter
+
+import (
+	"context"
+	"errors"
+	"fmt"
+	"time"
+
+	"github.com/miekg/dns"
+
+	"egressd/audit"
+)
+
+// The asynchronous miss path. A fast-path query whose answer is not cached
+// is sent upstream by the UDP reader that read it, and answered by the
+// upstream socket's reader when the answer arrives: no goroutine, no
+// channel and no singleflight call per miss. Identical concurrent misses
+// join one flight. Anything out of the ordinary (no answer in time, a
+// failed socket, a truncated answer, SERVFAIL or REFUSED with another
+// upstream to ask, an answer the firewall must take first) goes on to the
+// general path (serveMiss, exchange) in a goroutine, as every miss did
+// before.
+
+// flight is one upstream query of the asynchronous miss path and the
+// misses waiting for its answer.
+type flight struct {
+	key     string
+	waiters []*missQuery // guarded by Server.flMu until the flight lands
+}
+
+// missAsync sends m's question upstream, or joins the flight already
+// asking it. It reports false, having done nothing, when m must take the
+// general path instead. m holds a slowSem token, released once m is
+// answered.
+func (s *Server) missAsync(m *missQuery) bool {
+	if s.closing.Load() {
+		return false
+	}
+	s.flMu.Lock()
+	if f := s.flights[string(m.key)]; f != nil {
+		f.waiters = append(f.waiters, m)
+		s.flMu.Unlock()
+		s.m.cacheMisses.Inc()
+		s.m.shared.Inc()
+		return true
+	}
+	select {
+	case s.inflight <- struct{}{}:
+	default:
+		s.flMu.Unlock()
+		return false // the general path answers the overload
+	}
+	f := &flight{key: string(m.key), waiters: []*missQuery{m}}
+	s.flights[f.key] = f
+	s.slow.Add(1) // until the flight lands: Run waits for it
+	s.flMu.Unlock()
+	s.m.cacheMisses.Inc()
+
+	u := s.ups.order()[0]
+	deadline := s.now().Add(s.ups.timeout)
+	if d := m.start.Add(s.cfg.QueryTimeout); d.Before(deadline) {
+		deadline = d
+	}
+	q := s.upstreamQuery(m.name, m.qtype, m.qclass, m.flags)
+	land := func(r *dns.Msg, err error) { s.land(f, u, q, deadline, r, err) }
+	if err := s.ups.exchangeAsync(u, deadline, q, land); err != nil {
+		land(nil, err)
+	}
+	return true
+}
+
+// land answers a flight's misses with the upstream's answer, or sends
+// them on to the general path. It runs on the upstream socket's reader (or
+// a timer's goroutine).
+func (s *Server) land(f *flight, u *upstream, q *dns.Msg, deadline time.Time, r *dns.Msg, err error) {
+	s.flMu.Lock()
+	delete(s.flights, f.key)
+	ws := f.waiters
+	f.waiters = nil
+	s.flMu.Unlock()
+	if err == nil && r.Truncated && !s.closing.Load() {
+		// Ask the same upstream over TCP (RFC 7766), off this reader; the
+		// flight's inflight token and s.slow count go with it.
+		go func() {
+			q.Id = randomID()
+			u.mTCP.Inc()
+			ctx, cancel := context.WithDeadline(s.baseCtx, deadline)
+			start := s.now()
+			r, err := s.ups.exchangeTCP(ctx, u, q)
+			cancel()
+			s.ups.account(u, start, err)
+			if err == nil && r.Truncated {
+				err = errors.New("truncated over TCP")
+			}
+			s.answerFlight(ws, u, r, err)
+		}()
+		return
+	}
+	s.answerFlight(ws, u, r, err)
+}
+
+// answerFlight answers a flight's misses, or sends them on to the general
+// path, and ends the flight.
+func (s *Server) answerFlight(ws []*missQuery, u *upstream, r *dns.Msg, err error) {
+	defer s.slow.Done()
+	<-s.inflight
+	var skip *upstream
+	switch {
+	case err != nil:
+		skip = u // failed: ask the others
+	case r.Truncated:
+		// Closing: the general path fails it.
+	case (r.Rcode == dns.RcodeServerFailure || r.Rcode == dns.RcodeRefused) && len(s.ups.list) > 1:
+		skip = u
+	default:
+		done := 0
+		defer func() {
+			if p := recover(); p != nil {
+				s.m.dropped.WithLabelValues("panic").Inc()
+				s.log.Error("dnsfilter: panic answering upstream's answer", audit.LogName, ws[0].name, audit.LogError, fmt.Sprint(p))
+				for _, m := range ws[done:] {
+					q := m.query()
+					q.err = fmt.Errorf("dnsfilter: panic: %v", p)
+					s.finish(q)
+					<-s.slowSem
+				}
+			}
+		}()
+		e := s.entryFrom(ws[0].key, ws[0].name, ws[0].flags, r, u)
+		for _, m := range ws {
+			s.answerMiss(m, e)
+			done++
+		}
+		return
+	}
+	for _, m := range ws {
+		s.slow.Add(1)
+		go s.serveMiss(m, m.start.Add(s.cfg.QueryTimeout), skip)
+	}
+}
+
+// answerMiss answers one miss with a fresh upstream entry; when the
+// firewall must take the addresses first, from a goroutine of its own (a
+// reader never waits for the firewall).
+func (s *Server) answerMiss(m *missQuery, e *entry) {
+	q := m.query()
+	if m.dec.Allowed() && s.needsGate(e, m.eng, m.dec.Rule) {
+		s.slow.Add(1)
+		go func() {
+			defer s.slow.Done()
+			s.sendMiss(m, q, e)
+		}()
+		return
+	}
+	s.sendMiss(m, q, e)
+}
+
+func (s *Server) sendMiss(m *missQuery, q *query, e *entry) {
+	defer func() {
+		s.finish(q)
+		<-s.slowSem
+	}()
+	if out := s.reply(q, nil, e, false); out != nil {
+		_, _ = m.c.WriteToUDPAddrPort(out, m.src)
+	}
+}
+
+// query is the record of m for the canonical line and the event.
+func (m *missQuery) query() *query {
+	return &query{start: m.start, client: m.src, proto: "udp", id: uint16(m.pkt[0])<<8 | uint16(m.pkt[1]), rd: m.pkt[2]&0x01 != 0,
+		qnameW: m.pkt[12:m.qnameEnd], name: m.name, qtype: m.qtype, edns: m.edns, do: m.do, cd: m.flags&keyCD != 0,
+		maxSize: m.maxSize, dec: m.dec, eng: m.eng, rcode: -1}
+}
