@@ -20,8 +20,9 @@ type scratch struct {
 	name []byte // lower-case dotted name
 	out  []byte // the answer
 
-	batch   bool   // answers wait in pending for the reader's sendmmsg
-	pending []byte // the answer to send, when batch
+	batch   bool       // answers wait in pending for the reader's sendmmsg
+	pending []byte     // the answer to send, when batch
+	sq      *sendQueue // when batch: upstream queries of misses, sent after the batch
 
 	// denial texts of the engine they were made for, by rule and reason
 	textEng *policy.Engine
@@ -165,7 +166,7 @@ func (s *Server) fast(sc *scratch, c *net.UDPConn, pkt []byte, src netip.AddrPor
 		}
 		m := &missQuery{pkt: append([]byte(nil), pkt...), key: append([]byte(nil), key...), qnameEnd: len(qnameW) + 12,
 			name: string(name), qtype: qtype, qclass: qclass, flags: flags, edns: edns, do: do, maxSize: maxSize, dec: dec, eng: eng, src: src, start: now, c: c}
-		if e == nil && s.missAsync(m) {
+		if e == nil && s.missAsync(m, sc.sq) {
 			return true
 		}
 		s.slow.Add(1)

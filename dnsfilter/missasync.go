@@ -4,7 +4,11 @@ import (
 	"context"
 	"errors"
 	"fmt"
+	"net"
+	"net/netip"
 	"time"
+
+	"golang.org/x/net/ipv4"
 
 	"github.com/miekg/dns"
 
@@ -32,7 +36,7 @@ type flight struct {
 // asking it. It reports false, having done nothing, when m must take the
 // general path instead. m holds a slowSem token, released once m is
 // answered.
-func (s *Server) missAsync(m *missQuery) bool {
+func (s *Server) missAsync(m *missQuery, sq *sendQueue) bool {
 	if s.closing.Load() {
 		return false
 	}
@@ -62,9 +66,9 @@ func (s *Server) missAsync(m *missQuery) bool {
 		deadline = d
 	}
 	q := s.upstreamQuery(m.name, m.qtype, m.qclass, m.flags)
-	land := func(r *dns.Msg, err error) { s.land(f, u, q, deadline, r, err) }
-	if err := s.ups.exchangeAsync(u, deadline, q, land); err != nil {
-		land(nil, err)
+	land := func(r *dns.Msg, err error, aq *answerQueue) { s.land(f, u, q, deadline, r, err, aq) }
+	if err := s.ups.exchangeAsync(u, deadline, q, land, sq); err != nil {
+		land(nil, err, nil)
 	}
 	return true
 }
@@ -72,13 +76,13 @@ func (s *Server) missAsync(m *missQuery) bool {
 // land answers a flight's misses with the upstream's answer, or sends
 // them on to the general path. It runs on the upstream socket's reader (or
 // a timer's goroutine).
-func (s *Server) land(f *flight, u *upstream, q *dns.Msg, deadline time.Time, r *dns.Msg, err error) {
+func (s *Server) land(f *flight, u *upstream, q *dns.Msg, deadline time.Time, r *dns.Msg, err error, aq *answerQueue) {
 	s.flMu.Lock()
 	delete(s.flights, f.key)
 	ws := f.waiters
 	f.waiters = nil
 	s.flMu.Unlock()
-	if err == nil && r.Truncated && !s.closing.Load() {
+	if (err == nil && r.Truncated || errors.Is(err, errAnswerTooBig)) && !s.closing.Load() {
 		// Ask the same upstream over TCP (RFC 7766), off this reader; the
 		// flight's inflight token and s.slow count go with it.
 		go func() {
@@ -92,16 +96,16 @@ func (s *Server) land(f *flight, u *upstream, q *dns.Msg, deadline time.Time, r 
 			if err == nil && r.Truncated {
 				err = errors.New("truncated over TCP")
 			}
-			s.answerFlight(ws, u, r, err)
+			s.answerFlight(ws, u, r, err, nil)
 		}()
 		return
 	}
-	s.answerFlight(ws, u, r, err)
+	s.answerFlight(ws, u, r, err, aq)
 }
 
 // answerFlight answers a flight's misses, or sends them on to the general
 // path, and ends the flight.
-func (s *Server) answerFlight(ws []*missQuery, u *upstream, r *dns.Msg, err error) {
+func (s *Server) answerFlight(ws []*missQuery, u *upstream, r *dns.Msg, err error, aq *answerQueue) {
 	defer s.slow.Done()
 	<-s.inflight
 	var skip *upstream
@@ -128,7 +132,7 @@ func (s *Server) answerFlight(ws []*missQuery, u *upstream, r *dns.Msg, err erro
 		}()
 		e := s.entryFrom(ws[0].key, ws[0].name, ws[0].flags, r, u)
 		for _, m := range ws {
-			s.answerMiss(m, e)
+			s.answerMiss(m, e, aq)
 			done++
 		}
 		return
@@ -142,27 +146,77 @@ func (s *Server) answerFlight(ws []*missQuery, u *upstream, r *dns.Msg, err erro
 // answerMiss answers one miss with a fresh upstream entry; when the
 // firewall must take the addresses first, from a goroutine of its own (a
 // reader never waits for the firewall).
-func (s *Server) answerMiss(m *missQuery, e *entry) {
+func (s *Server) answerMiss(m *missQuery, e *entry, aq *answerQueue) {
 	q := m.query()
 	if m.dec.Allowed() && s.needsGate(e, m.eng, m.dec.Rule) {
 		s.slow.Add(1)
 		go func() {
 			defer s.slow.Done()
-			s.sendMiss(m, q, e)
+			s.sendMiss(m, q, e, nil)
 		}()
 		return
 	}
-	s.sendMiss(m, q, e)
+	s.sendMiss(m, q, e, aq)
 }
 
-func (s *Server) sendMiss(m *missQuery, q *query, e *entry) {
+// sendMiss writes the answer, or queues it on aq (sendAnswers sends it).
+func (s *Server) sendMiss(m *missQuery, q *query, e *entry, aq *answerQueue) {
 	defer func() {
 		s.finish(q)
 		<-s.slowSem
 	}()
-	if out := s.reply(q, nil, e, false); out != nil {
+	out := s.reply(q, nil, e, false)
+	switch {
+	case out == nil:
+	case aq != nil:
+		aq.items = append(aq.items, queuedAnswer{c: m.c, out: out, dst: m.src})
+	default:
 		_, _ = m.c.WriteToUDPAddrPort(out, m.src)
 	}
+}
+
+// answerQueue collects the answers an upstream socket's reader made from
+// one batch of upstream answers, to send with one sendmmsg per listener.
+type answerQueue struct {
+	items []queuedAnswer
+	ms    []ipv4.Message
+}
+
+type queuedAnswer struct {
+	c   *net.UDPConn
+	out []byte
+	dst netip.AddrPort
+}
+
+// sendAnswers sends and empties aq: with sendmmsg on listeners that
+// readUDPBatch serves, one datagram per call on the others.
+func (s *Server) sendAnswers(aq *answerQueue) {
+	items := aq.items
+	for len(items) > 0 {
+		c := items[0].c
+		n := 1
+		for n < len(items) && items[n].c == c {
+			n++
+		}
+		run := items[:n]
+		items = items[n:]
+		v, ok := s.pcs.Load(c)
+		if !ok {
+			for _, a := range run {
+				_, _ = c.WriteToUDPAddrPort(a.out, a.dst)
+			}
+			continue
+		}
+		ms := aq.ms[:0]
+		for _, a := range run {
+			ms = append(ms, ipv4.Message{Buffers: [][]byte{a.out}, Addr: net.UDPAddrFromAddrPort(a.dst)})
+		}
+		aq.ms = ms
+		s.sendBatch(v.(*ipv4.PacketConn), ms)
+		clear(aq.ms)
+	}
+	clear(aq.items)
+	aq.items = aq.items[:0]
 }
 
 // query is the record of m for the canonical line and the event.

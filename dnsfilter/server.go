@@ -66,6 +66,7 @@ type Server struct {
 
 	flMu    sync.Mutex         // guards flights
 	flights map[string]*flight // the asynchronous miss path's, by cache key
+	pcs     sync.Map           // *net.UDPConn → *ipv4.PacketConn, for the listeners readUDPBatch serves
 	now     func() time.Time
 
 	durCache, durUpstream, durLocal prometheus.Observer
@@ -148,7 +149,9 @@ func New(cfg Config, deps Deps) (*Server, error) {
 		if loopsBack(ap, cfg.Listen) {
 			return nil, fmt.Errorf("dnsfilter: upstream %s is one of our own listen addresses (a forwarding loop)", ap)
 		}
-		s.ups.list = append(s.ups.list, newUpstream(ap, s.m))
+		u := newUpstream(ap, s.m, cfg.UDPSize)
+		u.mux.answers = s.sendAnswers
+		s.ups.list = append(s.ups.list, u)
 	}
 	s.slowSem = make(chan struct{}, cfg.MaxInflight)
 	s.inflight = make(chan struct{}, cfg.MaxInflight)

@@ -510,8 +510,9 @@ func TestCacheTTL(t *testing.T) {
 	now := time.Unix(1_800_000_000, 0)
 	clock := func() time.Time { mu.Lock(); defer mu.Unlock(); return now }
 	advance := func(d time.Duration) { mu.Lock(); now = now.Add(d); mu.Unlock() }
-	ts := startServer(t, enforcePolicy, Config{Upstreams: []string{up.Addr}}, Deps{Now: clock})
-	ts.Table().now = clock
+	tbl := NewTable(0)
+	tbl.now = clock // before the server's goroutines can read it
+	ts := startServer(t, enforcePolicy, Config{Upstreams: []string{up.Addr}}, Deps{Now: clock, Table: tbl})
 	for _, proto := range []string{"udp", "tcp"} {
 		r := ask(t, proto, ts.Addr, "cdn.allowed.test.", dns.TypeA, false)
 		if ttl := r.Answer[1].Header().Ttl; ttl != 60 && proto == "udp" {

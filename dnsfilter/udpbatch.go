@@ -33,8 +33,9 @@ func (s *Server) readUDPBatch(c *net.UDPConn) error {
 		wms[i].Buffers = make([][]byte, 1)
 		wbufs[i] = make([]byte, 0, int(s.cfg.UDPSize))
 	}
+	s.pcs.Store(c, pc)
 	sc := newScratch()
-	sc.batch = true
+	sc.batch, sc.sq = true, new(sendQueue)
 	for {
 		n, err := pc.ReadBatch(rms, 0)
 		if err != nil {
@@ -67,6 +68,7 @@ func (s *Server) readUDPBatch(c *net.UDPConn) error {
 				s.slowUDP(c, pkt, src)
 			}
 		}
+		sc.sq.flush()
 		s.sendBatch(pc, wms[:nw])
 		for i := range wms[:nw] {
 			wms[i].Buffers[0], wms[i].Addr = nil, nil

@@ -6,6 +6,9 @@ import (
 	"golang.org/x/sys/unix"
 )
 
+// msgTrunc is recvmmsg's flag for a datagram cut to the buffer.
+const msgTrunc = unix.MSG_TRUNC
+
 // canBatch reports whether c is an AF_INET socket, which readUDPBatch
 // serves with recvmmsg and sendmmsg.
 func canBatch(c *net.UDPConn) bool {

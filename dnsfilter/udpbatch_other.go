@@ -4,5 +4,9 @@ package dnsfilter
 
 import "net"
 
+// msgTrunc: ReadBatch reads one datagram per call here and reports no
+// flags; an answer cut to the buffer fails to unpack and times out.
+const msgTrunc = 0
+
 // canBatch is false off Linux: readUDP reads one datagram per call.
 func canBatch(*net.UDPConn) bool { return false }

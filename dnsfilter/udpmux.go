@@ -8,32 +8,54 @@ import (
 	"time"
 
 	"github.com/miekg/dns"
+	"golang.org/x/net/ipv4"
+	"golang.org/x/net/ipv6"
 )
 
 // queriesPerSocket is how many queries one upstream UDP socket carries
 // before it is retired and a new one, with a new random source port, takes
-// over. Opening a socket per query (what unbound does) costs several system
-// calls; sharing one for a few queries keeps both the cost and the window
-// an off-path attacker has to guess a port small (THREATS.md E6: every
-// query still gets a fresh CSPRNG ID, and a port lives for a handful of
-// queries, usually milliseconds).
-const queriesPerSocket = 8
+// over; socketMaxAge is the longest a socket takes new queries. Opening a
+// socket per query (what unbound does, as a recursive resolver facing
+// the internet's authorities) costs several system calls each, and no
+// batching; forwarders to a configured upstream share sockets (CoreDNS's
+// forward plugin keeps its sockets for up to 10 s, dnsdist one per backend
+// by default). We keep the port changing every 64 queries or second
+// (THREATS.md E6: an off-path attacker must also guess the query's fresh
+// CSPRNG ID, and the question, within the query's round trip).
+const (
+	queriesPerSocket = 64
+	socketMaxAge     = time.Second
+)
+
+// muxReadBatch is how many answers a socket's reader takes per recvmmsg,
+// and readSlot the size of each buffer: at least our advertised EDNS size
+// (Config.UDPSize). A datagram that does not fit (an upstream that ignored
+// our size) is fetched again over TCP (errAnswerTooBig).
+const (
+	muxReadBatch = 16
+	minReadSlot  = 4096
+)
 
 // udpMux sends queries to one upstream over a connected UDP socket and
 // matches answers to them by ID and question. A reader goroutine per socket
-// delivers answers; it exits when the socket is retired and idle, or on
-// timeout of its last query.
+// delivers answers, several per system call under load; it exits when the
+// socket is retired and idle, or on timeout of its last query.
 type udpMux struct {
-	up *upstream
-
-	mu   sync.Mutex // guards following
-	cur  *muxSocket
-	dead bool
+	up      *upstream
+	slot    int                // read buffer size
+	answers func(*answerQueue) // sends what a batch of answers queued; nil: none do
+	bufs    sync.Pool          // *muxBufs
+	queues  sync.Pool          // *answerQueue
+	mu      sync.Mutex         // guards following
+	cur     *muxSocket
+	dead    bool
 }
 
 type muxSocket struct {
-	conn *net.UDPConn
-	m    *udpMux
+	conn   *net.UDPConn
+	pc     batchConn
+	m      *udpMux
+	opened time.Time
 
 	// guarded by m.mu
 	pending map[uint16]*muxWait
@@ -41,44 +63,74 @@ type muxSocket struct {
 	closed  bool
 }
 
+// batchConn is x/net's ipv4 or ipv6 PacketConn: recvmmsg and sendmmsg
+// where the system has them, one datagram per call elsewhere.
+type batchConn interface {
+	ReadBatch(ms []ipv4.Message, flags int) (int, error)
+	WriteBatch(ms []ipv4.Message, flags int) (int, error)
+}
+
+type muxBufs struct {
+	ms []ipv4.Message
+}
+
+type muxResult struct {
+	r   *dns.Msg
+	err error
+}
+
 type muxWait struct {
 	q  *dns.Msg
-	ch chan *dns.Msg // buffered 1; nil for an asynchronous wait
+	ch chan muxResult // buffered 1; nil for an asynchronous wait
 
 	// An asynchronous wait (exchangeAsync): fn is called exactly once, by
 	// whoever takes the wait out of pending (the reader with the answer
-	// or the socket's error, the timer with the deadline).
-	fn    func(*dns.Msg, error)
+	// or the socket's error, the timer with the deadline). aq, when not
+	// nil, collects the answers fn sends, for the reader to send together.
+	fn    func(r *dns.Msg, err error, aq *answerQueue)
 	timer *time.Timer
 }
 
 // deliver hands r (or err) to the waiter; the caller has taken w out of
 // pending and holds no lock.
-func (w *muxWait) deliver(r *dns.Msg, err error) {
+func (w *muxWait) deliver(r *dns.Msg, err error, aq *answerQueue) {
 	if w.fn == nil {
-		if r != nil {
-			w.ch <- r
-		} else {
-			close(w.ch)
-		}
+		w.ch <- muxResult{r, err}
 		return
 	}
 	if w.timer != nil {
 		w.timer.Stop()
 	}
-	w.fn(r, err)
+	w.fn(r, err, aq)
 }
 
-var errMuxClosed = errors.New("upstream socket closed")
+var (
+	errMuxClosed = errors.New("upstream socket closed")
+	// errAnswerTooBig: the answer did not fit our read buffer; ask over TCP.
+	errAnswerTooBig = errors.New("upstream answer larger than our EDNS buffer size")
+)
+
+func newUDPMux(u *upstream, udpSize uint16) *udpMux {
+	m := &udpMux{up: u, slot: max(minReadSlot, int(udpSize))}
+	m.bufs.New = func() any {
+		b := &muxBufs{ms: make([]ipv4.Message, muxReadBatch)}
+		for i := range b.ms {
+			b.ms[i].Buffers = [][]byte{make([]byte, m.slot)}
+		}
+		return b
+	}
+	m.queues.New = func() any { return new(answerQueue) }
+	return m
+}
 
 // socketLocked returns a socket with room for one more query, opening one
 // if needed.
-func (m *udpMux) socketLocked() (*muxSocket, error) {
+func (m *udpMux) socketLocked(now time.Time) (*muxSocket, error) {
 	if m.dead {
 		return nil, net.ErrClosed
 	}
-	if m.cur != nil && m.cur.sent < queriesPerSocket && !m.cur.closed {
-		return m.cur, nil
+	if s := m.cur; s != nil && s.sent < queriesPerSocket && !s.closed && now.Sub(s.opened) < socketMaxAge {
+		return s, nil
 	}
 	if m.cur != nil {
 		m.cur.retireLocked()
@@ -87,7 +139,12 @@ func (m *udpMux) socketLocked() (*muxSocket, error) {
 	if err != nil {
 		return nil, err
 	}
-	s := &muxSocket{conn: c, m: m, pending: make(map[uint16]*muxWait, queriesPerSocket)}
+	s := &muxSocket{conn: c, m: m, opened: now, pending: make(map[uint16]*muxWait, queriesPerSocket)}
+	if m.up.addr.Addr().Is4() {
+		s.pc = ipv4.NewPacketConn(c)
+	} else {
+		s.pc = ipv6.NewPacketConn(c)
+	}
 	m.cur = s
 	go s.read()
 	return s, nil
@@ -102,62 +159,69 @@ func (s *muxSocket) retireLocked() {
 	}
 }
 
-// readBufs holds the readers' buffers: a socket lives for a handful of
-// queries, and a fresh 64 KiB buffer each time (allocated, cleared, and
-// soon handed back to the OS) cost a tenth of the miss path's CPU.
-var readBufs = sync.Pool{New: func() any { return new([65535]byte) }}
-
 func (s *muxSocket) read() {
-	bp := readBufs.Get().(*[65535]byte)
-	defer readBufs.Put(bp)
-	buf := bp[:]
+	m := s.m
+	bufs := m.bufs.Get().(*muxBufs)
+	defer m.bufs.Put(bufs)
+	aq := m.queues.Get().(*answerQueue)
+	defer m.queues.Put(aq)
+	if m.answers == nil {
+		aq = nil
+	}
 	for {
-		n, err := s.conn.Read(buf)
+		n, err := s.pc.ReadBatch(bufs.ms, 0)
 		if err != nil {
-			s.m.mu.Lock()
+			m.mu.Lock()
 			s.closed = true
 			ws := make([]*muxWait, 0, len(s.pending))
 			for id, w := range s.pending {
 				delete(s.pending, id)
 				ws = append(ws, w)
 			}
-			if s.m.cur == s {
-				s.m.cur = nil
+			if m.cur == s {
+				m.cur = nil
 			}
-			s.m.mu.Unlock()
+			m.mu.Unlock()
 			_ = s.conn.Close()
 			for _, w := range ws {
-				w.deliver(nil, errMuxClosed)
+				w.deliver(nil, errMuxClosed, nil)
 			}
 			return
 		}
-		if n < 12 {
-			continue
+		for i := range bufs.ms[:n] {
+			s.answer(&bufs.ms[i], aq)
 		}
-		id := uint16(buf[0])<<8 | uint16(buf[1])
-		s.m.mu.Lock()
-		w := s.pending[id]
-		s.m.mu.Unlock()
-		if w == nil {
-			continue // unknown ID: late, spoofed or junk
+		if aq != nil && len(aq.items) > 0 {
+			m.answers(aq)
 		}
-		r := new(dns.Msg)
-		if r.Unpack(buf[:n]) != nil || !isAnswerTo(r, w.q) {
-			continue // keep waiting for the real answer
+	}
+}
+
+// answer matches one datagram to its query and delivers it.
+func (s *muxSocket) answer(msg *ipv4.Message, aq *answerQueue) {
+	buf := msg.Buffers[0][:msg.N]
+	if len(buf) < 12 {
+		return
+	}
+	id := uint16(buf[0])<<8 | uint16(buf[1])
+	s.m.mu.Lock()
+	w := s.pending[id]
+	s.m.mu.Unlock()
+	if w == nil {
+		return // unknown ID: late, spoofed or junk
+	}
+	var r *dns.Msg
+	var err error
+	if msg.Flags&msgTrunc != 0 {
+		err = errAnswerTooBig
+	} else {
+		r = new(dns.Msg)
+		if r.Unpack(buf) != nil || !isAnswerTo(r, w.q) {
+			return // keep waiting for the real answer
 		}
-		s.m.mu.Lock()
-		mine := s.pending[id] == w
-		if mine {
-			delete(s.pending, id)
-		}
-		if s.sent >= queriesPerSocket && len(s.pending) == 0 && !s.closed {
-			s.closed = true
-			_ = s.conn.Close()
-		}
-		s.m.mu.Unlock()
-		if mine {
-			w.deliver(r, nil)
-		}
+	}
+	if s.take(id, w) {
+		w.deliver(r, err, aq)
 	}
 }
 
@@ -165,34 +229,32 @@ func (s *muxSocket) read() {
 // deadline or ctx is done.
 func (m *udpMux) exchange(ctx context.Context, deadline time.Time, q *dns.Msg) (*dns.Msg, error) {
 	m.mu.Lock()
-	s, err := m.socketLocked()
+	s, err := m.socketLocked(time.Now())
 	if err != nil {
 		m.mu.Unlock()
 		return nil, err
 	}
-	id := randomID()
-	for s.pending[id] != nil {
-		id = randomID()
-	}
+	id := s.newIDLocked()
 	q.Id = id
-	w := &muxWait{q: q, ch: make(chan *dns.Msg, 1)}
+	w := &muxWait{q: q, ch: make(chan muxResult, 1)}
 	s.pending[id] = w
 	s.sent++
 	m.mu.Unlock()
 
 	done := func() { s.take(id, w) }
-	if err := s.send(q); err != nil {
+	wire, err := q.Pack()
+	if err == nil {
+		err = s.send(wire)
+	}
+	if err != nil {
 		done()
 		return nil, err
 	}
 	t := time.NewTimer(time.Until(deadline))
 	defer t.Stop()
 	select {
-	case r, ok := <-w.ch:
-		if !ok {
-			return nil, errMuxClosed
-		}
-		return r, nil
+	case res := <-w.ch:
+		return res.r, res.err
 	case <-t.C:
 		done()
 		return nil, context.DeadlineExceeded
@@ -200,6 +262,14 @@ func (m *udpMux) exchange(ctx context.Context, deadline time.Time, q *dns.Msg) (
 		done()
 		return nil, ctx.Err()
 	}
+}
+
+func (s *muxSocket) newIDLocked() uint16 {
+	id := randomID()
+	for s.pending[id] != nil {
+		id = randomID()
+	}
+	return id
 }
 
 // take removes w from pending if it is still there, and reports whether
@@ -218,43 +288,46 @@ func (s *muxSocket) take(id uint16, w *muxWait) bool {
 	return mine
 }
 
-// send packs and writes q on the socket. A write that fails (a refused
+// send writes a packed query on the socket. A write that fails (a refused
 // port, reported by ICMP, or a closed socket) retires the socket: the next
 // query opens another.
-func (s *muxSocket) send(q *dns.Msg) error {
-	wire, err := q.Pack()
-	if err != nil {
-		return err
-	}
+func (s *muxSocket) send(wire []byte) error {
 	if _, err := s.conn.Write(wire); err != nil {
-		m := s.m
-		m.mu.Lock()
-		if m.cur == s {
-			s.retireLocked()
-			m.cur = nil
-		}
-		m.mu.Unlock()
+		s.failed()
 		return err
 	}
 	return nil
 }
 
-// exchangeAsync sends q (its ID is replaced) and returns at once; fn gets
-// the answer, or an error at deadline or when the socket fails, exactly
-// once, on the socket's reader or a timer goroutine. When exchangeAsync
-// itself returns an error, fn is never called.
-func (m *udpMux) exchangeAsync(deadline time.Time, q *dns.Msg, fn func(*dns.Msg, error)) error {
+func (s *muxSocket) failed() {
+	m := s.m
 	m.mu.Lock()
-	s, err := m.socketLocked()
+	if m.cur == s {
+		s.retireLocked()
+		m.cur = nil
+	}
+	m.mu.Unlock()
+}
+
+// exchangeAsync sends q (its ID is replaced), or queues it on sq when sq
+// is not nil (sq.flush sends it), and returns at once; fn gets the answer,
+// or an error at deadline or when the socket fails, exactly once, on the
+// socket's reader or a timer goroutine. When exchangeAsync itself returns
+// an error, fn is never called.
+func (m *udpMux) exchangeAsync(deadline time.Time, q *dns.Msg, fn func(*dns.Msg, error, *answerQueue), sq *sendQueue) error {
+	wire, err := q.Pack() // with ID 0: the ID is written in below
+	if err != nil {
+		return err
+	}
+	m.mu.Lock()
+	s, err := m.socketLocked(time.Now())
 	if err != nil {
 		m.mu.Unlock()
 		return err
 	}
-	id := randomID()
-	for s.pending[id] != nil {
-		id = randomID()
-	}
+	id := s.newIDLocked()
 	q.Id = id
+	wire[0], wire[1] = byte(id>>8), byte(id)
 	w := &muxWait{q: q, fn: fn}
 	s.pending[id] = w
 	s.sent++
@@ -262,11 +335,15 @@ func (m *udpMux) exchangeAsync(deadline time.Time, q *dns.Msg, fn func(*dns.Msg,
 	// set before anyone can deliver.
 	w.timer = time.AfterFunc(time.Until(deadline), func() {
 		if s.take(id, w) {
-			w.fn(nil, context.DeadlineExceeded)
+			w.fn(nil, context.DeadlineExceeded, nil)
 		}
 	})
 	m.mu.Unlock()
-	if err := s.send(q); err != nil {
+	if sq != nil {
+		sq.items = append(sq.items, queuedQuery{s: s, wire: wire, id: id, w: w})
+		return nil
+	}
+	if err := s.send(wire); err != nil {
 		if s.take(id, w) {
 			w.timer.Stop()
 			return err
@@ -274,6 +351,60 @@ func (m *udpMux) exchangeAsync(deadline time.Time, q *dns.Msg, fn func(*dns.Msg,
 		return nil // the reader or the timer took it: fn is called
 	}
 	return nil
+}
+
+// sendQueue collects a reader's batch of upstream queries, to send with
+// one sendmmsg per socket.
+type sendQueue struct {
+	items []queuedQuery
+	ms    []ipv4.Message
+}
+
+type queuedQuery struct {
+	s    *muxSocket
+	wire []byte
+	id   uint16
+	w    *muxWait
+}
+
+// flush sends the queued queries, socket by socket, and empties the
+// queue. A query the kernel refuses fails as a failed send does: its wait
+// gets the error.
+func (sq *sendQueue) flush() {
+	items := sq.items
+	for len(items) > 0 {
+		s := items[0].s
+		n := 1
+		for n < len(items) && items[n].s == s {
+			n++
+		}
+		run := items[:n]
+		items = items[n:]
+		ms := sq.ms[:0]
+		for _, it := range run {
+			ms = append(ms, ipv4.Message{Buffers: [][]byte{it.wire}})
+		}
+		sq.ms = ms
+		sent := 0
+		for sent < len(ms) {
+			k, err := s.pc.WriteBatch(ms[sent:], 0)
+			if err != nil {
+				s.failed()
+				for _, it := range run[sent:] {
+					if s.take(it.id, it.w) {
+						it.w.deliver(nil, err, nil)
+					}
+				}
+				break
+			}
+			sent += max(k, 1)
+		}
+		for i := range sq.ms {
+			sq.ms[i] = ipv4.Message{}
+		}
+	}
+	clear(sq.items)
+	sq.items = sq.items[:0]
 }
 
 // close closes every socket; later exchanges fail.

@@ -34,9 +34,9 @@ type upstream struct {
 	mUp               prometheus.Gauge
 }
 
-func newUpstream(ap netip.AddrPort, m *metrics) *upstream {
+func newUpstream(ap netip.AddrPort, m *metrics, udpSize uint16) *upstream {
 	u := &upstream{addr: ap, name: ap.String()}
-	u.mux = &udpMux{up: u}
+	u.mux = newUDPMux(u, udpSize)
 	u.mDur = m.upstreamDuration.WithLabelValues(u.name)
 	u.mFail = m.upstreamFailures.WithLabelValues(u.name)
 	u.mUDP = m.upstreamRequests.WithLabelValues(u.name, "udp")
@@ -193,13 +193,13 @@ func (p *upstreams) exchange(ctx context.Context, deadline time.Time, q *dns.Msg
 // (u's socket could not send), fn is never called and the failure is
 // counted. No failover and no TCP retry: the caller falls back to
 // exchange for those.
-func (p *upstreams) exchangeAsync(u *upstream, deadline time.Time, q *dns.Msg, fn func(*dns.Msg, error)) error {
+func (p *upstreams) exchangeAsync(u *upstream, deadline time.Time, q *dns.Msg, fn func(*dns.Msg, error, *answerQueue), sq *sendQueue) error {
 	u.mUDP.Inc()
 	start := p.now()
-	err := u.mux.exchangeAsync(deadline, q, func(r *dns.Msg, err error) {
+	err := u.mux.exchangeAsync(deadline, q, func(r *dns.Msg, err error, aq *answerQueue) {
 		p.account(u, start, err)
-		fn(r, err)
-	})
+		fn(r, err, aq)
+	}, sq)
 	if err != nil {
 		p.account(u, start, err)
 	}
@@ -233,10 +233,10 @@ func randomID() uint16 {
 func (p *upstreams) exchangeOne(ctx context.Context, deadline time.Time, u *upstream, q *dns.Msg) (*dns.Msg, error) {
 	u.mUDP.Inc()
 	r, err := u.mux.exchange(ctx, deadline, q) // sets a random ID
-	if err != nil {
+	if err != nil && !errors.Is(err, errAnswerTooBig) {
 		return nil, err
 	}
-	if !r.Truncated {
+	if err == nil && !r.Truncated {
 		return r, nil
 	}
 	// Truncated: ask the same upstream again over TCP (RFC 7766).
