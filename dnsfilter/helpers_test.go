@@ -34,6 +34,7 @@ type fakeUpstream struct {
 	zone  map[string][]dns.RR // lower-case fqdn -> records
 	delay atomic.Int64        // nanoseconds before answering
 	drop  atomic.Bool         // never answer
+	big   atomic.Bool         // ignore the EDNS size: UDP answers go out whole
 
 	mu   sync.Mutex // guards seen
 	seen []seenQuery
@@ -142,7 +143,7 @@ func (u *fakeUpstream) ServeDNS(w dns.ResponseWriter, r *dns.Msg) {
 	if opt := r.IsEdns0(); opt != nil {
 		m.SetEdns0(opt.UDPSize(), opt.Do())
 	}
-	if proto == "udp" {
+	if proto == "udp" && !u.big.Load() {
 		size := dns.MinMsgSize
 		if opt := r.IsEdns0(); opt != nil {
 			size = int(opt.UDPSize())

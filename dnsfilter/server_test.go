@@ -607,3 +607,34 @@ func TestMissesInFlightAtClose(t *testing.T) {
 		}
 	}
 }
+
+// TestOversizedUDPAnswer: an upstream that ignores our EDNS size and sends
+// a UDP answer larger than the read buffer (minReadSlot). The datagram is
+// cut by the kernel (MSG_TRUNC), so the answer is fetched again over TCP,
+// on the asynchronous miss path (a UDP client) and on the general one (a
+// TCP client).
+func TestOversizedUDPAnswer(t *testing.T) {
+	up := newFakeUpstream(t, labZone+bigTXT(100))
+	up.big.Store(true)
+	ts := startServer(t, enforcePolicy, Config{Upstreams: []string{up.Addr}, CacheSize: -1}, Deps{})
+	for _, proto := range []string{"udp", "tcp"} {
+		before := len(up.Seen())
+		r := ask(t, proto, ts.Addr, "big.allowed.test.", dns.TypeTXT, true)
+		if r.Rcode != dns.RcodeSuccess {
+			t.Fatalf("%s: %v", proto, r)
+		}
+		if proto == "tcp" && len(r.Answer) != 100 {
+			t.Errorf("tcp: %d TXT records, want 100", len(r.Answer))
+		}
+		if proto == "udp" && !r.Truncated {
+			t.Errorf("udp: a %d-record answer larger than the client's buffer is not truncated", len(r.Answer))
+		}
+		var transports []string
+		for _, s := range up.Seen()[before:] {
+			transports = append(transports, s.Proto)
+		}
+		if !cmp.Equal(transports, []string{"udp", "tcp"}) {
+			t.Errorf("%s client: upstream transports %v, want [udp tcp]", proto, transports)
+		}
+	}
+}
