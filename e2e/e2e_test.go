@@ -245,13 +245,26 @@ func gatewayScenario(t *testing.T, tp *topo, mode string) {
 	allowed("e2e-new", "curl https://"+trackerName+" after the reload added its rule", body, err, "sni="+trackerName)
 	ka.close()
 
-	// A clean stop flushes every flow to the event log and removes the
-	// table; a restart rebuilds the ledger from it, and the report must
-	// hold exactly what the test did.
+	// A clean stop flushes every flow to the event log. In audit mode it
+	// removes the table; in enforce mode the table stays and the gateway
+	// stays closed while egressd is down (a restart must not open a gap).
+	// A restart rebuilds the ledger from the event log, and the report
+	// must hold exactly what the test did.
 	time.Sleep(500 * time.Millisecond) // the last connections' FINs
 	d.stop()
-	if tp.nftTable() {
-		t.Errorf("nftables table inet egressd still there after a clean stop")
+	if enforce {
+		if !tp.nftTable() {
+			t.Errorf("enforce mode: nftables table inet egressd gone after a clean stop: the gateway is open until egressd is back")
+		}
+		// What the policy allows while egressd runs: nothing gets out
+		// while it is down.
+		_, errAllowed := tp.curl(dockerName, 443, dockerIP4, "/", true)
+		rcode, _ := tp.dig(t, dockerName, "A")
+		if errAllowed == nil || rcode == "NOERROR" {
+			t.Errorf("enforce mode: traffic got out while egressd was stopped: allowed TCP err %v, DNS through the gateway %s", errAllowed, rcode)
+		}
+	} else if tp.nftTable() {
+		t.Errorf("audit mode: nftables table inet egressd still there after a clean stop")
 	}
 	d.start()
 	checkReport(t, d.report(), ta, mode)

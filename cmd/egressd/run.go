@@ -512,7 +512,19 @@ func (d *daemon) shutdown(cancel context.CancelFunc, wg *sync.WaitGroup) error {
 	cancel()
 	var errs []error
 	if d.fw != nil {
-		if err := d.fw.Remove(); err != nil {
+		// Enforce mode stays fail-closed while egressd is down, stopped
+		// cleanly or not: the ruleset stays in the kernel (redirected
+		// traffic finds closed ports, the rest is dropped), so a restart,
+		// or a start that fails on a broken policy, never opens the
+		// gateway. The next start replaces the table in one transaction;
+		// `egressd firewall remove` lifts it. In audit mode the table
+		// (masquerade, WAN guard) goes, as documented.
+		if d.store.Load().Mode() == policy.ModeEnforce {
+			if err := d.fw.Detach(); err != nil {
+				errs = append(errs, err)
+			}
+			d.log.Info("firewall: enforce mode: the nftables ruleset stays while egressd is stopped (fail-closed); `egressd firewall remove` lifts it", "table", "inet "+firewall.TableName)
+		} else if err := d.fw.Remove(); err != nil {
 			errs = append(errs, err)
 		}
 	}
