@@ -34,7 +34,9 @@ const (
 type Config struct {
 	// Listen are the addresses served on both UDP and TCP. Empty means
 	// ":53" (every local address). A port 0 picks one free port that UDP
-	// and TCP then share (tests); see Server.Addr.
+	// and TCP then share (tests); see Server.Addrs. For UDP, a wildcard
+	// ("" or "::") opens an IPv4 socket and an IPv6-only one (IPv4 clients
+	// are then read and answered in batches), and "0.0.0.0" IPv4 only.
 	Listen []string
 
 	// Upstreams are the resolvers queried, "ip" or "ip:port" (port 53 by

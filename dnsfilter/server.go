@@ -290,16 +290,6 @@ func (s *Server) shutdown() {
 	}
 }
 
-var reusePort = net.ListenConfig{Control: func(_, _ string, c syscall.RawConn) error {
-	var serr error
-	if err := c.Control(func(fd uintptr) {
-		serr = unix.SetsockoptInt(int(fd), unix.SOL_SOCKET, unix.SO_REUSEPORT, 1)
-	}); err != nil {
-		return err
-	}
-	return serr
-}}
-
 // listen binds UDP (UDPReaders sockets sharing the port through
 // SO_REUSEPORT, so the kernel spreads queries over the readers) and TCP on
 // every listen address. With port 0, UDP picks the port and TCP takes the
@@ -325,39 +315,49 @@ func (s *Server) listen() error {
 }
 
 func (s *Server) listenOne(host, port string, readers int) error {
-	ctx := context.Background()
-	// A fixed port gets one SO_REUSEPORT socket per reader, so the kernel
-	// spreads queries over them. Port 0 (tests) gets one plain socket read
-	// by every reader: the kernel may give a port-0 SO_REUSEPORT socket a
-	// port that another process's reuse group already holds.
-	lc := reusePort
-	if port == "0" {
-		lc = net.ListenConfig{}
-	}
-	pc, err := lc.ListenPacket(ctx, "udp", net.JoinHostPort(host, port))
-	if err != nil {
-		return fmt.Errorf("dnsfilter: listen udp: %w", err)
-	}
-	first := pc.(*net.UDPConn)
-	ap := first.LocalAddr().(*net.UDPAddr).AddrPort()
-	bound := net.JoinHostPort(host, strconv.Itoa(int(ap.Port())))
-	conns := []*net.UDPConn{first}
+	// A wildcard address gets an IPv4 socket and an IPv6-only one rather
+	// than Go's dual-stack socket: IPv4 clients, the usual case on a LAN,
+	// then reach an AF_INET socket, which readUDPBatch serves with
+	// recvmmsg and sendmmsg (x/net cannot address v4-mapped clients from
+	// an AF_INET6 socket). Without IPv6 on the host, IPv4 alone.
+	var conns []*net.UDPConn
 	closeAll := func() {
 		for _, c := range conns {
 			_ = c.Close()
 		}
 	}
-	for i := 1; i < readers; i++ {
-		if port == "0" {
-			conns = append(conns, first) // another reader of the same socket
-			continue
-		}
-		pc, err := reusePort.ListenPacket(ctx, "udp", bound)
+	var bound string
+	var ap netip.AddrPort
+	reuse := port != "0"
+	ip, err := netip.ParseAddr(host)
+	if host == "" || err == nil && ip.IsUnspecified() {
+		cs, p, err := s.listenUDP("udp4", net.JoinHostPort("0.0.0.0", port), reuse, readers, false)
 		if err != nil {
-			closeAll()
-			return fmt.Errorf("dnsfilter: listen udp: %w", err)
+			return err
 		}
-		conns = append(conns, pc.(*net.UDPConn))
+		conns = cs
+		ap = netip.AddrPortFrom(netip.IPv4Unspecified(), p)
+		if host == "" || ip.Is6() {
+			v6, _, err := s.listenUDP("udp6", net.JoinHostPort("::", strconv.Itoa(int(p))), reuse, readers, true)
+			switch {
+			case err == nil:
+				conns = append(conns, v6...)
+			case errors.Is(err, unix.EAFNOSUPPORT) || errors.Is(err, unix.EADDRNOTAVAIL):
+				// No IPv6 here: IPv4 only.
+			default:
+				closeAll()
+				return err
+			}
+		}
+		bound = net.JoinHostPort(host, strconv.Itoa(int(p)))
+	} else {
+		cs, p, err := s.listenUDP("udp", net.JoinHostPort(host, port), reuse, readers, false)
+		if err != nil {
+			return err
+		}
+		conns = cs
+		ap = cs[0].LocalAddr().(*net.UDPAddr).AddrPort()
+		bound = net.JoinHostPort(host, strconv.Itoa(int(p)))
 	}
 	for _, c := range conns {
 		_ = c.SetReadBuffer(4 << 20)
@@ -388,6 +388,55 @@ func (s *Server) listenOne(host, port string, readers int) error {
 	s.tcpSrv = append(s.tcpSrv, srv)
 	s.addrs = append(s.addrs, ap)
 	return nil
+}
+
+// listenUDP opens the UDP sockets of one address: with reuse, one
+// SO_REUSEPORT socket per reader, so the kernel spreads queries over them;
+// without (port 0 asked for: tests), one plain socket read by every reader
+// (the kernel may give a port-0 SO_REUSEPORT socket a port that another
+// process's reuse group already holds). It returns the sockets, one per
+// reader, and the port.
+func (s *Server) listenUDP(network, addr string, reuse bool, readers int, v6only bool) ([]*net.UDPConn, uint16, error) {
+	ctx := context.Background()
+	lc := net.ListenConfig{Control: func(_, _ string, c syscall.RawConn) error {
+		var serr error
+		err := c.Control(func(fd uintptr) {
+			if reuse {
+				serr = unix.SetsockoptInt(int(fd), unix.SOL_SOCKET, unix.SO_REUSEPORT, 1)
+			}
+			if serr == nil && v6only {
+				serr = unix.SetsockoptInt(int(fd), unix.IPPROTO_IPV6, unix.IPV6_V6ONLY, 1)
+			}
+		})
+		if err != nil {
+			return err
+		}
+		return serr
+	}}
+	pc, err := lc.ListenPacket(ctx, network, addr)
+	if err != nil {
+		return nil, 0, fmt.Errorf("dnsfilter: listen udp: %w", err)
+	}
+	first := pc.(*net.UDPConn)
+	p := first.LocalAddr().(*net.UDPAddr).AddrPort().Port()
+	conns := []*net.UDPConn{first}
+	host, _, _ := net.SplitHostPort(addr)
+	bound := net.JoinHostPort(host, strconv.Itoa(int(p)))
+	for i := 1; i < readers; i++ {
+		if !reuse {
+			conns = append(conns, first) // another reader of the same socket
+			continue
+		}
+		pc, err := lc.ListenPacket(ctx, network, bound)
+		if err != nil {
+			for _, c := range conns {
+				_ = c.Close()
+			}
+			return nil, 0, fmt.Errorf("dnsfilter: listen udp: %w", err)
+		}
+		conns = append(conns, pc.(*net.UDPConn))
+	}
+	return conns, p, nil
 }
 
 // acceptQuery is miekg's default filter for TCP, but NOTIFY is not

@@ -142,3 +142,40 @@ func TestUDPBurst(t *testing.T) {
 		})
 	}
 }
+
+// TestWildcardListen: a wildcard listen address (":port", what egressd run
+// uses by default) gets an AF_INET socket, which the batching reader
+// serves, and an IPv6-only one; IPv4 and IPv6 clients are both answered,
+// misses and cache hits, on UDP and TCP.
+func TestWildcardListen(t *testing.T) {
+	up := newFakeUpstream(t, labZone)
+	ts := startServer(t, enforcePolicy, Config{Listen: []string{":0"}, Upstreams: []string{up.Addr}}, Deps{})
+	port := ts.Addrs()[0].Port()
+	families := map[bool]int{} // batching? -> sockets
+	ts.mu.Lock()
+	for _, c := range ts.udp {
+		families[canBatch(c)]++
+	}
+	ts.mu.Unlock()
+	if families[true] == 0 {
+		t.Errorf("no AF_INET socket among the wildcard's UDP sockets (%v): IPv4 clients are not batched", families)
+	}
+	addrs := []string{fmt.Sprintf("127.0.0.1:%d", port)}
+	if c, err := net.ListenPacket("udp6", "[::1]:0"); err == nil {
+		_ = c.Close()
+		addrs = append(addrs, fmt.Sprintf("[::1]:%d", port))
+		if families[false] == 0 {
+			t.Errorf("IPv6 is available but the wildcard has no IPv6 socket (%v)", families)
+		}
+	}
+	for _, addr := range addrs {
+		for _, proto := range []string{"udp", "tcp"} {
+			for i := range 2 { // a miss, then a hit
+				r := ask(t, proto, addr, "www.allowed.test.", dns.TypeA, i == 1)
+				if r.Rcode != dns.RcodeSuccess || len(r.Answer) != 1 {
+					t.Errorf("%s %s query %d: %v", proto, addr, i, r)
+				}
+			}
+		}
+	}
+}
