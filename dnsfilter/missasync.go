@@ -191,21 +191,14 @@ type queuedAnswer struct {
 // sendAnswers sends and empties aq: with sendmmsg on listeners that
 // readUDPBatch serves, one datagram per call on the others.
 func (s *Server) sendAnswers(aq *answerQueue) {
-	items := aq.items
-	for len(items) > 0 {
-		c := items[0].c
-		n := 1
-		for n < len(items) && items[n].c == c {
-			n++
-		}
-		run := items[:n]
-		items = items[n:]
+	eachRun(aq.items, func(a *queuedAnswer) *net.UDPConn { return a.c }, func(run []queuedAnswer) {
+		c := run[0].c
 		v, ok := s.pcs.Load(c)
 		if !ok {
 			for _, a := range run {
 				_, _ = c.WriteToUDPAddrPort(a.out, a.dst)
 			}
-			continue
+			return
 		}
 		ms := aq.ms[:0]
 		for _, a := range run {
@@ -214,7 +207,7 @@ func (s *Server) sendAnswers(aq *answerQueue) {
 		aq.ms = ms
 		s.sendBatch(v.(*ipv4.PacketConn), ms)
 		clear(aq.ms)
-	}
+	})
 	clear(aq.items)
 	aq.items = aq.items[:0]
 }

@@ -76,6 +76,18 @@ func (s *Server) readUDPBatch(c *net.UDPConn) error {
 	}
 }
 
+// eachRun calls fn with each run of consecutive items of the same key.
+func eachRun[T any, K comparable](items []T, key func(*T) K, fn func(run []T)) {
+	for len(items) > 0 {
+		k, n := key(&items[0]), 1
+		for n < len(items) && key(&items[n]) == k {
+			n++
+		}
+		fn(items[:n])
+		items = items[n:]
+	}
+}
+
 // sendBatch writes ms with as few sendmmsg calls as the kernel allows; a
 // message the kernel refuses (its error is for that one datagram) is
 // skipped, as a failed sendto would be.

@@ -371,15 +371,8 @@ type queuedQuery struct {
 // queue. A query the kernel refuses fails as a failed send does: its wait
 // gets the error.
 func (sq *sendQueue) flush() {
-	items := sq.items
-	for len(items) > 0 {
-		s := items[0].s
-		n := 1
-		for n < len(items) && items[n].s == s {
-			n++
-		}
-		run := items[:n]
-		items = items[n:]
+	eachRun(sq.items, func(it *queuedQuery) *muxSocket { return it.s }, func(run []queuedQuery) {
+		s := run[0].s
 		ms := sq.ms[:0]
 		for _, it := range run {
 			ms = append(ms, ipv4.Message{Buffers: [][]byte{it.wire}})
@@ -399,10 +392,8 @@ func (sq *sendQueue) flush() {
 			}
 			sent += max(k, 1)
 		}
-		for i := range sq.ms {
-			sq.ms[i] = ipv4.Message{}
-		}
-	}
+		clear(sq.ms)
+	})
 	clear(sq.items)
 	sq.items = sq.items[:0]
 }
