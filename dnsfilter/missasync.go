@@ -117,23 +117,16 @@ func (s *Server) answerFlight(ws []*missQuery, u *upstream, r *dns.Msg, err erro
 	case (r.Rcode == dns.RcodeServerFailure || r.Rcode == dns.RcodeRefused) && len(s.ups.list) > 1:
 		skip = u
 	default:
-		done := 0
-		defer func() {
-			if p := recover(); p != nil {
-				s.m.dropped.WithLabelValues("panic").Inc()
-				s.log.Error("dnsfilter: panic answering upstream's answer", audit.LogName, ws[0].name, audit.LogError, fmt.Sprint(p))
-				for _, m := range ws[done:] {
-					q := m.query()
-					q.err = fmt.Errorf("dnsfilter: panic: %v", p)
-					s.finish(q)
-					<-s.slowSem
-				}
-			}
-		}()
-		e := s.entryFrom(ws[0].key, ws[0].name, ws[0].flags, r, u)
+		e, err := s.entryFromSafe(ws[0], r, u)
 		for _, m := range ws {
+			if err != nil {
+				q := m.query()
+				q.err, q.path = err, "upstream"
+				s.finish(q)
+				<-s.slowSem
+				continue
+			}
 			s.answerMiss(m, e, aq)
-			done++
 		}
 		return
 	}
@@ -141,6 +134,19 @@ func (s *Server) answerFlight(ws []*missQuery, u *upstream, r *dns.Msg, err erro
 		s.slow.Add(1)
 		go s.serveMiss(m, m.start.Add(s.cfg.QueryTimeout), skip)
 	}
+}
+
+// entryFromSafe is entryFrom with a recover: a bug there costs the
+// flight's queries their answers (counted, logged), not the reader.
+func (s *Server) entryFromSafe(m *missQuery, r *dns.Msg, u *upstream) (e *entry, err error) {
+	defer func() {
+		if p := recover(); p != nil {
+			s.m.dropped.WithLabelValues("panic").Inc()
+			s.log.Error("dnsfilter: panic on an upstream answer", audit.LogName, m.name, audit.LogError, fmt.Sprint(p))
+			e, err = nil, fmt.Errorf("dnsfilter: panic: %v", p)
+		}
+	}()
+	return s.entryFrom(m.key, m.name, m.flags, r, u), nil
 }
 
 // answerMiss answers one miss with a fresh upstream entry; when the
@@ -160,8 +166,14 @@ func (s *Server) answerMiss(m *missQuery, e *entry, aq *answerQueue) {
 }
 
 // sendMiss writes the answer, or queues it on aq (sendAnswers sends it).
+// It ends the query: its record, its slowSem token; a panic costs the
+// query its answer, not the reader.
 func (s *Server) sendMiss(m *missQuery, q *query, e *entry, aq *answerQueue) {
 	defer func() {
+		if p := recover(); p != nil {
+			s.m.dropped.WithLabelValues("panic").Inc()
+			q.err = fmt.Errorf("dnsfilter: panic: %v", p)
+		}
 		s.finish(q)
 		<-s.slowSem
 	}()
