@@ -12,7 +12,8 @@
 #
 # Usage (root): bench/proxy-connect.sh
 #   PEERS_CONNECT=path/to/peers-connect.sh (default ../shared/bench-peers/peers-connect.sh)
-#   SYSTEMS="direct egressd squid"  and the peers script's knobs.
+#   SYSTEMS="direct egressd squid"  and the peers script's knobs;
+#   PROXYBENCH_ARGS="-cpuprofile /tmp/cpu.pprof"  extra proxybench flags.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 PEERS_CONNECT=${PEERS_CONNECT:-../shared/bench-peers/peers-connect.sh}
@@ -25,5 +26,5 @@ ulimit -n "$(ulimit -Hn)" 2>/dev/null || true
 export SYSTEMS=${SYSTEMS:-"direct egressd squid"}
 export CUSTOM_CONNECT_NAME=egressd
 # Started in the gateway namespace with LISTEN_IP, PROXY_PORT and HOSTS_FILE set.
-export CUSTOM_CONNECT_CMD="$BIN/proxybench -explicit \$LISTEN_IP:{PORT} -allow '*.allowed.test' -hosts \$HOSTS_FILE"
+export CUSTOM_CONNECT_CMD="$BIN/proxybench -explicit \$LISTEN_IP:{PORT} -allow '*.allowed.test' -hosts \$HOSTS_FILE ${PROXYBENCH_ARGS:-}"
 bash "$PEERS_CONNECT"
