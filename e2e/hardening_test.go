@@ -162,6 +162,49 @@ func TestHardeningNames(t *testing.T) {
 		}
 	})
 
+	t.Run("silent-then-slow-hello", func(t *testing.T) {
+		// A client silent past the first-byte wait (1 s) is taken for a
+		// protocol where the server speaks first and decided on the
+		// address: allowed to an address our DNS gave this client for an
+		// allowed name (recorded under that name, dns-learned), denied
+		// anywhere else. The hello that then trickles in has no deadline
+		// any more: the residual risk the README's table states.
+		hello := buildHello(helloSpec{sni: [][]string{{dockerName}}})
+		for _, c := range []struct{ addr, verdict, reason string }{
+			{dockerIP4 + ":443", "allow", ""},
+			{spoofIP4 + ":443", "deny", "no-rule"},
+		} {
+			ctx, cancel := context.WithTimeout(context.Background(), 5*time.Second)
+			conn, err := tp.dialTCP(ctx, c.addr)
+			cancel()
+			if err != nil {
+				t.Fatalf("dial %s: %v", c.addr, err)
+			}
+			conn.(*net.TCPConn).SetNoDelay(true)
+			port := conn.LocalAddr().(*net.TCPAddr).Port
+			time.Sleep(1500 * time.Millisecond)
+			for i := range 3 {
+				conn.Write(hello[i : i+1])
+				time.Sleep(200 * time.Millisecond)
+			}
+			conn.Write(hello[3:])
+			conn.SetReadDeadline(time.Now().Add(5 * time.Second))
+			var b [5]byte
+			n, rerr := io.ReadFull(conn, b[:])
+			conn.Close()
+			what := "silent client, then a slow hello, to " + c.addr
+			ev := wantEvent(t, d, what, byClientPort(port), c.verdict, c.reason)
+			switch {
+			case c.verdict == "allow" && (rerr != nil || b[0] != 0x16):
+				t.Errorf("%s: no ServerHello from the origin (%d bytes %x, %v)", what, n, b[:n], rerr)
+			case c.verdict == "allow" && (ev.Name != dockerName || ev.NameSource != "dns-learned"):
+				t.Errorf("%s: recorded as %+v, want %s (dns-learned)", what, ev, dockerName)
+			case c.verdict == "deny" && rerr == nil:
+				t.Errorf("%s: the client read %x: something answered", what, b[:n])
+			}
+		}
+	})
+
 	t.Run("odd-sni", func(t *testing.T) {
 		cases := []struct {
 			name   string
