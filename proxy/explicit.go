@@ -138,8 +138,49 @@ func (p *Proxy) explicitHandler() http.Handler {
 			io.WriteString(w, "egressd: proxy authentication required (HTTP Basic, realm \"egressd\")\n")
 			return
 		}
+		if r.Method == http.MethodConnect {
+			w = keepPipelined{w}
+		}
 		p.gp.ServeHTTP(w, r)
 	})
+}
+
+// keepPipelined makes Hijack hand over the bytes net/http read past the
+// CONNECT head with the connection: a client may send its first bytes (a
+// ClientHello) without waiting for the 200, and goproxy's ConnectHijack
+// passes the bare connection on, which would drop them. The returned
+// connection replays them (a *pipelinedConn); the returned reader is
+// empty, so goproxy's other actions do not read them twice.
+type keepPipelined struct{ http.ResponseWriter }
+
+func (k keepPipelined) Hijack() (net.Conn, *bufio.ReadWriter, error) {
+	h, ok := k.ResponseWriter.(http.Hijacker)
+	if !ok {
+		return nil, nil, http.ErrNotSupported
+	}
+	c, rw, err := h.Hijack()
+	if err != nil || rw.Reader.Buffered() == 0 {
+		return c, rw, err
+	}
+	pre, _ := rw.Reader.Peek(rw.Reader.Buffered())
+	pc := &pipelinedConn{Conn: c, pre: bytes.Clone(pre)}
+	return pc, bufio.NewReadWriter(bufio.NewReader(pc), rw.Writer), nil
+}
+
+// pipelinedConn is a hijacked CONNECT connection whose first bytes were
+// read already: Read returns them first.
+type pipelinedConn struct {
+	net.Conn
+	pre []byte
+}
+
+func (c *pipelinedConn) Read(b []byte) (int, error) {
+	if len(c.pre) > 0 {
+		n := copy(b, c.pre)
+		c.pre = c.pre[n:]
+		return n, nil
+	}
+	return c.Conn.Read(b)
 }
 
 func (p *Proxy) authOK(r *http.Request) bool {
@@ -353,8 +394,19 @@ func (p *Proxy) tunnelConnect(client net.Conn, st *connectState, v verdict, f *f
 		f.err, f.ev.Close = err, closeReset
 		return
 	}
+	// Bytes the client sent before the 200 go first; then the bare
+	// connection, which splices.
+	var early int
+	if pc, ok := client.(*pipelinedConn); ok {
+		if _, err := server.Write(pc.pre); err != nil {
+			server.Close()
+			f.err, f.ev.Close = err, closeReset
+			return
+		}
+		early, client = len(pc.pre), pc.Conn
+	}
 	out, in, reason := p.pipe(client, server)
-	f.ev.BytesOut, f.ev.BytesIn, f.ev.Close = uint64(out), uint64(in), reason
+	f.ev.BytesOut, f.ev.BytesIn, f.ev.Close = uint64(out)+uint64(early), uint64(in), reason
 }
 
 // handleRequest decides a plain HTTP request of the explicit proxy, or a

@@ -97,6 +97,41 @@ func TestExplicit(t *testing.T) {
 		}
 	})
 
+	t.Run("connect-pipelined", func(t *testing.T) {
+		// The client's first bytes in the same write as the CONNECT, before
+		// the 200: they must reach the origin (net/http has read them with
+		// the head; goproxy's hijack alone would drop them).
+		var c net.Conn
+		if err := tp.c.Do(func() (err error) {
+			c, err = net.DialTimeout("tcp", fmt.Sprintf("198.18.1.1:%d", explicitPort), 5*time.Second)
+			return
+		}); err != nil {
+			t.Fatal(err)
+		}
+		defer c.Close()
+		c.SetDeadline(time.Now().Add(10 * time.Second))
+		io.WriteString(c, "CONNECT www.allowed.test:80 HTTP/1.1\r\nHost: www.allowed.test:80\r\n\r\n"+
+			"GET /pipelined HTTP/1.1\r\nHost: www.allowed.test\r\nConnection: close\r\n\r\n")
+		br := bufio.NewReader(c)
+		resp, err := http.ReadResponse(br, &http.Request{Method: http.MethodConnect})
+		if err != nil || resp.StatusCode != http.StatusOK {
+			t.Fatalf("CONNECT: %v %v", resp, err)
+		}
+		resp, err = http.ReadResponse(br, &http.Request{Method: http.MethodGet})
+		if err != nil {
+			t.Fatalf("the pipelined request got no answer: %v", err)
+		}
+		body, _ := io.ReadAll(resp.Body)
+		resp.Body.Close()
+		if !strings.Contains(string(body), "path=/pipelined") {
+			t.Errorf("pipelined request: %d %q", resp.StatusCode, body)
+		}
+		c.Close() // the tunnel ends, and is recorded, when both sides are done
+		tp.ev.wait(t, "pipelined connect", func(ev audit.Event) bool {
+			return ev.NameSource == audit.NameConnect && ev.Name == "www.allowed.test" && ev.DestPort == 80 && ev.BytesOut > 50 && ev.BytesIn > 0
+		})
+	})
+
 	t.Run("plain-http", func(t *testing.T) {
 		out, err := tp.c.Run("curl", "-sS", "--max-time", "10", "-x", proxyURL, "http://www.allowed.test/plainx")
 		if err != nil || !strings.Contains(out, "host=www.allowed.test path=/plainx") {
