@@ -292,6 +292,23 @@ func gatewayScenario(t *testing.T, tp *topo, mode string) {
 	if n := tp.inboundAttempts(t); n != 0 {
 		t.Errorf("%d inbound connections got in after kill -9 in %s mode", n, mode)
 	}
+
+	if enforce {
+		// The enforce run left its table (fail-closed). The next start is
+		// in audit mode with nothing to install (no WAN guard): it must
+		// take the leftover away, since audit never blocks.
+		d.mode, d.noGuard = "audit", true
+		d.start()
+		if tp.nftTable() {
+			t.Errorf("audit start after an enforce run: the enforce run's nftables table is still there")
+		}
+		_, errAllowed := tp.curl(dockerName, 443, dockerIP4, "/", true)
+		_, errDenied := tp.curl(lookalike, 443, lookalikeIP, "/", true)
+		if errAllowed != nil || errDenied != nil {
+			t.Errorf("audit start after an enforce run blocks: allowed TCP %v, denied TCP %v", errAllowed, errDenied)
+		}
+		d.stop()
+	}
 }
 
 // checkReport compares the report with the tally, exactly.

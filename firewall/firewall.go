@@ -13,6 +13,7 @@ import (
 	"time"
 
 	"github.com/google/nftables"
+	"golang.org/x/sys/unix"
 
 	"egressd/audit"
 	"egressd/policy"
@@ -262,6 +263,28 @@ func (f *Firewall) removeLocked() (err error) {
 	f.m.installed.Reset()
 	f.log.Info("firewall removed", "table", "inet "+TableName)
 	return nil
+}
+
+// RemoveLeftover removes egressd's table if one is in the kernel though
+// this Firewall installed none: what an earlier egressd in enforce mode
+// left (its clean stop and kill -9 both leave the ruleset, fail-closed). A
+// start that installs nothing (audit mode) must not keep enforcing it. It
+// reports whether there was a table.
+func (f *Firewall) RemoveLeftover() (bool, error) {
+	f.ioMu.Lock()
+	defer f.ioMu.Unlock()
+	conn, err := f.connLocked()
+	if err != nil {
+		return false, err
+	}
+	if _, err := conn.ListTableOfFamily(TableName, nftables.TableFamilyINet); err != nil {
+		if errors.Is(err, unix.ENOENT) {
+			return false, nil
+		}
+		f.dropConnLocked()
+		return false, fmt.Errorf("firewall: list table: %w", err)
+	}
+	return true, f.removeLocked()
 }
 
 // Close removes the table if this Firewall installed one (and was not

@@ -470,6 +470,22 @@ func TestEnforce(t *testing.T) {
 		}
 	})
 
+	t.Run("a start that installs nothing removes the leftover", func(t *testing.T) {
+		// The next egressd starts in audit mode: it installs nothing, and
+		// must not keep enforcing the table the last one left.
+		next := tp.firewall(t, Config{})
+		if had, err := next.RemoveLeftover(); err != nil || !had {
+			t.Fatalf("RemoveLeftover: %v, %v; want the leftover table found and removed", had, err)
+		}
+		if line, err := tcpLine(tp.client, "198.18.2.2:80", 3*time.Second); err != nil || !strings.HasPrefix(line, "server saw 198.18.1.2:") {
+			t.Errorf("after the leftover is removed: got %q, %v", line, err)
+		}
+		if had, err := next.RemoveLeftover(); err != nil || had {
+			t.Errorf("second RemoveLeftover: %v, %v; want nothing there", had, err)
+		}
+		next.Close()
+	})
+
 	t.Run("remove leaves other tables alone", func(t *testing.T) {
 		tp.gw.MustRun("nft", "add", "table", "ip", "operator")
 		tp.gw.MustRun("nft", "add", "chain", "ip", "operator", "opchain", "{ type filter hook forward priority 10; policy accept; }")

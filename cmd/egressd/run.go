@@ -387,12 +387,17 @@ func (d *daemon) run(ctx context.Context) error {
 	}
 
 	switch {
-	case eng.Mode() == policy.ModeAudit && !cfg.masquerade && !cfg.guardWAN:
-		// Audit mode never redirects or blocks (fail-open by design: see
-		// the firewall package), so there is nothing to install.
-		d.say("firewall: audit mode: nothing installed, traffic is only observed")
 	case cfg.noFirewall:
 		d.say("firewall: not touched (--no-firewall): bring traffic to the listeners yourself")
+	case eng.Mode() == policy.ModeAudit && !cfg.masquerade && !cfg.guardWAN:
+		// Audit mode never redirects or blocks (fail-open by design: see
+		// the firewall package), so there is nothing to install; but a
+		// table an enforce run left (its stop leaves it, fail-closed)
+		// would go on blocking: it goes.
+		d.say("firewall: audit mode: nothing installed, traffic is only observed")
+		if caps.netAdmin {
+			d.removeLeftoverFirewall()
+		}
 	case !caps.netAdmin:
 		d.degrade("firewall", "needs CAP_NET_ADMIN to install nftables rules (run as root, or use --no-firewall)")
 	default:
@@ -423,6 +428,24 @@ func (d *daemon) run(ctx context.Context) error {
 		case <-ctx.Done():
 			return d.shutdown(cancel, &wg)
 		}
+	}
+}
+
+// removeLeftoverFirewall removes the nftables table an earlier egressd
+// in enforce mode left, if there is one.
+func (d *daemon) removeLeftoverFirewall() {
+	fw, err := firewall.New(firewall.Config{}, firewall.Deps{Logger: d.log})
+	if err != nil {
+		d.degrade("firewall", err.Error())
+		return
+	}
+	defer fw.Close()
+	had, err := fw.RemoveLeftover()
+	switch {
+	case err != nil:
+		d.degrade("firewall", "could not remove the table an earlier enforce run left: "+err.Error())
+	case had:
+		d.say("firewall: removed the nftables table inet %s an earlier run in enforce mode left", firewall.TableName)
 	}
 }
 
