@@ -217,7 +217,7 @@ func (s *Server) sendAnswers(aq *answerQueue) {
 			ms = append(ms, ipv4.Message{Buffers: [][]byte{a.out}, Addr: net.UDPAddrFromAddrPort(a.dst)})
 		}
 		aq.ms = ms
-		s.sendBatch(v.(*ipv4.PacketConn), ms)
+		s.sendBatch(v.(batchConn), ms)
 		clear(aq.ms)
 	})
 	clear(aq.items)

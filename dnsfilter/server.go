@@ -66,7 +66,7 @@ type Server struct {
 
 	flMu    sync.Mutex         // guards flights
 	flights map[string]*flight // the asynchronous miss path's, by cache key
-	pcs     sync.Map           // *net.UDPConn → *ipv4.PacketConn, for the listeners readUDPBatch serves
+	pcs     sync.Map           // *net.UDPConn → batchConn, for the listeners readUDPBatch serves
 	now     func() time.Time
 
 	durCache, durUpstream, durLocal prometheus.Observer
@@ -454,8 +454,8 @@ func acceptQuery(dh dns.Header) dns.MsgAcceptAction {
 }
 
 func (s *Server) readUDP(c *net.UDPConn) error {
-	if !s.cfg.noBatch && canBatch(c) {
-		return s.readUDPBatch(c)
+	if pc := batchConnFor(c); pc != nil && !s.cfg.noBatch {
+		return s.readUDPBatch(c, pc)
 	}
 	buf := make([]byte, 65536)
 	sc := newScratch()

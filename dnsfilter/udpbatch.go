@@ -15,14 +15,11 @@ import (
 // batch is one query, answered as soon as it is read.
 const udpBatch = 16
 
-// readUDPBatch is readUDP for an IPv4 socket on Linux: recvmmsg in, the
-// fast path's answers out with sendmmsg once the batch is handled. Misses
-// and general-path queries answer from their goroutines as before.
-// (IPv6 sockets keep readUDP: their IPv4 clients arrive as v4-mapped
-// addresses that x/net would send to as AF_INET, which such a socket
-// refuses.)
-func (s *Server) readUDPBatch(c *net.UDPConn) error {
-	pc := ipv4.NewPacketConn(c)
+// readUDPBatch is readUDP for a socket batchConnFor accepts (Linux):
+// recvmmsg in, the fast path's answers and the misses' upstream queries
+// out with sendmmsg once the batch is handled. General-path queries answer
+// from their goroutines as before.
+func (s *Server) readUDPBatch(c *net.UDPConn, pc batchConn) error {
 	rms := make([]ipv4.Message, udpBatch)
 	for i := range rms {
 		rms[i].Buffers = [][]byte{make([]byte, 65536)}
@@ -91,7 +88,7 @@ func eachRun[T any, K comparable](items []T, key func(*T) K, fn func(run []T)) {
 // sendBatch writes ms with as few sendmmsg calls as the kernel allows; a
 // message the kernel refuses (its error is for that one datagram) is
 // skipped, as a failed sendto would be.
-func (s *Server) sendBatch(pc *ipv4.PacketConn, ms []ipv4.Message) {
+func (s *Server) sendBatch(pc batchConn, ms []ipv4.Message) {
 	for len(ms) > 0 {
 		n, err := pc.WriteBatch(ms, 0)
 		if err != nil {

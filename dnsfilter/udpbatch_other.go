@@ -8,5 +8,5 @@ import "net"
 // flags; an answer cut to the buffer fails to unpack and times out.
 const msgTrunc = 0
 
-// canBatch is false off Linux: readUDP reads one datagram per call.
-func canBatch(*net.UDPConn) bool { return false }
+// batchConnFor is nil off Linux: readUDP reads one datagram per call.
+func batchConnFor(*net.UDPConn) batchConn { return nil }

@@ -17,7 +17,7 @@ import (
 // hits, enforce denials, misses and general-path queries. Every query must
 // get exactly one answer, to its own client, for its own ID and question,
 // and one audit event. The same runs with batching off and on an IPv6
-// socket (which reads one datagram per call).
+// socket (batched too: bound to ::1, no IPv4 client can reach it).
 func TestUDPBurst(t *testing.T) {
 	const clients, perClient = 4, 48
 	var zone strings.Builder
@@ -144,28 +144,42 @@ func TestUDPBurst(t *testing.T) {
 }
 
 // TestWildcardListen: a wildcard listen address (":port", what egressd run
-// uses by default) gets an AF_INET socket, which the batching reader
-// serves, and an IPv6-only one; IPv4 and IPv6 clients are both answered,
-// misses and cache hits, on UDP and TCP.
+// uses by default) gets an AF_INET socket and an IPv6-only one, both served
+// by the batching reader; IPv4 and IPv6 clients are both answered, misses
+// and cache hits, on UDP and TCP. A dual-stack socket is not batched.
 func TestWildcardListen(t *testing.T) {
 	up := newFakeUpstream(t, labZone)
 	ts := startServer(t, enforcePolicy, Config{Listen: []string{":0"}, Upstreams: []string{up.Addr}}, Deps{})
 	port := ts.Addrs()[0].Port()
-	families := map[bool]int{} // batching? -> sockets
+	var v4, v6, batched, total int
 	ts.mu.Lock()
 	for _, c := range ts.udp {
-		families[canBatch(c)]++
+		total++
+		if c.LocalAddr().(*net.UDPAddr).IP.To4() != nil {
+			v4++
+		} else {
+			v6++
+		}
+		if batchConnFor(c) != nil {
+			batched++
+		}
 	}
 	ts.mu.Unlock()
-	if families[true] == 0 {
-		t.Errorf("no AF_INET socket among the wildcard's UDP sockets (%v): IPv4 clients are not batched", families)
+	if v4 == 0 || batched != total {
+		t.Errorf("wildcard UDP sockets: %d IPv4, %d IPv6, %d of %d batched; want an IPv4 one and all batched", v4, v6, batched, total)
 	}
 	addrs := []string{fmt.Sprintf("127.0.0.1:%d", port)}
 	if c, err := net.ListenPacket("udp6", "[::1]:0"); err == nil {
 		_ = c.Close()
 		addrs = append(addrs, fmt.Sprintf("[::1]:%d", port))
-		if families[false] == 0 {
-			t.Errorf("IPv6 is available but the wildcard has no IPv6 socket (%v)", families)
+		if v6 == 0 {
+			t.Errorf("IPv6 is available but the wildcard has no IPv6 socket")
+		}
+		if ds, err := net.ListenPacket("udp", "[::]:0"); err == nil {
+			if batchConnFor(ds.(*net.UDPConn)) != nil {
+				t.Errorf("a dual-stack socket would be batched: its IPv4 clients could not be answered")
+			}
+			_ = ds.Close()
 		}
 	}
 	for _, addr := range addrs {
