@@ -24,6 +24,7 @@ func main() {
 	noCache := flag.Bool("no-cache", false, "disable the answer cache")
 	logLevel := flag.String("log", "none", "canonical log lines: none, or a slog level (info, warn) to stderr")
 	cpuProfile := flag.String("cpuprofile", "", "write a CPU profile to this file")
+	readers := flag.Int("readers", 0, "UDP sockets and readers (0: one per CPU)")
 	flag.Parse()
 	if *cpuProfile != "" {
 		f, err := os.Create(*cpuProfile)
@@ -34,14 +35,14 @@ func main() {
 		_ = pprof.StartCPUProfile(f)
 		defer pprof.StopCPUProfile()
 	}
-	if err := run(*listen, *upstream, *allow, *noCache, *logLevel); err != nil {
+	if err := run(*listen, *upstream, *allow, *noCache, *logLevel, *readers); err != nil {
 		fmt.Fprintln(os.Stderr, "dnsbench:", err)
 		pprof.StopCPUProfile()
 		os.Exit(1)
 	}
 }
 
-func run(listen, upstream, allow string, noCache bool, logLevel string) error {
+func run(listen, upstream, allow string, noCache bool, logLevel string, readers int) error {
 	src := fmt.Sprintf("version: 1\nmode: enforce\nrules:\n  - name: bench\n    to: [%q]\n    ports: [443/tcp]\n", allow)
 	eng, err := policy.Compile("bench-policy.yaml", []byte(src))
 	if err != nil {
@@ -55,7 +56,7 @@ func run(listen, upstream, allow string, noCache bool, logLevel string) error {
 		}
 		logger = slog.New(slog.NewJSONHandler(os.Stderr, &slog.HandlerOptions{Level: lv}))
 	}
-	cfg := dnsfilter.Config{Listen: []string{listen}, Upstreams: []string{upstream}, ClientRate: -1}
+	cfg := dnsfilter.Config{Listen: []string{listen}, Upstreams: []string{upstream}, ClientRate: -1, UDPReaders: readers}
 	if noCache {
 		cfg.CacheSize = -1
 	}
