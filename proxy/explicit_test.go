@@ -21,13 +21,7 @@ import (
 // the response (status, reason header, body).
 func (tp *topo) proxyRequest(t *testing.T, raw string) (*http.Response, string) {
 	t.Helper()
-	var c net.Conn
-	if err := tp.c.Do(func() (err error) {
-		c, err = net.DialTimeout("tcp", fmt.Sprintf("198.18.1.1:%d", explicitPort), 5*time.Second)
-		return
-	}); err != nil {
-		t.Fatal(err)
-	}
+	c := tp.dialExplicit(t)
 	defer c.Close()
 	c.SetDeadline(time.Now().Add(10 * time.Second))
 	io.WriteString(c, raw)
@@ -41,6 +35,19 @@ func (tp *topo) proxyRequest(t *testing.T, raw string) (*http.Response, string) 
 		body, _ = io.ReadAll(resp.Body)
 	}
 	return resp, string(body)
+}
+
+// dialExplicit connects to the explicit proxy from the client namespace.
+func (tp *topo) dialExplicit(t *testing.T) net.Conn {
+	t.Helper()
+	var c net.Conn
+	if err := tp.c.Do(func() (err error) {
+		c, err = net.DialTimeout("tcp", fmt.Sprintf("198.18.1.1:%d", explicitPort), 5*time.Second)
+		return
+	}); err != nil {
+		t.Fatal(err)
+	}
+	return c
 }
 
 func TestExplicit(t *testing.T) {
@@ -101,13 +108,7 @@ func TestExplicit(t *testing.T) {
 		// The client's first bytes in the same write as the CONNECT, before
 		// the 200: they must reach the origin (net/http has read them with
 		// the head; goproxy's hijack alone would drop them).
-		var c net.Conn
-		if err := tp.c.Do(func() (err error) {
-			c, err = net.DialTimeout("tcp", fmt.Sprintf("198.18.1.1:%d", explicitPort), 5*time.Second)
-			return
-		}); err != nil {
-			t.Fatal(err)
-		}
+		c := tp.dialExplicit(t)
 		defer c.Close()
 		c.SetDeadline(time.Now().Add(10 * time.Second))
 		io.WriteString(c, "CONNECT www.allowed.test:80 HTTP/1.1\r\nHost: www.allowed.test:80\r\n\r\n"+
