@@ -297,7 +297,7 @@ func (s *Server) shutdown() {
 func (s *Server) listen() error {
 	readers := s.cfg.UDPReaders
 	if readers == 0 {
-		readers = runtime.GOMAXPROCS(0)
+		readers = defaultReaders(runtime.GOMAXPROCS(0))
 	}
 	for _, addr := range s.cfg.Listen {
 		host, port, _ := net.SplitHostPort(addr)
@@ -312,6 +312,16 @@ func (s *Server) listen() error {
 		}
 	}
 	return nil
+}
+
+// defaultReaders is one UDP reader per two CPUs. A reader's fast path
+// answers on the order of 100,000 cached queries a second on one CPU
+// (bench/dns.sh), more than a site's LAN asks; the kernel's delivery of
+// each answer, and the proxy and capture beside the forwarder, need the
+// other CPUs. On this project's 2-CPU benchmark box a second reader cost
+// p99 latency and gave no throughput (README, "DNS forwarder").
+func defaultReaders(cpus int) int {
+	return max(1, cpus/2)
 }
 
 func (s *Server) listenOne(host, port string, readers int) error {

@@ -193,3 +193,11 @@ func TestWildcardListen(t *testing.T) {
 		}
 	}
 }
+
+func TestDefaultReaders(t *testing.T) {
+	for cpus, want := range map[int]int{1: 1, 2: 1, 3: 1, 4: 2, 16: 8} {
+		if got := defaultReaders(cpus); got != want {
+			t.Errorf("defaultReaders(%d) = %d, want %d", cpus, got, want)
+		}
+	}
+}

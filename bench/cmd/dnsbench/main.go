@@ -24,7 +24,7 @@ func main() {
 	noCache := flag.Bool("no-cache", false, "disable the answer cache")
 	logLevel := flag.String("log", "none", "canonical log lines: none, or a slog level (info, warn) to stderr")
 	cpuProfile := flag.String("cpuprofile", "", "write a CPU profile to this file")
-	readers := flag.Int("readers", 0, "UDP sockets and readers (0: one per CPU)")
+	readers := flag.Int("readers", 0, "UDP sockets and readers (0: the forwarder's default, one per two CPUs)")
 	flag.Parse()
 	if *cpuProfile != "" {
 		f, err := os.Create(*cpuProfile)
