@@ -35,7 +35,7 @@ func spliceCopy(dst, src *net.TCPConn, moved func()) (int64, error) {
 	)
 	defer func() {
 		if pp != nil {
-			pp.release()
+			pp.release() // after an error it may hold bytes
 		}
 	}()
 	for {
@@ -71,7 +71,12 @@ func spliceCopy(dst, src *net.TCPConn, moved func()) (int64, error) {
 			return written, err
 		}
 		if n == 0 {
-			return written, nil // EOF
+			// EOF: nothing was moved into the pipe, which goes back to
+			// the free list (closing it cost every tunnel two pipe(2)
+			// and fcntl calls on the next one).
+			putPipe(pp)
+			pp = nil
+			return written, nil
 		}
 		// Drain the pipe into dst.
 		left := n

@@ -85,7 +85,8 @@ func TestSpliceIdleHoldsNoPipe(t *testing.T) {
 	proxyOut, server := tcpPair(t)
 	var p Proxy
 	p.done = make(chan struct{})
-	p.startTunnel(proxyIn, proxyOut, func(int64, int64, string) {})
+	ended := make(chan struct{})
+	p.startTunnel(proxyIn, proxyOut, func(int64, int64, string) { close(ended) })
 	buf := make([]byte, 64)
 	for round := range 3 {
 		client.Write([]byte("ping"))
@@ -106,6 +107,18 @@ func TestSpliceIdleHoldsNoPipe(t *testing.T) {
 		if open, free := openPipeFDs(t)-base, len(freePipes); open != 2*free || free == 0 {
 			t.Fatalf("round %d: %d pipe descriptors open, %d pipes in the free list while the tunnel idles: a direction holds a pipe", round, open, free)
 		}
+	}
+	// A tunnel that ends at EOF both ways leaves its pipes to the next
+	// one: kept in the free list, not closed.
+	client.CloseWrite()
+	server.CloseWrite()
+	select {
+	case <-ended:
+	case <-time.After(5 * time.Second):
+		t.Fatal("tunnel did not end")
+	}
+	if open, free := openPipeFDs(t)-base, len(freePipes); free == 0 || open != 2*free {
+		t.Fatalf("after the tunnel ended: %d pipe descriptors open, %d pipes free; want every pipe free and kept", open, free)
 	}
 	client.Close()
 	server.Close()
