@@ -35,7 +35,7 @@ func spliceCopy(dst, src *net.TCPConn, moved func()) (int64, error) {
 	)
 	defer func() {
 		if pp != nil {
-			pp.release() // after an error it may hold bytes
+			pp.release() // a failed write may have left bytes in it
 		}
 	}()
 	for {
@@ -67,16 +67,15 @@ func spliceCopy(dst, src *net.TCPConn, moved func()) (int64, error) {
 		if err == nil {
 			err = serr
 		}
-		if err != nil {
+		if err != nil || n == 0 {
+			// EOF or a failed read (a reset, say): nothing was moved
+			// into the pipe, which goes back to the free list. Closing
+			// it cost every tunnel's successor a pipe(2) and an fcntl.
+			if pp != nil {
+				putPipe(pp)
+				pp = nil
+			}
 			return written, err
-		}
-		if n == 0 {
-			// EOF: nothing was moved into the pipe, which goes back to
-			// the free list (closing it cost every tunnel two pipe(2)
-			// and fcntl calls on the next one).
-			putPipe(pp)
-			pp = nil
-			return written, nil
 		}
 		// Drain the pipe into dst.
 		left := n

@@ -140,8 +140,13 @@ func openPipeFDs(t *testing.T) int {
 	return n
 }
 
-// TestSpliceReset: a reset on one side ends the tunnel.
+// TestSpliceReset: a reset on one side ends the tunnel, and the pipes go
+// back to the free list.
 func TestSpliceReset(t *testing.T) {
+	for len(freePipes) > 0 {
+		(<-freePipes).release()
+	}
+	base := openPipeFDs(t)
 	client, proxyIn := tcpPair(t)
 	proxyOut, server := tcpPair(t)
 	var p Proxy
@@ -149,6 +154,16 @@ func TestSpliceReset(t *testing.T) {
 	ended := make(chan string, 1)
 	p.startTunnel(proxyIn, proxyOut, func(_, _ int64, reason string) { ended <- reason })
 	client.Write([]byte("x"))
+	server.SetReadDeadline(time.Now().Add(5 * time.Second))
+	if _, err := io.ReadFull(server, make([]byte, 1)); err != nil {
+		t.Fatal(err)
+	}
+	// Both directions idle, every pipe free.
+	deadline := time.Now().Add(5 * time.Second)
+	for (len(freePipes) == 0 || openPipeFDs(t)-base != 2*len(freePipes)) && time.Now().Before(deadline) {
+		time.Sleep(5 * time.Millisecond)
+	}
+	before := len(freePipes)
 	server.SetLinger(0)
 	server.Close()
 	select {
@@ -158,6 +173,11 @@ func TestSpliceReset(t *testing.T) {
 		}
 	case <-time.After(5 * time.Second):
 		t.Fatal("tunnel did not end after a reset")
+	}
+	// The read that met the reset moved nothing into its pipe: the pipe
+	// is kept for the next tunnel, not closed.
+	if open, free := openPipeFDs(t)-base, len(freePipes); before == 0 || free != before || open != 2*free {
+		t.Fatalf("after the reset: %d pipe descriptors open, %d pipes free (%d before); want every pipe free and kept", open, free, before)
 	}
 }
 
