@@ -176,7 +176,7 @@ func TestSpliceReset(t *testing.T) {
 	}
 	// The read that met the reset moved nothing into its pipe: the pipe
 	// is kept for the next tunnel, not closed.
-	if open, free := openPipeFDs(t)-base, len(freePipes); before == 0 || free != before || open != 2*free {
+	if open, free := openPipeFDs(t)-base, len(freePipes); before == 0 || free < before || open != 2*free {
 		t.Fatalf("after the reset: %d pipe descriptors open, %d pipes free (%d before); want every pipe free and kept", open, free, before)
 	}
 }
