@@ -214,12 +214,7 @@ type missQuery struct {
 func (s *Server) serveMiss(m *missQuery, deadline time.Time, skip *upstream) {
 	q := m.query()
 	defer func() {
-		if r := recover(); r != nil {
-			s.m.dropped.WithLabelValues("panic").Inc()
-			q.err = fmt.Errorf("dnsfilter: panic: %v", r)
-		}
-		s.finish(q)
-		<-s.slowSem
+		s.endMiss(q, recover())
 		s.slow.Done()
 	}()
 	e, hit, err := s.resolve(s.baseCtx, m.key, m.name, m.qtype, m.qclass, m.flags, deadline, skip)

@@ -122,8 +122,7 @@ func (s *Server) answerFlight(ws []*missQuery, u *upstream, r *dns.Msg, err erro
 			if err != nil {
 				q := m.query()
 				q.err, q.path = err, "upstream"
-				s.finish(q)
-				<-s.slowSem
+				s.endMiss(q, nil)
 				continue
 			}
 			s.answerMiss(m, e, aq)
@@ -169,14 +168,7 @@ func (s *Server) answerMiss(m *missQuery, e *entry, aq *answerQueue) {
 // It ends the query: its record, its slowSem token; a panic costs the
 // query its answer, not the reader.
 func (s *Server) sendMiss(m *missQuery, q *query, e *entry, aq *answerQueue) {
-	defer func() {
-		if p := recover(); p != nil {
-			s.m.dropped.WithLabelValues("panic").Inc()
-			q.err = fmt.Errorf("dnsfilter: panic: %v", p)
-		}
-		s.finish(q)
-		<-s.slowSem
-	}()
+	defer func() { s.endMiss(q, recover()) }()
 	out := s.reply(q, nil, e, false)
 	switch {
 	case out == nil:
@@ -229,4 +221,15 @@ func (m *missQuery) query() *query {
 	return &query{start: m.start, client: m.src, proto: "udp", id: uint16(m.pkt[0])<<8 | uint16(m.pkt[1]), rd: m.pkt[2]&0x01 != 0,
 		qnameW: m.pkt[12:m.qnameEnd], name: m.name, qtype: m.qtype, edns: m.edns, do: m.do, cd: m.flags&keyCD != 0,
 		maxSize: m.maxSize, dec: m.dec, eng: m.eng, rcode: -1}
+}
+
+// endMiss ends a miss's query: its record (with the panic p, when not
+// nil, as its error) and its slowSem token.
+func (s *Server) endMiss(q *query, p any) {
+	if p != nil {
+		s.m.dropped.WithLabelValues("panic").Inc()
+		q.err = fmt.Errorf("dnsfilter: panic: %v", p)
+	}
+	s.finish(q)
+	<-s.slowSem
 }
