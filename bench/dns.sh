@@ -19,7 +19,8 @@
 #        DNSPERF_Q (100), LIGHT_QPS (5000, 0 = skip), LIGHT_SECS (4),
 #        NAMES (1000), BENCH_DNS_DIR (/tmp/bench-dns-egressd),
 #        DNSBENCH_ARGS (more flags for egressd's dnsbench, e.g.
-#        "-cpuprofile F" with SYSTEMS naming one egressd variant).
+#        "-cpuprofile F" or "-memprofile F" with SYSTEMS naming one
+#        egressd variant).
 set -euo pipefail
 export LC_ALL=C
 cd "$(dirname "$0")/.."

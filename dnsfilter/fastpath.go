@@ -164,7 +164,8 @@ func (s *Server) fast(sc *scratch, c *net.UDPConn, pkt []byte, src netip.AddrPor
 			s.m.dropped.WithLabelValues("overload").Inc()
 			return true
 		}
-		m := &missQuery{pkt: append([]byte(nil), pkt...), key: append([]byte(nil), key...), qnameEnd: len(qnameW) + 12,
+		b := append(append(make([]byte, 0, len(pkt)+len(key)), pkt...), key...) // one allocation for both
+		m := &missQuery{pkt: b[:len(pkt):len(pkt)], key: b[len(pkt):], qnameEnd: len(qnameW) + 12,
 			name: string(name), qtype: qtype, qclass: qclass, flags: flags, edns: edns, do: do, maxSize: maxSize, dec: dec, eng: eng, src: src, start: now, c: c}
 		if e == nil && s.missAsync(m, sc.sq) {
 			return true
@@ -205,6 +206,7 @@ type missQuery struct {
 	src      netip.AddrPort
 	start    time.Time
 	c        *net.UDPConn // the listener it came in on
+	rec      query        // the record query() fills: no allocation of its own
 }
 
 // serveMiss resolves a fast-path miss and answers it, on the general path

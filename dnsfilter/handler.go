@@ -376,6 +376,27 @@ func (s *Server) upstreamQuery(name string, qtype, qclass uint16, flags byte) *d
 	return m
 }
 
+// upstreamWire is upstreamQuery packed, with ID 0, made from a fast-path
+// cache key (lower-case wire name, type, class, flags) without a dns.Msg:
+// the asynchronous miss path's one allocation for its upstream query.
+func (s *Server) upstreamWire(key []byte) []byte {
+	flags, q := key[len(key)-1], key[:len(key)-1]
+	w := make([]byte, 12, 12+len(q)+11)
+	w[2] = 0x01 // RD
+	if flags&keyCD != 0 {
+		w[3] = 0x10
+	}
+	w[5], w[11] = 1, 1 // one question, one additional (the OPT)
+	w = append(w, q...)
+	do := byte(0)
+	if flags&keyDO != 0 {
+		do = 0x80
+	}
+	// OPT: root owner, type 41, class our UDP size, TTL extended rcode 0,
+	// version 0 and the DO bit, no options.
+	return append(w, 0, 0, byte(dns.TypeOPT), byte(s.cfg.UDPSize>>8), byte(s.cfg.UDPSize), 0, 0, do, 0, 0, 0)
+}
+
 // deny answers a denied name in enforce mode, as configured, with an RFC
 // 8914 Extended DNS Error naming the policy.
 func (s *Server) deny(q *query, req *dns.Msg, eng *policy.Engine) []byte {

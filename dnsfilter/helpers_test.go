@@ -35,6 +35,10 @@ type fakeUpstream struct {
 	delay atomic.Int64        // nanoseconds before answering
 	drop  atomic.Bool         // never answer
 	big   atomic.Bool         // ignore the EDNS size: UDP answers go out whole
+	// decoys: before each UDP answer, send two with its ID but another
+	// question (another name, another type), both with 203.0.113.66.
+	decoys    atomic.Bool
+	decoysOut atomic.Int32
 
 	mu   sync.Mutex // guards seen
 	seen []seenQuery
@@ -149,6 +153,17 @@ func (u *fakeUpstream) ServeDNS(w dns.ResponseWriter, r *dns.Msg) {
 			size = int(opt.UDPSize())
 		}
 		m.Truncate(size)
+	}
+	if proto == "udp" && u.decoys.Load() {
+		for _, dq := range []dns.Question{{Name: "decoy.allowed.test.", Qtype: q.Qtype, Qclass: q.Qclass}, {Name: q.Name, Qtype: dns.TypeTXT, Qclass: q.Qclass}} {
+			d := new(dns.Msg)
+			d.SetReply(r)
+			d.Question = []dns.Question{dq}
+			d.Answer = []dns.RR{&dns.A{Hdr: dns.RR_Header{Name: q.Name, Rrtype: dns.TypeA, Class: dns.ClassINET, Ttl: 300}, A: net.IPv4(203, 0, 113, 66)}}
+			if w.WriteMsg(d) == nil {
+				u.decoysOut.Add(1)
+			}
+		}
 	}
 	_ = w.WriteMsg(m)
 }

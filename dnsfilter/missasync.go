@@ -26,10 +26,22 @@ import (
 // before.
 
 // flight is one upstream query of the asynchronous miss path and the
-// misses waiting for its answer.
+// misses waiting for its answer. It is the query's wait on the upstream
+// socket, and lands there (one allocation for both).
 type flight struct {
-	key     string
-	waiters []*missQuery // guarded by Server.flMu until the flight lands
+	s               *Server
+	key             string
+	u               *upstream
+	start, deadline time.Time
+	w               muxWait
+	waiters         []*missQuery // guarded by Server.flMu until the flight lands
+}
+
+// land is the upstream's answer (or error) for f: counted in the
+// upstream's health, then given to the waiting misses.
+func (f *flight) land(r *dns.Msg, err error, aq *answerQueue) {
+	f.s.ups.account(f.u, f.start, err)
+	f.s.land(f, r, err, aq)
 }
 
 // missAsync sends m's question upstream, or joins the flight already
@@ -54,21 +66,21 @@ func (s *Server) missAsync(m *missQuery, sq *sendQueue) bool {
 		s.flMu.Unlock()
 		return false // the general path answers the overload
 	}
-	f := &flight{key: string(m.key), waiters: []*missQuery{m}}
+	f := &flight{s: s, key: string(m.key), waiters: []*missQuery{m}}
 	s.flights[f.key] = f
 	s.slow.Add(1) // until the flight lands: Run waits for it
 	s.flMu.Unlock()
 	s.m.cacheMisses.Inc()
 
-	u := s.ups.order()[0]
-	deadline := s.now().Add(s.ups.timeout)
-	if d := m.start.Add(s.cfg.QueryTimeout); d.Before(deadline) {
-		deadline = d
+	f.u = s.ups.order()[0]
+	f.start = s.now()
+	f.deadline = f.start.Add(s.ups.timeout)
+	if d := m.start.Add(s.cfg.QueryTimeout); d.Before(f.deadline) {
+		f.deadline = d
 	}
-	q := s.upstreamQuery(m.name, m.qtype, m.qclass, m.flags)
-	land := func(r *dns.Msg, err error, aq *answerQueue) { s.land(f, u, q, deadline, r, err, aq) }
-	if err := s.ups.exchangeAsync(u, deadline, q, land, sq); err != nil {
-		land(nil, err, nil)
+	f.w = muxWait{q: question{m.name, m.qtype, m.qclass}, to: f}
+	if err := s.ups.exchangeAsync(f.u, f.start, f.deadline, s.upstreamWire(m.key), &f.w, sq); err != nil {
+		s.land(f, nil, err, nil) // counted by exchangeAsync
 	}
 	return true
 }
@@ -76,16 +88,19 @@ func (s *Server) missAsync(m *missQuery, sq *sendQueue) bool {
 // land answers a flight's misses with the upstream's answer, or sends
 // them on to the general path. It runs on the upstream socket's reader (or
 // a timer's goroutine).
-func (s *Server) land(f *flight, u *upstream, q *dns.Msg, deadline time.Time, r *dns.Msg, err error, aq *answerQueue) {
+func (s *Server) land(f *flight, r *dns.Msg, err error, aq *answerQueue) {
 	s.flMu.Lock()
 	delete(s.flights, f.key)
 	ws := f.waiters
 	f.waiters = nil
 	s.flMu.Unlock()
+	u, deadline := f.u, f.deadline
 	if (err == nil && r.Truncated || errors.Is(err, errAnswerTooBig)) && !s.closing.Load() {
 		// Ask the same upstream over TCP (RFC 7766), off this reader; the
 		// flight's inflight token and s.slow count go with it.
 		go func() {
+			m := ws[0]
+			q := s.upstreamQuery(m.name, m.qtype, m.qclass, m.flags)
 			q.Id = randomID()
 			u.mTCP.Inc()
 			ctx, cancel := context.WithDeadline(s.baseCtx, deadline)
@@ -216,11 +231,13 @@ func (s *Server) sendAnswers(aq *answerQueue) {
 	aq.items = aq.items[:0]
 }
 
-// query is the record of m for the canonical line and the event.
+// query is the record of m for the canonical line and the event. It
+// lives in m (each path that ends m calls query once).
 func (m *missQuery) query() *query {
-	return &query{start: m.start, client: m.src, proto: "udp", id: uint16(m.pkt[0])<<8 | uint16(m.pkt[1]), rd: m.pkt[2]&0x01 != 0,
+	m.rec = query{start: m.start, client: m.src, proto: "udp", id: uint16(m.pkt[0])<<8 | uint16(m.pkt[1]), rd: m.pkt[2]&0x01 != 0,
 		qnameW: m.pkt[12:m.qnameEnd], name: m.name, qtype: m.qtype, edns: m.edns, do: m.do, cd: m.flags&keyCD != 0,
 		maxSize: m.maxSize, dec: m.dec, eng: m.eng, rcode: -1}
+	return &m.rec
 }
 
 // endMiss ends a miss's query: its record (with the panic p, when not

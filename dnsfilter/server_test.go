@@ -324,6 +324,28 @@ func TestSingleflight(t *testing.T) {
 	}
 }
 
+// An answer with the query's ID but another question (a forgery, or a
+// confused upstream) is not taken: the forwarder waits for the real one
+// (THREATS.md E6), whatever case the client spelled the name in.
+func TestAnswerMustRepeatQuestion(t *testing.T) {
+	up := newFakeUpstream(t, labZone)
+	up.decoys.Store(true)
+	ts := startServer(t, enforcePolicy, Config{Upstreams: []string{up.Addr}, CacheSize: -1}, Deps{})
+	want := netip.MustParseAddr("192.0.2.11")
+	for _, name := range []string{"api.allowed.test.", "API.Allowed.TEST."} {
+		for _, edns := range []bool{true, false} {
+			before := up.decoysOut.Load()
+			r := ask(t, "udp", ts.Addr, name, dns.TypeA, edns)
+			if got := answerAddrs(r); len(got) != 1 || got[0] != want {
+				t.Errorf("%s (edns %v): answer %v, want only %v:\n%s", name, edns, got, want, r)
+			}
+			if up.decoysOut.Load() == before {
+				t.Fatalf("%s: the upstream sent no decoy: the test proves nothing", name)
+			}
+		}
+	}
+}
+
 func TestCNAMEChainOutsideAllowedSet(t *testing.T) {
 	up := newFakeUpstream(t, labZone)
 	ts := startServer(t, enforcePolicy, Config{Upstreams: []string{up.Addr}}, Deps{})

@@ -4,6 +4,7 @@ import (
 	"context"
 	"errors"
 	"net"
+	"strings"
 	"sync"
 	"time"
 
@@ -80,28 +81,57 @@ type muxResult struct {
 }
 
 type muxWait struct {
-	q  *dns.Msg
+	q  question       // what the answer must repeat
 	ch chan muxResult // buffered 1; nil for an asynchronous wait
 
-	// An asynchronous wait (exchangeAsync): fn is called exactly once, by
+	// An asynchronous wait (exchangeAsync): to lands exactly once, by
 	// whoever takes the wait out of pending (the reader with the answer
-	// or the socket's error, the timer with the deadline). aq, when not
-	// nil, collects the answers fn sends, for the reader to send together.
-	fn    func(r *dns.Msg, err error, aq *answerQueue)
+	// or the socket's error, the timer with the deadline).
+	to    landing
 	timer *time.Timer
+}
+
+// landing gets an asynchronous exchange's outcome. aq, when not nil,
+// collects the answers it sends, for the socket's reader to send together.
+type landing interface {
+	land(r *dns.Msg, err error, aq *answerQueue)
+}
+
+// question is a query's one question, as its answer must repeat it.
+type question struct {
+	name          string // with or without the final dot
+	qtype, qclass uint16
+}
+
+func questionOf(q *dns.Msg) question {
+	if len(q.Question) != 1 {
+		return question{}
+	}
+	return question{q.Question[0].Name, q.Question[0].Qtype, q.Question[0].Qclass}
+}
+
+// answeredBy reports whether r is a response with q as its only question
+// (in any case: RFC 4343). The caller has matched the ID.
+func (q question) answeredBy(r *dns.Msg) bool {
+	if !r.Response || len(r.Question) != 1 {
+		return false
+	}
+	a := r.Question[0]
+	return a.Qtype == q.qtype && a.Qclass == q.qclass &&
+		strings.EqualFold(strings.TrimSuffix(a.Name, "."), strings.TrimSuffix(q.name, "."))
 }
 
 // deliver hands r (or err) to the waiter; the caller has taken w out of
 // pending and holds no lock.
 func (w *muxWait) deliver(r *dns.Msg, err error, aq *answerQueue) {
-	if w.fn == nil {
+	if w.to == nil {
 		w.ch <- muxResult{r, err}
 		return
 	}
 	if w.timer != nil {
 		w.timer.Stop()
 	}
-	w.fn(r, err, aq)
+	w.to.land(r, err, aq)
 }
 
 var (
@@ -216,7 +246,7 @@ func (s *muxSocket) answer(msg *ipv4.Message, aq *answerQueue) {
 		err = errAnswerTooBig
 	} else {
 		r = new(dns.Msg)
-		if r.Unpack(buf) != nil || !isAnswerTo(r, w.q) {
+		if r.Unpack(buf) != nil || !w.q.answeredBy(r) {
 			return // keep waiting for the real answer
 		}
 	}
@@ -236,7 +266,7 @@ func (m *udpMux) exchange(ctx context.Context, deadline time.Time, q *dns.Msg) (
 	}
 	id := s.newIDLocked()
 	q.Id = id
-	w := &muxWait{q: q, ch: make(chan muxResult, 1)}
+	w := &muxWait{q: questionOf(q), ch: make(chan muxResult, 1)}
 	s.pending[id] = w
 	s.sent++
 	m.mu.Unlock()
@@ -309,16 +339,13 @@ func (s *muxSocket) failed() {
 	m.mu.Unlock()
 }
 
-// exchangeAsync sends q (its ID is replaced), or queues it on sq when sq
-// is not nil (sq.flush sends it), and returns at once; fn gets the answer,
-// or an error at deadline or when the socket fails, exactly once, on the
-// socket's reader or a timer goroutine. When exchangeAsync itself returns
-// an error, fn is never called.
-func (m *udpMux) exchangeAsync(deadline time.Time, q *dns.Msg, fn func(*dns.Msg, error, *answerQueue), sq *sendQueue) error {
-	wire, err := q.Pack() // with ID 0: the ID is written in below
-	if err != nil {
-		return err
-	}
+// exchangeAsync sends the packed query wire (its ID is written in) for
+// w, whose q and to the caller has set, or queues it on sq when sq is not
+// nil (sq.flush sends it), and returns at once; w.to lands with the
+// answer, or an error at deadline or when the socket fails, exactly once,
+// on the socket's reader or a timer goroutine. When exchangeAsync itself
+// returns an error, w.to never lands.
+func (m *udpMux) exchangeAsync(deadline time.Time, wire []byte, w *muxWait, sq *sendQueue) error {
 	m.mu.Lock()
 	s, err := m.socketLocked(time.Now())
 	if err != nil {
@@ -326,16 +353,14 @@ func (m *udpMux) exchangeAsync(deadline time.Time, q *dns.Msg, fn func(*dns.Msg,
 		return err
 	}
 	id := s.newIDLocked()
-	q.Id = id
 	wire[0], wire[1] = byte(id>>8), byte(id)
-	w := &muxWait{q: q, fn: fn}
 	s.pending[id] = w
 	s.sent++
 	// Armed under the lock: the timer's take waits for it, so w.timer is
 	// set before anyone can deliver.
 	w.timer = time.AfterFunc(time.Until(deadline), func() {
 		if s.take(id, w) {
-			w.fn(nil, context.DeadlineExceeded, nil)
+			w.to.land(nil, context.DeadlineExceeded, nil)
 		}
 	})
 	m.mu.Unlock()

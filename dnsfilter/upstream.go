@@ -187,19 +187,15 @@ func (p *upstreams) exchange(ctx context.Context, deadline time.Time, q *dns.Msg
 	return nil, nil, fmt.Errorf("%w: %w", ErrUpstream, errors.Join(errs...))
 }
 
-// exchangeAsync sends q (one question) to u over UDP and returns at once;
-// fn gets the answer or the error, once, with u's health and metrics
-// updated as exchange updates them. When exchangeAsync returns an error
-// (u's socket could not send), fn is never called and the failure is
-// counted. No failover and no TCP retry: the caller falls back to
-// exchange for those.
-func (p *upstreams) exchangeAsync(u *upstream, deadline time.Time, q *dns.Msg, fn func(*dns.Msg, error, *answerQueue), sq *sendQueue) error {
+// exchangeAsync sends the packed query wire (one question) for w to u over
+// UDP and returns at once; w.to lands with the answer or the error, once,
+// and must then account for it (account with start, as exchange does).
+// When exchangeAsync returns an error (u's socket could not send), w.to
+// never lands and the failure is counted. No failover and no TCP retry:
+// the caller falls back to exchange for those.
+func (p *upstreams) exchangeAsync(u *upstream, start, deadline time.Time, wire []byte, w *muxWait, sq *sendQueue) error {
 	u.mUDP.Inc()
-	start := p.now()
-	err := u.mux.exchangeAsync(deadline, q, func(r *dns.Msg, err error, aq *answerQueue) {
-		p.account(u, start, err)
-		fn(r, err, aq)
-	}, sq)
+	err := u.mux.exchangeAsync(deadline, wire, w, sq)
 	if err != nil {
 		p.account(u, start, err)
 	}

@@ -24,6 +24,7 @@ func main() {
 	noCache := flag.Bool("no-cache", false, "disable the answer cache")
 	logLevel := flag.String("log", "none", "canonical log lines: none, or a slog level (info, warn) to stderr")
 	cpuProfile := flag.String("cpuprofile", "", "write a CPU profile to this file")
+	memProfile := flag.String("memprofile", "", "write an allocation profile to this file at exit")
 	readers := flag.Int("readers", 0, "UDP sockets and readers (0: the forwarder's default, one per two CPUs)")
 	flag.Parse()
 	if *cpuProfile != "" {
@@ -35,7 +36,14 @@ func main() {
 		_ = pprof.StartCPUProfile(f)
 		defer pprof.StopCPUProfile()
 	}
-	if err := run(*listen, *upstream, *allow, *noCache, *logLevel, *readers); err != nil {
+	err := run(*listen, *upstream, *allow, *noCache, *logLevel, *readers)
+	if *memProfile != "" {
+		if f, ferr := os.Create(*memProfile); ferr == nil {
+			_ = pprof.Lookup("allocs").WriteTo(f, 0)
+			f.Close()
+		}
+	}
+	if err != nil {
 		fmt.Fprintln(os.Stderr, "dnsbench:", err)
 		pprof.StopCPUProfile()
 		os.Exit(1)
