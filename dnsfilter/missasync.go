@@ -8,8 +8,6 @@ import (
 	"net/netip"
 	"time"
 
-	"golang.org/x/net/ipv4"
-
 	"github.com/miekg/dns"
 
 	"egressd/audit"
@@ -34,7 +32,8 @@ type flight struct {
 	u               *upstream
 	start, deadline time.Time
 	w               muxWait
-	waiters         []*missQuery // guarded by Server.flMu until the flight lands
+	waiters         []*missQuery  // guarded by Server.flMu until the flight lands
+	first           [1]*missQuery // waiters' first array: most flights have one
 }
 
 // land is the upstream's answer (or error) for f: counted in the
@@ -66,7 +65,9 @@ func (s *Server) missAsync(m *missQuery, sq *sendQueue) bool {
 		s.flMu.Unlock()
 		return false // the general path answers the overload
 	}
-	f := &flight{s: s, key: string(m.key), waiters: []*missQuery{m}}
+	f := &flight{s: s, key: string(m.key)}
+	f.first[0] = m
+	f.waiters = f.first[:]
 	s.flights[f.key] = f
 	s.slow.Add(1) // until the flight lands: Run waits for it
 	s.flMu.Unlock()
@@ -198,7 +199,7 @@ func (s *Server) sendMiss(m *missQuery, q *query, e *entry, aq *answerQueue) {
 // one batch of upstream answers, to send with one sendmmsg per listener.
 type answerQueue struct {
 	items []queuedAnswer
-	ms    []ipv4.Message
+	out   batchMsgs
 }
 
 type queuedAnswer struct {
@@ -219,13 +220,11 @@ func (s *Server) sendAnswers(aq *answerQueue) {
 			}
 			return
 		}
-		ms := aq.ms[:0]
 		for _, a := range run {
-			ms = append(ms, ipv4.Message{Buffers: [][]byte{a.out}, Addr: net.UDPAddrFromAddrPort(a.dst)})
+			aq.out.add(a.out, a.dst)
 		}
-		aq.ms = ms
-		s.sendBatch(v.(batchConn), ms)
-		clear(aq.ms)
+		s.sendBatch(v.(batchConn), aq.out.ms)
+		aq.out.reset()
 	})
 	clear(aq.items)
 	aq.items = aq.items[:0]

@@ -113,3 +113,52 @@ func (s *Server) sendFast(sc *scratch, c *net.UDPConn, out []byte, dst netip.Add
 	}
 	_, _ = c.WriteToUDPAddrPort(out, dst)
 }
+
+// batchMsgs builds sendmmsg batches in reusable memory: each slot keeps
+// its one-buffer slice and its address, so adding a datagram allocates
+// nothing once the slots exist (x/net's Message wants a [][]byte and a
+// net.Addr per datagram).
+type batchMsgs struct {
+	ms    []ipv4.Message
+	slots []*msgSlot
+}
+
+type msgSlot struct {
+	bufs [1][]byte
+	addr net.UDPAddr
+	ip   [16]byte
+}
+
+// add appends b, to dst when dst is valid (a connected socket's batch has
+// none).
+func (bm *batchMsgs) add(b []byte, dst netip.AddrPort) {
+	i := len(bm.ms)
+	if i == len(bm.slots) {
+		bm.slots = append(bm.slots, new(msgSlot))
+	}
+	sl := bm.slots[i]
+	sl.bufs[0] = b
+	m := ipv4.Message{Buffers: sl.bufs[:]}
+	if dst.IsValid() {
+		a := dst.Addr()
+		if a.Is4() { // as net.UDPAddrFromAddrPort: 4 bytes for IPv4, 16 else
+			a4 := a.As4()
+			sl.addr.IP = append(sl.ip[:0], a4[:]...)
+		} else {
+			a16 := a.As16()
+			sl.addr.IP = append(sl.ip[:0], a16[:]...)
+		}
+		sl.addr.Port, sl.addr.Zone = int(dst.Port()), a.Zone()
+		m.Addr = &sl.addr
+	}
+	bm.ms = append(bm.ms, m)
+}
+
+// reset empties the batch, keeping its memory but not the datagrams.
+func (bm *batchMsgs) reset() {
+	for _, sl := range bm.slots[:len(bm.ms)] {
+		sl.bufs[0] = nil
+	}
+	clear(bm.ms)
+	bm.ms = bm.ms[:0]
+}

@@ -1,6 +1,7 @@
 package dnsfilter
 
 import (
+	"bytes"
 	"fmt"
 	"net"
 	"net/netip"
@@ -198,6 +199,50 @@ func TestDefaultReaders(t *testing.T) {
 	for cpus, want := range map[int]int{1: 1, 2: 1, 3: 1, 4: 2, 16: 8} {
 		if got := defaultReaders(cpus); got != want {
 			t.Errorf("defaultReaders(%d) = %d, want %d", cpus, got, want)
+		}
+	}
+}
+
+// batchMsgs reuses its slots: each datagram keeps its own bytes and
+// address (as net.UDPAddrFromAddrPort would make it) until reset.
+func TestBatchMsgs(t *testing.T) {
+	var bm batchMsgs
+	for round := 0; round < 2; round++ {
+		dsts := []netip.AddrPort{
+			netip.MustParseAddrPort("192.0.2.1:53"),
+			netip.MustParseAddrPort("[2001:db8::1]:5353"),
+			netip.MustParseAddrPort("[::ffff:198.51.100.7]:1"),
+			{}, // a connected socket's datagram: no address
+		}
+		if round == 1 {
+			dsts[0] = netip.MustParseAddrPort("203.0.113.9:40000")
+		}
+		for i, d := range dsts {
+			bm.add([]byte{byte(round), byte(i)}, d)
+		}
+		if len(bm.ms) != len(dsts) {
+			t.Fatalf("round %d: %d messages, want %d", round, len(bm.ms), len(dsts))
+		}
+		for i, d := range dsts {
+			m := bm.ms[i]
+			if len(m.Buffers) != 1 || !bytes.Equal(m.Buffers[0], []byte{byte(round), byte(i)}) {
+				t.Errorf("round %d, message %d: buffers %v", round, i, m.Buffers)
+			}
+			if !d.IsValid() {
+				if m.Addr != nil {
+					t.Errorf("round %d, message %d: address %v, want none", round, i, m.Addr)
+				}
+				continue
+			}
+			want := net.UDPAddrFromAddrPort(d)
+			got, ok := m.Addr.(*net.UDPAddr)
+			if !ok || !bytes.Equal(got.IP, want.IP) || got.Port != want.Port || got.Zone != want.Zone {
+				t.Errorf("round %d, message %d: address %v, want %v", round, i, m.Addr, want)
+			}
+		}
+		bm.reset()
+		if len(bm.ms) != 0 || bm.slots[0].bufs[0] != nil {
+			t.Fatalf("round %d: reset kept %d messages or a buffer", round, len(bm.ms))
 		}
 	}
 }

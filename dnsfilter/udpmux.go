@@ -4,6 +4,7 @@ import (
 	"context"
 	"errors"
 	"net"
+	"net/netip"
 	"strings"
 	"sync"
 	"time"
@@ -62,6 +63,11 @@ type muxSocket struct {
 	pending map[uint16]*muxWait
 	sent    int
 	closed  bool
+	// One timer per socket for its asynchronous waits' deadlines (not one
+	// per query), armed for the earliest; expire lands the waits whose
+	// deadline has passed and re-arms it.
+	timer *time.Timer
+	armed time.Time // zero: not armed
 }
 
 // batchConn is x/net's ipv4 or ipv6 PacketConn: recvmmsg and sendmmsg
@@ -86,9 +92,9 @@ type muxWait struct {
 
 	// An asynchronous wait (exchangeAsync): to lands exactly once, by
 	// whoever takes the wait out of pending (the reader with the answer
-	// or the socket's error, the timer with the deadline).
-	to    landing
-	timer *time.Timer
+	// or the socket's error, the socket's timer at deadline).
+	to       landing
+	deadline time.Time
 }
 
 // landing gets an asynchronous exchange's outcome. aq, when not nil,
@@ -127,9 +133,6 @@ func (w *muxWait) deliver(r *dns.Msg, err error, aq *answerQueue) {
 	if w.to == nil {
 		w.ch <- muxResult{r, err}
 		return
-	}
-	if w.timer != nil {
-		w.timer.Stop()
 	}
 	w.to.land(r, err, aq)
 }
@@ -210,6 +213,9 @@ func (s *muxSocket) read() {
 			}
 			if m.cur == s {
 				m.cur = nil
+			}
+			if s.timer != nil {
+				s.timer.Stop()
 			}
 			m.mu.Unlock()
 			_ = s.conn.Close()
@@ -294,6 +300,52 @@ func (m *udpMux) exchange(ctx context.Context, deadline time.Time, q *dns.Msg) (
 	}
 }
 
+// armLocked makes sure the socket's timer fires by deadline.
+func (s *muxSocket) armLocked(deadline time.Time) {
+	if !s.armed.IsZero() && !deadline.Before(s.armed) {
+		return
+	}
+	s.armed = deadline
+	if s.timer == nil {
+		s.timer = time.AfterFunc(time.Until(deadline), s.expire)
+		return
+	}
+	s.timer.Reset(time.Until(deadline))
+}
+
+// expire lands the asynchronous waits whose deadline has passed with
+// context.DeadlineExceeded, and re-arms the timer for the earliest left.
+func (s *muxSocket) expire() {
+	m := s.m
+	now := time.Now()
+	var late []*muxWait
+	var next time.Time
+	m.mu.Lock()
+	for id, w := range s.pending {
+		if w.to == nil {
+			continue // a synchronous wait keeps its own timer
+		}
+		if !w.deadline.After(now) {
+			delete(s.pending, id)
+			late = append(late, w)
+		} else if next.IsZero() || w.deadline.Before(next) {
+			next = w.deadline
+		}
+	}
+	s.armed = time.Time{}
+	if !next.IsZero() {
+		s.armLocked(next)
+	}
+	if s.sent >= queriesPerSocket && len(s.pending) == 0 && !s.closed {
+		s.closed = true
+		_ = s.conn.Close()
+	}
+	m.mu.Unlock()
+	for _, w := range late {
+		w.to.land(nil, context.DeadlineExceeded, nil)
+	}
+}
+
 func (s *muxSocket) newIDLocked() uint16 {
 	id := randomID()
 	for s.pending[id] != nil {
@@ -354,15 +406,10 @@ func (m *udpMux) exchangeAsync(deadline time.Time, wire []byte, w *muxWait, sq *
 	}
 	id := s.newIDLocked()
 	wire[0], wire[1] = byte(id>>8), byte(id)
+	w.deadline = deadline
 	s.pending[id] = w
 	s.sent++
-	// Armed under the lock: the timer's take waits for it, so w.timer is
-	// set before anyone can deliver.
-	w.timer = time.AfterFunc(time.Until(deadline), func() {
-		if s.take(id, w) {
-			w.to.land(nil, context.DeadlineExceeded, nil)
-		}
-	})
+	s.armLocked(deadline)
 	m.mu.Unlock()
 	if sq != nil {
 		sq.items = append(sq.items, queuedQuery{s: s, wire: wire, id: id, w: w})
@@ -370,10 +417,9 @@ func (m *udpMux) exchangeAsync(deadline time.Time, wire []byte, w *muxWait, sq *
 	}
 	if err := s.send(wire); err != nil {
 		if s.take(id, w) {
-			w.timer.Stop()
 			return err
 		}
-		return nil // the reader or the timer took it: fn is called
+		return nil // the reader or the timer took it: w.to lands
 	}
 	return nil
 }
@@ -382,7 +428,7 @@ func (m *udpMux) exchangeAsync(deadline time.Time, wire []byte, w *muxWait, sq *
 // one sendmmsg per socket.
 type sendQueue struct {
 	items []queuedQuery
-	ms    []ipv4.Message
+	out   batchMsgs
 }
 
 type queuedQuery struct {
@@ -398,11 +444,10 @@ type queuedQuery struct {
 func (sq *sendQueue) flush() {
 	eachRun(sq.items, func(it *queuedQuery) *muxSocket { return it.s }, func(run []queuedQuery) {
 		s := run[0].s
-		ms := sq.ms[:0]
 		for _, it := range run {
-			ms = append(ms, ipv4.Message{Buffers: [][]byte{it.wire}})
+			sq.out.add(it.wire, netip.AddrPort{})
 		}
-		sq.ms = ms
+		ms := sq.out.ms
 		sent := 0
 		for sent < len(ms) {
 			k, err := s.pc.WriteBatch(ms[sent:], 0)
@@ -417,7 +462,7 @@ func (sq *sendQueue) flush() {
 			}
 			sent += max(k, 1)
 		}
-		clear(sq.ms)
+		sq.out.reset()
 	})
 	clear(sq.items)
 	sq.items = sq.items[:0]
