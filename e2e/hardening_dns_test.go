@@ -155,7 +155,9 @@ func TestHardeningDNS(t *testing.T) {
 		if !o.denied {
 			t.Errorf("DoT hello to %s:853: %v", dohIP4, o)
 		}
-		ev := d.waitEvent(t, "DoT", func(e flowEvent) bool { return e.Kind == "flow" && e.ClientPort == o.port })
+		ev := d.waitEvent(t, "DoT", func(e flowEvent) bool {
+			return e.Kind == "flow" && e.ClientPort == o.port && !e.Time.Before(dialedAt(o.port))
+		})
 		if ev.Verdict != "deny" || !ev.Enforced {
 			t.Errorf("DoT: %v", ev)
 		}

@@ -335,12 +335,18 @@ func (tp *topo) dialTCP(ctx context.Context, addr string) (net.Conn, error) {
 	return c, err
 }
 
+// dialedAt is when the LAN client port was last dialled (zero if never):
+// an event from that port before it belongs to an earlier connection.
+func dialedAt(port int) time.Time {
+	if v, ok := dialTimes.Load(port); ok {
+		return v.(time.Time)
+	}
+	return time.Time{}
+}
+
 // byClientPort matches the proxy's event for one client connection.
 func byClientPort(port int) func(flowEvent) bool {
-	var since time.Time
-	if v, ok := dialTimes.Load(port); ok {
-		since = v.(time.Time)
-	}
+	since := dialedAt(port)
 	return func(e flowEvent) bool {
 		return e.Kind == "flow" && (e.Source == "proxy") && e.ClientPort == port && !e.Time.Before(since)
 	}

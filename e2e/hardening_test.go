@@ -406,7 +406,7 @@ func TestHardeningNames(t *testing.T) {
 			}
 			conn.Close()
 			ev := wantEvent(t, d, c.name+": the refused request", func(e flowEvent) bool {
-				return e.Kind == "request" && e.ClientPort == port && e.Verdict == "deny"
+				return e.Kind == "request" && e.ClientPort == port && e.Verdict == "deny" && !e.Time.Before(dialedAt(port))
 			}, "deny", c.reason)
 			if c.reason == "no-rule" && ev.Name != trackerName {
 				t.Errorf("%s: request event names %q, want %s", c.name, ev.Name, trackerName)
@@ -463,7 +463,7 @@ func TestHardeningNames(t *testing.T) {
 			if !strings.HasPrefix(body, "HTTP/1.1 403") {
 				t.Errorf("%s: CONNECT %s: %q", c.name, c.target, firstLine(body, nil))
 			}
-			wantEvent(t, d, c.name, func(e flowEvent) bool { return e.Kind == "flow" && e.ClientPort == port }, "deny", c.reason)
+			wantEvent(t, d, c.name, byClientPort(port), "deny", c.reason)
 		}
 		// CONNECT to an allowed name, then an inner ClientHello for a
 		// denied one: the tunnel goes to the address the proxy resolved
@@ -489,7 +489,7 @@ func TestHardeningNames(t *testing.T) {
 		n, _ := tc.Read(inner)
 		t.Logf("inner request through CONNECT %s with SNI %s: %q", dockerName, trackerName, inner[:n])
 		tc.Close()
-		ev := wantEvent(t, d, "CONNECT with another inner SNI", func(e flowEvent) bool { return e.Kind == "flow" && e.ClientPort == port }, "allow", "")
+		ev := wantEvent(t, d, "CONNECT with another inner SNI", byClientPort(port), "allow", "")
 		if ev.Dest != dockerIP4 || ev.Name != dockerName {
 			t.Errorf("CONNECT %s with inner SNI %s went to %s (name %q), want %s: the CONNECT name decides the address", dockerName, trackerName, ev.Dest, ev.Name, dockerIP4)
 		}
