@@ -20,7 +20,9 @@
 #        NAMES (1000), BENCH_DNS_DIR (/tmp/bench-dns-egressd),
 #        DNSBENCH_ARGS (more flags for egressd's dnsbench, e.g.
 #        "-cpuprofile F" or "-memprofile F" with SYSTEMS naming one
-#        egressd variant).
+#        egressd variant), DNSBENCH_BIN (a binary run for the egressd
+#        systems instead of dnsbench, with dnsbench's flags: e.g. one
+#        built from bench/cmd/udpfloor, the floor of a Go responder).
 set -euo pipefail
 export LC_ALL=C
 cd "$(dirname "$0")/.."
@@ -165,7 +167,7 @@ start_system() { # name port
 	egressd | egressd-nocache)
 		local extra=""
 		[ "$sys" = egressd-nocache ] && extra=-no-cache
-		inns "$W/dnsbench" -listen "127.0.0.1:$p" -upstream "127.0.0.1:$UP_PORT" -allow '*.allowed.test' $extra ${DNSBENCH_ARGS:-} >"$W/$sys.log" 2>&1 &
+		inns "${DNSBENCH_BIN:-$W/dnsbench}" -listen "127.0.0.1:$p" -upstream "127.0.0.1:$UP_PORT" -allow '*.allowed.test' $extra ${DNSBENCH_ARGS:-} >"$W/$sys.log" 2>&1 &
 		;;
 	*) fail "unknown system $sys" ;;
 	esac
