@@ -13,6 +13,7 @@ import (
 	"fmt"
 	"net"
 	"os"
+	"time"
 
 	"golang.org/x/net/ipv4"
 )
@@ -23,12 +24,28 @@ func main() {
 	flag.String("upstream", "", "ignored")
 	flag.String("allow", "", "ignored")
 	flag.Bool("no-cache", false, "ignored")
+	raw := flag.Bool("raw", false, "Linux: read from a socket the netpoller never sees (blocking recvmmsg)")
+	ticker := flag.Duration("ticker", 0, "also run a timer at this period, doing nothing (the forwarder has timers)")
 	flag.Parse()
-	if err := run(*listen); err != nil {
+	if *ticker > 0 {
+		go func() {
+			for range time.Tick(*ticker) {
+			}
+		}()
+	}
+	serve := run
+	if *raw {
+		serve = runRaw
+	}
+	if err := serve(*listen); err != nil {
 		fmt.Fprintln(os.Stderr, "udpfloor:", err)
 		os.Exit(1)
 	}
 }
+
+// batch is how many datagrams one recvmmsg or sendmmsg carries, as in
+// dnsfilter.
+const batch = 16
 
 func run(listen string) error {
 	c, err := net.ListenPacket("udp4", listen)
@@ -36,7 +53,6 @@ func run(listen string) error {
 		return err
 	}
 	pc := ipv4.NewPacketConn(c)
-	const batch = 16
 	in := make([]ipv4.Message, batch)
 	out := make([]ipv4.Message, 0, batch)
 	qbuf := make([][]byte, batch)
