@@ -129,6 +129,11 @@ type Config struct {
 	// IPv4 socket's reader takes and answers up to 16 queries per system
 	// call (recvmmsg, sendmmsg) when they queue up.
 	UDPReaders int
+	// UDPPollReads keeps the IPv4 listener sockets on Go's netpoller. By
+	// default, on Linux, their readers wait in recvmmsg on a socket the
+	// netpoller does not watch, which keeps the latency tail at a light,
+	// steady rate near unbound's (README, "DNS forwarder").
+	UDPPollReads bool
 
 	noBatch bool // tests: one datagram per system call on every socket
 }

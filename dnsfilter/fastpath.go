@@ -3,7 +3,6 @@ package dnsfilter
 import (
 	"encoding/binary"
 	"fmt"
-	"net"
 	"net/netip"
 	"time"
 	"unsafe"
@@ -42,7 +41,7 @@ func newScratch() *scratch {
 // visible, when the query needs the general path. Everything the general
 // path would check first (shape, rate, hostname, canary, type, policy) is
 // checked here in the same order.
-func (s *Server) fast(sc *scratch, c *net.UDPConn, pkt []byte, src netip.AddrPort) bool {
+func (s *Server) fast(sc *scratch, c udpConn, pkt []byte, src netip.AddrPort) bool {
 	if len(pkt) < 17 || pkt[2]&0xF8 != 0 { // QR or an opcode: general path
 		return false
 	}
@@ -205,8 +204,8 @@ type missQuery struct {
 	eng      *policy.Engine
 	src      netip.AddrPort
 	start    time.Time
-	c        *net.UDPConn // the listener it came in on
-	rec      query        // the record query() fills: no allocation of its own
+	c        udpConn // the listener it came in on
+	rec      query   // the record query() fills: no allocation of its own
 }
 
 // serveMiss resolves a fast-path miss and answers it, on the general path
@@ -279,7 +278,7 @@ func (s *Server) refused(sc *scratch, eng *policy.Engine, dec policy.Decision, q
 
 // fastSafe is fast with a recover: a bug on the fast path costs one query,
 // not the reader.
-func (s *Server) fastSafe(sc *scratch, c *net.UDPConn, pkt []byte, src netip.AddrPort) (done bool) {
+func (s *Server) fastSafe(sc *scratch, c udpConn, pkt []byte, src netip.AddrPort) (done bool) {
 	defer func() {
 		if r := recover(); r != nil {
 			s.m.dropped.WithLabelValues("panic").Inc()

@@ -4,7 +4,6 @@ import (
 	"context"
 	"errors"
 	"fmt"
-	"net"
 	"net/netip"
 	"time"
 
@@ -203,7 +202,7 @@ type answerQueue struct {
 }
 
 type queuedAnswer struct {
-	c   *net.UDPConn
+	c   udpConn
 	out []byte
 	dst netip.AddrPort
 }
@@ -211,7 +210,7 @@ type queuedAnswer struct {
 // sendAnswers sends and empties aq: with sendmmsg on listeners that
 // readUDPBatch serves, one datagram per call on the others.
 func (s *Server) sendAnswers(aq *answerQueue) {
-	eachRun(aq.items, func(a *queuedAnswer) *net.UDPConn { return a.c }, func(run []queuedAnswer) {
+	eachRun(aq.items, func(a *queuedAnswer) udpConn { return a.c }, func(run []queuedAnswer) {
 		c := run[0].c
 		v, ok := s.pcs.Load(c)
 		if !ok {
@@ -223,7 +222,7 @@ func (s *Server) sendAnswers(aq *answerQueue) {
 		for _, a := range run {
 			aq.out.add(a.out, a.dst)
 		}
-		s.sendBatch(v.(batchConn), aq.out.ms)
+		s.sendBatch(v.(batchWriter), aq.out.ms)
 		aq.out.reset()
 	})
 	clear(aq.items)

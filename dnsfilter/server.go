@@ -66,7 +66,7 @@ type Server struct {
 
 	flMu    sync.Mutex         // guards flights
 	flights map[string]*flight // the asynchronous miss path's, by cache key
-	pcs     sync.Map           // *net.UDPConn → batchConn, for the listeners readUDPBatch serves
+	pcs     sync.Map           // udpConn → batchWriter, for the listeners readUDPBatch and readRaw serve
 	now     func() time.Time
 
 	durCache, durUpstream, durLocal prometheus.Observer
@@ -80,7 +80,7 @@ type Server struct {
 
 	mu      sync.Mutex // guards following
 	running bool
-	udp     []*net.UDPConn
+	udp     []udpConn
 	tcp     []net.Listener
 	tcpSrv  []*dns.Server
 	addrs   []netip.AddrPort
@@ -378,6 +378,7 @@ func (s *Server) listenOne(host, port string, readers int) error {
 		closeAll()
 		return fmt.Errorf("dnsfilter: listen tcp: %w", err)
 	}
+	ucs := s.toRaw(conns)
 	srv := &dns.Server{
 		Listener:      l,
 		Net:           "tcp",
@@ -393,7 +394,7 @@ func (s *Server) listenOne(host, port string, readers int) error {
 	}
 	s.mu.Lock()
 	defer s.mu.Unlock()
-	s.udp = append(s.udp, conns...)
+	s.udp = append(s.udp, ucs...)
 	s.tcp = append(s.tcp, l)
 	s.tcpSrv = append(s.tcpSrv, srv)
 	s.addrs = append(s.addrs, ap)
@@ -463,7 +464,19 @@ func acceptQuery(dh dns.Header) dns.MsgAcceptAction {
 	return dns.MsgAccept
 }
 
-func (s *Server) readUDP(c *net.UDPConn) error {
+// udpConn is a listener's UDP socket: a *net.UDPConn, or on Linux an
+// IPv4 rawUDP that Go's netpoller does not watch (rawudp_linux.go).
+type udpConn interface {
+	WriteToUDPAddrPort(b []byte, dst netip.AddrPort) (int, error)
+	LocalAddr() net.Addr
+	Close() error
+}
+
+func (s *Server) readUDP(uc udpConn) error {
+	if ok, err := s.readRawConn(uc); ok {
+		return err
+	}
+	c := uc.(*net.UDPConn)
 	if pc := batchConnFor(c); pc != nil && !s.cfg.noBatch {
 		return s.readUDPBatch(c, pc)
 	}
@@ -489,7 +502,7 @@ func (s *Server) readUDP(c *net.UDPConn) error {
 
 // slowUDP serves a UDP query the fast path left alone on the general path,
 // in a goroutine with a copy of b.
-func (s *Server) slowUDP(c *net.UDPConn, b []byte, src netip.AddrPort) {
+func (s *Server) slowUDP(c udpConn, b []byte, src netip.AddrPort) {
 	select {
 	case s.slowSem <- struct{}{}:
 	default:

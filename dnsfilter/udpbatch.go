@@ -30,7 +30,7 @@ func (s *Server) readUDPBatch(c *net.UDPConn, pc batchConn) error {
 		wms[i].Buffers = make([][]byte, 1)
 		wbufs[i] = make([]byte, 0, int(s.cfg.UDPSize))
 	}
-	s.pcs.Store(c, pc)
+	s.pcs.Store(udpConn(c), batchWriter(pc))
 	sc := newScratch()
 	sc.batch, sc.sq = true, new(sendQueue)
 	for {
@@ -88,7 +88,7 @@ func eachRun[T any, K comparable](items []T, key func(*T) K, fn func(run []T)) {
 // sendBatch writes ms with as few sendmmsg calls as the kernel allows; a
 // message the kernel refuses (its error is for that one datagram) is
 // skipped, as a failed sendto would be.
-func (s *Server) sendBatch(pc batchConn, ms []ipv4.Message) {
+func (s *Server) sendBatch(pc batchWriter, ms []ipv4.Message) {
 	for len(ms) > 0 {
 		n, err := pc.WriteBatch(ms, 0)
 		if err != nil {
@@ -106,7 +106,7 @@ func (s *Server) sendBatch(pc batchConn, ms []ipv4.Message) {
 
 // sendFast sends a fast-path answer: at once, or, on a batching reader,
 // with the rest of its batch. out lives in sc.out's memory until then.
-func (s *Server) sendFast(sc *scratch, c *net.UDPConn, out []byte, dst netip.AddrPort) {
+func (s *Server) sendFast(sc *scratch, c udpConn, out []byte, dst netip.AddrPort) {
 	if sc.batch {
 		sc.pending = out
 		return

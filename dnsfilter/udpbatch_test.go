@@ -2,6 +2,7 @@ package dnsfilter
 
 import (
 	"bytes"
+	"errors"
 	"fmt"
 	"net"
 	"net/netip"
@@ -29,10 +30,12 @@ func TestUDPBurst(t *testing.T) {
 	for _, tc := range []struct {
 		name, listen string
 		noBatch      bool
+		poll         bool // UDPPollReads
 	}{
-		{"ipv4-batch", "127.0.0.1:0", false},
-		{"ipv4-single", "127.0.0.1:0", true},
-		{"ipv6", "[::1]:0", false},
+		{"ipv4-batch", "127.0.0.1:0", false, false},
+		{"ipv4-batch-poll", "127.0.0.1:0", false, true},
+		{"ipv4-single", "127.0.0.1:0", true, false},
+		{"ipv6", "[::1]:0", false, false},
 	} {
 		t.Run(tc.name, func(t *testing.T) {
 			if strings.HasPrefix(tc.listen, "[") {
@@ -43,7 +46,13 @@ func TestUDPBurst(t *testing.T) {
 				}
 			}
 			up := newFakeUpstream(t, zone.String())
-			ts := startServer(t, enforcePolicy, Config{Listen: []string{tc.listen}, Upstreams: []string{up.Addr}, UDPReaders: 1, noBatch: tc.noBatch}, Deps{})
+			ts := startServer(t, enforcePolicy, Config{Listen: []string{tc.listen}, Upstreams: []string{up.Addr}, UDPReaders: 1, noBatch: tc.noBatch, UDPPollReads: tc.poll}, Deps{})
+			ts.mu.Lock()
+			raw := isRawUDP(ts.udp[0])
+			ts.mu.Unlock()
+			if want := rawSupported && !tc.noBatch && !tc.poll && !strings.HasPrefix(tc.listen, "["); raw != want {
+				t.Fatalf("listener off the netpoller: %v, want %v", raw, want)
+			}
 			ask(t, "udp", ts.Addr, "www.allowed.test.", dns.TypeA, false) // warm the cache
 			// Its event may be recorded just after the answer left: wait
 			// for it, so that it is not counted as one of the burst's.
@@ -152,7 +161,7 @@ func TestWildcardListen(t *testing.T) {
 	up := newFakeUpstream(t, labZone)
 	ts := startServer(t, enforcePolicy, Config{Listen: []string{":0"}, Upstreams: []string{up.Addr}}, Deps{})
 	port := ts.Addrs()[0].Port()
-	var v4, v6, batched, total int
+	var v4, v6, batched, raw, total int
 	ts.mu.Lock()
 	for _, c := range ts.udp {
 		total++
@@ -161,13 +170,19 @@ func TestWildcardListen(t *testing.T) {
 		} else {
 			v6++
 		}
-		if batchConnFor(c) != nil {
+		if isRawUDP(c) {
+			raw++
+			batched++
+		} else if batchConnFor(c.(*net.UDPConn)) != nil {
 			batched++
 		}
 	}
 	ts.mu.Unlock()
 	if v4 == 0 || batched != total {
 		t.Errorf("wildcard UDP sockets: %d IPv4, %d IPv6, %d of %d batched; want an IPv4 one and all batched", v4, v6, batched, total)
+	}
+	if rawSupported && raw != v4 {
+		t.Errorf("wildcard UDP sockets: %d of %d IPv4 ones off the netpoller, want all", raw, v4)
 	}
 	addrs := []string{fmt.Sprintf("127.0.0.1:%d", port)}
 	if c, err := net.ListenPacket("udp6", "[::1]:0"); err == nil {
@@ -245,4 +260,52 @@ func TestBatchMsgs(t *testing.T) {
 			t.Fatalf("round %d: reset kept %d messages or a buffer", round, len(bm.ms))
 		}
 	}
+}
+
+// A listener off the netpoller: Close wakes its readers, blocked in
+// recvmmsg with no query coming, Run returns, and the socket is released
+// (its address can be bound again at once).
+func TestRawListenerClose(t *testing.T) {
+	if !rawSupported {
+		t.Skip("listeners stay on the netpoller on this system")
+	}
+	up := newFakeUpstream(t, labZone)
+	s, err := New(Config{Listen: []string{"127.0.0.1:0"}, Upstreams: []string{up.Addr}, UDPReaders: 2, ClientRate: -1}, Deps{Policy: compile(t, enforcePolicy)})
+	if err != nil {
+		t.Fatal(err)
+	}
+	done := make(chan error, 1)
+	go func() { done <- s.Run(t.Context()) }()
+	<-s.Ready()
+	s.mu.Lock()
+	raw := isRawUDP(s.udp[0])
+	s.mu.Unlock()
+	if !raw {
+		t.Fatal("the IPv4 listener is on the netpoller")
+	}
+	addr := s.Addrs()[0].String()
+	if r := ask(t, "udp", addr, "api.allowed.test.", dns.TypeA, false); r.Rcode != dns.RcodeSuccess {
+		t.Fatalf("query before Close: %s", dns.RcodeToString[r.Rcode])
+	}
+	time.Sleep(50 * time.Millisecond) // the readers are back in recvmmsg
+	closed := make(chan struct{})
+	go func() { _ = s.Close(); close(closed) }()
+	select {
+	case <-closed:
+	case <-time.After(10 * time.Second):
+		t.Fatal("Close did not return: a reader stayed blocked in recvmmsg")
+	}
+	select {
+	case err := <-done:
+		if err != nil && !errors.Is(err, net.ErrClosed) {
+			t.Fatalf("run: %v", err)
+		}
+	case <-time.After(10 * time.Second):
+		t.Fatal("Run did not return after Close")
+	}
+	c, err := net.ListenPacket("udp4", addr)
+	if err != nil {
+		t.Fatalf("the listener's address is still taken after Close: %v", err)
+	}
+	_ = c.Close()
 }

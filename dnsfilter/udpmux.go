@@ -74,6 +74,11 @@ type muxSocket struct {
 // where the system has them, one datagram per call elsewhere.
 type batchConn interface {
 	ReadBatch(ms []ipv4.Message, flags int) (int, error)
+	batchWriter
+}
+
+// batchWriter sends datagrams with sendmmsg: a batchConn, or a rawUDP.
+type batchWriter interface {
 	WriteBatch(ms []ipv4.Message, flags int) (int, error)
 }
 

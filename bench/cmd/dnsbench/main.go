@@ -26,6 +26,7 @@ func main() {
 	cpuProfile := flag.String("cpuprofile", "", "write a CPU profile to this file")
 	memProfile := flag.String("memprofile", "", "write an allocation profile to this file at exit")
 	readers := flag.Int("readers", 0, "UDP sockets and readers (0: the forwarder's default, one per two CPUs)")
+	pollReads := flag.Bool("poll-reads", false, "keep the UDP listeners on Go's netpoller (Config.UDPPollReads)")
 	flag.Parse()
 	if *cpuProfile != "" {
 		f, err := os.Create(*cpuProfile)
@@ -36,7 +37,7 @@ func main() {
 		_ = pprof.StartCPUProfile(f)
 		defer pprof.StopCPUProfile()
 	}
-	err := run(*listen, *upstream, *allow, *noCache, *logLevel, *readers)
+	err := run(*listen, *upstream, *allow, *noCache, *logLevel, *readers, *pollReads)
 	if *memProfile != "" {
 		if f, ferr := os.Create(*memProfile); ferr == nil {
 			_ = pprof.Lookup("allocs").WriteTo(f, 0)
@@ -50,7 +51,7 @@ func main() {
 	}
 }
 
-func run(listen, upstream, allow string, noCache bool, logLevel string, readers int) error {
+func run(listen, upstream, allow string, noCache bool, logLevel string, readers int, pollReads bool) error {
 	src := fmt.Sprintf("version: 1\nmode: enforce\nrules:\n  - name: bench\n    to: [%q]\n    ports: [443/tcp]\n", allow)
 	eng, err := policy.Compile("bench-policy.yaml", []byte(src))
 	if err != nil {
@@ -64,7 +65,7 @@ func run(listen, upstream, allow string, noCache bool, logLevel string, readers 
 		}
 		logger = slog.New(slog.NewJSONHandler(os.Stderr, &slog.HandlerOptions{Level: lv}))
 	}
-	cfg := dnsfilter.Config{Listen: []string{listen}, Upstreams: []string{upstream}, ClientRate: -1, UDPReaders: readers}
+	cfg := dnsfilter.Config{Listen: []string{listen}, Upstreams: []string{upstream}, ClientRate: -1, UDPReaders: readers, UDPPollReads: pollReads}
 	if noCache {
 		cfg.CacheSize = -1
 	}
