@@ -4,7 +4,9 @@
 // through Go's netpoller, up to 16 datagrams a call) but does no other
 // work: a name containing "allowed" gets one A record (198.18.0.1) made in
 // place, any other REFUSED. Whatever latency it adds over unbound is the
-// Go runtime's and the netpoller's, not dnsfilter's.
+// Go runtime's and the netpoller's, not dnsfilter's. With -raw it reads
+// from a socket the netpoller never sees instead (what dnsfilter's IPv4
+// listeners now do on Linux).
 package main
 
 import (
