@@ -208,7 +208,7 @@ type queuedAnswer struct {
 }
 
 // sendAnswers sends and empties aq: with sendmmsg on listeners that
-// readUDPBatch serves, one datagram per call on the others.
+// readUDPBatch or readRaw serves, one datagram per call on the others.
 func (s *Server) sendAnswers(aq *answerQueue) {
 	eachRun(aq.items, func(a *queuedAnswer) udpConn { return a.c }, func(run []queuedAnswer) {
 		c := run[0].c
