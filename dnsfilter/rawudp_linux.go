@@ -167,16 +167,20 @@ func (r *rawUDP) WriteBatch(ms []ipv4.Message, _ int) (int, error) {
 
 // send is one sendmmsg of hs, never blocking.
 func (r *rawUDP) send(hs []unix.Mmsghdr) (int, error) {
+	return r.mmsg(unix.SYS_SENDMMSG, hs, unix.MSG_DONTWAIT)
+}
+
+// mmsg makes one sendmmsg or recvmmsg (trap) with hs, again after EINTR,
+// under the read lock that Close waits for; errRawClosed once Close has
+// begun.
+func (r *rawUDP) mmsg(trap uintptr, hs []unix.Mmsghdr, flags int) (int, error) {
 	if len(hs) == 0 {
 		return 0, nil
 	}
 	r.mu.RLock()
 	defer r.mu.RUnlock()
-	if r.closed.Load() {
-		return 0, errRawClosed
-	}
-	for {
-		n, _, errno := unix.Syscall6(unix.SYS_SENDMMSG, uintptr(r.fd), uintptr(unsafe.Pointer(&hs[0])), uintptr(len(hs)), unix.MSG_DONTWAIT, 0, 0)
+	for !r.closed.Load() {
+		n, _, errno := unix.Syscall6(trap, uintptr(r.fd), uintptr(unsafe.Pointer(&hs[0])), uintptr(len(hs)), uintptr(flags), 0, 0)
 		switch errno {
 		case 0:
 			return int(n), nil
@@ -186,6 +190,7 @@ func (r *rawUDP) send(hs []unix.Mmsghdr) (int, error) {
 			return 0, errno
 		}
 	}
+	return 0, errRawClosed
 }
 
 // rawIn is a raw reader's memory: its recvmmsg batch and the answers it
@@ -217,20 +222,7 @@ func (r *rawUDP) read(in *rawIn) (int, error) {
 		in.hdr[i].Hdr.Namelen = unix.SizeofSockaddrInet4
 		in.hdr[i].Hdr.Flags = 0
 	}
-	r.mu.RLock()
-	defer r.mu.RUnlock()
-	for !r.closed.Load() {
-		n, _, errno := unix.Syscall6(unix.SYS_RECVMMSG, uintptr(r.fd), uintptr(unsafe.Pointer(&in.hdr[0])), udpBatch, unix.MSG_WAITFORONE, 0, 0)
-		switch errno {
-		case 0:
-			return int(n), nil
-		case unix.EINTR:
-			continue
-		default:
-			return 0, errno
-		}
-	}
-	return 0, errRawClosed
+	return r.mmsg(unix.SYS_RECVMMSG, in.hdr[:], unix.MSG_WAITFORONE)
 }
 
 // readRaw is readUDPBatch for a rawUDP: the same fast path and batching,
