@@ -1,0 +1,119 @@
+#!/usr/bin/env bash
+# proxy-cpu.sh - CPU time per new TLS connection: of the whole box under
+# direct routing, and of each transparent proxy (user and kernel) under the
+# same wrk load, in the shared peers script's three-namespace topology.
+#
+# The ratios of proxy-tls.sh move by +-0.2 between runs on a shared box;
+# CPU per connection moves much less, and it says what a proxy may spend:
+# when wrk, nginx and the kernel saturate the box, a proxy that adds X us of
+# CPU to a connection whose direct path costs B us of the box's CPU reaches
+# at most B / (B + X) of direct routing's connection rate. X includes the
+# proxy's system calls and the kernel's work for its second TCP connection.
+#
+# Systems (SYSTEMS, default "direct haproxy-plain haproxy egressd"):
+#   direct         routing only: the box's CPU per connection (B)
+#   haproxy-plain  HAProxy forwarding to the original destination with no
+#                  inspection at all: the least a TCP-terminating proxy
+#                  costs here
+#   haproxy        HAProxy with the SNI allow-list (peers-tls.sh's)
+#   egressd        bench/cmd/proxybench, as bench/proxy-tls.sh runs it
+# Each system runs alone in its own topology (one peers-script run each);
+# ROUNDS (default 2) repeats the whole list, round-robin.
+#
+# Usage (root): bench/proxy-cpu.sh   [SYSTEMS=... ROUNDS=N WRK_SECS=14
+#   SAMPLE_SECS=10 PEERS_TLS=...]. Traffic stays in the namespaces the peers
+#   script creates (198.18.0.0/15); each load is one bounded wrk run.
+set -euo pipefail
+cd "$(dirname "$0")/.."
+ROOT=$PWD
+PEERS_TLS=${PEERS_TLS:-$ROOT/../shared/bench-peers/peers-tls.sh}
+[ -f "$PEERS_TLS" ] || { echo "proxy-cpu.sh: peers script $PEERS_TLS not found (set PEERS_TLS)" >&2; exit 1; }
+SYSTEMS=${SYSTEMS:-"direct haproxy-plain haproxy egressd"}
+ROUNDS=${ROUNDS:-2}
+WRK_SECS=${WRK_SECS:-14}
+SAMPLE_SECS=${SAMPLE_SECS:-10}
+[ "$SAMPLE_SECS" -le $((WRK_SECS - 3)) ] || { echo "proxy-cpu.sh: SAMPLE_SECS must be at most WRK_SECS - 3" >&2; exit 1; }
+TMP=$(mktemp -d /tmp/proxy-cpu.XXXXXX)
+RUNPID=""
+cleanup() {
+	[ -z "$RUNPID" ] || kill "$RUNPID" 2>/dev/null || true
+	wait 2>/dev/null || true
+	rm -rf "$TMP"
+}
+trap cleanup EXIT
+
+# HAProxy with no inspection, started through the peers script's custom hook.
+cat >"$TMP/haproxy-plain.sh" <<'EOF'
+#!/bin/sh
+cfg=$(dirname "$0")/haproxy-plain.cfg
+cat >"$cfg" <<CFG
+global
+	maxconn 4096
+	nbthread 2
+defaults
+	mode tcp
+	timeout connect 3s
+	timeout client 30s
+	timeout server 30s
+frontend plain
+	bind :$1 backlog 4096
+	default_backend original_dst
+backend original_dst
+	server orig 0.0.0.0:0
+CFG
+exec haproxy -db -f "$cfg"
+EOF
+chmod +x "$TMP/haproxy-plain.sh"
+
+# busy ticks of the whole box (steal, idle and iowait left out)
+box_ticks() { awk '/^cpu / { print $2 + $3 + $4 + $7 + $8 }' /proc/stat; }
+# "utime stime" of a process, in ticks (the comm field has no spaces here)
+proc_ticks() { awk '{ print $14, $15 }' "/proc/$1/stat"; }
+HZ=$(getconf CLK_TCK)
+
+# one_run SYS -> "rate box_us user_us sys_us" (per connection)
+one_run() {
+	local sys=$1 proc="" pid="" i t b0 b1 u0 s0 u1 s1 out rate
+	case $sys in haproxy*) proc=haproxy ;; egressd) proc=proxybench ;; esac
+	case $sys in
+	direct) (SYSTEMS=direct bash "$PEERS_TLS") ;;
+	haproxy) (SYSTEMS=haproxy bash "$PEERS_TLS") ;;
+	haproxy-plain) (SYSTEMS=haproxy-plain CUSTOM_TLS_NAME=haproxy-plain \
+		CUSTOM_TLS_CMD="$TMP/haproxy-plain.sh {PORT}" bash "$PEERS_TLS") ;;
+	egressd) (SYSTEMS=egressd PEERS_TLS=$PEERS_TLS bash "$ROOT/bench/proxy-tls.sh") ;;
+	*) echo "proxy-cpu.sh: unknown system $sys" >&2; return 1 ;;
+	esac >"$TMP/run.out" 2>&1 &
+	RUNPID=$!
+	for i in $(seq 1 600); do pgrep -x wrk >/dev/null && break; sleep 0.2; done
+	pgrep -x wrk >/dev/null || { wait "$RUNPID" || true; RUNPID=""; tail -5 "$TMP/run.out" >&2; return 1; }
+	sleep 2
+	if [ -n "$proc" ]; then
+		pid=$(pgrep -nx "$proc") || { echo "proxy-cpu.sh: no $proc process" >&2; return 1; }
+		t=$(proc_ticks "$pid"); u0=${t% *} s0=${t#* }
+	fi
+	b0=$(box_ticks)
+	sleep "$SAMPLE_SECS"
+	b1=$(box_ticks)
+	if [ -n "$pid" ]; then t=$(proc_ticks "$pid"); u1=${t% *} s1=${t#* }; else u0=0 s0=0 u1=0 s1=0; fi
+	wait "$RUNPID" || true
+	RUNPID=""
+	out=$(grep -A1 '^system' "$TMP/run.out" | tail -1)
+	rate=$(echo "$out" | awk '{ print $4 }')
+	[ -n "$rate" ] && [ "$rate" -gt 0 ] 2>/dev/null || { echo "proxy-cpu.sh: $sys: no rate in: $out" >&2; return 1; }
+	awk -v r="$rate" -v s="$SAMPLE_SECS" -v hz="$HZ" -v b=$((b1 - b0)) -v u=$((u1 - u0)) -v k=$((s1 - s0)) \
+		'BEGIN { n = r * s; f = 1e6 / hz / n; printf "%d %.0f %.0f %.0f\n", r, b * f, u * f, k * f }'
+}
+
+echo "proxy-cpu: $(nproc) CPUs, kernel $(uname -r); wrk -d${WRK_SECS}s per system, CPU sampled over ${SAMPLE_SECS}s of it; $ROUNDS round(s)"
+printf '%-14s %5s %9s %11s %13s %13s %13s\n' system round "conn/s" "box us/conn" "proxy us/conn" "user us/conn" "kernel us/conn"
+export WRK_RUNS=1 WRK_SECS BULK_RUNS=1 BULK_MIB=${BULK_MIB:-16}
+for r in $(seq 1 "$ROUNDS"); do
+	for sys in $SYSTEMS; do
+		if res=$(one_run "$sys"); then
+			set -- $res
+			printf '%-14s %5s %9s %11s %13s %13s %13s\n' "$sys" "$r" "$1" "$2" "$(($3 + $4))" "$3" "$4"
+		else
+			printf '%-14s %5s %9s\n' "$sys" "$r" "failed"
+		fi
+	done
+done
