@@ -71,7 +71,7 @@ box_ticks() { awk '/^cpu / { print $2 + $3 + $4 + $7 + $8 }' /proc/stat; }
 proc_ticks() { awk '{ print $14, $15 }' "/proc/$1/stat"; }
 HZ=$(getconf CLK_TCK)
 
-# one_run SYS -> "rate box_us user_us sys_us" (per connection)
+# one_run SYS: writes "rate box_us user_us sys_us" (per connection) to $TMP/res
 one_run() {
 	local sys=$1 proc="" pid="" i t b0 b1 u0 s0 u1 s1 out rate
 	case $sys in haproxy*) proc=haproxy ;; egressd) proc=proxybench ;; esac
@@ -101,7 +101,7 @@ one_run() {
 	rate=$(echo "$out" | awk '{ print $4 }')
 	[ -n "$rate" ] && [ "$rate" -gt 0 ] 2>/dev/null || { echo "proxy-cpu.sh: $sys: no rate in: $out" >&2; return 1; }
 	awk -v r="$rate" -v s="$SAMPLE_SECS" -v hz="$HZ" -v b=$((b1 - b0)) -v u=$((u1 - u0)) -v k=$((s1 - s0)) \
-		'BEGIN { n = r * s; f = 1e6 / hz / n; printf "%d %.0f %.0f %.0f\n", r, b * f, u * f, k * f }'
+		'BEGIN { n = r * s; f = 1e6 / hz / n; printf "%d %.0f %.0f %.0f\n", r, b * f, u * f, k * f }' >"$TMP/res"
 }
 
 echo "proxy-cpu: $(nproc) CPUs, kernel $(uname -r); wrk -d${WRK_SECS}s per system, CPU sampled over ${SAMPLE_SECS}s of it; $ROUNDS round(s)"
@@ -109,8 +109,9 @@ printf '%-14s %5s %9s %11s %13s %13s %13s\n' system round "conn/s" "box us/conn"
 export WRK_RUNS=1 WRK_SECS BULK_RUNS=1 BULK_MIB=${BULK_MIB:-16}
 for r in $(seq 1 "$ROUNDS"); do
 	for sys in $SYSTEMS; do
-		if res=$(one_run "$sys"); then
-			set -- $res
+		# not in $(...): RUNPID must be this shell's, for the cleanup
+		if one_run "$sys"; then
+			set -- $(cat "$TMP/res")
 			printf '%-14s %5s %9s %11s %13s %13s %13s\n' "$sys" "$r" "$1" "$2" "$(($3 + $4))" "$3" "$4"
 		else
 			printf '%-14s %5s %9s\n' "$sys" "$r" "failed"
