@@ -28,6 +28,7 @@ import (
 	"egressd/capture"
 	"egressd/dnsfilter"
 	"egressd/firewall"
+	"egressd/internal/logbuf"
 	"egressd/internal/sdnotify"
 	"egressd/policy"
 	"egressd/profiles"
@@ -121,6 +122,11 @@ func cmdRun(ctx context.Context, args []string, stdout, stderr io.Writer) int {
 		fmt.Fprintf(stderr, "egressd run: unexpected argument %q\n", pos[0])
 		return exitUsage
 	}
+	// The log lines (one per decision) go out in batches; Close writes
+	// the last ones before the error below, if any.
+	lw := logbuf.New(stderr, logFlushInterval)
+	defer lw.Close()
+	stderr = lw
 	d, err := newDaemon(cfg, stdout, stderr)
 	if err != nil {
 		fmt.Fprintln(stderr, "egressd:", err)
@@ -132,6 +138,9 @@ func cmdRun(ctx context.Context, args []string, stdout, stderr io.Writer) int {
 	}
 	return exitOK
 }
+
+// logFlushInterval is the longest a log line waits before it is written.
+const logFlushInterval = 50 * time.Millisecond
 
 func newLogger(cfg runConfig, w io.Writer) (*slog.Logger, *slog.LevelVar, error) {
 	lv := new(slog.LevelVar)

@@ -21,11 +21,13 @@ import (
 	"runtime/pprof"
 	"strings"
 	"syscall"
+	"time"
 
 	"github.com/prometheus/client_golang/prometheus"
 
 	"egressd/audit"
 	"egressd/dnsfilter"
+	"egressd/internal/logbuf"
 	"egressd/policy"
 	"egressd/proxy"
 )
@@ -72,6 +74,7 @@ func main() {
 	mapFlag := flag.String("map", "", "comma-separated name=ip lookups, in addition to -hosts")
 	logLevel := flag.String("log", "info", "log level: debug, info, warn, error (egressd run's default is info)")
 	logFormat := flag.String("log-format", "json", "json or text (egressd run's default is json)")
+	logFlush := flag.Duration("log-flush", 50*time.Millisecond, "longest a log line waits in the batch before it is written, as egressd run's; 0: a write per line")
 	stateDir := flag.String("state-dir", "", "audit event log directory (default: a temporary one, removed at exit); \"none\": discard events")
 	cpuProfile := flag.String("cpuprofile", "", "write a CPU profile of the whole run to this file")
 	blockProfile := flag.String("blockprofile", "", "write a block profile (every blocking event) at exit to this file")
@@ -143,12 +146,14 @@ func main() {
 	// connection), events through the journal (ledger and event log on
 	// disk), metrics registered.
 	hopts := &slog.HandlerOptions{Level: lvl}
+	lw := logbuf.New(os.Stderr, *logFlush)
+	defer lw.Close()
 	var log *slog.Logger
 	switch *logFormat {
 	case "json":
-		log = slog.New(slog.NewJSONHandler(os.Stderr, hopts))
+		log = slog.New(slog.NewJSONHandler(lw, hopts))
 	case "text":
-		log = slog.New(slog.NewTextHandler(os.Stderr, hopts))
+		log = slog.New(slog.NewTextHandler(lw, hopts))
 	default:
 		fmt.Fprintln(os.Stderr, "proxybench: -log-format: expected json or text")
 		os.Exit(1)
