@@ -64,7 +64,7 @@ rules:
     ports: [443/tcp, 80/tcp]
   - name: vpn
     to: [198.18.2.4/32]
-    ports: [8443/tcp]
+    ports: [8443/tcp, 8444/tcp]
   - name: ech-front
     to: ["ech-front.allowed-ech.test"]
     ports: [443/tcp]
@@ -251,6 +251,9 @@ type topoOpts struct {
 	mode   string
 	config func(*Config)
 	deps   func(*Deps)
+	// ownListener: the transparent listener is the one the proxy opens
+	// itself (listenTransparent, as Run does), not the test's.
+	ownListener bool
 }
 
 func newTopo(t *testing.T, o topoOpts) *topo {
@@ -338,7 +341,15 @@ func newTopo(t *testing.T, o topoOpts) *topo {
 		t.Fatal(err)
 	}
 	tp.proxy = p
-	ln, err := tp.g.Listen("tcp", fmt.Sprintf("[::]:%d", transparentPort))
+	var ln net.Listener
+	if o.ownListener {
+		err = tp.g.Do(func() (err error) {
+			ln, err = p.listenTransparent(context.Background(), fmt.Sprintf("[::]:%d", transparentPort))
+			return err
+		})
+	} else {
+		ln, err = tp.g.Listen("tcp", fmt.Sprintf("[::]:%d", transparentPort))
+	}
 	if err != nil {
 		t.Fatal(err)
 	}
@@ -391,6 +402,24 @@ func (tp *topo) startServers(t *testing.T) {
 	if err != nil {
 		t.Fatal(err)
 	}
+	// A service where the server speaks first: a banner, then an echo.
+	bannerLn, err := tp.s.Listen("tcp", "198.18.2.4:8444")
+	if err != nil {
+		t.Fatal(err)
+	}
+	go func() {
+		for {
+			c, err := bannerLn.Accept()
+			if err != nil {
+				return
+			}
+			go func() {
+				io.WriteString(c, bannerLine)
+				io.Copy(c, c)
+				c.Close()
+			}()
+		}
+	}()
 	tlsSrv := &http.Server{Handler: http.HandlerFunc(echoHandler), TLSConfig: &tls.Config{Certificates: []tls.Certificate{tp.pki.srvCert}},
 		ErrorLog: nil}
 	tlsSrv.ErrorLog = nil
@@ -413,8 +442,12 @@ func (tp *topo) startServers(t *testing.T) {
 		tlsSrv.Close()
 		httpSrv.Close()
 		echoLn.Close()
+		bannerLn.Close()
 	})
 }
+
+// bannerLine is what the server-first service at 198.18.2.4:8444 says.
+const bannerLine = "220 egressd-test ready\r\n"
 
 // dialFromClient dials dest from the client namespace, from a chosen
 // source address (invalid: the default).

@@ -43,6 +43,8 @@ type Proxy struct {
 
 	dialKA     bool         // deps.Dial is ours: its sockets get keepalive before they connect
 	kaListener net.Listener // opened by listenTransparent: accepted connections inherit keepalive
+	// deferAccept: kaListener has TCP_DEFER_ACCEPT (deferAcceptControl).
+	deferAccept bool
 
 	limMu    sync.Mutex // guards following
 	perIP    map[netip.Addr]int
@@ -218,7 +220,7 @@ func (p *Proxy) Serve(ln net.Listener) error {
 		return net.ErrClosed
 	}
 	p.ownAddrs()
-	inherited := ln == p.kaListener
+	ours := ln == p.kaListener
 	var delay time.Duration
 	for {
 		c, err := ln.Accept()
@@ -243,7 +245,7 @@ func (p *Proxy) Serve(ln net.Listener) error {
 			c.Close()
 			continue
 		}
-		go p.handleTransparent(tc, inherited)
+		go p.handleTransparent(tc, ours)
 	}
 }
 

@@ -169,3 +169,61 @@ func TestTrackConnClose(t *testing.T) {
 		}
 	}
 }
+
+// TestDeferAccept: the transparent listener has TCP_DEFER_ACCEPT when the
+// first-byte wait is a second or more, and none below (the kernel's wait
+// would outlast it); under it, accept waits for the client's first byte.
+func TestDeferAccept(t *testing.T) {
+	eng, err := policy.Compile("t.yaml", []byte("version: 1\nrules: []\n"))
+	if err != nil {
+		t.Fatal(err)
+	}
+	for _, c := range []struct {
+		wait  time.Duration
+		deferred bool
+	}{{300 * time.Millisecond, false}, {time.Second, true}, {0, true}} { // 0: the default, 1 s
+		p, err := New(Config{FirstByteWait: c.wait}, Deps{Policy: policy.NewStore(eng)})
+		if err != nil {
+			t.Fatal(err)
+		}
+		ln, err := p.listenTransparent(context.Background(), "127.0.0.1:0")
+		if err != nil {
+			t.Fatal(err)
+		}
+		var got int
+		rc, _ := ln.(*net.TCPListener).SyscallConn()
+		rc.Control(func(fd uintptr) { got, _ = unix.GetsockoptInt(int(fd), unix.IPPROTO_TCP, unix.TCP_DEFER_ACCEPT) })
+		if p.deferAccept != c.deferred || (got > 0) != c.deferred {
+			t.Errorf("first-byte wait %v: deferAccept %v, TCP_DEFER_ACCEPT %d; want deferred %v", c.wait, p.deferAccept, got, c.deferred)
+		}
+		if c.deferred {
+			accepted := make(chan net.Conn, 1)
+			go func() {
+				a, err := ln.Accept()
+				if err == nil {
+					accepted <- a
+				}
+			}()
+			out, err := net.Dial("tcp", ln.Addr().String())
+			if err != nil {
+				t.Fatal(err)
+			}
+			select {
+			case a := <-accepted:
+				t.Errorf("accepted before the client's first byte")
+				a.Close()
+			case <-time.After(300 * time.Millisecond):
+			}
+			out.Write([]byte("x"))
+			select {
+			case a := <-accepted:
+				a.Close()
+			case <-time.After(10 * time.Second):
+				t.Error("not accepted after the client's first byte")
+			}
+			out.Close()
+		}
+		ln.Close()
+		p.Close()
+	}
+}

@@ -25,9 +25,11 @@ const (
 )
 
 // handleTransparent serves one redirected connection: original
-// destination, peek, decide, then deny or forward. kaSet: c has its
-// keepalive already (inherited from the listener).
-func (p *Proxy) handleTransparent(c *net.TCPConn, kaSet bool) {
+// destination, peek, decide, then deny or forward. ours: c comes from
+// listenTransparent's listener, so it has its keepalive already
+// (inherited) and was accepted under that listener's TCP_DEFER_ACCEPT, if
+// set.
+func (p *Proxy) handleTransparent(c *net.TCPConn, ours bool) {
 	start := time.Now()
 	// The client's address is the socket's (REDIRECT does not change it);
 	// its port may not be (clientPort), and only the record needs it: the
@@ -74,11 +76,11 @@ func (p *Proxy) handleTransparent(c *net.TCPConn, kaSet bool) {
 	orig = netip.AddrPortFrom(orig.Addr().Unmap(), orig.Port())
 	f.ev.Dest, f.ev.DestPort = orig.Addr(), orig.Port()
 	in := policy.Input{Client: ca.Addr(), Dest: orig.Addr(), Port: orig.Port(), Proto: policy.TCP, Now: start}
-	if !kaSet {
+	if !ours {
 		p.setKeepAlive(c)
 	}
 
-	kind, v, head := p.peek(c, eng, in, start)
+	kind, v, head := p.peek(c, eng, in, start, ours && p.deferAccept)
 	p.met.peek.Observe(time.Since(start).Seconds())
 	f.ev.Stamp(v.d)
 	f.ev.Name, f.ev.NameSource = v.name, v.src
@@ -244,13 +246,20 @@ type peekResult struct {
 }
 
 // peek reads the first bytes within the hello deadline and decides.
-func (p *Proxy) peek(c *net.TCPConn, eng *policy.Engine, in policy.Input, start time.Time) (streamKind, verdict, peekResult) {
+// deferred: the kernel held the connection until its first data or for
+// deferAcceptWait, so the first-byte wait only has what is left of it (at
+// least deferredFirstByteWait, in which bytes that are there are read at once).
+func (p *Proxy) peek(c *net.TCPConn, eng *policy.Engine, in policy.Input, start time.Time, deferred bool) (streamKind, verdict, peekResult) {
 	rc := &recorder{r: c, max: p.cfg.HelloMaxBytes}
 	res := peekResult{rec: rc}
 	defer c.SetReadDeadline(time.Time{})
 	ctx := context.Background()
 
-	c.SetReadDeadline(start.Add(min(p.cfg.FirstByteWait, p.cfg.HelloTimeout)))
+	firstWait := p.cfg.FirstByteWait
+	if deferred {
+		firstWait = max(firstWait-deferAcceptWait, deferredFirstByteWait)
+	}
+	c.SetReadDeadline(start.Add(min(firstWait, p.cfg.HelloTimeout)))
 	if err := rc.fill(1); err != nil {
 		if isTimeout(err) {
 			// The server speaks first (or the client is silent): decide on
@@ -307,6 +316,11 @@ func (p *Proxy) peek(c *net.TCPConn, eng *policy.Engine, in policy.Input, start 
 	res.head = &h
 	return kindHTTP, p.decideHTTP(ctx, eng, in, &h), res
 }
+
+// deferredFirstByteWait is the least first-byte wait after a deferred
+// accept: a client that the kernel accepted after deferAcceptWait of
+// silence gets this much more before the server-first decision.
+const deferredFirstByteWait = 50 * time.Millisecond
 
 // readHTTPHead reads from rc until a complete request head is recorded.
 func readHTTPHead(rc *recorder) (httpHead, error) {

@@ -472,3 +472,50 @@ func (tp *topo) conntrackLookups(result string) float64 {
 	tp.proxy.met.conntrack.WithLabelValues(result).Write(&m)
 	return m.GetCounter().GetValue()
 }
+
+// TestTransparentDeferAccept: through the listener the proxy opens itself
+// (as egressd run does), under TCP_DEFER_ACCEPT: TLS is served and decided
+// as before, a client that closes without a byte is recorded as closed
+// early, and a service where the server speaks first still gets its
+// client's connection once the kernel and the first-byte wait have waited
+// (the banner arrives, the echo works, the flow is decided on the address).
+func TestTransparentDeferAccept(t *testing.T) {
+	tp := newTopo(t, topoOpts{ownListener: true, config: func(c *Config) { c.FirstByteWait = time.Second }})
+	if !tp.proxy.deferAccept {
+		t.Fatal("the proxy's own listener has no TCP_DEFER_ACCEPT with a first-byte wait of 1 s")
+	}
+	c := tp.dialFromClient(t, netip.Addr{}, netip.AddrPortFrom(srvV4, 443))
+	body, err := tp.tlsGet(c, "www.allowed.test", "/deferred", nil)
+	if err != nil || !strings.Contains(body, "sni=www.allowed.test") {
+		t.Fatalf("TLS through the deferred listener: %q %v", body, err)
+	}
+	ev := tp.ev.wait(t, "tls", byClientPort(localPort(c)))
+	if ev.Verdict != policy.Allow || ev.NameSource != audit.NameSNI {
+		t.Errorf("TLS event %+v", ev)
+	}
+
+	// Closed without a byte: the FIN reaches accept at once.
+	c = tp.dialFromClient(t, netip.Addr{}, netip.AddrPortFrom(srvV4, 443))
+	port := localPort(c)
+	c.Close()
+	if ev := tp.ev.wait(t, "early close", byClientPort(port)); ev.Close != closeEarly {
+		t.Errorf("early close: event %+v", ev)
+	}
+
+	// Server speaks first.
+	c = tp.dialFromClient(t, netip.Addr{}, netip.AddrPortFrom(echoV4, 8444))
+	c.SetReadDeadline(time.Now().Add(10 * time.Second))
+	line := make([]byte, len(bannerLine))
+	if _, err := io.ReadFull(c, line); err != nil || string(line) != bannerLine {
+		t.Fatalf("banner %q, %v", line, err)
+	}
+	c.Write([]byte("after the banner"))
+	c.CloseWrite()
+	if got := readAll(c, 5*time.Second); string(got) != "after the banner" {
+		t.Errorf("echo after the banner: %q", got)
+	}
+	ev = tp.ev.wait(t, "server first", byClientPort(localPort(c)))
+	if ev.Verdict != policy.Allow || ev.Rule != "vpn" || ev.NameSource != audit.NameNone || ev.BytesIn != uint64(len(bannerLine)+len("after the banner")) {
+		t.Errorf("server-first event %+v", ev)
+	}
+}
