@@ -87,6 +87,17 @@ func (p *Proxy) listenTransparent(ctx context.Context, addr string) (net.Listene
 	return ln, nil
 }
 
+// listenExplicit opens the explicit proxy's listener with
+// TCP_DEFER_ACCEPT: its clients always speak first (a request head), so
+// accept returns once the head is there.
+func listenExplicit(ctx context.Context, addr string) (net.Listener, error) {
+	lc := net.ListenConfig{Control: func(_, _ string, rc syscall.RawConn) error {
+		deferAcceptControl(rc) // without it, accept returns earlier: no harm
+		return nil
+	}}
+	return lc.Listen(ctx, "tcp", addr)
+}
+
 // deferAcceptWait is how long the kernel holds a connection whose client
 // has sent nothing before accept returns it anyway: TCP_DEFER_ACCEPT of one
 // second is one retransmission of the SYN-ACK, after the initial RTO of 1 s

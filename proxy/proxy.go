@@ -117,7 +117,6 @@ func New(cfg Config, deps Deps) (*Proxy, error) {
 // a listener fails; then it closes the proxy.
 func (p *Proxy) Run(ctx context.Context) error {
 	g, ctx := errgroup.WithContext(ctx)
-	var lc net.ListenConfig
 	if a := p.cfg.TransparentAddr; a != "" {
 		ln, err := p.listenTransparent(ctx, a)
 		if err != nil {
@@ -127,7 +126,7 @@ func (p *Proxy) Run(ctx context.Context) error {
 		g.Go(func() error { return p.Serve(ln) })
 	}
 	if a := p.cfg.ExplicitAddr; a != "" {
-		ln, err := lc.Listen(ctx, "tcp", a)
+		ln, err := listenExplicit(ctx, a)
 		if err != nil {
 			p.Close()
 			return fmt.Errorf("proxy: explicit listener: %w", err)

@@ -179,7 +179,7 @@ func TestDeferAccept(t *testing.T) {
 		t.Fatal(err)
 	}
 	for _, c := range []struct {
-		wait  time.Duration
+		wait     time.Duration
 		deferred bool
 	}{{300 * time.Millisecond, false}, {time.Second, true}, {0, true}} { // 0: the default, 1 s
 		p, err := New(Config{FirstByteWait: c.wait}, Deps{Policy: policy.NewStore(eng)})
@@ -190,40 +190,70 @@ func TestDeferAccept(t *testing.T) {
 		if err != nil {
 			t.Fatal(err)
 		}
-		var got int
-		rc, _ := ln.(*net.TCPListener).SyscallConn()
-		rc.Control(func(fd uintptr) { got, _ = unix.GetsockoptInt(int(fd), unix.IPPROTO_TCP, unix.TCP_DEFER_ACCEPT) })
-		if p.deferAccept != c.deferred || (got > 0) != c.deferred {
+		if got := deferAcceptOf(t, ln); got > 0 != c.deferred || p.deferAccept != c.deferred {
 			t.Errorf("first-byte wait %v: deferAccept %v, TCP_DEFER_ACCEPT %d; want deferred %v", c.wait, p.deferAccept, got, c.deferred)
 		}
 		if c.deferred {
-			accepted := make(chan net.Conn, 1)
-			go func() {
-				a, err := ln.Accept()
-				if err == nil {
-					accepted <- a
-				}
-			}()
-			out, err := net.Dial("tcp", ln.Addr().String())
-			if err != nil {
-				t.Fatal(err)
-			}
-			select {
-			case a := <-accepted:
-				t.Errorf("accepted before the client's first byte")
-				a.Close()
-			case <-time.After(300 * time.Millisecond):
-			}
-			out.Write([]byte("x"))
-			select {
-			case a := <-accepted:
-				a.Close()
-			case <-time.After(10 * time.Second):
-				t.Error("not accepted after the client's first byte")
-			}
-			out.Close()
+			testAcceptWaits(t, ln)
 		}
 		ln.Close()
 		p.Close()
+	}
+	// The explicit listener: always (its clients speak first).
+	ln, err := listenExplicit(context.Background(), "127.0.0.1:0")
+	if err != nil {
+		t.Fatal(err)
+	}
+	defer ln.Close()
+	if got := deferAcceptOf(t, ln); got <= 0 {
+		t.Errorf("explicit listener: TCP_DEFER_ACCEPT %d", got)
+	}
+	testAcceptWaits(t, ln)
+}
+
+func deferAcceptOf(t *testing.T, ln net.Listener) int {
+	t.Helper()
+	var got int
+	var gerr error
+	rc, err := ln.(*net.TCPListener).SyscallConn()
+	if err != nil {
+		t.Fatal(err)
+	}
+	rc.Control(func(fd uintptr) { got, gerr = unix.GetsockoptInt(int(fd), unix.IPPROTO_TCP, unix.TCP_DEFER_ACCEPT) })
+	if gerr != nil {
+		t.Fatal(gerr)
+	}
+	return got
+}
+
+// testAcceptWaits: a client that has sent nothing is not accepted (for
+// 300 ms, well inside the kernel's 1 s); its first byte makes it so.
+func testAcceptWaits(t *testing.T, ln net.Listener) {
+	t.Helper()
+	accepted := make(chan net.Conn, 1)
+	go func() {
+		a, err := ln.Accept()
+		if err == nil {
+			accepted <- a
+		}
+	}()
+	out, err := net.Dial("tcp", ln.Addr().String())
+	if err != nil {
+		t.Fatal(err)
+	}
+	defer out.Close()
+	select {
+	case a := <-accepted:
+		t.Errorf("accepted before the client's first byte")
+		a.Close()
+		return
+	case <-time.After(300 * time.Millisecond):
+	}
+	out.Write([]byte("x"))
+	select {
+	case a := <-accepted:
+		a.Close()
+	case <-time.After(10 * time.Second):
+		t.Error("not accepted after the client's first byte")
 	}
 }
