@@ -41,8 +41,9 @@ type Config struct {
 	HelloMaxBytes int
 	// DialTimeout bounds the connect to the destination. Zero: 10 s.
 	DialTimeout time.Duration
-	// KeepAlive is the TCP keepalive period on both sides of a tunnel.
-	// Zero: 30 s; negative: keepalive off. Established tunnels have no
+	// KeepAlive is the TCP keepalive period on both sides of a tunnel
+	// (on the destination's side from 5 to 10 s into the tunnel's life:
+	// trackDialed). Zero: 30 s; negative: keepalive off. Established tunnels have no
 	// idle timeout (a device's VPN over 443 lives for days): keepalive is
 	// what finds dead peers.
 	KeepAlive time.Duration

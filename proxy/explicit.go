@@ -91,7 +91,12 @@ func (p *Proxy) transportDial(ctx context.Context, _, _ string) (net.Conn, error
 	if !ok {
 		return nil, errors.New("proxy: request has no decided destination")
 	}
-	return p.dial(ctx, ap)
+	c, err := p.dial(ctx, ap)
+	if err != nil {
+		return nil, err
+	}
+	p.setKeepAlive(c) // pooled by the transport, not in the connection set
+	return c, nil
 }
 
 // ServeExplicit serves the explicit HTTP/CONNECT proxy on ln until ln
@@ -384,7 +389,7 @@ func (p *Proxy) tunnelConnect(client net.Conn, st *connectState, v verdict, f *f
 		io.WriteString(client, "HTTP/1.1 502 Bad Gateway\r\nContent-Type: text/plain\r\nContent-Length: 39\r\nConnection: close\r\n\r\negressd: cannot connect to destination\n")
 		return
 	}
-	if !p.trackConn(server) {
+	if !p.trackDialed(server) {
 		f.ev.Close = closeShutdown
 		return
 	}

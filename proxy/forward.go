@@ -16,29 +16,80 @@ import (
 	"golang.org/x/sys/unix"
 )
 
-// dial connects to the destination with the dial timeout and sets TCP
-// keepalive on the connection (only here: the default dialer does not).
+// dial connects to the destination with the dial timeout. The connection
+// has no keepalive yet: trackDialed gives it one once it has lived
+// keepAliveAfter (most connections end before, and never need it).
 func (p *Proxy) dial(ctx context.Context, dest netip.AddrPort) (net.Conn, error) {
 	ctx, cancel := context.WithTimeout(ctx, p.cfg.DialTimeout)
 	defer cancel()
-	c, err := p.deps.Dial(ctx, "tcp", dest.String())
-	if err != nil {
-		return nil, err
-	}
-	if !p.dialKA { // a dialer of the caller's: set it now
-		p.setKeepAlive(c)
-	}
-	return c, nil
+	return p.deps.Dial(ctx, "tcp", dest.String())
 }
 
-// keepAliveControl is a Dialer's or ListenConfig's Control: it sets the
-// configured keepalive on the socket before it connects or listens. A
-// connection accepted from a listening socket inherits its keepalive
-// settings (Linux copies them and starts the timer), and a socket that has
-// not connected yet takes them at no cost to the packets in flight: a
-// connection never pays these four system calls once established (on an
-// established socket they also run the receive backlog under the socket
-// lock, in the path of the ClientHello or the origin's first answer).
+// Lazy keepalive on dialed connections. Four setsockopt calls per
+// connection were about 3 % of the proxy's CPU per new connection, for an
+// option that only matters to a connection idle for the keepalive period
+// (30 s by default). So a dialed connection is registered with its time
+// (trackDialed), and a sweep every keepAliveSweep sets keepalive on those
+// older than keepAliveAfter: a tunnel gets it between 5 and 10 s into its
+// life, and its first probe comes at most that much later than if it had
+// been set at the dial. Accepted connections inherit theirs from the
+// listener at no cost (listenTransparent).
+const (
+	keepAliveAfter = 5 * time.Second
+	keepAliveSweep = 5 * time.Second
+)
+
+// dialedConn is the connection set's value for a dialed connection that
+// has no keepalive yet.
+type dialedConn struct{ at time.Time }
+
+// trackDialed is trackConn for a connection dial made: it also schedules
+// its keepalive (none when Config.KeepAlive is negative).
+func (p *Proxy) trackDialed(c net.Conn) bool {
+	if p.cfg.KeepAlive < 0 {
+		return p.trackConn(c)
+	}
+	p.sweepOnce.Do(func() { go p.keepAliveSweeper(keepAliveSweep) })
+	return p.trackConnValue(c, &dialedConn{at: time.Now()})
+}
+
+// keepAliveSweeper sweeps every interval until the proxy is closed.
+func (p *Proxy) keepAliveSweeper(interval time.Duration) {
+	t := time.NewTicker(interval)
+	defer t.Stop()
+	for {
+		select {
+		case <-p.done:
+			return
+		case now := <-t.C:
+			p.sweepKeepAlive(now)
+		}
+	}
+}
+
+// sweepKeepAlive sets keepalive on the dialed connections registered
+// before now minus keepAliveAfter, once each.
+func (p *Proxy) sweepKeepAlive(now time.Time) {
+	p.conns.Range(func(k, v any) bool {
+		d, ok := v.(*dialedConn)
+		if !ok || now.Sub(d.at) < keepAliveAfter {
+			return true
+		}
+		// Only while still tracked: a connection untracked meanwhile
+		// stays out of the set.
+		if p.conns.CompareAndSwap(k, v, struct{}{}) {
+			p.setKeepAlive(k.(net.Conn))
+		}
+		return true
+	})
+}
+
+// keepAliveControl is a ListenConfig's Control: it sets the configured
+// keepalive on the listening socket. A connection accepted from it
+// inherits its keepalive settings (Linux copies them and starts the
+// timer), so an accepted connection never pays these four system calls
+// (on an established socket they also run the receive backlog under the
+// socket lock, in the path of the ClientHello).
 func (p *Proxy) keepAliveControl(_, _ string, rc syscall.RawConn) error {
 	if p.cfg.KeepAlive < 0 {
 		return nil // new sockets have no keepalive

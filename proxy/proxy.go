@@ -41,7 +41,6 @@ type Proxy struct {
 	ct      Conntrack          // deps.Conntrack or ctOwn; nil if it could not be opened
 	ctOwn   *netutil.Conntrack // opened by the proxy, closed by Close
 
-	dialKA     bool         // deps.Dial is ours: its sockets get keepalive before they connect
 	kaListener net.Listener // opened by listenTransparent: accepted connections inherit keepalive
 	// deferAccept: kaListener has TCP_DEFER_ACCEPT (deferAcceptControl).
 	deferAccept bool
@@ -60,7 +59,8 @@ type Proxy struct {
 	// connection, added and removed by many goroutines at once: a
 	// sync.Map, not a map under mu (whose lock was the proxy's most
 	// contended under a high connection rate).
-	conns       sync.Map    // net.Conn → struct{}
+	conns       sync.Map    // net.Conn → struct{}, or *dialedConn (trackDialed)
+	sweepOnce   sync.Once   // starts keepAliveSweeper
 	connsClosed atomic.Bool // set by Close before it closes conns
 
 	closeOnce sync.Once
@@ -105,9 +105,9 @@ func New(cfg Config, deps Deps) (*Proxy, error) {
 		done:      make(chan struct{}),
 	}
 	if deps.Dial == nil {
-		// Keepalive set on the socket before it connects (keepAliveControl).
-		d := &net.Dialer{Timeout: cfg.DialTimeout, KeepAlive: -1, Control: p.keepAliveControl}
-		p.deps.Dial, p.dialKA = d.DialContext, true
+		// No keepalive at the dial: trackDialed sets it later.
+		d := &net.Dialer{Timeout: cfg.DialTimeout, KeepAlive: -1}
+		p.deps.Dial = d.DialContext
 	}
 	p.gp = p.newGoproxy()
 	return p, nil
@@ -183,11 +183,16 @@ func (p *Proxy) Close() error {
 // track registers a listener or connection so Close can close it; it
 // reports false (and closes it) when the proxy is already closed.
 func (p *Proxy) trackConn(c net.Conn) bool {
+	return p.trackConnValue(c, struct{}{})
+}
+
+// trackConnValue is trackConn with v as the set's value for c.
+func (p *Proxy) trackConnValue(c net.Conn, v any) bool {
 	if p.connsClosed.Load() {
 		c.Close()
 		return false
 	}
-	p.conns.Store(c, struct{}{})
+	p.conns.Store(c, v)
 	if p.connsClosed.Load() { // Close may have listed the map before the Store
 		p.conns.Delete(c)
 		c.Close()

@@ -62,11 +62,11 @@ func TestRunClose(t *testing.T) {
 	}
 }
 
-// TestKeepAlive: a destination connection made by the default dialer and a
-// connection accepted by the transparent listener have TCP keepalive on,
-// with the configured idle period and Go's default probe interval (set on
-// the socket before it connects or, inherited, on the listener); with
-// KeepAlive < 0 they have none.
+// TestKeepAlive: a destination connection made by the default dialer (once
+// it has lived keepAliveAfter) and a connection accepted by the transparent
+// listener have TCP keepalive on, with the configured idle period and Go's
+// default probe interval (set by the sweep, or inherited from the
+// listener); with KeepAlive < 0 they have none.
 func TestKeepAlive(t *testing.T) {
 	eng, err := policy.Compile("t.yaml", []byte("version: 1\nrules: []\n"))
 	if err != nil {
@@ -111,16 +111,84 @@ func TestKeepAlive(t *testing.T) {
 		if !ok {
 			t.Fatal("accept failed")
 		}
+		// The dialed side gets its keepalive from the sweep, once it has
+		// lived keepAliveAfter, and only while it is tracked.
+		if on, _, _, _ := sockopts(out); on != 0 {
+			t.Errorf("KeepAlive %v: keepalive on at the dial", c.ka)
+		}
+		if !p.trackDialed(out) {
+			t.Fatal("trackDialed refused")
+		}
+		p.sweepKeepAlive(time.Now())
+		if on, _, _, _ := sockopts(out); on != 0 {
+			t.Errorf("KeepAlive %v: keepalive set on a connection younger than %v", c.ka, keepAliveAfter)
+		}
+		p.sweepKeepAlive(time.Now().Add(keepAliveAfter))
 		for side, conn := range map[string]net.Conn{"dialed": out, "accepted": in} {
 			on, idle, intvl, cnt := sockopts(conn)
 			if on != c.on || c.on == 1 && (idle != c.idle || intvl != 15 || cnt != 9) {
 				t.Errorf("KeepAlive %v, %s: SO_KEEPALIVE %d, idle %d s, interval %d s, count %d; want %d, %d s, 15 s, 9", c.ka, side, on, idle, intvl, cnt, c.on, c.idle)
 			}
 		}
+		// Swept once: the set keeps a plain entry, removed at untrack and
+		// not brought back by a later sweep.
+		if v, ok := p.conns.Load(out); !ok || v != (struct{}{}) {
+			t.Errorf("KeepAlive %v: after the sweep the set holds %v, %v", c.ka, v, ok)
+		}
+		p.untrackConn(out)
+		p.sweepKeepAlive(time.Now().Add(time.Hour))
+		if _, ok := p.conns.Load(out); ok {
+			t.Errorf("KeepAlive %v: an untracked connection is back in the set", c.ka)
+		}
 		out.Close()
 		in.Close()
 		ln.Close()
 		p.Close()
+	}
+}
+
+// TestKeepAliveSweeper: the sweeper goroutine sets keepalive on a tracked
+// dialed connection that is old enough, and stops when the proxy closes.
+func TestKeepAliveSweeper(t *testing.T) {
+	eng, err := policy.Compile("t.yaml", []byte("version: 1\nrules: []\n"))
+	if err != nil {
+		t.Fatal(err)
+	}
+	p, err := New(Config{}, Deps{Policy: policy.NewStore(eng)})
+	if err != nil {
+		t.Fatal(err)
+	}
+	ln, err := net.Listen("tcp", "127.0.0.1:0")
+	if err != nil {
+		t.Fatal(err)
+	}
+	defer ln.Close()
+	out, err := p.dial(context.Background(), ln.Addr().(*net.TCPAddr).AddrPort())
+	if err != nil {
+		t.Fatal(err)
+	}
+	defer out.Close()
+	p.trackConnValue(out, &dialedConn{at: time.Now().Add(-keepAliveAfter)})
+	done := make(chan struct{})
+	go func() { p.keepAliveSweeper(10 * time.Millisecond); close(done) }()
+	rc, _ := out.(*net.TCPConn).SyscallConn()
+	deadline := time.Now().Add(10 * time.Second)
+	for {
+		var on int
+		rc.Control(func(fd uintptr) { on, _ = unix.GetsockoptInt(int(fd), unix.SOL_SOCKET, unix.SO_KEEPALIVE) })
+		if on == 1 {
+			break
+		}
+		if time.Now().After(deadline) {
+			t.Fatal("the sweeper never set keepalive")
+		}
+		time.Sleep(10 * time.Millisecond)
+	}
+	p.Close()
+	select {
+	case <-done:
+	case <-time.After(10 * time.Second):
+		t.Fatal("the sweeper outlived the proxy")
 	}
 }
 

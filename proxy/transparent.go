@@ -132,7 +132,7 @@ func (p *Proxy) handleTransparent(c *net.TCPConn, ours bool) {
 		f.err, f.ev.Close = err, closeDial
 		return
 	}
-	if !p.trackConn(server) {
+	if !p.trackDialed(server) {
 		f.ev.Close = closeShutdown
 		return
 	}
