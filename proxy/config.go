@@ -113,7 +113,8 @@ type Deps struct {
 	// explicit proxy and for destinations DNS did not hand out. Nil: no
 	// fresh lookups (the explicit proxy then refuses names).
 	Resolver Resolver
-	// Dial connects to destinations. Nil: a net.Dialer with DialTimeout.
+	// Dial connects to destinations. Nil: a net.Dialer (the context it is
+	// given carries DialTimeout).
 	// Tests use it to dial from inside a network namespace.
 	Dial func(ctx context.Context, network, addr string) (net.Conn, error)
 	// Conntrack gives back the client's own source address and port of a

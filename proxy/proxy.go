@@ -105,8 +105,10 @@ func New(cfg Config, deps Deps) (*Proxy, error) {
 		done:      make(chan struct{}),
 	}
 	if deps.Dial == nil {
-		// No keepalive at the dial: trackDialed sets it later.
-		d := &net.Dialer{Timeout: cfg.DialTimeout, KeepAlive: -1}
+		// No keepalive at the dial: trackDialed sets it later. No
+		// Timeout either: dial's context has the deadline (a second one
+		// would cost every connection another timer).
+		d := &net.Dialer{KeepAlive: -1}
 		p.deps.Dial = d.DialContext
 	}
 	p.gp = p.newGoproxy()
