@@ -2,7 +2,9 @@
 // connection from the LAN to its transparent listener; the proxy reads the
 // original destination (SO_ORIGINAL_DST / IP6T_SO_ORIGINAL_DST), peeks at
 // the first bytes to find the destination's name (the TLS ClientHello's SNI,
-// parsed by crypto/tls from a recorded copy, or the HTTP/1.x Host), asks the
+// from a recorded copy: by a fast parser held to crypto/tls's strictness
+// when the hello came in whole, else by crypto/tls; or the HTTP/1.x Host),
+// asks the
 // policy (policy.Store) and then either splices the connection to the
 // original destination or answers with a deny (a TLS alert, an HTTP 403, or
 // a close). On plain HTTP/1.x the client-to-origin direction is not

@@ -7,6 +7,7 @@ import (
 	"fmt"
 	"io"
 	"net"
+	"sync"
 	"time"
 )
 
@@ -42,12 +43,13 @@ func (rc *recorder) Read(p []byte) (int, error) {
 
 // fill reads until at least n bytes are recorded, taking what is there
 // in reads of up to fillChunk bytes (so it may record more than n): a
-// ClientHello that has arrived is read in one system call, and crypto/tls
-// then parses it from the recording without reading the socket again (a
-// read of exactly the missing bytes took one call for the first byte and
-// more for the rest).
+// ClientHello that has arrived is read in one system call, and
+// readClientHello then parses it from the recording without reading the
+// socket again (a read of exactly the missing bytes took one call for the
+// first byte and more for the rest).
 func (rc *recorder) fill(n int) error {
-	var tmp [fillChunk]byte
+	tmp := fillBufs.Get().(*[fillChunk]byte)
+	defer fillBufs.Put(tmp)
 	for len(rc.buf) < n {
 		if _, err := rc.Read(tmp[:]); err != nil {
 			return err
@@ -59,6 +61,12 @@ func (rc *recorder) fill(n int) error {
 // fillChunk is the most fill reads at once: a ClientHello with a
 // post-quantum key share (about 1.8 KB) fits.
 const fillChunk = 4096
+
+// fillBufs holds fill's read buffers. A buffer on fill's stack escapes
+// (the read goes through an interface), so it cost every connection a 4 KB
+// allocation, more than the fast path's whole parse; Read copies what it
+// reads into the recording, so nothing keeps a pooled buffer.
+var fillBufs = sync.Pool{New: func() any { return new([fillChunk]byte) }}
 
 // replayReader serves recorded bytes first: crypto/tls consumes what the
 // recorder already holds (the sniffed first bytes) before reading more.
@@ -103,10 +111,42 @@ const (
 	extECH        = 0xfe0d
 )
 
-// readClientHello lets crypto/tls parse the ClientHello from rc (after the
-// bytes rc already recorded). It returns errDuplicateSNI, errHelloTooLarge,
-// errHelloMalformed or the read error (a timeout, EOF).
+// readClientHello reads the ClientHello from rc (the bytes rc already
+// recorded, then the connection). It returns errDuplicateSNI,
+// errHelloTooLarge, errHelloMalformed or the read error (a timeout, EOF).
+//
+// Fast path: when the recorded bytes already hold the whole hello (the
+// common case: it arrives in the first read), parseHelloFast parses it in
+// place, without crypto/tls, for a fraction of the cost (compare
+// BenchmarkReadClientHello and BenchmarkReadClientHelloTLS). It takes only
+// hellos it validates at least as strictly as crypto/tls does up to the
+// point where readClientHelloTLS's hook runs, and reports false for
+// everything else (an incomplete hello, an extension it does not know, an
+// unusual server name, any error); those go to readClientHelloTLS
+// unchanged, so crypto/tls still decides every error and its
+// classification. A hello the fast path takes is therefore one crypto/tls
+// takes too, with the same ServerName, ALPN list and ECH flag: no parser
+// differential on the SNI (THREATS.md A5). FuzzHelloFastAgreesWithCryptoTLS
+// and the TestHelloFast tests check that against the crypto/tls of the
+// toolchain in use; rerun the fuzz target when the Go version changes. The
+// fast path reads nothing and leaves the recording as it is.
 func readClientHello(rc *recorder) (ch clientHello, err error) {
+	defer func() {
+		if r := recover(); r != nil { // neither parser may panic; if one does, fail closed
+			ch, err = clientHello{}, fmt.Errorf("%w: panic: %v", errHelloMalformed, r)
+		}
+	}()
+	if fast, ok := parseHelloFast(rc.buf); ok {
+		return fast, nil
+	}
+	return readClientHelloTLS(rc)
+}
+
+// readClientHelloTLS lets crypto/tls parse the ClientHello from rc (after
+// the bytes rc already recorded): it starts a server handshake over a replay
+// of the recording whose GetConfigForClient hook keeps what the proxy needs
+// and stops the handshake. Errors as for readClientHello.
+func readClientHelloTLS(rc *recorder) (ch clientHello, err error) {
 	defer func() {
 		if r := recover(); r != nil { // crypto/tls must not panic; if it does, fail closed
 			ch, err = clientHello{}, fmt.Errorf("%w: panic: %v", errHelloMalformed, r)

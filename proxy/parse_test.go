@@ -150,32 +150,47 @@ func TestReadClientHello(t *testing.T) {
 		{"truncated", h[:len(h)/2], "", io.ErrUnexpectedEOF},
 		{"server-hello", []byte{0x16, 0x03, 0x01, 0x00, 0x04, 0x02, 0x00, 0x00, 0x00}, "", errHelloMalformed},
 	} {
-		t.Run(c.name, func(t *testing.T) {
-			rc := &recorder{r: bytes.NewReader(c.in), max: 64 << 10}
-			ch, err := readClientHello(rc)
-			if c.err == io.ErrUnexpectedEOF {
-				if err == nil {
-					t.Fatal("a truncated hello parsed")
+		// Each case twice: as peek calls it, after a first read recorded
+		// what had arrived (the fast path where it applies), and with
+		// nothing recorded yet (crypto/tls reads the connection).
+		for _, mode := range []string{"recorded", "unread"} {
+			t.Run(c.name+"/"+mode, func(t *testing.T) {
+				rc := &recorder{r: bytes.NewReader(c.in), max: 64 << 10}
+				if mode == "recorded" {
+					if err := rc.fill(1); err != nil {
+						t.Fatal(err)
+					}
 				}
-				return
-			}
-			if !errors.Is(err, c.err) {
-				t.Fatalf("err %v, want %v", err, c.err)
-			}
-			if ch.ServerName != c.sni {
-				t.Errorf("SNI %q", ch.ServerName)
-			}
-			if c.name == "ech-outer" && !ch.ECH {
-				t.Error("ECH extension not seen")
-			}
-			if !bytes.Equal(rc.buf, c.in[:len(rc.buf)]) {
-				t.Error("recorded bytes differ from the input")
-			}
-		})
+				ch, err := readClientHello(rc)
+				if c.err == io.ErrUnexpectedEOF {
+					if err == nil {
+						t.Fatal("a truncated hello parsed")
+					}
+					return
+				}
+				if !errors.Is(err, c.err) {
+					t.Fatalf("err %v, want %v", err, c.err)
+				}
+				if ch.ServerName != c.sni {
+					t.Errorf("SNI %q", ch.ServerName)
+				}
+				if c.name == "ech-outer" && !ch.ECH {
+					t.Error("ECH extension not seen")
+				}
+				if !bytes.Equal(rc.buf, c.in[:len(rc.buf)]) {
+					t.Error("recorded bytes differ from the input")
+				}
+			})
+		}
 	}
-	rc := &recorder{r: bytes.NewReader(h), max: 1024}
-	if _, err := readClientHello(rc); !errors.Is(err, errHelloTooLarge) {
-		t.Errorf("size cap: %v", err)
+	for _, fill := range []bool{true, false} {
+		rc := &recorder{r: bytes.NewReader(h), max: 1024}
+		if fill {
+			rc.fill(1)
+		}
+		if _, err := readClientHello(rc); !errors.Is(err, errHelloTooLarge) {
+			t.Errorf("size cap (first read %v): %v", fill, err)
+		}
 	}
 }
 
@@ -196,21 +211,28 @@ func FuzzClientHello(f *testing.F) {
 	// An empty handshake record.
 	f.Add([]byte{0x16, 0x03, 0x01, 0x00, 0x00})
 	f.Fuzz(func(t *testing.T, b []byte) {
-		rc := &recorder{r: bytes.NewReader(b), max: 16 << 10}
-		var err error
-		done := make(chan struct{})
-		go func() { _, err = readClientHello(rc); close(done) }()
-		select {
-		case <-done:
-		case <-time.After(5 * time.Second):
-			t.Fatalf("readClientHello hangs on %x", b)
-		}
-		if len(rc.buf) > 16<<10 || !bytes.Equal(rc.buf, b[:len(rc.buf)]) {
-			t.Fatalf("recorded %d bytes that are not the input's prefix", len(rc.buf))
-		}
-		if errors.Is(err, errDuplicateSNI) {
-			if n, ok := countServerNames(rc.buf); !ok || n < 2 {
-				t.Fatalf("duplicate verdict but count %d %v", n, ok)
+		// As peek calls it, after a first read recorded what had arrived
+		// (the fast path where it applies), and with nothing recorded yet.
+		for _, first := range []bool{true, false} {
+			rc := &recorder{r: bytes.NewReader(b), max: 16 << 10}
+			if first && rc.fill(1) != nil {
+				continue
+			}
+			var err error
+			done := make(chan struct{})
+			go func() { _, err = readClientHello(rc); close(done) }()
+			select {
+			case <-done:
+			case <-time.After(5 * time.Second):
+				t.Fatalf("readClientHello hangs on %x", b)
+			}
+			if len(rc.buf) > 16<<10 || !bytes.Equal(rc.buf, b[:len(rc.buf)]) {
+				t.Fatalf("recorded %d bytes that are not the input's prefix", len(rc.buf))
+			}
+			if errors.Is(err, errDuplicateSNI) {
+				if n, ok := countServerNames(rc.buf); !ok || n < 2 {
+					t.Fatalf("duplicate verdict but count %d %v", n, ok)
+				}
 			}
 		}
 		countServerNames(b)
@@ -247,14 +269,27 @@ func FuzzHTTPHead(f *testing.F) {
 }
 
 // BenchmarkReadClientHello: the cost of the peek per connection (a Go
-// ML-KEM hello, ~1.8 KB, parsed by crypto/tls from the recorded copy).
+// ML-KEM hello, ~1.8 KB, recorded by a first read as peek does, then parsed
+// by the fast path). BenchmarkReadClientHelloTLS is the same through
+// crypto/tls, the cost of a hello the fast path leaves to it.
 func BenchmarkReadClientHello(b *testing.B) {
+	benchmarkHello(b, readClientHello)
+}
+
+func BenchmarkReadClientHelloTLS(b *testing.B) {
+	benchmarkHello(b, readClientHelloTLS)
+}
+
+func benchmarkHello(b *testing.B, read func(*recorder) (clientHello, error)) {
 	h := goHello(b, "www.allowed.test", nil)
 	b.ReportAllocs()
 	b.SetBytes(int64(len(h)))
 	for b.Loop() {
 		rc := &recorder{r: bytes.NewReader(h), max: 64 << 10}
-		if ch, err := readClientHello(rc); err != nil || ch.ServerName == "" {
+		if err := rc.fill(1); err != nil {
+			b.Fatal(err)
+		}
+		if ch, err := read(rc); err != nil || ch.ServerName == "" {
 			b.Fatal(err)
 		}
 	}
@@ -296,7 +331,8 @@ func (c *countingReader) Read(p []byte) (int, error) {
 
 // TestHelloOneRead: a ClientHello that has fully arrived (here a Go
 // ML-KEM hello, about 1.8 KB) costs the peek one read of the socket: the
-// first-byte wait takes all there is, and crypto/tls parses the recording.
+// first-byte wait takes all there is, and the fast path parses the
+// recording.
 func TestHelloOneRead(t *testing.T) {
 	h := goHello(t, "www.allowed.test", nil)
 	cr := &countingReader{r: bytes.NewReader(h)}

@@ -1,0 +1,792 @@
+package proxy
+
+import (
+	"bytes"
+	"crypto/ecdh"
+	"crypto/ecdsa"
+	"crypto/elliptic"
+	"crypto/rand"
+	"crypto/tls"
+	"crypto/x509"
+	"encoding/binary"
+	"errors"
+	"fmt"
+	"io"
+	"math/big"
+	"net"
+	"os"
+	"path/filepath"
+	"slices"
+	"sort"
+	"strings"
+	"testing"
+	"time"
+
+	"github.com/gopacket/gopacket"
+	"github.com/gopacket/gopacket/layers"
+	"github.com/gopacket/gopacket/pcapgo"
+)
+
+// tlsHello runs the crypto/tls path alone on b, as a recording with
+// nothing more to read.
+func tlsHello(b []byte) (clientHello, error) {
+	rc := &recorder{r: bytes.NewReader(nil), buf: bytes.Clone(b), max: len(b) + 1}
+	return readClientHelloTLS(rc)
+}
+
+// checkFastAgrees is the safety rule of the fast path: when parseHelloFast
+// takes b, crypto/tls takes b too and reads the same ServerName, ALPN list
+// and ECH flag. parseHelloFast must not modify b (the proxy replays it).
+func checkFastAgrees(t testing.TB, b []byte) (clientHello, bool) {
+	t.Helper()
+	orig := bytes.Clone(b)
+	fast, ok := parseHelloFast(b)
+	if !bytes.Equal(b, orig) {
+		t.Fatalf("parseHelloFast modified its input")
+	}
+	if !ok {
+		return fast, false
+	}
+	slow, err := tlsHello(b)
+	if err != nil {
+		t.Fatalf("the fast path took a hello crypto/tls rejects (%v): %x", err, b)
+	}
+	if fast.ServerName != slow.ServerName || fast.ECH != slow.ECH || !slices.Equal(fast.ALPN, slow.ALPN) {
+		t.Fatalf("the fast path read %+v, crypto/tls %+v: %x", fast, slow, b)
+	}
+	return fast, true
+}
+
+// namedHello is a ClientHello for the tables and the fuzz seeds.
+type namedHello struct {
+	name string
+	b    []byte
+}
+
+// realHello is a hello a real client sends and what it carries.
+type realHello struct {
+	namedHello
+	sni  string
+	alpn []string
+	ech  bool
+}
+
+// realHellos are the hellos of real clients the fast path must take (it
+// saves nothing otherwise). The curl hello was recorded from curl 7.88.1
+// with OpenSSL 3.0 connecting to a local listener.
+func realHellos(tb testing.TB) []realHello {
+	h2 := []string{"h2", "http/1.1"}
+	curl, err := os.ReadFile("testdata/clienthello-curl7.88-openssl3.0.bin")
+	if err != nil {
+		tb.Fatal(err)
+	}
+	return []realHello{
+		{namedHello{"go", goHello(tb, "www.allowed.test", nil)}, "www.allowed.test", nil, false},
+		{namedHello{"go-alpn-mlkem", goHello(tb, "www.allowed.test", &tls.Config{NextProtos: h2})}, "www.allowed.test", h2, false},
+		{namedHello{"go-alpn-x25519", goHello(tb, "www.allowed.test", &tls.Config{NextProtos: h2,
+			CurvePreferences: []tls.CurveID{tls.X25519, tls.CurveP256}})}, "www.allowed.test", h2, false},
+		{namedHello{"go-tls12", goHello(tb, "www.allowed.test", &tls.Config{NextProtos: h2, MaxVersion: tls.VersionTLS12})}, "www.allowed.test", h2, false},
+		{namedHello{"go-no-sni", goHello(tb, "192.0.2.1", &tls.Config{NextProtos: []string{"http/1.1"}})}, "", []string{"http/1.1"}, false},
+		{namedHello{"go-psk", resumedHello(tb, tls.VersionTLS13)}, "www.allowed.test", h2, false},
+		{namedHello{"go-tls12-ticket", resumedHello(tb, tls.VersionTLS12)}, "www.allowed.test", h2, false},
+		{namedHello{"go-ech-outer", goHello(tb, "secret.allowed.test", &tls.Config{NextProtos: h2,
+			EncryptedClientHelloConfigList: echConfigList(tb, "public.allowed-ech.test")})}, "public.allowed-ech.test", h2, true},
+		{namedHello{"curl-openssl", curl}, "www.allowed.test", h2, false},
+		{namedHello{"chrome-grease", chromeHello("www.allowed.test")}, "www.allowed.test", h2, true},
+		{namedHello{"chrome-100-byte-records", refragment(chromeHello("www.allowed.test"), 100)}, "www.allowed.test", h2, true},
+		{namedHello{"ech-outer", buildHello(sniExt("public.example"), echOuterExt())}, "public.example", nil, true},
+	}
+}
+
+// helloSeeds are the fuzz seeds: FuzzClientHello's, the real hellos, the
+// captures' hellos, and each one's extension block alone (the fuzz target
+// also reads its input as an extension block, see FuzzHelloFastAgreesWithCryptoTLS).
+func helloSeeds(tb testing.TB) [][]byte {
+	seeds := [][]byte{
+		goHello(tb, "www.allowed.test", nil),
+		refragment(goHello(tb, "a.test", nil), 3),
+		buildHello(sniExt("allowed.test"), sniExt("evil.test")),
+		buildHello(sniExt("allowed.test", "evil.test")),
+		buildHello(sniExt("a.test.")),
+		buildHello(sniExt("public.example"), echOuterExt()),
+		{0x16, 0x03, 0x01, 0xff, 0xff},
+		{0x16, 0x03, 0x01, 0x00, 0x00},
+	}
+	for _, h := range realHellos(tb) {
+		seeds = append(seeds, h.b)
+	}
+	for _, h := range captureHellos(tb) {
+		seeds = append(seeds, h.b)
+	}
+	for _, s := range slices.Clone(seeds) {
+		if e, ok := extBlock(s); ok {
+			seeds = append(seeds, e)
+		}
+	}
+	// Small extension blocks: one well-formed instance of each extension
+	// type the fast path checks, then all of them in one block.
+	var all []byte
+	for _, e := range extSamples() {
+		seeds = append(seeds, e)
+		all = append(all, e...)
+	}
+	return append(seeds, all)
+}
+
+// extSamples are one well-formed instance of each extension type the fast
+// path checks or skips, pre_shared_key last.
+func extSamples() [][]byte {
+	return [][]byte{
+		sniExt("www.allowed.test"),
+		ext(extStatusRequest, []byte{1, 0, 0, 0, 0}),
+		ext(extSupportedGroups, []byte{0, 4, 0x11, 0xec, 0, 0x1d}),
+		ext(extECPointFormats, []byte{1, 0}),
+		ext(extSignatureAlgs, []byte{0, 4, 4, 3, 8, 4}),
+		ext(extSignatureAlgsCert, []byte{0, 2, 4, 3}),
+		ext(extALPN, []byte{0, 3, 2, 'h', '2'}),
+		ext(extSCT, nil),
+		ext(extExtendedMaster, nil),
+		ext(extSessionTicket, []byte{1, 2, 3}),
+		ext(extEarlyData, nil),
+		ext(extSupportedVersions, []byte{2, 3, 4}),
+		ext(extCookie, []byte{0, 1, 9}),
+		ext(extPSKModes, []byte{1, 1}),
+		ext(extKeyShare, []byte{0, 6, 0, 0x1d, 0, 2, 7, 7}),
+		ext(extQUICTransportParam, []byte{1, 2}),
+		ext(extRenegotiationInfo, []byte{0}),
+		ext(21, []byte{0, 0, 0}),
+		ext(0x1a1a, nil),
+		echOuterExt(),
+		ext(extPreSharedKey, []byte{0, 7, 0, 1, 'x', 0, 0, 0, 1, 0, 3, 2, 5, 5}),
+	}
+}
+
+// FuzzHelloFastAgreesWithCryptoTLS: for any input, if the fast path takes
+// it, crypto/tls takes it with the same ServerName, ALPN and ECH flag; the
+// fast path never panics or modifies its input. Each input is tried as
+// recorded bytes and, so that the fuzzer reaches the extension checks
+// without first having to get the framing right, as the extension block of
+// an otherwise well-formed hello.
+func FuzzHelloFastAgreesWithCryptoTLS(f *testing.F) {
+	for _, s := range helloSeeds(f) {
+		f.Add(s)
+	}
+	f.Fuzz(func(t *testing.T, b []byte) {
+		checkFastAgrees(t, b)
+		if h, ok := helloWithExtBlock(b); ok {
+			checkFastAgrees(t, h)
+		}
+	})
+}
+
+// TestHelloFastRealHellos: the fast path takes the hellos real clients
+// send and reads them as crypto/tls does; readClientHello over the recording
+// gives the same.
+func TestHelloFastRealHellos(t *testing.T) {
+	for _, c := range realHellos(t) {
+		t.Run(c.name, func(t *testing.T) {
+			ch, ok := checkFastAgrees(t, c.b)
+			if !ok {
+				t.Fatalf("the fast path does not take it (extensions %v)", extTypes(c.b))
+			}
+			if ch.ServerName != c.sni || ch.ECH != c.ech || !slices.Equal(ch.ALPN, c.alpn) {
+				t.Errorf("got %+v, want SNI %q ALPN %q ECH %v", ch, c.sni, c.alpn, c.ech)
+			}
+			rc := &recorder{r: bytes.NewReader(nil), buf: bytes.Clone(c.b), max: 64 << 10}
+			if got, err := readClientHello(rc); err != nil || got.ServerName != c.sni {
+				t.Errorf("readClientHello: %+v, %v", got, err)
+			}
+		})
+	}
+}
+
+// TestHelloFastThreats: THREATS.md A5's odd names. The fast path either
+// leaves them to crypto/tls or, for the IP literal and upper case, reads
+// them as crypto/tls does; readClientHello decides exactly as
+// readClientHelloTLS.
+func TestHelloFastThreats(t *testing.T) {
+	const (
+		fallBack = iota // the fast path must not take it
+		agree           // the fast path must take it, reading it as crypto/tls
+	)
+	nameType1 := ext(0, []byte{0x00, 0x0e, 0x01, 0x00, 0x0b, 'e', 'v', 'i', 'l', '.', 'e', 'x', 'a', 'm', 'p', 'l'})
+	mixed := ext(0, []byte{0x00, 0x1d, 0x00, 0x00, 0x0c, 'a', 'l', 'l', 'o', 'w', 'e', 'd', '.', 't', 'e', 's', 't',
+		0x01, 0x00, 0x0b, 'e', 'v', 'i', 'l', '.', 'e', 'x', 'a', 'm', 'p', 'l'})
+	for _, c := range []struct {
+		name string
+		in   []byte
+		want int
+		err  error // readClientHello's verdict
+	}{
+		{"dup-ext", buildHello(sniExt("allowed.test"), sniExt("evil.test")), fallBack, errDuplicateSNI},
+		{"dup-entry", buildHello(sniExt("allowed.test", "evil.test")), fallBack, errDuplicateSNI},
+		{"trailing-dot", buildHello(sniExt("allowed.test.")), fallBack, errHelloMalformed},
+		{"nul", buildHello(sniExt("allowed.test\x00.evil.example")), fallBack, nil},
+		{"non-ascii", buildHello(sniExt("allowed.tést")), fallBack, nil},
+		{"high-byte", buildHello(sniExt("allowed.t\xffst")), fallBack, nil},
+		{"empty-name", buildHello(sniExt("")), fallBack, errHelloMalformed},
+		{"name-type-1", buildHello(nameType1), fallBack, nil},
+		{"host-and-type-1", buildHello(mixed), fallBack, nil},
+		{"leading-dot", buildHello(sniExt(".allowed.test")), fallBack, nil},
+		{"empty-label", buildHello(sniExt("allowed..test")), fallBack, nil},
+		{"port", buildHello(sniExt("allowed.test:443")), fallBack, nil},
+		{"space", buildHello(sniExt("allowed.test evil.example")), fallBack, nil},
+		{"ipv6-literal", buildHello(sniExt("2001:db8::1")), fallBack, nil},
+		{"too-long", buildHello(sniExt(strings.Repeat("a.", 127) + "test")), fallBack, nil},
+		{"ip-literal", buildHello(sniExt("104.236.167.107")), agree, nil},
+		{"upper-case", buildHello(sniExt("WWW.Allowed.TEST")), agree, nil},
+	} {
+		t.Run(c.name, func(t *testing.T) {
+			_, ok := checkFastAgrees(t, c.in)
+			if ok != (c.want == agree) {
+				t.Errorf("fast path took it: %v", ok)
+			}
+			rc := &recorder{r: bytes.NewReader(nil), buf: bytes.Clone(c.in), max: 64 << 10}
+			got, err := readClientHello(rc)
+			want, werr := tlsHello(c.in)
+			if !errors.Is(err, c.err) || (err == nil) != (werr == nil) || (err != nil && err.Error() != werr.Error()) ||
+				got.ServerName != want.ServerName || got.ECH != want.ECH || !slices.Equal(got.ALPN, want.ALPN) {
+				t.Errorf("readClientHello %+v, %v; crypto/tls alone %+v, %v; want error %v", got, err, want, werr, c.err)
+			}
+		})
+	}
+}
+
+// TestHelloFastSkippedExtensions: every extension type the fast path skips
+// unread is one crypto/tls ignores too, whatever its body. A Go release that
+// starts checking one of them fails here, before it can open a differential.
+func TestHelloFastSkippedExtensions(t *testing.T) {
+	n := 0
+	for typ := 0; typ <= 0xffff; typ++ {
+		if !skippedExt(uint16(typ)) {
+			continue
+		}
+		n++
+		for _, body := range [][]byte{nil, {0xff}, {0x00, 0x05, 0x01, 0x02}, bytes.Repeat([]byte{0xfe}, 300)} {
+			h := buildHello(sniExt("a.test"), ext(uint16(typ), body))
+			ch, err := tlsHello(h)
+			if err != nil || ch.ServerName != "a.test" {
+				t.Errorf("crypto/tls does not ignore extension %#04x with body %x: %v", typ, body, err)
+			}
+			if _, ok := checkFastAgrees(t, h); !ok {
+				t.Errorf("the fast path does not skip extension %#04x", typ)
+			}
+		}
+	}
+	if n != 12+16 {
+		t.Errorf("%d skipped types, want 12 named and 16 GREASE", n)
+	}
+}
+
+// TestHelloFastEveryExtension: a well-formed instance of each extension
+// type the fast path checks is taken, alone and all together, and read as
+// crypto/tls reads it.
+func TestHelloFastEveryExtension(t *testing.T) {
+	var all []byte
+	for _, e := range extSamples() {
+		all = append(all, e...)
+		h, _ := helloWithExtBlock(e)
+		if _, ok := checkFastAgrees(t, h); !ok {
+			t.Errorf("the fast path does not take extension %x", e)
+		}
+	}
+	h, _ := helloWithExtBlock(all)
+	if ch, ok := checkFastAgrees(t, h); !ok || ch.ServerName != "www.allowed.test" || !ch.ECH || !slices.Equal(ch.ALPN, []string{"h2"}) {
+		t.Errorf("all extensions: %+v, %v", ch, ok)
+	}
+}
+
+// TestHelloFastExtensionEdges: each extension type the fast path checks,
+// well-formed and at the edges of crypto/tls's rules (empty lists, empty
+// entries, odd lengths, a byte too many or too few, a changed byte), alone
+// and among the others, is either left to crypto/tls or read as it reads it.
+func TestHelloFastExtensionEdges(t *testing.T) {
+	edges := []struct {
+		typ  uint16
+		body []byte
+	}{
+		{extServerName, []byte{0, 0}},
+		{extServerName, []byte{0, 3, 0, 0, 0}},
+		{extServerName, []byte{0, 4, 0, 0, 1, 'a', 0}},
+		{extALPN, []byte{0, 1, 0}},
+		{extALPN, []byte{0, 0}},
+		{extALPN, []byte{0, 4, 1, 'a', 1, 'b'}},
+		{extALPN, []byte{0, 3, 1, 'a', 0}},
+		{extKeyShare, []byte{0, 0}},
+		{extKeyShare, []byte{0, 4, 0, 0x1d, 0, 0}},
+		{extKeyShare, []byte{0, 5, 0, 0x1d, 0, 1, 1, 0}},
+		{extSupportedGroups, []byte{0, 0}},
+		{extSupportedGroups, []byte{0, 3, 0, 0x1d, 0}},
+		{extSignatureAlgs, []byte{0, 0}},
+		{extSignatureAlgs, []byte{0, 1, 4}},
+		{extSignatureAlgsCert, []byte{0, 0}},
+		{extSignatureAlgsCert, []byte{0, 3, 4, 3, 8}},
+		{extECPointFormats, []byte{0}},
+		{extSupportedVersions, []byte{0}},
+		{extSupportedVersions, []byte{1, 3}},
+		{extSupportedVersions, []byte{3, 3, 4, 3}},
+		{extCookie, []byte{0, 0}},
+		{extPSKModes, []byte{0}},
+		{extRenegotiationInfo, []byte{1, 0}},
+		{extStatusRequest, []byte{1, 0, 0, 0, 0, 0}},
+		{extStatusRequest, []byte{1, 0, 0, 0}},
+		{extExtendedMaster, []byte{0}},
+		{extSCT, []byte{0}},
+		{extEarlyData, []byte{0}},
+		{extSessionTicket, nil},
+		{extQUICTransportParam, nil},
+		{extPreSharedKey, []byte{0, 6, 0, 0, 0, 0, 0, 0, 0, 2, 1, 5}},   // empty label
+		{extPreSharedKey, []byte{0, 7, 0, 1, 'x', 0, 0, 0, 1, 0, 0}},    // no binders
+		{extPreSharedKey, []byte{0, 7, 0, 1, 'x', 0, 0, 0, 1, 0, 1, 0}}, // empty binder
+		{extPreSharedKey, []byte{0, 0, 0, 2, 1, 5}},                     // no identities
+		{extECH, nil},
+		{extECH, []byte{1}},
+		{extECH, []byte{2}},
+		{extECH, []byte{0, 0, 1, 0, 1, 1, 0, 0, 0, 0}},
+		{extECH, []byte{0, 0, 1, 0, 1, 1, 0, 0, 0, 0, 9}},
+	}
+	var exts [][]byte
+	for _, e := range extSamples() {
+		exts = append(exts, e)
+	}
+	for _, e := range edges {
+		exts = append(exts, ext(e.typ, e.body))
+	}
+	// Each extension, then variants: every byte of its body set to 0, 1,
+	// 0xff or off by one; the body cut short or one byte longer.
+	check := func(e []byte) {
+		for _, block := range [][]byte{
+			e,
+			append(sniExt("a.test"), e...),
+			append(bytes.Clone(e), ext(extSCT, nil)...), // not last (pre_shared_key must be)
+			append(bytes.Clone(e), e...),                // twice
+		} {
+			if h, ok := helloWithExtBlock(block); ok {
+				checkFastAgrees(t, h)
+			}
+		}
+	}
+	for _, e := range exts {
+		typ, body := e[:2], e[4:]
+		check(e)
+		for i := range body {
+			for _, v := range []byte{0, 1, 0xff, body[i] + 1, body[i] - 1} {
+				b := bytes.Clone(body)
+				b[i] = v
+				check(ext(binary.BigEndian.Uint16(typ), b))
+			}
+			check(ext(binary.BigEndian.Uint16(typ), body[:i]))
+		}
+		check(ext(binary.BigEndian.Uint16(typ), append(bytes.Clone(body), 0)))
+	}
+}
+
+// TestHelloFastFraming: the record and handshake limits crypto/tls applies
+// to the first message are applied by the fast path too.
+func TestHelloFastFraming(t *testing.T) {
+	// padded is a ClientHello message (with its header) of exactly n bytes
+	// after the header, the rest padding.
+	padded := func(n int) []byte {
+		body := append([]byte{0x03, 0x03}, make([]byte, 32)...)
+		body = append(body, 0, 0x00, 0x02, 0x13, 0x01, 0x01, 0x00)
+		pad := n - len(body) - 2 - 4
+		e := ext(21, make([]byte, pad))
+		body = binary.BigEndian.AppendUint16(body, uint16(len(e)))
+		body = append(body, e...)
+		return append([]byte{typeClientHello, byte(n >> 16), byte(n >> 8), byte(n)}, body...)
+	}
+	// records cuts a handshake message into records of at most n bytes.
+	records := func(hs []byte, n int) []byte {
+		var out []byte
+		for len(hs) > 0 {
+			k := min(n, len(hs))
+			out = binary.BigEndian.AppendUint16(append(out, 0x16, 0x03, 0x01), uint16(k))
+			out = append(out, hs[:k]...)
+			hs = hs[k:]
+		}
+		return out
+	}
+	oddSuites := rawHello([]byte{0x00, 0x03, 0x13, 0x01, 0x13}, sniExt("a.test"))
+	ccs := []byte{0x14, 0x03, 0x01, 0x00, 0x01, 0x01}
+	go12 := goHello(t, "a.test", &tls.Config{MaxVersion: tls.VersionTLS12})
+	for _, c := range []struct {
+		name string
+		in   []byte
+		fast bool // the fast path takes it (else it must not)
+	}{
+		{"record-16384", records(padded(16380), 16384), true},
+		{"record-16385", records(padded(16381), 16385), false},
+		{"message-65536", records(padded(65536), 16384), true},
+		{"message-65537", records(padded(65537), 16384), false},
+		{"odd-cipher-suites", oddSuites, false},
+		{"empty-record-first", append([]byte{0x16, 0x03, 0x01, 0x00, 0x00}, go12...), false},
+		{"ccs-between-fragments", append(append(refragment(go12, 100)[:105], ccs...), refragment(go12, 100)[105:]...), false},
+		{"alert-first", append([]byte{0x15, 0x03, 0x01, 0x00, 0x02, 0x01, 0x00}, go12...), false},
+		{"record-version-0x0a03", append([]byte{0x16, 0x0a, 0x03}, go12[3:]...), false},
+		{"server-hello-type", append(append([]byte(nil), go12[:5]...), append([]byte{0x02}, go12[6:]...)...), false},
+		{"second-message-in-record", records(append(bytes.Clone(go12[5:]), 0x01, 0x00, 0x00, 0x00), 16384), false},
+		{"bytes-after-the-record", append(bytes.Clone(go12), 0x17, 0x03, 0x03, 0x00, 0x01, 0xff), true},
+	} {
+		t.Run(c.name, func(t *testing.T) {
+			if _, ok := checkFastAgrees(t, c.in); ok != c.fast {
+				_, err := tlsHello(c.in)
+				t.Errorf("fast path took it: %v (crypto/tls: %v)", ok, err)
+			}
+		})
+	}
+}
+
+// TestHelloFastMutations: every one-byte change, deletion and truncation
+// of a few real hellos either leaves the fast path out or is read as
+// crypto/tls reads it (a deterministic complement to the fuzz target).
+func TestHelloFastMutations(t *testing.T) {
+	var seeds [][]byte
+	for _, h := range realHellos(t) {
+		switch h.name {
+		case "go-alpn-x25519", "go-psk", "go-tls12-ticket", "curl-openssl", "ech-outer":
+			seeds = append(seeds, h.b)
+		}
+	}
+	seeds = append(seeds, refragment(seeds[0], 40))
+	for _, h := range seeds {
+		for i := range h {
+			for _, v := range []byte{0x00, 0xff, h[i] + 1, h[i] - 1} {
+				m := bytes.Clone(h)
+				m[i] = v
+				checkFastAgrees(t, m)
+			}
+			checkFastAgrees(t, slices.Delete(bytes.Clone(h), i, i+1))
+			if _, ok := checkFastAgrees(t, h[:i]); ok {
+				t.Fatalf("the fast path took the first %d bytes of a %d-byte hello", i, len(h))
+			}
+		}
+	}
+}
+
+// TestHelloFastCaptures: the ClientHellos in the real captures (read in
+// place) are read by the fast path as crypto/tls reads them, and each one
+// crypto/tls takes is taken, except those with a legacy ESNI extension
+// (0xffce, Firefox 2018-2020), which are left to crypto/tls.
+func TestHelloFastCaptures(t *testing.T) {
+	hellos := captureHellos(t)
+	if len(hellos) == 0 {
+		abs, _ := filepath.Abs(capturesDir)
+		t.Fatalf("no ClientHellos found in %s (the shared corpus must be checked out beside the repository)", abs)
+	}
+	for _, h := range hellos {
+		ch, ok := checkFastAgrees(t, h.b)
+		_, err := tlsHello(h.b)
+		exts := extTypes(h.b)
+		t.Logf("%s: fast %v %+v; crypto/tls error %v; extensions %v", h.name, ok, ch, err, exts)
+		esni := slices.ContainsFunc(exts, func(e string) bool { return strings.HasPrefix(e, "0xffce/") })
+		if err == nil && !ok && !esni {
+			t.Errorf("%s: the fast path does not take it (extensions %v)", h.name, exts)
+		}
+	}
+}
+
+// ---- hello sources ----
+
+// chromeHello is shaped like a Chrome 131+ ClientHello: GREASE cipher
+// suite, extensions, group, key share and version, an ML-KEM key share, ALPS
+// and a GREASE ECH extension (about 1.9 KB).
+func chromeHello(sni string) []byte {
+	grease := func(i int) uint16 { g := uint16(i)<<4 | 0x0a; return g<<8 | g }
+	u16s := func(prefix int, vs ...uint16) []byte {
+		var b []byte
+		for _, v := range vs {
+			b = binary.BigEndian.AppendUint16(b, v)
+		}
+		if prefix == 1 {
+			return append([]byte{byte(len(b))}, b...)
+		}
+		return append(binary.BigEndian.AppendUint16(nil, uint16(len(b))), b...)
+	}
+	var ks []byte
+	for _, s := range []struct {
+		group uint16
+		n     int
+	}{{grease(3), 1}, {0x11ec, 1216}, {0x001d, 32}} {
+		ks = binary.BigEndian.AppendUint16(ks, s.group)
+		ks = binary.BigEndian.AppendUint16(ks, uint16(s.n))
+		ks = append(ks, bytes.Repeat([]byte{0x5a}, s.n)...)
+	}
+	ks = append(binary.BigEndian.AppendUint16(nil, uint16(len(ks))), ks...)
+	ech := []byte{0x00, 0x00, 0x01, 0x00, 0x01, 0x7c, 0x00, 0x20}
+	ech = append(ech, bytes.Repeat([]byte{0x33}, 32)...)
+	ech = append(ech, 0x00, 0xd0)
+	ech = append(ech, bytes.Repeat([]byte{0x44}, 0xd0)...)
+	return rawHello(
+		u16s(2, grease(1), 0x1301, 0x1302, 0x1303, 0xc02b, 0xc02f, 0xc02c, 0xc030, 0xcca9, 0xcca8,
+			0xc013, 0xc014, 0x009c, 0x009d, 0x002f, 0x0035),
+		ext(grease(2), nil),
+		sniExt(sni),
+		ext(23, nil),
+		ext(0xff01, []byte{0}),
+		ext(10, u16s(2, grease(3), 0x11ec, 0x001d, 0x0017, 0x0018)),
+		ext(11, []byte{1, 0}),
+		ext(35, nil),
+		ext(16, []byte{0x00, 0x0c, 0x02, 'h', '2', 0x08, 'h', 't', 't', 'p', '/', '1', '.', '1'}),
+		ext(5, []byte{1, 0, 0, 0, 0}),
+		ext(13, u16s(2, 0x0403, 0x0804, 0x0401, 0x0503, 0x0805, 0x0501, 0x0806, 0x0601)),
+		ext(18, nil),
+		ext(51, ks),
+		ext(45, []byte{1, 1}),
+		ext(43, u16s(1, grease(5), 0x0304, 0x0303)),
+		ext(27, []byte{2, 0, 2}),
+		ext(17613, []byte{0, 3, 2, 'h', '2'}),
+		ext(0xfe0d, ech),
+		ext(grease(9), []byte{0}),
+	)
+}
+
+// rawHello is one handshake record holding a ClientHello with the given
+// cipher suite list (with its length) and exactly the given extensions.
+func rawHello(suites []byte, exts ...[]byte) []byte {
+	body := []byte{0x03, 0x03}
+	body = append(body, bytes.Repeat([]byte{0x11}, 32)...) // random
+	body = append(body, 32)
+	body = append(body, bytes.Repeat([]byte{0x22}, 32)...) // session id
+	body = append(body, suites...)
+	body = append(body, 0x01, 0x00)
+	var e []byte
+	for _, x := range exts {
+		e = append(e, x...)
+	}
+	body = binary.BigEndian.AppendUint16(body, uint16(len(e)))
+	body = append(body, e...)
+	return helloRecord(body)
+}
+
+// helloRecord wraps a ClientHello body in its handshake header and one
+// record.
+func helloRecord(body []byte) []byte {
+	hs := append([]byte{typeClientHello, byte(len(body) >> 16), byte(len(body) >> 8), byte(len(body))}, body...)
+	rec := binary.BigEndian.AppendUint16([]byte{0x16, 0x03, 0x01}, uint16(len(hs)))
+	return append(rec, hs...)
+}
+
+// helloWithExtBlock makes exts the extension block of a minimal hello (one
+// record); false when it does not fit.
+func helloWithExtBlock(exts []byte) ([]byte, bool) {
+	body := append([]byte{0x03, 0x03}, make([]byte, 32)...)
+	body = append(body, 0, 0x00, 0x02, 0x13, 0x01, 0x01, 0x00)
+	if len(body)+2+len(exts)+4 > maxRecordPlaintext {
+		return nil, false
+	}
+	body = binary.BigEndian.AppendUint16(body, uint16(len(exts)))
+	return helloRecord(append(body, exts...)), true
+}
+
+// extBlock returns the extension block of the hello in b.
+func extBlock(b []byte) ([]byte, bool) {
+	msg, ok := helloMessage(b)
+	if !ok {
+		return nil, false
+	}
+	s := helloBytes(msg[4:])
+	_, ok1 := s.read(34)
+	_, ok2 := s.prefixed8()
+	_, ok3 := s.prefixed16()
+	_, ok4 := s.prefixed8()
+	e, ok5 := s.prefixed16()
+	return e, ok1 && ok2 && ok3 && ok4 && ok5
+}
+
+// extTypes lists the extension types of the hello in b, for messages.
+func extTypes(b []byte) []string {
+	b, ok := extBlock(b)
+	if !ok {
+		return nil
+	}
+	e := helloBytes(b)
+	var out []string
+	for len(e) > 0 {
+		typ, ok1 := e.u16()
+		d, ok2 := e.prefixed16()
+		if !ok1 || !ok2 {
+			return append(out, "truncated")
+		}
+		out = append(out, fmt.Sprintf("%#x/%d", typ, len(d)))
+	}
+	return out
+}
+
+// testCert is a self-signed certificate for www.allowed.test.
+func testCert(tb testing.TB) tls.Certificate {
+	key, err := ecdsa.GenerateKey(elliptic.P256(), rand.Reader)
+	if err != nil {
+		tb.Fatal(err)
+	}
+	tmpl := &x509.Certificate{SerialNumber: big.NewInt(1), DNSNames: []string{"www.allowed.test"},
+		NotBefore: time.Now().Add(-time.Hour), NotAfter: time.Now().Add(time.Hour)}
+	der, err := x509.CreateCertificate(rand.Reader, tmpl, tmpl, &key.PublicKey, key)
+	if err != nil {
+		tb.Fatal(err)
+	}
+	return tls.Certificate{Certificate: [][]byte{der}, PrivateKey: key}
+}
+
+// resumedHello is the ClientHello a Go client sends to resume a session it
+// got from a first handshake at version vers: a pre_shared_key extension
+// in TLS 1.3, a session_ticket with a ticket in TLS 1.2.
+func resumedHello(tb testing.TB, vers uint16) []byte {
+	h2 := []string{"h2", "http/1.1"}
+	cfg := &tls.Config{ServerName: "www.allowed.test", InsecureSkipVerify: true, NextProtos: h2,
+		MaxVersion: vers, ClientSessionCache: tls.NewLRUClientSessionCache(1)}
+	cert := testCert(tb)
+	// Over loopback TCP, not net.Pipe: a TLS 1.3 server writes its tickets
+	// before it reads the client's Finished, which needs a buffer between.
+	ln, err := net.Listen("tcp", "127.0.0.1:0")
+	if err != nil {
+		tb.Fatal(err)
+	}
+	defer ln.Close()
+	deadline := time.Now().Add(5 * time.Second)
+	srvErr := make(chan error, 1)
+	go func() {
+		c2, err := ln.Accept()
+		if err != nil {
+			srvErr <- err
+			return
+		}
+		c2.SetDeadline(deadline)
+		s := tls.Server(c2, &tls.Config{Certificates: []tls.Certificate{cert}, NextProtos: h2, MaxVersion: vers})
+		_, err = s.Write([]byte{1}) // after the handshake (and, in TLS 1.3, the tickets)
+		s.Close()
+		srvErr <- err
+	}()
+	c1, err := net.Dial("tcp", ln.Addr().String())
+	if err != nil {
+		tb.Fatal(err)
+	}
+	c1.SetDeadline(deadline)
+	c := tls.Client(c1, cfg)
+	if _, err := io.ReadFull(c, make([]byte, 1)); err != nil {
+		tb.Fatal(err)
+	}
+	c.Close()
+	if err := <-srvErr; err != nil {
+		tb.Fatal(err)
+	}
+	h := goHello(tb, "www.allowed.test", cfg)
+	want := uint16(extPreSharedKey)
+	if vers == tls.VersionTLS12 {
+		want = extSessionTicket
+	}
+	for _, e := range extTypes(h) {
+		if strings.HasPrefix(e, fmt.Sprintf("%#x/", want)) && !strings.HasSuffix(e, "/0") {
+			return h
+		}
+	}
+	tb.Fatalf("the second hello does not resume: %v", extTypes(h))
+	return nil
+}
+
+// echConfigList is an ECHConfigList with one X25519/HKDF-SHA256/AES-128-GCM
+// config for publicName (draft-ietf-tls-esni-22, section 4), so that a Go
+// client sends a real outer hello.
+func echConfigList(tb testing.TB, publicName string) []byte {
+	k, err := ecdh.X25519().GenerateKey(rand.Reader)
+	if err != nil {
+		tb.Fatal(err)
+	}
+	pub := k.PublicKey().Bytes()
+	c := []byte{0x2a, 0x00, 0x20} // config_id, DHKEM(X25519, HKDF-SHA256)
+	c = binary.BigEndian.AppendUint16(c, uint16(len(pub)))
+	c = append(c, pub...)
+	c = append(c, 0x00, 0x04, 0x00, 0x01, 0x00, 0x01) // HKDF-SHA256, AES-128-GCM
+	c = append(c, 0)                                  // maximum_name_length
+	c = append(c, byte(len(publicName)))
+	c = append(c, publicName...)
+	c = append(c, 0x00, 0x00) // no extensions
+	cfg := binary.BigEndian.AppendUint16([]byte{0xfe, 0x0d}, uint16(len(c)))
+	cfg = append(cfg, c...)
+	return append(binary.BigEndian.AppendUint16(nil, uint16(len(cfg))), cfg...)
+}
+
+// capturesDir holds the project's real captures; they are read in place,
+// never copied (they are not ours to ship).
+const capturesDir = "../../shared/pcaps"
+
+// captureHellos returns the ClientHellos in the real captures: for each TCP
+// flow whose first payload starts a handshake record holding a ClientHello,
+// its first bytes in sequence order (at most 70,000, enough for any
+// ClientHello crypto/tls takes). None when the captures are not there.
+func captureHellos(tb testing.TB) []namedHello {
+	files, _ := filepath.Glob(filepath.Join(capturesDir, "*", "*.pcap*"))
+	var out []namedHello
+	for _, f := range files {
+		data, err := os.ReadFile(f)
+		if err != nil {
+			tb.Fatal(err)
+		}
+		var src gopacket.PacketDataSource
+		var lt layers.LinkType
+		if r, err := pcapgo.NewReader(bytes.NewReader(data)); err == nil {
+			src, lt = r, r.LinkType()
+		} else if r, err := pcapgo.NewNgReader(bytes.NewReader(data), pcapgo.DefaultNgReaderOptions); err == nil {
+			src, lt = r, r.LinkType()
+		} else {
+			continue
+		}
+		type seg struct {
+			seq  uint32
+			data []byte
+		}
+		flows := map[string][]seg{}
+		var order []string
+		for {
+			pd, _, err := src.ReadPacketData()
+			if err != nil {
+				break
+			}
+			p := gopacket.NewPacket(pd, lt, gopacket.Default)
+			tcp, _ := p.Layer(layers.LayerTypeTCP).(*layers.TCP)
+			nl := p.NetworkLayer()
+			if tcp == nil || nl == nil || len(tcp.Payload) == 0 {
+				continue
+			}
+			k := fmt.Sprintf("%v:%d>%v:%d", nl.NetworkFlow().Src(), tcp.SrcPort, nl.NetworkFlow().Dst(), tcp.DstPort)
+			if _, ok := flows[k]; !ok {
+				order = append(order, k)
+			}
+			flows[k] = append(flows[k], seg{tcp.Seq, bytes.Clone(tcp.Payload)})
+		}
+		n := 0
+		for _, k := range order {
+			ss := flows[k]
+			if len(ss[0].data) < 6 || ss[0].data[0] != 0x16 || ss[0].data[5] != typeClientHello {
+				continue
+			}
+			base := ss[0].seq
+			sort.SliceStable(ss, func(i, j int) bool { return int32(ss[i].seq-base) < int32(ss[j].seq-base) })
+			var buf []byte
+			for _, s := range ss {
+				off := int(int32(s.seq - base))
+				if off < 0 || off > len(buf) || len(buf) >= 70000 {
+					continue
+				}
+				if off+len(s.data) > len(buf) {
+					buf = append(buf, s.data[len(buf)-off:]...)
+				}
+			}
+			out = append(out, namedHello{fmt.Sprintf("%s#%d", filepath.Base(f), n), buf})
+			n++
+		}
+	}
+	return out
+}
+
+// BenchmarkParseHelloFast: the fast parser alone on a recorded Go ML-KEM
+// hello (BenchmarkReadClientHello adds the recorder's first read).
+func BenchmarkParseHelloFast(b *testing.B) {
+	h := goHello(b, "www.allowed.test", nil)
+	b.ReportAllocs()
+	b.SetBytes(int64(len(h)))
+	for b.Loop() {
+		if ch, ok := parseHelloFast(h); !ok || ch.ServerName == "" {
+			b.Fatal("not taken")
+		}
+	}
+}
