@@ -407,43 +407,39 @@ func (tp *topo) startServers(t *testing.T) {
 	if err != nil {
 		t.Fatal(err)
 	}
-	go func() {
-		for {
-			c, err := bannerLn.Accept()
-			if err != nil {
-				return
-			}
-			go func() {
-				io.WriteString(c, bannerLine)
-				io.Copy(c, c)
-				c.Close()
-			}()
-		}
-	}()
 	tlsSrv := &http.Server{Handler: http.HandlerFunc(echoHandler), TLSConfig: &tls.Config{Certificates: []tls.Certificate{tp.pki.srvCert}},
 		ErrorLog: nil}
 	tlsSrv.ErrorLog = nil
 	httpSrv := &http.Server{Handler: http.HandlerFunc(echoHandler)}
 	go tlsSrv.ServeTLS(tlsLn, "", "")
 	go httpSrv.Serve(httpLn)
-	go func() {
-		for {
-			c, err := echoLn.Accept()
-			if err != nil {
-				return
-			}
-			go func() {
-				io.Copy(c, c) // echo until the client half-closes, then close
-				c.Close()
-			}()
-		}
-	}()
+	echo := func(c net.Conn) {
+		io.Copy(c, c) // echo until the client half-closes, then close
+		c.Close()
+	}
+	go serveEach(echoLn, echo)
+	go serveEach(bannerLn, func(c net.Conn) {
+		io.WriteString(c, bannerLine)
+		echo(c)
+	})
 	t.Cleanup(func() {
 		tlsSrv.Close()
 		httpSrv.Close()
 		echoLn.Close()
 		bannerLn.Close()
 	})
+}
+
+// serveEach runs handle on its own goroutine for each connection ln
+// accepts, until ln is closed.
+func serveEach(ln net.Listener, handle func(net.Conn)) {
+	for {
+		c, err := ln.Accept()
+		if err != nil {
+			return
+		}
+		go handle(c)
+	}
 }
 
 // bannerLine is what the server-first service at 198.18.2.4:8444 says.
