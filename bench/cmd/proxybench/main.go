@@ -79,14 +79,16 @@ func main() {
 	cpuProfile := flag.String("cpuprofile", "", "write a CPU profile of the whole run to this file")
 	blockProfile := flag.String("blockprofile", "", "write a block profile (every blocking event) at exit to this file")
 	mutexProfile := flag.String("mutexprofile", "", "write a mutex contention profile at exit to this file")
+	memProfile := flag.String("memprofile", "", "write an allocation profile (every allocation since the start, sampled) at exit to this file")
 	flag.Parse()
-	for _, pf := range []struct{ name, file string }{{"block", *blockProfile}, {"mutex", *mutexProfile}} {
+	for _, pf := range []struct{ name, file string }{{"block", *blockProfile}, {"mutex", *mutexProfile}, {"allocs", *memProfile}} {
 		if pf.file == "" {
 			continue
 		}
-		if pf.name == "block" {
+		switch pf.name {
+		case "block":
 			runtime.SetBlockProfileRate(1)
-		} else {
+		case "mutex":
 			runtime.SetMutexProfileFraction(1)
 		}
 		defer func() {
