@@ -12,8 +12,10 @@ import (
 	"os/signal"
 	"runtime/pprof"
 	"syscall"
+	"time"
 
 	"egressd/dnsfilter"
+	"egressd/internal/logbuf"
 	"egressd/policy"
 )
 
@@ -63,7 +65,9 @@ func run(listen, upstream, allow string, noCache bool, logLevel string, readers 
 		if err := lv.UnmarshalText([]byte(logLevel)); err != nil {
 			return err
 		}
-		logger = slog.New(slog.NewJSONHandler(os.Stderr, &slog.HandlerOptions{Level: lv}))
+		lw := logbuf.New(os.Stderr, 50*time.Millisecond) // batched, as egressd run's
+		defer lw.Close()
+		logger = slog.New(slog.NewJSONHandler(lw, &slog.HandlerOptions{Level: lv}))
 	}
 	cfg := dnsfilter.Config{Listen: []string{listen}, Upstreams: []string{upstream}, ClientRate: -1, UDPReaders: readers, UDPPollReads: pollReads}
 	if noCache {
