@@ -161,8 +161,8 @@ const deferAcceptWait = time.Second
 // read then finds the bytes there instead of parking the connection's
 // goroutine until they come: one wakeup and one failed read fewer per
 // connection. A client that closes without sending still reaches accept at
-// once (its FIN is not a bare ACK). The first-byte wait after accept is
-// shortened by what the kernel already waited (peek).
+// once (its FIN is not a bare ACK). The first-byte wait after accept does
+// not count again what the kernel already waited (firstBytes).
 func deferAcceptControl(rc syscall.RawConn) error {
 	var serr error
 	if err := rc.Control(func(fd uintptr) {

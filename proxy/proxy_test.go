@@ -9,6 +9,7 @@ import (
 
 	"golang.org/x/sys/unix"
 
+	"egressd/internal/testnet"
 	"egressd/policy"
 )
 
@@ -323,5 +324,74 @@ func testAcceptWaits(t *testing.T, ln net.Listener) {
 		a.Close()
 	case <-time.After(10 * time.Second):
 		t.Error("not accepted after the client's first byte")
+	}
+}
+
+// TestFirstBytes: after a deferred accept, the first-byte wait does not
+// count twice what the kernel already waited, and does not skip what it
+// did not. In a namespace of its own, over loopback:
+//   - a silent client: the kernel accepts it after its second, with the
+//     SYN-ACK retransmitted; the proxy then waits only
+//     deferredFirstByteWait before the server-first decision;
+//   - with SYN cookies always on (net.ipv4.tcp_syncookies=2) the kernel
+//     cannot hold the connection: accept returns at once, no SYN-ACK was
+//     retransmitted, and a client whose first bytes come 300 ms later
+//     still has them read, not decided as server-first.
+func TestFirstBytes(t *testing.T) {
+	testnet.RequireRoot(t)
+	eng, err := policy.Compile("t.yaml", []byte("version: 1\nrules: []\n"))
+	if err != nil {
+		t.Fatal(err)
+	}
+	for _, cookies := range []bool{false, true} {
+		ns := testnet.New(t, "pxfb")
+		ns.MustRun("ip", "link", "set", "lo", "up")
+		if cookies {
+			ns.MustRun("sysctl", "-qw", "net.ipv4.tcp_syncookies=2")
+		}
+		p, err := New(Config{FirstByteWait: time.Second}, Deps{Policy: policy.NewStore(eng)})
+		if err != nil {
+			t.Fatal(err)
+		}
+		var ln net.Listener
+		if err := ns.Do(func() (err error) { ln, err = p.listenTransparent(context.Background(), "127.0.0.1:0"); return }); err != nil {
+			t.Fatal(err)
+		}
+		if !p.deferAccept {
+			t.Fatal("no TCP_DEFER_ACCEPT")
+		}
+		out, err := ns.DialContext(context.Background(), "tcp", ln.Addr().String())
+		if err != nil {
+			t.Fatal(err)
+		}
+		a, err := ln.Accept()
+		if err != nil {
+			t.Fatal(err)
+		}
+		start := time.Now()
+		c := a.(*net.TCPConn)
+		if got := synAckRetransmitted(c); got == cookies {
+			t.Errorf("SYN cookies %v: SYN-ACK retransmitted %v", cookies, got)
+		}
+		if cookies {
+			time.AfterFunc(300*time.Millisecond, func() { out.Write([]byte("late hello")) })
+		}
+		rc := &recorder{r: c, max: 1024}
+		err = p.firstBytes(c, rc, start, true)
+		took := time.Since(start)
+		switch {
+		case cookies && (err != nil || string(rc.buf) != "late hello"):
+			t.Errorf("SYN cookies: the client's late first bytes: %q, %v after %v", rc.buf, err, took)
+		case !cookies && !isTimeout(err):
+			t.Errorf("silent client after the kernel's wait: %q, %v, want a timeout", rc.buf, err)
+		case !cookies && took >= 700*time.Millisecond:
+			// Not a speed check: a wait this long is the full first-byte
+			// wait (1 s) instead of deferredFirstByteWait (50 ms).
+			t.Errorf("silent client after the kernel's wait: decided after %v", took)
+		}
+		out.Close()
+		a.Close()
+		ln.Close()
+		p.Close()
 	}
 }

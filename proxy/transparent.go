@@ -10,6 +10,8 @@ import (
 	"strings"
 	"time"
 
+	"golang.org/x/sys/unix"
+
 	"egressd/audit"
 	"egressd/internal/netutil"
 	"egressd/policy"
@@ -246,21 +248,14 @@ type peekResult struct {
 }
 
 // peek reads the first bytes within the hello deadline and decides.
-// deferred: the kernel held the connection until its first data or for
-// deferAcceptWait, so the first-byte wait only has what is left of it (at
-// least deferredFirstByteWait, in which bytes that are there are read at once).
+// deferred: c was accepted under TCP_DEFER_ACCEPT (firstBytes).
 func (p *Proxy) peek(c *net.TCPConn, eng *policy.Engine, in policy.Input, start time.Time, deferred bool) (streamKind, verdict, peekResult) {
 	rc := &recorder{r: c, max: p.cfg.HelloMaxBytes}
 	res := peekResult{rec: rc}
 	defer c.SetReadDeadline(time.Time{})
 	ctx := context.Background()
 
-	firstWait := p.cfg.FirstByteWait
-	if deferred {
-		firstWait = max(firstWait-deferAcceptWait, deferredFirstByteWait)
-	}
-	c.SetReadDeadline(start.Add(min(firstWait, p.cfg.HelloTimeout)))
-	if err := rc.fill(1); err != nil {
+	if err := p.firstBytes(c, rc, start, deferred); err != nil {
 		if isTimeout(err) {
 			// The server speaks first (or the client is silent): decide on
 			// the address.
@@ -317,10 +312,50 @@ func (p *Proxy) peek(c *net.TCPConn, eng *policy.Engine, in policy.Input, start 
 	return kindHTTP, p.decideHTTP(ctx, eng, in, &h), res
 }
 
-// deferredFirstByteWait is the least first-byte wait after a deferred
-// accept: a client that the kernel accepted after deferAcceptWait of
-// silence gets this much more before the server-first decision.
+// firstBytes reads the client's first bytes within the first-byte wait
+// (FirstByteWait from accept). Under TCP_DEFER_ACCEPT (deferred) the
+// kernel usually held the connection until they came, and they are read at
+// once; when they are not there within deferredFirstByteWait, the kernel
+// may already have waited deferAcceptWait of silence (it retransmitted the
+// SYN-ACK: synAckRetransmitted), and then the client has had its wait and
+// the server speaks first. Otherwise (a connection accepted at once, as a
+// SYN cookie is, without the kernel's wait) the rest of the first-byte
+// wait still applies.
+func (p *Proxy) firstBytes(c *net.TCPConn, rc *recorder, start time.Time, deferred bool) error {
+	wait := min(p.cfg.FirstByteWait, p.cfg.HelloTimeout)
+	if !deferred || wait <= deferredFirstByteWait {
+		c.SetReadDeadline(start.Add(wait))
+		return rc.fill(1)
+	}
+	c.SetReadDeadline(start.Add(deferredFirstByteWait))
+	err := rc.fill(1)
+	if err == nil || !isTimeout(err) || synAckRetransmitted(c) {
+		return err
+	}
+	c.SetReadDeadline(start.Add(wait))
+	return rc.fill(1)
+}
+
+// deferredFirstByteWait is the first-byte wait after a deferred accept
+// before the proxy asks whether the kernel already waited (firstBytes).
 const deferredFirstByteWait = 50 * time.Millisecond
+
+// synAckRetransmitted reports whether the kernel retransmitted c's
+// SYN-ACK (TCP_INFO's total retransmissions, which a connection accepted
+// from a request socket starts with): under TCP_DEFER_ACCEPT, that is the
+// kernel's wait for a silent client ending. An error reports false.
+func synAckRetransmitted(c *net.TCPConn) bool {
+	rc, err := c.SyscallConn()
+	if err != nil {
+		return false
+	}
+	var ti *unix.TCPInfo
+	var terr error
+	if err := rc.Control(func(fd uintptr) { ti, terr = unix.GetsockoptTCPInfo(int(fd), unix.IPPROTO_TCP, unix.TCP_INFO) }); err != nil || terr != nil {
+		return false
+	}
+	return ti.Total_retrans > 0
+}
 
 // readHTTPHead reads from rc until a complete request head is recorded.
 func readHTTPHead(rc *recorder) (httpHead, error) {
