@@ -406,7 +406,10 @@ func (j *Journal) takeBatch() {
 	}
 	j.queued.Add(-int64(len(batch)))
 	clear(batch) // no references kept to the events' strings
-	j.spare = batch[:0]
+	j.spare = nil
+	if cap(batch) <= 4*j.kickLen() { // a burst's big array goes to the collector
+		j.spare = batch[:0]
+	}
 }
 
 // Shed returns how many events Emit has shed since the journal opened.
