@@ -42,10 +42,11 @@ type Config struct {
 	// DialTimeout bounds the connect to the destination. Zero: 10 s.
 	DialTimeout time.Duration
 	// KeepAlive is the TCP keepalive period on both sides of a tunnel
-	// (on the destination's side from 5 to 10 s into the tunnel's life:
-	// trackDialed). Zero: 30 s; negative: keepalive off. Established tunnels have no
-	// idle timeout (a device's VPN over 443 lives for days): keepalive is
-	// what finds dead peers.
+	// (on the destination's side it is set 5 to 10 s into the tunnel's
+	// life: most connections end before they could need it). Zero: 30 s;
+	// negative: keepalive off. Established tunnels have no idle timeout
+	// (a device's VPN over 443 lives for days): keepalive is what finds
+	// dead peers.
 	KeepAlive time.Duration
 	// HalfCloseTimeout bounds how long a tunnel stays open once one side
 	// has closed its half and the other sends nothing: the bytes still
