@@ -138,11 +138,16 @@ func (p *Proxy) listenTransparent(ctx context.Context, addr string) (net.Listene
 	return ln, nil
 }
 
-// listenExplicit opens the explicit proxy's listener with
+// listenExplicit opens the explicit proxy's listener with the keepalive
+// its connections inherit (as listenTransparent's: Go's default would set
+// it again on every accepted connection, four system calls each) and
 // TCP_DEFER_ACCEPT: its clients always speak first (a request head), so
 // accept returns once the head is there.
-func listenExplicit(ctx context.Context, addr string) (net.Listener, error) {
-	lc := net.ListenConfig{Control: func(_, _ string, rc syscall.RawConn) error {
+func (p *Proxy) listenExplicit(ctx context.Context, addr string) (net.Listener, error) {
+	lc := net.ListenConfig{KeepAlive: -1, Control: func(network, address string, rc syscall.RawConn) error {
+		if err := p.keepAliveControl(network, address, rc); err != nil {
+			return err
+		}
 		deferAcceptControl(rc) // without it, accept returns earlier: no harm
 		return nil
 	}}

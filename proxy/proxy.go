@@ -128,7 +128,7 @@ func (p *Proxy) Run(ctx context.Context) error {
 		g.Go(func() error { return p.Serve(ln) })
 	}
 	if a := p.cfg.ExplicitAddr; a != "" {
-		ln, err := listenExplicit(ctx, a)
+		ln, err := p.listenExplicit(ctx, a)
 		if err != nil {
 			p.Close()
 			return fmt.Errorf("proxy: explicit listener: %w", err)

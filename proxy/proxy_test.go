@@ -141,6 +141,27 @@ func TestKeepAlive(t *testing.T) {
 		if _, ok := p.conns.Load(out); ok {
 			t.Errorf("KeepAlive %v: an untracked connection is back in the set", c.ka)
 		}
+		// The explicit listener's connections inherit it the same way
+		// (and get none from Go's default).
+		eln, err := p.listenExplicit(context.Background(), "127.0.0.1:0")
+		if err != nil {
+			t.Fatal(err)
+		}
+		eout, err := net.Dial("tcp", eln.Addr().String())
+		if err != nil {
+			t.Fatal(err)
+		}
+		eout.Write([]byte("C")) // past TCP_DEFER_ACCEPT
+		ein, err := eln.Accept()
+		if err != nil {
+			t.Fatal(err)
+		}
+		if on, idle, intvl, cnt := sockopts(ein); on != c.on || c.on == 1 && (idle != c.idle || intvl != 15 || cnt != 9) {
+			t.Errorf("KeepAlive %v, explicit: SO_KEEPALIVE %d, idle %d s, interval %d s, count %d; want %d, %d s, 15 s, 9", c.ka, on, idle, intvl, cnt, c.on, c.idle)
+		}
+		ein.Close()
+		eout.Close()
+		eln.Close()
 		out.Close()
 		in.Close()
 		ln.Close()
@@ -269,7 +290,12 @@ func TestDeferAccept(t *testing.T) {
 		p.Close()
 	}
 	// The explicit listener: always (its clients speak first).
-	ln, err := listenExplicit(context.Background(), "127.0.0.1:0")
+	p, err := New(Config{}, Deps{Policy: policy.NewStore(eng)})
+	if err != nil {
+		t.Fatal(err)
+	}
+	defer p.Close()
+	ln, err := p.listenExplicit(context.Background(), "127.0.0.1:0")
 	if err != nil {
 		t.Fatal(err)
 	}
