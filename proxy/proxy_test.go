@@ -13,6 +13,21 @@ import (
 	"egressd/policy"
 )
 
+// bareProxy is a proxy with an empty policy and cfg, for tests of its
+// sockets and housekeeping.
+func bareProxy(t *testing.T, cfg Config) *Proxy {
+	t.Helper()
+	eng, err := policy.Compile("t.yaml", []byte("version: 1\nrules: []\n"))
+	if err != nil {
+		t.Fatal(err)
+	}
+	p, err := New(cfg, Deps{Policy: policy.NewStore(eng)})
+	if err != nil {
+		t.Fatal(err)
+	}
+	return p
+}
+
 func TestConfigValidate(t *testing.T) {
 	err := Config{TransparentAddr: "nope", HelloTimeout: -1, HelloMaxBytes: 10, Inspect: true, DenyPage: "{{"}.Validate()
 	if err == nil {
@@ -34,14 +49,7 @@ func TestConfigValidate(t *testing.T) {
 // TestRunClose: Run serves until its context ends; Close is idempotent and
 // safe before and after.
 func TestRunClose(t *testing.T) {
-	eng, err := policy.Compile("t.yaml", []byte("version: 1\nrules: []\n"))
-	if err != nil {
-		t.Fatal(err)
-	}
-	p, err := New(Config{TransparentAddr: "127.0.0.1:0", ExplicitAddr: "127.0.0.1:0"}, Deps{Policy: policy.NewStore(eng)})
-	if err != nil {
-		t.Fatal(err)
-	}
+	p := bareProxy(t, Config{TransparentAddr: "127.0.0.1:0", ExplicitAddr: "127.0.0.1:0"})
 	ctx, cancel := context.WithCancel(context.Background())
 	done := make(chan error, 1)
 	go func() { done <- p.Run(ctx) }()
@@ -69,10 +77,6 @@ func TestRunClose(t *testing.T) {
 // default probe interval (set by the sweep, or inherited from the
 // listener); with KeepAlive < 0 they have none.
 func TestKeepAlive(t *testing.T) {
-	eng, err := policy.Compile("t.yaml", []byte("version: 1\nrules: []\n"))
-	if err != nil {
-		t.Fatal(err)
-	}
 	sockopts := func(c net.Conn) (on, idle, intvl, cnt int) {
 		rc, _ := c.(*net.TCPConn).SyscallConn()
 		rc.Control(func(fd uintptr) {
@@ -87,10 +91,7 @@ func TestKeepAlive(t *testing.T) {
 		ka       time.Duration
 		on, idle int
 	}{{7 * time.Second, 1, 7}, {1500 * time.Millisecond, 1, 2}, {-1, 0, -1}} {
-		p, err := New(Config{KeepAlive: c.ka}, Deps{Policy: policy.NewStore(eng)})
-		if err != nil {
-			t.Fatal(err)
-		}
+		p := bareProxy(t, Config{KeepAlive: c.ka})
 		ln, err := p.listenTransparent(context.Background(), "127.0.0.1:0")
 		if err != nil {
 			t.Fatal(err)
@@ -172,14 +173,7 @@ func TestKeepAlive(t *testing.T) {
 // TestKeepAliveSweeper: the sweeper goroutine sets keepalive on a tracked
 // dialed connection that is old enough, and stops when the proxy closes.
 func TestKeepAliveSweeper(t *testing.T) {
-	eng, err := policy.Compile("t.yaml", []byte("version: 1\nrules: []\n"))
-	if err != nil {
-		t.Fatal(err)
-	}
-	p, err := New(Config{}, Deps{Policy: policy.NewStore(eng)})
-	if err != nil {
-		t.Fatal(err)
-	}
+	p := bareProxy(t, Config{})
 	ln, err := net.Listen("tcp", "127.0.0.1:0")
 	if err != nil {
 		t.Fatal(err)
@@ -217,15 +211,8 @@ func TestKeepAliveSweeper(t *testing.T) {
 // TestTrackConnClose: connections registered while Close runs are all
 // closed, whether trackConn saw the proxy closed or Close found them.
 func TestTrackConnClose(t *testing.T) {
-	eng, err := policy.Compile("t.yaml", []byte("version: 1\nrules: []\n"))
-	if err != nil {
-		t.Fatal(err)
-	}
 	for round := range 20 {
-		p, err := New(Config{}, Deps{Policy: policy.NewStore(eng)})
-		if err != nil {
-			t.Fatal(err)
-		}
+		p := bareProxy(t, Config{})
 		const workers, each = 4, 50
 		conns := make(chan net.Conn, workers*each)
 		start := make(chan struct{})
@@ -264,18 +251,11 @@ func TestTrackConnClose(t *testing.T) {
 // first-byte wait is a second or more, and none below (the kernel's wait
 // would outlast it); under it, accept waits for the client's first byte.
 func TestDeferAccept(t *testing.T) {
-	eng, err := policy.Compile("t.yaml", []byte("version: 1\nrules: []\n"))
-	if err != nil {
-		t.Fatal(err)
-	}
 	for _, c := range []struct {
 		wait     time.Duration
 		deferred bool
 	}{{300 * time.Millisecond, false}, {time.Second, true}, {0, true}} { // 0: the default, 1 s
-		p, err := New(Config{FirstByteWait: c.wait}, Deps{Policy: policy.NewStore(eng)})
-		if err != nil {
-			t.Fatal(err)
-		}
+		p := bareProxy(t, Config{FirstByteWait: c.wait})
 		ln, err := p.listenTransparent(context.Background(), "127.0.0.1:0")
 		if err != nil {
 			t.Fatal(err)
@@ -290,10 +270,7 @@ func TestDeferAccept(t *testing.T) {
 		p.Close()
 	}
 	// The explicit listener: always (its clients speak first).
-	p, err := New(Config{}, Deps{Policy: policy.NewStore(eng)})
-	if err != nil {
-		t.Fatal(err)
-	}
+	p := bareProxy(t, Config{})
 	defer p.Close()
 	ln, err := p.listenExplicit(context.Background(), "127.0.0.1:0")
 	if err != nil {
@@ -365,20 +342,13 @@ func testAcceptWaits(t *testing.T, ln net.Listener) {
 //     still has them read, not decided as server-first.
 func TestFirstBytes(t *testing.T) {
 	testnet.RequireRoot(t)
-	eng, err := policy.Compile("t.yaml", []byte("version: 1\nrules: []\n"))
-	if err != nil {
-		t.Fatal(err)
-	}
 	for _, cookies := range []bool{false, true} {
 		ns := testnet.New(t, "pxfb")
 		ns.MustRun("ip", "link", "set", "lo", "up")
 		if cookies {
 			ns.MustRun("sysctl", "-qw", "net.ipv4.tcp_syncookies=2")
 		}
-		p, err := New(Config{FirstByteWait: time.Second}, Deps{Policy: policy.NewStore(eng)})
-		if err != nil {
-			t.Fatal(err)
-		}
+		p := bareProxy(t, Config{FirstByteWait: time.Second})
 		var ln net.Listener
 		if err := ns.Do(func() (err error) { ln, err = p.listenTransparent(context.Background(), "127.0.0.1:0"); return }); err != nil {
 			t.Fatal(err)
