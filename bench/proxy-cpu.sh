@@ -16,6 +16,8 @@
 #                  inspection at all: the least a TCP-terminating proxy
 #                  costs here
 #   haproxy        HAProxy with the SNI allow-list (peers-tls.sh's)
+#   sniproxy       sniproxy (peers-tls.sh's): one thread, an event loop,
+#                  read and write through buffers (no splice)
 #   egressd        bench/cmd/proxybench, as bench/proxy-tls.sh runs it
 # Each system runs alone in its own topology (one peers-script run each);
 # ROUNDS (default 2) repeats the whole list, round-robin.
@@ -67,17 +69,22 @@ chmod +x "$TMP/haproxy-plain.sh"
 
 # busy ticks of the whole box (steal, idle and iowait left out)
 box_ticks() { awk '/^cpu / { print $2 + $3 + $4 + $7 + $8 }' /proc/stat; }
-# "utime stime" of a process, in ticks (the comm field has no spaces here)
-proc_ticks() { awk '{ print $14, $15 }' "/proc/$1/stat"; }
+# "utime stime" of processes, in ticks, summed (the comm field has no
+# spaces here; sniproxy runs as two processes, its own and a binder)
+proc_ticks() {
+	local p
+	for p in "$@"; do cat "/proc/$p/stat" 2>/dev/null || true; done | awk '{ u += $14; s += $15 } END { print u + 0, s + 0 }'
+}
 HZ=$(getconf CLK_TCK)
 
 # one_run SYS: writes "rate box_us user_us sys_us" (per connection) to $TMP/res
 one_run() {
 	local sys=$1 proc="" pid="" i t b0 b1 u0 s0 u1 s1 out rate
-	case $sys in haproxy*) proc=haproxy ;; egressd) proc=proxybench ;; esac
+	case $sys in haproxy*) proc=haproxy ;; egressd) proc=proxybench ;; sniproxy) proc=sniproxy ;; esac
 	case $sys in
 	direct) (SYSTEMS=direct bash "$PEERS_TLS") ;;
 	haproxy) (SYSTEMS=haproxy bash "$PEERS_TLS") ;;
+	sniproxy) (SYSTEMS=sniproxy bash "$PEERS_TLS") ;;
 	haproxy-plain) (SYSTEMS=haproxy-plain CUSTOM_TLS_NAME=haproxy-plain \
 		CUSTOM_TLS_CMD="$TMP/haproxy-plain.sh {PORT}" bash "$PEERS_TLS") ;;
 	egressd) (SYSTEMS=egressd PEERS_TLS=$PEERS_TLS bash "$ROOT/bench/proxy-tls.sh") ;;
@@ -88,13 +95,13 @@ one_run() {
 	pgrep -x wrk >/dev/null || { wait "$RUNPID" || true; RUNPID=""; tail -5 "$TMP/run.out" >&2; return 1; }
 	sleep 2
 	if [ -n "$proc" ]; then
-		pid=$(pgrep -nx "$proc") || { echo "proxy-cpu.sh: no $proc process" >&2; return 1; }
-		t=$(proc_ticks "$pid"); u0=${t% *} s0=${t#* }
+		pid=$(pgrep -x "$proc" | tr '\n' ' ') || { echo "proxy-cpu.sh: no $proc process" >&2; return 1; }
+		t=$(proc_ticks $pid); u0=${t% *} s0=${t#* }
 	fi
 	b0=$(box_ticks)
 	sleep "$SAMPLE_SECS"
 	b1=$(box_ticks)
-	if [ -n "$pid" ]; then t=$(proc_ticks "$pid"); u1=${t% *} s1=${t#* }; else u0=0 s0=0 u1=0 s1=0; fi
+	if [ -n "$pid" ]; then t=$(proc_ticks $pid); u1=${t% *} s1=${t#* }; else u0=0 s0=0 u1=0 s1=0; fi
 	wait "$RUNPID" || true
 	RUNPID=""
 	out=$(grep -A1 '^system' "$TMP/run.out" | tail -1)
