@@ -79,7 +79,7 @@ HZ=$(getconf CLK_TCK)
 
 # one_run SYS: writes "rate box_us user_us sys_us" (per connection) to $TMP/res
 one_run() {
-	local sys=$1 proc="" pid="" i t b0 b1 u0 s0 u1 s1 out rate
+	local sys=$1 proc="" pid="" i t b0 b1 u0 s0 u1 s1 out rate smt="" sm0="" sm1=""
 	case $sys in haproxy*) proc=haproxy ;; egressd) proc=proxybench ;; sniproxy) proc=sniproxy ;; esac
 	case $sys in
 	direct) (SYSTEMS=direct bash "$PEERS_TLS") ;;
@@ -97,11 +97,15 @@ one_run() {
 	if [ -n "$proc" ]; then
 		pid=$(pgrep -x "$proc" | tr '\n' ' ') || { echo "proxy-cpu.sh: no $proc process" >&2; return 1; }
 		t=$(proc_ticks $pid); u0=${t% *} s0=${t#* }
+		# Go's sysmon runs on the first thread the runtime creates: the
+		# process's second-lowest thread id.
+		[ "$sys" != egressd ] || { smt=$(ls "/proc/${pid% }/task" | sort -n | sed -n 2p); sm0=$(thread_stat "${pid% }" "$smt"); }
 	fi
 	b0=$(box_ticks)
 	sleep "$SAMPLE_SECS"
 	b1=$(box_ticks)
 	if [ -n "$pid" ]; then t=$(proc_ticks $pid); u1=${t% *} s1=${t#* }; else u0=0 s0=0 u1=0 s1=0; fi
+	[ -z "$smt" ] || sm1=$(thread_stat "${pid% }" "$smt")
 	wait "$RUNPID" || true
 	RUNPID=""
 	out=$(grep -A1 '^system' "$TMP/run.out" | tail -1)
@@ -109,6 +113,15 @@ one_run() {
 	[ -n "$rate" ] && [ "$rate" -gt 0 ] 2>/dev/null || { echo "proxy-cpu.sh: $sys: no rate in: $out" >&2; return 1; }
 	awk -v r="$rate" -v s="$SAMPLE_SECS" -v hz="$HZ" -v b=$((b1 - b0)) -v u=$((u1 - u0)) -v k=$((s1 - s0)) \
 		'BEGIN { n = r * s; f = 1e6 / hz / n; printf "%d %.0f %.0f %.0f\n", r, b * f, u * f, k * f }' >"$TMP/res"
+	: >"$TMP/sysmon"
+	[ -z "$sm1" ] || echo "$sm0 $sm1" | awk -v r="$rate" -v s="$SAMPLE_SECS" \
+		'{ n = r * s; printf "  (egressd: Go runtime sysmon thread %.0f us/conn on CPU, %.1f wakeups/conn)\n", ($3 - $1) / 1e3 / n, ($4 - $2) / n }' >"$TMP/sysmon"
+}
+
+# "ns-on-CPU voluntary-switches" of thread $2 of process $1
+thread_stat() {
+	echo "$(awk '{ print $1 }' "/proc/$1/task/$2/schedstat" 2>/dev/null || echo 0)" \
+		"$(awk '/^voluntary_ctxt_switches/ { print $2 }' "/proc/$1/task/$2/status" 2>/dev/null || echo 0)"
 }
 
 echo "proxy-cpu: $(nproc) CPUs, kernel $(uname -r); wrk -d${WRK_SECS}s per system, CPU sampled over ${SAMPLE_SECS}s of it; $ROUNDS round(s)"
@@ -120,6 +133,7 @@ for r in $(seq 1 "$ROUNDS"); do
 		if one_run "$sys"; then
 			set -- $(cat "$TMP/res")
 			printf '%-14s %5s %9s %11s %13s %13s %13s\n' "$sys" "$r" "$1" "$2" "$(($3 + $4))" "$3" "$4"
+			cat "$TMP/sysmon"
 		else
 			printf '%-14s %5s %9s\n' "$sys" "$r" "failed"
 		fi
