@@ -28,6 +28,7 @@ import (
 	"egressd/audit"
 	"egressd/dnsfilter"
 	"egressd/internal/logbuf"
+	"egressd/internal/sysmon"
 	"egressd/policy"
 	"egressd/proxy"
 )
@@ -66,6 +67,10 @@ func readHosts(path string, h hostsResolver) error {
 }
 
 func main() {
+	// As egressd run does (package sysmon).
+	if err := sysmon.Reexec(); err != nil {
+		fmt.Fprintln(os.Stderr, "proxybench:", err)
+	}
 	transparent := flag.String("transparent", "", "transparent listen address (REDIRECT target), e.g. :8441")
 	explicit := flag.String("explicit", "", "explicit proxy listen address, e.g. 198.18.1.1:3131")
 	allow := flag.String("allow", "*.allowed.test", "comma-separated name patterns the policy allows")
