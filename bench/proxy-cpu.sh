@@ -18,6 +18,8 @@
 #   haproxy        HAProxy with the SNI allow-list (peers-tls.sh's)
 #   sniproxy       sniproxy (peers-tls.sh's): one thread, an event loop,
 #                  read and write through buffers (no splice)
+#   nginx          nginx stream with ssl_preread (peers-tls.sh's), its
+#                  master and workers in the gateway namespace
 #   egressd        bench/cmd/proxybench, as bench/proxy-tls.sh runs it
 # Each system runs alone in its own topology (one peers-script run each);
 # ROUNDS (default 2) repeats the whole list, round-robin.
@@ -76,15 +78,17 @@ proc_ticks() {
 	for p in "$@"; do cat "/proc/$p/stat" 2>/dev/null || true; done | awk '{ u += $14; s += $15 } END { print u + 0, s + 0 }'
 }
 HZ=$(getconf CLK_TCK)
+NS_GW=btls-gw # the peers script's gateway namespace
 
 # one_run SYS: writes "rate box_us user_us sys_us" (per connection) to $TMP/res
 one_run() {
 	local sys=$1 proc="" pid="" i t b0 b1 u0 s0 u1 s1 out rate smt="" sm0="" sm1=""
-	case $sys in haproxy*) proc=haproxy ;; egressd) proc=proxybench ;; sniproxy) proc=sniproxy ;; esac
+	case $sys in haproxy*) proc=haproxy ;; egressd) proc=proxybench ;; sniproxy) proc=sniproxy ;; nginx) proc=nginx ;; esac
 	case $sys in
 	direct) (SYSTEMS=direct bash "$PEERS_TLS") ;;
 	haproxy) (SYSTEMS=haproxy bash "$PEERS_TLS") ;;
 	sniproxy) (SYSTEMS=sniproxy bash "$PEERS_TLS") ;;
+	nginx) (SYSTEMS=nginx bash "$PEERS_TLS") ;;
 	haproxy-plain) (SYSTEMS=haproxy-plain CUSTOM_TLS_NAME=haproxy-plain \
 		CUSTOM_TLS_CMD="$TMP/haproxy-plain.sh {PORT}" bash "$PEERS_TLS") ;;
 	egressd) (SYSTEMS=egressd PEERS_TLS=$PEERS_TLS bash "$ROOT/bench/proxy-tls.sh") ;;
@@ -95,7 +99,10 @@ one_run() {
 	pgrep -x wrk >/dev/null || { wait "$RUNPID" || true; RUNPID=""; tail -5 "$TMP/run.out" >&2; return 1; }
 	sleep 2
 	if [ -n "$proc" ]; then
-		pid=$(pgrep -x "$proc" | tr '\n' ' ') || { echo "proxy-cpu.sh: no $proc process" >&2; return 1; }
+		# the proxy's processes: those in the gateway namespace (nginx
+		# also serves the origin, in the server namespace)
+		pid=$(for i in $(ip netns pids "$NS_GW"); do [ "$(cat "/proc/$i/comm" 2>/dev/null)" = "$proc" ] && echo "$i"; done | tr '\n' ' ')
+		[ -n "$pid" ] || { echo "proxy-cpu.sh: no $proc process in $NS_GW" >&2; return 1; }
 		t=$(proc_ticks $pid); u0=${t% *} s0=${t#* }
 		# Go's sysmon runs on the first thread the runtime creates: the
 		# process's second-lowest thread id.
