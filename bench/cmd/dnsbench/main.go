@@ -16,10 +16,15 @@ import (
 
 	"egressd/dnsfilter"
 	"egressd/internal/logbuf"
+	"egressd/internal/sysmon"
 	"egressd/policy"
 )
 
 func main() {
+	// As egressd run does (package sysmon).
+	if err := sysmon.Reexec(); err != nil {
+		fmt.Fprintln(os.Stderr, "dnsbench:", err)
+	}
 	listen := flag.String("listen", "127.0.0.1:5399", "listen address (UDP and TCP)")
 	upstream := flag.String("upstream", "127.0.0.1:5300", "upstream resolver")
 	allow := flag.String("allow", "*.allowed.test", "name pattern the policy allows")
