@@ -1,7 +1,7 @@
 // Package sysmon keeps the Go runtime's sysmon thread out of deep sleep in
-// egressd's long-running daemon (egressd run, and proxybench, which stands
-// in for it in the benchmarks). It runs first thing in main, before
-// anything else in the flow.
+// egressd's long-running daemon (egressd run, and proxybench and dnsbench,
+// which stand in for it in the benchmarks). It runs first thing in main,
+// before anything else in the flow.
 //
 // Why: when every processor of a Go program goes idle, sysmon sleeps until
 // the next system call wakes it, and then polls every 20 µs again, backing
