@@ -106,13 +106,13 @@ one_run() {
 		t=$(proc_ticks $pid); u0=${t% *} s0=${t#* }
 		# Go's sysmon runs on the first thread the runtime creates: the
 		# process's second-lowest thread id.
-		[ "$sys" != egressd ] || { smt=$(ls "/proc/${pid% }/task" | sort -n | sed -n 2p); sm0=$(thread_stat "${pid% }" "$smt"); }
+		[ "$sys" != egressd ] || { smt=$(ls "/proc/${pid%% *}/task" | sort -n | sed -n 2p); sm0=$(thread_stat "${pid%% *}" "$smt"); }
 	fi
 	b0=$(box_ticks)
 	sleep "$SAMPLE_SECS"
 	b1=$(box_ticks)
 	if [ -n "$pid" ]; then t=$(proc_ticks $pid); u1=${t% *} s1=${t#* }; else u0=0 s0=0 u1=0 s1=0; fi
-	[ -z "$smt" ] || sm1=$(thread_stat "${pid% }" "$smt")
+	[ -z "$smt" ] || sm1=$(thread_stat "${pid%% *}" "$smt")
 	wait "$RUNPID" || true
 	RUNPID=""
 	out=$(grep -A1 '^system' "$TMP/run.out" | tail -1)
