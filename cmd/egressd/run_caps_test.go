@@ -2,13 +2,17 @@ package main
 
 import (
 	"context"
+	"fmt"
+	"net"
 	"os"
 	"os/exec"
 	"path/filepath"
+	"slices"
 	"strings"
 	"testing"
 	"time"
 
+	"egressd/internal/sysmon"
 	"egressd/internal/testnet"
 )
 
@@ -17,22 +21,7 @@ import (
 // lacks, and run the parts it can (the event log, the proxy on a high port,
 // the admin API).
 func TestRunWithoutCapabilities(t *testing.T) {
-	testnet.RequireRoot(t) // to drop to nobody with setpriv
-	if _, err := exec.LookPath("setpriv"); err != nil {
-		t.Fatalf("setpriv (util-linux) is missing: %v", err)
-	}
-	// A directory the unprivileged user can reach (t.TempDir's parent is
-	// root's alone).
-	dir, err := os.MkdirTemp("/tmp", "egressd-caps-")
-	if err != nil {
-		t.Fatal(err)
-	}
-	t.Cleanup(func() { os.RemoveAll(dir) })
-	os.Chmod(dir, 0o777)
-	bin := filepath.Join(dir, "egressd")
-	if out, err := exec.Command("go", "build", "-o", bin, ".").CombinedOutput(); err != nil {
-		t.Fatalf("build: %v: %s", err, out)
-	}
+	dir, bin := buildForNobody(t)
 	ctx, cancel := context.WithTimeout(context.Background(), 60*time.Second)
 	defer cancel()
 	cmd := exec.CommandContext(ctx, "setpriv", "--reuid=65534", "--regid=65534", "--clear-groups", "--inh-caps=-all",
@@ -61,6 +50,91 @@ func TestRunWithoutCapabilities(t *testing.T) {
 	} {
 		if !strings.Contains(got, want) {
 			t.Errorf("output lacks %q:\n%s", want, got)
+		}
+	}
+}
+
+// buildForNobody builds the binary into a directory the unprivileged user
+// can reach (t.TempDir's parent is root's alone), after checking that the
+// test can drop to that user with setpriv.
+func buildForNobody(t *testing.T) (dir, bin string) {
+	t.Helper()
+	testnet.RequireRoot(t) // to drop to nobody with setpriv
+	if _, err := exec.LookPath("setpriv"); err != nil {
+		t.Fatalf("setpriv (util-linux) is missing: %v", err)
+	}
+	dir, err := os.MkdirTemp("/tmp", "egressd-caps-")
+	if err != nil {
+		t.Fatal(err)
+	}
+	t.Cleanup(func() { os.RemoveAll(dir) })
+	os.Chmod(dir, 0o777)
+	bin = filepath.Join(dir, "egressd")
+	if out, err := exec.Command("go", "build", "-o", bin, ".").CombinedOutput(); err != nil {
+		t.Fatalf("build: %v: %s", err, out)
+	}
+	return dir, bin
+}
+
+// TestRunKeepsAmbientCapabilities runs the real binary as the systemd unit
+// does: an unprivileged user whose only privilege is an ambient capability
+// (here CAP_NET_BIND_SERVICE). egressd run executes itself again at start
+// (internal/sysmon); the capability must survive that, so the DNS
+// forwarder binds a privileged port, and the process must be the same one
+// (systemd's main PID) with the GODEBUG setting in its environment.
+func TestRunKeepsAmbientCapabilities(t *testing.T) {
+	dir, bin := buildForNobody(t)
+	// A free privileged port on loopback.
+	var port int
+	for p := 600; p < 1000 && port == 0; p++ {
+		if c, err := net.ListenPacket("udp", fmt.Sprintf("127.0.0.1:%d", p)); err == nil {
+			if l, err := net.Listen("tcp", fmt.Sprintf("127.0.0.1:%d", p)); err == nil {
+				port = p
+				l.Close()
+			}
+			c.Close()
+		}
+	}
+	if port == 0 {
+		t.Fatal("no free port below 1024 on 127.0.0.1")
+	}
+	dnsAddr := fmt.Sprintf("127.0.0.1:%d", port)
+	ctx, cancel := context.WithTimeout(context.Background(), 60*time.Second)
+	defer cancel()
+	cmd := exec.CommandContext(ctx, "setpriv", "--reuid=65534", "--regid=65534", "--clear-groups",
+		"--inh-caps=-all,+net_bind_service", "--ambient-caps=+net_bind_service",
+		bin, "run", "--mode", "audit", "--lan", "lo", "--wan", "lo", "--state-dir", filepath.Join(dir, "state"),
+		"--admin", "127.0.0.1:0", "--proxy-listen", "127.0.0.1:0", "--explicit-proxy-listen", "off",
+		"--dns-listen", dnsAddr, "--upstream-dns", "127.0.0.1:9")
+	cmd.Env = slices.DeleteFunc(os.Environ(), func(kv string) bool { return strings.HasPrefix(kv, "GODEBUG=") })
+	var out, errb lockedBuffer
+	cmd.Stdout, cmd.Stderr = &out, &errb
+	if err := cmd.Start(); err != nil {
+		t.Fatal(err)
+	}
+	defer func() { cmd.Process.Kill(); cmd.Wait() }()
+	want := "dns: listening on " + dnsAddr
+	for deadline := time.Now().Add(30 * time.Second); !strings.Contains(out.String(), want) && time.Now().Before(deadline); {
+		time.Sleep(100 * time.Millisecond)
+	}
+	if got := out.String(); !strings.Contains(got, want) || strings.Contains(got, "needs CAP_NET_BIND_SERVICE") {
+		t.Fatalf("want %q and no missing CAP_NET_BIND_SERVICE:\n%s\nstderr:\n%s", want, got, errb.String())
+	}
+	pid := cmd.Process.Pid
+	env, err := os.ReadFile(fmt.Sprintf("/proc/%d/environ", pid))
+	if err != nil {
+		t.Fatal(err)
+	}
+	if !slices.Contains(strings.Split(string(env), "\x00"), "GODEBUG="+sysmon.Setting) {
+		t.Errorf("process %d (the one started) has no GODEBUG=%s: it did not execute itself again in place", pid, sysmon.Setting)
+	}
+	status, err := os.ReadFile(fmt.Sprintf("/proc/%d/status", pid))
+	if err != nil {
+		t.Fatal(err)
+	}
+	for l := range strings.Lines(string(status)) {
+		if v, ok := strings.CutPrefix(l, "CapAmb:"); ok && strings.Trim(strings.TrimSpace(v), "0") == "" {
+			t.Errorf("no ambient capability left after the re-execution: %s", strings.TrimSpace(l))
 		}
 	}
 }
