@@ -44,14 +44,15 @@ func TestEnviron(t *testing.T) {
 // helperEnv marks the test binary run as a child by TestReexec.
 const helperEnv = "EGRESSD_SYSMON_HELPER"
 
-// TestReexecHelper is the child: it calls Reexec, then reports its pid,
-// its GODEBUG and how often its threads woke up while it slept (sysmon's
-// wakeups, as the rest of the process is idle).
-func TestReexecHelper(t *testing.T) {
-	if os.Getenv(helperEnv) == "" {
-		t.Skip("run by TestReexec")
-	}
-	if os.Getenv(helperEnv) == "before" {
+// TestMain runs the child's part when the binary is started by TestReexec:
+// it calls Reexec, then reports its pid, its GODEBUG and how often its
+// threads woke up in an idle second (sysmon's wakeups, as nothing else
+// runs).
+func TestMain(m *testing.M) {
+	switch os.Getenv(helperEnv) {
+	case "":
+		os.Exit(m.Run())
+	case "before":
 		os.Setenv(helperEnv, "after")
 		fmt.Printf("pid-before %d\n", os.Getpid())
 		if err := Reexec(); err != nil {
@@ -61,16 +62,24 @@ func TestReexecHelper(t *testing.T) {
 	fmt.Printf("pid-after %d\n", os.Getpid())
 	fmt.Printf("godebug %q\n", os.Getenv("GODEBUG"))
 	time.Sleep(100 * time.Millisecond) // let start-up settle
-	w0 := wakeups(t)
-	time.Sleep(time.Second)
-	fmt.Printf("wakeups %d\n", wakeups(t)-w0)
+	w0, err := wakeups()
+	if err == nil {
+		time.Sleep(time.Second)
+		var w1 int
+		w1, err = wakeups()
+		fmt.Printf("wakeups %d\n", w1-w0)
+	}
+	if err != nil {
+		fmt.Printf("error %v\n", err)
+	}
+	os.Exit(0)
 }
 
 // wakeups sums the voluntary context switches of the process's threads.
-func wakeups(t *testing.T) int {
+func wakeups() (int, error) {
 	ents, err := os.ReadDir("/proc/self/task")
 	if err != nil {
-		t.Fatal(err)
+		return 0, err
 	}
 	n := 0
 	for _, e := range ents {
@@ -85,14 +94,14 @@ func wakeups(t *testing.T) int {
 			}
 		}
 	}
-	return n
+	return n, nil
 }
 
-// runHelper runs TestReexecHelper with GODEBUG set to gd and returns what
-// it reported.
+// runHelper runs the test binary as TestMain's child with GODEBUG set to
+// gd and returns what it reported.
 func runHelper(t *testing.T, gd string) map[string]string {
 	t.Helper()
-	cmd := exec.Command(os.Args[0], "-test.run=^TestReexecHelper$", "-test.count=1")
+	cmd := exec.Command(os.Args[0])
 	cmd.Env = append(slices.DeleteFunc(os.Environ(), func(kv string) bool {
 		return strings.HasPrefix(kv, "GODEBUG=")
 	}), helperEnv+"=before", "GODEBUG="+gd)
