@@ -373,7 +373,9 @@ func (s *Server) listenOne(host, port string, readers int) error {
 		_ = c.SetReadBuffer(4 << 20)
 		_ = c.SetWriteBuffer(4 << 20)
 	}
-	l, err := net.Listen("tcp", bound)
+	// No keepalive on accepted connections: TCPIdleTimeout ends idle
+	// ones, and Go's default would set it on each with four system calls.
+	l, err := (&net.ListenConfig{KeepAlive: -1}).Listen(context.Background(), "tcp", bound)
 	if err != nil {
 		closeAll()
 		return fmt.Errorf("dnsfilter: listen tcp: %w", err)
