@@ -38,30 +38,31 @@ const Setting = "schedtrace=2147483647"
 // the error (the caller goes on with sysmon as it is).
 func Reexec() error {
 	gd, _ := os.LookupEnv("GODEBUG")
-	if HasSchedtrace(gd) {
+	if hasSchedtrace(gd) {
 		return nil
 	}
 	exe, err := os.Executable()
 	if err != nil {
 		return fmt.Errorf("sysmon: %w", err)
 	}
-	err = syscall.Exec(exe, os.Args, Environ(os.Environ()))
+	err = syscall.Exec(exe, os.Args, environ(os.Environ()))
 	return fmt.Errorf("sysmon: execute %s again: %w", exe, err)
 }
 
-// HasSchedtrace reports whether the GODEBUG value gd sets schedtrace.
-func HasSchedtrace(gd string) bool {
+// hasSchedtrace reports whether the GODEBUG value gd sets schedtrace, read
+// as the runtime reads it: comma-separated key=value, keys untrimmed.
+func hasSchedtrace(gd string) bool {
 	for kv := range strings.SplitSeq(gd, ",") {
-		if k, _, _ := strings.Cut(kv, "="); strings.TrimSpace(k) == "schedtrace" {
+		if k, _, ok := strings.Cut(kv, "="); ok && k == "schedtrace" {
 			return true
 		}
 	}
 	return false
 }
 
-// Environ returns env with Setting added to its GODEBUG (or a GODEBUG of
+// environ returns env with Setting added to its GODEBUG (or a GODEBUG of
 // Setting alone), the other settings kept.
-func Environ(env []string) []string {
+func environ(env []string) []string {
 	out := make([]string, 0, len(env)+1)
 	found := false
 	for _, kv := range env {
