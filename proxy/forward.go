@@ -359,7 +359,9 @@ func (t *tunnel) end() {
 		reason = closeShutdown
 	default:
 	}
-	t.done(t.out, t.in, reason)
+	// The record and its log line on a kept goroutine: this one's stack
+	// is the small one a splice loop needs (workers).
+	t.p.work.run(func() { t.done(t.out, t.in, reason) })
 }
 
 // pipe is startTunnel that waits for the end.

@@ -65,7 +65,12 @@ type Proxy struct {
 
 	closeOnce sync.Once
 	done      chan struct{}
+
+	work workers // runs handleTransparent and the tunnels' ends
 }
+
+// workerIdle is how long a kept goroutine waits for its next connection.
+const workerIdle = 10 * time.Second
 
 // New checks the configuration and builds a proxy. It has no side effects:
 // no listener is opened and no file is touched (the CA is loaded or
@@ -103,6 +108,7 @@ func New(cfg Config, deps Deps) (*Proxy, error) {
 		listeners: map[net.Listener]struct{}{},
 		servers:   map[*http.Server]struct{}{},
 		done:      make(chan struct{}),
+		work:      workers{tasks: make(chan func()), idle: workerIdle},
 	}
 	if deps.Dial == nil {
 		// No keepalive at the dial: trackDialed sets it later. No
@@ -251,7 +257,7 @@ func (p *Proxy) Serve(ln net.Listener) error {
 			c.Close()
 			continue
 		}
-		go p.handleTransparent(tc, ours)
+		p.work.run(func() { p.handleTransparent(tc, ours) })
 	}
 }
 
