@@ -139,7 +139,7 @@ type Journal struct {
 	torn        bool   // the file may end in a partial line (after a write error)
 	lastFlush   time.Time
 	lastErrLog  time.Time
-	encodeBuf   bytes.Buffer
+	encodeBuf   []byte
 	testHookPre func() // tests: called before each write, to stall the writer
 
 	stop    chan struct{}
@@ -501,13 +501,14 @@ func (j *Journal) writeEvent(ev Event) {
 	if j.testHookPre != nil {
 		j.testHookPre()
 	}
-	j.encodeBuf.Reset()
-	if err := json.NewEncoder(&j.encodeBuf).Encode(ev); err != nil {
+	line, err := ev.appendJSON(j.encodeBuf[:0])
+	j.encodeBuf = line
+	if err != nil {
 		j.writeFailed.Add(1)
 		j.ledger.addUnwritten(1)
 		return
 	}
-	j.append(j.encodeBuf.Bytes(), true)
+	j.append(line, true)
 }
 
 // recordShed writes a KindShed record for events shed since the last one.
