@@ -101,3 +101,42 @@ func TestWorkersZeroValue(t *testing.T) {
 	<-done
 	waitFor(t, "the task's goroutine to end", func() bool { return runningWorkers(&w) == 0 })
 }
+
+// stackUser uses about 600 bytes of stack per level: 12 levels are about
+// what serving a connection takes (the peek, the hello parser, a dial
+// through the net package, the log line), which a new goroutine's stack
+// must grow twice for.
+//
+//go:noinline
+func stackUser(n int) int {
+	var buf [512]byte
+	buf[n%len(buf)] = byte(n)
+	if n == 0 {
+		return int(buf[0])
+	}
+	return stackUser(n-1) + int(buf[n%len(buf)])
+}
+
+// benchmarkTasks runs tasks one after another, each as deep as a
+// connection's, through run.
+func benchmarkTasks(b *testing.B, run func(func())) {
+	done := make(chan struct{})
+	task := func() {
+		stackUser(12)
+		done <- struct{}{}
+	}
+	b.ReportAllocs()
+	for b.Loop() {
+		run(task)
+		<-done
+	}
+}
+
+func BenchmarkTaskNewGoroutine(b *testing.B) {
+	benchmarkTasks(b, func(fn func()) { go fn() })
+}
+
+func BenchmarkTaskWorkers(b *testing.B) {
+	w := &workers{tasks: make(chan func()), idle: time.Minute}
+	benchmarkTasks(b, w.run)
+}
