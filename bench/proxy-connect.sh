@@ -27,4 +27,9 @@ export SYSTEMS=${SYSTEMS:-"direct egressd squid"}
 export CUSTOM_CONNECT_NAME=egressd
 # Started in the gateway namespace with LISTEN_IP, PROXY_PORT and HOSTS_FILE set.
 export CUSTOM_CONNECT_CMD="$BIN/proxybench -explicit \$LISTEN_IP:{PORT} -allow '*.allowed.test' -hosts \$HOSTS_FILE ${PROXYBENCH_ARGS:-}"
-bash "$PEERS_CONNECT"
+# The peers script's log goes to stderr as before and to a file, from which
+# rounds.sh counts the rounds egressd won against each system.
+{ bash "$PEERS_CONNECT" 2>&1 1>&3 | tee "$BIN/peers.log" >&2; } 3>&1
+case " $SYSTEMS " in
+*" egressd "*) echo; bash bench/rounds.sh "$BIN/peers.log" egressd ;;
+esac

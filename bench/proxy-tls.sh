@@ -32,4 +32,9 @@ export SYSTEMS=${SYSTEMS:-"direct egressd haproxy"}
 export CUSTOM_TLS_NAME=egressd
 # Started in the gateway namespace with SERVER_IP and PROXY_PORT set.
 export CUSTOM_TLS_CMD="$BIN/proxybench -transparent :{PORT} -allow '*.allowed.test' -map www.allowed.test=\$SERVER_IP ${PROXYBENCH_ARGS:-}"
-bash "$PEERS_TLS"
+# The peers script's log goes to stderr as before and to a file, from which
+# rounds.sh counts the rounds egressd won against each system.
+{ bash "$PEERS_TLS" 2>&1 1>&3 | tee "$BIN/peers.log" >&2; } 3>&1
+case " $SYSTEMS " in
+*" egressd "*) echo; bash bench/rounds.sh "$BIN/peers.log" egressd ;;
+esac
