@@ -115,7 +115,7 @@ one_run() {
 	[ -z "$smt" ] || sm1=$(thread_stat "${pid%% *}" "$smt")
 	wait "$RUNPID" || true
 	RUNPID=""
-	out=$(grep -A1 '^system' "$TMP/run.out" | tail -1)
+	out=$(grep -m1 -A1 '^system' "$TMP/run.out" | tail -1)
 	rate=$(echo "$out" | awk '{ print $4 }')
 	[ -n "$rate" ] && [ "$rate" -gt 0 ] 2>/dev/null || { echo "proxy-cpu.sh: $sys: no rate in: $out" >&2; return 1; }
 	awk -v r="$rate" -v s="$SAMPLE_SECS" -v hz="$HZ" -v b=$((b1 - b0)) -v u=$((u1 - u0)) -v k=$((s1 - s0)) \

@@ -49,6 +49,7 @@ function tally(arr, rounds, peer, higher,   r, w, t, c) {
 }
 END {
 	if (!(me in seen)) { print "rounds.sh: no rounds of " me " in the log" > "/dev/stderr"; exit 1 }
+	if (n < 2) exit 0 # nothing to compare with
 	printf "rounds %s won against each system (same round):\n", me
 	printf "%-14s %14s %10s %10s\n", "system", "new conn/s", "p99", "bulk"
 	for (i = 1; i <= n; i++) {
