@@ -14,6 +14,7 @@ import (
 	"syscall"
 	"time"
 
+	"egressd/audit"
 	"egressd/dnsfilter"
 	"egressd/internal/logbuf"
 	"egressd/internal/sysmon"
@@ -34,6 +35,7 @@ func main() {
 	memProfile := flag.String("memprofile", "", "write an allocation profile to this file at exit")
 	readers := flag.Int("readers", 0, "UDP sockets and readers (0: the forwarder's default, one per two CPUs)")
 	pollReads := flag.Bool("poll-reads", false, "keep the UDP listeners on Go's netpoller (Config.UDPPollReads)")
+	journal := flag.Bool("journal", false, "record every query through the audit journal, as egressd run does, in a temporary state directory removed at exit")
 	flag.Parse()
 	if *cpuProfile != "" {
 		f, err := os.Create(*cpuProfile)
@@ -44,7 +46,7 @@ func main() {
 		_ = pprof.StartCPUProfile(f)
 		defer pprof.StopCPUProfile()
 	}
-	err := run(*listen, *upstream, *allow, *noCache, *logLevel, *readers, *pollReads)
+	err := run(*listen, *upstream, *allow, *noCache, *logLevel, *readers, *pollReads, *journal)
 	if *memProfile != "" {
 		if f, ferr := os.Create(*memProfile); ferr == nil {
 			_ = pprof.Lookup("allocs").WriteTo(f, 0)
@@ -58,7 +60,7 @@ func main() {
 	}
 }
 
-func run(listen, upstream, allow string, noCache bool, logLevel string, readers int, pollReads bool) error {
+func run(listen, upstream, allow string, noCache bool, logLevel string, readers int, pollReads, journal bool) error {
 	src := fmt.Sprintf("version: 1\nmode: enforce\nrules:\n  - name: bench\n    to: [%q]\n    ports: [443/tcp]\n", allow)
 	eng, err := policy.Compile("bench-policy.yaml", []byte(src))
 	if err != nil {
@@ -78,7 +80,25 @@ func run(listen, upstream, allow string, noCache bool, logLevel string, readers 
 	if noCache {
 		cfg.CacheSize = -1
 	}
-	s, err := dnsfilter.New(cfg, dnsfilter.Deps{Policy: policy.NewStore(eng), Logger: logger})
+	var sink audit.Sink = audit.Discard
+	if journal {
+		dir, err := os.MkdirTemp("", "dnsbench-state.")
+		if err != nil {
+			return err
+		}
+		defer os.RemoveAll(dir)
+		j, _, err := audit.OpenJournal(audit.JournalConfig{Dir: dir, Logger: logger.With(audit.LogComponent, "audit")}, audit.NewLedger(eng, audit.LedgerOptions{}))
+		if err != nil {
+			return err
+		}
+		go j.Run(context.Background())
+		defer func() {
+			j.Close()
+			fmt.Fprintf(os.Stderr, "dnsbench: journal: %d events written, %d shed\n", j.Written(), j.Shed())
+		}()
+		sink = j
+	}
+	s, err := dnsfilter.New(cfg, dnsfilter.Deps{Policy: policy.NewStore(eng), Logger: logger, Sink: sink})
 	if err != nil {
 		return err
 	}
