@@ -22,7 +22,12 @@
 #        "-cpuprofile F" or "-memprofile F" with SYSTEMS naming one
 #        egressd variant), DNSBENCH_BIN (a binary run for the egressd
 #        systems instead of dnsbench, with dnsbench's flags: e.g. one
-#        built from bench/cmd/udpfloor, the floor of a Go responder).
+#        built from bench/cmd/udpfloor, the floor of a Go responder),
+#        QUERY_LOG (1: every system records every query, as a deployed
+#        filter would: unbound's log-queries and dnsmasq's --log-queries to
+#        a file in the scratch directory, egressd's canonical log line at
+#        info and its audit journal, as egressd run does; default 0: none
+#        of them records queries).
 set -euo pipefail
 export LC_ALL=C
 cd "$(dirname "$0")/.."
@@ -32,6 +37,7 @@ NS=bdns-egressd
 UP_PORT=5300
 SYSTEMS=${SYSTEMS:-"direct dnsmasq unbound egressd dnsmasq-nocache unbound-nocache egressd-nocache"}
 ROUNDS=${ROUNDS:-3}
+QUERY_LOG=${QUERY_LOG:-0}
 SECS=${DNSPERF_SECS:-10}
 CLIENTS=${DNSPERF_CLIENTS:-8}
 OUTSTANDING=${DNSPERF_Q:-100}
@@ -132,6 +138,16 @@ upstream_count() {
 		awk -F= '$1 == "total.num.queries" { n = $2 } END { print n + 0 }'
 }
 
+# dnsmasq_log prints dnsmasq's logging flags: its log to stderr, or with
+# QUERY_LOG=1 every query to a file.
+dnsmasq_log() {
+	if [ "$QUERY_LOG" = 1 ]; then
+		echo "--log-queries --log-facility=$W/$1.queries"
+	else
+		echo "--log-facility=-"
+	fi
+}
+
 declare -A PORT
 start_system() { # name port
 	local sys=$1 p=$2
@@ -142,7 +158,7 @@ start_system() { # name port
 		inns dnsmasq --keep-in-foreground --conf-file=/dev/null --no-resolv --no-hosts \
 			--listen-address=127.0.0.1 --bind-interfaces --port="$p" \
 			--server=/allowed.test/127.0.0.1#$UP_PORT --cache-size=$cs --dns-forward-max=1000 \
-			--pid-file="$W/$sys.pid" --log-facility=- >"$W/$sys.log" 2>&1 &
+			--pid-file="$W/$sys.pid" $(dnsmasq_log "$sys") >"$W/$sys.log" 2>&1 &
 		;;
 	unbound | unbound-nocache)
 		{
@@ -157,6 +173,9 @@ start_system() { # name port
 				name: "allowed.test."
 				forward-addr: 127.0.0.1@$UP_PORT
 			EOF
+			if [ "$QUERY_LOG" = 1 ]; then
+				printf 'server:\n\tlog-queries: yes\n\tlogfile: "%s/%s.queries"\n' "$W" "$sys"
+			fi
 			if [ "$sys" = unbound-nocache ]; then
 				printf 'server:\n\tcache-max-ttl: 0\n\tcache-max-negative-ttl: 0\n\tprefetch: no\n'
 			fi
@@ -167,6 +186,7 @@ start_system() { # name port
 	egressd | egressd-nocache)
 		local extra=""
 		[ "$sys" = egressd-nocache ] && extra=-no-cache
+		[ "$QUERY_LOG" = 1 ] && extra="$extra -log info -journal"
 		inns "${DNSBENCH_BIN:-$W/dnsbench}" -listen "127.0.0.1:$p" -upstream "127.0.0.1:$UP_PORT" -allow '*.allowed.test' $extra ${DNSBENCH_ARGS:-} >"$W/$sys.log" 2>&1 &
 		;;
 	*) fail "unknown system $sys" ;;
@@ -291,6 +311,7 @@ done
 	echo
 	echo "DNS filtering forwarders, $(nproc) CPUs (${BUSY}% busy before start); saturation: dnsperf -l $SECS -c $CLIENTS -q $OUTSTANDING,"
 	echo "median of $ROUNDS interleaved rounds; light: dnsperf -Q $LIGHT_QPS -l $LIGHT_SECS; $(wc -l <"$W/queries.txt") queries/pass, 75% allowed"
+	[ "$QUERY_LOG" = 1 ] && echo "QUERY_LOG=1: every forwarder records every query (unbound, dnsmasq: query logs; egressd: log line and audit journal)"
 	printf '%-16s %8s %6s %7s %6s %7s %6s | %7s %7s %6s | %5s %5s  %-7s %-7s\n' \
 		system "q/s" "x$base" "avg ms" "x$base" "p99 ms" "x$base" "L avg" "L p99" "x$base" lost "up/q" allowed denied
 	for sys in $SYSTEMS; do
