@@ -204,7 +204,10 @@ type flowRec struct {
 	bytesOut, bytesIn uint64
 	enforced          bool
 	rule              *ruleStats // allowed
-	drop              *dropStats // denied
+	drop              *dropStats // denied (nil past MaxDropped's overflow too)
+	denied            *ruleStats // denied: the expired rule that would have allowed it
+	source            Source     // of the report that decided the attribution
+	dest              string     // allowed: the name counted in rule.dests
 }
 
 // NewLedger returns an empty ledger for the policy eng (which may be nil:
@@ -321,7 +324,11 @@ func (l *Ledger) addLocked(ev *Event) bool {
 		h = id.hash(l.seed)
 		if rec := l.findLocked(id, h, t); rec != nil {
 			l.totals.Duplicates++
-			l.mergeLocked(rec, ev, t)
+			if ev.Kind == KindFlow && ev.Source == SourceProxy && rec.source != SourceProxy {
+				l.reattributeLocked(rec, ev, t)
+			} else {
+				l.mergeLocked(rec, ev, t)
+			}
 			return false
 		}
 	}
@@ -331,6 +338,17 @@ func (l *Ledger) addLocked(ev *Event) bool {
 	} else {
 		l.totals.Queries++
 	}
+	l.attributeLocked(rec, ev, t)
+	if dedup {
+		l.rememberLocked(rec)
+	}
+	return true
+}
+
+// attributeLocked counts a new flow or query record in its rule (allowed)
+// or its dropped destination (denied), with ev's bytes.
+func (l *Ledger) attributeLocked(rec *flowRec, ev *Event, t time.Time) {
+	rec.source = ev.Source
 	if ev.Verdict == policy.Allow {
 		rs := l.ruleLocked(ev.Rule)
 		if ev.Kind == KindFlow {
@@ -342,7 +360,8 @@ func (l *Ledger) addLocked(ev *Event) bool {
 		rs.bytesOut += ev.BytesOut
 		rs.bytesIn += ev.BytesIn
 		rs.clients.add(ev.Client.Unmap(), l.opt.MaxClients)
-		rs.dests.add(destName(ev), l.opt.MaxDestinations)
+		rec.dest = destName(ev)
+		rs.dests.add(rec.dest, l.opt.MaxDestinations)
 		rs.seen(t)
 		rec.rule = rs
 	} else {
@@ -350,6 +369,7 @@ func (l *Ledger) addLocked(ev *Event) bool {
 			rs := l.ruleLocked(ev.Rule)
 			if ev.Kind == KindFlow {
 				rs.denied++
+				rec.denied = rs
 			}
 		}
 		if ev.Kind == KindFlow {
@@ -380,10 +400,44 @@ func (l *Ledger) addLocked(ev *Event) bool {
 		rec.drop = ds
 	}
 	rec.bytesOut, rec.bytesIn, rec.enforced = ev.BytesOut, ev.BytesIn, ev.Enforced
-	if dedup {
-		l.rememberLocked(rec)
+}
+
+// reattributeLocked lets the proxy's report of a TCP flow decide where the
+// flow counts when capture's report of it came first: the proxy made and
+// enforced the decision (a Host that disagrees with the URL, a request
+// refused on a kept-alive connection), capture only watched the packets,
+// and which of the two reaches the ledger first is a race. What capture's
+// report counted is taken back, but for the clients and times it noted
+// and the metrics' labels (counters do not go back); the bytes stay the
+// largest either reported.
+func (l *Ledger) reattributeLocked(rec *flowRec, ev *Event, t time.Time) {
+	out, in := rec.bytesOut, rec.bytesIn
+	if rs := rec.rule; rs != nil {
+		l.totals.Allowed--
+		rs.flows--
+		rs.bytesOut -= out
+		rs.bytesIn -= in
+		rs.dests.remove(rec.dest)
+	} else {
+		l.totals.Dropped--
+		if rs := rec.denied; rs != nil {
+			rs.denied--
+		}
+		if ds := rec.drop; ds != nil {
+			ds.flows--
+			if rec.enforced {
+				ds.enforcedFlows--
+			}
+			ds.bytesOut -= out
+			ds.bytesIn -= in
+		}
 	}
-	return true
+	rec.rule, rec.drop, rec.denied, rec.dest = nil, nil, nil, ""
+	l.attributeLocked(rec, ev, t)
+	if end := t.Add(time.Duration(ev.Duration * float64(time.Second))); end.After(rec.end) {
+		rec.end = end
+	}
+	l.addBytesLocked(rec, out, in)
 }
 
 // addRequestLocked counts a request event: in its rule, or in the dropped
@@ -455,21 +509,11 @@ func (l *Ledger) mergeLocked(r *flowRec, ev *Event, t time.Time) {
 	if end.After(r.end) {
 		r.end = end
 	}
-	var dOut, dIn uint64
-	if ev.BytesOut > r.bytesOut {
-		dOut, r.bytesOut = ev.BytesOut-r.bytesOut, ev.BytesOut
-	}
-	if ev.BytesIn > r.bytesIn {
-		dIn, r.bytesIn = ev.BytesIn-r.bytesIn, ev.BytesIn
-	}
+	l.addBytesLocked(r, ev.BytesOut, ev.BytesIn)
 	switch {
 	case r.rule != nil:
-		r.rule.bytesOut += dOut
-		r.rule.bytesIn += dIn
 		r.rule.seen(t)
 	case r.drop != nil:
-		r.drop.bytesOut += dOut
-		r.drop.bytesIn += dIn
 		if ev.Enforced && !r.enforced && r.id.kind == KindFlow {
 			r.drop.enforcedFlows++
 			r.drop.enforced = true
@@ -479,6 +523,26 @@ func (l *Ledger) mergeLocked(r *flowRec, ev *Event, t time.Time) {
 		}
 	}
 	r.enforced = r.enforced || ev.Enforced
+}
+
+// addBytesLocked raises r's bytes to out and in where those are larger,
+// and counts the difference where r counts.
+func (l *Ledger) addBytesLocked(r *flowRec, out, in uint64) {
+	var dOut, dIn uint64
+	if out > r.bytesOut {
+		dOut, r.bytesOut = out-r.bytesOut, out
+	}
+	if in > r.bytesIn {
+		dIn, r.bytesIn = in-r.bytesIn, in
+	}
+	switch {
+	case r.rule != nil:
+		r.rule.bytesOut += dOut
+		r.rule.bytesIn += dIn
+	case r.drop != nil:
+		r.drop.bytesOut += dOut
+		r.drop.bytesIn += dIn
+	}
 }
 
 // rememberLocked keeps r for deduplication, evicting the oldest record
@@ -635,6 +699,17 @@ func (d *destCounter) add(name string, max int) {
 	}
 	delete(d.m, minName)
 	d.m[name] = minN + 1
+}
+
+// remove takes back one count of name, if the counter still holds it.
+func (d *destCounter) remove(name string) {
+	switch c := d.m[name]; c {
+	case 0:
+	case 1:
+		delete(d.m, name)
+	default:
+		d.m[name] = c - 1
+	}
 }
 
 // DestCount is one destination and the flows (and queries) that reached it.

@@ -224,6 +224,9 @@ func (l *Ledger) snapshot(opt ReportOptions) *Report {
 		return cmp.Compare(a.Name, b.Name)
 	})
 	for _, ds := range l.dropped {
+		if ds.flows == 0 && ds.queries == 0 && ds.requests == 0 {
+			continue // its only flow was counted elsewhere after all (reattributeLocked)
+		}
 		cl := ds.clients.list()
 		ip := ""
 		if ds.ip.IsValid() {

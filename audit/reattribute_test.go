@@ -1,0 +1,111 @@
+package audit
+
+import (
+	"net/netip"
+	"testing"
+	"time"
+
+	"egressd/policy"
+)
+
+// flowPair is one TCP flow as capture and the proxy report it.
+func flowPair() (capture, proxy Event) {
+	t0 := time.Date(2026, 12, 4, 14, 3, 55, 0, time.UTC)
+	base := Event{Kind: KindFlow, Time: t0, Client: netip.MustParseAddr("198.18.1.10"), ClientPort: 40100,
+		Dest: netip.MustParseAddr("203.0.113.11"), DestPort: 80, Proto: "tcp", Mode: policy.ModeEnforce}
+	capture, proxy = base, base
+	capture.Source, proxy.Source = SourceCapture, SourceProxy
+	capture.Time = t0.Add(time.Millisecond) // capture's clock for the same flow differs a little
+	return capture, proxy
+}
+
+func dropOf(r *Report, dest string) *DroppedReport {
+	for i := range r.Dropped {
+		if r.Dropped[i].Dest == dest && r.Dropped[i].Port == 80 {
+			return &r.Dropped[i]
+		}
+	}
+	return nil
+}
+
+func ruleOf(r *Report, name string) *RuleReport {
+	for i := range r.Rules {
+		if r.Rules[i].Name == name {
+			return &r.Rules[i]
+		}
+	}
+	return nil
+}
+
+// TestProxyReportDecidesFlow: whichever of capture's and the proxy's
+// reports of a TCP flow reaches the ledger first, the flow counts where the
+// proxy's report puts it.
+func TestProxyReportDecidesFlow(t *testing.T) {
+	t.Run("capture-deny-then-proxy-deny", func(t *testing.T) {
+		// A Host that disagrees with the URL: capture names the flow by the
+		// Host, the proxy refuses it with no name.
+		c, p := flowPair()
+		c.Name, c.Verdict, c.Reason, c.Enforced, c.BytesOut, c.BytesIn = "tracker.example", policy.Deny, "no-rule", true, 66, 593
+		p.Verdict, p.Reason, p.Enforced = policy.Deny, "host-mismatch", true
+		for _, order := range [][]Event{{c, p}, {p, c}} {
+			l := NewLedger(nil, LedgerOptions{})
+			for _, ev := range order {
+				l.Emit(ev)
+			}
+			r := l.Report(ReportOptions{})
+			if d := dropOf(r, "tracker.example"); d != nil {
+				t.Errorf("order %s first: tracker.example:80 listed (%d flows); the proxy's report names no host", order[0].Source, d.Flows)
+			}
+			d := dropOf(r, "203.0.113.11")
+			if d == nil || d.Flows != 1 || d.EnforcedFlows != 1 || d.Reason != "host-mismatch" || d.BytesOut != 66 || d.BytesIn != 593 {
+				t.Errorf("order %s first: drop of 203.0.113.11:80 = %+v, want 1 enforced flow, host-mismatch, capture's bytes", order[0].Source, d)
+			}
+			if r.Totals.Flows != 1 || r.Totals.Dropped != 1 || r.Totals.Allowed != 0 || r.Totals.Duplicates != 1 {
+				t.Errorf("order %s first: totals %+v", order[0].Source, r.Totals)
+			}
+		}
+	})
+	t.Run("capture-allow-then-proxy-deny", func(t *testing.T) {
+		c, p := flowPair()
+		c.Name, c.Verdict, c.Rule, c.BytesOut = "api.nirovision.com", policy.Allow, "e2e-http", 66
+		p.Verdict, p.Reason, p.Enforced = policy.Deny, "host-mismatch", true
+		for _, order := range [][]Event{{c, p}, {p, c}} {
+			l := NewLedger(nil, LedgerOptions{})
+			for _, ev := range order {
+				l.Emit(ev)
+			}
+			r := l.Report(ReportOptions{})
+			if rr := ruleOf(r, "e2e-http"); rr != nil && (rr.Flows != 0 || rr.BytesOut != 0 || len(rr.TopDestinations) != 0) {
+				t.Errorf("order %s first: rule e2e-http credited: %+v", order[0].Source, rr)
+			}
+			if d := dropOf(r, "203.0.113.11"); d == nil || d.Flows != 1 || d.BytesOut != 66 {
+				t.Errorf("order %s first: drop %+v, want 1 flow with 66 bytes out", order[0].Source, d)
+			}
+			if r.Totals.Allowed != 0 || r.Totals.Dropped != 1 {
+				t.Errorf("order %s first: totals %+v", order[0].Source, r.Totals)
+			}
+		}
+	})
+	t.Run("capture-deny-then-proxy-allow", func(t *testing.T) {
+		c, p := flowPair()
+		c.Name, c.Verdict, c.Reason, c.Rule, c.BytesIn = "tracker.example", policy.Deny, "expired", "old-rule", 500
+		p.Name, p.Verdict, p.Rule, p.BytesIn = "tracker.example", policy.Allow, "e2e-http", 400
+		l := NewLedger(nil, LedgerOptions{})
+		l.Emit(c)
+		l.Emit(p)
+		r := l.Report(ReportOptions{})
+		if d := dropOf(r, "tracker.example"); d != nil {
+			t.Errorf("drop still listed: %+v", d)
+		}
+		rr := ruleOf(r, "e2e-http")
+		if rr == nil || rr.Flows != 1 || rr.BytesIn != 500 || len(rr.TopDestinations) != 1 || rr.TopDestinations[0].Count != 1 {
+			t.Errorf("rule e2e-http = %+v, want 1 flow, 500 bytes in, one destination counted once", rr)
+		}
+		if old := ruleOf(r, "old-rule"); old != nil && old.Flows != 0 {
+			t.Errorf("old-rule = %+v", old)
+		}
+		if r.Totals.Allowed != 1 || r.Totals.Dropped != 0 || r.Totals.Flows != 1 {
+			t.Errorf("totals %+v", r.Totals)
+		}
+	})
+}
