@@ -67,6 +67,8 @@ stop_ns_procs() {
 cleanup() {
 	stop_ns_procs
 	if have_ns; then ip netns del "$NS"; fi
+	# QUERY_LOG's query logs: about 250 MB per system in 30 s at saturation.
+	rm -f "$W"/*.queries
 	return 0
 }
 trap cleanup EXIT
