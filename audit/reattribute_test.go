@@ -19,6 +19,15 @@ func flowPair() (capture, proxy Event) {
 	return capture, proxy
 }
 
+// reportOf is the report of a new ledger given events in order.
+func reportOf(events ...Event) *Report {
+	l := NewLedger(nil, LedgerOptions{})
+	for _, ev := range events {
+		l.Emit(ev)
+	}
+	return l.Report(ReportOptions{})
+}
+
 func dropOf(r *Report, dest string) *DroppedReport {
 	for i := range r.Dropped {
 		if r.Dropped[i].Dest == dest && r.Dropped[i].Port == 80 {
@@ -48,11 +57,7 @@ func TestProxyReportDecidesFlow(t *testing.T) {
 		c.Name, c.Verdict, c.Reason, c.Enforced, c.BytesOut, c.BytesIn = "tracker.example", policy.Deny, "no-rule", true, 66, 593
 		p.Verdict, p.Reason, p.Enforced = policy.Deny, "host-mismatch", true
 		for _, order := range [][]Event{{c, p}, {p, c}} {
-			l := NewLedger(nil, LedgerOptions{})
-			for _, ev := range order {
-				l.Emit(ev)
-			}
-			r := l.Report(ReportOptions{})
+			r := reportOf(order...)
 			if d := dropOf(r, "tracker.example"); d != nil {
 				t.Errorf("order %s first: tracker.example:80 listed (%d flows); the proxy's report names no host", order[0].Source, d.Flows)
 			}
@@ -70,11 +75,7 @@ func TestProxyReportDecidesFlow(t *testing.T) {
 		c.Name, c.Verdict, c.Rule, c.BytesOut = "api.nirovision.com", policy.Allow, "e2e-http", 66
 		p.Verdict, p.Reason, p.Enforced = policy.Deny, "host-mismatch", true
 		for _, order := range [][]Event{{c, p}, {p, c}} {
-			l := NewLedger(nil, LedgerOptions{})
-			for _, ev := range order {
-				l.Emit(ev)
-			}
-			r := l.Report(ReportOptions{})
+			r := reportOf(order...)
 			if rr := ruleOf(r, "e2e-http"); rr != nil && (rr.Flows != 0 || rr.BytesOut != 0 || len(rr.TopDestinations) != 0) {
 				t.Errorf("order %s first: rule e2e-http credited: %+v", order[0].Source, rr)
 			}
@@ -90,10 +91,7 @@ func TestProxyReportDecidesFlow(t *testing.T) {
 		c, p := flowPair()
 		c.Name, c.Verdict, c.Reason, c.Rule, c.BytesIn = "tracker.example", policy.Deny, "expired", "old-rule", 500
 		p.Name, p.Verdict, p.Rule, p.BytesIn = "tracker.example", policy.Allow, "e2e-http", 400
-		l := NewLedger(nil, LedgerOptions{})
-		l.Emit(c)
-		l.Emit(p)
-		r := l.Report(ReportOptions{})
+		r := reportOf(c, p)
 		if d := dropOf(r, "tracker.example"); d != nil {
 			t.Errorf("drop still listed: %+v", d)
 		}
