@@ -20,7 +20,7 @@ awk -v me="$2" '
 	sys = $2; sub(/:$/, "", sys)
 	r = $5; sub(/:$/, "", r)
 	rps[sys, r] = $6
-	for (i = 7; i < NF; i++) if ($i == "p99") { p = $(i + 1); p99[sys, r] = p }
+	for (i = 7; i < NF; i++) if ($i == "p99") p99[sys, r] = $(i + 1)
 	if (!(sys in seen)) { seen[sys] = 1; order[++n] = sys }
 	if (r + 0 > nr) nr = r + 0
 }
