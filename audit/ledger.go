@@ -678,37 +678,95 @@ func (c *clientSet) list() []string {
 
 // destCounter counts destinations with a bounded space-saving counter
 // (Metwally et al.): when full, a new destination replaces the least
-// counted one and inherits its count, so heavy hitters stay on top.
+// counted one (of those, the first by name) and inherits its count, so
+// heavy hitters stay on top. The entries are a min-heap by count and name,
+// so that replacing the least counted one costs O(log n), not a scan of
+// all n: a rule that reaches more than MaxDestinations names or addresses
+// (a wildcard rule, Apple's 17.0.0.0/8) meets a new one at most of its
+// flows and queries.
 type destCounter struct {
-	m map[string]uint64
+	idx map[string]int // name -> its position in h
+	h   []DestCount    // min-heap by (Count, Dest)
 }
 
 func (d *destCounter) add(name string, max int) {
-	if d.m == nil {
-		d.m = map[string]uint64{}
+	if d.idx == nil {
+		d.idx = map[string]int{}
 	}
-	if _, ok := d.m[name]; ok || len(d.m) < max {
-		d.m[name]++
+	if i, ok := d.idx[name]; ok {
+		d.h[i].Count++
+		d.down(i)
 		return
 	}
-	minName, minN := "", uint64(0)
-	for n, c := range d.m {
-		if minName == "" || c < minN || (c == minN && n < minName) {
-			minName, minN = n, c
-		}
+	if len(d.h) < max || len(d.h) == 0 {
+		d.h = append(d.h, DestCount{name, 1})
+		d.idx[name] = len(d.h) - 1
+		d.up(len(d.h) - 1)
+		return
 	}
-	delete(d.m, minName)
-	d.m[name] = minN + 1
+	delete(d.idx, d.h[0].Dest)
+	d.h[0] = DestCount{name, d.h[0].Count + 1}
+	d.idx[name] = 0
+	d.down(0)
 }
 
 // remove takes back one count of name, if the counter still holds it.
 func (d *destCounter) remove(name string) {
-	switch c := d.m[name]; c {
-	case 0:
-	case 1:
-		delete(d.m, name)
-	default:
-		d.m[name] = c - 1
+	i, ok := d.idx[name]
+	if !ok {
+		return
+	}
+	if d.h[i].Count > 1 {
+		d.h[i].Count--
+		d.up(i)
+		return
+	}
+	last := len(d.h) - 1
+	d.swap(i, last)
+	delete(d.idx, name)
+	d.h = d.h[:last]
+	if i < last {
+		d.down(i)
+		d.up(i)
+	}
+}
+
+func (d *destCounter) less(i, j int) bool {
+	a, b := &d.h[i], &d.h[j]
+	return a.Count < b.Count || (a.Count == b.Count && a.Dest < b.Dest)
+}
+
+func (d *destCounter) swap(i, j int) {
+	d.h[i], d.h[j] = d.h[j], d.h[i]
+	d.idx[d.h[i].Dest] = i
+	d.idx[d.h[j].Dest] = j
+}
+
+func (d *destCounter) up(i int) {
+	for i > 0 {
+		p := (i - 1) / 2
+		if !d.less(i, p) {
+			return
+		}
+		d.swap(i, p)
+		i = p
+	}
+}
+
+func (d *destCounter) down(i int) {
+	for {
+		m := 2*i + 1
+		if m >= len(d.h) {
+			return
+		}
+		if r := m + 1; r < len(d.h) && d.less(r, m) {
+			m = r
+		}
+		if !d.less(m, i) {
+			return
+		}
+		d.swap(i, m)
+		i = m
 	}
 }
 
@@ -719,10 +777,7 @@ type DestCount struct {
 }
 
 func (d *destCounter) top(n int) []DestCount {
-	out := make([]DestCount, 0, len(d.m))
-	for k, v := range d.m {
-		out = append(out, DestCount{k, v})
-	}
+	out := append(make([]DestCount, 0, len(d.h)), d.h...)
 	slices.SortFunc(out, func(a, b DestCount) int {
 		if c := cmp.Compare(b.Count, a.Count); c != 0 {
 			return c
