@@ -70,8 +70,8 @@ func TestDestCounterAgreesWithScan(t *testing.T) {
 				t.Fatalf("max %d step %d: %d entries (%d indexed), want %d", max, step, len(d.h), len(d.idx), len(ref))
 			}
 			for i, e := range d.h {
-				if ref[e.Dest] != e.Count || d.idx[e.Dest] != i {
-					t.Fatalf("max %d step %d: %s counted %d at %d (indexed %d), want %d", max, step, e.Dest, e.Count, i, d.idx[e.Dest], ref[e.Dest])
+				if ref[e.Dest] != e.Count || d.idx[e.Dest] != e || e.pos != i {
+					t.Fatalf("max %d step %d: %s counted %d at %d (its position %d, indexed %v), want %d", max, step, e.Dest, e.Count, i, e.pos, d.idx[e.Dest] == e, ref[e.Dest])
 				}
 				if i > 0 && d.less(i, (i-1)/2) {
 					t.Fatalf("max %d step %d: heap order broken at %d", max, step, i)

@@ -685,45 +685,54 @@ func (c *clientSet) list() []string {
 // (a wildcard rule, Apple's 17.0.0.0/8) meets a new one at most of its
 // flows and queries.
 type destCounter struct {
-	idx map[string]int // name -> its position in h
-	h   []DestCount    // min-heap by (Count, Dest)
+	idx map[string]*destEntry
+	h   []*destEntry // min-heap by (Count, Dest)
+}
+
+type destEntry struct {
+	DestCount
+	pos int // in h
 }
 
 func (d *destCounter) add(name string, max int) {
 	if d.idx == nil {
-		d.idx = map[string]int{}
+		d.idx = map[string]*destEntry{}
 	}
-	if i, ok := d.idx[name]; ok {
-		d.h[i].Count++
-		d.down(i)
+	if e := d.idx[name]; e != nil {
+		e.Count++
+		d.down(e.pos)
 		return
 	}
 	if len(d.h) < max || len(d.h) == 0 {
-		d.h = append(d.h, DestCount{name, 1})
-		d.idx[name] = len(d.h) - 1
-		d.up(len(d.h) - 1)
+		e := &destEntry{DestCount{name, 1}, len(d.h)}
+		d.h = append(d.h, e)
+		d.idx[name] = e
+		d.up(e.pos)
 		return
 	}
-	delete(d.idx, d.h[0].Dest)
-	d.h[0] = DestCount{name, d.h[0].Count + 1}
-	d.idx[name] = 0
+	e := d.h[0]
+	delete(d.idx, e.Dest)
+	e.Dest = name
+	e.Count++
+	d.idx[name] = e
 	d.down(0)
 }
 
 // remove takes back one count of name, if the counter still holds it.
 func (d *destCounter) remove(name string) {
-	i, ok := d.idx[name]
-	if !ok {
+	e := d.idx[name]
+	if e == nil {
 		return
 	}
-	if d.h[i].Count > 1 {
-		d.h[i].Count--
-		d.up(i)
+	if e.Count > 1 {
+		e.Count--
+		d.up(e.pos)
 		return
 	}
-	last := len(d.h) - 1
+	i, last := e.pos, len(d.h)-1
 	d.swap(i, last)
 	delete(d.idx, name)
+	d.h[last] = nil
 	d.h = d.h[:last]
 	if i < last {
 		d.down(i)
@@ -732,14 +741,13 @@ func (d *destCounter) remove(name string) {
 }
 
 func (d *destCounter) less(i, j int) bool {
-	a, b := &d.h[i], &d.h[j]
+	a, b := d.h[i], d.h[j]
 	return a.Count < b.Count || (a.Count == b.Count && a.Dest < b.Dest)
 }
 
 func (d *destCounter) swap(i, j int) {
 	d.h[i], d.h[j] = d.h[j], d.h[i]
-	d.idx[d.h[i].Dest] = i
-	d.idx[d.h[j].Dest] = j
+	d.h[i].pos, d.h[j].pos = i, j
 }
 
 func (d *destCounter) up(i int) {
@@ -777,7 +785,10 @@ type DestCount struct {
 }
 
 func (d *destCounter) top(n int) []DestCount {
-	out := append(make([]DestCount, 0, len(d.h)), d.h...)
+	out := make([]DestCount, len(d.h))
+	for i, e := range d.h {
+		out[i] = e.DestCount
+	}
 	slices.SortFunc(out, func(a, b DestCount) int {
 		if c := cmp.Compare(b.Count, a.Count); c != 0 {
 			return c
