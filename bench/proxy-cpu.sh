@@ -21,6 +21,10 @@
 #   nginx          nginx stream with ssl_preread (peers-tls.sh's), its
 #                  master and workers in the gateway namespace
 #   egressd        bench/cmd/proxybench, as bench/proxy-tls.sh runs it
+#   floor-goroutine, floor-epoll  bench/cmd/tcpfloor: a Go transparent
+#                  proxy that does nothing but forward (splice, half-close),
+#                  built as egressd's is (goroutines, net package) or as an
+#                  event loop on its own epoll: the floor of each way in Go
 # Each system runs alone in its own topology (one peers-script run each);
 # ROUNDS (default 2) repeats the whole list, round-robin.
 #
@@ -69,6 +73,8 @@ exec haproxy -db -f "$cfg"
 EOF
 chmod +x "$TMP/haproxy-plain.sh"
 
+case " $SYSTEMS " in *" floor-"*) "${GO:-$(command -v go || echo /usr/local/go/bin/go)}" build -o "$TMP/tcpfloor" ./bench/cmd/tcpfloor ;; esac
+
 # busy ticks of the whole box (steal, idle and iowait left out)
 box_ticks() { awk '/^cpu / { print $2 + $3 + $4 + $7 + $8 }' /proc/stat; }
 # "utime stime" of processes, in ticks, summed (the comm field has no
@@ -83,7 +89,7 @@ NS_GW=btls-gw # the peers script's gateway namespace
 # one_run SYS: writes "rate box_us user_us sys_us" (per connection) to $TMP/res
 one_run() {
 	local sys=$1 proc="" pid="" i t b0 b1 u0 s0 u1 s1 out rate smt="" sm0="" sm1=""
-	case $sys in haproxy*) proc=haproxy ;; egressd) proc=proxybench ;; sniproxy) proc=sniproxy ;; nginx) proc=nginx ;; esac
+	case $sys in haproxy*) proc=haproxy ;; egressd) proc=proxybench ;; floor-*) proc=tcpfloor ;; sniproxy) proc=sniproxy ;; nginx) proc=nginx ;; esac
 	case $sys in
 	direct) (SYSTEMS=direct bash "$PEERS_TLS") ;;
 	haproxy) (SYSTEMS=haproxy bash "$PEERS_TLS") ;;
@@ -92,6 +98,8 @@ one_run() {
 	haproxy-plain) (SYSTEMS=haproxy-plain CUSTOM_TLS_NAME=haproxy-plain \
 		CUSTOM_TLS_CMD="$TMP/haproxy-plain.sh {PORT}" bash "$PEERS_TLS") ;;
 	egressd) (SYSTEMS=egressd PEERS_TLS=$PEERS_TLS bash "$ROOT/bench/proxy-tls.sh") ;;
+	floor-*) (SYSTEMS=$sys CUSTOM_TLS_NAME=$sys \
+		CUSTOM_TLS_CMD="$TMP/tcpfloor -mode ${sys#floor-} -port {PORT}" bash "$PEERS_TLS") ;;
 	*) echo "proxy-cpu.sh: unknown system $sys" >&2; return 1 ;;
 	esac >"$TMP/run.out" 2>&1 &
 	RUNPID=$!
