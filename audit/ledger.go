@@ -95,7 +95,7 @@ type Ledger struct {
 	eng     *policy.Engine
 	rules   map[string]*ruleStats
 	dropped map[dropKey]*dropStats
-	flows   map[uint64][]*flowRec // by flowID.hash: one cheap hash per lookup
+	flows   map[uint64]*flowRec // by flowID.hash (one cheap hash per lookup), chained through next
 	seed    maphash.Seed
 	ring    []*flowRec // insertion order, for eviction; len <= MaxFlows
 	ringPos int
@@ -208,6 +208,7 @@ type flowRec struct {
 	denied            *ruleStats // denied: the expired rule that would have allowed it
 	source            Source     // of the report that decided the attribution
 	dest              string     // allowed: the name counted in rule.dests
+	next              *flowRec   // in l.flows, the next record with the same hash
 }
 
 // NewLedger returns an empty ledger for the policy eng (which may be nil:
@@ -219,7 +220,7 @@ func NewLedger(eng *policy.Engine, opt LedgerOptions) *Ledger {
 		eng:     eng,
 		rules:   map[string]*ruleStats{},
 		dropped: map[dropKey]*dropStats{},
-		flows:   map[uint64][]*flowRec{},
+		flows:   map[uint64]*flowRec{},
 		seed:    maphash.MakeSeed(),
 	}
 }
@@ -332,7 +333,13 @@ func (l *Ledger) addLocked(ev *Event) bool {
 			return false
 		}
 	}
-	rec := &flowRec{id: id, h: h, start: t, end: t.Add(time.Duration(ev.Duration * float64(time.Second)))}
+	var rec *flowRec
+	if dedup {
+		rec = l.recLocked()
+	} else {
+		rec = new(flowRec)
+	}
+	rec.id, rec.h, rec.start, rec.end = id, h, t, t.Add(time.Duration(ev.Duration*float64(time.Second)))
 	if ev.Kind == KindFlow {
 		l.totals.Flows++
 	} else {
@@ -494,7 +501,7 @@ func (l *Ledger) findLocked(id flowID, h uint64, t time.Time) *flowRec {
 	if id.Proto == "udp" && id.kind == KindFlow {
 		slack = udpFlowIdle
 	}
-	for _, r := range l.flows[h] {
+	for r := l.flows[h]; r != nil; r = r.next {
 		if r.id == id && !t.Before(r.start.Add(-slack)) && !t.After(r.end.Add(slack)) {
 			return r
 		}
@@ -545,26 +552,43 @@ func (l *Ledger) addBytesLocked(r *flowRec, out, in uint64) {
 	}
 }
 
-// rememberLocked keeps r for deduplication, evicting the oldest record
-// when the table is full.
+// recLocked returns a zeroed record for a flow to remember (rememberLocked
+// must follow): when the table is full, its oldest record, taken out of
+// it, so that a busy ledger does not allocate one per flow or query.
+func (l *Ledger) recLocked() *flowRec {
+	if len(l.ring) < l.opt.MaxFlows {
+		return new(flowRec)
+	}
+	old := l.ring[l.ringPos]
+	if p := l.flows[old.h]; p == old {
+		if old.next == nil {
+			delete(l.flows, old.h)
+		} else {
+			l.flows[old.h] = old.next
+		}
+	} else {
+		for ; p != nil; p = p.next {
+			if p.next == old {
+				p.next = old.next
+				break
+			}
+		}
+	}
+	*old = flowRec{}
+	return old
+}
+
+// rememberLocked keeps r, from recLocked, for deduplication, in the place
+// of the record recLocked took out when the table was full.
 func (l *Ledger) rememberLocked(r *flowRec) {
 	if len(l.ring) < l.opt.MaxFlows {
 		l.ring = append(l.ring, r)
 	} else {
-		old := l.ring[l.ringPos]
-		recs := l.flows[old.h]
-		if i := slices.Index(recs, old); i >= 0 {
-			recs = slices.Delete(recs, i, i+1)
-		}
-		if len(recs) == 0 {
-			delete(l.flows, old.h)
-		} else {
-			l.flows[old.h] = recs
-		}
 		l.ring[l.ringPos] = r
 		l.ringPos = (l.ringPos + 1) % l.opt.MaxFlows
 	}
-	l.flows[r.h] = append(l.flows[r.h], r)
+	r.next = l.flows[r.h]
+	l.flows[r.h] = r
 }
 
 func (l *Ledger) ruleLocked(name string) *ruleStats {
