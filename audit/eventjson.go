@@ -32,7 +32,7 @@ func (ev *Event) appendJSON(b []byte) ([]byte, error) {
 	b = ev.Time.AppendFormat(b, time.RFC3339Nano)
 	b = append(b, '"')
 	b = append(b, `,"client":`...)
-	b = appendJSONString(b, addrText(ev.Client))
+	b = appendAddr(b, ev.Client)
 	if ev.ClientPort != 0 {
 		b = append(b, `,"client_port":`...)
 		b = strconv.AppendUint(b, uint64(ev.ClientPort), 10)
@@ -40,7 +40,7 @@ func (ev *Event) appendJSON(b []byte) ([]byte, error) {
 	b = appendStringField(b, `,"client_mac":`, ev.ClientMAC)
 	if ev.Dest.IsValid() {
 		b = append(b, `,"dest_ip":`...)
-		b = appendJSONString(b, ev.Dest.String())
+		b = appendAddr(b, ev.Dest)
 	}
 	if ev.DestPort != 0 {
 		b = append(b, `,"dest_port":`...)
@@ -94,13 +94,19 @@ var (
 	errEventFloat = errors.New("audit: event holds NaN or an infinity")
 )
 
-// addrText is a as netip.Addr's MarshalText writes it: empty for the zero
-// Addr.
-func addrText(a netip.Addr) string {
-	if !a.IsValid() {
-		return ""
+// appendAddr appends a as a JSON string of its MarshalText form (empty for
+// the zero Addr). Without a zone the text is digits, hex, dots and colons,
+// which need no escaping; a zone may hold anything, so it is escaped.
+func appendAddr(b []byte, a netip.Addr) []byte {
+	switch {
+	case !a.IsValid():
+		return append(b, `""`...)
+	case a.Zone() != "":
+		return appendJSONString(b, a.String())
 	}
-	return a.String()
+	b = append(b, '"')
+	b = a.AppendTo(b)
+	return append(b, '"')
 }
 
 // appendStringField appends key and s unless s is empty (omitempty).
