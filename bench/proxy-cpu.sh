@@ -21,10 +21,12 @@
 #   nginx          nginx stream with ssl_preread (peers-tls.sh's), its
 #                  master and workers in the gateway namespace
 #   egressd        bench/cmd/proxybench, as bench/proxy-tls.sh runs it
-#   floor-goroutine, floor-epoll  bench/cmd/tcpfloor: a Go transparent
-#                  proxy that does nothing but forward (splice, half-close),
-#                  built as egressd's is (goroutines, net package) or as an
-#                  event loop on its own epoll: the floor of each way in Go
+#   floor-goroutine, floor-epoll, floor-hybrid  bench/cmd/tcpfloor: a Go
+#                  transparent proxy that does nothing but forward (splice,
+#                  half-close), built as egressd's is (goroutines, net
+#                  package), as an event loop on its own epoll, or the first
+#                  way until the first bytes are replayed and the second for
+#                  the splicing: the floor of each way in Go
 # Each system runs alone in its own topology (one peers-script run each);
 # ROUNDS (default 2) repeats the whole list, round-robin.
 #

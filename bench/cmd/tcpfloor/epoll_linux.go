@@ -2,8 +2,10 @@ package main
 
 import (
 	"bytes"
+	"net"
 	"net/netip"
 	"runtime"
+	"sync"
 
 	"golang.org/x/sys/unix"
 )
@@ -56,6 +58,7 @@ const (
 )
 
 type loop struct {
+	mu    sync.Mutex // held while a batch of events is served, and by adopt
 	ep    int
 	allow []byte
 	byFD  []*conn
@@ -65,7 +68,6 @@ type loop struct {
 }
 
 func serveEpoll(port int, allow []byte) error {
-	runtime.LockOSThread()
 	ln, err := unix.Socket(unix.AF_INET, unix.SOCK_STREAM|unix.SOCK_NONBLOCK|unix.SOCK_CLOEXEC, 0)
 	if err != nil {
 		return err
@@ -78,13 +80,40 @@ func serveEpoll(port int, allow []byte) error {
 	if err := unix.Listen(ln, 4096); err != nil {
 		return err
 	}
-	l := &loop{allow: allow}
-	if l.ep, err = unix.EpollCreate1(unix.EPOLL_CLOEXEC); err != nil {
+	l, err := newLoop(allow)
+	if err != nil {
 		return err
 	}
 	if err := l.register(ln, -1); err != nil {
 		return err
 	}
+	return l.run(ln)
+}
+
+// serveHybrid accepts, reads the first bytes and dials as the goroutine
+// way does, then hands both sockets (duplicated out of Go's netpoller,
+// whose descriptors are closed) to an epoll loop for the splicing.
+func serveHybrid(port int, allow []byte) error {
+	l, err := newLoop(allow)
+	if err != nil {
+		return err
+	}
+	errc := make(chan error, 1)
+	go func() { errc <- l.run(-1) }()
+	go func() { errc <- serveGoroutines(port, allow, l.adopt) }()
+	return <-errc
+}
+
+func newLoop(allow []byte) (*loop, error) {
+	l := &loop{allow: allow}
+	var err error
+	l.ep, err = unix.EpollCreate1(unix.EPOLL_CLOEXEC)
+	return l, err
+}
+
+// run waits for events on its own thread; ln is the listener, or -1.
+func (l *loop) run(ln int) error {
+	runtime.LockOSThread()
 	events := make([]unix.EpollEvent, 256)
 	for {
 		n, err := unix.EpollWait(l.ep, events, -1)
@@ -94,6 +123,7 @@ func serveEpoll(port int, allow []byte) error {
 		if err != nil {
 			return err
 		}
+		l.mu.Lock()
 		for i := range events[:n] {
 			ev := &events[i]
 			fd := int(ev.Fd)
@@ -106,7 +136,49 @@ func serveEpoll(port int, allow []byte) error {
 			}
 			l.event(l.byFD[fd], fd, ev.Events)
 		}
+		l.mu.Unlock()
 	}
+}
+
+// adopt takes over the splicing of a forwarded connection (serveHybrid).
+func (l *loop) adopt(c, u *net.TCPConn) {
+	cfd, err := dupFD(c)
+	if err != nil {
+		return
+	}
+	ufd, err := dupFD(u)
+	if err != nil {
+		unix.Close(cfd)
+		return
+	}
+	l.mu.Lock()
+	defer l.mu.Unlock()
+	l.gen++
+	t := &conn{c: cfd, u: ufd, gen: l.gen, state: stTunnel}
+	t.c2u = flow{src: cfd, dst: ufd}
+	t.u2c = flow{src: ufd, dst: cfd}
+	l.set(cfd, t)
+	l.set(ufd, t)
+	if l.register(cfd, t.gen) != nil || l.register(ufd, t.gen) != nil {
+		l.close(t)
+		return
+	}
+	l.move(t, &t.c2u)
+	l.move(t, &t.u2c)
+}
+
+// dupFD returns a duplicate of c's descriptor, which stays open (and out
+// of Go's netpoller) when c is closed.
+func dupFD(c *net.TCPConn) (int, error) {
+	rc, err := c.SyscallConn()
+	if err != nil {
+		return -1, err
+	}
+	fd, derr := -1, error(nil)
+	if err := rc.Control(func(f uintptr) { fd, derr = unix.FcntlInt(f, unix.F_DUPFD_CLOEXEC, 0) }); err != nil {
+		return -1, err
+	}
+	return fd, derr
 }
 
 func (l *loop) register(fd int, gen int32) error {

@@ -14,3 +14,5 @@ func origDst(int) (netip.AddrPort, error) { return netip.AddrPort{}, errLinux }
 func deferAccept(int) error { return errLinux }
 
 func serveEpoll(int, []byte) error { return errLinux }
+
+func serveHybrid(int, []byte) error { return errLinux }

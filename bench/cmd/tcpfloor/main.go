@@ -1,18 +1,21 @@
 // Command tcpfloor is the floor of a transparent TCP proxy written in Go on
-// this machine, for bench/proxy-cpu.sh (systems floor-goroutine and
-// floor-epoll): it takes connections an nftables REDIRECT sent to it, reads
+// this machine, for bench/proxy-cpu.sh (systems floor-goroutine,
+// floor-epoll and floor-hybrid): it takes connections an nftables REDIRECT sent to it, reads
 // the original destination and the first bytes, dials the destination,
 // replays the bytes and splices both ways with half-closes, and does nothing
 // else. Its "policy" is that the first bytes contain -allow (no parser, no
 // log, no record, no limits), so whatever CPU it spends per connection is
 // what the way it is written costs, not what egressd's proxy does besides.
 //
-// Two ways: -mode goroutine (a goroutine per connection and one more per
-// direction, Go's net package and netpoller, as egressd's proxy is built)
-// and -mode epoll (Linux: one goroutine locked to a thread runs its own
+// Three ways: -mode goroutine (a goroutine per connection and one more per
+// direction, Go's net package and netpoller, as egressd's proxy is built),
+// -mode epoll (Linux: one goroutine locked to a thread runs its own
 // edge-triggered epoll over non-blocking sockets, as nginx, HAProxy and
-// sniproxy are built; no net package, no goroutine per connection).
-// Both listen with TCP_DEFER_ACCEPT and splice through pipes, as egressd.
+// sniproxy are built; no net package, no goroutine per connection), and
+// -mode hybrid (Linux: the goroutine way up to the replay of the first
+// bytes, then both sockets are taken out of Go's netpoller and spliced by
+// an epoll loop).
+// All listen with TCP_DEFER_ACCEPT and splice through pipes, as egressd.
 // IPv4 only (the benchmark topology's).
 package main
 
@@ -32,7 +35,7 @@ import (
 func main() {
 	listen := flag.Int("port", 0, "port to listen on, all IPv4 addresses (default $PROXY_PORT)")
 	allow := flag.String("allow", ".allowed.test", "forward a connection only when its first bytes contain this")
-	mode := flag.String("mode", "goroutine", "goroutine or epoll")
+	mode := flag.String("mode", "goroutine", "goroutine, epoll or hybrid")
 	flag.Parse()
 	port := *listen
 	if port == 0 {
@@ -45,9 +48,11 @@ func main() {
 	var err error
 	switch *mode {
 	case "goroutine":
-		err = serveGoroutines(port, []byte(*allow))
+		err = serveGoroutines(port, []byte(*allow), spliceBoth)
 	case "epoll":
 		err = serveEpoll(port, []byte(*allow))
+	case "hybrid":
+		err = serveHybrid(port, []byte(*allow))
 	default:
 		err = fmt.Errorf("unknown -mode %q", *mode)
 	}
@@ -55,7 +60,9 @@ func main() {
 	os.Exit(1)
 }
 
-func serveGoroutines(port int, allow []byte) error {
+// serveGoroutines accepts and forwards each connection on a goroutine of
+// its own; tunnel moves the bytes once the first ones were replayed.
+func serveGoroutines(port int, allow []byte, tunnel func(c, u *net.TCPConn)) error {
 	lc := net.ListenConfig{Control: func(_, _ string, c syscall.RawConn) error {
 		var serr error
 		err := c.Control(func(fd uintptr) { serr = deferAccept(int(fd)) })
@@ -77,11 +84,11 @@ func serveGoroutines(port int, allow []byte) error {
 			time.Sleep(10 * time.Millisecond) // out of descriptors, say
 			continue
 		}
-		go forward(c.(*net.TCPConn), allow)
+		go forward(c.(*net.TCPConn), allow, tunnel)
 	}
 }
 
-func forward(c *net.TCPConn, allow []byte) {
+func forward(c *net.TCPConn, allow []byte, tunnel func(c, u *net.TCPConn)) {
 	defer c.Close()
 	rc, err := c.SyscallConn()
 	if err != nil {
@@ -109,9 +116,15 @@ func forward(c *net.TCPConn, allow []byte) {
 	if _, err := u.Write(buf[:n]); err != nil {
 		return
 	}
+	tunnel(c, u)
+}
+
+// spliceBoth copies both ways, each on a goroutine, with splice(2) (io.Copy
+// between two TCP connections), and half-closes.
+func spliceBoth(c, u *net.TCPConn) {
 	done := make(chan struct{})
 	go func() {
-		io.Copy(c, u) // splice(2) between two TCP connections
+		io.Copy(c, u)
 		c.CloseWrite()
 		close(done)
 	}()
