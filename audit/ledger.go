@@ -705,9 +705,9 @@ func (c *clientSet) list() []string {
 // counted one (of those, the first by name) and inherits its count, so
 // heavy hitters stay on top. The entries are a min-heap by count and name,
 // so that replacing the least counted one costs O(log n), not a scan of
-// all n: a rule that reaches more than MaxDestinations names or addresses
-// (a wildcard rule, Apple's 17.0.0.0/8) meets a new one at most of its
-// flows and queries.
+// all n: a rule that has reached more than MaxDestinations names or
+// addresses (a wildcard rule, Apple's 17.0.0.0/8) meets a new one on most
+// of its flows and queries.
 type destCounter struct {
 	idx map[string]*destEntry
 	h   []*destEntry // min-heap by (Count, Dest)

@@ -3,6 +3,8 @@ package audit
 import (
 	"bytes"
 	"encoding/json"
+	"fmt"
+	"math/rand/v2"
 	"net/netip"
 	"os"
 	"path/filepath"
@@ -286,5 +288,44 @@ func TestReplayRequests(t *testing.T) {
 	}
 	if d := res.NewlyDropped[0]; d.Dest != "b.test" || d.Requests != 1 || d.Flows != 0 || d.OldRule != "other" {
 		t.Errorf("%+v", d)
+	}
+}
+
+// TestFlowTableChains fills the ledger's table of recent flows with
+// records whose hashes collide (set by hand: maphash never collides in a
+// test), past its size, and checks after each step that exactly the
+// newest MaxFlows records are found, whatever their place in a chain.
+func TestFlowTableChains(t *testing.T) {
+	const size = 5
+	l := NewLedger(nil, LedgerOptions{MaxFlows: size})
+	rng := rand.New(rand.NewPCG(1, 2))
+	var ids []flowID
+	for i := range 200 {
+		id := flowID{kind: KindDNS, name: fmt.Sprintf("q%d.example", i)}
+		ids = append(ids, id)
+		r := l.recLocked()
+		if *r != (flowRec{}) {
+			t.Fatalf("step %d: record from recLocked not zeroed: %+v", i, r)
+		}
+		r.id, r.h, r.start, r.end = id, uint64(rng.IntN(3)), t0, t0
+		l.rememberLocked(r)
+		n := 0
+		for _, rs := range l.flows {
+			for ; rs != nil; rs = rs.next {
+				n++
+			}
+		}
+		if want := min(i+1, size); n != want || len(l.ring) != want {
+			t.Fatalf("step %d: %d records chained, %d in the ring, want %d", i, n, len(l.ring), want)
+		}
+		for j, old := range ids {
+			found := false
+			for h := range uint64(3) {
+				found = found || l.findLocked(old, h, t0) != nil
+			}
+			if kept := j > i-size; found != kept {
+				t.Fatalf("step %d: record %d found %v, want %v", i, j, found, kept)
+			}
+		}
 	}
 }

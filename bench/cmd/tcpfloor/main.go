@@ -33,11 +33,11 @@ import (
 )
 
 func main() {
-	listen := flag.Int("port", 0, "port to listen on, all IPv4 addresses (default $PROXY_PORT)")
+	portFlag := flag.Int("port", 0, "port to listen on, all IPv4 addresses (default $PROXY_PORT)")
 	allow := flag.String("allow", ".allowed.test", "forward a connection only when its first bytes contain this")
 	mode := flag.String("mode", "goroutine", "goroutine, epoll or hybrid")
 	flag.Parse()
-	port := *listen
+	port := *portFlag
 	if port == 0 {
 		fmt.Sscan(os.Getenv("PROXY_PORT"), &port)
 	}
