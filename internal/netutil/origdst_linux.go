@@ -43,21 +43,7 @@ func OriginalDst(c *net.TCPConn) (netip.AddrPort, error) {
 	}
 	var ap netip.AddrPort
 	var serr error
-	cerr := rc.Control(func(fd uintptr) {
-		if v4 {
-			ap, serr = getOrigDst(int(fd), unix.SOL_IP, soOriginalDst)
-			if serr == nil {
-				return
-			}
-			ap, serr = getOrigDst(int(fd), unix.SOL_IPV6, ip6tSoOriginalDst)
-			return
-		}
-		ap, serr = getOrigDst(int(fd), unix.SOL_IPV6, ip6tSoOriginalDst)
-		if serr == nil {
-			return
-		}
-		ap, serr = getOrigDst(int(fd), unix.SOL_IP, soOriginalDst)
-	})
+	cerr := rc.Control(func(fd uintptr) { ap, serr = OriginalDstFD(int(fd), v4) })
 	if cerr != nil {
 		return netip.AddrPort{}, fmt.Errorf("netutil: original destination: %w", cerr)
 	}
@@ -65,6 +51,22 @@ func OriginalDst(c *net.TCPConn) (netip.AddrPort, error) {
 		return netip.AddrPort{}, serr
 	}
 	return ap, nil
+}
+
+// OriginalDstFD is OriginalDst for a socket's descriptor; v4 says whether
+// its local address is IPv4 (then SO_ORIGINAL_DST is asked first, else
+// IP6T_SO_ORIGINAL_DST).
+func OriginalDstFD(fd int, v4 bool) (netip.AddrPort, error) {
+	if v4 {
+		if ap, err := getOrigDst(fd, unix.SOL_IP, soOriginalDst); err == nil {
+			return ap, nil
+		}
+		return getOrigDst(fd, unix.SOL_IPV6, ip6tSoOriginalDst)
+	}
+	if ap, err := getOrigDst(fd, unix.SOL_IPV6, ip6tSoOriginalDst); err == nil {
+		return ap, nil
+	}
+	return getOrigDst(fd, unix.SOL_IP, soOriginalDst)
 }
 
 // getOrigDst calls getsockopt and decodes the sockaddr_in or sockaddr_in6

@@ -8,22 +8,16 @@ import (
 	"sync"
 
 	"golang.org/x/sys/unix"
+
+	"egressd/internal/netutil"
 )
 
 // The epoll way: every socket is registered once, edge-triggered, for
 // input, output and the peer's half-close, as Go's netpoller registers
 // them; each event moves what can move until a call would block.
 
-// origDst reads SO_ORIGINAL_DST of a redirected IPv4 socket.
-func origDst(fd int) (netip.AddrPort, error) {
-	m, err := unix.GetsockoptIPv6Mreq(fd, unix.SOL_IP, 80 /* SO_ORIGINAL_DST */)
-	if err != nil {
-		return netip.AddrPort{}, err
-	}
-	// a struct sockaddr_in: family, port (big-endian), address
-	a := m.Multiaddr
-	return netip.AddrPortFrom(netip.AddrFrom4([4]byte{a[4], a[5], a[6], a[7]}), uint16(a[2])<<8|uint16(a[3])), nil
-}
+// origDst reads the original destination of a redirected IPv4 socket.
+func origDst(fd int) (netip.AddrPort, error) { return netutil.OriginalDstFD(fd, true) }
 
 func deferAccept(fd int) error {
 	return unix.SetsockoptInt(fd, unix.IPPROTO_TCP, unix.TCP_DEFER_ACCEPT, 1)
