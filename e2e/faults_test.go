@@ -191,7 +191,7 @@ func synFlood(t *testing.T, tp *topo, mode string) {
 		}
 		seen := false
 		for deadline := time.Now().Add(3 * time.Second); !seen && time.Now().Before(deadline); time.Sleep(100 * time.Millisecond) {
-			for _, e := range d.allEvents() {
+			for _, e := range d.eventsWith(fmt.Appendf(nil, `"client_port":%d`, port)) {
 				if e.Kind == "flow" && e.Source == "capture" && e.ClientPort == port && e.Dest == dockerIP4 {
 					seen = true
 				}

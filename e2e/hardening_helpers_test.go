@@ -273,7 +273,12 @@ func (e flowEvent) String() string {
 }
 
 // allEvents reads every event of the event log in the state directory.
-func (d *daemon) allEvents() []flowEvent {
+func (d *daemon) allEvents() []flowEvent { return d.eventsWith(nil) }
+
+// eventsWith is allEvents for the lines that contain needle (all when it
+// is nil): after a flood has filled the log, decoding every line on each
+// poll can take longer than the wait being measured.
+func (d *daemon) eventsWith(needle []byte) []flowEvent {
 	var out []flowEvent
 	files, _ := filepath.Glob(filepath.Join(d.stateDir, "*"))
 	for _, f := range files {
@@ -282,7 +287,7 @@ func (d *daemon) allEvents() []flowEvent {
 			continue
 		}
 		for _, line := range bytes.Split(data, []byte("\n")) {
-			if len(line) == 0 || line[0] != '{' {
+			if len(line) == 0 || line[0] != '{' || needle != nil && !bytes.Contains(line, needle) {
 				continue
 			}
 			var ev flowEvent
