@@ -15,6 +15,7 @@ import (
 	"github.com/gopacket/gopacket/layers"
 
 	"egressd/audit"
+	"egressd/internal/logjson"
 	"egressd/policy"
 )
 
@@ -1111,5 +1112,5 @@ func (c *Capture) logFlow(ev *audit.Event) {
 	if !c.log.Enabled(ctx, level) {
 		return
 	}
-	c.log.LogAttrs(ctx, level, audit.CanonicalMessage, ev.FlowAttrs()...)
+	logjson.Log(ctx, c.log, level, audit.CanonicalMessage, ev.FlowAttrs()...)
 }

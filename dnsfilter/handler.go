@@ -11,6 +11,7 @@ import (
 	"github.com/miekg/dns"
 
 	"egressd/audit"
+	"egressd/internal/logjson"
 	"egressd/policy"
 )
 
@@ -537,7 +538,7 @@ func (s *Server) finish(q *query) {
 		if q.err != nil {
 			attrs = append(attrs, slog.String(audit.LogError, q.err.Error()))
 		}
-		s.log.LogAttrs(ctx, level, audit.CanonicalMessage, attrs...)
+		logjson.Log(ctx, s.log, level, audit.CanonicalMessage, attrs...)
 	}
 	ev := audit.Event{
 		Kind:       audit.KindDNS,

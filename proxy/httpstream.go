@@ -10,6 +10,7 @@ import (
 	"time"
 
 	"egressd/audit"
+	"egressd/internal/logjson"
 	"egressd/policy"
 )
 
@@ -318,5 +319,5 @@ func (p *Proxy) emitRequest(ev audit.Event, err error) {
 	if err != nil {
 		attrs = append(attrs, slog.String(audit.LogError, err.Error()))
 	}
-	p.log.LogAttrs(context.Background(), level, audit.CanonicalMessage, attrs...)
+	logjson.Log(context.Background(), p.log, level, audit.CanonicalMessage, attrs...)
 }

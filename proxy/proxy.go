@@ -17,6 +17,7 @@ import (
 	"golang.org/x/sync/errgroup"
 
 	"egressd/audit"
+	"egressd/internal/logjson"
 	"egressd/internal/netutil"
 	"egressd/policy"
 )
@@ -375,7 +376,7 @@ func (p *Proxy) finish(f *flowRecord) {
 	if f.err != nil {
 		attrs = append(attrs, slog.String(audit.LogError, f.err.Error()))
 	}
-	p.log.LogAttrs(context.Background(), level, audit.CanonicalMessage, attrs...)
+	logjson.Log(context.Background(), p.log, level, audit.CanonicalMessage, attrs...)
 }
 
 // addrPortOf converts a net.Addr of a TCP connection.

@@ -29,6 +29,7 @@ import (
 	"egressd/dnsfilter"
 	"egressd/firewall"
 	"egressd/internal/logbuf"
+	"egressd/internal/logjson"
 	"egressd/internal/sdnotify"
 	"egressd/policy"
 	"egressd/profiles"
@@ -150,7 +151,7 @@ func newLogger(cfg runConfig, w io.Writer) (*slog.Logger, *slog.LevelVar, error)
 	opts := &slog.HandlerOptions{Level: lv}
 	switch cfg.logFormat {
 	case "json":
-		return slog.New(slog.NewJSONHandler(w, opts)), lv, nil
+		return slog.New(logjson.New(w, opts)), lv, nil
 	case "text":
 		return slog.New(slog.NewTextHandler(w, opts)), lv, nil
 	}

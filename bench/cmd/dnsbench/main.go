@@ -17,6 +17,7 @@ import (
 	"egressd/audit"
 	"egressd/dnsfilter"
 	"egressd/internal/logbuf"
+	"egressd/internal/logjson"
 	"egressd/internal/sysmon"
 	"egressd/policy"
 )
@@ -74,7 +75,7 @@ func run(listen, upstream, allow string, noCache bool, logLevel string, readers 
 		}
 		lw := logbuf.New(os.Stderr, 50*time.Millisecond) // batched, as egressd run's
 		defer lw.Close()
-		logger = slog.New(slog.NewJSONHandler(lw, &slog.HandlerOptions{Level: lv}))
+		logger = slog.New(logjson.New(lw, &slog.HandlerOptions{Level: lv}))
 	}
 	cfg := dnsfilter.Config{Listen: []string{listen}, Upstreams: []string{upstream}, ClientRate: -1, UDPReaders: readers, UDPPollReads: pollReads}
 	if noCache {

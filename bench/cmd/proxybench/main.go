@@ -28,6 +28,7 @@ import (
 	"egressd/audit"
 	"egressd/dnsfilter"
 	"egressd/internal/logbuf"
+	"egressd/internal/logjson"
 	"egressd/internal/sysmon"
 	"egressd/policy"
 	"egressd/proxy"
@@ -158,7 +159,7 @@ func main() {
 	var log *slog.Logger
 	switch *logFormat {
 	case "json":
-		log = slog.New(slog.NewJSONHandler(lw, hopts))
+		log = slog.New(logjson.New(lw, hopts))
 	case "text":
 		log = slog.New(slog.NewTextHandler(lw, hopts))
 	default:

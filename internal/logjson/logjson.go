@@ -1,0 +1,295 @@
+// Package logjson is the daemon's JSON log handler: lines byte for byte
+// as log/slog's JSONHandler writes them, built without the standard
+// handler's per-attribute machinery for the kinds egressd's canonical
+// lines carry (strings, integers, booleans, durations, times, finite
+// floats). It sits between the packages that log (dnsfilter, proxy,
+// capture: one canonical line per decision) and the output (logbuf).
+//
+// Every DNS query and every connection writes a line at info, and with
+// the standard handler the line was the largest single cost of a cached
+// DNS answer (about 3 µs: the record, the call stack the logger captures
+// for a source position nobody asked for, and the handler's generic
+// walk). A record this handler cannot write the same way (a group, a
+// LogValuer, an arbitrary value, a float that is not finite, a time
+// outside years 0-9999) goes to a standard JSONHandler made with the same
+// options, so the output never differs from slog's; FuzzSameAsSlog holds
+// the two to that.
+//
+// Log is the fast way in: it skips the record and the call stack when the
+// logger's handler is one of these, and is Logger.LogAttrs otherwise.
+package logjson
+
+import (
+	"context"
+	"io"
+	"log/slog"
+	"math"
+	"strconv"
+	"sync"
+	"time"
+	"unicode/utf8"
+)
+
+// Handler writes JSON lines as slog.JSONHandler does. Make it with New.
+type Handler struct {
+	std   slog.Handler // the standard handler, same output, same attributes and groups
+	level slog.Leveler
+	w     io.Writer
+	mu    *sync.Mutex // shared by the handlers derived from one New
+	pre   []byte      // the attributes of WithAttrs, encoded, each with its leading comma
+	slow  bool        // a group, or an attribute only std can write: always std
+}
+
+// New returns a handler writing to w, like slog.NewJSONHandler(w, opts).
+// Options this handler does not reproduce (ReplaceAttr, AddSource) make
+// it return the standard handler itself.
+func New(w io.Writer, opts *slog.HandlerOptions) slog.Handler {
+	if opts == nil {
+		opts = &slog.HandlerOptions{}
+	}
+	std := slog.NewJSONHandler(w, opts)
+	if opts.ReplaceAttr != nil || opts.AddSource {
+		return std
+	}
+	lv := opts.Level
+	if lv == nil {
+		lv = slog.LevelInfo
+	}
+	return &Handler{std: std, level: lv, w: w, mu: new(sync.Mutex)}
+}
+
+// Enabled reports whether level is at or above the handler's level.
+func (h *Handler) Enabled(_ context.Context, level slog.Level) bool {
+	return level >= h.level.Level()
+}
+
+// WithAttrs returns a handler whose lines carry attrs after the message.
+func (h *Handler) WithAttrs(attrs []slog.Attr) slog.Handler {
+	if len(attrs) == 0 {
+		return h
+	}
+	h2 := *h
+	h2.std = h.std.WithAttrs(attrs)
+	if !h.slow {
+		pre, ok := appendAttrs(append([]byte(nil), h.pre...), attrs)
+		h2.pre, h2.slow = pre, !ok
+	}
+	return &h2
+}
+
+// WithGroup returns a handler that nests later attributes in a group:
+// the standard handler writes its lines (even for an empty name, which it
+// writes as a group named "").
+func (h *Handler) WithGroup(name string) slog.Handler {
+	h2 := *h
+	h2.std = h.std.WithGroup(name)
+	h2.slow = true
+	return &h2
+}
+
+// Handle writes r as one line.
+func (h *Handler) Handle(ctx context.Context, r slog.Record) error {
+	if h.slow {
+		return h.std.Handle(ctx, r)
+	}
+	bp := bufPool.Get().(*[]byte)
+	defer putBuf(bp)
+	b, ok := h.appendHead((*bp)[:0], r.Time, r.Level, r.Message)
+	if ok {
+		r.Attrs(func(a slog.Attr) bool {
+			b, ok = appendAttr(b, a)
+			return ok
+		})
+	}
+	if !ok {
+		return h.std.Handle(ctx, r)
+	}
+	*bp = b
+	return h.write(append(b, '}', '\n'))
+}
+
+// Log writes a line at level with msg and attrs to l, as
+// l.LogAttrs(ctx, level, msg, attrs...) does, but without the source
+// position (no handler of egressd's asks for it) and, when l's handler
+// is a Handler, without a Record.
+func Log(ctx context.Context, l *slog.Logger, level slog.Level, msg string, attrs ...slog.Attr) {
+	if ctx == nil {
+		ctx = context.Background()
+	}
+	h := l.Handler()
+	if !h.Enabled(ctx, level) {
+		return
+	}
+	now := time.Now()
+	if fh, ok := h.(*Handler); ok && !fh.slow {
+		bp := bufPool.Get().(*[]byte)
+		b, ok := fh.appendHead((*bp)[:0], now, level, msg)
+		for i := 0; ok && i < len(attrs); i++ {
+			b, ok = appendAttr(b, attrs[i])
+		}
+		if ok {
+			*bp = b
+			fh.write(append(b, '}', '\n'))
+			putBuf(bp)
+			return
+		}
+		putBuf(bp)
+	}
+	r := slog.NewRecord(now, level, msg, 0)
+	r.AddAttrs(attrs...)
+	_ = h.Handle(ctx, r)
+}
+
+func (h *Handler) write(line []byte) error {
+	h.mu.Lock()
+	defer h.mu.Unlock()
+	_, err := h.w.Write(line)
+	return err
+}
+
+var bufPool = sync.Pool{New: func() any { b := make([]byte, 0, 1024); return &b }}
+
+func putBuf(bp *[]byte) {
+	if cap(*bp) > 16<<10 { // as slog: keep only small buffers
+		return
+	}
+	bufPool.Put(bp)
+}
+
+// appendHead appends the opening brace, time, level, message and the
+// WithAttrs attributes. It reports false for a time slog writes with an
+// error.
+func (h *Handler) appendHead(b []byte, t time.Time, level slog.Level, msg string) ([]byte, bool) {
+	b = append(b, '{')
+	if !t.IsZero() {
+		if y := t.Year(); y < 0 || y >= 10000 {
+			return b, false
+		}
+		b = append(b, `"time":"`...)
+		b = t.Round(0).AppendFormat(b, time.RFC3339Nano)
+		b = append(b, `",`...)
+	}
+	b = append(b, `"level":`...)
+	b = appendString(b, level.String())
+	b = append(b, `,"msg":`...)
+	b = appendString(b, msg)
+	return append(b, h.pre...), true
+}
+
+func appendAttrs(b []byte, attrs []slog.Attr) ([]byte, bool) {
+	ok := true
+	for i := 0; ok && i < len(attrs); i++ {
+		b, ok = appendAttr(b, attrs[i])
+	}
+	return b, ok
+}
+
+// appendAttr appends ,"key":value for the kinds it writes as slog does,
+// nothing for an empty attribute, and reports false for anything else.
+func appendAttr(b []byte, a slog.Attr) ([]byte, bool) {
+	v := a.Value
+	k := v.Kind()
+	if k == slog.KindAny && a.Key == "" && v.Any() == nil {
+		return b, true // slog elides empty attributes
+	}
+	n := len(b)
+	b = append(b, ',')
+	b = appendString(b, a.Key)
+	b = append(b, ':')
+	switch k {
+	case slog.KindString:
+		return appendString(b, v.String()), true
+	case slog.KindInt64:
+		return strconv.AppendInt(b, v.Int64(), 10), true
+	case slog.KindUint64:
+		return strconv.AppendUint(b, v.Uint64(), 10), true
+	case slog.KindBool:
+		return strconv.AppendBool(b, v.Bool()), true
+	case slog.KindDuration:
+		return strconv.AppendInt(b, int64(v.Duration()), 10), true
+	case slog.KindFloat64:
+		f := v.Float64()
+		if math.IsNaN(f) || math.IsInf(f, 0) {
+			return b[:n], false
+		}
+		return appendFloat(b, f), true
+	case slog.KindTime:
+		t := v.Time()
+		if y := t.Year(); y < 0 || y >= 10000 {
+			return b[:n], false
+		}
+		b = append(b, '"')
+		b = t.AppendFormat(b, time.RFC3339Nano)
+		return append(b, '"'), true
+	}
+	return b[:n], false
+}
+
+// appendFloat appends a finite f as encoding/json does, which slog uses
+// for floats.
+func appendFloat(b []byte, f float64) []byte {
+	format := byte('f')
+	if a := math.Abs(f); a != 0 && (a < 1e-6 || a >= 1e21) {
+		format = 'e'
+	}
+	b = strconv.AppendFloat(b, f, format, -1, 64)
+	if format == 'e' {
+		// e-09 to e-9, as encoding/json does.
+		if n := len(b); n >= 4 && b[n-4] == 'e' && b[n-3] == '-' && b[n-2] == '0' {
+			b[n-2] = b[n-1]
+			b = b[:n-1]
+		}
+	}
+	return b
+}
+
+const hexDigits = "0123456789abcdef"
+
+// appendString appends s quoted as slog's JSON handler quotes it: no
+// HTML escaping, control bytes as \n, \r, \t or \u00XX, invalid UTF-8 as
+// \ufffd, U+2028 and U+2029 escaped.
+func appendString(b []byte, s string) []byte {
+	b = append(b, '"')
+	start := 0
+	for i := 0; i < len(s); {
+		c := s[i]
+		if c < utf8.RuneSelf {
+			if c >= 0x20 && c != '"' && c != '\\' {
+				i++
+				continue
+			}
+			b = append(b, s[start:i]...)
+			switch c {
+			case '"', '\\':
+				b = append(b, '\\', c)
+			case '\n':
+				b = append(b, '\\', 'n')
+			case '\r':
+				b = append(b, '\\', 'r')
+			case '\t':
+				b = append(b, '\\', 't')
+			default:
+				b = append(b, '\\', 'u', '0', '0', hexDigits[c>>4], hexDigits[c&0xf])
+			}
+			i++
+			start = i
+			continue
+		}
+		r, size := utf8.DecodeRuneInString(s[i:])
+		switch {
+		case r == utf8.RuneError && size == 1:
+			b = append(b, s[start:i]...)
+			b = append(b, `\ufffd`...)
+		case r == '\u2028' || r == '\u2029':
+			b = append(b, s[start:i]...)
+			b = append(b, '\\', 'u', '2', '0', '2', hexDigits[r&0xf])
+		default:
+			i += size
+			continue
+		}
+		i += size
+		start = i
+	}
+	b = append(b, s[start:]...)
+	return append(b, '"')
+}
