@@ -68,8 +68,8 @@ type lv struct{ s string }
 
 func (v lv) LogValue() slog.Value { return slog.StringValue("lv:" + v.s) }
 
-// check compares this handler's line with slog's for the same record,
-// with and without WithAttrs and WithGroup, through Handle and Log.
+// check compares this handler's lines with slog's for attributes made
+// from fuzz input.
 func check(t *testing.T, data []byte, s1, s2 string) {
 	t.Helper()
 	attrs := attrsFrom(data, s1, s2)
@@ -82,16 +82,25 @@ func check(t *testing.T, data []byte, s1, s2 string) {
 	if len(data) > 0 && data[0]&1 == 1 {
 		tm = time.Time{} // a record without a time
 	}
-	level := slog.Level(len(s2)%13 - 6)
-	for _, g := range []string{"", s1} {
+	compare(t, pre, attrs, tm, slog.Level(len(s2)%13-6), s2, s1)
+}
+
+// compare compares this handler's line with slog's for the same record,
+// with WithAttrs(pre) and with the group (none when ""), through Handle
+// and through Log.
+func compare(t *testing.T, pre, attrs []slog.Attr, tm time.Time, level slog.Level, msg, group string) {
+	t.Helper()
+	for _, g := range []string{"", group} {
 		var got, want bytes.Buffer
 		opts := &slog.HandlerOptions{Level: slog.LevelDebug - 4}
 		var fh, sh slog.Handler = New(&got, opts), slog.NewJSONHandler(&want, opts)
 		if len(pre) > 0 {
 			fh, sh = fh.WithAttrs(pre), sh.WithAttrs(pre)
 		}
-		fh, sh = fh.WithGroup(g), sh.WithGroup(g)
-		r := slog.NewRecord(tm, level, s2, 0)
+		if g != "" {
+			fh, sh = fh.WithGroup(g), sh.WithGroup(g)
+		}
+		r := slog.NewRecord(tm, level, msg, 0)
 		r.AddAttrs(attrs...)
 		fh.Handle(context.Background(), r)
 		sh.Handle(context.Background(), r)
@@ -102,11 +111,11 @@ func check(t *testing.T, data []byte, s1, s2 string) {
 		got.Reset()
 		want.Reset()
 		now := time.Now()
-		Log(context.Background(), slog.New(fh), level, s2, attrs...)
+		Log(context.Background(), slog.New(fh), level, msg, attrs...)
 		after := time.Now()
 		// The time is Log's own: compare the rest, and the time's range.
 		gl := got.String()
-		r = slog.NewRecord(now, level, s2, 0)
+		r = slog.NewRecord(now, level, msg, 0)
 		r.AddAttrs(attrs...)
 		sh.Handle(context.Background(), r)
 		wl := want.String()
@@ -147,6 +156,55 @@ func FuzzSameAsSlog(f *testing.F) {
 		f.Add([]byte{byte(i * 17), byte(i), byte(i*16 + i), byte(i + 16), 0xff, 0x7f, 0x3f, 0x01}, "k", "v")
 	}
 	f.Fuzz(check)
+}
+
+// TestSameAsSlog compares every escape, float form, time and level this
+// handler writes itself, in keys, values and WithAttrs, with slog's.
+func TestSameAsSlog(t *testing.T) {
+	var strs []string
+	for c := 0; c < 0x80; c++ {
+		strs = append(strs, "a"+string(rune(c))+"b")
+	}
+	strs = append(strs, "", "\u2028", "\u2029", "é", "日本", "\xff", "a\xc3", "\xed\xa0\x80", "\U0001F600")
+	var attrs []slog.Attr
+	for i, s := range strs {
+		attrs = append(attrs, slog.String(s, strs[len(strs)-1-i]))
+	}
+	t0 := time.Date(2026, 12, 4, 17, 0, 0, 0, time.UTC)
+	for _, f := range []float64{0, math.Copysign(0, -1), 1, -1.5, 1e-6, 9.99e-7, -1e-7, 1e20, 1e21, -1e21, 1.5e300, 5e-324, 123456789.125, 0.1 + 0.2, 1e-10, 2.5e-9} {
+		attrs = append(attrs, slog.Float64("f", f))
+	}
+	for _, tm := range []time.Time{t0, t0.Add(123456789), t0.Add(100 * time.Millisecond), t0.In(time.FixedZone("x", -9000)), {}, time.Date(9999, 12, 31, 23, 59, 59, 999999999, time.UTC)} {
+		attrs = append(attrs, slog.Time("t", tm))
+	}
+	attrs = append(attrs, slog.Int64("i", math.MinInt64), slog.Int("i", 0), slog.Uint64("u", math.MaxUint64),
+		slog.Bool("b", true), slog.Bool("b", false), slog.Duration("d", -time.Nanosecond), slog.Duration("d", 36*time.Hour))
+	// All of these are written here, not by the standard handler (below).
+	for _, level := range []slog.Level{slog.LevelDebug - 1, slog.LevelDebug, slog.LevelInfo, slog.LevelInfo + 2, slog.LevelWarn, slog.LevelError, slog.LevelError + 5} {
+		for _, tm := range []time.Time{{}, t0, t0.Add(1), t0.In(time.FixedZone("y", 3600+1800))} {
+			compare(t, nil, attrs, tm, level, "decision \"q\"\n", "")
+			compare(t, attrs[:len(attrs)/2], attrs[len(attrs)/2:], tm, level, "m", "")
+		}
+	}
+	// Years slog writes with an error go to the standard handler.
+	attrs = append(attrs, slog.Time("t", time.Date(10000, 1, 1, 0, 0, 0, 0, time.UTC)), slog.Time("t", time.Date(-1, 1, 1, 0, 0, 0, 0, time.UTC)))
+	compare(t, nil, attrs, t0, slog.LevelInfo, "m", "")
+	compare(t, nil, nil, time.Date(10000, 1, 1, 0, 0, 0, 0, time.UTC), slog.LevelInfo, "m", "")
+	// Each attribute alone, so a fallback for one cannot hide another;
+	// and all but the two years are written here.
+	for i := range attrs {
+		compare(t, nil, attrs[i:i+1], t0, slog.LevelInfo, "m", "")
+		compare(t, attrs[i:i+1], nil, t0, slog.LevelInfo, "m", "")
+		if y := attrs[i].Value; y.Kind() == slog.KindTime && (y.Time().Year() < 0 || y.Time().Year() > 9999) {
+			continue
+		}
+		var out bytes.Buffer
+		h := New(&out, nil).(*Handler)
+		h.std = failHandler{t}
+		Log(context.Background(), slog.New(h), slog.LevelInfo, "m", attrs[i])
+		r := slog.NewRecord(t0, slog.LevelInfo, "m", 0)
+		h.WithAttrs(attrs[i : i+1]).Handle(context.Background(), r)
+	}
 }
 
 // TestCanonicalLines checks lines like egressd's: the ones written
