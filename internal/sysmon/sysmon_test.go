@@ -126,30 +126,39 @@ func runHelper(t *testing.T, gd string) map[string]string {
 // system call wakes it but ticks on its own (every 10 ms once backed off),
 // where without it the idle process hardly wakes at all.
 func TestReexec(t *testing.T) {
-	awake := runHelper(t, "madvdontneed=1")
-	if awake["error"] != "" {
-		t.Fatalf("Reexec: %s", awake["error"])
-	}
-	if awake["pid-before"] == "" || awake["pid-before"] != awake["pid-after"] {
-		t.Fatalf("pid before %q and after %q: not the same process run again", awake["pid-before"], awake["pid-after"])
-	}
-	if want := strconv.Quote("madvdontneed=1," + Setting); awake["godebug"] != want {
-		t.Errorf("GODEBUG after Reexec: %s, want %s", awake["godebug"], want)
-	}
+	// The wakeups are counted on a shared machine: a loaded one once woke
+	// the idle process 61 times without the setting against 82 with it.
+	// The counts are taken again, up to three times, before the test
+	// fails; without the setting's effect every try fails.
+	var tries []string
+	for try := 1; try <= 3; try++ {
+		awake := runHelper(t, "madvdontneed=1")
+		if awake["error"] != "" {
+			t.Fatalf("Reexec: %s", awake["error"])
+		}
+		if awake["pid-before"] == "" || awake["pid-before"] != awake["pid-after"] {
+			t.Fatalf("pid before %q and after %q: not the same process run again", awake["pid-before"], awake["pid-after"])
+		}
+		if want := strconv.Quote("madvdontneed=1," + Setting); awake["godebug"] != want {
+			t.Fatalf("GODEBUG after Reexec: %s, want %s", awake["godebug"], want)
+		}
 
-	deep := runHelper(t, "schedtrace=0")
-	if deep["error"] != "" || deep["godebug"] != `"schedtrace=0"` {
-		t.Errorf("with schedtrace=0: error %q, GODEBUG %s; want no exec and GODEBUG unchanged", deep["error"], deep["godebug"])
-	}
+		deep := runHelper(t, "schedtrace=0")
+		if deep["error"] != "" || deep["godebug"] != `"schedtrace=0"` {
+			t.Fatalf("with schedtrace=0: error %q, GODEBUG %s; want no exec and GODEBUG unchanged", deep["error"], deep["godebug"])
+		}
 
-	wa, _ := strconv.Atoi(awake["wakeups"])
-	wd, _ := strconv.Atoi(deep["wakeups"])
-	t.Logf("thread wakeups in 1 s idle: %d with %s, %d with schedtrace=0", wa, Setting, wd)
-	// At its 10 ms tick sysmon wakes about 100 times a second (53 or 54 in
-	// 500 ms, in every trial run here); in deep sleep it sleeps until the
-	// runtime's next timer, and the idle process's threads woke 12-26
-	// times in 500 ms.
-	if wa < 60 || 3*wd > 2*wa {
-		t.Errorf("idle wakeups in 1 s: %d with %s, %d without: want sysmon's 10 ms tick with it (at least 60) and fewer than two thirds as many without", wa, Setting, wd)
+		wa, _ := strconv.Atoi(awake["wakeups"])
+		wd, _ := strconv.Atoi(deep["wakeups"])
+		t.Logf("try %d: thread wakeups in 1 s idle: %d with %s, %d with schedtrace=0", try, wa, Setting, wd)
+		// At its 10 ms tick sysmon wakes about 100 times a second (53 or
+		// 54 in 500 ms, in every trial run here); in deep sleep it sleeps
+		// until the runtime's next timer, and the idle process's threads
+		// woke 12-26 times in 500 ms.
+		if wa >= 60 && 3*wd <= 2*wa {
+			return
+		}
+		tries = append(tries, fmt.Sprintf("%d with, %d without", wa, wd))
 	}
+	t.Errorf("idle wakeups in 1 s: %s: want sysmon's 10 ms tick with %s (at least 60) and fewer than two thirds as many without", strings.Join(tries, "; "), Setting)
 }
