@@ -203,7 +203,7 @@ func TestSameAsSlog(t *testing.T) {
 		h.std = failHandler{t}
 		Log(context.Background(), slog.New(h), slog.LevelInfo, "m", attrs[i])
 		r := slog.NewRecord(t0, slog.LevelInfo, "m", 0)
-		h.WithAttrs(attrs[i : i+1]).Handle(context.Background(), r)
+		h.WithAttrs(attrs[i:i+1]).Handle(context.Background(), r)
 	}
 }
 
