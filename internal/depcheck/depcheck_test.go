@@ -10,14 +10,15 @@ import (
 // indirect) and checks them against what it may use.
 func TestDependencyDirection(t *testing.T) {
 	allowed := map[string][]string{
-		"egressd/policy":    {},
-		"egressd/profiles":  {},
-		"egressd/audit":     {"egressd/policy"},
-		"egressd/admin":     {"egressd/policy", "egressd/audit"},
-		"egressd/dnsfilter": {"egressd/policy", "egressd/audit"},
-		"egressd/proxy":     {"egressd/policy", "egressd/audit", "egressd/internal/netutil"},
-		"egressd/capture":   {"egressd/policy", "egressd/audit"},
-		"egressd/firewall":  {"egressd/policy", "egressd/audit"},
+		"egressd/policy":           {},
+		"egressd/internal/logjson": {},
+		"egressd/profiles":         {},
+		"egressd/audit":            {"egressd/policy"},
+		"egressd/admin":            {"egressd/policy", "egressd/audit"},
+		"egressd/dnsfilter":        {"egressd/policy", "egressd/audit", "egressd/internal/logjson"},
+		"egressd/proxy":            {"egressd/policy", "egressd/audit", "egressd/internal/netutil", "egressd/internal/logjson"},
+		"egressd/capture":          {"egressd/policy", "egressd/audit", "egressd/internal/logjson"},
+		"egressd/firewall":         {"egressd/policy", "egressd/audit"},
 	}
 	for pkg, ok := range allowed {
 		out, err := exec.Command("go", "list", "-deps", "-f", "{{.ImportPath}}", pkg).Output()
