@@ -34,11 +34,15 @@ const (
 	CanonicalMessage = "decision"
 )
 
-// FlowAttrs returns the attributes of the canonical line of a flow event,
-// with the keys above, so that the proxy's and capture's lines read alike.
-// Callers append what only they know (the listener, an error).
-func (e *Event) FlowAttrs() []slog.Attr {
-	attrs := make([]slog.Attr, 0, 20)
+// FlowAttrsMax is the most attributes AppendFlowAttrs appends.
+const FlowAttrsMax = 17
+
+// AppendFlowAttrs appends the attributes of the canonical line of a flow
+// event to attrs, with the keys above, so that the proxy's and capture's
+// lines read alike. Callers append what only they know (the listener, an
+// error); with an array of their own as attrs (FlowAttrsMax and room for
+// theirs), the line allocates no slice.
+func (e *Event) AppendFlowAttrs(attrs []slog.Attr) []slog.Attr {
 	attrs = append(attrs, slog.String(LogClient, e.Client.String()))
 	if e.ClientMAC != "" {
 		attrs = append(attrs, slog.String(LogClientMAC, e.ClientMAC))

@@ -1112,5 +1112,6 @@ func (c *Capture) logFlow(ev *audit.Event) {
 	if !c.log.Enabled(ctx, level) {
 		return
 	}
-	logjson.Log(ctx, c.log, level, audit.CanonicalMessage, ev.FlowAttrs()...)
+	var buf [audit.FlowAttrsMax]slog.Attr
+	logjson.Log(ctx, c.log, level, audit.CanonicalMessage, ev.AppendFlowAttrs(buf[:0])...)
 }

@@ -315,7 +315,8 @@ func (p *Proxy) emitRequest(ev audit.Event, err error) {
 	if !p.log.Enabled(context.Background(), level) {
 		return
 	}
-	attrs := append(ev.FlowAttrs(), slog.String("listener", "transparent"), slog.String("kind", string(ev.Kind)))
+	var buf [audit.FlowAttrsMax + 3]slog.Attr
+	attrs := append(ev.AppendFlowAttrs(buf[:0]), slog.String("listener", "transparent"), slog.String("kind", string(ev.Kind)))
 	if err != nil {
 		attrs = append(attrs, slog.String(audit.LogError, err.Error()))
 	}

@@ -372,7 +372,8 @@ func (p *Proxy) finish(f *flowRecord) {
 	if !p.log.Enabled(context.Background(), level) {
 		return
 	}
-	attrs := append(ev.FlowAttrs(), slog.String("listener", f.listener))
+	var buf [audit.FlowAttrsMax + 2]slog.Attr
+	attrs := append(ev.AppendFlowAttrs(buf[:0]), slog.String("listener", f.listener))
 	if f.err != nil {
 		attrs = append(attrs, slog.String(audit.LogError, f.err.Error()))
 	}

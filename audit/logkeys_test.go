@@ -1,0 +1,36 @@
+package audit
+
+import (
+	"log/slog"
+	"net/netip"
+	"testing"
+)
+
+// TestAppendFlowAttrs: with every optional field set, a flow line has
+// FlowAttrsMax attributes (the callers' arrays are sized by it), appended
+// after what the slice held.
+func TestAppendFlowAttrs(t *testing.T) {
+	ev := Event{Kind: KindFlow, Client: netip.MustParseAddr("192.0.2.10"), ClientMAC: "aa:bb:cc:dd:ee:ff",
+		Dest: netip.MustParseAddr("198.51.100.7"), DestPort: 443, Proto: "tcp", Name: "www.allowed.test",
+		NameSource: NameSNI, Path: "/x", Verdict: "allow", Rule: "r", Mode: "audit", BytesOut: 1, BytesIn: 2,
+		Duration: 0.5, Close: "eof"}
+	first := slog.String("first", "kept")
+	got := ev.AppendFlowAttrs([]slog.Attr{first})
+	if len(got) != 1+FlowAttrsMax {
+		t.Fatalf("%d attributes, want 1 + FlowAttrsMax (%d): %v", len(got), FlowAttrsMax, got)
+	}
+	if !got[0].Equal(first) || got[1].Key != LogClient || got[1].Value.String() != "192.0.2.10" || got[len(got)-1].Key != LogClose {
+		t.Fatalf("attributes: %v", got)
+	}
+	seen := map[string]bool{}
+	for _, a := range got[1:] {
+		if seen[a.Key] {
+			t.Fatalf("key %q twice: %v", a.Key, got)
+		}
+		seen[a.Key] = true
+	}
+	ev.ClientMAC, ev.Path = "", ""
+	if n := len(ev.AppendFlowAttrs(nil)); n != FlowAttrsMax-2 {
+		t.Fatalf("without MAC and path: %d attributes, want %d", n, FlowAttrsMax-2)
+	}
+}
