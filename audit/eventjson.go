@@ -6,7 +6,8 @@ import (
 	"net/netip"
 	"strconv"
 	"time"
-	"unicode/utf8"
+
+	"egressd/internal/jsonenc"
 )
 
 // appendJSON appends ev as one line of the journal: the bytes that
@@ -18,9 +19,9 @@ import (
 // is). The readers still decode with encoding/json.
 func (ev *Event) appendJSON(b []byte) ([]byte, error) {
 	b = append(b, `{"kind":`...)
-	b = appendJSONString(b, string(ev.Kind))
+	b = jsonenc.AppendStringHTML(b, string(ev.Kind))
 	b = append(b, `,"source":`...)
-	b = appendJSONString(b, string(ev.Source))
+	b = jsonenc.AppendStringHTML(b, string(ev.Source))
 	b = append(b, `,"time":`...)
 	if y := ev.Time.Year(); y < 0 || y >= 10000 {
 		return b, errEventTime
@@ -47,15 +48,15 @@ func (ev *Event) appendJSON(b []byte) ([]byte, error) {
 		b = strconv.AppendUint(b, uint64(ev.DestPort), 10)
 	}
 	b = append(b, `,"proto":`...)
-	b = appendJSONString(b, ev.Proto)
+	b = jsonenc.AppendStringHTML(b, ev.Proto)
 	b = appendStringField(b, `,"name":`, ev.Name)
 	b = appendStringField(b, `,"name_source":`, string(ev.NameSource))
 	b = appendStringField(b, `,"path":`, ev.Path)
 	b = append(b, `,"verdict":`...)
-	b = appendJSONString(b, string(ev.Verdict))
+	b = jsonenc.AppendStringHTML(b, string(ev.Verdict))
 	b = appendStringField(b, `,"rule":`, ev.Rule)
 	b = append(b, `,"mode":`...)
-	b = appendJSONString(b, string(ev.Mode))
+	b = jsonenc.AppendStringHTML(b, string(ev.Mode))
 	b = appendStringField(b, `,"reason":`, ev.Reason)
 	if ev.Enforced {
 		b = append(b, `,"enforced":true`...)
@@ -102,7 +103,7 @@ func appendAddr(b []byte, a netip.Addr) []byte {
 	case !a.IsValid():
 		return append(b, `""`...)
 	case a.Zone() != "":
-		return appendJSONString(b, a.String())
+		return jsonenc.AppendStringHTML(b, a.String())
 	}
 	b = append(b, '"')
 	b = a.AppendTo(b)
@@ -114,7 +115,7 @@ func appendStringField(b []byte, key, s string) []byte {
 	if s == "" {
 		return b
 	}
-	return appendJSONString(append(b, key...), s)
+	return jsonenc.AppendStringHTML(append(b, key...), s)
 }
 
 // appendFloatField appends key and f unless f is 0 (omitempty), in
@@ -126,75 +127,5 @@ func appendFloatField(b []byte, key string, f float64) ([]byte, error) {
 	if math.IsNaN(f) || math.IsInf(f, 0) {
 		return b, errEventFloat
 	}
-	b = append(b, key...)
-	format := byte('f')
-	if a := math.Abs(f); a < 1e-6 || a >= 1e21 {
-		format = 'e'
-	}
-	b = strconv.AppendFloat(b, f, format, -1, 64)
-	if format == 'e' {
-		// e-09 to e-9, as encoding/json does.
-		if n := len(b); n >= 4 && b[n-4] == 'e' && b[n-3] == '-' && b[n-2] == '0' {
-			b[n-2] = b[n-1]
-			b = b[:n-1]
-		}
-	}
-	return b, nil
-}
-
-const hexDigits = "0123456789abcdef"
-
-// appendJSONString appends s quoted as encoding/json quotes strings with
-// HTML escaping on (json.Encoder's default): <, > and & as \u00XX, invalid
-// UTF-8 as U+FFFD, U+2028 and U+2029 escaped.
-func appendJSONString(b []byte, s string) []byte {
-	b = append(b, '"')
-	start := 0
-	for i := 0; i < len(s); {
-		c := s[i]
-		if c < utf8.RuneSelf {
-			if c >= 0x20 && c != '"' && c != '\\' && c != '<' && c != '>' && c != '&' {
-				i++
-				continue
-			}
-			b = append(b, s[start:i]...)
-			switch c {
-			case '"', '\\':
-				b = append(b, '\\', c)
-			case '\b':
-				b = append(b, '\\', 'b')
-			case '\f':
-				b = append(b, '\\', 'f')
-			case '\n':
-				b = append(b, '\\', 'n')
-			case '\r':
-				b = append(b, '\\', 'r')
-			case '\t':
-				b = append(b, '\\', 't')
-			default:
-				b = append(b, '\\', 'u', '0', '0', hexDigits[c>>4], hexDigits[c&0xf])
-			}
-			i++
-			start = i
-			continue
-		}
-		r, size := utf8.DecodeRuneInString(s[i:])
-		if r == utf8.RuneError && size == 1 {
-			b = append(b, s[start:i]...)
-			b = append(b, `\ufffd`...)
-			i += size
-			start = i
-			continue
-		}
-		if r == '\u2028' || r == '\u2029' {
-			b = append(b, s[start:i]...)
-			b = append(b, '\\', 'u', '2', '0', '2', hexDigits[r&0xf])
-			i += size
-			start = i
-			continue
-		}
-		i += size
-	}
-	b = append(b, s[start:]...)
-	return append(b, '"')
+	return jsonenc.AppendFloat(append(b, key...), f), nil
 }

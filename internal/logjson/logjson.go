@@ -27,7 +27,8 @@ import (
 	"strconv"
 	"sync"
 	"time"
-	"unicode/utf8"
+
+	"egressd/internal/jsonenc"
 )
 
 // Handler writes JSON lines as slog.JSONHandler does. Make it with New.
@@ -170,9 +171,9 @@ func (h *Handler) appendHead(b []byte, t time.Time, level slog.Level, msg string
 		b = append(b, `",`...)
 	}
 	b = append(b, `"level":`...)
-	b = appendString(b, level.String())
+	b = jsonenc.AppendString(b, level.String())
 	b = append(b, `,"msg":`...)
-	b = appendString(b, msg)
+	b = jsonenc.AppendString(b, msg)
 	return append(b, h.pre...), true
 }
 
@@ -194,11 +195,11 @@ func appendAttr(b []byte, a slog.Attr) ([]byte, bool) {
 	}
 	n := len(b)
 	b = append(b, ',')
-	b = appendString(b, a.Key)
+	b = jsonenc.AppendString(b, a.Key)
 	b = append(b, ':')
 	switch k {
 	case slog.KindString:
-		return appendString(b, v.String()), true
+		return jsonenc.AppendString(b, v.String()), true
 	case slog.KindInt64:
 		return strconv.AppendInt(b, v.Int64(), 10), true
 	case slog.KindUint64:
@@ -212,7 +213,7 @@ func appendAttr(b []byte, a slog.Attr) ([]byte, bool) {
 		if math.IsNaN(f) || math.IsInf(f, 0) {
 			return b[:n], false
 		}
-		return appendFloat(b, f), true
+		return jsonenc.AppendFloat(b, f), true
 	case slog.KindTime:
 		t := v.Time()
 		if y := t.Year(); y < 0 || y >= 10000 {
@@ -223,82 +224,4 @@ func appendAttr(b []byte, a slog.Attr) ([]byte, bool) {
 		return append(b, '"'), true
 	}
 	return b[:n], false
-}
-
-// appendFloat appends a finite f as encoding/json does, which slog uses
-// for floats.
-func appendFloat(b []byte, f float64) []byte {
-	format := byte('f')
-	if a := math.Abs(f); a != 0 && (a < 1e-6 || a >= 1e21) {
-		format = 'e'
-	}
-	b = strconv.AppendFloat(b, f, format, -1, 64)
-	if format == 'e' {
-		// e-09 to e-9, as encoding/json does.
-		if n := len(b); n >= 4 && b[n-4] == 'e' && b[n-3] == '-' && b[n-2] == '0' {
-			b[n-2] = b[n-1]
-			b = b[:n-1]
-		}
-	}
-	return b
-}
-
-const hexDigits = "0123456789abcdef"
-
-// plain holds the bytes appendString copies as they are: ASCII from
-// space on, except the quote and the backslash.
-var plain = func() (t [256]bool) {
-	for c := 0x20; c < utf8.RuneSelf; c++ {
-		t[c] = c != '"' && c != '\\'
-	}
-	return t
-}()
-
-// appendString appends s quoted as slog's JSON handler quotes it: no
-// HTML escaping, control bytes as \n, \r, \t or \u00XX, invalid UTF-8 as
-// \ufffd, U+2028 and U+2029 escaped.
-func appendString(b []byte, s string) []byte {
-	b = append(b, '"')
-	start := 0
-	for i := 0; i < len(s); {
-		c := s[i]
-		if plain[c] {
-			i++
-			continue
-		}
-		if c < utf8.RuneSelf {
-			b = append(b, s[start:i]...)
-			switch c {
-			case '"', '\\':
-				b = append(b, '\\', c)
-			case '\n':
-				b = append(b, '\\', 'n')
-			case '\r':
-				b = append(b, '\\', 'r')
-			case '\t':
-				b = append(b, '\\', 't')
-			default:
-				b = append(b, '\\', 'u', '0', '0', hexDigits[c>>4], hexDigits[c&0xf])
-			}
-			i++
-			start = i
-			continue
-		}
-		r, size := utf8.DecodeRuneInString(s[i:])
-		switch {
-		case r == utf8.RuneError && size == 1:
-			b = append(b, s[start:i]...)
-			b = append(b, `\ufffd`...)
-		case r == '\u2028' || r == '\u2029':
-			b = append(b, s[start:i]...)
-			b = append(b, '\\', 'u', '2', '0', '2', hexDigits[r&0xf])
-		default:
-			i += size
-			continue
-		}
-		i += size
-		start = i
-	}
-	b = append(b, s[start:]...)
-	return append(b, '"')
 }
