@@ -15,8 +15,9 @@
 // options, so the output never differs from slog's; FuzzSameAsSlog holds
 // the two to that.
 //
-// Log is the fast way in: it skips the record and the call stack when the
-// logger's handler is one of these, and is Logger.LogAttrs otherwise.
+// Log is the fast way in: it never captures the call stack (no handler
+// here asks for a source position), and when the logger's handler is one
+// of these it builds no Record either.
 package logjson
 
 import (
@@ -125,8 +126,8 @@ func Log(ctx context.Context, l *slog.Logger, level slog.Level, msg string, attr
 	if fh, ok := h.(*Handler); ok && !fh.slow {
 		bp := bufPool.Get().(*[]byte)
 		b, ok := fh.appendHead((*bp)[:0], now, level, msg)
-		for i := 0; ok && i < len(attrs); i++ {
-			b, ok = appendAttr(b, attrs[i])
+		if ok {
+			b, ok = appendAttrs(b, attrs)
 		}
 		if ok {
 			*bp = b
