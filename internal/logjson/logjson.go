@@ -36,10 +36,23 @@ import (
 type Handler struct {
 	std   slog.Handler // the standard handler, same output, same attributes and groups
 	level slog.Leveler
-	w     io.Writer
-	mu    *sync.Mutex // shared by the handlers derived from one New
-	pre   []byte      // the attributes of WithAttrs, encoded, each with its leading comma
-	slow  bool        // a group, or an attribute only std can write: always std
+	w     *lockedWriter // shared by the handlers derived from one New, and by std
+	pre   []byte        // the attributes of WithAttrs, encoded, each with its leading comma
+	slow  bool          // a group, or an attribute only std can write: always std
+}
+
+// lockedWriter serializes the lines of this handler and of the standard
+// one it falls back to, so that a writer that is not safe for concurrent
+// use (a bytes.Buffer in a test) sees one line at a time, as with slog.
+type lockedWriter struct {
+	mu sync.Mutex
+	w  io.Writer
+}
+
+func (l *lockedWriter) Write(p []byte) (int, error) {
+	l.mu.Lock()
+	defer l.mu.Unlock()
+	return l.w.Write(p)
 }
 
 // New returns a handler writing to w, like slog.NewJSONHandler(w, opts).
@@ -49,15 +62,15 @@ func New(w io.Writer, opts *slog.HandlerOptions) slog.Handler {
 	if opts == nil {
 		opts = &slog.HandlerOptions{}
 	}
-	std := slog.NewJSONHandler(w, opts)
 	if opts.ReplaceAttr != nil || opts.AddSource {
-		return std
+		return slog.NewJSONHandler(w, opts)
 	}
 	lv := opts.Level
 	if lv == nil {
 		lv = slog.LevelInfo
 	}
-	return &Handler{std: std, level: lv, w: w, mu: new(sync.Mutex)}
+	lw := &lockedWriter{w: w}
+	return &Handler{std: slog.NewJSONHandler(lw, opts), level: lv, w: lw}
 }
 
 // Enabled reports whether level is at or above the handler's level.
@@ -143,8 +156,6 @@ func Log(ctx context.Context, l *slog.Logger, level slog.Level, msg string, attr
 }
 
 func (h *Handler) write(line []byte) error {
-	h.mu.Lock()
-	defer h.mu.Unlock()
 	_, err := h.w.Write(line)
 	return err
 }

@@ -4,6 +4,7 @@ import (
 	"bytes"
 	"context"
 	"encoding/binary"
+	"encoding/json"
 	"errors"
 	"log/slog"
 	"math"
@@ -285,3 +286,39 @@ func BenchmarkCanonicalLine(b *testing.B) {
 type discard struct{}
 
 func (discard) Write(p []byte) (int, error) { return len(p), nil }
+
+// TestConcurrentLines: lines written at once by several goroutines, some
+// by this handler and some by the standard one it falls back to, reach a
+// writer that is not safe for concurrent use one whole line at a time
+// (the race detector watches the buffer).
+func TestConcurrentLines(t *testing.T) {
+	var out bytes.Buffer
+	l := slog.New(New(&out, nil)).With("component", "test")
+	const goroutines, lines = 4, 200
+	done := make(chan struct{})
+	for g := 0; g < goroutines; g++ {
+		go func() {
+			defer func() { done <- struct{}{} }()
+			for i := 0; i < lines; i++ {
+				if i%2 == 0 {
+					Log(context.Background(), l, slog.LevelInfo, "fast", slog.Int("i", i))
+				} else {
+					Log(context.Background(), l, slog.LevelInfo, "slow", slog.Any("v", []int{i}))
+				}
+			}
+		}()
+	}
+	for g := 0; g < goroutines; g++ {
+		<-done
+	}
+	got := strings.Split(strings.TrimSuffix(out.String(), "\n"), "\n")
+	if len(got) != goroutines*lines {
+		t.Fatalf("%d lines, want %d", len(got), goroutines*lines)
+	}
+	for _, line := range got {
+		var m map[string]any
+		if err := json.Unmarshal([]byte(line), &m); err != nil || m["component"] != "test" {
+			t.Fatalf("line %q: %v", line, err)
+		}
+	}
+}
