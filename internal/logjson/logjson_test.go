@@ -8,6 +8,7 @@ import (
 	"errors"
 	"log/slog"
 	"math"
+	"strconv"
 	"strings"
 	"testing"
 	"time"
@@ -87,26 +88,31 @@ func check(t *testing.T, data []byte, s1, s2 string) {
 }
 
 // compare compares this handler's line with slog's for the same record,
-// with WithAttrs(pre) and with the group (none when ""), through Handle
-// and through Log.
+// with WithAttrs(pre), without and with WithGroup(group) (an empty name
+// too: slog's handler writes it as a group named ""), through Handle and
+// through Log.
 func compare(t *testing.T, pre, attrs []slog.Attr, tm time.Time, level slog.Level, msg, group string) {
 	t.Helper()
-	for _, g := range []string{"", group} {
+	for _, grouped := range []bool{false, true} {
+		g := "none"
+		if grouped {
+			g = strconv.Quote(group)
+		}
 		var got, want bytes.Buffer
 		opts := &slog.HandlerOptions{Level: slog.LevelDebug - 4}
 		var fh, sh slog.Handler = New(&got, opts), slog.NewJSONHandler(&want, opts)
 		if len(pre) > 0 {
 			fh, sh = fh.WithAttrs(pre), sh.WithAttrs(pre)
 		}
-		if g != "" {
-			fh, sh = fh.WithGroup(g), sh.WithGroup(g)
+		if grouped {
+			fh, sh = fh.WithGroup(group), sh.WithGroup(group)
 		}
 		r := slog.NewRecord(tm, level, msg, 0)
 		r.AddAttrs(attrs...)
 		fh.Handle(context.Background(), r)
 		sh.Handle(context.Background(), r)
 		if got.String() != want.String() {
-			t.Fatalf("Handle, group %q:\n got %s\nwant %s", g, got.String(), want.String())
+			t.Fatalf("Handle, group %s:\n got %s\nwant %s", g, got.String(), want.String())
 		}
 
 		got.Reset()
@@ -123,7 +129,7 @@ func compare(t *testing.T, pre, attrs []slog.Attr, tm time.Time, level slog.Leve
 		gt, grest := cutTime(t, gl)
 		_, wrest := cutTime(t, wl)
 		if grest != wrest {
-			t.Fatalf("Log, group %q:\n got %s\nwant %s", g, gl, wl)
+			t.Fatalf("Log, group %s:\n got %s\nwant %s", g, gl, wl)
 		}
 		if gt.Before(now.Truncate(0)) || gt.After(after) {
 			t.Fatalf("Log: time %v outside [%v, %v]", gt, now, after)
