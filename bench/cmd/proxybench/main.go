@@ -86,6 +86,7 @@ func main() {
 	blockProfile := flag.String("blockprofile", "", "write a block profile (every blocking event) at exit to this file")
 	mutexProfile := flag.String("mutexprofile", "", "write a mutex contention profile at exit to this file")
 	memProfile := flag.String("memprofile", "", "write an allocation profile (every allocation since the start, sampled) at exit to this file")
+	metricsOut := flag.String("metrics", "", "write the proxy's metrics (Prometheus text format) at exit to this file")
 	flag.Parse()
 	for _, pf := range []struct{ name, file string }{{"block", *blockProfile}, {"mutex", *mutexProfile}, {"allocs", *memProfile}} {
 		if pf.file == "" {
@@ -185,6 +186,7 @@ func main() {
 		defer j.Close()
 		sink = j
 	}
+	reg := prometheus.NewRegistry()
 	p, err := proxy.New(proxy.Config{
 		TransparentAddr:   *transparent,
 		ExplicitAddr:      *explicit,
@@ -195,12 +197,19 @@ func main() {
 		Sink:       sink,
 		Logger:     log,
 		Resolver:   res,
-		Registerer: prometheus.NewRegistry(),
+		Registerer: reg,
 		DNS:        dnsfilter.NewTable(0), // empty: the bench client resolves from a hosts file, so every SNI is vouched by lookup
 	})
 	if err != nil {
 		fmt.Fprintln(os.Stderr, "proxybench:", err)
 		os.Exit(1)
+	}
+	if *metricsOut != "" {
+		defer func() {
+			if err := prometheus.WriteToTextfile(*metricsOut, reg); err != nil {
+				fmt.Fprintln(os.Stderr, "proxybench:", err)
+			}
+		}()
 	}
 	ctx, stop := signal.NotifyContext(context.Background(), syscall.SIGINT, syscall.SIGTERM)
 	defer stop()
