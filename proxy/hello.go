@@ -103,6 +103,7 @@ type clientHello struct {
 	ServerName string // the (outer) SNI, "" when absent
 	ECH        bool   // an encrypted_client_hello extension is present (real or GREASE)
 	ALPN       []string
+	Fast       bool // parseHelloFast read it, not crypto/tls (readClientHello sets it)
 }
 
 // Extension numbers.
@@ -114,33 +115,58 @@ const (
 // readClientHello reads the ClientHello from rc (the bytes rc already
 // recorded, then the connection). It returns errDuplicateSNI,
 // errHelloTooLarge, errHelloMalformed or the read error (a timeout, EOF).
+// ch.Fast tells which parser read it.
 //
-// Fast path: when the recorded bytes already hold the whole hello (the
-// common case: it arrives in the first read), parseHelloFast parses it in
-// place, without crypto/tls, for a fraction of the cost (compare
-// BenchmarkReadClientHello and BenchmarkReadClientHelloTLS). It takes only
-// hellos it validates at least as strictly as crypto/tls does up to the
-// point where readClientHelloTLS's hook runs, and reports false for
-// everything else (an incomplete hello, an extension it does not know, an
-// unusual server name, any error); those go to readClientHelloTLS
-// unchanged, so crypto/tls still decides every error and its
-// classification. A hello the fast path takes is therefore one crypto/tls
-// takes too, with the same ServerName, ALPN list and ECH flag: no parser
-// differential on the SNI (THREATS.md A5). FuzzHelloFastAgreesWithCryptoTLS
-// and the TestHelloFast tests check that against the crypto/tls of the
-// toolchain in use; rerun the fuzz target when the Go version changes. The
-// fast path reads nothing and leaves the recording as it is.
+// Fast path: when the recorded bytes hold the whole hello (the common
+// case: it arrives in the first read), parseHelloFast parses it in place,
+// without crypto/tls, for a fraction of the cost (compare
+// BenchmarkReadClientHello and BenchmarkReadClientHelloTLS). A hello of
+// more than one TCP segment (a post-quantum key share makes it about
+// 1.8 KB) may be cut by that read; while the recording is a well-framed
+// start of one that helloShort says is not all there, readClientHello
+// reads what has arrived (rc.fill, within the connection's read deadline
+// and rc.max) and parses again, at most maxHelloFills times. A read that
+// fails leaves the rest to readClientHelloTLS, which meets the same error
+// (the deadline has passed, the cap is reached, the stream has ended) and
+// classifies it as before. Everything read is recorded, for the replay.
+//
+// The fast path takes only hellos it validates at least as strictly as
+// crypto/tls does up to the point where readClientHelloTLS's hook runs,
+// and reports false for everything else (an extension it does not know,
+// an unusual server name, odd framing, any error); those go to
+// readClientHelloTLS unchanged, so crypto/tls still decides every error
+// and its classification. A hello the fast path takes is therefore one
+// crypto/tls takes too, with the same ServerName, ALPN list and ECH flag:
+// no parser differential on the SNI (THREATS.md A5).
+// FuzzHelloFastAgreesWithCryptoTLS and the TestHelloFast tests check that
+// against the crypto/tls of the toolchain in use; rerun the fuzz target
+// when the Go version changes.
 func readClientHello(rc *recorder) (ch clientHello, err error) {
 	defer func() {
 		if r := recover(); r != nil { // neither parser may panic; if one does, fail closed
 			ch, err = clientHello{}, fmt.Errorf("%w: panic: %v", errHelloMalformed, r)
 		}
 	}()
-	if fast, ok := parseHelloFast(rc.buf); ok {
+	fast, ok := parseHelloFast(rc.buf)
+	for i := 0; !ok && i < maxHelloFills && len(rc.buf) < rc.max && helloShort(rc.buf); i++ {
+		if rc.fill(len(rc.buf)+1) != nil {
+			break // crypto/tls meets the error again and classifies it
+		}
+		fast, ok = parseHelloFast(rc.buf)
+	}
+	if ok {
+		fast.Fast = true
 		return fast, nil
 	}
 	return readClientHelloTLS(rc)
 }
+
+// maxHelloFills bounds the reads readClientHello makes for the fast path
+// after the first: enough for a 16 KB hello read a 1448-byte segment at a
+// time, few enough that a client dribbling its hello a byte per segment
+// does not make the proxy rescan the recording once per byte (past the
+// bound, crypto/tls reads the rest, as it reads any other hello).
+const maxHelloFills = 16
 
 // readClientHelloTLS lets crypto/tls parse the ClientHello from rc (after
 // the bytes rc already recorded): it starts a server handshake over a replay

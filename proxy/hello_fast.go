@@ -111,6 +111,77 @@ func helloMessage(b []byte) ([]byte, bool) {
 	}
 }
 
+// helloShort reports whether b is the start of records helloMessage would
+// take, cut short: more bytes can complete the first handshake message (a
+// record header, a record body or a following record is missing). It
+// reports false when the message is complete in b and when nothing
+// appended to b can make helloMessage take it (a record or handshake
+// header it rejects, a record ending past the message). It reads only
+// headers, never allocates and never panics.
+func helloShort(b []byte) bool {
+	var (
+		hdr  [4]byte // the handshake header, its first known bytes
+		seen int     // handshake bytes in b
+		end  int     // handshake bytes once the current record is complete
+	)
+	// fits reports whether a ClientHello that starts with the known header
+	// bytes can be long enough for its records to end at end.
+	fits := func() bool {
+		k := min(seen, len(hdr))
+		if k >= 1 && hdr[0] != typeClientHello {
+			return false
+		}
+		lo, hi := 0, 0 // the message length, unknown bytes 0 or 0xff
+		for i := 1; i < len(hdr); i++ {
+			lo, hi = lo<<8, hi<<8|0xff
+			if i < k {
+				lo, hi = lo|int(hdr[i]), hi&^0xff|int(hdr[i])
+			}
+		}
+		return lo <= maxHelloMessage && min(hi, maxHelloMessage) >= end-len(hdr)
+	}
+	for {
+		if len(b) < recordHeaderLen {
+			// The next record's header, part of it or none yet.
+			if len(b) >= 1 && b[0] != recordTypeHandshake || len(b) >= 2 && b[1] != 0x03 {
+				return false
+			}
+			n := 1
+			if len(b) >= 4 {
+				n = max(n, int(b[3])<<8)
+			}
+			end = seen + n
+			return n <= maxRecordPlaintext && fits()
+		}
+		if b[0] != recordTypeHandshake || b[1] != 0x03 {
+			return false
+		}
+		n := int(b[3])<<8 | int(b[4])
+		if n == 0 || n > maxRecordPlaintext {
+			return false
+		}
+		frag := b[recordHeaderLen:]
+		if len(frag) > n {
+			frag = frag[:n]
+		}
+		for i := 0; i < len(frag) && seen+i < len(hdr); i++ {
+			hdr[seen+i] = frag[i]
+		}
+		seen += len(frag)
+		end += n
+		if !fits() {
+			return false
+		}
+		if len(frag) < n {
+			return true // the record's body is cut
+		}
+		if seen >= len(hdr) && seen == len(hdr)+(int(hdr[1])<<16|int(hdr[2])<<8|int(hdr[3])) {
+			return false // complete
+		}
+		b = b[recordHeaderLen+n:]
+	}
+}
+
 // parseHelloMessage parses a ClientHello handshake message (with its 4-byte
 // header) like crypto/tls's clientHelloMsg.unmarshal, then applies the ECH
 // check crypto/tls's readClientHello makes before GetConfigForClient.

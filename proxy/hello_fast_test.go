@@ -790,3 +790,109 @@ func BenchmarkParseHelloFast(b *testing.B) {
 		}
 	}
 }
+
+// TestHelloShort: helloShort says "more bytes can complete it" for every
+// proper prefix of hellos helloMessage takes, and for nothing else: not for
+// a complete hello, not for a prefix no bytes can make helloMessage take.
+func TestHelloShort(t *testing.T) {
+	h := goHello(t, "www.allowed.test", nil)
+	for _, c := range []namedHello{
+		{"go", h},
+		{"go-100-byte-records", refragment(h, 100)},
+		{"go-1-byte-records", refragment(h, 1)},
+		{"chrome-grease", chromeHello("www.allowed.test")},
+		{"ech-outer", buildHello(sniExt("public.example"), echOuterExt())},
+	} {
+		t.Run(c.name, func(t *testing.T) {
+			if helloShort(c.b) {
+				t.Error("a complete hello is short")
+			}
+			if helloShort(append(bytes.Clone(c.b), 0x17, 0x03, 0x03, 0x00, 0x01, 0xff)) {
+				t.Error("a complete hello and a record after it is short")
+			}
+			for i := range c.b {
+				if !helloShort(c.b[:i]) {
+					t.Fatalf("the first %d bytes of a %d-byte hello are not short", i, len(c.b))
+				}
+			}
+		})
+	}
+
+	// A record of n bytes holding the start of a ClientHello message whose
+	// header says mlen.
+	record := func(n, mlen int, body ...byte) []byte {
+		r := []byte{0x16, 0x03, 0x01, byte(n >> 8), byte(n), typeClientHello, byte(mlen >> 16), byte(mlen >> 8), byte(mlen)}
+		return append(r, body...)
+	}
+	withType := func(typ byte) []byte {
+		b := bytes.Clone(h[:1000])
+		b[5] = typ
+		return b
+	}
+	for _, c := range []struct {
+		name string
+		in   []byte
+		want bool
+	}{
+		{"empty", nil, true},
+		{"largest-record-header", []byte{0x16, 0x03, 0x01, 0x40, 0x00}, true},
+		{"largest-record-partial-header", []byte{0x16, 0x03, 0x01, 0x40}, true},
+		{"largest-message", record(4, maxHelloMessage), true},
+		{"largest-message-partial-header", []byte{0x16, 0x03, 0x01, 0x00, 0x02, typeClientHello, 0x01}, true},
+		{"message-ends-with-record", record(100, 96, 0xaa), true},
+		{"message-continues-next-record", record(4, 500), true},
+		{"next-record-partial-header", append(record(4, 500), 0x16, 0x03, 0x01, 0x01), true},
+
+		{"record-type-application-data", append([]byte{0x17}, h[1:1000]...), false},
+		{"record-type-alert", []byte{0x15}, false},
+		{"record-version-0x02", []byte{0x16, 0x02}, false},
+		{"record-version-0x02-full-header", append([]byte{0x16, 0x02}, h[2:1000]...), false},
+		{"second-record-version-0x02", append(record(4, 500), 0x16, 0x02), false},
+		{"zero-length-record", []byte{0x16, 0x03, 0x01, 0x00, 0x00}, false},
+		{"zero-length-record-then-hello", append([]byte{0x16, 0x03, 0x01, 0x00, 0x00}, h[:100]...), false},
+		{"record-16385", []byte{0x16, 0x03, 0x01, 0x40, 0x01}, false},
+		{"record-over-16384-partial-header", []byte{0x16, 0x03, 0x01, 0x41}, false},
+		{"server-hello-type", withType(2), false},
+		{"server-hello-type-alone", []byte{0x16, 0x03, 0x01, 0x00, 0x10, 0x02}, false},
+		{"message-65537", record(100, maxHelloMessage+1), false},
+		{"message-over-max-partial-header", []byte{0x16, 0x03, 0x01, 0x00, 0x02, typeClientHello, 0x02}, false},
+		{"record-ends-past-message", record(500, 100, 0xaa), false},
+		{"next-record-ends-past-message", append(record(4, 500), 0x16, 0x03, 0x01, 0x02), false},
+		{"complete-in-small-record", record(4, 0), false},
+	} {
+		if got := helloShort(c.in); got != c.want {
+			t.Errorf("%s: helloShort %v, want %v", c.name, got, c.want)
+		}
+	}
+}
+
+// FuzzHelloShort: helloShort never panics; it is never true for bytes
+// parseHelloFast (or its framing, helloMessage) takes, so readClientHello
+// never reads past a hello it could parse; every proper prefix of the
+// records of a message helloMessage takes is short; and a prefix of short
+// bytes is short (what completes the bytes completes the prefix). The
+// prefix is the input's first cut bytes.
+func FuzzHelloShort(f *testing.F) {
+	for _, s := range helloSeeds(f) {
+		f.Add(s, uint16(len(s)/2))
+		f.Add(s, uint16(7))
+	}
+	f.Fuzz(func(t *testing.T, b []byte, cut uint16) {
+		short := helloShort(b)
+		_, whole := helloMessage(b)
+		if _, fast := parseHelloFast(b); short && (whole || fast) {
+			t.Fatalf("short, and helloMessage %v, parseHelloFast %v: %x", whole, fast, b)
+		}
+		p := b[:int(cut)%(len(b)+1)]
+		pShort := helloShort(p)
+		_, pWhole := helloMessage(p)
+		switch {
+		case pShort && pWhole:
+			t.Fatalf("short, and helloMessage takes it: %x", p)
+		case whole && !pShort && !pWhole:
+			t.Fatalf("the first %d bytes of a hello helloMessage takes are not short: %x", len(p), b)
+		case short && !pShort:
+			t.Fatalf("short, but not its first %d bytes: %x", len(p), b)
+		}
+	})
+}

@@ -576,11 +576,13 @@ func refragment(b []byte, n int) []byte {
 }
 
 // helloWriter wraps a client conn: the first Write (the ClientHello) is
-// transformed and sent as chunks of chunk bytes, one Write each.
+// transformed and sent as chunks of chunk bytes, one Write each, pause
+// apart.
 type helloWriter struct {
 	net.Conn
 	transform func([]byte) []byte
 	chunk     int
+	pause     time.Duration
 	done      bool
 	size      int // size of the hello as sent
 }
@@ -603,7 +605,9 @@ func (w *helloWriter) Write(b []byte) (int, error) {
 		if _, err := w.Conn.Write(out[:k]); err != nil {
 			return 0, err
 		}
-		out = out[k:]
+		if out = out[k:]; len(out) > 0 {
+			time.Sleep(w.pause)
+		}
 	}
 	return len(b), nil
 }

@@ -12,6 +12,10 @@ type metrics struct {
 	peek      prometheus.Histogram
 	conntrack *prometheus.CounterVec // result
 	requests  *prometheus.CounterVec // verdict, mode
+	hellos    *prometheus.CounterVec // parser
+	// The hellos series of each parser, resolved once: the peek counts
+	// every TLS connection.
+	helloFast, helloTLS prometheus.Counter
 }
 
 func newMetrics(reg prometheus.Registerer) (*metrics, error) {
@@ -45,9 +49,15 @@ func newMetrics(reg prometheus.Registerer) (*metrics, error) {
 			Namespace: "egress", Subsystem: "proxy", Name: "http_requests_total",
 			Help: "Later HTTP requests on plain-HTTP transparent connections, each decided on its own (the first is the connection's), by verdict and mode.",
 		}, []string{"verdict", "mode"}),
+		hellos: prometheus.NewCounterVec(prometheus.CounterOpts{
+			Namespace: "egress", Subsystem: "proxy", Name: "hello_parses_total",
+			Help: "ClientHellos read on the transparent listener, by parser: fast (the proxy's own, for the hellos real clients send) or crypto-tls (everything else, including every hello that fails).",
+		}, []string{"parser"}),
 	}
+	m.helloFast = m.hellos.WithLabelValues("fast")
+	m.helloTLS = m.hellos.WithLabelValues("crypto-tls")
 	if reg != nil {
-		for _, c := range []prometheus.Collector{m.conns, m.active, m.bytes, m.limitHits, m.peek, m.conntrack, m.requests} {
+		for _, c := range []prometheus.Collector{m.conns, m.active, m.bytes, m.limitHits, m.peek, m.conntrack, m.requests, m.hellos} {
 			if err := reg.Register(c); err != nil {
 				return nil, err
 			}

@@ -8,7 +8,9 @@ import (
 	"io"
 	"net"
 	"net/netip"
+	"slices"
 	"testing"
+	"testing/iotest"
 	"time"
 
 	"egressd/policy"
@@ -152,7 +154,8 @@ func TestReadClientHello(t *testing.T) {
 	} {
 		// Each case twice: as peek calls it, after a first read recorded
 		// what had arrived (the fast path where it applies), and with
-		// nothing recorded yet (crypto/tls reads the connection).
+		// nothing recorded yet (readClientHello reads the connection for
+		// the fast path, crypto/tls after it where it declines).
 		for _, mode := range []string{"recorded", "unread"} {
 			t.Run(c.name+"/"+mode, func(t *testing.T) {
 				rc := &recorder{r: bytes.NewReader(c.in), max: 64 << 10}
@@ -212,10 +215,16 @@ func FuzzClientHello(f *testing.F) {
 	f.Add([]byte{0x16, 0x03, 0x01, 0x00, 0x00})
 	f.Fuzz(func(t *testing.T, b []byte) {
 		// As peek calls it, after a first read recorded what had arrived
-		// (the fast path where it applies), and with nothing recorded yet.
-		for _, first := range []bool{true, false} {
-			rc := &recorder{r: bytes.NewReader(b), max: 16 << 10}
-			if first && rc.fill(1) != nil {
+		// (the fast path where it applies), with nothing recorded yet, and
+		// from a client whose bytes arrive one at a time (readClientHello
+		// reads on for the fast path, then crypto/tls does).
+		for _, mode := range []string{"first", "unread", "bytewise"} {
+			var r io.Reader = bytes.NewReader(b)
+			if mode == "bytewise" {
+				r = iotest.OneByteReader(r)
+			}
+			rc := &recorder{r: r, max: 16 << 10}
+			if mode != "unread" && rc.fill(1) != nil {
 				continue
 			}
 			var err error
@@ -350,4 +359,177 @@ func TestHelloOneRead(t *testing.T) {
 	if !bytes.Equal(rc.buf, h) {
 		t.Error("recorded bytes differ from the hello")
 	}
+}
+
+// piecesReader is a connection on which the client's bytes arrive in
+// pieces: each Read returns what is left of the next piece (at most len(p)
+// bytes), then EOF. It counts the reads.
+type piecesReader struct {
+	pieces [][]byte
+	reads  int
+}
+
+func (r *piecesReader) Read(p []byte) (int, error) {
+	r.reads++
+	if len(r.pieces) == 0 {
+		return 0, io.EOF
+	}
+	n := copy(p, r.pieces[0])
+	if r.pieces[0] = r.pieces[0][n:]; len(r.pieces[0]) == 0 {
+		r.pieces = r.pieces[1:]
+	}
+	return n, nil
+}
+
+// cutAt cuts b before each offset.
+func cutAt(b []byte, offsets ...int) [][]byte {
+	var out [][]byte
+	prev := 0
+	for _, o := range offsets {
+		out = append(out, b[prev:o])
+		prev = o
+	}
+	return append(out, b[prev:])
+}
+
+// TestHelloInPieces: a hello whose first read holds only its start (a
+// ~1.8 KB ML-KEM hello spans two TCP segments) is read on as far as it
+// goes and parsed by the fast path, in one read per piece; the recording
+// is exactly the bytes sent. A hello the fast path does not take, or one
+// dribbled in more pieces than maxHelloFills, still goes to crypto/tls.
+func TestHelloInPieces(t *testing.T) {
+	h := goHello(t, "www.allowed.test", nil)
+	if len(h) < 1500 {
+		t.Fatalf("a %d-byte hello: not an ML-KEM hello", len(h))
+	}
+	recs := refragment(h, 512) // records of 517 bytes
+	small := refragment(h, 1)  // 6 bytes a handshake byte
+	// Framing the fast path leaves to crypto/tls: a record version crypto/tls
+	// takes but helloMessage does not.
+	oddVersion := append([]byte{0x16, 0x0a}, h[2:]...)
+	// An extension the fast path does not know, in a hello of 2 KB.
+	unknownExt := buildHello(sniExt("www.allowed.test"), ext(0x1234, make([]byte, 1500)))
+	var dribble []int
+	for o := 10; o < len(h); o += 10 {
+		dribble = append(dribble, o)
+	}
+	for _, c := range []struct {
+		name  string
+		in    []byte
+		cuts  []int
+		fast  bool // the fast path reads it
+		reads int  // reads of the connection, when fast
+	}{
+		{"after-1000", h, []int{1000}, true, 2},
+		{"in-record-header", h, []int{3}, true, 2},
+		{"after-record-header", h, []int{5}, true, 2},
+		{"in-handshake-header", h, []int{7}, true, 2},
+		{"last-byte-missing", h, []int{len(h) - 1}, true, 2},
+		{"three-pieces", h, []int{700, 1400}, true, 3},
+		{"records/in-a-later-body", recs, []int{2*517 + 100}, true, 2},
+		{"records/at-a-boundary", recs, []int{2 * 517}, true, 2},
+		{"records/in-a-later-header", recs, []int{2*517 + 2}, true, 2},
+		{"1-byte-records", small, []int{4000, 8000}, true, 3},
+		{"record-version-0x0a03", oddVersion, []int{1000}, false, 0},
+		{"unknown-extension", unknownExt, []int{1000}, false, 0},
+		{"dribbled", h, dribble, false, 0},
+	} {
+		t.Run(c.name, func(t *testing.T) {
+			pieces := cutAt(c.in, c.cuts...)
+			if _, ok := parseHelloFast(pieces[0]); ok {
+				t.Fatal("the first piece holds the whole hello")
+			}
+			r := &piecesReader{pieces: pieces}
+			rc := &recorder{r: r, max: 64 << 10}
+			if err := rc.fill(1); err != nil { // as peek does
+				t.Fatal(err)
+			}
+			ch, err := readClientHello(rc)
+			if err != nil || ch.ServerName != "www.allowed.test" {
+				t.Fatalf("hello: %q, %v", ch.ServerName, err)
+			}
+			if ch.Fast != c.fast {
+				t.Errorf("read by the fast path: %v, want %v", ch.Fast, c.fast)
+			}
+			if c.fast && r.reads != c.reads {
+				t.Errorf("%d reads for %d pieces, want %d", r.reads, len(pieces), c.reads)
+			}
+			if !bytes.Equal(rc.buf, c.in[:len(rc.buf)]) || (c.fast && len(rc.buf) != len(c.in)) {
+				t.Errorf("recorded %d bytes that are not the %d sent", len(rc.buf), len(c.in))
+			}
+			if c.name == "dribbled" && r.reads <= maxHelloFills+1 {
+				t.Errorf("%d reads: crypto/tls read nothing after the fast path gave up", r.reads)
+			}
+		})
+	}
+}
+
+// TestHelloInPiecesErrors: when the rest of a hello cut by the first read
+// does not come (EOF, a read deadline, the size cap) or turns out
+// malformed, readClientHello fails as readClientHelloTLS alone does on the
+// same connection: the error class of the peek is what it was before the
+// fast path read on.
+func TestHelloInPiecesErrors(t *testing.T) {
+	h := goHello(t, "www.allowed.test", nil)
+	serverHello := bytes.Clone(h)
+	serverHello[5] = 2
+	for _, c := range []struct {
+		name   string
+		pieces [][]byte
+		max    int
+		err    error // nil: compared with readClientHelloTLS only
+	}{
+		{"eof", [][]byte{h[:1000]}, 64 << 10, nil},
+		{"eof-in-record-header", [][]byte{h[:3]}, 64 << 10, nil},
+		{"size-cap", cutAt(h, 1000), 1500, errHelloTooLarge},
+		{"server-hello", cutAt(serverHello, 3), 64 << 10, errHelloMalformed},
+		{"record-16385", [][]byte{{0x16, 0x03}, {0x01, 0x40, 0x01}, make([]byte, 1000)}, 64 << 10, nil},
+		{"record-18433", [][]byte{{0x16, 0x03}, {0x01, 0x48, 0x01}, make([]byte, 1000)}, 64 << 10, errHelloMalformed},
+	} {
+		t.Run(c.name, func(t *testing.T) {
+			var (
+				errs [2]error
+				recs [2][]byte
+			)
+			for i, read := range []func(*recorder) (clientHello, error){readClientHello, readClientHelloTLS} {
+				rc := &recorder{r: &piecesReader{pieces: slices.Clone(c.pieces)}, max: c.max}
+				if err := rc.fill(1); err != nil {
+					t.Fatal(err)
+				}
+				_, errs[i] = read(rc)
+				recs[i] = rc.buf
+			}
+			if errs[0] == nil || (c.err != nil && !errors.Is(errs[0], c.err)) {
+				t.Fatalf("err %v, want %v", errs[0], c.err)
+			}
+			if errs[0].Error() != errs[1].Error() {
+				t.Errorf("err %v; crypto/tls alone: %v", errs[0], errs[1])
+			}
+			if !bytes.Equal(recs[0], recs[1]) {
+				t.Errorf("recorded %d bytes; crypto/tls alone %d", len(recs[0]), len(recs[1]))
+			}
+		})
+	}
+
+	// A client that stops sending after part of its hello (a slowloris):
+	// the read deadline ends the fast path's read and crypto/tls's alike.
+	t.Run("deadline", func(t *testing.T) {
+		c1, c2 := net.Pipe()
+		defer c1.Close()
+		defer c2.Close()
+		go c1.Write(h[:1000])
+		c2.SetReadDeadline(time.Now().Add(5 * time.Second))
+		rc := &recorder{r: c2, max: 64 << 10}
+		if err := rc.fill(1); err != nil {
+			t.Fatal(err)
+		}
+		c2.SetReadDeadline(time.Now().Add(50 * time.Millisecond))
+		_, err := readClientHello(rc)
+		if !isTimeout(err) {
+			t.Fatalf("err %v, want a timeout", err)
+		}
+		if !bytes.Equal(rc.buf, h[:1000]) {
+			t.Errorf("recorded %d bytes, want the 1000 sent", len(rc.buf))
+		}
+	})
 }

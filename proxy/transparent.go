@@ -267,6 +267,11 @@ func (p *Proxy) peek(c *net.TCPConn, eng *policy.Engine, in policy.Input, start 
 	c.SetReadDeadline(start.Add(p.cfg.HelloTimeout))
 	if rc.buf[0] == 0x16 {
 		ch, err := readClientHello(rc)
+		if ch.Fast {
+			p.met.helloFast.Inc()
+		} else {
+			p.met.helloTLS.Inc()
+		}
 		if err != nil {
 			v := verdict{src: audit.NameNone}
 			switch {

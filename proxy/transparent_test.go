@@ -473,6 +473,44 @@ func (tp *topo) conntrackLookups(result string) float64 {
 	return m.GetCounter().GetValue()
 }
 
+// TestTransparentHelloInPieces: a Go client's ML-KEM hello (about 1.8 KB)
+// whose second part comes 50 ms after its first 1000 bytes, so the peek's
+// first read holds only the start, is read on and parsed by the fast
+// path: the connection goes through and the fast parser's count, not
+// crypto/tls's, goes up by one.
+func TestTransparentHelloInPieces(t *testing.T) {
+	tp := newTopo(t, topoOpts{})
+	tp.facts.add(clientV4, srvV4, "www.allowed.test")
+	fast, slow := tp.helloParses("fast"), tp.helloParses("crypto-tls")
+	c := tp.dialFromClient(t, netip.Addr{}, netip.AddrPortFrom(srvV4, 443))
+	c.SetNoDelay(true)
+	hw := &helloWriter{Conn: c, chunk: 1000, pause: 50 * time.Millisecond}
+	body, err := tp.tlsGet(hw, "www.allowed.test", "/pieces", nil)
+	if err != nil || !strings.Contains(body, "sni=www.allowed.test") {
+		t.Fatalf("body %q err %v", body, err)
+	}
+	if hw.size <= 1000 {
+		t.Fatalf("a %d-byte hello was sent in one piece", hw.size)
+	}
+	ev := tp.ev.wait(t, "allowed", byClientPort(localPort(c)))
+	if ev.Verdict != policy.Allow || ev.Name != "www.allowed.test" || ev.NameSource != audit.NameSNI || ev.BytesOut < uint64(hw.size) {
+		t.Errorf("event %+v", ev)
+	}
+	if d := tp.helloParses("fast") - fast; d != 1 {
+		t.Errorf("fast parses went up by %v, want 1", d)
+	}
+	if d := tp.helloParses("crypto-tls") - slow; d != 0 {
+		t.Errorf("crypto/tls parses went up by %v, want 0", d)
+	}
+}
+
+// helloParses reads the proxy's hello counter for one parser.
+func (tp *topo) helloParses(parser string) float64 {
+	var m dto.Metric
+	tp.proxy.met.hellos.WithLabelValues(parser).Write(&m)
+	return m.GetCounter().GetValue()
+}
+
 // TestTransparentDeferAccept: through the listener the proxy opens itself
 // (as egressd run does), under TCP_DEFER_ACCEPT: TLS is served and decided
 // as before, a client that closes without a byte is recorded as closed
