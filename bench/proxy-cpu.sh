@@ -30,9 +30,18 @@
 # Each system runs alone in its own topology (one peers-script run each);
 # ROUNDS (default 2) repeats the whole list, round-robin.
 #
+# RATE=N replaces wrk's closed loop with bench/cmd/tlsrate's open loop at N
+# new connections/s (as bench/proxy-latency.sh does): the figures are then
+# those of a fixed load below saturation, and the run's p50 and p99 are
+# printed with them. For every proxy the script also sums its threads'
+# run-queue wait (/proc/PID/task/*/schedstat, the time a runnable thread
+# waited for a CPU) per connection, and how many time slices it ran in.
+# PROXYBENCH_ENV="GOMAXPROCS=1" puts variables in egressd's environment only.
+#
 # Usage (root): bench/proxy-cpu.sh   [SYSTEMS=... ROUNDS=N WRK_SECS=14
-#   SAMPLE_SECS=10 PEERS_TLS=...]. Traffic stays in the namespaces the peers
-#   script creates (198.18.0.0/15); each load is one bounded wrk run.
+#   SAMPLE_SECS=10 PEERS_TLS=... RATE=600 PROXYBENCH_ENV=...]. Traffic stays in
+#   the namespaces the peers script creates (198.18.0.0/15); each load is one
+#   bounded wrk (or tlsrate) run.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 ROOT=$PWD
@@ -75,7 +84,18 @@ exec haproxy -db -f "$cfg"
 EOF
 chmod +x "$TMP/haproxy-plain.sh"
 
-case " $SYSTEMS " in *" floor-"*) "${GO:-$(command -v go || echo /usr/local/go/bin/go)}" build -o "$TMP/tcpfloor" ./bench/cmd/tcpfloor ;; esac
+GO=${GO:-$(command -v go || echo /usr/local/go/bin/go)}
+case " $SYSTEMS " in *" floor-"*) "$GO" build -o "$TMP/tcpfloor" ./bench/cmd/tcpfloor ;; esac
+LOAD=wrk
+if [ -n "${RATE:-}" ]; then
+	# tlsrate in wrk's place, first on the peers script's PATH
+	mkdir -p "$TMP/shim"
+	"$GO" build -o "$TMP/shim/tlsrate" ./bench/cmd/tlsrate
+	printf '#!/bin/sh\nexec %s -wrk "$@"\n' "$TMP/shim/tlsrate" >"$TMP/shim/wrk"
+	chmod +x "$TMP/shim/wrk"
+	export PATH="$TMP/shim:$PATH" TLSRATE_RATE=$RATE
+	LOAD=tlsrate
+fi
 
 # busy ticks of the whole box (steal, idle and iowait left out)
 box_ticks() { awk '/^cpu / { print $2 + $3 + $4 + $7 + $8 }' /proc/stat; }
@@ -88,9 +108,21 @@ proc_ticks() {
 HZ=$(getconf CLK_TCK)
 NS_GW=btls-gw # the peers script's gateway namespace
 
-# one_run SYS: writes "rate box_us user_us sys_us" (per connection) to $TMP/res
+# "run-queue-wait-ns time-slices" summed over every thread of processes
+wait_stat() {
+	local p
+	for p in "$@"; do cat "/proc/$p"/task/*/schedstat 2>/dev/null || true; done | awk '{ w += $2; n += $3 } END { printf "%.0f %.0f\n", w, n }'
+}
+# p50 and p99 in ms of the run's one load round (wrk --latency or tlsrate)
+latency_ms() {
+	awk 'function ms(v) { if (v ~ /us$/) return v / 1000; if (v ~ /ms$/) return v + 0; if (v ~ /s$/) return v * 1000; return v }
+		$1 == "50%" { p50 = ms($2) } $1 == "99%" { p99 = ms($2) } END { printf "%.2f %.2f\n", p50, p99 }' "${BENCH_TLS_DIR:-/tmp/bench-tls}/wrk.log"
+}
+
+# one_run SYS: writes "rate box_us user_us sys_us wait_us slices p50 p99" (per
+# connection; latencies in ms) to $TMP/res
 one_run() {
-	local sys=$1 proc="" pid="" i t b0 b1 u0 s0 u1 s1 out rate smt="" sm0="" sm1=""
+	local sys=$1 proc="" pid="" i t b0 b1 u0 s0 u1 s1 w0="0 0" w1="0 0" out rate smt="" sm0="" sm1=""
 	case $sys in haproxy*) proc=haproxy ;; egressd) proc=proxybench ;; floor-*) proc=tcpfloor ;; sniproxy) proc=sniproxy ;; nginx) proc=nginx ;; esac
 	case $sys in
 	direct) (SYSTEMS=direct bash "$PEERS_TLS") ;;
@@ -105,8 +137,8 @@ one_run() {
 	*) echo "proxy-cpu.sh: unknown system $sys" >&2; return 1 ;;
 	esac >"$TMP/run.out" 2>&1 &
 	RUNPID=$!
-	for i in $(seq 1 600); do pgrep -x wrk >/dev/null && break; sleep 0.2; done
-	pgrep -x wrk >/dev/null || { wait "$RUNPID" || true; RUNPID=""; tail -5 "$TMP/run.out" >&2; return 1; }
+	for i in $(seq 1 600); do pgrep -x $LOAD >/dev/null && break; sleep 0.2; done
+	pgrep -x $LOAD >/dev/null || { wait "$RUNPID" || true; RUNPID=""; tail -5 "$TMP/run.out" >&2; return 1; }
 	sleep 2
 	if [ -n "$proc" ]; then
 		# the proxy's processes: those in the gateway namespace (nginx
@@ -114,6 +146,7 @@ one_run() {
 		pid=$(for i in $(ip netns pids "$NS_GW"); do [ "$(cat "/proc/$i/comm" 2>/dev/null)" = "$proc" ] && echo "$i"; done | tr '\n' ' ')
 		[ -n "$pid" ] || { echo "proxy-cpu.sh: no $proc process in $NS_GW" >&2; return 1; }
 		t=$(proc_ticks $pid); u0=${t% *} s0=${t#* }
+		w0=$(wait_stat $pid)
 		# Go's sysmon runs on the first thread the runtime creates: the
 		# process's second-lowest thread id.
 		[ "$sys" != egressd ] || { smt=$(ls "/proc/${pid%% *}/task" | sort -n | sed -n 2p); sm0=$(thread_stat "${pid%% *}" "$smt"); }
@@ -121,7 +154,7 @@ one_run() {
 	b0=$(box_ticks)
 	sleep "$SAMPLE_SECS"
 	b1=$(box_ticks)
-	if [ -n "$pid" ]; then t=$(proc_ticks $pid); u1=${t% *} s1=${t#* }; else u0=0 s0=0 u1=0 s1=0; fi
+	if [ -n "$pid" ]; then t=$(proc_ticks $pid); u1=${t% *} s1=${t#* }; w1=$(wait_stat $pid); else u0=0 s0=0 u1=0 s1=0; fi
 	[ -z "$smt" ] || sm1=$(thread_stat "${pid%% *}" "$smt")
 	wait "$RUNPID" || true
 	RUNPID=""
@@ -129,7 +162,9 @@ one_run() {
 	rate=$(echo "$out" | awk '{ print $4 }')
 	[ -n "$rate" ] && [ "$rate" -gt 0 ] 2>/dev/null || { echo "proxy-cpu.sh: $sys: no rate in: $out" >&2; return 1; }
 	awk -v r="$rate" -v s="$SAMPLE_SECS" -v hz="$HZ" -v b=$((b1 - b0)) -v u=$((u1 - u0)) -v k=$((s1 - s0)) \
-		'BEGIN { n = r * s; f = 1e6 / hz / n; printf "%d %.0f %.0f %.0f\n", r, b * f, u * f, k * f }' >"$TMP/res"
+		-v w="$w0 $w1" -v lat="$(latency_ms)" \
+		'BEGIN { n = r * s; f = 1e6 / hz / n; split(w, W, " ")
+			printf "%d %.0f %.0f %.0f %.0f %.1f %s\n", r, b * f, u * f, k * f, (W[3] - W[1]) / 1e3 / n, (W[4] - W[2]) / n, lat }' >"$TMP/res"
 	: >"$TMP/sysmon"
 	[ -z "$sm1" ] || echo "$sm0 $sm1" | awk -v r="$rate" -v s="$SAMPLE_SECS" \
 		'{ n = r * s; printf "  (egressd: Go runtime sysmon thread %.0f us/conn on CPU, %.1f wakeups/conn)\n", ($3 - $1) / 1e3 / n, ($4 - $2) / n }' >"$TMP/sysmon"
@@ -141,15 +176,19 @@ thread_stat() {
 		"$(awk '/^voluntary_ctxt_switches/ { print $2 }' "/proc/$1/task/$2/status" 2>/dev/null || echo 0)"
 }
 
-echo "proxy-cpu: $(nproc) CPUs, kernel $(uname -r); wrk -d${WRK_SECS}s per system, CPU sampled over ${SAMPLE_SECS}s of it; $ROUNDS round(s)"
-printf '%-14s %5s %9s %11s %13s %13s %13s\n' system round "conn/s" "box us/conn" "proxy us/conn" "user us/conn" "kernel us/conn"
+load="wrk -d${WRK_SECS}s (closed loop, saturating)"
+[ -z "${RATE:-}" ] || load="tlsrate at $RATE conn/s for ${WRK_SECS}s (open loop)"
+echo "proxy-cpu: $(nproc) CPUs, kernel $(uname -r); $load per system, CPU sampled over ${SAMPLE_SECS}s of it; $ROUNDS round(s)"
+echo "(wait: the proxy's threads' run-queue wait; slices: the time slices they ran in; p50/p99 of the load's round)"
+printf '%-14s %5s %9s %11s %13s %13s %13s %12s %11s %7s %7s\n' system round "conn/s" "box us/conn" "proxy us/conn" "user us/conn" "kernel us/conn" "wait us/conn" "slices/conn" "p50 ms" "p99 ms"
 export WRK_RUNS=1 WRK_SECS BULK_RUNS=1 BULK_MIB=${BULK_MIB:-16}
 for r in $(seq 1 "$ROUNDS"); do
 	for sys in $SYSTEMS; do
 		# not in $(...): RUNPID must be this shell's, for the cleanup
 		if one_run "$sys"; then
 			set -- $(cat "$TMP/res")
-			printf '%-14s %5s %9s %11s %13s %13s %13s\n' "$sys" "$r" "$1" "$2" "$(($3 + $4))" "$3" "$4"
+			if [ "$sys" = direct ]; then set -- "$1" "$2" "$3" "$4" - - "$7" "$8"; fi
+			printf '%-14s %5s %9s %11s %13s %13s %13s %12s %11s %7s %7s\n' "$sys" "$r" "$1" "$2" "$(($3 + $4))" "$3" "$4" "$5" "$6" "$7" "$8"
 			cat "$TMP/sysmon"
 		else
 			printf '%-14s %5s %9s\n' "$sys" "$r" "failed"

@@ -14,6 +14,7 @@
 #   PEERS_TLS=path/to/peers-tls.sh  (default ../shared/bench-peers/peers-tls.sh)
 #   SYSTEMS="direct egressd haproxy"  and the peers script's knobs
 #   (BULK_RUNS, BULK_MIB, WRK_RUNS, WRK_SECS, WRK_CONNS, ...).
+#   PROXYBENCH_ENV="GOMAXPROCS=1"  variables for proxybench's environment only
 #   PROXYBENCH_ARGS="-cpuprofile /tmp/cpu.pprof"  extra proxybench flags
 #   (profiles; see bench/cmd/proxybench). By default proxybench logs and
 #   records events as egressd run does (JSON lines at info, event journal).
@@ -31,7 +32,7 @@ ulimit -n "$(ulimit -Hn)" 2>/dev/null || true
 export SYSTEMS=${SYSTEMS:-"direct egressd haproxy"}
 export CUSTOM_TLS_NAME=egressd
 # Started in the gateway namespace with SERVER_IP and PROXY_PORT set.
-export CUSTOM_TLS_CMD="$BIN/proxybench -transparent :{PORT} -allow '*.allowed.test' -map www.allowed.test=\$SERVER_IP ${PROXYBENCH_ARGS:-}"
+export CUSTOM_TLS_CMD="${PROXYBENCH_ENV:+env $PROXYBENCH_ENV }$BIN/proxybench -transparent :{PORT} -allow '*.allowed.test' -map www.allowed.test=\$SERVER_IP ${PROXYBENCH_ARGS:-}"
 # The peers script's log goes to stderr as before and to a file, from which
 # rounds.sh counts the rounds egressd won against each system.
 { bash "$PEERS_TLS" 2>&1 1>&3 | tee "$BIN/peers.log" >&2; } 3>&1
