@@ -90,9 +90,7 @@ LOAD=wrk
 if [ -n "${RATE:-}" ]; then
 	# tlsrate in wrk's place, first on the peers script's PATH
 	mkdir -p "$TMP/shim"
-	"$GO" build -o "$TMP/shim/tlsrate" ./bench/cmd/tlsrate
-	printf '#!/bin/sh\nexec %s -wrk "$@"\n' "$TMP/shim/tlsrate" >"$TMP/shim/wrk"
-	chmod +x "$TMP/shim/wrk"
+	bash bench/tlsrate-wrk.sh "$TMP/shim"
 	export PATH="$TMP/shim:$PATH" TLSRATE_RATE=$RATE
 	LOAD=tlsrate
 fi

@@ -27,12 +27,9 @@
 set -euo pipefail
 cd "$(dirname "$0")/.."
 RATE=${RATE:-400}
-GO=${GO:-$(command -v go || echo /usr/local/go/bin/go)}
 SHIM=$(mktemp -d /tmp/tlsrate.XXXXXX)
 trap 'rm -rf "$SHIM"' EXIT
-"$GO" build -o "$SHIM/tlsrate" ./bench/cmd/tlsrate
-printf '#!/bin/sh\nexec %s -wrk "$@"\n' "$SHIM/tlsrate" >"$SHIM/wrk"
-chmod +x "$SHIM/wrk"
+bash bench/tlsrate-wrk.sh "$SHIM"
 export TLSRATE_RATE=$RATE TLSRATE_GROUPS=${TLSRATE_GROUPS:-} PATH="$SHIM:$PATH"
 export BULK_RUNS=${BULK_RUNS:-1} BULK_MIB=${BULK_MIB:-16} WRK_RUNS=${WRK_RUNS:-5} WRK_SECS=${WRK_SECS:-10}
 echo "proxy-latency: tlsrate in wrk's place, $RATE new TLS connections/s (Poisson), ${WRK_SECS}s x $WRK_RUNS rounds, groups ${TLSRATE_GROUPS:-Go default (X25519MLKEM768)}"
