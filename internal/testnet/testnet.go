@@ -156,13 +156,21 @@ func (w *lockedWriter) Write(p []byte) (int, error) {
 	return w.b.Write(p)
 }
 
+// tempIfName names a veth end for the moment it exists in the test's own
+// namespace, before Link moves it. go test runs packages as parallel
+// processes, each with its own seq, so the name carries the process ID as
+// the namespaces' names do: without it two packages both made "tn3" and
+// one failed with "File exists". At most 15 bytes (IFNAMSIZ - 1).
+func tempIfName() string {
+	return fmt.Sprintf("tn%d-%d", os.Getpid()%100000, seq.Add(1)%10000000)
+}
+
 // Link joins two namespaces with a veth pair: ifA in a with addrsA, ifB in b
 // with addrsB (CIDR notation, IPv4 or IPv6). IPv6 duplicate address
 // detection is turned off so addresses work at once.
 func Link(t testing.TB, a *NS, ifA string, addrsA []string, b *NS, ifB string, addrsB []string) {
 	t.Helper()
-	tmpA := fmt.Sprintf("tn%d", seq.Add(1))
-	tmpB := fmt.Sprintf("tn%d", seq.Add(1))
+	tmpA, tmpB := tempIfName(), tempIfName()
 	if out, err := exec.Command("ip", "link", "add", tmpA, "type", "veth", "peer", "name", tmpB).CombinedOutput(); err != nil {
 		t.Fatalf("testnet: veth: %v: %s", err, out)
 	}

@@ -2,7 +2,9 @@ package testnet
 
 import (
 	"context"
+	"fmt"
 	"io"
+	"os"
 	"strings"
 	"testing"
 	"time"
@@ -43,5 +45,20 @@ func TestLinkAndSockets(t *testing.T) {
 	// The test process itself is not in either namespace.
 	if _, err := (&NS{Name: "x"}).Run("true"); err == nil {
 		t.Fatal("ip netns exec in a missing namespace succeeded")
+	}
+}
+
+// TestTempIfName: the temporary veth names carry this process's ID (go test
+// runs packages as parallel processes, each counting from zero), differ
+// from one call to the next, and fit a Linux interface name.
+func TestTempIfName(t *testing.T) {
+	pid := fmt.Sprintf("tn%d-", os.Getpid()%100000)
+	seen := map[string]bool{}
+	for i := 0; i < 1000; i++ {
+		n := tempIfName()
+		if !strings.HasPrefix(n, pid) || len(n) > 15 || seen[n] {
+			t.Fatalf("temporary name %q (prefix %q, seen before %v)", n, pid, seen[n])
+		}
+		seen[n] = true
 	}
 }
