@@ -23,6 +23,8 @@
 #        egressd variant), DNSBENCH_BIN (a binary run for the egressd
 #        systems instead of dnsbench, with dnsbench's flags: e.g. one
 #        built from bench/cmd/udpfloor, the floor of a Go responder),
+#        DNSBENCH_ENV (variables for the egressd systems' environment
+#        only, e.g. "GOMAXPROCS=1": a one-CPU machine's runtime),
 #        QUERY_LOG (1: every system records every query, as a deployed
 #        filter would: unbound's log-queries and dnsmasq's --log-queries to
 #        a file in the scratch directory, egressd's canonical log line at
@@ -189,7 +191,7 @@ start_system() { # name port
 		local extra=""
 		[ "$sys" = egressd-nocache ] && extra=-no-cache
 		[ "$QUERY_LOG" = 1 ] && extra="$extra -log info -journal"
-		inns "${DNSBENCH_BIN:-$W/dnsbench}" -listen "127.0.0.1:$p" -upstream "127.0.0.1:$UP_PORT" -allow '*.allowed.test' $extra ${DNSBENCH_ARGS:-} >"$W/$sys.log" 2>&1 &
+		inns env ${DNSBENCH_ENV:-} "${DNSBENCH_BIN:-$W/dnsbench}" -listen "127.0.0.1:$p" -upstream "127.0.0.1:$UP_PORT" -allow '*.allowed.test' $extra ${DNSBENCH_ARGS:-} >"$W/$sys.log" 2>&1 &
 		;;
 	*) fail "unknown system $sys" ;;
 	esac

@@ -5,6 +5,7 @@ import (
 	"errors"
 	"net"
 	"net/netip"
+	"runtime"
 	"strconv"
 	"strings"
 	"sync"
@@ -236,6 +237,17 @@ func compile(t testing.TB, src string) *policy.Store {
 		t.Fatal(err)
 	}
 	return policy.NewStore(e)
+}
+
+// procsAtLeast raises GOMAXPROCS to n for the test, so that n-1 listener
+// readers may wait outside the netpoller (rawReaders) whatever the
+// machine's CPU count. The tests of this package do not run in parallel.
+func procsAtLeast(t testing.TB, n int) {
+	t.Helper()
+	if old := runtime.GOMAXPROCS(0); old < n {
+		runtime.GOMAXPROCS(n)
+		t.Cleanup(func() { runtime.GOMAXPROCS(old) })
+	}
 }
 
 type testServer struct {

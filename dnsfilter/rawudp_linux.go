@@ -5,6 +5,7 @@ import (
 	"fmt"
 	"net"
 	"net/netip"
+	"runtime"
 	"sync"
 	"sync/atomic"
 	"unsafe"
@@ -282,9 +283,14 @@ func (s *Server) readRaw(r *rawUDP) error {
 
 // toRaw gives the IPv4 listener sockets their raw form (the sockets c
 // stands for are closed and live on in the result); a socket that cannot
-// be turned keeps its netpoller form. Repeated entries (readers sharing
-// one socket) map to one rawUDP.
+// be turned keeps its netpoller form, and so does one whose readers would
+// exceed s.rawLeft (rawReaders). Repeated entries (readers sharing one
+// socket) map to one rawUDP.
 func (s *Server) toRaw(conns []*net.UDPConn) []udpConn {
+	readers := map[*net.UDPConn]int{}
+	for _, c := range conns {
+		readers[c]++
+	}
 	out := make([]udpConn, len(conns))
 	done := map[*net.UDPConn]udpConn{}
 	for i, c := range conns {
@@ -294,15 +300,32 @@ func (s *Server) toRaw(conns []*net.UDPConn) []udpConn {
 		}
 		out[i] = udpConn(c)
 		if la, _ := c.LocalAddr().(*net.UDPAddr); la != nil && la.IP.To4() != nil && !s.cfg.UDPPollReads && !s.cfg.noBatch {
-			if r, err := rawFrom(c); err == nil {
-				out[i] = r
-			} else {
+			switch r, err := s.rawFor(c, readers[c]); {
+			case err != nil:
 				s.log.Warn("dnsfilter: listener stays on the netpoller", "addr", la.String(), audit.LogError, err.Error())
+			case r == nil:
+				s.log.Info("dnsfilter: listener stays on the netpoller: a reader waiting outside it would hold one of too few processors",
+					"addr", la.String(), "gomaxprocs", runtime.GOMAXPROCS(0))
+			default:
+				out[i] = r
 			}
 		}
 		done[c] = out[i]
 	}
 	return out
+}
+
+// rawFor turns c, read by n readers, into a rawUDP if the processors
+// allow n more readers outside the netpoller; nil otherwise.
+func (s *Server) rawFor(c *net.UDPConn, n int) (*rawUDP, error) {
+	if n > s.rawLeft {
+		return nil, nil
+	}
+	r, err := rawFrom(c)
+	if err == nil {
+		s.rawLeft -= n
+	}
+	return r, err
 }
 
 // readRawConn serves c when it is a rawUDP.

@@ -2,7 +2,10 @@ package dnsfilter
 
 import (
 	"errors"
+	"fmt"
 	"net"
+	"runtime"
+	"slices"
 	"testing"
 	"time"
 
@@ -13,6 +16,7 @@ import (
 // recvmmsg with no query coming, Run returns, and the socket is released
 // (its address can be bound again at once).
 func TestRawListenerClose(t *testing.T) {
+	procsAtLeast(t, 3) // two raw readers and one more
 	up := newFakeUpstream(t, labZone)
 	s, err := New(Config{Listen: []string{"127.0.0.1:0"}, Upstreams: []string{up.Addr}, UDPReaders: 2, ClientRate: -1}, Deps{Policy: compile(t, enforcePolicy)})
 	if err != nil {
@@ -52,4 +56,53 @@ func TestRawListenerClose(t *testing.T) {
 		t.Fatalf("the listener's address is still taken after Close: %v", err)
 	}
 	_ = c.Close()
+}
+
+// setProcs sets GOMAXPROCS to n for the test.
+func setProcs(t testing.TB, n int) {
+	t.Helper()
+	old := runtime.GOMAXPROCS(n)
+	t.Cleanup(func() { runtime.GOMAXPROCS(old) })
+}
+
+// Listener readers leave the netpoller only while a processor stays free
+// for everything else: none with one processor (a one-CPU machine), and
+// with two, the first listen address's reader but not the second's.
+// Each listener answers either way.
+func TestRawReadersLeaveAProcessor(t *testing.T) {
+	for procs, want := range map[int]int{1: 0, 2: 1, 3: 2, 16: 15} {
+		if got := rawReaders(procs); got != want {
+			t.Errorf("rawReaders(%d) = %d, want %d", procs, got, want)
+		}
+	}
+	for _, tc := range []struct {
+		procs int
+		want  []bool // per listen address: off the netpoller
+	}{
+		{1, []bool{false, false}},
+		{2, []bool{true, false}},
+		{3, []bool{true, true}},
+	} {
+		t.Run(fmt.Sprintf("gomaxprocs=%d", tc.procs), func(t *testing.T) {
+			setProcs(t, tc.procs)
+			up := newFakeUpstream(t, labZone)
+			ts := startServer(t, enforcePolicy, Config{Listen: []string{"127.0.0.1:0", "127.0.0.2:0"}, Upstreams: []string{up.Addr}, UDPReaders: 1}, Deps{})
+			ts.mu.Lock()
+			var got []bool
+			for _, c := range ts.udp {
+				got = append(got, isRawUDP(c))
+			}
+			ts.mu.Unlock()
+			if !slices.Equal(got, tc.want) {
+				t.Errorf("listeners off the netpoller: %v, want %v", got, tc.want)
+			}
+			for _, a := range ts.Addrs() {
+				for _, name := range []string{"www.allowed.test.", "api.allowed.test.", "www.allowed.test."} {
+					if r := ask(t, "udp", a.String(), name, dns.TypeA, false); r.Rcode != dns.RcodeSuccess || len(answerAddrs(r)) == 0 {
+						t.Errorf("%s %s: %s, %d addresses", a, name, dns.RcodeToString[r.Rcode], len(answerAddrs(r)))
+					}
+				}
+			}
+		})
+	}
 }

@@ -78,6 +78,11 @@ type Server struct {
 	baseCtx    context.Context // cancelled by Close; bounds upstream work
 	baseCancel context.CancelFunc
 
+	// rawLeft is how many more listener readers may wait in recvmmsg
+	// outside the netpoller (toRaw): set by listen to one less than
+	// GOMAXPROCS.
+	rawLeft int
+
 	mu      sync.Mutex // guards following
 	running bool
 	udp     []udpConn
@@ -295,10 +300,12 @@ func (s *Server) shutdown() {
 // every listen address. With port 0, UDP picks the port and TCP takes the
 // same one, retrying if it is taken.
 func (s *Server) listen() error {
+	procs := runtime.GOMAXPROCS(0)
 	readers := s.cfg.UDPReaders
 	if readers == 0 {
-		readers = defaultReaders(runtime.GOMAXPROCS(0))
+		readers = defaultReaders(procs)
 	}
+	s.rawLeft = rawReaders(procs)
 	for _, addr := range s.cfg.Listen {
 		host, port, _ := net.SplitHostPort(addr)
 		var err error
@@ -322,6 +329,19 @@ func (s *Server) listen() error {
 // p99 latency and gave no throughput (README, "DNS forwarder").
 func defaultReaders(cpus int) int {
 	return max(1, cpus/2)
+}
+
+// rawReaders is how many listener readers may wait in recvmmsg outside
+// the netpoller (rawudp_linux.go) with procs processors: one fewer. A
+// reader blocked in a system call keeps its processor until the runtime's
+// sysmon takes it back, one or two of sysmon's ticks later (up to 10 ms
+// each); with every processor held so, every other goroutine (the upstream
+// answers' readers, the proxy, the timers) waits that long each time a
+// reader goes back to wait. On a one-CPU machine, or with more listen
+// addresses than processors, the readers beyond this stay on the
+// netpoller.
+func rawReaders(procs int) int {
+	return max(0, procs-1)
 }
 
 func (s *Server) listenOne(host, port string, readers int) error {

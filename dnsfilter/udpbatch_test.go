@@ -44,6 +44,7 @@ func TestUDPBurst(t *testing.T) {
 					_ = c.Close()
 				}
 			}
+			procsAtLeast(t, 2) // a processor besides the raw reader's
 			up := newFakeUpstream(t, zone.String())
 			ts := startServer(t, enforcePolicy, Config{Listen: []string{tc.listen}, Upstreams: []string{up.Addr}, UDPReaders: 1, noBatch: tc.noBatch, UDPPollReads: tc.poll}, Deps{})
 			ts.mu.Lock()
@@ -157,6 +158,7 @@ func TestUDPBurst(t *testing.T) {
 // by the batching reader; IPv4 and IPv6 clients are both answered, misses
 // and cache hits, on UDP and TCP. A dual-stack socket is not batched.
 func TestWildcardListen(t *testing.T) {
+	procsAtLeast(t, 3) // two raw readers (startServer's) and one more
 	up := newFakeUpstream(t, labZone)
 	ts := startServer(t, enforcePolicy, Config{Listen: []string{":0"}, Upstreams: []string{up.Addr}}, Deps{})
 	port := ts.Addrs()[0].Port()
