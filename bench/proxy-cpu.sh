@@ -21,6 +21,9 @@
 #   nginx          nginx stream with ssl_preread (peers-tls.sh's), its
 #                  master and workers in the gateway namespace
 #   egressd        bench/cmd/proxybench, as bench/proxy-tls.sh runs it
+#   egressd-daemon `egressd run` itself (bench/egressd-gw.sh: with its DNS
+#                  forwarder, capture on the client-side interface, journal
+#                  and admin server)
 #   floor-goroutine, floor-epoll, floor-hybrid  bench/cmd/tcpfloor: a Go
 #                  transparent proxy that does nothing but forward (splice,
 #                  half-close), built as egressd's is (goroutines, net
@@ -121,7 +124,7 @@ latency_ms() {
 # connection; latencies in ms) to $TMP/res
 one_run() {
 	local sys=$1 proc="" pid="" i t b0 b1 u0 s0 u1 s1 w0="0 0" w1="0 0" out rate smt="" sm0="" sm1=""
-	case $sys in haproxy*) proc=haproxy ;; egressd) proc=proxybench ;; floor-*) proc=tcpfloor ;; sniproxy) proc=sniproxy ;; nginx) proc=nginx ;; esac
+	case $sys in haproxy*) proc=haproxy ;; egressd) proc=proxybench ;; egressd-daemon) proc=egressd ;; floor-*) proc=tcpfloor ;; sniproxy) proc=sniproxy ;; nginx) proc=nginx ;; esac
 	case $sys in
 	direct) (SYSTEMS=direct bash "$PEERS_TLS") ;;
 	haproxy) (SYSTEMS=haproxy bash "$PEERS_TLS") ;;
@@ -130,6 +133,7 @@ one_run() {
 	haproxy-plain) (SYSTEMS=haproxy-plain CUSTOM_TLS_NAME=haproxy-plain \
 		CUSTOM_TLS_CMD="$TMP/haproxy-plain.sh {PORT}" bash "$PEERS_TLS") ;;
 	egressd) (SYSTEMS=egressd PEERS_TLS=$PEERS_TLS bash "$ROOT/bench/proxy-tls.sh") ;;
+	egressd-daemon) (SYSTEMS=egressd EGRESSD=daemon PEERS_TLS=$PEERS_TLS bash "$ROOT/bench/proxy-tls.sh") ;;
 	floor-*) (SYSTEMS=$sys CUSTOM_TLS_NAME=$sys \
 		CUSTOM_TLS_CMD="$TMP/tcpfloor -mode ${sys#floor-} -port {PORT}" bash "$PEERS_TLS") ;;
 	*) echo "proxy-cpu.sh: unknown system $sys" >&2; return 1 ;;
@@ -147,7 +151,7 @@ one_run() {
 		w0=$(wait_stat $pid)
 		# Go's sysmon runs on the first thread the runtime creates: the
 		# process's second-lowest thread id.
-		[ "$sys" != egressd ] || { smt=$(ls "/proc/${pid%% *}/task" | sort -n | sed -n 2p); sm0=$(thread_stat "${pid%% *}" "$smt"); }
+		case $sys in egressd*) smt=$(ls "/proc/${pid%% *}/task" | sort -n | sed -n 2p) sm0=$(thread_stat "${pid%% *}" "$smt") ;; esac
 	fi
 	b0=$(box_ticks)
 	sleep "$SAMPLE_SECS"

@@ -16,6 +16,9 @@
 #   (BULK_RUNS, BULK_MIB, WRK_RUNS, WRK_SECS, WRK_CONNS, ...).
 #   PROXYBENCH_ENV="GOMAXPROCS=1"  variables for proxybench's environment only
 #   PROXYBENCH_ARGS="-cpuprofile /tmp/cpu.pprof"  extra proxybench flags
+#   EGRESSD=daemon  measure `egressd run` itself in proxybench's place
+#   (bench/egressd-gw.sh: its DNS forwarder, capture on the client-side
+#   interface, journal and admin server too; PROXYBENCH_ENV applies to it)
 #   (profiles; see bench/cmd/proxybench). By default proxybench logs and
 #   records events as egressd run does (JSON lines at info, event journal).
 # Traffic stays in the namespaces the peers script creates (198.18.0.0/15).
@@ -27,12 +30,17 @@ BIN=$(mktemp -d /tmp/proxybench.XXXXXX)
 trap 'rm -rf "$BIN"' EXIT
 GO=${GO:-$(command -v go || echo /usr/local/go/bin/go)}
 "$GO" build -o "$BIN/proxybench" ./bench/cmd/proxybench
+[ "${EGRESSD:-}" != daemon ] || CGO_ENABLED=0 "$GO" build -o "$BIN/egressd" ./cmd/egressd
 # egressd needs many descriptors for splice pipes at high connection rates.
 ulimit -n "$(ulimit -Hn)" 2>/dev/null || true
 export SYSTEMS=${SYSTEMS:-"direct egressd haproxy"}
 export CUSTOM_TLS_NAME=egressd
 # Started in the gateway namespace with SERVER_IP and PROXY_PORT set.
 export CUSTOM_TLS_CMD="${PROXYBENCH_ENV:+env $PROXYBENCH_ENV }$BIN/proxybench -transparent :{PORT} -allow '*.allowed.test' -map www.allowed.test=\$SERVER_IP ${PROXYBENCH_ARGS:-}"
+if [ "${EGRESSD:-}" = daemon ]; then
+	# egressd run itself, with its DNS forwarder, capture and journal
+	CUSTOM_TLS_CMD="env EGRESSD_BIN=$BIN/egressd EGRESSD_ENV='${PROXYBENCH_ENV:-}' sh $PWD/bench/egressd-gw.sh {PORT}"
+fi
 # The peers script's log goes to stderr as before and to a file, from which
 # rounds.sh counts the rounds egressd won against each system.
 { bash "$PEERS_TLS" 2>&1 1>&3 | tee "$BIN/peers.log" >&2; } 3>&1
