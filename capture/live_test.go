@@ -6,11 +6,15 @@ import (
 	"net/http"
 	"net/http/httptest"
 	"net/netip"
+	"os"
+	"path/filepath"
+	"strconv"
 	"strings"
 	"testing"
 	"time"
 
 	"github.com/miekg/dns"
+	"golang.org/x/sys/unix"
 
 	"egressd/audit"
 	"egressd/internal/testnet"
@@ -211,5 +215,75 @@ func TestLiveAFPacket(t *testing.T) {
 		if !found {
 			t.Errorf("no flow to port %d/%s in %+v", w.port, w.proto, evs)
 		}
+	}
+}
+
+// TestLiveNeverWaitsInPoll: Run waits for packets on a Go timer, never in
+// poll(2), where its thread would hold a Go processor until sysmon took it
+// back (live.go, minRingWait). While a capture runs on an idle interface
+// no thread of this process may be found in ppoll; with the old wait (a
+// 100 ms poll timeout) its thread was there nearly all the time. Packets
+// still come through: datagrams across the link are captured.
+func TestLiveNeverWaitsInPoll(t *testing.T) {
+	testnet.RequireRoot(t)
+	a := testnet.New(t, "cpa")
+	b := testnet.New(t, "cpb")
+	testnet.Link(t, a, "pl0", []string{"198.18.9.1/24"}, b, "pl1", []string{"198.18.9.2/24"})
+	rec := &recorder{}
+	c, err := New(Config{Interface: "pl1"}, Deps{Policy: policy.NewStore(testEngine(t, testPolicy)), Sink: rec})
+	if err != nil {
+		t.Fatal(err)
+	}
+	defer c.Close()
+	if err := b.Do(c.Open); err != nil {
+		t.Fatal(err)
+	}
+	ctx, cancel := context.WithCancel(context.Background())
+	errc := make(chan error, 1)
+	go func() { errc <- c.Run(ctx) }()
+	time.Sleep(300 * time.Millisecond) // Run is in its loop, the interface idle
+	inPoll := 0
+	for range 50 {
+		tasks, _ := filepath.Glob("/proc/self/task/*/syscall")
+		for _, f := range tasks {
+			b, err := os.ReadFile(f)
+			if err != nil {
+				continue
+			}
+			if nr, _, _ := strings.Cut(string(b), " "); nr == strconv.Itoa(unix.SYS_PPOLL) {
+				inPoll++
+			}
+		}
+		time.Sleep(10 * time.Millisecond)
+	}
+	if inPoll > 0 {
+		t.Errorf("a thread was in ppoll in %d of 50 looks while capture ran on an idle interface", inPoll)
+	}
+	sink, err := b.ListenPacket("udp", "198.18.9.2:9")
+	if err != nil {
+		t.Fatal(err)
+	}
+	defer sink.Close()
+	conn, err := a.DialContext(ctx, "udp", "198.18.9.2:9")
+	if err != nil {
+		t.Fatal(err)
+	}
+	defer conn.Close()
+	for range 3 {
+		if _, err := conn.Write([]byte("egressd capture test")); err != nil {
+			t.Fatal(err)
+		}
+		time.Sleep(50 * time.Millisecond)
+	}
+	deadline := time.Now().Add(5 * time.Second)
+	for time.Now().Before(deadline) && c.Stats().Packets < 3 {
+		time.Sleep(20 * time.Millisecond)
+	}
+	if n := c.Stats().Packets; n < 3 {
+		t.Errorf("captured %d packets, want the 3 datagrams at least", n)
+	}
+	cancel()
+	if err := <-errc; err != nil {
+		t.Fatalf("run: %v", err)
 	}
 }
