@@ -41,6 +41,12 @@
 # waited for a CPU) per connection, and how many time slices it ran in.
 # PROXYBENCH_ENV="GOMAXPROCS=1" puts variables in egressd's environment only.
 #
+# DNS_QPS=N (egressd-daemon only) also sends N DNS queries a second from
+# the client namespace to the daemon's forwarder (dnsperf, allowed names
+# from its cache after the first pass) over the sampled seconds, as a
+# site's clients do while they connect: the proxy's figures then include
+# what the forwarder beside it costs it. dnsperf's summary is printed.
+#
 # Usage (root): bench/proxy-cpu.sh   [SYSTEMS=... ROUNDS=N WRK_SECS=14
 #   SAMPLE_SECS=10 PEERS_TLS=... RATE=600 PROXYBENCH_ENV=...]. Traffic stays in
 #   the namespaces the peers script creates (198.18.0.0/15); each load is one
@@ -108,6 +114,12 @@ proc_ticks() {
 }
 HZ=$(getconf CLK_TCK)
 NS_GW=btls-gw # the peers script's gateway namespace
+NS_C=btls-c   # its client namespace
+GW_CLIENT_IP=198.18.1.1 # the gateway's address on the client side
+if [ -n "${DNS_QPS:-}" ]; then
+	command -v dnsperf >/dev/null || { echo "proxy-cpu.sh: DNS_QPS needs dnsperf" >&2; exit 1; }
+	for i in $(seq 1 200); do echo "n$i.allowed.test A"; done >"$TMP/queries"
+fi
 
 # "run-queue-wait-ns time-slices" summed over every thread of processes
 wait_stat() {
@@ -153,11 +165,20 @@ one_run() {
 		# process's second-lowest thread id.
 		case $sys in egressd*) smt=$(ls "/proc/${pid%% *}/task" | sort -n | sed -n 2p) sm0=$(thread_stat "${pid%% *}" "$smt") ;; esac
 	fi
+	local dnspid=""
+	if [ -n "${DNS_QPS:-}" ] && [ "$sys" = egressd-daemon ]; then
+		ip netns exec "$NS_C" dnsperf -s "$GW_CLIENT_IP" -d "$TMP/queries" -Q "$DNS_QPS" -l "$SAMPLE_SECS" >"$TMP/dnsperf.out" 2>&1 &
+		dnspid=$!
+	fi
 	b0=$(box_ticks)
 	sleep "$SAMPLE_SECS"
 	b1=$(box_ticks)
 	if [ -n "$pid" ]; then t=$(proc_ticks $pid); u1=${t% *} s1=${t#* }; w1=$(wait_stat $pid); else u0=0 s0=0 u1=0 s1=0; fi
 	[ -z "$smt" ] || sm1=$(thread_stat "${pid%% *}" "$smt")
+	if [ -n "$dnspid" ]; then
+		wait "$dnspid" || true
+		awk '/Queries completed|Average Latency/ { sub(/^ +/, ""); printf "  (dnsperf at %s q/s: %s)\n", q, $0 }' q="$DNS_QPS" "$TMP/dnsperf.out" >"$TMP/dns"
+	fi
 	wait "$RUNPID" || true
 	RUNPID=""
 	out=$(grep -m1 -A1 '^system' "$TMP/run.out" | tail -1)
@@ -170,6 +191,7 @@ one_run() {
 	: >"$TMP/sysmon"
 	[ -z "$sm1" ] || echo "$sm0 $sm1" | awk -v r="$rate" -v s="$SAMPLE_SECS" \
 		'{ n = r * s; printf "  (egressd: Go runtime sysmon thread %.0f us/conn on CPU, %.1f wakeups/conn)\n", ($3 - $1) / 1e3 / n, ($4 - $2) / n }' >"$TMP/sysmon"
+	[ -z "$dnspid" ] || cat "$TMP/dns" >>"$TMP/sysmon"
 }
 
 # "ns-on-CPU voluntary-switches" of thread $2 of process $1
