@@ -129,11 +129,17 @@ type Config struct {
 	// IPv4 socket's reader takes and answers up to 16 queries per system
 	// call (recvmmsg, sendmmsg) when they queue up.
 	UDPReaders int
-	// UDPPollReads keeps the IPv4 listener sockets on Go's netpoller. By
-	// default, on Linux, their readers wait in recvmmsg on a socket the
-	// netpoller does not watch, which keeps the latency tail at a light,
-	// steady rate near unbound's (README, "DNS forwarder").
-	UDPPollReads bool
+	// UDPRawReads takes the IPv4 listener sockets off Go's netpoller (on
+	// Linux): their readers wait in recvmmsg themselves, on sockets the
+	// netpoller does not watch. At tens of thousands of queries a second
+	// that trims the latency tail (README, "DNS forwarder"), but a reader
+	// blocked in that system call holds a Go processor until sysmon takes
+	// it back, and each take sets sysmon polling busily again: in a
+	// process that also proxies, as egressd run does, the proxy pays for
+	// it (README, "The forwarder's readers in egressd run"). Off by
+	// default: for a process that serves DNS alone. At most GOMAXPROCS-1
+	// readers leave the netpoller (rawReaders).
+	UDPRawReads bool
 
 	noBatch bool // tests: one datagram per system call on every socket
 }

@@ -19,8 +19,9 @@
 //
 // Hot path: UDP queries whose answer is cached are answered from the packed
 // wire form of the cached answer without unpacking the query into a
-// dns.Msg (see fastpath.go), by a reader that on Linux waits in recvmmsg on
-// a socket the netpoller does not watch (rawudp_linux.go); misses are sent
+// dns.Msg (see fastpath.go), by a reader that takes queries in batches
+// (recvmmsg; with Config.UDPRawReads it waits in recvmmsg itself, off the
+// netpoller: rawudp_linux.go); misses are sent
 // upstream by the listener's reader and answered by the upstream socket's
 // reader, in batches (missasync.go, udpmux.go); everything else takes the
 // general path on github.com/miekg/dns (v1, kept behind this package).

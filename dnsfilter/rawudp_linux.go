@@ -299,7 +299,7 @@ func (s *Server) toRaw(conns []*net.UDPConn) []udpConn {
 			continue
 		}
 		out[i] = udpConn(c)
-		if la, _ := c.LocalAddr().(*net.UDPAddr); la != nil && la.IP.To4() != nil && !s.cfg.UDPPollReads && !s.cfg.noBatch {
+		if la, _ := c.LocalAddr().(*net.UDPAddr); la != nil && la.IP.To4() != nil && s.cfg.UDPRawReads && !s.cfg.noBatch {
 			switch r, err := s.rawFor(c, readers[c]); {
 			case err != nil:
 				s.log.Warn("dnsfilter: listener stays on the netpoller", "addr", la.String(), audit.LogError, err.Error())

@@ -18,7 +18,7 @@ import (
 func TestRawListenerClose(t *testing.T) {
 	procsAtLeast(t, 3) // two raw readers and one more
 	up := newFakeUpstream(t, labZone)
-	s, err := New(Config{Listen: []string{"127.0.0.1:0"}, Upstreams: []string{up.Addr}, UDPReaders: 2, ClientRate: -1}, Deps{Policy: compile(t, enforcePolicy)})
+	s, err := New(Config{Listen: []string{"127.0.0.1:0"}, Upstreams: []string{up.Addr}, UDPReaders: 2, ClientRate: -1, UDPRawReads: true}, Deps{Policy: compile(t, enforcePolicy)})
 	if err != nil {
 		t.Fatal(err)
 	}
@@ -65,8 +65,8 @@ func setProcs(t testing.TB, n int) {
 	t.Cleanup(func() { runtime.GOMAXPROCS(old) })
 }
 
-// Listener readers leave the netpoller only while a processor stays free
-// for everything else: none with one processor (a one-CPU machine), and
+// With UDPRawReads, listener readers leave the netpoller only while a
+// processor stays free for everything else: none with one processor (a one-CPU machine), and
 // with two, the first listen address's reader but not the second's.
 // Each listener answers either way.
 func TestRawReadersLeaveAProcessor(t *testing.T) {
@@ -86,7 +86,7 @@ func TestRawReadersLeaveAProcessor(t *testing.T) {
 		t.Run(fmt.Sprintf("gomaxprocs=%d", tc.procs), func(t *testing.T) {
 			setProcs(t, tc.procs)
 			up := newFakeUpstream(t, labZone)
-			ts := startServer(t, enforcePolicy, Config{Listen: []string{"127.0.0.1:0", "127.0.0.2:0"}, Upstreams: []string{up.Addr}, UDPReaders: 1}, Deps{})
+			ts := startServer(t, enforcePolicy, Config{Listen: []string{"127.0.0.1:0", "127.0.0.2:0"}, Upstreams: []string{up.Addr}, UDPReaders: 1, UDPRawReads: true}, Deps{})
 			ts.mu.Lock()
 			var got []bool
 			for _, c := range ts.udp {

@@ -29,12 +29,14 @@ func TestUDPBurst(t *testing.T) {
 	for _, tc := range []struct {
 		name, listen string
 		noBatch      bool
-		poll         bool // UDPPollReads
+		raw          bool // UDPRawReads
 	}{
 		{"ipv4-batch", "127.0.0.1:0", false, false},
-		{"ipv4-batch-poll", "127.0.0.1:0", false, true},
+		{"ipv4-batch-raw", "127.0.0.1:0", false, true},
 		{"ipv4-single", "127.0.0.1:0", true, false},
+		{"ipv4-single-raw", "127.0.0.1:0", true, true}, // noBatch keeps the netpoller
 		{"ipv6", "[::1]:0", false, false},
+		{"ipv6-raw", "[::1]:0", false, true}, // IPv6 keeps the netpoller
 	} {
 		t.Run(tc.name, func(t *testing.T) {
 			if strings.HasPrefix(tc.listen, "[") {
@@ -46,11 +48,11 @@ func TestUDPBurst(t *testing.T) {
 			}
 			procsAtLeast(t, 2) // a processor besides the raw reader's
 			up := newFakeUpstream(t, zone.String())
-			ts := startServer(t, enforcePolicy, Config{Listen: []string{tc.listen}, Upstreams: []string{up.Addr}, UDPReaders: 1, noBatch: tc.noBatch, UDPPollReads: tc.poll}, Deps{})
+			ts := startServer(t, enforcePolicy, Config{Listen: []string{tc.listen}, Upstreams: []string{up.Addr}, UDPReaders: 1, noBatch: tc.noBatch, UDPRawReads: tc.raw}, Deps{})
 			ts.mu.Lock()
 			raw := isRawUDP(ts.udp[0])
 			ts.mu.Unlock()
-			if want := rawSupported && !tc.noBatch && !tc.poll && !strings.HasPrefix(tc.listen, "["); raw != want {
+			if want := rawSupported && !tc.noBatch && tc.raw && !strings.HasPrefix(tc.listen, "["); raw != want {
 				t.Fatalf("listener off the netpoller: %v, want %v", raw, want)
 			}
 			ask(t, "udp", ts.Addr, "www.allowed.test.", dns.TypeA, false) // warm the cache
@@ -156,11 +158,20 @@ func TestUDPBurst(t *testing.T) {
 // TestWildcardListen: a wildcard listen address (":port", what egressd run
 // uses by default) gets an AF_INET socket and an IPv6-only one, both served
 // by the batching reader; IPv4 and IPv6 clients are both answered, misses
-// and cache hits, on UDP and TCP. A dual-stack socket is not batched.
+// and cache hits, on UDP and TCP. A dual-stack socket is not batched. With
+// UDPRawReads the IPv4 socket leaves the netpoller, by default it stays.
 func TestWildcardListen(t *testing.T) {
 	procsAtLeast(t, 3) // two raw readers (startServer's) and one more
+	for _, rawReads := range []bool{false, true} {
+		t.Run(fmt.Sprintf("raw=%v", rawReads), func(t *testing.T) {
+			testWildcardListen(t, rawReads)
+		})
+	}
+}
+
+func testWildcardListen(t *testing.T, rawReads bool) {
 	up := newFakeUpstream(t, labZone)
-	ts := startServer(t, enforcePolicy, Config{Listen: []string{":0"}, Upstreams: []string{up.Addr}}, Deps{})
+	ts := startServer(t, enforcePolicy, Config{Listen: []string{":0"}, Upstreams: []string{up.Addr}, UDPRawReads: rawReads}, Deps{})
 	port := ts.Addrs()[0].Port()
 	var v4, v6, batched, raw, total int
 	ts.mu.Lock()
@@ -182,8 +193,12 @@ func TestWildcardListen(t *testing.T) {
 	if v4 == 0 || batched != total {
 		t.Errorf("wildcard UDP sockets: %d IPv4, %d IPv6, %d of %d batched; want an IPv4 one and all batched", v4, v6, batched, total)
 	}
-	if rawSupported && raw != v4 {
-		t.Errorf("wildcard UDP sockets: %d of %d IPv4 ones off the netpoller, want all", raw, v4)
+	want := 0
+	if rawSupported && rawReads {
+		want = v4
+	}
+	if raw != want {
+		t.Errorf("wildcard UDP sockets: %d of %d IPv4 ones off the netpoller, want %d (UDPRawReads %v)", raw, v4, want, rawReads)
 	}
 	addrs := []string{fmt.Sprintf("127.0.0.1:%d", port)}
 	if c, err := net.ListenPacket("udp6", "[::1]:0"); err == nil {

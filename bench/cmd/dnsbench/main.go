@@ -35,7 +35,7 @@ func main() {
 	cpuProfile := flag.String("cpuprofile", "", "write a CPU profile to this file")
 	memProfile := flag.String("memprofile", "", "write an allocation profile to this file at exit")
 	readers := flag.Int("readers", 0, "UDP sockets and readers (0: the forwarder's default, one per two CPUs)")
-	pollReads := flag.Bool("poll-reads", false, "keep the UDP listeners on Go's netpoller (Config.UDPPollReads)")
+	rawReads := flag.Bool("raw-reads", false, "take the IPv4 UDP listeners off Go's netpoller (Config.UDPRawReads)")
 	journal := flag.Bool("journal", false, "record every query through the audit journal, as egressd run does, in a temporary state directory removed at exit")
 	flag.Parse()
 	if *cpuProfile != "" {
@@ -47,7 +47,7 @@ func main() {
 		_ = pprof.StartCPUProfile(f)
 		defer pprof.StopCPUProfile()
 	}
-	err := run(*listen, *upstream, *allow, *noCache, *logLevel, *readers, *pollReads, *journal)
+	err := run(*listen, *upstream, *allow, *noCache, *logLevel, *readers, *rawReads, *journal)
 	if *memProfile != "" {
 		if f, ferr := os.Create(*memProfile); ferr == nil {
 			_ = pprof.Lookup("allocs").WriteTo(f, 0)
@@ -61,7 +61,7 @@ func main() {
 	}
 }
 
-func run(listen, upstream, allow string, noCache bool, logLevel string, readers int, pollReads, journal bool) error {
+func run(listen, upstream, allow string, noCache bool, logLevel string, readers int, rawReads, journal bool) error {
 	src := fmt.Sprintf("version: 1\nmode: enforce\nrules:\n  - name: bench\n    to: [%q]\n    ports: [443/tcp]\n", allow)
 	eng, err := policy.Compile("bench-policy.yaml", []byte(src))
 	if err != nil {
@@ -77,7 +77,7 @@ func run(listen, upstream, allow string, noCache bool, logLevel string, readers 
 		defer lw.Close()
 		logger = slog.New(logjson.New(lw, &slog.HandlerOptions{Level: lv}))
 	}
-	cfg := dnsfilter.Config{Listen: []string{listen}, Upstreams: []string{upstream}, ClientRate: -1, UDPReaders: readers, UDPPollReads: pollReads}
+	cfg := dnsfilter.Config{Listen: []string{listen}, Upstreams: []string{upstream}, ClientRate: -1, UDPReaders: readers, UDPRawReads: rawReads}
 	if noCache {
 		cfg.CacheSize = -1
 	}
