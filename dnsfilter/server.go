@@ -571,16 +571,36 @@ func (s *Server) LookupNetIP(ctx context.Context, name string) ([]netip.Addr, er
 		err error
 	}
 	var rs [2]res
-	var wg sync.WaitGroup
-	for i, t := range []uint16{dns.TypeA, dns.TypeAAAA} {
-		wg.Add(1)
-		go func() {
-			defer wg.Done()
-			key := appendKey(nil, n, t, dns.ClassINET, 0)
-			rs[i].e, _, rs[i].err = s.resolve(ctx, key, n, t, dns.ClassINET, 0, time.Time{}, nil)
-		}()
+	var keys [2][]byte
+	var missing []int
+	types := [2]uint16{dns.TypeA, dns.TypeAAAA}
+	for i, t := range types {
+		keys[i] = appendKey(nil, n, t, dns.ClassINET, 0)
+		if s.cache != nil {
+			if e := s.cache.get(keys[i], s.now().UnixNano()); e != nil {
+				s.m.cacheHits.Inc()
+				rs[i].e = e
+				continue
+			}
+		}
+		missing = append(missing, i)
 	}
-	wg.Wait()
+	// What the cache has is answered at once (the proxy asks for every
+	// connection whose client did not ask our DNS, a browser with its
+	// own resolver, say); the rest is resolved here, both types at once
+	// when both are missing.
+	resolve := func(i int) {
+		rs[i].e, _, rs[i].err = s.resolve(ctx, keys[i], n, types[i], dns.ClassINET, 0, time.Time{}, nil)
+	}
+	switch len(missing) {
+	case 1:
+		resolve(missing[0])
+	case 2:
+		var wg sync.WaitGroup
+		wg.Go(func() { resolve(0) })
+		resolve(1)
+		wg.Wait()
+	}
 	var out []netip.Addr
 	var errs []error
 	notFound := false

@@ -660,3 +660,56 @@ func TestOversizedUDPAnswer(t *testing.T) {
 		}
 	}
 }
+
+// TestLookupNetIPCache: LookupNetIP answers from the cache what it has and
+// asks the upstream only for the rest: a name whose A record a client's
+// query cached costs one upstream query (AAAA), and a second lookup none.
+func TestLookupNetIPCache(t *testing.T) {
+	up := newFakeUpstream(t, labZone)
+	ts := startServer(t, enforcePolicy, Config{Upstreams: []string{up.Addr}}, Deps{})
+	seen := func(qtype uint16) int {
+		n := 0
+		for _, q := range up.Seen() {
+			if q.Name == "www.allowed.test" && q.Type == qtype {
+				n++
+			}
+		}
+		return n
+	}
+	ask(t, "udp", ts.Addr, "www.allowed.test.", dns.TypeA, false)
+	if a, aaaa := seen(dns.TypeA), seen(dns.TypeAAAA); a != 1 || aaaa != 0 {
+		t.Fatalf("after the client's query: %d A and %d AAAA upstream queries, want 1 and 0", a, aaaa)
+	}
+	want := []netip.Addr{netip.MustParseAddr("192.0.2.10"), netip.MustParseAddr("2001:db8::10")}
+	for i := range 2 {
+		addrs, err := ts.LookupNetIP(context.Background(), "www.allowed.test")
+		if err != nil || !slices.Equal(addrs, want) {
+			t.Errorf("lookup %d: %v %v, want %v", i, addrs, err, want)
+		}
+		if a, aaaa := seen(dns.TypeA), seen(dns.TypeAAAA); a != 1 || aaaa != 1 {
+			t.Errorf("after lookup %d: %d A and %d AAAA upstream queries, want 1 and 1", i, a, aaaa)
+		}
+	}
+	// Neither type cached: both asked, and both answers returned.
+	addrs, err := ts.LookupNetIP(context.Background(), "mixed.allowed.test")
+	if err != nil || len(addrs) != 1 || addrs[0] != netip.MustParseAddr("2001:db8::12") {
+		t.Errorf("lookup of an uncached name: %v %v", addrs, err)
+	}
+}
+
+// BenchmarkLookupNetIPCached: the proxy's check of a destination for a
+// client that did not ask our DNS, both answers cached.
+func BenchmarkLookupNetIPCached(b *testing.B) {
+	up := newFakeUpstream(b, labZone)
+	ts := startServer(b, enforcePolicy, Config{Upstreams: []string{up.Addr}}, Deps{})
+	ctx := context.Background()
+	if _, err := ts.LookupNetIP(ctx, "www.allowed.test"); err != nil {
+		b.Fatal(err)
+	}
+	b.ReportAllocs()
+	for b.Loop() {
+		if _, err := ts.LookupNetIP(ctx, "www.allowed.test"); err != nil {
+			b.Fatal(err)
+		}
+	}
+}
