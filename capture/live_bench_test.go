@@ -85,18 +85,8 @@ func liveBulk(b *testing.B, upload bool) {
 	}()
 
 	rec := &recorder{}
-	c, err := New(Config{Interface: "lan1", RingMB: ringMB(), FullFrames: os.Getenv("CAPTURE_FULL_FRAMES") != ""},
+	c := startLive(b, gw, Config{Interface: "lan1", RingMB: ringMB(), FullFrames: os.Getenv("CAPTURE_FULL_FRAMES") != ""},
 		Deps{Policy: policy.NewStore(testEngine(b, testPolicy)), Sink: rec})
-	if err != nil {
-		b.Fatal(err)
-	}
-	defer c.Close()
-	if err := gw.Do(c.Open); err != nil {
-		b.Fatal(err)
-	}
-	ctx, cancel := context.WithCancel(context.Background())
-	errc := make(chan error, 1)
-	go func() { errc <- c.Run(ctx) }()
 	b.SetBytes(perIter)
 	b.ResetTimer()
 	for i := 0; i < b.N; i++ {
@@ -129,8 +119,7 @@ func liveBulk(b *testing.B, upload bool) {
 	}
 	b.StopTimer()
 	time.Sleep(200 * time.Millisecond) // TPACKET_V3 hands blocks over after their timeout
-	cancel()
-	if err := <-errc; err != nil {
+	if err := c.stop(); err != nil {
 		b.Fatal(err)
 	}
 	s := c.Stats()

@@ -80,29 +80,11 @@ func TestLiveAFPacket(t *testing.T) {
 	// Capture on the gateway's LAN side, the socket opened in its namespace.
 	rec := &recorder{}
 	eng := testEngine(t, testPolicy)
-	c, err := New(Config{Interface: "lan1"}, Deps{Policy: policy.NewStore(eng), Sink: rec})
-	if err != nil {
-		t.Fatal(err)
-	}
-	defer c.Close()
-	if err := gw.Do(c.Open); err != nil {
-		t.Fatalf("open AF_PACKET in the namespace: %v", err)
-	}
+	c := startLive(t, gw, Config{Interface: "lan1"}, Deps{Policy: policy.NewStore(eng), Sink: rec})
 	// A twin capture on the same interface copies whole frames: the snap
 	// filter of the first must change no count.
 	recFull := &recorder{}
-	full, err := New(Config{Interface: "lan1", FullFrames: true}, Deps{Policy: policy.NewStore(eng), Sink: recFull})
-	if err != nil {
-		t.Fatal(err)
-	}
-	defer full.Close()
-	if err := gw.Do(full.Open); err != nil {
-		t.Fatal(err)
-	}
-	ctx, cancel := context.WithCancel(context.Background())
-	errc := make(chan error, 2)
-	go func() { errc <- c.Run(ctx) }()
-	go func() { errc <- full.Run(ctx) }()
+	full := startLive(t, gw, Config{Interface: "lan1", FullFrames: true}, Deps{Policy: policy.NewStore(eng), Sink: recFull})
 
 	// Real clients in the client namespace. The names are looked up
 	// first: capture reads the answers, which vouch for the addresses
@@ -139,9 +121,8 @@ func TestLiveAFPacket(t *testing.T) {
 		time.Sleep(50 * time.Millisecond)
 	}
 	time.Sleep(300 * time.Millisecond) // TPACKET_V3 hands blocks over after 64 ms
-	cancel()
-	for range 2 {
-		if err := <-errc; err != nil {
+	for _, lc := range []*liveCapture{c, full} {
+		if err := lc.stop(); err != nil {
 			t.Fatalf("Run: %v", err)
 		}
 	}
@@ -229,18 +210,7 @@ func TestLiveNeverWaitsInPoll(t *testing.T) {
 	a := testnet.New(t, "cpa")
 	b := testnet.New(t, "cpb")
 	testnet.Link(t, a, "pl0", []string{"198.18.9.1/24"}, b, "pl1", []string{"198.18.9.2/24"})
-	rec := &recorder{}
-	c, err := New(Config{Interface: "pl1"}, Deps{Policy: policy.NewStore(testEngine(t, testPolicy)), Sink: rec})
-	if err != nil {
-		t.Fatal(err)
-	}
-	defer c.Close()
-	if err := b.Do(c.Open); err != nil {
-		t.Fatal(err)
-	}
-	ctx, cancel := context.WithCancel(context.Background())
-	errc := make(chan error, 1)
-	go func() { errc <- c.Run(ctx) }()
+	c := startLive(t, b, Config{Interface: "pl1"}, Deps{Policy: policy.NewStore(testEngine(t, testPolicy)), Sink: &recorder{}})
 	time.Sleep(300 * time.Millisecond) // Run is in its loop, the interface idle
 	inPoll := 0
 	for range 50 {
@@ -264,7 +234,7 @@ func TestLiveNeverWaitsInPoll(t *testing.T) {
 		t.Fatal(err)
 	}
 	defer sink.Close()
-	conn, err := a.DialContext(ctx, "udp", "198.18.9.2:9")
+	conn, err := a.DialContext(context.Background(), "udp", "198.18.9.2:9")
 	if err != nil {
 		t.Fatal(err)
 	}
@@ -282,8 +252,40 @@ func TestLiveNeverWaitsInPoll(t *testing.T) {
 	if n := c.Stats().Packets; n < 3 {
 		t.Errorf("captured %d packets, want the 3 datagrams at least", n)
 	}
-	cancel()
-	if err := <-errc; err != nil {
+	if err := c.stop(); err != nil {
 		t.Fatalf("run: %v", err)
 	}
+}
+
+// liveCapture is a capture running on a socket opened in a test
+// namespace.
+type liveCapture struct {
+	*Capture
+	cancel context.CancelFunc
+	errc   chan error
+}
+
+// startLive builds a capture, opens its socket in ns (a socket belongs to
+// the namespace of the thread that made it) and runs it. It is closed when
+// the test ends.
+func startLive(tb testing.TB, ns *testnet.NS, cfg Config, deps Deps) *liveCapture {
+	tb.Helper()
+	c, err := New(cfg, deps)
+	if err != nil {
+		tb.Fatal(err)
+	}
+	tb.Cleanup(func() { c.Close() })
+	if err := ns.Do(c.Open); err != nil {
+		tb.Fatalf("open AF_PACKET on %s in the namespace: %v", cfg.Interface, err)
+	}
+	ctx, cancel := context.WithCancel(context.Background())
+	lc := &liveCapture{Capture: c, cancel: cancel, errc: make(chan error, 1)}
+	go func() { lc.errc <- c.Run(ctx) }()
+	return lc
+}
+
+// stop ends Run and returns its error.
+func (lc *liveCapture) stop() error {
+	lc.cancel()
+	return <-lc.errc
 }
