@@ -7,8 +7,11 @@
 # interface (AF_PACKET), the audit journal, the ledger, the admin server.
 # The peers script keeps its own nftables REDIRECT, so the daemon runs with
 # --no-firewall; names are vouched for by a fresh lookup (no client asks
-# our DNS here) through a dnsmasq that answers *.allowed.test with
-# SERVER_IP, on the gateway's loopback.
+# our DNS here) through a dnsmasq on the gateway's loopback that answers
+# *.allowed.test with SERVER_IP (and a documentation IPv6 address), with
+# a TTL of 300 s as a real zone has: dnsmasq's own default of 0 would make
+# every lookup go upstream, and its answer to AAAA without an address
+# (REFUSED) is not cached either.
 #
 # Environment: EGRESSD_BIN (the binary), EGRESSD_ENV (variables for the
 # daemon only), SERVER_IP, GW_LAN (gwc) and GW_WAN (gws), the peers
@@ -27,7 +30,8 @@ rules:
     ports: [443/tcp]
 POL
 dnsmasq -k --no-resolv --no-hosts --bind-interfaces --listen-address=127.0.0.1 --port=5353 \
-	--address="/allowed.test/$SERVER_IP" --pid-file= >"$DIR/dnsmasq.log" 2>&1 &
+	--address="/allowed.test/$SERVER_IP" --address=/allowed.test/2001:db8::2 --local-ttl=300 \
+	--pid-file= >"$DIR/dnsmasq.log" 2>&1 &
 DNSMASQ=$!
 # shellcheck disable=SC2086 # EGRESSD_ENV is a list of VAR=value words
 env ${EGRESSD_ENV:-} "$EGRESSD_BIN" run --policy "$DIR/policy.yaml" --no-firewall \
