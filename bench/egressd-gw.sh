@@ -2,9 +2,9 @@
 # egressd-gw.sh PORT - runs `egressd run`, the shipped daemon, as a system of
 # the shared peers script (its CUSTOM_TLS hook starts this in the gateway
 # namespace with SERVER_IP set; bench/proxy-tls.sh with EGRESSD=daemon).
-# Unlike proxybench it has everything egressd run has: the DNS forwarder
-# (its IPv4 reader outside the netpoller), capture on the client-side
-# interface (AF_PACKET), the audit journal, the ledger, the admin server.
+# Unlike proxybench it has everything egressd run has: the DNS forwarder,
+# capture on the client-side interface (AF_PACKET), the audit journal, the
+# ledger, the admin server, and its choice of Go processors.
 # The peers script keeps its own nftables REDIRECT, so the daemon runs with
 # --no-firewall; names are vouched for by a fresh lookup (no client asks
 # our DNS here) through a dnsmasq on the gateway's loopback that answers

@@ -16,11 +16,11 @@
 #   (BULK_RUNS, BULK_MIB, WRK_RUNS, WRK_SECS, WRK_CONNS, ...).
 #   PROXYBENCH_ENV="GOMAXPROCS=1"  variables for proxybench's environment only
 #   PROXYBENCH_ARGS="-cpuprofile /tmp/cpu.pprof"  extra proxybench flags
+#   (profiles; see bench/cmd/proxybench). By default proxybench logs and
+#   records events as egressd run does (JSON lines at info, event journal).
 #   EGRESSD=daemon  measure `egressd run` itself in proxybench's place
 #   (bench/egressd-gw.sh: its DNS forwarder, capture on the client-side
 #   interface, journal and admin server too; PROXYBENCH_ENV applies to it)
-#   (profiles; see bench/cmd/proxybench). By default proxybench logs and
-#   records events as egressd run does (JSON lines at info, event journal).
 # Traffic stays in the namespaces the peers script creates (198.18.0.0/15).
 set -euo pipefail
 cd "$(dirname "$0")/.."

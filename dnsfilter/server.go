@@ -572,18 +572,14 @@ func (s *Server) LookupNetIP(ctx context.Context, name string) ([]netip.Addr, er
 	}
 	var rs [2]res
 	var keys [2][]byte
-	var missing []int
 	types := [2]uint16{dns.TypeA, dns.TypeAAAA}
 	for i, t := range types {
 		keys[i] = appendKey(nil, n, t, dns.ClassINET, 0)
 		if s.cache != nil {
-			if e := s.cache.get(keys[i], s.now().UnixNano()); e != nil {
+			if rs[i].e = s.cache.get(keys[i], s.now().UnixNano()); rs[i].e != nil {
 				s.m.cacheHits.Inc()
-				rs[i].e = e
-				continue
 			}
 		}
-		missing = append(missing, i)
 	}
 	// What the cache has is answered at once (the proxy asks for every
 	// connection whose client did not ask our DNS, a browser with its
@@ -592,14 +588,16 @@ func (s *Server) LookupNetIP(ctx context.Context, name string) ([]netip.Addr, er
 	resolve := func(i int) {
 		rs[i].e, _, rs[i].err = s.resolve(ctx, keys[i], n, types[i], dns.ClassINET, 0, time.Time{}, nil)
 	}
-	switch len(missing) {
-	case 1:
-		resolve(missing[0])
-	case 2:
+	switch {
+	case rs[0].e == nil && rs[1].e == nil:
 		var wg sync.WaitGroup
 		wg.Go(func() { resolve(0) })
 		resolve(1)
 		wg.Wait()
+	case rs[0].e == nil:
+		resolve(0)
+	case rs[1].e == nil:
+		resolve(1)
 	}
 	var out []netip.Addr
 	var errs []error

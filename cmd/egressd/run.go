@@ -304,14 +304,12 @@ func (d *daemon) run(ctx context.Context) error {
 	caps := currentCapabilities()
 	eng := d.store.Load()
 	d.say("egressd %s: policy %s, %d rules, mode %s", version, d.source, len(eng.Rules()), eng.Mode())
-	procs, fromEnv := runtime.GOMAXPROCS(0), os.Getenv("GOMAXPROCS")
-	if n, ok := goProcs(procs, fromEnv); ok {
+	procs, note := runtime.GOMAXPROCS(0), " (GOMAXPROCS)"
+	if n, ok := goProcs(procs, os.Getenv("GOMAXPROCS")); ok {
 		runtime.GOMAXPROCS(n)
+		note = ""
 	}
-	if fromEnv != "" {
-		fromEnv = " (GOMAXPROCS)"
-	}
-	d.say("go: %d of %d processors%s", runtime.GOMAXPROCS(0), procs, fromEnv)
+	d.say("go: %d of %d processors%s", runtime.GOMAXPROCS(0), procs, note)
 
 	wan := cfg.wan
 	if wan == "" {
