@@ -47,6 +47,12 @@
 # site's clients do while they connect: the proxy's figures then include
 # what the forwarder beside it costs it. dnsperf's summary is printed.
 #
+# BULK=1 measures bulk instead of new connections: one download of BULK_MIB
+# (default 4096) MiB through each system, CPU sampled over SAMPLE_SECS
+# (default 3) of it, and every figure per MiB instead of per connection
+# (no latencies). A proxy that copies slowly enough never finds its socket
+# empty; one that splices wakes more often: the time slices say which.
+#
 # Usage (root): bench/proxy-cpu.sh   [SYSTEMS=... ROUNDS=N WRK_SECS=14
 #   SAMPLE_SECS=10 PEERS_TLS=... RATE=600 PROXYBENCH_ENV=...]. Traffic stays in
 #   the namespaces the peers script creates (198.18.0.0/15); each load is one
@@ -59,8 +65,13 @@ PEERS_TLS=${PEERS_TLS:-$ROOT/../shared/bench-peers/peers-tls.sh}
 SYSTEMS=${SYSTEMS:-"direct haproxy-plain haproxy egressd"}
 ROUNDS=${ROUNDS:-2}
 WRK_SECS=${WRK_SECS:-14}
+UNIT=conn WARMUP=2
+if [ -n "${BULK:-}" ]; then
+	[ -z "${RATE:-}" ] || { echo "proxy-cpu.sh: BULK and RATE exclude each other" >&2; exit 1; }
+	UNIT=MiB WARMUP=0.5 SAMPLE_SECS=${SAMPLE_SECS:-3}
+fi
 SAMPLE_SECS=${SAMPLE_SECS:-10}
-[ "$SAMPLE_SECS" -le $((WRK_SECS - 3)) ] || { echo "proxy-cpu.sh: SAMPLE_SECS must be at most WRK_SECS - 3" >&2; exit 1; }
+[ -n "${BULK:-}" ] || [ "$SAMPLE_SECS" -le $((WRK_SECS - 3)) ] || { echo "proxy-cpu.sh: SAMPLE_SECS must be at most WRK_SECS - 3" >&2; exit 1; }
 TMP=$(mktemp -d /tmp/proxy-cpu.XXXXXX)
 RUNPID=""
 cleanup() {
@@ -103,6 +114,11 @@ if [ -n "${RATE:-}" ]; then
 	export PATH="$TMP/shim:$PATH" TLSRATE_RATE=$RATE
 	LOAD=tlsrate
 fi
+# the load is running: wrk or tlsrate, or with BULK the peers script's
+# bulk download (its curl fetches big.bin; others, the checks, do not)
+load_running() {
+	if [ -n "${BULK:-}" ]; then pgrep -f 'curl .*big\.bin' >/dev/null; else pgrep -x "$LOAD" >/dev/null; fi
+}
 
 # busy ticks of the whole box (steal, idle and iowait left out)
 box_ticks() { awk '/^cpu / { print $2 + $3 + $4 + $7 + $8 }' /proc/stat; }
@@ -151,9 +167,9 @@ one_run() {
 	*) echo "proxy-cpu.sh: unknown system $sys" >&2; return 1 ;;
 	esac >"$TMP/run.out" 2>&1 &
 	RUNPID=$!
-	for i in $(seq 1 600); do pgrep -x $LOAD >/dev/null && break; sleep 0.2; done
-	pgrep -x $LOAD >/dev/null || { wait "$RUNPID" || true; RUNPID=""; tail -5 "$TMP/run.out" >&2; return 1; }
-	sleep 2
+	for i in $(seq 1 600); do load_running && break; sleep 0.2; done
+	load_running || { wait "$RUNPID" || true; RUNPID=""; tail -5 "$TMP/run.out" >&2; return 1; }
+	sleep "$WARMUP"
 	if [ -n "$proc" ]; then
 		# the proxy's processes: those in the gateway namespace (nginx
 		# also serves the origin, in the server namespace)
@@ -182,15 +198,24 @@ one_run() {
 	wait "$RUNPID" || true
 	RUNPID=""
 	out=$(grep -m1 -A1 '^system' "$TMP/run.out" | tail -1)
-	rate=$(echo "$out" | awk '{ print $4 }')
+	# new connections/s from the table, or with BULK the download's MiB/s
+	# (whole MiB) from the log: without wrk rounds the script ends before
+	# its table
+	if [ -n "${BULK:-}" ]; then
+		local psys=${sys%-daemon} # the peers script's name for the system
+		rate=$(awk -v sys="$psys:" '$2 == sys && $3 == "bulk" { print int($NF) }' "$TMP/run.out" | tail -1)
+		out=$(grep "$psys: bulk" "$TMP/run.out" | tail -1)
+	else
+		rate=$(echo "$out" | awk '{ print $4 }')
+	fi
 	[ -n "$rate" ] && [ "$rate" -gt 0 ] 2>/dev/null || { echo "proxy-cpu.sh: $sys: no rate in: $out" >&2; return 1; }
 	awk -v r="$rate" -v s="$SAMPLE_SECS" -v hz="$HZ" -v b=$((b1 - b0)) -v u=$((u1 - u0)) -v k=$((s1 - s0)) \
-		-v w="$w0 $w1" -v lat="$(latency_ms)" \
+		-v w="$w0 $w1" -v lat="$([ -n "${BULK:-}" ] && echo "- -" || latency_ms)" \
 		'BEGIN { n = r * s; f = 1e6 / hz / n; split(w, W, " ")
 			printf "%d %.0f %.0f %.0f %.0f %.1f %s\n", r, b * f, u * f, k * f, (W[3] - W[1]) / 1e3 / n, (W[4] - W[2]) / n, lat }' >"$TMP/res"
 	: >"$TMP/sysmon"
 	[ -z "$sm1" ] || echo "$sm0 $sm1" | awk -v r="$rate" -v s="$SAMPLE_SECS" \
-		'{ n = r * s; printf "  (egressd: Go runtime sysmon thread %.0f us/conn on CPU, %.1f wakeups/conn)\n", ($3 - $1) / 1e3 / n, ($4 - $2) / n }' >"$TMP/sysmon"
+		-v unit="$UNIT" '{ n = r * s; printf "  (egressd: Go runtime sysmon thread %.0f us/%s on CPU, %.1f wakeups/%s)\n", ($3 - $1) / 1e3 / n, unit, ($4 - $2) / n, unit }' >"$TMP/sysmon"
 	[ -z "$dnspid" ] || cat "$TMP/dns" >>"$TMP/sysmon"
 }
 
@@ -202,10 +227,16 @@ thread_stat() {
 
 load="wrk -d${WRK_SECS}s (closed loop, saturating)"
 [ -z "${RATE:-}" ] || load="tlsrate at $RATE conn/s for ${WRK_SECS}s (open loop)"
+[ -z "${BULK:-}" ] || load="one ${BULK_MIB:-4096} MiB download"
 echo "proxy-cpu: $(nproc) CPUs, kernel $(uname -r); $load per system, CPU sampled over ${SAMPLE_SECS}s of it; $ROUNDS round(s)"
 echo "(wait: the proxy's threads' run-queue wait; slices: the time slices they ran in; p50/p99 of the load's round)"
-printf '%-14s %5s %9s %11s %13s %13s %13s %12s %11s %7s %7s\n' system round "conn/s" "box us/conn" "proxy us/conn" "user us/conn" "kernel us/conn" "wait us/conn" "slices/conn" "p50 ms" "p99 ms"
-export WRK_RUNS=1 WRK_SECS BULK_RUNS=1 BULK_MIB=${BULK_MIB:-16}
+u=$UNIT
+printf '%-14s %5s %9s %11s %13s %13s %13s %12s %11s %7s %7s\n' system round "$u/s" "box us/$u" "proxy us/$u" "user us/$u" "kernel us/$u" "wait us/$u" "slices/$u" "p50 ms" "p99 ms"
+if [ -n "${BULK:-}" ]; then
+	export WRK_RUNS=0 WRK_SECS BULK_RUNS=1 BULK_MIB=${BULK_MIB:-4096}
+else
+	export WRK_RUNS=1 WRK_SECS BULK_RUNS=1 BULK_MIB=${BULK_MIB:-16}
+fi
 for r in $(seq 1 "$ROUNDS"); do
 	for sys in $SYSTEMS; do
 		# not in $(...): RUNPID must be this shell's, for the cleanup
