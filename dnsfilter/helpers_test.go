@@ -244,10 +244,14 @@ func compile(t testing.TB, src string) *policy.Store {
 // machine's CPU count. The tests of this package do not run in parallel.
 func procsAtLeast(t testing.TB, n int) {
 	t.Helper()
-	if old := runtime.GOMAXPROCS(0); old < n {
-		runtime.GOMAXPROCS(n)
-		t.Cleanup(func() { runtime.GOMAXPROCS(old) })
-	}
+	setProcs(t, max(n, runtime.GOMAXPROCS(0)))
+}
+
+// setProcs sets GOMAXPROCS to n for the test.
+func setProcs(t testing.TB, n int) {
+	t.Helper()
+	old := runtime.GOMAXPROCS(n)
+	t.Cleanup(func() { runtime.GOMAXPROCS(old) })
 }
 
 type testServer struct {

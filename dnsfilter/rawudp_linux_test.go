@@ -4,7 +4,6 @@ import (
 	"errors"
 	"fmt"
 	"net"
-	"runtime"
 	"slices"
 	"testing"
 	"time"
@@ -56,13 +55,6 @@ func TestRawListenerClose(t *testing.T) {
 		t.Fatalf("the listener's address is still taken after Close: %v", err)
 	}
 	_ = c.Close()
-}
-
-// setProcs sets GOMAXPROCS to n for the test.
-func setProcs(t testing.TB, n int) {
-	t.Helper()
-	old := runtime.GOMAXPROCS(n)
-	t.Cleanup(func() { runtime.GOMAXPROCS(old) })
 }
 
 // With UDPRawReads, listener readers leave the netpoller only while a
