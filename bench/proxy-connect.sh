@@ -28,7 +28,7 @@ ulimit -n "$(ulimit -Hn)" 2>/dev/null || true
 export SYSTEMS=${SYSTEMS:-"direct egressd squid"}
 export CUSTOM_CONNECT_NAME=egressd
 # Started in the gateway namespace with LISTEN_IP, PROXY_PORT and HOSTS_FILE set.
-export CUSTOM_CONNECT_CMD="env ${PROXYBENCH_ENV:-} $BIN/proxybench -explicit \$LISTEN_IP:{PORT} -allow '*.allowed.test' -hosts \$HOSTS_FILE ${PROXYBENCH_ARGS:-}"
+export CUSTOM_CONNECT_CMD="${PROXYBENCH_ENV:+env $PROXYBENCH_ENV }$BIN/proxybench -explicit \$LISTEN_IP:{PORT} -allow '*.allowed.test' -hosts \$HOSTS_FILE ${PROXYBENCH_ARGS:-}"
 # The peers script's log goes to stderr as before and to a file, from which
 # rounds.sh counts the rounds egressd won against each system.
 { bash "$PEERS_CONNECT" 2>&1 1>&3 | tee "$BIN/peers.log" >&2; } 3>&1
