@@ -124,8 +124,8 @@ type Config struct {
 	// connection. Zero means 128.
 	TCPMaxQueries int
 	// UDPReaders is the number of UDP sockets (SO_REUSEPORT) and reader
-	// goroutines per listen address. Zero means one per two CPUs (GOMAXPROCS
-	// halved, at least one). On Linux an
+	// goroutines per listen address. Zero means one per processor
+	// (GOMAXPROCS). On Linux an
 	// IPv4 socket's reader takes and answers up to 16 queries per system
 	// call (recvmmsg, sendmmsg) when they queue up.
 	UDPReaders int

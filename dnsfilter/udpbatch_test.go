@@ -227,7 +227,7 @@ func testWildcardListen(t *testing.T, rawReads bool) {
 }
 
 func TestDefaultReaders(t *testing.T) {
-	for cpus, want := range map[int]int{1: 1, 2: 1, 3: 1, 4: 2, 16: 8} {
+	for cpus, want := range map[int]int{0: 1, 1: 1, 2: 2, 3: 3, 16: 16} {
 		if got := defaultReaders(cpus); got != want {
 			t.Errorf("defaultReaders(%d) = %d, want %d", cpus, got, want)
 		}

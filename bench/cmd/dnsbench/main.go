@@ -34,7 +34,7 @@ func main() {
 	logLevel := flag.String("log", "none", "canonical log lines: none, or a slog level (info, warn) to stderr")
 	cpuProfile := flag.String("cpuprofile", "", "write a CPU profile to this file")
 	memProfile := flag.String("memprofile", "", "write an allocation profile to this file at exit")
-	readers := flag.Int("readers", 0, "UDP sockets and readers (0: the forwarder's default, one per two CPUs)")
+	readers := flag.Int("readers", 0, "UDP sockets and readers (0: the forwarder's default, one per processor)")
 	rawReads := flag.Bool("raw-reads", false, "take the IPv4 UDP listeners off Go's netpoller (Config.UDPRawReads)")
 	journal := flag.Bool("journal", false, "record every query through the audit journal, as egressd run does, in a temporary state directory removed at exit")
 	flag.Parse()
