@@ -14,8 +14,7 @@
 #   PEERS_CONNECT=path/to/peers-connect.sh (default ../shared/bench-peers/peers-connect.sh)
 #   SYSTEMS="direct egressd squid"  and the peers script's knobs;
 #   PROXYBENCH_ARGS="-cpuprofile /tmp/cpu.pprof"  extra proxybench flags;
-#   PROXYBENCH_ENV="GOMAXPROCS=1"  variables for proxybench only (egressd run
-#   gives Go half the processors: one on a 2-core box).
+#   PROXYBENCH_ENV="GOMAXPROCS=1"  variables for proxybench only.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 PEERS_CONNECT=${PEERS_CONNECT:-../shared/bench-peers/peers-connect.sh}

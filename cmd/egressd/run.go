@@ -277,26 +277,6 @@ func (d *daemon) degradedParts() map[string]string {
 
 func (d *daemon) say(format string, args ...any) { fmt.Fprintf(d.out, format+"\n", args...) }
 
-// goProcs is how many processors egressd run gives Go, from the runtime's
-// default (the CPUs it may use): half of them, at least one, unless
-// GOMAXPROCS is set in the environment (env; then ok is false and the
-// setting stays). With a processor idle, Go's runtime wakes a second
-// thread for work the first would take, and on a gateway the kernel's
-// network work (the proxy's second TCP connections, forwarding, nftables)
-// needs the other CPUs: at 600 proxied connections a second on two CPUs,
-// one processor cost 15-20 % less CPU per connection and half the
-// run-queue wait, at the same saturation rate (README, "Transparent
-// proxy", session 14). It is sound because no goroutine of egressd run
-// waits in a system call outside the netpoller (capture waits on a timer,
-// the forwarder's readers on the netpoller): one that did would hold the
-// only processor.
-func goProcs(procs int, env string) (n int, ok bool) {
-	if env != "" {
-		return procs, false
-	}
-	return max(1, procs/2), true
-}
-
 func (d *daemon) run(ctx context.Context) error {
 	ctx, cancel := context.WithCancel(ctx)
 	defer cancel()
@@ -304,12 +284,16 @@ func (d *daemon) run(ctx context.Context) error {
 	caps := currentCapabilities()
 	eng := d.store.Load()
 	d.say("egressd %s: policy %s, %d rules, mode %s", version, d.source, len(eng.Rules()), eng.Mode())
-	procs, note := runtime.GOMAXPROCS(0), " (GOMAXPROCS)"
-	if n, ok := goProcs(procs, os.Getenv("GOMAXPROCS")); ok {
-		runtime.GOMAXPROCS(n)
-		note = ""
+	// Go's default: every CPU the process may use. Session 14 gave Go half
+	// of them (less CPU per proxied connection); session 15 measured that
+	// it cost the proxy's bulk rate and tail and the DNS forwarder's
+	// cached rate, and gained nothing in connection rate (README, "Running
+	// it as the site's gateway").
+	note := ""
+	if os.Getenv("GOMAXPROCS") != "" {
+		note = " (GOMAXPROCS)"
 	}
-	d.say("go: %d of %d processors%s", runtime.GOMAXPROCS(0), procs, note)
+	d.say("go: %d processors%s", runtime.GOMAXPROCS(0), note)
 
 	wan := cfg.wan
 	if wan == "" {

@@ -49,8 +49,8 @@ func TestRunWithoutCapabilities(t *testing.T) {
 		"event log: " + filepath.Join(dir, "state"),
 		"proxy: transparent on 127.0.0.1:0",
 		"admin: http://127.0.0.1:",
-		// half the processors by default (goProcs); GOMAXPROCS unset here
-		fmt.Sprintf("go: %d of %d processors\n", max(1, runtime.GOMAXPROCS(0)/2), runtime.GOMAXPROCS(0)),
+		// Go's default processors; GOMAXPROCS unset here
+		fmt.Sprintf("go: %d processors\n", runtime.GOMAXPROCS(0)),
 	} {
 		if !strings.Contains(got, want) {
 			t.Errorf("output lacks %q:\n%s", want, got)
@@ -110,7 +110,7 @@ func TestRunKeepsAmbientCapabilities(t *testing.T) {
 		bin, "run", "--mode", "audit", "--lan", "lo", "--wan", "lo", "--state-dir", filepath.Join(dir, "state"),
 		"--admin", "127.0.0.1:0", "--proxy-listen", "127.0.0.1:0", "--explicit-proxy-listen", "off",
 		"--dns-listen", dnsAddr, "--upstream-dns", "127.0.0.1:9")
-	// GOMAXPROCS set: egressd run keeps it (goProcs).
+	// GOMAXPROCS set: egressd run keeps it, and says so.
 	cmd.Env = append(slices.DeleteFunc(os.Environ(), func(kv string) bool {
 		return strings.HasPrefix(kv, "GODEBUG=") || strings.HasPrefix(kv, "GOMAXPROCS=")
 	}), "GOMAXPROCS=3")
@@ -127,7 +127,7 @@ func TestRunKeepsAmbientCapabilities(t *testing.T) {
 	if got := out.String(); !strings.Contains(got, want) || strings.Contains(got, "needs CAP_NET_BIND_SERVICE") {
 		t.Fatalf("want %q and no missing CAP_NET_BIND_SERVICE:\n%s\nstderr:\n%s", want, got, errb.String())
 	}
-	if want := "go: 3 of 3 processors (GOMAXPROCS)\n"; !strings.Contains(out.String(), want) {
+	if want := "go: 3 processors (GOMAXPROCS)\n"; !strings.Contains(out.String(), want) {
 		t.Errorf("GOMAXPROCS=3 in the environment: output lacks %q:\n%s", want, out.String())
 	}
 	pid := cmd.Process.Pid
@@ -145,27 +145,6 @@ func TestRunKeepsAmbientCapabilities(t *testing.T) {
 	for l := range strings.Lines(string(status)) {
 		if v, ok := strings.CutPrefix(l, "CapAmb:"); ok && strings.Trim(strings.TrimSpace(v), "0") == "" {
 			t.Errorf("no ambient capability left after the re-execution: %s", strings.TrimSpace(l))
-		}
-	}
-}
-
-func TestGoProcs(t *testing.T) {
-	for _, tc := range []struct {
-		procs int
-		env   string
-		want  int
-		ok    bool
-	}{
-		{1, "", 1, true},
-		{2, "", 1, true},
-		{3, "", 1, true},
-		{4, "", 2, true},
-		{16, "", 8, true},
-		{2, "2", 2, false},
-		{3, "3", 3, false},
-	} {
-		if n, ok := goProcs(tc.procs, tc.env); n != tc.want || ok != tc.ok {
-			t.Errorf("goProcs(%d, %q) = %d, %v; want %d, %v", tc.procs, tc.env, n, ok, tc.want, tc.ok)
 		}
 	}
 }
