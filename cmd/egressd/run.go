@@ -284,11 +284,11 @@ func (d *daemon) run(ctx context.Context) error {
 	caps := currentCapabilities()
 	eng := d.store.Load()
 	d.say("egressd %s: policy %s, %d rules, mode %s", version, d.source, len(eng.Rules()), eng.Mode())
-	// Go's default: every CPU the process may use. Session 14 gave Go half
-	// of them (less CPU per proxied connection); session 15 measured that
-	// it cost the proxy's bulk rate and tail and the DNS forwarder's
-	// cached rate, and gained nothing in connection rate (README, "Running
-	// it as the site's gateway").
+	// Go's default: every CPU the process may use. Half of them cost the
+	// proxy less CPU per connection but lowered its bulk rate, lengthened
+	// its tail and cost the DNS forwarder 15-20 % of its cached rate, for
+	// the same connection rate (README, "Running it as the site's
+	// gateway").
 	note := ""
 	if os.Getenv("GOMAXPROCS") != "" {
 		note = " (GOMAXPROCS)"
