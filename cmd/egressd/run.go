@@ -286,7 +286,7 @@ func (d *daemon) run(ctx context.Context) error {
 	d.say("egressd %s: policy %s, %d rules, mode %s", version, d.source, len(eng.Rules()), eng.Mode())
 	// Go's default: every CPU the process may use. Half of them cost the
 	// proxy less CPU per connection but lowered its bulk rate, lengthened
-	// its tail and cost the DNS forwarder 15-20 % of its cached rate, for
+	// its tail and cost the DNS forwarder 15-21 % of its cached rate, for
 	// the same connection rate (README, "Running it as the site's
 	// gateway").
 	note := ""
