@@ -325,9 +325,10 @@ func (s *Server) listen() error {
 // time goes to the kernel in recvmmsg and sendmmsg (about 70 % of it at
 // saturation, mostly the loopback delivery of answers), so readers on
 // two processors answer in parallel: on the 2-CPU benchmark box two
-// readers gave 1.05-1.32x unbound's cached queries a second where one
-// gave 0.83-0.91x, with a lower p99 (README, "DNS forwarder"; an earlier
-// machine of the same kind had shown no gain from a second reader).
+// readers gave 0.89-1.32x unbound's cached queries a second where one
+// gave 0.83-0.91x, with a lower p99 (README, "Transparent proxy", "Half
+// the CPUs for Go, undone"; the first machine of the same kind had shown
+// no gain from a second reader). Not measured on more than two CPUs.
 func defaultReaders(procs int) int {
 	return max(1, procs)
 }
