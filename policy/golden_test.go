@@ -48,3 +48,17 @@ func TestBrokenPolicies(t *testing.T) {
 		})
 	}
 }
+
+// TestEmptyDocuments checks that a leading "---" and empty documents after
+// the policy are accepted: they hold nothing that could be lost.
+func TestEmptyDocuments(t *testing.T) {
+	for _, src := range []string{
+		"---\nrules:\n  - {name: a, to: [a.test], ports: [443/tcp]}\n",
+		"rules:\n  - {name: a, to: [a.test], ports: [443/tcp]}\n---\n",
+		"rules:\n  - {name: a, to: [a.test], ports: [443/tcp]}\n...\n---\n# nothing more\n",
+	} {
+		if _, err := Compile("p.yaml", []byte(src)); err != nil {
+			t.Errorf("%q: %v", src, err)
+		}
+	}
+}

@@ -1,8 +1,10 @@
 package policy
 
 import (
+	"bytes"
 	"errors"
 	"fmt"
+	"io"
 	"net"
 	"net/netip"
 	"regexp"
@@ -177,14 +179,32 @@ var ruleNameRE = regexp.MustCompile(`^[A-Za-z0-9][A-Za-z0-9_.-]{0,62}$`)
 func Parse(file string, src []byte) (*Policy, error) {
 	p := &parser{pol: &Policy{File: file, Version: 1, Mode: ModeAudit}}
 	var doc yaml.Node
-	if err := yaml.Unmarshal(src, &doc); err != nil {
-		msg := yamlLineRE.ReplaceAllString(strings.TrimPrefix(err.Error(), "yaml: "), "")
-		p.errf(yamlLine(err), 0, "YAML syntax: %s", strings.TrimPrefix(msg, ": "))
+	dec := yaml.NewDecoder(bytes.NewReader(src))
+	if err := dec.Decode(&doc); err != nil && err != io.EOF {
+		p.yamlErr(err)
 		return nil, &Error{Problems: p.errs}
 	}
 	if len(doc.Content) == 0 {
 		p.errf(0, 0, "the policy is empty (expected version, mode, groups and rules)")
 		return nil, &Error{Problems: p.errs}
+	}
+	// A second document ("---") would be dropped without a word by a
+	// decoder that reads only the first, and with it every rule it holds:
+	// say so instead. Empty documents hold nothing to lose.
+	for {
+		var more yaml.Node
+		err := dec.Decode(&more)
+		if err == io.EOF {
+			break
+		}
+		if err != nil {
+			p.yamlErr(err)
+			return nil, &Error{Problems: p.errs}
+		}
+		if len(more.Content) > 0 && more.Content[0].Tag != "!!null" {
+			p.errf(more.Line, 0, "a second YAML document starts here (after \"---\"); a policy is one document: put all its rules under one \"rules:\"")
+			return nil, &Error{Problems: p.errs}
+		}
 	}
 	p.top(doc.Content[0])
 	slices.SortStableFunc(p.errs, func(a, b Problem) int {
@@ -198,6 +218,12 @@ func Parse(file string, src []byte) (*Policy, error) {
 	}
 	p.pol.Warnings = append(p.pol.Warnings, p.warns...)
 	return p.pol, nil
+}
+
+// yamlErr reports a YAML syntax error at the line the decoder gives.
+func (p *parser) yamlErr(err error) {
+	msg := yamlLineRE.ReplaceAllString(strings.TrimPrefix(err.Error(), "yaml: "), "")
+	p.errf(yamlLine(err), 0, "YAML syntax: %s", strings.TrimPrefix(msg, ": "))
 }
 
 var yamlLineRE = regexp.MustCompile(`line (\d+)(: )?`)
