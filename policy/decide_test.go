@@ -1,8 +1,10 @@
 package policy
 
 import (
+	"fmt"
 	"net"
 	"net/netip"
+	"strings"
 	"testing"
 	"time"
 )
@@ -399,4 +401,44 @@ func indexOf(s, sub string) int {
 		}
 	}
 	return -1
+}
+
+// TestMappedClientPrefix checks client CIDRs written in IPv4-mapped form:
+// ::ffff:a.b.c.d/N with N >= 96 is the IPv4 prefix it carries; with a
+// shorter length it is an IPv6 prefix, never an invalid one that matches
+// nobody (and that the firewall would be handed).
+func TestMappedClientPrefix(t *testing.T) {
+	p, err := Parse("p.yaml", []byte(`
+groups:
+  lan: ["::ffff:192.168.0.0/112"]
+  short: ["::ffff:192.168.0.0/16"]
+rules:
+  - {name: a, from: [lan], to: [a.test], ports: [443/tcp]}
+  - {name: b, from: [short, "::ffff:10.0.0.0/8"], to: [b.test], ports: [443/tcp]}
+`))
+	if err != nil {
+		t.Fatal(err)
+	}
+	want := [][]string{{"192.168.0.0/16"}, {"::/16", "::/8"}}
+	for i, r := range p.Rules {
+		var got []string
+		for _, pf := range r.From.Prefixes {
+			if !pf.IsValid() {
+				t.Errorf("rule %s: invalid client prefix", r.Name)
+			}
+			got = append(got, pf.String())
+		}
+		if fmt.Sprint(got) != fmt.Sprint(want[i]) {
+			t.Errorf("rule %s: from %v, want %v", r.Name, got, want[i])
+		}
+	}
+	for _, w := range p.Warnings {
+		if strings.Contains(w.Msg, "invalid") {
+			t.Errorf("warning %s", w)
+		}
+	}
+	e := New(p)
+	if d := e.Decide(Input{Client: netip.MustParseAddr("192.168.1.2"), Name: "a.test", Port: 443, Proto: TCP}); !d.Allowed() {
+		t.Errorf("mapped /112 client: %+v", d)
+	}
 }

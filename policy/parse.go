@@ -412,7 +412,9 @@ func (p *parser) parseGroups(n *yaml.Node) {
 func (p *parser) addClient(cs *ClientSet, n *yaml.Node, withGroups bool) bool {
 	s := strings.TrimSpace(n.Value)
 	if pf, err := netip.ParsePrefix(s); err == nil {
-		if pf.Addr().Is4In6() {
+		// Only a length of 96 or more stays inside the IPv4-mapped range;
+		// a shorter one is an IPv6 prefix, as in parseTarget.
+		if pf.Addr().Is4In6() && pf.Bits() >= 96 {
 			pf = netip.PrefixFrom(pf.Addr().Unmap(), pf.Bits()-96)
 		}
 		if pf.Masked() != pf {
