@@ -442,3 +442,24 @@ rules:
 		t.Errorf("mapped /112 client: %+v", d)
 	}
 }
+
+// TestLinkLocalClient checks a client whose address carries a zone, as a
+// link-local LAN client's does when it comes from the socket
+// (fe80::1%eth0): the zone names the interface, not the client, so the
+// rule's client CIDRs and IPs still match it.
+func TestLinkLocalClient(t *testing.T) {
+	e := mustCompile(t, "rules:\n  - {name: ll, from: [\"fe80::/10\"], to: [a.test], ports: [443/tcp]}\n  - {name: one, from: [\"fe80::2\"], to: [b.test], ports: [443/tcp]}\n")
+	for _, c := range []struct{ client, name, rule string }{
+		{"fe80::1%eth0", "a.test", "ll"},
+		{"fe80::2%br-lan", "b.test", "one"},
+		{"fe80::3%eth0", "b.test", ""},
+	} {
+		in := Input{Client: netip.MustParseAddr(c.client), Name: c.name, Port: 443, Proto: TCP}
+		if d := e.Decide(in); d.Rule != c.rule {
+			t.Errorf("Decide from %s to %s: %+v, want rule %q", c.client, c.name, d, c.rule)
+		}
+		if d := e.DecideName(in); d.Rule != c.rule {
+			t.Errorf("DecideName from %s for %s: %+v, want rule %q", c.client, c.name, d, c.rule)
+		}
+	}
+}

@@ -85,7 +85,9 @@ func (c ClientSet) Contains(addr netip.Addr, mac net.HardwareAddr) bool {
 		return true
 	}
 	if addr.IsValid() {
-		addr = addr.Unmap()
+		// A link-local client arrives with its interface as the zone
+		// (fe80::1%eth0), and a prefix never contains a zoned address.
+		addr = addr.Unmap().WithZone("")
 		for _, p := range c.Prefixes {
 			if p.Contains(addr) {
 				return true
