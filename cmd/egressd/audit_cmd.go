@@ -32,6 +32,24 @@ func cmdAudit(ctx context.Context, args []string, stdout, stderr io.Writer) int 
 	if err != nil {
 		return flagErr(err)
 	}
+	if *asJSON && *htmlOut != "" {
+		fmt.Fprintln(stderr, "egressd audit: --json and --html exclude each other")
+		return exitUsage
+	}
+	var m policy.Mode
+	if *mode != "" {
+		var ok bool
+		if m, ok = policy.ParseMode(*mode); !ok {
+			fmt.Fprintf(stderr, "egressd audit: --mode %q: expected audit or enforce\n", *mode)
+			return exitUsage
+		}
+	}
+	if *replay != "" && *htmlOut != "" {
+		// A replay prints what would change as text or JSON; there is no
+		// HTML form, and ignoring --html would leave no file and no word.
+		fmt.Fprintln(stderr, "egressd audit: --replay prints text or --json; --html is for a capture's report")
+		return exitUsage
+	}
 	if *replay != "" && *policyFile != "" && len(pos) == 0 {
 		eng, err := loadEngine(*policyFile, stderr)
 		if err != nil {
@@ -44,23 +62,12 @@ func cmdAudit(ctx context.Context, args []string, stdout, stderr io.Writer) int 
 		fmt.Fprintln(stderr, "usage: egressd "+commands["audit"].usage)
 		return exitUsage
 	}
-	if *asJSON && *htmlOut != "" {
-		fmt.Fprintln(stderr, "egressd audit: --json and --html exclude each other")
-		return exitUsage
-	}
 	eng, err := loadEngine(*policyFile, stderr)
 	if err != nil {
 		fmt.Fprintln(stderr, "egressd:", err)
 		return exitFail
 	}
-	if *mode != "" {
-		m, ok := policy.ParseMode(*mode)
-		if !ok {
-			fmt.Fprintf(stderr, "egressd audit: --mode %q: expected audit or enforce\n", *mode)
-			return exitUsage
-		}
-		eng = eng.WithMode(m)
-	}
+	eng = eng.WithMode(m)
 	ledger := audit.NewLedger(eng, audit.LedgerOptions{})
 	c, err := capture.New(capture.Config{}, capture.Deps{Policy: policy.NewStore(eng), Sink: ledger})
 	if err != nil {

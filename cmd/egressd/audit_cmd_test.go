@@ -68,3 +68,29 @@ func TestAuditCommand(t *testing.T) {
 		t.Errorf("missing file: exit %d, want %d", code, exitFail)
 	}
 }
+
+// TestAuditReplayFlags checks the flags --replay cannot honour: --html (a
+// replay has no HTML form) must be refused rather than ignored, which left
+// no file behind and exited 0, and a bad --mode is a usage error there too.
+func TestAuditReplayFlags(t *testing.T) {
+	dir := t.TempDir()
+	pol := filepath.Join(dir, "p.yaml")
+	os.WriteFile(pol, []byte("rules:\n  - {name: a, to: [a.test], ports: [443/tcp]}\n"), 0o644)
+	html := filepath.Join(dir, "r.html")
+	for _, args := range [][]string{
+		{"audit", "--policy", pol, "--replay", dir, "--html", html},
+		{"audit", "--replay", dir, "--policy", pol, "--json", "--html", html},
+		{"audit", "--policy", pol, "--replay", dir, "--mode", "enforcing"},
+	} {
+		code, _, stderr := runCLI(t, args...)
+		if code != exitUsage {
+			t.Errorf("%v: exit %d, want %d (%s)", args, code, exitUsage, stderr)
+		}
+	}
+	if _, err := os.Stat(html); err == nil {
+		t.Errorf("an HTML file was written")
+	}
+	if code, _, stderr := runCLI(t, "audit", "--replay", dir, "--mode", "enforce", "--policy", pol); code != exitOK {
+		t.Errorf("replay with --mode enforce: exit %d: %s", code, stderr)
+	}
+}
