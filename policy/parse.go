@@ -208,6 +208,12 @@ func Parse(file string, src []byte) (*Policy, error) {
 			return nil, &Error{Problems: p.errs}
 		}
 	}
+	// Aliases are refused up front, each where it stands: the checks
+	// below read a node's own shape and would call an alias of a list
+	// "not a list".
+	if p.aliases(doc.Content[0]); len(p.errs) > 0 {
+		return nil, &Error{Problems: p.errs}
+	}
 	p.top(doc.Content[0])
 	slices.SortStableFunc(p.errs, func(a, b Problem) int {
 		if a.Line != b.Line {
@@ -220,6 +226,18 @@ func Parse(file string, src []byte) (*Policy, error) {
 	}
 	p.pol.Warnings = append(p.pol.Warnings, p.warns...)
 	return p.pol, nil
+}
+
+// aliases reports every YAML alias (*name) under n. Anchors alone are
+// harmless; the aliases themselves are not followed.
+func (p *parser) aliases(n *yaml.Node) {
+	if n.Kind == yaml.AliasNode {
+		p.errAt(n, "YAML aliases (*%s) are not supported in a policy: write the value out", n.Value)
+		return
+	}
+	for _, c := range n.Content {
+		p.aliases(c)
+	}
 }
 
 // yamlErr reports a YAML syntax error at the line the decoder gives.
