@@ -105,6 +105,11 @@ func normalizePattern(s string) (string, error) {
 		if strings.Contains(l, "**") {
 			return "", fmt.Errorf("%q: '**' is not a wildcard here; write \"*.%s\" to match subdomains at any depth", s, strings.Join(labels[i+1:], "."))
 		}
+		if strings.Contains(l, "*") && strings.HasPrefix(l, "xn--") {
+			// Punycode encodes a label as a whole: "bü*" becomes
+			// "xn--b*-xka", a glob that no name under "bü…" matches.
+			return "", fmt.Errorf("%q: a '*' cannot stand in a label with non-ASCII letters (its punycode form encodes the whole label); write the names out", s)
+		}
 		if strings.Contains(l, "*") && i == len(labels)-1 {
 			return "", fmt.Errorf("%q: a wildcard in the last label would match any top-level domain", s)
 		}
