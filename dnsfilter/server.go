@@ -404,11 +404,11 @@ func (s *Server) listenOne(host, port string, readers int) error {
 	}
 	ucs := s.toRaw(conns)
 	srv := &dns.Server{
-		Listener:      l,
+		Listener:      writeDeadlineListener{l, tcpWriteTimeout},
 		Net:           "tcp",
 		Handler:       dns.HandlerFunc(s.serveTCP),
 		ReadTimeout:   2 * time.Second,
-		WriteTimeout:  2 * time.Second,
+		WriteTimeout:  tcpWriteTimeout, // not applied by miekg: see writeDeadlineListener
 		IdleTimeout:   func() time.Duration { return s.cfg.TCPIdleTimeout },
 		MaxTCPQueries: s.cfg.TCPMaxQueries,
 		MsgAcceptFunc: acceptQuery,
@@ -423,6 +423,38 @@ func (s *Server) listenOne(host, port string, readers int) error {
 	s.tcpSrv = append(s.tcpSrv, srv)
 	s.addrs = append(s.addrs, ap)
 	return nil
+}
+
+// tcpWriteTimeout bounds one write of an answer to a TCP client.
+const tcpWriteTimeout = 2 * time.Second
+
+// writeDeadlineListener gives each write on an accepted connection a
+// deadline. miekg/dns v1 documents Server.WriteTimeout but never applies
+// it, so a client that pipelines queries and never reads its answers
+// would block the connection's goroutine in Write for as long as it
+// stays connected, keeping its descriptor, and with it ShutdownContext
+// (which waits for every connection) and so Run.
+type writeDeadlineListener struct {
+	net.Listener
+	timeout time.Duration
+}
+
+func (l writeDeadlineListener) Accept() (net.Conn, error) {
+	c, err := l.Listener.Accept()
+	if err != nil {
+		return nil, err
+	}
+	return writeDeadlineConn{c, l.timeout}, nil
+}
+
+type writeDeadlineConn struct {
+	net.Conn
+	timeout time.Duration
+}
+
+func (c writeDeadlineConn) Write(b []byte) (int, error) {
+	_ = c.SetWriteDeadline(time.Now().Add(c.timeout))
+	return c.Conn.Write(b)
 }
 
 // listenUDP opens the UDP sockets of one address: with reuse, one
@@ -553,7 +585,11 @@ func (s *Server) serveTCP(w dns.ResponseWriter, req *dns.Msg) {
 		_ = w.Close()
 		return
 	}
-	_, _ = w.Write(out)
+	if _, err := w.Write(out); err != nil {
+		// A write that timed out may have sent part of the answer: the
+		// stream is no longer framed, and the client is not reading.
+		_ = w.Close()
+	}
 }
 
 // LookupNetIP resolves name (A and AAAA) through the configured upstreams

@@ -2,12 +2,16 @@ package dnsfilter
 
 import (
 	"context"
+	"encoding/binary"
 	"errors"
+	"fmt"
+	"io"
 	"net"
 	"net/netip"
 	"slices"
 	"strings"
 	"sync"
+	"syscall"
 	"testing"
 	"time"
 
@@ -711,5 +715,57 @@ func BenchmarkLookupNetIPCached(b *testing.B) {
 		if _, err := ts.LookupNetIP(ctx, "www.allowed.test"); err != nil {
 			b.Fatal(err)
 		}
+	}
+}
+
+// TestTCPClientNeverReads: a client that pipelines queries for a large
+// answer over TCP and never reads them fills its socket buffers; the
+// server's write then stalls. It must give the connection up after its
+// write timeout (2s) rather than hold the goroutine and descriptor for
+// as long as the client stays connected (which also kept Run from
+// returning on Close).
+func TestTCPClientNeverReads(t *testing.T) {
+	var zone strings.Builder
+	for i := range 200 {
+		fmt.Fprintf(&zone, "huge.allowed.test. 300 IN TXT \"%s%03d\"\n", strings.Repeat("x", 240), i)
+	}
+	up := newFakeUpstream(t, zone.String())
+	ts := startServer(t, enforcePolicy, Config{Upstreams: []string{up.Addr}}, Deps{})
+	// A small receive buffer, so the answers back up at once.
+	d := net.Dialer{Control: func(_, _ string, c syscall.RawConn) error {
+		return c.Control(func(fd uintptr) { _ = syscall.SetsockoptInt(int(fd), syscall.SOL_SOCKET, syscall.SO_RCVBUF, 2048) })
+	}}
+	c, err := d.Dial("tcp", ts.Addr)
+	if err != nil {
+		t.Fatal(err)
+	}
+	defer c.Close()
+	const queries = 100
+	var buf []byte
+	for i := range queries {
+		m := new(dns.Msg)
+		m.SetQuestion("huge.allowed.test.", dns.TypeTXT)
+		m.Id = uint16(i)
+		w, _ := m.Pack()
+		buf = binary.BigEndian.AppendUint16(buf, uint16(len(w)))
+		buf = append(buf, w...)
+	}
+	if _, err := c.Write(buf); err != nil {
+		t.Fatal(err)
+	}
+	time.Sleep(4 * time.Second) // the write timeout, and some
+	_ = c.SetReadDeadline(time.Now().Add(5 * time.Second))
+	got := 0
+	for ; got < queries; got++ {
+		var l [2]byte
+		if _, err := io.ReadFull(c, l[:]); err != nil {
+			break
+		}
+		if _, err := io.ReadFull(c, make([]byte, binary.BigEndian.Uint16(l[:]))); err != nil {
+			break
+		}
+	}
+	if got == queries {
+		t.Errorf("all %d answers arrived after the client stalled 4s: the server's writes have no timeout", got)
 	}
 }
