@@ -45,6 +45,10 @@ func newRateLimiter(perSecond float64, burst int) *rateLimiter {
 // allow takes a token for client. first is true for the first dropped query
 // after an allowed one, so that a flood is logged once, not per packet.
 func (r *rateLimiter) allow(client netip.Addr, now int64) (ok, first bool) {
+	// One bucket per client whatever the socket: a wildcard TCP listener
+	// is dual-stack and sees an IPv4 client as ::ffff:a.b.c.d, where the
+	// UDP socket sees a.b.c.d.
+	client = client.Unmap()
 	b16 := client.As16()
 	sh := &r.shards[maphash.Bytes(r.seed, b16[:])%rlShards]
 	sh.mu.Lock()

@@ -9,6 +9,7 @@ import (
 	"net"
 	"net/netip"
 	"slices"
+	"strconv"
 	"strings"
 	"sync"
 	"syscall"
@@ -492,6 +493,23 @@ func TestRateLimit(t *testing.T) {
 	m.SetQuestion("www.allowed.test.", dns.TypeA)
 	if _, _, err := (&dns.Client{Timeout: 500 * time.Millisecond}).Exchange(m, ts.Addr); err == nil {
 		t.Errorf("rate-limited UDP query answered")
+	}
+}
+
+// TestRateLimitAcrossTransports: on a wildcard listener (the default
+// ":53") TCP is dual-stack and sees an IPv4 client as ::ffff:a.b.c.d; its
+// UDP and TCP queries still draw on one bucket.
+func TestRateLimitAcrossTransports(t *testing.T) {
+	up := newFakeUpstream(t, labZone)
+	ts := startServer(t, enforcePolicy, Config{Listen: []string{":0"}, Upstreams: []string{up.Addr}, ClientRate: 0.01, ClientBurst: 3}, Deps{})
+	addr := net.JoinHostPort("127.0.0.1", strconv.Itoa(int(ts.Addrs()[0].Port())))
+	for i := range 3 {
+		if r := ask(t, "udp", addr, "www.allowed.test.", dns.TypeA, false); r.Rcode != dns.RcodeSuccess {
+			t.Fatalf("udp query %d within the burst: %s", i, dns.RcodeToString[r.Rcode])
+		}
+	}
+	if r := ask(t, "tcp", addr, "www.allowed.test.", dns.TypeA, false); r.Rcode != dns.RcodeRefused {
+		t.Errorf("tcp query after the burst was spent over udp: %s, want REFUSED", dns.RcodeToString[r.Rcode])
 	}
 }
 
