@@ -259,8 +259,12 @@ func newEntry(name string, m *dns.Msg, do bool, udpSize uint16, now time.Time, m
 			case *dns.AAAA:
 				a, _ = netip.AddrFromSlice(v.AAAA.To16())
 			}
-			if a.IsValid() && t > 0 {
-				e.addrs = append(e.addrs, learnedAddr{addr: a.Unmap(), expires: now.Add(t).UnixNano()})
+			if a.IsValid() {
+				// A TTL of 0 is for the transaction in progress (RFC
+				// 1035 §3.2.1): the client uses the address at once, so
+				// the firewall and the table must have it too, for the
+				// second that TTLs on the wire round down to.
+				e.addrs = append(e.addrs, learnedAddr{addr: a.Unmap(), expires: now.Add(max(t, time.Second)).UnixNano()})
 			}
 		}
 		ttl = min(ttl, maxTTL)

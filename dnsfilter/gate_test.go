@@ -223,6 +223,38 @@ func TestFirewallTimeout(t *testing.T) {
 	}
 }
 
+// TestZeroTTLAnswerLearned: an allowed address with a TTL of 0 (for the
+// transaction in progress, RFC 1035 §3.2.1) is one the client uses at
+// once: the firewall gets it before the answer, and the table learns it,
+// as for any other TTL.
+func TestZeroTTLAnswerLearned(t *testing.T) {
+	up := newFakeUpstream(t, "zero.allowed.test. 0 IN A 192.0.2.20\n")
+	fw := &recFirewall{wants: map[string]bool{"ntp": true}}
+	ts := startServer(t, gatePolicy, Config{Upstreams: []string{up.Addr}}, Deps{Firewall: fw})
+	feed, stop := ts.Table().Subscribe(8)
+	defer stop()
+	want := netip.MustParseAddr("192.0.2.20")
+	for _, proto := range []string{"udp", "tcp"} {
+		before := len(fw.Calls())
+		r := ask(t, proto, ts.Addr, "zero.allowed.test.", dns.TypeA, false)
+		if got := answerAddrs(r); len(got) != 1 || got[0] != want || r.Answer[0].Header().Ttl != 0 {
+			t.Fatalf("%s: answer %v", proto, r)
+		}
+		calls := fw.Calls()[before:]
+		if len(calls) != 1 || len(calls[0]) != 1 || calls[0][0].Addr != want || !calls[0][0].Expires.After(time.Now()) {
+			t.Errorf("%s: Learn calls %+v, want one for %v, unexpired", proto, calls, want)
+		}
+		select {
+		case l := <-feed:
+			if l.Addr != want || l.Name != "zero.allowed.test" || l.Rule != "ntp" {
+				t.Errorf("%s: learned %+v", proto, l)
+			}
+		default:
+			t.Errorf("%s: the table learned nothing from the answer", proto)
+		}
+	}
+}
+
 // TestFirewallHitAllocs: on the UDP fast path, a cache hit for a rule the
 // firewall ignores, or whose addresses it already has, allocates no more
 // than a hit with no firewall at all.
