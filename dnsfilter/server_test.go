@@ -737,7 +737,7 @@ func BenchmarkLookupNetIPCached(b *testing.B) {
 }
 
 // TestTCPClientNeverReads: a client that pipelines queries for a large
-// answer over TCP and never reads them fills its socket buffers; the
+// answer over TCP and never reads the answers fills the socket buffers; the
 // server's write then stalls. It must give the connection up after its
 // write timeout (2s) rather than hold the goroutine and descriptor for
 // as long as the client stays connected (which also kept Run from
@@ -748,7 +748,9 @@ func TestTCPClientNeverReads(t *testing.T) {
 		fmt.Fprintf(&zone, "huge.allowed.test. 300 IN TXT \"%s%03d\"\n", strings.Repeat("x", 240), i)
 	}
 	up := newFakeUpstream(t, zone.String())
-	ts := startServer(t, enforcePolicy, Config{Upstreams: []string{up.Addr}}, Deps{})
+	// 1000 answers of 50 KB: more than any socket buffers hold.
+	const queries = 1000
+	ts := startServer(t, enforcePolicy, Config{Upstreams: []string{up.Addr}, TCPMaxQueries: queries}, Deps{})
 	// A small receive buffer, so the answers back up at once.
 	d := net.Dialer{Control: func(_, _ string, c syscall.RawConn) error {
 		return c.Control(func(fd uintptr) { _ = syscall.SetsockoptInt(int(fd), syscall.SOL_SOCKET, syscall.SO_RCVBUF, 2048) })
@@ -758,7 +760,6 @@ func TestTCPClientNeverReads(t *testing.T) {
 		t.Fatal(err)
 	}
 	defer c.Close()
-	const queries = 100
 	var buf []byte
 	for i := range queries {
 		m := new(dns.Msg)
