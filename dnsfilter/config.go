@@ -123,6 +123,13 @@ type Config struct {
 	// TCPMaxQueries is the number of queries served on one client TCP
 	// connection. Zero means 128.
 	TCPMaxQueries int
+	// TCPMaxConns bounds the client TCP connections open at once, over
+	// every listen address; TCPMaxConnsPerClient those of one client
+	// address. A connection over either is closed as soon as it is
+	// accepted (and counted, and logged at most once a second). Zero
+	// means 256 and 16; negative disables the limit.
+	TCPMaxConns          int
+	TCPMaxConnsPerClient int
 	// UDPReaders is the number of UDP sockets (SO_REUSEPORT) and reader
 	// goroutines per listen address. Zero means one per processor
 	// (GOMAXPROCS). On Linux an
@@ -161,6 +168,8 @@ const (
 	defaultUDPSize         = 1232
 	defaultTCPIdle         = 8 * time.Second
 	defaultTCPMaxQueries   = 128
+	defaultTCPMaxConns     = 256
+	defaultTCPMaxPerClient = 16
 )
 
 var defaultPrivateSuffixes = []string{"local", "lan", "internal", "home.arpa", "localhost", "in-addr.arpa", "ip6.arpa"}
@@ -199,7 +208,7 @@ func (c Config) Validate() error {
 		errs = append(errs, fmt.Errorf("dnsfilter: udp size %d is below 512", c.UDPSize))
 	}
 	if c.DownAfter < 0 || c.MaxInflight < 0 || c.TableSize < 0 || c.ClientBurst < 0 || c.TCPMaxQueries < 0 || c.UDPReaders < 0 {
-		errs = append(errs, errors.New("dnsfilter: counts must not be negative (except CacheSize and ClientRate, where negative disables)"))
+		errs = append(errs, errors.New("dnsfilter: counts must not be negative (except CacheSize, ClientRate, TCPMaxConns and TCPMaxConnsPerClient, where negative disables)"))
 	}
 	return errors.Join(errs...)
 }
@@ -257,6 +266,12 @@ func (c Config) withDefaults() Config {
 	}
 	if c.TCPMaxQueries == 0 {
 		c.TCPMaxQueries = defaultTCPMaxQueries
+	}
+	if c.TCPMaxConns == 0 {
+		c.TCPMaxConns = defaultTCPMaxConns
+	}
+	if c.TCPMaxConnsPerClient == 0 {
+		c.TCPMaxConnsPerClient = defaultTCPMaxPerClient
 	}
 	return c
 }

@@ -20,6 +20,7 @@ type metrics struct {
 	shared           prometheus.Counter // misses answered by another query's upstream exchange
 	rateLimited      prometheus.Counter
 	dropped          *prometheus.CounterVec // reason: overload, malformed, panic
+	tcpRefused       *prometheus.CounterVec // scope: global, client
 	filtered         *prometheus.CounterVec // kind: rebinding, ech
 	upstreamRequests *prometheus.CounterVec // upstream, proto
 	upstreamFailures *prometheus.CounterVec // upstream
@@ -54,6 +55,8 @@ func newMetrics() *metrics {
 			Help: "Queries dropped or refused because their client exceeded its rate."}),
 		dropped: prometheus.NewCounterVec(prometheus.CounterOpts{Namespace: ns, Subsystem: sub, Name: "dropped_total",
 			Help: "Packets not answered, by reason (overload, malformed, panic)."}, []string{"reason"}),
+		tcpRefused: prometheus.NewCounterVec(prometheus.CounterOpts{Namespace: ns, Subsystem: sub, Name: "tcp_refused_total",
+			Help: "Client TCP connections closed as soon as accepted because a connection limit was hit, by scope (global, client)."}, []string{"scope"}),
 		filtered: prometheus.NewCounterVec(prometheus.CounterOpts{Namespace: ns, Subsystem: sub, Name: "answers_filtered_total",
 			Help: "Upstream answers changed by the answer filter, by kind (rebinding, ech)."}, []string{"kind"}),
 		upstreamRequests: prometheus.NewCounterVec(prometheus.CounterOpts{Namespace: ns, Subsystem: sub, Name: "upstream_requests_total",
@@ -79,7 +82,7 @@ func newMetrics() *metrics {
 
 func (m *metrics) register(r prometheus.Registerer, s *Server) error {
 	cs := []prometheus.Collector{m.queries, m.queryDuration, m.cacheHits, m.cacheMisses, m.shared, m.rateLimited,
-		m.dropped, m.filtered, m.upstreamRequests, m.upstreamFailures, m.upstreamUp, m.upstreamDuration, m.learnTotal, m.learnDuration,
+		m.dropped, m.tcpRefused, m.filtered, m.upstreamRequests, m.upstreamFailures, m.upstreamUp, m.upstreamDuration, m.learnTotal, m.learnDuration,
 		prometheus.NewGaugeFunc(prometheus.GaugeOpts{Namespace: "egress", Subsystem: "dnsfilter", Name: "cache_entries",
 			Help: "Answers in the cache."}, func() float64 {
 			if s.cache == nil {

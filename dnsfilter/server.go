@@ -71,6 +71,8 @@ type Server struct {
 
 	durCache, durUpstream, durLocal prometheus.Observer
 
+	tcpLim tcpLimits // client TCP connections
+
 	slowSem  chan struct{} // bounds UDP queries on the general path
 	inflight chan struct{} // bounds upstream exchanges
 	slow     sync.WaitGroup
@@ -159,6 +161,7 @@ func New(cfg Config, deps Deps) (*Server, error) {
 		s.ups.list = append(s.ups.list, u)
 	}
 	s.slowSem = make(chan struct{}, cfg.MaxInflight)
+	s.tcpLim = tcpLimits{max: max(cfg.TCPMaxConns, 0), perClient: max(cfg.TCPMaxConnsPerClient, 0), perIP: map[netip.Addr]int{}, lastWarn: map[string]time.Time{}}
 	s.inflight = make(chan struct{}, cfg.MaxInflight)
 	s.baseCtx, s.baseCancel = context.WithCancel(context.Background())
 	s.durCache = s.m.queryDuration.WithLabelValues("cache")
@@ -404,11 +407,11 @@ func (s *Server) listenOne(host, port string, readers int) error {
 	}
 	ucs := s.toRaw(conns)
 	srv := &dns.Server{
-		Listener:      writeDeadlineListener{l, tcpWriteTimeout},
+		Listener:      s.tcpLimited(l),
 		Net:           "tcp",
 		Handler:       dns.HandlerFunc(s.serveTCP),
 		ReadTimeout:   2 * time.Second,
-		WriteTimeout:  tcpWriteTimeout, // not applied by miekg: see writeDeadlineListener
+		WriteTimeout:  tcpWriteTimeout, // not applied by miekg: see tcpListener
 		IdleTimeout:   func() time.Duration { return s.cfg.TCPIdleTimeout },
 		MaxTCPQueries: s.cfg.TCPMaxQueries,
 		MsgAcceptFunc: acceptQuery,
@@ -423,38 +426,6 @@ func (s *Server) listenOne(host, port string, readers int) error {
 	s.tcpSrv = append(s.tcpSrv, srv)
 	s.addrs = append(s.addrs, ap)
 	return nil
-}
-
-// tcpWriteTimeout bounds one write of an answer to a TCP client.
-const tcpWriteTimeout = 2 * time.Second
-
-// writeDeadlineListener gives each write on an accepted connection a
-// deadline. miekg/dns v1 documents Server.WriteTimeout but never applies
-// it, so a client that pipelines queries and never reads its answers
-// would block the connection's goroutine in Write for as long as it
-// stays connected, keeping its descriptor, and with it ShutdownContext
-// (which waits for every connection) and so Run.
-type writeDeadlineListener struct {
-	net.Listener
-	timeout time.Duration
-}
-
-func (l writeDeadlineListener) Accept() (net.Conn, error) {
-	c, err := l.Listener.Accept()
-	if err != nil {
-		return nil, err
-	}
-	return writeDeadlineConn{c, l.timeout}, nil
-}
-
-type writeDeadlineConn struct {
-	net.Conn
-	timeout time.Duration
-}
-
-func (c writeDeadlineConn) Write(b []byte) (int, error) {
-	_ = c.SetWriteDeadline(time.Now().Add(c.timeout))
-	return c.Conn.Write(b)
 }
 
 // listenUDP opens the UDP sockets of one address: with reuse, one

@@ -1,0 +1,104 @@
+package dnsfilter
+
+import (
+	"net"
+	"testing"
+	"time"
+
+	"github.com/miekg/dns"
+	dto "github.com/prometheus/client_model/go"
+)
+
+// tcpClient opens a client TCP connection from the loopback address src
+// and asks one allowed name on it; ok says whether an answer came.
+func tcpClient(t *testing.T, src, addr string) (c *dns.Conn, ok bool) {
+	t.Helper()
+	d := net.Dialer{LocalAddr: &net.TCPAddr{IP: net.ParseIP(src)}, Timeout: 3 * time.Second}
+	nc, err := d.Dial("tcp", addr)
+	if err != nil {
+		t.Fatalf("dial from %s: %v", src, err)
+	}
+	c = &dns.Conn{Conn: nc}
+	t.Cleanup(func() { _ = c.Close() })
+	m := new(dns.Msg)
+	m.SetQuestion("a.allowed.test.", dns.TypeA)
+	_ = c.SetDeadline(time.Now().Add(3 * time.Second))
+	if err := c.WriteMsg(m); err != nil {
+		return c, false
+	}
+	r, err := c.ReadMsg()
+	return c, err == nil && r.Id == m.Id && r.Rcode == dns.RcodeSuccess
+}
+
+func tcpRefusedCount(t *testing.T, s *Server, scope string) float64 {
+	t.Helper()
+	var m dto.Metric
+	if err := s.m.tcpRefused.WithLabelValues(scope).Write(&m); err != nil {
+		t.Fatal(err)
+	}
+	return m.GetCounter().GetValue()
+}
+
+// TestTCPConnectionLimits: client TCP connections are capped per client
+// address and overall; one over a cap is closed unanswered, counted by
+// scope, and its slot comes back when a connection closes.
+func TestTCPConnectionLimits(t *testing.T) {
+	up := newFakeUpstream(t, "a.allowed.test. 300 IN A 192.0.2.1\n")
+	ts := startServer(t, enforcePolicy, Config{Upstreams: []string{up.Addr}, TCPMaxConns: 5, TCPMaxConnsPerClient: 3}, Deps{})
+
+	var held []*dns.Conn
+	for i := range 3 {
+		c, ok := tcpClient(t, "127.0.0.2", ts.Addr)
+		if !ok {
+			t.Fatalf("connection %d of 127.0.0.2 (under both limits) got no answer", i+1)
+		}
+		held = append(held, c)
+	}
+	if _, ok := tcpClient(t, "127.0.0.2", ts.Addr); ok {
+		t.Error("a fourth connection of 127.0.0.2 was answered: the per-client limit of 3 did not hold")
+	}
+	for i := range 2 {
+		if _, ok := tcpClient(t, "127.0.0.3", ts.Addr); !ok {
+			t.Fatalf("connection %d of 127.0.0.3 (under both limits) got no answer", i+1)
+		}
+	}
+	if _, ok := tcpClient(t, "127.0.0.4", ts.Addr); ok {
+		t.Error("a sixth connection overall was answered: the global limit of 5 did not hold")
+	}
+	if got := tcpRefusedCount(t, ts.Server, "client"); got != 1 {
+		t.Errorf("tcp_refused_total{scope=client} = %v, want 1", got)
+	}
+	if got := tcpRefusedCount(t, ts.Server, "global"); got != 1 {
+		t.Errorf("tcp_refused_total{scope=global} = %v, want 1", got)
+	}
+
+	// A closed connection gives its slot back (once the server has seen
+	// the close).
+	_ = held[0].Close()
+	deadline := time.Now().Add(3 * time.Second)
+	for {
+		if _, ok := tcpClient(t, "127.0.0.2", ts.Addr); ok {
+			break
+		}
+		if time.Now().After(deadline) {
+			t.Fatal("127.0.0.2 closed a connection, and a new one was still refused 3 s later")
+		}
+		time.Sleep(50 * time.Millisecond)
+	}
+}
+
+// TestTCPConnectionLimitsDefault: the defaults are on, and a negative
+// setting turns a limit off.
+func TestTCPConnectionLimitsDefault(t *testing.T) {
+	c := Config{}.withDefaults()
+	if c.TCPMaxConns != defaultTCPMaxConns || c.TCPMaxConnsPerClient != defaultTCPMaxPerClient {
+		t.Errorf("defaults %d / %d, want %d / %d", c.TCPMaxConns, c.TCPMaxConnsPerClient, defaultTCPMaxConns, defaultTCPMaxPerClient)
+	}
+	up := newFakeUpstream(t, "a.allowed.test. 300 IN A 192.0.2.1\n")
+	ts := startServer(t, enforcePolicy, Config{Upstreams: []string{up.Addr}, TCPMaxConns: -1, TCPMaxConnsPerClient: -1}, Deps{})
+	for i := range defaultTCPMaxPerClient + 2 {
+		if _, ok := tcpClient(t, "127.0.0.2", ts.Addr); !ok {
+			t.Fatalf("connection %d got no answer with the limits disabled", i+1)
+		}
+	}
+}
