@@ -3,6 +3,7 @@ package dnsfilter
 import (
 	"encoding/binary"
 	"hash/maphash"
+	"math"
 	"net/netip"
 	"sync"
 	"sync/atomic"
@@ -224,6 +225,16 @@ func skipName(msg []byte, off int) int {
 	return -1
 }
 
+// wireTTL is a TTL from an upstream answer: one with the top bit set is
+// taken as 0 (RFC 2181 §8), not as the 68 years it would spell, which the
+// learned-address table would otherwise keep.
+func wireTTL(v uint32) time.Duration {
+	if v > math.MaxInt32 {
+		return 0
+	}
+	return time.Duration(v) * time.Second
+}
+
 // newEntry builds an entry from a filtered upstream answer. m must be
 // private to the caller; it becomes the entry's.
 func newEntry(name string, m *dns.Msg, do bool, udpSize uint16, now time.Time, maxTTL, maxNeg time.Duration, upstream, filtered string) *entry {
@@ -248,7 +259,7 @@ func newEntry(name string, m *dns.Msg, do bool, udpSize uint16, now time.Time, m
 	switch {
 	case m.Rcode == dns.RcodeSuccess && len(m.Answer) > 0:
 		for _, rr := range m.Answer {
-			t := time.Duration(rr.Header().Ttl) * time.Second
+			t := wireTTL(rr.Header().Ttl)
 			if ttl < 0 || t < ttl {
 				ttl = t
 			}
@@ -272,7 +283,7 @@ func newEntry(name string, m *dns.Msg, do bool, udpSize uint16, now time.Time, m
 		// Negative answer: cacheable only with an SOA (RFC 2308 §5).
 		for _, rr := range m.Ns {
 			if soa, ok := rr.(*dns.SOA); ok {
-				ttl = time.Duration(min(soa.Hdr.Ttl, soa.Minttl)) * time.Second
+				ttl = min(wireTTL(soa.Hdr.Ttl), wireTTL(soa.Minttl))
 				ttl = min(ttl, maxNeg)
 			}
 		}

@@ -375,3 +375,29 @@ func BenchmarkNeedsGate(b *testing.B) {
 		})
 	}
 }
+
+// TestTopBitTTL: an upstream TTL with the top bit set counts as 0 (RFC
+// 2181 §8): the answer is not cached, and its address is learned for the
+// one second a TTL of 0 gets, not for 68 years.
+func TestTopBitTTL(t *testing.T) {
+	now := time.Now()
+	m := new(dns.Msg)
+	m.SetQuestion("big.allowed.test.", dns.TypeA)
+	m.Response = true
+	m.Answer = []dns.RR{&dns.A{Hdr: dns.RR_Header{Name: "big.allowed.test.", Rrtype: dns.TypeA, Class: dns.ClassINET, Ttl: 0x80000010}, A: net.IPv4(192, 0, 2, 30)}}
+	e := newEntry("big.allowed.test", m, false, 1232, now, time.Hour, 15*time.Minute, "up", "")
+	if e.expires != 0 {
+		t.Errorf("entry expires in %v, want not cached", time.Duration(e.expires-now.UnixNano()))
+	}
+	if len(e.addrs) != 1 || time.Duration(e.addrs[0].expires-now.UnixNano()) != time.Second {
+		t.Errorf("learned %+v, want 192.0.2.30 for 1s", e.addrs)
+	}
+	// The same for a negative answer's SOA.
+	n := new(dns.Msg)
+	n.SetQuestion("none.allowed.test.", dns.TypeA)
+	n.Response, n.Rcode = true, dns.RcodeNameError
+	n.Ns = []dns.RR{&dns.SOA{Hdr: dns.RR_Header{Name: "allowed.test.", Rrtype: dns.TypeSOA, Class: dns.ClassINET, Ttl: 0xfffffff0}, Ns: "ns.allowed.test.", Mbox: "h.allowed.test.", Minttl: 0xfffffff0}}
+	if e := newEntry("none.allowed.test", n, false, 1232, now, time.Hour, 15*time.Minute, "up", ""); e.expires != 0 {
+		t.Errorf("negative entry expires in %v, want not cached", time.Duration(e.expires-now.UnixNano()))
+	}
+}
