@@ -350,6 +350,9 @@ func servicePort(port uint16) bool { return port < 1024 }
 func (p *proc) lookup(src netip.Addr, sp uint16, dst netip.Addr, dp uint16, proto uint8, srcIsClient bool, mac []byte) (*flow, int) {
 	k := makeKey(src, sp, dst, dp, proto)
 	f := p.flows[k]
+	if f != nil && p.endIdle(k, f) {
+		f = nil
+	}
 	if f == nil {
 		if len(p.flows) >= p.c.cfg.MaxFlows {
 			p.makeRoom()
@@ -375,6 +378,25 @@ func (p *proc) lookup(src netip.Addr, sp uint16, dst netip.Addr, dp uint16, prot
 	return f, dir
 }
 
+// endIdle ends and forgets f, the flow of k, when it has been idle past
+// its timeout, and reports whether it did. The sweep does the same only
+// every sweepInterval: without this check a packet that ends a longer
+// silence before the next sweep would continue a flow that is over (a UDP
+// exchange after 62 s of silence is a new flow, DESIGN.md).
+func (p *proc) endIdle(k flowKey, f *flow) bool {
+	if f.closed {
+		return false
+	}
+	idle := p.now.Sub(f.last)
+	if !(f.proto == 6 && idle > p.c.cfg.TCPIdle || f.proto == 17 && idle > p.c.cfg.UDPIdle) {
+		return false
+	}
+	p.end(f, "idle")
+	delete(p.flows, k)
+	p.stats.active.Store(int64(len(p.flows)))
+	return true
+}
+
 // waited decides a flow that has waited classifyWait for its name since
 // it was established (see settle).
 func (p *proc) waited(f *flow) {
@@ -395,7 +417,11 @@ func (p *proc) tcpPacket(src, dst netip.Addr, mac []byte) {
 	t := &p.tcp
 	sp, dp := uint16(t.SrcPort), uint16(t.DstPort)
 	k := makeKey(src, sp, dst, dp, 6)
-	if f := p.flows[k]; f != nil && f.closed && t.SYN && !t.ACK {
+	f := p.flows[k]
+	if f != nil && p.endIdle(k, f) {
+		f = nil
+	}
+	if f != nil && f.closed && t.SYN && !t.ACK {
 		delete(p.flows, k) // the port pair is reused by a new connection
 	} else if f == nil && (t.RST || t.FIN) && len(t.Payload) == 0 {
 		return // the end of a connection we never saw
@@ -407,7 +433,8 @@ func (p *proc) tcpPacket(src, dst netip.Addr, mac []byte) {
 	if t.SYN {
 		clientIsSrc = !t.ACK
 	}
-	f, dir := p.lookup(src, sp, dst, dp, 6, clientIsSrc, mac)
+	var dir int
+	f, dir = p.lookup(src, sp, dst, dp, 6, clientIsSrc, mac)
 	if !f.decided && (f.sport == 53 || f.cport == 53) {
 		p.classify(f) // by address: DNS flows carry no name of their own
 	}

@@ -544,6 +544,32 @@ func TestSyntheticTableBoundsAndIdle(t *testing.T) {
 	}
 }
 
+// A UDP exchange silent for more than 60 s is two flows (DESIGN.md) even
+// when the periodic sweep ran shortly before the silence ended: another
+// flow's packet 58 s in runs it, so the next runs only at 63 s, after the
+// exchange resumed at 62 s.
+func TestSyntheticUDPSilenceBetweenSweeps(t *testing.T) {
+	p := newPcap(t)
+	cli := netip.MustParseAddr("192.0.2.50")
+	srv := netip.MustParseAddr("198.51.100.7")
+	start := p.now
+	p.udp(true, cli, srv, 30001, 123, []byte("ntp"))
+	p.now = start.Add(58 * time.Second)
+	p.udp(true, cli, netip.MustParseAddr("198.51.100.8"), 30002, 123, []byte("ntp"))
+	p.now = start.Add(62 * time.Second)
+	p.udp(true, cli, srv, 30001, 123, []byte("ntp"))
+	r := synthRun(t, p.close(), testPolicy, nil, Config{})
+	var starts []time.Time
+	for _, ev := range r.events {
+		if ev.Dest == srv {
+			starts = append(starts, ev.Time)
+		}
+	}
+	if len(starts) != 2 {
+		t.Fatalf("flows to %v start at %v, want 2 (62 s of silence splits them)", srv, starts)
+	}
+}
+
 // The real QUIC capture whose ClientHello spans several Initial packets,
 // rewritten with the client's packets in reverse order: the CRYPTO stream
 // is reassembled by offset, so the SNI-less hello is still found whole.
