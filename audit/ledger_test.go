@@ -329,3 +329,50 @@ func TestFlowTableChains(t *testing.T) {
 		}
 	}
 }
+
+// Names in a report come off the wire (an SNI, a Host header capture read)
+// and may hold anything. The HTML page escapes them, and the terminal
+// report must not pass control sequences to the operator's terminal nor
+// let a newline forge a row.
+func TestReportHostileNames(t *testing.T) {
+	hostile := []string{
+		"<script>alert(1)</script>.example",
+		`x"><img src=x onerror=alert(1)>`,
+		"evil\x1b]0;owned\x07\x1b[2J.example\n  FAKE  1.2.3.4  443/tcp",
+		"bidi\u202egpj.exe",
+	}
+	l := NewLedger(nil, LedgerOptions{})
+	for i, n := range hostile {
+		base := Event{Kind: KindFlow, Source: SourceCapture, Time: t0.Add(time.Duration(i) * time.Minute),
+			Client: netip.MustParseAddr("192.0.2.10"), ClientPort: uint16(40000 + i),
+			Dest: netip.MustParseAddr("203.0.113.9"), DestPort: 443, Proto: "tcp", Name: n, NameSource: NameSNI}
+		allowed := base
+		allowed.Stamp(policy.Decision{Verdict: policy.Allow, Rule: "web", Mode: policy.ModeAudit})
+		l.Emit(allowed)
+		denied := base
+		denied.ClientPort += 1000
+		denied.Stamp(policy.Decision{Verdict: policy.Deny, Reason: "invalid-name", Mode: policy.ModeAudit})
+		l.Emit(denied)
+	}
+	r := l.Report(ReportOptions{Now: reportNow})
+	var html, txt bytes.Buffer
+	if err := r.WriteHTML(&html); err != nil {
+		t.Fatal(err)
+	}
+	for _, bad := range []string{"<script>alert", "<img"} {
+		if bytes.Contains(html.Bytes(), []byte(bad)) {
+			t.Errorf("HTML report holds %q unescaped", bad)
+		}
+	}
+	if err := r.WriteText(&txt); err != nil {
+		t.Fatal(err)
+	}
+	for _, bad := range []string{"\x1b", "\x07", "\u202e"} {
+		if bytes.Contains(txt.Bytes(), []byte(bad)) {
+			t.Errorf("terminal report holds %q raw:\n%s", bad, txt.String())
+		}
+	}
+	if bytes.Contains(bytes.ToLower(txt.Bytes()), []byte("\n  fake")) {
+		t.Errorf("a newline in a name forged a row of the terminal report:\n%s", txt.String())
+	}
+}

@@ -228,7 +228,7 @@ func (res *ReplayResult) WriteText(w io.Writer) error {
 			if ip == "" || ip == c.Dest {
 				ip = "-"
 			}
-			fmt.Fprintf(tw, "  %s\t%s\t%d/%s\t%d\t%d\t%d\t%d\t%s\t%s\t%s\t%s\n", c.Dest, ip, c.Port, c.Proto, c.Flows, c.Queries, c.Requests,
+			fmt.Fprintf(tw, "  %s\t%s\t%d/%s\t%d\t%d\t%d\t%d\t%s\t%s\t%s\t%s\n", textName(c.Dest), ip, c.Port, c.Proto, c.Flows, c.Queries, c.Requests,
 				c.ClientCount, was(c), now(c), fmtTime(c.FirstSeen), fmtTime(c.LastSeen))
 		}
 		tw.Flush()

@@ -6,6 +6,7 @@ import (
 	"fmt"
 	"io"
 	"slices"
+	"strconv"
 	"strings"
 	"text/tabwriter"
 	"time"
@@ -318,7 +319,7 @@ func (r *Report) WriteText(w io.Writer) error {
 			}
 			fmt.Fprintf(tw, "  %s\t%d\t%d\t%s\t%s\t%s\t%s\t%s\t%s\n", name, u.Flows, u.Queries,
 				fmtBytes(u.BytesOut), fmtBytes(u.BytesIn), fmtCount(u.ClientCount, u.ClientsTruncated),
-				fmtTime(u.FirstSeen), fmtTime(u.LastSeen), shortList(u.Destinations, 3))
+				fmtTime(u.FirstSeen), fmtTime(u.LastSeen), shortList(textNames(u.Destinations), 3))
 		}
 		tw.Flush()
 	}
@@ -362,7 +363,7 @@ func (r *Report) WriteText(w io.Writer) error {
 			if d.Rule != "" {
 				reason += " (" + d.Rule + ")"
 			}
-			fmt.Fprintf(tw, "  %s\t%s\t%d/%s\t%d\t%d\t%s\t%s\t%s\t%s\t%s\n", d.Dest, ip, d.Port, d.Proto,
+			fmt.Fprintf(tw, "  %s\t%s\t%d/%s\t%d\t%d\t%s\t%s\t%s\t%s\t%s\n", textName(d.Dest), ip, d.Port, d.Proto,
 				d.Flows, d.Queries, fmtCount(d.ClientCount, d.ClientsTruncated), enf, reason,
 				fmtTime(d.FirstSeen), fmtTime(d.LastSeen))
 		}
@@ -412,6 +413,29 @@ func fmtBytes(n uint64) string {
 		exp++
 	}
 	return fmt.Sprintf("%.1f %ciB", float64(n)/float64(div), "KMGTP"[exp])
+}
+
+// textName is a name as the terminal reports print it: as it is when it
+// is printable ASCII without spaces (every valid name, every address),
+// else quoted with Go's escapes. Names come off the wire (an SNI or Host
+// header capture read) and may hold anything: printed raw, a control
+// sequence would reach the operator's terminal and a newline would forge
+// a row.
+func textName(s string) string {
+	for i := 0; i < len(s); i++ {
+		if s[i] <= ' ' || s[i] >= 0x7f {
+			return strconv.Quote(s)
+		}
+	}
+	return s
+}
+
+func textNames(s []string) []string {
+	out := make([]string, len(s))
+	for i, n := range s {
+		out[i] = textName(n)
+	}
+	return out
 }
 
 func shortList(s []string, n int) string {
