@@ -137,6 +137,7 @@ type Journal struct {
 	ends        []int  // end offsets in buf of the event lines
 	shedLogged  uint64 // shed count already recorded in the log
 	torn        bool   // the file may end in a partial line (after a write error)
+	reopen      bool   // a rotation could not open the new file: flush tries again
 	lastFlush   time.Time
 	lastErrLog  time.Time
 	encodeBuf   []byte
@@ -550,6 +551,9 @@ func (j *Journal) flush() {
 	}
 	var n int
 	err := errJournalClosed
+	if j.f == nil && j.reopen {
+		err = j.openCurrent()
+	}
 	if j.f != nil {
 		n, err = j.f.Write(j.buf)
 	}
@@ -618,7 +622,9 @@ func (j *Journal) rotate() {
 	j.f.Close()
 	f, err := os.OpenFile(cur, os.O_CREATE|os.O_WRONLY|os.O_APPEND, 0o640)
 	if err != nil {
-		j.f = nil
+		// The next flush tries again (openCurrent): a full disk or no
+		// free descriptor must not end the log until a restart.
+		j.f, j.reopen = nil, true
 		j.mu.Lock()
 		j.lastErr = fmt.Errorf("audit: rotate event log: %w", err)
 		j.mu.Unlock()
@@ -636,6 +642,22 @@ func (j *Journal) rotate() {
 		}
 		rotated = rotated[1:]
 	}
+}
+
+// openCurrent opens the current file for appending after a rotation could
+// not.
+func (j *Journal) openCurrent() error {
+	f, err := os.OpenFile(filepath.Join(j.cfg.Dir, CurrentLog), os.O_CREATE|os.O_WRONLY|os.O_APPEND, 0o640)
+	if err != nil {
+		return fmt.Errorf("reopen after rotation: %w", err)
+	}
+	fi, err := f.Stat()
+	if err != nil {
+		f.Close()
+		return fmt.Errorf("reopen after rotation: %w", err)
+	}
+	j.f, j.size, j.reopen = f, fi.Size(), false
+	return nil
 }
 
 // RegisterMetrics registers the journal's metrics on reg:

@@ -638,3 +638,80 @@ func FuzzReadEvents(f *testing.F) {
 		l.Report(ReportOptions{}).WriteHTML(io.Discard)
 	})
 }
+
+// TestJournalReopensAfterRotateFailure: when the new file cannot be opened
+// at a rotation (here no descriptor is free; a full disk or quota does the
+// same), the events meanwhile are counted as unwritten, and once the file
+// can be opened again writing resumes: the event log does not stay off
+// until a restart.
+func TestJournalReopensAfterRotateFailure(t *testing.T) {
+	eng := loadPolicy(t, "policy.yaml")
+	dir := t.TempDir()
+	j, _, _ := openJournal(t, JournalConfig{Dir: dir, MaxFileBytes: 2000, MaxFiles: 100, Logger: slog.New(slog.DiscardHandler)}, eng)
+	runJournal(t, j)
+	base := fixtureEvents(t, eng)[2]
+	emit := func(from, n int) {
+		for i := from; i < from+n; i++ {
+			ev := base
+			ev.ClientPort = uint16(10000 + i)
+			j.Emit(ev)
+		}
+	}
+
+	var old syscall.Rlimit
+	if err := syscall.Getrlimit(syscall.RLIMIT_NOFILE, &old); err != nil {
+		t.Fatal(err)
+	}
+	// Rotation closes the full file before it opens the new one: with the
+	// limit at the full file's descriptor, and every one below it in use,
+	// the open finds none free.
+	ents, err := os.ReadDir("/proc/self/fd")
+	if err != nil {
+		t.Skip(err)
+	}
+	used := map[string]bool{}
+	for _, e := range ents {
+		used[e.Name()] = true
+	}
+	fd := uint64(j.f.Fd())
+	for i := uint64(0); i < fd; i++ {
+		if !used[fmt.Sprint(i)] {
+			t.Skipf("descriptor %d is free below the event log's %d", i, fd)
+		}
+	}
+	lim := old
+	lim.Cur = fd
+	if err := syscall.Setrlimit(syscall.RLIMIT_NOFILE, &lim); err != nil {
+		t.Fatal(err)
+	}
+	restore := func() {
+		if err := syscall.Setrlimit(syscall.RLIMIT_NOFILE, &old); err != nil {
+			t.Fatal(err)
+		}
+	}
+	defer restore()
+	emit(0, 40) // rotates past 2000 bytes; the new file does not open
+	waitFor(t, func() bool { return j.Err() != nil && j.Written()+j.WriteFailed() == 40 })
+	restore()
+	if !strings.Contains(j.Err().Error(), "too many open files") {
+		t.Errorf("Err() = %v, want the failed open", j.Err())
+	}
+	failed := j.WriteFailed()
+	if failed == 0 {
+		t.Fatalf("no event was lost while the log could not be opened")
+	}
+
+	emit(40, 5)
+	deadline := time.Now().Add(5 * time.Second)
+	for j.Written()+j.WriteFailed() < 45 && time.Now().Before(deadline) {
+		time.Sleep(10 * time.Millisecond)
+	}
+	if j.WriteFailed() != failed || j.Written() != 45-failed || j.Err() != nil {
+		t.Fatalf("after the open works again: written %d, failed %d (was %d), err %v; want the 5 new events written",
+			j.Written(), j.WriteFailed(), failed, j.Err())
+	}
+	b, err := os.ReadFile(filepath.Join(dir, CurrentLog))
+	if err != nil || bytes.Count(b, []byte("\n")) < 5 {
+		t.Errorf("current log after the reopen: %d lines, %v", bytes.Count(b, []byte("\n")), err)
+	}
+}
