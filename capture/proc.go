@@ -121,6 +121,7 @@ type proc struct {
 	dot1q   layers.Dot1Q
 	ip4     layers.IPv4
 	ip6     layers.IPv6
+	ip6ext  layers.IPv6ExtensionSkipper
 	ip6frag layers.IPv6Fragment
 	tcp     layers.TCP
 	udp     layers.UDP
@@ -152,7 +153,11 @@ type candidate struct {
 
 func newProc(c *Capture) *proc {
 	p := &proc{c: c, flows: make(map[flowKey]*flow), defrag: newDefragger()}
-	dl := []gopacket.DecodingLayer{&p.eth, &p.dot1q, &p.ip4, &p.ip6, &p.ip6frag, &p.tcp, &p.udp, &p.gtp, &p.payload}
+	// The skipper steps over IPv6 extension headers (Destination Options,
+	// Routing) to the TCP or UDP after them: routers forward such packets,
+	// and a flow capture cannot decode is in no report. It comes before
+	// ip6frag, which takes the Fragment header back from it.
+	dl := []gopacket.DecodingLayer{&p.eth, &p.dot1q, &p.ip4, &p.ip6, &p.ip6ext, &p.ip6frag, &p.tcp, &p.udp, &p.gtp, &p.payload}
 	mk := func(first gopacket.LayerType) *gopacket.DecodingLayerParser {
 		dp := gopacket.NewDecodingLayerParser(first)
 		// A sparse array indexed by layer type: faster than the default map.

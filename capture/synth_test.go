@@ -28,6 +28,10 @@ type pcapWriter struct {
 	w    *pcapgo.Writer
 	now  time.Time
 	vlan uint16 // when set, frames carry an 802.1Q tag
+	// ext6, when set, is an IPv6 extension header (its first byte, the
+	// next header, is filled in) that IPv6 packets carry before their
+	// payload.
+	ext6 []byte
 	path string
 }
 
@@ -58,8 +62,13 @@ func (p *pcapWriter) frame(fromClient bool, ls ...gopacket.SerializableLayer) {
 		src, dst = dst, src
 	}
 	et := layers.EthernetTypeIPv4
-	if _, ok := ls[0].(*layers.IPv6); ok {
+	if ip6, ok := ls[0].(*layers.IPv6); ok {
 		et = layers.EthernetTypeIPv6
+		if p.ext6 != nil {
+			ext := append([]byte{byte(ip6.NextHeader)}, p.ext6[1:]...)
+			ip6.NextHeader = layers.IPProtocol(p.ext6[0])
+			ls = append([]gopacket.SerializableLayer{ip6, gopacket.Payload(ext)}, ls[1:]...)
+		}
 	}
 	eth := &layers.Ethernet{SrcMAC: src, DstMAC: dst, EthernetType: et}
 	all := []gopacket.SerializableLayer{eth}
@@ -567,6 +576,45 @@ func TestSyntheticUDPSilenceBetweenSweeps(t *testing.T) {
 	}
 	if len(starts) != 2 {
 		t.Fatalf("flows to %v start at %v, want 2 (62 s of silence splits them)", srv, starts)
+	}
+}
+
+// IPv6 packets may carry extension headers before TCP or UDP (Destination
+// Options, Routing): routers forward them, so capture must still see the
+// flow, or in audit mode it is in no report at all.
+func TestSyntheticIPv6ExtensionHeaders(t *testing.T) {
+	exts := map[string][]byte{
+		// The first byte says which header it is (the test writer puts the
+		// next header there); a PadN option fills the 8 bytes.
+		"destination options":                {byte(layers.IPProtocolIPv6Destination), 0, 1, 4, 0, 0, 0, 0},
+		"routing (type 4, no segments left)": {byte(layers.IPProtocolIPv6Routing), 0, 4, 0, 0, 0, 0, 0},
+	}
+	for what, ext := range exts {
+		t.Run(what, func(t *testing.T) {
+			p := newPcap(t)
+			p.ext6 = ext
+			cli := netip.MustParseAddr("2001:db8::50")
+			srv := netip.MustParseAddr("2001:db8:1::80")
+			c := &tcpConn{p: p, cli: cli, srv: srv, cport: 44000, sport: 443, cseq: 1, sseq: 1}
+			c.handshake()
+			c.send(true, handHello(sniExt("blocked.example")), 1400, nil, nil)
+			c.close()
+			p.udp(true, cli, srv, 30000, 7777, []byte("datagram"))
+			r := synthRun(t, p.close(), testPolicy, nil, Config{})
+			got := map[string]audit.Event{}
+			for _, ev := range r.events {
+				got[ev.Proto] = ev
+			}
+			if ev, ok := got["tcp"]; !ok || ev.Name != "blocked.example" || ev.NameSource != audit.NameSNI || ev.Verdict != policy.Deny {
+				t.Errorf("TCP flow: %+v (present %v), want blocked.example by SNI, denied", ev, ok)
+			}
+			if ev, ok := got["udp"]; !ok || ev.DestPort != 7777 || ev.Client != cli {
+				t.Errorf("UDP flow: %+v (present %v), want one to port 7777", ev, ok)
+			}
+			if r.stats.NotIP != 0 {
+				t.Errorf("%d packets counted as not TCP or UDP over IP", r.stats.NotIP)
+			}
+		})
 	}
 }
 
