@@ -291,6 +291,54 @@ func TestReplayRequests(t *testing.T) {
 	}
 }
 
+// TestReplaySamePolicyChangesNothing: denials a component made besides the
+// rules (an SNI for an address nobody resolved, a malformed hello, a
+// client over its DNS rate) are not "newly allowed" by a candidate whose
+// rules allow the name: replayed against the very policy that recorded
+// them, nothing changes. A rule's denial is still re-decided.
+func TestReplaySamePolicyChangesNothing(t *testing.T) {
+	eng := loadPolicy(t, "policy.yaml")
+	cli := netip.MustParseAddr("192.168.10.5")
+	flow := func(port uint16, name, reason string) Event {
+		ev := Event{Kind: KindFlow, Source: SourceProxy, Time: t0.Add(time.Duration(port) * time.Second), Client: cli, ClientPort: port,
+			Dest: netip.MustParseAddr("203.0.113.9"), DestPort: 443, Proto: "tcp", Name: name, NameSource: NameSNI}
+		ev.Stamp(policy.Decision{Verdict: policy.Deny, Reason: reason, Mode: policy.ModeEnforce})
+		return ev
+	}
+	events := []Event{
+		flow(40001, "api.nirovision.com", "sni-mismatch"),
+		flow(40002, "api.nirovision.com", "hello-malformed"),
+		flow(40003, "", "special-range"),
+		flow(40004, "tracker.example", policy.ReasonNoRule),
+	}
+	q := Event{Kind: KindDNS, Source: SourceDNS, Time: t0, Client: cli, ClientPort: 5353,
+		Dest: netip.MustParseAddr("192.168.10.1"), DestPort: 53, Proto: "udp", Name: "api.nirovision.com", QType: "A"}
+	q.Stamp(policy.Decision{Verdict: policy.Deny, Reason: "rate-limited", Mode: policy.ModeEnforce})
+	events = append(events, q)
+
+	r := NewReplayer(eng, reportNow)
+	for _, ev := range events {
+		r.Emit(ev)
+	}
+	res := r.Result()
+	if len(res.NewlyAllowed) != 0 || len(res.NewlyDropped) != 0 || len(res.RuleChanged) != 0 || res.Unchanged != uint64(len(events)) {
+		t.Errorf("replayed against the policy that recorded them: %d unchanged of %d, newly allowed %+v", res.Unchanged, len(events), res.NewlyAllowed)
+	}
+
+	// A candidate that allows tracker.example lifts that rule's denial.
+	cand, err := policy.Compile("c.yaml", []byte("version: 1\nrules:\n  - name: tracker\n    to: [tracker.example]\n    ports: [443/tcp]\n"))
+	if err != nil {
+		t.Fatal(err)
+	}
+	r = NewReplayer(cand, reportNow)
+	for _, ev := range events {
+		r.Emit(ev)
+	}
+	if res := r.Result(); len(res.NewlyAllowed) != 1 || res.NewlyAllowed[0].Dest != "tracker.example" {
+		t.Errorf("candidate allowing tracker.example: newly allowed %+v", res.NewlyAllowed)
+	}
+}
+
 // TestFlowTableChains fills the ledger's table of recent flows with
 // records whose hashes collide (set by hand: maphash never collides in a
 // test), past its size, and checks after each step that exactly the

@@ -123,6 +123,11 @@ func (r *Replayer) Emit(ev Event) {
 	case oldV == d.Verdict && (d.Verdict == policy.Deny || ev.Rule == d.Rule):
 		r.res.Unchanged++
 		return
+	case oldV == policy.Deny && !policyReason(ev.Reason):
+		// The component refused it besides the rules (see policyReason):
+		// a candidate whose rules allow the name does not lift that.
+		r.res.Unchanged++
+		return
 	}
 	k := replayKey{dest: destName(&ev), proto: ev.Proto, port: ev.DestPort, oldRule: ev.Rule, newRule: d.Rule, oldV: oldV, newV: d.Verdict, newReason: d.Reason}
 	if ev.Kind == KindDNS {
@@ -155,6 +160,25 @@ func (r *Replayer) Emit(ev Event) {
 	if t.After(g.ch.LastSeen) {
 		g.ch.LastSeen = t
 	}
+}
+
+// policyReason reports whether a recorded denial's reason is one the
+// policy gives, which a candidate's rules decide again. The components'
+// own reasons are refusals besides the rules: a malformed or duplicate
+// ClientHello, an HTTP head the proxy refuses, an SNI for an address
+// nobody resolved (sni-mismatch), the special-range guard, a client over
+// its DNS rate. Re-deciding only the name and address would call those
+// flows newly allowed, even against the policy that recorded them. The
+// price: a candidate that would lift one of them (a CIDR rule that vouches
+// for the address of an sni-mismatch, one naming a special range) is not
+// shown as doing so.
+func policyReason(reason string) bool {
+	switch reason {
+	case "", policy.ReasonNoRule, policy.ReasonPort, policy.ReasonPath, policy.ReasonClient,
+		policy.ReasonExpired, policy.ReasonInvalidName, policy.ReasonNoDestination:
+		return true
+	}
+	return false
 }
 
 // Result returns what changes.
