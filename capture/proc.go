@@ -184,8 +184,8 @@ func (p *proc) packet(data []byte, ts time.Time, link layers.LinkType) {
 // packetLen runs one captured frame through the pipeline; wireLen is its
 // length on the wire, more than len(data) when the capture cut it short
 // (the live snap filter, a pcap written with a snap length). Bytes are
-// counted from wireLen: what was cut is TCP payload (snap lengths keep
-// every header). A frame that does not decode is counted and skipped; a
+// counted from wireLen: what was cut is TCP or UDP payload (snap lengths
+// keep every header). A frame that does not decode is counted and skipped; a
 // panic in any decoder is recovered and counted the same way.
 func (p *proc) packetLen(data []byte, wireLen int, ts time.Time, link layers.LinkType) {
 	p.cut = 0
@@ -695,7 +695,7 @@ func (p *proc) udpPacket(src, dst netip.Addr, sp, dp layers.UDPPort, payload []b
 	}
 	p.waited(f)
 	f.pkts[dir]++
-	f.bytes[dir] += uint64(len(payload))
+	f.bytes[dir] += uint64(len(payload) + p.cut)
 	if s == 53 || d == 53 {
 		f.app = appDNS
 		p.classify(f) // by address: DNS flows carry no name of their own

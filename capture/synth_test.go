@@ -32,6 +32,9 @@ type pcapWriter struct {
 	// next header, is filled in) that IPv6 packets carry before their
 	// payload.
 	ext6 []byte
+	// snap, when set, cuts frames to that many bytes, as a capture taken
+	// with a snap length (tcpdump -s) does; their length on the wire stays.
+	snap int
 	path string
 }
 
@@ -88,6 +91,10 @@ func (p *pcapWriter) raw(b []byte) {
 	p.t.Helper()
 	p.now = p.now.Add(time.Millisecond)
 	ci := gopacket.CaptureInfo{Timestamp: p.now, CaptureLength: len(b), Length: len(b)}
+	if p.snap > 0 && len(b) > p.snap {
+		b = b[:p.snap]
+		ci.CaptureLength = p.snap
+	}
 	if err := p.w.WritePacket(ci, b); err != nil {
 		p.t.Fatal(err)
 	}
@@ -615,6 +622,34 @@ func TestSyntheticIPv6ExtensionHeaders(t *testing.T) {
 				t.Errorf("%d packets counted as not TCP or UDP over IP", r.stats.NotIP)
 			}
 		})
+	}
+}
+
+// A capture taken with a snap length cuts UDP payloads as well as TCP
+// ones: a flow's bytes are still those on the wire.
+func TestSyntheticSnapLengthBytes(t *testing.T) {
+	p := newPcap(t)
+	p.snap = 96
+	cli := netip.MustParseAddr("192.0.2.50")
+	srv := netip.MustParseAddr("198.51.100.7")
+	p.udp(true, cli, srv, 30001, 9999, make([]byte, 1000))
+	p.udp(false, srv, cli, 9999, 30001, make([]byte, 1200))
+	c := &tcpConn{p: p, cli: cli, srv: srv, cport: 44000, sport: 8443, cseq: 1, sseq: 1}
+	c.handshake()
+	c.send(true, make([]byte, 1000), 1400, nil, nil)
+	c.send(false, make([]byte, 1200), 1400, nil, nil)
+	c.close()
+	r := synthRun(t, p.close(), testPolicy, nil, Config{})
+	if r.stats.Snapped == 0 {
+		t.Fatalf("no frame was cut")
+	}
+	for _, ev := range r.events {
+		if ev.BytesOut != 1000 || ev.BytesIn != 1200 {
+			t.Errorf("%s flow: %d bytes out, %d in; want 1000 and 1200, as on the wire", ev.Proto, ev.BytesOut, ev.BytesIn)
+		}
+	}
+	if len(r.events) != 2 {
+		t.Errorf("%d flows, want 2", len(r.events))
 	}
 }
 
