@@ -127,6 +127,31 @@ func TestSNIMismatch(t *testing.T) {
 	}
 }
 
+// TestSNIMismatchSharedAddress: a CDN address serves many names, and DNS
+// answers for several of them give it out. An allowed name whose answer
+// capture saw, to this client, is not a mismatch because the client then
+// resolved more names to the same address before it connected.
+func TestSNIMismatchSharedAddress(t *testing.T) {
+	cli := netip.MustParseAddr("192.0.2.60")
+	resolver := netip.MustParseAddr("198.51.100.53")
+	cdn := netip.MustParseAddr("203.0.113.20")
+	p := newPcap(t)
+	p.udp(false, resolver, cli, 53, 5300, dnsResponse(t, "a.allowed.test", []netip.Addr{cdn}))
+	for i := range 6 {
+		p.udp(false, resolver, cli, 53, uint16(5301+i), dnsResponse(t, fmt.Sprintf("site%d.cdn-customer.test", i), []netip.Addr{cdn}))
+	}
+	c := &tcpConn{p: p, cli: cli, srv: cdn, cport: 41000, sport: 443, cseq: 1, sseq: 1}
+	c.handshake()
+	c.send(true, handHello(sniExt("a.allowed.test")), 1400, nil, nil)
+	c.close()
+	r := synthRun(t, p.close(), fmt.Sprintf(mismatchPolicy, policy.ModeAudit), nil, Config{})
+	for _, ev := range r.events {
+		if ev.ClientPort == 41000 && (ev.Verdict != policy.Allow || ev.Rule != "web") {
+			t.Errorf("a.allowed.test to the address its answer gave: %s %q reason %q, want allowed by web", ev.Verdict, ev.Rule, ev.Reason)
+		}
+	}
+}
+
 // feed runs a capture file through c's pipeline frame by frame, calling
 // before with each frame's time ahead of it, then ends every flow.
 func feed(t *testing.T, c *Capture, path string, before func(ts time.Time)) {

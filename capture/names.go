@@ -20,7 +20,7 @@ type DNSFacts interface {
 type learned struct {
 	mu      sync.Mutex // guards following
 	m       map[netip.Addr]*learnedEntry
-	byName  map[string]time.Time // names seen answered, until when
+	byName  map[string]*nameAnswer // names seen answered: the addresses given
 	max     int
 	evicted uint64
 }
@@ -36,13 +36,29 @@ type learnedName struct {
 	expires time.Time
 }
 
+// nameAnswer is what answers for one name gave out, to any client: the
+// most recent maxNameAddrs addresses. It is kept apart from the table by
+// address, whose few names per address a shared (CDN) address overflows.
+type nameAnswer struct {
+	addrs []learnedAddr // oldest first
+}
+
+type learnedAddr struct {
+	addr    netip.Addr
+	expires time.Time
+}
+
+// maxNameAddrs bounds the addresses kept per name: an answer of a
+// round-robin or CDN name holds up to eight or so.
+const maxNameAddrs = 8
+
 // minLearnedTTL keeps names longer than short DNS TTLs: clients reuse
 // addresses well after the record expired, and an offline audit replays
 // captures whose flows follow their lookups by minutes.
 const minLearnedTTL = 30 * time.Minute
 
 func newLearned(max int) *learned {
-	return &learned{m: make(map[netip.Addr]*learnedEntry), byName: make(map[string]time.Time), max: max}
+	return &learned{m: make(map[netip.Addr]*learnedEntry), byName: make(map[string]*nameAnswer), max: max}
 }
 
 // add records that client was told name for addr at now, valid for ttl.
@@ -65,15 +81,18 @@ func (l *learned) add(client, addr netip.Addr, name string, now time.Time, ttl t
 		e = &learnedEntry{}
 		l.m[addr] = e
 	}
-	if _, ok := l.byName[name]; !ok && len(l.byName) >= l.max {
-		for k := range l.byName {
-			delete(l.byName, k)
-			break
+	na := l.byName[name]
+	if na == nil {
+		if len(l.byName) >= l.max {
+			for k := range l.byName {
+				delete(l.byName, k)
+				break
+			}
 		}
+		na = &nameAnswer{}
+		l.byName[name] = na
 	}
-	if exp := now.Add(ttl); exp.After(l.byName[name]) {
-		l.byName[name] = exp
-	}
+	na.add(addr, now.Add(ttl))
 	// Move or insert name at the front.
 	nn := learnedName{name: name, client: client, expires: now.Add(ttl)}
 	j := 0
@@ -113,12 +132,40 @@ func (l *learned) namesFor(client, addr netip.Addr, now time.Time, out []string)
 	return out
 }
 
-// resolved reports whether an answer for name was seen and is still live.
-func (l *learned) resolved(name string, now time.Time) bool {
+// add records that an answer gave addr out for the name until expires.
+func (na *nameAnswer) add(addr netip.Addr, expires time.Time) {
+	for i, a := range na.addrs {
+		if a.addr == addr {
+			na.addrs = append(na.addrs[:i], na.addrs[i+1:]...)
+			break
+		}
+	}
+	if len(na.addrs) >= maxNameAddrs {
+		na.addrs = append(na.addrs[:0], na.addrs[1:]...)
+	}
+	na.addrs = append(na.addrs, learnedAddr{addr, expires})
+}
+
+// answered reports whether a live answer for name was seen (resolved),
+// and whether one gave out addr (gave).
+func (l *learned) answered(name string, addr netip.Addr, now time.Time) (resolved, gave bool) {
 	l.mu.Lock()
 	defer l.mu.Unlock()
-	exp, ok := l.byName[name]
-	return ok && !now.After(exp)
+	na := l.byName[name]
+	if na == nil {
+		return false, false
+	}
+	addr = addr.Unmap()
+	for _, a := range na.addrs {
+		if now.After(a.expires) {
+			continue
+		}
+		resolved = true
+		if a.addr == addr {
+			gave = true
+		}
+	}
+	return resolved, gave
 }
 
 func (l *learned) len() int {

@@ -1092,9 +1092,13 @@ func (p *proc) vouched(eng *policy.Engine, in policy.Input, d policy.Decision) b
 	// (CDNs, answers older than the capture, lookups capture did not
 	// see): capture cannot ask, so it calls a mismatch only on evidence,
 	// an answer for this very name seen on the wire that did not give out
-	// this address. Without it the flow is judged by its name.
-	if name, ok := policy.NormalizeName(in.Name); ok && !p.c.learned.resolved(name, p.now) {
-		return true
+	// this address. Without it the flow is judged by its name. The answers
+	// are looked up by name: the table by address keeps a few names per
+	// address, which a CDN address shared by many names overflows.
+	if name, ok := policy.NormalizeName(in.Name); ok {
+		if resolved, gave := p.c.learned.answered(name, in.Dest, p.now); gave || !resolved {
+			return true
+		}
 	}
 	return false
 }
