@@ -198,7 +198,11 @@ func (p *proc) packetLen(data []byte, wireLen int, ts time.Time, link layers.Lin
 	p.stats.packets.Add(1)
 	p.stats.bytes.Add(uint64(wireLen))
 	p.stats.captured.Add(uint64(len(data)))
-	if ts.After(p.now) {
+	// A time no report can hold (JSON and RFC 3339 stop at the year 9999)
+	// comes from a corrupt capture file, such as a pcapng block read as
+	// the year 294247: taken, it would end every open flow as idle and
+	// make the report unwritable. The frame counts at the latest good time.
+	if ts.After(p.now) && ts.Year() <= 9999 {
 		p.now = ts
 	}
 	if p.now.After(p.nextSweep) {

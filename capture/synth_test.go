@@ -653,6 +653,70 @@ func TestSyntheticSnapLengthBytes(t *testing.T) {
 	}
 }
 
+// A frame whose timestamp no report can hold (a corrupt pcapng block
+// read as the year 294247) moves neither the capture's clock nor a flow's
+// times: the connection stays one flow, and the report, whose JSON holds
+// only the years 0 to 9999, can still be written.
+func TestSyntheticAbsurdTimestamp(t *testing.T) {
+	p := newPcap(t)
+	cli := netip.MustParseAddr("192.0.2.50")
+	srv := netip.MustParseAddr("203.0.113.80")
+	c := &tcpConn{p: p, cli: cli, srv: srv, cport: 44000, sport: 443, cseq: 1, sseq: 1}
+	c.handshake()
+	c.send(true, handHello(sniExt("blocked.example")), 1400, nil, nil)
+	c.send(false, []byte("server data"), 1400, nil, nil)
+	c.close()
+	rec := &recorder{}
+	capt, err := New(Config{}, Deps{Policy: policy.NewStore(testEngine(t, testPolicy)), Sink: rec})
+	if err != nil {
+		t.Fatal(err)
+	}
+	feed(t, capt, p.close(), func(time.Time) {})
+	events := rec.all()
+	if len(events) != 1 {
+		t.Fatalf("control: %d flows, want 1", len(events))
+	}
+
+	rec = &recorder{}
+	capt, err = New(Config{}, Deps{Policy: policy.NewStore(testEngine(t, testPolicy)), Sink: rec})
+	if err != nil {
+		t.Fatal(err)
+	}
+	f, err := os.Open(p.path)
+	if err != nil {
+		t.Fatal(err)
+	}
+	defer f.Close()
+	r, err := pcapgo.NewReader(f)
+	if err != nil {
+		t.Fatal(err)
+	}
+	for i := 0; ; i++ {
+		data, ci, err := r.ReadPacketData()
+		if err != nil {
+			break
+		}
+		if i == 4 { // the server's data
+			ci.Timestamp = time.Date(294247, 1, 10, 4, 0, 54, 0, time.UTC)
+		}
+		capt.proc.packet(data, ci.Timestamp, r.LinkType())
+	}
+	capt.proc.flush("end-of-capture")
+	events = rec.all()
+	if len(events) != 1 {
+		t.Fatalf("%d flows, want 1: %+v", len(events), events)
+	}
+	ev := events[0]
+	if ev.Time.Year() > 9999 || ev.Duration > 3600 || ev.BytesIn != uint64(len("server data")) {
+		t.Errorf("flow starts %v, lasts %v s, %d bytes in", ev.Time, ev.Duration, ev.BytesIn)
+	}
+	l := audit.NewLedger(nil, audit.LedgerOptions{})
+	l.Emit(ev)
+	if err := l.Report(audit.ReportOptions{}).WriteJSON(io.Discard); err != nil {
+		t.Errorf("report: %v", err)
+	}
+}
+
 // The real QUIC capture whose ClientHello spans several Initial packets,
 // rewritten with the client's packets in reverse order: the CRYPTO stream
 // is reassembled by offset, so the SNI-less hello is still found whole.
