@@ -4,7 +4,8 @@ package capture
 // answers, DNSSEC: THREATS E5). TCP segments are never fragmented in
 // practice and other protocols carry no names, so only UDP is reassembled.
 // It is bounded: maxDatagrams in progress, maxFragsPer fragments and 64 KiB
-// each, and a datagram not complete within fragTimeout is dropped.
+// of them each (overlapping fragments count every time), and a datagram not
+// complete within fragTimeout is dropped.
 
 import (
 	"net/netip"
@@ -31,6 +32,7 @@ type fragment struct {
 type fragDatagram struct {
 	first time.Time
 	parts []fragment
+	held  int // bytes of parts
 	total int // length of the whole payload, -1 until the last fragment is seen
 }
 
@@ -64,12 +66,15 @@ func (d *defragger) add(k fragKey, off int, more bool, data []byte, now time.Tim
 		dg = &fragDatagram{first: now, total: -1}
 		d.m[k] = dg
 	}
-	if len(dg.parts) >= maxFragsPer {
+	if len(dg.parts) >= maxFragsPer || dg.held+len(data) > 65535 {
+		// Past what a datagram can hold: overlapping fragments, not
+		// a datagram to rebuild.
 		delete(d.m, k)
 		d.dropped++
 		return nil
 	}
 	dg.parts = append(dg.parts, fragment{off, append([]byte(nil), data...)})
+	dg.held += len(data)
 	if !more {
 		dg.total = off + len(data)
 	}

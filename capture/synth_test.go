@@ -717,6 +717,34 @@ func TestSyntheticAbsurdTimestamp(t *testing.T) {
 	}
 }
 
+// The defragmenter holds at most 64 KiB per datagram, however its
+// fragments overlap: a hostile capture (or LAN client) sending 64 large
+// fragments of one datagram, all at offset 0, to each of 256 datagrams
+// would otherwise make it hold a gigabyte.
+func TestDefragBoundsOverlappingFragments(t *testing.T) {
+	d := newDefragger()
+	now := time.Date(2026, 11, 24, 10, 0, 0, 0, time.UTC)
+	k := fragKey{src: netip.MustParseAddr("192.0.2.1"), dst: netip.MustParseAddr("203.0.113.1"), id: 7, proto: 17}
+	big := make([]byte, 60000)
+	for range maxFragsPer {
+		if full := d.add(k, 0, true, big, now); full != nil {
+			t.Fatalf("an incomplete datagram came out")
+		}
+		held := 0
+		if dg := d.m[k]; dg != nil {
+			for _, p := range dg.parts {
+				held += len(p.data)
+			}
+		}
+		if held > 65535 {
+			t.Fatalf("one datagram holds %d bytes of fragments", held)
+		}
+	}
+	if d.dropped == 0 {
+		t.Errorf("the datagram over 64 KiB was not given up")
+	}
+}
+
 // The real QUIC capture whose ClientHello spans several Initial packets,
 // rewritten with the client's packets in reverse order: the CRYPTO stream
 // is reassembled by offset, so the SNI-less hello is still found whole.
