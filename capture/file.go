@@ -7,6 +7,7 @@ import (
 	"fmt"
 	"io"
 	"os"
+	"time"
 
 	"github.com/gopacket/gopacket"
 	"github.com/gopacket/gopacket/layers"
@@ -67,6 +68,11 @@ func (c *Capture) ReadFile(ctx context.Context, path string, progress func(done,
 		pr = r
 	}
 	p := c.proc
+	// The audit answers what the policy would do now, as the report and
+	// policy check say of expired rules, however old the capture: rules
+	// expire at the time of the audit, not of the packets.
+	p.decideAt = time.Now()
+	defer func() { p.decideAt = time.Time{} }()
 	link := pr.LinkType()
 	for i := 0; ; i++ {
 		if i&0xfff == 0 {

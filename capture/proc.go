@@ -139,9 +139,12 @@ type proc struct {
 	// openReport, when positive, reports a flow still open this long
 	// after it started (live capture only; see emit).
 	openReport time.Duration
-	scratch    []byte
-	cands      []candidate
-	cut        int // bytes of the current frame the capture cut off
+	// decideAt, when set (ReadFile), is the time the policy judges rule
+	// expiry at; else the packet time, which live is the wall clock.
+	decideAt time.Time
+	scratch  []byte
+	cands    []candidate
+	cut      int // bytes of the current frame the capture cut off
 
 	stats counters
 }
@@ -998,6 +1001,9 @@ func (p *proc) classify(f *flow) {
 		proto = policy.UDP
 	}
 	in := policy.Input{Client: f.cli.Unmap(), Dest: f.srv.Unmap(), Port: f.sport, Proto: proto, Now: p.now}
+	if !p.decideAt.IsZero() {
+		in.Now = p.decideAt
+	}
 	if f.hasMAC {
 		in.ClientMAC = net.HardwareAddr(f.mac[:])
 	}

@@ -745,6 +745,30 @@ func TestDefragBoundsOverlappingFragments(t *testing.T) {
 	}
 }
 
+// An offline audit answers what the policy would do now: a rule that has
+// expired since the capture was taken no longer allows its flows (the
+// report lists it as expired, and policy check says it no longer
+// matches), however old the capture.
+func TestReadFileJudgesExpiryNow(t *testing.T) {
+	p := newPcap(t)
+	p.now = time.Now().AddDate(-1, 0, 0) // a capture a year old
+	cli := netip.MustParseAddr("192.0.2.50")
+	srv := netip.MustParseAddr("203.0.113.80")
+	c := &tcpConn{p: p, cli: cli, srv: srv, cport: 44000, sport: 443, cseq: 1, sseq: 1}
+	c.handshake()
+	c.send(true, handHello(sniExt("a.old.test")), 1400, nil, nil)
+	c.close()
+	expired := time.Now().AddDate(0, 0, -2).Format("2006-01-02")
+	src := "version: 1\nrules:\n  - name: old\n    to: [\"*.old.test\"]\n    ports: [443/tcp]\n    expires: " + expired + "\n"
+	r := synthRun(t, p.close(), src, nil, Config{})
+	if len(r.events) != 1 {
+		t.Fatalf("%d flows, want 1", len(r.events))
+	}
+	if ev := r.events[0]; ev.Verdict != policy.Deny || ev.Reason != policy.ReasonExpired || ev.Rule != "old" {
+		t.Errorf("flow of a rule expired on %s: %s %q reason %q, want denied as expired", expired, ev.Verdict, ev.Rule, ev.Reason)
+	}
+}
+
 // The real QUIC capture whose ClientHello spans several Initial packets,
 // rewritten with the client's packets in reverse order: the CRYPTO stream
 // is reassembled by offset, so the SNI-less hello is still found whole.
