@@ -410,6 +410,12 @@ func TestProxyHelloReasons(t *testing.T) {
 			c.send(true, handHello(sniExt("a.allowed.test", "evil.test")), 1400, nil, nil)
 		}, ReasonDuplicateSNI, ""},
 		{"a malformed extension", func(c *tcpConn) { c.send(true, bad, 1400, nil, nil) }, ReasonHelloBad, ""},
+		// crypto/tls refuses an empty host_name and one with a trailing
+		// dot (README, Security: "Empty server_name, trailing dot").
+		{"an empty host_name", func(c *tcpConn) { c.send(true, handHello(sniExt("")), 1400, nil, nil) }, ReasonHelloBad, ""},
+		{"a host_name with a trailing dot", func(c *tcpConn) {
+			c.send(true, handHello(sniExt("a.allowed.test.")), 1400, nil, nil)
+		}, ReasonHelloBad, "a.allowed.test."},
 		{"a hello begun and not finished within the wait", func(c *tcpConn) {
 			c.send(true, good[:20], 1400, nil, nil)
 			c.p.now = c.p.now.Add(classifyWait + time.Second)

@@ -119,6 +119,13 @@ func parseClientHello(msg []byte) (helloInfo, error) {
 				}
 				switch {
 				case nt != 0:
+				case len(name) == 0 || name[len(name)-1] == '.':
+					// crypto/tls, and so the proxy, refuses an empty
+					// host_name and one ending in a dot.
+					if h.SNI == "" {
+						h.SNI = string(name)
+					}
+					return h, errMalformed
 				case h.SNI == "":
 					h.SNI = string(name) // the first one is the one we report
 				default:
