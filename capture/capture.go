@@ -4,6 +4,7 @@ import (
 	"errors"
 	"fmt"
 	"log/slog"
+	"net/netip"
 	"sync"
 	"sync/atomic"
 	"time"
@@ -42,6 +43,17 @@ type Config struct {
 	// is classified and reported"). 0 means 1m; ReadFile reports every
 	// flow once, at its end.
 	ReportOpenAfter time.Duration
+	// OwnAddrs are the gateway's own addresses. A flow to or from one of
+	// them is the gateway's own traffic, not egress (the firewall's
+	// prerouting leaves it alone, and enforce mode does not drop it): a
+	// client's connection to the explicit proxy, the admin page, ssh.
+	// Such flows are counted (Stats.Own) and not recorded, so the report
+	// shows no would-drop for them, nor a second flow beside the explicit
+	// proxy's own event. DNS to the gateway is the exception: its
+	// forwarder answers for the LAN, and policies credit those flows to a
+	// port-53 rule (the seed's "dns"). Nil: Open (live capture) reads the
+	// interfaces' addresses; ReadFile then knows none.
+	OwnAddrs []netip.Addr
 }
 
 // Validate returns every problem of the configuration.
@@ -117,6 +129,7 @@ type Stats struct {
 	Reassembled   uint64 // UDP datagrams rebuilt from fragments
 	FragDropped   uint64 // fragmented datagrams given up
 	Flows         uint64 // flows classified and reported (each counted once)
+	Own           uint64 // flows to or from the gateway's own addresses, not recorded (Config.OwnAddrs)
 	Denied        uint64 // of those, denied (dropped or would-drop)
 	Updates       uint64 // end events of flows first reported while open
 	Evicted       uint64 // flows ended early because the table was full

@@ -10,6 +10,9 @@ import (
 	"github.com/gopacket/gopacket/afpacket"
 	"github.com/gopacket/gopacket/layers"
 	"golang.org/x/net/bpf"
+
+	"egressd/audit"
+	"egressd/internal/netutil"
 )
 
 // tpacket is the live AF_PACKET ring (no cgo).
@@ -61,6 +64,13 @@ func (c *Capture) Open() error {
 	}
 	if c.cfg.Interface == "" {
 		return errors.New("capture: no interface configured")
+	}
+	if c.cfg.OwnAddrs == nil {
+		own, err := netutil.HostAddrs()
+		if err != nil {
+			c.log.Warn("capture: cannot list the gateway's own addresses: flows to them are recorded as egress", audit.LogError, err.Error())
+		}
+		c.proc.setOwn(own)
 	}
 	const frame = 1 << 16
 	const block = frame * 32

@@ -38,6 +38,7 @@ func (m *metrics) register(r prometheus.Registerer, c *Capture) error {
 		counter("packets_total", "Packets capture read.", func(s Stats) uint64 { return s.Packets }),
 		counter("bytes_total", "Bytes of packets capture read.", func(s Stats) uint64 { return s.Bytes }),
 		counter("malformed_packets_total", "Packets that failed to decode and were skipped.", func(s Stats) uint64 { return s.Malformed }),
+		counter("own_flows_total", "Flows to or from the gateway's own addresses (the explicit proxy, the admin page, ssh): not egress, not recorded.", func(s Stats) uint64 { return s.Own }),
 		counter("evicted_flows_total", "Flows ended early because the flow table was full.", func(s Stats) uint64 { return s.Evicted }),
 		counter("kernel_drops_total", "Packets the kernel dropped on the capture socket.", func(s Stats) uint64 { return s.KernelDrops }),
 		counter("client_hellos_total", "TLS ClientHellos parsed, over TCP and QUIC.", func(s Stats) uint64 { return s.Hellos }),

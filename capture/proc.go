@@ -92,6 +92,7 @@ type flow struct {
 	gaveUp  bool // a segment was missing or a limit was hit
 	fin     [2]bool
 	closed  bool // ended and emitted; lingers for trailing packets
+	own     bool // to or from the gateway itself: tracked, never recorded
 
 	base     [2]uint32 // TCP sequence number of stream offset 0
 	haveBase [2]bool
@@ -142,9 +143,12 @@ type proc struct {
 	// decideAt, when set (ReadFile), is the time the policy judges rule
 	// expiry at; else the packet time, which live is the wall clock.
 	decideAt time.Time
-	scratch  []byte
-	cands    []candidate
-	cut      int // bytes of the current frame the capture cut off
+	// own are the gateway's own addresses (Config.OwnAddrs, or the
+	// interfaces' for live capture).
+	own     map[netip.Addr]struct{}
+	scratch []byte
+	cands   []candidate
+	cut     int // bytes of the current frame the capture cut off
 
 	stats counters
 }
@@ -156,6 +160,7 @@ type candidate struct {
 
 func newProc(c *Capture) *proc {
 	p := &proc{c: c, flows: make(map[flowKey]*flow), defrag: newDefragger()}
+	p.setOwn(c.cfg.OwnAddrs)
 	// The skipper steps over IPv6 extension headers (Destination Options,
 	// Routing) to the TCP or UDP after them: routers forward such packets,
 	// and a flow capture cannot decode is in no report. It comes before
@@ -375,6 +380,10 @@ func (p *proc) lookup(src netip.Addr, sp uint16, dst netip.Addr, dp uint16, prot
 		} else {
 			f.cli, f.cport, f.srv, f.sport = dst, dp, src, sp
 		}
+		if p.isOwn(f) {
+			f.own, f.inspect = true, false
+			p.stats.own.Add(1)
+		}
 		p.flows[k] = f
 		p.stats.active.Store(int64(len(p.flows)))
 	}
@@ -388,6 +397,28 @@ func (p *proc) lookup(src netip.Addr, sp uint16, dst netip.Addr, dp uint16, prot
 	}
 	f.last = p.now
 	return f, dir
+}
+
+// setOwn sets the gateway's own addresses.
+func (p *proc) setOwn(addrs []netip.Addr) {
+	p.own = make(map[netip.Addr]struct{}, len(addrs))
+	for _, a := range addrs {
+		p.own[a.Unmap()] = struct{}{}
+	}
+}
+
+// isOwn reports whether f is the gateway's own traffic (Config.OwnAddrs):
+// from one of its addresses, or to one of them other than DNS to its
+// forwarder.
+func (p *proc) isOwn(f *flow) bool {
+	if len(p.own) == 0 {
+		return false
+	}
+	if _, ok := p.own[f.cli.Unmap()]; ok {
+		return true
+	}
+	_, ok := p.own[f.srv.Unmap()]
+	return ok && f.sport != 53
 }
 
 // endIdle ends and forgets f, the flow of k, when it has been idle past
@@ -1117,6 +1148,9 @@ func (p *proc) vouched(eng *policy.Engine, in policy.Input, d policy.Decision) b
 // The first event of a flow is counted, logged and measured; a later one
 // is the end update of a flow reported while open.
 func (p *proc) emit(f *flow, how string) {
+	if f.own {
+		return // the gateway's own traffic: counted in Stats.Own only
+	}
 	p.classify(f)
 	d := f.dec
 	ps := "tcp"

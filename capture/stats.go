@@ -10,7 +10,7 @@ type counters struct {
 	fragments, reassembled, fragDropped        atomic.Uint64
 	flows, denied, evicted, updates            atomic.Uint64
 	hellos, quicOpened, dnsQueries, dnsAnswers atomic.Uint64
-	panics, badHellos, snapped                 atomic.Uint64
+	panics, badHellos, snapped, own            atomic.Uint64
 	active                                     atomic.Int64
 }
 
@@ -20,6 +20,6 @@ func (c *counters) snapshot() Stats {
 		Fragments: c.fragments.Load(), Reassembled: c.reassembled.Load(), FragDropped: c.fragDropped.Load(),
 		Flows: c.flows.Load(), Denied: c.denied.Load(), Evicted: c.evicted.Load(), Updates: c.updates.Load(),
 		Hellos: c.hellos.Load(), QUICOpened: c.quicOpened.Load(), DNSQueries: c.dnsQueries.Load(), DNSAnswers: c.dnsAnswers.Load(),
-		Panics: c.panics.Load(), BadHellos: c.badHellos.Load(), Snapped: c.snapped.Load(),
+		Panics: c.panics.Load(), BadHellos: c.badHellos.Load(), Snapped: c.snapped.Load(), Own: c.own.Load(),
 	}
 }

@@ -821,3 +821,55 @@ func TestSyntheticQUICInitialsOutOfOrder(t *testing.T) {
 		t.Errorf("reversed: hellos %v, want one of %d bytes", sizes, wantSize)
 	}
 }
+
+// TestSyntheticOwnAddresses: flows to or from the gateway's own addresses
+// (a client's CONNECT to the explicit proxy, the gateway's own ssh to a
+// LAN host) are not egress: counted, never recorded as flows, so the
+// report has no would-drop for the proxy's port. DNS to the gateway's
+// forwarder and flows through the gateway are recorded as before.
+func TestSyntheticOwnAddresses(t *testing.T) {
+	gw := netip.MustParseAddr("192.0.2.1")
+	cli := netip.MustParseAddr("192.0.2.50")
+	remote := netip.MustParseAddr("198.51.100.7")
+	write := func() string {
+		p := newPcap(t)
+		explicit := &tcpConn{p: p, cli: cli, srv: gw, cport: 40001, sport: 3128, cseq: 100, sseq: 900}
+		explicit.handshake()
+		explicit.send(true, []byte("CONNECT www.allowed.test:443 HTTP/1.1\r\nHost: www.allowed.test:443\r\n\r\n"), 1400, nil, nil)
+		explicit.close()
+		fromGW := &tcpConn{p: p, cli: gw, srv: cli, cport: 40002, sport: 22, cseq: 100, sseq: 900}
+		fromGW.handshake()
+		fromGW.close()
+		p.udp(true, cli, gw, 40003, 53, dnsQuery(t, "www.allowed.test"))
+		through := &tcpConn{p: p, cli: cli, srv: remote, cport: 40004, sport: 8080, cseq: 100, sseq: 900}
+		through.handshake()
+		through.close()
+		return p.close()
+	}
+	flowsTo := func(evs []audit.Event) map[uint16]int {
+		m := map[uint16]int{}
+		for _, ev := range evs {
+			m[ev.DestPort]++
+		}
+		return m
+	}
+
+	r := synthRun(t, write(), testPolicy, nil, Config{OwnAddrs: []netip.Addr{gw}})
+	got := flowsTo(r.events)
+	if got[3128] != 0 || got[22] != 0 {
+		t.Errorf("flows to or from the gateway recorded: %v", r.events)
+	}
+	if got[53] != 1 || got[8080] != 1 {
+		t.Errorf("flows by port %v, want one DNS flow to the gateway and one through it", got)
+	}
+	if r.stats.Own != 2 || r.stats.Flows != 2 {
+		t.Errorf("stats: own %d, flows %d; want 2 and 2", r.stats.Own, r.stats.Flows)
+	}
+
+	// Without the gateway's addresses (an offline capture of another
+	// box), the proxy connection is an egress flow like any other.
+	r = synthRun(t, write(), testPolicy, nil, Config{})
+	if got := flowsTo(r.events); got[3128] != 1 || r.stats.Own != 0 {
+		t.Errorf("without OwnAddrs: flows by port %v, own %d; want the 3128 flow recorded", got, r.stats.Own)
+	}
+}

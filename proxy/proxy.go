@@ -282,18 +282,12 @@ func (p *Proxy) ownAddrs() []netip.Addr {
 			p.own = p.cfg.OwnAddrs
 			return
 		}
-		addrs, err := net.InterfaceAddrs()
+		own, err := netutil.HostAddrs()
 		if err != nil {
 			p.log.Warn("cannot list the gateway's own addresses", audit.LogError, err)
 			return
 		}
-		for _, a := range addrs {
-			if pn, ok := a.(*net.IPNet); ok {
-				if ip, ok := netip.AddrFromSlice(pn.IP); ok {
-					p.own = append(p.own, ip.Unmap())
-				}
-			}
-		}
+		p.own = own
 	})
 	return p.own
 }
