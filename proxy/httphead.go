@@ -32,6 +32,50 @@ func looksHTTP(b []byte) (yes, more bool) {
 			more = true
 		}
 	}
+	if y, m := requestLineStart(b); y {
+		return true, false
+	} else if m {
+		more = true
+	}
+	return false, more
+}
+
+// maxMethodLen bounds the method of a request line that is not one of
+// httpMethods (the longest registered method, VERSION-CONTROL, has 15
+// characters).
+const maxMethodLen = 20
+
+// requestLineStart reports whether b starts like a request line with any
+// method: a token, a space, then an origin-form ("/") or absolute http://
+// target, or could still (more). Origins serve methods the list does not
+// name (WebDAV's PROPFIND, a handler that takes any method): taken for
+// another protocol, such a first request would be decided by address and
+// the rest of the connection spliced, every later request undecided. It
+// looks at a bounded prefix only, so that a head arriving a byte at a
+// time costs no rescans of its whole length.
+func requestLineStart(b []byte) (yes, more bool) {
+	i := 0
+	for i < len(b) && isTChar(b[i]) {
+		if i++; i > maxMethodLen {
+			return false, false
+		}
+	}
+	if i == len(b) {
+		return false, true
+	}
+	if i == 0 || b[i] != ' ' {
+		return false, false
+	}
+	t := b[i+1:]
+	for _, form := range []string{"/", "http://"} {
+		n := min(len(t), len(form))
+		if strings.EqualFold(string(t[:n]), form[:n]) {
+			if n == len(form) {
+				return true, false
+			}
+			more = true
+		}
+	}
 	return false, more
 }
 

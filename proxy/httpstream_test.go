@@ -472,3 +472,39 @@ func TestTransparentKeepAliveAudit(t *testing.T) {
 		t.Errorf("the origin did not get the audit-mode request: %q", reqs)
 	}
 }
+
+// TestTransparentAnyMethod: a first request whose method is not one of the
+// common ones (WebDAV's PROPFIND, a custom FOO: a Go handler or an
+// Express app.all serves any method) is still read as HTTP, so that its
+// Host and path, and every request after it on the connection, are
+// decided. Taken for an unknown protocol, it was decided by address only
+// (allowed where our DNS gave the address for an allowed name) and the
+// connection spliced, so that a path outside a host/path rule, and a
+// later request to another virtual host, reached the origin.
+func TestTransparentAnyMethod(t *testing.T) {
+	tp, o := keepAliveTopo(t, "enforce")
+	dest := netip.AddrPortFrom(srvV4, originPort)
+	for _, c := range []struct {
+		name, first, second, marker, reason string
+		codes                               []int
+	}{
+		{"later-host", "PROPFIND /first-dav HTTP/1.1\r\nHost: www.allowed.test\r\nDepth: 0\r\n\r\n",
+			req("evil.example", "/second-dav"), "second-dav", policy.ReasonNoRule, []int{200, 403}},
+		{"first-path", "FOO /private-foo HTTP/1.1\r\nHost: docs.paths.test\r\n\r\n",
+			"", "private-foo", policy.ReasonPath, []int{403}},
+	} {
+		t.Run(c.name, func(t *testing.T) {
+			conn := tp.dialFromClient(t, netip.Addr{}, dest)
+			br := bufio.NewReader(conn)
+			io.WriteString(conn, c.first+c.second)
+			codes, bodies, err := readResponses(conn, br, len(c.codes))
+			if err != nil || fmt.Sprint(codes) != fmt.Sprint(c.codes) || !strings.Contains(bodies[len(bodies)-1], c.reason) {
+				t.Errorf("want %v, the last with %s: %v %v %q", c.codes, c.reason, err, codes, bodies)
+			}
+			raw, _ := o.saw()
+			if strings.Contains(raw, c.marker) {
+				t.Errorf("the origin read the refused request: %q", raw)
+			}
+		})
+	}
+}

@@ -9,6 +9,7 @@ import (
 	"net"
 	"net/netip"
 	"slices"
+	"strings"
 	"testing"
 	"testing/iotest"
 	"time"
@@ -54,6 +55,36 @@ func TestParseHTTPHead(t *testing.T) {
 				t.Errorf("host %q path %q", h.Host, h.Path)
 			}
 		})
+	}
+}
+
+// TestLooksHTTP: any method starts an HTTP request, as long as a space and
+// an origin-form or absolute http target follow it; other protocols'
+// first bytes do not, and the answer needs only a bounded prefix.
+func TestLooksHTTP(t *testing.T) {
+	for _, c := range []struct {
+		in        string
+		yes, more bool
+	}{
+		{"GET ", true, false},
+		{"GE", false, true},
+		{"PROPFIND /x HTTP/1.1\r\n", true, false},
+		{"FOO http://a.test/ HTTP/1.1", true, false},
+		{"foo HTTP://a", true, false},
+		{"PROPFIND", false, true},
+		{"PROPFIND ", false, true},
+		{"PROPFIND ht", false, true},
+		{"PROPFIND x", false, false},
+		{"FOO * HTTP/1.1", false, false},
+		{"SSH-2.0-OpenSSH_9.6\r\n", false, false},
+		{"EHLO client.test\r\n", false, false},
+		{"\x00\x00\x00\x01", false, false},
+		{strings.Repeat("A", maxMethodLen+1), false, false},
+		{" /x", false, false},
+	} {
+		if yes, more := looksHTTP([]byte(c.in)); yes != c.yes || more != c.more {
+			t.Errorf("%q: yes %v more %v, want %v %v", c.in, yes, more, c.yes, c.more)
+		}
 	}
 }
 
