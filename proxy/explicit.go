@@ -443,6 +443,15 @@ func (p *Proxy) handleRequest(req *http.Request, ctx *goproxy.ProxyCtx) (*http.R
 	}
 	f.ev.DestPort = port
 	v, addr := p.decideTarget(req.Context(), eng, ca.Addr(), host, port, req.URL.Path, audit.NameHost)
+	// The path as sent (escaped): one an origin may read as another does
+	// not pass a host/path glob, as on the transparent path.
+	hin := policy.Input{Client: ca.Addr(), Port: port, Proto: policy.TCP, Name: v.name, Now: time.Now()}
+	if v.name == "" {
+		hin.Dest = addr.Addr()
+	}
+	if v.d.Allowed() && p.pathFormDenied(eng, hin, req.URL.EscapedPath()) {
+		v.d = denyDecision(eng, ReasonPathForm)
+	}
 	f.ev.Name, f.ev.NameSource = v.name, v.src
 	if addr.IsValid() {
 		f.ev.Dest = addr.Addr()
@@ -477,7 +486,11 @@ func (p *Proxy) inspectedRequest(eng *policy.Engine, st *connectState, req *http
 	if host != st.host {
 		d = denyDecision(eng, ReasonHostMismatch)
 	} else {
-		d = eng.Decide(policy.Input{Client: st.client.Addr(), Dest: st.addr.Addr(), Port: st.addr.Port(), Proto: policy.TCP, Name: st.host, Path: req.URL.Path})
+		in := policy.Input{Client: st.client.Addr(), Dest: st.addr.Addr(), Port: st.addr.Port(), Proto: policy.TCP, Name: st.host, Path: req.URL.Path}
+		d = eng.Decide(in)
+		if d.Allowed() && p.pathFormDenied(eng, in, req.URL.EscapedPath()) {
+			d = denyDecision(eng, ReasonPathForm)
+		}
 	}
 	f.ev.Stamp(d)
 	if !d.Allowed() && d.Mode == policy.ModeEnforce {

@@ -2,11 +2,14 @@ package proxy
 
 import (
 	"bufio"
+	"crypto/tls"
+	"crypto/x509"
 	"fmt"
 	"io"
 	"log/slog"
 	"net"
 	"net/http"
+	"net/netip"
 	"os"
 	"path/filepath"
 	"strings"
@@ -257,4 +260,133 @@ func TestInspection(t *testing.T) {
 	if ev.Name != "docs.paths.test" {
 		t.Errorf("event %+v", ev)
 	}
+}
+
+// loopbackExplicit serves an explicit proxy (inspection on, CA in a
+// temporary state directory) on 127.0.0.1 in front of two origins on
+// 127.0.0.1, plain HTTP and TLS (the test PKI's certificate), both
+// running echoHandler; docs.paths.test resolves to 127.0.0.1, and policy
+// (a format with %d, %d for the two ports) decides. It returns the proxy's
+// address, the two origins' ports and the inspection CA's pool.
+func loopbackExplicit(t *testing.T, policyFmt string) (string, int, int, *x509.CertPool) {
+	t.Helper()
+	pk := newPKI(t)
+	plainLn, err := net.Listen("tcp", "127.0.0.1:0")
+	if err != nil {
+		t.Fatal(err)
+	}
+	tlsLn, err := net.Listen("tcp", "127.0.0.1:0")
+	if err != nil {
+		t.Fatal(err)
+	}
+	plain := &http.Server{Handler: http.HandlerFunc(echoHandler)}
+	tlsSrv := &http.Server{Handler: http.HandlerFunc(echoHandler), TLSConfig: &tls.Config{Certificates: []tls.Certificate{pk.srvCert}}}
+	go plain.Serve(plainLn)
+	go tlsSrv.ServeTLS(tlsLn, "", "")
+	t.Cleanup(func() { plain.Close(); tlsSrv.Close() })
+	plainPort, tlsPort := plainLn.Addr().(*net.TCPAddr).Port, tlsLn.Addr().(*net.TCPAddr).Port
+
+	eng, err := policy.Compile("loop.yaml", []byte(fmt.Sprintf(policyFmt, plainPort, tlsPort)))
+	if err != nil {
+		t.Fatal(err)
+	}
+	state := t.TempDir()
+	_, caPEM, err := LoadOrCreateCA(state)
+	if err != nil {
+		t.Fatal(err)
+	}
+	caPool := x509.NewCertPool()
+	caPool.AppendCertsFromPEM(caPEM)
+	p, err := New(Config{
+		Inspect: true, StateDir: state, UpstreamRoots: pk.pool,
+		AllowSpecial: []netip.Prefix{netip.MustParsePrefix("127.0.0.0/8")}, OwnAddrs: []netip.Addr{},
+	}, Deps{
+		Policy:   policy.NewStore(eng),
+		Logger:   slog.New(slog.NewTextHandler(testWriter{t}, nil)),
+		Resolver: startDNS(t, map[string][]netip.Addr{"docs.paths.test": {netip.MustParseAddr("127.0.0.1")}}),
+	})
+	if err != nil {
+		t.Fatal(err)
+	}
+	ln, err := net.Listen("tcp", "127.0.0.1:0")
+	if err != nil {
+		t.Fatal(err)
+	}
+	done := make(chan struct{})
+	go func() { p.ServeExplicit(ln); close(done) }()
+	t.Cleanup(func() { p.Close(); <-done })
+	return ln.Addr().String(), plainPort, tlsPort, caPool
+}
+
+// TestExplicitPathForm: a path an origin may read as another one
+// ("/public/../private", encoded dots or slashes) does not pass a
+// host/path glob on the explicit proxy, neither in a plain-HTTP request
+// nor in a request of an inspected CONNECT: as on the transparent path, it
+// is refused (path-form) where only a host/path rule would allow it.
+// Before, "/public/../private-x" matched "docs.paths.test/public/*" there
+// and was forwarded, and the origin served /private-x.
+func TestExplicitPathForm(t *testing.T) {
+	addr, plainPort, tlsPort, caPool := loopbackExplicit(t, `version: 1
+mode: enforce
+rules:
+  - name: docs
+    to: ["docs.paths.test/public/*"]
+    ports: [%d/tcp, %d/tcp]
+`)
+	paths := []struct {
+		path string
+		code int
+	}{
+		{"/public/ok", 200},
+		{"/public/../private-dots", 403},
+		{"/public/%2e%2e/private-enc", 403},
+		{"/public/x%2f..%2fprivate-slash", 403},
+		{"/public/..;/private-semi", 403},
+	}
+	check := func(t *testing.T, what string, resp *http.Response, err error, code int) {
+		t.Helper()
+		if err != nil {
+			t.Errorf("%s: %v", what, err)
+			return
+		}
+		body, _ := io.ReadAll(resp.Body)
+		resp.Body.Close()
+		if resp.StatusCode != code || code == 403 && resp.Header.Get("X-Egressd-Reason") != ReasonPathForm {
+			t.Errorf("%s: %d %s %q, want %d", what, resp.StatusCode, resp.Header.Get("X-Egressd-Reason"), body, code)
+		}
+	}
+	t.Run("plain", func(t *testing.T) {
+		for _, c := range paths {
+			conn, err := net.Dial("tcp", addr)
+			if err != nil {
+				t.Fatal(err)
+			}
+			conn.SetDeadline(time.Now().Add(10 * time.Second))
+			fmt.Fprintf(conn, "GET http://docs.paths.test:%d%s HTTP/1.1\r\nHost: docs.paths.test:%d\r\n\r\n", plainPort, c.path, plainPort)
+			resp, err := http.ReadResponse(bufio.NewReader(conn), nil)
+			check(t, c.path, resp, err, c.code)
+			conn.Close()
+		}
+	})
+	t.Run("inspected", func(t *testing.T) {
+		for _, c := range paths {
+			conn, err := net.Dial("tcp", addr)
+			if err != nil {
+				t.Fatal(err)
+			}
+			conn.SetDeadline(time.Now().Add(10 * time.Second))
+			auth := fmt.Sprintf("docs.paths.test:%d", tlsPort)
+			fmt.Fprintf(conn, "CONNECT %s HTTP/1.1\r\nHost: %s\r\n\r\n", auth, auth)
+			br := bufio.NewReader(conn)
+			resp, err := http.ReadResponse(br, &http.Request{Method: http.MethodConnect})
+			if err != nil || resp.StatusCode != 200 {
+				t.Fatalf("CONNECT: %v %v", resp, err)
+			}
+			tc := tls.Client(conn, &tls.Config{ServerName: "docs.paths.test", RootCAs: caPool})
+			fmt.Fprintf(tc, "GET %s HTTP/1.1\r\nHost: %s\r\n\r\n", c.path, auth)
+			resp, err = http.ReadResponse(bufio.NewReader(tc), nil)
+			check(t, c.path, resp, err, c.code)
+			conn.Close()
+		}
+	})
 }

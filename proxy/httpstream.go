@@ -50,14 +50,24 @@ func (p *Proxy) decideHTTP(ctx context.Context, eng *policy.Engine, in policy.In
 		in.Name = name
 		v = p.decideName(ctx, eng, in, audit.NameHost)
 	}
-	if v.d.Allowed() && in.Path != "" && !plainPath(in.Path) {
-		hin := in
-		hin.Path, hin.Name = "", v.name
-		if !p.engines.get(eng).hostLevel.Decide(hin).Allowed() {
-			v.d = denyDecision(eng, ReasonPathForm)
-		}
+	hin := in
+	hin.Name = v.name
+	if v.d.Allowed() && p.pathFormDenied(eng, hin, in.Path) {
+		v.d = denyDecision(eng, ReasonPathForm)
 	}
 	return v
+}
+
+// pathFormDenied reports whether a request allowed with path (as sent,
+// without its query) must be refused with path-form: the path is not
+// plain and only a host/path rule allows the request (in, without its
+// path, is not allowed at host level).
+func (p *Proxy) pathFormDenied(eng *policy.Engine, in policy.Input, path string) bool {
+	if path == "" || plainPath(path) {
+		return false
+	}
+	in.Path = ""
+	return !p.engines.get(eng).hostLevel.Decide(in).Allowed()
 }
 
 // plainPath reports whether an origin-form path means what it spells: no
