@@ -36,10 +36,15 @@ type connectState struct {
 	src         audit.NameSource
 	transparent bool
 	rec         *flowRecord // the connection's record (transparent inspection)
+	// requestSeen ends the deadline that bounds the inspected
+	// connection's TLS handshake and first request head (goproxy sets
+	// none); nil when there is none.
+	requestSeen func()
 }
 
 type dialKey struct{}
 type transparentKey struct{}
+type hijackKey struct{}
 
 // newGoproxy builds the goproxy server with its unsafe defaults turned
 // off: upstream certificates are verified, no proxy environment variables
@@ -144,7 +149,8 @@ func (p *Proxy) explicitHandler() http.Handler {
 			return
 		}
 		if r.Method == http.MethodConnect {
-			w = keepPipelined{w}
+			kp := &keepPipelined{ResponseWriter: w}
+			w, r = kp, r.WithContext(context.WithValue(r.Context(), hijackKey{}, kp))
 		}
 		p.gp.ServeHTTP(w, r)
 	})
@@ -156,14 +162,27 @@ func (p *Proxy) explicitHandler() http.Handler {
 // passes the bare connection on, which would drop them. The returned
 // connection replays them (a *pipelinedConn); the returned reader is
 // empty, so goproxy's other actions do not read them twice.
-type keepPipelined struct{ http.ResponseWriter }
+//
+// For an inspected CONNECT, handleConnect sets headTimeout: the hijacked
+// connection then gets a read deadline that bounds the TLS handshake and
+// the first request head (goproxy reads them without one), until
+// inspectedRequest ends it.
+type keepPipelined struct {
+	http.ResponseWriter
+	headTimeout time.Duration
+	conn        net.Conn // the hijacked connection, when headTimeout is set
+}
 
-func (k keepPipelined) Hijack() (net.Conn, *bufio.ReadWriter, error) {
+func (k *keepPipelined) Hijack() (net.Conn, *bufio.ReadWriter, error) {
 	h, ok := k.ResponseWriter.(http.Hijacker)
 	if !ok {
 		return nil, nil, http.ErrNotSupported
 	}
 	c, rw, err := h.Hijack()
+	if err == nil && k.headTimeout > 0 {
+		c.SetReadDeadline(time.Now().Add(k.headTimeout))
+		k.conn = c
+	}
 	if err != nil || rw.Reader.Buffered() == 0 {
 		return c, rw, err
 	}
@@ -340,6 +359,14 @@ func (p *Proxy) handleConnect(host string, ctx *goproxy.ProxyCtx) (*goproxy.Conn
 			f.ev.Stamp(v.d)
 			f.ev.Close = "inspected"
 			p.finish(f)
+			if kp, ok := r.Context().Value(hijackKey{}).(*keepPipelined); ok {
+				kp.headTimeout = p.cfg.HelloTimeout
+				st.requestSeen = func() {
+					if kp.conn != nil {
+						kp.conn.SetReadDeadline(time.Time{})
+					}
+				}
+			}
 			ctx.UserData = st
 			return &goproxy.ConnectAction{Action: goproxy.ConnectMitm, TLSConfig: p.mitmTLSConfig}, host
 		} else if eng.Mode() == policy.ModeEnforce {
@@ -481,6 +508,11 @@ func (p *Proxy) inspectedRequest(eng *policy.Engine, st *connectState, req *http
 		Client: st.client.Addr(), ClientPort: st.client.Port(), Proto: "tcp", Dest: st.addr.Addr(), DestPort: st.addr.Port(),
 		Name: st.host, NameSource: st.src, Path: req.URL.Path}}
 	defer p.finish(f)
+	if st.requestSeen != nil {
+		// The handshake and a head are done: the request's body, and the
+		// connection after it, are not bounded by the head deadline.
+		st.requestSeen()
+	}
 	host, _ := policy.NormalizeName(req.URL.Hostname())
 	var d policy.Decision
 	if host != st.host {
@@ -520,6 +552,10 @@ func (p *Proxy) inspectTransparent(c *net.TCPConn, recorded []byte, orig netip.A
 		return err
 	}
 	st := &connectState{host: v.name, addr: orig, client: netip.AddrPortFrom(f.ev.Client, f.ev.ClientPort), src: v.src, transparent: true, rec: f}
+	// goproxy reads the TLS handshake and the first request head without
+	// a deadline: bound them as the hello was.
+	c.SetReadDeadline(time.Now().Add(p.cfg.HelloTimeout))
+	st.requestSeen = func() { c.SetReadDeadline(time.Time{}) }
 	hostport := net.JoinHostPort(v.name, strconv.Itoa(int(orig.Port())))
 	req := (&http.Request{
 		Method: http.MethodConnect, URL: &url.URL{Host: hostport}, Host: hostport,

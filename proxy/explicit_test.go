@@ -4,6 +4,7 @@ import (
 	"bufio"
 	"crypto/tls"
 	"crypto/x509"
+	"errors"
 	"fmt"
 	"io"
 	"log/slog"
@@ -266,9 +267,10 @@ func TestInspection(t *testing.T) {
 // temporary state directory) on 127.0.0.1 in front of two origins on
 // 127.0.0.1, plain HTTP and TLS (the test PKI's certificate), both
 // running echoHandler; docs.paths.test resolves to 127.0.0.1, and policy
-// (a format with %d, %d for the two ports) decides. It returns the proxy's
-// address, the two origins' ports and the inspection CA's pool.
-func loopbackExplicit(t *testing.T, policyFmt string) (string, int, int, *x509.CertPool) {
+// (a format with %d, %d for the two ports) decides; config, if not nil,
+// changes the configuration. It returns the proxy's address, the two
+// origins' ports and the inspection CA's pool.
+func loopbackExplicit(t *testing.T, policyFmt string, config func(*Config)) (string, int, int, *x509.CertPool) {
 	t.Helper()
 	pk := newPKI(t)
 	plainLn, err := net.Listen("tcp", "127.0.0.1:0")
@@ -297,10 +299,14 @@ func loopbackExplicit(t *testing.T, policyFmt string) (string, int, int, *x509.C
 	}
 	caPool := x509.NewCertPool()
 	caPool.AppendCertsFromPEM(caPEM)
-	p, err := New(Config{
+	cfg := Config{
 		Inspect: true, StateDir: state, UpstreamRoots: pk.pool,
 		AllowSpecial: []netip.Prefix{netip.MustParsePrefix("127.0.0.0/8")}, OwnAddrs: []netip.Addr{},
-	}, Deps{
+	}
+	if config != nil {
+		config(&cfg)
+	}
+	p, err := New(cfg, Deps{
 		Policy:   policy.NewStore(eng),
 		Logger:   slog.New(slog.NewTextHandler(testWriter{t}, nil)),
 		Resolver: startDNS(t, map[string][]netip.Addr{"docs.paths.test": {netip.MustParseAddr("127.0.0.1")}}),
@@ -332,7 +338,7 @@ rules:
   - name: docs
     to: ["docs.paths.test/public/*"]
     ports: [%d/tcp, %d/tcp]
-`)
+`, nil)
 	paths := []struct {
 		path string
 		code int
@@ -388,5 +394,97 @@ rules:
 			check(t, c.path, resp, err, c.code)
 			conn.Close()
 		}
+	})
+}
+
+// TestExplicitInspectDeadline: an inspected CONNECT must complete its TLS
+// handshake and first request head within HelloTimeout, as the
+// transparent hello must; goproxy reads them without a deadline, so a
+// client that sent CONNECT (or a ClientHello) and then nothing held the
+// connection and its goroutine for good. After a request the connection
+// is not cut by that deadline.
+func TestExplicitInspectDeadline(t *testing.T) {
+	const timeout = 500 * time.Millisecond
+	addr, _, tlsPort, caPool := loopbackExplicit(t, `version: 1
+mode: enforce
+rules:
+  - name: docs
+    to: ["docs.paths.test/public/*"]
+    ports: [%d/tcp, %d/tcp]
+`, func(c *Config) { c.HelloTimeout = timeout })
+	auth := fmt.Sprintf("docs.paths.test:%d", tlsPort)
+	connect := func(t *testing.T) (net.Conn, *bufio.Reader) {
+		t.Helper()
+		conn, err := net.Dial("tcp", addr)
+		if err != nil {
+			t.Fatal(err)
+		}
+		t.Cleanup(func() { conn.Close() })
+		conn.SetDeadline(time.Now().Add(10 * time.Second))
+		fmt.Fprintf(conn, "CONNECT %s HTTP/1.1\r\nHost: %s\r\n\r\n", auth, auth)
+		br := bufio.NewReader(conn)
+		resp, err := http.ReadResponse(br, &http.Request{Method: http.MethodConnect})
+		if err != nil || resp.StatusCode != 200 {
+			t.Fatalf("CONNECT: %v %v", resp, err)
+		}
+		return conn, br
+	}
+	// closed reports whether the proxy closed c within 5 s.
+	closed := func(c net.Conn, r io.Reader) bool {
+		c.SetReadDeadline(time.Now().Add(5 * time.Second))
+		_, err := io.Copy(io.Discard, r)
+		return err == nil || !errors.Is(err, os.ErrDeadlineExceeded)
+	}
+	t.Run("silent-after-connect", func(t *testing.T) {
+		conn, br := connect(t)
+		if !closed(conn, br) {
+			t.Error("the proxy kept a silent inspected connection open")
+		}
+	})
+	t.Run("silent-after-handshake", func(t *testing.T) {
+		conn, _ := connect(t)
+		tc := tls.Client(conn, &tls.Config{ServerName: "docs.paths.test", RootCAs: caPool})
+		if err := tc.Handshake(); err != nil {
+			t.Fatal(err)
+		}
+		if !closed(conn, tc) {
+			t.Error("the proxy kept an inspected connection with no request open")
+		}
+	})
+	t.Run("idle-after-a-request", func(t *testing.T) {
+		conn, _ := connect(t)
+		tc := tls.Client(conn, &tls.Config{ServerName: "docs.paths.test", RootCAs: caPool})
+		br := bufio.NewReader(tc)
+		for i := 0; i < 2; i++ {
+			fmt.Fprintf(tc, "GET /public/%d HTTP/1.1\r\nHost: %s\r\n\r\n", i, auth)
+			resp, err := http.ReadResponse(br, nil)
+			if err != nil || resp.StatusCode != 200 {
+				t.Fatalf("request %d: %v %v", i, resp, err)
+			}
+			io.Copy(io.Discard, resp.Body)
+			resp.Body.Close()
+			time.Sleep(2 * timeout)
+		}
+	})
+}
+
+// TestTransparentInspectDeadline: a redirected connection handed to
+// inspection whose client sent its ClientHello and then nothing (the
+// handshake never completes) is closed at the hello deadline, not held
+// for good (goproxy's handshake has none).
+func TestTransparentInspectDeadline(t *testing.T) {
+	tp := newTopo(t, topoOpts{})
+	c := tp.dialFromClient(t, netip.Addr{}, netip.AddrPortFrom(srvV4, 443))
+	if _, err := c.Write(goHello(t, "docs.paths.test", nil)); err != nil {
+		t.Fatal(err)
+	}
+	start := time.Now()
+	c.SetReadDeadline(start.Add(8 * time.Second))
+	_, err := io.Copy(io.Discard, c)
+	if errors.Is(err, os.ErrDeadlineExceeded) {
+		t.Fatalf("the proxy kept the stalled handshake open for %v", time.Since(start).Round(time.Second))
+	}
+	tp.ev.wait(t, "the inspected connection's record", func(ev audit.Event) bool {
+		return int(ev.ClientPort) == localPort(c) && ev.Close == "inspected"
 	})
 }
