@@ -497,7 +497,22 @@ func (p *Proxy) handleRequest(req *http.Request, ctx *goproxy.ProxyCtx) (*http.R
 		return req, plainResponse(req, http.StatusBadGateway, v.d.Reason)
 	}
 	f.ev.Close = "forwarded"
+	dropConnectionFields(req.Header)
 	return req.WithContext(context.WithValue(req.Context(), dialKey{}, addr)), nil
+}
+
+// dropConnectionFields removes the header fields the client named in
+// Connection: they are for this hop only (RFC 9110 section 7.6.1), and
+// goproxy removes Connection itself but not the fields it names. Upgrade
+// stays: goproxy keeps "Connection: Upgrade" for a WebSocket handshake.
+func dropConnectionFields(h http.Header) {
+	for _, v := range h.Values("Connection") {
+		for f := range strings.SplitSeq(v, ",") {
+			if f = strings.Trim(f, " \t"); f != "" && !strings.EqualFold(f, "Upgrade") && !strings.EqualFold(f, "Connection") {
+				h.Del(f)
+			}
+		}
+	}
 }
 
 // inspectedRequest decides one request inside an inspected connection: the
@@ -530,6 +545,7 @@ func (p *Proxy) inspectedRequest(eng *policy.Engine, st *connectState, req *http
 		return req, p.denyResponse(req, DenyInfo{Host: st.host, Path: req.URL.Path, Client: st.client.Addr().String(), Rule: d.Rule, Reason: d.Reason})
 	}
 	f.ev.Close = "forwarded"
+	dropConnectionFields(req.Header)
 	return req.WithContext(context.WithValue(req.Context(), dialKey{}, st.addr)), nil
 }
 

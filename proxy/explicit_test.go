@@ -266,7 +266,8 @@ func TestInspection(t *testing.T) {
 // loopbackExplicit serves an explicit proxy (inspection on, CA in a
 // temporary state directory) on 127.0.0.1 in front of two origins on
 // 127.0.0.1, plain HTTP and TLS (the test PKI's certificate), both
-// running echoHandler; docs.paths.test resolves to 127.0.0.1, and policy
+// running echoHandler (and answering with X-Seen-Hop and X-Seen-End, the
+// request's X-Hop and X-End); docs.paths.test resolves to 127.0.0.1, and policy
 // (a format with %d, %d for the two ports) decides; config, if not nil,
 // changes the configuration. It returns the proxy's address, the two
 // origins' ports and the inspection CA's pool.
@@ -281,8 +282,13 @@ func loopbackExplicit(t *testing.T, policyFmt string, config func(*Config)) (str
 	if err != nil {
 		t.Fatal(err)
 	}
-	plain := &http.Server{Handler: http.HandlerFunc(echoHandler)}
-	tlsSrv := &http.Server{Handler: http.HandlerFunc(echoHandler), TLSConfig: &tls.Config{Certificates: []tls.Certificate{pk.srvCert}}}
+	h := http.HandlerFunc(func(w http.ResponseWriter, r *http.Request) {
+		w.Header().Set("X-Seen-Hop", r.Header.Get("X-Hop"))
+		w.Header().Set("X-Seen-End", r.Header.Get("X-End"))
+		echoHandler(w, r)
+	})
+	plain := &http.Server{Handler: h}
+	tlsSrv := &http.Server{Handler: h, TLSConfig: &tls.Config{Certificates: []tls.Certificate{pk.srvCert}}}
 	go plain.Serve(plainLn)
 	go tlsSrv.ServeTLS(tlsLn, "", "")
 	t.Cleanup(func() { plain.Close(); tlsSrv.Close() })
@@ -486,5 +492,60 @@ func TestTransparentInspectDeadline(t *testing.T) {
 	}
 	tp.ev.wait(t, "the inspected connection's record", func(ev audit.Event) bool {
 		return int(ev.ClientPort) == localPort(c) && ev.Close == "inspected"
+	})
+}
+
+// TestExplicitHopByHop: header fields the client names in Connection are
+// for the proxy's hop only (RFC 9110 section 7.6.1): they are not
+// forwarded to the origin, in a plain-HTTP request nor in an inspected
+// one; other fields are.
+func TestExplicitHopByHop(t *testing.T) {
+	addr, plainPort, tlsPort, caPool := loopbackExplicit(t, `version: 1
+mode: enforce
+rules:
+  - name: docs
+    to: ["docs.paths.test/public/*"]
+    ports: [%d/tcp, %d/tcp]
+`, nil)
+	const fields = "Connection: keep-alive, X-Hop\r\nX-Hop: for-the-proxy\r\nX-End: for-the-origin\r\n\r\n"
+	check := func(t *testing.T, resp *http.Response, err error) {
+		t.Helper()
+		if err != nil {
+			t.Fatal(err)
+		}
+		resp.Body.Close()
+		if resp.StatusCode != 200 || resp.Header.Get("X-Seen-Hop") != "" || resp.Header.Get("X-Seen-End") != "for-the-origin" {
+			t.Errorf("%d: the origin saw X-Hop %q, X-End %q", resp.StatusCode, resp.Header.Get("X-Seen-Hop"), resp.Header.Get("X-Seen-End"))
+		}
+	}
+	t.Run("plain", func(t *testing.T) {
+		conn, err := net.Dial("tcp", addr)
+		if err != nil {
+			t.Fatal(err)
+		}
+		defer conn.Close()
+		conn.SetDeadline(time.Now().Add(10 * time.Second))
+		fmt.Fprintf(conn, "GET http://docs.paths.test:%d/public/h HTTP/1.1\r\nHost: docs.paths.test:%d\r\n"+fields, plainPort, plainPort)
+		resp, err := http.ReadResponse(bufio.NewReader(conn), nil)
+		check(t, resp, err)
+	})
+	t.Run("inspected", func(t *testing.T) {
+		conn, err := net.Dial("tcp", addr)
+		if err != nil {
+			t.Fatal(err)
+		}
+		defer conn.Close()
+		conn.SetDeadline(time.Now().Add(10 * time.Second))
+		auth := fmt.Sprintf("docs.paths.test:%d", tlsPort)
+		fmt.Fprintf(conn, "CONNECT %s HTTP/1.1\r\nHost: %s\r\n\r\n", auth, auth)
+		br := bufio.NewReader(conn)
+		resp, err := http.ReadResponse(br, &http.Request{Method: http.MethodConnect})
+		if err != nil || resp.StatusCode != 200 {
+			t.Fatalf("CONNECT: %v %v", resp, err)
+		}
+		tc := tls.Client(conn, &tls.Config{ServerName: "docs.paths.test", RootCAs: caPool})
+		fmt.Fprintf(tc, "GET /public/h HTTP/1.1\r\nHost: %s\r\n"+fields, auth)
+		resp, err = http.ReadResponse(bufio.NewReader(tc), nil)
+		check(t, resp, err)
 	})
 }
