@@ -209,11 +209,11 @@ func (c *pipelinedConn) Read(b []byte) (int, error) {
 
 func (p *Proxy) authOK(r *http.Request) bool {
 	h := r.Header.Get("Proxy-Authorization")
-	enc, ok := strings.CutPrefix(h, "Basic ")
-	if !ok {
+	// The scheme is a case-insensitive token (RFC 9110 section 11.1).
+	if len(h) < 6 || !strings.EqualFold(h[:6], "Basic ") {
 		return false
 	}
-	raw, err := base64.StdEncoding.DecodeString(strings.TrimSpace(enc))
+	raw, err := base64.StdEncoding.DecodeString(strings.TrimSpace(h[6:]))
 	if err != nil {
 		return false
 	}

@@ -197,6 +197,11 @@ func TestExplicitAuth(t *testing.T) {
 	if resp.StatusCode != http.StatusForbidden || !strings.Contains(body, "evil.example") || !strings.Contains(body, "auth.yaml") {
 		t.Errorf("authenticated, denied: %d %q", resp.StatusCode, body)
 	}
+	// The scheme is case-insensitive (RFC 9110 section 11.1).
+	resp, body = ask("CONNECT evil.example:443 HTTP/1.1\r\nHost: evil.example:443\r\nProxy-Authorization: basic YWxpY2U6czNjcmV0\r\n\r\n")
+	if resp.StatusCode != http.StatusForbidden || !strings.Contains(body, "evil.example") {
+		t.Errorf("authenticated with \"basic\": %d %q", resp.StatusCode, body)
+	}
 }
 
 // TestInspection: with inspection on, a host with host/path rules is
