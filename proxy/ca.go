@@ -136,17 +136,22 @@ func (p *Proxy) ensureCA() (*mitmCA, error) {
 }
 
 // certStore caches the leaf certificates made for inspected hosts. Only
-// hosts with host/path rules are inspected, so it stays small.
+// hosts with host/path rules are inspected, so it stays small. A leaf is
+// made anew when it is within leafRenewBefore of its end: goproxy's leaves
+// last a year, and the daemon of an appliance may run longer.
 type certStore struct {
 	mu sync.Mutex // guards m
 	m  map[string]*tls.Certificate
 }
 
+// leafRenewBefore is how long before a cached leaf expires it is replaced.
+const leafRenewBefore = 7 * 24 * time.Hour
+
 func (s *certStore) Fetch(host string, gen func() (*tls.Certificate, error)) (*tls.Certificate, error) {
 	s.mu.Lock()
 	c := s.m[host]
 	s.mu.Unlock()
-	if c != nil {
+	if c != nil && (c.Leaf == nil || time.Now().Before(c.Leaf.NotAfter.Add(-leafRenewBefore))) {
 		return c, nil
 	}
 	c, err := gen()

@@ -627,3 +627,33 @@ func TestExplicitDeniedNameNotResolved(t *testing.T) {
 		t.Errorf("denied names were looked up upstream: %q", a)
 	}
 }
+
+// TestCertStoreRenews: the inspection's leaf cache makes a leaf anew when
+// the cached one nears its end, instead of serving it expired (goproxy's
+// leaves last a year; the cache kept them for the life of the process).
+func TestCertStoreRenews(t *testing.T) {
+	var made int
+	leafUntil := func(end time.Time) func() (*tls.Certificate, error) {
+		return func() (*tls.Certificate, error) {
+			made++
+			return &tls.Certificate{Leaf: &x509.Certificate{NotAfter: end}}, nil
+		}
+	}
+	s := &certStore{}
+	soon, later := time.Now().Add(time.Hour), time.Now().Add(300*24*time.Hour)
+	for _, c := range []struct {
+		host  string
+		gen   func() (*tls.Certificate, error)
+		made  int
+		until time.Time
+	}{
+		{"a.test", leafUntil(soon), 1, soon},
+		{"a.test", leafUntil(later), 2, later}, // the cached leaf ends within a week: made anew
+		{"a.test", leafUntil(later), 2, later}, // cached
+	} {
+		got, err := s.Fetch(c.host, c.gen)
+		if err != nil || made != c.made || !got.Leaf.NotAfter.Equal(c.until) {
+			t.Errorf("%s: %v, leaves made %d (want %d), leaf until %v (want %v)", c.host, err, made, c.made, got.Leaf.NotAfter, c.until)
+		}
+	}
+}
