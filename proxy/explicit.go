@@ -18,6 +18,7 @@ import (
 	"net/url"
 	"strconv"
 	"strings"
+	"sync"
 	"time"
 
 	"github.com/elazarl/goproxy"
@@ -163,14 +164,16 @@ func (p *Proxy) explicitHandler() http.Handler {
 // connection replays them (a *pipelinedConn); the returned reader is
 // empty, so goproxy's other actions do not read them twice.
 //
-// For an inspected CONNECT, handleConnect sets headTimeout: the hijacked
-// connection then gets a read deadline that bounds the TLS handshake and
-// the first request head (goproxy reads them without one), until
-// inspectedRequest ends it.
+// For an inspected CONNECT, handleConnect sets p and client, having taken
+// a connection slot for client: the hijacked connection then gets a read
+// deadline that bounds the TLS handshake and the first request head
+// (goproxy reads them without one), until inspectedRequest ends it; it is
+// tracked (Close closes it), and closing it gives the slot back.
 type keepPipelined struct {
 	http.ResponseWriter
-	headTimeout time.Duration
-	conn        net.Conn // the hijacked connection, when headTimeout is set
+	p      *Proxy
+	client netip.Addr
+	conn   net.Conn // the hijacked connection, when inspected
 }
 
 func (k *keepPipelined) Hijack() (net.Conn, *bufio.ReadWriter, error) {
@@ -179,9 +182,18 @@ func (k *keepPipelined) Hijack() (net.Conn, *bufio.ReadWriter, error) {
 		return nil, nil, http.ErrNotSupported
 	}
 	c, rw, err := h.Hijack()
-	if err == nil && k.headTimeout > 0 {
-		c.SetReadDeadline(time.Now().Add(k.headTimeout))
+	if k.p != nil {
+		if err != nil {
+			k.p.release(k.client)
+			return c, rw, err
+		}
+		c.SetReadDeadline(time.Now().Add(k.p.cfg.HelloTimeout))
 		k.conn = c
+		k.p.trackConn(c) // or closed at once: the proxy is closing
+		c = &inspectedClient{Conn: c, done: func() {
+			k.p.untrackConn(k.conn)
+			k.p.release(k.client)
+		}}
 	}
 	if err != nil || rw.Reader.Buffered() == 0 {
 		return c, rw, err
@@ -189,6 +201,20 @@ func (k *keepPipelined) Hijack() (net.Conn, *bufio.ReadWriter, error) {
 	pre, _ := rw.Reader.Peek(rw.Reader.Buffered())
 	pc := &pipelinedConn{Conn: c, pre: bytes.Clone(pre)}
 	return pc, bufio.NewReadWriter(bufio.NewReader(pc), rw.Writer), nil
+}
+
+// inspectedClient is the hijacked connection of an inspected CONNECT as
+// goproxy holds it: closing it (once) calls done.
+type inspectedClient struct {
+	net.Conn
+	once sync.Once
+	done func()
+}
+
+func (c *inspectedClient) Close() error {
+	err := c.Conn.Close()
+	c.once.Do(c.done)
+	return err
 }
 
 // pipelinedConn is a hijacked CONNECT connection whose first bytes were
@@ -362,11 +388,19 @@ func (p *Proxy) handleConnect(host string, ctx *goproxy.ProxyCtx) (*goproxy.Conn
 	st := &connectState{host: v.name, addr: addr, client: ca, src: audit.NameConnect}
 	if v.inspect && v.d.Allowed() {
 		if _, err := p.ensureCA(); err == nil {
+			kp, _ := r.Context().Value(hijackKey{}).(*keepPipelined)
+			if kp != nil && !p.acquire(ca.Addr()) {
+				f.ev.Stamp(policy.Decision{Verdict: policy.Deny, RuleIndex: -1, Reason: ReasonLimit, Mode: v.d.Mode})
+				f.ev.Enforced, f.ev.Close = true, closeLimit
+				p.finish(f)
+				ctx.Resp = plainResponse(r, http.StatusServiceUnavailable, ReasonLimit)
+				return &goproxy.ConnectAction{Action: goproxy.ConnectReject}, host
+			}
 			f.ev.Stamp(v.d)
 			f.ev.Close = "inspected"
 			p.finish(f)
-			if kp, ok := r.Context().Value(hijackKey{}).(*keepPipelined); ok {
-				kp.headTimeout = p.cfg.HelloTimeout
+			if kp != nil {
+				kp.p, kp.client = p, ca.Addr()
 				st.requestSeen = func() {
 					if kp.conn != nil {
 						kp.conn.SetReadDeadline(time.Time{})

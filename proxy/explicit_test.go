@@ -657,3 +657,63 @@ func TestCertStoreRenews(t *testing.T) {
 		}
 	}
 }
+
+// TestExplicitInspectLimit: inspected CONNECTs hold connection slots like
+// spliced ones, so MaxConnsPerClient caps them (they were not counted: a
+// client could hold any number of them open), and a closed one gives its
+// slot back.
+func TestExplicitInspectLimit(t *testing.T) {
+	addr, _, tlsPort, caPool := loopbackExplicit(t, `version: 1
+mode: enforce
+rules:
+  - name: docs
+    to: ["docs.paths.test/public/*"]
+    ports: [%d/tcp, %d/tcp]
+`, func(c *Config) { c.MaxConnsPerClient = 2 })
+	auth := fmt.Sprintf("docs.paths.test:%d", tlsPort)
+	// open makes an inspected CONNECT and one request in it; it returns
+	// the connection, or the CONNECT's status when it was refused.
+	open := func(t *testing.T) (net.Conn, int) {
+		t.Helper()
+		conn, err := net.Dial("tcp", addr)
+		if err != nil {
+			t.Fatal(err)
+		}
+		t.Cleanup(func() { conn.Close() })
+		conn.SetDeadline(time.Now().Add(10 * time.Second))
+		fmt.Fprintf(conn, "CONNECT %s HTTP/1.1\r\nHost: %s\r\n\r\n", auth, auth)
+		br := bufio.NewReader(conn)
+		resp, err := http.ReadResponse(br, &http.Request{Method: http.MethodConnect})
+		if err != nil {
+			t.Fatal(err)
+		}
+		if resp.StatusCode != 200 {
+			return nil, resp.StatusCode
+		}
+		tc := tls.Client(conn, &tls.Config{ServerName: "docs.paths.test", RootCAs: caPool})
+		fmt.Fprintf(tc, "GET /public/l HTTP/1.1\r\nHost: %s\r\n\r\n", auth)
+		resp, err = http.ReadResponse(bufio.NewReader(tc), nil)
+		if err != nil || resp.StatusCode != 200 {
+			t.Fatalf("request: %v %v", resp, err)
+		}
+		return conn, 200
+	}
+	first, _ := open(t)
+	open(t)
+	if _, code := open(t); code != http.StatusServiceUnavailable {
+		t.Errorf("a third inspected CONNECT over the client's cap of 2: %d, want 503", code)
+	}
+	first.Close()
+	deadline := time.Now().Add(5 * time.Second)
+	for {
+		c, code := open(t)
+		if code == 200 {
+			c.Close()
+			break
+		}
+		if time.Now().After(deadline) {
+			t.Fatalf("the closed inspected connection's slot was not given back: %d", code)
+		}
+		time.Sleep(50 * time.Millisecond)
+	}
+}
