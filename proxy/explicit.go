@@ -486,6 +486,7 @@ func (p *Proxy) tunnelConnect(client net.Conn, st *connectState, v verdict, f *f
 func (p *Proxy) handleRequest(req *http.Request, ctx *goproxy.ProxyCtx) (*http.Request, *http.Response) {
 	eng := p.deps.Policy.Load()
 	if st, ok := ctx.UserData.(*connectState); ok {
+		ctx.RoundTripper = goproxy.RoundTripperFunc(p.inspectedRoundTrip)
 		return p.inspectedRequest(eng, st, req)
 	}
 	ca := addrPortOf(tcpAddrString(req.RemoteAddr))
@@ -587,6 +588,19 @@ func (p *Proxy) inspectedRequest(eng *policy.Engine, st *connectState, req *http
 	f.ev.Close = "forwarded"
 	dropConnectionFields(req.Header)
 	return req.WithContext(context.WithValue(req.Context(), dialKey{}, st.addr)), nil
+}
+
+// inspectedRoundTrip forwards an inspected request. When the origin
+// cannot be reached (dial, certificate verification, no answer), the
+// client gets a 502 and the error is logged: goproxy would close the
+// client's connection without a word.
+func (p *Proxy) inspectedRoundTrip(req *http.Request, _ *goproxy.ProxyCtx) (*http.Response, error) {
+	resp, err := p.gp.Tr.RoundTrip(req)
+	if err != nil {
+		p.log.Warn("proxy: inspected request failed upstream", "host", req.URL.Host, audit.LogError, err.Error())
+		return plainResponse(req, http.StatusBadGateway, "the destination did not answer or failed verification"), nil
+	}
+	return resp, nil
 }
 
 // mitmTLSConfig is the TLS configuration for an inspected connection: a

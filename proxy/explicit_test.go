@@ -717,3 +717,34 @@ rules:
 		time.Sleep(50 * time.Millisecond)
 	}
 }
+
+// TestExplicitInspectUpstreamFails: when the origin of an inspected
+// request cannot be reached or fails certificate verification, the
+// client gets a 502 (goproxy closed its connection without an answer).
+func TestExplicitInspectUpstreamFails(t *testing.T) {
+	addr, _, tlsPort, caPool := loopbackExplicit(t, `version: 1
+mode: enforce
+rules:
+  - name: docs
+    to: ["docs.paths.test/public/*"]
+    ports: [%d/tcp, %d/tcp]
+`, func(c *Config) { c.UpstreamRoots = x509.NewCertPool() }) // trusts no origin
+	conn, err := net.Dial("tcp", addr)
+	if err != nil {
+		t.Fatal(err)
+	}
+	defer conn.Close()
+	conn.SetDeadline(time.Now().Add(10 * time.Second))
+	auth := fmt.Sprintf("docs.paths.test:%d", tlsPort)
+	fmt.Fprintf(conn, "CONNECT %s HTTP/1.1\r\nHost: %s\r\n\r\n", auth, auth)
+	resp, err := http.ReadResponse(bufio.NewReader(conn), &http.Request{Method: http.MethodConnect})
+	if err != nil || resp.StatusCode != 200 {
+		t.Fatalf("CONNECT: %v %v", resp, err)
+	}
+	tc := tls.Client(conn, &tls.Config{ServerName: "docs.paths.test", RootCAs: caPool})
+	fmt.Fprintf(tc, "GET /public/u HTTP/1.1\r\nHost: %s\r\n\r\n", auth)
+	resp, err = http.ReadResponse(bufio.NewReader(tc), nil)
+	if err != nil || resp.StatusCode != http.StatusBadGateway {
+		t.Fatalf("an origin that fails verification: %v %v, want 502", resp, err)
+	}
+}
