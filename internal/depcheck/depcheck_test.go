@@ -21,7 +21,7 @@ func TestDependencyDirection(t *testing.T) {
 		"egressd/admin":            {"egressd/policy", "egressd/audit", "egressd/internal/jsonenc"},
 		"egressd/dnsfilter":        {"egressd/policy", "egressd/audit", "egressd/internal/jsonenc", "egressd/internal/logjson"},
 		"egressd/proxy":            {"egressd/policy", "egressd/audit", "egressd/internal/jsonenc", "egressd/internal/netutil", "egressd/internal/logjson"},
-		"egressd/capture":          {"egressd/policy", "egressd/audit", "egressd/internal/jsonenc", "egressd/internal/logjson"},
+		"egressd/capture":          {"egressd/policy", "egressd/audit", "egressd/internal/jsonenc", "egressd/internal/netutil", "egressd/internal/logjson"},
 		"egressd/firewall":         {"egressd/policy", "egressd/audit", "egressd/internal/jsonenc"},
 	}
 	for pkg, ok := range allowed {
