@@ -3,7 +3,9 @@
 // nftables redirected (REDIRECT/DNAT) to a local listener
 // (SO_ORIGINAL_DST), and its original source when NAT remapped the
 // client's port (Conntrack, over ctnetlink). The transparent proxy uses
-// both on every accepted connection, before it decides.
+// both on every accepted connection, before it decides. HostAddrs lists
+// the gateway's own addresses, which the proxy refuses as destinations and
+// capture leaves out of the egress record.
 package netutil
 
 import (
