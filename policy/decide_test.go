@@ -463,3 +463,18 @@ func TestLinkLocalClient(t *testing.T) {
 		}
 	}
 }
+
+// TestWarnAnyAsName: "any" in to is a host name; policy check says so,
+// since "ports: any" suggests it means every destination.
+func TestWarnAnyAsName(t *testing.T) {
+	e := mustCompile(t, "rules:\n  - {name: r, to: [any, any.example.com], ports: [443/tcp]}\n")
+	n := 0
+	for _, w := range e.Warnings() {
+		if contains(w.Msg, `"any" in to is the host name any`) {
+			n++
+		}
+	}
+	if n != 1 {
+		t.Errorf("%d warnings about \"any\", want 1: %v", n, e.Warnings())
+	}
+}

@@ -32,6 +32,11 @@ func lint(e *Engine, now time.Time) []Problem {
 			case TargetHostPath:
 				warn(t.Line, t.Col, "rule %s: %q can only be checked on plain HTTP or with inspection enabled; on HTTPS without inspection it allows the whole host %s", r.Name, t.Raw, t.Pattern)
 			}
+			if t.Kind == TargetName && (t.Pattern == "any" || t.Pattern == "all") {
+				// Read from "ports: any": a user who writes it in "to"
+				// most likely means every destination.
+				warn(t.Line, t.Col, "rule %s: %q in to is the host name %s, not every destination; for any address write 0.0.0.0/0 and ::/0 (or \"*\", which also opens DNS)", r.Name, t.Raw, t.Pattern)
+			}
 			if t.Kind == TargetName || t.Kind == TargetHostPath {
 				if s, ok := strings.CutPrefix(t.Pattern, "*."); ok && !strings.Contains(s, "*") {
 					if ps, icann := publicsuffix.PublicSuffix(s); ps == s && (icann || strings.Contains(s, ".")) {
