@@ -149,6 +149,16 @@ func cmdPolicyExplain(args []string, stdout, stderr io.Writer) int {
 			}
 		}
 	}
+	if d.Reason == policy.ReasonPath && !strings.HasPrefix(strings.ToLower(*to), "http://") {
+		// The path decides only where it is seen: on HTTPS without
+		// inspection the proxy decides by host, which a host/path rule
+		// then allows as a whole.
+		host := in
+		host.Path = ""
+		if hd := eng.Decide(host); hd.Allowed() {
+			ex.Warnings = append(ex.Warnings, fmt.Sprintf("on HTTPS without --inspect the path is not seen: the proxy allows %s as a whole (rule %s); this path is refused on plain HTTP and with --inspect", dest.Name, hd.Rule))
+		}
+	}
 	if dest.Name != "" {
 		dn := eng.DecideName(in)
 		ex.DNS, ex.DNSRule = dn.Verdict, dn.Rule

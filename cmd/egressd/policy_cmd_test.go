@@ -97,6 +97,38 @@ func TestSeedProfileExplain(t *testing.T) {
 	}
 }
 
+// TestExplainPathOverHTTPS: a path a host/path rule refuses is refused
+// where the path is seen; over HTTPS without inspection the proxy allows
+// the host, and explain says so beside the verdict.
+func TestExplainPathOverHTTPS(t *testing.T) {
+	const note = "on HTTPS without --inspect the path is not seen: the proxy allows notion.so as a whole (rule vendor-docs)"
+	for _, c := range []struct {
+		to       string
+		wantNote bool
+	}{
+		{"https://notion.so/other", true},
+		{"notion.so/other", true},
+		{"http://notion.so/other", false},
+		{"https://notion.so/nirovision/x", false}, // allowed: nothing to add
+	} {
+		code, out, stderr := runCLI(t, "policy", "explain", "profile:nirovision", "--to", c.to)
+		if code != 0 {
+			t.Fatalf("%s: exit %d: %s", c.to, code, stderr)
+		}
+		if got := strings.Contains(out, note); got != c.wantNote {
+			t.Errorf("%s: note present %v, want %v:\n%s", c.to, got, c.wantNote, out)
+		}
+		code, out, _ = runCLI(t, "policy", "explain", "profile:nirovision", "--to", c.to, "--json")
+		var ex struct{ Warnings []string }
+		if err := json.Unmarshal([]byte(out), &ex); code != 0 || err != nil {
+			t.Fatalf("%s --json: exit %d, %v", c.to, code, err)
+		}
+		if got := len(ex.Warnings) > 0 && strings.Contains(strings.Join(ex.Warnings, "\n"), note); got != c.wantNote {
+			t.Errorf("%s --json: warnings %q, want the note: %v", c.to, ex.Warnings, c.wantNote)
+		}
+	}
+}
+
 func TestPolicyCheckExitCodes(t *testing.T) {
 	dir := t.TempDir()
 	good := filepath.Join(dir, "good.yaml")
