@@ -493,6 +493,24 @@ func TestHardeningNames(t *testing.T) {
 		if ev.Dest != dockerIP4 || ev.Name != dockerName {
 			t.Errorf("CONNECT %s with inner SNI %s went to %s (name %q), want %s: the CONNECT name decides the address", dockerName, trackerName, ev.Dest, ev.Name, dockerIP4)
 		}
+
+		// Capture leaves the gateway's own traffic out of the record: no
+		// connection to the explicit proxy above is a capture flow (it
+		// was one, a would-drop on 3128/tcp named by the CONNECT). A
+		// plain HTTP connection through the gateway afterwards, which
+		// capture records when it ends, shows capture has read past them.
+		_, cport, err := tp.rawHTTP(vendorIP+":80", "GET /ok HTTP/1.1\r\nHost: "+vendorName+"\r\nConnection: close\r\n\r\n")
+		if err != nil {
+			t.Fatal(err)
+		}
+		d.waitEvent(t, "capture's record of a connection after the explicit proxy's", func(e flowEvent) bool {
+			return e.Kind == "flow" && e.Source == "capture" && e.ClientPort == cport && e.Dest == vendorIP
+		})
+		for _, ev := range d.allEvents() {
+			if ev.Source == "capture" && ev.Dest == gwLAN4 && ev.DestPort != 53 {
+				t.Errorf("capture recorded a connection to the gateway itself (other than DNS): %v", ev)
+			}
+		}
 	})
 
 	t.Run("slowloris-hello", func(t *testing.T) {
