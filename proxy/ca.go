@@ -49,19 +49,69 @@ func LoadOrCreateCA(dir string) (tls.Certificate, []byte, error) {
 	if !errors.Is(kerr, fs.ErrNotExist) && kerr != nil {
 		return tls.Certificate{}, nil, fmt.Errorf("proxy: inspection CA: %w", kerr)
 	}
-	if cerr == nil || kerr == nil {
-		return tls.Certificate{}, nil, fmt.Errorf("proxy: inspection CA in %s: only one of %s and %s exists", dir, CACertFile, CAKeyFile)
+	if cerr == nil {
+		return tls.Certificate{}, nil, fmt.Errorf("proxy: inspection CA in %s: %s exists without its key %s; remove it to make a new CA (clients must then trust the new one)", dir, CACertFile, CAKeyFile)
 	}
-	if err := os.MkdirAll(dir, 0o700); err != nil {
-		return tls.Certificate{}, nil, fmt.Errorf("proxy: state directory: %w", err)
+	var key *ecdsa.PrivateKey
+	if kerr == nil {
+		// The key alone: its creation was cut short (a crash, a full
+		// disk) before the certificate was written. No client can trust
+		// a certificate that was never written, so one is made for the
+		// key, rather than refusing to start until someone deletes it.
+		var err error
+		if key, err = parseCAKey(keyPEM); err != nil {
+			return tls.Certificate{}, nil, fmt.Errorf("proxy: inspection CA key %s: %w; remove it to make a new CA", keyPath, err)
+		}
+	} else {
+		if err := os.MkdirAll(dir, 0o700); err != nil {
+			return tls.Certificate{}, nil, fmt.Errorf("proxy: state directory: %w", err)
+		}
+		var err error
+		if key, err = ecdsa.GenerateKey(elliptic.P256(), rand.Reader); err != nil {
+			return tls.Certificate{}, nil, fmt.Errorf("proxy: inspection CA key: %w", err)
+		}
+		kder, err := x509.MarshalECPrivateKey(key)
+		if err != nil {
+			return tls.Certificate{}, nil, fmt.Errorf("proxy: inspection CA key: %w", err)
+		}
+		keyPEM = pem.EncodeToMemory(&pem.Block{Type: "EC PRIVATE KEY", Bytes: kder})
+		// The key first, whole and exclusively: written to a temporary
+		// file and linked into place, so two processes racing here do
+		// not end up with a certificate that does not match the key, and
+		// a write cut short leaves no torn key behind.
+		if err := writeFileAtomic(keyPath, keyPEM, 0o600, true); err != nil {
+			return tls.Certificate{}, nil, fmt.Errorf("proxy: inspection CA key: %w", err)
+		}
 	}
-	key, err := ecdsa.GenerateKey(elliptic.P256(), rand.Reader)
+	certPEM, err := newCACert(key)
 	if err != nil {
-		return tls.Certificate{}, nil, fmt.Errorf("proxy: inspection CA key: %w", err)
+		return tls.Certificate{}, nil, fmt.Errorf("proxy: inspection CA: %w", err)
 	}
+	if err := writeFileAtomic(certPath, certPEM, 0o644, false); err != nil {
+		return tls.Certificate{}, nil, fmt.Errorf("proxy: inspection CA certificate: %w", err)
+	}
+	c, err := tls.X509KeyPair(certPEM, keyPEM)
+	if err != nil {
+		return tls.Certificate{}, nil, fmt.Errorf("proxy: inspection CA: %w", err)
+	}
+	return c, certPEM, nil
+}
+
+// parseCAKey reads the CA's PEM key file.
+func parseCAKey(keyPEM []byte) (*ecdsa.PrivateKey, error) {
+	b, _ := pem.Decode(keyPEM)
+	if b == nil || b.Type != "EC PRIVATE KEY" {
+		return nil, errors.New("not a PEM EC private key")
+	}
+	return x509.ParseECPrivateKey(b.Bytes)
+}
+
+// newCACert makes a self-signed CA certificate for key, valid for ten
+// years, and returns it as PEM.
+func newCACert(key *ecdsa.PrivateKey) ([]byte, error) {
 	serial, err := rand.Int(rand.Reader, new(big.Int).Lsh(big.NewInt(1), 127))
 	if err != nil {
-		return tls.Certificate{}, nil, fmt.Errorf("proxy: inspection CA serial: %w", err)
+		return nil, err
 	}
 	host, _ := os.Hostname()
 	now := time.Now()
@@ -77,35 +127,40 @@ func LoadOrCreateCA(dir string) (tls.Certificate, []byte, error) {
 	}
 	der, err := x509.CreateCertificate(rand.Reader, tmpl, tmpl, &key.PublicKey, key)
 	if err != nil {
-		return tls.Certificate{}, nil, fmt.Errorf("proxy: inspection CA: %w", err)
+		return nil, err
 	}
-	kder, err := x509.MarshalECPrivateKey(key)
+	return pem.EncodeToMemory(&pem.Block{Type: "CERTIFICATE", Bytes: der}), nil
+}
+
+// writeFileAtomic writes data to a temporary file beside path, syncs it,
+// and moves it into place: linked when exclusive (failing if path exists),
+// renamed over path otherwise. Readers see the whole file or none.
+func writeFileAtomic(path string, data []byte, perm os.FileMode, exclusive bool) error {
+	f, err := os.CreateTemp(filepath.Dir(path), "."+filepath.Base(path)+".tmp-*")
 	if err != nil {
-		return tls.Certificate{}, nil, fmt.Errorf("proxy: inspection CA key: %w", err)
+		return err
 	}
-	certPEM = pem.EncodeToMemory(&pem.Block{Type: "CERTIFICATE", Bytes: der})
-	keyPEM = pem.EncodeToMemory(&pem.Block{Type: "EC PRIVATE KEY", Bytes: kder})
-	// The key first, exclusively: two processes racing here must not end
-	// up with a certificate that does not match the key.
-	kf, err := os.OpenFile(keyPath, os.O_WRONLY|os.O_CREATE|os.O_EXCL, 0o600)
-	if err != nil {
-		return tls.Certificate{}, nil, fmt.Errorf("proxy: inspection CA key: %w", err)
+	tmp := f.Name()
+	defer os.Remove(tmp)
+	if err := f.Chmod(perm); err != nil {
+		f.Close()
+		return err
 	}
-	if _, err := kf.Write(keyPEM); err != nil {
-		kf.Close()
-		return tls.Certificate{}, nil, fmt.Errorf("proxy: inspection CA key: %w", err)
+	if _, err := f.Write(data); err != nil {
+		f.Close()
+		return err
 	}
-	if err := kf.Close(); err != nil {
-		return tls.Certificate{}, nil, fmt.Errorf("proxy: inspection CA key: %w", err)
+	if err := f.Sync(); err != nil {
+		f.Close()
+		return err
 	}
-	if err := os.WriteFile(certPath, certPEM, 0o644); err != nil {
-		return tls.Certificate{}, nil, fmt.Errorf("proxy: inspection CA certificate: %w", err)
+	if err := f.Close(); err != nil {
+		return err
 	}
-	c, err := tls.X509KeyPair(certPEM, keyPEM)
-	if err != nil {
-		return tls.Certificate{}, nil, fmt.Errorf("proxy: inspection CA: %w", err)
+	if exclusive {
+		return os.Link(tmp, path)
 	}
-	return c, certPEM, nil
+	return os.Rename(tmp, path)
 }
 
 // ensureCA loads the CA on first use.
