@@ -1,7 +1,8 @@
 // Package audit is where every observation of egressd ends up. The proxy,
 // the DNS forwarder and capture each emit an [Event] per connection, query or
 // flow into a [Sink] (the proxy also one per later HTTP request on a
-// plain-HTTP connection, [KindRequest]). In the daemon that sink is a [Journal]: a bounded queue
+// plain-HTTP connection and one per request in an inspected connection,
+// [KindRequest]). In the daemon that sink is a [Journal]: a bounded queue
 // (Emit never blocks; what it must shed it counts) in front of one writer
 // that appends each event to the NDJSON event log in the state directory
 // and adds it to the [Ledger]. The ledger turns events into per-rule usage
@@ -30,9 +31,10 @@ const (
 	KindFlow Kind = "flow" // one TCP connection, or one UDP exchange
 	KindDNS  Kind = "dns"  // one DNS query
 	// KindRequest is one HTTP request after the first on a plain-HTTP
-	// connection, decided on its own Host and path (the connection's flow
-	// event stands for the first). It is not a flow: it credits its rule
-	// or records the (would-be) drop, and never adds to flow counts.
+	// connection (the connection's flow event stands for the first), or
+	// one request in an inspected connection, decided on its own Host and
+	// path. It is not a flow: it credits its rule or records the
+	// (would-be) drop, and never adds to flow counts.
 	KindRequest Kind = "request"
 	// KindShed is a record the event log writes for events it had to shed
 	// (Count of them, up to Time); components never emit it.

@@ -79,11 +79,12 @@ const (
 //     list under (name, 53, "dns") with "queries" set and "flows" zero.
 //     Queries are deduplicated like flows, with the name and type in the
 //     key.
-//   - A request event (a later HTTP request on a plain-HTTP connection) is
-//     not a flow either: allowed, it counts in its rule's "requests" (with
-//     its name, client and time); denied, in the dropped list under (name,
-//     port, "tcp") with "requests" set. Requests are never deduplicated:
-//     only the proxy reports them, once each.
+//   - A request event (a later HTTP request on a plain-HTTP connection, or
+//     a request in an inspected one) is not a flow either: allowed, it
+//     counts in its rule's "requests" (with its name, client and time);
+//     denied, in the dropped list under (name, port, "tcp") with
+//     "requests" set. Requests are never deduplicated: only the proxy
+//     reports them, once each.
 //   - Unused rules are the policy's rules with neither flows, queries nor
 //     requests;
 //     expired rules are listed separately, with the flows they would have
@@ -127,7 +128,8 @@ type Totals struct {
 	Dropped    uint64 `json:"dropped_flows"` // denied flows, enforced or not
 	Queries    uint64 `json:"queries"`       // distinct DNS queries
 	// Requests are HTTP requests after the first on plain-HTTP
-	// connections (each decided on its own), DroppedRequests those denied.
+	// connections and requests in inspected ones (each decided on its
+	// own), DroppedRequests those denied.
 	Requests        uint64 `json:"requests,omitempty"`
 	DroppedRequests uint64 `json:"dropped_requests,omitempty"`
 	Ignored         uint64 `json:"ignored"` // events of unknown kind

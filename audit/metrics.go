@@ -38,7 +38,7 @@ func (l *Ledger) RegisterMetrics(reg prometheus.Registerer) error {
 		}, []string{"rule", "verdict", "mode"}),
 		requests: prometheus.NewCounterVec(prometheus.CounterOpts{
 			Namespace: "egress", Subsystem: "audit", Name: "requests_total",
-			Help: "Later HTTP requests on plain-HTTP connections (each decided on its own), by credited rule, verdict and mode.",
+			Help: "Later HTTP requests on plain-HTTP connections and requests in inspected connections (each decided on its own), by credited rule, verdict and mode.",
 		}, []string{"rule", "verdict", "mode"}),
 		duplicates: prometheus.NewCounter(prometheus.CounterOpts{
 			Namespace: "egress", Subsystem: "audit", Name: "duplicate_events_total",

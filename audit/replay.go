@@ -21,7 +21,7 @@ type ReplayResult struct {
 	Events       uint64         `json:"events"`
 	Flows        uint64         `json:"flows"`
 	Queries      uint64         `json:"queries"`
-	Requests     uint64         `json:"requests,omitempty"` // later HTTP requests on plain-HTTP connections
+	Requests     uint64         `json:"requests,omitempty"` // later HTTP requests on plain-HTTP connections, requests in inspected ones
 	Unchanged    uint64         `json:"unchanged"`
 	NewlyDropped []ReplayChange `json:"newly_dropped"`
 	NewlyAllowed []ReplayChange `json:"newly_allowed"`
@@ -236,7 +236,7 @@ func (res *ReplayResult) WriteText(w io.Writer) error {
 	ew := &errWriter{w: w}
 	fmt.Fprintf(ew, "replay against %s: %d recorded events, %d flows and %d DNS queries (each counted once)", res.Policy, res.Events, res.Flows, res.Queries)
 	if res.Requests > 0 {
-		fmt.Fprintf(ew, ", %d further HTTP requests on plain-HTTP connections", res.Requests)
+		fmt.Fprintf(ew, ", %d further HTTP requests on plain-HTTP and inspected connections", res.Requests)
 	}
 	fmt.Fprintln(ew)
 	changed := func(title string, l []ReplayChange, was, now func(ReplayChange) string) {

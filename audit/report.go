@@ -53,8 +53,9 @@ type RuleReport struct {
 	Name    string `json:"name"`
 	Flows   uint64 `json:"flows"`
 	Queries uint64 `json:"queries"` // allowed DNS queries credited to the rule
-	// Requests are later HTTP requests on plain-HTTP connections credited
-	// to the rule (the first request of a connection is its flow).
+	// Requests are later HTTP requests on plain-HTTP connections (the
+	// first request of a connection is its flow) and requests in
+	// inspected connections, credited to the rule.
 	Requests uint64   `json:"requests,omitempty"`
 	BytesOut uint64   `json:"bytes_out"`
 	BytesIn  uint64   `json:"bytes_in"`
@@ -93,7 +94,7 @@ type DroppedReport struct {
 	Proto            string    `json:"proto"` // "tcp", "udp", or "dns" for denied queries
 	Flows            uint64    `json:"flows"`
 	Queries          uint64    `json:"queries,omitempty"`
-	Requests         uint64    `json:"requests,omitempty"` // later HTTP requests on plain-HTTP connections
+	Requests         uint64    `json:"requests,omitempty"` // later HTTP requests on plain-HTTP connections, requests in inspected ones
 	BytesOut         uint64    `json:"bytes_out,omitempty"`
 	BytesIn          uint64    `json:"bytes_in,omitempty"`
 	Clients          []string  `json:"clients"`
@@ -294,7 +295,7 @@ func (r *Report) WriteText(w io.Writer) error {
 	fmt.Fprintf(ew, "%d flows (%d allowed, %d dropped), %d DNS queries, %d events shed\n",
 		r.Totals.Flows, r.Totals.Allowed, r.Totals.Dropped, r.Totals.Queries, r.ShedEvents)
 	if r.Totals.Requests > 0 {
-		fmt.Fprintf(ew, "%d further HTTP requests on plain-HTTP connections (%d dropped), decided one by one\n", r.Totals.Requests, r.Totals.DroppedRequests)
+		fmt.Fprintf(ew, "%d further HTTP requests on plain-HTTP and inspected connections (%d dropped), decided one by one\n", r.Totals.Requests, r.Totals.DroppedRequests)
 	}
 	if r.ShedEvents > 0 {
 		fmt.Fprintf(ew, "WARNING: %d events were shed (the event log could not keep up); they are in no count below\n", r.ShedEvents)

@@ -21,7 +21,7 @@
 // addresses dnsfilter handed out through the small [DNSFacts] interface
 // declared here (so that an allowed SNI cannot open a path to an arbitrary
 // address), and it records one audit.Event and one canonical slog line per
-// connection, plus one per later request of a plain-HTTP connection
-// (audit.KindRequest). It imports policy and audit, never another
+// connection, plus one per later request of a plain-HTTP connection and
+// one per request of an inspected connection (audit.KindRequest). It imports policy and audit, never another
 // component.
 package proxy

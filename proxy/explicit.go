@@ -19,6 +19,7 @@ import (
 	"strconv"
 	"strings"
 	"sync"
+	"sync/atomic"
 	"time"
 
 	"github.com/elazarl/goproxy"
@@ -36,7 +37,13 @@ type connectState struct {
 	client      netip.AddrPort
 	src         audit.NameSource
 	transparent bool
-	rec         *flowRecord // the connection's record (transparent inspection)
+	// rec is the connection's record, its one flow: each request in it
+	// is a request event (audit.KindRequest), as on plain HTTP.
+	rec *flowRecord
+	// firstIsFlow: rec was decided on the first request (plain HTTP
+	// handed over by the transparent listener) and stands for it, as a
+	// plain-HTTP connection's flow does.
+	firstIsFlow bool
 	// requestSeen ends the deadline that bounds the inspected
 	// connection's TLS handshake and first request head (goproxy sets
 	// none); nil when there is none.
@@ -164,15 +171,17 @@ func (p *Proxy) explicitHandler() http.Handler {
 // connection replays them (a *pipelinedConn); the returned reader is
 // empty, so goproxy's other actions do not read them twice.
 //
-// For an inspected CONNECT, handleConnect sets p and client, having taken
-// a connection slot for client: the hijacked connection then gets a read
-// deadline that bounds the TLS handshake and the first request head
+// For an inspected CONNECT, handleConnect sets p, client and f, having
+// taken a connection slot for client: the hijacked connection then gets a
+// read deadline that bounds the TLS handshake and the first request head
 // (goproxy reads them without one), until inspectedRequest ends it; it is
-// tracked (Close closes it), and closing it gives the slot back.
+// tracked (Close closes it), and closing it gives the slot back and
+// finishes f, the connection's flow, with the bytes it carried.
 type keepPipelined struct {
 	http.ResponseWriter
 	p      *Proxy
 	client netip.Addr
+	f      *flowRecord
 	conn   net.Conn // the hijacked connection, when inspected
 }
 
@@ -182,20 +191,30 @@ func (k *keepPipelined) Hijack() (net.Conn, *bufio.ReadWriter, error) {
 		return nil, nil, http.ErrNotSupported
 	}
 	c, rw, err := h.Hijack()
+	var early uint64 // bytes the client sent with the CONNECT head, read already
+	if err == nil {
+		early = uint64(rw.Reader.Buffered())
+	}
 	if k.p != nil {
 		if err != nil {
 			k.p.release(k.client)
+			k.f.err, k.f.ev.Close = err, closeReset
+			k.p.finish(k.f)
 			return c, rw, err
 		}
 		c.SetReadDeadline(time.Now().Add(k.p.cfg.HelloTimeout))
 		k.conn = c
 		k.p.trackConn(c) // or closed at once: the proxy is closing
-		c = &inspectedClient{Conn: c, done: func() {
+		ic := &inspectedClient{Conn: c}
+		ic.done = func() {
 			k.p.untrackConn(k.conn)
 			k.p.release(k.client)
-		}}
+			k.f.ev.BytesOut, k.f.ev.BytesIn = ic.read.Load()+early, ic.written.Load()
+			k.p.finish(k.f)
+		}
+		c = ic
 	}
-	if err != nil || rw.Reader.Buffered() == 0 {
+	if err != nil || early == 0 {
 		return c, rw, err
 	}
 	pre, _ := rw.Reader.Peek(rw.Reader.Buffered())
@@ -204,11 +223,25 @@ func (k *keepPipelined) Hijack() (net.Conn, *bufio.ReadWriter, error) {
 }
 
 // inspectedClient is the hijacked connection of an inspected CONNECT as
-// goproxy holds it: closing it (once) calls done.
+// goproxy holds it: it counts the bytes read and written (goproxy may do
+// both at once, for a WebSocket), and closing it (once) calls done.
 type inspectedClient struct {
 	net.Conn
-	once sync.Once
-	done func()
+	read, written atomic.Uint64
+	once          sync.Once
+	done          func()
+}
+
+func (c *inspectedClient) Read(b []byte) (int, error) {
+	n, err := c.Conn.Read(b)
+	c.read.Add(uint64(n))
+	return n, err
+}
+
+func (c *inspectedClient) Write(b []byte) (int, error) {
+	n, err := c.Conn.Write(b)
+	c.written.Add(uint64(n))
+	return n, err
 }
 
 func (c *inspectedClient) Close() error {
@@ -398,9 +431,12 @@ func (p *Proxy) handleConnect(host string, ctx *goproxy.ProxyCtx) (*goproxy.Conn
 			}
 			f.ev.Stamp(v.d)
 			f.ev.Close = "inspected"
-			p.finish(f)
-			if kp != nil {
-				kp.p, kp.client = p, ca.Addr()
+			st.rec = f
+			if kp == nil {
+				p.finish(f)
+			} else {
+				// The connection's flow ends when the connection does.
+				kp.p, kp.client, kp.f = p, ca.Addr(), f
 				st.requestSeen = func() {
 					if kp.conn != nil {
 						kp.conn.SetReadDeadline(time.Time{})
@@ -558,12 +594,13 @@ func dropConnectionFields(h http.Header) {
 
 // inspectedRequest decides one request inside an inspected connection: the
 // host must be the one the connection was decided for (THREATS.md A4), and
-// the path must be allowed.
+// the path must be allowed. The request is recorded as a request event
+// (the connection is the flow), as a later request on plain HTTP is.
 func (p *Proxy) inspectedRequest(eng *policy.Engine, st *connectState, req *http.Request) (*http.Request, *http.Response) {
-	f := &flowRecord{listener: "inspect", ev: audit.Event{Kind: audit.KindFlow, Source: audit.SourceProxy, Time: time.Now(),
-		Client: st.client.Addr(), ClientPort: st.client.Port(), Proto: "tcp", Dest: st.addr.Addr(), DestPort: st.addr.Port(),
-		Name: st.host, NameSource: st.src, Path: req.URL.Path}}
-	defer p.finish(f)
+	ev := requestEvent(&st.rec.ev, time.Now())
+	ev.Name, ev.NameSource, ev.Path = st.host, st.src, req.URL.Path
+	first := st.firstIsFlow
+	st.firstIsFlow = false
 	if st.requestSeen != nil {
 		// The handshake and a head are done: the request's body, and the
 		// connection after it, are not bounded by the head deadline.
@@ -580,12 +617,17 @@ func (p *Proxy) inspectedRequest(eng *policy.Engine, st *connectState, req *http
 			d = denyDecision(eng, ReasonPathForm)
 		}
 	}
-	f.ev.Stamp(d)
-	if !d.Allowed() && d.Mode == policy.ModeEnforce {
-		f.ev.Close = closeDenied
+	ev.Stamp(d)
+	if !first || !d.Allowed() {
+		// An allowed first request the connection's flow stands for is
+		// not recorded twice.
+		p.emitRequest("inspect", ev, nil)
+	}
+	if ev.Enforced {
+		// The 403 closes the connection.
+		st.rec.ev.Close = closeRequestDenied
 		return req, p.denyResponse(req, DenyInfo{Host: st.host, Path: req.URL.Path, Client: st.client.Addr().String(), Rule: d.Rule, Reason: d.Reason})
 	}
-	f.ev.Close = "forwarded"
 	dropConnectionFields(req.Header)
 	return req.WithContext(context.WithValue(req.Context(), dialKey{}, st.addr)), nil
 }
@@ -621,7 +663,8 @@ func (p *Proxy) inspectTransparent(c *net.TCPConn, recorded []byte, orig netip.A
 	if _, err := p.ensureCA(); err != nil {
 		return err
 	}
-	st := &connectState{host: v.name, addr: orig, client: netip.AddrPortFrom(f.ev.Client, f.ev.ClientPort), src: v.src, transparent: true, rec: f}
+	st := &connectState{host: v.name, addr: orig, client: netip.AddrPortFrom(f.ev.Client, f.ev.ClientPort), src: v.src, transparent: true,
+		rec: f, firstIsFlow: !isTLS}
 	// goproxy reads the TLS handshake and the first request head without
 	// a deadline: bound them as the hello was.
 	c.SetReadDeadline(time.Now().Add(p.cfg.HelloTimeout))
@@ -637,6 +680,7 @@ func (p *Proxy) inspectTransparent(c *net.TCPConn, recorded []byte, orig netip.A
 	rc.onClose = func() {
 		p.untrackConn(c)
 		p.release(st.client.Addr())
+		f.ev.BytesOut, f.ev.BytesIn = rc.read.Load(), rc.written.Load()
 		p.finish(f)
 	}
 	p.gp.ServeHTTP(&hijackWriter{conn: rc}, req)
@@ -646,16 +690,22 @@ func (p *Proxy) inspectTransparent(c *net.TCPConn, recorded []byte, orig netip.A
 // replayConn is the client connection as goproxy sees it for transparent
 // inspection: reads replay the peeked bytes first; the "200 OK" goproxy
 // writes for the synthetic CONNECT is swallowed (the client never sent
-// one); Close reports the end of the connection once.
+// one); the bytes read and written are counted (goproxy may do both at
+// once, for a WebSocket); Close reports the end of the connection once.
 type replayConn struct {
 	*net.TCPConn
-	r       io.Reader
-	swallow bool
-	closed  bool
-	onClose func()
+	r             io.Reader
+	swallow       bool
+	closed        bool
+	onClose       func()
+	read, written atomic.Uint64
 }
 
-func (c *replayConn) Read(b []byte) (int, error) { return c.r.Read(b) }
+func (c *replayConn) Read(b []byte) (int, error) {
+	n, err := c.r.Read(b)
+	c.read.Add(uint64(n))
+	return n, err
+}
 
 func (c *replayConn) Write(b []byte) (int, error) {
 	if c.swallow {
@@ -664,7 +714,9 @@ func (c *replayConn) Write(b []byte) (int, error) {
 			return len(b), nil
 		}
 	}
-	return c.TCPConn.Write(b)
+	n, err := c.TCPConn.Write(b)
+	c.written.Add(uint64(n))
+	return n, err
 }
 
 func (c *replayConn) Close() error {

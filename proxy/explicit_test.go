@@ -280,6 +280,13 @@ func TestInspection(t *testing.T) {
 // origins' ports and the inspection CA's pool.
 func loopbackExplicit(t *testing.T, policyFmt string, config func(*Config)) (string, int, int, *x509.CertPool) {
 	t.Helper()
+	return loopbackExplicitSink(t, policyFmt, config, nil)
+}
+
+// loopbackExplicitSink is loopbackExplicit with the proxy's events going
+// to sink (nil: discarded).
+func loopbackExplicitSink(t *testing.T, policyFmt string, config func(*Config), sink audit.Sink) (string, int, int, *x509.CertPool) {
+	t.Helper()
 	pk := newPKI(t)
 	plainLn, err := net.Listen("tcp", "127.0.0.1:0")
 	if err != nil {
@@ -321,6 +328,7 @@ func loopbackExplicit(t *testing.T, policyFmt string, config func(*Config)) (str
 	}
 	p, err := New(cfg, Deps{
 		Policy:   policy.NewStore(eng),
+		Sink:     sink,
 		Logger:   slog.New(slog.NewTextHandler(testWriter{t}, nil)),
 		Resolver: startDNS(t, map[string][]netip.Addr{"docs.paths.test": {netip.MustParseAddr("127.0.0.1")}}),
 	})
@@ -746,5 +754,135 @@ rules:
 	resp, err = http.ReadResponse(bufio.NewReader(tc), nil)
 	if err != nil || resp.StatusCode != http.StatusBadGateway {
 		t.Fatalf("an origin that fails verification: %v %v, want 502", resp, err)
+	}
+}
+
+// TestExplicitInspectCountsRequests: an inspected CONNECT is one flow in
+// the report, with its bytes, and each decrypted request is a request (of
+// its rule, or of the dropped entry when refused), as on plain HTTP.
+// Every request was a flow event of its own: the ledger merged those
+// within 2 s of the connection into its flow (a refused path then
+// vanished from the report) and counted later ones as further flows.
+func TestExplicitInspectCountsRequests(t *testing.T) {
+	ev := &events{}
+	addr, _, tlsPort, caPool := loopbackExplicitSink(t, `version: 1
+mode: enforce
+rules:
+  - name: docs
+    to: ["docs.paths.test/public/*"]
+    ports: [%d/tcp, %d/tcp]
+`, nil, ev)
+	conn, err := net.Dial("tcp", addr)
+	if err != nil {
+		t.Fatal(err)
+	}
+	defer conn.Close()
+	conn.SetDeadline(time.Now().Add(20 * time.Second))
+	auth := fmt.Sprintf("docs.paths.test:%d", tlsPort)
+	fmt.Fprintf(conn, "CONNECT %s HTTP/1.1\r\nHost: %s\r\n\r\n", auth, auth)
+	resp, err := http.ReadResponse(bufio.NewReader(conn), &http.Request{Method: http.MethodConnect})
+	if err != nil || resp.StatusCode != 200 {
+		t.Fatalf("CONNECT: %v %v", resp, err)
+	}
+	inspectedRequests(t, tls.Client(conn, &tls.Config{ServerName: "docs.paths.test", RootCAs: caPool}), auth)
+	checkInspectedCounts(t, ev, localPort(conn), uint16(tlsPort), 2)
+}
+
+// TestTransparentInspectCountsRequests: as TestExplicitInspectCountsRequests,
+// for a redirected connection handed to inspection. On plain HTTP the
+// connection's flow was decided on the first request and stands for it,
+// as without inspection: the later requests are the requests.
+func TestTransparentInspectCountsRequests(t *testing.T) {
+	tp := newTopo(t, topoOpts{})
+	_, caPEM, err := LoadOrCreateCA(tp.state)
+	if err != nil {
+		t.Fatal(err)
+	}
+	pool := x509.NewCertPool()
+	pool.AppendCertsFromPEM(caPEM)
+	t.Run("tls", func(t *testing.T) {
+		c := tp.dialFromClient(t, netip.Addr{}, netip.AddrPortFrom(srvV4, 443))
+		c.SetDeadline(time.Now().Add(20 * time.Second))
+		inspectedRequests(t, tls.Client(c, &tls.Config{ServerName: "docs.paths.test", RootCAs: pool}), "docs.paths.test")
+		checkInspectedCounts(t, tp.ev, localPort(c), 443, 2)
+	})
+	t.Run("plain", func(t *testing.T) {
+		c := tp.dialFromClient(t, netip.Addr{}, netip.AddrPortFrom(srvV4, 80))
+		c.SetDeadline(time.Now().Add(20 * time.Second))
+		inspectedRequests(t, c, "docs.paths.test")
+		checkInspectedCounts(t, tp.ev, localPort(c), 80, 1)
+	})
+}
+
+// inspectedRequests sends, on one inspected connection to host (the
+// policy allowing docs.paths.test/public/* in enforce mode), two allowed
+// requests more than the ledger's 2 s flow slack apart, then a refused
+// one, which ends the connection.
+func inspectedRequests(t *testing.T, tc io.ReadWriter, host string) {
+	t.Helper()
+	br := bufio.NewReader(tc)
+	for i, c := range []struct {
+		path string
+		code int
+	}{{"/public/a", 200}, {"/public/b", 200}, {"/private/c", 403}} {
+		if i == 1 {
+			time.Sleep(2500 * time.Millisecond)
+		}
+		fmt.Fprintf(tc, "GET %s HTTP/1.1\r\nHost: %s\r\n\r\n", c.path, host)
+		resp, err := http.ReadResponse(br, nil)
+		if err != nil {
+			t.Fatalf("%s: %v", c.path, err)
+		}
+		io.Copy(io.Discard, resp.Body)
+		resp.Body.Close()
+		if resp.StatusCode != c.code {
+			t.Fatalf("%s: %d, want %d", c.path, resp.StatusCode, c.code)
+		}
+	}
+	if _, err := br.ReadByte(); err == nil {
+		t.Error("the connection stayed open after the refused request")
+	}
+}
+
+// checkInspectedCounts waits until the events of the inspected connection
+// from clientPort (inspectedRequests), fed to a ledger, make one flow of
+// rule docs with bytes both ways and requests allowed requests, and one
+// request of the dropped entry docs.paths.test:destPort/tcp, with no flow.
+func checkInspectedCounts(t *testing.T, ev *events, clientPort int, destPort uint16, requests uint64) {
+	t.Helper()
+	deadline := time.Now().Add(5 * time.Second)
+	for {
+		led := audit.NewLedger(nil, audit.LedgerOptions{})
+		ev.mu.Lock()
+		for _, e := range ev.evs {
+			if int(e.ClientPort) == clientPort {
+				led.Emit(e)
+			}
+		}
+		ev.mu.Unlock()
+		r := led.Report(audit.ReportOptions{})
+		var rule audit.RuleReport
+		var drop audit.DroppedReport
+		var b strings.Builder
+		for _, rr := range r.Rules {
+			if rr.Name == "docs" {
+				rule = rr
+			}
+			fmt.Fprintf(&b, "\n  rule %s: %d flows, %d requests, %d/%d bytes", rr.Name, rr.Flows, rr.Requests, rr.BytesOut, rr.BytesIn)
+		}
+		for _, dr := range r.Dropped {
+			if dr.Dest == "docs.paths.test" && dr.Port == destPort && dr.Proto == "tcp" {
+				drop = dr
+			}
+			fmt.Fprintf(&b, "\n  dropped %s:%d/%s: %d flows, %d requests (%s)", dr.Dest, dr.Port, dr.Proto, dr.Flows, dr.Requests, dr.Reason)
+		}
+		if r.Totals.Flows == 1 && rule.Flows == 1 && rule.Requests == requests && rule.BytesOut > 0 && rule.BytesIn > 0 &&
+			drop.Flows == 0 && drop.Requests == 1 && drop.Enforced && drop.Reason == policy.ReasonPath {
+			return
+		}
+		if time.Now().After(deadline) {
+			t.Fatalf("report of one inspected connection: %d flows%s\nwant 1 flow of rule docs with bytes and %d requests, and 1 refused request of docs.paths.test:%d/tcp", r.Totals.Flows, b.String(), requests, destPort)
+		}
+		time.Sleep(50 * time.Millisecond)
 	}
 }

@@ -258,7 +258,7 @@ func (u *httpUpstream) request(t *tunnel, h *httpHead) bool {
 	in := u.base
 	in.Now = time.Now()
 	v := u.p.decideHTTP(context.Background(), eng, in, h)
-	ev := u.event(in.Now)
+	ev := requestEvent(&u.f.ev, in.Now)
 	path, _, _ := strings.Cut(h.Path, "?") // the query stays out of events and logs
 	ev.Name, ev.NameSource, ev.Path = v.name, v.src, path
 	ev.Stamp(v.d)
@@ -271,14 +271,15 @@ func (u *httpUpstream) refuse(t *tunnel, err error) bool {
 	eng := u.p.deps.Policy.Load()
 	now := time.Now()
 	v := verdict{d: httpErrDecision(eng, err), src: audit.NameNone}
-	ev := u.event(now)
+	ev := requestEvent(&u.f.ev, now)
 	ev.NameSource = audit.NameNone
 	ev.Stamp(v.d)
 	return u.finish(t, ev, v, "", err)
 }
 
-func (u *httpUpstream) event(now time.Time) audit.Event {
-	c := &u.f.ev
+// requestEvent starts the event of one request on the connection whose
+// record is c: its 5-tuple, at now.
+func requestEvent(c *audit.Event, now time.Time) audit.Event {
 	return audit.Event{Kind: audit.KindRequest, Source: audit.SourceProxy, Time: now,
 		Client: c.Client, ClientPort: c.ClientPort, Dest: c.Dest, DestPort: c.DestPort, Proto: c.Proto}
 }
@@ -288,11 +289,7 @@ func (u *httpUpstream) event(now time.Time) audit.Event {
 // EOF, the client the 403 after the origin's last byte.
 func (u *httpUpstream) finish(t *tunnel, ev audit.Event, v verdict, path string, perr error) bool {
 	refused := v.enforced()
-	ev.Close = closeForwarded
-	if refused {
-		ev.Close = closeDenied
-	}
-	u.p.emitRequest(ev, perr)
+	u.p.emitRequest("transparent", ev, perr)
 	if !refused {
 		return false
 	}
@@ -313,9 +310,13 @@ func (u *httpUpstream) finish(t *tunnel, ev audit.Event, v verdict, path string,
 	return true
 }
 
-// emitRequest sends a request event to the sink and writes its canonical
-// line.
-func (p *Proxy) emitRequest(ev audit.Event, err error) {
+// emitRequest sends a request event (stamped: forwarded, or denied when
+// refused) to the sink and writes its canonical line for listener.
+func (p *Proxy) emitRequest(listener string, ev audit.Event, err error) {
+	ev.Close = closeForwarded
+	if ev.Enforced {
+		ev.Close = closeDenied
+	}
 	p.deps.Sink.Emit(ev)
 	p.met.requests.WithLabelValues(string(ev.Verdict), string(ev.Mode)).Inc()
 	level := slog.LevelInfo
@@ -326,7 +327,7 @@ func (p *Proxy) emitRequest(ev audit.Event, err error) {
 		return
 	}
 	var buf [audit.FlowAttrsMax + 3]slog.Attr
-	attrs := append(ev.AppendFlowAttrs(buf[:0]), slog.String("listener", "transparent"), slog.String("kind", string(ev.Kind)))
+	attrs := append(ev.AppendFlowAttrs(buf[:0]), slog.String("listener", listener), slog.String("kind", string(ev.Kind)))
 	if err != nil {
 		attrs = append(attrs, slog.String(audit.LogError, err.Error()))
 	}

@@ -47,7 +47,7 @@ func newMetrics(reg prometheus.Registerer) (*metrics, error) {
 		}, []string{"result"}),
 		requests: prometheus.NewCounterVec(prometheus.CounterOpts{
 			Namespace: "egress", Subsystem: "proxy", Name: "http_requests_total",
-			Help: "Later HTTP requests on plain-HTTP transparent connections, each decided on its own (the first is the connection's), by verdict and mode.",
+			Help: "Later HTTP requests on plain-HTTP transparent connections (the first is the connection's) and requests in inspected connections, each decided on its own, by verdict and mode.",
 		}, []string{"verdict", "mode"}),
 		hellos: prometheus.NewCounterVec(prometheus.CounterOpts{
 			Namespace: "egress", Subsystem: "proxy", Name: "hello_parses_total",
