@@ -5,6 +5,7 @@ import (
 	"errors"
 	"fmt"
 	"log/slog"
+	"math"
 	"net/netip"
 	"os"
 	"slices"
@@ -219,7 +220,14 @@ func (f *Firewall) scheduleLocked(at, now time.Time) {
 		return
 	}
 	eng := f.eng
-	f.timer = time.AfterFunc(max(at.Sub(now), 0)+time.Second, func() {
+	// Sub saturates at the largest Duration for a far-future expiry (year
+	// 9999, say): the second's margin must not wrap that negative, into a
+	// timer that fires at once and re-renders again and again.
+	d := max(at.Sub(now), 0)
+	if d < math.MaxInt64-time.Second {
+		d += time.Second
+	}
+	f.timer = time.AfterFunc(d, func() {
 		f.mu.Lock()
 		current := f.eng == eng && f.rs != nil && !f.closed
 		f.mu.Unlock()

@@ -1134,3 +1134,29 @@ func BenchmarkLearn(b *testing.B) {
 		})
 	})
 }
+
+// TestRuleExpiryFarFuture: a rule that expires centuries from now (written
+// as "9999-12-31" to mean "keep it") schedules no re-render now: the time
+// until it does not fit a Duration, and must not wrap into a timer that
+// fires at once and replaces the table again and again.
+func TestRuleExpiryFarFuture(t *testing.T) {
+	requireNft(t)
+	tp := newTopo(t)
+	fw := tp.firewall(t, Config{})
+	eng := compile(t, `
+version: 1
+mode: enforce
+rules:
+  - name: kept
+    to: [198.18.2.2]
+    ports: [9000/udp]
+    expires: 9999-12-31
+`)
+	if err := fw.Install(eng); err != nil {
+		t.Fatal(err)
+	}
+	time.Sleep(500 * time.Millisecond)
+	if n := counterValue(fw.m.applies.WithLabelValues("replace", "ok")); n != 0 {
+		t.Errorf("%v replaces of the table within half a second of the install, want 0", n)
+	}
+}
