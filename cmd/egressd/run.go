@@ -107,6 +107,11 @@ type daemon struct {
 	proxy   *proxy.Proxy
 	capture *capture.Capture
 	fw      *firewall.Firewall
+	// What a reload needs to install the firewall when the policy turns
+	// to enforce after a start in audit mode, which installed none.
+	lan, wan string
+	gate     *firewallGate
+	caps     capabilities
 
 	mu       sync.Mutex // guards degraded
 	degraded map[string]string
@@ -303,6 +308,7 @@ func (d *daemon) run(ctx context.Context) error {
 	if lan == "" {
 		lan = guessLAN(wan)
 	}
+	d.lan, d.wan, d.caps = lan, wan, caps
 
 	// The event path: components → journal (bounded queue, never blocks)
 	// → ledger and the append-only log in the state directory. Without a
@@ -328,6 +334,7 @@ func (d *daemon) run(ctx context.Context) error {
 	dnsCfg := dnsfilter.Config{Listen: splitList(cfg.dnsListen), Upstreams: splitList(cfg.upstreams), Deny: dnsfilter.DenyAnswer(strings.ToUpper(cfg.denyAnswer))}
 	table := dnsfilter.NewTable(0)
 	gate := &firewallGate{} // the firewall, once installed, takes allowed answers' addresses before the client gets them
+	d.gate = gate
 	if d.dns, err = dnsfilter.New(dnsCfg, dnsfilter.Deps{Policy: d.store, Sink: d.sink, Logger: d.log, Registerer: d.reg, Table: table, Firewall: gate}); err != nil {
 		d.degrade("dns", err.Error())
 	}
@@ -541,6 +548,17 @@ func (d *daemon) reload() {
 			d.configLoaded(false)
 			d.log.Error("reload failed in nftables, keeping the running policy", audit.LogError, err.Error())
 			return
+		}
+	}
+	if d.fw == nil && old.Mode() == policy.ModeAudit && eng.Mode() == policy.ModeEnforce && !d.cfg.noFirewall {
+		// A start in audit mode installed nothing; the rollout the README
+		// describes switches to enforce with a reload, so the ruleset goes
+		// in now, as a start in enforce mode would install it. Without it
+		// the policy would say enforce while nothing is blocked.
+		if !d.caps.netAdmin {
+			d.degrade("firewall", "needs CAP_NET_ADMIN to install nftables rules (run as root, or use --no-firewall)")
+		} else if err := d.startFirewall(d.lan, d.wan, d.gate); err != nil {
+			d.degrade("firewall", err.Error())
 		}
 	}
 	if d.fw == nil && eng.Mode() == policy.ModeEnforce && !d.cfg.noFirewall {

@@ -1,0 +1,72 @@
+package main
+
+import (
+	"os"
+	"os/exec"
+	"path/filepath"
+	"strings"
+	"syscall"
+	"testing"
+	"time"
+
+	"egressd/internal/testnet"
+)
+
+// TestRunReloadToEnforce follows the README's rollout: egressd runs in
+// audit mode (nothing installed), the operator sets mode: enforce in the
+// policy and reloads (SIGHUP). The reload must install the enforce
+// ruleset; it used to only log that a restart was needed, leaving the
+// gateway open while the policy said enforce. The daemon runs in a
+// namespace of its own, its LAN a veth link to a client's.
+func TestRunReloadToEnforce(t *testing.T) {
+	ns := testnet.New(t, "runhup")
+	if _, err := ns.Run("nft", "--version"); err != nil {
+		t.Fatalf("nft (Debian package nftables) is not installed: %v", err)
+	}
+	testnet.Link(t, testnet.New(t, "runhupc"), "eth0", []string{"198.18.1.2/24"}, ns, "lan0", []string{"198.18.1.1/24"})
+	dir := t.TempDir()
+	bin := filepath.Join(dir, "egressd")
+	if out, err := exec.Command("go", "build", "-o", bin, ".").CombinedOutput(); err != nil {
+		t.Fatalf("build: %v: %s", err, out)
+	}
+	pol := filepath.Join(dir, "p.yaml")
+	const rules = "rules:\n  - name: ntp\n    to: [pool.ntp.test]\n    ports: [123/udp]\n"
+	if err := os.WriteFile(pol, []byte("version: 1\nmode: audit\n"+rules), 0o644); err != nil {
+		t.Fatal(err)
+	}
+	p := ns.Start(bin, "run", "--policy", pol, "--lan", "lan0", "--state-dir", filepath.Join(dir, "state"),
+		"--admin", "127.0.0.1:9901", "--proxy-listen", "[::]:15001", "--explicit-proxy-listen", "off",
+		"--dns-listen", ":5353", "--upstream-dns", "127.0.0.1:9")
+	if err := ns.WaitTCP("127.0.0.1:9901", 20*time.Second); err != nil {
+		p.Stop()
+		t.Fatalf("the admin address did not come up: %v\nstdout:\n%s\nstderr:\n%s", err, p.Stdout, p.Stderr)
+	}
+	if out, err := ns.Run("nft", "list", "table", "inet", "egressd"); err == nil {
+		t.Fatalf("audit mode installed a table:\n%s", out)
+	}
+
+	if err := os.WriteFile(pol, []byte("version: 1\nmode: enforce\n"+rules), 0o644); err != nil {
+		t.Fatal(err)
+	}
+	if err := p.Signal(syscall.SIGHUP); err != nil {
+		t.Fatal(err)
+	}
+	var out string
+	for deadline := time.Now().Add(10 * time.Second); time.Now().Before(deadline); time.Sleep(100 * time.Millisecond) {
+		if out, _ = ns.Run("nft", "list", "table", "inet", "egressd"); strings.Contains(out, "redirect to :15001") {
+			break
+		}
+	}
+	if err := p.Signal(syscall.SIGTERM); err != nil {
+		t.Fatal(err)
+	}
+	select {
+	case <-p.Done():
+	case <-time.After(20 * time.Second):
+		p.Stop()
+		t.Fatal("egressd run did not stop within 20s of SIGTERM")
+	}
+	if !strings.Contains(out, "redirect to :15001") || !strings.Contains(out, `iifname "lan0" counter packets 0 bytes 0 drop`) {
+		t.Errorf("10s after the reload to enforce, the table is not the enforce ruleset:\n%s\nstdout:\n%s\nstderr:\n%s", out, p.Stdout, p.Stderr)
+	}
+}
