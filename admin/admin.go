@@ -13,6 +13,7 @@ import (
 	"errors"
 	"fmt"
 	"log/slog"
+	"math"
 	"net"
 	"net/http"
 	"runtime/debug"
@@ -215,7 +216,9 @@ func ParseSince(s string, now time.Time) (time.Time, error) {
 	}
 	if days, ok := strings.CutSuffix(s, "d"); ok {
 		var n int
-		if _, err := fmt.Sscanf(days, "%d", &n); err == nil && n > 0 && fmt.Sprint(n) == days {
+		// Beyond the longest Duration (about 292 years) the product
+		// would wrap, into a window that starts in the future.
+		if _, err := fmt.Sscanf(days, "%d", &n); err == nil && n > 0 && fmt.Sprint(n) == days && n <= int(math.MaxInt64/(24*time.Hour)) {
 			return now.Add(-time.Duration(n) * 24 * time.Hour), nil
 		}
 	}

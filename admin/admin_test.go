@@ -112,8 +112,10 @@ func TestEndpoints(t *testing.T) {
 	if len(rep.Rules) != 3 || rep.Rules[0].Name != "vendor-cloud" || rep.Rules[0].Flows != 7 {
 		t.Errorf("report rules = %+v", rep.Rules)
 	}
-	if code, _, _ := get(t, ts.URL+"/report.json?since=bogus"); code != 400 {
-		t.Errorf("since=bogus: %d, want 400", code)
+	for _, bad := range []string{"bogus", "200000d"} {
+		if code, _, _ := get(t, ts.URL+"/report.json?since="+bad); code != 400 {
+			t.Errorf("since=%s: %d, want 400", bad, code)
+		}
 	}
 	// This ledger has no event log, so the window cannot apply; it says so.
 	if code, _, body := get(t, ts.URL+"/report.json?since=24h"); code != 200 || !bytes.Contains(body, []byte(`no event log`)) {
@@ -195,7 +197,10 @@ func TestParseSince(t *testing.T) {
 			t.Errorf("ParseSince(%q) = %v, %v; want %v", in, got, err, want)
 		}
 	}
-	for _, bad := range []string{"x", "-1h", "0d", "1.5d", "d"} {
+	// A window longer than a Duration holds is refused, in days as in
+	// hours: "200000d" used to wrap into a time 22 years from now and an
+	// empty report.
+	for _, bad := range []string{"x", "-1h", "0d", "1.5d", "d", "106752d", "200000d", "2562048h"} {
 		if _, err := ParseSince(bad, now); err == nil {
 			t.Errorf("ParseSince(%q) succeeded", bad)
 		}
