@@ -177,6 +177,12 @@ func newDaemon(cfg runConfig, stdout, stderr io.Writer) (*daemon, error) {
 		}
 		d.mode = m
 	}
+	// The firewall reads --tcp-ports only when it installs, which in
+	// audit mode may first happen on a reload to enforce: a bad value
+	// must stop the start, not that switch.
+	if _, err := parseTCPPorts(cfg.tcpPorts); err != nil {
+		return nil, fmt.Errorf("--tcp-ports: %w", err)
+	}
 	d.source = cfg.policyFile
 	if d.source == "" {
 		d.source = "profile:" + cfg.profile

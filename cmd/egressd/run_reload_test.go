@@ -1,6 +1,7 @@
 package main
 
 import (
+	"context"
 	"os"
 	"os/exec"
 	"path/filepath"
@@ -68,5 +69,23 @@ func TestRunReloadToEnforce(t *testing.T) {
 	}
 	if !strings.Contains(out, "redirect to :15001") || !strings.Contains(out, `iifname "lan0" counter packets 0 bytes 0 drop`) {
 		t.Errorf("10s after the reload to enforce, the table is not the enforce ruleset:\n%s\nstdout:\n%s\nstderr:\n%s", out, p.Stdout, p.Stderr)
+	}
+}
+
+// TestRunRejectsBadTCPPorts: a malformed --tcp-ports stops `egressd run`
+// at start with an error naming the flag, in audit mode too. It used to be
+// read only when the firewall was installed, so an audit run took it
+// without a word and the switch to enforce then failed to install the
+// firewall.
+func TestRunRejectsBadTCPPorts(t *testing.T) {
+	dir := t.TempDir()
+	ctx, cancel := context.WithTimeout(context.Background(), 5*time.Second)
+	defer cancel()
+	var out, errb lockedBuffer
+	code := cmdRun(ctx, []string{"--profile", "nirovision", "--mode", "audit", "--lan", "lo", "--wan", "lo", "--no-firewall",
+		"--tcp-ports", "80,https", "--dns-listen", "127.0.0.1:0", "--proxy-listen", "127.0.0.1:0", "--explicit-proxy-listen", "off",
+		"--admin", "127.0.0.1:0", "--upstream-dns", "127.0.0.1:9", "--state-dir", filepath.Join(dir, "state")}, &out, &errb)
+	if ctx.Err() != nil || code != exitFail || !strings.Contains(errb.String(), `--tcp-ports: "https" is not a port`) {
+		t.Errorf("exit %d (context: %v), want %d at once naming --tcp-ports\nstdout:\n%s\nstderr:\n%s", code, ctx.Err(), exitFail, out.String(), errb.String())
 	}
 }
