@@ -56,6 +56,7 @@ type runConfig struct {
 	noFirewall  bool
 	masquerade  bool
 	guardWAN    bool
+	wanOpen     string
 	transparent string
 	explicit    string
 	dnsListen   string
@@ -78,6 +79,7 @@ func (c *runConfig) flags(fs *flag.FlagSet) {
 	fs.BoolVar(&c.noFirewall, "no-firewall", false, "do not touch nftables: the operator brings traffic to the listeners")
 	fs.BoolVar(&c.masquerade, "masquerade", false, "NAT LAN traffic leaving the WAN interface")
 	fs.BoolVar(&c.guardWAN, "guard-wan", false, "drop new connections from the WAN side in audit mode too (always on in enforce)")
+	fs.StringVar(&c.wanOpen, "wan-open", "", "ports of the gateway that stay reachable from the WAN side under that guard, such as 22/tcp,51820/udp")
 	fs.StringVar(&c.transparent, "proxy-listen", "[::]:15001", "transparent proxy listen address (the target of the nftables redirect)")
 	fs.StringVar(&c.explicit, "explicit-proxy-listen", "", "explicit HTTP/CONNECT proxy listen address (default: the LAN address, port 3128; \"off\" to disable)")
 	fs.StringVar(&c.dnsListen, "dns-listen", ":53", "DNS forwarder listen addresses, comma-separated (UDP and TCP)")
@@ -177,11 +179,14 @@ func newDaemon(cfg runConfig, stdout, stderr io.Writer) (*daemon, error) {
 		}
 		d.mode = m
 	}
-	// The firewall reads --tcp-ports only when it installs, which in
+	// The firewall reads --tcp-ports and --wan-open only when it installs, which in
 	// audit mode may first happen on a reload to enforce: a bad value
 	// must stop the start, not that switch.
 	if _, err := parseTCPPorts(cfg.tcpPorts); err != nil {
 		return nil, fmt.Errorf("--tcp-ports: %w", err)
+	}
+	if _, err := parsePortProtos(cfg.wanOpen); err != nil {
+		return nil, fmt.Errorf("--wan-open: %w", err)
 	}
 	d.source = cfg.policyFile
 	if d.source == "" {
@@ -490,8 +495,12 @@ func (d *daemon) startFirewall(lan, wan string, gate *firewallGate) error {
 	if err != nil {
 		return fmt.Errorf("--tcp-ports: %w", err)
 	}
+	wanOpen, err := parsePortProtos(d.cfg.wanOpen)
+	if err != nil {
+		return fmt.Errorf("--wan-open: %w", err)
+	}
 	proxyPort, dnsPort := listenPort(d.cfg.transparent), listenPort(firstOf(splitList(d.cfg.dnsListen)))
-	fcfg := firewall.Config{LAN: lan, WAN: wan, ProxyPort: proxyPort, DNSPort: dnsPort, TCPPorts: tcpPorts, Masquerade: d.cfg.masquerade, GuardWAN: d.cfg.guardWAN}
+	fcfg := firewall.Config{LAN: lan, WAN: wan, ProxyPort: proxyPort, DNSPort: dnsPort, TCPPorts: tcpPorts, Masquerade: d.cfg.masquerade, GuardWAN: d.cfg.guardWAN, WANOpen: wanOpen}
 	fw, err := firewall.New(fcfg, firewall.Deps{Logger: d.log, Registerer: d.reg})
 	if err != nil {
 		return err

@@ -18,30 +18,10 @@ import (
 // policy and reloads (SIGHUP). The reload must install the enforce
 // ruleset; it used to only log that a restart was needed, leaving the
 // gateway open while the policy said enforce. The daemon runs in a
-// namespace of its own, its LAN a veth link to a client's.
+// namespace of its own (runInNS).
 func TestRunReloadToEnforce(t *testing.T) {
-	ns := testnet.New(t, "runhup")
-	if _, err := ns.Run("nft", "--version"); err != nil {
-		t.Fatalf("nft (Debian package nftables) is not installed: %v", err)
-	}
-	testnet.Link(t, testnet.New(t, "runhupc"), "eth0", []string{"198.18.1.2/24"}, ns, "lan0", []string{"198.18.1.1/24"})
-	dir := t.TempDir()
-	bin := filepath.Join(dir, "egressd")
-	if out, err := exec.Command("go", "build", "-o", bin, ".").CombinedOutput(); err != nil {
-		t.Fatalf("build: %v: %s", err, out)
-	}
-	pol := filepath.Join(dir, "p.yaml")
 	const rules = "rules:\n  - name: ntp\n    to: [pool.ntp.test]\n    ports: [123/udp]\n"
-	if err := os.WriteFile(pol, []byte("version: 1\nmode: audit\n"+rules), 0o644); err != nil {
-		t.Fatal(err)
-	}
-	p := ns.Start(bin, "run", "--policy", pol, "--lan", "lan0", "--state-dir", filepath.Join(dir, "state"),
-		"--admin", "127.0.0.1:9901", "--proxy-listen", "[::]:15001", "--explicit-proxy-listen", "off",
-		"--dns-listen", ":5353", "--upstream-dns", "127.0.0.1:9")
-	if err := ns.WaitTCP("127.0.0.1:9901", 20*time.Second); err != nil {
-		p.Stop()
-		t.Fatalf("the admin address did not come up: %v\nstdout:\n%s\nstderr:\n%s", err, p.Stdout, p.Stderr)
-	}
+	ns, p, pol := runInNS(t, "version: 1\nmode: audit\n"+rules)
 	if out, err := ns.Run("nft", "list", "table", "inet", "egressd"); err == nil {
 		t.Fatalf("audit mode installed a table:\n%s", out)
 	}
@@ -87,5 +67,53 @@ func TestRunRejectsBadTCPPorts(t *testing.T) {
 		"--admin", "127.0.0.1:0", "--upstream-dns", "127.0.0.1:9", "--state-dir", filepath.Join(dir, "state")}, &out, &errb)
 	if ctx.Err() != nil || code != exitFail || !strings.Contains(errb.String(), `--tcp-ports: "https" is not a port`) {
 		t.Errorf("exit %d (context: %v), want %d at once naming --tcp-ports\nstdout:\n%s\nstderr:\n%s", code, ctx.Err(), exitFail, out.String(), errb.String())
+	}
+}
+
+// runInNS starts `egressd run` with the policy src in a namespace of its
+// own, its LAN (lan0) a veth link to a client's namespace, its WAN (wan0)
+// one to a server's, with args added to the command line, and waits for
+// the admin address (127.0.0.1:9901 in the namespace). It returns the
+// namespace, the process and the policy file's path.
+func runInNS(t *testing.T, src string, args ...string) (*testnet.NS, *testnet.Proc, string) {
+	t.Helper()
+	ns := testnet.New(t, "run")
+	if _, err := ns.Run("nft", "--version"); err != nil {
+		t.Fatalf("nft (Debian package nftables) is not installed: %v", err)
+	}
+	testnet.Link(t, testnet.New(t, "runc"), "eth0", []string{"198.18.1.2/24"}, ns, "lan0", []string{"198.18.1.1/24"})
+	testnet.Link(t, ns, "wan0", []string{"198.18.2.1/24"}, testnet.New(t, "runs"), "eth0", []string{"198.18.2.2/24"})
+	dir := t.TempDir()
+	bin := filepath.Join(dir, "egressd")
+	if out, err := exec.Command("go", "build", "-o", bin, ".").CombinedOutput(); err != nil {
+		t.Fatalf("build: %v: %s", err, out)
+	}
+	pol := filepath.Join(dir, "p.yaml")
+	if err := os.WriteFile(pol, []byte(src), 0o644); err != nil {
+		t.Fatal(err)
+	}
+	p := ns.Start(append([]string{bin, "run", "--policy", pol, "--lan", "lan0", "--wan", "wan0", "--state-dir", filepath.Join(dir, "state"),
+		"--admin", "127.0.0.1:9901", "--proxy-listen", "[::]:15001", "--explicit-proxy-listen", "off",
+		"--dns-listen", ":5353", "--upstream-dns", "127.0.0.1:9"}, args...)...)
+	if err := ns.WaitTCP("127.0.0.1:9901", 20*time.Second); err != nil {
+		p.Stop()
+		t.Fatalf("the admin address did not come up: %v\nstdout:\n%s\nstderr:\n%s", err, p.Stdout, p.Stderr)
+	}
+	return ns, p, pol
+}
+
+// TestRunWANOpen: --wan-open keeps ports of the gateway reachable from the
+// WAN side under the enforce mode's inbound guard, as `egressd firewall
+// print --wan-open` shows; run had no such flag, so a gateway managed over
+// its WAN link lost its SSH when it enforced.
+func TestRunWANOpen(t *testing.T) {
+	ns, p, _ := runInNS(t, "version: 1\nmode: enforce\nrules:\n  - name: ntp\n    to: [pool.ntp.test]\n    ports: [123/udp]\n",
+		"--wan-open", "22/tcp,51820/udp")
+	out, _ := ns.Run("nft", "list", "chain", "inet", "egressd", "input")
+	p.Stop()
+	for _, want := range []string{`iifname "wan0" tcp dport 22 accept`, `iifname "wan0" udp dport 51820 accept`} {
+		if !strings.Contains(out, want) {
+			t.Errorf("the input chain lacks %q:\n%s\nstderr:\n%s", want, out, p.Stderr)
+		}
 	}
 }
