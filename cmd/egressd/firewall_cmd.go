@@ -103,7 +103,12 @@ func cmdFirewallPrint(args []string, stdout, stderr io.Writer) int {
 	}
 	fmt.Fprintf(stdout, "# egressd firewall, mode %s, policy %s\n", rs.Mode, src)
 	if rs.Mode == policy.ModeAudit {
-		fmt.Fprintln(stdout, "# audit: nothing is redirected or blocked; capture observes the LAN passively")
+		if cfg.GuardWAN && cfg.WAN != "" {
+			// The guard drops: "nothing is blocked" would not be true.
+			fmt.Fprintln(stdout, "# audit: LAN traffic is not redirected or blocked (capture observes the LAN passively); new connections from the WAN side are dropped (--guard-wan)")
+		} else {
+			fmt.Fprintln(stdout, "# audit: nothing is redirected or blocked; capture observes the LAN passively")
+		}
 	}
 	fmt.Fprint(stdout, rs.String())
 	return exitOK

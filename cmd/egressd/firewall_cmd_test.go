@@ -25,6 +25,8 @@ func TestFirewallPrint(t *testing.T) {
 	}{
 		{"seed audit by default", []string{"firewall", "print"}, exitOK,
 			[]string{"mode audit", "table inet egressd {"}, []string{"redirect to", " drop", "reject"}, ""},
+		{"audit with the WAN guard", []string{"firewall", "print", "--mode", "audit", "--wan", "wan0", "--guard-wan"}, exitOK,
+			[]string{`iifname "wan0" counter drop`, "new connections from the WAN side are dropped"}, []string{"nothing is redirected or blocked"}, ""},
 		{"seed enforce", []string{"firewall", "print", "--mode", "enforce", "--lan", "lan0", "--wan", "wan0", "--masquerade"}, exitOK,
 			[]string{`iifname "lan0" meta l4proto tcp redirect to :15001`, `udp dport 53 redirect to :53`, `@dns4_ntp udp dport 123 accept`,
 				`iifname "wan0" counter drop`, `oifname "wan0" masquerade`}, nil, ""},
