@@ -125,7 +125,7 @@ func (f *Firewall) connLocked() (*nftables.Conn, error) {
 // Install renders eng and installs the ruleset, replacing any egressd table
 // already there (one left by a killed egressd, say) in one transaction. It
 // needs CAP_NET_ADMIN.
-func (f *Firewall) Install(eng *policy.Engine) error { return f.apply(eng, "install") }
+func (f *Firewall) Install(eng *policy.Engine) error { return f.apply(eng, "install", nil) }
 
 // Replace renders eng and swaps it for the installed ruleset in one
 // transaction: packets see the old ruleset or the new one, never none.
@@ -133,9 +133,13 @@ func (f *Firewall) Install(eng *policy.Engine) error { return f.apply(eng, "inst
 // over with their remaining timeouts; conntrack is left alone, so
 // established connections (redirected ones included) carry on. If rendering
 // or installing fails, the old ruleset stays.
-func (f *Firewall) Replace(eng *policy.Engine) error { return f.apply(eng, "replace") }
+func (f *Firewall) Replace(eng *policy.Engine) error { return f.apply(eng, "replace", nil) }
 
-func (f *Firewall) apply(eng *policy.Engine, op string) (err error) {
+// apply renders eng and installs it. When only is set, it does so only if
+// only is still the installed policy once the netlink lock is held (a
+// re-render must not undo a Replace that went first), and else does
+// nothing.
+func (f *Firewall) apply(eng *policy.Engine, op string, only *policy.Engine) (err error) {
 	now := f.now()
 	rs, err := render(f.cfg, eng, now)
 	if err != nil {
@@ -143,8 +147,12 @@ func (f *Firewall) apply(eng *policy.Engine, op string) (err error) {
 	}
 	f.ioMu.Lock()
 	defer f.ioMu.Unlock()
-	defer func() { f.count(op, err) }()
 	f.mu.Lock()
+	if only != nil && (f.closed || f.eng != only || f.rs == nil) {
+		f.mu.Unlock()
+		return nil
+	}
+	defer func() { f.count(op, err) }()
 	if f.closed {
 		f.mu.Unlock()
 		return ErrClosed
@@ -234,7 +242,7 @@ func (f *Firewall) scheduleLocked(at, now time.Time) {
 		if !current {
 			return
 		}
-		if err := f.Replace(eng); err != nil {
+		if err := f.apply(eng, "replace", eng); err != nil {
 			f.log.Error("firewall: re-render after a rule expired", audit.LogError, err.Error())
 		}
 	})

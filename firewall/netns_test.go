@@ -1160,3 +1160,52 @@ rules:
 		t.Errorf("%v replaces of the table within half a second of the install, want 0", n)
 	}
 }
+
+// TestRuleExpiryRaceWithReplace: the re-render after a rule expires must
+// not put back the policy it was armed for when a Replace (a reload) has
+// installed another one while the re-render waited for the netlink lock.
+// It checked that its policy was current before waiting, and then
+// installed it anyway.
+func TestRuleExpiryRaceWithReplace(t *testing.T) {
+	requireNft(t)
+	tp := newTopo(t)
+	fw := tp.firewall(t, Config{})
+	expires := time.Now().Add(time.Second).Truncate(time.Second).Add(time.Second)
+	old := compile(t, fmt.Sprintf(`
+version: 1
+mode: enforce
+rules:
+  - name: temporary
+    to: [198.18.2.2]
+    ports: [9000/udp]
+    expires: %s
+`, expires.UTC().Format(time.RFC3339)))
+	reloaded := compile(t, testPolicy)
+	if err := fw.Install(old); err != nil {
+		t.Fatal(err)
+	}
+	// A slow transaction while the re-render fires (a second after the
+	// expiry) and waits for it.
+	fw.ioMu.Lock()
+	time.Sleep(time.Until(expires.Add(1500 * time.Millisecond)))
+	// What a Replace(reloaded) finishing first leaves behind, done here
+	// by hand since the lock is held: the reloaded policy is installed.
+	rs, err := render(fw.cfg, reloaded, time.Now())
+	if err != nil {
+		fw.ioMu.Unlock()
+		t.Fatal(err)
+	}
+	fw.mu.Lock()
+	fw.rs, fw.eng = rs, reloaded
+	fw.cur.Store(rs)
+	fw.scheduleLocked(rs.NextExpiry, time.Now())
+	fw.mu.Unlock()
+	fw.ioMu.Unlock()
+	time.Sleep(500 * time.Millisecond)
+	fw.mu.Lock()
+	got := fw.eng
+	fw.mu.Unlock()
+	if got != reloaded {
+		t.Errorf("the re-render for the expired rule installed the policy it was armed for over the reloaded one")
+	}
+}
