@@ -1,6 +1,7 @@
 package policy
 
 import (
+	"math"
 	"net/netip"
 	"slices"
 	"time"
@@ -237,6 +238,22 @@ type ruleExtra struct {
 	expires int64       // UnixNano of Rule.Expires; 0: never
 }
 
+// expiryNano is t as Unix nanoseconds, clamped to the years those can
+// hold (1678 to 2262): UnixNano of "expires: 9999-12-31" is undefined (it
+// came out negative, so the rule looked expired from the start), and 0
+// would mean no expiry at all.
+func expiryNano(t time.Time) int64 {
+	switch {
+	case t.After(time.Unix(0, math.MaxInt64)):
+		return math.MaxInt64
+	case t.Before(time.Unix(0, math.MinInt64)):
+		return math.MinInt64
+	case t.UnixNano() == 0:
+		return 1
+	}
+	return t.UnixNano()
+}
+
 func newRuleCheck(r *Rule) (ruleCheck, ruleExtra) {
 	c := ruleCheck{nports: uint8(min(len(r.Ports), 2))}
 	copy(c.port[:], r.Ports)
@@ -248,7 +265,7 @@ func newRuleCheck(r *Rule) (ruleCheck, ruleExtra) {
 		x.from = &r.From
 	}
 	if !r.Expires.IsZero() {
-		x.expires = r.Expires.UnixNano()
+		x.expires = expiryNano(r.Expires)
 	}
 	c.extra = x.more != nil || x.from != nil || x.expires != 0
 	return c, x

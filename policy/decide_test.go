@@ -478,3 +478,19 @@ func TestWarnAnyAsName(t *testing.T) {
 		t.Errorf("%d warnings about \"any\", want 1: %v", n, e.Warnings())
 	}
 }
+
+// TestFarExpiry: a rule that expires centuries from now allows until then
+// (UnixNano of the year 9999 is undefined: the rule looked expired from
+// the start), one that expired centuries ago never does.
+func TestFarExpiry(t *testing.T) {
+	e := mustCompile(t, `rules:
+  - {name: far, to: [far.example.com], ports: [443/tcp], expires: 9999-12-31}
+  - {name: old, to: [old.example.com], ports: [443/tcp], expires: 1600-01-01}
+`)
+	if d := e.Decide(Input{Name: "far.example.com", Port: 443, Proto: TCP}); d.Rule != "far" {
+		t.Errorf("expires 9999-12-31: %+v, want allowed by far", d)
+	}
+	if d := e.Decide(Input{Name: "old.example.com", Port: 443, Proto: TCP}); d.Allowed() || d.Reason != ReasonExpired {
+		t.Errorf("expires 1600-01-01: %+v, want denied as expired", d)
+	}
+}
