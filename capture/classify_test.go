@@ -445,3 +445,50 @@ func TestProxyHelloReasons(t *testing.T) {
 		}
 	}
 }
+
+// TestProxyHTTPReasons: the first request head of a plain HTTP flow is
+// judged as the proxy judges it in enforce mode (proxy/httphead.go
+// looksHTTP and parseHTTPHead, decideHTTP): read as HTTP whatever its
+// method, named by what the proxy reads, and refused with the proxy's
+// reason where the proxy refuses it. The address is our DNS's answer for
+// a.allowed.test, so a flow capture did not read as HTTP is allowed by
+// address.
+func TestProxyHTTPReasons(t *testing.T) {
+	cli := netip.MustParseAddr("192.0.2.81")
+	srv := netip.MustParseAddr("203.0.113.81")
+	cases := []struct {
+		what   string
+		head   string
+		reason string
+		name   string
+	}{
+		{"a GET (control)", "GET / HTTP/1.1\r\nHost: a.allowed.test\r\n\r\n", policy.ReasonAllowed, "a.allowed.test"},
+		{"a method outside the common list", "PROPFIND /dav/ HTTP/1.1\r\nHost: evil.test\r\n\r\n", policy.ReasonNoRule, "evil.test"},
+		{"a method outside the list, absolute form", "MKCOL http://evil.test/x HTTP/1.1\r\nHost: evil.test\r\n\r\n", policy.ReasonNoRule, "evil.test"},
+	}
+	p := newPcap(t)
+	for i, tc := range cases {
+		c := &tcpConn{p: p, cli: cli, srv: srv, cport: uint16(45000 + i), sport: 80, cseq: 1, sseq: 1}
+		c.handshake()
+		c.send(true, []byte(tc.head), 1400, nil, nil)
+		c.close()
+	}
+	r := synthRun(t, p.close(), testPolicy, factsMap{srv: {"a.allowed.test"}}, Config{})
+	got := map[uint16]audit.Event{}
+	for _, ev := range r.events {
+		got[ev.ClientPort] = ev
+	}
+	for i, tc := range cases {
+		ev, ok := got[uint16(45000+i)]
+		wantVerdict, wantSrc := policy.Deny, audit.NameHost
+		if tc.reason == policy.ReasonAllowed {
+			wantVerdict = policy.Allow
+		}
+		if tc.name == "" {
+			wantSrc = audit.NameNone
+		}
+		if !ok || ev.Reason != tc.reason || ev.Verdict != wantVerdict || ev.Name != tc.name || ev.NameSource != wantSrc {
+			t.Errorf("%s: %+v, want %s %q name %q (%s)", tc.what, ev, wantVerdict, tc.reason, tc.name, wantSrc)
+		}
+	}
+}

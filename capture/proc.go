@@ -544,7 +544,10 @@ var httpMethods = [][]byte{
 }
 
 // httpStart says whether b starts an HTTP request: yes, no, or not yet
-// known (b is a prefix of a method).
+// known (b is a prefix of a method, or of a request line). It mirrors the
+// proxy's looksHTTP (proxy/httphead.go), which reads a first request with
+// any method as HTTP: a flow capture took for another protocol would be
+// judged by address, where enforce mode decides it by its Host.
 func httpStart(b []byte) (yes, maybe bool) {
 	for _, m := range httpMethods {
 		if bytes.HasPrefix(b, m) {
@@ -554,7 +557,53 @@ func httpStart(b []byte) (yes, maybe bool) {
 			maybe = true
 		}
 	}
+	if y, m := requestLineStart(b); y {
+		return true, false
+	} else if m {
+		maybe = true
+	}
 	return false, maybe
+}
+
+// maxMethodLen bounds the method of a request line that is not one of
+// httpMethods, as the proxy's maxMethodLen does.
+const maxMethodLen = 20
+
+// requestLineStart mirrors the proxy's requestLineStart
+// (proxy/httphead.go): b starts like a request line with any method (a
+// token of at most maxMethodLen characters, a space, then an origin-form
+// "/" or an absolute "http://" target, in any case), or could still
+// (maybe).
+func requestLineStart(b []byte) (yes, maybe bool) {
+	i := 0
+	for i < len(b) && isTChar(b[i]) {
+		if i++; i > maxMethodLen {
+			return false, false
+		}
+	}
+	if i == len(b) {
+		return false, true
+	}
+	if i == 0 || b[i] != ' ' {
+		return false, false
+	}
+	t := b[i+1:]
+	for _, form := range []string{"/", "http://"} {
+		n := min(len(t), len(form))
+		if strings.EqualFold(string(t[:n]), form[:n]) {
+			if n == len(form) {
+				return true, false
+			}
+			maybe = true
+		}
+	}
+	return false, maybe
+}
+
+// isTChar reports whether c is an HTTP token character (RFC 9110 tchar),
+// as the proxy's isTChar (proxy/reqstream.go) does.
+func isTChar(c byte) bool {
+	return c > ' ' && c < 0x7f && strings.IndexByte("()<>@,;:\\\"/[]?={}", c) < 0
 }
 
 const maxHTTPHead = 16 << 10
