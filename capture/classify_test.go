@@ -4,9 +4,14 @@ import (
 	"context"
 	"errors"
 	"fmt"
+	"go/ast"
+	"go/parser"
+	"go/token"
 	"io"
 	"net/netip"
 	"os"
+	"path/filepath"
+	"strconv"
 	"strings"
 	"testing"
 	"time"
@@ -465,6 +470,19 @@ func TestProxyHTTPReasons(t *testing.T) {
 		{"a GET (control)", "GET / HTTP/1.1\r\nHost: a.allowed.test\r\n\r\n", policy.ReasonAllowed, "a.allowed.test"},
 		{"a method outside the common list", "PROPFIND /dav/ HTTP/1.1\r\nHost: evil.test\r\n\r\n", policy.ReasonNoRule, "evil.test"},
 		{"a method outside the list, absolute form", "MKCOL http://evil.test/x HTTP/1.1\r\nHost: evil.test\r\n\r\n", policy.ReasonNoRule, "evil.test"},
+		// The absolute-form target names the destination, and must agree
+		// with Host (THREATS.md A1, C6).
+		{"absolute form agreeing with Host (control)", "GET http://A.allowed.test./x HTTP/1.1\r\nHost: a.allowed.test:80\r\n\r\n", policy.ReasonAllowed, "a.allowed.test"},
+		{"absolute form without Host", "GET http://evil.test/ HTTP/1.1\r\n\r\n", policy.ReasonNoRule, "evil.test"},
+		{"absolute form and Host disagree", "GET http://evil.test/ HTTP/1.1\r\nHost: a.allowed.test\r\n\r\n", ReasonHostMismatch, ""},
+		{"absolute form and Host disagree the other way", "GET http://a.allowed.test/ HTTP/1.1\r\nHost: evil.test\r\n\r\n", ReasonHostMismatch, ""},
+		{"absolute form and Host ports disagree", "GET http://a.allowed.test:8080/ HTTP/1.1\r\nHost: a.allowed.test:80\r\n\r\n", ReasonHostMismatch, ""},
+		{"two Host headers", "GET / HTTP/1.1\r\nHost: a.allowed.test\r\nhost: evil.test\r\n\r\n", ReasonHTTPBad, ""},
+		{"userinfo in Host", "GET / HTTP/1.1\r\nHost: a.allowed.test@evil.test\r\n\r\n", ReasonHTTPBad, ""},
+		{"userinfo in the absolute form", "GET http://a.allowed.test@evil.test/ HTTP/1.1\r\n\r\n", ReasonHTTPBad, ""},
+		{"an empty Host", "GET / HTTP/1.1\r\nHost: \r\n\r\n", ReasonHTTPBad, ""},
+		{"another scheme", "GET https://a.allowed.test/ HTTP/1.1\r\nHost: a.allowed.test\r\n\r\n", ReasonHTTPBad, ""},
+		{"CONNECT on the transparent path", "CONNECT a.allowed.test:443 HTTP/1.1\r\nHost: a.allowed.test:443\r\n\r\n", ReasonHTTPBad, ""},
 	}
 	p := newPcap(t)
 	for i, tc := range cases {
@@ -489,6 +507,48 @@ func TestProxyHTTPReasons(t *testing.T) {
 		}
 		if !ok || ev.Reason != tc.reason || ev.Verdict != wantVerdict || ev.Name != tc.name || ev.NameSource != wantSrc {
 			t.Errorf("%s: %+v, want %s %q name %q (%s)", tc.what, ev, wantVerdict, tc.reason, tc.name, wantSrc)
+		}
+	}
+}
+
+// TestReasonsAreTheProxys: each reason capture gives is the proxy's string
+// of the same name, so that the ledger and the reports see one reason
+// whichever component reported a flow. Capture may not import the proxy,
+// so the test reads the proxy's constants from its source.
+func TestReasonsAreTheProxys(t *testing.T) {
+	ours := map[string]string{
+		"ReasonSNIMismatch":   ReasonSNIMismatch,
+		"ReasonHelloTimeout":  ReasonHelloTimeout,
+		"ReasonDuplicateSNI":  ReasonDuplicateSNI,
+		"ReasonHelloBad":      ReasonHelloBad,
+		"ReasonHelloTooLarge": ReasonHelloTooLarge,
+		"ReasonHTTPBad":       ReasonHTTPBad,
+		"ReasonHostMismatch":  ReasonHostMismatch,
+	}
+	f, err := parser.ParseFile(token.NewFileSet(), filepath.Join("..", "proxy", "decide.go"), nil, 0)
+	if err != nil {
+		t.Fatal(err)
+	}
+	theirs := map[string]string{}
+	for _, d := range f.Decls {
+		g, ok := d.(*ast.GenDecl)
+		if !ok || g.Tok != token.CONST {
+			continue
+		}
+		for _, spec := range g.Specs {
+			vs := spec.(*ast.ValueSpec)
+			for i, n := range vs.Names {
+				if i < len(vs.Values) {
+					if lit, ok := vs.Values[i].(*ast.BasicLit); ok && lit.Kind == token.STRING {
+						theirs[n.Name], _ = strconv.Unquote(lit.Value)
+					}
+				}
+			}
+		}
+	}
+	for name, v := range ours {
+		if p, ok := theirs[name]; !ok || p != v {
+			t.Errorf("%s: capture %q, proxy/decide.go %q (found %v)", name, v, p, ok)
 		}
 	}
 }

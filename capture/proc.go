@@ -8,6 +8,7 @@ import (
 	"log/slog"
 	"net"
 	"net/netip"
+	"strconv"
 	"strings"
 	"time"
 
@@ -659,7 +660,11 @@ func (p *proc) examine(f *flow, dir int) {
 			}
 			end = len(b)
 		}
-		if host, literal := httpHost(b[:end]); host != "" {
+		host, literal, reason := httpName(b[:end])
+		if reason != "" {
+			// The proxy refuses the head before any rule is asked.
+			p.deny(f, reason, "", audit.NameNone)
+		} else if host != "" {
 			p.observe(obsHost, host, 0, f)
 			if !literal {
 				f.name, f.nameSrc = host, audit.NameHost
@@ -746,28 +751,117 @@ func (p *proc) giveUp(f *flow) {
 	p.done(f)
 }
 
-// httpHost returns the Host header of a request head without its port, ""
-// when absent, and whether it is an address literal (which names nothing).
-func httpHost(head []byte) (string, bool) {
-	for len(head) > 0 {
-		line := head
-		if i := bytes.IndexByte(head, '\n'); i >= 0 {
-			line, head = head[:i], head[i+1:]
-		} else {
-			head = nil
-		}
-		line = bytes.TrimRight(line, "\r")
-		if len(line) < 5 || !bytes.EqualFold(line[:5], []byte("host:")) {
-			continue
-		}
-		h := string(bytes.TrimSpace(line[5:]))
-		if host, _, err := net.SplitHostPort(h); err == nil {
-			h = host
-		}
-		_, err := netip.ParseAddr(strings.Trim(h, "[]"))
-		return h, err == nil
+// httpName returns the host an HTTP request head names, without its port
+// ("" when it names none), whether that is an address literal (which
+// names nothing), and, when the proxy refuses the head for what it names,
+// the proxy's reason. It mirrors the naming rules of the proxy's
+// parseHTTPHead (proxy/httphead.go), on which decideHTTP decides: the
+// absolute-form authority names the destination and must agree with Host
+// (host-mismatch); two Host headers, a Host or authority that is not a
+// plain host[:port] (userinfo, a bad port), or a target that is neither
+// origin-form, "*" for OPTIONS nor an http:// URL (CONNECT, another
+// scheme) are http-malformed. The proxy's other refusals of a head
+// (framing, obs-fold, the request line's syntax) are not mirrored.
+func httpName(head []byte) (host string, literal bool, reason string) {
+	line, rest, _ := bytes.Cut(head, []byte("\n"))
+	var method, target string
+	if parts := strings.Split(string(bytes.TrimRight(line, "\r")), " "); len(parts) == 3 {
+		method, target = parts[0], parts[1]
 	}
-	return "", false
+	hosts := 0
+	for len(rest) > 0 {
+		line, rest, _ = bytes.Cut(rest, []byte("\n"))
+		name, val, ok := bytes.Cut(bytes.TrimRight(line, "\r"), []byte(":"))
+		if ok && bytes.EqualFold(name, []byte("host")) {
+			hosts++
+			host = string(bytes.Trim(val, " \t"))
+		}
+	}
+	if hosts > 1 {
+		return "", false, ReasonHTTPBad
+	}
+	hostHost, hostPort, ok := splitAuthority(host)
+	if hosts == 1 && !ok {
+		return "", false, ReasonHTTPBad
+	}
+	host = hostHost
+	switch {
+	case target == "" || target[0] == '/':
+	case target == "*":
+		if method != "OPTIONS" {
+			return "", false, ReasonHTTPBad
+		}
+	default:
+		if len(target) < len("http://") || !strings.EqualFold(target[:len("http://")], "http://") || method == "CONNECT" {
+			return "", false, ReasonHTTPBad
+		}
+		auth := target[len("http://"):]
+		if i := strings.IndexAny(auth, "/?#"); i >= 0 {
+			auth = auth[:i]
+		}
+		ah, ap, ok := splitAuthority(auth)
+		if !ok || ah == "" {
+			return "", false, ReasonHTTPBad
+		}
+		if hosts == 1 && (!strings.EqualFold(strings.TrimSuffix(host, "."), strings.TrimSuffix(ah, ".")) || (hostPort != ap && hostPort != "" && ap != "")) {
+			return "", false, ReasonHostMismatch
+		}
+		host = ah
+	}
+	_, err := netip.ParseAddr(host)
+	return host, host != "" && err == nil, ""
+}
+
+// splitAuthority mirrors the proxy's splitAuthority (proxy/httphead.go):
+// it splits "host[:port]" or "[v6]:port", strictly: no userinfo, no
+// spaces, a decimal port of 1 to 65535.
+func splitAuthority(a string) (host, port string, ok bool) {
+	if a == "" || strings.ContainsAny(a, "@/\\?#,") {
+		return "", "", false
+	}
+	for i := 0; i < len(a); i++ {
+		if a[i] < 0x21 || a[i] > 0x7e {
+			return "", "", false
+		}
+	}
+	if a[0] == '[' {
+		i := strings.IndexByte(a, ']')
+		if i < 0 {
+			return "", "", false
+		}
+		host, rest := a[1:i], a[i+1:]
+		if ip := net.ParseIP(host); ip == nil || !strings.Contains(host, ":") {
+			return "", "", false
+		}
+		if rest == "" {
+			return host, "", true
+		}
+		if rest[0] != ':' || !validPort(rest[1:]) {
+			return "", "", false
+		}
+		return host, rest[1:], true
+	}
+	if strings.Count(a, ":") > 1 {
+		return "", "", false // an IPv6 literal must be bracketed
+	}
+	host, port, found := strings.Cut(a, ":")
+	if found && !validPort(port) {
+		return "", "", false
+	}
+	if host == "" {
+		return "", "", false
+	}
+	return host, port, true
+}
+
+// validPort mirrors the proxy's validPort: 1 to 65535 in decimal, without
+// a sign or a leading zero.
+func validPort(p string) bool {
+	if p == "" || len(p) > 5 || (len(p) > 1 && p[0] == '0') {
+		return false
+	}
+	n, err := strconv.Atoi(p)
+	return err == nil && n >= 1 && n <= 65535 && p[0] != '+' && p[0] != '-'
 }
 
 func (p *proc) udpPacket(src, dst netip.Addr, sp, dp layers.UDPPort, payload []byte, mac []byte) {
@@ -1057,6 +1151,13 @@ const (
 	// ReasonHelloTooLarge: the ClientHello or HTTP head is over 64 KiB,
 	// the proxy's default cap.
 	ReasonHelloTooLarge = "hello-too-large"
+	// ReasonHTTPBad: an HTTP request head the proxy refuses for what it
+	// names (two Host headers, a Host or absolute-form authority that is
+	// not host[:port], a target of another form).
+	ReasonHTTPBad = "http-malformed"
+	// ReasonHostMismatch: the absolute-form target of an HTTP request
+	// and its Host header name different hosts or ports.
+	ReasonHostMismatch = "host-mismatch"
 )
 
 // deny decides f as denied by capture (not by a rule), with the policy's
