@@ -1,13 +1,16 @@
 package capture
 
 import (
+	"bytes"
 	"context"
+	"crypto/tls"
 	"errors"
 	"fmt"
 	"go/ast"
 	"go/parser"
 	"go/token"
 	"io"
+	"net"
 	"net/netip"
 	"os"
 	"path/filepath"
@@ -549,6 +552,118 @@ func TestReasonsAreTheProxys(t *testing.T) {
 	for name, v := range ours {
 		if p, ok := theirs[name]; !ok || p != v {
 			t.Errorf("%s: capture %q, proxy/decide.go %q (found %v)", name, v, p, ok)
+		}
+	}
+}
+
+// tlsExt is a TLS extension: type, length, data.
+func tlsExt(typ uint16, data []byte) []byte {
+	return append([]byte{byte(typ >> 8), byte(typ), byte(len(data) >> 8), byte(len(data))}, data...)
+}
+
+// helloBody builds a TLS record (version 3.1) holding a ClientHello with
+// the given cipher suites, extension block and bytes after it.
+func helloBody(suites, exts, after []byte) []byte {
+	body := []byte{3, 3}
+	body = append(body, make([]byte, 32)...) // random
+	body = append(body, 0)                   // session id
+	body = append(body, byte(len(suites)>>8), byte(len(suites)))
+	body = append(body, suites...)
+	body = append(body, 1, 0) // compression
+	body = append(body, byte(len(exts)>>8), byte(len(exts)))
+	body = append(body, exts...)
+	body = append(body, after...)
+	hs := append([]byte{1, 0, byte(len(body) >> 8), byte(len(body))}, body...)
+	return append([]byte{22, 3, 1, byte(len(hs) >> 8), byte(len(hs))}, hs...)
+}
+
+// cryptoTLSHello reports whether crypto/tls, as a server, takes the
+// ClientHello at the start of b (reaches GetConfigForClient, where the
+// proxy's readClientHelloTLS stops), and the server name it read; more
+// reports that it ran out of bytes first.
+func cryptoTLSHello(b []byte) (sni string, ok, more bool) {
+	errStop := errors.New("stop")
+	cfg := &tls.Config{GetConfigForClient: func(info *tls.ClientHelloInfo) (*tls.Config, error) {
+		sni, ok = info.ServerName, true
+		return nil, errStop
+	}}
+	err := tls.Server(readOnlyConn{bytes.NewReader(b)}, cfg).Handshake()
+	return sni, ok, !ok && (errors.Is(err, io.EOF) || errors.Is(err, io.ErrUnexpectedEOF))
+}
+
+// readOnlyConn is a net.Conn that reads from r and discards writes.
+type readOnlyConn struct{ r io.Reader }
+
+func (c readOnlyConn) Read(p []byte) (int, error)     { return c.r.Read(p) }
+func (readOnlyConn) Write(p []byte) (int, error)      { return len(p), nil }
+func (readOnlyConn) Close() error                     { return nil }
+func (readOnlyConn) LocalAddr() net.Addr              { return &net.TCPAddr{} }
+func (readOnlyConn) RemoteAddr() net.Addr             { return &net.TCPAddr{} }
+func (readOnlyConn) SetDeadline(time.Time) error      { return nil }
+func (readOnlyConn) SetReadDeadline(time.Time) error  { return nil }
+func (readOnlyConn) SetWriteDeadline(time.Time) error { return nil }
+
+// TestHelloStrictAsCryptoTLS: a ClientHello crypto/tls refuses (and so
+// the proxy, with hello-malformed, or duplicate-sni when it names two
+// servers) is denied by capture with the same reason; one crypto/tls takes
+// is judged by its name. Each case is first checked against crypto/tls
+// itself.
+func TestHelloStrictAsCryptoTLS(t *testing.T) {
+	cli := netip.MustParseAddr("192.0.2.82")
+	srv := netip.MustParseAddr("203.0.113.82")
+	sni := sniExt("a.allowed.test")
+	suites := []byte{0x13, 0x01}
+	alpn := tlsExt(16, []byte{0, 3, 2, 'h', '2'})
+	groups := tlsExt(10, []byte{0, 2, 0, 29})
+	psk := tlsExt(41, []byte{0, 7, 0, 1, 'x', 0, 0, 0, 0, 0, 2, 1, 'b'})
+	cat := func(bs ...[]byte) []byte { return bytes.Join(bs, nil) }
+	big := helloBody(suites, cat(sni, tlsExt(21, make([]byte, 16500))), nil) // one record over 16384 bytes
+	oldVersion := helloBody(suites, sni, nil)
+	oldVersion[1], oldVersion[2] = 0, 2 // record version 0.2: crypto/tls takes anything below 16.0
+	cases := []struct {
+		what   string
+		hello  []byte
+		reason string
+	}{
+		{"a well-formed hello (control)", helloBody(suites, cat(sni, alpn, groups, tlsExt(0x0a0a, nil), tlsExt(0x1a1a, []byte{0}), psk), nil), policy.ReasonAllowed},
+		{"a record version below 3.0", oldVersion, policy.ReasonAllowed},
+		{"ALPN twice", helloBody(suites, cat(sni, alpn, alpn), nil), ReasonHelloBad},
+		{"an unknown extension twice", helloBody(suites, cat(sni, tlsExt(0x1234, nil), tlsExt(0x1234, []byte{1})), nil), ReasonHelloBad},
+		{"two server names and another fault", helloBody(suites, cat(sni, alpn, alpn, sniExt("evil.test")), nil), ReasonDuplicateSNI},
+		{"an odd cipher suites length", helloBody([]byte{0x13, 0x01, 0x13}, sni, nil), ReasonHelloBad},
+		{"bytes after the extensions", helloBody(suites, sni, []byte{0}), ReasonHelloBad},
+		{"an empty ALPN name", helloBody(suites, cat(sni, tlsExt(16, []byte{0, 1, 0})), nil), ReasonHelloBad},
+		{"an empty supported_groups", helloBody(suites, cat(sni, tlsExt(10, []byte{0, 0})), nil), ReasonHelloBad},
+		{"extended_master_secret with a body", helloBody(suites, cat(sni, tlsExt(23, []byte{0})), nil), ReasonHelloBad},
+		{"pre_shared_key not last", helloBody(suites, cat(sni, psk, alpn), nil), ReasonHelloBad},
+		{"an empty key_exchange", helloBody(suites, cat(sni, tlsExt(51, []byte{0, 4, 0, 29, 0, 0})), nil), ReasonHelloBad},
+		{"an ECH extension of unknown type", helloBody(suites, cat(sni, tlsExt(0xfe0d, []byte{5})), nil), ReasonHelloBad},
+		{"an outer ECH extension cut short", helloBody(suites, cat(sni, tlsExt(0xfe0d, []byte{0, 0, 1, 0, 1, 7, 0})), nil), ReasonHelloBad},
+		{"server_name with bytes after its list", helloBody(suites, tlsExt(0, []byte{0, 4, 0, 0, 1, 'x', 9}), nil), ReasonHelloBad},
+		{"an empty server_name list", helloBody(suites, tlsExt(0, []byte{0, 0}), nil), ReasonHelloBad},
+		{"an empty name of another type", helloBody(suites, tlsExt(0, []byte{0, 3, 1, 0, 0}), nil), ReasonHelloBad},
+		{"a record over 16384 bytes", big, ReasonHelloBad},
+	}
+	p := newPcap(t)
+	for i, tc := range cases {
+		_, ok, more := cryptoTLSHello(tc.hello)
+		if more || ok != (tc.reason == policy.ReasonAllowed) {
+			t.Fatalf("%s: crypto/tls takes it: %v (more %v): the case is wrong", tc.what, ok, more)
+		}
+		c := &tcpConn{p: p, cli: cli, srv: srv, cport: uint16(46000 + i), sport: 443, cseq: 1, sseq: 1}
+		c.handshake()
+		c.send(true, tc.hello, 1400, nil, nil)
+		c.close()
+	}
+	r := synthRun(t, p.close(), testPolicy, factsMap{srv: {"a.allowed.test"}}, Config{})
+	got := map[uint16]audit.Event{}
+	for _, ev := range r.events {
+		got[ev.ClientPort] = ev
+	}
+	for i, tc := range cases {
+		ev, ok := got[uint16(46000+i)]
+		if !ok || ev.Reason != tc.reason {
+			t.Errorf("%s: %+v, want %q", tc.what, ev, tc.reason)
 		}
 	}
 }

@@ -1,6 +1,7 @@
 package capture
 
 import (
+	"errors"
 	"os"
 	"path/filepath"
 	"testing"
@@ -151,6 +152,39 @@ func FuzzClientHello(f *testing.F) {
 		h, _ := parseClientHello(b)
 		if len(h.SNI) > len(b) {
 			t.Fatalf("SNI longer than the input")
+		}
+	})
+}
+
+// FuzzClientHelloAgreesWithCryptoTLS holds capture's ClientHello parser to
+// crypto/tls, which the proxy uses: where crypto/tls decides (the hello is
+// complete, within the size cap), capture takes a hello exactly when
+// crypto/tls does, and reads the same server name. A hello capture takes
+// and crypto/tls refuses is a flow audit mode reports allowed and enforce
+// mode cuts (hello-malformed).
+func FuzzClientHelloAgreesWithCryptoTLS(f *testing.F) {
+	f.Add(realClientHello(f, "seed.allowed.test"))
+	sni := sniExt("a.allowed.test")
+	f.Add(helloBody([]byte{0x13, 0x01}, sni, nil))
+	f.Add(helloBody([]byte{0x13, 0x01}, append(append([]byte{}, sni...), tlsExt(16, []byte{0, 3, 2, 'h', '2'})...), nil))
+	f.Add(helloBody([]byte{0x13, 0x01}, append(append([]byte{}, sni...), tlsExt(0xfe0d, []byte{0, 0, 1, 0, 1, 7, 0, 1, 9, 0, 1, 8})...), nil))
+	var scratch []byte
+	f.Fuzz(func(t *testing.T, b []byte) {
+		msg, err := helloFromRecords(b, &scratch)
+		if errors.Is(err, errTooLarge) || err == nil && msg == nil {
+			return // capture waits for more, or the cap decides
+		}
+		sni, ok, more := cryptoTLSHello(b)
+		if more {
+			return
+		}
+		takes, name := false, ""
+		if err == nil {
+			h, perr := parseClientHello(msg)
+			takes, name = perr == nil && !h.DupSNI, h.SNI
+		}
+		if takes != ok || ok && name != sni {
+			t.Fatalf("capture takes it: %v (SNI %q, records: %v); crypto/tls: %v (SNI %q)", takes, name, err, ok, sni)
 		}
 	})
 }

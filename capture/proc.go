@@ -707,6 +707,13 @@ func (p *proc) hello(f *flow, msg []byte, src audit.NameSource) {
 	}
 	if err != nil {
 		p.stats.badHellos.Add(1)
+	}
+	if h.DupSNI {
+		// The proxy refuses a hello naming two servers (THREATS.md A5),
+		// and says so before it calls a hello malformed.
+		p.deny(f, ReasonDuplicateSNI, "", audit.NameNone)
+	}
+	if err != nil {
 		// The proxy refuses a hello that does not parse; the name read
 		// before the fault still shows what the client asked for.
 		name, ns := "", audit.NameNone
@@ -717,10 +724,6 @@ func (p *proc) hello(f *flow, msg []byte, src audit.NameSource) {
 	}
 	// A server_name read before the hello turned out malformed is still
 	// what the client asked for, and what the report should show.
-	if h.DupSNI {
-		// The proxy refuses a hello naming two servers (THREATS.md A5).
-		p.deny(f, ReasonDuplicateSNI, "", audit.NameNone)
-	}
 	if h.SNI != "" {
 		f.name, f.nameSrc = h.SNI, src
 		kind := obsSNI
