@@ -32,6 +32,16 @@ type Config struct {
 	TCPIdle time.Duration
 	// UDPIdle ends a UDP flow that saw no packet for this long. 0 means 60s.
 	UDPIdle time.Duration
+	// MaxStreamBytes bounds the bytes held, across all flows, to read
+	// names: the reassembly buffers of ClientHellos, HTTP request heads
+	// and DNS over TCP (at most 64 KiB per flow and direction), QUIC
+	// CRYPTO streams and the Initials waiting for keys. 0 means 64 MiB.
+	// Without it, a client holding many connections with partial hellos
+	// could make capture hold 64 KiB for each flow of the table (4 GiB at
+	// the default MaxFlows). A flow whose next bytes would pass the bound
+	// gives up its name search, as a flow past its own limit does (it is
+	// decided by address), and is counted (Stats.StreamLimited).
+	MaxStreamBytes int
 	// RingMB is the size of the AF_PACKET ring in MiB. 0 means 64.
 	RingMB int
 	// FullFrames makes the live socket copy whole frames. By default a
@@ -62,6 +72,9 @@ func (c Config) Validate() error {
 	if c.MaxFlows < 0 {
 		errs = append(errs, fmt.Errorf("capture: max flows %d is negative", c.MaxFlows))
 	}
+	if c.MaxStreamBytes < 0 {
+		errs = append(errs, fmt.Errorf("capture: max stream bytes %d is negative", c.MaxStreamBytes))
+	}
 	if c.MaxLearned < 0 {
 		errs = append(errs, fmt.Errorf("capture: max learned %d is negative", c.MaxLearned))
 	}
@@ -83,6 +96,9 @@ func (c Config) withDefaults() Config {
 	}
 	if c.MaxLearned == 0 {
 		c.MaxLearned = 65536
+	}
+	if c.MaxStreamBytes == 0 {
+		c.MaxStreamBytes = 64 << 20
 	}
 	if c.TCPIdle == 0 {
 		c.TCPIdle = 5 * time.Minute
@@ -133,6 +149,9 @@ type Stats struct {
 	Denied        uint64 // of those, denied (dropped or would-drop)
 	Updates       uint64 // end events of flows first reported while open
 	Evicted       uint64 // flows ended early because the table was full
+	// StreamLimited counts flows that gave up their name search because
+	// the buffers of all flows held Config.MaxStreamBytes.
+	StreamLimited uint64
 	Hellos        uint64 // TLS ClientHellos parsed (TCP and QUIC)
 	BadHellos     uint64 // of those, malformed (the SNI before the fault is kept)
 	QUICOpened    uint64 // QUIC Initial packets decrypted

@@ -100,6 +100,7 @@ type flow struct {
 	st       [2]*stream
 	dnsOff   [2]int
 	quic     *quicOpener
+	held     int // bytes of st and quic counted in proc.streamBytes
 
 	// The verdict, decided once when the flow first became classifiable
 	// (see classify) with the policy of that moment, and kept for every
@@ -150,6 +151,9 @@ type proc struct {
 	scratch []byte
 	cands   []candidate
 	cut     int // bytes of the current frame the capture cut off
+	// streamBytes are the bytes all flows hold to read names (flow.held),
+	// at most about Config.MaxStreamBytes (streamRoom).
+	streamBytes int
 
 	stats counters
 }
@@ -523,12 +527,17 @@ func (p *proc) tcpData(f *flow, dir int, seq uint32, data []byte) {
 		data = data[-off:]
 		off = 0
 	}
+	if !p.streamRoom(f, len(data)) {
+		return
+	}
 	s := f.st[dir]
 	if s == nil {
 		s = &stream{}
 		f.st[dir] = s
 	}
-	if s.add(uint32(off), data) {
+	grew := s.add(uint32(off), data)
+	p.charge(f)
+	if grew {
 		p.examine(f, dir)
 	}
 	if f.inspect && s.full {
@@ -742,7 +751,39 @@ func (p *proc) done(f *flow) {
 	f.inspect = false
 	f.st = [2]*stream{}
 	f.quic = nil
+	p.charge(f)
 	p.classify(f)
+}
+
+// streamRoom reports whether n more bytes for f's name search fit within
+// Config.MaxStreamBytes for all flows. When they do not, f gives up its
+// search, as a flow past its own limit does, and is counted: the bound
+// holds however many flows a client keeps open with partial hellos, and
+// the buffers come free as those flows are decided (classifyWait at most).
+func (p *proc) streamRoom(f *flow, n int) bool {
+	if p.streamBytes+n <= p.c.cfg.MaxStreamBytes {
+		return true
+	}
+	p.stats.streamLimited.Add(1)
+	p.giveUp(f)
+	return false
+}
+
+// charge counts the bytes f's buffers hold now in p.streamBytes.
+func (p *proc) charge(f *flow) {
+	n := 0
+	for _, s := range f.st {
+		if s != nil {
+			n += cap(s.buf) + s.pendLen
+		}
+	}
+	if f.quic != nil {
+		for _, d := range f.quic.pending {
+			n += len(d.data)
+		}
+	}
+	p.streamBytes += n - f.held
+	f.held = n
 }
 
 // giveUp stops looking after a missing segment or a limit.
@@ -910,6 +951,12 @@ func (p *proc) udpPacket(src, dst netip.Addr, sp, dp layers.UDPPort, payload []b
 // yet (another DCID, reordering) wait, a few at most, to be tried again
 // with the keys that worked.
 func (p *proc) quicPacket(f *flow, dir int, payload []byte) {
+	// The payload bounds what it adds: the CRYPTO data it carries, or
+	// itself while it waits for keys.
+	if !p.streamRoom(f, len(payload)) {
+		return
+	}
+	defer p.charge(f)
 	if f.quic == nil {
 		f.app, f.quic, f.st[0] = appQUIC, &quicOpener{}, &stream{}
 	}

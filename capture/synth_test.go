@@ -873,3 +873,73 @@ func TestSyntheticOwnAddresses(t *testing.T) {
 		t.Errorf("without OwnAddrs: flows by port %v, own %d; want the 3128 flow recorded", got, r.stats.Own)
 	}
 }
+
+// TestSyntheticStreamBytesBound: many flows holding partial ClientHellos
+// fill at most Config.MaxStreamBytes; a flow whose bytes do not fit gives
+// up its name search (decided by address, counted), and once the partial
+// hellos are decided (classifyWait) their buffers are free for new flows.
+func TestSyntheticStreamBytesBound(t *testing.T) {
+	const limit = 32 << 10
+	hello := realClientHello(t, "a.allowed.test")
+	cli := netip.MustParseAddr("192.0.2.90")
+	srv := netip.MustParseAddr("203.0.113.90")
+	p := newPcap(t)
+	conn := func(port uint16) *tcpConn {
+		c := &tcpConn{p: p, cli: cli, srv: srv, cport: port, sport: 443, cseq: 1, sseq: 1}
+		c.handshake()
+		return c
+	}
+	// 100 connections send the first 1000 bytes of their hello and wait.
+	var partial []*tcpConn
+	for i := range 100 {
+		c := conn(uint16(47000 + i))
+		c.send(true, hello[:1000], 1400, nil, nil)
+		partial = append(partial, c)
+	}
+	whole := func(port uint16) {
+		c := conn(port)
+		c.send(true, hello, 1400, nil, nil)
+		c.close()
+	}
+	whole(48000) // while the partial hellos hold the buffers
+	p.now = p.now.Add(classifyWait + time.Second)
+	whole(48001) // after they were decided (hello-timeout) and freed theirs
+	for _, c := range partial {
+		c.close()
+	}
+	path := p.close()
+
+	c, err := New(Config{MaxStreamBytes: limit}, Deps{Policy: policy.NewStore(testEngine(t, testPolicy)), DNS: factsMap{srv: {"a.allowed.test"}}})
+	if err != nil {
+		t.Fatal(err)
+	}
+	rec := &recorder{}
+	c.deps.Sink = rec
+	peak := 0
+	feed(t, c, path, func(time.Time) { peak = max(peak, c.proc.streamBytes) })
+	// A flow may pass the bound by its buffer's growth past the bytes it
+	// was let in (append rounds capacities up).
+	if peak > limit+2<<10 || peak < limit/2 {
+		t.Errorf("name-search buffers peaked at %d bytes, bound %d", peak, limit)
+	}
+	if c.proc.streamBytes != 0 {
+		t.Errorf("%d bytes still counted after every flow ended", c.proc.streamBytes)
+	}
+	st := c.Stats()
+	if st.StreamLimited < 60 {
+		t.Errorf("StreamLimited %d, want the partial hellos past the bound and the whole one among them", st.StreamLimited)
+	}
+	got := map[uint16]audit.Event{}
+	for _, ev := range rec.all() {
+		got[ev.ClientPort] = ev
+	}
+	if ev := got[48000]; ev.NameSource == audit.NameSNI {
+		t.Errorf("a hello arriving while the buffers were full was read: %+v", ev)
+	}
+	if ev := got[48001]; ev.NameSource != audit.NameSNI || ev.Name != "a.allowed.test" || ev.Verdict != policy.Allow {
+		t.Errorf("a hello after the partial ones were decided: %+v, want its SNI, allowed", ev)
+	}
+	if ev := got[47000]; ev.Reason != ReasonHelloTimeout {
+		t.Errorf("a partial hello within the bound: %+v, want %s", ev, ReasonHelloTimeout)
+	}
+}
