@@ -667,3 +667,48 @@ func TestHelloStrictAsCryptoTLS(t *testing.T) {
 		}
 	}
 }
+
+// TestHTTPPathRules: a plain HTTP flow is decided with the path of its
+// request, as the proxy's decideHTTP decides it (without the query), so a
+// host/path rule allows only the paths it names (DESIGN.md: host/path
+// rules match HTTP requests by host and path).
+func TestHTTPPathRules(t *testing.T) {
+	const pol = `version: 1
+mode: audit
+rules:
+  - name: api
+    to: ["pathhost.test/api/*"]
+    ports: [80/tcp]
+`
+	cli := netip.MustParseAddr("192.0.2.83")
+	srv := netip.MustParseAddr("203.0.113.83")
+	cases := []struct {
+		what   string
+		head   string
+		reason string
+		path   string
+	}{
+		{"a path the rule names", "GET /api/v1 HTTP/1.1\r\nHost: pathhost.test\r\n\r\n", policy.ReasonAllowed, "/api/v1"},
+		{"the query is not part of the path", "GET /api/v1?next=/admin HTTP/1.1\r\nHost: pathhost.test\r\n\r\n", policy.ReasonAllowed, "/api/v1"},
+		{"a path the rule does not name", "GET /admin HTTP/1.1\r\nHost: pathhost.test\r\n\r\n", policy.ReasonPath, "/admin"},
+		{"absolute form", "GET http://pathhost.test/admin?x HTTP/1.1\r\nHost: pathhost.test\r\n\r\n", policy.ReasonPath, "/admin"},
+	}
+	p := newPcap(t)
+	for i, tc := range cases {
+		c := &tcpConn{p: p, cli: cli, srv: srv, cport: uint16(49000 + i), sport: 80, cseq: 1, sseq: 1}
+		c.handshake()
+		c.send(true, []byte(tc.head), 1400, nil, nil)
+		c.close()
+	}
+	r := synthRun(t, p.close(), pol, factsMap{srv: {"pathhost.test"}}, Config{})
+	got := map[uint16]audit.Event{}
+	for _, ev := range r.events {
+		got[ev.ClientPort] = ev
+	}
+	for i, tc := range cases {
+		ev, ok := got[uint16(49000+i)]
+		if !ok || ev.Reason != tc.reason || ev.Path != tc.path || ev.Name != "pathhost.test" {
+			t.Errorf("%s: %+v, want %q path %q", tc.what, ev, tc.reason, tc.path)
+		}
+	}
+}

@@ -88,6 +88,7 @@ type flow struct {
 
 	name    string
 	nameSrc audit.NameSource
+	path    string // of an HTTP flow's first request, without its query
 	app     app
 	inspect bool // still looking for a name
 	gaveUp  bool // a segment was missing or a limit was hit
@@ -669,7 +670,8 @@ func (p *proc) examine(f *flow, dir int) {
 			}
 			end = len(b)
 		}
-		host, literal, reason := httpName(b[:end])
+		host, literal, path, reason := httpName(b[:end])
+		f.path = path
 		if reason != "" {
 			// The proxy refuses the head before any rule is asked.
 			p.deny(f, reason, "", audit.NameNone)
@@ -797,8 +799,9 @@ func (p *proc) giveUp(f *flow) {
 
 // httpName returns the host an HTTP request head names, without its port
 // ("" when it names none), whether that is an address literal (which
-// names nothing), and, when the proxy refuses the head for what it names,
-// the proxy's reason. It mirrors the naming rules of the proxy's
+// names nothing), the path the proxy decides with (without the query and
+// fragment, "" for "*"), and, when the proxy refuses the head for what it
+// names, the proxy's reason. It mirrors the naming rules of the proxy's
 // parseHTTPHead (proxy/httphead.go), on which decideHTTP decides: the
 // absolute-form authority names the destination and must agree with Host
 // (host-mismatch); two Host headers, a Host or authority that is not a
@@ -806,7 +809,7 @@ func (p *proc) giveUp(f *flow) {
 // origin-form, "*" for OPTIONS nor an http:// URL (CONNECT, another
 // scheme) are http-malformed. The proxy's other refusals of a head
 // (framing, obs-fold, the request line's syntax) are not mirrored.
-func httpName(head []byte) (host string, literal bool, reason string) {
+func httpName(head []byte) (host string, literal bool, path, reason string) {
 	line, rest, _ := bytes.Cut(head, []byte("\n"))
 	var method, target string
 	if parts := strings.Split(string(bytes.TrimRight(line, "\r")), " "); len(parts) == 3 {
@@ -822,38 +825,47 @@ func httpName(head []byte) (host string, literal bool, reason string) {
 		}
 	}
 	if hosts > 1 {
-		return "", false, ReasonHTTPBad
+		return "", false, "", ReasonHTTPBad
 	}
 	hostHost, hostPort, ok := splitAuthority(host)
 	if hosts == 1 && !ok {
-		return "", false, ReasonHTTPBad
+		return "", false, "", ReasonHTTPBad
 	}
 	host = hostHost
 	switch {
 	case target == "" || target[0] == '/':
+		path = target
 	case target == "*":
 		if method != "OPTIONS" {
-			return "", false, ReasonHTTPBad
+			return "", false, "", ReasonHTTPBad
 		}
 	default:
 		if len(target) < len("http://") || !strings.EqualFold(target[:len("http://")], "http://") || method == "CONNECT" {
-			return "", false, ReasonHTTPBad
+			return "", false, "", ReasonHTTPBad
 		}
 		auth := target[len("http://"):]
+		path = "/"
 		if i := strings.IndexAny(auth, "/?#"); i >= 0 {
-			auth = auth[:i]
+			auth, path = auth[:i], auth[i:]
+			if path[0] != '/' {
+				path = "/" + path
+			}
 		}
 		ah, ap, ok := splitAuthority(auth)
 		if !ok || ah == "" {
-			return "", false, ReasonHTTPBad
+			return "", false, "", ReasonHTTPBad
 		}
 		if hosts == 1 && (!strings.EqualFold(strings.TrimSuffix(host, "."), strings.TrimSuffix(ah, ".")) || (hostPort != ap && hostPort != "" && ap != "")) {
-			return "", false, ReasonHostMismatch
+			return "", false, "", ReasonHostMismatch
 		}
 		host = ah
 	}
+	// decideHTTP decides with the path without its query (and
+	// parseHTTPHead drops the fragment).
+	path, _, _ = strings.Cut(path, "#")
+	path, _, _ = strings.Cut(path, "?")
 	_, err := netip.ParseAddr(host)
-	return host, host != "" && err == nil, ""
+	return host, host != "" && err == nil, path, ""
 }
 
 // splitAuthority mirrors the proxy's splitAuthority (proxy/httphead.go):
@@ -1231,7 +1243,9 @@ func (p *proc) classify(f *flow) {
 	if f.proto == 17 {
 		proto = policy.UDP
 	}
-	in := policy.Input{Client: f.cli.Unmap(), Dest: f.srv.Unmap(), Port: f.sport, Proto: proto, Now: p.now}
+	// An HTTP flow is decided with its request's path, as the proxy's
+	// decideHTTP decides it (host/path rules match it).
+	in := policy.Input{Client: f.cli.Unmap(), Dest: f.srv.Unmap(), Port: f.sport, Proto: proto, Path: f.path, Now: p.now}
 	if !p.decideAt.IsZero() {
 		in.Now = p.decideAt
 	}
@@ -1360,7 +1374,7 @@ func (p *proc) emit(f *flow, how string) {
 	ev := audit.Event{
 		Kind: audit.KindFlow, Source: audit.SourceCapture, Time: f.first,
 		Client: f.cli.Unmap(), ClientPort: f.cport, Dest: f.srv.Unmap(), DestPort: f.sport, Proto: ps,
-		Name: f.evName, NameSource: f.evSrc,
+		Name: f.evName, NameSource: f.evSrc, Path: f.path,
 		BytesOut: f.bytes[0], BytesIn: f.bytes[1], Duration: f.last.Sub(f.first).Seconds(), Close: how,
 	}
 	if f.hasMAC {
