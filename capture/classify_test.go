@@ -485,6 +485,7 @@ func TestProxyHTTPReasons(t *testing.T) {
 		{"userinfo in the absolute form", "GET http://a.allowed.test@evil.test/ HTTP/1.1\r\n\r\n", ReasonHTTPBad, ""},
 		{"an empty Host", "GET / HTTP/1.1\r\nHost: \r\n\r\n", ReasonHTTPBad, ""},
 		{"another scheme", "GET https://a.allowed.test/ HTTP/1.1\r\nHost: a.allowed.test\r\n\r\n", ReasonHTTPBad, ""},
+		{"bare LF line ends", "GET / HTTP/1.1\nHost: a.allowed.test\n\n", ReasonHTTPBad, ""},
 		{"CONNECT on the transparent path", "CONNECT a.allowed.test:443 HTTP/1.1\r\nHost: a.allowed.test:443\r\n\r\n", ReasonHTTPBad, ""},
 	}
 	p := newPcap(t)

@@ -664,6 +664,13 @@ func (p *proc) examine(f *flow, dir int) {
 		p.hello(f, msg, audit.NameSNI)
 	case appHTTP:
 		end := bytes.Index(b, []byte("\r\n\r\n"))
+		if end < 0 && (bytes.Contains(b, []byte("\n\n")) || bytes.Contains(b, []byte("\r\n\n"))) {
+			// Bare LF line ends: the proxy's parseHTTPHead refuses the
+			// head at once.
+			p.deny(f, ReasonHTTPBad, "", audit.NameNone)
+			p.done(f)
+			return
+		}
 		if end < 0 {
 			if len(b) < maxHTTPHead {
 				return
@@ -808,7 +815,8 @@ func (p *proc) giveUp(f *flow) {
 // plain host[:port] (userinfo, a bad port), or a target that is neither
 // origin-form, "*" for OPTIONS nor an http:// URL (CONNECT, another
 // scheme) are http-malformed. The proxy's other refusals of a head
-// (framing, obs-fold, the request line's syntax) are not mirrored.
+// (framing, obs-fold, the request line's syntax) are not mirrored, but
+// for bare LF line ends (examine).
 func httpName(head []byte) (host string, literal bool, path, reason string) {
 	line, rest, _ := bytes.Cut(head, []byte("\n"))
 	var method, target string
@@ -1215,7 +1223,7 @@ const (
 	ReasonHelloTooLarge = "hello-too-large"
 	// ReasonHTTPBad: an HTTP request head the proxy refuses for what it
 	// names (two Host headers, a Host or absolute-form authority that is
-	// not host[:port], a target of another form).
+	// not host[:port], a target of another form) or for bare LF line ends.
 	ReasonHTTPBad = "http-malformed"
 	// ReasonHostMismatch: the absolute-form target of an HTTP request
 	// and its Host header name different hosts or ports.
