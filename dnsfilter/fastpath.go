@@ -152,7 +152,7 @@ func (s *Server) fast(sc *scratch, c udpConn, pkt []byte, src netip.AddrPort) bo
 	if s.cache != nil {
 		e = s.cache.get(key, nowNs)
 	}
-	if e == nil || dec.Allowed() && s.needsGate(e, eng, dec.Rule) {
+	if e == nil || dec.Allowed() && s.needsGate(e, eng, dec, src.Addr(), now) {
 		// A miss: resolve in a goroutine with what was parsed here. So
 		// too a hit whose addresses the firewall must take before the
 		// answer goes out (after a policy reload, or a failed wait):

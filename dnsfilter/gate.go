@@ -3,6 +3,8 @@ package dnsfilter
 import (
 	"context"
 	"errors"
+	"net/netip"
+	"slices"
 	"time"
 
 	"egressd/policy"
@@ -24,6 +26,10 @@ type Firewall interface {
 	// (cache hits too), so it must be cheap and must not allocate; false
 	// means Learn is not called for that answer.
 	Wants(rule string) bool
+	// WantsAny reports whether Wants may be true for some rule (false: no
+	// firewall installed, or none of its rules needs learned addresses),
+	// so that answers need not look for such rules. Cheap, as Wants.
+	WantsAny() bool
 	// Learn puts the addresses into the firewall and returns once they
 	// are there (nil), or when ctx is done (its error), or with the
 	// firewall's error. Expires is when the client may stop using an
@@ -36,38 +42,81 @@ type Firewall interface {
 }
 
 // gateMark records that the firewall holds a cached answer's addresses for
-// a rule, under a policy engine: later hits need not ask it again.
+// rules (indexes into the engine's rules), under a policy engine: later
+// hits that need no other rule's set need not ask it again.
 type gateMark struct {
-	eng  *policy.Engine
-	rule string
+	eng   *policy.Engine
+	rules []int
+}
+
+// covers reports whether the mark holds every one of rules.
+func (g *gateMark) covers(eng *policy.Engine, rules []int) bool {
+	if g == nil || g.eng != eng {
+		return false
+	}
+	for _, r := range rules {
+		if !slices.Contains(g.rules, r) {
+			return false
+		}
+	}
+	return true
+}
+
+// gateRules appends to dst the rules whose learned sets must take the
+// addresses of an allowed answer for name to client: every rule that lets
+// the client resolve the name and whose addresses the firewall wants. Not
+// only the rule DecideName credits: with "web: *.example.com 443/tcp"
+// before "ntp: time.example.com 123/udp", time.example.com is credited to
+// web, whose TCP goes through the proxy, and ntp's set must still get the
+// address, or enforce mode drops the UDP the policy allows.
+// first is the rule DecideName credited (the lowest of them, known
+// already: the name is matched once more, not twice).
+func (s *Server) gateRules(eng *policy.Engine, client netip.Addr, name string, now time.Time, first int, dst []int) []int {
+	if !s.fw.WantsAny() {
+		return dst
+	}
+	rules := eng.NameRules(policy.Input{Client: client, Name: name, Now: now}, first+1, append(dst, first))
+	all := eng.Rules()
+	out := rules[:0]
+	for _, r := range rules {
+		if s.fw.Wants(all[r].Name) {
+			out = append(out, r)
+		}
+	}
+	return out
 }
 
 // needsGate reports whether an allowed answer must wait for the firewall:
-// it has addresses, the firewall wants the rule's, and it has not taken
-// them for this entry under this engine already. It does not allocate.
-func (s *Server) needsGate(e *entry, eng *policy.Engine, rule string) bool {
+// it has addresses, the firewall wants those of a rule that lets the
+// client resolve the name, and it has not taken them for this entry under
+// this engine already. It does not allocate.
+func (s *Server) needsGate(e *entry, eng *policy.Engine, dec policy.Decision, client netip.Addr, now time.Time) bool {
 	if s.fw == nil || len(e.addrs) == 0 {
 		return false
 	}
-	if g := e.gate.Load(); g != nil && g.eng == eng && g.rule == rule {
-		return false
-	}
-	return s.fw.Wants(rule)
+	var buf [8]int
+	rules := s.gateRules(eng, client.Unmap(), e.name, now, dec.RuleIndex, buf[:0])
+	return len(rules) > 0 && !e.gate.Load().covers(eng, rules)
 }
 
-// gate hands the addresses of an allowed answer to the firewall and waits,
-// at most LearnTimeout, until it has them. It runs before the answer is
-// written, on a goroutine of its own query (never a UDP reader).
+// gate hands the addresses of an allowed answer to the firewall, for every
+// rule that needs them (gateRules), and waits, at most LearnTimeout, until
+// it has them. It runs before the answer is written, on a goroutine of its
+// own query (never a UDP reader).
 func (s *Server) gate(q *query, e *entry, now int64) {
-	if !s.needsGate(e, q.eng, q.dec.Rule) {
+	if !s.needsGate(e, q.eng, q.dec, q.client.Addr(), q.start) {
 		return
 	}
 	client := q.client.Addr().Unmap()
-	ls := make([]Learned, 0, len(e.addrs))
-	for _, a := range e.addrs {
-		if a.expires > now {
-			ls = append(ls, Learned{Client: client, Name: e.name, Addr: a.addr, Rule: q.dec.Rule,
-				Expires: time.Unix(0, a.expires).Add(time.Second)})
+	rules := s.gateRules(q.eng, client, e.name, q.start, q.dec.RuleIndex, nil)
+	all := q.eng.Rules()
+	ls := make([]Learned, 0, len(e.addrs)*len(rules))
+	for _, r := range rules {
+		for _, a := range e.addrs {
+			if a.expires > now {
+				ls = append(ls, Learned{Client: client, Name: e.name, Addr: a.addr, Rule: all[r].Name,
+					Expires: time.Unix(0, a.expires).Add(time.Second)})
+			}
 		}
 	}
 	if len(ls) == 0 {
@@ -81,7 +130,16 @@ func (s *Server) gate(q *query, e *entry, now int64) {
 	switch {
 	case err == nil:
 		s.m.learnOK.Inc()
-		e.gate.Store(&gateMark{eng: q.eng, rule: q.dec.Rule})
+		// Keep what an earlier mark under this engine held too: clients
+		// of other groups may need other rules.
+		if old := e.gate.Load(); old != nil && old.eng == q.eng {
+			for _, r := range old.rules {
+				if !slices.Contains(rules, r) {
+					rules = append(rules, r)
+				}
+			}
+		}
+		e.gate.Store(&gateMark{eng: q.eng, rules: rules})
 	case errors.Is(err, context.DeadlineExceeded):
 		s.m.learnTimeout.Inc()
 		q.fwErr = "timeout"

@@ -27,7 +27,7 @@ const gatePolicy = `version: 1
 mode: enforce
 rules:
   - name: web
-    to: [api.allowed.test]
+    to: [api.allowed.test, printer.lan]
     ports: [443/tcp]
   - name: ntp
     to: ["*.allowed.test"]
@@ -47,6 +47,15 @@ type recFirewall struct {
 }
 
 func (f *recFirewall) Wants(rule string) bool { return f.wants[rule] }
+
+func (f *recFirewall) WantsAny() bool {
+	for _, w := range f.wants {
+		if w {
+			return true
+		}
+	}
+	return false
+}
 
 func (f *recFirewall) Learn(ctx context.Context, ls []Learned) error {
 	f.mu.Lock()
@@ -162,12 +171,22 @@ func TestFirewallBeforeAnswer(t *testing.T) {
 		})
 	}
 
-	// A rule the firewall does not want: never asked.
+	// A name only a rule the firewall does not want allows: never asked.
 	before := len(fw.Calls())
-	ask(t, "udp", ts.Addr, "api.allowed.test.", dns.TypeA, false)
-	ask(t, "udp", ts.Addr, "api.allowed.test.", dns.TypeA, false)
+	ask(t, "udp", ts.Addr, "printer.lan.", dns.TypeA, false)
+	ask(t, "udp", ts.Addr, "printer.lan.", dns.TypeA, false)
 	if n := len(fw.Calls()) - before; n != 0 {
 		t.Errorf("%d Learn calls for a rule the firewall ignores", n)
+	}
+
+	// A name credited to that rule (web comes first) that a wanted rule
+	// allows too (ntp's *.allowed.test): ntp's set takes the address, or
+	// enforce mode would drop the UDP 123 the policy allows. Once.
+	before = len(fw.Calls())
+	ask(t, "udp", ts.Addr, "api.allowed.test.", dns.TypeA, false)
+	ask(t, "udp", ts.Addr, "api.allowed.test.", dns.TypeA, false)
+	if calls := fw.Calls()[before:]; len(calls) != 1 || len(calls[0]) != 1 || calls[0][0].Rule != "ntp" || calls[0][0].Addr.String() != "192.0.2.11" {
+		t.Errorf("Learn calls for api.allowed.test (credited to web, allowed by ntp too): %+v, want one for ntp", calls)
 	}
 
 	// A reload: the next hit asks again (the new ruleset may lack the
@@ -184,8 +203,8 @@ func TestFirewallBeforeAnswer(t *testing.T) {
 	if n := len(fw.Calls()) - before; n != 1 {
 		t.Errorf("%d Learn calls for 3 hits after a reload, want 1", n)
 	}
-	if got := counterValue(ts.m.learnOK); got != 3 {
-		t.Errorf("firewall_learn_total{result=ok} = %v, want 3", got)
+	if got := counterValue(ts.m.learnOK); got != 4 {
+		t.Errorf("firewall_learn_total{result=ok} = %v, want 4", got)
 	}
 }
 
@@ -362,13 +381,17 @@ func BenchmarkNeedsGate(b *testing.B) {
 	}
 	r.Answer = []dns.RR{rr}
 	e := newEntry("www.allowed.test", r, false, 1232, time.Now(), time.Hour, time.Hour, "up", "")
-	e.gate.Store(&gateMark{eng: eng, rule: "ntp"})
-	s := &Server{fw: &recFirewall{wants: map[string]bool{"ntp": true}}}
-	for _, c := range []struct{ name, rule string }{{"ignored", "web"}, {"held", "ntp"}} {
+	e.gate.Store(&gateMark{eng: eng, rules: []int{1}}) // ntp
+	client, now := netip.MustParseAddr("192.0.2.50"), time.Now()
+	for _, c := range []struct {
+		name  string
+		wants map[string]bool
+	}{{"ignored", map[string]bool{}}, {"held", map[string]bool{"ntp": true}}} {
+		s := &Server{fw: &recFirewall{wants: c.wants}}
 		b.Run(c.name, func(b *testing.B) {
 			b.ReportAllocs()
 			for b.Loop() {
-				if s.needsGate(e, eng, c.rule) {
+				if s.needsGate(e, eng, policy.Decision{Verdict: policy.Allow, RuleIndex: 1}, client, now) {
 					b.Fatal("needs the firewall")
 				}
 			}

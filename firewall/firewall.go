@@ -358,6 +358,13 @@ type Address struct {
 	TTL  time.Duration
 }
 
+// WantsAny reports whether some rule of the installed ruleset takes
+// learned addresses (Wants is false for every rule otherwise).
+func (f *Firewall) WantsAny() bool {
+	rs := f.cur.Load()
+	return rs != nil && len(rs.learn) > 0
+}
+
 // Wants reports whether Learn does anything for the rule: a ruleset is
 // installed and the rule has names whose addresses feed its learned sets
 // (it forwards UDP, or TCP ports that are not redirected). It takes no lock

@@ -16,12 +16,15 @@ func TestWants(t *testing.T) {
 	requireNft(t)
 	tp := newTopo(t)
 	fw := tp.firewall(t, Config{})
-	if fw.Wants("udp-name") {
-		t.Error("Wants before Install")
+	if fw.Wants("udp-name") || fw.WantsAny() {
+		t.Error("Wants or WantsAny before Install")
 	}
 	eng := compile(t, testPolicy)
 	if err := fw.Install(eng); err != nil {
 		t.Fatal(err)
+	}
+	if !fw.WantsAny() {
+		t.Error("WantsAny false with udp-name installed")
 	}
 	for rule, want := range map[string]bool{"udp-name": true, "udp-net": false, "quic-ok": false, "web": false, "nope": false} {
 		if got := fw.Wants(rule); got != want {
@@ -40,8 +43,18 @@ func TestWants(t *testing.T) {
 	if err := fw.Remove(); err != nil {
 		t.Fatal(err)
 	}
-	if fw.Wants("udp-name") {
-		t.Error("Wants after Remove")
+	if fw.Wants("udp-name") || fw.WantsAny() {
+		t.Error("Wants or WantsAny after Remove")
+	}
+	// A ruleset whose rules need no learned set.
+	if err := fw.Install(compile(t, "rules:\n  - {name: web, to: [\"*.example.com\"], ports: [443/tcp]}\n")); err != nil {
+		t.Fatal(err)
+	}
+	if fw.WantsAny() {
+		t.Error("WantsAny true for a ruleset of redirected TCP only")
+	}
+	if err := fw.Remove(); err != nil {
+		t.Fatal(err)
 	}
 }
 

@@ -34,10 +34,37 @@ func (e *Engine) DecideName(in Input) Decision {
 	return m.decision()
 }
 
+// NameRules appends to dst the index of every rule from index from on that
+// lets in's client resolve in.Name (each once, in file order) and returns
+// it; DecideName credits the lowest of them. The DNS forwarder's firewall gate
+// needs them all: an answer's addresses must reach the learned set of
+// every rule that allows the name (a UDP rule after a TCP rule for the
+// same names, say), not only the credited rule's. It matches the name
+// once per rule found, and once more; it allocates only when dst has no
+// room.
+func (e *Engine) NameRules(in Input, from int, dst []int) []int {
+	in.Dest, in.Path = netip.Addr{}, ""
+	if e.hasExpiry && in.Now.IsZero() {
+		in.Now = time.Now()
+	}
+	for from := int32(max(from, 0)); ; {
+		m := matcher{e: e, in: &in, best: -1, expired: -1, from: from}
+		m.run()
+		if m.best < 0 {
+			return dst
+		}
+		dst = append(dst, int(m.best))
+		from = m.best + 1
+	}
+}
+
 type matcher struct {
 	e    *Engine
 	in   *Input
 	flow bool // check ports and paths (a flow), or not (a DNS name)
+	// from is the first rule considered (NameRules: the rules after one
+	// found); 0 for all.
+	from int32
 	wild bool // considering "*" rules: a miss there says nothing of the destination
 
 	best       int32 // lowest allowing rule, -1 none
@@ -156,7 +183,7 @@ func (m *matcher) addrs(a netip.Addr) {
 // consider checks one candidate rule against everything but the destination,
 // which the caller has matched.
 func (m *matcher) consider(r ref) {
-	if m.best >= 0 && r.rule >= m.best {
+	if m.best >= 0 && r.rule >= m.best || r.rule < m.from {
 		return
 	}
 	c := &m.e.checks[r.rule]

@@ -4,6 +4,7 @@ import (
 	"fmt"
 	"net"
 	"net/netip"
+	"slices"
 	"strings"
 	"testing"
 	"time"
@@ -492,5 +493,40 @@ func TestFarExpiry(t *testing.T) {
 	}
 	if d := e.Decide(Input{Name: "old.example.com", Port: 443, Proto: TCP}); d.Allowed() || d.Reason != ReasonExpired {
 		t.Errorf("expires 1600-01-01: %+v, want denied as expired", d)
+	}
+}
+
+// TestNameRules: every rule that lets the client resolve a name, not only
+// the first (DecideName's), each once; from-groups and expiry count.
+func TestNameRules(t *testing.T) {
+	e := mustCompile(t, `rules:
+  - {name: web, to: ["*.example.com"], ports: [443/tcp]}
+  - {name: lab-only, from: [192.0.2.0/24], to: [time.example.com], ports: [123/udp]}
+  - {name: ntp, to: [time.example.com, "time.*.com"], ports: [123/udp]}
+  - {name: gone, to: [time.example.com], ports: [123/udp], expires: 2020-01-01}
+  - {name: other, to: [other.test], ports: [53/udp]}
+`)
+	got := e.NameRules(Input{Client: netip.MustParseAddr("198.51.100.7"), Name: "Time.Example.com."}, 0, nil)
+	slices.Sort(got)
+	if !slices.Equal(got, []int{0, 2}) {
+		t.Errorf("rules for time.example.com from 198.51.100.7: %v, want [0 2] (web, ntp)", got)
+	}
+	got = e.NameRules(Input{Client: netip.MustParseAddr("192.0.2.9"), Name: "time.example.com"}, 0, make([]int, 0, 8))
+	slices.Sort(got)
+	if !slices.Equal(got, []int{0, 1, 2}) {
+		t.Errorf("rules for time.example.com from 192.0.2.9: %v, want [0 1 2]", got)
+	}
+	if d := e.DecideName(Input{Client: netip.MustParseAddr("192.0.2.9"), Name: "time.example.com"}); d.RuleIndex != 0 {
+		t.Errorf("DecideName credits %d, want 0 (the first of NameRules)", d.RuleIndex)
+	}
+	if got := e.NameRules(Input{Client: netip.MustParseAddr("192.0.2.9"), Name: "time.example.com"}, 1, nil); !slices.Equal(got, []int{1, 2}) {
+		t.Errorf("rules from index 1: %v, want [1 2]", got)
+	}
+	if got := e.NameRules(Input{Name: "nothing.test"}, 0, nil); len(got) != 0 {
+		t.Errorf("rules for nothing.test: %v", got)
+	}
+	buf := make([]int, 0, 8)
+	if n := testing.AllocsPerRun(100, func() { buf = e.NameRules(Input{Name: "time.example.com"}, 0, buf[:0]) }); n != 0 {
+		t.Errorf("NameRules with room in dst: %v allocations", n)
 	}
 }

@@ -529,6 +529,11 @@ func (g *firewallGate) Wants(rule string) bool {
 	return fw != nil && fw.Wants(rule)
 }
 
+func (g *firewallGate) WantsAny() bool {
+	fw := g.fw.Load()
+	return fw != nil && fw.WantsAny()
+}
+
 func (g *firewallGate) Learn(ctx context.Context, ls []dnsfilter.Learned) error {
 	fw := g.fw.Load()
 	if fw == nil {
