@@ -3,6 +3,7 @@ package policy
 import (
 	"fmt"
 	"net/netip"
+	"slices"
 	"testing"
 	"time"
 )
@@ -65,7 +66,34 @@ func FuzzDecide(f *testing.F) {
 		if (d.Verdict == Allow) != (want >= 0) || (want >= 0 && d.RuleIndex != want) {
 			t.Fatalf("Decide(%+v) = %+v, reference says rule %d", in, d, want)
 		}
+		if got, want := e.NameRules(in, 0, nil), referenceNameRules(e, in); !slices.Equal(got, want) {
+			t.Fatalf("NameRules(%+v) = %v, reference says %v", in, got, want)
+		}
 	})
+}
+
+// referenceNameRules is NameRules the obvious way: every rule, in order,
+// whose names (or "*") let the client resolve the name.
+func referenceNameRules(e *Engine, in Input) []int {
+	name, ok := NormalizeName(in.Name)
+	var out []int
+	for i, r := range e.Rules() {
+		if !r.Expires.IsZero() || !r.From.Contains(in.Client, in.ClientMAC) {
+			continue // the fixture's only expiring rule expired in 2020
+		}
+		for _, t := range r.To {
+			m := t.Kind == TargetAny
+			if (t.Kind == TargetName || t.Kind == TargetHostPath) && ok && in.Name != "" {
+				g, _ := compileNameGlob(t.Pattern)
+				m = g.Match(name)
+			}
+			if m {
+				out = append(out, i)
+				break
+			}
+		}
+	}
+	return out
 }
 
 // referenceDecide is the obvious, slow implementation: every rule in order,
