@@ -8,7 +8,6 @@ import (
 	"log/slog"
 	"net"
 	"net/netip"
-	"strconv"
 	"strings"
 	"time"
 
@@ -16,6 +15,7 @@ import (
 	"github.com/gopacket/gopacket/layers"
 
 	"egressd/audit"
+	"egressd/internal/httpwire"
 	"egressd/internal/logjson"
 	"egressd/policy"
 )
@@ -558,7 +558,8 @@ var httpMethods = [][]byte{
 // known (b is a prefix of a method, or of a request line). It mirrors the
 // proxy's looksHTTP (proxy/httphead.go), which reads a first request with
 // any method as HTTP: a flow capture took for another protocol would be
-// judged by address, where enforce mode decides it by its Host.
+// judged by address, where enforce mode decides it by its Host. Both take
+// the request line of any method from httpwire.RequestLineStart.
 func httpStart(b []byte) (yes, maybe bool) {
 	for _, m := range httpMethods {
 		if bytes.HasPrefix(b, m) {
@@ -568,53 +569,12 @@ func httpStart(b []byte) (yes, maybe bool) {
 			maybe = true
 		}
 	}
-	if y, m := requestLineStart(b); y {
+	if y, m := httpwire.RequestLineStart(b); y {
 		return true, false
 	} else if m {
 		maybe = true
 	}
 	return false, maybe
-}
-
-// maxMethodLen bounds the method of a request line that is not one of
-// httpMethods, as the proxy's maxMethodLen does.
-const maxMethodLen = 20
-
-// requestLineStart mirrors the proxy's requestLineStart
-// (proxy/httphead.go): b starts like a request line with any method (a
-// token of at most maxMethodLen characters, a space, then an origin-form
-// "/" or an absolute "http://" target, in any case), or could still
-// (maybe).
-func requestLineStart(b []byte) (yes, maybe bool) {
-	i := 0
-	for i < len(b) && isTChar(b[i]) {
-		if i++; i > maxMethodLen {
-			return false, false
-		}
-	}
-	if i == len(b) {
-		return false, true
-	}
-	if i == 0 || b[i] != ' ' {
-		return false, false
-	}
-	t := b[i+1:]
-	for _, form := range []string{"/", "http://"} {
-		n := min(len(t), len(form))
-		if strings.EqualFold(string(t[:n]), form[:n]) {
-			if n == len(form) {
-				return true, false
-			}
-			maybe = true
-		}
-	}
-	return false, maybe
-}
-
-// isTChar reports whether c is an HTTP token character (RFC 9110 tchar),
-// as the proxy's isTChar (proxy/reqstream.go) does.
-func isTChar(c byte) bool {
-	return c > ' ' && c < 0x7f && strings.IndexByte("()<>@,;:\\\"/[]?={}", c) < 0
 }
 
 const maxHTTPHead = 16 << 10
@@ -812,11 +772,11 @@ func (p *proc) giveUp(f *flow) {
 // parseHTTPHead (proxy/httphead.go), on which decideHTTP decides: the
 // absolute-form authority names the destination and must agree with Host
 // (host-mismatch); two Host headers, a Host or authority that is not a
-// plain host[:port] (userinfo, a bad port), or a target that is neither
-// origin-form, "*" for OPTIONS nor an http:// URL (CONNECT, another
-// scheme) are http-malformed. The proxy's other refusals of a head
-// (framing, obs-fold, the request line's syntax) are not mirrored, but
-// for bare LF line ends (examine).
+// plain host[:port] (httpwire.SplitAuthority, which both use: userinfo,
+// a bad port), or a target that is neither origin-form, "*" for OPTIONS
+// nor an http:// URL (CONNECT, another scheme) are http-malformed. The
+// proxy's other refusals of a head (framing, obs-fold, the request line's
+// syntax) are not mirrored, but for bare LF line ends (examine).
 func httpName(head []byte) (host string, literal bool, path, reason string) {
 	line, rest, _ := bytes.Cut(head, []byte("\n"))
 	var method, target string
@@ -835,7 +795,7 @@ func httpName(head []byte) (host string, literal bool, path, reason string) {
 	if hosts > 1 {
 		return "", false, "", ReasonHTTPBad
 	}
-	hostHost, hostPort, ok := splitAuthority(host)
+	hostHost, hostPort, ok := httpwire.SplitAuthority(host)
 	if hosts == 1 && !ok {
 		return "", false, "", ReasonHTTPBad
 	}
@@ -859,7 +819,7 @@ func httpName(head []byte) (host string, literal bool, path, reason string) {
 				path = "/" + path
 			}
 		}
-		ah, ap, ok := splitAuthority(auth)
+		ah, ap, ok := httpwire.SplitAuthority(auth)
 		if !ok || ah == "" {
 			return "", false, "", ReasonHTTPBad
 		}
@@ -874,58 +834,6 @@ func httpName(head []byte) (host string, literal bool, path, reason string) {
 	path, _, _ = strings.Cut(path, "?")
 	_, err := netip.ParseAddr(host)
 	return host, host != "" && err == nil, path, ""
-}
-
-// splitAuthority mirrors the proxy's splitAuthority (proxy/httphead.go):
-// it splits "host[:port]" or "[v6]:port", strictly: no userinfo, no
-// spaces, a decimal port of 1 to 65535.
-func splitAuthority(a string) (host, port string, ok bool) {
-	if a == "" || strings.ContainsAny(a, "@/\\?#,") {
-		return "", "", false
-	}
-	for i := 0; i < len(a); i++ {
-		if a[i] < 0x21 || a[i] > 0x7e {
-			return "", "", false
-		}
-	}
-	if a[0] == '[' {
-		i := strings.IndexByte(a, ']')
-		if i < 0 {
-			return "", "", false
-		}
-		host, rest := a[1:i], a[i+1:]
-		if ip := net.ParseIP(host); ip == nil || !strings.Contains(host, ":") {
-			return "", "", false
-		}
-		if rest == "" {
-			return host, "", true
-		}
-		if rest[0] != ':' || !validPort(rest[1:]) {
-			return "", "", false
-		}
-		return host, rest[1:], true
-	}
-	if strings.Count(a, ":") > 1 {
-		return "", "", false // an IPv6 literal must be bracketed
-	}
-	host, port, found := strings.Cut(a, ":")
-	if found && !validPort(port) {
-		return "", "", false
-	}
-	if host == "" {
-		return "", "", false
-	}
-	return host, port, true
-}
-
-// validPort mirrors the proxy's validPort: 1 to 65535 in decimal, without
-// a sign or a leading zero.
-func validPort(p string) bool {
-	if p == "" || len(p) > 5 || (len(p) > 1 && p[0] == '0') {
-		return false
-	}
-	n, err := strconv.Atoi(p)
-	return err == nil && n >= 1 && n <= 65535 && p[0] != '+' && p[0] != '-'
 }
 
 func (p *proc) udpPacket(src, dst netip.Addr, sp, dp layers.UDPPort, payload []byte, mac []byte) {

@@ -25,6 +25,7 @@ import (
 	"github.com/elazarl/goproxy"
 
 	"egressd/audit"
+	"egressd/internal/httpwire"
 	"egressd/policy"
 )
 
@@ -362,7 +363,7 @@ func (p *Proxy) decideTarget(ctx context.Context, eng *policy.Engine, client net
 
 // splitHostPortStrict splits a CONNECT authority; the port is required.
 func splitHostPortStrict(hp string) (string, uint16, bool) {
-	h, port, ok := splitAuthority(hp)
+	h, port, ok := httpwire.SplitAuthority(hp)
 	if !ok || port == "" {
 		return "", 0, false
 	}
@@ -537,7 +538,7 @@ func (p *Proxy) handleRequest(req *http.Request, ctx *goproxy.ProxyCtx) (*http.R
 	host := req.URL.Hostname()
 	port := uint16(80)
 	if ps := req.URL.Port(); ps != "" {
-		if !validPort(ps) {
+		if !httpwire.ValidPort(ps) {
 			f.ev.Stamp(denyDecision(eng, ReasonHTTPBad))
 			f.ev.Enforced, f.ev.Close = true, closeDenied
 			return req, plainResponse(req, http.StatusBadRequest, "bad port")

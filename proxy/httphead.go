@@ -3,9 +3,10 @@ package proxy
 import (
 	"bytes"
 	"errors"
-	"net"
 	"strconv"
 	"strings"
+
+	"egressd/internal/httpwire"
 )
 
 // Errors of the HTTP head parser.
@@ -32,49 +33,10 @@ func looksHTTP(b []byte) (yes, more bool) {
 			more = true
 		}
 	}
-	if y, m := requestLineStart(b); y {
+	if y, m := httpwire.RequestLineStart(b); y {
 		return true, false
 	} else if m {
 		more = true
-	}
-	return false, more
-}
-
-// maxMethodLen bounds the method of a request line that is not one of
-// httpMethods (the longest registered method, VERSION-CONTROL, has 15
-// characters).
-const maxMethodLen = 20
-
-// requestLineStart reports whether b starts like a request line with any
-// method: a token, a space, then an origin-form ("/") or absolute http://
-// target, or could still (more). Origins serve methods the list does not
-// name (WebDAV's PROPFIND, a handler that takes any method): taken for
-// another protocol, such a first request would be decided by address and
-// the rest of the connection spliced, every later request undecided. It
-// looks at a bounded prefix only, so that a head arriving a byte at a
-// time costs no rescans of its whole length.
-func requestLineStart(b []byte) (yes, more bool) {
-	i := 0
-	for i < len(b) && isTChar(b[i]) {
-		if i++; i > maxMethodLen {
-			return false, false
-		}
-	}
-	if i == len(b) {
-		return false, true
-	}
-	if i == 0 || b[i] != ' ' {
-		return false, false
-	}
-	t := b[i+1:]
-	for _, form := range []string{"/", "http://"} {
-		n := min(len(t), len(form))
-		if strings.EqualFold(string(t[:n]), form[:n]) {
-			if n == len(form) {
-				return true, false
-			}
-			more = true
-		}
 	}
 	return false, more
 }
@@ -186,7 +148,7 @@ func parseHTTPHead(b []byte) (h httpHead, err error) {
 		h.BodyLen, _ = strconv.ParseInt(clVal, 10, 64)
 	}
 	if hosts == 1 {
-		if _, _, ok := splitAuthority(host); !ok {
+		if _, _, ok := httpwire.SplitAuthority(host); !ok {
 			return h, errHeadMalformed
 		}
 	}
@@ -214,12 +176,12 @@ func parseHTTPHead(b []byte) (h httpHead, err error) {
 				path = "/" + path
 			}
 		}
-		ah, ap, ok := splitAuthority(auth)
+		ah, ap, ok := httpwire.SplitAuthority(auth)
 		if !ok || ah == "" {
 			return h, errHeadMalformed
 		}
 		if hosts == 1 {
-			hh, hp, _ := splitAuthority(host)
+			hh, hp, _ := httpwire.SplitAuthority(host)
 			if !strings.EqualFold(strings.TrimSuffix(hh, "."), strings.TrimSuffix(ah, ".")) || (hp != ap && hp != "" && ap != "") {
 				return h, errHostMismatch
 			}
@@ -227,62 +189,13 @@ func parseHTTPHead(b []byte) (h httpHead, err error) {
 		h.Host, h.Path = auth, path
 	}
 	if h.Host != "" {
-		hh, hp, _ := splitAuthority(h.Host)
+		hh, hp, _ := httpwire.SplitAuthority(h.Host)
 		h.Host, h.Port = hh, hp
 	}
 	if i := strings.IndexByte(h.Path, '#'); i >= 0 {
 		h.Path = h.Path[:i]
 	}
 	return h, nil
-}
-
-// splitAuthority splits "host[:port]" or "[v6]:port", strictly: no
-// userinfo, no spaces, a decimal port of 1 to 65535.
-func splitAuthority(a string) (host, port string, ok bool) {
-	if a == "" || strings.ContainsAny(a, "@/\\?#,") {
-		return "", "", false
-	}
-	for i := 0; i < len(a); i++ {
-		if a[i] < 0x21 || a[i] > 0x7e {
-			return "", "", false // spaces, controls, non-ASCII
-		}
-	}
-	if a[0] == '[' {
-		i := strings.IndexByte(a, ']')
-		if i < 0 {
-			return "", "", false
-		}
-		host, rest := a[1:i], a[i+1:]
-		if ip := net.ParseIP(host); ip == nil || !strings.Contains(host, ":") {
-			return "", "", false
-		}
-		if rest == "" {
-			return host, "", true
-		}
-		if rest[0] != ':' || !validPort(rest[1:]) {
-			return "", "", false
-		}
-		return host, rest[1:], true
-	}
-	if strings.Count(a, ":") > 1 {
-		return "", "", false // an IPv6 literal must be bracketed
-	}
-	host, port, found := strings.Cut(a, ":")
-	if found && !validPort(port) {
-		return "", "", false
-	}
-	if host == "" {
-		return "", "", false
-	}
-	return host, port, true
-}
-
-func validPort(p string) bool {
-	if p == "" || len(p) > 5 || (len(p) > 1 && p[0] == '0') {
-		return false
-	}
-	n, err := strconv.Atoi(p)
-	return err == nil && n >= 1 && n <= 65535 && p[0] != '+' && p[0] != '-'
 }
 
 func allDigits(s string) bool {

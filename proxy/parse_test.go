@@ -14,6 +14,7 @@ import (
 	"testing/iotest"
 	"time"
 
+	"egressd/internal/httpwire"
 	"egressd/policy"
 )
 
@@ -79,7 +80,7 @@ func TestLooksHTTP(t *testing.T) {
 		{"SSH-2.0-OpenSSH_9.6\r\n", false, false},
 		{"EHLO client.test\r\n", false, false},
 		{"\x00\x00\x00\x01", false, false},
-		{strings.Repeat("A", maxMethodLen+1), false, false},
+		{strings.Repeat("A", httpwire.MaxMethodLen+1), false, false},
 		{" /x", false, false},
 	} {
 		if yes, more := looksHTTP([]byte(c.in)); yes != c.yes || more != c.more {

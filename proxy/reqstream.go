@@ -3,6 +3,8 @@ package proxy
 import (
 	"bytes"
 	"errors"
+
+	"egressd/internal/httpwire"
 )
 
 // Errors of the request-stream parser besides the head parser's.
@@ -86,7 +88,7 @@ func (s *reqStream) next(data []byte) (n int, h *httpHead, err error) {
 		// WebSocket frame (0x0_/0x8_), TLS record or other binary
 		// protocol does; anything an HTTP server could read as a request
 		// is parsed and decided as one.
-		if c := data[0]; isTChar(c) || c == '\r' || c == '\n' || c == ' ' || c == '\t' {
+		if c := data[0]; httpwire.IsTChar(c) || c == '\r' || c == '\n' || c == ' ' || c == '\t' {
 			s.state = rsHead
 			return s.next(data)
 		}
@@ -168,7 +170,7 @@ func (s *reqStream) next(data []byte) (n int, h *httpHead, err error) {
 		s.blank++
 		return 2, nil, nil
 	}
-	if !isTChar(data[0]) {
+	if !httpwire.IsTChar(data[0]) {
 		return 0, nil, errHeadMalformed // no method starts so
 	}
 	from := max(0, s.scan-3)
@@ -323,9 +325,4 @@ func validFieldLine(l []byte) bool {
 		}
 	}
 	return true
-}
-
-// isTChar reports whether c is a token character (RFC 9110 section 5.6.2).
-func isTChar(c byte) bool {
-	return c > ' ' && c < 0x7f && bytes.IndexByte([]byte("()<>@,;:\\\"/[]?={}"), c) < 0
 }
