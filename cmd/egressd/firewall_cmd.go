@@ -186,7 +186,7 @@ func cmdFirewallRemove(args []string, stdout, stderr io.Writer) int {
 		fw.Close()
 	}
 	if err != nil {
-		fmt.Fprintln(stderr, "egressd:", err, "(removing the table needs CAP_NET_ADMIN)")
+		fmt.Fprintln(stderr, "egressd:", withCapHint(err, currentCapabilities().netAdmin, "CAP_NET_ADMIN to remove the table"))
 		return exitFail
 	}
 	fmt.Fprintf(stdout, "removed table inet %s (if it was there)\n", firewall.TableName)

@@ -667,7 +667,7 @@ func (d *daemon) serveAdmin(ctx context.Context, wg *sync.WaitGroup) (string, er
 	d.configLoaded(true)
 	ln, err := net.Listen("tcp", d.cfg.admin)
 	if err != nil {
-		return "", fmt.Errorf("admin: %w", err)
+		return "", err // the part's name, admin, goes with it
 	}
 	hs := &http.Server{Handler: srv.Handler(), ReadHeaderTimeout: 5 * time.Second, ReadTimeout: 10 * time.Second, WriteTimeout: 60 * time.Second}
 	wg.Add(1)
