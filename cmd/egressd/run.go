@@ -509,6 +509,15 @@ func (d *daemon) startFirewall(lan, wan string, gate *firewallGate) error {
 		return err
 	}
 	d.fw = fw
+	// The redirect goes to the port of the first DNS address (listenPort
+	// above), which the list's other addresses may cover for IPv6.
+	dnsAddrs := splitList(d.cfg.dnsListen)
+	for _, l := range []struct{ what, addr string }{{"--proxy-listen", d.cfg.transparent}, {"--dns-listen", firstOf(dnsAddrs)}} {
+		if why := redirectMisses(l.addr); why != "" && !(l.what == "--dns-listen" && len(dnsAddrs) > 1 && strings.Contains(why, "IPv4-only")) {
+			d.log.Warn("firewall: "+l.what+" "+l.addr+": "+why, "flag", l.what, "addr", l.addr)
+			d.say("warning: %s %s: %s", l.what, l.addr, why)
+		}
+	}
 	rs := fw.Ruleset()
 	d.say("firewall: installed nftables table inet %s (%d chains, %d sets; LAN %s, WAN %s); `egressd firewall print` shows it", firewall.TableName, len(rs.Chains), len(rs.Sets), orOff(lan), orOff(wan))
 	gate.fw.Store(fw)
@@ -724,6 +733,28 @@ func joinAddrPorts(a []netip.AddrPort) string {
 }
 
 // listenPort returns the port of a listen address, 0 when it has none.
+// redirectMisses says what LAN traffic the firewall's redirect would send
+// past a listener on addr, "" when none: the redirect rewrites the
+// destination to the address of the interface the packet came in on (the
+// LAN address), so a listener on loopback gets nothing, and one on the
+// IPv4 wildcard no IPv6 traffic.
+func redirectMisses(addr string) string {
+	host, _, err := net.SplitHostPort(addr)
+	if err != nil {
+		return ""
+	}
+	a, err := netip.ParseAddr(host)
+	switch {
+	case err != nil:
+		return "" // a name, or empty: every address
+	case a.IsLoopback():
+		return "the redirect sends LAN traffic to the LAN interface's address, not to loopback: every redirected connection or query will fail; listen on the wildcard address (the default) or the LAN address"
+	case a == netip.IPv4Unspecified():
+		return "an IPv4-only listener: IPv6 traffic the redirect sends here will fail; listen on [::] (the default) for both"
+	}
+	return ""
+}
+
 func listenPort(addr string) uint16 {
 	_, p, err := net.SplitHostPort(addr)
 	if err != nil {

@@ -148,3 +148,16 @@ func TestRunKeepsAmbientCapabilities(t *testing.T) {
 		}
 	}
 }
+
+// TestRedirectMisses: listeners the firewall's redirect cannot reach are
+// named, the defaults and specific LAN addresses are not.
+func TestRedirectMisses(t *testing.T) {
+	for addr, bad := range map[string]bool{
+		"[::]:15001": false, ":53": false, "192.168.50.1:15001": false, "[fd00::1]:53": false,
+		"127.0.0.1:15001": true, "[::1]:53": true, "0.0.0.0:15001": true, "localhost:53": false,
+	} {
+		if got := redirectMisses(addr) != ""; got != bad {
+			t.Errorf("redirectMisses(%q) = %q", addr, redirectMisses(addr))
+		}
+	}
+}
