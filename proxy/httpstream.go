@@ -10,6 +10,7 @@ import (
 	"time"
 
 	"egressd/audit"
+	"egressd/internal/httpwire"
 	"egressd/internal/logjson"
 	"egressd/policy"
 )
@@ -37,7 +38,7 @@ const httpBufSize = 16 << 10
 // backslashes, double encoding) is refused when only a host/path rule
 // allows the request (reason path-form): a glob must not be passed by
 // "/allowed/../other".
-func (p *Proxy) decideHTTP(ctx context.Context, eng *policy.Engine, in policy.Input, h *httpHead) verdict {
+func (p *Proxy) decideHTTP(ctx context.Context, eng *policy.Engine, in policy.Input, h *httpwire.Head) verdict {
 	in.Path, _, _ = strings.Cut(h.Path, "?")
 	var v verdict
 	if _, lit := literalAddr(h.Host); h.Host == "" || lit {
@@ -100,11 +101,11 @@ func plainPath(path string) bool {
 // refuses.
 func httpErrDecision(eng *policy.Engine, err error) policy.Decision {
 	switch {
-	case errors.Is(err, errHostMismatch):
+	case errors.Is(err, httpwire.ErrHostMismatch):
 		return denyDecision(eng, ReasonHostMismatch)
 	case errors.Is(err, errHelloTooLarge), errors.Is(err, errHeadTooLarge):
 		return denyDecision(eng, ReasonHelloTooLarge)
-	case errors.Is(err, errHeadFraming):
+	case errors.Is(err, httpwire.ErrHeadFraming):
 		return denyDecision(eng, ReasonHTTPFraming)
 	case isTimeout(err):
 		return denyDecision(eng, ReasonHelloTimeout)
@@ -138,7 +139,7 @@ type httpUpstream struct {
 
 // newHTTPUpstream follows a connection whose first head h has been
 // decided and will be replayed; rest are the bytes read after it.
-func (p *Proxy) newHTTPUpstream(in policy.Input, f *flowRecord, h *httpHead, rest []byte) *httpUpstream {
+func (p *Proxy) newHTTPUpstream(in policy.Input, f *flowRecord, h *httpwire.Head, rest []byte) *httpUpstream {
 	u := &httpUpstream{p: p, base: in, f: f, held: rest}
 	u.s.maxHead = p.cfg.HelloMaxBytes
 	u.s.start(h)
@@ -253,7 +254,7 @@ func (u *httpUpstream) mode() policy.Mode { return u.p.deps.Policy.Load().Mode()
 
 // request decides a later request head and records it; true when it is
 // refused (enforce mode) and the connection is being closed.
-func (u *httpUpstream) request(t *tunnel, h *httpHead) bool {
+func (u *httpUpstream) request(t *tunnel, h *httpwire.Head) bool {
 	eng := u.p.deps.Policy.Load()
 	in := u.base
 	in.Now = time.Now()

@@ -47,7 +47,7 @@ const (
 // trailer section of at most maxHead, and a few counters.
 //
 // It is strict where a lax reading would let the origin see a request the
-// proxy did not (request smuggling): the head rules of parseHTTPHead, chunk
+// proxy did not (request smuggling): the head rules of httpwire.ParseHead, chunk
 // sizes in hex digits only, CRLF after every chunk, trailer fields shaped
 // like header fields, bare CR or LF nowhere.
 type reqStream struct {
@@ -72,7 +72,7 @@ type reqStream struct {
 //   - another error: the stream cannot be followed (malformed head,
 //     ambiguous framing, a bound exceeded); the connection must be denied
 //     (or, in audit mode, given up with giveUp).
-func (s *reqStream) next(data []byte) (n int, h *httpHead, err error) {
+func (s *reqStream) next(data []byte) (n int, h *httpwire.Head, err error) {
 	if len(data) == 0 {
 		return 0, nil, errNeedMore
 	}
@@ -119,7 +119,7 @@ func (s *reqStream) next(data []byte) (n int, h *httpHead, err error) {
 
 	case rsChunkEnd:
 		if data[0] != '\r' || len(data) > 1 && data[1] != '\n' {
-			return 0, nil, errHeadFraming
+			return 0, nil, httpwire.ErrHeadFraming
 		}
 		if len(data) < 2 {
 			return 0, nil, errNeedMore
@@ -134,7 +134,7 @@ func (s *reqStream) next(data []byte) (n int, h *httpHead, err error) {
 		}
 		size, ok := parseChunkSize(data[:line])
 		if !ok {
-			return 0, nil, errHeadFraming
+			return 0, nil, httpwire.ErrHeadFraming
 		}
 		if size == 0 {
 			s.state, s.trailer = rsTrailer, 0
@@ -153,7 +153,7 @@ func (s *reqStream) next(data []byte) (n int, h *httpHead, err error) {
 			return 2, nil, nil
 		}
 		if !validFieldLine(data[:line]) {
-			return 0, nil, errHeadFraming
+			return 0, nil, httpwire.ErrHeadFraming
 		}
 		s.trailer += line + 2
 		return line + 2, nil, nil
@@ -162,7 +162,7 @@ func (s *reqStream) next(data []byte) (n int, h *httpHead, err error) {
 	// rsHead.
 	if data[0] == '\r' || data[0] == '\n' {
 		if data[0] == '\n' || len(data) > 1 && data[1] != '\n' || s.blank >= maxBlankLines {
-			return 0, nil, errHeadMalformed
+			return 0, nil, httpwire.ErrHeadMalformed
 		}
 		if len(data) < 2 {
 			return 0, nil, errNeedMore
@@ -171,7 +171,7 @@ func (s *reqStream) next(data []byte) (n int, h *httpHead, err error) {
 		return 2, nil, nil
 	}
 	if !httpwire.IsTChar(data[0]) {
-		return 0, nil, errHeadMalformed // no method starts so
+		return 0, nil, httpwire.ErrHeadMalformed // no method starts so
 	}
 	from := max(0, s.scan-3)
 	end := bytes.Index(data[from:], []byte("\r\n\r\n"))
@@ -180,7 +180,7 @@ func (s *reqStream) next(data []byte) (n int, h *httpHead, err error) {
 		if i := bytes.IndexByte(data[from:], '\n'); i >= 0 {
 			for j := from + i; j < len(data); j++ {
 				if data[j] == '\n' && (j == 0 || data[j-1] != '\r') {
-					return 0, nil, errHeadMalformed
+					return 0, nil, httpwire.ErrHeadMalformed
 				}
 			}
 		}
@@ -194,7 +194,7 @@ func (s *reqStream) next(data []byte) (n int, h *httpHead, err error) {
 	if end > s.maxHead {
 		return 0, nil, errHeadTooLarge
 	}
-	hd, err := parseHTTPHead(data[:end])
+	hd, err := httpwire.ParseHead(data[:end])
 	if err != nil {
 		return 0, nil, err
 	}
@@ -204,7 +204,7 @@ func (s *reqStream) next(data []byte) (n int, h *httpHead, err error) {
 
 // start moves the stream past the head h (just parsed, here or by the
 // transparent peek) into its body.
-func (s *reqStream) start(h *httpHead) {
+func (s *reqStream) start(h *httpwire.Head) {
 	s.scan, s.blank = 0, 0
 	s.upgrade = h.Upgrade
 	switch {
@@ -239,7 +239,7 @@ func (s *reqStream) inHead() bool { return s.state == rsHead || s.state == rsMay
 
 // crlfLine returns the length of the line at the start of data, without
 // its CRLF: errNeedMore when no line end is there yet (and data is under
-// limit), errHeadFraming for a bare CR or LF, errHeadTooLarge over limit.
+// limit), httpwire.ErrHeadFraming for a bare CR or LF, errHeadTooLarge over limit.
 func crlfLine(data []byte, limit int) (int, error) {
 	search := data
 	if len(search) > limit+2 {
@@ -248,7 +248,7 @@ func crlfLine(data []byte, limit int) (int, error) {
 	i := bytes.IndexByte(search, '\n')
 	if i < 0 {
 		if j := bytes.IndexByte(search, '\r'); j >= 0 && j+1 < len(search) {
-			return 0, errHeadFraming // CR not followed by LF
+			return 0, httpwire.ErrHeadFraming // CR not followed by LF
 		}
 		if len(data) >= limit+2 {
 			return 0, errHeadTooLarge
@@ -256,10 +256,10 @@ func crlfLine(data []byte, limit int) (int, error) {
 		return 0, errNeedMore
 	}
 	if i == 0 || search[i-1] != '\r' {
-		return 0, errHeadFraming
+		return 0, httpwire.ErrHeadFraming
 	}
 	if bytes.IndexByte(search[:i-1], '\r') >= 0 {
-		return 0, errHeadFraming
+		return 0, httpwire.ErrHeadFraming
 	}
 	return i - 1, nil
 }
@@ -316,7 +316,7 @@ func validFieldLine(l []byte) bool {
 		return false
 	}
 	i := bytes.IndexByte(l, ':')
-	if i <= 0 || !isToken(string(l[:i])) {
+	if i <= 0 || !httpwire.IsToken(string(l[:i])) {
 		return false
 	}
 	for _, c := range l[i+1:] {

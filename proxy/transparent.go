@@ -13,6 +13,7 @@ import (
 	"golang.org/x/sys/unix"
 
 	"egressd/audit"
+	"egressd/internal/httpwire"
 	"egressd/internal/netutil"
 	"egressd/policy"
 )
@@ -243,8 +244,8 @@ func (p *Proxy) clientPort(c *net.TCPConn, f *flowRecord) {
 type peekResult struct {
 	rec   *recorder
 	Path  string
-	early bool      // the client closed before its first byte
-	head  *httpHead // the first HTTP request head, when it parsed
+	early bool           // the client closed before its first byte
+	head  *httpwire.Head // the first HTTP request head, when it parsed
 }
 
 // peek reads the first bytes within the hello deadline and decides.
@@ -363,16 +364,16 @@ func synAckRetransmitted(c *net.TCPConn) bool {
 }
 
 // readHTTPHead reads from rc until a complete request head is recorded.
-func readHTTPHead(rc *recorder) (httpHead, error) {
+func readHTTPHead(rc *recorder) (httpwire.Head, error) {
 	var tmp [2048]byte
 	for {
-		h, err := parseHTTPHead(rc.buf)
-		if !errors.Is(err, errHeadIncomplete) {
+		h, err := httpwire.ParseHead(rc.buf)
+		if !errors.Is(err, httpwire.ErrHeadIncomplete) {
 			return h, err
 		}
 		if _, err := rc.Read(tmp[:]); err != nil {
 			if errors.Is(err, io.EOF) {
-				return h, errHeadIncomplete
+				return h, httpwire.ErrHeadIncomplete
 			}
 			return h, err
 		}

@@ -12,8 +12,8 @@ func TestDependencyDirection(t *testing.T) {
 	// internal/jsonenc and internal/logjson are leaves (the encoders of
 	// the journal and of the log lines); audit uses the first, so every
 	// package above audit does too. internal/httpwire is a leaf too: the
-	// HTTP request-line and authority syntax the proxy and capture share,
-	// since neither may import the other.
+	// HTTP request-line, request-head and authority syntax the proxy and
+	// capture share, since neither may import the other.
 	allowed := map[string][]string{
 		"egressd/policy":            {},
 		"egressd/profiles":          {},

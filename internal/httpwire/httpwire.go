@@ -1,13 +1,16 @@
-// Package httpwire holds the HTTP/1.x request-line and authority syntax
-// that two components share: the transparent proxy (proxy/), which
-// enforces it on the first bytes of a connection and on every request
-// head it reads, and capture (capture/), which must judge a plain-HTTP
-// flow exactly as the proxy would, since audit mode reports what enforce
-// mode would deny. It sits at the start of both flows: it says whether a
-// connection's first bytes are an HTTP request (of any method) and splits
-// the authority a request names, before either component decides the
-// request by its host. The components never import each other, so the
-// one copy lives here; it is a leaf and imports nothing of egressd's.
+// Package httpwire holds the HTTP/1.x request syntax that two components
+// share: the transparent proxy (proxy/), which enforces it on the first
+// bytes of a connection and on every request head it reads, and capture
+// (capture/), which must judge a plain-HTTP flow exactly as the proxy
+// would, since audit mode reports what enforce mode would deny. It sits at
+// the start of both flows: it says whether a connection's first bytes are
+// an HTTP request (of any method), parses the request head (ParseHead:
+// the host and path it names, its body framing, and the heads it refuses
+// and why), and splits the authority a request names, before either
+// component decides the request by its host. What each component then
+// decides (reasons, rules) stays with it. The components never import
+// each other, so the one copy lives here; it is a leaf and imports
+// nothing of egressd's.
 package httpwire
 
 import (

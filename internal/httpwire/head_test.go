@@ -1,0 +1,76 @@
+package httpwire
+
+import (
+	"errors"
+	"testing"
+)
+
+func TestParseHead(t *testing.T) {
+	for _, c := range []struct {
+		name, in   string
+		err        error
+		host, path string
+	}{
+		{"origin", "GET /a?b HTTP/1.1\r\nHost: Example.com:8080\r\n\r\n", nil, "Example.com", "/a?b"},
+		{"absolute", "GET http://example.com/x HTTP/1.1\r\nHost: example.com\r\n\r\n", nil, "example.com", "/x"},
+		{"absolute-no-host", "GET http://example.com HTTP/1.0\r\n\r\n", nil, "example.com", "/"},
+		{"absolute-disagrees", "GET http://evil.test/ HTTP/1.1\r\nHost: allowed.test\r\n\r\n", ErrHostMismatch, "", ""},
+		{"absolute-port-disagrees", "GET http://a.test:81/ HTTP/1.1\r\nHost: a.test:80\r\n\r\n", ErrHostMismatch, "", ""},
+		{"two-hosts", "GET / HTTP/1.1\r\nHost: a\r\nHost: b\r\n\r\n", ErrHeadMalformed, "", ""},
+		{"userinfo-host", "GET / HTTP/1.1\r\nHost: allowed.test@evil.test\r\n\r\n", ErrHeadMalformed, "", ""},
+		{"space-host", "GET / HTTP/1.1\r\nHost: a b\r\n\r\n", ErrHeadMalformed, "", ""},
+		{"obs-fold", "GET / HTTP/1.1\r\nHost: a\r\n b\r\n\r\n", ErrHeadMalformed, "", ""},
+		{"bare-lf", "GET / HTTP/1.1\nHost: a\n\n", ErrHeadMalformed, "", ""},
+		{"cl-and-te", "POST / HTTP/1.1\r\nHost: a\r\nContent-Length: 3\r\nTransfer-Encoding: chunked\r\n\r\n", ErrHeadFraming, "", ""},
+		{"two-cl", "POST / HTTP/1.1\r\nHost: a\r\nContent-Length: 3\r\nContent-Length: 4\r\n\r\n", ErrHeadFraming, "", ""},
+		{"http2-version", "GET / HTTP/2.0\r\nHost: a\r\n\r\n", ErrHeadMalformed, "", ""},
+		{"connect-form", "CONNECT a.test:443 HTTP/1.1\r\nHost: a.test:443\r\n\r\n", ErrHeadMalformed, "", ""},
+		{"other-scheme", "GET https://a.test/ HTTP/1.1\r\n\r\n", ErrHeadMalformed, "", ""},
+		{"ipv6-host", "GET / HTTP/1.1\r\nHost: [2001:db8::1]:80\r\n\r\n", nil, "2001:db8::1", "/"},
+		{"ipv6-unbracketed", "GET / HTTP/1.1\r\nHost: 2001:db8::1\r\n\r\n", ErrHeadMalformed, "", ""},
+		{"bad-port", "GET / HTTP/1.1\r\nHost: a:007\r\n\r\n", ErrHeadMalformed, "", ""},
+		{"incomplete", "GET / HTTP/1.1\r\nHost: a\r\n", ErrHeadIncomplete, "", ""},
+		{"options-star", "OPTIONS * HTTP/1.1\r\nHost: a\r\n\r\n", nil, "a", ""},
+		{"non-ascii-host", "0 / HTTP/1.0\r\nHost:\x89\r\n\r\n", ErrHeadMalformed, "", ""}, // found by FuzzParseHead
+		{"ctl-in-value", "GET / HTTP/1.1\r\nHost: a\x00b\r\n\r\n", ErrHeadMalformed, "", ""},
+	} {
+		t.Run(c.name, func(t *testing.T) {
+			h, err := ParseHead([]byte(c.in))
+			if !errors.Is(err, c.err) {
+				t.Fatalf("err %v, want %v", err, c.err)
+			}
+			if err == nil && (h.Host != c.host || h.Path != c.path) {
+				t.Errorf("host %q path %q", h.Host, h.Path)
+			}
+		})
+	}
+}
+
+// FuzzParseHead: the head parser never panics, and an accepted head names
+// one host that has no userinfo, spaces or second authority.
+func FuzzParseHead(f *testing.F) {
+	// Origin form with a Host header.
+	f.Add([]byte("GET /a HTTP/1.1\r\nHost: a.test\r\n\r\n"))
+	// Absolute form that disagrees with Host (THREATS A1).
+	f.Add([]byte("GET http://evil.test/ HTTP/1.1\r\nHost: allowed.test\r\n\r\n"))
+	// Userinfo smuggling in Host (THREATS C6).
+	f.Add([]byte("GET / HTTP/1.1\r\nHost: allowed.test@evil.test\r\n\r\n"))
+	// CL + TE.
+	f.Add([]byte("POST / HTTP/1.1\r\nHost: a\r\nContent-Length: 1\r\nTransfer-Encoding: chunked\r\n\r\n"))
+	// Bracketed IPv6 host with a port.
+	f.Add([]byte("GET / HTTP/1.1\r\nHost: [2001:db8::1]:8080\r\n\r\n"))
+	f.Fuzz(func(t *testing.T, b []byte) {
+		h, err := ParseHead(b)
+		if err != nil {
+			return
+		}
+		if h.Len > len(b) || h.Len < 4 {
+			t.Fatalf("head length %d of %d", h.Len, len(b))
+		}
+		for _, c := range []byte(h.Host) {
+			if c == '@' || c == ' ' || c == '/' || c < 0x21 || c > 0x7e {
+				t.Fatalf("accepted host %q", h.Host)
+			}
+		}
+	})
+}
