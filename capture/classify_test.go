@@ -456,7 +456,7 @@ func TestProxyHelloReasons(t *testing.T) {
 
 // TestProxyHTTPReasons: the first request head of a plain HTTP flow is
 // judged as the proxy judges it in enforce mode (proxy/httphead.go
-// looksHTTP and parseHTTPHead, decideHTTP): read as HTTP whatever its
+// looksHTTP, httpwire.ParseHead, decideHTTP): read as HTTP whatever its
 // method, named by what the proxy reads, and refused with the proxy's
 // reason where the proxy refuses it. The address is our DNS's answer for
 // a.allowed.test, so a flow capture did not read as HTTP is allowed by
@@ -487,6 +487,21 @@ func TestProxyHTTPReasons(t *testing.T) {
 		{"another scheme", "GET https://a.allowed.test/ HTTP/1.1\r\nHost: a.allowed.test\r\n\r\n", ReasonHTTPBad, ""},
 		{"bare LF line ends", "GET / HTTP/1.1\nHost: a.allowed.test\n\n", ReasonHTTPBad, ""},
 		{"CONNECT on the transparent path", "CONNECT a.allowed.test:443 HTTP/1.1\r\nHost: a.allowed.test:443\r\n\r\n", ReasonHTTPBad, ""},
+		// The proxy's other refusals of a head: its syntax and ambiguous
+		// body framing (THREATS.md C6), whatever the host it names.
+		{"a body with Content-Length (control)", "POST /x?q HTTP/1.1\r\nHost: a.allowed.test\r\nContent-Length: 3\r\n\r\nabc", policy.ReasonAllowed, "a.allowed.test"},
+		{"Content-Length and Transfer-Encoding", "POST / HTTP/1.1\r\nHost: a.allowed.test\r\nContent-Length: 3\r\nTransfer-Encoding: chunked\r\n\r\n0\r\n\r\n", ReasonHTTPFraming, ""},
+		{"two Content-Lengths that differ", "POST / HTTP/1.1\r\nHost: a.allowed.test\r\nContent-Length: 0\r\nContent-Length: 40\r\n\r\n", ReasonHTTPFraming, ""},
+		{"a Transfer-Encoding other than chunked", "POST / HTTP/1.1\r\nHost: a.allowed.test\r\nTransfer-Encoding: gzip\r\n\r\n", ReasonHTTPFraming, ""},
+		{"obs-fold", "GET / HTTP/1.1\r\nHost: a.allowed.test\r\nX: y\r\n z\r\n\r\n", ReasonHTTPBad, ""},
+		{"a bare CR in a value", "GET / HTTP/1.1\r\nHost: a.allowed.test\r\nX: a\rb\r\n\r\n", ReasonHTTPBad, ""},
+		{"a bare LF inside a CRLF head", "GET / HTTP/1.1\nHost: a.allowed.test\r\n\r\n", ReasonHTTPBad, ""},
+		{"HTTP/2.0 in the request line", "GET / HTTP/2.0\r\nHost: a.allowed.test\r\n\r\n", ReasonHTTPBad, ""},
+		{"a space before the colon", "GET / HTTP/1.1\r\nHost : a.allowed.test\r\n\r\n", ReasonHTTPBad, ""},
+		// A head still incomplete at capture's cap is judged by its
+		// complete lines.
+		{"an incomplete head past the cap", "GET / HTTP/1.1\r\nHost: evil.test\r\n" + padHeaders(17<<10) + "X-Partial: a", policy.ReasonNoRule, "evil.test"},
+		{"an incomplete head past the cap with obs-fold", "GET / HTTP/1.1\r\nHost: a.allowed.test\r\nX: y\r\n z\r\n" + padHeaders(17<<10) + "X-Partial: a", ReasonHTTPBad, ""},
 	}
 	p := newPcap(t)
 	for i, tc := range cases {
@@ -515,6 +530,12 @@ func TestProxyHTTPReasons(t *testing.T) {
 	}
 }
 
+// padHeaders returns header lines of at least n bytes in all.
+func padHeaders(n int) string {
+	line := "X-Pad: " + strings.Repeat("a", 100) + "\r\n"
+	return strings.Repeat(line, n/len(line)+1)
+}
+
 // TestReasonsAreTheProxys: each reason capture gives is the proxy's string
 // of the same name, so that the ledger and the reports see one reason
 // whichever component reported a flow. Capture may not import the proxy,
@@ -528,6 +549,7 @@ func TestReasonsAreTheProxys(t *testing.T) {
 		"ReasonHelloTooLarge": ReasonHelloTooLarge,
 		"ReasonHTTPBad":       ReasonHTTPBad,
 		"ReasonHostMismatch":  ReasonHostMismatch,
+		"ReasonHTTPFraming":   ReasonHTTPFraming,
 	}
 	f, err := parser.ParseFile(token.NewFileSet(), filepath.Join("..", "proxy", "decide.go"), nil, 0)
 	if err != nil {

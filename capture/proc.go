@@ -623,29 +623,33 @@ func (p *proc) examine(f *flow, dir int) {
 		}
 		p.hello(f, msg, audit.NameSNI)
 	case appHTTP:
-		end := bytes.Index(b, []byte("\r\n\r\n"))
-		if end < 0 && (bytes.Contains(b, []byte("\n\n")) || bytes.Contains(b, []byte("\r\n\n"))) {
-			// Bare LF line ends: the proxy's parseHTTPHead refuses the
-			// head at once.
-			p.deny(f, ReasonHTTPBad, "", audit.NameNone)
-			p.done(f)
-			return
-		}
-		if end < 0 {
+		// The proxy's parser: it refuses a head with bare LF line ends
+		// at once, complete or not.
+		h, err := httpwire.ParseHead(b)
+		if errors.Is(err, httpwire.ErrHeadIncomplete) {
 			if len(b) < maxHTTPHead {
 				return
 			}
-			end = len(b)
+			// Past the cap, the head is judged by its complete lines
+			// (none: by address). A line to come can only add a
+			// refusal, never lift one.
+			i := bytes.LastIndex(b, []byte("\r\n"))
+			if i < 0 {
+				p.done(f)
+				return
+			}
+			h, err = httpwire.ParseHead(append(b[:i+2:i+2], "\r\n"...))
 		}
-		host, literal, path, reason := httpName(b[:end])
-		f.path = path
-		if reason != "" {
+		// decideHTTP decides with the path without its query (and
+		// ParseHead drops the fragment).
+		f.path, _, _ = strings.Cut(h.Path, "?")
+		if err != nil {
 			// The proxy refuses the head before any rule is asked.
-			p.deny(f, reason, "", audit.NameNone)
-		} else if host != "" {
-			p.observe(obsHost, host, 0, f)
-			if !literal {
-				f.name, f.nameSrc = host, audit.NameHost
+			p.deny(f, headReason(err), "", audit.NameNone)
+		} else if h.Host != "" {
+			p.observe(obsHost, h.Host, 0, f)
+			if _, err := netip.ParseAddr(h.Host); err != nil {
+				f.name, f.nameSrc = h.Host, audit.NameHost
 			}
 		}
 		p.done(f)
@@ -764,76 +768,17 @@ func (p *proc) giveUp(f *flow) {
 	p.done(f)
 }
 
-// httpName returns the host an HTTP request head names, without its port
-// ("" when it names none), whether that is an address literal (which
-// names nothing), the path the proxy decides with (without the query and
-// fragment, "" for "*"), and, when the proxy refuses the head for what it
-// names, the proxy's reason. It mirrors the naming rules of the proxy's
-// parseHTTPHead (proxy/httphead.go), on which decideHTTP decides: the
-// absolute-form authority names the destination and must agree with Host
-// (host-mismatch); two Host headers, a Host or authority that is not a
-// plain host[:port] (httpwire.SplitAuthority, which both use: userinfo,
-// a bad port), or a target that is neither origin-form, "*" for OPTIONS
-// nor an http:// URL (CONNECT, another scheme) are http-malformed. The
-// proxy's other refusals of a head (framing, obs-fold, the request line's
-// syntax) are not mirrored, but for bare LF line ends (examine).
-func httpName(head []byte) (host string, literal bool, path, reason string) {
-	line, rest, _ := bytes.Cut(head, []byte("\n"))
-	var method, target string
-	if parts := strings.Split(string(bytes.TrimRight(line, "\r")), " "); len(parts) == 3 {
-		method, target = parts[0], parts[1]
-	}
-	hosts := 0
-	for len(rest) > 0 {
-		line, rest, _ = bytes.Cut(rest, []byte("\n"))
-		name, val, ok := bytes.Cut(bytes.TrimRight(line, "\r"), []byte(":"))
-		if ok && bytes.EqualFold(name, []byte("host")) {
-			hosts++
-			host = string(bytes.Trim(val, " \t"))
-		}
-	}
-	if hosts > 1 {
-		return "", false, "", ReasonHTTPBad
-	}
-	hostHost, hostPort, ok := httpwire.SplitAuthority(host)
-	if hosts == 1 && !ok {
-		return "", false, "", ReasonHTTPBad
-	}
-	host = hostHost
+// headReason is the proxy's reason for a request head its parser refuses
+// (httpErrDecision, proxy/httpstream.go).
+func headReason(err error) string {
 	switch {
-	case target == "" || target[0] == '/':
-		path = target
-	case target == "*":
-		if method != "OPTIONS" {
-			return "", false, "", ReasonHTTPBad
-		}
+	case errors.Is(err, httpwire.ErrHostMismatch):
+		return ReasonHostMismatch
+	case errors.Is(err, httpwire.ErrHeadFraming):
+		return ReasonHTTPFraming
 	default:
-		if len(target) < len("http://") || !strings.EqualFold(target[:len("http://")], "http://") || method == "CONNECT" {
-			return "", false, "", ReasonHTTPBad
-		}
-		auth := target[len("http://"):]
-		path = "/"
-		if i := strings.IndexAny(auth, "/?#"); i >= 0 {
-			auth, path = auth[:i], auth[i:]
-			if path[0] != '/' {
-				path = "/" + path
-			}
-		}
-		ah, ap, ok := httpwire.SplitAuthority(auth)
-		if !ok || ah == "" {
-			return "", false, "", ReasonHTTPBad
-		}
-		if hosts == 1 && (!strings.EqualFold(strings.TrimSuffix(host, "."), strings.TrimSuffix(ah, ".")) || (hostPort != ap && hostPort != "" && ap != "")) {
-			return "", false, "", ReasonHostMismatch
-		}
-		host = ah
+		return ReasonHTTPBad
 	}
-	// decideHTTP decides with the path without its query (and
-	// parseHTTPHead drops the fragment).
-	path, _, _ = strings.Cut(path, "#")
-	path, _, _ = strings.Cut(path, "?")
-	_, err := netip.ParseAddr(host)
-	return host, host != "" && err == nil, path, ""
 }
 
 func (p *proc) udpPacket(src, dst netip.Addr, sp, dp layers.UDPPort, payload []byte, mac []byte) {
@@ -1129,13 +1074,20 @@ const (
 	// ReasonHelloTooLarge: the ClientHello or HTTP head is over 64 KiB,
 	// the proxy's default cap.
 	ReasonHelloTooLarge = "hello-too-large"
-	// ReasonHTTPBad: an HTTP request head the proxy refuses for what it
-	// names (two Host headers, a Host or absolute-form authority that is
-	// not host[:port], a target of another form) or for bare LF line ends.
+	// ReasonHTTPBad: an HTTP request head the proxy refuses for its
+	// syntax (httpwire.ErrHeadMalformed: the request line, bare CR or LF,
+	// obs-fold, two Host headers, a Host or absolute-form authority that
+	// is not host[:port], a target of another form).
 	ReasonHTTPBad = "http-malformed"
 	// ReasonHostMismatch: the absolute-form target of an HTTP request
 	// and its Host header name different hosts or ports.
 	ReasonHostMismatch = "host-mismatch"
+	// ReasonHTTPFraming: an HTTP request head whose body framing is
+	// ambiguous or invalid (httpwire.ErrHeadFraming: Content-Length with
+	// Transfer-Encoding, two Content-Lengths that differ, a
+	// Transfer-Encoding other than chunked), the shapes of request
+	// smuggling.
+	ReasonHTTPFraming = "http-framing"
 )
 
 // deny decides f as denied by capture (not by a rule), with the policy's
