@@ -140,16 +140,23 @@ func (p *Proxy) ServeExplicit(ln net.Listener) error {
 }
 
 // explicitHandler checks proxy authentication (407) before goproxy.
+//
+// A 407 is recorded as a refused request (audit.KindRequest), not as a
+// flow: a browser's first request or CONNECT gets it and the same request
+// with credentials follows, on a new connection (this one closes). Had the
+// challenge been a flow, each authenticated connection would count as two
+// flows and its host as a dropped one; as a request it counts in the
+// dropped entry's requests, so a client that never authenticates is still
+// in the report.
 func (p *Proxy) explicitHandler() http.Handler {
 	return http.HandlerFunc(func(w http.ResponseWriter, r *http.Request) {
 		if len(p.cfg.ProxyUsers) > 0 && !p.authOK(r) {
 			ca := addrPortOf(tcpAddrString(r.RemoteAddr))
-			f := &flowRecord{listener: "explicit", ev: audit.Event{Kind: audit.KindFlow, Source: audit.SourceProxy, Time: time.Now(),
-				Client: ca.Addr(), ClientPort: ca.Port(), Proto: "tcp", Name: r.URL.Hostname(), NameSource: audit.NameConnect}}
-			eng := p.deps.Policy.Load()
-			f.ev.Stamp(denyDecision(eng, ReasonAuth))
-			f.ev.Enforced, f.ev.Close = true, closeDenied
-			p.finish(f)
+			ev := audit.Event{Kind: audit.KindRequest, Source: audit.SourceProxy, Time: time.Now(),
+				Client: ca.Addr(), ClientPort: ca.Port(), Proto: "tcp", Name: r.URL.Hostname(), NameSource: audit.NameConnect}
+			ev.Stamp(denyDecision(p.deps.Policy.Load(), ReasonAuth))
+			ev.Enforced = true // refused in audit mode too
+			p.emitRequest("explicit", ev, nil)
 			w.Header().Set("Proxy-Authenticate", `Basic realm="egressd"`)
 			w.Header().Set("Content-Type", "text/plain; charset=utf-8")
 			w.Header().Set("Connection", "close")

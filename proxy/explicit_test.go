@@ -14,6 +14,7 @@ import (
 	"net/netip"
 	"os"
 	"path/filepath"
+	"slices"
 	"strings"
 	"sync"
 	"testing"
@@ -204,6 +205,160 @@ func TestExplicitAuth(t *testing.T) {
 	if resp.StatusCode != http.StatusForbidden || !strings.Contains(body, "evil.example") {
 		t.Errorf("authenticated with \"basic\": %d %q", resp.StatusCode, body)
 	}
+}
+
+// TestExplicitAuthChallengeCounts: a 407 is a refusal of one request, not
+// a flow. A client that is challenged and then sends the CONNECT again
+// with credentials (on the same connection where the proxy keeps it, else
+// on a new one, as browsers do) made one flow, its rule's; the challenge
+// is a refused request of the dropped entry. A client that never
+// authenticates is still in the report. Before, each 407 was a denied,
+// enforced flow: one authenticated connection counted as two flows, and
+// every host a browser opened first was listed as a dropped flow.
+func TestExplicitAuthChallengeCounts(t *testing.T) {
+	ev := &events{}
+	addr, _, tlsPort, _ := loopbackExplicitSink(t, `version: 1
+mode: audit
+rules:
+  - name: docs
+    to: ["docs.paths.test"]
+    ports: [%d/tcp, %d/tcp]
+`, func(c *Config) { c.ProxyUsers = map[string]string{"alice": "s3cret"} }, ev)
+	auth := fmt.Sprintf("docs.paths.test:%d", tlsPort)
+	bare := fmt.Sprintf("CONNECT %s HTTP/1.1\r\nHost: %s\r\n\r\n", auth, auth)
+	// alice:s3cret
+	withCreds := fmt.Sprintf("CONNECT %s HTTP/1.1\r\nHost: %s\r\nProxy-Authorization: Basic YWxpY2U6czNjcmV0\r\n\r\n", auth, auth)
+	dial := func(t *testing.T) (net.Conn, *bufio.Reader) {
+		t.Helper()
+		c, err := net.Dial("tcp", addr)
+		if err != nil {
+			t.Fatal(err)
+		}
+		t.Cleanup(func() { c.Close() })
+		c.SetDeadline(time.Now().Add(10 * time.Second))
+		return c, bufio.NewReader(c)
+	}
+	ask := func(c net.Conn, br *bufio.Reader, raw string) (int, error) {
+		if _, err := io.WriteString(c, raw); err != nil {
+			return 0, err
+		}
+		resp, err := http.ReadResponse(br, &http.Request{Method: http.MethodConnect})
+		if err != nil {
+			return 0, err
+		}
+		if resp.StatusCode != http.StatusOK {
+			io.Copy(io.Discard, resp.Body)
+		}
+		return resp.StatusCode, nil
+	}
+	// report feeds the events of the given client ports to a ledger.
+	report := func(ports ...int) *audit.Report {
+		led := audit.NewLedger(nil, audit.LedgerOptions{})
+		ev.mu.Lock()
+		for _, e := range ev.evs {
+			if slices.Contains(ports, int(e.ClientPort)) {
+				led.Emit(e)
+			}
+		}
+		ev.mu.Unlock()
+		return led.Report(audit.ReportOptions{})
+	}
+	describe := func(r *audit.Report) string {
+		var b strings.Builder
+		fmt.Fprintf(&b, "%d flows, %d requests", r.Totals.Flows, r.Totals.Requests)
+		for _, rr := range r.Rules {
+			fmt.Fprintf(&b, "\n  rule %s: %d flows, %d requests", rr.Name, rr.Flows, rr.Requests)
+		}
+		for _, dr := range r.Dropped {
+			fmt.Fprintf(&b, "\n  dropped %s:%d/%s: %d flows, %d requests (%s, enforced %v)", dr.Dest, dr.Port, dr.Proto, dr.Flows, dr.Requests, dr.Reason, dr.Enforced)
+		}
+		return b.String()
+	}
+	challenged := func(r *audit.Report, requests uint64) bool {
+		for _, dr := range r.Dropped {
+			if dr.Dest == "docs.paths.test" && dr.Reason == ReasonAuth && dr.Enforced && dr.Flows == 0 && dr.Requests == requests {
+				return true
+			}
+		}
+		return false
+	}
+	// check waits until the events of ports make one flow of rule docs
+	// and one challenged request.
+	check := func(t *testing.T, ports ...int) {
+		t.Helper()
+		deadline := time.Now().Add(5 * time.Second)
+		for {
+			r := report(ports...)
+			var docs audit.RuleReport
+			for _, rr := range r.Rules {
+				if rr.Name == "docs" {
+					docs = rr
+				}
+			}
+			if r.Totals.Flows == 1 && docs.Flows == 1 && challenged(r, 1) {
+				return
+			}
+			if time.Now().After(deadline) {
+				t.Fatalf("challenge, then authenticated CONNECT: %s\nwant 1 flow of rule docs and 1 refused request (%s) of docs.paths.test", describe(r), ReasonAuth)
+			}
+			time.Sleep(50 * time.Millisecond)
+		}
+	}
+	t.Run("same-connection", func(t *testing.T) {
+		c, br := dial(t)
+		ports := []int{localPort(c)}
+		if code, err := ask(c, br, bare); err != nil || code != http.StatusProxyAuthRequired {
+			t.Fatalf("no credentials: %d %v", code, err)
+		}
+		code, err := ask(c, br, withCreds)
+		if err != nil {
+			// The proxy closed the connection after the 407: a
+			// browser sends the request again on a new one.
+			c, br = dial(t)
+			ports = append(ports, localPort(c))
+			code, err = ask(c, br, withCreds)
+		}
+		if err != nil || code != http.StatusOK {
+			t.Fatalf("with credentials: %d %v", code, err)
+		}
+		c.Close()
+		check(t, ports...)
+	})
+	t.Run("new-connection", func(t *testing.T) {
+		c1, br1 := dial(t)
+		if code, err := ask(c1, br1, bare); err != nil || code != http.StatusProxyAuthRequired {
+			t.Fatalf("no credentials: %d %v", code, err)
+		}
+		c1.Close()
+		c2, br2 := dial(t)
+		if code, err := ask(c2, br2, withCreds); err != nil || code != http.StatusOK {
+			t.Fatalf("with credentials: %d %v", code, err)
+		}
+		c2.Close()
+		check(t, localPort(c1), localPort(c2))
+	})
+	t.Run("never-authenticates", func(t *testing.T) {
+		var ports []int
+		for range 2 {
+			c, br := dial(t)
+			ports = append(ports, localPort(c))
+			if code, err := ask(c, br, bare); err != nil || code != http.StatusProxyAuthRequired {
+				t.Fatalf("no credentials: %d %v", code, err)
+			}
+			c.Close()
+		}
+		deadline := time.Now().Add(5 * time.Second)
+		for {
+			r := report(ports...)
+			if len(r.Rules) == 0 && challenged(r, 2) {
+				break
+			}
+			if time.Now().After(deadline) {
+				t.Fatalf("two challenges, never authenticated: %s\nwant 2 refused requests (%s) of docs.paths.test, no rule used", describe(r), ReasonAuth)
+			}
+			time.Sleep(50 * time.Millisecond)
+		}
+	})
 }
 
 // TestInspection: with inspection on, a host with host/path rules is
