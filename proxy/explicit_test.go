@@ -500,6 +500,40 @@ func loopbackExplicitSink(t *testing.T, policyFmt string, config func(*Config), 
 	return ln.Addr().String(), plainPort, tlsPort, caPool
 }
 
+// connectDocs dials the explicit proxy at addr (loopbackExplicit's) and
+// sends CONNECT docs.paths.test:port; it returns the connection (with a
+// 20 s deadline, closed when the test ends) and the CONNECT's status,
+// failing the test when there is no response.
+func connectDocs(t *testing.T, addr string, port int) (net.Conn, int) {
+	t.Helper()
+	conn, err := net.Dial("tcp", addr)
+	if err != nil {
+		t.Fatal(err)
+	}
+	t.Cleanup(func() { conn.Close() })
+	conn.SetDeadline(time.Now().Add(20 * time.Second))
+	auth := fmt.Sprintf("docs.paths.test:%d", port)
+	fmt.Fprintf(conn, "CONNECT %s HTTP/1.1\r\nHost: %s\r\n\r\n", auth, auth)
+	resp, err := http.ReadResponse(bufio.NewReader(conn), &http.Request{Method: http.MethodConnect})
+	if err != nil {
+		t.Fatalf("CONNECT %s: %v", auth, err)
+	}
+	return conn, resp.StatusCode
+}
+
+// inspectDocs is connectDocs for a CONNECT that is inspected: it fails
+// the test unless the proxy answered 200, and returns the connection and
+// a TLS client on it for docs.paths.test that trusts caPool, the
+// inspection CA (no handshake yet).
+func inspectDocs(t *testing.T, addr string, port int, caPool *x509.CertPool) (net.Conn, *tls.Conn) {
+	t.Helper()
+	conn, code := connectDocs(t, addr, port)
+	if code != http.StatusOK {
+		t.Fatalf("CONNECT docs.paths.test:%d: %d, want 200", port, code)
+	}
+	return conn, tls.Client(conn, &tls.Config{ServerName: "docs.paths.test", RootCAs: caPool})
+}
+
 // TestExplicitPathForm: a path an origin may read as another one
 // ("/public/../private", encoded dots or slashes) does not pass a
 // host/path glob on the explicit proxy, neither in a plain-HTTP request
@@ -551,22 +585,11 @@ rules:
 		}
 	})
 	t.Run("inspected", func(t *testing.T) {
+		auth := fmt.Sprintf("docs.paths.test:%d", tlsPort)
 		for _, c := range paths {
-			conn, err := net.Dial("tcp", addr)
-			if err != nil {
-				t.Fatal(err)
-			}
-			conn.SetDeadline(time.Now().Add(10 * time.Second))
-			auth := fmt.Sprintf("docs.paths.test:%d", tlsPort)
-			fmt.Fprintf(conn, "CONNECT %s HTTP/1.1\r\nHost: %s\r\n\r\n", auth, auth)
-			br := bufio.NewReader(conn)
-			resp, err := http.ReadResponse(br, &http.Request{Method: http.MethodConnect})
-			if err != nil || resp.StatusCode != 200 {
-				t.Fatalf("CONNECT: %v %v", resp, err)
-			}
-			tc := tls.Client(conn, &tls.Config{ServerName: "docs.paths.test", RootCAs: caPool})
+			conn, tc := inspectDocs(t, addr, tlsPort, caPool)
 			fmt.Fprintf(tc, "GET %s HTTP/1.1\r\nHost: %s\r\n\r\n", c.path, auth)
-			resp, err = http.ReadResponse(bufio.NewReader(tc), nil)
+			resp, err := http.ReadResponse(bufio.NewReader(tc), nil)
 			check(t, c.path, resp, err, c.code)
 			conn.Close()
 		}
@@ -589,22 +612,6 @@ rules:
     ports: [%d/tcp, %d/tcp]
 `, func(c *Config) { c.HelloTimeout = timeout })
 	auth := fmt.Sprintf("docs.paths.test:%d", tlsPort)
-	connect := func(t *testing.T) (net.Conn, *bufio.Reader) {
-		t.Helper()
-		conn, err := net.Dial("tcp", addr)
-		if err != nil {
-			t.Fatal(err)
-		}
-		t.Cleanup(func() { conn.Close() })
-		conn.SetDeadline(time.Now().Add(10 * time.Second))
-		fmt.Fprintf(conn, "CONNECT %s HTTP/1.1\r\nHost: %s\r\n\r\n", auth, auth)
-		br := bufio.NewReader(conn)
-		resp, err := http.ReadResponse(br, &http.Request{Method: http.MethodConnect})
-		if err != nil || resp.StatusCode != 200 {
-			t.Fatalf("CONNECT: %v %v", resp, err)
-		}
-		return conn, br
-	}
 	// closed reports whether the proxy closed c within 5 s.
 	closed := func(c net.Conn, r io.Reader) bool {
 		c.SetReadDeadline(time.Now().Add(5 * time.Second))
@@ -612,14 +619,13 @@ rules:
 		return err == nil || !errors.Is(err, os.ErrDeadlineExceeded)
 	}
 	t.Run("silent-after-connect", func(t *testing.T) {
-		conn, br := connect(t)
-		if !closed(conn, br) {
+		conn, _ := inspectDocs(t, addr, tlsPort, caPool)
+		if !closed(conn, conn) {
 			t.Error("the proxy kept a silent inspected connection open")
 		}
 	})
 	t.Run("silent-after-handshake", func(t *testing.T) {
-		conn, _ := connect(t)
-		tc := tls.Client(conn, &tls.Config{ServerName: "docs.paths.test", RootCAs: caPool})
+		conn, tc := inspectDocs(t, addr, tlsPort, caPool)
 		if err := tc.Handshake(); err != nil {
 			t.Fatal(err)
 		}
@@ -628,8 +634,7 @@ rules:
 		}
 	})
 	t.Run("idle-after-a-request", func(t *testing.T) {
-		conn, _ := connect(t)
-		tc := tls.Client(conn, &tls.Config{ServerName: "docs.paths.test", RootCAs: caPool})
+		_, tc := inspectDocs(t, addr, tlsPort, caPool)
 		br := bufio.NewReader(tc)
 		for i := 0; i < 2; i++ {
 			fmt.Fprintf(tc, "GET /public/%d HTTP/1.1\r\nHost: %s\r\n\r\n", i, auth)
@@ -700,22 +705,10 @@ rules:
 		check(t, resp, err)
 	})
 	t.Run("inspected", func(t *testing.T) {
-		conn, err := net.Dial("tcp", addr)
-		if err != nil {
-			t.Fatal(err)
-		}
-		defer conn.Close()
-		conn.SetDeadline(time.Now().Add(10 * time.Second))
 		auth := fmt.Sprintf("docs.paths.test:%d", tlsPort)
-		fmt.Fprintf(conn, "CONNECT %s HTTP/1.1\r\nHost: %s\r\n\r\n", auth, auth)
-		br := bufio.NewReader(conn)
-		resp, err := http.ReadResponse(br, &http.Request{Method: http.MethodConnect})
-		if err != nil || resp.StatusCode != 200 {
-			t.Fatalf("CONNECT: %v %v", resp, err)
-		}
-		tc := tls.Client(conn, &tls.Config{ServerName: "docs.paths.test", RootCAs: caPool})
+		_, tc := inspectDocs(t, addr, tlsPort, caPool)
 		fmt.Fprintf(tc, "GET /public/h HTTP/1.1\r\nHost: %s\r\n"+fields, auth)
-		resp, err = http.ReadResponse(bufio.NewReader(tc), nil)
+		resp, err := http.ReadResponse(bufio.NewReader(tc), nil)
 		check(t, resp, err)
 	})
 }
@@ -838,24 +831,13 @@ rules:
 	// the connection, or the CONNECT's status when it was refused.
 	open := func(t *testing.T) (net.Conn, int) {
 		t.Helper()
-		conn, err := net.Dial("tcp", addr)
-		if err != nil {
-			t.Fatal(err)
-		}
-		t.Cleanup(func() { conn.Close() })
-		conn.SetDeadline(time.Now().Add(10 * time.Second))
-		fmt.Fprintf(conn, "CONNECT %s HTTP/1.1\r\nHost: %s\r\n\r\n", auth, auth)
-		br := bufio.NewReader(conn)
-		resp, err := http.ReadResponse(br, &http.Request{Method: http.MethodConnect})
-		if err != nil {
-			t.Fatal(err)
-		}
-		if resp.StatusCode != 200 {
-			return nil, resp.StatusCode
+		conn, code := connectDocs(t, addr, tlsPort)
+		if code != 200 {
+			return nil, code
 		}
 		tc := tls.Client(conn, &tls.Config{ServerName: "docs.paths.test", RootCAs: caPool})
 		fmt.Fprintf(tc, "GET /public/l HTTP/1.1\r\nHost: %s\r\n\r\n", auth)
-		resp, err = http.ReadResponse(bufio.NewReader(tc), nil)
+		resp, err := http.ReadResponse(bufio.NewReader(tc), nil)
 		if err != nil || resp.StatusCode != 200 {
 			t.Fatalf("request: %v %v", resp, err)
 		}
@@ -892,21 +874,10 @@ rules:
     to: ["docs.paths.test/public/*"]
     ports: [%d/tcp, %d/tcp]
 `, func(c *Config) { c.UpstreamRoots = x509.NewCertPool() }) // trusts no origin
-	conn, err := net.Dial("tcp", addr)
-	if err != nil {
-		t.Fatal(err)
-	}
-	defer conn.Close()
-	conn.SetDeadline(time.Now().Add(10 * time.Second))
 	auth := fmt.Sprintf("docs.paths.test:%d", tlsPort)
-	fmt.Fprintf(conn, "CONNECT %s HTTP/1.1\r\nHost: %s\r\n\r\n", auth, auth)
-	resp, err := http.ReadResponse(bufio.NewReader(conn), &http.Request{Method: http.MethodConnect})
-	if err != nil || resp.StatusCode != 200 {
-		t.Fatalf("CONNECT: %v %v", resp, err)
-	}
-	tc := tls.Client(conn, &tls.Config{ServerName: "docs.paths.test", RootCAs: caPool})
+	_, tc := inspectDocs(t, addr, tlsPort, caPool)
 	fmt.Fprintf(tc, "GET /public/u HTTP/1.1\r\nHost: %s\r\n\r\n", auth)
-	resp, err = http.ReadResponse(bufio.NewReader(tc), nil)
+	resp, err := http.ReadResponse(bufio.NewReader(tc), nil)
 	if err != nil || resp.StatusCode != http.StatusBadGateway {
 		t.Fatalf("an origin that fails verification: %v %v, want 502", resp, err)
 	}
@@ -927,19 +898,8 @@ rules:
     to: ["docs.paths.test/public/*"]
     ports: [%d/tcp, %d/tcp]
 `, nil, ev)
-	conn, err := net.Dial("tcp", addr)
-	if err != nil {
-		t.Fatal(err)
-	}
-	defer conn.Close()
-	conn.SetDeadline(time.Now().Add(20 * time.Second))
-	auth := fmt.Sprintf("docs.paths.test:%d", tlsPort)
-	fmt.Fprintf(conn, "CONNECT %s HTTP/1.1\r\nHost: %s\r\n\r\n", auth, auth)
-	resp, err := http.ReadResponse(bufio.NewReader(conn), &http.Request{Method: http.MethodConnect})
-	if err != nil || resp.StatusCode != 200 {
-		t.Fatalf("CONNECT: %v %v", resp, err)
-	}
-	inspectedRequests(t, tls.Client(conn, &tls.Config{ServerName: "docs.paths.test", RootCAs: caPool}), auth)
+	conn, tc := inspectDocs(t, addr, tlsPort, caPool)
+	inspectedRequests(t, tc, fmt.Sprintf("docs.paths.test:%d", tlsPort))
 	checkInspectedCounts(t, ev, localPort(conn), uint16(tlsPort), 2)
 }
 
