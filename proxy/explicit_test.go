@@ -603,7 +603,9 @@ rules:
 // connection and its goroutine for good. After a request the connection
 // is not cut by that deadline.
 func TestExplicitInspectDeadline(t *testing.T) {
-	const timeout = 500 * time.Millisecond
+	// Long enough for a handshake and a request under -race on a busy
+	// box once the host's leaf is made (the warm-up below makes it).
+	const timeout = 1500 * time.Millisecond
 	addr, _, tlsPort, caPool := loopbackExplicit(t, `version: 1
 mode: enforce
 rules:
@@ -612,6 +614,15 @@ rules:
     ports: [%d/tcp, %d/tcp]
 `, func(c *Config) { c.HelloTimeout = timeout })
 	auth := fmt.Sprintf("docs.paths.test:%d", tlsPort)
+	{
+		// Warm-up: the first inspected handshake makes the leaf for the
+		// host, which can take longer than the timeout under -race.
+		_, tc := inspectDocs(t, addr, tlsPort, caPool)
+		if err := tc.Handshake(); err != nil {
+			t.Fatalf("warm-up handshake: %v", err)
+		}
+		tc.Close()
+	}
 	// closed reports whether the proxy closed c within 5 s.
 	closed := func(c net.Conn, r io.Reader) bool {
 		c.SetReadDeadline(time.Now().Add(5 * time.Second))
