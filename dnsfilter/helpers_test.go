@@ -36,6 +36,7 @@ type fakeUpstream struct {
 	delay atomic.Int64        // nanoseconds before answering
 	drop  atomic.Bool         // never answer
 	big   atomic.Bool         // ignore the EDNS size: UDP answers go out whole
+	tcAll atomic.Bool         // set TC on every answer, over TCP too
 	// decoys: before each UDP answer, send two with its ID but another
 	// question (another name, another type), both with 203.0.113.66.
 	decoys    atomic.Bool
@@ -154,6 +155,9 @@ func (u *fakeUpstream) ServeDNS(w dns.ResponseWriter, r *dns.Msg) {
 			size = int(opt.UDPSize())
 		}
 		m.Truncate(size)
+	}
+	if u.tcAll.Load() {
+		m.Truncated = true
 	}
 	if proto == "udp" && u.decoys.Load() {
 		for _, dq := range []dns.Question{{Name: "decoy.allowed.test.", Qtype: q.Qtype, Qclass: q.Qclass}, {Name: q.Name, Qtype: dns.TypeTXT, Qclass: q.Qclass}} {

@@ -108,9 +108,6 @@ func (s *Server) land(f *flight, r *dns.Msg, err error, aq *answerQueue) {
 			r, err := s.ups.exchangeTCP(ctx, u, q)
 			cancel()
 			s.ups.account(u, start, err)
-			if err == nil && r.Truncated {
-				err = errors.New("truncated over TCP")
-			}
 			s.answerFlight(ws, u, r, err, nil)
 		}()
 		return

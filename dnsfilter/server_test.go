@@ -241,6 +241,33 @@ func TestTruncation(t *testing.T) {
 	}
 }
 
+// An upstream that sets TC on its TCP answer too: a TCP answer is not
+// truncated for size, so both the general path (a TCP client) and the
+// asynchronous miss path (a UDP client) use it, without the TC bit, and
+// cache it.
+func TestTruncatedOverTCP(t *testing.T) {
+	up := newFakeUpstream(t, labZone)
+	up.tcAll.Store(true)
+	ts := startServer(t, enforcePolicy, Config{Upstreams: []string{up.Addr}}, Deps{})
+	for _, c := range []struct{ proto, name string }{{"udp", "www.allowed.test"}, {"tcp", "api.allowed.test"}} {
+		for i := 0; i < 2; i++ { // the second is a cache hit
+			r := ask(t, c.proto, ts.Addr, c.name+".", dns.TypeA, true)
+			if r.Rcode != dns.RcodeSuccess || r.Truncated || len(answerAddrs(r)) != 1 {
+				t.Errorf("%s %s #%d: rcode %s, truncated %v, answers %v", c.proto, c.name, i, dns.RcodeToString[r.Rcode], r.Truncated, answerAddrs(r))
+			}
+		}
+		var protos []string
+		for _, s := range up.Seen() {
+			if s.Name == c.name {
+				protos = append(protos, s.Proto)
+			}
+		}
+		if !cmp.Equal(protos, []string{"udp", "tcp"}) {
+			t.Errorf("%s %s: upstream transports %v, want udp, tcp, then the cache", c.proto, c.name, protos)
+		}
+	}
+}
+
 func TestUpstreamFailover(t *testing.T) {
 	good := newFakeUpstream(t, labZone)
 	slow := newFakeUpstream(t, labZone)

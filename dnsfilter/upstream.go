@@ -268,6 +268,13 @@ func (p *upstreams) exchangeTCP(ctx context.Context, u *upstream, q *dns.Msg) (*
 	if !isAnswerTo(r, q) {
 		return nil, errors.New("answer does not match the query")
 	}
+	// A TC bit over TCP cannot mean the answer was cut to fit: TCP carries
+	// up to 64 KiB and there is no bigger transport to retry on. RFC 7766
+	// lets a client use such an answer, so we do, on both the general and
+	// the asynchronous miss path (both come here), but without the bit:
+	// passed on, it would send our clients' stub resolvers to retry over
+	// TCP for an answer that cannot get any more complete, or fail them.
+	r.Truncated = false
 	return r, nil
 }
 
