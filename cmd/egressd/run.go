@@ -436,6 +436,11 @@ func (d *daemon) run(ctx context.Context) error {
 		d.say("firewall: audit mode: nothing installed, traffic is only observed")
 		if caps.netAdmin {
 			d.removeLeftoverFirewall()
+		} else {
+			// Without CAP_NET_ADMIN egressd can neither see nor remove
+			// such a table: the gateway may go on enforcing while this
+			// run says audit, so that is a part not running.
+			d.degrade("firewall", leftoverHint("cannot check for, nor remove, a table inet "+firewall.TableName+" an earlier enforce run may have left (needs CAP_NET_ADMIN)"))
 		}
 	case !caps.netAdmin:
 		d.degrade("firewall", "needs CAP_NET_ADMIN to install nftables rules (run as root, or use --no-firewall)")
@@ -482,10 +487,16 @@ func (d *daemon) removeLeftoverFirewall() {
 	had, err := fw.RemoveLeftover()
 	switch {
 	case err != nil:
-		d.degrade("firewall", "could not remove the table an earlier enforce run left: "+err.Error())
+		d.degrade("firewall", leftoverHint("could not remove the table an earlier enforce run left: "+err.Error()))
 	case had:
 		d.say("firewall: removed the nftables table inet %s an earlier run in enforce mode left", firewall.TableName)
 	}
+}
+
+// leftoverHint completes why a leftover table could not be removed with
+// what it means and how to lift it.
+func leftoverHint(why string) string {
+	return why + "; if it is there, the gateway goes on enforcing it in audit mode: run `egressd firewall remove` as root"
 }
 
 // startFirewall installs the ruleset and hands it to the DNS forwarder's

@@ -3,10 +3,13 @@ package main
 import (
 	"context"
 	"fmt"
+	"io"
 	"net"
+	"net/http"
 	"os"
 	"os/exec"
 	"path/filepath"
+	"regexp"
 	"runtime"
 	"slices"
 	"strings"
@@ -55,6 +58,49 @@ func TestRunWithoutCapabilities(t *testing.T) {
 		if !strings.Contains(got, want) {
 			t.Errorf("output lacks %q:\n%s", want, got)
 		}
+	}
+}
+
+// TestRunAuditWithoutNetAdmin: a start in audit mode removes a table an
+// earlier enforce run left; without CAP_NET_ADMIN it cannot (nor see
+// whether there is one), and a table left there would go on enforcing
+// while egressd says audit. It must say so at start and in /readyz, and
+// name the command that lifts it.
+func TestRunAuditWithoutNetAdmin(t *testing.T) {
+	dir, bin := buildForNobody(t)
+	ctx, cancel := context.WithTimeout(context.Background(), 60*time.Second)
+	defer cancel()
+	cmd := exec.CommandContext(ctx, "setpriv", "--reuid=65534", "--regid=65534", "--clear-groups", "--inh-caps=-all",
+		bin, "run", "--mode", "audit", "--lan", "lo", "--wan", "lo", "--state-dir", filepath.Join(dir, "state"),
+		"--admin", "127.0.0.1:0", "--proxy-listen", "127.0.0.1:0", "--explicit-proxy-listen", "off",
+		"--dns-listen", "127.0.0.1:0", "--upstream-dns", "127.0.0.1:9")
+	var out lockedBuffer
+	cmd.Stdout, cmd.Stderr = &out, &lockedBuffer{}
+	if err := cmd.Start(); err != nil {
+		t.Fatal(err)
+	}
+	defer func() { cmd.Process.Kill(); cmd.Wait() }()
+	adminRe := regexp.MustCompile(`admin: http://(127\.0\.0\.1:\d+)/`)
+	deadline := time.Now().Add(30 * time.Second)
+	for adminRe.FindStringSubmatch(out.String()) == nil && time.Now().Before(deadline) {
+		time.Sleep(100 * time.Millisecond)
+	}
+	got := out.String()
+	m := adminRe.FindStringSubmatch(got)
+	if m == nil {
+		t.Fatalf("no admin address:\n%s", got)
+	}
+	if !strings.Contains(got, "NOT RUNNING: firewall:") || !strings.Contains(got, "CAP_NET_ADMIN") || !strings.Contains(got, "`egressd firewall remove` as root") {
+		t.Errorf("start-up output does not say a leftover table cannot be removed:\n%s", got)
+	}
+	resp, err := http.Get("http://" + m[1] + "/readyz")
+	if err != nil {
+		t.Fatal(err)
+	}
+	body, _ := io.ReadAll(resp.Body)
+	resp.Body.Close()
+	if resp.StatusCode != http.StatusServiceUnavailable || !strings.Contains(string(body), "egressd firewall remove") {
+		t.Errorf("/readyz: %d %s", resp.StatusCode, body)
 	}
 }
 
