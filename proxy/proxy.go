@@ -67,6 +67,11 @@ type Proxy struct {
 	closeOnce sync.Once
 	done      chan struct{}
 
+	// ready is closed once Run has opened every configured listener;
+	// bound holds their addresses (transparent, explicit; nil when off).
+	ready chan struct{}
+	bound [2]net.Addr
+
 	work workers // runs handleTransparent and the tunnels' ends
 }
 
@@ -109,6 +114,7 @@ func New(cfg Config, deps Deps) (*Proxy, error) {
 		listeners: map[net.Listener]struct{}{},
 		servers:   map[*http.Server]struct{}{},
 		done:      make(chan struct{}),
+		ready:     make(chan struct{}),
 		work:      workers{tasks: make(chan func()), idle: workerIdle},
 	}
 	if deps.Dial == nil {
@@ -122,6 +128,16 @@ func New(cfg Config, deps Deps) (*Proxy, error) {
 	return p, nil
 }
 
+// Ready is closed once Run has opened every configured listener. It is
+// never closed when one fails to open (Run returns the error).
+func (p *Proxy) Ready() <-chan struct{} { return p.ready }
+
+// Addrs returns the bound addresses of the transparent and the explicit
+// listener (nil for one that is off), once Ready is closed.
+func (p *Proxy) Addrs() (transparent, explicit net.Addr) {
+	return p.bound[0], p.bound[1]
+}
+
 // Run opens the configured listeners and serves them until ctx is done or
 // a listener fails; then it closes the proxy.
 func (p *Proxy) Run(ctx context.Context) error {
@@ -132,6 +148,7 @@ func (p *Proxy) Run(ctx context.Context) error {
 			p.Close()
 			return fmt.Errorf("proxy: transparent listener: %w", err)
 		}
+		p.bound[0] = ln.Addr()
 		g.Go(func() error { return p.Serve(ln) })
 	}
 	if a := p.cfg.ExplicitAddr; a != "" {
@@ -140,8 +157,10 @@ func (p *Proxy) Run(ctx context.Context) error {
 			p.Close()
 			return fmt.Errorf("proxy: explicit listener: %w", err)
 		}
+		p.bound[1] = ln.Addr()
 		g.Go(func() error { return p.ServeExplicit(ln) })
 	}
+	close(p.ready) // after bound: the close orders the writes before Addrs
 	g.Go(func() error {
 		select {
 		case <-ctx.Done():

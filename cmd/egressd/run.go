@@ -376,12 +376,14 @@ func (d *daemon) run(ctx context.Context) error {
 		explicit = ""
 	}
 	pcfg := proxy.Config{TransparentAddr: cfg.transparent, ExplicitAddr: explicit, Inspect: cfg.inspect, StateDir: cfg.stateDir}
+	proxyStopped := make(chan struct{}) // closed once the proxy's Run has returned (and its failure is recorded)
 	if d.proxy, err = proxy.New(pcfg, proxy.Deps{Policy: d.store, Sink: d.sink, Logger: d.log, Registerer: d.reg, DNS: dnsFacts, Resolver: resolver}); err != nil {
 		d.degrade("proxy", err.Error())
 	} else {
 		wg.Add(1)
 		go func() {
 			defer wg.Done()
+			defer close(proxyStopped)
 			if err := d.proxy.Run(ctx); err != nil && ctx.Err() == nil {
 				d.degrade("proxy", withCapHint(err, caps.bindService, "CAP_NET_BIND_SERVICE for a listen port below 1024"))
 			}
@@ -422,7 +424,18 @@ func (d *daemon) run(ctx context.Context) error {
 		}
 	}
 	if d.proxy != nil {
-		d.say("proxy: transparent on %s, explicit on %s", orOff(pcfg.TransparentAddr), orOff(pcfg.ExplicitAddr))
+		// What is listening, not what was asked for: a listener that
+		// failed to open stops the proxy (its Run returns the error, a
+		// part not running in the summary below and /readyz).
+		select {
+		case <-d.proxy.Ready():
+			t, e := d.proxy.Addrs()
+			d.say("proxy: transparent on %s, explicit on %s", addrOrOff(t), addrOrOff(e))
+		case <-proxyStopped:
+			d.say("proxy: not listening")
+		case <-time.After(5 * time.Second):
+		case <-ctx.Done():
+		}
 	}
 
 	switch {
@@ -733,6 +746,14 @@ func orOff(s string) string {
 		return "off"
 	}
 	return s
+}
+
+// addrOrOff is orOff for a bound address (nil: off).
+func addrOrOff(a net.Addr) string {
+	if a == nil {
+		return "off"
+	}
+	return a.String()
 }
 
 func joinAddrPorts(a []netip.AddrPort) string {

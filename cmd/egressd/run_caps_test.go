@@ -50,7 +50,7 @@ func TestRunWithoutCapabilities(t *testing.T) {
 		"NOT RUNNING: firewall: needs CAP_NET_ADMIN",
 		"needs CAP_NET_BIND_SERVICE",
 		"event log: " + filepath.Join(dir, "state"),
-		"proxy: transparent on 127.0.0.1:0",
+		"proxy: transparent on 127.0.0.1:", // the bound port
 		"admin: http://127.0.0.1:",
 		// Go's default processors; GOMAXPROCS unset here
 		fmt.Sprintf("go: %d processors\n", runtime.GOMAXPROCS(0)),
