@@ -71,6 +71,9 @@ type Proxy struct {
 	// bound holds their addresses (transparent, explicit; nil when off).
 	ready chan struct{}
 	bound [2]net.Addr
+	// explicitErr is why the explicit listener did not open while the
+	// transparent one did (set before ready is closed).
+	explicitErr error
 
 	work workers // runs handleTransparent and the tunnels' ends
 }
@@ -128,18 +131,29 @@ func New(cfg Config, deps Deps) (*Proxy, error) {
 	return p, nil
 }
 
-// Ready is closed once Run has opened every configured listener. It is
-// never closed when one fails to open (Run returns the error).
+// Ready is closed once Run has opened the configured listeners (the
+// explicit one may have failed: ExplicitErr). It is never closed when the
+// transparent one, or the only one, fails to open (Run returns the error).
 func (p *Proxy) Ready() <-chan struct{} { return p.ready }
 
 // Addrs returns the bound addresses of the transparent and the explicit
-// listener (nil for one that is off), once Ready is closed.
+// listener (nil for one that is off or did not open), once Ready is
+// closed.
 func (p *Proxy) Addrs() (transparent, explicit net.Addr) {
 	return p.bound[0], p.bound[1]
 }
 
+// ExplicitErr returns, once Ready is closed, why the explicit listener
+// did not open while the transparent one serves; nil when it opened or is
+// off.
+func (p *Proxy) ExplicitErr() error { return p.explicitErr }
+
 // Run opens the configured listeners and serves them until ctx is done or
-// a listener fails; then it closes the proxy.
+// a listener fails; then it closes the proxy. An explicit listener that
+// cannot open (its port taken by another proxy on the box, say) does not
+// take the transparent one down with it: enforce mode's redirect sends
+// every LAN connection there. Run goes on with the transparent listener
+// and reports the failure through ExplicitErr.
 func (p *Proxy) Run(ctx context.Context) error {
 	g, ctx := errgroup.WithContext(ctx)
 	if a := p.cfg.TransparentAddr; a != "" {
@@ -153,12 +167,17 @@ func (p *Proxy) Run(ctx context.Context) error {
 	}
 	if a := p.cfg.ExplicitAddr; a != "" {
 		ln, err := p.listenExplicit(ctx, a)
-		if err != nil {
+		switch {
+		case err != nil && p.bound[0] == nil:
 			p.Close()
 			return fmt.Errorf("proxy: explicit listener: %w", err)
+		case err != nil:
+			p.explicitErr = fmt.Errorf("proxy: explicit listener: %w", err)
+			p.log.Error("proxy: the explicit listener did not open; the transparent proxy goes on", "addr", a, audit.LogError, err.Error())
+		default:
+			p.bound[1] = ln.Addr()
+			g.Go(func() error { return p.ServeExplicit(ln) })
 		}
-		p.bound[1] = ln.Addr()
-		g.Go(func() error { return p.ServeExplicit(ln) })
 	}
 	close(p.ready) // after bound: the close orders the writes before Addrs
 	g.Go(func() error {

@@ -71,6 +71,49 @@ func TestRunClose(t *testing.T) {
 	}
 }
 
+// TestRunExplicitPortTaken: an explicit listener that cannot open does not
+// take the transparent one down (enforce mode's redirect sends every LAN
+// connection there): Run goes on, Ready closes with the transparent
+// address, and ExplicitErr says why. The transparent one failing still
+// fails Run.
+func TestRunExplicitPortTaken(t *testing.T) {
+	taken, err := net.Listen("tcp", "127.0.0.1:0")
+	if err != nil {
+		t.Fatal(err)
+	}
+	defer taken.Close()
+	p := bareProxy(t, Config{TransparentAddr: "127.0.0.1:0", ExplicitAddr: taken.Addr().String()})
+	ctx, cancel := context.WithCancel(context.Background())
+	defer cancel()
+	done := make(chan error, 1)
+	go func() { done <- p.Run(ctx) }()
+	select {
+	case <-p.Ready():
+	case err := <-done:
+		t.Fatalf("Run returned %v with the transparent listener free", err)
+	case <-time.After(5 * time.Second):
+		t.Fatal("not ready")
+	}
+	tr, ex := p.Addrs()
+	if tr == nil || ex != nil || p.ExplicitErr() == nil || !strings.Contains(p.ExplicitErr().Error(), "address already in use") {
+		t.Fatalf("addrs %v, %v; explicit error %v", tr, ex, p.ExplicitErr())
+	}
+	c, err := net.Dial("tcp", tr.String())
+	if err != nil {
+		t.Fatalf("the transparent listener does not accept: %v", err)
+	}
+	c.Close()
+	cancel()
+	if err := <-done; err != nil {
+		t.Errorf("Run: %v", err)
+	}
+
+	p2 := bareProxy(t, Config{TransparentAddr: taken.Addr().String(), ExplicitAddr: "127.0.0.1:0"})
+	if err := p2.Run(context.Background()); err == nil || !strings.Contains(err.Error(), "transparent listener") {
+		t.Errorf("Run with the transparent port taken: %v", err)
+	}
+}
+
 // TestKeepAlive: a destination connection made by the default dialer (once
 // it has lived keepAliveAfter) and a connection accepted by the transparent
 // listener have TCP keepalive on, with the configured idle period and Go's

@@ -430,6 +430,12 @@ func (d *daemon) run(ctx context.Context) error {
 		select {
 		case <-d.proxy.Ready():
 			t, e := d.proxy.Addrs()
+			if err := d.proxy.ExplicitErr(); err != nil {
+				// The transparent proxy runs without it.
+				d.degrade("explicit-proxy", withCapHint(err, caps.bindService, "CAP_NET_BIND_SERVICE for a listen port below 1024"))
+				d.say("proxy: transparent on %s, explicit not listening", addrOrOff(t))
+				break
+			}
 			d.say("proxy: transparent on %s, explicit on %s", addrOrOff(t), addrOrOff(e))
 		case <-proxyStopped:
 			d.say("proxy: not listening")

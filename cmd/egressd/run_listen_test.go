@@ -60,6 +60,16 @@ func TestRunProxyListenFails(t *testing.T) {
 			if strings.Contains(got, " on "+busy) {
 				t.Errorf("the taken address %s is named as listening:\n%s", busy, got)
 			}
+			if c.name == "explicit" {
+				// The transparent proxy, which enforce mode's redirect
+				// needs, goes on without the explicit one.
+				if !regexp.MustCompile(`(?m)^proxy: transparent on 127\.0\.0\.1:[1-9]\d*, explicit not listening$`).MatchString(got) ||
+					!strings.Contains(got, "NOT RUNNING: explicit-proxy: proxy: explicit listener") || !strings.Contains(got, "address already in use") ||
+					strings.Contains(got, "NOT RUNNING: proxy:") {
+					t.Errorf("want the transparent proxy listening and the explicit one not running:\n%s", got)
+				}
+				return
+			}
 			if !strings.Contains(got, "NOT RUNNING: proxy: proxy: "+c.name+" listener") || !strings.Contains(got, "address already in use") {
 				t.Errorf("no proxy failure in the summary:\n%s", got)
 			}
