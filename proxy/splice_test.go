@@ -189,7 +189,10 @@ func TestHalfCloseTimeout(t *testing.T) {
 	proxyOut, server := tcpPair(t)
 	var p Proxy
 	p.done = make(chan struct{})
-	p.cfg.HalfCloseTimeout = 300 * time.Millisecond
+	// Chunks 150 ms apart against a 1 s timeout: a busy box would have to
+	// stretch a 150 ms sleep past 1 s to end the tunnel early (at 300 ms
+	// it did once, under load).
+	p.cfg.HalfCloseTimeout = time.Second
 	ended := make(chan string, 1)
 	p.startTunnel(proxyIn, proxyOut, func(_, _ int64, reason string) { ended <- reason })
 	go io.Copy(io.Discard, server)
@@ -198,7 +201,7 @@ func TestHalfCloseTimeout(t *testing.T) {
 	client.CloseWrite()
 	// The origin answers slowly but steadily for longer than the timeout:
 	// every chunk comes within it, so the tunnel stays.
-	for i := 0; i < 6; i++ {
+	for i := 0; i < 9; i++ {
 		time.Sleep(150 * time.Millisecond)
 		if _, err := server.Write([]byte("chunk")); err != nil {
 			t.Fatalf("write %d: %v", i, err)
