@@ -8,7 +8,7 @@
 // policy (policy.Store) and then either splices the connection to the
 // original destination or answers with a deny (a TLS alert, an HTTP 403, or
 // a close). On plain HTTP/1.x the client-to-origin direction is not
-// spliced but copied through a request-stream parser (reqstream.go) that
+// spliced but copied through a request-stream parser (httpwire.ReqStream, shared with capture) that
 // finds and decides every later request on the connection too (Host,
 // absolute target, path), refusing ambiguous framing (request smuggling);
 // a denied later request gets the 403 after the origin's earlier responses

@@ -103,7 +103,7 @@ func httpErrDecision(eng *policy.Engine, err error) policy.Decision {
 	switch {
 	case errors.Is(err, httpwire.ErrHostMismatch):
 		return denyDecision(eng, ReasonHostMismatch)
-	case errors.Is(err, errHelloTooLarge), errors.Is(err, errHeadTooLarge):
+	case errors.Is(err, errHelloTooLarge), errors.Is(err, httpwire.ErrHeadTooLarge):
 		return denyDecision(eng, ReasonHelloTooLarge)
 	case errors.Is(err, httpwire.ErrHeadFraming):
 		return denyDecision(eng, ReasonHTTPFraming)
@@ -117,7 +117,7 @@ func httpErrDecision(eng *policy.Engine, err error) policy.Decision {
 // httpUpstream is the client-to-origin direction of an allowed (or, in
 // audit mode, would-be denied) plain HTTP/1.x connection: instead of a
 // splice, a copy through a bounded buffer that finds every request head
-// with a reqStream and decides it before forwarding a byte of it
+// with an httpwire.ReqStream and decides it before forwarding a byte of it
 // (THREATS.md C6). The origin-to-client direction stays spliced.
 //
 // A later request that is denied in enforce mode is not forwarded: the
@@ -132,7 +132,7 @@ type httpUpstream struct {
 	p      *Proxy
 	base   policy.Input // client, original destination, port
 	f      *flowRecord  // the connection's record
-	s      reqStream
+	s      httpwire.ReqStream
 	held   []byte // bytes read with the first head, after it
 	denied bool   // a later request was refused (enforce)
 }
@@ -141,8 +141,8 @@ type httpUpstream struct {
 // decided and will be replayed; rest are the bytes read after it.
 func (p *Proxy) newHTTPUpstream(in policy.Input, f *flowRecord, h *httpwire.Head, rest []byte) *httpUpstream {
 	u := &httpUpstream{p: p, base: in, f: f, held: rest}
-	u.s.maxHead = p.cfg.HelloMaxBytes
-	u.s.start(h)
+	u.s.MaxHead = p.cfg.HelloMaxBytes
+	u.s.Start(h)
 	return u
 }
 
@@ -168,15 +168,15 @@ func (u *httpUpstream) run(t *tunnel) (int64, error) {
 	}
 	for {
 		for len(data) > 0 {
-			k, h, err := u.s.next(data)
-			if errors.Is(err, errNeedMore) {
+			k, h, err := u.s.Next(data)
+			if errors.Is(err, httpwire.ErrNeedMore) {
 				break
 			}
 			if err != nil {
 				if u.refuse(t, err) {
 					return out, nil
 				}
-				u.s.giveUp()
+				u.s.GiveUp()
 				continue
 			}
 			if h != nil {
@@ -197,7 +197,7 @@ func (u *httpUpstream) run(t *tunnel) (int64, error) {
 				idle()
 			}
 		}
-		if u.s.tunnel() {
+		if u.s.Tunnel() {
 			// Upgraded, or given up in audit mode: splice the rest.
 			if !headStart.IsZero() {
 				clearDeadline()
@@ -206,14 +206,14 @@ func (u *httpUpstream) run(t *tunnel) (int64, error) {
 			return out + n, err
 		}
 		switch {
-		case len(data) == len(buf) && len(buf) < u.s.maxHead+httpBufSize:
+		case len(data) == len(buf) && len(buf) < u.s.MaxHead+httpBufSize:
 			// A head or line longer than the buffer: grow it.
-			buf = make([]byte, min(2*len(buf), u.s.maxHead+httpBufSize))
+			buf = make([]byte, min(2*len(buf), u.s.MaxHead+httpBufSize))
 		case len(data) == 0 && len(buf) > small:
 			buf = make([]byte, small)
 		}
 		data = buf[:copy(buf, data)]
-		if len(data) > 0 && u.s.inHead() && headStart.IsZero() {
+		if len(data) > 0 && u.s.InHead() && headStart.IsZero() {
 			// A head has begun: it must complete in time (slowloris).
 			headStart = time.Now()
 			client.SetReadDeadline(headStart.Add(u.p.cfg.HelloTimeout))
@@ -243,7 +243,7 @@ func (u *httpUpstream) run(t *tunnel) (int64, error) {
 				return out, nil
 			}
 			clearDeadline()
-			u.s.giveUp()
+			u.s.GiveUp()
 		default:
 			return out, err
 		}

@@ -6,9 +6,11 @@
 // the start of both flows: it says whether a connection's first bytes are
 // an HTTP request (of any method), parses the request head (ParseHead:
 // the host and path it names, its body framing, and the heads it refuses
-// and why), and splits the authority a request names, before either
-// component decides the request by its host. What each component then
-// decides (reasons, rules) stays with it. The components never import
+// and why), follows the request stream of a keep-alive connection past
+// each request's body to the next head (ReqStream: Content-Length,
+// chunked bodies with trailers, Upgrade), and splits the authority a
+// request names, before either component decides the request by its
+// host. What each component then decides (reasons, rules) stays with it. The components never import
 // each other, so the one copy lives here; it is a leaf and imports
 // nothing of egressd's.
 package httpwire

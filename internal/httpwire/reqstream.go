@@ -1,25 +1,23 @@
-package proxy
+package httpwire
 
 import (
 	"bytes"
 	"errors"
-
-	"egressd/internal/httpwire"
 )
 
 // Errors of the request-stream parser besides the head parser's.
 var (
-	// errNeedMore: the bytes given end inside a request head or a framing
+	// ErrNeedMore: the bytes given end inside a request head or a framing
 	// line; call again with more.
-	errNeedMore = errors.New("proxy: http request stream needs more bytes")
-	// errHeadTooLarge: a request head, a chunk line or a trailer section
+	ErrNeedMore = errors.New("httpwire: http request stream needs more bytes")
+	// ErrHeadTooLarge: a request head, a chunk line or a trailer section
 	// is over its bound.
-	errHeadTooLarge = errors.New("proxy: http request head or framing line over the size cap")
+	ErrHeadTooLarge = errors.New("httpwire: http request head or framing line over the size cap")
 )
 
-// maxChunkLine bounds a chunk-size line with its extensions (as Go's
+// MaxChunkLine bounds a chunk-size line with its extensions (as Go's
 // net/http does).
-const maxChunkLine = 4096
+const MaxChunkLine = 4096
 
 // maxBlankLines is how many empty lines (CRLF) a request may follow; RFC
 // 9112 section 2.2 asks servers to ignore at least one, and some clients
@@ -39,19 +37,24 @@ const (
 	rsTunnel                     // opaque from here on (upgraded, or given up in audit mode)
 )
 
-// reqStream follows the client-to-origin bytes of a plain HTTP/1.x
+// ReqStream follows the client-to-origin bytes of a plain HTTP/1.x
 // connection so that every request head is found and decided, not only the
-// first (THREATS.md C6). It keeps no bytes itself: the caller holds what is
-// not yet forwarded and calls next with it. Its state is bounded: a head
-// of at most maxHead bytes, a chunk line of at most maxChunkLine, a
-// trailer section of at most maxHead, and a few counters.
+// first (THREATS.md C6): the transparent proxy forwards through it, and
+// capture runs the bytes it reassembles through it, so that audit mode
+// finds the requests enforce mode decides. It keeps no bytes itself: the
+// caller holds what is not yet consumed and calls Next with it. Its state
+// is bounded: a head of at most MaxHead bytes, a chunk line of at most
+// MaxChunkLine, a trailer section of at most MaxHead, and a few counters.
+// The zero value with MaxHead set is a stream at the start of a request
+// head; after a first head parsed elsewhere, Start moves it into that
+// request's body.
 //
 // It is strict where a lax reading would let the origin see a request the
-// proxy did not (request smuggling): the head rules of httpwire.ParseHead, chunk
+// proxy did not (request smuggling): the head rules of ParseHead, chunk
 // sizes in hex digits only, CRLF after every chunk, trailer fields shaped
 // like header fields, bare CR or LF nowhere.
-type reqStream struct {
-	maxHead int
+type ReqStream struct {
+	MaxHead int // bound of a head and of a trailer section, in bytes
 	state   rsState
 	remain  int64 // rsBody, rsChunkData: bytes left
 	trailer int   // rsTrailer: bytes of trailer fields so far
@@ -60,21 +63,21 @@ type reqStream struct {
 	upgrade bool  // the current request asked for an Upgrade
 }
 
-// next examines data, the bytes the client sent that are not forwarded
+// Next examines data, the bytes the client sent that are not consumed
 // yet, oldest first. It returns
 //   - n > 0 and h == nil: data[:n] is body, framing or tunnel bytes,
 //     to forward as they are;
 //   - n > 0 and h != nil: data[:n] is a complete request head, to be
 //     decided before a byte of it is forwarded; the stream is now in its
 //     body;
-//   - errNeedMore: data ends inside a head or a framing line; call again
+//   - ErrNeedMore: data ends inside a head or a framing line; call again
 //     with data and the bytes read next;
 //   - another error: the stream cannot be followed (malformed head,
 //     ambiguous framing, a bound exceeded); the connection must be denied
-//     (or, in audit mode, given up with giveUp).
-func (s *reqStream) next(data []byte) (n int, h *httpwire.Head, err error) {
+//     (or, in audit mode, given up with GiveUp).
+func (s *ReqStream) Next(data []byte) (n int, h *Head, err error) {
 	if len(data) == 0 {
-		return 0, nil, errNeedMore
+		return 0, nil, ErrNeedMore
 	}
 	switch s.state {
 	case rsTunnel:
@@ -88,9 +91,9 @@ func (s *reqStream) next(data []byte) (n int, h *httpwire.Head, err error) {
 		// WebSocket frame (0x0_/0x8_), TLS record or other binary
 		// protocol does; anything an HTTP server could read as a request
 		// is parsed and decided as one.
-		if c := data[0]; httpwire.IsTChar(c) || c == '\r' || c == '\n' || c == ' ' || c == '\t' {
+		if c := data[0]; IsTChar(c) || c == '\r' || c == '\n' || c == ' ' || c == '\t' {
 			s.state = rsHead
-			return s.next(data)
+			return s.Next(data)
 		}
 		s.state = rsTunnel
 		return len(data), nil, nil
@@ -119,22 +122,22 @@ func (s *reqStream) next(data []byte) (n int, h *httpwire.Head, err error) {
 
 	case rsChunkEnd:
 		if data[0] != '\r' || len(data) > 1 && data[1] != '\n' {
-			return 0, nil, httpwire.ErrHeadFraming
+			return 0, nil, ErrHeadFraming
 		}
 		if len(data) < 2 {
-			return 0, nil, errNeedMore
+			return 0, nil, ErrNeedMore
 		}
 		s.state = rsChunkSize
 		return 2, nil, nil
 
 	case rsChunkSize:
-		line, err := crlfLine(data, maxChunkLine)
+		line, err := crlfLine(data, MaxChunkLine)
 		if err != nil {
 			return 0, nil, err
 		}
 		size, ok := parseChunkSize(data[:line])
 		if !ok {
-			return 0, nil, httpwire.ErrHeadFraming
+			return 0, nil, ErrHeadFraming
 		}
 		if size == 0 {
 			s.state, s.trailer = rsTrailer, 0
@@ -144,7 +147,7 @@ func (s *reqStream) next(data []byte) (n int, h *httpwire.Head, err error) {
 		return line + 2, nil, nil
 
 	case rsTrailer:
-		line, err := crlfLine(data, s.maxHead-s.trailer)
+		line, err := crlfLine(data, s.MaxHead-s.trailer)
 		if err != nil {
 			return 0, nil, err
 		}
@@ -153,7 +156,7 @@ func (s *reqStream) next(data []byte) (n int, h *httpwire.Head, err error) {
 			return 2, nil, nil
 		}
 		if !validFieldLine(data[:line]) {
-			return 0, nil, httpwire.ErrHeadFraming
+			return 0, nil, ErrHeadFraming
 		}
 		s.trailer += line + 2
 		return line + 2, nil, nil
@@ -162,16 +165,16 @@ func (s *reqStream) next(data []byte) (n int, h *httpwire.Head, err error) {
 	// rsHead.
 	if data[0] == '\r' || data[0] == '\n' {
 		if data[0] == '\n' || len(data) > 1 && data[1] != '\n' || s.blank >= maxBlankLines {
-			return 0, nil, httpwire.ErrHeadMalformed
+			return 0, nil, ErrHeadMalformed
 		}
 		if len(data) < 2 {
-			return 0, nil, errNeedMore
+			return 0, nil, ErrNeedMore
 		}
 		s.blank++
 		return 2, nil, nil
 	}
-	if !httpwire.IsTChar(data[0]) {
-		return 0, nil, httpwire.ErrHeadMalformed // no method starts so
+	if !IsTChar(data[0]) {
+		return 0, nil, ErrHeadMalformed // no method starts so
 	}
 	from := max(0, s.scan-3)
 	end := bytes.Index(data[from:], []byte("\r\n\r\n"))
@@ -180,31 +183,31 @@ func (s *reqStream) next(data []byte) (n int, h *httpwire.Head, err error) {
 		if i := bytes.IndexByte(data[from:], '\n'); i >= 0 {
 			for j := from + i; j < len(data); j++ {
 				if data[j] == '\n' && (j == 0 || data[j-1] != '\r') {
-					return 0, nil, httpwire.ErrHeadMalformed
+					return 0, nil, ErrHeadMalformed
 				}
 			}
 		}
-		if len(data) >= s.maxHead {
-			return 0, nil, errHeadTooLarge
+		if len(data) >= s.MaxHead {
+			return 0, nil, ErrHeadTooLarge
 		}
 		s.scan = len(data)
-		return 0, nil, errNeedMore
+		return 0, nil, ErrNeedMore
 	}
 	end += from + 4
-	if end > s.maxHead {
-		return 0, nil, errHeadTooLarge
+	if end > s.MaxHead {
+		return 0, nil, ErrHeadTooLarge
 	}
-	hd, err := httpwire.ParseHead(data[:end])
+	hd, err := ParseHead(data[:end])
 	if err != nil {
 		return 0, nil, err
 	}
-	s.start(&hd)
+	s.Start(&hd)
 	return hd.Len, &hd, nil
 }
 
-// start moves the stream past the head h (just parsed, here or by the
+// Start moves the stream past the head h (just parsed, here or by the
 // transparent peek) into its body.
-func (s *reqStream) start(h *httpwire.Head) {
+func (s *ReqStream) Start(h *Head) {
 	s.scan, s.blank = 0, 0
 	s.upgrade = h.Upgrade
 	switch {
@@ -218,7 +221,7 @@ func (s *reqStream) start(h *httpwire.Head) {
 }
 
 // endMessage moves past the end of a request.
-func (s *reqStream) endMessage() {
+func (s *ReqStream) endMessage() {
 	s.state = rsHead
 	if s.upgrade {
 		s.state = rsMaybeTunnel
@@ -226,20 +229,20 @@ func (s *reqStream) endMessage() {
 	s.upgrade = false
 }
 
-// giveUp makes the rest of the stream opaque (audit mode after something
+// GiveUp makes the rest of the stream opaque (audit mode after something
 // the parser refuses: nothing is blocked, nothing more is decided).
-func (s *reqStream) giveUp() { s.state = rsTunnel }
+func (s *ReqStream) GiveUp() { s.state = rsTunnel }
 
-// tunnel reports whether the stream is opaque from here on.
-func (s *reqStream) tunnel() bool { return s.state == rsTunnel }
+// Tunnel reports whether the stream is opaque from here on.
+func (s *ReqStream) Tunnel() bool { return s.state == rsTunnel }
 
-// inHead reports whether the stream is between requests or inside a head
+// InHead reports whether the stream is between requests or inside a head
 // (where the head deadline applies to bytes held).
-func (s *reqStream) inHead() bool { return s.state == rsHead || s.state == rsMaybeTunnel }
+func (s *ReqStream) InHead() bool { return s.state == rsHead || s.state == rsMaybeTunnel }
 
 // crlfLine returns the length of the line at the start of data, without
-// its CRLF: errNeedMore when no line end is there yet (and data is under
-// limit), httpwire.ErrHeadFraming for a bare CR or LF, errHeadTooLarge over limit.
+// its CRLF: ErrNeedMore when no line end is there yet (and data is under
+// limit), ErrHeadFraming for a bare CR or LF, ErrHeadTooLarge over limit.
 func crlfLine(data []byte, limit int) (int, error) {
 	search := data
 	if len(search) > limit+2 {
@@ -248,18 +251,18 @@ func crlfLine(data []byte, limit int) (int, error) {
 	i := bytes.IndexByte(search, '\n')
 	if i < 0 {
 		if j := bytes.IndexByte(search, '\r'); j >= 0 && j+1 < len(search) {
-			return 0, httpwire.ErrHeadFraming // CR not followed by LF
+			return 0, ErrHeadFraming // CR not followed by LF
 		}
 		if len(data) >= limit+2 {
-			return 0, errHeadTooLarge
+			return 0, ErrHeadTooLarge
 		}
-		return 0, errNeedMore
+		return 0, ErrNeedMore
 	}
 	if i == 0 || search[i-1] != '\r' {
-		return 0, httpwire.ErrHeadFraming
+		return 0, ErrHeadFraming
 	}
 	if bytes.IndexByte(search[:i-1], '\r') >= 0 {
-		return 0, httpwire.ErrHeadFraming
+		return 0, ErrHeadFraming
 	}
 	return i - 1, nil
 }
@@ -316,7 +319,7 @@ func validFieldLine(l []byte) bool {
 		return false
 	}
 	i := bytes.IndexByte(l, ':')
-	if i <= 0 || !httpwire.IsToken(string(l[:i])) {
+	if i <= 0 || !IsToken(string(l[:i])) {
 		return false
 	}
 	for _, c := range l[i+1:] {

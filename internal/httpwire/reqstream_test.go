@@ -1,4 +1,4 @@
-package proxy
+package httpwire
 
 import (
 	"bytes"
@@ -6,11 +6,9 @@ import (
 	"fmt"
 	"strings"
 	"testing"
-
-	"egressd/internal/httpwire"
 )
 
-// streamResult is what driving a reqStream over some input gave.
+// streamResult is what driving a ReqStream over some input gave.
 type streamResult struct {
 	heads     []string // "METHOD host path" of every head found, in order
 	forwarded []byte   // the bytes next released, in order
@@ -19,11 +17,11 @@ type streamResult struct {
 	err       error
 }
 
-// driveStream feeds in to a reqStream in pieces of the sizes split gives
+// driveStream feeds in to a ReqStream in pieces of the sizes split gives
 // (as reads would), holding back what next does not release, like
-// httpUpstream.run.
+// the proxy's httpUpstream.run.
 func driveStream(in []byte, maxHead int, split func(i int) int) streamResult {
-	s := reqStream{maxHead: maxHead}
+	s := ReqStream{MaxHead: maxHead}
 	var r streamResult
 	var held []byte
 	for pos, i := 0, 0; pos < len(in); i++ {
@@ -31,8 +29,8 @@ func driveStream(in []byte, maxHead int, split func(i int) int) streamResult {
 		held = append(held, in[pos:pos+k]...)
 		pos += k
 		for len(held) > 0 {
-			n, h, err := s.next(held)
-			if errors.Is(err, errNeedMore) {
+			n, h, err := s.Next(held)
+			if errors.Is(err, ErrNeedMore) {
 				break
 			}
 			if err != nil {
@@ -50,7 +48,7 @@ func driveStream(in []byte, maxHead int, split func(i int) int) streamResult {
 			held = held[n:]
 		}
 	}
-	r.held, r.tunnel = len(held), s.tunnel()
+	r.held, r.tunnel = len(held), s.Tunnel()
 	return r
 }
 
@@ -146,50 +144,50 @@ func TestReqStreamSmuggling(t *testing.T) {
 		name, req string
 		err       error
 	}{
-		{"cl-te", "POST / HTTP/1.1\r\nHost: a\r\nContent-Length: 4\r\nTransfer-Encoding: chunked\r\n\r\n0\r\n\r\n", httpwire.ErrHeadFraming},
-		{"te-cl", "POST / HTTP/1.1\r\nHost: a\r\nTransfer-Encoding: chunked\r\nContent-Length: 4\r\n\r\n0\r\n\r\n", httpwire.ErrHeadFraming},
-		{"two-cl-differ", "POST / HTTP/1.1\r\nHost: a\r\nContent-Length: 0\r\nContent-Length: 40\r\n\r\n", httpwire.ErrHeadFraming},
-		{"cl-list", "POST / HTTP/1.1\r\nHost: a\r\nContent-Length: 5, 5\r\n\r\nhello", httpwire.ErrHeadFraming},
-		{"cl-plus", "POST / HTTP/1.1\r\nHost: a\r\nContent-Length: +5\r\n\r\nhello", httpwire.ErrHeadFraming},
-		{"cl-negative", "POST / HTTP/1.1\r\nHost: a\r\nContent-Length: -1\r\n\r\n", httpwire.ErrHeadFraming},
-		{"cl-tab", "POST / HTTP/1.1\r\nHost: a\r\nContent-Length:\t5\r\n\r\nhello", httpwire.ErrHeadFraming},
-		{"cl-empty", "POST / HTTP/1.1\r\nHost: a\r\nContent-Length: \r\n\r\n", httpwire.ErrHeadFraming},
-		{"cl-huge", "POST / HTTP/1.1\r\nHost: a\r\nContent-Length: 99999999999999999999\r\n\r\n", httpwire.ErrHeadFraming},
-		{"te-tab", "POST / HTTP/1.1\r\nHost: a\r\nTransfer-Encoding:\tchunked\r\n\r\n0\r\n\r\n", httpwire.ErrHeadFraming},
-		{"te-list", "POST / HTTP/1.1\r\nHost: a\r\nTransfer-Encoding: chunked, chunked\r\n\r\n0\r\n\r\n", httpwire.ErrHeadFraming},
-		{"te-trailing-comma", "POST / HTTP/1.1\r\nHost: a\r\nTransfer-Encoding: chunked,\r\n\r\n0\r\n\r\n", httpwire.ErrHeadFraming},
-		{"te-gzip", "POST / HTTP/1.1\r\nHost: a\r\nTransfer-Encoding: gzip\r\n\r\n", httpwire.ErrHeadFraming},
-		{"te-twice", "POST / HTTP/1.1\r\nHost: a\r\nTransfer-Encoding: chunked\r\nTransfer-Encoding: chunked\r\n\r\n0\r\n\r\n", httpwire.ErrHeadFraming},
-		{"te-http10", "POST / HTTP/1.0\r\nHost: a\r\nTransfer-Encoding: chunked\r\n\r\n0\r\n\r\n", httpwire.ErrHeadFraming},
-		{"te-xchunked", "POST / HTTP/1.1\r\nHost: a\r\nTransfer-Encoding: xchunked\r\n\r\n0\r\n\r\n", httpwire.ErrHeadFraming},
-		{"obs-fold", "GET / HTTP/1.1\r\nHost: a\r\nX: y\r\n z\r\n\r\n", httpwire.ErrHeadMalformed},
-		{"obs-fold-te", "POST / HTTP/1.1\r\nHost: a\r\nTransfer-Encoding:\r\n chunked\r\n\r\n", httpwire.ErrHeadMalformed},
-		{"bare-lf-head", "GET / HTTP/1.1\nHost: a\r\n\r\n", httpwire.ErrHeadMalformed},
-		{"bare-lf-end", "GET / HTTP/1.1\r\nHost: a\n\n", httpwire.ErrHeadMalformed},
-		{"bare-cr-value", "GET / HTTP/1.1\r\nHost: a\r\nX: a\rb\r\n\r\n", httpwire.ErrHeadMalformed},
-		{"space-before-colon", "POST / HTTP/1.1\r\nHost: a\r\nTransfer-Encoding : chunked\r\n\r\n0\r\n\r\n", httpwire.ErrHeadMalformed},
-		{"chunk-bare-lf", "POST / HTTP/1.1\r\nHost: a\r\nTransfer-Encoding: chunked\r\n\r\n5\nhello\r\n0\r\n\r\n", httpwire.ErrHeadFraming},
-		{"chunk-bare-cr", "POST / HTTP/1.1\r\nHost: a\r\nTransfer-Encoding: chunked\r\n\r\n5\rhello\r\n0\r\n\r\n", httpwire.ErrHeadFraming},
-		{"chunk-data-no-crlf", "POST / HTTP/1.1\r\nHost: a\r\nTransfer-Encoding: chunked\r\n\r\n5\r\nhelloX\r\n0\r\n\r\n", httpwire.ErrHeadFraming},
-		{"chunk-data-lf-only", "POST / HTTP/1.1\r\nHost: a\r\nTransfer-Encoding: chunked\r\n\r\n5\r\nhello\n0\r\n\r\n", httpwire.ErrHeadFraming},
-		{"chunk-0x", "POST / HTTP/1.1\r\nHost: a\r\nTransfer-Encoding: chunked\r\n\r\n0x5\r\nhello\r\n0\r\n\r\n", httpwire.ErrHeadFraming},
-		{"chunk-sign", "POST / HTTP/1.1\r\nHost: a\r\nTransfer-Encoding: chunked\r\n\r\n-5\r\nhello\r\n0\r\n\r\n", httpwire.ErrHeadFraming},
-		{"chunk-leading-space", "POST / HTTP/1.1\r\nHost: a\r\nTransfer-Encoding: chunked\r\n\r\n 5\r\nhello\r\n0\r\n\r\n", httpwire.ErrHeadFraming},
-		{"chunk-empty-size", "POST / HTTP/1.1\r\nHost: a\r\nTransfer-Encoding: chunked\r\n\r\n\r\nhello\r\n0\r\n\r\n", httpwire.ErrHeadFraming},
-		{"chunk-trailing-junk", "POST / HTTP/1.1\r\nHost: a\r\nTransfer-Encoding: chunked\r\n\r\n5 x\r\nhello\r\n0\r\n\r\n", httpwire.ErrHeadFraming},
-		{"chunk-overflow", "POST / HTTP/1.1\r\nHost: a\r\nTransfer-Encoding: chunked\r\n\r\n10000000000000005\r\nhello\r\n0\r\n\r\n", httpwire.ErrHeadFraming},
-		{"chunk-ext-ctl", "POST / HTTP/1.1\r\nHost: a\r\nTransfer-Encoding: chunked\r\n\r\n5;a\x00\r\nhello\r\n0\r\n\r\n", httpwire.ErrHeadFraming},
-		{"trailer-obs-fold", "POST / HTTP/1.1\r\nHost: a\r\nTransfer-Encoding: chunked\r\n\r\n0\r\nA: b\r\n c\r\n\r\n", httpwire.ErrHeadFraming},
-		{"trailer-bare-lf", "POST / HTTP/1.1\r\nHost: a\r\nTransfer-Encoding: chunked\r\n\r\n0\r\nA: b\n\r\n", httpwire.ErrHeadFraming},
-		{"trailer-not-field", "POST / HTTP/1.1\r\nHost: a\r\nTransfer-Encoding: chunked\r\n\r\n0\r\nGET / HTTP/1.1\r\n\r\n", httpwire.ErrHeadFraming},
-		{"three-blank-lines", "\r\n\r\n\r\n" + next, httpwire.ErrHeadMalformed},
-		{"lf-before-request", "\n" + next, httpwire.ErrHeadMalformed},
-		{"two-hosts", "GET / HTTP/1.1\r\nHost: a.test\r\nHost: denied.test\r\n\r\n", httpwire.ErrHeadMalformed},
-		{"absolute-vs-host", "GET http://denied.test/ HTTP/1.1\r\nHost: a.test\r\n\r\n", httpwire.ErrHostMismatch},
-		{"userinfo", "GET / HTTP/1.1\r\nHost: a.test@denied.test\r\n\r\n", httpwire.ErrHeadMalformed},
-		{"http09", "GET /\r\n\r\n", httpwire.ErrHeadMalformed},
-		{"h2-preface", "PRI * HTTP/2.0\r\n\r\nSM\r\n\r\n", httpwire.ErrHeadMalformed},
-		{"connect", "CONNECT denied.test:443 HTTP/1.1\r\nHost: denied.test:443\r\n\r\n", httpwire.ErrHeadMalformed},
+		{"cl-te", "POST / HTTP/1.1\r\nHost: a\r\nContent-Length: 4\r\nTransfer-Encoding: chunked\r\n\r\n0\r\n\r\n", ErrHeadFraming},
+		{"te-cl", "POST / HTTP/1.1\r\nHost: a\r\nTransfer-Encoding: chunked\r\nContent-Length: 4\r\n\r\n0\r\n\r\n", ErrHeadFraming},
+		{"two-cl-differ", "POST / HTTP/1.1\r\nHost: a\r\nContent-Length: 0\r\nContent-Length: 40\r\n\r\n", ErrHeadFraming},
+		{"cl-list", "POST / HTTP/1.1\r\nHost: a\r\nContent-Length: 5, 5\r\n\r\nhello", ErrHeadFraming},
+		{"cl-plus", "POST / HTTP/1.1\r\nHost: a\r\nContent-Length: +5\r\n\r\nhello", ErrHeadFraming},
+		{"cl-negative", "POST / HTTP/1.1\r\nHost: a\r\nContent-Length: -1\r\n\r\n", ErrHeadFraming},
+		{"cl-tab", "POST / HTTP/1.1\r\nHost: a\r\nContent-Length:\t5\r\n\r\nhello", ErrHeadFraming},
+		{"cl-empty", "POST / HTTP/1.1\r\nHost: a\r\nContent-Length: \r\n\r\n", ErrHeadFraming},
+		{"cl-huge", "POST / HTTP/1.1\r\nHost: a\r\nContent-Length: 99999999999999999999\r\n\r\n", ErrHeadFraming},
+		{"te-tab", "POST / HTTP/1.1\r\nHost: a\r\nTransfer-Encoding:\tchunked\r\n\r\n0\r\n\r\n", ErrHeadFraming},
+		{"te-list", "POST / HTTP/1.1\r\nHost: a\r\nTransfer-Encoding: chunked, chunked\r\n\r\n0\r\n\r\n", ErrHeadFraming},
+		{"te-trailing-comma", "POST / HTTP/1.1\r\nHost: a\r\nTransfer-Encoding: chunked,\r\n\r\n0\r\n\r\n", ErrHeadFraming},
+		{"te-gzip", "POST / HTTP/1.1\r\nHost: a\r\nTransfer-Encoding: gzip\r\n\r\n", ErrHeadFraming},
+		{"te-twice", "POST / HTTP/1.1\r\nHost: a\r\nTransfer-Encoding: chunked\r\nTransfer-Encoding: chunked\r\n\r\n0\r\n\r\n", ErrHeadFraming},
+		{"te-http10", "POST / HTTP/1.0\r\nHost: a\r\nTransfer-Encoding: chunked\r\n\r\n0\r\n\r\n", ErrHeadFraming},
+		{"te-xchunked", "POST / HTTP/1.1\r\nHost: a\r\nTransfer-Encoding: xchunked\r\n\r\n0\r\n\r\n", ErrHeadFraming},
+		{"obs-fold", "GET / HTTP/1.1\r\nHost: a\r\nX: y\r\n z\r\n\r\n", ErrHeadMalformed},
+		{"obs-fold-te", "POST / HTTP/1.1\r\nHost: a\r\nTransfer-Encoding:\r\n chunked\r\n\r\n", ErrHeadMalformed},
+		{"bare-lf-head", "GET / HTTP/1.1\nHost: a\r\n\r\n", ErrHeadMalformed},
+		{"bare-lf-end", "GET / HTTP/1.1\r\nHost: a\n\n", ErrHeadMalformed},
+		{"bare-cr-value", "GET / HTTP/1.1\r\nHost: a\r\nX: a\rb\r\n\r\n", ErrHeadMalformed},
+		{"space-before-colon", "POST / HTTP/1.1\r\nHost: a\r\nTransfer-Encoding : chunked\r\n\r\n0\r\n\r\n", ErrHeadMalformed},
+		{"chunk-bare-lf", "POST / HTTP/1.1\r\nHost: a\r\nTransfer-Encoding: chunked\r\n\r\n5\nhello\r\n0\r\n\r\n", ErrHeadFraming},
+		{"chunk-bare-cr", "POST / HTTP/1.1\r\nHost: a\r\nTransfer-Encoding: chunked\r\n\r\n5\rhello\r\n0\r\n\r\n", ErrHeadFraming},
+		{"chunk-data-no-crlf", "POST / HTTP/1.1\r\nHost: a\r\nTransfer-Encoding: chunked\r\n\r\n5\r\nhelloX\r\n0\r\n\r\n", ErrHeadFraming},
+		{"chunk-data-lf-only", "POST / HTTP/1.1\r\nHost: a\r\nTransfer-Encoding: chunked\r\n\r\n5\r\nhello\n0\r\n\r\n", ErrHeadFraming},
+		{"chunk-0x", "POST / HTTP/1.1\r\nHost: a\r\nTransfer-Encoding: chunked\r\n\r\n0x5\r\nhello\r\n0\r\n\r\n", ErrHeadFraming},
+		{"chunk-sign", "POST / HTTP/1.1\r\nHost: a\r\nTransfer-Encoding: chunked\r\n\r\n-5\r\nhello\r\n0\r\n\r\n", ErrHeadFraming},
+		{"chunk-leading-space", "POST / HTTP/1.1\r\nHost: a\r\nTransfer-Encoding: chunked\r\n\r\n 5\r\nhello\r\n0\r\n\r\n", ErrHeadFraming},
+		{"chunk-empty-size", "POST / HTTP/1.1\r\nHost: a\r\nTransfer-Encoding: chunked\r\n\r\n\r\nhello\r\n0\r\n\r\n", ErrHeadFraming},
+		{"chunk-trailing-junk", "POST / HTTP/1.1\r\nHost: a\r\nTransfer-Encoding: chunked\r\n\r\n5 x\r\nhello\r\n0\r\n\r\n", ErrHeadFraming},
+		{"chunk-overflow", "POST / HTTP/1.1\r\nHost: a\r\nTransfer-Encoding: chunked\r\n\r\n10000000000000005\r\nhello\r\n0\r\n\r\n", ErrHeadFraming},
+		{"chunk-ext-ctl", "POST / HTTP/1.1\r\nHost: a\r\nTransfer-Encoding: chunked\r\n\r\n5;a\x00\r\nhello\r\n0\r\n\r\n", ErrHeadFraming},
+		{"trailer-obs-fold", "POST / HTTP/1.1\r\nHost: a\r\nTransfer-Encoding: chunked\r\n\r\n0\r\nA: b\r\n c\r\n\r\n", ErrHeadFraming},
+		{"trailer-bare-lf", "POST / HTTP/1.1\r\nHost: a\r\nTransfer-Encoding: chunked\r\n\r\n0\r\nA: b\n\r\n", ErrHeadFraming},
+		{"trailer-not-field", "POST / HTTP/1.1\r\nHost: a\r\nTransfer-Encoding: chunked\r\n\r\n0\r\nGET / HTTP/1.1\r\n\r\n", ErrHeadFraming},
+		{"three-blank-lines", "\r\n\r\n\r\n" + next, ErrHeadMalformed},
+		{"lf-before-request", "\n" + next, ErrHeadMalformed},
+		{"two-hosts", "GET / HTTP/1.1\r\nHost: a.test\r\nHost: denied.test\r\n\r\n", ErrHeadMalformed},
+		{"absolute-vs-host", "GET http://denied.test/ HTTP/1.1\r\nHost: a.test\r\n\r\n", ErrHostMismatch},
+		{"userinfo", "GET / HTTP/1.1\r\nHost: a.test@denied.test\r\n\r\n", ErrHeadMalformed},
+		{"http09", "GET /\r\n\r\n", ErrHeadMalformed},
+		{"h2-preface", "PRI * HTTP/2.0\r\n\r\nSM\r\n\r\n", ErrHeadMalformed},
+		{"connect", "CONNECT denied.test:443 HTTP/1.1\r\nHost: denied.test:443\r\n\r\n", ErrHeadMalformed},
 	} {
 		t.Run(c.name, func(t *testing.T) {
 			for _, prefix := range []string{"", ok} {
@@ -220,15 +218,15 @@ func TestReqStreamBounds(t *testing.T) {
 	for _, c := range []struct{ name, in string }{
 		{"head", "GET / HTTP/1.1\r\nHost: a\r\nX: " + strings.Repeat("a", maxHead) + "\r\n\r\n"},
 		{"head-no-end", "GET / HTTP/1.1\r\nHost: a\r\nX: " + strings.Repeat("a", 2*maxHead)},
-		{"chunk-ext", "POST / HTTP/1.1\r\nHost: a\r\nTransfer-Encoding: chunked\r\n\r\n5;" + strings.Repeat("e", maxChunkLine) + "\r\nhello\r\n0\r\n\r\n"},
+		{"chunk-ext", "POST / HTTP/1.1\r\nHost: a\r\nTransfer-Encoding: chunked\r\n\r\n5;" + strings.Repeat("e", MaxChunkLine) + "\r\nhello\r\n0\r\n\r\n"},
 		{"trailers", "POST / HTTP/1.1\r\nHost: a\r\nTransfer-Encoding: chunked\r\n\r\n0\r\n" + strings.Repeat("X-T: aaaaaaaaaaaaaa\r\n", maxHead/16) + "\r\n"},
 	} {
 		for sn, split := range map[string]func(int) int{"whole": whole, "one-byte": oneByte} {
 			r := driveStream([]byte(c.in), maxHead, split)
-			if !errors.Is(r.err, errHeadTooLarge) {
+			if !errors.Is(r.err, ErrHeadTooLarge) {
 				t.Errorf("%s %s: err %v", c.name, sn, r.err)
 			}
-			if sn == "one-byte" && r.held > max(maxHead, maxChunkLine+2)+1 {
+			if sn == "one-byte" && r.held > max(maxHead, MaxChunkLine+2)+1 {
 				t.Errorf("%s %s: held %d bytes", c.name, sn, r.held)
 			}
 		}
@@ -255,8 +253,8 @@ func TestReqStreamUpgrade(t *testing.T) {
 		{"tls", "\x16\x03\x01\x00\x05hello", true, 1, nil},
 		{"next-request", "GET /x HTTP/1.1\r\nHost: denied.test\r\n\r\n", false, 2, nil},
 		{"next-request-blank", "\r\nGET /x HTTP/1.1\r\nHost: denied.test\r\n\r\n", false, 2, nil},
-		{"garbage-token", "get\x00 /x HTTP/1.1\r\nHost: denied.test\r\n\r\n", false, 1, httpwire.ErrHeadMalformed},
-		{"h2c-preface", "PRI * HTTP/2.0\r\n\r\nSM\r\n\r\n", false, 1, httpwire.ErrHeadMalformed},
+		{"garbage-token", "get\x00 /x HTTP/1.1\r\nHost: denied.test\r\n\r\n", false, 1, ErrHeadMalformed},
+		{"h2c-preface", "PRI * HTTP/2.0\r\n\r\nSM\r\n\r\n", false, 1, ErrHeadMalformed},
 	} {
 		r := driveStream([]byte(up+c.after), 64<<10, oneByte)
 		if !errors.Is(r.err, c.err) || r.tunnel != c.tunnel || len(r.heads) != c.heads {
@@ -288,7 +286,7 @@ func FuzzReqStream(f *testing.F) {
 			if !bytes.HasPrefix(in, r.forwarded) {
 				t.Fatalf("released bytes are not the input's prefix")
 			}
-			if r.err == nil && r.held > max(maxHead, maxChunkLine+2) {
+			if r.err == nil && r.held > max(maxHead, MaxChunkLine+2) {
 				t.Fatalf("held %d bytes without an error", r.held)
 			}
 		}
@@ -302,10 +300,10 @@ func FuzzReqStream(f *testing.F) {
 			t.Fatalf("errors differ by cut: %v vs %v", a.err, b.err)
 		}
 		// Every released head parses alone.
-		s := reqStream{maxHead: maxHead}
+		s := ReqStream{MaxHead: maxHead}
 		rest := a.forwarded
 		for len(rest) > 0 {
-			n, h, err := s.next(rest)
+			n, h, err := s.Next(rest)
 			if err != nil {
 				t.Fatalf("released bytes do not parse again: %v", err)
 			}
@@ -319,16 +317,4 @@ func FuzzReqStream(f *testing.F) {
 			rest = rest[n:]
 		}
 	})
-}
-
-func TestPlainPath(t *testing.T) {
-	for p, want := range map[string]bool{
-		"/": true, "/a/b.c/d": true, "/a/..b/c": true, "/a/My%20Page": true, "/a/b;v=1": true,
-		"/a/../b": false, "/a/./b": false, "/a/..": false, "/..;/b": false, "/a/%2e%2E/b": false,
-		"/a%2fb": false, "/a%5Cb": false, "/a\\b": false, "/a/%252e": false, "/a/%c0%ae": false,
-	} {
-		if got := plainPath(p); got != want {
-			t.Errorf("plainPath(%q) = %v", p, got)
-		}
-	}
 }
