@@ -182,7 +182,7 @@ func feed(t *testing.T, c *Capture, path string, before func(ts time.Time)) {
 			t.Fatal(err)
 		}
 		before(ci.Timestamp)
-		c.proc.packet(data, ci.Timestamp, r.LinkType())
+		c.proc.packetLen(data, ci.Length, ci.Timestamp, r.LinkType())
 	}
 	c.proc.flush("end-of-capture")
 }
@@ -498,10 +498,15 @@ func TestProxyHTTPReasons(t *testing.T) {
 		{"a bare LF inside a CRLF head", "GET / HTTP/1.1\nHost: a.allowed.test\r\n\r\n", ReasonHTTPBad, ""},
 		{"HTTP/2.0 in the request line", "GET / HTTP/2.0\r\nHost: a.allowed.test\r\n\r\n", ReasonHTTPBad, ""},
 		{"a space before the colon", "GET / HTTP/1.1\r\nHost : a.allowed.test\r\n\r\n", ReasonHTTPBad, ""},
-		// A head still incomplete at capture's cap is judged by its
-		// complete lines.
-		{"an incomplete head past the cap", "GET / HTTP/1.1\r\nHost: evil.test\r\n" + padHeaders(17<<10) + "X-Partial: a", policy.ReasonNoRule, "evil.test"},
-		{"an incomplete head past the cap with obs-fold", "GET / HTTP/1.1\r\nHost: a.allowed.test\r\nX: y\r\n z\r\n" + padHeaders(17<<10) + "X-Partial: a", ReasonHTTPBad, ""},
+		// The proxy reads a head up to its cap (HelloMaxBytes, 64 KiB
+		// by default) and judges it whole: a line after 16 KiB counts.
+		{"a Host after 16 KiB of header lines", "GET / HTTP/1.1\r\n" + padHeaders(17<<10) + "Host: evil.test\r\n\r\n", policy.ReasonNoRule, "evil.test"},
+		{"obs-fold after 16 KiB of header lines", "GET / HTTP/1.1\r\nHost: a.allowed.test\r\n" + padHeaders(17<<10) + "X: y\r\n z\r\n\r\n", ReasonHTTPBad, ""},
+		{"a head over the proxy's cap", "GET / HTTP/1.1\r\nHost: a.allowed.test\r\n" + padHeaders(64<<10) + "\r\n", ReasonHelloTooLarge, ""},
+		{"a head of 60 KiB (control)", "GET / HTTP/1.1\r\nHost: evil.test\r\n" + padHeaders(60<<10) + "\r\n", policy.ReasonNoRule, "evil.test"},
+		// A head the client ends before it is complete: the proxy's head
+		// reader refuses it.
+		{"an incomplete head the client closes", "GET / HTTP/1.1\r\nHost: a.allowed.test\r\nX-Partial: a", ReasonHTTPBad, ""},
 	}
 	p := newPcap(t)
 	for i, tc := range cases {

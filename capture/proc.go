@@ -102,6 +102,7 @@ type flow struct {
 	dnsOff   [2]int
 	quic     *quicOpener
 	held     int // bytes of st and quic counted in proc.streamBytes
+	headScan int // HTTP: bytes of st[0] already searched for the end of the first head
 
 	// The verdict, decided once when the flow first became classifiable
 	// (see classify) with the policy of that moment, and kept for every
@@ -509,6 +510,9 @@ func (p *proc) tcpPacket(src, dst netip.Addr, mac []byte) {
 	case t.RST:
 		p.end(f, "rst")
 	case t.FIN:
+		if dir == 0 {
+			p.clientEnd(f, seq+uint32(len(t.Payload)))
+		}
 		f.fin[dir] = true
 		if f.fin[0] && f.fin[1] {
 			p.end(f, "fin")
@@ -549,6 +553,20 @@ func (p *proc) tcpData(f *flow, dir int, seq uint32, data []byte) {
 	}
 }
 
+// clientEnd handles the client's FIN at stream offset end of f: an HTTP
+// request head begun and not complete by then is refused, as the proxy's
+// head reader refuses a head the client ends (http-malformed). Only when
+// capture has every byte before the FIN: with a segment missing, the head
+// may be complete on the wire.
+func (p *proc) clientEnd(f *flow, end uint32) {
+	s := f.st[0]
+	if !f.inspect || f.app != appHTTP || s == nil || len(s.buf) == 0 || s.gap() || int(int32(end-f.base[0])) != len(s.buf) {
+		return
+	}
+	p.deny(f, ReasonHTTPBad, "", audit.NameNone)
+	p.done(f)
+}
+
 var httpMethods = [][]byte{
 	[]byte("GET "), []byte("POST "), []byte("HEAD "), []byte("PUT "), []byte("DELETE "),
 	[]byte("OPTIONS "), []byte("PATCH "), []byte("TRACE "), []byte("CONNECT "),
@@ -576,8 +594,6 @@ func httpStart(b []byte) (yes, maybe bool) {
 	}
 	return false, maybe
 }
-
-const maxHTTPHead = 16 << 10
 
 // examine looks at the reassembled bytes of a TCP flow for a name.
 func (p *proc) examine(f *flow, dir int) {
@@ -623,22 +639,23 @@ func (p *proc) examine(f *flow, dir int) {
 		}
 		p.hello(f, msg, audit.NameSNI)
 	case appHTTP:
-		// The proxy's parser: it refuses a head with bare LF line ends
-		// at once, complete or not.
+		// The proxy's parser, on what the proxy would have read: it
+		// refuses a head with bare LF line ends at once, complete or
+		// not, and waits for the rest of any other head up to its cap
+		// (HelloMaxBytes, 64 KiB by default: maxStream). ParseHead's
+		// answer changes only once the bytes hold the end of a head or
+		// a bare LF ending a line ("\n\n"), so only the bytes since the
+		// last look are searched for them: a head that arrives a few
+		// bytes a packet costs no rescans of its whole length.
+		from := max(0, f.headScan-3)
+		f.headScan = len(b)
+		if len(b) < maxStream && !bytes.Contains(b[from:], []byte("\r\n\r\n")) && !bytes.Contains(b[from:], []byte("\n\n")) {
+			return
+		}
 		h, err := httpwire.ParseHead(b)
 		if errors.Is(err, httpwire.ErrHeadIncomplete) {
-			if len(b) < maxHTTPHead {
-				return
-			}
-			// Past the cap, the head is judged by its complete lines
-			// (none: by address). A line to come can only add a
-			// refusal, never lift one.
-			i := bytes.LastIndex(b, []byte("\r\n"))
-			if i < 0 {
-				p.done(f)
-				return
-			}
-			h, err = httpwire.ParseHead(append(b[:i+2:i+2], "\r\n"...))
+			// Over the cap without an end: the proxy refuses it.
+			err = httpwire.ErrHeadTooLarge
 		}
 		// decideHTTP decides with the path without its query (and
 		// ParseHead drops the fragment).
@@ -646,7 +663,10 @@ func (p *proc) examine(f *flow, dir int) {
 		if err != nil {
 			// The proxy refuses the head before any rule is asked.
 			p.deny(f, headReason(err), "", audit.NameNone)
-		} else if h.Host != "" {
+			p.done(f)
+			return
+		}
+		if h.Host != "" {
 			p.observe(obsHost, h.Host, 0, f)
 			if _, err := netip.ParseAddr(h.Host); err != nil {
 				f.name, f.nameSrc = h.Host, audit.NameHost
@@ -776,6 +796,8 @@ func headReason(err error) string {
 		return ReasonHostMismatch
 	case errors.Is(err, httpwire.ErrHeadFraming):
 		return ReasonHTTPFraming
+	case errors.Is(err, httpwire.ErrHeadTooLarge):
+		return ReasonHelloTooLarge
 	default:
 		return ReasonHTTPBad
 	}
