@@ -83,8 +83,9 @@ const (
 //     a request in an inspected one) is not a flow either: allowed, it
 //     counts in its rule's "requests" (with its name, client and time);
 //     denied, in the dropped list under (name, port, "tcp") with
-//     "requests" set. Requests are never deduplicated: only the proxy
-//     reports them, once each.
+//     "requests" set. Requests are never deduplicated: one component
+//     reports them, once each (the proxy; capture for connections that
+//     do not pass the proxy: audit mode, offline).
 //   - Unused rules are the policy's rules with neither flows, queries nor
 //     requests;
 //     expired rules are listed separately, with the flows they would have

@@ -35,12 +35,16 @@ type Config struct {
 	// MaxStreamBytes bounds the bytes held, across all flows, to read
 	// names: the reassembly buffers of ClientHellos, HTTP request heads
 	// and DNS over TCP (at most 64 KiB per flow and direction), QUIC
-	// CRYPTO streams and the Initials waiting for keys. 0 means 64 MiB.
+	// CRYPTO streams and the Initials waiting for keys, and the bytes a
+	// followed plain-HTTP connection holds between packets (a later head
+	// or framing line not complete yet, segments out of order; never its
+	// bodies). 0 means 64 MiB.
 	// Without it, a client holding many connections with partial hellos
 	// could make capture hold 64 KiB for each flow of the table (4 GiB at
 	// the default MaxFlows). A flow whose next bytes would pass the bound
 	// gives up its name search, as a flow past its own limit does (it is
-	// decided by address), and is counted (Stats.StreamLimited).
+	// decided by address), and is counted (Stats.StreamLimited); a
+	// followed connection stops being followed (Stats.Unfollowed too).
 	MaxStreamBytes int
 	// RingMB is the size of the AF_PACKET ring in MiB. 0 means 64.
 	RingMB int
@@ -119,10 +123,11 @@ func (c Config) withDefaults() Config {
 type Deps struct {
 	// Policy classifies flows. Required.
 	Policy *policy.Store
-	// Sink receives one event per flow. nil means audit.Discard.
+	// Sink receives one event per flow, and one per later request of a
+	// followed plain-HTTP flow. nil means audit.Discard.
 	Sink audit.Sink
-	// Logger gets one canonical line per flow (deny at Warn, allow at
-	// Info). nil means no logging.
+	// Logger gets one canonical line per flow and per request event
+	// (deny at Warn, allow at Info). nil means no logging.
 	Logger *slog.Logger
 	// Registerer gets capture's metrics. nil means they are not registered.
 	Registerer prometheus.Registerer
@@ -152,12 +157,20 @@ type Stats struct {
 	// StreamLimited counts flows that gave up their name search because
 	// the buffers of all flows held Config.MaxStreamBytes.
 	StreamLimited uint64
-	Hellos        uint64 // TLS ClientHellos parsed (TCP and QUIC)
-	BadHellos     uint64 // of those, malformed (the SNI before the fault is kept)
-	QUICOpened    uint64 // QUIC Initial packets decrypted
-	DNSQueries    uint64 // DNS queries seen
-	DNSAnswers    uint64 // DNS responses seen
-	KernelDrops   uint64 // packets the kernel dropped on the capture socket (live)
+	// Requests counts request events: later requests of plain-HTTP flows
+	// capture followed (audit mode and offline), and streams they refused.
+	Requests uint64
+	// Unfollowed counts plain-HTTP flows whose later requests capture
+	// stopped following before their end: a segment missing, bytes the
+	// capture cut off where a head could be, the bound on all flows'
+	// buffers. Their later requests are in no event.
+	Unfollowed  uint64
+	Hellos      uint64 // TLS ClientHellos parsed (TCP and QUIC)
+	BadHellos   uint64 // of those, malformed (the SNI before the fault is kept)
+	QUICOpened  uint64 // QUIC Initial packets decrypted
+	DNSQueries  uint64 // DNS queries seen
+	DNSAnswers  uint64 // DNS responses seen
+	KernelDrops uint64 // packets the kernel dropped on the capture socket (live)
 }
 
 // Capture is the flow auditor. Use New; Run captures live, ReadFile reads a

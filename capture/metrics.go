@@ -41,6 +41,8 @@ func (m *metrics) register(r prometheus.Registerer, c *Capture) error {
 		counter("own_flows_total", "Flows to or from the gateway's own addresses (the explicit proxy, the admin page, ssh): not egress, not recorded.", func(s Stats) uint64 { return s.Own }),
 		counter("evicted_flows_total", "Flows ended early because the flow table was full.", func(s Stats) uint64 { return s.Evicted }),
 		counter("stream_limited_flows_total", "Flows that gave up their name search because the name-search buffers of all flows were full (MaxStreamBytes).", func(s Stats) uint64 { return s.StreamLimited }),
+		counter("http_requests_total", "Later requests of plain-HTTP flows capture followed and recorded (audit mode), and request streams it refused.", func(s Stats) uint64 { return s.Requests }),
+		counter("http_unfollowed_flows_total", "Plain-HTTP flows whose later requests capture stopped following (a missing segment, bytes cut off, MaxStreamBytes).", func(s Stats) uint64 { return s.Unfollowed }),
 		counter("kernel_drops_total", "Packets the kernel dropped on the capture socket.", func(s Stats) uint64 { return s.KernelDrops }),
 		counter("client_hellos_total", "TLS ClientHellos parsed, over TCP and QUIC.", func(s Stats) uint64 { return s.Hellos }),
 		counter("quic_initials_opened_total", "QUIC Initial packets decrypted.", func(s Stats) uint64 { return s.QUICOpened }),

@@ -208,14 +208,24 @@ func TestRealCapturesMatchTshark(t *testing.T) {
 			if len(hosts) != want.httpHosts {
 				t.Errorf("HTTP hosts: capture %q, tshark counts %d", keys(hosts), want.httpHosts)
 			}
-			// One event per flow, each with a verdict.
+			// One event per flow, and one per later request of a
+			// plain-HTTP flow, each with a verdict.
+			flows, requests := 0, 0
 			for _, ev := range res.events {
-				if ev.Verdict == "" || ev.Kind != "flow" || ev.Source != "capture" || !ev.Client.IsValid() {
+				if ev.Verdict == "" || ev.Source != "capture" || !ev.Client.IsValid() {
+					t.Errorf("bad event %+v", ev)
+				}
+				switch {
+				case ev.Kind == "flow":
+					flows++
+				case ev.Kind == "request" && ev.Proto == "tcp" && (ev.Close == "forwarded" || ev.Close == "denied"):
+					requests++
+				default:
 					t.Errorf("bad event %+v", ev)
 				}
 			}
-			if uint64(len(res.events)) != res.stats.Flows {
-				t.Errorf("events %d != flows %d", len(res.events), res.stats.Flows)
+			if uint64(flows) != res.stats.Flows || uint64(requests) != res.stats.Requests {
+				t.Errorf("flow events %d, request events %d; counted %d flows, %d requests", flows, requests, res.stats.Flows, res.stats.Requests)
 			}
 		})
 	}

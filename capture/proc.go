@@ -104,6 +104,17 @@ type flow struct {
 	held     int // bytes of st and quic counted in proc.streamBytes
 	headScan int // HTTP: bytes of st[0] already searched for the end of the first head
 
+	// req follows the client's request stream of a plain-HTTP flow
+	// after its first request, as the proxy does, so that every later
+	// request is decided and recorded (see follow); nil when the flow is
+	// not followed. st[0] then holds only the bytes not yet consumed,
+	// from base[0] on.
+	req *httpwire.ReqStream
+	// reqHead is when the bytes held inside a later request head began
+	// (zero when none are held): the head must complete within
+	// classifyWait, as the proxy's HelloTimeout bounds it.
+	reqHead time.Time
+
 	// The verdict, decided once when the flow first became classifiable
 	// (see classify) with the policy of that moment, and kept for every
 	// event of the flow.
@@ -493,6 +504,7 @@ func (p *proc) tcpPacket(src, dst netip.Addr, mac []byte) {
 		f.est = p.now
 	}
 	p.waited(f)
+	p.headWaited(f)
 	f.pkts[dir]++
 	f.bytes[dir] += uint64(len(t.Payload) + p.cut)
 	if f.closed {
@@ -503,7 +515,11 @@ func (p *proc) tcpPacket(src, dst netip.Addr, mac []byte) {
 		seq++
 		f.base[dir], f.haveBase[dir] = seq, true
 	}
-	if len(t.Payload) > 0 && f.inspect && (dir == 0 || f.app == appDNS || (f.app == appUnknown && f.sport == 53)) {
+	switch {
+	case len(t.Payload) == 0:
+	case f.req != nil && dir == 0:
+		p.followData(f, seq, t.Payload)
+	case f.inspect && (dir == 0 || f.app == appDNS || (f.app == appUnknown && f.sport == 53)):
 		p.tcpData(f, dir, seq, t.Payload)
 	}
 	switch {
@@ -521,6 +537,8 @@ func (p *proc) tcpPacket(src, dst netip.Addr, mac []byte) {
 }
 
 func (p *proc) tcpData(f *flow, dir int, seq uint32, data []byte) {
+	end := seq + uint32(len(data))
+	defer func() { p.followCut(f, end, p.cut) }() // when the first head started a follow
 	if !f.haveBase[dir] {
 		f.base[dir], f.haveBase[dir] = seq, true
 	}
@@ -672,7 +690,23 @@ func (p *proc) examine(f *flow, dir int) {
 				f.name, f.nameSrc = h.Host, audit.NameHost
 			}
 		}
-		p.done(f)
+		if !p.followsRequests() {
+			p.done(f)
+			return
+		}
+		// The flow is decided on its first request; the rest of the
+		// client's stream goes through the request follower, as the
+		// proxy's does after it replays the first head.
+		s := f.st[0]
+		f.inspect = false
+		f.st[1] = nil
+		p.classify(f)
+		f.req = &httpwire.ReqStream{MaxHead: maxStream}
+		f.req.Start(&h)
+		s.consume(h.Len)
+		f.base[0] += uint32(h.Len)
+		p.follow(f)
+		p.charge(f)
 	case appDNS:
 		s := f.st[dir]
 		if s == nil {
@@ -742,6 +776,7 @@ func (p *proc) hello(f *flow, msg []byte, src audit.NameSource) {
 // done stops looking for a name, frees the buffers and decides the flow.
 func (p *proc) done(f *flow) {
 	f.inspect = false
+	f.req, f.reqHead = nil, time.Time{}
 	f.st = [2]*stream{}
 	f.quic = nil
 	p.charge(f)
@@ -753,11 +788,16 @@ func (p *proc) done(f *flow) {
 // search, as a flow past its own limit does, and is counted: the bound
 // holds however many flows a client keeps open with partial hellos, and
 // the buffers come free as those flows are decided (classifyWait at most).
+// A followed plain-HTTP flow stops being followed instead (unfollow).
 func (p *proc) streamRoom(f *flow, n int) bool {
 	if p.streamBytes+n <= p.c.cfg.MaxStreamBytes {
 		return true
 	}
 	p.stats.streamLimited.Add(1)
+	if f.req != nil {
+		p.unfollow(f)
+		return false
+	}
 	p.giveUp(f)
 	return false
 }
@@ -964,6 +1004,7 @@ func (p *proc) sweep() {
 			delete(p.flows, k)
 		default:
 			p.waited(f)
+			p.headWaited(f)
 			if p.openReport > 0 && !f.reported && p.now.Sub(f.first) >= p.openReport {
 				p.emit(f, "")
 			}
@@ -1015,6 +1056,9 @@ func (p *proc) end(f *flow, how string) {
 		return
 	}
 	f.closed = true
+	if f.req != nil && f.st[0] != nil && f.st[0].gap() {
+		p.stats.unfollowed.Add(1) // a segment never came
+	}
 	if f.inspect && (f.app == appTLS || f.app == appQUIC) {
 		f.gaveUp = true
 		f.nameSrc = audit.NameNoSNI
@@ -1129,22 +1173,28 @@ func (p *proc) classify(f *flow) {
 		return
 	}
 	f.decided = true
+	// An HTTP flow is decided with its request's path, as the proxy's
+	// decideHTTP decides it (host/path rules match it).
+	f.dec, f.evName, f.evSrc = p.decide(p.c.deps.Policy.Load(), f, f.name, f.nameSrc, f.path)
+}
+
+// decide decides f's connection, or one request of it, by name (as the
+// client sent it; src how it was found) and path, or by address when
+// name is empty. It returns the decision and the name and name source
+// to record.
+func (p *proc) decide(eng *policy.Engine, f *flow, name string, src audit.NameSource, path string) (policy.Decision, string, audit.NameSource) {
 	proto := policy.TCP
 	if f.proto == 17 {
 		proto = policy.UDP
 	}
-	// An HTTP flow is decided with its request's path, as the proxy's
-	// decideHTTP decides it (host/path rules match it).
-	in := policy.Input{Client: f.cli.Unmap(), Dest: f.srv.Unmap(), Port: f.sport, Proto: proto, Path: f.path, Now: p.now}
+	in := policy.Input{Client: f.cli.Unmap(), Dest: f.srv.Unmap(), Port: f.sport, Proto: proto, Path: path, Now: p.now}
 	if !p.decideAt.IsZero() {
 		in.Now = p.decideAt
 	}
 	if f.hasMAC {
 		in.ClientMAC = net.HardwareAddr(f.mac[:])
 	}
-	eng := p.c.deps.Policy.Load()
 	var d policy.Decision
-	name, src := f.name, f.nameSrc
 	if name != "" {
 		if n, ok := policy.NormalizeName(name); ok {
 			name = n
@@ -1182,7 +1232,7 @@ func (p *proc) classify(f *flow) {
 			}
 		}
 	}
-	f.dec, f.evName, f.evSrc = d, name, src
+	return d, name, src
 }
 
 // vouched reports whether a flow's destination address belongs to the

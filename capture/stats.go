@@ -11,7 +11,7 @@ type counters struct {
 	flows, denied, evicted, updates            atomic.Uint64
 	hellos, quicOpened, dnsQueries, dnsAnswers atomic.Uint64
 	panics, badHellos, snapped, own            atomic.Uint64
-	streamLimited                              atomic.Uint64
+	streamLimited, requests, unfollowed        atomic.Uint64
 	active                                     atomic.Int64
 }
 
@@ -22,6 +22,6 @@ func (c *counters) snapshot() Stats {
 		Flows: c.flows.Load(), Denied: c.denied.Load(), Evicted: c.evicted.Load(), Updates: c.updates.Load(),
 		Hellos: c.hellos.Load(), QUICOpened: c.quicOpened.Load(), DNSQueries: c.dnsQueries.Load(), DNSAnswers: c.dnsAnswers.Load(),
 		Panics: c.panics.Load(), BadHellos: c.badHellos.Load(), Snapped: c.snapped.Load(), Own: c.own.Load(),
-		StreamLimited: c.streamLimited.Load(),
+		StreamLimited: c.streamLimited.Load(), Requests: c.requests.Load(), Unfollowed: c.unfollowed.Load(),
 	}
 }

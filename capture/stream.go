@@ -78,3 +78,22 @@ func (s *stream) add(off uint32, data []byte) bool {
 
 // gap reports whether bytes are missing before data that arrived.
 func (s *stream) gap() bool { return len(s.pending) > 0 }
+
+// consume drops the first k bytes of buf (a followed HTTP request stream
+// consumed them), so that offset 0 is the first byte not yet consumed:
+// the caller moves its base sequence number by k. An empty buf is freed,
+// and a rest is copied out, so that a followed flow holds only the bytes
+// it waits on (and is charged for no more).
+func (s *stream) consume(k int) {
+	if k <= 0 {
+		return
+	}
+	if k >= len(s.buf) {
+		s.buf = nil
+	} else {
+		s.buf = append([]byte(nil), s.buf[k:]...)
+	}
+	for i := range s.pending {
+		s.pending[i].off -= uint32(k)
+	}
+}

@@ -229,6 +229,29 @@ func (s *ReqStream) endMessage() {
 	s.upgrade = false
 }
 
+// Skip consumes n bytes the caller does not have (a packet capture cut
+// them off) and reports whether it could: only inside a Content-Length
+// body or chunk data with at least n bytes left, or once the stream is
+// opaque; elsewhere the bytes could hold a head or framing, and the
+// stream is left as it was.
+func (s *ReqStream) Skip(n int64) bool {
+	switch {
+	case n == 0 || s.state == rsTunnel:
+		return true
+	case (s.state == rsBody || s.state == rsChunkData) && n <= s.remain:
+		s.remain -= n
+		if s.remain == 0 {
+			if s.state == rsBody {
+				s.endMessage()
+			} else {
+				s.state = rsChunkEnd
+			}
+		}
+		return true
+	}
+	return false
+}
+
 // GiveUp makes the rest of the stream opaque (audit mode after something
 // the parser refuses: nothing is blocked, nothing more is decided).
 func (s *ReqStream) GiveUp() { s.state = rsTunnel }

@@ -318,3 +318,46 @@ func FuzzReqStream(f *testing.F) {
 		}
 	})
 }
+
+// TestReqStreamSkip: bytes a capture cut off are skipped inside a body or
+// chunk data that holds them, and refused where they could hold a head
+// or framing; a skip that ends a body leaves the stream at the next head.
+func TestReqStreamSkip(t *testing.T) {
+	post := "POST /b HTTP/1.1\r\nHost: a\r\nContent-Length: 10\r\n\r\n"
+	s := ReqStream{MaxHead: 4096}
+	if s.Skip(1) {
+		t.Fatal("skipped bytes of a head")
+	}
+	n, h, err := s.Next([]byte(post + "abc"))
+	if err != nil || h == nil || n != len(post) {
+		t.Fatalf("head: %d %v %v", n, h, err)
+	}
+	if n, _, err := s.Next([]byte("abc")); n != 3 || err != nil {
+		t.Fatalf("body: %d %v", n, err)
+	}
+	if s.Skip(8) {
+		t.Fatal("skipped past the body's end")
+	}
+	if !s.Skip(7) {
+		t.Fatal("did not skip the rest of the body")
+	}
+	if n, h, err := s.Next([]byte("GET /c HTTP/1.1\r\nHost: b\r\n\r\n")); err != nil || h == nil || h.Path != "/c" || n == 0 {
+		t.Fatalf("next head after a skipped body: %d %v %v", n, h, err)
+	}
+	chunked := "POST / HTTP/1.1\r\nHost: a\r\nTransfer-Encoding: chunked\r\n\r\n"
+	s = ReqStream{MaxHead: 4096}
+	for _, part := range []string{chunked, "a\r\n"} {
+		if _, _, err := s.Next([]byte(part)); err != nil {
+			t.Fatal(err)
+		}
+	}
+	if s.Skip(11) || !s.Skip(10) {
+		t.Fatal("chunk data: skip past its end taken, or within it refused")
+	}
+	if s.Skip(2) {
+		t.Fatal("skipped the CRLF after chunk data")
+	}
+	if n, _, err := s.Next([]byte("\r\n0\r\n\r\n")); n != 2 || err != nil {
+		t.Fatalf("chunk end after a skip: %d %v", n, err)
+	}
+}
