@@ -1,7 +1,12 @@
 package e2e
 
 import (
+	"bufio"
+	"context"
 	"encoding/json"
+	"io"
+	"net"
+	"net/http"
 	"os"
 	"path/filepath"
 	"strings"
@@ -135,4 +140,78 @@ func flowReasons(d *daemon, name, ip string, port int) map[string][]string {
 		}
 	}
 	return out
+}
+
+// TestCaptureKeepAliveRequests: a later request on a plain-HTTP keep-alive
+// connection to a denied Host is refused by the proxy in enforce mode
+// (THREATS.md C6) and, in audit mode, where no connection passes the
+// proxy, reported by capture with the same name, verdict and reason: audit
+// mode reports what enforce would refuse, and the report counts it as a
+// dropped request in both modes. Exactly one component reports it: in
+// enforce mode capture leaves later requests to the proxy.
+func TestCaptureKeepAliveRequests(t *testing.T) {
+	for _, mode := range []string{"enforce", "audit"} {
+		t.Run(mode, func(t *testing.T) {
+			tp := newTopo(t)
+			d := newDaemon(t, tp, mode)
+			d.writePolicy(append(testPolicy(t), hardeningRules...))
+			d.start()
+			t.Cleanup(func() {
+				if t.Failed() {
+					t.Logf("egressd output:\n%s", d.logs())
+				}
+			})
+			tp.dig(t, vendorName, "A")
+			ctx, cancel := context.WithTimeout(t.Context(), 20*time.Second)
+			conn, err := tp.dialTCP(ctx, vendorIP+":80")
+			cancel()
+			if err != nil {
+				t.Fatal(err)
+			}
+			defer conn.Close()
+			port := conn.LocalAddr().(*net.TCPAddr).Port
+			br := bufio.NewReader(conn)
+			conn.SetDeadline(time.Now().Add(15 * time.Second))
+			for i, r := range []struct{ host, path string }{{vendorName, "/cap-ka-first"}, {trackerName, "/cap-ka-denied"}} {
+				io.WriteString(conn, "GET "+r.path+" HTTP/1.1\r\nHost: "+r.host+"\r\nUser-Agent: e2e\r\n\r\n")
+				resp, err := http.ReadResponse(br, nil)
+				if err != nil {
+					t.Fatalf("request %d: %v", i, err)
+				}
+				io.Copy(io.Discard, resp.Body)
+				resp.Body.Close()
+				if refused := resp.StatusCode == http.StatusForbidden; refused != (i == 1 && mode == "enforce") {
+					t.Errorf("request %d (%s %s): status %d in %s mode", i, r.host, r.path, resp.StatusCode, mode)
+				}
+			}
+			conn.Close()
+			source := map[string]string{"enforce": "proxy", "audit": "capture"}[mode]
+			ev := d.waitEvent(t, "the later request", func(e flowEvent) bool {
+				return e.Kind == "request" && e.ClientPort == port && !e.Time.Before(dialedAt(port))
+			})
+			if ev.Source != source || ev.Verdict != "deny" || ev.Reason != "no-rule" || ev.Name != trackerName || ev.Path != "/cap-ka-denied" || ev.Enforced != (mode == "enforce") {
+				t.Errorf("%s mode: request event %v path %q; want %s's deny no-rule for %s /cap-ka-denied", mode, ev, ev.Path, source, trackerName)
+			}
+			waitReport(t, d, func(r *report) bool {
+				for _, dr := range r.Dropped {
+					if dr.Dest == trackerName && dr.Port == 80 && dr.Requests > 0 {
+						return true
+					}
+				}
+				return false
+			})
+			// The same request is not reported twice (capture beside
+			// the proxy in enforce mode).
+			time.Sleep(time.Second)
+			n := 0
+			for _, e := range d.allEvents() {
+				if e.Kind == "request" && e.ClientPort == port && !e.Time.Before(dialedAt(port)) {
+					n++
+				}
+			}
+			if n != 1 {
+				t.Errorf("%s mode: %d request events for the connection, want 1", mode, n)
+			}
+		})
+	}
 }
