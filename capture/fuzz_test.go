@@ -1,15 +1,22 @@
 package capture
 
 import (
+	"bytes"
 	"errors"
+	"fmt"
+	"net/netip"
 	"os"
 	"path/filepath"
+	"strings"
 	"testing"
 	"time"
 
+	"github.com/gopacket/gopacket"
 	"github.com/gopacket/gopacket/layers"
 	"github.com/gopacket/gopacket/pcapgo"
 
+	"egressd/audit"
+	"egressd/internal/httpwire"
 	"egressd/policy"
 )
 
@@ -79,8 +86,16 @@ func FuzzPacket(f *testing.F) {
 		c.proc.packet(frame[:len(frame)/2], now.Add(2*time.Second), lt)
 		c.proc.flush("end-of-capture")
 		s := c.Stats()
-		if uint64(len(rec.all())) != s.Flows {
-			t.Fatalf("events %d != flows %d", len(rec.all()), s.Flows)
+		flows, requests := 0, 0
+		for _, ev := range rec.all() {
+			if ev.Kind == audit.KindRequest {
+				requests++
+			} else {
+				flows++
+			}
+		}
+		if uint64(flows) != s.Flows || uint64(requests) != s.Requests {
+			t.Fatalf("flow events %d, request events %d; counted %d flows, %d requests", flows, requests, s.Flows, s.Requests)
 		}
 		if s.Panics != 0 {
 			t.Fatalf("a decoder panicked (recovered): %d", s.Panics)
@@ -187,4 +202,123 @@ func FuzzClientHelloAgreesWithCryptoTLS(f *testing.F) {
 			t.Fatalf("capture takes it: %v (SNI %q, records: %v); crypto/tls: %v (SNI %q)", takes, name, err, ok, sni)
 		}
 	})
+}
+
+// FuzzFollowAgreesWithProxy: capture finds the same later requests of a
+// plain-HTTP connection as the proxy's follower does on the whole stream
+// (the proxy reads the connection in order; capture gets it in segments
+// of any size, two of them swapped), and refuses the stream where the
+// proxy does, with the proxy's reason.
+func FuzzFollowAgreesWithProxy(f *testing.F) {
+	f.Add([]byte(keepAliveStream), uint8(7), uint8(3))
+	f.Add([]byte("GET / HTTP/1.1\r\nHost: a\r\n\r\nPOST /b HTTP/1.1\r\nHost: b\r\nContent-Length: 3\r\n\r\nabcGET /c HTTP/1.1\r\n\r\n"), uint8(1), uint8(0))
+	f.Add([]byte("GET / HTTP/1.1\r\nHost: a\r\nUpgrade: websocket\r\n\r\nGET /x HTTP/1.1\r\nHost: b\r\n\r\n\x81\x80"), uint8(20), uint8(1))
+	f.Add([]byte("GET / HTTP/1.1\r\nHost: a\r\n\r\nPOST / HTTP/1.1\r\nHost: a\r\nTransfer-Encoding: chunked\r\n\r\n5\r\nab\r\n0\r\n\r\n"), uint8(9), uint8(2))
+	eng, err := policy.Compile("fuzz.yaml", []byte(testPolicy))
+	if err != nil {
+		f.Fatal(err)
+	}
+	cli, srv := netip.MustParseAddr("192.0.2.1"), netip.MustParseAddr("203.0.113.1")
+	f.Fuzz(func(t *testing.T, stream []byte, mss, swap uint8) {
+		if len(stream) > 8<<10 {
+			return
+		}
+		if yes, _ := httpStart(stream); !yes {
+			return
+		}
+		h, err := httpwire.ParseHead(stream)
+		if err != nil {
+			return // refused on its first head: not followed by either
+		}
+		// The proxy's view.
+		var want []string
+		s := httpwire.ReqStream{MaxHead: maxStream}
+		s.Start(&h)
+		rest := stream[h.Len:]
+		for len(rest) > 0 && !s.Tunnel() {
+			n, rh, err := s.Next(rest)
+			if errors.Is(err, httpwire.ErrNeedMore) {
+				break
+			}
+			if err != nil {
+				want = append(want, "!"+headReason(err))
+				break
+			}
+			if rh != nil {
+				p, _, _ := strings.Cut(rh.Path, "?")
+				want = append(want, p)
+			}
+			rest = rest[n:]
+		}
+		// Capture's, from segments.
+		var segs [][]byte
+		size := int(mss)%64 + 1
+		for b := stream; len(b) > 0; {
+			k := min(size, len(b))
+			segs = append(segs, b[:k])
+			b = b[k:]
+		}
+		order := make([]int, len(segs))
+		for i := range order {
+			order[i] = i
+		}
+		if i := int(swap); i+1 < len(order) {
+			order[i], order[i+1] = order[i+1], order[i]
+		}
+		rec := &recorder{}
+		c, err := New(Config{}, Deps{Policy: policy.NewStore(eng), Sink: rec})
+		if err != nil {
+			t.Fatal(err)
+		}
+		now := time.Unix(1e9, 0)
+		const isn = 1000
+		send := func(fromClient bool, flags string, seq uint32, data []byte) {
+			now = now.Add(time.Millisecond)
+			c.proc.packet(tcpFrame(t, cli, srv, 40000, 80, fromClient, flags, seq, data), now, layers.LinkTypeEthernet)
+		}
+		send(true, "S", isn-1, nil)
+		send(false, "SA", 5000, nil)
+		send(true, "A", isn, nil)
+		offs := make([]uint32, len(segs))
+		for i, o := 0, uint32(isn); i < len(segs); i++ {
+			offs[i], o = o, o+uint32(len(segs[i]))
+		}
+		for _, i := range order {
+			send(true, "A", offs[i], segs[i])
+		}
+		c.proc.flush("end-of-capture")
+		var got []string
+		for _, ev := range rec.all() {
+			if ev.Kind != audit.KindRequest {
+				continue
+			}
+			switch ev.Reason {
+			case ReasonHTTPBad, ReasonHTTPFraming, ReasonHostMismatch, ReasonHelloTooLarge, ReasonHelloTimeout:
+				got = append(got, "!"+ev.Reason)
+			default:
+				got = append(got, ev.Path)
+			}
+		}
+		if fmt.Sprint(got) != fmt.Sprint(want) {
+			t.Fatalf("capture found requests %q, the proxy's follower %q", got, want)
+		}
+	})
+}
+
+// tcpFrame builds one Ethernet frame of a TCP segment between cli and srv.
+func tcpFrame(t *testing.T, cli, srv netip.Addr, cport, sport uint16, fromClient bool, flags string, seq uint32, data []byte) []byte {
+	src, dst, sp, dp := cli, srv, cport, sport
+	if !fromClient {
+		src, dst, sp, dp = srv, cli, sport, cport
+	}
+	ip := &layers.IPv4{Version: 4, TTL: 64, Protocol: layers.IPProtocolTCP, SrcIP: src.AsSlice(), DstIP: dst.AsSlice()}
+	tcp := &layers.TCP{SrcPort: layers.TCPPort(sp), DstPort: layers.TCPPort(dp), Seq: seq, Window: 65535,
+		SYN: strings.Contains(flags, "S"), ACK: strings.Contains(flags, "A"), FIN: strings.Contains(flags, "F")}
+	tcp.SetNetworkLayerForChecksum(ip)
+	eth := &layers.Ethernet{SrcMAC: macClient, DstMAC: macGW, EthernetType: layers.EthernetTypeIPv4}
+	buf := gopacket.NewSerializeBuffer()
+	if err := gopacket.SerializeLayers(buf, gopacket.SerializeOptions{FixLengths: true, ComputeChecksums: true}, eth, ip, tcp, gopacket.Payload(bytes.Clone(data))); err != nil {
+		t.Fatal(err)
+	}
+	return buf.Bytes()
 }
