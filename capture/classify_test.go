@@ -515,10 +515,19 @@ func TestProxyHTTPReasons(t *testing.T) {
 		c.send(true, []byte(tc.head), 1400, nil, nil)
 		c.close()
 	}
+	// A head the client resets before it is complete: the proxy's read
+	// fails, and it refuses the head the same way.
+	rst := &tcpConn{p: p, cli: cli, srv: srv, cport: 45900, sport: 80, cseq: 1, sseq: 1}
+	rst.handshake()
+	rst.send(true, []byte("GET / HTTP/1.1\r\nHost: a.allowed.test\r\nX-Partial: a"), 1400, nil, nil)
+	rst.seg(true, "RA", rst.cseq, nil)
 	r := synthRun(t, p.close(), testPolicy, factsMap{srv: {"a.allowed.test"}}, Config{})
 	got := map[uint16]audit.Event{}
 	for _, ev := range r.events {
 		got[ev.ClientPort] = ev
+	}
+	if ev := got[45900]; ev.Reason != ReasonHTTPBad || ev.Verdict != policy.Deny {
+		t.Errorf("an incomplete head the client resets: %+v, want deny %s", ev, ReasonHTTPBad)
 	}
 	for i, tc := range cases {
 		ev, ok := got[uint16(45000+i)]

@@ -524,6 +524,9 @@ func (p *proc) tcpPacket(src, dst netip.Addr, mac []byte) {
 	}
 	switch {
 	case t.RST:
+		if dir == 0 {
+			p.clientEnd(f, seq+uint32(len(t.Payload)))
+		}
 		p.end(f, "rst")
 	case t.FIN:
 		if dir == 0 {
@@ -571,9 +574,10 @@ func (p *proc) tcpData(f *flow, dir int, seq uint32, data []byte) {
 	}
 }
 
-// clientEnd handles the client's FIN at stream offset end of f: an HTTP
-// request head begun and not complete by then is refused, as the proxy's
-// head reader refuses a head the client ends (http-malformed). Only when
+// clientEnd handles the client's FIN or RST at stream offset end of f: an
+// HTTP request head begun and not complete by then is refused, as the
+// proxy's head reader refuses a head the client ends or resets
+// (http-malformed). Only when
 // capture has every byte before the FIN: with a segment missing, the head
 // may be complete on the wire.
 func (p *proc) clientEnd(f *flow, end uint32) {
