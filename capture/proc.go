@@ -572,6 +572,14 @@ func (p *proc) tcpData(f *flow, dir int, seq uint32, data []byte) {
 		}
 		p.giveUp(f)
 	}
+	if f.inspect && p.cut > 0 && f.app != appDNS {
+		// The capture cut off bytes the name search still needed (the
+		// live snap filter keeps 16 KiB of a packet): what it reads now
+		// is not what the proxy would read, and the bytes never come.
+		// Given up, as a missing segment is (decided by address), not
+		// waited on until classifyWait calls it a hello-timeout.
+		p.giveUp(f)
+	}
 }
 
 // clientEnd handles the client's FIN or RST at stream offset end of f: an

@@ -654,6 +654,28 @@ func TestSyntheticSnapLengthBytes(t *testing.T) {
 	}
 }
 
+// TestSyntheticSnapCutHead: a request head longer than what the capture
+// kept of its packet (the live snap filter keeps 16 KiB) is given up and
+// decided by address at once, as the snap filter's documentation says,
+// not judged on the bytes kept nor left waiting to be called a
+// hello-timeout while the connection stays open.
+func TestSyntheticSnapCutHead(t *testing.T) {
+	p := newPcap(t)
+	p.snap = 300
+	cli := netip.MustParseAddr("192.0.2.51")
+	srv := netip.MustParseAddr("203.0.113.51")
+	c := &tcpConn{p: p, cli: cli, srv: srv, cport: 44001, sport: 80, cseq: 1, sseq: 1}
+	c.handshake()
+	c.send(true, []byte("GET / HTTP/1.1\r\nHost: evil.test\r\n"+padHeaders(8000)+"\r\n"), 9000, nil, nil)
+	p.now = p.now.Add(classifyWait + time.Second)
+	c.send(false, []byte("HTTP/1.1 200 OK\r\nContent-Length: 0\r\n\r\n"), 1400, nil, nil)
+	c.close()
+	r := synthRun(t, p.close(), testPolicy, factsMap{srv: {"a.allowed.test"}}, Config{})
+	if len(r.events) != 1 || r.events[0].Reason != policy.ReasonAllowed || r.events[0].NameSource != audit.NameDNSLearned {
+		t.Errorf("events %+v, want one flow allowed by address (a.allowed.test from DNS)", r.events)
+	}
+}
+
 // A frame whose timestamp no report can hold (a corrupt pcapng block
 // read as the year 294247) moves neither the capture's clock nor a flow's
 // times: the connection stays one flow, and the report, whose JSON holds
