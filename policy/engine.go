@@ -28,6 +28,10 @@ type Engine struct {
 	zero4     []int32 // rules with 0.0.0.0/0
 	zero6     []int32 // rules with ::/0
 	hasExpiry bool
+
+	// host holds HostLevel's engine, compiled on first use; shared with
+	// the engines WithMode makes (the mode does not change what allows).
+	host *hostLevel
 }
 
 // ref points from the matcher to a rule, with the path glob of a
@@ -63,7 +67,7 @@ func Compile(file string, src []byte) (*Engine, error) {
 // New compiles a parsed policy and adds the warnings that need the compiled
 // form (shadowed rules) to p.Warnings.
 func New(p *Policy) *Engine {
-	e := &Engine{pol: p, names: &nameNode{}}
+	e := &Engine{pol: p, names: &nameNode{}, host: &hostLevel{}}
 	e.checks = make([]ruleCheck, len(p.Rules))
 	e.ruleNames = make([]string, len(p.Rules))
 	for i := range p.Rules {
