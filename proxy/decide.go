@@ -50,7 +50,7 @@ func denyDecision(eng *policy.Engine, reason string) policy.Decision {
 // the current policy engine.
 type engines struct {
 	eng       *policy.Engine
-	hostLevel *policy.Engine // every rule without its host/path targets
+	hostLevel *policy.Engine // every rule without its host/path targets (eng.HostLevel)
 	pathOnly  *policy.Engine // only host/path targets, as host names
 }
 
@@ -61,22 +61,18 @@ func (c *engineCache) get(eng *policy.Engine) *engines {
 		return e
 	}
 	pol := eng.Policy()
-	host := &policy.Policy{File: pol.File, Version: pol.Version, Mode: pol.Mode, Groups: pol.Groups}
 	path := &policy.Policy{File: pol.File, Version: pol.Version, Mode: pol.Mode, Groups: pol.Groups}
 	for _, r := range pol.Rules {
-		hr, pr := r, r
-		hr.To, pr.To = nil, nil
+		pr := r
+		pr.To = nil
 		for _, t := range r.To {
 			if t.Kind == policy.TargetHostPath {
 				pr.To = append(pr.To, policy.Target{Kind: policy.TargetName, Raw: t.Raw, Pattern: t.Pattern, Line: t.Line, Col: t.Col})
-			} else {
-				hr.To = append(hr.To, t)
 			}
 		}
-		host.Rules = append(host.Rules, hr)
 		path.Rules = append(path.Rules, pr)
 	}
-	e := &engines{eng: eng, hostLevel: policy.New(host), pathOnly: policy.New(path)}
+	e := &engines{eng: eng, hostLevel: eng.HostLevel(), pathOnly: policy.New(path)}
 	c.p.Store(e)
 	return e
 }

@@ -64,37 +64,11 @@ func (p *Proxy) decideHTTP(ctx context.Context, eng *policy.Engine, in policy.In
 // plain and only a host/path rule allows the request (in, without its
 // path, is not allowed at host level).
 func (p *Proxy) pathFormDenied(eng *policy.Engine, in policy.Input, path string) bool {
-	if path == "" || plainPath(path) {
+	if path == "" || httpwire.PlainPath(path) {
 		return false
 	}
 	in.Path = ""
-	return !p.engines.get(eng).hostLevel.Decide(in).Allowed()
-}
-
-// plainPath reports whether an origin-form path means what it spells: no
-// "." or ".." segment (also as "..;" for servlet containers), no
-// backslash, no percent-encoded dot, slash, backslash, percent or
-// overlong UTF-8 lead byte.
-func plainPath(path string) bool {
-	if strings.IndexByte(path, '\\') >= 0 {
-		return false
-	}
-	for i := 0; i+2 < len(path); i++ {
-		if path[i] != '%' {
-			continue
-		}
-		switch strings.ToLower(path[i+1 : i+3]) {
-		case "2e", "2f", "5c", "25", "c0", "c1":
-			return false
-		}
-	}
-	for _, seg := range strings.Split(path, "/") {
-		seg, _, _ = strings.Cut(seg, ";")
-		if seg == "." || seg == ".." {
-			return false
-		}
-	}
-	return true
+	return !eng.HostLevel().Decide(in).Allowed()
 }
 
 // httpErrDecision is the deny for a request head or stream the proxy

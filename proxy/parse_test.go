@@ -495,17 +495,3 @@ func TestHelloInPiecesErrors(t *testing.T) {
 		}
 	})
 }
-
-// TestPlainPath: a path with dot segments, encoded dots, slashes,
-// backslashes or percents, or an overlong UTF-8 lead byte is not plain.
-func TestPlainPath(t *testing.T) {
-	for p, want := range map[string]bool{
-		"/": true, "/a/b.c/d": true, "/a/..b/c": true, "/a/My%20Page": true, "/a/b;v=1": true,
-		"/a/../b": false, "/a/./b": false, "/a/..": false, "/..;/b": false, "/a/%2e%2E/b": false,
-		"/a%2fb": false, "/a%5Cb": false, "/a\\b": false, "/a/%252e": false, "/a/%c0%ae": false,
-	} {
-		if got := plainPath(p); got != want {
-			t.Errorf("plainPath(%q) = %v", p, got)
-		}
-	}
-}
