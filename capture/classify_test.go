@@ -564,6 +564,7 @@ func TestReasonsAreTheProxys(t *testing.T) {
 		"ReasonHTTPBad":       ReasonHTTPBad,
 		"ReasonHostMismatch":  ReasonHostMismatch,
 		"ReasonHTTPFraming":   ReasonHTTPFraming,
+		"ReasonPathForm":      ReasonPathForm,
 	}
 	f, err := parser.ParseFile(token.NewFileSet(), filepath.Join("..", "proxy", "decide.go"), nil, 0)
 	if err != nil {
@@ -729,6 +730,11 @@ rules:
 		{"the query is not part of the path", "GET /api/v1?next=/admin HTTP/1.1\r\nHost: pathhost.test\r\n\r\n", policy.ReasonAllowed, "/api/v1"},
 		{"a path the rule does not name", "GET /admin HTTP/1.1\r\nHost: pathhost.test\r\n\r\n", policy.ReasonPath, "/admin"},
 		{"absolute form", "GET http://pathhost.test/admin?x HTTP/1.1\r\nHost: pathhost.test\r\n\r\n", policy.ReasonPath, "/admin"},
+		// A path an origin may read as another one is refused where only
+		// a host/path rule allows it, as the proxy refuses it.
+		{"dot segments", "GET /api/../admin HTTP/1.1\r\nHost: pathhost.test\r\n\r\n", ReasonPathForm, "/api/../admin"},
+		{"an encoded dot segment", "GET /api/%2e%2E/admin HTTP/1.1\r\nHost: pathhost.test\r\n\r\n", ReasonPathForm, "/api/%2e%2E/admin"},
+		{"a plain path with an encoded space (control)", "GET /api/My%20Page HTTP/1.1\r\nHost: pathhost.test\r\n\r\n", policy.ReasonAllowed, "/api/My%20Page"},
 	}
 	p := newPcap(t)
 	for i, tc := range cases {

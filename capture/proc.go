@@ -1160,6 +1160,11 @@ const (
 	// ReasonHostMismatch: the absolute-form target of an HTTP request
 	// and its Host header name different hosts or ports.
 	ReasonHostMismatch = "host-mismatch"
+	// ReasonPathForm: an HTTP request path that an origin may read as
+	// another one (dot segments, encoded dots, slashes or backslashes,
+	// double encoding: not httpwire.PlainPath) where only a host/path
+	// rule allows the request.
+	ReasonPathForm = "path-form"
 	// ReasonHTTPFraming: an HTTP request head whose body framing is
 	// ambiguous or invalid (httpwire.ErrHeadFraming: Content-Length with
 	// Transfer-Encoding, two Content-Lengths that differ, a
@@ -1242,6 +1247,16 @@ func (p *proc) decide(eng *policy.Engine, f *flow, name string, src audit.NameSo
 			if dd.Allowed() {
 				break
 			}
+		}
+	}
+	// A path an origin may read as another one ("/api/../admin") is
+	// refused where only a host/path rule allows the request, as the
+	// proxy's decideHTTP refuses it (path-form).
+	if d.Allowed() && path != "" && !httpwire.PlainPath(path) {
+		hin := in
+		hin.Name, hin.Path = name, ""
+		if !eng.HostLevel().Decide(hin).Allowed() {
+			d = policy.Decision{Verdict: policy.Deny, RuleIndex: -1, Reason: ReasonPathForm, Mode: eng.Mode()}
 		}
 	}
 	return d, name, src

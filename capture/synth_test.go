@@ -978,13 +978,15 @@ rules:
 
 // keepAliveStream is one keep-alive connection's requests: an allowed
 // first request, a second the path rule refuses, an allowed chunked POST
-// whose body holds bytes that look like a request, and after it a request
-// to another host in absolute form.
+// whose body holds bytes that look like a request, after it a request to
+// another host in absolute form, and one whose path an origin may read as
+// another (path-form).
 var keepAliveStream = "GET /nirovision/a HTTP/1.1\r\nHost: notion.test\r\n\r\n" +
 	"GET /other?q=1 HTTP/1.1\r\nHost: notion.test\r\n\r\n" +
 	"POST /nirovision/b HTTP/1.1\r\nHost: notion.test\r\nTransfer-Encoding: chunked\r\n\r\n" +
 	"21\r\nGET /inside HTTP/1.1\r\nHost: x\r\n\r\n\r\n" + "0\r\nX-Trailer: 1\r\n\r\n" +
-	"GET http://evil.test/x HTTP/1.1\r\nHost: evil.test\r\n\r\n"
+	"GET http://evil.test/x HTTP/1.1\r\nHost: evil.test\r\n\r\n" +
+	"GET /nirovision/../admin HTTP/1.1\r\nHost: notion.test\r\n\r\n"
 
 // TestSyntheticKeepAliveRequests: capture judges every request of a
 // plain-HTTP keep-alive connection, as the transparent proxy does (its
@@ -1007,6 +1009,7 @@ func TestSyntheticKeepAliveRequests(t *testing.T) {
 		{"notion.test", "/other", policy.ReasonPath, policy.Deny},
 		{"notion.test", "/nirovision/b", policy.ReasonAllowed, policy.Allow},
 		{"evil.test", "/x", policy.ReasonNoRule, policy.Deny},
+		{"notion.test", "/nirovision/../admin", ReasonPathForm, policy.Deny},
 	}
 	smuggle := "GET /nirovision/a HTTP/1.1\r\nHost: notion.test\r\n\r\n" +
 		"POST /nirovision/c HTTP/1.1\r\nHost: notion.test\r\nContent-Length: 5\r\nTransfer-Encoding: chunked\r\n\r\n0\r\n\r\n" +
@@ -1020,7 +1023,7 @@ func TestSyntheticKeepAliveRequests(t *testing.T) {
 	}{
 		{"whole segments", keepAliveStream, 1400, nil, want},
 		{"seven bytes a segment", keepAliveStream, 7, nil, want},
-		{"out of order", keepAliveStream, 40, []int{0, 2, 1, 4, 3, 6, 5, 8, 7}, want},
+		{"out of order", keepAliveStream, 40, []int{0, 2, 1, 4, 3, 6, 5, 8, 7, 10, 9}, want},
 		{"a refused stream", smuggle, 1400, nil, []req{{"", "", ReasonHTTPFraming, policy.Deny}}},
 	}
 	p := newPcap(t)
