@@ -123,7 +123,9 @@ const (
 //     payload of each packet. A ClientHello or HTTP head is read from the
 //     first packets of a stream; one larger than 16 KiB in a single GRO
 //     packet is cut, and capture then gives up naming that flow (it is
-//     decided by address; the proxy reads up to 64 KiB).
+//     decided by address; the proxy reads up to 64 KiB). On a followed
+//     plain-HTTP connection the bytes cut off a body are skipped; where
+//     they could hold a later head, capture stops following it.
 //   - Everything else (UDP, so DNS and QUIC; IP fragments; DNS over TCP;
 //     IPv6 with extension headers; non-IP; frames with in-band VLAN tags):
 //     whole.
