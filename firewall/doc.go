@@ -15,6 +15,16 @@
 // arriving from the WAN side. IPv6 is treated like IPv4: the table is of the
 // inet family, so every rule sees both.
 //
+// In enforce mode "established" is not enough to pass the forward chain:
+// every connection an allow rule lets out gets bit [CTMarkEnforced] of its
+// conntrack mark (the mark's other bits are left as they are), and only
+// replies and related traffic of marked connections are accepted as such.
+// A connection that went out before enforcement began (in audit mode,
+// whose masquerade or WAN guard keeps conntrack tracking it, or before
+// egressd ran) has no mark: its packets from the LAN are judged by the
+// allow rules like new ones, and its replies are dropped, so switching to
+// enforce cuts what the policy does not allow instead of letting it run on.
+//
 // [Render] turns a policy and a [Config] into a [Ruleset] without touching
 // the kernel (egressd firewall print shows it); [Firewall.Install],
 // [Firewall.Replace] and [Firewall.Remove] apply it in one netlink batch each

@@ -163,6 +163,12 @@ func ruleExprs(r Rule, sets map[string]*nftables.Set) ([]expr.Any, error) {
 				Mask: binaryutil.NativeEndian.PutUint32(uint32(r.CTState)), Xor: make([]byte, 4)},
 			&expr.Cmp{Op: expr.CmpOpNeq, Register: 1, Data: make([]byte, 4)})
 	}
+	if r.CTMark != 0 {
+		m := binaryutil.NativeEndian.PutUint32(r.CTMark)
+		e = append(e, &expr.Ct{Register: 1, Key: expr.CtKeyMARK},
+			&expr.Bitwise{SourceRegister: 1, DestRegister: 1, Len: 4, Mask: m, Xor: make([]byte, 4)},
+			&expr.Cmp{Op: expr.CmpOpEq, Register: 1, Data: m})
+	}
 	fam := r.Family
 	if fam == FamilyAny && (r.SrcSet != "" || r.DstSet != "") {
 		return nil, fmt.Errorf("an address set without a family")
@@ -237,6 +243,13 @@ func ruleExprs(r Rule, sets map[string]*nftables.Set) ([]expr.Any, error) {
 	}
 	if r.Counter {
 		e = append(e, &expr.Counter{})
+	}
+	if r.SetCTMark != 0 {
+		// ct mark = (ct mark & ^bits) ^ bits: the bits set, the others kept.
+		e = append(e, &expr.Ct{Register: 1, Key: expr.CtKeyMARK},
+			&expr.Bitwise{SourceRegister: 1, DestRegister: 1, Len: 4,
+				Mask: binaryutil.NativeEndian.PutUint32(^r.SetCTMark), Xor: binaryutil.NativeEndian.PutUint32(r.SetCTMark)},
+			&expr.Ct{Register: 1, Key: expr.CtKeyMARK, SourceRegister: true})
 	}
 	switch r.Verdict.Kind {
 	case Accept:

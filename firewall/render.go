@@ -93,7 +93,10 @@ type Rule struct {
 	IIf     string  // meta iifname
 	OIf     string  // meta oifname
 	CTState CTState // ct state (any of the bits); 0: no match
-	Family  Family  // meta nfproto; implied by SrcSet/DstSet
+	// CTMark matches connections whose conntrack mark has these bits
+	// (ct mark & CTMark == CTMark); 0: no match.
+	CTMark uint32
+	Family Family // meta nfproto; implied by SrcSet/DstSet
 	// SrcSet, DstSet name address sets of Family; SrcMACSet a MAC set.
 	SrcSet, DstSet, SrcMACSet string
 	FibLocal                  bool         // fib daddr type local
@@ -103,9 +106,20 @@ type Rule struct {
 	// Ports is the destination port range of Proto; zero Lo: any port.
 	Ports   policy.PortRange
 	Counter bool
-	Verdict Verdict
-	Comment string
+	// SetCTMark sets these bits of the connection's conntrack mark (the
+	// others kept) before the verdict; 0: none.
+	SetCTMark uint32
+	Verdict   Verdict
+	Comment   string
 }
+
+// CTMarkEnforced is the conntrack mark bit the enforce ruleset sets on
+// every connection its forward chain lets out, and requires of
+// established and related traffic. A connection that went out before
+// enforcement began (in audit mode, or before egressd) lacks it, so
+// "established" does not carry it past the policy: its packets from the
+// LAN are judged by the rules like new ones, and its replies are dropped.
+const CTMarkEnforced uint32 = 0x00400000
 
 // CTState is a set of conntrack state bits.
 type CTState uint32
@@ -179,8 +193,14 @@ func render(cfg Config, eng *policy.Engine, now time.Time) (*Ruleset, error) {
 	}
 	if mode == policy.ModeEnforce || guard {
 		var rules []Rule
-		rules = append(rules, Rule{CTState: CTEstablished | CTRelated, Verdict: Verdict{Kind: Accept},
-			Comment: "replies and related traffic"})
+		est := Rule{CTState: CTEstablished | CTRelated, Verdict: Verdict{Kind: Accept}, Comment: "replies and related traffic"}
+		if mode == policy.ModeEnforce {
+			// Only connections this ruleset let out: not one that began
+			// before enforcement.
+			est.CTMark = CTMarkEnforced
+			est.Comment = "replies and related traffic of connections let out in enforce mode"
+		}
+		rules = append(rules, est)
 		if guard {
 			rules = append(rules, Rule{IIf: cfg.WAN, Counter: true, Verdict: Verdict{Kind: Drop},
 				Comment: "new connections from the WAN side"})
@@ -389,6 +409,7 @@ func allowRule(cfg Config, rule string, ru Rule, pr policy.PortRange) Rule {
 	if pr.Lo == 1 && pr.Hi == 65535 {
 		ru.Ports = policy.PortRange{}
 	}
+	ru.SetCTMark = CTMarkEnforced
 	ru.Verdict = Verdict{Kind: Accept}
 	ru.Comment = "rule " + rule
 	return ru

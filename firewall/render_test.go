@@ -108,11 +108,12 @@ func TestRenderEnforce(t *testing.T) {
 		`iifname "lan0" udp dport 53 redirect to :5353`,
 		`iifname "lan0" tcp dport 53 redirect to :5353`,
 		`iifname "lan0" meta l4proto tcp redirect to :15001`,
-		`iifname "lan0" ip daddr @dns4_ntp udp dport 123 accept`,
-		`iifname "lan0" ip6 daddr @dns6_ntp udp dport 123 accept`,
-		`iifname "lan0" ip daddr @dns4_quic udp dport 443 accept`,
-		`iifname "lan0" udp dport 9 accept`,
+		`iifname "lan0" ip daddr @dns4_ntp udp dport 123 ct mark set ct mark | 0x00400000 accept`,
+		`iifname "lan0" ip6 daddr @dns6_ntp udp dport 123 ct mark set ct mark | 0x00400000 accept`,
+		`iifname "lan0" ip daddr @dns4_quic udp dport 443 ct mark set ct mark | 0x00400000 accept`,
+		`iifname "lan0" udp dport 9 ct mark set ct mark | 0x00400000 accept`,
 		`iifname "wan0" counter drop`,
+		`ct state established,related ct mark & 0x00400000 == 0x00400000 accept`,
 		`iifname "lan0" udp dport 443 counter reject`,
 		`iifname "lan0" counter drop comment "enforce: nothing else from the LAN"`,
 		`elements = { 198.51.100.7, 203.0.113.0/24 }`,
@@ -131,7 +132,7 @@ func TestRenderEnforce(t *testing.T) {
 		}
 	}
 	// The QUIC allowance comes before the QUIC reject.
-	if strings.Index(text, "@dns4_quic udp dport 443 accept") > strings.Index(text, "udp dport 443 counter reject") {
+	if strings.Index(text, "@dns4_quic udp dport 443 ct mark set") > strings.Index(text, "udp dport 443 counter reject") {
 		t.Error("QUIC reject before the rule that allows it")
 	}
 	for rule, want := range map[string]bool{"ntp": true, "media": true, "quic": true, "web": false, "dns": false, "nx": false, "anything": false} {
@@ -151,8 +152,8 @@ func TestRenderTCPPorts(t *testing.T) {
 	text := rs.String()
 	for _, want := range []string{
 		`iifname "lan0" tcp dport 443 redirect to :15001`,
-		`iifname "lan0" ip daddr @net4_nx tcp dport 7001 accept`,
-		`iifname "lan0" ip6 daddr @net6_nx tcp dport 5000 accept`,
+		`iifname "lan0" ip daddr @net4_nx tcp dport 7001 ct mark set ct mark | 0x00400000 accept`,
+		`iifname "lan0" ip6 daddr @net6_nx tcp dport 5000 ct mark set ct mark | 0x00400000 accept`,
 		`elements = { 10.0.0.0/8, 172.16.0.0/12, 192.168.0.0/16 }`,
 		`iifname "lan0" tcp dport 853 counter reject with tcp reset`,
 	} {

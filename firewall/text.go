@@ -107,6 +107,9 @@ func (r Rule) String() string {
 		}
 		w = append(w, "ct state "+strings.Join(st, ","))
 	}
+	if r.CTMark != 0 {
+		w = append(w, fmt.Sprintf("ct mark & 0x%08x == 0x%08x", r.CTMark, r.CTMark))
+	}
 	ip := "ip"
 	if r.Family == IPv6 {
 		ip = "ip6"
@@ -141,6 +144,9 @@ func (r Rule) String() string {
 	}
 	if r.Counter {
 		w = append(w, "counter")
+	}
+	if r.SetCTMark != 0 {
+		w = append(w, fmt.Sprintf("ct mark set ct mark | 0x%08x", r.SetCTMark))
 	}
 	switch r.Verdict.Kind {
 	case Accept:
