@@ -1,0 +1,187 @@
+package firewall
+
+import (
+	"net"
+	"os"
+	"strings"
+	"testing"
+	"time"
+
+	"golang.org/x/net/icmp"
+	"golang.org/x/net/ipv4"
+	"golang.org/x/net/ipv6"
+
+	"egressd/internal/testnet"
+)
+
+// TestEnforceOtherProtocols: in enforce mode nothing but the rules' UDP
+// (and the redirected TCP and DNS) is forwarded from the LAN, for IPv4 and
+// IPv6 alike: ICMP echo (a ping tunnel's carrier), another IP protocol
+// (GRE), and UDP datagrams too large for one packet — fragmented by the
+// client, reassembled by conntrack before the rules see them — to a
+// denied address (THREATS.md F3, section 0 point 4). Each case is tried
+// without the firewall first, so a pass is the firewall's doing; a
+// fragmented datagram to an allowed address still passes.
+func TestEnforceOtherProtocols(t *testing.T) {
+	requireNft(t)
+	tp := newTopo(t)
+	tp.serverUDP(t, "198.18.2.2:9000", "198.18.2.3:9000", "[2001:db8:2::2]:9000", "[2001:db8:2::3]:9000")
+	gre4 := rawCounter(t, tp.server, "ip4:47", "0.0.0.0")
+	gre6 := rawCounter(t, tp.server, "ip6:47", "::")
+
+	big := strings.Repeat("x", 4000)
+	check := func(t *testing.T, enforce bool) {
+		t.Helper()
+		for _, dst := range []string{"198.18.2.2", "2001:db8:2::2"} {
+			err := ping(tp.client, dst)
+			if !enforce && err != nil {
+				t.Fatalf("without the firewall, ping %s: %v: the test would prove nothing", dst, err)
+			}
+			if enforce && err == nil {
+				t.Errorf("enforce: ping %s answered", dst)
+			}
+		}
+		for _, c := range []struct {
+			network, dst string
+			n            *rawCount
+		}{{"ip4:47", "198.18.2.2", gre4}, {"ip6:47", "2001:db8:2::2", gre6}} {
+			before := c.n.n()
+			if err := sendRaw(tp.client, c.network, c.dst, []byte("\x00\x00\x08\x00gre payload")); err != nil {
+				t.Fatal(err)
+			}
+			time.Sleep(300 * time.Millisecond)
+			got := c.n.n() > before
+			if !enforce && !got {
+				t.Fatalf("without the firewall, %s to %s did not arrive: the test would prove nothing", c.network, c.dst)
+			}
+			if enforce && got {
+				t.Errorf("enforce: %s to %s reached the server", c.network, c.dst)
+			}
+		}
+		for _, dst := range []string{"198.18.2.3:9000", "[2001:db8:2::3]:9000"} {
+			got, err := udpAskBig(tp.client, dst, big, 700*time.Millisecond)
+			if !enforce && err != nil {
+				t.Fatalf("without the firewall, a fragmented datagram to %s: %v", dst, err)
+			}
+			if enforce && !isTimeout(err) {
+				t.Errorf("enforce: a fragmented datagram to denied %s: got %d bytes, %v; want a timeout", dst, len(got), err)
+			}
+		}
+		for _, dst := range []string{"198.18.2.2:9000", "[2001:db8:2::2]:9000"} {
+			if got, err := udpAskBig(tp.client, dst, big, 3*time.Second); err != nil || !strings.HasPrefix(got, "xxx") {
+				t.Errorf("a fragmented datagram to allowed %s: got %d bytes, %v", dst, len(got), err)
+			}
+		}
+	}
+	check(t, false)
+	fw := tp.firewall(t, Config{})
+	if err := fw.Install(compile(t, testPolicy)); err != nil {
+		t.Fatal(err)
+	}
+	check(t, true)
+}
+
+// ping sends one ICMP or ICMPv6 echo request from ns and waits 1 s for
+// the reply.
+func ping(ns *testnet.NS, dst string) error {
+	v6 := strings.Contains(dst, ":")
+	network, laddr, proto := "ip4:icmp", "0.0.0.0", 1
+	var typ, reply icmp.Type = ipv4.ICMPTypeEcho, ipv4.ICMPTypeEchoReply
+	if v6 {
+		network, laddr, proto = "ip6:ipv6-icmp", "::", 58
+		typ, reply = ipv6.ICMPTypeEchoRequest, ipv6.ICMPTypeEchoReply
+	}
+	var c *icmp.PacketConn
+	if err := ns.Do(func() (err error) { c, err = icmp.ListenPacket(network, laddr); return }); err != nil {
+		return err
+	}
+	defer c.Close()
+	id := os.Getpid() & 0xffff
+	msg := icmp.Message{Type: typ, Body: &icmp.Echo{ID: id, Seq: 1, Data: []byte("egressd")}}
+	b, err := msg.Marshal(nil)
+	if err != nil {
+		return err
+	}
+	if _, err := c.WriteTo(b, &net.IPAddr{IP: net.ParseIP(dst)}); err != nil {
+		return err
+	}
+	c.SetReadDeadline(time.Now().Add(time.Second))
+	buf := make([]byte, 1500)
+	for {
+		n, from, err := c.ReadFrom(buf)
+		if err != nil {
+			return err
+		}
+		m, err := icmp.ParseMessage(proto, buf[:n])
+		if err != nil || m.Type != reply || from.String() != dst {
+			continue
+		}
+		if e, ok := m.Body.(*icmp.Echo); ok && string(e.Data) == "egressd" {
+			return nil
+		}
+	}
+}
+
+// rawCount counts the packets a raw socket receives.
+type rawCount struct{ ch chan struct{} }
+
+func (r *rawCount) n() int { return len(r.ch) }
+
+func rawCounter(t *testing.T, ns *testnet.NS, network, laddr string) *rawCount {
+	t.Helper()
+	pc, err := ns.ListenPacket(network, laddr)
+	if err != nil {
+		t.Fatal(err)
+	}
+	t.Cleanup(func() { pc.Close() })
+	r := &rawCount{ch: make(chan struct{}, 1000)}
+	go func() {
+		buf := make([]byte, 1500)
+		for {
+			if _, _, err := pc.ReadFrom(buf); err != nil {
+				return
+			}
+			select {
+			case r.ch <- struct{}{}:
+			default:
+			}
+		}
+	}()
+	return r
+}
+
+// sendRaw sends one packet of an IP protocol from ns.
+func sendRaw(ns *testnet.NS, network, dst string, payload []byte) error {
+	laddr := "0.0.0.0"
+	if strings.HasPrefix(network, "ip6") {
+		laddr = "::"
+	}
+	pc, err := ns.ListenPacket(network, laddr)
+	if err != nil {
+		return err
+	}
+	defer pc.Close()
+	_, err = pc.WriteTo(payload, &net.IPAddr{IP: net.ParseIP(dst)})
+	return err
+}
+
+// udpAskBig sends one datagram of payload from a fresh socket and waits
+// for the answer.
+func udpAskBig(ns *testnet.NS, addr, payload string, timeout time.Duration) (string, error) {
+	pc, err := ns.ListenPacket("udp", ":0")
+	if err != nil {
+		return "", err
+	}
+	defer pc.Close()
+	ua, err := net.ResolveUDPAddr("udp", addr)
+	if err != nil {
+		return "", err
+	}
+	pc.SetDeadline(time.Now().Add(timeout))
+	if _, err := pc.WriteTo([]byte(payload), ua); err != nil {
+		return "", err
+	}
+	buf := make([]byte, 9000)
+	n, _, err := pc.ReadFrom(buf)
+	return string(buf[:n]), err
+}
