@@ -1,0 +1,58 @@
+package proxy
+
+import (
+	"bytes"
+	"net/http"
+	"net/netip"
+	"testing"
+	"time"
+
+	"egressd/policy"
+)
+
+// TestOwnAddresses: the gateway's own addresses are not destinations, even
+// when a CIDR rule's range holds them (THREATS.md F1, Smokescreen's
+// ipDenySelfConnection): a CONNECT or a redirected connection to them would
+// reach the gateway's own services (the explicit proxy, the transparent
+// listener, ssh) from the proxy's address. An address of the same range
+// that is not the gateway's is allowed, so the refusal is the guard's.
+func TestOwnAddresses(t *testing.T) {
+	tp := newTopo(t, topoOpts{})
+	eng, err := policy.Compile("own.yaml", []byte(`version: 1
+mode: enforce
+rules:
+  - name: test-net
+    to: [198.18.0.0/15, "2001:db8::/32"]
+    ports: [443/tcp, 3128/tcp, 15001/tcp]
+`))
+	if err != nil {
+		t.Fatal(err)
+	}
+	tp.store.Swap(eng)
+
+	resp, body := tp.proxyRequest(t, "CONNECT 198.18.2.2:443 HTTP/1.1\r\nHost: 198.18.2.2:443\r\n\r\n")
+	if resp.StatusCode != http.StatusOK {
+		t.Fatalf("control: CONNECT 198.18.2.2:443 under the CIDR rule: %d %q", resp.StatusCode, body)
+	}
+	for _, a := range []string{"198.18.1.1:3128", "198.18.2.1:3128", "198.18.2.1:443", "[2001:db8:1::1]:15001", "[2001:db8:2::1]:443", "[::ffff:198.18.2.1]:443"} {
+		resp, body := tp.proxyRequest(t, "CONNECT "+a+" HTTP/1.1\r\nHost: "+a+"\r\n\r\n")
+		if resp.StatusCode != http.StatusForbidden {
+			t.Errorf("CONNECT %s: %d %q", a, resp.StatusCode, body)
+			continue
+		}
+		if got := resp.Header.Get("X-Egressd-Reason"); got != ReasonSpecialRange {
+			t.Errorf("CONNECT %s: reason %q, want %s", a, got, ReasonSpecialRange)
+		}
+	}
+	// The transparent path: a connection whose original destination is
+	// the gateway's own address.
+	for _, a := range []netip.AddrPort{netip.AddrPortFrom(gwWanV4, 443), netip.AddrPortFrom(gwWanV6, 443)} {
+		c := tp.dialFromClient(t, netip.Addr{}, a)
+		c.Write(buildHello(sniExt("www.allowed.test")))
+		got := readAll(c, 5*time.Second)
+		ev := tp.ev.wait(t, "own address "+a.String(), byClientPort(localPort(c)))
+		if !bytes.Equal(got, alert) || ev.Reason != ReasonSpecialRange || ev.Verdict != policy.Deny {
+			t.Errorf("transparent to %s: answer %x, event %+v", a, got, ev)
+		}
+	}
+}
