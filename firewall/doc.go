@@ -24,6 +24,9 @@
 // egressd ran) has no mark: its packets from the LAN are judged by the
 // allow rules like new ones, and its replies are dropped, so switching to
 // enforce cuts what the policy does not allow instead of letting it run on.
+// For the same reason no rule opens port 53 in forward: every new
+// connection to it from the LAN is the forwarder's, so an accept there
+// could only carry on a DNS tunnel begun before enforcement.
 //
 // [Render] turns a policy and a [Config] into a [Ruleset] without touching
 // the kernel (egressd firewall print shows it); [Firewall.Install],

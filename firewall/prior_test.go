@@ -18,6 +18,8 @@ import (
 // enforce is on: a UDP flow and a TCP connection to destinations the
 // policy denies stop at the switch, by reload and by a fresh Install
 // (THREATS.md F3/G4: nothing the policy forbids gets out in enforce mode).
+// So does DNS straight to a server of the client's choosing, which the
+// forwarder redirect would have caught had the flow begun under enforce.
 // A flow the policy allows carries on.
 func TestEnforceCutsFlowsFromBefore(t *testing.T) {
 	requireNft(t)
@@ -26,7 +28,7 @@ func TestEnforceCutsFlowsFromBefore(t *testing.T) {
 			tp := newTopo(t)
 			tp.proxyStandIn(t)
 			tp.dnsStandIn(t)
-			tp.serverUDP(t, "198.18.2.2:9000", "198.18.2.3:9000", "[2001:db8:2::3]:9000")
+			tp.serverUDP(t, "198.18.2.2:9000", "198.18.2.3:9000", "[2001:db8:2::3]:9000", "198.18.2.3:53", "[2001:db8:2::3]:53")
 			echo := func(addr string) {
 				ln, err := tp.server.Listen("tcp", addr)
 				if err != nil {
@@ -44,8 +46,15 @@ func TestEnforceCutsFlowsFromBefore(t *testing.T) {
 				})
 			}
 			echo("[::]:2000")
+			echo("[::]:53")
 
-			eng := compile(t, testPolicy)
+			// The seed's dns rule: DNS is the forwarder's, every query
+			// from the LAN is redirected to it.
+			eng := compile(t, testPolicy+`
+  - name: dns
+    to: ["0.0.0.0/0", "::/0"]
+    ports: [53/udp, 53/tcp]
+`)
 			audit := tp.firewall(t, Config{GuardWAN: true})
 			if err := audit.Install(eng.WithMode(policy.ModeAudit)); err != nil {
 				t.Fatal(err)
@@ -58,7 +67,12 @@ func TestEnforceCutsFlowsFromBefore(t *testing.T) {
 			udpAllowed := dialFlow(t, tp, "udp", "198.18.2.2:9000")
 			tcpDenied := dialFlow(t, tp, "tcp", "198.18.2.2:2000")
 			tcpDenied6 := dialFlow(t, tp, "tcp", "[2001:db8:2::2]:2000")
-			for _, f := range []*flow{udpDenied, udpDenied6, udpAllowed, tcpDenied, tcpDenied6} {
+			// A DNS tunnel to the attacker's own server, on one socket.
+			dnsDirect := dialFlow(t, tp, "udp", "198.18.2.3:53")
+			dnsDirect6 := dialFlow(t, tp, "udp", "[2001:db8:2::3]:53")
+			dnsDirectTCP := dialFlow(t, tp, "tcp", "198.18.2.3:53")
+			prior := []*flow{udpDenied, udpDenied6, tcpDenied, tcpDenied6, dnsDirect, dnsDirect6, dnsDirectTCP}
+			for _, f := range append(prior, udpAllowed) {
 				if err := f.ask(3 * time.Second); err != nil {
 					t.Fatalf("audit mode, %s: %v", f.addr, err)
 				}
@@ -76,7 +90,7 @@ func TestEnforceCutsFlowsFromBefore(t *testing.T) {
 					t.Fatal(err)
 				}
 			}
-			for _, f := range []*flow{udpDenied, udpDenied6, tcpDenied, tcpDenied6} {
+			for _, f := range prior {
 				if err := f.ask(700 * time.Millisecond); err == nil {
 					t.Errorf("enforce: the %s flow to %s opened in audit mode still gets through", f.network, f.addr)
 				}

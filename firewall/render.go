@@ -301,7 +301,7 @@ func renderAllows(cfg Config, eng *policy.Engine, now time.Time, rs *Ruleset) al
 		var ports []policy.PortRange
 		for _, pr := range r.Ports {
 			if pr.Proto == policy.UDP || (pr.Proto == policy.TCP && len(cfg.TCPPorts) > 0) {
-				ports = append(ports, pr)
+				ports = append(ports, withoutDNS(pr)...)
 			}
 		}
 		if len(ports) == 0 {
@@ -400,6 +400,25 @@ func renderAllows(cfg Config, eng *policy.Engine, now time.Time, rs *Ruleset) al
 		}
 	}
 	return a
+}
+
+// withoutDNS returns pr without port 53. Every LAN packet to port 53 that
+// starts a connection is redirected to the forwarder, so an accept for it
+// in forward could only let through a connection that began before
+// enforcement: a DNS tunnel straight to a server of the client's choosing.
+func withoutDNS(pr policy.PortRange) []policy.PortRange {
+	const dns = 53
+	if pr.Lo > dns || pr.Hi < dns {
+		return []policy.PortRange{pr}
+	}
+	var out []policy.PortRange
+	if pr.Lo < dns {
+		out = append(out, policy.PortRange{Lo: pr.Lo, Hi: dns - 1, Proto: pr.Proto})
+	}
+	if pr.Hi > dns {
+		out = append(out, policy.PortRange{Lo: dns + 1, Hi: pr.Hi, Proto: pr.Proto})
+	}
+	return out
 }
 
 // allowRule completes an accept rule of a policy rule: from the LAN, to the

@@ -325,3 +325,43 @@ func TestLearnBookkeeping(t *testing.T) {
 		t.Error("invalid address accepted")
 	}
 }
+
+// TestRenderNoForwardedDNS: port 53 never gets a forward accept in enforce
+// mode, not even inside a range: every new LAN connection to it is
+// redirected to the forwarder, so such an accept could only pass a
+// connection from before enforcement (a DNS tunnel to the client's own
+// server).
+func TestRenderNoForwardedDNS(t *testing.T) {
+	eng, err := policy.Compile("dns.yaml", []byte(`version: 1
+mode: enforce
+rules:
+  - name: dns
+    to: ["0.0.0.0/0", "::/0"]
+    ports: [53/udp, 53/tcp]
+  - name: wide
+    to: [203.0.113.0/24]
+    ports: [any, 50-53/udp, 53-60/udp]
+`))
+	if err != nil {
+		t.Fatal(err)
+	}
+	cfg := siteConfig
+	cfg.TCPPorts = []policy.PortRange{{Lo: 443, Hi: 443, Proto: policy.TCP}}
+	rs, err := Render(cfg, eng)
+	if err != nil {
+		t.Fatal(err)
+	}
+	text := rs.String()
+	for _, want := range []string{"udp dport 1-52 ", "udp dport 54-65535 ", "tcp dport 1-52 ", "tcp dport 54-65535 ", "udp dport 50-52 ", "udp dport 54-60 "} {
+		if !strings.Contains(text, want) {
+			t.Errorf("missing %q in\n%s", want, text)
+		}
+	}
+	for _, c := range rs.Chains {
+		for _, r := range c.Rules {
+			if c.Name == chainForward && r.Verdict.Kind == Accept && r.Proto != 0 && (r.Ports.Lo == 0 || r.Ports.Lo <= 53 && 53 <= r.Ports.Hi) {
+				t.Errorf("forward accepts port 53: %q", r)
+			}
+		}
+	}
+}
