@@ -9,11 +9,13 @@
 // rules allow (their CIDRs, and the addresses dnsfilter learned for their
 // names, fed through [Firewall.LearnAll] into sets with timeouts before
 // dnsfilter sends the answer, so a client's first packet finds them open;
-// [Firewall.Wants] says which rules it needs them for), rejects
-// QUIC (UDP 443) and DoT/DoQ (853) unless a rule allows them so that clients
-// fall back to TCP where the proxy sees the SNI, and drops new connections
-// arriving from the WAN side. IPv6 is treated like IPv4: the table is of the
-// inet family, so every rule sees both.
+// [Firewall.Wants] says which rules it needs them for; a rule that opens
+// every address opens all but the special ranges the proxy guards too,
+// such as cloud metadata, CGNAT and the IPv6 forms of IPv4 addresses),
+// rejects QUIC (UDP 443) and DoT/DoQ (853) unless a rule allows them so
+// that clients fall back to TCP where the proxy sees the SNI, and drops new
+// connections arriving from the WAN side. IPv6 is treated like IPv4: the
+// table is of the inet family, so every rule sees both.
 //
 // In enforce mode "established" is not enough to pass the forward chain:
 // every connection an allow rule lets out gets bit [CTMarkEnforced] of its

@@ -97,7 +97,7 @@ func hook(h string) *nftables.ChainHook {
 
 // nfSet builds the netlink form of a set and its initial elements.
 func nfSet(t *nftables.Table, s Set, seeds []seed) (*nftables.Set, []nftables.SetElement, error) {
-	ns := &nftables.Set{Table: t, Name: s.Name, Comment: "rule " + s.Rule}
+	ns := &nftables.Set{Table: t, Name: s.Name, Comment: s.comment()}
 	var elems []nftables.SetElement
 	switch s.Kind {
 	case SetMACs:
@@ -170,7 +170,7 @@ func ruleExprs(r Rule, sets map[string]*nftables.Set) ([]expr.Any, error) {
 			&expr.Cmp{Op: expr.CmpOpEq, Register: 1, Data: m})
 	}
 	fam := r.Family
-	if fam == FamilyAny && (r.SrcSet != "" || r.DstSet != "") {
+	if fam == FamilyAny && (r.SrcSet != "" || r.DstSet != "" || r.DstNotSet != "") {
 		return nil, fmt.Errorf("an address set without a family")
 	}
 	if fam != FamilyAny {
@@ -181,7 +181,7 @@ func ruleExprs(r Rule, sets map[string]*nftables.Set) ([]expr.Any, error) {
 		e = append(e, &expr.Meta{Key: expr.MetaKeyNFPROTO, Register: 1},
 			&expr.Cmp{Op: expr.CmpOpEq, Register: 1, Data: []byte{nf}})
 	}
-	addr := func(set string, src bool) error {
+	addr := func(set string, src, invert bool) error {
 		s, ok := sets[set]
 		if !ok {
 			return fmt.Errorf("unknown set %s", set)
@@ -196,11 +196,11 @@ func ruleExprs(r Rule, sets map[string]*nftables.Set) ([]expr.Any, error) {
 			off, n = 24, 16
 		}
 		e = append(e, &expr.Payload{DestRegister: 1, Base: expr.PayloadBaseNetworkHeader, Offset: off, Len: n},
-			&expr.Lookup{SourceRegister: 1, SetName: s.Name, SetID: s.ID})
+			&expr.Lookup{SourceRegister: 1, SetName: s.Name, SetID: s.ID, Invert: invert})
 		return nil
 	}
 	if r.SrcSet != "" {
-		if err := addr(r.SrcSet, true); err != nil {
+		if err := addr(r.SrcSet, true, false); err != nil {
 			return nil, err
 		}
 	}
@@ -215,7 +215,12 @@ func ruleExprs(r Rule, sets map[string]*nftables.Set) ([]expr.Any, error) {
 			&expr.Lookup{SourceRegister: 1, SetName: s.Name, SetID: s.ID})
 	}
 	if r.DstSet != "" {
-		if err := addr(r.DstSet, false); err != nil {
+		if err := addr(r.DstSet, false, false); err != nil {
+			return nil, err
+		}
+	}
+	if r.DstNotSet != "" {
+		if err := addr(r.DstNotSet, false, true); err != nil {
 			return nil, err
 		}
 	}

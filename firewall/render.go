@@ -71,7 +71,7 @@ type Set struct {
 	Name     string
 	Kind     SetKind
 	Family   Family // the address family (FamilyAny for SetMACs)
-	Rule     string // the policy rule it serves
+	Rule     string // the policy rule it serves; "" for the guarded ranges
 	Prefixes []netip.Prefix
 	MACs     []net.HardwareAddr
 }
@@ -99,10 +99,13 @@ type Rule struct {
 	Family Family // meta nfproto; implied by SrcSet/DstSet
 	// SrcSet, DstSet name address sets of Family; SrcMACSet a MAC set.
 	SrcSet, DstSet, SrcMACSet string
-	FibLocal                  bool         // fib daddr type local
-	Proto                     policy.Proto // meta l4proto (TCP, UDP); 0: any
-	ICMPv6                    bool         // meta l4proto ipv6-icmp, with ICMPTypes
-	ICMPTypes                 [2]uint8     // icmpv6 type range (inclusive)
+	// DstNotSet names an address set of Family the destination must not
+	// be in.
+	DstNotSet string
+	FibLocal  bool         // fib daddr type local
+	Proto     policy.Proto // meta l4proto (TCP, UDP); 0: any
+	ICMPv6    bool         // meta l4proto ipv6-icmp, with ICMPTypes
+	ICMPTypes [2]uint8     // icmpv6 type range (inclusive)
 	// Ports is the destination port range of Proto; zero Lo: any port.
 	Ports   policy.PortRange
 	Counter bool
@@ -278,6 +281,68 @@ type allows struct {
 	sets       []Set
 	rules      []Rule
 	nextExpiry time.Time
+	guarded    bool // the guard sets are in sets
+}
+
+// guardedPrefixes are the destinations the proxy's special-range guard
+// keeps out unless a CIDR rule names them (proxy/guard.go; THREATS.md F1,
+// F2): "this network", loopback, link-local (cloud metadata), CGNAT
+// (Alibaba metadata), Azure WireServer, multicast, reserved, and the IPv6
+// forms that carry an IPv4 address (mapped, NAT64, 6to4, Teredo) or reach
+// metadata (AWS IMDSv6). A rule that opens every address ("*", 0.0.0.0/0,
+// ::/0) opens forwarded traffic to everything but these, as it does
+// through the proxy.
+var guardedPrefixes = []netip.Prefix{
+	netip.MustParsePrefix("0.0.0.0/8"),
+	netip.MustParsePrefix("127.0.0.0/8"),
+	netip.MustParsePrefix("169.254.0.0/16"),
+	netip.MustParsePrefix("100.64.0.0/10"),
+	netip.MustParsePrefix("168.63.129.16/32"),
+	netip.MustParsePrefix("224.0.0.0/4"),
+	netip.MustParsePrefix("240.0.0.0/4"),
+	netip.MustParsePrefix("::/128"),
+	netip.MustParsePrefix("::1/128"),
+	netip.MustParsePrefix("fe80::/10"),
+	netip.MustParsePrefix("ff00::/8"),
+	netip.MustParsePrefix("::ffff:0:0/96"),
+	netip.MustParsePrefix("64:ff9b::/96"),
+	netip.MustParsePrefix("64:ff9b:1::/48"),
+	netip.MustParsePrefix("2002::/16"),
+	netip.MustParsePrefix("2001::/32"),
+	netip.MustParsePrefix("fd00:ec2::254/128"),
+}
+
+// Names of the sets of guarded destinations.
+const (
+	setGuard4 = "guarded4"
+	setGuard6 = "guarded6"
+)
+
+// comment is the set's nftables comment.
+func (s Set) comment() string {
+	if s.Rule == "" {
+		return "special ranges: open only by a CIDR rule that names them"
+	}
+	return "rule " + s.Rule
+}
+
+// guardSets adds the sets of guarded destinations, once.
+func (a *allows) guardSets() {
+	if a.guarded {
+		return
+	}
+	a.guarded = true
+	var v4, v6 []netip.Prefix
+	for _, p := range guardedPrefixes {
+		if p.Addr().Is4() {
+			v4 = append(v4, p)
+		} else {
+			v6 = append(v6, p)
+		}
+	}
+	a.sets = append(a.sets,
+		Set{Name: setGuard4, Kind: SetPrefixes, Family: IPv4, Prefixes: v4},
+		Set{Name: setGuard6, Kind: SetPrefixes, Family: IPv6, Prefixes: v6})
 }
 
 // renderAllows turns each rule that allows forwarded traffic (UDP, and TCP
@@ -285,8 +350,9 @@ type allows struct {
 //
 //	[ip saddr @from4_R | ether saddr @frommac_R] ip daddr @net4_R|@dns4_R udp dport P accept
 //
-// A rule with "*" (or a /0) allows any address of that family; its names
-// feed the learned sets dns4_R and dns6_R.
+// A rule with "*" (or a /0) allows any address of that family but the
+// guarded ones (ip daddr != @guarded4); its names feed the learned sets
+// dns4_R and dns6_R.
 func renderAllows(cfg Config, eng *policy.Engine, now time.Time, rs *Ruleset) allows {
 	var a allows
 	for _, r := range eng.Rules() {
@@ -346,13 +412,6 @@ func renderAllows(cfg Config, eng *policy.Engine, now time.Time, rs *Ruleset) al
 			macSet = "frommac_" + r.Name
 			a.sets = append(a.sets, Set{Name: macSet, Kind: SetMACs, Rule: r.Name, MACs: slices.Clone(r.From.MACs)})
 		}
-		if any4 && any6 && r.From.Any() {
-			// Any address of either family: one rule, no family match.
-			for _, pr := range ports {
-				a.rules = append(a.rules, allowRule(cfg, r.Name, Rule{}, pr))
-			}
-			continue
-		}
 		for _, fam := range []struct {
 			f           Family
 			any, names  bool
@@ -377,7 +436,9 @@ func renderAllows(cfg Config, eng *policy.Engine, now time.Time, rs *Ruleset) al
 			var dsts []Rule
 			switch {
 			case fam.any:
-				dsts = append(dsts, Rule{})
+				// Any address but the guarded ones.
+				a.guardSets()
+				dsts = append(dsts, Rule{DstNotSet: "guarded" + fam.suffix[:1]})
 			default:
 				if len(fam.nets) > 0 {
 					name := "net" + fam.suffix + r.Name
@@ -393,7 +454,7 @@ func renderAllows(cfg Config, eng *policy.Engine, now time.Time, rs *Ruleset) al
 			for _, s := range srcs {
 				for _, d := range dsts {
 					for _, pr := range ports {
-						a.rules = append(a.rules, allowRule(cfg, r.Name, Rule{Family: fam.f, SrcSet: s.SrcSet, SrcMACSet: s.SrcMACSet, DstSet: d.DstSet}, pr))
+						a.rules = append(a.rules, allowRule(cfg, r.Name, Rule{Family: fam.f, SrcSet: s.SrcSet, SrcMACSet: s.SrcMACSet, DstSet: d.DstSet, DstNotSet: d.DstNotSet}, pr))
 					}
 				}
 			}

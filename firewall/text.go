@@ -33,9 +33,7 @@ func (rs *Ruleset) String() string {
 		case SetLearned:
 			b.WriteString("\t\tflags timeout\n")
 		}
-		if s.Rule != "" {
-			fmt.Fprintf(&b, "\t\tcomment %q\n", "rule "+s.Rule)
-		}
+		fmt.Fprintf(&b, "\t\tcomment %q\n", s.comment())
 		var elems []string
 		for _, r := range mergePrefixes(s.Prefixes) {
 			elems = append(elems, rangeString(r))
@@ -114,7 +112,7 @@ func (r Rule) String() string {
 	if r.Family == IPv6 {
 		ip = "ip6"
 	}
-	if r.Family != FamilyAny && r.SrcSet == "" && r.DstSet == "" && !r.ICMPv6 {
+	if r.Family != FamilyAny && r.SrcSet == "" && r.DstSet == "" && r.DstNotSet == "" && !r.ICMPv6 {
 		w = append(w, "meta nfproto "+r.Family.String())
 	}
 	if r.SrcSet != "" {
@@ -125,6 +123,9 @@ func (r Rule) String() string {
 	}
 	if r.DstSet != "" {
 		w = append(w, ip+" daddr @"+r.DstSet)
+	}
+	if r.DstNotSet != "" {
+		w = append(w, ip+" daddr != @"+r.DstNotSet)
 	}
 	if r.FibLocal {
 		w = append(w, "fib daddr type local")
