@@ -93,6 +93,10 @@ func (p *Proxy) needsInspection(eng *policy.Engine, in policy.Input) bool {
 // vouched for (no spoofing); the special-range guard applies either way.
 func (p *Proxy) decideName(ctx context.Context, eng *policy.Engine, in policy.Input, src audit.NameSource) verdict {
 	v := verdict{name: in.Name, src: src}
+	if d, ok := p.selfDecision(eng, in); ok {
+		v.d = d
+		return v
+	}
 	v.d = eng.Decide(in)
 	if !v.d.Allowed() {
 		return v
@@ -156,6 +160,10 @@ func (p *Proxy) vouched(ctx context.Context, eng *policy.Engine, in policy.Input
 func (p *Proxy) decideAddr(eng *policy.Engine, in policy.Input, src audit.NameSource) verdict {
 	in.Name = ""
 	v := verdict{src: src}
+	if d, ok := p.selfDecision(eng, in); ok {
+		v.d = d
+		return v
+	}
 	v.d = eng.Decide(in)
 	if !v.d.Allowed() && p.deps.DNS != nil {
 		for _, n := range p.deps.DNS.NamesFor(in.Client.Unmap(), in.Dest.Unmap()) {
@@ -180,6 +188,34 @@ func (p *Proxy) decideAddr(eng *policy.Engine, in policy.Input, src audit.NameSo
 		v.inspect = p.needsInspection(eng, in)
 	}
 	return v
+}
+
+// selfDecision refuses a destination that is the gateway itself — a
+// loopback or unspecified address, or one of its own addresses, in any
+// form — unless a CIDR rule names it or it is configured as an exception.
+// The refusal holds in audit mode too (its decision is made in enforce
+// mode): there, forwarding would have the proxy dial its own listener,
+// which dials itself again until every connection slot is taken, or reach
+// the gateway's local-only services (the admin API) from the LAN.
+// Nothing a site relies on goes through the proxy to the gateway itself:
+// the firewall leaves traffic to the gateway's addresses alone.
+func (p *Proxy) selfDecision(eng *policy.Engine, in policy.Input) (policy.Decision, bool) {
+	if !in.Dest.IsValid() {
+		return policy.Decision{}, false
+	}
+	a := in.Dest.Unmap()
+	g, ok := specialRange(a, p.ownAddrs(), p.cfg.AllowSpecial)
+	if !ok {
+		return policy.Decision{}, false
+	}
+	self := a.IsLoopback() || a.IsUnspecified()
+	for _, o := range p.ownAddrs() {
+		self = self || o.Unmap() == a
+	}
+	if !self || cidrRuleNames(eng, in, g) {
+		return policy.Decision{}, false
+	}
+	return policy.Decision{Verdict: policy.Deny, RuleIndex: -1, Reason: ReasonSpecialRange, Mode: policy.ModeEnforce}, true
 }
 
 // literalAddr returns the address a name-shaped string spells, if it is an

@@ -365,6 +365,10 @@ func (p *Proxy) decideTarget(ctx context.Context, eng *policy.Engine, client net
 	if special && v.d.Allowed() {
 		v.d = denyDecision(eng, ReasonSpecialRange)
 	}
+	in.Dest = addrs[0]
+	if d, ok := p.selfDecision(eng, in); ok {
+		v.d = d
+	}
 	return v, netip.AddrPortFrom(addrs[0].Unmap(), port)
 }
 

@@ -2,6 +2,7 @@ package proxy
 
 import (
 	"bytes"
+	"net"
 	"net/http"
 	"net/netip"
 	"testing"
@@ -54,5 +55,56 @@ rules:
 		if !bytes.Equal(got, alert) || ev.Reason != ReasonSpecialRange || ev.Verdict != policy.Deny {
 			t.Errorf("transparent to %s: answer %x, event %+v", a, got, ev)
 		}
+	}
+}
+
+// TestSelfConnectionAudit: in audit mode the proxy forwards what it would
+// deny, but never to the gateway itself. A connection whose original
+// destination is the proxy's own port made the proxy dial itself, which
+// dialled itself again, until the connection limit: one client's single
+// connection filled every slot. And CONNECT to loopback reached the
+// gateway's local-only services (the admin API) from the LAN. Both are
+// refused in audit mode too (THREATS.md F1, G1), as is a name that
+// resolves to loopback.
+func TestSelfConnectionAudit(t *testing.T) {
+	tp := newTopo(t, topoOpts{mode: "audit", config: func(c *Config) { c.MaxConns, c.MaxConnsPerClient = 40, 40 }})
+	local, err := tp.g.Listen("tcp", "127.0.0.1:9901")
+	if err != nil {
+		t.Fatal(err)
+	}
+	defer local.Close()
+	reached := make(chan struct{}, 100)
+	go serveEach(local, func(c net.Conn) { reached <- struct{}{}; c.Close() })
+
+	for _, a := range []netip.AddrPort{netip.AddrPortFrom(gwLanV4, transparentPort), netip.AddrPortFrom(gwLanV6, transparentPort)} {
+		c := tp.dialFromClient(t, netip.Addr{}, a)
+		c.Write([]byte("GET / HTTP/1.1\r\nHost: www.allowed.test\r\n\r\n"))
+		readAll(c, 3*time.Second)
+		tp.proxy.limMu.Lock()
+		n := tp.proxy.total
+		tp.proxy.limMu.Unlock()
+		c.Close()
+		if n > 1 {
+			t.Errorf("a connection to %s: the proxy holds %d connections (it dialled itself)", a, n)
+		}
+		ev := tp.ev.wait(t, "self "+a.String(), byClientPort(localPort(c)))
+		if ev.Reason != ReasonSpecialRange || !ev.Enforced {
+			t.Errorf("a connection to %s: event %+v, want an enforced %s", a, ev, ReasonSpecialRange)
+		}
+	}
+	for _, a := range []string{"127.0.0.1:9901", "[::ffff:127.0.0.1]:9901", "loop.allowed.test:9901"} {
+		resp, body := tp.proxyRequest(t, "CONNECT "+a+" HTTP/1.1\r\nHost: "+a+"\r\n\r\n")
+		if resp.StatusCode != http.StatusForbidden {
+			t.Errorf("audit mode, CONNECT %s: %d %q", a, resp.StatusCode, body)
+		}
+	}
+	resp, body := tp.proxyRequest(t, "GET http://127.0.0.1:9901/ HTTP/1.1\r\nHost: 127.0.0.1:9901\r\n\r\n")
+	if resp.StatusCode != http.StatusForbidden {
+		t.Errorf("audit mode, GET http://127.0.0.1:9901/: %d %q", resp.StatusCode, body)
+	}
+	select {
+	case <-reached:
+		t.Errorf("the gateway's 127.0.0.1:9901 was reached through the proxy in audit mode")
+	case <-time.After(300 * time.Millisecond):
 	}
 }
