@@ -14,8 +14,11 @@
 // such as cloud metadata, CGNAT and the IPv6 forms of IPv4 addresses),
 // rejects QUIC (UDP 443) and DoT/DoQ (853) unless a rule allows them so
 // that clients fall back to TCP where the proxy sees the SNI, and drops new
-// connections arriving from the WAN side. IPv6 is treated like IPv4: the
-// table is of the inet family, so every rule sees both.
+// connections arriving from the WAN side. Nothing from another interface
+// (a second LAN segment, a VLAN, a VPN that --lan does not name) goes out
+// to the WAN side either; traffic between such an interface and the LAN is
+// not egress and is left alone. IPv6 is treated like IPv4: the table is of
+// the inet family, so every rule sees both.
 //
 // In enforce mode "established" is not enough to pass the forward chain:
 // every connection an allow rule lets out gets bit [CTMarkEnforced] of its

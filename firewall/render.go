@@ -219,6 +219,17 @@ func render(cfg Config, eng *policy.Engine, now time.Time) (*Ruleset, error) {
 					Comment: "DNS over TLS: use the forwarder"},
 				Rule{IIf: cfg.LAN, Counter: true, Verdict: Verdict{Kind: Drop},
 					Comment: "enforce: nothing else from the LAN"})
+			if cfg.WAN != "" {
+				// Another interface (a second LAN segment, a VLAN, a VPN)
+				// gets no way around the LAN's rules to the WAN side.
+				rules = append(rules, Rule{OIf: cfg.WAN, Counter: true, Verdict: Verdict{Kind: Drop},
+					Comment: "enforce: nothing else out to the WAN side"})
+			}
+			// What is left runs between other interfaces (another segment
+			// and the LAN, say): not egress. Marked, so that its replies
+			// pass the established rule above.
+			rules = append(rules, Rule{SetCTMark: CTMarkEnforced, Verdict: Verdict{Kind: Accept},
+				Comment: "not egress: between other interfaces"})
 		}
 		rs.Chains = append(rs.Chains, Chain{Name: chainForward, Type: "filter", Hook: "forward", Priority: 0, Rules: rules})
 	}
