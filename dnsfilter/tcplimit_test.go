@@ -1,6 +1,7 @@
 package dnsfilter
 
 import (
+	"fmt"
 	"net"
 	"testing"
 	"time"
@@ -100,5 +101,38 @@ func TestTCPConnectionLimitsDefault(t *testing.T) {
 		if _, ok := tcpClient(t, "127.0.0.2", ts.Addr); !ok {
 			t.Fatalf("connection %d got no answer with the limits disabled", i+1)
 		}
+	}
+}
+
+// TestTCPIdleClientsCut (THREATS.md G2): a client TCP connection that never
+// sends a query, or goes quiet after one, is closed by the forwarder on its
+// own: the read timeout for the first query, TCPIdleTimeout between
+// queries. A client cannot hold connection slots by sitting on them.
+func TestTCPIdleClientsCut(t *testing.T) {
+	up := newFakeUpstream(t, "a.allowed.test. 300 IN A 192.0.2.1\n")
+	ts := startServer(t, enforcePolicy, Config{Upstreams: []string{up.Addr}, TCPIdleTimeout: 500 * time.Millisecond}, Deps{})
+	closedWithin := func(c net.Conn, d time.Duration) error {
+		c.SetReadDeadline(time.Now().Add(d))
+		var b [1]byte
+		_, err := c.Read(b[:])
+		if ne, ok := err.(net.Error); ok && ne.Timeout() {
+			return fmt.Errorf("still open after %v", d)
+		}
+		return nil
+	}
+	silent, err := net.Dial("tcp", ts.Addr)
+	if err != nil {
+		t.Fatal(err)
+	}
+	defer silent.Close()
+	c, ok := tcpClient(t, "127.0.0.2", ts.Addr)
+	if !ok {
+		t.Fatal("the query before going idle got no answer")
+	}
+	if err := closedWithin(c.Conn, 4*time.Second); err != nil {
+		t.Errorf("idle after a query, with TCPIdleTimeout 500ms: %v", err)
+	}
+	if err := closedWithin(silent, 8*time.Second); err != nil {
+		t.Errorf("connected, never sent a query: %v", err)
 	}
 }
