@@ -79,6 +79,15 @@ func TestEnforceOtherProtocols(t *testing.T) {
 		t.Fatal(err)
 	}
 	check(t, true)
+	// A fragmented DNS datagram (THREATS.md E5) is reassembled and
+	// redirected to the forwarder like any other query, whatever server
+	// it names.
+	tp.dnsStandIn(t)
+	for _, dst := range []string{"198.18.2.3:53", "[2001:db8:2::3]:53"} {
+		if got, err := udpAskBig(tp.client, dst, big, 3*time.Second); err != nil || !strings.HasPrefix(got, "xxx") || !strings.Contains(got, " from ") {
+			t.Errorf("a fragmented DNS datagram to %s: got %d bytes, %v; want the forwarder's answer", dst, len(got), err)
+		}
+	}
 }
 
 // ping sends one ICMP or ICMPv6 echo request from ns and waits 1 s for
