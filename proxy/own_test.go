@@ -108,3 +108,36 @@ func TestSelfConnectionAudit(t *testing.T) {
 	case <-time.After(300 * time.Millisecond):
 	}
 }
+
+// TestSelfConnectionNewAddress: the gateway's own addresses are read once;
+// one it gains later (DHCP on the WAN side, an address added by hand) is
+// not among them. A connection to the transparent port on such an address
+// is still not dialled back: its original destination is the address and
+// port it was accepted on, so it was never redirected and there is nothing
+// to forward; the address joins the own addresses from then on.
+func TestSelfConnectionNewAddress(t *testing.T) {
+	tp := newTopo(t, topoOpts{mode: "audit", config: func(c *Config) {
+		c.MaxConns, c.MaxConnsPerClient = 40, 40
+		c.OwnAddrs = []netip.Addr{gwWanV4, gwWanV6} // the LAN addresses came later
+	}})
+	for _, a := range []netip.AddrPort{netip.AddrPortFrom(gwLanV4, transparentPort), netip.AddrPortFrom(gwLanV6, transparentPort)} {
+		c := tp.dialFromClient(t, netip.Addr{}, a)
+		c.Write([]byte("GET / HTTP/1.1\r\nHost: www.allowed.test\r\n\r\n"))
+		readAll(c, 3*time.Second)
+		tp.proxy.limMu.Lock()
+		n := tp.proxy.total
+		tp.proxy.limMu.Unlock()
+		c.Close()
+		if n > 1 {
+			t.Errorf("a connection to %s, an address not yet known as the gateway's: the proxy holds %d connections (it dialled itself)", a, n)
+		}
+		ev := tp.ev.wait(t, "self "+a.String(), byClientPort(localPort(c)))
+		if ev.Reason != ReasonSpecialRange || !ev.Enforced {
+			t.Errorf("a connection to %s: event %+v, want an enforced %s", a, ev, ReasonSpecialRange)
+		}
+	}
+	resp, body := tp.proxyRequest(t, "CONNECT 198.18.1.1:22 HTTP/1.1\r\nHost: 198.18.1.1:22\r\n\r\n")
+	if resp.StatusCode != http.StatusForbidden {
+		t.Errorf("CONNECT to the address learned as the gateway's: %d %q", resp.StatusCode, body)
+	}
+}

@@ -9,6 +9,7 @@ import (
 	"net"
 	"net/http"
 	"net/netip"
+	"slices"
 	"sync"
 	"sync/atomic"
 	"time"
@@ -37,10 +38,13 @@ type Proxy struct {
 	mitm    atomic.Pointer[mitmCA]   // nil until inspection first needs it
 	caOnce  sync.Mutex               // guards loading the CA
 	ownOnce sync.Once
-	own     []netip.Addr // the gateway's own addresses (cfg.OwnAddrs or the interfaces')
-	ctOnce  sync.Once
-	ct      Conntrack          // deps.Conntrack or ctOwn; nil if it could not be opened
-	ctOwn   *netutil.Conntrack // opened by the proxy, closed by Close
+	// own are the gateway's own addresses (cfg.OwnAddrs or the
+	// interfaces'), and those found later by addOwn. The slice is never
+	// changed in place: addOwn stores a new one.
+	own    atomic.Pointer[[]netip.Addr]
+	ctOnce sync.Once
+	ct     Conntrack          // deps.Conntrack or ctOwn; nil if it could not be opened
+	ctOwn  *netutil.Conntrack // opened by the proxy, closed by Close
 
 	kaListener net.Listener // opened by listenTransparent: accepted connections inherit keepalive
 	// deferAccept: kaListener has TCP_DEFER_ACCEPT (deferAcceptControl).
@@ -313,21 +317,36 @@ func errTemporary(err error) error {
 
 var errNever = errors.New("never")
 
-// ownAddrs returns the gateway's own addresses, read once.
+// ownAddrs returns the gateway's own addresses: read once, plus those
+// addOwn found since.
 func (p *Proxy) ownAddrs() []netip.Addr {
 	p.ownOnce.Do(func() {
-		if p.cfg.OwnAddrs != nil {
-			p.own = p.cfg.OwnAddrs
-			return
+		own := p.cfg.OwnAddrs
+		if own == nil {
+			var err error
+			if own, err = netutil.HostAddrs(); err != nil {
+				p.log.Warn("cannot list the gateway's own addresses", audit.LogError, err)
+			}
 		}
-		own, err := netutil.HostAddrs()
-		if err != nil {
-			p.log.Warn("cannot list the gateway's own addresses", audit.LogError, err)
-			return
-		}
-		p.own = own
+		own = slices.Clone(own)
+		p.own.Store(&own)
 	})
-	return p.own
+	return *p.own.Load()
+}
+
+// addOwn records a, seen to be the gateway's own address, if it is not
+// known yet: an address the gateway gained after the list was read.
+func (p *Proxy) addOwn(a netip.Addr) {
+	for {
+		cur := p.own.Load()
+		if slices.Contains(*cur, a) {
+			return
+		}
+		next := append(slices.Clone(*cur), a)
+		if p.own.CompareAndSwap(cur, &next) {
+			return
+		}
+	}
 }
 
 // acquire takes a connection slot for client; false when a limit is hit

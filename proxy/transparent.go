@@ -77,6 +77,13 @@ func (p *Proxy) handleTransparent(c *net.TCPConn, ours bool) {
 		return
 	}
 	orig = netip.AddrPortFrom(orig.Addr().Unmap(), orig.Port())
+	if orig == addrPortOf(c.LocalAddr()) {
+		// Addressed to the listener itself, not redirected: an address
+		// of the gateway's, perhaps one it gained after its list was read.
+		// Dialling it would reach this listener again (selfDecision).
+		p.ownAddrs()
+		p.addOwn(orig.Addr())
+	}
 	f.ev.Dest, f.ev.DestPort = orig.Addr(), orig.Port()
 	in := policy.Input{Client: ca.Addr(), Dest: orig.Addr(), Port: orig.Port(), Proto: policy.TCP, Now: start}
 	if !ours {
@@ -227,6 +234,13 @@ func (p *Proxy) clientPort(c *net.TCPConn, f *flowRecord) {
 		return
 	}
 	orig = netip.AddrPortFrom(orig.Addr().Unmap(), orig.Port())
+	if orig == addrPortOf(c.LocalAddr()) {
+		// Addressed to the listener itself, not redirected: an address
+		// of the gateway's, perhaps one it gained after its list was read.
+		// Dialling it would reach this listener again (selfDecision).
+		p.ownAddrs()
+		p.addOwn(orig.Addr())
+	}
 	switch {
 	case orig == remote:
 		p.met.conntrack.WithLabelValues("same").Inc()
