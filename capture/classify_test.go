@@ -735,12 +735,19 @@ rules:
 		{"dot segments", "GET /api/../admin HTTP/1.1\r\nHost: pathhost.test\r\n\r\n", ReasonPathForm, "/api/../admin"},
 		{"an encoded dot segment", "GET /api/%2e%2E/admin HTTP/1.1\r\nHost: pathhost.test\r\n\r\n", ReasonPathForm, "/api/%2e%2E/admin"},
 		{"a plain path with an encoded space (control)", "GET /api/My%20Page HTTP/1.1\r\nHost: pathhost.test\r\n\r\n", policy.ReasonAllowed, "/api/My%20Page"},
+		// Cleartext that shows no HTTP/1 path: the proxy refuses it where
+		// only a host/path rule would allow it (path-unseen).
+		{"HTTP/2 with prior knowledge", "PRI * HTTP/2.0\r\n\r\nSM\r\n\r\n\x00\x00\x00\x04\x00\x00\x00\x00\x00", policy.ReasonPathUnseen, ""},
+		{"another protocol", "\x00\x01binary", policy.ReasonPathUnseen, ""},
+		{"a silent client", "", policy.ReasonPathUnseen, ""},
 	}
 	p := newPcap(t)
 	for i, tc := range cases {
 		c := &tcpConn{p: p, cli: cli, srv: srv, cport: uint16(49000 + i), sport: 80, cseq: 1, sseq: 1}
 		c.handshake()
-		c.send(true, []byte(tc.head), 1400, nil, nil)
+		if tc.head != "" {
+			c.send(true, []byte(tc.head), 1400, nil, nil)
+		}
 		c.close()
 	}
 	r := synthRun(t, p.close(), pol, factsMap{srv: {"pathhost.test"}}, Config{})

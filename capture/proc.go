@@ -1205,6 +1205,10 @@ func (p *proc) decide(eng *policy.Engine, f *flow, name string, src audit.NameSo
 		proto = policy.UDP
 	}
 	in := policy.Input{Client: f.cli.Unmap(), Dest: f.srv.Unmap(), Port: f.sport, Proto: proto, Path: path, Now: p.now}
+	// TCP that is neither TLS nor an HTTP/1 request (HTTP/2 with prior
+	// knowledge, another protocol, a client silent at first) shows the
+	// proxy no path: host/path rules do not allow it there (path-unseen).
+	in.NoPath = proto == policy.TCP && (f.app == appUnknown || f.app == appOther)
 	if !p.decideAt.IsZero() {
 		in.Now = p.decideAt
 	}

@@ -196,7 +196,7 @@ func (m *matcher) consider(r ref) {
 			m.portMiss = m.portMiss || !m.wild
 			return
 		}
-		if r.path != nil && m.in.Path != "" && !r.path.Match(m.in.Path) {
+		if r.path != nil && (m.in.NoPath || m.in.Path != "" && !r.path.Match(m.in.Path)) {
 			m.pathMiss = true
 			return
 		}
@@ -227,6 +227,8 @@ func (m *matcher) decision() Decision {
 		d.Verdict, d.RuleIndex, d.Reason = Allow, int(m.best), ReasonAllowed
 	case m.expired >= 0:
 		d.RuleIndex, d.Reason = int(m.expired), ReasonExpired
+	case m.pathMiss && m.in.NoPath:
+		d.Reason = ReasonPathUnseen
 	case m.pathMiss:
 		d.Reason = ReasonPath
 	case m.portMiss:

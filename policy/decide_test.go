@@ -131,6 +131,10 @@ func TestDecideTable(t *testing.T) {
 		{"path other", Input{Name: "notion.so", Path: "/evil/page", Port: 80, Proto: TCP}, "", ReasonPath},
 		{"path prefix lookalike", Input{Name: "notion.so", Path: "/nirovisionx/a", Port: 80, Proto: TCP}, "", ReasonPath},
 		{"path host sub", Input{Name: "www.notion.so", Path: "/nirovision/a", Port: 80, Proto: TCP}, "", ReasonNoRule},
+		// Cleartext without an HTTP/1 path (h2c, other protocols): host/path
+		// rules do not match; host-level rules still do.
+		{"path unseen", Input{Name: "notion.so", NoPath: true, Port: 80, Proto: TCP}, "", ReasonPathUnseen},
+		{"path unseen host rule", Input{Name: "a.nirovision.com", NoPath: true, Port: 443, Proto: TCP}, "wild", ""},
 		// CIDRs.
 		{"apple 5223", ip("17.1.2.3", 5223, TCP), "apple", ""},
 		{"apple 2197", ip("17.255.255.255", 2197, TCP), "apple", ""},

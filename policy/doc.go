@@ -17,7 +17,9 @@
 //   - "*.example.com" matches subdomains at any depth, never the apex;
 //   - a '*' inside a label ("api-*.example.com") stays within that label;
 //   - "host/path-glob" matches a request's host and path; when the path is
-//     unknown (HTTPS without inspection) it applies at host level;
+//     unknown (HTTPS without inspection) it applies at host level; on
+//     cleartext that shows no HTTP/1 path (Input.NoPath: h2c with prior
+//     knowledge, other protocols) it does not match;
 //   - CIDRs and IPs match the destination address (IPv4-mapped IPv6 is
 //     matched as IPv4); "private" is RFC 1918 plus ULA; "*" is anything;
 //   - the first matching rule in file order is credited.

@@ -80,6 +80,12 @@ type Input struct {
 	// Path is the HTTP request path when the request was inspected; empty
 	// means unknown, and host/path rules then apply at host level.
 	Path string
+	// NoPath says the flow is cleartext the proxy cannot read a path from
+	// (not TLS, not an HTTP/1 request: HTTP/2 with prior knowledge, another
+	// protocol, a client silent at first): a path that could be there is
+	// not seen, so host/path rules do not match it (ReasonPathUnseen),
+	// where for TLS without inspection they apply at host level.
+	NoPath bool
 	// Now is the time of the flow, for expiring rules; zero means time.Now.
 	Now time.Time
 }
@@ -108,6 +114,7 @@ const (
 	ReasonNoRule        = "no-rule"            // nothing matches the destination
 	ReasonPort          = "port-not-allowed"   // a rule names the destination, not this port
 	ReasonPath          = "path-not-allowed"   // a host/path rule names the host, not this path
+	ReasonPathUnseen    = "path-unseen"        // only a host/path rule names the host, and the cleartext stream shows no HTTP/1 path (Input.NoPath)
 	ReasonClient        = "client-not-allowed" // a rule names the destination, not for this client
 	ReasonExpired       = "expired"            // only an expired rule would allow it
 	ReasonInvalidName   = "invalid-name"       // the name is not an ASCII hostname

@@ -169,10 +169,14 @@ func (p *Proxy) decideAddr(eng *policy.Engine, in policy.Input, src audit.NameSo
 		for _, n := range p.deps.DNS.NamesFor(in.Client.Unmap(), in.Dest.Unmap()) {
 			ni := in
 			ni.Name = n
+			d := eng.Decide(ni)
 			if v.name == "" {
 				v.name, v.src = n, audit.NameDNSLearned // the best name known, even for a deny
+				if d.Reason == policy.ReasonPathUnseen {
+					v.d = d // say why the name's host/path rule does not allow it
+				}
 			}
-			if d := eng.Decide(ni); d.Allowed() {
+			if d.Allowed() {
 				v.d, v.name, v.src = d, n, audit.NameDNSLearned
 				in = ni
 				break

@@ -49,6 +49,11 @@ type connectState struct {
 	// connection's TLS handshake and first request head (goproxy sets
 	// none); nil when there is none.
 	requestSeen func()
+	// noPath is the decision for a tunnel that turns out not to be TLS,
+	// when only a host/path rule allows the CONNECT (Input.NoPath): its
+	// cleartext shows no path the proxy reads. Zero when a host-level
+	// rule allows it.
+	noPath policy.Decision
 }
 
 type dialKey struct{}
@@ -431,6 +436,12 @@ func (p *Proxy) handleConnect(host string, ctx *goproxy.ProxyCtx) (*goproxy.Conn
 		return reject(v, http.StatusBadGateway)
 	}
 	st := &connectState{host: v.name, addr: addr, client: ca, src: audit.NameConnect}
+	if v.d.Allowed() {
+		in := policy.Input{Client: ca.Addr(), Dest: addr.Addr(), Port: port, Proto: policy.TCP, Name: v.name, NoPath: true, Now: time.Now()}
+		if d := eng.Decide(in); !d.Allowed() {
+			st.noPath = d
+		}
+	}
 	if v.inspect && v.d.Allowed() {
 		if _, err := p.ensureCA(); err == nil {
 			kp, _ := r.Context().Value(hijackKey{}).(*keepPipelined)
@@ -516,14 +527,38 @@ func (p *Proxy) tunnelConnect(client net.Conn, st *connectState, v verdict, f *f
 	}
 	// Bytes the client sent before the 200 go first; then the bare
 	// connection, which splices.
-	var early int
+	var pre []byte
 	if pc, ok := client.(*pipelinedConn); ok {
-		if _, err := server.Write(pc.pre); err != nil {
+		pre, client = pc.pre, pc.Conn
+	}
+	if st.noPath.Reason != "" {
+		// Only a host/path rule allows it: TLS inside is decided at host
+		// level (the path is encrypted, as on the transparent path);
+		// cleartext, or a client silent past the first-byte wait, shows
+		// no path the proxy reads (HTTP/2 with prior knowledge, say).
+		if len(pre) == 0 {
+			var b [1]byte
+			client.SetReadDeadline(time.Now().Add(min(p.cfg.FirstByteWait, p.cfg.HelloTimeout)))
+			n, _ := client.Read(b[:])
+			client.SetReadDeadline(time.Time{})
+			pre = b[:n]
+		}
+		if len(pre) == 0 || pre[0] != 0x16 {
+			f.ev.Stamp(st.noPath)
+			if f.ev.Enforced {
+				server.Close()
+				f.ev.Close = closeDenied
+				return
+			}
+		}
+	}
+	early := len(pre)
+	if early > 0 {
+		if _, err := server.Write(pre); err != nil {
 			server.Close()
 			f.err, f.ev.Close = err, closeReset
 			return
 		}
-		early, client = len(pc.pre), pc.Conn
 	}
 	out, in, reason := p.pipe(client, server)
 	f.ev.BytesOut, f.ev.BytesIn, f.ev.Close = uint64(out)+uint64(early), uint64(in), reason

@@ -270,14 +270,19 @@ func (p *Proxy) peek(c *net.TCPConn, eng *policy.Engine, in policy.Input, start 
 	defer c.SetReadDeadline(time.Time{})
 	ctx := context.Background()
 
+	// Cleartext that is not an HTTP/1 request (HTTP/2 with prior
+	// knowledge, another protocol, a client silent at first) shows no
+	// path the proxy reads: host/path rules do not allow it (NoPath).
+	other := in
+	other.NoPath = true
 	if err := p.firstBytes(c, rc, start, deferred); err != nil {
 		if isTimeout(err) {
 			// The server speaks first (or the client is silent): decide on
 			// the address.
-			return kindOther, p.decideAddr(eng, in, audit.NameNone), res
+			return kindOther, p.decideAddr(eng, other, audit.NameNone), res
 		}
 		res.early = true
-		return kindOther, p.decideAddr(eng, in, audit.NameNone), res
+		return kindOther, p.decideAddr(eng, other, audit.NameNone), res
 	}
 	c.SetReadDeadline(start.Add(p.cfg.HelloTimeout))
 	if rc.buf[0] == 0x16 {
@@ -317,10 +322,10 @@ func (p *Proxy) peek(c *net.TCPConn, eng *policy.Engine, in policy.Input, start 
 			break
 		}
 		if !more {
-			return kindOther, p.decideAddr(eng, in, audit.NameNone), res
+			return kindOther, p.decideAddr(eng, other, audit.NameNone), res
 		}
 		if err := rc.fill(len(rc.buf) + 1); err != nil {
-			return kindOther, p.decideAddr(eng, in, audit.NameNone), res
+			return kindOther, p.decideAddr(eng, other, audit.NameNone), res
 		}
 	}
 	h, err := readHTTPHead(rc)

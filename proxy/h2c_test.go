@@ -1,0 +1,235 @@
+package proxy
+
+import (
+	"bufio"
+	"fmt"
+	"io"
+	"net"
+	"net/http"
+	"net/netip"
+	"strings"
+	"sync"
+	"testing"
+	"time"
+
+	"golang.org/x/net/http2"
+
+	"egressd/audit"
+	"egressd/policy"
+)
+
+// h2cPolicy: docs.paths.test is reachable on 8081 only under /public/,
+// allowed.test at host level.
+const h2cPolicy = `version: 1
+mode: %s
+rules:
+  - name: allowed
+    to: ["allowed.test"]
+    ports: [8081/tcp]
+  - name: docs
+    to: ["docs.paths.test/public/*"]
+    ports: [8081/tcp]
+`
+
+const h2cPort = 8081
+
+// h2cTopo is newTopo with h2cPolicy, an origin on the server's port 8081
+// that speaks HTTP/1 and HTTP/2 with prior knowledge (h2c) and keeps the
+// paths it served, and our DNS having given docs.paths.test out as
+// spoofV4 and allowed.test as srvV4.
+func h2cTopo(t *testing.T, mode string) (*topo, func() []string) {
+	t.Helper()
+	tp := newTopo(t, topoOpts{mode: mode, config: func(c *Config) { c.Inspect = false }})
+	eng, err := policy.Compile("h2c.yaml", []byte(fmt.Sprintf(h2cPolicy, mode)))
+	if err != nil {
+		t.Fatal(err)
+	}
+	tp.store.Swap(eng)
+	tp.facts.add(clientV4, spoofV4, "docs.paths.test")
+	tp.facts.add(clientV4, srvV4, "allowed.test")
+	var mu sync.Mutex
+	var served []string
+	ln, err := tp.s.Listen("tcp", fmt.Sprintf("0.0.0.0:%d", h2cPort))
+	if err != nil {
+		t.Fatal(err)
+	}
+	srv := &http.Server{Handler: http.HandlerFunc(func(w http.ResponseWriter, r *http.Request) {
+		mu.Lock()
+		served = append(served, r.Proto+" "+r.URL.Path)
+		mu.Unlock()
+		fmt.Fprintf(w, "proto=%s path=%s", r.Proto, r.URL.Path)
+	})}
+	srv.Protocols = new(http.Protocols)
+	srv.Protocols.SetHTTP1(true)
+	srv.Protocols.SetUnencryptedHTTP2(true)
+	go srv.Serve(ln)
+	t.Cleanup(func() { srv.Close() })
+	return tp, func() []string {
+		mu.Lock()
+		defer mu.Unlock()
+		return append([]string(nil), served...)
+	}
+}
+
+// h2cGet sends one HTTP/2 request with prior knowledge over c.
+func h2cGet(c net.Conn, host, path string) (string, error) {
+	c.SetDeadline(time.Now().Add(10 * time.Second))
+	cc, err := (&http2.Transport{AllowHTTP: true}).NewClientConn(c)
+	if err != nil {
+		return "", err
+	}
+	defer cc.Close()
+	req, _ := http.NewRequest("GET", "http://"+host+path, nil)
+	resp, err := cc.RoundTrip(req)
+	if err != nil {
+		return "", err
+	}
+	defer resp.Body.Close()
+	b, err := io.ReadAll(resp.Body)
+	return fmt.Sprintf("%d %s", resp.StatusCode, b), err
+}
+
+// TestH2CPathRules: HTTP/2 with prior knowledge on a plain-HTTP port shows
+// the proxy no HTTP/1 request head, so the path of a host/path rule cannot
+// be checked on it. A name that only a host/path rule allows is refused
+// then (path-unseen), on the transparent path and through a CONNECT of the
+// explicit proxy alike, as HTTP/1 to a path outside the rule is; so is a
+// client that stays silent past the first-byte wait and then sends an
+// HTTP/1 request. A name a host-level rule allows stays reachable over
+// h2c. In audit mode the connection goes through and the event says what
+// enforce would do (THREATS.md C6).
+func TestH2CPathRules(t *testing.T) {
+	tp, served := h2cTopo(t, "enforce")
+	docs := netip.AddrPortFrom(spoofV4, h2cPort)
+	flow := func(t *testing.T, c net.Conn) audit.Event {
+		t.Helper()
+		return tp.ev.wait(t, "flow", func(ev audit.Event) bool {
+			return ev.Kind == audit.KindFlow && int(ev.ClientPort) == localPort(c)
+		})
+	}
+	notServed := func(t *testing.T, path string) {
+		t.Helper()
+		for _, s := range served() {
+			if strings.HasSuffix(s, " "+path) {
+				t.Errorf("the origin served %q", s)
+			}
+		}
+	}
+
+	t.Run("h1-path-refused", func(t *testing.T) {
+		c := tp.dialFromClient(t, netip.Addr{}, docs)
+		io.WriteString(c, req("docs.paths.test", "/private-h1"))
+		codes, _, err := readResponses(c, bufio.NewReader(c), 1)
+		if err != nil || codes[0] != 403 {
+			t.Fatalf("want 403: %v %v", err, codes)
+		}
+		notServed(t, "/private-h1")
+	})
+	t.Run("h2c-path-host", func(t *testing.T) {
+		c := tp.dialFromClient(t, netip.Addr{}, docs)
+		out, err := h2cGet(c, "docs.paths.test", "/private-h2c")
+		if err == nil {
+			t.Errorf("h2c to a path outside the rule got through: %q", out)
+		}
+		notServed(t, "/private-h2c")
+		ev := flow(t, c)
+		if ev.Verdict != policy.Deny || !ev.Enforced || ev.Reason != policy.ReasonPathUnseen || ev.Name != "docs.paths.test" || ev.NameSource != audit.NameDNSLearned {
+			t.Errorf("event %+v", ev)
+		}
+	})
+	t.Run("silent-then-h1", func(t *testing.T) {
+		c := tp.dialFromClient(t, netip.Addr{}, docs)
+		time.Sleep(600 * time.Millisecond) // past the topology's 300 ms first-byte wait
+		io.WriteString(c, req("docs.paths.test", "/private-late"))
+		if codes, _, err := readResponses(c, bufio.NewReader(c), 1); err == nil {
+			t.Errorf("a request sent after the first-byte wait got through: %v", codes)
+		}
+		notServed(t, "/private-late")
+		if ev := flow(t, c); ev.Reason != policy.ReasonPathUnseen || !ev.Enforced {
+			t.Errorf("event %+v", ev)
+		}
+	})
+	t.Run("h2c-host-level", func(t *testing.T) {
+		c := tp.dialFromClient(t, netip.Addr{}, netip.AddrPortFrom(srvV4, h2cPort))
+		out, err := h2cGet(c, "allowed.test", "/any-h2c")
+		if err != nil || out != "200 proto=HTTP/2.0 path=/any-h2c" {
+			t.Errorf("h2c to a host-level name: %q %v", out, err)
+		}
+		if ev := flow(t, c); ev.Verdict != policy.Allow || ev.Rule != "allowed" {
+			t.Errorf("event %+v", ev)
+		}
+	})
+	t.Run("explicit-connect-h2c", func(t *testing.T) {
+		c := tp.dialFromClient(t, netip.Addr{}, netip.AddrPortFrom(gwLanV4, explicitPort))
+		c.SetDeadline(time.Now().Add(10 * time.Second))
+		fmt.Fprintf(c, "CONNECT docs.paths.test:%d HTTP/1.1\r\nHost: docs.paths.test:%d\r\n\r\n", h2cPort, h2cPort)
+		br := bufio.NewReader(c)
+		resp, err := http.ReadResponse(br, nil)
+		if err != nil {
+			t.Fatal(err)
+		}
+		resp.Body.Close()
+		if resp.StatusCode == 200 {
+			out, err := h2cGet(&bufConn{c, br}, "docs.paths.test", "/private-connect")
+			if err == nil {
+				t.Errorf("h2c in a CONNECT tunnel to a path outside the rule got through: %q", out)
+			}
+		}
+		notServed(t, "/private-connect")
+		ev := tp.ev.wait(t, "connect flow", func(ev audit.Event) bool {
+			return ev.Kind == audit.KindFlow && ev.NameSource == audit.NameConnect && ev.Name == "docs.paths.test"
+		})
+		if ev.Verdict != policy.Deny || !ev.Enforced || ev.Reason != policy.ReasonPathUnseen {
+			t.Errorf("event %+v", ev)
+		}
+	})
+}
+
+// TestH2CPathRulesAudit: in audit mode the h2c connection goes through,
+// and its event says enforce would refuse it.
+func TestH2CPathRulesAudit(t *testing.T) {
+	tp, served := h2cTopo(t, "audit")
+	c := tp.dialFromClient(t, netip.Addr{}, netip.AddrPortFrom(spoofV4, h2cPort))
+	out, err := h2cGet(c, "docs.paths.test", "/private-audit")
+	if err != nil || !strings.Contains(out, "path=/private-audit") {
+		t.Errorf("audit mode: %q %v", out, err)
+	}
+	c.Close()
+	ev := tp.ev.wait(t, "flow", func(ev audit.Event) bool {
+		return ev.Kind == audit.KindFlow && int(ev.ClientPort) == localPort(c)
+	})
+	if ev.Verdict != policy.Deny || ev.Enforced || ev.Reason != policy.ReasonPathUnseen || ev.Mode != policy.ModeAudit {
+		t.Errorf("event %+v", ev)
+	}
+
+	c = tp.dialFromClient(t, netip.Addr{}, netip.AddrPortFrom(gwLanV4, explicitPort))
+	c.SetDeadline(time.Now().Add(10 * time.Second))
+	fmt.Fprintf(c, "CONNECT docs.paths.test:%d HTTP/1.1\r\nHost: docs.paths.test:%d\r\n\r\n", h2cPort, h2cPort)
+	br := bufio.NewReader(c)
+	resp, err := http.ReadResponse(br, nil)
+	if err != nil || resp.StatusCode != 200 {
+		t.Fatalf("CONNECT in audit mode: %v %v", resp, err)
+	}
+	out, err = h2cGet(&bufConn{c, br}, "docs.paths.test", "/private-audit-connect")
+	if err != nil || !strings.Contains(out, "path=/private-audit-connect") {
+		t.Errorf("audit mode, CONNECT: %q %v", out, err)
+	}
+	c.Close()
+	ev = tp.ev.wait(t, "connect flow", func(ev audit.Event) bool {
+		return ev.Kind == audit.KindFlow && ev.NameSource == audit.NameConnect && ev.Name == "docs.paths.test"
+	})
+	if ev.Verdict != policy.Deny || ev.Enforced || ev.Reason != policy.ReasonPathUnseen {
+		t.Errorf("CONNECT event %+v", ev)
+	}
+	if len(served()) != 2 {
+		t.Errorf("the origin served %q, want both requests", served())
+	}
+}
+
+// bufConn reads what a bufio.Reader already holds first.
+type bufConn struct {
+	net.Conn
+	br *bufio.Reader
+}
+
+func (c *bufConn) Read(b []byte) (int, error) { return c.br.Read(b) }
