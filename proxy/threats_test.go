@@ -1,0 +1,125 @@
+package proxy
+
+import (
+	"bufio"
+	"crypto/tls"
+	"fmt"
+	"io"
+	"net"
+	"net/http"
+	"testing"
+	"time"
+)
+
+// TestExplicitInspectedInnerHost (THREATS.md A4): an inspected CONNECT
+// to docs.paths.test whose inner ClientHello and request name another
+// host (Host header or absolute-form target) is refused per request
+// (host-mismatch), never decided on the inner name; a request naming the
+// CONNECT host on an allowed path is served (control).
+func TestExplicitInspectedInnerHost(t *testing.T) {
+	addr, _, tlsPort, caPool := loopbackExplicit(t, `version: 1
+mode: enforce
+rules:
+  - name: docs
+    to: ["docs.paths.test/public/*"]
+    ports: [%d/tcp, %d/tcp]
+  - name: evil-public
+    to: ["evil.example"]
+    ports: [%[2]d/tcp]
+`, nil)
+	auth := fmt.Sprintf("docs.paths.test:%d", tlsPort)
+	evil := fmt.Sprintf("evil.example:%d", tlsPort)
+	for _, c := range []struct {
+		name, sni, head, reason string
+		code                    int
+	}{
+		{"control", "docs.paths.test", "GET /public/ok HTTP/1.1\r\nHost: " + auth + "\r\n\r\n", "", 200},
+		{"inner-host", "docs.paths.test", "GET /public/x HTTP/1.1\r\nHost: " + evil + "\r\n\r\n", ReasonHostMismatch, 403},
+		{"inner-sni-and-host", "evil.example", "GET /public/x HTTP/1.1\r\nHost: " + evil + "\r\n\r\n", ReasonHostMismatch, 403},
+		{"inner-absolute", "docs.paths.test", "GET https://" + evil + "/public/x HTTP/1.1\r\nHost: " + evil + "\r\n\r\n", ReasonHostMismatch, 403},
+	} {
+		t.Run(c.name, func(t *testing.T) {
+			conn, code := connectDocs(t, addr, tlsPort)
+			if code != http.StatusOK {
+				t.Fatalf("CONNECT: %d", code)
+			}
+			// The client is the attacker's: it skips verification when its
+			// SNI is not the CONNECT host's leaf.
+			tc := tls.Client(conn, &tls.Config{ServerName: c.sni, RootCAs: caPool, InsecureSkipVerify: c.sni != "docs.paths.test"})
+			io.WriteString(tc, c.head)
+			resp, err := http.ReadResponse(bufio.NewReader(tc), nil)
+			if err != nil {
+				t.Fatal(err)
+			}
+			body, _ := io.ReadAll(resp.Body)
+			resp.Body.Close()
+			if resp.StatusCode != c.code || resp.Header.Get("X-Egressd-Reason") != c.reason {
+				t.Errorf("%d %q %q, want %d %q", resp.StatusCode, resp.Header.Get("X-Egressd-Reason"), body, c.code, c.reason)
+			}
+		})
+	}
+}
+
+// TestExplicitAuthorityForms (THREATS.md D2, Smokescreen CVE-2022-29188):
+// authorities in forms a lax parser reads as an allowed host — brackets
+// around a name, doubled brackets, an unbracketed IPv6 address, ports
+// with leading zeros, signs, out of range or named — are refused on
+// CONNECT and in absolute-form requests; the plain forms are allowed
+// (control), case and a trailing dot included (D1).
+func TestExplicitAuthorityForms(t *testing.T) {
+	addr, plainPort, tlsPort, _ := loopbackExplicit(t, `version: 1
+mode: enforce
+rules:
+  - name: docs
+    to: ["docs.paths.test"]
+    ports: [%d/tcp, %d/tcp]
+`, nil)
+	send := func(t *testing.T, head string) int {
+		t.Helper()
+		conn, err := net.Dial("tcp", addr)
+		if err != nil {
+			t.Fatal(err)
+		}
+		defer conn.Close()
+		conn.SetDeadline(time.Now().Add(10 * time.Second))
+		io.WriteString(conn, head)
+		resp, err := http.ReadResponse(bufio.NewReader(conn), &http.Request{Method: http.MethodConnect})
+		if err != nil {
+			return 0 // closed without a response: refused
+		}
+		resp.Body.Close()
+		return resp.StatusCode
+	}
+	ok := func(a string) bool { return a == "docs.paths.test" || a == "DOCS.Paths.Test." }
+	for _, host := range []string{"docs.paths.test", "DOCS.Paths.Test.", "[docs.paths.test]", "[[docs.paths.test]]", "docs.paths.test@127.0.0.1"} {
+		for _, port := range []string{fmt.Sprint(tlsPort)} {
+			a := host + ":" + port
+			code := send(t, "CONNECT "+a+" HTTP/1.1\r\nHost: "+a+"\r\n\r\n")
+			if ok(host) != (code == 200) {
+				t.Errorf("CONNECT %s: %d", a, code)
+			}
+		}
+	}
+	for _, port := range []string{"0" + fmt.Sprint(tlsPort), "-12", "91337", "https", "+" + fmt.Sprint(tlsPort), ""} {
+		a := "docs.paths.test:" + port
+		if code := send(t, "CONNECT "+a+" HTTP/1.1\r\nHost: "+a+"\r\n\r\n"); code == 200 {
+			t.Errorf("CONNECT %s: %d", a, code)
+		}
+	}
+	if code := send(t, "CONNECT 2001:DB8::1337 HTTP/1.1\r\nHost: 2001:DB8::1337\r\n\r\n"); code == 200 {
+		t.Errorf("CONNECT 2001:DB8::1337: %d", code)
+	}
+	for _, host := range []string{"docs.paths.test", "DOCS.Paths.Test.", "[docs.paths.test]", "[[docs.paths.test]]"} {
+		a := fmt.Sprintf("%s:%d", host, plainPort)
+		code := send(t, "GET http://"+a+"/x HTTP/1.1\r\nHost: "+a+"\r\n\r\n")
+		if ok(host) != (code == 200) {
+			t.Errorf("GET http://%s/x: %d", a, code)
+		}
+	}
+	for _, port := range []string{"0" + fmt.Sprint(plainPort), "-12", "91337", "https"} {
+		a := "docs.paths.test:" + port
+		if code := send(t, "GET http://"+a+"/x HTTP/1.1\r\nHost: "+a+"\r\n\r\n"); code == 200 {
+			t.Errorf("GET http://%s/x: %d", a, code)
+		}
+	}
+}
