@@ -7,8 +7,13 @@ import (
 	"io"
 	"net"
 	"net/http"
+	"net/netip"
+	"strings"
 	"testing"
 	"time"
+
+	"egressd/audit"
+	"egressd/policy"
 )
 
 // TestExplicitInspectedInnerHost (THREATS.md A4): an inspected CONNECT
@@ -121,5 +126,42 @@ rules:
 		if code := send(t, "GET http://"+a+"/x HTTP/1.1\r\nHost: "+a+"\r\n\r\n"); code == 200 {
 			t.Errorf("GET http://%s/x: %d", a, code)
 		}
+	}
+}
+
+// TestRotatedAnswers (THREATS.md A3): the gateway's own lookup of a name
+// can return other addresses than the client was given (round-robin,
+// geo-DNS). An address our DNS gave this client for the name is vouched
+// for whatever a fresh lookup says now; the same address for a client our
+// DNS told nothing is not (sni-mismatch), so the allow comes from the
+// client's own answers, not from the lookup.
+func TestRotatedAnswers(t *testing.T) {
+	tp := newTopo(t, topoOpts{config: func(c *Config) { c.Inspect = false }})
+	// The fresh lookup of www.allowed.test returns srvV4 and srvV6 only;
+	// the client was told spoofV4 earlier, and then srvV4.
+	tp.facts.add(clientV4, spoofV4, "www.allowed.test")
+	tp.facts.add(clientV4, srvV4, "www.allowed.test")
+	for _, c := range []struct {
+		what   string
+		src    netip.Addr
+		allow  bool
+		reason string
+	}{
+		{"the client's first answer", clientV4, true, policy.ReasonAllowed},
+		{"another client", client2V4, false, ReasonSNIMismatch},
+	} {
+		t.Run(c.what, func(t *testing.T) {
+			conn := tp.dialFromClient(t, c.src, netip.AddrPortFrom(spoofV4, 443))
+			body, err := tp.tlsGet(conn, "www.allowed.test", "/rotated", nil)
+			if (err == nil && strings.Contains(body, "path=/rotated")) != c.allow {
+				t.Errorf("%q %v, want allowed %v", body, err, c.allow)
+			}
+			ev := tp.ev.wait(t, "flow", func(ev audit.Event) bool {
+				return ev.Kind == audit.KindFlow && int(ev.ClientPort) == localPort(conn) && ev.Client == c.src
+			})
+			if ev.Reason != c.reason || ev.Dest != spoofV4 {
+				t.Errorf("event %+v, want %s", ev, c.reason)
+			}
+		})
 	}
 }
