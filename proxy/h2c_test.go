@@ -2,8 +2,10 @@ package proxy
 
 import (
 	"bufio"
+	"bytes"
 	"fmt"
 	"io"
+	"log/slog"
 	"net"
 	"net/http"
 	"net/netip"
@@ -13,6 +15,8 @@ import (
 	"time"
 
 	"golang.org/x/net/http2"
+	"golang.org/x/net/http2/h2c"
+	"golang.org/x/net/http2/hpack"
 
 	"egressd/audit"
 	"egressd/policy"
@@ -233,3 +237,97 @@ type bufConn struct {
 }
 
 func (c *bufConn) Read(b []byte) (int, error) { return c.br.Read(b) }
+
+// TestExplicitH2C: the explicit proxy serves HTTP/1 only. HTTP/2 with
+// prior knowledge sent to it gets a 400 and reaches no origin; an h2c
+// upgrade request is forwarded without its upgrade (the origin, which
+// would switch, answers it over HTTP/1.1), so no HTTP/2 stream with an
+// unchecked path can follow it.
+func TestExplicitH2C(t *testing.T) {
+	var mu sync.Mutex
+	var served []string
+	originLn, err := net.Listen("tcp", "127.0.0.1:0")
+	if err != nil {
+		t.Fatal(err)
+	}
+	h := http.HandlerFunc(func(w http.ResponseWriter, r *http.Request) {
+		mu.Lock()
+		served = append(served, r.Proto+" "+r.URL.Path)
+		mu.Unlock()
+		fmt.Fprintf(w, "proto=%s path=%s", r.Proto, r.URL.Path)
+	})
+	// The origin accepts both prior knowledge and the Upgrade: h2c dance.
+	srv := &http.Server{Handler: h2c.NewHandler(h, &http2.Server{})}
+	go srv.Serve(originLn)
+	t.Cleanup(func() { srv.Close() })
+	port := originLn.Addr().(*net.TCPAddr).Port
+	eng, err := policy.Compile("p.yaml", []byte(fmt.Sprintf("version: 1\nmode: enforce\nrules:\n  - name: docs\n    to: [\"docs.paths.test/public/*\"]\n    ports: [%d/tcp]\n", port)))
+	if err != nil {
+		t.Fatal(err)
+	}
+	p, err := New(Config{AllowSpecial: []netip.Prefix{netip.MustParsePrefix("127.0.0.0/8")}, OwnAddrs: []netip.Addr{}, StateDir: t.TempDir()}, Deps{
+		Policy: policy.NewStore(eng), Logger: slog.New(slog.NewTextHandler(testWriter{t}, nil)),
+		Resolver: startDNS(t, map[string][]netip.Addr{"docs.paths.test": {netip.MustParseAddr("127.0.0.1")}}),
+	})
+	if err != nil {
+		t.Fatal(err)
+	}
+	ln, err := net.Listen("tcp", "127.0.0.1:0")
+	if err != nil {
+		t.Fatal(err)
+	}
+	done := make(chan struct{})
+	go func() { p.ServeExplicit(ln); close(done) }()
+	t.Cleanup(func() { p.Close(); <-done })
+	auth := fmt.Sprintf("docs.paths.test:%d", port)
+	frames := func(stream uint32, path string) []byte {
+		var b, hb bytes.Buffer
+		fr := http2.NewFramer(&b, nil)
+		fr.WriteSettings()
+		enc := hpack.NewEncoder(&hb)
+		for _, f := range [][2]string{{":method", "GET"}, {":scheme", "http"}, {":authority", auth}, {":path", path}} {
+			enc.WriteField(hpack.HeaderField{Name: f[0], Value: f[1]})
+		}
+		fr.WriteHeaders(http2.HeadersFrameParam{StreamID: stream, BlockFragment: hb.Bytes(), EndStream: true, EndHeaders: true})
+		return b.Bytes()
+	}
+	dial := func(t *testing.T) (net.Conn, *bufio.Reader) {
+		c, err := net.Dial("tcp", ln.Addr().String())
+		if err != nil {
+			t.Fatal(err)
+		}
+		t.Cleanup(func() { c.Close() })
+		c.SetDeadline(time.Now().Add(10 * time.Second))
+		return c, bufio.NewReader(c)
+	}
+	t.Run("prior-knowledge", func(t *testing.T) {
+		c, br := dial(t)
+		c.Write(append([]byte(http2.ClientPreface), frames(1, "/private-pri")...))
+		resp, err := http.ReadResponse(br, nil)
+		if err != nil || resp.StatusCode != 400 {
+			t.Fatalf("want 400: %v %v", resp, err)
+		}
+	})
+	t.Run("upgrade", func(t *testing.T) {
+		c, br := dial(t)
+		fmt.Fprintf(c, "GET http://%s/public/x HTTP/1.1\r\nHost: %s\r\nConnection: Upgrade, HTTP2-Settings\r\nUpgrade: h2c\r\nHTTP2-Settings: AAMAAABkAARAAAAAAAIAAAAA\r\n\r\n", auth, auth)
+		resp, err := http.ReadResponse(br, nil)
+		if err != nil {
+			t.Fatal(err)
+		}
+		body, _ := io.ReadAll(resp.Body)
+		resp.Body.Close()
+		if resp.StatusCode != 200 || string(body) != "proto=HTTP/1.1 path=/public/x" {
+			t.Fatalf("want the request served over HTTP/1.1 without the upgrade: %d %q", resp.StatusCode, body)
+		}
+		c.Write(append([]byte(http2.ClientPreface), frames(3, "/private-upgrade")...))
+		io.Copy(io.Discard, br)
+	})
+	mu.Lock()
+	defer mu.Unlock()
+	for _, s := range served {
+		if strings.Contains(s, "private") {
+			t.Errorf("the origin served %q", s)
+		}
+	}
+}
