@@ -57,15 +57,13 @@ func h2cTopo(t *testing.T, mode string) (*topo, func() []string) {
 	if err != nil {
 		t.Fatal(err)
 	}
-	srv := &http.Server{Handler: http.HandlerFunc(func(w http.ResponseWriter, r *http.Request) {
+	// h2c.NewHandler takes prior knowledge and the Upgrade: h2c dance.
+	srv := &http.Server{Handler: h2c.NewHandler(http.HandlerFunc(func(w http.ResponseWriter, r *http.Request) {
 		mu.Lock()
 		served = append(served, r.Proto+" "+r.URL.Path)
 		mu.Unlock()
 		fmt.Fprintf(w, "proto=%s path=%s", r.Proto, r.URL.Path)
-	})}
-	srv.Protocols = new(http.Protocols)
-	srv.Protocols.SetHTTP1(true)
-	srv.Protocols.SetUnencryptedHTTP2(true)
+	}), &http2.Server{})}
 	go srv.Serve(ln)
 	t.Cleanup(func() { srv.Close() })
 	return tp, func() []string {
@@ -152,6 +150,25 @@ func TestH2CPathRules(t *testing.T) {
 		if ev := flow(t, c); ev.Reason != policy.ReasonPathUnseen || !ev.Enforced {
 			t.Errorf("event %+v", ev)
 		}
+	})
+	t.Run("h2c-upgrade", func(t *testing.T) {
+		// README: an h2c upgrade the origin accepts is refused at the
+		// HTTP/2 preface (http-malformed); the origin serves the upgrade
+		// request itself (on an allowed path), never a later stream.
+		c := tp.dialFromClient(t, netip.Addr{}, docs)
+		c.SetDeadline(time.Now().Add(10 * time.Second))
+		io.WriteString(c, "GET /public/up HTTP/1.1\r\nHost: docs.paths.test\r\nConnection: Upgrade, HTTP2-Settings\r\nUpgrade: h2c\r\nHTTP2-Settings: AAMAAABkAARAAAAAAAIAAAAA\r\n\r\n")
+		br := bufio.NewReader(c)
+		resp, err := http.ReadResponse(br, nil)
+		if err != nil || resp.StatusCode != http.StatusSwitchingProtocols {
+			t.Fatalf("want the origin's 101: %v %v", resp, err)
+		}
+		c.Write(append([]byte(http2.ClientPreface), h2Frames(3, "docs.paths.test", "/private-upgrade")...))
+		rest, _ := io.ReadAll(br)
+		if !strings.Contains(string(rest), "403") || !strings.Contains(string(rest), ReasonHTTPBad) {
+			t.Errorf("after the preface: %q, want the 403 page (http-malformed)", rest)
+		}
+		notServed(t, "/private-upgrade")
 	})
 	t.Run("h2c-host-level", func(t *testing.T) {
 		c := tp.dialFromClient(t, netip.Addr{}, netip.AddrPortFrom(srvV4, h2cPort))
@@ -280,17 +297,7 @@ func TestExplicitH2C(t *testing.T) {
 	go func() { p.ServeExplicit(ln); close(done) }()
 	t.Cleanup(func() { p.Close(); <-done })
 	auth := fmt.Sprintf("docs.paths.test:%d", port)
-	frames := func(stream uint32, path string) []byte {
-		var b, hb bytes.Buffer
-		fr := http2.NewFramer(&b, nil)
-		fr.WriteSettings()
-		enc := hpack.NewEncoder(&hb)
-		for _, f := range [][2]string{{":method", "GET"}, {":scheme", "http"}, {":authority", auth}, {":path", path}} {
-			enc.WriteField(hpack.HeaderField{Name: f[0], Value: f[1]})
-		}
-		fr.WriteHeaders(http2.HeadersFrameParam{StreamID: stream, BlockFragment: hb.Bytes(), EndStream: true, EndHeaders: true})
-		return b.Bytes()
-	}
+	frames := func(stream uint32, path string) []byte { return h2Frames(stream, auth, path) }
 	dial := func(t *testing.T) (net.Conn, *bufio.Reader) {
 		c, err := net.Dial("tcp", ln.Addr().String())
 		if err != nil {
@@ -330,4 +337,18 @@ func TestExplicitH2C(t *testing.T) {
 			t.Errorf("the origin served %q", s)
 		}
 	}
+}
+
+// h2Frames is a client's SETTINGS frame and one GET's HEADERS frame on
+// stream, after the preface.
+func h2Frames(stream uint32, authority, path string) []byte {
+	var b, hb bytes.Buffer
+	fr := http2.NewFramer(&b, nil)
+	fr.WriteSettings()
+	enc := hpack.NewEncoder(&hb)
+	for _, f := range [][2]string{{":method", "GET"}, {":scheme", "http"}, {":authority", authority}, {":path", path}} {
+		enc.WriteField(hpack.HeaderField{Name: f[0], Value: f[1]})
+	}
+	fr.WriteHeaders(http2.HeadersFrameParam{StreamID: stream, BlockFragment: hb.Bytes(), EndStream: true, EndHeaders: true})
+	return b.Bytes()
 }
