@@ -165,3 +165,56 @@ func TestRotatedAnswers(t *testing.T) {
 		})
 	}
 }
+
+// TestExplicitSlowHead (THREATS.md C4): a client of the explicit proxy
+// that sends its request head a byte at a time, or nothing at all, is
+// closed once HelloTimeout has passed since it connected, as a transparent
+// hello is; it cannot hold its connection by dripping bytes.
+func TestExplicitSlowHead(t *testing.T) {
+	const timeout = 500 * time.Millisecond
+	addr, _, tlsPort, _ := loopbackExplicit(t, `version: 1
+mode: enforce
+rules:
+  - name: docs
+    to: ["docs.paths.test"]
+    ports: [%d/tcp, %d/tcp]
+`, func(c *Config) { c.HelloTimeout = timeout })
+	head := fmt.Sprintf("CONNECT docs.paths.test:%d HTTP/1.1\r\nHost: docs.paths.test:%d\r\nX-Pad: %s\r\n\r\n", tlsPort, tlsPort, strings.Repeat("a", 200))
+	for _, drip := range []bool{true, false} {
+		t.Run(fmt.Sprintf("drip=%v", drip), func(t *testing.T) {
+			c, err := net.Dial("tcp", addr)
+			if err != nil {
+				t.Fatal(err)
+			}
+			defer c.Close()
+			start := time.Now()
+			closed := make(chan struct{})
+			go func() {
+				c.SetReadDeadline(time.Now().Add(20 * time.Second))
+				io.Copy(io.Discard, c)
+				close(closed)
+			}()
+			// At most 200 bytes, 100 ms apart: 20 s, far past the timeout.
+			for i := 0; i < 200; i++ {
+				select {
+				case <-closed:
+					i = 200
+					continue
+				case <-time.After(100 * time.Millisecond):
+				}
+				if drip {
+					if _, err := c.Write([]byte{head[i]}); err != nil {
+						break
+					}
+				}
+			}
+			select {
+			case <-closed:
+			case <-time.After(5 * time.Second):
+			}
+			if took := time.Since(start); took > 10*time.Second {
+				t.Errorf("the proxy held a slow head for %v (timeout %v)", took, timeout)
+			}
+		})
+	}
+}
