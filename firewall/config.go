@@ -53,8 +53,10 @@ type Config struct {
 	// or the LAN address). Zero means 53.
 	DNSPort uint16
 	// TCPPorts limits the redirect to the proxy to these destination port
-	// ranges (Proto must be TCP). Empty means every TCP port. TCP to other
-	// ports is forwarded only where a rule's addresses allow it, like UDP.
+	// ranges (Proto must be TCP). Empty means every TCP port. The TCP ports
+	// of rules with a host/path target are redirected as well: only the
+	// proxy checks a request's path. TCP to other ports is forwarded only
+	// where a rule's addresses allow it, like UDP.
 	TCPPorts []policy.PortRange
 
 	// Masquerade NATs traffic leaving the WAN interface (IPv4 and IPv6) to

@@ -189,7 +189,7 @@ func render(cfg Config, eng *policy.Engine, now time.Time) (*Ruleset, error) {
 	guard := cfg.WAN != "" && (mode == policy.ModeEnforce || cfg.GuardWAN)
 	if mode == policy.ModeEnforce {
 		rs.Sets = ar.sets
-		rs.Chains = append(rs.Chains, Chain{Name: chainPrerouting, Type: "nat", Hook: "prerouting", Priority: -100, Rules: redirectRules(cfg)})
+		rs.Chains = append(rs.Chains, Chain{Name: chainPrerouting, Type: "nat", Hook: "prerouting", Priority: -100, Rules: redirectRules(cfg, pathPorts(eng))})
 	}
 	if guard {
 		rs.Chains = append(rs.Chains, Chain{Name: chainInput, Type: "filter", Hook: "input", Priority: 0, Rules: inputGuard(cfg.WAN, cfg.WANOpen)})
@@ -241,6 +241,23 @@ func render(cfg Config, eng *policy.Engine, now time.Time) (*Ruleset, error) {
 	return rs, nil
 }
 
+// pathPorts returns the TCP port ranges of the rules with a host/path
+// target, each once, in file order.
+func pathPorts(eng *policy.Engine) []policy.PortRange {
+	var out []policy.PortRange
+	for _, r := range eng.Rules() {
+		if !slices.ContainsFunc(r.To, func(t policy.Target) bool { return t.Kind == policy.TargetHostPath }) {
+			continue
+		}
+		for _, pr := range r.Ports {
+			if pr.Proto == policy.TCP && !slices.Contains(out, pr) {
+				out = append(out, pr)
+			}
+		}
+	}
+	return out
+}
+
 func portRange(p uint16, proto policy.Proto) policy.PortRange {
 	return policy.PortRange{Lo: p, Hi: p, Proto: proto}
 }
@@ -249,7 +266,12 @@ func portRange(p uint16, proto policy.Proto) policy.PortRange {
 // proxy. Order matters: DNS first (to any address, the gateway's own
 // included), then traffic to the gateway's own addresses is left alone (its
 // admin and SSH ports are not the proxy's business), then TCP.
-func redirectRules(cfg Config) []Rule {
+//
+// With cfg.TCPPorts set, the TCP ports of rules with a host/path target
+// (extra) are redirected too: only the proxy reads a request's path, and
+// forwarded by the rule's learned addresses any path of the host would go
+// out.
+func redirectRules(cfg Config, extra []policy.PortRange) []Rule {
 	dns := cfg.dnsPort()
 	rules := []Rule{
 		{IIf: cfg.LAN, Proto: policy.UDP, Ports: portRange(53, policy.UDP), Verdict: Verdict{Kind: Redirect, Port: dns}, Comment: "DNS to the forwarder"},
@@ -259,6 +281,13 @@ func redirectRules(cfg Config) []Rule {
 	ranges := cfg.TCPPorts
 	if len(ranges) == 0 {
 		ranges = []policy.PortRange{{}}
+	} else {
+		ranges = slices.Clone(ranges)
+		for _, pr := range extra {
+			if !slices.Contains(ranges, pr) {
+				ranges = append(ranges, pr)
+			}
+		}
 	}
 	p4, p6 := cfg.ProxyPort, cfg.proxyPort6()
 	for _, pr := range ranges {

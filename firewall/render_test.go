@@ -366,3 +366,44 @@ rules:
 		}
 	}
 }
+
+// TestRenderTCPPortsPathRules: with TCPPorts set, the TCP ports of a rule
+// with a host/path target are redirected to the proxy too. Only the proxy
+// reads a request's path; forwarded by the rule's learned addresses, a
+// plain HTTP request to notion.so:8080 would go out whatever its path
+// (THREATS.md C6). Other rules' ports stay forwarded by address.
+func TestRenderTCPPortsPathRules(t *testing.T) {
+	eng := compile(t, `
+version: 1
+mode: enforce
+rules:
+  - name: docs
+    to: ["notion.so/vendor/*", "docs.example.test"]
+    ports: [443/tcp, 8080/tcp, 9000-9001/tcp]
+  - name: plain
+    to: [plain.example.test]
+    ports: [7000/tcp]
+`)
+	cfg := siteConfig
+	cfg.TCPPorts = []policy.PortRange{{Lo: 443, Hi: 443, Proto: policy.TCP}}
+	rs, err := Render(cfg, eng)
+	if err != nil {
+		t.Fatal(err)
+	}
+	text := rs.String()
+	for _, want := range []string{
+		`iifname "lan0" tcp dport 443 redirect to :15001`,
+		`iifname "lan0" tcp dport 8080 redirect to :15001`,
+		`iifname "lan0" tcp dport 9000-9001 redirect to :15001`,
+	} {
+		if !strings.Contains(text, want) {
+			t.Errorf("missing %q in\n%s", want, text)
+		}
+	}
+	if strings.Count(text, "tcp dport 443 redirect") != 1 {
+		t.Errorf("443 redirected more than once:\n%s", text)
+	}
+	if strings.Contains(text, "tcp dport 7000 redirect") {
+		t.Errorf("a port of a rule without host/path targets is redirected:\n%s", text)
+	}
+}

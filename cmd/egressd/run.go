@@ -83,7 +83,7 @@ func (c *runConfig) flags(fs *flag.FlagSet) {
 	fs.StringVar(&c.transparent, "proxy-listen", "[::]:15001", "transparent proxy listen address (the target of the nftables redirect)")
 	fs.StringVar(&c.explicit, "explicit-proxy-listen", "", "explicit HTTP/CONNECT proxy listen address (default: the LAN address, port 3128; \"off\" to disable)")
 	fs.StringVar(&c.dnsListen, "dns-listen", ":53", "DNS forwarder listen addresses, comma-separated (UDP and TCP)")
-	fs.StringVar(&c.tcpPorts, "tcp-ports", "all", `TCP ports redirected to the proxy in enforce mode: "all" or a list such as 80,443,5228-5230`)
+	fs.StringVar(&c.tcpPorts, "tcp-ports", "all", `TCP ports redirected to the proxy in enforce mode: "all" or a list such as 80,443,5228-5230 (the ports of host/path rules are always redirected)`)
 	fs.BoolVar(&c.inspect, "inspect", false, "decrypt connections to hosts with host/path rules (CA in the state directory; egressd ca export)")
 	fs.StringVar(&c.denyAnswer, "dns-deny", "", "answer to denied names in enforce mode: REFUSED (default), NXDOMAIN or NULL")
 	fs.StringVar(&c.logLevel, "log-level", "info", "debug, info, warn or error")
