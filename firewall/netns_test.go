@@ -1209,3 +1209,32 @@ rules:
 		t.Errorf("the re-render for the expired rule installed the policy it was armed for over the reloaded one")
 	}
 }
+
+// TestEnforceTCPPortSetPathRule: with a set of redirected ports, a port of
+// a rule with a host/path target is redirected to the proxy (which checks
+// the path), not forwarded to the rule's learned addresses; before, plain
+// HTTP to such an address went out on that port whatever its path.
+func TestEnforceTCPPortSetPathRule(t *testing.T) {
+	requireNft(t)
+	tp := newTopo(t)
+	tp.proxyStandIn(t)
+	tp.serverTCP(t, "[::]:8080")
+	fw := tp.firewall(t, Config{TCPPorts: []policy.PortRange{{Lo: 443, Hi: 443, Proto: policy.TCP}}})
+	eng := compile(t, `
+version: 1
+mode: enforce
+rules:
+  - name: docs
+    to: ["docs.example.test/public/*"]
+    ports: [8080/tcp]
+`)
+	if err := fw.Install(eng); err != nil {
+		t.Fatal(err)
+	}
+	if err := fw.Learn("docs", netip.MustParseAddr("198.18.2.2"), time.Minute); err != nil {
+		t.Fatal(err)
+	}
+	if line, err := tcpLine(tp.client, "198.18.2.2:8080", 3*time.Second); err != nil || line != "proxy orig=198.18.2.2:8080\n" {
+		t.Errorf("8080 to a learned address of the host/path rule: got %q, %v; want the proxy", line, err)
+	}
+}
