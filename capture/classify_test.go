@@ -735,6 +735,8 @@ rules:
 		{"dot segments", "GET /api/../admin HTTP/1.1\r\nHost: pathhost.test\r\n\r\n", ReasonPathForm, "/api/../admin"},
 		{"an encoded dot segment", "GET /api/%2e%2E/admin HTTP/1.1\r\nHost: pathhost.test\r\n\r\n", ReasonPathForm, "/api/%2e%2E/admin"},
 		{"a plain path with an encoded space (control)", "GET /api/My%20Page HTTP/1.1\r\nHost: pathhost.test\r\n\r\n", policy.ReasonAllowed, "/api/My%20Page"},
+		// The asterisk form names no path under the rule's glob.
+		{"OPTIONS *", "OPTIONS * HTTP/1.1\r\nHost: pathhost.test\r\n\r\n", policy.ReasonPath, "*"},
 		// Cleartext that shows no HTTP/1 path: the proxy refuses it where
 		// only a host/path rule would allow it (path-unseen).
 		{"HTTP/2 with prior knowledge", "PRI * HTTP/2.0\r\n\r\nSM\r\n\r\n\x00\x00\x00\x04\x00\x00\x00\x00\x00", policy.ReasonPathUnseen, ""},

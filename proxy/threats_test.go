@@ -218,3 +218,27 @@ rules:
 		})
 	}
 }
+
+// TestTransparentAsteriskForm: "OPTIONS *" names no path under a
+// host/path rule's glob, so a host only such a rule allows refuses it
+// (path-not-allowed), as any other path outside the rule; before, the
+// asterisk form had an empty path, which host/path rules read as unknown
+// (host level) and let through (THREATS.md C6).
+func TestTransparentAsteriskForm(t *testing.T) {
+	tp, o := keepAliveTopo(t, "enforce")
+	c := tp.dialFromClient(t, netip.Addr{}, netip.AddrPortFrom(srvV4, originPort))
+	io.WriteString(c, "OPTIONS * HTTP/1.1\r\nHost: docs.paths.test\r\nX-Marker: asterisk-form\r\n\r\n")
+	codes, bodies, err := readResponses(c, bufio.NewReader(c), 1)
+	if err != nil || codes[0] != 403 || !strings.Contains(bodies[0], policy.ReasonPath) {
+		t.Errorf("OPTIONS * to docs.paths.test: %v %v %q, want the 403 page (%s)", err, codes, bodies, policy.ReasonPath)
+	}
+	if raw, _ := o.saw(); strings.Contains(raw, "asterisk-form") {
+		t.Errorf("the origin read the request: %q", raw)
+	}
+	// A host a host-level rule allows answers it (control).
+	c = tp.dialFromClient(t, netip.Addr{}, netip.AddrPortFrom(srvV4, originPort))
+	io.WriteString(c, "OPTIONS * HTTP/1.1\r\nHost: www.allowed.test\r\n\r\n")
+	if codes, _, err := readResponses(c, bufio.NewReader(c), 1); err != nil || codes[0] == 403 {
+		t.Errorf("OPTIONS * to www.allowed.test: %v %v", err, codes)
+	}
+}

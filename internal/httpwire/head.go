@@ -22,7 +22,7 @@ type Head struct {
 	Target string
 	Host   string // the authority that names the destination (absolute-form wins, and must agree with Host)
 	Port   string // port from that authority, "" when absent
-	Path   string // the path (origin-form or from an absolute URL), "" for '*'
+	Path   string // the path (origin-form or from an absolute URL), "*" for OPTIONS' asterisk form
 	Len    int    // bytes of the head, including the final CRLF CRLF
 
 	// Body framing (RFC 9112 section 6): BodyLen bytes follow the head
@@ -132,7 +132,9 @@ func ParseHead(b []byte) (h Head, err error) {
 		if h.Method != "OPTIONS" {
 			return h, ErrHeadMalformed
 		}
-		h.Host = host
+		// A path no host/path glob names: "" would read as unknown, and
+		// host/path rules would allow it at host level.
+		h.Host, h.Path = host, "*"
 	case h.Target[0] == '/':
 		h.Path = h.Target
 		h.Host = host

@@ -30,7 +30,7 @@ func TestParseHead(t *testing.T) {
 		{"ipv6-unbracketed", "GET / HTTP/1.1\r\nHost: 2001:db8::1\r\n\r\n", ErrHeadMalformed, "", ""},
 		{"bad-port", "GET / HTTP/1.1\r\nHost: a:007\r\n\r\n", ErrHeadMalformed, "", ""},
 		{"incomplete", "GET / HTTP/1.1\r\nHost: a\r\n", ErrHeadIncomplete, "", ""},
-		{"options-star", "OPTIONS * HTTP/1.1\r\nHost: a\r\n\r\n", nil, "a", ""},
+		{"options-star", "OPTIONS * HTTP/1.1\r\nHost: a\r\n\r\n", nil, "a", "*"},
 		{"non-ascii-host", "0 / HTTP/1.0\r\nHost:\x89\r\n\r\n", ErrHeadMalformed, "", ""}, // found by FuzzParseHead
 		{"ctl-in-value", "GET / HTTP/1.1\r\nHost: a\x00b\r\n\r\n", ErrHeadMalformed, "", ""},
 	} {
