@@ -12,7 +12,12 @@
 // finds and decides every later request on the connection too (Host,
 // absolute target, path), refusing ambiguous framing (request smuggling);
 // a denied later request gets the 403 after the origin's earlier responses
-// and the connection closes. The origin-to-client direction stays spliced. It also serves an explicit HTTP/CONNECT proxy built on goproxy
+// and the connection closes. The origin-to-client direction stays spliced.
+// Cleartext that is neither TLS nor HTTP/1.x (HTTP/2 with prior knowledge,
+// another protocol, a client silent at first) is decided by address and
+// the names dnsfilter gave out, with no path: a host that only host/path
+// rules allow is refused there (path-unseen), as it is in a CONNECT tunnel
+// that does not start with TLS. It also serves an explicit HTTP/CONNECT proxy built on goproxy
 // for clients configured with HTTP(S)_PROXY and, when inspection is on and a
 // CA exists in the state directory, decrypts connections to hosts that have
 // host/path rules so that each request is decided on host and path.
