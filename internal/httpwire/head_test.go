@@ -29,6 +29,22 @@ func TestParseHead(t *testing.T) {
 		{"ipv6-host", "GET / HTTP/1.1\r\nHost: [2001:db8::1]:80\r\n\r\n", nil, "2001:db8::1", "/"},
 		{"ipv6-unbracketed", "GET / HTTP/1.1\r\nHost: 2001:db8::1\r\n\r\n", ErrHeadMalformed, "", ""},
 		{"bad-port", "GET / HTTP/1.1\r\nHost: a:007\r\n\r\n", ErrHeadMalformed, "", ""},
+		// Smokescreen's hostport cases (THREATS.md D2).
+		{"bracketed-name", "GET / HTTP/1.1\r\nHost: [a.test]\r\n\r\n", ErrHeadMalformed, "", ""},
+		{"double-bracketed-name", "GET / HTTP/1.1\r\nHost: [[a.test]]:1337\r\n\r\n", ErrHeadMalformed, "", ""},
+		{"negative-port", "GET / HTTP/1.1\r\nHost: a.test:-12\r\n\r\n", ErrHeadMalformed, "", ""},
+		{"port-out-of-range", "GET / HTTP/1.1\r\nHost: a.test:91337\r\n\r\n", ErrHeadMalformed, "", ""},
+		{"named-port", "GET / HTTP/1.1\r\nHost: a.test:https\r\n\r\n", ErrHeadMalformed, "", ""},
+		{"empty-port", "GET / HTTP/1.1\r\nHost: a.test:\r\n\r\n", ErrHeadMalformed, "", ""},
+		{"bracketed-absolute", "GET http://[a.test]/ HTTP/1.1\r\n\r\n", ErrHeadMalformed, "", ""},
+		// Transfer-Encoding variants (C6).
+		{"te-trailing-comma", "POST / HTTP/1.1\r\nHost: a\r\nTransfer-Encoding: chunked,\r\n\r\n", ErrHeadFraming, "", ""},
+		{"te-list", "POST / HTTP/1.1\r\nHost: a\r\nTransfer-Encoding: identity, chunked\r\n\r\n", ErrHeadFraming, "", ""},
+		{"te-twice", "POST / HTTP/1.1\r\nHost: a\r\nTransfer-Encoding: chunked\r\nTransfer-Encoding: chunked\r\n\r\n", ErrHeadFraming, "", ""},
+		{"te-http10", "POST / HTTP/1.0\r\nHost: a\r\nTransfer-Encoding: chunked\r\n\r\n", ErrHeadFraming, "", ""},
+		{"cl-list", "POST / HTTP/1.1\r\nHost: a\r\nContent-Length: 3, 3\r\n\r\n", ErrHeadFraming, "", ""},
+		{"cl-sign", "POST / HTTP/1.1\r\nHost: a\r\nContent-Length: +3\r\n\r\n", ErrHeadFraming, "", ""},
+		{"space-before-colon-te", "POST / HTTP/1.1\r\nHost: a\r\nTransfer-Encoding : chunked\r\n\r\n", ErrHeadMalformed, "", ""},
 		{"incomplete", "GET / HTTP/1.1\r\nHost: a\r\n", ErrHeadIncomplete, "", ""},
 		{"options-star", "OPTIONS * HTTP/1.1\r\nHost: a\r\n\r\n", nil, "a", "*"},
 		{"non-ascii-host", "0 / HTTP/1.0\r\nHost:\x89\r\n\r\n", ErrHeadMalformed, "", ""}, // found by FuzzParseHead
