@@ -92,6 +92,8 @@ type flow struct {
 	app     app
 	inspect bool // still looking for a name
 	gaveUp  bool // a segment was missing or a limit was hit
+	syn     bool // the client's SYN was seen: stream offset 0 is its first byte
+	started bool // the client's first bytes were examined
 	fin     [2]bool
 	closed  bool // ended and emitted; lingers for trailing packets
 	own     bool // to or from the gateway itself: tracked, never recorded
@@ -514,6 +516,9 @@ func (p *proc) tcpPacket(src, dst netip.Addr, mac []byte) {
 	if t.SYN {
 		seq++
 		f.base[dir], f.haveBase[dir] = seq, true
+		if dir == 0 && !t.ACK {
+			f.syn = true
+		}
 	}
 	switch {
 	case len(t.Payload) == 0:
@@ -628,6 +633,9 @@ func httpStart(b []byte) (yes, maybe bool) {
 // examine looks at the reassembled bytes of a TCP flow for a name.
 func (p *proc) examine(f *flow, dir int) {
 	b := f.st[0].bufOrNil()
+	if dir == 0 && len(b) > 0 {
+		f.started = true
+	}
 	if f.app == appUnknown {
 		switch {
 		case f.sport == 53 || f.cport == 53:
@@ -1220,7 +1228,10 @@ func (p *proc) decide(eng *policy.Engine, f *flow, name string, src audit.NameSo
 	// TCP that is neither TLS nor an HTTP/1 request (HTTP/2 with prior
 	// knowledge, another protocol, a client silent at first) shows the
 	// proxy no path: host/path rules do not allow it there (path-unseen).
-	in.NoPath = proto == policy.TCP && (f.app == appUnknown || f.app == appOther)
+	// Only where capture saw the flow from its SYN and the client's first
+	// bytes (or that it sent none): a flow open before capture started, or
+	// whose first segment capture lost, may be TLS or HTTP/1 the proxy read.
+	in.NoPath = proto == policy.TCP && f.syn && (f.app == appOther || f.app == appUnknown && (f.started || f.bytes[0] == 0))
 	if !p.decideAt.IsZero() {
 		in.Now = p.decideAt
 	}
