@@ -32,7 +32,7 @@ rules:
     ports: [8081/tcp]
   - name: docs
     to: ["docs.paths.test/public/*"]
-    ports: [8081/tcp]
+    ports: [8081/tcp, 443/tcp]
 `
 
 const h2cPort = 8081
@@ -143,11 +143,14 @@ func TestH2CPathRules(t *testing.T) {
 		c := tp.dialFromClient(t, netip.Addr{}, docs)
 		time.Sleep(600 * time.Millisecond) // past the topology's 300 ms first-byte wait
 		io.WriteString(c, req("docs.paths.test", "/private-late"))
-		if codes, _, err := readResponses(c, bufio.NewReader(c), 1); err == nil {
-			t.Errorf("a request sent after the first-byte wait got through: %v", codes)
+		// Where only a host/path rule would allow it, the proxy waits for
+		// the client's bytes past the first-byte wait: the request is read
+		// and refused by its path.
+		if codes, _, err := readResponses(c, bufio.NewReader(c), 1); err != nil || codes[0] != 403 {
+			t.Errorf("a request sent after the first-byte wait: %v %v, want 403", codes, err)
 		}
 		notServed(t, "/private-late")
-		if ev := flow(t, c); ev.Reason != policy.ReasonPathUnseen || !ev.Enforced {
+		if ev := flow(t, c); ev.Reason != policy.ReasonPath || !ev.Enforced || ev.Path != "/private-late" {
 			t.Errorf("event %+v", ev)
 		}
 	})
@@ -169,6 +172,30 @@ func TestH2CPathRules(t *testing.T) {
 			t.Errorf("after the preface: %q, want the 403 page (http-malformed)", rest)
 		}
 		notServed(t, "/private-upgrade")
+	})
+	t.Run("silent", func(t *testing.T) {
+		// Silent until the hello deadline (2 s here): path-unseen.
+		c := tp.dialFromClient(t, netip.Addr{}, docs)
+		if got := readAll(c, 10*time.Second); len(got) != 0 {
+			t.Errorf("a silent client got %q", got)
+		}
+		if ev := flow(t, c); ev.Reason != policy.ReasonPathUnseen || !ev.Enforced {
+			t.Errorf("event %+v", ev)
+		}
+	})
+	t.Run("silent-then-tls", func(t *testing.T) {
+		// A TLS client silent past the first-byte wait is still read as
+		// TLS (host level, as HTTPS without inspection), not refused as
+		// cleartext without a path.
+		c := tp.dialFromClient(t, netip.Addr{}, netip.AddrPortFrom(spoofV4, 443))
+		time.Sleep(600 * time.Millisecond)
+		body, err := tp.tlsGet(c, "docs.paths.test", "/late-tls", nil)
+		if err != nil || !strings.Contains(body, "path=/late-tls") {
+			t.Errorf("late TLS hello: %q %v", body, err)
+		}
+		if ev := flow(t, c); ev.Verdict != policy.Allow || ev.Rule != "docs" || ev.NameSource != audit.NameSNI {
+			t.Errorf("event %+v", ev)
+		}
 	})
 	t.Run("h2c-host-level", func(t *testing.T) {
 		c := tp.dialFromClient(t, netip.Addr{}, netip.AddrPortFrom(srvV4, h2cPort))

@@ -275,12 +275,23 @@ func (p *Proxy) peek(c *net.TCPConn, eng *policy.Engine, in policy.Input, start 
 	// path the proxy reads: host/path rules do not allow it (NoPath).
 	other := in
 	other.NoPath = true
-	if err := p.firstBytes(c, rc, start, deferred); err != nil {
-		if isTimeout(err) {
-			// The server speaks first (or the client is silent): decide on
-			// the address.
-			return kindOther, p.decideAddr(eng, other, audit.NameNone), res
+	err := p.firstBytes(c, rc, start, deferred)
+	if err != nil && isTimeout(err) {
+		// The server speaks first (or the client is silent): decide on
+		// the address. Where only a host/path rule would allow it, the
+		// client's bytes decide after all (a late ClientHello is still
+		// TLS, a late request still has its path): wait for them up to
+		// the hello deadline.
+		v := p.decideAddr(eng, other, audit.NameNone)
+		if v.d.Reason != policy.ReasonPathUnseen {
+			return kindOther, v, res
 		}
+		c.SetReadDeadline(start.Add(p.cfg.HelloTimeout))
+		if err = rc.fill(1); err != nil && isTimeout(err) {
+			return kindOther, v, res
+		}
+	}
+	if err != nil {
 		res.early = true
 		return kindOther, p.decideAddr(eng, other, audit.NameNone), res
 	}
