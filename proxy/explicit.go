@@ -534,11 +534,11 @@ func (p *Proxy) tunnelConnect(client net.Conn, st *connectState, v verdict, f *f
 	if st.noPath.Reason != "" {
 		// Only a host/path rule allows it: TLS inside is decided at host
 		// level (the path is encrypted, as on the transparent path);
-		// cleartext, or a client silent past the first-byte wait, shows
+		// cleartext, or a client silent until the hello deadline, shows
 		// no path the proxy reads (HTTP/2 with prior knowledge, say).
 		if len(pre) == 0 {
 			var b [1]byte
-			client.SetReadDeadline(time.Now().Add(min(p.cfg.FirstByteWait, p.cfg.HelloTimeout)))
+			client.SetReadDeadline(time.Now().Add(p.cfg.HelloTimeout))
 			n, _ := client.Read(b[:])
 			client.SetReadDeadline(time.Time{})
 			pre = b[:n]

@@ -197,6 +197,23 @@ func TestH2CPathRules(t *testing.T) {
 			t.Errorf("event %+v", ev)
 		}
 	})
+	t.Run("explicit-connect-late-tls", func(t *testing.T) {
+		// A TLS client silent past the first-byte wait after the 200 is
+		// still read as TLS (host level).
+		c := tp.dialFromClient(t, netip.Addr{}, netip.AddrPortFrom(gwLanV4, explicitPort))
+		c.SetDeadline(time.Now().Add(10 * time.Second))
+		io.WriteString(c, "CONNECT docs.paths.test:443 HTTP/1.1\r\nHost: docs.paths.test:443\r\n\r\n")
+		br := bufio.NewReader(c)
+		resp, err := http.ReadResponse(br, &http.Request{Method: http.MethodConnect})
+		if err != nil || resp.StatusCode != 200 {
+			t.Fatalf("CONNECT: %v %v", resp, err)
+		}
+		time.Sleep(600 * time.Millisecond)
+		body, err := tp.tlsGet(&bufConn{c, br}, "docs.paths.test", "/late-connect", nil)
+		if err != nil || !strings.Contains(body, "path=/late-connect") {
+			t.Errorf("late TLS in the tunnel: %q %v", body, err)
+		}
+	})
 	t.Run("h2c-host-level", func(t *testing.T) {
 		c := tp.dialFromClient(t, netip.Addr{}, netip.AddrPortFrom(srvV4, h2cPort))
 		out, err := h2cGet(c, "allowed.test", "/any-h2c")
@@ -225,7 +242,7 @@ func TestH2CPathRules(t *testing.T) {
 		}
 		notServed(t, "/private-connect")
 		ev := tp.ev.wait(t, "connect flow", func(ev audit.Event) bool {
-			return ev.Kind == audit.KindFlow && ev.NameSource == audit.NameConnect && ev.Name == "docs.paths.test"
+			return ev.Kind == audit.KindFlow && ev.NameSource == audit.NameConnect && ev.Name == "docs.paths.test" && ev.DestPort == h2cPort
 		})
 		if ev.Verdict != policy.Deny || !ev.Enforced || ev.Reason != policy.ReasonPathUnseen {
 			t.Errorf("event %+v", ev)
