@@ -1,4 +1,4 @@
-package proxy
+package tlshello
 
 import (
 	"bytes"
@@ -27,34 +27,124 @@ import (
 	"github.com/gopacket/gopacket/pcapgo"
 )
 
-// tlsHello runs the crypto/tls path alone on b, as a recording with
-// nothing more to read.
-func tlsHello(b []byte) (clientHello, error) {
-	rc := &recorder{r: bytes.NewReader(nil), buf: bytes.Clone(b), max: len(b) + 1}
-	return readClientHelloTLS(rc)
+// tlsResult is what crypto/tls reads of a hello, up to its
+// GetConfigForClient hook.
+type tlsResult struct {
+	ServerName string
+	ECH        bool // an encrypted_client_hello or ESNI extension
+	ALPN       []string
 }
 
-// checkFastAgrees is the safety rule of the fast path: when parseHelloFast
-// takes b, crypto/tls takes b too and reads the same ServerName, ALPN list
-// and ECH flag. parseHelloFast must not modify b (the proxy replays it).
-func checkFastAgrees(t testing.TB, b []byte) (clientHello, bool) {
+// tlsHello lets crypto/tls read the hello at the start of b, as a server
+// handshake whose GetConfigForClient hook stops it. more: crypto/tls
+// wanted more bytes than b holds.
+func tlsHello(b []byte) (res tlsResult, err error, more bool) {
+	errStop := errors.New("stop")
+	got := false
+	cfg := &tls.Config{GetConfigForClient: func(info *tls.ClientHelloInfo) (*tls.Config, error) {
+		got = true
+		res.ServerName = info.ServerName
+		res.ALPN = info.SupportedProtos
+		for _, e := range info.Extensions {
+			res.ECH = res.ECH || e == extECH || e == extESNI
+		}
+		return nil, errStop
+	}}
+	herr := tls.Server(readOnlyConn{bytes.NewReader(b)}, cfg).Handshake()
+	if got {
+		return res, nil, false
+	}
+	return res, herr, errors.Is(herr, io.EOF) || errors.Is(herr, io.ErrUnexpectedEOF)
+}
+
+// readOnlyConn is a net.Conn that reads from r and discards writes.
+type readOnlyConn struct{ r io.Reader }
+
+func (c readOnlyConn) Read(p []byte) (int, error)     { return c.r.Read(p) }
+func (readOnlyConn) Write(p []byte) (int, error)      { return len(p), nil }
+func (readOnlyConn) Close() error                     { return nil }
+func (readOnlyConn) LocalAddr() net.Addr              { return &net.TCPAddr{} }
+func (readOnlyConn) RemoteAddr() net.Addr             { return &net.TCPAddr{} }
+func (readOnlyConn) SetDeadline(time.Time) error      { return nil }
+func (readOnlyConn) SetReadDeadline(time.Time) error  { return nil }
+func (readOnlyConn) SetWriteDeadline(time.Time) error { return nil }
+
+// otherRecordFirst reports whether a record of another type than
+// handshake comes in b before the handshake records hold a whole message:
+// crypto/tls skips warning alerts there, Read refuses them.
+func otherRecordFirst(b []byte) bool {
+	hs := 0
+	for len(b) >= 5 {
+		if b[0] != recordHandshake {
+			return true
+		}
+		n := int(b[3])<<8 | int(b[4])
+		if len(b) < 5+n {
+			return false
+		}
+		if hs == 0 && n >= 4 {
+			m := 4 + (int(b[6])<<16 | int(b[7])<<8 | int(b[8]))
+			if n >= m {
+				return false
+			}
+		}
+		hs += n
+		b = b[5+n:]
+	}
+	return false
+}
+
+// checkAgrees is Read's contract with crypto/tls, on any bytes: it never
+// panics nor modifies b, reads the same with and without scratch, and
+// where crypto/tls decides (it wants no more bytes) and the hello is within
+// MaxBytes, Read takes b exactly when crypto/tls does (except records of
+// another type among the hello's, which Read alone refuses) and reads the
+// same server name and ECH flag. A second server name is a hello both
+// refuse. A hello Read leaves short is one crypto/tls does not take.
+func checkAgrees(t testing.TB, b []byte) (Hello, error) {
 	t.Helper()
 	orig := bytes.Clone(b)
-	fast, ok := parseHelloFast(b)
+	h, err := Read(b, nil)
+	scratch := []byte{1, 2, 3}
+	h2, err2 := Read(b, &scratch)
 	if !bytes.Equal(b, orig) {
-		t.Fatalf("parseHelloFast modified its input")
+		t.Fatalf("Read modified its input")
 	}
-	if !ok {
-		return fast, false
+	if h != h2 || err != err2 {
+		t.Fatalf("Read with scratch %+v %v, without %+v %v", h2, err2, h, err)
 	}
-	slow, err := tlsHello(b)
-	if err != nil {
-		t.Fatalf("the fast path took a hello crypto/tls rejects (%v): %x", err, b)
+	if h.DupSNI && err == nil {
+		t.Fatalf("two server names, and taken: %x", b)
 	}
-	if fast.ServerName != slow.ServerName || fast.ECH != slow.ECH || !slices.Equal(fast.ALPN, slow.ALPN) {
-		t.Fatalf("the fast path read %+v, crypto/tls %+v: %x", fast, slow, b)
+	if errors.Is(err, ErrTooLarge) {
+		return h, err
 	}
-	return fast, true
+	res, terr, more := tlsHello(b)
+	switch {
+	case errors.Is(err, ErrShort):
+		if terr == nil {
+			t.Fatalf("crypto/tls takes a hello Read says is short: %x", b)
+		}
+	case more:
+		if err == nil {
+			t.Fatalf("Read takes a hello crypto/tls wants more of: %x", b)
+		}
+	case err == nil && terr != nil:
+		t.Fatalf("Read takes a hello crypto/tls refuses (%v): %x", terr, b)
+	case err != nil && terr == nil && !otherRecordFirst(b):
+		t.Fatalf("Read refuses (%v, %+v) a hello crypto/tls takes (%+v): %x", err, h, res, b)
+	case err == nil && (h.SNI != res.ServerName || h.ECH != res.ECH):
+		t.Fatalf("Read read %+v, crypto/tls %+v: %x", h, res, b)
+	}
+	return h, err
+}
+
+// checkPlain is checkAgrees, and reports whether Read takes b as Plain:
+// the hellos the proxy takes without asking crypto/tls.
+func checkPlain(t testing.TB, b []byte) (Hello, bool) {
+	t.Helper()
+	h, err := checkAgrees(t, b)
+	return h, err == nil && h.Plain
 }
 
 // namedHello is a ClientHello for the tables and the fuzz seeds.
@@ -161,101 +251,108 @@ func extSamples() [][]byte {
 	}
 }
 
-// FuzzHelloFastAgreesWithCryptoTLS: for any input, if the fast path takes
-// it, crypto/tls takes it with the same ServerName, ALPN and ECH flag; the
-// fast path never panics or modifies its input. Each input is tried as
-// recorded bytes and, so that the fuzzer reaches the extension checks
-// without first having to get the framing right, as the extension block of
-// an otherwise well-formed hello.
-func FuzzHelloFastAgreesWithCryptoTLS(f *testing.F) {
+// FuzzReadAgreesWithCryptoTLS holds Read to crypto/tls (checkAgrees), on
+// any input: as recorded bytes, and, so that the fuzzer reaches the
+// extension checks without first having to get the framing right, as the
+// extension block of an otherwise well-formed hello. The proxy and capture
+// both read hellos with Read: a hello it takes and crypto/tls refuses, or
+// one it reads another name from, is a parser differential (THREATS.md
+// A5); one it refuses and crypto/tls takes is a flow egressd cuts for
+// nothing, in enforce mode and in the audit report alike.
+func FuzzReadAgreesWithCryptoTLS(f *testing.F) {
 	for _, s := range helloSeeds(f) {
 		f.Add(s)
 	}
 	f.Fuzz(func(t *testing.T, b []byte) {
-		checkFastAgrees(t, b)
+		checkAgrees(t, b)
 		if h, ok := helloWithExtBlock(b); ok {
-			checkFastAgrees(t, h)
+			checkAgrees(t, h)
 		}
 	})
 }
 
-// TestHelloFastRealHellos: the fast path takes the hellos real clients
-// send and reads them as crypto/tls does; readClientHello over the recording
-// gives the same.
-func TestHelloFastRealHellos(t *testing.T) {
+// TestRealHellos: Read takes the hellos real clients send as Plain (the
+// proxy saves nothing otherwise) and reads them as crypto/tls does.
+func TestRealHellos(t *testing.T) {
 	for _, c := range realHellos(t) {
 		t.Run(c.name, func(t *testing.T) {
-			ch, ok := checkFastAgrees(t, c.b)
+			h, ok := checkPlain(t, c.b)
 			if !ok {
-				t.Fatalf("the fast path does not take it (extensions %v)", extTypes(c.b))
+				t.Fatalf("not Plain (extensions %v)", extTypes(c.b))
 			}
-			if ch.ServerName != c.sni || ch.ECH != c.ech || !slices.Equal(ch.ALPN, c.alpn) {
-				t.Errorf("got %+v, want SNI %q ALPN %q ECH %v", ch, c.sni, c.alpn, c.ech)
-			}
-			rc := &recorder{r: bytes.NewReader(nil), buf: bytes.Clone(c.b), max: 64 << 10}
-			if got, err := readClientHello(rc); err != nil || got.ServerName != c.sni {
-				t.Errorf("readClientHello: %+v, %v", got, err)
+			res, _, _ := tlsHello(c.b)
+			if h.SNI != c.sni || h.ECH != c.ech || !slices.Equal(res.ALPN, c.alpn) {
+				t.Errorf("got %+v (crypto/tls ALPN %q), want SNI %q ALPN %q ECH %v", h, res.ALPN, c.sni, c.alpn, c.ech)
 			}
 		})
 	}
 }
 
-// TestHelloFastThreats: THREATS.md A5's odd names. The fast path either
-// leaves them to crypto/tls or, for the IP literal and upper case, reads
-// them as crypto/tls does; readClientHello decides exactly as
-// readClientHelloTLS.
-func TestHelloFastThreats(t *testing.T) {
+// TestThreats: THREATS.md A5's odd names. Read takes only the IP literal
+// and upper case as Plain; the others are refused, as crypto/tls refuses
+// them, or taken but not Plain, so the proxy has crypto/tls confirm them.
+func TestThreats(t *testing.T) {
 	const (
-		fallBack = iota // the fast path must not take it
-		agree           // the fast path must take it, reading it as crypto/tls
+		notPlain = iota // Read must not take it as Plain
+		plain           // Read must take it as Plain, reading it as crypto/tls
+	)
+	const (
+		ok  = iota // taken
+		dup        // malformed, two server names
+		bad        // malformed
 	)
 	nameType1 := ext(0, []byte{0x00, 0x0e, 0x01, 0x00, 0x0b, 'e', 'v', 'i', 'l', '.', 'e', 'x', 'a', 'm', 'p', 'l'})
 	mixed := ext(0, []byte{0x00, 0x1d, 0x00, 0x00, 0x0c, 'a', 'l', 'l', 'o', 'w', 'e', 'd', '.', 't', 'e', 's', 't',
 		0x01, 0x00, 0x0b, 'e', 'v', 'i', 'l', '.', 'e', 'x', 'a', 'm', 'p', 'l'})
 	for _, c := range []struct {
-		name string
-		in   []byte
-		want int
-		err  error // readClientHello's verdict
+		name    string
+		in      []byte
+		want    int
+		verdict int
 	}{
-		{"dup-ext", buildHello(sniExt("allowed.test"), sniExt("evil.test")), fallBack, errDuplicateSNI},
-		{"dup-entry", buildHello(sniExt("allowed.test", "evil.test")), fallBack, errDuplicateSNI},
-		{"trailing-dot", buildHello(sniExt("allowed.test.")), fallBack, errHelloMalformed},
-		{"nul", buildHello(sniExt("allowed.test\x00.evil.example")), fallBack, nil},
-		{"non-ascii", buildHello(sniExt("allowed.tést")), fallBack, nil},
-		{"high-byte", buildHello(sniExt("allowed.t\xffst")), fallBack, nil},
-		{"empty-name", buildHello(sniExt("")), fallBack, errHelloMalformed},
-		{"name-type-1", buildHello(nameType1), fallBack, nil},
-		{"host-and-type-1", buildHello(mixed), fallBack, nil},
-		{"leading-dot", buildHello(sniExt(".allowed.test")), fallBack, nil},
-		{"empty-label", buildHello(sniExt("allowed..test")), fallBack, nil},
-		{"port", buildHello(sniExt("allowed.test:443")), fallBack, nil},
-		{"space", buildHello(sniExt("allowed.test evil.example")), fallBack, nil},
-		{"ipv6-literal", buildHello(sniExt("2001:db8::1")), fallBack, nil},
-		{"too-long", buildHello(sniExt(strings.Repeat("a.", 127) + "test")), fallBack, nil},
-		{"ip-literal", buildHello(sniExt("104.236.167.107")), agree, nil},
-		{"upper-case", buildHello(sniExt("WWW.Allowed.TEST")), agree, nil},
+		{"dup-ext", buildHello(sniExt("allowed.test"), sniExt("evil.test")), notPlain, dup},
+		{"dup-entry", buildHello(sniExt("allowed.test", "evil.test")), notPlain, dup},
+		{"dup-empty-ext-then-name", buildHello(ext(0, []byte{0, 0}), sniExt("evil.test")), notPlain, dup},
+		{"trailing-dot", buildHello(sniExt("allowed.test.")), notPlain, bad},
+		{"nul", buildHello(sniExt("allowed.test\x00.evil.example")), notPlain, ok},
+		{"non-ascii", buildHello(sniExt("allowed.tést")), notPlain, ok},
+		{"high-byte", buildHello(sniExt("allowed.t\xffst")), notPlain, ok},
+		{"empty-name", buildHello(sniExt("")), notPlain, bad},
+		{"name-type-1", buildHello(nameType1), notPlain, ok},
+		{"host-and-type-1", buildHello(mixed), notPlain, ok},
+		{"leading-dot", buildHello(sniExt(".allowed.test")), notPlain, ok},
+		{"empty-label", buildHello(sniExt("allowed..test")), notPlain, ok},
+		{"port", buildHello(sniExt("allowed.test:443")), notPlain, ok},
+		{"space", buildHello(sniExt("allowed.test evil.example")), notPlain, ok},
+		{"ipv6-literal", buildHello(sniExt("2001:db8::1")), notPlain, ok},
+		{"too-long", buildHello(sniExt(strings.Repeat("a.", 127) + "test")), notPlain, ok},
+		{"ip-literal", buildHello(sniExt("104.236.167.107")), plain, ok},
+		{"upper-case", buildHello(sniExt("WWW.Allowed.TEST")), plain, ok},
 	} {
 		t.Run(c.name, func(t *testing.T) {
-			_, ok := checkFastAgrees(t, c.in)
-			if ok != (c.want == agree) {
-				t.Errorf("fast path took it: %v", ok)
+			h, isPlain := checkPlain(t, c.in)
+			if isPlain != (c.want == plain) {
+				t.Errorf("Plain: %v", isPlain)
 			}
-			rc := &recorder{r: bytes.NewReader(nil), buf: bytes.Clone(c.in), max: 64 << 10}
-			got, err := readClientHello(rc)
-			want, werr := tlsHello(c.in)
-			if !errors.Is(err, c.err) || (err == nil) != (werr == nil) || (err != nil && err.Error() != werr.Error()) ||
-				got.ServerName != want.ServerName || got.ECH != want.ECH || !slices.Equal(got.ALPN, want.ALPN) {
-				t.Errorf("readClientHello %+v, %v; crypto/tls alone %+v, %v; want error %v", got, err, want, werr, c.err)
+			_, err := Read(c.in, nil)
+			got := ok
+			switch {
+			case err != nil && h.DupSNI:
+				got = dup
+			case err != nil:
+				got = bad
+			}
+			if got != c.verdict {
+				t.Errorf("Read: %+v, %v", h, err)
 			}
 		})
 	}
 }
 
-// TestHelloFastSkippedExtensions: every extension type the fast path skips
+// TestSkippedExtensions: every extension type a Plain hello may carry
 // unread is one crypto/tls ignores too, whatever its body. A Go release that
 // starts checking one of them fails here, before it can open a differential.
-func TestHelloFastSkippedExtensions(t *testing.T) {
+func TestSkippedExtensions(t *testing.T) {
 	n := 0
 	for typ := 0; typ <= 0xffff; typ++ {
 		if !skippedExt(uint16(typ)) {
@@ -264,12 +361,12 @@ func TestHelloFastSkippedExtensions(t *testing.T) {
 		n++
 		for _, body := range [][]byte{nil, {0xff}, {0x00, 0x05, 0x01, 0x02}, bytes.Repeat([]byte{0xfe}, 300)} {
 			h := buildHello(sniExt("a.test"), ext(uint16(typ), body))
-			ch, err := tlsHello(h)
-			if err != nil || ch.ServerName != "a.test" {
+			res, err, _ := tlsHello(h)
+			if err != nil || res.ServerName != "a.test" {
 				t.Errorf("crypto/tls does not ignore extension %#04x with body %x: %v", typ, body, err)
 			}
-			if _, ok := checkFastAgrees(t, h); !ok {
-				t.Errorf("the fast path does not skip extension %#04x", typ)
+			if _, ok := checkPlain(t, h); !ok {
+				t.Errorf("extension %#04x makes a hello not Plain", typ)
 			}
 		}
 	}
@@ -278,29 +375,29 @@ func TestHelloFastSkippedExtensions(t *testing.T) {
 	}
 }
 
-// TestHelloFastEveryExtension: a well-formed instance of each extension
-// type the fast path checks is taken, alone and all together, and read as
-// crypto/tls reads it.
-func TestHelloFastEveryExtension(t *testing.T) {
+// TestEveryExtension: a well-formed instance of each extension type Read
+// checks is taken as Plain, alone and all together, and read as crypto/tls
+// reads it.
+func TestEveryExtension(t *testing.T) {
 	var all []byte
 	for _, e := range extSamples() {
 		all = append(all, e...)
 		h, _ := helloWithExtBlock(e)
-		if _, ok := checkFastAgrees(t, h); !ok {
-			t.Errorf("the fast path does not take extension %x", e)
+		if _, ok := checkPlain(t, h); !ok {
+			t.Errorf("extension %x is not Plain", e)
 		}
 	}
 	h, _ := helloWithExtBlock(all)
-	if ch, ok := checkFastAgrees(t, h); !ok || ch.ServerName != "www.allowed.test" || !ch.ECH || !slices.Equal(ch.ALPN, []string{"h2"}) {
+	if ch, ok := checkPlain(t, h); !ok || ch.SNI != "www.allowed.test" || !ch.ECH {
 		t.Errorf("all extensions: %+v, %v", ch, ok)
 	}
 }
 
-// TestHelloFastExtensionEdges: each extension type the fast path checks,
-// well-formed and at the edges of crypto/tls's rules (empty lists, empty
-// entries, odd lengths, a byte too many or too few, a changed byte), alone
-// and among the others, is either left to crypto/tls or read as it reads it.
-func TestHelloFastExtensionEdges(t *testing.T) {
+// TestExtensionEdges: each extension type Read checks, well-formed and at
+// the edges of crypto/tls's rules (empty lists, empty entries, odd lengths,
+// a byte too many or too few, a changed byte), alone and among the others,
+// is taken or refused as crypto/tls takes or refuses it.
+func TestExtensionEdges(t *testing.T) {
 	edges := []struct {
 		typ  uint16
 		body []byte
@@ -362,7 +459,7 @@ func TestHelloFastExtensionEdges(t *testing.T) {
 			append(bytes.Clone(e), e...),                // twice
 		} {
 			if h, ok := helloWithExtBlock(block); ok {
-				checkFastAgrees(t, h)
+				checkAgrees(t, h)
 			}
 		}
 	}
@@ -381,9 +478,10 @@ func TestHelloFastExtensionEdges(t *testing.T) {
 	}
 }
 
-// TestHelloFastFraming: the record and handshake limits crypto/tls applies
-// to the first message are applied by the fast path too.
-func TestHelloFastFraming(t *testing.T) {
+// TestFraming: the record and handshake limits crypto/tls applies to the
+// first message are applied by Read too, and MaxBytes; odd framing crypto/tls
+// takes is taken but not Plain.
+func TestFraming(t *testing.T) {
 	// padded is a ClientHello message (with its header) of exactly n bytes
 	// after the header, the rest padding.
 	padded := func(n int) []byte {
@@ -395,6 +493,7 @@ func TestHelloFastFraming(t *testing.T) {
 		body = append(body, e...)
 		return append([]byte{typeClientHello, byte(n >> 16), byte(n >> 8), byte(n)}, body...)
 	}
+	alert := []byte{0x15, 0x03, 0x01, 0x00, 0x02, 0x01, 90} // warning, user_canceled: crypto/tls skips it
 	// records cuts a handshake message into records of at most n bytes.
 	records := func(hs []byte, n int) []byte {
 		var out []byte
@@ -409,37 +508,51 @@ func TestHelloFastFraming(t *testing.T) {
 	oddSuites := rawHello([]byte{0x00, 0x03, 0x13, 0x01, 0x13}, sniExt("a.test"))
 	ccs := []byte{0x14, 0x03, 0x01, 0x00, 0x01, 0x01}
 	go12 := goHello(t, "a.test", &tls.Config{MaxVersion: tls.VersionTLS12})
+	oldVersion := bytes.Clone(go12)
+	oldVersion[1], oldVersion[2] = 0, 2 // crypto/tls takes any record version below 16.0
+	// The largest hello within MaxBytes in records of 16384 bytes: 4
+	// records (20 header bytes) and 65516 bytes of message.
+	largest := records(padded(MaxBytes-20-4), 16384)
 	for _, c := range []struct {
-		name string
-		in   []byte
-		fast bool // the fast path takes it (else it must not)
+		name  string
+		in    []byte
+		err   error
+		plain bool
 	}{
-		{"record-16384", records(padded(16380), 16384), true},
-		{"record-16385", records(padded(16381), 16385), false},
-		{"message-65536", records(padded(65536), 16384), true},
-		{"message-65537", records(padded(65537), 16384), false},
-		{"odd-cipher-suites", oddSuites, false},
-		{"empty-record-first", append([]byte{0x16, 0x03, 0x01, 0x00, 0x00}, go12...), false},
-		{"ccs-between-fragments", append(append(refragment(go12, 100)[:105], ccs...), refragment(go12, 100)[105:]...), false},
-		{"alert-first", append([]byte{0x15, 0x03, 0x01, 0x00, 0x02, 0x01, 0x00}, go12...), false},
-		{"record-version-0x0a03", append([]byte{0x16, 0x0a, 0x03}, go12[3:]...), false},
-		{"server-hello-type", append(append([]byte(nil), go12[:5]...), append([]byte{0x02}, go12[6:]...)...), false},
-		{"second-message-in-record", records(append(bytes.Clone(go12[5:]), 0x01, 0x00, 0x00, 0x00), 16384), false},
-		{"bytes-after-the-record", append(bytes.Clone(go12), 0x17, 0x03, 0x03, 0x00, 0x01, 0xff), true},
+		{"record-16384", records(padded(16380), 16384), nil, true},
+		{"record-16385", records(padded(16381), 16385), ErrMalformed, false},
+		{"largest", largest, nil, true},
+		{"largest-in-one-more-record", records(padded(MaxBytes-20-4), 16000), ErrTooLarge, false},
+		{"one-byte-over", records(padded(MaxBytes-20-4+1), 16384), ErrTooLarge, false},
+		{"message-65536", records(padded(65536), 16384), ErrTooLarge, false},
+		{"message-65537", records(padded(65537), 16384), ErrTooLarge, false},
+		{"odd-cipher-suites", oddSuites, ErrMalformed, false},
+		{"empty-record-first", append([]byte{0x16, 0x03, 0x01, 0x00, 0x00}, go12...), ErrMalformed, false},
+		{"ccs-between-fragments", append(append(refragment(go12, 100)[:105], ccs...), refragment(go12, 100)[105:]...), ErrMalformed, false},
+		{"alert-between-fragments", append(append(refragment(go12, 100)[:105], alert...), refragment(go12, 100)[105:]...), ErrMalformed, false},
+		{"alert-first", append(bytes.Clone(alert), go12...), ErrMalformed, false},
+		{"record-version-0x0a03", append([]byte{0x16, 0x0a, 0x03}, go12[3:]...), nil, false},
+		{"record-version-0x0002", oldVersion, nil, false},
+		{"record-version-0x1003", append([]byte{0x16, 0x10, 0x03}, go12[3:]...), ErrMalformed, false},
+		{"server-hello-type", append(append([]byte(nil), go12[:5]...), append([]byte{0x02}, go12[6:]...)...), ErrMalformed, false},
+		{"second-message-in-record", records(append(bytes.Clone(go12[5:]), 0x01, 0x00, 0x00, 0x00), 16384), nil, false},
+		{"record-longer-than-sent", append(append([]byte(nil), go12[:3]...), append(binary.BigEndian.AppendUint16(nil, uint16(len(go12)-5+10)), go12[5:]...)...), ErrShort, false},
+		{"bytes-after-the-record", append(bytes.Clone(go12), 0x17, 0x03, 0x03, 0x00, 0x01, 0xff), nil, true},
 	} {
 		t.Run(c.name, func(t *testing.T) {
-			if _, ok := checkFastAgrees(t, c.in); ok != c.fast {
-				_, err := tlsHello(c.in)
-				t.Errorf("fast path took it: %v (crypto/tls: %v)", ok, err)
+			h, err := checkAgrees(t, c.in)
+			if err != c.err || (err == nil && h.Plain) != c.plain {
+				_, terr, _ := tlsHello(c.in)
+				t.Errorf("Read: %+v, %v; want %v, Plain %v (crypto/tls: %v)", h, err, c.err, c.plain, terr)
 			}
 		})
 	}
 }
 
-// TestHelloFastMutations: every one-byte change, deletion and truncation
-// of a few real hellos either leaves the fast path out or is read as
-// crypto/tls reads it (a deterministic complement to the fuzz target).
-func TestHelloFastMutations(t *testing.T) {
+// TestMutations: every one-byte change, deletion and truncation of a few
+// real hellos is taken or refused as crypto/tls takes or refuses it, and
+// read as it reads it (a deterministic complement to the fuzz target).
+func TestMutations(t *testing.T) {
 	var seeds [][]byte
 	for _, h := range realHellos(t) {
 		switch h.name {
@@ -453,34 +566,34 @@ func TestHelloFastMutations(t *testing.T) {
 			for _, v := range []byte{0x00, 0xff, h[i] + 1, h[i] - 1} {
 				m := bytes.Clone(h)
 				m[i] = v
-				checkFastAgrees(t, m)
+				checkAgrees(t, m)
 			}
-			checkFastAgrees(t, slices.Delete(bytes.Clone(h), i, i+1))
-			if _, ok := checkFastAgrees(t, h[:i]); ok {
-				t.Fatalf("the fast path took the first %d bytes of a %d-byte hello", i, len(h))
+			checkAgrees(t, slices.Delete(bytes.Clone(h), i, i+1))
+			if _, err := checkAgrees(t, h[:i]); err != ErrShort {
+				t.Fatalf("the first %d bytes of a %d-byte hello: %v, want ErrShort", i, len(h), err)
 			}
 		}
 	}
 }
 
-// TestHelloFastCaptures: the ClientHellos in the real captures (read in
-// place) are read by the fast path as crypto/tls reads them, and each one
-// crypto/tls takes is taken, except those with a legacy ESNI extension
-// (0xffce, Firefox 2018-2020), which are left to crypto/tls.
-func TestHelloFastCaptures(t *testing.T) {
+// TestCaptures: the ClientHellos in the real captures (read in place) are
+// read as crypto/tls reads them, and each one crypto/tls takes is Plain,
+// except those with a legacy ESNI extension (0xffce, Firefox 2018-2020),
+// which the proxy has crypto/tls confirm.
+func TestCaptures(t *testing.T) {
 	hellos := captureHellos(t)
 	if len(hellos) == 0 {
 		abs, _ := filepath.Abs(capturesDir)
 		t.Fatalf("no ClientHellos found in %s (the shared corpus must be checked out beside the repository)", abs)
 	}
 	for _, h := range hellos {
-		ch, ok := checkFastAgrees(t, h.b)
-		_, err := tlsHello(h.b)
+		ch, ok := checkPlain(t, h.b)
+		_, err, _ := tlsHello(h.b)
 		exts := extTypes(h.b)
-		t.Logf("%s: fast %v %+v; crypto/tls error %v; extensions %v", h.name, ok, ch, err, exts)
+		t.Logf("%s: Plain %v %+v; crypto/tls error %v; extensions %v", h.name, ok, ch, err, exts)
 		esni := slices.ContainsFunc(exts, func(e string) bool { return strings.HasPrefix(e, "0xffce/") })
 		if err == nil && !ok && !esni {
-			t.Errorf("%s: the fast path does not take it (extensions %v)", h.name, exts)
+			t.Errorf("%s: not Plain (extensions %v)", h.name, exts)
 		}
 	}
 }
@@ -571,7 +684,7 @@ func helloRecord(body []byte) []byte {
 func helloWithExtBlock(exts []byte) ([]byte, bool) {
 	body := append([]byte{0x03, 0x03}, make([]byte, 32)...)
 	body = append(body, 0, 0x00, 0x02, 0x13, 0x01, 0x01, 0x00)
-	if len(body)+2+len(exts)+4 > maxRecordPlaintext {
+	if len(body)+2+len(exts)+4 > MaxRecord {
 		return nil, false
 	}
 	body = binary.BigEndian.AppendUint16(body, uint16(len(exts)))
@@ -580,17 +693,37 @@ func helloWithExtBlock(exts []byte) ([]byte, bool) {
 
 // extBlock returns the extension block of the hello in b.
 func extBlock(b []byte) ([]byte, bool) {
-	msg, ok := helloMessage(b)
+	msg, ok := message(b)
 	if !ok {
 		return nil, false
 	}
-	s := helloBytes(msg[4:])
-	_, ok1 := s.read(34)
+	s := reader(msg[4:])
+	ok1 := s.skip(34)
 	_, ok2 := s.prefixed8()
 	_, ok3 := s.prefixed16()
 	_, ok4 := s.prefixed8()
 	e, ok5 := s.prefixed16()
 	return e, ok1 && ok2 && ok3 && ok4 && ok5
+}
+
+// message joins the handshake records at the start of b into the first
+// message, for the tests' own look at it.
+func message(b []byte) ([]byte, bool) {
+	var hs []byte
+	for len(b) >= 5 && b[0] == recordHandshake {
+		n := int(b[3])<<8 | int(b[4])
+		if len(b) < 5+n {
+			break
+		}
+		hs = append(hs, b[5:5+n]...)
+		b = b[5+n:]
+		if len(hs) >= 4 {
+			if m := 4 + (int(hs[1])<<16 | int(hs[2])<<8 | int(hs[3])); len(hs) >= m {
+				return hs[:m], true
+			}
+		}
+	}
+	return nil, false
 }
 
 // extTypes lists the extension types of the hello in b, for messages.
@@ -599,7 +732,7 @@ func extTypes(b []byte) []string {
 	if !ok {
 		return nil
 	}
-	e := helloBytes(b)
+	e := reader(b)
 	var out []string
 	for len(e) > 0 {
 		typ, ok1 := e.u16()
@@ -707,7 +840,7 @@ func echConfigList(tb testing.TB, publicName string) []byte {
 
 // capturesDir holds the project's real captures; they are read in place,
 // never copied (they are not ours to ship).
-const capturesDir = "../../shared/pcaps"
+const capturesDir = "../../../shared/pcaps"
 
 // captureHellos returns the ClientHellos in the real captures: for each TCP
 // flow whose first payload starts a handshake record holding a ClientHello,
@@ -778,23 +911,24 @@ func captureHellos(tb testing.TB) []namedHello {
 	return out
 }
 
-// BenchmarkParseHelloFast: the fast parser alone on a recorded Go ML-KEM
-// hello (BenchmarkReadClientHello adds the recorder's first read).
-func BenchmarkParseHelloFast(b *testing.B) {
+// BenchmarkRead: Read on a recorded Go ML-KEM hello (about 1.8 KB, one
+// record, read in place). proxy's BenchmarkReadClientHello adds the
+// recorder's first read.
+func BenchmarkRead(b *testing.B) {
 	h := goHello(b, "www.allowed.test", nil)
 	b.ReportAllocs()
 	b.SetBytes(int64(len(h)))
 	for b.Loop() {
-		if ch, ok := parseHelloFast(h); !ok || ch.ServerName == "" {
+		if ch, err := Read(h, nil); err != nil || !ch.Plain || ch.SNI == "" {
 			b.Fatal("not taken")
 		}
 	}
 }
 
-// TestHelloShort: helloShort says "more bytes can complete it" for every
-// proper prefix of hellos helloMessage takes, and for nothing else: not for
-// a complete hello, not for a prefix no bytes can make helloMessage take.
-func TestHelloShort(t *testing.T) {
+// TestShort: Read says ErrShort for every proper prefix of hellos it
+// takes, and for nothing else: not for a complete hello, not for bytes no
+// more bytes can make a hello.
+func TestShort(t *testing.T) {
 	h := goHello(t, "www.allowed.test", nil)
 	for _, c := range []namedHello{
 		{"go", h},
@@ -804,15 +938,15 @@ func TestHelloShort(t *testing.T) {
 		{"ech-outer", buildHello(sniExt("public.example"), echOuterExt())},
 	} {
 		t.Run(c.name, func(t *testing.T) {
-			if helloShort(c.b) {
-				t.Error("a complete hello is short")
+			if _, err := Read(c.b, nil); err != nil {
+				t.Errorf("a complete hello: %v", err)
 			}
-			if helloShort(append(bytes.Clone(c.b), 0x17, 0x03, 0x03, 0x00, 0x01, 0xff)) {
-				t.Error("a complete hello and a record after it is short")
+			if _, err := Read(append(bytes.Clone(c.b), 0x17, 0x03, 0x03, 0x00, 0x01, 0xff), nil); err != nil {
+				t.Errorf("a complete hello and a record after it: %v", err)
 			}
 			for i := range c.b {
-				if !helloShort(c.b[:i]) {
-					t.Fatalf("the first %d bytes of a %d-byte hello are not short", i, len(c.b))
+				if _, err := Read(c.b[:i], nil); err != ErrShort {
+					t.Fatalf("the first %d bytes of a %d-byte hello: %v", i, len(c.b), err)
 				}
 			}
 		})
@@ -832,67 +966,160 @@ func TestHelloShort(t *testing.T) {
 	for _, c := range []struct {
 		name string
 		in   []byte
-		want bool
+		want error
 	}{
-		{"empty", nil, true},
-		{"largest-record-header", []byte{0x16, 0x03, 0x01, 0x40, 0x00}, true},
-		{"largest-record-partial-header", []byte{0x16, 0x03, 0x01, 0x40}, true},
-		{"largest-message", record(4, maxHelloMessage), true},
-		{"largest-message-partial-header", []byte{0x16, 0x03, 0x01, 0x00, 0x02, typeClientHello, 0x01}, true},
-		{"message-ends-with-record", record(100, 96, 0xaa), true},
-		{"message-continues-next-record", record(4, 500), true},
-		{"next-record-partial-header", append(record(4, 500), 0x16, 0x03, 0x01, 0x01), true},
+		{"empty", nil, ErrShort},
+		{"largest-record-header", []byte{0x16, 0x03, 0x01, 0x40, 0x00}, ErrShort},
+		{"largest-record-partial-header", []byte{0x16, 0x03, 0x01, 0x40}, ErrShort},
+		{"largest-message", record(16384, MaxBytes-4-5*4), ErrShort},
+		{"message-over-MaxBytes-with-headers", record(16384, MaxBytes-4-5*4+1), ErrTooLarge},
+		{"message-over-MaxBytes-small-record", record(4, MaxBytes-4-5*4), ErrTooLarge},
+		{"largest-message-partial-header", []byte{0x16, 0x03, 0x01, 0x00, 0x02, typeClientHello, 0x00}, ErrShort},
+		{"message-ends-with-record", record(100, 96, 0xaa), ErrShort},
+		{"message-continues-next-record", record(4, 500), ErrShort},
+		{"next-record-partial-header", append(record(4, 500), 0x16, 0x03, 0x01, 0x01), ErrShort},
+		{"record-ends-past-message", record(500, 100, 0xaa), ErrShort}, // crypto/tls reads on: a second message may follow
+		{"record-version-0x02", []byte{0x16, 0x02}, ErrShort},          // crypto/tls takes it
 
-		{"record-type-application-data", append([]byte{0x17}, h[1:1000]...), false},
-		{"record-type-alert", []byte{0x15}, false},
-		{"record-version-0x02", []byte{0x16, 0x02}, false},
-		{"record-version-0x02-full-header", append([]byte{0x16, 0x02}, h[2:1000]...), false},
-		{"second-record-version-0x02", append(record(4, 500), 0x16, 0x02), false},
-		{"zero-length-record", []byte{0x16, 0x03, 0x01, 0x00, 0x00}, false},
-		{"zero-length-record-then-hello", append([]byte{0x16, 0x03, 0x01, 0x00, 0x00}, h[:100]...), false},
-		{"record-16385", []byte{0x16, 0x03, 0x01, 0x40, 0x01}, false},
-		{"record-over-16384-partial-header", []byte{0x16, 0x03, 0x01, 0x41}, false},
-		{"server-hello-type", withType(2), false},
-		{"server-hello-type-alone", []byte{0x16, 0x03, 0x01, 0x00, 0x10, 0x02}, false},
-		{"message-65537", record(100, maxHelloMessage+1), false},
-		{"message-over-max-partial-header", []byte{0x16, 0x03, 0x01, 0x00, 0x02, typeClientHello, 0x02}, false},
-		{"record-ends-past-message", record(500, 100, 0xaa), false},
-		{"next-record-ends-past-message", append(record(4, 500), 0x16, 0x03, 0x01, 0x02), false},
-		{"complete-in-small-record", record(4, 0), false},
+		{"record-type-application-data", append([]byte{0x17}, h[1:1000]...), ErrMalformed},
+		{"record-type-alert", []byte{0x15}, ErrMalformed},
+		{"record-version-0x10", []byte{0x16, 0x10}, ErrMalformed},
+		{"second-record-version-0x10", append(record(4, 500), 0x16, 0x10), ErrMalformed},
+		{"zero-length-record", []byte{0x16, 0x03, 0x01, 0x00, 0x00}, ErrMalformed},
+		{"zero-length-record-then-hello", append([]byte{0x16, 0x03, 0x01, 0x00, 0x00}, h[:100]...), ErrMalformed},
+		{"record-16385", []byte{0x16, 0x03, 0x01, 0x40, 0x01}, ErrMalformed},
+		{"server-hello-type", withType(2), ErrMalformed},
+		{"server-hello-type-alone", []byte{0x16, 0x03, 0x01, 0x00, 0x10, 0x02}, ErrMalformed},
+		{"message-65537", record(100, 65537), ErrTooLarge},
+		{"message-over-max-partial-header", []byte{0x16, 0x03, 0x01, 0x00, 0x02, typeClientHello, 0x02}, ErrShort},
+		{"complete-in-small-record", record(4, 0), ErrMalformed},
 	} {
-		if got := helloShort(c.in); got != c.want {
-			t.Errorf("%s: helloShort %v, want %v", c.name, got, c.want)
+		if _, got := Read(c.in, nil); got != c.want {
+			t.Errorf("%s: Read %v, want %v", c.name, got, c.want)
 		}
 	}
 }
 
-// FuzzHelloShort: helloShort never panics; it is never true for bytes
-// parseHelloFast (or its framing, helloMessage) takes, so readClientHello
-// never reads past a hello it could parse; every proper prefix of the
-// records of a message helloMessage takes is short; and a prefix of short
-// bytes is short (what completes the bytes completes the prefix). The
+// FuzzShort: a prefix of bytes Read takes, or of bytes it leaves short, is
+// short or taken too (more bytes never turn a refusal into a hello), and
+// the verdict on bytes it takes does not change with bytes after them. The
 // prefix is the input's first cut bytes.
-func FuzzHelloShort(f *testing.F) {
+func FuzzShort(f *testing.F) {
 	for _, s := range helloSeeds(f) {
 		f.Add(s, uint16(len(s)/2))
 		f.Add(s, uint16(7))
 	}
 	f.Fuzz(func(t *testing.T, b []byte, cut uint16) {
-		short := helloShort(b)
-		_, whole := helloMessage(b)
-		if _, fast := parseHelloFast(b); short && (whole || fast) {
-			t.Fatalf("short, and helloMessage %v, parseHelloFast %v: %x", whole, fast, b)
-		}
+		h, err := Read(b, nil)
 		p := b[:int(cut)%(len(b)+1)]
-		pShort := helloShort(p)
-		_, pWhole := helloMessage(p)
+		ph, perr := Read(p, nil)
 		switch {
-		case pShort && pWhole:
-			t.Fatalf("short, and helloMessage takes it: %x", p)
-		case whole && !pShort && !pWhole:
-			t.Fatalf("the first %d bytes of a hello helloMessage takes are not short: %x", len(p), b)
-		case short && !pShort:
-			t.Fatalf("short, but not its first %d bytes: %x", len(p), b)
+		case (err == nil || err == ErrShort) && perr != nil && perr != ErrShort:
+			t.Fatalf("Read %v on %x, but %v on its first %d bytes", err, b, perr, len(p))
+		case perr == nil && (err != nil || h != ph):
+			t.Fatalf("Read %+v on %x, but %+v %v with more bytes: %x", ph, p, h, err, b)
 		}
 	})
+}
+
+// ---- ClientHello crafting ----
+
+// goHello returns the ClientHello a Go client sends for serverName.
+func goHello(t testing.TB, serverName string, cfg *tls.Config) []byte {
+	c1, c2 := net.Pipe()
+	defer c1.Close()
+	defer c2.Close()
+	if cfg == nil {
+		cfg = &tls.Config{}
+	}
+	cfg.ServerName = serverName
+	go tls.Client(c1, cfg).Handshake()
+	c2.SetReadDeadline(time.Now().Add(5 * time.Second))
+	var hdr [5]byte
+	if _, err := io.ReadFull(c2, hdr[:]); err != nil {
+		t.Fatal(err)
+	}
+	body := make([]byte, int(hdr[3])<<8|int(hdr[4]))
+	if _, err := io.ReadFull(c2, body); err != nil {
+		t.Fatal(err)
+	}
+	return append(hdr[:], body...)
+}
+func ext(typ uint16, body []byte) []byte {
+	b := binary.BigEndian.AppendUint16(nil, typ)
+	b = binary.BigEndian.AppendUint16(b, uint16(len(body)))
+	return append(b, body...)
+}
+
+// sniExt is one server_name extension with a host_name entry per name.
+func sniExt(names ...string) []byte {
+	var list []byte
+	for _, n := range names {
+		list = append(list, 0)
+		list = binary.BigEndian.AppendUint16(list, uint16(len(n)))
+		list = append(list, n...)
+	}
+	return ext(0x0000, append(binary.BigEndian.AppendUint16(nil, uint16(len(list))), list...))
+}
+
+// echOuterExt is a well-formed outer encrypted_client_hello extension
+// (type outer, HKDF-SHA256, AES-128-GCM, config id, enc, payload).
+func echOuterExt() []byte {
+	b := []byte{0x00, 0x00, 0x01, 0x00, 0x01, 0x2a}
+	b = binary.BigEndian.AppendUint16(b, 32)
+	b = append(b, make([]byte, 32)...)
+	b = binary.BigEndian.AppendUint16(b, 144)
+	b = append(b, make([]byte, 144)...)
+	return ext(0xfe0d, b)
+}
+
+// buildHello builds a TLS 1.3 ClientHello record with the given extra
+// extensions (plus supported_versions, groups, key_share, sigalgs).
+func buildHello(extra ...[]byte) []byte {
+	var body []byte
+	body = append(body, 0x03, 0x03)
+	body = append(body, make([]byte, 32)...) // random
+	body = append(body, 32)
+	body = append(body, make([]byte, 32)...) // session id
+	body = append(body, 0x00, 0x04, 0x13, 0x01, 0xc0, 0x2f)
+	body = append(body, 0x01, 0x00)
+	var exts []byte
+	for _, e := range extra {
+		exts = append(exts, e...)
+	}
+	exts = append(exts, ext(0x002b, []byte{0x02, 0x03, 0x04})...)
+	exts = append(exts, ext(0x000a, []byte{0x00, 0x02, 0x00, 0x1d})...)
+	ks := []byte{0x00, 0x24, 0x00, 0x1d, 0x00, 0x20}
+	ks = append(ks, make([]byte, 32)...)
+	exts = append(exts, ext(0x0033, ks)...)
+	exts = append(exts, ext(0x000d, []byte{0x00, 0x04, 0x04, 0x03, 0x08, 0x04})...)
+	body = binary.BigEndian.AppendUint16(body, uint16(len(exts)))
+	body = append(body, exts...)
+	hs := []byte{0x01, byte(len(body) >> 16), byte(len(body) >> 8), byte(len(body))}
+	hs = append(hs, body...)
+	rec := []byte{0x16, 0x03, 0x01}
+	rec = binary.BigEndian.AppendUint16(rec, uint16(len(hs)))
+	return append(rec, hs...)
+}
+
+// refragment re-records TLS handshake records into records of at most n
+// payload bytes each.
+func refragment(b []byte, n int) []byte {
+	var out []byte
+	for len(b) >= 5 {
+		l := int(binary.BigEndian.Uint16(b[3:5]))
+		if len(b) < 5+l {
+			break
+		}
+		typ, ver, payload := b[0], b[1:3], b[5:5+l]
+		for len(payload) > 0 {
+			k := min(n, len(payload))
+			out = append(out, typ, ver[0], ver[1], 0, 0)
+			binary.BigEndian.PutUint16(out[len(out)-2:], uint16(k))
+			out = append(out, payload[:k]...)
+			payload = payload[k:]
+		}
+		b = b[5+l:]
+	}
+	return append(out, b...)
 }
