@@ -37,7 +37,8 @@ type Config struct {
 	// where the server speaks first and decides on the address. Zero: 1 s.
 	FirstByteWait time.Duration
 	// HelloMaxBytes caps the bytes read to find a ClientHello or an HTTP
-	// head. Zero: 64 KiB (crypto/tls's own handshake limit, plus records).
+	// head. Zero: 64 KiB. A ClientHello is capped at 64 KiB of records
+	// whatever it says (tlshello.MaxBytes, capture's cap too).
 	HelloMaxBytes int
 	// DialTimeout bounds the connect to the destination. Zero: 10 s.
 	DialTimeout time.Duration

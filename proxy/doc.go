@@ -2,8 +2,9 @@
 // connection from the LAN to its transparent listener; the proxy reads the
 // original destination (SO_ORIGINAL_DST / IP6T_SO_ORIGINAL_DST), peeks at
 // the first bytes to find the destination's name (the TLS ClientHello's SNI,
-// from a recorded copy: by a fast parser held to crypto/tls's strictness
-// when the hello came in whole, else by crypto/tls; or the HTTP/1.x Host),
+// read from a recorded copy by internal/tlshello, the parser capture reads
+// hellos with too, crypto/tls confirming hellos of unusual shape; or the
+// HTTP/1.x Host),
 // asks the
 // policy (policy.Store) and then either splices the connection to the
 // original destination or answers with a deny (a TLS alert, an HTTP 403, or

@@ -2,13 +2,14 @@ package proxy
 
 import (
 	"crypto/tls"
-	"encoding/binary"
 	"errors"
 	"fmt"
 	"io"
 	"net"
 	"sync"
 	"time"
+
+	"egressd/internal/tlshello"
 )
 
 // Errors of the peek. Each becomes its own deny reason.
@@ -64,7 +65,7 @@ const fillChunk = 4096
 
 // fillBufs holds fill's read buffers. A buffer on fill's stack escapes
 // (the read goes through an interface), so it cost every connection a 4 KB
-// allocation, more than the fast path's whole parse; Read copies what it
+// allocation, more than tlshello's whole parse; Read copies what it
 // reads into the recording, so nothing keeps a pooled buffer.
 var fillBufs = sync.Pool{New: func() any { return new([fillChunk]byte) }}
 
@@ -102,76 +103,111 @@ func (helloConn) SetWriteDeadline(time.Time) error { return nil }
 type clientHello struct {
 	ServerName string // the (outer) SNI, "" when absent
 	ECH        bool   // an encrypted_client_hello extension is present (real or GREASE)
-	ALPN       []string
-	Fast       bool // parseHelloFast read it, not crypto/tls (readClientHello sets it)
+	Fast       bool   // tlshello alone read it, without crypto/tls (readClientHello sets it)
 }
-
-// Extension numbers.
-const (
-	extServerName = 0x0000
-	extECH        = 0xfe0d
-)
 
 // readClientHello reads the ClientHello from rc (the bytes rc already
 // recorded, then the connection). It returns errDuplicateSNI,
 // errHelloTooLarge, errHelloMalformed or the read error (a timeout, EOF).
-// ch.Fast tells which parser read it.
+// ch.Fast tells whether crypto/tls was asked too.
 //
-// Fast path: when the recorded bytes hold the whole hello (the common
-// case: it arrives in the first read), parseHelloFast parses it in place,
-// without crypto/tls, for a fraction of the cost (compare
+// tlshello.Read decides, the parser capture reads hellos with too, so that
+// audit mode reports what enforce mode does. When the recorded bytes hold
+// the whole hello (the common case: it arrives in the first read), it
+// parses it in place, for a fraction of crypto/tls's cost (compare
 // BenchmarkReadClientHello and BenchmarkReadClientHelloTLS). A hello of
 // more than one TCP segment (a post-quantum key share makes it about
-// 1.8 KB) may be cut by that read; while the recording is a well-framed
-// start of one that helloShort says is not all there, readClientHello
-// reads what has arrived (rc.fill, within the connection's read deadline
-// and rc.max) and parses again, at most maxHelloFills times. A read that
-// fails leaves the rest to readClientHelloTLS, which meets the same error
-// (the deadline has passed, the cap is reached, the stream has ended) and
-// classifies it as before. Everything read is recorded, for the replay.
+// 1.8 KB) may be cut by that read; while tlshello.Read says it is short,
+// readClientHello reads what has arrived (rc.fill, within the connection's
+// read deadline and rc.max) and parses again, at most maxHelloFills times.
+// Past that bound, or when a read fails, crypto/tls reads the rest through
+// readClientHelloTLS (and meets the same error: the deadline has passed,
+// the cap is reached, the stream has ended), then tlshello reads the
+// recording. Everything read is recorded, for the replay.
 //
-// The fast path takes only hellos it validates at least as strictly as
-// crypto/tls does up to the point where readClientHelloTLS's hook runs,
-// and reports false for everything else (an extension it does not know,
-// an unusual server name, odd framing, any error); those go to
-// readClientHelloTLS unchanged, so crypto/tls still decides every error
-// and its classification. A hello the fast path takes is therefore one
-// crypto/tls takes too, with the same ServerName, ALPN list and ECH flag:
-// no parser differential on the SNI (THREATS.md A5).
-// FuzzHelloFastAgreesWithCryptoTLS and the TestHelloFast tests check that
-// against the crypto/tls of the toolchain in use; rerun the fuzz target
-// when the Go version changes.
+// A hello tlshello refuses is refused (duplicate-sni when it names two
+// servers, else hello-malformed, or hello-too-large) without asking
+// crypto/tls. One it takes as Plain (every field of a kind it checks one
+// by one against crypto/tls: what real clients send) is taken. Any other
+// it takes is taken only if crypto/tls takes it too and reads the same
+// server name, so a gap between tlshello and the crypto/tls of the
+// toolchain in use can refuse a hello, never let one through with another
+// name (THREATS.md A5); tlshello's FuzzReadAgreesWithCryptoTLS looks for
+// such gaps: rerun it when the Go version changes.
 func readClientHello(rc *recorder) (ch clientHello, err error) {
 	defer func() {
 		if r := recover(); r != nil { // neither parser may panic; if one does, fail closed
 			ch, err = clientHello{}, fmt.Errorf("%w: panic: %v", errHelloMalformed, r)
 		}
 	}()
-	fast, ok := parseHelloFast(rc.buf)
-	for i := 0; !ok && i < maxHelloFills && len(rc.buf) < rc.max && helloShort(rc.buf); i++ {
+	h, herr := tlshello.Read(rc.buf, nil)
+	for i := 0; herr == tlshello.ErrShort && i < maxHelloFills && len(rc.buf) < rc.max; i++ {
 		if rc.fill(len(rc.buf)+1) != nil {
 			break // crypto/tls meets the error again and classifies it
 		}
-		fast, ok = parseHelloFast(rc.buf)
+		h, herr = tlshello.Read(rc.buf, nil)
 	}
-	if ok {
-		fast.Fast = true
-		return fast, nil
+	switch {
+	case herr == nil && h.Plain:
+		return clientHello{ServerName: h.SNI, ECH: h.ECH, Fast: true}, nil
+	case herr == nil:
+		return confirmHello(rc, h)
+	case herr != tlshello.ErrShort:
+		return ch, helloError(h, herr)
 	}
-	return readClientHelloTLS(rc)
+	// A slow client: crypto/tls reads the rest, then tlshello decides.
+	tch, terr := readClientHelloTLS(rc)
+	if h, herr = tlshello.Read(rc.buf, nil); herr == tlshello.ErrShort && terr != nil {
+		return ch, terr // a timeout, the end of the stream, the cap
+	}
+	if herr != nil {
+		return ch, helloError(h, herr)
+	}
+	return agree(h, tch, terr)
 }
 
-// maxHelloFills bounds the reads readClientHello makes for the fast path
-// after the first: enough for a 16 KB hello read a 1448-byte segment at a
-// time, few enough that a client dribbling its hello a byte per segment
-// does not make the proxy rescan the recording once per byte (past the
-// bound, crypto/tls reads the rest, as it reads any other hello).
+// maxHelloFills bounds the reads readClientHello makes for tlshello after
+// the first: enough for a 16 KB hello read a 1448-byte segment at a time,
+// few enough that a client dribbling its hello a byte per segment does not
+// make the proxy rescan the recording once per byte (past the bound,
+// crypto/tls reads the rest, as it reads any other hello).
 const maxHelloFills = 16
+
+// helloError is the proxy's error for what tlshello.Read refused.
+func helloError(h tlshello.Hello, err error) error {
+	switch {
+	case err == tlshello.ErrTooLarge:
+		return errHelloTooLarge
+	case h.DupSNI:
+		return errDuplicateSNI
+	}
+	return fmt.Errorf("%w: %v", errHelloMalformed, err)
+}
+
+// confirmHello has crypto/tls read the hello tlshello took from the
+// recording (complete: nothing more is read) and agree.
+func confirmHello(rc *recorder, h tlshello.Hello) (clientHello, error) {
+	tch, terr := readClientHelloTLS(rc)
+	return agree(h, tch, terr)
+}
+
+// agree takes h, which tlshello took, if crypto/tls took it too (terr nil)
+// and read the same server name.
+func agree(h tlshello.Hello, tch clientHello, terr error) (clientHello, error) {
+	switch {
+	case terr != nil:
+		return clientHello{}, fmt.Errorf("%w: crypto/tls refuses what tlshello takes: %v", errHelloMalformed, terr)
+	case tch.ServerName != h.SNI:
+		return clientHello{}, fmt.Errorf("%w: crypto/tls reads server name %q, tlshello %q", errHelloMalformed, tch.ServerName, h.SNI)
+	}
+	return clientHello{ServerName: h.SNI, ECH: h.ECH}, nil
+}
 
 // readClientHelloTLS lets crypto/tls parse the ClientHello from rc (after
 // the bytes rc already recorded): it starts a server handshake over a replay
 // of the recording whose GetConfigForClient hook keeps what the proxy needs
-// and stops the handshake. Errors as for readClientHello.
+// and stops the handshake. It returns errHelloTooLarge, the read error (a
+// timeout, EOF) or errHelloMalformed.
 func readClientHelloTLS(rc *recorder) (ch clientHello, err error) {
 	defer func() {
 		if r := recover(); r != nil { // crypto/tls must not panic; if it does, fail closed
@@ -183,9 +219,8 @@ func readClientHelloTLS(rc *recorder) (ch clientHello, err error) {
 		GetConfigForClient: func(info *tls.ClientHelloInfo) (*tls.Config, error) {
 			got = true
 			ch.ServerName = info.ServerName
-			ch.ALPN = append([]string(nil), info.SupportedProtos...)
 			for _, e := range info.Extensions {
-				if e == extECH {
+				if e == extECH || e == extESNI {
 					ch.ECH = true
 				}
 			}
@@ -197,121 +232,22 @@ func readClientHelloTLS(rc *recorder) (ch clientHello, err error) {
 	if got {
 		return ch, nil
 	}
-	// Why it failed: our own limits and read errors first, then a closer
-	// look for the duplicate-SNI case crypto/tls only calls "error decoding
-	// message".
 	switch {
 	case errors.Is(herr, errHelloTooLarge):
 		return ch, errHelloTooLarge
 	case isTimeout(herr), errors.Is(herr, io.EOF), errors.Is(herr, io.ErrUnexpectedEOF), errors.Is(herr, net.ErrClosed):
 		return ch, herr
 	}
-	if n, ok := countServerNames(rc.buf); ok && n > 1 {
-		return ch, errDuplicateSNI
-	}
 	return ch, fmt.Errorf("%w: %v", errHelloMalformed, herr)
 }
+
+// Extension numbers crypto/tls's hook reports.
+const (
+	extECH  = 0xfe0d
+	extESNI = 0xffce
+)
 
 func isTimeout(err error) bool {
 	var ne net.Error
 	return errors.As(err, &ne) && ne.Timeout()
-}
-
-// countServerNames reassembles the handshake message from TLS records and
-// counts host names: every server_name extension and every host_name entry
-// in them. It reports false when the bytes are not a complete ClientHello.
-// It never panics on any input (fuzzed with the peek).
-func countServerNames(b []byte) (int, bool) {
-	// Reassemble the handshake payload from handshake records.
-	var hs []byte
-	for len(b) >= 5 {
-		if b[0] != 0x16 {
-			return 0, false
-		}
-		n := int(binary.BigEndian.Uint16(b[3:5]))
-		if len(b) < 5+n {
-			break
-		}
-		hs = append(hs, b[5:5+n]...)
-		b = b[5+n:]
-		if len(hs) >= 4 && len(hs) >= 4+int(hs[1])<<16|int(hs[2])<<8|int(hs[3]) {
-			break
-		}
-	}
-	if len(hs) < 4 || hs[0] != 1 {
-		return 0, false
-	}
-	mlen := int(hs[1])<<16 | int(hs[2])<<8 | int(hs[3])
-	if len(hs) < 4+mlen {
-		return 0, false
-	}
-	m := hs[4 : 4+mlen]
-	// legacy_version(2) random(32)
-	if len(m) < 34 {
-		return 0, false
-	}
-	m = m[34:]
-	skip := func(lenBytes int) bool {
-		if len(m) < lenBytes {
-			return false
-		}
-		n := 0
-		for i := 0; i < lenBytes; i++ {
-			n = n<<8 | int(m[i])
-		}
-		if len(m) < lenBytes+n {
-			return false
-		}
-		m = m[lenBytes+n:]
-		return true
-	}
-	if !skip(1) || !skip(2) || !skip(1) { // session id, cipher suites, compression
-		return 0, false
-	}
-	if len(m) < 2 {
-		return 0, true // no extensions
-	}
-	el := int(binary.BigEndian.Uint16(m))
-	m = m[2:]
-	if len(m) < el {
-		return 0, false
-	}
-	m = m[:el]
-	count := 0
-	for len(m) >= 4 {
-		typ := binary.BigEndian.Uint16(m)
-		l := int(binary.BigEndian.Uint16(m[2:]))
-		if len(m) < 4+l {
-			return count, false
-		}
-		body := m[4 : 4+l]
-		m = m[4+l:]
-		if typ != extServerName {
-			continue
-		}
-		if len(body) < 2 {
-			count++
-			continue
-		}
-		list := body[2:]
-		if ll := int(binary.BigEndian.Uint16(body)); ll < len(list) {
-			list = list[:ll]
-		}
-		entries := 0
-		for len(list) >= 3 {
-			nl := int(binary.BigEndian.Uint16(list[1:3]))
-			if len(list) < 3+nl {
-				break
-			}
-			if list[0] == 0 {
-				entries++
-			}
-			list = list[3+nl:]
-		}
-		if entries == 0 {
-			entries = 1
-		}
-		count += entries
-	}
-	return count, true
 }

@@ -15,6 +15,7 @@ import (
 	"time"
 
 	"egressd/internal/httpwire"
+	"egressd/internal/tlshello"
 	"egressd/policy"
 )
 
@@ -126,6 +127,10 @@ func goHello(t testing.TB, serverName string, cfg *tls.Config) []byte {
 
 func TestReadClientHello(t *testing.T) {
 	h := goHello(t, "www.allowed.test", nil)
+	recs := refragment(h, 100)
+	alertBetween := append(append(bytes.Clone(recs[:105]), 0x15, 0x03, 0x01, 0x00, 0x02, 0x01, 90), recs[105:]...) // warning, user_canceled
+	dupVersion16 := buildHello(sniExt("a.test"), sniExt("b.test"))
+	dupVersion16[1] = 0x10
 	for _, c := range []struct {
 		name string
 		in   []byte
@@ -142,6 +147,18 @@ func TestReadClientHello(t *testing.T) {
 		{"trailing-dot", buildHello(sniExt("a.test.")), "", errHelloMalformed},
 		{"truncated", h[:len(h)/2], "", io.ErrUnexpectedEOF},
 		{"server-hello", []byte{0x16, 0x03, 0x01, 0x00, 0x04, 0x02, 0x00, 0x00, 0x00}, "", errHelloMalformed},
+		// Where the proxy read a hello otherwise than capture until both
+		// read hellos with internal/tlshello (capture's TestHelloStrictAsCryptoTLS
+		// and TestHelloAsTheProxy): a warning alert between the hello's
+		// records (crypto/tls skips it), a second server name where
+		// crypto/tls refuses the records or the server_name list (only
+		// countServerNames read past them), a hello announcing more than
+		// 64 KiB (crypto/tls: a malformed message).
+		{"alert-between-records", alertBetween, "", errHelloMalformed},
+		{"dup-in-record-over-16384", buildHello(sniExt("a.test"), sniExt("b.test"), ext(21, make([]byte, 16500))), "", errHelloMalformed},
+		{"dup-in-record-version-0x10", dupVersion16, "", errHelloMalformed},
+		{"dup-past-the-server-name-list", buildHello(ext(0, []byte{0xff, 0xff, 0, 0, 1, 'a', 0, 0, 1, 'b'})), "", errHelloMalformed},
+		{"announces-over-64KiB", []byte{0x16, 0x03, 0x01, 0x00, 0x04, 0x01, 0x01, 0x20, 0x00}, "", errHelloTooLarge},
 	} {
 		// Each case twice: as peek calls it, after a first read recorded
 		// what had arrived (the fast path where it applies), and with
@@ -189,8 +206,8 @@ func TestReadClientHello(t *testing.T) {
 }
 
 // FuzzClientHello: the peek never panics, never records more than the
-// cap, records exactly the bytes it read, and a duplicate-SNI verdict
-// agrees with countServerNames.
+// cap, records exactly the bytes it read, and its verdict is tlshello's on
+// the recording (capture's: checkAgreesWithTLSHello).
 func FuzzClientHello(f *testing.F) {
 	// A Go ML-KEM hello, as one record.
 	f.Add(goHello(f, "www.allowed.test", nil))
@@ -218,9 +235,12 @@ func FuzzClientHello(f *testing.F) {
 			if mode != "unread" && rc.fill(1) != nil {
 				continue
 			}
-			var err error
+			var (
+				ch  clientHello
+				err error
+			)
 			done := make(chan struct{})
-			go func() { _, err = readClientHello(rc); close(done) }()
+			go func() { ch, err = readClientHello(rc); close(done) }()
 			select {
 			case <-done:
 			case <-time.After(5 * time.Second):
@@ -229,13 +249,8 @@ func FuzzClientHello(f *testing.F) {
 			if len(rc.buf) > 16<<10 || !bytes.Equal(rc.buf, b[:len(rc.buf)]) {
 				t.Fatalf("recorded %d bytes that are not the input's prefix", len(rc.buf))
 			}
-			if errors.Is(err, errDuplicateSNI) {
-				if n, ok := countServerNames(rc.buf); !ok || n < 2 {
-					t.Fatalf("duplicate verdict but count %d %v", n, ok)
-				}
-			}
+			checkAgreesWithTLSHello(t, rc, ch, err)
 		}
-		countServerNames(b)
 	})
 }
 
@@ -366,10 +381,11 @@ func TestHelloInPieces(t *testing.T) {
 	}
 	recs := refragment(h, 512) // records of 517 bytes
 	small := refragment(h, 1)  // 6 bytes a handshake byte
-	// Framing the fast path leaves to crypto/tls: a record version crypto/tls
-	// takes but helloMessage does not.
+	// Framing tlshello takes but not as Plain (crypto/tls confirms): a
+	// record version other than 3.x.
 	oddVersion := append([]byte{0x16, 0x0a}, h[2:]...)
-	// An extension the fast path does not know, in a hello of 2 KB.
+	// An extension tlshello does not know (crypto/tls confirms), in a hello
+	// of 2 KB.
 	unknownExt := buildHello(sniExt("www.allowed.test"), ext(0x1234, make([]byte, 1500)))
 	var dribble []int
 	for o := 10; o < len(h); o += 10 {
@@ -398,8 +414,8 @@ func TestHelloInPieces(t *testing.T) {
 	} {
 		t.Run(c.name, func(t *testing.T) {
 			pieces := cutAt(c.in, c.cuts...)
-			if _, ok := parseHelloFast(pieces[0]); ok {
-				t.Fatal("the first piece holds the whole hello")
+			if _, err := tlshello.Read(pieces[0], nil); err != tlshello.ErrShort {
+				t.Fatalf("the first piece: %v, want tlshello.ErrShort", err)
 			}
 			r := &piecesReader{pieces: pieces}
 			rc := &recorder{r: r, max: 64 << 10}
@@ -429,8 +445,10 @@ func TestHelloInPieces(t *testing.T) {
 // TestHelloInPiecesErrors: when the rest of a hello cut by the first read
 // does not come (EOF, a read deadline, the size cap) or turns out
 // malformed, readClientHello fails as readClientHelloTLS alone does on the
-// same connection: the error class of the peek is what it was before the
-// fast path read on.
+// same connection (the same class of error, the same bytes recorded),
+// except where tlshello refuses what it has recorded before crypto/tls
+// would (own): a record over 16384 bytes is malformed at once, as capture
+// says, where crypto/tls reads up to 18432 bytes of it first.
 func TestHelloInPiecesErrors(t *testing.T) {
 	h := goHello(t, "www.allowed.test", nil)
 	serverHello := bytes.Clone(h)
@@ -440,13 +458,14 @@ func TestHelloInPiecesErrors(t *testing.T) {
 		pieces [][]byte
 		max    int
 		err    error // nil: compared with readClientHelloTLS only
+		own    bool  // tlshello refuses it before crypto/tls would
 	}{
-		{"eof", [][]byte{h[:1000]}, 64 << 10, nil},
-		{"eof-in-record-header", [][]byte{h[:3]}, 64 << 10, nil},
-		{"size-cap", cutAt(h, 1000), 1500, errHelloTooLarge},
-		{"server-hello", cutAt(serverHello, 3), 64 << 10, errHelloMalformed},
-		{"record-16385", [][]byte{{0x16, 0x03}, {0x01, 0x40, 0x01}, make([]byte, 1000)}, 64 << 10, nil},
-		{"record-18433", [][]byte{{0x16, 0x03}, {0x01, 0x48, 0x01}, make([]byte, 1000)}, 64 << 10, errHelloMalformed},
+		{"eof", [][]byte{h[:1000]}, 64 << 10, nil, false},
+		{"eof-in-record-header", [][]byte{h[:3]}, 64 << 10, nil, false},
+		{"size-cap", cutAt(h, 1000), 1500, errHelloTooLarge, false},
+		{"server-hello", cutAt(serverHello, 3), 64 << 10, errHelloMalformed, false},
+		{"record-16385", [][]byte{{0x16, 0x03}, {0x01, 0x40, 0x01}, make([]byte, 1000)}, 64 << 10, errHelloMalformed, true},
+		{"record-18433", [][]byte{{0x16, 0x03}, {0x01, 0x48, 0x01}, make([]byte, 1000)}, 64 << 10, errHelloMalformed, false},
 	} {
 		t.Run(c.name, func(t *testing.T) {
 			var (
@@ -464,7 +483,10 @@ func TestHelloInPiecesErrors(t *testing.T) {
 			if errs[0] == nil || (c.err != nil && !errors.Is(errs[0], c.err)) {
 				t.Fatalf("err %v, want %v", errs[0], c.err)
 			}
-			if errs[0].Error() != errs[1].Error() {
+			if c.own {
+				return
+			}
+			if errClass(errs[0]) != errClass(errs[1]) {
 				t.Errorf("err %v; crypto/tls alone: %v", errs[0], errs[1])
 			}
 			if !bytes.Equal(recs[0], recs[1]) {
@@ -494,4 +516,47 @@ func TestHelloInPiecesErrors(t *testing.T) {
 			t.Errorf("recorded %d bytes, want the 1000 sent", len(rc.buf))
 		}
 	})
+}
+
+// checkAgreesWithTLSHello: readClientHello's verdict (ch, err) on the bytes rc
+// recorded is tlshello.Read's on them, which is capture's: the same server
+// name when both take the hello, duplicate-sni, hello-malformed and
+// hello-too-large exactly where tlshello says so. A hello tlshello leaves
+// short ended in a read error (or the recorder's cap).
+func checkAgreesWithTLSHello(t *testing.T, rc *recorder, ch clientHello, err error) {
+	t.Helper()
+	h, herr := tlshello.Read(rc.buf, nil)
+	switch {
+	case herr == tlshello.ErrShort:
+		if err == nil || errors.Is(err, errHelloMalformed) || errors.Is(err, errDuplicateSNI) {
+			t.Fatalf("tlshello: short; the peek: %v: %x", err, rc.buf)
+		}
+	case herr == tlshello.ErrTooLarge:
+		if !errors.Is(err, errHelloTooLarge) {
+			t.Fatalf("tlshello: too large; the peek: %v: %x", err, rc.buf)
+		}
+	case herr != nil && h.DupSNI:
+		if !errors.Is(err, errDuplicateSNI) {
+			t.Fatalf("tlshello: two server names; the peek: %v: %x", err, rc.buf)
+		}
+	case herr != nil:
+		if !errors.Is(err, errHelloMalformed) {
+			t.Fatalf("tlshello: %v; the peek: %v: %x", herr, err, rc.buf)
+		}
+	case err != nil:
+		t.Fatalf("tlshello takes it (%+v); the peek: %v: %x", h, err, rc.buf)
+	case ch.ServerName != h.SNI:
+		t.Fatalf("tlshello reads %q; the peek %q: %x", h.SNI, ch.ServerName, rc.buf)
+	}
+}
+
+// errClass is the class of a peek error, as peek maps it to a reason, or
+// the error itself for a read error.
+func errClass(err error) error {
+	for _, e := range []error{errDuplicateSNI, errHelloTooLarge, errHelloMalformed} {
+		if errors.Is(err, e) {
+			return e
+		}
+	}
+	return err
 }
