@@ -764,3 +764,66 @@ rules:
 		}
 	}
 }
+
+// TestHelloAsTheProxy: hellos capture read otherwise than the proxy until
+// both read hellos with internal/tlshello: capture's reason is the one the
+// proxy gives (its TestReadClientHello has the same shapes).
+func TestHelloAsTheProxy(t *testing.T) {
+	cli := netip.MustParseAddr("192.0.2.85")
+	srv := netip.MustParseAddr("203.0.113.85")
+	sni := sniExt("a.allowed.test")
+	suites := []byte{0x13, 0x01}
+	cat := func(bs ...[]byte) []byte { return bytes.Join(bs, nil) }
+	// records cuts the handshake message of a one-record hello into
+	// records of at most n bytes.
+	records := func(rec []byte, n int) []byte {
+		var out []byte
+		for hs := rec[5:]; len(hs) > 0; {
+			k := min(n, len(hs))
+			out = append(out, 22, 3, 1, byte(k>>8), byte(k))
+			out = append(out, hs[:k]...)
+			hs = hs[k:]
+		}
+		return out
+	}
+	// A hello of 65,520 bytes: within crypto/tls's limit on the message,
+	// but its four records are 65,540 bytes with their headers, past the
+	// proxy's cap on what it reads for a hello (64 KiB).
+	pad := 65520 - 4 - len(helloBody(suites, sni, nil)[9:]) - 4
+	big := records(helloBody(suites, cat(sni, tlsExt(21, make([]byte, pad))), nil), 16384)
+	// A record announcing 10 bytes more than the hello in it: crypto/tls,
+	// and so the proxy, waits for them (until its hello timeout).
+	long := helloBody(suites, sni, nil)
+	n := int(long[3])<<8 | int(long[4]) + 10
+	long[3], long[4] = byte(n>>8), byte(n)
+	cases := []struct {
+		what   string
+		hello  []byte
+		reason string
+	}{
+		{"records over 64 KiB", big, ReasonHelloTooLarge},
+		{"a record longer than its hello", long, ReasonHelloTimeout},
+	}
+	p := newPcap(t)
+	var conns []*tcpConn
+	for i, tc := range cases {
+		c := &tcpConn{p: p, cli: cli, srv: srv, cport: uint16(46200 + i), sport: 443, cseq: 1, sseq: 1}
+		c.handshake()
+		c.send(true, tc.hello, 1400, nil, nil)
+		conns = append(conns, c)
+	}
+	p.now = p.now.Add(classifyWait + time.Second) // the proxy's hello timeout
+	for _, c := range conns {
+		c.close()
+	}
+	r := synthRun(t, p.close(), testPolicy, factsMap{srv: {"a.allowed.test"}}, Config{})
+	got := map[uint16]audit.Event{}
+	for _, ev := range r.events {
+		got[ev.ClientPort] = ev
+	}
+	for i, tc := range cases {
+		if ev, ok := got[uint16(46200+i)]; !ok || ev.Reason != tc.reason {
+			t.Errorf("%s: %+v, want %q", tc.what, ev, tc.reason)
+		}
+	}
+}

@@ -2,14 +2,15 @@
 // LAN client sends (live from the LAN interface through an AF_PACKET ring,
 // or offline from a pcap or pcapng file), decodes it with gopacket without
 // per-packet allocations, tracks 5-tuple flows, finds the best name for each
-// flow (TLS SNI over reassembled TCP, the SNI of decrypted QUIC Initial
-// packets, the HTTP Host header, names learned from DNS answers on the wire
-// and from egressd's own DNS forwarder), classifies the flow with the policy
-// and emits one audit.Event per flow into the ledger. A plain-HTTP
-// connection it follows past its first request with the proxy's request
-// follower (httpwire.ReqStream), as the transparent proxy does, and emits a
-// request event (audit.KindRequest) for each later request, decided on its
-// own Host and path, in audit mode and offline (follow.go).
+// flow (TLS SNI over reassembled TCP and the SNI of decrypted QUIC Initial
+// packets, read by internal/tlshello, the proxy's ClientHello parser; the
+// HTTP Host header; names learned from DNS answers on the wire and from
+// egressd's own DNS forwarder), classifies the flow with the policy and
+// emits one audit.Event per flow into the ledger. A plain-HTTP connection
+// it follows past its first request with the proxy's request follower
+// (httpwire.ReqStream), as the transparent proxy does, and emits a request
+// event (audit.KindRequest) for each later request, decided on its own
+// Host and path, in audit mode and offline (follow.go).
 //
 // It sits beside the proxy and the DNS forwarder: policy decides, capture
 // observes, audit counts. In audit mode it is how egressd sees everything

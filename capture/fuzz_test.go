@@ -17,6 +17,7 @@ import (
 
 	"egressd/audit"
 	"egressd/internal/httpwire"
+	"egressd/internal/tlshello"
 	"egressd/policy"
 )
 
@@ -146,60 +147,50 @@ func FuzzQUICInitial(f *testing.F) {
 	})
 }
 
-// FuzzClientHello parses arbitrary bytes as a TLS record stream and a
-// handshake message. Invariants: no panic; a returned SNI lies within the
-// input.
-func FuzzClientHello(f *testing.F) {
-	// Seed: the ML-KEM hello Go's crypto/tls sends (about 1.8 KB).
-	f.Add(realClientHello(f, "seed.allowed.test"))
-	// A record header announcing 0x4000 bytes with 3 present.
-	f.Add([]byte{0x16, 0x03, 0x01, 0x40, 0x00, 0x01, 0x00, 0x00})
-	// A ClientHello whose extensions length runs past the message.
-	f.Add([]byte{0x01, 0x00, 0x00, 0x26, 0x03, 0x03, 31: 0, 38: 0, 39: 0xff, 40: 0xff})
-	var scratch []byte
-	f.Fuzz(func(t *testing.T, b []byte) {
-		if msg, err := helloFromRecords(b, &scratch); err == nil && msg != nil {
-			h, _ := parseClientHello(msg)
-			if len(h.SNI) > len(b) {
-				t.Fatalf("SNI longer than the input")
-			}
-		}
-		h, _ := parseClientHello(b)
-		if len(h.SNI) > len(b) {
-			t.Fatalf("SNI longer than the input")
-		}
-	})
-}
-
-// FuzzClientHelloAgreesWithCryptoTLS holds capture's ClientHello parser to
-// crypto/tls, which the proxy uses: where crypto/tls decides (the hello is
-// complete, within the size cap), capture takes a hello exactly when
-// crypto/tls does, and reads the same server name. A hello capture takes
-// and crypto/tls refuses is a flow audit mode reports allowed and enforce
-// mode cuts (hello-malformed).
-func FuzzClientHelloAgreesWithCryptoTLS(f *testing.F) {
+// FuzzHelloReason holds capture's reading of a TLS flow to the proxy's:
+// the client's first bytes (a TCP stream starting with a handshake record)
+// go through the pipeline, and the flow's reason is what the proxy's peek
+// maps tlshello.Read's verdict on the same bytes to: hello-too-large,
+// duplicate-sni, hello-malformed, or, for a hello it takes, a decision by
+// its name (a short hello: hello-timeout or by address). tlshello's own
+// FuzzReadAgreesWithCryptoTLS holds the parser to crypto/tls.
+func FuzzHelloReason(f *testing.F) {
 	f.Add(realClientHello(f, "seed.allowed.test"))
 	sni := sniExt("a.allowed.test")
 	f.Add(helloBody([]byte{0x13, 0x01}, sni, nil))
+	f.Add(helloBody([]byte{0x13, 0x01}, append(append([]byte{}, sni...), sni...), nil))
 	f.Add(helloBody([]byte{0x13, 0x01}, append(append([]byte{}, sni...), tlsExt(16, []byte{0, 3, 2, 'h', '2'})...), nil))
 	f.Add(helloBody([]byte{0x13, 0x01}, append(append([]byte{}, sni...), tlsExt(0xfe0d, []byte{0, 0, 1, 0, 1, 7, 0, 1, 9, 0, 1, 8})...), nil))
-	var scratch []byte
+	f.Add([]byte{0x16, 0x03, 0x01, 0x40, 0x00, 0x01, 0x00, 0x00})
+	cli := netip.MustParseAddr("192.0.2.84")
+	srv := netip.MustParseAddr("203.0.113.84")
 	f.Fuzz(func(t *testing.T, b []byte) {
-		msg, err := helloFromRecords(b, &scratch)
-		if errors.Is(err, errTooLarge) || err == nil && msg == nil {
-			return // capture waits for more, or the cap decides
-		}
-		sni, ok, more := cryptoTLSHello(b)
-		if more {
+		if len(b) == 0 || b[0] != 22 || len(b) > 20000 {
 			return
 		}
-		takes, name := false, ""
-		if err == nil {
-			h, perr := parseClientHello(msg)
-			takes, name = perr == nil && !h.DupSNI, h.SNI
+		h, err := tlshello.Read(b, nil)
+		p := newPcap(t)
+		c := &tcpConn{p: p, cli: cli, srv: srv, cport: 46100, sport: 443, cseq: 1, sseq: 1}
+		c.handshake()
+		c.send(true, b, 1400, nil, nil)
+		c.close()
+		r := synthRun(t, p.close(), testPolicy, factsMap{srv: {"a.allowed.test"}}, Config{})
+		if len(r.events) != 1 {
+			t.Fatalf("%d events", len(r.events))
 		}
-		if takes != ok || ok && name != sni {
-			t.Fatalf("capture takes it: %v (SNI %q, records: %v); crypto/tls: %v (SNI %q)", takes, name, err, ok, sni)
+		got := r.events[0].Reason
+		helloReason := got == ReasonHelloTooLarge || got == ReasonDuplicateSNI || got == ReasonHelloBad
+		var want string
+		switch {
+		case err == tlshello.ErrTooLarge:
+			want = ReasonHelloTooLarge
+		case err != nil && err != tlshello.ErrShort && h.DupSNI:
+			want = ReasonDuplicateSNI
+		case err != nil && err != tlshello.ErrShort:
+			want = ReasonHelloBad
+		}
+		if want != "" && got != want || want == "" && helloReason {
+			t.Fatalf("reason %q; tlshello %+v, %v: want %q", got, h, err, want)
 		}
 	})
 }

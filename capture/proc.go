@@ -17,6 +17,7 @@ import (
 	"egressd/audit"
 	"egressd/internal/httpwire"
 	"egressd/internal/logjson"
+	"egressd/internal/tlshello"
 	"egressd/policy"
 )
 
@@ -660,11 +661,16 @@ func (p *proc) examine(f *flow, dir int) {
 	}
 	switch f.app {
 	case appTLS:
-		msg, err := helloFromRecords(b, &p.scratch)
-		if err != nil {
-			// Starts as TLS and does not parse: the proxy refuses it.
+		// The proxy's parser, with the proxy's limits (internal/tlshello).
+		h, err := tlshello.Read(b, &p.scratch)
+		switch {
+		case err == tlshello.ErrShort:
+			return
+		case err != nil && h.Size == 0:
+			// Starts as TLS and its records do not hold a hello: the
+			// proxy refuses it.
 			reason := ReasonHelloBad
-			if errors.Is(err, errTooLarge) {
+			if err == tlshello.ErrTooLarge {
 				reason = ReasonHelloTooLarge
 			}
 			p.deny(f, reason, "", audit.NameNone)
@@ -672,10 +678,7 @@ func (p *proc) examine(f *flow, dir int) {
 			p.done(f)
 			return
 		}
-		if msg == nil {
-			return
-		}
-		p.hello(f, msg, audit.NameSNI)
+		p.hello(f, h, err, audit.NameSNI)
 	case appHTTP:
 		// The proxy's parser, on what the proxy would have read: it
 		// refuses a head with bare LF line ends at once, complete or
@@ -754,12 +757,12 @@ func (s *stream) bufOrNil() []byte {
 	return s.buf
 }
 
-// hello records a complete ClientHello.
-func (p *proc) hello(f *flow, msg []byte, src audit.NameSource) {
-	h, err := parseClientHello(msg)
+// hello records a complete ClientHello, as tlshello read it (err: how it
+// refused it).
+func (p *proc) hello(f *flow, h tlshello.Hello, err error, src audit.NameSource) {
 	p.stats.hellos.Add(1)
 	if p.c.observe != nil {
-		p.c.observe(observation{Kind: obsHello, Size: len(msg), Flow: makeKey(f.cli, f.cport, f.srv, f.sport, f.proto)})
+		p.c.observe(observation{Kind: obsHello, Size: h.Size, Flow: makeKey(f.cli, f.cport, f.srv, f.sport, f.proto)})
 	}
 	if err != nil {
 		p.stats.badHellos.Add(1)
@@ -962,13 +965,13 @@ func (p *proc) quicPacket(f *flow, dir int, payload []byte) {
 		p.giveUp(f)
 		return
 	}
-	done, err := helloComplete(s0.buf)
+	m, err := tlshello.Complete(s0.buf)
 	switch {
-	case err != nil:
+	case err == nil:
+		h, err := tlshello.Parse(s0.buf[:m])
+		p.hello(f, h, err, audit.NameQUIC)
+	case err != tlshello.ErrShort:
 		p.giveUp(f)
-	case done:
-		n := int(s0.buf[1])<<16 | int(s0.buf[2])<<8 | int(s0.buf[3])
-		p.hello(f, s0.buf[:4+n], audit.NameQUIC)
 	case f.pkts[0]+f.pkts[1] > 32:
 		p.giveUp(f) // the hello never completed
 	}

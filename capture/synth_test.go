@@ -18,6 +18,7 @@ import (
 	"github.com/gopacket/gopacket/pcapgo"
 
 	"egressd/audit"
+	"egressd/internal/tlshello"
 	"egressd/policy"
 )
 
@@ -229,7 +230,7 @@ func realClientHello(t testing.TB, sni string) []byte {
 				return
 			}
 			buf = append(append(buf, hdr...), body...)
-			if msg, _ := helloFromRecords(buf, new([]byte)); msg != nil {
+			if _, err := tlshello.Read(buf, nil); err != tlshello.ErrShort {
 				got <- buf
 				return
 			}
