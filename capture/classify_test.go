@@ -827,3 +827,39 @@ func TestHelloAsTheProxy(t *testing.T) {
 		}
 	}
 }
+
+// TestHelloLiteralSNI: a server name that is an IP literal (RFC 6066
+// forbids them) names nothing: the proxy decides such a hello as one
+// without SNI (by address, then by the names egressd's DNS gave out for
+// the address), and so does capture.
+func TestHelloLiteralSNI(t *testing.T) {
+	cli := netip.MustParseAddr("192.0.2.86")
+	srv := netip.MustParseAddr("203.0.113.86")
+	cases := []struct {
+		what string
+		sni  string
+	}{
+		{"the destination's address", "203.0.113.86"},
+		{"another address", "198.51.100.7"},
+		{"an IPv6 literal", "2001:db8::1"},
+		{"an IPv6 literal in brackets", "[2001:db8::1]"},
+	}
+	p := newPcap(t)
+	for i, tc := range cases {
+		c := &tcpConn{p: p, cli: cli, srv: srv, cport: uint16(46300 + i), sport: 443, cseq: 1, sseq: 1}
+		c.handshake()
+		c.send(true, helloBody([]byte{0x13, 0x01}, sniExt(tc.sni), nil), 1400, nil, nil)
+		c.close()
+	}
+	r := synthRun(t, p.close(), testPolicy, factsMap{srv: {"a.allowed.test"}}, Config{})
+	got := map[uint16]audit.Event{}
+	for _, ev := range r.events {
+		got[ev.ClientPort] = ev
+	}
+	for i, tc := range cases {
+		ev := got[uint16(46300+i)]
+		if ev.Verdict != policy.Allow || ev.Name != "a.allowed.test" || ev.NameSource != audit.NameDNSLearned {
+			t.Errorf("%s: %+v, want allowed as a.allowed.test (dns-learned)", tc.what, ev)
+		}
+	}
+}

@@ -783,9 +783,9 @@ func (p *proc) hello(f *flow, h tlshello.Hello, err error, src audit.NameSource)
 	}
 	// A server_name read before the hello turned out malformed is still
 	// what the client asked for, and what the report should show. An IP
-	// literal (RFC 6066 forbids it) is no name to the proxy, which decides
-	// such a hello by its address (proxy.literalAddr), and so here.
-	if h.SNI != "" && (src != audit.NameSNI || !sniLiteral(h.SNI)) {
+	// literal names no server: the proxy decides the hello as one without
+	// SNI, by address and the names given out for it.
+	if tlshello.Named(h.SNI) {
 		f.name, f.nameSrc = h.SNI, src
 		kind := obsSNI
 		if src == audit.NameQUIC {
@@ -796,16 +796,6 @@ func (p *proc) hello(f *flow, h tlshello.Hello, err error, src audit.NameSource)
 		f.nameSrc = audit.NameNoSNI
 	}
 	p.done(f)
-}
-
-// sniLiteral reports whether a server name is an IP address, with or
-// without brackets and without a zone, as the proxy's literalAddr reads it.
-func sniLiteral(s string) bool {
-	if len(s) > 1 && s[0] == '[' && s[len(s)-1] == ']' {
-		s = s[1 : len(s)-1]
-	}
-	a, err := netip.ParseAddr(s)
-	return err == nil && a.Zone() == ""
 }
 
 // done stops looking for a name, frees the buffers and decides the flow.

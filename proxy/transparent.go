@@ -15,6 +15,7 @@ import (
 	"egressd/audit"
 	"egressd/internal/httpwire"
 	"egressd/internal/netutil"
+	"egressd/internal/tlshello"
 	"egressd/policy"
 )
 
@@ -318,7 +319,7 @@ func (p *Proxy) peek(c *net.TCPConn, eng *policy.Engine, in policy.Input, start 
 			return kindTLS, v, res
 		}
 		sni := ch.ServerName
-		if _, lit := literalAddr(sni); sni == "" || lit {
+		if !tlshello.Named(sni) { // none, or an IP literal: capture decides it so too
 			return kindTLS, p.decideAddr(eng, in, audit.NameNoSNI), res
 		}
 		if n, ok := policy.NormalizeName(sni); ok {

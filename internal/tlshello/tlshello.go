@@ -19,7 +19,10 @@
 // confirm the others. Every length is checked; nothing panics.
 package tlshello
 
-import "errors"
+import (
+	"errors"
+	"net/netip"
+)
 
 // Limits on what is read to find a ClientHello (THREATS C3).
 const (
@@ -167,6 +170,23 @@ func Read(stream []byte, scratch *[]byte) (Hello, error) {
 		h.Plain = h.Plain && plain && len(hs) == m
 		return h, err
 	}
+}
+
+// Named reports whether sni, a Hello's SNI, names a server: it is not
+// empty and not an IP literal (RFC 6066 §3 allows none; with or without
+// brackets, an IPv6 zone making it a name again). The proxy and capture
+// decide a hello whose SNI names no server as one without SNI: by address,
+// then by the names egressd's DNS gave out for the address.
+func Named(sni string) bool {
+	if sni == "" {
+		return false
+	}
+	s := sni
+	if len(s) > 1 && s[0] == '[' && s[len(s)-1] == ']' {
+		s = s[1 : len(s)-1]
+	}
+	a, err := netip.ParseAddr(s)
+	return err != nil || a.Zone() != ""
 }
 
 // Complete says whether hs, a handshake byte stream without records (the

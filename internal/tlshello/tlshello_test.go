@@ -1123,3 +1123,23 @@ func refragment(b []byte, n int) []byte {
 	}
 	return append(out, b...)
 }
+
+// TestNamed: an IP literal, with or without brackets, names no server; an
+// IPv6 literal with a zone is a (malformed) name, as the proxy reads it.
+func TestNamed(t *testing.T) {
+	for sni, want := range map[string]bool{
+		"":               false,
+		"a.allowed.test": true,
+		"203.0.113.9":    false,
+		"2001:db8::1":    false,
+		"[2001:db8::1]":  false,
+		"::ffff:1.2.3.4": false,
+		"fe80::1%eth0":   true,
+		"[203.0.113.9":   true,
+		"1.2.3":          true, // numeric forms are names; policy refuses them
+	} {
+		if got := Named(sni); got != want {
+			t.Errorf("Named(%q) = %v, want %v", sni, got, want)
+		}
+	}
+}
