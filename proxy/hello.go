@@ -103,7 +103,7 @@ func (helloConn) SetWriteDeadline(time.Time) error { return nil }
 type clientHello struct {
 	ServerName string // the (outer) SNI, "" when absent
 	ECH        bool   // an encrypted_client_hello extension is present (real or GREASE)
-	Fast       bool   // tlshello alone read it, without crypto/tls (readClientHello sets it)
+	Fast       bool   // tlshello alone took or refused it, without crypto/tls (readClientHello sets it)
 }
 
 // readClientHello reads the ClientHello from rc (the bytes rc already
@@ -153,7 +153,7 @@ func readClientHello(rc *recorder) (ch clientHello, err error) {
 	case herr == nil:
 		return confirmHello(rc, h)
 	case herr != tlshello.ErrShort:
-		return ch, helloError(h, herr)
+		return clientHello{Fast: true}, helloError(h, herr)
 	}
 	// A slow client: crypto/tls reads the rest, then tlshello decides.
 	tch, terr := readClientHelloTLS(rc)

@@ -51,7 +51,7 @@ func newMetrics(reg prometheus.Registerer) (*metrics, error) {
 		}, []string{"verdict", "mode"}),
 		hellos: prometheus.NewCounterVec(prometheus.CounterOpts{
 			Namespace: "egress", Subsystem: "proxy", Name: "hello_parses_total",
-			Help: "ClientHellos read on the transparent listener, by parser: fast (the proxy's own, for the hellos real clients send) or crypto-tls (everything else, including every hello that fails).",
+			Help: "ClientHellos read on the transparent listener, by parser: fast (internal/tlshello alone: the hellos real clients send, and those it refuses) or crypto-tls (crypto/tls asked too: hellos of unusual shape, hellos that came in more pieces than the proxy reads for tlshello alone, and hellos cut short).",
 		}, []string{"parser"}),
 	}
 	m.helloFast = m.hellos.WithLabelValues("fast")

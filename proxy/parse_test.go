@@ -182,6 +182,9 @@ func TestReadClientHello(t *testing.T) {
 				if !errors.Is(err, c.err) {
 					t.Fatalf("err %v, want %v", err, c.err)
 				}
+				if err != nil && !ch.Fast {
+					t.Error("refused with crypto/tls asked: tlshello alone decides a whole hello it refuses")
+				}
 				if ch.ServerName != c.sni {
 					t.Errorf("SNI %q", ch.ServerName)
 				}
