@@ -152,7 +152,7 @@ func TestReadClientHello(t *testing.T) {
 		// and TestHelloAsTheProxy): a warning alert between the hello's
 		// records (crypto/tls skips it), a second server name where
 		// crypto/tls refuses the records or the server_name list (only
-		// countServerNames read past them), a hello announcing more than
+		// the proxy's old countServerNames read past them), a hello announcing more than
 		// 64 KiB (crypto/tls: a malformed message).
 		{"alert-between-records", alertBetween, "", errHelloMalformed},
 		{"dup-in-record-over-16384", buildHello(sniExt("a.test"), sniExt("b.test"), ext(21, make([]byte, 16500))), "", errHelloMalformed},

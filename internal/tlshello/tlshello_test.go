@@ -188,9 +188,9 @@ func realHellos(tb testing.TB) []realHello {
 	}
 }
 
-// helloSeeds are the fuzz seeds: FuzzClientHello's, the real hellos, the
+// helloSeeds are the fuzz seeds: the proxy's FuzzClientHello's, the real hellos, the
 // captures' hellos, and each one's extension block alone (the fuzz target
-// also reads its input as an extension block, see FuzzHelloFastAgreesWithCryptoTLS).
+// also reads its input as an extension block, see FuzzReadAgreesWithCryptoTLS).
 func helloSeeds(tb testing.TB) [][]byte {
 	seeds := [][]byte{
 		goHello(tb, "www.allowed.test", nil),
