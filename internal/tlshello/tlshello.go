@@ -10,10 +10,12 @@
 // It is as strict as crypto/tls (Go 1.26: conn.go readRecordOrCCS and
 // readHandshake, handshake_messages.go clientHelloMsg.unmarshal,
 // handshake_server.go readClientHello, ech.go parseECHExt) up to the point
-// where a GetConfigForClient hook runs, and stricter in one place: a record
-// of another type among the hello's records (crypto/tls skips warning
-// alerts) is malformed. FuzzReadAgreesWithCryptoTLS holds it to that;
-// rerun it when the Go version changes. Hello.Plain marks the hellos whose
+// where a GetConfigForClient hook runs, and stricter in two places: a
+// record of another type among the hello's records (crypto/tls skips
+// warning alerts) is malformed, and a hello whose records need more than
+// MaxBytes is too large (crypto/tls takes a message of up to 65536 bytes
+// however many records carry it). FuzzReadAgreesWithCryptoTLS holds it to
+// that; rerun it when the Go version changes. Hello.Plain marks the hellos whose
 // every field is of a kind checked one by one against crypto/tls (what real
 // clients send): the proxy takes those without crypto/tls and has crypto/tls
 // confirm the others. Every length is checked; nothing panics.
@@ -62,10 +64,11 @@ type Hello struct {
 	ECH bool
 	// Plain: the hello was taken and everything in it is of a kind real
 	// clients send and this parser checks field by field as crypto/tls does
-	// (see plainExt and plainHostName): records of version 3.x with the
-	// message ending at a record's end, at most maxPlainExts extensions,
-	// one server name of letters, digits, '-', '_' and dots, only the
-	// extensions listed, an outer ECH extension only.
+	// (see Parse, skippedExt and plainHostName): records of version 3.x
+	// with the message ending at a record's end, at most maxPlainExts
+	// extensions, one server name of letters, digits, '-', '_' and dots,
+	// only the extensions Parse checks or skippedExt lists, an outer ECH
+	// extension only.
 	Plain bool
 	// Size is the length of the handshake message, header included.
 	Size int
