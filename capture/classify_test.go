@@ -796,20 +796,33 @@ func TestHelloAsTheProxy(t *testing.T) {
 	long := helloBody(suites, sni, nil)
 	n := int(long[3])<<8 | int(long[4]) + 10
 	long[3], long[4] = byte(n>>8), byte(n)
+	whole := realClientHello(t, "a.allowed.test")
 	cases := []struct {
 		what   string
 		hello  []byte
+		fin    bool // the client ends its stream at once
+		skip   map[int]bool
 		reason string
 	}{
-		{"records over 64 KiB", big, ReasonHelloTooLarge},
-		{"a record longer than its hello", long, ReasonHelloTimeout},
+		{"records over 64 KiB", big, false, nil, ReasonHelloTooLarge},
+		{"a record longer than its hello", long, false, nil, ReasonHelloTimeout},
+		// The proxy reads to the end of stream and refuses the hello.
+		{"a hello cut short by the client's FIN", whole[:1000], true, nil, ReasonHelloBad},
+		{"a record longer than its hello, then FIN", long, true, nil, ReasonHelloBad},
+		// Capture lost a segment: it cannot tell, and decides by address
+		// (here the name egressd's DNS gave out for it).
+		{"a hello with a segment lost to capture, then FIN", whole, true, map[int]bool{1: true}, policy.ReasonAllowed},
 	}
 	p := newPcap(t)
 	var conns []*tcpConn
 	for i, tc := range cases {
 		c := &tcpConn{p: p, cli: cli, srv: srv, cport: uint16(46200 + i), sport: 443, cseq: 1, sseq: 1}
 		c.handshake()
-		c.send(true, tc.hello, 1400, nil, nil)
+		c.send(true, tc.hello, 1400, nil, tc.skip)
+		if tc.fin {
+			c.close()
+			continue
+		}
 		conns = append(conns, c)
 	}
 	p.now = p.now.Add(classifyWait + time.Second) // the proxy's hello timeout

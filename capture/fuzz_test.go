@@ -152,8 +152,10 @@ func FuzzQUICInitial(f *testing.F) {
 // go through the pipeline, and the flow's reason is what the proxy's peek
 // maps tlshello.Read's verdict on the same bytes to: hello-too-large,
 // duplicate-sni, hello-malformed, or, for a hello it takes, a decision by
-// its name (a short hello: hello-timeout or by address). tlshello's own
-// FuzzReadAgreesWithCryptoTLS holds the parser to crypto/tls.
+// its name. The client then ends its stream, so a hello left short is
+// hello-malformed too (the proxy reads to the end of stream).
+// tlshello's own FuzzReadAgreesWithCryptoTLS holds the parser to
+// crypto/tls.
 func FuzzHelloReason(f *testing.F) {
 	f.Add(realClientHello(f, "seed.allowed.test"))
 	sni := sniExt("a.allowed.test")
@@ -184,9 +186,9 @@ func FuzzHelloReason(f *testing.F) {
 		switch {
 		case err == tlshello.ErrTooLarge:
 			want = ReasonHelloTooLarge
-		case err != nil && err != tlshello.ErrShort && h.DupSNI:
+		case err != nil && h.DupSNI:
 			want = ReasonDuplicateSNI
-		case err != nil && err != tlshello.ErrShort:
+		case err != nil:
 			want = ReasonHelloBad
 		}
 		if want != "" && got != want || want == "" && helloReason {

@@ -539,10 +539,29 @@ func (p *proc) tcpPacket(src, dst netip.Addr, mac []byte) {
 			p.clientEnd(f, seq+uint32(len(t.Payload)))
 		}
 		f.fin[dir] = true
+		if dir == 0 {
+			p.clientFIN(f, seq+uint32(len(t.Payload)))
+		}
 		if f.fin[0] && f.fin[1] {
 			p.end(f, "fin")
 		}
 	}
+}
+
+// clientFIN: the client ended its stream at sequence number end. A TLS
+// flow whose hello began and did not complete, every byte before the FIN
+// seen, is one the proxy reads to the end of stream and refuses as
+// hello-malformed (its peek maps the end of stream to that); capture says
+// so too. With bytes missing (capture lost a segment) it cannot tell, and
+// the flow is decided as before.
+func (p *proc) clientFIN(f *flow, end uint32) {
+	s := f.st[0]
+	if f.decided || !f.inspect || f.app != appTLS || s == nil || s.full || s.pendLen != 0 ||
+		!f.haveBase[0] || end-f.base[0] != uint32(len(s.buf)) {
+		return
+	}
+	p.deny(f, ReasonHelloBad, "", audit.NameNone)
+	p.giveUp(f)
 }
 
 func (p *proc) tcpData(f *flow, dir int, seq uint32, data []byte) {
