@@ -158,7 +158,7 @@ func (p *Proxy) explicitHandler() http.Handler {
 		if len(p.cfg.ProxyUsers) > 0 && !p.authOK(r) {
 			ca := addrPortOf(tcpAddrString(r.RemoteAddr))
 			ev := audit.Event{Kind: audit.KindRequest, Source: audit.SourceProxy, Time: time.Now(),
-				Client: ca.Addr(), ClientPort: ca.Port(), Proto: "tcp", Name: r.URL.Hostname(), NameSource: audit.NameConnect}
+				Client: ca.Addr(), ClientPort: ca.Port(), DestPort: challengedPort(r), Proto: "tcp", Name: r.URL.Hostname(), NameSource: audit.NameConnect}
 			ev.Stamp(denyDecision(p.deps.Policy.Load(), ReasonAuth))
 			ev.Enforced = true // refused in audit mode too
 			p.emitRequest("explicit", ev, nil)
@@ -175,6 +175,27 @@ func (p *Proxy) explicitHandler() http.Handler {
 		}
 		p.gp.ServeHTTP(w, r)
 	})
+}
+
+// challengedPort is the destination port a request refused with 407 asked
+// for: a CONNECT authority's port, an absolute URL's port, else the
+// scheme's (80 for http, 443 for https; net/http leaves a CONNECT's
+// scheme empty); 0 when it names none readable.
+func challengedPort(r *http.Request) uint16 {
+	if ps := r.URL.Port(); ps != "" {
+		if !httpwire.ValidPort(ps) {
+			return 0
+		}
+		n, _ := strconv.Atoi(ps)
+		return uint16(n)
+	}
+	switch strings.ToLower(r.URL.Scheme) {
+	case "http":
+		return 80
+	case "https":
+		return 443
+	}
+	return 0
 }
 
 // keepPipelined makes Hijack hand over the bytes net/http read past the

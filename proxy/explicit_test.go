@@ -276,7 +276,7 @@ rules:
 	}
 	challenged := func(r *audit.Report, requests uint64) bool {
 		for _, dr := range r.Dropped {
-			if dr.Dest == "docs.paths.test" && dr.Reason == ReasonAuth && dr.Enforced && dr.Flows == 0 && dr.Requests == requests {
+			if dr.Dest == "docs.paths.test" && dr.Port == uint16(tlsPort) && dr.Reason == ReasonAuth && dr.Enforced && dr.Flows == 0 && dr.Requests == requests {
 				return true
 			}
 		}
@@ -299,7 +299,7 @@ rules:
 				return
 			}
 			if time.Now().After(deadline) {
-				t.Fatalf("challenge, then authenticated CONNECT: %s\nwant 1 flow of rule docs and 1 refused request (%s) of docs.paths.test", describe(r), ReasonAuth)
+				t.Fatalf("challenge, then authenticated CONNECT: %s\nwant 1 flow of rule docs and 1 refused request (%s) of docs.paths.test:%d", describe(r), ReasonAuth, tlsPort)
 			}
 			time.Sleep(50 * time.Millisecond)
 		}
@@ -337,6 +337,29 @@ rules:
 		c2.Close()
 		check(t, localPort(c1), localPort(c2))
 	})
+	// A plain HTTP request refused with 407 is recorded under the
+	// port its absolute URL implies (80), not port 0.
+	t.Run("plain-http-port", func(t *testing.T) {
+		c, br := dial(t)
+		port := localPort(c)
+		io.WriteString(c, "GET http://docs.paths.test/x HTTP/1.1\r\nHost: docs.paths.test\r\n\r\n")
+		resp, err := http.ReadResponse(br, nil)
+		if err != nil || resp.StatusCode != http.StatusProxyAuthRequired {
+			t.Fatalf("no credentials: %v %v", resp, err)
+		}
+		c.Close()
+		deadline := time.Now().Add(5 * time.Second)
+		for {
+			r := report(port)
+			if len(r.Dropped) == 1 && r.Dropped[0].Port == 80 && r.Dropped[0].Requests == 1 && r.Dropped[0].Reason == ReasonAuth {
+				break
+			}
+			if time.Now().After(deadline) {
+				t.Fatalf("plain HTTP challenged: %s\nwant 1 refused request (%s) of docs.paths.test:80", describe(r), ReasonAuth)
+			}
+			time.Sleep(50 * time.Millisecond)
+		}
+	})
 	t.Run("never-authenticates", func(t *testing.T) {
 		var ports []int
 		for range 2 {
@@ -354,7 +377,7 @@ rules:
 				break
 			}
 			if time.Now().After(deadline) {
-				t.Fatalf("two challenges, never authenticated: %s\nwant 2 refused requests (%s) of docs.paths.test, no rule used", describe(r), ReasonAuth)
+				t.Fatalf("two challenges, never authenticated: %s\nwant 2 refused requests (%s) of docs.paths.test:%d, no rule used", describe(r), ReasonAuth, tlsPort)
 			}
 			time.Sleep(50 * time.Millisecond)
 		}
