@@ -17,7 +17,7 @@ func init() {
 // connections with, creating the CA in the state directory when it does
 // not exist yet (the same files the proxy loads).
 func cmdCA(_ context.Context, args []string, stdout, stderr io.Writer) int {
-	fs := newFlags("ca", stderr)
+	fs := newFlags("ca export", stderr)
 	stateDir := fs.String("state-dir", defaultStateDir, "the daemon's state directory, where the CA lives")
 	pos, err := parseArgs(fs, args)
 	if err != nil {

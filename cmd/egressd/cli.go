@@ -78,10 +78,23 @@ func usage(w io.Writer) {
 
 // parseArgs parses flags that may come before or after positional
 // arguments ("egressd policy check FILE --json" and "--json FILE" alike).
+// -h prints the flags; a flag error prints one line prefixed with the
+// command ("egressd run: flag provided but not defined: -x"), not the
+// flag package's bare message followed by every flag.
 func parseArgs(fs *flag.FlagSet, args []string) ([]string, error) {
+	out := fs.Output()
+	fs.SetOutput(io.Discard)
+	defer fs.SetOutput(out)
 	var pos []string
 	for {
 		if err := fs.Parse(args); err != nil {
+			fs.SetOutput(out)
+			if errors.Is(err, flag.ErrHelp) {
+				fmt.Fprintf(out, "usage of %s:\n", fs.Name())
+				fs.PrintDefaults()
+			} else {
+				fmt.Fprintf(out, "%s: %v (%s -h lists the flags)\n", fs.Name(), err, fs.Name())
+			}
 			return nil, err
 		}
 		rest := fs.Args()

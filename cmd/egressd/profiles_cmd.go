@@ -14,6 +14,12 @@ func init() {
 }
 
 func cmdProfiles(_ context.Context, args []string, stdout, stderr io.Writer) int {
+	for _, a := range args {
+		if a == "-h" || a == "-help" || a == "--help" {
+			fmt.Fprintln(stdout, "usage: egressd "+commands["profiles"].usage)
+			return exitOK
+		}
+	}
 	switch {
 	case len(args) == 0 || args[0] == "list":
 		for _, n := range profiles.Names() {

@@ -1,0 +1,133 @@
+package main
+
+import (
+	"os"
+	"regexp"
+	"slices"
+	"sort"
+	"strings"
+	"testing"
+)
+
+// flagCommands are the commands with flags, as `egressd CMD -h` takes them.
+var flagCommands = [][]string{
+	{"run"}, {"policy", "check"}, {"policy", "explain"}, {"audit"}, {"report"},
+	{"firewall", "print"}, {"firewall", "remove"}, {"ca", "export"},
+}
+
+// helpFlags runs `egressd CMD -h` and returns the flags it lists.
+func helpFlags(t *testing.T, cmd []string) []string {
+	t.Helper()
+	code, out, stderr := runCLI(t, append(slices.Clone(cmd), "-h")...)
+	if code != exitOK {
+		t.Fatalf("egressd %s -h: exit %d: %s", strings.Join(cmd, " "), code, stderr)
+	}
+	var flags []string
+	for _, m := range regexp.MustCompile(`(?m)^  -([a-z0-9-]+)`).FindAllStringSubmatch(out+stderr, -1) {
+		flags = append(flags, m[1])
+	}
+	if len(flags) == 0 {
+		t.Fatalf("egressd %s -h lists no flags:\n%s%s", strings.Join(cmd, " "), out, stderr)
+	}
+	sort.Strings(flags)
+	return flags
+}
+
+// readmeUsage returns, per command ("run", "policy check", ...), the
+// flags README.md's usage block gives it (a line starting with "egressd"
+// and the indented lines that continue it).
+func readmeUsage(t *testing.T) map[string][]string {
+	t.Helper()
+	b, err := os.ReadFile("../../README.md")
+	if err != nil {
+		t.Fatal(err)
+	}
+	s := string(b)
+	i := strings.Index(s, "```sh\negressd run ")
+	if i < 0 {
+		t.Fatal("README.md has no usage block starting with egressd run")
+	}
+	block := s[i+len("```sh\n"):]
+	block = block[:strings.Index(block, "```")]
+	usage := map[string][]string{}
+	cmd := ""
+	flagRE := regexp.MustCompile(`(?:^|[\s\[|])--?([a-z][a-z0-9-]*)`)
+	for _, line := range strings.Split(block, "\n") {
+		if rest, ok := strings.CutPrefix(line, "egressd "); ok {
+			var words []string
+			for _, w := range strings.Fields(rest) {
+				if !regexp.MustCompile(`^[a-z]+$`).MatchString(w) {
+					break
+				}
+				words = append(words, w)
+			}
+			cmd = strings.Join(words, " ")
+		} else if !strings.HasPrefix(line, " ") {
+			cmd = ""
+		}
+		if cmd == "" {
+			continue
+		}
+		code, _, _ := strings.Cut(line, "#") // comments are prose
+		for _, m := range flagRE.FindAllStringSubmatch(code, -1) {
+			if !slices.Contains(usage[cmd], m[1]) {
+				usage[cmd] = append(usage[cmd], m[1])
+			}
+		}
+		if _, ok := usage[cmd]; !ok {
+			usage[cmd] = nil
+		}
+	}
+	return usage
+}
+
+// TestUsageMatchesREADME: every flag `egressd CMD -h` prints is in
+// README.md's usage block, and every flag the block names exists.
+// Before, policy check's -q, audit's --mode and --no-progress, report's
+// --policy, most of firewall print's flags, firewall remove's --netns and
+// ca export's --state-dir were missing from the README.
+func TestUsageMatchesREADME(t *testing.T) {
+	usage := readmeUsage(t)
+	for _, cmd := range flagCommands {
+		name := strings.Join(cmd, " ")
+		have := helpFlags(t, cmd)
+		doc, ok := usage[name]
+		if !ok {
+			t.Errorf("README.md's usage block has no line for egressd %s", name)
+			continue
+		}
+		for _, f := range have {
+			if !slices.Contains(doc, f) {
+				t.Errorf("egressd %s -h lists --%s; README.md's usage block does not", name, f)
+			}
+		}
+		for _, f := range doc {
+			if !slices.Contains(have, f) {
+				t.Errorf("README.md's usage block gives egressd %s --%s; the command has no such flag", name, f)
+			}
+		}
+	}
+}
+
+// TestFlagErrors: a flag error is one line naming the command, exit 2,
+// never the flag package's bare message followed by every flag; -h
+// exits 0 for every command, profiles included.
+func TestFlagErrors(t *testing.T) {
+	for _, cmd := range flagCommands {
+		name := strings.Join(cmd, " ")
+		code, out, stderr := runCLI(t, append(slices.Clone(cmd), "--no-such-flag")...)
+		want := "egressd " + name + ": flag provided but not defined: -no-such-flag"
+		if code != exitUsage || !strings.HasPrefix(stderr, want) || strings.Count(stderr, "\n") != 1 || out != "" {
+			t.Errorf("egressd %s --no-such-flag: exit %d, stderr %q; want exit %d and one line starting %q", name, code, stderr, exitUsage, want)
+		}
+	}
+	code, _, stderr := runCLI(t, "policy", "explain", "profile:nirovision", "--to", "a.test", "--json=maybe")
+	if code != exitUsage || !strings.HasPrefix(stderr, "egressd policy explain: invalid boolean value") {
+		t.Errorf("--json=maybe: exit %d, %q", code, stderr)
+	}
+	for _, args := range [][]string{{"profiles", "-h"}, {"profiles", "show", "-h"}, {"profiles", "--help"}} {
+		if code, out, stderr := runCLI(t, args...); code != exitOK || !strings.Contains(out, "usage: egressd profiles") {
+			t.Errorf("egressd %s: exit %d, %q %q; want the usage and exit 0", strings.Join(args, " "), code, out, stderr)
+		}
+	}
+}
