@@ -2,6 +2,7 @@ package proxy
 
 import (
 	"context"
+	"crypto/sha256"
 	"crypto/x509"
 	"errors"
 	"fmt"
@@ -87,6 +88,10 @@ type Config struct {
 	// Basic proxy authentication with one of these user → password pairs
 	// (answering 407 otherwise).
 	ProxyUsers map[string]string
+	// ProxyUserDigests does the same with the SHA-256 digest of each
+	// user's password instead of the password (egressd run
+	// --proxy-users). A name may be in one of the two maps, not both.
+	ProxyUserDigests map[string][sha256.Size]byte
 
 	// AllowSpecial lists destination prefixes that the special-range guard
 	// lets through even without a CIDR rule naming them (for sites whose
@@ -240,6 +245,14 @@ func (c Config) Validate() error {
 		}
 	}
 	for u := range c.ProxyUsers {
+		if u == "" {
+			errs = append(errs, errors.New("proxy: a proxy user has an empty name"))
+		}
+		if _, ok := c.ProxyUserDigests[u]; ok {
+			errs = append(errs, fmt.Errorf("proxy: proxy user %q has both a password and a digest", u))
+		}
+	}
+	for u := range c.ProxyUserDigests {
 		if u == "" {
 			errs = append(errs, errors.New("proxy: a proxy user has an empty name"))
 		}

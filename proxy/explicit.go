@@ -4,6 +4,7 @@ import (
 	"bufio"
 	"bytes"
 	"context"
+	"crypto/sha256"
 	"crypto/subtle"
 	"crypto/tls"
 	"encoding/base64"
@@ -155,7 +156,7 @@ func (p *Proxy) ServeExplicit(ln net.Listener) error {
 // in the report.
 func (p *Proxy) explicitHandler() http.Handler {
 	return http.HandlerFunc(func(w http.ResponseWriter, r *http.Request) {
-		if len(p.cfg.ProxyUsers) > 0 && !p.authOK(r) {
+		if (len(p.cfg.ProxyUsers) > 0 || len(p.cfg.ProxyUserDigests) > 0) && !p.authOK(r) {
 			ca := addrPortOf(tcpAddrString(r.RemoteAddr))
 			ev := audit.Event{Kind: audit.KindRequest, Source: audit.SourceProxy, Time: time.Now(),
 				Client: ca.Addr(), ClientPort: ca.Port(), DestPort: challengedPort(r), Proto: "tcp", Name: r.URL.Hostname(), NameSource: audit.NameConnect}
@@ -314,8 +315,14 @@ func (p *Proxy) authOK(r *http.Request) bool {
 	if !ok {
 		return false
 	}
-	want, ok := p.cfg.ProxyUsers[user]
-	return ok && subtle.ConstantTimeCompare([]byte(pass), []byte(want)) == 1
+	if want, ok := p.cfg.ProxyUsers[user]; ok {
+		return subtle.ConstantTimeCompare([]byte(pass), []byte(want)) == 1
+	}
+	if want, ok := p.cfg.ProxyUserDigests[user]; ok {
+		got := sha256.Sum256([]byte(pass))
+		return subtle.ConstantTimeCompare(got[:], want[:]) == 1
+	}
+	return false
 }
 
 func tcpAddrString(s string) net.Addr {

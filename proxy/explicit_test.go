@@ -3,6 +3,7 @@ package proxy
 import (
 	"bufio"
 	"context"
+	"crypto/sha256"
 	"crypto/tls"
 	"crypto/x509"
 	"errors"
@@ -156,13 +157,28 @@ func TestExplicit(t *testing.T) {
 	})
 }
 
-// TestExplicitAuth: 407 with its body, then policy as usual.
+// TestExplicitAuth: 407 with its body, then policy as usual; the users
+// given with passwords (ProxyUsers) or with their digests
+// (ProxyUserDigests, egressd run --proxy-users).
 func TestExplicitAuth(t *testing.T) {
+	for name, cfg := range map[string]Config{
+		"password": {ProxyUsers: map[string]string{"alice": "s3cret"}},
+		"digest":   {ProxyUserDigests: map[string][sha256.Size]byte{"alice": sha256.Sum256([]byte("s3cret")), "bob": sha256.Sum256([]byte("other"))}},
+	} {
+		t.Run(name, func(t *testing.T) { testExplicitAuth(t, cfg) })
+	}
+	bad := Config{ProxyUsers: map[string]string{"alice": "x"}, ProxyUserDigests: map[string][sha256.Size]byte{"alice": {}, "": {}}}
+	if err := bad.Validate(); err == nil || !strings.Contains(err.Error(), "both a password and a digest") || !strings.Contains(err.Error(), "empty name") {
+		t.Errorf("a user in both maps and an empty name: %v", err)
+	}
+}
+
+func testExplicitAuth(t *testing.T, cfg Config) {
 	eng, err := policy.Compile("auth.yaml", []byte(fmt.Sprintf(testPolicy, "enforce")))
 	if err != nil {
 		t.Fatal(err)
 	}
-	p, err := New(Config{ProxyUsers: map[string]string{"alice": "s3cret"}}, Deps{Policy: policy.NewStore(eng), Logger: slog.New(slog.NewTextHandler(io.Discard, nil))})
+	p, err := New(cfg, Deps{Policy: policy.NewStore(eng), Logger: slog.New(slog.NewTextHandler(io.Discard, nil))})
 	if err != nil {
 		t.Fatal(err)
 	}
@@ -217,7 +233,7 @@ func TestExplicitAuth(t *testing.T) {
 // every host a browser opened first was listed as a dropped flow.
 func TestExplicitAuthChallengeCounts(t *testing.T) {
 	ev := &events{}
-	addr, _, tlsPort, _ := loopbackExplicitSink(t, `version: 1
+	addr, plainPort, tlsPort, _ := loopbackExplicitSink(t, `version: 1
 mode: audit
 rules:
   - name: docs
@@ -360,6 +376,23 @@ rules:
 			time.Sleep(50 * time.Millisecond)
 		}
 	})
+	// The credentials are for egressd: an authenticated plain HTTP
+	// request reaches the origin without them.
+	t.Run("plain-http-credentials-stay", func(t *testing.T) {
+		c, br := dial(t)
+		fmt.Fprintf(c, "GET http://docs.paths.test:%d/x HTTP/1.1\r\nHost: docs.paths.test:%d\r\nProxy-Authorization: Basic YWxpY2U6czNjcmV0\r\n\r\n", plainPort, plainPort)
+		resp, err := http.ReadResponse(br, nil)
+		if err != nil {
+			t.Fatal(err)
+		}
+		b, _ := io.ReadAll(resp.Body)
+		if resp.StatusCode != http.StatusOK || !strings.Contains(string(b), "path=/x") {
+			t.Fatalf("authenticated GET: %d %q", resp.StatusCode, b)
+		}
+		if got := resp.Header.Get("X-Seen-Proxy-Authorization"); got != "" {
+			t.Errorf("the origin received Proxy-Authorization %q", got)
+		}
+	})
 	t.Run("never-authenticates", func(t *testing.T) {
 		var ports []int
 		for range 2 {
@@ -477,6 +510,7 @@ func loopbackExplicitSink(t *testing.T, policyFmt string, config func(*Config), 
 	h := http.HandlerFunc(func(w http.ResponseWriter, r *http.Request) {
 		w.Header().Set("X-Seen-Hop", r.Header.Get("X-Hop"))
 		w.Header().Set("X-Seen-End", r.Header.Get("X-End"))
+		w.Header().Set("X-Seen-Proxy-Authorization", r.Header.Get("Proxy-Authorization"))
 		echoHandler(w, r)
 	})
 	plain := &http.Server{Handler: h}

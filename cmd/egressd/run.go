@@ -2,6 +2,7 @@ package main
 
 import (
 	"context"
+	"crypto/sha256"
 	"errors"
 	"flag"
 	"fmt"
@@ -59,6 +60,7 @@ type runConfig struct {
 	wanOpen     string
 	transparent string
 	explicit    string
+	proxyUsers  string
 	dnsListen   string
 	tcpPorts    string
 	inspect     bool
@@ -82,6 +84,7 @@ func (c *runConfig) flags(fs *flag.FlagSet) {
 	fs.StringVar(&c.wanOpen, "wan-open", "", "ports of the gateway that stay reachable from the WAN side under that guard, such as 22/tcp,51820/udp")
 	fs.StringVar(&c.transparent, "proxy-listen", "[::]:15001", "transparent proxy listen address (the target of the nftables redirect)")
 	fs.StringVar(&c.explicit, "explicit-proxy-listen", "", "explicit HTTP/CONNECT proxy listen address (default: the LAN address, port 3128; \"off\" to disable)")
+	fs.StringVar(&c.proxyUsers, "proxy-users", "", "file of NAME:sha256:HEX lines: the explicit proxy then asks for one of these users (HTTP Basic, 407)")
 	fs.StringVar(&c.dnsListen, "dns-listen", ":53", "DNS forwarder listen addresses, comma-separated (UDP and TCP)")
 	fs.StringVar(&c.tcpPorts, "tcp-ports", "all", `TCP ports redirected to the proxy in enforce mode: "all" or a list such as 80,443,5228-5230 (the ports of host/path rules are always redirected)`)
 	fs.BoolVar(&c.inspect, "inspect", false, "decrypt connections to hosts with host/path rules (CA in the state directory; egressd ca export)")
@@ -113,7 +116,10 @@ type daemon struct {
 	// to enforce after a start in audit mode, which installed none.
 	lan, wan string
 	gate     *firewallGate
-	caps     capabilities
+	// proxyUsers are the explicit proxy's users (--proxy-users), read at
+	// start; nil: no authentication.
+	proxyUsers map[string][sha256.Size]byte
+	caps       capabilities
 
 	mu       sync.Mutex // guards degraded
 	degraded map[string]string
@@ -187,6 +193,14 @@ func newDaemon(cfg runConfig, stdout, stderr io.Writer) (*daemon, error) {
 	}
 	if _, err := parsePortProtos(cfg.wanOpen); err != nil {
 		return nil, fmt.Errorf("--wan-open: %w", err)
+	}
+	if cfg.proxyUsers != "" {
+		if cfg.explicit == "off" {
+			return nil, errors.New("--proxy-users: the explicit proxy is off (--explicit-proxy-listen off)")
+		}
+		if d.proxyUsers, err = loadProxyUsers(cfg.proxyUsers); err != nil {
+			return nil, err
+		}
 	}
 	d.source = cfg.policyFile
 	if d.source == "" {
@@ -375,7 +389,8 @@ func (d *daemon) run(ctx context.Context) error {
 	if explicit == "off" {
 		explicit = ""
 	}
-	pcfg := proxy.Config{TransparentAddr: cfg.transparent, ExplicitAddr: explicit, Inspect: cfg.inspect, StateDir: cfg.stateDir}
+	pcfg := proxy.Config{TransparentAddr: cfg.transparent, ExplicitAddr: explicit, Inspect: cfg.inspect, StateDir: cfg.stateDir,
+		ProxyUserDigests: d.proxyUsers}
 	proxyStopped := make(chan struct{}) // closed once the proxy's Run has returned (and its failure is recorded)
 	if d.proxy, err = proxy.New(pcfg, proxy.Deps{Policy: d.store, Sink: d.sink, Logger: d.log, Registerer: d.reg, DNS: dnsFacts, Resolver: resolver}); err != nil {
 		d.degrade("proxy", err.Error())
@@ -436,7 +451,11 @@ func (d *daemon) run(ctx context.Context) error {
 				d.say("proxy: transparent on %s, explicit not listening", addrOrOff(t))
 				break
 			}
-			d.say("proxy: transparent on %s, explicit on %s", addrOrOff(t), addrOrOff(e))
+			auth := ""
+			if e != nil && len(d.proxyUsers) > 0 {
+				auth = fmt.Sprintf(" (HTTP Basic authentication, %d users)", len(d.proxyUsers))
+			}
+			d.say("proxy: transparent on %s, explicit on %s%s", addrOrOff(t), addrOrOff(e), auth)
 		case <-proxyStopped:
 			d.say("proxy: not listening")
 		case <-time.After(5 * time.Second):

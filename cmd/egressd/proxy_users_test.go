@@ -1,0 +1,149 @@
+package main
+
+import (
+	"bufio"
+	"crypto/sha256"
+	"encoding/hex"
+	"io"
+	"net"
+	"net/http"
+	"os"
+	"os/exec"
+	"path/filepath"
+	"regexp"
+	"strings"
+	"testing"
+	"time"
+)
+
+// buildEgressd builds the real binary once per test.
+func buildEgressd(t *testing.T) string {
+	t.Helper()
+	bin := filepath.Join(t.TempDir(), "egressd")
+	if out, err := exec.Command("go", "build", "-o", bin, ".").CombinedOutput(); err != nil {
+		t.Fatalf("build: %v: %s", err, out)
+	}
+	return bin
+}
+
+func digestLine(user, pass string) string {
+	d := sha256.Sum256([]byte(pass))
+	return user + ":sha256:" + hex.EncodeToString(d[:]) + "\n"
+}
+
+// TestRunProxyUsers runs the real binary with --proxy-users on loopback:
+// the explicit proxy answers 407 to a CONNECT without credentials or with
+// a wrong password, and decides by policy once the user is known (403 for
+// a name the seed does not allow, with the policy named). Before, the
+// proxy's authentication had no flag: `egressd run` always served an open
+// explicit proxy.
+func TestRunProxyUsers(t *testing.T) {
+	bin := buildEgressd(t)
+	dir := t.TempDir()
+	users := filepath.Join(dir, "users")
+	if err := os.WriteFile(users, []byte("# explicit proxy users\n"+digestLine("alice", "s3cret")+"\n"+digestLine("bob", "other")), 0o600); err != nil {
+		t.Fatal(err)
+	}
+	var out, errb lockedBuffer
+	cmd := exec.Command(bin, "run", "--mode", "enforce", "--lan", "lo", "--wan", "lo", "--no-firewall",
+		"--dns-listen", "127.0.0.1:0", "--proxy-listen", "127.0.0.1:0", "--explicit-proxy-listen", "127.0.0.1:0",
+		"--proxy-users", users, "--admin", "127.0.0.1:0", "--upstream-dns", "127.0.0.1:9", "--state-dir", filepath.Join(dir, "state"))
+	cmd.Stdout, cmd.Stderr = &out, &errb
+	if err := cmd.Start(); err != nil {
+		t.Fatal(err)
+	}
+	done := make(chan error, 1)
+	go func() { done <- cmd.Wait() }()
+	defer func() {
+		cmd.Process.Signal(os.Interrupt)
+		select {
+		case <-done:
+		case <-time.After(20 * time.Second):
+			cmd.Process.Kill()
+			<-done
+			t.Errorf("egressd run did not stop within 20s of SIGINT")
+		}
+	}()
+	re := regexp.MustCompile(`(?m)^proxy: transparent on \S+, explicit on (127\.0\.0\.1:\d+) \(HTTP Basic authentication, 2 users\)$`)
+	var addr string
+	for deadline := time.Now().Add(15 * time.Second); ; time.Sleep(20 * time.Millisecond) {
+		if m := re.FindStringSubmatch(out.String()); m != nil {
+			addr = m[1]
+			break
+		}
+		if time.Now().After(deadline) {
+			t.Fatalf("no explicit proxy with authentication in 15s\nstdout:\n%s\nstderr:\n%s", out.String(), errb.String())
+		}
+	}
+	ask := func(auth string) (int, string, http.Header) {
+		t.Helper()
+		c, err := net.Dial("tcp", addr)
+		if err != nil {
+			t.Fatal(err)
+		}
+		defer c.Close()
+		c.SetDeadline(time.Now().Add(10 * time.Second))
+		req := "CONNECT tracker.example:443 HTTP/1.1\r\nHost: tracker.example:443\r\n"
+		if auth != "" {
+			req += "Proxy-Authorization: Basic " + auth + "\r\n"
+		}
+		io.WriteString(c, req+"\r\n")
+		resp, err := http.ReadResponse(bufio.NewReader(c), &http.Request{Method: http.MethodConnect})
+		if err != nil {
+			t.Fatalf("CONNECT: %v", err)
+		}
+		b, _ := io.ReadAll(resp.Body)
+		return resp.StatusCode, string(b), resp.Header
+	}
+	if code, body, h := ask(""); code != http.StatusProxyAuthRequired || h.Get("Proxy-Authenticate") != `Basic realm="egressd"` || !strings.Contains(body, "proxy authentication required") {
+		t.Errorf("no credentials: %d %q %v; want 407 with a Basic challenge", code, body, h)
+	}
+	if code, _, _ := ask("YWxpY2U6d3Jvbmc="); code != http.StatusProxyAuthRequired { // alice:wrong
+		t.Errorf("wrong password: %d, want 407", code)
+	}
+	// alice:s3cret; tracker.example is in no rule of the seed profile.
+	if code, body, _ := ask("YWxpY2U6czNjcmV0"); code != http.StatusForbidden || !strings.Contains(body, "tracker.example") {
+		t.Errorf("alice, a denied name: %d %q; want 403 naming it", code, body)
+	}
+}
+
+// TestRunProxyUsersRefused: a --proxy-users file egressd cannot use stops
+// the start with an error naming the flag (and the line), never an open
+// proxy.
+func TestRunProxyUsersRefused(t *testing.T) {
+	dir := t.TempDir()
+	write := func(name, body string, mode os.FileMode) string {
+		p := filepath.Join(dir, name)
+		if err := os.WriteFile(p, []byte(body), mode); err != nil {
+			t.Fatal(err)
+		}
+		os.Chmod(p, mode)
+		return p
+	}
+	good := digestLine("alice", "s3cret")
+	for _, c := range []struct {
+		name, file string
+		extra      []string
+		want       string
+	}{
+		{"readable by others", write("open", good, 0o644), nil, "chmod 600"},
+		{"plain password", write("plain", "alice:s3cret\n", 0o600), nil, "plain:1: user \"alice\": expected sha256:HEX"},
+		{"short digest", write("short", "# c\nalice:sha256:abcd\n", 0o600), nil, "short:2: user \"alice\": the digest is not 64 hex digits"},
+		{"twice", write("twice", good+good, 0o600), nil, "twice:2: user \"alice\" given twice"},
+		{"no users", write("empty", "# nobody\n", 0o600), nil, "names no user"},
+		{"missing", filepath.Join(dir, "none"), nil, "no such file"},
+		{"explicit off", write("ok", good, 0o600), []string{"--explicit-proxy-listen", "off"}, "the explicit proxy is off"},
+	} {
+		t.Run(c.name, func(t *testing.T) {
+			var out, errb lockedBuffer
+			args := append([]string{"--mode", "audit", "--lan", "lo", "--wan", "lo", "--no-firewall", "--proxy-users", c.file,
+				"--dns-listen", "127.0.0.1:0", "--proxy-listen", "127.0.0.1:0", "--admin", "127.0.0.1:0",
+				"--upstream-dns", "127.0.0.1:9", "--state-dir", filepath.Join(dir, "state")}, c.extra...)
+			code := cmdRun(t.Context(), args, &out, &errb)
+			want := "egressd: --proxy-users: "
+			if code != exitFail || !strings.Contains(errb.String(), want) || !strings.Contains(errb.String(), c.want) || strings.Contains(out.String(), "proxy:") {
+				t.Errorf("exit %d, want %d at start with %q and %q\nstdout:\n%s\nstderr:\n%s", code, exitFail, want, c.want, out.String(), errb.String())
+			}
+		})
+	}
+}
