@@ -145,6 +145,9 @@ func cmdRun(ctx context.Context, args []string, stdout, stderr io.Writer) int {
 	d, err := newDaemon(cfg, stdout, stderr)
 	if err != nil {
 		fmt.Fprintln(stderr, "egressd:", err)
+		if errors.As(err, new(flagValueError)) {
+			return exitUsage
+		}
 		return exitFail
 	}
 	if err := d.run(ctx); err != nil {
@@ -172,27 +175,89 @@ func newLogger(cfg runConfig, w io.Writer) (*slog.Logger, *slog.LevelVar, error)
 	return nil, nil, fmt.Errorf("--log-format %q: expected json or text", cfg.logFormat)
 }
 
+// flagValueError is a flag of `egressd run` whose value is malformed: a
+// usage error (exit 2), found before anything starts.
+type flagValueError struct{ error }
+
+func (e flagValueError) Unwrap() error { return e.error }
+
+// checkFlagValues returns every malformed flag value of cfg at once. A
+// value the daemon would only read later (the firewall's ports, on a
+// reload to enforce) or that would leave a part not running (a mistyped
+// --dns-deny stopped DNS, so enforce mode's redirect left the LAN without
+// it) must stop the start instead.
+func checkFlagValues(cfg runConfig) error {
+	var errs []error
+	bad := func(flag string, err error) {
+		if err != nil {
+			errs = append(errs, fmt.Errorf("--%s: %w", flag, err))
+		}
+	}
+	if _, _, err := newLogger(cfg, io.Discard); err != nil {
+		errs = append(errs, err)
+	}
+	if cfg.mode != "" {
+		if _, ok := policy.ParseMode(cfg.mode); !ok {
+			errs = append(errs, fmt.Errorf("--mode %q: expected audit or enforce", cfg.mode))
+		}
+	}
+	// The firewall reads --tcp-ports and --wan-open only when it installs, which in
+	// audit mode may first happen on a reload to enforce: a bad value
+	// must stop the start, not that switch.
+	_, err := parseTCPPorts(cfg.tcpPorts)
+	bad("tcp-ports", err)
+	_, err = parsePortProtos(cfg.wanOpen)
+	bad("wan-open", err)
+	bad("dns-listen", dnsfilter.Config{Listen: splitList(cfg.dnsListen)}.Validate())
+	bad("upstream-dns", dnsfilter.Config{Upstreams: splitList(cfg.upstreams)}.Validate())
+	bad("dns-deny", dnsfilter.Config{Deny: denyAnswer(cfg.denyAnswer)}.Validate())
+	bad("proxy-listen", checkListenAddr(cfg.transparent))
+	if cfg.explicit != "" && cfg.explicit != "off" {
+		bad("explicit-proxy-listen", checkListenAddr(cfg.explicit))
+	}
+	bad("admin", checkListenAddr(cfg.admin))
+	if len(errs) > 0 {
+		return flagValueError{errors.Join(errs...)}
+	}
+	return nil
+}
+
+// denyAnswer maps --dns-deny, in any case, to dnsfilter's names: REFUSED
+// and NXDOMAIN are upper case there, null lower case.
+func denyAnswer(s string) dnsfilter.DenyAnswer {
+	for _, a := range []dnsfilter.DenyAnswer{dnsfilter.DenyRefused, dnsfilter.DenyNXDomain, dnsfilter.DenyNull} {
+		if strings.EqualFold(s, string(a)) {
+			return a
+		}
+	}
+	return dnsfilter.DenyAnswer(s)
+}
+
+// checkListenAddr checks that a is HOST:PORT (HOST may be empty).
+func checkListenAddr(a string) error {
+	_, port, err := net.SplitHostPort(a)
+	if err == nil {
+		if _, perr := strconv.ParseUint(port, 10, 16); perr != nil {
+			err = fmt.Errorf("port %q is not a number from 0 to 65535", port)
+		}
+	}
+	if err != nil {
+		return fmt.Errorf("%q: expected HOST:PORT (%v)", a, err)
+	}
+	return nil
+}
+
 func newDaemon(cfg runConfig, stdout, stderr io.Writer) (*daemon, error) {
+	if err := checkFlagValues(cfg); err != nil {
+		return nil, err
+	}
 	log, _, err := newLogger(cfg, stderr)
 	if err != nil {
 		return nil, err
 	}
 	d := &daemon{cfg: cfg, log: log, out: stdout, degraded: map[string]string{}}
 	if cfg.mode != "" {
-		m, ok := policy.ParseMode(cfg.mode)
-		if !ok {
-			return nil, fmt.Errorf("--mode %q: expected audit or enforce", cfg.mode)
-		}
-		d.mode = m
-	}
-	// The firewall reads --tcp-ports and --wan-open only when it installs, which in
-	// audit mode may first happen on a reload to enforce: a bad value
-	// must stop the start, not that switch.
-	if _, err := parseTCPPorts(cfg.tcpPorts); err != nil {
-		return nil, fmt.Errorf("--tcp-ports: %w", err)
-	}
-	if _, err := parsePortProtos(cfg.wanOpen); err != nil {
-		return nil, fmt.Errorf("--wan-open: %w", err)
+		d.mode, _ = policy.ParseMode(cfg.mode)
 	}
 	if cfg.proxyUsers != "" {
 		if cfg.explicit == "off" {
@@ -356,7 +421,7 @@ func (d *daemon) run(ctx context.Context) error {
 	d.ledger.RegisterMetrics(d.reg)
 
 	// DNS first: the proxy and capture read its learned-address table.
-	dnsCfg := dnsfilter.Config{Listen: splitList(cfg.dnsListen), Upstreams: splitList(cfg.upstreams), Deny: dnsfilter.DenyAnswer(strings.ToUpper(cfg.denyAnswer))}
+	dnsCfg := dnsfilter.Config{Listen: splitList(cfg.dnsListen), Upstreams: splitList(cfg.upstreams), Deny: denyAnswer(cfg.denyAnswer)}
 	table := dnsfilter.NewTable(0)
 	gate := &firewallGate{} // the firewall, once installed, takes allowed answers' addresses before the client gets them
 	d.gate = gate

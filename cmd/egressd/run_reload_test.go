@@ -65,8 +65,8 @@ func TestRunRejectsBadTCPPorts(t *testing.T) {
 	code := cmdRun(ctx, []string{"--profile", "nirovision", "--mode", "audit", "--lan", "lo", "--wan", "lo", "--no-firewall",
 		"--tcp-ports", "80,https", "--dns-listen", "127.0.0.1:0", "--proxy-listen", "127.0.0.1:0", "--explicit-proxy-listen", "off",
 		"--admin", "127.0.0.1:0", "--upstream-dns", "127.0.0.1:9", "--state-dir", filepath.Join(dir, "state")}, &out, &errb)
-	if ctx.Err() != nil || code != exitFail || !strings.Contains(errb.String(), `--tcp-ports: "https" is not a port`) {
-		t.Errorf("exit %d (context: %v), want %d at once naming --tcp-ports\nstdout:\n%s\nstderr:\n%s", code, ctx.Err(), exitFail, out.String(), errb.String())
+	if ctx.Err() != nil || code != exitUsage || !strings.Contains(errb.String(), `--tcp-ports: "https" is not a port`) {
+		t.Errorf("exit %d (context: %v), want %d at once naming --tcp-ports\nstdout:\n%s\nstderr:\n%s", code, ctx.Err(), exitUsage, out.String(), errb.String())
 	}
 }
 
@@ -115,5 +115,64 @@ func TestRunWANOpen(t *testing.T) {
 		if !strings.Contains(out, want) {
 			t.Errorf("the input chain lacks %q:\n%s\nstderr:\n%s", want, out, p.Stderr)
 		}
+	}
+}
+
+// TestRunFlagValues: a malformed flag value stops `egressd run` at start,
+// as a usage error (exit 2) naming the flag, before anything listens.
+// Before, a mistyped --dns-deny, --upstream-dns or listen address left
+// that part not running and the rest up (in enforce mode the LAN's DNS,
+// redirected to a forwarder that was not there, was gone), and --mode
+// and --log-level exited 1 where every other command exits 2. The
+// documented --dns-deny NULL was itself refused: dnsfilter spells it null.
+func TestRunFlagValues(t *testing.T) {
+	base := []string{"--profile", "nirovision", "--mode", "audit", "--lan", "lo", "--wan", "lo", "--no-firewall",
+		"--dns-listen", "127.0.0.1:0", "--proxy-listen", "127.0.0.1:0", "--explicit-proxy-listen", "off",
+		"--admin", "127.0.0.1:0", "--upstream-dns", "127.0.0.1:9"}
+	for _, c := range []struct{ flag, value, want string }{
+		{"--dns-deny", "WHAT", `--dns-deny: dnsfilter: deny answer "WHAT"`},
+		{"--upstream-dns", "bogus", `--upstream-dns: dnsfilter: upstream "bogus"`},
+		{"--dns-listen", "bogus", `--dns-listen: dnsfilter: listen address "bogus"`},
+		{"--proxy-listen", "bogus", `--proxy-listen: "bogus": expected HOST:PORT`},
+		{"--explicit-proxy-listen", "127.0.0.1:99999", `--explicit-proxy-listen: "127.0.0.1:99999": expected HOST:PORT`},
+		{"--admin", "localhost", `--admin: "localhost": expected HOST:PORT`},
+		{"--mode", "loud", `--mode "loud": expected audit or enforce`},
+		{"--log-level", "loud", `--log-level "loud": expected debug`},
+		{"--log-format", "xml", `--log-format "xml": expected json or text`},
+	} {
+		t.Run(c.flag, func(t *testing.T) {
+			ctx, cancel := context.WithTimeout(context.Background(), 5*time.Second)
+			defer cancel()
+			var out, errb lockedBuffer
+			code := cmdRun(ctx, append(append([]string{}, base...), c.flag, c.value, "--state-dir", filepath.Join(t.TempDir(), "state")), &out, &errb)
+			if ctx.Err() != nil || code != exitUsage || !strings.Contains(errb.String(), "egressd: "+c.want) || strings.Contains(out.String(), "listening") {
+				t.Errorf("%s %s: exit %d (context: %v), want %d at once with %q\nstdout:\n%s\nstderr:\n%s", c.flag, c.value, code, ctx.Err(), exitUsage, c.want, out.String(), errb.String())
+			}
+		})
+	}
+	// Every documented --dns-deny value, in any case, starts DNS.
+	for _, v := range []string{"REFUSED", "nxdomain", "NULL", "null"} {
+		t.Run("dns-deny-"+v, func(t *testing.T) {
+			ctx, cancel := context.WithCancel(context.Background())
+			var out, errb lockedBuffer
+			done := make(chan int, 1)
+			go func() {
+				done <- cmdRun(ctx, append(append([]string{}, base...), "--dns-deny", v, "--state-dir", filepath.Join(t.TempDir(), "state")), &out, &errb)
+			}()
+			for deadline := time.Now().Add(10 * time.Second); !strings.Contains(out.String(), "admin: http://"); time.Sleep(20 * time.Millisecond) {
+				if time.Now().After(deadline) {
+					break
+				}
+			}
+			cancel()
+			select {
+			case <-done:
+			case <-time.After(20 * time.Second):
+				t.Fatalf("egressd run did not stop within 20s")
+			}
+			if !strings.Contains(out.String(), "dns: listening on 127.0.0.1:") || strings.Contains(out.String(), "NOT RUNNING: dns") {
+				t.Errorf("--dns-deny %s: DNS not running\nstdout:\n%s\nstderr:\n%s", v, out.String(), errb.String())
+			}
+		})
 	}
 }
