@@ -125,6 +125,10 @@ func TestFlagErrors(t *testing.T) {
 	if code != exitUsage || !strings.HasPrefix(stderr, "egressd policy explain: invalid boolean value") {
 		t.Errorf("--json=maybe: exit %d, %q", code, stderr)
 	}
+	code, _, stderr = runCLI(t, "report", "--since", "yesterday")
+	if want := "egressd report: --since: \"yesterday\": expected a duration such as 24h or 7d, or an RFC 3339 time\n"; code != exitUsage || stderr != want {
+		t.Errorf("--since yesterday: exit %d, %q; want %d, %q", code, stderr, exitUsage, want)
+	}
 	for _, args := range [][]string{{"profiles", "-h"}, {"profiles", "show", "-h"}, {"profiles", "--help"}} {
 		if code, out, stderr := runCLI(t, args...); code != exitOK || !strings.Contains(out, "usage: egressd profiles") {
 			t.Errorf("egressd %s: exit %d, %q %q; want the usage and exit 0", strings.Join(args, " "), code, out, stderr)

@@ -11,6 +11,7 @@ import (
 	"net/url"
 	"os"
 	"path/filepath"
+	"strings"
 	"time"
 
 	"egressd/admin"
@@ -55,7 +56,9 @@ func cmdReport(ctx context.Context, args []string, stdout, stderr io.Writer) int
 	}
 	sinceT, err := admin.ParseSince(*since, time.Now())
 	if err != nil {
-		fmt.Fprintln(stderr, "egressd report: --since:", err)
+		// The admin package's message, without its prefix: the flag
+		// is what the user wrote.
+		fmt.Fprintln(stderr, "egressd report: --since:", strings.TrimPrefix(err.Error(), "admin: since "))
 		return exitUsage
 	}
 	set := map[string]bool{}
