@@ -2,6 +2,7 @@ package main
 
 import (
 	"os"
+	"path/filepath"
 	"regexp"
 	"slices"
 	"sort"
@@ -128,6 +129,18 @@ func TestFlagErrors(t *testing.T) {
 	code, _, stderr = runCLI(t, "report", "--since", "yesterday")
 	if want := "egressd report: --since: \"yesterday\": expected a duration such as 24h or 7d, or an RFC 3339 time\n"; code != exitUsage || stderr != want {
 		t.Errorf("--since yesterday: exit %d, %q; want %d, %q", code, stderr, exitUsage, want)
+	}
+	// A policy that cannot be read: one prefixed line, exit 1, whichever
+	// command reads it.
+	missing := filepath.Join(t.TempDir(), "none.yaml")
+	for _, args := range [][]string{
+		{"policy", "check", missing}, {"policy", "explain", missing, "--to", "a.test"}, {"firewall", "print", "--policy", missing},
+		{"audit", "--policy", missing, "x.pcap"}, {"run", "--policy", missing},
+	} {
+		code, _, stderr := runCLI(t, args...)
+		if want := "egressd: policy: open " + missing + ": no such file or directory\n"; code != exitFail || stderr != want {
+			t.Errorf("egressd %s: exit %d, %q; want %d, %q", strings.Join(args, " "), code, stderr, exitFail, want)
+		}
 	}
 	for _, args := range [][]string{{"profiles", "-h"}, {"profiles", "show", "-h"}, {"profiles", "--help"}} {
 		if code, out, stderr := runCLI(t, args...); code != exitOK || !strings.Contains(out, "usage: egressd profiles") {

@@ -85,7 +85,7 @@ func cmdFirewallPrint(args []string, stdout, stderr io.Writer) int {
 	}
 	eng, err := loadEngine(src, stderr)
 	if err != nil {
-		fmt.Fprintln(stderr, err)
+		printLoadErr(stderr, err)
 		return exitFail
 	}
 	if *mode != "" {
@@ -98,7 +98,7 @@ func cmdFirewallPrint(args []string, stdout, stderr io.Writer) int {
 	}
 	rs, err := firewall.Render(cfg, eng)
 	if err != nil {
-		fmt.Fprintln(stderr, err)
+		fmt.Fprintln(stderr, "egressd:", err)
 		return exitFail
 	}
 	fmt.Fprintf(stdout, "# egressd firewall, mode %s, policy %s\n", rs.Mode, src)

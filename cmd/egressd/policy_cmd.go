@@ -92,6 +92,18 @@ func cmdPolicyCheck(args []string, stdout, stderr io.Writer) int {
 	return exitOK
 }
 
+// printLoadErr prints why a policy did not load: its problems as they are
+// (each starts with file:line:col), anything else (a file that cannot be
+// read, an unknown profile) after the command's prefix.
+func printLoadErr(stderr io.Writer, err error) {
+	var pe *policy.Error
+	if errors.As(err, &pe) {
+		fmt.Fprintln(stderr, pe.Error())
+		return
+	}
+	fmt.Fprintln(stderr, "egressd:", err)
+}
+
 // explanation is the JSON of `policy explain --json`.
 type explanation struct {
 	Verdict  policy.Verdict `json:"verdict"`
@@ -132,7 +144,7 @@ func cmdPolicyExplain(args []string, stdout, stderr io.Writer) int {
 	}
 	eng, err := loadEngine(pos[0], io.Discard)
 	if err != nil {
-		fmt.Fprintln(stderr, err)
+		printLoadErr(stderr, err)
 		return exitFail
 	}
 	d := eng.Decide(in)
