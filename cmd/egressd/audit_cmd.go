@@ -16,7 +16,7 @@ import (
 )
 
 func init() {
-	commands["audit"] = command{"audit --policy FILE (CAPTURE.pcap | --replay STATE_DIR_OR_EVENTS) [--json | --html OUT] [--mode audit|enforce]",
+	commands["audit"] = command{"audit --policy FILE (CAPTURE.pcap | --replay STATE_DIR_OR_EVENTS) [--json | --html OUT] [--mode audit|enforce] [--no-progress]",
 		"classify every flow of a pcap/pcapng capture, or replay recorded events, under a policy and print the report (no root needed)", cmdAudit}
 }
 

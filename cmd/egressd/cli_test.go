@@ -110,6 +110,36 @@ func TestUsageMatchesREADME(t *testing.T) {
 	}
 }
 
+// TestUsageLines: `egressd -h` gives each command a usage line; every flag
+// it names exists, and it names every flag unless it ends the list with
+// "...". Before, it left out policy explain's --mac and audit's
+// --no-progress.
+func TestUsageLines(t *testing.T) {
+	flagRE := regexp.MustCompile(`(?:^|[\s\[|])--?([a-z][a-z0-9-]*)`)
+	have := map[string][]string{}
+	for _, cmd := range flagCommands {
+		have[cmd[0]] = append(have[cmd[0]], helpFlags(t, cmd)...)
+	}
+	for top, flags := range have {
+		u := commands[top].usage
+		var named []string
+		for _, m := range flagRE.FindAllStringSubmatch(u, -1) {
+			named = append(named, m[1])
+			if !slices.Contains(flags, m[1]) {
+				t.Errorf("egressd -h: %q names --%s, which egressd %s has not", u, m[1], top)
+			}
+		}
+		if strings.Contains(u, "...") {
+			continue
+		}
+		for _, f := range flags {
+			if !slices.Contains(named, f) {
+				t.Errorf("egressd -h: %q does not name --%s", u, f)
+			}
+		}
+	}
+}
+
 // TestFlagErrors: a flag error is one line naming the command, exit 2,
 // never the flag package's bare message followed by every flag; -h
 // exits 0 for every command, profiles included.

@@ -13,7 +13,7 @@ import (
 )
 
 func init() {
-	commands["policy"] = command{"policy check FILE | policy explain FILE --to DEST [--port N/proto] [--from IP] [--json]",
+	commands["policy"] = command{"policy check [-q] FILE | policy explain FILE --to DEST [--port N/proto] [--from IP] [--mac MAC] [--json]",
 		"validate a policy, or explain its verdict for a destination", cmdPolicy}
 }
 
