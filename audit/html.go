@@ -48,7 +48,8 @@ func (r *Report) WriteHTML(w io.Writer) error {
 		Bars        []bar
 		ChartHeight int
 		Audit       bool
-	}{r, bars, len(r.Rules)*26 + 4, r.Mode == policy.ModeAudit}
+		Requests    bool // a Requests column: some were counted
+	}{r, bars, len(r.Rules)*26 + 4, r.Mode == policy.ModeAudit, r.Totals.Requests > 0}
 	if err := htmlTmpl.Execute(w, data); err != nil {
 		return fmt.Errorf("audit: write html report: %w", err)
 	}
@@ -104,9 +105,9 @@ code{font-family:ui-monospace,Menlo,Consolas,monospace}
 {{end}}</svg>
 <p class="meta"><svg width="10" height="10"><rect class="flows" width="10" height="10"></rect></svg> flows <svg width="10" height="10"><rect class="queries" width="10" height="10"></rect></svg> DNS queries</p>
 <table id="rules">
-<thead><tr><th>Rule</th><th>Flows</th><th>Queries</th><th>Out</th><th>In</th><th>Clients</th><th>Top destinations</th><th>First seen</th><th>Last seen</th></tr></thead>
+<thead><tr><th>Rule</th><th>Flows</th><th>Queries</th>{{if $.Requests}}<th>Requests</th>{{end}}<th>Out</th><th>In</th><th>Clients</th><th>Top destinations</th><th>First seen</th><th>Last seen</th></tr></thead>
 <tbody>
-{{range .Rules}}<tr data-rule="{{.Name}}"><td>{{.Name}}{{if not .InPolicy}} <em>(not in policy)</em>{{end}}</td><td class="n flows">{{.Flows}}</td><td class="n">{{.Queries}}</td><td class="n">{{bytes .BytesOut}}</td><td class="n">{{bytes .BytesIn}}</td><td class="n">{{count .ClientCount .ClientsTruncated}}</td><td>{{range $i, $d := .TopDestinations}}{{if $i}}, {{end}}{{$d.Dest}} ({{$d.Count}}){{end}}</td><td>{{time .FirstSeen}}</td><td>{{time .LastSeen}}</td></tr>
+{{range .Rules}}<tr data-rule="{{.Name}}"><td>{{.Name}}{{if not .InPolicy}} <em>(not in policy)</em>{{end}}</td><td class="n flows">{{.Flows}}</td><td class="n">{{.Queries}}</td>{{if $.Requests}}<td class="n requests">{{.Requests}}</td>{{end}}<td class="n">{{bytes .BytesOut}}</td><td class="n">{{bytes .BytesIn}}</td><td class="n">{{count .ClientCount .ClientsTruncated}}</td><td>{{range $i, $d := .TopDestinations}}{{if $i}}, {{end}}{{$d.Dest}} ({{$d.Count}}){{end}}</td><td>{{time .FirstSeen}}</td><td>{{time .LastSeen}}</td></tr>
 {{end}}</tbody>
 </table>
 {{else}}<p id="no-rules">No rule has been used yet.</p>{{end}}
@@ -121,9 +122,9 @@ code{font-family:ui-monospace,Menlo,Consolas,monospace}
 <h2>{{if .Audit}}Would be dropped (audit mode: not blocked){{else}}Dropped{{end}} ({{len .Dropped}})</h2>
 {{if .Dropped}}
 <table id="dropped">
-<thead><tr><th>Destination</th><th>IP</th><th>Port</th><th>Flows</th><th>Queries</th><th>Clients</th><th>Enforced</th><th>Reason</th><th>First seen</th><th>Last seen</th></tr></thead>
+<thead><tr><th>Destination</th><th>IP</th><th>Port</th><th>Flows</th><th>Queries</th>{{if $.Requests}}<th>Requests</th>{{end}}<th>Clients</th><th>Enforced</th><th>Reason</th><th>First seen</th><th>Last seen</th></tr></thead>
 <tbody>
-{{range .Dropped}}<tr><td>{{.Dest}}</td><td>{{.IP}}</td><td>{{.Port}}/{{.Proto}}</td><td class="n flows">{{.Flows}}</td><td class="n">{{.Queries}}</td><td title="{{range $i, $c := .Clients}}{{if $i}} {{end}}{{$c}}{{end}}">{{count .ClientCount .ClientsTruncated}}</td><td{{if .Enforced}} class="enforced"{{end}}>{{if .Enforced}}yes{{else}}no{{end}}</td><td>{{.Reason}}{{if .Rule}} ({{.Rule}}){{end}}</td><td>{{time .FirstSeen}}</td><td>{{time .LastSeen}}</td></tr>
+{{range .Dropped}}<tr><td>{{.Dest}}</td><td>{{.IP}}</td><td>{{.Port}}/{{.Proto}}</td><td class="n flows">{{.Flows}}</td><td class="n">{{.Queries}}</td>{{if $.Requests}}<td class="n requests">{{.Requests}}</td>{{end}}<td title="{{range $i, $c := .Clients}}{{if $i}} {{end}}{{$c}}{{end}}">{{count .ClientCount .ClientsTruncated}}</td><td{{if .Enforced}} class="enforced"{{end}}>{{if .Enforced}}yes{{else}}no{{end}}</td><td>{{.Reason}}{{if .Rule}} ({{.Rule}}){{end}}</td><td>{{time .FirstSeen}}</td><td>{{time .LastSeen}}</td></tr>
 {{end}}</tbody>
 </table>
 {{else}}<p>Nothing {{if .Audit}}would be{{else}}was{{end}} dropped.</p>{{end}}

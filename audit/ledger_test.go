@@ -8,7 +8,9 @@ import (
 	"net/netip"
 	"os"
 	"path/filepath"
+	"regexp"
 	"strconv"
+	"strings"
 	"testing"
 	"time"
 
@@ -264,6 +266,38 @@ func TestLedgerRequests(t *testing.T) {
 	}
 	if d := rep.Dropped[0]; d.Dest != "evil.test" || d.Port != 80 || d.Proto != "tcp" || d.Flows != 0 || d.Requests != 2 || !d.Enforced || d.IP != "203.0.113.5" {
 		t.Errorf("dropped %+v", d)
+	}
+
+	// The text and HTML reports show the requests too: rule other and
+	// evil.test have no flow, and without a REQUESTS column they read as
+	// used or dropped with nothing counted.
+	var txt, page bytes.Buffer
+	if err := rep.WriteText(&txt); err != nil {
+		t.Fatal(err)
+	}
+	for _, re := range []string{
+		`(?m)^  RULE +FLOWS +QUERIES +REQUESTS +OUT `,
+		`(?m)^  other +0 +0 +1 +0 B `,
+		`(?m)^  web +1 +0 +0 +120 B `,
+		`(?m)^  DEST +IP +PORT +FLOWS +QUERIES +REQUESTS +CLIENTS `,
+		`(?m)^  evil\.test +203\.0\.113\.5 +80/tcp +0 +0 +2 +1 +yes `,
+	} {
+		if !regexp.MustCompile(re).Match(txt.Bytes()) {
+			t.Errorf("text report does not match %s:\n%s", re, txt.String())
+		}
+	}
+	if err := rep.WriteHTML(&page); err != nil {
+		t.Fatal(err)
+	}
+	for _, want := range []string{
+		`<th>Queries</th><th>Requests</th><th>Out</th>`,
+		`<tr data-rule="other"><td>other</td><td class="n flows">0</td><td class="n">0</td><td class="n requests">1</td>`,
+		`<th>Queries</th><th>Requests</th><th>Clients</th>`,
+		`<td>evil.test</td><td>203.0.113.5</td><td>80/tcp</td><td class="n flows">0</td><td class="n">0</td><td class="n requests">2</td>`,
+	} {
+		if !strings.Contains(page.String(), want) {
+			t.Errorf("HTML report does not contain %s", want)
+		}
 	}
 }
 

@@ -307,18 +307,25 @@ func (r *Report) WriteText(w io.Writer) error {
 		fmt.Fprintf(ew, "note: %s\n", n)
 	}
 
+	// The REQUESTS column (later requests of plain-HTTP and inspected
+	// connections, refused 407 challenges) is there when any were
+	// counted: a rule or dropped entry may have requests and no flow.
+	reqHead, reqCell := "", func(uint64) string { return "" }
+	if r.Totals.Requests > 0 {
+		reqHead, reqCell = "REQUESTS\t", func(n uint64) string { return fmt.Sprintf("%d\t", n) }
+	}
 	fmt.Fprintf(ew, "\nRULES BY USE (%d)\n", len(r.Rules))
 	if len(r.Rules) == 0 {
 		fmt.Fprintln(ew, "  (none used)")
 	} else {
 		tw := tabwriter.NewWriter(ew, 0, 0, 2, ' ', 0)
-		fmt.Fprintln(tw, "  RULE\tFLOWS\tQUERIES\tOUT\tIN\tCLIENTS\tFIRST SEEN\tLAST SEEN\tTOP DESTINATIONS")
+		fmt.Fprintf(tw, "  RULE\tFLOWS\tQUERIES\t%sOUT\tIN\tCLIENTS\tFIRST SEEN\tLAST SEEN\tTOP DESTINATIONS\n", reqHead)
 		for _, u := range r.Rules {
 			name := u.Name
 			if !u.InPolicy {
 				name += " (not in policy)"
 			}
-			fmt.Fprintf(tw, "  %s\t%d\t%d\t%s\t%s\t%s\t%s\t%s\t%s\n", name, u.Flows, u.Queries,
+			fmt.Fprintf(tw, "  %s\t%d\t%d\t%s%s\t%s\t%s\t%s\t%s\t%s\n", name, u.Flows, u.Queries, reqCell(u.Requests),
 				fmtBytes(u.BytesOut), fmtBytes(u.BytesIn), fmtCount(u.ClientCount, u.ClientsTruncated),
 				fmtTime(u.FirstSeen), fmtTime(u.LastSeen), shortList(textNames(u.Destinations), 3))
 		}
@@ -345,7 +352,7 @@ func (r *Report) WriteText(w io.Writer) error {
 		fmt.Fprintln(ew, "  (nothing)")
 	} else {
 		tw := tabwriter.NewWriter(ew, 0, 0, 2, ' ', 0)
-		fmt.Fprintln(tw, "  DEST\tIP\tPORT\tFLOWS\tQUERIES\tCLIENTS\tENFORCED\tREASON\tFIRST SEEN\tLAST SEEN")
+		fmt.Fprintf(tw, "  DEST\tIP\tPORT\tFLOWS\tQUERIES\t%sCLIENTS\tENFORCED\tREASON\tFIRST SEEN\tLAST SEEN\n", reqHead)
 		for _, d := range r.Dropped {
 			ip := d.IP
 			if ip == "" || ip == d.Dest {
@@ -364,8 +371,8 @@ func (r *Report) WriteText(w io.Writer) error {
 			if d.Rule != "" {
 				reason += " (" + d.Rule + ")"
 			}
-			fmt.Fprintf(tw, "  %s\t%s\t%d/%s\t%d\t%d\t%s\t%s\t%s\t%s\t%s\n", textName(d.Dest), ip, d.Port, d.Proto,
-				d.Flows, d.Queries, fmtCount(d.ClientCount, d.ClientsTruncated), enf, reason,
+			fmt.Fprintf(tw, "  %s\t%s\t%d/%s\t%d\t%d\t%s%s\t%s\t%s\t%s\t%s\n", textName(d.Dest), ip, d.Port, d.Proto,
+				d.Flows, d.Queries, reqCell(d.Requests), fmtCount(d.ClientCount, d.ClientsTruncated), enf, reason,
 				fmtTime(d.FirstSeen), fmtTime(d.LastSeen))
 		}
 		tw.Flush()
