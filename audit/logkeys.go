@@ -6,6 +6,7 @@ import "log/slog"
 // canonical line per decision reads the same everywhere.
 const (
 	LogComponent  = "component"
+	LogKind       = "kind" // flow, request or dns, as Event.Kind
 	LogClient     = "client"
 	LogClientMAC  = "client_mac"
 	LogDest       = "dest"
@@ -35,7 +36,7 @@ const (
 )
 
 // FlowAttrsMax is the most attributes AppendFlowAttrs appends.
-const FlowAttrsMax = 17
+const FlowAttrsMax = 18
 
 // AppendFlowAttrs appends the attributes of the canonical line of a flow
 // event to attrs, with the keys above, so that the proxy's and capture's
@@ -43,7 +44,7 @@ const FlowAttrsMax = 17
 // error); with an array of their own as attrs (FlowAttrsMax and room for
 // theirs), the line allocates no slice.
 func (e *Event) AppendFlowAttrs(attrs []slog.Attr) []slog.Attr {
-	attrs = append(attrs, slog.String(LogClient, e.Client.String()))
+	attrs = append(attrs, slog.String(LogKind, string(e.Kind)), slog.String(LogClient, e.Client.String()))
 	if e.ClientMAC != "" {
 		attrs = append(attrs, slog.String(LogClientMAC, e.ClientMAC))
 	}

@@ -19,7 +19,9 @@ func TestAppendFlowAttrs(t *testing.T) {
 	if len(got) != 1+FlowAttrsMax {
 		t.Fatalf("%d attributes, want 1 + FlowAttrsMax (%d): %v", len(got), FlowAttrsMax, got)
 	}
-	if !got[0].Equal(first) || got[1].Key != LogClient || got[1].Value.String() != "192.0.2.10" || got[len(got)-1].Key != LogClose {
+	// The kind comes first: a flow's line and a request's read alike
+	// otherwise (DESIGN.md, Events: every event has its kind).
+	if !got[0].Equal(first) || got[1].Key != LogKind || got[1].Value.String() != "flow" || got[2].Key != LogClient || got[2].Value.String() != "192.0.2.10" || got[len(got)-1].Key != LogClose {
 		t.Fatalf("attributes: %v", got)
 	}
 	seen := map[string]bool{}

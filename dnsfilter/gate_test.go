@@ -233,6 +233,11 @@ func TestFirewallTimeout(t *testing.T) {
 	if !strings.Contains(logs.String(), `"firewall_learn":"timeout"`) || !strings.Contains(logs.String(), `"level":"WARN"`) {
 		t.Errorf("no warning with firewall_learn=timeout in the log:\n%s", logs.String())
 	}
+	// The canonical line says what it is about, as the proxy's and
+	// capture's do (kind flow or request).
+	if !strings.Contains(logs.String(), `"kind":"dns","client":`) {
+		t.Errorf("no decision line with kind dns in the log:\n%s", logs.String())
+	}
 	fw.setHold(nil, nil)
 	for range 3 {
 		ask(t, "udp", ts.Addr, "www.allowed.test.", dns.TypeA, false)

@@ -515,6 +515,7 @@ func (s *Server) finish(q *query) {
 	ctx := context.Background()
 	if s.log.Enabled(ctx, level) {
 		attrs := []slog.Attr{
+			slog.String(audit.LogKind, string(audit.KindDNS)),
 			slog.String(audit.LogClient, q.client.Addr().Unmap().String()),
 			slog.String(audit.LogProto, q.proto),
 			slog.String(audit.LogName, q.name),

@@ -301,8 +301,8 @@ func (p *Proxy) emitRequest(listener string, ev audit.Event, err error) {
 	if !p.log.Enabled(context.Background(), level) {
 		return
 	}
-	var buf [audit.FlowAttrsMax + 3]slog.Attr
-	attrs := append(ev.AppendFlowAttrs(buf[:0]), slog.String("listener", listener), slog.String("kind", string(ev.Kind)))
+	var buf [audit.FlowAttrsMax + 2]slog.Attr
+	attrs := append(ev.AppendFlowAttrs(buf[:0]), slog.String("listener", listener))
 	if err != nil {
 		attrs = append(attrs, slog.String(audit.LogError, err.Error()))
 	}
