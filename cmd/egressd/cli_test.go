@@ -172,6 +172,21 @@ func TestFlagErrors(t *testing.T) {
 			t.Errorf("egressd %s: exit %d, %q; want %d, %q", strings.Join(args, " "), code, stderr, exitFail, want)
 		}
 	}
+	// policy explain says what is missing before the usage line.
+	for _, c := range []struct {
+		args []string
+		want string
+	}{
+		{[]string{"policy", "explain", "profile:nirovision"}, "egressd policy explain: --to DEST is required\n"},
+		{[]string{"policy", "explain", "profile:nirovision", "--to", ""}, "egressd policy explain: --to DEST is required\n"},
+		{[]string{"policy", "explain", "--to", "a.test"}, "egressd policy explain: no policy FILE given\n"},
+		{[]string{"policy", "explain", "profile:nirovision", "a.test"}, "egressd policy explain: one policy FILE, not 2 arguments"},
+	} {
+		code, _, stderr := runCLI(t, c.args...)
+		if code != exitUsage || !strings.HasPrefix(stderr, c.want) || !strings.Contains(stderr, "usage: egressd policy explain FILE --to DEST") {
+			t.Errorf("egressd %s: exit %d, %q; want %d, %q and the usage", strings.Join(c.args, " "), code, stderr, exitUsage, c.want)
+		}
+	}
 	for _, args := range [][]string{{"profiles", "-h"}, {"profiles", "show", "-h"}, {"profiles", "--help"}} {
 		if code, out, stderr := runCLI(t, args...); code != exitOK || !strings.Contains(out, "usage: egressd profiles") {
 			t.Errorf("egressd %s: exit %d, %q %q; want the usage and exit 0", strings.Join(args, " "), code, out, stderr)

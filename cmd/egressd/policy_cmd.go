@@ -134,7 +134,15 @@ func cmdPolicyExplain(args []string, stdout, stderr io.Writer) int {
 		return flagErr(err)
 	}
 	if len(pos) != 1 || *to == "" {
-		fmt.Fprintln(stderr, "usage: egressd "+commands["policy"].usage)
+		switch {
+		case len(pos) == 0:
+			fmt.Fprintln(stderr, "egressd policy explain: no policy FILE given")
+		case len(pos) > 1:
+			fmt.Fprintf(stderr, "egressd policy explain: one policy FILE, not %d arguments (%q)\n", len(pos), pos)
+		default:
+			fmt.Fprintln(stderr, "egressd policy explain: --to DEST is required")
+		}
+		fmt.Fprintln(stderr, "usage: egressd policy explain FILE --to DEST [--port N/proto] [--from IP] [--mac MAC] [--json]")
 		return exitUsage
 	}
 	in, dest, err := explainInput(*to, *port, *from, *mac, fs)
