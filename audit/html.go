@@ -57,12 +57,13 @@ func (r *Report) WriteHTML(w io.Writer) error {
 }
 
 var htmlTmpl = template.Must(template.New("report").Funcs(template.FuncMap{
-	"time":  fmtTime,
-	"bytes": fmtBytes,
-	"count": fmtCount,
-	"date":  expiresDate,
-	"add":   func(a, b float64) float64 { return a + b },
-	"sum":   func(a, b uint64) uint64 { return a + b },
+	"time":     fmtTime,
+	"bytes":    fmtBytes,
+	"count":    fmtCount,
+	"enforced": func(d DroppedReport) string { return d.enforcedText() },
+	"date":     expiresDate,
+	"add":      func(a, b float64) float64 { return a + b },
+	"sum":      func(a, b uint64) uint64 { return a + b },
 }).Parse(`<!DOCTYPE html>
 <html lang="en">
 <head>
@@ -124,7 +125,7 @@ code{font-family:ui-monospace,Menlo,Consolas,monospace}
 <table id="dropped">
 <thead><tr><th>Destination</th><th>IP</th><th>Port</th><th>Flows</th><th>Queries</th>{{if $.Requests}}<th>Requests</th>{{end}}<th>Clients</th><th>Enforced</th><th>Reason</th><th>First seen</th><th>Last seen</th></tr></thead>
 <tbody>
-{{range .Dropped}}<tr><td>{{.Dest}}</td><td>{{.IP}}</td><td>{{.Port}}/{{.Proto}}</td><td class="n flows">{{.Flows}}</td><td class="n">{{.Queries}}</td>{{if $.Requests}}<td class="n requests">{{.Requests}}</td>{{end}}<td title="{{range $i, $c := .Clients}}{{if $i}} {{end}}{{$c}}{{end}}">{{count .ClientCount .ClientsTruncated}}</td><td{{if .Enforced}} class="enforced"{{end}}>{{if .Enforced}}yes{{else}}no{{end}}</td><td>{{.Reason}}{{if .Rule}} ({{.Rule}}){{end}}</td><td>{{time .FirstSeen}}</td><td>{{time .LastSeen}}</td></tr>
+{{range .Dropped}}<tr><td>{{.Dest}}</td><td>{{.IP}}</td><td>{{.Port}}/{{.Proto}}</td><td class="n flows">{{.Flows}}</td><td class="n">{{.Queries}}</td>{{if $.Requests}}<td class="n requests">{{.Requests}}</td>{{end}}<td title="{{range $i, $c := .Clients}}{{if $i}} {{end}}{{$c}}{{end}}">{{count .ClientCount .ClientsTruncated}}</td><td{{if or .Enforced .EnforcedFlows}} class="enforced"{{end}}>{{enforced .}}</td><td>{{.Reason}}{{if .Rule}} ({{.Rule}}){{end}}</td><td>{{time .FirstSeen}}</td><td>{{time .LastSeen}}</td></tr>
 {{end}}</tbody>
 </table>
 {{else}}<p>Nothing {{if .Audit}}would be{{else}}was{{end}} dropped.</p>{{end}}

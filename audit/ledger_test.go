@@ -458,3 +458,35 @@ func TestReportHostileNames(t *testing.T) {
 		t.Errorf("a newline in a name forged a row of the terminal report:\n%s", txt.String())
 	}
 }
+
+// TestReportEnforcedPartly: a destination dropped by an audit run and then
+// blocked by an enforce run says so alike in the text and HTML reports
+// ("1/2" flows blocked). The HTML page said "no" (the latest flow) where
+// the text said 1/2.
+func TestReportEnforcedPartly(t *testing.T) {
+	l := NewLedger(nil, LedgerOptions{})
+	t0 := time.Date(2026, 11, 24, 10, 0, 0, 0, time.UTC)
+	ev := Event{Kind: KindFlow, Source: SourceProxy, Time: t0, Client: netip.MustParseAddr("192.0.2.7"), ClientPort: 40000,
+		Dest: netip.MustParseAddr("203.0.113.5"), DestPort: 443, Proto: "tcp", Name: "evil.test", NameSource: NameSNI,
+		Verdict: policy.Deny, Reason: policy.ReasonNoRule, Mode: policy.ModeEnforce, Enforced: true}
+	l.Emit(ev)
+	ev.ClientPort, ev.Time, ev.Mode, ev.Enforced = 40001, t0.Add(time.Minute), policy.ModeAudit, false
+	l.Emit(ev)
+	rep := l.Report(ReportOptions{Now: t0.Add(time.Hour)})
+	if len(rep.Dropped) != 1 || rep.Dropped[0].EnforcedFlows != 1 || rep.Dropped[0].Flows != 2 {
+		t.Fatalf("dropped %+v", rep.Dropped)
+	}
+	var txt, page bytes.Buffer
+	if err := rep.WriteText(&txt); err != nil {
+		t.Fatal(err)
+	}
+	if err := rep.WriteHTML(&page); err != nil {
+		t.Fatal(err)
+	}
+	if !regexp.MustCompile(`(?m)^  evil\.test +203\.0\.113\.5 +443/tcp +2 +0 +1 +1/2 +no-rule `).Match(txt.Bytes()) {
+		t.Errorf("text report:\n%s", txt.String())
+	}
+	if !strings.Contains(page.String(), `<td class="enforced">1/2</td>`) {
+		t.Errorf("HTML report has no enforced cell 1/2:\n%s", page.String())
+	}
+}

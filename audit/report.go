@@ -358,15 +358,7 @@ func (r *Report) WriteText(w io.Writer) error {
 			if ip == "" || ip == d.Dest {
 				ip = "-"
 			}
-			enf := "no"
-			if d.EnforcedFlows > 0 {
-				enf = fmt.Sprintf("%d/%d", d.EnforcedFlows, d.Flows)
-				if d.EnforcedFlows == d.Flows {
-					enf = "yes"
-				}
-			} else if d.Enforced {
-				enf = "yes"
-			}
+			enf := d.enforcedText()
 			reason := d.Reason
 			if d.Rule != "" {
 				reason += " (" + d.Rule + ")"
@@ -378,6 +370,19 @@ func (r *Report) WriteText(w io.Writer) error {
 		tw.Flush()
 	}
 	return ew.err
+}
+
+// enforcedText says how much of a dropped entry was blocked: "yes" (all
+// of it), "no", or "N/M" flows when some were (an audit run, then an
+// enforce run). The text and HTML reports both print it.
+func (d DroppedReport) enforcedText() string {
+	switch {
+	case d.EnforcedFlows > 0 && d.EnforcedFlows != d.Flows:
+		return fmt.Sprintf("%d/%d", d.EnforcedFlows, d.Flows)
+	case d.EnforcedFlows > 0 || d.Enforced:
+		return "yes"
+	}
+	return "no"
 }
 
 type errWriter struct {
