@@ -179,6 +179,13 @@ func gatewayScenario(t *testing.T, tp *topo, mode string) {
 	body, err = tp.curlIP(apnsBareIP, 5223)
 	allowed("apple-mdm", "curl https://"+apnsBareIP+":5223 (no SNI)", body, err, "port=5223")
 
+	// The Android rule: FCM's name on the first and last of its ports.
+	dig(fcmName, "A", "android-mdm", fcmIP)
+	for _, port := range []int{5228, 5230} {
+		body, err = tp.sClient(fcmIP, port, fcmName)
+		allowed("android-mdm", fmt.Sprintf("openssl s_client %s:%d", fcmName, port), body, err, "CONNECTION ESTABLISHED")
+	}
+
 	// NTP: the name through the gateway, then UDP 123 to its address.
 	ta.rule("dns").flows++
 	ta.rule("ntp").queries++

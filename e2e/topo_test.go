@@ -61,10 +61,12 @@ const (
 	apnsName    = "api.push.apple.com" // apple-mdm
 	apnsIP      = "198.51.100.130"     // in the test's stand-in for 17.0.0.0/8
 	apnsBareIP  = "198.51.100.131"     // reached by address only: the CIDR rule
-	appleTest   = "198.51.100.128/25"  // replaces 17.0.0.0/8 in the test policy
-	lanSvcPort  = 8080                 // a LAN host's service: inbound target
-	gwSvcPort   = 2222                 // the gateway's WAN-side service: inbound target
-	adminAddr   = "127.0.0.1:9901"     // in the gateway namespace
+	fcmName     = "mtalk.google.com"   // android-mdm, the FCM ports 5228-5230
+	fcmIP       = "203.0.113.15"
+	appleTest   = "198.51.100.128/25" // replaces 17.0.0.0/8 in the test policy
+	lanSvcPort  = 8080                // a LAN host's service: inbound target
+	gwSvcPort   = 2222                // the gateway's WAN-side service: inbound target
+	adminAddr   = "127.0.0.1:9901"    // in the gateway namespace
 )
 
 // zone is the authoritative data: name, type, address.
@@ -79,6 +81,7 @@ var zone = [][3]string{
 	{lookalike, "A", lookalikeIP},
 	{ntpName, "A", ntpIP},
 	{apnsName, "A", apnsIP},
+	{fcmName, "A", fcmIP},
 	{"0.pool.ntp.org", "A", "198.51.100.124"}, // ntp: fresh addresses for
 	{"1.pool.ntp.org", "A", "198.51.100.125"}, // TestKnownBugs
 	{"2.pool.ntp.org", "A", "198.51.100.126"},
@@ -116,7 +119,7 @@ func newTopo(t *testing.T) *topo {
 	tp.gw.MustRun("sysctl", "-qw", "net.ipv6.conf.all.forwarding=1")
 	tp.inet.MustRun("ip", "route", "add", "198.18.1.0/24", "via", gwWAN4)
 	tp.inet.MustRun("ip", "-6", "route", "add", "2001:db8:1::/64", "via", gwWAN6)
-	for _, a := range []string{"198.51.100.124", "198.51.100.125", "198.51.100.126", authDNS4, dockerIP4, vendorIP, intakeIP, notionIP, registryIP, trackerIP, lookalikeIP, ntpIP, udpDenyIP, apnsIP, apnsBareIP} {
+	for _, a := range []string{"198.51.100.124", "198.51.100.125", "198.51.100.126", authDNS4, dockerIP4, vendorIP, intakeIP, notionIP, registryIP, trackerIP, lookalikeIP, ntpIP, udpDenyIP, apnsIP, apnsBareIP, fcmIP} {
 		tp.inet.MustRun("ip", "addr", "add", a+"/32", "dev", "eth0")
 	}
 	tp.inet.MustRun("ip", "-6", "addr", "add", dockerIP6+"/128", "dev", "eth0", "nodad")
@@ -194,7 +197,7 @@ func (tp *topo) makePKI(t *testing.T) {
 }
 
 // startNginx runs Debian's nginx in the internet namespace: TLS on 443
-// (IPv4 and IPv6), 10516 and 5223, plain HTTP on 80, every server answering
+// (IPv4 and IPv6), 10516, 5223, 5228 and 5230, plain HTTP on 80, every server answering
 // with the SNI, Host, port and path it saw.
 func (tp *topo) startNginx(t *testing.T) {
 	t.Helper()
@@ -203,7 +206,7 @@ func (tp *topo) startNginx(t *testing.T) {
 	var listen string
 	for _, l := range []string{dockerIP4 + ":443 ssl", "[" + dockerIP6 + "]:443 ssl", vendorIP + ":443 ssl", vendorIP + ":80",
 		notionIP + ":443 ssl", trackerIP + ":443 ssl", lookalikeIP + ":443 ssl", intakeIP + ":10516 ssl",
-		apnsIP + ":5223 ssl", apnsBareIP + ":5223 ssl"} {
+		apnsIP + ":5223 ssl", apnsBareIP + ":5223 ssl", fcmIP + ":5228 ssl", fcmIP + ":5230 ssl"} {
 		listen += "\t\tlisten " + l + ";\n"
 	}
 	conf := fmt.Sprintf(`user root;
