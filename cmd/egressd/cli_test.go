@@ -193,3 +193,29 @@ func TestFlagErrors(t *testing.T) {
 		}
 	}
 }
+
+// TestBadPolicyEveryCommand: a policy with a YAML syntax error or an
+// unknown key is refused by every command that reads one, with exit 1 and
+// the problem at file:line (and column where YAML gives it), never a
+// panic.
+func TestBadPolicyEveryCommand(t *testing.T) {
+	dir := t.TempDir()
+	broken := filepath.Join(dir, "broken.yaml")
+	os.WriteFile(broken, []byte("version: 1\nrules:\n  - name: a\n    to: [x.test\n"), 0o644)
+	unknown := filepath.Join(dir, "unknown.yaml")
+	os.WriteFile(unknown, []byte("version: 1\nrules:\n  - name: a\n    to: [x.test]\n    ports: [443/tcp]\n    bogus: 1\n"), 0o644)
+	for file, want := range map[string]string{
+		broken:  broken + ":3: YAML syntax: did not find expected ',' or ']'",
+		unknown: unknown + `:6:5: rule: unknown key "bogus" (expected one of name, why, from, to, ports, expires)`,
+	} {
+		for _, args := range [][]string{
+			{"policy", "check", file}, {"policy", "explain", file, "--to", "x.test"}, {"audit", "--policy", file, "x.pcap"},
+			{"firewall", "print", "--policy", file}, {"report", "--policy", file, "--state-dir", dir}, {"run", "--policy", file},
+		} {
+			code, _, stderr := runCLI(t, args...)
+			if code != exitFail || !strings.Contains(stderr, want) || strings.Contains(stderr, "panic") || strings.Contains(stderr, "goroutine") {
+				t.Errorf("egressd %s: exit %d, stderr %q; want %d and %q", strings.Join(args, " "), code, stderr, exitFail, want)
+			}
+		}
+	}
+}
