@@ -74,6 +74,18 @@ func newMetrics() *metrics {
 			Help:    "Time an allowed answer waited for the firewall to take its addresses.",
 			Buckets: []float64{0.00005, 0.0001, 0.00025, 0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5}}),
 	}
+	// Every series of a bounded label exists from the start, at 0, so
+	// that /metrics lists what the READMEs name before the first event
+	// and a rate() over it sees the first increment.
+	for _, scope := range []string{"global", "client"} {
+		m.tcpRefused.WithLabelValues(scope)
+	}
+	for _, reason := range []string{"overload", "malformed", "panic"} {
+		m.dropped.WithLabelValues(reason)
+	}
+	for _, kind := range []string{"rebinding", "ech"} {
+		m.filtered.WithLabelValues(kind)
+	}
 	m.learnOK = m.learnTotal.WithLabelValues("ok")
 	m.learnTimeout = m.learnTotal.WithLabelValues("timeout")
 	m.learnError = m.learnTotal.WithLabelValues("error")

@@ -2,6 +2,9 @@ package main
 
 import (
 	"encoding/json"
+	"os"
+	"path/filepath"
+	"regexp"
 	"strings"
 	"syscall"
 	"testing"
@@ -40,6 +43,7 @@ func TestRunNoFlags(t *testing.T) {
 	// The start-up lines are written before the admin address opens.
 	time.Sleep(200 * time.Millisecond)
 	out, _ := ns.Run(bin, "report", "--json")
+	metrics, merr := ns.Run("curl", "-sS", "--max-time", "5", "http://127.0.0.1:9901/metrics")
 	nft, nftErr := ns.Run("nft", "list", "table", "inet", "egressd")
 	if err := p.Signal(syscall.SIGTERM); err != nil {
 		t.Fatal(err)
@@ -68,10 +72,46 @@ func TestRunNoFlags(t *testing.T) {
 	if nftErr == nil {
 		t.Errorf("audit mode with no flags installed a table:\n%s", nft)
 	}
+	// Every metric a README names is served from the start.
+	if merr != nil {
+		t.Errorf("GET /metrics: %v: %s", merr, metrics)
+	}
+	for _, name := range readmeMetrics(t) {
+		if !regexp.MustCompile(`(?m)^` + name + `[ {]`).MatchString(metrics) {
+			t.Errorf("/metrics has no %s, which a README names", name)
+		}
+	}
 	// `egressd report` (no flags) reads the running daemon.
 	i := strings.Index(out, "{")
 	var rep audit.Report
 	if i < 0 || json.Unmarshal([]byte(out[i:]), &rep) != nil || rep.Mode != "audit" || len(rep.UnusedRules) != 8 {
 		t.Errorf("egressd report --json from the daemon: mode %q, %d unused rules, want audit and the seed's 8:\n%s", rep.Mode, len(rep.UnusedRules), out)
 	}
+}
+
+// readmeMetrics returns the metric names README.md and the packages'
+// READMEs name (whole egress_... names only, not a prefix such as
+// egress_dnsfilter_).
+func readmeMetrics(t *testing.T) []string {
+	t.Helper()
+	files, _ := filepath.Glob("../../*/README.md")
+	files = append(files, "../../README.md")
+	seen := map[string]bool{}
+	var names []string
+	for _, f := range files {
+		b, err := os.ReadFile(f)
+		if err != nil {
+			t.Fatal(err)
+		}
+		for _, m := range regexp.MustCompile(`\b(egress_[a-z0-9_]*[a-z0-9])\b`).FindAllStringSubmatch(string(b), -1) {
+			if !seen[m[1]] {
+				seen[m[1]] = true
+				names = append(names, m[1])
+			}
+		}
+	}
+	if len(names) < 3 {
+		t.Fatalf("the READMEs name %d metrics: %v", len(names), names)
+	}
+	return names
 }
