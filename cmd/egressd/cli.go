@@ -109,6 +109,20 @@ func parseArgs(fs *flag.FlagSet, args []string) ([]string, error) {
 	}
 }
 
+// exclusive reports, on stderr, the first pair of flags of fs that were
+// both given though they exclude each other; false when there is none.
+func exclusive(fs *flag.FlagSet, stderr io.Writer, pairs ...[2]string) bool {
+	set := map[string]bool{}
+	fs.Visit(func(f *flag.Flag) { set[f.Name] = true })
+	for _, p := range pairs {
+		if set[p[0]] && set[p[1]] {
+			fmt.Fprintf(stderr, "%s: --%s and --%s exclude each other\n", fs.Name(), p[0], p[1])
+			return true
+		}
+	}
+	return false
+}
+
 // newFlags returns a flag set that prints its usage to stderr and returns
 // errors instead of exiting.
 func newFlags(name string, stderr io.Writer) *flag.FlagSet {

@@ -1,6 +1,7 @@
 package main
 
 import (
+	"context"
 	"os"
 	"path/filepath"
 	"regexp"
@@ -8,6 +9,7 @@ import (
 	"sort"
 	"strings"
 	"testing"
+	"time"
 )
 
 // flagCommands are the commands with flags, as `egressd CMD -h` takes them.
@@ -170,6 +172,28 @@ func TestFlagErrors(t *testing.T) {
 		code, _, stderr := runCLI(t, args...)
 		if want := "egressd: policy: open " + missing + ": no such file or directory\n"; code != exitFail || stderr != want {
 			t.Errorf("egressd %s: exit %d, %q; want %d, %q", strings.Join(args, " "), code, stderr, exitFail, want)
+		}
+	}
+	// --policy FILE | --profile NAME: both is a usage error, not the
+	// profile silently ignored.
+	pol := filepath.Join(t.TempDir(), "p.yaml")
+	os.WriteFile(pol, []byte("rules: []\n"), 0o644)
+	// run's other flags keep it on loopback and in a temporary state
+	// directory, for a few seconds at most, should it start after all.
+	safe := []string{"--no-firewall", "--lan", "lo", "--wan", "lo", "--dns-listen", "127.0.0.1:0", "--proxy-listen", "127.0.0.1:0",
+		"--explicit-proxy-listen", "off", "--admin", "127.0.0.1:0", "--upstream-dns", "127.0.0.1:9", "--state-dir", filepath.Join(t.TempDir(), "state")}
+	for _, cmd := range [][]string{{"run"}, {"firewall", "print"}} {
+		args := append(slices.Clone(cmd), "--policy", pol, "--profile", "nirovision")
+		if cmd[0] == "run" {
+			args = append(args, safe...)
+		}
+		ctx, cancel := context.WithTimeout(context.Background(), 5*time.Second)
+		var outb, errb lockedBuffer
+		code := run(ctx, args, &outb, &errb)
+		cancel()
+		out, stderr := outb.String(), errb.String()
+		if want := "egressd " + strings.Join(cmd, " ") + ": --policy and --profile exclude each other\n"; code != exitUsage || stderr != want || out != "" {
+			t.Errorf("egressd %s: exit %d, %q %q; want %d, %q", strings.Join(args, " "), code, out, stderr, exitUsage, want)
 		}
 	}
 	// policy explain says what is missing before the usage line.

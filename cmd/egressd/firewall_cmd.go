@@ -59,6 +59,9 @@ func cmdFirewallPrint(args []string, stdout, stderr io.Writer) int {
 		fmt.Fprintln(stderr, "usage: egressd "+commands["firewall"].usage)
 		return exitUsage
 	}
+	if exclusive(fs, stderr, [2]string{"policy", "profile"}) {
+		return exitUsage
+	}
 	cfg := firewall.Config{LAN: *lan, WAN: *wan, Masquerade: *masq, GuardWAN: *guard}
 	for _, p := range []struct {
 		name string

@@ -137,6 +137,9 @@ func cmdRun(ctx context.Context, args []string, stdout, stderr io.Writer) int {
 		fmt.Fprintf(stderr, "egressd run: unexpected argument %q\n", pos[0])
 		return exitUsage
 	}
+	if exclusive(fs, stderr, [2]string{"policy", "profile"}) {
+		return exitUsage
+	}
 	// The log lines (one per decision) go out in batches; Close writes
 	// the last ones before the error below, if any.
 	lw := logbuf.New(stderr, logFlushInterval)
