@@ -84,6 +84,24 @@ func readmeUsage(t *testing.T) map[string][]string {
 	return usage
 }
 
+// safeRun returns args with, for `egressd run`, flags that keep it on
+// loopback, off nftables and in a temporary state directory, and runs it
+// for at most 10 s: a test that expects run to refuse its arguments must
+// not start a gateway in the host's namespace if it does not.
+func safeRun(t *testing.T, args ...string) (int, string, string) {
+	t.Helper()
+	if len(args) > 0 && args[0] == "run" {
+		args = append(slices.Clone(args), "--no-firewall", "--lan", "lo", "--wan", "lo", "--dns-listen", "127.0.0.1:0",
+			"--proxy-listen", "127.0.0.1:0", "--explicit-proxy-listen", "off", "--admin", "127.0.0.1:0",
+			"--upstream-dns", "127.0.0.1:9", "--state-dir", filepath.Join(t.TempDir(), "state"))
+	}
+	ctx, cancel := context.WithTimeout(context.Background(), 10*time.Second)
+	defer cancel()
+	var out, errb lockedBuffer
+	code := run(ctx, args, &out, &errb)
+	return code, out.String(), errb.String()
+}
+
 // TestUsageMatchesREADME: every flag `egressd CMD -h` prints is in
 // README.md's usage block, and every flag the block names exists.
 // Before, policy check's -q, audit's --mode and --no-progress, report's
@@ -148,7 +166,7 @@ func TestUsageLines(t *testing.T) {
 func TestFlagErrors(t *testing.T) {
 	for _, cmd := range flagCommands {
 		name := strings.Join(cmd, " ")
-		code, out, stderr := runCLI(t, append(slices.Clone(cmd), "--no-such-flag")...)
+		code, out, stderr := safeRun(t, append(slices.Clone(cmd), "--no-such-flag")...)
 		want := "egressd " + name + ": flag provided but not defined: -no-such-flag"
 		if code != exitUsage || !strings.HasPrefix(stderr, want) || strings.Count(stderr, "\n") != 1 || out != "" {
 			t.Errorf("egressd %s --no-such-flag: exit %d, stderr %q; want exit %d and one line starting %q", name, code, stderr, exitUsage, want)
@@ -169,7 +187,7 @@ func TestFlagErrors(t *testing.T) {
 		{"policy", "check", missing}, {"policy", "explain", missing, "--to", "a.test"}, {"firewall", "print", "--policy", missing},
 		{"audit", "--policy", missing, "x.pcap"}, {"run", "--policy", missing},
 	} {
-		code, _, stderr := runCLI(t, args...)
+		code, _, stderr := safeRun(t, args...)
 		if want := "egressd: policy: open " + missing + ": no such file or directory\n"; code != exitFail || stderr != want {
 			t.Errorf("egressd %s: exit %d, %q; want %d, %q", strings.Join(args, " "), code, stderr, exitFail, want)
 		}
@@ -178,20 +196,9 @@ func TestFlagErrors(t *testing.T) {
 	// profile silently ignored.
 	pol := filepath.Join(t.TempDir(), "p.yaml")
 	os.WriteFile(pol, []byte("rules: []\n"), 0o644)
-	// run's other flags keep it on loopback and in a temporary state
-	// directory, for a few seconds at most, should it start after all.
-	safe := []string{"--no-firewall", "--lan", "lo", "--wan", "lo", "--dns-listen", "127.0.0.1:0", "--proxy-listen", "127.0.0.1:0",
-		"--explicit-proxy-listen", "off", "--admin", "127.0.0.1:0", "--upstream-dns", "127.0.0.1:9", "--state-dir", filepath.Join(t.TempDir(), "state")}
 	for _, cmd := range [][]string{{"run"}, {"firewall", "print"}} {
 		args := append(slices.Clone(cmd), "--policy", pol, "--profile", "nirovision")
-		if cmd[0] == "run" {
-			args = append(args, safe...)
-		}
-		ctx, cancel := context.WithTimeout(context.Background(), 5*time.Second)
-		var outb, errb lockedBuffer
-		code := run(ctx, args, &outb, &errb)
-		cancel()
-		out, stderr := outb.String(), errb.String()
+		code, out, stderr := safeRun(t, args...)
 		if want := "egressd " + strings.Join(cmd, " ") + ": --policy and --profile exclude each other\n"; code != exitUsage || stderr != want || out != "" {
 			t.Errorf("egressd %s: exit %d, %q %q; want %d, %q", strings.Join(args, " "), code, out, stderr, exitUsage, want)
 		}
@@ -236,7 +243,7 @@ func TestBadPolicyEveryCommand(t *testing.T) {
 			{"policy", "check", file}, {"policy", "explain", file, "--to", "x.test"}, {"audit", "--policy", file, "x.pcap"},
 			{"firewall", "print", "--policy", file}, {"report", "--policy", file, "--state-dir", dir}, {"run", "--policy", file},
 		} {
-			code, _, stderr := runCLI(t, args...)
+			code, _, stderr := safeRun(t, args...)
 			if code != exitFail || !strings.Contains(stderr, want) || strings.Contains(stderr, "panic") || strings.Contains(stderr, "goroutine") {
 				t.Errorf("egressd %s: exit %d, stderr %q; want %d and %q", strings.Join(args, " "), code, stderr, exitFail, want)
 			}

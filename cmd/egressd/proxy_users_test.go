@@ -2,6 +2,7 @@ package main
 
 import (
 	"bufio"
+	"context"
 	"crypto/sha256"
 	"encoding/hex"
 	"io"
@@ -139,7 +140,9 @@ func TestRunProxyUsersRefused(t *testing.T) {
 			args := append([]string{"--mode", "audit", "--lan", "lo", "--wan", "lo", "--no-firewall", "--proxy-users", c.file,
 				"--dns-listen", "127.0.0.1:0", "--proxy-listen", "127.0.0.1:0", "--admin", "127.0.0.1:0",
 				"--upstream-dns", "127.0.0.1:9", "--state-dir", filepath.Join(dir, "state")}, c.extra...)
-			code := cmdRun(t.Context(), args, &out, &errb)
+			ctx, cancel := context.WithTimeout(t.Context(), 10*time.Second) // should it start after all
+			defer cancel()
+			code := cmdRun(ctx, args, &out, &errb)
 			want := "egressd: --proxy-users: "
 			if code != exitFail || !strings.Contains(errb.String(), want) || !strings.Contains(errb.String(), c.want) || strings.Contains(out.String(), "proxy:") {
 				t.Errorf("exit %d, want %d at start with %q and %q\nstdout:\n%s\nstderr:\n%s", code, exitFail, want, c.want, out.String(), errb.String())
