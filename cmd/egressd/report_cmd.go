@@ -73,6 +73,9 @@ func cmdReport(ctx context.Context, args []string, stdout, stderr io.Writer) int
 		switch {
 		case err == nil:
 			fmt.Fprintf(stderr, "report from the daemon at %s\n", *adminAddr)
+			if set["policy"] {
+				fmt.Fprintln(stderr, "warning: --policy is not used: the daemon reports under the policy it runs (give --state-dir to read the state directory under --policy)")
+			}
 		case set["admin"] || !errors.Is(err, errNoDaemon):
 			fmt.Fprintln(stderr, "egressd report:", err)
 			return exitFail

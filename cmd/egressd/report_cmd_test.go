@@ -149,6 +149,11 @@ func TestReportFromDaemon(t *testing.T) {
 	if len(got.Rules) != len(want.Rules) || got.Rules[0].Flows != want.Rules[0].Flows || len(got.Dropped) != len(want.Dropped) {
 		t.Errorf("daemon report %+v, ledger %+v", got.Rules, want.Rules)
 	}
+	// --policy does not apply to the daemon's report: say so rather
+	// than ignore it.
+	if code, _, stderr := runCmd(t, "report", "--admin", addr, "--json", "--policy", auditPolicy); code != 0 || !strings.Contains(stderr, "warning: --policy is not used") {
+		t.Errorf("--policy with the daemon: exit %d, stderr %q; want a warning", code, stderr)
+	}
 	// An explicit --admin that does not answer is an error, not a
 	// silent fallback.
 	ts.Close()
