@@ -13,6 +13,7 @@ import (
 	"io"
 	"log"
 	"log/slog"
+	"maps"
 	"net"
 	"net/http"
 	"net/netip"
@@ -156,7 +157,7 @@ func (p *Proxy) ServeExplicit(ln net.Listener) error {
 // in the report.
 func (p *Proxy) explicitHandler() http.Handler {
 	return http.HandlerFunc(func(w http.ResponseWriter, r *http.Request) {
-		if (len(p.cfg.ProxyUsers) > 0 || len(p.cfg.ProxyUserDigests) > 0) && !p.authOK(r) {
+		if (len(p.cfg.ProxyUsers) > 0 || p.userDigests.Load() != nil) && !p.authOK(r) {
 			ca := addrPortOf(tcpAddrString(r.RemoteAddr))
 			ev := audit.Event{Kind: audit.KindRequest, Source: audit.SourceProxy, Time: time.Now(),
 				Client: ca.Addr(), ClientPort: ca.Port(), DestPort: challengedPort(r), Proto: "tcp", Name: r.URL.Hostname(), NameSource: audit.NameConnect}
@@ -318,11 +319,34 @@ func (p *Proxy) authOK(r *http.Request) bool {
 	if want, ok := p.cfg.ProxyUsers[user]; ok {
 		return subtle.ConstantTimeCompare([]byte(pass), []byte(want)) == 1
 	}
-	if want, ok := p.cfg.ProxyUserDigests[user]; ok {
-		got := sha256.Sum256([]byte(pass))
-		return subtle.ConstantTimeCompare(got[:], want[:]) == 1
+	if users := p.userDigests.Load(); users != nil {
+		if want, ok := (*users)[user]; ok {
+			got := sha256.Sum256([]byte(pass))
+			return subtle.ConstantTimeCompare(got[:], want[:]) == 1
+		}
 	}
 	return false
+}
+
+// SetProxyUserDigests replaces the users of Config.ProxyUserDigests (egressd
+// run's reload of --proxy-users); requests already authenticated are not
+// asked again. An empty map is refused: it would open a proxy that asked
+// for users to anyone.
+func (p *Proxy) SetProxyUserDigests(users map[string][sha256.Size]byte) error {
+	if len(users) == 0 {
+		return errors.New("proxy: no proxy users (the explicit proxy would be open to anyone)")
+	}
+	for u := range users {
+		if u == "" {
+			return errors.New("proxy: a proxy user has an empty name")
+		}
+		if _, ok := p.cfg.ProxyUsers[u]; ok {
+			return fmt.Errorf("proxy: proxy user %q has both a password and a digest", u)
+		}
+	}
+	users = maps.Clone(users)
+	p.userDigests.Store(&users)
+	return nil
 }
 
 func tcpAddrString(s string) net.Addr {

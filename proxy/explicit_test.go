@@ -167,6 +167,19 @@ func TestExplicitAuth(t *testing.T) {
 	} {
 		t.Run(name, func(t *testing.T) { testExplicitAuth(t, cfg) })
 	}
+	eng, err := policy.Compile("auth.yaml", []byte(fmt.Sprintf(testPolicy, "enforce")))
+	if err != nil {
+		t.Fatal(err)
+	}
+	p, err := New(Config{ProxyUsers: map[string]string{"alice": "x"}}, Deps{Policy: policy.NewStore(eng), Logger: slog.New(slog.NewTextHandler(io.Discard, nil))})
+	if err != nil {
+		t.Fatal(err)
+	}
+	for _, users := range []map[string][sha256.Size]byte{nil, {"": {}}, {"alice": {}}} {
+		if err := p.SetProxyUserDigests(users); err == nil {
+			t.Errorf("SetProxyUserDigests(%v) took it: empty, no name or a user with a password too", users)
+		}
+	}
 	bad := Config{ProxyUsers: map[string]string{"alice": "x"}, ProxyUserDigests: map[string][sha256.Size]byte{"alice": {}, "": {}}}
 	if err := bad.Validate(); err == nil || !strings.Contains(err.Error(), "both a password and a digest") || !strings.Contains(err.Error(), "empty name") {
 		t.Errorf("a user in both maps and an empty name: %v", err)

@@ -2,10 +2,12 @@ package proxy
 
 import (
 	"context"
+	"crypto/sha256"
 	"errors"
 	"fmt"
 	"html/template"
 	"log/slog"
+	"maps"
 	"net"
 	"net/http"
 	"net/netip"
@@ -34,10 +36,13 @@ type Proxy struct {
 	deny    *template.Template
 	engines engineCache
 
-	gp      *goproxy.ProxyHttpServer // explicit proxy and inspection; always non-nil
-	mitm    atomic.Pointer[mitmCA]   // nil until inspection first needs it
-	caOnce  sync.Mutex               // guards loading the CA
-	ownOnce sync.Once
+	gp *goproxy.ProxyHttpServer // explicit proxy and inspection; always non-nil
+	// userDigests are the explicit proxy's users given by digest:
+	// cfg.ProxyUserDigests, then what SetProxyUserDigests swapped in.
+	userDigests atomic.Pointer[map[string][sha256.Size]byte]
+	mitm        atomic.Pointer[mitmCA] // nil until inspection first needs it
+	caOnce      sync.Mutex             // guards loading the CA
+	ownOnce     sync.Once
 	// own are the gateway's own addresses (cfg.OwnAddrs or the
 	// interfaces'), and those found later by addOwn. The slice is never
 	// changed in place: addOwn stores a new one.
@@ -123,6 +128,10 @@ func New(cfg Config, deps Deps) (*Proxy, error) {
 		done:      make(chan struct{}),
 		ready:     make(chan struct{}),
 		work:      workers{tasks: make(chan func()), idle: workerIdle},
+	}
+	if len(cfg.ProxyUserDigests) > 0 {
+		users := maps.Clone(cfg.ProxyUserDigests)
+		p.userDigests.Store(&users)
 	}
 	if deps.Dial == nil {
 		// No keepalive at the dial: trackDialed sets it later. No

@@ -13,6 +13,7 @@ import (
 	"path/filepath"
 	"regexp"
 	"strings"
+	"syscall"
 	"testing"
 	"time"
 )
@@ -105,6 +106,42 @@ func TestRunProxyUsers(t *testing.T) {
 	// alice:s3cret; tracker.example is in no rule of the seed profile.
 	if code, body, _ := ask("YWxpY2U6czNjcmV0"); code != http.StatusForbidden || !strings.Contains(body, "tracker.example") {
 		t.Errorf("alice, a denied name: %d %q; want 403 naming it", code, body)
+	}
+
+	// SIGHUP reads the file again: carol comes in, bob goes; a file
+	// egressd cannot use keeps them as they are.
+	const carol, bob = "Y2Fyb2w6bmV3", "Ym9iOm90aGVy" // carol:new, bob:other
+	if code, _, _ := ask(carol); code != http.StatusProxyAuthRequired {
+		t.Fatalf("carol before the reload: %d, want 407", code)
+	}
+	reload := func(body string, wantCarol int) {
+		t.Helper()
+		if err := os.WriteFile(users, []byte(body), 0o600); err != nil {
+			t.Fatal(err)
+		}
+		if err := cmd.Process.Signal(syscall.SIGHUP); err != nil {
+			t.Fatal(err)
+		}
+		for deadline := time.Now().Add(10 * time.Second); ; time.Sleep(50 * time.Millisecond) {
+			if code, _, _ := ask(carol); code == wantCarol {
+				return
+			}
+			if time.Now().After(deadline) {
+				t.Fatalf("10s after SIGHUP carol does not get %d\nstderr:\n%s", wantCarol, errb.String())
+			}
+		}
+	}
+	reload(digestLine("alice", "s3cret")+digestLine("carol", "new"), http.StatusForbidden)
+	if code, _, _ := ask(bob); code != http.StatusProxyAuthRequired {
+		t.Errorf("bob after the reload that removed him: %d, want 407", code)
+	}
+	reload("carol:new\n", http.StatusForbidden) // a plain password: refused, carol stays
+	time.Sleep(500 * time.Millisecond)          // the reload has had time to (wrongly) apply
+	if code, _, _ := ask(carol); code != http.StatusForbidden {
+		t.Errorf("carol after a reload of an unusable file: %d, want 403 (the running users kept)", code)
+	}
+	if !strings.Contains(errb.String(), "reload of the proxy users failed, keeping the running ones") {
+		t.Errorf("no error line for the unusable file:\n%s", errb.String())
 	}
 }
 

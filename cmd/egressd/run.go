@@ -116,8 +116,9 @@ type daemon struct {
 	// to enforce after a start in audit mode, which installed none.
 	lan, wan string
 	gate     *firewallGate
-	// proxyUsers are the explicit proxy's users (--proxy-users), read at
-	// start; nil: no authentication.
+	// proxyUsers are the explicit proxy's users (--proxy-users) as read
+	// at start; nil: no authentication. A reload hands the file's users
+	// to the proxy (reloadProxyUsers), not here.
 	proxyUsers map[string][sha256.Size]byte
 	caps       capabilities
 
@@ -710,8 +711,31 @@ func (d *daemon) reload() {
 	if d.fw == nil && eng.Mode() == policy.ModeEnforce && !d.cfg.noFirewall {
 		d.log.Warn("the policy now says enforce, but no firewall is installed: restart egressd to install it")
 	}
-	d.configLoaded(true)
 	d.log.Info("policy reloaded", "policy", d.source, "rules", len(eng.Rules()), audit.LogMode, string(eng.Mode()))
+	if !d.reloadProxyUsers() {
+		d.configLoaded(false)
+		return
+	}
+	d.configLoaded(true)
+}
+
+// reloadProxyUsers reads --proxy-users again, if it was given: a file
+// egressd cannot use keeps the running users. It reports whether the
+// users are the file's.
+func (d *daemon) reloadProxyUsers() bool {
+	if d.cfg.proxyUsers == "" || d.proxy == nil {
+		return true
+	}
+	users, err := loadProxyUsers(d.cfg.proxyUsers)
+	if err == nil {
+		err = d.proxy.SetProxyUserDigests(users)
+	}
+	if err != nil {
+		d.log.Error("reload of the proxy users failed, keeping the running ones", audit.LogError, err.Error())
+		return false
+	}
+	d.log.Info("proxy users reloaded", "users", len(users))
+	return true
 }
 
 func (d *daemon) shutdown(cancel context.CancelFunc, wg *sync.WaitGroup) error {
