@@ -163,14 +163,15 @@ func TestRunProxyUsersRefused(t *testing.T) {
 		name, file string
 		extra      []string
 		want       string
+		code       int
 	}{
-		{"readable by others", write("open", good, 0o644), nil, "chmod 600"},
-		{"plain password", write("plain", "alice:s3cret\n", 0o600), nil, "plain:1: user \"alice\": expected sha256:HEX"},
-		{"short digest", write("short", "# c\nalice:sha256:abcd\n", 0o600), nil, "short:2: user \"alice\": the digest is not 64 hex digits"},
-		{"twice", write("twice", good+good, 0o600), nil, "twice:2: user \"alice\" given twice"},
-		{"no users", write("empty", "# nobody\n", 0o600), nil, "names no user"},
-		{"missing", filepath.Join(dir, "none"), nil, "no such file"},
-		{"explicit off", write("ok", good, 0o600), []string{"--explicit-proxy-listen", "off"}, "the explicit proxy is off"},
+		{"readable by others", write("open", good, 0o644), nil, "chmod 600", exitFail},
+		{"plain password", write("plain", "alice:s3cret\n", 0o600), nil, "plain:1: user \"alice\": expected sha256:HEX", exitFail},
+		{"short digest", write("short", "# c\nalice:sha256:abcd\n", 0o600), nil, "short:2: user \"alice\": the digest is not 64 hex digits", exitFail},
+		{"twice", write("twice", good+good, 0o600), nil, "twice:2: user \"alice\" given twice", exitFail},
+		{"no users", write("empty", "# nobody\n", 0o600), nil, "names no user", exitFail},
+		{"missing", filepath.Join(dir, "none"), nil, "no such file", exitFail},
+		{"explicit off", write("ok", good, 0o600), []string{"--explicit-proxy-listen", "off"}, "the explicit proxy is off", exitUsage},
 	} {
 		t.Run(c.name, func(t *testing.T) {
 			var out, errb lockedBuffer
@@ -181,8 +182,9 @@ func TestRunProxyUsersRefused(t *testing.T) {
 			defer cancel()
 			code := cmdRun(ctx, args, &out, &errb)
 			want := "egressd: --proxy-users: "
-			if code != exitFail || !strings.Contains(errb.String(), want) || !strings.Contains(errb.String(), c.want) || strings.Contains(out.String(), "proxy:") {
-				t.Errorf("exit %d, want %d at start with %q and %q\nstdout:\n%s\nstderr:\n%s", code, exitFail, want, c.want, out.String(), errb.String())
+			wantCode := c.code
+			if code != wantCode || !strings.Contains(errb.String(), want) || !strings.Contains(errb.String(), c.want) || strings.Contains(out.String(), "proxy:") {
+				t.Errorf("exit %d, want %d at start with %q and %q\nstdout:\n%s\nstderr:\n%s", code, wantCode, want, c.want, out.String(), errb.String())
 			}
 		})
 	}

@@ -265,7 +265,7 @@ func newDaemon(cfg runConfig, stdout, stderr io.Writer) (*daemon, error) {
 	}
 	if cfg.proxyUsers != "" {
 		if cfg.explicit == "off" {
-			return nil, errors.New("--proxy-users: the explicit proxy is off (--explicit-proxy-listen off)")
+			return nil, flagValueError{errors.New("--proxy-users: the explicit proxy is off (--explicit-proxy-listen off)")}
 		}
 		if d.proxyUsers, err = loadProxyUsers(cfg.proxyUsers); err != nil {
 			return nil, err
