@@ -1,9 +1,7 @@
 package capture
 
 import (
-	"context"
 	"errors"
-	"log/slog"
 	"net"
 	"net/netip"
 	"strings"
@@ -11,7 +9,6 @@ import (
 
 	"egressd/audit"
 	"egressd/internal/httpwire"
-	"egressd/internal/logjson"
 	"egressd/policy"
 )
 
@@ -235,21 +232,5 @@ func (p *proc) request(f *flow, h *httpwire.Head, err error) {
 	}
 	p.stats.requests.Add(1)
 	p.c.deps.Sink.Emit(ev)
-	p.c.logRequest(&ev)
-}
-
-// logRequest writes the canonical line of a request event, as logFlow
-// does for a flow, with its kind.
-func (c *Capture) logRequest(ev *audit.Event) {
-	level := slog.LevelInfo
-	if ev.Verdict == policy.Deny {
-		level = slog.LevelWarn
-	}
-	ctx := context.Background()
-	if !c.log.Enabled(ctx, level) {
-		return
-	}
-	var buf [audit.FlowAttrsMax + 1]slog.Attr
-	attrs := append(ev.AppendFlowAttrs(buf[:0]), slog.String("kind", string(ev.Kind)))
-	logjson.Log(ctx, c.log, level, audit.CanonicalMessage, attrs...)
+	p.c.logFlow(&ev) // the line says its kind
 }

@@ -1402,7 +1402,8 @@ func (p *proc) emit(f *flow, how string) {
 	p.c.logFlow(&ev)
 }
 
-// logFlow writes the canonical line of a flow: deny at Warn, allow at Info.
+// logFlow writes the canonical line of a flow or request event: deny at
+// Warn, allow at Info.
 func (c *Capture) logFlow(ev *audit.Event) {
 	level := slog.LevelInfo
 	if ev.Verdict == policy.Deny {
