@@ -511,6 +511,13 @@ func loopbackExplicit(t *testing.T, policyFmt string, config func(*Config)) (str
 // to sink (nil: discarded).
 func loopbackExplicitSink(t *testing.T, policyFmt string, config func(*Config), sink audit.Sink) (string, int, int, *x509.CertPool) {
 	t.Helper()
+	return loopbackExplicitOrigin(t, policyFmt, config, sink, nil)
+}
+
+// loopbackExplicitOrigin is loopbackExplicitSink with both origins
+// running origin instead (nil: the default handler).
+func loopbackExplicitOrigin(t *testing.T, policyFmt string, config func(*Config), sink audit.Sink, origin http.Handler) (string, int, int, *x509.CertPool) {
+	t.Helper()
 	pk := newPKI(t)
 	plainLn, err := net.Listen("tcp", "127.0.0.1:0")
 	if err != nil {
@@ -520,12 +527,15 @@ func loopbackExplicitSink(t *testing.T, policyFmt string, config func(*Config), 
 	if err != nil {
 		t.Fatal(err)
 	}
-	h := http.HandlerFunc(func(w http.ResponseWriter, r *http.Request) {
+	var h http.Handler = http.HandlerFunc(func(w http.ResponseWriter, r *http.Request) {
 		w.Header().Set("X-Seen-Hop", r.Header.Get("X-Hop"))
 		w.Header().Set("X-Seen-End", r.Header.Get("X-End"))
 		w.Header().Set("X-Seen-Proxy-Authorization", r.Header.Get("Proxy-Authorization"))
 		echoHandler(w, r)
 	})
+	if origin != nil {
+		h = origin
+	}
 	plain := &http.Server{Handler: h}
 	tlsSrv := &http.Server{Handler: h, TLSConfig: &tls.Config{Certificates: []tls.Certificate{pk.srvCert}}}
 	go plain.Serve(plainLn)
