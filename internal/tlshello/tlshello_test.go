@@ -18,6 +18,7 @@ import (
 	"path/filepath"
 	"slices"
 	"sort"
+	"strconv"
 	"strings"
 	"testing"
 	"time"
@@ -579,7 +580,9 @@ func TestMutations(t *testing.T) {
 // TestCaptures: the ClientHellos in the real captures (read in place) are
 // read as crypto/tls reads them, and each one crypto/tls takes is Plain,
 // except those with a legacy ESNI extension (0xffce, Firefox 2018-2020),
-// which the proxy has crypto/tls confirm.
+// which the proxy has crypto/tls confirm, and QUIC draft hellos, whose
+// transport parameters have the drafts' codepoint (0xffa5, unknown to
+// crypto/tls, so not Plain; no client sends it over TCP).
 func TestCaptures(t *testing.T) {
 	hellos := captureHellos(t)
 	if len(hellos) == 0 {
@@ -591,10 +594,46 @@ func TestCaptures(t *testing.T) {
 		_, err, _ := tlsHello(h.b)
 		exts := extTypes(h.b)
 		t.Logf("%s: Plain %v %+v; crypto/tls error %v; extensions %v", h.name, ok, ch, err, exts)
-		esni := slices.ContainsFunc(exts, func(e string) bool { return strings.HasPrefix(e, "0xffce/") })
+		esni := slices.ContainsFunc(exts, func(e string) bool {
+			return strings.HasPrefix(e, "0xffce/") || strings.HasPrefix(e, "0xffa5/")
+		})
 		if err == nil && !ok && !esni {
 			t.Errorf("%s: not Plain (extensions %v)", h.name, exts)
 		}
+	}
+}
+
+// TestCaptureHellosMatchTshark: the fuzz targets are seeded with every
+// ClientHello of the real captures (THREATS.md C3): captureHellos finds in
+// each file at least as many as tshark counts there (tshark-counts.tsv),
+// those over QUIC included. It may find more: tshark does not read TLS on
+// port 80 nor a hello with a segment missing.
+func TestCaptureHellosMatchTshark(t *testing.T) {
+	tsv, err := os.ReadFile(filepath.Join(capturesDir, "tshark-counts.tsv"))
+	if err != nil {
+		t.Fatalf("the real captures are missing (%v): they are expected in %s, read in place", err, capturesDir)
+	}
+	found := map[string]int{}
+	for _, h := range captureHellos(t) {
+		file, _, _ := strings.Cut(h.name, "#")
+		found[file]++
+	}
+	files := 0
+	for _, line := range strings.Split(strings.TrimSpace(string(tsv)), "\n")[1:] {
+		fs := strings.Split(line, "\t")
+		want, err := strconv.Atoi(fs[3])
+		if err != nil || len(fs) != 12 {
+			t.Fatalf("tshark-counts.tsv: bad line %q", line)
+		}
+		if want > 0 {
+			files++
+		}
+		if got := found[filepath.Base(fs[0])]; got < want {
+			t.Errorf("%s: %d ClientHellos found, tshark counts %d", fs[0], got, want)
+		}
+	}
+	if files < 16 {
+		t.Errorf("tshark counts ClientHellos in %d files, want at least 16", files)
 	}
 }
 
@@ -845,8 +884,14 @@ const capturesDir = "../../../shared/pcaps"
 // captureHellos returns the ClientHellos in the real captures: for each TCP
 // flow whose first payload starts a handshake record holding a ClientHello,
 // its first bytes in sequence order (at most 70,000, enough for any
-// ClientHello crypto/tls takes). None when the captures are not there.
+// ClientHello crypto/tls takes); for each UDP flow whose client Initials
+// carry a whole ClientHello, that hello in TLS records (quicFlow). The
+// captures must be there, as capture's tests require: it fails the test
+// without them.
 func captureHellos(tb testing.TB) []namedHello {
+	if _, err := os.Stat(capturesDir); err != nil {
+		tb.Fatalf("the real captures are missing (%v): they are expected in %s, read in place", err, capturesDir)
+	}
 	files, _ := filepath.Glob(filepath.Join(capturesDir, "*", "*.pcap*"))
 	var out []namedHello
 	for _, f := range files {
@@ -869,6 +914,8 @@ func captureHellos(tb testing.TB) []namedHello {
 		}
 		flows := map[string][]seg{}
 		var order []string
+		quic := map[string]*quicFlow{}
+		var quicOrder []string
 		for {
 			pd, _, err := src.ReadPacketData()
 			if err != nil {
@@ -877,6 +924,15 @@ func captureHellos(tb testing.TB) []namedHello {
 			p := gopacket.NewPacket(pd, lt, gopacket.Default)
 			tcp, _ := p.Layer(layers.LayerTypeTCP).(*layers.TCP)
 			nl := p.NetworkLayer()
+			if udp, _ := p.Layer(layers.LayerTypeUDP).(*layers.UDP); udp != nil && nl != nil && len(udp.Payload) > 0 && udp.Payload[0]&0x80 != 0 {
+				k := fmt.Sprintf("%v:%d>%v:%d", nl.NetworkFlow().Src(), udp.SrcPort, nl.NetworkFlow().Dst(), udp.DstPort)
+				if quic[k] == nil {
+					quic[k] = &quicFlow{crypto: map[uint64][]byte{}}
+					quicOrder = append(quicOrder, k)
+				}
+				quic[k].add(udp.Payload)
+				continue
+			}
 			if tcp == nil || nl == nil || len(tcp.Payload) == 0 {
 				continue
 			}
@@ -906,6 +962,12 @@ func captureHellos(tb testing.TB) []namedHello {
 			}
 			out = append(out, namedHello{fmt.Sprintf("%s#%d", filepath.Base(f), n), buf})
 			n++
+		}
+		for _, k := range quicOrder {
+			if h := quic[k].hello(); h != nil {
+				out = append(out, namedHello{fmt.Sprintf("%s#%d", filepath.Base(f), n), h})
+				n++
+			}
 		}
 	}
 	return out
