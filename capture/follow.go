@@ -225,6 +225,16 @@ func (p *proc) request(f *flow, h *httpwire.Head, err error) {
 		d, ev.Name, ev.NameSource = p.decide(eng, f, name, src, path)
 		ev.Path = path
 	}
+	if p.decideAt.IsZero() {
+		// Live, capture follows only connections that began in audit
+		// mode (followsRequests). After a reload to enforce such a
+		// connection is still not the proxy's (NAT applies to a
+		// connection's first packet) and the firewall judges its
+		// packets by address, not request by request: nothing refuses
+		// this request, so it is reported in the mode the connection
+		// began in, as its flow event is.
+		d.Mode = policy.ModeAudit
+	}
 	ev.Stamp(d)
 	ev.Close = closeForwarded
 	if ev.Enforced {
