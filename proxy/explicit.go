@@ -47,6 +47,11 @@ type connectState struct {
 	// handed over by the transparent listener) and stands for it, as a
 	// plain-HTTP connection's flow does.
 	firstIsFlow bool
+	// plain: the connection is cleartext HTTP handed over by the
+	// transparent listener. Nothing binds it to its first Host (no SNI,
+	// no CONNECT authority), so each request is decided on its own Host,
+	// as the request follower decides it without inspection.
+	plain bool
 	// requestSeen ends the deadline that bounds the inspected
 	// connection's TLS handshake and first request head (goproxy sets
 	// none); nil when there is none.
@@ -693,7 +698,8 @@ func dropConnectionFields(h http.Header) {
 
 // inspectedRequest decides one request inside an inspected connection: the
 // host must be the one the connection was decided for (THREATS.md A4), and
-// the path must be allowed. The request is recorded as a request event
+// the path must be allowed; on cleartext (st.plain) each request is
+// decided on its own Host and path instead, as decideHTTP decides it. The request is recorded as a request event
 // (the connection is the flow), as a later request on plain HTTP is.
 func (p *Proxy) inspectedRequest(eng *policy.Engine, st *connectState, req *http.Request) (*http.Request, *http.Response) {
 	ev := requestEvent(&st.rec.ev, time.Now())
@@ -707,7 +713,11 @@ func (p *Proxy) inspectedRequest(eng *policy.Engine, st *connectState, req *http
 	}
 	host, _ := policy.NormalizeName(req.URL.Hostname())
 	var d policy.Decision
-	if host != st.host {
+	if st.plain {
+		in := policy.Input{Client: st.client.Addr(), Dest: st.addr.Addr(), Port: st.addr.Port(), Proto: policy.TCP, Now: time.Now()}
+		v := p.decideHTTP(req.Context(), eng, in, &httpwire.Head{Host: req.URL.Hostname(), Path: req.URL.EscapedPath()})
+		d, ev.Name, ev.NameSource = v.d, v.name, v.src
+	} else if host != st.host {
 		d = denyDecision(eng, ReasonHostMismatch)
 	} else {
 		in := policy.Input{Client: st.client.Addr(), Dest: st.addr.Addr(), Port: st.addr.Port(), Proto: policy.TCP, Name: st.host, Path: req.URL.Path}
@@ -725,7 +735,11 @@ func (p *Proxy) inspectedRequest(eng *policy.Engine, st *connectState, req *http
 	if ev.Enforced {
 		// The 403 closes the connection.
 		st.rec.ev.Close = closeRequestDenied
-		return req, p.denyResponse(req, DenyInfo{Host: st.host, Path: req.URL.Path, Client: st.client.Addr().String(), Rule: d.Rule, Reason: d.Reason})
+		shown := ev.Name
+		if shown == "" {
+			shown = st.addr.Addr().String()
+		}
+		return req, p.denyResponse(req, DenyInfo{Host: shown, Path: req.URL.Path, Client: st.client.Addr().String(), Rule: d.Rule, Reason: d.Reason})
 	}
 	dropConnectionFields(req.Header)
 	return req.WithContext(context.WithValue(req.Context(), dialKey{}, st.addr)), nil
@@ -763,7 +777,7 @@ func (p *Proxy) inspectTransparent(c *net.TCPConn, recorded []byte, orig netip.A
 		return err
 	}
 	st := &connectState{host: v.name, addr: orig, client: netip.AddrPortFrom(f.ev.Client, f.ev.ClientPort), src: v.src, transparent: true,
-		rec: f, firstIsFlow: !isTLS}
+		rec: f, firstIsFlow: !isTLS, plain: !isTLS}
 	// goproxy reads the TLS handshake and the first request head without
 	// a deadline: bound them as the hello was.
 	c.SetReadDeadline(time.Now().Add(p.cfg.HelloTimeout))
