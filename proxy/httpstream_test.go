@@ -508,3 +508,59 @@ func TestTransparentAnyMethod(t *testing.T) {
 		})
 	}
 }
+
+// TestTransparentKeepAliveReload: the proxy decides each later request of
+// a plain-HTTP connection in the mode of the policy at that request, and
+// does what its event says: after a reload from enforce to audit a request
+// to a denied Host is forwarded and recorded as would-deny (not
+// enforced); after a reload back to enforce the next one is refused with
+// the 403, enforced. (Capture, which does not see these connections in
+// enforce mode, does not record them twice: it decides whether to follow a
+// connection at its first request.)
+func TestTransparentKeepAliveReload(t *testing.T) {
+	tp, o := keepAliveTopo(t, "enforce")
+	swap := func(mode string) {
+		eng, err := policy.Compile("keepalive.yaml", []byte(fmt.Sprintf(keepAlivePolicy, mode)))
+		if err != nil {
+			t.Fatal(err)
+		}
+		tp.store.Swap(eng)
+	}
+	c := tp.dialFromClient(t, netip.Addr{}, netip.AddrPortFrom(srvV4, originPort))
+	c.SetDeadline(time.Now().Add(20 * time.Second))
+	br := bufio.NewReader(c)
+	for _, s := range []struct {
+		mode, host, path string
+		code             int
+	}{
+		{"", "www.allowed.test", "/reload-first", 200},
+		{"audit", "evil.example", "/reload-audit", 200},
+		{"enforce", "evil.example", "/reload-enforce", 403},
+	} {
+		if s.mode != "" {
+			swap(s.mode)
+		}
+		io.WriteString(c, req(s.host, s.path))
+		codes, bodies, err := readResponses(c, br, 1)
+		if err != nil || codes[0] != s.code {
+			t.Fatalf("%s%s: %v %v %q, want %d", s.host, s.path, err, codes, bodies, s.code)
+		}
+	}
+	for _, w := range []struct {
+		path  string
+		mode  policy.Mode
+		close string
+	}{{"/reload-audit", policy.ModeAudit, closeForwarded}, {"/reload-enforce", policy.ModeEnforce, closeDenied}} {
+		ev := tp.ev.wait(t, "request "+w.path, func(ev audit.Event) bool {
+			return ev.Kind == audit.KindRequest && ev.Path == w.path
+		})
+		if ev.Verdict != policy.Deny || ev.Mode != w.mode || ev.Enforced != (w.mode == policy.ModeEnforce) || ev.Close != w.close {
+			t.Errorf("%s: event %+v, want deny in %s, close %s", w.path, ev, w.mode, w.close)
+		}
+	}
+	_, reqs := o.saw()
+	got := strings.Join(reqs, " ")
+	if !strings.Contains(got, "evil.example/reload-audit") || strings.Contains(got, "reload-enforce") {
+		t.Errorf("the origin got %q, want the audit-mode request and not the enforce-mode one", got)
+	}
+}
