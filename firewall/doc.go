@@ -10,7 +10,8 @@
 // names, fed through [Firewall.LearnAll] into sets with timeouts before
 // dnsfilter sends the answer, so a client's first packet finds them open;
 // [Firewall.Wants] says which rules it needs them for; a rule that opens
-// every address opens all but the special ranges the proxy guards too,
+// every address, or a prefix broader than one of the special ranges the
+// proxy guards, opens all of its addresses but those ranges,
 // such as cloud metadata, CGNAT and the IPv6 forms of IPv4 addresses),
 // rejects QUIC (UDP 443) and DoT/DoQ (853) unless a rule allows them so
 // that clients fall back to TCP where the proxy sees the SNI, and drops new

@@ -23,6 +23,18 @@ import (
 // forwarded. Each is forwarded in audit mode first, so a zero in enforce
 // mode is the firewall's doing.
 func TestEnforceAnyAddressKeepsGuardedRanges(t *testing.T) {
+	testGuardedRangesKept(t, `["0.0.0.0/0", "::/0"]`)
+}
+
+// TestEnforceBroadCIDRKeepsGuardedRanges: so does a rule whose prefixes
+// cover every address without a /0 (0.0.0.0/1 holds neither the metadata
+// ranges nor the control address; 128.0.0.0/1 holds both), as the proxy
+// keeps them closed for TCP: only a prefix inside a guarded range opens it.
+func TestEnforceBroadCIDRKeepsGuardedRanges(t *testing.T) {
+	testGuardedRangesKept(t, `["0.0.0.0/1", "128.0.0.0/1", "::/1", "8000::/1"]`)
+}
+
+func testGuardedRangesKept(t *testing.T, to string) {
 	requireNft(t)
 	tp := newTopo(t)
 	tp.serverUDP(t, "198.18.2.3:9000", "[2001:db8:2::3]:9000")
@@ -68,12 +80,12 @@ func TestEnforceAnyAddressKeepsGuardedRanges(t *testing.T) {
 		}
 		time.Sleep(200 * time.Millisecond)
 	}
-	const pol = `
+	pol := `
 version: 1
 mode: enforce
 rules:
   - name: any-9000
-    to: ["0.0.0.0/0", "::/0"]
+    to: ` + to + `
     ports: [9000/udp]
   - name: ecs-metadata
     to: [169.254.170.2/32]
@@ -103,7 +115,7 @@ rules:
 	now := counts()
 	for i, a := range guarded {
 		if now[i] != base[i] {
-			t.Errorf("enforce: %d datagrams to %s forwarded under 0.0.0.0/0, ::/0", now[i]-base[i], a)
+			t.Errorf("enforce: %d datagrams to %s forwarded under %s", now[i]-base[i], a, to)
 		}
 	}
 	if now[len(guarded)] == base[len(guarded)] {

@@ -325,31 +325,26 @@ type allows struct {
 }
 
 // guardedPrefixes are the destinations the proxy's special-range guard
-// keeps out unless a CIDR rule names them (proxy/guard.go; THREATS.md F1,
-// F2): "this network", loopback, link-local (cloud metadata), CGNAT
-// (Alibaba metadata), Azure WireServer, multicast, reserved, and the IPv6
-// forms that carry an IPv4 address (mapped, NAT64, 6to4, Teredo) or reach
-// metadata (AWS IMDSv6). A rule that opens every address ("*", 0.0.0.0/0,
-// ::/0) opens forwarded traffic to everything but these, as it does
-// through the proxy.
-var guardedPrefixes = []netip.Prefix{
-	netip.MustParsePrefix("0.0.0.0/8"),
-	netip.MustParsePrefix("127.0.0.0/8"),
-	netip.MustParsePrefix("169.254.0.0/16"),
-	netip.MustParsePrefix("100.64.0.0/10"),
-	netip.MustParsePrefix("168.63.129.16/32"),
-	netip.MustParsePrefix("224.0.0.0/4"),
-	netip.MustParsePrefix("240.0.0.0/4"),
-	netip.MustParsePrefix("::/128"),
-	netip.MustParsePrefix("::1/128"),
-	netip.MustParsePrefix("fe80::/10"),
-	netip.MustParsePrefix("ff00::/8"),
-	netip.MustParsePrefix("::ffff:0:0/96"),
-	netip.MustParsePrefix("64:ff9b::/96"),
-	netip.MustParsePrefix("64:ff9b:1::/48"),
-	netip.MustParsePrefix("2002::/16"),
-	netip.MustParsePrefix("2001::/32"),
-	netip.MustParsePrefix("fd00:ec2::254/128"),
+// keeps out unless a CIDR rule names them from inside (policy.GuardedRanges,
+// proxy/guard.go; THREATS.md F1, F2): "this network", loopback, link-local
+// (cloud metadata), CGNAT (Alibaba metadata), Azure WireServer, multicast,
+// reserved, and the IPv6 forms that carry an IPv4 address (mapped, NAT64,
+// 6to4, Teredo) or reach metadata (AWS IMDSv6). A rule that opens every
+// address ("*", 0.0.0.0/0, ::/0), or a prefix broader than one of these
+// (0.0.0.0/1, ::/1), opens forwarded traffic to its addresses but these,
+// as it does through the proxy (policy.OpensGuarded).
+var guardedPrefixes = policy.GuardedRanges
+
+// holdsGuarded reports whether the CIDR target p shares addresses with a
+// guarded range it does not open (policy.OpensGuarded): a prefix broader
+// than loopback, say. Its accept must exclude the guarded sets.
+func holdsGuarded(p netip.Prefix) bool {
+	for _, g := range guardedPrefixes {
+		if p.Overlaps(g) && !policy.OpensGuarded(p, g) {
+			return true
+		}
+	}
+	return false
 }
 
 // Names of the sets of guarded destinations.
@@ -391,8 +386,10 @@ func (a *allows) guardSets() {
 //	[ip saddr @from4_R | ether saddr @frommac_R] ip daddr @net4_R|@dns4_R udp dport P accept
 //
 // A rule with "*" (or a /0) allows any address of that family but the
-// guarded ones (ip daddr != @guarded4); its names feed the learned sets
-// dns4_R and dns6_R.
+// guarded ones (ip daddr != @guarded4); so do its prefixes broader than a
+// guarded range, kept apart in wide4_R and wide6_R (ip daddr @wide4_R ip
+// daddr != @guarded4), while its prefixes inside one open it, as through
+// the proxy. Its names feed the learned sets dns4_R and dns6_R.
 func renderAllows(cfg Config, eng *policy.Engine, now time.Time, rs *Ruleset) allows {
 	var a allows
 	for _, r := range eng.Rules() {
@@ -414,7 +411,7 @@ func renderAllows(cfg Config, eng *policy.Engine, now time.Time, rs *Ruleset) al
 			continue
 		}
 		var any4, any6, names bool
-		var nets4, nets6 []netip.Prefix
+		var nets4, nets6, wide4, wide6 []netip.Prefix
 		for _, t := range r.To {
 			switch t.Kind {
 			case policy.TargetAny:
@@ -426,10 +423,14 @@ func renderAllows(cfg Config, eng *policy.Engine, now time.Time, rs *Ruleset) al
 				switch {
 				case p.Addr().Is4() && p.Bits() == 0:
 					any4 = true
+				case p.Addr().Is4() && holdsGuarded(p):
+					wide4 = append(wide4, p)
 				case p.Addr().Is4():
 					nets4 = append(nets4, p)
 				case p.Bits() == 0:
 					any6 = true
+				case holdsGuarded(p):
+					wide6 = append(wide6, p)
 				default:
 					nets6 = append(nets6, p)
 				}
@@ -453,11 +454,11 @@ func renderAllows(cfg Config, eng *policy.Engine, now time.Time, rs *Ruleset) al
 			a.sets = append(a.sets, Set{Name: macSet, Kind: SetMACs, Rule: r.Name, MACs: slices.Clone(r.From.MACs)})
 		}
 		for _, fam := range []struct {
-			f           Family
-			any, names  bool
-			nets, froms []netip.Prefix
-			suffix      string
-		}{{IPv4, any4, names, nets4, from4, "4_"}, {IPv6, any6, names, nets6, from6, "6_"}} {
+			f                 Family
+			any, names        bool
+			nets, wide, froms []netip.Prefix
+			suffix            string
+		}{{IPv4, any4, names, nets4, wide4, from4, "4_"}, {IPv6, any6, names, nets6, wide6, from6, "6_"}} {
 			// Sources: any client, or the rule's client prefixes of this
 			// family, or its MAC addresses.
 			var srcs []Rule
@@ -484,6 +485,13 @@ func renderAllows(cfg Config, eng *policy.Engine, now time.Time, rs *Ruleset) al
 					name := "net" + fam.suffix + r.Name
 					a.sets = append(a.sets, Set{Name: name, Kind: SetPrefixes, Family: fam.f, Rule: r.Name, Prefixes: fam.nets})
 					dsts = append(dsts, Rule{DstSet: name})
+				}
+				if len(fam.wide) > 0 {
+					// Its addresses but the guarded ones.
+					a.guardSets()
+					name := "wide" + fam.suffix + r.Name
+					a.sets = append(a.sets, Set{Name: name, Kind: SetPrefixes, Family: fam.f, Rule: r.Name, Prefixes: fam.wide})
+					dsts = append(dsts, Rule{DstSet: name, DstNotSet: "guarded" + fam.suffix[:1]})
 				}
 				if fam.names {
 					name := "dns" + fam.suffix + r.Name

@@ -3,6 +3,7 @@ package firewall
 import (
 	"errors"
 	"flag"
+	"fmt"
 	"net/netip"
 	"os"
 	"path/filepath"
@@ -154,7 +155,8 @@ func TestRenderTCPPorts(t *testing.T) {
 	for _, want := range []string{
 		`iifname "lan0" tcp dport 443 redirect to :15001`,
 		`iifname "lan0" ip daddr @net4_nx tcp dport 7001 ct mark set ct mark | 0x00400000 accept`,
-		`iifname "lan0" ip6 daddr @net6_nx tcp dport 5000 ct mark set ct mark | 0x00400000 accept`,
+		// "private" holds fc00::/7, broader than AWS IMDSv6 (fd00:ec2::254).
+		`iifname "lan0" ip6 daddr @wide6_nx ip6 daddr != @guarded6 tcp dport 5000 ct mark set ct mark | 0x00400000 accept`,
 		`elements = { 10.0.0.0/8, 172.16.0.0/12, 192.168.0.0/16 }`,
 		`iifname "lan0" tcp dport 853 counter reject with tcp reset`,
 	} {
@@ -406,4 +408,94 @@ rules:
 	if strings.Contains(text, "tcp dport 7000 redirect") {
 		t.Errorf("a port of a rule without host/path targets is redirected:\n%s", text)
 	}
+}
+
+// TestRenderBroadCIDRKeepsGuardedRanges: a CIDR rule broader than a
+// guarded range (0.0.0.0/1 holds loopback and link-local, 96.0.0.0/3 holds
+// CGNAT, ::/1 holds the NAT64, 6to4 and Teredo ranges) opens forwarded UDP
+// to all of its addresses but the guarded ones, as the proxy does for TCP
+// (proxy/guard.go: a rule opens a guarded address only with a prefix at
+// least as specific as its range). A prefix inside a guarded range, in the
+// same rule, still opens it; a prefix that holds none is not narrowed.
+func TestRenderBroadCIDRKeepsGuardedRanges(t *testing.T) {
+	eng := compile(t, `
+version: 1
+mode: enforce
+rules:
+  - name: broad
+    to: [0.0.0.0/1, 96.0.0.0/3, 10.0.0.0/8, 127.0.0.1/32, "::/1", "2001:db8::/32"]
+    ports: [9/udp]
+`)
+	rs, err := Render(siteConfig, eng)
+	if err != nil {
+		t.Fatal(err)
+	}
+	text := rs.String()
+	for _, want := range []string{
+		`iifname "lan0" ip daddr @net4_broad udp dport 9 ct mark set ct mark | 0x00400000 accept`,
+		`iifname "lan0" ip daddr @wide4_broad ip daddr != @guarded4 udp dport 9 ct mark set ct mark | 0x00400000 accept`,
+		`iifname "lan0" ip6 daddr @net6_broad udp dport 9 ct mark set ct mark | 0x00400000 accept`,
+		`iifname "lan0" ip6 daddr @wide6_broad ip6 daddr != @guarded6 udp dport 9 ct mark set ct mark | 0x00400000 accept`,
+	} {
+		if !strings.Contains(text, want) {
+			t.Errorf("missing %q in\n%s", want, text)
+		}
+	}
+	sets := map[string][]netip.Prefix{}
+	for _, s := range rs.Sets {
+		sets[s.Name] = s.Prefixes
+	}
+	for name, want := range map[string]string{
+		"net4_broad":  "[10.0.0.0/8 127.0.0.1/32]",
+		"wide4_broad": "[0.0.0.0/1 96.0.0.0/3]",
+		"net6_broad":  "[2001:db8::/32]",
+		"wide6_broad": "[::/1]",
+	} {
+		if got := fmt.Sprint(sets[name]); got != want {
+			t.Errorf("set %s: %s, want %s", name, got, want)
+		}
+	}
+	// Every address of a broad prefix is forwarded exactly when the
+	// proxy's rule opens it.
+	for _, c := range []struct {
+		addr string
+		open bool
+	}{
+		{"127.0.0.1", true}, {"127.0.0.2", false}, {"100.100.100.200", false}, {"100.63.0.1", true},
+		{"0.1.2.3", false}, {"1.1.1.1", true}, {"10.1.1.1", true}, {"169.254.169.254", false}, {"128.0.0.1", false},
+		{"2001:0:a9fe:a9fe::1", false}, {"2001:db8::1", true}, {"64:ff9b::a9fe:a9fe", false}, {"::1", false}, {"1000::1", true},
+	} {
+		a := netip.MustParseAddr(c.addr)
+		if got := forwardedByBroad(rs, a); got != c.open {
+			t.Errorf("%s: forwarded %v, want %v", c.addr, got, c.open)
+		}
+	}
+}
+
+// forwardedByBroad evaluates the rule "broad"'s accept rules on a.
+func forwardedByBroad(rs *Ruleset, a netip.Addr) bool {
+	in := func(name string) bool {
+		for _, s := range rs.Sets {
+			if s.Name == name {
+				for _, p := range s.Prefixes {
+					if p.Contains(a) {
+						return true
+					}
+				}
+			}
+		}
+		return false
+	}
+	for _, c := range rs.Chains {
+		for _, r := range c.Rules {
+			if r.Comment != "rule broad" || r.Verdict.Kind != Accept || (r.Family == IPv4) != a.Is4() {
+				continue
+			}
+			if r.DstSet != "" && !in(r.DstSet) || r.DstNotSet != "" && in(r.DstNotSet) {
+				continue
+			}
+			return true
+		}
+	}
+	return false
 }

@@ -91,3 +91,25 @@ func lastAddrBytes(p netip.Prefix) [16]byte {
 	}
 	return b
 }
+
+// TestOpensGuarded: a CIDR target opens a guarded range only from inside.
+func TestOpensGuarded(t *testing.T) {
+	for _, c := range []struct {
+		p, g string
+		want bool
+	}{
+		{"127.0.0.1/32", "127.0.0.0/8", true},
+		{"127.0.0.0/8", "127.0.0.0/8", true},
+		{"0.0.0.0/1", "127.0.0.0/8", false},
+		{"0.0.0.0/0", "127.0.0.0/8", false},
+		{"96.0.0.0/3", "100.64.0.0/10", false},
+		{"::/1", "2001::/32", false},
+		{"2001:0:a9fe:a9fe::/64", "2001::/32", true},
+		{"10.0.0.0/8", "127.0.0.0/8", false}, // no shared address
+		{"::ffff:127.0.0.1/128", "127.0.0.0/8", false},
+	} {
+		if got := OpensGuarded(netip.MustParsePrefix(c.p), netip.MustParsePrefix(c.g)); got != c.want {
+			t.Errorf("OpensGuarded(%s, %s) = %v", c.p, c.g, got)
+		}
+	}
+}

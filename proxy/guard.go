@@ -9,26 +9,9 @@ import (
 
 // specialPrefixes are destinations denied unless a CIDR rule names them
 // (THREATS.md F1, F2): addresses that reach the gateway itself, its link,
-// cloud metadata services, or smuggle an IPv4 address inside IPv6.
-var specialPrefixes = []netip.Prefix{
-	netip.MustParsePrefix("0.0.0.0/8"),         // "this network", unspecified
-	netip.MustParsePrefix("127.0.0.0/8"),       // loopback
-	netip.MustParsePrefix("169.254.0.0/16"),    // link-local, 169.254.169.254 metadata
-	netip.MustParsePrefix("100.64.0.0/10"),     // CGNAT, Alibaba metadata 100.100.100.200
-	netip.MustParsePrefix("168.63.129.16/32"),  // Azure WireServer
-	netip.MustParsePrefix("224.0.0.0/4"),       // multicast
-	netip.MustParsePrefix("240.0.0.0/4"),       // reserved, broadcast
-	netip.MustParsePrefix("::/128"),            // unspecified
-	netip.MustParsePrefix("::1/128"),           // loopback
-	netip.MustParsePrefix("fe80::/10"),         // link-local
-	netip.MustParsePrefix("ff00::/8"),          // multicast
-	netip.MustParsePrefix("::ffff:0:0/96"),     // IPv4-mapped
-	netip.MustParsePrefix("64:ff9b::/96"),      // NAT64
-	netip.MustParsePrefix("64:ff9b:1::/48"),    // local-use NAT64
-	netip.MustParsePrefix("2002::/16"),         // 6to4
-	netip.MustParsePrefix("2001::/32"),         // Teredo
-	netip.MustParsePrefix("fd00:ec2::254/128"), // AWS IMDSv6
-}
+// cloud metadata services, or smuggle an IPv4 address inside IPv6. The
+// firewall keeps the same ranges closed to forwarded traffic.
+var specialPrefixes = policy.GuardedRanges
 
 // specialRange returns the guarded prefix that holds a, if any. own are the
 // gateway's own addresses; allow are the configured exceptions.
@@ -90,7 +73,7 @@ func cidrRuleNames(eng *policy.Engine, in policy.Input, g netip.Prefix) bool {
 				continue
 			}
 			p := t.Prefix
-			if p.Contains(a) && p.Addr().Is4() == g.Addr().Is4() && p.Bits() >= g.Bits() {
+			if p.Contains(a) && policy.OpensGuarded(p, g) {
 				return true
 			}
 		}
