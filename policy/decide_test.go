@@ -534,3 +534,23 @@ func TestNameRules(t *testing.T) {
 		t.Errorf("NameRules with room in dst: %v allocations", n)
 	}
 }
+
+// TestWarnPathRuleOnUDP: a host/path rule that lists UDP ports warns that
+// UDP is forwarded at host level (nftables sees no path), naming the
+// ports; one on TCP only does not.
+func TestWarnPathRuleOnUDP(t *testing.T) {
+	e := mustCompile(t, `rules:
+  - {name: quic, to: ["notion.so/nirovision/*"], ports: [443/tcp, 443/udp, 5000-5010/udp]}
+  - {name: tcp, to: ["docs.example.com/public/*"], ports: [80/tcp, 443/tcp]}
+  - {name: plain, to: [example.org], ports: [443/udp]}
+`)
+	var udp []string
+	for _, w := range e.Warnings() {
+		if contains(w.Msg, "UDP") {
+			udp = append(udp, w.Msg)
+		}
+	}
+	if len(udp) != 1 || !contains(udp[0], "rule quic") || !contains(udp[0], "443/udp") || !contains(udp[0], "5000-5010/udp") || !contains(udp[0], "notion.so") {
+		t.Errorf("UDP warnings %q, want one for rule quic naming its UDP ports", udp)
+	}
+}

@@ -12,7 +12,7 @@ import (
 )
 
 // lint returns the warnings that need the compiled engine: path rules that
-// act at host level, "*" opening DNS, wildcards at a public suffix, expired
+// act at host level (HTTPS without inspection, UDP), "*" opening DNS, wildcards at a public suffix, expired
 // rules, and rules that an earlier rule shadows (so they are never credited).
 func lint(e *Engine, now time.Time) []Problem {
 	p := e.pol
@@ -25,7 +25,19 @@ func lint(e *Engine, now time.Time) []Problem {
 		if !r.Expires.IsZero() && !now.Before(r.Expires) {
 			warn(r.Line, r.Col, "rule %s expired on %s: it no longer matches and reports list it as expired", r.Name, r.Expires.Add(-time.Nanosecond).Format("2006-01-02"))
 		}
+		var udp []string
+		for _, pr := range r.Ports {
+			if pr.Proto == UDP {
+				udp = append(udp, pr.String())
+			}
+		}
 		for _, t := range r.To {
+			if t.Kind == TargetHostPath && len(udp) > 0 {
+				// No path shows on UDP (QUIC is encrypted, and the
+				// firewall forwards by address): the name's addresses
+				// are opened on those ports as a host rule's would be.
+				warn(t.Line, t.Col, "rule %s: %q cannot be checked on UDP (%s): no path is seen there, and UDP to the whole host %s is forwarded on those ports", r.Name, t.Raw, strings.Join(udp, ", "), t.Pattern)
+			}
 			switch t.Kind {
 			case TargetAny:
 				warn(t.Line, t.Col, "rule %s: \"*\" also lets its clients resolve every name through egressd's DNS, which is a tunnel; to allow any address without opening DNS, write 0.0.0.0/0 and ::/0", r.Name)
