@@ -83,6 +83,13 @@ type Event struct {
 	Name       string     `json:"name,omitempty"`
 	NameSource NameSource `json:"name_source,omitempty"`
 	Path       string     `json:"path,omitempty"`
+	// NoPath says the flow was cleartext that showed no HTTP/1 path (not
+	// TLS, not an HTTP/1 request: HTTP/2 with prior knowledge, another
+	// protocol, a client silent at first) and was decided so
+	// (policy.Input.NoPath): host/path rules did not match it. A replay
+	// decides it again so. False also where the component could not tell
+	// (TLS, whose path is unknown rather than absent).
+	NoPath bool `json:"no_path,omitempty"`
 
 	Verdict policy.Verdict `json:"verdict"`
 	Rule    string         `json:"rule,omitempty"`

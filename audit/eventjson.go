@@ -52,6 +52,9 @@ func (ev *Event) appendJSON(b []byte) ([]byte, error) {
 	b = appendStringField(b, `,"name":`, ev.Name)
 	b = appendStringField(b, `,"name_source":`, string(ev.NameSource))
 	b = appendStringField(b, `,"path":`, ev.Path)
+	if ev.NoPath {
+		b = append(b, `,"no_path":true`...)
+	}
 	b = append(b, `,"verdict":`...)
 	b = jsonenc.AppendStringHTML(b, string(ev.Verdict))
 	b = appendStringField(b, `,"rule":`, ev.Rule)

@@ -490,3 +490,58 @@ func TestReportEnforcedPartly(t *testing.T) {
 		t.Errorf("HTML report has no enforced cell 1/2:\n%s", page.String())
 	}
 }
+
+// TestReplayPathUnseen: a flow that showed no HTTP/1 path (cleartext h2c,
+// another protocol) is re-decided with that fact: denied as path-unseen
+// where only a host/path rule named the host, it is newly allowed by a
+// candidate with a host rule, and stays denied under one with only another
+// host/path rule; allowed by a host rule and recorded as showing no path,
+// it is newly dropped (path-unseen) by a candidate that narrows the host to
+// a path. An event from before the field existed is known to have shown
+// no path from its reason alone.
+func TestReplayPathUnseen(t *testing.T) {
+	compile := func(to string) *policy.Engine {
+		t.Helper()
+		e, err := policy.Compile("c.yaml", []byte("version: 1\nmode: enforce\nrules:\n  - name: r\n    to: ["+to+"]\n    ports: [80/tcp]\n"))
+		if err != nil {
+			t.Fatal(err)
+		}
+		return e
+	}
+	t0 := time.Date(2026, 11, 24, 10, 0, 0, 0, time.UTC)
+	flow := func(port uint16, d policy.Decision, noPath bool) Event {
+		ev := Event{Kind: KindFlow, Source: SourceProxy, Time: t0.Add(time.Duration(port) * time.Second), Client: netip.MustParseAddr("192.0.2.7"), ClientPort: port,
+			Dest: netip.MustParseAddr("203.0.113.5"), DestPort: 80, Proto: "tcp", Name: "a.test", NameSource: NameDNSLearned, NoPath: noPath}
+		ev.Stamp(d)
+		return ev
+	}
+	unseen := policy.Decision{Verdict: policy.Deny, RuleIndex: -1, Reason: policy.ReasonPathUnseen, Mode: policy.ModeEnforce}
+	allowed := policy.Decision{Verdict: policy.Allow, Rule: "r", Reason: policy.ReasonAllowed, Mode: policy.ModeEnforce}
+	replay := func(cand *policy.Engine, evs ...Event) *ReplayResult {
+		r := NewReplayer(cand, t0)
+		for _, ev := range evs {
+			r.Emit(ev)
+		}
+		return r.Result()
+	}
+
+	// Denied path-unseen (with the field, and from before it).
+	for _, ev := range []Event{flow(40001, unseen, true), flow(40002, unseen, false)} {
+		if res := replay(compile("a.test"), ev); len(res.NewlyAllowed) != 1 || res.NewlyAllowed[0].NewRule != "r" {
+			t.Errorf("no-path flow %v under a host rule: %+v", ev.NoPath, res)
+		}
+		if res := replay(compile(`"a.test/other/*"`), ev); res.Unchanged != 1 || len(res.NewlyAllowed) != 0 {
+			t.Errorf("no-path flow %v under another host/path rule: %+v", ev.NoPath, res)
+		}
+	}
+	// Allowed by a host rule, no path shown: a host/path candidate drops it.
+	res := replay(compile(`"a.test/api/*"`), flow(40003, allowed, true))
+	if len(res.NewlyDropped) != 1 || res.NewlyDropped[0].NewReason != policy.ReasonPathUnseen {
+		t.Errorf("allowed no-path flow under a host/path candidate: %+v", res)
+	}
+	// TLS (path unknown) stays allowed at host level.
+	res = replay(compile(`"a.test/api/*"`), flow(40004, allowed, false))
+	if len(res.NewlyDropped) != 0 {
+		t.Errorf("allowed flow with an unknown path under a host/path candidate: %+v", res)
+	}
+}

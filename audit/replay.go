@@ -102,7 +102,11 @@ func (r *Replayer) Emit(ev Event) {
 	}
 	pr, _ := policy.ParseProto(ev.Proto)
 	in := policy.Input{Client: ev.Client.Unmap(), ClientMAC: mac, Dest: ev.Dest.Unmap(), Port: ev.DestPort, Proto: pr,
-		Name: ev.Name, Path: ev.Path, Now: r.now}
+		Name: ev.Name, Path: ev.Path, Now: r.now,
+		// A flow that showed no path is decided so again; a path-unseen
+		// denial says so by itself (events from before NoPath was
+		// recorded).
+		NoPath: ev.NoPath || ev.Reason == policy.ReasonPathUnseen}
 	var d policy.Decision
 	switch ev.Kind {
 	case KindDNS:
@@ -168,13 +172,14 @@ func (r *Replayer) Emit(ev Event) {
 // ClientHello, an HTTP head the proxy refuses, an SNI for an address
 // nobody resolved (sni-mismatch), the special-range guard, a client over
 // its DNS rate. Re-deciding only the name and address would call those
-// flows newly allowed, even against the policy that recorded them. The
-// price: a candidate that would lift one of them (a CIDR rule that vouches
+// flows newly allowed, even against the policy that recorded them.
+// path-unseen is the policy's: the flow showed no path (Event.NoPath), and
+// it is decided again with Input.NoPath. The price: a candidate that would lift one of them (a CIDR rule that vouches
 // for the address of an sni-mismatch, one naming a special range) is not
 // shown as doing so.
 func policyReason(reason string) bool {
 	switch reason {
-	case "", policy.ReasonNoRule, policy.ReasonPort, policy.ReasonPath, policy.ReasonClient,
+	case "", policy.ReasonNoRule, policy.ReasonPort, policy.ReasonPath, policy.ReasonPathUnseen, policy.ReasonClient,
 		policy.ReasonExpired, policy.ReasonInvalidName, policy.ReasonNoDestination:
 		return true
 	}

@@ -13,7 +13,8 @@ import (
 // allow it) only when it saw the flow from the client's SYN on. A flow
 // already open when capture started, or whose first client segment
 // capture lost, may well be TLS or HTTP/1 the proxy read: it is judged at
-// host level, as before.
+// host level, as before. The event of the first says it showed no path
+// (Event.NoPath), for a replay to decide it so again.
 func TestNoPathNeedsTheStart(t *testing.T) {
 	const pol = `version: 1
 mode: audit
@@ -48,7 +49,7 @@ rules:
 		got[ev.ClientPort] = ev
 	}
 	for i, want := range []string{policy.ReasonPathUnseen, policy.ReasonAllowed, policy.ReasonAllowed} {
-		if ev, ok := got[uint16(48000+i)]; !ok || ev.Reason != want {
+		if ev, ok := got[uint16(48000+i)]; !ok || ev.Reason != want || ev.NoPath != (i == 0) {
 			t.Errorf("flow %d: %+v, want %s", i, ev, want)
 		}
 	}

@@ -127,6 +127,7 @@ type flow struct {
 	dec      policy.Decision
 	evName   string
 	evSrc    audit.NameSource
+	noPath   bool // decided as showing no path (showsNoPath), for its events
 }
 
 // proc is the packet pipeline: decoding, flows, names, classification. It
@@ -1225,6 +1226,14 @@ func (p *proc) classify(f *flow) {
 	// An HTTP flow is decided with its request's path, as the proxy's
 	// decideHTTP decides it (host/path rules match it).
 	f.dec, f.evName, f.evSrc = p.decide(p.c.deps.Policy.Load(), f, f.name, f.nameSrc, f.path)
+	f.noPath = f.showsNoPath()
+}
+
+// showsNoPath reports whether f is TCP that capture saw from its SYN and
+// that is neither TLS nor an HTTP/1 request (see decide): a flow decided
+// with policy.Input.NoPath.
+func (f *flow) showsNoPath() bool {
+	return f.proto != 17 && f.syn && (f.app == appOther || f.app == appUnknown && (f.started || f.bytes[0] == 0))
 }
 
 // decide decides f's connection, or one request of it, by name (as the
@@ -1243,7 +1252,7 @@ func (p *proc) decide(eng *policy.Engine, f *flow, name string, src audit.NameSo
 	// Only where capture saw the flow from its SYN and the client's first
 	// bytes (or that it sent none): a flow open before capture started, or
 	// whose first segment capture lost, may be TLS or HTTP/1 the proxy read.
-	in.NoPath = proto == policy.TCP && f.syn && (f.app == appOther || f.app == appUnknown && (f.started || f.bytes[0] == 0))
+	in.NoPath = f.showsNoPath()
 	if !p.decideAt.IsZero() {
 		in.Now = p.decideAt
 	}
@@ -1380,7 +1389,7 @@ func (p *proc) emit(f *flow, how string) {
 	ev := audit.Event{
 		Kind: audit.KindFlow, Source: audit.SourceCapture, Time: f.first,
 		Client: f.cli.Unmap(), ClientPort: f.cport, Dest: f.srv.Unmap(), DestPort: f.sport, Proto: ps,
-		Name: f.evName, NameSource: f.evSrc, Path: f.path,
+		Name: f.evName, NameSource: f.evSrc, Path: f.path, NoPath: f.noPath,
 		BytesOut: f.bytes[0], BytesIn: f.bytes[1], Duration: f.last.Sub(f.first).Seconds(), Close: how,
 	}
 	if f.hasMAC {

@@ -602,6 +602,7 @@ func (p *Proxy) tunnelConnect(client net.Conn, st *connectState, v verdict, f *f
 		}
 		if len(pre) == 0 || pre[0] != 0x16 {
 			f.ev.Stamp(st.noPath)
+			f.ev.NoPath = true
 			if f.ev.Enforced {
 				server.Close()
 				f.ev.Close = closeDenied

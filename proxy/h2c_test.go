@@ -135,7 +135,7 @@ func TestH2CPathRules(t *testing.T) {
 		}
 		notServed(t, "/private-h2c")
 		ev := flow(t, c)
-		if ev.Verdict != policy.Deny || !ev.Enforced || ev.Reason != policy.ReasonPathUnseen || ev.Name != "docs.paths.test" || ev.NameSource != audit.NameDNSLearned {
+		if ev.Verdict != policy.Deny || !ev.Enforced || ev.Reason != policy.ReasonPathUnseen || ev.Name != "docs.paths.test" || ev.NameSource != audit.NameDNSLearned || !ev.NoPath {
 			t.Errorf("event %+v", ev)
 		}
 	})
@@ -179,7 +179,7 @@ func TestH2CPathRules(t *testing.T) {
 		if got := readAll(c, 10*time.Second); len(got) != 0 {
 			t.Errorf("a silent client got %q", got)
 		}
-		if ev := flow(t, c); ev.Reason != policy.ReasonPathUnseen || !ev.Enforced {
+		if ev := flow(t, c); ev.Reason != policy.ReasonPathUnseen || !ev.Enforced || !ev.NoPath {
 			t.Errorf("event %+v", ev)
 		}
 	})
@@ -193,7 +193,7 @@ func TestH2CPathRules(t *testing.T) {
 		if err != nil || !strings.Contains(body, "path=/late-tls") {
 			t.Errorf("late TLS hello: %q %v", body, err)
 		}
-		if ev := flow(t, c); ev.Verdict != policy.Allow || ev.Rule != "docs" || ev.NameSource != audit.NameSNI {
+		if ev := flow(t, c); ev.Verdict != policy.Allow || ev.Rule != "docs" || ev.NameSource != audit.NameSNI || ev.NoPath {
 			t.Errorf("event %+v", ev)
 		}
 	})
@@ -220,7 +220,9 @@ func TestH2CPathRules(t *testing.T) {
 		if err != nil || out != "200 proto=HTTP/2.0 path=/any-h2c" {
 			t.Errorf("h2c to a host-level name: %q %v", out, err)
 		}
-		if ev := flow(t, c); ev.Verdict != policy.Allow || ev.Rule != "allowed" {
+		// No path showed (NoPath): a replay under a candidate that
+		// narrows allowed.test to a path drops it (path-unseen).
+		if ev := flow(t, c); ev.Verdict != policy.Allow || ev.Rule != "allowed" || !ev.NoPath {
 			t.Errorf("event %+v", ev)
 		}
 	})
@@ -244,7 +246,7 @@ func TestH2CPathRules(t *testing.T) {
 		ev := tp.ev.wait(t, "connect flow", func(ev audit.Event) bool {
 			return ev.Kind == audit.KindFlow && ev.NameSource == audit.NameConnect && ev.Name == "docs.paths.test" && ev.DestPort == h2cPort
 		})
-		if ev.Verdict != policy.Deny || !ev.Enforced || ev.Reason != policy.ReasonPathUnseen {
+		if ev.Verdict != policy.Deny || !ev.Enforced || ev.Reason != policy.ReasonPathUnseen || !ev.NoPath {
 			t.Errorf("event %+v", ev)
 		}
 	})

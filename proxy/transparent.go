@@ -95,6 +95,7 @@ func (p *Proxy) handleTransparent(c *net.TCPConn, ours bool) {
 	p.met.peek.Observe(time.Since(start).Seconds())
 	f.ev.Stamp(v.d)
 	f.ev.Name, f.ev.NameSource = v.name, v.src
+	f.ev.NoPath = kind == kindOther // decided with Input.NoPath (peek)
 	if kind == kindHTTP && head.Path != "" {
 		f.ev.Path = head.Path
 	}
