@@ -15,6 +15,7 @@ import (
 	"os/signal"
 	"path/filepath"
 	"runtime"
+	"slices"
 	"strconv"
 	"strings"
 	"sync"
@@ -532,6 +533,13 @@ func (d *daemon) run(ctx context.Context) error {
 		}
 	}
 
+	if eng.Mode() == policy.ModeAudit {
+		if why := auditWANExposure(wan, cfg.guardWAN, splitList(cfg.dnsListen), interfaceAddrs(wan)); why != "" {
+			d.log.Warn(why, "wan", wan)
+			d.say("warning: %s", why)
+		}
+	}
+
 	switch {
 	case cfg.noFirewall:
 		d.say("firewall: not touched (--no-firewall): bring traffic to the listeners yourself")
@@ -882,6 +890,57 @@ func joinAddrPorts(a []netip.AddrPort) string {
 }
 
 // listenPort returns the port of a listen address, 0 when it has none.
+// auditWANExposure says, for a run in audit mode, that the DNS forwarder
+// and the proxies answer clients on the WAN side, "" when they do not or
+// no WAN interface is known. Audit mode installs nothing (README): no
+// redirect, and no inbound guard unless --guard-wan (guarded) asks for
+// one; and the forwarder never denies in audit mode, so one listening
+// where WAN-side hosts reach it is an open resolver (amplification). It
+// is limited to the LAN when every DNS listen address is a specific one
+// the WAN interface does not hold (wanAddrs). The proxies listen as they
+// are told, the transparent one on every address by default.
+func auditWANExposure(wan string, guarded bool, dnsListen []string, wanAddrs []netip.Addr) string {
+	if wan == "" || guarded {
+		return ""
+	}
+	exposed := ""
+	for _, l := range dnsListen {
+		host, _, err := net.SplitHostPort(l)
+		if err != nil {
+			continue
+		}
+		a, err := netip.ParseAddr(host)
+		if err != nil || a.IsUnspecified() || slices.Contains(wanAddrs, a.Unmap()) {
+			exposed = l // every address, a name, or one of the WAN interface's
+			break
+		}
+	}
+	if exposed == "" {
+		return ""
+	}
+	return fmt.Sprintf("audit mode: the DNS forwarder (--dns-listen %s, every name allowed) and the proxies answer clients on the WAN side (%s) too: an open resolver; --guard-wan drops new connections from the WAN side (nothing else is installed; not with --no-firewall), or give --dns-listen the LAN address", exposed, wan)
+}
+
+// interfaceAddrs returns the addresses of an interface, nil when it has
+// none or does not exist.
+func interfaceAddrs(name string) []netip.Addr {
+	if name == "" {
+		return nil
+	}
+	i, err := net.InterfaceByName(name)
+	if err != nil {
+		return nil
+	}
+	addrs, _ := i.Addrs()
+	var out []netip.Addr
+	for _, a := range addrs {
+		if p, err := netip.ParsePrefix(a.String()); err == nil {
+			out = append(out, p.Addr().Unmap())
+		}
+	}
+	return out
+}
+
 // redirectMisses says what LAN traffic the firewall's redirect would send
 // past a listener on addr, "" when none: the redirect rewrites the
 // destination to the address of the interface the packet came in on (the

@@ -3,6 +3,7 @@ package main
 import (
 	"context"
 	"net"
+	"net/netip"
 	"path/filepath"
 	"regexp"
 	"strings"
@@ -77,5 +78,86 @@ func TestRunProxyListenFails(t *testing.T) {
 				t.Errorf("no proxy line saying nothing listens:\n%s", got)
 			}
 		})
+	}
+}
+
+// TestRunAuditWANExposure: in audit mode nothing is installed, so the DNS
+// forwarder (which never denies there) and the proxies answer clients on
+// the WAN side too, an open resolver. `egressd run` says so once at start,
+// on its output and in its log, and names --guard-wan; not when the
+// forwarder listens only on addresses the WAN interface does not have.
+func TestRunAuditWANExposure(t *testing.T) {
+	const warn = "answer clients on the WAN side"
+	for _, c := range []struct {
+		name string
+		args []string
+		want bool
+	}{
+		// 127.0.0.1 is an address of the WAN interface (lo) here.
+		{"wan-address", []string{"--wan", "lo", "--dns-listen", "127.0.0.1:0"}, true},
+		{"guard-wan", []string{"--wan", "lo", "--dns-listen", "127.0.0.1:0", "--guard-wan"}, false},
+		// The interface of the default route, which 127.0.0.1 is not on.
+		{"address-not-on-wan", []string{"--wan", "", "--dns-listen", "127.0.0.1:0"}, false},
+		{"enforce", []string{"--wan", "lo", "--dns-listen", "127.0.0.1:0", "--mode", "enforce"}, false},
+	} {
+		t.Run(c.name, func(t *testing.T) {
+			dir := t.TempDir()
+			var out, errb lockedBuffer
+			ctx, cancel := context.WithCancel(context.Background())
+			done := make(chan int, 1)
+			args := append([]string{"--mode", "audit", "--lan", "lo", "--no-firewall", "--proxy-listen", "127.0.0.1:0", "--explicit-proxy-listen", "off",
+				"--admin", "127.0.0.1:0", "--upstream-dns", "127.0.0.1:9", "--state-dir", filepath.Join(dir, "state")}, c.args...)
+			go func() { done <- cmdRun(ctx, args, &out, &errb) }()
+			for deadline := time.Now().Add(10 * time.Second); !strings.Contains(out.String(), "admin: http://"); {
+				if time.Now().After(deadline) {
+					cancel()
+					<-done
+					t.Fatalf("egressd run did not start in 10s\nstdout:\n%s\nstderr:\n%s", out.String(), errb.String())
+				}
+				time.Sleep(20 * time.Millisecond)
+			}
+			cancel()
+			select {
+			case <-done:
+			case <-time.After(20 * time.Second):
+				t.Fatalf("egressd run did not stop within 20s\n%s", errb.String())
+			}
+			got, log := out.String(), errb.String()
+			if n := strings.Count(got, warn); n != map[bool]int{true: 1, false: 0}[c.want] {
+				t.Errorf("%d warnings on the output, want it %v:\n%s", n, c.want, got)
+			}
+			if c.want && (!strings.Contains(got, "--guard-wan") || !strings.Contains(log, warn) || strings.Count(log, warn) != 1) {
+				t.Errorf("the warning does not name --guard-wan or is not logged once:\nstdout:\n%s\nstderr:\n%s", got, log)
+			}
+		})
+	}
+}
+
+// TestAuditWANExposure: which DNS listen addresses WAN-side clients reach.
+func TestAuditWANExposure(t *testing.T) {
+	wanAddrs := []netip.Addr{netip.MustParseAddr("198.51.100.2"), netip.MustParseAddr("2001:db8::2")}
+	for _, c := range []struct {
+		wan     string
+		guarded bool
+		listen  string
+		want    bool
+	}{
+		{"wan0", false, ":53", true},
+		{"wan0", false, "[::]:53", true},
+		{"wan0", false, "0.0.0.0:53", true},
+		{"wan0", false, "gateway.lan:53", true}, // a name: may be any address
+		{"wan0", false, "198.51.100.2:53", true},
+		{"wan0", false, "[::ffff:198.51.100.2]:53", true},
+		{"wan0", false, "[2001:db8::2]:53", true},
+		{"wan0", false, "192.168.50.1:53,[fd00::1]:53", false},
+		{"wan0", false, "192.168.50.1:53,:53", true},
+		{"wan0", false, "127.0.0.1:53", false},
+		{"wan0", true, ":53", false},
+		{"", false, ":53", false},
+	} {
+		got := auditWANExposure(c.wan, c.guarded, splitList(c.listen), wanAddrs)
+		if (got != "") != c.want || c.want && !strings.Contains(got, "--guard-wan") {
+			t.Errorf("wan %q guarded %v listen %q: %q", c.wan, c.guarded, c.listen, got)
+		}
 	}
 }
