@@ -1174,6 +1174,9 @@ const (
 	// but the destination address was not given out for a name of the
 	// rule that allows it (THREATS.md A2).
 	ReasonSNIMismatch = "sni-mismatch"
+	// ReasonSpecialRange: the destination is in a range the proxy's
+	// guard refuses unless a CIDR rule names it (policy.SpecialRange).
+	ReasonSpecialRange = "special-range"
 	// ReasonHelloTimeout: the ClientHello or HTTP request head did not
 	// complete within classifyWait of the handshake.
 	ReasonHelloTimeout = "hello-timeout"
@@ -1265,7 +1268,8 @@ func (p *proc) decide(eng *policy.Engine, f *flow, name string, src audit.NameSo
 			name = n
 		}
 		in.Name = name
-		d = eng.Decide(in)
+		// The guard before the address check, as the proxy's decideName.
+		d = p.special(eng, in, eng.Decide(in))
 		if d.Allowed() && !p.vouched(eng, in, d) {
 			d = policy.Decision{Verdict: policy.Deny, RuleIndex: -1, Reason: ReasonSNIMismatch, Mode: eng.Mode()}
 		}
@@ -1296,6 +1300,7 @@ func (p *proc) decide(eng *policy.Engine, f *flow, name string, src audit.NameSo
 				break
 			}
 		}
+		d = p.special(eng, in, d)
 	}
 	// A path an origin may read as another one ("/api/../admin") is
 	// refused where only a host/path rule allows the request, as the
@@ -1308,6 +1313,32 @@ func (p *proc) decide(eng *policy.Engine, f *flow, name string, src audit.NameSo
 		}
 	}
 	return d, name, src
+}
+
+// special applies the proxy's special-range guard (policy.SpecialRange,
+// THREATS.md F1, F2) to d, the decision of in: a destination in a guarded
+// range (link-local and cloud metadata, CGNAT, loopback, the IPv6 forms
+// that carry an IPv4 address, …) that d allows is refused with
+// special-range unless a CIDR rule names the range; loopback and the
+// unspecified address, the gateway itself, are refused so whatever d says
+// (the proxy's selfDecision). DNS is left alone: enforce mode redirects it
+// to the forwarder, whatever its destination. The gateway's own addresses
+// are not asked about: capture records no flow to them (Config.OwnAddrs).
+func (p *proc) special(eng *policy.Engine, in policy.Input, d policy.Decision) policy.Decision {
+	if in.Port == 53 {
+		return d
+	}
+	g, ok := policy.SpecialRange(in.Dest, nil, nil)
+	if !ok {
+		return d
+	}
+	if a := in.Dest.Unmap(); !d.Allowed() && !a.IsLoopback() && !a.IsUnspecified() {
+		return d
+	}
+	if eng.CIDRNames(in, g) {
+		return d
+	}
+	return policy.Decision{Verdict: policy.Deny, RuleIndex: -1, Reason: ReasonSpecialRange, Mode: eng.Mode()}
 }
 
 // vouched reports whether a flow's destination address belongs to the

@@ -1,0 +1,84 @@
+package capture
+
+import (
+	"net/netip"
+	"testing"
+
+	"egressd/audit"
+	"egressd/policy"
+)
+
+// guardPolicy opens every address on a few ports ("*"), which the proxy's
+// special-range guard does not let reach the guarded ranges, and names
+// CGNAT by a CIDR rule, which does.
+const guardPolicy = `version: 1
+mode: audit
+rules:
+  - name: any
+    to: ["*"]
+    ports: [80/tcp, 443/tcp, 5000/udp]
+  - name: cgnat
+    to: [100.64.0.0/10]
+    ports: [8080/tcp]
+`
+
+// TestSyntheticSpecialRange: capture judges flows and the later requests
+// it follows with the proxy's special-range guard (proxy/guard.go,
+// THREATS.md F1, F2): a flow to cloud metadata, loopback or a NAT64 form of
+// metadata that a broad rule allows is reported denied (special-range), as
+// enforce mode refuses it; a range a CIDR rule names is allowed.
+func TestSyntheticSpecialRange(t *testing.T) {
+	cli := netip.MustParseAddr("192.0.2.50")
+	cli6 := netip.MustParseAddr("2001:db8::50")
+	meta := netip.MustParseAddr("169.254.169.254")
+	p := newPcap(t)
+	type flowCase struct {
+		what    string
+		cli     netip.Addr
+		dst     string
+		port    uint16
+		data    []byte
+		verdict policy.Verdict
+		reason  string
+	}
+	get := "GET /latest/meta-data/ HTTP/1.1\r\nHost: 169.254.169.254\r\n\r\n"
+	cases := []flowCase{
+		{"metadata over plain HTTP, by address", cli, "169.254.169.254", 80, []byte(get + get), policy.Deny, ReasonSpecialRange},
+		{"metadata with an allowed SNI", cli, "169.254.169.254", 443, realClientHello(t, "meta.example"), policy.Deny, ReasonSpecialRange},
+		{"CGNAT named by a CIDR rule", cli, "100.64.0.1", 8080, []byte("SSH-2.0-x\r\n"), policy.Allow, policy.ReasonAllowed},
+		{"loopback, no rule", cli, "127.0.0.1", 22, []byte("SSH-2.0-x\r\n"), policy.Deny, ReasonSpecialRange},
+		{"NAT64 of metadata", cli6, "64:ff9b::a9fe:a9fe", 80, []byte("SSH-2.0-x\r\n"), policy.Deny, ReasonSpecialRange},
+		{"an ordinary address", cli, "203.0.113.9", 80, []byte("SSH-2.0-x\r\n"), policy.Allow, policy.ReasonAllowed},
+	}
+	for i, tc := range cases {
+		c := &tcpConn{p: p, cli: tc.cli, srv: netip.MustParseAddr(tc.dst), cport: uint16(41000 + i), sport: tc.port, cseq: 1, sseq: 1}
+		c.handshake()
+		c.send(true, tc.data, 1400, nil, nil)
+		c.send(false, []byte("x"), 1400, nil, nil)
+		c.close()
+	}
+	p.udp(true, cli, meta, 41100, 5000, []byte("hello"))
+	r := synthRun(t, p.close(), guardPolicy, nil, Config{})
+	flows := map[uint16]audit.Event{}
+	var reqs []audit.Event
+	for _, ev := range r.events {
+		if ev.Kind == audit.KindRequest {
+			reqs = append(reqs, ev)
+			continue
+		}
+		flows[ev.ClientPort] = ev
+	}
+	for i, tc := range cases {
+		ev := flows[uint16(41000+i)]
+		if ev.Verdict != tc.verdict || ev.Reason != tc.reason {
+			t.Errorf("%s: %s %s (rule %q), want %s %s", tc.what, ev.Verdict, ev.Reason, ev.Rule, tc.verdict, tc.reason)
+		}
+	}
+	if ev := flows[41100]; ev.Verdict != policy.Deny || ev.Reason != ReasonSpecialRange {
+		t.Errorf("UDP to metadata: %s %s, want deny %s", ev.Verdict, ev.Reason, ReasonSpecialRange)
+	}
+	// The second request to metadata, followed, is judged so too.
+	if len(reqs) != 1 || reqs[0].Verdict != policy.Deny || reqs[0].Reason != ReasonSpecialRange {
+		t.Errorf("later requests: %+v, want one denied %s", reqs, ReasonSpecialRange)
+	}
+}
