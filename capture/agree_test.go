@@ -82,3 +82,49 @@ func TestSyntheticSpecialRange(t *testing.T) {
 		t.Errorf("later requests: %+v, want one denied %s", reqs, ReasonSpecialRange)
 	}
 }
+
+// TestSyntheticNoSNIAddressFirst: a ClientHello without SNI to an address
+// egressd's DNS gave out for names is decided as the proxy's decideAddr
+// decides it: by the address first (a CIDR rule that allows it decides, and
+// is credited), and only then by the names.
+func TestSyntheticNoSNIAddressFirst(t *testing.T) {
+	cli := netip.MustParseAddr("192.0.2.60")
+	hello := realClientHello(t, "")
+	p := newPcap(t)
+	dsts := []string{
+		"198.51.100.7", // lab allows the address; DNS gave it out for a denied name
+		"198.51.100.8", // lab allows the address; DNS gave it out for an allowed name too
+		"203.0.113.8",  // only the name allows it
+	}
+	for i, d := range dsts {
+		c := &tcpConn{p: p, cli: cli, srv: netip.MustParseAddr(d), cport: uint16(42000 + i), sport: 443, cseq: 1, sseq: 1}
+		c.handshake()
+		c.send(true, hello, 1400, nil, nil)
+		c.close()
+	}
+	facts := factsMap{
+		netip.MustParseAddr("198.51.100.7"): {"evil.test"},
+		netip.MustParseAddr("198.51.100.8"): {"a.allowed.test"},
+		netip.MustParseAddr("203.0.113.8"):  {"evil.test", "b.allowed.test"},
+	}
+	r := synthRun(t, p.close(), testPolicy, facts, Config{})
+	got := map[netip.Addr]audit.Event{}
+	for _, ev := range r.events {
+		got[ev.Dest] = ev
+	}
+	type want struct {
+		rule, name string
+		src        audit.NameSource
+	}
+	wants := []want{
+		{"lab", "", audit.NameNoSNI},
+		{"lab", "", audit.NameNoSNI},
+		{"web", "b.allowed.test", audit.NameDNSLearned},
+	}
+	for i, d := range dsts {
+		ev, w := got[netip.MustParseAddr(d)], wants[i]
+		if ev.Verdict != policy.Allow || ev.Rule != w.rule || ev.Name != w.name || ev.NameSource != w.src {
+			t.Errorf("%s: %s rule %q name %q (%s), want allow rule %q name %q (%s)", d, ev.Verdict, ev.Rule, ev.Name, ev.NameSource, w.rule, w.name, w.src)
+		}
+	}
+}

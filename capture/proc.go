@@ -167,7 +167,9 @@ type proc struct {
 	own     map[netip.Addr]struct{}
 	scratch []byte
 	cands   []candidate
-	cut     int // bytes of the current frame the capture cut off
+	// candNames are the names of cands, for policy.DecideLearned.
+	candNames []string
+	cut       int // bytes of the current frame the capture cut off
 	// streamBytes are the bytes all flows hold to read names (flow.held),
 	// at most about Config.MaxStreamBytes (streamRoom).
 	streamBytes int
@@ -1274,30 +1276,33 @@ func (p *proc) decide(eng *policy.Engine, f *flow, name string, src audit.NameSo
 			d = policy.Decision{Verdict: policy.Deny, RuleIndex: -1, Reason: ReasonSNIMismatch, Mode: eng.Mode()}
 		}
 	} else {
-		p.cands = p.cands[:0]
-		if p.c.deps.DNS != nil {
-			for _, n := range p.c.deps.DNS.NamesFor(in.Client, in.Dest) {
-				p.cands = append(p.cands, candidate{n, audit.NameDNSLearned})
-			}
+		// By the address first, then by the names DNS gave it out for,
+		// in the proxy's order (decideAddr, policy.DecideLearned): a CIDR
+		// rule that allows the address decides before any name.
+		if src == "" {
+			src = audit.NameNone
 		}
-		var names [4]string
-		for _, n := range p.c.learned.namesFor(in.Client, in.Dest, p.now, names[:0]) {
-			p.cands = append(p.cands, candidate{n, audit.NameDNSAnswer})
-		}
-		if len(p.cands) == 0 {
-			d = eng.Decide(in)
-			if src == "" {
-				src = audit.NameNone
+		d = eng.Decide(in)
+		if !d.Allowed() {
+			p.cands, p.candNames = p.cands[:0], p.candNames[:0]
+			if p.c.deps.DNS != nil {
+				for _, n := range p.c.deps.DNS.NamesFor(in.Client, in.Dest) {
+					p.cands = append(p.cands, candidate{n, audit.NameDNSLearned})
+				}
 			}
-		}
-		for i, c := range p.cands {
-			in.Name = c.name
-			dd := eng.Decide(in)
-			if i == 0 || dd.Allowed() {
-				d, name, src = dd, c.name, c.src
+			var names [4]string
+			for _, n := range p.c.learned.namesFor(in.Client, in.Dest, p.now, names[:0]) {
+				p.cands = append(p.cands, candidate{n, audit.NameDNSAnswer})
 			}
-			if dd.Allowed() {
-				break
+			for _, c := range p.cands {
+				p.candNames = append(p.candNames, c.name)
+			}
+			var i int
+			if d, i = eng.DecideLearned(in, d, p.candNames); i >= 0 {
+				name, src = p.cands[i].name, p.cands[i].src
+				if d.Allowed() {
+					in.Name = name
+				}
 			}
 		}
 		d = p.special(eng, in, d)

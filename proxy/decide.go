@@ -166,20 +166,14 @@ func (p *Proxy) decideAddr(eng *policy.Engine, in policy.Input, src audit.NameSo
 	}
 	v.d = eng.Decide(in)
 	if !v.d.Allowed() && p.deps.DNS != nil {
-		for _, n := range p.deps.DNS.NamesFor(in.Client.Unmap(), in.Dest.Unmap()) {
-			ni := in
-			ni.Name = n
-			d := eng.Decide(ni)
-			if v.name == "" {
-				v.name, v.src = n, audit.NameDNSLearned // the best name known, even for a deny
-				if d.Reason == policy.ReasonPathUnseen {
-					v.d = d // say why the name's host/path rule does not allow it
-				}
-			}
+		// The address first, then the names (policy.DecideLearned, which
+		// capture decides with too).
+		names := p.deps.DNS.NamesFor(in.Client.Unmap(), in.Dest.Unmap())
+		if d, i := eng.DecideLearned(in, v.d, names); i >= 0 {
+			// The name that allows it, else the best name known.
+			v.d, v.name, v.src = d, names[i], audit.NameDNSLearned
 			if d.Allowed() {
-				v.d, v.name, v.src = d, n, audit.NameDNSLearned
-				in = ni
-				break
+				in.Name = names[i]
 			}
 		}
 	}
