@@ -1,6 +1,7 @@
 package capture
 
 import (
+	"fmt"
 	"net/netip"
 	"testing"
 
@@ -126,5 +127,115 @@ func TestSyntheticNoSNIAddressFirst(t *testing.T) {
 		if ev.Verdict != policy.Allow || ev.Rule != w.rule || ev.Name != w.name || ev.NameSource != w.src {
 			t.Errorf("%s: %s rule %q name %q (%s), want allow rule %q name %q (%s)", d, ev.Verdict, ev.Rule, ev.Name, ev.NameSource, w.rule, w.name, w.src)
 		}
+	}
+}
+
+// portsPolicy has names on a port the firewall does not redirect (8443),
+// a host/path rule on another (8080, redirected all the same), a rule for
+// every address and one for half of IPv4 on ports not redirected either.
+const portsPolicy = `version: 1
+mode: %s
+rules:
+  - name: web
+    to: ["*.allowed.test"]
+    ports: [443/tcp, 8443/tcp]
+  - name: notion
+    to: ["notion.test/nirovision/*"]
+    ports: [8080/tcp]
+  - name: lab
+    to: [198.51.100.0/24]
+    ports: [any]
+  - name: any
+    to: ["*"]
+    ports: [9000/tcp]
+  - name: half
+    to: [128.0.0.0/1]
+    ports: [9001/tcp]
+`
+
+// TestSyntheticTCPPorts: with Config.TCPPorts (egressd run --tcp-ports),
+// a TCP flow to a port enforce mode does not redirect to the proxy is
+// judged as nftables judges it, at its first packet, by address and the
+// addresses DNS gave out for a rule's names, never by its SNI or Host; the
+// listed ports and those of host/path rules are judged as the proxy judges
+// them. Without the list every port is the proxy's.
+func TestSyntheticTCPPorts(t *testing.T) {
+	cli := netip.MustParseAddr("192.0.2.70")
+	p := newPcap(t)
+	type flowCase struct {
+		what  string
+		dst   string
+		port  uint16
+		data  []byte
+		fwd   verdictWant // with --tcp-ports 443
+		proxy verdictWant // every port redirected
+	}
+	allowedHello := realClientHello(t, "x.allowed.test")
+	evilHello := realClientHello(t, "evil.test")
+	cases := []flowCase{
+		{"a listed port, by SNI", "203.0.113.20", 443, allowedHello,
+			verdictWant{policy.Allow, policy.ReasonAllowed, "x.allowed.test"}, verdictWant{policy.Allow, policy.ReasonAllowed, "x.allowed.test"}},
+		{"an allowed SNI to an address no name was given out for", "203.0.113.21", 8443, allowedHello,
+			verdictWant{policy.Deny, policy.ReasonPort, ""}, verdictWant{policy.Allow, policy.ReasonAllowed, "x.allowed.test"}},
+		{"a denied SNI to an address given out for an allowed name", "203.0.113.22", 8443, evilHello,
+			verdictWant{policy.Allow, policy.ReasonAllowed, "y.allowed.test"}, verdictWant{policy.Deny, policy.ReasonPort, "evil.test"}},
+		{"a host/path rule's port", "203.0.113.23", 8080, []byte("GET /nirovision/a HTTP/1.1\r\nHost: notion.test\r\n\r\n"),
+			verdictWant{policy.Allow, policy.ReasonAllowed, "notion.test"}, verdictWant{policy.Allow, policy.ReasonAllowed, "notion.test"}},
+		{"a CIDR rule", "198.51.100.9", 22, []byte("SSH-2.0-x\r\n"),
+			verdictWant{policy.Allow, policy.ReasonAllowed, ""}, verdictWant{policy.Allow, policy.ReasonAllowed, ""}},
+		{"metadata under a rule for every address", "169.254.169.254", 9000, []byte("x"),
+			verdictWant{policy.Deny, ReasonSpecialRange, ""}, verdictWant{policy.Deny, ReasonSpecialRange, ""}},
+		{"metadata under a wide CIDR rule", "169.254.169.254", 9001, []byte("x"),
+			verdictWant{policy.Allow, policy.ReasonAllowed, ""}, verdictWant{policy.Deny, ReasonSpecialRange, ""}},
+	}
+	for i, tc := range cases {
+		c := &tcpConn{p: p, cli: cli, srv: netip.MustParseAddr(tc.dst), cport: uint16(43000 + i), sport: tc.port, cseq: 1, sseq: 1}
+		c.handshake()
+		c.send(true, tc.data, 1400, nil, nil)
+		c.send(false, []byte("x"), 1400, nil, nil)
+		c.close()
+	}
+	path := p.close()
+	facts := factsMap{netip.MustParseAddr("203.0.113.22"): {"y.allowed.test"}}
+	for _, mode := range []policy.Mode{policy.ModeAudit, policy.ModeEnforce} {
+		for _, list := range []bool{true, false} {
+			cfg := Config{}
+			if list {
+				cfg.TCPPorts = []policy.PortRange{{Lo: 443, Hi: 443, Proto: policy.TCP}}
+			}
+			r := synthRun(t, path, fmt.Sprintf(portsPolicy, mode), facts, cfg)
+			flows := map[uint16]audit.Event{}
+			for _, ev := range r.events {
+				if ev.Kind == audit.KindFlow {
+					flows[ev.ClientPort] = ev
+				}
+			}
+			for i, tc := range cases {
+				w := tc.proxy
+				if list {
+					w = tc.fwd
+				}
+				ev := flows[uint16(43000+i)]
+				if ev.Verdict != w.verdict || ev.Reason != w.reason || ev.Name != w.name {
+					t.Errorf("%s, list %v: %s: %s %s name %q, want %s %s name %q", mode, list, tc.what, ev.Verdict, ev.Reason, ev.Name, w.verdict, w.reason, w.name)
+				}
+			}
+		}
+	}
+}
+
+type verdictWant struct {
+	verdict      policy.Verdict
+	reason, name string
+}
+
+func TestConfigTCPPortsValidate(t *testing.T) {
+	for _, pr := range []policy.PortRange{{Lo: 53, Hi: 53, Proto: policy.UDP}, {Lo: 0, Hi: 80, Proto: policy.TCP}, {Lo: 90, Hi: 80, Proto: policy.TCP}} {
+		if err := (Config{TCPPorts: []policy.PortRange{pr}}).Validate(); err == nil {
+			t.Errorf("TCPPorts %v: valid", pr)
+		}
+	}
+	if err := (Config{TCPPorts: []policy.PortRange{{Lo: 80, Hi: 80, Proto: policy.TCP}}}).Validate(); err != nil {
+		t.Error(err)
 	}
 }

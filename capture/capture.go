@@ -68,6 +68,14 @@ type Config struct {
 	// port-53 rule (the seed's "dns"). Nil: Open (live capture) reads the
 	// interfaces' addresses; ReadFile then knows none.
 	OwnAddrs []netip.Addr
+	// TCPPorts are the TCP ports enforce mode redirects to the transparent
+	// proxy (egressd run --tcp-ports), TCP ranges. Nil means every port,
+	// the default. With a list, a TCP flow to another port (and not to a
+	// port of a host/path rule, which is redirected too) is one nftables
+	// forwards or drops at its first packet by its destination address and
+	// the addresses egressd's DNS gave out for a rule's names, without
+	// reading SNI or Host: capture judges it so (see proc.go, forwarded).
+	TCPPorts []policy.PortRange
 }
 
 // Validate returns every problem of the configuration.
@@ -90,6 +98,11 @@ func (c Config) Validate() error {
 	}
 	if c.RingMB < 0 || c.RingMB > 4096 {
 		errs = append(errs, fmt.Errorf("capture: ring size %d MiB out of range 0..4096", c.RingMB))
+	}
+	for _, pr := range c.TCPPorts {
+		if pr.Proto != policy.TCP || pr.Lo == 0 || pr.Lo > pr.Hi {
+			errs = append(errs, fmt.Errorf("capture: tcp port range %v is not a TCP range", pr))
+		}
 	}
 	return errors.Join(errs...)
 }

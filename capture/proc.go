@@ -98,6 +98,9 @@ type flow struct {
 	fin     [2]bool
 	closed  bool // ended and emitted; lingers for trailing packets
 	own     bool // to or from the gateway itself: tracked, never recorded
+	// forwarded: a TCP port enforce mode does not redirect to the proxy
+	// (Config.TCPPorts): nftables judges it by address (see redirected).
+	forwarded bool
 
 	base     [2]uint32 // TCP sequence number of stream offset 0
 	haveBase [2]bool
@@ -504,6 +507,10 @@ func (p *proc) tcpPacket(src, dst netip.Addr, mac []byte) {
 	f, dir = p.lookup(src, sp, dst, dp, 6, clientIsSrc, mac)
 	if !f.decided && (f.sport == 53 || f.cport == 53) {
 		p.classify(f) // by address: DNS flows carry no name of their own
+	} else if !f.decided && f.inspect && !p.redirected(f.sport) {
+		// Forwarded by nftables, not proxied: decided at once by address.
+		f.forwarded, f.inspect = true, false
+		p.classify(f)
 	}
 	if dir == 0 && !t.SYN && f.est.IsZero() {
 		// The proxy's clocks start when it accepts, after the handshake.
@@ -549,6 +556,33 @@ func (p *proc) tcpPacket(src, dst netip.Addr, mac []byte) {
 			p.end(f, "fin")
 		}
 	}
+}
+
+// redirected reports whether enforce mode redirects TCP to port to the
+// transparent proxy (firewall/render.go, redirectRules): every port by
+// default, else the ports of Config.TCPPorts and those of host/path rules
+// (policy.Engine.HostPathPorts, of the policy in force now). Other TCP
+// goes through nftables' forward chain, which accepts it by destination
+// address alone (a CIDR rule, "*" but the guarded ranges, or an address
+// egressd's DNS gave out for a rule's name) and drops the rest: no SNI or
+// Host is read. Capture judges such a flow so, at its first packet, in
+// either mode.
+func (p *proc) redirected(port uint16) bool {
+	ports := p.c.cfg.TCPPorts
+	if ports == nil {
+		return true
+	}
+	for _, pr := range ports {
+		if pr.Contains(port, policy.TCP) {
+			return true
+		}
+	}
+	for _, pr := range p.c.deps.Policy.Load().HostPathPorts() {
+		if pr.Contains(port, policy.TCP) {
+			return true
+		}
+	}
+	return false
 }
 
 // clientFIN: the client ended its stream at sequence number end. A TLS
@@ -1258,6 +1292,9 @@ func (p *proc) decide(eng *policy.Engine, f *flow, name string, src audit.NameSo
 	// bytes (or that it sent none): a flow open before capture started, or
 	// whose first segment capture lost, may be TLS or HTTP/1 the proxy read.
 	in.NoPath = f.showsNoPath()
+	// Forwarded by nftables, not proxied (UDP, TCP to a port not
+	// redirected): the firewall's form of the special-range guard.
+	fwd := proto == policy.UDP || f.forwarded
 	if !p.decideAt.IsZero() {
 		in.Now = p.decideAt
 	}
@@ -1271,7 +1308,7 @@ func (p *proc) decide(eng *policy.Engine, f *flow, name string, src audit.NameSo
 		}
 		in.Name = name
 		// The guard before the address check, as the proxy's decideName.
-		d = p.special(eng, in, eng.Decide(in))
+		d = p.special(eng, in, eng.Decide(in), fwd)
 		if d.Allowed() && !p.vouched(eng, in, d) {
 			d = policy.Decision{Verdict: policy.Deny, RuleIndex: -1, Reason: ReasonSNIMismatch, Mode: eng.Mode()}
 		}
@@ -1305,7 +1342,7 @@ func (p *proc) decide(eng *policy.Engine, f *flow, name string, src audit.NameSo
 				}
 			}
 		}
-		d = p.special(eng, in, d)
+		d = p.special(eng, in, d, fwd)
 	}
 	// A path an origin may read as another one ("/api/../admin") is
 	// refused where only a host/path rule allows the request, as the
@@ -1329,7 +1366,12 @@ func (p *proc) decide(eng *policy.Engine, f *flow, name string, src audit.NameSo
 // (the proxy's selfDecision). DNS is left alone: enforce mode redirects it
 // to the forwarder, whatever its destination. The gateway's own addresses
 // are not asked about: capture records no flow to them (Config.OwnAddrs).
-func (p *proc) special(eng *policy.Engine, in policy.Input, d policy.Decision) policy.Decision {
+//
+// Traffic nftables forwards (fwd: UDP, and TCP to ports not redirected)
+// meets the firewall's form of the guard instead: a rule for every
+// address ("*", a /0) leaves the guarded ranges out, and any other CIDR
+// rule that holds the address, however wide, lets it through.
+func (p *proc) special(eng *policy.Engine, in policy.Input, d policy.Decision, fwd bool) policy.Decision {
 	if in.Port == 53 {
 		return d
 	}
@@ -1337,7 +1379,12 @@ func (p *proc) special(eng *policy.Engine, in policy.Input, d policy.Decision) p
 	if !ok {
 		return d
 	}
-	if a := in.Dest.Unmap(); !d.Allowed() && !a.IsLoopback() && !a.IsUnspecified() {
+	if a := in.Dest.Unmap(); fwd {
+		if !d.Allowed() {
+			return d
+		}
+		g = netip.PrefixFrom(a, 1).Masked() // any CIDR rule but a /0
+	} else if !d.Allowed() && !a.IsLoopback() && !a.IsUnspecified() {
 		return d
 	}
 	if eng.CIDRNames(in, g) {

@@ -215,3 +215,39 @@ func TestCaptureKeepAliveRequests(t *testing.T) {
 		})
 	}
 }
+
+// TestCaptureTCPPorts: with --tcp-ports 80 the firewall forwards a TLS
+// connection to 10516 (health-logging's port, no host/path rule's) by its
+// destination address alone: an address egressd's DNS gave out for the
+// rule's name lets it out whatever SNI it carries. Capture judges it so,
+// in enforce mode (it records the drops there) and in audit mode (it
+// reports what enforce would do): allowed, credited to health-logging, not
+// denied by its SNI.
+func TestCaptureTCPPorts(t *testing.T) {
+	for _, mode := range []string{"enforce", "audit"} {
+		t.Run(mode, func(t *testing.T) {
+			tp := newTopo(t)
+			d := newDaemon(t, tp, mode)
+			d.extra = append(d.extra, "--tcp-ports", "80")
+			d.start()
+			t.Cleanup(func() {
+				if t.Failed() {
+					t.Logf("egressd output:\n%s", d.logs())
+				}
+			})
+			tp.dig(t, intakeName, "A")
+			url := "https://" + trackerName + ":10516/"
+			out, err := tp.lan.Run("curl", "-ksS", "-o", "/dev/null", "--max-time", "5",
+				"--resolve", trackerName+":10516:"+intakeIP, url)
+			if err != nil {
+				t.Fatalf("%s mode: curl %s at %s: %v: %s (the firewall forwards by address)", mode, url, intakeIP, err, out)
+			}
+			ev := d.waitEvent(t, "the capture of the forwarded flow", func(e flowEvent) bool {
+				return e.Kind == "flow" && e.Source == "capture" && e.Dest == intakeIP && e.DestPort == 10516
+			})
+			if ev.Verdict != "allow" || ev.Rule != "health-logging" {
+				t.Errorf("%s mode: capture reported %v, want allowed by health-logging as nftables forwarded it", mode, ev)
+			}
+		})
+	}
+}

@@ -189,7 +189,7 @@ func render(cfg Config, eng *policy.Engine, now time.Time) (*Ruleset, error) {
 	guard := cfg.WAN != "" && (mode == policy.ModeEnforce || cfg.GuardWAN)
 	if mode == policy.ModeEnforce {
 		rs.Sets = ar.sets
-		rs.Chains = append(rs.Chains, Chain{Name: chainPrerouting, Type: "nat", Hook: "prerouting", Priority: -100, Rules: redirectRules(cfg, pathPorts(eng))})
+		rs.Chains = append(rs.Chains, Chain{Name: chainPrerouting, Type: "nat", Hook: "prerouting", Priority: -100, Rules: redirectRules(cfg, eng.HostPathPorts())})
 	}
 	if guard {
 		rs.Chains = append(rs.Chains, Chain{Name: chainInput, Type: "filter", Hook: "input", Priority: 0, Rules: inputGuard(cfg.WAN, cfg.WANOpen)})
@@ -239,23 +239,6 @@ func render(cfg Config, eng *policy.Engine, now time.Time) (*Ruleset, error) {
 	}
 	rs.NextExpiry = ar.nextExpiry
 	return rs, nil
-}
-
-// pathPorts returns the TCP port ranges of the rules with a host/path
-// target, each once, in file order.
-func pathPorts(eng *policy.Engine) []policy.PortRange {
-	var out []policy.PortRange
-	for _, r := range eng.Rules() {
-		if !slices.ContainsFunc(r.To, func(t policy.Target) bool { return t.Kind == policy.TargetHostPath }) {
-			continue
-		}
-		for _, pr := range r.Ports {
-			if pr.Proto == policy.TCP && !slices.Contains(out, pr) {
-				out = append(out, pr)
-			}
-		}
-	}
-	return out
 }
 
 func portRange(p uint16, proto policy.Proto) policy.PortRange {

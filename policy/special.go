@@ -2,6 +2,7 @@ package policy
 
 import (
 	"net/netip"
+	"slices"
 	"time"
 )
 
@@ -77,4 +78,23 @@ func (e *Engine) CIDRNames(in Input, g netip.Prefix) bool {
 		}
 	}
 	return false
+}
+
+// HostPathPorts returns the TCP port ranges of the rules with a host/path
+// target, each once, in file order. Only the proxy reads a request's path,
+// so these ports go to it even where the firewall redirects only some TCP
+// ports (egressd run --tcp-ports), and capture judges them so.
+func (e *Engine) HostPathPorts() []PortRange {
+	var out []PortRange
+	for _, r := range e.Rules() {
+		if !slices.ContainsFunc(r.To, func(t Target) bool { return t.Kind == TargetHostPath }) {
+			continue
+		}
+		for _, pr := range r.Ports {
+			if pr.Proto == TCP && !slices.Contains(out, pr) {
+				out = append(out, pr)
+			}
+		}
+	}
+	return out
 }

@@ -482,7 +482,11 @@ func (d *daemon) run(ctx context.Context) error {
 	case !caps.netRaw:
 		d.degrade("capture", "needs CAP_NET_RAW to open an AF_PACKET socket on "+lan+" (run as root, or grant it: see the systemd unit)")
 	default:
-		if d.capture, err = capture.New(capture.Config{Interface: lan}, capture.Deps{Policy: d.store, Sink: d.sink, Logger: d.log, Registerer: d.reg, DNS: dnsFacts}); err != nil {
+		// The TCP ports the firewall redirects to the proxy in enforce
+		// mode, the same list (validated above): capture judges the
+		// others as nftables does.
+		tcpPorts, _ := parseTCPPorts(cfg.tcpPorts)
+		if d.capture, err = capture.New(capture.Config{Interface: lan, TCPPorts: tcpPorts}, capture.Deps{Policy: d.store, Sink: d.sink, Logger: d.log, Registerer: d.reg, DNS: dnsFacts}); err != nil {
 			d.degrade("capture", err.Error())
 		} else if err := d.capture.Open(); err != nil {
 			d.degrade("capture", err.Error())
