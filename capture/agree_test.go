@@ -21,6 +21,9 @@ rules:
   - name: cgnat
     to: [100.64.0.0/10]
     ports: [8080/tcp]
+  - name: half
+    to: [128.0.0.0/1]
+    ports: [5001/udp]
 `
 
 // TestSyntheticSpecialRange: capture judges flows and the later requests
@@ -59,6 +62,7 @@ func TestSyntheticSpecialRange(t *testing.T) {
 		c.close()
 	}
 	p.udp(true, cli, meta, 41100, 5000, []byte("hello"))
+	p.udp(true, cli, meta, 41101, 5001, []byte("hello"))
 	r := synthRun(t, p.close(), guardPolicy, nil, Config{})
 	flows := map[uint16]audit.Event{}
 	var reqs []audit.Event
@@ -77,6 +81,12 @@ func TestSyntheticSpecialRange(t *testing.T) {
 	}
 	if ev := flows[41100]; ev.Verdict != policy.Deny || ev.Reason != ReasonSpecialRange {
 		t.Errorf("UDP to metadata: %s %s, want deny %s", ev.Verdict, ev.Reason, ReasonSpecialRange)
+	}
+	// UDP is nftables' to forward: a CIDR rule that holds the address
+	// lets it through however wide it is; only "*" and a /0 leave the
+	// guarded ranges out.
+	if ev := flows[41101]; ev.Verdict != policy.Allow || ev.Rule != "half" {
+		t.Errorf("UDP to metadata under a wide CIDR rule: %s %s (rule %q), want allowed by half", ev.Verdict, ev.Reason, ev.Rule)
 	}
 	// The second request to metadata, followed, is judged so too.
 	if len(reqs) != 1 || reqs[0].Verdict != policy.Deny || reqs[0].Reason != ReasonSpecialRange {
