@@ -800,18 +800,21 @@ func TestHelloAsTheProxy(t *testing.T) {
 	cases := []struct {
 		what   string
 		hello  []byte
-		fin    bool // the client ends its stream at once
+		end    string // "fin" or "rst": the client ends its stream at once
 		skip   map[int]bool
 		reason string
 	}{
-		{"records over 64 KiB", big, false, nil, ReasonHelloTooLarge},
-		{"a record longer than its hello", long, false, nil, ReasonHelloTimeout},
+		{"records over 64 KiB", big, "", nil, ReasonHelloTooLarge},
+		{"a record longer than its hello", long, "", nil, ReasonHelloTimeout},
 		// The proxy reads to the end of stream and refuses the hello.
-		{"a hello cut short by the client's FIN", whole[:1000], true, nil, ReasonHelloBad},
-		{"a record longer than its hello, then FIN", long, true, nil, ReasonHelloBad},
+		{"a hello cut short by the client's FIN", whole[:1000], "fin", nil, ReasonHelloBad},
+		{"a record longer than its hello, then FIN", long, "fin", nil, ReasonHelloBad},
+		// Or to the reset (TestTransparent/hello-cut-by-reset).
+		{"a hello cut short by the client's RST", whole[:1000], "rst", nil, ReasonHelloBad},
 		// Capture lost a segment: it cannot tell, and decides by address
 		// (here the name egressd's DNS gave out for it).
-		{"a hello with a segment lost to capture, then FIN", whole, true, map[int]bool{1: true}, policy.ReasonAllowed},
+		{"a hello with a segment lost to capture, then FIN", whole, "fin", map[int]bool{1: true}, policy.ReasonAllowed},
+		{"a hello with a segment lost to capture, then RST", whole, "rst", map[int]bool{1: true}, policy.ReasonAllowed},
 	}
 	p := newPcap(t)
 	var conns []*tcpConn
@@ -819,8 +822,12 @@ func TestHelloAsTheProxy(t *testing.T) {
 		c := &tcpConn{p: p, cli: cli, srv: srv, cport: uint16(46200 + i), sport: 443, cseq: 1, sseq: 1}
 		c.handshake()
 		c.send(true, tc.hello, 1400, nil, tc.skip)
-		if tc.fin {
+		switch tc.end {
+		case "fin":
 			c.close()
+			continue
+		case "rst":
+			c.seg(true, "RA", c.cseq, nil)
 			continue
 		}
 		conns = append(conns, c)

@@ -542,6 +542,7 @@ func (p *proc) tcpPacket(src, dst netip.Addr, mac []byte) {
 	case t.RST:
 		if dir == 0 {
 			p.clientEnd(f, seq+uint32(len(t.Payload)))
+			p.helloCut(f, seq+uint32(len(t.Payload)))
 		}
 		p.end(f, "rst")
 	case t.FIN:
@@ -550,7 +551,7 @@ func (p *proc) tcpPacket(src, dst netip.Addr, mac []byte) {
 		}
 		f.fin[dir] = true
 		if dir == 0 {
-			p.clientFIN(f, seq+uint32(len(t.Payload)))
+			p.helloCut(f, seq+uint32(len(t.Payload)))
 		}
 		if f.fin[0] && f.fin[1] {
 			p.end(f, "fin")
@@ -585,13 +586,14 @@ func (p *proc) redirected(port uint16) bool {
 	return false
 }
 
-// clientFIN: the client ended its stream at sequence number end. A TLS
-// flow whose hello began and did not complete, every byte before the FIN
-// seen, is one the proxy reads to the end of stream and refuses as
-// hello-malformed (its peek maps the end of stream to that); capture says
-// so too. With bytes missing (capture lost a segment) it cannot tell, and
-// the flow is decided as before.
-func (p *proc) clientFIN(f *flow, end uint32) {
+// helloCut: the client ended its stream at sequence number end, with a
+// FIN or a RST. A TLS flow whose hello began and did not complete, every
+// byte before the FIN or RST seen, is one the proxy reads to the end of
+// stream or the reset and refuses as hello-malformed (its peek maps both
+// to that: TestTransparent/hello-cut-by-reset); capture says so too. With
+// bytes missing (capture lost a segment) it cannot tell, and the flow is
+// decided as before.
+func (p *proc) helloCut(f *flow, end uint32) {
 	s := f.st[0]
 	if f.decided || !f.inspect || f.app != appTLS || s == nil || s.full || s.pendLen != 0 ||
 		!f.haveBase[0] || end-f.base[0] != uint32(len(s.buf)) {

@@ -169,6 +169,26 @@ func TestTransparent(t *testing.T) {
 		}
 	})
 
+	t.Run("hello-cut-by-reset", func(t *testing.T) {
+		// The client resets the connection mid-hello: the proxy reads
+		// the bytes that came, then the reset, and refuses the hello as
+		// it refuses one cut short by a FIN (capture reports the same).
+		for i := 0; i < 3; i++ {
+			c := tp.dialFromClient(t, netip.Addr{}, netip.AddrPortFrom(srvV4, 443))
+			c.Write(buildHello(sniExt("www.allowed.test"))[:20])
+			if i > 0 {
+				time.Sleep(100 * time.Millisecond) // the proxy is reading when the reset comes
+			}
+			c.SetLinger(0)
+			port := localPort(c)
+			c.Close()
+			ev := tp.ev.wait(t, "reset hello", byClientPort(port))
+			if ev.Verdict != policy.Deny || ev.Reason != ReasonHelloBad {
+				t.Errorf("try %d: event %+v, want hello-malformed", i, ev)
+			}
+		}
+	})
+
 	t.Run("ip-literal-sni", func(t *testing.T) {
 		// Decided by address: the client was told srvV4 is www.allowed.test.
 		_, ev := rawHello(t, srvV4, buildHello(sniExt("198.18.2.2")))
