@@ -74,7 +74,7 @@ type Config struct {
 	// port of a host/path rule, which is redirected too) is one nftables
 	// forwards or drops at its first packet by its destination address and
 	// the addresses egressd's DNS gave out for a rule's names, without
-	// reading SNI or Host: capture judges it so (see proc.go, forwarded).
+	// reading SNI or Host: capture judges it so (see proc.go, redirected).
 	TCPPorts []policy.PortRange
 }
 

@@ -170,6 +170,10 @@ type proc struct {
 	own     map[netip.Addr]struct{}
 	scratch []byte
 	cands   []candidate
+	// pathPorts are the host/path rules' TCP ports of pathEng, the
+	// policy they were read from (redirected).
+	pathEng   *policy.Engine
+	pathPorts []policy.PortRange
 	// candNames are the names of cands, for policy.DecideLearned.
 	candNames []string
 	cut       int // bytes of the current frame the capture cut off
@@ -578,7 +582,10 @@ func (p *proc) redirected(port uint16) bool {
 			return true
 		}
 	}
-	for _, pr := range p.c.deps.Policy.Load().HostPathPorts() {
+	if eng := p.c.deps.Policy.Load(); eng != p.pathEng {
+		p.pathEng, p.pathPorts = eng, eng.HostPathPorts()
+	}
+	for _, pr := range p.pathPorts {
 		if pr.Contains(port, policy.TCP) {
 			return true
 		}
