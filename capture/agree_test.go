@@ -82,11 +82,10 @@ func TestSyntheticSpecialRange(t *testing.T) {
 	if ev := flows[41100]; ev.Verdict != policy.Deny || ev.Reason != ReasonSpecialRange {
 		t.Errorf("UDP to metadata: %s %s, want deny %s", ev.Verdict, ev.Reason, ReasonSpecialRange)
 	}
-	// UDP is nftables' to forward: a CIDR rule that holds the address
-	// lets it through however wide it is; only "*" and a /0 leave the
-	// guarded ranges out.
-	if ev := flows[41101]; ev.Verdict != policy.Allow || ev.Rule != "half" {
-		t.Errorf("UDP to metadata under a wide CIDR rule: %s %s (rule %q), want allowed by half", ev.Verdict, ev.Reason, ev.Rule)
+	// UDP is nftables' to forward, which keeps the guarded ranges out of
+	// a CIDR rule wider than them, as the proxy does (policy.OpensGuarded).
+	if ev := flows[41101]; ev.Verdict != policy.Deny || ev.Reason != ReasonSpecialRange {
+		t.Errorf("UDP to metadata under a wide CIDR rule: %s %s (rule %q), want deny %s", ev.Verdict, ev.Reason, ev.Rule, ReasonSpecialRange)
 	}
 	// The second request to metadata, followed, is judged so too.
 	if len(reqs) != 1 || reqs[0].Verdict != policy.Deny || reqs[0].Reason != ReasonSpecialRange {
@@ -196,7 +195,7 @@ func TestSyntheticTCPPorts(t *testing.T) {
 		{"metadata under a rule for every address", "169.254.169.254", 9000, []byte("x"),
 			verdictWant{policy.Deny, ReasonSpecialRange, ""}, verdictWant{policy.Deny, ReasonSpecialRange, ""}},
 		{"metadata under a wide CIDR rule", "169.254.169.254", 9001, []byte("x"),
-			verdictWant{policy.Allow, policy.ReasonAllowed, ""}, verdictWant{policy.Deny, ReasonSpecialRange, ""}},
+			verdictWant{policy.Deny, ReasonSpecialRange, ""}, verdictWant{policy.Deny, ReasonSpecialRange, ""}},
 	}
 	for i, tc := range cases {
 		c := &tcpConn{p: p, cli: cli, srv: netip.MustParseAddr(tc.dst), cport: uint16(43000 + i), sport: tc.port, cseq: 1, sseq: 1}

@@ -1377,9 +1377,10 @@ func (p *proc) decide(eng *policy.Engine, f *flow, name string, src audit.NameSo
 // are not asked about: capture records no flow to them (Config.OwnAddrs).
 //
 // Traffic nftables forwards (fwd: UDP, and TCP to ports not redirected)
-// meets the firewall's form of the guard instead: a rule for every
-// address ("*", a /0) leaves the guarded ranges out, and any other CIDR
-// rule that holds the address, however wide, lets it through.
+// meets the same guard in the firewall (its guarded sets, opened only by a
+// CIDR rule inside the range: policy.OpensGuarded), but loopback and the
+// unspecified address are not forwarded at all, so they are refused only
+// where a rule allows them.
 func (p *proc) special(eng *policy.Engine, in policy.Input, d policy.Decision, fwd bool) policy.Decision {
 	if in.Port == 53 {
 		return d
@@ -1388,12 +1389,7 @@ func (p *proc) special(eng *policy.Engine, in policy.Input, d policy.Decision, f
 	if !ok {
 		return d
 	}
-	if a := in.Dest.Unmap(); fwd {
-		if !d.Allowed() {
-			return d
-		}
-		g = netip.PrefixFrom(a, 1).Masked() // any CIDR rule but a /0
-	} else if !d.Allowed() && !a.IsLoopback() && !a.IsUnspecified() {
+	if a := in.Dest.Unmap(); !d.Allowed() && (fwd || !a.IsLoopback() && !a.IsUnspecified()) {
 		return d
 	}
 	if eng.CIDRNames(in, g) {
