@@ -42,20 +42,21 @@ func FuzzCompile(f *testing.F) {
 }
 
 // FuzzDecide checks Decide against a slow reference on arbitrary names,
-// addresses and ports: the credited rule must be the first rule in file
-// order that allows the flow.
+// addresses, ports and paths, with and without NoPath: the credited rule
+// must be the first rule in file order that allows the flow.
 func FuzzDecide(f *testing.F) {
 	e, err := Compile("fuzz.yaml", []byte(matchPolicy))
 	if err != nil {
 		f.Fatal(err)
 	}
-	f.Add("api.nirovision.com", []byte{17, 1, 2, 3}, uint16(443), true, "", []byte{192, 168, 10, 5})
-	f.Add("A.B.CDN-1.EXAMPLE.ORG.", []byte{}, uint16(443), true, "", []byte{})
-	f.Add("notion.so", []byte{}, uint16(80), true, "/nirovision/x", []byte{})
-	f.Add("xn--fa-hia.de", []byte{0x20, 0x01, 0x0d, 0xb8, 0, 0x17, 0, 0, 0, 0, 0, 0, 0, 0, 0, 1}, uint16(443), true, "", []byte{})
-	f.Add("\xff\x00", []byte{10, 0, 0, 1}, uint16(7001), false, "", []byte{198, 51, 100, 7})
-	f.Fuzz(func(t *testing.T, name string, dst []byte, port uint16, tcp bool, path string, client []byte) {
-		in := Input{Name: name, Port: port, Proto: UDP, Path: path}
+	f.Add("api.nirovision.com", []byte{17, 1, 2, 3}, uint16(443), true, "", []byte{192, 168, 10, 5}, false)
+	f.Add("A.B.CDN-1.EXAMPLE.ORG.", []byte{}, uint16(443), true, "", []byte{}, false)
+	f.Add("notion.so", []byte{}, uint16(80), true, "/nirovision/x", []byte{}, false)
+	f.Add("notion.so", []byte{}, uint16(80), true, "", []byte{}, true)
+	f.Add("xn--fa-hia.de", []byte{0x20, 0x01, 0x0d, 0xb8, 0, 0x17, 0, 0, 0, 0, 0, 0, 0, 0, 0, 1}, uint16(443), true, "", []byte{}, false)
+	f.Add("\xff\x00", []byte{10, 0, 0, 1}, uint16(7001), false, "", []byte{198, 51, 100, 7}, false)
+	f.Fuzz(func(t *testing.T, name string, dst []byte, port uint16, tcp bool, path string, client []byte, noPath bool) {
+		in := Input{Name: name, Port: port, Proto: UDP, Path: path, NoPath: noPath}
 		if tcp {
 			in.Proto = TCP
 		}
@@ -131,7 +132,9 @@ func referenceDecide(e *Engine, in Input) int {
 				}
 				g, _ := compileNameGlob(t.Pattern)
 				ok = g.Match(name)
-				if ok && t.Kind == TargetHostPath && in.Path != "" {
+				if ok && t.Kind == TargetHostPath && in.NoPath {
+					ok = false // no path seen: a host/path target cannot match
+				} else if ok && t.Kind == TargetHostPath && in.Path != "" {
 					ok = t.path.Match(in.Path)
 				}
 			}
