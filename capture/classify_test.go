@@ -22,6 +22,7 @@ import (
 	"github.com/gopacket/gopacket/pcapgo"
 
 	"egressd/audit"
+	"egressd/internal/tlshello/hellotest"
 	"egressd/policy"
 )
 
@@ -385,15 +386,7 @@ func handHello(exts ...[]byte) []byte {
 }
 
 // sniExt is a server_name extension listing names as host_name entries.
-func sniExt(names ...string) []byte {
-	var list []byte
-	for _, n := range names {
-		list = append(list, 0, byte(len(n)>>8), byte(len(n)))
-		list = append(list, n...)
-	}
-	data := append([]byte{byte(len(list) >> 8), byte(len(list))}, list...)
-	return append([]byte{0, 0, byte(len(data) >> 8), byte(len(data))}, data...)
-}
+var sniExt = hellotest.SNIExt
 
 // TestProxyHelloReasons: hellos the proxy refuses before any rule is
 // asked are denied by capture with the proxy's reason, even where the name

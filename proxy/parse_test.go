@@ -3,7 +3,6 @@ package proxy
 import (
 	"bytes"
 	"context"
-	"crypto/tls"
 	"errors"
 	"io"
 	"net"
@@ -16,6 +15,7 @@ import (
 
 	"egressd/internal/httpwire"
 	"egressd/internal/tlshello"
+	"egressd/internal/tlshello/hellotest"
 	"egressd/policy"
 )
 
@@ -103,27 +103,7 @@ rules:
 	}
 }
 
-// goHello returns the ClientHello a Go client sends for serverName.
-func goHello(t testing.TB, serverName string, cfg *tls.Config) []byte {
-	c1, c2 := net.Pipe()
-	defer c1.Close()
-	defer c2.Close()
-	if cfg == nil {
-		cfg = &tls.Config{}
-	}
-	cfg.ServerName = serverName
-	go tls.Client(c1, cfg).Handshake()
-	c2.SetReadDeadline(time.Now().Add(5 * time.Second))
-	var hdr [5]byte
-	if _, err := io.ReadFull(c2, hdr[:]); err != nil {
-		t.Fatal(err)
-	}
-	body := make([]byte, int(hdr[3])<<8|int(hdr[4]))
-	if _, err := io.ReadFull(c2, body); err != nil {
-		t.Fatal(err)
-	}
-	return append(hdr[:], body...)
-}
+var goHello = hellotest.GoHello
 
 func TestReadClientHello(t *testing.T) {
 	h := goHello(t, "www.allowed.test", nil)
