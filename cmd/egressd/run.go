@@ -538,7 +538,9 @@ func (d *daemon) run(ctx context.Context) error {
 	}
 
 	if eng.Mode() == policy.ModeAudit {
-		if why := auditWANExposure(wan, cfg.guardWAN, splitList(cfg.dnsListen), interfaceAddrs(wan)); why != "" {
+		// --guard-wan guards only when egressd installs the firewall:
+		// with --no-firewall it installs nothing.
+		if why := auditWANExposure(wan, cfg.guardWAN && !cfg.noFirewall, splitList(cfg.dnsListen), interfaceAddrs(wan)); why != "" {
 			d.log.Warn(why, "wan", wan)
 			d.say("warning: %s", why)
 		}

@@ -95,7 +95,9 @@ func TestRunAuditWANExposure(t *testing.T) {
 	}{
 		// 127.0.0.1 is an address of the WAN interface (lo) here.
 		{"wan-address", []string{"--wan", "lo", "--dns-listen", "127.0.0.1:0"}, true},
-		{"guard-wan", []string{"--wan", "lo", "--dns-listen", "127.0.0.1:0", "--guard-wan"}, false},
+		// Every case runs with --no-firewall, where --guard-wan installs
+		// nothing: the forwarder is still exposed.
+		{"guard-wan-no-firewall", []string{"--wan", "lo", "--dns-listen", "127.0.0.1:0", "--guard-wan"}, true},
 		// The interface of the default route, which 127.0.0.1 is not on.
 		{"address-not-on-wan", []string{"--wan", "", "--dns-listen", "127.0.0.1:0"}, false},
 		{"enforce", []string{"--wan", "lo", "--dns-listen", "127.0.0.1:0", "--mode", "enforce"}, false},
