@@ -99,6 +99,11 @@ func cmdFirewallPrint(args []string, stdout, stderr io.Writer) int {
 		}
 		eng = eng.WithMode(m)
 	}
+	if err := cfg.Validate(eng.Mode()); err != nil {
+		// The flags, with the mode: --mode enforce without --lan, say.
+		fmt.Fprintln(stderr, "egressd:", err)
+		return exitUsage
+	}
 	rs, err := firewall.Render(cfg, eng)
 	if err != nil {
 		fmt.Fprintln(stderr, "egressd:", err)

@@ -35,7 +35,7 @@ func TestFirewallPrint(t *testing.T) {
 		{"wan open", []string{"firewall", "print", "--mode", "enforce", "--lan", "lan0", "--wan", "wan0", "--wan-open", "22/tcp,51820-51821/udp"}, exitOK,
 			[]string{`iifname "wan0" tcp dport 22 accept`, `iifname "wan0" udp dport 51820-51821 accept`}, nil, ""},
 		{"bad wan open", []string{"firewall", "print", "--wan-open", "22"}, exitUsage, nil, nil, "expected N/tcp"},
-		{"enforce needs lan", []string{"firewall", "print", "--mode", "enforce"}, exitFail, nil, nil, "needs the LAN interface"},
+		{"enforce needs lan", []string{"firewall", "print", "--mode", "enforce"}, exitUsage, nil, nil, "needs the LAN interface"},
 		{"bad mode", []string{"firewall", "print", "--mode", "loud"}, exitUsage, nil, nil, "expected audit or enforce"},
 		{"bad ports", []string{"firewall", "print", "--tcp-ports", "80,x"}, exitUsage, nil, nil, `"x" is not a port`},
 		{"bad port number", []string{"firewall", "print", "--proxy-port", "70000"}, exitUsage, nil, nil, "is not a port"},
