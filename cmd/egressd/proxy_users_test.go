@@ -189,3 +189,100 @@ func TestRunProxyUsersRefused(t *testing.T) {
 		})
 	}
 }
+
+// TestRunProxyUsersReloadBadPolicy: the users file does not depend on the
+// policy, so SIGHUP reads it again when the policy file it reads with it
+// is refused: carol, added to the file, gets in, while the running policy
+// stays (she is refused a name it does not allow, 403). The log says each
+// outcome. Before, a refused policy ended the reload before the users
+// were read: the users file kept its old contents in force until a reload
+// with a valid policy.
+func TestRunProxyUsersReloadBadPolicy(t *testing.T) {
+	bin := buildEgressd(t)
+	dir := t.TempDir()
+	users := filepath.Join(dir, "users")
+	if err := os.WriteFile(users, []byte(digestLine("alice", "s3cret")), 0o600); err != nil {
+		t.Fatal(err)
+	}
+	pol := filepath.Join(dir, "policy.yaml")
+	if err := os.WriteFile(pol, []byte("version: 1\nmode: enforce\nrules:\n  - name: docs\n    to: [docs.example]\n    ports: [443/tcp]\n"), 0o644); err != nil {
+		t.Fatal(err)
+	}
+	var out, errb lockedBuffer
+	cmd := exec.Command(bin, "run", "--policy", pol, "--lan", "lo", "--wan", "lo", "--no-firewall",
+		"--dns-listen", "127.0.0.1:0", "--proxy-listen", "127.0.0.1:0", "--explicit-proxy-listen", "127.0.0.1:0",
+		"--proxy-users", users, "--admin", "127.0.0.1:0", "--upstream-dns", "127.0.0.1:9", "--state-dir", filepath.Join(dir, "state"))
+	cmd.Stdout, cmd.Stderr = &out, &errb
+	if err := cmd.Start(); err != nil {
+		t.Fatal(err)
+	}
+	done := make(chan error, 1)
+	go func() { done <- cmd.Wait() }()
+	defer func() {
+		cmd.Process.Signal(os.Interrupt)
+		select {
+		case <-done:
+		case <-time.After(20 * time.Second):
+			cmd.Process.Kill()
+			<-done
+			t.Errorf("egressd run did not stop within 20s of SIGINT")
+		}
+	}()
+	re := regexp.MustCompile(`(?m)^proxy: transparent on \S+, explicit on (127\.0\.0\.1:\d+) \(HTTP Basic authentication, 1 users\)$`)
+	var addr string
+	for deadline := time.Now().Add(15 * time.Second); ; time.Sleep(20 * time.Millisecond) {
+		if m := re.FindStringSubmatch(out.String()); m != nil {
+			addr = m[1]
+			break
+		}
+		if time.Now().After(deadline) {
+			t.Fatalf("no explicit proxy with authentication in 15s\nstdout:\n%s\nstderr:\n%s", out.String(), errb.String())
+		}
+	}
+	const carol = "Y2Fyb2w6bmV3" // carol:new
+	ask := func() int {
+		t.Helper()
+		c, err := net.Dial("tcp", addr)
+		if err != nil {
+			t.Fatal(err)
+		}
+		defer c.Close()
+		c.SetDeadline(time.Now().Add(10 * time.Second))
+		io.WriteString(c, "CONNECT tracker.example:443 HTTP/1.1\r\nHost: tracker.example:443\r\nProxy-Authorization: Basic "+carol+"\r\n\r\n")
+		resp, err := http.ReadResponse(bufio.NewReader(c), &http.Request{Method: http.MethodConnect})
+		if err != nil {
+			t.Fatalf("CONNECT: %v", err)
+		}
+		resp.Body.Close()
+		return resp.StatusCode
+	}
+	if code := ask(); code != http.StatusProxyAuthRequired {
+		t.Fatalf("carol before the reload: %d, want 407", code)
+	}
+	if err := os.WriteFile(pol, []byte("version: 1\nrules: [\n"), 0o644); err != nil {
+		t.Fatal(err)
+	}
+	if err := os.WriteFile(users, []byte(digestLine("alice", "s3cret")+digestLine("carol", "new")), 0o600); err != nil {
+		t.Fatal(err)
+	}
+	if err := cmd.Process.Signal(syscall.SIGHUP); err != nil {
+		t.Fatal(err)
+	}
+	for deadline := time.Now().Add(10 * time.Second); !strings.Contains(errb.String(), "reload failed, keeping the running policy"); time.Sleep(50 * time.Millisecond) {
+		if time.Now().After(deadline) {
+			t.Fatalf("10s after SIGHUP no line for the refused policy\nstderr:\n%s", errb.String())
+		}
+	}
+	for deadline := time.Now().Add(10 * time.Second); ; time.Sleep(50 * time.Millisecond) {
+		code := ask()
+		if code == http.StatusForbidden {
+			break
+		}
+		if time.Now().After(deadline) {
+			t.Fatalf("10s after SIGHUP carol gets %d, want 403 (the users file read again, the running policy kept)\nstderr:\n%s", code, errb.String())
+		}
+	}
+	if !strings.Contains(errb.String(), "proxy users reloaded") {
+		t.Errorf("no line for the users reloaded:\n%s", errb.String())
+	}
+}

@@ -689,16 +689,26 @@ func (g *firewallGate) Learn(ctx context.Context, ls []dnsfilter.Learned) error 
 	return fw.LearnAll(ctx, as)
 }
 
-// reload re-reads the policy (SIGHUP). An invalid policy keeps the old one
-// running; a valid one is swapped atomically into every part.
+// reload re-reads the policy and the --proxy-users file (SIGHUP), each on
+// its own: the users do not depend on the policy, so a refused policy does
+// not keep a changed users file out, nor the other way round. An invalid
+// policy keeps the old one running; a valid one is swapped atomically into
+// every part. The reload counts as failed when either is refused.
 func (d *daemon) reload() {
 	sdnotify.Notify(sdnotify.Reloading)
 	defer sdnotify.Notify(sdnotify.Ready)
+	policyOK := d.reloadPolicy()
+	usersOK := d.reloadProxyUsers()
+	d.configLoaded(policyOK && usersOK)
+}
+
+// reloadPolicy re-reads the policy; it reports whether the running policy
+// is the new one.
+func (d *daemon) reloadPolicy() bool {
 	eng, err := d.loadPolicy()
 	if err != nil {
-		d.configLoaded(false)
 		d.log.Error("reload failed, keeping the running policy", "policy", d.source, audit.LogError, err.Error())
-		return
+		return false
 	}
 	old := d.store.Swap(eng)
 	d.ledger.SetPolicy(eng)
@@ -706,9 +716,8 @@ func (d *daemon) reload() {
 		if err := d.fw.Replace(eng); err != nil {
 			d.store.Swap(old)
 			d.ledger.SetPolicy(old)
-			d.configLoaded(false)
 			d.log.Error("reload failed in nftables, keeping the running policy", audit.LogError, err.Error())
-			return
+			return false
 		}
 	}
 	if d.fw == nil && old.Mode() == policy.ModeAudit && eng.Mode() == policy.ModeEnforce && !d.cfg.noFirewall {
@@ -726,11 +735,7 @@ func (d *daemon) reload() {
 		d.log.Warn("the policy now says enforce, but no firewall is installed: restart egressd to install it")
 	}
 	d.log.Info("policy reloaded", "policy", d.source, "rules", len(eng.Rules()), audit.LogMode, string(eng.Mode()))
-	if !d.reloadProxyUsers() {
-		d.configLoaded(false)
-		return
-	}
-	d.configLoaded(true)
+	return true
 }
 
 // reloadProxyUsers reads --proxy-users again, if it was given: a file
