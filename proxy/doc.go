@@ -21,7 +21,12 @@
 // that does not start with TLS. It also serves an explicit HTTP/CONNECT proxy built on goproxy
 // for clients configured with HTTP(S)_PROXY and, when inspection is on and a
 // CA exists in the state directory, decrypts connections to hosts that have
-// host/path rules so that each request is decided on host and path.
+// host/path rules so that each request is decided on host and path. An
+// inspected connection's cleartext (after the TLS, which the proxy
+// terminates itself) goes through the request-stream parser before
+// goproxy's net/http reads it, so that a head net/http would read
+// otherwise (a Host line that disagrees with an absolute-form target,
+// which net/http drops) is refused as on the transparent path.
 //
 // In the flow it sits after nftables and beside dnsfilter: it reads the
 // addresses dnsfilter handed out through the small [DNSFacts] interface

@@ -61,6 +61,12 @@ type connectState struct {
 	// cleartext shows no path the proxy reads. Zero when a host-level
 	// rule allows it.
 	noPath policy.Decision
+	// clear follows the cleartext of the inspected connection and says,
+	// request by request, whether the head parser refuses its head
+	// (inspectConn); wrap puts the client connection goproxy is handed
+	// behind it. Both are set by handleConnect.
+	clear *clearStream
+	wrap  func(net.Conn) net.Conn
 }
 
 type dialKey struct{}
@@ -224,6 +230,9 @@ type keepPipelined struct {
 	client netip.Addr
 	f      *flowRecord
 	conn   net.Conn // the hijacked connection, when inspected
+	// wrap puts the connection behind the inspected connection's
+	// request follower (connectState.wrap), when inspected.
+	wrap func(net.Conn) net.Conn
 }
 
 func (k *keepPipelined) Hijack() (net.Conn, *bufio.ReadWriter, error) {
@@ -255,12 +264,19 @@ func (k *keepPipelined) Hijack() (net.Conn, *bufio.ReadWriter, error) {
 		}
 		c = ic
 	}
-	if err != nil || early == 0 {
+	if err != nil {
 		return c, rw, err
 	}
-	pre, _ := rw.Reader.Peek(rw.Reader.Buffered())
-	pc := &pipelinedConn{Conn: c, pre: bytes.Clone(pre)}
-	return pc, bufio.NewReadWriter(bufio.NewReader(pc), rw.Writer), nil
+	if early > 0 {
+		pre, _ := rw.Reader.Peek(rw.Reader.Buffered())
+		c = &pipelinedConn{Conn: c, pre: bytes.Clone(pre)}
+	} else if k.wrap == nil {
+		return c, rw, nil
+	}
+	if k.wrap != nil {
+		c = k.wrap(c)
+	}
+	return c, bufio.NewReadWriter(bufio.NewReader(c), rw.Writer), nil
 }
 
 // inspectedClient is the hijacked connection of an inspected CONNECT as
@@ -450,7 +466,7 @@ func (p *Proxy) handleConnect(host string, ctx *goproxy.ProxyCtx) (*goproxy.Conn
 	if st, ok := r.Context().Value(transparentKey{}).(*connectState); ok {
 		// A transparent connection handed over for inspection.
 		ctx.UserData = st
-		return &goproxy.ConnectAction{Action: goproxy.ConnectMitm, TLSConfig: p.mitmTLSConfig}, host
+		return p.inspectAction(st, host, ctx), host
 	}
 	ca := addrPortOf(tcpAddrString(r.RemoteAddr))
 	f := &flowRecord{listener: "explicit", ev: audit.Event{Kind: audit.KindFlow, Source: audit.SourceProxy, Time: time.Now(),
@@ -524,7 +540,12 @@ func (p *Proxy) handleConnect(host string, ctx *goproxy.ProxyCtx) (*goproxy.Conn
 				}
 			}
 			ctx.UserData = st
-			return &goproxy.ConnectAction{Action: goproxy.ConnectMitm, TLSConfig: p.mitmTLSConfig}, host
+			if kp == nil {
+				return &goproxy.ConnectAction{Action: goproxy.ConnectMitm, TLSConfig: p.mitmTLSConfig}, host
+			}
+			act := p.inspectAction(st, host, ctx)
+			kp.wrap = st.wrap
+			return act, host
 		} else if eng.Mode() == policy.ModeEnforce {
 			f.err = err
 			return reject(verdict{d: denyDecision(eng, "inspection-unavailable"), name: v.name}, http.StatusForbidden)
@@ -533,6 +554,22 @@ func (p *Proxy) handleConnect(host string, ctx *goproxy.ProxyCtx) (*goproxy.Conn
 	return &goproxy.ConnectAction{Action: goproxy.ConnectHijack, Hijack: func(req *http.Request, client net.Conn, _ *goproxy.ProxyCtx) {
 		p.tunnelConnect(client, st, v, f)
 	}}, host
+}
+
+// inspectAction is the goproxy action of an inspected connection: goproxy
+// reads its requests from behind an inspectConn, which terminates TLS for
+// host and follows the cleartext (st.clear). goproxy sees cleartext only;
+// the TLS it would terminate is TLS inside the inspected TLS, refused.
+func (p *Proxy) inspectAction(st *connectState, host string, ctx *goproxy.ProxyCtx) *goproxy.ConnectAction {
+	st.wrap = func(c net.Conn) net.Conn {
+		// Set before goproxy reads a request (it hijacks first).
+		st.clear = newClearStream(p.cfg.HelloMaxBytes)
+		return &inspectConn{Conn: c, cs: st.clear, tlsConfig: func() (*tls.Config, error) { return p.mitmTLSConfig(host, ctx) }}
+	}
+	nested := func(string, *goproxy.ProxyCtx) (*tls.Config, error) {
+		return nil, errors.New("proxy: TLS inside an inspected TLS connection")
+	}
+	return &goproxy.ConnectAction{Action: goproxy.ConnectMitm, TLSConfig: nested}
 }
 
 // plainResponse is a short text response for errors that are not policy
@@ -712,9 +749,23 @@ func (p *Proxy) inspectedRequest(eng *policy.Engine, st *connectState, req *http
 		// connection after it, are not bounded by the head deadline.
 		st.requestSeen()
 	}
+	var headErr error
+	if st.clear != nil {
+		if st.clear.tls.Load() {
+			// goproxy read it as cleartext, behind the inspectConn
+			// that terminated TLS.
+			req.URL.Scheme = "https"
+		}
+		headErr = st.clear.next()
+	}
 	host, _ := policy.NormalizeName(req.URL.Hostname())
 	var d policy.Decision
-	if st.plain {
+	if headErr != nil {
+		// As without inspection: a Host line that disagrees with the
+		// absolute-form target (which net/http drops), or a head the
+		// request follower refuses.
+		d = httpErrDecision(eng, headErr)
+	} else if st.plain {
 		in := policy.Input{Client: st.client.Addr(), Dest: st.addr.Addr(), Port: st.addr.Port(), Proto: policy.TCP, Now: time.Now()}
 		v := p.decideHTTP(req.Context(), eng, in, &httpwire.Head{Host: req.URL.Hostname(), Path: req.URL.EscapedPath()})
 		d, ev.Name, ev.NameSource = v.d, v.name, v.src
@@ -797,7 +848,7 @@ func (p *Proxy) inspectTransparent(c *net.TCPConn, recorded []byte, orig netip.A
 		f.ev.BytesOut, f.ev.BytesIn = rc.read.Load(), rc.written.Load()
 		p.finish(f)
 	}
-	p.gp.ServeHTTP(&hijackWriter{conn: rc}, req)
+	p.gp.ServeHTTP(&hijackWriter{conn: rc, st: st}, req)
 	return nil
 }
 
@@ -847,6 +898,7 @@ func (c *replayConn) Close() error {
 // hijackWriter is the http.ResponseWriter for the synthetic CONNECT.
 type hijackWriter struct {
 	conn net.Conn
+	st   *connectState // its wrap, set by handleConnect, takes the connection
 	h    http.Header
 }
 
@@ -859,5 +911,9 @@ func (w *hijackWriter) Header() http.Header {
 func (w *hijackWriter) Write(b []byte) (int, error) { return w.conn.Write(b) }
 func (w *hijackWriter) WriteHeader(int)             {}
 func (w *hijackWriter) Hijack() (net.Conn, *bufio.ReadWriter, error) {
-	return w.conn, bufio.NewReadWriter(bufio.NewReader(bytes.NewReader(nil)), bufio.NewWriter(w.conn)), nil
+	c := w.conn
+	if w.st != nil && w.st.wrap != nil {
+		c = w.st.wrap(c)
+	}
+	return c, bufio.NewReadWriter(bufio.NewReader(bytes.NewReader(nil)), bufio.NewWriter(c)), nil
 }

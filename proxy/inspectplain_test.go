@@ -63,3 +63,46 @@ func TestTransparentPlainLaterHosts(t *testing.T) {
 		})
 	}
 }
+
+// TestTransparentPlainLaterAbsoluteHost (THREATS.md A1): a later request
+// on a plain-HTTP connection whose absolute-form target names an allowed
+// host and whose Host line names another is refused as host-mismatch,
+// with --inspect as without. Before, with --inspect, net/http (goproxy)
+// kept the target's host and dropped the Host line, and the request was
+// forwarded as allowed.test.
+func TestTransparentPlainLaterAbsoluteHost(t *testing.T) {
+	for _, inspect := range []bool{false, true} {
+		t.Run(fmt.Sprintf("inspect=%v", inspect), func(t *testing.T) {
+			tp := newTopo(t, topoOpts{config: func(c *Config) { c.Inspect = inspect }})
+			c := tp.dialFromClient(t, netip.Addr{}, netip.AddrPortFrom(srvV4, 80))
+			c.SetDeadline(time.Now().Add(20 * time.Second))
+			br := bufio.NewReader(c)
+			for _, r := range []struct {
+				head, reason string
+				code         int
+			}{
+				{"GET /public/a HTTP/1.1\r\nHost: docs.paths.test\r\n\r\n", "", 200},
+				{"GET http://allowed.test/x HTTP/1.1\r\nHost: allowed.test\r\n\r\n", "", 200},
+				{"GET http://allowed.test/y HTTP/1.1\r\nHost: evil.example\r\n\r\n", ReasonHostMismatch, 403},
+			} {
+				io.WriteString(c, r.head)
+				resp, err := http.ReadResponse(br, nil)
+				if err != nil {
+					t.Fatalf("%q: %v", r.head, err)
+				}
+				body, _ := io.ReadAll(resp.Body)
+				resp.Body.Close()
+				if resp.StatusCode != r.code || resp.Header.Get("X-Egressd-Reason") != r.reason {
+					t.Errorf("%q: %d %q %q, want %d %q", r.head, resp.StatusCode, resp.Header.Get("X-Egressd-Reason"), body, r.code, r.reason)
+				}
+			}
+			port := localPort(c)
+			ev := tp.ev.wait(t, "the refused request", func(ev audit.Event) bool {
+				return int(ev.ClientPort) == port && ev.Kind == audit.KindRequest && ev.Reason == ReasonHostMismatch
+			})
+			if ev.Verdict != policy.Deny || !ev.Enforced {
+				t.Errorf("refused request: %s enforced=%v, want an enforced deny", ev.Verdict, ev.Enforced)
+			}
+		})
+	}
+}

@@ -20,7 +20,11 @@ import (
 // to docs.paths.test whose inner ClientHello and request name another
 // host (Host header or absolute-form target) is refused per request
 // (host-mismatch), never decided on the inner name; a request naming the
-// CONNECT host on an allowed path is served (control).
+// CONNECT host on an allowed path is served (control), in absolute form
+// too. An absolute-form target naming the CONNECT host with a Host line
+// naming another (THREATS.md A1) is refused as host-mismatch, as the
+// transparent proxy without inspection and capture refuse it: before,
+// net/http dropped the Host line and the request was forwarded.
 func TestExplicitInspectedInnerHost(t *testing.T) {
 	addr, _, tlsPort, caPool := loopbackExplicit(t, `version: 1
 mode: enforce
@@ -42,6 +46,9 @@ rules:
 		{"inner-host", "docs.paths.test", "GET /public/x HTTP/1.1\r\nHost: " + evil + "\r\n\r\n", ReasonHostMismatch, 403},
 		{"inner-sni-and-host", "evil.example", "GET /public/x HTTP/1.1\r\nHost: " + evil + "\r\n\r\n", ReasonHostMismatch, 403},
 		{"inner-absolute", "docs.paths.test", "GET https://" + evil + "/public/x HTTP/1.1\r\nHost: " + evil + "\r\n\r\n", ReasonHostMismatch, 403},
+		{"absolute-control", "docs.paths.test", "GET https://" + auth + "/public/ok HTTP/1.1\r\nHost: " + auth + "\r\n\r\n", "", 200},
+		{"absolute-ours-host-evil", "docs.paths.test", "GET https://" + auth + "/public/x HTTP/1.1\r\nHost: " + evil + "\r\n\r\n", ReasonHostMismatch, 403},
+		{"absolute-ours-host-port", "docs.paths.test", "GET https://" + auth + "/public/x HTTP/1.1\r\nHost: docs.paths.test:1\r\n\r\n", ReasonHostMismatch, 403},
 	} {
 		t.Run(c.name, func(t *testing.T) {
 			conn, code := connectDocs(t, addr, tlsPort)
@@ -240,5 +247,56 @@ func TestTransparentAsteriskForm(t *testing.T) {
 	io.WriteString(c, "OPTIONS * HTTP/1.1\r\nHost: www.allowed.test\r\n\r\n")
 	if codes, _, err := readResponses(c, bufio.NewReader(c), 1); err != nil || codes[0] == 403 {
 		t.Errorf("OPTIONS * to www.allowed.test: %v %v", err, codes)
+	}
+}
+
+// TestExplicitInspectedLaterAbsoluteHost (THREATS.md A1): on an inspected
+// CONNECT, TLS or cleartext inside, a later request whose absolute-form
+// target names the CONNECT host and whose Host line names another is
+// refused as host-mismatch, after an allowed one on the same connection.
+// Before, net/http (goproxy) dropped the Host line and it was forwarded.
+func TestExplicitInspectedLaterAbsoluteHost(t *testing.T) {
+	addr, plainPort, tlsPort, caPool := loopbackExplicit(t, `version: 1
+mode: enforce
+rules:
+  - name: docs
+    to: ["docs.paths.test/public/*"]
+    ports: [%d/tcp, %d/tcp]
+`, nil)
+	for _, c := range []struct {
+		name   string
+		port   int
+		scheme string
+	}{{"tls", tlsPort, "https"}, {"cleartext", plainPort, "http"}} {
+		t.Run(c.name, func(t *testing.T) {
+			conn, code := connectDocs(t, addr, c.port)
+			if code != http.StatusOK {
+				t.Fatalf("CONNECT: %d", code)
+			}
+			var rw io.ReadWriter = conn
+			if c.scheme == "https" {
+				rw = tls.Client(conn, &tls.Config{ServerName: "docs.paths.test", RootCAs: caPool})
+			}
+			br := bufio.NewReader(rw)
+			auth := fmt.Sprintf("docs.paths.test:%d", c.port)
+			for _, r := range []struct {
+				head, reason string
+				code         int
+			}{
+				{"GET " + c.scheme + "://" + auth + "/public/ok HTTP/1.1\r\nHost: " + auth + "\r\n\r\n", "", 200},
+				{"GET " + c.scheme + "://" + auth + "/public/x HTTP/1.1\r\nHost: evil.example\r\n\r\n", ReasonHostMismatch, 403},
+			} {
+				io.WriteString(rw, r.head)
+				resp, err := http.ReadResponse(br, nil)
+				if err != nil {
+					t.Fatalf("%q: %v", r.head, err)
+				}
+				body, _ := io.ReadAll(resp.Body)
+				resp.Body.Close()
+				if resp.StatusCode != r.code || resp.Header.Get("X-Egressd-Reason") != r.reason {
+					t.Errorf("%q: %d %q %q, want %d %q", r.head, resp.StatusCode, resp.Header.Get("X-Egressd-Reason"), body, r.code, r.reason)
+				}
+			}
+		})
 	}
 }

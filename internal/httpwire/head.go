@@ -44,6 +44,17 @@ type Head struct {
 // digits (repeated only with the same value), Transfer-Encoding exactly
 // "chunked" (once, HTTP/1.1 only), never both.
 func ParseHead(b []byte) (h Head, err error) {
+	return parseHead(b, false)
+}
+
+// ParseHeadTLS parses a request head read inside TLS (an inspected
+// connection) as ParseHead does, except that an absolute-form target may
+// be https:// too.
+func ParseHeadTLS(b []byte) (h Head, err error) {
+	return parseHead(b, true)
+}
+
+func parseHead(b []byte, inTLS bool) (h Head, err error) {
 	end := bytes.Index(b, []byte("\r\n\r\n"))
 	if end < 0 {
 		if bytes.Contains(b, []byte("\n\n")) || bytes.Contains(b, []byte("\r\n\n")) {
@@ -139,10 +150,13 @@ func ParseHead(b []byte) (h Head, err error) {
 		h.Path = h.Target
 		h.Host = host
 	default:
-		// Absolute form: http://authority[/path]. Any other form (CONNECT's
-		// authority-form, another scheme) has no business on a transparent
-		// connection.
+		// Absolute form: http://authority[/path] (or https:// inside
+		// TLS). Any other form (CONNECT's authority-form, another
+		// scheme) has no business on a transparent connection.
 		rest, ok := cutPrefixFold(h.Target, "http://")
+		if !ok && inTLS {
+			rest, ok = cutPrefixFold(h.Target, "https://")
+		}
 		if !ok || h.Method == "CONNECT" {
 			return h, ErrHeadMalformed
 		}

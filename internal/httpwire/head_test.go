@@ -62,6 +62,32 @@ func TestParseHead(t *testing.T) {
 	}
 }
 
+// TestParseHeadTLS: inside TLS an absolute-form target may be https://
+// as well as http://, and disagrees with Host as ParseHead's does.
+func TestParseHeadTLS(t *testing.T) {
+	for _, c := range []struct {
+		name, in string
+		err      error
+		host     string
+	}{
+		{"https", "GET https://a.test/x HTTP/1.1\r\nHost: a.test\r\n\r\n", nil, "a.test"},
+		{"http", "GET http://a.test/x HTTP/1.1\r\nHost: a.test\r\n\r\n", nil, "a.test"},
+		{"https-disagrees", "GET https://a.test/ HTTP/1.1\r\nHost: evil.test\r\n\r\n", ErrHostMismatch, ""},
+		{"https-port-disagrees", "GET https://a.test:443/ HTTP/1.1\r\nHost: a.test:1\r\n\r\n", ErrHostMismatch, ""},
+		{"other-scheme", "GET ftp://a.test/ HTTP/1.1\r\nHost: a.test\r\n\r\n", ErrHeadMalformed, ""},
+	} {
+		t.Run(c.name, func(t *testing.T) {
+			h, err := ParseHeadTLS([]byte(c.in))
+			if !errors.Is(err, c.err) || err == nil && h.Host != c.host {
+				t.Errorf("host %q err %v, want %q %v", h.Host, err, c.host, c.err)
+			}
+		})
+	}
+	if _, err := ParseHead([]byte("GET https://a.test/ HTTP/1.1\r\nHost: a.test\r\n\r\n")); !errors.Is(err, ErrHeadMalformed) {
+		t.Errorf("ParseHead of an https:// target: %v, want %v", err, ErrHeadMalformed)
+	}
+}
+
 // FuzzParseHead: the head parser never panics, and an accepted head names
 // one host that has no userinfo, spaces or second authority.
 func FuzzParseHead(f *testing.F) {

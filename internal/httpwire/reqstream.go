@@ -55,6 +55,9 @@ const (
 // like header fields, bare CR or LF nowhere.
 type ReqStream struct {
 	MaxHead int // bound of a head and of a trailer section, in bytes
+	// TLS: the stream is the cleartext inside TLS (an inspected
+	// connection): heads are parsed with ParseHeadTLS.
+	TLS     bool
 	state   rsState
 	remain  int64 // rsBody, rsChunkData: bytes left
 	trailer int   // rsTrailer: bytes of trailer fields so far
@@ -197,7 +200,11 @@ func (s *ReqStream) Next(data []byte) (n int, h *Head, err error) {
 	if end > s.MaxHead {
 		return 0, nil, ErrHeadTooLarge
 	}
-	hd, err := ParseHead(data[:end])
+	parse := ParseHead
+	if s.TLS {
+		parse = ParseHeadTLS
+	}
+	hd, err := parse(data[:end])
 	if err != nil {
 		return 0, nil, err
 	}
