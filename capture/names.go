@@ -6,12 +6,23 @@ import (
 	"time"
 )
 
-// DNSFacts is what capture asks egressd's DNS forwarder: the names it gave
-// addr out for to client (client zero means any client), most recent
-// first. cmd/ passes dnsfilter's learned-address table; nil means none.
-// NamesFor must be safe for concurrent use and must not block.
+// DNSFacts is what capture asks egressd's DNS forwarder. NamesFor: the
+// names it gave addr out for to client (client zero means any client),
+// most recent first. Given: every client it gave addr out to, with the
+// name, unexpired: what the firewall's learned sets were fed from (a set
+// is per rule and admits every client the rule covers, whoever asked).
+// cmd/ passes dnsfilter's learned-address table; nil means none. Both must
+// be safe for concurrent use and must not block.
 type DNSFacts interface {
 	NamesFor(client, addr netip.Addr) []string
+	Given(addr netip.Addr) []DNSGrant
+}
+
+// DNSGrant is one answer of egressd's DNS forwarder: Client was given an
+// address for Name (normalised).
+type DNSGrant struct {
+	Client netip.Addr
+	Name   string
 }
 
 // learned is capture's own table of names learned from DNS answers seen on
@@ -33,7 +44,10 @@ type learnedEntry struct {
 type learnedName struct {
 	name    string
 	client  netip.Addr
-	expires time.Time
+	expires time.Time // after minLearnedTTL
+	// fwExpires is when the firewall would let the address go had
+	// egressd's forwarder given this answer: its TTL, at least fwMinTTL.
+	fwExpires time.Time
 }
 
 // nameAnswer is what answers for one name gave out, to any client: the
@@ -57,12 +71,17 @@ const maxNameAddrs = 8
 // captures whose flows follow their lookups by minutes.
 const minLearnedTTL = 30 * time.Minute
 
+// fwMinTTL is the shortest time the firewall keeps a learned address
+// (firewall.DefaultMinTTL; egressd run does not change it).
+const fwMinTTL = 60 * time.Second
+
 func newLearned(max int) *learned {
 	return &learned{m: make(map[netip.Addr]*learnedEntry), byName: make(map[string]*nameAnswer), max: max}
 }
 
 // add records that client was told name for addr at now, valid for ttl.
 func (l *learned) add(client, addr netip.Addr, name string, now time.Time, ttl time.Duration) {
+	fwExp := now.Add(max(ttl, fwMinTTL))
 	if ttl < minLearnedTTL {
 		ttl = minLearnedTTL
 	}
@@ -94,7 +113,7 @@ func (l *learned) add(client, addr netip.Addr, name string, now time.Time, ttl t
 	}
 	na.add(addr, now.Add(ttl))
 	// Move or insert name at the front.
-	nn := learnedName{name: name, client: client, expires: now.Add(ttl)}
+	nn := learnedName{name: name, client: client, expires: now.Add(ttl), fwExpires: fwExp}
 	j := 0
 	for ; j < e.n; j++ {
 		if e.names[j].name == name && e.names[j].client == client {
@@ -127,6 +146,28 @@ func (l *learned) namesFor(client, addr netip.Addr, now time.Time, out []string)
 			if (n.client == client) == (pass == 0) && !contains(out, n.name) {
 				out = append(out, n.name)
 			}
+		}
+	}
+	return out
+}
+
+// given appends to out the live answers that gave addr out, with the
+// client that asked: until their TTL as the firewall keeps them (fw), or
+// else as long as namesFor keeps them.
+func (l *learned) given(addr netip.Addr, now time.Time, fw bool, out []DNSGrant) []DNSGrant {
+	l.mu.Lock()
+	defer l.mu.Unlock()
+	e := l.m[addr.Unmap()]
+	if e == nil {
+		return out
+	}
+	for _, n := range e.names[:e.n] {
+		exp := n.expires
+		if fw {
+			exp = n.fwExpires
+		}
+		if !now.After(exp) {
+			out = append(out, DNSGrant{Client: n.client, Name: n.name})
 		}
 	}
 	return out

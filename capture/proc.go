@@ -8,6 +8,7 @@ import (
 	"log/slog"
 	"net"
 	"net/netip"
+	"slices"
 	"strings"
 	"time"
 
@@ -170,6 +171,7 @@ type proc struct {
 	own     map[netip.Addr]struct{}
 	scratch []byte
 	cands   []candidate
+	grants  []DNSGrant // decideForwarded's answers
 	// pathPorts are the host/path rules' TCP ports of pathEng, the
 	// policy they were read from (redirected).
 	pathEng   *policy.Engine
@@ -1311,6 +1313,11 @@ func (p *proc) decide(eng *policy.Engine, f *flow, name string, src audit.NameSo
 		in.ClientMAC = net.HardwareAddr(f.mac[:])
 	}
 	var d policy.Decision
+	if fwd && in.Port != 53 {
+		// nftables reads no name: by address alone.
+		d, name, src = p.decideForwarded(eng, in, name, src, f.first)
+		return p.special(eng, in, d, fwd), name, src
+	}
 	if name != "" {
 		if n, ok := policy.NormalizeName(name); ok {
 			name = n
@@ -1364,6 +1371,107 @@ func (p *proc) decide(eng *policy.Engine, f *flow, name string, src audit.NameSo
 		}
 	}
 	return d, name, src
+}
+
+// decideForwarded decides a flow nftables forwards or drops at its first
+// packet (UDP, TCP to a port not redirected: the fwd of decide), as the
+// enforce ruleset's forward chain does (firewall/render.go): by
+// destination address alone, whatever name the client sent. A rule's
+// CIDRs (or "*") allow the address by themselves; else the address must
+// be in the rule's learned set. egressd's forwarder feeds the set of every
+// rule that lets the asking client resolve the name (dnsfilter's gate,
+// policy.Engine.NameRules), for the answer's TTL, and the set admits every
+// client the rule covers: not only the client that asked. So the flow is
+// allowed when some answer gave the address out, to any client, for a
+// name that a rule lets that client resolve and lets this client reach on
+// this port; the lowest such rule is credited, as the first accept rule
+// of the chain is the lowest.
+//
+// The answers are the forwarder's (Deps.DNS: Given) and those capture saw
+// on the wire. In enforce mode every LAN query is redirected to the
+// forwarder, so the wire answers are its own. In audit mode clients may
+// ask another resolver; enforce would have sent the same query to the
+// forwarder, which answers a name only where a rule lets the client
+// resolve it, with what upstream returns (the same address, short of a
+// CDN that answers the two resolvers differently). So a wire answer stands
+// for the forwarder's under the same conditions: it counts only for rules
+// that let its asker resolve the name, and live only for its TTL (at least
+// the firewall's minimum, fwMinTTL), not for the longer minLearnedTTL that
+// keeps names for the record; a name no rule lets its asker resolve would
+// have been refused, and teaches nothing. Offline (ReadFile) there is no
+// forwarder and the capture's flows follow their lookups by minutes: the
+// wire answers are kept as long as for names.
+//
+// The wire answers are those live at the flow's first packet (at), when
+// nftables judged it, although capture may decide a UDP flow later (it
+// looks for a QUIC hello first).
+//
+// name and src are the client's own name, if any, kept for the record;
+// without one, the name the credited answer gave, or else the first
+// answer's.
+func (p *proc) decideForwarded(eng *policy.Engine, in policy.Input, name string, src audit.NameSource, at time.Time) (policy.Decision, string, audit.NameSource) {
+	if name != "" {
+		if n, ok := policy.NormalizeName(name); ok {
+			name = n
+		}
+	}
+	in.Name, in.Path, in.NoPath = "", "", false
+	d := eng.Decide(in)
+	if name == "" && src == "" {
+		src = audit.NameNone
+	}
+	if d.Allowed() {
+		return d, name, src
+	}
+	p.grants = p.grants[:0]
+	n := 0
+	if p.c.deps.DNS != nil {
+		p.grants = append(p.grants, p.c.deps.DNS.Given(in.Dest)...)
+		n = len(p.grants)
+	}
+	p.grants = p.c.learned.given(in.Dest, at, p.decideAt.IsZero(), p.grants)
+	best, bi := -1, -1
+	for i, g := range p.grants {
+		if r := p.learnedRule(eng, in, g); r >= 0 && (best < 0 || r < best) {
+			best, bi = r, i
+		}
+	}
+	if best >= 0 {
+		d = policy.Decision{Verdict: policy.Allow, Rule: eng.Rules()[best].Name, RuleIndex: best, Reason: policy.ReasonAllowed, Mode: eng.Mode()}
+	} else if len(p.grants) > 0 {
+		bi = 0
+	}
+	if name == "" && bi >= 0 {
+		name, src = p.grants[bi].Name, audit.NameDNSLearned
+		if bi >= n {
+			src = audit.NameDNSAnswer
+		}
+	}
+	return d, name, src
+}
+
+// learnedRule returns the lowest rule whose learned set the answer g fed
+// and that lets in's client reach in's port: a rule that lets g's client
+// resolve g's name (as the forwarder's gate asks, by address alone) and
+// in's client too, with in's port; -1 when there is none.
+func (p *proc) learnedRule(eng *policy.Engine, in policy.Input, g DNSGrant) int {
+	var ab, cb [8]int
+	asker := eng.NameRules(policy.Input{Client: g.Client.Unmap(), Name: g.Name, Now: in.Now}, 0, ab[:0])
+	if len(asker) == 0 {
+		return -1
+	}
+	rules := eng.Rules()
+	for _, r := range eng.NameRules(policy.Input{Client: in.Client, ClientMAC: in.ClientMAC, Name: g.Name, Now: in.Now}, 0, cb[:0]) {
+		if !slices.Contains(asker, r) {
+			continue
+		}
+		for _, pr := range rules[r].Ports {
+			if pr.Contains(in.Port, in.Proto) {
+				return r
+			}
+		}
+	}
+	return -1
 }
 
 // special applies the proxy's special-range guard (policy.SpecialRange,

@@ -479,6 +479,16 @@ type factsMap map[netip.Addr][]string
 
 func (m factsMap) NamesFor(_, addr netip.Addr) []string { return m[addr] }
 
+// Given reports the names as given out to no particular client: rules
+// without a from cover it.
+func (m factsMap) Given(addr netip.Addr) []DNSGrant {
+	var out []DNSGrant
+	for _, n := range m[addr] {
+		out = append(out, DNSGrant{Name: n})
+	}
+	return out
+}
+
 func TestSyntheticDNSFactsAndModes(t *testing.T) {
 	cli := netip.MustParseAddr("192.0.2.30")
 	p := newPcap(t)

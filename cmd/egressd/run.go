@@ -486,7 +486,7 @@ func (d *daemon) run(ctx context.Context) error {
 		// mode, the same list (validated above): capture judges the
 		// others as nftables does.
 		tcpPorts, _ := parseTCPPorts(cfg.tcpPorts)
-		if d.capture, err = capture.New(capture.Config{Interface: lan, TCPPorts: tcpPorts}, capture.Deps{Policy: d.store, Sink: d.sink, Logger: d.log, Registerer: d.reg, DNS: dnsFacts}); err != nil {
+		if d.capture, err = capture.New(capture.Config{Interface: lan, TCPPorts: tcpPorts}, capture.Deps{Policy: d.store, Sink: d.sink, Logger: d.log, Registerer: d.reg, DNS: captureFacts{table}}); err != nil {
 			d.degrade("capture", err.Error())
 		} else if err := d.capture.Open(); err != nil {
 			d.degrade("capture", err.Error())
@@ -981,4 +981,20 @@ func listenPort(addr string) uint16 {
 	}
 	n, _ := strconv.Atoi(p)
 	return uint16(n)
+}
+
+// captureFacts is dnsfilter's learned-address table as capture asks it.
+type captureFacts struct{ *dnsfilter.Table }
+
+// Given reports every client the forwarder gave addr out to, with the name.
+func (c captureFacts) Given(addr netip.Addr) []capture.DNSGrant {
+	ls := c.Lookup(addr)
+	if len(ls) == 0 {
+		return nil
+	}
+	out := make([]capture.DNSGrant, len(ls))
+	for i, l := range ls {
+		out[i] = capture.DNSGrant{Client: l.Client, Name: l.Name}
+	}
+	return out
 }
