@@ -102,6 +102,9 @@ type flow struct {
 	// forwarded: a TCP port enforce mode does not redirect to the proxy
 	// (Config.TCPPorts): nftables judges it by address (see redirected).
 	forwarded bool
+	// openedInAudit: the policy was in audit mode at the flow's first
+	// packet (see beforeEnforce).
+	openedInAudit bool
 
 	base     [2]uint32 // TCP sequence number of stream offset 0
 	haveBase [2]bool
@@ -408,6 +411,7 @@ func (p *proc) lookup(src netip.Addr, sp uint16, dst netip.Addr, dp uint16, prot
 			p.makeRoom()
 		}
 		f = &flow{proto: proto, first: p.now, inspect: true}
+		f.openedInAudit = p.c.deps.Policy.Load().Mode() == policy.ModeAudit
 		if srcIsClient {
 			f.cli, f.cport, f.srv, f.sport = src, sp, dst, dp
 		} else {
@@ -1263,7 +1267,13 @@ func (p *proc) deny(f *flow, reason, name string, src audit.NameSource) {
 		return
 	}
 	f.decided = true
-	f.dec = policy.Decision{Verdict: policy.Deny, RuleIndex: -1, Reason: reason, Mode: p.c.deps.Policy.Load().Mode()}
+	eng := p.c.deps.Policy.Load()
+	if p.beforeEnforce(eng, f) {
+		// No proxy reads it to refuse it: the firewall decides.
+		p.decideBeforeEnforce(eng, f, name, src)
+		return
+	}
+	f.dec = policy.Decision{Verdict: policy.Deny, RuleIndex: -1, Reason: reason, Mode: eng.Mode()}
 	f.evName, f.evSrc = name, src
 }
 
@@ -1273,10 +1283,62 @@ func (p *proc) classify(f *flow) {
 		return
 	}
 	f.decided = true
+	eng := p.c.deps.Policy.Load()
+	if p.beforeEnforce(eng, f) {
+		p.decideBeforeEnforce(eng, f, f.name, f.nameSrc)
+		return
+	}
 	// An HTTP flow is decided with its request's path, as the proxy's
 	// decideHTTP decides it (host/path rules match it).
-	f.dec, f.evName, f.evSrc = p.decide(p.c.deps.Policy.Load(), f, f.name, f.nameSrc, f.path)
+	f.dec, f.evName, f.evSrc = p.decide(eng, f, f.name, f.nameSrc, f.path)
 	f.noPath = f.showsNoPath()
+}
+
+// ReasonOpenedBeforeEnforce: a TCP connection that opened in audit mode
+// and was decided after a reload to enforce, which the enforce firewall
+// drops (see beforeEnforce). Capture's own reason: no rule refused it,
+// and a new connection the same rules allowed would pass.
+const ReasonOpenedBeforeEnforce = "opened-before-enforce"
+
+// beforeEnforce reports whether f is a TCP connection, live, that opened
+// while the policy was in audit mode and is decided now that it is in
+// enforce mode (its name came late, or it was silent). Such a connection
+// was never redirected to the proxy (NAT applies to a connection's first
+// packet), and the enforce firewall's established rule passes only
+// connections its forward chain let out (firewall.CTMarkEnforced): its
+// packets meet the forward chain's rules as a new connection's would, by
+// address alone.
+func (p *proc) beforeEnforce(eng *policy.Engine, f *flow) bool {
+	return f.openedInAudit && f.proto == 6 && p.decideAt.IsZero() && eng.Mode() == policy.ModeEnforce &&
+		!f.forwarded && f.sport != 53 && f.cport != 53
+}
+
+// decideBeforeEnforce decides a connection of beforeEnforce as the forward
+// chain does: with --tcp-ports (Config.TCPPorts) it holds the TCP ports of
+// every rule, and lets the connection through where a CIDR rule or a
+// rule's learned set admits its address (decideForwarded; an accept rule
+// marks it, so its replies pass); without, every TCP port is redirected
+// and the chain accepts no TCP: it is dropped. A drop is reported in
+// enforce mode with ReasonOpenedBeforeEnforce, the flow's name kept for
+// the record; nothing reads the requests of such a connection, so capture
+// does not follow them.
+func (p *proc) decideBeforeEnforce(eng *policy.Engine, f *flow, name string, src audit.NameSource) {
+	if p.c.cfg.TCPPorts != nil {
+		f.forwarded = true
+		f.dec, f.evName, f.evSrc = p.decide(eng, f, name, src, f.path)
+		if f.dec.Allowed() {
+			return
+		}
+	} else {
+		if n, ok := policy.NormalizeName(name); ok {
+			name = n
+		}
+		if src == "" {
+			src = audit.NameNone
+		}
+		f.evName, f.evSrc = name, src
+	}
+	f.dec = policy.Decision{Verdict: policy.Deny, RuleIndex: -1, Reason: ReasonOpenedBeforeEnforce, Mode: eng.Mode()}
 }
 
 // showsNoPath reports whether f is TCP that capture saw from its SYN and
