@@ -11,7 +11,8 @@
 // line and one audit.Event (Kind dns, Source dnsfilter). Answers to allowed
 // queries feed the learned-address [Table] (client, name asked, address,
 // expiry), which the proxy (SNI versus destination) and capture (naming
-// raw-IP flows) read through small interfaces of their own. Before an
+// raw-IP flows; judging forwarded ones as the firewall's learned sets, fed
+// from the same answers, would) read through small interfaces of their own. Before an
 // allowed answer is written, its addresses go to the firewall (nftables
 // sets, through the [Firewall] interface of Deps) and the answer waits,
 // briefly, until they are there. cmd/ wires them. The package imports

@@ -113,8 +113,9 @@ func (t *Table) NamesFor(client, addr netip.Addr) []string {
 	return out
 }
 
-// Lookup returns the unexpired entries for addr (any client), for reports
-// and debugging.
+// Lookup returns the unexpired entries for addr (any client), for reports,
+// debugging and capture (which judges forwarded flows by who was given
+// addr, as the firewall's learned sets do).
 func (t *Table) Lookup(addr netip.Addr) []Learned {
 	addr = addr.Unmap()
 	now := t.now().UnixNano()
