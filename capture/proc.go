@@ -1447,7 +1447,10 @@ func (p *proc) decide(eng *policy.Engine, f *flow, name string, src audit.NameSo
 // allowed when some answer gave the address out, to any client, for a
 // name that a rule lets that client resolve and lets this client reach on
 // this port; the lowest such rule is credited, as the first accept rule
-// of the chain is the lowest.
+// of the chain is the lowest. (CIDR rules are asked first, in the proxy's
+// order: where a CIDR rule and an earlier rule's learned set both admit
+// the address, the chain's counters credit the earlier rule, capture the
+// CIDR rule; the verdict is the same.)
 //
 // The answers are the forwarder's (Deps.DNS: Given) and those capture saw
 // on the wire. In enforce mode every LAN query is redirected to the
