@@ -540,7 +540,7 @@ func (d *daemon) run(ctx context.Context) error {
 	if eng.Mode() == policy.ModeAudit {
 		// --guard-wan guards only when egressd installs the firewall:
 		// with --no-firewall it installs nothing.
-		if why := auditWANExposure(wan, cfg.guardWAN && !cfg.noFirewall, splitList(cfg.dnsListen), interfaceAddrs(wan)); why != "" {
+		if why := auditWANExposure(lan, wan, cfg.guardWAN && !cfg.noFirewall, splitList(cfg.dnsListen), interfaceAddrs(wan)); why != "" {
 			d.log.Warn(why, "wan", wan)
 			d.say("warning: %s", why)
 		}
@@ -910,8 +910,10 @@ func joinAddrPorts(a []netip.AddrPort) string {
 // is limited to the LAN when every DNS listen address is a specific one
 // the WAN interface does not hold (wanAddrs). The proxies listen as they
 // are told, the transparent one on every address by default.
-func auditWANExposure(wan string, guarded bool, dnsListen []string, wanAddrs []netip.Addr) string {
-	if wan == "" || guarded {
+func auditWANExposure(lan, wan string, guarded bool, dnsListen []string, wanAddrs []netip.Addr) string {
+	if wan == "" || wan == lan || guarded {
+		// No WAN side apart from the LAN (one interface for both: the
+		// forwarder must answer there, and --guard-wan would cut the LAN).
 		return ""
 	}
 	exposed := ""

@@ -93,14 +93,19 @@ func TestRunAuditWANExposure(t *testing.T) {
 		args []string
 		want bool
 	}{
-		// 127.0.0.1 is an address of the WAN interface (lo) here.
-		{"wan-address", []string{"--wan", "lo", "--dns-listen", "127.0.0.1:0"}, true},
+		// 127.0.0.1 is an address of the WAN interface (lo) here; the LAN
+		// is an interface that does not exist (capture does not run), so
+		// that the two differ.
+		{"wan-address", []string{"--lan", "egrtest0", "--wan", "lo", "--dns-listen", "127.0.0.1:0"}, true},
 		// Every case runs with --no-firewall, where --guard-wan installs
 		// nothing: the forwarder is still exposed.
-		{"guard-wan-no-firewall", []string{"--wan", "lo", "--dns-listen", "127.0.0.1:0", "--guard-wan"}, true},
+		{"guard-wan-no-firewall", []string{"--lan", "egrtest0", "--wan", "lo", "--dns-listen", "127.0.0.1:0", "--guard-wan"}, true},
+		// One interface for LAN and WAN: no WAN side apart from the LAN,
+		// and --guard-wan would cut the LAN off.
+		{"lan-is-wan", []string{"--wan", "lo", "--dns-listen", "127.0.0.1:0"}, false},
 		// The interface of the default route, which 127.0.0.1 is not on.
 		{"address-not-on-wan", []string{"--wan", "", "--dns-listen", "127.0.0.1:0"}, false},
-		{"enforce", []string{"--wan", "lo", "--dns-listen", "127.0.0.1:0", "--mode", "enforce"}, false},
+		{"enforce", []string{"--lan", "egrtest0", "--wan", "lo", "--dns-listen", "127.0.0.1:0", "--mode", "enforce"}, false},
 	} {
 		t.Run(c.name, func(t *testing.T) {
 			dir := t.TempDir()
@@ -156,8 +161,9 @@ func TestAuditWANExposure(t *testing.T) {
 		{"wan0", false, "127.0.0.1:53", false},
 		{"wan0", true, ":53", false},
 		{"", false, ":53", false},
+		{"lan0", false, ":53", false}, // one interface for LAN and WAN: no other side
 	} {
-		got := auditWANExposure(c.wan, c.guarded, splitList(c.listen), wanAddrs)
+		got := auditWANExposure("lan0", c.wan, c.guarded, splitList(c.listen), wanAddrs)
 		if (got != "") != c.want || c.want && !strings.Contains(got, "--guard-wan") {
 			t.Errorf("wan %q guarded %v listen %q: %q", c.wan, c.guarded, c.listen, got)
 		}
