@@ -236,13 +236,6 @@ func (p *Proxy) clientPort(c *net.TCPConn, f *flowRecord) {
 		return
 	}
 	orig = netip.AddrPortFrom(orig.Addr().Unmap(), orig.Port())
-	if orig == addrPortOf(c.LocalAddr()) {
-		// Addressed to the listener itself, not redirected: an address
-		// of the gateway's, perhaps one it gained after its list was read.
-		// Dialling it would reach this listener again (selfDecision).
-		p.ownAddrs()
-		p.addOwn(orig.Addr())
-	}
 	switch {
 	case orig == remote:
 		p.met.conntrack.WithLabelValues("same").Inc()
