@@ -62,6 +62,10 @@ func (tp *topo) sClient(ip string, port int, sni string) (string, error) {
 	return out, nil
 }
 
+// digBasePort is where dig's source ports start (below 32768, Linux's
+// default ephemeral range).
+const digBasePort = 20000
+
 var (
 	digStatus = regexp.MustCompile(`status: ([A-Z]+)`)
 	digAnswer = regexp.MustCompile(`(?m)^\S+\s+\d+\s+IN\s+(?:A|AAAA)\s+(\S+)$`)
@@ -69,9 +73,15 @@ var (
 
 // dig asks the LAN's resolver (the gateway, from resolv.conf) once, over
 // UDP with no retry, and returns the rcode and the addresses answered.
+// Each query of a topology has a source port of its own, below the
+// kernel's ephemeral range (digBasePort + n): two of them never share a
+// flow in capture's eyes, as two drawn at random can (then a report
+// counts one flow for two queries), and a flow missing from a report
+// names the query.
 func (tp *topo) dig(t *testing.T, name, qtype string) (string, []string) {
 	t.Helper()
-	out, err := tp.lan.Run("dig", "+tries=1", "+time=3", "+nocookie", name, qtype)
+	src := fmt.Sprintf("0.0.0.0#%d", digBasePort+tp.digs.Add(1)%10000)
+	out, err := tp.lan.Run("dig", "-b", src, "+tries=1", "+time=3", "+nocookie", name, qtype)
 	m := digStatus.FindStringSubmatch(out)
 	if m == nil {
 		return "no answer: " + strings.TrimSpace(firstLine(out, err)), nil

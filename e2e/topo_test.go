@@ -101,6 +101,7 @@ type topo struct {
 	inboundHits   atomic.Int64 // connections accepted by the inbound targets
 	ntpAnswers    atomic.Int64
 	udpEchoes     atomic.Int64
+	digs          atomic.Uint32 // dig's queries so far: each its own source port (dig)
 }
 
 func newTopo(t *testing.T) *topo {
