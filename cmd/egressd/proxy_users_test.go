@@ -286,3 +286,55 @@ func TestRunProxyUsersReloadBadPolicy(t *testing.T) {
 		t.Errorf("no line for the users reloaded:\n%s", errb.String())
 	}
 }
+
+// TestRunSIGHUPDuringStart: a SIGHUP that comes while egressd starts (a
+// systemd reload, a script that saw the first line) waits and reloads once
+// egressd runs. It ended the process when egressd listened for SIGHUP only
+// after its parts had started (the signal's default action).
+func TestRunSIGHUPDuringStart(t *testing.T) {
+	bin := buildEgressd(t)
+	dir := t.TempDir()
+	var out, errb lockedBuffer
+	cmd := exec.Command(bin, "run", "--lan", "lo", "--wan", "lo", "--no-firewall",
+		"--dns-listen", "127.0.0.1:0", "--proxy-listen", "127.0.0.1:0", "--explicit-proxy-listen", "off",
+		"--admin", "127.0.0.1:0", "--upstream-dns", "127.0.0.1:9", "--state-dir", filepath.Join(dir, "state"))
+	cmd.Stdout, cmd.Stderr = &out, &errb
+	if err := cmd.Start(); err != nil {
+		t.Fatal(err)
+	}
+	done := make(chan error, 1)
+	go func() { done <- cmd.Wait() }()
+	defer func() {
+		cmd.Process.Signal(os.Interrupt)
+		select {
+		case <-done:
+		case <-time.After(20 * time.Second):
+			cmd.Process.Kill()
+			<-done
+			t.Errorf("egressd run did not stop within 20s of SIGINT")
+		}
+	}()
+	// The first line is printed before any part starts.
+	for deadline := time.Now().Add(15 * time.Second); !strings.Contains(out.String(), "egressd "); time.Sleep(time.Millisecond) {
+		if time.Now().After(deadline) {
+			t.Fatalf("no first line in 15s\nstdout:\n%s\nstderr:\n%s", out.String(), errb.String())
+		}
+	}
+	if err := cmd.Process.Signal(syscall.SIGHUP); err != nil {
+		t.Fatal(err)
+	}
+	for deadline := time.Now().Add(15 * time.Second); !strings.Contains(errb.String(), `"msg":"policy reloaded"`); time.Sleep(20 * time.Millisecond) {
+		select {
+		case err := <-done:
+			done <- err
+			t.Fatalf("egressd run ended on a SIGHUP during its start: %v\nstdout:\n%s\nstderr:\n%s", err, out.String(), errb.String())
+		default:
+		}
+		if time.Now().After(deadline) {
+			t.Fatalf("no reload 15s after a SIGHUP during the start\nstdout:\n%s\nstderr:\n%s", out.String(), errb.String())
+		}
+	}
+	if !strings.Contains(out.String(), "admin: http://") {
+		t.Errorf("egressd did not finish its start:\n%s", out.String())
+	}
+}

@@ -378,6 +378,13 @@ func (d *daemon) degradedParts() map[string]string {
 func (d *daemon) say(format string, args ...any) { fmt.Fprintf(d.out, format+"\n", args...) }
 
 func (d *daemon) run(ctx context.Context) error {
+	// SIGHUP is caught from the start: one that comes while the parts
+	// start (systemd's ExecReload, a script that saw the first lines)
+	// would otherwise end the process (its default action); it waits here
+	// and reloads once egressd is running.
+	hup := make(chan os.Signal, 1)
+	signal.Notify(hup, syscall.SIGHUP)
+	defer signal.Stop(hup)
 	ctx, cancel := context.WithCancel(ctx)
 	defer cancel()
 	cfg := d.cfg
@@ -583,9 +590,6 @@ func (d *daemon) run(ctx context.Context) error {
 	sdnotify.Notify(sdnotify.Ready)
 	d.log.Info("egressd running", audit.LogMode, string(eng.Mode()), "policy", d.source)
 
-	hup := make(chan os.Signal, 1)
-	signal.Notify(hup, syscall.SIGHUP)
-	defer signal.Stop(hup)
 	for {
 		select {
 		case <-hup:
