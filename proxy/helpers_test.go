@@ -200,6 +200,16 @@ func byClientPort(port int) func(audit.Event) bool {
 	return func(ev audit.Event) bool { return int(ev.ClientPort) == port }
 }
 
+// byClient matches the events of the client connection c by its address
+// and port: an IPv4 and an IPv6 connection of one test may draw the same
+// port number.
+func byClient(c net.Conn) func(audit.Event) bool {
+	a := addrPortOf(c.LocalAddr())
+	return func(ev audit.Event) bool {
+		return ev.ClientPort == a.Port() && ev.Client.Unmap() == a.Addr().Unmap()
+	}
+}
+
 // pki is a test CA and a server certificate for every test name.
 type pki struct {
 	pool    *x509.CertPool
