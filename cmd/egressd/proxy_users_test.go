@@ -46,26 +46,8 @@ func TestRunProxyUsers(t *testing.T) {
 	if err := os.WriteFile(users, []byte("# explicit proxy users\n"+digestLine("alice", "s3cret")+"\n"+digestLine("bob", "other")), 0o600); err != nil {
 		t.Fatal(err)
 	}
-	var out, errb lockedBuffer
-	cmd := exec.Command(bin, "run", "--mode", "enforce", "--lan", "lo", "--wan", "lo", "--no-firewall",
-		"--dns-listen", "127.0.0.1:0", "--proxy-listen", "127.0.0.1:0", "--explicit-proxy-listen", "127.0.0.1:0",
-		"--proxy-users", users, "--admin", "127.0.0.1:0", "--upstream-dns", "127.0.0.1:9", "--state-dir", filepath.Join(dir, "state"))
-	cmd.Stdout, cmd.Stderr = &out, &errb
-	if err := cmd.Start(); err != nil {
-		t.Fatal(err)
-	}
-	done := make(chan error, 1)
-	go func() { done <- cmd.Wait() }()
-	defer func() {
-		cmd.Process.Signal(os.Interrupt)
-		select {
-		case <-done:
-		case <-time.After(20 * time.Second):
-			cmd.Process.Kill()
-			<-done
-			t.Errorf("egressd run did not stop within 20s of SIGINT")
-		}
-	}()
+	r := startRun(t, bin, dir, "--mode", "enforce", "--explicit-proxy-listen", "127.0.0.1:0", "--proxy-users", users)
+	cmd, out, errb := r.cmd, r.out, r.errb
 	re := regexp.MustCompile(`(?m)^proxy: transparent on \S+, explicit on (127\.0\.0\.1:\d+) \(HTTP Basic authentication, 2 users\)$`)
 	var addr string
 	for deadline := time.Now().Add(15 * time.Second); ; time.Sleep(20 * time.Millisecond) {
@@ -208,26 +190,8 @@ func TestRunProxyUsersReloadBadPolicy(t *testing.T) {
 	if err := os.WriteFile(pol, []byte("version: 1\nmode: enforce\nrules:\n  - name: docs\n    to: [docs.example]\n    ports: [443/tcp]\n"), 0o644); err != nil {
 		t.Fatal(err)
 	}
-	var out, errb lockedBuffer
-	cmd := exec.Command(bin, "run", "--policy", pol, "--lan", "lo", "--wan", "lo", "--no-firewall",
-		"--dns-listen", "127.0.0.1:0", "--proxy-listen", "127.0.0.1:0", "--explicit-proxy-listen", "127.0.0.1:0",
-		"--proxy-users", users, "--admin", "127.0.0.1:0", "--upstream-dns", "127.0.0.1:9", "--state-dir", filepath.Join(dir, "state"))
-	cmd.Stdout, cmd.Stderr = &out, &errb
-	if err := cmd.Start(); err != nil {
-		t.Fatal(err)
-	}
-	done := make(chan error, 1)
-	go func() { done <- cmd.Wait() }()
-	defer func() {
-		cmd.Process.Signal(os.Interrupt)
-		select {
-		case <-done:
-		case <-time.After(20 * time.Second):
-			cmd.Process.Kill()
-			<-done
-			t.Errorf("egressd run did not stop within 20s of SIGINT")
-		}
-	}()
+	r := startRun(t, bin, dir, "--policy", pol, "--explicit-proxy-listen", "127.0.0.1:0", "--proxy-users", users)
+	cmd, out, errb := r.cmd, r.out, r.errb
 	re := regexp.MustCompile(`(?m)^proxy: transparent on \S+, explicit on (127\.0\.0\.1:\d+) \(HTTP Basic authentication, 1 users\)$`)
 	var addr string
 	for deadline := time.Now().Add(15 * time.Second); ; time.Sleep(20 * time.Millisecond) {
@@ -294,26 +258,8 @@ func TestRunProxyUsersReloadBadPolicy(t *testing.T) {
 func TestRunSIGHUPDuringStart(t *testing.T) {
 	bin := buildEgressd(t)
 	dir := t.TempDir()
-	var out, errb lockedBuffer
-	cmd := exec.Command(bin, "run", "--lan", "lo", "--wan", "lo", "--no-firewall",
-		"--dns-listen", "127.0.0.1:0", "--proxy-listen", "127.0.0.1:0", "--explicit-proxy-listen", "off",
-		"--admin", "127.0.0.1:0", "--upstream-dns", "127.0.0.1:9", "--state-dir", filepath.Join(dir, "state"))
-	cmd.Stdout, cmd.Stderr = &out, &errb
-	if err := cmd.Start(); err != nil {
-		t.Fatal(err)
-	}
-	done := make(chan error, 1)
-	go func() { done <- cmd.Wait() }()
-	defer func() {
-		cmd.Process.Signal(os.Interrupt)
-		select {
-		case <-done:
-		case <-time.After(20 * time.Second):
-			cmd.Process.Kill()
-			<-done
-			t.Errorf("egressd run did not stop within 20s of SIGINT")
-		}
-	}()
+	r := startRun(t, bin, dir, "--explicit-proxy-listen", "off")
+	cmd, out, errb, done := r.cmd, r.out, r.errb, r.done
 	// The first line is printed before any part starts.
 	for deadline := time.Now().Add(15 * time.Second); !strings.Contains(out.String(), "egressd "); time.Sleep(time.Millisecond) {
 		if time.Now().After(deadline) {
@@ -337,4 +283,38 @@ func TestRunSIGHUPDuringStart(t *testing.T) {
 	if !strings.Contains(out.String(), "admin: http://") {
 		t.Errorf("egressd did not finish its start:\n%s", out.String())
 	}
+}
+
+// runProc is `egressd run` started by startRun.
+type runProc struct {
+	cmd       *exec.Cmd
+	out, errb *lockedBuffer
+	done      chan error // the process's end; read it only to learn that it ended
+}
+
+// startRun starts bin's `egressd run` on loopback, with no firewall, its
+// state under dir and args after the defaults (a later flag wins), and
+// stops it with SIGINT when the test ends.
+func startRun(t *testing.T, bin, dir string, args ...string) *runProc {
+	t.Helper()
+	r := &runProc{out: new(lockedBuffer), errb: new(lockedBuffer), done: make(chan error, 1)}
+	r.cmd = exec.Command(bin, append([]string{"run", "--lan", "lo", "--wan", "lo", "--no-firewall",
+		"--dns-listen", "127.0.0.1:0", "--proxy-listen", "127.0.0.1:0", "--admin", "127.0.0.1:0",
+		"--upstream-dns", "127.0.0.1:9", "--state-dir", filepath.Join(dir, "state")}, args...)...)
+	r.cmd.Stdout, r.cmd.Stderr = r.out, r.errb
+	if err := r.cmd.Start(); err != nil {
+		t.Fatal(err)
+	}
+	go func() { r.done <- r.cmd.Wait() }()
+	t.Cleanup(func() {
+		r.cmd.Process.Signal(os.Interrupt)
+		select {
+		case <-r.done:
+		case <-time.After(20 * time.Second):
+			r.cmd.Process.Kill()
+			<-r.done
+			t.Errorf("egressd run did not stop within 20s of SIGINT")
+		}
+	})
+	return r
 }
