@@ -3,6 +3,7 @@ package proxy
 import (
 	"context"
 	"net/netip"
+	"slices"
 	"sync/atomic"
 
 	"egressd/audit"
@@ -34,7 +35,25 @@ type verdict struct {
 	name    string
 	src     audit.NameSource
 	inspect bool // host/path rules decide this host: decrypt and decide per request
+
+	// What the decision was made on, for deciding the connection again
+	// after a reload (again): how, the input, and whether the destination
+	// was vouched for the name (decideName).
+	how     decidedBy
+	in      policy.Input
+	vouched bool
 }
+
+// decidedBy says which of the deciding functions made a verdict.
+type decidedBy uint8
+
+const (
+	// byBytes: a deny on the connection's bytes (a malformed hello, a
+	// refused head), which no rule changes.
+	byBytes decidedBy = iota
+	byName            // decideName: the name the client sent
+	byAddr            // decideAddr: the address and the names our DNS gave out
+)
 
 // enforced reports whether the connection must be refused.
 func (v verdict) enforced() bool {
@@ -92,7 +111,14 @@ func (p *Proxy) needsInspection(eng *policy.Engine, in policy.Input) bool {
 // in.Name is normalised. When in.Dest is valid the destination must be
 // vouched for (no spoofing); the special-range guard applies either way.
 func (p *Proxy) decideName(ctx context.Context, eng *policy.Engine, in policy.Input, src audit.NameSource) verdict {
-	v := verdict{name: in.Name, src: src}
+	return p.decideNameVouched(ctx, eng, in, src, false)
+}
+
+// decideNameVouched is decideName; vouched says the destination was
+// vouched for the name before (a connection decided again after a
+// reload), and is not looked up again.
+func (p *Proxy) decideNameVouched(ctx context.Context, eng *policy.Engine, in policy.Input, src audit.NameSource, vouched bool) verdict {
+	v := verdict{name: in.Name, src: src, how: byName, in: in, vouched: vouched}
 	if d, ok := p.selfDecision(eng, in); ok {
 		v.d = d
 		return v
@@ -106,10 +132,11 @@ func (p *Proxy) decideName(ctx context.Context, eng *policy.Engine, in policy.In
 			v.d = denyDecision(eng, ReasonSpecialRange)
 			return v
 		}
-		if !p.vouched(ctx, eng, in, v.d) {
+		if !vouched && !p.vouched(ctx, eng, in, v.d) {
 			v.d = denyDecision(eng, ReasonSNIMismatch)
 			return v
 		}
+		v.vouched = true
 	}
 	v.inspect = p.needsInspection(eng, in)
 	return v
@@ -158,17 +185,31 @@ func (p *Proxy) vouched(ctx context.Context, eng *policy.Engine, in policy.Input
 // address out for to this client. src is how the lack of a name is
 // recorded (no-sni for TLS, none otherwise).
 func (p *Proxy) decideAddr(eng *policy.Engine, in policy.Input, src audit.NameSource) verdict {
+	return p.decideAddrKnown(eng, in, src, "")
+}
+
+// decideAddrKnown is decideAddr with known, when not empty, among the
+// names our DNS gave out: the name a connection was decided by before a
+// reload (decided again, it still counts, though its DNS answer may have
+// expired since).
+func (p *Proxy) decideAddrKnown(eng *policy.Engine, in policy.Input, src audit.NameSource, known string) verdict {
 	in.Name = ""
-	v := verdict{src: src}
+	v := verdict{src: src, how: byAddr, in: in}
 	if d, ok := p.selfDecision(eng, in); ok {
 		v.d = d
 		return v
 	}
 	v.d = eng.Decide(in)
-	if !v.d.Allowed() && p.deps.DNS != nil {
+	if !v.d.Allowed() && (p.deps.DNS != nil || known != "") {
 		// The address first, then the names (policy.DecideLearned, which
 		// capture decides with too).
-		names := p.deps.DNS.NamesFor(in.Client.Unmap(), in.Dest.Unmap())
+		var names []string
+		if p.deps.DNS != nil {
+			names = p.deps.DNS.NamesFor(in.Client.Unmap(), in.Dest.Unmap())
+		}
+		if known != "" && !slices.Contains(names, known) {
+			names = append(slices.Clip(names), known)
+		}
 		if d, i := eng.DecideLearned(in, v.d, names); i >= 0 {
 			// The name that allows it, else the best name known.
 			v.d, v.name, v.src = d, names[i], audit.NameDNSLearned

@@ -36,6 +36,7 @@ import (
 // ProxyCtx.UserData.
 type connectState struct {
 	host        string         // normalised name; "" for an IP literal
+	eng         *policy.Engine // the engine the CONNECT was decided with
 	addr        netip.AddrPort // the destination dialled
 	client      netip.AddrPort
 	src         audit.NameSource
@@ -405,7 +406,10 @@ func (p *Proxy) decideTarget(ctx context.Context, eng *policy.Engine, client net
 		return verdict{d: denyDecision(eng, policy.ReasonInvalidName), name: host, src: src}, netip.AddrPort{}
 	}
 	in.Name = name
-	v := verdict{name: name, src: src}
+	// Decided on the name alone (no destination yet: the proxy resolves
+	// it itself, so nothing is spoofed); a reload decides it so again
+	// (againConnect).
+	v := verdict{name: name, src: src, how: byName, in: in, vouched: true}
 	v.d = eng.Decide(in)
 	if v.d.Allowed() {
 		v.inspect = p.needsInspection(eng, in)
@@ -508,7 +512,7 @@ func (p *Proxy) handleConnect(host string, ctx *goproxy.ProxyCtx) (*goproxy.Conn
 	if !addr.IsValid() {
 		return reject(v, http.StatusBadGateway)
 	}
-	st := &connectState{host: v.name, addr: addr, client: ca, src: audit.NameConnect}
+	st := &connectState{host: v.name, addr: addr, client: ca, src: audit.NameConnect, eng: eng}
 	if v.d.Allowed() {
 		in := policy.Input{Client: ca.Addr(), Dest: addr.Addr(), Port: port, Proto: policy.TCP, Name: v.name, NoPath: true, Now: time.Now()}
 		if d := eng.Decide(in); !d.Allowed() {
@@ -655,8 +659,34 @@ func (p *Proxy) tunnelConnect(client net.Conn, st *connectState, v verdict, f *f
 			return
 		}
 	}
+	noPath := f.ev.NoPath
+	lc := p.addLive(st.eng, &f.ev, func(e *policy.Engine) policy.Decision { return p.againConnect(e, v, st.addr, noPath) }, closeBoth(client, server))
 	out, in, reason := p.pipe(client, server)
 	f.ev.BytesOut, f.ev.BytesIn, f.ev.Close = uint64(out)+uint64(early), uint64(in), reason
+	p.stampLive(lc, &f.ev)
+}
+
+// againConnect decides a CONNECT tunnel to addr again under eng (a
+// reload): its authority as decideTarget decided it, the address it
+// dialled guarded as there, and, when the tunnel turned out not to be
+// TLS (noPath), as a tunnel without a path.
+func (p *Proxy) againConnect(eng *policy.Engine, v verdict, addr netip.AddrPort, noPath bool) policy.Decision {
+	d := p.again(eng, v)
+	if !d.Allowed() {
+		return d
+	}
+	in := v.in
+	in.Now, in.Dest, in.Name = time.Now(), addr.Addr(), v.name
+	if g, ok := specialRange(addr.Addr(), p.ownAddrs(), p.cfg.AllowSpecial); ok && !cidrRuleNames(eng, in, g) {
+		return denyDecision(eng, ReasonSpecialRange)
+	}
+	if noPath {
+		in.NoPath = true
+		if nd := eng.Decide(in); !nd.Allowed() {
+			return nd
+		}
+	}
+	return d
 }
 
 // handleRequest decides a plain HTTP request of the explicit proxy, or a

@@ -13,6 +13,7 @@ type metrics struct {
 	conntrack *prometheus.CounterVec // result
 	requests  *prometheus.CounterVec // verdict, mode
 	hellos    *prometheus.CounterVec // parser
+	revoked   *prometheus.CounterVec // mode
 	// The hellos series of each parser, resolved once: the peek counts
 	// every TLS connection.
 	helloFast, helloTLS prometheus.Counter
@@ -53,11 +54,15 @@ func newMetrics(reg prometheus.Registerer) (*metrics, error) {
 			Namespace: "egress", Subsystem: "proxy", Name: "hello_parses_total",
 			Help: "ClientHellos read on the transparent listener, by parser: fast (internal/tlshello alone: the hellos real clients send, and those it refuses) or crypto-tls (crypto/tls asked too: hellos of unusual shape, hellos that came in more pieces than the proxy reads for tlshello alone, and hellos cut short).",
 		}, []string{"parser"}),
+		revoked: prometheus.NewCounterVec(prometheus.CounterOpts{
+			Namespace: "egress", Subsystem: "proxy", Name: "reload_revoked_total",
+			Help: "Open connections a policy reload's new policy denies, by mode: enforce (the proxy closed them, close policy-revoked) or audit (kept, recorded as would-be-denied).",
+		}, []string{"mode"}),
 	}
 	m.helloFast = m.hellos.WithLabelValues("fast")
 	m.helloTLS = m.hellos.WithLabelValues("crypto-tls")
 	if reg != nil {
-		for _, c := range []prometheus.Collector{m.conns, m.active, m.bytes, m.limitHits, m.peek, m.conntrack, m.requests, m.hellos} {
+		for _, c := range []prometheus.Collector{m.conns, m.active, m.bytes, m.limitHits, m.peek, m.conntrack, m.requests, m.hellos, m.revoked} {
 			if err := reg.Register(c); err != nil {
 				return nil, err
 			}

@@ -85,6 +85,12 @@ type Proxy struct {
 	explicitErr error
 
 	work workers // runs handleTransparent and the tunnels' ends
+
+	// live are the forwarded connections a reload decides again
+	// (*liveConn → struct{}); current is the engine the last Redecide
+	// published (reload.go).
+	live    sync.Map
+	current atomic.Pointer[policy.Engine]
 }
 
 // workerIdle is how long a kept goroutine waits for its next connection.
@@ -140,6 +146,7 @@ func New(cfg Config, deps Deps) (*Proxy, error) {
 		d := &net.Dialer{KeepAlive: -1}
 		p.deps.Dial = d.DialContext
 	}
+	p.current.Store(deps.Policy.Load())
 	p.gp = p.newGoproxy()
 	return p, nil
 }

@@ -176,6 +176,10 @@ func (p *Proxy) handleTransparent(c *net.TCPConn, ours bool) {
 	if up != nil {
 		upFn = up.run
 	}
+	// A reload decides it again on what it was decided on here (a plain
+	// HTTP connection: on its first request; the later ones are decided
+	// each under the policy of its time).
+	lc := p.addLive(eng, &f.ev, func(e *policy.Engine) policy.Decision { return p.again(e, v) }, closeBoth(c, server))
 	p.startTunnelUp(c, server, upFn, func(out, in int64, reason string) {
 		p.untrackConn(server)
 		p.untrackConn(c)
@@ -186,6 +190,7 @@ func (p *Proxy) handleTransparent(c *net.TCPConn, ours bool) {
 		if up != nil && up.denied && reason != closeShutdown {
 			f.ev.Close = closeRequestDenied
 		}
+		p.stampLive(lc, &f.ev)
 		p.finish(f)
 	})
 }

@@ -1,0 +1,190 @@
+package proxy
+
+import (
+	"context"
+	"log/slog"
+	"net"
+	"sync"
+	"time"
+
+	"egressd/audit"
+	"egressd/policy"
+)
+
+// closeRevoked is the close reason of a connection a reload's policy
+// denies in enforce mode: the proxy closed both sides (Redecide).
+const closeRevoked = "policy-revoked"
+
+// A policy reload reaches the connections the proxy already forwards.
+// Tunnels have no idle timeout and live for days, so a rule removed or
+// narrowed, or a switch from audit to enforce, would otherwise leave every
+// tunnel it no longer allows running under the decision it got at its
+// start. Each forwarded connection is registered as a liveConn with what
+// it was decided on (client, original destination, port, protocol, the
+// name and how it was found, the path or its absence); after a reload the
+// daemon calls Redecide, which decides each one again under the new
+// engine:
+//
+//   - allowed: untouched (no byte lost, the record keeps its decision);
+//   - denied in enforce mode: both sides are closed, the record says the
+//     new decision and close "policy-revoked", a warning line is logged
+//     and egress_proxy_reload_revoked_total{mode="enforce"} counts it;
+//   - denied in audit mode: nothing is closed; the record gets the new
+//     decision (a deny, not enforced), so the report counts the flow as
+//     one enforce would drop, an info line is logged and
+//     egress_proxy_reload_revoked_total{mode="audit"} counts it. A later
+//     reload that allows it again does not take that back: the record
+//     shows the last policy that would have denied it.
+//
+// The spoof check (THREATS.md A2) is not made again for a connection whose
+// destination was vouched for its name at the start: that was a fact about
+// the name and the address when the connection opened, and a reload changes
+// rules, not DNS history. Looking it up again would cut a legitimate tunnel
+// only because the answer that vouched for it has expired, or the name's
+// addresses rotated since (a CDN). A DNS-learned name counts likewise.
+// A connection that was not vouched for (denied, or an audit-mode
+// sni-mismatch) is checked as a new one would be.
+//
+// Rules are decided at the time of the re-decision, so a rule that expired
+// since the connection opened no longer allows it either.
+//
+// Race-free order: Redecide first publishes the new engine (current), then
+// walks the live set; a connection registered meanwhile compares the
+// engine it was decided with against current itself (addLive). A reload
+// that fails never calls Redecide: nothing changes.
+type liveConn struct {
+	// decide decides the connection again under an engine; immutable.
+	decide func(eng *policy.Engine) policy.Decision
+	// close closes both sides; immutable.
+	close func()
+	// flow is a copy of the record at the registration, for the log line.
+	flow audit.Event
+
+	mu      sync.Mutex // guards following
+	eng     *policy.Engine
+	ended   bool
+	revoked bool             // closed by a re-decision
+	denied  *policy.Decision // the last deny a re-decision made, if any
+}
+
+// addLive registers a forwarded connection decided under eng; decide
+// decides it again, close closes both its sides. The caller ends it with
+// endLive once the connection is over.
+func (p *Proxy) addLive(eng *policy.Engine, flow *audit.Event, decide func(*policy.Engine) policy.Decision, close func()) *liveConn {
+	lc := &liveConn{decide: decide, close: close, flow: *flow, eng: eng}
+	p.live.Store(lc, struct{}{})
+	// A reload published between the decision and the Store above: decide
+	// it now (Redecide's walk may have missed it).
+	p.redecideOne(lc)
+	return lc
+}
+
+// endLive takes lc out of the live set; it returns the deny the last
+// re-decision made (nil if none) and whether the proxy closed the
+// connection for it. The caller stamps its record with them.
+func (p *Proxy) endLive(lc *liveConn) (*policy.Decision, bool) {
+	p.live.Delete(lc)
+	lc.mu.Lock()
+	defer lc.mu.Unlock()
+	lc.ended = true
+	return lc.denied, lc.revoked
+}
+
+// stampLive applies endLive's outcome to a connection's record.
+func (p *Proxy) stampLive(lc *liveConn, ev *audit.Event) {
+	d, revoked := p.endLive(lc)
+	if d == nil {
+		return
+	}
+	ev.Stamp(*d)
+	if revoked {
+		ev.Enforced, ev.Close = true, closeRevoked
+	}
+}
+
+// Redecide decides every connection the proxy forwards again under the
+// policy the store now holds: call it after a policy reload succeeded
+// (the daemon does). Connections the policy denies are closed in enforce
+// mode and recorded as would-be-denied in audit mode (liveConn).
+func (p *Proxy) Redecide() {
+	p.current.Store(p.deps.Policy.Load())
+	p.live.Range(func(k, _ any) bool {
+		p.redecideOne(k.(*liveConn))
+		return true
+	})
+}
+
+// redecideOne decides lc again if the current engine is not the one it
+// was last decided with.
+func (p *Proxy) redecideOne(lc *liveConn) {
+	eng := p.current.Load()
+	lc.mu.Lock()
+	if lc.ended || lc.revoked || eng == nil || lc.eng == eng {
+		lc.mu.Unlock()
+		return
+	}
+	lc.eng = eng
+	d := lc.decide(eng)
+	if d.Allowed() {
+		lc.mu.Unlock()
+		return
+	}
+	lc.denied = &d
+	enforce := d.Mode == policy.ModeEnforce
+	lc.revoked = enforce
+	lc.mu.Unlock()
+	ev := lc.flow
+	ev.Stamp(d)
+	attrs := ev.AppendFlowAttrs(nil)
+	if enforce {
+		lc.close()
+		p.met.revoked.WithLabelValues(string(policy.ModeEnforce)).Inc()
+		p.log.LogAttrs(context.Background(), slog.LevelWarn, "policy reload: connection closed, the new policy denies it", attrs...)
+		return
+	}
+	p.met.revoked.WithLabelValues(string(policy.ModeAudit)).Inc()
+	p.log.LogAttrs(context.Background(), slog.LevelInfo, "policy reload: the new policy would deny this open connection (audit mode: kept)", attrs...)
+}
+
+// again decides the connection v was decided for again under eng (a
+// reload), from the facts v kept: see liveConn for what is and is not
+// looked up again.
+func (p *Proxy) again(eng *policy.Engine, v verdict) policy.Decision {
+	in := v.in
+	in.Now = time.Now()
+	var nv verdict
+	switch v.how {
+	case byName:
+		nv = p.decideNameVouched(context.Background(), eng, in, v.src, v.vouched)
+	case byAddr:
+		known := ""
+		if v.src == audit.NameDNSLearned {
+			known = v.name
+		}
+		nv = p.decideAddrKnown(eng, in, v.src, known)
+	default: // byBytes: no rule changes it
+		if v.d.Allowed() {
+			d := v.d
+			d.Mode = eng.Mode()
+			return d
+		}
+		return denyDecision(eng, v.d.Reason)
+	}
+	if nv.d.Allowed() && in.Path != "" {
+		// Plain HTTP (decideHTTP): the path's form, as at the start.
+		hin := in
+		hin.Name = nv.name
+		if p.pathFormDenied(eng, hin, in.Path) {
+			return denyDecision(eng, ReasonPathForm)
+		}
+	}
+	return nv.d
+}
+
+// closeBoth closes a connection's two sides.
+func closeBoth(a, b net.Conn) func() {
+	return func() {
+		a.Close()
+		b.Close()
+	}
+}
