@@ -738,6 +738,13 @@ func (d *daemon) reloadPolicy() bool {
 	if d.fw == nil && eng.Mode() == policy.ModeEnforce && !d.cfg.noFirewall {
 		d.log.Warn("the policy now says enforce, but no firewall is installed: restart egressd to install it")
 	}
+	if d.proxy != nil {
+		// The connections the proxy already forwards are decided again:
+		// those the new policy denies are closed (enforce) or recorded as
+		// would-be-denied (audit). Only now, once nothing can take the
+		// reload back.
+		d.proxy.Redecide()
+	}
 	d.log.Info("policy reloaded", "policy", d.source, "rules", len(eng.Rules()), audit.LogMode, string(eng.Mode()))
 	return true
 }
