@@ -140,9 +140,12 @@ func (d *daemon) writePolicy(b []byte) {
 func (d *daemon) start() {
 	t := d.t
 	t.Helper()
-	args := []string{egressdBin, "run", "--policy", d.policy, "--mode", d.mode,
+	args := []string{egressdBin, "run", "--policy", d.policy,
 		"--lan", "lan0", "--wan", "wan0", "--state-dir", d.stateDir, "--upstream-dns", authDNS4,
 		"--admin", adminAddr, "--log-level", "info"}
+	if d.mode != "" { // "": the policy file's mode
+		args = append(args, "--mode", d.mode)
+	}
 	args = append(args, d.extra...)
 	if d.mode == "audit" && !d.noGuard {
 		// The WAN guard is off by default in audit mode (see the
