@@ -234,6 +234,10 @@ type keepPipelined struct {
 	// wrap puts the connection behind the inspected connection's
 	// request follower (connectState.wrap), when inspected.
 	wrap func(net.Conn) net.Conn
+	// eng and decide register the inspected connection for a reload
+	// (addLive): the engine it was decided with, and its re-decision.
+	eng    *policy.Engine
+	decide func(*policy.Engine) policy.Decision
 }
 
 func (k *keepPipelined) Hijack() (net.Conn, *bufio.ReadWriter, error) {
@@ -256,11 +260,14 @@ func (k *keepPipelined) Hijack() (net.Conn, *bufio.ReadWriter, error) {
 		c.SetReadDeadline(time.Now().Add(k.p.cfg.HelloTimeout))
 		k.conn = c
 		k.p.trackConn(c) // or closed at once: the proxy is closing
+		raw := c
+		lc := k.p.addLive(k.eng, &k.f.ev, k.decide, func() { raw.Close() })
 		ic := &inspectedClient{Conn: c}
 		ic.done = func() {
 			k.p.untrackConn(k.conn)
 			k.p.release(k.client)
 			k.f.ev.BytesOut, k.f.ev.BytesIn = ic.read.Load()+early, ic.written.Load()
+			k.p.stampLive(lc, &k.f.ev)
 			k.p.finish(k.f)
 		}
 		c = ic
@@ -537,6 +544,7 @@ func (p *Proxy) handleConnect(host string, ctx *goproxy.ProxyCtx) (*goproxy.Conn
 			} else {
 				// The connection's flow ends when the connection does.
 				kp.p, kp.client, kp.f = p, ca.Addr(), f
+				kp.eng, kp.decide = eng, func(e *policy.Engine) policy.Decision { return p.againConnect(e, hostLevel(v), addr, false) }
 				st.requestSeen = func() {
 					if kp.conn != nil {
 						kp.conn.SetReadDeadline(time.Time{})
@@ -854,7 +862,7 @@ func (p *Proxy) mitmTLSConfig(host string, ctx *goproxy.ProxyCtx) (*tls.Config, 
 // host/path rules to goproxy as if the client had sent CONNECT: goproxy
 // terminates TLS with a leaf from our CA (or reads plain HTTP), and
 // handleRequest decides every request on host and path.
-func (p *Proxy) inspectTransparent(c *net.TCPConn, recorded []byte, orig netip.AddrPort, v verdict, isTLS bool, f *flowRecord) error {
+func (p *Proxy) inspectTransparent(c *net.TCPConn, eng *policy.Engine, recorded []byte, orig netip.AddrPort, v verdict, isTLS bool, f *flowRecord) error {
 	if _, err := p.ensureCA(); err != nil {
 		return err
 	}
@@ -872,10 +880,16 @@ func (p *Proxy) inspectTransparent(c *net.TCPConn, recorded []byte, orig netip.A
 	}).WithContext(context.WithValue(context.Background(), transparentKey{}, st))
 	f.ev.Close = "inspected"
 	rc := &replayConn{TCPConn: c, r: io.MultiReader(bytes.NewReader(recorded), c), swallow: true}
+	// A reload decides the connection again at host level (each request
+	// in it is decided under the policy of its time anyway): closing the
+	// client's side ends goproxy's reads and writes, and with them the
+	// request in flight to the origin.
+	lc := p.addLive(eng, &f.ev, func(e *policy.Engine) policy.Decision { return p.again(e, hostLevel(v)) }, func() { c.Close() })
 	rc.onClose = func() {
 		p.untrackConn(c)
 		p.release(st.client.Addr())
 		f.ev.BytesOut, f.ev.BytesIn = rc.read.Load(), rc.written.Load()
+		p.stampLive(lc, &f.ev)
 		p.finish(f)
 	}
 	p.gp.ServeHTTP(&hijackWriter{conn: rc, st: st}, req)

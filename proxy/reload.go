@@ -181,6 +181,14 @@ func (p *Proxy) again(eng *policy.Engine, v verdict) policy.Decision {
 	return nv.d
 }
 
+// hostLevel is v without the path it was decided with: an inspected
+// connection is decided again at host level (host/path rules allow its
+// host); its requests are each decided on their paths.
+func hostLevel(v verdict) verdict {
+	v.in.Path = ""
+	return v
+}
+
 // closeBoth closes a connection's two sides.
 func closeBoth(a, b net.Conn) func() {
 	return func() {

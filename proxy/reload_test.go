@@ -4,6 +4,7 @@ import (
 	"bufio"
 	"context"
 	"crypto/tls"
+	"crypto/x509"
 	"errors"
 	"fmt"
 	"io"
@@ -17,6 +18,8 @@ import (
 
 	dto "github.com/prometheus/client_model/go"
 
+	"egressd/audit"
+
 	"egressd/policy"
 )
 
@@ -25,6 +28,19 @@ import (
 const testPolicyNoAllowed = `version: 1
 mode: %s
 rules:
+  - name: vpn
+    to: [198.18.2.4/32]
+    ports: [8443/tcp, 8444/tcp]
+`
+
+// testPolicyDocsOnly is testPolicy without its rule "allowed": the host/path
+// rule docs stays.
+const testPolicyDocsOnly = `version: 1
+mode: %s
+rules:
+  - name: docs
+    to: ["docs.paths.test/public/*"]
+    ports: [443/tcp, 80/tcp]
   - name: vpn
     to: [198.18.2.4/32]
     ports: [8443/tcp, 8444/tcp]
@@ -66,16 +82,22 @@ func (l *liveTLS) waitClosed(t *testing.T, what string) {
 	}
 }
 
-// startTLS does the TLS handshake for name over c.
+// startTLS does the TLS handshake for name over c and a first request.
 func (tp *topo) startTLS(t *testing.T, c net.Conn, name string) *liveTLS {
 	t.Helper()
-	tc := tls.Client(c, &tls.Config{ServerName: name, RootCAs: tp.pki.pool})
+	return tp.startTLSWith(t, c, name, tp.pki.pool, "/before")
+}
+
+// startTLSWith is startTLS trusting roots, with a first request for path.
+func (tp *topo) startTLSWith(t *testing.T, c net.Conn, name string, roots *x509.CertPool, path string) *liveTLS {
+	t.Helper()
+	tc := tls.Client(c, &tls.Config{ServerName: name, RootCAs: roots})
 	tc.SetDeadline(time.Now().Add(10 * time.Second))
 	if err := tc.Handshake(); err != nil {
 		t.Fatalf("%s: handshake: %v", name, err)
 	}
 	l := &liveTLS{raw: c, tc: tc, br: bufio.NewReader(tc)}
-	if body, err := l.get("/before"); err != nil || !strings.Contains(body, "sni="+name) {
+	if body, err := l.get(path); err != nil || !strings.Contains(body, "sni="+name) || !strings.Contains(body, "path="+path) {
 		t.Fatalf("%s: first request: %q %v", name, body, err)
 	}
 	return l
@@ -309,4 +331,49 @@ func (tp *topo) revoked(mode string) float64 {
 	var m dto.Metric
 	tp.proxy.met.revoked.WithLabelValues(mode).Write(&m)
 	return m.GetCounter().GetValue()
+}
+
+// TestReloadInspected: inspected connections (a host/path rule decides
+// their host) are decided again too, at host level: a reload that keeps
+// their rule leaves them open, requests going on in them, while the spliced
+// tunnels of the rule it removed are closed; the reload that removes their
+// rule closes them.
+func TestReloadInspected(t *testing.T) {
+	tp := newTopo(t, topoOpts{})
+	tp.facts.add(clientV4, srvV4, "www.allowed.test", "docs.paths.test")
+	_, caPEM, err := LoadOrCreateCA(tp.state)
+	if err != nil {
+		t.Fatal(err)
+	}
+	ca := x509.NewCertPool()
+	ca.AppendCertsFromPEM(caPEM)
+	docsT := tp.startTLSWith(t, tp.dialFromClient(t, netip.Addr{}, netip.AddrPortFrom(srvV4, 443)), "docs.paths.test", ca, "/public/a")
+	docsC := tp.startTLSWith(t, tp.connect(t, "docs.paths.test:443"), "docs.paths.test", ca, "/public/b")
+	okT := tp.startTLS(t, tp.dialFromClient(t, netip.Addr{}, netip.AddrPortFrom(srvV4, 443)), "www.allowed.test")
+
+	tp.swap(t, fmt.Sprintf(testPolicyDocsOnly, "enforce"))
+	okT.waitClosed(t, "spliced")
+	for _, l := range []struct {
+		what string
+		c    *liveTLS
+	}{{"transparent", docsT}, {"connect", docsC}} {
+		if body, err := l.c.get("/public/after"); err != nil || !strings.Contains(body, "path=/public/after") {
+			t.Fatalf("%s: inspected connection cut by a reload that keeps its rule: %q %v", l.what, body, err)
+		}
+	}
+
+	tp.swap(t, fmt.Sprintf(testPolicyNoAllowed, "enforce"))
+	for _, l := range []struct {
+		what string
+		c    *liveTLS
+	}{{"transparent", docsT}, {"connect", docsC}} {
+		l.c.waitClosed(t, l.what)
+		ev := tp.ev.wait(t, l.what, func(ev audit.Event) bool { return byClient(l.c.raw)(ev) && ev.Kind == audit.KindFlow })
+		if ev.Verdict != policy.Deny || !ev.Enforced || ev.Close != closeRevoked || ev.Name != "docs.paths.test" {
+			t.Errorf("%s: event %+v", l.what, ev)
+		}
+	}
+	if n := tp.revoked("enforce"); n != 3 {
+		t.Errorf("revoked{enforce} = %v, want 3", n)
+	}
 }

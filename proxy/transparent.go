@@ -124,7 +124,7 @@ func (p *Proxy) handleTransparent(c *net.TCPConn, ours bool) {
 	}
 	if v.inspect && v.d.Allowed() && (kind == kindTLS || kind == kindHTTP) {
 		p.clientPort(c, f) // the inspection's records copy it
-		if err := p.inspectTransparent(c, rc.buf, orig, v, kind == kindTLS, f); err == nil {
+		if err := p.inspectTransparent(c, eng, rc.buf, orig, v, kind == kindTLS, f); err == nil {
 			handedOff = true
 			return
 		} else {
