@@ -203,6 +203,7 @@ const (
 	closeLimit    = "limit"
 	closeEarly    = "client-closed-early"
 	closeHalfIdle = "half-close-timeout"
+	closeRevoked  = "policy-revoked" // a reload's policy denies it (enforce): both sides closed (Redecide)
 )
 
 // tunnel forwards both directions of an established connection, each on

@@ -11,10 +11,6 @@ import (
 	"egressd/policy"
 )
 
-// closeRevoked is the close reason of a connection a reload's policy
-// denies in enforce mode: the proxy closed both sides (Redecide).
-const closeRevoked = "policy-revoked"
-
 // A policy reload reaches the connections the proxy already forwards.
 // Tunnels have no idle timeout and live for days, so a rule removed or
 // narrowed, or a switch from audit to enforce, would otherwise leave every
