@@ -36,7 +36,7 @@ import (
 // ProxyCtx.UserData.
 type connectState struct {
 	host        string         // normalised name; "" for an IP literal
-	eng         *policy.Engine // the engine the CONNECT was decided with
+	at          policyAt       // the policy the CONNECT was decided with
 	addr        netip.AddrPort // the destination dialled
 	client      netip.AddrPort
 	src         audit.NameSource
@@ -236,7 +236,7 @@ type keepPipelined struct {
 	wrap func(net.Conn) net.Conn
 	// eng and decide register the inspected connection for a reload
 	// (addLive): the engine it was decided with, and its re-decision.
-	eng    *policy.Engine
+	at     policyAt
 	decide func(*policy.Engine) policy.Decision
 }
 
@@ -261,7 +261,7 @@ func (k *keepPipelined) Hijack() (net.Conn, *bufio.ReadWriter, error) {
 		k.conn = c
 		k.p.trackConn(c) // or closed at once: the proxy is closing
 		raw := c
-		lc := k.p.addLive(k.eng, &k.f.ev, k.decide, func() { raw.Close() })
+		lc := k.p.addLive(k.at, &k.f.ev, k.decide, func() { raw.Close() })
 		ic := &inspectedClient{Conn: c}
 		ic.done = func() {
 			k.p.untrackConn(k.conn)
@@ -482,7 +482,8 @@ func (p *Proxy) handleConnect(host string, ctx *goproxy.ProxyCtx) (*goproxy.Conn
 	ca := addrPortOf(tcpAddrString(r.RemoteAddr))
 	f := &flowRecord{listener: "explicit", ev: audit.Event{Kind: audit.KindFlow, Source: audit.SourceProxy, Time: time.Now(),
 		Client: ca.Addr(), ClientPort: ca.Port(), Proto: "tcp", NameSource: audit.NameConnect}}
-	eng := p.deps.Policy.Load()
+	at := p.policyNow()
+	eng := at.eng
 	reject := func(v verdict, code int) (*goproxy.ConnectAction, string) {
 		f.ev.Stamp(v.d)
 		f.ev.Enforced, f.ev.Close = true, closeDenied
@@ -519,7 +520,7 @@ func (p *Proxy) handleConnect(host string, ctx *goproxy.ProxyCtx) (*goproxy.Conn
 	if !addr.IsValid() {
 		return reject(v, http.StatusBadGateway)
 	}
-	st := &connectState{host: v.name, addr: addr, client: ca, src: audit.NameConnect, eng: eng}
+	st := &connectState{host: v.name, addr: addr, client: ca, src: audit.NameConnect, at: at}
 	if v.d.Allowed() {
 		in := policy.Input{Client: ca.Addr(), Dest: addr.Addr(), Port: port, Proto: policy.TCP, Name: v.name, NoPath: true, Now: time.Now()}
 		if d := eng.Decide(in); !d.Allowed() {
@@ -544,7 +545,7 @@ func (p *Proxy) handleConnect(host string, ctx *goproxy.ProxyCtx) (*goproxy.Conn
 			} else {
 				// The connection's flow ends when the connection does.
 				kp.p, kp.client, kp.f = p, ca.Addr(), f
-				kp.eng, kp.decide = eng, func(e *policy.Engine) policy.Decision { return p.againConnect(e, hostLevel(v), addr, false) }
+				kp.at, kp.decide = at, func(e *policy.Engine) policy.Decision { return p.againConnect(e, hostLevel(v), addr, false) }
 				st.requestSeen = func() {
 					if kp.conn != nil {
 						kp.conn.SetReadDeadline(time.Time{})
@@ -668,7 +669,7 @@ func (p *Proxy) tunnelConnect(client net.Conn, st *connectState, v verdict, f *f
 		}
 	}
 	noPath := f.ev.NoPath
-	lc := p.addLive(st.eng, &f.ev, func(e *policy.Engine) policy.Decision { return p.againConnect(e, v, st.addr, noPath) }, closeBoth(client, server))
+	lc := p.addLive(st.at, &f.ev, func(e *policy.Engine) policy.Decision { return p.againConnect(e, v, st.addr, noPath) }, closeBoth(client, server))
 	out, in, reason := p.pipe(client, server)
 	f.ev.BytesOut, f.ev.BytesIn, f.ev.Close = uint64(out)+uint64(early), uint64(in), reason
 	p.stampLive(lc, &f.ev)
@@ -862,7 +863,7 @@ func (p *Proxy) mitmTLSConfig(host string, ctx *goproxy.ProxyCtx) (*tls.Config, 
 // host/path rules to goproxy as if the client had sent CONNECT: goproxy
 // terminates TLS with a leaf from our CA (or reads plain HTTP), and
 // handleRequest decides every request on host and path.
-func (p *Proxy) inspectTransparent(c *net.TCPConn, eng *policy.Engine, recorded []byte, orig netip.AddrPort, v verdict, isTLS bool, f *flowRecord) error {
+func (p *Proxy) inspectTransparent(c *net.TCPConn, at policyAt, recorded []byte, orig netip.AddrPort, v verdict, isTLS bool, f *flowRecord) error {
 	if _, err := p.ensureCA(); err != nil {
 		return err
 	}
@@ -884,7 +885,7 @@ func (p *Proxy) inspectTransparent(c *net.TCPConn, eng *policy.Engine, recorded 
 	// in it is decided under the policy of its time anyway): closing the
 	// client's side ends goproxy's reads and writes, and with them the
 	// request in flight to the origin.
-	lc := p.addLive(eng, &f.ev, func(e *policy.Engine) policy.Decision { return p.again(e, hostLevel(v)) }, func() { c.Close() })
+	lc := p.addLive(at, &f.ev, func(e *policy.Engine) policy.Decision { return p.again(e, hostLevel(v)) }, func() { c.Close() })
 	rc.onClose = func() {
 		p.untrackConn(c)
 		p.release(st.client.Addr())

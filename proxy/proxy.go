@@ -91,6 +91,7 @@ type Proxy struct {
 	// published (reload.go).
 	live    sync.Map
 	current atomic.Pointer[policy.Engine]
+	gen     atomic.Uint64 // Redecide calls so far
 }
 
 // workerIdle is how long a kept goroutine waits for its next connection.

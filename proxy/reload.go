@@ -44,10 +44,14 @@ import (
 // Rules are decided at the time of the re-decision, so a rule that expired
 // since the connection opened no longer allows it either.
 //
-// Race-free order: Redecide first publishes the new engine (current), then
-// walks the live set; a connection registered meanwhile compares the
-// engine it was decided with against current itself (addLive). A reload
-// that fails never calls Redecide: nothing changes.
+// Race-free order: Redecide publishes the new engine (current), counts a
+// generation, then walks the live set. A connection notes the generation
+// before it loads the engine it is decided with (policyNow); registered
+// after a Redecide began since, it is decided again by addLive itself
+// (the walk may have missed it), else the walk finds it. One decided with
+// a new engine the daemon has swapped in but not yet announced is not
+// decided again under the old one. A reload that fails never calls
+// Redecide: nothing changes.
 type liveConn struct {
 	// decide decides the connection again under an engine; immutable.
 	decide func(eng *policy.Engine) policy.Decision
@@ -66,13 +70,28 @@ type liveConn struct {
 // addLive registers a forwarded connection decided under eng; decide
 // decides it again, close closes both its sides. The caller ends it with
 // endLive once the connection is over.
-func (p *Proxy) addLive(eng *policy.Engine, flow *audit.Event, decide func(*policy.Engine) policy.Decision, close func()) *liveConn {
-	lc := &liveConn{decide: decide, close: close, flow: *flow, eng: eng}
+func (p *Proxy) addLive(at policyAt, flow *audit.Event, decide func(*policy.Engine) policy.Decision, close func()) *liveConn {
+	lc := &liveConn{decide: decide, close: close, flow: *flow, eng: at.eng}
 	p.live.Store(lc, struct{}{})
-	// A reload published between the decision and the Store above: decide
-	// it now (Redecide's walk may have missed it).
-	p.redecideOne(lc)
+	if p.gen.Load() != at.gen {
+		// A Redecide began between the decision and the Store above: its
+		// walk may have missed lc.
+		p.redecideOne(lc)
+	}
 	return lc
+}
+
+// policyAt is the engine a connection is decided with and the Redecide
+// generation when it was loaded.
+type policyAt struct {
+	eng *policy.Engine
+	gen uint64
+}
+
+// policyNow loads the engine to decide a new connection with.
+func (p *Proxy) policyNow() policyAt {
+	gen := p.gen.Load() // before the engine: see liveConn
+	return policyAt{eng: p.deps.Policy.Load(), gen: gen}
 }
 
 // endLive takes lc out of the live set; it returns the deny the last
@@ -104,6 +123,7 @@ func (p *Proxy) stampLive(lc *liveConn, ev *audit.Event) {
 // mode and recorded as would-be-denied in audit mode (liveConn).
 func (p *Proxy) Redecide() {
 	p.current.Store(p.deps.Policy.Load())
+	p.gen.Add(1)
 	p.live.Range(func(k, _ any) bool {
 		p.redecideOne(k.(*liveConn))
 		return true

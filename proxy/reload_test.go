@@ -377,3 +377,26 @@ func TestReloadInspected(t *testing.T) {
 		t.Errorf("revoked{enforce} = %v, want 3", n)
 	}
 }
+
+// TestReloadSwappedNotAnnounced: a connection decided with a policy the
+// daemon has swapped in but not yet announced (Redecide comes after the
+// firewall took the new policy) is not decided again under the old one,
+// which would close a tunnel only the new policy's rule allows.
+func TestReloadSwappedNotAnnounced(t *testing.T) {
+	tp := newTopo(t, topoOpts{})
+	tp.facts.add(clientV4, srvV4, "www.allowed.test")
+	tp.swap(t, fmt.Sprintf(testPolicyNoAllowed, "enforce"))
+	eng, err := policy.Compile("reloaded.yaml", []byte(fmt.Sprintf(testPolicy, "enforce")))
+	if err != nil {
+		t.Fatal(err)
+	}
+	tp.store.Swap(eng)
+	l := tp.startTLS(t, tp.dialFromClient(t, netip.Addr{}, netip.AddrPortFrom(srvV4, 443)), "www.allowed.test")
+	tp.proxy.Redecide()
+	if body, err := l.get("/after"); err != nil || !strings.Contains(body, "path=/after") {
+		t.Fatalf("tunnel the new policy allows cut by the reload: %q %v", body, err)
+	}
+	if n := tp.revoked("enforce"); n != 0 {
+		t.Errorf("revoked{enforce} = %v, want 0", n)
+	}
+}

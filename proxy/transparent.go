@@ -53,7 +53,8 @@ func (p *Proxy) handleTransparent(c *net.TCPConn, ours bool) {
 			c.Close()
 		}
 	}()
-	eng := p.deps.Policy.Load()
+	at := p.policyNow()
+	eng := at.eng
 	if !p.acquire(ca.Addr()) {
 		f.ev.Stamp(policy.Decision{Verdict: policy.Deny, RuleIndex: -1, Reason: ReasonLimit, Mode: eng.Mode()})
 		f.ev.Enforced, f.ev.Close = true, closeLimit
@@ -124,7 +125,7 @@ func (p *Proxy) handleTransparent(c *net.TCPConn, ours bool) {
 	}
 	if v.inspect && v.d.Allowed() && (kind == kindTLS || kind == kindHTTP) {
 		p.clientPort(c, f) // the inspection's records copy it
-		if err := p.inspectTransparent(c, eng, rc.buf, orig, v, kind == kindTLS, f); err == nil {
+		if err := p.inspectTransparent(c, at, rc.buf, orig, v, kind == kindTLS, f); err == nil {
 			handedOff = true
 			return
 		} else {
@@ -179,7 +180,7 @@ func (p *Proxy) handleTransparent(c *net.TCPConn, ours bool) {
 	// A reload decides it again on what it was decided on here (a plain
 	// HTTP connection: on its first request; the later ones are decided
 	// each under the policy of its time).
-	lc := p.addLive(eng, &f.ev, func(e *policy.Engine) policy.Decision { return p.again(e, v) }, closeBoth(c, server))
+	lc := p.addLive(at, &f.ev, func(e *policy.Engine) policy.Decision { return p.again(e, v) }, closeBoth(c, server))
 	p.startTunnelUp(c, server, upFn, func(out, in int64, reason string) {
 		p.untrackConn(server)
 		p.untrackConn(c)
