@@ -59,6 +59,9 @@ func newMetrics(reg prometheus.Registerer) (*metrics, error) {
 			Help: "Open connections a policy reload's new policy denies, by mode: enforce (the proxy closed them, close policy-revoked) or audit (kept, recorded as would-be-denied).",
 		}, []string{"mode"}),
 	}
+	for _, mode := range []string{"enforce", "audit"} { // served from the start, at 0
+		m.revoked.WithLabelValues(mode)
+	}
 	m.helloFast = m.hellos.WithLabelValues("fast")
 	m.helloTLS = m.hellos.WithLabelValues("crypto-tls")
 	if reg != nil {
