@@ -73,4 +73,11 @@ func TestReloadClosesAuditTunnel(t *testing.T) {
 	if !strings.Contains(d.logs(), "policy reload: connection closed, the new policy denies it") {
 		t.Errorf("no log line for the revoked tunnel:\n%s", d.logs())
 	}
+	// The report lists the tunnel as a dropped flow, blocked.
+	waitReport(t, d, func(r *report) bool { return hasDropped(r, trackerName, 443, "tcp") })
+	for _, dr := range d.report().Dropped {
+		if dr.Dest == trackerName && dr.Port == 443 && (dr.Flows != 1 || !dr.Enforced) {
+			t.Errorf("report: dropped %+v, want 1 flow, enforced", dr)
+		}
+	}
 }
