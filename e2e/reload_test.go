@@ -55,6 +55,13 @@ func TestReloadClosesAuditTunnel(t *testing.T) {
 		t.Fatalf("the tunnel did not survive a reload that stays in audit mode: %v\n%s", err, d.logs())
 	}
 
+	// A refused reload changes nothing, the tunnel included.
+	d.writePolicy([]byte("version: 1\nmode: enforce\nrules: [\n"))
+	d.hup(false)
+	if _, err := ka.get("/refused-reload"); err != nil {
+		t.Fatalf("the tunnel did not survive a refused reload: %v\n%s", err, d.logs())
+	}
+
 	d.writePolicy(bytes.Replace(audit, []byte("\nmode: audit\n"), []byte("\nmode: enforce\n"), 1))
 	d.hup(true)
 	tc.SetReadDeadline(time.Now().Add(10 * time.Second))

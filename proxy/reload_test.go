@@ -400,3 +400,28 @@ func TestReloadSwappedNotAnnounced(t *testing.T) {
 		t.Errorf("revoked{enforce} = %v, want 0", n)
 	}
 }
+
+// BenchmarkLiveRegister: what registering a forwarded connection for
+// reloads costs it (addLive, then stampLive at its end), with the
+// closures the transparent path makes.
+func BenchmarkLiveRegister(b *testing.B) {
+	eng, err := policy.Compile("b.yaml", []byte("version: 1\nmode: enforce\nrules:\n  - name: a\n    to: [\"*.allowed.test\"]\n    ports: [443/tcp]\n"))
+	if err != nil {
+		b.Fatal(err)
+	}
+	p, err := New(Config{OwnAddrs: []netip.Addr{}}, Deps{Policy: policy.NewStore(eng)})
+	if err != nil {
+		b.Fatal(err)
+	}
+	client, dest := netip.MustParseAddr("198.18.1.2"), netip.MustParseAddr("198.18.2.2")
+	v := verdict{name: "www.allowed.test", src: audit.NameSNI, how: byName, vouched: true,
+		in: policy.Input{Client: client, Dest: dest, Port: 443, Proto: policy.TCP, Name: "www.allowed.test"}}
+	ev := audit.Event{Kind: audit.KindFlow, Source: audit.SourceProxy, Client: client, ClientPort: 40000, Dest: dest, DestPort: 443, Proto: "tcp", Name: v.name}
+	var a, c net.Conn
+	b.ReportAllocs()
+	for b.Loop() {
+		at := p.policyNow()
+		lc := p.addLive(at, &ev, func(e *policy.Engine) policy.Decision { return p.again(e, v) }, closeBoth(a, c))
+		p.stampLive(lc, &ev)
+	}
+}
