@@ -234,8 +234,8 @@ type keepPipelined struct {
 	// wrap puts the connection behind the inspected connection's
 	// request follower (connectState.wrap), when inspected.
 	wrap func(net.Conn) net.Conn
-	// eng and decide register the inspected connection for a reload
-	// (addLive): the engine it was decided with, and its re-decision.
+	// at and decide register the inspected connection for a reload
+	// (addLive): the policy it was decided with, and its re-decision.
 	at     policyAt
 	decide func(*policy.Engine) policy.Decision
 }
