@@ -28,9 +28,11 @@ import (
 //   - denied in audit mode: nothing is closed; the record gets the new
 //     decision (a deny, not enforced), so the report counts the flow as
 //     one enforce would drop, an info line is logged and
-//     egress_proxy_reload_revoked_total{mode="audit"} counts it. A later
-//     reload that allows it again does not take that back: the record
-//     shows the last policy that would have denied it.
+//     egress_proxy_reload_revoked_total{mode="audit"} counts it (the line
+//     and the count only when it was allowed before: a connection denied
+//     all along is news at no reload). A later reload that allows it
+//     again does not take that back: the record shows the last policy
+//     that would have denied it.
 //
 // The spoof check (THREATS.md A2) is not made again for a connection whose
 // destination was vouched for its name at the start: that was a fact about
@@ -63,6 +65,7 @@ type liveConn struct {
 	mu      sync.Mutex // guards following
 	eng     *policy.Engine
 	ended   bool
+	allowed bool             // the last decision (at the start, then each re-decision) allowed it
 	revoked bool             // closed by a re-decision
 	denied  *policy.Decision // the last deny a re-decision made, if any
 }
@@ -71,7 +74,7 @@ type liveConn struct {
 // decides it again, close closes both its sides. The caller ends it with
 // endLive once the connection is over.
 func (p *Proxy) addLive(at policyAt, flow *audit.Event, decide func(*policy.Engine) policy.Decision, close func()) *liveConn {
-	lc := &liveConn{decide: decide, close: close, flow: *flow, eng: at.eng}
+	lc := &liveConn{decide: decide, close: close, flow: *flow, eng: at.eng, allowed: flow.Verdict == policy.Allow}
 	p.live.Store(lc, struct{}{})
 	if p.gen.Load() != at.gen {
 		// A Redecide began between the decision and the Store above: its
@@ -141,6 +144,8 @@ func (p *Proxy) redecideOne(lc *liveConn) {
 	}
 	lc.eng = eng
 	d := lc.decide(eng)
+	wasAllowed := lc.allowed
+	lc.allowed = d.Allowed()
 	if d.Allowed() {
 		lc.mu.Unlock()
 		return
@@ -149,6 +154,11 @@ func (p *Proxy) redecideOne(lc *liveConn) {
 	enforce := d.Mode == policy.ModeEnforce
 	lc.revoked = enforce
 	lc.mu.Unlock()
+	if !enforce && !wasAllowed {
+		// Audit mode, denied before too: recorded (the last deny), but no
+		// news for the log or the counter at every reload.
+		return
+	}
 	ev := lc.flow
 	ev.Stamp(d)
 	attrs := ev.AppendFlowAttrs(nil)

@@ -220,6 +220,9 @@ func TestReloadAuditRecords(t *testing.T) {
 	lt := tp.openTunnels(t)
 
 	tp.swap(t, fmt.Sprintf(testPolicyNoAllowed, "audit"))
+	// Another reload that denies them too: recorded already, not counted
+	// (nor logged) again.
+	tp.swap(t, fmt.Sprintf(testPolicyNoAllowed, "audit"))
 
 	for _, l := range []struct {
 		what string
