@@ -39,7 +39,9 @@ import (
 // the name and the address when the connection opened, and a reload changes
 // rules, not DNS history. Looking it up again would cut a legitimate tunnel
 // only because the answer that vouched for it has expired, or the name's
-// addresses rotated since (a CDN). A DNS-learned name counts likewise.
+// addresses rotated since (a CDN: the false positive of THREATS.md A3,
+// which remembering the client's own answers avoids at the start). A
+// DNS-learned name counts likewise.
 // A connection that was not vouched for (denied, or an audit-mode
 // sni-mismatch) is checked as a new one would be.
 //
