@@ -2,7 +2,6 @@ package proxy
 
 import (
 	"context"
-	"crypto/sha256"
 	"crypto/x509"
 	"errors"
 	"fmt"
@@ -88,10 +87,11 @@ type Config struct {
 	// Basic proxy authentication with one of these user → password pairs
 	// (answering 407 otherwise).
 	ProxyUsers map[string]string
-	// ProxyUserDigests does the same with the SHA-256 digest of each
-	// user's password instead of the password (egressd run
-	// --proxy-users). A name may be in one of the two maps, not both.
-	ProxyUserDigests map[string][sha256.Size]byte
+	// ProxyUserDigests does the same with a hash of each user's password
+	// instead of the password (egressd run --proxy-users): bcrypt, or the
+	// unsalted SHA-256 digest. A name may be in one of the two maps, not
+	// both.
+	ProxyUserDigests map[string]UserSecret
 
 	// AllowSpecial lists destination prefixes that the special-range guard
 	// lets through even without a CIDR rule naming them (for sites whose

@@ -4,7 +4,6 @@ import (
 	"bufio"
 	"bytes"
 	"context"
-	"crypto/sha256"
 	"crypto/subtle"
 	"crypto/tls"
 	"encoding/base64"
@@ -169,16 +168,22 @@ func (p *Proxy) ServeExplicit(ln net.Listener) error {
 // in the report.
 func (p *Proxy) explicitHandler() http.Handler {
 	return http.HandlerFunc(func(w http.ResponseWriter, r *http.Request) {
-		if (len(p.cfg.ProxyUsers) > 0 || p.userDigests.Load() != nil) && !p.authOK(r) {
+		if auth := p.authOK(r); auth != authGranted {
 			ca := addrPortOf(tcpAddrString(r.RemoteAddr))
 			ev := audit.Event{Kind: audit.KindRequest, Source: audit.SourceProxy, Time: time.Now(),
 				Client: ca.Addr(), ClientPort: ca.Port(), DestPort: challengedPort(r), Proto: "tcp", Name: r.URL.Hostname(), NameSource: audit.NameConnect}
 			ev.Stamp(denyDecision(p.deps.Policy.Load(), ReasonAuth))
 			ev.Enforced = true // refused in audit mode too
 			p.emitRequest("explicit", ev, nil)
-			w.Header().Set("Proxy-Authenticate", `Basic realm="egressd"`)
 			w.Header().Set("Content-Type", "text/plain; charset=utf-8")
 			w.Header().Set("Connection", "close")
+			if auth == authBusy {
+				w.Header().Set("Retry-After", "1")
+				w.WriteHeader(http.StatusServiceUnavailable)
+				io.WriteString(w, "egressd: too many proxy password checks at once; try again\n")
+				return
+			}
+			w.Header().Set("Proxy-Authenticate", `Basic realm="egressd"`)
 			w.WriteHeader(http.StatusProxyAuthRequired)
 			io.WriteString(w, "egressd: proxy authentication required (HTTP Basic, realm \"egressd\")\n")
 			return
@@ -331,37 +336,44 @@ func (c *pipelinedConn) Read(b []byte) (int, error) {
 	return c.Conn.Read(b)
 }
 
-func (p *Proxy) authOK(r *http.Request) bool {
+// authOK checks a request's proxy credentials; authGranted when the
+// proxy asks for none.
+func (p *Proxy) authOK(r *http.Request) authResult {
+	set := p.userDigests.Load()
+	if len(p.cfg.ProxyUsers) == 0 && set == nil {
+		return authGranted
+	}
 	h := r.Header.Get("Proxy-Authorization")
 	// The scheme is a case-insensitive token (RFC 9110 section 11.1).
 	if len(h) < 6 || !strings.EqualFold(h[:6], "Basic ") {
-		return false
+		return authDenied
 	}
 	raw, err := base64.StdEncoding.DecodeString(strings.TrimSpace(h[6:]))
 	if err != nil {
-		return false
+		return authDenied
 	}
 	user, pass, ok := strings.Cut(string(raw), ":")
 	if !ok {
-		return false
+		return authDenied
 	}
 	if want, ok := p.cfg.ProxyUsers[user]; ok {
-		return subtle.ConstantTimeCompare([]byte(pass), []byte(want)) == 1
-	}
-	if users := p.userDigests.Load(); users != nil {
-		if want, ok := (*users)[user]; ok {
-			got := sha256.Sum256([]byte(pass))
-			return subtle.ConstantTimeCompare(got[:], want[:]) == 1
+		if subtle.ConstantTimeCompare([]byte(pass), []byte(want)) == 1 {
+			return authGranted
 		}
+		return authDenied
 	}
-	return false
+	if set != nil {
+		return p.checkDigestUser(r.Context(), set, addrPortOf(tcpAddrString(r.RemoteAddr)).Addr().Unmap(), user, pass)
+	}
+	return authDenied
 }
 
 // SetProxyUserDigests replaces the users of Config.ProxyUserDigests (egressd
-// run's reload of --proxy-users); requests already authenticated are not
-// asked again. An empty map is refused: it would open a proxy that asked
-// for users to anyone.
-func (p *Proxy) SetProxyUserDigests(users map[string][sha256.Size]byte) error {
+// run's reload of --proxy-users), and forgets the passwords checked
+// against the old ones; requests already authenticated are not asked
+// again. An empty map is refused: it would open a proxy that asked for
+// users to anyone.
+func (p *Proxy) SetProxyUserDigests(users map[string]UserSecret) error {
 	if len(users) == 0 {
 		return errors.New("proxy: no proxy users (the explicit proxy would be open to anyone)")
 	}
@@ -373,8 +385,7 @@ func (p *Proxy) SetProxyUserDigests(users map[string][sha256.Size]byte) error {
 			return fmt.Errorf("proxy: proxy user %q has both a password and a digest", u)
 		}
 	}
-	users = maps.Clone(users)
-	p.userDigests.Store(&users)
+	p.userDigests.Store(newUserSet(maps.Clone(users)))
 	return nil
 }
 

@@ -163,7 +163,8 @@ func TestExplicit(t *testing.T) {
 func TestExplicitAuth(t *testing.T) {
 	for name, cfg := range map[string]Config{
 		"password": {ProxyUsers: map[string]string{"alice": "s3cret"}},
-		"digest":   {ProxyUserDigests: map[string][sha256.Size]byte{"alice": sha256.Sum256([]byte("s3cret")), "bob": sha256.Sum256([]byte("other"))}},
+		"digest":   {ProxyUserDigests: map[string]UserSecret{"alice": SHA256Secret(sha256.Sum256([]byte("s3cret"))), "bob": SHA256Secret(sha256.Sum256([]byte("other")))}},
+		"bcrypt":   {ProxyUserDigests: map[string]UserSecret{"alice": mustBcrypt(t, "s3cret"), "bob": SHA256Secret(sha256.Sum256([]byte("other")))}},
 	} {
 		t.Run(name, func(t *testing.T) { testExplicitAuth(t, cfg) })
 	}
@@ -175,12 +176,12 @@ func TestExplicitAuth(t *testing.T) {
 	if err != nil {
 		t.Fatal(err)
 	}
-	for _, users := range []map[string][sha256.Size]byte{nil, {"": {}}, {"alice": {}}} {
+	for _, users := range []map[string]UserSecret{nil, {"": {}}, {"alice": {}}} {
 		if err := p.SetProxyUserDigests(users); err == nil {
 			t.Errorf("SetProxyUserDigests(%v) took it: empty, no name or a user with a password too", users)
 		}
 	}
-	bad := Config{ProxyUsers: map[string]string{"alice": "x"}, ProxyUserDigests: map[string][sha256.Size]byte{"alice": {}, "": {}}}
+	bad := Config{ProxyUsers: map[string]string{"alice": "x"}, ProxyUserDigests: map[string]UserSecret{"alice": {}, "": {}}}
 	if err := bad.Validate(); err == nil || !strings.Contains(err.Error(), "both a password and a digest") || !strings.Contains(err.Error(), "empty name") {
 		t.Errorf("a user in both maps and an empty name: %v", err)
 	}

@@ -2,7 +2,6 @@ package proxy
 
 import (
 	"context"
-	"crypto/sha256"
 	"errors"
 	"fmt"
 	"html/template"
@@ -38,8 +37,10 @@ type Proxy struct {
 
 	gp *goproxy.ProxyHttpServer // explicit proxy and inspection; always non-nil
 	// userDigests are the explicit proxy's users given by digest:
-	// cfg.ProxyUserDigests, then what SetProxyUserDigests swapped in.
-	userDigests atomic.Pointer[map[string][sha256.Size]byte]
+	// cfg.ProxyUserDigests, then what SetProxyUserDigests swapped in,
+	// each with its cache of successful slow checks.
+	userDigests atomic.Pointer[userSet]
+	slow        *slowChecks            // bounds the bcrypt checks
 	mitm        atomic.Pointer[mitmCA] // nil until inspection first needs it
 	caOnce      sync.Mutex             // guards loading the CA
 	ownOnce     sync.Once
@@ -135,10 +136,10 @@ func New(cfg Config, deps Deps) (*Proxy, error) {
 		done:      make(chan struct{}),
 		ready:     make(chan struct{}),
 		work:      workers{tasks: make(chan func()), idle: workerIdle},
+		slow:      newSlowChecks(),
 	}
 	if len(cfg.ProxyUserDigests) > 0 {
-		users := maps.Clone(cfg.ProxyUserDigests)
-		p.userDigests.Store(&users)
+		p.userDigests.Store(newUserSet(maps.Clone(cfg.ProxyUserDigests)))
 	}
 	if deps.Dial == nil {
 		// No keepalive at the dial: trackDialed sets it later. No

@@ -3,20 +3,32 @@ package main
 import (
 	"bufio"
 	"bytes"
+	"context"
 	"crypto/sha256"
 	"encoding/hex"
 	"errors"
 	"fmt"
+	"io"
 	"os"
+	"slices"
 	"strings"
+
+	"egressd/proxy"
 )
 
+func init() {
+	commands["proxy-users"] = command{"proxy-users hash [--cost N] NAME",
+		"print a --proxy-users line (NAME:bcrypt:HASH) for the password read from standard input", cmdProxyUsers}
+}
+
 // loadProxyUsers reads the users of the explicit proxy (--proxy-users): one
-// "NAME:sha256:HEX" line per user, HEX the SHA-256 digest of the password
-// (printf %s 'PASSWORD' | sha256sum), blank lines and lines starting with
-// # ignored. The file must not be readable by group or others. Every
-// problem is reported, with its line.
-func loadProxyUsers(path string) (map[string][sha256.Size]byte, error) {
+// "NAME:bcrypt:HASH" line per user (egressd proxy-users hash NAME; HASH as
+// htpasswd -B writes it too), or "NAME:sha256:HEX", HEX the unsalted
+// SHA-256 digest of the password (printf %s 'PASSWORD' | sha256sum), the
+// only form before bcrypt; blank lines and lines starting with # ignored.
+// The file must not be readable by group or others. Every problem is
+// reported, with its line.
+func loadProxyUsers(path string) (map[string]proxy.UserSecret, error) {
 	fi, err := os.Stat(path)
 	if err != nil {
 		return nil, fmt.Errorf("--proxy-users: %w", err)
@@ -28,7 +40,7 @@ func loadProxyUsers(path string) (map[string][sha256.Size]byte, error) {
 	if err != nil {
 		return nil, fmt.Errorf("--proxy-users: %w", err)
 	}
-	users := map[string][sha256.Size]byte{}
+	users := map[string]proxy.UserSecret{}
 	var errs []error
 	sc := bufio.NewScanner(bytes.NewReader(b))
 	for n := 1; sc.Scan(); n++ {
@@ -41,24 +53,38 @@ func loadProxyUsers(path string) (map[string][sha256.Size]byte, error) {
 		}
 		name, rest, ok := strings.Cut(line, ":")
 		if !ok || name == "" || strings.ContainsAny(name, " \t") {
-			bad("expected NAME:sha256:HEX (a name without spaces or colons)")
+			bad("expected NAME:bcrypt:HASH or NAME:sha256:HEX (a name without spaces or colons)")
 			continue
 		}
-		hexDigest, ok := strings.CutPrefix(rest, "sha256:")
-		if !ok {
-			bad("user %q: expected sha256:HEX after the name (printf %%s 'PASSWORD' | sha256sum)", name)
-			continue
-		}
-		d, err := hex.DecodeString(hexDigest)
-		if err != nil || len(d) != sha256.Size {
-			bad("user %q: the digest is not 64 hex digits", name)
+		var secret proxy.UserSecret
+		scheme, value, _ := strings.Cut(rest, ":")
+		switch scheme {
+		case "bcrypt":
+			s, err := proxy.BcryptSecret(value)
+			if err != nil {
+				if e := errors.Unwrap(err); e != nil {
+					err = e
+				}
+				bad("user %q: %v (egressd proxy-users hash %s writes the line)", name, err, name)
+				continue
+			}
+			secret = s
+		case "sha256":
+			d, err := hex.DecodeString(value)
+			if err != nil || len(d) != sha256.Size {
+				bad("user %q: the digest is not 64 hex digits", name)
+				continue
+			}
+			secret = proxy.SHA256Secret([sha256.Size]byte(d))
+		default:
+			bad("user %q: expected bcrypt:HASH (egressd proxy-users hash %s) or sha256:HEX after the name", name, name)
 			continue
 		}
 		if _, dup := users[name]; dup {
 			bad("user %q given twice", name)
 			continue
 		}
-		users[name] = [sha256.Size]byte(d)
+		users[name] = secret
 	}
 	if err := sc.Err(); err != nil {
 		errs = append(errs, fmt.Errorf("--proxy-users: %s: %w", path, err))
@@ -70,4 +96,66 @@ func loadProxyUsers(path string) (map[string][sha256.Size]byte, error) {
 		return nil, errors.Join(errs...)
 	}
 	return users, nil
+}
+
+// unsaltedUsers are the names, sorted, of the users given by an unsalted
+// SHA-256 digest.
+func unsaltedUsers(users map[string]proxy.UserSecret) []string {
+	var names []string
+	for n, s := range users {
+		if !s.Salted() {
+			names = append(names, n)
+		}
+	}
+	slices.Sort(names)
+	return names
+}
+
+// cmdProxyUsers is `egressd proxy-users hash NAME`: it reads a password
+// from standard input (its first line, without the line end; no echo is
+// turned off: pipe it or type it in a terminal you trust) and prints the
+// NAME:bcrypt:HASH line for the --proxy-users file.
+func cmdProxyUsers(_ context.Context, args []string, stdout, stderr io.Writer) int {
+	return proxyUsersHash(args, os.Stdin, stdout, stderr)
+}
+
+func proxyUsersHash(args []string, stdin io.Reader, stdout, stderr io.Writer) int {
+	fs := newFlags("proxy-users hash", stderr)
+	cost := fs.Int("cost", proxy.DefaultBcryptCost, fmt.Sprintf("bcrypt cost, %d..%d (each step doubles the time of a check)", proxy.MinBcryptCost, proxy.MaxBcryptCost))
+	pos, err := parseArgs(fs, args)
+	if err != nil {
+		return flagErr(err)
+	}
+	if len(pos) != 2 || pos[0] != "hash" {
+		fmt.Fprintln(stderr, "usage: egressd "+commands["proxy-users"].usage)
+		return exitUsage
+	}
+	name := pos[1]
+	if name == "" || strings.ContainsAny(name, ": \t\r\n") || strings.HasPrefix(name, "#") {
+		fmt.Fprintf(stderr, "egressd: proxy-users hash: the name %q is empty, starts with # or has a colon or a space\n", name)
+		return exitUsage
+	}
+	if *cost < proxy.MinBcryptCost || *cost > proxy.MaxBcryptCost {
+		fmt.Fprintf(stderr, "egressd: proxy-users hash: --cost %d is outside %d..%d\n", *cost, proxy.MinBcryptCost, proxy.MaxBcryptCost)
+		return exitUsage
+	}
+	// One line, at most 72 bytes (bcrypt's limit) plus its end: read a
+	// little more to tell a longer one.
+	line, err := bufio.NewReaderSize(io.LimitReader(stdin, 4096), 4096).ReadString('\n')
+	if err != nil && !errors.Is(err, io.EOF) {
+		fmt.Fprintln(stderr, "egressd: proxy-users hash: reading the password:", err)
+		return exitFail
+	}
+	pass := strings.TrimSuffix(strings.TrimSuffix(line, "\n"), "\r")
+	if pass == "" {
+		fmt.Fprintln(stderr, "egressd: proxy-users hash: no password on standard input")
+		return exitFail
+	}
+	h, err := proxy.HashPassword([]byte(pass), *cost)
+	if err != nil {
+		fmt.Fprintln(stderr, "egressd: proxy-users hash:", err)
+		return exitFail
+	}
+	fmt.Fprintf(stdout, "%s:bcrypt:%s\n", name, h)
+	return exitOK
 }

@@ -4,6 +4,7 @@ import (
 	"bufio"
 	"context"
 	"crypto/sha256"
+	"encoding/base64"
 	"encoding/hex"
 	"io"
 	"net"
@@ -33,22 +34,35 @@ func digestLine(user, pass string) string {
 	return user + ":sha256:" + hex.EncodeToString(d[:]) + "\n"
 }
 
+// bcryptLine is the line egressd proxy-users hash --cost 4 user prints
+// for pass.
+func bcryptLine(t *testing.T, user, pass string) string {
+	t.Helper()
+	var out, errb strings.Builder
+	if code := proxyUsersHash([]string{"hash", "--cost", "4", user}, strings.NewReader(pass+"\n"), &out, &errb); code != exitOK {
+		t.Fatalf("proxy-users hash: exit %d: %s", code, errb.String())
+	}
+	return out.String()
+}
+
 // TestRunProxyUsers runs the real binary with --proxy-users on loopback:
 // the explicit proxy answers 407 to a CONNECT without credentials or with
 // a wrong password, and decides by policy once the user is known (403 for
-// a name the seed does not allow, with the policy named). Before, the
-// proxy's authentication had no flag: `egressd run` always served an open
-// explicit proxy.
+// a name the seed does not allow, with the policy named), for users given
+// by bcrypt and by SHA-256 digest; each SHA-256 user draws one warning
+// each time the file is read. Before, the proxy's authentication had no
+// flag: `egressd run` always served an open explicit proxy; then it took
+// SHA-256 digests only.
 func TestRunProxyUsers(t *testing.T) {
 	bin := buildEgressd(t)
 	dir := t.TempDir()
 	users := filepath.Join(dir, "users")
-	if err := os.WriteFile(users, []byte("# explicit proxy users\n"+digestLine("alice", "s3cret")+"\n"+digestLine("bob", "other")), 0o600); err != nil {
+	if err := os.WriteFile(users, []byte("# explicit proxy users\n"+digestLine("alice", "s3cret")+"\n"+digestLine("bob", "other")+bcryptLine(t, "dave", "d4ve:pass")), 0o600); err != nil {
 		t.Fatal(err)
 	}
 	r := startRun(t, bin, dir, "--mode", "enforce", "--explicit-proxy-listen", "127.0.0.1:0", "--proxy-users", users)
 	cmd, out, errb := r.cmd, r.out, r.errb
-	re := regexp.MustCompile(`(?m)^proxy: transparent on \S+, explicit on (127\.0\.0\.1:\d+) \(HTTP Basic authentication, 2 users\)$`)
+	re := regexp.MustCompile(`(?m)^proxy: transparent on \S+, explicit on (127\.0\.0\.1:\d+) \(HTTP Basic authentication, 3 users\)$`)
 	var addr string
 	for deadline := time.Now().Add(15 * time.Second); ; time.Sleep(20 * time.Millisecond) {
 		if m := re.FindStringSubmatch(out.String()); m != nil {
@@ -89,6 +103,30 @@ func TestRunProxyUsers(t *testing.T) {
 	if code, body, _ := ask("YWxpY2U6czNjcmV0"); code != http.StatusForbidden || !strings.Contains(body, "tracker.example") {
 		t.Errorf("alice, a denied name: %d %q; want 403 naming it", code, body)
 	}
+	basic := func(user, pass string) string { return base64.StdEncoding.EncodeToString([]byte(user + ":" + pass)) }
+	for range 2 { // the second from the cache
+		if code, body, _ := ask(basic("dave", "d4ve:pass")); code != http.StatusForbidden || !strings.Contains(body, "tracker.example") {
+			t.Errorf("dave (bcrypt), a denied name: %d %q; want 403 naming it", code, body)
+		}
+	}
+	for _, wrong := range []string{"d4ve", "d4ve:passx", ""} {
+		if code, _, _ := ask(basic("dave", wrong)); code != http.StatusProxyAuthRequired {
+			t.Errorf("dave (bcrypt), password %q: %d, want 407", wrong, code)
+		}
+	}
+	warned := func(user string) int {
+		return strings.Count(errb.String(), `"msg":"proxy user has an unsalted sha256 digest; replace its line with the output of egressd proxy-users hash `+user+`","user":"`+user+`"`)
+	}
+	// The log lines are written in batches: wait for them.
+	waitWarned := func(user string, n int) {
+		for deadline := time.Now().Add(5 * time.Second); warned(user) < n && time.Now().Before(deadline); time.Sleep(20 * time.Millisecond) {
+		}
+	}
+	waitWarned("alice", 1)
+	waitWarned("bob", 1)
+	if warned("alice") != 1 || warned("bob") != 1 || warned("dave") != 0 {
+		t.Errorf("unsalted warnings at the start: alice %d, bob %d, dave %d; want 1, 1, 0\nstderr:\n%s", warned("alice"), warned("bob"), warned("dave"), errb.String())
+	}
 
 	// SIGHUP reads the file again: carol comes in, bob goes; a file
 	// egressd cannot use keeps them as they are.
@@ -113,9 +151,21 @@ func TestRunProxyUsers(t *testing.T) {
 			}
 		}
 	}
-	reload(digestLine("alice", "s3cret")+digestLine("carol", "new"), http.StatusForbidden)
+	reload(digestLine("alice", "s3cret")+digestLine("carol", "new")+bcryptLine(t, "dave", "n3w"), http.StatusForbidden)
 	if code, _, _ := ask(bob); code != http.StatusProxyAuthRequired {
 		t.Errorf("bob after the reload that removed him: %d, want 407", code)
+	}
+	// dave's old password, accepted (and remembered) before, is not now.
+	if code, _, _ := ask(basic("dave", "d4ve:pass")); code != http.StatusProxyAuthRequired {
+		t.Errorf("dave's old password after the reload that changed it: %d, want 407", code)
+	}
+	if code, _, _ := ask(basic("dave", "n3w")); code != http.StatusForbidden {
+		t.Errorf("dave's new password after the reload: %d, want 403", code)
+	}
+	waitWarned("alice", 2)
+	waitWarned("carol", 1)
+	if warned("alice") != 2 || warned("carol") != 1 || warned("bob") != 1 {
+		t.Errorf("unsalted warnings after the reload: alice %d, carol %d, bob %d; want 2, 1, 1\nstderr:\n%s", warned("alice"), warned("carol"), warned("bob"), errb.String())
 	}
 	reload("carol:new\n", http.StatusForbidden) // a plain password: refused, carol stays
 	time.Sleep(500 * time.Millisecond)          // the reload has had time to (wrongly) apply
@@ -148,8 +198,11 @@ func TestRunProxyUsersRefused(t *testing.T) {
 		code       int
 	}{
 		{"readable by others", write("open", good, 0o644), nil, "chmod 600", exitFail},
-		{"plain password", write("plain", "alice:s3cret\n", 0o600), nil, "plain:1: user \"alice\": expected sha256:HEX", exitFail},
+		{"plain password", write("plain", "alice:s3cret\n", 0o600), nil, "plain:1: user \"alice\": expected bcrypt:HASH (egressd proxy-users hash alice) or sha256:HEX", exitFail},
 		{"short digest", write("short", "# c\nalice:sha256:abcd\n", 0o600), nil, "short:2: user \"alice\": the digest is not 64 hex digits", exitFail},
+		{"malformed bcrypt", write("badbcrypt", good+"bob:bcrypt:$2a$04$tooshort\n", 0o600), nil, "badbcrypt:2: user \"bob\": a bcrypt hash is $2a$, $2b$ or $2y$", exitFail},
+		{"bcrypt cost", write("cost", "\n"+strings.Replace(bcryptLine(t, "bob", "x"), "$04$", "$31$", 1), 0o600), nil, "cost:2: user \"bob\": bcrypt cost 31 is outside 4..15", exitFail},
+		{"unknown scheme", write("md5", "bob:md5:abc\n", 0o600), nil, "md5:1: user \"bob\": expected bcrypt:HASH", exitFail},
 		{"twice", write("twice", good+good, 0o600), nil, "twice:2: user \"alice\" given twice", exitFail},
 		{"no users", write("empty", "# nobody\n", 0o600), nil, "names no user", exitFail},
 		{"missing", filepath.Join(dir, "none"), nil, "no such file", exitFail},
@@ -317,4 +370,49 @@ func startRun(t *testing.T, bin, dir string, args ...string) *runProc {
 		}
 	})
 	return r
+}
+
+// TestProxyUsersHash: egressd proxy-users hash prints a line
+// --proxy-users takes, for the first line of standard input, whose
+// password the proxy then accepts; a name or password the line cannot
+// hold is refused.
+func TestProxyUsersHash(t *testing.T) {
+	var out, errb strings.Builder
+	if code := proxyUsersHash([]string{"hash", "alice"}, strings.NewReader("pa:ss word\r\nignored\n"), &out, &errb); code != exitOK {
+		t.Fatalf("exit %d: %s", code, errb.String())
+	}
+	line := out.String()
+	if !strings.HasPrefix(line, "alice:bcrypt:$2a$10$") || !strings.HasSuffix(line, "\n") || strings.Count(line, "\n") != 1 {
+		t.Fatalf("line %q, want alice:bcrypt:$2a$10$... (the default cost)", line)
+	}
+	f := filepath.Join(t.TempDir(), "users")
+	if err := os.WriteFile(f, []byte(line), 0o600); err != nil {
+		t.Fatal(err)
+	}
+	users, err := loadProxyUsers(f)
+	if err != nil || !users["alice"].Salted() || users["alice"].Cost() != 10 {
+		t.Fatalf("loadProxyUsers of the line: %v %v", users, err)
+	}
+	for _, c := range []struct {
+		args  []string
+		stdin string
+		want  string
+		code  int
+	}{
+		{[]string{"hash", "a:b"}, "x\n", "has a colon", exitUsage},
+		{[]string{"hash", "#a"}, "x\n", "starts with #", exitUsage},
+		{[]string{"hash"}, "x\n", "usage: egressd proxy-users hash", exitUsage},
+		{[]string{"make", "a"}, "x\n", "usage: egressd proxy-users hash", exitUsage},
+		{[]string{"hash", "--cost", "3", "a"}, "x\n", "--cost 3 is outside 4..15", exitUsage},
+		{[]string{"hash", "a"}, "", "no password on standard input", exitFail},
+		{[]string{"hash", "a"}, "\n", "no password on standard input", exitFail},
+		{[]string{"hash", "a"}, strings.Repeat("x", 73) + "\n", "bcrypt takes at most 72", exitFail},
+		{[]string{"hash", "a"}, strings.Repeat("x", 10000), "bcrypt takes at most 72", exitFail},
+	} {
+		var out, errb strings.Builder
+		code := proxyUsersHash(c.args, strings.NewReader(c.stdin), &out, &errb)
+		if code != c.code || !strings.Contains(errb.String(), c.want) || out.Len() != 0 {
+			t.Errorf("%v < %.20q: exit %d %q %q, want %d and %q", c.args, c.stdin, code, out.String(), errb.String(), c.code, c.want)
+		}
+	}
 }

@@ -2,7 +2,6 @@ package main
 
 import (
 	"context"
-	"crypto/sha256"
 	"errors"
 	"flag"
 	"fmt"
@@ -85,7 +84,7 @@ func (c *runConfig) flags(fs *flag.FlagSet) {
 	fs.StringVar(&c.wanOpen, "wan-open", "", "ports of the gateway that stay reachable from the WAN side under that guard, such as 22/tcp,51820/udp")
 	fs.StringVar(&c.transparent, "proxy-listen", "[::]:15001", "transparent proxy listen address (the target of the nftables redirect)")
 	fs.StringVar(&c.explicit, "explicit-proxy-listen", "", "explicit HTTP/CONNECT proxy listen address (default: the LAN address, port 3128; \"off\" to disable)")
-	fs.StringVar(&c.proxyUsers, "proxy-users", "", "file of NAME:sha256:HEX lines: the explicit proxy then asks for one of these users (HTTP Basic, 407)")
+	fs.StringVar(&c.proxyUsers, "proxy-users", "", "file of NAME:bcrypt:HASH lines (egressd proxy-users hash NAME): the explicit proxy then asks for one of these users (HTTP Basic, 407)")
 	fs.StringVar(&c.dnsListen, "dns-listen", ":53", "DNS forwarder listen addresses, comma-separated (UDP and TCP)")
 	fs.StringVar(&c.tcpPorts, "tcp-ports", "all", `TCP ports redirected to the proxy in enforce mode: "all" or a list such as 80,443,5228-5230 (the ports of host/path rules are always redirected)`)
 	fs.BoolVar(&c.inspect, "inspect", false, "decrypt connections to hosts with host/path rules (CA in the state directory; egressd ca export)")
@@ -120,7 +119,7 @@ type daemon struct {
 	// proxyUsers are the explicit proxy's users (--proxy-users) as read
 	// at start; nil: no authentication. A reload hands the file's users
 	// to the proxy (reloadProxyUsers), not here.
-	proxyUsers map[string][sha256.Size]byte
+	proxyUsers map[string]proxy.UserSecret
 	caps       capabilities
 
 	mu       sync.Mutex // guards degraded
@@ -271,6 +270,7 @@ func newDaemon(cfg runConfig, stdout, stderr io.Writer) (*daemon, error) {
 		if d.proxyUsers, err = loadProxyUsers(cfg.proxyUsers); err != nil {
 			return nil, err
 		}
+		d.warnUnsalted(d.proxyUsers)
 	}
 	d.source = cfg.policyFile
 	if d.source == "" {
@@ -765,7 +765,17 @@ func (d *daemon) reloadProxyUsers() bool {
 		return false
 	}
 	d.log.Info("proxy users reloaded", "users", len(users))
+	d.warnUnsalted(users)
 	return true
+}
+
+// warnUnsalted logs one warning per user of the --proxy-users file just
+// read whose password is an unsalted SHA-256 digest: taken, but cracked
+// quickly offline if the file leaks.
+func (d *daemon) warnUnsalted(users map[string]proxy.UserSecret) {
+	for _, name := range unsaltedUsers(users) {
+		d.log.Warn("proxy user has an unsalted sha256 digest; replace its line with the output of egressd proxy-users hash "+name, "user", name, "file", d.cfg.proxyUsers)
+	}
 }
 
 func (d *daemon) shutdown(cancel context.CancelFunc, wg *sync.WaitGroup) error {
