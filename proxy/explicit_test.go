@@ -9,6 +9,7 @@ import (
 	"errors"
 	"fmt"
 	"io"
+	"log"
 	"log/slog"
 	"net"
 	"net/http"
@@ -503,21 +504,21 @@ func TestInspection(t *testing.T) {
 // (a format with %d, %d for the two ports) decides; config, if not nil,
 // changes the configuration. It returns the proxy's address, the two
 // origins' ports and the inspection CA's pool.
-func loopbackExplicit(t *testing.T, policyFmt string, config func(*Config)) (string, int, int, *x509.CertPool) {
+func loopbackExplicit(t testing.TB, policyFmt string, config func(*Config)) (string, int, int, *x509.CertPool) {
 	t.Helper()
 	return loopbackExplicitSink(t, policyFmt, config, nil)
 }
 
 // loopbackExplicitSink is loopbackExplicit with the proxy's events going
 // to sink (nil: discarded).
-func loopbackExplicitSink(t *testing.T, policyFmt string, config func(*Config), sink audit.Sink) (string, int, int, *x509.CertPool) {
+func loopbackExplicitSink(t testing.TB, policyFmt string, config func(*Config), sink audit.Sink) (string, int, int, *x509.CertPool) {
 	t.Helper()
 	return loopbackExplicitOrigin(t, policyFmt, config, sink, nil)
 }
 
 // loopbackExplicitOrigin is loopbackExplicitSink with both origins
 // running origin instead (nil: the default handler).
-func loopbackExplicitOrigin(t *testing.T, policyFmt string, config func(*Config), sink audit.Sink, origin http.Handler) (string, int, int, *x509.CertPool) {
+func loopbackExplicitOrigin(t testing.TB, policyFmt string, config func(*Config), sink audit.Sink, origin http.Handler) (string, int, int, *x509.CertPool) {
 	t.Helper()
 	pk := newPKI(t)
 	plainLn, err := net.Listen("tcp", "127.0.0.1:0")
@@ -537,8 +538,11 @@ func loopbackExplicitOrigin(t *testing.T, policyFmt string, config func(*Config)
 	if origin != nil {
 		h = origin
 	}
-	plain := &http.Server{Handler: h}
-	tlsSrv := &http.Server{Handler: h, TLSConfig: &tls.Config{Certificates: []tls.Certificate{pk.srvCert}}}
+	// Clients that close before a handshake (the tests' and benchmarks'
+	// CONNECTs that end at the 200) would each log a line.
+	quiet := log.New(io.Discard, "", 0)
+	plain := &http.Server{Handler: h, ErrorLog: quiet}
+	tlsSrv := &http.Server{Handler: h, TLSConfig: &tls.Config{Certificates: []tls.Certificate{pk.srvCert}}, ErrorLog: quiet}
 	go plain.Serve(plainLn)
 	go tlsSrv.ServeTLS(tlsLn, "", "")
 	t.Cleanup(func() { plain.Close(); tlsSrv.Close() })

@@ -123,7 +123,7 @@ func (r dnsResolver) LookupNetIP(ctx context.Context, name string) ([]netip.Addr
 }
 
 // startDNS runs a miekg/dns server on 127.0.0.1 answering from zone.
-func startDNS(t *testing.T, zone map[string][]netip.Addr) dnsResolver {
+func startDNS(t testing.TB, zone map[string][]netip.Addr) dnsResolver {
 	t.Helper()
 	pc, err := net.ListenPacket("udp", "127.0.0.1:0")
 	if err != nil {
@@ -217,7 +217,7 @@ type pki struct {
 	srvCert tls.Certificate
 }
 
-func newPKI(t *testing.T) *pki {
+func newPKI(t testing.TB) *pki {
 	t.Helper()
 	caKey, _ := ecdsa.GenerateKey(elliptic.P256(), rand.Reader)
 	caT := &x509.Certificate{SerialNumber: big.NewInt(1), Subject: pkix.Name{CommonName: "egressd test CA"},
@@ -379,7 +379,7 @@ func newTopo(t *testing.T, o topoOpts) *topo {
 }
 
 // testWriter sends log lines to t.Log, until the test ends.
-type testWriter struct{ t *testing.T }
+type testWriter struct{ t testing.TB }
 
 func (w testWriter) Write(b []byte) (int, error) {
 	defer func() { recover() }() // a late line after the test ended

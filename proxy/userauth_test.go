@@ -86,7 +86,7 @@ func TestBcryptSecret(t *testing.T) {
 }
 
 // authProxy is an explicit proxy on loopback with the given digest users.
-func authProxy(t *testing.T, users map[string]UserSecret) (*Proxy, string) {
+func authProxy(t testing.TB, users map[string]UserSecret) (*Proxy, string) {
 	t.Helper()
 	eng, err := policy.Compile("auth.yaml", []byte(fmt.Sprintf(testPolicy, "enforce")))
 	if err != nil {
