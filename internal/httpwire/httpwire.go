@@ -61,9 +61,17 @@ func RequestLineStart(b []byte) (yes, more bool) {
 }
 
 // IsTChar reports whether c is a token character (RFC 9110 section 5.6.2).
-func IsTChar(c byte) bool {
-	return c > ' ' && c < 0x7f && strings.IndexByte("()<>@,;:\\\"/[]?={}", c) < 0
-}
+func IsTChar(c byte) bool { return tchar[c] }
+
+// tchar is IsTChar's table: the visible ASCII characters but the
+// delimiters. A look-up, not a search of the delimiters, since the head
+// parser asks for every byte of every header name.
+var tchar = func() (t [256]bool) {
+	for c := '!'; c < 0x7f; c++ {
+		t[c] = strings.IndexByte("()<>@,;:\\\"/[]?={}", byte(c)) < 0
+	}
+	return t
+}()
 
 // SplitAuthority splits "host[:port]" or "[v6]:port", strictly: no
 // userinfo, no spaces, a decimal port of 1 to 65535.
