@@ -115,7 +115,7 @@ func TestRunProxyUsers(t *testing.T) {
 		}
 	}
 	warned := func(user string) int {
-		return strings.Count(errb.String(), `"msg":"proxy user has an unsalted sha256 digest; replace its line with the output of egressd proxy-users hash `+user+`","user":"`+user+`"`)
+		return strings.Count(errb.String(), `"msg":"proxy user has an unsalted sha256 digest; replace its line with the output of egressd proxy-users hash NAME","user":"`+user+`"`)
 	}
 	// The log lines are written in batches: wait for them.
 	waitWarned := func(user string, n int) {

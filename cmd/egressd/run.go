@@ -774,7 +774,7 @@ func (d *daemon) reloadProxyUsers() bool {
 // quickly offline if the file leaks.
 func (d *daemon) warnUnsalted(users map[string]proxy.UserSecret) {
 	for _, name := range unsaltedUsers(users) {
-		d.log.Warn("proxy user has an unsalted sha256 digest; replace its line with the output of egressd proxy-users hash "+name, "user", name, "file", d.cfg.proxyUsers)
+		d.log.Warn("proxy user has an unsalted sha256 digest; replace its line with the output of egressd proxy-users hash NAME", "user", name, "file", d.cfg.proxyUsers)
 	}
 }
 
