@@ -14,6 +14,8 @@ import (
 	"testing"
 	"time"
 
+	"golang.org/x/crypto/bcrypt"
+
 	"egressd/policy"
 )
 
@@ -50,6 +52,10 @@ func TestBcryptSecret(t *testing.T) {
 		s, err := BcryptSecret(ok)
 		if err != nil || !s.Salted() || s.Cost() != 4 {
 			t.Errorf("BcryptSecret(%q): %v %v %d", ok, err, s.Salted(), s.Cost())
+		}
+		// $2b$ and $2y$ are the same algorithm: the password checks.
+		if err := bcrypt.CompareHashAndPassword(s.bcrypt, []byte("s3cret")); err != nil {
+			t.Errorf("%q: the password does not check: %v", ok, err)
 		}
 	}
 	if s := SHA256Secret(sha256.Sum256([]byte("x"))); s.Salted() || s.Cost() != 0 {
