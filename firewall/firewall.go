@@ -30,8 +30,11 @@ type Firewall struct {
 	now func() time.Time
 	m   *metrics
 
-	ioMu sync.Mutex     // serialises netlink transactions; taken before mu
-	conn *nftables.Conn // guarded by ioMu; opened on first use
+	ioMu sync.Mutex // serialises netlink transactions; taken before mu
+	// sweepMu serialises the looks at conntrack after a ruleset goes in
+	// (sweep.go); taken before mu, never with ioMu.
+	sweepMu sync.Mutex
+	conn    *nftables.Conn // guarded by ioMu; opened on first use
 
 	// cur is rs, for Wants without a lock.
 	cur atomic.Pointer[Ruleset]
@@ -139,24 +142,54 @@ func (f *Firewall) Replace(eng *policy.Engine) error { return f.apply(eng, "repl
 // only is still the installed policy once the netlink lock is held (a
 // re-render must not undo a Replace that went first), and else does
 // nothing.
-func (f *Firewall) apply(eng *policy.Engine, op string, only *policy.Engine) (err error) {
-	now := f.now()
-	rs, err := render(f.cfg, eng, now)
-	if err != nil {
+//
+// In enforce mode it then looks at the connections already out and cuts
+// those the new ruleset does not allow (sweep.go), and logs one line.
+func (f *Firewall) apply(eng *policy.Engine, op string, only *policy.Engine) error {
+	old, rs, err := f.swapIn(eng, op, only)
+	if err != nil || rs == nil {
 		return err
+	}
+	sw := f.sweep(old, rs)
+	n := 0
+	for _, c := range rs.Chains {
+		n += len(c.Rules)
+	}
+	attrs := []any{audit.LogMode, string(rs.Mode), "table", "inet " + TableName,
+		"lan", f.cfg.LAN, "wan", f.cfg.WAN, "chains", len(rs.Chains), "rules", n, "sets", len(rs.Sets)}
+	if sw.ran {
+		attrs = append(attrs, "flows_kept", sw.kept, "flows_cut", sw.cut)
+	}
+	if sw.err != nil {
+		attrs = append(attrs, audit.LogError, "flows: "+sw.err.Error())
+		f.log.Warn("firewall "+op, attrs...)
+	} else {
+		f.log.Info("firewall "+op, attrs...)
+	}
+	return nil
+}
+
+// swapIn renders eng and installs it (see apply); it returns the
+// ruleset it replaced (nil: none) and the new one (nil: none installed).
+func (f *Firewall) swapIn(eng *policy.Engine, op string, only *policy.Engine) (old, rs *Ruleset, err error) {
+	now := f.now()
+	rs, err = render(f.cfg, eng, now)
+	if err != nil {
+		return nil, nil, err
 	}
 	f.ioMu.Lock()
 	defer f.ioMu.Unlock()
 	f.mu.Lock()
 	if only != nil && (f.closed || f.eng != only || f.rs == nil) {
 		f.mu.Unlock()
-		return nil
+		return nil, nil, nil
 	}
 	defer func() { f.count(op, err) }()
 	if f.closed {
 		f.mu.Unlock()
-		return ErrClosed
+		return nil, nil, ErrClosed
 	}
+	old = f.rs
 	// Carry learned addresses over, for the rules that still learn.
 	seeds := map[string][]seed{}
 	keep := map[string]bool{}
@@ -183,17 +216,17 @@ func (f *Firewall) apply(eng *policy.Engine, op string, only *policy.Engine) (er
 
 	conn, err := f.connLocked()
 	if err != nil {
-		return err
+		return nil, nil, err
 	}
 	if err := queueReplace(conn, rs, seeds); err != nil {
 		// Half a transaction is queued: throw the connection away with
 		// it, unsent.
 		f.dropConnLocked()
-		return err
+		return nil, nil, err
 	}
 	if err := conn.Flush(); err != nil {
 		f.dropConnLocked()
-		return fmt.Errorf("firewall: %s: %w", op, err)
+		return nil, nil, fmt.Errorf("firewall: %s: %w", op, err)
 	}
 
 	f.mu.Lock()
@@ -208,13 +241,7 @@ func (f *Firewall) apply(eng *policy.Engine, op string, only *policy.Engine) (er
 		}
 		f.m.installed.WithLabelValues(string(mode)).Set(v)
 	}
-	n := 0
-	for _, c := range rs.Chains {
-		n += len(c.Rules)
-	}
-	f.log.Info("firewall "+op, audit.LogMode, string(rs.Mode), "table", "inet "+TableName,
-		"lan", f.cfg.LAN, "wan", f.cfg.WAN, "chains", len(rs.Chains), "rules", n, "sets", len(rs.Sets))
-	return nil
+	return old, rs, nil
 }
 
 // scheduleLocked arranges a re-render when the next rule expires, so that an

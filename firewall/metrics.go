@@ -9,6 +9,10 @@ type metrics struct {
 	installed *prometheus.GaugeVec   // mode: 1 for the installed mode, else 0
 	learned   *prometheus.CounterVec // rule: addresses written to its sets
 	setFull   prometheus.Counter
+	// flows counts the connections a look after a reload kept or cut
+	// (result: kept|cut); flowErrors the looks that failed.
+	flows      *prometheus.CounterVec
+	flowErrors prometheus.Counter
 }
 
 func newMetrics(reg prometheus.Registerer) *metrics {
@@ -29,9 +33,17 @@ func newMetrics(reg prometheus.Registerer) *metrics {
 			Namespace: "egress", Subsystem: "firewall", Name: "learned_set_full_total",
 			Help: "Learned addresses refused because their set was full.",
 		}),
+		flows: prometheus.NewCounterVec(prometheus.CounterOpts{
+			Namespace: "egress", Subsystem: "firewall", Name: "reload_flows_total",
+			Help: "Connections the enforce ruleset had let out, looked at after an install or reload: kept, or cut because the new policy does not allow them.",
+		}, []string{"result"}),
+		flowErrors: prometheus.NewCounter(prometheus.CounterOpts{
+			Namespace: "egress", Subsystem: "firewall", Name: "reload_flow_errors_total",
+			Help: "Looks at the connections already out, after an install or reload, that failed (conntrack netlink).",
+		}),
 	}
 	if reg != nil {
-		reg.MustRegister(m.applies, m.installed, m.learned, m.setFull)
+		reg.MustRegister(m.applies, m.installed, m.learned, m.setFull, m.flows, m.flowErrors)
 	}
 	return m
 }

@@ -249,11 +249,15 @@ func ruleExprs(r Rule, sets map[string]*nftables.Set) ([]expr.Any, error) {
 	if r.Counter {
 		e = append(e, &expr.Counter{})
 	}
-	if r.SetCTMark != 0 {
-		// ct mark = (ct mark & ^bits) ^ bits: the bits set, the others kept.
+	if r.SetCTMarkMask != 0 {
+		if r.SetCTMark&^r.SetCTMarkMask != 0 {
+			return nil, fmt.Errorf("conntrack mark 0x%08x outside its mask 0x%08x", r.SetCTMark, r.SetCTMarkMask)
+		}
+		// ct mark = (ct mark & ^mask) ^ value: the bits under the mask
+		// set to value, the others kept.
 		e = append(e, &expr.Ct{Register: 1, Key: expr.CtKeyMARK},
 			&expr.Bitwise{SourceRegister: 1, DestRegister: 1, Len: 4,
-				Mask: binaryutil.NativeEndian.PutUint32(^r.SetCTMark), Xor: binaryutil.NativeEndian.PutUint32(r.SetCTMark)},
+				Mask: binaryutil.NativeEndian.PutUint32(^r.SetCTMarkMask), Xor: binaryutil.NativeEndian.PutUint32(r.SetCTMark)},
 			&expr.Ct{Register: 1, Key: expr.CtKeyMARK, SourceRegister: true})
 	}
 	switch r.Verdict.Kind {

@@ -28,6 +28,14 @@ type Ruleset struct {
 	// enforce; inKernel says whether the sets exist in the table.
 	learn    map[string][2]string
 	inKernel bool
+
+	// flows describes, per policy rule with accept rules in forward, what
+	// they let out, for a reload's look at the connections already out
+	// (sweep.go); byTag and byFP index it by conntrack mark tag and by
+	// fingerprint. Rendered in both modes, like learn.
+	flows []*flowRule
+	byTag map[uint32][]*flowRule
+	byFP  map[uint64]*flowRule
 }
 
 // Family is an address family a rule or set applies to.
@@ -109,11 +117,12 @@ type Rule struct {
 	// Ports is the destination port range of Proto; zero Lo: any port.
 	Ports   policy.PortRange
 	Counter bool
-	// SetCTMark sets these bits of the connection's conntrack mark (the
-	// others kept) before the verdict; 0: none.
-	SetCTMark uint32
-	Verdict   Verdict
-	Comment   string
+	// SetCTMarkMask and SetCTMark set the bits of the connection's
+	// conntrack mark under the mask to SetCTMark (the others kept) before
+	// the verdict; a zero mask: none.
+	SetCTMarkMask, SetCTMark uint32
+	Verdict                  Verdict
+	Comment                  string
 }
 
 // CTMarkEnforced is the conntrack mark bit the enforce ruleset sets on
@@ -123,6 +132,22 @@ type Rule struct {
 // "established" does not carry it past the policy: its packets from the
 // LAN are judged by the rules like new ones, and its replies are dropped.
 const CTMarkEnforced uint32 = 0x00400000
+
+// CTMarkTag are the conntrack mark bits, next to [CTMarkEnforced], in
+// which the enforce ruleset records which policy rule let a connection
+// out: a tag of 10 bits derived from the rule's name and content
+// (addFlowRule). Tag 0 is a connection between other interfaces (not
+// egress), and one marked by an egressd from before tags. A reload looks
+// at them to cut the connections a narrowed policy no longer allows
+// (sweep.go).
+const CTMarkTag uint32 = 0x003ff000
+
+// ctTagShift is the position of CTMarkTag's lowest bit.
+const ctTagShift = 12
+
+// ctMarkOwned are the mark bits the ruleset writes; every other bit of
+// the mark is left as it is.
+const ctMarkOwned = CTMarkEnforced | CTMarkTag
 
 // CTState is a set of conntrack state bits.
 type CTState uint32
@@ -228,7 +253,7 @@ func render(cfg Config, eng *policy.Engine, now time.Time) (*Ruleset, error) {
 			// What is left runs between other interfaces (another segment
 			// and the LAN, say): not egress. Marked, so that its replies
 			// pass the established rule above.
-			rules = append(rules, Rule{SetCTMark: CTMarkEnforced, Verdict: Verdict{Kind: Accept},
+			rules = append(rules, Rule{SetCTMarkMask: ctMarkOwned, SetCTMark: CTMarkEnforced, Verdict: Verdict{Kind: Accept},
 				Comment: "not egress: between other interfaces"})
 		}
 		rs.Chains = append(rs.Chains, Chain{Name: chainForward, Type: "filter", Hook: "forward", Priority: 0, Rules: rules})
@@ -422,6 +447,7 @@ func renderAllows(cfg Config, eng *policy.Engine, now time.Time, rs *Ruleset) al
 		if names {
 			rs.learn[r.Name] = [2]string{"dns4_" + r.Name, "dns6_" + r.Name}
 		}
+		fr := rs.addFlowRule(r, ports, any4, any6, names, slices.Concat(nets4, nets6), slices.Concat(wide4, wide6))
 
 		var from4, from6 []netip.Prefix
 		for _, p := range r.From.Prefixes {
@@ -485,7 +511,7 @@ func renderAllows(cfg Config, eng *policy.Engine, now time.Time, rs *Ruleset) al
 			for _, s := range srcs {
 				for _, d := range dsts {
 					for _, pr := range ports {
-						a.rules = append(a.rules, allowRule(cfg, r.Name, Rule{Family: fam.f, SrcSet: s.SrcSet, SrcMACSet: s.SrcMACSet, DstSet: d.DstSet, DstNotSet: d.DstNotSet}, pr))
+						a.rules = append(a.rules, allowRule(cfg, r.Name, fr.tag, Rule{Family: fam.f, SrcSet: s.SrcSet, SrcMACSet: s.SrcMACSet, DstSet: d.DstSet, DstNotSet: d.DstNotSet}, pr))
 					}
 				}
 			}
@@ -515,12 +541,12 @@ func withoutDNS(pr policy.PortRange) []policy.PortRange {
 
 // allowRule completes an accept rule of a policy rule: from the LAN, to the
 // port range.
-func allowRule(cfg Config, rule string, ru Rule, pr policy.PortRange) Rule {
+func allowRule(cfg Config, rule string, tag uint32, ru Rule, pr policy.PortRange) Rule {
 	ru.IIf, ru.Proto, ru.Ports = cfg.LAN, pr.Proto, pr
 	if pr.Lo == 1 && pr.Hi == 65535 {
 		ru.Ports = policy.PortRange{}
 	}
-	ru.SetCTMark = CTMarkEnforced
+	ru.SetCTMarkMask, ru.SetCTMark = ctMarkOwned, CTMarkEnforced|tag<<ctTagShift
 	ru.Verdict = Verdict{Kind: Accept}
 	ru.Comment = "rule " + rule
 	return ru

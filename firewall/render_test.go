@@ -109,11 +109,11 @@ func TestRenderEnforce(t *testing.T) {
 		`iifname "lan0" udp dport 53 redirect to :5353`,
 		`iifname "lan0" tcp dport 53 redirect to :5353`,
 		`iifname "lan0" meta l4proto tcp redirect to :15001`,
-		`iifname "lan0" ip daddr @dns4_ntp udp dport 123 ct mark set ct mark | 0x00400000 accept`,
-		`iifname "lan0" ip6 daddr @dns6_ntp udp dport 123 ct mark set ct mark | 0x00400000 accept`,
-		`iifname "lan0" ip daddr @dns4_quic udp dport 443 ct mark set ct mark | 0x00400000 accept`,
-		`iifname "lan0" ip daddr != @guarded4 udp dport 9 ct mark set ct mark | 0x00400000 accept`,
-		`iifname "lan0" ip6 daddr != @guarded6 udp dport 9 ct mark set ct mark | 0x00400000 accept`,
+		`iifname "lan0" ip daddr @dns4_ntp udp dport 123 ct mark set ct mark & 0xff`,
+		`iifname "lan0" ip6 daddr @dns6_ntp udp dport 123 ct mark set ct mark & 0xff`,
+		`iifname "lan0" ip daddr @dns4_quic udp dport 443 ct mark set ct mark & 0xff`,
+		`iifname "lan0" ip daddr != @guarded4 udp dport 9 ct mark set ct mark & 0xff`,
+		`iifname "lan0" ip6 daddr != @guarded6 udp dport 9 ct mark set ct mark & 0xff`,
 		`iifname "wan0" counter drop`,
 		`ct state established,related ct mark & 0x00400000 == 0x00400000 accept`,
 		`iifname "lan0" udp dport 443 counter reject`,
@@ -154,9 +154,9 @@ func TestRenderTCPPorts(t *testing.T) {
 	text := rs.String()
 	for _, want := range []string{
 		`iifname "lan0" tcp dport 443 redirect to :15001`,
-		`iifname "lan0" ip daddr @net4_nx tcp dport 7001 ct mark set ct mark | 0x00400000 accept`,
+		`iifname "lan0" ip daddr @net4_nx tcp dport 7001 ct mark set ct mark & 0xff`,
 		// "private" holds fc00::/7, broader than AWS IMDSv6 (fd00:ec2::254).
-		`iifname "lan0" ip6 daddr @wide6_nx ip6 daddr != @guarded6 tcp dport 5000 ct mark set ct mark | 0x00400000 accept`,
+		`iifname "lan0" ip6 daddr @wide6_nx ip6 daddr != @guarded6 tcp dport 5000 ct mark set ct mark & 0xff`,
 		`elements = { 10.0.0.0/8, 172.16.0.0/12, 192.168.0.0/16 }`,
 		`iifname "lan0" tcp dport 853 counter reject with tcp reset`,
 	} {
@@ -432,10 +432,10 @@ rules:
 	}
 	text := rs.String()
 	for _, want := range []string{
-		`iifname "lan0" ip daddr @net4_broad udp dport 9 ct mark set ct mark | 0x00400000 accept`,
-		`iifname "lan0" ip daddr @wide4_broad ip daddr != @guarded4 udp dport 9 ct mark set ct mark | 0x00400000 accept`,
-		`iifname "lan0" ip6 daddr @net6_broad udp dport 9 ct mark set ct mark | 0x00400000 accept`,
-		`iifname "lan0" ip6 daddr @wide6_broad ip6 daddr != @guarded6 udp dport 9 ct mark set ct mark | 0x00400000 accept`,
+		`iifname "lan0" ip daddr @net4_broad udp dport 9 ct mark set ct mark & 0xff`,
+		`iifname "lan0" ip daddr @wide4_broad ip daddr != @guarded4 udp dport 9 ct mark set ct mark & 0xff`,
+		`iifname "lan0" ip6 daddr @net6_broad udp dport 9 ct mark set ct mark & 0xff`,
+		`iifname "lan0" ip6 daddr @wide6_broad ip6 daddr != @guarded6 udp dport 9 ct mark set ct mark & 0xff`,
 	} {
 		if !strings.Contains(text, want) {
 			t.Errorf("missing %q in\n%s", want, text)

@@ -146,8 +146,10 @@ func (r Rule) String() string {
 	if r.Counter {
 		w = append(w, "counter")
 	}
-	if r.SetCTMark != 0 {
-		w = append(w, fmt.Sprintf("ct mark set ct mark | 0x%08x", r.SetCTMark))
+	if r.SetCTMarkMask != 0 {
+		// As nft lists it: (mark & (^mask | value)) | value, which is
+		// (mark & ^mask) | value.
+		w = append(w, fmt.Sprintf("ct mark set ct mark & 0x%08x | 0x%08x", ^r.SetCTMarkMask|r.SetCTMark, r.SetCTMark))
 	}
 	switch r.Verdict.Kind {
 	case Accept:

@@ -1,0 +1,318 @@
+package firewall
+
+import (
+	"errors"
+	"hash/fnv"
+	"net"
+	"net/netip"
+	"slices"
+	"strings"
+	"time"
+
+	"egressd/internal/netutil"
+	"egressd/policy"
+)
+
+// A reload that narrows the policy must reach the connections the enforce
+// ruleset already let out: their conntrack entries carry CTMarkEnforced,
+// and "established" would carry them on for days. So every accept rule of
+// forward also writes its policy rule's tag (CTMarkTag) into the mark,
+// and after a ruleset goes in (install, reload, a rule's expiry) the
+// firewall dumps the marked entries and decides each:
+//
+//   - tag 0 (between other interfaces, or marked before tags): kept;
+//   - a tag of a rule of the previous ruleset that is in the new one
+//     unchanged (same fingerprint): kept, whatever the rule's learned
+//     addresses became since (a DNS answer that expired long ago does not
+//     end a flow its unchanged rule let out);
+//   - a tag the previous ruleset did not use but the new one does (a
+//     connection let out by the new ruleset already, or, at a start, by
+//     an earlier egressd whose policy is unknown): kept;
+//   - otherwise (the rule was removed or changed) the connection is
+//     decided again, as the new forward chain would decide its first
+//     packet: client address, destination and port after destination NAT,
+//     protocol, the rules' CIDRs and their live learned addresses. Where
+//     its old rule is known and the new policy has a rule of that name,
+//     that rule's unchanged client set and unchanged (or widened) names
+//     still count for it, so that adding a port to a rule does not cut the
+//     flows to its learned addresses. Denied, the entry is deleted: the
+//     connection's next packet from the LAN meets the new ruleset as a new
+//     one (and is dropped), its replies meet the WAN guard.
+
+// flowRule is what one policy rule's accept rules in forward let out.
+type flowRule struct {
+	name       string
+	fp         uint64 // fingerprint of what the accept rules depend on
+	tag        uint32 // in CTMarkTag, shifted down; never 0
+	from       policy.ClientSet
+	ports      []policy.PortRange
+	any4, any6 bool
+	nets, wide []netip.Prefix
+	names      []string  // the name patterns, sorted: the learned sets' feed
+	learn      [2]string // the learned sets, IPv4 then IPv6; "" without names
+}
+
+// tagCount is how many tags CTMarkTag holds, 0 excluded.
+const tagCount = CTMarkTag >> ctTagShift // 1023
+
+// addFlowRule records what rule r's accept rules let out and gives it its
+// tag: derived from the fingerprint, then the next free one in rule order,
+// so that rules of one ruleset share no tag while there are fewer than
+// tagCount of them (a restart with the same policy gives the same tags).
+func (rs *Ruleset) addFlowRule(r policy.Rule, ports []policy.PortRange, any4, any6, names bool, nets, wide []netip.Prefix) *flowRule {
+	fr := &flowRule{name: r.Name, from: r.From, ports: ports, any4: any4, any6: any6, nets: nets, wide: wide}
+	if names {
+		fr.learn = rs.learn[r.Name]
+		for _, t := range r.To {
+			if t.Kind == policy.TargetName || t.Kind == policy.TargetHostPath {
+				fr.names = append(fr.names, t.Pattern)
+			}
+		}
+		slices.Sort(fr.names)
+		fr.names = slices.Compact(fr.names)
+	}
+	fr.fp = fingerprint(r, ports)
+	if rs.byTag == nil {
+		rs.byTag, rs.byFP = map[uint32][]*flowRule{}, map[uint64]*flowRule{}
+	}
+	tag := uint32(fr.fp%uint64(tagCount)) + 1
+	for range tagCount {
+		if len(rs.byTag[tag]) == 0 {
+			break
+		}
+		tag = tag%tagCount + 1
+	}
+	fr.tag = tag
+	rs.flows = append(rs.flows, fr)
+	rs.byTag[tag] = append(rs.byTag[tag], fr)
+	rs.byFP[fr.fp] = fr
+	return fr
+}
+
+// fingerprint hashes what a rule's accept rules in forward depend on: its
+// name, clients, targets (names, not paths: forward sees no path) and the
+// ports forward handles for it (which depend on Config.TCPPorts). Its
+// reason and expiry date do not change what it lets out while it holds.
+func fingerprint(r policy.Rule, ports []policy.PortRange) uint64 {
+	var b strings.Builder
+	b.WriteString(r.Name)
+	b.WriteString("\x00from")
+	for _, p := range r.From.Prefixes {
+		b.WriteString(" " + p.String())
+	}
+	for _, m := range r.From.MACs {
+		b.WriteString(" " + m.String())
+	}
+	b.WriteString("\x00to")
+	for _, t := range r.To {
+		switch t.Kind {
+		case policy.TargetAny:
+			b.WriteString(" *")
+		case policy.TargetName, policy.TargetHostPath:
+			b.WriteString(" n:" + t.Pattern)
+		case policy.TargetPrefix:
+			b.WriteString(" p:" + t.Prefix.String())
+		}
+	}
+	b.WriteString("\x00ports")
+	for _, pr := range ports {
+		b.WriteString(" " + pr.String())
+	}
+	h := fnv.New64a()
+	h.Write([]byte(b.String()))
+	return h.Sum64()
+}
+
+// flowKey is a connection as forward saw its first packet.
+type flowKey struct {
+	client, dst netip.Addr
+	port        uint16
+	proto       policy.Proto
+}
+
+// keyOf reads a conntrack entry: the client is the original source, the
+// destination the reply's source (after any destination NAT, as forward
+// sees it).
+func keyOf(e netutil.ConntrackEntry) flowKey {
+	return flowKey{client: e.Orig.Src.Addr().Unmap(), dst: e.Reply.Src.Addr().Unmap(),
+		port: e.Reply.Src.Port(), proto: policy.Proto(e.Proto)}
+}
+
+// keeps decides a connection marked with tag after rs replaced old (nil:
+// unknown). live says whether an address is in a learned set now.
+func (rs *Ruleset) keeps(old *Ruleset, tag uint32, k flowKey, live func(set string, a netip.Addr) bool) bool {
+	if tag == 0 {
+		return true
+	}
+	var was []*flowRule
+	if old != nil {
+		was = old.byTag[tag]
+	}
+	if len(was) == 0 {
+		if len(rs.byTag[tag]) > 0 {
+			return true
+		}
+	} else if !slices.ContainsFunc(was, func(fr *flowRule) bool { return rs.byFP[fr.fp] == nil }) {
+		return true // its rule (whichever shares the tag) is unchanged
+	}
+	var hint *flowRule
+	if len(was) == 1 {
+		hint = was[0]
+	}
+	for _, fr := range rs.flows {
+		if fr.admits(k, hint, live) {
+			return true
+		}
+	}
+	return false
+}
+
+// admits reports whether fr's accept rules let the connection out, as
+// they would its first packet now; was is the rule that let it out, when
+// known.
+func (fr *flowRule) admits(k flowKey, was *flowRule, live func(set string, a netip.Addr) bool) bool {
+	if !slices.ContainsFunc(fr.ports, func(pr policy.PortRange) bool { return pr.Contains(k.port, k.proto) }) {
+		return false
+	}
+	same := was != nil && was.name == fr.name
+	if !fr.from.Any() && !fr.from.Contains(k.client, nil) && !(same && sameClients(fr.from, was.from)) {
+		return false
+	}
+	if fr.byAddress(k.dst) {
+		return true
+	}
+	if len(fr.names) == 0 {
+		return false
+	}
+	set := fr.learn[0]
+	if k.dst.Is6() {
+		set = fr.learn[1]
+	}
+	if live(set, k.dst) {
+		return true
+	}
+	// Let out by the same rule's learned addresses (not by its CIDRs),
+	// whose names the rule still has.
+	return same && len(was.names) > 0 && !was.byAddress(k.dst) && subset(was.names, fr.names)
+}
+
+// byAddress reports whether the rule's CIDR targets open dst (special
+// ranges only from inside, as render does).
+func (fr *flowRule) byAddress(dst netip.Addr) bool {
+	if (dst.Is4() && fr.any4) || (dst.Is6() && fr.any6) {
+		return !guarded(dst)
+	}
+	for _, p := range fr.nets {
+		if p.Contains(dst) {
+			return true
+		}
+	}
+	for _, p := range fr.wide {
+		if p.Contains(dst) {
+			return !guarded(dst)
+		}
+	}
+	return false
+}
+
+func guarded(a netip.Addr) bool {
+	for _, p := range guardedPrefixes {
+		if p.Contains(a) {
+			return true
+		}
+	}
+	return false
+}
+
+func sameClients(a, b policy.ClientSet) bool {
+	return slices.Equal(a.Prefixes, b.Prefixes) &&
+		slices.EqualFunc(a.MACs, b.MACs, func(x, y net.HardwareAddr) bool { return string(x) == string(y) })
+}
+
+// subset reports whether every element of the sorted a is in the sorted b.
+func subset(a, b []string) bool {
+	for _, s := range a {
+		if _, ok := slices.BinarySearch(b, s); !ok {
+			return false
+		}
+	}
+	return true
+}
+
+// sweepResult is what a look at the connections already out found.
+type sweepResult struct {
+	ran       bool
+	kept, cut int
+	err       error
+}
+
+// sweep deletes the conntrack entries of connections that rs, just
+// installed in place of old, does not allow (see the comment at the top
+// of this file). It runs outside ioMu (a dump of a large table must not
+// hold up learned addresses), one at a time, and only while rs is still
+// the installed ruleset: a later one's sweep judges by it instead.
+func (f *Firewall) sweep(old, rs *Ruleset) sweepResult {
+	if rs.Mode != policy.ModeEnforce {
+		return sweepResult{}
+	}
+	f.sweepMu.Lock()
+	defer f.sweepMu.Unlock()
+	f.mu.Lock()
+	current := f.rs == rs && !f.closed
+	f.mu.Unlock()
+	if !current {
+		return sweepResult{}
+	}
+	res := sweepResult{ran: true}
+	defer func() {
+		f.m.flows.WithLabelValues("kept").Add(float64(res.kept))
+		f.m.flows.WithLabelValues("cut").Add(float64(res.cut))
+		if res.err != nil {
+			f.m.flowErrors.Inc()
+		}
+	}()
+	ct, err := netutil.OpenConntrackTable(f.cfg.NetNS)
+	if err != nil {
+		res.err = err
+		return res
+	}
+	defer ct.Close()
+	es, err := ct.Marked(CTMarkEnforced, CTMarkEnforced)
+	if err != nil {
+		res.err = err
+		return res
+	}
+	var cut []netutil.ConntrackEntry
+	f.mu.Lock()
+	now := f.now()
+	live := func(set string, a netip.Addr) bool {
+		v, ok := f.learned[set][a]
+		return ok && v.exp.After(now)
+	}
+	for _, e := range es {
+		if rs.keeps(old, e.Mark&CTMarkTag>>ctTagShift, keyOf(e), live) {
+			res.kept++
+		} else {
+			cut = append(cut, e)
+		}
+	}
+	f.mu.Unlock()
+	deadline := time.Now().Add(10 * time.Second)
+	for i, e := range cut {
+		if time.Now().After(deadline) {
+			// Bounded: a reload does not hang on a huge table.
+			res.err = errors.Join(res.err, errors.New("firewall: flows: gave up deleting after 10s"))
+			res.kept += len(cut) - i
+			break
+		}
+		if err := ct.Delete(e); err != nil && !errors.Is(err, netutil.ErrNoConntrack) {
+			if res.err == nil {
+				res.err = err
+			}
+			res.kept++
+			continue
+		}
+		res.cut++
+	}
+	return res
+}

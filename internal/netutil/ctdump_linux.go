@@ -1,0 +1,340 @@
+package netutil
+
+import (
+	"encoding/binary"
+	"errors"
+	"fmt"
+	"net/netip"
+	"os"
+	"runtime"
+
+	"golang.org/x/sys/unix"
+)
+
+// ConntrackTable dumps and deletes conntrack entries over one ctnetlink
+// socket (IPCTNL_MSG_CT_GET with NLM_F_DUMP, IPCTNL_MSG_CT_DELETE), as
+// the firewall does on a reload to find the connections a narrowed policy
+// no longer allows. It is not safe for concurrent use. It needs
+// CAP_NET_ADMIN in the socket's network namespace.
+type ConntrackTable struct {
+	fd  int
+	seq uint32
+	buf []byte
+}
+
+// ConntrackEntry is one connection as conntrack dumps it. Orig is the
+// tuple of the direction that opened it (the client's addresses before any
+// NAT), Reply the direction back (its source is the destination the
+// connection reached after destination NAT, the one the forward hook
+// sees). Ports are zero for protocols without them (ICMP).
+type ConntrackEntry struct {
+	Family uint8 // AF_INET or AF_INET6
+	Proto  uint8 // IPPROTO_TCP, IPPROTO_UDP, ...
+	Orig   ConntrackTuple
+	Reply  ConntrackTuple
+	Mark   uint32
+	ID     uint32
+
+	// The attributes a delete sends back as they came: the original
+	// tuple whole (ICMP ids, SCTP, ... included) and the zone.
+	rawOrig []byte
+	rawZone []byte
+}
+
+// ConntrackTuple is one direction of a connection.
+type ConntrackTuple struct {
+	Src, Dst netip.AddrPort
+}
+
+// More ctnetlink numbers (linux/netfilter/nfnetlink_conntrack.h).
+const (
+	ipctnlMsgCtDelete = 2
+
+	ctaMark     = 8
+	ctaID       = 12
+	ctaZone     = 18
+	ctaMarkMask = 21
+)
+
+// OpenConntrackTable opens a ctnetlink socket in the network namespace
+// at netns (a path such as /var/run/netns/NAME), or in the process's
+// own when netns is empty.
+func OpenConntrackTable(netns string) (*ConntrackTable, error) {
+	var fd int
+	open := func() error {
+		var err error
+		fd, err = openCtSocket()
+		return err
+	}
+	var err error
+	if netns == "" {
+		err = open()
+	} else {
+		err = inNetNS(netns, open)
+	}
+	if err != nil {
+		return nil, err
+	}
+	// A dump of a large table arrives in many datagrams; a larger buffer
+	// keeps the kernel from waiting on each read (best effort).
+	_ = unix.SetsockoptInt(fd, unix.SOL_SOCKET, unix.SO_RCVBUF, 1<<20)
+	return &ConntrackTable{fd: fd, buf: make([]byte, 64<<10)}, nil
+}
+
+// inNetNS runs fn on a thread switched into the network namespace at
+// path; sockets fn opens stay in it.
+func inNetNS(path string, fn func() error) error {
+	runtime.LockOSThread()
+	orig, err := os.Open("/proc/thread-self/ns/net")
+	if err != nil {
+		runtime.UnlockOSThread()
+		return fmt.Errorf("netutil: network namespace: %w", err)
+	}
+	defer orig.Close()
+	target, err := os.Open(path)
+	if err != nil {
+		runtime.UnlockOSThread()
+		return fmt.Errorf("netutil: network namespace: %w", err)
+	}
+	defer target.Close()
+	if err := unix.Setns(int(target.Fd()), unix.CLONE_NEWNET); err != nil {
+		runtime.UnlockOSThread()
+		return fmt.Errorf("netutil: setns %s: %w", path, err)
+	}
+	ferr := fn()
+	if err := unix.Setns(int(orig.Fd()), unix.CLONE_NEWNET); err != nil {
+		// Leave the thread locked: it ends with the goroutine instead of
+		// serving others from the wrong namespace.
+		return fmt.Errorf("netutil: setns back: %w", err)
+	}
+	runtime.UnlockOSThread()
+	return ferr
+}
+
+// Close closes the socket.
+func (t *ConntrackTable) Close() error {
+	if t.fd < 0 {
+		return nil
+	}
+	err := unix.Close(t.fd)
+	t.fd = -1
+	return err
+}
+
+// Marked returns every entry, of either family, whose mark has the bits
+// of want under mask (mark&mask == want). The kernel filters by mark;
+// the entries are checked again here.
+func (t *ConntrackTable) Marked(want, mask uint32) ([]ConntrackEntry, error) {
+	t.seq++
+	seq := t.seq
+	b := make([]byte, unix.SizeofNlMsghdr, 64)
+	b = append(b, unix.AF_UNSPEC, unix.NFNETLINK_V0, 0, 0)
+	putAttr(&b, ctaMark|unix.NLA_F_NET_BYTEORDER, binary.BigEndian.AppendUint32(nil, want))
+	putAttr(&b, ctaMarkMask|unix.NLA_F_NET_BYTEORDER, binary.BigEndian.AppendUint32(nil, mask))
+	finishMsg(b, ipctnlMsgCtGet, unix.NLM_F_REQUEST|unix.NLM_F_DUMP, seq)
+	if err := unix.Sendto(t.fd, b, 0, &unix.SockaddrNetlink{Family: unix.AF_NETLINK}); err != nil {
+		return nil, fmt.Errorf("netutil: conntrack dump: %w", err)
+	}
+	var out []ConntrackEntry
+	for {
+		n, _, err := unix.Recvfrom(t.fd, t.buf, 0)
+		if errors.Is(err, unix.EINTR) {
+			continue
+		}
+		if err != nil {
+			return nil, fmt.Errorf("netutil: conntrack dump: %w", err)
+		}
+		done, err := parseDump(t.buf[:n], seq, func(e ConntrackEntry) {
+			if e.Mark&mask == want {
+				out = append(out, e)
+			}
+		})
+		if err != nil {
+			return nil, err
+		}
+		if done {
+			return out, nil
+		}
+	}
+}
+
+// Delete removes the entry, if it is still the same connection (its id).
+// An entry already gone is ErrNoConntrack.
+func (t *ConntrackTable) Delete(e ConntrackEntry) error {
+	if len(e.rawOrig) == 0 {
+		return errors.New("netutil: conntrack delete: an entry without its tuple")
+	}
+	t.seq++
+	seq := t.seq
+	b := make([]byte, unix.SizeofNlMsghdr, 128)
+	b = append(b, e.Family, unix.NFNETLINK_V0, 0, 0)
+	putAttr(&b, ctaTupleOrig|unix.NLA_F_NESTED, e.rawOrig)
+	if len(e.rawZone) > 0 {
+		putAttr(&b, ctaZone|unix.NLA_F_NET_BYTEORDER, e.rawZone)
+	}
+	putAttr(&b, ctaID|unix.NLA_F_NET_BYTEORDER, binary.BigEndian.AppendUint32(nil, e.ID))
+	finishMsg(b, ipctnlMsgCtDelete, unix.NLM_F_REQUEST|unix.NLM_F_ACK, seq)
+	if err := unix.Sendto(t.fd, b, 0, &unix.SockaddrNetlink{Family: unix.AF_NETLINK}); err != nil {
+		return fmt.Errorf("netutil: conntrack delete: %w", err)
+	}
+	for range 16 {
+		n, _, err := unix.Recvfrom(t.fd, t.buf, 0)
+		if errors.Is(err, unix.EINTR) {
+			continue
+		}
+		if err != nil {
+			return fmt.Errorf("netutil: conntrack delete: %w", err)
+		}
+		if done, err := parseAck(t.buf[:n], seq); done {
+			return err
+		}
+	}
+	return errors.New("netutil: conntrack delete: no answer")
+}
+
+// finishMsg writes the netlink header of a ctnetlink message.
+func finishMsg(b []byte, msg uint16, flags uint16, seq uint32) {
+	binary.NativeEndian.PutUint32(b[0:4], uint32(len(b)))
+	binary.NativeEndian.PutUint16(b[4:6], unix.NFNL_SUBSYS_CTNETLINK<<8|msg)
+	binary.NativeEndian.PutUint16(b[6:8], flags)
+	binary.NativeEndian.PutUint32(b[8:12], seq)
+	binary.NativeEndian.PutUint32(b[12:16], 0)
+}
+
+// parseAck reads the acknowledgement (or error) of request seq.
+func parseAck(b []byte, seq uint32) (done bool, err error) {
+	for len(b) >= unix.SizeofNlMsghdr {
+		l := int(binary.NativeEndian.Uint32(b[0:4]))
+		if l < unix.SizeofNlMsghdr || l > len(b) {
+			return true, errors.New("netutil: conntrack: malformed answer")
+		}
+		typ := binary.NativeEndian.Uint16(b[4:6])
+		mseq := binary.NativeEndian.Uint32(b[8:12])
+		body := b[unix.SizeofNlMsghdr:l]
+		b = b[min(nlAlign(l), len(b)):]
+		if mseq != seq || typ != unix.NLMSG_ERROR {
+			continue
+		}
+		if len(body) < 4 {
+			return true, errors.New("netutil: conntrack: malformed error")
+		}
+		code := int32(binary.NativeEndian.Uint32(body[0:4]))
+		switch {
+		case code == 0:
+			return true, nil
+		case unix.Errno(-code) == unix.ENOENT:
+			return true, ErrNoConntrack
+		default:
+			return true, fmt.Errorf("netutil: conntrack: %w", unix.Errno(-code))
+		}
+	}
+	return false, nil
+}
+
+// parseDump reads one datagram of a dump answering seq, calling fn for
+// each entry; done reports its end (NLMSG_DONE).
+func parseDump(b []byte, seq uint32, fn func(ConntrackEntry)) (done bool, err error) {
+	for len(b) >= unix.SizeofNlMsghdr {
+		l := int(binary.NativeEndian.Uint32(b[0:4]))
+		if l < unix.SizeofNlMsghdr || l > len(b) {
+			return true, errors.New("netutil: conntrack dump: malformed answer")
+		}
+		typ := binary.NativeEndian.Uint16(b[4:6])
+		mseq := binary.NativeEndian.Uint32(b[8:12])
+		body := b[unix.SizeofNlMsghdr:l]
+		b = b[min(nlAlign(l), len(b)):]
+		if mseq != seq {
+			continue
+		}
+		switch typ {
+		case unix.NLMSG_DONE:
+			return true, nil
+		case unix.NLMSG_ERROR:
+			if len(body) < 4 {
+				return true, errors.New("netutil: conntrack dump: malformed error")
+			}
+			if code := int32(binary.NativeEndian.Uint32(body[0:4])); code != 0 {
+				return true, fmt.Errorf("netutil: conntrack dump: %w", unix.Errno(-code))
+			}
+		case unix.NFNL_SUBSYS_CTNETLINK<<8 | ipctnlMsgCtNew:
+			if e, ok := parseEntry(body); ok {
+				fn(e)
+			}
+		}
+	}
+	return false, nil
+}
+
+// parseEntry reads a dumped entry (nfgenmsg and attributes). An entry
+// without both tuples is skipped.
+func parseEntry(body []byte) (ConntrackEntry, bool) {
+	var e ConntrackEntry
+	if len(body) < 4 {
+		return e, false
+	}
+	e.Family = body[0]
+	attrs := body[4:]
+	orig, ok1 := findAttr(attrs, ctaTupleOrig)
+	reply, ok2 := findAttr(attrs, ctaTupleReply)
+	if !ok1 || !ok2 {
+		return e, false
+	}
+	var ok bool
+	if e.Orig, e.Proto, ok = parseTuple(orig); !ok {
+		return e, false
+	}
+	if e.Reply, _, ok = parseTuple(reply); !ok {
+		return e, false
+	}
+	e.rawOrig = append([]byte(nil), orig...)
+	if v, ok := findAttr(attrs, ctaMark); ok && len(v) == 4 {
+		e.Mark = binary.BigEndian.Uint32(v)
+	}
+	if v, ok := findAttr(attrs, ctaID); ok && len(v) == 4 {
+		e.ID = binary.BigEndian.Uint32(v)
+	}
+	if v, ok := findAttr(attrs, ctaZone); ok && len(v) == 2 {
+		e.rawZone = append([]byte(nil), v...)
+	}
+	return e, true
+}
+
+// parseTuple reads a CTA_TUPLE_* payload: addresses, protocol and, for
+// protocols with them, ports.
+func parseTuple(b []byte) (ConntrackTuple, uint8, bool) {
+	var tu ConntrackTuple
+	ip, ok1 := findAttr(b, ctaTupleIP)
+	proto, ok2 := findAttr(b, ctaTupleProto)
+	if !ok1 || !ok2 {
+		return tu, 0, false
+	}
+	var src, dst netip.Addr
+	if s, ok := findAttr(ip, ctaIPv4Src); ok && len(s) == 4 {
+		d, ok := findAttr(ip, ctaIPv4Dst)
+		if !ok || len(d) != 4 {
+			return tu, 0, false
+		}
+		src, dst = netip.AddrFrom4([4]byte(s)), netip.AddrFrom4([4]byte(d))
+	} else if s, ok := findAttr(ip, ctaIPv6Src); ok && len(s) == 16 {
+		d, ok := findAttr(ip, ctaIPv6Dst)
+		if !ok || len(d) != 16 {
+			return tu, 0, false
+		}
+		src, dst = netip.AddrFrom16([16]byte(s)), netip.AddrFrom16([16]byte(d))
+	} else {
+		return tu, 0, false
+	}
+	num, ok := findAttr(proto, ctaProtoNum)
+	if !ok || len(num) != 1 {
+		return tu, 0, false
+	}
+	var sp, dp uint16
+	if v, ok := findAttr(proto, ctaProtoSrcPort); ok && len(v) == 2 {
+		sp = binary.BigEndian.Uint16(v)
+	}
+	if v, ok := findAttr(proto, ctaProtoDstPort); ok && len(v) == 2 {
+		dp = binary.BigEndian.Uint16(v)
+	}
+	tu.Src, tu.Dst = netip.AddrPortFrom(src, sp), netip.AddrPortFrom(dst, dp)
+	return tu, num[0], true
+}
