@@ -114,3 +114,50 @@ func FuzzParseCtAnswer(f *testing.F) {
 		}
 	})
 }
+
+// TestParseDump: a dump datagram's entries of the asked sequence are
+// read with both tuples; NLMSG_DONE ends it, an error message is an
+// error, and a malformed datagram ends it with an error.
+func TestParseDump(t *testing.T) {
+	src4, dst4 := netip.MustParseAddrPort("198.18.1.2:40123"), netip.MustParseAddrPort("198.18.2.11:443")
+	src6, dst6 := netip.MustParseAddrPort("[2001:db8:1::2]:40123"), netip.MustParseAddrPort("[2001:db8:2::11]:443")
+	var got []ConntrackEntry
+	in := append(append(ctAnswer(7, src4, dst4), ctAnswer(6, src6, dst6)...), ctAnswer(7, src6, dst6)...)
+	done, err := parseDump(in, 7, func(e ConntrackEntry) { got = append(got, e) })
+	if done || err != nil || len(got) != 2 {
+		t.Fatalf("done=%v err=%v entries %+v", done, err, got)
+	}
+	if got[0].Family != unix.AF_INET || got[0].Proto != unix.IPPROTO_TCP || got[0].Orig != (ConntrackTuple{src4, dst4}) ||
+		got[0].Reply != (ConntrackTuple{dst4, netip.AddrPortFrom(src4.Addr(), 6430)}) {
+		t.Errorf("IPv4 entry %+v", got[0])
+	}
+	if got[1].Family != unix.AF_INET6 || got[1].Orig != (ConntrackTuple{src6, dst6}) {
+		t.Errorf("IPv6 entry %+v", got[1])
+	}
+	if done, err := parseDump(nlMsg(unix.NLMSG_DONE, 7, []byte{0, 0, 0, 0}), 7, func(ConntrackEntry) {}); !done || err != nil {
+		t.Errorf("NLMSG_DONE: done=%v err=%v", done, err)
+	}
+	if done, err := parseDump(nlErr(7, unix.EPERM), 7, func(ConntrackEntry) {}); !done || !errors.Is(err, unix.EPERM) {
+		t.Errorf("EPERM: done=%v err=%v", done, err)
+	}
+	if done, err := parseDump(ctAnswer(7, src4, dst4)[:40], 7, func(ConntrackEntry) {}); !done || err == nil {
+		t.Errorf("truncated: done=%v err=%v", done, err)
+	}
+}
+
+// FuzzParseDump: whatever a dump datagram holds, the parser returns
+// without panicking, and every entry it gives has valid addresses.
+func FuzzParseDump(f *testing.F) {
+	f.Add(ctAnswer(1, netip.MustParseAddrPort("198.18.1.2:40123"), netip.MustParseAddrPort("198.18.2.11:443")))
+	f.Add(ctAnswer(1, netip.MustParseAddrPort("[2001:db8:1::2]:1"), netip.MustParseAddrPort("[2001:db8:2::11]:443")))
+	f.Add(nlMsg(unix.NLMSG_DONE, 1, []byte{0, 0, 0, 0}))
+	f.Add(ctAnswer(1, netip.MustParseAddrPort("198.18.1.2:40123"), netip.MustParseAddrPort("198.18.2.11:443"))[:37])
+	f.Fuzz(func(t *testing.T, b []byte) {
+		parseDump(b, 1, func(e ConntrackEntry) {
+			if !e.Orig.Src.Addr().IsValid() || !e.Reply.Src.Addr().IsValid() || len(e.rawOrig) == 0 {
+				t.Fatalf("entry %+v", e)
+			}
+		})
+		parseAck(b, 1)
+	})
+}

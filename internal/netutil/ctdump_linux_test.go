@@ -1,0 +1,91 @@
+package netutil
+
+import (
+	"context"
+	"errors"
+	"net"
+	"net/netip"
+	"os"
+	"path/filepath"
+	"testing"
+	"time"
+
+	"golang.org/x/sys/unix"
+
+	"egressd/internal/testnet"
+)
+
+// TestConntrackTableMarked: a dump by mark returns the entries, IPv4 and
+// IPv6, whose mark has the bits asked (the mark's other bits as they
+// are), with their tuples; Delete removes one, and a second Delete of it
+// is ErrNoConntrack.
+func TestConntrackTableMarked(t *testing.T) {
+	testnet.RequireRoot(t)
+	ns := testnet.New(t, "ctd")
+	ns.MustRun("ip", "link", "set", "lo", "up")
+	rules := filepath.Join(t.TempDir(), "mark.nft")
+	os.WriteFile(rules, []byte(`table inet netutil_mark_test {
+	chain out {
+		type filter hook output priority 0; policy accept;
+		udp dport 9999 ct mark set 0x00401005
+		udp dport 9998 ct mark set 0x00000001
+	}
+}
+`), 0o644)
+	ns.MustRun("nft", "-f", rules)
+	send := func(addr string) netip.AddrPort {
+		ctx, cancel := context.WithTimeout(context.Background(), 3*time.Second)
+		defer cancel()
+		c, err := ns.DialContext(ctx, "udp", addr)
+		if err != nil {
+			t.Fatal(err)
+		}
+		defer c.Close()
+		if _, err := c.Write([]byte("x")); err != nil {
+			t.Fatal(err)
+		}
+		return c.LocalAddr().(*net.UDPAddr).AddrPort()
+	}
+	src4 := send("127.0.0.1:9999")
+	src6 := send("[::1]:9999")
+	send("127.0.0.1:9998") // marked, but not with the bit asked
+
+	ct, err := OpenConntrackTable("/var/run/netns/" + ns.Name)
+	if err != nil {
+		t.Fatal(err)
+	}
+	defer ct.Close()
+	es, err := ct.Marked(0x00400000, 0x00400000)
+	if err != nil {
+		t.Fatal(err)
+	}
+	if len(es) != 2 {
+		t.Fatalf("%d entries, want 2: %+v", len(es), es)
+	}
+	var e4 ConntrackEntry
+	for _, e := range es {
+		want := ConntrackTuple{Src: src4, Dst: netip.MustParseAddrPort("127.0.0.1:9999")}
+		fam := uint8(unix.AF_INET)
+		if e.Family == unix.AF_INET6 {
+			want, fam = ConntrackTuple{Src: src6, Dst: netip.MustParseAddrPort("[::1]:9999")}, unix.AF_INET6
+		} else {
+			e4 = e
+		}
+		if e.Family != fam || e.Proto != unix.IPPROTO_UDP || e.Orig != want || e.Reply.Src != want.Dst || e.Mark != 0x00401005 || e.ID == 0 {
+			t.Errorf("entry %+v, want family %d udp %+v mark 0x00401005", e, fam, want)
+		}
+	}
+	if err := ct.Delete(e4); err != nil {
+		t.Fatal(err)
+	}
+	if err := ct.Delete(e4); !errors.Is(err, ErrNoConntrack) {
+		t.Errorf("second delete: %v, want ErrNoConntrack", err)
+	}
+	es, err = ct.Marked(0x00400000, 0x00400000)
+	if err != nil {
+		t.Fatal(err)
+	}
+	if len(es) != 1 || es[0].Family != unix.AF_INET6 {
+		t.Errorf("after the delete: %+v, want the IPv6 entry alone", es)
+	}
+}
