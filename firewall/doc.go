@@ -34,12 +34,45 @@
 // connection to it from the LAN is the forwarder's, so an accept there
 // could only carry on a DNS tunnel begun before enforcement.
 //
+// # The conntrack mark
+//
+// egressd owns two parts of the mark, and writes them with a masked set
+// (ct mark set ct mark & ~owned | value), so every other bit stays the
+// operator's:
+//
+//   - [CTMarkEnforced] (0x00400000): let out by the enforce ruleset;
+//   - [CTMarkTag] (0x003ff000): which policy rule let it out, a 10-bit tag
+//     derived from the rule's name and the content its accept rules depend
+//     on (clients, targets, forwarded ports), unique within a ruleset of up
+//     to 1023 such rules; 0 for traffic between other interfaces (not
+//     egress) and for connections marked before tags existed.
+//
+// A reload that narrows the policy reaches the connections already out
+// through the tag (sweep.go): after every install or replace in enforce
+// mode (a rule's expiry included) the firewall dumps the conntrack entries
+// with CTMarkEnforced over ctnetlink (internal/netutil), keeps those whose
+// rule is in the new ruleset unchanged (however long ago their learned
+// address expired from its set), decides the others again as the new
+// forward chain would decide their first packet (addresses and port after
+// destination NAT, the rules' CIDRs and live learned addresses; a rule
+// that kept its name and only widened still counts for its old flows),
+// and deletes the entries of those it denies. Their next packet from the
+// LAN is then a new connection to the new ruleset, and dropped; their
+// replies meet the WAN guard. Connections redirected to the proxy are not
+// marked (they end on the gateway) and are the proxy's business. One log
+// line per install or reload ("firewall replace", flows_kept and
+// flows_cut) and egress_firewall_reload_flows_total{result} count them.
+// What the re-decision cannot know: a client matched by MAC alone, where
+// the rule's client set changed (conntrack holds no MAC), and the names of
+// an address learned before a restart; such flows are cut.
+//
 // [Render] turns a policy and a [Config] into a [Ruleset] without touching
 // the kernel (egressd firewall print shows it); [Firewall.Install],
 // [Firewall.Replace] and [Firewall.Remove] apply it in one netlink batch each
 // (delete and recreate the table in a single transaction), which needs
 // CAP_NET_ADMIN. A reload never flushes conntrack, so established connections
-// (including redirected ones, whose NAT binding lives in conntrack) survive.
+// (including redirected ones, whose NAT binding lives in conntrack) survive,
+// but for the forwarded ones the new policy no longer allows (above).
 //
 // # Modes and failure
 //
