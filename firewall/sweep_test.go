@@ -64,7 +64,8 @@ func checkFlows(t *testing.T, when string, flows map[string]*flow, cut ...string
 // gateway. A reload that takes a port out of rule a cuts a's sessions on
 // that port and nothing else; a reload without rule a cuts a's other
 // flows; b's flows carry on through both, and through a reload that
-// changes nothing.
+// changes nothing. A restart with rule b narrowed cuts b's sessions on
+// the port it lost.
 func TestReloadCutsFlowsItNoLongerAllows(t *testing.T) {
 	requireNft(t)
 	tp := newTopo(t)
@@ -149,6 +150,29 @@ rules:
 	if _, err := udpAsk(tp.client, "198.18.2.2:9000", 700*time.Millisecond); err == nil {
 		t.Error("a new flow to rule a's address went out")
 	}
+
+	// egressd restarts (the ruleset stays in the kernel meanwhile) with
+	// rule b narrowed to UDP: the new process knows nothing of the old
+	// policy, and still cuts b's TCP sessions.
+	if err := fw.Detach(); err != nil {
+		t.Fatal(err)
+	}
+	fw2 := tp.firewall(t, Config{Masquerade: true, TCPPorts: []policy.PortRange{{Lo: 443, Hi: 443, Proto: policy.TCP}}})
+	if err := fw2.Install(compile(t, `
+version: 1
+mode: enforce
+rules:
+  - name: b
+    to: [198.18.2.3/32, "2001:db8:2::3/128"]
+    ports: [9000/udp]
+`)); err != nil {
+		t.Fatal(err)
+	}
+	// Kept: b's UDP flows and the new one above.
+	if cut, kept := flowsMetric(fw2, "cut"), flowsMetric(fw2, "kept"); cut != 2 || kept != 3 {
+		t.Errorf("restart with b narrowed: %v cut, %v kept, want 2 and 3", cut, kept)
+	}
+	checkFlows(t, "restart, b without 2000/tcp", flows, "b-tcp4", "b-tcp6")
 }
 
 // TestReloadKeepsFlowsOfLearnedAddresses: a flow to an address DNS gave

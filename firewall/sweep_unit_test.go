@@ -1,0 +1,115 @@
+package firewall
+
+import (
+	"fmt"
+	"net/netip"
+	"strings"
+	"testing"
+
+	"egressd/policy"
+)
+
+// TestFlowRuleTags: every rule with accept rules in forward gets a tag
+// in CTMarkTag, distinct while there are fewer rules than tags, the same
+// for the same rule in another ruleset, and another when its content
+// changes.
+func TestFlowRuleTags(t *testing.T) {
+	var b strings.Builder
+	b.WriteString("version: 1\nmode: enforce\nrules:\n")
+	for i := range 1100 {
+		fmt.Fprintf(&b, "  - {name: r%d, to: [198.51.100.%d], ports: [%d/udp]}\n", i, i%256, 1000+i)
+	}
+	rs, err := Render(siteConfig, compile(t, b.String()))
+	if err != nil {
+		t.Fatal(err)
+	}
+	seen := map[uint32]bool{}
+	for i, fr := range rs.flows {
+		if fr.tag == 0 || fr.tag > CTMarkTag>>ctTagShift {
+			t.Fatalf("rule %s: tag %d out of range", fr.name, fr.tag)
+		}
+		if i < int(tagCount) && seen[fr.tag] {
+			t.Fatalf("rule %s (#%d): tag %d taken", fr.name, i, fr.tag)
+		}
+		seen[fr.tag] = true
+	}
+	one := func(src string) *flowRule {
+		rs, err := Render(siteConfig, compile(t, "version: 1\nmode: enforce\nrules:\n"+src))
+		if err != nil {
+			t.Fatal(err)
+		}
+		return rs.flows[0]
+	}
+	a := one("  - {name: a, to: [ntp.test], ports: [123/udp], why: one}\n")
+	if b := one("  - {name: a, to: [ntp.test], ports: [123/udp], why: two}\n"); b.fp != a.fp || b.tag != a.tag {
+		t.Error("a rule's reason changed its fingerprint")
+	}
+	if b := one("  - {name: a, to: [ntp.test], ports: [123/udp, 124/udp]}\n"); b.fp == a.fp {
+		t.Error("a port added kept the fingerprint")
+	}
+}
+
+// TestKeeps: what a reload keeps, rule by rule, without the kernel.
+func TestKeeps(t *testing.T) {
+	render := func(rules string) *Ruleset {
+		t.Helper()
+		rs, err := Render(siteConfig, compile(t, "version: 1\nmode: enforce\nrules:\n"+rules))
+		if err != nil {
+			t.Fatal(err)
+		}
+		return rs
+	}
+	const (
+		mac   = `  - {name: mac, from: ["aa:bb:cc:dd:ee:ff"], to: [198.51.100.0/24], ports: [9/udp]}` + "\n"
+		named = `  - {name: named, to: [ntp.test], ports: [123/udp]}` + "\n"
+		any   = `  - {name: any, to: ["*"], ports: [7/udp]}` + "\n"
+	)
+	old := render(mac + named + any)
+	tag := func(rs *Ruleset, name string) uint32 {
+		for _, fr := range rs.flows {
+			if fr.name == name {
+				return fr.tag
+			}
+		}
+		t.Fatalf("no rule %s", name)
+		return 0
+	}
+	noLive := func(string, netip.Addr) bool { return false }
+	client := netip.MustParseAddr("198.18.1.2")
+	k := func(dst string, port uint16) flowKey {
+		return flowKey{client: client, dst: netip.MustParseAddr(dst), port: port, proto: policy.UDP}
+	}
+	for _, c := range []struct {
+		name     string
+		new      *Ruleset
+		old      *Ruleset
+		rule     string // the old rule that let it out; "" for tag 0
+		key      flowKey
+		live     bool
+		wantKeep bool
+	}{
+		{"tag 0", render(named), old, "", k("203.0.113.1", 5), false, true},
+		{"unchanged, learned address expired", render(named + any), old, "named", k("203.0.113.1", 123), false, true},
+		{"removed, learned address expired", render(mac + any), old, "named", k("203.0.113.1", 123), false, false},
+		{"changed names, address still learned", render(`  - {name: named, to: [time.test], ports: [123/udp]}` + "\n"), old, "named", k("203.0.113.1", 123), true, true},
+		{"MAC client, rule widened", render(`  - {name: mac, from: ["aa:bb:cc:dd:ee:ff"], to: [198.51.100.0/24], ports: [9/udp, 10/udp]}` + "\n"), old, "mac", k("198.51.100.9", 9), false, true},
+		{"MAC client, clients changed", render(`  - {name: mac, from: ["aa:bb:cc:dd:ee:01"], to: [198.51.100.0/24], ports: [9/udp]}` + "\n"), old, "mac", k("198.51.100.9", 9), false, false},
+		{"CIDR shrunk", render(`  - {name: mac, from: ["aa:bb:cc:dd:ee:ff"], to: [198.51.100.0/25], ports: [9/udp, 10/udp]}` + "\n"), old, "mac", k("198.51.100.200", 9), false, false},
+		{"any, changed", render(`  - {name: any, to: ["*"], ports: [7/udp, 8/udp]}` + "\n"), old, "any", k("203.0.113.5", 7), false, true},
+		{"any, changed, guarded destination", render(`  - {name: any, to: ["*"], ports: [7/udp, 8/udp]}` + "\n"), old, "any", k("169.254.169.254", 7), false, false},
+		{"restart, same rule", render(named), nil, "named", k("203.0.113.1", 123), false, true},
+		{"restart, rule gone", render(any), nil, "named", k("203.0.113.1", 123), false, false},
+	} {
+		var tg uint32
+		if c.rule != "" {
+			tg = tag(old, c.rule)
+		}
+		live := noLive
+		if c.live {
+			live = func(string, netip.Addr) bool { return true }
+		}
+		if got := c.new.keeps(c.old, tg, c.key, live); got != c.wantKeep {
+			t.Errorf("%s: keeps = %v, want %v", c.name, got, c.wantKeep)
+		}
+	}
+}
