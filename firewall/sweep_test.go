@@ -5,10 +5,12 @@ import (
 	"fmt"
 	"net"
 	"net/netip"
+	"os"
 	"strings"
 	"testing"
 	"time"
 
+	"egressd/internal/netutil"
 	"egressd/policy"
 )
 
@@ -251,5 +253,50 @@ func TestReloadKeepsFlowsOfLearnedAddresses(t *testing.T) {
 	checkFlows(t, "named's names changed", flows, "named4", "named6")
 	if got := flowsMetric(fw, "cut"); got != 4 {
 		t.Errorf("%v flows cut in all, want 4", got)
+	}
+}
+
+// TestMarkKeepsOtherBits: the accept rule writes the enforced bit and its
+// rule's tag into the conntrack mark with a masked set: bits another
+// table set (the operator's) stay, and the tag is the rule's.
+func TestMarkKeepsOtherBits(t *testing.T) {
+	requireNft(t)
+	tp := newTopo(t)
+	tp.serverUDP(t, "198.18.2.2:9000")
+	rules := t.TempDir() + "/operator.nft"
+	if err := os.WriteFile(rules, []byte(`table inet operator_test {
+	chain pre {
+		type filter hook prerouting priority -150; policy accept;
+		iifname "lan0" udp dport 9000 ct mark set ct mark | 0x80000005
+	}
+}
+`), 0o644); err != nil {
+		t.Fatal(err)
+	}
+	tp.gw.MustRun("nft", "-f", rules)
+	fw := tp.firewall(t, Config{})
+	if err := fw.Install(compile(t, testPolicy)); err != nil {
+		t.Fatal(err)
+	}
+	if _, err := udpAsk(tp.client, "198.18.2.2:9000", 3*time.Second); err != nil {
+		t.Fatal(err)
+	}
+	ct, err := netutil.OpenConntrackTable(tp.nsPath)
+	if err != nil {
+		t.Fatal(err)
+	}
+	defer ct.Close()
+	es, err := ct.Marked(CTMarkEnforced, CTMarkEnforced)
+	if err != nil {
+		t.Fatal(err)
+	}
+	var tag uint32
+	for _, fr := range fw.Ruleset().flows {
+		if fr.name == "udp-net" {
+			tag = fr.tag
+		}
+	}
+	if len(es) != 1 || es[0].Mark != 0x80000005|CTMarkEnforced|tag<<ctTagShift {
+		t.Fatalf("marked entries %+v, want one with mark 0x%08x", es, 0x80000005|CTMarkEnforced|tag<<ctTagShift)
 	}
 }
