@@ -58,13 +58,20 @@
 // that kept its name and only widened still counts for its old flows),
 // and deletes the entries of those it denies. Their next packet from the
 // LAN is then a new connection to the new ruleset, and dropped; their
-// replies meet the WAN guard. Connections redirected to the proxy are not
+// replies meet the WAN guard (without Config.WAN there is none, and a
+// server that speaks next opens the connection anew from its side, as
+// "between other interfaces": the same gap as for connections from before
+// enforcement). Connections redirected to the proxy are not
 // marked (they end on the gateway) and are the proxy's business. One log
 // line per install or reload ("firewall replace", flows_kept and
 // flows_cut) and egress_firewall_reload_flows_total{result} count them.
 // What the re-decision cannot know: a client matched by MAC alone, where
 // the rule's client set changed (conntrack holds no MAC), and the names of
-// an address learned before a restart; such flows are cut.
+// an address learned before a restart; such flows are cut. At a start the
+// previous policy is unknown: a tag the new ruleset uses is taken for its
+// rule's, so a flow of a rule removed while egressd was down is kept in
+// the rare case (about one in a thousand per new rule) that a new rule
+// drew the same tag.
 //
 // [Render] turns a policy and a [Config] into a [Ruleset] without touching
 // the kernel (egressd firewall print shows it); [Firewall.Install],
