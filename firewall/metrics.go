@@ -42,8 +42,38 @@ func newMetrics(reg prometheus.Registerer) *metrics {
 			Help: "Looks at the connections already out, after an install or reload, that failed (conntrack netlink).",
 		}),
 	}
+	// Served from the start, at 0.
+	m.flows.WithLabelValues("kept")
+	m.flows.WithLabelValues("cut")
 	if reg != nil {
-		reg.MustRegister(m.applies, m.installed, m.learned, m.setFull, m.flows, m.flowErrors)
+		m.applies = register(reg, m.applies)
+		m.installed = register(reg, m.installed)
+		m.learned = register(reg, m.learned)
+		m.setFull = register(reg, m.setFull)
+		m.flows = register(reg, m.flows)
+		m.flowErrors = register(reg, m.flowErrors)
 	}
 	return m
+}
+
+// RegisterMetrics registers the firewall's metrics on reg before any
+// Firewall exists (egressd run in audit mode may never create one), so
+// that they are served from the start; a Firewall New makes with the same
+// Registerer later counts on them.
+func RegisterMetrics(reg prometheus.Registerer) {
+	newMetrics(reg)
+}
+
+// register registers c on reg, or returns the collector of that name
+// already registered there. Any other error is a programming error.
+func register[C prometheus.Collector](reg prometheus.Registerer, c C) C {
+	if err := reg.Register(c); err != nil {
+		if are, ok := err.(prometheus.AlreadyRegisteredError); ok {
+			if old, ok := are.ExistingCollector.(C); ok {
+				return old
+			}
+		}
+		panic(err)
+	}
+	return c
 }

@@ -283,6 +283,7 @@ func newDaemon(cfg runConfig, stdout, stderr io.Writer) (*daemon, error) {
 	d.store = policy.NewStore(eng)
 	d.reg = prometheus.NewRegistry()
 	d.reg.MustRegister(collectors.NewGoCollector(), collectors.NewProcessCollector(collectors.ProcessCollectorOpts{}))
+	firewall.RegisterMetrics(d.reg) // served in audit mode too, before any table
 	return d, nil
 }
 
