@@ -102,7 +102,7 @@ func TestForwardedLearnedSetPerRule(t *testing.T) {
 // stands for the one egressd's forwarder would have given in enforce mode,
 // and teaches what the forwarder would have taught the firewall, no more:
 // only rules that let the asker resolve the name, and only for the
-// answer's TTL (at least the firewall's minimum, fwMinTTL). Offline, with
+// answer's TTL (as the firewall keeps it, policy.LearnedLifetime). Offline, with
 // no forwarder, the answers are kept as long as for names (minLearnedTTL).
 // Before, any wire answer, to any client, kept 30 minutes, made the
 // address allowed for every client whose rule allows the name: lab was
@@ -171,6 +171,43 @@ func TestForwardedWireAnswers(t *testing.T) {
 			"192.0.2.1:40003":  "allow office a.time.test dns-answer",
 		})
 	})
+}
+
+// TestForwardedWireAnswerLifetime: a wire answer stands for the
+// forwarder's, which the enforce firewall keeps for its TTL, at least
+// policy.LearnedMinTTL and at most policy.LearnedMaxTTL (a day). Before,
+// capture kept it for its TTL however long: a flow 25 h after a two-day
+// answer was reported allowed, which nftables drops.
+func TestForwardedWireAnswerLifetime(t *testing.T) {
+	office1 := netip.MustParseAddr("192.0.2.1")
+	res := netip.MustParseAddr("198.51.100.53")
+	srv := netip.MustParseAddr("203.0.113.10")
+	p := newPcap(t)
+	p.udp(true, office1, res, 5000, 53, dnsQuery(t, "a.time.test"))
+	p.udp(false, res, office1, 53, 5000, dnsResponseTTL(t, "a.time.test", []netip.Addr{srv}, 2*24*3600))
+	p.now = p.now.Add(23 * time.Hour)
+	p.udp(true, office1, srv, 40001, 123, []byte("ntp")) // within the day
+	p.now = p.now.Add(2 * time.Hour)
+	p.udp(true, office1, srv, 40002, 123, []byte("ntp")) // the set let it go
+	path := p.close()
+	rec := &recorder{}
+	capt, err := New(Config{}, Deps{Policy: policy.NewStore(testEngine(t, fwdPolicy)), Sink: rec})
+	if err != nil {
+		t.Fatal(err)
+	}
+	feed(t, capt, path, func(time.Time) {})
+	got := map[uint16]string{}
+	for _, ev := range rec.all() {
+		if ev.DestPort == 123 {
+			got[ev.ClientPort] = fmt.Sprintf("%s %s %s %s", ev.Verdict, ev.Rule, ev.Name, ev.NameSource)
+		}
+	}
+	want := map[uint16]string{40001: "allow office a.time.test dns-answer", 40002: "deny   none"}
+	for k, w := range want {
+		if got[k] != w {
+			t.Errorf("port %d: got %q, want %q", k, got[k], w)
+		}
+	}
 }
 
 // TestForwardedQUICByAddress: QUIC is UDP, which nftables forwards or

@@ -4,6 +4,8 @@ import (
 	"net/netip"
 	"sync"
 	"time"
+
+	"egressd/policy"
 )
 
 // DNSFacts is what capture asks egressd's DNS forwarder. NamesFor: the
@@ -46,7 +48,8 @@ type learnedName struct {
 	client  netip.Addr
 	expires time.Time // after minLearnedTTL
 	// fwExpires is when the firewall would let the address go had
-	// egressd's forwarder given this answer: its TTL, at least fwMinTTL.
+	// egressd's forwarder given this answer: policy.LearnedLifetime of
+	// its TTL.
 	fwExpires time.Time
 }
 
@@ -71,17 +74,14 @@ const maxNameAddrs = 8
 // captures whose flows follow their lookups by minutes.
 const minLearnedTTL = 30 * time.Minute
 
-// fwMinTTL is the shortest time the firewall keeps a learned address
-// (firewall.DefaultMinTTL; egressd run does not change it).
-const fwMinTTL = 60 * time.Second
-
 func newLearned(max int) *learned {
 	return &learned{m: make(map[netip.Addr]*learnedEntry), byName: make(map[string]*nameAnswer), max: max}
 }
 
 // add records that client was told name for addr at now, valid for ttl.
 func (l *learned) add(client, addr netip.Addr, name string, now time.Time, ttl time.Duration) {
-	fwExp := now.Add(max(ttl, fwMinTTL))
+	// The firewall's default minimum: egressd run does not change it.
+	fwExp := now.Add(policy.LearnedLifetime(ttl, 0))
 	if ttl < minLearnedTTL {
 		ttl = minLearnedTTL
 	}

@@ -1461,7 +1461,7 @@ func (p *proc) decide(eng *policy.Engine, f *flow, name string, src audit.NameSo
 // CDN that answers the two resolvers differently). So a wire answer stands
 // for the forwarder's under the same conditions: it counts only for rules
 // that let its asker resolve the name, and live only for its TTL (at least
-// the firewall's minimum, fwMinTTL), not for the longer minLearnedTTL that
+// and at most as the firewall keeps it, policy.LearnedLifetime), not for the longer minLearnedTTL that
 // keeps names for the record; a name no rule lets its asker resolve would
 // have been refused, and teaches nothing. Offline (ReadFile) there is no
 // forwarder and the capture's flows follow their lookups by minutes: the

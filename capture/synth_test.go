@@ -344,6 +344,12 @@ func TestSyntheticSplitMLKEMHello(t *testing.T) {
 // 198.51.100.0/24 and 203.0.113.0/24 (big enough to be fragmented).
 func dnsResponse(t testing.TB, name string, addrs []netip.Addr) []byte {
 	t.Helper()
+	return dnsResponseTTL(t, name, addrs, 30)
+}
+
+// dnsResponseTTL is dnsResponse with answers of the given TTL (seconds).
+func dnsResponseTTL(t testing.TB, name string, addrs []netip.Addr, ttl uint32) []byte {
+	t.Helper()
 	d := &layers.DNS{ID: 7, QR: true, RD: true, RA: true, ResponseCode: layers.DNSResponseCodeNoErr,
 		Questions: []layers.DNSQuestion{{Name: []byte(name), Type: layers.DNSTypeA, Class: layers.DNSClassIN}}}
 	for _, a := range addrs {
@@ -351,7 +357,7 @@ func dnsResponse(t testing.TB, name string, addrs []netip.Addr) []byte {
 		if a.Is6() {
 			typ = layers.DNSTypeAAAA
 		}
-		d.Answers = append(d.Answers, layers.DNSResourceRecord{Name: []byte(name), Type: typ, Class: layers.DNSClassIN, TTL: 30, IP: a.AsSlice()})
+		d.Answers = append(d.Answers, layers.DNSResourceRecord{Name: []byte(name), Type: typ, Class: layers.DNSClassIN, TTL: ttl, IP: a.AsSlice()})
 	}
 	buf := gopacket.NewSerializeBuffer()
 	if err := gopacket.SerializeLayers(buf, gopacket.SerializeOptions{FixLengths: true}, d); err != nil {

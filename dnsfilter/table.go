@@ -6,6 +6,8 @@ import (
 	"sync"
 	"sync/atomic"
 	"time"
+
+	"egressd/policy"
 )
 
 // Learned is one fact of the learned-address table: our DNS told Client that
@@ -58,7 +60,15 @@ type tableItem struct {
 	name    string
 	rule    string
 	expires int64 // unix nanoseconds
+	// held is when the enforce firewall would let the address go
+	// (policy.LearnedLifetime from each learn, never shortened); the item
+	// is kept until both times are past.
+	held int64
 }
+
+// keep is when the item may go: its answer expired and the firewall would
+// have let the address go.
+func (it *tableItem) keep() int64 { return max(it.expires, it.held) }
 
 type subscriber struct {
 	ch     chan Learned
@@ -131,6 +141,31 @@ func (t *Table) Lookup(addr netip.Addr) []Learned {
 	return out
 }
 
+// Held returns the entries for addr (any client) that the enforce
+// firewall would still hold in its learned sets, each with Expires set to
+// when it would let the address go: the answer's TTL from the time it was
+// learned, at least policy.LearnedMinTTL and at most policy.LearnedMaxTTL,
+// never shortened by a later answer. Capture judges forwarded flows by
+// them in audit mode, as nftables would in enforce mode. (The firewall
+// keeps one element per rule and address, learned when the forwarder
+// fetches an answer; an item here is per client and name, so a client
+// served the same cached answer later is held a little longer here than
+// the element is.)
+func (t *Table) Held(addr netip.Addr) []Learned {
+	addr = addr.Unmap()
+	now := t.now().UnixNano()
+	sh := t.shard(addr)
+	sh.mu.RLock()
+	defer sh.mu.RUnlock()
+	var out []Learned
+	for _, it := range sh.m[addr] {
+		if it.held > now {
+			out = append(out, Learned{Client: it.client, Name: it.name, Addr: addr, Rule: it.rule, Expires: time.Unix(0, it.held)})
+		}
+	}
+	return out
+}
+
 // Len returns the number of entries, expired ones not yet removed included.
 func (t *Table) Len() int { return int(t.size.Load()) }
 
@@ -161,6 +196,7 @@ func (t *Table) Learn(l Learned) {
 	}
 	sh.mu.RUnlock()
 
+	held := now + int64(policy.LearnedLifetime(time.Duration(exp-now), 0))
 	sh.mu.Lock()
 	items := sh.m[l.Addr]
 	found := false
@@ -171,6 +207,7 @@ func (t *Table) Learn(l Learned) {
 				return
 			}
 			items[i].expires, items[i].rule = exp, l.Rule
+			items[i].held = max(items[i].held, held)
 			found = true
 			break
 		}
@@ -180,20 +217,20 @@ func (t *Table) Learn(l Learned) {
 			// Replace the soonest-expiring pair of this address.
 			j := 0
 			for i := range items {
-				if items[i].expires < items[j].expires {
+				if items[i].keep() < items[j].keep() {
 					j = i
 				}
 			}
-			if items[j].expires > now {
+			if items[j].keep() > now {
 				t.evicted.Add(1)
 			}
-			items[j] = tableItem{client: l.Client, name: l.Name, rule: l.Rule, expires: exp}
+			items[j] = tableItem{client: l.Client, name: l.Name, rule: l.Rule, expires: exp, held: held}
 		} else {
 			if sh.n >= t.perCap {
 				t.makeRoomLocked(sh, now)
 				items = sh.m[l.Addr] // the victim may have been of this address
 			}
-			items = append(items, tableItem{client: l.Client, name: l.Name, rule: l.Rule, expires: exp})
+			items = append(items, tableItem{client: l.Client, name: l.Name, rule: l.Rule, expires: exp, held: held})
 			sh.m[l.Addr] = items
 			sh.n++
 			t.size.Add(1)
@@ -218,8 +255,8 @@ func (t *Table) makeRoomLocked(sh *tableShard, now int64) {
 	vi, vexp, seen := -1, int64(0), 0
 	for a, items := range sh.m {
 		for i, it := range items {
-			if vi < 0 || it.expires < vexp {
-				victim, vi, vexp = a, i, it.expires
+			if vi < 0 || it.keep() < vexp {
+				victim, vi, vexp = a, i, it.keep()
 			}
 		}
 		if seen++; seen >= 8 {
@@ -246,7 +283,7 @@ func (t *Table) sweepLocked(sh *tableShard, now int64) int {
 	for a, items := range sh.m {
 		kept := items[:0]
 		for _, it := range items {
-			if it.expires > now {
+			if it.keep() > now {
 				kept = append(kept, it)
 			}
 		}

@@ -220,3 +220,61 @@ func TestTTLOffsets(t *testing.T) {
 		t.Errorf("truncated message parsed")
 	}
 }
+
+// TestTableHeld: the enforce firewall keeps an address the forwarder gave
+// out for the answer's TTL, at least policy.LearnedMinTTL and at most
+// policy.LearnedMaxTTL, and never shortens it; Held reports what it would
+// hold, so that capture judges forwarded flows in audit mode as the
+// firewall does. Before, capture asked Lookup, which forgets an answer at
+// its TTL: a flow 30 s after a 10 s answer was "would be blocked" in audit
+// and allowed in enforce; and one 25 h after a two-day answer the other way.
+func TestTableHeld(t *testing.T) {
+	now := time.Unix(1_800_000_000, 0)
+	tb := NewTable(1000)
+	tb.now = func() time.Time { return now }
+	c := netip.MustParseAddr("192.0.2.10")
+	short, long := netip.MustParseAddr("203.0.113.7"), netip.MustParseAddr("203.0.113.8")
+	start := now
+	tb.Learn(Learned{Client: c, Name: "short.example.com", Addr: short, Rule: "r", Expires: now.Add(10 * time.Second)})
+	tb.Learn(Learned{Client: c, Name: "long.example.com", Addr: long, Rule: "r", Expires: now.Add(48 * time.Hour)})
+	held := func(a netip.Addr) []string {
+		var out []string
+		for _, l := range tb.Held(a) {
+			out = append(out, fmt.Sprintf("%v %s %s", l.Client, l.Name, l.Expires.Sub(start)))
+		}
+		return out
+	}
+
+	now = start.Add(30 * time.Second)
+	if got := tb.Lookup(short); got != nil {
+		t.Errorf("Lookup at 30s: %v, want nothing (the TTL is over)", got)
+	}
+	if got, want := held(short), []string{"192.0.2.10 short.example.com 1m0s"}; !slices.Equal(got, want) {
+		t.Errorf("Held at 30s: %v, want %v", got, want)
+	}
+	// A later answer with a later expiry moves it; one with an earlier
+	// one does not shorten it.
+	tb.Learn(Learned{Client: c, Name: "short.example.com", Addr: short, Rule: "r", Expires: now.Add(10 * time.Second)})
+	if got, want := held(short), []string{"192.0.2.10 short.example.com 1m30s"}; !slices.Equal(got, want) {
+		t.Errorf("Held after a second answer: %v, want %v", got, want)
+	}
+	now = start.Add(91 * time.Second)
+	if got := held(short); got != nil {
+		t.Errorf("Held at 91s: %v, want nothing", got)
+	}
+	if tb.Sweep(); tb.Len() != 1 {
+		t.Errorf("after sweep at 91s: %d entries, want 1", tb.Len())
+	}
+
+	now = start.Add(23 * time.Hour)
+	if got, want := held(long), []string{"192.0.2.10 long.example.com 24h0m0s"}; !slices.Equal(got, want) {
+		t.Errorf("Held at 23h: %v, want %v", got, want)
+	}
+	now = start.Add(25 * time.Hour)
+	if got := tb.Lookup(long); len(got) != 1 {
+		t.Errorf("Lookup at 25h: %v, want the answer (its TTL is two days)", got)
+	}
+	if got := held(long); got != nil {
+		t.Errorf("Held at 25h: %v, want nothing (the firewall keeps an address a day at most)", got)
+	}
+}

@@ -19,11 +19,13 @@ const TableName = "egressd"
 // Defaults of Config fields whose zero value means "the default".
 const (
 	DefaultDNSPort    = 53
-	DefaultMinTTL     = 60 * time.Second
+	DefaultMinTTL     = policy.LearnedMinTTL
 	DefaultMaxLearned = 65536
 	// MaxTTL caps a learned address's lifetime (old kernels refuse set
-	// timeouts beyond about 23 days; a day is plenty for DNS).
-	MaxTTL = 24 * time.Hour
+	// timeouts beyond about 23 days; a day is plenty for DNS). Both
+	// bounds are policy's, which capture and dnsfilter judge audit-mode
+	// flows by (policy.LearnedLifetime).
+	MaxTTL = policy.LearnedMaxTTL
 )
 
 // Config says where the ruleset applies and where it sends traffic. The
@@ -122,10 +124,7 @@ func (c Config) proxyPort6() uint16 {
 }
 
 func (c Config) minTTL() time.Duration {
-	if c.MinTTL <= 0 {
-		return DefaultMinTTL
-	}
-	return min(c.MinTTL, MaxTTL)
+	return policy.LearnedLifetime(0, c.MinTTL)
 }
 
 func (c Config) maxLearned() int {

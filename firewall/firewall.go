@@ -454,7 +454,7 @@ func (f *Firewall) LearnAll(ctx context.Context, as []Address) error {
 		if addr.Is6() {
 			set = sets[1]
 		}
-		ttl := min(max(a.TTL, f.cfg.minTTL()), MaxTTL)
+		ttl := policy.LearnedLifetime(a.TTL, f.cfg.minTTL())
 		exp := now.Add(ttl)
 		m := f.learned[set]
 		if m == nil {

@@ -1010,9 +1010,11 @@ func listenPort(addr string) uint16 {
 // captureFacts is dnsfilter's learned-address table as capture asks it.
 type captureFacts struct{ *dnsfilter.Table }
 
-// Given reports every client the forwarder gave addr out to, with the name.
+// Given reports every client the forwarder gave addr out to, with the
+// name, for as long as the enforce firewall would keep the address in its
+// learned sets (dnsfilter.Table.Held), not only the answer's TTL.
 func (c captureFacts) Given(addr netip.Addr) []capture.DNSGrant {
-	ls := c.Lookup(addr)
+	ls := c.Held(addr)
 	if len(ls) == 0 {
 		return nil
 	}
