@@ -90,6 +90,12 @@ type Event struct {
 	// decides it again so. False also where the component could not tell
 	// (TLS, whose path is unknown rather than absent).
 	NoPath bool `json:"no_path,omitempty"`
+	// Front is set on a request of an inspected TLS connection whose Host
+	// named another host than the connection was opened for (its SNI, or
+	// the CONNECT authority): domain fronting (THREATS.md A1). It holds
+	// that other name; the request was decided on its own Host (Name) and
+	// the connection's address, as a connection to Name would be.
+	Front string `json:"front,omitempty"`
 
 	Verdict policy.Verdict `json:"verdict"`
 	Rule    string         `json:"rule,omitempty"`
@@ -109,6 +115,13 @@ type Event struct {
 	CacheHit bool    `json:"cache_hit,omitempty"`
 	Upstream string  `json:"upstream,omitempty"`
 	Latency  float64 `json:"latency_seconds,omitempty"`
+	// Filtered says what egressd's DNS answer filter removed from the
+	// answer ("rebinding", "ech", or both joined by "+"), in every mode:
+	// on a dns event (dnsfilter), what it removed; on a capture flow of
+	// DNS to another resolver (audit mode: no redirect), what it would
+	// have removed had the query gone to egressd's forwarder, as every
+	// LAN query does in enforce mode (capture sees only "ech").
+	Filtered string `json:"filtered,omitempty"`
 
 	// Count is the number of events a KindShed record stands for.
 	Count uint64 `json:"count,omitempty"`

@@ -55,6 +55,7 @@ func (ev *Event) appendJSON(b []byte) ([]byte, error) {
 	if ev.NoPath {
 		b = append(b, `,"no_path":true`...)
 	}
+	b = appendStringField(b, `,"front":`, ev.Front)
 	b = append(b, `,"verdict":`...)
 	b = jsonenc.AppendStringHTML(b, string(ev.Verdict))
 	b = appendStringField(b, `,"rule":`, ev.Rule)
@@ -86,6 +87,7 @@ func (ev *Event) appendJSON(b []byte) ([]byte, error) {
 	if b, err = appendFloatField(b, `,"latency_seconds":`, ev.Latency); err != nil {
 		return b, err
 	}
+	b = appendStringField(b, `,"filtered":`, ev.Filtered)
 	if ev.Count != 0 {
 		b = append(b, `,"count":`...)
 		b = strconv.AppendUint(b, ev.Count, 10)

@@ -120,6 +120,12 @@ code{font-family:ui-monospace,Menlo,Consolas,monospace}
 <ul id="expired">{{range .ExpiredRules}}<li>{{.Name}}: expires: {{date .Expires}}, {{.Flows}} flows denied that only it would allow</li>{{end}}</ul>
 {{end}}
 
+{{with .ECH}}
+<h2>ECH configs in DNS answers</h2>
+<p id="ech">{{.Stripped}} answers of egressd's DNS forwarder had theirs stripped (in every mode){{range $i, $n := .Names}}{{if $i}},{{else}}:{{end}} {{$n.Dest}} ({{$n.Count}}){{end}}.
+{{if .WouldStrip}}{{.WouldStrip}} DNS exchanges with other resolvers kept theirs: in enforce mode every LAN query goes to the forwarder, which strips them.{{end}}
+Clients: {{count .ClientCount .ClientsTruncated}}.</p>
+{{end}}
 <h2>{{if .Audit}}Would be dropped (audit mode: not blocked){{else}}Dropped{{end}} ({{len .Dropped}})</h2>
 {{if .Dropped}}
 <table id="dropped">

@@ -5,6 +5,7 @@ import (
 	"hash/maphash"
 	"net/netip"
 	"slices"
+	"strings"
 	"sync"
 	"time"
 
@@ -113,6 +114,7 @@ type Ledger struct {
 	shedMarks []shedMark
 	// history, when set, streams the recorded events since a time: the
 	// journal sets it so that reports over a window re-read the log.
+	ech     echStats
 	history func(since time.Time, fn func(Event)) error
 	// metrics, when set, counts live events per rule and verdict.
 	metrics *ledgerMetrics
@@ -343,6 +345,9 @@ func (l *Ledger) addLocked(ev *Event) bool {
 		rec = new(flowRec)
 	}
 	rec.id, rec.h, rec.start, rec.end = id, h, t, t.Add(time.Duration(ev.Duration*float64(time.Second)))
+	if ev.Filtered != "" {
+		l.ech.add(ev, &l.opt)
+	}
 	if ev.Kind == KindFlow {
 		l.totals.Flows++
 	} else {
@@ -665,6 +670,35 @@ func lowerASCII(s string) string {
 		}
 	}
 	return s
+}
+
+// echStats counts DNS answers that held ECH configs (THREATS.md B1):
+// stripped by egressd's forwarder (dns events), or kept by another
+// resolver (capture's DNS flows, Event.Filtered). A flow is counted when
+// it is first recorded: an answer seen after a flow's first event is not.
+type echStats struct {
+	stripped, wouldStrip uint64
+	clients              clientSet
+	names                destCounter
+}
+
+func (e *echStats) add(ev *Event, opt *LedgerOptions) {
+	if !strings.Contains(ev.Filtered, "ech") {
+		return
+	}
+	if ev.Kind == KindDNS {
+		e.stripped++
+		if ev.Name != "" {
+			n := ev.Name
+			if len(n) > maxNameLen {
+				n = n[:maxNameLen]
+			}
+			e.names.add(lowerASCII(trimDot(n)), opt.MaxDestinations)
+		}
+	} else {
+		e.wouldStrip++
+	}
+	e.clients.add(ev.Client.Unmap(), opt.MaxClients)
 }
 
 // clientSet is a bounded set of client addresses.

@@ -545,3 +545,68 @@ func TestReplayPathUnseen(t *testing.T) {
 		t.Errorf("allowed flow with an unknown path under a host/path candidate: %+v", res)
 	}
 }
+
+// TestReportECH (THREATS.md B1): the report counts DNS answers whose ech
+// SvcParam egressd's forwarder stripped (dns events, in every mode) and
+// DNS exchanges with other resolvers whose answers kept one (capture
+// flows, audit mode: enforce mode sends every LAN query to the forwarder,
+// which would strip it), with their clients and the names the forwarder
+// stripped, each flow once however often it was reported; the text and
+// HTML reports say so. Before, only the forwarder's log lines did.
+func TestReportECH(t *testing.T) {
+	t0 := time.Date(2026, 12, 5, 8, 0, 0, 0, time.UTC)
+	c1, c2, c3 := netip.MustParseAddr("192.0.2.1"), netip.MustParseAddr("192.0.2.2"), netip.MustParseAddr("192.0.2.3")
+	res := netip.MustParseAddr("198.51.100.53")
+	dnsEv := func(c netip.Addr, port uint16, name, filtered string) Event {
+		return Event{Kind: KindDNS, Source: SourceDNS, Time: t0, Client: c, ClientPort: port, Proto: "udp", Name: name, QType: "HTTPS",
+			Verdict: policy.Allow, Rule: "r", Mode: policy.ModeAudit, Filtered: filtered}
+	}
+	flowEv := func(c netip.Addr, port uint16, filtered string) Event {
+		return Event{Kind: KindFlow, Source: SourceCapture, Time: t0, Client: c, ClientPort: port, Dest: res, DestPort: 53, Proto: "udp",
+			Verdict: policy.Allow, Rule: "dns", Mode: policy.ModeAudit, Filtered: filtered}
+	}
+	l := NewLedger(nil, LedgerOptions{Now: func() time.Time { return t0 }})
+	for _, ev := range []Event{
+		dnsEv(c1, 1000, "a.test", "ech"),
+		dnsEv(c1, 1001, "a.test", "rebinding+ech"),
+		dnsEv(c2, 1002, "b.test", "ech"),
+		dnsEv(c2, 1003, "c.test", "rebinding"),
+		dnsEv(c2, 1004, "d.test", ""),
+		flowEv(c3, 2000, "ech"),
+		flowEv(c3, 2000, "ech"), // the same flow again
+		flowEv(c3, 2001, ""),
+	} {
+		l.Emit(ev)
+	}
+	r := l.Report(ReportOptions{})
+	want := &ECHReport{Stripped: 3, WouldStrip: 1, Clients: []string{"192.0.2.1", "192.0.2.2", "192.0.2.3"}, ClientCount: 3,
+		Names: []DestCount{{"a.test", 2}, {"b.test", 1}}}
+	if d := cmp.Diff(want, r.ECH); d != "" {
+		t.Errorf("ech (-want +got):\n%s", d)
+	}
+	var buf bytes.Buffer
+	if err := r.WriteText(&buf); err != nil {
+		t.Fatal(err)
+	}
+	for _, s := range []string{"ECH CONFIGS IN DNS ANSWERS", "3 answers of egressd's DNS forwarder", "1 DNS exchange with other resolvers", "a.test (2)"} {
+		if !strings.Contains(buf.String(), s) {
+			t.Errorf("text report lacks %q:\n%s", s, buf.String())
+		}
+	}
+	buf.Reset()
+	if err := r.WriteHTML(&buf); err != nil {
+		t.Fatal(err)
+	}
+	if !strings.Contains(buf.String(), "ECH") {
+		t.Errorf("HTML report says nothing of ECH")
+	}
+	// Without any, the report has no such part.
+	l = NewLedger(nil, LedgerOptions{})
+	l.Emit(dnsEv(c1, 1000, "a.test", "rebinding"))
+	r = l.Report(ReportOptions{})
+	buf.Reset()
+	r.WriteText(&buf)
+	if r.ECH != nil || strings.Contains(buf.String(), "ECH") {
+		t.Errorf("no ech answers: report has %+v", r.ECH)
+	}
+}

@@ -15,6 +15,7 @@ const (
 	LogName       = "name"
 	LogNameSource = "name_source"
 	LogPath       = "path"
+	LogFront      = "front" // as Event.Front
 	LogVerdict    = "verdict"
 	LogRule       = "rule_id"
 	LogMode       = "mode"
@@ -29,6 +30,7 @@ const (
 	LogCacheHit   = "cache_hit"
 	LogUpstream   = "upstream"
 	LogLatency    = "latency_seconds"
+	LogFiltered   = "filtered" // as Event.Filtered
 	LogError      = "error"
 
 	// CanonicalMessage is the message of the one line per decision.
@@ -36,7 +38,7 @@ const (
 )
 
 // FlowAttrsMax is the most attributes AppendFlowAttrs appends.
-const FlowAttrsMax = 18
+const FlowAttrsMax = 19
 
 // AppendFlowAttrs appends the attributes of the canonical line of a flow
 // event to attrs, with the keys above, so that the proxy's and capture's
@@ -57,6 +59,9 @@ func (e *Event) AppendFlowAttrs(attrs []slog.Attr) []slog.Attr {
 	)
 	if e.Path != "" {
 		attrs = append(attrs, slog.String(LogPath, e.Path))
+	}
+	if e.Front != "" {
+		attrs = append(attrs, slog.String(LogFront, e.Front))
 	}
 	return append(attrs,
 		slog.String(LogVerdict, string(e.Verdict)),

@@ -12,7 +12,7 @@ import (
 func TestAppendFlowAttrs(t *testing.T) {
 	ev := Event{Kind: KindFlow, Client: netip.MustParseAddr("192.0.2.10"), ClientMAC: "aa:bb:cc:dd:ee:ff",
 		Dest: netip.MustParseAddr("198.51.100.7"), DestPort: 443, Proto: "tcp", Name: "www.allowed.test",
-		NameSource: NameSNI, Path: "/x", Verdict: "allow", Rule: "r", Mode: "audit", BytesOut: 1, BytesIn: 2,
+		NameSource: NameSNI, Path: "/x", Front: "front.test", Verdict: "allow", Rule: "r", Mode: "audit", BytesOut: 1, BytesIn: 2,
 		Duration: 0.5, Close: "eof"}
 	first := slog.String("first", "kept")
 	got := ev.AppendFlowAttrs([]slog.Attr{first})
@@ -31,8 +31,8 @@ func TestAppendFlowAttrs(t *testing.T) {
 		}
 		seen[a.Key] = true
 	}
-	ev.ClientMAC, ev.Path = "", ""
-	if n := len(ev.AppendFlowAttrs(nil)); n != FlowAttrsMax-2 {
-		t.Fatalf("without MAC and path: %d attributes, want %d", n, FlowAttrsMax-2)
+	ev.ClientMAC, ev.Path, ev.Front = "", "", ""
+	if n := len(ev.AppendFlowAttrs(nil)); n != FlowAttrsMax-3 {
+		t.Fatalf("without MAC, path and front: %d attributes, want %d", n, FlowAttrsMax-3)
 	}
 }

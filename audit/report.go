@@ -43,9 +43,30 @@ type Report struct {
 	ShedEvents uint64 `json:"shed_events"`
 	// UnwrittenEvents were counted here but lost to event log write
 	// errors (a full disk): they will be missing after a restart.
-	UnwrittenEvents uint64   `json:"unwritten_events,omitempty"`
-	Totals          Totals   `json:"totals"`
-	Notes           []string `json:"notes,omitempty"`
+	UnwrittenEvents uint64 `json:"unwritten_events,omitempty"`
+	Totals          Totals `json:"totals"`
+	// ECH is there when DNS answers held ECH configs (THREATS.md B1).
+	ECH   *ECHReport `json:"ech,omitempty"`
+	Notes []string   `json:"notes,omitempty"`
+}
+
+// ECHReport counts DNS answers that held ECH configs (the ech SvcParam
+// of HTTPS/SVCB records), which hide the name a client connects to from
+// the proxy and capture (THREATS.md B1).
+type ECHReport struct {
+	// Stripped are queries egressd's DNS forwarder answered without the
+	// ech parameter upstream's answer held: it strips it in every mode.
+	Stripped uint64 `json:"stripped"`
+	// WouldStrip are DNS exchanges with other resolvers (capture, audit
+	// mode) whose answer kept one: in enforce mode every LAN query goes
+	// to the forwarder, which would strip it.
+	WouldStrip uint64 `json:"would_strip"`
+	// Clients are those of both; Names the names the forwarder stripped
+	// it from, most asked first.
+	Clients          []string    `json:"clients"`
+	ClientCount      int         `json:"client_count"`
+	ClientsTruncated bool        `json:"clients_truncated,omitempty"`
+	Names            []DestCount `json:"names"`
 }
 
 // RuleReport is one used rule.
@@ -163,6 +184,11 @@ func (l *Ledger) snapshot(opt ReportOptions) *Report {
 	if !opt.Since.IsZero() {
 		s := opt.Since.UTC()
 		r.Since = &s
+	}
+	if e := &l.ech; e.stripped+e.wouldStrip > 0 {
+		cl := e.clients.list()
+		r.ECH = &ECHReport{Stripped: e.stripped, WouldStrip: e.wouldStrip, Clients: cl, ClientCount: len(cl),
+			ClientsTruncated: e.clients.truncated, Names: e.names.top(l.opt.TopDestinations)}
 	}
 	for _, m := range l.shedMarks {
 		if opt.Since.IsZero() || !m.t.Before(opt.Since) {
@@ -341,6 +367,29 @@ func (r *Report) WriteText(w io.Writer) error {
 		for _, e := range r.ExpiredRules {
 			fmt.Fprintf(ew, "  %s  expires: %s, %d flows denied that only it would allow\n", e.Name, expiresDate(e.Expires), e.Flows)
 		}
+	}
+
+	if e := r.ECH; e != nil {
+		fmt.Fprintf(ew, "\nECH CONFIGS IN DNS ANSWERS (they hide the name a client connects to)\n")
+		if e.Stripped > 0 {
+			fmt.Fprintf(ew, "  %d answers of egressd's DNS forwarder had theirs stripped (in every mode)", e.Stripped)
+			if len(e.Names) > 0 {
+				names := make([]string, len(e.Names))
+				for i, n := range e.Names {
+					names[i] = fmt.Sprintf("%s (%d)", textName(n.Dest), n.Count)
+				}
+				fmt.Fprintf(ew, ": %s", shortList(names, 5))
+			}
+			fmt.Fprintln(ew)
+		}
+		if e.WouldStrip > 0 {
+			exch := "exchanges"
+			if e.WouldStrip == 1 {
+				exch = "exchange"
+			}
+			fmt.Fprintf(ew, "  %d DNS %s with other resolvers kept theirs: in enforce mode every LAN query goes to the forwarder, which strips them\n", e.WouldStrip, exch)
+		}
+		fmt.Fprintf(ew, "  clients: %s\n", shortList(e.Clients, 5))
 	}
 
 	title := "DROPPED"
