@@ -784,10 +784,15 @@ func dropConnectionFields(h http.Header) {
 	}
 }
 
-// inspectedRequest decides one request inside an inspected connection: the
-// host must be the one the connection was decided for (THREATS.md A4), and
-// the path must be allowed; on cleartext (st.plain) each request is
-// decided on its own Host and path instead, as decideHTTP decides it. The request is recorded as a request event
+// inspectedRequest decides one request inside an inspected connection on
+// its host and path. A request for the host the connection was decided
+// for is decided on its path; one whose Host names another host (domain
+// fronting, THREATS.md A1) is decided on that host at the connection's
+// address, as decideHTTP decides it, and its event carries the
+// connection's host as Front; one whose Host is no usable name, or
+// disagrees with its absolute-form target, is refused (host-mismatch). On
+// cleartext (st.plain) each request is decided on its own Host and path,
+// as decideHTTP decides it. The request is recorded as a request event
 // (the connection is the flow), as a later request on plain HTTP is.
 func (p *Proxy) inspectedRequest(eng *policy.Engine, st *connectState, req *http.Request) (*http.Request, *http.Response) {
 	ev := requestEvent(&st.rec.ev, time.Now())
@@ -819,6 +824,16 @@ func (p *Proxy) inspectedRequest(eng *policy.Engine, st *connectState, req *http
 		in := policy.Input{Client: st.client.Addr(), Dest: st.addr.Addr(), Port: st.addr.Port(), Proto: policy.TCP, Now: time.Now()}
 		v := p.decideHTTP(req.Context(), eng, in, &httpwire.Head{Host: req.URL.Hostname(), Path: req.URL.EscapedPath()})
 		d, ev.Name, ev.NameSource = v.d, v.name, v.src
+	} else if _, lit := literalAddr(req.URL.Hostname()); host != st.host && host != "" && !lit {
+		// Domain fronting (THREATS.md A1): the Host names another host
+		// than the connection was opened for. Decided on that host, at
+		// the connection's address, as a connection to it would be (the
+		// address must be one of its own: A2); the request goes out with
+		// that name (the upstream TLS verifies it), never under the
+		// connection's verdict, and the event says it was fronted.
+		in := policy.Input{Client: st.client.Addr(), Dest: st.addr.Addr(), Port: st.addr.Port(), Proto: policy.TCP, Now: time.Now()}
+		v := p.decideHTTP(req.Context(), eng, in, &httpwire.Head{Host: req.URL.Hostname(), Path: req.URL.EscapedPath()})
+		d, ev.Name, ev.NameSource, ev.Front = v.d, v.name, v.src, st.host
 	} else if host != st.host {
 		d = denyDecision(eng, ReasonHostMismatch)
 	} else {

@@ -3,6 +3,7 @@ package proxy
 import (
 	"bufio"
 	"crypto/tls"
+	"crypto/x509"
 	"fmt"
 	"io"
 	"net"
@@ -18,10 +19,12 @@ import (
 
 // TestExplicitInspectedInnerHost (THREATS.md A4): an inspected CONNECT
 // to docs.paths.test whose inner ClientHello and request name another
-// host (Host header or absolute-form target) is refused per request
-// (host-mismatch), never decided on the inner name; a request naming the
-// CONNECT host on an allowed path is served (control), in absolute form
-// too. An absolute-form target naming the CONNECT host with a Host line
+// host (Host header or absolute-form target) is decided per request on
+// that host at the CONNECT's address, as a connection to it would be
+// (TestTransparentInspectedFronting): evil.example, which a rule allows,
+// is refused as sni-mismatch, the address not being one of its own, and
+// never under the CONNECT host's verdict; a request naming the CONNECT
+// host on an allowed path is served (control), in absolute form too. An absolute-form target naming the CONNECT host with a Host line
 // naming another (THREATS.md A1) is refused as host-mismatch, as the
 // transparent proxy without inspection and capture refuse it: before,
 // net/http dropped the Host line and the request was forwarded.
@@ -43,9 +46,9 @@ rules:
 		code                    int
 	}{
 		{"control", "docs.paths.test", "GET /public/ok HTTP/1.1\r\nHost: " + auth + "\r\n\r\n", "", 200},
-		{"inner-host", "docs.paths.test", "GET /public/x HTTP/1.1\r\nHost: " + evil + "\r\n\r\n", ReasonHostMismatch, 403},
-		{"inner-sni-and-host", "evil.example", "GET /public/x HTTP/1.1\r\nHost: " + evil + "\r\n\r\n", ReasonHostMismatch, 403},
-		{"inner-absolute", "docs.paths.test", "GET https://" + evil + "/public/x HTTP/1.1\r\nHost: " + evil + "\r\n\r\n", ReasonHostMismatch, 403},
+		{"inner-host", "docs.paths.test", "GET /public/x HTTP/1.1\r\nHost: " + evil + "\r\n\r\n", ReasonSNIMismatch, 403},
+		{"inner-sni-and-host", "evil.example", "GET /public/x HTTP/1.1\r\nHost: " + evil + "\r\n\r\n", ReasonSNIMismatch, 403},
+		{"inner-absolute", "docs.paths.test", "GET https://" + evil + "/public/x HTTP/1.1\r\nHost: " + evil + "\r\n\r\n", ReasonSNIMismatch, 403},
 		{"absolute-control", "docs.paths.test", "GET https://" + auth + "/public/ok HTTP/1.1\r\nHost: " + auth + "\r\n\r\n", "", 200},
 		{"absolute-ours-host-evil", "docs.paths.test", "GET https://" + auth + "/public/x HTTP/1.1\r\nHost: " + evil + "\r\n\r\n", ReasonHostMismatch, 403},
 		{"absolute-ours-host-port", "docs.paths.test", "GET https://" + auth + "/public/x HTTP/1.1\r\nHost: docs.paths.test:1\r\n\r\n", ReasonHostMismatch, 403},
@@ -295,6 +298,79 @@ rules:
 				resp.Body.Close()
 				if resp.StatusCode != r.code || resp.Header.Get("X-Egressd-Reason") != r.reason {
 					t.Errorf("%q: %d %q %q, want %d %q", r.head, resp.StatusCode, resp.Header.Get("X-Egressd-Reason"), body, r.code, r.reason)
+				}
+			}
+		})
+	}
+}
+
+// TestTransparentInspectedFronting (THREATS.md A1, domain fronting): with
+// --inspect, a request inside a TLS connection whose SNI is docs.paths.test
+// (inspected: it has host/path rules) and whose Host names another host is
+// decided on that host, at the connection's address, as a connection to it
+// would be: allowed where a rule allows the host and the address is one of
+// its own (www.allowed.test resolves to the same server), refused with the
+// host's own reason otherwise (no rule: evil.example; an allowed name the
+// address was not given out for: sni-mismatch). Each request event names
+// the Host and carries the SNI as Front. In audit mode the refused request
+// is forwarded and recorded as a would-deny with the same marker. Before,
+// every such request was host-mismatch, recorded under the SNI's name: the
+// report said nothing of the name the request was for.
+func TestTransparentInspectedFronting(t *testing.T) {
+	for _, mode := range []string{"enforce", "audit"} {
+		t.Run(mode, func(t *testing.T) {
+			tp := newTopo(t, topoOpts{mode: mode})
+			_, caPEM, err := LoadOrCreateCA(tp.state)
+			if err != nil {
+				t.Fatal(err)
+			}
+			pool := x509.NewCertPool()
+			pool.AppendCertsFromPEM(caPEM)
+			for _, w := range []struct {
+				host, verdict, rule, reason string
+			}{
+				{"docs.paths.test", "allow", "docs", ""}, // control
+				{"www.allowed.test", "allow", "allowed", ""},
+				{"api.allowed.test", "deny", "", ReasonSNIMismatch},
+				{"evil.example", "deny", "", policy.ReasonNoRule},
+			} {
+				// One connection each: a refusal closes it.
+				c := tp.dialFromClient(t, netip.Addr{}, netip.AddrPortFrom(srvV4, 443))
+				c.SetDeadline(time.Now().Add(20 * time.Second))
+				tc := tls.Client(c, &tls.Config{ServerName: "docs.paths.test", RootCAs: pool})
+				fmt.Fprintf(tc, "GET /public/x HTTP/1.1\r\nHost: %s\r\n\r\n", w.host)
+				resp, err := http.ReadResponse(bufio.NewReader(tc), nil)
+				if err != nil {
+					t.Fatalf("Host %s: %v", w.host, err)
+				}
+				body, _ := io.ReadAll(resp.Body)
+				resp.Body.Close()
+				if resp.StatusCode == 200 && !strings.HasPrefix(string(body), "sni="+w.host+" host="+w.host+" ") {
+					// egressd's own TLS to the origin names the host
+					// the request was decided on.
+					t.Errorf("Host %s: the origin saw %q", w.host, body)
+				}
+				code, reason := 200, ""
+				if w.verdict == "deny" && mode == "enforce" {
+					// In audit mode it is forwarded: the origin serves
+					// every name (its certificate covers them).
+					code, reason = 403, w.reason
+				}
+				if resp.StatusCode != code || resp.Header.Get("X-Egressd-Reason") != reason {
+					t.Errorf("Host %s: %d %q, want %d %q", w.host, resp.StatusCode, resp.Header.Get("X-Egressd-Reason"), code, reason)
+				}
+				port := localPort(c)
+				ev := tp.ev.wait(t, "the request for "+w.host, func(ev audit.Event) bool {
+					return int(ev.ClientPort) == port && ev.Kind == audit.KindRequest
+				})
+				front := "docs.paths.test"
+				if w.host == front {
+					front = ""
+				}
+				if ev.Name != w.host || string(ev.Verdict) != w.verdict || ev.Rule != w.rule || ev.Reason != w.reason && w.reason != "" || ev.Front != front ||
+					ev.Enforced != (mode == "enforce" && w.verdict == "deny") {
+					t.Errorf("Host %s: event for %s: %s rule %q reason %q front %q enforced=%v, want %s rule %q reason %q front %q",
+						w.host, ev.Name, ev.Verdict, ev.Rule, ev.Reason, ev.Front, ev.Enforced, w.verdict, w.rule, w.reason, front)
 				}
 			}
 		})
