@@ -531,7 +531,7 @@ func (s *Server) finish(q *query) {
 			slog.Float64(audit.LogLatency, lat.Seconds()),
 		}
 		if q.filtered != "" {
-			attrs = append(attrs, slog.String("filtered", q.filtered))
+			attrs = append(attrs, slog.String(audit.LogFiltered, q.filtered))
 		}
 		if q.fwErr != "" {
 			attrs = append(attrs, slog.String("firewall_learn", q.fwErr))
@@ -554,6 +554,7 @@ func (s *Server) finish(q *query) {
 		CacheHit:   q.hit,
 		Upstream:   q.upstream,
 		Latency:    lat.Seconds(),
+		Filtered:   q.filtered,
 	}
 	ev.Stamp(d)
 	ev.Enforced = enforced

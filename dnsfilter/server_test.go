@@ -19,6 +19,7 @@ import (
 	"github.com/google/go-cmp/cmp"
 	"github.com/miekg/dns"
 
+	"egressd/audit"
 	"egressd/policy"
 )
 
@@ -813,5 +814,45 @@ func TestTCPClientNeverReads(t *testing.T) {
 	}
 	if got == queries {
 		t.Errorf("all %d answers arrived after the client stalled 4s: the server's writes have no timeout", got)
+	}
+}
+
+// TestFilteredInEvent: what the answer filter removed (THREATS.md B1: the
+// ech SvcParam; special address hints) is on the query's audit event,
+// for an answer from upstream and one from the cache, in enforce mode and
+// in audit mode (the filter runs in both): the report counts it, so an
+// operator sees before switching to enforce mode which answers lose their
+// ECH configs. Before, only the log line said so.
+func TestFilteredInEvent(t *testing.T) {
+	for _, pol := range []string{enforcePolicy, auditPolicy} {
+		up := newFakeUpstream(t, labZone)
+		ts := startServer(t, pol, Config{Upstreams: []string{up.Addr}}, Deps{})
+		for i := range 2 {
+			r := ask(t, "udp", ts.Addr, "svc.allowed.test.", dns.TypeHTTPS, true)
+			if r.Rcode != dns.RcodeSuccess || len(r.Answer) != 1 {
+				t.Fatalf("HTTPS: %v", r)
+			}
+			for _, kv := range r.Answer[0].(*dns.HTTPS).Value {
+				if _, ok := kv.(*dns.SVCBECHConfig); ok {
+					t.Errorf("ech kept in %v", r.Answer[0])
+				}
+			}
+			var ev audit.Event
+			deadline := time.Now().Add(5 * time.Second)
+			for {
+				evs := ts.Sink.Events()
+				if len(evs) == i+1 {
+					ev = evs[i]
+					break
+				}
+				if time.Now().After(deadline) {
+					t.Fatalf("%d events, want %d", len(evs), i+1)
+				}
+				time.Sleep(10 * time.Millisecond)
+			}
+			if ev.Filtered != "rebinding+ech" || ev.CacheHit != (i == 1) {
+				t.Errorf("query %d (%s): filtered %q cache hit %v, want %q", i, ev.Mode, ev.Filtered, ev.CacheHit, "rebinding+ech")
+			}
+		}
 	}
 }
