@@ -272,3 +272,49 @@ rules:
 		t.Errorf("address given out: %s %s %s %s, want test quic-sni allow q", ev.Name, ev.NameSource, ev.Verdict, ev.Rule)
 	}
 }
+
+// httpsResponse is a DNS answer to an HTTPS query for name: one record,
+// with an ech SvcParam when ech.
+func httpsResponse(t testing.TB, name string, ech bool) []byte {
+	t.Helper()
+	d := &layers.DNS{ID: 9, QR: true, RD: true, RA: true, ResponseCode: layers.DNSResponseCodeNoErr,
+		Questions: []layers.DNSQuestion{{Name: []byte(name), Type: layers.DNSTypeHTTPS, Class: layers.DNSClassIN}}}
+	params := []layers.DNSSvcParam{{Key: layers.DNSSvcParamKeyAlpn, Value: []byte("\x02h2")}}
+	if ech {
+		params = append(params, layers.DNSSvcParam{Key: layers.DNSSvcParamKeyECH, Value: []byte("\x00\x04test")})
+	}
+	d.Answers = append(d.Answers, layers.DNSResourceRecord{Name: []byte(name), Type: layers.DNSTypeHTTPS, Class: layers.DNSClassIN, TTL: 300,
+		SVCB: layers.DNSSVCB{Priority: 1, Target: []byte(""), Params: params}})
+	buf := gopacket.NewSerializeBuffer()
+	if err := gopacket.SerializeLayers(buf, gopacket.SerializeOptions{FixLengths: true}, d); err != nil {
+		t.Fatal(err)
+	}
+	return buf.Bytes()
+}
+
+// TestWireAnswerECH (THREATS.md B1): in enforce mode every LAN query goes
+// to egressd's forwarder, which strips the ech SvcParam from HTTPS/SVCB
+// answers; in audit mode clients may ask another resolver, whose answers
+// keep it. Capture marks the DNS flow whose answer carried ech
+// (Filtered "ech": what the forwarder would have removed), so that the
+// report shows it before the switch; an answer without ech is not
+// marked. Before, nothing recorded it.
+func TestWireAnswerECH(t *testing.T) {
+	cli := netip.MustParseAddr("192.0.2.1")
+	res := netip.MustParseAddr("198.51.100.53")
+	p := newPcap(t)
+	p.udp(true, cli, res, 5000, 53, dnsQuery(t, "ech.time.test"))
+	p.udp(false, res, cli, 53, 5000, httpsResponse(t, "ech.time.test", true))
+	p.udp(true, cli, res, 5001, 53, dnsQuery(t, "plain.time.test"))
+	p.udp(false, res, cli, 53, 5001, httpsResponse(t, "plain.time.test", false))
+	r := synthRun(t, p.close(), fwdPolicy, nil, Config{})
+	got := map[uint16]string{}
+	for _, ev := range r.events {
+		if ev.DestPort == 53 {
+			got[ev.ClientPort] = ev.Filtered
+		}
+	}
+	if got[5000] != "ech" || got[5001] != "" || len(got) != 2 {
+		t.Errorf("filtered by client port: %v, want 5000 ech and 5001 nothing", got)
+	}
+}

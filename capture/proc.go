@@ -135,6 +135,9 @@ type flow struct {
 	evName   string
 	evSrc    audit.NameSource
 	noPath   bool // decided as showing no path (showsNoPath), for its events
+	// echAnswer: a DNS answer of the flow held an HTTPS/SVCB record with
+	// an ech SvcParam, which egressd's forwarder strips (Event.Filtered).
+	echAnswer bool
 }
 
 // proc is the packet pipeline: decoding, flows, names, classification. It
@@ -1061,6 +1064,9 @@ func (p *proc) dnsMessage(msg []byte, f *flow, fromClient bool) {
 	if err != nil || fromClient || len(d.Questions) == 0 || d.ResponseCode != layers.DNSResponseCodeNoErr {
 		return
 	}
+	if !f.echAnswer && hasECH(d.Answers) {
+		f.echAnswer = true
+	}
 	name, ok := policy.NormalizeName(string(d.Questions[0].Name))
 	if !ok {
 		return
@@ -1076,6 +1082,22 @@ func (p *proc) dnsMessage(msg []byte, f *flow, fromClient bool) {
 		}
 		p.c.learned.add(f.cli, addr, name, p.now, time.Duration(a.TTL)*time.Second)
 	}
+}
+
+// hasECH reports whether an HTTPS or SVCB record of rrs has an ech
+// SvcParam (THREATS.md B1), which egressd's forwarder strips.
+func hasECH(rrs []layers.DNSResourceRecord) bool {
+	for i := range rrs {
+		if rrs[i].Type != layers.DNSTypeHTTPS && rrs[i].Type != layers.DNSTypeSVCB {
+			continue
+		}
+		for _, kv := range rrs[i].SVCB.Params {
+			if kv.Key == layers.DNSSvcParamKeyECH {
+				return true
+			}
+		}
+	}
+	return false
 }
 
 func (p *proc) observe(k obsKind, name string, qt uint16, f *flow) {
@@ -1655,6 +1677,9 @@ func (p *proc) emit(f *flow, how string) {
 	}
 	if f.hasMAC {
 		ev.ClientMAC = net.HardwareAddr(f.mac[:]).String()
+	}
+	if f.echAnswer {
+		ev.Filtered = "ech"
 	}
 	ev.Stamp(d)
 	if f.reported {
