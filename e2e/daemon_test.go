@@ -232,6 +232,23 @@ func (d *daemon) metric(series string) float64 {
 	return v
 }
 
+// captureCounters returns capture's counters on /metrics
+// (egress_capture_*_total: packets, kernel drops, malformed, evicted, …)
+// as one line, for a failure's diagnosis; the error when /metrics fails.
+func (d *daemon) captureCounters() string {
+	_, body, err := d.get("/metrics")
+	if err != nil {
+		return fmt.Sprintf("GET /metrics: %v", err)
+	}
+	var out []string
+	for _, line := range strings.Split(body, "\n") {
+		if name, v, ok := strings.Cut(line, " "); ok && strings.HasPrefix(name, "egress_capture_") && strings.HasSuffix(name, "_total") {
+			out = append(out, strings.TrimPrefix(strings.TrimSuffix(name, "_total"), "egress_capture_")+"="+v)
+		}
+	}
+	return strings.Join(out, " ")
+}
+
 // hup sends SIGHUP and waits (10s at most) for the daemon's log line of
 // the reload's outcome, then checks the reload gauge on /metrics.
 func (d *daemon) hup(ok bool) {

@@ -90,9 +90,11 @@ func gatewayScenario(t *testing.T, tp *topo, mode string) {
 
 	// dig asks the gateway once; the UDP exchange with the gateway's port
 	// 53 is a flow of the seed's dns rule.
+	var digPorts []int // the source ports of the digs the report must count
 	dig := func(name, qtype, rule string, want ...string) {
 		t.Helper()
 		rcode, addrs := tp.dig(t, name, qtype)
+		digPorts = append(digPorts, digBasePort+int(tp.digs.Load()%10000))
 		ta.rule("dns").flows++
 		if rule == "" {
 			c := ta.drop(name, 53, "dns")
@@ -257,7 +259,10 @@ func gatewayScenario(t *testing.T, tp *topo, mode string) {
 	// stays closed while egressd is down (a restart must not open a gap).
 	// A restart rebuilds the ledger from the event log, and the report
 	// must hold exactly what the test did.
-	time.Sleep(500 * time.Millisecond) // the last connections' FINs
+	// The last connections' FINs; and capture reads its kernel drop
+	// count once a second: the counters below are those of the end.
+	time.Sleep(1100 * time.Millisecond)
+	capCounters := d.captureCounters()
 	d.stop()
 	if enforce {
 		if !tp.nftTable() {
@@ -276,6 +281,12 @@ func gatewayScenario(t *testing.T, tp *topo, mode string) {
 	d.start()
 	checkReport(t, d.report(), ta, mode)
 	if t.Failed() {
+		// What explains a count that is off by a flow: what capture lost
+		// (kernel drops, evictions, …) and which dig it was.
+		t.Logf("capture's counters before the stop: %s", capCounters)
+		if gaps := digGaps(digPorts, d.allEvents()); gaps != "" {
+			t.Logf("%d dns flows counted, %d of them digs: %s", ta.rule("dns").flows, len(digPorts), gaps)
+		}
 		t.Logf("egressd output:\n%s", d.logs())
 		t.Logf("event log:\n%s", d.events())
 	}
