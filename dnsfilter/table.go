@@ -145,12 +145,13 @@ func (t *Table) Lookup(addr netip.Addr) []Learned {
 // firewall would still hold in its learned sets, each with Expires set to
 // when it would let the address go: the answer's TTL from the time it was
 // learned, at least policy.LearnedMinTTL and at most policy.LearnedMaxTTL,
-// never shortened by a later answer. Capture judges forwarded flows by
-// them in audit mode, as nftables would in enforce mode. (The firewall
-// keeps one element per rule and address, learned when the forwarder
-// fetches an answer; an item here is per client and name, so a client
-// served the same cached answer later is held a little longer here than
-// the element is.)
+// never shortened by a later answer (the second the gate adds for the
+// rounding of TTLs on the wire is not counted). Capture judges forwarded
+// flows by them in audit mode, as nftables would in enforce mode. (The
+// firewall keeps one element per rule and address, learned when the
+// forwarder fetches an answer; an item here is per client and name, so a
+// client served the same cached answer later is held a little longer
+// here than the element is.)
 func (t *Table) Held(addr netip.Addr) []Learned {
 	addr = addr.Unmap()
 	now := t.now().UnixNano()
