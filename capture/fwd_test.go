@@ -177,7 +177,8 @@ func TestForwardedWireAnswers(t *testing.T) {
 // forwarder's, which the enforce firewall keeps for its TTL, at least
 // policy.LearnedMinTTL and at most policy.LearnedMaxTTL (a day). Before,
 // capture kept it for its TTL however long: a flow 25 h after a two-day
-// answer was reported allowed, which nftables drops.
+// answer was reported allowed, which nftables drops; and a shorter answer
+// after a longer one cut the longer one short.
 func TestForwardedWireAnswerLifetime(t *testing.T) {
 	office1 := netip.MustParseAddr("192.0.2.1")
 	res := netip.MustParseAddr("198.51.100.53")
@@ -189,6 +190,18 @@ func TestForwardedWireAnswerLifetime(t *testing.T) {
 	p.udp(true, office1, srv, 40001, 123, []byte("ntp")) // within the day
 	p.now = p.now.Add(2 * time.Hour)
 	p.udp(true, office1, srv, 40002, 123, []byte("ntp")) // the set let it go
+	// A 300 s answer, then a 10 s one: the set keeps the address until
+	// the first one's end (it never shortens an element). (After the
+	// flow before has ended: capture decides a UDP flow after its first
+	// packet, and an answer later than that would count for it.)
+	p.now = p.now.Add(2 * time.Minute)
+	p.udp(true, office1, res, 5001, 53, dnsQuery(t, "a.time.test"))
+	p.udp(false, res, office1, 53, 5001, dnsResponseTTL(t, "a.time.test", []netip.Addr{srv}, 300))
+	p.now = p.now.Add(100 * time.Second)
+	p.udp(true, office1, res, 5002, 53, dnsQuery(t, "a.time.test"))
+	p.udp(false, res, office1, 53, 5002, dnsResponseTTL(t, "a.time.test", []netip.Addr{srv}, 10))
+	p.now = p.now.Add(100 * time.Second)
+	p.udp(true, office1, srv, 40003, 123, []byte("ntp"))
 	path := p.close()
 	rec := &recorder{}
 	capt, err := New(Config{}, Deps{Policy: policy.NewStore(testEngine(t, fwdPolicy)), Sink: rec})
@@ -202,7 +215,7 @@ func TestForwardedWireAnswerLifetime(t *testing.T) {
 			got[ev.ClientPort] = fmt.Sprintf("%s %s %s %s", ev.Verdict, ev.Rule, ev.Name, ev.NameSource)
 		}
 	}
-	want := map[uint16]string{40001: "allow office a.time.test dns-answer", 40002: "deny   none"}
+	want := map[uint16]string{40001: "allow office a.time.test dns-answer", 40002: "deny   none", 40003: "allow office a.time.test dns-answer"}
 	for k, w := range want {
 		if got[k] != w {
 			t.Errorf("port %d: got %q, want %q", k, got[k], w)

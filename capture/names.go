@@ -125,6 +125,9 @@ func (l *learned) add(client, addr netip.Addr, name string, now time.Time, ttl t
 			e.n++
 		}
 		j = e.n - 1
+	} else {
+		// The firewall never shortens an address's time in its set.
+		nn.fwExpires = maxTime(nn.fwExpires, e.names[j].fwExpires)
 	}
 	copy(e.names[1:j+1], e.names[:j])
 	e.names[0] = nn
@@ -222,4 +225,11 @@ func contains(s []string, v string) bool {
 		}
 	}
 	return false
+}
+
+func maxTime(a, b time.Time) time.Time {
+	if a.After(b) {
+		return a
+	}
+	return b
 }
