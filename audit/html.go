@@ -122,7 +122,7 @@ code{font-family:ui-monospace,Menlo,Consolas,monospace}
 
 {{with .ECH}}
 <h2>ECH configs in DNS answers</h2>
-<p id="ech">{{.Stripped}} answers of egressd's DNS forwarder had theirs stripped (in every mode){{range $i, $n := .Names}}{{if $i}},{{else}}:{{end}} {{$n.Dest}} ({{$n.Count}}){{end}}.
+<p id="ech">{{if .Stripped}}{{.Stripped}} answers of egressd's DNS forwarder had theirs stripped (in every mode){{range $i, $n := .Names}}{{if $i}},{{else}}:{{end}} {{$n.Dest}} ({{$n.Count}}){{end}}.{{end}}
 {{if .WouldStrip}}{{.WouldStrip}} DNS exchanges with other resolvers kept theirs: in enforce mode every LAN query goes to the forwarder, which strips them.{{end}}
 Clients: {{count .ClientCount .ClientsTruncated}}.</p>
 {{end}}
