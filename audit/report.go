@@ -372,7 +372,11 @@ func (r *Report) WriteText(w io.Writer) error {
 	if e := r.ECH; e != nil {
 		fmt.Fprintf(ew, "\nECH CONFIGS IN DNS ANSWERS (they hide the name a client connects to)\n")
 		if e.Stripped > 0 {
-			fmt.Fprintf(ew, "  %d answers of egressd's DNS forwarder had theirs stripped (in every mode)", e.Stripped)
+			ans := "answers"
+			if e.Stripped == 1 {
+				ans = "answer"
+			}
+			fmt.Fprintf(ew, "  %d %s of egressd's DNS forwarder had theirs stripped (in every mode)", e.Stripped, ans)
 			if len(e.Names) > 0 {
 				names := make([]string, len(e.Names))
 				for i, n := range e.Names {
