@@ -119,6 +119,13 @@ func TestHardeningDNS(t *testing.T) {
 			}
 		}
 		t.Logf("HTTPS %s through egressd: %v", echName, https)
+		// The query's event says what was stripped: the report counts it.
+		ev := d.waitEvent(t, "the HTTPS query for "+echName, func(ev flowEvent) bool {
+			return ev.Kind == "dns" && ev.Name == echName && ev.QType == "HTTPS"
+		})
+		if ev.Filtered != "rebinding+ech" {
+			t.Errorf("HTTPS %s: event filtered %q, want rebinding+ech: %v", echName, ev.Filtered, ev)
+		}
 	})
 
 	t.Run("quic", func(t *testing.T) {

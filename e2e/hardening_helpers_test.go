@@ -265,6 +265,8 @@ type flowEvent struct {
 	Close      string    `json:"close"`
 	QType      string    `json:"qtype"`
 	RCode      string    `json:"rcode"`
+	Filtered   string    `json:"filtered"`
+	Front      string    `json:"front"`
 }
 
 func (e flowEvent) String() string {
