@@ -7,6 +7,7 @@ import (
 	"crypto/sha256"
 	"crypto/subtle"
 	"encoding/binary"
+	"encoding/hex"
 	"errors"
 	"fmt"
 	"net/netip"
@@ -100,6 +101,16 @@ const maxBcryptPassword = 72
 // Salted reports whether the secret is a salted, slow hash (bcrypt), not
 // a bare SHA-256 digest.
 func (s UserSecret) Salted() bool { return s.bcrypt != nil }
+
+// Line is the secret as a --proxy-users line has it after the name:
+// "bcrypt:HASH" or "sha256:HEX". It is a hash, not the password, but
+// still one to keep out of logs (so not a String method).
+func (s UserSecret) Line() string {
+	if s.bcrypt != nil {
+		return "bcrypt:" + string(s.bcrypt)
+	}
+	return "sha256:" + hex.EncodeToString(s.sha[:])
+}
 
 // Cost is the bcrypt cost of a salted secret; 0 for a SHA-256 digest.
 func (s UserSecret) Cost() int {

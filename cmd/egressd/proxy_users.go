@@ -9,6 +9,7 @@ import (
 	"errors"
 	"fmt"
 	"io"
+	"maps"
 	"os"
 	"slices"
 	"strings"
@@ -40,6 +41,12 @@ func loadProxyUsers(path string) (map[string]proxy.UserSecret, error) {
 	if err != nil {
 		return nil, fmt.Errorf("--proxy-users: %w", err)
 	}
+	return parseProxyUsers(path, b)
+}
+
+// parseProxyUsers parses the text of a --proxy-users file (loadProxyUsers);
+// path names it in the errors.
+func parseProxyUsers(path string, b []byte) (map[string]proxy.UserSecret, error) {
 	users := map[string]proxy.UserSecret{}
 	var errs []error
 	sc := bufio.NewScanner(bytes.NewReader(b))
@@ -96,6 +103,16 @@ func loadProxyUsers(path string) (map[string]proxy.UserSecret, error) {
 		return nil, errors.Join(errs...)
 	}
 	return users, nil
+}
+
+// formatProxyUsers writes users as a --proxy-users file, one line each,
+// sorted by name: what parseProxyUsers reads back.
+func formatProxyUsers(users map[string]proxy.UserSecret) []byte {
+	var b bytes.Buffer
+	for _, n := range slices.Sorted(maps.Keys(users)) {
+		fmt.Fprintf(&b, "%s:%s\n", n, users[n].Line())
+	}
+	return b.Bytes()
 }
 
 // unsaltedUsers are the names, sorted, of the users given by an unsalted

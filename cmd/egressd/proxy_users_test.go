@@ -416,3 +416,36 @@ func TestProxyUsersHash(t *testing.T) {
 		}
 	}
 }
+
+// FuzzParseProxyUsers: the --proxy-users parser never panics, and what it
+// accepts, written out again, reads back the same (names and secrets).
+func FuzzParseProxyUsers(f *testing.F) {
+	f.Add([]byte("alice:bcrypt:$2a$04$abcdefghijklmnopqrstuuN0Xs5l8QX8oMN3L6H3tbqE1I4yGUFy.\n"))
+	f.Add([]byte("# users\n\nbob:sha256:" + strings.Repeat("ab", 32) + "\r\n  carol:bcrypt:$2y$10$abcdefghijklmnopqrstuuN0Xs5l8QX8oMN3L6H3tbqE1I4yGUFy.  \n"))
+	f.Add([]byte("x:bcrypt:$2b$16$abcdefghijklmnopqrstuuN0Xs5l8QX8oMN3L6H3tbqE1I4yGUFy.\nx:sha256:00\n:\n"))
+	f.Fuzz(func(t *testing.T, b []byte) {
+		users, err := parseProxyUsers("f", b)
+		if err != nil {
+			if users != nil || !strings.HasPrefix(err.Error(), "--proxy-users: ") {
+				t.Fatalf("refused with users %v, or error without the prefix: %v", users, err)
+			}
+			return
+		}
+		if len(users) == 0 {
+			t.Fatal("accepted a file with no user")
+		}
+		text := formatProxyUsers(users)
+		again, err := parseProxyUsers("f", text)
+		if err != nil {
+			t.Fatalf("its own output %q refused: %v", text, err)
+		}
+		if len(again) != len(users) {
+			t.Fatalf("%d users, %d after a round trip of %q", len(users), len(again), text)
+		}
+		for n, s := range users {
+			if a, ok := again[n]; !ok || a.Line() != s.Line() || a.Salted() != s.Salted() || a.Cost() != s.Cost() {
+				t.Fatalf("user %q: %s, %s after a round trip", n, s.Line(), a.Line())
+			}
+		}
+	})
+}
