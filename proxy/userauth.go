@@ -134,16 +134,39 @@ const authWait = 20 * time.Second
 // the old one goes with it. The cache holds HMAC-SHA-256 values of the
 // user and password under a key drawn for the set, never a password, and
 // only passwords bcrypt accepted.
+//
+// A name that is no user is checked too, against dummy: a bcrypt hash of
+// the users' highest cost that no password matches (nil when no user is
+// a bcrypt one: then every answer is fast). Refusing it at once would
+// tell which names exist by the time of the answer (~65 ms for a bcrypt
+// user at cost 10, none for an unknown one). The dummy check goes
+// through the same bounded slots as a real one, so unknown names burn no
+// more CPU than wrong passwords can. Left: a user given by a SHA-256
+// digest is answered at once, so in a set that mixes the schemes its
+// name is told apart by its speed (such users get a warning at start).
 type userSet struct {
 	users map[string]UserSecret
+	dummy []byte
 	key   [32]byte
 	mu    sync.Mutex
 	good  map[[sha256.Size]byte]struct{}
 }
 
+// dummySalt is the salt and hash part of the dummy bcrypt hash: any 53
+// characters of bcrypt's alphabet make a hash that bcrypt checks at its
+// full cost and that (but for a 2^-184 chance) no password matches.
+const dummySalt = "IdMJo4ah6cAQlPcm7pQyEubc./kyJNEQ0ScnMCoLiaV93gzyljuNi"
+
 func newUserSet(users map[string]UserSecret) *userSet {
 	s := &userSet{users: users, good: map[[sha256.Size]byte]struct{}{}}
 	rand.Read(s.key[:]) // never fails (crypto/rand)
+	cost := 0
+	for _, u := range users {
+		cost = max(cost, u.Cost())
+	}
+	if cost > 0 {
+		s.dummy = fmt.Appendf(nil, "$2a$%02d$%s", cost, dummySalt)
+	}
 	return s
 }
 
@@ -186,9 +209,9 @@ type slowChecks struct {
 	wait  time.Duration // authWait; shorter in tests
 	mu    sync.Mutex
 	addrs map[netip.Addr]*addrGate
-	// active and peak count the checks running, checks those run (for
-	// tests).
-	active, peak, checks atomic.Int64
+	// active and peak count the checks running, checks those run,
+	// dummies those against userSet.dummy (for tests).
+	active, peak, checks, dummies atomic.Int64
 }
 
 type addrGate struct {
@@ -258,7 +281,11 @@ const (
 func (p *Proxy) checkDigestUser(ctx context.Context, set *userSet, client netip.Addr, user, pass string) authResult {
 	want, ok := set.users[user]
 	if !ok {
-		return authDenied
+		if set.dummy == nil {
+			return authDenied
+		}
+		// As long as a bcrypt user's wrong password: userSet.
+		want = UserSecret{bcrypt: set.dummy}
 	}
 	if want.bcrypt == nil {
 		got := sha256.Sum256([]byte(pass))
@@ -272,18 +299,21 @@ func (p *Proxy) checkDigestUser(ctx context.Context, set *userSet, client netip.
 		return authDenied
 	}
 	k := set.mac(user, pass)
-	if set.cached(k) {
+	if set.cached(k) { // never for an unknown name: only good checks are
 		return authGranted
 	}
 	ctx, cancel := context.WithTimeout(ctx, p.slow.wait)
 	defer cancel()
 	good, ran := p.slow.run(ctx, client, func() bool { return set.cached(k) }, func() bool {
+		if !ok {
+			p.slow.dummies.Add(1)
+		}
 		return bcrypt.CompareHashAndPassword(want.bcrypt, []byte(pass)) == nil
 	})
 	switch {
 	case !ran:
 		return authBusy
-	case good:
+	case good && ok:
 		set.remember(k)
 		return authGranted
 	}

@@ -165,22 +165,23 @@ func TestExplicitAuthBcryptCache(t *testing.T) {
 	checks(3)
 	status("bob", "other", http.StatusForbidden) // SHA-256: no slow check
 	status("bob", "wrong", http.StatusProxyAuthRequired)
-	status("carol", "s3cret", http.StatusProxyAuthRequired)
 	checks(3)
+	status("carol", "s3cret", http.StatusProxyAuthRequired) // unknown: a check against the dummy hash
+	checks(4)
 
 	// The same users again: the cache is gone, the password is checked.
 	if err := p.SetProxyUserDigests(map[string]UserSecret{"alice": mustBcrypt(t, "s3cret")}); err != nil {
 		t.Fatal(err)
 	}
 	status("alice", "s3cret", http.StatusForbidden)
-	checks(4)
+	checks(5)
 	// A new password: the old one, checked a moment ago, is refused.
 	if err := p.SetProxyUserDigests(map[string]UserSecret{"alice": mustBcrypt(t, "n3w")}); err != nil {
 		t.Fatal(err)
 	}
 	status("alice", "s3cret", http.StatusProxyAuthRequired)
 	status("alice", "n3w", http.StatusForbidden)
-	checks(6)
+	checks(7)
 	if peak := p.slow.peak.Load(); peak > int64(cap(p.slow.slots)) {
 		t.Errorf("%d bcrypt checks at once, bound %d", peak, cap(p.slow.slots))
 	}
@@ -287,5 +288,50 @@ func TestExplicitAuthBusy(t *testing.T) {
 	}
 	if n := p.slow.checks.Load(); n != 1 {
 		t.Errorf("%d bcrypt checks, want 1", n)
+	}
+}
+
+// TestExplicitAuthUnknownUser: a name that is no user costs what a
+// bcrypt user's wrong password costs (THREATS.md: timing must not tell
+// which names exist): a bcrypt check against a dummy hash at the users'
+// highest cost, through the same bounded slots; a password over bcrypt's
+// 72 bytes is refused unchecked, as a bcrypt user's is. A set with no
+// bcrypt user (every answer fast) makes no dummy check.
+func TestExplicitAuthUnknownUser(t *testing.T) {
+	p, addr := authProxy(t, map[string]UserSecret{"alice": mustBcrypt(t, "s3cret"), "dave": mustBcryptCost(t, "x", MinBcryptCost+1)})
+	status := func(user, pass string, want int) {
+		t.Helper()
+		code, err := connectAs(addr, "127.0.0.1", user, pass)
+		if err != nil || code != want {
+			t.Fatalf("%s:%s: %d %v, want %d", user, pass, code, err, want)
+		}
+	}
+	set := p.userDigests.Load()
+	if set.dummy == nil {
+		t.Fatal("no dummy hash")
+	}
+	if c, _ := bcrypt.Cost(set.dummy); c != MinBcryptCost+1 {
+		t.Errorf("dummy hash of cost %d, want the users' highest, %d", c, MinBcryptCost+1)
+	}
+	status("mallory", "guess", http.StatusProxyAuthRequired)
+	status("mallory", "guess", http.StatusProxyAuthRequired) // never cached
+	if n, d := p.slow.checks.Load(), p.slow.dummies.Load(); n != 2 || d != 2 {
+		t.Fatalf("unknown user: %d slow checks, %d of them dummy; want 2, 2", n, d)
+	}
+	status("mallory", strings.Repeat("x", 80), http.StatusProxyAuthRequired)
+	status("alice", "wrong", http.StatusProxyAuthRequired)
+	if n, d := p.slow.checks.Load(), p.slow.dummies.Load(); n != 3 || d != 2 {
+		t.Fatalf("%d slow checks, %d of them dummy; want 3, 2", n, d)
+	}
+	if peak := p.slow.peak.Load(); peak > int64(cap(p.slow.slots)) {
+		t.Errorf("%d bcrypt checks at once, bound %d", peak, cap(p.slow.slots))
+	}
+
+	if err := p.SetProxyUserDigests(map[string]UserSecret{"bob": SHA256Secret(sha256.Sum256([]byte("other")))}); err != nil {
+		t.Fatal(err)
+	}
+	status("mallory", "guess", http.StatusProxyAuthRequired)
+	if n := p.slow.checks.Load(); n != 3 {
+		t.Fatalf("%d slow checks with no bcrypt user, want 3", n)
 	}
 }
