@@ -140,6 +140,11 @@ func (p *Proxy) ServeExplicit(ln net.Listener) error {
 		IdleTimeout:       90 * time.Second,
 		MaxHeaderBytes:    p.cfg.HelloMaxBytes,
 		ErrorLog:          log.New(slogWriter{p.log}, "", 0),
+		// A reload that denies a forwarded request closes its client's
+		// connection (explicitRoundTrip).
+		ConnContext: func(ctx context.Context, c net.Conn) context.Context {
+			return context.WithValue(ctx, clientConnKey{}, c)
+		},
 	}
 	p.mu.Lock()
 	if p.closed {
@@ -711,16 +716,28 @@ func (p *Proxy) againConnect(eng *policy.Engine, v verdict, addr netip.AddrPort,
 
 // handleRequest decides a plain HTTP request of the explicit proxy, or a
 // request inside an inspected connection, on host and path.
+//
+// A forwarded request's record is finished when its response has been
+// relayed (explicitRoundTrip), not when it is decided: until then it is
+// registered for a reload, as a tunnel is, for a response may last as
+// long as one (a WebSocket upgrade, which goproxy splices both ways; a
+// stream of server-sent events).
 func (p *Proxy) handleRequest(req *http.Request, ctx *goproxy.ProxyCtx) (*http.Request, *http.Response) {
-	eng := p.deps.Policy.Load()
 	if st, ok := ctx.UserData.(*connectState); ok {
 		ctx.RoundTripper = goproxy.RoundTripperFunc(p.inspectedRoundTrip)
-		return p.inspectedRequest(eng, st, req)
+		return p.inspectedRequest(p.deps.Policy.Load(), st, req)
 	}
+	at := p.policyNow()
+	eng := at.eng
 	ca := addrPortOf(tcpAddrString(req.RemoteAddr))
 	f := &flowRecord{listener: "explicit", ev: audit.Event{Kind: audit.KindFlow, Source: audit.SourceProxy, Time: time.Now(),
 		Client: ca.Addr(), ClientPort: ca.Port(), Proto: "tcp", NameSource: audit.NameHost, Path: req.URL.Path}}
-	defer p.finish(f)
+	forwarded := false
+	defer func() {
+		if !forwarded {
+			p.finish(f)
+		}
+	}()
 	if !strings.EqualFold(req.URL.Scheme, "http") {
 		f.ev.Stamp(denyDecision(eng, ReasonHTTPBad))
 		f.ev.Enforced, f.ev.Close = true, closeDenied
@@ -767,7 +784,94 @@ func (p *Proxy) handleRequest(req *http.Request, ctx *goproxy.ProxyCtx) (*http.R
 	}
 	f.ev.Close = "forwarded"
 	dropConnectionFields(req.Header)
+	escaped := req.URL.EscapedPath()
+	decide := func(e *policy.Engine) policy.Decision {
+		d := p.againConnect(e, v, addr, false)
+		hin := hin
+		hin.Now = time.Now()
+		if d.Allowed() && p.pathFormDenied(e, hin, escaped) {
+			d = denyDecision(e, ReasonPathForm)
+		}
+		return d
+	}
+	client, _ := req.Context().Value(clientConnKey{}).(net.Conn)
+	forwarded = true
+	ctx.RoundTripper = goproxy.RoundTripperFunc(func(req *http.Request, _ *goproxy.ProxyCtx) (*http.Response, error) {
+		return p.explicitRoundTrip(req, at, f, decide, client)
+	})
 	return req.WithContext(context.WithValue(req.Context(), dialKey{}, addr)), nil
+}
+
+// clientConnKey is the context key of an explicit proxy request's client
+// connection (ServeExplicit's ConnContext).
+type clientConnKey struct{}
+
+// explicitRoundTrip forwards an allowed plain request of the explicit
+// proxy and registers it for a reload (addLive) until its response has
+// been relayed: the response body's end (EOF, an error, or goproxy's
+// Close) ends the registration and finishes f, the request's record. A
+// reload that denies it in enforce mode closes the client's connection
+// and the origin's: for an upgraded stream (101), both directions.
+func (p *Proxy) explicitRoundTrip(req *http.Request, at policyAt, f *flowRecord, decide func(*policy.Engine) policy.Decision, client net.Conn) (*http.Response, error) {
+	resp, err := p.gp.Tr.RoundTrip(req)
+	if err != nil {
+		p.finish(f)
+		return nil, err
+	}
+	b := &liveBody{ReadCloser: resp.Body}
+	lc := p.addLive(at, &f.ev, decide, func() {
+		if client != nil {
+			client.Close()
+		}
+		b.ReadCloser.Close()
+	})
+	b.done = func() {
+		f.ev.BytesIn, f.ev.BytesOut = b.read.Load(), b.written.Load()
+		p.stampLive(lc, &f.ev)
+		p.finish(f)
+	}
+	if _, ok := resp.Body.(io.Writer); ok {
+		// An upgraded connection: goproxy writes the client's bytes to it.
+		resp.Body = &liveRWBody{b}
+	} else {
+		resp.Body = b
+	}
+	return resp, nil
+}
+
+// liveBody is the response body of a forwarded explicit request as goproxy
+// relays it: it counts the bytes read (and, upgraded, written), and its
+// end (EOF, a read error, or Close, whichever comes first) calls done once.
+type liveBody struct {
+	io.ReadCloser
+	read, written atomic.Uint64
+	once          sync.Once
+	done          func()
+}
+
+func (b *liveBody) Read(buf []byte) (int, error) {
+	n, err := b.ReadCloser.Read(buf)
+	b.read.Add(uint64(n))
+	if err != nil {
+		b.once.Do(b.done)
+	}
+	return n, err
+}
+
+func (b *liveBody) Close() error {
+	err := b.ReadCloser.Close()
+	b.once.Do(b.done)
+	return err
+}
+
+// liveRWBody is a liveBody of an upgraded connection (101): the body is
+// the origin's connection, which goproxy writes the client's bytes to.
+type liveRWBody struct{ *liveBody }
+
+func (b *liveRWBody) Write(buf []byte) (int, error) {
+	n, err := b.ReadCloser.(io.Writer).Write(buf)
+	b.written.Add(uint64(n))
+	return n, err
 }
 
 // dropConnectionFields removes the header fields the client named in

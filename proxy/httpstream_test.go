@@ -33,8 +33,8 @@ rules:
 const originPort = 8080
 
 // recorder is an origin on srvV4:8080 that keeps every byte it read and
-// every request it served (Host and path), and answers keep-alive. /ws
-// switches to an echo of raw bytes after a 101.
+// every request it served (Host and path), and answers keep-alive. A path
+// ending in /ws switches to an echo of raw bytes after a 101.
 type originRec struct {
 	mu   sync.Mutex
 	raw  bytes.Buffer
@@ -96,7 +96,7 @@ func keepAliveTopo(t *testing.T, mode string) (*topo, *originRec) {
 		o.mu.Lock()
 		o.reqs = append(o.reqs, r.Host+r.URL.Path)
 		o.mu.Unlock()
-		if r.URL.Path == "/ws" && r.Header.Get("Upgrade") != "" {
+		if strings.HasSuffix(r.URL.Path, "/ws") && r.Header.Get("Upgrade") != "" {
 			c, brw, err := http.NewResponseController(w).Hijack()
 			if err != nil {
 				return

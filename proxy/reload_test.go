@@ -428,3 +428,99 @@ func BenchmarkLiveRegister(b *testing.B) {
 		p.stampLive(lc, &ev)
 	}
 }
+
+// keepAliveDocsOnly is keepAlivePolicy without its rule "allowed".
+const keepAliveDocsOnly = `version: 1
+mode: %s
+rules:
+  - name: docs
+    to: ["docs.paths.test/public/*"]
+    ports: [8080/tcp]
+`
+
+// explicitUpgrade opens a WebSocket-style upgrade to url through the
+// explicit proxy (the recording origin answers 101, then echoes) and
+// checks the echo.
+func explicitUpgrade(t *testing.T, tp *topo, url, host string) (net.Conn, *bufio.Reader) {
+	t.Helper()
+	c := tp.dialExplicit(t)
+	t.Cleanup(func() { c.Close() })
+	c.SetDeadline(time.Now().Add(10 * time.Second))
+	fmt.Fprintf(c, "GET %s HTTP/1.1\r\nHost: %s\r\nConnection: Upgrade\r\nUpgrade: websocket\r\nSec-WebSocket-Version: 13\r\n\r\n", url, host)
+	br := bufio.NewReader(c)
+	resp, err := http.ReadResponse(br, nil)
+	if err != nil || resp.StatusCode != http.StatusSwitchingProtocols {
+		t.Fatalf("upgrade %s: %v %v", url, resp, err)
+	}
+	upgradeEchoes(t, c, br, "before")
+	return c, br
+}
+
+func upgradeEchoes(t *testing.T, c net.Conn, br *bufio.Reader, msg string) {
+	t.Helper()
+	c.SetDeadline(time.Now().Add(10 * time.Second))
+	frame := "\x82\x85abcd" + msg
+	io.WriteString(c, frame)
+	got := make([]byte, len(frame))
+	if _, err := io.ReadFull(br, got); err != nil || string(got) != frame {
+		t.Fatalf("echo %q after the upgrade: %v %q", msg, err, got)
+	}
+}
+
+// upgradeClosed waits up to 10 s for the proxy to close c.
+func upgradeClosed(t *testing.T, c net.Conn, br *bufio.Reader, what string) {
+	t.Helper()
+	c.SetReadDeadline(time.Now().Add(10 * time.Second))
+	_, err := br.ReadByte()
+	var ne net.Error
+	if err == nil || errors.As(err, &ne) && ne.Timeout() {
+		t.Fatalf("%s: still open after the reload (read: %v)", what, err)
+	}
+}
+
+// TestReloadExplicitUpgrade: a WebSocket upgrade through the explicit
+// proxy (plain HTTP, then a long-lived stream both ways) is decided again
+// by a reload as a tunnel is: closed when the new policy denies its host,
+// kept when another rule still allows it.
+func TestReloadExplicitUpgrade(t *testing.T) {
+	tp, _ := keepAliveTopo(t, "enforce")
+	ws, wsr := explicitUpgrade(t, tp, "http://www.allowed.test:8080/ws", "www.allowed.test:8080")
+	docs, docsr := explicitUpgrade(t, tp, "http://docs.paths.test:8080/public/ws", "docs.paths.test:8080")
+
+	tp.swap(t, fmt.Sprintf(keepAliveDocsOnly, "enforce"))
+
+	upgradeClosed(t, ws, wsr, "www.allowed.test")
+	ev := tp.ev.wait(t, "revoked upgrade", byClient(ws))
+	if ev.Verdict != policy.Deny || !ev.Enforced || ev.Reason != policy.ReasonNoRule || ev.Close != closeRevoked ||
+		ev.Mode != policy.ModeEnforce || ev.Name != "www.allowed.test" || ev.BytesOut == 0 || ev.BytesIn == 0 {
+		t.Errorf("revoked upgrade: event %+v", ev)
+	}
+	upgradeEchoes(t, docs, docsr, "after")
+	docs.Close()
+	ev = tp.ev.wait(t, "kept upgrade", byClient(docs))
+	if ev.Verdict != policy.Allow || ev.Rule != "docs" || ev.Close == closeRevoked {
+		t.Errorf("kept upgrade: event %+v", ev)
+	}
+	if n := tp.revoked("enforce"); n != 1 {
+		t.Errorf("revoked{enforce} = %v, want 1", n)
+	}
+}
+
+// TestReloadExplicitUpgradeAudit: in audit mode the upgraded stream the
+// new policy denies goes on, and its record says the deny, not enforced.
+func TestReloadExplicitUpgradeAudit(t *testing.T) {
+	tp, _ := keepAliveTopo(t, "audit")
+	ws, wsr := explicitUpgrade(t, tp, "http://www.allowed.test:8080/ws", "www.allowed.test:8080")
+
+	tp.swap(t, fmt.Sprintf(keepAliveDocsOnly, "audit"))
+
+	upgradeEchoes(t, ws, wsr, "after")
+	ws.Close()
+	ev := tp.ev.wait(t, "audited upgrade", byClient(ws))
+	if ev.Verdict != policy.Deny || ev.Enforced || ev.Reason != policy.ReasonNoRule || ev.Mode != policy.ModeAudit || ev.Close == closeRevoked {
+		t.Errorf("audited upgrade: event %+v", ev)
+	}
+	if n := tp.revoked("audit"); n != 1 {
+		t.Errorf("revoked{audit} = %v, want 1", n)
+	}
+}
