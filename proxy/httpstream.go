@@ -7,6 +7,7 @@ import (
 	"log/slog"
 	"os"
 	"strings"
+	"sync/atomic"
 	"time"
 
 	"egressd/audit"
@@ -109,12 +110,30 @@ type httpUpstream struct {
 	s      httpwire.ReqStream
 	held   []byte // bytes read with the first head, after it
 	denied bool   // a later request was refused (enforce)
+	// latest is the verdict of the latest request head decided on the
+	// connection (the first, until another comes), what a reload decides
+	// again (latestAgain); lc is the connection's registration.
+	latest atomic.Pointer[verdict]
+	lc     *liveConn
+}
+
+// latestAgain decides the connection again under eng (a reload) on its
+// latest request: the request the connection carries now. Not on its
+// first: a keep-alive connection that went to host A, then to B, is
+// B's now, and A being denied later says nothing about it; nor on every
+// request since: that would cut it for a host it no longer talks to.
+// Each later request is decided when it comes anyway. An upgraded
+// connection's latest request is the upgrade. Left: with pipelining, the
+// responses to requests before the latest may still be coming.
+func (u *httpUpstream) latestAgain(eng *policy.Engine) policy.Decision {
+	return u.p.again(eng, *u.latest.Load())
 }
 
 // newHTTPUpstream follows a connection whose first head h has been
 // decided and will be replayed; rest are the bytes read after it.
-func (p *Proxy) newHTTPUpstream(in policy.Input, f *flowRecord, h *httpwire.Head, rest []byte) *httpUpstream {
+func (p *Proxy) newHTTPUpstream(in policy.Input, f *flowRecord, h *httpwire.Head, v verdict, rest []byte) *httpUpstream {
 	u := &httpUpstream{p: p, base: in, f: f, held: rest}
+	u.latest.Store(&v)
 	u.s.MaxHead = p.cfg.HelloMaxBytes
 	u.s.Start(h)
 	return u
@@ -229,10 +248,16 @@ func (u *httpUpstream) mode() policy.Mode { return u.p.deps.Policy.Load().Mode()
 // request decides a later request head and records it; true when it is
 // refused (enforce mode) and the connection is being closed.
 func (u *httpUpstream) request(t *tunnel, h *httpwire.Head) bool {
-	eng := u.p.deps.Policy.Load()
+	at := u.p.policyNow()
 	in := u.base
 	in.Now = time.Now()
-	v := u.p.decideHTTP(context.Background(), eng, in, h)
+	v := u.p.decideHTTP(context.Background(), at.eng, in, h)
+	u.latest.Store(&v)
+	if u.lc != nil && u.p.gen.Load() != at.gen {
+		// A reload's Redecide began since the engine was loaded: its
+		// walk may have decided the connection on the request before.
+		u.p.redecideAgain(u.lc)
+	}
 	ev := requestEvent(&u.f.ev, in.Now)
 	path, _, _ := strings.Cut(h.Path, "?") // the query stays out of events and logs
 	ev.Name, ev.NameSource, ev.Path = v.name, v.src, path

@@ -135,6 +135,16 @@ func (p *Proxy) Redecide() {
 	})
 }
 
+// redecideAgain decides lc again under the current engine even if it was
+// decided with it already: what it is decided on has changed since
+// (httpUpstream.request).
+func (p *Proxy) redecideAgain(lc *liveConn) {
+	lc.mu.Lock()
+	lc.eng = nil
+	lc.mu.Unlock()
+	p.redecideOne(lc)
+}
+
 // redecideOne decides lc again if the current engine is not the one it
 // was last decided with.
 func (p *Proxy) redecideOne(lc *liveConn) {

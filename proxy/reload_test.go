@@ -524,3 +524,58 @@ func TestReloadExplicitUpgradeAudit(t *testing.T) {
 		t.Errorf("revoked{audit} = %v, want 1", n)
 	}
 }
+
+// plainKeepAlive opens a transparent plain-HTTP connection to the
+// recording origin and makes one request after another on it, each
+// answered 200.
+func plainKeepAlive(t *testing.T, tp *topo, reqs ...[2]string) (net.Conn, *bufio.Reader) {
+	t.Helper()
+	c := tp.dialFromClient(t, netip.Addr{}, netip.AddrPortFrom(srvV4, originPort))
+	t.Cleanup(func() { c.Close() })
+	br := bufio.NewReader(c)
+	for _, r := range reqs {
+		plainGet(t, c, br, r[0], r[1])
+	}
+	return c, br
+}
+
+func plainGet(t *testing.T, c net.Conn, br *bufio.Reader, host, path string) {
+	t.Helper()
+	io.WriteString(c, req(host, path))
+	codes, bodies, err := readResponses(c, br, 1)
+	if err != nil || codes[0] != 200 {
+		t.Fatalf("%s%s: %v %v %q", host, path, err, codes, bodies)
+	}
+}
+
+// TestReloadPlainLatestRequest: a transparent plain-HTTP connection is
+// decided again on its latest request, the one the connection carries
+// now, not on its first: a reload that denies the first request's host
+// keeps a connection whose latest request went to a host still allowed,
+// and closes one whose latest request went to a host it denies.
+func TestReloadPlainLatestRequest(t *testing.T) {
+	tp, _ := keepAliveTopo(t, "enforce")
+	// First www.allowed.test (rule allowed), then docs (rule docs).
+	kept, keptr := plainKeepAlive(t, tp, [2]string{"www.allowed.test", "/a"}, [2]string{"docs.paths.test", "/public/b"})
+	// First docs, then www.allowed.test.
+	cut, cutr := plainKeepAlive(t, tp, [2]string{"docs.paths.test", "/public/c"}, [2]string{"www.allowed.test", "/d"})
+
+	tp.swap(t, fmt.Sprintf(keepAliveDocsOnly, "enforce"))
+
+	if !closedAfter(cut, cutr, 10*time.Second) {
+		t.Fatal("connection whose latest request the reload denies: still open")
+	}
+	ev := tp.ev.wait(t, "revoked", func(ev audit.Event) bool { return byClient(cut)(ev) && ev.Kind == audit.KindFlow })
+	if ev.Verdict != policy.Deny || !ev.Enforced || ev.Close != closeRevoked || ev.Reason != policy.ReasonNoRule {
+		t.Errorf("revoked: event %+v", ev)
+	}
+	plainGet(t, kept, keptr, "docs.paths.test", "/public/e")
+	kept.Close()
+	ev = tp.ev.wait(t, "kept", func(ev audit.Event) bool { return byClient(kept)(ev) && ev.Kind == audit.KindFlow })
+	if ev.Verdict != policy.Allow || ev.Close == closeRevoked {
+		t.Errorf("kept: event %+v", ev)
+	}
+	if n := tp.revoked("enforce"); n != 1 {
+		t.Errorf("revoked{enforce} = %v, want 1", n)
+	}
+}

@@ -156,7 +156,7 @@ func (p *Proxy) handleTransparent(c *net.TCPConn, ours bool) {
 	var up *httpUpstream
 	if kind == kindHTTP && head.head != nil {
 		first = rc.buf[:head.head.Len]
-		up = p.newHTTPUpstream(in, f, head.head, rc.buf[head.head.Len:])
+		up = p.newHTTPUpstream(in, f, head.head, v, rc.buf[head.head.Len:])
 	}
 	if len(first) > 0 {
 		if _, err := server.Write(first); err != nil {
@@ -177,10 +177,16 @@ func (p *Proxy) handleTransparent(c *net.TCPConn, ours bool) {
 	if up != nil {
 		upFn = up.run
 	}
-	// A reload decides it again on what it was decided on here (a plain
-	// HTTP connection: on its first request; the later ones are decided
-	// each under the policy of its time).
-	lc := p.addLive(at, &f.ev, func(e *policy.Engine) policy.Decision { return p.again(e, v) }, closeBoth(c, server))
+	// A reload decides it again on what it was decided on here; a plain
+	// HTTP connection on its latest request (httpUpstream.latestAgain).
+	again := func(e *policy.Engine) policy.Decision { return p.again(e, v) }
+	if up != nil {
+		again = up.latestAgain
+	}
+	lc := p.addLive(at, &f.ev, again, closeBoth(c, server))
+	if up != nil {
+		up.lc = lc // before the tunnel's goroutines read it
+	}
 	p.startTunnelUp(c, server, upFn, func(out, in int64, reason string) {
 		p.untrackConn(server)
 		p.untrackConn(c)
