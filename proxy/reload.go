@@ -45,6 +45,13 @@ import (
 // A connection that was not vouched for (denied, or an audit-mode
 // sni-mismatch) is checked as a new one would be.
 //
+// What each kind is decided on: a tunnel (spliced or CONNECT) on its
+// start; an inspected connection at host level; a transparent plain-HTTP
+// connection on its latest request (httpUpstream.latestAgain); a plain
+// request of the explicit proxy on itself, from its forward until its
+// response has been relayed (explicitRoundTrip: a WebSocket upgrade lives
+// as long as a tunnel).
+//
 // Rules are decided at the time of the re-decision, so a rule that expired
 // since the connection opened no longer allows it either.
 //
