@@ -34,7 +34,8 @@ const originPort = 8080
 
 // recorder is an origin on srvV4:8080 that keeps every byte it read and
 // every request it served (Host and path), and answers keep-alive. A path
-// ending in /ws switches to an echo of raw bytes after a 101.
+// ending in /ws switches to an echo of raw bytes after a 101; one ending in
+// /events is a stream of server-sent events that stays open.
 type originRec struct {
 	mu   sync.Mutex
 	raw  bytes.Buffer
@@ -106,6 +107,18 @@ func keepAliveTopo(t *testing.T, mode string) (*topo, *originRec) {
 			brw.Flush()
 			c.SetDeadline(time.Now().Add(10 * time.Second))
 			io.Copy(c, brw) // echo until the client closes
+			return
+		}
+		if strings.HasSuffix(r.URL.Path, "/events") {
+			// Server-sent events: one, then nothing until the client
+			// goes (at most 10 s).
+			w.Header().Set("Content-Type", "text/event-stream")
+			io.WriteString(w, "data: first\n\n")
+			http.NewResponseController(w).Flush()
+			select {
+			case <-r.Context().Done():
+			case <-time.After(10 * time.Second):
+			}
 			return
 		}
 		body, _ := io.ReadAll(r.Body)

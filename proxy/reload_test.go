@@ -581,3 +581,36 @@ func TestReloadPlainLatestRequest(t *testing.T) {
 		t.Errorf("revoked{enforce} = %v, want 1", n)
 	}
 }
+
+// TestReloadExplicitStream: a long response through the explicit proxy
+// (server-sent events) is decided again too: the reload that denies its
+// host cuts it, and its record says so.
+func TestReloadExplicitStream(t *testing.T) {
+	tp, _ := keepAliveTopo(t, "enforce")
+	c := tp.dialExplicit(t)
+	t.Cleanup(func() { c.Close() })
+	c.SetDeadline(time.Now().Add(10 * time.Second))
+	io.WriteString(c, "GET http://www.allowed.test:8080/events HTTP/1.1\r\nHost: www.allowed.test:8080\r\n\r\n")
+	br := bufio.NewReader(c)
+	resp, err := http.ReadResponse(br, nil)
+	if err != nil || resp.StatusCode != http.StatusOK {
+		t.Fatalf("events: %v %v", resp, err)
+	}
+	first := make([]byte, len("data: first\n\n"))
+	if _, err := io.ReadFull(resp.Body, first); err != nil || string(first) != "data: first\n\n" {
+		t.Fatalf("first event: %q %v", first, err)
+	}
+
+	tp.swap(t, fmt.Sprintf(keepAliveDocsOnly, "enforce"))
+
+	c.SetReadDeadline(time.Now().Add(10 * time.Second))
+	rest, err := io.ReadAll(resp.Body)
+	var ne net.Error
+	if errors.As(err, &ne) && ne.Timeout() {
+		t.Fatalf("event stream: still open after the reload (read %q: %v)", rest, err)
+	}
+	ev := tp.ev.wait(t, "revoked stream", byClient(c))
+	if ev.Verdict != policy.Deny || !ev.Enforced || ev.Close != closeRevoked || ev.Name != "www.allowed.test" || ev.Path != "/events" {
+		t.Errorf("revoked stream: event %+v", ev)
+	}
+}
