@@ -67,6 +67,11 @@ type connectState struct {
 	// behind it. Both are set by handleConnect.
 	clear *clearStream
 	wrap  func(net.Conn) net.Conn
+	// latest is the verdict of the latest request of a plain connection
+	// (plain): what a reload decides it again on, at host level; lc is
+	// its registration. Set by inspectTransparent.
+	latest *atomic.Pointer[verdict]
+	lc     *liveConn
 }
 
 type dialKey struct{}
@@ -725,7 +730,7 @@ func (p *Proxy) againConnect(eng *policy.Engine, v verdict, addr netip.AddrPort,
 func (p *Proxy) handleRequest(req *http.Request, ctx *goproxy.ProxyCtx) (*http.Request, *http.Response) {
 	if st, ok := ctx.UserData.(*connectState); ok {
 		ctx.RoundTripper = goproxy.RoundTripperFunc(p.inspectedRoundTrip)
-		return p.inspectedRequest(p.deps.Policy.Load(), st, req)
+		return p.inspectedRequest(p.policyNow(), st, req)
 	}
 	at := p.policyNow()
 	eng := at.eng
@@ -898,7 +903,8 @@ func dropConnectionFields(h http.Header) {
 // cleartext (st.plain) each request is decided on its own Host and path,
 // as decideHTTP decides it. The request is recorded as a request event
 // (the connection is the flow), as a later request on plain HTTP is.
-func (p *Proxy) inspectedRequest(eng *policy.Engine, st *connectState, req *http.Request) (*http.Request, *http.Response) {
+func (p *Proxy) inspectedRequest(at policyAt, st *connectState, req *http.Request) (*http.Request, *http.Response) {
+	eng := at.eng
 	ev := requestEvent(&st.rec.ev, time.Now())
 	ev.Name, ev.NameSource, ev.Path = st.host, st.src, req.URL.Path
 	first := st.firstIsFlow
@@ -928,6 +934,14 @@ func (p *Proxy) inspectedRequest(eng *policy.Engine, st *connectState, req *http
 		in := policy.Input{Client: st.client.Addr(), Dest: st.addr.Addr(), Port: st.addr.Port(), Proto: policy.TCP, Now: time.Now()}
 		v := p.decideHTTP(req.Context(), eng, in, &httpwire.Head{Host: req.URL.Hostname(), Path: req.URL.EscapedPath()})
 		d, ev.Name, ev.NameSource = v.d, v.name, v.src
+		if st.latest != nil {
+			// A reload decides the connection on its latest request, as
+			// a plain one not inspected (httpUpstream.latestAgain).
+			st.latest.Store(&v)
+			if st.lc != nil && p.gen.Load() != at.gen {
+				p.redecideAgain(st.lc)
+			}
+		}
 	} else if _, lit := literalAddr(req.URL.Hostname()); host != st.host && host != "" && !lit {
 		// Domain fronting (THREATS.md A1): the Host names another host
 		// than the connection was opened for. Decided on that host, at
@@ -1012,10 +1026,18 @@ func (p *Proxy) inspectTransparent(c *net.TCPConn, at policyAt, recorded []byte,
 	f.ev.Close = "inspected"
 	rc := &replayConn{TCPConn: c, r: io.MultiReader(bytes.NewReader(recorded), c), swallow: true}
 	// A reload decides the connection again at host level (each request
-	// in it is decided under the policy of its time anyway): closing the
-	// client's side ends goproxy's reads and writes, and with them the
-	// request in flight to the origin.
-	lc := p.addLive(at, &f.ev, func(e *policy.Engine) policy.Decision { return p.again(e, hostLevel(v)) }, func() { c.Close() })
+	// in it is decided under the policy of its time anyway), a plain one
+	// on its latest request (inspectedRequest): closing the client's side
+	// ends goproxy's reads and writes, and with them the request in
+	// flight to the origin.
+	again := func(e *policy.Engine) policy.Decision { return p.again(e, hostLevel(v)) }
+	if !isTLS {
+		st.latest = new(atomic.Pointer[verdict])
+		st.latest.Store(&v)
+		again = func(e *policy.Engine) policy.Decision { return p.again(e, hostLevel(*st.latest.Load())) }
+	}
+	lc := p.addLive(at, &f.ev, again, func() { c.Close() })
+	st.lc = lc
 	rc.onClose = func() {
 		p.untrackConn(c)
 		p.release(st.client.Addr())

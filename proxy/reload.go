@@ -47,7 +47,8 @@ import (
 //
 // What each kind is decided on: a tunnel (spliced or CONNECT) on its
 // start; an inspected connection at host level; a transparent plain-HTTP
-// connection on its latest request (httpUpstream.latestAgain); a plain
+// connection on its latest request (httpUpstream.latestAgain; inspected,
+// at host level: inspectedRequest); a plain
 // request of the explicit proxy on itself, from its forward until its
 // response has been relayed (explicitRoundTrip: a WebSocket upgrade lives
 // as long as a tunnel).

@@ -614,3 +614,50 @@ func TestReloadExplicitStream(t *testing.T) {
 		t.Errorf("revoked stream: event %+v", ev)
 	}
 }
+
+// testPolicyNoDocs is testPolicy without its host/path rule docs.
+const testPolicyNoDocs = `version: 1
+mode: %s
+rules:
+  - name: allowed
+    to: ["*.allowed.test", "allowed.test"]
+    ports: [443/tcp, 80/tcp]
+`
+
+// TestReloadInspectedPlainLatest: a plain-HTTP connection inspected for
+// its first request's host/path rule is decided again on its latest
+// request too: a reload that denies the first request's host keeps one
+// whose latest request went to a host still allowed, and closes one whose
+// latest request went back to the denied host.
+func TestReloadInspectedPlainLatest(t *testing.T) {
+	tp := newTopo(t, topoOpts{})
+	tp.facts.add(clientV4, srvV4, "www.allowed.test", "docs.paths.test")
+	dest := netip.AddrPortFrom(srvV4, 80)
+	open := func(reqs ...[2]string) (net.Conn, *bufio.Reader) {
+		c := tp.dialFromClient(t, netip.Addr{}, dest)
+		t.Cleanup(func() { c.Close() })
+		br := bufio.NewReader(c)
+		for _, r := range reqs {
+			plainGet(t, c, br, r[0], r[1])
+		}
+		return c, br
+	}
+	kept, keptr := open([2]string{"docs.paths.test", "/public/a"}, [2]string{"www.allowed.test", "/b"})
+	cut, cutr := open([2]string{"docs.paths.test", "/public/c"}, [2]string{"www.allowed.test", "/d"}, [2]string{"docs.paths.test", "/public/e"})
+
+	tp.swap(t, fmt.Sprintf(testPolicyNoDocs, "enforce"))
+
+	if !closedAfter(cut, cutr, 10*time.Second) {
+		t.Fatal("connection whose latest request the reload denies: still open")
+	}
+	ev := tp.ev.wait(t, "revoked", func(ev audit.Event) bool { return byClient(cut)(ev) && ev.Kind == audit.KindFlow })
+	if ev.Verdict != policy.Deny || !ev.Enforced || ev.Close != closeRevoked {
+		t.Errorf("revoked: event %+v", ev)
+	}
+	plainGet(t, kept, keptr, "www.allowed.test", "/f")
+	kept.Close()
+	ev = tp.ev.wait(t, "kept", func(ev audit.Event) bool { return byClient(kept)(ev) && ev.Kind == audit.KindFlow })
+	if ev.Close == closeRevoked {
+		t.Errorf("kept: event %+v", ev)
+	}
+}
