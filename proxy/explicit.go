@@ -837,7 +837,7 @@ func (p *Proxy) explicitRoundTrip(req *http.Request, at policyAt, f *flowRecord,
 	}
 	if _, ok := resp.Body.(io.Writer); ok {
 		// An upgraded connection: goproxy writes the client's bytes to it.
-		resp.Body = &liveRWBody{b}
+		resp.Body = &liveRWBody{liveBody: b, client: client}
 	} else {
 		resp.Body = b
 	}
@@ -871,7 +871,23 @@ func (b *liveBody) Close() error {
 
 // liveRWBody is a liveBody of an upgraded connection (101): the body is
 // the origin's connection, which goproxy writes the client's bytes to.
-type liveRWBody struct{ *liveBody }
+// Closing it closes the client's connection too: goproxy closes the body
+// once either side has ended, but leaves the client's connection it
+// hijacked open, so a stream the origin ended would hang on until the
+// client spoke again. The client's bytes are all relayed by then (the
+// copy toward the client has ended, or the client has).
+type liveRWBody struct {
+	*liveBody
+	client net.Conn
+}
+
+func (b *liveRWBody) Close() error {
+	err := b.liveBody.Close()
+	if b.client != nil {
+		b.client.Close()
+	}
+	return err
+}
 
 func (b *liveRWBody) Write(buf []byte) (int, error) {
 	n, err := b.ReadCloser.(io.Writer).Write(buf)

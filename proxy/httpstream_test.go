@@ -34,7 +34,8 @@ const originPort = 8080
 
 // recorder is an origin on srvV4:8080 that keeps every byte it read and
 // every request it served (Host and path), and answers keep-alive. A path
-// ending in /ws switches to an echo of raw bytes after a 101; one ending in
+// ending in /ws switches to an echo of raw bytes after a 101 (/once/ws: of
+// one 6-byte frame, then the origin closes); one ending in
 // /events is a stream of server-sent events that stays open.
 type originRec struct {
 	mu   sync.Mutex
@@ -106,6 +107,14 @@ func keepAliveTopo(t *testing.T, mode string) (*topo, *originRec) {
 			brw.WriteString("HTTP/1.1 101 Switching Protocols\r\nUpgrade: websocket\r\nConnection: Upgrade\r\n\r\n")
 			brw.Flush()
 			c.SetDeadline(time.Now().Add(10 * time.Second))
+			if strings.HasSuffix(r.URL.Path, "/once/ws") {
+				// Echo one frame of 6 bytes (upgradeEchoes), then
+				// close first.
+				b := make([]byte, len("\x82\x85abcd")+6)
+				n, _ := io.ReadFull(brw, b)
+				c.Write(b[:n])
+				return
+			}
 			io.Copy(c, brw) // echo until the client closes
 			return
 		}

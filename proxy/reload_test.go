@@ -661,3 +661,20 @@ func TestReloadInspectedPlainLatest(t *testing.T) {
 		t.Errorf("kept: event %+v", ev)
 	}
 }
+
+// TestExplicitUpgradeOriginCloses: when the origin ends an upgraded
+// stream through the explicit proxy, the client's connection is closed
+// too (goproxy left it open, hijacked and forgotten, until the client
+// spoke again), and the record is written.
+func TestExplicitUpgradeOriginCloses(t *testing.T) {
+	tp, _ := keepAliveTopo(t, "enforce")
+	c, br := explicitUpgrade(t, tp, "http://www.allowed.test:8080/once/ws", "www.allowed.test:8080")
+	c.SetReadDeadline(time.Now().Add(5 * time.Second))
+	if _, err := br.ReadByte(); err != io.EOF {
+		t.Fatalf("after the origin closed: %v, want EOF", err)
+	}
+	ev := tp.ev.wait(t, "upgrade", byClient(c))
+	if ev.Verdict != policy.Allow || ev.BytesOut == 0 || ev.BytesIn == 0 {
+		t.Errorf("event %+v", ev)
+	}
+}
