@@ -156,8 +156,10 @@ func (p *Proxy) redecideAgain(lc *liveConn) {
 // redecideOne decides lc again if the current engine is not the one it
 // was last decided with.
 func (p *Proxy) redecideOne(lc *liveConn) {
-	eng := p.current.Load()
 	lc.mu.Lock()
+	// Loaded under the lock: one loaded before it could be older than the
+	// engine a later Redecide's walk decided lc with meanwhile.
+	eng := p.current.Load()
 	if lc.ended || lc.revoked || eng == nil || lc.eng == eng {
 		lc.mu.Unlock()
 		return

@@ -11,6 +11,7 @@ import (
 	"net"
 	"net/http"
 	"net/netip"
+	"runtime"
 	"strings"
 	"sync/atomic"
 	"testing"
@@ -676,5 +677,73 @@ func TestExplicitUpgradeOriginCloses(t *testing.T) {
 	ev := tp.ev.wait(t, "upgrade", byClient(c))
 	if ev.Verdict != policy.Allow || ev.BytesOut == 0 || ev.BytesIn == 0 {
 		t.Errorf("event %+v", ev)
+	}
+}
+
+// TestRedecideLoadsEngineUnderLock: a redecideOne that loaded the engine
+// of one reload, and got the connection's lock only after the walk of a
+// later reload decided it (allowed), must not decide it again under the
+// older engine: that would close a connection the policy in force allows.
+func TestRedecideLoadsEngineUnderLock(t *testing.T) {
+	compile := func() *policy.Engine {
+		eng, err := policy.Compile("r.yaml", []byte("version: 1\nmode: enforce\nrules:\n  - name: a\n    to: [\"*.allowed.test\"]\n    ports: [443/tcp]\n"))
+		if err != nil {
+			t.Fatal(err)
+		}
+		return eng
+	}
+	e0, e1, e2 := compile(), compile(), compile()
+	p, err := New(Config{OwnAddrs: []netip.Addr{}}, Deps{Policy: policy.NewStore(e0)})
+	if err != nil {
+		t.Fatal(err)
+	}
+	var staleDecided, closed atomic.Bool
+	decide := func(e *policy.Engine) policy.Decision {
+		if e == e1 { // the older reload's policy denies it
+			staleDecided.Store(true)
+			return policy.Decision{Verdict: policy.Deny, RuleIndex: -1, Reason: "no-rule", Mode: policy.ModeEnforce}
+		}
+		return policy.Decision{Verdict: policy.Allow, Rule: "a", Mode: policy.ModeEnforce}
+	}
+	ev := audit.Event{Kind: audit.KindFlow, Source: audit.SourceProxy, Verdict: policy.Allow, Mode: policy.ModeEnforce}
+	lc := p.addLive(p.policyNow(), &ev, decide, func() { closed.Store(true) })
+
+	p.current.Store(e1) // reload 1 published
+	lc.mu.Lock()
+	done := make(chan struct{})
+	go func() {
+		p.redecideOne(lc) // reload 1's walk (or a late addLive)
+		close(done)
+	}()
+	// Wait until it waits for the connection's lock.
+	deadline := time.Now().Add(10 * time.Second)
+	for buf := make([]byte, 1<<20); ; {
+		s := string(buf[:runtime.Stack(buf, true)])
+		blocked := false
+		for g := range strings.SplitSeq(s, "\n\n") {
+			if strings.Contains(g, "redecideOne") && strings.Contains(g, "Mutex).Lock") {
+				blocked = true
+			}
+		}
+		if blocked {
+			break
+		}
+		if time.Now().After(deadline) {
+			lc.mu.Unlock()
+			t.Fatal("redecideOne never waited for the lock")
+		}
+		time.Sleep(time.Millisecond)
+	}
+	// Reload 2 publishes e2, and its walk decides the connection under it
+	// (allowed) while the first one still waits.
+	p.current.Store(e2)
+	lc.eng = e2
+	lc.mu.Unlock()
+	<-done
+	if staleDecided.Load() || closed.Load() {
+		t.Errorf("decided again under the older reload's policy (closed: %v)", closed.Load())
+	}
+	if d, revoked := p.endLive(lc); d != nil || revoked {
+		t.Errorf("endLive = %+v, %v; want no deny", d, revoked)
 	}
 }
