@@ -25,19 +25,24 @@ import (
 //     unchanged (same fingerprint): kept, whatever the rule's learned
 //     addresses became since (a DNS answer that expired long ago does not
 //     end a flow its unchanged rule let out);
-//   - a tag the previous ruleset did not use but the new one does (a
-//     connection let out by the new ruleset already, or, at a start, by
-//     an earlier egressd whose policy is unknown): kept;
-//   - otherwise (the rule was removed or changed) the connection is
-//     decided again, as the new forward chain would decide its first
-//     packet: client address, destination and port after destination NAT,
-//     protocol, the rules' CIDRs and their live learned addresses. Where
-//     its old rule is known and the new policy has a rule of that name,
-//     that rule's unchanged client set and unchanged (or widened) names
-//     still count for it, so that adding a port to a rule does not cut the
-//     flows to its learned addresses. Denied, the entry is deleted: the
-//     connection's next packet from the LAN meets the new ruleset as a new
-//     one (and is dropped), its replies meet the WAN guard.
+//   - at a start (no previous ruleset), a tag the new ruleset uses: kept
+//     (let out by an earlier egressd whose policy is unknown);
+//   - otherwise (the rule was removed or changed, or the tag is one the
+//     previous ruleset did not use: a connection the new ruleset let out
+//     already, or a tag that outlived its rule on a connection another
+//     rule kept) the connection is decided again, as the new forward
+//     chain would decide its first packet: client address, destination
+//     and port after destination NAT, protocol, the rules' CIDRs and
+//     their live learned addresses. Where its old rule is known and the
+//     new policy has a rule of that name, that rule's unchanged client set
+//     and unchanged (or widened) names still count for it, so that adding
+//     a port to a rule does not cut the flows to its learned addresses.
+//     (A connection the new ruleset let out for a client given by MAC
+//     before this look is cut: conntrack holds no MAC; its next packet
+//     meets the new ruleset as a new one and is let out again.) Denied,
+//     the entry is deleted: the connection's next packet from the LAN
+//     meets the new ruleset as a new one (and is dropped), its replies
+//     meet the WAN guard.
 
 // flowRule is what one policy rule's accept rules in forward let out.
 type flowRule struct {
@@ -149,9 +154,13 @@ func (rs *Ruleset) keeps(old *Ruleset, tag uint32, k flowKey, live func(set stri
 		was = old.byTag[tag]
 	}
 	if len(was) == 0 {
-		if len(rs.byTag[tag]) > 0 {
+		if old == nil && len(rs.byTag[tag]) > 0 {
 			return true
 		}
+		// On a reload, a tag the previous ruleset did not use may be
+		// stale (a mark keeps its tag for the connection's life, and the
+		// new rule that has it now may have nothing to do with it): the
+		// connection is decided again, with no rule as a hint.
 	} else if !slices.ContainsFunc(was, func(fr *flowRule) bool { return rs.byFP[fr.fp] == nil }) {
 		return true // its rule (whichever shares the tag) is unchanged
 	}

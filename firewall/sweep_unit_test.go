@@ -113,3 +113,47 @@ func TestKeeps(t *testing.T) {
 		}
 	}
 }
+
+// TestKeepsStaleTag: a connection's mark keeps the tag of the rule that
+// let it out for as long as it lives, across rulesets. One kept by a
+// reload because another rule admitted it still carries its removed
+// rule's tag; a later reload whose new rule happens to get that tag must
+// decide it again, not keep it as one the new rule let out.
+func TestKeepsStaleTag(t *testing.T) {
+	render := func(rules string) *Ruleset {
+		t.Helper()
+		rs, err := Render(siteConfig, compile(t, "version: 1\nmode: enforce\nrules:\n"+rules))
+		if err != nil {
+			t.Fatal(err)
+		}
+		return rs
+	}
+	const (
+		x = `  - {name: x, to: [198.51.100.0/24], ports: [9/udp]}` + "\n"
+		w = `  - {name: w, to: [198.51.100.0/25], ports: [9/udp]}` + "\n"
+	)
+	r1, r2 := render(x+w), render(w)
+	tx := r1.flows[0].tag
+	if r2.flows[0].tag == tx {
+		t.Fatal("w took x's tag: pick other names")
+	}
+	// A rule y, unrelated to the connection, whose tag is x's.
+	var r3 *Ruleset
+	for i := 0; r3 == nil; i++ {
+		if i == 50000 {
+			t.Fatal("no name gives x's tag")
+		}
+		rs := render(fmt.Sprintf("  - {name: y%d, to: [203.0.113.0/24], ports: [5300/udp]}\n", i))
+		if rs.flows[0].tag == tx {
+			r3 = rs
+		}
+	}
+	noLive := func(string, netip.Addr) bool { return false }
+	k := flowKey{client: netip.MustParseAddr("198.18.1.2"), dst: netip.MustParseAddr("198.51.100.9"), port: 9, proto: policy.UDP}
+	if !r2.keeps(r1, tx, k, noLive) {
+		t.Fatal("x removed: w still admits the connection, yet it is cut")
+	}
+	if r3.keeps(r2, tx, k, noLive) {
+		t.Error("w removed too: kept because the new rule y has the stale tag of x")
+	}
+}
