@@ -54,7 +54,10 @@ import (
 // as long as a tunnel).
 //
 // Rules are decided at the time of the re-decision, so a rule that expired
-// since the connection opened no longer allows it either.
+// since the connection opened no longer allows it either. A TLS connection
+// spliced at its start whose host the new policy allows only by host/path
+// rules (--inspect) is denied path-unseen: a new one would be inspected,
+// this one's paths are not seen.
 //
 // Race-free order: Redecide publishes the new engine (current), counts a
 // generation, then walks the live set. A connection notes the generation
@@ -217,6 +220,12 @@ func (p *Proxy) again(eng *policy.Engine, v verdict) policy.Decision {
 			return d
 		}
 		return denyDecision(eng, v.d.Reason)
+	}
+	if nv.d.Allowed() && nv.inspect && !v.inspect && in.Path == "" && !in.NoPath {
+		// Spliced at its start, now allowed only by a host/path rule
+		// (--inspect): a new connection would be inspected, each request
+		// decided on its path; this one's paths are not seen.
+		return denyDecision(eng, policy.ReasonPathUnseen)
 	}
 	if nv.d.Allowed() && in.Path != "" {
 		// Plain HTTP (decideHTTP): the path's form, as at the start.

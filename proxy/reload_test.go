@@ -747,3 +747,33 @@ func TestRedecideLoadsEngineUnderLock(t *testing.T) {
 		t.Errorf("endLive = %+v, %v; want no deny", d, revoked)
 	}
 }
+
+// TestReloadNarrowedToPaths: with --inspect, a reload that narrows a
+// host-level rule to a host/path rule closes the TLS tunnels spliced under
+// it (transparent and CONNECT): their paths cannot be seen, and a new
+// connection to the host would be inspected, each request decided on its
+// path. Kept, they would go on to any path.
+func TestReloadNarrowedToPaths(t *testing.T) {
+	tp := newTopo(t, topoOpts{})
+	tp.facts.add(clientV4, srvV4, "www.allowed.test")
+	tlsT := tp.startTLS(t, tp.dialFromClient(t, netip.Addr{}, netip.AddrPortFrom(srvV4, 443)), "www.allowed.test")
+	tlsC := tp.startTLS(t, tp.connect(t, "www.allowed.test:443"), "www.allowed.test")
+
+	tp.swap(t, `version: 1
+mode: enforce
+rules:
+  - name: allowed
+    to: ["www.allowed.test/public/*"]
+    ports: [443/tcp, 80/tcp]
+`)
+	for _, l := range []struct {
+		what string
+		c    *liveTLS
+	}{{"transparent", tlsT}, {"connect", tlsC}} {
+		l.c.waitClosed(t, l.what)
+		ev := tp.ev.wait(t, l.what, byClient(l.c.raw))
+		if ev.Verdict != policy.Deny || !ev.Enforced || ev.Reason != policy.ReasonPathUnseen || ev.Close != closeRevoked || ev.Name != "www.allowed.test" {
+			t.Errorf("%s: event %+v", l.what, ev)
+		}
+	}
+}
