@@ -51,14 +51,7 @@ func TestFlowRuleTags(t *testing.T) {
 
 // TestKeeps: what a reload keeps, rule by rule, without the kernel.
 func TestKeeps(t *testing.T) {
-	render := func(rules string) *Ruleset {
-		t.Helper()
-		rs, err := Render(siteConfig, compile(t, "version: 1\nmode: enforce\nrules:\n"+rules))
-		if err != nil {
-			t.Fatal(err)
-		}
-		return rs
-	}
+	render := func(rules string) *Ruleset { return renderEnforce(t, rules) }
 	const (
 		mac   = `  - {name: mac, from: ["aa:bb:cc:dd:ee:ff"], to: [198.51.100.0/24], ports: [9/udp]}` + "\n"
 		named = `  - {name: named, to: [ntp.test], ports: [123/udp]}` + "\n"
@@ -120,14 +113,7 @@ func TestKeeps(t *testing.T) {
 // rule's tag; a later reload whose new rule happens to get that tag must
 // decide it again, not keep it as one the new rule let out.
 func TestKeepsStaleTag(t *testing.T) {
-	render := func(rules string) *Ruleset {
-		t.Helper()
-		rs, err := Render(siteConfig, compile(t, "version: 1\nmode: enforce\nrules:\n"+rules))
-		if err != nil {
-			t.Fatal(err)
-		}
-		return rs
-	}
+	render := func(rules string) *Ruleset { return renderEnforce(t, rules) }
 	const (
 		x = `  - {name: x, to: [198.51.100.0/24], ports: [9/udp]}` + "\n"
 		w = `  - {name: w, to: [198.51.100.0/25], ports: [9/udp]}` + "\n"
@@ -156,4 +142,14 @@ func TestKeepsStaleTag(t *testing.T) {
 	if r3.keeps(r2, tx, k, noLive) {
 		t.Error("w removed too: kept because the new rule y has the stale tag of x")
 	}
+}
+
+// renderEnforce renders an enforce policy of these rules lines.
+func renderEnforce(t *testing.T, rules string) *Ruleset {
+	t.Helper()
+	rs, err := Render(siteConfig, compile(t, "version: 1\nmode: enforce\nrules:\n"+rules))
+	if err != nil {
+		t.Fatal(err)
+	}
+	return rs
 }
