@@ -5,7 +5,9 @@
 // client's port (Conntrack, over ctnetlink). The transparent proxy uses
 // both on every accepted connection, before it decides. HostAddrs lists
 // the gateway's own addresses, which the proxy refuses as destinations and
-// capture leaves out of the egress record.
+// capture leaves out of the egress record. DropFromInterface attaches to a
+// listening socket a socket filter that drops what arrives on one
+// interface (the WAN one: THREATS.md, no open resolver on the WAN side).
 package netutil
 
 import (

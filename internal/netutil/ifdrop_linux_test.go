@@ -1,0 +1,154 @@
+package netutil
+
+import (
+	"context"
+	"errors"
+	"net"
+	"os"
+	"syscall"
+	"testing"
+	"time"
+
+	"egressd/internal/testnet"
+)
+
+// TestDropFromInterface: a UDP socket and a TCP listener with the filter
+// for one interface (wan) get nothing that arrives on it, whatever the
+// address it was sent to (here the other interface's: the host answers
+// for every address on every interface), and everything that arrives on
+// the other interface (lan) or on loopback; IPv4 and IPv6.
+func TestDropFromInterface(t *testing.T) {
+	peer := testnet.New(t, "ifdp")
+	host := testnet.New(t, "ifdh")
+	testnet.Link(t, peer, "eth0", []string{"198.18.10.1/24", "2001:db8:10::1/64"}, host, "lan", []string{"198.18.10.2/24", "198.18.10.3/24", "2001:db8:10::2/64", "2001:db8:12::3/64"})
+	testnet.Link(t, peer, "eth1", []string{"198.18.11.1/24", "2001:db8:11::1/64"}, host, "wan", []string{"198.18.11.2/24", "2001:db8:11::2/64"})
+	// The peer reaches the host's second LAN addresses over the WAN link
+	// (the IPv6 one in a prefix of its own, so that the host does not pick
+	// it as the source of its answers to the peer's LAN address).
+	peer.MustRun("ip", "route", "add", "198.18.10.3/32", "dev", "eth1")
+	peer.MustRun("ip", "-6", "route", "add", "2001:db8:12::3/128", "dev", "eth1")
+	host.MustRun("sysctl", "-qw", "net.ipv4.conf.all.rp_filter=0")
+	host.MustRun("sysctl", "-qw", "net.ipv4.conf.wan.rp_filter=0")
+
+	for _, fam := range []struct{ network, wild, lan, wan, lanViaWAN, lo string }{
+		{"4", "0.0.0.0", "198.18.10.2", "198.18.11.2", "198.18.10.3", "127.0.0.1"},
+		{"6", "::", "2001:db8:10::2", "2001:db8:11::2", "2001:db8:12::3", "::1"},
+	} {
+		t.Run("ipv"+fam.network, func(t *testing.T) {
+			var pc net.PacketConn
+			var ln net.Listener
+			err := host.Do(func() error {
+				wan, err := net.InterfaceByName("wan")
+				if err != nil {
+					return err
+				}
+				lc := net.ListenConfig{Control: func(_, _ string, rc syscall.RawConn) error { return DropFromInterface(rc, wan.Index) }}
+				if pc, err = lc.ListenPacket(context.Background(), "udp"+fam.network, net.JoinHostPort(fam.wild, "5353")); err != nil {
+					return err
+				}
+				ln, err = lc.Listen(context.Background(), "tcp"+fam.network, net.JoinHostPort(fam.wild, "5353"))
+				return err
+			})
+			if err != nil {
+				t.Fatal(err)
+			}
+			defer pc.Close()
+			defer ln.Close()
+			go func() {
+				buf := make([]byte, 512)
+				for {
+					n, from, err := pc.ReadFrom(buf)
+					if err != nil {
+						return
+					}
+					pc.WriteTo(buf[:n], from)
+				}
+			}()
+			go func() {
+				for {
+					c, err := ln.Accept()
+					if err != nil {
+						return
+					}
+					c.Write([]byte("hi"))
+					c.Close()
+				}
+			}()
+			for _, c := range []struct {
+				ns   *testnet.NS
+				to   string
+				want bool
+			}{
+				{peer, fam.lan, true},
+				{peer, fam.wan, false},
+				{peer, fam.lanViaWAN, false},
+				{host, fam.lo, true},
+				{host, fam.wan, true}, // from the host itself: over loopback
+			} {
+				to := net.JoinHostPort(c.to, "5353")
+				if got := udpAnswered(t, c.ns, to); got != c.want {
+					t.Errorf("udp from %s to %s: answered %v, want %v", c.ns.Name, to, got, c.want)
+				}
+				if got := tcpAnswered(t, c.ns, to); got != c.want {
+					t.Errorf("tcp from %s to %s: answered %v, want %v", c.ns.Name, to, got, c.want)
+				}
+			}
+		})
+	}
+}
+
+// udpAnswered sends a datagram (three tries) and reports whether the echo
+// came back within 300ms of one.
+func udpAnswered(t *testing.T, ns *testnet.NS, to string) bool {
+	t.Helper()
+	c, err := ns.DialContext(context.Background(), "udp", to)
+	if err != nil {
+		t.Fatal(err)
+	}
+	defer c.Close()
+	buf := make([]byte, 16)
+	for range 3 {
+		if _, err := c.Write([]byte("ping")); err != nil {
+			t.Fatal(err)
+		}
+		c.SetReadDeadline(time.Now().Add(300 * time.Millisecond))
+		if n, err := c.Read(buf); err == nil && string(buf[:n]) == "ping" {
+			return true
+		} else if !errors.Is(err, os.ErrDeadlineExceeded) {
+			t.Fatalf("udp to %s: %v", to, err)
+		}
+	}
+	return false
+}
+
+// tcpAnswered connects (1.5s at most: a SYN the filter drops gets no
+// SYN-ACK, and the connect times out) and reports whether the greeting
+// came.
+func tcpAnswered(t *testing.T, ns *testnet.NS, to string) bool {
+	t.Helper()
+	ctx, cancel := context.WithTimeout(context.Background(), 1500*time.Millisecond)
+	defer cancel()
+	c, err := ns.DialContext(ctx, "tcp", to)
+	if err != nil {
+		if ne, ok := errors.AsType[net.Error](err); !ok || !ne.Timeout() {
+			t.Fatalf("tcp to %s: %v (want an answer or a timeout)", to, err)
+		}
+		return false
+	}
+	defer c.Close()
+	c.SetReadDeadline(time.Now().Add(time.Second))
+	buf := make([]byte, 2)
+	n, _ := c.Read(buf)
+	return n == 2
+}
+
+// TestDropFromInterfaceZero: index zero attaches nothing; a negative one
+// is an error.
+func TestDropFromInterfaceZero(t *testing.T) {
+	if err := DropFromInterfaceFD(-1, 0); err != nil {
+		t.Errorf("index 0: %v", err)
+	}
+	if err := DropFromInterfaceFD(0, -3); err == nil {
+		t.Error("index -3: no error")
+	}
+}
