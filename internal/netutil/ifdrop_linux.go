@@ -31,9 +31,14 @@ func dropFromProgram(ifindex int) ([]bpf.RawInstruction, error) {
 // accepted from it inherit it; on a UDP socket the datagrams, before they
 // are queued (recvmsg and recvmmsg never see them). The kernel runs it
 // for every packet the socket receives, before queueing: a few
-// instructions, nothing in Go. Zero ifindex: nothing is attached.
+// instructions, nothing in Go. Zero ifindex detaches the socket's filter
+// (none attached: no error).
 func DropFromInterfaceFD(fd, ifindex int) error {
 	if ifindex == 0 {
+		err := unix.SetsockoptInt(fd, unix.SOL_SOCKET, unix.SO_DETACH_FILTER, 0)
+		if err != nil && err != unix.ENOENT {
+			return fmt.Errorf("netutil: socket filter: %w", err)
+		}
 		return nil
 	}
 	if ifindex < 0 {
@@ -53,12 +58,9 @@ func DropFromInterfaceFD(fd, ifindex int) error {
 	return nil
 }
 
-// DropFromInterface is DropFromInterfaceFD on a socket's RawConn, for a
-// net.ListenConfig's Control.
+// DropFromInterface is DropFromInterfaceFD on a socket's RawConn (a
+// net.ListenConfig's Control, or SyscallConn).
 func DropFromInterface(rc syscall.RawConn, ifindex int) error {
-	if ifindex == 0 {
-		return nil
-	}
 	var serr error
 	if err := rc.Control(func(fd uintptr) { serr = DropFromInterfaceFD(int(fd), ifindex) }); err != nil {
 		return err

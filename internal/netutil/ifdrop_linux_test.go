@@ -142,13 +142,43 @@ func tcpAnswered(t *testing.T, ns *testnet.NS, to string) bool {
 	return n == 2
 }
 
-// TestDropFromInterfaceZero: index zero attaches nothing; a negative one
-// is an error.
-func TestDropFromInterfaceZero(t *testing.T) {
-	if err := DropFromInterfaceFD(-1, 0); err != nil {
-		t.Errorf("index 0: %v", err)
+// TestDropFromInterfaceDetach: index zero takes the filter off (and is
+// no error on a socket without one); a negative index is an error.
+func TestDropFromInterfaceDetach(t *testing.T) {
+	c, err := net.ListenPacket("udp4", "127.0.0.1:0")
+	if err != nil {
+		t.Fatal(err)
 	}
-	if err := DropFromInterfaceFD(0, -3); err == nil {
+	defer c.Close()
+	rc, _ := c.(*net.UDPConn).SyscallConn()
+	lo, err := net.InterfaceByName("lo")
+	if err != nil {
+		t.Fatal(err)
+	}
+	if err := DropFromInterface(rc, 0); err != nil {
+		t.Errorf("detach without a filter: %v", err)
+	}
+	if err := DropFromInterface(rc, -3); err == nil {
 		t.Error("index -3: no error")
+	}
+	echoed := func() bool {
+		if _, err := c.WriteTo([]byte("x"), c.LocalAddr()); err != nil {
+			t.Fatal(err)
+		}
+		c.SetReadDeadline(time.Now().Add(200 * time.Millisecond))
+		_, _, err := c.ReadFrom(make([]byte, 4))
+		return err == nil
+	}
+	if err := DropFromInterface(rc, lo.Index); err != nil {
+		t.Fatal(err)
+	}
+	if echoed() {
+		t.Error("a datagram to itself over loopback got through the loopback filter")
+	}
+	if err := DropFromInterface(rc, 0); err != nil {
+		t.Fatal(err)
+	}
+	if !echoed() {
+		t.Error("no datagram got through once the filter was taken off")
 	}
 }
