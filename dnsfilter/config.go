@@ -148,6 +148,17 @@ type Config struct {
 	// readers leave the netpoller (rawReaders).
 	UDPRawReads bool
 
+	// DropUDPFrom and DropTCPFrom are the index of an interface whose
+	// packets the listening sockets drop, UDP and TCP: a classic BPF
+	// socket filter on each of them (netutil.DropFromInterface), so a
+	// client that reaches the forwarder over that interface gets neither
+	// an answer nor a TCP handshake, whatever address it asked. egressd
+	// run gives the WAN interface's (THREATS.md: never an open resolver
+	// on the WAN side). The kernel runs the filter before it queues a
+	// packet: the readers and their batches are unchanged. Zero: no
+	// filter. Server.SetDropFrom changes them while the server runs.
+	DropUDPFrom, DropTCPFrom int
+
 	noBatch bool // tests: one datagram per system call on every socket
 }
 
@@ -209,6 +220,9 @@ func (c Config) Validate() error {
 	}
 	if c.DownAfter < 0 || c.MaxInflight < 0 || c.TableSize < 0 || c.ClientBurst < 0 || c.TCPMaxQueries < 0 || c.UDPReaders < 0 {
 		errs = append(errs, errors.New("dnsfilter: counts must not be negative (except CacheSize, ClientRate, TCPMaxConns and TCPMaxConnsPerClient, where negative disables)"))
+	}
+	if c.DropUDPFrom < 0 || c.DropTCPFrom < 0 {
+		errs = append(errs, fmt.Errorf("dnsfilter: interface index %d, %d: negative", c.DropUDPFrom, c.DropTCPFrom))
 	}
 	return errors.Join(errs...)
 }

@@ -14,6 +14,7 @@ import (
 	"golang.org/x/sys/unix"
 
 	"egressd/audit"
+	"egressd/internal/netutil"
 )
 
 // rawUDP is an IPv4 listener socket that Go's netpoller does not watch:
@@ -61,6 +62,20 @@ func rawFrom(c *net.UDPConn) (*rawUDP, error) {
 }
 
 func (r *rawUDP) LocalAddr() net.Addr { return r.laddr }
+
+// setDropFrom attaches the socket filter of SetDropFrom (a closed socket:
+// nothing to do).
+func (r *rawUDP) setDropFrom(ifindex int) error {
+	r.mu.RLock()
+	defer r.mu.RUnlock()
+	if r.closed.Load() {
+		return nil
+	}
+	if err := netutil.DropFromInterfaceFD(r.fd, ifindex); err != nil {
+		return fmt.Errorf("dnsfilter: %w", err)
+	}
+	return nil
+}
 
 // Close wakes a reader blocked in recvmmsg (shutdown of the reading side
 // makes every read return at once; on an unconnected UDP socket it

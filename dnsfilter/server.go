@@ -21,6 +21,7 @@ import (
 	"golang.org/x/sys/unix"
 
 	"egressd/audit"
+	"egressd/internal/netutil"
 	"egressd/policy"
 )
 
@@ -91,6 +92,9 @@ type Server struct {
 	tcp     []net.Listener
 	tcpSrv  []*dns.Server
 	addrs   []netip.AddrPort
+	// dropUDP and dropTCP are the interface indexes the listening
+	// sockets' filters drop (DropUDPFrom, DropTCPFrom; SetDropFrom).
+	dropUDP, dropTCP int
 
 	closing   atomic.Bool
 	ready     chan struct{} // closed once listeners are bound
@@ -127,6 +131,8 @@ func New(cfg Config, deps Deps) (*Server, error) {
 		done:  make(chan struct{}),
 
 		flights: map[string]*flight{},
+		dropUDP: cfg.DropUDPFrom,
+		dropTCP: cfg.DropTCPFrom,
 	}
 	if s.sink == nil {
 		s.sink = audit.Discard
@@ -364,16 +370,22 @@ func (s *Server) listenOne(host, port string, readers int) error {
 	var bound string
 	var ap netip.AddrPort
 	reuse := port != "0"
+	// The filters go on before bind (Control), so that nothing from the
+	// dropped interface is ever queued; SetDropFrom may change them
+	// meanwhile, which the sockets then take below.
+	s.mu.Lock()
+	dropUDP, dropTCP := s.dropUDP, s.dropTCP
+	s.mu.Unlock()
 	ip, err := netip.ParseAddr(host)
 	if host == "" || err == nil && ip.IsUnspecified() {
-		cs, p, err := s.listenUDP("udp4", net.JoinHostPort("0.0.0.0", port), reuse, readers, false)
+		cs, p, err := s.listenUDP("udp4", net.JoinHostPort("0.0.0.0", port), reuse, readers, false, dropUDP)
 		if err != nil {
 			return err
 		}
 		conns = cs
 		ap = netip.AddrPortFrom(netip.IPv4Unspecified(), p)
 		if host == "" || ip.Is6() {
-			v6, _, err := s.listenUDP("udp6", net.JoinHostPort("::", strconv.Itoa(int(p))), reuse, readers, true)
+			v6, _, err := s.listenUDP("udp6", net.JoinHostPort("::", strconv.Itoa(int(p))), reuse, readers, true, dropUDP)
 			switch {
 			case err == nil:
 				conns = append(conns, v6...)
@@ -386,7 +398,7 @@ func (s *Server) listenOne(host, port string, readers int) error {
 		}
 		bound = net.JoinHostPort(host, strconv.Itoa(int(p)))
 	} else {
-		cs, p, err := s.listenUDP("udp", net.JoinHostPort(host, port), reuse, readers, false)
+		cs, p, err := s.listenUDP("udp", net.JoinHostPort(host, port), reuse, readers, false, dropUDP)
 		if err != nil {
 			return err
 		}
@@ -400,7 +412,12 @@ func (s *Server) listenOne(host, port string, readers int) error {
 	}
 	// No keepalive on accepted connections: TCPIdleTimeout ends idle
 	// ones, and Go's default would set it on each with four system calls.
-	l, err := (&net.ListenConfig{KeepAlive: -1}).Listen(context.Background(), "tcp", bound)
+	l, err := (&net.ListenConfig{KeepAlive: -1, Control: func(_, _ string, rc syscall.RawConn) error {
+		if dropTCP == 0 {
+			return nil
+		}
+		return netutil.DropFromInterface(rc, dropTCP)
+	}}).Listen(context.Background(), "tcp", bound)
 	if err != nil {
 		closeAll()
 		return fmt.Errorf("dnsfilter: listen tcp: %w", err)
@@ -421,6 +438,15 @@ func (s *Server) listenOne(host, port string, readers int) error {
 	}
 	s.mu.Lock()
 	defer s.mu.Unlock()
+	if s.dropUDP != dropUDP || s.dropTCP != dropTCP {
+		if err := setDropFrom(ucs, []net.Listener{l}, s.dropUDP, s.dropTCP); err != nil {
+			for _, c := range ucs {
+				_ = c.Close()
+			}
+			_ = l.Close()
+			return err
+		}
+	}
 	s.udp = append(s.udp, ucs...)
 	s.tcp = append(s.tcp, l)
 	s.tcpSrv = append(s.tcpSrv, srv)
@@ -433,10 +459,16 @@ func (s *Server) listenOne(host, port string, readers int) error {
 // without (port 0 asked for: tests), one plain socket read by every reader
 // (the kernel may give a port-0 SO_REUSEPORT socket a port that another
 // process's reuse group already holds). It returns the sockets, one per
-// reader, and the port.
-func (s *Server) listenUDP(network, addr string, reuse bool, readers int, v6only bool) ([]*net.UDPConn, uint16, error) {
+// reader, and the port. dropFrom is the index of the interface whose
+// datagrams the sockets drop (DropUDPFrom), zero for none.
+func (s *Server) listenUDP(network, addr string, reuse bool, readers int, v6only bool, dropFrom int) ([]*net.UDPConn, uint16, error) {
 	ctx := context.Background()
 	lc := net.ListenConfig{Control: func(_, _ string, c syscall.RawConn) error {
+		if dropFrom != 0 {
+			if err := netutil.DropFromInterface(c, dropFrom); err != nil {
+				return err
+			}
+		}
 		var serr error
 		err := c.Control(func(fd uintptr) {
 			if reuse {
