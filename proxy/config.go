@@ -28,6 +28,15 @@ type Config struct {
 	// "192.168.1.1:3128". Empty: off (ServeExplicit can still be given a
 	// listener).
 	ExplicitAddr string
+	// DropTransparentFrom and DropExplicitFrom are the index of an
+	// interface whose packets the transparent and the explicit listener
+	// drop: a classic BPF socket filter on the listening socket
+	// (netutil.DropFromInterface) drops the SYNs, so a client over that
+	// interface gets no handshake, whatever address it connects to; the
+	// connections accepted inherit it. egressd run gives the WAN
+	// interface's (never an open proxy on the WAN side). Zero: no filter.
+	// Proxy.SetDropFrom changes them while the proxy runs.
+	DropTransparentFrom, DropExplicitFrom int
 
 	// HelloTimeout bounds the whole TLS ClientHello or HTTP request head,
 	// from accept to the last byte (slowloris). Zero: 10 s.
@@ -229,6 +238,9 @@ func (c Config) Validate() error {
 		if _, _, err := net.SplitHostPort(a.v); err != nil {
 			errs = append(errs, fmt.Errorf("proxy: %s listen address %q: %v", a.name, a.v, err))
 		}
+	}
+	if c.DropTransparentFrom < 0 || c.DropExplicitFrom < 0 {
+		errs = append(errs, fmt.Errorf("proxy: interface index %d, %d: negative", c.DropTransparentFrom, c.DropExplicitFrom))
 	}
 	if c.HelloTimeout < 0 || c.FirstByteWait < 0 || c.DialTimeout < 0 || c.LookupTimeout < 0 {
 		errs = append(errs, errors.New("proxy: timeouts must not be negative"))

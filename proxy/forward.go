@@ -123,7 +123,11 @@ func setKeepAliveFD(fd int, idle time.Duration) error {
 // connections inherit (handleTransparent then sets none) and, when the
 // first-byte wait is a second or more, TCP_DEFER_ACCEPT (deferAcceptControl).
 func (p *Proxy) listenTransparent(ctx context.Context, addr string) (net.Listener, error) {
+	drop := p.dropFromNow(0)
 	lc := net.ListenConfig{KeepAlive: -1, Control: func(network, address string, rc syscall.RawConn) error {
+		if err := dropControl(rc, drop); err != nil {
+			return err
+		}
 		if err := p.keepAliveControl(network, address, rc); err != nil {
 			return err
 		}
@@ -132,6 +136,9 @@ func (p *Proxy) listenTransparent(ctx context.Context, addr string) (net.Listene
 	}}
 	ln, err := lc.Listen(ctx, "tcp", addr)
 	if err != nil {
+		return nil, err
+	}
+	if err := p.opensListener(0, ln, drop); err != nil {
 		return nil, err
 	}
 	p.kaListener = ln
@@ -144,14 +151,25 @@ func (p *Proxy) listenTransparent(ctx context.Context, addr string) (net.Listene
 // TCP_DEFER_ACCEPT: its clients always speak first (a request head), so
 // accept returns once the head is there.
 func (p *Proxy) listenExplicit(ctx context.Context, addr string) (net.Listener, error) {
+	drop := p.dropFromNow(1)
 	lc := net.ListenConfig{KeepAlive: -1, Control: func(network, address string, rc syscall.RawConn) error {
+		if err := dropControl(rc, drop); err != nil {
+			return err
+		}
 		if err := p.keepAliveControl(network, address, rc); err != nil {
 			return err
 		}
 		deferAcceptControl(rc) // without it, accept returns earlier: no harm
 		return nil
 	}}
-	return lc.Listen(ctx, "tcp", addr)
+	ln, err := lc.Listen(ctx, "tcp", addr)
+	if err != nil {
+		return nil, err
+	}
+	if err := p.opensListener(1, ln, drop); err != nil {
+		return nil, err
+	}
+	return ln, nil
 }
 
 // deferAcceptWait is how long the kernel holds a connection whose client

@@ -56,6 +56,13 @@ type Proxy struct {
 	// deferAccept: kaListener has TCP_DEFER_ACCEPT (deferAcceptControl).
 	deferAccept bool
 
+	// dropMu guards dropFrom, the interface indexes the listeners'
+	// socket filters drop (transparent, explicit: DropTransparentFrom,
+	// DropExplicitFrom, SetDropFrom), and opened, the listeners Run opened.
+	dropMu   sync.Mutex
+	dropFrom [2]int
+	opened   [2]net.Listener
+
 	limMu    sync.Mutex // guards following
 	perIP    map[netip.Addr]int
 	total    int
@@ -137,6 +144,7 @@ func New(cfg Config, deps Deps) (*Proxy, error) {
 		ready:     make(chan struct{}),
 		work:      workers{tasks: make(chan func()), idle: workerIdle},
 		slow:      newSlowChecks(),
+		dropFrom:  [2]int{cfg.DropTransparentFrom, cfg.DropExplicitFrom},
 	}
 	if len(cfg.ProxyUserDigests) > 0 {
 		p.userDigests.Store(newUserSet(maps.Clone(cfg.ProxyUserDigests)))

@@ -1,0 +1,87 @@
+package proxy
+
+import (
+	"errors"
+	"fmt"
+	"net"
+	"syscall"
+
+	"egressd/internal/netutil"
+)
+
+// SetDropFrom changes the interfaces whose packets the transparent and the
+// explicit listener drop (Config.DropTransparentFrom, DropExplicitFrom),
+// on the listeners Run opened and those it opens later: egressd run calls
+// it when the WAN interface comes back with another index (a PPP link
+// re-made). Zero takes a filter off. Connections already accepted keep
+// the filter they had.
+func (p *Proxy) SetDropFrom(transparent, explicit int) error {
+	if transparent < 0 || explicit < 0 {
+		return fmt.Errorf("proxy: interface index %d, %d: negative", transparent, explicit)
+	}
+	p.dropMu.Lock()
+	defer p.dropMu.Unlock()
+	p.dropFrom = [2]int{transparent, explicit}
+	var errs []error
+	for i, ln := range p.opened {
+		if ln != nil {
+			errs = append(errs, listenerDropFrom(ln, p.dropFrom[i]))
+		}
+	}
+	return errors.Join(errs...)
+}
+
+// dropFromNow is the index listener i (0 transparent, 1 explicit) is to
+// drop, for its Control.
+func (p *Proxy) dropFromNow(i int) int {
+	p.dropMu.Lock()
+	defer p.dropMu.Unlock()
+	return p.dropFrom[i]
+}
+
+// opensListener records listener i, opened with the filter for index
+// drop, and gives it the current one if SetDropFrom changed it meanwhile.
+// On failure it closes ln.
+func (p *Proxy) opensListener(i int, ln net.Listener, drop int) error {
+	p.dropMu.Lock()
+	defer p.dropMu.Unlock()
+	p.opened[i] = ln
+	if p.dropFrom[i] == drop {
+		return nil
+	}
+	if err := listenerDropFrom(ln, p.dropFrom[i]); err != nil {
+		_ = ln.Close()
+		return err
+	}
+	return nil
+}
+
+// dropControl attaches the filter in a ListenConfig's Control (none for
+// index 0).
+func dropControl(rc syscall.RawConn, ifindex int) error {
+	if ifindex == 0 {
+		return nil
+	}
+	if err := netutil.DropFromInterface(rc, ifindex); err != nil {
+		return fmt.Errorf("proxy: %w", err)
+	}
+	return nil
+}
+
+func listenerDropFrom(ln net.Listener, ifindex int) error {
+	c, ok := ln.(syscall.Conn)
+	if !ok {
+		return fmt.Errorf("proxy: socket filter: %T has no descriptor", ln)
+	}
+	rc, err := c.SyscallConn()
+	if err != nil {
+		if errors.Is(err, net.ErrClosed) {
+			return nil
+		}
+		return fmt.Errorf("proxy: socket filter: %w", err)
+	}
+	if err := netutil.DropFromInterface(rc, ifindex); err != nil && !errors.Is(err, net.ErrClosed) {
+		return fmt.Errorf("proxy: %w", err)
+	}
+	return nil
+}
