@@ -433,8 +433,30 @@ func (d *daemon) run(ctx context.Context) error {
 	}
 	d.ledger.RegisterMetrics(d.reg)
 
+	explicit := cfg.explicit
+	if explicit == "" {
+		if a := interfaceAddr(lan); a.IsValid() && lan != wan {
+			explicit = netip.AddrPortFrom(a, 3128).String()
+		} else {
+			explicit = "127.0.0.1:3128"
+		}
+	}
+	if explicit == "off" {
+		explicit = ""
+	}
+
+	// What arrives on the WAN interface, the listeners drop (a socket
+	// filter on each), in every mode: no open resolver, no open proxy.
+	wanOpen, _ := parsePortProtos(cfg.wanOpen) // checked by check
+	wdrop := wanDropFor(lan, wan, wanOpen, splitList(cfg.dnsListen), cfg.transparent, explicit)
+	wanIdx, wanLoopback := 0, false
+	if wdrop.any() {
+		wanIdx, wanLoopback = wanIndex(wan)
+	}
+
 	// DNS first: the proxy and capture read its learned-address table.
 	dnsCfg := dnsfilter.Config{Listen: splitList(cfg.dnsListen), Upstreams: splitList(cfg.upstreams), Deny: denyAnswer(cfg.denyAnswer)}
+	dnsCfg.DropUDPFrom, dnsCfg.DropTCPFrom = wdrop.dns(wanIdx)
 	table := dnsfilter.NewTable(0)
 	gate := &firewallGate{} // the firewall, once installed, takes allowed answers' addresses before the client gets them
 	d.gate = gate
@@ -456,19 +478,9 @@ func (d *daemon) run(ctx context.Context) error {
 		}()
 	}
 
-	explicit := cfg.explicit
-	if explicit == "" {
-		if a := interfaceAddr(lan); a.IsValid() && lan != wan {
-			explicit = netip.AddrPortFrom(a, 3128).String()
-		} else {
-			explicit = "127.0.0.1:3128"
-		}
-	}
-	if explicit == "off" {
-		explicit = ""
-	}
 	pcfg := proxy.Config{TransparentAddr: cfg.transparent, ExplicitAddr: explicit, Inspect: cfg.inspect, StateDir: cfg.stateDir,
 		ProxyUserDigests: d.proxyUsers}
+	pcfg.DropTransparentFrom, pcfg.DropExplicitFrom = wdrop.proxy(wanIdx)
 	proxyStopped := make(chan struct{}) // closed once the proxy's Run has returned (and its failure is recorded)
 	if d.proxy, err = proxy.New(pcfg, proxy.Deps{Policy: d.store, Sink: d.sink, Logger: d.log, Registerer: d.reg, DNS: dnsFacts, Resolver: resolver}); err != nil {
 		d.degrade("proxy", err.Error())
@@ -480,6 +492,24 @@ func (d *daemon) run(ctx context.Context) error {
 			if err := d.proxy.Run(ctx); err != nil && ctx.Err() == nil {
 				d.degrade("proxy", withCapHint(err, caps.bindService, "CAP_NET_BIND_SERVICE for a listen port below 1024"))
 			}
+		}()
+	}
+
+	if wdrop.any() && !wanLoopback {
+		dns, prx := d.dns, d.proxy
+		wg.Add(1)
+		go func() {
+			defer wg.Done()
+			d.watchWAN(ctx, wan, wanIdx, func(idx int) error {
+				var errs []error
+				if dns != nil {
+					errs = append(errs, dns.SetDropFrom(wdrop.dns(idx)))
+				}
+				if prx != nil {
+					errs = append(errs, prx.SetDropFrom(wdrop.proxy(idx)))
+				}
+				return errors.Join(errs...)
+			})
 		}()
 	}
 
@@ -545,10 +575,13 @@ func (d *daemon) run(ctx context.Context) error {
 		}
 	}
 
+	if wan != "" && wan != lan {
+		d.say("%s", wanDropSay(wan, wdrop, wanIdx, wanLoopback))
+	}
 	if eng.Mode() == policy.ModeAudit {
 		// --guard-wan guards only when egressd installs the firewall:
 		// with --no-firewall it installs nothing.
-		if why := auditWANExposure(lan, wan, cfg.guardWAN && !cfg.noFirewall, splitList(cfg.dnsListen), interfaceAddrs(wan)); why != "" {
+		if why := auditWANExposure(lan, wan, cfg.guardWAN && !cfg.noFirewall, !wanLoopback, splitList(cfg.dnsListen), wanOpen, interfaceAddrs(wan)); why != "" {
 			d.log.Warn(why, "wan", wan)
 			d.say("warning: %s", why)
 		}
@@ -922,18 +955,20 @@ func joinAddrPorts(a []netip.AddrPort) string {
 	return strings.Join(s, ", ")
 }
 
-// listenPort returns the port of a listen address, 0 when it has none.
 // auditWANExposure says, for a run in audit mode, that the DNS forwarder
-// and the proxies answer clients on the WAN side, "" when they do not or
-// no WAN interface is known. Audit mode installs nothing (README): no
-// redirect, and no inbound guard unless --guard-wan (guarded) asks for
-// one; and the forwarder never denies in audit mode, so one listening
-// where WAN-side hosts reach it is an open resolver (amplification). It
-// is limited to the LAN when every DNS listen address is a specific one
-// the WAN interface does not hold (wanAddrs). The proxies listen as they
-// are told, the transparent one on every address by default.
-func auditWANExposure(lan, wan string, guarded bool, dnsListen []string, wanAddrs []netip.Addr) string {
-	if wan == "" || wan == lan || guarded {
+// answers clients on the WAN side, "" when it does not or no WAN
+// interface is known. The forwarder never denies in audit mode, so one
+// that WAN-side hosts reach is an open resolver (amplification). Its
+// sockets drop what arrives on the WAN interface (wanDrop, a socket
+// filter, in every mode) unless the WAN interface is loopback (filtered
+// false) or --wan-open lists the forwarder's port (wanOpen: the operator
+// wants it reachable, and the firewall's guard, guarded, lets it in too).
+// Without the filter the old rule holds: audit mode installs nothing, so
+// only --guard-wan keeps WAN-side clients out. The forwarder is limited
+// to the LAN anyway when every DNS listen address is a specific one the
+// WAN interface does not hold (wanAddrs).
+func auditWANExposure(lan, wan string, guarded, filtered bool, dnsListen []string, wanOpen []policy.PortRange, wanAddrs []netip.Addr) string {
+	if wan == "" || wan == lan {
 		// No WAN side apart from the LAN (one interface for both: the
 		// forwarder must answer there, and --guard-wan would cut the LAN).
 		return ""
@@ -953,7 +988,19 @@ func auditWANExposure(lan, wan string, guarded bool, dnsListen []string, wanAddr
 	if exposed == "" {
 		return ""
 	}
-	return fmt.Sprintf("audit mode: the DNS forwarder (--dns-listen %s, every name allowed) and the proxies answer clients on the WAN side (%s) too: an open resolver; --guard-wan drops new connections from the WAN side (nothing else is installed; not with --no-firewall), or give --dns-listen the LAN address", exposed, wan)
+	var open []string
+	for _, proto := range []policy.Proto{policy.UDP, policy.TCP} {
+		if p := listenPort(exposed); portListed(wanOpen, p, proto) {
+			open = append(open, fmt.Sprintf("%d/%s", p, proto))
+		}
+	}
+	switch {
+	case len(open) > 0:
+		return fmt.Sprintf("audit mode: --wan-open %s lets clients on the WAN side (%s) reach the DNS forwarder (--dns-listen %s, every name allowed): an open resolver; take the port out of --wan-open, or give --dns-listen the LAN address", strings.Join(open, ","), wan, exposed)
+	case filtered || guarded:
+		return ""
+	}
+	return fmt.Sprintf("audit mode: the DNS forwarder (--dns-listen %s, every name allowed) and the proxies answer clients on the WAN side (%s) too, a loopback interface their socket filters leave alone: an open resolver; --guard-wan drops new connections from the WAN side (nothing else is installed; not with --no-firewall), or give --dns-listen the LAN address", exposed, wan)
 }
 
 // interfaceAddrs returns the addresses of an interface, nil when it has
@@ -998,6 +1045,7 @@ func redirectMisses(addr string) string {
 	return ""
 }
 
+// listenPort returns the port of a listen address, 0 when it has none.
 func listenPort(addr string) uint16 {
 	_, p, err := net.SplitHostPort(addr)
 	if err != nil {

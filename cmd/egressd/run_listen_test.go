@@ -5,6 +5,7 @@ import (
 	"net"
 	"net/netip"
 	"path/filepath"
+	"reflect"
 	"regexp"
 	"strings"
 	"testing"
@@ -105,6 +106,9 @@ func TestRunAuditWANExposure(t *testing.T) {
 		{"lan-is-wan", []string{"--wan", "lo", "--dns-listen", "127.0.0.1:0"}, false},
 		// The interface of the default route, which 127.0.0.1 is not on.
 		{"address-not-on-wan", []string{"--wan", "", "--dns-listen", "127.0.0.1:0"}, false},
+		// Every address, the WAN interface's too: the socket filters
+		// drop what arrives on it.
+		{"filtered", []string{"--wan", "", "--dns-listen", "[::]:0"}, false},
 		{"enforce", []string{"--lan", "egrtest0", "--wan", "lo", "--dns-listen", "127.0.0.1:0", "--mode", "enforce"}, false},
 	} {
 		t.Run(c.name, func(t *testing.T) {
@@ -140,6 +144,61 @@ func TestRunAuditWANExposure(t *testing.T) {
 	}
 }
 
+// TestAuditWANExposureWANOpen: --wan-open listing the forwarder's port
+// opens it to the WAN side, filtered or guarded: egressd says so.
+func TestAuditWANExposureWANOpen(t *testing.T) {
+	wanAddrs := []netip.Addr{netip.MustParseAddr("198.51.100.2")}
+	for _, c := range []struct {
+		open, listen string
+		want         string // "": no warning
+	}{
+		{"53/udp", ":53", "--wan-open 53/udp "},
+		{"53/tcp,53/udp", "[::]:53", "--wan-open 53/udp,53/tcp "},
+		{"50-60/tcp", ":53", "--wan-open 53/tcp "},
+		{"22/tcp,53/udp", "198.51.100.2:53", "--wan-open 53/udp "},
+		{"22/tcp", ":53", ""},
+		{"5353/udp", ":53", ""},
+		{"53/udp", "192.168.50.1:53", ""}, // not a WAN address
+	} {
+		open, err := parsePortProtos(c.open)
+		if err != nil {
+			t.Fatal(err)
+		}
+		for _, fg := range [][2]bool{{true, false}, {false, true}, {true, true}} {
+			got := auditWANExposure("lan0", "wan0", fg[1], fg[0], splitList(c.listen), open, wanAddrs)
+			if c.want == "" && got != "" || c.want != "" && (!strings.Contains(got, c.want) || !strings.Contains(got, "open resolver")) {
+				t.Errorf("--wan-open %s --dns-listen %s filtered %v guarded %v: %q, want %q", c.open, c.listen, fg[0], fg[1], got, c.want)
+			}
+		}
+	}
+}
+
+// TestWANDropFor: which listeners drop what arrives on the WAN interface.
+func TestWANDropFor(t *testing.T) {
+	for _, c := range []struct {
+		lan, wan, open, dns, transparent, explicit string
+		want                                       wanDrop
+	}{
+		{"lan0", "wan0", "", ":53", "[::]:15001", "198.18.1.1:3128", wanDrop{dnsUDP: true, dnsTCP: true, transparent: true, explicit: true}},
+		{"lan0", "wan0", "", ":53", "[::]:15001", "", wanDrop{dnsUDP: true, dnsTCP: true, transparent: true}},
+		{"lan0", "wan0", "53/udp,22/tcp", ":53", "[::]:15001", "198.18.1.1:3128", wanDrop{dnsTCP: true, transparent: true, explicit: true, open: []string{"53/udp"}}},
+		{"lan0", "wan0", "53/udp,53/tcp,3128/tcp", ":53,[::1]:53", "[::]:15001", "[::]:3128", wanDrop{transparent: true, open: []string{"53/udp", "53/tcp", "3128/tcp"}}},
+		{"lan0", "wan0", "15000-15002/tcp", "127.0.0.1:5353,:53", "[::]:15001", "", wanDrop{dnsUDP: true, dnsTCP: true, open: []string{"15001/tcp"}}},
+		{"lan0", "wan0", "5353/udp", "127.0.0.1:5353,:53", "", "", wanDrop{dnsTCP: true, open: []string{"5353/udp"}}},
+		{"eth0", "eth0", "", ":53", "[::]:15001", "", wanDrop{}}, // one interface: no WAN side
+		{"lan0", "", "", ":53", "[::]:15001", "", wanDrop{}},
+	} {
+		open, err := parsePortProtos(c.open)
+		if err != nil {
+			t.Fatal(err)
+		}
+		got := wanDropFor(c.lan, c.wan, open, splitList(c.dns), c.transparent, c.explicit)
+		if !reflect.DeepEqual(got, c.want) {
+			t.Errorf("lan %s wan %s --wan-open %q dns %s proxies %q %q: %+v, want %+v", c.lan, c.wan, c.open, c.dns, c.transparent, c.explicit, got, c.want)
+		}
+	}
+}
+
 // TestAuditWANExposure: which DNS listen addresses WAN-side clients reach.
 func TestAuditWANExposure(t *testing.T) {
 	wanAddrs := []netip.Addr{netip.MustParseAddr("198.51.100.2"), netip.MustParseAddr("2001:db8::2")}
@@ -163,9 +222,14 @@ func TestAuditWANExposure(t *testing.T) {
 		{"", false, ":53", false},
 		{"lan0", false, ":53", false}, // one interface for LAN and WAN: no other side
 	} {
-		got := auditWANExposure("lan0", c.wan, c.guarded, splitList(c.listen), wanAddrs)
+		got := auditWANExposure("lan0", c.wan, c.guarded, false, splitList(c.listen), nil, wanAddrs)
 		if (got != "") != c.want || c.want && !strings.Contains(got, "--guard-wan") {
 			t.Errorf("wan %q guarded %v listen %q: %q", c.wan, c.guarded, c.listen, got)
+		}
+		// With the socket filters on the WAN interface (any interface
+		// but loopback), the forwarder answers no one there.
+		if got := auditWANExposure("lan0", c.wan, c.guarded, true, splitList(c.listen), nil, wanAddrs); got != "" {
+			t.Errorf("wan %q guarded %v listen %q, filtered: %q", c.wan, c.guarded, c.listen, got)
 		}
 	}
 }

@@ -1,0 +1,203 @@
+package main
+
+import (
+	"context"
+	"errors"
+	"fmt"
+	"net"
+	"os"
+	"strings"
+	"time"
+
+	"golang.org/x/sys/unix"
+
+	"egressd/audit"
+	"egressd/policy"
+)
+
+// wanDrop says which of egressd's listening sockets drop what arrives on
+// the WAN interface: a classic BPF socket filter on each
+// (netutil.DropFromInterface), in every mode, with nothing installed in
+// nftables (THREATS.md: never an open resolver, nor an open proxy, on the
+// WAN side). Whatever address a WAN-side host sends to (the WAN address,
+// or the LAN one routed over the WAN link), the forwarder gives it no
+// answer and the proxies no handshake.
+type wanDrop struct {
+	dnsUDP, dnsTCP, transparent, explicit bool
+	// open are the --wan-open ports that keep a listener reachable from
+	// the WAN side, such as "53/udp": the operator asked for them.
+	open []string
+}
+
+// wanDropFor is every listener, but those whose port --wan-open lists;
+// none when there is no WAN side apart from the LAN (one interface for
+// both: the forwarder must answer there).
+func wanDropFor(lan, wan string, wanOpen []policy.PortRange, dnsListen []string, transparent, explicit string) wanDrop {
+	if wan == "" || wan == lan {
+		return wanDrop{}
+	}
+	w := wanDrop{dnsUDP: true, dnsTCP: true, transparent: transparent != "", explicit: explicit != ""}
+	keep := func(addr string, proto policy.Proto) bool {
+		p := listenPort(addr)
+		if p == 0 || !portListed(wanOpen, p, proto) {
+			return true
+		}
+		s := fmt.Sprintf("%d/%s", p, proto)
+		for _, o := range w.open {
+			if o == s {
+				return false
+			}
+		}
+		w.open = append(w.open, s)
+		return false
+	}
+	for _, a := range dnsListen {
+		w.dnsUDP = keep(a, policy.UDP) && w.dnsUDP
+		w.dnsTCP = keep(a, policy.TCP) && w.dnsTCP
+	}
+	if w.transparent {
+		w.transparent = keep(transparent, policy.TCP)
+	}
+	if w.explicit {
+		w.explicit = keep(explicit, policy.TCP)
+	}
+	return w
+}
+
+func (w wanDrop) any() bool { return w.dnsUDP || w.dnsTCP || w.transparent || w.explicit }
+
+// dns and proxy are the indexes the forwarder's and the proxy's sockets
+// drop, for the WAN interface's index idx.
+func (w wanDrop) dns(idx int) (udp, tcp int) { return on(w.dnsUDP, idx), on(w.dnsTCP, idx) }
+func (w wanDrop) proxy(idx int) (transparent, explicit int) {
+	return on(w.transparent, idx), on(w.explicit, idx)
+}
+
+func on(b bool, idx int) int {
+	if b {
+		return idx
+	}
+	return 0
+}
+
+// portListed reports whether ranges hold port/proto.
+func portListed(ranges []policy.PortRange, port uint16, proto policy.Proto) bool {
+	for _, r := range ranges {
+		if r.Proto == proto && r.Lo <= port && port <= r.Hi {
+			return true
+		}
+	}
+	return false
+}
+
+// wanIndex is the index the filters drop for the interface wan: 0 when
+// it does not exist (yet: watchWAN attaches the filters when it appears;
+// until then nothing arrives on it) or is loopback (filtering it would
+// cut the gateway's own queries; auditWANExposure warns).
+func wanIndex(wan string) (idx int, loopback bool) {
+	i, err := net.InterfaceByName(wan)
+	if err != nil {
+		return 0, false
+	}
+	if i.Flags&net.FlagLoopback != 0 {
+		return 0, true
+	}
+	return i.Index, false
+}
+
+// wanRecheck is how often watchWAN looks at the WAN interface's index
+// besides the netlink notices (which a full socket buffer may lose).
+const wanRecheck = 30 * time.Second
+
+// watchWAN gives the filters the WAN interface's new index when it
+// changes: the interface came up after egressd started, or went and came
+// back with another index (a PPP link re-made, a bridge re-created). The
+// filter holds an index, not a name: without this, a re-made WAN
+// interface would reach every listener. It wakes on every link change
+// (netlink, RTMGRP_LINK) and every wanRecheck besides; it returns when
+// ctx is done. An interface that goes away keeps its old index in the
+// filters, harmless: nothing arrives on it.
+func (d *daemon) watchWAN(ctx context.Context, wan string, idx int, apply func(idx int) error) {
+	wake := make(chan struct{}, 1)
+	if err := linkNotices(ctx, wake); err != nil {
+		d.log.Warn("wan: no netlink link notices; the WAN interface's index is checked every "+wanRecheck.String(), "wan", wan, audit.LogError, err.Error())
+	}
+	t := time.NewTicker(wanRecheck)
+	defer t.Stop()
+	for {
+		if now, _ := wanIndex(wan); now != 0 && now != idx {
+			if err := apply(now); err != nil {
+				d.log.Error("wan: could not give the listeners' socket filters the WAN interface's new index", "wan", wan, "ifindex", now, audit.LogError, err.Error())
+			} else {
+				d.log.Info("wan: the WAN interface has a new index: the listeners drop what arrives on it", "wan", wan, "ifindex", now, "was", idx)
+				idx = now
+			}
+		}
+		select {
+		case <-ctx.Done():
+			return
+		case <-wake:
+		case <-t.C:
+		}
+	}
+}
+
+// linkNotices sends on wake (without blocking) for every netlink message
+// of the link group until ctx is done.
+func linkNotices(ctx context.Context, wake chan<- struct{}) error {
+	fd, err := unix.Socket(unix.AF_NETLINK, unix.SOCK_RAW|unix.SOCK_CLOEXEC|unix.SOCK_NONBLOCK, unix.NETLINK_ROUTE)
+	if err != nil {
+		return fmt.Errorf("netlink: %w", err)
+	}
+	if err := unix.Bind(fd, &unix.SockaddrNetlink{Family: unix.AF_NETLINK, Groups: unix.RTMGRP_LINK}); err != nil {
+		_ = unix.Close(fd)
+		return fmt.Errorf("netlink: %w", err)
+	}
+	f := os.NewFile(uintptr(fd), "netlink-link") // non-blocking: read through the netpoller, so Close ends the read
+	go func() {
+		<-ctx.Done()
+		_ = f.Close()
+	}()
+	go func() {
+		buf := make([]byte, 32<<10)
+		for {
+			_, err := f.Read(buf)
+			if err != nil && (ctx.Err() != nil || errors.Is(err, os.ErrClosed)) {
+				return
+			}
+			// ENOBUFS (notices lost) wakes too: the check is by name.
+			select {
+			case wake <- struct{}{}:
+			default:
+			}
+		}
+	}()
+	return nil
+}
+
+// wanDropSay is the start-up line that says what the filters drop.
+func wanDropSay(wan string, w wanDrop, idx int, loopback bool) string {
+	var drop []string
+	for _, x := range []struct {
+		on   bool
+		what string
+	}{{w.dnsUDP && w.dnsTCP, "the DNS forwarder"}, {w.dnsUDP && !w.dnsTCP, "the DNS forwarder's UDP"}, {!w.dnsUDP && w.dnsTCP, "the DNS forwarder's TCP"},
+		{w.transparent, "the transparent proxy"}, {w.explicit, "the explicit proxy"}} {
+		if x.on {
+			drop = append(drop, x.what)
+		}
+	}
+	open := ""
+	if len(w.open) > 0 {
+		open = fmt.Sprintf("; --wan-open %s stays reachable from it", strings.Join(w.open, ","))
+	}
+	switch {
+	case loopback:
+		return fmt.Sprintf("wan: %s is a loopback interface: no listener drops what arrives on it", wan)
+	case len(drop) == 0:
+		return fmt.Sprintf("wan: no listener drops what arrives on %s%s", wan, open)
+	case idx == 0:
+		return fmt.Sprintf("wan: %s does not exist (yet): %s will drop what arrives on it once it appears (socket filter)%s", wan, strings.Join(drop, ", "), open)
+	}
+	return fmt.Sprintf("wan: %s drop what arrives on %s (socket filter)%s", strings.Join(drop, ", "), wan, open)
+}
