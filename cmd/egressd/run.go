@@ -81,7 +81,7 @@ func (c *runConfig) flags(fs *flag.FlagSet) {
 	fs.BoolVar(&c.noFirewall, "no-firewall", false, "do not touch nftables: the operator brings traffic to the listeners")
 	fs.BoolVar(&c.masquerade, "masquerade", false, "NAT LAN traffic leaving the WAN interface")
 	fs.BoolVar(&c.guardWAN, "guard-wan", false, "drop new connections from the WAN side in audit mode too (always on in enforce)")
-	fs.StringVar(&c.wanOpen, "wan-open", "", "ports of the gateway that stay reachable from the WAN side under that guard, such as 22/tcp,51820/udp")
+	fs.StringVar(&c.wanOpen, "wan-open", "", "ports of the gateway that stay reachable from the WAN side, under that guard and past the WAN socket filters of egressd's own listeners, such as 53/udp,22/tcp")
 	fs.StringVar(&c.transparent, "proxy-listen", "[::]:15001", "transparent proxy listen address (the target of the nftables redirect)")
 	fs.StringVar(&c.explicit, "explicit-proxy-listen", "", "explicit HTTP/CONNECT proxy listen address (default: the LAN address, port 3128; \"off\" to disable)")
 	fs.StringVar(&c.proxyUsers, "proxy-users", "", "file of NAME:bcrypt:HASH lines (egressd proxy-users hash NAME): the explicit proxy then asks for one of these users (HTTP Basic, 407)")
