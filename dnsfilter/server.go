@@ -412,12 +412,17 @@ func (s *Server) listenOne(host, port string, readers int) error {
 	}
 	// No keepalive on accepted connections: TCPIdleTimeout ends idle
 	// ones, and Go's default would set it on each with four system calls.
-	l, err := (&net.ListenConfig{KeepAlive: -1, Control: func(_, _ string, rc syscall.RawConn) error {
+	// Plain TCP, not MPTCP (Go's default for listeners where the kernel
+	// has it): an MPTCP socket refuses a socket filter, and SetDropFrom
+	// may attach one later.
+	tlc := &net.ListenConfig{KeepAlive: -1, Control: func(_, _ string, rc syscall.RawConn) error {
 		if dropTCP == 0 {
 			return nil
 		}
 		return netutil.DropFromInterface(rc, dropTCP)
-	}}).Listen(context.Background(), "tcp", bound)
+	}}
+	tlc.SetMultipathTCP(false)
+	l, err := tlc.Listen(context.Background(), "tcp", bound)
 	if err != nil {
 		closeAll()
 		return fmt.Errorf("dnsfilter: listen tcp: %w", err)

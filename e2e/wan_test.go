@@ -129,3 +129,42 @@ func wanProbe(ns *testnet.NS, addrs, transports, tcp []string) []probe {
 	wg.Wait()
 	return out
 }
+
+// TestWANFilterFollowsInterface: the socket filters hold an interface
+// index; a WAN interface that appears after egressd started, and one that
+// is re-made (another index, as a PPP link that comes back), get the
+// filters all the same: a host beyond it gets no DNS answer, UDP or TCP.
+func TestWANFilterFollowsInterface(t *testing.T) {
+	tp := newTopo(t)
+	d := newDaemon(t, tp, "audit")
+	d.noGuard = true
+	d.extra = []string{"--wan", "wan1"} // the last --wan counts
+	d.start()
+	defer d.stop()
+	if want := "wan: wan1 does not exist (yet)"; !strings.Contains(d.logs(), want) {
+		t.Errorf("no line %q:\n%s", want, d.logs())
+	}
+	const gwWAN1, inetWAN1 = "198.18.3.1", "198.18.3.2"
+	for round := 1; round <= 2; round++ {
+		if round == 2 {
+			tp.gw.MustRun("ip", "link", "del", "wan1")
+		}
+		testnet.Link(t, tp.gw, "wan1", []string{gwWAN1 + "/24"}, tp.inet, "eth1", []string{inetWAN1 + "/24"})
+		// The LAN side still answers; the line of the new index comes.
+		for deadline := time.Now().Add(10 * time.Second); strings.Count(d.logs(), "wan: the WAN interface has a new index") < round; {
+			if time.Now().After(deadline) {
+				t.Errorf("round %d: no log line of the WAN interface's new index in 10s:\n%s", round, d.logs())
+				break
+			}
+			time.Sleep(50 * time.Millisecond)
+		}
+		for _, tr := range []string{"+notcp", "+tcp"} {
+			if !digAnswered(tp.lan, gwLAN4, tr) {
+				t.Errorf("round %d: dig %s from the LAN: no answer", round, tr)
+			}
+			if digAnswered(tp.inet, gwWAN1, tr) {
+				t.Errorf("round %d: dig %s from beyond wan1 to its address answered", round, tr)
+			}
+		}
+	}
+}

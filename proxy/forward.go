@@ -134,6 +134,7 @@ func (p *Proxy) listenTransparent(ctx context.Context, addr string) (net.Listene
 		p.deferAccept = p.cfg.FirstByteWait >= deferAcceptWait && deferAcceptControl(rc) == nil
 		return nil
 	}}
+	lc.SetMultipathTCP(false) // see listenExplicit
 	ln, err := lc.Listen(ctx, "tcp", addr)
 	if err != nil {
 		return nil, err
@@ -162,6 +163,12 @@ func (p *Proxy) listenExplicit(ctx context.Context, addr string) (net.Listener, 
 		deferAcceptControl(rc) // without it, accept returns earlier: no harm
 		return nil
 	}}
+	// Plain TCP, not MPTCP (Go's default for listeners where the kernel
+	// has it): an MPTCP socket refuses a socket filter (EOPNOTSUPP), and
+	// SetDropFrom may attach one later. Before the filters, a listener
+	// with none was MPTCP there, and one with a filter plain TCP (Go
+	// falls back when Control fails).
+	lc.SetMultipathTCP(false)
 	ln, err := lc.Listen(ctx, "tcp", addr)
 	if err != nil {
 		return nil, err

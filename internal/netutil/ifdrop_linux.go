@@ -31,7 +31,9 @@ func dropFromProgram(ifindex int) ([]bpf.RawInstruction, error) {
 // accepted from it inherit it; on a UDP socket the datagrams, before they
 // are queued (recvmsg and recvmmsg never see them). The kernel runs it
 // for every packet the socket receives, before queueing: a few
-// instructions, nothing in Go. Zero ifindex detaches the socket's filter
+// instructions, nothing in Go. An MPTCP socket (Go's default for TCP
+// listeners where the kernel has MPTCP) refuses filters, EOPNOTSUPP:
+// listen with ListenConfig.SetMultipathTCP(false). Zero ifindex detaches the socket's filter
 // (none attached: no error).
 func DropFromInterfaceFD(fd, ifindex int) error {
 	if ifindex == 0 {
@@ -53,6 +55,9 @@ func DropFromInterfaceFD(fd, ifindex int) error {
 		f[i] = unix.SockFilter{Code: in.Op, Jt: in.Jt, Jf: in.Jf, K: in.K}
 	}
 	if err := unix.SetsockoptSockFprog(fd, unix.SOL_SOCKET, unix.SO_ATTACH_FILTER, &unix.SockFprog{Len: uint16(len(f)), Filter: &f[0]}); err != nil {
+		if err == unix.EOPNOTSUPP {
+			return fmt.Errorf("netutil: socket filter: %w (an MPTCP socket? listen with plain TCP: ListenConfig.SetMultipathTCP(false))", err)
+		}
 		return fmt.Errorf("netutil: socket filter: %w", err)
 	}
 	return nil

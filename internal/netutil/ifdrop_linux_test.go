@@ -5,9 +5,12 @@ import (
 	"errors"
 	"net"
 	"os"
+	"strings"
 	"syscall"
 	"testing"
 	"time"
+
+	"golang.org/x/sys/unix"
 
 	"egressd/internal/testnet"
 )
@@ -180,5 +183,33 @@ func TestDropFromInterfaceDetach(t *testing.T) {
 	}
 	if !echoed() {
 		t.Error("no datagram got through once the filter was taken off")
+	}
+}
+
+// TestDropFromInterfaceTCPListener: a plain TCP listener takes the filter
+// once listening (egressd run attaches it when the WAN interface appears
+// or changes); an MPTCP one, Go's default where the kernel has MPTCP,
+// refuses it, which the error says.
+func TestDropFromInterfaceTCPListener(t *testing.T) {
+	for _, mptcp := range []bool{false, true} {
+		lc := net.ListenConfig{}
+		lc.SetMultipathTCP(mptcp)
+		ln, err := lc.Listen(context.Background(), "tcp", "127.0.0.1:0")
+		if err != nil {
+			t.Fatal(err)
+		}
+		defer ln.Close()
+		rc, _ := ln.(*net.TCPListener).SyscallConn()
+		err = DropFromInterface(rc, 1<<20)
+		var proto int
+		rc.Control(func(fd uintptr) { proto, _ = unix.GetsockoptInt(int(fd), unix.SOL_SOCKET, unix.SO_PROTOCOL) })
+		isMPTCP := proto == unix.IPPROTO_MPTCP
+		switch {
+		case !isMPTCP && err != nil:
+			t.Errorf("plain TCP listener: %v", err)
+		case isMPTCP && (err == nil || !strings.Contains(err.Error(), "MPTCP")):
+			t.Errorf("MPTCP listener: %v, want an error naming MPTCP", err)
+		}
+		t.Logf("mptcp asked %v, got %v: %v", mptcp, isMPTCP, err)
 	}
 }
