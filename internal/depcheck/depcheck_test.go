@@ -15,6 +15,8 @@ func TestDependencyDirection(t *testing.T) {
 	// HTTP request-line, request-head and authority syntax the proxy and
 	// capture share, since neither may import the other; internal/tlshello,
 	// the ClientHello parser they share, is one for the same reason.
+	// internal/netutil (socket helpers, a leaf) serves the proxy, capture
+	// and, for the WAN socket filter, the DNS forwarder.
 	allowed := map[string][]string{
 		"egressd/policy":            {},
 		"egressd/profiles":          {},
@@ -24,7 +26,7 @@ func TestDependencyDirection(t *testing.T) {
 		"egressd/internal/tlshello": {},
 		"egressd/audit":             {"egressd/policy", "egressd/internal/jsonenc"},
 		"egressd/admin":             {"egressd/policy", "egressd/audit", "egressd/internal/jsonenc"},
-		"egressd/dnsfilter":         {"egressd/policy", "egressd/audit", "egressd/internal/jsonenc", "egressd/internal/logjson"},
+		"egressd/dnsfilter":         {"egressd/policy", "egressd/audit", "egressd/internal/jsonenc", "egressd/internal/netutil", "egressd/internal/logjson"},
 		"egressd/proxy":             {"egressd/policy", "egressd/audit", "egressd/internal/jsonenc", "egressd/internal/netutil", "egressd/internal/httpwire", "egressd/internal/logjson", "egressd/internal/tlshello"},
 		"egressd/capture":           {"egressd/policy", "egressd/audit", "egressd/internal/jsonenc", "egressd/internal/netutil", "egressd/internal/httpwire", "egressd/internal/logjson", "egressd/internal/tlshello"},
 		"egressd/firewall":          {"egressd/policy", "egressd/audit", "egressd/internal/jsonenc", "egressd/internal/netutil"},
