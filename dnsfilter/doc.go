@@ -16,7 +16,8 @@
 // allowed answer is written, its addresses go to the firewall (nftables
 // sets, through the [Firewall] interface of Deps) and the answer waits,
 // briefly, until they are there. cmd/ wires them. The package imports
-// policy/ and audit/ only.
+// policy/ and audit/ only, and internal/netutil for the socket filter that
+// keeps the WAN side out (Config.DropUDPFrom, sockfilter.go).
 //
 // Hot path: UDP queries whose answer is cached are answered from the packed
 // wire form of the cached answer without unpacking the query into a
