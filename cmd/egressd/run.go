@@ -578,13 +578,15 @@ func (d *daemon) run(ctx context.Context) error {
 	if wan != "" && wan != lan {
 		d.say("%s", wanDropSay(wan, wdrop, wanIdx, wanLoopback))
 	}
-	if eng.Mode() == policy.ModeAudit {
-		// --guard-wan guards only when egressd installs the firewall:
-		// with --no-firewall it installs nothing.
-		if why := auditWANExposure(lan, wan, cfg.guardWAN && !cfg.noFirewall, !wanLoopback, splitList(cfg.dnsListen), wanOpen, interfaceAddrs(wan)); why != "" {
-			d.log.Warn(why, "wan", wan)
-			d.say("warning: %s", why)
-		}
+	// --guard-wan guards only when egressd installs the firewall: with
+	// --no-firewall it installs nothing.
+	why := auditWANExposure(lan, wan, cfg.guardWAN && !cfg.noFirewall, !wanLoopback, splitList(cfg.dnsListen), wanOpen, interfaceAddrs(wan))
+	if eng.Mode() != policy.ModeAudit {
+		why = enforceWANExposure(lan, wan, splitList(cfg.dnsListen), wanOpen, interfaceAddrs(wan))
+	}
+	if why != "" {
+		d.log.Warn(why, "wan", wan)
+		d.say("warning: %s", why)
 	}
 
 	switch {
@@ -973,27 +975,11 @@ func auditWANExposure(lan, wan string, guarded, filtered bool, dnsListen []strin
 		// forwarder must answer there, and --guard-wan would cut the LAN).
 		return ""
 	}
-	exposed := ""
-	for _, l := range dnsListen {
-		host, _, err := net.SplitHostPort(l)
-		if err != nil {
-			continue
-		}
-		a, err := netip.ParseAddr(host)
-		if err != nil || a.IsUnspecified() || slices.Contains(wanAddrs, a.Unmap()) {
-			exposed = l // every address, a name, or one of the WAN interface's
-			break
-		}
-	}
+	exposed := dnsOnWANAddr(dnsListen, wanAddrs)
 	if exposed == "" {
 		return ""
 	}
-	var open []string
-	for _, proto := range []policy.Proto{policy.UDP, policy.TCP} {
-		if p := listenPort(exposed); portListed(wanOpen, p, proto) {
-			open = append(open, fmt.Sprintf("%d/%s", p, proto))
-		}
-	}
+	open := dnsPortsOpen(exposed, wanOpen)
 	switch {
 	case len(open) > 0:
 		return fmt.Sprintf("audit mode: --wan-open %s lets clients on the WAN side (%s) reach the DNS forwarder (--dns-listen %s, every name allowed): an open resolver; take the port out of --wan-open, or give --dns-listen the LAN address", strings.Join(open, ","), wan, exposed)
@@ -1001,6 +987,54 @@ func auditWANExposure(lan, wan string, guarded, filtered bool, dnsListen []strin
 		return ""
 	}
 	return fmt.Sprintf("audit mode: the DNS forwarder (--dns-listen %s, every name allowed) and the proxies answer clients on the WAN side (%s) too, a loopback interface their socket filters leave alone: an open resolver; --guard-wan drops new connections from the WAN side (nothing else is installed; not with --no-firewall), or give --dns-listen the LAN address", exposed, wan)
+}
+
+// enforceWANExposure is auditWANExposure for enforce mode, where the
+// firewall's guard and the socket filters keep the WAN side out but for
+// the ports --wan-open lists: with the forwarder's among them, it answers
+// clients there every name the policy allows.
+func enforceWANExposure(lan, wan string, dnsListen []string, wanOpen []policy.PortRange, wanAddrs []netip.Addr) string {
+	if wan == "" || wan == lan {
+		return ""
+	}
+	exposed := dnsOnWANAddr(dnsListen, wanAddrs)
+	if exposed == "" {
+		return ""
+	}
+	open := dnsPortsOpen(exposed, wanOpen)
+	if len(open) == 0 {
+		return ""
+	}
+	return fmt.Sprintf("enforce mode: --wan-open %s lets clients on the WAN side (%s) reach the DNS forwarder (--dns-listen %s): it answers them every name the policy allows, an open resolver for those names; take the port out of --wan-open, or give --dns-listen the LAN address", strings.Join(open, ","), wan, exposed)
+}
+
+// dnsOnWANAddr is the first DNS listen address WAN-side clients may
+// address: every address, a name, or one of the WAN interface's
+// (wanAddrs); "" when none is.
+func dnsOnWANAddr(dnsListen []string, wanAddrs []netip.Addr) string {
+	for _, l := range dnsListen {
+		host, _, err := net.SplitHostPort(l)
+		if err != nil {
+			continue
+		}
+		a, err := netip.ParseAddr(host)
+		if err != nil || a.IsUnspecified() || slices.Contains(wanAddrs, a.Unmap()) {
+			return l
+		}
+	}
+	return ""
+}
+
+// dnsPortsOpen lists the ports of the listen address addr that --wan-open
+// (wanOpen) lists, UDP and TCP, such as "53/udp".
+func dnsPortsOpen(addr string, wanOpen []policy.PortRange) []string {
+	var open []string
+	for _, proto := range []policy.Proto{policy.UDP, policy.TCP} {
+		if p := listenPort(addr); portListed(wanOpen, p, proto) {
+			open = append(open, fmt.Sprintf("%d/%s", p, proto))
+		}
+	}
+	return open
 }
 
 // interfaceAddrs returns the addresses of an interface, nil when it has

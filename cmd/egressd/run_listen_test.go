@@ -145,7 +145,9 @@ func TestRunAuditWANExposure(t *testing.T) {
 }
 
 // TestAuditWANExposureWANOpen: --wan-open listing the forwarder's port
-// opens it to the WAN side, filtered or guarded: egressd says so.
+// opens it to the WAN side, filtered or guarded: egressd says so, in
+// audit mode (every name answered) and in enforce mode (what the policy
+// allows).
 func TestAuditWANExposureWANOpen(t *testing.T) {
 	wanAddrs := []netip.Addr{netip.MustParseAddr("198.51.100.2")}
 	for _, c := range []struct {
@@ -169,6 +171,14 @@ func TestAuditWANExposureWANOpen(t *testing.T) {
 			if c.want == "" && got != "" || c.want != "" && (!strings.Contains(got, c.want) || !strings.Contains(got, "open resolver")) {
 				t.Errorf("--wan-open %s --dns-listen %s filtered %v guarded %v: %q, want %q", c.open, c.listen, fg[0], fg[1], got, c.want)
 			}
+		}
+		// In enforce mode the forwarder answers what the policy allows.
+		got := enforceWANExposure("lan0", "wan0", splitList(c.listen), open, wanAddrs)
+		if c.want == "" && got != "" || c.want != "" && (!strings.Contains(got, "enforce mode: "+c.want) || !strings.Contains(got, "every name the policy allows")) {
+			t.Errorf("enforce: --wan-open %s --dns-listen %s: %q, want %q", c.open, c.listen, got, c.want)
+		}
+		if got := enforceWANExposure("wan0", "wan0", splitList(c.listen), open, wanAddrs); got != "" {
+			t.Errorf("enforce, one interface: --wan-open %s --dns-listen %s: %q", c.open, c.listen, got)
 		}
 	}
 }
