@@ -49,6 +49,10 @@ const (
 	SourceProxy   Source = "proxy"
 	SourceDNS     Source = "dnsfilter"
 	SourceCapture Source = "capture"
+	// SourceFirewall is the firewall's report of a forwarded flow a
+	// policy reload (or a rule's expiry) cut, when capture, which would
+	// record it with the flow's start and bytes, did not know the flow.
+	SourceFirewall Source = "firewall"
 )
 
 // NameSource says how the destination name of a flow was found.

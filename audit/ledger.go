@@ -72,7 +72,11 @@ const (
 //     for UDP) are one flow, whichever components reported it. The first
 //     report attributes the flow to a rule or to a dropped entry; later
 //     reports only raise its byte counts (to the largest seen, never a sum),
-//     its last-seen time, and its enforced flag.
+//     its last-seen time, and its enforced flag. Two reports take the
+//     flow elsewhere: the proxy's, over capture's (reattributeLocked), and
+//     a deny of a flow counted allowed, after a policy reload, from the
+//     component that decided it or from the firewall that cut it
+//     (redecided).
 //   - A DNS query event is not a flow. An allowed query counts in its
 //     rule's "queries" (and its name as a destination, its client as a
 //     client, its time in first/last seen), so a rule whose names were only
@@ -330,7 +334,7 @@ func (l *Ledger) addLocked(ev *Event) bool {
 		h = id.hash(l.seed)
 		if rec := l.findLocked(id, h, t); rec != nil {
 			l.totals.Duplicates++
-			if ev.Kind == KindFlow && ev.Source == SourceProxy && rec.source != SourceProxy {
+			if ev.Kind == KindFlow && (ev.Source == SourceProxy && rec.source != SourceProxy || redecided(rec, ev)) {
 				l.reattributeLocked(rec, ev, t)
 			} else {
 				l.mergeLocked(rec, ev, t)
@@ -453,6 +457,20 @@ func (l *Ledger) reattributeLocked(rec *flowRec, ev *Event, t time.Time) {
 		rec.end = end
 	}
 	l.addBytesLocked(rec, out, in)
+}
+
+// redecided reports whether ev, a later report of the flow rec counts as
+// allowed, denies it after a policy reload: the component that decided it
+// decided it again (capture re-judging a forwarded flow, in audit mode a
+// would-be deny), or the firewall cut it (enforce). Components decide a
+// flow once otherwise, so a deny from the same source can only be that.
+// The flow then counts as dropped, as if the deny had come first: the
+// report must show what the new policy blocks, or would block. A flow
+// denied all along stays where it is; so does one the proxy decided (its
+// report wins over capture's, above).
+func redecided(rec *flowRec, ev *Event) bool {
+	return ev.Kind == KindFlow && ev.Verdict == policy.Deny && rec.rule != nil &&
+		(ev.Source == rec.source || ev.Source == SourceFirewall && rec.source != SourceProxy)
 }
 
 // addRequestLocked counts a request event: in its rule, or in the dropped

@@ -107,3 +107,52 @@ func TestProxyReportDecidesFlow(t *testing.T) {
 		}
 	})
 }
+
+// TestRedecidedFlowCountsDropped: capture reported a forwarded flow while
+// it was open, allowed; a policy reload then denies it (the firewall cut
+// it in enforce mode, or capture re-judged it in audit mode) and capture's
+// next report of the same flow says so. The flow counts once, as a drop,
+// no longer under its rule: before, the later report only merged bytes
+// into the allowed record and the report never showed the flow dropped.
+func TestRedecidedFlowCountsDropped(t *testing.T) {
+	for _, tc := range []struct {
+		name     string
+		mode     policy.Mode
+		enforced bool
+		close    string
+	}{
+		{"enforce-cut", policy.ModeEnforce, true, "policy-revoked"},
+		{"audit-would-deny", policy.ModeAudit, false, ""},
+	} {
+		t.Run(tc.name, func(t *testing.T) {
+			open, _ := flowPair()
+			open.Proto, open.DestPort, open.Mode = "udp", 80, tc.mode
+			open.Verdict, open.Rule, open.Reason, open.BytesOut = policy.Allow, "ntp", "allowed", 48
+			later := open
+			later.Verdict, later.Rule, later.Reason, later.Enforced, later.Close = policy.Deny, "", "no-rule", tc.enforced, tc.close
+			later.BytesOut, later.Duration = 96, 90
+			end := later
+			end.Close, end.BytesOut, end.Duration = "idle", 144, 200
+			r := reportOf(open, later, end)
+			if rr := ruleOf(r, "ntp"); rr != nil && rr.Flows != 0 {
+				t.Errorf("rule ntp still credited: %+v", rr)
+			}
+			d := dropOf(r, "203.0.113.11")
+			if d == nil || d.Flows != 1 || d.Reason != "no-rule" || d.BytesOut != 144 || (d.EnforcedFlows == 1) != tc.enforced {
+				t.Errorf("drop = %+v, want 1 flow (enforced %v), no-rule, 144 bytes out", d, tc.enforced)
+			}
+			if r.Totals.Flows != 1 || r.Totals.Dropped != 1 || r.Totals.Allowed != 0 {
+				t.Errorf("totals %+v", r.Totals)
+			}
+		})
+	}
+	// The proxy's report still decides a TCP flow: capture denying it
+	// later does not take it from the proxy's rule.
+	c, p := flowPair()
+	p.Verdict, p.Rule, p.Reason = policy.Allow, "web", "allowed"
+	c.Verdict, c.Reason = policy.Deny, "no-rule"
+	r := reportOf(p, c)
+	if rr := ruleOf(r, "web"); rr == nil || rr.Flows != 1 || r.Totals.Dropped != 0 {
+		t.Errorf("the proxy's allowed flow moved: rule %+v, totals %+v", rr, r.Totals)
+	}
+}
