@@ -9,6 +9,7 @@ const (
 	LogKind       = "kind" // flow, request or dns, as Event.Kind
 	LogClient     = "client"
 	LogClientMAC  = "client_mac"
+	LogClientPort = "client_port" // a firewall cut's line: conntrack names the flow by it
 	LogDest       = "dest"
 	LogDestPort   = "dest_port"
 	LogProto      = "proto"
@@ -32,6 +33,9 @@ const (
 	LogLatency    = "latency_seconds"
 	LogFiltered   = "filtered" // as Event.Filtered
 	LogError      = "error"
+	// LogPrevRule is the rule a flow ran under before a policy reload
+	// (or a rule's expiry) cut it: the firewall's line of the cut.
+	LogPrevRule = "prev_rule_id"
 
 	// CanonicalMessage is the message of the one line per decision.
 	CanonicalMessage = "decision"

@@ -9,6 +9,7 @@ import (
 
 	"github.com/prometheus/client_golang/prometheus"
 
+	"egressd/audit"
 	"egressd/policy"
 )
 
@@ -96,6 +97,10 @@ type Deps struct {
 	// Registerer gets the firewall's metrics. Nil means they are not
 	// registered anywhere.
 	Registerer prometheus.Registerer
+	// Sink receives one event for each forwarded flow a reload, or a
+	// rule's expiry, cuts (sweep.go): a drop, enforced, close
+	// policy-revoked, timed at the cut. Nil means audit.Discard.
+	Sink audit.Sink
 	// Now is the clock, for tests. Nil means time.Now.
 	Now func() time.Time
 }

@@ -64,7 +64,15 @@
 // enforcement). Connections redirected to the proxy are not
 // marked (they end on the gateway) and are the proxy's business. One log
 // line per install or reload ("firewall replace", flows_kept and
-// flows_cut) and egress_firewall_reload_flows_total{result} count them.
+// flows_cut) and egress_firewall_reload_flows_total{result} count them;
+// each cut is a decision of its own: a canonical line (client, client
+// port, destination, port, protocol, the rule it ran under as
+// prev_rule_id, the new decision's reason, close "policy-revoked") and an
+// event to Deps.Sink (source "firewall", a drop enforced, timed at the
+// cut), which egressd run hands to capture: capture records the cut on
+// its own record of the flow (the flow's start, name and bytes), so the
+// report counts the flow once, as dropped, and passes the firewall's
+// event on only for a flow it does not follow.
 // What the re-decision cannot know: a client matched by MAC alone, where
 // the rule's client set changed (conntrack holds no MAC), and the names of
 // an address learned before a restart; such flows are cut. At a start the

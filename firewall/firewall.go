@@ -25,10 +25,11 @@ import (
 // feeds DNS-learned addresses into its sets, and Remove (or Close) deletes
 // the table. All methods are safe for concurrent use.
 type Firewall struct {
-	cfg Config
-	log *slog.Logger
-	now func() time.Time
-	m   *metrics
+	cfg  Config
+	log  *slog.Logger
+	sink audit.Sink
+	now  func() time.Time
+	m    *metrics
 
 	ioMu sync.Mutex // serialises netlink transactions; taken before mu
 	// sweepMu serialises the looks at conntrack after a ruleset goes in
@@ -88,7 +89,7 @@ func New(cfg Config, deps Deps) (*Firewall, error) {
 	if cfg.MaxLearned < 0 {
 		return nil, errors.New("firewall: MaxLearned is negative")
 	}
-	f := &Firewall{cfg: cfg, log: deps.Logger, now: deps.Now, m: newMetrics(deps.Registerer),
+	f := &Firewall{cfg: cfg, log: deps.Logger, sink: deps.Sink, now: deps.Now, m: newMetrics(deps.Registerer),
 		learned: map[string]map[netip.Addr]learnedAddr{}}
 	if f.log == nil {
 		f.log = slog.Default()
@@ -96,6 +97,9 @@ func New(cfg Config, deps Deps) (*Firewall, error) {
 	f.log = f.log.With(audit.LogComponent, "firewall")
 	if f.now == nil {
 		f.now = time.Now
+	}
+	if f.sink == nil {
+		f.sink = audit.Discard
 	}
 	return f, nil
 }

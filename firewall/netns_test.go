@@ -102,6 +102,12 @@ func compile(t testing.TB, src string) *policy.Engine {
 
 func (tp *topo) firewall(t *testing.T, cfg Config) *Firewall {
 	t.Helper()
+	return tp.firewallWith(t, cfg, Deps{Registerer: prometheus.NewRegistry(), Logger: slog.New(slog.NewTextHandler(io.Discard, nil))})
+}
+
+// firewallWith is firewall with the given collaborators.
+func (tp *topo) firewallWith(t *testing.T, cfg Config, deps Deps) *Firewall {
+	t.Helper()
 	cfg.NetNS = tp.nsPath
 	if cfg.LAN == "" {
 		cfg.LAN = "lan0"
@@ -115,7 +121,7 @@ func (tp *topo) firewall(t *testing.T, cfg Config) *Firewall {
 	if cfg.DNSPort == 0 {
 		cfg.DNSPort = dnsPort
 	}
-	fw, err := New(cfg, Deps{Registerer: prometheus.NewRegistry(), Logger: slog.New(slog.NewTextHandler(io.Discard, nil))})
+	fw, err := New(cfg, deps)
 	if err != nil {
 		t.Fatal(err)
 	}

@@ -1,14 +1,17 @@
 package firewall
 
 import (
+	"context"
 	"errors"
 	"hash/fnv"
+	"log/slog"
 	"net"
 	"net/netip"
 	"slices"
 	"strings"
 	"time"
 
+	"egressd/audit"
 	"egressd/internal/netutil"
 	"egressd/policy"
 )
@@ -42,7 +45,8 @@ import (
 //     meets the new ruleset as a new one and is let out again.) Denied,
 //     the entry is deleted: the connection's next packet from the LAN
 //     meets the new ruleset as a new one (and is dropped), its replies
-//     meet the WAN guard.
+//     meet the WAN guard. Each cut is logged and reported as a decision
+//     (cutDecision).
 
 // flowRule is what one policy rule's accept rules in forward let out.
 type flowRule struct {
@@ -294,6 +298,7 @@ func (f *Firewall) sweep(old, rs *Ruleset) sweepResult {
 	var cut []netutil.ConntrackEntry
 	f.mu.Lock()
 	now := f.now()
+	eng := f.eng
 	live := func(set string, a netip.Addr) bool {
 		v, ok := f.learned[set][a]
 		return ok && v.exp.After(now)
@@ -322,6 +327,54 @@ func (f *Firewall) sweep(old, rs *Ruleset) sweepResult {
 			continue
 		}
 		res.cut++
+		f.cutDecision(eng, old, e, now)
 	}
 	return res
+}
+
+// closeRevoked is a cut flow's close reason, the proxy's for a connection
+// a reload closes.
+const closeRevoked = "policy-revoked"
+
+// cutDecision records the cut of the connection e, which rs (of eng)
+// denied after old: one canonical line, as for every decision, and one
+// event to Deps.Sink, a drop enforced, so that the report shows the flow
+// blocked (the daemon hands it to capture, which records it with the
+// flow's start and bytes when it follows the flow). The line names the
+// rule the flow ran under (its tag's in old; empty when unknown, at a
+// start) and the new decision's reason: the policy's, by address (a
+// removed rule: no-rule; a narrowed one: port-not-allowed or
+// client-not-allowed; an expired one: expired), or special-range where
+// only the guard refuses it.
+func (f *Firewall) cutDecision(eng *policy.Engine, old *Ruleset, e netutil.ConntrackEntry, now time.Time) {
+	k := keyOf(e)
+	in := policy.Input{Client: k.client, Dest: k.dst, Port: k.port, Proto: k.proto, Now: now}
+	d := policy.Decision{Verdict: policy.Deny, RuleIndex: -1, Reason: policy.ReasonNoRule, Mode: policy.ModeEnforce}
+	if eng != nil {
+		d = eng.Decide(in)
+		if d.Allowed() {
+			// The forward chain refused what a rule names: the guarded
+			// ranges (a "*" or wide CIDR rule), or a client matched by
+			// MAC, which conntrack does not hold.
+			reason := policy.ReasonClient
+			if guarded(k.dst) {
+				reason = "special-range"
+			}
+			d = policy.Decision{Verdict: policy.Deny, RuleIndex: -1, Reason: reason, Mode: d.Mode}
+		}
+	}
+	ev := audit.Event{Kind: audit.KindFlow, Source: audit.SourceFirewall, Time: now,
+		Client: k.client, ClientPort: e.Orig.Src.Port(), Dest: e.Orig.Dst.Addr().Unmap(), DestPort: e.Orig.Dst.Port(),
+		Proto: k.proto.String(), Close: closeRevoked}
+	ev.Stamp(d)
+	prev := ""
+	if old != nil {
+		if frs := old.byTag[e.Mark&CTMarkTag>>ctTagShift]; len(frs) > 0 {
+			prev = frs[0].name
+		}
+	}
+	var buf [audit.FlowAttrsMax + 2]slog.Attr
+	attrs := append(ev.AppendFlowAttrs(buf[:0]), slog.Int(audit.LogClientPort, int(ev.ClientPort)), slog.String(audit.LogPrevRule, prev))
+	f.log.LogAttrs(context.Background(), slog.LevelWarn, "firewall: flow cut, the policy no longer allows it", attrs...)
+	f.sink.Emit(ev)
 }

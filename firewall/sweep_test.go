@@ -2,14 +2,19 @@ package firewall
 
 import (
 	"bufio"
+	"bytes"
 	"fmt"
+	"log/slog"
 	"net"
 	"net/netip"
 	"os"
+	"slices"
 	"strings"
+	"sync"
 	"testing"
 	"time"
 
+	"egressd/audit"
 	"egressd/internal/netutil"
 	"egressd/policy"
 )
@@ -299,4 +304,144 @@ func TestMarkKeepsOtherBits(t *testing.T) {
 	if len(es) != 1 || es[0].Mark != 0x80000005|CTMarkEnforced|tag<<ctTagShift {
 		t.Fatalf("marked entries %+v, want one with mark 0x%08x", es, 0x80000005|CTMarkEnforced|tag<<ctTagShift)
 	}
+}
+
+// TestCutFlowsAreDecisions: every flow a reload cuts is a decision of its
+// own: one canonical line (client, destination, port, protocol, the rule
+// it ran under, the new decision's reason, close policy-revoked) and one
+// event to Deps.Sink, a drop enforced, so that the report shows what was
+// cut. Before, only the counts of the "firewall replace" line told of it.
+// A rule's expiry cuts its flows the same way, with reason expired.
+func TestCutFlowsAreDecisions(t *testing.T) {
+	requireNft(t)
+	tp := newTopo(t)
+	tp.serverUDP(t, "198.18.2.2:9000", "198.18.2.3:9000")
+	tp.echoTCP(t, "[::]:2000")
+	logs := &syncWriter{w: new(bytes.Buffer)}
+	var mu sync.Mutex
+	var events []audit.Event
+	sink := audit.SinkFunc(func(ev audit.Event) {
+		mu.Lock()
+		events = append(events, ev)
+		mu.Unlock()
+	})
+	fw := tp.firewallWith(t, Config{TCPPorts: []policy.PortRange{{Lo: 443, Hi: 443, Proto: policy.TCP}}},
+		Deps{Logger: slog.New(slog.NewJSONHandler(logs, nil)), Sink: sink})
+	const b = `
+  - name: b
+    to: [198.18.2.3/32]
+    ports: [9000/udp]
+`
+	until := time.Now().Add(4 * time.Second).UTC().Format(time.RFC3339)
+	if err := fw.Install(compile(t, `
+version: 1
+mode: enforce
+rules:
+  - name: a
+    to: [198.18.2.2/32, "2001:db8:2::2/128"]
+    ports: [9000/udp, 2000/tcp]
+  - name: c
+    to: [198.18.2.3/32]
+    ports: [2000/tcp]
+    expires: `+until+`
+`+b)); err != nil {
+		t.Fatal(err)
+	}
+	flows := map[string]*flow{
+		"a-udp4": dialFlow(t, tp, "udp", "198.18.2.2:9000"),
+		"a-tcp6": dialFlow(t, tp, "tcp", "[2001:db8:2::2]:2000"),
+		"b-udp4": dialFlow(t, tp, "udp", "198.18.2.3:9000"),
+		"c-tcp4": dialFlow(t, tp, "tcp", "198.18.2.3:2000"),
+	}
+	local := map[string]netip.AddrPort{}
+	for name, f := range flows {
+		local[name] = netip.MustParseAddrPort(f.c.LocalAddr().String())
+	}
+	checkFlows(t, "installed", flows)
+	mu.Lock()
+	if len(events) != 0 {
+		t.Errorf("events before any cut: %+v", events)
+	}
+	mu.Unlock()
+
+	if err := fw.Replace(compile(t, `
+version: 1
+mode: enforce
+rules:
+  - name: c
+    to: [198.18.2.3/32]
+    ports: [2000/tcp]
+    expires: `+until+`
+`+b)); err != nil {
+		t.Fatal(err)
+	}
+	// Rule c expires: the firewall re-renders on its own and cuts c's flow.
+	deadline := time.Now().Add(10 * time.Second)
+	for flowsMetric(fw, "cut") < 3 && time.Now().Before(deadline) {
+		time.Sleep(100 * time.Millisecond)
+	}
+	checkFlows(t, "a removed, c expired", flows, "a-udp4", "a-tcp6", "c-tcp4")
+
+	want := map[string]struct {
+		dest, proto, rule, reason string
+		port                      uint16
+	}{
+		"a-udp4": {"198.18.2.2", "udp", "a", policy.ReasonNoRule, 9000},
+		"a-tcp6": {"2001:db8:2::2", "tcp", "a", policy.ReasonNoRule, 2000},
+		"c-tcp4": {"198.18.2.3", "tcp", "c", policy.ReasonExpired, 2000},
+	}
+	mu.Lock()
+	got := slices.Clone(events)
+	mu.Unlock()
+	if len(got) != len(want) {
+		t.Errorf("%d events, want %d: %+v", len(got), len(want), got)
+	}
+	for name, w := range want {
+		l := local[name]
+		i := slices.IndexFunc(got, func(ev audit.Event) bool { return ev.ClientPort == l.Port() && ev.Proto == w.proto })
+		if i < 0 {
+			t.Errorf("%s: no event", name)
+			continue
+		}
+		ev := got[i]
+		if ev.Kind != audit.KindFlow || ev.Source != audit.SourceFirewall || ev.Client != l.Addr().Unmap() ||
+			ev.Dest != netip.MustParseAddr(w.dest) || ev.DestPort != w.port || ev.Verdict != policy.Deny ||
+			ev.Reason != w.reason || ev.Mode != policy.ModeEnforce || !ev.Enforced || ev.Close != "policy-revoked" || ev.Time.IsZero() {
+			t.Errorf("%s: event %+v", name, ev)
+		}
+		if w.reason == policy.ReasonExpired && ev.Rule != "c" {
+			t.Errorf("%s: event's rule %q, want the expired rule c", name, ev.Rule)
+		}
+		line := ""
+		for _, s := range strings.Split(logs.String(), "\n") {
+			if strings.Contains(s, fmt.Sprintf(`"client":"%s"`, l.Addr().Unmap())) && strings.Contains(s, fmt.Sprintf(`"client_port":%d`, l.Port())) {
+				line = s
+			}
+		}
+		for _, attr := range []string{`"level":"WARN"`, `"kind":"flow"`, `"dest":"` + w.dest + `"`, fmt.Sprintf(`"dest_port":%d`, w.port),
+			`"proto":"` + w.proto + `"`, `"prev_rule_id":"` + w.rule + `"`, `"reason":"` + w.reason + `"`, `"close":"policy-revoked"`,
+			`"verdict":"deny"`, `"enforced":true`, `"component":"firewall"`} {
+			if !strings.Contains(line, attr) {
+				t.Errorf("%s: line without %s: %q", name, attr, line)
+			}
+		}
+	}
+}
+
+// syncWriter serialises writes to w.
+type syncWriter struct {
+	mu sync.Mutex
+	w  *bytes.Buffer
+}
+
+func (s *syncWriter) String() string {
+	s.mu.Lock()
+	defer s.mu.Unlock()
+	return s.w.String()
+}
+
+func (s *syncWriter) Write(b []byte) (int, error) {
+	s.mu.Lock()
+	defer s.mu.Unlock()
+	return s.w.Write(b)
 }
