@@ -202,6 +202,13 @@ type Capture struct {
 	running bool
 	closed  bool
 
+	// Revoke and Redecide queue here for the packet goroutine
+	// (reload.go); hasPending says the queue is not empty.
+	pendMu     sync.Mutex
+	pending    []pendingOp
+	stopped    bool // Run has returned: Revoke passes events on at once
+	hasPending atomic.Bool
+
 	kernelDrops atomic.Uint64
 	// observe, when set (by tests), is told every name capture reads off
 	// the wire.

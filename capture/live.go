@@ -170,6 +170,7 @@ func mustAssemble(prog []bpf.Instruction) []bpf.RawInstruction {
 // the socket are returned.
 func (c *Capture) Run(ctx context.Context) error {
 	if err := c.Open(); err != nil {
+		c.proc.dropPending() // no packet goroutine: cuts go on as reported
 		return err
 	}
 	c.mu.Lock()
@@ -198,7 +199,9 @@ func (c *Capture) Run(ctx context.Context) error {
 	for {
 		if ctx.Err() != nil || c.isClosed() {
 			c.updateDrops(h)
+			p.applyPending()
 			p.flush("shutdown")
+			p.dropPending()
 			return nil
 		}
 		data, ci, err := h.ZeroCopyReadPacketData()
@@ -212,6 +215,7 @@ func (c *Capture) Run(ctx context.Context) error {
 			if now.After(p.now) {
 				p.now = now
 			}
+			p.applyPending()
 			if p.now.After(p.nextSweep) {
 				p.sweep()
 				p.nextSweep = p.now.Add(sweepInterval)
@@ -224,6 +228,7 @@ func (c *Capture) Run(ctx context.Context) error {
 			wait = min(2*wait, maxRingWait)
 		default:
 			p.flush("shutdown")
+			p.dropPending()
 			return fmt.Errorf("capture: read %s: %w", c.cfg.Interface, err)
 		}
 		if now.After(nextStats) {

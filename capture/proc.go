@@ -138,6 +138,10 @@ type flow struct {
 	// echAnswer: a DNS answer of the flow held an HTTPS/SVCB record with
 	// an ech SvcParam, which egressd's forwarder strips (Event.Filtered).
 	echAnswer bool
+	// revoked: a reload's policy denied the flow while it ran and the
+	// firewall cut it, or drops it (reload.go); its events close
+	// "policy-revoked".
+	revoked bool
 }
 
 // proc is the packet pipeline: decoding, flows, names, classification. It
@@ -242,6 +246,7 @@ func (p *proc) packetLen(data []byte, wireLen int, ts time.Time, link layers.Lin
 	} else {
 		wireLen = len(data)
 	}
+	p.applyPending()
 	p.stats.packets.Add(1)
 	p.stats.bytes.Add(uint64(wireLen))
 	p.stats.captured.Add(uint64(len(data)))
@@ -1375,27 +1380,10 @@ func (f *flow) showsNoPath() bool {
 // name is empty. It returns the decision and the name and name source
 // to record.
 func (p *proc) decide(eng *policy.Engine, f *flow, name string, src audit.NameSource, path string) (policy.Decision, string, audit.NameSource) {
-	proto := policy.TCP
-	if f.proto == 17 {
-		proto = policy.UDP
-	}
-	in := policy.Input{Client: f.cli.Unmap(), Dest: f.srv.Unmap(), Port: f.sport, Proto: proto, Path: path, Now: p.now}
-	// TCP that is neither TLS nor an HTTP/1 request (HTTP/2 with prior
-	// knowledge, another protocol, a client silent at first) shows the
-	// proxy no path: host/path rules do not allow it there (path-unseen).
-	// Only where capture saw the flow from its SYN and the client's first
-	// bytes (or that it sent none): a flow open before capture started, or
-	// whose first segment capture lost, may be TLS or HTTP/1 the proxy read.
-	in.NoPath = f.showsNoPath()
+	in := p.flowInput(f, path)
 	// Forwarded by nftables, not proxied (UDP, TCP to a port not
 	// redirected): the firewall's form of the special-range guard.
-	fwd := proto == policy.UDP || f.forwarded
-	if !p.decideAt.IsZero() {
-		in.Now = p.decideAt
-	}
-	if f.hasMAC {
-		in.ClientMAC = net.HardwareAddr(f.mac[:])
-	}
+	fwd := in.Proto == policy.UDP || f.forwarded
 	var d policy.Decision
 	if fwd && in.Port != 53 {
 		// nftables reads no name: by address alone.
@@ -1455,6 +1443,30 @@ func (p *proc) decide(eng *policy.Engine, f *flow, name string, src audit.NameSo
 		}
 	}
 	return d, name, src
+}
+
+// flowInput is what f's connection, or one request of it (path), is
+// decided on but its name.
+func (p *proc) flowInput(f *flow, path string) policy.Input {
+	proto := policy.TCP
+	if f.proto == 17 {
+		proto = policy.UDP
+	}
+	in := policy.Input{Client: f.cli.Unmap(), Dest: f.srv.Unmap(), Port: f.sport, Proto: proto, Path: path, Now: p.now}
+	// TCP that is neither TLS nor an HTTP/1 request (HTTP/2 with prior
+	// knowledge, another protocol, a client silent at first) shows the
+	// proxy no path: host/path rules do not allow it there (path-unseen).
+	// Only where capture saw the flow from its SYN and the client's first
+	// bytes (or that it sent none): a flow open before capture started, or
+	// whose first segment capture lost, may be TLS or HTTP/1 the proxy read.
+	in.NoPath = f.showsNoPath()
+	if !p.decideAt.IsZero() {
+		in.Now = p.decideAt
+	}
+	if f.hasMAC {
+		in.ClientMAC = net.HardwareAddr(f.mac[:])
+	}
+	return in
 }
 
 // decideForwarded decides a flow nftables forwards or drops at its first
@@ -1665,6 +1677,27 @@ func (p *proc) emit(f *flow, how string) {
 	}
 	p.classify(f)
 	d := f.dec
+	if f.revoked && how != "" {
+		how = closeRevoked
+	}
+	ev := p.event(f, how)
+	if f.reported {
+		p.stats.updates.Add(1)
+		p.c.deps.Sink.Emit(ev)
+		return
+	}
+	f.reported = true
+	p.stats.flows.Add(1)
+	if d.Verdict == policy.Deny {
+		p.stats.denied.Add(1)
+	}
+	p.c.m.flow(d)
+	p.c.deps.Sink.Emit(ev)
+	p.c.logFlow(&ev)
+}
+
+// event is the event of f, decided, with close reason how.
+func (p *proc) event(f *flow, how string) audit.Event {
 	ps := "tcp"
 	if f.proto == 17 {
 		ps = "udp"
@@ -1681,20 +1714,8 @@ func (p *proc) emit(f *flow, how string) {
 	if f.echAnswer {
 		ev.Filtered = "ech"
 	}
-	ev.Stamp(d)
-	if f.reported {
-		p.stats.updates.Add(1)
-		p.c.deps.Sink.Emit(ev)
-		return
-	}
-	f.reported = true
-	p.stats.flows.Add(1)
-	if d.Verdict == policy.Deny {
-		p.stats.denied.Add(1)
-	}
-	p.c.m.flow(d)
-	p.c.deps.Sink.Emit(ev)
-	p.c.logFlow(&ev)
+	ev.Stamp(f.dec)
+	return ev
 }
 
 // logFlow writes the canonical line of a flow or request event: deny at

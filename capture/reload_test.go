@@ -176,3 +176,193 @@ rules:
 		})
 	}
 }
+
+// reloadRun feeds a UDP flow from cli to each of dsts (port 123, a
+// datagram each way every 10 s for 90 s, capture reporting flows open
+// after a minute as Run does) and, before the datagrams of second 70,
+// calls at. Events go to a recorder and a ledger.
+func reloadRun(t *testing.T, pol string, dsts []netip.Addr, extra func(p *pcapWriter), at func(c *Capture, store *policy.Store)) (*recorder, *audit.Report) {
+	t.Helper()
+	cli := netip.MustParseAddr("192.0.2.95")
+	p := newPcap(t)
+	start := p.now
+	for s := 0; s <= 90; s += 10 {
+		p.now = start.Add(time.Duration(s) * time.Second)
+		for i, dst := range dsts {
+			p.udp(true, cli, dst, uint16(40100+i), 123, make([]byte, 48))
+			p.udp(false, dst, cli, 123, uint16(40100+i), make([]byte, 48))
+		}
+		if extra != nil && s == 0 {
+			extra(p)
+		}
+	}
+	path := p.close()
+	rec := &recorder{}
+	store := policy.NewStore(testEngine(t, pol))
+	ledger := audit.NewLedger(store.Load(), audit.LedgerOptions{})
+	capt, err := New(Config{}, Deps{Policy: store, Sink: audit.Tee(rec, ledger)})
+	if err != nil {
+		t.Fatal(err)
+	}
+	capt.proc.openReport = time.Minute
+	done := false
+	feed(t, capt, path, func(ts time.Time) {
+		if !done && ts.Sub(start) >= 70*time.Second {
+			done = true
+			at(capt, store)
+		}
+	})
+	return rec, ledger.Report(audit.ReportOptions{})
+}
+
+// flowEvents are the events of the flow from client port cport, as
+// "source verdict reason mode enforced close".
+func flowEvents(rec *recorder, cport uint16) []string {
+	var got []string
+	for _, ev := range rec.all() {
+		if ev.Kind == audit.KindFlow && ev.ClientPort == cport {
+			got = append(got, fmt.Sprintf("%s %s %s %s enforced=%v %s", ev.Source, ev.Verdict, ev.Reason, ev.Mode, ev.Enforced, ev.Close))
+		}
+	}
+	return got
+}
+
+func droppedAt(r *audit.Report, dest string, port uint16) *audit.DroppedReport {
+	for i := range r.Dropped {
+		if r.Dropped[i].Dest == dest && r.Dropped[i].Port == port {
+			return &r.Dropped[i]
+		}
+	}
+	return nil
+}
+
+const ntpPolicy = `version: 1
+mode: %s
+rules:
+%s  - name: lab
+    to: [198.51.100.0/24]
+    ports: [any]
+`
+
+const ntpRule = `  - name: ntp
+    to: [203.0.113.0/24]
+    ports: [123/udp]
+`
+
+// TestRevokeRecordsTheCut: in enforce mode the firewall cuts a forwarded
+// flow a reload no longer allows and hands its event to Revoke. Capture
+// records the cut on its own record of the flow, reported allowed while
+// open: an event at once, then its end, both a drop enforced, close
+// policy-revoked, with the flow's start, so the ledger counts the flow
+// once, dropped. A cut flow capture does not follow is recorded as the
+// firewall reported it. Before, capture's record said allowed to the end
+// and the report never showed the cut.
+func TestRevokeRecordsTheCut(t *testing.T) {
+	ntp := netip.MustParseAddr("203.0.113.95")
+	unknown := audit.Event{Kind: audit.KindFlow, Source: audit.SourceFirewall, Time: time.Now(),
+		Client: netip.MustParseAddr("192.0.2.96"), ClientPort: 40999, Dest: netip.MustParseAddr("203.0.113.96"), DestPort: 123, Proto: "udp",
+		Verdict: policy.Deny, Reason: policy.ReasonNoRule, Mode: policy.ModeEnforce, Enforced: true, Close: "policy-revoked"}
+	rec, r := reloadRun(t, fmt.Sprintf(ntpPolicy, policy.ModeEnforce, ntpRule), []netip.Addr{ntp}, nil, func(c *Capture, store *policy.Store) {
+		store.Swap(testEngine(t, fmt.Sprintf(ntpPolicy, policy.ModeEnforce, "")))
+		cut := unknown
+		cut.Client, cut.ClientPort, cut.Dest = netip.MustParseAddr("192.0.2.95"), 40100, ntp
+		c.Revoke(cut)
+		c.Revoke(unknown)
+	})
+	want := []string{
+		"capture allow allowed enforce enforced=false ",
+		"capture deny no-rule enforce enforced=true policy-revoked",
+		"capture deny no-rule enforce enforced=true policy-revoked",
+	}
+	if got := flowEvents(rec, 40100); fmt.Sprint(got) != fmt.Sprint(want) {
+		t.Errorf("events of the cut flow\n got %q\nwant %q", got, want)
+	}
+	if got := flowEvents(rec, 40999); len(got) != 1 || got[0] != "firewall deny no-rule enforce enforced=true policy-revoked" {
+		t.Errorf("events of the flow capture did not follow: %q", got)
+	}
+	if d := droppedAt(r, ntp.String(), 123); d == nil || d.Flows != 1 || d.EnforcedFlows != 1 {
+		t.Errorf("report: drop of the cut flow %+v, want 1 flow, enforced", d)
+	}
+	if d := droppedAt(r, "203.0.113.96", 123); d == nil || d.Flows != 1 {
+		t.Errorf("report: drop of the flow capture did not follow %+v, want 1 flow", d)
+	}
+	if r.Totals.Flows != 2 || r.Totals.Allowed != 0 || r.Totals.Dropped != 2 {
+		t.Errorf("report totals %+v, want 2 flows, both dropped", r.Totals)
+	}
+}
+
+// TestRedecideAuditForwarded: in audit mode a reload that removes the
+// rule of a live forwarded flow cuts nothing, but capture judges the flow
+// again: it is recorded as one enforce would now drop (an event at once,
+// its end likewise), so the report counts it dropped, not enforced; a
+// flow whose rule stays is untouched, and a later reload that allows the
+// flow again does not take the would-be deny back. Before, the flow kept
+// its allow to the end.
+func TestRedecideAuditForwarded(t *testing.T) {
+	ntp := netip.MustParseAddr("203.0.113.95")
+	lab := netip.MustParseAddr("198.51.100.95")
+	with := fmt.Sprintf(ntpPolicy, policy.ModeAudit, ntpRule)
+	rec, r := reloadRun(t, with, []netip.Addr{ntp, lab}, nil, func(c *Capture, store *policy.Store) {
+		store.Swap(testEngine(t, fmt.Sprintf(ntpPolicy, policy.ModeAudit, "")))
+		c.Redecide()
+		c.proc.applyPending()
+		store.Swap(testEngine(t, with))
+		c.Redecide()
+	})
+	want := []string{
+		"capture allow allowed audit enforced=false ",
+		"capture deny no-rule audit enforced=false ",
+		"capture deny no-rule audit enforced=false end-of-capture",
+	}
+	if got := flowEvents(rec, 40100); fmt.Sprint(got) != fmt.Sprint(want) {
+		t.Errorf("events of the NTP flow\n got %q\nwant %q", got, want)
+	}
+	if got := flowEvents(rec, 40101); len(got) != 2 || got[0] != "capture allow allowed audit enforced=false " {
+		t.Errorf("events of the lab flow: %q", got)
+	}
+	if d := droppedAt(r, ntp.String(), 123); d == nil || d.Flows != 1 || d.EnforcedFlows != 0 {
+		t.Errorf("report: drop of the NTP flow %+v, want 1 flow, not enforced", d)
+	}
+	if r.Totals.Flows != 2 || r.Totals.Allowed != 1 || r.Totals.Dropped != 1 {
+		t.Errorf("report totals %+v, want 2 flows, 1 dropped", r.Totals)
+	}
+}
+
+// TestRedecideAuditToEnforce: flows opened in audit mode and live after
+// a reload to enforce carry no mark of the enforce ruleset, so the
+// forward chain judges their next packets as a new connection's. Capture
+// records what it does: a forwarded flow no rule admits now is a drop
+// enforced (the rule's reason), one a rule admits stays allowed, and a
+// TCP connection to a redirected port (decided by its Host in audit
+// mode) is dropped as opened-before-enforce, which beforeEnforce says of
+// one not yet named. Before, all three kept their audit-mode allow.
+func TestRedecideAuditToEnforce(t *testing.T) {
+	ntp := netip.MustParseAddr("203.0.113.95")
+	lab := netip.MustParseAddr("198.51.100.95")
+	web := `  - name: web
+    to: [198.51.100.0/24]
+    ports: [80/tcp]
+`
+	rec, r := reloadRun(t, fmt.Sprintf(ntpPolicy, policy.ModeAudit, ntpRule+web), []netip.Addr{ntp, lab}, func(p *pcapWriter) {
+		c := &tcpConn{p: p, cli: netip.MustParseAddr("192.0.2.95"), srv: netip.MustParseAddr("198.51.100.96"), cport: 47400, sport: 80, cseq: 1, sseq: 1}
+		c.handshake()
+		c.send(true, []byte("GET / HTTP/1.1\r\nHost: 198.51.100.96\r\n\r\n"), 1400, nil, nil)
+		c.send(false, []byte("HTTP/1.1 200 OK\r\nContent-Length: 0\r\n\r\n"), 1400, nil, nil)
+	}, func(c *Capture, store *policy.Store) {
+		store.Swap(testEngine(t, fmt.Sprintf(ntpPolicy, policy.ModeEnforce, web)))
+		c.Redecide()
+	})
+	for port, want := range map[uint16]string{
+		40100: "capture deny no-rule enforce enforced=true policy-revoked",
+		40101: "capture allow allowed audit enforced=false ",
+		47400: "capture deny opened-before-enforce enforce enforced=true policy-revoked",
+	} {
+		got := flowEvents(rec, port)
+		if len(got) < 2 || got[len(got)-2] != want {
+			t.Errorf("port %d: events %q, want the reload's %q", port, got, want)
+		}
+	}
+	if d := droppedAt(r, ntp.String(), 123); d == nil || d.Flows != 1 || d.EnforcedFlows != 1 {
+		t.Errorf("report: drop of the NTP flow %+v, want 1 flow, enforced", d)
+	}
+}

@@ -673,7 +673,15 @@ func (d *daemon) startFirewall(lan, wan string, gate *firewallGate) error {
 	}
 	proxyPort, dnsPort := listenPort(d.cfg.transparent), listenPort(firstOf(splitList(d.cfg.dnsListen)))
 	fcfg := firewall.Config{LAN: lan, WAN: wan, ProxyPort: proxyPort, DNSPort: dnsPort, TCPPorts: tcpPorts, Masquerade: d.cfg.masquerade, GuardWAN: d.cfg.guardWAN, WANOpen: wanOpen}
-	fw, err := firewall.New(fcfg, firewall.Deps{Logger: d.log, Registerer: d.reg})
+	// The flows a reload cuts go to capture, which records each on its
+	// own record of the flow (its start, name and bytes: counted once in
+	// the report), or to the event log as the firewall reports them when
+	// capture does not run.
+	var cuts audit.Sink = d.sink
+	if d.capture != nil {
+		cuts = audit.SinkFunc(d.capture.Revoke)
+	}
+	fw, err := firewall.New(fcfg, firewall.Deps{Logger: d.log, Registerer: d.reg, Sink: cuts})
 	if err != nil {
 		return err
 	}
@@ -780,6 +788,14 @@ func (d *daemon) reloadPolicy() bool {
 		// would-be-denied (audit). Only now, once nothing can take the
 		// reload back.
 		d.proxy.Redecide()
+	}
+	if d.capture != nil {
+		// So are capture's live forwarded flows, where the firewall does
+		// not (it cuts in enforce mode and tells capture): in audit mode
+		// a flow the new policy would deny is recorded so, and after a
+		// switch to enforce a flow from audit mode that the enforce
+		// ruleset drops is recorded dropped.
+		d.capture.Redecide()
 	}
 	d.log.Info("policy reloaded", "policy", d.source, "rules", len(eng.Rules()), audit.LogMode, string(eng.Mode()))
 	return true

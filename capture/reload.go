@@ -1,0 +1,233 @@
+package capture
+
+import (
+	"context"
+	"log/slog"
+
+	"egressd/audit"
+	"egressd/internal/logjson"
+	"egressd/policy"
+)
+
+// A policy reload reaches the flows capture follows, as it reaches the
+// proxy's connections (proxy/reload.go), in two ways:
+//
+//   - Revoke: in enforce mode the firewall cuts the forwarded flows the
+//     new policy no longer allows (firewall/sweep.go) and reports each as
+//     an event, which egressd run hands to Revoke. Capture stamps the cut
+//     on its own record of the flow: the flow's decision becomes the
+//     firewall's (a deny, enforced, its reason), its events close
+//     "policy-revoked", and an event goes out at once with the flow's
+//     start, name and bytes (the ledger re-attributes a flow capture
+//     reported allowed while open: audit.Ledger, redecided). The flow
+//     stays in the table: the client's next packets, which the firewall
+//     drops, are the same flow, not a new drop. The firewall's line is the
+//     cut's canonical line; capture logs none. A flow capture does not
+//     follow (it began before capture started, or it is the gateway's
+//     own) gets the firewall's event as it came, so the cut is in the
+//     report either way, and once.
+//   - Redecide (after a reload succeeded): capture judges its live
+//     forwarded flows (UDP but DNS, TCP to ports not redirected:
+//     decideForwarded) again where nothing else does.
+//     In audit mode nothing is cut, but a flow the new policy would
+//     deny gets that would-be deny, as the proxy's connections do in
+//     audit mode: one info line and an event at once, so the report
+//     counts the flow as one enforce would now drop; its later events
+//     carry the deny. A later reload that allows it again does not take
+//     that back (the proxy's rule: the record shows the last policy that
+//     would have denied it). A flow opened in audit mode and live after a
+//     reload to enforce has no mark of the enforce ruleset
+//     (firewall.CTMarkEnforced): its next packets meet the forward chain
+//     as a new connection's, judged by address with the learned sets of
+//     now, and are dropped unless a rule admits them. Capture decides it
+//     so: denied, its record becomes a drop enforced (the rule's reason;
+//     for a TCP connection to a redirected port, which the chain drops
+//     without --tcp-ports, opened-before-enforce, as beforeEnforce
+//     decides one still unnamed), close "policy-revoked", with a warning
+//     line. Flows opened in enforce mode are left to the firewall (its
+//     cut reports them, above): the firewall keeps a flow whose rule is
+//     unchanged whatever its learned addresses became, which capture
+//     cannot tell from here.
+//
+// Both run in the packet goroutine (Run, or ReadFile's): Revoke and
+// Redecide only queue, and the pipeline applies the queue before its next
+// packet, or within maxRingWait when none comes.
+
+// maxRevokes bounds the queued revocations; beyond, the firewall's event
+// goes to the sink as it came.
+const maxRevokes = 65536
+
+// pendingOp is a queued Revoke (ev set) or Redecide (ev nil).
+type pendingOp struct {
+	ev *audit.Event
+}
+
+// Revoke records a forwarded flow the firewall cut (its event, source
+// firewall): see above. It never blocks; it implements the firewall's
+// sink (audit.SinkFunc(c.Revoke)).
+func (c *Capture) Revoke(ev audit.Event) {
+	c.pendMu.Lock()
+	if c.stopped || len(c.pending) >= maxRevokes {
+		c.pendMu.Unlock()
+		c.deps.Sink.Emit(ev)
+		return
+	}
+	c.pending = append(c.pending, pendingOp{ev: &ev})
+	c.hasPending.Store(true)
+	c.pendMu.Unlock()
+}
+
+// Redecide judges the live forwarded flows again under the policy the
+// store now holds: call it after a policy reload succeeded (egressd run
+// does). See above.
+func (c *Capture) Redecide() {
+	c.pendMu.Lock()
+	if !c.stopped {
+		c.pending = append(c.pending, pendingOp{})
+		c.hasPending.Store(true)
+	}
+	c.pendMu.Unlock()
+}
+
+// takePending returns the queued operations; stop makes later Revoke
+// calls go to the sink at once (Run has returned).
+func (c *Capture) takePending(stop bool) []pendingOp {
+	c.pendMu.Lock()
+	defer c.pendMu.Unlock()
+	ops := c.pending
+	c.pending = nil
+	c.hasPending.Store(false)
+	c.stopped = c.stopped || stop
+	return ops
+}
+
+// applyPending applies what Revoke and Redecide queued.
+func (p *proc) applyPending() {
+	if !p.c.hasPending.Load() {
+		return
+	}
+	for _, op := range p.c.takePending(false) {
+		if op.ev != nil {
+			p.revoke(op.ev)
+		} else {
+			p.redecide()
+		}
+	}
+}
+
+// dropPending hands the queued revocations to the sink as they came
+// (capture stops).
+func (p *proc) dropPending() {
+	for _, op := range p.c.takePending(true) {
+		if op.ev != nil {
+			p.c.deps.Sink.Emit(*op.ev)
+		}
+	}
+}
+
+// revoke stamps the firewall's cut ev on the flow it names.
+func (p *proc) revoke(ev *audit.Event) {
+	f := p.flows[makeKey(ev.Client.Unmap(), ev.ClientPort, ev.Dest.Unmap(), ev.DestPort, protoNum(ev.Proto))]
+	if f == nil || f.closed || f.own || f.cli.Unmap() != ev.Client.Unmap() || f.cport != ev.ClientPort {
+		p.c.deps.Sink.Emit(*ev)
+		return
+	}
+	if !f.decided {
+		f.decided = true
+		f.evName, f.evSrc = f.name, f.nameSrc
+		if f.evSrc == "" {
+			f.evSrc = audit.NameNone
+		}
+		f.inspect = false
+	}
+	f.dec = policy.Decision{Verdict: ev.Verdict, Rule: ev.Rule, RuleIndex: -1, Reason: ev.Reason, Mode: ev.Mode}
+	f.revoked = true
+	p.emitNow(f, "", 0)
+}
+
+// redecide judges the live forwarded flows again (see above).
+func (p *proc) redecide() {
+	eng := p.c.deps.Policy.Load()
+	inAudit := eng.Mode() == policy.ModeAudit
+	for _, f := range p.flows {
+		if f.closed || f.own || !f.decided || f.revoked || f.sport == 53 || f.cport == 53 {
+			continue
+		}
+		fwd := f.proto == 17 || f.forwarded
+		switch {
+		case inAudit && fwd:
+			d, name, src := p.decideForwarded(eng, p.flowInput(f, ""), f.name, f.nameSrc, f.first)
+			d = p.special(eng, p.flowInput(f, ""), d, true)
+			if d.Allowed() {
+				continue
+			}
+			was := f.dec.Allowed()
+			f.dec, f.evName, f.evSrc = d, name, src
+			if was {
+				p.emitNow(f, "policy reload: the new policy would deny this open flow (audit mode: kept)", slog.LevelInfo)
+			}
+		case !inAudit && f.openedInAudit:
+			f.openedInAudit = false
+			var d policy.Decision
+			name, src := f.evName, f.evSrc
+			if fwd {
+				in := p.flowInput(f, "")
+				d, name, src = p.decideForwarded(eng, in, f.name, f.nameSrc, p.now)
+				d = p.special(eng, in, d, true)
+			} else {
+				// Redirected in enforce mode, but NAT applies to a
+				// connection's first packet: the forward chain judges it.
+				saved, savedName, savedSrc := f.dec, f.evName, f.evSrc
+				p.decideBeforeEnforce(eng, f, f.evName, f.evSrc)
+				d, name, src = f.dec, f.evName, f.evSrc
+				f.dec, f.evName, f.evSrc = saved, savedName, savedSrc
+			}
+			if d.Allowed() {
+				continue
+			}
+			f.dec, f.evName, f.evSrc = d, name, src
+			f.revoked = true
+			p.emitNow(f, "policy reload: the enforce ruleset drops this flow opened in audit mode", slog.LevelWarn)
+		}
+	}
+}
+
+// emitNow sends an event of f, still open, after a reload changed its
+// decision: its first, counted as emit counts one, or an update. msg,
+// when set, is the line logged for it (the firewall logged a cut's).
+func (p *proc) emitNow(f *flow, msg string, level slog.Level) {
+	ev := p.event(f, "")
+	if f.revoked {
+		ev.Close = closeRevoked
+	}
+	if f.reported {
+		p.stats.updates.Add(1)
+	} else {
+		f.reported = true
+		p.stats.flows.Add(1)
+		if f.dec.Verdict == policy.Deny {
+			p.stats.denied.Add(1)
+		}
+		p.c.m.flow(f.dec)
+	}
+	p.c.deps.Sink.Emit(ev)
+	if msg == "" {
+		return
+	}
+	ctx := context.Background()
+	if p.c.log.Enabled(ctx, level) {
+		var buf [audit.FlowAttrsMax]slog.Attr
+		logjson.Log(ctx, p.c.log, level, msg, ev.AppendFlowAttrs(buf[:0])...)
+	}
+}
+
+// closeRevoked is the close reason of a flow a reload revoked, the
+// proxy's and the firewall's.
+const closeRevoked = "policy-revoked"
+
+func protoNum(s string) uint8 {
+	if s == "udp" {
+		return 17
+	}
+	return 6
+}
