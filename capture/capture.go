@@ -204,6 +204,7 @@ type Capture struct {
 
 	// Revoke and Redecide queue here for the packet goroutine
 	// (reload.go); hasPending says the queue is not empty.
+	clock      func() time.Time // when Revoke and Redecide are called; tests set it
 	pendMu     sync.Mutex
 	pending    []pendingOp
 	stopped    bool // Run has returned: Revoke passes events on at once
@@ -238,7 +239,7 @@ func New(cfg Config, deps Deps) (*Capture, error) {
 		log = slog.New(slog.DiscardHandler)
 	}
 	cfg = cfg.withDefaults()
-	c := &Capture{cfg: cfg, deps: deps, log: log.With(audit.LogComponent, "capture")}
+	c := &Capture{cfg: cfg, deps: deps, log: log.With(audit.LogComponent, "capture"), clock: time.Now}
 	c.learned = newLearned(cfg.MaxLearned)
 	c.m = newMetrics()
 	c.proc = newProc(c)

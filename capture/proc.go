@@ -246,7 +246,6 @@ func (p *proc) packetLen(data []byte, wireLen int, ts time.Time, link layers.Lin
 	} else {
 		wireLen = len(data)
 	}
-	p.applyPending()
 	p.stats.packets.Add(1)
 	p.stats.bytes.Add(uint64(wireLen))
 	p.stats.captured.Add(uint64(len(data)))
@@ -257,6 +256,7 @@ func (p *proc) packetLen(data []byte, wireLen int, ts time.Time, link layers.Lin
 	if ts.After(p.now) && ts.Year() <= 9999 {
 		p.now = ts
 	}
+	p.applyPending(false)
 	if p.now.After(p.nextSweep) {
 		p.sweep()
 		p.nextSweep = p.now.Add(sweepInterval)

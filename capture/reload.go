@@ -3,6 +3,7 @@ package capture
 import (
 	"context"
 	"log/slog"
+	"time"
 
 	"egressd/audit"
 	"egressd/internal/logjson"
@@ -50,16 +51,21 @@ import (
 //     cannot tell from here.
 //
 // Both run in the packet goroutine (Run, or ReadFile's): Revoke and
-// Redecide only queue, and the pipeline applies the queue before its next
-// packet, or within maxRingWait when none comes.
+// Redecide only queue, with the time of the call, and the pipeline applies
+// what was queued once its packet time has reached that time, or within
+// maxRingWait when no packet comes. The kernel hands packets over a block
+// at a time (live.go), so a flow's first packets may still be in the ring
+// when the firewall cuts it: applied at once, the cut would find no flow.
 
 // maxRevokes bounds the queued revocations; beyond, the firewall's event
 // goes to the sink as it came.
 const maxRevokes = 65536
 
-// pendingOp is a queued Revoke (ev set) or Redecide (ev nil).
+// pendingOp is a queued Revoke (ev set) or Redecide (ev nil), queued at
+// at.
 type pendingOp struct {
 	ev *audit.Event
+	at time.Time
 }
 
 // Revoke records a forwarded flow the firewall cut (its event, source
@@ -72,7 +78,7 @@ func (c *Capture) Revoke(ev audit.Event) {
 		c.deps.Sink.Emit(ev)
 		return
 	}
-	c.pending = append(c.pending, pendingOp{ev: &ev})
+	c.pending = append(c.pending, pendingOp{ev: &ev, at: c.clock()})
 	c.hasPending.Store(true)
 	c.pendMu.Unlock()
 }
@@ -83,30 +89,46 @@ func (c *Capture) Revoke(ev audit.Event) {
 func (c *Capture) Redecide() {
 	c.pendMu.Lock()
 	if !c.stopped {
-		c.pending = append(c.pending, pendingOp{})
+		c.pending = append(c.pending, pendingOp{at: c.clock()})
 		c.hasPending.Store(true)
 	}
 	c.pendMu.Unlock()
 }
 
-// takePending returns the queued operations; stop makes later Revoke
-// calls go to the sink at once (Run has returned).
-func (c *Capture) takePending(stop bool) []pendingOp {
+// takePending returns the operations queued up to until (all of them
+// when it is zero); stop makes later Revoke calls go to the sink at once
+// (Run has returned).
+func (c *Capture) takePending(until time.Time, stop bool) []pendingOp {
 	c.pendMu.Lock()
 	defer c.pendMu.Unlock()
-	ops := c.pending
-	c.pending = nil
-	c.hasPending.Store(false)
+	n := len(c.pending)
+	if !until.IsZero() {
+		n = 0
+		for n < len(c.pending) && !c.pending[n].at.After(until) {
+			n++
+		}
+	}
+	ops := c.pending[:n:n]
+	c.pending = c.pending[n:]
+	if len(c.pending) == 0 {
+		c.pending = nil
+		c.hasPending.Store(false)
+	}
 	c.stopped = c.stopped || stop
 	return ops
 }
 
-// applyPending applies what Revoke and Redecide queued.
-func (p *proc) applyPending() {
+// applyPending applies what Revoke and Redecide queued up to the packet
+// time (all of it when all is set).
+func (p *proc) applyPending(all bool) {
 	if !p.c.hasPending.Load() {
 		return
 	}
-	for _, op := range p.c.takePending(false) {
+	until := p.now
+	if all {
+		until = time.Time{}
+	}
+	for _, op := range p.c.takePending(until, false) {
 		if op.ev != nil {
 			p.revoke(op.ev)
 		} else {
@@ -118,7 +140,7 @@ func (p *proc) applyPending() {
 // dropPending hands the queued revocations to the sink as they came
 // (capture stops).
 func (p *proc) dropPending() {
-	for _, op := range p.c.takePending(true) {
+	for _, op := range p.c.takePending(time.Time{}, true) {
 		if op.ev != nil {
 			p.c.deps.Sink.Emit(*op.ev)
 		}

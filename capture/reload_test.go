@@ -205,8 +205,11 @@ func reloadRun(t *testing.T, pol string, dsts []netip.Addr, extra func(p *pcapWr
 		t.Fatal(err)
 	}
 	capt.proc.openReport = time.Minute
+	var now time.Time
+	capt.clock = func() time.Time { return now }
 	done := false
 	feed(t, capt, path, func(ts time.Time) {
+		now = ts
 		if !done && ts.Sub(start) >= 70*time.Second {
 			done = true
 			at(capt, store)
@@ -305,7 +308,7 @@ func TestRedecideAuditForwarded(t *testing.T) {
 	rec, r := reloadRun(t, with, []netip.Addr{ntp, lab}, nil, func(c *Capture, store *policy.Store) {
 		store.Swap(testEngine(t, fmt.Sprintf(ntpPolicy, policy.ModeAudit, "")))
 		c.Redecide()
-		c.proc.applyPending()
+		c.proc.applyPending(true) // before the next reload
 		store.Swap(testEngine(t, with))
 		c.Redecide()
 	})

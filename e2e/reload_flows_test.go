@@ -4,6 +4,7 @@ import (
 	"bytes"
 	"context"
 	"encoding/binary"
+	"fmt"
 	"net"
 	"net/netip"
 	"strings"
@@ -87,6 +88,154 @@ func TestReloadCutsRemovedRulesFlows(t *testing.T) {
 	}
 	if !strings.Contains(d.logs(), `"flows_cut":1`) {
 		t.Errorf("no firewall line with flows_cut 1:\n%s", d.logs())
+	}
+
+	// The cut is a decision: one line of its own, and the flow's record
+	// (capture's: it follows the flow) says dropped, so the report does.
+	local := netip.MustParseAddrPort(ntpFlow.LocalAddr().String())
+	var lines []string
+	for _, l := range strings.Split(d.logs(), "\n") {
+		if strings.Contains(l, "firewall: flow cut") {
+			lines = append(lines, l)
+		}
+	}
+	if len(lines) != 1 {
+		t.Errorf("%d lines of a cut flow, want 1:\n%s", len(lines), strings.Join(lines, "\n"))
+	} else {
+		for _, attr := range []string{`"kind":"flow"`, `"client":"` + local.Addr().String() + `"`, fmt.Sprintf(`"client_port":%d`, local.Port()),
+			`"dest":"` + addrs[0].String() + `"`, `"dest_port":123`, `"proto":"udp"`, `"prev_rule_id":"ntp"`, `"reason":"no-rule"`,
+			`"verdict":"deny"`, `"enforced":true`, `"close":"policy-revoked"`} {
+			if !strings.Contains(lines[0], attr) {
+				t.Errorf("the cut's line has no %s: %s", attr, lines[0])
+			}
+		}
+	}
+	ev := wantEvent(t, d, "the cut NTP flow", func(ev flowEvent) bool {
+		return ev.Kind == "flow" && ev.ClientPort == int(local.Port()) && ev.Verdict == "deny"
+	}, "deny", "no-rule")
+	if ev.Source != "capture" || ev.Close != "policy-revoked" {
+		for _, e := range d.allEvents() {
+			if e.DestPort == 123 {
+				t.Logf("%v", e)
+			}
+		}
+		t.Errorf("the cut NTP flow's event: %v (source %s), want capture's, close policy-revoked", ev, ev.Source)
+	}
+	waitReport(t, d, func(r *report) bool { return droppedFlows(r, 123, "udp", true) == 1 })
+	r := d.report()
+	if n := ruleFlows(r, "ntp"); n != 0 {
+		t.Errorf("report: the removed ntp rule still has %d flows", n)
+	}
+	if n := droppedFlows(r, udpDenyPort, "udp", false); n != 0 {
+		t.Errorf("report: %d flows of the kept rule dropped", n)
+	}
+}
+
+// droppedFlows adds up the report's dropped flows to port/proto (enforced
+// ones only, when enforced is set), whatever their destination's name.
+func droppedFlows(r *report, port uint16, proto string, enforced bool) uint64 {
+	var n uint64
+	for _, dr := range r.Dropped {
+		if dr.Port == port && dr.Proto == proto && (dr.Enforced || !enforced) {
+			n += dr.Flows
+		}
+	}
+	return n
+}
+
+// TestReloadAuditRejudgesForwardedFlows: the audit-mode sibling. A
+// device's NTP flow runs while the operator removes the seed's ntp rule
+// and reloads: nothing is cut (audit), but capture judges the live flow
+// again, and the report counts it as a flow enforce would now drop (not
+// enforced), with an info line saying so; the other rule's flow is
+// untouched. Before, the flow kept its audit allow to its end.
+func TestReloadAuditRejudgesForwardedFlows(t *testing.T) {
+	tp := newTopo(t)
+	d := newDaemon(t, tp, "")
+	seed := testPolicy(t)
+	if !bytes.Contains(seed, []byte("\nmode: audit\n")) {
+		t.Fatal("the seed profile no longer says mode: audit: update the test")
+	}
+	d.writePolicy(append(bytes.Clone(seed), udpRule...))
+	d.start()
+
+	ctx, cancel := context.WithTimeout(context.Background(), 10*time.Second)
+	defer cancel()
+	addrs, err := tp.goResolver().LookupNetIP(ctx, "ip4", ntpName+".")
+	if err != nil {
+		t.Fatal(err)
+	}
+	dial := func(addr string) net.Conn {
+		c, err := tp.lan.DialContext(ctx, "udp", addr)
+		if err != nil {
+			t.Fatal(err)
+		}
+		t.Cleanup(func() { c.Close() })
+		return c
+	}
+	ntpFlow := dial(netip.AddrPortFrom(addrs[0], 123).String())
+	echoFlow := dial(netip.AddrPortFrom(netip.MustParseAddr(udpDenyIP), udpDenyPort).String())
+	ntp := func() error {
+		req := make([]byte, 48)
+		req[0] = 0<<6 | 4<<3 | 3
+		binary.BigEndian.PutUint64(req[40:], uint64(time.Now().UnixNano()))
+		return ask(ntpFlow, req, func(r []byte) bool { return len(r) >= 48 && string(r[24:32]) == string(req[40:48]) })
+	}
+	echo := func() error {
+		return ask(echoFlow, []byte("ping"), func(r []byte) bool { return string(r) == "echo:ping" })
+	}
+	// Four exchanges: capture decides a UDP flow it finds no QUIC in
+	// after six datagrams (or ten seconds); one decided under the old
+	// policy is the one to judge again.
+	for range 4 {
+		if err := ntp(); err != nil {
+			t.Fatalf("NTP before the reload: %v", err)
+		}
+	}
+	if err := echo(); err != nil {
+		t.Fatalf("UDP echo before the reload: %v", err)
+	}
+	// Capture reads the ring a block at a time (within about 0.2s): let
+	// it decide the flow under the policy it began in, as a flow that has
+	// run for a while is.
+	time.Sleep(time.Second)
+	i := bytes.Index(seed, []byte("  - name: ntp\n"))
+	j := bytes.Index(seed, []byte("    ports: [123/udp]\n"))
+	if i < 0 || j < i {
+		t.Fatal("the seed profile's ntp rule moved: update the test")
+	}
+	d.writePolicy(append(append(bytes.Clone(seed[:i]), seed[j+len("    ports: [123/udp]\n"):]...), udpRule...))
+	d.hup(true)
+
+	if err := ntp(); err != nil {
+		t.Errorf("audit mode: the NTP flow lost its answers after the reload: %v", err)
+	}
+	if err := echo(); err != nil {
+		t.Errorf("the other rule's UDP flow after the reload: %v", err)
+	}
+	local := netip.MustParseAddrPort(ntpFlow.LocalAddr().String())
+	ev := d.waitEvent(t, "the NTP flow judged again", func(ev flowEvent) bool {
+		return ev.Kind == "flow" && ev.ClientPort == int(local.Port()) && ev.Verdict == "deny"
+	})
+	if ev.Enforced || ev.Reason != "no-rule" || ev.Source != "capture" {
+		t.Errorf("the NTP flow's event after the reload: %v, want capture's would-be deny no-rule, not enforced", ev)
+	}
+	waitReport(t, d, func(r *report) bool { return droppedFlows(r, 123, "udp", false) == 1 })
+	r := d.report()
+	if n := droppedFlows(r, 123, "udp", true); n != 0 {
+		t.Errorf("report: the NTP flow counts as enforced in audit mode")
+	}
+	if n := ruleFlows(r, "ntp"); n != 0 {
+		t.Errorf("report: the removed ntp rule still has %d flows", n)
+	}
+	if n := ruleFlows(r, "e2e-udp"); n > 1 || droppedFlows(r, udpDenyPort, "udp", false) != 0 {
+		t.Errorf("report: the kept rule's flow moved (rule e2e-udp %d flows)", n)
+	}
+	if !strings.Contains(d.logs(), "policy reload: the new policy would deny this open flow (audit mode: kept)") {
+		t.Errorf("no line for the NTP flow judged again:\n%s", d.logs())
+	}
+	if v := d.metric(`egress_firewall_reload_flows_total{result="cut"}`); v != 0 {
+		t.Errorf("audit mode cut %v flows", v)
 	}
 }
 
