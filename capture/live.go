@@ -199,7 +199,7 @@ func (c *Capture) Run(ctx context.Context) error {
 	for {
 		if ctx.Err() != nil || c.isClosed() {
 			c.updateDrops(h)
-			p.applyPending(true)
+			p.applyPending(time.Time{})
 			p.flush("shutdown")
 			p.dropPending()
 			return nil
@@ -215,7 +215,7 @@ func (c *Capture) Run(ctx context.Context) error {
 			if now.After(p.now) {
 				p.now = now
 			}
-			p.applyPending(false)
+			p.applyPending(now.Add(-ringLag))
 			if p.now.After(p.nextSweep) {
 				p.sweep()
 				p.nextSweep = p.now.Add(sweepInterval)

@@ -256,7 +256,7 @@ func (p *proc) packetLen(data []byte, wireLen int, ts time.Time, link layers.Lin
 	if ts.After(p.now) && ts.Year() <= 9999 {
 		p.now = ts
 	}
-	p.applyPending(false)
+	p.applyPending(p.now)
 	if p.now.After(p.nextSweep) {
 		p.sweep()
 		p.nextSweep = p.now.Add(sweepInterval)

@@ -52,8 +52,8 @@ import (
 //
 // Both run in the packet goroutine (Run, or ReadFile's): Revoke and
 // Redecide only queue, with the time of the call, and the pipeline applies
-// what was queued once its packet time has reached that time, or within
-// maxRingWait when no packet comes. The kernel hands packets over a block
+// what was queued once its packet time has reached that time, or ringLag
+// after it when no packet comes. The kernel hands packets over a block
 // at a time (live.go), so a flow's first packets may still be in the ring
 // when the firewall cuts it: applied at once, the cut would find no flow.
 
@@ -118,15 +118,17 @@ func (c *Capture) takePending(until time.Time, stop bool) []pendingOp {
 	return ops
 }
 
-// applyPending applies what Revoke and Redecide queued up to the packet
-// time (all of it when all is set).
-func (p *proc) applyPending(all bool) {
+// ringLag is how long after a call the queue is applied when no packet
+// comes: a look at the ring that finds none does not mean the kernel
+// handed over every packet before the call (a block is handed over when
+// full or 64 ms after its first packet, afpacket's default).
+const ringLag = 200 * time.Millisecond
+
+// applyPending applies what Revoke and Redecide queued up to until (all
+// of it when until is zero).
+func (p *proc) applyPending(until time.Time) {
 	if !p.c.hasPending.Load() {
 		return
-	}
-	until := p.now
-	if all {
-		until = time.Time{}
 	}
 	for _, op := range p.c.takePending(until, false) {
 		if op.ev != nil {

@@ -308,7 +308,7 @@ func TestRedecideAuditForwarded(t *testing.T) {
 	rec, r := reloadRun(t, with, []netip.Addr{ntp, lab}, nil, func(c *Capture, store *policy.Store) {
 		store.Swap(testEngine(t, fmt.Sprintf(ntpPolicy, policy.ModeAudit, "")))
 		c.Redecide()
-		c.proc.applyPending(true) // before the next reload
+		c.proc.applyPending(time.Time{}) // before the next reload
 		store.Swap(testEngine(t, with))
 		c.Redecide()
 	})
