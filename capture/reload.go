@@ -40,12 +40,15 @@ import (
 //     reload to enforce has no mark of the enforce ruleset
 //     (firewall.CTMarkEnforced): its next packets meet the forward chain
 //     as a new connection's, judged by address with the learned sets of
-//     now, and are dropped unless a rule admits them. Capture decides it
-//     so: denied, its record becomes a drop enforced (the rule's reason;
-//     for a TCP connection to a redirected port, which the chain drops
-//     without --tcp-ports, opened-before-enforce, as beforeEnforce
-//     decides one still unnamed), close "policy-revoked", with a warning
-//     line. Flows opened in enforce mode are left to the firewall (its
+//     now, and are dropped unless a rule admits them. Those sets begin
+//     empty when enforcement begins (the addresses the forwarder gave out
+//     in audit mode are not in them), so such a flow goes on only where a
+//     CIDR rule admits its address. Capture decides it so: denied, its
+//     record becomes a drop enforced (the rules' reason where no rule
+//     would admit it at all; opened-before-enforce where only a learned
+//     address would, and for a TCP connection to a redirected port, which
+//     the chain drops without --tcp-ports, as beforeEnforce decides one
+//     still unnamed), close "policy-revoked", with a warning line. Flows opened in enforce mode are left to the firewall (its
 //     cut reports them, above): the firewall keeps a flow whose rule is
 //     unchanged whatever its learned addresses became, which capture
 //     cannot tell from here.
@@ -198,6 +201,13 @@ func (p *proc) redecide() {
 				in := p.flowInput(f, "")
 				d, name, src = p.decideForwarded(eng, in, f.name, f.nameSrc, p.now)
 				d = p.special(eng, in, d, true)
+				in.NoPath = false
+				if d.Allowed() && !eng.Decide(in).Allowed() {
+					// Only a learned address lets it out, and the enforce
+					// ruleset's learned sets begin empty: what the
+					// forwarder gave out in audit mode is not in them.
+					d = policy.Decision{Verdict: policy.Deny, RuleIndex: -1, Reason: ReasonOpenedBeforeEnforce, Mode: eng.Mode()}
+				}
 			} else {
 				// Redirected in enforce mode, but NAT applies to a
 				// connection's first packet: the forward chain judges it.

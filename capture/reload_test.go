@@ -181,7 +181,7 @@ rules:
 // datagram each way every 10 s for 90 s, capture reporting flows open
 // after a minute as Run does) and, before the datagrams of second 70,
 // calls at. Events go to a recorder and a ledger.
-func reloadRun(t *testing.T, pol string, dsts []netip.Addr, extra func(p *pcapWriter), at func(c *Capture, store *policy.Store)) (*recorder, *audit.Report) {
+func reloadRun(t *testing.T, pol string, dsts []netip.Addr, dns DNSFacts, extra func(p *pcapWriter), at func(c *Capture, store *policy.Store)) (*recorder, *audit.Report) {
 	t.Helper()
 	cli := netip.MustParseAddr("192.0.2.95")
 	p := newPcap(t)
@@ -200,7 +200,7 @@ func reloadRun(t *testing.T, pol string, dsts []netip.Addr, extra func(p *pcapWr
 	rec := &recorder{}
 	store := policy.NewStore(testEngine(t, pol))
 	ledger := audit.NewLedger(store.Load(), audit.LedgerOptions{})
-	capt, err := New(Config{}, Deps{Policy: store, Sink: audit.Tee(rec, ledger)})
+	capt, err := New(Config{}, Deps{Policy: store, Sink: audit.Tee(rec, ledger), DNS: dns})
 	if err != nil {
 		t.Fatal(err)
 	}
@@ -265,7 +265,7 @@ func TestRevokeRecordsTheCut(t *testing.T) {
 	unknown := audit.Event{Kind: audit.KindFlow, Source: audit.SourceFirewall, Time: time.Now(),
 		Client: netip.MustParseAddr("192.0.2.96"), ClientPort: 40999, Dest: netip.MustParseAddr("203.0.113.96"), DestPort: 123, Proto: "udp",
 		Verdict: policy.Deny, Reason: policy.ReasonNoRule, Mode: policy.ModeEnforce, Enforced: true, Close: "policy-revoked"}
-	rec, r := reloadRun(t, fmt.Sprintf(ntpPolicy, policy.ModeEnforce, ntpRule), []netip.Addr{ntp}, nil, func(c *Capture, store *policy.Store) {
+	rec, r := reloadRun(t, fmt.Sprintf(ntpPolicy, policy.ModeEnforce, ntpRule), []netip.Addr{ntp}, nil, nil, func(c *Capture, store *policy.Store) {
 		store.Swap(testEngine(t, fmt.Sprintf(ntpPolicy, policy.ModeEnforce, "")))
 		cut := unknown
 		cut.Client, cut.ClientPort, cut.Dest = netip.MustParseAddr("192.0.2.95"), 40100, ntp
@@ -305,7 +305,7 @@ func TestRedecideAuditForwarded(t *testing.T) {
 	ntp := netip.MustParseAddr("203.0.113.95")
 	lab := netip.MustParseAddr("198.51.100.95")
 	with := fmt.Sprintf(ntpPolicy, policy.ModeAudit, ntpRule)
-	rec, r := reloadRun(t, with, []netip.Addr{ntp, lab}, nil, func(c *Capture, store *policy.Store) {
+	rec, r := reloadRun(t, with, []netip.Addr{ntp, lab}, nil, nil, func(c *Capture, store *policy.Store) {
 		store.Swap(testEngine(t, fmt.Sprintf(ntpPolicy, policy.ModeAudit, "")))
 		c.Redecide()
 		c.proc.applyPending(time.Time{}) // before the next reload
@@ -335,18 +335,26 @@ func TestRedecideAuditForwarded(t *testing.T) {
 // a reload to enforce carry no mark of the enforce ruleset, so the
 // forward chain judges their next packets as a new connection's. Capture
 // records what it does: a forwarded flow no rule admits now is a drop
-// enforced (the rule's reason), one a rule admits stays allowed, and a
-// TCP connection to a redirected port (decided by its Host in audit
-// mode) is dropped as opened-before-enforce, which beforeEnforce says of
-// one not yet named. Before, all three kept their audit-mode allow.
+// enforced (the rule's reason), one a CIDR rule admits stays allowed,
+// one only a rule's learned address would admit is dropped as
+// opened-before-enforce (the enforce ruleset's learned sets begin empty:
+// the e2e TestReloadAuditToEnforceForwardedFlows shows the datagrams
+// dropped), and a TCP connection to a redirected port (decided by its
+// Host in audit mode) is dropped as opened-before-enforce, which
+// beforeEnforce says of one not yet named. Before, all four kept their
+// audit-mode allow.
 func TestRedecideAuditToEnforce(t *testing.T) {
 	ntp := netip.MustParseAddr("203.0.113.95")
 	lab := netip.MustParseAddr("198.51.100.95")
+	named := netip.MustParseAddr("203.0.113.97")
 	web := `  - name: web
     to: [198.51.100.0/24]
     ports: [80/tcp]
+  - name: named
+    to: [ntp.test]
+    ports: [123/udp]
 `
-	rec, r := reloadRun(t, fmt.Sprintf(ntpPolicy, policy.ModeAudit, ntpRule+web), []netip.Addr{ntp, lab}, func(p *pcapWriter) {
+	rec, r := reloadRun(t, fmt.Sprintf(ntpPolicy, policy.ModeAudit, ntpRule+web), []netip.Addr{ntp, lab, named}, factsMap{named: {"ntp.test"}}, func(p *pcapWriter) {
 		c := &tcpConn{p: p, cli: netip.MustParseAddr("192.0.2.95"), srv: netip.MustParseAddr("198.51.100.96"), cport: 47400, sport: 80, cseq: 1, sseq: 1}
 		c.handshake()
 		c.send(true, []byte("GET / HTTP/1.1\r\nHost: 198.51.100.96\r\n\r\n"), 1400, nil, nil)
@@ -358,6 +366,7 @@ func TestRedecideAuditToEnforce(t *testing.T) {
 	for port, want := range map[uint16]string{
 		40100: "capture deny no-rule enforce enforced=true policy-revoked",
 		40101: "capture allow allowed audit enforced=false ",
+		40102: "capture deny opened-before-enforce enforce enforced=true policy-revoked",
 		47400: "capture deny opened-before-enforce enforce enforced=true policy-revoked",
 	} {
 		got := flowEvents(rec, port)

@@ -256,3 +256,82 @@ func ask(c net.Conn, req []byte, ok func([]byte) bool) error {
 		}
 	}
 }
+
+// TestReloadAuditToEnforceForwardedFlows: the README's rollout with live
+// forwarded flows. A device's NTP flow (the seed's ntp rule, by name) and
+// a UDP flow of another rule (e2e-udp, by address) run in audit mode; the
+// reload switches to enforce and drops e2e-udp. Neither flow carries the
+// enforce ruleset's mark, so the forward chain judges their next
+// datagrams as new flows: whatever it does to each, capture's record of
+// the flow must say the same (dropped and enforced where the datagrams
+// get no answer, not dropped where they do).
+func TestReloadAuditToEnforceForwardedFlows(t *testing.T) {
+	tp := newTopo(t)
+	d := newDaemon(t, tp, "")
+	seed := testPolicy(t)
+	d.writePolicy(append(bytes.Clone(seed), udpRule...))
+	d.start()
+
+	ctx, cancel := context.WithTimeout(context.Background(), 10*time.Second)
+	defer cancel()
+	addrs, err := tp.goResolver().LookupNetIP(ctx, "ip4", ntpName+".")
+	if err != nil {
+		t.Fatal(err)
+	}
+	dial := func(addr string) net.Conn {
+		c, err := tp.lan.DialContext(ctx, "udp", addr)
+		if err != nil {
+			t.Fatal(err)
+		}
+		t.Cleanup(func() { c.Close() })
+		return c
+	}
+	ntpFlow := dial(netip.AddrPortFrom(addrs[0], 123).String())
+	echoFlow := dial(netip.AddrPortFrom(netip.MustParseAddr(udpDenyIP), udpDenyPort).String())
+	ntp := func() error {
+		req := make([]byte, 48)
+		req[0] = 0<<6 | 4<<3 | 3
+		binary.BigEndian.PutUint64(req[40:], uint64(time.Now().UnixNano()))
+		return ask(ntpFlow, req, func(r []byte) bool { return len(r) >= 48 && string(r[24:32]) == string(req[40:48]) })
+	}
+	echo := func() error {
+		return ask(echoFlow, []byte("ping"), func(r []byte) bool { return string(r) == "echo:ping" })
+	}
+	for range 4 { // decided by capture (see TestReloadAuditRejudgesForwardedFlows)
+		if err := ntp(); err != nil {
+			t.Fatalf("NTP before the reload: %v", err)
+		}
+		if err := echo(); err != nil {
+			t.Fatalf("UDP echo before the reload: %v", err)
+		}
+	}
+	time.Sleep(time.Second)
+	d.writePolicy(bytes.Replace(seed, []byte("\nmode: audit\n"), []byte("\nmode: enforce\n"), 1))
+	d.hup(true)
+
+	for _, f := range []struct {
+		name string
+		c    net.Conn
+		ask  func() error
+	}{{"ntp", ntpFlow, ntp}, {"e2e-udp", echoFlow, echo}} {
+		answered := f.ask() == nil
+		port := netip.MustParseAddrPort(f.c.LocalAddr().String()).Port()
+		time.Sleep(time.Second) // capture applies the reload's judgement once the ring has caught up
+		var denied *flowEvent
+		for _, ev := range d.allEvents() {
+			if ev.Kind == "flow" && ev.ClientPort == int(port) && ev.Verdict == "deny" {
+				denied = &ev
+			}
+		}
+		t.Logf("%s flow after the switch to enforce: answered %v, capture's deny %v", f.name, answered, denied)
+		switch {
+		case answered && denied != nil:
+			t.Errorf("%s: the flow still gets answers, but capture records it dropped: %v", f.name, denied)
+		case !answered && (denied == nil || !denied.Enforced || denied.Close != "policy-revoked"):
+			t.Errorf("%s: the flow gets no answer after the switch to enforce, but capture's record says %v", f.name, denied)
+		}
+		if f.name == "e2e-udp" && answered {
+			t.Errorf("the flow of the rule the reload removed still gets answers")
+		}
+	}
+}
