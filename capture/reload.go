@@ -31,8 +31,11 @@ import (
 //     forwarded flows (UDP but DNS, TCP to ports not redirected:
 //     decideForwarded) again where nothing else does.
 //     In audit mode nothing is cut, but a flow the new policy would
-//     deny gets that would-be deny, as the proxy's connections do in
-//     audit mode: one info line and an event at once, so the report
+//     deny (by address, the answers live when it began, or the name its
+//     address was learned for, which a rule must still allow: as the
+//     firewall keeps an unchanged rule's flows however long ago their
+//     answers expired) gets that would-be deny, as the proxy's
+//     connections do in audit mode: one info line and an event at once, so the report
 //     counts the flow as one enforce would now drop; its later events
 //     carry the deny. A later reload that allows it again does not take
 //     that back (the proxy's rule: the record shows the last policy that
@@ -48,10 +51,13 @@ import (
 //     would admit it at all; opened-before-enforce where only a learned
 //     address would, and for a TCP connection to a redirected port, which
 //     the chain drops without --tcp-ports, as beforeEnforce decides one
-//     still unnamed), close "policy-revoked", with a warning line. Flows opened in enforce mode are left to the firewall (its
-//     cut reports them, above): the firewall keeps a flow whose rule is
-//     unchanged whatever its learned addresses became, which capture
-//     cannot tell from here.
+//     still unnamed), close "policy-revoked", with a warning line. Flows
+//     opened in enforce mode are left to the firewall (its cut reports
+//     them, above): the firewall keeps a flow whose rule is unchanged
+//     whatever its learned addresses became, which capture cannot tell
+//     from here. Flows decided by name (TLS, HTTP to redirected ports)
+//     are not judged again in audit mode: in enforce mode they are the
+//     proxy's connections, which the proxy decides again itself.
 //
 // Both run in the packet goroutine (Run, or ReadFile's): Revoke and
 // Redecide only queue, with the time of the call, and the pipeline applies
@@ -183,8 +189,18 @@ func (p *proc) redecide() {
 		fwd := f.proto == 17 || f.forwarded
 		switch {
 		case inAudit && fwd:
-			d, name, src := p.decideForwarded(eng, p.flowInput(f, ""), f.name, f.nameSrc, f.first)
-			d = p.special(eng, p.flowInput(f, ""), d, true)
+			in := p.flowInput(f, "")
+			d, name, src := p.decideForwarded(eng, in, f.name, f.nameSrc, f.first)
+			d = p.special(eng, in, d, true)
+			if !d.Allowed() && f.dec.Allowed() && f.evName != "" {
+				// The name its address was learned for still counts
+				// where a rule allows it: the firewall keeps the flow of
+				// an unchanged rule however long ago the answer expired
+				// (and the proxy a DNS-learned name).
+				nin := in
+				nin.Name, nin.NoPath = f.evName, false
+				d = p.special(eng, nin, eng.Decide(nin), true)
+			}
 			if d.Allowed() {
 				continue
 			}
@@ -197,17 +213,10 @@ func (p *proc) redecide() {
 			f.openedInAudit = false
 			var d policy.Decision
 			name, src := f.evName, f.evSrc
+			in := p.flowInput(f, "")
 			if fwd {
-				in := p.flowInput(f, "")
 				d, name, src = p.decideForwarded(eng, in, f.name, f.nameSrc, p.now)
 				d = p.special(eng, in, d, true)
-				in.NoPath = false
-				if d.Allowed() && !eng.Decide(in).Allowed() {
-					// Only a learned address lets it out, and the enforce
-					// ruleset's learned sets begin empty: what the
-					// forwarder gave out in audit mode is not in them.
-					d = policy.Decision{Verdict: policy.Deny, RuleIndex: -1, Reason: ReasonOpenedBeforeEnforce, Mode: eng.Mode()}
-				}
 			} else {
 				// Redirected in enforce mode, but NAT applies to a
 				// connection's first packet: the forward chain judges it.
@@ -215,6 +224,13 @@ func (p *proc) redecide() {
 				p.decideBeforeEnforce(eng, f, f.evName, f.evSrc)
 				d, name, src = f.dec, f.evName, f.evSrc
 				f.dec, f.evName, f.evSrc = saved, savedName, savedSrc
+			}
+			in.NoPath = false
+			if d.Allowed() && !eng.Decide(in).Allowed() {
+				// Only a learned address lets it out, and the enforce
+				// ruleset's learned sets begin empty: what the
+				// forwarder gave out in audit mode is not in them.
+				d = policy.Decision{Verdict: policy.Deny, RuleIndex: -1, Reason: ReasonOpenedBeforeEnforce, Mode: eng.Mode()}
 			}
 			if d.Allowed() {
 				continue

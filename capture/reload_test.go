@@ -304,9 +304,18 @@ func TestRevokeRecordsTheCut(t *testing.T) {
 func TestRedecideAuditForwarded(t *testing.T) {
 	ntp := netip.MustParseAddr("203.0.113.95")
 	lab := netip.MustParseAddr("198.51.100.95")
-	with := fmt.Sprintf(ntpPolicy, policy.ModeAudit, ntpRule)
-	rec, r := reloadRun(t, with, []netip.Addr{ntp, lab}, nil, nil, func(c *Capture, store *policy.Store) {
-		store.Swap(testEngine(t, fmt.Sprintf(ntpPolicy, policy.ModeAudit, "")))
+	named := netip.MustParseAddr("198.18.5.97") // in no rule's CIDR
+	const namedRule = `  - name: named
+    to: [ntp.test]
+    ports: [123/udp]
+`
+	with := fmt.Sprintf(ntpPolicy, policy.ModeAudit, ntpRule+namedRule)
+	facts := factsMap{named: {"ntp.test"}}
+	rec, r := reloadRun(t, with, []netip.Addr{ntp, lab, named}, facts, nil, func(c *Capture, store *policy.Store) {
+		// The forwarder's answer for the named flow has expired since:
+		// its rule, unchanged, still lets it run.
+		delete(facts, named)
+		store.Swap(testEngine(t, fmt.Sprintf(ntpPolicy, policy.ModeAudit, namedRule)))
 		c.Redecide()
 		c.proc.applyPending(time.Time{}) // before the next reload
 		store.Swap(testEngine(t, with))
@@ -320,14 +329,16 @@ func TestRedecideAuditForwarded(t *testing.T) {
 	if got := flowEvents(rec, 40100); fmt.Sprint(got) != fmt.Sprint(want) {
 		t.Errorf("events of the NTP flow\n got %q\nwant %q", got, want)
 	}
-	if got := flowEvents(rec, 40101); len(got) != 2 || got[0] != "capture allow allowed audit enforced=false " {
-		t.Errorf("events of the lab flow: %q", got)
+	for _, port := range []uint16{40101, 40102} {
+		if got := flowEvents(rec, port); len(got) != 2 || got[0] != "capture allow allowed audit enforced=false " || got[1] != "capture allow allowed audit enforced=false end-of-capture" {
+			t.Errorf("port %d: events %q, want its allow kept", port, got)
+		}
 	}
 	if d := droppedAt(r, ntp.String(), 123); d == nil || d.Flows != 1 || d.EnforcedFlows != 0 {
 		t.Errorf("report: drop of the NTP flow %+v, want 1 flow, not enforced", d)
 	}
-	if r.Totals.Flows != 2 || r.Totals.Allowed != 1 || r.Totals.Dropped != 1 {
-		t.Errorf("report totals %+v, want 2 flows, 1 dropped", r.Totals)
+	if r.Totals.Flows != 3 || r.Totals.Allowed != 2 || r.Totals.Dropped != 1 {
+		t.Errorf("report totals %+v, want 3 flows, 1 dropped", r.Totals)
 	}
 }
 
