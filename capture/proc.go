@@ -193,6 +193,10 @@ type proc struct {
 	// at most about Config.MaxStreamBytes (streamRoom).
 	streamBytes int
 
+	// pendingRetry is when cuts that found no flow are tried again
+	// (reload.go).
+	pendingRetry time.Time
+
 	stats counters
 }
 

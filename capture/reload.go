@@ -65,6 +65,8 @@ import (
 // after it when no packet comes. The kernel hands packets over a block
 // at a time (live.go), so a flow's first packets may still be in the ring
 // when the firewall cuts it: applied at once, the cut would find no flow.
+// A cut that finds none still waits for it, up to revokeWait, before the
+// firewall's event is passed on as it came.
 
 // maxRevokes bounds the queued revocations; beyond, the firewall's event
 // goes to the sink as it came.
@@ -136,16 +138,47 @@ const ringLag = 200 * time.Millisecond
 // applyPending applies what Revoke and Redecide queued up to until (all
 // of it when until is zero).
 func (p *proc) applyPending(until time.Time) {
-	if !p.c.hasPending.Load() {
+	if !p.c.hasPending.Load() || !until.IsZero() && p.now.Before(p.pendingRetry) {
 		return
 	}
+	var again []pendingOp
 	for _, op := range p.c.takePending(until, false) {
-		if op.ev != nil {
-			p.revoke(op.ev)
-		} else {
+		switch {
+		case op.ev == nil:
 			p.redecide()
+		case p.revoke(op.ev, !until.IsZero() && p.now.Sub(op.at) < revokeWait):
+		default:
+			again = append(again, op)
 		}
 	}
+	if len(again) > 0 {
+		// Not at every packet: a start's cuts of flows from before
+		// capture ran may be many.
+		p.pendingRetry = p.now.Add(revokeRetry)
+		p.c.requeue(again)
+	}
+}
+
+// revokeWait is how long a cut that finds no flow waits for one: the
+// flow's packets may still be on their way through the ring (a loaded
+// box), or its next packet, which the firewall drops, may start it here.
+const (
+	revokeWait  = 2 * time.Second
+	revokeRetry = 100 * time.Millisecond
+)
+
+// requeue puts ops back at the head of the queue.
+func (c *Capture) requeue(ops []pendingOp) {
+	c.pendMu.Lock()
+	defer c.pendMu.Unlock()
+	if c.stopped {
+		for _, op := range ops {
+			c.deps.Sink.Emit(*op.ev)
+		}
+		return
+	}
+	c.pending = append(ops, c.pending...)
+	c.hasPending.Store(true)
 }
 
 // dropPending hands the queued revocations to the sink as they came
@@ -158,12 +191,21 @@ func (p *proc) dropPending() {
 	}
 }
 
-// revoke stamps the firewall's cut ev on the flow it names.
-func (p *proc) revoke(ev *audit.Event) {
+// revoke stamps the firewall's cut ev on the flow it names. Where capture
+// has no such flow it passes ev on as it came, unless wait is set: then it
+// reports false and does nothing (the caller tries again).
+func (p *proc) revoke(ev *audit.Event, wait bool) bool {
 	f := p.flows[makeKey(ev.Client.Unmap(), ev.ClientPort, ev.Dest.Unmap(), ev.DestPort, protoNum(ev.Proto))]
-	if f == nil || f.closed || f.own || f.cli.Unmap() != ev.Client.Unmap() || f.cport != ev.ClientPort {
+	if f != nil && f.own {
 		p.c.deps.Sink.Emit(*ev)
-		return
+		return true
+	}
+	if f == nil || f.closed || f.cli.Unmap() != ev.Client.Unmap() || f.cport != ev.ClientPort {
+		if wait {
+			return false
+		}
+		p.c.deps.Sink.Emit(*ev)
+		return true
 	}
 	if !f.decided {
 		f.decided = true
@@ -176,6 +218,7 @@ func (p *proc) revoke(ev *audit.Event) {
 	f.dec = policy.Decision{Verdict: ev.Verdict, Rule: ev.Rule, RuleIndex: -1, Reason: ev.Reason, Mode: ev.Mode}
 	f.revoked = true
 	p.emitNow(f, "", 0)
+	return true
 }
 
 // redecide judges the live forwarded flows again (see above).

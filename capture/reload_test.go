@@ -389,3 +389,50 @@ func TestRedecideAuditToEnforce(t *testing.T) {
 		t.Errorf("report: drop of the NTP flow %+v, want 1 flow, enforced", d)
 	}
 }
+
+// TestRevokeWaitsForTheFlow: a cut that reaches capture before the
+// flow's packets have come through the ring (a loaded box) waits for
+// them, up to revokeWait, and is recorded on the flow, once: not passed
+// on as the firewall's event beside capture's own record of the flow,
+// allowed, which would count the flow twice.
+func TestRevokeWaitsForTheFlow(t *testing.T) {
+	cli := netip.MustParseAddr("192.0.2.95")
+	ntp := netip.MustParseAddr("203.0.113.95")
+	p := newPcap(t)
+	start := p.now
+	for s := range 5 {
+		p.now = start.Add(time.Duration(s) * 500 * time.Millisecond)
+		p.udp(true, cli, ntp, 40100, 123, make([]byte, 48))
+		p.udp(false, ntp, cli, 123, 40100, make([]byte, 48))
+	}
+	path := p.close()
+	rec := &recorder{}
+	store := policy.NewStore(testEngine(t, fmt.Sprintf(ntpPolicy, policy.ModeEnforce, ntpRule)))
+	ledger := audit.NewLedger(store.Load(), audit.LedgerOptions{})
+	capt, err := New(Config{}, Deps{Policy: store, Sink: audit.Tee(rec, ledger)})
+	if err != nil {
+		t.Fatal(err)
+	}
+	capt.clock = func() time.Time { return start }
+	done := false
+	feed(t, capt, path, func(time.Time) {
+		if !done {
+			done = true
+			store.Swap(testEngine(t, fmt.Sprintf(ntpPolicy, policy.ModeEnforce, "")))
+			capt.Revoke(audit.Event{Kind: audit.KindFlow, Source: audit.SourceFirewall, Time: start,
+				Client: cli, ClientPort: 40100, Dest: ntp, DestPort: 123, Proto: "udp",
+				Verdict: policy.Deny, Reason: policy.ReasonNoRule, Mode: policy.ModeEnforce, Enforced: true, Close: "policy-revoked"})
+		}
+	})
+	want := []string{
+		"capture deny no-rule enforce enforced=true policy-revoked",
+		"capture deny no-rule enforce enforced=true policy-revoked",
+	}
+	if got := flowEvents(rec, 40100); fmt.Sprint(got) != fmt.Sprint(want) {
+		t.Errorf("events\n got %q\nwant %q", got, want)
+	}
+	r := ledger.Report(audit.ReportOptions{})
+	if r.Totals.Flows != 1 || r.Totals.Dropped != 1 {
+		t.Errorf("report totals %+v, want the one flow, dropped", r.Totals)
+	}
+}
