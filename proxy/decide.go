@@ -27,6 +27,9 @@ const (
 	ReasonNoOrigDst     = "no-original-dst"
 	ReasonResolve       = "resolve-failed"
 	ReasonAuth          = "proxy-auth"
+	// ReasonUndecidable: a reload found a connection whose decision does
+	// not say what it was made on (a bug): it is denied.
+	ReasonUndecidable = "reload-undecidable"
 )
 
 // verdict is a decision plus how the name was found and what to do.
@@ -48,11 +51,15 @@ type verdict struct {
 type decidedBy uint8
 
 const (
+	// byUnknown, the zero value: a verdict that does not say how it was
+	// made. A reload denies it (closed in enforce mode): a verdict literal
+	// that forgets its how fails closed.
+	byUnknown decidedBy = iota
 	// byBytes: a deny on the connection's bytes (a malformed hello, a
-	// refused head), which no rule changes.
-	byBytes decidedBy = iota
-	byName            // decideName: the name the client sent
-	byAddr            // decideAddr: the address and the names our DNS gave out
+	// refused head, a host in no valid form), which no rule changes.
+	byBytes
+	byName // decideName: the name the client sent
+	byAddr // decideAddr: the address and the names our DNS gave out
 )
 
 // enforced reports whether the connection must be refused.
@@ -111,13 +118,24 @@ func (p *Proxy) needsInspection(eng *policy.Engine, in policy.Input) bool {
 // in.Name is normalised. When in.Dest is valid the destination must be
 // vouched for (no spoofing); the special-range guard applies either way.
 func (p *Proxy) decideName(ctx context.Context, eng *policy.Engine, in policy.Input, src audit.NameSource) verdict {
-	return p.decideNameVouched(ctx, eng, in, src, false)
+	return p.decideNameVouched(ctx, eng, in, src, vouchLookup)
 }
 
-// decideNameVouched is decideName; vouched says the destination was
-// vouched for the name before (a connection decided again after a
-// reload), and is not looked up again.
-func (p *Proxy) decideNameVouched(ctx context.Context, eng *policy.Engine, in policy.Input, src audit.NameSource, vouched bool) verdict {
+// vouchBy says how far decideNameVouched goes to vouch for a destination.
+type vouchBy uint8
+
+const (
+	vouchLookup vouchBy = iota // local facts, then a fresh lookup (a new connection)
+	vouchLocal                 // local facts only: CIDR rules, what our DNS gave out (a reload)
+	vouchDone                  // vouched for before: not checked again (a reload)
+)
+
+// decideNameVouched is decideName; how says how the destination is
+// vouched for: a connection decided again after a reload was vouched
+// for at its start (vouchDone), or is checked on local facts only
+// (vouchLocal: see liveConn).
+func (p *Proxy) decideNameVouched(ctx context.Context, eng *policy.Engine, in policy.Input, src audit.NameSource, how vouchBy) verdict {
+	vouched := how == vouchDone
 	v := verdict{name: in.Name, src: src, how: byName, in: in, vouched: vouched}
 	if d, ok := p.selfDecision(eng, in); ok {
 		v.d = d
@@ -132,7 +150,7 @@ func (p *Proxy) decideNameVouched(ctx context.Context, eng *policy.Engine, in po
 			v.d = denyDecision(eng, ReasonSpecialRange)
 			return v
 		}
-		if !vouched && !p.vouched(ctx, eng, in, v.d) {
+		if !vouched && !p.vouched(ctx, eng, in, v.d, how == vouchLookup) {
 			v.d = denyDecision(eng, ReasonSNIMismatch)
 			return v
 		}
@@ -145,8 +163,8 @@ func (p *Proxy) decideNameVouched(ctx context.Context, eng *policy.Engine, in po
 // vouched reports whether the destination address belongs to the name: a
 // CIDR rule allows the address by itself, our DNS gave it out to this
 // client for a name the same rule allows, or a fresh lookup of the name
-// returns it (THREATS.md A2).
-func (p *Proxy) vouched(ctx context.Context, eng *policy.Engine, in policy.Input, d policy.Decision) bool {
+// returns it (THREATS.md A2); the lookup only when lookup is set.
+func (p *Proxy) vouched(ctx context.Context, eng *policy.Engine, in policy.Input, d policy.Decision, lookup bool) bool {
 	addrIn := in
 	addrIn.Name, addrIn.Path = "", ""
 	if eng.Decide(addrIn).Allowed() {
@@ -165,7 +183,7 @@ func (p *Proxy) vouched(ctx context.Context, eng *policy.Engine, in policy.Input
 			}
 		}
 	}
-	if p.deps.Resolver != nil {
+	if lookup && p.deps.Resolver != nil {
 		lctx, cancel := context.WithTimeout(ctx, p.cfg.LookupTimeout)
 		addrs, err := p.deps.Resolver.LookupNetIP(lctx, in.Name)
 		cancel()

@@ -427,11 +427,11 @@ func (p *Proxy) decideTarget(ctx context.Context, eng *policy.Engine, client net
 		return v, netip.AddrPortFrom(a.Unmap(), port)
 	}
 	if numericForm(host) {
-		return verdict{d: denyDecision(eng, ReasonIPLiteral), name: host, src: src}, netip.AddrPort{}
+		return verdict{d: denyDecision(eng, ReasonIPLiteral), name: host, src: src, how: byBytes}, netip.AddrPort{}
 	}
 	name, ok := policy.NormalizeName(host)
 	if !ok {
-		return verdict{d: denyDecision(eng, policy.ReasonInvalidName), name: host, src: src}, netip.AddrPort{}
+		return verdict{d: denyDecision(eng, policy.ReasonInvalidName), name: host, src: src, how: byBytes}, netip.AddrPort{}
 	}
 	in.Name = name
 	// Decided on the name alone (no destination yet: the proxy resolves
@@ -523,7 +523,7 @@ func (p *Proxy) handleConnect(host string, ctx *goproxy.ProxyCtx) (*goproxy.Conn
 	h, port, ok := splitHostPortStrict(host)
 	if !ok {
 		f.ev.Name = host
-		return reject(verdict{d: denyDecision(eng, ReasonHTTPBad), name: host}, http.StatusBadRequest)
+		return reject(verdict{d: denyDecision(eng, ReasonHTTPBad), name: host, how: byBytes}, http.StatusBadRequest)
 	}
 	f.ev.DestPort = port
 	v, addr := p.decideTarget(r.Context(), eng, ca.Addr(), h, port, "", audit.NameConnect)

@@ -270,7 +270,7 @@ func (u *httpUpstream) request(t *tunnel, h *httpwire.Head) bool {
 func (u *httpUpstream) refuse(t *tunnel, err error) bool {
 	eng := u.p.deps.Policy.Load()
 	now := time.Now()
-	v := verdict{d: httpErrDecision(eng, err), src: audit.NameNone}
+	v := verdict{d: httpErrDecision(eng, err), src: audit.NameNone, how: byBytes}
 	ev := requestEvent(&u.f.ev, now)
 	ev.NameSource = audit.NameNone
 	ev.Stamp(v.d)

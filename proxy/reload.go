@@ -43,7 +43,20 @@ import (
 // which remembering the client's own answers avoids at the start). A
 // DNS-learned name counts likewise.
 // A connection that was not vouched for (denied, or an audit-mode
-// sni-mismatch) is checked as a new one would be.
+// sni-mismatch) is checked on local facts only: a CIDR rule that allows
+// its address, or our DNS having given the address out to this client
+// for a name the same rule allows; never a fresh lookup. The walk runs
+// on the daemon's main loop, which handles SIGTERM too, and such
+// connections are the client's to make (thousands of random names under
+// an allowed wildcard, each lookup waiting up to the lookup timeout on a
+// resolver that does not answer): a lookup each would let one client hold
+// reloads and the shutdown for hours. What it changes: one a fresh lookup
+// would now vouch for stays denied sni-mismatch (audit: recorded as one
+// enforce would drop; a switch to enforce closes it, where a new
+// connection to the address would be looked up, and may be allowed).
+//
+// A verdict that does not say what it was made on (decidedBy's zero
+// value) is denied, reason reload-undecidable: a bug fails closed.
 //
 // What each kind is decided on: a tunnel (spliced or CONNECT) on its
 // start; an inspected connection at host level; a transparent plain-HTTP
@@ -206,20 +219,27 @@ func (p *Proxy) again(eng *policy.Engine, v verdict) policy.Decision {
 	var nv verdict
 	switch v.how {
 	case byName:
-		nv = p.decideNameVouched(context.Background(), eng, in, v.src, v.vouched)
+		// Never a lookup: a reload decides on local facts only (liveConn).
+		how := vouchLocal
+		if v.vouched {
+			how = vouchDone
+		}
+		nv = p.decideNameVouched(context.Background(), eng, in, v.src, how)
 	case byAddr:
 		known := ""
 		if v.src == audit.NameDNSLearned {
 			known = v.name
 		}
 		nv = p.decideAddrKnown(eng, in, v.src, known)
-	default: // byBytes: no rule changes it
+	case byBytes: // no rule changes it
 		if v.d.Allowed() {
 			d := v.d
 			d.Mode = eng.Mode()
 			return d
 		}
 		return denyDecision(eng, v.d.Reason)
+	default: // byUnknown: fails closed
+		return denyDecision(eng, ReasonUndecidable)
 	}
 	if nv.d.Allowed() && nv.inspect && !v.inspect && in.Path == "" && !in.NoPath {
 		// Spliced at its start, now allowed only by a host/path rule

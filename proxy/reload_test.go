@@ -777,3 +777,123 @@ rules:
 		}
 	}
 }
+
+// blackHoleDNS is a DNS server on loopback that reads every query and
+// never answers (an upstream that went dark), counting what it receives.
+type blackHoleDNS struct {
+	addr    string
+	queries atomic.Int64
+	marks   chan struct{}
+	client  net.Conn
+}
+
+func startBlackHoleDNS(t *testing.T) *blackHoleDNS {
+	t.Helper()
+	pc, err := net.ListenPacket("udp", "127.0.0.1:0")
+	if err != nil {
+		t.Fatal(err)
+	}
+	t.Cleanup(func() { pc.Close() })
+	b := &blackHoleDNS{addr: pc.LocalAddr().String(), marks: make(chan struct{}, 1)}
+	go func() {
+		buf := make([]byte, 2048)
+		for {
+			n, _, err := pc.ReadFrom(buf)
+			if err != nil {
+				return
+			}
+			if string(buf[:n]) == "mark" {
+				b.marks <- struct{}{}
+				continue
+			}
+			b.queries.Add(1)
+		}
+	}()
+	if b.client, err = net.Dial("udp", b.addr); err != nil {
+		t.Fatal(err)
+	}
+	t.Cleanup(func() { b.client.Close() })
+	return b
+}
+
+// received returns the queries the server has read, once it has read
+// every datagram sent to it before the call (a marker sent now comes
+// after them).
+func (b *blackHoleDNS) received(t *testing.T) int64 {
+	t.Helper()
+	b.client.Write([]byte("mark"))
+	select {
+	case <-b.marks:
+	case <-time.After(10 * time.Second):
+		t.Fatal("the black-hole DNS server did not read its marker")
+	}
+	return b.queries.Load()
+}
+
+// TestReloadNeverVouchedNoLookup: a reload decides the connections that
+// were never vouched for (audit-mode sni-mismatch) on local facts only:
+// it sends no query to the resolver, so a resolver that never answers
+// cannot hold Redecide (and the daemon's main loop, which handles SIGTERM
+// too) for the lookup timeout per connection. Switched to enforce, they
+// are closed, still sni-mismatch.
+func TestReloadNeverVouchedNoLookup(t *testing.T) {
+	bh := startBlackHoleDNS(t)
+	tp := newTopo(t, topoOpts{mode: "audit",
+		config: func(c *Config) { c.LookupTimeout = 100 * time.Millisecond },
+		deps:   func(d *Deps) { d.Resolver = dnsResolver{addr: bh.addr} }})
+	tp.facts.add(clientV4, srvV4, "www.allowed.test")
+	const n = 8
+	var spoofed []*liveTLS
+	for range n {
+		spoofed = append(spoofed, tp.startTLS(t, tp.dialFromClient(t, netip.Addr{}, netip.AddrPortFrom(spoofV4, 443)), "www.allowed.test"))
+	}
+	before := bh.received(t)
+	if before < n {
+		t.Fatalf("the resolver got %d queries for %d new connections: the test does not reach the lookup", before, n)
+	}
+
+	tp.swap(t, fmt.Sprintf(testPolicy, "audit")) // the same rules, a new engine
+	if got := bh.received(t) - before; got != 0 {
+		t.Errorf("Redecide sent %d queries to the resolver; want none (local facts only)", got)
+	}
+	for i, l := range spoofed {
+		if body, err := l.get("/after"); err != nil || !strings.Contains(body, "path=/after") {
+			t.Fatalf("audit mode: connection %d cut by the reload: %q %v", i, body, err)
+		}
+	}
+
+	tp.swap(t, fmt.Sprintf(testPolicy, "enforce"))
+	if got := bh.received(t) - before; got != 0 {
+		t.Errorf("Redecide (to enforce) sent %d queries to the resolver; want none", got)
+	}
+	for i, l := range spoofed {
+		l.waitClosed(t, fmt.Sprint("spoofed ", i))
+		ev := tp.ev.wait(t, "spoofed", byClient(l.raw))
+		if ev.Verdict != policy.Deny || ev.Reason != ReasonSNIMismatch || !ev.Enforced || ev.Close != closeRevoked {
+			t.Errorf("spoofed %d: event %+v", i, ev)
+		}
+	}
+}
+
+// TestAgainUnknownFailsClosed: a verdict that does not say how it was
+// made (the zero decidedBy: a literal that forgot it) is denied by a
+// reload, in the new engine's mode; an allowed byBytes one stays allowed.
+func TestAgainUnknownFailsClosed(t *testing.T) {
+	eng, err := policy.Compile("b.yaml", []byte("version: 1\nmode: enforce\nrules:\n  - name: a\n    to: [\"*.allowed.test\"]\n    ports: [443/tcp]\n"))
+	if err != nil {
+		t.Fatal(err)
+	}
+	p, err := New(Config{OwnAddrs: []netip.Addr{}}, Deps{Policy: policy.NewStore(eng)})
+	if err != nil {
+		t.Fatal(err)
+	}
+	allowed := policy.Decision{Verdict: policy.Allow, Rule: "a", RuleIndex: 0, Mode: policy.ModeAudit}
+	in := policy.Input{Client: clientV4, Dest: srvV4, Port: 443, Proto: policy.TCP, Name: "www.allowed.test"}
+	d := p.again(eng, verdict{d: allowed, name: "www.allowed.test", src: audit.NameSNI, in: in})
+	if d.Allowed() || d.Mode != policy.ModeEnforce || d.Reason != ReasonUndecidable {
+		t.Errorf("unknown how: again = %+v; want an enforce-mode deny %s", d, ReasonUndecidable)
+	}
+	if d := p.again(eng, verdict{d: allowed, how: byBytes, in: in}); !d.Allowed() || d.Mode != policy.ModeEnforce {
+		t.Errorf("byBytes allowed: again = %+v; want allowed, enforce mode", d)
+	}
+}

@@ -311,7 +311,7 @@ func (p *Proxy) peek(c *net.TCPConn, eng *policy.Engine, in policy.Input, start 
 			p.met.helloTLS.Inc()
 		}
 		if err != nil {
-			v := verdict{src: audit.NameNone}
+			v := verdict{src: audit.NameNone, how: byBytes}
 			switch {
 			case errors.Is(err, errDuplicateSNI):
 				v.d = denyDecision(eng, ReasonDuplicateSNI)
@@ -349,7 +349,7 @@ func (p *Proxy) peek(c *net.TCPConn, eng *policy.Engine, in policy.Input, start 
 	h, err := readHTTPHead(rc)
 	res.Path, _, _ = strings.Cut(h.Path, "?") // the query stays out of events and logs
 	if err != nil {
-		return kindHTTP, verdict{d: httpErrDecision(eng, err), src: audit.NameNone}, res
+		return kindHTTP, verdict{d: httpErrDecision(eng, err), src: audit.NameNone, how: byBytes}, res
 	}
 	res.head = &h
 	return kindHTTP, p.decideHTTP(ctx, eng, in, &h), res
