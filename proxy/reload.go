@@ -78,8 +78,11 @@ import (
 // after a Redecide began since, it is decided again by addLive itself
 // (the walk may have missed it), else the walk finds it. One decided with
 // a new engine the daemon has swapped in but not yet announced is not
-// decided again under the old one. A reload that fails never calls
-// Redecide: nothing changes.
+// decided again under the old one. A reload refused before the swap
+// never calls Redecide: nothing changes. One the firewall refuses after
+// the swap swaps the running engine back and calls Redecide: connections
+// decided under the refused engine meanwhile are decided again under the
+// running one.
 type liveConn struct {
 	// decide decides the connection again under an engine; immutable.
 	decide func(eng *policy.Engine) policy.Decision

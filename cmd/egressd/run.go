@@ -121,6 +121,9 @@ type daemon struct {
 	// to the proxy (reloadProxyUsers), not here.
 	proxyUsers map[string]proxy.UserSecret
 	caps       capabilities
+	// testReplace, set by tests, stands in for the firewall's Replace in
+	// a reload (replaceFirewall).
+	testReplace func(*policy.Engine) error
 
 	mu       sync.Mutex // guards degraded
 	degraded map[string]string
@@ -760,13 +763,17 @@ func (d *daemon) reloadPolicy() bool {
 	}
 	old := d.store.Swap(eng)
 	d.ledger.SetPolicy(eng)
-	if d.fw != nil {
-		if err := d.fw.Replace(eng); err != nil {
-			d.store.Swap(old)
-			d.ledger.SetPolicy(old)
-			d.log.Error("reload failed in nftables, keeping the running policy", audit.LogError, err.Error())
-			return false
+	if err := d.replaceFirewall(eng); err != nil {
+		d.store.Swap(old)
+		d.ledger.SetPolicy(old)
+		if d.proxy != nil {
+			// Connections the proxy decided while the refused policy was
+			// swapped in are decided again under the running one: a
+			// refused reload changes nothing that lives on.
+			d.proxy.Redecide()
 		}
+		d.log.Error("reload failed in nftables, keeping the running policy", audit.LogError, err.Error())
+		return false
 	}
 	if d.fw == nil && old.Mode() == policy.ModeAudit && eng.Mode() == policy.ModeEnforce && !d.cfg.noFirewall {
 		// A start in audit mode installed nothing; the rollout the README
@@ -799,6 +806,18 @@ func (d *daemon) reloadPolicy() bool {
 	}
 	d.log.Info("policy reloaded", "policy", d.source, "rules", len(eng.Rules()), audit.LogMode, string(eng.Mode()))
 	return true
+}
+
+// replaceFirewall hands a reloaded policy to the firewall, if one is
+// installed (testReplace stands in for it in tests).
+func (d *daemon) replaceFirewall(eng *policy.Engine) error {
+	if d.testReplace != nil {
+		return d.testReplace(eng)
+	}
+	if d.fw == nil {
+		return nil
+	}
+	return d.fw.Replace(eng)
 }
 
 // reloadProxyUsers reads --proxy-users again, if it was given: a file

@@ -1,0 +1,115 @@
+package main
+
+import (
+	"bufio"
+	"errors"
+	"fmt"
+	"io"
+	"log/slog"
+	"net"
+	"net/http"
+	"net/netip"
+	"os"
+	"path/filepath"
+	"testing"
+	"time"
+
+	"egressd/audit"
+	"egressd/policy"
+	"egressd/proxy"
+)
+
+// TestReloadRefusedInFirewallUndone: a reload the firewall refuses
+// changes nothing, for connections the proxy decided while the refused
+// policy was swapped in too (the proxy decides with the store's policy,
+// which the reload swaps before it hands the policy to the firewall): a
+// CONNECT tunnel only the refused policy allows, opened in that window,
+// is closed once the running policy is back.
+func TestReloadRefusedInFirewallUndone(t *testing.T) {
+	echo, err := net.Listen("tcp", "127.0.0.1:0")
+	if err != nil {
+		t.Fatal(err)
+	}
+	t.Cleanup(func() { echo.Close() })
+	go func() {
+		for {
+			c, err := echo.Accept()
+			if err != nil {
+				return
+			}
+			go func() { io.Copy(c, c); c.Close() }()
+		}
+	}()
+	port := echo.Addr().(*net.TCPAddr).Port
+	running := "version: 1\nmode: enforce\nrules:\n  - name: other\n    to: [192.0.2.1/32]\n    ports: [443/tcp]\n"
+	refused := fmt.Sprintf("version: 1\nmode: enforce\nrules:\n  - name: loop\n    to: [127.0.0.1/32]\n    ports: [%d/tcp]\n", port)
+
+	dir := t.TempDir()
+	pol := filepath.Join(dir, "p.yaml")
+	if err := os.WriteFile(pol, []byte(running), 0o644); err != nil {
+		t.Fatal(err)
+	}
+	eng, err := policy.Compile(pol, []byte(running))
+	if err != nil {
+		t.Fatal(err)
+	}
+	store := policy.NewStore(eng)
+	log := slog.New(slog.NewTextHandler(io.Discard, nil))
+	p, err := proxy.New(proxy.Config{OwnAddrs: []netip.Addr{}}, proxy.Deps{Policy: store, Logger: log})
+	if err != nil {
+		t.Fatal(err)
+	}
+	ln, err := net.Listen("tcp", "127.0.0.1:0")
+	if err != nil {
+		t.Fatal(err)
+	}
+	t.Cleanup(func() { ln.Close() })
+	go p.ServeExplicit(ln)
+
+	d := &daemon{cfg: runConfig{stateDir: filepath.Join(dir, "state")}, log: log, store: store, source: pol,
+		ledger: audit.NewLedger(eng, audit.LedgerOptions{}), proxy: p, degraded: map[string]string{}}
+	if err := os.WriteFile(pol, []byte(refused), 0o644); err != nil {
+		t.Fatal(err)
+	}
+	var tunnel net.Conn
+	d.testReplace = func(*policy.Engine) error {
+		// The refused policy is in the store: a CONNECT it allows gets
+		// through.
+		tunnel = connectVia(t, ln.Addr().String(), fmt.Sprintf("127.0.0.1:%d", port))
+		return errors.New("firewall: refused (test)")
+	}
+	if d.reloadPolicy() {
+		t.Fatal("reloadPolicy took a policy the firewall refused")
+	}
+	if store.Load() != eng {
+		t.Fatal("the running policy is not back in the store")
+	}
+	tunnel.SetReadDeadline(time.Now().Add(10 * time.Second))
+	if _, err := io.WriteString(tunnel, "x"); err == nil {
+		var b [1]byte
+		n, err := tunnel.Read(b[:])
+		var ne net.Error
+		if err == nil || errors.As(err, &ne) && ne.Timeout() {
+			t.Fatalf("a tunnel only the refused policy allows is still open (read %d: %v)", n, err)
+		}
+	}
+}
+
+// connectVia opens a CONNECT tunnel to authority through the explicit
+// proxy at proxyAddr.
+func connectVia(t *testing.T, proxyAddr, authority string) net.Conn {
+	t.Helper()
+	c, err := net.DialTimeout("tcp", proxyAddr, 5*time.Second)
+	if err != nil {
+		t.Fatal(err)
+	}
+	t.Cleanup(func() { c.Close() })
+	c.SetDeadline(time.Now().Add(10 * time.Second))
+	fmt.Fprintf(c, "CONNECT %s HTTP/1.1\r\nHost: %s\r\n\r\n", authority, authority)
+	resp, err := http.ReadResponse(bufio.NewReader(c), &http.Request{Method: http.MethodConnect})
+	if err != nil || resp.StatusCode != http.StatusOK {
+		t.Fatalf("CONNECT %s: %v %v", authority, resp, err)
+	}
+	c.SetDeadline(time.Time{})
+	return c
+}
