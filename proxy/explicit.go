@@ -380,9 +380,10 @@ func (p *Proxy) authOK(r *http.Request) authResult {
 
 // SetProxyUserDigests replaces the users of Config.ProxyUserDigests (egressd
 // run's reload of --proxy-users), and forgets the passwords checked
-// against the old ones; requests already authenticated are not asked
-// again. An empty map is refused: it would open a proxy that asked for
-// users to anyone.
+// against the old ones, unless the users and their secrets are the same
+// (a reload of an unchanged file keeps them); requests already
+// authenticated are not asked again. An empty map is refused: it would
+// open a proxy that asked for users to anyone.
 func (p *Proxy) SetProxyUserDigests(users map[string]UserSecret) error {
 	if len(users) == 0 {
 		return errors.New("proxy: no proxy users (the explicit proxy would be open to anyone)")
@@ -394,6 +395,9 @@ func (p *Proxy) SetProxyUserDigests(users map[string]UserSecret) error {
 		if _, ok := p.cfg.ProxyUsers[u]; ok {
 			return fmt.Errorf("proxy: proxy user %q has both a password and a digest", u)
 		}
+	}
+	if cur := p.userDigests.Load(); cur != nil && maps.EqualFunc(cur.users, users, UserSecret.equal) {
+		return nil
 	}
 	p.userDigests.Store(newUserSet(maps.Clone(users)))
 	return nil

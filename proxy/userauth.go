@@ -1,6 +1,7 @@
 package proxy
 
 import (
+	"bytes"
 	"context"
 	"crypto/hmac"
 	"crypto/rand"
@@ -112,6 +113,12 @@ func (s UserSecret) Line() string {
 	return "sha256:" + hex.EncodeToString(s.sha[:])
 }
 
+// equal reports whether two secrets are the same (the same hash or
+// digest: a password checked against one holds for the other).
+func (s UserSecret) equal(o UserSecret) bool {
+	return s.sha == o.sha && bytes.Equal(s.bcrypt, o.bcrypt) && (s.bcrypt == nil) == (o.bcrypt == nil)
+}
+
 // Cost is the bcrypt cost of a salted secret; 0 for a SHA-256 digest.
 func (s UserSecret) Cost() int {
 	if s.bcrypt == nil {
@@ -130,8 +137,9 @@ const authCacheMax = 1024
 const authWait = 20 * time.Second
 
 // userSet is the explicit proxy's digest users, with the successful slow
-// checks made against them. A reload stores a new set, so the cache of
-// the old one goes with it. The cache holds HMAC-SHA-256 values of the
+// checks made against them. A reload that changes the users or a secret
+// stores a new set, so the cache of the old one goes with it; one that
+// reads the same users and secrets keeps the set. The cache holds HMAC-SHA-256 values of the
 // user and password under a key drawn for the set, never a password, and
 // only passwords bcrypt accepted.
 //

@@ -7,6 +7,7 @@ import (
 	"fmt"
 	"io"
 	"log/slog"
+	"maps"
 	"net"
 	"net/http"
 	"strings"
@@ -136,10 +137,12 @@ func connectAs(addr, from, user, pass string) (int, error) {
 
 // TestExplicitAuthBcryptCache: a bcrypt user's right password is checked
 // by bcrypt once, then found in the cache; a wrong one is checked every
-// time and never let through; a reload of the users forgets the cache,
-// so a password the new users no longer have is refused.
+// time and never let through; a reload of the same users and secrets
+// keeps the cache, one that changes them forgets it, so a password the
+// new users no longer have is refused.
 func TestExplicitAuthBcryptCache(t *testing.T) {
-	p, addr := authProxy(t, map[string]UserSecret{"alice": mustBcrypt(t, "s3cret"), "bob": SHA256Secret(sha256.Sum256([]byte("other")))})
+	users := map[string]UserSecret{"alice": mustBcrypt(t, "s3cret"), "bob": SHA256Secret(sha256.Sum256([]byte("other")))}
+	p, addr := authProxy(t, maps.Clone(users))
 	status := func(user, pass string, want int) {
 		t.Helper()
 		code, err := connectAs(addr, "127.0.0.1", user, pass)
@@ -169,7 +172,15 @@ func TestExplicitAuthBcryptCache(t *testing.T) {
 	status("carol", "s3cret", http.StatusProxyAuthRequired) // unknown: a check against the dummy hash
 	checks(4)
 
-	// The same users again: the cache is gone, the password is checked.
+	// The same users and secrets again (a reload of an unchanged file):
+	// the cache stays.
+	if err := p.SetProxyUserDigests(maps.Clone(users)); err != nil {
+		t.Fatal(err)
+	}
+	status("alice", "s3cret", http.StatusForbidden)
+	checks(4)
+	// The same password hashed again (a new salt): the cache is gone, the
+	// password is checked.
 	if err := p.SetProxyUserDigests(map[string]UserSecret{"alice": mustBcrypt(t, "s3cret")}); err != nil {
 		t.Fatal(err)
 	}
