@@ -208,18 +208,31 @@ func (s *userSet) remember(k [sha256.Size]byte) {
 	s.mu.Unlock()
 }
 
+// authWaitersPerAddr bounds the requests of one client address that
+// wait for a slow check (or run one) at once: each holds its connection
+// until its turn, up to authWait, and nothing bounds a client's
+// connections before it has authenticated. A request beyond it is
+// answered 503 at once. Eight: a browser opens up to six connections to a
+// proxy at once, all with the same password, and eight checks of the
+// highest cost (15, about 2 s each) one after another still fit in
+// authWait.
+const authWaitersPerAddr = 8
+
 // slowChecks bounds the bcrypt checks the proxy runs at once: at most
 // half of the CPUs (at least one), and one per client address, so a
 // client sending wrong passwords on many connections holds one place in
-// the queue, not all of them, and the rest of the proxy keeps CPU.
+// the queue, not all of them, and the rest of the proxy keeps CPU; at
+// most perAddr requests of an address wait their turn.
 type slowChecks struct {
-	slots chan struct{}
-	wait  time.Duration // authWait; shorter in tests
-	mu    sync.Mutex
-	addrs map[netip.Addr]*addrGate
+	slots   chan struct{}
+	wait    time.Duration // authWait; shorter in tests
+	perAddr int           // authWaitersPerAddr
+	mu      sync.Mutex
+	addrs   map[netip.Addr]*addrGate
 	// active and peak count the checks running, checks those run,
-	// dummies those against userSet.dummy (for tests).
-	active, peak, checks, dummies atomic.Int64
+	// dummies those against userSet.dummy, full the requests turned
+	// away for perAddr (for tests).
+	active, peak, checks, dummies, full atomic.Int64
 }
 
 type addrGate struct {
@@ -228,19 +241,25 @@ type addrGate struct {
 }
 
 func newSlowChecks() *slowChecks {
-	return &slowChecks{slots: make(chan struct{}, max(1, runtime.GOMAXPROCS(0)/2)), wait: authWait, addrs: map[netip.Addr]*addrGate{}}
+	return &slowChecks{slots: make(chan struct{}, max(1, runtime.GOMAXPROCS(0)/2)), wait: authWait, perAddr: authWaitersPerAddr, addrs: map[netip.Addr]*addrGate{}}
 }
 
 // run checks a password when the client's address and then a CPU slot
 // are free: cached first, once the address's turn has come (another
 // connection of the client may have checked the same password while
-// this one waited), then check. ran is false if ctx ended first.
+// this one waited), then check. ran is false if ctx ended first, or at
+// once when perAddr requests of the address are waiting already.
 func (sc *slowChecks) run(ctx context.Context, client netip.Addr, cached, check func() bool) (good, ran bool) {
 	sc.mu.Lock()
 	g := sc.addrs[client]
 	if g == nil {
 		g = &addrGate{ch: make(chan struct{}, 1)}
 		sc.addrs[client] = g
+	}
+	if g.waiters >= sc.perAddr {
+		sc.mu.Unlock()
+		sc.full.Add(1)
+		return false, false
 	}
 	g.waiters++
 	sc.mu.Unlock()

@@ -10,6 +10,7 @@ import (
 	"maps"
 	"net"
 	"net/http"
+	"net/netip"
 	"strings"
 	"sync"
 	"testing"
@@ -344,5 +345,91 @@ func TestExplicitAuthUnknownUser(t *testing.T) {
 	status("mallory", "guess", http.StatusProxyAuthRequired)
 	if n := p.slow.checks.Load(); n != 3 {
 		t.Fatalf("%d slow checks with no bcrypt user, want 3", n)
+	}
+}
+
+// sendConnectAs opens a connection from the loopback address from and
+// sends a CONNECT with user:pass, without reading the answer.
+func sendConnectAs(t *testing.T, addr, from, user, pass string) net.Conn {
+	t.Helper()
+	d := net.Dialer{LocalAddr: &net.TCPAddr{IP: net.ParseIP(from)}, Timeout: 5 * time.Second}
+	c, err := d.Dial("tcp", addr)
+	if err != nil {
+		t.Fatal(err)
+	}
+	t.Cleanup(func() { c.Close() })
+	cred := base64.StdEncoding.EncodeToString([]byte(user + ":" + pass))
+	io.WriteString(c, "CONNECT evil.example:443 HTTP/1.1\r\nHost: evil.example:443\r\nProxy-Authorization: Basic "+cred+"\r\n\r\n")
+	return c
+}
+
+// readStatus reads the answer to sendConnectAs's CONNECT.
+func readStatus(t *testing.T, c net.Conn) *http.Response {
+	t.Helper()
+	c.SetReadDeadline(time.Now().Add(10 * time.Second))
+	resp, err := http.ReadResponse(bufio.NewReader(c), &http.Request{Method: "CONNECT"})
+	if err != nil {
+		t.Fatalf("no answer: %v", err)
+	}
+	resp.Body.Close()
+	return resp
+}
+
+// TestExplicitAuthWaitersPerAddr: the requests of one client address that
+// wait for a slow check are bounded: beyond authWaitersPerAddr a request
+// is answered 503 with Retry-After at once, while the others still wait
+// (every slot is taken here, and their wait is long); another address
+// still gets its place; once slots free up, the waiting ones are checked
+// (407: wrong passwords).
+func TestExplicitAuthWaitersPerAddr(t *testing.T) {
+	p, addr := authProxy(t, map[string]UserSecret{"alice": mustBcrypt(t, "s3cret")})
+	p.slow.wait = time.Minute
+	for range cap(p.slow.slots) { // every slot taken
+		p.slow.slots <- struct{}{}
+	}
+	waiters := func(a string) int {
+		p.slow.mu.Lock()
+		defer p.slow.mu.Unlock()
+		if g := p.slow.addrs[netip.MustParseAddr(a)]; g != nil {
+			return g.waiters
+		}
+		return 0
+	}
+	waitFor := func(a string, n int) {
+		t.Helper()
+		for deadline := time.Now().Add(10 * time.Second); waiters(a) != n; time.Sleep(5 * time.Millisecond) {
+			if time.Now().After(deadline) {
+				t.Fatalf("%s: %d requests waiting, want %d", a, waiters(a), n)
+			}
+		}
+	}
+	var waiting []net.Conn
+	for i := range authWaitersPerAddr {
+		waiting = append(waiting, sendConnectAs(t, addr, "127.0.0.1", "alice", fmt.Sprint("wrong-", i)))
+	}
+	waitFor("127.0.0.1", authWaitersPerAddr)
+	for i := range 5 {
+		c := sendConnectAs(t, addr, "127.0.0.1", "alice", fmt.Sprint("more-", i))
+		resp := readStatus(t, c)
+		if resp.StatusCode != http.StatusServiceUnavailable || resp.Header.Get("Retry-After") == "" {
+			t.Errorf("request %d beyond the waiters' bound: %d %v, want 503 with Retry-After", i, resp.StatusCode, resp.Header)
+		}
+	}
+	if n := p.slow.full.Load(); n != 5 {
+		t.Errorf("%d requests turned away, want 5", n)
+	}
+	other := sendConnectAs(t, addr, "127.0.0.2", "alice", "wrong")
+	waitFor("127.0.0.2", 1)
+	waitFor("127.0.0.1", authWaitersPerAddr)
+	for range cap(p.slow.slots) {
+		<-p.slow.slots
+	}
+	for i, c := range append(waiting, other) {
+		if resp := readStatus(t, c); resp.StatusCode != http.StatusProxyAuthRequired {
+			t.Errorf("waiting request %d: %d, want 407", i, resp.StatusCode)
+		}
+	}
+	if n := p.slow.checks.Load(); n != authWaitersPerAddr+1 {
+		t.Errorf("%d bcrypt checks, want %d", n, authWaitersPerAddr+1)
 	}
 }
