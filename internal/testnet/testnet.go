@@ -23,7 +23,7 @@ import (
 	"testing"
 	"time"
 
-	"golang.org/x/sys/unix"
+	"egressd/internal/netns"
 )
 
 // RequireRoot skips the test when not root, unless CI is set: in CI the
@@ -195,34 +195,11 @@ func Link(t testing.TB, a *NS, ifA string, addrsA []string, b *NS, ifB string, a
 	}
 }
 
-// Do runs fn with the calling goroutine's thread switched into the
-// namespace. Sockets fn creates stay in the namespace.
+// Do runs fn on a thread switched into the namespace (a goroutine of its
+// own: internal/netns), and waits for it. Sockets fn creates stay in the
+// namespace.
 func (ns *NS) Do(fn func() error) error {
-	runtime.LockOSThread()
-	orig, err := os.Open("/proc/thread-self/ns/net")
-	if err != nil {
-		runtime.UnlockOSThread()
-		return err
-	}
-	defer orig.Close()
-	target, err := os.Open("/var/run/netns/" + ns.Name)
-	if err != nil {
-		runtime.UnlockOSThread()
-		return err
-	}
-	defer target.Close()
-	if err := unix.Setns(int(target.Fd()), unix.CLONE_NEWNET); err != nil {
-		runtime.UnlockOSThread()
-		return fmt.Errorf("testnet: setns %s: %w", ns.Name, err)
-	}
-	ferr := fn()
-	if err := unix.Setns(int(orig.Fd()), unix.CLONE_NEWNET); err != nil {
-		// Leave the thread locked: it dies with the goroutine instead of
-		// serving others from the wrong namespace.
-		return fmt.Errorf("testnet: setns back: %w", err)
-	}
-	runtime.UnlockOSThread()
-	return ferr
+	return netns.Do("/var/run/netns/"+ns.Name, fn)
 }
 
 // Listen listens inside the namespace.
