@@ -290,27 +290,32 @@ func (f *Firewall) sweep(old, rs *Ruleset) sweepResult {
 		return res
 	}
 	defer ct.Close()
-	es, err := ct.Marked(CTMarkEnforced, CTMarkEnforced)
-	if err != nil {
-		res.err = err
-		return res
-	}
+	// Each entry is decided as the dump is read: only those to cut are
+	// kept (a table can hold hundreds of thousands). f.mu is taken per
+	// entry, so that learned addresses are not held up by the dump.
 	var cut []netutil.ConntrackEntry
 	f.mu.Lock()
 	now := f.now()
 	eng := f.eng
+	f.mu.Unlock()
 	live := func(set string, a netip.Addr) bool {
 		v, ok := f.learned[set][a]
 		return ok && v.exp.After(now)
 	}
-	for _, e := range es {
-		if rs.keeps(old, e.Mark&CTMarkTag>>ctTagShift, keyOf(e), live) {
+	err = ct.Marked(CTMarkEnforced, CTMarkEnforced, func(e netutil.ConntrackEntry) {
+		f.mu.Lock()
+		keep := rs.keeps(old, e.Mark&CTMarkTag>>ctTagShift, keyOf(e), live)
+		f.mu.Unlock()
+		if keep {
 			res.kept++
 		} else {
 			cut = append(cut, e)
 		}
+	})
+	if err != nil {
+		res.err = err
+		return res
 	}
-	f.mu.Unlock()
 	deadline := time.Now().Add(10 * time.Second)
 	for i, e := range cut {
 		if time.Now().After(deadline) {

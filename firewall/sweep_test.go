@@ -291,7 +291,8 @@ func TestMarkKeepsOtherBits(t *testing.T) {
 		t.Fatal(err)
 	}
 	defer ct.Close()
-	es, err := ct.Marked(CTMarkEnforced, CTMarkEnforced)
+	var es []netutil.ConntrackEntry
+	err = ct.Marked(CTMarkEnforced, CTMarkEnforced, func(e netutil.ConntrackEntry) { es = append(es, e) })
 	if err != nil {
 		t.Fatal(err)
 	}

@@ -237,13 +237,18 @@ func putAttr(b *[]byte, typ uint16, v []byte) {
 	}
 }
 
-// parseCtAnswer reads the netlink messages of one datagram. done reports
-// that the answer to seq was among them (then src or err is it).
-func parseCtAnswer(b []byte, seq uint32) (src netip.AddrPort, done bool, err error) {
+// eachMsg walks the netlink messages of one datagram and calls fn with
+// the type and body of each that answers seq (others are skipped: answers
+// to earlier requests that timed out); fn's done ends the walk. An error
+// message that is not an acknowledgement ends it with the error (ENOENT:
+// ErrNoConntrack); an acknowledgement reaches fn as NLMSG_ERROR with a
+// nil body. A malformed datagram ends it with an error. what names the
+// request in errors.
+func eachMsg(b []byte, seq uint32, what string, fn func(typ uint16, body []byte) (done bool, err error)) (done bool, err error) {
 	for len(b) >= unix.SizeofNlMsghdr {
 		l := int(binary.NativeEndian.Uint32(b[0:4]))
 		if l < unix.SizeofNlMsghdr || l > len(b) {
-			return netip.AddrPort{}, true, errors.New("netutil: conntrack: malformed answer")
+			return true, fmt.Errorf("netutil: %s: malformed answer", what)
 		}
 		typ := binary.NativeEndian.Uint16(b[4:6])
 		mseq := binary.NativeEndian.Uint32(b[8:12])
@@ -252,25 +257,41 @@ func parseCtAnswer(b []byte, seq uint32) (src netip.AddrPort, done bool, err err
 		if mseq != seq {
 			continue
 		}
-		switch typ {
-		case unix.NLMSG_ERROR:
+		if typ == unix.NLMSG_ERROR {
 			if len(body) < 4 {
-				return netip.AddrPort{}, true, errors.New("netutil: conntrack: malformed error")
+				return true, fmt.Errorf("netutil: %s: malformed error", what)
 			}
-			code := int32(binary.NativeEndian.Uint32(body[0:4]))
-			if code == 0 {
-				continue // an acknowledgement
+			switch code := int32(binary.NativeEndian.Uint32(body[0:4])); {
+			case code == 0:
+				body = nil
+			case unix.Errno(-code) == unix.ENOENT:
+				return true, ErrNoConntrack
+			default:
+				return true, fmt.Errorf("netutil: %s: %w", what, unix.Errno(-code))
 			}
-			if unix.Errno(-code) == unix.ENOENT {
-				return netip.AddrPort{}, true, ErrNoConntrack
-			}
-			return netip.AddrPort{}, true, fmt.Errorf("netutil: conntrack: %w", unix.Errno(-code))
-		case unix.NFNL_SUBSYS_CTNETLINK<<8 | ipctnlMsgCtNew:
-			src, err := parseOrigSource(body)
-			return src, true, err
+		}
+		if done, err := fn(typ, body); done || err != nil {
+			return true, err
 		}
 	}
-	return netip.AddrPort{}, false, nil
+	return false, nil
+}
+
+// parseCtAnswer reads the netlink messages of one datagram. done reports
+// that the answer to seq was among them (then src or err is it).
+func parseCtAnswer(b []byte, seq uint32) (src netip.AddrPort, done bool, err error) {
+	done, err = eachMsg(b, seq, "conntrack", func(typ uint16, body []byte) (bool, error) {
+		if typ != unix.NFNL_SUBSYS_CTNETLINK<<8|ipctnlMsgCtNew {
+			return false, nil // an acknowledgement, or another message
+		}
+		var err error
+		src, err = parseOrigSource(body)
+		return true, err
+	})
+	if err != nil {
+		src = netip.AddrPort{}
+	}
+	return src, done, err
 }
 
 // parseOrigSource reads CTA_TUPLE_ORIG's source address and port out of

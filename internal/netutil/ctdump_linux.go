@@ -5,10 +5,10 @@ import (
 	"errors"
 	"fmt"
 	"net/netip"
-	"os"
-	"runtime"
 
 	"golang.org/x/sys/unix"
+
+	"egressd/internal/netns"
 )
 
 // ConntrackTable dumps and deletes conntrack entries over one ctnetlink
@@ -57,9 +57,9 @@ const (
 )
 
 // OpenConntrackTable opens a ctnetlink socket in the network namespace
-// at netns (a path such as /var/run/netns/NAME), or in the process's
-// own when netns is empty.
-func OpenConntrackTable(netns string) (*ConntrackTable, error) {
+// at nsPath (a path such as /var/run/netns/NAME), or in the process's
+// own when nsPath is empty.
+func OpenConntrackTable(nsPath string) (*ConntrackTable, error) {
 	var fd int
 	open := func() error {
 		var err error
@@ -67,10 +67,10 @@ func OpenConntrackTable(netns string) (*ConntrackTable, error) {
 		return err
 	}
 	var err error
-	if netns == "" {
+	if nsPath == "" {
 		err = open()
 	} else {
-		err = inNetNS(netns, open)
+		err = netns.Do(nsPath, open)
 	}
 	if err != nil {
 		return nil, err
@@ -79,36 +79,6 @@ func OpenConntrackTable(netns string) (*ConntrackTable, error) {
 	// keeps the kernel from waiting on each read (best effort).
 	_ = unix.SetsockoptInt(fd, unix.SOL_SOCKET, unix.SO_RCVBUF, 1<<20)
 	return &ConntrackTable{fd: fd, buf: make([]byte, 64<<10)}, nil
-}
-
-// inNetNS runs fn on a thread switched into the network namespace at
-// path; sockets fn opens stay in it.
-func inNetNS(path string, fn func() error) error {
-	runtime.LockOSThread()
-	orig, err := os.Open("/proc/thread-self/ns/net")
-	if err != nil {
-		runtime.UnlockOSThread()
-		return fmt.Errorf("netutil: network namespace: %w", err)
-	}
-	defer orig.Close()
-	target, err := os.Open(path)
-	if err != nil {
-		runtime.UnlockOSThread()
-		return fmt.Errorf("netutil: network namespace: %w", err)
-	}
-	defer target.Close()
-	if err := unix.Setns(int(target.Fd()), unix.CLONE_NEWNET); err != nil {
-		runtime.UnlockOSThread()
-		return fmt.Errorf("netutil: setns %s: %w", path, err)
-	}
-	ferr := fn()
-	if err := unix.Setns(int(orig.Fd()), unix.CLONE_NEWNET); err != nil {
-		// Leave the thread locked: it ends with the goroutine instead of
-		// serving others from the wrong namespace.
-		return fmt.Errorf("netutil: setns back: %w", err)
-	}
-	runtime.UnlockOSThread()
-	return ferr
 }
 
 // Close closes the socket.
@@ -121,10 +91,19 @@ func (t *ConntrackTable) Close() error {
 	return err
 }
 
-// Marked returns every entry, of either family, whose mark has the bits
-// of want under mask (mark&mask == want). The kernel filters by mark;
-// the entries are checked again here.
-func (t *ConntrackTable) Marked(want, mask uint32) ([]ConntrackEntry, error) {
+// Marked calls fn for every entry, of either family, whose mark has the
+// bits of want under mask (mark&mask == want), as the dump is read: the
+// entries are not collected, so a table of any size costs one datagram's
+// buffer. fn must not use t (the dump is still being read). The kernel
+// filters by mark; the entries are checked again here.
+//
+// A dump walks the kernel's hash table in buckets, a datagram at a time,
+// while connections come and go: an entry the kernel moves during the
+// walk (a resize of the table) can come twice, and is passed to fn once
+// (by its id); one can also be missed (a rehash moved it into a bucket
+// already read), and nothing here can tell. The count is a count of the
+// entries seen.
+func (t *ConntrackTable) Marked(want, mask uint32, fn func(ConntrackEntry)) error {
 	t.seq++
 	seq := t.seq
 	b := make([]byte, unix.SizeofNlMsghdr, 64)
@@ -133,28 +112,43 @@ func (t *ConntrackTable) Marked(want, mask uint32) ([]ConntrackEntry, error) {
 	putAttr(&b, ctaMarkMask|unix.NLA_F_NET_BYTEORDER, binary.BigEndian.AppendUint32(nil, mask))
 	finishMsg(b, ipctnlMsgCtGet, unix.NLM_F_REQUEST|unix.NLM_F_DUMP, seq)
 	if err := unix.Sendto(t.fd, b, 0, &unix.SockaddrNetlink{Family: unix.AF_NETLINK}); err != nil {
-		return nil, fmt.Errorf("netutil: conntrack dump: %w", err)
+		return fmt.Errorf("netutil: conntrack dump: %w", err)
 	}
-	var out []ConntrackEntry
+	pass := markedOnce(want, mask, fn)
 	for {
 		n, _, err := unix.Recvfrom(t.fd, t.buf, 0)
 		if errors.Is(err, unix.EINTR) {
 			continue
 		}
 		if err != nil {
-			return nil, fmt.Errorf("netutil: conntrack dump: %w", err)
+			return fmt.Errorf("netutil: conntrack dump: %w", err)
 		}
-		done, err := parseDump(t.buf[:n], seq, func(e ConntrackEntry) {
-			if e.Mark&mask == want {
-				out = append(out, e)
-			}
-		})
+		done, err := parseDump(t.buf[:n], seq, pass)
 		if err != nil {
-			return nil, err
+			return err
 		}
 		if done {
-			return out, nil
+			return nil
 		}
+	}
+}
+
+// markedOnce wraps fn for a dump: entries whose mark&mask is not want,
+// and entries whose id was seen already, do not reach it. It keeps the
+// ids seen (4 bytes and a map slot each, not the entries).
+func markedOnce(want, mask uint32, fn func(ConntrackEntry)) func(ConntrackEntry) {
+	seen := map[uint32]struct{}{}
+	return func(e ConntrackEntry) {
+		if e.Mark&mask != want {
+			return
+		}
+		if e.ID != 0 {
+			if _, dup := seen[e.ID]; dup {
+				return
+			}
+			seen[e.ID] = struct{}{}
+		}
+		fn(e)
 	}
 }
 
@@ -203,66 +197,25 @@ func finishMsg(b []byte, msg uint16, flags uint16, seq uint32) {
 
 // parseAck reads the acknowledgement (or error) of request seq.
 func parseAck(b []byte, seq uint32) (done bool, err error) {
-	for len(b) >= unix.SizeofNlMsghdr {
-		l := int(binary.NativeEndian.Uint32(b[0:4]))
-		if l < unix.SizeofNlMsghdr || l > len(b) {
-			return true, errors.New("netutil: conntrack: malformed answer")
-		}
-		typ := binary.NativeEndian.Uint16(b[4:6])
-		mseq := binary.NativeEndian.Uint32(b[8:12])
-		body := b[unix.SizeofNlMsghdr:l]
-		b = b[min(nlAlign(l), len(b)):]
-		if mseq != seq || typ != unix.NLMSG_ERROR {
-			continue
-		}
-		if len(body) < 4 {
-			return true, errors.New("netutil: conntrack: malformed error")
-		}
-		code := int32(binary.NativeEndian.Uint32(body[0:4]))
-		switch {
-		case code == 0:
-			return true, nil
-		case unix.Errno(-code) == unix.ENOENT:
-			return true, ErrNoConntrack
-		default:
-			return true, fmt.Errorf("netutil: conntrack: %w", unix.Errno(-code))
-		}
-	}
-	return false, nil
+	return eachMsg(b, seq, "conntrack", func(typ uint16, _ []byte) (bool, error) {
+		return typ == unix.NLMSG_ERROR, nil
+	})
 }
 
 // parseDump reads one datagram of a dump answering seq, calling fn for
 // each entry; done reports its end (NLMSG_DONE).
 func parseDump(b []byte, seq uint32, fn func(ConntrackEntry)) (done bool, err error) {
-	for len(b) >= unix.SizeofNlMsghdr {
-		l := int(binary.NativeEndian.Uint32(b[0:4]))
-		if l < unix.SizeofNlMsghdr || l > len(b) {
-			return true, errors.New("netutil: conntrack dump: malformed answer")
-		}
-		typ := binary.NativeEndian.Uint16(b[4:6])
-		mseq := binary.NativeEndian.Uint32(b[8:12])
-		body := b[unix.SizeofNlMsghdr:l]
-		b = b[min(nlAlign(l), len(b)):]
-		if mseq != seq {
-			continue
-		}
+	return eachMsg(b, seq, "conntrack dump", func(typ uint16, body []byte) (bool, error) {
 		switch typ {
 		case unix.NLMSG_DONE:
 			return true, nil
-		case unix.NLMSG_ERROR:
-			if len(body) < 4 {
-				return true, errors.New("netutil: conntrack dump: malformed error")
-			}
-			if code := int32(binary.NativeEndian.Uint32(body[0:4])); code != 0 {
-				return true, fmt.Errorf("netutil: conntrack dump: %w", unix.Errno(-code))
-			}
 		case unix.NFNL_SUBSYS_CTNETLINK<<8 | ipctnlMsgCtNew:
 			if e, ok := parseEntry(body); ok {
 				fn(e)
 			}
 		}
-	}
-	return false, nil
+		return false, nil
+	})
 }
 
 // parseEntry reads a dumped entry (nfgenmsg and attributes). An entry

@@ -7,6 +7,7 @@ import (
 	"net/netip"
 	"os"
 	"path/filepath"
+	"slices"
 	"testing"
 	"time"
 
@@ -55,7 +56,8 @@ func TestConntrackTableMarked(t *testing.T) {
 		t.Fatal(err)
 	}
 	defer ct.Close()
-	es, err := ct.Marked(0x00400000, 0x00400000)
+	var es []ConntrackEntry
+	err = ct.Marked(0x00400000, 0x00400000, func(e ConntrackEntry) { es = append(es, e) })
 	if err != nil {
 		t.Fatal(err)
 	}
@@ -81,11 +83,29 @@ func TestConntrackTableMarked(t *testing.T) {
 	if err := ct.Delete(e4); !errors.Is(err, ErrNoConntrack) {
 		t.Errorf("second delete: %v, want ErrNoConntrack", err)
 	}
-	es, err = ct.Marked(0x00400000, 0x00400000)
+	es = nil
+	err = ct.Marked(0x00400000, 0x00400000, func(e ConntrackEntry) { es = append(es, e) })
 	if err != nil {
 		t.Fatal(err)
 	}
 	if len(es) != 1 || es[0].Family != unix.AF_INET6 {
 		t.Errorf("after the delete: %+v, want the IPv6 entry alone", es)
+	}
+}
+
+// TestMarkedOnce: the dump's filter passes the entries with the mark's
+// bits asked, each id once (a dump during a resize of the kernel's table
+// can give one twice).
+func TestMarkedOnce(t *testing.T) {
+	var got []uint32
+	pass := markedOnce(0x00400000, 0x00400000, func(e ConntrackEntry) { got = append(got, e.ID) })
+	for _, e := range []ConntrackEntry{
+		{ID: 1, Mark: 0x00401000}, {ID: 2, Mark: 0x00400000}, {ID: 1, Mark: 0x00401000},
+		{ID: 3, Mark: 0x00001000}, {ID: 2, Mark: 0x00400000}, {ID: 4, Mark: 0x80400000},
+	} {
+		pass(e)
+	}
+	if want := []uint32{1, 2, 4}; !slices.Equal(got, want) {
+		t.Errorf("passed %v, want %v", got, want)
 	}
 }
