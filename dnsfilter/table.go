@@ -127,18 +127,7 @@ func (t *Table) NamesFor(client, addr netip.Addr) []string {
 // debugging and capture (which judges forwarded flows by who was given
 // addr, as the firewall's learned sets do).
 func (t *Table) Lookup(addr netip.Addr) []Learned {
-	addr = addr.Unmap()
-	now := t.now().UnixNano()
-	sh := t.shard(addr)
-	sh.mu.RLock()
-	defer sh.mu.RUnlock()
-	var out []Learned
-	for _, it := range sh.m[addr] {
-		if it.expires > now {
-			out = append(out, Learned{Client: it.client, Name: it.name, Addr: addr, Rule: it.rule, Expires: time.Unix(0, it.expires)})
-		}
-	}
-	return out
+	return t.live(addr, false)
 }
 
 // Held returns the entries for addr (any client) that the enforce
@@ -153,6 +142,13 @@ func (t *Table) Lookup(addr netip.Addr) []Learned {
 // client served the same cached answer later is held a little longer
 // here than the element is.)
 func (t *Table) Held(addr netip.Addr) []Learned {
+	return t.live(addr, true)
+}
+
+// live returns the entries for addr whose expiry (the answer's TTL for
+// Lookup; with held, the firewall's hold, for Held) is still ahead, with
+// Expires set to it.
+func (t *Table) live(addr netip.Addr, held bool) []Learned {
 	addr = addr.Unmap()
 	now := t.now().UnixNano()
 	sh := t.shard(addr)
@@ -160,8 +156,12 @@ func (t *Table) Held(addr netip.Addr) []Learned {
 	defer sh.mu.RUnlock()
 	var out []Learned
 	for _, it := range sh.m[addr] {
-		if it.held > now {
-			out = append(out, Learned{Client: it.client, Name: it.name, Addr: addr, Rule: it.rule, Expires: time.Unix(0, it.held)})
+		exp := it.expires
+		if held {
+			exp = it.held
+		}
+		if exp > now {
+			out = append(out, Learned{Client: it.client, Name: it.name, Addr: addr, Rule: it.rule, Expires: time.Unix(0, exp)})
 		}
 	}
 	return out
