@@ -168,8 +168,44 @@ func (t *ConntrackTable) Delete(e ConntrackEntry) error {
 	}
 	putAttr(&b, ctaID|unix.NLA_F_NET_BYTEORDER, binary.BigEndian.AppendUint32(nil, e.ID))
 	finishMsg(b, ipctnlMsgCtDelete, unix.NLM_F_REQUEST|unix.NLM_F_ACK, seq)
+	return t.request(b, seq, "conntrack delete")
+}
+
+// SetMark sets the bits of mask in the entry's mark to value's (the
+// other bits stay as they are: CTA_MARK with CTA_MARK_MASK, which the
+// kernel applies as mark&^mask | value). value must have no bit outside
+// mask. An entry already gone is ErrNoConntrack.
+//
+// ctnetlink updates by tuple, not by id: if the connection ended and
+// another with the same original tuple (and zone) took its place since
+// the dump, that one's mark is set.
+func (t *ConntrackTable) SetMark(e ConntrackEntry, value, mask uint32) error {
+	if len(e.rawOrig) == 0 {
+		return errors.New("netutil: conntrack mark: an entry without its tuple")
+	}
+	if value&^mask != 0 {
+		return fmt.Errorf("netutil: conntrack mark: value 0x%08x outside mask 0x%08x", value, mask)
+	}
+	t.seq++
+	seq := t.seq
+	b := make([]byte, unix.SizeofNlMsghdr, 128)
+	b = append(b, e.Family, unix.NFNETLINK_V0, 0, 0)
+	putAttr(&b, ctaTupleOrig|unix.NLA_F_NESTED, e.rawOrig)
+	if len(e.rawZone) > 0 {
+		putAttr(&b, ctaZone|unix.NLA_F_NET_BYTEORDER, e.rawZone)
+	}
+	putAttr(&b, ctaMark|unix.NLA_F_NET_BYTEORDER, binary.BigEndian.AppendUint32(nil, value))
+	putAttr(&b, ctaMarkMask|unix.NLA_F_NET_BYTEORDER, binary.BigEndian.AppendUint32(nil, mask))
+	// IPCTNL_MSG_CT_NEW without NLM_F_CREATE: an update of an existing
+	// entry, ENOENT if there is none.
+	finishMsg(b, ipctnlMsgCtNew, unix.NLM_F_REQUEST|unix.NLM_F_ACK, seq)
+	return t.request(b, seq, "conntrack mark")
+}
+
+// request sends one message and waits for its acknowledgement.
+func (t *ConntrackTable) request(b []byte, seq uint32, what string) error {
 	if err := unix.Sendto(t.fd, b, 0, &unix.SockaddrNetlink{Family: unix.AF_NETLINK}); err != nil {
-		return fmt.Errorf("netutil: conntrack delete: %w", err)
+		return fmt.Errorf("netutil: %s: %w", what, err)
 	}
 	for range 16 {
 		n, _, err := unix.Recvfrom(t.fd, t.buf, 0)
@@ -177,13 +213,13 @@ func (t *ConntrackTable) Delete(e ConntrackEntry) error {
 			continue
 		}
 		if err != nil {
-			return fmt.Errorf("netutil: conntrack delete: %w", err)
+			return fmt.Errorf("netutil: %s: %w", what, err)
 		}
 		if done, err := parseAck(t.buf[:n], seq); done {
 			return err
 		}
 	}
-	return errors.New("netutil: conntrack delete: no answer")
+	return fmt.Errorf("netutil: %s: no answer", what)
 }
 
 // finishMsg writes the netlink header of a ctnetlink message.

@@ -19,7 +19,7 @@ import (
 // TestConntrackTableMarked: a dump by mark returns the entries, IPv4 and
 // IPv6, whose mark has the bits asked (the mark's other bits as they
 // are), with their tuples; Delete removes one, and a second Delete of it
-// is ErrNoConntrack.
+// is ErrNoConntrack; SetMark changes the bits of the mark under its mask.
 func TestConntrackTableMarked(t *testing.T) {
 	testnet.RequireRoot(t)
 	ns := testnet.New(t, "ctd")
@@ -89,7 +89,24 @@ func TestConntrackTableMarked(t *testing.T) {
 		t.Fatal(err)
 	}
 	if len(es) != 1 || es[0].Family != unix.AF_INET6 {
-		t.Errorf("after the delete: %+v, want the IPv6 entry alone", es)
+		t.Fatalf("after the delete: %+v, want the IPv6 entry alone", es)
+	}
+	// SetMark changes the bits under its mask, and only those.
+	if err := ct.SetMark(es[0], 0x00402000, 0x007ff000); err != nil {
+		t.Fatal(err)
+	}
+	if err := ct.SetMark(e4, 0x00402000, 0x007ff000); !errors.Is(err, ErrNoConntrack) {
+		t.Errorf("mark of a deleted entry: %v, want ErrNoConntrack", err)
+	}
+	if err := ct.SetMark(es[0], 0x00402001, 0x007ff000); err == nil {
+		t.Error("no error for a value outside the mask")
+	}
+	es = nil
+	if err := ct.Marked(0x00400000, 0x00400000, func(e ConntrackEntry) { es = append(es, e) }); err != nil {
+		t.Fatal(err)
+	}
+	if len(es) != 1 || es[0].Mark != 0x00402005 {
+		t.Errorf("after SetMark: %+v, want the IPv6 entry with mark 0x00402005", es)
 	}
 }
 
