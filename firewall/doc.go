@@ -56,8 +56,19 @@
 // forward chain would decide their first packet (addresses and port after
 // destination NAT, the rules' CIDRs and live learned addresses; a rule
 // that kept its name and only widened still counts for its old flows),
-// and deletes the entries of those it denies. Their next packet from the
-// LAN is then a new connection to the new ruleset, and dropped; their
+// and deletes the entries of those it denies; a connection kept because
+// another rule than its own admits it gets that rule's tag (a ctnetlink
+// update of the mark's owned bits, CTA_MARK under CTA_MARK_MASK). A tag is
+// read against the rulesets it can come from: that of the last look that
+// saw every connection, and every one installed after it (a look skipped,
+// because a later ruleset went in first, or failed leaves the older tags
+// in play); where a removed rule and a new one share it, the connection
+// is decided again, so a reused tag never keeps what the policy no longer
+// allows. The entries are decided as the dump is read (only those to cut
+// or re-mark are held), each id once: a dump that runs while the kernel
+// resizes its table can give an entry twice (counted once) or miss one
+// (it is then left alone until the next look). A cut connection's next
+// packet from the LAN is a new connection to the new ruleset, and dropped; its
 // replies meet the WAN guard (without Config.WAN there is none, and a
 // server that speaks next opens the connection anew from its side, as
 // "between other interfaces": the same gap as for connections from before
@@ -79,7 +90,8 @@
 // previous policy is unknown: a tag the new ruleset uses is taken for its
 // rule's, so a flow of a rule removed while egressd was down is kept in
 // the rare case (about one in a thousand per new rule) that a new rule
-// drew the same tag.
+// drew the same tag. After 16 enforce rulesets in a row whose looks all
+// failed, the oldest one's tags are forgotten the same way.
 //
 // [Render] turns a policy and a [Config] into a [Ruleset] without touching
 // the kernel (egressd firewall print shows it); [Firewall.Install],

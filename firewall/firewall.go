@@ -43,6 +43,11 @@ type Firewall struct {
 	mu  sync.Mutex // guards the fields below
 	eng *policy.Engine
 	rs  *Ruleset // the installed ruleset; nil when nothing is installed
+	// since is what the tags of conntrack marks can mean: the enforce
+	// ruleset whose sweep last looked at every flow and every enforce
+	// ruleset installed after it (those before a first such sweep, at a
+	// start), oldest first, at most maxSince (sweep.go).
+	since []*Ruleset
 	// learned holds, per learned set, the addresses in it and when they
 	// expire. The kernel's expiry of an element is never earlier (it is
 	// computed from the same TTL after this one), so an address whose
@@ -150,11 +155,11 @@ func (f *Firewall) Replace(eng *policy.Engine) error { return f.apply(eng, "repl
 // In enforce mode it then looks at the connections already out and cuts
 // those the new ruleset does not allow (sweep.go), and logs one line.
 func (f *Firewall) apply(eng *policy.Engine, op string, only *policy.Engine) error {
-	old, rs, err := f.swapIn(eng, op, only)
+	_, rs, err := f.swapIn(eng, op, only)
 	if err != nil || rs == nil {
 		return err
 	}
-	sw := f.sweep(old, rs)
+	sw := f.sweep(rs)
 	n := 0
 	for _, c := range rs.Chains {
 		n += len(c.Rules)
@@ -235,6 +240,12 @@ func (f *Firewall) swapIn(eng *policy.Engine, op string, only *policy.Engine) (o
 
 	f.mu.Lock()
 	f.rs, f.eng = rs, eng
+	if rs.Mode == policy.ModeEnforce {
+		f.since = append(f.since, rs)
+		if len(f.since) > maxSince {
+			f.since = slices.Delete(f.since, 0, len(f.since)-maxSince)
+		}
+	}
 	f.cur.Store(rs)
 	f.scheduleLocked(rs.NextExpiry, now)
 	f.mu.Unlock()

@@ -24,29 +24,40 @@ import (
 // firewall dumps the marked entries and decides each:
 //
 //   - tag 0 (between other interfaces, or marked before tags): kept;
-//   - a tag of a rule of the previous ruleset that is in the new one
-//     unchanged (same fingerprint): kept, whatever the rule's learned
-//     addresses became since (a DNS answer that expired long ago does not
-//     end a flow its unchanged rule let out);
-//   - at a start (no previous ruleset), a tag the new ruleset uses: kept
-//     (let out by an earlier egressd whose policy is unknown);
-//   - otherwise (the rule was removed or changed, or the tag is one the
-//     previous ruleset did not use: a connection the new ruleset let out
-//     already, or a tag that outlived its rule on a connection another
-//     rule kept) the connection is decided again, as the new forward
-//     chain would decide its first packet: client address, destination
-//     and port after destination NAT, protocol, the rules' CIDRs and
-//     their live learned addresses. Where its old rule is known and the
-//     new policy has a rule of that name, that rule's unchanged client set
-//     and unchanged (or widened) names still count for it, so that adding
-//     a port to a rule does not cut the flows to its learned addresses.
-//     (A connection the new ruleset let out for a client given by MAC
-//     before this look is cut: conntrack holds no MAC; its next packet
-//     meets the new ruleset as a new one and is let out again.) Denied,
-//     the entry is deleted: the connection's next packet from the LAN
-//     meets the new ruleset as a new one (and is dropped), its replies
-//     meet the WAN guard. Each cut is logged and reported as a decision
-//     (cutDecision).
+//   - a tag whose rule is in the new ruleset unchanged (same
+//     fingerprint): kept, whatever the rule's learned addresses became
+//     since (a DNS answer that expired long ago does not end a flow its
+//     unchanged rule let out). What a tag can mean is the rules that have
+//     it in Firewall.since: the ruleset of the last look that saw every
+//     flow and every one installed after it (a look skipped because a
+//     later ruleset went in first, or one that failed, leaves the tags of
+//     those before it in play). Where they disagree (a rule removed, and
+//     a new one drew its tag), the connection is decided again. At a
+//     start, since holds the new ruleset alone: a tag it uses is taken
+//     for its rule's (let out by an earlier egressd whose policy is
+//     unknown);
+//   - otherwise (the rule was removed or changed, or the tag is one none
+//     of those rulesets used) the connection is decided again, as the new
+//     forward chain would decide its first packet: client address,
+//     destination and port after destination NAT, protocol, the rules'
+//     CIDRs and their live learned addresses. Where its old rule is known
+//     and the new policy has a rule of that name, that rule's unchanged
+//     client set and unchanged (or widened) names still count for it, so
+//     that adding a port to a rule does not cut the flows to its learned
+//     addresses. (A connection the new ruleset let out for a client given
+//     by MAC before this look is cut: conntrack holds no MAC; its next
+//     packet meets the new ruleset as a new one and is let out again.)
+//     Denied, the entry is deleted: the connection's next packet from the
+//     LAN meets the new ruleset as a new one (and is dropped), its
+//     replies meet the WAN guard. Each cut is logged and reported as a
+//     decision (cutDecision).
+//
+// A connection kept gets, in its mark, the tag its rule has in the new
+// ruleset (that of the rule that admitted it, when decided again; an
+// unchanged rule's, which another rule may have pushed to another tag), so
+// that a tag always means a rule of a ruleset in Firewall.since: a later
+// reload that removes the rule that kept it decides it again, even if a
+// new rule drew the tag of the rule that first let it out.
 
 // flowRule is what one policy rule's accept rules in forward let out.
 type flowRule struct {
@@ -147,26 +158,39 @@ func keyOf(e netutil.ConntrackEntry) flowKey {
 		port: e.Reply.Src.Port(), proto: policy.Proto(e.Proto)}
 }
 
-// keeps decides a connection marked with tag after rs replaced old (nil:
-// unknown). live says whether an address is in a learned set now.
-func (rs *Ruleset) keeps(old *Ruleset, tag uint32, k flowKey, live func(set string, a netip.Addr) bool) bool {
+// keeps decides a connection marked with tag, now that rs is installed;
+// since is what the tag can mean: the rulesets whose tags the marks may
+// carry (see Firewall.since), rs last. live says whether an address is in
+// a learned set now. A connection kept gets the tag it should carry from
+// now on: that of the rule of rs that keeps it (0 for tag 0).
+func (rs *Ruleset) keeps(since []*Ruleset, tag uint32, k flowKey, live func(set string, a netip.Addr) bool) (keep bool, newTag uint32) {
 	if tag == 0 {
-		return true
+		return true, 0
 	}
-	var was []*flowRule
-	if old != nil {
-		was = old.byTag[tag]
-	}
-	if len(was) == 0 {
-		if old == nil && len(rs.byTag[tag]) > 0 {
-			return true
+	var was []*flowRule // the rules the tag can stand for, one per fingerprint
+	for _, old := range since {
+		for _, fr := range old.byTag[tag] {
+			if !slices.ContainsFunc(was, func(w *flowRule) bool { return w.fp == fr.fp }) {
+				was = append(was, fr)
+			}
 		}
-		// On a reload, a tag the previous ruleset did not use may be
-		// stale (a mark keeps its tag for the connection's life, and the
-		// new rule that has it now may have nothing to do with it): the
-		// connection is decided again, with no rule as a hint.
-	} else if !slices.ContainsFunc(was, func(fr *flowRule) bool { return rs.byFP[fr.fp] == nil }) {
-		return true // its rule (whichever shares the tag) is unchanged
+	}
+	// Its rule (whichever it is) is unchanged: kept, under that rule's tag
+	// in rs. A tag none of them used (from before an egressd start, whose
+	// rulesets are unknown) is decided again, with no rule as a hint.
+	if len(was) > 0 {
+		newTag = 0
+		for _, fr := range was {
+			now := rs.byFP[fr.fp]
+			if now == nil || (newTag != 0 && now.tag != newTag) {
+				newTag = 0
+				break
+			}
+			newTag = now.tag
+		}
+		if newTag != 0 {
+			return true, newTag
+		}
 	}
 	var hint *flowRule
 	if len(was) == 1 {
@@ -174,10 +198,10 @@ func (rs *Ruleset) keeps(old *Ruleset, tag uint32, k flowKey, live func(set stri
 	}
 	for _, fr := range rs.flows {
 		if fr.admits(k, hint, live) {
-			return true
+			return true, fr.tag
 		}
 	}
-	return false
+	return false, 0
 }
 
 // admits reports whether fr's accept rules let the connection out, as
@@ -252,6 +276,12 @@ func subset(a, b []string) bool {
 	return true
 }
 
+// maxSince bounds Firewall.since: after that many enforce rulesets in a
+// row whose sweeps failed or were skipped, the oldest one's tags are
+// forgotten, as at a start (a tag a later ruleset uses is taken for its
+// rule's).
+const maxSince = 16
+
 // sweepResult is what a look at the connections already out found.
 type sweepResult struct {
 	ran       bool
@@ -260,11 +290,15 @@ type sweepResult struct {
 }
 
 // sweep deletes the conntrack entries of connections that rs, just
-// installed in place of old, does not allow (see the comment at the top
-// of this file). It runs outside ioMu (a dump of a large table must not
-// hold up learned addresses), one at a time, and only while rs is still
-// the installed ruleset: a later one's sweep judges by it instead.
-func (f *Firewall) sweep(old, rs *Ruleset) sweepResult {
+// installed, does not allow, and gives those it keeps the tag of the rule
+// of rs that keeps them (see the comment at the top of this file). It
+// runs outside ioMu (a dump of a large table must not hold up learned
+// addresses), one at a time, and only while rs is still the installed
+// ruleset: a later one's sweep judges by it instead. Once it has looked
+// at every entry and changed all it meant to, the marks carry tags of rs
+// (or of rulesets installed after it) alone, and f.since drops the
+// rulesets before rs.
+func (f *Firewall) sweep(rs *Ruleset) sweepResult {
 	if rs.Mode != policy.ModeEnforce {
 		return sweepResult{}
 	}
@@ -272,11 +306,21 @@ func (f *Firewall) sweep(old, rs *Ruleset) sweepResult {
 	defer f.sweepMu.Unlock()
 	f.mu.Lock()
 	current := f.rs == rs && !f.closed
+	since := slices.Clone(f.since)
 	f.mu.Unlock()
 	if !current {
 		return sweepResult{}
 	}
 	res := sweepResult{ran: true}
+	defer func() {
+		if res.err == nil {
+			f.mu.Lock()
+			if i := slices.Index(f.since, rs); i > 0 {
+				f.since = slices.Delete(f.since, 0, i)
+			}
+			f.mu.Unlock()
+		}
+	}()
 	defer func() {
 		f.m.flows.WithLabelValues("kept").Add(float64(res.kept))
 		f.m.flows.WithLabelValues("cut").Add(float64(res.cut))
@@ -294,6 +338,11 @@ func (f *Firewall) sweep(old, rs *Ruleset) sweepResult {
 	// kept (a table can hold hundreds of thousands). f.mu is taken per
 	// entry, so that learned addresses are not held up by the dump.
 	var cut []netutil.ConntrackEntry
+	type retag struct {
+		e   netutil.ConntrackEntry
+		tag uint32
+	}
+	var retags []retag // kept, under another tag
 	f.mu.Lock()
 	now := f.now()
 	eng := f.eng
@@ -303,11 +352,15 @@ func (f *Firewall) sweep(old, rs *Ruleset) sweepResult {
 		return ok && v.exp.After(now)
 	}
 	err = ct.Marked(CTMarkEnforced, CTMarkEnforced, func(e netutil.ConntrackEntry) {
+		tag := e.Mark & CTMarkTag >> ctTagShift
 		f.mu.Lock()
-		keep := rs.keeps(old, e.Mark&CTMarkTag>>ctTagShift, keyOf(e), live)
+		keep, newTag := rs.keeps(since, tag, keyOf(e), live)
 		f.mu.Unlock()
 		if keep {
 			res.kept++
+			if newTag != tag {
+				retags = append(retags, retag{e, newTag})
+			}
 		} else {
 			cut = append(cut, e)
 		}
@@ -317,6 +370,16 @@ func (f *Firewall) sweep(old, rs *Ruleset) sweepResult {
 		return res
 	}
 	deadline := time.Now().Add(10 * time.Second)
+	for _, r := range retags {
+		if time.Now().After(deadline) {
+			res.err = errors.Join(res.err, errors.New("firewall: flows: gave up re-marking after 10s"))
+			break
+		}
+		err := ct.SetMark(r.e, CTMarkEnforced|r.tag<<ctTagShift, CTMarkEnforced|CTMarkTag)
+		if err != nil && !errors.Is(err, netutil.ErrNoConntrack) && res.err == nil {
+			res.err = err
+		}
+	}
 	for i, e := range cut {
 		if time.Now().After(deadline) {
 			// Bounded: a reload does not hang on a huge table.
@@ -332,7 +395,7 @@ func (f *Firewall) sweep(old, rs *Ruleset) sweepResult {
 			continue
 		}
 		res.cut++
-		f.cutDecision(eng, old, e, now)
+		f.cutDecision(eng, since, e, now)
 	}
 	return res
 }
@@ -341,17 +404,17 @@ func (f *Firewall) sweep(old, rs *Ruleset) sweepResult {
 // a reload closes.
 const closeRevoked = "policy-revoked"
 
-// cutDecision records the cut of the connection e, which rs (of eng)
-// denied after old: one canonical line, as for every decision, and one
-// event to Deps.Sink, a drop enforced, so that the report shows the flow
-// blocked (the daemon hands it to capture, which records it with the
-// flow's start and bytes when it follows the flow). The line names the
-// rule the flow ran under (its tag's in old; empty when unknown, at a
-// start) and the new decision's reason: the policy's, by address (a
-// removed rule: no-rule; a narrowed one: port-not-allowed or
-// client-not-allowed; an expired one: expired), or special-range where
-// only the guard refuses it.
-func (f *Firewall) cutDecision(eng *policy.Engine, old *Ruleset, e netutil.ConntrackEntry, now time.Time) {
+// cutDecision records the cut of the connection e, which the ruleset of
+// eng (the last of since) denied: one canonical line, as for every
+// decision, and one event to Deps.Sink, a drop enforced, so that the
+// report shows the flow blocked (the daemon hands it to capture, which
+// records it with the flow's start and bytes when it follows the flow).
+// The line names the rule the flow ran under (its tag's in the rulesets
+// before; empty when unknown, at a start) and the new decision's reason:
+// the policy's, by address (a removed rule: no-rule; a narrowed one:
+// port-not-allowed or client-not-allowed; an expired one: expired), or
+// special-range where only the guard refuses it.
+func (f *Firewall) cutDecision(eng *policy.Engine, since []*Ruleset, e netutil.ConntrackEntry, now time.Time) {
 	k := keyOf(e)
 	in := policy.Input{Client: k.client, Dest: k.dst, Port: k.port, Proto: k.proto, Now: now}
 	d := policy.Decision{Verdict: policy.Deny, RuleIndex: -1, Reason: policy.ReasonNoRule, Mode: policy.ModeEnforce}
@@ -372,10 +435,13 @@ func (f *Firewall) cutDecision(eng *policy.Engine, old *Ruleset, e netutil.Connt
 		Client: k.client, ClientPort: e.Orig.Src.Port(), Dest: e.Orig.Dst.Addr().Unmap(), DestPort: e.Orig.Dst.Port(),
 		Proto: k.proto.String(), Close: closeRevoked}
 	ev.Stamp(d)
+	// The rule it ran under: its tag's in the newest ruleset before this
+	// one that has the tag (since ends with this one).
 	prev := ""
-	if old != nil {
-		if frs := old.byTag[e.Mark&CTMarkTag>>ctTagShift]; len(frs) > 0 {
+	for i := len(since) - 2; i >= 0; i-- {
+		if frs := since[i].byTag[e.Mark&CTMarkTag>>ctTagShift]; len(frs) > 0 {
 			prev = frs[0].name
+			break
 		}
 	}
 	var buf [audit.FlowAttrsMax + 2]slog.Attr

@@ -446,3 +446,84 @@ func (s *syncWriter) Write(b []byte) (int, error) {
 	defer s.mu.Unlock()
 	return s.w.Write(b)
 }
+
+// tagTwin finds a rule, built by rule from a number, whose tag is want in
+// the ruleset of the rules before it and itself.
+func tagTwin(t *testing.T, cfg Config, before string, want uint32, rule func(i int) string) string {
+	t.Helper()
+	for i := range 50000 {
+		r := rule(i)
+		rs, err := Render(cfg, compile(t, "version: 1\nmode: enforce\nrules:\n"+before+r))
+		if err != nil {
+			t.Fatal(err)
+		}
+		if rs.flows[len(rs.flows)-1].tag == want {
+			return r
+		}
+	}
+	t.Fatal("no rule gets the tag")
+	return ""
+}
+
+// TestReloadStaleTags: a mark's tag means a rule of the ruleset that
+// wrote it. A flow that a reload keeps because another rule (b) admits
+// it gets b's tag, so that a later reload that removes b cuts it, even
+// where a new rule (c) drew the tag of the rule that let it out (a); and
+// a check skipped (a later ruleset went in first) leaves the tags of the
+// rulesets before it in play: the next check does not read them as the
+// skipped ruleset's.
+func TestReloadStaleTags(t *testing.T) {
+	requireNft(t)
+	tp := newTopo(t)
+	tp.serverUDP(t, "198.18.2.2:9000", "198.18.2.3:9000")
+	fw := tp.firewall(t, Config{})
+	cfg := fw.cfg
+	const (
+		a = "  - {name: a, to: [198.18.2.2/32], ports: [9000/udp]}\n"
+		b = "  - {name: b, to: [198.18.2.0/24], ports: [9000/udp]}\n"
+	)
+	policyOf := func(rules ...string) *policy.Engine {
+		return compile(t, "version: 1\nmode: enforce\nrules:\n"+strings.Join(rules, ""))
+	}
+	r0, err := Render(cfg, policyOf(a))
+	if err != nil {
+		t.Fatal(err)
+	}
+	ta := r0.flows[0].tag
+	// c has a's tag, beside b, and lets nothing of the flows out.
+	c := tagTwin(t, cfg, b, ta, func(i int) string {
+		return fmt.Sprintf("  - {name: c%d, to: [203.0.113.9/32], ports: [9001/udp]}\n", i)
+	})
+
+	if err := fw.Install(policyOf(a)); err != nil {
+		t.Fatal(err)
+	}
+	flows := map[string]*flow{"f": dialFlow(t, tp, "udp", "198.18.2.2:9000")}
+	checkFlows(t, "installed", flows)
+	if err := fw.Replace(policyOf(b, c)); err != nil {
+		t.Fatal(err)
+	}
+	checkFlows(t, "a replaced by b and c", flows)
+	if err := fw.Replace(policyOf(c)); err != nil {
+		t.Fatal(err)
+	}
+	checkFlows(t, "b removed, c unchanged", flows, "f")
+
+	// A skipped check: a's flow, then c goes in without a look at the
+	// flows (as when a later ruleset went in before it), then c again.
+	c2 := tagTwin(t, cfg, "", ta, func(i int) string {
+		return fmt.Sprintf("  - {name: c%d, to: [203.0.113.9/32], ports: [9001/udp]}\n", i)
+	})
+	if err := fw.Replace(policyOf(a)); err != nil {
+		t.Fatal(err)
+	}
+	flows["g"] = dialFlow(t, tp, "udp", "198.18.2.2:9000")
+	checkFlows(t, "a again", flows)
+	if _, _, err := fw.swapIn(policyOf(c2), "replace", nil); err != nil {
+		t.Fatal(err)
+	}
+	if err := fw.Replace(policyOf(c2)); err != nil {
+		t.Fatal(err)
+	}
+	checkFlows(t, "a replaced by c, its check skipped", flows, "g")
+}

@@ -101,17 +101,21 @@ func TestKeeps(t *testing.T) {
 		if c.live {
 			live = func(string, netip.Addr) bool { return true }
 		}
-		if got := c.new.keeps(c.old, tg, c.key, live); got != c.wantKeep {
+		since := []*Ruleset{c.new}
+		if c.old != nil {
+			since = []*Ruleset{c.old, c.new}
+		}
+		if got, _ := c.new.keeps(since, tg, c.key, live); got != c.wantKeep {
 			t.Errorf("%s: keeps = %v, want %v", c.name, got, c.wantKeep)
 		}
 	}
 }
 
-// TestKeepsStaleTag: a connection's mark keeps the tag of the rule that
-// let it out for as long as it lives, across rulesets. One kept by a
-// reload because another rule admitted it still carries its removed
-// rule's tag; a later reload whose new rule happens to get that tag must
-// decide it again, not keep it as one the new rule let out.
+// TestKeepsStaleTag: a connection kept by a reload because another rule
+// admits it gets that rule's tag; a later reload that removes that rule
+// too decides it again, even where a new rule has the tag of the rule
+// that let it out (in the same reload or a later one), and even when the
+// look after the reload in between was skipped.
 func TestKeepsStaleTag(t *testing.T) {
 	render := func(rules string) *Ruleset { return renderEnforce(t, rules) }
 	const (
@@ -119,28 +123,43 @@ func TestKeepsStaleTag(t *testing.T) {
 		w = `  - {name: w, to: [198.51.100.0/25], ports: [9/udp]}` + "\n"
 	)
 	r1, r2 := render(x+w), render(w)
-	tx := r1.flows[0].tag
-	if r2.flows[0].tag == tx {
+	tx, tw := r1.flows[0].tag, r2.flows[0].tag
+	if tw == tx {
 		t.Fatal("w took x's tag: pick other names")
 	}
-	// A rule y, unrelated to the connection, whose tag is x's.
-	var r3 *Ruleset
-	for i := 0; r3 == nil; i++ {
+	// A rule y, unrelated to the connection, whose tag is x's, alone and
+	// beside w.
+	var y string
+	for i := 0; y == ""; i++ {
 		if i == 50000 {
 			t.Fatal("no name gives x's tag")
 		}
-		rs := render(fmt.Sprintf("  - {name: y%d, to: [203.0.113.0/24], ports: [5300/udp]}\n", i))
-		if rs.flows[0].tag == tx {
-			r3 = rs
+		r := fmt.Sprintf("  - {name: y%d, to: [203.0.113.0/24], ports: [5300/udp]}\n", i)
+		if render(r).flows[0].tag == tx && render(w + r).flows[1].tag == tx {
+			y = r
 		}
 	}
+	r3, r2y := render(y), render(w+y)
 	noLive := func(string, netip.Addr) bool { return false }
 	k := flowKey{client: netip.MustParseAddr("198.18.1.2"), dst: netip.MustParseAddr("198.51.100.9"), port: 9, proto: policy.UDP}
-	if !r2.keeps(r1, tx, k, noLive) {
-		t.Fatal("x removed: w still admits the connection, yet it is cut")
+	for _, mid := range []*Ruleset{r2, r2y} {
+		keep, tag := mid.keeps([]*Ruleset{r1, mid}, tx, k, noLive)
+		if !keep || tag != tw {
+			t.Fatalf("x removed: w still admits the connection: keeps = %v under tag %d, want true under w's %d", keep, tag, tw)
+		}
+		if keep, _ := r3.keeps([]*Ruleset{mid, r3}, tag, k, noLive); keep {
+			t.Error("w removed too: kept")
+		}
+		// Without the new tag (the look after mid skipped): what x's tag
+		// meant before mid still counts.
+		if keep, _ := r3.keeps([]*Ruleset{r1, mid, r3}, tx, k, noLive); keep {
+			t.Error("w removed, mid's look skipped: kept because y has x's tag")
+		}
 	}
-	if r3.keeps(r2, tx, k, noLive) {
-		t.Error("w removed too: kept because the new rule y has the stale tag of x")
+	// The rule unchanged under another tag in the new ruleset (another
+	// rule took its tag first): kept under the new one.
+	if keep, tag := r1.keeps([]*Ruleset{r2, r1}, tw, k, noLive); !keep || tag != r1.flows[1].tag {
+		t.Errorf("w unchanged: keeps = %v under tag %d, want true under %d", keep, tag, r1.flows[1].tag)
 	}
 }
 
