@@ -67,7 +67,9 @@
 // allows. The entries are decided as the dump is read (only those to cut
 // or re-mark are held), each id once: a dump that runs while the kernel
 // resizes its table can give an entry twice (counted once) or miss one
-// (it is then left alone until the next look). A cut connection's next
+// (left alone; the next look reads its tag against the rulesets from this
+// one on, with the risk of a start: a new rule that drew its tag keeps
+// it). A cut connection's next
 // packet from the LAN is a new connection to the new ruleset, and dropped; its
 // replies meet the WAN guard (without Config.WAN there is none, and a
 // server that speaks next opens the connection anew from its side, as

@@ -334,9 +334,10 @@ func (f *Firewall) sweep(rs *Ruleset) sweepResult {
 		return res
 	}
 	defer ct.Close()
-	// Each entry is decided as the dump is read: only those to cut are
-	// kept (a table can hold hundreds of thousands). f.mu is taken per
-	// entry, so that learned addresses are not held up by the dump.
+	// Each entry is decided as the dump is read: only those to cut or
+	// re-mark are kept (a table can hold hundreds of thousands). f.mu is
+	// taken per entry, so that learned addresses are not held up by the
+	// dump.
 	var cut []netutil.ConntrackEntry
 	type retag struct {
 		e   netutil.ConntrackEntry
