@@ -126,3 +126,47 @@ func TestMarkedOnce(t *testing.T) {
 		t.Errorf("passed %v, want %v", got, want)
 	}
 }
+
+// BenchmarkMarked dumps a table of 20,000 marked entries (UDP datagrams
+// to as many ports in a namespace): B/op is what one look at them costs.
+func BenchmarkMarked(b *testing.B) {
+	testnet.RequireRoot(b)
+	ns := testnet.New(b, "ctb")
+	ns.MustRun("ip", "link", "set", "lo", "up")
+	rules := filepath.Join(b.TempDir(), "mark.nft")
+	os.WriteFile(rules, []byte(`table inet netutil_mark_bench {
+	chain out {
+		type filter hook output priority 0; policy accept;
+		udp dport 20000-59999 ct mark set 0x00401005
+	}
+}
+`), 0o644)
+	ns.MustRun("nft", "-f", rules)
+	const n = 20000
+	pc, err := ns.ListenPacket("udp", "127.0.0.1:0")
+	if err != nil {
+		b.Fatal(err)
+	}
+	defer pc.Close()
+	for i := range n {
+		if _, err := pc.WriteTo([]byte("x"), &net.UDPAddr{IP: net.IPv4(127, 0, 0, 1), Port: 20000 + i}); err != nil {
+			b.Fatal(err)
+		}
+	}
+	ct, err := OpenConntrackTable("/var/run/netns/" + ns.Name)
+	if err != nil {
+		b.Fatal(err)
+	}
+	defer ct.Close()
+	b.ReportAllocs()
+	b.ResetTimer()
+	for b.Loop() {
+		got := 0
+		if err := ct.Marked(0x00400000, 0x00400000, func(ConntrackEntry) { got++ }); err != nil {
+			b.Fatal(err)
+		}
+		if got < n*9/10 {
+			b.Fatalf("%d entries, want about %d", got, n)
+		}
+	}
+}
