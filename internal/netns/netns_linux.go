@@ -5,6 +5,7 @@
 package netns
 
 import (
+	"errors"
 	"fmt"
 	"os"
 	"runtime"
@@ -18,39 +19,58 @@ import (
 // namespace. The caller's goroutine and thread are left alone (on a
 // reload that is the daemon's main loop). If the thread cannot be
 // switched back, its goroutine ends still locked to it, and Go discards
-// the thread rather than run anything else in the wrong namespace.
+// the thread rather than run anything else in the wrong namespace. A
+// panic in fn is raised again in the caller.
 func Do(path string, fn func() error) error {
-	errc := make(chan error, 1)
+	type result struct {
+		err   error
+		panic any
+	}
+	done := make(chan result, 1)
 	go func() {
 		runtime.LockOSThread()
-		ok, err := doLocked(path, fn)
-		if ok {
-			runtime.UnlockOSThread()
-		}
-		errc <- err
+		var r result
+		back := true // the thread is in its own namespace
+		defer func() {
+			r.panic = recover()
+			if back {
+				runtime.UnlockOSThread()
+			}
+			done <- r
+		}()
+		r.err = do(path, fn, &back)
 	}()
-	return <-errc
+	r := <-done
+	if r.panic != nil {
+		panic(r.panic)
+	}
+	return r.err
 }
 
-// doLocked does Do's work on the locked thread; ok reports that
-// the thread is back in its namespace.
-func doLocked(path string, fn func() error) (ok bool, err error) {
+// do does Do's work on the locked thread; back is false while the thread
+// is not in its own namespace.
+func do(path string, fn func() error, back *bool) (err error) {
 	orig, err := os.Open("/proc/thread-self/ns/net")
 	if err != nil {
-		return true, fmt.Errorf("netns: network namespace: %w", err)
+		return fmt.Errorf("netns: network namespace: %w", err)
 	}
 	defer orig.Close()
 	target, err := os.Open(path)
 	if err != nil {
-		return true, fmt.Errorf("netns: network namespace: %w", err)
+		return fmt.Errorf("netns: network namespace: %w", err)
 	}
 	defer target.Close()
 	if err := unix.Setns(int(target.Fd()), unix.CLONE_NEWNET); err != nil {
-		return true, fmt.Errorf("netns: setns %s: %w", path, err)
+		return fmt.Errorf("netns: setns %s: %w", path, err)
 	}
-	ferr := fn()
-	if err := unix.Setns(int(orig.Fd()), unix.CLONE_NEWNET); err != nil {
-		return false, fmt.Errorf("netns: setns back: %w", err)
-	}
-	return true, ferr
+	*back = false
+	defer func() {
+		// Deferred, so that a panic in fn switches back too.
+		if serr := unix.Setns(int(orig.Fd()), unix.CLONE_NEWNET); serr != nil {
+			err = errors.Join(err, fmt.Errorf("netns: setns back: %w", serr))
+			return
+		}
+		*back = true
+	}()
+	return fn()
 }

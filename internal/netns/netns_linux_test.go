@@ -48,3 +48,33 @@ func TestDoOwnThread(t *testing.T) {
 		t.Error("no error for a namespace that does not exist")
 	}
 }
+
+// TestDoPanic: a panic in the function reaches the caller, and the next
+// Do still runs in the namespace asked.
+func TestDoPanic(t *testing.T) {
+	testnet.RequireRoot(t)
+	ns := testnet.New(t, "ctp")
+	home, err := os.Readlink("/proc/thread-self/ns/net")
+	if err != nil {
+		t.Fatal(err)
+	}
+	func() {
+		defer func() {
+			if p := recover(); p != "boom" {
+				t.Errorf("recovered %v, want boom", p)
+			}
+		}()
+		netns.Do("/var/run/netns/"+ns.Name, func() error { panic("boom") })
+		t.Error("no panic")
+	}()
+	var inside string
+	if err := netns.Do("/var/run/netns/"+ns.Name, func() (err error) {
+		inside, err = os.Readlink("/proc/thread-self/ns/net")
+		return err
+	}); err != nil {
+		t.Fatal(err)
+	}
+	if inside == home {
+		t.Error("after a panic, Do ran in the caller's namespace")
+	}
+}
