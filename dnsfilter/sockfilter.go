@@ -4,7 +4,6 @@ import (
 	"errors"
 	"fmt"
 	"net"
-	"syscall"
 
 	"egressd/internal/netutil"
 )
@@ -35,36 +34,14 @@ type dropSetter interface {
 func setDropFrom(udp []udpConn, tcp []net.Listener, udpIdx, tcpIdx int) error {
 	var errs []error
 	for _, c := range udp {
-		switch c := c.(type) {
-		case syscall.Conn:
-			errs = append(errs, dropFromConn(c, udpIdx))
-		case dropSetter:
-			errs = append(errs, c.setDropFrom(udpIdx))
-		default:
-			errs = append(errs, fmt.Errorf("dnsfilter: socket filter: %T has no descriptor", c))
+		if d, ok := c.(dropSetter); ok {
+			errs = append(errs, d.setDropFrom(udpIdx))
+		} else {
+			errs = append(errs, netutil.DropFromConn(c, udpIdx))
 		}
 	}
 	for _, l := range tcp {
-		c, ok := l.(syscall.Conn)
-		if !ok {
-			errs = append(errs, fmt.Errorf("dnsfilter: socket filter: %T has no descriptor", l))
-			continue
-		}
-		errs = append(errs, dropFromConn(c, tcpIdx))
+		errs = append(errs, netutil.DropFromConn(l, tcpIdx))
 	}
 	return errors.Join(errs...)
-}
-
-func dropFromConn(c syscall.Conn, ifindex int) error {
-	rc, err := c.SyscallConn()
-	if err != nil {
-		return fmt.Errorf("dnsfilter: socket filter: %w", err)
-	}
-	if err := netutil.DropFromInterface(rc, ifindex); err != nil {
-		if errors.Is(err, net.ErrClosed) {
-			return nil // closing: it gets nothing more anyway
-		}
-		return fmt.Errorf("dnsfilter: %w", err)
-	}
-	return nil
 }

@@ -25,7 +25,7 @@ func (p *Proxy) SetDropFrom(transparent, explicit int) error {
 	var errs []error
 	for i, ln := range p.opened {
 		if ln != nil {
-			errs = append(errs, listenerDropFrom(ln, p.dropFrom[i]))
+			errs = append(errs, netutil.DropFromConn(ln, p.dropFrom[i]))
 		}
 	}
 	return errors.Join(errs...)
@@ -49,7 +49,7 @@ func (p *Proxy) opensListener(i int, ln net.Listener, drop int) error {
 	if p.dropFrom[i] == drop {
 		return nil
 	}
-	if err := listenerDropFrom(ln, p.dropFrom[i]); err != nil {
+	if err := netutil.DropFromConn(ln, p.dropFrom[i]); err != nil {
 		_ = ln.Close()
 		return err
 	}
@@ -63,24 +63,6 @@ func dropControl(rc syscall.RawConn, ifindex int) error {
 		return nil
 	}
 	if err := netutil.DropFromInterface(rc, ifindex); err != nil {
-		return fmt.Errorf("proxy: %w", err)
-	}
-	return nil
-}
-
-func listenerDropFrom(ln net.Listener, ifindex int) error {
-	c, ok := ln.(syscall.Conn)
-	if !ok {
-		return fmt.Errorf("proxy: socket filter: %T has no descriptor", ln)
-	}
-	rc, err := c.SyscallConn()
-	if err != nil {
-		if errors.Is(err, net.ErrClosed) {
-			return nil
-		}
-		return fmt.Errorf("proxy: socket filter: %w", err)
-	}
-	if err := netutil.DropFromInterface(rc, ifindex); err != nil && !errors.Is(err, net.ErrClosed) {
 		return fmt.Errorf("proxy: %w", err)
 	}
 	return nil
