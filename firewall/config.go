@@ -103,6 +103,14 @@ type Deps struct {
 	Sink audit.Sink
 	// Now is the clock, for tests. Nil means time.Now.
 	Now func() time.Time
+	// Given returns the answers the DNS forwarder has given out that the
+	// enforce firewall would still hold, had it learned them when they
+	// were given (egressd run: dnsfilter's table, Table.HeldAll). When a
+	// ruleset goes into the kernel (Install, a Replace from audit mode,
+	// a Replace that gives a rule names or clients it did not have), the
+	// learned sets of those rules are filled from them in the same
+	// transaction (seed.go). Nil means none.
+	Given func() []Given
 }
 
 // Errors.

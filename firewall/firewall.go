@@ -30,6 +30,8 @@ type Firewall struct {
 	sink audit.Sink
 	now  func() time.Time
 	m    *metrics
+	// given is Deps.Given: the forwarder's answers, to seed learned sets.
+	given func() []Given
 
 	ioMu sync.Mutex // serialises netlink transactions; taken before mu
 	// sweepMu serialises the looks at conntrack after a ruleset goes in
@@ -94,7 +96,7 @@ func New(cfg Config, deps Deps) (*Firewall, error) {
 	if cfg.MaxLearned < 0 {
 		return nil, errors.New("firewall: MaxLearned is negative")
 	}
-	f := &Firewall{cfg: cfg, log: deps.Logger, sink: deps.Sink, now: deps.Now, m: newMetrics(deps.Registerer),
+	f := &Firewall{cfg: cfg, log: deps.Logger, sink: deps.Sink, now: deps.Now, m: newMetrics(deps.Registerer), given: deps.Given,
 		learned: map[string]map[netip.Addr]learnedAddr{}}
 	if f.log == nil {
 		f.log = slog.Default()
@@ -135,14 +137,18 @@ func (f *Firewall) connLocked() (*nftables.Conn, error) {
 }
 
 // Install renders eng and installs the ruleset, replacing any egressd table
-// already there (one left by a killed egressd, say) in one transaction. It
-// needs CAP_NET_ADMIN.
+// already there (one left by a killed egressd, say) in one transaction. In
+// enforce mode its learned sets start with the addresses the DNS forwarder
+// gave out already (Deps.Given, seed.go). It needs CAP_NET_ADMIN.
 func (f *Firewall) Install(eng *policy.Engine) error { return f.apply(eng, "install", nil) }
 
 // Replace renders eng and swaps it for the installed ruleset in one
 // transaction: packets see the old ruleset or the new one, never none.
 // Addresses learned for rules that still have learned sets are carried
-// over with their remaining timeouts; conntrack is left alone, so
+// over with their remaining timeouts, and the sets of rules that learn
+// more than before (all of them, from audit mode to enforce) are seeded
+// with the addresses the DNS forwarder gave out (Deps.Given, seed.go);
+// conntrack is left alone, so
 // established connections (redirected ones included) carry on. If rendering
 // or installing fails, the old ruleset stays.
 func (f *Firewall) Replace(eng *policy.Engine) error { return f.apply(eng, "replace", nil) }
@@ -155,7 +161,7 @@ func (f *Firewall) Replace(eng *policy.Engine) error { return f.apply(eng, "repl
 // In enforce mode it then looks at the connections already out and cuts
 // those the new ruleset does not allow (sweep.go), and logs one line.
 func (f *Firewall) apply(eng *policy.Engine, op string, only *policy.Engine) error {
-	_, rs, err := f.swapIn(eng, op, only)
+	_, rs, seeded, err := f.swapIn(eng, op, only)
 	if err != nil || rs == nil {
 		return err
 	}
@@ -166,6 +172,14 @@ func (f *Firewall) apply(eng *policy.Engine, op string, only *policy.Engine) err
 	}
 	attrs := []any{audit.LogMode, string(rs.Mode), "table", "inet " + TableName,
 		"lan", f.cfg.LAN, "wan", f.cfg.WAN, "chains", len(rs.Chains), "rules", n, "sets", len(rs.Sets)}
+	if seeded.ran {
+		// The addresses the forwarder gave out before, put into the
+		// learned sets of rules that may have lacked them (seed.go).
+		attrs = append(attrs, "learned_seeded", seeded.seeded)
+		if seeded.full > 0 {
+			attrs = append(attrs, "learned_seed_full", seeded.full)
+		}
+	}
 	if sw.ran {
 		attrs = append(attrs, "flows_kept", sw.kept, "flows_cut", sw.cut)
 	}
@@ -180,27 +194,35 @@ func (f *Firewall) apply(eng *policy.Engine, op string, only *policy.Engine) err
 
 // swapIn renders eng and installs it (see apply); it returns the
 // ruleset it replaced (nil: none) and the new one (nil: none installed).
-func (f *Firewall) swapIn(eng *policy.Engine, op string, only *policy.Engine) (old, rs *Ruleset, err error) {
+func (f *Firewall) swapIn(eng *policy.Engine, op string, only *policy.Engine) (old, rs *Ruleset, seeded seedResult, err error) {
 	now := f.now()
 	rs, err = render(f.cfg, eng, now)
 	if err != nil {
-		return nil, nil, err
+		return nil, nil, seeded, err
 	}
 	f.ioMu.Lock()
 	defer f.ioMu.Unlock()
 	f.mu.Lock()
 	if only != nil && (f.closed || f.eng != only || f.rs == nil) {
 		f.mu.Unlock()
-		return nil, nil, nil
+		return nil, nil, seeded, nil
 	}
 	defer func() { f.count(op, err) }()
 	if f.closed {
 		f.mu.Unlock()
-		return nil, nil, ErrClosed
+		return nil, nil, seeded, ErrClosed
 	}
 	old = f.rs
+	want := rs.seedRules(old)
+	f.mu.Unlock()
+	// The forwarder's answers, outside f.mu (LearnAll does not wait for
+	// them); f.rs cannot change meanwhile (ioMu).
+	var given []Given
+	if want != nil && f.given != nil {
+		given = f.given()
+	}
+	f.mu.Lock()
 	// Carry learned addresses over, for the rules that still learn.
-	seeds := map[string][]seed{}
 	keep := map[string]bool{}
 	for _, s := range rs.learn {
 		keep[s[0]], keep[s[1]] = true, true
@@ -211,13 +233,28 @@ func (f *Firewall) swapIn(eng *policy.Engine, op string, only *policy.Engine) (o
 			continue
 		}
 		for a, v := range m {
-			left := v.exp.Sub(now)
-			if left < time.Millisecond {
+			if v.exp.Sub(now) < time.Millisecond {
 				delete(m, a)
-				continue
 			}
-			if rs.inKernel {
-				seeds[name] = append(seeds[name], seed{a, left})
+		}
+	}
+	// And seed the sets that may lack what the forwarder gave out.
+	var added map[string]map[netip.Addr]time.Time
+	if want != nil && f.given != nil {
+		added, seeded = rs.seedsFrom(eng, want, given, f.learned, f.cfg.maxLearned(), now)
+	}
+	seeds := map[string][]seed{}
+	if rs.inKernel {
+		for name, m := range f.learned {
+			for a, v := range m {
+				if _, ok := added[name][a]; !ok {
+					seeds[name] = append(seeds[name], seed{a, v.exp.Sub(now)})
+				}
+			}
+		}
+		for name, m := range added {
+			for a, exp := range m {
+				seeds[name] = append(seeds[name], seed{a, exp.Sub(now)})
 			}
 		}
 	}
@@ -225,20 +262,30 @@ func (f *Firewall) swapIn(eng *policy.Engine, op string, only *policy.Engine) (o
 
 	conn, err := f.connLocked()
 	if err != nil {
-		return nil, nil, err
+		return nil, nil, seeded, err
 	}
 	if err := queueReplace(conn, rs, seeds); err != nil {
 		// Half a transaction is queued: throw the connection away with
 		// it, unsent.
 		f.dropConnLocked()
-		return nil, nil, err
+		return nil, nil, seeded, err
 	}
 	if err := conn.Flush(); err != nil {
 		f.dropConnLocked()
-		return nil, nil, fmt.Errorf("firewall: %s: %w", op, err)
+		return nil, nil, seeded, fmt.Errorf("firewall: %s: %w", op, err)
 	}
 
 	f.mu.Lock()
+	for name, m := range added {
+		if f.learned[name] == nil {
+			f.learned[name] = map[netip.Addr]learnedAddr{}
+		}
+		for a, exp := range m {
+			if v, ok := f.learned[name][a]; !ok || v.exp.Before(exp) {
+				f.learned[name][a] = learnedAddr{exp: exp}
+			}
+		}
+	}
 	f.rs, f.eng = rs, eng
 	if rs.Mode == policy.ModeEnforce {
 		f.since = append(f.since, rs)
@@ -256,7 +303,7 @@ func (f *Firewall) swapIn(eng *policy.Engine, op string, only *policy.Engine) (o
 		}
 		f.m.installed.WithLabelValues(string(mode)).Set(v)
 	}
-	return old, rs, nil
+	return old, rs, seeded, nil
 }
 
 // scheduleLocked arranges a re-render when the next rule expires, so that an

@@ -519,7 +519,7 @@ func TestReloadStaleTags(t *testing.T) {
 	}
 	flows["g"] = dialFlow(t, tp, "udp", "198.18.2.2:9000")
 	checkFlows(t, "a again", flows)
-	if _, _, err := fw.swapIn(policyOf(c2), "replace", nil); err != nil {
+	if _, _, _, err := fw.swapIn(policyOf(c2), "replace", nil); err != nil {
 		t.Fatal(err)
 	}
 	if err := fw.Replace(policyOf(c2)); err != nil {

@@ -1,0 +1,138 @@
+package firewall
+
+import (
+	"net/netip"
+	"time"
+
+	"egressd/policy"
+)
+
+// A rule's learned sets are fed by the DNS forwarder as it answers
+// (LearnAll). A ruleset that goes into the kernel with new learned sets
+// would start them empty, though the forwarder has given out addresses
+// their rules cover that clients keep using without asking again (chrony
+// resolves its NTP servers once, at start): the README's rollout, audit
+// mode then a reload to enforce, would drop every device's NTP until it
+// happens to ask again. So the sets are seeded, in the transaction that
+// installs the ruleset, from the answers the forwarder has given out
+// (Deps.Given), as the forwarder's gate would have learned them: an
+// answer's address goes into the set of every rule that lets the client
+// who asked resolve the name (Engine.NameRules, the gate's gateRules),
+// until the time the firewall would have kept it (Given.Until), bounded
+// by Config.MaxLearned per set. Answers given in audit mode, where every
+// name is answered, count only for the rules of the new policy that cover
+// them; the addresses the forwarder's answer filter stripped (rebinding)
+// are not among them, as it gave them to nobody.
+//
+// Seeding runs only for the rules whose sets may lack what the forwarder
+// gave out (seedRules): every rule when the ruleset goes into the kernel
+// (Install, or a Replace of an audit-mode ruleset), and on a Replace of
+// an enforce ruleset only the rules that are new, have learned sets now
+// and had none, or cover a name or client they did not (what their sets
+// hold was learned for the old names and clients); a reload that changes
+// none of that does not look at the forwarder's answers.
+
+// Given is an answer the DNS forwarder gave out: it told Client that Name
+// has Addr, and the enforce firewall, had it learned the address then,
+// would keep it until Until.
+type Given struct {
+	Client netip.Addr
+	Name   string
+	Addr   netip.Addr
+	Until  time.Time
+}
+
+// seedRules returns the rules of rs whose learned sets are to be seeded
+// when rs replaces old (nil: nothing installed), or nil when none is.
+func (rs *Ruleset) seedRules(old *Ruleset) map[string]bool {
+	if !rs.inKernel || len(rs.learn) == 0 {
+		return nil
+	}
+	var out map[string]bool
+	for _, fr := range rs.flows {
+		if len(fr.names) == 0 {
+			continue
+		}
+		if old != nil && old.inKernel && !fr.learnsMore(old) {
+			continue
+		}
+		if out == nil {
+			out = map[string]bool{}
+		}
+		out[fr.name] = true
+	}
+	return out
+}
+
+// learnsMore reports whether fr's learned sets take addresses that old's
+// rule of the same name did not: it had no learned sets, or fr covers
+// names or clients it did not.
+func (fr *flowRule) learnsMore(old *Ruleset) bool {
+	if _, ok := old.learn[fr.name]; !ok {
+		return true
+	}
+	for _, o := range old.flows {
+		if o.name == fr.name && len(o.names) > 0 {
+			return !subset(fr.names, o.names) || !sameClients(fr.from, o.from)
+		}
+	}
+	return true
+}
+
+// seedResult is what seeding found: addresses put into learned sets
+// (set, address pairs not there already for as long), and those left out
+// because their set was full.
+type seedResult struct {
+	ran          bool
+	seeded, full int
+}
+
+// seedsFrom computes, for the rules in want, the learned addresses the
+// given answers feed under eng (see the top of this file): per set, each
+// address with its expiry, at most max per set together with have (the
+// addresses the set holds already, carried over), answers that expire
+// before now+min out.
+func (rs *Ruleset) seedsFrom(eng *policy.Engine, want map[string]bool, given []Given, have map[string]map[netip.Addr]learnedAddr, max int, now time.Time) (map[string]map[netip.Addr]time.Time, seedResult) {
+	res := seedResult{ran: true}
+	out := map[string]map[netip.Addr]time.Time{}
+	rules := eng.Rules()
+	var buf [8]int
+	for _, g := range given {
+		addr := g.Addr.Unmap()
+		if !addr.IsValid() || g.Until.Sub(now) < time.Millisecond {
+			continue
+		}
+		for _, r := range eng.NameRules(policy.Input{Client: g.Client.Unmap(), Name: g.Name, Now: now}, 0, buf[:0]) {
+			name := rules[r].Name
+			if !want[name] {
+				continue
+			}
+			sets := rs.learn[name]
+			set := sets[0]
+			if addr.Is6() {
+				set = sets[1]
+			}
+			if v, ok := have[set][addr]; ok && !v.exp.Before(g.Until) {
+				continue // there already, for as long
+			}
+			m := out[set]
+			if m == nil {
+				m = map[netip.Addr]time.Time{}
+				out[set] = m
+			}
+			if exp, ok := m[addr]; ok {
+				if g.Until.After(exp) {
+					m[addr] = g.Until
+				}
+				continue
+			}
+			if _, ok := have[set][addr]; !ok && len(m)+len(have[set]) >= max {
+				res.full++
+				continue
+			}
+			m[addr] = g.Until
+			res.seeded++
+		}
+	}
+	return out, res
+}
