@@ -32,8 +32,8 @@ func TestSeedFromGiven(t *testing.T) {
 	given := []Given{
 		{Client: cli, Name: "ntp.test", Addr: netip.MustParseAddr("198.18.2.4"), Until: time.Now().Add(time.Hour)},
 		{Client: cli, Name: "ntp.test", Addr: netip.MustParseAddr("::ffff:198.18.2.4"), Until: time.Now().Add(time.Hour)}, // the same, mapped
-		{Client: cli, Name: "other.test", Addr: netip.MustParseAddr("198.18.2.3"), Until: time.Now().Add(time.Hour)},   // no rule's name
-		{Client: cli, Name: "ntp.test", Addr: netip.MustParseAddr("2001:db8:2::3"), Until: time.Now().Add(-time.Second)}, // let go already
+		{Client: cli, Name: "other.test", Addr: netip.MustParseAddr("198.18.2.3"), Until: time.Now().Add(time.Hour)},      // no rule's name
+		{Client: cli, Name: "ntp.test", Addr: netip.MustParseAddr("2001:db8:2::3"), Until: time.Now().Add(-time.Second)},  // let go already
 	}
 	fw := tp.firewallWith(t, Config{}, Deps{Registerer: prometheus.NewRegistry(), Logger: slog.New(slog.NewJSONHandler(&logs, nil)),
 		Given: func() []Given { calls.Add(1); return given }})
