@@ -167,6 +167,28 @@ func (t *Table) live(addr netip.Addr, held bool) []Learned {
 	return out
 }
 
+// HeldAll appends to dst every entry the enforce firewall would still
+// hold (as Held, for every address) and returns it: what a firewall that
+// goes into the kernel seeds its learned sets with, so that answers given
+// before it (in audit mode) still let their clients out. It takes each
+// shard's read lock in turn.
+func (t *Table) HeldAll(dst []Learned) []Learned {
+	now := t.now().UnixNano()
+	for i := range t.shards {
+		sh := &t.shards[i]
+		sh.mu.RLock()
+		for addr, items := range sh.m {
+			for _, it := range items {
+				if it.held > now {
+					dst = append(dst, Learned{Client: it.client, Name: it.name, Addr: addr, Rule: it.rule, Expires: time.Unix(0, it.held)})
+				}
+			}
+		}
+		sh.mu.RUnlock()
+	}
+	return dst
+}
+
 // Len returns the number of entries, expired ones not yet removed included.
 func (t *Table) Len() int { return int(t.size.Load()) }
 

@@ -278,3 +278,27 @@ func TestTableHeld(t *testing.T) {
 		t.Errorf("Held at 25h: %v, want nothing (the firewall keeps an address a day at most)", got)
 	}
 }
+
+// TestTableHeldAll: HeldAll is Held of every address, for the firewall to
+// seed its learned sets with when it goes into the kernel.
+func TestTableHeldAll(t *testing.T) {
+	now := time.Unix(1_800_000_000, 0)
+	tb := NewTable(1000)
+	tb.now = func() time.Time { return now }
+	c := netip.MustParseAddr("192.0.2.10")
+	for i, ttl := range []time.Duration{10 * time.Second, time.Hour, 48 * time.Hour} {
+		tb.Learn(Learned{Client: c, Name: fmt.Sprintf("n%d.example.com", i), Addr: netip.AddrFrom4([4]byte{203, 0, 113, byte(i)}), Rule: "r", Expires: now.Add(ttl)})
+	}
+	now = now.Add(2 * time.Minute)
+	var got []string
+	for _, l := range tb.HeldAll(nil) {
+		if want := tb.Held(l.Addr); len(want) != 1 || want[0] != l {
+			t.Errorf("HeldAll %v, Held %v", l, want)
+		}
+		got = append(got, l.Name)
+	}
+	slices.Sort(got)
+	if want := []string{"n1.example.com", "n2.example.com"}; !slices.Equal(got, want) {
+		t.Errorf("HeldAll at 2m: %v, want %v", got, want)
+	}
+}

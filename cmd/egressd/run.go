@@ -116,6 +116,9 @@ type daemon struct {
 	// to enforce after a start in audit mode, which installed none.
 	lan, wan string
 	gate     *firewallGate
+	// table is the DNS forwarder's learned-address table: the firewall
+	// seeds its learned sets with what it holds when it goes in.
+	table *dnsfilter.Table
 	// proxyUsers are the explicit proxy's users (--proxy-users) as read
 	// at start; nil: no authentication. A reload hands the file's users
 	// to the proxy (reloadProxyUsers), not here.
@@ -461,6 +464,7 @@ func (d *daemon) run(ctx context.Context) error {
 	dnsCfg := dnsfilter.Config{Listen: splitList(cfg.dnsListen), Upstreams: splitList(cfg.upstreams), Deny: denyAnswer(cfg.denyAnswer)}
 	dnsCfg.DropUDPFrom, dnsCfg.DropTCPFrom = wdrop.dns(wanIdx)
 	table := dnsfilter.NewTable(0)
+	d.table = table
 	gate := &firewallGate{} // the firewall, once installed, takes allowed answers' addresses before the client gets them
 	d.gate = gate
 	if d.dns, err = dnsfilter.New(dnsCfg, dnsfilter.Deps{Policy: d.store, Sink: d.sink, Logger: d.log, Registerer: d.reg, Table: table, Firewall: gate}); err != nil {
@@ -684,7 +688,21 @@ func (d *daemon) startFirewall(lan, wan string, gate *firewallGate) error {
 	if d.capture != nil {
 		cuts = audit.SinkFunc(d.capture.Revoke)
 	}
-	fw, err := firewall.New(fcfg, firewall.Deps{Logger: d.log, Registerer: d.reg, Sink: cuts})
+	// The answers the forwarder gave out before (in audit mode, say):
+	// their clients keep using them, and the enforce ruleset's learned
+	// sets start with them (the firewall takes those its rules cover).
+	var given func() []firewall.Given
+	if table := d.table; table != nil {
+		given = func() []firewall.Given {
+			ls := table.HeldAll(nil)
+			out := make([]firewall.Given, len(ls))
+			for i, l := range ls {
+				out[i] = firewall.Given{Client: l.Client, Name: l.Name, Addr: l.Addr, Until: l.Expires}
+			}
+			return out
+		}
+	}
+	fw, err := firewall.New(fcfg, firewall.Deps{Logger: d.log, Registerer: d.reg, Sink: cuts, Given: given})
 	if err != nil {
 		return err
 	}
