@@ -56,6 +56,8 @@ const (
 	lookalikeIP = "203.0.113.21"
 	ntpName     = "time.google.com" // ntp, 123/udp
 	ntpIP       = "198.51.100.123"
+	clockName   = "clock.example" // an NTP server the seed's ntp rule does not name
+	clockIP     = "198.51.100.127"
 	udpDenyIP   = "198.51.100.77" // UDP 7777: no rule
 	udpDenyPort = 7777
 	apnsName    = "api.push.apple.com" // apple-mdm
@@ -85,6 +87,7 @@ var zone = [][3]string{
 	{"0.pool.ntp.org", "A", "198.51.100.124"}, // ntp: fresh addresses for
 	{"1.pool.ntp.org", "A", "198.51.100.125"}, // TestKnownBugs
 	{"2.pool.ntp.org", "A", "198.51.100.126"},
+	{clockName, "A", clockIP},
 }
 
 // poolNames are the pool.ntp.org names of the zone, each with its own
@@ -120,7 +123,7 @@ func newTopo(t *testing.T) *topo {
 	tp.gw.MustRun("sysctl", "-qw", "net.ipv6.conf.all.forwarding=1")
 	tp.inet.MustRun("ip", "route", "add", "198.18.1.0/24", "via", gwWAN4)
 	tp.inet.MustRun("ip", "-6", "route", "add", "2001:db8:1::/64", "via", gwWAN6)
-	for _, a := range []string{"198.51.100.124", "198.51.100.125", "198.51.100.126", authDNS4, dockerIP4, vendorIP, intakeIP, notionIP, registryIP, trackerIP, lookalikeIP, ntpIP, udpDenyIP, apnsIP, apnsBareIP, fcmIP} {
+	for _, a := range []string{"198.51.100.124", "198.51.100.125", "198.51.100.126", authDNS4, dockerIP4, vendorIP, intakeIP, notionIP, registryIP, trackerIP, lookalikeIP, ntpIP, udpDenyIP, apnsIP, apnsBareIP, fcmIP, clockIP} {
 		tp.inet.MustRun("ip", "addr", "add", a+"/32", "dev", "eth0")
 	}
 	tp.inet.MustRun("ip", "-6", "addr", "add", dockerIP6+"/128", "dev", "eth0", "nodad")
@@ -381,7 +384,7 @@ func (tp *topo) startGoServers(t *testing.T) {
 		binary.BigEndian.PutUint32(r[40:], uint32(secs))
 		return r
 	}
-	for _, a := range []string{ntpIP, "198.51.100.124", "198.51.100.125", "198.51.100.126"} {
+	for _, a := range []string{ntpIP, "198.51.100.124", "198.51.100.125", "198.51.100.126", clockIP} {
 		serveUDP(tp.inet, a+":123", ntpServer)
 	}
 	serveUDP(tp.inet, fmt.Sprintf("%s:%d", udpDenyIP, udpDenyPort), func(req []byte) []byte {

@@ -1,0 +1,103 @@
+package e2e
+
+import (
+	"bytes"
+	"context"
+	"encoding/binary"
+	"fmt"
+	"net"
+	"net/netip"
+	"regexp"
+	"testing"
+	"time"
+)
+
+// clockRule names clockName for NTP in audit mode; the enforce policy
+// keeps the rule's name but gives it another name, so that the answer
+// the forwarder gave for clockName in audit mode (credited to e2e-clock in
+// its table) is one no rule of the enforce policy covers.
+const clockRule = `
+  - name: e2e-clock
+    why: an NTP server the enforce policy no longer names
+    to: ["%s"]
+    ports: [123/udp]
+`
+
+// TestReloadAuditToEnforceKeepsGivenAnswers: the README's rollout with a
+// device that resolves its NTP server once (chrony). In audit mode the
+// client asks the gateway for the seed ntp rule's name and for
+// clockName, which only an audit-mode rule covers; the reload switches to
+// enforce (SIGHUP: the firewall goes in then). The client's next NTP
+// request to the address it was given, from a new socket and without
+// asking DNS again, is answered: the enforce ruleset's learned sets start
+// with the addresses the forwarder gave out for the names their rules
+// cover; the request to clockName's address, which no enforce rule
+// covers, is dropped. Before, the learned sets started empty and the
+// switch dropped every device's NTP until it asked DNS again.
+func TestReloadAuditToEnforceKeepsGivenAnswers(t *testing.T) {
+	tp := newTopo(t)
+	d := newDaemon(t, tp, "")
+	seed := testPolicy(t)
+	if !bytes.Contains(seed, []byte("\nmode: audit\n")) {
+		t.Fatal("the seed profile is no longer in audit mode: update the test")
+	}
+	d.writePolicy(append(bytes.Clone(seed), []byte(fmt.Sprintf(clockRule, clockName))...))
+	d.start()
+
+	ctx, cancel := context.WithTimeout(context.Background(), 10*time.Second)
+	defer cancel()
+	given := map[string]netip.Addr{}
+	for _, name := range []string{ntpName, clockName} {
+		addrs, err := tp.goResolver().LookupNetIP(ctx, "ip4", name+".")
+		if err != nil || len(addrs) == 0 {
+			t.Fatalf("resolving %s through the gateway in audit mode: %v %v", name, addrs, err)
+		}
+		given[name] = addrs[0]
+	}
+	ntpAsk := func(name string, timeout time.Duration) error {
+		c, err := tp.lan.DialContext(ctx, "udp", netip.AddrPortFrom(given[name], 123).String())
+		if err != nil {
+			return err
+		}
+		defer c.Close()
+		req := make([]byte, 48)
+		req[0] = 0<<6 | 4<<3 | 3
+		binary.BigEndian.PutUint64(req[40:], uint64(time.Now().UnixNano()))
+		c.SetDeadline(time.Now().Add(timeout))
+		if _, err := c.Write(req); err != nil {
+			return err
+		}
+		buf := make([]byte, 512)
+		for {
+			n, err := c.Read(buf)
+			if err != nil {
+				return err
+			}
+			if n >= 48 && string(buf[24:32]) == string(req[40:48]) {
+				return nil
+			}
+		}
+	}
+	for _, name := range []string{ntpName, clockName} {
+		if err := ntpAsk(name, time.Second); err != nil {
+			t.Fatalf("NTP to %s in audit mode: %v", name, err)
+		}
+	}
+
+	enforce := bytes.Replace(seed, []byte("\nmode: audit\n"), []byte("\nmode: enforce\n"), 1)
+	d.writePolicy(append(enforce, []byte(fmt.Sprintf(clockRule, "other-"+clockName))...))
+	d.hup(true)
+
+	// The first datagram after the switch: no retry.
+	if err := ntpAsk(ntpName, 2*time.Second); err != nil {
+		t.Errorf("NTP to %s (%s, resolved in audit mode) right after the switch to enforce: %v; want an answer", ntpName, given[ntpName], err)
+	}
+	if err := ntpAsk(clockName, 700*time.Millisecond); err == nil {
+		t.Errorf("NTP to %s (%s), a name no enforce rule covers, was answered after the switch to enforce", clockName, given[clockName])
+	} else if ne, ok := err.(net.Error); !ok || !ne.Timeout() {
+		t.Errorf("NTP to %s after the switch: %v, want a timeout (dropped)", clockName, err)
+	}
+	if !regexp.MustCompile(`"msg":"firewall install"[^\n]*"learned_seeded":[1-9]`).MatchString(d.logs()) {
+		t.Errorf("no firewall install line with the addresses seeded:\n%s", d.logs())
+	}
+}
