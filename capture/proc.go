@@ -1347,8 +1347,9 @@ func (p *proc) beforeEnforce(eng *policy.Engine, f *flow) bool {
 // decideBeforeEnforce decides a connection of beforeEnforce as the forward
 // chain does: with --tcp-ports (Config.TCPPorts) it holds the TCP ports of
 // every rule, and lets the connection through where a CIDR rule or a
-// rule's learned set admits its address (decideForwarded; an accept rule
-// marks it, so its replies pass); without, every TCP port is redirected
+// rule's learned set admits its address (decideForwarded, with the
+// forwarder's answers only, which the sets were seeded with: seeded; an
+// accept rule marks it, so its replies pass); without, every TCP port is redirected
 // and the chain accepts no TCP: it is dropped. A drop is reported in
 // enforce mode with ReasonOpenedBeforeEnforce, the flow's name kept for
 // the record; nothing reads the requests of such a connection, so capture
@@ -1358,7 +1359,14 @@ func (p *proc) decideBeforeEnforce(eng *policy.Engine, f *flow, name string, src
 		f.forwarded = true
 		f.dec, f.evName, f.evSrc = p.decide(eng, f, name, src, f.path)
 		if f.dec.Allowed() {
-			return
+			// By a CIDR rule, or by a learned address the enforce
+			// ruleset holds: an answer of the forwarder (seeded), not
+			// one of another resolver seen on the wire in audit mode.
+			in := p.flowInput(f, "")
+			in.NoPath = false
+			if eng.Decide(in).Allowed() || p.seeded(eng, in) {
+				return
+			}
 		}
 	} else {
 		if n, ok := policy.NormalizeName(name); ok {

@@ -44,14 +44,18 @@ import (
 //     (firewall.CTMarkEnforced): its next packets meet the forward chain
 //     as a new connection's, judged by address with the learned sets of
 //     now, and are dropped unless a rule admits them. Those sets begin
-//     empty when enforcement begins (the addresses the forwarder gave out
-//     in audit mode are not in them), so such a flow goes on only where a
-//     CIDR rule admits its address. Capture decides it so: denied, its
-//     record becomes a drop enforced (the rules' reason where no rule
-//     would admit it at all; opened-before-enforce where only a learned
-//     address would, and for a TCP connection to a redirected port, which
-//     the chain drops without --tcp-ports, as beforeEnforce decides one
-//     still unnamed), close "policy-revoked", with a warning line. Flows
+//     with the addresses the forwarder gave out (in audit mode too) for
+//     the names their enforce rules let the asker resolve, for as long as
+//     the firewall would have kept them (firewall/seed.go): such a flow
+//     goes on where a CIDR rule admits its address or the forwarder's
+//     answer would have fed a rule's set (seeded), not where only an
+//     answer of another resolver seen on the wire would. Capture decides
+//     it so: denied, its record becomes a drop enforced (the rules'
+//     reason where no rule would admit it at all; opened-before-enforce
+//     where only a wire answer would, and for a TCP connection to a
+//     redirected port, which the chain drops without --tcp-ports, as
+//     beforeEnforce decides one still unnamed), close "policy-revoked",
+//     with a warning line. Flows
 //     opened in enforce mode are left to the firewall (its cut reports
 //     them, above): the firewall keeps a flow whose rule is unchanged
 //     whatever its learned addresses became, which capture cannot tell
@@ -269,10 +273,11 @@ func (p *proc) redecide() {
 				f.dec, f.evName, f.evSrc = saved, savedName, savedSrc
 			}
 			in.NoPath = false
-			if d.Allowed() && !eng.Decide(in).Allowed() {
-				// Only a learned address lets it out, and the enforce
-				// ruleset's learned sets begin empty: what the
-				// forwarder gave out in audit mode is not in them.
+			if d.Allowed() && !eng.Decide(in).Allowed() && !p.seeded(eng, in) {
+				// Only a learned address lets it out, and not one the
+				// enforce ruleset's learned sets began with: those are
+				// the forwarder's answers (seeded), not the answers of
+				// another resolver capture saw on the wire.
 				d = policy.Decision{Verdict: policy.Deny, RuleIndex: -1, Reason: ReasonOpenedBeforeEnforce, Mode: eng.Mode()}
 			}
 			if d.Allowed() {
@@ -283,6 +288,27 @@ func (p *proc) redecide() {
 			p.emitNow(f, "policy reload: the enforce ruleset drops this flow opened in audit mode", slog.LevelWarn)
 		}
 	}
+}
+
+// seeded reports whether a learned set of the enforce ruleset admits in
+// by an answer of egressd's forwarder (DNSFacts.Given, as long as the
+// firewall keeps it): when the enforce ruleset goes in, the firewall
+// seeds its learned sets with the answers the forwarder gave out (in
+// audit mode too), for the rules of the enforce policy that let the
+// asker resolve the name (firewall/seed.go), and learns later ones as it
+// gives them. Answers of another resolver, which capture saw on the wire
+// in audit mode, are not in them.
+func (p *proc) seeded(eng *policy.Engine, in policy.Input) bool {
+	if p.c.deps.DNS == nil {
+		return false
+	}
+	in.Name, in.Path, in.NoPath = "", "", false
+	for _, g := range p.c.deps.DNS.Given(in.Dest) {
+		if p.learnedRule(eng, in, g) >= 0 {
+			return true
+		}
+	}
+	return false
 }
 
 // emitNow sends an event of f, still open, after a reload changed its

@@ -346,18 +346,22 @@ func TestRedecideAuditForwarded(t *testing.T) {
 // a reload to enforce carry no mark of the enforce ruleset, so the
 // forward chain judges their next packets as a new connection's. Capture
 // records what it does: a forwarded flow no rule admits now is a drop
-// enforced (the rule's reason), one a CIDR rule admits stays allowed,
-// one only a rule's learned address would admit is dropped as
-// opened-before-enforce (the enforce ruleset's learned sets begin empty:
-// the e2e TestReloadAuditToEnforceForwardedFlows shows the datagrams
-// dropped), and a TCP connection to a redirected port (decided by its
+// enforced (the rule's reason), one a CIDR rule admits stays allowed, so
+// does one to an address egressd's forwarder gave out for a name a rule
+// covers (the enforce ruleset's learned sets begin with those answers:
+// firewall/seed.go; the e2e TestReloadAuditToEnforceKeepsGivenAnswers
+// shows the datagrams answered), one only an answer of another resolver
+// seen on the wire would admit is dropped as opened-before-enforce (not
+// in the sets), and a TCP connection to a redirected port (decided by its
 // Host in audit mode) is dropped as opened-before-enforce, which
-// beforeEnforce says of one not yet named. Before, all four kept their
-// audit-mode allow.
+// beforeEnforce says of one not yet named. (Until the sets were seeded,
+// the forwarder's answer did not count either: that flow was dropped as
+// opened-before-enforce, and this test said so.)
 func TestRedecideAuditToEnforce(t *testing.T) {
 	ntp := netip.MustParseAddr("203.0.113.95")
 	lab := netip.MustParseAddr("198.51.100.95")
 	named := netip.MustParseAddr("203.0.113.97")
+	wire := netip.MustParseAddr("203.0.113.98") // another resolver gave it out for ntp.test
 	web := `  - name: web
     to: [198.51.100.0/24]
     ports: [80/tcp]
@@ -365,7 +369,8 @@ func TestRedecideAuditToEnforce(t *testing.T) {
     to: [ntp.test]
     ports: [123/udp]
 `
-	rec, r := reloadRun(t, fmt.Sprintf(ntpPolicy, policy.ModeAudit, ntpRule+web), []netip.Addr{ntp, lab, named}, factsMap{named: {"ntp.test"}}, func(p *pcapWriter) {
+	rec, r := reloadRun(t, fmt.Sprintf(ntpPolicy, policy.ModeAudit, ntpRule+web), []netip.Addr{ntp, lab, named, wire}, factsMap{named: {"ntp.test"}}, func(p *pcapWriter) {
+		p.udp(false, netip.MustParseAddr("192.0.2.53"), netip.MustParseAddr("192.0.2.95"), 53, 40199, dnsResponseTTL(t, "ntp.test", []netip.Addr{wire}, 3600))
 		c := &tcpConn{p: p, cli: netip.MustParseAddr("192.0.2.95"), srv: netip.MustParseAddr("198.51.100.96"), cport: 47400, sport: 80, cseq: 1, sseq: 1}
 		c.handshake()
 		c.send(true, []byte("GET / HTTP/1.1\r\nHost: 198.51.100.96\r\n\r\n"), 1400, nil, nil)
@@ -377,7 +382,8 @@ func TestRedecideAuditToEnforce(t *testing.T) {
 	for port, want := range map[uint16]string{
 		40100: "capture deny no-rule enforce enforced=true policy-revoked",
 		40101: "capture allow allowed audit enforced=false ",
-		40102: "capture deny opened-before-enforce enforce enforced=true policy-revoked",
+		40102: "capture allow allowed audit enforced=false ",
+		40103: "capture deny opened-before-enforce enforce enforced=true policy-revoked",
 		47400: "capture deny opened-before-enforce enforce enforced=true policy-revoked",
 	} {
 		got := flowEvents(rec, port)
