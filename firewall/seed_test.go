@@ -2,6 +2,7 @@ package firewall
 
 import (
 	"bytes"
+	"io"
 	"log/slog"
 	"net/netip"
 	"strings"
@@ -102,5 +103,27 @@ func TestSeedBounds(t *testing.T) {
 	}
 	if _, ok := out["dns4_udp-name"][netip.MustParseAddr("203.0.113.1")]; ok {
 		t.Error("an address the set holds for longer was seeded again")
+	}
+}
+
+// TestSeedAuditToEnforce: a ruleset installed in audit mode (--guard-wan,
+// --masquerade) has no learned sets in the kernel; the Replace that
+// switches it to enforce seeds them from the forwarder's answers.
+func TestSeedAuditToEnforce(t *testing.T) {
+	requireNft(t)
+	tp := newTopo(t)
+	tp.serverUDP(t, "198.18.2.4:9000")
+	given := []Given{{Client: netip.MustParseAddr("198.18.1.2"), Name: "ntp.test", Addr: netip.MustParseAddr("198.18.2.4"), Until: time.Now().Add(time.Hour)}}
+	fw := tp.firewallWith(t, Config{}, Deps{Registerer: prometheus.NewRegistry(), Logger: slog.New(slog.NewTextHandler(io.Discard, nil)),
+		Given: func() []Given { return given }})
+	eng := compile(t, testPolicy)
+	if err := fw.Install(eng.WithMode("audit")); err != nil {
+		t.Fatal(err)
+	}
+	if err := fw.Replace(eng); err != nil {
+		t.Fatal(err)
+	}
+	if got, err := udpAsk(tp.client, "198.18.2.4:9000", 3*time.Second); err != nil || !strings.HasPrefix(got, "ping from 198.18.1.2:") {
+		t.Errorf("datagram to the address given out in audit mode, after the switch to enforce: %q, %v; want the echo", got, err)
 	}
 }
