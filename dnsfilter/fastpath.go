@@ -152,6 +152,12 @@ func (s *Server) fast(sc *scratch, c udpConn, pkt []byte, src netip.AddrPort) bo
 	if s.cache != nil {
 		e = s.cache.get(key, nowNs)
 	}
+	if e != nil && dec.Allowed() {
+		// The table before the gate is asked, as reply does: a firewall
+		// going in meanwhile seeds its sets from the table once the
+		// gate sees it (firewall/seed.go).
+		s.learn(src.Addr(), e, dec.Rule, nowNs)
+	}
 	if e == nil || dec.Allowed() && s.needsGate(e, eng, dec, src.Addr(), now) {
 		// A miss: resolve in a goroutine with what was parsed here. So
 		// too a hit whose addresses the firewall must take before the
@@ -179,9 +185,6 @@ func (s *Server) fast(sc *scratch, c udpConn, pkt []byte, src netip.AddrPort) bo
 	}
 	s.sendFast(sc, c, out, src)
 	s.m.cacheHits.Inc()
-	if dec.Allowed() {
-		s.learn(src.Addr(), e, dec.Rule, nowNs)
-	}
 	q := query{start: now, client: src, proto: "udp", qtype: qtype, name: e.name, rcode: e.rcode, dec: dec,
 		path: "cache", hit: true, upstream: e.upstream, filtered: e.filtered, edns: edns}
 	s.finish(&q)

@@ -244,10 +244,13 @@ func (s *Server) reply(q *query, req *dns.Msg, e *entry, hit bool) []byte {
 		out = truncate(out, q.maxSize)
 	}
 	if q.dec.Allowed() {
-		// The firewall first: the client may use the addresses as soon
-		// as it reads the answer.
-		s.gate(q, e, now)
+		// The firewall before the answer goes: the client may use the
+		// addresses as soon as it reads it. The table first: a firewall
+		// going in while the gate still sees none seeds its sets from
+		// the table after it is in (firewall/seed.go), so an answer the
+		// gate passes over is there by then.
 		s.learn(q.client.Addr(), e, q.dec.Rule, now)
+		s.gate(q, e, now)
 	}
 	return out
 }

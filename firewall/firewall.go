@@ -165,6 +165,13 @@ func (f *Firewall) apply(eng *policy.Engine, op string, only *policy.Engine) err
 	if err != nil || rs == nil {
 		return err
 	}
+	if seeded.ran {
+		late, err := f.catchUp(eng, rs, seeded.rules)
+		seeded.seeded += late
+		if err != nil {
+			f.log.Error("firewall: seeding learned sets", audit.LogError, err.Error())
+		}
+	}
 	sw := f.sweep(rs)
 	n := 0
 	for _, c := range rs.Chains {

@@ -85,6 +85,7 @@ func (fr *flowRule) learnsMore(old *Ruleset) bool {
 type seedResult struct {
 	ran          bool
 	seeded, full int
+	rules        map[string]bool // the rules seeded
 }
 
 // seedsFrom computes, for the rules in want, the learned addresses the
@@ -93,7 +94,7 @@ type seedResult struct {
 // addresses the set holds already, carried over), answers that expire
 // before now+min out.
 func (rs *Ruleset) seedsFrom(eng *policy.Engine, want map[string]bool, given []Given, have map[string]map[netip.Addr]learnedAddr, max int, now time.Time) (map[string]map[netip.Addr]time.Time, seedResult) {
-	res := seedResult{ran: true}
+	res := seedResult{ran: true, rules: want}
 	out := map[string]map[netip.Addr]time.Time{}
 	rules := eng.Rules()
 	var buf [8]int
@@ -135,4 +136,42 @@ func (rs *Ruleset) seedsFrom(eng *policy.Engine, want map[string]bool, given []G
 		}
 	}
 	return out, res
+}
+
+// catchUp seeds rs, installed now, with the answers the forwarder gave
+// out while it went in: after the snapshot seedsFrom read and before the
+// forwarder's gate saw rs (Wants), an answer reaches neither. The
+// forwarder records an answer in its table before it asks the gate, so
+// one the gate passed over under the old ruleset is in this second look.
+// It runs only after a seeding, and writes only what the first one
+// lacked; it returns how many addresses it wrote.
+func (f *Firewall) catchUp(eng *policy.Engine, rs *Ruleset, want map[string]bool) (int, error) {
+	given := f.given()
+	f.mu.Lock()
+	if f.rs != rs || f.closed {
+		f.mu.Unlock()
+		return 0, nil
+	}
+	now := f.now()
+	added, _ := rs.seedsFrom(eng, want, given, f.learned, f.cfg.maxLearned(), now)
+	var ops []learnOp
+	for set, m := range added {
+		s := rs.Set(set)
+		if s == nil {
+			continue
+		}
+		if f.learned[set] == nil {
+			f.learned[set] = map[netip.Addr]learnedAddr{}
+		}
+		for a, exp := range m {
+			prev, had := f.learned[set][a]
+			ops = append(ops, learnOp{rule: s.Rule, set: set, addr: a, exp: exp, refresh: had && prev.exp.After(now), prev: prev.exp})
+			f.learned[set][a] = learnedAddr{exp: exp}
+		}
+	}
+	f.mu.Unlock()
+	if len(ops) == 0 {
+		return 0, nil
+	}
+	return len(ops), f.writeLearned(ops)
 }

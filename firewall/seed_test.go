@@ -127,3 +127,27 @@ func TestSeedAuditToEnforce(t *testing.T) {
 		t.Errorf("datagram to the address given out in audit mode, after the switch to enforce: %q, %v; want the echo", got, err)
 	}
 }
+
+// TestSeedCatchUp: an answer the forwarder gives while the ruleset goes
+// in (after the snapshot the transaction was seeded from, before its gate
+// sees the ruleset) is seeded by the second look after the install.
+func TestSeedCatchUp(t *testing.T) {
+	requireNft(t)
+	tp := newTopo(t)
+	tp.serverUDP(t, "198.18.2.4:9000")
+	var calls atomic.Int32
+	late := Given{Client: netip.MustParseAddr("198.18.1.2"), Name: "ntp.test", Addr: netip.MustParseAddr("198.18.2.4"), Until: time.Now().Add(time.Hour)}
+	fw := tp.firewallWith(t, Config{}, Deps{Registerer: prometheus.NewRegistry(), Logger: slog.New(slog.NewTextHandler(io.Discard, nil)),
+		Given: func() []Given {
+			if calls.Add(1) == 1 {
+				return nil // the snapshot: not given yet
+			}
+			return []Given{late}
+		}})
+	if err := fw.Install(compile(t, testPolicy)); err != nil {
+		t.Fatal(err)
+	}
+	if got, err := udpAsk(tp.client, "198.18.2.4:9000", 3*time.Second); err != nil || !strings.HasPrefix(got, "ping from 198.18.1.2:") {
+		t.Errorf("datagram to the address given out while the ruleset went in: %q, %v; want the echo", got, err)
+	}
+}
