@@ -154,7 +154,9 @@ func (f *Firewall) catchUp(eng *policy.Engine, rs *Ruleset, want map[string]bool
 	}
 	now := f.now()
 	added, _ := rs.seedsFrom(eng, want, given, f.learned, f.cfg.maxLearned(), now)
-	var ops []learnOp
+	// A batch of its own, which a concurrent LearnAll of these addresses
+	// waits for, as for the group commit's.
+	b := &learnBatch{done: make(chan struct{})}
 	for set, m := range added {
 		s := rs.Set(set)
 		if s == nil {
@@ -165,13 +167,24 @@ func (f *Firewall) catchUp(eng *policy.Engine, rs *Ruleset, want map[string]bool
 		}
 		for a, exp := range m {
 			prev, had := f.learned[set][a]
-			ops = append(ops, learnOp{rule: s.Rule, set: set, addr: a, exp: exp, refresh: had && prev.exp.After(now), prev: prev.exp})
-			f.learned[set][a] = learnedAddr{exp: exp}
+			b.ops = append(b.ops, learnOp{rule: s.Rule, set: set, addr: a, exp: exp, refresh: had && prev.exp.After(now), prev: prev.exp})
+			f.learned[set][a] = learnedAddr{exp: exp, b: b, op: len(b.ops) - 1}
 		}
 	}
 	f.mu.Unlock()
-	if len(ops) == 0 {
+	if len(b.ops) == 0 {
 		return 0, nil
 	}
-	return len(ops), f.writeLearned(ops)
+	err := f.writeLearned(b.ops)
+	f.mu.Lock()
+	for _, op := range b.ops {
+		if v, ok := f.learned[op.set][op.addr]; ok && v.b == b {
+			v.b = nil
+			f.learned[op.set][op.addr] = v
+		}
+	}
+	b.err = err
+	close(b.done)
+	f.mu.Unlock()
+	return len(b.ops), err
 }
