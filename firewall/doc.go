@@ -8,7 +8,9 @@
 // ports that are not redirected) out only to the addresses the policy's
 // rules allow (their CIDRs, and the addresses dnsfilter learned for their
 // names, fed through [Firewall.LearnAll] into sets with timeouts before
-// dnsfilter sends the answer, so a client's first packet finds them open;
+// dnsfilter sends the answer, so a client's first packet finds them open,
+// and seeded, when a ruleset goes in, with the answers dnsfilter gave out
+// before (Deps.Given, seed.go), so a client that keeps one is not cut off;
 // [Firewall.Wants] says which rules it needs them for; a rule that opens
 // every address, or a prefix broader than one of the special ranges the
 // proxy guards, opens all of its addresses but those ranges,
