@@ -151,3 +151,25 @@ func TestSeedCatchUp(t *testing.T) {
 		t.Errorf("datagram to the address given out while the ruleset went in: %q, %v; want the echo", got, err)
 	}
 }
+
+// BenchmarkSeedsFrom: one seeding's look at a full forwarder table (65536
+// answers, a third of them for a name a rule covers).
+func BenchmarkSeedsFrom(b *testing.B) {
+	eng := compile(b, testPolicy)
+	rs, err := render(Config{LAN: "lan0", WAN: "wan0", ProxyPort: proxyPort, DNSPort: dnsPort}, eng, time.Now())
+	if err != nil {
+		b.Fatal(err)
+	}
+	now := time.Now()
+	names := []string{"ntp.test", "www.example.test", "other.test"}
+	given := make([]Given, 65536)
+	for i := range given {
+		given[i] = Given{Client: netip.AddrFrom4([4]byte{192, 0, 2, byte(i)}), Name: names[i%3],
+			Addr: netip.AddrFrom4([4]byte{203, 0, byte(i >> 8), byte(i)}), Until: now.Add(time.Hour)}
+	}
+	want := rs.seedRules(nil)
+	b.ResetTimer()
+	for b.Loop() {
+		rs.seedsFrom(eng, want, given, nil, 65536, now)
+	}
+}
