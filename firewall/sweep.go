@@ -371,16 +371,6 @@ func (f *Firewall) sweep(rs *Ruleset) sweepResult {
 		return res
 	}
 	deadline := time.Now().Add(10 * time.Second)
-	for _, r := range retags {
-		if time.Now().After(deadline) {
-			res.err = errors.Join(res.err, errors.New("firewall: flows: gave up re-marking after 10s"))
-			break
-		}
-		err := ct.SetMark(r.e, CTMarkEnforced|r.tag<<ctTagShift, CTMarkEnforced|CTMarkTag)
-		if err != nil && !errors.Is(err, netutil.ErrNoConntrack) && res.err == nil {
-			res.err = err
-		}
-	}
 	for i, e := range cut {
 		if time.Now().After(deadline) {
 			// Bounded: a reload does not hang on a huge table.
@@ -397,6 +387,19 @@ func (f *Firewall) sweep(rs *Ruleset) sweepResult {
 		}
 		res.cut++
 		f.cutDecision(eng, since, e, now)
+	}
+	// The re-marks after the cuts: the cuts are what the policy asks for,
+	// and the budget goes to them first. One not made leaves res.err set,
+	// so f.since keeps the rulesets the old tags mean.
+	for _, r := range retags {
+		if time.Now().After(deadline) {
+			res.err = errors.Join(res.err, errors.New("firewall: flows: gave up re-marking after 10s"))
+			break
+		}
+		err := ct.SetMark(r.e, CTMarkEnforced|r.tag<<ctTagShift, CTMarkEnforced|CTMarkTag)
+		if err != nil && !errors.Is(err, netutil.ErrNoConntrack) && res.err == nil {
+			res.err = err
+		}
 	}
 	return res
 }

@@ -527,3 +527,72 @@ func TestReloadStaleTags(t *testing.T) {
 	}
 	checkFlows(t, "a replaced by c, its check skipped", flows, "g")
 }
+
+// TestReloadCutsBeforeRemarking: a reload's look at the flows cuts the
+// ones the new ruleset denies before it re-marks the ones it keeps under
+// another rule. The cuts are what the policy asks for; the re-marks are
+// bookkeeping, and the look's time budget (10 s) must not go to them
+// while denied flows still flow. Rule a's flow is kept by b (re-marked
+// with b's tag), rule d's flow is cut: when the cut's event arrives, a's
+// flow must still carry a's tag.
+func TestReloadCutsBeforeRemarking(t *testing.T) {
+	requireNft(t)
+	tp := newTopo(t)
+	tp.serverUDP(t, "198.18.2.2:9000", "198.18.2.3:9001")
+	const (
+		a = "  - {name: a, to: [198.18.2.2/32], ports: [9000/udp]}\n"
+		b = "  - {name: b, to: [198.18.2.0/24], ports: [9000/udp]}\n"
+		d = "  - {name: d, to: [198.18.2.3/32], ports: [9001/udp]}\n"
+	)
+	policyOf := func(rules ...string) *policy.Engine {
+		return compile(t, "version: 1\nmode: enforce\nrules:\n"+strings.Join(rules, ""))
+	}
+	var mu sync.Mutex
+	var marksAtCut []uint32 // the marks of a's flow when each cut is reported
+	var cuts int
+	sink := audit.SinkFunc(func(ev audit.Event) {
+		ct, err := netutil.OpenConntrackTable(tp.nsPath)
+		if err != nil {
+			t.Error(err)
+			return
+		}
+		defer ct.Close()
+		var marks []uint32
+		err = ct.Marked(CTMarkEnforced, CTMarkEnforced, func(e netutil.ConntrackEntry) {
+			if e.Orig.Dst.Addr() == netip.MustParseAddr("198.18.2.2") {
+				marks = append(marks, e.Mark)
+			}
+		})
+		if err != nil {
+			t.Error(err)
+		}
+		mu.Lock()
+		cuts++
+		marksAtCut = append(marksAtCut, marks...)
+		mu.Unlock()
+	})
+	fw := tp.firewallWith(t, Config{}, Deps{Logger: slog.New(slog.DiscardHandler), Sink: sink})
+	if err := fw.Install(policyOf(a, d)); err != nil {
+		t.Fatal(err)
+	}
+	var ta uint32
+	for _, fr := range fw.Ruleset().flows {
+		if fr.name == "a" {
+			ta = fr.tag
+		}
+	}
+	flows := map[string]*flow{"a": dialFlow(t, tp, "udp", "198.18.2.2:9000"), "d": dialFlow(t, tp, "udp", "198.18.2.3:9001")}
+	checkFlows(t, "installed", flows)
+	if err := fw.Replace(policyOf(b)); err != nil {
+		t.Fatal(err)
+	}
+	checkFlows(t, "a and d replaced by b", flows, "d")
+	mu.Lock()
+	defer mu.Unlock()
+	if cuts != 1 || len(marksAtCut) != 1 {
+		t.Fatalf("%d cuts reported, a's flow seen %d times at them; want 1, 1", cuts, len(marksAtCut))
+	}
+	if got := marksAtCut[0] & CTMarkTag >> ctTagShift; got != ta {
+		t.Errorf("when d's flow was cut, a's flow had tag %d, not a's %d: it was re-marked first", got, ta)
+	}
+}
