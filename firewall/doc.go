@@ -60,7 +60,9 @@
 // that kept its name and only widened still counts for its old flows),
 // and deletes the entries of those it denies; a connection kept because
 // another rule than its own admits it gets that rule's tag (a ctnetlink
-// update of the mark's owned bits, CTA_MARK under CTA_MARK_MASK). A tag is
+// update of the mark's owned bits, CTA_MARK under CTA_MARK_MASK), once
+// the cuts are made (a look gives up after 10 s, and its time goes to the
+// cuts first). A tag is
 // read against the rulesets it can come from: that of the last look that
 // saw every connection, and every one installed after it (a look skipped,
 // because a later ruleset went in first, or failed leaves the older tags
