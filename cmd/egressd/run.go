@@ -1028,15 +1028,11 @@ func auditWANExposure(lan, wan string, guarded, filtered bool, dnsListen []strin
 		// forwarder must answer there, and --guard-wan would cut the LAN).
 		return ""
 	}
-	exposed := dnsOnWANAddr(dnsListen, wanAddrs)
-	if exposed == "" {
-		return ""
+	if l, open := dnsWANOpen(dnsListen, wanOpen); len(open) > 0 {
+		return fmt.Sprintf("audit mode: --wan-open %s lets clients on the WAN side (%s) reach the DNS forwarder (--dns-listen %s, every name allowed): an open resolver; take the port out of --wan-open", strings.Join(open, ","), wan, l)
 	}
-	open := dnsPortsOpen(exposed, wanOpen)
-	switch {
-	case len(open) > 0:
-		return fmt.Sprintf("audit mode: --wan-open %s lets clients on the WAN side (%s) reach the DNS forwarder (--dns-listen %s, every name allowed): an open resolver; take the port out of --wan-open, or give --dns-listen the LAN address", strings.Join(open, ","), wan, exposed)
-	case filtered || guarded:
+	exposed := dnsOnWANAddr(dnsListen, wanAddrs)
+	if exposed == "" || filtered || guarded {
 		return ""
 	}
 	return fmt.Sprintf("audit mode: the DNS forwarder (--dns-listen %s, every name allowed) and the proxies answer clients on the WAN side (%s) too, a loopback interface their socket filters leave alone: an open resolver; --guard-wan drops new connections from the WAN side (nothing else is installed; not with --no-firewall), or give --dns-listen the LAN address", exposed, wan)
@@ -1050,15 +1046,31 @@ func enforceWANExposure(lan, wan string, dnsListen []string, wanOpen []policy.Po
 	if wan == "" || wan == lan {
 		return ""
 	}
-	exposed := dnsOnWANAddr(dnsListen, wanAddrs)
-	if exposed == "" {
-		return ""
-	}
-	open := dnsPortsOpen(exposed, wanOpen)
+	l, open := dnsWANOpen(dnsListen, wanOpen)
 	if len(open) == 0 {
 		return ""
 	}
-	return fmt.Sprintf("enforce mode: --wan-open %s lets clients on the WAN side (%s) reach the DNS forwarder (--dns-listen %s): it answers them every name the policy allows, an open resolver for those names; take the port out of --wan-open, or give --dns-listen the LAN address", strings.Join(open, ","), wan, exposed)
+	return fmt.Sprintf("enforce mode: --wan-open %s lets clients on the WAN side (%s) reach the DNS forwarder (--dns-listen %s): it answers them every name the policy allows, an open resolver for those names; take the port out of --wan-open", strings.Join(open, ","), wan, l)
+}
+
+// dnsWANOpen returns the first DNS listen address that is not loopback
+// whose port --wan-open (wanOpen) lists, and those ports. Whatever the
+// address (the LAN's too: a WAN neighbour can route to it), the listed
+// port takes the socket filter off and the guard lets it in.
+func dnsWANOpen(dnsListen []string, wanOpen []policy.PortRange) (string, []string) {
+	for _, l := range dnsListen {
+		host, _, err := net.SplitHostPort(l)
+		if err != nil {
+			continue
+		}
+		if a, err := netip.ParseAddr(host); err == nil && a.IsLoopback() {
+			continue
+		}
+		if open := dnsPortsOpen(l, wanOpen); len(open) > 0 {
+			return l, open
+		}
+	}
+	return "", nil
 }
 
 // dnsOnWANAddr is the first DNS listen address WAN-side clients may

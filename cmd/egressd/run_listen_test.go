@@ -160,7 +160,8 @@ func TestAuditWANExposureWANOpen(t *testing.T) {
 		{"22/tcp,53/udp", "198.51.100.2:53", "--wan-open 53/udp "},
 		{"22/tcp", ":53", ""},
 		{"5353/udp", ":53", ""},
-		{"53/udp", "192.168.50.1:53", ""}, // not a WAN address
+		{"53/udp", "192.168.50.1:53", "--wan-open 53/udp "}, // a WAN neighbour can route to the LAN address
+		{"53/udp", "127.0.0.1:53", ""},
 	} {
 		open, err := parsePortProtos(c.open)
 		if err != nil {
