@@ -34,11 +34,20 @@ type Firewall interface {
 	// are there (nil), or when ctx is done (its error), or with the
 	// firewall's error. Expires is when the client may stop using an
 	// address: its TTL, plus the second that TTLs on the wire round down
-	// to. After a nil return for a cached answer, dnsfilter does not call
-	// Learn again for it while the policy engine (the Store's) stays the
-	// same: the firewall must keep each address until its Expires. Learn
-	// must not keep ls.
-	Learn(ctx context.Context, ls []Learned) error
+	// to. eng is the policy the answers were decided under: a reload may
+	// have gone in (or been refused) since the query started, and the
+	// firewall must not put an address into the set of a rule of the
+	// same name that does not allow it (an error then). After a nil
+	// return for a cached answer, dnsfilter does not call Learn again for
+	// it while the policy engine (the Store's) stays the same: the
+	// firewall must keep each address until its Expires. Learn must not
+	// keep ls.
+	//
+	// An error does not hold the answer back (it is given, and logged
+	// with firewall_learn): the addresses are in the Table already, for
+	// the firewall to seed a ruleset that covers them when one goes in,
+	// and the next hit asks again.
+	Learn(ctx context.Context, eng *policy.Engine, ls []Learned) error
 }
 
 // gateMark records that the firewall holds a cached answer's addresses for
@@ -124,7 +133,7 @@ func (s *Server) gate(q *query, e *entry, now int64) {
 	}
 	start := time.Now()
 	ctx, cancel := context.WithTimeout(s.baseCtx, s.cfg.LearnTimeout)
-	err := s.fw.Learn(ctx, ls)
+	err := s.fw.Learn(ctx, q.eng, ls)
 	cancel()
 	s.m.learnDuration.Observe(time.Since(start).Seconds())
 	switch {

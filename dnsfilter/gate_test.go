@@ -42,6 +42,7 @@ type recFirewall struct {
 
 	mu      sync.Mutex // guards the fields below
 	calls   [][]Learned
+	engs    []*policy.Engine // the policy of each call
 	hold    chan struct{}
 	entered chan struct{} // gets a value as each Learn starts, if set
 }
@@ -57,9 +58,10 @@ func (f *recFirewall) WantsAny() bool {
 	return false
 }
 
-func (f *recFirewall) Learn(ctx context.Context, ls []Learned) error {
+func (f *recFirewall) Learn(ctx context.Context, eng *policy.Engine, ls []Learned) error {
 	f.mu.Lock()
 	f.calls = append(f.calls, slices.Clone(ls))
+	f.engs = append(f.engs, eng)
 	hold, entered := f.hold, f.entered
 	f.mu.Unlock()
 	if entered != nil {
@@ -202,6 +204,15 @@ func TestFirewallBeforeAnswer(t *testing.T) {
 	}
 	if n := len(fw.Calls()) - before; n != 1 {
 		t.Errorf("%d Learn calls for 3 hits after a reload, want 1", n)
+	}
+	// Each call names the policy its answers were decided under: the
+	// firewall learns them for its rules only if its installed policy
+	// agrees.
+	fw.mu.Lock()
+	engs := slices.Clone(fw.engs)
+	fw.mu.Unlock()
+	if len(engs) < 2 || engs[len(engs)-1] != eng || engs[0] == nil || engs[0] == eng {
+		t.Errorf("Learn's policies %p, want the first policy then %p", engs, eng)
 	}
 	if got := counterValue(ts.m.learnOK); got != 4 {
 		t.Errorf("firewall_learn_total{result=ok} = %v, want 4", got)

@@ -447,12 +447,27 @@ func (f *Firewall) Ruleset() *Ruleset {
 }
 
 // Address is one address for [Firewall.LearnAll]: open the rule's
-// forwarded ports to Addr for TTL.
+// forwarded ports to Addr for TTL, because the DNS forwarder told Client
+// that Name has Addr, under policy Engine, for the rule.
 type Address struct {
 	Rule string
 	Addr netip.Addr
 	TTL  time.Duration
+	// Engine is the policy the answer was decided under; nil: the
+	// installed one (Learn). When it is another (a reload went in, or
+	// was refused, while the query was answered), the address goes into
+	// the installed rule's sets only if that rule lets Client resolve
+	// Name (ErrNotCovered otherwise): a rule's sets are named after it,
+	// not after the policy it came from.
+	Engine *policy.Engine
+	Client netip.Addr
+	Name   string
 }
+
+// ErrNotCovered is LearnAll's error for an address decided under another
+// policy than the installed one whose installed rule does not cover the
+// name for the client: it is not learned.
+var ErrNotCovered = errors.New("firewall: learn: the installed rule does not cover the name")
 
 // WantsAny reports whether some rule of the installed ruleset takes
 // learned addresses (Wants is false for every rule otherwise).
@@ -495,6 +510,11 @@ func (f *Firewall) Learn(rule string, addr netip.Addr, ttl time.Duration) error 
 // In audit mode the addresses are only remembered, for a reload to
 // enforce.
 //
+// An address whose Engine is not the installed policy is learned only if
+// the installed rule of its name lets its client resolve its name
+// (ErrNotCovered otherwise); one of the installed policy costs a pointer
+// compare.
+//
 // When ctx is done first, LearnAll returns its error; the addresses are
 // still written. Invalid addresses and full sets (ErrSetFull) are errors
 // too, reported after the others are written.
@@ -516,6 +536,13 @@ func (f *Firewall) LearnAll(ctx context.Context, as []Address) error {
 		}
 		sets, ok := rs.learn[a.Rule]
 		if !ok {
+			continue
+		}
+		// An answer decided under the installed policy is the common
+		// case: one pointer compare. Otherwise the installed rule of that
+		// name must cover the answer, as seeding would have it.
+		if a.Engine != nil && a.Engine != f.eng && !coveredBy(f.eng, a, now) {
+			errs = append(errs, fmt.Errorf("%w: rule %s, %s for %s", ErrNotCovered, a.Rule, a.Name, a.Client))
 			continue
 		}
 		addr := a.Addr.Unmap()
@@ -594,6 +621,22 @@ func (f *Firewall) LearnAll(ctx context.Context, as []Address) error {
 		}
 	}
 	return errors.Join(errs...)
+}
+
+// coveredBy reports whether eng's rule a.Rule lets a.Client resolve
+// a.Name (Engine.NameRules, the forwarder's gateRules and seedsFrom).
+func coveredBy(eng *policy.Engine, a Address, now time.Time) bool {
+	if eng == nil || a.Name == "" {
+		return false
+	}
+	var buf [8]int
+	rules := eng.Rules()
+	for _, r := range eng.NameRules(policy.Input{Client: a.Client.Unmap(), Name: a.Name, Now: now}, 0, buf[:0]) {
+		if rules[r].Name == a.Rule {
+			return true
+		}
+	}
+	return false
 }
 
 // flush writes cur, then the batches that collected meanwhile, one

@@ -201,3 +201,49 @@ func TestLearnNeverShortens(t *testing.T) {
 		t.Errorf("kernel expiry %v, under the 40s asked", d)
 	}
 }
+
+// TestLearnAllUnderAnotherPolicy: an answer decided under a policy that is
+// not the installed one (a refused reload swapped in for a moment, or a
+// query in flight across a reload) feeds the installed rule of its name
+// only if that rule lets the client resolve the name too: a refused
+// reload that widens a rule must not open its learned set to the new
+// names' addresses.
+func TestLearnAllUnderAnotherPolicy(t *testing.T) {
+	requireNft(t)
+	tp := newTopo(t)
+	fw := tp.firewall(t, Config{})
+	installed := compile(t, testPolicy)
+	if err := fw.Install(installed); err != nil {
+		t.Fatal(err)
+	}
+	// The refused policy: udp-name widened to evil.test, for one client.
+	other := compile(t, strings.Replace(testPolicy, "to: [ntp.test]", "to: [ntp.test, evil.test]", 1))
+	client := netip.MustParseAddr("198.18.1.2")
+	evil, ntp, same := netip.MustParseAddr("203.0.113.40"), netip.MustParseAddr("203.0.113.41"), netip.MustParseAddr("203.0.113.42")
+	err := fw.LearnAll(context.Background(), []Address{{Rule: "udp-name", Addr: evil, TTL: time.Minute, Engine: other, Client: client, Name: "evil.test"}})
+	if !errors.Is(err, ErrNotCovered) {
+		t.Errorf("evil.test under the other policy: %v, want ErrNotCovered", err)
+	}
+	// A name the installed rule covers too is learned, whichever policy
+	// decided it.
+	if err := fw.LearnAll(context.Background(), []Address{
+		{Rule: "udp-name", Addr: ntp, TTL: time.Minute, Engine: other, Client: client, Name: "ntp.test"},
+		{Rule: "udp-name", Addr: same, TTL: time.Minute, Engine: installed, Client: client, Name: "ntp.test"},
+	}); err != nil {
+		t.Fatal(err)
+	}
+	out := tp.gw.MustRun("nft", "list", "set", "inet", "egressd", "dns4_udp-name")
+	if strings.Contains(out, evil.String()) {
+		t.Errorf("evil.test's address in the installed rule's set:\n%s", out)
+	}
+	for _, a := range []netip.Addr{ntp, same} {
+		if !strings.Contains(out, a.String()) {
+			t.Errorf("%s not in the set:\n%s", a, out)
+		}
+	}
+	if allocs := testing.AllocsPerRun(100, func() {
+		fw.LearnAll(context.Background(), []Address{{Rule: "udp-name", Addr: same, TTL: time.Minute, Engine: installed, Client: client, Name: "ntp.test"}})
+	}); allocs != 0 {
+		t.Errorf("LearnAll of an address there already, under the installed policy, allocates %v times", allocs)
+	}
+}

@@ -744,7 +744,12 @@ func (g *firewallGate) WantsAny() bool {
 	return fw != nil && fw.WantsAny()
 }
 
-func (g *firewallGate) Learn(ctx context.Context, ls []dnsfilter.Learned) error {
+// Learn hands the forwarder's answers to the firewall with the policy
+// they were decided under, who asked and for what name: the firewall
+// learns an address decided under another policy than its installed one
+// only for a rule of that policy that covers it (firewall.ErrNotCovered
+// otherwise).
+func (g *firewallGate) Learn(ctx context.Context, eng *policy.Engine, ls []dnsfilter.Learned) error {
 	fw := g.fw.Load()
 	if fw == nil {
 		return errors.New("egressd: no firewall installed")
@@ -753,7 +758,7 @@ func (g *firewallGate) Learn(ctx context.Context, ls []dnsfilter.Learned) error 
 	as := buf[:0]
 	now := time.Now()
 	for _, l := range ls {
-		as = append(as, firewall.Address{Rule: l.Rule, Addr: l.Addr, TTL: l.Expires.Sub(now)})
+		as = append(as, firewall.Address{Rule: l.Rule, Addr: l.Addr, TTL: l.Expires.Sub(now), Engine: eng, Client: l.Client, Name: l.Name})
 	}
 	return fw.LearnAll(ctx, as)
 }
