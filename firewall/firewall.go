@@ -172,7 +172,7 @@ func (f *Firewall) apply(eng *policy.Engine, op string, only *policy.Engine) err
 			f.log.Error("firewall: seeding learned sets", audit.LogError, err.Error())
 		}
 	}
-	sw := f.sweep(rs)
+	sw := f.sweep(eng, rs)
 	n := 0
 	for _, c := range rs.Chains {
 		n += len(c.Rules)

@@ -297,8 +297,10 @@ type sweepResult struct {
 // ruleset: a later one's sweep judges by it instead. Once it has looked
 // at every entry and changed all it meant to, the marks carry tags of rs
 // (or of rulesets installed after it) alone, and f.since drops the
-// rulesets before rs.
-func (f *Firewall) sweep(rs *Ruleset) sweepResult {
+// rulesets before rs. eng is the policy rs was rendered from (apply's):
+// the cuts are logged with its reasons, not with those of a policy a
+// Replace installed meanwhile.
+func (f *Firewall) sweep(eng *policy.Engine, rs *Ruleset) sweepResult {
 	if rs.Mode != policy.ModeEnforce {
 		return sweepResult{}
 	}
@@ -344,10 +346,7 @@ func (f *Firewall) sweep(rs *Ruleset) sweepResult {
 		tag uint32
 	}
 	var retags []retag // kept, under another tag
-	f.mu.Lock()
 	now := f.now()
-	eng := f.eng
-	f.mu.Unlock()
 	live := func(set string, a netip.Addr) bool {
 		v, ok := f.learned[set][a]
 		return ok && v.exp.After(now)
