@@ -229,30 +229,35 @@ func (f *Firewall) swapIn(eng *policy.Engine, op string, only *policy.Engine) (o
 		given = f.given()
 	}
 	f.mu.Lock()
-	// Carry learned addresses over, for the rules that still learn.
+	// Carry learned addresses over, for the rules that still learn. Only
+	// computed here: f.learned describes the installed ruleset until the
+	// new one is in (a refused transaction leaves the old one, and its
+	// sets, as they were), so it changes after the flush (carryOver).
 	keep := map[string]bool{}
 	for _, s := range rs.learn {
 		keep[s[0]], keep[s[1]] = true, true
 	}
+	carried := make(map[string]map[netip.Addr]learnedAddr, len(keep))
 	for name, m := range f.learned {
 		if !keep[name] {
-			delete(f.learned, name)
 			continue
 		}
+		c := make(map[netip.Addr]learnedAddr, len(m))
 		for a, v := range m {
-			if v.exp.Sub(now) < time.Millisecond {
-				delete(m, a)
+			if v.exp.Sub(now) >= time.Millisecond {
+				c[a] = v
 			}
 		}
+		carried[name] = c
 	}
 	// And seed the sets that may lack what the forwarder gave out.
 	var added map[string]map[netip.Addr]time.Time
 	if want != nil && f.given != nil {
-		added, seeded = rs.seedsFrom(eng, want, given, f.learned, f.cfg.maxLearned(), now)
+		added, seeded = rs.seedsFrom(eng, want, given, carried, f.cfg.maxLearned(), now)
 	}
 	seeds := map[string][]seed{}
 	if rs.inKernel {
-		for name, m := range f.learned {
+		for name, m := range carried {
 			for a, v := range m {
 				if _, ok := added[name][a]; !ok {
 					seeds[name] = append(seeds[name], seed{a, v.exp.Sub(now)})
@@ -283,6 +288,7 @@ func (f *Firewall) swapIn(eng *policy.Engine, op string, only *policy.Engine) (o
 	}
 
 	f.mu.Lock()
+	f.carryOver(keep, now)
 	for name, m := range added {
 		if f.learned[name] == nil {
 			f.learned[name] = map[netip.Addr]learnedAddr{}
@@ -311,6 +317,24 @@ func (f *Firewall) swapIn(eng *policy.Engine, op string, only *policy.Engine) (o
 		f.m.installed.WithLabelValues(string(mode)).Set(v)
 	}
 	return old, rs, seeded, nil
+}
+
+// carryOver drops, once a ruleset is in, what f.learned holds for the sets
+// it lacks (keep: those it has) and the addresses that expired before now
+// (+1ms: those swapIn did not carry over). An address a LearnAll
+// refreshed meanwhile has a later expiry, and stays. f.mu must be held.
+func (f *Firewall) carryOver(keep map[string]bool, now time.Time) {
+	for name, m := range f.learned {
+		if !keep[name] {
+			delete(f.learned, name)
+			continue
+		}
+		for a, v := range m {
+			if v.exp.Sub(now) < time.Millisecond && v.b == nil {
+				delete(m, a)
+			}
+		}
+	}
 }
 
 // scheduleLocked arranges a re-render when the next rule expires, so that an

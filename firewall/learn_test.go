@@ -4,9 +4,12 @@ import (
 	"context"
 	"errors"
 	"net/netip"
+	"runtime"
 	"strings"
 	"testing"
 	"time"
+
+	"golang.org/x/sys/unix"
 )
 
 // TestWants: Wants is true exactly for the rules whose names feed learned
@@ -246,4 +249,72 @@ func TestLearnAllUnderAnotherPolicy(t *testing.T) {
 	}); allocs != 0 {
 		t.Errorf("LearnAll of an address there already, under the installed policy, allocates %v times", allocs)
 	}
+}
+
+// TestFailedReplaceKeepsLearned: a Replace that nftables refuses leaves the
+// old ruleset in the kernel with its learned addresses, and the firewall
+// remembers them: a later Learn of one of them for no longer costs no
+// transaction, and one for longer refreshes it (delete and add) rather
+// than adding an element that is there already.
+func TestFailedReplaceKeepsLearned(t *testing.T) {
+	requireNft(t)
+	tp := newTopo(t)
+	fw := tp.firewall(t, Config{})
+	if err := fw.Install(compile(t, testPolicy)); err != nil {
+		t.Fatal(err)
+	}
+	a := netip.MustParseAddr("203.0.113.50")
+	if err := fw.Learn("udp-name", a, time.Hour); err != nil {
+		t.Fatal(err)
+	}
+	// The new policy has no udp-name: its sets would go. The kernel
+	// refuses the transaction: this thread may not administer the
+	// network while it is sent.
+	err := withoutNetAdmin(t, func() error {
+		return fw.Replace(compile(t, "version: 1\nmode: enforce\nrules:\n  - {name: other, to: [x.test], ports: [9000/udp]}\n"))
+	})
+	if err == nil {
+		t.Fatal("Replace without CAP_NET_ADMIN succeeded")
+	}
+	if out := tp.gw.MustRun("nft", "list", "set", "inet", "egressd", "dns4_udp-name"); !strings.Contains(out, a.String()) {
+		t.Fatalf("the old ruleset's set lost the address:\n%s", out)
+	}
+	fw.mu.Lock()
+	_, ok := fw.learned["dns4_udp-name"][a]
+	fw.mu.Unlock()
+	if !ok {
+		t.Error("the firewall forgot an address its ruleset, still installed, holds")
+	}
+	learns := counterValue(fw.m.applies.WithLabelValues("learn", "ok"))
+	if err := fw.Learn("udp-name", a, time.Minute); err != nil {
+		t.Fatal(err)
+	}
+	if got := counterValue(fw.m.applies.WithLabelValues("learn", "ok")); got != learns {
+		t.Errorf("Learn of an address there for longer wrote %v transactions", got-learns)
+	}
+}
+
+// withoutNetAdmin runs fn on a thread without CAP_NET_ADMIN in its
+// effective set (the kernel checks the sender's capabilities as a netlink
+// message is processed), and restores it.
+func withoutNetAdmin(t *testing.T, fn func() error) error {
+	t.Helper()
+	runtime.LockOSThread()
+	defer runtime.UnlockOSThread()
+	hdr := unix.CapUserHeader{Version: unix.LINUX_CAPABILITY_VERSION_3}
+	var caps [2]unix.CapUserData
+	if err := unix.Capget(&hdr, &caps[0]); err != nil {
+		t.Fatal(err)
+	}
+	saved := caps
+	caps[0].Effective &^= 1 << unix.CAP_NET_ADMIN
+	if err := unix.Capset(&hdr, &caps[0]); err != nil {
+		t.Fatal(err)
+	}
+	defer func() {
+		if err := unix.Capset(&hdr, &saved[0]); err != nil {
+			panic(err) // the thread is locked: it dies with the test
+		}
+	}()
+	return fn()
 }
