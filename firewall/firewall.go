@@ -150,7 +150,8 @@ func (f *Firewall) Install(eng *policy.Engine) error { return f.apply(eng, "inst
 // with the addresses the DNS forwarder gave out (Deps.Given, seed.go);
 // conntrack is left alone, so
 // established connections (redirected ones included) carry on. If rendering
-// or installing fails, the old ruleset stays.
+// or installing fails, the old ruleset stays, with its learned sets as they
+// were, and so does what the firewall knows of them.
 func (f *Firewall) Replace(eng *policy.Engine) error { return f.apply(eng, "replace", nil) }
 
 // apply renders eng and installs it. When only is set, it does so only if
@@ -221,6 +222,18 @@ func (f *Firewall) swapIn(eng *policy.Engine, op string, only *policy.Engine) (o
 	}
 	old = f.rs
 	want := rs.seedRules(old)
+	// A rule that covers fewer names or other clients starts its sets
+	// afresh, from the forwarder's answers (seeded whenever they reach
+	// the kernel).
+	narrowed := rs.narrowedFrom(old)
+	if rs.inKernel {
+		for name := range narrowed {
+			if want == nil {
+				want = map[string]bool{}
+			}
+			want[name] = true
+		}
+	}
 	f.mu.Unlock()
 	// The forwarder's answers, outside f.mu (LearnAll does not wait for
 	// them); f.rs cannot change meanwhile (ioMu).
@@ -234,8 +247,10 @@ func (f *Firewall) swapIn(eng *policy.Engine, op string, only *policy.Engine) (o
 	// new one is in (a refused transaction leaves the old one, and its
 	// sets, as they were), so it changes after the flush (carryOver).
 	keep := map[string]bool{}
-	for _, s := range rs.learn {
-		keep[s[0]], keep[s[1]] = true, true
+	for name, s := range rs.learn {
+		if !narrowed[name] {
+			keep[s[0]], keep[s[1]] = true, true
+		}
 	}
 	carried := make(map[string]map[netip.Addr]learnedAddr, len(keep))
 	for name, m := range f.learned {

@@ -30,7 +30,10 @@ import (
 // an enforce ruleset only the rules that are new, have learned sets now
 // and had none, or cover a name or client they did not (what their sets
 // hold was learned for the old names and clients); a reload that changes
-// none of that does not look at the forwarder's answers.
+// none of that does not look at the forwarder's answers. A rule that
+// covers fewer names or other clients than before (narrowedFrom) does not
+// carry its sets over, since they are named after the rule and not the
+// names: they are seeded afresh.
 
 // Given is an answer the DNS forwarder gave out: it told Client that Name
 // has Addr, and the enforce firewall, had it learned the address then,
@@ -77,6 +80,33 @@ func (fr *flowRule) learnsMore(old *Ruleset) bool {
 		}
 	}
 	return true
+}
+
+// narrowedFrom returns the rules of rs whose learned sets must not carry
+// over what old's rule of the same name learned: rs's rule lacks some of
+// its names, or has other clients. Sets are named after rules, so an
+// address learned for a name the rule no longer covers would otherwise
+// stay open until its timeout. Their sets are seeded from the forwarder's
+// answers instead, as for a new rule. nil: none.
+func (rs *Ruleset) narrowedFrom(old *Ruleset) map[string]bool {
+	if old == nil {
+		return nil
+	}
+	var out map[string]bool
+	for _, fr := range rs.flows {
+		if len(fr.names) == 0 {
+			continue
+		}
+		for _, o := range old.flows {
+			if o.name == fr.name && len(o.names) > 0 && (!subset(o.names, fr.names) || !sameClients(fr.from, o.from)) {
+				if out == nil {
+					out = map[string]bool{}
+				}
+				out[fr.name] = true
+			}
+		}
+	}
+	return out
 }
 
 // seedResult is what seeding found: addresses put into learned sets

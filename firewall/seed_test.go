@@ -2,6 +2,7 @@ package firewall
 
 import (
 	"bytes"
+	"context"
 	"io"
 	"log/slog"
 	"net/netip"
@@ -171,5 +172,42 @@ func BenchmarkSeedsFrom(b *testing.B) {
 	b.ResetTimer()
 	for b.Loop() {
 		rs.seedsFrom(eng, want, given, nil, 65536, now)
+	}
+}
+
+// TestNarrowedRuleDropsLearned: a reload that takes a name (or a client)
+// from a rule does not carry over the addresses its sets learned for the
+// names it no longer covers: they are named after the rule, not after the
+// names. The addresses of the names it still covers are seeded again from
+// the forwarder's answers.
+func TestNarrowedRuleDropsLearned(t *testing.T) {
+	requireNft(t)
+	tp := newTopo(t)
+	cli := netip.MustParseAddr("198.18.1.2")
+	ntp, evil := netip.MustParseAddr("198.18.2.4"), netip.MustParseAddr("198.18.2.5")
+	given := []Given{
+		{Client: cli, Name: "ntp.test", Addr: ntp, Until: time.Now().Add(time.Hour)},
+		{Client: cli, Name: "evil.test", Addr: evil, Until: time.Now().Add(time.Hour)},
+	}
+	fw := tp.firewallWith(t, Config{}, Deps{Registerer: prometheus.NewRegistry(), Logger: slog.New(slog.NewTextHandler(io.Discard, nil)),
+		Given: func() []Given { return given }})
+	wide := compile(t, strings.Replace(testPolicy, "to: [ntp.test]", "to: [ntp.test, evil.test]", 1))
+	if err := fw.Install(wide); err != nil {
+		t.Fatal(err)
+	}
+	for _, a := range []Address{{Rule: "udp-name", Addr: ntp, TTL: time.Hour}, {Rule: "udp-name", Addr: evil, TTL: time.Hour}} {
+		if err := fw.LearnAll(context.Background(), []Address{a}); err != nil {
+			t.Fatal(err)
+		}
+	}
+	if err := fw.Replace(compile(t, testPolicy)); err != nil {
+		t.Fatal(err)
+	}
+	out := tp.gw.MustRun("nft", "list", "set", "inet", "egressd", "dns4_udp-name")
+	if strings.Contains(out, evil.String()) {
+		t.Errorf("the address of a name the rule no longer covers is still in its set:\n%s", out)
+	}
+	if !strings.Contains(out, ntp.String()) {
+		t.Errorf("the address of a name the rule still covers left its set:\n%s", out)
 	}
 }
