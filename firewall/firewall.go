@@ -79,6 +79,9 @@ type learnedAddr struct {
 }
 
 type learnOp struct {
+	// rs is the ruleset the address was learned for: a Replace may land
+	// before the write (writeLearned).
+	rs        *Ruleset
 	rule, set string
 	addr      netip.Addr
 	exp       time.Time
@@ -635,7 +638,7 @@ func (f *Firewall) LearnAll(ctx context.Context, as []Address) error {
 			// If the kernel's copy expires before the delete reaches
 			// it, the transaction fails and writeLearned retries with
 			// adds only.
-			b.ops = append(b.ops, learnOp{rule: a.Rule, set: set, addr: addr, exp: exp, refresh: live, prev: prev.exp})
+			b.ops = append(b.ops, learnOp{rs: rs, rule: a.Rule, set: set, addr: addr, exp: exp, refresh: live, prev: prev.exp})
 			m[addr] = learnedAddr{exp: exp, b: b, op: len(b.ops) - 1}
 		}
 		if !slices.Contains(waits, b) {
@@ -720,12 +723,35 @@ func (f *Firewall) writeLearned(ops []learnOp) (err error) {
 		return err
 	}
 	// Keep the ops whose set is still installed (a reload may have
-	// dropped the rule).
+	// dropped the rule), unless a reload since took names or clients from
+	// their rule: what they were learned for may be among those.
 	live := ops[:0:0]
+	var narrowed map[*Ruleset]map[string]bool
+	var stale []learnOp
 	for _, op := range ops {
-		if s := rs.Set(op.set); s != nil && s.Kind == SetLearned {
-			live = append(live, op)
+		if s := rs.Set(op.set); s == nil || s.Kind != SetLearned {
+			continue
 		}
+		if op.rs != nil && op.rs != rs {
+			n, ok := narrowed[op.rs]
+			if !ok {
+				if narrowed == nil {
+					narrowed = map[*Ruleset]map[string]bool{}
+				}
+				n = rs.narrowedFrom(op.rs)
+				narrowed[op.rs] = n
+			}
+			if n[op.rule] {
+				stale = append(stale, op)
+				continue
+			}
+		}
+		live = append(live, op)
+	}
+	if len(stale) > 0 {
+		// Those the rule still covers are in the forwarder's table,
+		// which the Replace's seeding took them from.
+		f.forget(stale)
 	}
 	if len(live) == 0 {
 		return nil

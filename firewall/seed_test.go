@@ -200,12 +200,23 @@ func TestNarrowedRuleDropsLearned(t *testing.T) {
 			t.Fatal(err)
 		}
 	}
+	wideRS := fw.Ruleset()
 	if err := fw.Replace(compile(t, testPolicy)); err != nil {
 		t.Fatal(err)
 	}
 	out := tp.gw.MustRun("nft", "list", "set", "inet", "egressd", "dns4_udp-name")
 	if strings.Contains(out, evil.String()) {
 		t.Errorf("the address of a name the rule no longer covers is still in its set:\n%s", out)
+	}
+	// An address learned under the wide ruleset whose transaction comes
+	// after the Replace (it waited for the netlink lock) is not written.
+	late := netip.MustParseAddr("198.18.2.6")
+	if err := fw.writeLearned([]learnOp{{rs: wideRS, rule: "udp-name", set: "dns4_udp-name", addr: late, exp: time.Now().Add(time.Hour)}}); err != nil {
+		t.Fatal(err)
+	}
+	out = tp.gw.MustRun("nft", "list", "set", "inet", "egressd", "dns4_udp-name")
+	if strings.Contains(out, late.String()) {
+		t.Errorf("an address learned for the wide rule, written after the reload narrowed it:\n%s", out)
 	}
 	if !strings.Contains(out, ntp.String()) {
 		t.Errorf("the address of a name the rule still covers left its set:\n%s", out)
