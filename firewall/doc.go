@@ -11,9 +11,11 @@
 // dnsfilter sends the answer, so a client's first packet finds them open,
 // and seeded, when a ruleset goes in, with the answers dnsfilter gave out
 // before (Deps.Given, seed.go), so a client that keeps one is not cut off;
-// an answer decided under another policy than the installed one, across a
-// reload, is learned only if the installed rule of its name covers it,
-// Address.Engine;
+// the sets are named after rules, not names, so an answer decided under
+// another policy than the installed one (across a reload, or a refused
+// one) is learned only if the installed rule of its name covers it
+// ([Address].Engine), and a reload that takes names or clients from a
+// rule starts its sets afresh;
 // [Firewall.Wants] says which rules it needs them for; a rule that opens
 // every address, or a prefix broader than one of the special ranges the
 // proxy guards, opens all of its addresses but those ranges,
