@@ -1111,6 +1111,27 @@ func BenchmarkLearn(b *testing.B) {
 			}
 		}
 	})
+	// A known address as the forwarder hands it over (egressd's
+	// firewallGate): decided under the installed policy (a pointer
+	// compare), or under another one (the installed rule must cover it).
+	installed, other := fw.eng, compile(b, testPolicy)
+	for _, c := range []struct {
+		name string
+		eng  *policy.Engine
+	}{{"known-installed-engine", installed}, {"known-other-engine", other}} {
+		b.Run(c.name, func(b *testing.B) {
+			as := []Address{{Rule: "udp-name", Addr: netip.MustParseAddr("203.0.113.1"), TTL: time.Hour, Engine: c.eng, Client: netip.MustParseAddr("198.18.1.2"), Name: "ntp.test"}}
+			ctx := context.Background()
+			if err := fw.LearnAll(ctx, as); err != nil {
+				b.Fatal(err)
+			}
+			for b.Loop() {
+				if err := fw.LearnAll(ctx, as); err != nil {
+					b.Fatal(err)
+				}
+			}
+		})
+	}
 	b.Run("new", func(b *testing.B) {
 		for b.Loop() {
 			if err := fw.Learn("udp-name", addrN(), time.Hour); err != nil {
