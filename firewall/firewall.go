@@ -584,6 +584,7 @@ func (f *Firewall) LearnAll(ctx context.Context, as []Address) error {
 		// case: one pointer compare. Otherwise the installed rule of that
 		// name must cover the answer, as seeding would have it.
 		if a.Engine != nil && a.Engine != f.eng && !coveredBy(f.eng, a, now) {
+			f.m.learnRefused.Inc()
 			errs = append(errs, fmt.Errorf("%w: rule %s, %s for %s", ErrNotCovered, a.Rule, a.Name, a.Client))
 			continue
 		}

@@ -227,6 +227,9 @@ func TestLearnAllUnderAnotherPolicy(t *testing.T) {
 	if !errors.Is(err, ErrNotCovered) {
 		t.Errorf("evil.test under the other policy: %v, want ErrNotCovered", err)
 	}
+	if n := counterValue(fw.m.learnRefused); n != 1 {
+		t.Errorf("egress_firewall_learn_refused_total = %v after one refused address, want 1", n)
+	}
 	// A name the installed rule covers too is learned, whichever policy
 	// decided it.
 	if err := fw.LearnAll(context.Background(), []Address{
@@ -234,6 +237,9 @@ func TestLearnAllUnderAnotherPolicy(t *testing.T) {
 		{Rule: "udp-name", Addr: same, TTL: time.Minute, Engine: installed, Client: client, Name: "ntp.test"},
 	}); err != nil {
 		t.Fatal(err)
+	}
+	if n := counterValue(fw.m.learnRefused); n != 1 {
+		t.Errorf("egress_firewall_learn_refused_total = %v after covered addresses, want 1", n)
 	}
 	out := tp.gw.MustRun("nft", "list", "set", "inet", "egressd", "dns4_udp-name")
 	if strings.Contains(out, evil.String()) {

@@ -9,6 +9,10 @@ type metrics struct {
 	installed *prometheus.GaugeVec   // mode: 1 for the installed mode, else 0
 	learned   *prometheus.CounterVec // rule: addresses written to its sets
 	setFull   prometheus.Counter
+	// learnRefused counts the addresses decided under another policy than
+	// the installed one that the installed rule does not cover
+	// (ErrNotCovered): not written.
+	learnRefused prometheus.Counter
 	// flows counts the connections a look after a reload kept or cut
 	// (result: kept|cut); flowErrors the looks that failed.
 	flows      *prometheus.CounterVec
@@ -33,6 +37,10 @@ func newMetrics(reg prometheus.Registerer) *metrics {
 			Namespace: "egress", Subsystem: "firewall", Name: "learned_set_full_total",
 			Help: "Learned addresses refused because their set was full.",
 		}),
+		learnRefused: prometheus.NewCounter(prometheus.CounterOpts{
+			Namespace: "egress", Subsystem: "firewall", Name: "learn_refused_total",
+			Help: "DNS-learned addresses not written because they were decided under another policy than the installed one, whose rule of that name does not cover the name for the client.",
+		}),
 		flows: prometheus.NewCounterVec(prometheus.CounterOpts{
 			Namespace: "egress", Subsystem: "firewall", Name: "reload_flows_total",
 			Help: "Connections the enforce ruleset had let out, looked at after an install or reload: kept, or cut because the new policy does not allow them.",
@@ -50,6 +58,7 @@ func newMetrics(reg prometheus.Registerer) *metrics {
 		m.installed = register(reg, m.installed)
 		m.learned = register(reg, m.learned)
 		m.setFull = register(reg, m.setFull)
+		m.learnRefused = register(reg, m.learnRefused)
 		m.flows = register(reg, m.flows)
 		m.flowErrors = register(reg, m.flowErrors)
 	}
