@@ -124,9 +124,6 @@ type daemon struct {
 	// to the proxy (reloadProxyUsers), not here.
 	proxyUsers map[string]proxy.UserSecret
 	caps       capabilities
-	// testReplace, set by tests, stands in for the firewall's Replace in
-	// a reload (replaceFirewall).
-	testReplace func(*policy.Engine) error
 
 	mu       sync.Mutex // guards degraded
 	degraded map[string]string
@@ -832,11 +829,8 @@ func (d *daemon) reloadPolicy() bool {
 }
 
 // replaceFirewall hands a reloaded policy to the firewall, if one is
-// installed (testReplace stands in for it in tests).
+// installed.
 func (d *daemon) replaceFirewall(eng *policy.Engine) error {
-	if d.testReplace != nil {
-		return d.testReplace(eng)
-	}
 	if d.fw == nil {
 		return nil
 	}

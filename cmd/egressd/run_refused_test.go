@@ -11,10 +11,16 @@ import (
 	"net/netip"
 	"os"
 	"path/filepath"
+	"runtime"
+	"strings"
 	"testing"
 	"time"
 
+	"golang.org/x/sys/unix"
+
 	"egressd/audit"
+	"egressd/firewall"
+	"egressd/internal/testnet"
 	"egressd/policy"
 	"egressd/proxy"
 )
@@ -24,8 +30,13 @@ import (
 // policy was swapped in too (the proxy decides with the store's policy,
 // which the reload swaps before it hands the policy to the firewall): a
 // CONNECT tunnel only the refused policy allows, opened in that window,
-// is closed once the running policy is back.
+// is closed once the running policy is back. nftables refuses the
+// Replace for real: the reload runs on a thread without CAP_NET_ADMIN,
+// and the firewall's seeding of the refused policy's new name rule, which
+// asks the forwarder's answers (Deps.Given) in the window, opens the
+// tunnel.
 func TestReloadRefusedInFirewallUndone(t *testing.T) {
+	ns := testnet.New(t, "refu")
 	echo, err := net.Listen("tcp", "127.0.0.1:0")
 	if err != nil {
 		t.Fatal(err)
@@ -42,7 +53,9 @@ func TestReloadRefusedInFirewallUndone(t *testing.T) {
 	}()
 	port := echo.Addr().(*net.TCPAddr).Port
 	running := "version: 1\nmode: enforce\nrules:\n  - name: other\n    to: [192.0.2.1/32]\n    ports: [443/tcp]\n"
-	refused := fmt.Sprintf("version: 1\nmode: enforce\nrules:\n  - name: loop\n    to: [127.0.0.1/32]\n    ports: [%d/tcp]\n", port)
+	// A new rule with names: the Replace asks the forwarder's answers,
+	// to seed its sets, before its transaction.
+	refused := fmt.Sprintf("version: 1\nmode: enforce\nrules:\n  - name: loop\n    to: [127.0.0.1/32]\n    ports: [%d/tcp]\n  - {name: ntp, to: [ntp.test], ports: [123/udp]}\n", port)
 
 	dir := t.TempDir()
 	pol := filepath.Join(dir, "p.yaml")
@@ -66,20 +79,38 @@ func TestReloadRefusedInFirewallUndone(t *testing.T) {
 	t.Cleanup(func() { ln.Close() })
 	go p.ServeExplicit(ln)
 
+	var tunnel net.Conn
+	given := func() []firewall.Given {
+		if tunnel == nil && store.Load() != eng {
+			// The refused policy is in the store: a CONNECT it allows
+			// gets through.
+			tunnel = connectVia(t, ln.Addr().String(), fmt.Sprintf("127.0.0.1:%d", port))
+		}
+		return nil
+	}
+	fw, err := firewall.New(firewall.Config{NetNS: "/var/run/netns/" + ns.Name, LAN: "lan0", WAN: "wan0", ProxyPort: 3129, DNSPort: 53},
+		firewall.Deps{Logger: log, Given: given})
+	if err != nil {
+		t.Fatal(err)
+	}
+	t.Cleanup(func() { fw.Close() })
+	if err := fw.Install(eng); err != nil {
+		t.Fatal(err)
+	}
+
 	d := &daemon{cfg: runConfig{stateDir: filepath.Join(dir, "state")}, log: log, store: store, source: pol,
-		ledger: audit.NewLedger(eng, audit.LedgerOptions{}), proxy: p, degraded: map[string]string{}}
+		ledger: audit.NewLedger(eng, audit.LedgerOptions{}), proxy: p, fw: fw, degraded: map[string]string{}}
 	if err := os.WriteFile(pol, []byte(refused), 0o644); err != nil {
 		t.Fatal(err)
 	}
-	var tunnel net.Conn
-	d.testReplace = func(*policy.Engine) error {
-		// The refused policy is in the store: a CONNECT it allows gets
-		// through.
-		tunnel = connectVia(t, ln.Addr().String(), fmt.Sprintf("127.0.0.1:%d", port))
-		return errors.New("firewall: refused (test)")
-	}
-	if d.reloadPolicy() {
+	if withoutNetAdmin(t, d.reloadPolicy) {
 		t.Fatal("reloadPolicy took a policy the firewall refused")
+	}
+	if tunnel == nil {
+		t.Fatal("the refused Replace did not ask the forwarder's answers")
+	}
+	if out := ns.MustRun("nft", "list", "table", "inet", "egressd"); strings.Contains(out, "dns4_ntp") {
+		t.Errorf("the refused policy's ruleset is in the kernel:\n%s", out)
 	}
 	if store.Load() != eng {
 		t.Fatal("the running policy is not back in the store")
@@ -93,6 +124,32 @@ func TestReloadRefusedInFirewallUndone(t *testing.T) {
 			t.Fatalf("a tunnel only the refused policy allows is still open (read %d: %v)", n, err)
 		}
 	}
+}
+
+// withoutNetAdmin runs fn on a thread without CAP_NET_ADMIN in its
+// effective set (the kernel checks the sender's capabilities as a netlink
+// message is processed: nftables refuses the firewall's transactions),
+// and restores it.
+func withoutNetAdmin(t *testing.T, fn func() bool) bool {
+	t.Helper()
+	runtime.LockOSThread()
+	defer runtime.UnlockOSThread()
+	hdr := unix.CapUserHeader{Version: unix.LINUX_CAPABILITY_VERSION_3}
+	var caps [2]unix.CapUserData
+	if err := unix.Capget(&hdr, &caps[0]); err != nil {
+		t.Fatal(err)
+	}
+	saved := caps
+	caps[0].Effective &^= 1 << unix.CAP_NET_ADMIN
+	if err := unix.Capset(&hdr, &caps[0]); err != nil {
+		t.Fatal(err)
+	}
+	defer func() {
+		if err := unix.Capset(&hdr, &saved[0]); err != nil {
+			panic(err) // the thread is locked: it dies with the test
+		}
+	}()
+	return fn()
 }
 
 // connectVia opens a CONNECT tunnel to authority through the explicit
