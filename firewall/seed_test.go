@@ -222,3 +222,41 @@ func TestNarrowedRuleDropsLearned(t *testing.T) {
 		t.Errorf("the address of a name the rule still covers left its set:\n%s", out)
 	}
 }
+
+// TestUnchangedRuleKeepsLateLearned: a reload that leaves a rule's names
+// and clients as they were (another rule added, or nothing changed) does
+// not hold back what its sets learned: an address learned under the old
+// ruleset whose transaction comes after the Replace (it waited for the
+// netlink lock) is written, and one learned before is carried over. A
+// query in flight across an ordinary reload must not lose its address.
+func TestUnchangedRuleKeepsLateLearned(t *testing.T) {
+	requireNft(t)
+	tp := newTopo(t)
+	fw := tp.firewall(t, Config{})
+	if err := fw.Install(compile(t, testPolicy)); err != nil {
+		t.Fatal(err)
+	}
+	early := netip.MustParseAddr("198.18.2.7")
+	if err := fw.Learn("udp-name", early, time.Hour); err != nil {
+		t.Fatal(err)
+	}
+	for i, src := range []string{
+		testPolicy + "  - {name: more, to: [more.test], ports: [9001/udp]}\n",
+		testPolicy + "  - {name: more, to: [more.test], ports: [9001/udp]}\n",
+	} {
+		before := fw.Ruleset()
+		if err := fw.Replace(compile(t, src)); err != nil {
+			t.Fatal(err)
+		}
+		late := netip.AddrFrom4([4]byte{198, 18, 2, byte(8 + i)})
+		if err := fw.writeLearned([]learnOp{{rs: before, rule: "udp-name", set: "dns4_udp-name", addr: late, exp: time.Now().Add(time.Hour)}}); err != nil {
+			t.Fatal(err)
+		}
+		out := tp.gw.MustRun("nft", "list", "set", "inet", "egressd", "dns4_udp-name")
+		for _, a := range []netip.Addr{early, late} {
+			if !strings.Contains(out, a.String()) {
+				t.Errorf("reload %d: %s not in the unchanged rule's set:\n%s", i, a, out)
+			}
+		}
+	}
+}
