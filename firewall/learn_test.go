@@ -6,6 +6,7 @@ import (
 	"net/netip"
 	"runtime"
 	"strings"
+	"sync"
 	"testing"
 	"time"
 
@@ -323,4 +324,62 @@ func withoutNetAdmin(t *testing.T, fn func() error) error {
 		}
 	}()
 	return fn()
+}
+
+// TestNarrowingReloadsRaceLearns: answers for a name only the wide policy
+// covers, learned while reloads go back and forth between the wide and
+// the narrow policy, are not in the rule's set once the narrow one is in.
+func TestNarrowingReloadsRaceLearns(t *testing.T) {
+	requireNft(t)
+	tp := newTopo(t)
+	fw := tp.firewall(t, Config{})
+	narrow := compile(t, testPolicy)
+	if err := fw.Install(narrow); err != nil {
+		t.Fatal(err)
+	}
+	cli := netip.MustParseAddr("198.18.1.2")
+	stop := make(chan struct{})
+	var wg sync.WaitGroup
+	// Every answer is decided under the wide policy: before a reload
+	// to the narrow one went in, or while it went in.
+	wide := compile(t, strings.Replace(testPolicy, "to: [ntp.test]", "to: [ntp.test, evil.test]", 1))
+	for g := 0; g < 4; g++ {
+		wg.Add(1)
+		go func(g int) {
+			defer wg.Done()
+			// Until the reloads are done (bounded: 20000 answers).
+			for i := 0; i < 20000; i++ {
+				select {
+				case <-stop:
+					return
+				default:
+				}
+				a := netip.AddrFrom4([4]byte{203, 0, 113, byte(g*60 + i%60)})
+				err := fw.LearnAll(context.Background(), []Address{{Rule: "udp-name", Addr: a, TTL: time.Hour, Engine: wide, Client: cli, Name: "evil.test"}})
+				if err != nil && !errors.Is(err, ErrNotCovered) {
+					t.Error(err)
+					return
+				}
+				time.Sleep(100 * time.Microsecond)
+			}
+		}(g)
+	}
+	for i := 0; i < 20; i++ {
+		if err := fw.Replace(wide); err != nil {
+			t.Fatal(err)
+		}
+		time.Sleep(5 * time.Millisecond)
+		if err := fw.Replace(narrow); err != nil {
+			t.Fatal(err)
+		}
+		// Answers decided under the wide policy may still be in flight:
+		// let them land, then look.
+		time.Sleep(20 * time.Millisecond)
+		out := tp.gw.MustRun("nft", "list", "set", "inet", "egressd", "dns4_udp-name")
+		if strings.Contains(out, "203.0.113.") {
+			t.Fatalf("round %d: an address of evil.test in the narrow rule's set:\n%s", i, out)
+		}
+	}
+	close(stop)
+	wg.Wait()
 }
