@@ -4,13 +4,12 @@ import (
 	"context"
 	"errors"
 	"net/netip"
-	"runtime"
 	"strings"
 	"sync"
 	"testing"
 	"time"
 
-	"golang.org/x/sys/unix"
+	"egressd/internal/testnet"
 )
 
 // TestWants: Wants is true exactly for the rules whose names feed learned
@@ -277,8 +276,9 @@ func TestFailedReplaceKeepsLearned(t *testing.T) {
 	// The new policy has no udp-name: its sets would go. The kernel
 	// refuses the transaction: this thread may not administer the
 	// network while it is sent.
-	err := withoutNetAdmin(t, func() error {
-		return fw.Replace(compile(t, "version: 1\nmode: enforce\nrules:\n  - {name: other, to: [x.test], ports: [9000/udp]}\n"))
+	var err error
+	testnet.WithoutNetAdmin(t, func() {
+		err = fw.Replace(compile(t, "version: 1\nmode: enforce\nrules:\n  - {name: other, to: [x.test], ports: [9000/udp]}\n"))
 	})
 	if err == nil {
 		t.Fatal("Replace without CAP_NET_ADMIN succeeded")
@@ -299,31 +299,6 @@ func TestFailedReplaceKeepsLearned(t *testing.T) {
 	if got := counterValue(fw.m.applies.WithLabelValues("learn", "ok")); got != learns {
 		t.Errorf("Learn of an address there for longer wrote %v transactions", got-learns)
 	}
-}
-
-// withoutNetAdmin runs fn on a thread without CAP_NET_ADMIN in its
-// effective set (the kernel checks the sender's capabilities as a netlink
-// message is processed), and restores it.
-func withoutNetAdmin(t *testing.T, fn func() error) error {
-	t.Helper()
-	runtime.LockOSThread()
-	defer runtime.UnlockOSThread()
-	hdr := unix.CapUserHeader{Version: unix.LINUX_CAPABILITY_VERSION_3}
-	var caps [2]unix.CapUserData
-	if err := unix.Capget(&hdr, &caps[0]); err != nil {
-		t.Fatal(err)
-	}
-	saved := caps
-	caps[0].Effective &^= 1 << unix.CAP_NET_ADMIN
-	if err := unix.Capset(&hdr, &caps[0]); err != nil {
-		t.Fatal(err)
-	}
-	defer func() {
-		if err := unix.Capset(&hdr, &saved[0]); err != nil {
-			panic(err) // the thread is locked: it dies with the test
-		}
-	}()
-	return fn()
 }
 
 // TestNarrowingReloadsRaceLearns: answers for a name only the wide policy

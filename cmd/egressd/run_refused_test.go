@@ -11,12 +11,9 @@ import (
 	"net/netip"
 	"os"
 	"path/filepath"
-	"runtime"
 	"strings"
 	"testing"
 	"time"
-
-	"golang.org/x/sys/unix"
 
 	"egressd/audit"
 	"egressd/firewall"
@@ -103,7 +100,9 @@ func TestReloadRefusedInFirewallUndone(t *testing.T) {
 	if err := os.WriteFile(pol, []byte(refused), 0o644); err != nil {
 		t.Fatal(err)
 	}
-	if withoutNetAdmin(t, d.reloadPolicy) {
+	var ok bool
+	testnet.WithoutNetAdmin(t, func() { ok = d.reloadPolicy() })
+	if ok {
 		t.Fatal("reloadPolicy took a policy the firewall refused")
 	}
 	if tunnel == nil {
@@ -124,32 +123,6 @@ func TestReloadRefusedInFirewallUndone(t *testing.T) {
 			t.Fatalf("a tunnel only the refused policy allows is still open (read %d: %v)", n, err)
 		}
 	}
-}
-
-// withoutNetAdmin runs fn on a thread without CAP_NET_ADMIN in its
-// effective set (the kernel checks the sender's capabilities as a netlink
-// message is processed: nftables refuses the firewall's transactions),
-// and restores it.
-func withoutNetAdmin(t *testing.T, fn func() bool) bool {
-	t.Helper()
-	runtime.LockOSThread()
-	defer runtime.UnlockOSThread()
-	hdr := unix.CapUserHeader{Version: unix.LINUX_CAPABILITY_VERSION_3}
-	var caps [2]unix.CapUserData
-	if err := unix.Capget(&hdr, &caps[0]); err != nil {
-		t.Fatal(err)
-	}
-	saved := caps
-	caps[0].Effective &^= 1 << unix.CAP_NET_ADMIN
-	if err := unix.Capset(&hdr, &caps[0]); err != nil {
-		t.Fatal(err)
-	}
-	defer func() {
-		if err := unix.Capset(&hdr, &saved[0]); err != nil {
-			panic(err) // the thread is locked: it dies with the test
-		}
-	}()
-	return fn()
 }
 
 // connectVia opens a CONNECT tunnel to authority through the explicit

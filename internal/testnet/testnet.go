@@ -23,6 +23,8 @@ import (
 	"testing"
 	"time"
 
+	"golang.org/x/sys/unix"
+
 	"egressd/internal/netns"
 )
 
@@ -245,4 +247,30 @@ func (ns *NS) WaitTCP(addr string, timeout time.Duration) error {
 		}
 		time.Sleep(50 * time.Millisecond)
 	}
+}
+
+// WithoutNetAdmin runs fn on a thread without CAP_NET_ADMIN in its
+// effective set, then restores it: the kernel checks the sender's
+// capabilities as a netlink message is processed, so nftables refuses a
+// transaction sent from fn (a real refusal, for tests of what follows).
+func WithoutNetAdmin(t testing.TB, fn func()) {
+	t.Helper()
+	runtime.LockOSThread()
+	defer runtime.UnlockOSThread()
+	hdr := unix.CapUserHeader{Version: unix.LINUX_CAPABILITY_VERSION_3}
+	var caps [2]unix.CapUserData
+	if err := unix.Capget(&hdr, &caps[0]); err != nil {
+		t.Fatal(err)
+	}
+	saved := caps
+	caps[0].Effective &^= 1 << unix.CAP_NET_ADMIN
+	if err := unix.Capset(&hdr, &caps[0]); err != nil {
+		t.Fatal(err)
+	}
+	defer func() {
+		if err := unix.Capset(&hdr, &saved[0]); err != nil {
+			panic(err) // the thread is locked: it dies with the test
+		}
+	}()
+	fn()
 }
