@@ -34,31 +34,8 @@ func TestReloadCutsRemovedRulesFlows(t *testing.T) {
 	d.writePolicy(append(bytes.Clone(seed), udpRule...))
 	d.start()
 
-	ctx, cancel := context.WithTimeout(context.Background(), 10*time.Second)
-	defer cancel()
-	addrs, err := tp.goResolver().LookupNetIP(ctx, "ip4", ntpName+".")
-	if err != nil {
-		t.Fatal(err)
-	}
-	dial := func(addr string) net.Conn {
-		c, err := tp.lan.DialContext(ctx, "udp", addr)
-		if err != nil {
-			t.Fatal(err)
-		}
-		t.Cleanup(func() { c.Close() })
-		return c
-	}
-	ntpFlow := dial(netip.AddrPortFrom(addrs[0], 123).String())
-	echoFlow := dial(netip.AddrPortFrom(netip.MustParseAddr(udpDenyIP), udpDenyPort).String())
-	ntp := func() error {
-		req := make([]byte, 48)
-		req[0] = 0<<6 | 4<<3 | 3
-		binary.BigEndian.PutUint64(req[40:], uint64(time.Now().UnixNano()))
-		return ask(ntpFlow, req, func(r []byte) bool { return len(r) >= 48 && string(r[24:32]) == string(req[40:48]) })
-	}
-	echo := func() error {
-		return ask(echoFlow, []byte("ping"), func(r []byte) bool { return string(r) == "echo:ping" })
-	}
+	f := openUDPFlows(t, tp)
+	ntp, echo := f.ntp, f.echo
 	if err := ntp(); err != nil {
 		t.Fatalf("NTP before the reload: %v", err)
 	}
@@ -66,13 +43,7 @@ func TestReloadCutsRemovedRulesFlows(t *testing.T) {
 		t.Fatalf("UDP echo before the reload: %v", err)
 	}
 
-	i := bytes.Index(seed, []byte("  - name: ntp\n"))
-	j := bytes.Index(seed, []byte("    ports: [123/udp]\n"))
-	if i < 0 || j < i {
-		t.Fatal("the seed profile's ntp rule moved: update the test")
-	}
-	without := append(append(bytes.Clone(seed[:i]), seed[j+len("    ports: [123/udp]\n"):]...), udpRule...)
-	d.writePolicy(without)
+	d.writePolicy(append(withoutNTPRule(t, seed), udpRule...))
 	d.hup(true)
 
 	if err := ntp(); err == nil {
@@ -92,7 +63,7 @@ func TestReloadCutsRemovedRulesFlows(t *testing.T) {
 
 	// The cut is a decision: one line of its own, and the flow's record
 	// (capture's: it follows the flow) says dropped, so the report does.
-	local := netip.MustParseAddrPort(ntpFlow.LocalAddr().String())
+	local := netip.MustParseAddrPort(f.ntpConn.LocalAddr().String())
 	var lines []string
 	for _, l := range strings.Split(d.logs(), "\n") {
 		if strings.Contains(l, "firewall: flow cut") {
@@ -103,7 +74,7 @@ func TestReloadCutsRemovedRulesFlows(t *testing.T) {
 		t.Errorf("%d lines of a cut flow, want 1:\n%s", len(lines), strings.Join(lines, "\n"))
 	} else {
 		for _, attr := range []string{`"kind":"flow"`, `"client":"` + local.Addr().String() + `"`, fmt.Sprintf(`"client_port":%d`, local.Port()),
-			`"dest":"` + addrs[0].String() + `"`, `"dest_port":123`, `"proto":"udp"`, `"prev_rule_id":"ntp"`, `"reason":"no-rule"`,
+			`"dest":"` + f.ntpAddr.String() + `"`, `"dest_port":123`, `"proto":"udp"`, `"prev_rule_id":"ntp"`, `"reason":"no-rule"`,
 			`"verdict":"deny"`, `"enforced":true`, `"close":"policy-revoked"`} {
 			if !strings.Contains(lines[0], attr) {
 				t.Errorf("the cut's line has no %s: %s", attr, lines[0])
@@ -159,31 +130,8 @@ func TestReloadAuditRejudgesForwardedFlows(t *testing.T) {
 	d.writePolicy(append(bytes.Clone(seed), udpRule...))
 	d.start()
 
-	ctx, cancel := context.WithTimeout(context.Background(), 10*time.Second)
-	defer cancel()
-	addrs, err := tp.goResolver().LookupNetIP(ctx, "ip4", ntpName+".")
-	if err != nil {
-		t.Fatal(err)
-	}
-	dial := func(addr string) net.Conn {
-		c, err := tp.lan.DialContext(ctx, "udp", addr)
-		if err != nil {
-			t.Fatal(err)
-		}
-		t.Cleanup(func() { c.Close() })
-		return c
-	}
-	ntpFlow := dial(netip.AddrPortFrom(addrs[0], 123).String())
-	echoFlow := dial(netip.AddrPortFrom(netip.MustParseAddr(udpDenyIP), udpDenyPort).String())
-	ntp := func() error {
-		req := make([]byte, 48)
-		req[0] = 0<<6 | 4<<3 | 3
-		binary.BigEndian.PutUint64(req[40:], uint64(time.Now().UnixNano()))
-		return ask(ntpFlow, req, func(r []byte) bool { return len(r) >= 48 && string(r[24:32]) == string(req[40:48]) })
-	}
-	echo := func() error {
-		return ask(echoFlow, []byte("ping"), func(r []byte) bool { return string(r) == "echo:ping" })
-	}
+	f := openUDPFlows(t, tp)
+	ntp, echo := f.ntp, f.echo
 	// Four exchanges: capture decides a UDP flow it finds no QUIC in
 	// after six datagrams (or ten seconds); one decided under the old
 	// policy is the one to judge again.
@@ -199,12 +147,7 @@ func TestReloadAuditRejudgesForwardedFlows(t *testing.T) {
 	// it decide the flow under the policy it began in, as a flow that has
 	// run for a while is.
 	time.Sleep(time.Second)
-	i := bytes.Index(seed, []byte("  - name: ntp\n"))
-	j := bytes.Index(seed, []byte("    ports: [123/udp]\n"))
-	if i < 0 || j < i {
-		t.Fatal("the seed profile's ntp rule moved: update the test")
-	}
-	d.writePolicy(append(append(bytes.Clone(seed[:i]), seed[j+len("    ports: [123/udp]\n"):]...), udpRule...))
+	d.writePolicy(append(withoutNTPRule(t, seed), udpRule...))
 	d.hup(true)
 
 	if err := ntp(); err != nil {
@@ -213,7 +156,7 @@ func TestReloadAuditRejudgesForwardedFlows(t *testing.T) {
 	if err := echo(); err != nil {
 		t.Errorf("the other rule's UDP flow after the reload: %v", err)
 	}
-	local := netip.MustParseAddrPort(ntpFlow.LocalAddr().String())
+	local := netip.MustParseAddrPort(f.ntpConn.LocalAddr().String())
 	ev := d.waitEvent(t, "the NTP flow judged again", func(ev flowEvent) bool {
 		return ev.Kind == "flow" && ev.ClientPort == int(local.Port()) && ev.Verdict == "deny"
 	})
@@ -239,9 +182,81 @@ func TestReloadAuditRejudgesForwardedFlows(t *testing.T) {
 	}
 }
 
+// udpFlows are a LAN client's two forwarded UDP flows, each on its own
+// socket: NTP to the address the gateway's DNS gave for ntpName (the
+// seed's ntp rule) and the echo at udpDenyIP (udpRule).
+type udpFlows struct {
+	ntpAddr           netip.Addr
+	ntpConn, echoConn net.Conn
+}
+
+func openUDPFlows(t *testing.T, tp *topo) *udpFlows {
+	t.Helper()
+	ctx, cancel := context.WithTimeout(context.Background(), 10*time.Second)
+	defer cancel()
+	addrs, err := tp.goResolver().LookupNetIP(ctx, "ip4", ntpName+".")
+	if err != nil || len(addrs) == 0 {
+		t.Fatalf("resolving %s through the gateway: %v %v", ntpName, addrs, err)
+	}
+	f := &udpFlows{ntpAddr: addrs[0]}
+	dial := func(addr string) net.Conn {
+		c, err := tp.lan.DialContext(ctx, "udp", addr)
+		if err != nil {
+			t.Fatal(err)
+		}
+		t.Cleanup(func() { c.Close() })
+		return c
+	}
+	f.ntpConn = dial(netip.AddrPortFrom(f.ntpAddr, 123).String())
+	f.echoConn = dial(netip.AddrPortFrom(netip.MustParseAddr(udpDenyIP), udpDenyPort).String())
+	return f
+}
+
+// ntp sends one NTP request on the flow's socket and waits up to a second
+// for its answer.
+func (f *udpFlows) ntp() error {
+	req := ntpRequest()
+	return ask(f.ntpConn, req, func(r []byte) bool { return ntpAnswers(req, r) })
+}
+
+// echo sends "ping" to the echo and waits up to a second for its answer.
+func (f *udpFlows) echo() error {
+	return ask(f.echoConn, []byte("ping"), func(r []byte) bool { return string(r) == "echo:ping" })
+}
+
+// ntpRequest is a client-mode NTPv4 request whose transmit time is now.
+func ntpRequest() []byte {
+	req := make([]byte, 48)
+	req[0] = 0<<6 | 4<<3 | 3
+	binary.BigEndian.PutUint64(req[40:], uint64(time.Now().UnixNano()))
+	return req
+}
+
+// ntpAnswers says whether r answers req (its origin time is req's
+// transmit time).
+func ntpAnswers(req, r []byte) bool {
+	return len(r) >= 48 && string(r[24:32]) == string(req[40:48])
+}
+
+// withoutNTPRule is the seed policy without its ntp rule.
+func withoutNTPRule(t *testing.T, seed []byte) []byte {
+	t.Helper()
+	i := bytes.Index(seed, []byte("  - name: ntp\n"))
+	j := bytes.Index(seed, []byte("    ports: [123/udp]\n"))
+	if i < 0 || j < i {
+		t.Fatal("the seed profile's ntp rule moved: update the test")
+	}
+	return append(bytes.Clone(seed[:i]), seed[j+len("    ports: [123/udp]\n"):]...)
+}
+
 // ask sends req on c and waits up to a second for an answer ok accepts.
 func ask(c net.Conn, req []byte, ok func([]byte) bool) error {
-	c.SetDeadline(time.Now().Add(time.Second))
+	return askWithin(c, time.Second, req, ok)
+}
+
+// askWithin sends req on c and waits up to timeout for an answer ok accepts.
+func askWithin(c net.Conn, timeout time.Duration, req []byte, ok func([]byte) bool) error {
+	c.SetDeadline(time.Now().Add(timeout))
 	if _, err := c.Write(req); err != nil {
 		return err
 	}
@@ -275,31 +290,8 @@ func TestReloadAuditToEnforceForwardedFlows(t *testing.T) {
 	d.writePolicy(append(bytes.Clone(seed), udpRule...))
 	d.start()
 
-	ctx, cancel := context.WithTimeout(context.Background(), 10*time.Second)
-	defer cancel()
-	addrs, err := tp.goResolver().LookupNetIP(ctx, "ip4", ntpName+".")
-	if err != nil {
-		t.Fatal(err)
-	}
-	dial := func(addr string) net.Conn {
-		c, err := tp.lan.DialContext(ctx, "udp", addr)
-		if err != nil {
-			t.Fatal(err)
-		}
-		t.Cleanup(func() { c.Close() })
-		return c
-	}
-	ntpFlow := dial(netip.AddrPortFrom(addrs[0], 123).String())
-	echoFlow := dial(netip.AddrPortFrom(netip.MustParseAddr(udpDenyIP), udpDenyPort).String())
-	ntp := func() error {
-		req := make([]byte, 48)
-		req[0] = 0<<6 | 4<<3 | 3
-		binary.BigEndian.PutUint64(req[40:], uint64(time.Now().UnixNano()))
-		return ask(ntpFlow, req, func(r []byte) bool { return len(r) >= 48 && string(r[24:32]) == string(req[40:48]) })
-	}
-	echo := func() error {
-		return ask(echoFlow, []byte("ping"), func(r []byte) bool { return string(r) == "echo:ping" })
-	}
+	f := openUDPFlows(t, tp)
+	ntp, echo := f.ntp, f.echo
 	for range 4 { // decided by capture (see TestReloadAuditRejudgesForwardedFlows)
 		if err := ntp(); err != nil {
 			t.Fatalf("NTP before the reload: %v", err)
@@ -316,7 +308,7 @@ func TestReloadAuditToEnforceForwardedFlows(t *testing.T) {
 		name string
 		c    net.Conn
 		ask  func() error
-	}{{"ntp", ntpFlow, ntp}, {"e2e-udp", echoFlow, echo}} {
+	}{{"ntp", f.ntpConn, ntp}, {"e2e-udp", f.echoConn, echo}} {
 		answered := f.ask() == nil
 		port := netip.MustParseAddrPort(f.c.LocalAddr().String()).Port()
 		time.Sleep(time.Second) // capture applies the reload's judgement once the ring has caught up

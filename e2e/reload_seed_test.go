@@ -3,7 +3,6 @@ package e2e
 import (
 	"bytes"
 	"context"
-	"encoding/binary"
 	"fmt"
 	"net"
 	"net/netip"
@@ -60,23 +59,8 @@ func TestReloadAuditToEnforceKeepsGivenAnswers(t *testing.T) {
 			return err
 		}
 		defer c.Close()
-		req := make([]byte, 48)
-		req[0] = 0<<6 | 4<<3 | 3
-		binary.BigEndian.PutUint64(req[40:], uint64(time.Now().UnixNano()))
-		c.SetDeadline(time.Now().Add(timeout))
-		if _, err := c.Write(req); err != nil {
-			return err
-		}
-		buf := make([]byte, 512)
-		for {
-			n, err := c.Read(buf)
-			if err != nil {
-				return err
-			}
-			if n >= 48 && string(buf[24:32]) == string(req[40:48]) {
-				return nil
-			}
-		}
+		req := ntpRequest()
+		return askWithin(c, timeout, req, func(r []byte) bool { return ntpAnswers(req, r) })
 	}
 	for _, name := range []string{ntpName, clockName} {
 		if err := ntpAsk(name, time.Second); err != nil {
