@@ -11,6 +11,7 @@ import (
 	"os/exec"
 	"path/filepath"
 	"regexp"
+	"slices"
 	"strconv"
 	"strings"
 	"syscall"
@@ -58,6 +59,8 @@ type daemon struct {
 	logDir   string
 	logFile  string
 	extra    []string // more egressd run flags
+	wrap     []string // a command egressd runs under (setpriv ...), egressd's path and arguments its own
+	bin      string   // the egressd binary to run; "": egressdBin
 }
 
 // logs returns what egressd printed so far (stdout and stderr).
@@ -128,7 +131,9 @@ func newDaemon(t *testing.T, tp *topo, mode string) *daemon {
 
 func (d *daemon) writePolicy(b []byte) {
 	d.t.Helper()
-	if err := os.WriteFile(d.policy+".tmp", b, 0o600); err != nil {
+	// World-readable, as /etc/egressd/policy.yaml is: the unit runs
+	// egressd as a user of its own (TestSystemdUnitLimits).
+	if err := os.WriteFile(d.policy+".tmp", b, 0o644); err != nil {
 		d.t.Fatal(err)
 	}
 	if err := os.Rename(d.policy+".tmp", d.policy); err != nil {
@@ -140,7 +145,11 @@ func (d *daemon) writePolicy(b []byte) {
 func (d *daemon) start() {
 	t := d.t
 	t.Helper()
-	args := []string{egressdBin, "run", "--policy", d.policy,
+	bin := d.bin
+	if bin == "" {
+		bin = egressdBin
+	}
+	args := []string{bin, "run", "--policy", d.policy,
 		"--lan", "lan0", "--wan", "wan0", "--state-dir", d.stateDir, "--upstream-dns", authDNS4,
 		"--admin", adminAddr, "--log-level", "info"}
 	if d.mode != "" { // "": the policy file's mode
@@ -153,6 +162,7 @@ func (d *daemon) start() {
 		// out in both modes.
 		args = append(args, "--guard-wan")
 	}
+	args = append(slices.Clone(d.wrap), args...)
 	// Output goes to a file (read while egressd runs, without racing its
 	// writes); sh execs egressd, so the PID signalled is egressd's.
 	// SSL_CERT_FILE is the test CA: the inspecting proxy verifies the
