@@ -539,9 +539,46 @@ func TestSystemdUnitLimits(t *testing.T) {
 	}
 
 	// Audit mode, as the profile ships (no WAN guard): the start removes
-	// the enforce run's table.
+	// the enforce run's table. With --proxy-users where the README puts
+	// it for the unit: the credential systemd copies from
+	// /etc/egressd/proxy-users (LoadCredential=), mode 0400 and the
+	// service user's, in a directory of its (0500).
+	cmd := exec.Command(bin, "proxy-users", "hash", "--cost", "4", "e2e")
+	cmd.Stdin = strings.NewReader("unit-password\n")
+	line, err := cmd.Output()
+	if err != nil {
+		t.Fatalf("egressd proxy-users hash: %v", err)
+	}
+	creds := filepath.Join(base, "credentials")
+	users := filepath.Join(creds, "proxy-users")
+	if err := os.Mkdir(creds, 0o700); err != nil {
+		t.Fatal(err)
+	}
+	if err := os.WriteFile(users, line, 0o400); err != nil {
+		t.Fatal(err)
+	}
+	for _, p := range []string{users, creds} {
+		if err := os.Chown(p, sb.uid, sb.uid); err != nil {
+			t.Fatal(err)
+		}
+	}
+	if err := os.Chmod(creds, 0o500); err != nil {
+		t.Fatal(err)
+	}
+	d.extra = []string{"--proxy-users", users}
 	d.mode, d.noGuard = "audit", true
 	d.start()
+	proxied := func(user string) string {
+		out, _ := tp.lan.Run("curl", "-sS", "-o", "/dev/null", "-w", "%{http_code}", "--max-time", "5", "--cacert", tp.caFile,
+			"-x", "http://"+user+gwLAN4+":3128", "--resolve", dockerName+":443:"+dockerIP4, "https://"+dockerName+"/")
+		return strings.TrimSpace(out)
+	}
+	if got := proxied("e2e:unit-password@"); got != "200" {
+		t.Errorf("explicit proxy with the credential's user: HTTP %s, want 200", got)
+	}
+	if got := proxied(""); !strings.Contains(got, "407") {
+		t.Errorf("explicit proxy without a user: %s, want 407", got)
+	}
 	sb.checkProcess(t, d.proc.Cmd.Process.Pid)
 	if tp.nftTable() {
 		t.Error("audit start under the unit's limits left the enforce run's table")
