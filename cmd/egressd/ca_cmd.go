@@ -4,6 +4,9 @@ import (
 	"context"
 	"fmt"
 	"io"
+	"os"
+	"path/filepath"
+	"syscall"
 
 	"egressd/proxy"
 )
@@ -28,10 +31,37 @@ func cmdCA(_ context.Context, args []string, stdout, stderr io.Writer) int {
 		return exitUsage
 	}
 	_, certPEM, err := proxy.LoadOrCreateCA(*stateDir)
+	if err == nil {
+		err = caToDirOwner(*stateDir)
+	}
 	if err != nil {
 		fmt.Fprintln(stderr, "egressd:", err)
 		return exitFail
 	}
 	stdout.Write(certPEM)
 	return exitOK
+}
+
+// caToDirOwner gives the CA's files to the state directory's owner when
+// root ran the export: under dist/egressd.service the directory is the
+// service's dynamic user's, and a key root made there is one the daemon
+// cannot read (every inspected connection would fail).
+func caToDirOwner(dir string) error {
+	if os.Geteuid() != 0 {
+		return nil
+	}
+	st, err := os.Stat(dir)
+	if err != nil {
+		return fmt.Errorf("ca: state directory: %w", err)
+	}
+	owner, ok := st.Sys().(*syscall.Stat_t)
+	if !ok || owner.Uid == 0 {
+		return nil
+	}
+	for _, f := range []string{proxy.CACertFile, proxy.CAKeyFile} {
+		if err := os.Lchown(filepath.Join(dir, f), int(owner.Uid), int(owner.Gid)); err != nil {
+			return fmt.Errorf("ca: give %s to the state directory's owner: %w", f, err)
+		}
+	}
+	return nil
 }

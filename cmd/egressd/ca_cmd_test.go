@@ -4,7 +4,10 @@ import (
 	"crypto/x509"
 	"encoding/pem"
 	"os"
+	"os/exec"
 	"path/filepath"
+	"strings"
+	"syscall"
 	"testing"
 )
 
@@ -32,5 +35,46 @@ func TestCAExport(t *testing.T) {
 	}
 	if code, _, _ := runCmd(t, "ca", "--state-dir", dir); code != exitUsage {
 		t.Errorf("no subcommand: exit %d", code)
+	}
+}
+
+// TestCAExportAsRootForServiceUser: the operator runs `egressd ca export`
+// as root before the daemon first inspects, in the state directory
+// dist/egressd.service gives its dynamic user. The CA it makes must be
+// that user's, as the directory is: else the daemon, running as that user,
+// cannot read the key, and every inspected connection fails.
+func TestCAExportAsRootForServiceUser(t *testing.T) {
+	dir, bin := buildForNobody(t)
+	state := filepath.Join(dir, "state")
+	if err := os.Mkdir(state, 0o750); err != nil {
+		t.Fatal(err)
+	}
+	if err := os.Chown(state, 65534, 65534); err != nil {
+		t.Fatal(err)
+	}
+	asRoot, err := exec.Command(bin, "ca", "export", "--state-dir", state).Output()
+	if err != nil {
+		t.Fatalf("ca export as root: %v", err)
+	}
+	// The daemon's user loads the same files (proxy.LoadOrCreateCA).
+	cmd := exec.Command("setpriv", "--reuid=65534", "--regid=65534", "--clear-groups", "--inh-caps=-all",
+		bin, "ca", "export", "--state-dir", state)
+	var stderr strings.Builder
+	cmd.Stderr = &stderr
+	asUser, err := cmd.Output()
+	if err != nil {
+		t.Fatalf("ca export as the state directory's user after root made the CA: %v: %s", err, stderr.String())
+	}
+	if string(asUser) != string(asRoot) {
+		t.Error("the service user sees another CA than root exported")
+	}
+	for _, f := range []string{"ca.pem", "ca-key.pem"} {
+		st, err := os.Stat(filepath.Join(state, f))
+		if err != nil {
+			t.Fatal(err)
+		}
+		if s := st.Sys().(*syscall.Stat_t); s.Uid != 65534 || s.Gid != 65534 {
+			t.Errorf("%s is %d:%d, want the state directory's 65534:65534", f, s.Uid, s.Gid)
+		}
 	}
 }
