@@ -59,7 +59,22 @@ func caToDirOwner(dir string) error {
 		return nil
 	}
 	for _, f := range []string{proxy.CACertFile, proxy.CAKeyFile} {
-		if err := os.Lchown(filepath.Join(dir, f), int(owner.Uid), int(owner.Gid)); err != nil {
+		path := filepath.Join(dir, f)
+		// Only a plain file of root's with one name: the directory's
+		// owner can put anything under these names, and root must not
+		// hand over a file of its own that a hard link there points at.
+		fi, err := os.Lstat(path)
+		if err != nil {
+			return fmt.Errorf("ca: %w", err)
+		}
+		st, ok := fi.Sys().(*syscall.Stat_t)
+		if !ok || st.Uid == owner.Uid {
+			continue
+		}
+		if !fi.Mode().IsRegular() || st.Nlink != 1 || st.Uid != 0 {
+			return fmt.Errorf("ca: %s is not a file root made: not giving it to the state directory's owner", path)
+		}
+		if err := os.Lchown(path, int(owner.Uid), int(owner.Gid)); err != nil {
 			return fmt.Errorf("ca: give %s to the state directory's owner: %w", f, err)
 		}
 	}

@@ -78,3 +78,50 @@ func TestCAExportAsRootForServiceUser(t *testing.T) {
 		}
 	}
 }
+
+// TestCAExportAsRootRefusesLinkedFile: the state directory's owner (the
+// service's user) put a hard link to a file of root's under the CA's
+// name; root's export must not give that file away.
+func TestCAExportAsRootRefusesLinkedFile(t *testing.T) {
+	dir, bin := buildForNobody(t)
+	state := filepath.Join(dir, "state")
+	if err := os.Mkdir(state, 0o750); err != nil {
+		t.Fatal(err)
+	}
+	if err := os.Chown(state, 65534, 65534); err != nil {
+		t.Fatal(err)
+	}
+	if _, err := exec.Command(bin, "ca", "export", "--state-dir", state).Output(); err != nil {
+		t.Fatalf("ca export as root: %v", err)
+	}
+	// A root-owned file elsewhere, linked under the certificate's name.
+	secret := filepath.Join(dir, "root-secret")
+	if err := os.WriteFile(secret, []byte("x"), 0o600); err != nil {
+		t.Fatal(err)
+	}
+	cert := filepath.Join(state, "ca.pem")
+	pemBytes, err := os.ReadFile(cert)
+	if err != nil {
+		t.Fatal(err)
+	}
+	if err := os.WriteFile(secret, pemBytes, 0o600); err != nil {
+		t.Fatal(err)
+	}
+	if err := os.Remove(cert); err != nil {
+		t.Fatal(err)
+	}
+	if err := os.Link(secret, cert); err != nil {
+		t.Fatal(err)
+	}
+	out, err := exec.Command(bin, "ca", "export", "--state-dir", state).CombinedOutput()
+	if err == nil {
+		t.Errorf("ca export as root with ca.pem hard-linked to a root file: no error (%s)", out)
+	}
+	st, err := os.Stat(secret)
+	if err != nil {
+		t.Fatal(err)
+	}
+	if s := st.Sys().(*syscall.Stat_t); s.Uid != 0 {
+		t.Errorf("root's file linked under ca.pem was given to %d", s.Uid)
+	}
+}
