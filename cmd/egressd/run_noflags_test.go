@@ -20,8 +20,9 @@ import (
 // seed profile in audit mode, find the LAN interface itself, install no
 // nftables table (audit mode, no guard), serve the report on
 // 127.0.0.1:9901, and `egressd report` with no flags must read it from
-// there. The default state directory, /var/lib/egressd, gets a tmpfs of
-// its own in a mount namespace, so the host's is left alone.
+// there. The default state directory, /var/lib/egressd, is on a tmpfs
+// of its own at /var/lib in a mount namespace, so the host's is left
+// alone (and need not exist).
 func TestRunNoFlags(t *testing.T) {
 	ns := testnet.New(t, "runnf")
 	if _, err := ns.Run("nft", "--version"); err != nil {
@@ -33,7 +34,7 @@ func TestRunNoFlags(t *testing.T) {
 	bin := buildEgressd(t)
 	private := func(cmd string) []string {
 		return []string{"unshare", "--mount", "--propagation", "private", "sh", "-c",
-			"mount -t tmpfs tmpfs /var/lib/egressd && exec " + cmd}
+			"mount -t tmpfs tmpfs /var/lib && mkdir /var/lib/egressd && exec " + cmd}
 	}
 	p := ns.Start(private(bin)...)
 	if err := ns.WaitTCP("127.0.0.1:9901", 20*time.Second); err != nil {
