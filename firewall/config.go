@@ -84,6 +84,13 @@ type Config struct {
 	// address family); beyond it Learn returns ErrSetFull. Zero means 65536.
 	MaxLearned int
 
+	// CTMarkBits are the conntrack mark bits egressd owns: one run of
+	// contiguous bits, at least two, whose highest is the enforced bit
+	// and the others the rule tag (see the package documentation). Zero
+	// means DefaultCTMarkBits (0x007ff000). The operator's own rules
+	// must not write these bits, nor egressd any other.
+	CTMarkBits uint32
+
 	// NetNS is the path of the network namespace to install into, such as
 	// /var/run/netns/NAME. Empty means the process's own namespace.
 	NetNS string
@@ -173,6 +180,9 @@ func (c Config) Validate(mode policy.Mode) error {
 		if (pr.Proto != policy.TCP && pr.Proto != policy.UDP) || pr.Lo == 0 || pr.Hi < pr.Lo {
 			errs = append(errs, fmt.Errorf("firewall: WAN-open port range %s: expected N/tcp, N-M/udp, 1-65535", pr))
 		}
+	}
+	if err := CheckCTMarkBits(c.CTMarkBits); err != nil {
+		errs = append(errs, err)
 	}
 	if c.MaxLearned < 0 {
 		errs = append(errs, errors.New("firewall: MaxLearned is negative"))

@@ -54,6 +54,22 @@
 //     to 1023 such rules; 0 for traffic between other interfaces (not
 //     egress) and for connections marked before tags existed.
 //
+// That is the default layout ([DefaultCTMarkBits], 0x007ff000).
+// Config.CTMarkBits (egressd's --ct-mark-bits) places the two parts
+// elsewhere, for a gateway whose own rules use those bits (multi-WAN
+// policy routing, wg-quick): one run of contiguous bits, its highest the
+// enforced bit, the others the tag, of 2^(n-1)-1 tags for n bits. The
+// ruleset, the reload's look at the connections (dump, cut, re-mark) and
+// the tags all follow it. A policy with more rules that forward than
+// tags is refused at start ([Config.CheckTags]); one a reload brings in
+// goes in with rules sharing tags (logged): the look still cuts what the
+// policy no longer allows, but decides again the flows of every rule
+// whose tag a changed rule shares, and so cuts some an unchanged rule
+// would have kept. The operator's rules must not write these bits. A
+// change of the bits while connections are out leaves their marks at
+// the old place, unread: like connections from before enforcement, they
+// are judged anew by the rules from the LAN, and their replies dropped.
+//
 // A reload that narrows the policy reaches the connections already out
 // through the tag (sweep.go): after every install or replace in enforce
 // mode (a rule's expiry included) the firewall dumps the conntrack entries

@@ -194,8 +194,16 @@ func (f *Firewall) apply(eng *policy.Engine, op string, only *policy.Engine) err
 	if sw.ran {
 		attrs = append(attrs, "flows_kept", sw.kept, "flows_cut", sw.cut)
 	}
-	if sw.err != nil {
-		attrs = append(attrs, audit.LogError, "flows: "+sw.err.Error())
+	short := uint64(len(rs.flows)) > uint64(rs.mark.count)
+	if short {
+		// More rules than tags (a reload grew the policy past what
+		// CheckTags let start): rules share tags.
+		attrs = append(attrs, "ct_mark_tags", rs.mark.count, "ct_mark_tags_wanted", len(rs.flows))
+	}
+	if sw.err != nil || short {
+		if sw.err != nil {
+			attrs = append(attrs, audit.LogError, "flows: "+sw.err.Error())
+		}
 		f.log.Warn("firewall "+op, attrs...)
 	} else {
 		f.log.Info("firewall "+op, attrs...)

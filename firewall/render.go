@@ -2,6 +2,7 @@ package firewall
 
 import (
 	"fmt"
+	"math/bits"
 	"net"
 	"net/netip"
 	"slices"
@@ -28,6 +29,10 @@ type Ruleset struct {
 	// enforce; inKernel says whether the sets exist in the table.
 	learn    map[string][2]string
 	inKernel bool
+
+	// mark is where the conntrack mark bits the ruleset writes sit
+	// (Config.CTMarkBits).
+	mark markLayout
 
 	// flows describes, per policy rule with accept rules in forward, what
 	// they let out, for a reload's look at the connections already out
@@ -127,27 +132,82 @@ type Rule struct {
 
 // CTMarkEnforced is the conntrack mark bit the enforce ruleset sets on
 // every connection its forward chain lets out, and requires of
-// established and related traffic. A connection that went out before
-// enforcement began (in audit mode, or before egressd) lacks it, so
-// "established" does not carry it past the policy: its packets from the
-// LAN are judged by the rules like new ones, and its replies are dropped.
+// established and related traffic, in the default layout
+// ([DefaultCTMarkBits]; Config.CTMarkBits places it elsewhere). A
+// connection that went out before enforcement began (in audit mode, or
+// before egressd) lacks it, so "established" does not carry it past the
+// policy: its packets from the LAN are judged by the rules like new ones,
+// and its replies are dropped.
 const CTMarkEnforced uint32 = 0x00400000
 
 // CTMarkTag are the conntrack mark bits, next to [CTMarkEnforced], in
 // which the enforce ruleset records which policy rule let a connection
-// out: a tag of 10 bits derived from the rule's name and content
-// (addFlowRule). Tag 0 is a connection between other interfaces (not
-// egress), and one marked by an egressd from before tags. A reload looks
-// at them to cut the connections a narrowed policy no longer allows
-// (sweep.go).
+// out, in the default layout: a tag of 10 bits derived from the rule's
+// name and content (addFlowRule). Tag 0 is a connection between other
+// interfaces (not egress), and one marked by an egressd from before tags.
+// A reload looks at them to cut the connections a narrowed policy no
+// longer allows (sweep.go).
 const CTMarkTag uint32 = 0x003ff000
+
+// DefaultCTMarkBits are the conntrack mark bits egressd owns when
+// Config.CTMarkBits is zero: [CTMarkEnforced] and [CTMarkTag].
+const DefaultCTMarkBits = CTMarkEnforced | CTMarkTag
 
 // ctTagShift is the position of CTMarkTag's lowest bit.
 const ctTagShift = 12
 
-// ctMarkOwned are the mark bits the ruleset writes; every other bit of
-// the mark is left as it is.
+// ctMarkOwned are the mark bits the ruleset writes in the default
+// layout; every other bit of the mark is left as it is.
 const ctMarkOwned = CTMarkEnforced | CTMarkTag
+
+// markLayout is where egressd's bits sit in the conntrack mark: one run
+// of contiguous bits (Config.CTMarkBits), its highest the enforced bit,
+// the others the tag.
+type markLayout struct {
+	enforced uint32 // the enforced bit
+	tag      uint32 // the tag's bits
+	shift    uint   // the position of the tag's lowest bit
+	count    uint32 // how many tags the tag holds, 0 excluded
+}
+
+// layoutOf is the layout of a run of bits that CheckCTMarkBits accepts.
+func layoutOf(run uint32) markLayout {
+	if run == 0 {
+		run = DefaultCTMarkBits
+	}
+	enforced := uint32(1) << (31 - bits.LeadingZeros32(run))
+	tag := run &^ enforced
+	shift := uint(bits.TrailingZeros32(tag))
+	return markLayout{enforced: enforced, tag: tag, shift: shift, count: tag >> shift}
+}
+
+// owned are the mark bits the ruleset writes; every other bit of the mark
+// is left as it is.
+func (l markLayout) owned() uint32 { return l.enforced | l.tag }
+
+// tagOf reads the tag of a mark.
+func (l markLayout) tagOf(mark uint32) uint32 { return mark & l.tag >> l.shift }
+
+// marked is the value of the owned bits for a connection let out under
+// tag.
+func (l markLayout) marked(tag uint32) uint32 { return l.enforced | tag<<l.shift }
+
+// CheckCTMarkBits checks a value of Config.CTMarkBits (zero: the
+// default): one run of contiguous bits, at least two (the enforced bit,
+// the highest, and a tag).
+func CheckCTMarkBits(run uint32) error {
+	if run == 0 {
+		return nil
+	}
+	low := run & -run
+	if (run+low)&run != 0 {
+		return fmt.Errorf("firewall: conntrack mark bits 0x%08x: not one run of contiguous bits (such as 0x%08x)", run, DefaultCTMarkBits)
+	}
+	if run == low {
+		return fmt.Errorf("firewall: conntrack mark bits 0x%08x: one bit; egressd needs at least two (the enforced bit and a rule tag), 11 for its default 1023 tags", run)
+	}
+	return nil
+}
 
 // CTState is a set of conntrack state bits.
 type CTState uint32
@@ -208,7 +268,7 @@ func render(cfg Config, eng *policy.Engine, now time.Time) (*Ruleset, error) {
 	if err := cfg.Validate(mode); err != nil {
 		return nil, err
 	}
-	rs := &Ruleset{Mode: mode, learn: map[string][2]string{}, inKernel: mode == policy.ModeEnforce}
+	rs := &Ruleset{Mode: mode, learn: map[string][2]string{}, inKernel: mode == policy.ModeEnforce, mark: layoutOf(cfg.CTMarkBits)}
 	ar := renderAllows(cfg, eng, now, rs)
 
 	guard := cfg.WAN != "" && (mode == policy.ModeEnforce || cfg.GuardWAN)
@@ -225,7 +285,7 @@ func render(cfg Config, eng *policy.Engine, now time.Time) (*Ruleset, error) {
 		if mode == policy.ModeEnforce {
 			// Only connections this ruleset let out: not one that began
 			// before enforcement.
-			est.CTMark = CTMarkEnforced
+			est.CTMark = rs.mark.enforced
 			est.Comment = "replies and related traffic of connections let out in enforce mode"
 		}
 		rules = append(rules, est)
@@ -253,7 +313,7 @@ func render(cfg Config, eng *policy.Engine, now time.Time) (*Ruleset, error) {
 			// What is left runs between other interfaces (another segment
 			// and the LAN, say): not egress. Marked, so that its replies
 			// pass the established rule above.
-			rules = append(rules, Rule{SetCTMarkMask: ctMarkOwned, SetCTMark: CTMarkEnforced, Verdict: Verdict{Kind: Accept},
+			rules = append(rules, Rule{SetCTMarkMask: rs.mark.owned(), SetCTMark: rs.mark.enforced, Verdict: Verdict{Kind: Accept},
 				Comment: "not egress: between other interfaces"})
 		}
 		rs.Chains = append(rs.Chains, Chain{Name: chainForward, Type: "filter", Hook: "forward", Priority: 0, Rules: rules})
@@ -409,12 +469,7 @@ func renderAllows(cfg Config, eng *policy.Engine, now time.Time, rs *Ruleset) al
 				a.nextExpiry = r.Expires
 			}
 		}
-		var ports []policy.PortRange
-		for _, pr := range r.Ports {
-			if pr.Proto == policy.UDP || (pr.Proto == policy.TCP && len(cfg.TCPPorts) > 0) {
-				ports = append(ports, withoutDNS(pr)...)
-			}
-		}
+		ports := forwardedPorts(cfg, r)
 		if len(ports) == 0 {
 			continue
 		}
@@ -511,13 +566,52 @@ func renderAllows(cfg Config, eng *policy.Engine, now time.Time, rs *Ruleset) al
 			for _, s := range srcs {
 				for _, d := range dsts {
 					for _, pr := range ports {
-						a.rules = append(a.rules, allowRule(cfg, r.Name, fr.tag, Rule{Family: fam.f, SrcSet: s.SrcSet, SrcMACSet: s.SrcMACSet, DstSet: d.DstSet, DstNotSet: d.DstNotSet}, pr))
+						a.rules = append(a.rules, allowRule(cfg, rs.mark, r.Name, fr.tag, Rule{Family: fam.f, SrcSet: s.SrcSet, SrcMACSet: s.SrcMACSet, DstSet: d.DstSet, DstNotSet: d.DstNotSet}, pr))
 					}
 				}
 			}
 		}
 	}
 	return a
+}
+
+// forwardedPorts are the ports of rule r that forward handles (UDP, and
+// TCP where Config.TCPPorts leaves some to it), port 53 left out. A rule
+// with none has no accept rules in forward, and no tag.
+func forwardedPorts(cfg Config, r policy.Rule) []policy.PortRange {
+	var ports []policy.PortRange
+	for _, pr := range r.Ports {
+		if pr.Proto == policy.UDP || (pr.Proto == policy.TCP && len(cfg.TCPPorts) > 0) {
+			ports = append(ports, withoutDNS(pr)...)
+		}
+	}
+	return ports
+}
+
+// CheckTags reports whether the tag of Config.CTMarkBits holds a tag of
+// its own for every rule of the policy with accept rules in forward
+// (expired ones left out). With fewer tags than such rules, rules share
+// tags: a reload still cuts what the new policy does not allow, but it
+// decides again the flows of every rule that shares a tag with a changed
+// one, and cuts those of them an unchanged rule would have kept (to a
+// learned address that has since expired from its set, from a client
+// matched by MAC).
+func (c Config) CheckTags(eng *policy.Engine) error {
+	if err := CheckCTMarkBits(c.CTMarkBits); err != nil {
+		return err
+	}
+	now := time.Now()
+	n := 0
+	for _, r := range eng.Rules() {
+		if (r.Expires.IsZero() || now.Before(r.Expires)) && len(forwardedPorts(c, r)) > 0 {
+			n++
+		}
+	}
+	l := layoutOf(c.CTMarkBits)
+	if uint64(n) > uint64(l.count) {
+		return fmt.Errorf("firewall: conntrack mark bits 0x%08x hold %d rule tags, and the policy has %d rules that forward traffic: widen the run of bits (each bit doubles the tags)", l.owned(), l.count, n)
+	}
+	return nil
 }
 
 // withoutDNS returns pr without port 53. Every LAN packet to port 53 that
@@ -541,12 +635,12 @@ func withoutDNS(pr policy.PortRange) []policy.PortRange {
 
 // allowRule completes an accept rule of a policy rule: from the LAN, to the
 // port range.
-func allowRule(cfg Config, rule string, tag uint32, ru Rule, pr policy.PortRange) Rule {
+func allowRule(cfg Config, mark markLayout, rule string, tag uint32, ru Rule, pr policy.PortRange) Rule {
 	ru.IIf, ru.Proto, ru.Ports = cfg.LAN, pr.Proto, pr
 	if pr.Lo == 1 && pr.Hi == 65535 {
 		ru.Ports = policy.PortRange{}
 	}
-	ru.SetCTMarkMask, ru.SetCTMark = ctMarkOwned, CTMarkEnforced|tag<<ctTagShift
+	ru.SetCTMarkMask, ru.SetCTMark = mark.owned(), mark.marked(tag)
 	ru.Verdict = Verdict{Kind: Accept}
 	ru.Comment = "rule " + rule
 	return ru

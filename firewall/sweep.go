@@ -17,9 +17,11 @@ import (
 )
 
 // A reload that narrows the policy must reach the connections the enforce
-// ruleset already let out: their conntrack entries carry CTMarkEnforced,
-// and "established" would carry them on for days. So every accept rule of
-// forward also writes its policy rule's tag (CTMarkTag) into the mark,
+// ruleset already let out: their conntrack entries carry the enforced bit
+// (CTMarkEnforced, or the highest of Config.CTMarkBits), and
+// "established" would carry them on for days. So every accept rule of
+// forward also writes its policy rule's tag (CTMarkTag, or the other
+// bits of Config.CTMarkBits) into the mark,
 // and after a ruleset goes in (install, reload, a rule's expiry) the
 // firewall dumps the marked entries and decides each:
 //
@@ -63,7 +65,7 @@ import (
 type flowRule struct {
 	name       string
 	fp         uint64 // fingerprint of what the accept rules depend on
-	tag        uint32 // in CTMarkTag, shifted down; never 0
+	tag        uint32 // in the mark's tag bits, shifted down; never 0
 	from       policy.ClientSet
 	ports      []policy.PortRange
 	any4, any6 bool
@@ -72,13 +74,16 @@ type flowRule struct {
 	learn      [2]string // the learned sets, IPv4 then IPv6; "" without names
 }
 
-// tagCount is how many tags CTMarkTag holds, 0 excluded.
+// tagCount is how many tags CTMarkTag (the default layout) holds, 0
+// excluded; a Ruleset's mark.count is that of its layout.
 const tagCount = CTMarkTag >> ctTagShift // 1023
 
 // addFlowRule records what rule r's accept rules let out and gives it its
 // tag: derived from the fingerprint, then the next free one in rule order,
-// so that rules of one ruleset share no tag while there are fewer than
-// tagCount of them (a restart with the same policy gives the same tags).
+// so that rules of one ruleset share no tag while there are no more of
+// them than the layout's tags (a restart with the same policy gives the
+// same tags); beyond, a rule shares the tag the fingerprint gives it
+// (Config.CheckTags).
 func (rs *Ruleset) addFlowRule(r policy.Rule, ports []policy.PortRange, any4, any6, names bool, nets, wide []netip.Prefix) *flowRule {
 	fr := &flowRule{name: r.Name, from: r.From, ports: ports, any4: any4, any6: any6, nets: nets, wide: wide}
 	if names {
@@ -95,12 +100,13 @@ func (rs *Ruleset) addFlowRule(r policy.Rule, ports []policy.PortRange, any4, an
 	if rs.byTag == nil {
 		rs.byTag, rs.byFP = map[uint32][]*flowRule{}, map[uint64]*flowRule{}
 	}
-	tag := uint32(fr.fp%uint64(tagCount)) + 1
-	for range tagCount {
+	n := rs.mark.count
+	tag := uint32(fr.fp%uint64(n)) + 1
+	for range n {
 		if len(rs.byTag[tag]) == 0 {
 			break
 		}
-		tag = tag%tagCount + 1
+		tag = tag%n + 1
 	}
 	fr.tag = tag
 	rs.flows = append(rs.flows, fr)
@@ -351,8 +357,9 @@ func (f *Firewall) sweep(eng *policy.Engine, rs *Ruleset) sweepResult {
 		v, ok := f.learned[set][a]
 		return ok && v.exp.After(now)
 	}
-	err = ct.Marked(CTMarkEnforced, CTMarkEnforced, func(e netutil.ConntrackEntry) {
-		tag := e.Mark & CTMarkTag >> ctTagShift
+	mark := rs.mark
+	err = ct.Marked(mark.enforced, mark.enforced, func(e netutil.ConntrackEntry) {
+		tag := mark.tagOf(e.Mark)
 		f.mu.Lock()
 		keep, newTag := rs.keeps(since, tag, keyOf(e), live)
 		f.mu.Unlock()
@@ -395,7 +402,7 @@ func (f *Firewall) sweep(eng *policy.Engine, rs *Ruleset) sweepResult {
 			res.err = errors.Join(res.err, errors.New("firewall: flows: gave up re-marking after 10s"))
 			break
 		}
-		err := ct.SetMark(r.e, CTMarkEnforced|r.tag<<ctTagShift, CTMarkEnforced|CTMarkTag)
+		err := ct.SetMark(r.e, mark.marked(r.tag), mark.owned())
 		if err != nil && !errors.Is(err, netutil.ErrNoConntrack) && res.err == nil {
 			res.err = err
 		}
@@ -442,7 +449,7 @@ func (f *Firewall) cutDecision(eng *policy.Engine, since []*Ruleset, e netutil.C
 	// one that has the tag (since ends with this one).
 	prev := ""
 	for i := len(since) - 2; i >= 0; i-- {
-		if frs := since[i].byTag[e.Mark&CTMarkTag>>ctTagShift]; len(frs) > 0 {
+		if frs := since[i].byTag[since[i].mark.tagOf(e.Mark)]; len(frs) > 0 {
 			prev = frs[0].name
 			break
 		}
