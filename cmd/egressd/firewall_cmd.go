@@ -51,6 +51,7 @@ func cmdFirewallPrint(args []string, stdout, stderr io.Writer) int {
 	masq := fs.Bool("masquerade", false, "NAT traffic leaving the WAN interface")
 	guard := fs.Bool("guard-wan", false, "drop new connections from the WAN side in audit mode too")
 	wanOpen := fs.String("wan-open", "", "ports of the gateway reachable from the WAN side, such as 22/tcp,51820/udp")
+	markBits := fs.String("ct-mark-bits", defaultCTMarkBits, ctMarkBitsUsage)
 	pos, err := parseArgs(fs, args)
 	if err != nil {
 		return flagErr(err)
@@ -82,6 +83,10 @@ func cmdFirewallPrint(args []string, stdout, stderr io.Writer) int {
 		fmt.Fprintln(stderr, "egressd firewall print: --wan-open:", err)
 		return exitUsage
 	}
+	if cfg.CTMarkBits, err = parseCTMarkBits(*markBits); err != nil {
+		fmt.Fprintln(stderr, "egressd firewall print: --ct-mark-bits:", err)
+		return exitUsage
+	}
 	src := *file
 	if src == "" {
 		src = "profile:" + *profile
@@ -104,6 +109,10 @@ func cmdFirewallPrint(args []string, stdout, stderr io.Writer) int {
 		fmt.Fprintln(stderr, "egressd:", err)
 		return exitUsage
 	}
+	if err := cfg.CheckTags(eng); err != nil {
+		fmt.Fprintln(stderr, "egressd firewall print: --ct-mark-bits:", err)
+		return exitUsage
+	}
 	rs, err := firewall.Render(cfg, eng)
 	if err != nil {
 		fmt.Fprintln(stderr, "egressd:", err)
@@ -120,6 +129,26 @@ func cmdFirewallPrint(args []string, stdout, stderr io.Writer) int {
 	}
 	fmt.Fprint(stdout, rs.String())
 	return exitOK
+}
+
+// defaultCTMarkBits is --ct-mark-bits' default: firewall.DefaultCTMarkBits.
+const defaultCTMarkBits = "0x007ff000"
+
+const ctMarkBitsUsage = "conntrack mark bits egressd owns, hex: one contiguous run; its highest bit marks the connections enforce lets out, the rest tag their rule (keep it clear of the bits the gateway's own rules use: multi-WAN, wg-quick)"
+
+// parseCTMarkBits parses --ct-mark-bits: hexadecimal, with or without
+// 0x, one run of at least two contiguous bits.
+func parseCTMarkBits(s string) (uint32, error) {
+	h := strings.TrimSpace(s)
+	h = strings.TrimPrefix(strings.TrimPrefix(h, "0x"), "0X")
+	v, err := strconv.ParseUint(h, 16, 32)
+	if err != nil || v == 0 {
+		return 0, fmt.Errorf("%q: expected a hexadecimal run of bits such as %s", s, defaultCTMarkBits)
+	}
+	if err := firewall.CheckCTMarkBits(uint32(v)); err != nil {
+		return 0, err
+	}
+	return uint32(v), nil
 }
 
 // parseTCPPorts parses "all" (nil: every port) or a comma-separated list of

@@ -63,6 +63,7 @@ type runConfig struct {
 	proxyUsers  string
 	dnsListen   string
 	tcpPorts    string
+	ctMarkBits  string
 	inspect     bool
 	denyAnswer  string
 	logLevel    string
@@ -87,6 +88,7 @@ func (c *runConfig) flags(fs *flag.FlagSet) {
 	fs.StringVar(&c.proxyUsers, "proxy-users", "", "file of NAME:bcrypt:HASH lines (egressd proxy-users hash NAME): the explicit proxy then asks for one of these users (HTTP Basic, 407)")
 	fs.StringVar(&c.dnsListen, "dns-listen", ":53", "DNS forwarder listen addresses, comma-separated (UDP and TCP)")
 	fs.StringVar(&c.tcpPorts, "tcp-ports", "all", `TCP ports redirected to the proxy in enforce mode: "all" or a list such as 80,443,5228-5230 (the ports of host/path rules are always redirected)`)
+	fs.StringVar(&c.ctMarkBits, "ct-mark-bits", defaultCTMarkBits, ctMarkBitsUsage)
 	fs.BoolVar(&c.inspect, "inspect", false, "decrypt connections to hosts with host/path rules (CA in the state directory; egressd ca export)")
 	fs.StringVar(&c.denyAnswer, "dns-deny", "", "answer to denied names in enforce mode: REFUSED (default), NXDOMAIN or NULL")
 	fs.StringVar(&c.logLevel, "log-level", "info", "debug, info, warn or error")
@@ -215,6 +217,8 @@ func checkFlagValues(cfg runConfig) error {
 	bad("tcp-ports", err)
 	_, err = parsePortProtos(cfg.wanOpen)
 	bad("wan-open", err)
+	_, err = parseCTMarkBits(cfg.ctMarkBits)
+	bad("ct-mark-bits", err)
 	bad("dns-listen", dnsfilter.Config{Listen: splitList(cfg.dnsListen)}.Validate())
 	bad("upstream-dns", dnsfilter.Config{Upstreams: splitList(cfg.upstreams)}.Validate())
 	bad("dns-deny", dnsfilter.Config{Deny: denyAnswer(cfg.denyAnswer)}.Validate())
@@ -227,6 +231,14 @@ func checkFlagValues(cfg runConfig) error {
 		return flagValueError{errors.Join(errs...)}
 	}
 	return nil
+}
+
+// firewallConfig is the part of the firewall's configuration that the
+// policy's rule tags depend on (checked by checkFlagValues first).
+func firewallConfig(cfg runConfig) firewall.Config {
+	tcpPorts, _ := parseTCPPorts(cfg.tcpPorts)
+	bits, _ := parseCTMarkBits(cfg.ctMarkBits)
+	return firewall.Config{TCPPorts: tcpPorts, CTMarkBits: bits}
 }
 
 // denyAnswer maps --dns-deny, in any case, to dnsfilter's names: REFUSED
@@ -282,6 +294,14 @@ func newDaemon(cfg runConfig, stdout, stderr io.Writer) (*daemon, error) {
 	eng, err := d.loadPolicy()
 	if err != nil {
 		return nil, err
+	}
+	if !cfg.noFirewall {
+		// The firewall may first install on a reload to enforce: a
+		// policy with more rules than --ct-mark-bits has tags must stop
+		// the start, not share tags then.
+		if err := firewallConfig(cfg).CheckTags(eng); err != nil {
+			return nil, flagValueError{fmt.Errorf("--ct-mark-bits: %w", err)}
+		}
 	}
 	d.store = policy.NewStore(eng)
 	d.reg = prometheus.NewRegistry()
@@ -675,8 +695,12 @@ func (d *daemon) startFirewall(lan, wan string, gate *firewallGate) error {
 	if err != nil {
 		return fmt.Errorf("--wan-open: %w", err)
 	}
+	markBits, err := parseCTMarkBits(d.cfg.ctMarkBits)
+	if err != nil {
+		return fmt.Errorf("--ct-mark-bits: %w", err)
+	}
 	proxyPort, dnsPort := listenPort(d.cfg.transparent), listenPort(firstOf(splitList(d.cfg.dnsListen)))
-	fcfg := firewall.Config{LAN: lan, WAN: wan, ProxyPort: proxyPort, DNSPort: dnsPort, TCPPorts: tcpPorts, Masquerade: d.cfg.masquerade, GuardWAN: d.cfg.guardWAN, WANOpen: wanOpen}
+	fcfg := firewall.Config{LAN: lan, WAN: wan, ProxyPort: proxyPort, DNSPort: dnsPort, TCPPorts: tcpPorts, Masquerade: d.cfg.masquerade, GuardWAN: d.cfg.guardWAN, WANOpen: wanOpen, CTMarkBits: markBits}
 	// The flows a reload cuts go to capture, which records each on its
 	// own record of the flow (its start, name and bytes: counted once in
 	// the report), or to the event log as the firewall reports them when
