@@ -142,8 +142,8 @@ func TestCheckTags(t *testing.T) {
 	}
 }
 
-// TestNarrowTagsShared: with fewer tags than rules (a reload past what
-// CheckTags let start), rules share tags, every tag in range, and a
+// TestNarrowTagsShared: with fewer tags than rules (Config.CheckTags),
+// rules share tags, every tag in range, and a
 // reload still cuts what it no longer allows and keeps what it does.
 func TestNarrowTagsShared(t *testing.T) {
 	cfg := siteConfig

@@ -61,8 +61,8 @@
 // enforced bit, the others the tag, of 2^(n-1)-1 tags for n bits. The
 // ruleset, the reload's look at the connections (dump, cut, re-mark) and
 // the tags all follow it. A policy with more rules that forward than
-// tags is refused at start ([Config.CheckTags]); one a reload brings in
-// goes in with rules sharing tags (logged): the look still cuts what the
+// tags goes in with rules sharing tags (said at start by egressd run,
+// [Config.CheckTags], and in the install or replace line): the look still cuts what the
 // policy no longer allows, but decides again the flows of every rule
 // whose tag a changed rule shares, and so cuts some an unchanged rule
 // would have kept. The operator's rules must not write these bits. A

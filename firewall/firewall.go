@@ -196,8 +196,7 @@ func (f *Firewall) apply(eng *policy.Engine, op string, only *policy.Engine) err
 	}
 	short := uint64(len(rs.flows)) > uint64(rs.mark.count)
 	if short {
-		// More rules than tags (a reload grew the policy past what
-		// CheckTags let start): rules share tags.
+		// More rules than tags (Config.CheckTags): rules share tags.
 		attrs = append(attrs, "ct_mark_tags", rs.mark.count, "ct_mark_tags_wanted", len(rs.flows))
 	}
 	if sw.err != nil || short {

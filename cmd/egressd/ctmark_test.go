@@ -35,8 +35,8 @@ func twoUDPRules(t *testing.T) string {
 
 // TestFirewallPrintCTMarkBits: `firewall print --ct-mark-bits` places
 // the marks; the default given explicitly prints the same bytes as none;
-// a run of bits that is not one, or too short for the policy's rules, is
-// a usage error naming the flag.
+// a run of bits that is not one is a usage error naming the flag; one too
+// short for the policy's rules prints the ruleset with a warning.
 func TestFirewallPrintCTMarkBits(t *testing.T) {
 	pol := twoUDPRules(t)
 	args := []string{"firewall", "print", "--policy", pol, "--lan", "lan0", "--wan", "wan0"}
@@ -59,22 +59,28 @@ func TestFirewallPrintCTMarkBits(t *testing.T) {
 		{"0x00500000", "egressd firewall print: --ct-mark-bits: firewall: conntrack mark bits 0x00500000: not one run of contiguous bits"},
 		{"0x80000000", "egressd firewall print: --ct-mark-bits: firewall: conntrack mark bits 0x80000000: one bit"},
 		{"lots", `egressd firewall print: --ct-mark-bits: "lots": expected a hexadecimal run of bits`},
-		{"0x3", "egressd firewall print: --ct-mark-bits: firewall: conntrack mark bits 0x00000003 hold 1 rule tags, and the policy has 2 rules that forward traffic"},
 	} {
 		code, out, errs := runCLI(t, append(args, "--ct-mark-bits", c.value)...)
 		if code != exitUsage || out != "" || !strings.HasPrefix(errs, c.want) {
 			t.Errorf("--ct-mark-bits %s: exit %d, stdout %q, stderr %q; want %d and %q", c.value, code, out, errs, exitUsage, c.want)
 		}
 	}
-	if code, _, errs := runCLI(t, append(args, "--ct-mark-bits", "0x7")...); code != exitOK {
+	if code, _, errs := runCLI(t, append(args, "--ct-mark-bits", "0x7")...); code != exitOK || errs != "" {
 		t.Errorf("--ct-mark-bits 0x7 (3 tags, 2 rules): exit %d: %s", code, errs)
+	}
+	// Fewer tags than rules: the rules share tags, with a warning.
+	code, shared, errs := runCLI(t, append(args, "--ct-mark-bits", "0x3")...)
+	want := "egressd firewall print: warning: --ct-mark-bits: firewall: conntrack mark bits 0x00000003 hold 1 rule tags, and the policy has 2 rules that forward traffic"
+	if code != exitOK || !strings.HasPrefix(errs, want) || !strings.Contains(shared, "ct mark & 0x00000002 == 0x00000002 accept") {
+		t.Errorf("--ct-mark-bits 0x3 (1 tag, 2 rules): exit %d, stderr %q, want %d and %q; ruleset:\n%s", code, errs, exitOK, want, shared)
 	}
 }
 
 // TestRunCTMarkBits: `egressd run` refuses, at start and as a usage
-// error, a --ct-mark-bits that is not one run of bits, and one whose tags
-// are fewer than the policy's rules that forward (in audit mode too: a
-// reload to enforce installs the firewall), before anything listens.
+// error, a --ct-mark-bits that is not one run of bits, before anything
+// listens; one whose tags are fewer than the policy's rules that forward
+// starts, with a warning (in audit mode too: a reload to enforce installs
+// the firewall).
 func TestRunCTMarkBits(t *testing.T) {
 	pol := twoUDPRules(t)
 	base := []string{"--policy", pol, "--mode", "audit", "--lan", "lo", "--wan", "lo",
@@ -83,7 +89,6 @@ func TestRunCTMarkBits(t *testing.T) {
 	for _, c := range []struct{ value, want string }{
 		{"0x00f0f000", "--ct-mark-bits: firewall: conntrack mark bits 0x00f0f000: not one run of contiguous bits"},
 		{"0", `--ct-mark-bits: "0": expected a hexadecimal run of bits`},
-		{"0x00003000", "--ct-mark-bits: firewall: conntrack mark bits 0x00003000 hold 1 rule tags, and the policy has 2 rules that forward traffic"},
 	} {
 		t.Run(c.value, func(t *testing.T) {
 			ctx, cancel := context.WithTimeout(context.Background(), 5*time.Second)
@@ -95,6 +100,17 @@ func TestRunCTMarkBits(t *testing.T) {
 			}
 		})
 	}
+	t.Run("fewer-tags-than-rules", func(t *testing.T) {
+		ctx, cancel := context.WithTimeout(context.Background(), 3*time.Second)
+		defer cancel()
+		var out, errb lockedBuffer
+		code := cmdRun(ctx, append(append([]string{}, base...), "--ct-mark-bits", "0x00003000", "--state-dir", filepath.Join(t.TempDir(), "state")), &out, &errb)
+		logs := out.String() + errb.String()
+		if code != exitOK || !strings.Contains(logs, "rules will share conntrack mark tags") ||
+			!strings.Contains(logs, "hold 1 rule tags, and the policy has 2 rules that forward traffic") {
+			t.Errorf("--ct-mark-bits 0x00003000 (1 tag, 2 rules): exit %d, want %d after a warning\n%s", code, exitOK, logs)
+		}
+	})
 }
 
 // TestRunCTMarkBitsInstalled: `egressd run --ct-mark-bits` installs the

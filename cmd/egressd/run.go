@@ -296,11 +296,14 @@ func newDaemon(cfg runConfig, stdout, stderr io.Writer) (*daemon, error) {
 		return nil, err
 	}
 	if !cfg.noFirewall {
-		// The firewall may first install on a reload to enforce: a
-		// policy with more rules than --ct-mark-bits has tags must stop
-		// the start, not share tags then.
+		// The firewall may first install on a reload to enforce. With
+		// more rules that forward than --ct-mark-bits has tags, rules
+		// share tags: a reload still cuts what it no longer allows, but
+		// may cut some flows of unchanged rules too. Said at start, so
+		// the operator can widen the bits; not a reason to refuse a
+		// policy that worked before the flag existed.
 		if err := firewallConfig(cfg).CheckTags(eng); err != nil {
-			return nil, flagValueError{fmt.Errorf("--ct-mark-bits: %w", err)}
+			d.log.Warn("firewall: rules will share conntrack mark tags", audit.LogError, err.Error())
 		}
 	}
 	d.store = policy.NewStore(eng)
