@@ -40,7 +40,12 @@ type entry struct {
 	gate     atomic.Pointer[gateMark]
 	upstream string
 	filtered string // what the answer filter removed ("rebinding", "ech"), for the log
+	packed   int    // msg's packed size, for the cache's byte bound
 }
+
+// cost is what an entry counts against cacheBytes: its packed answer and
+// a little for its key and the rest.
+func (e *entry) cost() int { return e.packed + len(e.name) + 128 }
 
 type learnedAddr struct {
 	addr    netip.Addr
@@ -48,9 +53,9 @@ type learnedAddr struct {
 }
 
 // cache is a bounded TTL cache of entries keyed by the question (lower-case
-// wire name, type, class, DO and CD bits). When a shard is full, expired
-// entries go first, else a random one (map order): cheap, and good enough
-// for a resolver cache.
+// wire name, type, class, DO and CD bits), bounded in entries and in
+// bytes (cacheBytes). When a shard is full, expired entries go first, else
+// random ones (map order): cheap, and good enough for a resolver cache.
 type cache struct {
 	shards [cacheShards]cacheShard
 	seed   maphash.Seed
@@ -61,9 +66,18 @@ type cache struct {
 
 const cacheShards = 64
 
+// cacheBytes bounds the packed size of the cached answers, all shards
+// together (an entry holds about three times its packed size: the parsed
+// message and its packed copies). Without it a client asking distinct
+// names of a zone it controls, whose answers are 64 KiB each, made every
+// cached entry one of those: over a gigabyte at the default 10,000
+// entries. Ordinary answers (a few hundred bytes) never reach it.
+const cacheBytes = 16 << 20
+
 type cacheShard struct {
-	mu sync.RWMutex // guards m
-	m  map[string]*entry
+	mu    sync.RWMutex // guards m, bytes
+	m     map[string]*entry
+	bytes int // cost of the entries in m
 }
 
 func newCache(size int) *cache {
@@ -91,30 +105,41 @@ func (c *cache) get(key []byte, now int64) *entry {
 }
 
 func (c *cache) put(key []byte, e *entry, now int64) {
+	cost := e.cost()
+	if cost > cacheBytes/cacheShards {
+		return
+	}
 	sh := c.shard(key)
 	sh.mu.Lock()
 	defer sh.mu.Unlock()
-	if _, ok := sh.m[string(key)]; !ok && len(sh.m) >= c.perCap {
+	if old, ok := sh.m[string(key)]; ok {
+		delete(sh.m, string(key))
+		sh.bytes -= old.cost()
+		c.size.Add(-1)
+	}
+	full := func() bool { return len(sh.m) >= c.perCap || sh.bytes+cost > cacheBytes/cacheShards }
+	if full() {
 		removed := 0
 		for k, v := range sh.m {
 			if v.expires <= now {
 				delete(sh.m, k)
+				sh.bytes -= v.cost()
 				removed++
 			}
 		}
-		if removed == 0 {
-			for k := range sh.m {
-				delete(sh.m, k)
-				removed++
-				c.evict.Add(1)
+		for k, v := range sh.m {
+			if !full() {
 				break
 			}
+			delete(sh.m, k)
+			sh.bytes -= v.cost()
+			removed++
+			c.evict.Add(1)
 		}
 		c.size.Add(int64(-removed))
-	} else if ok {
-		c.size.Add(-1)
 	}
 	sh.m[string(key)] = e
+	sh.bytes += cost
 	c.size.Add(1)
 }
 
@@ -126,6 +151,7 @@ func (c *cache) sweep(now int64) {
 		for k, v := range sh.m {
 			if v.expires <= now {
 				delete(sh.m, k)
+				sh.bytes -= v.cost()
 				c.size.Add(-1)
 			}
 		}
@@ -253,7 +279,7 @@ func newEntry(name string, m *dns.Msg, do bool, udpSize uint16, now time.Time, m
 		extra = append(extra, rr)
 	}
 	m.Extra = extra
-	e := &entry{name: name, msg: m, rcode: m.Rcode, stored: now.UnixNano(), upstream: upstream, filtered: filtered, do: do, udpSize: udpSize}
+	e := &entry{name: name, msg: m, rcode: m.Rcode, stored: now.UnixNano(), upstream: upstream, filtered: filtered, do: do, udpSize: udpSize, packed: m.Len()}
 
 	ttl := time.Duration(-1)
 	switch {
