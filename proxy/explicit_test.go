@@ -1097,3 +1097,22 @@ func checkInspectedCounts(t *testing.T, ev *events, clientPort int, destPort uin
 		time.Sleep(50 * time.Millisecond)
 	}
 }
+
+// TestCertStoreBounded: inspection makes a leaf per host, and under a
+// host/path rule's wildcard a client chooses the hosts (SNIs): 10,000 of
+// them leave at most 4,097 leaves cached.
+func TestCertStoreBounded(t *testing.T) {
+	s := &certStore{}
+	leaf := &tls.Certificate{Leaf: &x509.Certificate{NotAfter: time.Now().Add(300 * 24 * time.Hour)}}
+	for i := range 10000 {
+		if _, err := s.Fetch(fmt.Sprintf("h%d.paths.test", i), func() (*tls.Certificate, error) { return leaf, nil }); err != nil {
+			t.Fatal(err)
+		}
+	}
+	s.mu.Lock()
+	n := len(s.m)
+	s.mu.Unlock()
+	if n > 4097 {
+		t.Errorf("%d leaves cached after 10,000 hosts, bound 4,097", n)
+	}
+}

@@ -432,4 +432,12 @@ func TestExplicitAuthWaitersPerAddr(t *testing.T) {
 	if n := p.slow.checks.Load(); n != authWaitersPerAddr+1 {
 		t.Errorf("%d bcrypt checks, want %d", n, authWaitersPerAddr+1)
 	}
+	// Every address's place is given back: a client's addresses do not
+	// stay in the table once its checks are done.
+	p.slow.mu.Lock()
+	left := len(p.slow.addrs)
+	p.slow.mu.Unlock()
+	if left != 0 {
+		t.Errorf("%d addresses left in the waiters' table after every check ended", left)
+	}
 }
