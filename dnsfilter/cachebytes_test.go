@@ -6,6 +6,7 @@ import (
 	"runtime"
 	"strings"
 	"testing"
+	"time"
 
 	"github.com/miekg/dns"
 )
@@ -97,5 +98,89 @@ func TestCacheBoundedInBytes(t *testing.T) {
 	}
 	if limit := int64(cacheBytes) * 4; grown > limit {
 		t.Errorf("heap grew %d MiB for %d cached 60 KiB answers, over %d MiB (4 × the cache's byte budget)", grown>>20, names, limit>>20)
+	}
+}
+
+// TestCacheBytesAccounting: every shard's byte count is the cost of the
+// entries it holds, through puts of new keys, replacements of a key by an
+// answer of another size, evictions by count and by bytes, expired entries
+// made room for on put, and the sweep; once everything expired and was
+// swept, it is 0 again. A path that adds or removes an entry without its
+// cost would leave the count drifting, and the cache would then refuse
+// answers it has room for (or hold more than its bound).
+func TestCacheBytesAccounting(t *testing.T) {
+	c := newCache(256) // 4 entries a shard: evictions by count too
+	t0 := time.Unix(1_700_000_000, 0)
+	answer := func(name string, txt int, ttl uint32) *entry {
+		m := new(dns.Msg)
+		m.SetQuestion(name, dns.TypeTXT)
+		m.Response = true
+		for i := range txt {
+			m.Answer = append(m.Answer, &dns.TXT{Hdr: dns.RR_Header{Name: name, Rrtype: dns.TypeTXT, Class: dns.ClassINET, Ttl: ttl},
+				Txt: []string{fmt.Sprintf("%03d%s", i, strings.Repeat("z", 200))}})
+		}
+		return newEntry(strings.TrimSuffix(name, "."), m, false, 1232, t0, time.Hour, time.Hour, "", "")
+	}
+	check := func(when string) {
+		t.Helper()
+		n := 0
+		for i := range c.shards {
+			sh := &c.shards[i]
+			sh.mu.RLock()
+			want := 0
+			for _, e := range sh.m {
+				want += e.cost()
+			}
+			n += len(sh.m)
+			if sh.bytes != want {
+				t.Errorf("%s: shard %d counts %d bytes, holds %d", when, i, sh.bytes, want)
+			}
+			if sh.bytes > cacheBytes/cacheShards {
+				t.Errorf("%s: shard %d holds %d bytes, over its %d", when, i, sh.bytes, cacheBytes/cacheShards)
+			}
+			sh.mu.RUnlock()
+		}
+		if c.len() != n {
+			t.Errorf("%s: len %d, holds %d entries", when, c.len(), n)
+		}
+	}
+	key := func(name string) []byte { return appendKey(nil, name, dns.TypeTXT, dns.ClassINET, 0) }
+	now := t0.UnixNano()
+	// Small and large answers (up to 240 records of ~200 bytes: a few
+	// fill a shard's byte share), TTLs of 10 to 60 s.
+	for i := range 2000 {
+		name := fmt.Sprintf("n%d.example.", i%700)
+		txt := 1 + (i*37)%240
+		if i%3 == 0 {
+			txt = 1
+		}
+		c.put(key(name), answer(name, txt, uint32(10+i%51)), now)
+		now += int64(10 * time.Millisecond)
+		if i%250 == 0 {
+			check(fmt.Sprintf("after put %d", i))
+		}
+	}
+	check("after the puts")
+	// Half the TTLs run out: a sweep, then puts that make room among
+	// expired entries.
+	now = t0.Add(35 * time.Second).UnixNano()
+	c.sweep(now)
+	check("after a sweep at 35s")
+	for i := range 300 {
+		name := fmt.Sprintf("late%d.example.", i)
+		c.put(key(name), answer(name, 1+i%120, 20), now)
+	}
+	check("after puts at 35s")
+	// Everything expired.
+	now = t0.Add(time.Hour).UnixNano()
+	c.sweep(now)
+	check("after everything expired")
+	for i := range c.shards {
+		if b := c.shards[i].bytes; b != 0 {
+			t.Errorf("shard %d counts %d bytes with no entry", i, b)
+		}
+	}
+	if c.len() != 0 {
+		t.Errorf("len %d after everything expired", c.len())
 	}
 }
