@@ -42,6 +42,10 @@ func cmdCA(_ context.Context, args []string, stdout, stderr io.Writer) int {
 	return exitOK
 }
 
+// caChownHook, for tests, is called between the checks of a CA file and
+// its chown: where the state directory's owner may swap the file.
+var caChownHook func(path string)
+
 // caToDirOwner gives the CA's files to the state directory's owner when
 // root ran the export: under dist/egressd.service the directory is the
 // service's dynamic user's, and a key root made there is one the daemon
@@ -73,6 +77,9 @@ func caToDirOwner(dir string) error {
 		}
 		if !fi.Mode().IsRegular() || st.Nlink != 1 || st.Uid != 0 {
 			return fmt.Errorf("ca: %s is not a file root made: not giving it to the state directory's owner", path)
+		}
+		if caChownHook != nil {
+			caChownHook(path)
 		}
 		if err := os.Lchown(path, int(owner.Uid), int(owner.Gid)); err != nil {
 			return fmt.Errorf("ca: give %s to the state directory's owner: %w", f, err)

@@ -9,6 +9,9 @@ import (
 	"strings"
 	"syscall"
 	"testing"
+
+	"egressd/internal/testnet"
+	"egressd/proxy"
 )
 
 func TestCAExport(t *testing.T) {
@@ -123,5 +126,61 @@ func TestCAExportAsRootRefusesLinkedFile(t *testing.T) {
 	}
 	if s := st.Sys().(*syscall.Stat_t); s.Uid != 0 {
 		t.Errorf("root's file linked under ca.pem was given to %d", s.Uid)
+	}
+}
+
+// TestCAExportAsRootChownRace: the state directory's owner swaps the key
+// for a hard link to a file of root's between root's checks of the key
+// and its chown (the owner may rename and link in its directory at any
+// time; here at the worst one, deterministically). Root must give away
+// the file it checked, never what the name holds by then.
+func TestCAExportAsRootChownRace(t *testing.T) {
+	testnet.RequireRoot(t)
+	base := t.TempDir()
+	state := filepath.Join(base, "state")
+	if err := os.Mkdir(state, 0o750); err != nil {
+		t.Fatal(err)
+	}
+	if err := os.Chown(state, 65534, 65534); err != nil {
+		t.Fatal(err)
+	}
+	if _, _, err := proxy.LoadOrCreateCA(state); err != nil {
+		t.Fatal(err)
+	}
+	secret := filepath.Join(base, "root-secret") // same file system as state
+	if err := os.WriteFile(secret, []byte("root's\n"), 0o600); err != nil {
+		t.Fatal(err)
+	}
+	key, aside := filepath.Join(state, proxy.CAKeyFile), filepath.Join(state, "key-aside")
+	swapped := false
+	caChownHook = func(path string) {
+		if path != key || swapped {
+			return
+		}
+		swapped = true
+		if err := os.Rename(key, aside); err != nil {
+			t.Error(err)
+		}
+		if err := os.Link(secret, key); err != nil {
+			t.Error(err)
+		}
+	}
+	defer func() { caChownHook = nil }()
+	_ = caToDirOwner(state)
+	if !swapped {
+		t.Fatal("the key was never about to be chowned")
+	}
+	owner := func(p string) uint32 {
+		st, err := os.Stat(p)
+		if err != nil {
+			t.Fatal(err)
+		}
+		return st.Sys().(*syscall.Stat_t).Uid
+	}
+	if u := owner(secret); u != 0 {
+		t.Errorf("root's file, linked under %s after the checks, was given to %d", proxy.CAKeyFile, u)
+	}
+	if u := owner(aside); u != 65534 {
+		t.Errorf("the key root made and checked is %d's, want the state directory's 65534", u)
 	}
 }
