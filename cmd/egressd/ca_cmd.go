@@ -8,6 +8,8 @@ import (
 	"path/filepath"
 	"syscall"
 
+	"golang.org/x/sys/unix"
+
 	"egressd/proxy"
 )
 
@@ -63,27 +65,40 @@ func caToDirOwner(dir string) error {
 		return nil
 	}
 	for _, f := range []string{proxy.CACertFile, proxy.CAKeyFile} {
-		path := filepath.Join(dir, f)
-		// Only a plain file of root's with one name: the directory's
-		// owner can put anything under these names, and root must not
-		// hand over a file of its own that a hard link there points at.
-		fi, err := os.Lstat(path)
-		if err != nil {
-			return fmt.Errorf("ca: %w", err)
+		if err := fileToOwner(filepath.Join(dir, f), owner.Uid, owner.Gid); err != nil {
+			return err
 		}
-		st, ok := fi.Sys().(*syscall.Stat_t)
-		if !ok || st.Uid == owner.Uid {
-			continue
-		}
-		if !fi.Mode().IsRegular() || st.Nlink != 1 || st.Uid != 0 {
-			return fmt.Errorf("ca: %s is not a file root made: not giving it to the state directory's owner", path)
-		}
-		if caChownHook != nil {
-			caChownHook(path)
-		}
-		if err := os.Lchown(path, int(owner.Uid), int(owner.Gid)); err != nil {
-			return fmt.Errorf("ca: give %s to the state directory's owner: %w", f, err)
-		}
+	}
+	return nil
+}
+
+// fileToOwner gives the file at path to uid:gid, if it is a plain file of
+// root's with one name. The directory's owner can put anything under
+// that name, and swap it at any time: the file is opened once, without
+// following a symbolic link, and checked and given away through that
+// descriptor, so root never hands over a file of its own that a hard
+// link there points at. One the owner has already is left as it is.
+func fileToOwner(path string, uid, gid uint32) error {
+	fd, err := unix.Open(path, unix.O_PATH|unix.O_NOFOLLOW|unix.O_CLOEXEC, 0)
+	if err != nil {
+		return fmt.Errorf("ca: %s: %w", path, err)
+	}
+	defer unix.Close(fd)
+	var st unix.Stat_t
+	if err := unix.Fstat(fd, &st); err != nil {
+		return fmt.Errorf("ca: %s: %w", path, err)
+	}
+	if st.Uid == uid {
+		return nil
+	}
+	if st.Mode&unix.S_IFMT != unix.S_IFREG || st.Nlink != 1 || st.Uid != 0 {
+		return fmt.Errorf("ca: %s is not a file root made: not giving it to the state directory's owner", path)
+	}
+	if caChownHook != nil {
+		caChownHook(path)
+	}
+	if err := unix.Fchownat(fd, "", int(uid), int(gid), unix.AT_EMPTY_PATH); err != nil {
+		return fmt.Errorf("ca: give %s to the state directory's owner: %w", filepath.Base(path), err)
 	}
 	return nil
 }
