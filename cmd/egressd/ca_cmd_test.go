@@ -184,3 +184,50 @@ func TestCAExportAsRootChownRace(t *testing.T) {
 		t.Errorf("the key root made and checked is %d's, want the state directory's 65534", u)
 	}
 }
+
+// TestCAExportAsRootPrintsOnlyTheCertificate: the state directory's owner
+// (a compromised daemon) points the CA's names at a file of root's that
+// holds a certificate and its private key in one (as TLS servers keep
+// them). Root's export reads through the links and the pair loads; what
+// it prints, which operators copy to every client, must be the
+// certificate alone, never the key beside it.
+func TestCAExportAsRootPrintsOnlyTheCertificate(t *testing.T) {
+	testnet.RequireRoot(t)
+	base := t.TempDir()
+	other := filepath.Join(base, "other")
+	if _, _, err := proxy.LoadOrCreateCA(other); err != nil {
+		t.Fatal(err)
+	}
+	var combined []byte
+	for _, f := range []string{proxy.CACertFile, proxy.CAKeyFile} {
+		b, err := os.ReadFile(filepath.Join(other, f))
+		if err != nil {
+			t.Fatal(err)
+		}
+		combined = append(combined, b...)
+	}
+	secret := filepath.Join(base, "server.pem")
+	if err := os.WriteFile(secret, combined, 0o600); err != nil {
+		t.Fatal(err)
+	}
+	state := filepath.Join(base, "state")
+	if err := os.Mkdir(state, 0o750); err != nil {
+		t.Fatal(err)
+	}
+	for _, f := range []string{proxy.CACertFile, proxy.CAKeyFile} {
+		p := filepath.Join(state, f)
+		if err := os.Symlink(secret, p); err != nil {
+			t.Fatal(err)
+		}
+		if err := os.Lchown(p, 65534, 65534); err != nil {
+			t.Fatal(err)
+		}
+	}
+	if err := os.Chown(state, 65534, 65534); err != nil {
+		t.Fatal(err)
+	}
+	_, out, _ := runCmd(t, "ca", "export", "--state-dir", state)
+	if strings.Contains(out, "PRIVATE KEY") {
+		t.Errorf("ca export printed a private key:\n%s", out)
+	}
+}
