@@ -2,6 +2,7 @@ package main
 
 import (
 	"context"
+	"encoding/pem"
 	"fmt"
 	"io"
 	"os"
@@ -32,7 +33,7 @@ func cmdCA(_ context.Context, args []string, stdout, stderr io.Writer) int {
 		fmt.Fprintln(stderr, "usage: egressd "+commands["ca"].usage)
 		return exitUsage
 	}
-	_, certPEM, err := proxy.LoadOrCreateCA(*stateDir)
+	ca, _, err := proxy.LoadOrCreateCA(*stateDir)
 	if err == nil {
 		err = caToDirOwner(*stateDir)
 	}
@@ -40,7 +41,13 @@ func cmdCA(_ context.Context, args []string, stdout, stderr io.Writer) int {
 		fmt.Fprintln(stderr, "egressd:", err)
 		return exitFail
 	}
-	stdout.Write(certPEM)
+	// The certificates as parsed, not the file as read: the file is the
+	// state directory owner's to fill, or to link to one of root's that
+	// holds a key beside its certificate, and what this prints goes to
+	// every client.
+	for _, der := range ca.Certificate {
+		stdout.Write(pem.EncodeToMemory(&pem.Block{Type: "CERTIFICATE", Bytes: der}))
+	}
 	return exitOK
 }
 
