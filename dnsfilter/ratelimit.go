@@ -8,8 +8,8 @@ import (
 )
 
 // rateLimiter is a token bucket per client address (THREATS.md E1, G2). It
-// is bounded: idle buckets are swept, and when a shard is still full a new
-// client shares a fresh bucket slot by replacing a random idle one.
+// is bounded: idle buckets are swept, and when a shard is full a new
+// client's bucket takes the place of an idle one, else of a random one.
 type rateLimiter struct {
 	rate   float64 // tokens per nanosecond
 	burst  float64
@@ -24,8 +24,9 @@ const (
 )
 
 type rlShard struct {
-	mu sync.Mutex // guards m
-	m  map[netip.Addr]*bucket
+	mu       sync.Mutex // guards m, examined
+	m        map[netip.Addr]*bucket
+	examined uint64 // buckets looked at to make room, for tests
 }
 
 type bucket struct {
@@ -75,22 +76,32 @@ func (r *rateLimiter) allow(client netip.Addr, now int64) (ok, first bool) {
 	return false, first
 }
 
-// sweepLocked removes buckets that are full again (idle clients); if none
-// are, it removes one at random so the map stays bounded.
+// sweepLocked makes room in a full shard: it removes buckets that are full
+// again (idle clients), and when fewer than rlRoom of the shard's places
+// are free then, random others (map order) until they are. Freeing a batch
+// keeps the scan to one per batch of new clients: under a flood from
+// spoofed addresses, where every bucket still limits, a scan per new
+// address cost the whole shard each. It evicts no more limiting buckets
+// than the flood's new addresses, on average, as a scan per address did.
 func (r *rateLimiter) sweepLocked(sh *rlShard, now int64) {
-	n := len(sh.m)
 	for k, b := range sh.m {
+		sh.examined++
 		if b.tokens+float64(now-b.last)*r.rate >= r.burst {
 			delete(sh.m, k)
 		}
 	}
-	if len(sh.m) == n {
-		for k := range sh.m {
-			delete(sh.m, k)
+	keep := r.perCap - max(1, r.perCap/rlRoom)
+	for k := range sh.m {
+		if len(sh.m) <= keep {
 			break
 		}
+		sh.examined++
+		delete(sh.m, k)
 	}
 }
+
+// rlRoom: a full shard is swept until 1/rlRoom of its places are free.
+const rlRoom = 8
 
 func (r *rateLimiter) sweep(now int64) {
 	for i := range r.shards {
