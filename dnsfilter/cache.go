@@ -55,7 +55,9 @@ type learnedAddr struct {
 // cache is a bounded TTL cache of entries keyed by the question (lower-case
 // wire name, type, class, DO and CD bits), bounded in entries and in
 // bytes (cacheBytes). When a shard is full, expired entries go first, else
-// random ones (map order): cheap, and good enough for a resolver cache.
+// random ones (map order): cheap, and good enough for a resolver cache. A
+// full shard frees an eighth of itself at once, so that the scan for
+// expired entries is paid once per batch of new answers.
 type cache struct {
 	shards [cacheShards]cacheShard
 	seed   maphash.Seed
@@ -66,6 +68,9 @@ type cache struct {
 
 const cacheShards = 64
 
+// cacheRoom: a full shard makes room until 1/cacheRoom of it is free.
+const cacheRoom = 8
+
 // cacheBytes bounds the packed size of the cached answers, all shards
 // together (an entry holds about three times its packed size: the parsed
 // message and its packed copies). Without it a client asking distinct
@@ -75,9 +80,10 @@ const cacheShards = 64
 const cacheBytes = 16 << 20
 
 type cacheShard struct {
-	mu    sync.RWMutex // guards m, bytes
-	m     map[string]*entry
-	bytes int // cost of the entries in m
+	mu       sync.RWMutex // guards m, bytes, examined
+	m        map[string]*entry
+	bytes    int    // cost of the entries in m
+	examined uint64 // entries looked at to make room, for tests
 }
 
 func newCache(size int) *cache {
@@ -117,10 +123,16 @@ func (c *cache) put(key []byte, e *entry, now int64) {
 		sh.bytes -= old.cost()
 		c.size.Add(-1)
 	}
-	full := func() bool { return len(sh.m) >= c.perCap || sh.bytes+cost > cacheBytes/cacheShards }
-	if full() {
+	limit := cacheBytes / cacheShards
+	if len(sh.m) >= c.perCap || sh.bytes+cost > limit {
+		// Make room for a batch: expired entries first, then random
+		// ones (map order) until an eighth of the shard's entries and
+		// bytes are free, so that the scan runs once per batch of new
+		// answers, not once for each.
+		keepN, keepBytes := c.perCap-max(1, c.perCap/cacheRoom), limit-limit/cacheRoom-cost
 		removed := 0
 		for k, v := range sh.m {
+			sh.examined++
 			if v.expires <= now {
 				delete(sh.m, k)
 				sh.bytes -= v.cost()
@@ -128,9 +140,10 @@ func (c *cache) put(key []byte, e *entry, now int64) {
 			}
 		}
 		for k, v := range sh.m {
-			if !full() {
+			if len(sh.m) <= keepN && sh.bytes <= keepBytes {
 				break
 			}
+			sh.examined++
 			delete(sh.m, k)
 			sh.bytes -= v.cost()
 			removed++

@@ -184,3 +184,87 @@ func TestCacheBytesAccounting(t *testing.T) {
 		t.Errorf("len %d after everything expired", c.len())
 	}
 }
+
+// cacheKey is the i-th of distinct keys.
+func cacheKey(i int) []byte {
+	return []byte{byte(i >> 32), byte(i >> 24), byte(i >> 16), byte(i >> 8), byte(i)}
+}
+
+func (c *cache) examined() uint64 {
+	var n uint64
+	for i := range c.shards {
+		sh := &c.shards[i]
+		sh.mu.RLock()
+		n += sh.examined
+		sh.mu.RUnlock()
+	}
+	return n
+}
+
+// TestCacheFullWork: once every shard is full of unexpired answers (a
+// client asking distinct names), each new answer looked at its whole shard
+// for expired ones. Making room now looks at a bounded number of entries
+// per new answer, on average, however large the cache.
+func TestCacheFullWork(t *testing.T) {
+	c := newCache(100_000)
+	now := time.Unix(1_800_000_000, 0).UnixNano()
+	e := &entry{name: "x.example.", expires: now + int64(time.Hour), packed: 100}
+	i := 0
+	for ; i < 200_000; i++ {
+		c.put(cacheKey(i), e, now)
+	}
+	before := c.examined()
+	const n = 20000
+	for range n {
+		c.put(cacheKey(i), e, now)
+		i++
+	}
+	per := float64(c.examined()-before) / n
+	t.Logf("%.1f entries examined per new answer", per)
+	if per > 16 {
+		t.Errorf("%.1f entries examined per new answer into a full cache, want at most 16 (a shard holds %d)", per, c.perCap)
+	}
+	if got := c.len(); got > 100_000 {
+		t.Errorf("cache holds %d entries, bound 100,000", got)
+	}
+}
+
+// TestCacheEvictsExpiredFirst: a full shard makes room from expired
+// answers before any unexpired one, as long as there are expired ones.
+func TestCacheEvictsExpiredFirst(t *testing.T) {
+	c := newCache(64 * 64)
+	now := time.Unix(1_800_000_000, 0).UnixNano()
+	sh := &c.shards[0]
+	var live [][]byte
+	filled := 0
+	for i := 0; filled < c.perCap; i++ {
+		k := cacheKey(i)
+		if c.shard(k) != sh {
+			continue
+		}
+		exp := now + int64(time.Hour)
+		if filled < c.perCap/2 {
+			exp = now - 1 // expired
+		} else {
+			live = append(live, k)
+		}
+		c.put(k, &entry{name: "x.example.", expires: exp, packed: 100}, now-int64(time.Minute))
+		filled++
+	}
+	for i, added := 1<<30, 0; added < c.perCap/4; i++ {
+		k := cacheKey(i)
+		if c.shard(k) != sh {
+			continue
+		}
+		c.put(k, &entry{name: "x.example.", expires: now + int64(time.Hour), packed: 100}, now)
+		added++
+	}
+	for _, k := range live {
+		if c.get(k, now) == nil {
+			t.Fatalf("an unexpired answer was evicted while %d expired ones were there", c.perCap/2)
+		}
+	}
+	if c.evict.Load() != 0 {
+		t.Errorf("%d unexpired answers evicted, want 0", c.evict.Load())
+	}
+}
