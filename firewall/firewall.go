@@ -53,12 +53,15 @@ type Firewall struct {
 	// learned holds, per learned set, the addresses in it and when they
 	// expire. The kernel's expiry of an element is never earlier (it is
 	// computed from the same TTL after this one), so an address whose
-	// expiry here is in the future is in the kernel's set.
+	// expiry here is in the future is in the kernel's set. Every write
+	// of an expiry goes through noted too (expiry.go).
 	learned  map[string]map[netip.Addr]learnedAddr
-	pending  *learnBatch // collecting; nil when empty
-	flushing bool        // a flush goroutine is writing learn batches
-	timer    *time.Timer // re-renders when a rule expires
+	expq     map[string]*expiryQueue // per learned set that was full
+	pending  *learnBatch             // collecting; nil when empty
+	flushing bool                    // a flush goroutine is writing learn batches
+	timer    *time.Timer             // re-renders when a rule expires
 	closed   bool
+	examined uint64 // learned addresses looked at to make room in a full set, for tests
 }
 
 // learnBatch is a group of learned addresses written in one transaction:
@@ -100,7 +103,7 @@ func New(cfg Config, deps Deps) (*Firewall, error) {
 		return nil, errors.New("firewall: MaxLearned is negative")
 	}
 	f := &Firewall{cfg: cfg, log: deps.Logger, sink: deps.Sink, now: deps.Now, m: newMetrics(deps.Registerer), given: deps.Given,
-		learned: map[string]map[netip.Addr]learnedAddr{}}
+		learned: map[string]map[netip.Addr]learnedAddr{}, expq: map[string]*expiryQueue{}}
 	if f.log == nil {
 		f.log = slog.Default()
 	}
@@ -321,6 +324,7 @@ func (f *Firewall) swapIn(eng *policy.Engine, op string, only *policy.Engine) (o
 		for a, exp := range m {
 			if v, ok := f.learned[name][a]; !ok || v.exp.Before(exp) {
 				f.learned[name][a] = learnedAddr{exp: exp}
+				f.noted(name, a, exp)
 			}
 		}
 	}
@@ -352,6 +356,7 @@ func (f *Firewall) carryOver(keep map[string]bool, now time.Time) {
 	for name, m := range f.learned {
 		if !keep[name] {
 			delete(f.learned, name)
+			delete(f.expq, name)
 			continue
 		}
 		for a, v := range m {
@@ -416,6 +421,7 @@ func (f *Firewall) removeLocked() (err error) {
 	f.rs = nil
 	f.cur.Store(nil)
 	clear(f.learned)
+	clear(f.expq)
 	if f.timer != nil {
 		f.timer.Stop()
 		f.timer = nil
@@ -617,11 +623,7 @@ func (f *Firewall) LearnAll(ctx context.Context, as []Address) error {
 			continue
 		}
 		if !had && len(m) >= f.cfg.maxLearned() {
-			for a, e := range m {
-				if !e.exp.After(now) && e.b == nil {
-					delete(m, a)
-				}
-			}
+			f.dropExpired(set, m, now)
 			if len(m) >= f.cfg.maxLearned() {
 				f.m.setFull.Inc()
 				errs = append(errs, fmt.Errorf("%w: %s (%d addresses)", ErrSetFull, set, len(m)))
@@ -630,6 +632,7 @@ func (f *Firewall) LearnAll(ctx context.Context, as []Address) error {
 		}
 		if !rs.inKernel {
 			m[addr] = learnedAddr{exp: exp}
+			f.noted(set, addr, exp)
 			continue
 		}
 		exp = exp.Add(min(ttl/16, time.Second))
@@ -642,12 +645,14 @@ func (f *Firewall) LearnAll(ctx context.Context, as []Address) error {
 			// Not written yet: write the later expiry instead.
 			b.ops[prev.op].exp = exp
 			m[addr] = learnedAddr{exp: exp, b: b, op: prev.op}
+			f.noted(set, addr, exp)
 		} else {
 			// If the kernel's copy expires before the delete reaches
 			// it, the transaction fails and writeLearned retries with
 			// adds only.
 			b.ops = append(b.ops, learnOp{rs: rs, rule: a.Rule, set: set, addr: addr, exp: exp, refresh: live, prev: prev.exp})
 			m[addr] = learnedAddr{exp: exp, b: b, op: len(b.ops) - 1}
+			f.noted(set, addr, exp)
 		}
 		if !slices.Contains(waits, b) {
 			waits = append(waits, b)
@@ -818,6 +823,7 @@ func (f *Firewall) writeLearned(ops []learnOp) (err error) {
 					v := m[op.addr]
 					v.exp = op.prev
 					m[op.addr] = v
+					f.noted(op.set, op.addr, v.exp)
 				}
 			}
 		}

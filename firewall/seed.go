@@ -199,6 +199,7 @@ func (f *Firewall) catchUp(eng *policy.Engine, rs *Ruleset, want map[string]bool
 			prev, had := f.learned[set][a]
 			b.ops = append(b.ops, learnOp{rs: rs, rule: s.Rule, set: set, addr: a, exp: exp, refresh: had && prev.exp.After(now), prev: prev.exp})
 			f.learned[set][a] = learnedAddr{exp: exp, b: b, op: len(b.ops) - 1}
+			f.noted(set, a, exp)
 		}
 	}
 	f.mu.Unlock()

@@ -1,0 +1,139 @@
+package firewall
+
+import (
+	"errors"
+	"net/netip"
+	"testing"
+	"time"
+
+	"egressd/policy"
+)
+
+// fullSetFirewall is a firewall in audit mode (Learn only remembers, no
+// kernel) whose set dns4_ntp holds max live addresses, expiring one
+// millisecond apart from now+MinTTL on.
+func fullSetFirewall(t testing.TB, max int, now *time.Time) *Firewall {
+	t.Helper()
+	fw, err := New(Config{MaxLearned: max, MinTTL: 10 * time.Second}, Deps{Now: func() time.Time { return *now }})
+	if err != nil {
+		t.Fatal(err)
+	}
+	rs, err := render(Config{}, sitePolicy(t).WithMode(policy.ModeAudit), *now)
+	if err != nil {
+		t.Fatal(err)
+	}
+	fw.rs = rs
+	start := *now
+	for i := range max {
+		*now = start.Add(time.Duration(i) * time.Millisecond)
+		if err := fw.Learn("ntp", learnAddr(i), time.Second); err != nil {
+			t.Fatal(err)
+		}
+	}
+	*now = start
+	return fw
+}
+
+// learnAddr is the i-th of distinct IPv4 addresses in 198.18.0.0/15.
+func learnAddr(i int) netip.Addr {
+	return netip.AddrFrom4([4]byte{198, 18 + byte(i>>16&1), byte(i >> 8), byte(i)})
+}
+
+// TestLearnFullSetWork: a learned set full of live addresses looked at every
+// address of the set for each new one (65,536 by default), under the
+// firewall's lock that every DNS answer's Learn takes. It now looks at a
+// bounded number per new address, on average: refused while every address
+// is live, and taking the place of each as it expires.
+func TestLearnFullSetWork(t *testing.T) {
+	const max = 1 << 14
+	now := time.Date(2026, 1, 1, 0, 0, 0, 0, time.UTC)
+	fw := fullSetFirewall(t, max, &now)
+	start := now
+	before := fw.examined
+	// Refused: every address is live.
+	const refused = 2000
+	for i := range refused {
+		if err := fw.Learn("ntp", learnAddr(max+i), time.Second); !errors.Is(err, ErrSetFull) {
+			t.Fatalf("a new address into a set full of live ones: %v, want ErrSetFull", err)
+		}
+	}
+	// The addresses expire one a millisecond: each new address takes the
+	// place of the one that just expired, and no other.
+	const taken = 2000
+	for i := range taken {
+		now = start.Add(10*time.Second + time.Duration(i)*time.Millisecond)
+		if err := fw.Learn("ntp", learnAddr(max+refused+i), time.Second); err != nil {
+			t.Fatalf("new address %d after the %dth expired: %v", i, i+1, err)
+		}
+		if err := fw.Learn("ntp", learnAddr(max+refused+taken+i), time.Second); !errors.Is(err, ErrSetFull) {
+			t.Fatalf("a second new address after the %dth expired: %v, want ErrSetFull", i+1, err)
+		}
+	}
+	if n := len(fw.learned["dns4_ntp"]); n != max {
+		t.Errorf("set holds %d addresses, want %d", n, max)
+	}
+	for i := taken; i < max; i++ {
+		if _, ok := fw.learned["dns4_ntp"][learnAddr(i)]; !ok {
+			t.Fatalf("live address %d left the set", i)
+		}
+	}
+	per := float64(fw.examined-before) / (refused + 2*taken)
+	t.Logf("%.1f addresses examined per new address", per)
+	if per > 64 {
+		t.Errorf("%.1f addresses examined per new address into a full set, want at most 64 (the set holds %d)", per, max)
+	}
+}
+
+// BenchmarkLearnFullSet: a new address into a learned set full of live
+// ones (the default 65,536), refused.
+func BenchmarkLearnFullSet(b *testing.B) {
+	now := time.Date(2026, 1, 1, 0, 0, 0, 0, time.UTC)
+	fw := fullSetFirewall(b, DefaultMaxLearned, &now)
+	i := 0
+	for b.Loop() {
+		if err := fw.Learn("ntp", learnAddr(DefaultMaxLearned+i%1000), time.Second); !errors.Is(err, ErrSetFull) {
+			b.Fatal(err)
+		}
+		i++
+	}
+}
+
+// TestLearnFullSetRefreshed: an address refreshed in a full set stays until
+// its new expiry, not its first; an expired one makes room, whenever it
+// was learned.
+func TestLearnFullSetRefreshed(t *testing.T) {
+	const max = 64
+	now := time.Date(2026, 1, 1, 0, 0, 0, 0, time.UTC)
+	fw := fullSetFirewall(t, max, &now)
+	start := now
+	if err := fw.Learn("ntp", learnAddr(max), time.Second); !errors.Is(err, ErrSetFull) {
+		t.Fatalf("a new address into a full set: %v, want ErrSetFull", err)
+	}
+	if err := fw.Learn("ntp", learnAddr(0), time.Minute); err != nil {
+		t.Fatal(err)
+	}
+	now = start.Add(10 * time.Second) // address 0's first expiry
+	if err := fw.Learn("ntp", learnAddr(max), time.Second); !errors.Is(err, ErrSetFull) {
+		t.Errorf("a new address once a refreshed one's first expiry passed: %v, want ErrSetFull", err)
+	}
+	now = start.Add(10*time.Second + 2*time.Millisecond) // addresses 1 and 2 expired
+	for i := range 2 {
+		if err := fw.Learn("ntp", learnAddr(max+i), time.Second); err != nil {
+			t.Errorf("new address %d once two expired: %v", i, err)
+		}
+	}
+	if err := fw.Learn("ntp", learnAddr(max+2), time.Second); !errors.Is(err, ErrSetFull) {
+		t.Errorf("a third new address once two expired: %v, want ErrSetFull", err)
+	}
+	if _, ok := fw.learned["dns4_ntp"][learnAddr(0)]; !ok {
+		t.Error("the refreshed address left the set")
+	}
+	// Once every address expired, the refreshed one and those learned
+	// while the set was full included, a whole set of new ones fits.
+	now = start.Add(2 * time.Minute)
+	for i := range max {
+		if err := fw.Learn("ntp", learnAddr(2*max+i), time.Second); err != nil {
+			t.Fatalf("new address %d once all expired: %v", i, err)
+		}
+	}
+}
