@@ -37,8 +37,9 @@ type fragDatagram struct {
 }
 
 type defragger struct {
-	m       map[fragKey]*fragDatagram
-	dropped uint64 // datagrams given up
+	m        map[fragKey]*fragDatagram
+	dropped  uint64 // datagrams given up
+	examined uint64 // datagrams looked at to make room, for tests
 }
 
 func newDefragger() *defragger { return &defragger{m: make(map[fragKey]*fragDatagram)} }
@@ -54,13 +55,18 @@ func (d *defragger) add(k fragKey, off int, more bool, data []byte, now time.Tim
 	dg := d.m[k]
 	if dg == nil {
 		if len(d.m) >= maxDatagrams {
+			// Expired datagrams first, then arbitrary ones (map
+			// order) until an eighth of the table is free: under a
+			// flood of first fragments the scan runs once per batch
+			// of new datagrams, not for each.
 			d.expire(now)
-			if len(d.m) >= maxDatagrams {
-				for kk := range d.m {
-					delete(d.m, kk)
-					d.dropped++
+			for kk := range d.m {
+				if len(d.m) <= maxDatagrams-maxDatagrams/8 {
 					break
 				}
+				d.examined++
+				delete(d.m, kk)
+				d.dropped++
 			}
 		}
 		dg = &fragDatagram{first: now, total: -1}
@@ -108,6 +114,7 @@ func (d *defragger) add(k fragKey, off int, more bool, data []byte, now time.Tim
 // expire drops datagrams older than fragTimeout.
 func (d *defragger) expire(now time.Time) {
 	for k, dg := range d.m {
+		d.examined++
 		if now.Sub(dg.first) > fragTimeout {
 			delete(d.m, k)
 			d.dropped++
