@@ -19,6 +19,7 @@ package audit
 import (
 	"net/netip"
 	"time"
+	"unicode/utf8"
 
 	"egressd/policy"
 )
@@ -84,9 +85,15 @@ type Event struct {
 	DestPort   uint16     `json:"dest_port,omitempty"`
 	Proto      string     `json:"proto"` // "tcp" or "udp"
 
+	// Name, Path and Front are text a LAN client chooses; each is kept
+	// to a bound (MaxNameBytes, MaxPathBytes) by Bound, which every sink
+	// of this package applies, and NameLen, PathLen and FrontLen hold the
+	// length of one that was cut (0: kept whole).
 	Name       string     `json:"name,omitempty"`
+	NameLen    int        `json:"name_len,omitempty"`
 	NameSource NameSource `json:"name_source,omitempty"`
 	Path       string     `json:"path,omitempty"`
+	PathLen    int        `json:"path_len,omitempty"`
 	// NoPath says the flow was cleartext that showed no HTTP/1 path (not
 	// TLS, not an HTTP/1 request: HTTP/2 with prior knowledge, another
 	// protocol, a client silent at first) and was decided so
@@ -99,7 +106,8 @@ type Event struct {
 	// the CONNECT authority): domain fronting (THREATS.md A1). It holds
 	// that other name; the request was decided on its own Host (Name) and
 	// the connection's address, as a connection to Name would be.
-	Front string `json:"front,omitempty"`
+	Front    string `json:"front,omitempty"`
+	FrontLen int    `json:"front_len,omitempty"`
 
 	Verdict policy.Verdict `json:"verdict"`
 	Rule    string         `json:"rule,omitempty"`
@@ -129,6 +137,58 @@ type Event struct {
 
 	// Count is the number of events a KindShed record stands for.
 	Count uint64 `json:"count,omitempty"`
+}
+
+// The bounds of the text a LAN client chooses that an event keeps. An HTTP
+// Host line, a request target, a CONNECT authority or a TLS server name
+// can be as long as the head or hello the proxy reads (64 KiB); kept
+// whole, one such event would take the room of some 200 ordinary ones in
+// the event log, which rotates by size, and bloat every log line. A
+// longer value is cut to the bound: its first bytes (whole UTF-8
+// characters) followed by TruncMark, and its length is kept in the
+// event's NameLen, PathLen or FrontLen. A valid name (at most 253 bytes,
+// 254 with the root's dot) is never cut, and a cut one is never valid
+// (TruncMark is not ASCII), so a replay judges it as it would the whole
+// one: no name. TruncMark does not end in a dot, which the ledger would
+// trim from a name.
+const (
+	MaxNameBytes = 255  // Name and Front
+	MaxPathBytes = 2048 // Path: enough for the prefixes path rules name
+	// MaxErrorBytes bounds the error text of a decision line, which may
+	// quote what the client sent.
+	MaxErrorBytes = 1024
+	TruncMark     = "…" // U+2026, 3 bytes
+)
+
+// Clip returns s if it has at most max bytes, else its first bytes cut at
+// a character boundary and TruncMark: at most max bytes in all. max must
+// be larger than len(TruncMark).
+func Clip(s string, max int) string {
+	if len(s) <= max {
+		return s
+	}
+	n := max - len(TruncMark)
+	for i := 0; i < utf8.UTFMax-1 && n > 0 && !utf8.RuneStart(s[n]); i++ {
+		n--
+	}
+	return s[:n] + TruncMark
+}
+
+// Bound cuts the client-chosen text of e to its bounds (MaxNameBytes,
+// MaxPathBytes), noting the length of what it cut in NameLen, PathLen and
+// FrontLen. It changes nothing within the bounds, so it may run again:
+// the journal, the ledger, a report and a replay all see the value it
+// left.
+func (e *Event) Bound() {
+	if len(e.Name) > MaxNameBytes {
+		e.NameLen, e.Name = max(e.NameLen, len(e.Name)), Clip(e.Name, MaxNameBytes)
+	}
+	if len(e.Path) > MaxPathBytes {
+		e.PathLen, e.Path = max(e.PathLen, len(e.Path)), Clip(e.Path, MaxPathBytes)
+	}
+	if len(e.Front) > MaxNameBytes {
+		e.FrontLen, e.Front = max(e.FrontLen, len(e.Front)), Clip(e.Front, MaxNameBytes)
+	}
 }
 
 // FlowKey identifies a flow across observers: the 5-tuple. Together with

@@ -50,12 +50,15 @@ func (ev *Event) appendJSON(b []byte) ([]byte, error) {
 	b = append(b, `,"proto":`...)
 	b = jsonenc.AppendStringHTML(b, ev.Proto)
 	b = appendStringField(b, `,"name":`, ev.Name)
+	b = appendIntField(b, `,"name_len":`, ev.NameLen)
 	b = appendStringField(b, `,"name_source":`, string(ev.NameSource))
 	b = appendStringField(b, `,"path":`, ev.Path)
+	b = appendIntField(b, `,"path_len":`, ev.PathLen)
 	if ev.NoPath {
 		b = append(b, `,"no_path":true`...)
 	}
 	b = appendStringField(b, `,"front":`, ev.Front)
+	b = appendIntField(b, `,"front_len":`, ev.FrontLen)
 	b = append(b, `,"verdict":`...)
 	b = jsonenc.AppendStringHTML(b, string(ev.Verdict))
 	b = appendStringField(b, `,"rule":`, ev.Rule)
@@ -121,6 +124,14 @@ func appendStringField(b []byte, key, s string) []byte {
 		return b
 	}
 	return jsonenc.AppendStringHTML(append(b, key...), s)
+}
+
+// appendIntField appends key and n unless n is 0 (omitempty).
+func appendIntField(b []byte, key string, n int) []byte {
+	if n == 0 {
+		return b
+	}
+	return strconv.AppendInt(append(b, key...), int64(n), 10)
 }
 
 // appendFloatField appends key and f unless f is 0 (omitempty), in

@@ -53,6 +53,8 @@ func TestAppendJSONCoversEvent(t *testing.T) {
 			v.SetBool(true)
 		case reflect.Uint16, reflect.Uint64:
 			v.SetUint(65535)
+		case reflect.Int:
+			v.SetInt(65536)
 		case reflect.Float64:
 			v.SetFloat(0.125)
 		default:
@@ -123,6 +125,7 @@ func TestAppendJSONValues(t *testing.T) {
 		ev.Duration = r.Float64() * math.Pow(10, float64(r.IntN(40)-20))
 		ev.Latency = float64(r.IntN(2)) * r.ExpFloat64() / 1e6
 		ev.Rule, ev.QType, ev.RCode = strs[r.IntN(len(strs))], strs[r.IntN(len(strs))], strs[r.IntN(len(strs))]
+		ev.NameLen, ev.PathLen, ev.FrontLen = r.IntN(2)*r.IntN(1<<16), r.IntN(2)*r.IntN(1<<16), r.IntN(2)*r.IntN(1<<16)
 		ev.Time = time.Unix(r.Int64N(1<<34), r.Int64N(1e9)).UTC()
 		checkSameJSON(t, ev)
 	}

@@ -371,8 +371,11 @@ func readStream(r io.Reader, name string, log *slog.Logger, st *LoadStats, fn fu
 // queue is full the event is shed and counted. It does not wake the
 // writer either, except when the queue reaches kickLen: the writer takes
 // the queue as a batch every half flush interval, so that a connection's
-// event costs neither a goroutine switch nor a write(2) of its own.
+// event costs neither a goroutine switch nor a write(2) of its own. The
+// event is bounded (Event.Bound) before it is queued: the queue, the log
+// and the ledger hold the same shortened text.
 func (j *Journal) Emit(ev Event) {
+	ev.Bound()
 	j.qmu.Lock()
 	if len(j.pending) >= j.cfg.QueueLen {
 		j.qmu.Unlock()

@@ -249,8 +249,10 @@ func (l *Ledger) Policy() *policy.Engine {
 	return l.eng
 }
 
-// Emit adds a live event to the ledger.
+// Emit adds a live event to the ledger, bounded (Event.Bound) as the
+// journal bounds it.
 func (l *Ledger) Emit(ev Event) {
+	ev.Bound()
 	l.mu.Lock()
 	counted := l.addLocked(&ev)
 	m := l.metrics
@@ -262,6 +264,7 @@ func (l *Ledger) Emit(ev Event) {
 
 // add adds a recorded event (no metrics).
 func (l *Ledger) add(ev *Event) {
+	ev.Bound() // a log written before events were bounded
 	l.mu.Lock()
 	l.addLocked(ev)
 	l.mu.Unlock()
@@ -626,10 +629,6 @@ func (l *Ledger) ruleLocked(name string) *ruleStats {
 	return rs
 }
 
-// maxNameLen bounds the names the ledger keeps (a DNS name has at most
-// 253 characters).
-const maxNameLen = 255
-
 // overflowKey collects the flows of dropped destinations beyond MaxDropped.
 var overflowKey = dropKey{dest: "(other destinations)", proto: "*"}
 
@@ -656,11 +655,9 @@ func (l *Ledger) dropLocked(ev *Event) *dropStats {
 // address.
 func destName(ev *Event) string {
 	if ev.Name != "" {
-		n := ev.Name
-		if len(n) > maxNameLen { // a hostile name must not grow the ledger
-			n = n[:maxNameLen]
-		}
-		return lowerASCII(trimDot(n))
+		// Bounded already (Emit, add); a hostile name must not grow the
+		// ledger, whoever calls.
+		return lowerASCII(trimDot(Clip(ev.Name, MaxNameBytes)))
 	}
 	if ev.Dest.IsValid() {
 		return ev.Dest.Unmap().String()
@@ -707,11 +704,7 @@ func (e *echStats) add(ev *Event, opt *LedgerOptions) {
 	if ev.Kind == KindDNS {
 		e.stripped++
 		if ev.Name != "" {
-			n := ev.Name
-			if len(n) > maxNameLen {
-				n = n[:maxNameLen]
-			}
-			e.names.add(lowerASCII(trimDot(n)), opt.MaxDestinations)
+			e.names.add(lowerASCII(trimDot(Clip(ev.Name, MaxNameBytes))), opt.MaxDestinations)
 		}
 	} else {
 		e.wouldStrip++

@@ -14,9 +14,12 @@ const (
 	LogDestPort   = "dest_port"
 	LogProto      = "proto"
 	LogName       = "name"
+	LogNameLen    = "name_len" // as Event.NameLen: the length of a cut name
 	LogNameSource = "name_source"
 	LogPath       = "path"
-	LogFront      = "front" // as Event.Front
+	LogPathLen    = "path_len" // as Event.PathLen
+	LogFront      = "front"    // as Event.Front
+	LogFrontLen   = "front_len"
 	LogVerdict    = "verdict"
 	LogRule       = "rule_id"
 	LogMode       = "mode"
@@ -42,14 +45,21 @@ const (
 )
 
 // FlowAttrsMax is the most attributes AppendFlowAttrs appends.
-const FlowAttrsMax = 19
+const FlowAttrsMax = 22
 
 // AppendFlowAttrs appends the attributes of the canonical line of a flow
 // event to attrs, with the keys above, so that the proxy's and capture's
 // lines read alike. Callers append what only they know (the listener, an
-// error); with an array of their own as attrs (FlowAttrsMax and room for
-// theirs), the line allocates no slice.
+// error: ErrorText); with an array of their own as attrs (FlowAttrsMax and
+// room for theirs), the line allocates no slice. The client's text is
+// bounded as Bound bounds it in the journal (e is not changed): the line
+// and the event log show the same value.
 func (e *Event) AppendFlowAttrs(attrs []slog.Attr) []slog.Attr {
+	if len(e.Name) > MaxNameBytes || len(e.Path) > MaxPathBytes || len(e.Front) > MaxNameBytes {
+		b := *e
+		b.Bound()
+		e = &b
+	}
 	attrs = append(attrs, slog.String(LogKind, string(e.Kind)), slog.String(LogClient, e.Client.String()))
 	if e.ClientMAC != "" {
 		attrs = append(attrs, slog.String(LogClientMAC, e.ClientMAC))
@@ -59,13 +69,22 @@ func (e *Event) AppendFlowAttrs(attrs []slog.Attr) []slog.Attr {
 		slog.Int(LogDestPort, int(e.DestPort)),
 		slog.String(LogProto, e.Proto),
 		slog.String(LogName, e.Name),
-		slog.String(LogNameSource, string(e.NameSource)),
 	)
+	if e.NameLen != 0 {
+		attrs = append(attrs, slog.Int(LogNameLen, e.NameLen))
+	}
+	attrs = append(attrs, slog.String(LogNameSource, string(e.NameSource)))
 	if e.Path != "" {
 		attrs = append(attrs, slog.String(LogPath, e.Path))
 	}
+	if e.PathLen != 0 {
+		attrs = append(attrs, slog.Int(LogPathLen, e.PathLen))
+	}
 	if e.Front != "" {
 		attrs = append(attrs, slog.String(LogFront, e.Front))
+	}
+	if e.FrontLen != 0 {
+		attrs = append(attrs, slog.Int(LogFrontLen, e.FrontLen))
 	}
 	return append(attrs,
 		slog.String(LogVerdict, string(e.Verdict)),
@@ -78,4 +97,10 @@ func (e *Event) AppendFlowAttrs(attrs []slog.Attr) []slog.Attr {
 		slog.Float64(LogDuration, e.Duration),
 		slog.String(LogClose, e.Close),
 	)
+}
+
+// ErrorText is err's text for a log line, cut to MaxErrorBytes (Clip): an
+// error may quote what a client sent (a server name, a request line).
+func ErrorText(err error) string {
+	return Clip(err.Error(), MaxErrorBytes)
 }

@@ -3,16 +3,18 @@ package audit
 import (
 	"log/slog"
 	"net/netip"
+	"strings"
 	"testing"
 )
 
-// TestAppendFlowAttrs: with every optional field set, a flow line has
+// TestAppendFlowAttrs: with every optional field set (a name, path and
+// front over their bounds, so with their lengths), a flow line has
 // FlowAttrsMax attributes (the callers' arrays are sized by it), appended
 // after what the slice held.
 func TestAppendFlowAttrs(t *testing.T) {
 	ev := Event{Kind: KindFlow, Client: netip.MustParseAddr("192.0.2.10"), ClientMAC: "aa:bb:cc:dd:ee:ff",
-		Dest: netip.MustParseAddr("198.51.100.7"), DestPort: 443, Proto: "tcp", Name: "www.allowed.test",
-		NameSource: NameSNI, Path: "/x", Front: "front.test", Verdict: "allow", Rule: "r", Mode: "audit", BytesOut: 1, BytesIn: 2,
+		Dest: netip.MustParseAddr("198.51.100.7"), DestPort: 443, Proto: "tcp", Name: strings.Repeat("n", 300),
+		NameSource: NameSNI, Path: strings.Repeat("/x", 2000), Front: strings.Repeat("f", 256), Verdict: "allow", Rule: "r", Mode: "audit", BytesOut: 1, BytesIn: 2,
 		Duration: 0.5, Close: "eof"}
 	first := slog.String("first", "kept")
 	got := ev.AppendFlowAttrs([]slog.Attr{first})
@@ -31,8 +33,8 @@ func TestAppendFlowAttrs(t *testing.T) {
 		}
 		seen[a.Key] = true
 	}
-	ev.ClientMAC, ev.Path, ev.Front = "", "", ""
-	if n := len(ev.AppendFlowAttrs(nil)); n != FlowAttrsMax-3 {
-		t.Fatalf("without MAC, path and front: %d attributes, want %d", n, FlowAttrsMax-3)
+	ev.ClientMAC, ev.Name, ev.Path, ev.Front = "", "www.allowed.test", "", ""
+	if n := len(ev.AppendFlowAttrs(nil)); n != FlowAttrsMax-6 {
+		t.Fatalf("without MAC, path and front, a short name: %d attributes, want %d", n, FlowAttrsMax-6)
 	}
 }

@@ -86,6 +86,7 @@ func NewReplayer(eng *policy.Engine, now time.Time) *Replayer {
 
 // Emit adds one recorded event.
 func (r *Replayer) Emit(ev Event) {
+	ev.Bound() // a log written before events were bounded
 	r.res.Events++
 	if ev.Kind != KindFlow && ev.Kind != KindDNS && ev.Kind != KindRequest {
 		return

@@ -54,8 +54,9 @@ func NewNDJSONSink(w io.Writer) *NDJSONSink {
 	return &NDJSONSink{w: bufio.NewWriter(w)}
 }
 
-// Emit writes ev as one line.
+// Emit writes ev as one line, bounded (Event.Bound).
 func (s *NDJSONSink) Emit(ev Event) {
+	ev.Bound()
 	b, err := json.Marshal(ev)
 	if err != nil {
 		s.failed.Add(1)
