@@ -3,17 +3,26 @@ package proxy
 import (
 	"bytes"
 	"fmt"
+	"html"
 	"net"
 	"net/http"
 	"strconv"
+
+	"egressd/audit"
 )
 
 // tlsAlertAccessDenied is a fatal access_denied(49) alert in a TLS 1.2
 // record, which every TLS client version accepts before a ServerHello.
 var tlsAlertAccessDenied = []byte{0x15, 0x03, 0x03, 0x00, 0x02, 0x02, 0x31}
 
-// denyPage renders the 403 body.
+// denyPage renders the 403 body. The host and path a client sent are cut
+// as the event log cuts them (audit.Clip: a name to 255 bytes, a path to
+// 2 KiB), so that the page neither echoes 64 KiB back nor shows another
+// value than the log; the template (html/template) escapes them, and so
+// does the plain page used when the operator's template fails.
 func (p *Proxy) denyPage(info DenyInfo) []byte {
+	info.Host = audit.Clip(info.Host, audit.MaxNameBytes)
+	info.Path = audit.Clip(info.Path, audit.MaxPathBytes)
 	if info.Policy == "" {
 		if eng := p.deps.Policy.Load(); eng != nil && eng.Policy() != nil {
 			info.Policy = eng.Policy().File
@@ -22,7 +31,7 @@ func (p *Proxy) denyPage(info DenyInfo) []byte {
 	var b bytes.Buffer
 	if err := p.deny.Execute(&b, info); err != nil {
 		b.Reset()
-		fmt.Fprintf(&b, "Blocked by egressd: %s (%s)\n", info.Host, info.Reason)
+		fmt.Fprintf(&b, "Blocked by egressd: %s (%s)\n", html.EscapeString(info.Host), html.EscapeString(info.Reason))
 	}
 	return b.Bytes()
 }

@@ -1007,7 +1007,7 @@ func (p *Proxy) inspectedRequest(at policyAt, st *connectState, req *http.Reques
 func (p *Proxy) inspectedRoundTrip(req *http.Request, _ *goproxy.ProxyCtx) (*http.Response, error) {
 	resp, err := p.gp.Tr.RoundTrip(req)
 	if err != nil {
-		p.log.Warn("proxy: inspected request failed upstream", "host", req.URL.Host, audit.LogError, err.Error())
+		p.log.Warn("proxy: inspected request failed upstream", "host", audit.Clip(req.URL.Host, audit.MaxNameBytes), audit.LogError, audit.ErrorText(err))
 		return plainResponse(req, http.StatusBadGateway, "the destination did not answer or failed verification"), nil
 	}
 	return resp, nil

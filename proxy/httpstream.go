@@ -329,7 +329,7 @@ func (p *Proxy) emitRequest(listener string, ev audit.Event, err error) {
 	var buf [audit.FlowAttrsMax + 2]slog.Attr
 	attrs := append(ev.AppendFlowAttrs(buf[:0]), slog.String("listener", listener))
 	if err != nil {
-		attrs = append(attrs, slog.String(audit.LogError, err.Error()))
+		attrs = append(attrs, slog.String(audit.LogError, audit.ErrorText(err)))
 	}
 	logjson.Log(context.Background(), p.log, level, audit.CanonicalMessage, attrs...)
 }

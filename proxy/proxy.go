@@ -452,7 +452,7 @@ func (p *Proxy) finish(f *flowRecord) {
 	var buf [audit.FlowAttrsMax + 2]slog.Attr
 	attrs := append(ev.AppendFlowAttrs(buf[:0]), slog.String("listener", f.listener))
 	if f.err != nil {
-		attrs = append(attrs, slog.String(audit.LogError, f.err.Error()))
+		attrs = append(attrs, slog.String(audit.LogError, audit.ErrorText(f.err)))
 	}
 	logjson.Log(context.Background(), p.log, level, audit.CanonicalMessage, attrs...)
 }
