@@ -10,11 +10,13 @@ import (
 	"encoding/pem"
 	"errors"
 	"fmt"
+	"io"
 	"io/fs"
 	"math/big"
 	"os"
 	"path/filepath"
 	"sync"
+	"syscall"
 	"time"
 )
 
@@ -34,8 +36,8 @@ type mitmCA struct {
 // generating an ECDSA P-256 CA there on first use. The key file is 0600.
 func LoadOrCreateCA(dir string) (tls.Certificate, []byte, error) {
 	certPath, keyPath := filepath.Join(dir, CACertFile), filepath.Join(dir, CAKeyFile)
-	certPEM, cerr := os.ReadFile(certPath)
-	keyPEM, kerr := os.ReadFile(keyPath)
+	certPEM, cerr := readCAFile(certPath)
+	keyPEM, kerr := readCAFile(keyPath)
 	if cerr == nil && kerr == nil {
 		c, err := tls.X509KeyPair(certPEM, keyPEM)
 		if err != nil {
@@ -95,6 +97,38 @@ func LoadOrCreateCA(dir string) (tls.Certificate, []byte, error) {
 		return tls.Certificate{}, nil, fmt.Errorf("proxy: inspection CA: %w", err)
 	}
 	return c, certPEM, nil
+}
+
+// maxCAFile bounds what is read of a CA file: a certificate or key of a
+// few KiB, a chain of a few.
+const maxCAFile = 1 << 20
+
+// readCAFile reads a CA file, which must be a regular file (a link to one
+// is followed: an operator may keep the CA elsewhere) of at most
+// maxCAFile bytes. `egressd ca export` runs as root in a directory the
+// service's user owns, who can put anything under these names: a FIFO
+// would hang the export, a link to /dev/zero fill its memory.
+func readCAFile(path string) ([]byte, error) {
+	f, err := os.OpenFile(path, os.O_RDONLY|syscall.O_NONBLOCK, 0)
+	if err != nil {
+		return nil, err
+	}
+	defer f.Close()
+	fi, err := f.Stat()
+	if err != nil {
+		return nil, err
+	}
+	if !fi.Mode().IsRegular() {
+		return nil, fmt.Errorf("%s: not a regular file (%s)", path, fi.Mode().Type())
+	}
+	if fi.Size() > maxCAFile {
+		return nil, fmt.Errorf("%s: %d bytes, more than a CA file's %d", path, fi.Size(), maxCAFile)
+	}
+	b, err := io.ReadAll(io.LimitReader(f, maxCAFile+1))
+	if err == nil && len(b) > maxCAFile {
+		err = fmt.Errorf("%s: more than a CA file's %d bytes", path, maxCAFile)
+	}
+	return b, err
 }
 
 // parseCAKey reads the CA's PEM key file.

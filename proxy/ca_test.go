@@ -7,7 +7,9 @@ import (
 	"os"
 	"path/filepath"
 	"strings"
+	"syscall"
 	"testing"
+	"time"
 )
 
 func caPublicKey(t *testing.T, certPEM []byte) []byte {
@@ -72,4 +74,58 @@ func TestLoadOrCreateCAFiles(t *testing.T) {
 	if _, _, err := LoadOrCreateCA(other); err == nil || !strings.Contains(err.Error(), "remove it to make a new CA") {
 		t.Errorf("torn key: %v", err)
 	}
+}
+
+// TestLoadOrCreateCAOddFiles: what stands under the CA's names in the
+// state directory may be anything its owner put there (`egressd ca export`
+// runs as root there): a FIFO, or a link to /dev/zero, is an error at
+// once, not a hang or an exhausted memory; a link to a regular file (a CA
+// kept elsewhere) is still read.
+func TestLoadOrCreateCAOddFiles(t *testing.T) {
+	made := t.TempDir()
+	if _, _, err := LoadOrCreateCA(made); err != nil {
+		t.Fatal(err)
+	}
+	for _, c := range []struct {
+		name  string
+		plant func(dir string) error
+	}{
+		{"fifo-cert", func(dir string) error { return syscall.Mkfifo(filepath.Join(dir, CACertFile), 0o600) }},
+		{"fifo-key", func(dir string) error { return syscall.Mkfifo(filepath.Join(dir, CAKeyFile), 0o600) }},
+		{"dev-zero-key", func(dir string) error { return os.Symlink("/dev/zero", filepath.Join(dir, CAKeyFile)) }},
+		{"dev-zero-cert", func(dir string) error { return os.Symlink("/dev/zero", filepath.Join(dir, CACertFile)) }},
+	} {
+		t.Run(c.name, func(t *testing.T) {
+			dir := t.TempDir()
+			if err := c.plant(dir); err != nil {
+				t.Fatal(err)
+			}
+			done := make(chan error, 1)
+			go func() { _, _, err := LoadOrCreateCA(dir); done <- err }()
+			select {
+			case err := <-done:
+				if err == nil || !strings.Contains(err.Error(), "not a regular file") {
+					t.Errorf("LoadOrCreateCA: %v, want a not-a-regular-file error", err)
+				}
+			case <-time.After(10 * time.Second):
+				t.Fatal("LoadOrCreateCA still reading after 10 s")
+			}
+		})
+	}
+	t.Run("links-to-regular-files", func(t *testing.T) {
+		dir := t.TempDir()
+		for _, f := range []string{CACertFile, CAKeyFile} {
+			if err := os.Symlink(filepath.Join(made, f), filepath.Join(dir, f)); err != nil {
+				t.Fatal(err)
+			}
+		}
+		_, a, err := LoadOrCreateCA(dir)
+		if err != nil {
+			t.Fatal(err)
+		}
+		want, _ := os.ReadFile(filepath.Join(made, CACertFile))
+		if string(a) != string(want) {
+			t.Error("a linked CA read as another certificate")
+		}
+	})
 }
