@@ -10,6 +10,8 @@ import (
 	"syscall"
 	"testing"
 	"time"
+
+	"golang.org/x/sys/unix"
 )
 
 func caPublicKey(t *testing.T, certPEM []byte) []byte {
@@ -128,4 +130,46 @@ func TestLoadOrCreateCAOddFiles(t *testing.T) {
 			t.Error("a linked CA read as another certificate")
 		}
 	})
+}
+
+// TestLoadOrCreateCAOpensOnlyRegularFiles: root's export must not open
+// what the state directory's owner links under the CA's names unless it
+// is a regular file: opening a device is an act of its own (a watchdog
+// starts counting, a serial line raises DTR, a tape rewinds), done as
+// root, however soon it is closed again. A FIFO elsewhere stands in for
+// the device here: inotify reports each open of it.
+func TestLoadOrCreateCAOpensOnlyRegularFiles(t *testing.T) {
+	for _, name := range []string{CACertFile, CAKeyFile} {
+		t.Run(name, func(t *testing.T) {
+			base := t.TempDir()
+			dev := filepath.Join(base, "device")
+			if err := unix.Mkfifo(dev, 0o600); err != nil {
+				t.Fatal(err)
+			}
+			state := filepath.Join(base, "state")
+			if err := os.Mkdir(state, 0o700); err != nil {
+				t.Fatal(err)
+			}
+			if err := os.Symlink(dev, filepath.Join(state, name)); err != nil {
+				t.Fatal(err)
+			}
+			in, err := unix.InotifyInit1(unix.IN_NONBLOCK | unix.IN_CLOEXEC)
+			if err != nil {
+				t.Fatal(err)
+			}
+			defer unix.Close(in)
+			if _, err := unix.InotifyAddWatch(in, dev, unix.IN_OPEN); err != nil {
+				t.Fatal(err)
+			}
+			if _, _, err := LoadOrCreateCA(state); err == nil || !strings.Contains(err.Error(), "not a regular file") {
+				t.Errorf("LoadOrCreateCA: %v, want a not-a-regular-file error", err)
+			}
+			buf := make([]byte, 4096)
+			if n, err := unix.Read(in, buf); n > 0 {
+				t.Errorf("the FIFO linked under %s was opened (%d bytes of inotify events)", name, n)
+			} else if err != unix.EAGAIN {
+				t.Fatalf("inotify: %v", err)
+			}
+		})
+	}
 }
