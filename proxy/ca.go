@@ -15,9 +15,11 @@ import (
 	"math/big"
 	"os"
 	"path/filepath"
+	"strconv"
 	"sync"
-	"syscall"
 	"time"
+
+	"golang.org/x/sys/unix"
 )
 
 // The CA's files in the state directory.
@@ -107,28 +109,54 @@ const maxCAFile = 1 << 20
 // is followed: an operator may keep the CA elsewhere) of at most
 // maxCAFile bytes. `egressd ca export` runs as root in a directory the
 // service's user owns, who can put anything under these names: a FIFO
-// would hang the export, a link to /dev/zero fill its memory.
+// would hang the export, a link to /dev/zero fill its memory, and the
+// open of a device is an act of its own (a watchdog starts counting, a
+// serial line raises DTR). So the file is found without being opened
+// (O_PATH), checked, and only then opened, through that descriptor
+// (/proc/self/fd): what was checked is what is read.
 func readCAFile(path string) ([]byte, error) {
-	f, err := os.OpenFile(path, os.O_RDONLY|syscall.O_NONBLOCK, 0)
+	pfd, err := unix.Open(path, unix.O_PATH|unix.O_CLOEXEC, 0)
 	if err != nil {
-		return nil, err
+		return nil, &fs.PathError{Op: "open", Path: path, Err: err}
+	}
+	defer unix.Close(pfd)
+	var st unix.Stat_t
+	if err := unix.Fstat(pfd, &st); err != nil {
+		return nil, &fs.PathError{Op: "stat", Path: path, Err: err}
+	}
+	if st.Mode&unix.S_IFMT != unix.S_IFREG {
+		return nil, fmt.Errorf("%s: not a regular file (%s)", path, kindOf(st.Mode))
+	}
+	if st.Size > maxCAFile {
+		return nil, fmt.Errorf("%s: %d bytes, more than a CA file's %d", path, st.Size, maxCAFile)
+	}
+	f, err := os.OpenFile("/proc/self/fd/"+strconv.Itoa(pfd), os.O_RDONLY, 0)
+	if err != nil {
+		return nil, fmt.Errorf("%s: %w", path, err)
 	}
 	defer f.Close()
-	fi, err := f.Stat()
-	if err != nil {
-		return nil, err
-	}
-	if !fi.Mode().IsRegular() {
-		return nil, fmt.Errorf("%s: not a regular file (%s)", path, fi.Mode().Type())
-	}
-	if fi.Size() > maxCAFile {
-		return nil, fmt.Errorf("%s: %d bytes, more than a CA file's %d", path, fi.Size(), maxCAFile)
-	}
 	b, err := io.ReadAll(io.LimitReader(f, maxCAFile+1))
 	if err == nil && len(b) > maxCAFile {
 		err = fmt.Errorf("%s: more than a CA file's %d bytes", path, maxCAFile)
 	}
 	return b, err
+}
+
+// kindOf names the file type of a stat mode, for readCAFile's error.
+func kindOf(mode uint32) string {
+	switch mode & unix.S_IFMT {
+	case unix.S_IFDIR:
+		return "a directory"
+	case unix.S_IFIFO:
+		return "a FIFO"
+	case unix.S_IFCHR:
+		return "a character device"
+	case unix.S_IFBLK:
+		return "a block device"
+	case unix.S_IFSOCK:
+		return "a socket"
+	}
+	return fmt.Sprintf("type %#o", mode&unix.S_IFMT)
 }
 
 // parseCAKey reads the CA's PEM key file.
