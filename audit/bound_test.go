@@ -110,3 +110,43 @@ func TestJournalBoundsClientText(t *testing.T) {
 		}
 	}
 }
+
+// TestJournalBoundsInvalidUTF8: a TLS server name is bytes the client
+// chose, not UTF-8 (the proxy reports it as sent). Cut, such a name must
+// read the same live and from the log: the log's JSON holds each invalid
+// byte as U+FFFD, which the ledger rebuilt from it read as three bytes,
+// cut again (another dropped destination than the live ledger's) and
+// took for the length sent (name_len 759 for 300 bytes); and the name
+// took 1.5 KB of the line, not its bound of 255 bytes.
+func TestJournalBoundsInvalidUTF8(t *testing.T) {
+	eng := loadPolicy(t, "policy.yaml")
+	dir := t.TempDir()
+	j, l, _ := openJournal(t, JournalConfig{Dir: dir}, eng)
+	go j.Run(context.Background())
+	sni := strings.Repeat("\xff", 300)
+	j.Emit(Event{Kind: KindFlow, Source: SourceProxy, Time: time.Date(2026, 12, 4, 10, 0, 0, 0, time.UTC),
+		Client: netip.MustParseAddr("192.0.2.7"), ClientPort: 40000, Dest: netip.MustParseAddr("198.51.100.9"), DestPort: 443,
+		Proto: "tcp", Name: sni, NameSource: NameSNI,
+		Verdict: policy.Deny, Mode: policy.ModeEnforce, Reason: policy.ReasonInvalidName, Enforced: true})
+	if err := j.Close(); err != nil {
+		t.Fatal(err)
+	}
+	b, err := os.ReadFile(filepath.Join(dir, CurrentLog))
+	if err != nil {
+		t.Fatal(err)
+	}
+	if !bytes.Contains(b, []byte(`"name_len":300,`)) || len(b) > 1024 {
+		t.Errorf("a line of %d bytes: %.200s", len(b), b)
+	}
+	want := l.Report(ReportOptions{Now: reportNow})
+	_, l2, _ := openJournal(t, JournalConfig{Dir: dir}, eng)
+	got := l2.Report(ReportOptions{Now: reportNow})
+	if d := cmp.Diff(want, got); d != "" {
+		t.Errorf("the ledger rebuilt from the log differs (-live +rebuilt):\n%s", d)
+	}
+	for _, d := range got.Dropped {
+		if len(d.Dest) > MaxNameBytes || !utf8.ValidString(d.Dest) {
+			t.Errorf("dropped destination of %d bytes, valid UTF-8 %v", len(d.Dest), utf8.ValidString(d.Dest))
+		}
+	}
+}
