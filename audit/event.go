@@ -176,19 +176,47 @@ func Clip(s string, max int) string {
 
 // Bound cuts the client-chosen text of e to its bounds (MaxNameBytes,
 // MaxPathBytes), noting the length of what it cut in NameLen, PathLen and
-// FrontLen. It changes nothing within the bounds, so it may run again:
-// the journal, the ledger, a report and a replay all see the value it
-// left.
+// FrontLen. Text that is not UTF-8 (a server name is bytes) has each
+// invalid byte replaced by U+FFFD first, as the event log's JSON would
+// write it, so that the bound holds in the log too and the text reads
+// the same live and from the log. It changes nothing that is valid and
+// within the bounds, so it may run again: the journal, the ledger, a
+// report and a replay all see the value it left.
 func (e *Event) Bound() {
-	if len(e.Name) > MaxNameBytes {
-		e.NameLen, e.Name = max(e.NameLen, len(e.Name)), Clip(e.Name, MaxNameBytes)
+	e.Name, e.NameLen = bound(e.Name, e.NameLen, MaxNameBytes)
+	e.Path, e.PathLen = bound(e.Path, e.PathLen, MaxPathBytes)
+	e.Front, e.FrontLen = bound(e.Front, e.FrontLen, MaxNameBytes)
+}
+
+// needsBound reports whether Bound would change e.
+func (e *Event) needsBound() bool {
+	return len(e.Name) > MaxNameBytes || len(e.Path) > MaxPathBytes || len(e.Front) > MaxNameBytes ||
+		!utf8.ValidString(e.Name) || !utf8.ValidString(e.Path) || !utf8.ValidString(e.Front)
+}
+
+// bound is Bound for one text s of a bound of limit bytes and its noted
+// length n.
+func bound(s string, n, limit int) (string, int) {
+	if utf8.ValidString(s) {
+		if len(s) <= limit {
+			return s, n
+		}
+		return Clip(s, limit), max(n, len(s))
 	}
-	if len(e.Path) > MaxPathBytes {
-		e.PathLen, e.Path = max(e.PathLen, len(e.Path)), Clip(e.Path, MaxPathBytes)
+	b := make([]byte, 0, min(len(s), limit)+utf8.UTFMax)
+	for i := 0; i < len(s) && len(b) <= limit; {
+		r, size := utf8.DecodeRuneInString(s[i:])
+		if r == utf8.RuneError && size == 1 {
+			b = append(b, "\uFFFD"...)
+		} else {
+			b = append(b, s[i:i+size]...)
+		}
+		i += size
 	}
-	if len(e.Front) > MaxNameBytes {
-		e.FrontLen, e.Front = max(e.FrontLen, len(e.Front)), Clip(e.Front, MaxNameBytes)
+	if len(b) <= limit {
+		return string(b), n
 	}
+	return Clip(string(b), limit), max(n, len(s))
 }
 
 // FlowKey identifies a flow across observers: the 5-tuple. Together with

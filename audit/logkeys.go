@@ -55,7 +55,7 @@ const FlowAttrsMax = 22
 // bounded as Bound bounds it in the journal (e is not changed): the line
 // and the event log show the same value.
 func (e *Event) AppendFlowAttrs(attrs []slog.Attr) []slog.Attr {
-	if len(e.Name) > MaxNameBytes || len(e.Path) > MaxPathBytes || len(e.Front) > MaxNameBytes {
+	if e.needsBound() {
 		b := *e
 		b.Bound()
 		e = &b
