@@ -517,11 +517,20 @@ func (s *Server) finish(q *query) {
 	}
 	ctx := context.Background()
 	if s.log.Enabled(ctx, level) {
+		// An invalid name reads as up to 1,004 bytes (\DDD): cut as the
+		// event log cuts it (Event.Bound).
+		name := audit.Event{Name: q.name}
+		name.Bound()
 		attrs := []slog.Attr{
 			slog.String(audit.LogKind, string(audit.KindDNS)),
 			slog.String(audit.LogClient, q.client.Addr().Unmap().String()),
 			slog.String(audit.LogProto, q.proto),
-			slog.String(audit.LogName, q.name),
+			slog.String(audit.LogName, name.Name),
+		}
+		if name.NameLen != 0 {
+			attrs = append(attrs, slog.Int(audit.LogNameLen, name.NameLen))
+		}
+		attrs = append(attrs,
 			slog.String(audit.LogQType, dns.Type(q.qtype).String()),
 			slog.String(audit.LogVerdict, string(d.Verdict)),
 			slog.String(audit.LogRule, d.Rule),
@@ -532,7 +541,7 @@ func (s *Server) finish(q *query) {
 			slog.Bool(audit.LogCacheHit, q.hit),
 			slog.String(audit.LogUpstream, q.upstream),
 			slog.Float64(audit.LogLatency, lat.Seconds()),
-		}
+		)
 		if q.filtered != "" {
 			attrs = append(attrs, slog.String(audit.LogFiltered, q.filtered))
 		}
