@@ -36,6 +36,7 @@ type Table struct {
 	subs   atomic.Pointer[[]*subscriber] // copy-on-write list
 
 	size    atomic.Int64
+	changes atomic.Uint64 // Learn's changes to the table, for Changes
 	evicted atomic.Uint64
 	dropped atomic.Uint64 // feed entries lost by slow subscribers
 }
@@ -192,6 +193,11 @@ func (t *Table) HeldAll(dst []Learned) []Learned {
 // Len returns the number of entries, expired ones not yet removed included.
 func (t *Table) Len() int { return int(t.size.Load()) }
 
+// Changes returns a count that moves whenever Learn changes the table (a
+// new entry, or one whose expiry moved): whoever saves the table (Save)
+// need not write it again while the count stands still.
+func (t *Table) Changes() uint64 { return t.changes.Load() }
+
 // Dropped returns how many change-feed entries slow subscribers lost.
 func (t *Table) Dropped() uint64 { return t.dropped.Load() }
 
@@ -260,6 +266,7 @@ func (t *Table) Learn(l Learned) {
 		}
 	}
 	sh.mu.Unlock()
+	t.changes.Add(1)
 	t.publish(l)
 }
 

@@ -1,0 +1,298 @@
+package dnsfilter
+
+import (
+	"bytes"
+	"fmt"
+	"net/netip"
+	"slices"
+	"strings"
+	"testing"
+	"time"
+)
+
+// items returns every item of the table, live or not, as one sortable
+// line each: address, client, name, rule, and both times after start.
+func tableItems(tb *Table, start time.Time) []string {
+	var out []string
+	for i := range tb.shards {
+		sh := &tb.shards[i]
+		sh.mu.RLock()
+		for a, items := range sh.m {
+			for _, it := range items {
+				out = append(out, fmt.Sprintf("%v %v %s %s expires=%s held=%s", a, it.client, it.name, it.rule,
+					time.Unix(0, it.expires).Sub(start), time.Unix(0, it.held).Sub(start)))
+			}
+		}
+		sh.mu.RUnlock()
+	}
+	slices.Sort(out)
+	return out
+}
+
+// TestTableSaveLoad: what Save writes, Load puts back with the same
+// times (never extended), less what is past its keep time by then; a
+// table restored so answers and vouches as the saved one did.
+func TestTableSaveLoad(t *testing.T) {
+	start := time.Unix(1_800_000_000, 0)
+	now := start
+	tb := NewTable(1000)
+	tb.now = func() time.Time { return now }
+	c1, c2 := netip.MustParseAddr("192.0.2.10"), netip.MustParseAddr("2001:db8::10")
+	ntp, vpn, short := netip.MustParseAddr("203.0.113.7"), netip.MustParseAddr("2001:db8:1::443"), netip.MustParseAddr("203.0.113.8")
+	tb.Learn(Learned{Client: c1, Name: "time.example.com", Addr: ntp, Rule: "ntp", Expires: now.Add(5 * time.Minute)})
+	tb.Learn(Learned{Client: c2, Name: "time.example.com", Addr: ntp, Rule: "ntp", Expires: now.Add(5 * time.Minute)})
+	tb.Learn(Learned{Client: c1, Name: "vpn.example.com", Addr: vpn, Rule: "vpn", Expires: now.Add(2 * time.Hour)})
+	tb.Learn(Learned{Client: c1, Name: "short.example.com", Addr: short, Rule: "", Expires: now.Add(5 * time.Second)})
+	now = start.Add(10 * time.Second)
+	// The answer with a TTL of 5s is over, but the firewall holds its
+	// address 60s: it is saved.
+	want := tableItems(tb, start)
+	if len(want) != 4 {
+		t.Fatalf("table before saving: %v", want)
+	}
+
+	var buf bytes.Buffer
+	n, err := tb.Save(&buf)
+	if err != nil || n != 4 {
+		t.Fatalf("Save: %d items, %v; want 4", n, err)
+	}
+	if !strings.HasPrefix(buf.String(), tableFileHeader+"\n") {
+		t.Errorf("file does not start with the header:\n%s", buf.String())
+	}
+	saved := buf.Bytes()
+
+	// Restored at once: the same items, the same times.
+	tb2 := NewTable(1000)
+	tb2.now = func() time.Time { return now }
+	if n, err := tb2.Load(bytes.NewReader(saved)); err != nil || n != 4 {
+		t.Fatalf("Load: %d items, %v; want 4", n, err)
+	}
+	if got := tableItems(tb2, start); !slices.Equal(got, want) {
+		t.Errorf("restored:\n%s\nwant\n%s", strings.Join(got, "\n"), strings.Join(want, "\n"))
+	}
+	if got := tb2.NamesFor(c1, ntp); !slices.Equal(got, []string{"time.example.com"}) {
+		t.Errorf("restored NamesFor(c1, ntp): %v", got)
+	}
+	if got := tb2.NamesFor(c1, short); got != nil {
+		t.Errorf("restored NamesFor(c1, short): %v, want nothing (its TTL is over)", got)
+	}
+	if got := tb2.Held(short); len(got) != 1 || !got[0].Expires.Equal(start.Add(time.Minute)) {
+		t.Errorf("restored Held(short): %v, want held until 1m", got)
+	}
+	if got := tb2.HeldAll(nil); len(got) != 4 {
+		t.Errorf("restored HeldAll: %v, want 4", got)
+	}
+
+	// Restored later: what is past its keep time is dropped, the rest
+	// keeps its times (a restart never lengthens an answer).
+	now = start.Add(6 * time.Minute)
+	tb3 := NewTable(1000)
+	tb3.now = func() time.Time { return now }
+	if n, err := tb3.Load(bytes.NewReader(saved)); err != nil || n != 1 {
+		t.Fatalf("Load at 6m: %d items, %v; want 1", n, err)
+	}
+	if got, want := tableItems(tb3, start), []string{"2001:db8:1::443 192.0.2.10 vpn.example.com vpn expires=2h0m0s held=2h0m0s"}; !slices.Equal(got, want) {
+		t.Errorf("restored at 6m: %v, want %v", got, want)
+	}
+	// A learn after the restore moves the hold as it would have.
+	tb3.Learn(Learned{Client: c1, Name: "vpn.example.com", Addr: vpn, Rule: "vpn", Expires: now.Add(time.Minute)})
+	if got := tb3.Held(vpn); len(got) != 1 || !got[0].Expires.Equal(start.Add(2*time.Hour)) {
+		t.Errorf("Held(vpn) after a shorter answer: %v, want 2h still", got)
+	}
+
+	// An item already in the table stays as it is.
+	now = start.Add(10 * time.Second)
+	tb4 := NewTable(1000)
+	tb4.now = func() time.Time { return now }
+	tb4.Learn(Learned{Client: c1, Name: "time.example.com", Addr: ntp, Rule: "ntp", Expires: now.Add(30 * time.Second)})
+	if n, err := tb4.Load(bytes.NewReader(saved)); err != nil || n != 3 {
+		t.Fatalf("Load into a table with one of the items: %d, %v; want 3", n, err)
+	}
+	if got := tb4.Lookup(ntp); len(got) != 2 {
+		t.Errorf("Lookup(ntp): %v", got)
+	} else {
+		for _, l := range got {
+			if l.Client == c1 && !l.Expires.Equal(start.Add(40*time.Second)) {
+				t.Errorf("the item already there changed: %v", l)
+			}
+		}
+	}
+
+	// An answer with a TTL longer than the firewall's hold is saved with
+	// its expiry cut to that (never longer), so that Load takes it.
+	tb5 := NewTable(10)
+	tb5.now = func() time.Time { return now }
+	tb5.Learn(Learned{Client: c1, Name: "long.example.com", Addr: ntp, Rule: "r", Expires: now.Add(48 * time.Hour)})
+	buf.Reset()
+	if _, err := tb5.Save(&buf); err != nil {
+		t.Fatal(err)
+	}
+	tb6 := NewTable(10)
+	tb6.now = func() time.Time { return now }
+	if n, err := tb6.Load(&buf); err != nil || n != 1 {
+		t.Fatalf("Load of a 48h answer: %d, %v", n, err)
+	}
+	if got := tb6.Lookup(ntp); len(got) != 1 || !got[0].Expires.Equal(now.Add(24*time.Hour)) {
+		t.Errorf("a 48h answer restored as %v, want its expiry at 24h", got)
+	}
+
+	// An empty table saves a file that loads as nothing.
+	buf.Reset()
+	if n, err := NewTable(10).Save(&buf); err != nil || n != 0 {
+		t.Fatalf("Save of an empty table: %d, %v", n, err)
+	}
+	if n, err := NewTable(10).Load(&buf); err != nil || n != 0 {
+		t.Errorf("Load of an empty table's file: %d, %v", n, err)
+	}
+}
+
+// TestTableChanges: the change count moves when Learn changes the table,
+// not on a cache hit's refresh nor on a load.
+func TestTableChanges(t *testing.T) {
+	now := time.Unix(1_800_000_000, 0)
+	tb := NewTable(100)
+	tb.now = func() time.Time { return now }
+	l := Learned{Client: netip.MustParseAddr("192.0.2.1"), Name: "a.example.com", Addr: netip.MustParseAddr("203.0.113.1"), Rule: "r", Expires: now.Add(time.Minute)}
+	c0 := tb.Changes()
+	tb.Learn(l)
+	c1 := tb.Changes()
+	if c1 == c0 {
+		t.Error("a new item did not move the change count")
+	}
+	tb.Learn(l)
+	if tb.Changes() != c1 {
+		t.Error("the same answer again moved the change count")
+	}
+	l.Expires = l.Expires.Add(time.Second)
+	tb.Learn(l)
+	if tb.Changes() == c1 {
+		t.Error("a refresh with a later expiry did not move the change count")
+	}
+}
+
+// TestTableLoadRefuses: a file that is not what Save writes is refused
+// whole (nothing added), with an error that says why; never a panic.
+func TestTableLoadRefuses(t *testing.T) {
+	start := time.Unix(1_800_000_000, 0)
+	item := func(client, name, addr, rule string, expires, held time.Duration) string {
+		return fmt.Sprintf(`{"client":%q,"name":%q,"addr":%q,"rule":%q,"expires":%d,"held":%d}`,
+			client, name, addr, rule, start.Add(expires).UnixNano(), start.Add(held).UnixNano())
+	}
+	good := item("192.0.2.10", "time.example.com", "203.0.113.7", "ntp", time.Minute, time.Minute)
+	file := func(lines ...string) string { return strings.Join(lines, "\n") + "\n" }
+	long := strings.Repeat("a.", 130) + "com" // 263 bytes
+	cases := []struct {
+		name, in, err string
+	}{
+		{"empty", "", "no header"},
+		{"other format", file(`{"egressd":"learned-addresses","version":2}`, `{"end":0}`), "header"},
+		{"binary", "\x00\x01\x02\xff", "header"},
+		{"truncated", file(tableFileHeader, good), "truncated"},
+		{"truncated mid-line", tableFileHeader + "\n" + good[:40], "truncated"},
+		{"count mismatch", file(tableFileHeader, good, `{"end":2}`), "says 2"},
+		{"after the end", file(tableFileHeader, good, `{"end":1}`, good), "after the end"},
+		{"not json", file(tableFileHeader, "client=1", `{"end":1}`), "line 2"},
+		{"unknown field", file(tableFileHeader, strings.Replace(good, `"rule"`, `"evil":1,"rule"`, 1), `{"end":1}`), "line 2"},
+		{"bad client", file(tableFileHeader, item("192.0.2.300", "a.example.com", "203.0.113.7", "r", time.Minute, time.Minute), `{"end":1}`), "client"},
+		{"no client", file(tableFileHeader, item("", "a.example.com", "203.0.113.7", "r", time.Minute, time.Minute), `{"end":1}`), "client"},
+		{"zoned addr", file(tableFileHeader, item("192.0.2.1", "a.example.com", "fe80::1%eth0", "r", time.Minute, time.Minute), `{"end":1}`), "address"},
+		{"bad name", file(tableFileHeader, item("192.0.2.1", "a b.example.com", "203.0.113.7", "r", time.Minute, time.Minute), `{"end":1}`), "name"},
+		{"upper-case name", file(tableFileHeader, item("192.0.2.1", "A.example.com", "203.0.113.7", "r", time.Minute, time.Minute), `{"end":1}`), "name"},
+		{"long name", file(tableFileHeader, item("192.0.2.1", long, "203.0.113.7", "r", time.Minute, time.Minute), `{"end":1}`), "name"},
+		{"bad rule", file(tableFileHeader, item("192.0.2.1", "a.example.com", "203.0.113.7", "r\nx", time.Minute, time.Minute), `{"end":1}`), "rule"},
+		{"held too far ahead", file(tableFileHeader, item("192.0.2.1", "a.example.com", "203.0.113.7", "r", time.Minute, 48*time.Hour), `{"end":1}`), "ahead"},
+		{"expires too far ahead", file(tableFileHeader, item("192.0.2.1", "a.example.com", "203.0.113.7", "r", 30*24*time.Hour, time.Minute), `{"end":1}`), "ahead"},
+		{"line too long", file(tableFileHeader, good[:len(good)-1]+strings.Repeat(" ", 2000)+"}", `{"end":1}`), "long"},
+	}
+	for _, c := range cases {
+		t.Run(c.name, func(t *testing.T) {
+			tb := NewTable(1000)
+			tb.now = func() time.Time { return start }
+			n, err := tb.Load(strings.NewReader(c.in))
+			if err == nil || !strings.Contains(err.Error(), c.err) || !strings.HasPrefix(err.Error(), "dnsfilter: ") {
+				t.Errorf("Load: %d, %v; want an error with %q", n, err, c.err)
+			}
+			if n != 0 || tb.Len() != 0 {
+				t.Errorf("Load of a refused file added %d items (table %d)", n, tb.Len())
+			}
+		})
+	}
+
+	// More items than the table holds: refused, read no further.
+	t.Run("oversized", func(t *testing.T) {
+		tb := NewTable(64) // one item per shard
+		tb.now = func() time.Time { return start }
+		var b strings.Builder
+		b.WriteString(tableFileHeader + "\n")
+		for i := range 65 {
+			b.WriteString(item("192.0.2.1", fmt.Sprintf("n%d.example.com", i), "203.0.113.7", "r", time.Minute, time.Minute) + "\n")
+		}
+		b.WriteString(`{"end":65}` + "\n")
+		n, err := tb.Load(strings.NewReader(b.String()))
+		if err == nil || !strings.Contains(err.Error(), "more than") || n != 0 || tb.Len() != 0 {
+			t.Errorf("Load of 65 items into a table of 64: %d, %v, table %d", n, err, tb.Len())
+		}
+	})
+}
+
+// FuzzTableLoad: Load never panics; a file it refuses adds nothing; one
+// it takes holds no more than the table's bound, no time further ahead
+// than the firewall would hold an address, and saves and loads back to
+// the same items.
+func FuzzTableLoad(f *testing.F) {
+	start := time.Unix(1_800_000_000, 0)
+	tb := NewTable(64)
+	tb.now = func() time.Time { return start }
+	tb.Learn(Learned{Client: netip.MustParseAddr("192.0.2.10"), Name: "time.example.com", Addr: netip.MustParseAddr("203.0.113.7"), Rule: "ntp", Expires: start.Add(5 * time.Minute)})
+	tb.Learn(Learned{Client: netip.MustParseAddr("2001:db8::1"), Name: "vpn.example.com", Addr: netip.MustParseAddr("2001:db8:1::443"), Rule: "vpn", Expires: start.Add(time.Second)})
+	var buf bytes.Buffer
+	if _, err := tb.Save(&buf); err != nil {
+		f.Fatal(err)
+	}
+	f.Add(buf.Bytes())                                         // two items, as Save writes them
+	f.Add([]byte(tableFileHeader + "\n" + `{"end":0}` + "\n")) // an empty table
+	f.Add(buf.Bytes()[:buf.Len()-5])                           // cut in the trailer
+	f.Add([]byte(tableFileHeader + "\n"))                      // header only
+	f.Fuzz(func(t *testing.T, in []byte) {
+		tb := NewTable(64)
+		tb.now = func() time.Time { return start }
+		n, err := tb.Load(bytes.NewReader(in))
+		if err != nil {
+			if n != 0 || tb.Len() != 0 {
+				t.Fatalf("refused (%v) but added %d (table %d)", err, n, tb.Len())
+			}
+			if !strings.HasPrefix(err.Error(), "dnsfilter: ") {
+				t.Fatalf("error without the package prefix: %v", err)
+			}
+			return
+		}
+		if n != tb.Len() || n > 64 {
+			t.Fatalf("loaded %d, table %d, bound 64", n, tb.Len())
+		}
+		limit := start.Add(maxLoadAhead).UnixNano()
+		for i := range tb.shards {
+			for a, items := range tb.shards[i].m {
+				if !a.IsValid() || a.Zone() != "" || a.Is4In6() {
+					t.Fatalf("address %v", a)
+				}
+				for _, it := range items {
+					if it.keep() <= start.UnixNano() || it.expires > limit || it.held > limit || len(it.name) > 255 {
+						t.Fatalf("item %+v (limit %d)", it, limit)
+					}
+				}
+			}
+		}
+		var out bytes.Buffer
+		if m, err := tb.Save(&out); err != nil || m != n {
+			t.Fatalf("Save of the loaded table: %d, %v; loaded %d", m, err, n)
+		}
+		tb2 := NewTable(64)
+		tb2.now = tb.now
+		if m, err := tb2.Load(&out); err != nil || m != n {
+			t.Fatalf("Load of the saved table: %d, %v; want %d", m, err, n)
+		}
+		if a, b := tableItems(tb, start), tableItems(tb2, start); !slices.Equal(a, b) {
+			t.Fatalf("saved and loaded again:\n%v\nwant\n%v", b, a)
+		}
+	})
+}
