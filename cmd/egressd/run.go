@@ -77,7 +77,7 @@ func (c *runConfig) flags(fs *flag.FlagSet) {
 	fs.StringVar(&c.lan, "lan", "", "interface LAN clients arrive on; capture listens there (default: the only non-WAN interface, else the WAN one)")
 	fs.StringVar(&c.wan, "wan", "", "interface toward the internet (default: the interface of the default route)")
 	fs.StringVar(&c.upstreams, "upstream-dns", "", "upstream resolvers, comma-separated ip[:port] (default: /etc/resolv.conf)")
-	fs.StringVar(&c.stateDir, "state-dir", "/var/lib/egressd", "state directory: event log (the ledger survives restarts), inspection CA")
+	fs.StringVar(&c.stateDir, "state-dir", "/var/lib/egressd", "state directory: event log (the ledger survives restarts), learned DNS answers (survive restarts), inspection CA")
 	fs.StringVar(&c.admin, "admin", "127.0.0.1:9901", "admin address: / (HTML report), /report.json, /metrics, /healthz, /readyz")
 	fs.BoolVar(&c.noFirewall, "no-firewall", false, "do not touch nftables: the operator brings traffic to the listeners")
 	fs.BoolVar(&c.masquerade, "masquerade", false, "NAT LAN traffic leaving the WAN interface")
@@ -121,6 +121,8 @@ type daemon struct {
 	// table is the DNS forwarder's learned-address table: the firewall
 	// seeds its learned sets with what it holds when it goes in.
 	table *dnsfilter.Table
+	// learned keeps table in the state directory across restarts.
+	learned *learnedStore
 	// proxyUsers are the explicit proxy's users (--proxy-users) as read
 	// at start; nil: no authentication. A reload hands the file's users
 	// to the proxy (reloadProxyUsers), not here.
@@ -485,6 +487,10 @@ func (d *daemon) run(ctx context.Context) error {
 	dnsCfg.DropUDPFrom, dnsCfg.DropTCPFrom = wdrop.dns(wanIdx)
 	table := dnsfilter.NewTable(0)
 	d.table = table
+	// What the forwarder gave out before a restart, before anything
+	// reads the table: the firewall seeds its learned sets with it, the
+	// proxy vouches with it, capture follows it.
+	d.restoreLearned(ctx, &wg, table)
 	gate := &firewallGate{} // the firewall, once installed, takes allowed answers' addresses before the client gets them
 	d.gate = gate
 	if d.dns, err = dnsfilter.New(dnsCfg, dnsfilter.Deps{Policy: d.store, Sink: d.sink, Logger: d.log, Registerer: d.reg, Table: table, Firewall: gate}); err != nil {
@@ -928,6 +934,11 @@ func (d *daemon) shutdown(cancel context.CancelFunc, wg *sync.WaitGroup) error {
 	case <-done:
 	case <-time.After(10 * time.Second):
 		errs = append(errs, errors.New("run: parts did not stop within 10s"))
+	}
+	if d.learned != nil {
+		// After DNS stopped: nothing learns any more. A failure was
+		// logged; the next start begins from the last periodic write.
+		d.learned.save(true)
 	}
 	if d.journal != nil {
 		if err := d.journal.Close(); err != nil {

@@ -1,0 +1,170 @@
+package main
+
+import (
+	"context"
+	"errors"
+	"fmt"
+	"log/slog"
+	"os"
+	"path/filepath"
+	"sync"
+	"syscall"
+	"time"
+
+	"egressd/audit"
+	"egressd/dnsfilter"
+)
+
+// The DNS forwarder's learned-address table survives a restart through
+// the state directory: a device that resolved once and keeps the address
+// (chrony's NTP servers, a VPN client reconnecting to the address it
+// cached) would otherwise be dropped by the enforce firewall, whose
+// learned sets are seeded from the table at install, and not vouched for
+// by the proxy, until it asks DNS again, which may be hours.
+
+const (
+	// learnedFileName is the table's file in the state directory.
+	learnedFileName = "learned.ndjson"
+	// learnedSaveInterval is how often the table is written while it
+	// changes; a clean stop writes it too. After a kill -9 the answers
+	// of the last interval are lost.
+	learnedSaveInterval = 30 * time.Second
+)
+
+// learnedStore keeps the table in its file.
+type learnedStore struct {
+	path  string
+	table *dnsfilter.Table
+	log   *slog.Logger
+
+	mu      sync.Mutex // guards following
+	saved   uint64     // table.Changes() at the last write
+	failing string     // the last write's error, "" when it worked
+}
+
+func newLearnedStore(dir string, table *dnsfilter.Table, log *slog.Logger) *learnedStore {
+	return &learnedStore{path: filepath.Join(dir, learnedFileName), table: table, log: log}
+}
+
+// load puts the file's items into the table, before anything reads it.
+// A missing file is a first start: (0, nil). A file it cannot read or
+// that dnsfilter refuses is left for the next write to replace; the
+// table starts empty then, as before there was a file.
+func (s *learnedStore) load() (int, error) {
+	// Not a FIFO (the open would block), nor a link out of the
+	// directory: a regular file, opened without following a link.
+	f, err := os.OpenFile(s.path, os.O_RDONLY|syscall.O_NOFOLLOW|syscall.O_NONBLOCK, 0)
+	if errors.Is(err, os.ErrNotExist) {
+		return 0, nil
+	}
+	if err != nil {
+		return 0, err
+	}
+	defer f.Close()
+	if fi, err := f.Stat(); err != nil {
+		return 0, err
+	} else if !fi.Mode().IsRegular() {
+		return 0, fmt.Errorf("%s is not a regular file", s.path)
+	}
+	n, err := s.table.Load(f)
+	if err != nil {
+		return 0, fmt.Errorf("%s: %w", s.path, err)
+	}
+	return n, nil
+}
+
+// save writes the table's live items to the file when the table changed
+// since the last write (or always, with force): a temporary file, synced,
+// renamed over the file, the directory synced. A failure is logged when
+// it is new, and its recovery once.
+func (s *learnedStore) save(force bool) error {
+	s.mu.Lock()
+	defer s.mu.Unlock()
+	changes := s.table.Changes()
+	if !force && changes == s.saved && s.failing == "" {
+		return nil
+	}
+	n, err := s.write()
+	switch {
+	case err != nil && err.Error() != s.failing:
+		s.failing = err.Error()
+		s.log.Warn("learned addresses: cannot write the table to the state directory: a restart loses them", audit.LogError, err.Error())
+	case err == nil && s.failing != "":
+		s.failing = ""
+		s.log.Info("learned addresses: writing the table to the state directory again", "items", n)
+	}
+	if err == nil {
+		s.saved = changes
+	}
+	return err
+}
+
+func (s *learnedStore) write() (int, error) {
+	dir := filepath.Dir(s.path)
+	if err := os.MkdirAll(dir, 0o750); err != nil {
+		return 0, err
+	}
+	tmp, err := os.CreateTemp(dir, learnedFileName+".tmp*")
+	if err != nil {
+		return 0, err
+	}
+	defer os.Remove(tmp.Name()) // after the rename, nothing is there
+	n, err := s.table.Save(tmp) // CreateTemp makes it 0600
+	if err == nil {
+		err = tmp.Sync()
+	}
+	if cerr := tmp.Close(); err == nil {
+		err = cerr
+	}
+	if err == nil {
+		err = os.Rename(tmp.Name(), s.path)
+	}
+	if err == nil {
+		// The rename itself is durable once the directory is.
+		if d, derr := os.Open(dir); derr == nil {
+			d.Sync()
+			d.Close()
+		}
+	}
+	return n, err
+}
+
+// run writes the table every learnedSaveInterval while it changes, until
+// ctx is done.
+func (s *learnedStore) run(ctx context.Context) {
+	tick := time.NewTicker(learnedSaveInterval)
+	defer tick.Stop()
+	for {
+		select {
+		case <-tick.C:
+			s.save(false)
+		case <-ctx.Done():
+			return
+		}
+	}
+}
+
+// restoreLearned loads the table's file into table at start and writes it
+// back at once (dropping what expired while egressd was down, and finding
+// out now whether the state directory can be written), then keeps it
+// written while ctx runs. Nothing here stops egressd: without the file
+// the table starts empty, as it did before there was one.
+func (d *daemon) restoreLearned(ctx context.Context, wg *sync.WaitGroup, table *dnsfilter.Table) {
+	s := newLearnedStore(d.cfg.stateDir, table, d.log.With(audit.LogComponent, "dns"))
+	n, err := s.load()
+	if err != nil {
+		d.log.Warn("learned addresses: ignoring the table's file: it starts empty, and clients that kept an answer from before the restart are dropped until they ask again", audit.LogError, err.Error())
+		d.say("warning: learned addresses: %v: ignored, the table starts empty", err)
+	} else {
+		d.say("learned addresses: %d restored from %s", n, s.path)
+	}
+	if err := s.save(true); err != nil {
+		d.say("warning: learned addresses: %v: they will not survive a restart", err)
+	}
+	d.learned = s
+	wg.Add(1)
+	go func() {
+		defer wg.Done()
+		s.run(ctx)
+	}()
+}
