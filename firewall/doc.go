@@ -113,7 +113,14 @@
 // event on only for a flow it does not follow.
 // What the re-decision cannot know: a client matched by MAC alone, where
 // the rule's client set changed (conntrack holds no MAC), and the names of
-// an address learned before a restart; such flows are cut. At a start the
+// an address learned before a restart that the DNS forwarder's table did
+// not carry over; such flows are cut. egressd run keeps that table in its
+// state directory (written every 30 s while it changes and at a clean
+// stop, read before Install), so after a restart the learned sets are
+// seeded with the answers given out before it, with their times, and
+// flows to them, new ones included, go on; what is lost is what the file
+// did not hold: the answers of the last 30 s before a kill -9, and all of
+// them without a usable state directory. At a start the
 // previous policy is unknown: a tag the new ruleset uses is taken for its
 // rule's, so a flow of a rule removed while egressd was down is kept in
 // the rare case (about one in a thousand per new rule) that a new rule

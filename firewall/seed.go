@@ -13,10 +13,12 @@ import (
 // their rules cover that clients keep using without asking again (chrony
 // resolves its NTP servers once, at start): the README's rollout, audit
 // mode then a reload to enforce, would drop every device's NTP until it
-// happens to ask again. So the sets are seeded, in the transaction that
-// installs the ruleset, from the answers the forwarder has given out
-// (Deps.Given), as the forwarder's gate would have learned them: an
-// answer's address goes into the set of every rule that lets the client
+// happens to ask again; a restart of egressd in enforce mode would do the
+// same, and egressd run restores the forwarder's table from its state
+// directory before Install for it. So the sets are seeded, in the
+// transaction that installs the ruleset, from the answers the forwarder
+// has given out (Deps.Given), as the forwarder's gate would have learned
+// them: an answer's address goes into the set of every rule that lets the client
 // who asked resolve the name (Engine.NameRules, the gate's gateRules),
 // until the time the firewall would have kept it (Given.Until), bounded
 // by Config.MaxLearned per set. Answers given in audit mode, where every
