@@ -6,6 +6,8 @@ import (
 	"net/netip"
 	"slices"
 	"strings"
+	"sync"
+	"sync/atomic"
 	"testing"
 	"time"
 )
@@ -295,4 +297,54 @@ func FuzzTableLoad(f *testing.F) {
 			t.Fatalf("saved and loaded again:\n%v\nwant\n%v", b, a)
 		}
 	})
+}
+
+// TestTableSaveConcurrent: Save while Learn, Sweep and NamesFor run (for
+// the race detector): every file it writes loads whole, with items the
+// table was given and no time further ahead than Learn set.
+func TestTableSaveConcurrent(t *testing.T) {
+	start := time.Unix(1_800_000_000, 0)
+	var clock atomic.Int64
+	clock.Store(start.UnixNano())
+	tb := NewTable(512)
+	tb.now = func() time.Time { return time.Unix(0, clock.Load()) }
+	var wg sync.WaitGroup
+	var stop atomic.Bool
+	for g := range 3 {
+		wg.Add(1)
+		go func() {
+			defer wg.Done()
+			for i := 0; i < 20_000 && !stop.Load(); i++ {
+				now := tb.now()
+				addr := netip.AddrFrom4([4]byte{203, 0, 113, byte(i % 97)})
+				client := netip.AddrFrom4([4]byte{192, 0, 2, byte(g)})
+				tb.Learn(Learned{Client: client, Name: fmt.Sprintf("n%d.example.com", i%300), Addr: addr, Rule: "web", Expires: now.Add(time.Duration(1+i%90) * time.Second)})
+				tb.NamesFor(client, addr)
+				if i%500 == 0 {
+					clock.Add(int64(7 * time.Second))
+					tb.Sweep()
+				}
+			}
+		}()
+	}
+	for s := 0; s < 200; s++ {
+		var buf bytes.Buffer
+		n, err := tb.Save(&buf)
+		if err != nil {
+			t.Fatal(err)
+		}
+		tb2 := NewTable(512)
+		tb2.now = func() time.Time { return start }
+		m, err := tb2.Load(bytes.NewReader(buf.Bytes()))
+		if err != nil || m > n {
+			t.Fatalf("save %d: loading %d saved items: %d, %v", s, n, m, err)
+		}
+		for _, line := range tableItems(tb2, start) {
+			if !strings.Contains(line, ".example.com web ") {
+				t.Fatalf("save %d: loaded item %q was never learned", s, line)
+			}
+		}
+	}
+	stop.Store(true)
+	wg.Wait()
 }
