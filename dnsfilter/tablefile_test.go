@@ -348,3 +348,34 @@ func TestTableSaveConcurrent(t *testing.T) {
 	stop.Store(true)
 	wg.Wait()
 }
+
+// TestTableLoadClockWentBack: a file loaded on a clock behind the one
+// that saved it (a gateway without a real-time clock, started before NTP
+// set it) is refused whole: its times, read on that clock, would hold
+// every address as much longer as the clock is behind (a 10-minute answer
+// for 2 h 10 min), though no item is further ahead than a day. A clock a
+// few minutes behind (a step of NTP) still loads it.
+func TestTableLoadClockWentBack(t *testing.T) {
+	start := time.Unix(1_800_000_000, 0)
+	tb := NewTable(100)
+	tb.now = func() time.Time { return start }
+	tb.Learn(Learned{Client: netip.MustParseAddr("192.0.2.10"), Name: "time.example.com", Addr: netip.MustParseAddr("203.0.113.7"), Rule: "ntp", Expires: start.Add(10 * time.Minute)})
+	var buf bytes.Buffer
+	if n, err := tb.Save(&buf); err != nil || n != 1 {
+		t.Fatalf("Save: %d, %v", n, err)
+	}
+	for _, c := range []struct {
+		back time.Duration
+		want int
+	}{{2 * time.Hour, 0}, {20 * time.Minute, 0}, {4 * time.Minute, 1}, {0, 1}} {
+		tb2 := NewTable(100)
+		tb2.now = func() time.Time { return start.Add(-c.back) }
+		n, err := tb2.Load(bytes.NewReader(buf.Bytes()))
+		switch {
+		case c.want == 0 && (err == nil || !strings.Contains(err.Error(), "clock went back") || n != 0 || tb2.Len() != 0):
+			t.Errorf("Load on a clock %s behind the save: %d, %v (held %v); want it refused, the clock went back", c.back, n, err, tb2.Held(netip.MustParseAddr("203.0.113.7")))
+		case c.want == 1 && (err != nil || n != 1):
+			t.Errorf("Load on a clock %s behind the save: %d, %v; want 1", c.back, n, err)
+		}
+	}
+}
