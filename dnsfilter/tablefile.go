@@ -23,13 +23,14 @@ import (
 // The format is JSON lines: a header line (tableFileHeader: the format's
 // name and version), one line per item (client, name, address, rule, and
 // the answer's expiry and the firewall's hold as Unix nanoseconds), and an
-// end line {"end":N} with the number of items, so a file cut short is
-// known. Load trusts nothing in it: a file that is not exactly what Save
-// writes is refused whole.
+// end line {"end":N,"saved":T} with the number of items, so a file cut
+// short is known, and the clock's time of the save, so a clock that went
+// back since is known. Load trusts nothing in it: a file that is not
+// exactly what Save writes is refused whole.
 
 const (
 	// tableFileHeader is the first line of a table file.
-	tableFileHeader = `{"egressd":"learned-addresses","version":1}`
+	tableFileHeader = `{"egressd":"learned-addresses","version":2}`
 	// tableFileMaxLine bounds a line of a table file (an item's line is
 	// at most about 500 bytes: a name of 253, a rule, two addresses).
 	tableFileMaxLine = 1024
@@ -39,7 +40,13 @@ const (
 	// allows a small step back of the clock between the save and the
 	// load. A file with a time further ahead did not come from Save on
 	// this clock: it is refused rather than let an address in for longer.
-	maxLoadAhead = policy.LearnedMaxTTL + 5*time.Minute
+	maxLoadAhead = policy.LearnedMaxTTL + maxClockBack
+	// maxClockBack is how far behind the save's time the clock may be
+	// at a load (a step of NTP). Further, the file is refused whole: its
+	// times, read on this clock, would let every address in for as much
+	// longer as the clock is behind (a gateway without a real-time clock,
+	// started before NTP set it).
+	maxClockBack = 5 * time.Minute
 	// maxRuleLen bounds a rule name in the file (the policy's are 63
 	// bytes at most).
 	maxRuleLen = 255
@@ -55,6 +62,7 @@ type tableFileLine struct {
 	Expires int64  `json:"expires,omitempty"`
 	Held    int64  `json:"held,omitempty"`
 	End     *int   `json:"end,omitempty"`
+	Saved   int64  `json:"saved,omitempty"` // the end line's
 }
 
 // Save writes the table's live items (those the table still keeps: the
@@ -100,7 +108,7 @@ func (t *Table) Save(w io.Writer) (int, error) {
 			n++
 		}
 	}
-	fmt.Fprintf(bw, "{\"end\":%d}\n", n)
+	fmt.Fprintf(bw, "{\"end\":%d,\"saved\":%d}\n", n, now)
 	if err := bw.Flush(); err != nil {
 		return n, fmt.Errorf("dnsfilter: save learned table: %w", err)
 	}
@@ -116,8 +124,10 @@ func (t *Table) Save(w io.Writer) (int, error) {
 // file that is not one Save writes (another format or version, cut
 // short, a malformed line, an address, name or rule the forwarder would
 // not have learned, a time further ahead than the firewall holds an
-// address, more items than the table holds, a line over 1 KiB) is
-// refused with an error saying where, and the table is left as it was.
+// address, more items than the table holds, a line over 1 KiB, a save
+// time more than 5 minutes ahead of the clock: it went back since, and
+// every time in the file would last that much longer) is refused with an
+// error saying where, and the table is left as it was.
 // Load reads at most one line past the table's bound. Items are not
 // published to subscribers.
 func (t *Table) Load(r io.Reader) (int, error) {
@@ -169,14 +179,24 @@ func (t *Table) Load(r io.Reader) (int, error) {
 			return 0, fmt.Errorf("dnsfilter: learned table: line %d: more than one JSON value", lineNo)
 		}
 		if l.End != nil {
-			if l != (tableFileLine{End: l.End}) {
+			if l != (tableFileLine{End: l.End, Saved: l.Saved}) {
 				return 0, fmt.Errorf("dnsfilter: learned table: line %d: an end line with an item's fields", lineNo)
 			}
 			if *l.End != len(items) {
 				return 0, fmt.Errorf("dnsfilter: learned table: the end line says %d items, the file has %d", *l.End, len(items))
 			}
+			if l.Saved <= 0 {
+				return 0, fmt.Errorf("dnsfilter: learned table: line %d: the end line has no save time", lineNo)
+			}
+			if l.Saved > now+int64(maxClockBack) {
+				return 0, fmt.Errorf("dnsfilter: learned table: saved at %s, %s after the clock's now: the clock went back since (no real-time clock, not yet set by NTP?), and its times would hold addresses that much longer",
+					time.Unix(0, l.Saved).UTC().Format(time.RFC3339), time.Duration(l.Saved-now).Round(time.Second))
+			}
 			ended = true
 			continue
+		}
+		if l.Saved != 0 {
+			return 0, fmt.Errorf("dnsfilter: learned table: line %d: an item with a save time", lineNo)
 		}
 		if len(items) >= capacity {
 			return 0, fmt.Errorf("dnsfilter: learned table: more than %d items, the table's bound", capacity)

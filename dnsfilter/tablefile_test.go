@@ -182,29 +182,33 @@ func TestTableLoadRefuses(t *testing.T) {
 	}
 	good := item("192.0.2.10", "time.example.com", "203.0.113.7", "ntp", time.Minute, time.Minute)
 	file := func(lines ...string) string { return strings.Join(lines, "\n") + "\n" }
+	end := func(n int) string { return fmt.Sprintf(`{"end":%d,"saved":%d}`, n, start.UnixNano()) }
 	long := strings.Repeat("a.", 130) + "com" // 263 bytes
 	cases := []struct {
 		name, in, err string
 	}{
 		{"empty", "", "no header"},
-		{"other format", file(`{"egressd":"learned-addresses","version":2}`, `{"end":0}`), "header"},
+		{"older version", file(`{"egressd":"learned-addresses","version":1}`, `{"end":0}`), "header"},
+		{"newer version", file(`{"egressd":"learned-addresses","version":3}`, end(0)), "header"},
+		{"no save time", file(tableFileHeader, good, `{"end":1}`), "no save time"},
+		{"item with a save time", file(tableFileHeader, good[:len(good)-1]+`,"saved":1}`, end(1)), "save time"},
 		{"binary", "\x00\x01\x02\xff", "header"},
 		{"truncated", file(tableFileHeader, good), "truncated"},
 		{"truncated mid-line", tableFileHeader + "\n" + good[:40], "truncated"},
-		{"count mismatch", file(tableFileHeader, good, `{"end":2}`), "says 2"},
-		{"after the end", file(tableFileHeader, good, `{"end":1}`, good), "after the end"},
-		{"not json", file(tableFileHeader, "client=1", `{"end":1}`), "line 2"},
-		{"unknown field", file(tableFileHeader, strings.Replace(good, `"rule"`, `"evil":1,"rule"`, 1), `{"end":1}`), "line 2"},
-		{"bad client", file(tableFileHeader, item("192.0.2.300", "a.example.com", "203.0.113.7", "r", time.Minute, time.Minute), `{"end":1}`), "client"},
-		{"no client", file(tableFileHeader, item("", "a.example.com", "203.0.113.7", "r", time.Minute, time.Minute), `{"end":1}`), "client"},
-		{"zoned addr", file(tableFileHeader, item("192.0.2.1", "a.example.com", "fe80::1%eth0", "r", time.Minute, time.Minute), `{"end":1}`), "address"},
-		{"bad name", file(tableFileHeader, item("192.0.2.1", "a b.example.com", "203.0.113.7", "r", time.Minute, time.Minute), `{"end":1}`), "name"},
-		{"upper-case name", file(tableFileHeader, item("192.0.2.1", "A.example.com", "203.0.113.7", "r", time.Minute, time.Minute), `{"end":1}`), "name"},
-		{"long name", file(tableFileHeader, item("192.0.2.1", long, "203.0.113.7", "r", time.Minute, time.Minute), `{"end":1}`), "name"},
-		{"bad rule", file(tableFileHeader, item("192.0.2.1", "a.example.com", "203.0.113.7", "r\nx", time.Minute, time.Minute), `{"end":1}`), "rule"},
-		{"held too far ahead", file(tableFileHeader, item("192.0.2.1", "a.example.com", "203.0.113.7", "r", time.Minute, 48*time.Hour), `{"end":1}`), "ahead"},
-		{"expires too far ahead", file(tableFileHeader, item("192.0.2.1", "a.example.com", "203.0.113.7", "r", 30*24*time.Hour, time.Minute), `{"end":1}`), "ahead"},
-		{"line too long", file(tableFileHeader, good[:len(good)-1]+strings.Repeat(" ", 2000)+"}", `{"end":1}`), "long"},
+		{"count mismatch", file(tableFileHeader, good, end(2)), "says 2"},
+		{"after the end", file(tableFileHeader, good, end(1), good), "after the end"},
+		{"not json", file(tableFileHeader, "client=1", end(1)), "line 2"},
+		{"unknown field", file(tableFileHeader, strings.Replace(good, `"rule"`, `"evil":1,"rule"`, 1), end(1)), "line 2"},
+		{"bad client", file(tableFileHeader, item("192.0.2.300", "a.example.com", "203.0.113.7", "r", time.Minute, time.Minute), end(1)), "client"},
+		{"no client", file(tableFileHeader, item("", "a.example.com", "203.0.113.7", "r", time.Minute, time.Minute), end(1)), "client"},
+		{"zoned addr", file(tableFileHeader, item("192.0.2.1", "a.example.com", "fe80::1%eth0", "r", time.Minute, time.Minute), end(1)), "address"},
+		{"bad name", file(tableFileHeader, item("192.0.2.1", "a b.example.com", "203.0.113.7", "r", time.Minute, time.Minute), end(1)), "name"},
+		{"upper-case name", file(tableFileHeader, item("192.0.2.1", "A.example.com", "203.0.113.7", "r", time.Minute, time.Minute), end(1)), "name"},
+		{"long name", file(tableFileHeader, item("192.0.2.1", long, "203.0.113.7", "r", time.Minute, time.Minute), end(1)), "name"},
+		{"bad rule", file(tableFileHeader, item("192.0.2.1", "a.example.com", "203.0.113.7", "r\nx", time.Minute, time.Minute), end(1)), "rule"},
+		{"held too far ahead", file(tableFileHeader, item("192.0.2.1", "a.example.com", "203.0.113.7", "r", time.Minute, 48*time.Hour), end(1)), "ahead"},
+		{"expires too far ahead", file(tableFileHeader, item("192.0.2.1", "a.example.com", "203.0.113.7", "r", 30*24*time.Hour, time.Minute), end(1)), "ahead"},
+		{"line too long", file(tableFileHeader, good[:len(good)-1]+strings.Repeat(" ", 2000)+"}", end(1)), "long"},
 	}
 	for _, c := range cases {
 		t.Run(c.name, func(t *testing.T) {
@@ -229,7 +233,7 @@ func TestTableLoadRefuses(t *testing.T) {
 		for i := range 65 {
 			b.WriteString(item("192.0.2.1", fmt.Sprintf("n%d.example.com", i), "203.0.113.7", "r", time.Minute, time.Minute) + "\n")
 		}
-		b.WriteString(`{"end":65}` + "\n")
+		b.WriteString(end(65) + "\n")
 		n, err := tb.Load(strings.NewReader(b.String()))
 		if err == nil || !strings.Contains(err.Error(), "more than") || n != 0 || tb.Len() != 0 {
 			t.Errorf("Load of 65 items into a table of 64: %d, %v, table %d", n, err, tb.Len())
@@ -251,10 +255,10 @@ func FuzzTableLoad(f *testing.F) {
 	if _, err := tb.Save(&buf); err != nil {
 		f.Fatal(err)
 	}
-	f.Add(buf.Bytes())                                         // two items, as Save writes them
-	f.Add([]byte(tableFileHeader + "\n" + `{"end":0}` + "\n")) // an empty table
-	f.Add(buf.Bytes()[:buf.Len()-5])                           // cut in the trailer
-	f.Add([]byte(tableFileHeader + "\n"))                      // header only
+	f.Add(buf.Bytes())                                                                                   // two items, as Save writes them
+	f.Add([]byte(tableFileHeader + "\n" + fmt.Sprintf(`{"end":0,"saved":%d}`, start.UnixNano()) + "\n")) // an empty table
+	f.Add(buf.Bytes()[:buf.Len()-5])                                                                     // cut in the trailer
+	f.Add([]byte(tableFileHeader + "\n"))                                                                // header only
 	f.Fuzz(func(t *testing.T, in []byte) {
 		tb := NewTable(64)
 		tb.now = func() time.Time { return start }
@@ -333,8 +337,9 @@ func TestTableSaveConcurrent(t *testing.T) {
 		if err != nil {
 			t.Fatal(err)
 		}
+		at := tb.now() // not before the save
 		tb2 := NewTable(512)
-		tb2.now = func() time.Time { return start }
+		tb2.now = func() time.Time { return at }
 		m, err := tb2.Load(bytes.NewReader(buf.Bytes()))
 		if err != nil || m > n {
 			t.Fatalf("save %d: loading %d saved items: %d, %v", s, n, m, err)
