@@ -2,10 +2,12 @@ package main
 
 import (
 	"bytes"
+	"io"
 	"log/slog"
 	"net/netip"
 	"os"
 	"path/filepath"
+	"slices"
 	"strings"
 	"syscall"
 	"testing"
@@ -98,5 +100,43 @@ func TestLearnedStore(t *testing.T) {
 	}
 	if n := strings.Count(logs.String(), "cannot write the table"); n != 1 {
 		t.Errorf("%d warnings for 3 failed writes, want 1:\n%s", n, logs.String())
+	}
+}
+
+// TestLearnedStoreRemovesTemporaries: a save killed before its rename (kill
+// -9, or systemd's SIGKILL at the stop timeout, during the write of a
+// large table) leaves its temporary file, up to 10 MB for a full table;
+// the next start removes it, and nothing else, so that they do not pile up
+// in the state directory crash after crash.
+func TestLearnedStoreRemovesTemporaries(t *testing.T) {
+	log := slog.New(slog.NewTextHandler(io.Discard, nil))
+	dir := t.TempDir()
+	tb := dnsfilter.NewTable(0)
+	tb.Learn(dnsfilter.Learned{Client: netip.MustParseAddr("192.0.2.10"), Name: "time.example.com",
+		Addr: netip.MustParseAddr("203.0.113.7"), Rule: "ntp", Expires: time.Now().Add(5 * time.Minute)})
+	if err := newLearnedStore(dir, tb, log).save(true); err != nil {
+		t.Fatal(err)
+	}
+	// What a killed save leaves: os.CreateTemp's name, cut short.
+	for _, name := range []string{learnedFileName + ".tmp1234567890", learnedFileName + ".tmp42"} {
+		if err := os.WriteFile(filepath.Join(dir, name), []byte(`{"egressd":"learned-addresses"`), 0o600); err != nil {
+			t.Fatal(err)
+		}
+	}
+	keep := []string{"events.ndjson", "learned.ndjson.bak", "policy.yaml"}
+	for _, name := range keep {
+		os.WriteFile(filepath.Join(dir, name), nil, 0o600)
+	}
+	tb2 := dnsfilter.NewTable(0)
+	if n, err := newLearnedStore(dir, tb2, log).load(); n != 1 || err != nil {
+		t.Fatalf("load: %d, %v; want 1", n, err)
+	}
+	var names []string
+	ents, _ := os.ReadDir(dir)
+	for _, e := range ents {
+		names = append(names, e.Name())
+	}
+	if want := append(keep, learnedFileName); !slices.Equal(names, slices.Sorted(slices.Values(want))) {
+		t.Errorf("state directory after a start: %v, want %v", names, want)
 	}
 }
