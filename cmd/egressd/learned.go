@@ -7,6 +7,7 @@ import (
 	"log/slog"
 	"os"
 	"path/filepath"
+	"strings"
 	"sync"
 	"syscall"
 	"time"
@@ -49,8 +50,10 @@ func newLearnedStore(dir string, table *dnsfilter.Table, log *slog.Logger) *lear
 // load puts the file's items into the table, before anything reads it.
 // A missing file is a first start: (0, nil). A file it cannot read or
 // that dnsfilter refuses is left for the next write to replace; the
-// table starts empty then, as before there was a file.
+// table starts empty then, as before there was a file. The temporary
+// files of saves killed before their rename go first.
 func (s *learnedStore) load() (int, error) {
+	s.removeTemps()
 	// Not a FIFO (the open would block), nor a link out of the
 	// directory: a regular file, opened without following a link.
 	f, err := os.OpenFile(s.path, os.O_RDONLY|syscall.O_NOFOLLOW|syscall.O_NONBLOCK, 0)
@@ -71,6 +74,26 @@ func (s *learnedStore) load() (int, error) {
 		return 0, fmt.Errorf("%s: %w", s.path, err)
 	}
 	return n, nil
+}
+
+// removeTemps removes the temporary files write leaves when egressd is
+// killed during it (os.CreateTemp's names: learned.ndjson.tmp and
+// digits), which nothing else would; it does not follow links.
+func (s *learnedStore) removeTemps() {
+	dir, prefix := filepath.Dir(s.path), learnedFileName+".tmp"
+	ents, err := os.ReadDir(dir)
+	if err != nil {
+		return
+	}
+	for _, e := range ents {
+		rest, ok := strings.CutPrefix(e.Name(), prefix)
+		if !ok || rest == "" || strings.Trim(rest, "0123456789") != "" || !e.Type().IsRegular() {
+			continue
+		}
+		if err := os.Remove(filepath.Join(dir, e.Name())); err == nil {
+			s.log.Info("learned addresses: removed the temporary file of a save that did not finish", "file", e.Name())
+		}
+	}
 }
 
 // save writes the table's live items to the file when the table changed
