@@ -72,10 +72,15 @@ func cmdPolicyCheck(args []string, stdout, stderr io.Writer) int {
 		return flagErr(err)
 	}
 	if len(pos) != 1 {
-		fmt.Fprintln(stderr, "usage: egressd policy check FILE   (FILE may be - or profile:NAME)")
+		fmt.Fprintln(stderr, "usage: egressd policy check [-q] FILE   (FILE may be - or profile:NAME)")
 		return exitUsage
 	}
-	eng, err := loadEngine(pos[0], stderr)
+	warnTo := stderr
+	if *quiet {
+		// Silent when valid, warnings too: egressd run logs them itself.
+		warnTo = io.Discard
+	}
+	eng, err := loadEngine(pos[0], warnTo)
 	if err != nil {
 		var pe *policy.Error
 		if errors.As(err, &pe) {

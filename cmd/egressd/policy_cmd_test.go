@@ -183,3 +183,30 @@ func TestProfilesCommand(t *testing.T) {
 		t.Fatalf("version: %d %q", code, out)
 	}
 }
+
+// TestPolicyCheckQuiet: -q prints nothing for a valid policy, warnings
+// included (README: "-q: silent when valid"; the unit's ExecStartPre runs it,
+// and egressd run logs the warnings itself), and still prints every problem
+// of an invalid one. The usage line names -q.
+func TestPolicyCheckQuiet(t *testing.T) {
+	dir := t.TempDir()
+	warn := filepath.Join(dir, "warn.yaml")
+	bad := filepath.Join(dir, "bad.yaml")
+	os.WriteFile(warn, []byte("rules:\n  - {name: a, to: [\"*\"], ports: [53/udp]}\n"), 0o644)
+	os.WriteFile(bad, []byte("rules:\n  - {name: a, to: [a.test], ports: [70000/tcp]}\n"), 0o644)
+
+	for _, file := range []string{warn, "profile:nirovision"} {
+		code, out, stderr := runCLI(t, "policy", "check", "-q", file)
+		if code != 0 || out != "" || stderr != "" {
+			t.Errorf("policy check -q %s: exit %d, stdout %q, stderr %q; want 0 and nothing", file, code, out, stderr)
+		}
+	}
+	code, _, stderr := runCLI(t, "policy", "check", "-q", bad)
+	if code != 1 || !strings.Contains(stderr, "bad.yaml:2:") {
+		t.Errorf("policy check -q of an invalid policy: exit %d, stderr %q", code, stderr)
+	}
+	code, _, stderr = runCLI(t, "policy", "check", "-q")
+	if code != 2 || !strings.Contains(stderr, "policy check [-q] FILE") {
+		t.Errorf("policy check -q without a file: exit %d, stderr %q", code, stderr)
+	}
+}
