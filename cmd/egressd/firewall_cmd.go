@@ -110,7 +110,7 @@ func cmdFirewallPrint(args []string, stdout, stderr io.Writer) int {
 		return exitUsage
 	}
 	if err := cfg.CheckTags(eng); err != nil {
-		fmt.Fprintln(stderr, "egressd firewall print: warning: --ct-mark-bits:", err, "(rules share tags)")
+		fmt.Fprintln(stderr, "egressd firewall print: warning: --ct-mark-bits:", err, "(rules will share conntrack mark tags)")
 	}
 	rs, err := firewall.Render(cfg, eng)
 	if err != nil {
