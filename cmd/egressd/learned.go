@@ -71,10 +71,19 @@ func (s *learnedStore) load() (int, error) {
 	}
 	n, err := s.table.Load(f)
 	if err != nil {
+		// Kept aside, not overwritten by the next save: a file refused
+		// for a clock that went back is good again once NTP has set it,
+		// and the operator may want to see what was refused.
+		if rerr := os.Rename(s.path, s.path+learnedRefusedSuffix); rerr == nil {
+			return 0, fmt.Errorf("%s (kept as %s%s): %w", s.path, learnedFileName, learnedRefusedSuffix, err)
+		}
 		return 0, fmt.Errorf("%s: %w", s.path, err)
 	}
 	return n, nil
 }
+
+// learnedRefusedSuffix names the copy of a table's file load refused.
+const learnedRefusedSuffix = ".refused"
 
 // removeTemps removes the temporary files write leaves when egressd is
 // killed during it (os.CreateTemp's names: learned.ndjson.tmp and

@@ -86,6 +86,12 @@ func TestLearnedStore(t *testing.T) {
 		if err == nil || n != 0 || tb.Len() != 0 {
 			t.Errorf("%s: load %d, %v (table %d); want an error and nothing", name, n, err, tb.Len())
 		}
+		// A regular file the table refused is kept aside, not left for
+		// the next save to overwrite.
+		_, refused := os.Lstat(filepath.Join(d, learnedFileName+learnedRefusedSuffix))
+		if want := name == "garbage"; (refused == nil) != want {
+			t.Errorf("%s: a %s copy kept: %v, want %v", name, learnedRefusedSuffix, refused == nil, want)
+		}
 	}
 
 	// A state directory under a file: every write fails, logged once.
