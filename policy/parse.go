@@ -562,6 +562,13 @@ func ruleLabel(r Rule) string {
 	return r.Name
 }
 
+// CheckTarget reports why s cannot stand in a rule's "to", or nil when a
+// policy takes it.
+func CheckTarget(s string) error {
+	_, err := parseTarget(s)
+	return err
+}
+
 // parseTarget parses one "to" entry. "private" expands to several prefixes.
 func parseTarget(s string) ([]Target, error) {
 	s = strings.TrimSpace(s)
