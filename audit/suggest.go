@@ -33,7 +33,7 @@ type Suggestion struct {
 
 type suggestKey struct {
 	domain string // registrable domain, or the address
-	ports  string
+	port   string // "443/tcp"
 }
 
 // maxFromClients is the most clients a suggestion lists in "from";
@@ -44,7 +44,7 @@ const maxFromClients = 8
 // and generalised safely:
 //   - names are grouped by registrable domain (eTLD+1 from the Public
 //     Suffix List, private entries such as s3.amazonaws.com included) and
-//     by the ports they used; two or more names under a common parent
+//     by port; two or more names under a common parent
 //     become "*.parent", where the parent is the longest common suffix of
 //     the names and never shorter than their registrable domain, so no
 //     suggestion is ever wider than a registrable domain, and none is at
@@ -52,16 +52,22 @@ const maxFromClients = 8
 //   - addresses are suggested one by one, never as wider prefixes;
 //   - "from" lists the clients seen (when few enough), so a suggestion
 //     opens nothing to clients that did not ask;
-//   - denials only an expired rule explains are not turned into rules
-//     (the comment says to extend the rule), nor is the overflow entry.
+//   - only denials a rule can turn into an allow are suggested (see
+//     suggestible); for the others a comment per reason says how many
+//     were left out and why. Denials only an expired rule explains are
+//     not turned into rules (the comment says to extend the rule), nor is
+//     the overflow entry.
 //
-// Denied DNS queries with no flow (enforce mode: the name never resolved)
-// are suggested with 443/tcp and a comment saying the port is assumed.
+// Each suggestion has one port, and no two name the same destination on
+// the same port, so none shadows another once pasted. A denied DNS query
+// counts with the rules of its name's flows (one per port), its clients
+// in each; a name with no flow (enforce mode: the name never resolved) is
+// suggested with 443/tcp and a comment saying the port is assumed.
 func (r *Report) Suggest() (sugs []Suggestion, comments []string) {
 	type group struct {
 		names   map[string]bool
 		addrs   map[string]bool
-		ports   []string
+		port    string
 		flows   uint64
 		queries uint64
 		clients map[string]bool
@@ -71,17 +77,30 @@ func (r *Report) Suggest() (sugs []Suggestion, comments []string) {
 		reasons map[string]bool
 		assumed bool
 	}
-	// Ports per destination, so that a name's rule carries the ports it
-	// used, and DNS-only names borrow them when the name also had flows.
+	// dest is the normalised destination of d: an address, or a valid
+	// host name.
+	dest := func(d DroppedReport) (string, bool, bool) {
+		if a, err := netip.ParseAddr(d.Dest); err == nil {
+			return a.Unmap().WithZone("").String(), true, true
+		}
+		n, ok := policy.NormalizeName(d.Dest)
+		return n, false, ok
+	}
+	// The ports of each destination's suggested flows, so that a denied
+	// query for a name counts with its flows.
 	portsOf := map[string]map[string]bool{}
 	for _, d := range r.Dropped {
-		if d.Proto == "tcp" || d.Proto == "udp" {
-			if portsOf[d.Dest] == nil {
-				portsOf[d.Dest] = map[string]bool{}
+		if ruleablePort(d) && suggestible(d.Reason) && d.Dest != overflowKey.dest {
+			if n, _, ok := dest(d); ok {
+				if portsOf[n] == nil {
+					portsOf[n] = map[string]bool{}
+				}
+				portsOf[n][fmt.Sprintf("%d/%s", d.Port, d.Proto)] = true
 			}
-			portsOf[d.Dest][fmt.Sprintf("%d/%s", d.Port, d.Proto)] = true
 		}
 	}
+	type tally struct{ flows, queries, requests uint64 }
+	left := map[string]*tally{}
 	groups := map[suggestKey]*group{}
 	for _, d := range r.Dropped {
 		if d.Dest == overflowKey.dest {
@@ -92,71 +111,99 @@ func (r *Report) Suggest() (sugs []Suggestion, comments []string) {
 			comments = append(comments, fmt.Sprintf("%s %d/%s: %d flows only the expired rule %q would allow; extend its expires: instead of adding a rule", d.Dest, d.Port, d.Proto, d.Flows, d.Rule))
 			continue
 		}
-		var k suggestKey
-		isAddr := false
-		name := d.Dest
-		if a, err := netip.ParseAddr(d.Dest); err == nil {
-			isAddr = true
-			k.domain = a.Unmap().String()
-		} else {
-			n, ok := policy.NormalizeName(d.Dest)
-			if !ok {
-				comments = append(comments, fmt.Sprintf("%q is not a valid host name; not suggested", d.Dest))
-				continue
+		if !suggestible(d.Reason) {
+			t := left[d.Reason]
+			if t == nil {
+				t = &tally{}
+				left[d.Reason] = t
 			}
-			name = n
-			dom, err := publicsuffix.EffectiveTLDPlusOne(n)
-			if err != nil {
-				// The name is itself a public suffix (or has no label
-				// above one): only the exact name is ever suggested.
-				dom = n
-			}
-			k.domain = dom
+			t.flows += d.Flows
+			t.queries += d.Queries
+			t.requests += d.Requests
+			continue
 		}
-		ps := portsOf[d.Dest]
+		if d.Proto != "dns" && !ruleablePort(d) {
+			comments = append(comments, fmt.Sprintf("%q %d/%s: no port a rule can name; not suggested", d.Dest, d.Port, d.Proto))
+			continue
+		}
+		name, isAddr, ok := dest(d)
+		if !ok || policy.CheckTarget(name) != nil {
+			// A name no rule can hold ("0", "1.2.3": a numeric
+			// top-level label reads as an address).
+			comments = append(comments, fmt.Sprintf("%q is not a valid host name; not suggested", d.Dest))
+			continue
+		}
+		// A name that is itself a public suffix (or has no label above
+		// one) is its own domain: only the exact name is ever suggested.
+		domain := name
+		if !isAddr {
+			if dom, err := publicsuffix.EffectiveTLDPlusOne(name); err == nil {
+				domain = dom
+			}
+		}
+		var ports []string
 		assumed := false
 		if d.Proto == "dns" {
-			// A name that also had flows gets their ports (and its
-			// queries count with them); else the port is a guess.
-			if len(ps) == 0 {
-				ps = map[string]bool{"443/tcp": true}
-				assumed = true
+			// A name that also had flows counts with them; else the
+			// port is a guess.
+			ports = sortedKeys(portsOf[name])
+			slices.SortFunc(ports, comparePorts)
+			if len(ports) == 0 {
+				ports, assumed = []string{"443/tcp"}, true
 			}
 		} else {
-			ps = map[string]bool{fmt.Sprintf("%d/%s", d.Port, d.Proto): true}
+			ports = []string{fmt.Sprintf("%d/%s", d.Port, d.Proto)}
 		}
-		ports := make([]string, 0, len(ps))
-		for p := range ps {
-			ports = append(ports, p)
+		for i, p := range ports {
+			k := suggestKey{domain: domain, port: p}
+			g := groups[k]
+			if g == nil {
+				g = &group{names: map[string]bool{}, addrs: map[string]bool{}, port: p, clients: map[string]bool{}, reasons: map[string]bool{}}
+				groups[k] = g
+			}
+			if isAddr {
+				g.addrs[name] = true
+			} else {
+				g.names[name] = true
+			}
+			if i == 0 { // counted once, whatever the ports
+				g.flows += d.Flows
+				g.queries += d.Queries
+			}
+			for _, c := range d.Clients {
+				g.clients[c] = true
+			}
+			g.trunc = g.trunc || d.ClientsTruncated
+			if g.first.IsZero() || d.FirstSeen.Before(g.first) {
+				g.first = d.FirstSeen
+			}
+			if d.LastSeen.After(g.last) {
+				g.last = d.LastSeen
+			}
+			if d.Reason != "" {
+				g.reasons[d.Reason] = true
+			}
+			g.assumed = g.assumed || assumed
 		}
-		slices.SortFunc(ports, comparePorts)
-		k.ports = strings.Join(ports, ",")
-		g := groups[k]
-		if g == nil {
-			g = &group{names: map[string]bool{}, addrs: map[string]bool{}, ports: ports, clients: map[string]bool{}, reasons: map[string]bool{}}
-			groups[k] = g
+	}
+	leftReasons := make([]string, 0, len(left))
+	for reason := range left {
+		leftReasons = append(leftReasons, reason)
+	}
+	slices.Sort(leftReasons)
+	for _, reason := range leftReasons {
+		t := left[reason]
+		var what []string
+		if t.flows > 0 {
+			what = append(what, fmt.Sprintf("%d flow(s)", t.flows))
 		}
-		if isAddr {
-			g.addrs[k.domain] = true
-		} else {
-			g.names[name] = true
+		if t.queries > 0 {
+			what = append(what, fmt.Sprintf("%d DNS %s", t.queries, queries(t.queries)))
 		}
-		g.flows += d.Flows
-		g.queries += d.Queries
-		for _, c := range d.Clients {
-			g.clients[c] = true
+		if t.requests > 0 || len(what) == 0 {
+			what = append(what, fmt.Sprintf("%d request(s)", t.requests))
 		}
-		g.trunc = g.trunc || d.ClientsTruncated
-		if g.first.IsZero() || d.FirstSeen.Before(g.first) {
-			g.first = d.FirstSeen
-		}
-		if d.LastSeen.After(g.last) {
-			g.last = d.LastSeen
-		}
-		if d.Reason != "" {
-			g.reasons[d.Reason] = true
-		}
-		g.assumed = g.assumed || assumed
+		comments = append(comments, fmt.Sprintf("%s denied as %s: none suggested; %s", strings.Join(what, ", "), reason, unsuggestedWhy(reason)))
 	}
 
 	var allNames []string
@@ -187,11 +234,11 @@ func (r *Report) Suggest() (sugs []Suggestion, comments []string) {
 		if c := cmp.Compare(a.domain, b.domain); c != 0 {
 			return c
 		}
-		return cmp.Compare(a.ports, b.ports)
+		return cmp.Compare(a.port, b.port)
 	})
 	for _, k := range keys {
 		g := groups[k]
-		s := Suggestion{Ports: g.ports, Flows: g.flows, Queries: g.queries, Clients: len(g.clients),
+		s := Suggestion{Ports: []string{g.port}, Flows: g.flows, Queries: g.queries, Clients: len(g.clients),
 			ClientsTruncated: g.trunc, First: g.first, Last: g.last}
 		if len(g.addrs) > 0 {
 			s.To = sortedKeys(g.addrs)
@@ -211,24 +258,113 @@ func (r *Report) Suggest() (sugs []Suggestion, comments []string) {
 		if g.assumed {
 			s.Notes = append(s.Notes, "only denied DNS queries were seen, so the port is not known: 443/tcp is assumed")
 		}
-		base := "allow-" + strings.NewReplacer(".", "-", ":", "-").Replace(k.domain)
+		tail := ""
 		if hasOtherPorts(keys, k) {
-			base += "-" + strings.ReplaceAll(g.ports[0], "/", "")
+			tail = "-" + strings.ReplaceAll(g.port, "/", "")
 		}
-		s.Name = base
-		for i := 2; taken[s.Name]; i++ {
-			s.Name = fmt.Sprintf("%s-%d", base, i)
-		}
+		s.Name = ruleName("allow-"+strings.NewReplacer(".", "-", ":", "-").Replace(k.domain), tail, taken)
 		taken[s.Name] = true
 		sugs = append(sugs, s)
 	}
 	return sugs, comments
 }
 
+// ruleablePort reports whether d's port and protocol can stand in a
+// rule's ports.
+func ruleablePort(d DroppedReport) bool {
+	return (d.Proto == "tcp" || d.Proto == "udp") && d.Port != 0
+}
+
+// maxRuleName is the longest rule name a policy takes.
+const maxRuleName = 63
+
+// ruleName is head+tail, or head+tail+"-N" for the lowest N from 2 that
+// is not taken, with head cut so that the name is never longer than a
+// policy takes.
+func ruleName(head, tail string, taken map[string]bool) string {
+	for i := 1; ; i++ {
+		suffix := tail
+		if i > 1 {
+			suffix += fmt.Sprintf("-%d", i)
+		}
+		h := head
+		if len(h)+len(suffix) > maxRuleName {
+			h = h[:maxRuleName-len(suffix)]
+		}
+		if n := h + suffix; !taken[n] {
+			return n
+		}
+	}
+}
+
+// suggestible reports whether a rule could allow what was denied for
+// reason: nothing matched it, or a rule matched it but not on this port
+// or for this client. "" is a denial recorded without a reason.
+//
+// Expired denials are left to a comment of their own (extend the rule).
+// No rule allows the other reasons: the connection's bytes (a ClientHello
+// or an HTTP head refused for its form), the proxy's and the DNS
+// forwarder's own refusals, an address the name was not given out for,
+// and the guarded ranges; nor do path denials, which a host rule would
+// only hide by opening every path of the host (the report does not keep
+// paths to suggest one).
+func suggestible(reason string) bool {
+	switch reason {
+	case "", policy.ReasonNoRule, policy.ReasonPort, policy.ReasonClient:
+		return true
+	}
+	return false
+}
+
+// unsuggested says, per deny reason that suggestible refuses, why no rule
+// is suggested for it: what an operator can do instead.
+var unsuggested = map[string]string{
+	policy.ReasonPath:          "a host/path rule names the host, not this path: add the path to that rule (the report keeps no paths)",
+	policy.ReasonPathUnseen:    "only a host/path rule names the host and the stream showed no HTTP/1 path: a host rule would open every path",
+	policy.ReasonInvalidName:   "the name is not an ASCII host name: no rule matches it",
+	policy.ReasonNoDestination: "neither a name nor an address was seen: no rule matches it",
+	"sni-mismatch":             "the name is allowed, but the address was not given out for it (a client using another resolver, or a hard-coded address): no rule fixes this",
+	"special-range":            "the address is in a guarded range (loopback, link-local, CGNAT, cloud metadata, the gateway): only a CIDR rule naming it opens it, which egressd does not suggest",
+	"duplicate-sni":            "a ClientHello with more than one server name: no rule allows it",
+	"hello-malformed":          "a ClientHello that does not parse: no rule allows it",
+	"hello-timeout":            "the ClientHello or HTTP head did not come in time: no rule allows it",
+	"hello-too-large":          "a ClientHello or HTTP head over the size cap: no rule allows it",
+	"http-malformed":           "an HTTP head the proxy refuses for its syntax: no rule allows it",
+	"host-mismatch":            "an HTTP request whose Host and target disagree: no rule allows it",
+	"http-framing":             "an HTTP request with ambiguous body framing (request smuggling): no rule allows it",
+	"path-form":                "a request path an origin may read as another, where a host/path rule decides: no rule is suggested",
+	"ip-literal-form":          "a CONNECT host in a numeric form that is not an address: no rule allows it",
+	"connection-limit":         "the proxy's connection limit: no rule allows it",
+	"no-original-dst":          "the proxy could not read the original destination: no rule allows it",
+	"resolve-failed":           "the proxy could not resolve the name: no rule allows it",
+	"proxy-auth":               "the explicit proxy refused clients without valid credentials: they need credentials (--proxy-users), not a rule",
+	"reload-undecidable":       "a reload found a connection it could not decide again (a bug, see the logs): no rule allows it",
+	"opened-before-enforce":    "connections opened in audit mode and cut by the switch to enforce: new ones the rules allow pass",
+	"doh-canary":               "Firefox's DoH canary, answered NXDOMAIN on purpose: no rule allows it",
+	"rate-limited":             "the client went over the DNS rate limit: no rule allows it",
+	"qtype-refused":            "DNS queries of a type egressd refuses (ANY, AXFR, IXFR): no rule allows them",
+	"class-refused":            "DNS queries not of class IN: no rule allows them",
+	"opcode":                   "DNS messages that are not standard queries: no rule allows them",
+	"format-error":             "malformed DNS queries: no rule allows them",
+	"upstream-failed":          "the upstream resolver failed: no rule allows it",
+}
+
+// unsuggestedWhy says why --suggest turns no denial for reason into a
+// rule, or "" when it does.
+func unsuggestedWhy(reason string) string {
+	if suggestible(reason) || reason == policy.ReasonExpired {
+		return ""
+	}
+	if why, ok := unsuggested[reason]; ok {
+		return why
+	}
+	return "a rule is not known to allow it"
+}
+
 // hasOtherPorts says whether another group has the same domain.
 func hasOtherPorts(keys []suggestKey, k suggestKey) bool {
 	for _, o := range keys {
-		if o.domain == k.domain && o.ports != k.ports {
+		if o.domain == k.domain && o.port != k.port {
 			return true
 		}
 	}
@@ -256,7 +392,8 @@ func generalise(domain string, names, others []string) []string {
 	for _, n := range names[1:] {
 		parent = commonParent(parent, n)
 	}
-	if len(parent) < len(domain) || !strings.HasSuffix(parent, domain) || !safeWildcardBase(parent) {
+	if len(parent) < len(domain) || !strings.HasSuffix(parent, domain) || !safeWildcardBase(parent) ||
+		policy.CheckTarget("*."+parent) != nil { // under a wildcard-DNS zone such as nip.io
 		return names
 	}
 	for _, o := range others {
@@ -341,16 +478,20 @@ func (r *Report) WriteSuggestions(w io.Writer) error {
 	fmt.Fprintf(ew, "\n# %d rule(s) that would allow what was dropped. Review them, then paste under \"rules:\".\n", len(sugs))
 	fmt.Fprintln(ew, "# No wildcard is wider than a registrable domain (Public Suffix List).")
 	for _, c := range comments {
-		fmt.Fprintf(ew, "# %s\n", c)
+		fmt.Fprintf(ew, "# %s\n", commentSafe(c))
 	}
-	if len(sugs) == 0 {
+	switch {
+	case len(sugs) > 0:
+	case len(r.Dropped) == 0:
 		fmt.Fprintln(ew, "# Nothing to suggest: nothing was dropped.")
+	default:
+		fmt.Fprintln(ew, "# Nothing to suggest: no rule would allow what was dropped.")
 	}
 	for _, s := range sugs {
 		fmt.Fprintf(ew, "  - name: %s\n", s.Name)
 		what := fmt.Sprintf("%d flow(s)", s.Flows)
 		if s.Queries > 0 {
-			what += fmt.Sprintf(", %d DNS quer%s", s.Queries, map[bool]string{true: "y", false: "ies"}[s.Queries == 1])
+			what += fmt.Sprintf(", %d DNS %s", s.Queries, queries(s.Queries))
 		}
 		fmt.Fprintf(ew, "    # %s from %s client(s), %s to %s", what, fmtCount(s.Clients, s.ClientsTruncated), fmtTime(s.First), fmtTime(s.Last))
 		if len(s.Reasons) > 0 {
@@ -370,6 +511,24 @@ func (r *Report) WriteSuggestions(w io.Writer) error {
 		fmt.Fprintf(ew, "    ports: [%s]\n", strings.Join(s.Ports, ", "))
 	}
 	return ew.err
+}
+
+// commentSafe keeps a comment on its line whatever a journal held (a
+// reason, a name): anything but printable ASCII becomes '?'.
+func commentSafe(s string) string {
+	return strings.Map(func(r rune) rune {
+		if r < 0x20 || r > 0x7e {
+			return '?'
+		}
+		return r
+	}, s)
+}
+
+func queries(n uint64) string {
+	if n == 1 {
+		return "query"
+	}
+	return "queries"
 }
 
 func quoteList(s []string) string {

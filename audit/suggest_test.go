@@ -125,22 +125,41 @@ func checkTarget(t testing.TB, to string) {
 	}
 }
 
-// FuzzSuggest checks the public-suffix property on arbitrary name pairs.
+// FuzzSuggest checks the public-suffix property on arbitrary name pairs,
+// each dropped on a port of its own, one of them also denied in DNS, for
+// a reason: pasted under a clean policy, the suggestions always compile,
+// and none shadows another.
 func FuzzSuggest(f *testing.F) {
-	f.Add("a.co.uk", "b.co.uk")                                   // two registrable domains under one suffix
-	f.Add("api.x.com", "cdn.x.com")                               // one domain: *.x.com is fine
-	f.Add("bucket1.s3.amazonaws.com", "bucket2.s3.amazonaws.com") // private suffix
-	f.Add("a.b.c.kawasaki.jp", "d.b.c.kawasaki.jp")               // wildcard suffix rule
-	f.Add("com", "x.com")                                         // a suffix and a name
-	f.Add("A.Example.COM.", "b.example.com")                      // case and trailing dot
-	f.Fuzz(func(t *testing.T, a, b string) {
-		if len(a) > 300 || len(b) > 300 {
+	f.Add("a.co.uk", "b.co.uk", uint16(443), uint16(443), "no-rule")                                // two registrable domains under one suffix
+	f.Add("api.x.com", "cdn.x.com", uint16(443), uint16(80), "no-rule")                             // one domain: *.x.com is fine
+	f.Add("bucket1.s3.amazonaws.com", "bucket2.s3.amazonaws.com", uint16(443), uint16(443), "")     // private suffix
+	f.Add("a.b.c.kawasaki.jp", "d.b.c.kawasaki.jp", uint16(443), uint16(443), "port-not-allowed")   // wildcard suffix rule
+	f.Add("com", "x.com", uint16(443), uint16(443), "no-rule")                                      // a suffix and a name
+	f.Add("A.Example.COM.", "b.example.com", uint16(443), uint16(443), "client-not-allowed")        // case and trailing dot
+	f.Add("example.com", "example.com", uint16(80), uint16(443), "no-rule")                         // one name, two ports
+	f.Add("198.51.100.7", "2001:db8::7", uint16(123), uint16(123), "no-rule")                       // addresses
+	f.Add(strings.Repeat("a", 63)+".example", "b.example", uint16(443), uint16(8443), "proxy-auth") // a long name
+	f.Add("a.nip.io", "b.nip.io", uint16(80), uint16(80), "no-rule")                                // no wildcard under a wildcard-DNS zone
+	f.Add("0", "1.2.3", uint16(443), uint16(443), "\x1c")                                           // numeric names; a control character
+	f.Add("zero.example", "b.example", uint16(0), uint16(443), "no-rule")                           // no port seen
+	f.Fuzz(func(t *testing.T, a, b string, pa, pb uint16, reason string) {
+		if len(a) > 300 || len(b) > 300 || len(reason) > 64 {
 			return
 		}
 		r := &Report{GeneratedAt: t0}
-		for _, n := range []string{a, b} {
-			r.Dropped = append(r.Dropped, DroppedReport{Dest: n, Port: 443, Proto: "tcp", Flows: 1, FirstSeen: t0, LastSeen: t0})
+		for i, n := range []string{a, b} {
+			port, proto := pa, "tcp"
+			if i == 1 {
+				port, proto = pb, "udp"
+				if pb%2 == 0 {
+					proto = "tcp"
+				}
+			}
+			r.Dropped = append(r.Dropped, DroppedReport{Dest: n, Port: port, Proto: proto, Flows: 1,
+				Clients: []string{"192.168.10.5"}, ClientCount: 1, Reason: reason, FirstSeen: t0, LastSeen: t0})
 		}
+		r.Dropped = append(r.Dropped, DroppedReport{Dest: a, Port: 53, Proto: "dns", Queries: 1,
+			Clients: []string{"192.168.10.6"}, ClientCount: 1, Reason: policy.ReasonNoRule, FirstSeen: t0, LastSeen: t0})
 		sugs, _ := r.Suggest()
 		for _, s := range sugs {
 			for _, to := range s.To {
@@ -150,6 +169,15 @@ func FuzzSuggest(f *testing.F) {
 		var buf bytes.Buffer
 		if err := r.WriteSuggestions(&buf); err != nil {
 			t.Fatal(err)
+		}
+		eng, err := policy.Compile("pasted.yaml", []byte(suggestBase+buf.String()))
+		if err != nil {
+			t.Fatalf("the pasted suggestions do not compile: %v\n%s", err, buf.String())
+		}
+		for _, w := range eng.Warnings() {
+			if strings.Contains(w.Msg, "shadowed") {
+				t.Errorf("%s\n%s", w.Msg, buf.String())
+			}
 		}
 	})
 }
@@ -164,4 +192,203 @@ func TestSuggestNothing(t *testing.T) {
 		t.Errorf("got %q", buf.String())
 	}
 	_ = fmt.Sprint()
+}
+
+// unfixable are deny reasons no allow rule turns into an allow: the bytes
+// of the connection, the proxy's own refusals, the DNS forwarder's local
+// answers, the guarded ranges, and paths the report does not keep.
+var unfixable = []string{
+	"sni-mismatch", "special-range", "duplicate-sni", "hello-malformed", "hello-timeout",
+	"hello-too-large", "http-malformed", "host-mismatch", "http-framing", "path-form",
+	"ip-literal-form", "connection-limit", "no-original-dst", "resolve-failed", "proxy-auth",
+	"reload-undecidable", "opened-before-enforce",
+	policy.ReasonInvalidName, policy.ReasonNoDestination, policy.ReasonPath, policy.ReasonPathUnseen,
+	"doh-canary", "rate-limited", "qtype-refused", "class-refused", "opcode", "format-error", "upstream-failed",
+}
+
+// TestSuggestLeavesOutUnfixable: a drop that no rule could allow (the
+// explicit proxy wanted credentials, the ClientHello did not parse) is not
+// turned into a rule; the snippet says, per reason, how much was left out.
+func TestSuggestLeavesOutUnfixable(t *testing.T) {
+	r := &Report{GeneratedAt: t0}
+	for i, reason := range unfixable {
+		d := DroppedReport{Dest: fmt.Sprintf("host%d.example.net", i), Port: 443, Proto: "tcp", Flows: 2,
+			Clients: []string{"192.168.10.5"}, ClientCount: 1, Reason: reason, FirstSeen: t0, LastSeen: t0}
+		if strings.HasSuffix(reason, "-refused") || reason == "rate-limited" || reason == "doh-canary" {
+			d.Port, d.Proto, d.Flows, d.Queries = 53, "dns", 0, 3
+		}
+		r.Dropped = append(r.Dropped, d)
+	}
+	// The same reason on two entries is one line, counted together.
+	r.Dropped = append(r.Dropped, DroppedReport{Dest: "198.51.100.9", Port: 8080, Proto: "tcp", Flows: 5,
+		Clients: []string{"192.168.10.6"}, ClientCount: 1, Reason: "proxy-auth", FirstSeen: t0, LastSeen: t0})
+	fixable := map[string]string{
+		"nr.example": policy.ReasonNoRule, "port.example": policy.ReasonPort,
+		"client.example": policy.ReasonClient, "noreason.example": "",
+	}
+	for n, reason := range fixable {
+		r.Dropped = append(r.Dropped, DroppedReport{Dest: n, Port: 443, Proto: "tcp", Flows: 1,
+			Clients: []string{"192.168.10.5"}, ClientCount: 1, Reason: reason, FirstSeen: t0, LastSeen: t0})
+	}
+	sugs, _ := r.Suggest()
+	got := map[string]bool{}
+	for _, s := range sugs {
+		for _, to := range s.To {
+			got[to] = true
+		}
+	}
+	for n := range fixable {
+		if !got[n] {
+			t.Errorf("%s (%s) not suggested", n, fixable[n])
+		}
+	}
+	if len(got) != len(fixable) {
+		t.Errorf("suggested %v, want only the fixable %v", got, fixable)
+	}
+	var buf bytes.Buffer
+	if err := r.WriteSuggestions(&buf); err != nil {
+		t.Fatal(err)
+	}
+	out := buf.String()
+	for _, reason := range unfixable {
+		var lines []string
+		for _, l := range strings.Split(out, "\n") {
+			if strings.HasPrefix(l, "# ") && strings.Contains(l, "denied as "+reason+":") {
+				lines = append(lines, l)
+			}
+		}
+		if len(lines) != 1 {
+			t.Errorf("want one line for %s, got %q", reason, lines)
+		}
+	}
+	if !strings.Contains(out, "# 7 flow(s) denied as proxy-auth:") {
+		t.Errorf("proxy-auth's line does not count both entries' flows:\n%s", out)
+	}
+	if !strings.Contains(out, "# 3 DNS queries denied as rate-limited:") {
+		t.Errorf("rate-limited's line does not count its queries:\n%s", out)
+	}
+	// Only such drops: nothing to suggest, though something was dropped.
+	buf.Reset()
+	r.Dropped = r.Dropped[:len(unfixable)]
+	if err := r.WriteSuggestions(&buf); err != nil {
+		t.Fatal(err)
+	}
+	if out := buf.String(); strings.Contains(out, "- name:") || !strings.Contains(out, "# Nothing to suggest: no rule would allow what was dropped.") {
+		t.Errorf("unfixable drops only:\n%s", out)
+	}
+}
+
+// suggestBase is a policy an operator pastes suggestions under: it lints
+// clean, so any warning after pasting comes from the suggestions.
+const suggestBase = `version: 1
+mode: audit
+rules:
+  - name: web
+    from: [192.168.10.0/28]
+    to: ["api.partner.example", "portal.partner.example"]
+    ports: [443/tcp]
+  - name: nas-backup
+    to: [198.51.100.200/32]
+    ports: [22/tcp]
+`
+
+func drop(dest string, port uint16, proto, reason string, clients ...string) DroppedReport {
+	d := DroppedReport{Dest: dest, Port: port, Proto: proto, Flows: 1, Clients: clients, ClientCount: len(clients),
+		Reason: reason, FirstSeen: t0, LastSeen: t0.Add(time.Minute)}
+	if proto == "dns" {
+		d.Port, d.Flows, d.Queries = 53, 0, 2
+	}
+	return d
+}
+
+// TestSuggestPastesWithoutWarnings pastes the suggestions for realistic
+// mixes of drops under a clean policy: it compiles with no warning (no
+// suggestion shadows another, as when a name dropped on two ports and also
+// denied in DNS gave a third rule naming it on both), and the new policy
+// allows each drop.
+func TestSuggestPastesWithoutWarnings(t *testing.T) {
+	const nr = policy.ReasonNoRule
+	c1, c2, c3 := "192.168.10.5", "192.168.10.6", "192.168.10.40"
+	long := strings.Repeat("a", 63) + ".example"
+	mixes := map[string][]DroppedReport{
+		"name on two ports and in DNS": {
+			drop("example.com", 80, "tcp", nr, c1), drop("example.com", 443, "tcp", nr, c1),
+			drop("example.com", 0, "dns", nr, c1, c2),
+		},
+		"DNS-only names": {
+			drop("a.dnsonly.example", 0, "dns", nr, c1), drop("b.dnsonly.example", 0, "dns", nr, c2),
+			drop("c.dnsonly.example", 443, "tcp", nr, c1), drop("solo.example", 0, "dns", nr, c3),
+		},
+		"wildcard siblings": {
+			drop("a.x.example", 443, "tcp", nr, c1), drop("b.x.example", 443, "tcp", nr, c2),
+			drop("c.x.example", 80, "tcp", nr, c1), drop("a.x.example", 80, "tcp", nr, c1),
+			drop("a.x.example", 0, "dns", nr, c1, c3), drop("x.example", 443, "tcp", nr, c2),
+			drop("d.x.example", 0, "dns", nr, c2), drop("x.example", 0, "dns", nr, c1),
+		},
+		"addresses": {
+			drop("198.51.100.7", 443, "tcp", nr, c1), drop("198.51.100.7", 8443, "tcp", nr, c1),
+			drop("198.51.100.8", 443, "tcp", nr, c2), drop("2001:db8::7", 443, "tcp", nr, c1),
+			drop("2001:db8::7", 443, "udp", nr, c2), drop("203.0.113.5", 123, "udp", nr, c1, c2, c3),
+		},
+		"beside existing rules": {
+			drop("api.partner.example", 8443, "tcp", policy.ReasonPort, c1),
+			drop("api.partner.example", 443, "tcp", policy.ReasonClient, c3),
+			drop("api.partner.example", 0, "dns", policy.ReasonClient, c3),
+			drop("portal.partner.example", 443, "tcp", policy.ReasonClient, c3),
+			drop("198.51.100.200", 2222, "tcp", policy.ReasonPort, c1),
+			drop("new.partner.example", 443, "tcp", nr, c1),
+		},
+		"long names": {
+			drop(long, 443, "tcp", nr, c1), drop(long, 80, "tcp", nr, c1), drop(long, 0, "dns", nr, c1),
+			drop("b."+long, 443, "tcp", nr, c1), drop("c."+long, 443, "tcp", nr, c1),
+		},
+	}
+	// Many clients: the rule is open to any, and still shadows nothing.
+	var many []string
+	for i := range 20 {
+		many = append(many, fmt.Sprintf("192.168.10.%d", 100+i))
+	}
+	crowd := drop("crowd.example", 443, "tcp", nr, many[:maxFromClients]...)
+	crowd.ClientCount, crowd.ClientsTruncated = len(many), true
+	mixes["many clients"] = []DroppedReport{crowd, drop("crowd.example", 80, "tcp", nr, c1), drop("crowd.example", 0, "dns", nr, c2)}
+
+	for name, drops := range mixes {
+		t.Run(name, func(t *testing.T) {
+			r := &Report{GeneratedAt: t0, Dropped: drops}
+			var snip bytes.Buffer
+			if err := r.WriteSuggestions(&snip); err != nil {
+				t.Fatal(err)
+			}
+			eng, err := policy.Compile("pasted.yaml", []byte(suggestBase+snip.String()))
+			if err != nil {
+				t.Fatalf("the pasted suggestions do not compile: %v\n%s", err, snip.String())
+			}
+			for _, w := range eng.Warnings() {
+				t.Errorf("warning: %s", w.Msg)
+			}
+			if t.Failed() {
+				t.Logf("suggestions:\n%s", snip.String())
+			}
+			for _, d := range drops {
+				for _, c := range d.Clients {
+					in := policy.Input{Client: netip.MustParseAddr(c), Port: d.Port, Now: t0}
+					if a, err := netip.ParseAddr(d.Dest); err == nil {
+						in.Dest = a
+					} else {
+						in.Name, in.Dest = d.Dest, netip.MustParseAddr("203.0.113.77")
+					}
+					var dec policy.Decision
+					if d.Proto == "dns" {
+						dec = eng.DecideName(in)
+					} else {
+						in.Proto, _ = policy.ParseProto(d.Proto)
+						dec = eng.Decide(in)
+					}
+					if !dec.Allowed() {
+						t.Errorf("%s from %s to %s %d/%s still denied (%s)", d.Reason, c, d.Dest, d.Port, d.Proto, dec.Reason)
+					}
+				}
+			}
+		})
+	}
 }
