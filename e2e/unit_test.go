@@ -3,12 +3,9 @@ package e2e
 import (
 	"bufio"
 	"bytes"
-	"context"
-	"encoding/binary"
 	"fmt"
 	"io/fs"
 	"net"
-	"net/netip"
 	"os"
 	"os/exec"
 	"path/filepath"
@@ -468,43 +465,15 @@ func TestSystemdUnitLimits(t *testing.T) {
 
 	// Forwarded UDP, and a reload that removes the ntp rule: its flow is
 	// cut (the conntrack sweep, over ctnetlink), the other rule's lives.
-	ctx, cancel := context.WithTimeout(context.Background(), 10*time.Second)
-	defer cancel()
-	addrs, err := tp.goResolver().LookupNetIP(ctx, "ip4", ntpName+".")
-	if err != nil {
-		t.Fatal(err)
-	}
-	dial := func(addr string) net.Conn {
-		c, err := tp.lan.DialContext(ctx, "udp", addr)
-		if err != nil {
-			t.Fatal(err)
-		}
-		t.Cleanup(func() { c.Close() })
-		return c
-	}
-	ntpFlow := dial(netip.AddrPortFrom(addrs[0], 123).String())
-	echoFlow := dial(netip.AddrPortFrom(netip.MustParseAddr(udpDenyIP), udpDenyPort).String())
-	ntp := func() error {
-		req := make([]byte, 48)
-		req[0] = 0<<6 | 4<<3 | 3
-		binary.BigEndian.PutUint64(req[40:], uint64(time.Now().UnixNano()))
-		return ask(ntpFlow, req, func(r []byte) bool { return len(r) >= 48 && string(r[24:32]) == string(req[40:48]) })
-	}
-	echo := func() error {
-		return ask(echoFlow, []byte("ping"), func(r []byte) bool { return string(r) == "echo:ping" })
-	}
+	f := openUDPFlows(t, tp)
+	ntp, echo := f.ntp, f.echo
 	if err := ntp(); err != nil {
 		t.Fatalf("NTP before the reload: %v", err)
 	}
 	if err := echo(); err != nil {
 		t.Fatalf("UDP echo before the reload: %v", err)
 	}
-	i := bytes.Index(seed, []byte("  - name: ntp\n"))
-	j := bytes.Index(seed, []byte("    ports: [123/udp]\n"))
-	if i < 0 || j < i {
-		t.Fatal("the seed profile's ntp rule moved: update the test")
-	}
-	d.writePolicy(append(append(bytes.Clone(seed[:i]), seed[j+len("    ports: [123/udp]\n"):]...), udpRule...))
+	d.writePolicy(append(withoutNTPRule(t, seed), udpRule...))
 	d.hup(true)
 	if err := ntp(); err == nil {
 		t.Error("the NTP flow still gets answers after its rule was removed")
