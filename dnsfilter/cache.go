@@ -104,11 +104,15 @@ func (c *cache) get(key []byte, now int64) *entry {
 	sh.mu.RLock()
 	e := sh.m[string(key)]
 	sh.mu.RUnlock()
-	if e == nil || e.expires <= now {
+	if e == nil || e.stale(now) {
 		return nil
 	}
 	return e
 }
+
+// stale reports whether e should leave the cache at now: expired, or
+// stored after now (the clock was set back).
+func (e *entry) stale(now int64) bool { return e.expires <= now || e.stored > now+clockStep }
 
 func (c *cache) put(key []byte, e *entry, now int64) {
 	cost := e.cost()
@@ -133,7 +137,7 @@ func (c *cache) put(key []byte, e *entry, now int64) {
 		removed := 0
 		for k, v := range sh.m {
 			sh.examined++
-			if v.expires <= now {
+			if v.stale(now) {
 				delete(sh.m, k)
 				sh.bytes -= v.cost()
 				removed++
@@ -162,7 +166,7 @@ func (c *cache) sweep(now int64) {
 		sh := &c.shards[i]
 		sh.mu.Lock()
 		for k, v := range sh.m {
-			if v.expires <= now {
+			if v.stale(now) {
 				delete(sh.m, k)
 				sh.bytes -= v.cost()
 				c.size.Add(-1)

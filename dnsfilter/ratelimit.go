@@ -29,6 +29,11 @@ type rlShard struct {
 	examined uint64 // buckets looked at to make room, for tests
 }
 
+// clockStep is how far back a time may be, against one recorded earlier,
+// before it counts as the wall clock set back rather than readers that
+// took the time in another order.
+const clockStep = int64(time.Second)
+
 type bucket struct {
 	tokens  float64
 	last    int64 // unix nanoseconds
@@ -62,8 +67,13 @@ func (r *rateLimiter) allow(client netip.Addr, now int64) (ok, first bool) {
 		b = &bucket{tokens: r.burst, last: now}
 		sh.m[client] = b
 	}
-	if el := now - b.last; el > 0 {
+	switch el := now - b.last; {
+	case el > 0:
 		b.tokens = min(r.burst, b.tokens+float64(el)*r.rate)
+		b.last = now
+	case el < -clockStep:
+		// The wall clock was set back: refill from here, instead of
+		// once the clock has caught up with the bucket's time.
 		b.last = now
 	}
 	if b.tokens >= 1 {
