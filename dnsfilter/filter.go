@@ -82,6 +82,14 @@ func privateName(name string, suffixes []string) bool {
 	return false
 }
 
+// rebinds reports whether the answer filter drops special addresses
+// from the answers to name (normalised) under c, whose defaults are
+// applied: the rebinding filter is on, and name is not under one of the
+// PrivateSuffixes.
+func (c Config) rebinds(name string) bool {
+	return !c.AllowPrivateAnswers && !privateName(name, c.PrivateSuffixes)
+}
+
 // filterAnswer applies the answer hardening to an upstream answer for name:
 // it drops special addresses (A, AAAA, and the address hints of HTTPS/SVCB)
 // unless the name is private or the filter is off, and strips the "ech"

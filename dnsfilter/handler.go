@@ -353,7 +353,7 @@ func (s *Server) fetch(key []byte, name string, qtype, qclass uint16, flags byte
 // entryFrom filters an upstream answer, builds its entry and caches it.
 // r becomes the entry's.
 func (s *Server) entryFrom(key []byte, name string, flags byte, r *dns.Msg, up *upstream) *entry {
-	filtered := filterAnswer(name, r, !s.cfg.AllowPrivateAnswers && !privateName(name, s.cfg.PrivateSuffixes), s.cfg.KeepECH)
+	filtered := filterAnswer(name, r, s.cfg.rebinds(name), s.cfg.KeepECH)
 	switch filtered {
 	case "rebinding+ech":
 		s.m.filtered.WithLabelValues("rebinding").Inc()

@@ -26,7 +26,10 @@ import (
 // end line {"end":N,"saved":T} with the number of items, so a file cut
 // short is known, and the clock's time of the save, so a clock that went
 // back since is known. Load trusts nothing in it: a file that is not
-// exactly what Save writes is refused whole.
+// exactly what Save writes is refused whole. Nor does it take a policy's
+// word from the file: the file may have been written under another policy
+// or answer filter, and Load with Config.WouldLearn keeps only what the
+// running forwarder would have learned.
 
 const (
 	// tableFileHeader is the first line of a table file.
@@ -130,7 +133,12 @@ func (t *Table) Save(w io.Writer) (int, error) {
 // error saying where, and the table is left as it was.
 // Load reads at most one line past the table's bound. Items are not
 // published to subscribers.
-func (t *Table) Load(r io.Reader) (int, error) {
+//
+// With admit, only the items it returns true for are added, with the rule
+// it sets (Config.WouldLearn: what the running forwarder would have
+// learned; the file may have been written under another policy or answer
+// filter); an item it refuses is left out, not an error. Nil admits all.
+func (t *Table) Load(r io.Reader, admit func(*Learned) bool) (int, error) {
 	now := t.now().UnixNano()
 	limit := now + int64(maxLoadAhead)
 	capacity := t.perCap * tableShards
@@ -215,11 +223,48 @@ func (t *Table) Load(r io.Reader) (int, error) {
 	}
 	n := 0
 	for _, l := range items {
-		if l.it.keep() > now {
-			n += t.restore(l.addr, l.it, now)
+		if l.it.keep() <= now {
+			continue
 		}
+		if admit != nil {
+			ll := Learned{Client: l.it.client, Name: l.it.name, Addr: l.addr, Rule: l.it.rule, Expires: time.Unix(0, l.it.expires)}
+			if !admit(&ll) {
+				continue
+			}
+			if validRule(ll.Rule) {
+				l.it.rule = ll.Rule
+			}
+		}
+		n += t.restore(l.addr, l.it, now)
 	}
 	return n, nil
+}
+
+// WouldLearn returns the admit test of Load for a forwarder run with c
+// under eng: whether it would learn the item now. The forwarder learns
+// the addresses of the answers eng allows (in audit mode too: a name no
+// rule allows is answered there, not learned), so eng must let the
+// item's client resolve its name, which must not be the canary the
+// forwarder answers itself; and the address must be one the answer
+// filter leaves in the name's answers (the rebinding filter, with c's
+// AllowPrivateAnswers and PrivateSuffixes, and the special ranges of this
+// version). The item's rule becomes the one eng credits. A file written
+// under another policy, another filter or by a version whose filter
+// lacked a range so brings back only what the running forwarder would
+// have given out.
+func (c Config) WouldLearn(eng *policy.Engine) func(*Learned) bool {
+	c = c.withDefaults()
+	return func(l *Learned) bool {
+		if l.Name == canaryName || c.rebinds(l.Name) && IsSpecial(l.Addr) {
+			return false
+		}
+		d := eng.DecideName(policy.Input{Client: l.Client, Name: l.Name})
+		if !d.Allowed() {
+			return false
+		}
+		l.Rule = d.Rule
+		return true
+	}
 }
 
 // item checks a line of the file and returns its item. Its times must be

@@ -10,6 +10,8 @@ import (
 	"sync/atomic"
 	"testing"
 	"time"
+
+	"github.com/miekg/dns"
 )
 
 // items returns every item of the table, live or not, as one sortable
@@ -66,7 +68,7 @@ func TestTableSaveLoad(t *testing.T) {
 	// Restored at once: the same items, the same times.
 	tb2 := NewTable(1000)
 	tb2.now = func() time.Time { return now }
-	if n, err := tb2.Load(bytes.NewReader(saved)); err != nil || n != 4 {
+	if n, err := tb2.Load(bytes.NewReader(saved), nil); err != nil || n != 4 {
 		t.Fatalf("Load: %d items, %v; want 4", n, err)
 	}
 	if got := tableItems(tb2, start); !slices.Equal(got, want) {
@@ -90,7 +92,7 @@ func TestTableSaveLoad(t *testing.T) {
 	now = start.Add(6 * time.Minute)
 	tb3 := NewTable(1000)
 	tb3.now = func() time.Time { return now }
-	if n, err := tb3.Load(bytes.NewReader(saved)); err != nil || n != 1 {
+	if n, err := tb3.Load(bytes.NewReader(saved), nil); err != nil || n != 1 {
 		t.Fatalf("Load at 6m: %d items, %v; want 1", n, err)
 	}
 	if got, want := tableItems(tb3, start), []string{"2001:db8:1::443 192.0.2.10 vpn.example.com vpn expires=2h0m0s held=2h0m0s"}; !slices.Equal(got, want) {
@@ -107,7 +109,7 @@ func TestTableSaveLoad(t *testing.T) {
 	tb4 := NewTable(1000)
 	tb4.now = func() time.Time { return now }
 	tb4.Learn(Learned{Client: c1, Name: "time.example.com", Addr: ntp, Rule: "ntp", Expires: now.Add(30 * time.Second)})
-	if n, err := tb4.Load(bytes.NewReader(saved)); err != nil || n != 3 {
+	if n, err := tb4.Load(bytes.NewReader(saved), nil); err != nil || n != 3 {
 		t.Fatalf("Load into a table with one of the items: %d, %v; want 3", n, err)
 	}
 	if got := tb4.Lookup(ntp); len(got) != 2 {
@@ -131,7 +133,7 @@ func TestTableSaveLoad(t *testing.T) {
 	}
 	tb6 := NewTable(10)
 	tb6.now = func() time.Time { return now }
-	if n, err := tb6.Load(&buf); err != nil || n != 1 {
+	if n, err := tb6.Load(&buf, nil); err != nil || n != 1 {
 		t.Fatalf("Load of a 48h answer: %d, %v", n, err)
 	}
 	if got := tb6.Lookup(ntp); len(got) != 1 || !got[0].Expires.Equal(now.Add(24*time.Hour)) {
@@ -143,7 +145,7 @@ func TestTableSaveLoad(t *testing.T) {
 	if n, err := NewTable(10).Save(&buf); err != nil || n != 0 {
 		t.Fatalf("Save of an empty table: %d, %v", n, err)
 	}
-	if n, err := NewTable(10).Load(&buf); err != nil || n != 0 {
+	if n, err := NewTable(10).Load(&buf, nil); err != nil || n != 0 {
 		t.Errorf("Load of an empty table's file: %d, %v", n, err)
 	}
 }
@@ -214,7 +216,7 @@ func TestTableLoadRefuses(t *testing.T) {
 		t.Run(c.name, func(t *testing.T) {
 			tb := NewTable(1000)
 			tb.now = func() time.Time { return start }
-			n, err := tb.Load(strings.NewReader(c.in))
+			n, err := tb.Load(strings.NewReader(c.in), nil)
 			if err == nil || !strings.Contains(err.Error(), c.err) || !strings.HasPrefix(err.Error(), "dnsfilter: ") {
 				t.Errorf("Load: %d, %v; want an error with %q", n, err, c.err)
 			}
@@ -234,7 +236,7 @@ func TestTableLoadRefuses(t *testing.T) {
 			b.WriteString(item("192.0.2.1", fmt.Sprintf("n%d.example.com", i), "203.0.113.7", "r", time.Minute, time.Minute) + "\n")
 		}
 		b.WriteString(end(65) + "\n")
-		n, err := tb.Load(strings.NewReader(b.String()))
+		n, err := tb.Load(strings.NewReader(b.String()), nil)
 		if err == nil || !strings.Contains(err.Error(), "more than") || n != 0 || tb.Len() != 0 {
 			t.Errorf("Load of 65 items into a table of 64: %d, %v, table %d", n, err, tb.Len())
 		}
@@ -262,7 +264,7 @@ func FuzzTableLoad(f *testing.F) {
 	f.Fuzz(func(t *testing.T, in []byte) {
 		tb := NewTable(64)
 		tb.now = func() time.Time { return start }
-		n, err := tb.Load(bytes.NewReader(in))
+		n, err := tb.Load(bytes.NewReader(in), nil)
 		if err != nil {
 			if n != 0 || tb.Len() != 0 {
 				t.Fatalf("refused (%v) but added %d (table %d)", err, n, tb.Len())
@@ -297,7 +299,7 @@ func FuzzTableLoad(f *testing.F) {
 		// 64 for two items), which a full table, restarted, loses too.
 		tb2 := NewTable(64)
 		tb2.now, tb2.seed = tb.now, tb.seed
-		if m, err := tb2.Load(&out); err != nil || m != n {
+		if m, err := tb2.Load(&out, nil); err != nil || m != n {
 			t.Fatalf("Load of the saved table: %d, %v; want %d", m, err, n)
 		}
 		if a, b := tableItems(tb, start), tableItems(tb2, start); !slices.Equal(a, b) {
@@ -343,7 +345,7 @@ func TestTableSaveConcurrent(t *testing.T) {
 		at := tb.now() // not before the save
 		tb2 := NewTable(512)
 		tb2.now = func() time.Time { return at }
-		m, err := tb2.Load(bytes.NewReader(buf.Bytes()))
+		m, err := tb2.Load(bytes.NewReader(buf.Bytes()), nil)
 		if err != nil || m > n {
 			t.Fatalf("save %d: loading %d saved items: %d, %v", s, n, m, err)
 		}
@@ -378,12 +380,105 @@ func TestTableLoadClockWentBack(t *testing.T) {
 	}{{2 * time.Hour, 0}, {20 * time.Minute, 0}, {4 * time.Minute, 1}, {0, 1}} {
 		tb2 := NewTable(100)
 		tb2.now = func() time.Time { return start.Add(-c.back) }
-		n, err := tb2.Load(bytes.NewReader(buf.Bytes()))
+		n, err := tb2.Load(bytes.NewReader(buf.Bytes()), nil)
 		switch {
 		case c.want == 0 && (err == nil || !strings.Contains(err.Error(), "clock went back") || n != 0 || tb2.Len() != 0):
 			t.Errorf("Load on a clock %s behind the save: %d, %v (held %v); want it refused, the clock went back", c.back, n, err, tb2.Held(netip.MustParseAddr("203.0.113.7")))
 		case c.want == 1 && (err != nil || n != 1):
 			t.Errorf("Load on a clock %s behind the save: %d, %v; want 1", c.back, n, err)
 		}
+	}
+}
+
+// TestLoadWouldLearnAsForwarder: a table's file written under another
+// policy and answer filter (here: every name allowed, nothing filtered,
+// as an older version without a range, or a policy that has since lost a
+// name or a client, would have it) loads with Config.WouldLearn into what
+// a forwarder running with that Config and policy learns from the same
+// upstream answers: the same client, name, address and rule, no more.
+func TestLoadWouldLearnAsForwarder(t *testing.T) {
+	const zone = `a.allowed.test. 300 IN A 203.0.113.1
+a.allowed.test. 300 IN A 10.0.0.1
+a.allowed.test. 300 IN A 168.63.129.16
+a.allowed.test. 300 IN AAAA 2001:db8::1
+a.allowed.test. 300 IN AAAA 64:ff9b::a00:1
+printer.lan. 300 IN A 192.168.1.5
+printer.lan. 300 IN A 203.0.113.5
+denied.test. 300 IN A 203.0.113.2
+other.test. 300 IN A 203.0.113.3
+use-application-dns.net. 300 IN A 203.0.113.4`
+	const pol = `version: 1
+mode: %s
+rules:
+  - name: other
+    from: [192.0.2.0/24]
+    to: [other.test]
+    ports: [443/tcp]
+  - name: lab
+    to: ["*.allowed.test", printer.lan, use-application-dns.net]
+    ports: [443/tcp]
+`
+	up := newFakeUpstream(t, zone)
+	client := netip.MustParseAddr("127.0.0.1")
+	// What the file holds: every answer, unfiltered, for the client.
+	old := NewTable(0)
+	for _, rrs := range up.zone {
+		for _, rr := range rrs {
+			var a netip.Addr
+			switch v := rr.(type) {
+			case *dns.A:
+				a, _ = netip.AddrFromSlice(v.A.To4())
+			case *dns.AAAA:
+				a, _ = netip.AddrFromSlice(v.AAAA)
+			}
+			old.Learn(Learned{Client: client, Name: strings.TrimSuffix(rr.Header().Name, "."), Addr: a, Rule: "before", Expires: time.Now().Add(time.Hour)})
+		}
+	}
+	var file bytes.Buffer
+	if n, err := old.Save(&file); err != nil || n != 10 {
+		t.Fatalf("Save: %d, %v; want 10 items", n, err)
+	}
+	list := func(tb *Table) []string {
+		var out []string
+		for _, l := range tb.HeldAll(nil) {
+			out = append(out, fmt.Sprintf("%s %s %s %s", l.Client, l.Name, l.Addr, l.Rule))
+		}
+		slices.Sort(out)
+		return out
+	}
+	for _, c := range []struct {
+		name string
+		mode string
+		cfg  Config
+		want int // items learned
+	}{
+		{"enforce", "enforce", Config{}, 4},                                                    // 203.0.113.1, 2001:db8::1, printer.lan's two
+		{"audit", "audit", Config{}, 4},                                                        // denied.test answered, not learned
+		{"private-answers", "enforce", Config{AllowPrivateAnswers: true}, 7},                   // the filter off
+		{"no-private-suffixes", "enforce", Config{PrivateSuffixes: []string{}}, 3},             // printer.lan's private address stripped
+		{"own-suffix", "enforce", Config{PrivateSuffixes: []string{"allowed.test", "lan"}}, 7}, // a.allowed.test may be private
+	} {
+		t.Run(c.name, func(t *testing.T) {
+			cfg := c.cfg
+			cfg.Upstreams = []string{up.Addr}
+			store := compile(t, fmt.Sprintf(pol, c.mode))
+			ts := startServer(t, "", cfg, Deps{Policy: store})
+			for name := range up.zone {
+				for _, qt := range []uint16{dns.TypeA, dns.TypeAAAA} {
+					ask(t, "udp", ts.Addr, name, qt, true)
+				}
+			}
+			learned := list(ts.Table())
+			if len(learned) != c.want {
+				t.Errorf("the forwarder learned %d items, want %d:\n%s", len(learned), c.want, strings.Join(learned, "\n"))
+			}
+			tb := NewTable(0)
+			if _, err := tb.Load(bytes.NewReader(file.Bytes()), c.cfg.WouldLearn(store.Load())); err != nil {
+				t.Fatal(err)
+			}
+			if got := list(tb); !slices.Equal(got, learned) {
+				t.Errorf("loaded with WouldLearn:\n%s\nthe forwarder learned:\n%s", strings.Join(got, "\n"), strings.Join(learned, "\n"))
+			}
+		})
 	}
 }

@@ -64,7 +64,7 @@ func BenchmarkTableLoad(b *testing.B) {
 	for b.Loop() {
 		t2 := NewTable(0)
 		t2.now = t.now
-		n, err := t2.Load(bytes.NewReader(buf.Bytes()))
+		n, err := t2.Load(bytes.NewReader(buf.Bytes()), nil)
 		if err != nil || n == 0 {
 			b.Fatalf("Load: %d, %v; want up to %d", n, err, t.Len())
 		}

@@ -36,6 +36,9 @@ const (
 type learnedStore struct {
 	path  string
 	table *dnsfilter.Table
+	// admit is what load lets into the table (dnsfilter.Config.WouldLearn
+	// under the running policy); nil lets all in.
+	admit func(*dnsfilter.Learned) bool
 	log   *slog.Logger
 
 	mu      sync.Mutex // guards following
@@ -47,39 +50,50 @@ func newLearnedStore(dir string, table *dnsfilter.Table, log *slog.Logger) *lear
 	return &learnedStore{path: filepath.Join(dir, learnedFileName), table: table, log: log}
 }
 
-// load puts the file's items into the table, before anything reads it.
-// A missing file is a first start: (0, nil). A file it cannot read or
-// that dnsfilter refuses is left for the next write to replace; the
-// table starts empty then, as before there was a file. The temporary
-// files of saves killed before their rename go first.
-func (s *learnedStore) load() (int, error) {
+// load puts the file's items into the table, before anything reads it,
+// those admit lets in (the others are counted in left). A missing file is
+// a first start: (0, 0, nil). A file it cannot read or that dnsfilter
+// refuses is left for the next write to replace; the table starts empty
+// then, as before there was a file. The temporary files of saves killed
+// before their rename go first.
+func (s *learnedStore) load() (n, left int, err error) {
 	s.removeTemps()
 	// Not a FIFO (the open would block), nor a link out of the
 	// directory: a regular file, opened without following a link.
 	f, err := os.OpenFile(s.path, os.O_RDONLY|syscall.O_NOFOLLOW|syscall.O_NONBLOCK, 0)
 	if errors.Is(err, os.ErrNotExist) {
-		return 0, nil
+		return 0, 0, nil
 	}
 	if err != nil {
-		return 0, err
+		return 0, 0, err
 	}
 	defer f.Close()
 	if fi, err := f.Stat(); err != nil {
-		return 0, err
+		return 0, 0, err
 	} else if !fi.Mode().IsRegular() {
-		return 0, fmt.Errorf("%s is not a regular file", s.path)
+		return 0, 0, fmt.Errorf("%s is not a regular file", s.path)
 	}
-	n, err := s.table.Load(f)
+	admit := s.admit
+	if admit != nil {
+		admit = func(l *dnsfilter.Learned) bool {
+			ok := s.admit(l)
+			if !ok {
+				left++
+			}
+			return ok
+		}
+	}
+	n, err = s.table.Load(f, admit)
 	if err != nil {
 		// Kept aside, not overwritten by the next save: a file refused
 		// for a clock that went back is good again once NTP has set it,
 		// and the operator may want to see what was refused.
 		if rerr := os.Rename(s.path, s.path+learnedRefusedSuffix); rerr == nil {
-			return 0, fmt.Errorf("%s (kept as %s%s): %w", s.path, learnedFileName, learnedRefusedSuffix, err)
+			return 0, 0, fmt.Errorf("%s (kept as %s%s): %w", s.path, learnedFileName, learnedRefusedSuffix, err)
 		}
-		return 0, fmt.Errorf("%s: %w", s.path, err)
+		return 0, 0, fmt.Errorf("%s: %w", s.path, err)
 	}
-	return n, nil
+	return n, left, nil
 }
 
 // learnedRefusedSuffix names the copy of a table's file load refused.
@@ -176,18 +190,25 @@ func (s *learnedStore) run(ctx context.Context) {
 	}
 }
 
-// restoreLearned loads the table's file into table at start and writes it
-// back at once (dropping what expired while egressd was down, and finding
-// out now whether the state directory can be written), then keeps it
-// written while ctx runs. Nothing here stops egressd: without the file
-// the table starts empty, as it did before there was one.
-func (d *daemon) restoreLearned(ctx context.Context, wg *sync.WaitGroup, table *dnsfilter.Table) {
+// restoreLearned loads the table's file into table at start, keeping
+// what the forwarder configured by dnsCfg would learn under the running
+// policy, and writes it back at once (dropping what expired while egressd
+// was down, and finding out now whether the state directory can be
+// written), then keeps it written while ctx runs. Nothing here stops
+// egressd: without the file the table starts empty, as it did before
+// there was one.
+func (d *daemon) restoreLearned(ctx context.Context, wg *sync.WaitGroup, table *dnsfilter.Table, dnsCfg dnsfilter.Config) {
 	s := newLearnedStore(d.cfg.stateDir, table, d.log.With(audit.LogComponent, "dns"))
-	n, err := s.load()
-	if err != nil {
+	s.admit = dnsCfg.WouldLearn(d.store.Load())
+	n, left, err := s.load()
+	switch {
+	case err != nil:
 		d.log.Warn("learned addresses: ignoring the table's file: it starts empty, and clients that kept an answer from before the restart are dropped until they ask again", audit.LogError, err.Error())
 		d.say("warning: learned addresses: %v: ignored, the table starts empty", err)
-	} else {
+	case left > 0:
+		d.log.Info("learned addresses: left out of the table's file what the running policy and answer filter would not learn", "items", n, "left_out", left)
+		d.say("learned addresses: %d restored from %s, %d left out (the running policy or the answer filter would not learn them)", n, s.path, left)
+	default:
 		d.say("learned addresses: %d restored from %s", n, s.path)
 	}
 	if err := s.save(true); err != nil {

@@ -2,6 +2,8 @@ package main
 
 import (
 	"bytes"
+	"context"
+	"fmt"
 	"io"
 	"log/slog"
 	"net/netip"
@@ -9,11 +11,13 @@ import (
 	"path/filepath"
 	"slices"
 	"strings"
+	"sync"
 	"syscall"
 	"testing"
 	"time"
 
 	"egressd/dnsfilter"
+	"egressd/policy"
 )
 
 // TestLearnedStore: the table's file in the state directory. A save and a
@@ -30,7 +34,7 @@ func TestLearnedStore(t *testing.T) {
 		Addr: netip.MustParseAddr("203.0.113.7"), Rule: "ntp", Expires: time.Now().Add(5 * time.Minute)})
 
 	s := newLearnedStore(dir, tb, log)
-	if n, err := s.load(); n != 0 || err != nil {
+	if n, _, err := s.load(); n != 0 || err != nil {
 		t.Fatalf("load without a file: %d, %v", n, err)
 	}
 	if err := s.save(false); err != nil {
@@ -57,7 +61,7 @@ func TestLearnedStore(t *testing.T) {
 	}
 
 	tb2 := dnsfilter.NewTable(0)
-	if n, err := newLearnedStore(dir, tb2, log).load(); n != 1 || err != nil {
+	if n, _, err := newLearnedStore(dir, tb2, log).load(); n != 1 || err != nil {
 		t.Fatalf("load: %d, %v; want 1", n, err)
 	}
 	if got := tb2.NamesFor(netip.MustParseAddr("192.0.2.10"), netip.MustParseAddr("203.0.113.7")); len(got) != 1 {
@@ -77,7 +81,7 @@ func TestLearnedStore(t *testing.T) {
 		tb := dnsfilter.NewTable(0)
 		done := make(chan struct{})
 		var n int
-		go func() { n, err = newLearnedStore(d, tb, log).load(); close(done) }()
+		go func() { n, _, err = newLearnedStore(d, tb, log).load(); close(done) }()
 		select {
 		case <-done:
 		case <-time.After(5 * time.Second):
@@ -134,7 +138,7 @@ func TestLearnedStoreRemovesTemporaries(t *testing.T) {
 		os.WriteFile(filepath.Join(dir, name), nil, 0o600)
 	}
 	tb2 := dnsfilter.NewTable(0)
-	if n, err := newLearnedStore(dir, tb2, log).load(); n != 1 || err != nil {
+	if n, _, err := newLearnedStore(dir, tb2, log).load(); n != 1 || err != nil {
 		t.Fatalf("load: %d, %v; want 1", n, err)
 	}
 	var names []string
@@ -144,5 +148,60 @@ func TestLearnedStoreRemovesTemporaries(t *testing.T) {
 	}
 	if want := append(keep, learnedFileName); !slices.Equal(names, slices.Sorted(slices.Values(want))) {
 		t.Errorf("state directory after a start: %v, want %v", names, want)
+	}
+}
+
+// TestRestoreLearnedRunningPolicy: the file was written under another
+// policy (or by a version whose rebinding filter had a range fewer): at
+// start the table takes only what the forwarder would learn now, under
+// the running policy and answer filter. An answer for a name the policy
+// no longer lets the client resolve, or with an address the filter strips
+// from the name's answers, does not come back, so neither the firewall's
+// learned sets (seeded from the table at install) nor the proxy vouch for
+// it. What comes back is credited to the rule that allows it now.
+func TestRestoreLearnedRunningPolicy(t *testing.T) {
+	dir := t.TempDir()
+	log := slog.New(slog.NewTextHandler(io.Discard, nil))
+	exp := time.Now().Add(time.Hour)
+	a := netip.MustParseAddr
+	in, out := a("192.0.2.10"), a("192.0.2.99") // out: not among the rules' clients now
+	old := dnsfilter.NewTable(0)
+	for _, l := range []dnsfilter.Learned{
+		{Client: in, Name: "time.example.com", Addr: a("203.0.113.7"), Rule: "ntp"},         // allowed now, by "time"
+		{Client: in, Name: "gone.example.com", Addr: a("203.0.113.8"), Rule: "ntp"},         // no rule has the name now
+		{Client: out, Name: "time.example.com", Addr: a("203.0.113.9"), Rule: "ntp"},        // the rule's clients changed
+		{Client: in, Name: "time.example.com", Addr: a("10.1.2.3"), Rule: "ntp"},            // the rebinding filter strips it
+		{Client: in, Name: "time.example.com", Addr: a("168.63.129.16"), Rule: "ntp"},       // a range an upgrade added
+		{Client: in, Name: "nas.lan", Addr: a("192.168.1.5"), Rule: "nas"},                  // a private name: kept
+		{Client: in, Name: "use-application-dns.net", Addr: a("203.0.113.10"), Rule: "nas"}, // the canary: never learned
+	} {
+		l.Expires = exp
+		old.Learn(l)
+	}
+	if err := newLearnedStore(dir, old, log).save(true); err != nil {
+		t.Fatal(err)
+	}
+	eng, err := policy.Compile("p.yaml", []byte("version: 1\nmode: enforce\nrules:\n"+
+		"  - {name: time, from: [192.0.2.0/28], to: [time.example.com], ports: [123/udp]}\n"+
+		"  - {name: nas, to: [nas.lan, use-application-dns.net], ports: [445/tcp]}\n"))
+	if err != nil {
+		t.Fatal(err)
+	}
+	d := &daemon{cfg: runConfig{stateDir: dir}, log: log, out: io.Discard, store: policy.NewStore(eng), degraded: map[string]string{}}
+	tb := dnsfilter.NewTable(0)
+	ctx, cancel := context.WithCancel(context.Background())
+	var wg sync.WaitGroup
+	d.restoreLearned(ctx, &wg, tb, dnsfilter.Config{})
+	cancel()
+	wg.Wait()
+
+	var got []string
+	for _, l := range tb.HeldAll(nil) { // what the firewall seeds its sets with
+		got = append(got, fmt.Sprintf("%s %s %s %s", l.Client, l.Name, l.Addr, l.Rule))
+	}
+	slices.Sort(got)
+	want := []string{"192.0.2.10 nas.lan 192.168.1.5 nas", "192.0.2.10 time.example.com 203.0.113.7 time"}
+	if !slices.Equal(got, want) {
+		t.Errorf("restored under the running policy:\n%s\nwant:\n%s", strings.Join(got, "\n"), strings.Join(want, "\n"))
 	}
 }

@@ -489,8 +489,9 @@ func (d *daemon) run(ctx context.Context) error {
 	d.table = table
 	// What the forwarder gave out before a restart, before anything
 	// reads the table: the firewall seeds its learned sets with it, the
-	// proxy vouches with it, capture follows it.
-	d.restoreLearned(ctx, &wg, table)
+	// proxy vouches with it, capture follows it. Only what this
+	// forwarder would learn under the running policy comes back.
+	d.restoreLearned(ctx, &wg, table, dnsCfg)
 	gate := &firewallGate{} // the firewall, once installed, takes allowed answers' addresses before the client gets them
 	d.gate = gate
 	if d.dns, err = dnsfilter.New(dnsCfg, dnsfilter.Deps{Policy: d.store, Sink: d.sink, Logger: d.log, Registerer: d.reg, Table: table, Firewall: gate}); err != nil {
