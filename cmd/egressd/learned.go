@@ -4,6 +4,7 @@ import (
 	"context"
 	"errors"
 	"fmt"
+	"io"
 	"log/slog"
 	"os"
 	"path/filepath"
@@ -26,10 +27,18 @@ import (
 const (
 	// learnedFileName is the table's file in the state directory.
 	learnedFileName = "learned.ndjson"
-	// learnedSaveInterval is how often the table is written while it
-	// changes; a clean stop writes it too. After a kill -9 the answers
-	// of the last interval are lost.
+	// learnedSaveInterval is how often the store looks whether to write
+	// the table: when it changed since the last write, and the write
+	// budget lets it. A clean stop writes it too. After a kill -9 the
+	// answers given since the last write are lost.
 	learnedSaveInterval = 30 * time.Second
+	// learnedWriteBudget bounds the bytes the periodic writes take (1 GiB)
+	// in any 24 hours, plus one file: a write of n bytes holds the next
+	// off for n / (1 GiB a day), at least learnedSaveInterval. A table of
+	// up to about 2,400 items (370 KB) is so written every 30 s, a full
+	// one (65,536 items, 10 MB) every 14 minutes, and a busy site's flash
+	// takes 1 GiB a day, not 29 GB (an SD card).
+	learnedWriteBudget = 1 << 30
 )
 
 // learnedStore keeps the table in its file.
@@ -40,14 +49,31 @@ type learnedStore struct {
 	// under the running policy); nil lets all in.
 	admit func(*dnsfilter.Learned) bool
 	log   *slog.Logger
+	// now is time.Now: its monotonic reading spaces the writes, so a
+	// clock NTP sets (a gateway without a real-time clock) moves none.
+	now func() time.Time
+	// budget is the bytes the periodic writes may take a day.
+	budget int64
+	// write writes the table to the file (writeFile), returning its items
+	// and the bytes written; tests count instead.
+	write func() (items int, bytes int64, err error)
 
-	mu      sync.Mutex // guards following
-	saved   uint64     // table.Changes() at the last write
-	failing string     // the last write's error, "" when it worked
+	turn    chan struct{} // holds a token while a load or save runs; its holder owns the following
+	saved   uint64        // table.Changes() at the last write
+	failing string        // the last write's error, "" when it worked
+	next    time.Time     // no periodic write before it (the budget)
 }
 
 func newLearnedStore(dir string, table *dnsfilter.Table, log *slog.Logger) *learnedStore {
-	return &learnedStore{path: filepath.Join(dir, learnedFileName), table: table, log: log}
+	s := &learnedStore{path: filepath.Join(dir, learnedFileName), table: table, log: log, now: time.Now,
+		budget: learnedWriteBudget, turn: make(chan struct{}, 1)}
+	s.write = s.writeFile
+	return s
+}
+
+// spacing is how long a write of n bytes holds the next periodic one off.
+func (s *learnedStore) spacing(n int64) time.Duration {
+	return time.Duration(float64(n) / float64(s.budget) * float64(24*time.Hour))
 }
 
 // load puts the file's items into the table, before anything reads it,
@@ -55,8 +81,11 @@ func newLearnedStore(dir string, table *dnsfilter.Table, log *slog.Logger) *lear
 // a first start: (0, 0, nil). A file it cannot read or that dnsfilter
 // refuses is left for the next write to replace; the table starts empty
 // then, as before there was a file. The temporary files of saves killed
-// before their rename go first.
+// before their rename go first. The file counts as a write at load for
+// the budget: across restarts, even crashes, periodic writes keep to it.
 func (s *learnedStore) load() (n, left int, err error) {
+	s.turn <- struct{}{}
+	defer func() { <-s.turn }()
 	s.removeTemps()
 	// Not a FIFO (the open would block), nor a link out of the
 	// directory: a regular file, opened without following a link.
@@ -72,6 +101,8 @@ func (s *learnedStore) load() (n, left int, err error) {
 		return 0, 0, err
 	} else if !fi.Mode().IsRegular() {
 		return 0, 0, fmt.Errorf("%s is not a regular file", s.path)
+	} else {
+		s.next = s.now().Add(s.spacing(fi.Size()))
 	}
 	admit := s.admit
 	if admit != nil {
@@ -119,18 +150,51 @@ func (s *learnedStore) removeTemps() {
 	}
 }
 
-// save writes the table's live items to the file when the table changed
-// since the last write (or always, with force): a temporary file, synced,
-// renamed over the file, the directory synced. A failure is logged when
-// it is new, and its recovery once.
-func (s *learnedStore) save(force bool) error {
-	s.mu.Lock()
-	defer s.mu.Unlock()
-	changes := s.table.Changes()
-	if !force && changes == s.saved && s.failing == "" {
+// probe finds out whether the state directory takes the file, without
+// writing the table: a temporary file, created and removed.
+func (s *learnedStore) probe() error {
+	dir := filepath.Dir(s.path)
+	if err := os.MkdirAll(dir, 0o750); err != nil {
+		return err
+	}
+	tmp, err := os.CreateTemp(dir, learnedFileName+".tmp*")
+	if err != nil {
+		return err
+	}
+	tmp.Close()
+	return os.Remove(tmp.Name())
+}
+
+// tick is the periodic save: it writes the table when it changed since
+// the last write (or the last write failed) and the budget lets it (the
+// last write was long enough ago for its size).
+func (s *learnedStore) tick() error {
+	s.turn <- struct{}{}
+	defer func() { <-s.turn }()
+	now := s.now()
+	if s.table.Changes() == s.saved && s.failing == "" || now.Before(s.next) {
 		return nil
 	}
-	n, err := s.write()
+	return s.saveLocked(now)
+}
+
+// flush is the save at a clean stop: it writes the table, changed or not,
+// whatever the budget.
+func (s *learnedStore) flush() error {
+	s.turn <- struct{}{}
+	defer func() { <-s.turn }()
+	return s.saveLocked(s.now())
+}
+
+// saveLocked writes the table's live items to the file and sets the
+// earliest time of the next periodic write. A failure is logged when it
+// is new, and its recovery once. The caller holds the turn.
+func (s *learnedStore) saveLocked(now time.Time) error {
+	changes := s.table.Changes()
+	n, size, err := s.write()
+	// A failed write counts too: a disk that fails at the end (at the
+	// sync) has taken the bytes.
+	s.next = now.Add(s.spacing(size))
 	switch {
 	case err != nil && err.Error() != s.failing:
 		s.failing = err.Error()
@@ -145,17 +209,21 @@ func (s *learnedStore) save(force bool) error {
 	return err
 }
 
-func (s *learnedStore) write() (int, error) {
+// writeFile writes the table to a temporary file, synced, renamed over
+// the file, the directory synced. It returns the items and the bytes
+// written.
+func (s *learnedStore) writeFile() (int, int64, error) {
 	dir := filepath.Dir(s.path)
 	if err := os.MkdirAll(dir, 0o750); err != nil {
-		return 0, err
+		return 0, 0, err
 	}
 	tmp, err := os.CreateTemp(dir, learnedFileName+".tmp*")
 	if err != nil {
-		return 0, err
+		return 0, 0, err
 	}
 	defer os.Remove(tmp.Name()) // after the rename, nothing is there
-	n, err := s.table.Save(tmp) // CreateTemp makes it 0600
+	cw := &countingWriter{w: tmp}
+	n, err := s.table.Save(cw) // CreateTemp makes it 0600
 	if err == nil {
 		err = tmp.Sync()
 	}
@@ -172,18 +240,30 @@ func (s *learnedStore) write() (int, error) {
 			d.Close()
 		}
 	}
+	return n, cw.n, err
+}
+
+// countingWriter counts the bytes written through it.
+type countingWriter struct {
+	w io.Writer
+	n int64
+}
+
+func (c *countingWriter) Write(p []byte) (int, error) {
+	n, err := c.w.Write(p)
+	c.n += int64(n)
 	return n, err
 }
 
-// run writes the table every learnedSaveInterval while it changes, until
-// ctx is done.
+// run looks every learnedSaveInterval whether to write the table (tick),
+// until ctx is done.
 func (s *learnedStore) run(ctx context.Context) {
-	tick := time.NewTicker(learnedSaveInterval)
-	defer tick.Stop()
+	t := time.NewTicker(learnedSaveInterval)
+	defer t.Stop()
 	for {
 		select {
-		case <-tick.C:
-			s.save(false)
+		case <-t.C:
+			s.tick()
 		case <-ctx.Done():
 			return
 		}
@@ -192,11 +272,9 @@ func (s *learnedStore) run(ctx context.Context) {
 
 // restoreLearned loads the table's file into table at start, keeping
 // what the forwarder configured by dnsCfg would learn under the running
-// policy, and writes it back at once (dropping what expired while egressd
-// was down, and finding out now whether the state directory can be
-// written), then keeps it written while ctx runs. Nothing here stops
-// egressd: without the file the table starts empty, as it did before
-// there was one.
+// policy, and finds out whether the state directory can be written; then
+// it keeps the file written while ctx runs. Nothing here stops egressd:
+// without the file the table starts empty, as it did before there was one.
 func (d *daemon) restoreLearned(ctx context.Context, wg *sync.WaitGroup, table *dnsfilter.Table, dnsCfg dnsfilter.Config) {
 	s := newLearnedStore(d.cfg.stateDir, table, d.log.With(audit.LogComponent, "dns"))
 	s.admit = dnsCfg.WouldLearn(d.store.Load())
@@ -211,7 +289,8 @@ func (d *daemon) restoreLearned(ctx context.Context, wg *sync.WaitGroup, table *
 	default:
 		d.say("learned addresses: %d restored from %s", n, s.path)
 	}
-	if err := s.save(true); err != nil {
+	if err := s.probe(); err != nil {
+		d.log.Warn("learned addresses: cannot write the table to the state directory: a restart loses them", audit.LogError, err.Error())
 		d.say("warning: learned addresses: %v: they will not survive a restart", err)
 	}
 	d.learned = s

@@ -37,7 +37,7 @@ func TestLearnedStore(t *testing.T) {
 	if n, _, err := s.load(); n != 0 || err != nil {
 		t.Fatalf("load without a file: %d, %v", n, err)
 	}
-	if err := s.save(false); err != nil {
+	if err := s.tick(); err != nil {
 		t.Fatalf("save: %v", err)
 	}
 	path := filepath.Join(dir, learnedFileName)
@@ -50,13 +50,13 @@ func TestLearnedStore(t *testing.T) {
 	}
 	// Unchanged: not written again.
 	os.Remove(path)
-	if err := s.save(false); err != nil {
+	if err := s.tick(); err != nil {
 		t.Fatal(err)
 	}
 	if _, err := os.Stat(path); err == nil {
 		t.Error("an unchanged table was written again")
 	}
-	if err := s.save(true); err != nil {
+	if err := s.flush(); err != nil {
 		t.Fatal(err)
 	}
 
@@ -104,7 +104,7 @@ func TestLearnedStore(t *testing.T) {
 	logs.Reset()
 	bad := newLearnedStore(filepath.Join(notDir, "state"), tb, log)
 	for range 3 {
-		if err := bad.save(true); err == nil {
+		if err := bad.flush(); err == nil {
 			t.Fatal("save under a file worked")
 		}
 	}
@@ -124,7 +124,7 @@ func TestLearnedStoreRemovesTemporaries(t *testing.T) {
 	tb := dnsfilter.NewTable(0)
 	tb.Learn(dnsfilter.Learned{Client: netip.MustParseAddr("192.0.2.10"), Name: "time.example.com",
 		Addr: netip.MustParseAddr("203.0.113.7"), Rule: "ntp", Expires: time.Now().Add(5 * time.Minute)})
-	if err := newLearnedStore(dir, tb, log).save(true); err != nil {
+	if err := newLearnedStore(dir, tb, log).flush(); err != nil {
 		t.Fatal(err)
 	}
 	// What a killed save leaves: os.CreateTemp's name, cut short.
@@ -178,7 +178,7 @@ func TestRestoreLearnedRunningPolicy(t *testing.T) {
 		l.Expires = exp
 		old.Learn(l)
 	}
-	if err := newLearnedStore(dir, old, log).save(true); err != nil {
+	if err := newLearnedStore(dir, old, log).flush(); err != nil {
 		t.Fatal(err)
 	}
 	eng, err := policy.Compile("p.yaml", []byte("version: 1\nmode: enforce\nrules:\n"+
@@ -203,5 +203,149 @@ func TestRestoreLearnedRunningPolicy(t *testing.T) {
 	want := []string{"192.0.2.10 nas.lan 192.168.1.5 nas", "192.0.2.10 time.example.com 203.0.113.7 time"}
 	if !slices.Equal(got, want) {
 		t.Errorf("restored under the running policy:\n%s\nwant:\n%s", strings.Join(got, "\n"), strings.Join(want, "\n"))
+	}
+}
+
+// fillTable learns n items for distinct addresses, live for two days, and
+// returns the next index to learn from.
+func fillTable(tb *dnsfilter.Table, from, n int) int {
+	exp := time.Now().Add(48 * time.Hour)
+	for i := from; i < from+n; i++ {
+		tb.Learn(dnsfilter.Learned{Client: netip.AddrFrom4([4]byte{192, 0, 2, byte(i % 200)}), Name: fmt.Sprintf("host-%d.cdn.example.com", i),
+			Addr: netip.AddrFrom4([4]byte{198, 18 + byte(i>>16&1), byte(i >> 8), byte(i)}), Rule: "web", Expires: exp})
+	}
+	return from + n
+}
+
+// TestLearnedWriteBudget: a full table that changes all the time (a busy
+// site) is written, over a simulated day of 30 s ticks, within the budget
+// plus one file: not every 30 s (2,880 files a day), but every
+// file-size-over-budget. The store's clock is the test's, its writes are
+// Save into a counter. The table is a sixteenth of the default (4,096
+// items) and so is the budget (64 MiB), so that the day runs in seconds
+// under -race: the writes' spacing, size over budget, is the one of a
+// full table of 65,536 items against 1 GiB. A file read at start counts
+// as written then: the first write after a restart waits for it too.
+func TestLearnedWriteBudget(t *testing.T) {
+	const scale = 16
+	log := slog.New(slog.NewTextHandler(io.Discard, nil))
+	tb := dnsfilter.NewTable(65536 / scale)
+	next := 0
+	for i := 0; tb.Len() < 65536/scale; i++ {
+		if i > 64 {
+			t.Fatalf("table at %d items, want %d", tb.Len(), 65536/scale)
+		}
+		next = fillTable(tb, next, 65536/scale)
+	}
+	clock := time.Unix(1_800_000_000, 0)
+	s := newLearnedStore(t.TempDir(), tb, log)
+	s.now = func() time.Time { return clock }
+	s.budget = learnedWriteBudget / scale
+	type write struct {
+		at   time.Time
+		size int64
+	}
+	var bytes, largest int64
+	var writes []write
+	s.write = func() (int, int64, error) {
+		cw := &countingWriter{w: io.Discard}
+		n, err := tb.Save(cw)
+		bytes += cw.n
+		largest = max(largest, cw.n)
+		writes = append(writes, write{clock, cw.n})
+		return n, cw.n, err
+	}
+	day := 24 * time.Hour
+	for range int(day / learnedSaveInterval) {
+		clock = clock.Add(learnedSaveInterval)
+		next = fillTable(tb, next, 50) // new answers in every 30 s
+		if err := s.tick(); err != nil {
+			t.Fatal(err)
+		}
+	}
+	if tb.Len() != 65536/scale {
+		t.Fatalf("table at %d items at the end of the day, want it full (%d)", tb.Len(), 65536/scale)
+	}
+	if bytes > s.budget+largest {
+		t.Errorf("%d bytes written in a day (%d writes of up to %d bytes), over the budget %d plus one file", bytes, len(writes), largest, s.budget)
+	}
+	// Not held back more than the budget asks either: each write comes
+	// at the first tick its predecessor's size lets it, and so at the
+	// README's interval of a full table (14 minutes).
+	var longest time.Duration
+	for i := 1; i < len(writes); i++ {
+		gap, least := writes[i].at.Sub(writes[i-1].at), s.spacing(writes[i-1].size)
+		if gap < least || gap >= least+learnedSaveInterval {
+			t.Errorf("write %d came %s after the one before, of %d bytes; want the first tick from %s on", i, gap, writes[i-1].size, least)
+		}
+		longest = max(longest, gap)
+	}
+	if longest > 14*time.Minute {
+		t.Errorf("writes up to %s apart, want at most the README's 14 minutes", longest)
+	}
+	t.Logf("%d writes of up to %d bytes, %d bytes in all, up to %s apart", len(writes), largest, bytes, longest)
+
+	// A restart: the file read counts as written at the start.
+	if _, _, err := s.writeFile(); err != nil {
+		t.Fatal(err)
+	}
+	s2 := newLearnedStore(filepath.Dir(s.path), tb, log)
+	s2.now, s2.budget = s.now, s.budget
+	n := 0
+	s2.write = func() (int, int64, error) { n++; return s.write() }
+	if _, _, err := s2.load(); err != nil {
+		t.Fatal(err)
+	}
+	start := clock
+	for clock.Sub(start) < 20*time.Minute && n == 0 {
+		clock = clock.Add(learnedSaveInterval)
+		next = fillTable(tb, next, 50)
+		s2.tick()
+	}
+	if d := clock.Sub(start); n != 1 || d < 13*time.Minute {
+		t.Errorf("after a start that read a full file: %d writes, the first %s after it; want one after about 14 minutes", n, d)
+	}
+}
+
+// TestLearnedSmallTablePrompt: a small table (a home, an office) is
+// written at every 30 s tick in which it changed, as before the budget,
+// from the first tick after a start on; a tick without a change writes
+// nothing.
+func TestLearnedSmallTablePrompt(t *testing.T) {
+	log := slog.New(slog.NewTextHandler(io.Discard, nil))
+	dir := t.TempDir()
+	tb := dnsfilter.NewTable(0)
+	next := fillTable(tb, 0, 200)
+	if err := newLearnedStore(dir, tb, log).flush(); err != nil { // the file of the last run
+		t.Fatal(err)
+	}
+	clock := time.Unix(1_800_000_000, 0)
+	tb = dnsfilter.NewTable(0) // a restart
+	s := newLearnedStore(dir, tb, log)
+	s.now = func() time.Time { return clock }
+	var writes []int
+	s.write = func() (int, int64, error) {
+		cw := &countingWriter{w: io.Discard}
+		n, err := tb.Save(cw)
+		writes = append(writes, n)
+		return n, cw.n, err
+	}
+	if n, _, err := s.load(); n != 200 || err != nil {
+		t.Fatalf("load: %d, %v", n, err)
+	}
+	for i := range 20 {
+		clock = clock.Add(learnedSaveInterval)
+		if i%2 == 0 {
+			next = fillTable(tb, next, 5)
+		}
+		if err := s.tick(); err != nil {
+			t.Fatal(err)
+		}
+		if want := (i + 2) / 2; len(writes) != want {
+			t.Fatalf("after tick %d: %d writes, want %d (one per tick with a change)", i+1, len(writes), want)
+		}
+	}
+	if last := writes[len(writes)-1]; last != 250 {
+		t.Errorf("the last write had %d items, want 250", last)
 	}
 }

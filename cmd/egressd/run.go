@@ -939,7 +939,7 @@ func (d *daemon) shutdown(cancel context.CancelFunc, wg *sync.WaitGroup) error {
 	if d.learned != nil {
 		// After DNS stopped: nothing learns any more. A failure was
 		// logged; the next start begins from the last periodic write.
-		d.learned.save(true)
+		d.learned.flush()
 	}
 	if d.journal != nil {
 		if err := d.journal.Close(); err != nil {
