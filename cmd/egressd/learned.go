@@ -10,6 +10,7 @@ import (
 	"path/filepath"
 	"strings"
 	"sync"
+	"sync/atomic"
 	"syscall"
 	"time"
 
@@ -39,6 +40,13 @@ const (
 	// one (65,536 items, 10 MB) every 14 minutes, and a busy site's flash
 	// takes 1 GiB a day, not 29 GB (an SD card).
 	learnedWriteBudget = 1 << 30
+	// learnedStopWait bounds the wait of the save at a clean stop for a
+	// save under way (after the stop's 10 s wait for every part): one
+	// that has not finished then is stuck (a disk hung in fsync), and
+	// the stop goes on without a save rather than wait with it until
+	// systemd's SIGKILL. (The process ends only when the kernel returns
+	// from the stuck write: no signal ends a thread in fsync.)
+	learnedStopWait = 2 * time.Second
 )
 
 // learnedStore keeps the table in its file.
@@ -62,6 +70,10 @@ type learnedStore struct {
 	saved   uint64        // table.Changes() at the last write
 	failing string        // the last write's error, "" when it worked
 	next    time.Time     // no periodic write before it (the budget)
+
+	// since is when the write under way began, nil when none; flush reads
+	// it without the turn.
+	since atomic.Pointer[time.Time]
 }
 
 func newLearnedStore(dir string, table *dnsfilter.Table, log *slog.Logger) *learnedStore {
@@ -178,10 +190,28 @@ func (s *learnedStore) tick() error {
 	return s.saveLocked(now)
 }
 
+// errLearnedStuck is flush's error when a save under way did not finish.
+var errLearnedStuck = errors.New("learned addresses: a save under way did not finish")
+
 // flush is the save at a clean stop: it writes the table, changed or not,
-// whatever the budget.
-func (s *learnedStore) flush() error {
-	s.turn <- struct{}{}
+// whatever the budget, once the save under way (if any) has finished;
+// one that does not within wait is stuck (a disk hung in fsync): then it
+// writes nothing and says so, rather than hold the stop until systemd's
+// SIGKILL. The next start reads the file of the last save that finished.
+func (s *learnedStore) flush(wait time.Duration) error {
+	t := time.NewTimer(wait)
+	defer t.Stop()
+	select {
+	case s.turn <- struct{}{}:
+	case <-t.C:
+		var stuck time.Duration
+		if since := s.since.Load(); since != nil {
+			stuck = s.now().Sub(*since)
+		}
+		s.log.Warn("learned addresses: a save of the table has not finished (a hung disk?): no save at stop, the next start reads the file of the last save that finished",
+			audit.LogDuration, stuck.Seconds(), "file", s.path)
+		return errLearnedStuck
+	}
 	defer func() { <-s.turn }()
 	return s.saveLocked(s.now())
 }
@@ -191,7 +221,9 @@ func (s *learnedStore) flush() error {
 // is new, and its recovery once. The caller holds the turn.
 func (s *learnedStore) saveLocked(now time.Time) error {
 	changes := s.table.Changes()
+	s.since.Store(&now)
 	n, size, err := s.write()
+	s.since.Store(nil)
 	// A failed write counts too: a disk that fails at the end (at the
 	// sync) has taken the bytes.
 	s.next = now.Add(s.spacing(size))

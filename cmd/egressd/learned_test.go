@@ -3,6 +3,7 @@ package main
 import (
 	"bytes"
 	"context"
+	"errors"
 	"fmt"
 	"io"
 	"log/slog"
@@ -56,7 +57,7 @@ func TestLearnedStore(t *testing.T) {
 	if _, err := os.Stat(path); err == nil {
 		t.Error("an unchanged table was written again")
 	}
-	if err := s.flush(); err != nil {
+	if err := s.flush(learnedStopWait); err != nil {
 		t.Fatal(err)
 	}
 
@@ -104,7 +105,7 @@ func TestLearnedStore(t *testing.T) {
 	logs.Reset()
 	bad := newLearnedStore(filepath.Join(notDir, "state"), tb, log)
 	for range 3 {
-		if err := bad.flush(); err == nil {
+		if err := bad.flush(learnedStopWait); err == nil {
 			t.Fatal("save under a file worked")
 		}
 	}
@@ -124,7 +125,7 @@ func TestLearnedStoreRemovesTemporaries(t *testing.T) {
 	tb := dnsfilter.NewTable(0)
 	tb.Learn(dnsfilter.Learned{Client: netip.MustParseAddr("192.0.2.10"), Name: "time.example.com",
 		Addr: netip.MustParseAddr("203.0.113.7"), Rule: "ntp", Expires: time.Now().Add(5 * time.Minute)})
-	if err := newLearnedStore(dir, tb, log).flush(); err != nil {
+	if err := newLearnedStore(dir, tb, log).flush(learnedStopWait); err != nil {
 		t.Fatal(err)
 	}
 	// What a killed save leaves: os.CreateTemp's name, cut short.
@@ -178,7 +179,7 @@ func TestRestoreLearnedRunningPolicy(t *testing.T) {
 		l.Expires = exp
 		old.Learn(l)
 	}
-	if err := newLearnedStore(dir, old, log).flush(); err != nil {
+	if err := newLearnedStore(dir, old, log).flush(learnedStopWait); err != nil {
 		t.Fatal(err)
 	}
 	eng, err := policy.Compile("p.yaml", []byte("version: 1\nmode: enforce\nrules:\n"+
@@ -316,7 +317,7 @@ func TestLearnedSmallTablePrompt(t *testing.T) {
 	dir := t.TempDir()
 	tb := dnsfilter.NewTable(0)
 	next := fillTable(tb, 0, 200)
-	if err := newLearnedStore(dir, tb, log).flush(); err != nil { // the file of the last run
+	if err := newLearnedStore(dir, tb, log).flush(learnedStopWait); err != nil { // the file of the last run
 		t.Fatal(err)
 	}
 	clock := time.Unix(1_800_000_000, 0)
@@ -347,5 +348,55 @@ func TestLearnedSmallTablePrompt(t *testing.T) {
 	}
 	if last := writes[len(writes)-1]; last != 250 {
 		t.Errorf("the last write had %d items, want 250", last)
+	}
+}
+
+// TestLearnedFlushStuckSave: a periodic write stuck in the kernel (a disk
+// hung in fsync) does not hold the save at a clean stop, and so the stop,
+// until systemd's SIGKILL: after its wait, flush gives up, writes nothing
+// and says so. Once the stuck write has finished, flush writes again.
+func TestLearnedFlushStuckSave(t *testing.T) {
+	var logs bytes.Buffer
+	log := slog.New(slog.NewTextHandler(&logs, nil))
+	tb := dnsfilter.NewTable(0)
+	fillTable(tb, 0, 3)
+	s := newLearnedStore(t.TempDir(), tb, log)
+	entered, release := make(chan struct{}, 4), make(chan struct{})
+	writes := 0
+	s.write = func() (int, int64, error) {
+		writes++
+		entered <- struct{}{}
+		<-release
+		return 3, 500, nil
+	}
+	ticked := make(chan error, 1)
+	go func() { ticked <- s.tick() }()
+	select {
+	case <-entered:
+	case <-time.After(10 * time.Second):
+		t.Fatal("the periodic write did not start")
+	}
+	done := make(chan error, 1)
+	go func() { done <- s.flush(20 * time.Millisecond) }()
+	select {
+	case err := <-done:
+		if !errors.Is(err, errLearnedStuck) {
+			t.Errorf("flush behind a stuck write: %v, want errLearnedStuck", err)
+		}
+	case <-time.After(10 * time.Second):
+		t.Fatal("flush waited on the stuck write")
+	}
+	if writes != 1 {
+		t.Errorf("%d writes, want the stuck one alone", writes)
+	}
+	if !strings.Contains(logs.String(), "has not finished (a hung disk?)") {
+		t.Errorf("no line on the stuck save:\n%s", logs.String())
+	}
+	close(release)
+	if err := <-ticked; err != nil {
+		t.Fatal(err)
+	}
+	if err := s.flush(learnedStopWait); err != nil || writes != 2 {
+		t.Errorf("flush after the stuck write finished: %v, %d writes; want a second", err, writes)
 	}
 }

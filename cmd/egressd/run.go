@@ -939,7 +939,12 @@ func (d *daemon) shutdown(cancel context.CancelFunc, wg *sync.WaitGroup) error {
 	if d.learned != nil {
 		// After DNS stopped: nothing learns any more. A failure was
 		// logged; the next start begins from the last periodic write.
-		d.learned.flush()
+		// A periodic write stuck on a hung disk held the wait above for
+		// its 10s; this one waits for it only learnedStopWait more, then
+		// goes without, so that the rest of the stop (the event log's
+		// close) is done before systemd's SIGKILL (TimeoutStopSec=20s).
+		// The process ends once the kernel returns from the stuck write.
+		d.learned.flush(learnedStopWait)
 	}
 	if d.journal != nil {
 		if err := d.journal.Close(); err != nil {
