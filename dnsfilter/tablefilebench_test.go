@@ -35,7 +35,8 @@ func fullTable(tb testing.TB, start time.Time) *Table {
 }
 
 // BenchmarkTableSave: writing a full table (what the state directory's
-// file costs every 30 s while the table changes).
+// file costs every 14 minutes while the table changes: egressd's write
+// budget).
 func BenchmarkTableSave(b *testing.B) {
 	start := time.Unix(1_800_000_000, 0)
 	t := fullTable(b, start)
