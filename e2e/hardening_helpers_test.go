@@ -43,8 +43,9 @@ import (
 type recUpstream struct {
 	addr string
 	mu   sync.Mutex
-	rrs  map[string][]dns.RR // lower-case FQDN → records (any type)
-	seen []string            // qnames received, lower case, no trailing dot
+	rrs  map[string][]dns.RR  // lower-case FQDN → records (any type)
+	rot  map[rotKey]*rotation // answers that rotate (rotate)
+	seen []string             // qnames received, lower case, no trailing dot
 	down atomic.Bool
 	recv atomic.Int64
 }
@@ -54,7 +55,7 @@ const upstreamDNS4 = "198.18.2.54"
 func (tp *topo) startUpstream(t *testing.T) *recUpstream {
 	t.Helper()
 	tp.inet.MustRun("ip", "addr", "add", upstreamDNS4+"/32", "dev", "eth0")
-	u := &recUpstream{addr: upstreamDNS4, rrs: map[string][]dns.RR{}}
+	u := &recUpstream{addr: upstreamDNS4, rrs: map[string][]dns.RR{}, rot: map[rotKey]*rotation{}}
 	for _, r := range zone {
 		u.add(fmt.Sprintf("%s. 300 IN %s %s", r[0], r[1], r[2]))
 	}
@@ -83,6 +84,38 @@ func (u *recUpstream) add(rr string) {
 	u.rrs[k] = append(u.rrs[k], r)
 }
 
+// rotKey is a name (lower-case FQDN) and a record type.
+type rotKey struct {
+	name  string
+	qtype uint16
+}
+
+// rotation is a round-robin answer: one record per query, the next one
+// each time.
+type rotation struct {
+	rrs  []dns.RR
+	next int
+}
+
+// rotate makes the answers for name's records of type qtype (A or AAAA)
+// rotate through addrs, one address per query, the next one each time,
+// as a CDN's do (THREATS.md A3): a second query for the name never
+// returns what the first one did. It overrides the name's records of that
+// type.
+func (u *recUpstream) rotate(name string, qtype uint16, addrs ...string) {
+	var rrs []dns.RR
+	for _, a := range addrs {
+		r, err := dns.NewRR(fmt.Sprintf("%s. 300 IN %s %s", name, dns.TypeToString[qtype], a))
+		if err != nil {
+			panic(fmt.Sprintf("e2e: rotation %s %s: %v", name, a, err))
+		}
+		rrs = append(rrs, r)
+	}
+	u.mu.Lock()
+	defer u.mu.Unlock()
+	u.rot[rotKey{strings.ToLower(dns.Fqdn(name)), qtype}] = &rotation{rrs: rrs}
+}
+
 func (u *recUpstream) serve(w dns.ResponseWriter, req *dns.Msg) {
 	u.recv.Add(1)
 	if u.down.Load() || len(req.Question) != 1 {
@@ -95,6 +128,13 @@ func (u *recUpstream) serve(w dns.ResponseWriter, req *dns.Msg) {
 	m := new(dns.Msg)
 	m.SetReply(req)
 	m.Authoritative = true
+	if r := u.rot[rotKey{name, q.Qtype}]; r != nil {
+		m.Answer = append(m.Answer, dns.Copy(r.rrs[r.next%len(r.rrs)]))
+		r.next++
+		u.mu.Unlock()
+		w.WriteMsg(m)
+		return
+	}
 	// Follow CNAMEs within the data, like an authoritative server that
 	// holds both zones.
 	for hops := 0; hops < 8; hops++ {
@@ -518,9 +558,15 @@ var tlsAlertDenied = []byte{0x15, 0x03, 0x03, 0x00, 0x02, 0x02, 0x31}
 // segments of seg bytes (0: at once), then reads what comes back: a
 // ServerHello (0x16) means the hello reached the origin.
 func (tp *topo) sendHello(addr string, raw []byte, seg int, gap time.Duration) helloOutcome {
+	return sendHelloVia(tp.dialTCP, addr, raw, seg, gap)
+}
+
+// sendHelloVia is sendHello over a connection dial makes (another LAN
+// host, a given source address).
+func sendHelloVia(dial func(context.Context, string) (net.Conn, error), addr string, raw []byte, seg int, gap time.Duration) helloOutcome {
 	ctx, cancel := context.WithTimeout(context.Background(), 5*time.Second)
 	defer cancel()
-	c, err := tp.dialTCP(ctx, addr)
+	c, err := dial(ctx, addr)
 	if err != nil {
 		return helloOutcome{err: err}
 	}
@@ -590,9 +636,14 @@ func (tp *topo) tlsGet(addr, sni string, wrap func(net.Conn) net.Conn, cfg func(
 // rawHTTP sends a raw request from the LAN to addr and returns the status
 // line and body, and the client's local port.
 func (tp *topo) rawHTTP(addr, req string) (string, int, error) {
+	return rawVia(tp.dialTCP, addr, req)
+}
+
+// rawVia is rawHTTP over a connection dial makes.
+func rawVia(dial func(context.Context, string) (net.Conn, error), addr, req string) (string, int, error) {
 	ctx, cancel := context.WithTimeout(context.Background(), 5*time.Second)
 	defer cancel()
-	c, err := tp.dialTCP(ctx, addr)
+	c, err := dial(ctx, addr)
 	if err != nil {
 		return "", 0, err
 	}

@@ -15,6 +15,8 @@ import (
 
 	"github.com/miekg/dns"
 	"golang.org/x/sys/unix"
+
+	"egressd/internal/testnet"
 )
 
 // Load and faults (THREATS.md C4, G1, G2, G4), bounded in count and time,
@@ -481,17 +483,27 @@ func (tp *topo) silentOrigin(t *testing.T, addr string) *atomic.Int64 {
 
 // dnsQueryFrom asks the gateway from a given LAN source address.
 func (tp *topo) dnsQueryFrom(src, name string, qtype uint16) (*dns.Msg, error) {
+	return dnsAsk(tp.lan, src, gwLAN4, name, qtype, false)
+}
+
+// dnsAsk asks server (port 53, UDP) one question from address src of
+// namespace ns; with do, with the DNSSEC OK bit set (EDNS0), as a
+// validating stub resolver asks (systemd-resolved by default).
+func dnsAsk(ns *testnet.NS, src, server, name string, qtype uint16, do bool) (*dns.Msg, error) {
 	var pc net.PacketConn
-	if err := tp.lan.Do(func() (err error) { pc, err = net.ListenPacket("udp", net.JoinHostPort(src, "0")); return }); err != nil {
+	if err := ns.Do(func() (err error) { pc, err = net.ListenPacket("udp", net.JoinHostPort(src, "0")); return }); err != nil {
 		return nil, err
 	}
 	defer pc.Close()
 	m := new(dns.Msg)
 	m.SetQuestion(dns.Fqdn(name), qtype)
+	if do {
+		m.SetEdns0(1232, true)
+	}
 	b, _ := m.Pack()
-	gw := &net.UDPAddr{IP: net.ParseIP(gwLAN4), Port: 53}
+	to := &net.UDPAddr{IP: net.ParseIP(server), Port: 53}
 	pc.SetDeadline(time.Now().Add(2 * time.Second))
-	if _, err := pc.WriteTo(b, gw); err != nil {
+	if _, err := pc.WriteTo(b, to); err != nil {
 		return nil, err
 	}
 	buf := make([]byte, 1500)
