@@ -245,6 +245,11 @@ func putAttr(b *[]byte, typ uint16, v []byte) {
 // nil body. A malformed datagram ends it with an error. what names the
 // request in errors.
 func eachMsg(b []byte, seq uint32, what string, fn func(typ uint16, body []byte) (done bool, err error)) (done bool, err error) {
+	return eachMsgNotFound(b, seq, what, ErrNoConntrack, fn)
+}
+
+// eachMsgNotFound is eachMsg with notFound as the error for ENOENT.
+func eachMsgNotFound(b []byte, seq uint32, what string, notFound error, fn func(typ uint16, body []byte) (done bool, err error)) (done bool, err error) {
 	for len(b) >= unix.SizeofNlMsghdr {
 		l := int(binary.NativeEndian.Uint32(b[0:4]))
 		if l < unix.SizeofNlMsghdr || l > len(b) {
@@ -265,7 +270,7 @@ func eachMsg(b []byte, seq uint32, what string, fn func(typ uint16, body []byte)
 			case code == 0:
 				body = nil
 			case unix.Errno(-code) == unix.ENOENT:
-				return true, ErrNoConntrack
+				return true, notFound
 			default:
 				return true, fmt.Errorf("netutil: %s: %w", what, unix.Errno(-code))
 			}

@@ -1,0 +1,372 @@
+package netutil
+
+import (
+	"errors"
+	"fmt"
+	"net/netip"
+	"sync"
+	"sync/atomic"
+	"testing"
+	"time"
+)
+
+// fakeNeigh is a neighbour table for Devices' tests: entries by address,
+// counting the dumps and single lookups made.
+type fakeNeigh struct {
+	mu      sync.Mutex
+	entries map[netip.Addr]Neighbour
+	dumpErr error
+	getErr  error
+	dumps   atomic.Int64
+	gets    atomic.Int64
+	block   chan struct{} // when set, a dump waits for it
+}
+
+func newFakeNeigh(nbs ...Neighbour) *fakeNeigh {
+	f := &fakeNeigh{entries: map[netip.Addr]Neighbour{}}
+	f.set(nbs...)
+	return f
+}
+
+func (f *fakeNeigh) set(nbs ...Neighbour) {
+	f.mu.Lock()
+	defer f.mu.Unlock()
+	for _, nb := range nbs {
+		f.entries[nb.Addr] = nb
+	}
+}
+
+func (f *fakeNeigh) dump(max int, fn func(Neighbour)) (bool, error) {
+	f.dumps.Add(1)
+	if f.block != nil {
+		<-f.block
+	}
+	f.mu.Lock()
+	defer f.mu.Unlock()
+	if f.dumpErr != nil {
+		return false, f.dumpErr
+	}
+	n := 0
+	for _, nb := range f.entries {
+		if n == max {
+			return true, nil
+		}
+		n++
+		fn(nb)
+	}
+	return false, nil
+}
+
+func (f *fakeNeigh) get(a netip.Addr) (Neighbour, error) {
+	f.gets.Add(1)
+	f.mu.Lock()
+	defer f.mu.Unlock()
+	if f.getErr != nil {
+		return Neighbour{}, f.getErr
+	}
+	nb, ok := f.entries[a]
+	if !ok {
+		return Neighbour{}, ErrNoNeighbour
+	}
+	return nb, nil
+}
+
+// clock is a settable time for Devices' tests.
+type clock struct {
+	mu sync.Mutex
+	t  time.Time
+}
+
+func (c *clock) now() time.Time { c.mu.Lock(); defer c.mu.Unlock(); return c.t }
+func (c *clock) add(d time.Duration) {
+	c.mu.Lock()
+	defer c.mu.Unlock()
+	c.t = c.t.Add(d)
+}
+
+var (
+	macA = MAC{0x02, 0, 0, 0, 0, 0xa}
+	macB = MAC{0x02, 0, 0, 0, 0, 0xb}
+)
+
+func nb(addr string, mac MAC) Neighbour {
+	return Neighbour{Addr: netip.MustParseAddr(addr), MAC: mac, State: NUDReachable}
+}
+
+func newTestDevices(f *fakeNeigh) (*Devices, *clock) {
+	c := &clock{t: time.Date(2026, 12, 1, 12, 0, 0, 0, time.UTC)}
+	return newDevices(f, c.now, nil), c
+}
+
+// TestDevicesSame: addresses the neighbour table maps to one Ethernet
+// address are one device's; another Ethernet address, an address the
+// table lacks (a client behind a router) or holds in a state that vouches
+// for nothing is another device.
+func TestDevicesSame(t *testing.T) {
+	f := newFakeNeigh(
+		nb("192.0.2.10", macA), nb("2001:db8::10", macA), nb("2001:db8::11", macA), nb("fe80::a", macA),
+		nb("192.0.2.20", macB), nb("2001:db8::20", macB),
+		Neighbour{Addr: netip.MustParseAddr("2001:db8::12"), MAC: macA, State: NUDIncomplete},
+		Neighbour{Addr: netip.MustParseAddr("2001:db8::13"), MAC: macA, State: NUDFailed},
+		Neighbour{Addr: netip.MustParseAddr("2001:db8::14"), MAC: macA, State: NUDStale},
+		Neighbour{Addr: netip.MustParseAddr("2001:db8::15"), MAC: macA, State: NUDPermanent},
+		Neighbour{Addr: netip.MustParseAddr("2001:db8::16"), MAC: macA, State: NUDNoARP},
+		Neighbour{Addr: netip.MustParseAddr("2001:db8::17"), MAC: macA, State: NUDStale, Idle: DeviceActive + time.Second},
+		Neighbour{Addr: netip.MustParseAddr("2001:db8::18"), MAC: MAC{}, State: NUDReachable},
+		Neighbour{Addr: netip.MustParseAddr("2001:db8::19"), MAC: MAC{0x03, 0, 0, 0, 0, 1}, State: NUDReachable},
+		Neighbour{Addr: netip.MustParseAddr("2001:db8::1a"), MAC: MAC{0x03, 0, 0, 0, 0, 1}, State: NUDReachable},
+	)
+	d, _ := newTestDevices(f)
+	for _, c := range []struct {
+		a, b string
+		want bool
+	}{
+		{"192.0.2.10", "2001:db8::11", true},
+		{"2001:db8::11", "192.0.2.10", true},
+		{"2001:db8::10", "2001:db8::11", true},
+		{"::ffff:192.0.2.10", "2001:db8::11", true}, // IPv4-mapped
+		{"fe80::a%lan0", "192.0.2.10", true},        // zone ignored
+		{"192.0.2.10", "192.0.2.10", true},
+		{"192.0.2.10", "2001:db8::20", false},   // another MAC
+		{"192.0.2.20", "2001:db8::20", true},    // that device's own
+		{"192.0.2.10", "198.51.100.7", false},   // not on the link (routed)
+		{"198.51.100.7", "198.51.100.8", false}, // neither is
+		{"192.0.2.10", "2001:db8::12", false},   // incomplete
+		{"192.0.2.10", "2001:db8::13", false},   // failed
+		{"192.0.2.10", "2001:db8::14", true},    // stale still vouches
+		{"192.0.2.10", "2001:db8::15", true},    // permanent
+		{"192.0.2.10", "2001:db8::16", false},   // no ARP: no address
+		{"192.0.2.10", "2001:db8::17", false},   // silent for over DeviceActive
+		{"2001:db8::18", "2001:db8::18", true},  // an address is its own
+		{"2001:db8::18", "192.0.2.10", false},   // zero MAC
+		{"2001:db8::19", "2001:db8::1a", false}, // multicast MAC
+		{"::", "::", false},                     // unspecified
+		{"127.0.0.1", "127.0.0.1", false},       // loopback
+		{"192.0.2.10", "", false},               // invalid
+	} {
+		var a, b netip.Addr
+		if c.a != "" {
+			a = netip.MustParseAddr(c.a)
+		}
+		if c.b != "" {
+			b = netip.MustParseAddr(c.b)
+		}
+		if got := d.SameDevice(a, b); got != c.want {
+			t.Errorf("SameDevice(%s, %s) = %v, want %v", c.a, c.b, got, c.want)
+		}
+	}
+	if n := f.dumps.Load(); n != 1 {
+		t.Errorf("%d dumps for one copy's questions, want 1", n)
+	}
+}
+
+// TestDevicesShared: an Ethernet address with more than one IPv4 address
+// (proxy ARP, a repeater that puts its MAC on its clients' frames) or
+// more than DeviceMaxAddrs addresses is no one device: none of its
+// addresses vouches for another. Entries silent for over DeviceActive do
+// not count.
+func TestDevicesShared(t *testing.T) {
+	f := newFakeNeigh(nb("192.0.2.10", macA), nb("192.0.2.11", macA), nb("2001:db8::10", macA))
+	var nbs []Neighbour
+	for i := range DeviceMaxAddrs - 1 {
+		nbs = append(nbs, nb(fmt.Sprintf("2001:db8::b:%x", i), macB))
+	}
+	nbs = append(nbs, nb("192.0.2.20", macB)) // DeviceMaxAddrs in all
+	// Old privacy addresses of macB, silent for a day: not counted.
+	for i := range 40 {
+		old := nb(fmt.Sprintf("2001:db8::b0:%x", i), macB)
+		old.State, old.Idle = NUDStale, 24*time.Hour
+		nbs = append(nbs, old)
+	}
+	f.set(nbs...)
+	d, c := newTestDevices(f)
+	if d.SameDevice(netip.MustParseAddr("192.0.2.10"), netip.MustParseAddr("2001:db8::10")) {
+		t.Error("an Ethernet address with two IPv4 addresses taken for one device")
+	}
+	if d.SameDevice(netip.MustParseAddr("192.0.2.10"), netip.MustParseAddr("192.0.2.11")) {
+		t.Error("two IPv4 addresses of one Ethernet address taken for one device")
+	}
+	if !d.SameDevice(netip.MustParseAddr("192.0.2.20"), netip.MustParseAddr("2001:db8::b:0")) {
+		t.Errorf("%d addresses, %d of them silent for a day: not one device", DeviceMaxAddrs+40, 40)
+	}
+	// One more live address: too many.
+	f.set(nb("2001:db8::b:ff", macB))
+	c.add(DevicesRefresh)
+	if d.SameDevice(netip.MustParseAddr("192.0.2.20"), netip.MustParseAddr("2001:db8::b:0")) {
+		t.Errorf("%d live addresses on one Ethernet address taken for one device", DeviceMaxAddrs+1)
+	}
+}
+
+// TestDevicesNewAddress: an address the copy of the table lacks (a
+// privacy address a device began to use after the dump) is asked about
+// alone, once per copy; one the kernel does not know is remembered so
+// until the next copy, whose dump finds what came since.
+func TestDevicesNewAddress(t *testing.T) {
+	f := newFakeNeigh(nb("192.0.2.10", macA), nb("2001:db8::10", macA))
+	d, c := newTestDevices(f)
+	v4, tmp := netip.MustParseAddr("192.0.2.10"), netip.MustParseAddr("2001:db8::11")
+	if d.SameDevice(v4, tmp) {
+		t.Fatal("an address the table does not have taken for the device's")
+	}
+	f.set(nb("2001:db8::11", macA))
+	for range 3 {
+		if d.SameDevice(v4, tmp) {
+			t.Error("an address the kernel did not know when asked was looked up again within the copy")
+		}
+	}
+	if n := f.gets.Load(); n != 1 {
+		t.Errorf("%d single lookups of one address in one copy, want 1", n)
+	}
+	c.add(DevicesRefresh)
+	if !d.SameDevice(v4, tmp) {
+		t.Error("the next copy does not have the new address")
+	}
+	if n := f.dumps.Load(); n != 2 {
+		t.Errorf("%d dumps, want 2", n)
+	}
+
+	// Within a copy, a new address is found by a single lookup.
+	tmp2 := netip.MustParseAddr("2001:db8::12")
+	f.set(nb("2001:db8::12", macA))
+	if !d.SameDevice(tmp2, v4) {
+		t.Error("a new address, known to the kernel, not found by a single lookup")
+	}
+	if n := f.dumps.Load(); n != 2 {
+		t.Errorf("%d dumps after a single lookup, want 2", n)
+	}
+}
+
+// TestDevicesLookupBound: single-address lookups stop at
+// DevicesMaxLookups per copy (a LAN host connecting from ever new
+// addresses cannot make a netlink request of each).
+func TestDevicesLookupBound(t *testing.T) {
+	f := newFakeNeigh(nb("192.0.2.10", macA))
+	d, c := newTestDevices(f)
+	v4 := netip.MustParseAddr("192.0.2.10")
+	for i := range DevicesMaxLookups + 100 {
+		d.SameDevice(v4, netip.AddrFrom16([16]byte{0x20, 0x01, 0x0d, 0xb8, 14: byte(i >> 8), 15: byte(i)}))
+	}
+	if n := f.gets.Load(); n != DevicesMaxLookups {
+		t.Errorf("%d single lookups in one copy, want %d", n, DevicesMaxLookups)
+	}
+	// Past the bound, an address the copy lacks is no device's.
+	f.set(nb("2001:db8::ffff", macA))
+	if d.SameDevice(v4, netip.MustParseAddr("2001:db8::ffff")) {
+		t.Error("a lookup past the bound")
+	}
+	c.add(DevicesRefresh)
+	if !d.SameDevice(v4, netip.MustParseAddr("2001:db8::ffff")) {
+		t.Error("the next copy does not start a new count")
+	}
+}
+
+// TestDevicesTableBound: a table of more than DevicesMaxEntries entries
+// is not used (the counts of addresses per device would be short): every
+// address is then its own device.
+func TestDevicesTableBound(t *testing.T) {
+	f := newFakeNeigh(nb("192.0.2.10", macA), nb("2001:db8::10", macA))
+	var nbs []Neighbour
+	for i := range DevicesMaxEntries {
+		nbs = append(nbs, nb(netip.AddrFrom16([16]byte{0x20, 0x01, 0x0d, 0xb8, 1, 13: byte(i >> 16), 14: byte(i >> 8), 15: byte(i)}).String(), MAC{0x02, 1, 0, byte(i >> 16), byte(i >> 8), byte(i)}))
+	}
+	f.set(nbs...)
+	var warned []error
+	d, _ := newTestDevices(f)
+	d.warn = func(err error) { warned = append(warned, err) }
+	if d.SameDevice(netip.MustParseAddr("192.0.2.10"), netip.MustParseAddr("2001:db8::10")) {
+		t.Errorf("a table of %d entries was used", DevicesMaxEntries+2)
+	}
+	if len(warned) != 1 || !errors.Is(warned[0], errTooManyNeighbours) {
+		t.Errorf("warned %v, want %v once", warned, errTooManyNeighbours)
+	}
+	if n := f.gets.Load(); n != 0 {
+		t.Errorf("%d single lookups without a copy", n)
+	}
+}
+
+// TestDevicesFailing: when the table cannot be read every address is its
+// own device; a dump is not tried again before DevicesRefresh, a copy is
+// used for DevicesMaxStale at most while dumps fail, and warn hears of it
+// at most once per DevicesRefresh.
+func TestDevicesFailing(t *testing.T) {
+	f := newFakeNeigh(nb("192.0.2.10", macA), nb("2001:db8::10", macA))
+	d, c := newTestDevices(f)
+	var warned int
+	d.warn = func(error) { warned++ }
+	v4, v6 := netip.MustParseAddr("192.0.2.10"), netip.MustParseAddr("2001:db8::10")
+	if !d.SameDevice(v4, v6) {
+		t.Fatal("not one device")
+	}
+	f.mu.Lock()
+	f.dumpErr = errors.New("netlink down")
+	f.mu.Unlock()
+	c.add(DevicesRefresh)
+	for range 10 {
+		if !d.SameDevice(v4, v6) {
+			t.Error("the last copy not used after one failed dump")
+		}
+	}
+	if n := f.dumps.Load(); n != 2 {
+		t.Errorf("%d dumps, want 2 (one failed, not tried again within DevicesRefresh)", n)
+	}
+	for range int(DevicesMaxStale / DevicesRefresh) {
+		c.add(DevicesRefresh)
+		d.SameDevice(v4, v6)
+	}
+	if d.SameDevice(v4, v6) {
+		t.Errorf("a copy older than DevicesMaxStale was used")
+	}
+	if want := int(f.dumps.Load()) - 1; warned != want {
+		t.Errorf("warned %d times for %d failed dumps", warned, want)
+	}
+	// Lookups of single addresses that fail are not remembered.
+	f.mu.Lock()
+	f.dumpErr, f.getErr = nil, errors.New("netlink down")
+	f.mu.Unlock()
+	c.add(DevicesRefresh)
+	if !d.SameDevice(v4, v6) {
+		t.Error("not one device once the dump works again")
+	}
+	tmp := netip.MustParseAddr("2001:db8::11")
+	f.set(nb("2001:db8::11", macA))
+	if d.SameDevice(v4, tmp) {
+		t.Error("a failed lookup answered")
+	}
+	f.mu.Lock()
+	f.getErr = nil
+	f.mu.Unlock()
+	if !d.SameDevice(v4, tmp) {
+		t.Error("a failed lookup remembered as no entry")
+	}
+}
+
+// TestDevicesOneDump: callers at once share one dump: the first reads
+// the table, the others wait for it (there is no copy yet) rather than
+// each reading it.
+func TestDevicesOneDump(t *testing.T) {
+	f := newFakeNeigh(nb("192.0.2.10", macA), nb("2001:db8::10", macA))
+	f.block = make(chan struct{})
+	d, _ := newTestDevices(f)
+	d.dumpWait = time.Hour // no timing in the test: the waiters wait for the dump
+	v4, v6 := netip.MustParseAddr("192.0.2.10"), netip.MustParseAddr("2001:db8::10")
+	var wg sync.WaitGroup
+	var same atomic.Int64
+	for range 8 {
+		wg.Go(func() {
+			if d.SameDevice(v4, v6) {
+				same.Add(1)
+			}
+		})
+	}
+	for f.dumps.Load() == 0 {
+		time.Sleep(time.Millisecond)
+	}
+	close(f.block)
+	wg.Wait()
+	if n := f.dumps.Load(); n != 1 {
+		t.Errorf("%d dumps for 8 callers at once, want 1", n)
+	}
+	if same.Load() != 8 {
+		t.Errorf("%d of 8 callers were answered one device", same.Load())
+	}
+}

@@ -1,0 +1,249 @@
+package netutil
+
+import (
+	"encoding/binary"
+	"errors"
+	"fmt"
+	"net"
+	"net/netip"
+	"sync"
+	"time"
+
+	"golang.org/x/sys/unix"
+)
+
+// neighTimeout bounds each wait for the kernel's answer (it answers a
+// neighbour request at once: a guard, not a budget); neighDumpTimeout
+// bounds a whole dump.
+const (
+	neighTimeout     = 200 * time.Millisecond
+	neighDumpTimeout = time.Second
+)
+
+// userHZ is the kernel's clock tick as it reports times to user space
+// (USER_HZ: nda_cacheinfo counts in it), 100 on the architectures Go
+// runs egressd on.
+const userHZ = 100
+
+// NeighbourDump calls fn for each entry of the neighbour table on the
+// interface with index ifindex, both families (RTM_GETNEIGH with
+// NLM_F_DUMP, NETLINK_ROUTE), in the network namespace of the calling
+// thread, as the dump is read. It reads at most max entries of the
+// interface (the rest of the dump is read and dropped) and reports
+// whether there were more. Asking needs no privilege.
+func NeighbourDump(ifindex, max int, fn func(Neighbour)) (more bool, err error) {
+	fd, err := openNeighSocket()
+	if err != nil {
+		return false, err
+	}
+	defer unix.Close(fd)
+	const seq = 1
+	b := neighRequest(unix.AF_UNSPEC, 0, unix.NLM_F_REQUEST|unix.NLM_F_DUMP, seq)
+	// The kernel filters a dump by NDA_IFINDEX; the entries are checked
+	// again here.
+	putAttr(&b, unix.NDA_IFINDEX, binary.NativeEndian.AppendUint32(nil, uint32(ifindex)))
+	binary.NativeEndian.PutUint32(b[0:4], uint32(len(b)))
+	if err := unix.Sendto(fd, b, 0, &unix.SockaddrNetlink{Family: unix.AF_NETLINK}); err != nil {
+		return false, fmt.Errorf("netutil: neighbour dump: %w", err)
+	}
+	buf := make([]byte, 32<<10)
+	deadline := time.Now().Add(neighDumpTimeout)
+	n := 0
+	for time.Now().Before(deadline) {
+		k, _, err := unix.Recvfrom(fd, buf, 0)
+		if errors.Is(err, unix.EINTR) {
+			continue
+		}
+		if err != nil {
+			return more, fmt.Errorf("netutil: neighbour dump: %w", err)
+		}
+		done, err := parseNeighMsgs(buf[:k], seq, "neighbour dump", func(nb Neighbour, ifi int) {
+			if ifi != ifindex {
+				return
+			}
+			if n >= max {
+				more = true
+				return
+			}
+			n++
+			fn(nb)
+		})
+		if err != nil || done {
+			return more, err
+		}
+	}
+	return more, errors.New("netutil: neighbour dump: no end within " + neighDumpTimeout.String())
+}
+
+// NeighbourGet returns the neighbour table's entry for addr on the
+// interface with index ifindex (RTM_GETNEIGH for one address, Linux 4.20
+// and later), in the network namespace of the calling thread;
+// ErrNoNeighbour when there is none.
+func NeighbourGet(ifindex int, addr netip.Addr) (Neighbour, error) {
+	addr = addr.Unmap()
+	if !addr.IsValid() || addr.Zone() != "" {
+		return Neighbour{}, fmt.Errorf("netutil: neighbour get: bad address %v", addr)
+	}
+	fd, err := openNeighSocket()
+	if err != nil {
+		return Neighbour{}, err
+	}
+	defer unix.Close(fd)
+	const seq = 1
+	family := byte(unix.AF_INET6)
+	if addr.Is4() {
+		family = unix.AF_INET
+	}
+	b := neighRequest(family, ifindex, unix.NLM_F_REQUEST, seq)
+	putAttr(&b, unix.NDA_DST, addr.AsSlice())
+	binary.NativeEndian.PutUint32(b[0:4], uint32(len(b)))
+	if err := unix.Sendto(fd, b, 0, &unix.SockaddrNetlink{Family: unix.AF_NETLINK}); err != nil {
+		return Neighbour{}, fmt.Errorf("netutil: neighbour get: %w", err)
+	}
+	buf := make([]byte, 4096)
+	for range 4 {
+		k, _, err := unix.Recvfrom(fd, buf, 0)
+		if errors.Is(err, unix.EINTR) {
+			continue
+		}
+		if err != nil {
+			return Neighbour{}, fmt.Errorf("netutil: neighbour get: %w", err)
+		}
+		var got Neighbour
+		found := false
+		done, err := parseNeighMsgs(buf[:k], seq, "neighbour get", func(nb Neighbour, ifi int) {
+			if ifi == ifindex && nb.Addr == addr {
+				got, found = nb, true
+			}
+		})
+		switch {
+		case err != nil:
+			return Neighbour{}, err
+		case found:
+			return got, nil
+		case done:
+			return Neighbour{}, ErrNoNeighbour
+		}
+	}
+	return Neighbour{}, errors.New("netutil: neighbour get: no answer")
+}
+
+func openNeighSocket() (int, error) {
+	fd, err := unix.Socket(unix.AF_NETLINK, unix.SOCK_RAW|unix.SOCK_CLOEXEC, unix.NETLINK_ROUTE)
+	if err != nil {
+		return -1, fmt.Errorf("netutil: neighbour socket: %w", err)
+	}
+	tv := unix.NsecToTimeval(int64(neighTimeout))
+	for _, opt := range []int{unix.SO_RCVTIMEO, unix.SO_SNDTIMEO} {
+		if err := unix.SetsockoptTimeval(fd, unix.SOL_SOCKET, opt, &tv); err != nil {
+			unix.Close(fd)
+			return -1, fmt.Errorf("netutil: neighbour socket timeout: %w", err)
+		}
+	}
+	if err := unix.Bind(fd, &unix.SockaddrNetlink{Family: unix.AF_NETLINK}); err != nil {
+		unix.Close(fd)
+		return -1, fmt.Errorf("netutil: neighbour bind: %w", err)
+	}
+	return fd, nil
+}
+
+// neighRequest starts an RTM_GETNEIGH message: the netlink header (its
+// length written by the caller once the attributes are in) and an ndmsg.
+func neighRequest(family byte, ifindex int, flags uint16, seq uint32) []byte {
+	b := make([]byte, unix.SizeofNlMsghdr, 64)
+	binary.NativeEndian.PutUint16(b[4:6], unix.RTM_GETNEIGH)
+	binary.NativeEndian.PutUint16(b[6:8], flags)
+	binary.NativeEndian.PutUint32(b[8:12], seq)
+	var ndm [unix.SizeofNdMsg]byte
+	ndm[0] = family
+	binary.NativeEndian.PutUint32(ndm[4:8], uint32(int32(ifindex)))
+	return append(b, ndm[:]...)
+}
+
+// parseNeighMsgs reads the messages of one datagram answering seq: fn gets
+// every RTM_NEWNEIGH entry that parses, with its interface index; done
+// reports the end of a dump (NLMSG_DONE) or an acknowledgement.
+func parseNeighMsgs(b []byte, seq uint32, what string, fn func(Neighbour, int)) (done bool, err error) {
+	return eachMsgNotFound(b, seq, what, ErrNoNeighbour, func(typ uint16, body []byte) (bool, error) {
+		switch typ {
+		case unix.NLMSG_DONE, unix.NLMSG_ERROR:
+			return true, nil
+		case unix.RTM_NEWNEIGH:
+			if nb, ifi, ok := parseNeighbour(body); ok {
+				fn(nb, ifi)
+			}
+		}
+		return false, nil
+	})
+}
+
+// parseNeighbour reads an ndmsg and its attributes. An entry without a
+// destination address is skipped; one without an Ethernet address (an
+// incomplete or failed entry, or a link without one) has a zero MAC.
+func parseNeighbour(body []byte) (Neighbour, int, bool) {
+	var nb Neighbour
+	if len(body) < unix.SizeofNdMsg {
+		return nb, 0, false
+	}
+	ifi := int(int32(binary.NativeEndian.Uint32(body[4:8])))
+	nb.State = binary.NativeEndian.Uint16(body[8:10])
+	attrs := body[unix.SizeofNdMsg:]
+	dst, ok := findAttr(attrs, unix.NDA_DST)
+	switch {
+	case ok && len(dst) == 4:
+		nb.Addr = netip.AddrFrom4([4]byte(dst))
+	case ok && len(dst) == 16:
+		nb.Addr = netip.AddrFrom16([16]byte(dst)).Unmap()
+	default:
+		return nb, 0, false
+	}
+	if ll, ok := findAttr(attrs, unix.NDA_LLADDR); ok && len(ll) == 6 {
+		nb.MAC = MAC(ll)
+	}
+	if nb.State&NUDPermanent == 0 {
+		if ci, ok := findAttr(attrs, unix.NDA_CACHEINFO); ok && len(ci) >= 12 {
+			idle := min(binary.NativeEndian.Uint32(ci[0:4]), binary.NativeEndian.Uint32(ci[4:8]), binary.NativeEndian.Uint32(ci[8:12]))
+			nb.Idle = time.Duration(idle) * time.Second / userHZ
+		}
+	}
+	return nb, ifi, true
+}
+
+// netlinkNeigh is the kernel's neighbour table on the interface named
+// iface (its index looked up at each dump: an interface made again gets a
+// new one).
+type netlinkNeigh struct {
+	iface string
+
+	mu      sync.Mutex // guards ifindex
+	ifindex int
+}
+
+func (n *netlinkNeigh) index(fresh bool) (int, error) {
+	n.mu.Lock()
+	defer n.mu.Unlock()
+	if fresh || n.ifindex == 0 {
+		ifi, err := net.InterfaceByName(n.iface)
+		if err != nil {
+			return 0, err
+		}
+		n.ifindex = ifi.Index
+	}
+	return n.ifindex, nil
+}
+
+func (n *netlinkNeigh) dump(max int, fn func(Neighbour)) (bool, error) {
+	ifi, err := n.index(true)
+	if err != nil {
+		return false, err
+	}
+	return NeighbourDump(ifi, max, fn)
+}
+
+func (n *netlinkNeigh) get(addr netip.Addr) (Neighbour, error) {
+	ifi, err := n.index(false)
+	if err != nil {
+		return Neighbour{}, err
+	}
+	return NeighbourGet(ifi, addr)
+}

@@ -1,0 +1,197 @@
+package netutil
+
+import (
+	"encoding/binary"
+	"errors"
+	"net"
+	"net/netip"
+	"strings"
+	"testing"
+	"time"
+
+	"golang.org/x/sys/unix"
+
+	"egressd/internal/testnet"
+)
+
+// TestNeighbourTable reads a real neighbour table: a gateway namespace
+// with a dual-stack client (an IPv4 and two IPv6 addresses on one veth)
+// and a second device on the same link (a macvlan, its own MAC). The dump
+// and single lookups give each address the MAC of its device, an address
+// not on the link is ErrNoNeighbour, and Devices groups the client's
+// addresses and keeps the other device apart.
+func TestNeighbourTable(t *testing.T) {
+	testnet.RequireRoot(t)
+	c, g, o := testnet.New(t, "nbc"), testnet.New(t, "nbg"), testnet.New(t, "nbo")
+	testnet.Link(t, c, "c0", []string{"198.18.1.2/24", "2001:db8:1::2/64", "2001:db8:1::3/64"},
+		g, "lan0", []string{"198.18.1.1/24", "2001:db8:1::1/64"})
+	c.MustRun("ip", "link", "add", "m0", "link", "c0", "type", "macvlan", "mode", "bridge")
+	c.MustRun("ip", "link", "set", "m0", "netns", o.Name)
+	o.MustRun("sysctl", "-qw", "net.ipv6.conf.m0.accept_dad=0")
+	o.MustRun("ip", "addr", "add", "198.18.1.9/24", "dev", "m0")
+	o.MustRun("ip", "-6", "addr", "add", "2001:db8:1::9/64", "dev", "m0", "nodad")
+	o.MustRun("ip", "link", "set", "m0", "up")
+	// Each address connects to the gateway once: the gateway answers it,
+	// and its table learns the address.
+	ln, err := g.Listen("tcp", "[::]:15002")
+	if err != nil {
+		t.Fatal(err)
+	}
+	t.Cleanup(func() { ln.Close() })
+	go func() {
+		for {
+			a, err := ln.Accept()
+			if err != nil {
+				return
+			}
+			a.Close()
+		}
+	}()
+	for _, p := range []struct {
+		ns       *testnet.NS
+		src, dst string
+	}{{c, "198.18.1.2", "198.18.1.1"}, {c, "2001:db8:1::2", "2001:db8:1::1"}, {c, "2001:db8:1::3", "2001:db8:1::1"},
+		{o, "198.18.1.9", "198.18.1.1"}, {o, "2001:db8:1::9", "2001:db8:1::1"}} {
+		err := p.ns.Do(func() error {
+			d := net.Dialer{Timeout: 5 * time.Second, LocalAddr: &net.TCPAddr{IP: net.ParseIP(p.src)}}
+			conn, err := d.Dial("tcp", net.JoinHostPort(p.dst, "15002"))
+			if err == nil {
+				conn.Close()
+			}
+			return err
+		})
+		if err != nil {
+			t.Fatalf("from %s to the gateway: %v", p.src, err)
+		}
+	}
+	macOf := func(ns *testnet.NS, dev string) MAC {
+		t.Helper()
+		f := strings.Fields(ns.MustRun("cat", "/sys/class/net/"+dev+"/address"))
+		hw, err := net.ParseMAC(f[0])
+		if err != nil || len(hw) != 6 {
+			t.Fatalf("%s's MAC %q: %v", dev, f, err)
+		}
+		return MAC(hw)
+	}
+	clientMAC, otherMAC := macOf(c, "c0"), macOf(o, "m0")
+	want := map[netip.Addr]MAC{
+		netip.MustParseAddr("198.18.1.2"): clientMAC, netip.MustParseAddr("2001:db8:1::2"): clientMAC, netip.MustParseAddr("2001:db8:1::3"): clientMAC,
+		netip.MustParseAddr("198.18.1.9"): otherMAC, netip.MustParseAddr("2001:db8:1::9"): otherMAC,
+	}
+
+	var ifindex int
+	got := map[netip.Addr]Neighbour{}
+	err = g.Do(func() error {
+		ifi, err := net.InterfaceByName("lan0")
+		if err != nil {
+			return err
+		}
+		ifindex = ifi.Index
+		more, err := NeighbourDump(ifindex, 100, func(nb Neighbour) { got[nb.Addr] = nb })
+		if more {
+			t.Errorf("a dump of %d entries says there were more than 100", len(got))
+		}
+		return err
+	})
+	if err != nil {
+		t.Fatal(err)
+	}
+	for a, m := range want {
+		nb, ok := got[a]
+		if !ok || nb.MAC != m || !usableNeighbour(nb) {
+			t.Errorf("dump: %s is %+v (present %v), want MAC %s in a usable state", a, nb, ok, m)
+		}
+	}
+	// A dump bounded below the table's size says so.
+	g.Do(func() error {
+		n := 0
+		more, err := NeighbourDump(ifindex, 2, func(Neighbour) { n++ })
+		if err != nil || !more || n != 2 {
+			t.Errorf("a dump bounded to 2: %d entries, more %v, %v; want 2, true", n, more, err)
+		}
+		return nil
+	})
+
+	g.Do(func() error {
+		for a, m := range want {
+			nb, err := NeighbourGet(ifindex, a)
+			if err != nil || nb.MAC != m || nb.Addr != a {
+				t.Errorf("get %s: %+v %v, want MAC %s", a, nb, err, m)
+			}
+		}
+		if nb, err := NeighbourGet(ifindex, netip.MustParseAddr("198.18.1.77")); !errors.Is(err, ErrNoNeighbour) {
+			t.Errorf("get of an address never on the link: %+v %v, want ErrNoNeighbour", nb, err)
+		}
+		if nb, err := NeighbourGet(ifindex, netip.MustParseAddr("::ffff:198.18.1.2")); err != nil || nb.MAC != clientMAC {
+			t.Errorf("get of an IPv4-mapped address: %+v %v", nb, err)
+		}
+		return nil
+	})
+
+	// Devices over the real table (its sockets opened in the gateway's
+	// namespace, where each question is asked).
+	d := NewDevices("lan0", func(err error) { t.Errorf("devices: %v", err) })
+	g.Do(func() error {
+		for _, c := range []struct {
+			a, b string
+			want bool
+		}{
+			{"198.18.1.2", "2001:db8:1::3", true},
+			{"2001:db8:1::2", "2001:db8:1::3", true},
+			{"198.18.1.2", "2001:db8:1::9", false},
+			{"198.18.1.9", "2001:db8:1::9", true},
+			{"198.18.1.2", "198.51.100.7", false},
+		} {
+			if got := d.SameDevice(netip.MustParseAddr(c.a), netip.MustParseAddr(c.b)); got != c.want {
+				t.Errorf("SameDevice(%s, %s) = %v, want %v", c.a, c.b, got, c.want)
+			}
+		}
+		return nil
+	})
+}
+
+// TestParseNeighbour: malformed entries are skipped, times are read in
+// USER_HZ ticks (the least of the three), and a permanent entry is never
+// idle.
+func TestParseNeighbour(t *testing.T) {
+	entry := func(state uint16, dst, ll []byte, ci []uint32) []byte {
+		b := make([]byte, unix.SizeofNdMsg)
+		b[0] = unix.AF_INET
+		binary.NativeEndian.PutUint32(b[4:8], 7)
+		binary.NativeEndian.PutUint16(b[8:10], state)
+		if dst != nil {
+			putAttr(&b, unix.NDA_DST, dst)
+		}
+		if ll != nil {
+			putAttr(&b, unix.NDA_LLADDR, ll)
+		}
+		if ci != nil {
+			var v []byte
+			for _, x := range ci {
+				v = binary.NativeEndian.AppendUint32(v, x)
+			}
+			putAttr(&b, unix.NDA_CACHEINFO, v)
+		}
+		return b
+	}
+	mac := []byte{2, 0, 0, 0, 0, 1}
+	nb, ifi, ok := parseNeighbour(entry(NUDStale, []byte{198, 18, 1, 2}, mac, []uint32{500, 250, 9000, 1}))
+	if !ok || ifi != 7 || nb.Addr != netip.MustParseAddr("198.18.1.2") || nb.MAC != MAC(mac) || nb.State != NUDStale || nb.Idle.Seconds() != 2.5 {
+		t.Errorf("stale entry: %+v %d %v", nb, ifi, ok)
+	}
+	if nb, _, ok := parseNeighbour(entry(NUDPermanent, []byte{198, 18, 1, 2}, mac, []uint32{500, 250, 9000, 1})); !ok || nb.Idle != 0 {
+		t.Errorf("permanent entry: %+v %v, want idle 0", nb, ok)
+	}
+	if _, _, ok := parseNeighbour(entry(NUDReachable, nil, mac, nil)); ok {
+		t.Error("an entry without NDA_DST parsed")
+	}
+	if _, _, ok := parseNeighbour(entry(NUDReachable, []byte{1, 2, 3}, mac, nil)); ok {
+		t.Error("an entry with a 3-byte NDA_DST parsed")
+	}
+	if nb, _, ok := parseNeighbour(entry(NUDReachable, []byte{198, 18, 1, 2}, []byte{1, 2, 3, 4, 5, 6, 7, 8}, nil)); !ok || nb.MAC != (MAC{}) {
+		t.Errorf("an 8-byte link-layer address: %+v %v, want a zero MAC", nb, ok)
+	}
+	if _, _, ok := parseNeighbour(make([]byte, unix.SizeofNdMsg-1)); ok {
+		t.Error("a short ndmsg parsed")
+	}
+}

@@ -1,0 +1,17 @@
+//go:build !linux
+
+package netutil
+
+import (
+	"errors"
+	"net/netip"
+)
+
+// netlinkNeigh needs Linux's netlink: elsewhere every address is its own
+// device.
+type netlinkNeigh struct{ iface string }
+
+var errNeighLinux = errors.New("netutil: the neighbour table needs Linux")
+
+func (*netlinkNeigh) dump(int, func(Neighbour)) (bool, error) { return false, errNeighLinux }
+func (*netlinkNeigh) get(netip.Addr) (Neighbour, error)       { return Neighbour{}, errNeighLinux }
