@@ -146,6 +146,10 @@ type Deps struct {
 	Registerer prometheus.Registerer
 	// DNS gives the names egressd's forwarder handed out. nil means none.
 	DNS DNSFacts
+	// Devices tells which LAN addresses are one device's, for the DNS
+	// answers capture saw on the wire (DNS's own answers say so
+	// themselves). nil means each address is its own client (offline).
+	Devices Devices
 }
 
 // Stats counts what capture saw. Counters are cumulative for the Capture.

@@ -136,6 +136,94 @@ func TestSNIMismatch(t *testing.T) {
 	}
 }
 
+// devicesMap is Devices for tests: addresses with the same device number
+// are one device's.
+type devicesMap map[netip.Addr]int
+
+func (m devicesMap) SameDevice(a, b netip.Addr) bool {
+	da, ok1 := m[a.Unmap()]
+	db, ok2 := m[b.Unmap()]
+	return a.Unmap() == b.Unmap() || ok1 && ok2 && da == db
+}
+
+// TestNoNameWireAnswerDevice: a flow without a name (bytes that are not
+// TLS, a hello without SNI) to an address a DNS answer on the wire gave
+// out is decided by that answer's name only when the answer went to this
+// client or to another address of its device (Deps.Devices), as the proxy
+// decides by what DNS gave this client's device; another device's answer
+// does not allow it. A flow with the name (SNI) is vouched for by any
+// client's answer, as before: it stands for the proxy's fresh lookup.
+func TestNoNameWireAnswerDevice(t *testing.T) {
+	cli := netip.MustParseAddr("192.0.2.60")
+	sib := netip.MustParseAddr("2001:db8::60") // cli's device, over IPv6
+	other := netip.MustParseAddr("192.0.2.61")
+	other6 := netip.MustParseAddr("2001:db8::61")
+	resolver := netip.MustParseAddr("198.51.100.53")
+	// cli asks over IPv4 and gets both families' addresses.
+	given4, given6 := netip.MustParseAddr("203.0.113.4"), netip.MustParseAddr("2001:db8:1::4")
+	p := newPcap(t)
+	p.udp(false, resolver, cli, 53, 5300, dnsResponse(t, "a.allowed.test", []netip.Addr{given4, given6}))
+	cases := []struct {
+		what   string
+		from   netip.Addr
+		hello  bool
+		want   policy.Verdict
+		reason string
+		name   string
+		src    audit.NameSource
+	}{
+		{"not TLS, from the client that asked", cli, false, policy.Allow, policy.ReasonAllowed, "a.allowed.test", audit.NameDNSAnswer},
+		{"not TLS, from another address of its device", sib, false, policy.Allow, policy.ReasonAllowed, "a.allowed.test", audit.NameDNSAnswer},
+		{"not TLS, from another device", other, false, policy.Deny, policy.ReasonNoRule, "", audit.NameNone},
+		{"not TLS, from another device over IPv6", other6, false, policy.Deny, policy.ReasonNoRule, "", audit.NameNone},
+		{"SNI, from another device", other, true, policy.Allow, policy.ReasonAllowed, "a.allowed.test", audit.NameSNI},
+	}
+	for i, tc := range cases {
+		given := given4
+		if tc.from.Is6() {
+			given = given6
+		}
+		c := &tcpConn{p: p, cli: tc.from, srv: given, cport: uint16(43000 + i), sport: 443, cseq: 1, sseq: 1}
+		c.handshake()
+		if tc.hello {
+			c.send(true, realClientHello(t, "a.allowed.test"), 1400, nil, nil)
+		} else {
+			c.send(true, []byte("SSH-2.0-test\r\n"), 1400, nil, nil)
+		}
+		c.close()
+	}
+	path := p.close()
+	devs := devicesMap{cli: 1, sib: 1, other: 2, other6: 2}
+	for _, withDevices := range []bool{true, false} {
+		deps := Deps{}
+		if withDevices {
+			deps.Devices = devs
+		}
+		r := synthRunDeps(t, path, fmt.Sprintf(mismatchPolicy, "enforce"), deps, Config{})
+		for i, tc := range cases {
+			var ev *audit.Event
+			for j := range r.events {
+				if e := &r.events[j]; e.ClientPort == uint16(43000+i) && e.Kind == audit.KindFlow {
+					ev = e
+				}
+			}
+			if ev == nil {
+				t.Errorf("%s: no event", tc.what)
+				continue
+			}
+			want, reason, name, src := tc.want, tc.reason, tc.name, tc.src
+			if !withDevices && tc.from == sib {
+				// Without Devices each address is its own client.
+				want, reason, name, src = policy.Deny, policy.ReasonNoRule, "", audit.NameNone
+			}
+			if ev.Verdict != want || ev.Reason != reason || ev.Name != name || ev.NameSource != src {
+				t.Errorf("%s (devices %v): %s %q name %q (%s), want %s %q name %q (%s)", tc.what, withDevices,
+					ev.Verdict, ev.Reason, ev.Name, ev.NameSource, want, reason, name, src)
+			}
+		}
+	}
+}
+
 // TestSNIMismatchSharedAddress: a CDN address serves many names, and DNS
 // answers for several of them give it out. An allowed name whose answer
 // capture saw, to this client, is not a mismatch because the client then

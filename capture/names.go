@@ -10,7 +10,8 @@ import (
 
 // DNSFacts is what capture asks egressd's DNS forwarder. NamesFor: the
 // names it gave addr out for to client (client zero means any client),
-// most recent first. Given: every client it gave addr out to, with the
+// most recent first, or else to another address of the client's device,
+// as the proxy is told (egressd run: Devices). Given: every client it gave addr out to, with the
 // name, unexpired: what the firewall's learned sets were fed from (a set
 // is per rule and admits every client the rule covers, whoever asked).
 // cmd/ passes dnsfilter's learned-address table; nil means none. Both must
@@ -18,6 +19,15 @@ import (
 type DNSFacts interface {
 	NamesFor(client, addr netip.Addr) []string
 	Given(addr netip.Addr) []DNSGrant
+}
+
+// Devices tells whether two LAN addresses are one device's (egressd run:
+// the LAN interface's neighbour table, netutil.Devices): a dual-stack
+// device asks DNS from one and connects from another. It must be safe for
+// concurrent use; it may wait briefly for the kernel, so capture asks only
+// when an answer to the address itself did not do.
+type Devices interface {
+	SameDevice(a, b netip.Addr) bool
 }
 
 // DNSGrant is one answer of egressd's DNS forwarder: Client was given an

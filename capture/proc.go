@@ -1427,9 +1427,18 @@ func (p *proc) decide(eng *policy.Engine, f *flow, name string, src audit.NameSo
 					p.cands = append(p.cands, candidate{n, audit.NameDNSLearned})
 				}
 			}
-			var names [4]string
-			for _, n := range p.c.learned.namesFor(in.Client, in.Dest, p.now, names[:0]) {
-				p.cands = append(p.cands, candidate{n, audit.NameDNSAnswer})
+			// Answers seen on the wire, to this client, then to another
+			// address of its device: not to another client's, as the
+			// proxy goes by what DNS gave this client's device.
+			var wire [4]DNSGrant
+			gs := p.c.learned.given(in.Dest, p.now, false, wire[:0])
+			for pass := range 2 {
+				for _, g := range gs {
+					own := g.Client.Unmap() == in.Client
+					if pass == 0 && own || pass == 1 && !own && p.sameDevice(in.Client, g.Client) {
+						p.cands = append(p.cands, candidate{g.Name, audit.NameDNSAnswer})
+					}
+				}
 			}
 			for _, c := range p.cands {
 				p.candNames = append(p.candNames, c.name)
@@ -1455,6 +1464,16 @@ func (p *proc) decide(eng *policy.Engine, f *flow, name string, src audit.NameSo
 		}
 	}
 	return d, name, src
+}
+
+// sameDevice reports whether LAN addresses a and b are one device's
+// (Deps.Devices); without Devices, only when they are one address.
+func (p *proc) sameDevice(a, b netip.Addr) bool {
+	a, b = a.Unmap(), b.Unmap()
+	if a == b {
+		return true
+	}
+	return p.c.deps.Devices != nil && p.c.deps.Devices.SameDevice(a, b)
 }
 
 // flowInput is what f's connection, or one request of it (path), is
@@ -1622,7 +1641,7 @@ func (p *proc) special(eng *policy.Engine, in policy.Input, d policy.Decision, f
 // (proxy.vouched, THREATS.md A2) as far as a passive observer can make it:
 // a CIDR rule allows the address by itself, or the address was given out
 // for the name, or for another name the same rule allows, by egressd's DNS
-// forwarder (DNSFacts, to this client) or in a DNS answer capture saw on
+// forwarder (DNSFacts, to this client's device) or in a DNS answer capture saw on
 // the wire (to any client: the wire table stands in for the proxy's fresh
 // lookup, which accepts any current answer for the name).
 //

@@ -252,8 +252,16 @@ func realClientHello(t testing.TB, sni string) []byte {
 
 func synthRun(t *testing.T, path string, src string, dns DNSFacts, cfg Config) fileResult {
 	t.Helper()
+	return synthRunDeps(t, path, src, Deps{DNS: dns}, cfg)
+}
+
+// synthRunDeps is synthRun with more of Deps (its Policy and Sink are the
+// run's own).
+func synthRunDeps(t *testing.T, path string, src string, deps Deps, cfg Config) fileResult {
+	t.Helper()
 	rec := &recorder{}
-	c, err := New(cfg, Deps{Policy: policy.NewStore(testEngine(t, src)), Sink: rec, DNS: dns})
+	deps.Policy, deps.Sink = policy.NewStore(testEngine(t, src)), rec
+	c, err := New(cfg, deps)
 	if err != nil {
 		t.Fatal(err)
 	}
