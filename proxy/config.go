@@ -151,7 +151,11 @@ type Conntrack interface {
 // DNSFacts is what the proxy needs to know from the DNS forwarder.
 type DNSFacts interface {
 	// NamesFor returns the normalised names our DNS gave addr out for to
-	// client, whose answers have not expired. Nil or empty: none.
+	// client, whose answers have not expired; when it gave client none,
+	// those it gave another address of client's device (egressd run: one
+	// MAC in the LAN's neighbour table, netutil.Devices), as a
+	// dual-stack device asks from one address and connects from another.
+	// Nil or empty: none.
 	NamesFor(client, addr netip.Addr) []string
 }
 

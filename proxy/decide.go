@@ -162,8 +162,9 @@ func (p *Proxy) decideNameVouched(ctx context.Context, eng *policy.Engine, in po
 
 // vouched reports whether the destination address belongs to the name: a
 // CIDR rule allows the address by itself, our DNS gave it out to this
-// client for a name the same rule allows, or a fresh lookup of the name
-// returns it (THREATS.md A2); the lookup only when lookup is set.
+// client's device (DNSFacts) for a name the same rule allows, or a fresh
+// lookup of the name returns it (THREATS.md A2); the lookup only when
+// lookup is set.
 func (p *Proxy) vouched(ctx context.Context, eng *policy.Engine, in policy.Input, d policy.Decision, lookup bool) bool {
 	addrIn := in
 	addrIn.Name, addrIn.Path = "", ""
@@ -200,7 +201,7 @@ func (p *Proxy) vouched(ctx context.Context, eng *policy.Engine, in policy.Input
 
 // decideAddr decides a flow without a usable name from the stream: by the
 // destination address (CIDR rules), else by the names our DNS gave this
-// address out for to this client. src is how the lack of a name is
+// address out for to this client's device (DNSFacts). src is how the lack of a name is
 // recorded (no-sni for TLS, none otherwise).
 func (p *Proxy) decideAddr(eng *policy.Engine, in policy.Input, src audit.NameSource) verdict {
 	return p.decideAddrKnown(eng, in, src, "")

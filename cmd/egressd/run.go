@@ -32,6 +32,7 @@ import (
 	"egressd/firewall"
 	"egressd/internal/logbuf"
 	"egressd/internal/logjson"
+	"egressd/internal/netutil"
 	"egressd/internal/sdnotify"
 	"egressd/policy"
 	"egressd/profiles"
@@ -497,9 +498,17 @@ func (d *daemon) run(ctx context.Context) error {
 	if d.dns, err = dnsfilter.New(dnsCfg, dnsfilter.Deps{Policy: d.store, Sink: d.sink, Logger: d.log, Registerer: d.reg, Table: table, Firewall: gate}); err != nil {
 		d.degrade("dns", err.Error())
 	}
+	// What the forwarder gave one address of a LAN device, it gave the
+	// device (lanFacts): the proxy and capture ask the same facts.
+	facts := lanFacts{Table: table}
+	if lan != "" {
+		facts.devices = netutil.NewDevices(lan, func(err error) {
+			d.log.Warn("lan devices: cannot read the neighbour table: each address is its own client meanwhile", "lan", lan, audit.LogError, err.Error())
+		})
+	}
 	var dnsFacts interface {
 		NamesFor(client, addr netip.Addr) []string
-	} = table
+	} = facts
 	var resolver proxy.Resolver
 	if d.dns != nil {
 		resolver = d.dns
@@ -558,7 +567,7 @@ func (d *daemon) run(ctx context.Context) error {
 		// mode, the same list (validated above): capture judges the
 		// others as nftables does.
 		tcpPorts, _ := parseTCPPorts(cfg.tcpPorts)
-		if d.capture, err = capture.New(capture.Config{Interface: lan, TCPPorts: tcpPorts}, capture.Deps{Policy: d.store, Sink: d.sink, Logger: d.log, Registerer: d.reg, DNS: captureFacts{table}}); err != nil {
+		if d.capture, err = capture.New(capture.Config{Interface: lan, TCPPorts: tcpPorts}, capture.Deps{Policy: d.store, Sink: d.sink, Logger: d.log, Registerer: d.reg, DNS: captureFacts{facts}, Devices: facts.devices}); err != nil {
 			d.degrade("capture", err.Error())
 		} else if err := d.capture.Open(); err != nil {
 			d.degrade("capture", err.Error())
@@ -1197,8 +1206,48 @@ func listenPort(addr string) uint16 {
 	return uint16(n)
 }
 
+// lanFacts is dnsfilter's learned-address table as the proxy and capture
+// ask it about a client (NamesFor): the names the forwarder gave the
+// address out for to that client, or, when it gave it to no such client,
+// to another address of the client's device (netutil.Devices: one MAC in
+// the LAN interface's neighbour table). A dual-stack device asks DNS over
+// IPv4 (or from one IPv6 address) and connects from another address;
+// what the forwarder told one of its addresses it told the device. The
+// neighbour table is asked only then, and only when the forwarder gave
+// the address out to some other client at all: never on the fast path.
+type lanFacts struct {
+	*dnsfilter.Table
+	devices lanDevices // nil: each address is its own client
+}
+
+// lanDevices tells which LAN addresses are one device's
+// (*netutil.Devices).
+type lanDevices interface {
+	SameDevice(a, b netip.Addr) bool
+}
+
+// NamesFor returns the names the forwarder gave addr out for to client,
+// or else to another address of client's device; for the zero client,
+// to any client.
+func (f lanFacts) NamesFor(client, addr netip.Addr) []string {
+	names := f.Table.NamesFor(client, addr)
+	if len(names) > 0 || f.devices == nil || !client.IsValid() {
+		return names
+	}
+	client = client.Unmap()
+	for _, l := range f.Lookup(addr) {
+		if l.Client == client || slices.Contains(names, l.Name) {
+			continue
+		}
+		if f.devices.SameDevice(client, l.Client) {
+			names = append(names, l.Name)
+		}
+	}
+	return names
+}
+
 // captureFacts is dnsfilter's learned-address table as capture asks it.
-type captureFacts struct{ *dnsfilter.Table }
+type captureFacts struct{ lanFacts }
 
 // Given reports every client the forwarder gave addr out to, with the
 // name, for as long as the enforce firewall would keep the address in its

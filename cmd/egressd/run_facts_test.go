@@ -2,6 +2,7 @@ package main
 
 import (
 	"net/netip"
+	"slices"
 	"testing"
 	"time"
 
@@ -21,8 +22,77 @@ func TestCaptureFactsHeld(t *testing.T) {
 	if got := tb.NamesFor(client, addr); got != nil {
 		t.Fatalf("NamesFor after the TTL: %v (the test would prove nothing)", got)
 	}
-	got := captureFacts{tb}.Given(addr)
+	got := captureFacts{lanFacts{Table: tb}}.Given(addr)
 	if len(got) != 1 || got[0].Client != client || got[0].Name != "ntp.example.test" {
 		t.Errorf("Given after the TTL, within the firewall's minute: %v, want the answer", got)
+	}
+}
+
+// fakeDevices groups addresses into devices by number, and counts the
+// questions.
+type fakeDevices struct {
+	dev   map[netip.Addr]int
+	asked int
+}
+
+func (f *fakeDevices) SameDevice(a, b netip.Addr) bool {
+	f.asked++
+	da, ok1 := f.dev[a]
+	db, ok2 := f.dev[b]
+	return ok1 && ok2 && da == db
+}
+
+// TestLanFactsDevice: the proxy and capture are told the names the
+// forwarder gave an address out for to the client, or else to another
+// address of its device (a dual-stack device asks over IPv4 and connects
+// over IPv6), never to another device. The devices are asked only when
+// the client itself was given nothing and another client was given the
+// address: not on the fast path.
+func TestLanFactsDevice(t *testing.T) {
+	tb := dnsfilter.NewTable(0)
+	v4, v6, tmp6 := netip.MustParseAddr("192.0.2.10"), netip.MustParseAddr("2001:db8::10"), netip.MustParseAddr("2001:db8::11")
+	other := netip.MustParseAddr("2001:db8::20")
+	cdn, cdn6, lone := netip.MustParseAddr("203.0.113.7"), netip.MustParseAddr("2001:db8:2::7"), netip.MustParseAddr("203.0.113.8")
+	exp := time.Now().Add(time.Minute)
+	tb.Learn(dnsfilter.Learned{Client: v4, Name: "mtalk.google.com", Addr: cdn6, Rule: "fcm", Expires: exp})
+	tb.Learn(dnsfilter.Learned{Client: v4, Name: "alt1-mtalk.google.com", Addr: cdn6, Rule: "fcm", Expires: exp})
+	tb.Learn(dnsfilter.Learned{Client: v6, Name: "mtalk.google.com", Addr: cdn, Rule: "fcm", Expires: exp})
+	tb.Learn(dnsfilter.Learned{Client: other, Name: "other.example", Addr: cdn, Rule: "x", Expires: exp})
+	devs := &fakeDevices{dev: map[netip.Addr]int{v4: 1, v6: 1, tmp6: 1, other: 2}}
+	f := lanFacts{Table: tb, devices: devs}
+
+	for _, c := range []struct {
+		what         string
+		client, addr netip.Addr
+		want         []string
+		asks         bool
+	}{
+		{"the client that asked", v4, cdn6, []string{"mtalk.google.com", "alt1-mtalk.google.com"}, false},
+		{"another address of its device", tmp6, cdn6, []string{"mtalk.google.com", "alt1-mtalk.google.com"}, true},
+		{"its IPv4 address, given over IPv6", v4, cdn, []string{"mtalk.google.com"}, true},
+		{"another device", other, cdn6, nil, true},
+		{"the other device's own answer", other, cdn, []string{"other.example"}, false},
+		{"an address given to nobody", tmp6, lone, nil, false},
+		{"any client", netip.Addr{}, cdn6, []string{"mtalk.google.com", "alt1-mtalk.google.com"}, false},
+	} {
+		before := devs.asked
+		got := f.NamesFor(c.client, c.addr)
+		slices.Sort(got)
+		want := slices.Clone(c.want)
+		slices.Sort(want)
+		if !slices.Equal(got, want) {
+			t.Errorf("%s: NamesFor(%v, %v) = %v, want %v", c.what, c.client, c.addr, got, want)
+		}
+		if asked := devs.asked > before; asked != c.asks {
+			t.Errorf("%s: devices asked %v, want %v", c.what, asked, c.asks)
+		}
+	}
+	// Without devices, each address is its own client.
+	if got := (lanFacts{Table: tb}).NamesFor(tmp6, cdn6); got != nil {
+		t.Errorf("without devices: %v", got)
+	}
+	// Capture is told the same.
+	if got := (captureFacts{f}).NamesFor(tmp6, cdn6); len(got) != 2 {
+		t.Errorf("capture's facts: %v", got)
 	}
 }

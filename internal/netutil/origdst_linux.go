@@ -8,6 +8,9 @@
 // capture leaves out of the egress record. DropFromInterface attaches to a
 // listening socket a socket filter that drops what arrives on one
 // interface (the WAN one: THREATS.md, no open resolver on the WAN side).
+// Devices reads the kernel's neighbour table (RTM_GETNEIGH) to tell which
+// LAN addresses are one device's, for the proxy's and capture's questions
+// about what egressd's DNS gave a client.
 package netutil
 
 import (
