@@ -61,6 +61,12 @@ var (
 // Another device of the same LAN (its own MAC) still cannot use those
 // addresses: TLS with the name is sni-mismatch in enforce mode, and bytes
 // that are not TLS are no-rule in both modes.
+//
+// Before session 20 a client was an address: enforce mode denied the
+// device's connections from its other address (sni-mismatch, no-rule),
+// while capture counted a DNS answer on the wire to any client for a flow
+// without a name, so audit mode reported them allowed, and another
+// device's too.
 func TestDualStackDevice(t *testing.T) {
 	for _, mode := range []string{"enforce", "audit"} {
 		t.Run(mode, func(t *testing.T) { dualStack(t, mode) })
