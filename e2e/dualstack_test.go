@@ -29,10 +29,15 @@ const (
 	// of its own (a macvlan on the LAN client's link).
 	otherDev4 = "198.18.1.20"
 	otherDev6 = "2001:db8:1::20"
-	// dualName and dualName6 are names of the seed's android-mdm rule
-	// (443/tcp), whose answers rotate as a CDN's do.
-	dualName  = fcmName
-	dualName6 = "mtalk4.google.com"
+	// sharedMAC4 is a second IPv4 address on the LAN client's link: its
+	// MAC then has two, as a repeater's that puts its MAC on its clients'
+	// frames, or a proxy-ARP router's.
+	sharedMAC4 = "198.18.1.12"
+	// dualName, dualName6 and dualNameShared are names of the seed's
+	// android-mdm rule (443/tcp), whose answers rotate as a CDN's do.
+	dualName       = fcmName
+	dualName6      = "mtalk4.google.com"
+	dualNameShared = "android.apis.google.com"
 )
 
 // The rotating answers: each query for a name gets the next address.
@@ -40,6 +45,7 @@ var (
 	dualRotA     = []string{"203.0.113.60", "203.0.113.61", "203.0.113.62", "203.0.113.63"}
 	dualRotAAAA  = []string{"2001:db8:2::60", "2001:db8:2::61", "2001:db8:2::62", "2001:db8:2::63"}
 	dualRotAAAA6 = []string{"2001:db8:2::70", "2001:db8:2::71", "2001:db8:2::72", "2001:db8:2::73"}
+	dualRotAAAAS = []string{"2001:db8:2::80", "2001:db8:2::81", "2001:db8:2::82", "2001:db8:2::83"}
 )
 
 // TestDualStackDevice: a dual-stack device asks DNS from one of its
@@ -60,7 +66,9 @@ var (
 //
 // Another device of the same LAN (its own MAC) still cannot use those
 // addresses: TLS with the name is sni-mismatch in enforce mode, and bytes
-// that are not TLS are no-rule in both modes.
+// that are not TLS are no-rule in both modes. Nor can one address of a
+// MAC that has two IPv4 addresses (a box that answers for others) use
+// what another of its addresses was given.
 //
 // Before session 20 a client was an address: enforce mode denied the
 // device's connections from its other address (sni-mismatch, no-rule),
@@ -79,7 +87,12 @@ func dualStack(t *testing.T, mode string) {
 	u.rotate(dualName, dns.TypeA, dualRotA...)
 	u.rotate(dualName, dns.TypeAAAA, dualRotAAAA...)
 	u.rotate(dualName6, dns.TypeAAAA, dualRotAAAA6...)
-	origin := tp.newDualOrigin(t, append(append(append([]string(nil), dualRotA...), dualRotAAAA...), dualRotAAAA6...))
+	u.rotate(dualNameShared, dns.TypeAAAA, dualRotAAAAS...)
+	var originAddrs []string
+	for _, l := range [][]string{dualRotA, dualRotAAAA, dualRotAAAA6, dualRotAAAAS} {
+		originAddrs = append(originAddrs, l...)
+	}
+	origin := tp.newDualOrigin(t, originAddrs)
 	tp.lan.MustRun("ip", "-6", "addr", "add", tempClient6+"/64", "dev", "eth0", "nodad")
 	other := tp.newLANDevice(t, "e2dev", otherDev4, otherDev6)
 
@@ -198,6 +211,13 @@ func dualStack(t *testing.T, mode string) {
 	}
 	try("another device, IPv6", other, otherDev6, a6, dualName, false, helloReason, "no-rule")
 	try("another device, IPv4", other, otherDev4, a4, dualName, false, helloReason, "no-rule")
+
+	// A second IPv4 address on the client's MAC: the MAC is no longer one
+	// device's, and what the forwarder gave that address does not count
+	// for the IPv6 ones.
+	tp.lan.MustRun("ip", "addr", "add", sharedMAC4+"/24", "dev", "eth0")
+	c6 := ask(sharedMAC4, gwLAN4, dualNameShared, dns.TypeAAAA)
+	try("a MAC with two IPv4 addresses", tp.lan, tempClient6, c6, dualNameShared, false, helloReason, "no-rule")
 }
 
 // dialFrom returns a dialer of TCP connections from address src of
