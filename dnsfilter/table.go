@@ -125,8 +125,9 @@ func (t *Table) NamesFor(client, addr netip.Addr) []string {
 }
 
 // Lookup returns the unexpired entries for addr (any client), for reports,
-// debugging and capture (which judges forwarded flows by who was given
-// addr, as the firewall's learned sets do).
+// debugging, capture (which judges forwarded flows by who was given
+// addr, as the firewall's learned sets do) and egressd run (which finds
+// there what another address of a client's device was given).
 func (t *Table) Lookup(addr netip.Addr) []Learned {
 	return t.live(addr, false)
 }
