@@ -11,9 +11,10 @@ import (
 // DNSFacts is what capture asks egressd's DNS forwarder. NamesFor: the
 // names it gave addr out for to client (client zero means any client),
 // most recent first, or else to another address of the client's device,
-// as the proxy is told (egressd run: Devices). Given: every client it gave addr out to, with the
-// name, unexpired: what the firewall's learned sets were fed from (a set
-// is per rule and admits every client the rule covers, whoever asked).
+// as the proxy is told (egressd run: Devices). Given: every client it
+// gave addr out to, with the name, unexpired: what the firewall's learned
+// sets were fed from (a set is per rule and admits every client the rule
+// covers, whoever asked).
 // cmd/ passes dnsfilter's learned-address table; nil means none. Both must
 // be safe for concurrent use and must not block.
 type DNSFacts interface {

@@ -1641,9 +1641,9 @@ func (p *proc) special(eng *policy.Engine, in policy.Input, d policy.Decision, f
 // (proxy.vouched, THREATS.md A2) as far as a passive observer can make it:
 // a CIDR rule allows the address by itself, or the address was given out
 // for the name, or for another name the same rule allows, by egressd's DNS
-// forwarder (DNSFacts, to this client's device) or in a DNS answer capture saw on
-// the wire (to any client: the wire table stands in for the proxy's fresh
-// lookup, which accepts any current answer for the name).
+// forwarder (DNSFacts, to this client's device) or in a DNS answer capture
+// saw on the wire (to any client: the wire table stands in for the proxy's
+// fresh lookup, which accepts any current answer for the name).
 //
 // Where neither knows the address the proxy makes a fresh lookup of the
 // name and allows the flow if it returns the address. Capture cannot look
