@@ -46,7 +46,8 @@ func NeighbourDump(ifindex, max int, fn func(Neighbour)) (more bool, err error) 
 	if err := unix.Sendto(fd, b, 0, &unix.SockaddrNetlink{Family: unix.AF_NETLINK}); err != nil {
 		return false, fmt.Errorf("netutil: neighbour dump: %w", err)
 	}
-	buf := make([]byte, 32<<10)
+	// A datagram of a dump is at most 32 KiB; as the conntrack dump's.
+	buf := make([]byte, 64<<10)
 	deadline := time.Now().Add(neighDumpTimeout)
 	n := 0
 	for time.Now().Before(deadline) {
