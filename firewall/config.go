@@ -34,9 +34,12 @@ const (
 // line's --mode goes through [policy.Engine.WithMode]), so that a reload can
 // switch it. A Config is read by New and must not be changed afterwards.
 type Config struct {
-	// LAN is the interface LAN clients arrive on. Required in enforce mode;
-	// unused in audit mode.
-	LAN string
+	// LANs are the interfaces LAN clients arrive on (VLAN devices, say),
+	// each treated alike: DNS and TCP from any of them are redirected,
+	// the policy's rules apply to each, and what none of them allows is
+	// dropped, traffic from one LAN interface to another included. At
+	// least one is required in enforce mode; unused in audit mode.
+	LANs []string
 	// WAN is the interface toward the internet. Empty means no inbound
 	// guard and no masquerade. In enforce mode new connections arriving on
 	// it are dropped (forwarded and to the gateway itself).
@@ -158,15 +161,27 @@ func (c Config) maxLearned() int {
 // nil.
 func (c Config) Validate(mode policy.Mode) error {
 	var errs []error
-	for _, f := range []struct{ flag, name string }{{"LAN", c.LAN}, {"WAN", c.WAN}} {
-		if f.name != "" {
-			if err := checkIfName(f.name); err != nil {
-				errs = append(errs, fmt.Errorf("firewall: %s interface: %w", f.flag, err))
+	seen := map[string]bool{}
+	for _, lan := range c.LANs {
+		switch {
+		case lan == "":
+			errs = append(errs, errors.New("firewall: LAN interface: an empty name"))
+		case seen[lan]:
+			errs = append(errs, fmt.Errorf("firewall: LAN interface %q is named twice", lan))
+		default:
+			if err := checkIfName(lan); err != nil {
+				errs = append(errs, fmt.Errorf("firewall: LAN interface: %w", err))
+			}
+			if lan == c.WAN {
+				errs = append(errs, fmt.Errorf("firewall: the LAN and WAN interfaces are both %q", lan))
 			}
 		}
+		seen[lan] = true
 	}
-	if c.LAN != "" && c.LAN == c.WAN {
-		errs = append(errs, fmt.Errorf("firewall: the LAN and WAN interfaces are both %q", c.LAN))
+	if c.WAN != "" {
+		if err := checkIfName(c.WAN); err != nil {
+			errs = append(errs, fmt.Errorf("firewall: WAN interface: %w", err))
+		}
 	}
 	if c.Masquerade && c.WAN == "" {
 		errs = append(errs, errors.New("firewall: masquerade needs the WAN interface"))
@@ -189,7 +204,7 @@ func (c Config) Validate(mode policy.Mode) error {
 	}
 	switch mode {
 	case policy.ModeEnforce:
-		if c.LAN == "" {
+		if len(c.LANs) == 0 {
 			errs = append(errs, errors.New("firewall: enforce mode needs the LAN interface"))
 		}
 		if c.ProxyPort == 0 {

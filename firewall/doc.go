@@ -22,11 +22,16 @@
 // such as cloud metadata, CGNAT and the IPv6 forms of IPv4 addresses),
 // rejects QUIC (UDP 443) and DoT/DoQ (853) unless a rule allows them so
 // that clients fall back to TCP where the proxy sees the SNI, and drops new
-// connections arriving from the WAN side. Nothing from another interface
-// (a second LAN segment, a VLAN, a VPN that --lan does not name) goes out
-// to the WAN side either; traffic between such an interface and the LAN is
-// not egress and is left alone. IPv6 is treated like IPv4: the table is of
-// the inet family, so every rule sees both.
+// connections arriving from the WAN side. Config.LANs may name several
+// LAN interfaces (VLANs kept apart, say): each is treated as the one is
+// (a set of their names, iifname @lans, in every rule that matches the
+// LAN), so traffic from one LAN interface to another is LAN traffic, let
+// through only where a rule allows it (the keyword private, say). Nothing
+// from another interface (a LAN segment, a VLAN, a VPN that Config.LANs
+// does not name) goes out to the WAN side either; traffic from such an
+// interface to a LAN is not egress and is left alone (the other way it is
+// LAN traffic, judged by the rules). IPv6 is treated like IPv4: the table
+// is of the inet family, so every rule sees both.
 //
 // In enforce mode "established" is not enough to pass the forward chain:
 // every connection an allow rule lets out gets bit [CTMarkEnforced] of its
@@ -147,7 +152,7 @@
 //
 // Audit fails open, and this package guarantees it by installing nothing
 // that can block: no redirect, no drop, no reject. In audit mode capture/
-// observes the LAN interface passively (AF_PACKET sees a copy of every
+// observes the LAN interfaces passively (AF_PACKET sees a copy of every
 // packet) and the kernel forwards as it did before egressd; dnsfilter and the
 // proxy are only used by clients that are pointed at them. A redirect would
 // make the site depend on egressd's listeners being alive (a kill -9 would

@@ -9,6 +9,7 @@ import (
 	"net/netip"
 	"os"
 	"slices"
+	"strings"
 	"sync"
 	"sync/atomic"
 	"time"
@@ -185,7 +186,7 @@ func (f *Firewall) apply(eng *policy.Engine, op string, only *policy.Engine) err
 		n += len(c.Rules)
 	}
 	attrs := []any{audit.LogMode, string(rs.Mode), "table", "inet " + TableName,
-		"lan", f.cfg.LAN, "wan", f.cfg.WAN, "chains", len(rs.Chains), "rules", n, "sets", len(rs.Sets)}
+		"lan", strings.Join(f.cfg.LANs, ","), "wan", f.cfg.WAN, "chains", len(rs.Chains), "rules", n, "sets", len(rs.Sets)}
 	if seeded.ran {
 		// The addresses the forwarder gave out before, put into the
 		// learned sets of rules that may have lacked them (seed.go).

@@ -100,6 +100,17 @@ func nfSet(t *nftables.Table, s Set, seeds []seed) (*nftables.Set, []nftables.Se
 	ns := &nftables.Set{Table: t, Name: s.Name, Comment: s.comment()}
 	var elems []nftables.SetElement
 	switch s.Kind {
+	case SetIfnames:
+		// Host byte order, as nft marks a set of names: nft then lists
+		// them as names.
+		ns.KeyType, ns.KeyByteOrder = nftables.TypeIFName, binaryutil.NativeEndian
+		for _, n := range s.Names {
+			if err := checkIfName(n); err != nil || n == "" {
+				return nil, nil, fmt.Errorf("firewall: set %s: interface name %q", s.Name, n)
+			}
+			elems = append(elems, nftables.SetElement{Key: ifname(n)})
+		}
+		return ns, elems, nil
 	case SetMACs:
 		ns.KeyType = nftables.TypeEtherAddr
 		for _, m := range s.MACs {
@@ -152,6 +163,14 @@ func ruleExprs(r Rule, sets map[string]*nftables.Set) ([]expr.Any, error) {
 	if r.IIf != "" {
 		e = append(e, &expr.Meta{Key: expr.MetaKeyIIFNAME, Register: 1},
 			&expr.Cmp{Op: expr.CmpOpEq, Register: 1, Data: ifname(r.IIf)})
+	}
+	if r.IIfSet != "" {
+		s, ok := sets[r.IIfSet]
+		if !ok {
+			return nil, fmt.Errorf("unknown set %s", r.IIfSet)
+		}
+		e = append(e, &expr.Meta{Key: expr.MetaKeyIIFNAME, Register: 1},
+			&expr.Lookup{SourceRegister: 1, SetName: s.Name, SetID: s.ID})
 	}
 	if r.OIf != "" {
 		e = append(e, &expr.Meta{Key: expr.MetaKeyOIFNAME, Register: 1},

@@ -109,8 +109,8 @@ func (tp *topo) firewall(t *testing.T, cfg Config) *Firewall {
 func (tp *topo) firewallWith(t *testing.T, cfg Config, deps Deps) *Firewall {
 	t.Helper()
 	cfg.NetNS = tp.nsPath
-	if cfg.LAN == "" {
-		cfg.LAN = "lan0"
+	if len(cfg.LANs) == 0 {
+		cfg.LANs = []string{"lan0"}
 	}
 	if cfg.WAN == "" {
 		cfg.WAN = "wan0"
@@ -803,6 +803,7 @@ func TestInstalledMatchesRender(t *testing.T) {
 		mode policy.Mode
 	}{
 		{Config{Masquerade: true}, policy.ModeEnforce},
+		{Config{LANs: []string{"lan0", "lan0.10", "lan1"}}, policy.ModeEnforce},
 		{Config{TCPPorts: []policy.PortRange{{Lo: 80, Hi: 90, Proto: policy.TCP}, {Lo: 443, Hi: 443, Proto: policy.TCP}}, ProxyPort6: 15002}, policy.ModeEnforce},
 		{Config{GuardWAN: true, Masquerade: true}, policy.ModeAudit},
 		{Config{}, policy.ModeAudit},
@@ -995,7 +996,7 @@ func TestHelperProcess(t *testing.T) {
 	}
 	nsPath := os.Getenv("EGRESSD_FW_NETNS")
 	mode, _ := policy.ParseMode(os.Getenv("EGRESSD_FW_MODE"))
-	fw, err := New(Config{LAN: "lan0", WAN: "wan0", ProxyPort: proxyPort, DNSPort: dnsPort, NetNS: nsPath}, Deps{Logger: slog.New(slog.NewTextHandler(io.Discard, nil))})
+	fw, err := New(Config{LANs: []string{"lan0"}, WAN: "wan0", ProxyPort: proxyPort, DNSPort: dnsPort, NetNS: nsPath}, Deps{Logger: slog.New(slog.NewTextHandler(io.Discard, nil))})
 	if err != nil {
 		t.Fatal(err)
 	}
@@ -1080,7 +1081,7 @@ func BenchmarkLearn(b *testing.B) {
 		b.Skip("nft not installed")
 	}
 	gw := testnet.New(b, "fwb")
-	fw, err := New(Config{LAN: "lo", ProxyPort: proxyPort, NetNS: "/var/run/netns/" + gw.Name, MaxLearned: 1 << 22},
+	fw, err := New(Config{LANs: []string{"lo"}, ProxyPort: proxyPort, NetNS: "/var/run/netns/" + gw.Name, MaxLearned: 1 << 22},
 		Deps{Logger: slog.New(slog.NewTextHandler(io.Discard, nil))})
 	if err != nil {
 		b.Fatal(err)

@@ -3,6 +3,7 @@ package firewall
 import (
 	"regexp"
 	"strconv"
+	"strings"
 	"testing"
 	"time"
 
@@ -75,5 +76,91 @@ func TestEnforceOtherInterfaces(t *testing.T) {
 	// Between the two LAN segments: not egress.
 	if got, err := udpAsk(other, "198.18.1.2:7000", 3*time.Second); err != nil {
 		t.Errorf("from the second segment to the LAN: %q %v", got, err)
+	}
+}
+
+// TestEnforceSeveralLANs: with two LAN interfaces (Config.LANs) each is
+// the LAN: from both, DNS and TCP are redirected, forwarded UDP goes out
+// where a rule allows it and nowhere else. Traffic from one LAN interface
+// to the other is LAN traffic too: a rule (the address of a host on the
+// other segment, as `private` would hold it) lets it through, and what no
+// rule allows is dropped. Every denial is checked against the same
+// exchange without the firewall, so a timeout is the firewall's doing.
+func TestEnforceSeveralLANs(t *testing.T) {
+	requireNft(t)
+	tp := newTopo(t)
+	other := testnet.New(t, "h1fwo")
+	testnet.Link(t, other, "eth0", []string{"198.18.3.2/24", "2001:db8:3::2/64"},
+		tp.gw, "lan1", []string{"198.18.3.1/24", "2001:db8:3::1/64"})
+	other.MustRun("ip", "route", "add", "default", "via", "198.18.3.1")
+	other.MustRun("ip", "-6", "route", "add", "default", "via", "2001:db8:3::1")
+	tp.server.MustRun("ip", "route", "add", "198.18.3.0/24", "via", "198.18.2.1")
+	tp.server.MustRun("ip", "-6", "route", "add", "2001:db8:3::/64", "via", "2001:db8:2::1")
+	tp.proxyStandIn(t)
+	tp.dnsStandIn(t)
+	tp.serverUDP(t, "198.18.2.2:9000", "198.18.2.3:9000", "[2001:db8:2::2]:9000", "[2001:db8:2::3]:9000")
+	tp.serverTCP(t, "[::]:80")
+	// A service on each segment's host, one port a rule opens and one it
+	// does not.
+	for _, ns := range []*testnet.NS{tp.client, other} {
+		for _, a := range []string{"[::]:7000", "[::]:7001"} {
+			pc, err := ns.ListenPacket("udp", a)
+			if err != nil {
+				t.Fatal(err)
+			}
+			udpEcho(t, pc)
+		}
+	}
+	clients := []struct {
+		name string
+		ns   *testnet.NS
+		peer string // the host of the other LAN segment
+	}{{"lan0", tp.client, "198.18.3.2"}, {"lan1", other, "198.18.1.2"}}
+	denied := func(c int) []string {
+		p := clients[c].peer
+		return []string{"198.18.2.3:9000", "[2001:db8:2::3]:9000", p + ":7001"}
+	}
+	for c := range clients {
+		for _, dst := range denied(c) {
+			if _, err := udpAsk(clients[c].ns, dst, 3*time.Second); err != nil {
+				t.Fatalf("without the firewall, %s to %s: %v: the test would prove nothing", clients[c].name, dst, err)
+			}
+		}
+	}
+
+	fw := tp.firewall(t, Config{LANs: []string{"lan0", "lan1"}})
+	policy := testPolicy + `
+  - name: between-lans
+    to: [198.18.1.2, 198.18.3.2]
+    ports: [7000/udp]
+`
+	if err := fw.Install(compile(t, policy)); err != nil {
+		t.Fatal(err)
+	}
+	for c, cl := range clients {
+		t.Run(cl.name, func(t *testing.T) {
+			for _, dst := range []string{"198.18.2.2:80", "[2001:db8:2::2]:80"} {
+				line, err := tcpLine(cl.ns, dst, 5*time.Second)
+				if want := "proxy orig=" + dst + "\n"; err != nil || line != want {
+					t.Errorf("tcp %s: got %q, %v; want %q", dst, line, err, want)
+				}
+			}
+			for _, dst := range []string{"203.0.113.53:53", "[2001:db8:2::53]:53"} {
+				got, err := udpAsk(cl.ns, dst, 3*time.Second)
+				if err != nil || !strings.HasPrefix(got, "ping from ") {
+					t.Errorf("dns %s: got %q, %v; want the forwarder's answer", dst, got, err)
+				}
+			}
+			for _, dst := range []string{"198.18.2.2:9000", "[2001:db8:2::2]:9000", cl.peer + ":7000"} {
+				if got, err := udpAsk(cl.ns, dst, 3*time.Second); err != nil {
+					t.Errorf("udp %s (a rule allows it): %q, %v", dst, got, err)
+				}
+			}
+			for _, dst := range denied(c) {
+				if got, err := udpAsk(cl.ns, dst, 700*time.Millisecond); !isTimeout(err) {
+					t.Errorf("udp %s (no rule): got %q, %v; want a timeout", dst, got, err)
+				}
+			}
+		})
 	}
 }

@@ -77,16 +77,20 @@ const (
 	SetLearned
 	// SetMACs holds client MAC addresses, fixed at render time.
 	SetMACs
+	// SetIfnames holds interface names, fixed at render time: the LAN
+	// interfaces when there are several (Config.LANs).
+	SetIfnames
 )
 
 // Set is a named nftables set.
 type Set struct {
 	Name     string
 	Kind     SetKind
-	Family   Family // the address family (FamilyAny for SetMACs)
-	Rule     string // the policy rule it serves; "" for the guarded ranges
+	Family   Family // the address family (FamilyAny for SetMACs and SetIfnames)
+	Rule     string // the policy rule it serves; "" for the guarded ranges and the LANs
 	Prefixes []netip.Prefix
 	MACs     []net.HardwareAddr
+	Names    []string // SetIfnames
 }
 
 // Chain is a base chain of the table. Every chain's policy is accept: the
@@ -103,7 +107,10 @@ type Chain struct {
 // Rule is one rule: every non-zero match must hold, then the verdict
 // applies.
 type Rule struct {
-	IIf     string  // meta iifname
+	IIf string // meta iifname
+	// IIfSet names a set of interface names (SetIfnames) the packet's
+	// incoming interface must be in: iifname @lans.
+	IIfSet  string
 	OIf     string  // meta oifname
 	CTState CTState // ct state (any of the bits); 0: no match
 	// CTMark matches connections whose conntrack mark has these bits
@@ -273,7 +280,10 @@ func render(cfg Config, eng *policy.Engine, now time.Time) (*Ruleset, error) {
 
 	guard := cfg.WAN != "" && (mode == policy.ModeEnforce || cfg.GuardWAN)
 	if mode == policy.ModeEnforce {
-		rs.Sets = ar.sets
+		if len(cfg.LANs) > 1 {
+			rs.Sets = append(rs.Sets, Set{Name: setLANs, Kind: SetIfnames, Names: slices.Clone(cfg.LANs)})
+		}
+		rs.Sets = append(rs.Sets, ar.sets...)
 		rs.Chains = append(rs.Chains, Chain{Name: chainPrerouting, Type: "nat", Hook: "prerouting", Priority: -100, Rules: redirectRules(cfg, eng.HostPathPorts())})
 	}
 	if guard {
@@ -295,24 +305,29 @@ func render(cfg Config, eng *policy.Engine, now time.Time) (*Ruleset, error) {
 		}
 		if mode == policy.ModeEnforce {
 			rules = append(rules, ar.rules...)
+			lan := cfg.lanMatch()
 			rules = append(rules,
-				Rule{IIf: cfg.LAN, Proto: policy.UDP, Ports: portRange(portQUIC, policy.UDP), Counter: true, Verdict: Verdict{Kind: Reject},
+				Rule{IIf: lan.IIf, IIfSet: lan.IIfSet, Proto: policy.UDP, Ports: portRange(portQUIC, policy.UDP), Counter: true, Verdict: Verdict{Kind: Reject},
 					Comment: "QUIC: fall back to TCP through the proxy"},
-				Rule{IIf: cfg.LAN, Proto: policy.UDP, Ports: portRange(portDoT, policy.UDP), Counter: true, Verdict: Verdict{Kind: Reject},
+				Rule{IIf: lan.IIf, IIfSet: lan.IIfSet, Proto: policy.UDP, Ports: portRange(portDoT, policy.UDP), Counter: true, Verdict: Verdict{Kind: Reject},
 					Comment: "DNS over QUIC: use the forwarder"},
-				Rule{IIf: cfg.LAN, Proto: policy.TCP, Ports: portRange(portDoT, policy.TCP), Counter: true, Verdict: Verdict{Kind: RejectTCPReset},
+				Rule{IIf: lan.IIf, IIfSet: lan.IIfSet, Proto: policy.TCP, Ports: portRange(portDoT, policy.TCP), Counter: true, Verdict: Verdict{Kind: RejectTCPReset},
 					Comment: "DNS over TLS: use the forwarder"},
-				Rule{IIf: cfg.LAN, Counter: true, Verdict: Verdict{Kind: Drop},
+				Rule{IIf: lan.IIf, IIfSet: lan.IIfSet, Counter: true, Verdict: Verdict{Kind: Drop},
 					Comment: "enforce: nothing else from the LAN"})
 			if cfg.WAN != "" {
-				// Another interface (a second LAN segment, a VLAN, a VPN)
-				// gets no way around the LAN's rules to the WAN side.
+				// Another interface (a LAN segment or VLAN that is not
+				// one of cfg.LANs, a VPN) gets no way around the LAN's
+				// rules to the WAN side.
 				rules = append(rules, Rule{OIf: cfg.WAN, Counter: true, Verdict: Verdict{Kind: Drop},
 					Comment: "enforce: nothing else out to the WAN side"})
 			}
-			// What is left runs between other interfaces (another segment
-			// and the LAN, say): not egress. Marked, so that its replies
-			// pass the established rule above.
+			// What is left came in on neither a LAN interface nor the
+			// WAN, and goes elsewhere than the WAN (from another segment
+			// to a LAN, say): not egress. Marked, so that its replies
+			// pass the established rule above. Traffic from one LAN
+			// interface to another never gets here: it is LAN traffic,
+			// judged by the rules above like any.
 			rules = append(rules, Rule{SetCTMarkMask: rs.mark.owned(), SetCTMark: rs.mark.enforced, Verdict: Verdict{Kind: Accept},
 				Comment: "not egress: between other interfaces"})
 		}
@@ -324,6 +339,22 @@ func render(cfg Config, eng *policy.Engine, now time.Time) (*Ruleset, error) {
 	}
 	rs.NextExpiry = ar.nextExpiry
 	return rs, nil
+}
+
+// setLANs is the name of the set of LAN interfaces, when there are
+// several.
+const setLANs = "lans"
+
+// lanMatch is the match of a rule for traffic from the LAN: its interface
+// (iifname "eth1"), or with several the set of them (iifname @lans; an
+// anonymous set, iifname { ... }, would do as well in the kernel, but nft
+// lists the names of one google/nftables makes as "": it marks every
+// anonymous set's key big-endian).
+func (c Config) lanMatch() Rule {
+	if len(c.LANs) == 1 {
+		return Rule{IIf: c.LANs[0]}
+	}
+	return Rule{IIfSet: setLANs}
 }
 
 func portRange(p uint16, proto policy.Proto) policy.PortRange {
@@ -341,10 +372,11 @@ func portRange(p uint16, proto policy.Proto) policy.PortRange {
 // out.
 func redirectRules(cfg Config, extra []policy.PortRange) []Rule {
 	dns := cfg.dnsPort()
+	lan := cfg.lanMatch()
 	rules := []Rule{
-		{IIf: cfg.LAN, Proto: policy.UDP, Ports: portRange(53, policy.UDP), Verdict: Verdict{Kind: Redirect, Port: dns}, Comment: "DNS to the forwarder"},
-		{IIf: cfg.LAN, Proto: policy.TCP, Ports: portRange(53, policy.TCP), Verdict: Verdict{Kind: Redirect, Port: dns}, Comment: "DNS over TCP to the forwarder"},
-		{IIf: cfg.LAN, FibLocal: true, Verdict: Verdict{Kind: Return}, Comment: "the gateway's own services"},
+		{IIf: lan.IIf, IIfSet: lan.IIfSet, Proto: policy.UDP, Ports: portRange(53, policy.UDP), Verdict: Verdict{Kind: Redirect, Port: dns}, Comment: "DNS to the forwarder"},
+		{IIf: lan.IIf, IIfSet: lan.IIfSet, Proto: policy.TCP, Ports: portRange(53, policy.TCP), Verdict: Verdict{Kind: Redirect, Port: dns}, Comment: "DNS over TCP to the forwarder"},
+		{IIf: lan.IIf, IIfSet: lan.IIfSet, FibLocal: true, Verdict: Verdict{Kind: Return}, Comment: "the gateway's own services"},
 	}
 	ranges := cfg.TCPPorts
 	if len(ranges) == 0 {
@@ -360,12 +392,12 @@ func redirectRules(cfg Config, extra []policy.PortRange) []Rule {
 	p4, p6 := cfg.ProxyPort, cfg.proxyPort6()
 	for _, pr := range ranges {
 		if p4 == p6 {
-			rules = append(rules, Rule{IIf: cfg.LAN, Proto: policy.TCP, Ports: pr, Verdict: Verdict{Kind: Redirect, Port: p4}, Comment: "TCP to the transparent proxy"})
+			rules = append(rules, Rule{IIf: lan.IIf, IIfSet: lan.IIfSet, Proto: policy.TCP, Ports: pr, Verdict: Verdict{Kind: Redirect, Port: p4}, Comment: "TCP to the transparent proxy"})
 			continue
 		}
 		rules = append(rules,
-			Rule{IIf: cfg.LAN, Family: IPv4, Proto: policy.TCP, Ports: pr, Verdict: Verdict{Kind: Redirect, Port: p4}, Comment: "TCP to the transparent proxy"},
-			Rule{IIf: cfg.LAN, Family: IPv6, Proto: policy.TCP, Ports: pr, Verdict: Verdict{Kind: Redirect, Port: p6}, Comment: "TCP to the transparent proxy"})
+			Rule{IIf: lan.IIf, IIfSet: lan.IIfSet, Family: IPv4, Proto: policy.TCP, Ports: pr, Verdict: Verdict{Kind: Redirect, Port: p4}, Comment: "TCP to the transparent proxy"},
+			Rule{IIf: lan.IIf, IIfSet: lan.IIfSet, Family: IPv6, Proto: policy.TCP, Ports: pr, Verdict: Verdict{Kind: Redirect, Port: p6}, Comment: "TCP to the transparent proxy"})
 	}
 	return rules
 }
@@ -423,6 +455,9 @@ const (
 
 // comment is the set's nftables comment.
 func (s Set) comment() string {
+	if s.Kind == SetIfnames {
+		return "the LAN interfaces"
+	}
 	if s.Rule == "" {
 		return "special ranges: open only by a CIDR rule that names them"
 	}
@@ -633,10 +668,11 @@ func withoutDNS(pr policy.PortRange) []policy.PortRange {
 	return out
 }
 
-// allowRule completes an accept rule of a policy rule: from the LAN, to the
-// port range.
+// allowRule completes an accept rule of a policy rule: from the LAN
+// interfaces, to the port range.
 func allowRule(cfg Config, mark markLayout, rule string, tag uint32, ru Rule, pr policy.PortRange) Rule {
-	ru.IIf, ru.Proto, ru.Ports = cfg.LAN, pr.Proto, pr
+	lan := cfg.lanMatch()
+	ru.IIf, ru.IIfSet, ru.Proto, ru.Ports = lan.IIf, lan.IIfSet, pr.Proto, pr
 	if pr.Lo == 1 && pr.Hi == 65535 {
 		ru.Ports = policy.PortRange{}
 	}

@@ -7,6 +7,7 @@ import (
 	"net/netip"
 	"os"
 	"path/filepath"
+	"slices"
 	"strings"
 	"testing"
 	"time"
@@ -27,7 +28,7 @@ func sitePolicy(t testing.TB) *policy.Engine {
 	return compile(t, string(src))
 }
 
-var siteConfig = Config{LAN: "lan0", WAN: "wan0", ProxyPort: 15001, DNSPort: 5353}
+var siteConfig = Config{LANs: []string{"lan0"}, WAN: "wan0", ProxyPort: 15001, DNSPort: 5353}
 
 // TestGolden renders testdata/site.yaml in each configuration and compares
 // with the golden files (go test -run TestGolden -update rewrites them).
@@ -43,6 +44,7 @@ func TestGolden(t *testing.T) {
 		{"enforce-tcp-ports", func() Config { c := siteConfig; c.TCPPorts = tcp; c.ProxyPort6 = 15002; c.Masquerade = true; return c }(), policy.ModeEnforce},
 		{"audit", siteConfig, policy.ModeAudit},
 		{"audit-guard-masquerade", func() Config { c := siteConfig; c.GuardWAN, c.Masquerade = true, true; return c }(), policy.ModeAudit},
+		{"enforce-two-lans", func() Config { c := siteConfig; c.LANs = []string{"lan0.10", "lan0.20"}; return c }(), policy.ModeEnforce},
 	}
 	for _, c := range cases {
 		t.Run(c.name, func(t *testing.T) {
@@ -73,7 +75,8 @@ func TestGolden(t *testing.T) {
 // LAN, whatever the configuration.
 func TestAuditBlocksNothing(t *testing.T) {
 	eng := sitePolicy(t).WithMode(policy.ModeAudit)
-	for _, cfg := range []Config{{}, siteConfig, {WAN: "wan0", GuardWAN: true, Masquerade: true}, {LAN: "lan0", WAN: "wan0", GuardWAN: true}} {
+	for _, cfg := range []Config{{}, siteConfig, {WAN: "wan0", GuardWAN: true, Masquerade: true}, {LANs: []string{"lan0"}, WAN: "wan0", GuardWAN: true},
+		{LANs: []string{"lan0", "lan1"}, WAN: "wan0", GuardWAN: true, Masquerade: true}} {
 		rs, err := Render(cfg, eng)
 		if err != nil {
 			t.Fatal(err)
@@ -93,7 +96,7 @@ func TestAuditBlocksNothing(t *testing.T) {
 				}
 			}
 		}
-		if cfg.LAN == "" && cfg.WAN == "" && len(rs.Chains) != 0 {
+		if len(cfg.LANs) == 0 && cfg.WAN == "" && len(rs.Chains) != 0 {
 			t.Errorf("default audit ruleset has chains:\n%s", rs)
 		}
 	}
@@ -141,6 +144,95 @@ func TestRenderEnforce(t *testing.T) {
 		if _, _, ok := rs.LearnedSets(rule); ok != want {
 			t.Errorf("LearnedSets(%s) = %v, want %v", rule, ok, want)
 		}
+	}
+}
+
+// TestRenderSeveralLANs: with two LAN interfaces every rule that matched
+// the one LAN matches both, in one rule (iifname @lans, a set of the
+// names): DNS and TCP are redirected from each, the policy's accepts and
+// the final drop apply to each, and the chains have as many rules as with
+// one LAN. Traffic from one LAN interface to the other is LAN traffic:
+// judged by the same rules (nothing lets it through before them).
+func TestRenderSeveralLANs(t *testing.T) {
+	one, err := Render(siteConfig, sitePolicy(t))
+	if err != nil {
+		t.Fatal(err)
+	}
+	cfg := siteConfig
+	cfg.LANs = []string{"lan0.20", "lan0.10", "cams"}
+	two, err := Render(cfg, sitePolicy(t))
+	if err != nil {
+		t.Fatal(err)
+	}
+	text := two.String()
+	for _, want := range []string{
+		"\tset lans {\n\t\ttype ifname\n\t\tcomment \"the LAN interfaces\"\n\t\telements = { \"cams\", \"lan0.10\", \"lan0.20\" }\n\t}\n",
+		`iifname @lans udp dport 53 redirect to :5353`,
+		`iifname @lans tcp dport 53 redirect to :5353`,
+		`iifname @lans fib daddr type local return`,
+		`iifname @lans meta l4proto tcp redirect to :15001`,
+		`iifname @lans ip daddr @dns4_ntp udp dport 123 ct mark set`,
+		`iifname @lans udp dport 443 counter reject`,
+		`iifname @lans counter drop comment "enforce: nothing else from the LAN"`,
+		`iifname "wan0" counter drop`,
+		`oifname "wan0" counter drop comment "enforce: nothing else out to the WAN side"`,
+	} {
+		if !strings.Contains(text, want) {
+			t.Errorf("missing %q in\n%s", want, text)
+		}
+	}
+	if s := two.Set(setLANs); s == nil || s.Kind != SetIfnames || !slices.Equal(s.Names, cfg.LANs) {
+		t.Errorf("set %s: %+v, want the LANs %q", setLANs, s, cfg.LANs)
+	}
+	if len(two.Sets) != len(one.Sets)+1 {
+		t.Errorf("%d sets with two LANs, %d with one: want one more, the LANs'", len(two.Sets), len(one.Sets))
+	}
+	for i, c := range two.Chains {
+		if len(c.Rules) != len(one.Chains[i].Rules) {
+			t.Errorf("chain %s: %d rules with two LANs, %d with one", c.Name, len(c.Rules), len(one.Chains[i].Rules))
+			continue
+		}
+		for j, r := range c.Rules {
+			was := one.Chains[i].Rules[j]
+			if was.IIf == "lan0" {
+				was.IIf, was.IIfSet = "", setLANs
+			}
+			if r.IIf != was.IIf || r.IIfSet != was.IIfSet {
+				t.Errorf("chain %s: %q; with one LAN %q", c.Name, r, one.Chains[i].Rules[j])
+			}
+		}
+	}
+	// Nothing accepts between the LAN interfaces before the policy's
+	// rules: the only accept that names no interface and no state is the
+	// last, for traffic that came in on neither a LAN nor the WAN.
+	for _, c := range two.Chains {
+		if c.Name != chainForward {
+			continue
+		}
+		for j, r := range c.Rules {
+			if r.Verdict.Kind == Accept && r.IIf == "" && r.IIfSet == "" && r.CTState == 0 && j != len(c.Rules)-1 {
+				t.Errorf("forward accepts %q before the LAN's drop", r)
+			}
+		}
+	}
+	// In audit mode the LANs are in no rule: no set either.
+	audit, err := Render(cfg, sitePolicy(t).WithMode(policy.ModeAudit))
+	if err != nil {
+		t.Fatal(err)
+	}
+	if len(audit.Sets) != 0 {
+		t.Errorf("audit ruleset with two LANs has sets:\n%s", audit)
+	}
+}
+
+// TestNftOrder: the LAN set's names print in the order nft lists them
+// (their NUL-padded key as a little-endian number), so that `firewall
+// print` shows what `nft list table` shows.
+func TestNftOrder(t *testing.T) {
+	got := nftOrder([]string{"zz9", "lan1", "eth1.20", "lan0.10", "a", "lan0"})
+	want := []string{"a", "zz9", "lan0", "lan1", "lan0.10", "eth1.20"} // as nft 1.0.6 listed them
+	if !slices.Equal(got, want) {
+		t.Errorf("nftOrder = %q, want %q", got, want)
 	}
 }
 
@@ -212,8 +304,13 @@ func TestConfigValidate(t *testing.T) {
 		{"enforce ok", siteConfig, policy.ModeEnforce, nil},
 		{"enforce empty", Config{}, policy.ModeEnforce, []string{"LAN interface", "proxy's port"}},
 		{"masquerade without wan", Config{Masquerade: true}, policy.ModeAudit, []string{"masquerade needs the WAN"}},
-		{"same iface", Config{LAN: "eth0", WAN: "eth0"}, policy.ModeAudit, []string{"both"}},
-		{"long name", Config{LAN: "abcdefghijklmnop"}, policy.ModeAudit, []string{"longer than 15"}},
+		{"same iface", Config{LANs: []string{"eth0"}, WAN: "eth0"}, policy.ModeAudit, []string{"both"}},
+		{"long name", Config{LANs: []string{"abcdefghijklmnop"}}, policy.ModeAudit, []string{"longer than 15"}},
+		{"two lans", Config{LANs: []string{"eth1.10", "eth1.20"}, WAN: "eth0", ProxyPort: 1}, policy.ModeEnforce, nil},
+		{"wan among lans", Config{LANs: []string{"eth1", "eth0"}, WAN: "eth0"}, policy.ModeAudit, []string{`the LAN and WAN interfaces are both "eth0"`}},
+		{"lan twice", Config{LANs: []string{"eth1", "eth2", "eth1"}}, policy.ModeAudit, []string{`LAN interface "eth1" is named twice`}},
+		{"empty lan", Config{LANs: []string{"eth1", ""}}, policy.ModeAudit, []string{"LAN interface: an empty name"}},
+		{"second lan bad", Config{LANs: []string{"eth1", "a b"}}, policy.ModeAudit, []string{"LAN interface", "not a valid interface"}},
 		{"bad name", Config{WAN: "a/b"}, policy.ModeAudit, []string{"not a valid interface"}},
 		{"udp port range", Config{TCPPorts: []policy.PortRange{{Lo: 1, Hi: 2, Proto: policy.UDP}}}, policy.ModeAudit, []string{"expected TCP"}},
 		{"backwards", Config{TCPPorts: []policy.PortRange{{Lo: 9, Hi: 2, Proto: policy.TCP}}}, policy.ModeAudit, []string{"expected TCP"}},

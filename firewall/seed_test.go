@@ -84,7 +84,7 @@ func TestSeedFromGiven(t *testing.T) {
 // what it holds already, and reports what it left out.
 func TestSeedBounds(t *testing.T) {
 	eng := compile(t, testPolicy)
-	rs, err := render(Config{LAN: "lan0", WAN: "wan0", ProxyPort: proxyPort, DNSPort: dnsPort}, eng, time.Now())
+	rs, err := render(Config{LANs: []string{"lan0"}, WAN: "wan0", ProxyPort: proxyPort, DNSPort: dnsPort}, eng, time.Now())
 	if err != nil {
 		t.Fatal(err)
 	}
@@ -157,7 +157,7 @@ func TestSeedCatchUp(t *testing.T) {
 // answers, a third of them for a name a rule covers).
 func BenchmarkSeedsFrom(b *testing.B) {
 	eng := compile(b, testPolicy)
-	rs, err := render(Config{LAN: "lan0", WAN: "wan0", ProxyPort: proxyPort, DNSPort: dnsPort}, eng, time.Now())
+	rs, err := render(Config{LANs: []string{"lan0"}, WAN: "wan0", ProxyPort: proxyPort, DNSPort: dnsPort}, eng, time.Now())
 	if err != nil {
 		b.Fatal(err)
 	}

@@ -2,6 +2,7 @@ package firewall
 
 import (
 	"fmt"
+	"slices"
 	"strconv"
 	"strings"
 )
@@ -24,6 +25,8 @@ func (rs *Ruleset) String() string {
 		switch s.Kind {
 		case SetMACs:
 			b.WriteString("\t\ttype ether_addr\n")
+		case SetIfnames:
+			b.WriteString("\t\ttype ifname\n")
 		default:
 			fmt.Fprintf(&b, "\t\ttype %s_addr\n", s.Family)
 		}
@@ -41,6 +44,9 @@ func (rs *Ruleset) String() string {
 		for _, m := range s.MACs {
 			elems = append(elems, m.String())
 		}
+		for _, n := range nftOrder(s.Names) {
+			elems = append(elems, strconv.Quote(n))
+		}
 		if len(elems) > 0 {
 			fmt.Fprintf(&b, "\t\telements = { %s }\n", strings.Join(elems, ", "))
 		}
@@ -57,6 +63,23 @@ func (rs *Ruleset) String() string {
 	}
 	b.WriteString("}\n")
 	return b.String()
+}
+
+// nftOrder returns interface names in the order nft lists them in a set:
+// by their key (the name padded with NULs to IFNAMSIZ) read as a
+// little-endian number, so the last bytes weigh most.
+func nftOrder(names []string) []string {
+	out := slices.Clone(names)
+	slices.SortFunc(out, func(a, b string) int {
+		ka, kb := ifname(a), ifname(b)
+		for i := len(ka) - 1; i >= 0; i-- {
+			if ka[i] != kb[i] {
+				return int(ka[i]) - int(kb[i])
+			}
+		}
+		return 0
+	})
+	return out
 }
 
 func priorityName(p int) string {
@@ -91,6 +114,9 @@ func (r Rule) String() string {
 	var w []string
 	if r.IIf != "" {
 		w = append(w, fmt.Sprintf("iifname %q", r.IIf))
+	}
+	if r.IIfSet != "" {
+		w = append(w, "iifname @"+r.IIfSet)
 	}
 	if r.OIf != "" {
 		w = append(w, fmt.Sprintf("oifname %q", r.OIf))

@@ -63,7 +63,7 @@ func cmdFirewallPrint(args []string, stdout, stderr io.Writer) int {
 	if exclusive(fs, stderr, [2]string{"policy", "profile"}) {
 		return exitUsage
 	}
-	cfg := firewall.Config{LAN: *lan, WAN: *wan, Masquerade: *masq, GuardWAN: *guard}
+	cfg := firewall.Config{LANs: splitList(*lan), WAN: *wan, Masquerade: *masq, GuardWAN: *guard}
 	for _, p := range []struct {
 		name string
 		v    uint

@@ -31,7 +31,7 @@ func TestFirewallGateOtherPolicy(t *testing.T) {
 	if err != nil {
 		t.Fatal(err)
 	}
-	fw, err := firewall.New(firewall.Config{NetNS: "/var/run/netns/" + ns.Name, LAN: "lan0", WAN: "wan0", ProxyPort: 3129, DNSPort: 53}, firewall.Deps{})
+	fw, err := firewall.New(firewall.Config{NetNS: "/var/run/netns/" + ns.Name, LANs: []string{"lan0"}, WAN: "wan0", ProxyPort: 3129, DNSPort: 53}, firewall.Deps{})
 	if err != nil {
 		t.Fatal(err)
 	}

@@ -719,7 +719,7 @@ func (d *daemon) startFirewall(lan, wan string, gate *firewallGate) error {
 		return fmt.Errorf("--ct-mark-bits: %w", err)
 	}
 	proxyPort, dnsPort := listenPort(d.cfg.transparent), listenPort(firstOf(splitList(d.cfg.dnsListen)))
-	fcfg := firewall.Config{LAN: lan, WAN: wan, ProxyPort: proxyPort, DNSPort: dnsPort, TCPPorts: tcpPorts, Masquerade: d.cfg.masquerade, GuardWAN: d.cfg.guardWAN, WANOpen: wanOpen, CTMarkBits: markBits}
+	fcfg := firewall.Config{LANs: splitList(lan), WAN: wan, ProxyPort: proxyPort, DNSPort: dnsPort, TCPPorts: tcpPorts, Masquerade: d.cfg.masquerade, GuardWAN: d.cfg.guardWAN, WANOpen: wanOpen, CTMarkBits: markBits}
 	// The flows a reload cuts go to capture, which records each on its
 	// own record of the flow (its start, name and bytes: counted once in
 	// the report), or to the event log as the firewall reports them when

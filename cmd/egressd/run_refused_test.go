@@ -85,7 +85,7 @@ func TestReloadRefusedInFirewallUndone(t *testing.T) {
 		}
 		return nil
 	}
-	fw, err := firewall.New(firewall.Config{NetNS: "/var/run/netns/" + ns.Name, LAN: "lan0", WAN: "wan0", ProxyPort: 3129, DNSPort: 53},
+	fw, err := firewall.New(firewall.Config{NetNS: "/var/run/netns/" + ns.Name, LANs: []string{"lan0"}, WAN: "wan0", ProxyPort: 3129, DNSPort: 53},
 		firewall.Deps{Logger: log, Given: given})
 	if err != nil {
 		t.Fatal(err)
