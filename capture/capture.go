@@ -16,12 +16,18 @@ import (
 	"egressd/policy"
 )
 
-// Config configures capture. The zero value of every field but Interface
-// is a working default; Interface is needed only by Run.
+// Config configures capture. The zero value of every field but
+// Interfaces is a working default; Interfaces is needed only by Run.
 type Config struct {
-	// Interface is the LAN interface Run captures on (AF_PACKET). Empty
-	// means Run fails; ReadFile does not need it.
-	Interface string
+	// Interfaces are the LAN interfaces Run captures on (AF_PACKET), one
+	// socket each, read by one goroutine into one flow table, their
+	// packets in time-stamp order (live.go, nextHead). A packet the
+	// gateway forwards from one of them to another crosses two sockets:
+	// its flow counts it on the interface the flow's first packet came
+	// in on, with its client's MAC address, and the copy on the other is
+	// skipped (Stats.Copies). Empty means Run fails; ReadFile does not
+	// need it.
+	Interfaces []string
 	// MaxFlows bounds the flow table. 0 means 65536. When the table is full
 	// the oldest-looking flow is ended early ("evicted") and counted.
 	MaxFlows int
@@ -171,6 +177,10 @@ type Stats struct {
 	Denied        uint64 // of those, denied (dropped or would-drop)
 	Updates       uint64 // end events of flows first reported while open
 	Evicted       uint64 // flows ended early because the table was full
+	// Copies are packets of a flow seen on another of Config.Interfaces
+	// than the flow's own: forwarded between two LAN interfaces, each
+	// such packet crosses both sockets. Skipped (counted once).
+	Copies uint64
 	// StreamLimited counts flows that gave up their name search because
 	// the buffers of all flows held Config.MaxStreamBytes.
 	StreamLimited uint64
@@ -202,7 +212,7 @@ type Capture struct {
 	proc    *proc // the packet pipeline; used by one goroutine at a time
 
 	mu      sync.Mutex // guards following
-	handle  packetSource
+	sources []source   // the live sockets Open opened, in Config.Interfaces' order
 	running bool
 	closed  bool
 
@@ -225,6 +235,27 @@ type packetSource interface {
 	ZeroCopyReadPacketData() ([]byte, gopacket.CaptureInfo, error)
 	KernelDrops() (uint64, error)
 	Close()
+}
+
+// source is one live socket: the interface it is bound to and that
+// interface's MAC address (a frame from it was sent by the gateway).
+type source struct {
+	name   string
+	h      packetSource
+	mac    [6]byte
+	hasMAC bool
+}
+
+// Listening returns the interfaces Open opened a socket on, in
+// Config.Interfaces' order.
+func (c *Capture) Listening() []string {
+	c.mu.Lock()
+	defer c.mu.Unlock()
+	out := make([]string, len(c.sources))
+	for i, s := range c.sources {
+		out[i] = s.name
+	}
+	return out
 }
 
 // New checks the configuration and returns a Capture. It opens nothing.
@@ -270,9 +301,11 @@ func (c *Capture) Close() error {
 		return nil
 	}
 	c.closed = true
-	if c.handle != nil && !c.running {
-		c.handle.Close()
-		c.handle = nil
+	if !c.running {
+		for _, s := range c.sources {
+			s.h.Close()
+		}
+		c.sources = nil
 	}
 	return nil
 }

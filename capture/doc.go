@@ -1,6 +1,6 @@
 // Package capture is egressd's passive flow auditor. It sees every packet a
-// LAN client sends (live from the LAN interface through an AF_PACKET ring,
-// or offline from a pcap or pcapng file), decodes it with gopacket without
+// LAN client sends (live from the LAN interfaces through an AF_PACKET ring
+// each, or offline from a pcap or pcapng file), decodes it with gopacket without
 // per-packet allocations, tracks 5-tuple flows, finds the best name for each
 // flow (TLS SNI over reassembled TCP and the SNI of decrypted QUIC Initial
 // packets, read by internal/tlshello, the proxy's ClientHello parser; the

@@ -4,6 +4,8 @@ import (
 	"context"
 	"errors"
 	"fmt"
+	"net"
+	"strings"
 	"time"
 
 	"github.com/gopacket/gopacket"
@@ -49,20 +51,25 @@ const (
 	maxRingWait = 100 * time.Millisecond
 )
 
-// Open opens the AF_PACKET socket on Config.Interface. Run calls it when it
-// was not called before; calling it first lets a caller open the socket in
-// another network namespace (a socket belongs to the namespace of the
-// thread that made it) or fail early. It needs CAP_NET_RAW.
+// Open opens an AF_PACKET socket on each of Config.Interfaces. Run calls
+// it when it was not called before; calling it first lets a caller open
+// the sockets in another network namespace (a socket belongs to the
+// namespace of the thread that made it) or fail early. It needs
+// CAP_NET_RAW. An interface whose socket does not open (one that does not
+// exist yet, say) is left out and named in the error, and capture runs on
+// the others (Listening says which); only when none opens does Run fail.
+// A socket is not opened again later: the interface stays out until the
+// next start.
 func (c *Capture) Open() error {
 	c.mu.Lock()
 	defer c.mu.Unlock()
 	if c.closed {
 		return errors.New("capture: closed")
 	}
-	if c.handle != nil {
+	if len(c.sources) > 0 {
 		return nil
 	}
-	if c.cfg.Interface == "" {
+	if len(c.cfg.Interfaces) == 0 {
 		return errors.New("capture: no interface configured")
 	}
 	if c.cfg.OwnAddrs == nil {
@@ -72,6 +79,25 @@ func (c *Capture) Open() error {
 		}
 		c.proc.setOwn(own)
 	}
+	var errs []error
+	for _, name := range c.cfg.Interfaces {
+		h, err := c.openRing(name)
+		if err != nil {
+			errs = append(errs, err)
+			continue
+		}
+		s := source{name: name, h: h}
+		if ifi, err := net.InterfaceByName(name); err == nil && len(ifi.HardwareAddr) == 6 {
+			s.mac, s.hasMAC = [6]byte(ifi.HardwareAddr), true
+		}
+		c.sources = append(c.sources, s)
+	}
+	return errors.Join(errs...)
+}
+
+// openRing opens the AF_PACKET ring on one interface, with the snap
+// filter.
+func (c *Capture) openRing(name string) (packetSource, error) {
 	const frame = 1 << 16
 	const block = frame * 32
 	blocks := c.cfg.RingMB << 20 / block
@@ -79,7 +105,7 @@ func (c *Capture) Open() error {
 		blocks = 1
 	}
 	h, err := afpacket.NewTPacket(
-		afpacket.OptInterface(c.cfg.Interface),
+		afpacket.OptInterface(name),
 		afpacket.OptFrameSize(frame),
 		afpacket.OptBlockSize(block),
 		afpacket.OptNumBlocks(blocks),
@@ -87,16 +113,15 @@ func (c *Capture) Open() error {
 		afpacket.TPacketVersion3,
 	)
 	if err != nil {
-		return fmt.Errorf("capture: open %s: %w", c.cfg.Interface, err)
+		return nil, fmt.Errorf("capture: open %s: %w", name, err)
 	}
 	if !c.cfg.FullFrames {
 		if err := h.SetBPF(snapFilter); err != nil {
 			h.Close()
-			return fmt.Errorf("capture: snap filter on %s: %w", c.cfg.Interface, err)
+			return nil, fmt.Errorf("capture: snap filter on %s: %w", name, err)
 		}
 	}
-	c.handle = tpacket{h}
-	return nil
+	return tpacket{h}, nil
 }
 
 // Snap lengths of the capture filter. Capture reads payload only to name
@@ -165,77 +190,176 @@ func mustAssemble(prog []bpf.Instruction) []bpf.RawInstruction {
 	return raw
 }
 
-// Run captures on Config.Interface until ctx is done, then ends every open
-// flow (emitting their events) and returns nil. Errors opening or reading
-// the socket are returned.
+// Run captures on the sockets Open opened until ctx is done, then ends
+// every open flow (emitting their events) and returns nil. It reads the
+// sockets in turn, a packet from each, in one goroutine: the flow table is
+// one. Errors opening every socket, or reading one, are returned.
 func (c *Capture) Run(ctx context.Context) error {
-	if err := c.Open(); err != nil {
+	err := c.Open()
+	c.mu.Lock()
+	srcs := c.sources
+	if len(srcs) == 0 {
+		c.mu.Unlock()
 		c.proc.dropPending() // no packet goroutine: cuts go on as reported
+		if err == nil {
+			err = errors.New("capture: closed")
+		}
 		return err
 	}
-	c.mu.Lock()
 	if c.running {
 		c.mu.Unlock()
 		return errors.New("capture: already running")
 	}
 	c.running = true
-	h := c.handle
 	c.mu.Unlock()
 	defer func() {
 		c.mu.Lock()
 		c.running = false
-		h.Close()
-		c.handle = nil
+		for _, s := range srcs {
+			s.h.Close()
+		}
+		c.sources = nil
 		c.mu.Unlock()
 	}()
 	p := c.proc
 	p.openReport = c.cfg.ReportOpenAfter
 	defer func() { p.openReport = 0 }()
-	c.log.Info("capture started", "interface", c.cfg.Interface)
+	names := make([]string, len(srcs))
+	for i, s := range srcs {
+		names[i] = s.name
+	}
+	c.log.Info("capture started", "interface", strings.Join(names, ","))
+	p.setSources(srcs)
 	nextStats := time.Now()
 	wait := minRingWait
 	timer := time.NewTimer(wait)
 	defer timer.Stop()
+	heads := make([]head, len(srcs))
 	for {
 		if ctx.Err() != nil || c.isClosed() {
-			c.updateDrops(h)
+			c.updateDrops(srcs)
 			p.applyPending(time.Time{})
 			p.flush("shutdown")
 			p.dropPending()
 			return nil
 		}
-		data, ci, err := h.ZeroCopyReadPacketData()
+		for i, s := range srcs {
+			if heads[i].ok {
+				continue
+			}
+			data, ci, err := s.h.ZeroCopyReadPacketData()
+			switch {
+			case err == nil:
+				heads[i] = head{data: data, ci: ci, ok: true}
+			case errors.Is(err, afpacket.ErrTimeout), errors.Is(err, afpacket.ErrPoll):
+			default:
+				p.flush("shutdown")
+				p.dropPending()
+				return fmt.Errorf("capture: read %s: %w", s.name, err)
+			}
+		}
 		now := time.Now()
-		switch {
-		case err == nil:
-			p.packetLen(data, ci.Length, ci.Timestamp, layers.LinkTypeEthernet)
+		if i, hold := p.nextHead(heads, now); i >= 0 {
+			p.src = i + 1
+			p.packetLen(heads[i].data, heads[i].ci.Length, heads[i].ci.Timestamp, layers.LinkTypeEthernet)
+			heads[i] = head{}
 			wait = minRingWait
-		case errors.Is(err, afpacket.ErrTimeout), errors.Is(err, afpacket.ErrPoll):
-			// No packet: let packet time advance so idle flows end.
-			if now.After(p.now) {
-				p.now = now
+		} else {
+			// No packet, or none that may go before what another
+			// socket has not handed over yet: let packet time advance
+			// so idle flows end (up to the packet held, if one is).
+			horizon := now
+			if hold > 0 {
+				horizon = now.Add(-hold)
+			}
+			if horizon.After(p.now) {
+				p.now = horizon
 			}
 			p.applyPending(now.Add(-ringLag))
 			if p.now.After(p.nextSweep) {
 				p.sweep()
 				p.nextSweep = p.now.Add(sweepInterval)
 			}
-			timer.Reset(wait)
+			d := wait
+			if hold > 0 {
+				d = min(d, max(mergeLag-hold, time.Millisecond))
+			}
+			timer.Reset(d)
 			select {
 			case <-ctx.Done():
 			case <-timer.C:
 			}
 			wait = min(2*wait, maxRingWait)
-		default:
-			p.flush("shutdown")
-			p.dropPending()
-			return fmt.Errorf("capture: read %s: %w", c.cfg.Interface, err)
 		}
 		if now.After(nextStats) {
-			c.updateDrops(h)
+			c.updateDrops(srcs)
 			nextStats = now.Add(time.Second)
 		}
 	}
+}
+
+// head is the next packet of one socket, read but not yet taken by the
+// pipeline (its bytes stay valid until the socket is read again).
+type head struct {
+	data []byte
+	ci   gopacket.CaptureInfo
+	ok   bool
+}
+
+// mergeLag is how long a packet of one socket waits for the others when
+// they have handed over nothing: the kernel hands a socket's packets over
+// a block at a time, when the block is full or, at the latest, about two
+// block timeouts (afpacket's default, 64 ms) after its first packet, so
+// a packet another socket took before this one is handed over within
+// that time.
+const mergeLag = 200 * time.Millisecond
+
+// nextHead picks the socket whose packet goes into the pipeline next:
+// with several sockets, packets go in in the order of their time stamps,
+// so that of the two copies of a packet forwarded from one LAN interface
+// to another, the one that came in (from its client, with the client's
+// MAC address) goes first and its flow is counted on that interface. The
+// earliest head goes when every socket has one, or when it is mergeLag
+// old (the others have nothing before it). At equal times a frame the
+// gateway did not send goes first. It returns -1 when none may go yet,
+// and then how old the earliest head is (0: there is none).
+func (p *proc) nextHead(heads []head, now time.Time) (int, time.Duration) {
+	best, all := -1, true
+	for i := range heads {
+		if !heads[i].ok {
+			all = false
+			continue
+		}
+		if best < 0 || p.before(&heads[i], &heads[best]) {
+			best = i
+		}
+	}
+	if best < 0 {
+		return -1, 0
+	}
+	if all || len(heads) == 1 {
+		return best, 0
+	}
+	age := now.Sub(heads[best].ci.Timestamp)
+	if age >= mergeLag {
+		return best, 0
+	}
+	return -1, max(age, time.Nanosecond)
+}
+
+// before orders two heads by time stamp, a frame from a client before
+// one the gateway sent at the same time.
+func (p *proc) before(a, b *head) bool {
+	if c := a.ci.Timestamp.Compare(b.ci.Timestamp); c != 0 {
+		return c < 0
+	}
+	return !p.fromGateway(a.data) && p.fromGateway(b.data)
+}
+
+// fromGateway reports whether a frame's source MAC address is one of the
+// capture interfaces'.
+func (p *proc) fromGateway(frame []byte) bool {
+	return len(frame) >= 12 && p.gatewayMAC(frame[6:12])
 }
 
 func (c *Capture) isClosed() bool {
@@ -244,8 +368,15 @@ func (c *Capture) isClosed() bool {
 	return c.closed
 }
 
-func (c *Capture) updateDrops(h packetSource) {
-	if d, err := h.KernelDrops(); err == nil {
-		c.kernelDrops.Store(d)
+// updateDrops sums the kernel's drops on the sockets.
+func (c *Capture) updateDrops(srcs []source) {
+	var sum uint64
+	for _, s := range srcs {
+		d, err := s.h.KernelDrops()
+		if err != nil {
+			return
+		}
+		sum += d
 	}
+	c.kernelDrops.Store(sum)
 }

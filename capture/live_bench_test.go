@@ -86,7 +86,7 @@ func liveBulk(b *testing.B, upload bool) {
 	}()
 
 	rec := &recorder{}
-	c := startLive(b, gw, Config{Interface: "lan1", OwnAddrs: []netip.Addr{}, RingMB: ringMB(), FullFrames: os.Getenv("CAPTURE_FULL_FRAMES") != ""},
+	c := startLive(b, gw, Config{Interfaces: []string{"lan1"}, OwnAddrs: []netip.Addr{}, RingMB: ringMB(), FullFrames: os.Getenv("CAPTURE_FULL_FRAMES") != ""},
 		Deps{Policy: policy.NewStore(testEngine(b, testPolicy)), Sink: rec})
 	b.SetBytes(perIter)
 	b.ResetTimer()

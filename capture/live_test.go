@@ -82,11 +82,11 @@ func TestLiveAFPacket(t *testing.T) {
 	// addresses, so the captures are told it has none (Config.OwnAddrs).
 	rec := &recorder{}
 	eng := testEngine(t, testPolicy)
-	c := startLive(t, gw, Config{Interface: "lan1", OwnAddrs: []netip.Addr{}}, Deps{Policy: policy.NewStore(eng), Sink: rec})
+	c := startLive(t, gw, Config{Interfaces: []string{"lan1"}, OwnAddrs: []netip.Addr{}}, Deps{Policy: policy.NewStore(eng), Sink: rec})
 	// A twin capture on the same interface copies whole frames: the snap
 	// filter of the first must change no count.
 	recFull := &recorder{}
-	full := startLive(t, gw, Config{Interface: "lan1", FullFrames: true, OwnAddrs: []netip.Addr{}}, Deps{Policy: policy.NewStore(eng), Sink: recFull})
+	full := startLive(t, gw, Config{Interfaces: []string{"lan1"}, FullFrames: true, OwnAddrs: []netip.Addr{}}, Deps{Policy: policy.NewStore(eng), Sink: recFull})
 
 	// Real clients in the client namespace. The names are looked up
 	// first: capture reads the answers, which vouch for the addresses
@@ -216,7 +216,7 @@ func TestLiveNeverWaitsInPoll(t *testing.T) {
 	a := testnet.New(t, "cpa")
 	b := testnet.New(t, "cpb")
 	testnet.Link(t, a, "pl0", []string{"198.18.9.1/24"}, b, "pl1", []string{"198.18.9.2/24"})
-	c := startLive(t, b, Config{Interface: "pl1"}, Deps{Policy: policy.NewStore(testEngine(t, testPolicy)), Sink: &recorder{}})
+	c := startLive(t, b, Config{Interfaces: []string{"pl1"}}, Deps{Policy: policy.NewStore(testEngine(t, testPolicy)), Sink: &recorder{}})
 	time.Sleep(300 * time.Millisecond) // Run is in its loop, the interface idle
 	inPoll := 0
 	for range 50 {
@@ -288,7 +288,7 @@ func startLive(tb testing.TB, ns *testnet.NS, cfg Config, deps Deps) *liveCaptur
 	}
 	tb.Cleanup(func() { c.Close() })
 	if err := ns.Do(c.Open); err != nil {
-		tb.Fatalf("open AF_PACKET on %s in the namespace: %v", cfg.Interface, err)
+		tb.Fatalf("open AF_PACKET on %s in the namespace: %v", cfg.Interfaces, err)
 	}
 	ctx, cancel := context.WithCancel(context.Background())
 	lc := &liveCapture{Capture: c, cancel: cancel, errc: make(chan error, 1)}

@@ -83,6 +83,9 @@ type flow struct {
 	proto        uint8
 	mac          [6]byte
 	hasMAC       bool
+	// src is the capture socket the flow was first seen on (proc.src);
+	// its packets on another are copies, skipped.
+	src int
 
 	first, last time.Time
 	pkts        [2]uint64
@@ -182,6 +185,12 @@ type proc struct {
 	scratch []byte
 	cands   []candidate
 	grants  []DNSGrant // decideForwarded's answers
+	// src is the live socket the current packet came from (1 for the
+	// first of Capture.sources; 0 reading a file), and gwMACs the MAC
+	// addresses of the sockets' interfaces: a frame from one of them was
+	// sent by the gateway, so its source address is no client's.
+	src    int
+	gwMACs [][6]byte
 	// pathPorts are the host/path rules' TCP ports of pathEng, the
 	// policy they were read from (redirected).
 	pathEng   *policy.Engine
@@ -411,10 +420,48 @@ func (p *proc) reassembled(src, dst netip.Addr, full []byte, mac []byte) {
 // opened a flow.
 func servicePort(port uint16) bool { return port < 1024 }
 
+// setSources records the MAC addresses of the live sockets' interfaces.
+func (p *proc) setSources(srcs []source) {
+	p.gwMACs = p.gwMACs[:0]
+	for _, s := range srcs {
+		if s.hasMAC {
+			p.gwMACs = append(p.gwMACs, s.mac)
+		}
+	}
+}
+
+// gatewayMAC reports whether mac (6 bytes) is one of the capture
+// interfaces' addresses.
+func (p *proc) gatewayMAC(mac []byte) bool {
+	return slices.Contains(p.gwMACs, [6]byte(mac))
+}
+
+// clientMAC keeps mac, the source address of a frame from f's client, as
+// f's client's, unless f has one or the gateway sent the frame (a packet
+// it forwarded out of a LAN interface carries the gateway's address).
+func (p *proc) clientMAC(f *flow, mac []byte) {
+	if f.hasMAC || len(mac) != 6 || p.gatewayMAC(mac) {
+		return
+	}
+	copy(f.mac[:], mac)
+	f.hasMAC = true
+}
+
 // lookup finds or makes the flow of a packet and returns its direction.
+// It returns a nil flow for a copy: a packet of a flow first seen on
+// another live socket (forwarded from one LAN interface to another, the
+// packet crosses both), which counts nothing, but may give the flow its
+// client's MAC address.
 func (p *proc) lookup(src netip.Addr, sp uint16, dst netip.Addr, dp uint16, proto uint8, srcIsClient bool, mac []byte) (*flow, int) {
 	k := makeKey(src, sp, dst, dp, proto)
 	f := p.flows[k]
+	if f != nil && f.src != p.src {
+		p.stats.copies.Add(1)
+		if src == f.cli && sp == f.cport {
+			p.clientMAC(f, mac)
+		}
+		return nil, 0
+	}
 	if f != nil && p.endIdle(k, f) {
 		f = nil
 	}
@@ -422,7 +469,7 @@ func (p *proc) lookup(src netip.Addr, sp uint16, dst netip.Addr, dp uint16, prot
 		if len(p.flows) >= p.c.cfg.MaxFlows {
 			p.makeRoom()
 		}
-		f = &flow{proto: proto, first: p.now, inspect: true}
+		f = &flow{proto: proto, first: p.now, inspect: true, src: p.src}
 		f.openedInAudit = p.c.deps.Policy.Load().Mode() == policy.ModeAudit
 		if srcIsClient {
 			f.cli, f.cport, f.srv, f.sport = src, sp, dst, dp
@@ -439,10 +486,7 @@ func (p *proc) lookup(src netip.Addr, sp uint16, dst netip.Addr, dp uint16, prot
 	dir := 1
 	if src == f.cli && sp == f.cport {
 		dir = 0
-		if !f.hasMAC && len(mac) == 6 {
-			copy(f.mac[:], mac)
-			f.hasMAC = true
-		}
+		p.clientMAC(f, mac)
 	}
 	f.last = p.now
 	return f, dir
@@ -513,8 +557,10 @@ func (p *proc) tcpPacket(src, dst netip.Addr, mac []byte) {
 	if f != nil && p.endIdle(k, f) {
 		f = nil
 	}
-	if f != nil && f.closed && t.SYN && !t.ACK {
-		delete(p.flows, k) // the port pair is reused by a new connection
+	if f != nil && f.closed && t.SYN && !t.ACK && !(f.src != p.src && f.haveBase[0] && t.Seq+1 == f.base[0]) {
+		// The port pair is reused by a new connection (not the copy, on
+		// another socket, of the SYN that began this one).
+		delete(p.flows, k)
 	} else if f == nil && (t.RST || t.FIN) && len(t.Payload) == 0 {
 		return // the end of a connection we never saw
 	}
@@ -527,6 +573,9 @@ func (p *proc) tcpPacket(src, dst netip.Addr, mac []byte) {
 	}
 	var dir int
 	f, dir = p.lookup(src, sp, dst, dp, 6, clientIsSrc, mac)
+	if f == nil {
+		return
+	}
 	if !f.decided && (f.sport == 53 || f.cport == 53) {
 		p.classify(f) // by address: DNS flows carry no name of their own
 	} else if !f.decided && f.inspect && !p.redirected(f.sport) {
@@ -958,6 +1007,9 @@ func (p *proc) udpPacket(src, dst netip.Addr, sp, dp layers.UDPPort, payload []b
 		clientIsSrc = false
 	}
 	f, dir := p.lookup(src, s, dst, d, 17, clientIsSrc, mac)
+	if f == nil {
+		return
+	}
 	if f.est.IsZero() {
 		f.est = f.first
 	}

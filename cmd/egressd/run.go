@@ -567,7 +567,7 @@ func (d *daemon) run(ctx context.Context) error {
 		// mode, the same list (validated above): capture judges the
 		// others as nftables does.
 		tcpPorts, _ := parseTCPPorts(cfg.tcpPorts)
-		if d.capture, err = capture.New(capture.Config{Interface: lan, TCPPorts: tcpPorts}, capture.Deps{Policy: d.store, Sink: d.sink, Logger: d.log, Registerer: d.reg, DNS: captureFacts{facts}, Devices: facts.devices}); err != nil {
+		if d.capture, err = capture.New(capture.Config{Interfaces: []string{lan}, TCPPorts: tcpPorts}, capture.Deps{Policy: d.store, Sink: d.sink, Logger: d.log, Registerer: d.reg, DNS: captureFacts{facts}, Devices: facts.devices}); err != nil {
 			d.degrade("capture", err.Error())
 		} else if err := d.capture.Open(); err != nil {
 			d.degrade("capture", err.Error())
