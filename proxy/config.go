@@ -28,6 +28,10 @@ type Config struct {
 	// "192.168.1.1:3128". Empty: off (ServeExplicit can still be given a
 	// listener).
 	ExplicitAddr string
+	// ExplicitMore are further addresses the explicit proxy listens on,
+	// each as ExplicitAddr (egressd run: the addresses of its LAN
+	// interfaces after the first). Used only with ExplicitAddr.
+	ExplicitMore []string
 	// DropTransparentFrom and DropExplicitFrom are the index of an
 	// interface whose packets the transparent and the explicit listener
 	// drop: a classic BPF socket filter on the listening socket
@@ -235,7 +239,14 @@ func (c Config) withDefaults() Config {
 // Validate returns every problem of the configuration at once.
 func (c Config) Validate() error {
 	var errs []error
-	for _, a := range []struct{ name, v string }{{"transparent", c.TransparentAddr}, {"explicit", c.ExplicitAddr}} {
+	addrs := []struct{ name, v string }{{"transparent", c.TransparentAddr}, {"explicit", c.ExplicitAddr}}
+	for _, a := range c.ExplicitMore {
+		addrs = append(addrs, struct{ name, v string }{"explicit", a})
+	}
+	if len(c.ExplicitMore) > 0 && c.ExplicitAddr == "" {
+		errs = append(errs, errors.New("proxy: more explicit listen addresses without the first (ExplicitAddr)"))
+	}
+	for _, a := range addrs {
 		if a.v == "" {
 			continue
 		}

@@ -58,10 +58,12 @@ type Proxy struct {
 
 	// dropMu guards dropFrom, the interface indexes the listeners'
 	// socket filters drop (transparent, explicit: DropTransparentFrom,
-	// DropExplicitFrom, SetDropFrom), and opened, the listeners Run opened.
+	// DropExplicitFrom, SetDropFrom), and opened, the listeners Run opened
+	// (the transparent one, then the explicit ones), with the index of
+	// dropFrom each takes.
 	dropMu   sync.Mutex
 	dropFrom [2]int
-	opened   [2]net.Listener
+	opened   []openedListener
 
 	limMu    sync.Mutex // guards following
 	perIP    map[netip.Addr]int
@@ -85,11 +87,14 @@ type Proxy struct {
 	done      chan struct{}
 
 	// ready is closed once Run has opened every configured listener;
-	// bound holds their addresses (transparent, explicit; nil when off).
-	ready chan struct{}
-	bound [2]net.Addr
-	// explicitErr is why the explicit listener did not open while the
-	// transparent one did (set before ready is closed).
+	// bound holds the transparent one's address (nil when off) and
+	// boundExplicit the explicit ones' (ExplicitAddr, then ExplicitMore;
+	// those that opened).
+	ready         chan struct{}
+	bound         net.Addr
+	boundExplicit []net.Addr
+	// explicitErr is why explicit listeners did not open while another
+	// listener did (set before ready is closed).
 	explicitErr error
 
 	work workers // runs handleTransparent and the tunnels' ends
@@ -166,16 +171,23 @@ func New(cfg Config, deps Deps) (*Proxy, error) {
 // transparent one, or the only one, fails to open (Run returns the error).
 func (p *Proxy) Ready() <-chan struct{} { return p.ready }
 
-// Addrs returns the bound addresses of the transparent and the explicit
-// listener (nil for one that is off or did not open), once Ready is
-// closed.
+// Addrs returns the bound addresses of the transparent and the (first)
+// explicit listener (nil for one that is off or did not open), once
+// Ready is closed.
 func (p *Proxy) Addrs() (transparent, explicit net.Addr) {
-	return p.bound[0], p.bound[1]
+	if len(p.boundExplicit) > 0 {
+		explicit = p.boundExplicit[0]
+	}
+	return p.bound, explicit
 }
 
-// ExplicitErr returns, once Ready is closed, why the explicit listener
-// did not open while the transparent one serves; nil when it opened or is
-// off.
+// ExplicitAddrs returns the bound addresses of every explicit listener
+// that opened (ExplicitAddr, then ExplicitMore), once Ready is closed.
+func (p *Proxy) ExplicitAddrs() []net.Addr { return p.boundExplicit }
+
+// ExplicitErr returns, once Ready is closed, why explicit listeners did
+// not open while another listener serves; nil when every one opened or
+// they are off.
 func (p *Proxy) ExplicitErr() error { return p.explicitErr }
 
 // Run opens the configured listeners and serves them until ctx is done or
@@ -192,21 +204,27 @@ func (p *Proxy) Run(ctx context.Context) error {
 			p.Close()
 			return fmt.Errorf("proxy: transparent listener: %w", err)
 		}
-		p.bound[0] = ln.Addr()
+		p.bound = ln.Addr()
 		g.Go(func() error { return p.Serve(ln) })
 	}
 	if a := p.cfg.ExplicitAddr; a != "" {
-		ln, err := p.listenExplicit(ctx, a)
-		switch {
-		case err != nil && p.bound[0] == nil:
-			p.Close()
-			return fmt.Errorf("proxy: explicit listener: %w", err)
-		case err != nil:
-			p.explicitErr = fmt.Errorf("proxy: explicit listener: %w", err)
-			p.log.Error("proxy: the explicit listener did not open; the transparent proxy goes on", "addr", a, audit.LogError, err.Error())
-		default:
-			p.bound[1] = ln.Addr()
+		var errs []error
+		for _, a := range append([]string{a}, p.cfg.ExplicitMore...) {
+			ln, err := p.listenExplicit(ctx, a)
+			if err != nil {
+				errs = append(errs, fmt.Errorf("proxy: explicit listener %s: %w", a, err))
+				continue
+			}
+			p.boundExplicit = append(p.boundExplicit, ln.Addr())
 			g.Go(func() error { return p.ServeExplicit(ln) })
+		}
+		switch {
+		case len(errs) > 0 && p.bound == nil && len(p.boundExplicit) == 0:
+			p.Close()
+			return errors.Join(errs...)
+		case len(errs) > 0:
+			p.explicitErr = errors.Join(errs...)
+			p.log.Error("proxy: explicit listeners did not open; the other listeners go on", audit.LogError, p.explicitErr.Error())
 		}
 	}
 	close(p.ready) // after bound: the close orders the writes before Addrs

@@ -1,7 +1,9 @@
 package proxy
 
 import (
+	"bufio"
 	"context"
+	"fmt"
 	"net"
 	"strings"
 	"testing"
@@ -111,6 +113,67 @@ func TestRunExplicitPortTaken(t *testing.T) {
 	p2 := bareProxy(t, Config{TransparentAddr: taken.Addr().String(), ExplicitAddr: "127.0.0.1:0"})
 	if err := p2.Run(context.Background()); err == nil || !strings.Contains(err.Error(), "transparent listener") {
 		t.Errorf("Run with the transparent port taken: %v", err)
+	}
+}
+
+// TestRunSeveralExplicitAddrs: the explicit proxy listens on
+// ExplicitAddr and every address of ExplicitMore (egressd run: each LAN
+// interface's address); one that cannot open is named in ExplicitErr and
+// the others serve; SetDropFrom reaches every explicit listener.
+func TestRunSeveralExplicitAddrs(t *testing.T) {
+	taken, err := net.Listen("tcp", "127.0.0.1:0")
+	if err != nil {
+		t.Fatal(err)
+	}
+	defer taken.Close()
+	p := bareProxy(t, Config{TransparentAddr: "127.0.0.1:0", ExplicitAddr: "127.0.0.1:0", ExplicitMore: []string{taken.Addr().String(), "127.0.0.2:0"}})
+	ctx, cancel := context.WithCancel(context.Background())
+	defer cancel()
+	done := make(chan error, 1)
+	go func() { done <- p.Run(ctx) }()
+	select {
+	case <-p.Ready():
+	case err := <-done:
+		t.Fatalf("Run: %v", err)
+	case <-time.After(5 * time.Second):
+		t.Fatal("not ready")
+	}
+	ex := p.ExplicitAddrs()
+	if len(ex) != 2 || !strings.HasPrefix(ex[0].String(), "127.0.0.1:") || !strings.HasPrefix(ex[1].String(), "127.0.0.2:") {
+		t.Fatalf("explicit addresses %v, want one on 127.0.0.1 and one on 127.0.0.2", ex)
+	}
+	if _, first := p.Addrs(); first == nil || first.String() != ex[0].String() {
+		t.Errorf("Addrs' explicit %v, want the first, %v", first, ex[0])
+	}
+	if err := p.ExplicitErr(); err == nil || !strings.Contains(err.Error(), taken.Addr().String()) || !strings.Contains(err.Error(), "address already in use") {
+		t.Errorf("ExplicitErr %v, want the taken address named", err)
+	}
+	for _, a := range ex {
+		c, err := net.DialTimeout("tcp", a.String(), 2*time.Second)
+		if err != nil {
+			t.Fatalf("explicit listener %s: %v", a, err)
+		}
+		c.SetDeadline(time.Now().Add(5 * time.Second))
+		fmt.Fprintf(c, "GET http://tracker.example/ HTTP/1.1\r\nHost: tracker.example\r\n\r\n")
+		line, err := bufio.NewReader(c).ReadString('\n')
+		c.Close()
+		if err != nil || !strings.HasPrefix(line, "HTTP/1.1 ") {
+			t.Errorf("explicit listener %s: %q, %v; want an HTTP answer", a, line, err)
+		}
+	}
+	if err := p.SetDropFrom(0, 1); err != nil { // loopback's index: every explicit listener now drops its SYNs
+		t.Fatal(err)
+	}
+	for _, a := range ex {
+		c, err := net.DialTimeout("tcp", a.String(), 500*time.Millisecond)
+		if err == nil {
+			c.Close()
+			t.Errorf("explicit listener %s accepts over loopback after SetDropFrom(0, 1)", a)
+		}
+	}
+	cancel()
+	if err := <-done; err != nil {
+		t.Errorf("Run: %v", err)
 	}
 }
 

@@ -23,12 +23,17 @@ func (p *Proxy) SetDropFrom(transparent, explicit int) error {
 	defer p.dropMu.Unlock()
 	p.dropFrom = [2]int{transparent, explicit}
 	var errs []error
-	for i, ln := range p.opened {
-		if ln != nil {
-			errs = append(errs, netutil.DropFromConn(ln, p.dropFrom[i]))
-		}
+	for _, o := range p.opened {
+		errs = append(errs, netutil.DropFromConn(o.ln, p.dropFrom[o.kind]))
 	}
 	return errors.Join(errs...)
+}
+
+// openedListener is a listener Run opened: kind 0 transparent, 1
+// explicit (its index in dropFrom).
+type openedListener struct {
+	kind int
+	ln   net.Listener
 }
 
 // dropFromNow is the index listener i (0 transparent, 1 explicit) is to
@@ -45,7 +50,7 @@ func (p *Proxy) dropFromNow(i int) int {
 func (p *Proxy) opensListener(i int, ln net.Listener, drop int) error {
 	p.dropMu.Lock()
 	defer p.dropMu.Unlock()
-	p.opened[i] = ln
+	p.opened = append(p.opened, openedListener{i, ln})
 	if p.dropFrom[i] == drop {
 		return nil
 	}
