@@ -14,7 +14,7 @@ import (
 
 func init() {
 	commands["firewall"] = command{
-		"firewall print [--policy FILE | --profile NAME] [--mode audit|enforce] [--lan IFACE] [--wan IFACE] ... | firewall remove",
+		"firewall print [--policy FILE | --profile NAME] [--mode audit|enforce] [--lan IFACE,...] [--wan IFACE] ... | firewall remove",
 		"show the nftables ruleset egressd would install, or remove egressd's table", cmdFirewall}
 }
 
@@ -42,7 +42,7 @@ func cmdFirewallPrint(args []string, stdout, stderr io.Writer) int {
 	file := fs.String("policy", "", "policy file (default: the embedded profile)")
 	profile := fs.String("profile", "nirovision", "embedded profile, when no --policy is given")
 	mode := fs.String("mode", "", "audit or enforce (default: the policy's mode)")
-	lan := fs.String("lan", "", "LAN interface (required in enforce mode)")
+	lan := fs.String("lan", "", "LAN interfaces, comma-separated (required in enforce mode)")
 	wan := fs.String("wan", "", "WAN interface (new connections arriving there are dropped in enforce mode)")
 	proxyPort := fs.Uint("proxy-port", defaultProxyPort, "transparent proxy port that LAN TCP is redirected to")
 	proxyPort6 := fs.Uint("proxy-port6", 0, "transparent proxy port for IPv6 (default: --proxy-port)")
@@ -63,7 +63,15 @@ func cmdFirewallPrint(args []string, stdout, stderr io.Writer) int {
 	if exclusive(fs, stderr, [2]string{"policy", "profile"}) {
 		return exitUsage
 	}
-	cfg := firewall.Config{LANs: splitList(*lan), WAN: *wan, Masquerade: *masq, GuardWAN: *guard}
+	lans, err := parseLANs(*lan)
+	if err == nil {
+		err = lansNameWAN(lans, *wan, " (--wan)")
+	}
+	if err != nil {
+		fmt.Fprintln(stderr, "egressd firewall print: --lan:", err)
+		return exitUsage
+	}
+	cfg := firewall.Config{LANs: lans, WAN: *wan, Masquerade: *masq, GuardWAN: *guard}
 	for _, p := range []struct {
 		name string
 		v    uint

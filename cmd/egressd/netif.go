@@ -1,11 +1,52 @@
 package main
 
 import (
+	"fmt"
 	"net"
 	"net/netip"
 	"os"
+	"slices"
 	"strings"
+
+	"egressd/firewall"
+	"egressd/policy"
 )
+
+// parseLANs parses --lan: one interface, or a comma-separated list of
+// them (VLANs kept apart, eth1.10,eth1.20), each one LAN; nil when none
+// is given (the default). An empty item, a name given twice or one the
+// kernel would refuse is an error.
+func parseLANs(s string) ([]string, error) {
+	if strings.TrimSpace(s) == "" {
+		return nil, nil
+	}
+	var out []string
+	for _, f := range strings.Split(s, ",") {
+		f = strings.TrimSpace(f)
+		switch {
+		case f == "":
+			return nil, fmt.Errorf("%q: an empty interface name (a comma too many)", s)
+		case slices.Contains(out, f):
+			return nil, fmt.Errorf("%q: %s is named twice", s, f)
+		}
+		out = append(out, f)
+	}
+	if err := (firewall.Config{LANs: out}).Validate(policy.ModeAudit); err != nil {
+		return nil, fmt.Errorf("%q: %w", s, err)
+	}
+	return out, nil
+}
+
+// lansNameWAN refuses the WAN interface in a list of several LANs (how
+// says where the WAN's name comes from). One LAN that is the WAN
+// interface is the one-armed box (capture sees the box's own traffic):
+// allowed, as before there were several.
+func lansNameWAN(lans []string, wan, how string) error {
+	if len(lans) > 1 && wan != "" && slices.Contains(lans, wan) {
+		return fmt.Errorf("%s is the WAN interface%s: one of several LAN interfaces cannot be it (one interface for both is --lan %s alone)", wan, how, wan)
+	}
+	return nil
+}
 
 // defaultRouteInterface returns the interface of the IPv4 default route, or
 // of the IPv6 one, or "" when there is none.
@@ -32,6 +73,7 @@ func defaultRouteInterface() string {
 // guessLAN picks the LAN interface when none is given: the only up,
 // non-loopback interface other than the WAN one; else the WAN interface
 // itself (a one-armed box: capture then sees the box's own traffic).
+// Several LAN interfaces are never guessed: --lan names them.
 func guessLAN(wan string) string {
 	ifs, err := net.Interfaces()
 	if err != nil {

@@ -41,7 +41,7 @@ import (
 
 func init() {
 	commands["run"] = command{
-		"run [--policy FILE | --profile NAME] [--mode audit|enforce] [--lan IFACE] [--wan IFACE] ...",
+		"run [--policy FILE | --profile NAME] [--mode audit|enforce] [--lan IFACE,...] [--wan IFACE] ...",
 		"run the gateway: DNS forwarder, proxy, capture, firewall, report on the admin address", cmdRun}
 }
 
@@ -75,7 +75,7 @@ func (c *runConfig) flags(fs *flag.FlagSet) {
 	fs.StringVar(&c.policyFile, "policy", "", "policy file (default: the embedded profile)")
 	fs.StringVar(&c.profile, "profile", profiles.Default, "embedded profile, when no --policy is given (see egressd profiles)")
 	fs.StringVar(&c.mode, "mode", "", "audit or enforce (default: the policy's mode)")
-	fs.StringVar(&c.lan, "lan", "", "interface LAN clients arrive on; capture listens there (default: the only non-WAN interface, else the WAN one)")
+	fs.StringVar(&c.lan, "lan", "", "interfaces LAN clients arrive on, comma-separated (VLANs kept apart: eth1.10,eth1.20), each treated as the LAN; capture listens on each (default: the only non-WAN interface, else the WAN one)")
 	fs.StringVar(&c.wan, "wan", "", "interface toward the internet (default: the interface of the default route)")
 	fs.StringVar(&c.upstreams, "upstream-dns", "", "upstream resolvers, comma-separated ip[:port] (default: /etc/resolv.conf)")
 	fs.StringVar(&c.stateDir, "state-dir", "/var/lib/egressd", "state directory: event log (the ledger survives restarts), learned DNS answers (survive restarts), inspection CA")
@@ -85,7 +85,7 @@ func (c *runConfig) flags(fs *flag.FlagSet) {
 	fs.BoolVar(&c.guardWAN, "guard-wan", false, "drop new connections from the WAN side in audit mode too (always on in enforce)")
 	fs.StringVar(&c.wanOpen, "wan-open", "", "ports of the gateway that stay reachable from the WAN side, under that guard and past the WAN socket filters of egressd's own listeners, such as 53/udp,22/tcp")
 	fs.StringVar(&c.transparent, "proxy-listen", "[::]:15001", "transparent proxy listen address (the target of the nftables redirect)")
-	fs.StringVar(&c.explicit, "explicit-proxy-listen", "", "explicit HTTP/CONNECT proxy listen address (default: the LAN address, port 3128; \"off\" to disable)")
+	fs.StringVar(&c.explicit, "explicit-proxy-listen", "", "explicit HTTP/CONNECT proxy listen address (default: each LAN interface's address, port 3128; \"off\" to disable)")
 	fs.StringVar(&c.proxyUsers, "proxy-users", "", "file of NAME:bcrypt:HASH lines (egressd proxy-users hash NAME): the explicit proxy then asks for one of these users (HTTP Basic, 407)")
 	fs.StringVar(&c.dnsListen, "dns-listen", ":53", "DNS forwarder listen addresses, comma-separated (UDP and TCP)")
 	fs.StringVar(&c.tcpPorts, "tcp-ports", "all", `TCP ports redirected to the proxy in enforce mode: "all" or a list such as 80,443,5228-5230 (the ports of host/path rules are always redirected)`)
@@ -116,9 +116,11 @@ type daemon struct {
 	capture *capture.Capture
 	fw      *firewall.Firewall
 	// What a reload needs to install the firewall when the policy turns
-	// to enforce after a start in audit mode, which installed none.
-	lan, wan string
-	gate     *firewallGate
+	// to enforce after a start in audit mode, which installed none. wan
+	// is --wan, else the default route's interface (newDaemon).
+	lans []string
+	wan  string
+	gate *firewallGate
 	// table is the DNS forwarder's learned-address table: the firewall
 	// seeds its learned sets with what it holds when it goes in.
 	table *dnsfilter.Table
@@ -208,6 +210,9 @@ func checkFlagValues(cfg runConfig) error {
 	if _, _, err := newLogger(cfg, io.Discard); err != nil {
 		errs = append(errs, err)
 	}
+	lans, err := parseLANs(cfg.lan)
+	bad("lan", err)
+	bad("lan", lansNameWAN(lans, cfg.wan, " (--wan)"))
 	if cfg.mode != "" {
 		if _, ok := policy.ParseMode(cfg.mode); !ok {
 			errs = append(errs, fmt.Errorf("--mode %q: expected audit or enforce", cfg.mode))
@@ -216,7 +221,7 @@ func checkFlagValues(cfg runConfig) error {
 	// The firewall reads --tcp-ports and --wan-open only when it installs, which in
 	// audit mode may first happen on a reload to enforce: a bad value
 	// must stop the start, not that switch.
-	_, err := parseTCPPorts(cfg.tcpPorts)
+	_, err = parseTCPPorts(cfg.tcpPorts)
 	bad("tcp-ports", err)
 	_, err = parsePortProtos(cfg.wanOpen)
 	bad("wan-open", err)
@@ -278,6 +283,14 @@ func newDaemon(cfg runConfig, stdout, stderr io.Writer) (*daemon, error) {
 		return nil, err
 	}
 	d := &daemon{cfg: cfg, log: log, out: stdout, degraded: map[string]string{}}
+	d.wan = cfg.wan
+	if d.wan == "" {
+		d.wan = defaultRouteInterface()
+		lans, _ := parseLANs(cfg.lan) // checked above
+		if err := lansNameWAN(lans, d.wan, " (the default route's; --wan names another)"); err != nil {
+			return nil, flagValueError{fmt.Errorf("--lan: %w", err)}
+		}
+	}
 	if cfg.mode != "" {
 		d.mode, _ = policy.ParseMode(cfg.mode)
 	}
@@ -432,15 +445,14 @@ func (d *daemon) run(ctx context.Context) error {
 	}
 	d.say("go: %d processors%s", runtime.GOMAXPROCS(0), note)
 
-	wan := cfg.wan
-	if wan == "" {
-		wan = defaultRouteInterface()
+	wan := d.wan
+	lans, _ := parseLANs(cfg.lan) // checked by newDaemon
+	if len(lans) == 0 {
+		if lan := guessLAN(wan); lan != "" {
+			lans = []string{lan}
+		}
 	}
-	lan := cfg.lan
-	if lan == "" {
-		lan = guessLAN(wan)
-	}
-	d.lan, d.wan, d.caps = lan, wan, caps
+	d.lans, d.caps = lans, caps
 
 	// The event path: components → journal (bounded queue, never blocks)
 	// → ledger and the append-only log in the state directory. Without a
@@ -462,12 +474,22 @@ func (d *daemon) run(ctx context.Context) error {
 	}
 	d.ledger.RegisterMetrics(d.reg)
 
-	explicit := cfg.explicit
+	explicit, explicitMore := cfg.explicit, []string(nil)
 	if explicit == "" {
-		if a := interfaceAddr(lan); a.IsValid() && lan != wan {
-			explicit = netip.AddrPortFrom(a, 3128).String()
-		} else {
-			explicit = "127.0.0.1:3128"
+		// Each LAN interface's address (the first IPv4 one, else the
+		// first global IPv6 one): a client asks its own gateway. One that
+		// has none at start (not there yet) gets no listener.
+		var addrs []string
+		for _, lan := range lans {
+			if a := interfaceAddr(lan); a.IsValid() && lan != wan {
+				if ap := netip.AddrPortFrom(a, 3128).String(); !slices.Contains(addrs, ap) {
+					addrs = append(addrs, ap)
+				}
+			}
+		}
+		explicit = "127.0.0.1:3128"
+		if len(addrs) > 0 {
+			explicit, explicitMore = addrs[0], addrs[1:]
 		}
 	}
 	if explicit == "off" {
@@ -477,7 +499,7 @@ func (d *daemon) run(ctx context.Context) error {
 	// What arrives on the WAN interface, the listeners drop (a socket
 	// filter on each), in every mode: no open resolver, no open proxy.
 	wanOpen, _ := parsePortProtos(cfg.wanOpen) // checked by check
-	wdrop := wanDropFor(lan, wan, wanOpen, splitList(cfg.dnsListen), cfg.transparent, explicit)
+	wdrop := wanDropFor(lans, wan, wanOpen, splitList(cfg.dnsListen), cfg.transparent, explicit)
 	wanIdx, wanLoopback := 0, false
 	if wdrop.any() {
 		wanIdx, wanLoopback = wanIndex(wan)
@@ -501,10 +523,14 @@ func (d *daemon) run(ctx context.Context) error {
 	// What the forwarder gave one address of a LAN device, it gave the
 	// device (lanFacts): the proxy and capture ask the same facts.
 	facts := lanFacts{Table: table}
-	if lan != "" {
-		facts.devices = netutil.NewDevices(lan, func(err error) {
-			d.log.Warn("lan devices: cannot read the neighbour table: each address is its own client meanwhile", "lan", lan, audit.LogError, err.Error())
-		})
+	if len(lans) > 0 {
+		var devs lanDeviceSet
+		for _, lan := range lans {
+			devs = append(devs, netutil.NewDevices(lan, func(err error) {
+				d.log.Warn("lan devices: cannot read the neighbour table: each address is its own client meanwhile", "lan", lan, audit.LogError, err.Error())
+			}))
+		}
+		facts.devices = devs
 	}
 	var dnsFacts interface {
 		NamesFor(client, addr netip.Addr) []string
@@ -521,7 +547,7 @@ func (d *daemon) run(ctx context.Context) error {
 		}()
 	}
 
-	pcfg := proxy.Config{TransparentAddr: cfg.transparent, ExplicitAddr: explicit, Inspect: cfg.inspect, StateDir: cfg.stateDir,
+	pcfg := proxy.Config{TransparentAddr: cfg.transparent, ExplicitAddr: explicit, ExplicitMore: explicitMore, Inspect: cfg.inspect, StateDir: cfg.stateDir,
 		ProxyUserDigests: d.proxyUsers}
 	pcfg.DropTransparentFrom, pcfg.DropExplicitFrom = wdrop.proxy(wanIdx)
 	proxyStopped := make(chan struct{}) // closed once the proxy's Run has returned (and its failure is recorded)
@@ -556,24 +582,35 @@ func (d *daemon) run(ctx context.Context) error {
 		}()
 	}
 
-	// Capture sees every packet of the LAN interface (AF_PACKET: CAP_NET_RAW).
+	// Capture sees every packet of the LAN interfaces (AF_PACKET: CAP_NET_RAW).
 	switch {
-	case lan == "":
+	case len(lans) == 0:
 		d.degrade("capture", "no LAN interface (give --lan IFACE)")
 	case !caps.netRaw:
-		d.degrade("capture", "needs CAP_NET_RAW to open an AF_PACKET socket on "+lan+" (run as root, or grant it: see the systemd unit)")
+		d.degrade("capture", "needs CAP_NET_RAW to open an AF_PACKET socket on "+strings.Join(lans, ", ")+" (run as root, or grant it: see the systemd unit)")
 	default:
 		// The TCP ports the firewall redirects to the proxy in enforce
 		// mode, the same list (validated above): capture judges the
 		// others as nftables does.
 		tcpPorts, _ := parseTCPPorts(cfg.tcpPorts)
-		if d.capture, err = capture.New(capture.Config{Interfaces: []string{lan}, TCPPorts: tcpPorts}, capture.Deps{Policy: d.store, Sink: d.sink, Logger: d.log, Registerer: d.reg, DNS: captureFacts{facts}, Devices: facts.devices}); err != nil {
+		if d.capture, err = capture.New(capture.Config{Interfaces: lans, TCPPorts: tcpPorts}, capture.Deps{Policy: d.store, Sink: d.sink, Logger: d.log, Registerer: d.reg, DNS: captureFacts{facts}, Devices: facts.devices}); err != nil {
 			d.degrade("capture", err.Error())
-		} else if err := d.capture.Open(); err != nil {
+			break
+		}
+		// An interface that does not open (one that does not exist yet)
+		// is left out until the next start, as a single LAN interface
+		// is: the part is not running there, and says so.
+		err := d.capture.Open()
+		on := d.capture.Listening()
+		switch {
+		case len(on) == 0:
 			d.degrade("capture", err.Error())
 			d.capture = nil
-		} else {
-			d.say("capture: listening on %s", lan)
+		case err != nil:
+			d.degrade("capture", fmt.Sprintf("%v (capture listens on %s only, until a restart)", err, strings.Join(on, ", ")))
+		}
+		if d.capture != nil {
+			d.say("capture: listening on %s", strings.Join(on, ", "))
 			wg.Add(1)
 			go func() {
 				defer wg.Done()
@@ -610,7 +647,7 @@ func (d *daemon) run(ctx context.Context) error {
 			if e != nil && len(d.proxyUsers) > 0 {
 				auth = fmt.Sprintf(" (HTTP Basic authentication, %d users)", len(d.proxyUsers))
 			}
-			d.say("proxy: transparent on %s, explicit on %s%s", addrOrOff(t), addrOrOff(e), auth)
+			d.say("proxy: transparent on %s, explicit on %s%s", addrOrOff(t), joinAddrs(d.proxy.ExplicitAddrs()), auth)
 		case <-proxyStopped:
 			d.say("proxy: not listening")
 		case <-time.After(5 * time.Second):
@@ -618,14 +655,14 @@ func (d *daemon) run(ctx context.Context) error {
 		}
 	}
 
-	if wan != "" && wan != lan {
+	if wan != "" && !slices.Contains(lans, wan) {
 		d.say("%s", wanDropSay(wan, wdrop, wanIdx, wanLoopback))
 	}
 	// --guard-wan guards only when egressd installs the firewall: with
 	// --no-firewall it installs nothing.
-	why := auditWANExposure(lan, wan, cfg.guardWAN && !cfg.noFirewall, !wanLoopback, splitList(cfg.dnsListen), wanOpen, interfaceAddrs(wan))
+	why := auditWANExposure(lans, wan, cfg.guardWAN && !cfg.noFirewall, !wanLoopback, splitList(cfg.dnsListen), wanOpen, interfaceAddrs(wan))
 	if eng.Mode() != policy.ModeAudit {
-		why = enforceWANExposure(lan, wan, splitList(cfg.dnsListen), wanOpen, interfaceAddrs(wan))
+		why = enforceWANExposure(lans, wan, splitList(cfg.dnsListen), wanOpen, interfaceAddrs(wan))
 	}
 	if why != "" {
 		d.log.Warn(why, "wan", wan)
@@ -652,7 +689,7 @@ func (d *daemon) run(ctx context.Context) error {
 	case !caps.netAdmin:
 		d.degrade("firewall", "needs CAP_NET_ADMIN to install nftables rules (run as root, or use --no-firewall)")
 	default:
-		if err := d.startFirewall(lan, wan, gate); err != nil {
+		if err := d.startFirewall(lans, wan, gate); err != nil {
 			d.degrade("firewall", err.Error())
 		}
 	}
@@ -705,7 +742,7 @@ func leftoverHint(why string) string {
 
 // startFirewall installs the ruleset and hands it to the DNS forwarder's
 // gate, which feeds it the addresses of allowed answers.
-func (d *daemon) startFirewall(lan, wan string, gate *firewallGate) error {
+func (d *daemon) startFirewall(lans []string, wan string, gate *firewallGate) error {
 	tcpPorts, err := parseTCPPorts(d.cfg.tcpPorts)
 	if err != nil {
 		return fmt.Errorf("--tcp-ports: %w", err)
@@ -719,7 +756,7 @@ func (d *daemon) startFirewall(lan, wan string, gate *firewallGate) error {
 		return fmt.Errorf("--ct-mark-bits: %w", err)
 	}
 	proxyPort, dnsPort := listenPort(d.cfg.transparent), listenPort(firstOf(splitList(d.cfg.dnsListen)))
-	fcfg := firewall.Config{LANs: splitList(lan), WAN: wan, ProxyPort: proxyPort, DNSPort: dnsPort, TCPPorts: tcpPorts, Masquerade: d.cfg.masquerade, GuardWAN: d.cfg.guardWAN, WANOpen: wanOpen, CTMarkBits: markBits}
+	fcfg := firewall.Config{LANs: lans, WAN: wan, ProxyPort: proxyPort, DNSPort: dnsPort, TCPPorts: tcpPorts, Masquerade: d.cfg.masquerade, GuardWAN: d.cfg.guardWAN, WANOpen: wanOpen, CTMarkBits: markBits}
 	// The flows a reload cuts go to capture, which records each on its
 	// own record of the flow (its start, name and bytes: counted once in
 	// the report), or to the event log as the firewall reports them when
@@ -760,7 +797,7 @@ func (d *daemon) startFirewall(lan, wan string, gate *firewallGate) error {
 		}
 	}
 	rs := fw.Ruleset()
-	d.say("firewall: installed nftables table inet %s (%d chains, %d sets; LAN %s, WAN %s); `egressd firewall print` shows it", firewall.TableName, len(rs.Chains), len(rs.Sets), orOff(lan), orOff(wan))
+	d.say("firewall: installed nftables table inet %s (%d chains, %d sets; LAN %s, WAN %s); `egressd firewall print` shows it", firewall.TableName, len(rs.Chains), len(rs.Sets), orOff(strings.Join(lans, ", ")), orOff(wan))
 	gate.fw.Store(fw)
 	return nil
 }
@@ -845,7 +882,7 @@ func (d *daemon) reloadPolicy() bool {
 		// the policy would say enforce while nothing is blocked.
 		if !d.caps.netAdmin {
 			d.degrade("firewall", "needs CAP_NET_ADMIN to install nftables rules (run as root, or use --no-firewall)")
-		} else if err := d.startFirewall(d.lan, d.wan, d.gate); err != nil {
+		} else if err := d.startFirewall(d.lans, d.wan, d.gate); err != nil {
 			d.degrade("firewall", err.Error())
 		}
 	}
@@ -1054,6 +1091,18 @@ func addrOrOff(a net.Addr) string {
 	return a.String()
 }
 
+// joinAddrs is addrOrOff for several bound addresses.
+func joinAddrs(a []net.Addr) string {
+	if len(a) == 0 {
+		return "off"
+	}
+	s := make([]string, len(a))
+	for i, x := range a {
+		s[i] = x.String()
+	}
+	return strings.Join(s, ", ")
+}
+
 func joinAddrPorts(a []netip.AddrPort) string {
 	s := make([]string, len(a))
 	for i, x := range a {
@@ -1074,8 +1123,8 @@ func joinAddrPorts(a []netip.AddrPort) string {
 // only --guard-wan keeps WAN-side clients out. The forwarder is limited
 // to the LAN anyway when every DNS listen address is a specific one the
 // WAN interface does not hold (wanAddrs).
-func auditWANExposure(lan, wan string, guarded, filtered bool, dnsListen []string, wanOpen []policy.PortRange, wanAddrs []netip.Addr) string {
-	if wan == "" || wan == lan {
+func auditWANExposure(lans []string, wan string, guarded, filtered bool, dnsListen []string, wanOpen []policy.PortRange, wanAddrs []netip.Addr) string {
+	if wan == "" || slices.Contains(lans, wan) {
 		// No WAN side apart from the LAN (one interface for both: the
 		// forwarder must answer there, and --guard-wan would cut the LAN).
 		return ""
@@ -1094,8 +1143,8 @@ func auditWANExposure(lan, wan string, guarded, filtered bool, dnsListen []strin
 // firewall's guard and the socket filters keep the WAN side out but for
 // the ports --wan-open lists: with the forwarder's among them, it answers
 // clients there every name the policy allows.
-func enforceWANExposure(lan, wan string, dnsListen []string, wanOpen []policy.PortRange, wanAddrs []netip.Addr) string {
-	if wan == "" || wan == lan {
+func enforceWANExposure(lans []string, wan string, dnsListen []string, wanOpen []policy.PortRange, wanAddrs []netip.Addr) string {
+	if wan == "" || slices.Contains(lans, wan) {
 		return ""
 	}
 	l, open := dnsWANOpen(dnsListen, wanOpen)
@@ -1224,6 +1273,21 @@ type lanFacts struct {
 // (*netutil.Devices).
 type lanDevices interface {
 	SameDevice(a, b netip.Addr) bool
+}
+
+// lanDeviceSet is the devices of each LAN interface (one
+// netutil.Devices each): two addresses are one device's when one LAN
+// interface's neighbour table says so. A MAC seen on two LAN interfaces
+// (a host on two VLANs) is two devices, one on each.
+type lanDeviceSet []*netutil.Devices
+
+func (s lanDeviceSet) SameDevice(a, b netip.Addr) bool {
+	for _, d := range s {
+		if d.SameDevice(a, b) {
+			return true
+		}
+	}
+	return false
 }
 
 // NamesFor returns the names the forwarder gave addr out for to client,

@@ -168,17 +168,17 @@ func TestAuditWANExposureWANOpen(t *testing.T) {
 			t.Fatal(err)
 		}
 		for _, fg := range [][2]bool{{true, false}, {false, true}, {true, true}} {
-			got := auditWANExposure("lan0", "wan0", fg[1], fg[0], splitList(c.listen), open, wanAddrs)
+			got := auditWANExposure([]string{"lan0"}, "wan0", fg[1], fg[0], splitList(c.listen), open, wanAddrs)
 			if c.want == "" && got != "" || c.want != "" && (!strings.Contains(got, c.want) || !strings.Contains(got, "open resolver")) {
 				t.Errorf("--wan-open %s --dns-listen %s filtered %v guarded %v: %q, want %q", c.open, c.listen, fg[0], fg[1], got, c.want)
 			}
 		}
 		// In enforce mode the forwarder answers what the policy allows.
-		got := enforceWANExposure("lan0", "wan0", splitList(c.listen), open, wanAddrs)
+		got := enforceWANExposure([]string{"lan0"}, "wan0", splitList(c.listen), open, wanAddrs)
 		if c.want == "" && got != "" || c.want != "" && (!strings.Contains(got, "enforce mode: "+c.want) || !strings.Contains(got, "every name the policy allows")) {
 			t.Errorf("enforce: --wan-open %s --dns-listen %s: %q, want %q", c.open, c.listen, got, c.want)
 		}
-		if got := enforceWANExposure("wan0", "wan0", splitList(c.listen), open, wanAddrs); got != "" {
+		if got := enforceWANExposure([]string{"wan0"}, "wan0", splitList(c.listen), open, wanAddrs); got != "" {
 			t.Errorf("enforce, one interface: --wan-open %s --dns-listen %s: %q", c.open, c.listen, got)
 		}
 	}
@@ -197,13 +197,14 @@ func TestWANDropFor(t *testing.T) {
 		{"lan0", "wan0", "15000-15002/tcp", "127.0.0.1:5353,:53", "[::]:15001", "", wanDrop{dnsUDP: true, dnsTCP: true, open: []string{"15001/tcp"}}},
 		{"lan0", "wan0", "5353/udp", "127.0.0.1:5353,:53", "", "", wanDrop{dnsTCP: true, open: []string{"5353/udp"}}},
 		{"eth0", "eth0", "", ":53", "[::]:15001", "", wanDrop{}}, // one interface: no WAN side
+		{"lan0.10,lan0.20", "wan0", "", ":53", "[::]:15001", "198.18.10.1:3128", wanDrop{dnsUDP: true, dnsTCP: true, transparent: true, explicit: true}},
 		{"lan0", "", "", ":53", "[::]:15001", "", wanDrop{}},
 	} {
 		open, err := parsePortProtos(c.open)
 		if err != nil {
 			t.Fatal(err)
 		}
-		got := wanDropFor(c.lan, c.wan, open, splitList(c.dns), c.transparent, c.explicit)
+		got := wanDropFor(splitList(c.lan), c.wan, open, splitList(c.dns), c.transparent, c.explicit)
 		if !reflect.DeepEqual(got, c.want) {
 			t.Errorf("lan %s wan %s --wan-open %q dns %s proxies %q %q: %+v, want %+v", c.lan, c.wan, c.open, c.dns, c.transparent, c.explicit, got, c.want)
 		}
@@ -233,13 +234,13 @@ func TestAuditWANExposure(t *testing.T) {
 		{"", false, ":53", false},
 		{"lan0", false, ":53", false}, // one interface for LAN and WAN: no other side
 	} {
-		got := auditWANExposure("lan0", c.wan, c.guarded, false, splitList(c.listen), nil, wanAddrs)
+		got := auditWANExposure([]string{"lan0"}, c.wan, c.guarded, false, splitList(c.listen), nil, wanAddrs)
 		if (got != "") != c.want || c.want && !strings.Contains(got, "--guard-wan") {
 			t.Errorf("wan %q guarded %v listen %q: %q", c.wan, c.guarded, c.listen, got)
 		}
 		// With the socket filters on the WAN interface (any interface
 		// but loopback), the forwarder answers no one there.
-		if got := auditWANExposure("lan0", c.wan, c.guarded, true, splitList(c.listen), nil, wanAddrs); got != "" {
+		if got := auditWANExposure([]string{"lan0"}, c.wan, c.guarded, true, splitList(c.listen), nil, wanAddrs); got != "" {
 			t.Errorf("wan %q guarded %v listen %q, filtered: %q", c.wan, c.guarded, c.listen, got)
 		}
 	}

@@ -6,6 +6,7 @@ import (
 	"fmt"
 	"net"
 	"os"
+	"slices"
 	"strings"
 	"time"
 
@@ -31,9 +32,10 @@ type wanDrop struct {
 
 // wanDropFor is every listener, but those whose port --wan-open lists;
 // none when there is no WAN side apart from the LAN (one interface for
-// both: the forwarder must answer there).
-func wanDropFor(lan, wan string, wanOpen []policy.PortRange, dnsListen []string, transparent, explicit string) wanDrop {
-	if wan == "" || wan == lan {
+// both: the forwarder must answer there). explicit is the first explicit
+// listen address: every other one has its port.
+func wanDropFor(lans []string, wan string, wanOpen []policy.PortRange, dnsListen []string, transparent, explicit string) wanDrop {
+	if wan == "" || slices.Contains(lans, wan) {
 		return wanDrop{}
 	}
 	w := wanDrop{dnsUDP: true, dnsTCP: true, transparent: transparent != "", explicit: explicit != ""}

@@ -1,0 +1,95 @@
+package main
+
+import (
+	"context"
+	"path/filepath"
+	"slices"
+	"strings"
+	"testing"
+	"time"
+)
+
+// TestParseLANs: --lan is one interface or a comma-separated list (VLANs
+// kept apart); an empty item, a name given twice or one the kernel would
+// refuse is an error naming the value.
+func TestParseLANs(t *testing.T) {
+	for _, c := range []struct {
+		in   string
+		want []string
+		err  string
+	}{
+		{"", nil, ""},
+		{"eth1", []string{"eth1"}, ""},
+		{"eth1.10,eth1.20", []string{"eth1.10", "eth1.20"}, ""},
+		{" cams , office ", []string{"cams", "office"}, ""},
+		{"eth1,,eth2", nil, `"eth1,,eth2": an empty interface name`},
+		{",eth1", nil, `",eth1": an empty interface name`},
+		{"eth1,", nil, `"eth1,": an empty interface name`},
+		{",", nil, `",": an empty interface name`},
+		{"eth1,eth2,eth1", nil, `"eth1,eth2,eth1": eth1 is named twice`},
+		{"eth1,abcdefghijklmnop", nil, `"abcdefghijklmnop" is longer than 15 bytes`},
+		{"eth1,a/b", nil, `"a/b" is not a valid interface name`},
+	} {
+		got, err := parseLANs(c.in)
+		switch {
+		case c.err == "" && (err != nil || !slices.Equal(got, c.want)):
+			t.Errorf("parseLANs(%q) = %q, %v; want %q", c.in, got, err, c.want)
+		case c.err != "" && (err == nil || !strings.Contains(err.Error(), c.err)):
+			t.Errorf("parseLANs(%q) = %q, %v; want an error with %q", c.in, got, err, c.err)
+		}
+	}
+}
+
+// TestLANsNameWAN: the WAN interface in a list of several LANs is an
+// error, whether --wan named it or the default route chose it; one LAN
+// that is the WAN is the one-armed box, as before.
+func TestLANsNameWAN(t *testing.T) {
+	for _, c := range []struct {
+		lans     []string
+		wan, how string
+		err      string
+	}{
+		{[]string{"eth1", "eth2"}, "eth0", "", ""},
+		{[]string{"eth0"}, "eth0", "", ""},
+		{nil, "eth0", "", ""},
+		{[]string{"eth1", "eth2"}, "", "", ""},
+		{[]string{"eth1", "eth0"}, "eth0", " (--wan)", "eth0 is the WAN interface (--wan)"},
+		{[]string{"eth0", "eth1"}, "eth0", " (the default route's; --wan names another)", "eth0 is the WAN interface (the default route's; --wan names another)"},
+	} {
+		err := lansNameWAN(c.lans, c.wan, c.how)
+		switch {
+		case c.err == "" && err != nil:
+			t.Errorf("lansNameWAN(%q, %q): %v", c.lans, c.wan, err)
+		case c.err != "" && (err == nil || !strings.Contains(err.Error(), c.err)):
+			t.Errorf("lansNameWAN(%q, %q) = %v; want %q", c.lans, c.wan, err, c.err)
+		}
+	}
+}
+
+// TestRunLANFlag: a malformed --lan stops `egressd run` at start, exit 2,
+// with one line naming the flag, before anything listens.
+func TestRunLANFlag(t *testing.T) {
+	base := []string{"--profile", "nirovision", "--mode", "audit", "--wan", "lo", "--no-firewall",
+		"--dns-listen", "127.0.0.1:0", "--proxy-listen", "127.0.0.1:0", "--explicit-proxy-listen", "off",
+		"--admin", "127.0.0.1:0", "--upstream-dns", "127.0.0.1:9"}
+	for _, c := range []struct{ value, want string }{
+		{"eth1,,eth2", `--lan: "eth1,,eth2": an empty interface name`},
+		{"eth1,", `--lan: "eth1,": an empty interface name`},
+		{"eth1,eth2,eth1", `--lan: "eth1,eth2,eth1": eth1 is named twice`},
+		{"eth1,lo", `--lan: lo is the WAN interface (--wan)`},
+		{"eth1,abcdefghijklmnop", `--lan: "eth1,abcdefghijklmnop": firewall: LAN interface: "abcdefghijklmnop" is longer than 15 bytes`},
+	} {
+		t.Run(c.value, func(t *testing.T) {
+			ctx, cancel := context.WithTimeout(context.Background(), 5*time.Second)
+			defer cancel()
+			var out, errb lockedBuffer
+			code := cmdRun(ctx, append(slices.Clone(base), "--lan", c.value, "--state-dir", filepath.Join(t.TempDir(), "state")), &out, &errb)
+			if ctx.Err() != nil || code != exitUsage || !strings.Contains(errb.String(), "egressd: "+c.want) || strings.Contains(out.String(), "listening") {
+				t.Errorf("--lan %s: exit %d (context: %v), want %d at once with %q\nstdout:\n%s\nstderr:\n%s", c.value, code, ctx.Err(), exitUsage, c.want, out.String(), errb.String())
+			}
+			if n := strings.Count(strings.TrimSpace(errb.String()), "\n"); n != 0 {
+				t.Errorf("--lan %s: %d lines on stderr, want one:\n%s", c.value, n+1, errb.String())
+			}
+		})
+	}
+}
