@@ -105,8 +105,12 @@ func firstLine(s string, err error) string {
 
 // goResolver is a Go resolver in the LAN that asks the gateway.
 func (tp *topo) goResolver() *net.Resolver {
+	gw := tp.lanGW4
+	if gw == "" {
+		gw = gwLAN4
+	}
 	return &net.Resolver{PreferGo: true, Dial: func(ctx context.Context, network, _ string) (net.Conn, error) {
-		return tp.lan.DialContext(ctx, network, net.JoinHostPort(gwLAN4, "53"))
+		return tp.lan.DialContext(ctx, network, net.JoinHostPort(gw, "53"))
 	}}
 }
 

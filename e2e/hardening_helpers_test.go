@@ -292,6 +292,7 @@ type flowEvent struct {
 	Time       time.Time `json:"time"`
 	Client     string    `json:"client"`
 	ClientPort int       `json:"client_port"`
+	ClientMAC  string    `json:"client_mac"`
 	Dest       string    `json:"dest_ip"`
 	DestPort   int       `json:"dest_port"`
 	Proto      string    `json:"proto"`

@@ -105,6 +105,10 @@ type topo struct {
 	ntpAnswers    atomic.Int64
 	udpEchoes     atomic.Int64
 	digs          atomic.Uint32 // dig's queries so far: each its own source port (dig)
+
+	// lanGW4 is the gateway's address on lan's segment, which the Go
+	// resolver asks; "": gwLAN4.
+	lanGW4 string
 }
 
 func newTopo(t *testing.T) *topo {
