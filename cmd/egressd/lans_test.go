@@ -2,11 +2,15 @@ package main
 
 import (
 	"context"
+	"io"
+	"net/http"
 	"path/filepath"
 	"slices"
 	"strings"
 	"testing"
 	"time"
+
+	"egressd/internal/testnet"
 )
 
 // TestParseLANs: --lan is one interface or a comma-separated list (VLANs
@@ -92,4 +96,61 @@ func TestRunLANFlag(t *testing.T) {
 			}
 		})
 	}
+}
+
+// TestRunLANMissingAtStart: of two LAN interfaces, one that does not exist
+// at start is treated as a single one is: the ruleset names it (nftables
+// matches names: its rules apply once it appears), capture runs on the
+// other and says, in the summary and /readyz, that it does not listen on
+// the missing one, and the explicit proxy listens on the address of the
+// one that has an address.
+func TestRunLANMissingAtStart(t *testing.T) {
+	ns, p, _ := runInNS(t, "version: 1\nmode: enforce\nrules:\n  - name: ntp\n    to: [pool.ntp.test]\n    ports: [123/udp]\n",
+		"--lan", "lan0,nosuch0", "--explicit-proxy-listen", "")
+	defer p.Stop()
+	wants := []string{
+		"capture: listening on lan0\n",
+		"NOT RUNNING: capture: capture: open nosuch0: ",
+		"(capture listens on lan0 only, until a restart)",
+		"explicit on 198.18.1.1:3128\n",
+		"LAN lan0, nosuch0, WAN wan0",
+	}
+	missing := func() []string {
+		var out []string
+		for _, w := range wants {
+			if !strings.Contains(p.Stdout.String(), w) {
+				out = append(out, w)
+			}
+		}
+		return out
+	}
+	for deadline := time.Now().Add(10 * time.Second); len(missing()) > 0 && time.Now().Before(deadline); {
+		time.Sleep(50 * time.Millisecond)
+	}
+	out, _ := ns.Run("nft", "list", "table", "inet", "egressd")
+	code, body := readyz(t, ns)
+	p.Stop()
+	if m := missing(); len(m) > 0 {
+		t.Errorf("stdout lacks %q:\n%s\nstderr:\n%s", m, p.Stdout, p.Stderr)
+	}
+	if !strings.Contains(strings.Join(strings.Fields(out), " "), `elements = { "lan0", "nosuch0" }`) || !strings.Contains(out, "iifname @lans udp dport 53 redirect") {
+		t.Errorf("the ruleset does not name both LAN interfaces:\n%s", out)
+	}
+	if code != 503 || !strings.Contains(body, "open nosuch0") {
+		t.Errorf("/readyz: %d %q, want 503 naming nosuch0", code, body)
+	}
+}
+
+// readyz fetches /readyz of the admin address in ns.
+func readyz(t *testing.T, ns *testnet.NS) (int, string) {
+	t.Helper()
+	c := &http.Client{Timeout: 3 * time.Second, Transport: &http.Transport{DialContext: ns.DialContext}}
+	resp, err := c.Get("http://127.0.0.1:9901/readyz")
+	if err != nil {
+		t.Errorf("/readyz: %v", err)
+		return 0, ""
+	}
+	defer resp.Body.Close()
+	b, _ := io.ReadAll(io.LimitReader(resp.Body, 1<<20))
+	return resp.StatusCode, string(b)
 }
