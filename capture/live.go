@@ -311,8 +311,9 @@ type head struct {
 // a block at a time, when the block is full or, at the latest, about two
 // block timeouts (afpacket's default, 64 ms) after its first packet, so
 // a packet another socket took before this one is handed over within
-// that time.
-const mergeLag = 200 * time.Millisecond
+// that time. It is the wait of Revoke's queue (reload.go) for the same
+// reason: an operation queued before a held packet is applied before it.
+const mergeLag = ringLag
 
 // nextHead picks the socket whose packet goes into the pipeline next:
 // with several sockets, packets go in in the order of their time stamps,
