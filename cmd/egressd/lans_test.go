@@ -118,7 +118,7 @@ func TestRunLANMissingAtStart(t *testing.T) {
 	missing := func() []string {
 		var out []string
 		for _, w := range wants {
-			if !strings.Contains(p.Stdout.String(), w) {
+			if !strings.Contains(p.StdoutSoFar(), w) {
 				out = append(out, w)
 			}
 		}

@@ -106,8 +106,19 @@ type Proc struct {
 	Cmd    *exec.Cmd
 	Stdout *bytes.Buffer // safe to read after Wait or Stop
 	Stderr *bytes.Buffer
+	out    *lockedWriter
 	done   chan struct{}
 	err    error
+}
+
+// StdoutSoFar returns what the process has written to its standard output
+// so far; safe to call while it runs.
+func (p *Proc) StdoutSoFar() string {
+	for !p.out.mu.CompareAndSwap(false, true) {
+		runtime.Gosched()
+	}
+	defer p.out.mu.Store(false)
+	return p.out.b.String()
 }
 
 // Start starts a command in the namespace. It is killed (by PID) at cleanup
@@ -116,7 +127,8 @@ func (ns *NS) Start(args ...string) *Proc {
 	ns.t.Helper()
 	cmd := exec.Command("ip", append([]string{"netns", "exec", ns.Name}, args...)...)
 	p := &Proc{Cmd: cmd, Stdout: &bytes.Buffer{}, Stderr: &bytes.Buffer{}, done: make(chan struct{})}
-	cmd.Stdout, cmd.Stderr = &lockedWriter{b: p.Stdout}, &lockedWriter{b: p.Stderr}
+	p.out = &lockedWriter{b: p.Stdout}
+	cmd.Stdout, cmd.Stderr = p.out, &lockedWriter{b: p.Stderr}
 	cmd.SysProcAttr = &syscall.SysProcAttr{Setpgid: true}
 	if err := cmd.Start(); err != nil {
 		ns.t.Fatalf("testnet: start %s: %v", strings.Join(args, " "), err)
