@@ -8,8 +8,10 @@ import (
 )
 
 // Decide returns the verdict for a flow: allowed when any rule allows it,
-// crediting the first such rule in file order. It does not allocate when
-// in.Name is already normal (see NormalizeName).
+// crediting the first such rule in file order. A flow named for iCloud
+// Private Relay's ingress is allowed only by a rule that names it exactly
+// (relay.go). It does not allocate when in.Name is already normal (see
+// NormalizeName).
 func (e *Engine) Decide(in Input) Decision {
 	m := matcher{e: e, in: &in, best: -1, expired: -1, flow: true}
 	if e.hasExpiry && in.Now.IsZero() {
@@ -22,8 +24,9 @@ func (e *Engine) Decide(in Input) Decision {
 // DecideName says whether a client may resolve a name through egressd's
 // DNS: "DNS follows the names", so a rule allows the query when one of its
 // name patterns (or "*") matches and it applies to the client, whatever its
-// ports. CIDR entries open no names. Only Client, ClientMAC, Name and Now of
-// in are used.
+// ports. CIDR entries open no names, and Private Relay's names open only
+// by exact name (relay.go). Only Client, ClientMAC, Name and Now of in
+// are used.
 func (e *Engine) DecideName(in Input) Decision {
 	in.Dest, in.Path = netip.Addr{}, ""
 	m := matcher{e: e, in: &in, best: -1, expired: -1}
@@ -66,6 +69,9 @@ type matcher struct {
 	// found); 0 for all.
 	from int32
 	wild bool // considering "*" rules: a miss there says nothing of the destination
+	// relay: the name is Private Relay's ingress (IsPrivateRelay): only
+	// rules that name it exactly are considered (relay.go).
+	relay bool
 
 	best       int32 // lowest allowing rule, -1 none
 	expired    int32 // lowest expired rule that would allow, -1 none
@@ -78,18 +84,25 @@ type matcher struct {
 }
 
 func (m *matcher) run() {
+	name, named := "", false
+	if m.in.Name != "" {
+		name, named = NormalizeName(m.in.Name)
+		m.badName = !named
+		if named && IsPrivateRelay(name) {
+			// Neither "*" nor the destination address decides it, only
+			// the names (and of them the exact ones: names).
+			m.relay = true
+			m.names(name)
+			return
+		}
+	}
 	m.wild = true
 	for _, r := range m.e.anyRefs {
 		m.consider(ref{rule: r})
 	}
 	m.wild = false
-	if m.in.Name != "" {
-		name, ok := NormalizeName(m.in.Name)
-		if !ok {
-			m.badName = true
-		} else {
-			m.names(name)
-		}
+	if named {
+		m.names(name)
 	}
 	if m.flow && m.in.Dest.IsValid() {
 		m.addrs(m.in.Dest.Unmap())
@@ -107,10 +120,10 @@ func (m *matcher) names(name string) {
 		for start >= 0 && name[start] != '.' {
 			start--
 		}
-		if n.subN > 0 {
+		if n.subN > 0 && !m.relay {
 			m.refs(n.sub0, t.refs[n.subOff:n.subOff+n.subN])
 		}
-		if n.globN > 0 {
+		if n.globN > 0 && !m.relay {
 			rest := name[:end]
 			for _, g := range t.globs[n.globOff : n.globOff+n.globN] {
 				if g.g.Match(rest) {
@@ -235,6 +248,8 @@ func (m *matcher) decision() Decision {
 		d.Reason = ReasonPort
 	case m.clientMiss:
 		d.Reason = ReasonClient
+	case m.relay:
+		d.Reason = ReasonPrivateRelay
 	case m.badName:
 		d.Reason = ReasonInvalidName
 	case m.in.Name == "" && !m.in.Dest.IsValid():

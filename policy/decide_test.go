@@ -63,6 +63,10 @@ rules:
     from: [198.51.100.7]
     to: ["*"]
     ports: [53/udp]
+  - name: relay
+    from: [kiosks]
+    to: [mask-h2.icloud.com]
+    ports: [443/tcp]
 `
 
 func mustCompile(t testing.TB, src string) *Engine {

@@ -22,5 +22,9 @@
 //     knowledge, other protocols) it does not match;
 //   - CIDRs and IPs match the destination address (IPv4-mapped IPv6 is
 //     matched as IPv4); "private" is RFC 1918 plus ULA; "*" is anything;
+//   - iCloud Private Relay's ingress names, mask.icloud.com and
+//     mask-h2.icloud.com, match only a target that names them exactly:
+//     no wildcard, "*" or CIDR allows a flow or a query named for them
+//     (ReasonPrivateRelay, relay.go);
 //   - the first matching rule in file order is credited.
 package policy

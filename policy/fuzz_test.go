@@ -55,6 +55,11 @@ func FuzzDecide(f *testing.F) {
 	f.Add("notion.so", []byte{}, uint16(80), true, "", []byte{}, true)
 	f.Add("xn--fa-hia.de", []byte{0x20, 0x01, 0x0d, 0xb8, 0, 0x17, 0, 0, 0, 0, 0, 0, 0, 0, 0, 1}, uint16(443), true, "", []byte{}, false)
 	f.Add("\xff\x00", []byte{10, 0, 0, 1}, uint16(7001), false, "", []byte{198, 51, 100, 7}, false)
+	// Private Relay's ingress at an address the apple rule's CIDR holds,
+	// and through the "*" rule's client: refused (private-relay).
+	f.Add("mask-h2.icloud.com", []byte{17, 253, 1, 2}, uint16(443), true, "", []byte{}, false)
+	f.Add("MASK.icloud.com.", []byte{}, uint16(53), false, "", []byte{198, 51, 100, 7}, false)
+	f.Add("mask-h2.icloud.com", []byte{17, 253, 1, 2}, uint16(443), true, "", []byte{192, 168, 20, 5}, false) // the relay rule's client
 	f.Fuzz(func(t *testing.T, name string, dst []byte, port uint16, tcp bool, path string, client []byte, noPath bool) {
 		in := Input{Name: name, Port: port, Proto: UDP, Path: path, NoPath: noPath}
 		if tcp {
@@ -77,16 +82,17 @@ func FuzzDecide(f *testing.F) {
 // whose names (or "*") let the client resolve the name.
 func referenceNameRules(e *Engine, in Input) []int {
 	name, ok := NormalizeName(in.Name)
+	relay := ok && IsPrivateRelay(name)
 	var out []int
 	for i, r := range e.Rules() {
 		if !r.Expires.IsZero() || !r.From.Contains(in.Client, in.ClientMAC) {
 			continue // the fixture's only expiring rule expired in 2020
 		}
 		for _, t := range r.To {
-			m := t.Kind == TargetAny
+			m := t.Kind == TargetAny && !relay
 			if (t.Kind == TargetName || t.Kind == TargetHostPath) && ok && in.Name != "" {
 				g, _ := compileNameGlob(t.Pattern)
-				m = g.Match(name)
+				m = g.Match(name) && (!relay || t.Pattern == name)
 			}
 			if m {
 				out = append(out, i)
@@ -98,9 +104,11 @@ func referenceNameRules(e *Engine, in Input) []int {
 }
 
 // referenceDecide is the obvious, slow implementation: every rule in order,
-// every target matched on its own.
+// every target matched on its own. Private Relay's names (relay.go) match
+// only targets that name them exactly.
 func referenceDecide(e *Engine, in Input) int {
 	name, nameOK := NormalizeName(in.Name)
+	relay := nameOK && IsPrivateRelay(name)
 	dest := in.Dest.Unmap()
 	for i, r := range e.Rules() {
 		if !r.Expires.IsZero() && !in.Now.IsZero() && !in.Now.Before(r.Expires) {
@@ -123,15 +131,15 @@ func referenceDecide(e *Engine, in Input) int {
 			ok := false
 			switch t.Kind {
 			case TargetAny:
-				ok = true
+				ok = !relay
 			case TargetPrefix:
-				ok = dest.IsValid() && t.Prefix.Contains(dest)
+				ok = !relay && dest.IsValid() && t.Prefix.Contains(dest)
 			case TargetName, TargetHostPath:
 				if !nameOK || in.Name == "" {
 					break
 				}
 				g, _ := compileNameGlob(t.Pattern)
-				ok = g.Match(name)
+				ok = g.Match(name) && (!relay || t.Pattern == name)
 				if ok && t.Kind == TargetHostPath && in.NoPath {
 					ok = false // no path seen: a host/path target cannot match
 				} else if ok && t.Kind == TargetHostPath && in.Path != "" {

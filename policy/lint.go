@@ -20,6 +20,14 @@ func lint(e *Engine, now time.Time) []Problem {
 	warn := func(line, col int, format string, args ...any) {
 		ws = append(ws, Problem{File: p.File, Line: line, Col: col, Msg: fmt.Sprintf(format, args...)})
 	}
+	exactRelay := map[string]bool{}
+	for _, r := range p.Rules {
+		for _, t := range r.To {
+			if (t.Kind == TargetName || t.Kind == TargetHostPath) && IsPrivateRelay(t.Pattern) {
+				exactRelay[t.Pattern] = true
+			}
+		}
+	}
 	for j := range p.Rules {
 		r := &p.Rules[j]
 		if !r.Expires.IsZero() && !now.Before(r.Expires) {
@@ -43,6 +51,9 @@ func lint(e *Engine, now time.Time) []Problem {
 				warn(t.Line, t.Col, "rule %s: \"*\" also lets its clients resolve every name through egressd's DNS, which is a tunnel; to allow any address without opening DNS, write 0.0.0.0/0 and ::/0", r.Name)
 			case TargetHostPath:
 				warn(t.Line, t.Col, "rule %s: %q can only be checked on plain HTTP or with inspection enabled; on HTTPS without inspection it allows the whole host %s", r.Name, t.Raw, t.Pattern)
+			}
+			if relay := relayMatches(t, exactRelay); relay != "" {
+				warn(t.Line, t.Col, "rule %s: %q matches %s, iCloud Private Relay's ingress, which stays refused all the same (NXDOMAIN from egressd's DNS, %s at the proxies): the relay would carry an Apple device's traffic past every rule; to allow Private Relay, name %s exactly in a rule", r.Name, t.Raw, relay, ReasonPrivateRelay, relay)
 			}
 			if t.Kind == TargetName && (t.Pattern == "any" || t.Pattern == "all") {
 				// Read from "ports: any": a user who writes it in "to"
@@ -68,6 +79,30 @@ func lint(e *Engine, now time.Time) []Problem {
 	return ws
 }
 
+// relayMatches returns the Private Relay names that t matches without
+// naming them exactly (a wildcard, a glob, "*"), and that no rule of the
+// policy names exactly (exact), joined with "and"; "" for none.
+func relayMatches(t Target, exact map[string]bool) string {
+	var names []string
+	for _, n := range []string{PrivateRelayQUIC, PrivateRelayH2} {
+		if exact[n] {
+			continue
+		}
+		switch t.Kind {
+		case TargetAny:
+			names = append(names, n)
+		case TargetName, TargetHostPath:
+			if t.Pattern == n || !strings.Contains(t.Pattern, "*") {
+				continue
+			}
+			if g, err := compileNameGlob(t.Pattern); err == nil && g.Match(n) {
+				names = append(names, n)
+			}
+		}
+	}
+	return strings.Join(names, " and ")
+}
+
 // shadowedBy returns the earlier rules that together cover every target of
 // rule j for all its clients and ports, or nil when j is reachable.
 func shadowedBy(e *Engine, j int32) []int32 {
@@ -87,11 +122,23 @@ func shadowedBy(e *Engine, j int32) []int32 {
 				found = r.rule
 			}
 		}
-		for _, a := range e.anyRefs {
-			try(ref{rule: a})
+		relay := (t.Kind == TargetName || t.Kind == TargetHostPath) && IsPrivateRelay(t.Pattern)
+		if relay {
+			// Only a rule that names it exactly allows a relay name
+			// (relay.go): "*" and wildcards do not cover it.
+			walkExact(e.names, t.Pattern, func(r ref) {
+				if r.path == nil || (t.Kind == TargetHostPath && r.path.String() == t.path.String()) {
+					try(r)
+				}
+			})
+		} else {
+			for _, a := range e.anyRefs {
+				try(ref{rule: a})
+			}
 		}
-		switch t.Kind {
-		case TargetPrefix:
+		switch {
+		case relay:
+		case t.Kind == TargetPrefix:
 			bits := e.addrs.bits16
 			if t.Prefix.Addr().Is4() {
 				bits = e.addrs.bits4
@@ -105,7 +152,7 @@ func shadowedBy(e *Engine, j int32) []int32 {
 					try(ref{rule: r})
 				}
 			}
-		case TargetName, TargetHostPath:
+		case t.Kind == TargetName || t.Kind == TargetHostPath:
 			walkCovering(e.names, t, func(r ref) {
 				if r.path == nil || (t.Kind == TargetHostPath && r.path.String() == t.path.String()) {
 					try(r)
@@ -169,6 +216,21 @@ func walkCovering(root *nameNode, t Target, fn func(ref)) {
 		for _, r := range n.sub {
 			fn(r)
 		}
+	}
+}
+
+// walkExact calls fn for the name refs whose pattern is exactly name (no
+// '*').
+func walkExact(root *nameNode, name string, fn func(ref)) {
+	labels := strings.Split(name, ".")
+	n := root
+	for i := len(labels) - 1; i >= 0; i-- {
+		if n = n.children[labels[i]]; n == nil {
+			return
+		}
+	}
+	for _, r := range n.exact {
+		fn(r)
 	}
 }
 

@@ -119,4 +119,8 @@ const (
 	ReasonExpired       = "expired"            // only an expired rule would allow it
 	ReasonInvalidName   = "invalid-name"       // the name is not an ASCII hostname
 	ReasonNoDestination = "no-destination"     // neither a name nor an address was given
+	// ReasonPrivateRelay: the name is iCloud Private Relay's ingress
+	// (IsPrivateRelay) and no rule that names it exactly allows it; a
+	// wildcard, "*" or a CIDR rule does not (see relay.go).
+	ReasonPrivateRelay = "private-relay"
 )
