@@ -3,7 +3,9 @@
 // only what the policy lets each client resolve ("DNS follows the names",
 // policy.Engine.DecideName) and never sends a denied name upstream in
 // enforce mode, because the query itself is the exfiltration channel
-// (THREATS.md E1).
+// (THREATS.md E1). The canaries of clients that would take their traffic
+// elsewhere (Firefox's DoH, iCloud Private Relay's ingress) are answered
+// NXDOMAIN here in every mode (THREATS.md B3).
 //
 // Where it sits in the flow: a query arrives on a UDP or TCP listener, goes
 // through the chain in [Server.handle] (sanity, rate limit, hardening, policy,

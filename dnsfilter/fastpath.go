@@ -112,8 +112,8 @@ func (s *Server) fast(sc *scratch, c udpConn, pkt []byte, src netip.AddrPort) bo
 	now := s.now()
 	nowNs := now.UnixNano()
 	nameStr := unsafe.String(unsafe.SliceData(name), len(name)) // only for lookups below, never kept
-	if nameStr == canaryName {
-		return false
+	if nameStr == canaryName || policy.IsPrivateRelay(nameStr) {
+		return false // the general path answers the canaries
 	}
 	if s.rl != nil {
 		if ok, first := s.rl.allow(src.Addr(), nowNs); !ok {
