@@ -37,6 +37,7 @@ func FuzzServeWire(f *testing.F) {
 	f.Add(q("tracker.evil.example.", dns.TypeTXT, true))          // denied: REFUSED + EDE
 	f.Add(q("svc.allowed.test.", dns.TypeHTTPS, true))            // HTTPS with ech to strip
 	f.Add(q("use-application-dns.net.", dns.TypeA, false))        // canary
+	f.Add(q("Mask-H2.icloud.com.", dns.TypeHTTPS, true))          // Private Relay's canary
 	f.Add(q("allowed.test.", dns.TypeAXFR, false))                // zone transfer
 	f.Add([]byte{0xBE, 0xEF, 0x01, 0x00, 0, 1, 0, 0, 0, 0, 0, 0}) // header claims a question, none follows
 	f.Add([]byte{0xBE, 0xEF, 0x01, 0x00, 0, 1, 0, 0, 0, 0, 0, 0,
