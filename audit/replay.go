@@ -175,13 +175,14 @@ func (r *Replayer) Emit(ev Event) {
 // its DNS rate. Re-deciding only the name and address would call those
 // flows newly allowed, even against the policy that recorded them.
 // path-unseen is the policy's: the flow showed no path (Event.NoPath), and
-// it is decided again with Input.NoPath. The price: a candidate that would lift one of them (a CIDR rule that vouches
+// it is decided again with Input.NoPath; so is private-relay, which only a
+// rule naming iCloud Private Relay's ingress exactly lifts. The price: a candidate that would lift one of them (a CIDR rule that vouches
 // for the address of an sni-mismatch, one naming a special range) is not
 // shown as doing so.
 func policyReason(reason string) bool {
 	switch reason {
 	case "", policy.ReasonNoRule, policy.ReasonPort, policy.ReasonPath, policy.ReasonPathUnseen, policy.ReasonClient,
-		policy.ReasonExpired, policy.ReasonInvalidName, policy.ReasonNoDestination:
+		policy.ReasonExpired, policy.ReasonInvalidName, policy.ReasonNoDestination, policy.ReasonPrivateRelay:
 		return true
 	}
 	return false

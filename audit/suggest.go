@@ -323,6 +323,7 @@ var unsuggested = map[string]string{
 	policy.ReasonPathUnseen:    "only a host/path rule names the host and the stream showed no HTTP/1 path: a host rule would open every path",
 	policy.ReasonInvalidName:   "the name is not an ASCII host name: no rule matches it",
 	policy.ReasonNoDestination: "neither a name nor an address was seen: no rule matches it",
+	policy.ReasonPrivateRelay:  "iCloud Private Relay's ingress (mask.icloud.com, mask-h2.icloud.com), refused on purpose so that Apple devices connect directly: only a rule naming it exactly opens the relay, which egressd does not suggest",
 	"sni-mismatch":             "the name is allowed, but the address was not given out for it (a client using another resolver, or a hard-coded address): no rule fixes this",
 	"special-range":            "the address is in a guarded range (loopback, link-local, CGNAT, cloud metadata, the gateway): only a CIDR rule naming it opens it, which egressd does not suggest",
 	"duplicate-sni":            "a ClientHello with more than one server name: no rule allows it",
