@@ -205,8 +205,9 @@ func (tp *topo) makePKI(t *testing.T) {
 }
 
 // startNginx runs Debian's nginx in the internet namespace: TLS on 443
-// (IPv4 and IPv6), 10516, 5223, 5228 and 5230, plain HTTP on 80, every server answering
-// with the SNI, Host, port and path it saw.
+// (IPv4 and IPv6; the bare APNs address too, where Apple's Private Relay
+// ingress would be), 10516, 5223, 5228 and 5230, plain HTTP on 80, every
+// server answering with the SNI, Host, port and path it saw.
 func (tp *topo) startNginx(t *testing.T) {
 	t.Helper()
 	d := tp.dir
@@ -214,7 +215,7 @@ func (tp *topo) startNginx(t *testing.T) {
 	var listen string
 	for _, l := range []string{dockerIP4 + ":443 ssl", "[" + dockerIP6 + "]:443 ssl", vendorIP + ":443 ssl", vendorIP + ":80",
 		notionIP + ":443 ssl", trackerIP + ":443 ssl", lookalikeIP + ":443 ssl", intakeIP + ":10516 ssl",
-		apnsIP + ":5223 ssl", apnsBareIP + ":5223 ssl", fcmIP + ":5228 ssl", fcmIP + ":5230 ssl"} {
+		apnsIP + ":5223 ssl", apnsBareIP + ":5223 ssl", apnsBareIP + ":443 ssl", fcmIP + ":5228 ssl", fcmIP + ":5230 ssl"} {
 		listen += "\t\tlisten " + l + ";\n"
 	}
 	conf := fmt.Sprintf(`user root;
