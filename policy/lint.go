@@ -53,7 +53,7 @@ func lint(e *Engine, now time.Time) []Problem {
 				warn(t.Line, t.Col, "rule %s: %q can only be checked on plain HTTP or with inspection enabled; on HTTPS without inspection it allows the whole host %s", r.Name, t.Raw, t.Pattern)
 			}
 			if relay := relayMatches(t, exactRelay); relay != "" {
-				warn(t.Line, t.Col, "rule %s: %q matches %s, iCloud Private Relay's ingress, which stays refused all the same (NXDOMAIN from egressd's DNS, %s at the proxies): the relay would carry an Apple device's traffic past every rule; to allow Private Relay, name %s exactly in a rule", r.Name, t.Raw, relay, ReasonPrivateRelay, relay)
+				warn(t.Line, t.Col, "rule %s: %q matches iCloud Private Relay's ingress (%s), which egressd refuses all the same (NXDOMAIN from its DNS, %s at the proxies): the relay would carry an Apple device's traffic past every rule; to allow Private Relay, name %s exactly in a rule", r.Name, t.Raw, relay, ReasonPrivateRelay, relay)
 			}
 			if t.Kind == TargetName && (t.Pattern == "any" || t.Pattern == "all") {
 				// Read from "ports: any": a user who writes it in "to"

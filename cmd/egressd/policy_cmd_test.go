@@ -129,6 +129,36 @@ func TestExplainPathOverHTTPS(t *testing.T) {
 	}
 }
 
+// TestExplainPrivateRelay: iCloud Private Relay's ingress at an address
+// apple-mdm's 17.0.0.0/8 holds is denied (private-relay), does not
+// resolve, and explain says why and how a rule would allow it; the address
+// alone is still apple-mdm's.
+func TestExplainPrivateRelay(t *testing.T) {
+	for _, to := range []string{"mask-h2.icloud.com", "https://mask.icloud.com/"} {
+		code, out, stderr := runCLI(t, "policy", "explain", "profile:nirovision", "--to", to, "--json")
+		if code != 0 {
+			t.Fatalf("%s: exit %d: %s", to, code, stderr)
+		}
+		var ex struct {
+			Verdict, Reason, DNS string
+			Warnings             []string
+		}
+		if err := json.Unmarshal([]byte(out), &ex); err != nil {
+			t.Fatalf("%s: %v: %q", to, err, out)
+		}
+		if ex.Verdict != "deny" || ex.Reason != "private-relay" || ex.DNS != "deny" {
+			t.Errorf("%s: %+v, want deny private-relay, not resolved", to, ex)
+		}
+		if w := strings.Join(ex.Warnings, "\n"); !strings.Contains(w, "Private Relay") || !strings.Contains(w, "NXDOMAIN") || !strings.Contains(w, "exactly") {
+			t.Errorf("%s: notes %q, want why and how to allow it", to, ex.Warnings)
+		}
+	}
+	code, out, _ := runCLI(t, "policy", "explain", "profile:nirovision", "--to", "17.253.1.2")
+	if code != 0 || !strings.Contains(out, "ALLOW") || !strings.Contains(out, "apple-mdm") {
+		t.Errorf("17.253.1.2 without a name: %s", out)
+	}
+}
+
 func TestPolicyCheckExitCodes(t *testing.T) {
 	dir := t.TempDir()
 	good := filepath.Join(dir, "good.yaml")
