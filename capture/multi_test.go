@@ -289,3 +289,44 @@ func askWithin(c net.Conn, timeout time.Duration, req []byte) error {
 	}
 	return nil
 }
+
+// TestSeveralSourcesClockSetBack: the wall clock set back (NTP stepping a
+// clock that ran ahead) leaves the packets already in a ring stamped
+// after the new time. With another socket that has nothing to hand over,
+// such a packet must still go into the pipeline, not wait until the clock
+// has caught up with its stamp (an hour here), holding its socket's ring
+// and blinding capture on that interface the while.
+func TestSeveralSourcesClockSetBack(t *testing.T) {
+	var (
+		macA   = net.HardwareAddr{0x02, 0, 0, 0, 0xa, 1}
+		macGWA = net.HardwareAddr{0x02, 0, 0, 0, 0xa, 0xfe}
+		macGWB = net.HardwareAddr{0x02, 0, 0, 0, 0xb, 0xfe}
+		cli    = netip.MustParseAddrPort("198.18.21.10:40000")
+		out    = netip.MustParseAddrPort("198.51.100.9:9000")
+	)
+	a, b := &fakeSource{}, &fakeSource{}
+	ahead := time.Now().Add(time.Hour) // stamped before the clock went back an hour
+	for i := range 3 {
+		a.frames = append(a.frames, udpFrame(t, macA, macGWA, cli, out, []byte("ping")))
+		a.times = append(a.times, ahead.Add(time.Duration(i)*time.Millisecond))
+	}
+	c, err := New(Config{Interfaces: []string{"lana", "lanb"}, OwnAddrs: []netip.Addr{}}, Deps{Policy: policy.NewStore(testEngine(t, testPolicy)), Sink: &recorder{}})
+	if err != nil {
+		t.Fatal(err)
+	}
+	c.sources = []source{{name: "lana", h: a, mac: [6]byte(macGWA), hasMAC: true}, {name: "lanb", h: b, mac: [6]byte(macGWB), hasMAC: true}}
+	ctx, cancel := context.WithCancel(context.Background())
+	done := make(chan error, 1)
+	go func() { done <- c.Run(ctx) }()
+	deadline := time.Now().Add(5 * time.Second)
+	for c.Stats().Packets < 3 && time.Now().Before(deadline) {
+		time.Sleep(10 * time.Millisecond)
+	}
+	cancel()
+	if err := <-done; err != nil {
+		t.Fatal(err)
+	}
+	if n := c.Stats().Packets; n != 3 {
+		t.Errorf("%d of 3 packets stamped before the clock went back read while the other socket is idle", n)
+	}
+}
