@@ -321,7 +321,8 @@ const mergeLag = ringLag
 // to another, the one that came in (from its client, with the client's
 // MAC address) goes first and its flow is counted on that interface. The
 // earliest head goes when every socket has one, or when it is mergeLag
-// old (the others have nothing before it). At equal times a frame the
+// old (the others have nothing before it), or stamped after now (the
+// clock was set back). At equal times a frame the
 // gateway did not send goes first. It returns -1 when none may go yet,
 // and then how old the earliest head is (0: there is none).
 func (p *proc) nextHead(heads []head, now time.Time) (int, time.Duration) {
@@ -342,7 +343,11 @@ func (p *proc) nextHead(heads []head, now time.Time) (int, time.Duration) {
 		return best, 0
 	}
 	age := now.Sub(heads[best].ci.Timestamp)
-	if age >= mergeLag {
+	if age >= mergeLag || age < 0 {
+		// A stamp after now: the wall clock was set back since the
+		// kernel took it. Waiting for the clock to catch up would hold
+		// this socket's ring as long as the step; the order of the
+		// packets around the step is lost anyway.
 		return best, 0
 	}
 	return -1, max(age, time.Nanosecond)
