@@ -150,6 +150,7 @@ func (p *Proxy) ServeExplicit(ln net.Listener) error {
 		ConnContext: func(ctx context.Context, c net.Conn) context.Context {
 			return context.WithValue(ctx, clientConnKey{}, c)
 		},
+		ConnState: p.explicitConnState,
 	}
 	p.mu.Lock()
 	if p.closed {
@@ -165,6 +166,49 @@ func (p *Proxy) ServeExplicit(ln net.Listener) error {
 		return nil
 	}
 	return err
+}
+
+// explicitConnState gives every connection of the explicit listener a
+// connection slot (acquire) from accept to close, as the transparent
+// listener does: without one, a client could open any number of
+// connections and hold each in an unfinished request head (up to
+// HelloMaxBytes of it, for HelloTimeout) or idle between requests, each
+// with a goroutine and its buffers. A connection over a limit is closed
+// at once (counted and logged by acquire; no event: no request was read).
+// A hijacked connection (a CONNECT) gives its slot back, and the tunnel
+// takes one of its own (tunnelConnect) or this one (takeExplicitSlot).
+func (p *Proxy) explicitConnState(c net.Conn, state http.ConnState) {
+	switch state {
+	case http.StateNew:
+		client := addrPortOf(c.RemoteAddr()).Addr()
+		if !p.acquire(client) {
+			if tc, ok := c.(*net.TCPConn); ok {
+				tc.SetLinger(0)
+			}
+			c.Close()
+			return
+		}
+		p.explicitSlots.Store(c, client)
+	case http.StateHijacked, http.StateClosed:
+		if client, ok := p.explicitSlots.LoadAndDelete(c); ok {
+			p.release(client.(netip.Addr))
+		}
+	}
+}
+
+// takeExplicitSlot gives the caller the connection slot of r's client
+// connection, which the caller then releases: an inspected CONNECT's
+// connection keeps the slot it was accepted with (acquiring a second one
+// before the hijack gave the first back would count it twice). When the
+// connection has none (a test's handler without the listener), it
+// acquires one.
+func (p *Proxy) takeExplicitSlot(r *http.Request, client netip.Addr) bool {
+	if c, ok := r.Context().Value(clientConnKey{}).(net.Conn); ok {
+		if _, ok := p.explicitSlots.LoadAndDelete(c); ok {
+			return true
+		}
+	}
+	return p.acquire(client)
 }
 
 // explicitHandler checks proxy authentication (407) before goproxy.
@@ -555,7 +599,7 @@ func (p *Proxy) handleConnect(host string, ctx *goproxy.ProxyCtx) (*goproxy.Conn
 	if v.inspect && v.d.Allowed() {
 		if _, err := p.ensureCA(); err == nil {
 			kp, _ := r.Context().Value(hijackKey{}).(*keepPipelined)
-			if kp != nil && !p.acquire(ca.Addr()) {
+			if kp != nil && !p.takeExplicitSlot(r, ca.Addr()) {
 				f.ev.Stamp(policy.Decision{Verdict: policy.Deny, RuleIndex: -1, Reason: ReasonLimit, Mode: v.d.Mode})
 				f.ev.Enforced, f.ev.Close = true, closeLimit
 				p.finish(f)

@@ -913,7 +913,8 @@ func TestCertStoreRenews(t *testing.T) {
 // TestExplicitInspectLimit: inspected CONNECTs hold connection slots like
 // spliced ones, so MaxConnsPerClient caps them (they were not counted: a
 // client could hold any number of them open), and a closed one gives its
-// slot back.
+// slot back. An inspected CONNECT keeps the slot its connection was
+// accepted with (TestExplicitConnectionsLimited): two fit a cap of 2.
 func TestExplicitInspectLimit(t *testing.T) {
 	addr, _, tlsPort, caPool := loopbackExplicit(t, `version: 1
 mode: enforce
@@ -941,22 +942,39 @@ rules:
 	}
 	first, _ := open(t)
 	open(t)
-	if _, code := open(t); code != http.StatusServiceUnavailable {
-		t.Errorf("a third inspected CONNECT over the client's cap of 2: %d, want 503", code)
+	// A third connection is over the cap: closed at accept (as on the
+	// transparent listener), before its CONNECT is read.
+	if c, err := net.Dial("tcp", addr); err == nil {
+		c.SetDeadline(time.Now().Add(5 * time.Second))
+		fmt.Fprintf(c, "CONNECT docs.paths.test:%d HTTP/1.1\r\nHost: docs.paths.test:%d\r\n\r\n", tlsPort, tlsPort)
+		if b, _ := io.ReadAll(c); len(b) != 0 {
+			t.Errorf("a third connection over the client's cap of 2 got %q, want it closed", b)
+		}
+		c.Close()
 	}
 	first.Close()
+	// Until the slot is back, a new connection is closed at accept.
 	deadline := time.Now().Add(5 * time.Second)
 	for {
-		c, code := open(t)
+		code, err := connectStatus(addr, tlsPort)
 		if code == 200 {
-			c.Close()
 			break
 		}
 		if time.Now().After(deadline) {
-			t.Fatalf("the closed inspected connection's slot was not given back: %d", code)
+			t.Fatalf("the closed inspected connection's slot was not given back: %d %v", code, err)
 		}
 		time.Sleep(50 * time.Millisecond)
 	}
+}
+
+// connectStatus is connectOpen with the connection closed: the status,
+// 0 when the proxy closed it without one.
+func connectStatus(addr string, port int) (int, error) {
+	c, code, err := connectOpen(addr, port)
+	if c != nil {
+		c.Close()
+	}
+	return code, err
 }
 
 // TestExplicitInspectUpstreamFails: when the origin of an inspected
@@ -1115,4 +1133,135 @@ func TestCertStoreBounded(t *testing.T) {
 	if n > 4097 {
 		t.Errorf("%d leaves cached after 10,000 hosts, bound 4,097", n)
 	}
+}
+
+// TestExplicitConnectionsLimited: connections to the explicit listener
+// hold a connection slot from accept to close, as transparent ones do, so
+// MaxConnsPerClient caps them. Only CONNECT tunnels took one: a client
+// could open any number of connections and hold each in its request head
+// (up to 64 KiB of it, for HelloTimeout) or idle between requests (90 s),
+// each with its goroutine and buffers. A connection over the cap is closed
+// at once; the slots come back when connections close; a CONNECT tunnel
+// holds one slot, not two.
+func TestExplicitConnectionsLimited(t *testing.T) {
+	const limit = 4
+	addr, plainPort, tlsPort, _ := loopbackExplicit(t, `version: 1
+mode: enforce
+rules:
+  - name: docs
+    to: ["docs.paths.test"]
+    ports: [%d/tcp, %d/tcp]
+`, func(c *Config) { c.MaxConnsPerClient = limit; c.HelloTimeout = 20 * time.Second })
+	// open dials and sends the start of a request head; it returns the
+	// connection, nil when the proxy refused it before the dial returned
+	// (a reset on loopback can be that quick).
+	open := func() net.Conn {
+		c, err := net.Dial("tcp", addr)
+		if err != nil {
+			return nil
+		}
+		t.Cleanup(func() { c.Close() })
+		fmt.Fprintf(c, "GET http://docs.paths.test:%d/ HTTP/1.1\r\nX-Slow: aaaa", plainPort)
+		return c
+	}
+	// alive reports whether the proxy keeps c open: a read sees no end
+	// (EOF or a reset) within the wait.
+	alive := func(c net.Conn) bool {
+		if c == nil {
+			return false
+		}
+		c.SetReadDeadline(time.Now().Add(300 * time.Millisecond))
+		_, err := c.Read(make([]byte, 1))
+		var ne net.Error
+		return errors.As(err, &ne) && ne.Timeout()
+	}
+	var conns []net.Conn
+	for range 3 * limit {
+		conns = append(conns, open())
+	}
+	kept := 0
+	for _, c := range conns {
+		if alive(c) {
+			kept++
+		}
+	}
+	if kept != limit {
+		t.Fatalf("%d of %d connections with an unfinished head are kept open, want the client's cap %d", kept, len(conns), limit)
+	}
+	for _, c := range conns {
+		if c != nil {
+			c.Close()
+		}
+	}
+	// The slots come back: a request and CONNECT tunnels up to the cap.
+	deadline := time.Now().Add(5 * time.Second)
+	for {
+		resp, err := explicitGet(addr, fmt.Sprintf("http://docs.paths.test:%d/x", plainPort))
+		if err == nil && resp == 200 {
+			break
+		}
+		if time.Now().After(deadline) {
+			t.Fatalf("a request after every connection closed: %d %v", resp, err)
+		}
+		time.Sleep(50 * time.Millisecond)
+	}
+	// Each CONNECT tunnel holds one slot: the cap's worth of them stay
+	// open together (the request's connection may hold its slot a moment
+	// after the client closed it: each is tried until the deadline).
+	for i := range limit {
+		for {
+			c, code, err := connectOpen(addr, tlsPort)
+			if code == 200 {
+				t.Cleanup(func() { c.Close() })
+				break
+			}
+			if time.Now().After(deadline) {
+				t.Fatalf("CONNECT %d of %d: %d %v", i+1, limit, code, err)
+			}
+			time.Sleep(50 * time.Millisecond)
+		}
+	}
+	if code, err := connectStatus(addr, tlsPort); code != 0 {
+		t.Errorf("a CONNECT over the cap, with %d tunnels open: %d %v, want the connection closed", limit, code, err)
+	}
+}
+
+// connectOpen sends CONNECT docs.paths.test:port to the explicit proxy at
+// addr and returns the connection, left open when the status is 200.
+func connectOpen(addr string, port int) (net.Conn, int, error) {
+	conn, err := net.Dial("tcp", addr)
+	if err != nil {
+		return nil, 0, err
+	}
+	conn.SetDeadline(time.Now().Add(5 * time.Second))
+	auth := fmt.Sprintf("docs.paths.test:%d", port)
+	fmt.Fprintf(conn, "CONNECT %s HTTP/1.1\r\nHost: %s\r\n\r\n", auth, auth)
+	resp, err := http.ReadResponse(bufio.NewReader(conn), &http.Request{Method: http.MethodConnect})
+	if err != nil || resp.StatusCode != 200 {
+		conn.Close()
+		if err != nil {
+			return nil, 0, err
+		}
+		return nil, resp.StatusCode, nil
+	}
+	conn.SetDeadline(time.Time{})
+	return conn, 200, nil
+}
+
+// explicitGet sends one request through the explicit proxy at addr on a
+// connection of its own and returns the status.
+func explicitGet(addr, url string) (int, error) {
+	c, err := net.Dial("tcp", addr)
+	if err != nil {
+		return 0, err
+	}
+	defer c.Close()
+	c.SetDeadline(time.Now().Add(5 * time.Second))
+	fmt.Fprintf(c, "GET %s HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n", url)
+	resp, err := http.ReadResponse(bufio.NewReader(c), nil)
+	if err != nil {
+		return 0, err
+	}
+	resp.Body.Close()
+	return resp.StatusCode, nil
 }

@@ -70,6 +70,10 @@ type Proxy struct {
 	total    int
 	lastWarn map[string]time.Time // per limit scope, to keep the log line rate-limited
 
+	// explicitSlots are the explicit listener's connections that hold a
+	// connection slot (net.Conn → client netip.Addr): explicitConnState.
+	explicitSlots sync.Map
+
 	mu        sync.Mutex // guards following
 	closed    bool
 	listeners map[net.Listener]struct{}
