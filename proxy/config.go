@@ -79,6 +79,11 @@ type Config struct {
 	// MaxConnsPerClient caps concurrent connections of one client address.
 	// Zero: 5,000; negative: no cap.
 	MaxConnsPerClient int
+	// PeekBudget bounds the bytes that the ClientHellos and request heads
+	// being read hold, all connections together, beyond the first 4 KiB
+	// of each (peekbudget.go); a connection whose hello or head does not
+	// fit is refused (connection-limit). Zero: 16 MiB; negative: no bound.
+	PeekBudget int
 
 	// DenyPage is the body of the HTTP 403 answer, an html/template
 	// executed with a DenyInfo. Empty: a short built-in page.
@@ -189,6 +194,7 @@ const (
 	defaultHalfCloseTimeout  = 30 * time.Second
 	defaultMaxConns          = 50000
 	defaultMaxConnsPerClient = 5000
+	defaultPeekBudget        = 16 << 20
 )
 
 const defaultDenyPage = `<!doctype html>
@@ -229,6 +235,9 @@ func (c Config) withDefaults() Config {
 	}
 	if c.MaxConnsPerClient == 0 {
 		c.MaxConnsPerClient = defaultMaxConnsPerClient
+	}
+	if c.PeekBudget == 0 {
+		c.PeekBudget = defaultPeekBudget
 	}
 	if c.DenyPage == "" {
 		c.DenyPage = defaultDenyPage

@@ -161,7 +161,7 @@ func (p *Proxy) ServeExplicit(ln net.Listener) error {
 	p.servers[srv] = struct{}{}
 	p.mu.Unlock()
 	p.ownAddrs()
-	err := srv.Serve(ln)
+	err := srv.Serve(peekListener{ln, p})
 	if errors.Is(err, http.ErrServerClosed) {
 		return nil
 	}
@@ -182,7 +182,7 @@ func (p *Proxy) explicitConnState(c net.Conn, state http.ConnState) {
 	case http.StateNew:
 		client := addrPortOf(c.RemoteAddr()).Addr()
 		if !p.acquire(client) {
-			if tc, ok := c.(*net.TCPConn); ok {
+			if tc, ok := bareConn(c).(*net.TCPConn); ok {
 				tc.SetLinger(0)
 			}
 			c.Close()
@@ -192,6 +192,9 @@ func (p *Proxy) explicitConnState(c net.Conn, state http.ConnState) {
 	case http.StateHijacked, http.StateClosed:
 		if client, ok := p.explicitSlots.LoadAndDelete(c); ok {
 			p.release(client.(netip.Addr))
+		}
+		if state == http.StateHijacked {
+			bareConn(c) // the request head's bytes go back to the peek budget
 		}
 	}
 }
@@ -222,6 +225,12 @@ func (p *Proxy) takeExplicitSlot(r *http.Request, client netip.Addr) bool {
 // in the report.
 func (p *Proxy) explicitHandler() http.Handler {
 	return http.HandlerFunc(func(w http.ResponseWriter, r *http.Request) {
+		if pc, ok := r.Context().Value(clientConnKey{}).(*peekConn); ok {
+			// The head is read: its bytes go back to the peek
+			// budget; the next request's head counts again.
+			pc.headRead()
+			defer pc.nextHead()
+		}
 		if auth := p.authOK(r); auth != authGranted {
 			ca := addrPortOf(tcpAddrString(r.RemoteAddr))
 			ev := audit.Event{Kind: audit.KindRequest, Source: audit.SourceProxy, Time: time.Now(),
@@ -305,6 +314,7 @@ func (k *keepPipelined) Hijack() (net.Conn, *bufio.ReadWriter, error) {
 		return nil, nil, http.ErrNotSupported
 	}
 	c, rw, err := h.Hijack()
+	c = bareConn(c)  // a *net.TCPConn again: the tunnel splices it
 	var early uint64 // bytes the client sent with the CONNECT head, read already
 	if err == nil {
 		early = uint64(rw.Reader.Buffered())

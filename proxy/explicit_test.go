@@ -520,6 +520,14 @@ func loopbackExplicitSink(t testing.TB, policyFmt string, config func(*Config), 
 // running origin instead (nil: the default handler).
 func loopbackExplicitOrigin(t testing.TB, policyFmt string, config func(*Config), sink audit.Sink, origin http.Handler) (string, int, int, *x509.CertPool) {
 	t.Helper()
+	addr, plainPort, tlsPort, caPool, _ := loopbackExplicitProxy(t, policyFmt, config, sink, origin)
+	return addr, plainPort, tlsPort, caPool
+}
+
+// loopbackExplicitProxy is loopbackExplicitOrigin that also returns the
+// proxy.
+func loopbackExplicitProxy(t testing.TB, policyFmt string, config func(*Config), sink audit.Sink, origin http.Handler) (string, int, int, *x509.CertPool, *Proxy) {
+	t.Helper()
 	pk := newPKI(t)
 	plainLn, err := net.Listen("tcp", "127.0.0.1:0")
 	if err != nil {
@@ -582,7 +590,7 @@ func loopbackExplicitOrigin(t testing.TB, policyFmt string, config func(*Config)
 	done := make(chan struct{})
 	go func() { p.ServeExplicit(ln); close(done) }()
 	t.Cleanup(func() { p.Close(); <-done })
-	return ln.Addr().String(), plainPort, tlsPort, caPool
+	return ln.Addr().String(), plainPort, tlsPort, caPool, p
 }
 
 // connectDocs dials the explicit proxy at addr (loopbackExplicit's) and

@@ -23,10 +23,16 @@ var (
 // recorder reads from r and keeps every byte it read, up to max; past max
 // it fails with errHelloTooLarge. The recorded bytes are replayed to the
 // destination, so nothing read for the peek is lost.
+//
+// Past peekFree bytes the recording takes its room from the proxy's peek
+// budget (share; peekbudget.go), and a read that does not fit fails with
+// errPeekBudget. The caller gives the share back once the recording has
+// been replayed.
 type recorder struct {
-	r   io.Reader
-	buf []byte
-	max int
+	r     io.Reader
+	buf   []byte
+	max   int
+	share peekShare
 }
 
 func (rc *recorder) Read(p []byte) (int, error) {
@@ -37,9 +43,32 @@ func (rc *recorder) Read(p []byte) (int, error) {
 	if len(p) > room {
 		p = p[:room]
 	}
+	k := rc.share.fit(len(rc.buf), len(p))
+	if k == 0 {
+		return 0, errPeekBudget
+	}
+	p = p[:k]
 	n, err := rc.r.Read(p)
+	rc.grow(n)
 	rc.buf = append(rc.buf, p[:n]...)
 	return n, err
+}
+
+// grow makes room for n more bytes: doubling, but within what the share
+// holds (so the recording's memory is what the budget counts) and max.
+func (rc *recorder) grow(n int) {
+	need := len(rc.buf) + n
+	if need <= cap(rc.buf) {
+		return
+	}
+	c := max(need, 2*cap(rc.buf), 512)
+	if rc.share.b != nil {
+		c = min(c, peekFree+rc.share.held)
+	}
+	c = max(min(c, rc.max), need)
+	nb := make([]byte, len(rc.buf), c)
+	copy(nb, rc.buf)
+	rc.buf = nb
 }
 
 // fill reads until at least n bytes are recorded, taking what is there
@@ -235,6 +264,8 @@ func readClientHelloTLS(rc *recorder) (ch clientHello, err error) {
 	switch {
 	case errors.Is(herr, errHelloTooLarge):
 		return ch, errHelloTooLarge
+	case errors.Is(herr, errPeekBudget):
+		return ch, errPeekBudget
 	case isTimeout(herr), errors.Is(herr, io.EOF), errors.Is(herr, io.ErrUnexpectedEOF), errors.Is(herr, net.ErrClosed):
 		return ch, herr
 	}

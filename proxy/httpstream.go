@@ -80,6 +80,8 @@ func httpErrDecision(eng *policy.Engine, err error) policy.Decision {
 		return denyDecision(eng, ReasonHostMismatch)
 	case errors.Is(err, errHelloTooLarge), errors.Is(err, httpwire.ErrHeadTooLarge):
 		return denyDecision(eng, ReasonHelloTooLarge)
+	case errors.Is(err, errPeekBudget):
+		return denyDecision(eng, ReasonLimit)
 	case errors.Is(err, httpwire.ErrHeadFraming):
 		return denyDecision(eng, ReasonHTTPFraming)
 	case isTimeout(err):

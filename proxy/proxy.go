@@ -32,6 +32,7 @@ type Proxy struct {
 	deps    Deps
 	log     *slog.Logger
 	met     *metrics
+	peekMem *peekBudget // nil: unbounded (Config.PeekBudget < 0)
 	deny    *template.Template
 	engines engineCache
 
@@ -145,6 +146,7 @@ func New(cfg Config, deps Deps) (*Proxy, error) {
 		log:       deps.Logger.With(audit.LogComponent, "proxy"),
 		met:       met,
 		deny:      tpl,
+		peekMem:   newPeekBudget(cfg.PeekBudget),
 		perIP:     map[netip.Addr]int{},
 		lastWarn:  map[string]time.Time{},
 		listeners: map[net.Listener]struct{}{},

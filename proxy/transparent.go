@@ -93,6 +93,7 @@ func (p *Proxy) handleTransparent(c *net.TCPConn, ours bool) {
 	}
 
 	kind, v, head := p.peek(c, eng, in, start, ours && p.deferAccept)
+	defer head.rec.share.release() // the recording is replayed by then
 	p.met.peek.Observe(time.Since(start).Seconds())
 	f.ev.Stamp(v.d)
 	f.ev.Name, f.ev.NameSource = v.name, v.src
@@ -272,7 +273,7 @@ type peekResult struct {
 // peek reads the first bytes within the hello deadline and decides.
 // deferred: c was accepted under TCP_DEFER_ACCEPT (firstBytes).
 func (p *Proxy) peek(c *net.TCPConn, eng *policy.Engine, in policy.Input, start time.Time, deferred bool) (streamKind, verdict, peekResult) {
-	rc := &recorder{r: c, max: p.cfg.HelloMaxBytes}
+	rc := &recorder{r: c, max: p.cfg.HelloMaxBytes, share: peekShare{b: p.peekMem}}
 	res := peekResult{rec: rc}
 	defer c.SetReadDeadline(time.Time{})
 	ctx := context.Background()
@@ -317,6 +318,9 @@ func (p *Proxy) peek(c *net.TCPConn, eng *policy.Engine, in policy.Input, start 
 				v.d = denyDecision(eng, ReasonDuplicateSNI)
 			case errors.Is(err, errHelloTooLarge):
 				v.d = denyDecision(eng, ReasonHelloTooLarge)
+			case errors.Is(err, errPeekBudget):
+				p.peekRefused(in.Client)
+				v.d = denyDecision(eng, ReasonLimit)
 			case isTimeout(err):
 				v.d = denyDecision(eng, ReasonHelloTimeout)
 			default:
@@ -348,6 +352,9 @@ func (p *Proxy) peek(c *net.TCPConn, eng *policy.Engine, in policy.Input, start 
 	}
 	h, err := readHTTPHead(rc)
 	res.Path, _, _ = strings.Cut(h.Path, "?") // the query stays out of events and logs
+	if errors.Is(err, errPeekBudget) {
+		p.peekRefused(in.Client)
+	}
 	if err != nil {
 		return kindHTTP, verdict{d: httpErrDecision(eng, err), src: audit.NameNone, how: byBytes}, res
 	}

@@ -1,0 +1,218 @@
+package proxy
+
+import (
+	"bytes"
+	"errors"
+	"fmt"
+	"net"
+	"net/netip"
+	"runtime"
+	"strings"
+	"sync"
+	"sync/atomic"
+	"testing"
+	"time"
+
+	"egressd/audit"
+)
+
+// heapInUse is the heap in use after a collection.
+func heapInUse() int64 {
+	runtime.GC()
+	runtime.GC()
+	var ms runtime.MemStats
+	runtime.ReadMemStats(&ms)
+	return int64(ms.HeapInuse)
+}
+
+// bigHelloStart is the first 60 KB of a ClientHello that announces a
+// 60,000-byte handshake message in four records: a client that sends this
+// and stops holds the proxy in its peek until HelloTimeout.
+func bigHelloStart() []byte {
+	const total = 60000
+	hs := append([]byte{1, byte(total >> 16), byte(total >> 8), byte(total & 0xff)}, make([]byte, total)...)
+	var b []byte
+	for len(hs) > 0 {
+		k := min(16384, len(hs))
+		b = append(b, 0x16, 3, 1, byte(k>>8), byte(k))
+		b = append(b, hs[:k]...)
+		hs = hs[k:]
+	}
+	return b[:len(b)-100]
+}
+
+// bigHeadStart is the first 60 KB of a request head that never ends.
+func bigHeadStart(target string) []byte {
+	return append([]byte("GET "+target+" HTTP/1.1\r\nHost: www.allowed.test\r\n"), bytes.Repeat([]byte("X-Pad: "+strings.Repeat("a", 53)+"\r\n"), 1000)...)
+}
+
+// closedByPeer counts the connections the proxy has closed: a read ends
+// (EOF, a reset, an alert and then the end) within the wait rather than
+// timing out. The connections are read at once, with one deadline.
+func closedByPeer(conns []net.Conn, wait time.Duration) int {
+	deadline := time.Now().Add(wait)
+	var closed atomic.Int64
+	var wg sync.WaitGroup
+	for _, c := range conns {
+		wg.Add(1)
+		go func() {
+			defer wg.Done()
+			c.SetReadDeadline(deadline)
+			buf := make([]byte, 512)
+			for {
+				_, err := c.Read(buf)
+				if err == nil {
+					continue
+				}
+				var ne net.Error
+				if !(errors.As(err, &ne) && ne.Timeout()) {
+					closed.Add(1)
+				}
+				return
+			}
+		}()
+	}
+	wg.Wait()
+	return int(closed.Load())
+}
+
+// TestPeekBudget: clients that send the first 60 KB of a ClientHello or of
+// a request head and stop hold the transparent proxy in its peek until the
+// hello deadline. Each such connection held its recording (up to
+// HelloMaxBytes, 64 KiB) and crypto/tls's copies of it: some 80 KiB of heap
+// each, 400 MB for one client address's 5,000 connections. The bytes past
+// each connection's first 4 KiB now come from the peek budget: the heap
+// the connections hold is bounded by it (and 4 KiB and a goroutine each),
+// the connections that do not fit are refused (connection-limit), an
+// ordinary hello from another client is served meanwhile, and the budget
+// is whole again once they have gone.
+func TestPeekBudget(t *testing.T) {
+	const budget = 1 << 20
+	tp := newTopo(t, topoOpts{config: func(c *Config) {
+		c.PeekBudget = budget
+		c.HelloTimeout = 30 * time.Second
+		c.FirstByteWait = 2 * time.Second
+	}})
+	for _, c := range []struct {
+		name string
+		port uint16
+		b    []byte
+	}{
+		{"hello", 443, bigHelloStart()},
+		{"head", 80, bigHeadStart("/")},
+	} {
+		t.Run(c.name, func(t *testing.T) {
+			const n = 300
+			before := heapInUse()
+			var conns []net.Conn
+			for range n {
+				cc := tp.dialFromClient(t, clientV4, netip.AddrPortFrom(srvV4, c.port))
+				conns = append(conns, cc)
+				cc.Write(c.b) // the proxy may already have refused it
+			}
+			// Every connection is either refused or held in its peek.
+			refused := closedByPeer(conns, time.Second)
+			grown := heapInUse() - before
+			t.Logf("%d connections with %d KB each: %d refused; the budget holds %d KiB; the heap grew %d KiB (%d KiB a connection)",
+				n, len(c.b)/1000, refused, tp.proxy.peekMem.inUse()>>10, grown>>10, grown/n>>10)
+			if got := tp.proxy.peekMem.inUse(); got > budget {
+				t.Errorf("the peek budget holds %d bytes, over its %d", got, budget)
+			}
+			if refused == 0 {
+				t.Errorf("none of %d connections of %d KB was refused with a budget of %d KiB", n, len(c.b)/1000, budget>>10)
+			}
+			if limit := int64(n*24<<10 + 3*budget); grown > limit {
+				t.Errorf("the heap grew %d KiB for %d connections holding big hellos or heads, over %d KiB (24 KiB each and 3 × the budget)", grown>>10, n, limit>>10)
+			}
+			ev := tp.ev.wait(t, "refused for the budget", func(ev audit.Event) bool {
+				return ev.Client == clientV4 && ev.Reason == ReasonLimit && ev.DestPort == c.port
+			})
+			if !ev.Enforced || ev.Dest != srvV4 {
+				t.Errorf("refused connection's event %+v", ev)
+			}
+			// An ordinary client is served meanwhile.
+			body, err := tp.tlsGet(tp.dialFromClient(t, client2V4, netip.AddrPortFrom(srvV4, 443)), "www.allowed.test", "/ok", nil)
+			if err != nil || !strings.Contains(body, "sni=www.allowed.test") {
+				t.Errorf("another client during the flood of big hellos: %q %v", body, err)
+			}
+			for _, cc := range conns {
+				cc.Close()
+			}
+			deadline := time.Now().Add(10 * time.Second)
+			for tp.proxy.peekMem.inUse() != 0 && time.Now().Before(deadline) {
+				time.Sleep(20 * time.Millisecond)
+			}
+			if got := tp.proxy.peekMem.inUse(); got != 0 {
+				t.Errorf("the budget still holds %d bytes after every connection closed", got)
+			}
+			// The next case measures the heap from a proxy with no
+			// connection left.
+			for openConns(tp.proxy) > 0 && time.Now().Before(deadline) {
+				time.Sleep(20 * time.Millisecond)
+			}
+		})
+	}
+}
+
+// TestExplicitPeekBudget: the explicit listener's request heads take from
+// the same budget. Connections that send 60 KB of a head and stop held it
+// in net/http's buffers and header map, some 90 KiB each; now the heap is
+// bounded by the budget, the connections that do not fit are closed, an
+// ordinary request is served meanwhile, and the budget is whole again once
+// they have gone.
+func TestExplicitPeekBudget(t *testing.T) {
+	const budget = 1 << 20
+	addr, plainPort, _, _, p := loopbackExplicitProxy(t, `version: 1
+mode: enforce
+rules:
+  - name: docs
+    to: ["docs.paths.test"]
+    ports: [%d/tcp, %d/tcp]
+`, func(c *Config) { c.PeekBudget = budget; c.HelloTimeout = 30 * time.Second }, nil, nil)
+	const n = 300
+	head := bigHeadStart(fmt.Sprintf("http://docs.paths.test:%d/", plainPort))
+	before := heapInUse()
+	var conns []net.Conn
+	for range n {
+		c, err := net.Dial("tcp", addr)
+		if err != nil {
+			t.Fatal(err)
+		}
+		t.Cleanup(func() { c.Close() })
+		conns = append(conns, c)
+		c.Write(head)
+	}
+	refused := closedByPeer(conns, time.Second)
+	grown := heapInUse() - before
+	t.Logf("%d connections with %d KB of head each: %d refused; the budget holds %d KiB; the heap grew %d KiB (%d KiB a connection)",
+		n, len(head)/1000, refused, p.peekMem.inUse()>>10, grown>>10, grown/n>>10)
+	if got := p.peekMem.inUse(); got > budget {
+		t.Errorf("the peek budget holds %d bytes, over its %d", got, budget)
+	}
+	if refused == 0 {
+		t.Errorf("none of %d connections was refused with a budget of %d KiB", n, budget>>10)
+	}
+	if limit := int64(n*24<<10 + 3*budget); grown > limit {
+		t.Errorf("the heap grew %d KiB for %d connections holding big heads, over %d KiB (24 KiB each and 3 × the budget)", grown>>10, n, limit>>10)
+	}
+	if code, err := explicitGet(addr, fmt.Sprintf("http://docs.paths.test:%d/x", plainPort)); code != 200 {
+		t.Errorf("an ordinary request meanwhile: %d %v", code, err)
+	}
+	for _, c := range conns {
+		c.Close()
+	}
+	deadline := time.Now().Add(10 * time.Second)
+	for p.peekMem.inUse() != 0 && time.Now().Before(deadline) {
+		time.Sleep(20 * time.Millisecond)
+	}
+	if got := p.peekMem.inUse(); got != 0 {
+		t.Errorf("the budget still holds %d bytes after every connection closed", got)
+	}
+}
+
+// openConns is the number of connections holding a slot in p.
+func openConns(p *Proxy) int {
+	p.limMu.Lock()
+	defer p.limMu.Unlock()
+	return p.total
+}
