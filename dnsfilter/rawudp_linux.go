@@ -222,7 +222,7 @@ type rawIn struct {
 func newRawIn() *rawIn {
 	in := new(rawIn)
 	for i := range in.hdr {
-		in.bufs[i] = make([]byte, 65536)
+		in.bufs[i] = make([]byte, queryBufSize)
 		in.iov[i].Base = &in.bufs[i][0]
 		in.iov[i].SetLen(len(in.bufs[i]))
 		in.hdr[i].Hdr.Iov = &in.iov[i]
@@ -264,7 +264,11 @@ func (s *Server) readRaw(r *rawUDP) error {
 		k := 0
 		for i := range n {
 			h := &in.hdr[i]
-			if h.Hdr.Namelen != unix.SizeofSockaddrInet4 || h.Hdr.Flags&unix.MSG_TRUNC != 0 {
+			if h.Hdr.Namelen != unix.SizeofSockaddrInet4 {
+				continue
+			}
+			if h.Hdr.Flags&unix.MSG_TRUNC != 0 {
+				s.m.dropped.WithLabelValues("malformed").Inc()
 				continue
 			}
 			src := addrPort4(&in.names[i])

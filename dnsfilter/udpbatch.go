@@ -15,6 +15,15 @@ import (
 // batch is one query, answered as soon as it is read.
 const udpBatch = 16
 
+// queryBufSize is the room a batch gives each datagram it reads: a query
+// is a few hundred bytes (a name is at most 255, EDNS options such as
+// cookies add tens), and dnsmasq's receive buffer is this size too. A
+// longer datagram is cut by the kernel (MSG_TRUNC) and dropped, counted as
+// malformed: no client sends such queries over UDP. The buffers were 64
+// KiB each, 1 MiB a reader, 4 MiB of egressd run's 5.5 MiB of heap at rest
+// on two processors (TestUDPReadersMemory).
+const queryBufSize = 4096
+
 // readUDPBatch is readUDP for a socket batchConnFor accepts (Linux):
 // recvmmsg in, the fast path's answers and the misses' upstream queries
 // out with sendmmsg once the batch is handled. General-path queries answer
@@ -22,7 +31,7 @@ const udpBatch = 16
 func (s *Server) readUDPBatch(c *net.UDPConn, pc batchConn) error {
 	rms := make([]ipv4.Message, udpBatch)
 	for i := range rms {
-		rms[i].Buffers = [][]byte{make([]byte, 65536)}
+		rms[i].Buffers = [][]byte{make([]byte, queryBufSize)}
 	}
 	wms := make([]ipv4.Message, udpBatch)
 	wbufs := make([][]byte, udpBatch)
@@ -50,6 +59,10 @@ func (s *Server) readUDPBatch(c *net.UDPConn, pc batchConn) error {
 			m := &rms[i]
 			ua, ok := m.Addr.(*net.UDPAddr)
 			if !ok {
+				continue
+			}
+			if m.Flags&msgTrunc != 0 {
+				s.m.dropped.WithLabelValues("malformed").Inc()
 				continue
 			}
 			src := ua.AddrPort()
