@@ -7,6 +7,7 @@ import (
 	"fmt"
 	"io"
 	"log/slog"
+	"math"
 	"net"
 	"net/http"
 	"net/netip"
@@ -14,6 +15,7 @@ import (
 	"os/signal"
 	"path/filepath"
 	"runtime"
+	"runtime/debug"
 	"slices"
 	"strconv"
 	"strings"
@@ -32,6 +34,7 @@ import (
 	"egressd/firewall"
 	"egressd/internal/logbuf"
 	"egressd/internal/logjson"
+	"egressd/internal/memlimit"
 	"egressd/internal/netutil"
 	"egressd/internal/sdnotify"
 	"egressd/policy"
@@ -444,6 +447,13 @@ func (d *daemon) run(ctx context.Context) error {
 		note = " (GOMAXPROCS)"
 	}
 	d.say("go: %d processors%s", runtime.GOMAXPROCS(0), note)
+	// Memory (README, "Memory"): under a cgroup limit (MemoryMax= in the
+	// unit) the runtime gets a soft limit below it, so the garbage
+	// collector works harder before the OOM killer would end the process
+	// (TestMemoryMaxUnderFlood); capture's ring is sized to the memory the
+	// process may use.
+	mem := memlimit.Read()
+	d.say("go: %s", applyMemoryLimit(mem))
 
 	wan := d.wan
 	lans, _ := parseLANs(cfg.lan) // checked by newDaemon
@@ -593,7 +603,8 @@ func (d *daemon) run(ctx context.Context) error {
 		// mode, the same list (validated above): capture judges the
 		// others as nftables does.
 		tcpPorts, _ := parseTCPPorts(cfg.tcpPorts)
-		if d.capture, err = capture.New(capture.Config{Interfaces: lans, TCPPorts: tcpPorts}, capture.Deps{Policy: d.store, Sink: d.sink, Logger: d.log, Registerer: d.reg, DNS: captureFacts{facts}, Devices: facts.devices}); err != nil {
+		ringMB := captureRingMB(mem.Available(), len(lans))
+		if d.capture, err = capture.New(capture.Config{Interfaces: lans, TCPPorts: tcpPorts, RingMB: ringMB}, capture.Deps{Policy: d.store, Sink: d.sink, Logger: d.log, Registerer: d.reg, DNS: captureFacts{facts}, Devices: facts.devices}); err != nil {
 			d.degrade("capture", err.Error())
 			break
 		}
@@ -610,7 +621,7 @@ func (d *daemon) run(ctx context.Context) error {
 			d.degrade("capture", fmt.Sprintf("%v (capture listens on %s only, until a restart)", err, strings.Join(on, ", ")))
 		}
 		if d.capture != nil {
-			d.say("capture: listening on %s", strings.Join(on, ", "))
+			d.say("capture: listening on %s (ring %d MiB each)", strings.Join(on, ", "), ringMB)
 			wg.Add(1)
 			go func() {
 				defer wg.Done()
@@ -1326,4 +1337,35 @@ func (c captureFacts) Given(addr netip.Addr) []capture.DNSGrant {
 		out[i] = capture.DNSGrant{Client: l.Client, Name: l.Name}
 	}
 	return out
+}
+
+// applyMemoryLimit gives the Go runtime the soft memory limit l calls for
+// (memlimit.GoLimit) and says what it is. GOMEMLIMIT, when set, wins: the
+// runtime read it at start.
+func applyMemoryLimit(l memlimit.Limits) string {
+	switch {
+	case os.Getenv("GOMEMLIMIT") != "":
+		if v := debug.SetMemoryLimit(-1); v != math.MaxInt64 {
+			return fmt.Sprintf("memory limit %d MiB (GOMEMLIMIT)", v>>20)
+		}
+		return "no memory limit (GOMEMLIMIT)"
+	case l.GoLimit() > 0:
+		debug.SetMemoryLimit(l.GoLimit())
+		return fmt.Sprintf("memory limit %d MiB, under the cgroup's %d MiB (%s)", l.GoLimit()>>20, l.Cgroup>>20, l.File)
+	}
+	return "no memory limit (no cgroup limit: MemoryMax= in the unit sets one)"
+}
+
+// captureRingMB sizes capture's AF_PACKET ring, one per LAN interface of
+// lans, to the memory the process may use (memlimit.Limits.Available): a
+// 32nd of it shared by the rings, each between 8 and 64 MiB.
+// The ring is the largest part of egressd's memory at rest, and the
+// kernel's pages, not the cgroup's: 64 MiB from 2 GiB up (as before), 32
+// MiB on 1 GiB, 16 MiB on 512 MiB. It holds the packets capture has not
+// read yet; a smaller one drops sooner under a burst (README, "Memory").
+func captureRingMB(avail int64, lans int) int {
+	if avail <= 0 {
+		return 64
+	}
+	return int(min(max(avail>>20/32/int64(max(lans, 1)), 8), 64))
 }

@@ -18,8 +18,10 @@ func TestDependencyDirection(t *testing.T) {
 	// internal/netutil (socket helpers) serves the proxy, capture
 	// and, for the WAN socket filter, the DNS forwarder; it uses
 	// internal/netns (a leaf: a function run in another network
-	// namespace), which internal/testnet shares.
+	// namespace), which internal/testnet shares. internal/memlimit (the
+	// cgroup's memory limit, for egressd run) is a leaf.
 	allowed := map[string][]string{
+		"egressd/internal/memlimit": {},
 		"egressd/policy":            {},
 		"egressd/profiles":          {},
 		"egressd/internal/jsonenc":  {},
