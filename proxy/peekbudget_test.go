@@ -1,10 +1,12 @@
 package proxy
 
 import (
+	"bufio"
 	"bytes"
 	"errors"
 	"fmt"
 	"net"
+	"net/http"
 	"net/netip"
 	"runtime"
 	"strings"
@@ -215,4 +217,34 @@ func openConns(p *Proxy) int {
 	p.limMu.Lock()
 	defer p.limMu.Unlock()
 	return p.total
+}
+
+// TestIdleHTTPConnMemory: a plain-HTTP keep-alive connection idle after a
+// request whose head carried 60 KB of headers holds its 16 KiB buffer, a
+// goroutine and its record, not the head: the record's host and path were
+// cut from the head's string and kept all of it (about 100 KiB a
+// connection; httpwire.Head.detach).
+func TestIdleHTTPConnMemory(t *testing.T) {
+	tp := newTopo(t, topoOpts{})
+	head := append(bigHeadStart("/"), "\r\n"...)
+	const n = 200
+	before := heapInUse()
+	var conns []net.Conn
+	for range n {
+		c := tp.dialFromClient(t, clientV4, netip.AddrPortFrom(srvV4, 80))
+		conns = append(conns, c)
+		c.Write(head)
+		c.SetReadDeadline(time.Now().Add(5 * time.Second))
+		resp, err := http.ReadResponse(bufio.NewReader(c), nil)
+		if err != nil {
+			t.Fatal(err)
+		}
+		resp.Body.Close()
+	}
+	grown := heapInUse() - before
+	t.Logf("%d idle keep-alive connections after a %d-byte head: the heap grew %d KiB, %d KiB a connection", n, len(head), grown>>10, grown/n>>10)
+	if limit := int64(n * 48 << 10); grown > limit {
+		t.Errorf("%d idle keep-alive connections after a %d-byte head hold %d KiB of heap, over %d KiB (48 KiB each, the origin's side of the connection included)", n, len(head), grown>>10, limit>>10)
+	}
+	runtime.KeepAlive(conns)
 }

@@ -55,6 +55,7 @@ func ParseHeadTLS(b []byte) (h Head, err error) {
 }
 
 func parseHead(b []byte, inTLS bool) (h Head, err error) {
+	defer h.detach()
 	end := bytes.Index(b, []byte("\r\n\r\n"))
 	if end < 0 {
 		if bytes.Contains(b, []byte("\n\n")) || bytes.Contains(b, []byte("\r\n\n")) {
@@ -187,6 +188,30 @@ func parseHead(b []byte, inTLS bool) (h Head, err error) {
 		h.Path = h.Path[:i]
 	}
 	return h, nil
+}
+
+// detach copies the strings of h out of the head they were cut from, all
+// in one allocation, so that keeping h or one of its strings does not keep
+// the whole head: its header lines, up to the 64 KiB cap, for as long as a
+// connection's record or a capture flow lives. A plain-HTTP keep-alive
+// connection whose first head carried 60 KB of headers held all of them
+// in the proxy (its path and host in the connection's record), about
+// 100 KiB a connection with its buffer (TestHeadKeepsNoHeaders,
+// proxy/TestIdleHTTPConnMemory).
+func (h *Head) detach() {
+	n := len(h.Method) + len(h.Target) + len(h.Host) + len(h.Port) + len(h.Path)
+	if n == 0 {
+		return
+	}
+	var b strings.Builder
+	b.Grow(n)
+	for _, f := range []string{h.Method, h.Target, h.Host, h.Port, h.Path} {
+		b.WriteString(f)
+	}
+	all := b.String()
+	for _, f := range []*string{&h.Method, &h.Target, &h.Host, &h.Port, &h.Path} {
+		*f, all = all[:len(*f)], all[len(*f):]
+	}
 }
 
 // IsToken reports whether s is a token (RFC 9110 section 5.6.2): one or
