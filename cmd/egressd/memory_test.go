@@ -62,3 +62,29 @@ func TestApplyMemoryLimit(t *testing.T) {
 		t.Errorf("runtime limit %d, want %d", v, 112<<20)
 	}
 }
+
+// TestProxyLimitsScaleWithMemory: the proxy's connection limits are half
+// the memory egressd may use at 64 KiB a connection, between 1,024 and the
+// proxy's defaults, a tenth for one client address. They were 50,000 and
+// 5,000 whatever the machine: tunnels enough to take a 512 MiB gateway's
+// memory twice over.
+func TestProxyLimitsScaleWithMemory(t *testing.T) {
+	for _, c := range []struct {
+		avail            int64
+		total, perClient int
+	}{
+		{0, 0, 0}, // unknown: the proxy's defaults
+		{24 << 30, 50000, 5000},
+		{8 << 30, 50000, 5000},
+		{2 << 30, 16384, 1638},
+		{1 << 30, 8192, 819},
+		{512 << 20, 4096, 409},
+		{128 << 20, 1024, 102},
+		{32 << 20, 1024, 102},
+	} {
+		total, per := proxyLimits(c.avail)
+		if total != c.total || per != c.perClient {
+			t.Errorf("limits for %d MiB: %d, %d per client; want %d, %d", c.avail>>20, total, per, c.total, c.perClient)
+		}
+	}
+}

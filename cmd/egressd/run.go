@@ -559,6 +559,7 @@ func (d *daemon) run(ctx context.Context) error {
 
 	pcfg := proxy.Config{TransparentAddr: cfg.transparent, ExplicitAddr: explicit, ExplicitMore: explicitMore, Inspect: cfg.inspect, StateDir: cfg.stateDir,
 		ProxyUserDigests: d.proxyUsers}
+	pcfg.MaxConns, pcfg.MaxConnsPerClient = proxyLimits(mem.Available())
 	pcfg.DropTransparentFrom, pcfg.DropExplicitFrom = wdrop.proxy(wanIdx)
 	proxyStopped := make(chan struct{}) // closed once the proxy's Run has returned (and its failure is recorded)
 	if d.proxy, err = proxy.New(pcfg, proxy.Deps{Policy: d.store, Sink: d.sink, Logger: d.log, Registerer: d.reg, DNS: dnsFacts, Resolver: resolver}); err != nil {
@@ -659,6 +660,9 @@ func (d *daemon) run(ctx context.Context) error {
 				auth = fmt.Sprintf(" (HTTP Basic authentication, %d users)", len(d.proxyUsers))
 			}
 			d.say("proxy: transparent on %s, explicit on %s%s", addrOrOff(t), joinAddrs(d.proxy.ExplicitAddrs()), auth)
+			if pcfg.MaxConns > 0 {
+				d.say("proxy: at most %d connections, %d per client address (memory)", pcfg.MaxConns, pcfg.MaxConnsPerClient)
+			}
 		case <-proxyStopped:
 			d.say("proxy: not listening")
 		case <-time.After(5 * time.Second):
@@ -1354,6 +1358,22 @@ func applyMemoryLimit(l memlimit.Limits) string {
 		return fmt.Sprintf("memory limit %d MiB, under the cgroup's %d MiB (%s)", l.GoLimit()>>20, l.Cgroup>>20, l.File)
 	}
 	return "no memory limit (no cgroup limit: MemoryMax= in the unit sets one)"
+}
+
+// proxyLimits scales the proxy's connection limits to the memory the
+// process may use (memlimit.Limits.Available): half of it at 64 KiB a
+// connection (a spliced tunnel holds about 14 KiB in egressd and a few in
+// the kernel, a plain-HTTP one 16 KiB more, and either up to 64 KiB for a
+// long path), 1,024 at least, a tenth of it for one client address. From
+// about 6 GiB up it is the proxy's default (50,000 and 5,000), which
+// 0, 0 (memory unknown) leaves too: on a 512 MiB gateway those let clients
+// open tunnels that take twice its memory (README, "Memory").
+func proxyLimits(avail int64) (total, perClient int) {
+	if avail <= 0 {
+		return 0, 0
+	}
+	total = int(min(max(avail/2/(64<<10), 1024), 50000))
+	return total, total / 10
 }
 
 // captureRingMB sizes capture's AF_PACKET ring, one per LAN interface of
