@@ -2,7 +2,9 @@ package e2e
 
 import (
 	"bufio"
+	"context"
 	"fmt"
+	"net"
 	"net/netip"
 	"os"
 	"path/filepath"
@@ -94,8 +96,13 @@ func TestMemoryMaxUnderFlood(t *testing.T) {
 	})
 	t.Run("soft-limit", func(t *testing.T) {
 		survived, d := run(t, "true")
-		if want := fmt.Sprintf("go: memory limit %d MiB, under the cgroup's %d MiB", (memoryMax-16<<20)>>20, memoryMax>>20); !strings.Contains(d.logs(), want) {
-			t.Errorf("start-up lines lack %q\n%s", want, d.logs())
+		for _, want := range []string{
+			fmt.Sprintf("go: memory limit %d MiB, under the cgroup's %d MiB", (memoryMax-16<<20)>>20, memoryMax>>20),
+			"proxy: at most 1024 connections, 102 per client address (memory)",
+		} {
+			if !strings.Contains(d.logs(), want) {
+				t.Errorf("start-up lines lack %q\n%s", want, d.logs())
+			}
 		}
 		if survived != rounds {
 			t.Fatalf("egressd under a %d MiB limit died in round %d of %d, with its soft memory limit", memoryMax>>20, survived+1, rounds)
@@ -107,6 +114,23 @@ func TestMemoryMaxUnderFlood(t *testing.T) {
 		}
 		if code, body, err := d.get("/healthz"); err != nil || code != 200 {
 			t.Errorf("/healthz after the floods: %d %q %v", code, body, err)
+		}
+		// The proxy's limits follow the memory: one client address
+		// holds 102 tunnels, not the 5,000 of a larger machine.
+		var held []net.Conn
+		refused := 0
+		for range 110 {
+			if c, err := helloTunnel(tp, dockerIP4+":443", dockerName); err == nil {
+				held = append(held, c)
+			} else {
+				refused++
+			}
+		}
+		for _, c := range held {
+			c.Close()
+		}
+		if len(held) != 102 {
+			t.Errorf("%d of 110 tunnels from one client opened (%d refused), want the 102 its memory allows", len(held), refused)
 		}
 	})
 }
@@ -216,4 +240,26 @@ func metricIfUp(d *daemon, series string) (float64, bool) {
 		}
 	}
 	return 0, false
+}
+
+// helloTunnel opens a connection from the LAN client to addr through the
+// proxy: a ClientHello naming sni, and the origin's first answer bytes.
+func helloTunnel(tp *topo, addr, sni string) (net.Conn, error) {
+	ctx, cancel := context.WithTimeout(context.Background(), 5*time.Second)
+	defer cancel()
+	c, err := tp.lan.DialContext(ctx, "tcp", addr)
+	if err != nil {
+		return nil, err
+	}
+	c.SetDeadline(time.Now().Add(5 * time.Second))
+	if _, err := c.Write(buildHello(helloSpec{sni: [][]string{{sni}}})); err != nil {
+		c.Close()
+		return nil, err
+	}
+	if _, err := c.Read(make([]byte, 1)); err != nil {
+		c.Close()
+		return nil, err
+	}
+	c.SetDeadline(time.Time{})
+	return c, nil
 }
