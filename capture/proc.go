@@ -93,7 +93,8 @@ type flow struct {
 
 	name    string
 	nameSrc audit.NameSource
-	path    string // of an HTTP flow's first request, without its query
+	path    string // of an HTTP flow's first request, without its query (cut once decided: boundPath)
+	pathLen int    // path's length before the cut; 0 when not cut
 	app     app
 	inspect bool // still looking for a name
 	gaveUp  bool // a segment was missing or a limit was hit
@@ -1361,7 +1362,9 @@ func (p *proc) deny(f *flow, reason, name string, src audit.NameSource) {
 }
 
 // classify decides a flow once, with the policy in force now (see above).
+// Once decided, the flow keeps its path only as its events carry it.
 func (p *proc) classify(f *flow) {
+	defer f.boundPath()
 	if f.decided {
 		return
 	}
@@ -1375,6 +1378,18 @@ func (p *proc) classify(f *flow) {
 	// decideHTTP decides it (host/path rules match it).
 	f.dec, f.evName, f.evSrc = p.decide(eng, f, f.name, f.nameSrc, f.path)
 	f.noPath = f.showsNoPath()
+}
+
+// boundPath cuts a decided flow's path to what its events carry
+// (audit.MaxPathBytes; the length before in pathLen): nothing decides on it
+// again (a reload decides a flow by address), and a flow kept its whole
+// first request line, up to the 64 KiB head cap, for as long as it was
+// open (TestFlowKeepsBoundedPath).
+func (f *flow) boundPath() {
+	if f.decided && len(f.path) > audit.MaxPathBytes {
+		f.pathLen = len(f.path)
+		f.path = audit.Clip(f.path, audit.MaxPathBytes)
+	}
 }
 
 // ReasonOpenedBeforeEnforce: a TCP connection that opened in audit mode
@@ -1788,7 +1803,7 @@ func (p *proc) event(f *flow, how string) audit.Event {
 	ev := audit.Event{
 		Kind: audit.KindFlow, Source: audit.SourceCapture, Time: f.first,
 		Client: f.cli.Unmap(), ClientPort: f.cport, Dest: f.srv.Unmap(), DestPort: f.sport, Proto: ps,
-		Name: f.evName, NameSource: f.evSrc, Path: f.path, NoPath: f.noPath,
+		Name: f.evName, NameSource: f.evSrc, Path: f.path, PathLen: f.pathLen, NoPath: f.noPath,
 		BytesOut: f.bytes[0], BytesIn: f.bytes[1], Duration: f.last.Sub(f.first).Seconds(), Close: how,
 	}
 	if f.hasMAC {
