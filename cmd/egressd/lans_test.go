@@ -109,7 +109,7 @@ func TestRunLANMissingAtStart(t *testing.T) {
 		"--lan", "lan0,nosuch0", "--explicit-proxy-listen", "")
 	defer p.Stop()
 	wants := []string{
-		"capture: listening on lan0\n",
+		"capture: listening on lan0 (ring ",
 		"NOT RUNNING: capture: capture: open nosuch0: ",
 		"(capture listens on lan0 only, until a restart)",
 		"explicit on 198.18.1.1:3128\n",
