@@ -61,6 +61,9 @@ type daemon struct {
 	extra    []string // more egressd run flags
 	wrap     []string // a command egressd runs under (setpriv ...), egressd's path and arguments its own
 	bin      string   // the egressd binary to run; "": egressdBin
+	// unready makes start wait for /readyz to answer, 503 too: a part
+	// is expected not to run at start.
+	unready bool
 }
 
 // logs returns what egressd printed so far (stdout and stderr).
@@ -173,7 +176,7 @@ func (d *daemon) start() {
 	deadline := time.Now().Add(20 * time.Second)
 	for {
 		code, body, err := d.get("/readyz")
-		if err == nil && code == 200 {
+		if err == nil && (code == 200 || d.unready && code == 503) {
 			return
 		}
 		select {
