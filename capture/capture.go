@@ -212,9 +212,23 @@ type Capture struct {
 	proc    *proc // the packet pipeline; used by one goroutine at a time
 
 	mu      sync.Mutex // guards following
-	sources []source   // the live sockets Open opened, in Config.Interfaces' order
+	sources []source   // the live sockets Open opened, one per Config.Interfaces, in its order (h nil: none)
+	opened  bool       // Open has run
 	running bool
 	closed  bool
+	// ifaces are what capture knows of each of Config.Interfaces: the
+	// index its socket is bound to (or about to be: swaps) and why it
+	// has none. Open and Follow set them.
+	ifaces []ifaceState
+	// swaps are the sockets Follow opened or closed, for Run's
+	// goroutine to take (swapped says there are some; wake wakes Run).
+	swaps   []swap
+	swapped atomic.Bool
+	wake    chan struct{}
+	// followMu keeps Follow to one caller at a time.
+	followMu sync.Mutex
+	// retiredDrops are the kernel's drops on the sockets Run closed.
+	retiredDrops uint64
 
 	// Revoke and Redecide queue here for the packet goroutine
 	// (reload.go); hasPending says the queue is not empty.
@@ -237,23 +251,67 @@ type packetSource interface {
 	Close()
 }
 
-// source is one live socket: the interface it is bound to and that
+// source is one live socket: the interface it is bound to, its place in
+// Config.Interfaces (slot: a flow remembers it, proc.src, so a socket
+// opened again on a re-made interface carries on its flows) and that
 // interface's MAC address (a frame from it was sent by the gateway).
 type source struct {
 	name   string
-	h      packetSource
+	slot   int
+	h      packetSource // nil: no socket on the interface
 	mac    [6]byte
 	hasMAC bool
 }
 
-// Listening returns the interfaces Open opened a socket on, in
+// ifaceState is what capture knows of one of Config.Interfaces.
+type ifaceState struct {
+	ifindex int   // the index its socket is bound to; 0: no socket
+	why     error // why there is no socket; nil when there is one
+}
+
+// swap is a socket Follow opened on an interface (h set) or closed (h
+// nil: the interface went away), for Run to put in slot's place.
+type swap struct {
+	slot int
+	src  source
+}
+
+// ErrNoInterface says that an interface of Config.Interfaces does not
+// exist (yet): Follow opens a socket on it when it appears. The errors
+// that say so name the interface (noInterface).
+var ErrNoInterface = errors.New("capture: no such interface")
+
+// noInterface is ErrNoInterface for one interface.
+type noInterface string
+
+func (n noInterface) Error() string        { return "capture: " + string(n) + " does not exist (yet)" }
+func (n noInterface) Is(target error) bool { return target == ErrNoInterface }
+
+// Listening returns the interfaces capture has a socket on, in
 // Config.Interfaces' order.
 func (c *Capture) Listening() []string {
 	c.mu.Lock()
 	defer c.mu.Unlock()
-	out := make([]string, len(c.sources))
-	for i, s := range c.sources {
-		out[i] = s.name
+	var out []string
+	for i, st := range c.ifaces {
+		if st.ifindex != 0 {
+			out = append(out, c.cfg.Interfaces[i])
+		}
+	}
+	return out
+}
+
+// NotListening returns, in Config.Interfaces' order, why capture has no
+// socket on each interface it has none on (errors.Is ErrNoInterface:
+// the interface does not exist); nil before Open.
+func (c *Capture) NotListening() []error {
+	c.mu.Lock()
+	defer c.mu.Unlock()
+	var out []error
+	for _, st := range c.ifaces {
+		if st.ifindex == 0 && st.why != nil {
+			out = append(out, st.why)
+		}
 	}
 	return out
 }
@@ -274,7 +332,7 @@ func New(cfg Config, deps Deps) (*Capture, error) {
 		log = slog.New(slog.DiscardHandler)
 	}
 	cfg = cfg.withDefaults()
-	c := &Capture{cfg: cfg, deps: deps, log: log.With(audit.LogComponent, "capture"), clock: time.Now}
+	c := &Capture{cfg: cfg, deps: deps, log: log.With(audit.LogComponent, "capture"), clock: time.Now, wake: make(chan struct{}, 1)}
 	c.learned = newLearned(cfg.MaxLearned)
 	c.m = newMetrics()
 	c.proc = newProc(c)
@@ -303,9 +361,12 @@ func (c *Capture) Close() error {
 	c.closed = true
 	if !c.running {
 		for _, s := range c.sources {
-			s.h.Close()
+			if s.h != nil {
+				s.h.Close()
+			}
 		}
 		c.sources = nil
 	}
+	c.dropSwapsLocked()
 	return nil
 }

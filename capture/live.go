@@ -5,6 +5,7 @@ import (
 	"errors"
 	"fmt"
 	"net"
+	"slices"
 	"strings"
 	"time"
 
@@ -56,22 +57,23 @@ const (
 // the sockets in another network namespace (a socket belongs to the
 // namespace of the thread that made it) or fail early. It needs
 // CAP_NET_RAW. An interface whose socket does not open (one that does not
-// exist yet, say) is left out and named in the error, and capture runs on
-// the others (Listening says which); only when none opens does Run fail.
-// A socket is not opened again later: the interface stays out until the
-// next start.
+// exist yet, say: ErrNoInterface) is left out and named in the error, and
+// capture runs on the others (Listening and NotListening say which);
+// Follow opens it later. Run fails at once when none opens, unless every
+// one left out does not exist: then it waits for Follow.
 func (c *Capture) Open() error {
 	c.mu.Lock()
 	defer c.mu.Unlock()
 	if c.closed {
 		return errors.New("capture: closed")
 	}
-	if len(c.sources) > 0 {
+	if c.opened || len(c.sources) > 0 {
 		return nil
 	}
 	if len(c.cfg.Interfaces) == 0 {
 		return errors.New("capture: no interface configured")
 	}
+	c.opened = true
 	if c.cfg.OwnAddrs == nil {
 		own, err := netutil.HostAddrs()
 		if err != nil {
@@ -80,19 +82,168 @@ func (c *Capture) Open() error {
 		c.proc.setOwn(own)
 	}
 	var errs []error
-	for _, name := range c.cfg.Interfaces {
-		h, err := c.openRing(name)
+	c.ifaces = make([]ifaceState, len(c.cfg.Interfaces))
+	c.sources = make([]source, len(c.cfg.Interfaces))
+	for i, name := range c.cfg.Interfaces {
+		s, idx, err := c.openSource(i, name)
+		c.sources[i] = s
+		c.ifaces[i] = ifaceState{ifindex: idx, why: err}
 		if err != nil {
 			errs = append(errs, err)
-			continue
 		}
-		s := source{name: name, h: h}
-		if ifi, err := net.InterfaceByName(name); err == nil && len(ifi.HardwareAddr) == 6 {
-			s.mac, s.hasMAC = [6]byte(ifi.HardwareAddr), true
-		}
-		c.sources = append(c.sources, s)
 	}
 	return errors.Join(errs...)
+}
+
+// openSource opens the socket of slot on the interface name, and returns
+// it with the index it is bound to. The index is looked up before the
+// socket is bound: an interface re-made in between has a socket on the
+// new one and the old index, which Follow then replaces (the other way
+// round, a socket on the old one with the new index would stay deaf).
+func (c *Capture) openSource(slot int, name string) (source, int, error) {
+	s := source{name: name, slot: slot}
+	ifi, err := net.InterfaceByName(name)
+	if err != nil {
+		return s, 0, noInterface(name)
+	}
+	h, err := c.openRing(name)
+	if err != nil {
+		return s, 0, err
+	}
+	s.h = h
+	if len(ifi.HardwareAddr) == 6 {
+		s.mac, s.hasMAC = [6]byte(ifi.HardwareAddr), true
+	}
+	return s, ifi.Index, nil
+}
+
+// Follow looks at each of Config.Interfaces: on one that appeared since
+// (it did not exist, or another with the same name has a new index: a
+// VLAN re-made, a USB NIC plugged in again) it opens a socket, and closes
+// the one bound to the old index; for one that went away it closes the
+// socket (an AF_PACKET socket stays bound to the index it was given,
+// deaf once the interface is gone). Run takes the new sockets between
+// two packets. It logs one line for each change (capture: listening on
+// X, capture: X went away) and reports whether there was one. The
+// caller calls it on link changes (netlink) and now and then besides;
+// a socket is opened in the network namespace of the caller's thread.
+// It does nothing before Open.
+func (c *Capture) Follow() bool {
+	c.followMu.Lock()
+	defer c.followMu.Unlock()
+	c.mu.Lock()
+	if c.closed || !c.opened {
+		c.mu.Unlock()
+		return false
+	}
+	was := slices.Clone(c.ifaces)
+	c.mu.Unlock()
+	changed := false
+	for i, name := range c.cfg.Interfaces {
+		idx := 0
+		if ifi, err := net.InterfaceByName(name); err == nil {
+			idx = ifi.Index
+		}
+		if idx == was[i].ifindex && (idx != 0 || errors.Is(was[i].why, ErrNoInterface)) {
+			continue
+		}
+		var st ifaceState
+		var src source
+		if idx == 0 {
+			src = source{name: name, slot: i}
+			st.why = noInterface(name)
+		} else {
+			var err error
+			src, idx, err = c.openSource(i, name)
+			st = ifaceState{ifindex: idx, why: err}
+		}
+		if st.ifindex == was[i].ifindex && fmt.Sprint(st.why) == fmt.Sprint(was[i].why) {
+			if src.h != nil {
+				src.h.Close()
+			}
+			continue
+		}
+		c.mu.Lock()
+		if c.closed || !c.opened { // closed, or Run ended, meanwhile
+			c.mu.Unlock()
+			if src.h != nil {
+				src.h.Close()
+			}
+			return changed
+		}
+		c.ifaces[i] = st
+		if was[i].ifindex != 0 || src.h != nil {
+			c.swaps = append(c.swaps, swap{slot: i, src: src})
+			c.swapped.Store(true)
+		}
+		c.mu.Unlock()
+		select {
+		case c.wake <- struct{}{}:
+		default:
+		}
+		changed = true
+		switch {
+		case st.ifindex != 0:
+			c.log.Info("capture: listening on "+name, "interface", name, "ifindex", st.ifindex, "was", was[i].ifindex)
+		case was[i].ifindex != 0 && errors.Is(st.why, ErrNoInterface):
+			c.log.Warn("capture: "+name+" went away", "interface", name, "was", was[i].ifindex)
+		default:
+			c.log.Warn("capture: not listening on "+name, "interface", name, audit.LogError, st.why.Error())
+		}
+	}
+	return changed
+}
+
+// takeSwaps puts the sockets Follow opened or closed into srcs, the open
+// ones Run reads, in slot order; heads go with their sockets. A socket
+// whose packet is held in heads is replaced only once that packet went
+// (its bytes are in the old socket's ring); the swap waits.
+func (c *Capture) takeSwaps(srcs []source, heads []head) ([]source, []head) {
+	c.mu.Lock()
+	defer c.mu.Unlock()
+	var keep []swap
+	for _, sw := range c.swaps {
+		j := slices.IndexFunc(srcs, func(s source) bool { return s.slot == sw.slot })
+		if j >= 0 && heads[j].ok {
+			keep = append(keep, sw)
+			continue
+		}
+		if j >= 0 {
+			c.retire(srcs[j])
+			srcs, heads = slices.Delete(srcs, j, j+1), slices.Delete(heads, j, j+1)
+		}
+		if sw.src.h == nil {
+			continue
+		}
+		k, _ := slices.BinarySearchFunc(srcs, sw.slot, func(s source, slot int) int { return s.slot - slot })
+		srcs, heads = slices.Insert(srcs, k, sw.src), slices.Insert(heads, k, head{})
+	}
+	c.swaps = keep
+	c.swapped.Store(len(keep) > 0)
+	c.sources = c.sources[:0]
+	for _, s := range srcs {
+		c.sources = append(c.sources, s)
+	}
+	return srcs, heads
+}
+
+// retire closes a socket Run read, keeping its kernel drops in the sum.
+func (c *Capture) retire(s source) {
+	if d, err := s.h.KernelDrops(); err == nil {
+		c.retiredDrops += d
+	}
+	s.h.Close()
+}
+
+// dropSwapsLocked closes the sockets Follow opened that Run did not take.
+func (c *Capture) dropSwapsLocked() {
+	for _, sw := range c.swaps {
+		if sw.src.h != nil {
+			sw.src.h.Close()
+		}
+	}
+	c.swaps = nil
+	c.swapped.Store(false)
 }
 
 // openRing opens the AF_PACKET ring on one interface, with the snap
@@ -190,15 +341,24 @@ func mustAssemble(prog []bpf.Instruction) []bpf.RawInstruction {
 	return raw
 }
 
-// Run captures on the sockets Open opened until ctx is done, then ends
-// every open flow (emitting their events) and returns nil. It reads the
-// sockets in turn, a packet from each, in one goroutine: the flow table is
-// one. Errors opening every socket, or reading one, are returned.
+// Run captures on the sockets Open opened, and those Follow opens, until
+// ctx is done, then ends every open flow (emitting their events) and
+// returns nil. It reads the sockets in turn, a packet from each, in one
+// goroutine: the flow table is one. With no socket open (every interface
+// does not exist yet, or went away) it waits for Follow. Errors opening
+// the sockets (but for interfaces that do not exist), or reading one,
+// are returned.
 func (c *Capture) Run(ctx context.Context) error {
 	err := c.Open()
 	c.mu.Lock()
-	srcs := c.sources
-	if len(srcs) == 0 {
+	var srcs []source
+	for i, s := range c.sources {
+		if s.h != nil {
+			s.slot = i
+			srcs = append(srcs, s)
+		}
+	}
+	if c.closed || len(srcs) == 0 && !c.waitable(err) {
 		c.mu.Unlock()
 		c.proc.dropPending() // no packet goroutine: cuts go on as reported
 		if err == nil {
@@ -219,6 +379,8 @@ func (c *Capture) Run(ctx context.Context) error {
 			s.h.Close()
 		}
 		c.sources = nil
+		c.opened, c.ifaces = false, nil // a later Run opens them again
+		c.dropSwapsLocked()
 		c.mu.Unlock()
 	}()
 	p := c.proc
@@ -243,6 +405,11 @@ func (c *Capture) Run(ctx context.Context) error {
 			p.dropPending()
 			return nil
 		}
+		if c.swapped.Load() {
+			srcs, heads = c.takeSwaps(srcs, heads)
+			p.setSources(srcs)
+			c.updateDrops(srcs)
+		}
 		for i, s := range srcs {
 			if heads[i].ok {
 				continue
@@ -252,6 +419,8 @@ func (c *Capture) Run(ctx context.Context) error {
 			case err == nil:
 				heads[i] = head{data: data, ci: ci, ok: true}
 			case errors.Is(err, afpacket.ErrTimeout), errors.Is(err, afpacket.ErrPoll):
+				// ErrPoll: the socket has an error pending (the
+				// interface went down, or away: Follow replaces it).
 			default:
 				p.flush("shutdown")
 				p.dropPending()
@@ -260,7 +429,7 @@ func (c *Capture) Run(ctx context.Context) error {
 		}
 		now := time.Now()
 		if i, hold := p.nextHead(heads, now); i >= 0 {
-			p.src = i + 1
+			p.src = srcs[i].slot + 1
 			p.packetLen(heads[i].data, heads[i].ci.Length, heads[i].ci.Timestamp, layers.LinkTypeEthernet)
 			heads[i] = head{}
 			wait = minRingWait
@@ -281,13 +450,20 @@ func (c *Capture) Run(ctx context.Context) error {
 				p.nextSweep = p.now.Add(sweepInterval)
 			}
 			d := wait
-			if hold > 0 {
+			switch {
+			case len(srcs) == 0:
+				// Nothing to read until Follow opens a socket
+				// (wake): only idle flows to end, and Revoke's queue.
+				d = min(sweepInterval, ringLag)
+			case hold > 0:
 				d = min(d, max(mergeLag-hold, time.Millisecond))
 			}
 			timer.Reset(d)
 			select {
 			case <-ctx.Done():
 			case <-timer.C:
+			case <-c.wake: // Follow opened or closed a socket
+				timer.Stop() // Go 1.23 timers: no stale tick after Stop
 			}
 			wait = min(2*wait, maxRingWait)
 		}
@@ -296,6 +472,20 @@ func (c *Capture) Run(ctx context.Context) error {
 			nextStats = now.Add(time.Second)
 		}
 	}
+}
+
+// waitable reports whether Run, with no socket open, waits for Follow:
+// Open failed only for interfaces that do not exist (yet).
+func (c *Capture) waitable(openErr error) bool {
+	if !c.opened {
+		return false
+	}
+	for _, st := range c.ifaces {
+		if st.ifindex == 0 && !errors.Is(st.why, ErrNoInterface) {
+			return false
+		}
+	}
+	return true
 }
 
 // head is the next packet of one socket, read but not yet taken by the
@@ -374,9 +564,12 @@ func (c *Capture) isClosed() bool {
 	return c.closed
 }
 
-// updateDrops sums the kernel's drops on the sockets.
+// updateDrops sums the kernel's drops on the sockets, and those of the
+// sockets closed before.
 func (c *Capture) updateDrops(srcs []source) {
-	var sum uint64
+	c.mu.Lock()
+	sum := c.retiredDrops
+	c.mu.Unlock()
 	for _, s := range srcs {
 		d, err := s.h.KernelDrops()
 		if err != nil {

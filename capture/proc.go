@@ -186,8 +186,9 @@ type proc struct {
 	scratch []byte
 	cands   []candidate
 	grants  []DNSGrant // decideForwarded's answers
-	// src is the live socket the current packet came from (1 for the
-	// first of Capture.sources; 0 reading a file), and gwMACs the MAC
+	// src is the live socket the current packet came from (1 + its
+	// interface's place in Config.Interfaces, the same for a socket
+	// opened again on it; 0 reading a file), and gwMACs the MAC
 	// addresses of the sockets' interfaces: a frame from one of them was
 	// sent by the gateway, so its source address is no client's.
 	src    int
