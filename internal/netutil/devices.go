@@ -46,7 +46,7 @@ type Devices struct {
 	snap    *devSnapshot  // nil until a dump succeeded
 	dumping chan struct{} // closed when the dump under way ends; nil: none
 	tried   time.Time     // when the last dump began
-	warned  time.Time     // when warn was last called
+	failing string        // the error warn was last told of; "": none since the last dump that worked
 }
 
 // The bounds of Devices.
@@ -137,8 +137,10 @@ var ErrNoNeighbour = errors.New("netutil: no neighbour entry")
 
 // NewDevices returns the devices of the LAN interface named iface, read
 // from the kernel's neighbour table in the network namespace of the
-// caller's thread at each read. warn, when not nil, is told when the table
-// cannot be read (at most once per DevicesRefresh).
+// caller's thread at each read. warn, when not nil, is told the error
+// when the table cannot be read, once until it can again (or the error
+// changes: an interface that does not exist yet fails at every read), and
+// nil once a dump works again.
 func NewDevices(iface string, warn func(error)) *Devices {
 	return newDevices(&netlinkNeigh{iface: iface}, time.Now, warn)
 }
@@ -227,8 +229,14 @@ func (d *Devices) snapshot() *devSnapshot {
 	d.dumping = nil
 	close(ch)
 	if err != nil {
-		d.warnLocked(now, err)
+		d.warnLocked(err)
 		return s
+	}
+	if d.failing != "" {
+		d.failing = ""
+		if d.warn != nil {
+			d.warn(nil)
+		}
 	}
 	d.snap = ns
 	return ns
@@ -267,7 +275,7 @@ func (d *Devices) macOf(s *devSnapshot, a netip.Addr) (MAC, bool) {
 	d.mu.Lock()
 	defer d.mu.Unlock()
 	if err != nil && !errors.Is(err, ErrNoNeighbour) {
-		d.warnLocked(d.now(), err)
+		d.warnLocked(err)
 		return MAC{}, false // not remembered: it may pass
 	}
 	if err == nil && nb.Addr == a && s.add(nb) {
@@ -277,10 +285,13 @@ func (d *Devices) macOf(s *devSnapshot, a netip.Addr) (MAC, bool) {
 	return MAC{}, false
 }
 
-func (d *Devices) warnLocked(now time.Time, err error) {
-	if d.warn != nil && now.Sub(d.warned) >= DevicesRefresh {
-		d.warned = now
-		d.warn(err)
+// warnLocked tells warn of err, unless it was told of it last.
+func (d *Devices) warnLocked(err error) {
+	if msg := err.Error(); msg != d.failing {
+		d.failing = msg
+		if d.warn != nil {
+			d.warn(err)
+		}
 	}
 }
 
