@@ -411,6 +411,62 @@ func (d *daemon) degrade(part, why string) {
 	d.log.Error("part not running", "part", part, audit.LogReason, why)
 }
 
+// undegrade records that a part degrade named runs again.
+func (d *daemon) undegrade(part string) {
+	d.mu.Lock()
+	_, was := d.degraded[part]
+	delete(d.degraded, part)
+	d.mu.Unlock()
+	if was {
+		d.log.Info("part running again", "part", part)
+	}
+}
+
+// captureHealth records, for /readyz and the summary, the LAN interfaces
+// capture has no socket on (the part "capture" not running), or that it
+// has one on each; nothing once its Run has returned (ended).
+func (d *daemon) captureHealth(c *capture.Capture, ended *atomic.Bool) {
+	if ended.Load() {
+		return
+	}
+	not := c.NotListening()
+	if len(not) == 0 {
+		d.undegrade("capture")
+		return
+	}
+	why := make([]string, len(not))
+	for i, err := range not {
+		why[i] = err.Error()
+	}
+	how := "capture listens on each once it appears"
+	if !onlyMissing(not) {
+		how = "capture tries again when an interface changes, and every " + linkRecheck.String()
+	}
+	d.degrade("capture", fmt.Sprintf("%s (listening on %s meanwhile; %s)", strings.Join(why, "; "), orNone(strings.Join(c.Listening(), ", ")), how))
+}
+
+// onlyMissing reports whether every error of capture.NotListening says
+// the interface does not exist (yet).
+func onlyMissing(not []error) bool {
+	for _, err := range not {
+		if !errors.Is(err, capture.ErrNoInterface) {
+			return false
+		}
+	}
+	return true
+}
+
+// notListeningNames are the lans not in on.
+func notListeningNames(lans, on []string) []string {
+	var out []string
+	for _, l := range lans {
+		if !slices.Contains(on, l) {
+			out = append(out, l)
+		}
+	}
+	return out
+}
+
 func (d *daemon) degradedParts() map[string]string {
 	d.mu.Lock()
 	defer d.mu.Unlock()
@@ -537,6 +593,10 @@ func (d *daemon) run(ctx context.Context) error {
 		var devs lanDeviceSet
 		for _, lan := range lans {
 			devs = append(devs, netutil.NewDevices(lan, func(err error) {
+				if err == nil {
+					d.log.Info("lan devices: the neighbour table can be read again", "lan", lan)
+					return
+				}
 				d.log.Warn("lan devices: cannot read the neighbour table: each address is its own client meanwhile", "lan", lan, audit.LogError, err.Error())
 			}))
 		}
@@ -575,22 +635,21 @@ func (d *daemon) run(ctx context.Context) error {
 		}()
 	}
 
+	// What holds an interface's index where the operator named the
+	// interface follows it (watchLinks): the WAN filters, capture.
+	var follow []func()
 	if wdrop.any() && !wanLoopback {
 		dns, prx := d.dns, d.proxy
-		wg.Add(1)
-		go func() {
-			defer wg.Done()
-			d.watchWAN(ctx, wan, wanIdx, func(idx int) error {
-				var errs []error
-				if dns != nil {
-					errs = append(errs, dns.SetDropFrom(wdrop.dns(idx)))
-				}
-				if prx != nil {
-					errs = append(errs, prx.SetDropFrom(wdrop.proxy(idx)))
-				}
-				return errors.Join(errs...)
-			})
-		}()
+		follow = append(follow, d.followWAN(wan, wanIdx, func(idx int) error {
+			var errs []error
+			if dns != nil {
+				errs = append(errs, dns.SetDropFrom(wdrop.dns(idx)))
+			}
+			if prx != nil {
+				errs = append(errs, prx.SetDropFrom(wdrop.proxy(idx)))
+			}
+			return errors.Join(errs...)
+		}))
 	}
 
 	// Capture sees every packet of the LAN interfaces (AF_PACKET: CAP_NET_RAW).
@@ -609,28 +668,45 @@ func (d *daemon) run(ctx context.Context) error {
 			d.degrade("capture", err.Error())
 			break
 		}
-		// An interface that does not open (one that does not exist yet)
-		// is left out until the next start, as a single LAN interface
-		// is: the part is not running there, and says so.
+		// An interface that does not exist (yet) is left out until it
+		// appears, and one re-made (another index) is listened on again:
+		// watchLinks calls Follow. Meanwhile the part is not running
+		// there, and says so (captureHealth).
 		err := d.capture.Open()
-		on := d.capture.Listening()
-		switch {
-		case len(on) == 0:
+		if len(d.capture.Listening()) == 0 && !onlyMissing(d.capture.NotListening()) {
 			d.degrade("capture", err.Error())
 			d.capture = nil
-		case err != nil:
-			d.degrade("capture", fmt.Sprintf("%v (capture listens on %s only, until a restart)", err, strings.Join(on, ", ")))
+			break
 		}
-		if d.capture != nil {
-			d.say("capture: listening on %s (ring %d MiB each)", strings.Join(on, ", "), ringMB)
-			wg.Add(1)
-			go func() {
-				defer wg.Done()
-				if err := d.capture.Run(ctx); err != nil && ctx.Err() == nil {
-					d.degrade("capture", err.Error())
-				}
-			}()
+		capt := d.capture
+		var ended atomic.Bool // Run returned: its failure is the part's state
+		on := "listening on " + orNone(strings.Join(capt.Listening(), ", ")) + fmt.Sprintf(" (ring %d MiB each)", ringMB)
+		if not := capt.NotListening(); len(not) > 0 {
+			on += "; not on " + strings.Join(notListeningNames(lans, capt.Listening()), ", ") + " (below)"
 		}
+		d.say("capture: %s", on)
+		d.captureHealth(capt, &ended)
+		follow = append(follow, func() {
+			if capt.Follow() {
+				d.captureHealth(capt, &ended)
+			}
+		})
+		wg.Add(1)
+		go func() {
+			defer wg.Done()
+			err := capt.Run(ctx)
+			ended.Store(true)
+			if err != nil && ctx.Err() == nil {
+				d.degrade("capture", err.Error())
+			}
+		}()
+	}
+	if len(follow) > 0 {
+		wg.Add(1)
+		go func() {
+			defer wg.Done()
+			d.watchLinks(ctx, follow)
+		}()
 	}
 
 	// Wait for the listeners before the firewall points traffic at them.
@@ -1089,6 +1165,14 @@ func firstOf(l []string) string {
 		return ""
 	}
 	return l[0]
+}
+
+// orNone is s, or "none" when it is empty.
+func orNone(s string) string {
+	if s == "" {
+		return "none"
+	}
+	return s
 }
 
 func orOff(s string) string {

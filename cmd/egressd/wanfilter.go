@@ -1,16 +1,10 @@
 package main
 
 import (
-	"context"
-	"errors"
 	"fmt"
 	"net"
-	"os"
 	"slices"
 	"strings"
-	"time"
-
-	"golang.org/x/sys/unix"
 
 	"egressd/audit"
 	"egressd/policy"
@@ -107,74 +101,26 @@ func wanIndex(wan string) (idx int, loopback bool) {
 	return i.Index, false
 }
 
-// wanRecheck is how often watchWAN looks at the WAN interface's index
-// besides the netlink notices (which a full socket buffer may lose).
-const wanRecheck = 30 * time.Second
-
-// watchWAN gives the filters the WAN interface's new index when it
-// changes: the interface came up after egressd started, or went and came
-// back with another index (a PPP link re-made, a bridge re-created). The
-// filter holds an index, not a name: without this, a re-made WAN
-// interface would reach every listener. It wakes on every link change
-// (netlink, RTMGRP_LINK) and every wanRecheck besides; it returns when
-// ctx is done. An interface that goes away keeps its old index in the
-// filters, harmless: nothing arrives on it.
-func (d *daemon) watchWAN(ctx context.Context, wan string, idx int, apply func(idx int) error) {
-	wake := make(chan struct{}, 1)
-	if err := linkNotices(ctx, wake); err != nil {
-		d.log.Warn("wan: no netlink link notices; the WAN interface's index is checked every "+wanRecheck.String(), "wan", wan, audit.LogError, err.Error())
-	}
-	t := time.NewTicker(wanRecheck)
-	defer t.Stop()
-	for {
-		if now, _ := wanIndex(wan); now != 0 && now != idx {
-			if err := apply(now); err != nil {
-				d.log.Error("wan: could not give the listeners' socket filters the WAN interface's new index", "wan", wan, "ifindex", now, audit.LogError, err.Error())
-			} else {
-				d.log.Info("wan: the WAN interface has a new index: the listeners drop what arrives on it", "wan", wan, "ifindex", now, "was", idx)
-				idx = now
-			}
-		}
-		select {
-		case <-ctx.Done():
+// followWAN returns the check (watchLinks calls it) that gives the
+// filters the WAN interface's new index when it changes: the interface
+// came up after egressd started, or went and came back with another
+// index (a PPP link re-made, a bridge re-created). The filter holds an
+// index, not a name: without this, a re-made WAN interface would reach
+// every listener. An interface that goes away keeps its old index in
+// the filters, harmless: nothing arrives on it.
+func (d *daemon) followWAN(wan string, idx int, apply func(idx int) error) func() {
+	return func() {
+		now, _ := wanIndex(wan)
+		if now == 0 || now == idx {
 			return
-		case <-wake:
-		case <-t.C:
 		}
-	}
-}
-
-// linkNotices sends on wake (without blocking) for every netlink message
-// of the link group until ctx is done.
-func linkNotices(ctx context.Context, wake chan<- struct{}) error {
-	fd, err := unix.Socket(unix.AF_NETLINK, unix.SOCK_RAW|unix.SOCK_CLOEXEC|unix.SOCK_NONBLOCK, unix.NETLINK_ROUTE)
-	if err != nil {
-		return fmt.Errorf("netlink: %w", err)
-	}
-	if err := unix.Bind(fd, &unix.SockaddrNetlink{Family: unix.AF_NETLINK, Groups: unix.RTMGRP_LINK}); err != nil {
-		_ = unix.Close(fd)
-		return fmt.Errorf("netlink: %w", err)
-	}
-	f := os.NewFile(uintptr(fd), "netlink-link") // non-blocking: read through the netpoller, so Close ends the read
-	go func() {
-		<-ctx.Done()
-		_ = f.Close()
-	}()
-	go func() {
-		buf := make([]byte, 32<<10)
-		for {
-			_, err := f.Read(buf)
-			if err != nil && (ctx.Err() != nil || errors.Is(err, os.ErrClosed)) {
-				return
-			}
-			// ENOBUFS (notices lost) wakes too: the check is by name.
-			select {
-			case wake <- struct{}{}:
-			default:
-			}
+		if err := apply(now); err != nil {
+			d.log.Error("wan: could not give the listeners' socket filters the WAN interface's new index", "wan", wan, "ifindex", now, audit.LogError, err.Error())
+			return
 		}
-	}()
-	return nil
+		d.log.Info("wan: the WAN interface has a new index: the listeners drop what arrives on it", "wan", wan, "ifindex", now, "was", idx)
+		idx = now
+	}
 }
 
 // wanDropSay is the start-up line that says what the filters drop.
