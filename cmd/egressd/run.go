@@ -680,11 +680,12 @@ func (d *daemon) run(ctx context.Context) error {
 		}
 		capt := d.capture
 		var ended atomic.Bool // Run returned: its failure is the part's state
-		on := "listening on " + orNone(strings.Join(capt.Listening(), ", ")) + fmt.Sprintf(" (ring %d MiB each)", ringMB)
+		on := "listening on " + orNone(strings.Join(capt.Listening(), ", "))
 		if not := capt.NotListening(); len(not) > 0 {
 			on += "; not on " + strings.Join(notListeningNames(lans, capt.Listening()), ", ") + " (below)"
 		}
 		d.say("capture: %s", on)
+		d.say("capture: ring %d MiB per interface", ringMB)
 		d.captureHealth(capt, &ended)
 		follow = append(follow, func() {
 			if capt.Follow() {
