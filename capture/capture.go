@@ -25,8 +25,9 @@ type Config struct {
 	// gateway forwards from one of them to another crosses two sockets:
 	// its flow counts it on the interface the flow's first packet came
 	// in on, with its client's MAC address, and the copy on the other is
-	// skipped (Stats.Copies). Empty means Run fails; ReadFile does not
-	// need it.
+	// skipped (Stats.Copies). One that does not exist (yet), or is
+	// re-made with another index, gets its socket when Follow sees it
+	// (live.go). Empty means Run fails; ReadFile does not need it.
 	Interfaces []string
 	// MaxFlows bounds the flow table. 0 means 65536. When the table is full
 	// the oldest-looking flow is ended early ("evicted") and counted.
