@@ -87,7 +87,7 @@ func portListed(ranges []policy.PortRange, port uint16, proto policy.Proto) bool
 }
 
 // wanIndex is the index the filters drop for the interface wan: 0 when
-// it does not exist (yet: watchWAN attaches the filters when it appears;
+// it does not exist (yet: followWAN attaches the filters when it appears;
 // until then nothing arrives on it) or is loopback (filtering it would
 // cut the gateway's own queries; auditWANExposure warns).
 func wanIndex(wan string) (idx int, loopback bool) {
