@@ -622,7 +622,17 @@ func (s *Server) LookupNetIP(ctx context.Context, name string) ([]netip.Addr, er
 	for i, t := range types {
 		keys[i] = appendKey(nil, n, t, dns.ClassINET, 0)
 		if s.cache != nil {
-			if rs[i].e = s.cache.get(keys[i], s.now().UnixNano()); rs[i].e != nil {
+			now := s.now().UnixNano()
+			rs[i].e = s.cache.get(keys[i], now)
+			if rs[i].e == nil {
+				// The answer a client that set the DNSSEC OK bit was
+				// given (systemd-resolved sets it), validated as the
+				// plain one is: asked again, a CDN that rotates its
+				// answers gives another address than the client's.
+				// Not one fetched with checking disabled.
+				rs[i].e = s.cache.get(appendKey(nil, n, t, dns.ClassINET, keyDO), now)
+			}
+			if rs[i].e != nil {
 				s.m.cacheHits.Inc()
 			}
 		}

@@ -856,3 +856,45 @@ func TestFilteredInEvent(t *testing.T) {
 		}
 	}
 }
+
+// TestLookupNetIPFindsDOAnswers: the proxy's fresh lookup of a name
+// (LookupNetIP) is answered from an answer the cache holds for a client
+// that set the DNSSEC OK bit (systemd-resolved does), not asked upstream
+// again: a CDN that rotates its answers would give another address, and
+// the client's connection to the address it was given would be refused
+// (sni-mismatch). An answer fetched with checking disabled (CD) is not
+// used: the upstream did not validate it.
+func TestLookupNetIPFindsDOAnswers(t *testing.T) {
+	up := newFakeUpstream(t, labZone)
+	ts := startServer(t, enforcePolicy, Config{Upstreams: []string{up.Addr}}, Deps{})
+	for _, qt := range []uint16{dns.TypeA, dns.TypeAAAA} {
+		m := new(dns.Msg)
+		m.SetQuestion("www.allowed.test.", qt)
+		m.SetEdns0(1232, true) // DO
+		if _, _, err := (&dns.Client{Net: "udp", Timeout: 6 * time.Second, UDPSize: 1232}).Exchange(m, ts.Addr); err != nil {
+			t.Fatal(err)
+		}
+	}
+	before := up.count("www.allowed.test")
+	addrs, err := ts.LookupNetIP(context.Background(), "www.allowed.test")
+	if err != nil || len(addrs) == 0 {
+		t.Fatalf("LookupNetIP: %v %v", addrs, err)
+	}
+	if n := up.count("www.allowed.test") - before; n != 0 {
+		t.Errorf("LookupNetIP asked upstream %d times for answers the cache held for a DO client", n)
+	}
+
+	// CD: not used.
+	m := new(dns.Msg)
+	m.SetQuestion("api.allowed.test.", dns.TypeA)
+	m.SetEdns0(1232, false)
+	m.CheckingDisabled = true
+	if _, _, err := (&dns.Client{Net: "udp", Timeout: 6 * time.Second, UDPSize: 1232}).Exchange(m, ts.Addr); err != nil {
+		t.Fatal(err)
+	}
+	before = up.count("api.allowed.test")
+	ts.LookupNetIP(context.Background(), "api.allowed.test")
+	if n := up.count("api.allowed.test") - before; n == 0 {
+		t.Error("LookupNetIP took an answer fetched with checking disabled")
+	}
+}
