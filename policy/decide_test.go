@@ -558,3 +558,34 @@ func TestWarnPathRuleOnUDP(t *testing.T) {
 		t.Errorf("UDP warnings %q, want one for rule quic naming its UDP ports", udp)
 	}
 }
+
+// TestHasMACs: an engine says whether any rule's clients include a MAC
+// (directly or through a group), so that components look a client's MAC
+// up only then; the engines derived from it say the same.
+func TestHasMACs(t *testing.T) {
+	for _, c := range []struct {
+		name, src string
+		want      bool
+	}{
+		{"no from", "version: 1\nrules:\n  - name: a\n    to: [example.com]\n    ports: [443/tcp]\n", false},
+		{"prefixes only", "version: 1\ngroups:\n  g: [192.0.2.0/24]\nrules:\n  - name: a\n    from: [g, 198.51.100.7]\n    to: [example.com]\n    ports: [443/tcp]\n", false},
+		{"a MAC group", "version: 1\ngroups:\n  g: [192.0.2.0/24, \"aa:bb:cc:dd:ee:ff\"]\nrules:\n  - name: a\n    to: [example.com]\n    ports: [443/tcp]\n  - name: b\n    from: [g]\n    to: [example.com/x/*]\n    ports: [443/tcp]\n", true},
+		{"a MAC in from", "version: 1\nrules:\n  - name: a\n    from: [\"aa:bb:cc:dd:ee:ff\"]\n    to: [10.0.0.0/8]\n    ports: [any]\n", true},
+		{"an unused MAC group", "version: 1\ngroups:\n  g: [\"aa:bb:cc:dd:ee:ff\"]\nrules:\n  - name: a\n    to: [example.com]\n    ports: [443/tcp]\n", false},
+	} {
+		e := mustCompile(t, c.src)
+		if got := e.HasMACs(); got != c.want {
+			t.Errorf("%s: HasMACs %v, want %v", c.name, got, c.want)
+		}
+		if got := e.WithMode(ModeEnforce).HasMACs(); got != c.want {
+			t.Errorf("%s: WithMode: HasMACs %v, want %v", c.name, got, c.want)
+		}
+		if got := e.HostLevel().HasMACs(); got != c.want {
+			t.Errorf("%s: HostLevel: HasMACs %v, want %v", c.name, got, c.want)
+		}
+	}
+	e := mustCompile(t, "version: 1\nrules:\n  - name: a\n    from: [\"aa:bb:cc:dd:ee:ff\"]\n    to: [example.com]\n    ports: [443/tcp]\n")
+	if n := testing.AllocsPerRun(100, func() { e.HasMACs() }); n != 0 {
+		t.Errorf("HasMACs allocates %v times", n)
+	}
+}

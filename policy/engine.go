@@ -28,6 +28,7 @@ type Engine struct {
 	zero4     []int32 // rules with 0.0.0.0/0
 	zero6     []int32 // rules with ::/0
 	hasExpiry bool
+	hasMACs   bool // some rule's clients include a MAC address
 
 	// host holds HostLevel's engine, compiled on first use; shared with
 	// the engines WithMode makes (the mode does not change what allows).
@@ -83,6 +84,9 @@ func New(p *Policy) *Engine {
 		e.ruleNames[i] = r.Name
 		if !r.Expires.IsZero() {
 			e.hasExpiry = true
+		}
+		if len(r.From.MACs) > 0 {
+			e.hasMACs = true
 		}
 		for _, t := range r.To {
 			e.add(int32(i), t)
@@ -150,6 +154,12 @@ func (e *Engine) Mode() Mode { return e.pol.Mode }
 
 // Rules returns the rules in file order. Callers must not modify them.
 func (e *Engine) Rules() []Rule { return e.pol.Rules }
+
+// HasMACs reports whether some rule's clients include a MAC address
+// (Input.ClientMAC can change a decision). A component that must look a
+// client's MAC up asks this first, so that a policy without MAC entries
+// costs nothing on its fast path; it does not allocate.
+func (e *Engine) HasMACs() bool { return e.hasMACs }
 
 // Warnings returns the policy's warnings.
 func (e *Engine) Warnings() []Problem { return e.pol.Warnings }
