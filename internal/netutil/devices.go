@@ -10,11 +10,13 @@ import (
 
 // Devices tells whether two addresses of the LAN are one device's: the
 // kernel's neighbour table on the LAN interface (ARP and NDP) maps both to
-// the same Ethernet address, and that address is one device's. A
-// dual-stack device asks DNS from one address (IPv4, whose DHCP named the
-// gateway as resolver; or one IPv6 address) and connects from another (a
-// SLAAC or privacy address): egressd counts what its DNS gave one of them
-// as given to the device (see README, "Which client DNS vouched for").
+// the same Ethernet address, and that address is one device's; and which
+// Ethernet address a LAN address has (MAC), for policies that name
+// clients by MAC. A dual-stack device asks DNS from one address (IPv4,
+// whose DHCP named the gateway as resolver; or one IPv6 address) and
+// connects from another (a SLAAC or privacy address): egressd counts what
+// its DNS gave one of them as given to the device (see README, "Which
+// client DNS vouched for").
 //
 // An Ethernet address stands for one device only while the table holds at
 // most DeviceMaxIPv4 IPv4 and DeviceMaxAddrs addresses in all for it,
@@ -177,6 +179,35 @@ func (d *Devices) SameDevice(a, b netip.Addr) bool {
 	d.mu.Lock()
 	defer d.mu.Unlock()
 	return s.v4[ma] <= DeviceMaxIPv4 && s.all[ma] <= DeviceMaxAddrs
+}
+
+// MAC returns the Ethernet address of a's usable entry in the neighbour
+// table (see Devices: a state that vouches for it, a unicast address,
+// alive within DeviceActive): the source address of a's frames when a is
+// on the LAN's link. It reports false when there is none: a client behind
+// a router (its address is not on the link: its frames carry the
+// router's MAC, which is not its own), an address the table lacks or
+// holds in a state that vouches for nothing, a lookup past
+// DevicesMaxLookups, and while the table cannot be read (a copy older
+// than DevicesMaxStale). IPv4-mapped addresses count as IPv4, zones are
+// ignored.
+//
+// The counts SameDevice checks do not apply: an Ethernet address with
+// several IPv4 addresses (a device whose DHCP lease moved and whose old
+// entry lingers, a proxy-ARP box answering for the hosts behind it) is
+// still the one its frames carry, and the one a policy names. It may read
+// the table (bounded waits), as SameDevice does, so callers ask only
+// when a policy names MAC addresses.
+func (d *Devices) MAC(a netip.Addr) (MAC, bool) {
+	a = deviceAddr(a)
+	if !a.IsValid() {
+		return MAC{}, false
+	}
+	s := d.snapshot()
+	if s == nil {
+		return MAC{}, false
+	}
+	return d.macOf(s, a)
 }
 
 // deviceAddr returns a as a device address (unmapped, without zone), or

@@ -374,3 +374,78 @@ func TestDevicesOneDump(t *testing.T) {
 		t.Errorf("%d of 8 callers were answered one device", same.Load())
 	}
 }
+
+// TestDevicesMAC: an address's MAC is its usable entry's; an address not
+// on the link (routed), or whose entry vouches for nothing, has none.
+// An Ethernet address that holds several IPv4 addresses is still theirs
+// (SameDevice's counts do not apply). Lookups follow the copy's rules:
+// one dump, one single lookup of an address the copy lacks, remembered.
+func TestDevicesMAC(t *testing.T) {
+	f := newFakeNeigh(
+		nb("192.0.2.10", macA), nb("2001:db8::10", macA),
+		nb("192.0.2.20", macB), nb("192.0.2.21", macB), // two IPv4 addresses: a lease that moved, proxy ARP
+		Neighbour{Addr: netip.MustParseAddr("192.0.2.30"), MAC: macA, State: NUDIncomplete},
+		Neighbour{Addr: netip.MustParseAddr("192.0.2.31"), MAC: macA, State: NUDFailed},
+		Neighbour{Addr: netip.MustParseAddr("192.0.2.32"), MAC: macA, State: NUDStale},
+		Neighbour{Addr: netip.MustParseAddr("192.0.2.33"), MAC: macA, State: NUDNoARP},
+		Neighbour{Addr: netip.MustParseAddr("192.0.2.34"), MAC: macA, State: NUDStale, Idle: DeviceActive + time.Second},
+		Neighbour{Addr: netip.MustParseAddr("192.0.2.35"), MAC: MAC{}, State: NUDReachable},
+		Neighbour{Addr: netip.MustParseAddr("192.0.2.36"), MAC: MAC{0x03, 0, 0, 0, 0, 1}, State: NUDReachable},
+		Neighbour{Addr: netip.MustParseAddr("192.0.2.37"), MAC: macB, State: NUDPermanent},
+	)
+	d, c := newTestDevices(f)
+	for _, tc := range []struct {
+		a    string
+		want MAC // zero: none
+	}{
+		{"192.0.2.10", macA},
+		{"::ffff:192.0.2.10", macA},
+		{"2001:db8::10", macA},
+		{"192.0.2.20", macB},
+		{"192.0.2.21", macB},
+		{"198.51.100.7", MAC{}}, // not on the link: behind a router
+		{"192.0.2.30", MAC{}},   // incomplete
+		{"192.0.2.31", MAC{}},   // failed
+		{"192.0.2.32", macA},    // stale still vouches
+		{"192.0.2.33", MAC{}},   // no ARP
+		{"192.0.2.34", MAC{}},   // silent for over DeviceActive
+		{"192.0.2.35", MAC{}},   // zero MAC
+		{"192.0.2.36", MAC{}},   // multicast MAC
+		{"192.0.2.37", macB},    // permanent
+		{"127.0.0.1", MAC{}},
+		{"", MAC{}},
+	} {
+		var a netip.Addr
+		if tc.a != "" {
+			a = netip.MustParseAddr(tc.a)
+		}
+		m, ok := d.MAC(a)
+		if ok != (tc.want != MAC{}) || m != tc.want {
+			t.Errorf("MAC(%s) = %v %v, want %v", tc.a, m, ok, tc.want)
+		}
+	}
+	if n := f.dumps.Load(); n != 1 {
+		t.Errorf("%d dumps for one copy's questions, want 1", n)
+	}
+	// The routed address was asked about alone, once; so were the entries
+	// the dump skipped (unusable), once each.
+	gets := f.gets.Load()
+	d.MAC(netip.MustParseAddr("198.51.100.7"))
+	d.MAC(netip.MustParseAddr("192.0.2.30"))
+	if n := f.gets.Load(); n != gets {
+		t.Errorf("%d more single lookups of addresses already asked about in this copy", n-gets)
+	}
+	// A client that came since the dump: one lookup finds it.
+	f.set(nb("192.0.2.40", macB))
+	if m, ok := d.MAC(netip.MustParseAddr("192.0.2.40")); !ok || m != macB {
+		t.Errorf("a new client: MAC %v %v, want %v", m, ok, macB)
+	}
+	// While the table cannot be read, past DevicesMaxStale: none.
+	f.mu.Lock()
+	f.dumpErr = errors.New("netlink down")
+	f.mu.Unlock()
+	c.add(DevicesMaxStale + time.Second)
+	if m, ok := d.MAC(netip.MustParseAddr("192.0.2.10")); ok {
+		t.Errorf("MAC from a copy older than DevicesMaxStale: %v", m)
+	}
+}

@@ -10,7 +10,9 @@
 // interface (the WAN one: THREATS.md, no open resolver on the WAN side).
 // Devices reads the kernel's neighbour table (RTM_GETNEIGH) to tell which
 // LAN addresses are one device's, for the proxy's and capture's questions
-// about what egressd's DNS gave a client.
+// about what egressd's DNS gave a client, and which MAC a LAN client has,
+// for policies that name clients by MAC (the forwarder, the proxies,
+// capture and the firewall's re-decisions ask it alike).
 package netutil
 
 import (
