@@ -148,6 +148,23 @@ type Deps struct {
 	// own network namespace when the first connection needs it. Tests pass
 	// one opened inside the gateway's namespace.
 	Conntrack Conntrack
+	// MACs tells a client's MAC address, for a policy whose rules name
+	// clients by MAC (policy.Engine.HasMACs). Nil means no client has one:
+	// such rules match none of the proxy's clients.
+	MACs ClientMACs
+}
+
+// ClientMACs tells a LAN client's MAC address, for policies whose rules
+// name clients by MAC (policy.Input.ClientMAC). In egressd, cmd/egressd
+// wires the LAN interfaces' neighbour tables (netutil.Devices.MAC): the
+// proxy sees a connection's client address only, never its frames.
+type ClientMACs interface {
+	// ClientMAC returns client's MAC address; nil when it has none (a
+	// client behind a router, whose address is not on the LAN's link, or
+	// one the neighbour table does not know). It may wait briefly for the
+	// kernel: the proxy asks once per connection, and only while the
+	// policy names MAC addresses. The caller does not modify the result.
+	ClientMAC(client netip.Addr) net.HardwareAddr
 }
 
 // Conntrack looks up the original source of a connection in the kernel's

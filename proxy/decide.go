@@ -2,6 +2,7 @@ package proxy
 
 import (
 	"context"
+	"net"
 	"net/netip"
 	"slices"
 	"sync/atomic"
@@ -101,6 +102,27 @@ func (c *engineCache) get(eng *policy.Engine) *engines {
 	e := &engines{eng: eng, hostLevel: eng.HostLevel(), pathOnly: policy.New(path)}
 	c.p.Store(e)
 	return e
+}
+
+// clientMAC returns the MAC to decide client's connection with under
+// eng: nil unless eng's rules name MAC addresses (nothing is looked up
+// then) and Deps.MACs knows one.
+func (p *Proxy) clientMAC(eng *policy.Engine, client netip.Addr) net.HardwareAddr {
+	if p.deps.MACs == nil || !eng.HasMACs() {
+		return nil
+	}
+	return p.deps.MACs.ClientMAC(client.Unmap())
+}
+
+// withMAC returns in with its client's MAC when eng's rules name MAC
+// addresses and in has none yet: a connection opened under a policy that
+// named none is decided again (a reload), or its later requests are
+// decided, under one that does.
+func (p *Proxy) withMAC(eng *policy.Engine, in policy.Input) policy.Input {
+	if in.ClientMAC == nil && in.Client.IsValid() {
+		in.ClientMAC = p.clientMAC(eng, in.Client)
+	}
+	return in
 }
 
 // needsInspection reports whether a host/path rule, and no host-level rule,

@@ -38,6 +38,7 @@ type connectState struct {
 	at          policyAt       // the policy the CONNECT was decided with
 	addr        netip.AddrPort // the destination dialled
 	client      netip.AddrPort
+	mac         net.HardwareAddr // the client's, when the policy at the start named MACs; nil: none
 	src         audit.NameSource
 	transparent bool
 	// rec is the connection's record, its one flow: each request in it
@@ -470,8 +471,8 @@ func tcpAddrString(s string) net.Addr {
 // is decided by address alone; a name is decided, then resolved through
 // the configured upstreams, and the first address outside the guarded
 // ranges is used (THREATS.md A2, F1, F4, F5).
-func (p *Proxy) decideTarget(ctx context.Context, eng *policy.Engine, client netip.Addr, host string, port uint16, path string, src audit.NameSource) (verdict, netip.AddrPort) {
-	in := policy.Input{Client: client, Port: port, Proto: policy.TCP, Path: path, Now: time.Now()}
+func (p *Proxy) decideTarget(ctx context.Context, eng *policy.Engine, client netip.Addr, mac net.HardwareAddr, host string, port uint16, path string, src audit.NameSource) (verdict, netip.AddrPort) {
+	in := policy.Input{Client: client, ClientMAC: mac, Port: port, Proto: policy.TCP, Path: path, Now: time.Now()}
 	if a, ok := literalAddr(host); ok {
 		in.Dest = a
 		v := p.decideAddr(eng, in, audit.NameNone)
@@ -584,7 +585,11 @@ func (p *Proxy) handleConnect(host string, ctx *goproxy.ProxyCtx) (*goproxy.Conn
 		return reject(verdict{d: denyDecision(eng, ReasonHTTPBad), name: host, how: byBytes}, http.StatusBadRequest)
 	}
 	f.ev.DestPort = port
-	v, addr := p.decideTarget(r.Context(), eng, ca.Addr(), h, port, "", audit.NameConnect)
+	mac := p.clientMAC(eng, ca.Addr())
+	if mac != nil {
+		f.ev.ClientMAC = mac.String()
+	}
+	v, addr := p.decideTarget(r.Context(), eng, ca.Addr(), mac, h, port, "", audit.NameConnect)
 	f.ev.Name, f.ev.NameSource = v.name, v.src
 	if v.src == audit.NameNone {
 		f.ev.NameSource = audit.NameConnect
@@ -599,9 +604,9 @@ func (p *Proxy) handleConnect(host string, ctx *goproxy.ProxyCtx) (*goproxy.Conn
 	if !addr.IsValid() {
 		return reject(v, http.StatusBadGateway)
 	}
-	st := &connectState{host: v.name, addr: addr, client: ca, src: audit.NameConnect, at: at}
+	st := &connectState{host: v.name, addr: addr, client: ca, mac: mac, src: audit.NameConnect, at: at}
 	if v.d.Allowed() {
-		in := policy.Input{Client: ca.Addr(), Dest: addr.Addr(), Port: port, Proto: policy.TCP, Name: v.name, NoPath: true, Now: time.Now()}
+		in := policy.Input{Client: ca.Addr(), ClientMAC: mac, Dest: addr.Addr(), Port: port, Proto: policy.TCP, Name: v.name, NoPath: true, Now: time.Now()}
 		if d := eng.Decide(in); !d.Allowed() {
 			st.noPath = d
 		}
@@ -763,7 +768,7 @@ func (p *Proxy) againConnect(eng *policy.Engine, v verdict, addr netip.AddrPort,
 	if !d.Allowed() {
 		return d
 	}
-	in := v.in
+	in := p.withMAC(eng, v.in)
 	in.Now, in.Dest, in.Name = time.Now(), addr.Addr(), v.name
 	if g, ok := specialRange(addr.Addr(), p.ownAddrs(), p.cfg.AllowSpecial); ok && !cidrRuleNames(eng, in, g) {
 		return denyDecision(eng, ReasonSpecialRange)
@@ -818,10 +823,14 @@ func (p *Proxy) handleRequest(req *http.Request, ctx *goproxy.ProxyCtx) (*http.R
 		port = uint16(n)
 	}
 	f.ev.DestPort = port
-	v, addr := p.decideTarget(req.Context(), eng, ca.Addr(), host, port, req.URL.Path, audit.NameHost)
+	mac := p.clientMAC(eng, ca.Addr())
+	if mac != nil {
+		f.ev.ClientMAC = mac.String()
+	}
+	v, addr := p.decideTarget(req.Context(), eng, ca.Addr(), mac, host, port, req.URL.Path, audit.NameHost)
 	// The path as sent (escaped): one an origin may read as another does
 	// not pass a host/path glob, as on the transparent path.
-	hin := policy.Input{Client: ca.Addr(), Port: port, Proto: policy.TCP, Name: v.name, Now: time.Now()}
+	hin := policy.Input{Client: ca.Addr(), ClientMAC: mac, Port: port, Proto: policy.TCP, Name: v.name, Now: time.Now()}
 	if v.name == "" {
 		hin.Dest = addr.Addr()
 	}
@@ -850,7 +859,7 @@ func (p *Proxy) handleRequest(req *http.Request, ctx *goproxy.ProxyCtx) (*http.R
 	escaped := req.URL.EscapedPath()
 	decide := func(e *policy.Engine) policy.Decision {
 		d := p.againConnect(e, v, addr, false)
-		hin := hin
+		hin := p.withMAC(e, hin)
 		hin.Now = time.Now()
 		if d.Allowed() && p.pathFormDenied(e, hin, escaped) {
 			d = denyDecision(e, ReasonPathForm)
@@ -1005,7 +1014,7 @@ func (p *Proxy) inspectedRequest(at policyAt, st *connectState, req *http.Reques
 		// request follower refuses.
 		d = httpErrDecision(eng, headErr)
 	} else if st.plain {
-		in := policy.Input{Client: st.client.Addr(), Dest: st.addr.Addr(), Port: st.addr.Port(), Proto: policy.TCP, Now: time.Now()}
+		in := policy.Input{Client: st.client.Addr(), ClientMAC: st.mac, Dest: st.addr.Addr(), Port: st.addr.Port(), Proto: policy.TCP, Now: time.Now()}
 		v := p.decideHTTP(req.Context(), eng, in, &httpwire.Head{Host: req.URL.Hostname(), Path: req.URL.EscapedPath()})
 		d, ev.Name, ev.NameSource = v.d, v.name, v.src
 		if st.latest != nil {
@@ -1023,13 +1032,13 @@ func (p *Proxy) inspectedRequest(at policyAt, st *connectState, req *http.Reques
 		// address must be one of its own: A2); the request goes out with
 		// that name (the upstream TLS verifies it), never under the
 		// connection's verdict, and the event says it was fronted.
-		in := policy.Input{Client: st.client.Addr(), Dest: st.addr.Addr(), Port: st.addr.Port(), Proto: policy.TCP, Now: time.Now()}
+		in := policy.Input{Client: st.client.Addr(), ClientMAC: st.mac, Dest: st.addr.Addr(), Port: st.addr.Port(), Proto: policy.TCP, Now: time.Now()}
 		v := p.decideHTTP(req.Context(), eng, in, &httpwire.Head{Host: req.URL.Hostname(), Path: req.URL.EscapedPath()})
 		d, ev.Name, ev.NameSource, ev.Front = v.d, v.name, v.src, st.host
 	} else if host != st.host {
 		d = denyDecision(eng, ReasonHostMismatch)
 	} else {
-		in := policy.Input{Client: st.client.Addr(), Dest: st.addr.Addr(), Port: st.addr.Port(), Proto: policy.TCP, Name: st.host, Path: req.URL.Path}
+		in := p.withMAC(eng, policy.Input{Client: st.client.Addr(), ClientMAC: st.mac, Dest: st.addr.Addr(), Port: st.addr.Port(), Proto: policy.TCP, Name: st.host, Path: req.URL.Path})
 		d = eng.Decide(in)
 		if d.Allowed() && p.pathFormDenied(eng, in, req.URL.EscapedPath()) {
 			d = denyDecision(eng, ReasonPathForm)
@@ -1085,7 +1094,7 @@ func (p *Proxy) inspectTransparent(c *net.TCPConn, at policyAt, recorded []byte,
 	if _, err := p.ensureCA(); err != nil {
 		return err
 	}
-	st := &connectState{host: v.name, addr: orig, client: netip.AddrPortFrom(f.ev.Client, f.ev.ClientPort), src: v.src, transparent: true,
+	st := &connectState{host: v.name, addr: orig, client: netip.AddrPortFrom(f.ev.Client, f.ev.ClientPort), mac: v.in.ClientMAC, src: v.src, transparent: true,
 		rec: f, firstIsFlow: !isTLS, plain: !isTLS}
 	// goproxy reads the TLS handshake and the first request head without
 	// a deadline: bound them as the hello was.

@@ -40,6 +40,7 @@ const httpBufSize = 16 << 10
 // allows the request (reason path-form): a glob must not be passed by
 // "/allowed/../other".
 func (p *Proxy) decideHTTP(ctx context.Context, eng *policy.Engine, in policy.Input, h *httpwire.Head) verdict {
+	in = p.withMAC(eng, in)
 	in.Path, _, _ = strings.Cut(h.Path, "?")
 	var v verdict
 	if _, lit := literalAddr(h.Host); h.Host == "" || lit {

@@ -217,7 +217,7 @@ func (p *Proxy) redecideOne(lc *liveConn) {
 // reload), from the facts v kept: see liveConn for what is and is not
 // looked up again.
 func (p *Proxy) again(eng *policy.Engine, v verdict) policy.Decision {
-	in := v.in
+	in := p.withMAC(eng, v.in)
 	in.Now = time.Now()
 	var nv verdict
 	switch v.how {

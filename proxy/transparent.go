@@ -88,6 +88,9 @@ func (p *Proxy) handleTransparent(c *net.TCPConn, ours bool) {
 	}
 	f.ev.Dest, f.ev.DestPort = orig.Addr(), orig.Port()
 	in := policy.Input{Client: ca.Addr(), Dest: orig.Addr(), Port: orig.Port(), Proto: policy.TCP, Now: start}
+	if in.ClientMAC = p.clientMAC(eng, ca.Addr()); in.ClientMAC != nil {
+		f.ev.ClientMAC = in.ClientMAC.String()
+	}
 	if !ours {
 		p.setKeepAlive(c)
 	}
