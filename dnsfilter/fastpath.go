@@ -109,6 +109,12 @@ func (s *Server) fast(sc *scratch, c udpConn, pkt []byte, src netip.AddrPort) bo
 	if off != len(pkt) {
 		return false
 	}
+	eng := s.pol.Load()
+	if s.macs != nil && eng.HasMACs() {
+		// The policy names clients by MAC: the client's is looked up
+		// (Deps.MACs), which may wait for the kernel; not on a reader.
+		return false
+	}
 	now := s.now()
 	nowNs := now.UnixNano()
 	nameStr := unsafe.String(unsafe.SliceData(name), len(name)) // only for lookups below, never kept
@@ -119,13 +125,12 @@ func (s *Server) fast(sc *scratch, c udpConn, pkt []byte, src netip.AddrPort) bo
 		if ok, first := s.rl.allow(src.Addr(), nowNs); !ok {
 			s.m.rateLimited.Inc()
 			q := query{start: now, client: src, proto: "udp", qtype: qtype, name: string(name), rcode: -1, quiet: !first}
-			q.dec = policy.Decision{Verdict: policy.Deny, RuleIndex: -1, Mode: s.pol.Load().Mode(), Reason: ReasonRateLimited}
+			q.dec = policy.Decision{Verdict: policy.Deny, RuleIndex: -1, Mode: eng.Mode(), Reason: ReasonRateLimited}
 			q.enforced, q.path = true, "local"
 			s.finish(&q)
 			return true
 		}
 	}
-	eng := s.pol.Load()
 	dec := eng.DecideName(policy.Input{Client: src.Addr().Unmap(), Name: nameStr, Now: now})
 	if !dec.Allowed() && dec.Mode == policy.ModeEnforce {
 		if s.cfg.Deny != DenyRefused {
@@ -158,7 +163,7 @@ func (s *Server) fast(sc *scratch, c udpConn, pkt []byte, src netip.AddrPort) bo
 		// gate sees it (firewall/seed.go).
 		s.learn(src.Addr(), e, dec.Rule, nowNs)
 	}
-	if e == nil || dec.Allowed() && s.needsGate(e, eng, dec, src.Addr(), now) {
+	if e == nil || dec.Allowed() && s.needsGate(e, eng, dec, src.Addr(), nil, now) {
 		// A miss: resolve in a goroutine with what was parsed here. So
 		// too a hit whose addresses the firewall must take before the
 		// answer goes out (after a policy reload, or a failed wait):

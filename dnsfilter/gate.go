@@ -3,6 +3,7 @@ package dnsfilter
 import (
 	"context"
 	"errors"
+	"net"
 	"net/netip"
 	"slices"
 	"time"
@@ -50,6 +51,29 @@ type Firewall interface {
 	Learn(ctx context.Context, eng *policy.Engine, ls []Learned) error
 }
 
+// ClientMACs tells a LAN client's MAC address, for policies whose rules
+// name clients by MAC (policy.Input.ClientMAC). In egressd, cmd/egressd
+// wires the LAN interfaces' neighbour tables (netutil.Devices.MAC);
+// dnsfilter does not import them.
+type ClientMACs interface {
+	// ClientMAC returns client's MAC address; nil when it has none (a
+	// client behind a router, whose address is not on the LAN's link, or
+	// one the neighbour table does not know). It may wait briefly for the
+	// kernel: the forwarder asks only while the running policy names MAC
+	// addresses, and never on a UDP reader (the fast path leaves such
+	// queries to the general path). The caller does not modify the result.
+	ClientMAC(client netip.Addr) net.HardwareAddr
+}
+
+// clientMAC returns the MAC to decide client's query with under eng: nil
+// unless eng's rules name MAC addresses (nothing is looked up then).
+func (s *Server) clientMAC(eng *policy.Engine, client netip.Addr) net.HardwareAddr {
+	if s.macs == nil || !eng.HasMACs() {
+		return nil
+	}
+	return s.macs.ClientMAC(client.Unmap())
+}
+
 // gateMark records that the firewall holds a cached answer's addresses for
 // rules (indexes into the engine's rules), under a policy engine: later
 // hits that need no other rule's set need not ask it again.
@@ -79,12 +103,13 @@ func (g *gateMark) covers(eng *policy.Engine, rules []int) bool {
 // web, whose TCP goes through the proxy, and ntp's set must still get the
 // address, or enforce mode drops the UDP the policy allows.
 // first is the rule DecideName credited (the lowest of them, known
-// already: the name is matched once more, not twice).
-func (s *Server) gateRules(eng *policy.Engine, client netip.Addr, name string, now time.Time, first int, dst []int) []int {
+// already: the name is matched once more, not twice); mac is the client's
+// MAC the query was decided with (nil: none).
+func (s *Server) gateRules(eng *policy.Engine, client netip.Addr, mac net.HardwareAddr, name string, now time.Time, first int, dst []int) []int {
 	if !s.fw.WantsAny() {
 		return dst
 	}
-	rules := eng.NameRules(policy.Input{Client: client, Name: name, Now: now}, first+1, append(dst, first))
+	rules := eng.NameRules(policy.Input{Client: client, ClientMAC: mac, Name: name, Now: now}, first+1, append(dst, first))
 	all := eng.Rules()
 	out := rules[:0]
 	for _, r := range rules {
@@ -99,12 +124,12 @@ func (s *Server) gateRules(eng *policy.Engine, client netip.Addr, name string, n
 // it has addresses, the firewall wants those of a rule that lets the
 // client resolve the name, and it has not taken them for this entry under
 // this engine already. It does not allocate.
-func (s *Server) needsGate(e *entry, eng *policy.Engine, dec policy.Decision, client netip.Addr, now time.Time) bool {
+func (s *Server) needsGate(e *entry, eng *policy.Engine, dec policy.Decision, client netip.Addr, mac net.HardwareAddr, now time.Time) bool {
 	if s.fw == nil || len(e.addrs) == 0 {
 		return false
 	}
 	var buf [8]int
-	rules := s.gateRules(eng, client.Unmap(), e.name, now, dec.RuleIndex, buf[:0])
+	rules := s.gateRules(eng, client.Unmap(), mac, e.name, now, dec.RuleIndex, buf[:0])
 	return len(rules) > 0 && !e.gate.Load().covers(eng, rules)
 }
 
@@ -113,17 +138,17 @@ func (s *Server) needsGate(e *entry, eng *policy.Engine, dec policy.Decision, cl
 // it has them. It runs before the answer is written, on a goroutine of its
 // own query (never a UDP reader).
 func (s *Server) gate(q *query, e *entry, now int64) {
-	if !s.needsGate(e, q.eng, q.dec, q.client.Addr(), q.start) {
+	if !s.needsGate(e, q.eng, q.dec, q.client.Addr(), q.mac, q.start) {
 		return
 	}
 	client := q.client.Addr().Unmap()
-	rules := s.gateRules(q.eng, client, e.name, q.start, q.dec.RuleIndex, nil)
+	rules := s.gateRules(q.eng, client, q.mac, e.name, q.start, q.dec.RuleIndex, nil)
 	all := q.eng.Rules()
 	ls := make([]Learned, 0, len(e.addrs)*len(rules))
 	for _, r := range rules {
 		for _, a := range e.addrs {
 			if a.expires > now {
-				ls = append(ls, Learned{Client: client, Name: e.name, Addr: a.addr, Rule: all[r].Name,
+				ls = append(ls, Learned{Client: client, ClientMAC: q.mac, Name: e.name, Addr: a.addr, Rule: all[r].Name,
 					Expires: time.Unix(0, a.expires).Add(time.Second)})
 			}
 		}

@@ -407,7 +407,7 @@ func BenchmarkNeedsGate(b *testing.B) {
 		b.Run(c.name, func(b *testing.B) {
 			b.ReportAllocs()
 			for b.Loop() {
-				if s.needsGate(e, eng, policy.Decision{Verdict: policy.Allow, RuleIndex: 1}, client, now) {
+				if s.needsGate(e, eng, policy.Decision{Verdict: policy.Allow, RuleIndex: 1}, client, nil, now) {
 					b.Fatal("needs the firewall")
 				}
 			}

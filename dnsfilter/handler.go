@@ -5,6 +5,7 @@ import (
 	"encoding/binary"
 	"fmt"
 	"log/slog"
+	"net"
 	"net/netip"
 	"time"
 
@@ -45,7 +46,8 @@ type query struct {
 	do, cd   bool
 	maxSize  int
 	dec      policy.Decision
-	eng      *policy.Engine // the engine dec came from
+	eng      *policy.Engine   // the engine dec came from
+	mac      net.HardwareAddr // the client's MAC dec was made with; nil: none (or the policy names no MAC)
 	enforced bool           // answered locally by hardening, whatever the mode
 	rcode    int            // -1: not answered (dropped)
 	path     string
@@ -211,7 +213,8 @@ func (s *Server) answer(ctx context.Context, q *query, req *dns.Msg) []byte {
 		q.dec.Reason, q.enforced = ReasonQType, true
 		return s.local(q, req, dns.RcodeNotImplemented, dns.ExtendedErrorCodeNotSupported, "egressd: no ANY queries (RFC 8482)")
 	}
-	q.dec = eng.DecideName(policy.Input{Client: q.client.Addr().Unmap(), Name: name, Now: q.start})
+	q.mac = s.clientMAC(eng, q.client.Addr())
+	q.dec = eng.DecideName(policy.Input{Client: q.client.Addr().Unmap(), ClientMAC: q.mac, Name: name, Now: q.start})
 	if !q.dec.Allowed() && q.dec.Mode == policy.ModeEnforce {
 		return s.deny(q, req, eng)
 	}
@@ -537,9 +540,14 @@ func (s *Server) finish(q *query) {
 		attrs := []slog.Attr{
 			slog.String(audit.LogKind, string(audit.KindDNS)),
 			slog.String(audit.LogClient, q.client.Addr().Unmap().String()),
+		}
+		if q.mac != nil {
+			attrs = append(attrs, slog.String(audit.LogClientMAC, q.mac.String()))
+		}
+		attrs = append(attrs,
 			slog.String(audit.LogProto, q.proto),
 			slog.String(audit.LogName, name.Name),
-		}
+		)
 		if name.NameLen != 0 {
 			attrs = append(attrs, slog.Int(audit.LogNameLen, name.NameLen))
 		}
@@ -580,6 +588,9 @@ func (s *Server) finish(q *query) {
 		Upstream:   q.upstream,
 		Latency:    lat.Seconds(),
 		Filtered:   q.filtered,
+	}
+	if q.mac != nil {
+		ev.ClientMAC = q.mac.String()
 	}
 	ev.Stamp(d)
 	ev.Enforced = enforced

@@ -165,7 +165,9 @@ func (s *Server) entryFromSafe(m *missQuery, r *dns.Msg, u *upstream) (e *entry,
 // reader never waits for the firewall).
 func (s *Server) answerMiss(m *missQuery, e *entry, aq *answerQueue) {
 	q := m.query()
-	if m.dec.Allowed() && s.needsGate(e, m.eng, m.dec, m.src.Addr(), m.start) {
+	// No MAC: the fast path leaves queries of a policy that names MACs
+	// to the general path.
+	if m.dec.Allowed() && s.needsGate(e, m.eng, m.dec, m.src.Addr(), nil, m.start) {
 		s.slow.Add(1)
 		go func() {
 			defer s.slow.Done()

@@ -47,6 +47,10 @@ type Deps struct {
 	// client's first packet to them is not dropped. Nil means answers go
 	// out at once (the Table's Subscribe feed still tells who listens).
 	Firewall Firewall
+	// MACs tells a client's MAC address, for a policy whose rules name
+	// clients by MAC (policy.Engine.HasMACs). Nil means no client has one:
+	// such rules match none of the forwarder's clients.
+	MACs ClientMACs
 	// Now is the clock. Nil means time.Now.
 	Now func() time.Time
 }
@@ -60,6 +64,7 @@ type Server struct {
 	m     *metrics
 	table *Table       // always non-nil
 	fw    Firewall     // nil: answers do not wait
+	macs  ClientMACs   // nil: no client has a MAC
 	cache *cache       // nil when disabled
 	rl    *rateLimiter // nil when disabled
 	ups   *upstreams
@@ -125,6 +130,7 @@ func New(cfg Config, deps Deps) (*Server, error) {
 		log:   deps.Logger,
 		table: deps.Table,
 		fw:    deps.Firewall,
+		macs:  deps.MACs,
 		now:   deps.Now,
 		m:     newMetrics(),
 		ready: make(chan struct{}),

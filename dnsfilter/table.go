@@ -2,6 +2,7 @@ package dnsfilter
 
 import (
 	"hash/maphash"
+	"net"
 	"net/netip"
 	"sync"
 	"sync/atomic"
@@ -13,11 +14,16 @@ import (
 // Learned is one fact of the learned-address table: our DNS told Client that
 // Name has address Addr, until Expires.
 type Learned struct {
-	Client  netip.Addr
-	Name    string // normalised name the client asked (CNAME chains are credited to it)
-	Addr    netip.Addr
-	Rule    string // rule that allowed the name
-	Expires time.Time
+	Client netip.Addr
+	// ClientMAC is the client's MAC the answer was decided with, when the
+	// policy names clients by MAC (Deps.MACs); nil otherwise. It goes
+	// with the addresses handed to Deps.Firewall; the Table does not keep
+	// it (its readers look the MAC up again when they need it).
+	ClientMAC net.HardwareAddr
+	Name      string // normalised name the client asked (CNAME chains are credited to it)
+	Addr      netip.Addr
+	Rule      string // rule that allowed the name
+	Expires   time.Time
 }
 
 // Table is the learned-address table: for every allowed answer, which client

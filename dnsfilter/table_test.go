@@ -3,6 +3,7 @@ package dnsfilter
 import (
 	"fmt"
 	"net/netip"
+	"reflect"
 	"slices"
 	"sync"
 	"testing"
@@ -292,7 +293,7 @@ func TestTableHeldAll(t *testing.T) {
 	now = now.Add(2 * time.Minute)
 	var got []string
 	for _, l := range tb.HeldAll(nil) {
-		if want := tb.Held(l.Addr); len(want) != 1 || want[0] != l {
+		if want := tb.Held(l.Addr); len(want) != 1 || !reflect.DeepEqual(want[0], l) {
 			t.Errorf("HeldAll %v, Held %v", l, want)
 		}
 		got = append(got, l.Name)

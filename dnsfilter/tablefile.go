@@ -7,6 +7,7 @@ import (
 	"errors"
 	"fmt"
 	"io"
+	"net"
 	"net/netip"
 	"time"
 
@@ -252,13 +253,30 @@ func (t *Table) Load(r io.Reader, admit func(*Learned) bool) (int, error) {
 // under another policy, another filter or by a version whose filter
 // lacked a range so brings back only what the running forwarder would
 // have given out.
-func (c Config) WouldLearn(eng *policy.Engine) func(*Learned) bool {
+//
+// When eng names clients by MAC, each item's client is asked its MAC
+// through macs (nil: no client has one), once per client, as the
+// forwarder would ask it now. The test is for one Load: it is not safe
+// for concurrent use.
+func (c Config) WouldLearn(eng *policy.Engine, macs ClientMACs) func(*Learned) bool {
 	c = c.withDefaults()
+	var seen map[netip.Addr]net.HardwareAddr
 	return func(l *Learned) bool {
 		if l.Name == canaryName || c.rebinds(l.Name) && IsSpecial(l.Addr) {
 			return false
 		}
-		d := eng.DecideName(policy.Input{Client: l.Client, Name: l.Name})
+		var mac net.HardwareAddr
+		if macs != nil && eng.HasMACs() {
+			var ok bool
+			if mac, ok = seen[l.Client]; !ok {
+				if seen == nil {
+					seen = map[netip.Addr]net.HardwareAddr{}
+				}
+				mac = macs.ClientMAC(l.Client.Unmap())
+				seen[l.Client] = mac
+			}
+		}
+		d := eng.DecideName(policy.Input{Client: l.Client, ClientMAC: mac, Name: l.Name})
 		if !d.Allowed() {
 			return false
 		}

@@ -473,7 +473,7 @@ rules:
 				t.Errorf("the forwarder learned %d items, want %d:\n%s", len(learned), c.want, strings.Join(learned, "\n"))
 			}
 			tb := NewTable(0)
-			if _, err := tb.Load(bytes.NewReader(file.Bytes()), c.cfg.WouldLearn(store.Load())); err != nil {
+			if _, err := tb.Load(bytes.NewReader(file.Bytes()), c.cfg.WouldLearn(store.Load(), nil)); err != nil {
 				t.Fatal(err)
 			}
 			if got := list(tb); !slices.Equal(got, learned) {

@@ -309,7 +309,11 @@ func (s *learnedStore) run(ctx context.Context) {
 // without the file the table starts empty, as it did before there was one.
 func (d *daemon) restoreLearned(ctx context.Context, wg *sync.WaitGroup, table *dnsfilter.Table, dnsCfg dnsfilter.Config) {
 	s := newLearnedStore(d.cfg.stateDir, table, d.log.With(audit.LogComponent, "dns"))
-	s.admit = dnsCfg.WouldLearn(d.store.Load())
+	var macs dnsfilter.ClientMACs
+	if d.macs != nil {
+		macs = d.macs
+	}
+	s.admit = dnsCfg.WouldLearn(d.store.Load(), macs)
 	n, left, err := s.load()
 	switch {
 	case err != nil:

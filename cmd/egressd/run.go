@@ -124,6 +124,9 @@ type daemon struct {
 	lans []string
 	wan  string
 	gate *firewallGate
+	// macs tells a LAN client's MAC (the LAN interfaces' neighbour
+	// tables); nil without LAN interfaces.
+	macs *lanMACs
 	// table is the DNS forwarder's learned-address table: the firewall
 	// seeds its learned sets with what it holds when it goes in.
 	table *dnsfilter.Table
@@ -576,6 +579,21 @@ func (d *daemon) run(ctx context.Context) error {
 	dnsCfg.DropUDPFrom, dnsCfg.DropTCPFrom = wdrop.dns(wanIdx)
 	table := dnsfilter.NewTable(0)
 	d.table = table
+	// The LAN's devices, from each LAN interface's neighbour table: which
+	// addresses are one device's (lanFacts), and a client's MAC, for a
+	// policy that names clients by MAC (the forwarder, the proxies,
+	// capture and the firewall ask the same tables: lanMACs).
+	var devs lanDeviceSet
+	for _, lan := range lans {
+		devs = append(devs, netutil.NewDevices(lan, func(err error) {
+			if err == nil {
+				d.log.Info("lan devices: the neighbour table can be read again", "lan", lan)
+				return
+			}
+			d.log.Warn("lan devices: cannot read the neighbour table: each address is its own client, and has no MAC, meanwhile", "lan", lan, audit.LogError, err.Error())
+		}))
+	}
+	d.macs = devs.macs()
 	// What the forwarder gave out before a restart, before anything
 	// reads the table: the firewall seeds its learned sets with it, the
 	// proxy vouches with it, capture follows it. Only what this
@@ -583,23 +601,17 @@ func (d *daemon) run(ctx context.Context) error {
 	d.restoreLearned(ctx, &wg, table, dnsCfg)
 	gate := &firewallGate{} // the firewall, once installed, takes allowed answers' addresses before the client gets them
 	d.gate = gate
-	if d.dns, err = dnsfilter.New(dnsCfg, dnsfilter.Deps{Policy: d.store, Sink: d.sink, Logger: d.log, Registerer: d.reg, Table: table, Firewall: gate}); err != nil {
+	dnsDeps := dnsfilter.Deps{Policy: d.store, Sink: d.sink, Logger: d.log, Registerer: d.reg, Table: table, Firewall: gate}
+	if d.macs != nil {
+		dnsDeps.MACs = d.macs
+	}
+	if d.dns, err = dnsfilter.New(dnsCfg, dnsDeps); err != nil {
 		d.degrade("dns", err.Error())
 	}
 	// What the forwarder gave one address of a LAN device, it gave the
 	// device (lanFacts): the proxy and capture ask the same facts.
 	facts := lanFacts{Table: table}
-	if len(lans) > 0 {
-		var devs lanDeviceSet
-		for _, lan := range lans {
-			devs = append(devs, netutil.NewDevices(lan, func(err error) {
-				if err == nil {
-					d.log.Info("lan devices: the neighbour table can be read again", "lan", lan)
-					return
-				}
-				d.log.Warn("lan devices: cannot read the neighbour table: each address is its own client meanwhile", "lan", lan, audit.LogError, err.Error())
-			}))
-		}
+	if len(devs) > 0 {
 		facts.devices = devs
 	}
 	var dnsFacts interface {
@@ -622,7 +634,11 @@ func (d *daemon) run(ctx context.Context) error {
 	pcfg.MaxConns, pcfg.MaxConnsPerClient = proxyLimits(mem.Available())
 	pcfg.DropTransparentFrom, pcfg.DropExplicitFrom = wdrop.proxy(wanIdx)
 	proxyStopped := make(chan struct{}) // closed once the proxy's Run has returned (and its failure is recorded)
-	if d.proxy, err = proxy.New(pcfg, proxy.Deps{Policy: d.store, Sink: d.sink, Logger: d.log, Registerer: d.reg, DNS: dnsFacts, Resolver: resolver}); err != nil {
+	pdeps := proxy.Deps{Policy: d.store, Sink: d.sink, Logger: d.log, Registerer: d.reg, DNS: dnsFacts, Resolver: resolver}
+	if d.macs != nil {
+		pdeps.MACs = d.macs
+	}
+	if d.proxy, err = proxy.New(pcfg, pdeps); err != nil {
 		d.degrade("proxy", err.Error())
 	} else {
 		wg.Add(1)
@@ -1388,6 +1404,33 @@ func (s lanDeviceSet) SameDevice(a, b netip.Addr) bool {
 		}
 	}
 	return false
+}
+
+// lanMACs is the LAN interfaces' neighbour tables as the forwarder, the
+// proxies, capture and the firewall ask them a client's MAC
+// (dnsfilter.ClientMACs, proxy.ClientMACs, capture.ClientMACs,
+// firewall.ClientMACs): the first LAN interface whose table has a usable
+// entry for the address (netutil.Devices.MAC). A client behind a router
+// has none. They ask only while the running policy names MAC addresses.
+type lanMACs struct{ devs lanDeviceSet }
+
+// macs returns s as lanMACs; nil without LAN interfaces.
+func (s lanDeviceSet) macs() *lanMACs {
+	if len(s) == 0 {
+		return nil
+	}
+	return &lanMACs{devs: s}
+}
+
+// ClientMAC returns client's MAC, nil when no LAN interface's neighbour
+// table has one for it.
+func (m *lanMACs) ClientMAC(client netip.Addr) net.HardwareAddr {
+	for _, d := range m.devs {
+		if mac, ok := d.MAC(client); ok {
+			return net.HardwareAddr(mac[:])
+		}
+	}
+	return nil
 }
 
 // NamesFor returns the names the forwarder gave addr out for to client,
