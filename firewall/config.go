@@ -4,6 +4,8 @@ import (
 	"errors"
 	"fmt"
 	"log/slog"
+	"net"
+	"net/netip"
 	"strings"
 	"time"
 
@@ -121,6 +123,22 @@ type Deps struct {
 	// learned sets of those rules are filled from them in the same
 	// transaction (seed.go). Nil means none.
 	Given func() []Given
+	// MACs tells a LAN client's MAC address, for a policy whose rules
+	// name clients by MAC (policy.Engine.HasMACs): the seeding of learned
+	// sets asks it who asked the forwarder, as the forwarder's gate did
+	// (seed.go), and a look at the connections already out asks it their
+	// clients' (sweep.go). Nil means no client has one there. The forward
+	// chain itself matches the frame's source address (ether saddr).
+	MACs ClientMACs
+}
+
+// ClientMACs tells a LAN client's MAC address (egressd run: the LAN
+// interfaces' neighbour tables, netutil.Devices.MAC); nil when it has
+// none (a client behind a router). It may wait briefly for the kernel:
+// the firewall asks only while the policy names MAC addresses, and never
+// while it holds its lock.
+type ClientMACs interface {
+	ClientMAC(client netip.Addr) net.HardwareAddr
 }
 
 // Errors.

@@ -6,6 +6,7 @@ import (
 	"fmt"
 	"log/slog"
 	"math"
+	"net"
 	"net/netip"
 	"os"
 	"slices"
@@ -33,6 +34,8 @@ type Firewall struct {
 	m    *metrics
 	// given is Deps.Given: the forwarder's answers, to seed learned sets.
 	given func() []Given
+	// macs is Deps.MACs; nil: no client has a MAC.
+	macs ClientMACs
 
 	ioMu sync.Mutex // serialises netlink transactions; taken before mu
 	// sweepMu serialises the looks at conntrack after a ruleset goes in
@@ -103,7 +106,7 @@ func New(cfg Config, deps Deps) (*Firewall, error) {
 	if cfg.MaxLearned < 0 {
 		return nil, errors.New("firewall: MaxLearned is negative")
 	}
-	f := &Firewall{cfg: cfg, log: deps.Logger, sink: deps.Sink, now: deps.Now, m: newMetrics(deps.Registerer), given: deps.Given,
+	f := &Firewall{cfg: cfg, log: deps.Logger, sink: deps.Sink, now: deps.Now, m: newMetrics(deps.Registerer), given: deps.Given, macs: deps.MACs,
 		learned: map[string]map[netip.Addr]learnedAddr{}, expq: map[string]*expiryQueue{}}
 	if f.log == nil {
 		f.log = slog.Default()
@@ -252,8 +255,16 @@ func (f *Firewall) swapIn(eng *policy.Engine, op string, only *policy.Engine) (o
 	// The forwarder's answers, outside f.mu (LearnAll does not wait for
 	// them); f.rs cannot change meanwhile (ioMu).
 	var given []Given
+	var givenMACs map[netip.Addr]net.HardwareAddr
 	if want != nil && f.given != nil {
 		given = f.given()
+		givenMACs = f.macsOf(eng, func(yield func(netip.Addr) bool) {
+			for _, g := range given {
+				if !yield(g.Client) {
+					return
+				}
+			}
+		})
 	}
 	f.mu.Lock()
 	// Carry learned addresses over, for the rules that still learn. Only
@@ -282,7 +293,7 @@ func (f *Firewall) swapIn(eng *policy.Engine, op string, only *policy.Engine) (o
 	// And seed the sets that may lack what the forwarder gave out.
 	var added map[string]map[netip.Addr]time.Time
 	if want != nil && f.given != nil {
-		added, seeded = rs.seedsFrom(eng, want, given, carried, f.cfg.maxLearned(), now)
+		added, seeded = rs.seedsFrom(eng, want, given, givenMACs, carried, f.cfg.maxLearned(), now)
 	}
 	seeds := map[string][]seed{}
 	if rs.inKernel {
@@ -517,7 +528,10 @@ type Address struct {
 	// not after the policy it came from.
 	Engine *policy.Engine
 	Client netip.Addr
-	Name   string
+	// ClientMAC is the client's MAC the answer was decided with (a policy
+	// that names clients by MAC); nil: none.
+	ClientMAC net.HardwareAddr
+	Name      string
 }
 
 // ErrNotCovered is LearnAll's error for an address decided under another
@@ -687,7 +701,7 @@ func coveredBy(eng *policy.Engine, a Address, now time.Time) bool {
 	}
 	var buf [8]int
 	rules := eng.Rules()
-	for _, r := range eng.NameRules(policy.Input{Client: a.Client.Unmap(), Name: a.Name, Now: now}, 0, buf[:0]) {
+	for _, r := range eng.NameRules(policy.Input{Client: a.Client.Unmap(), ClientMAC: a.ClientMAC, Name: a.Name, Now: now}, 0, buf[:0]) {
 		if rules[r].Name == a.Rule {
 			return true
 		}

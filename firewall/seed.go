@@ -1,6 +1,8 @@
 package firewall
 
 import (
+	"iter"
+	"net"
 	"net/netip"
 	"time"
 
@@ -124,8 +126,9 @@ type seedResult struct {
 // given answers feed under eng (see the top of this file): per set, each
 // address with its expiry, at most max per set together with have (the
 // addresses the set holds already, carried over), answers that expire
-// before now+min out.
-func (rs *Ruleset) seedsFrom(eng *policy.Engine, want map[string]bool, given []Given, have map[string]map[netip.Addr]learnedAddr, max int, now time.Time) (map[string]map[netip.Addr]time.Time, seedResult) {
+// before now+min out. macs holds the MACs of the answers' clients, for a
+// policy that names clients by MAC (macsOf); nil: none.
+func (rs *Ruleset) seedsFrom(eng *policy.Engine, want map[string]bool, given []Given, macs map[netip.Addr]net.HardwareAddr, have map[string]map[netip.Addr]learnedAddr, max int, now time.Time) (map[string]map[netip.Addr]time.Time, seedResult) {
 	res := seedResult{ran: true, rules: want}
 	out := map[string]map[netip.Addr]time.Time{}
 	rules := eng.Rules()
@@ -135,7 +138,8 @@ func (rs *Ruleset) seedsFrom(eng *policy.Engine, want map[string]bool, given []G
 		if !addr.IsValid() || g.Until.Sub(now) < time.Millisecond {
 			continue
 		}
-		for _, r := range eng.NameRules(policy.Input{Client: g.Client.Unmap(), Name: g.Name, Now: now}, 0, buf[:0]) {
+		client := g.Client.Unmap()
+		for _, r := range eng.NameRules(policy.Input{Client: client, ClientMAC: macs[client], Name: g.Name, Now: now}, 0, buf[:0]) {
 			name := rules[r].Name
 			if !want[name] {
 				continue
@@ -170,6 +174,23 @@ func (rs *Ruleset) seedsFrom(eng *policy.Engine, want map[string]bool, given []G
 	return out, res
 }
 
+// macsOf returns the MACs of clients (Deps.MACs), each asked once, when
+// eng names clients by MAC; nil otherwise, or without Deps.MACs. It is
+// called without f.mu: a lookup may wait for the kernel.
+func (f *Firewall) macsOf(eng *policy.Engine, clients iter.Seq[netip.Addr]) map[netip.Addr]net.HardwareAddr {
+	if f.macs == nil || eng == nil || !eng.HasMACs() {
+		return nil
+	}
+	out := map[netip.Addr]net.HardwareAddr{}
+	for c := range clients {
+		c = c.Unmap()
+		if _, ok := out[c]; !ok {
+			out[c] = f.macs.ClientMAC(c)
+		}
+	}
+	return out
+}
+
 // catchUp seeds rs, installed now, with the answers the forwarder gave
 // out while it went in: after the snapshot seedsFrom read and before the
 // forwarder's gate saw rs (Wants), an answer reaches neither. The
@@ -179,13 +200,20 @@ func (rs *Ruleset) seedsFrom(eng *policy.Engine, want map[string]bool, given []G
 // lacked; it returns how many addresses it wrote.
 func (f *Firewall) catchUp(eng *policy.Engine, rs *Ruleset, want map[string]bool) (int, error) {
 	given := f.given()
+	macs := f.macsOf(eng, func(yield func(netip.Addr) bool) {
+		for _, g := range given {
+			if !yield(g.Client) {
+				return
+			}
+		}
+	})
 	f.mu.Lock()
 	if f.rs != rs || f.closed {
 		f.mu.Unlock()
 		return 0, nil
 	}
 	now := f.now()
-	added, _ := rs.seedsFrom(eng, want, given, f.learned, f.cfg.maxLearned(), now)
+	added, _ := rs.seedsFrom(eng, want, given, macs, f.learned, f.cfg.maxLearned(), now)
 	// A batch of its own, which a concurrent LearnAll of these addresses
 	// waits for, as for the group commit's.
 	b := &learnBatch{done: make(chan struct{})}

@@ -98,7 +98,7 @@ func TestSeedBounds(t *testing.T) {
 	for i := range 5 {
 		given = append(given, Given{Name: "ntp.test", Addr: netip.AddrFrom4([4]byte{203, 0, 113, byte(1 + i)}), Until: now.Add(time.Minute)})
 	}
-	out, res := rs.seedsFrom(eng, want, given, have, 3, now)
+	out, res := rs.seedsFrom(eng, want, given, nil, have, 3, now)
 	if res.seeded != 2 || res.full != 2 || len(out["dns4_udp-name"]) != 2 {
 		t.Errorf("seeded %d, full %d, set %v; want 2 seeded (203.0.113.1 is there already, longer), 2 left out", res.seeded, res.full, out)
 	}
@@ -171,7 +171,7 @@ func BenchmarkSeedsFrom(b *testing.B) {
 	want := rs.seedRules(nil)
 	b.ResetTimer()
 	for b.Loop() {
-		rs.seedsFrom(eng, want, given, nil, 65536, now)
+		rs.seedsFrom(eng, want, given, nil, nil, 65536, now)
 	}
 }
 

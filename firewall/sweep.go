@@ -46,9 +46,12 @@ import (
 //     and the new policy has a rule of that name, that rule's unchanged
 //     client set and unchanged (or widened) names still count for it, so
 //     that adding a port to a rule does not cut the flows to its learned
-//     addresses. (A connection the new ruleset let out for a client given
-//     by MAC before this look is cut: conntrack holds no MAC; its next
-//     packet meets the new ruleset as a new one and is let out again.)
+//     addresses. A rule that names clients by MAC asks their MAC
+//     (Deps.MACs: the LAN's neighbour table, as the proxy does), for
+//     conntrack holds none; the chain matches the frame's source address,
+//     so a connection of a client behind a router whose MAC a rule names
+//     is cut (the router's MAC is not the client's): its next packet
+//     meets the new ruleset as a new one and is let out again.
 //     Denied, the entry is deleted: the connection's next packet from the
 //     LAN meets the new ruleset as a new one (and is dropped), its
 //     replies meet the WAN guard. Each cut is logged and reported as a
@@ -154,6 +157,7 @@ type flowKey struct {
 	client, dst netip.Addr
 	port        uint16
 	proto       policy.Proto
+	mac         net.HardwareAddr // the client's, when the policy names MACs (sweep); nil: none
 }
 
 // keyOf reads a conntrack entry: the client is the original source, the
@@ -218,7 +222,7 @@ func (fr *flowRule) admits(k flowKey, was *flowRule, live func(set string, a net
 		return false
 	}
 	same := was != nil && was.name == fr.name
-	if !fr.from.Any() && !fr.from.Contains(k.client, nil) && !(same && sameClients(fr.from, was.from)) {
+	if !fr.from.Any() && !fr.from.Contains(k.client, k.mac) && !(same && sameClients(fr.from, was.from)) {
 		return false
 	}
 	if fr.byAddress(k.dst) {
@@ -358,10 +362,25 @@ func (f *Firewall) sweep(eng *policy.Engine, rs *Ruleset) sweepResult {
 		return ok && v.exp.After(now)
 	}
 	mark := rs.mark
+	// The clients' MACs, when the policy names some: asked once per
+	// client, outside f.mu (a lookup may wait for the kernel).
+	var macs map[netip.Addr]net.HardwareAddr
+	if f.macs != nil && eng != nil && eng.HasMACs() {
+		macs = map[netip.Addr]net.HardwareAddr{}
+	}
 	err = ct.Marked(mark.enforced, mark.enforced, func(e netutil.ConntrackEntry) {
 		tag := mark.tagOf(e.Mark)
+		k := keyOf(e)
+		if macs != nil {
+			mac, ok := macs[k.client]
+			if !ok {
+				mac = f.macs.ClientMAC(k.client)
+				macs[k.client] = mac
+			}
+			k.mac = mac
+		}
 		f.mu.Lock()
-		keep, newTag := rs.keeps(since, tag, keyOf(e), live)
+		keep, newTag := rs.keeps(since, tag, k, live)
 		f.mu.Unlock()
 		if keep {
 			res.kept++
@@ -392,7 +411,7 @@ func (f *Firewall) sweep(eng *policy.Engine, rs *Ruleset) sweepResult {
 			continue
 		}
 		res.cut++
-		f.cutDecision(eng, since, e, now)
+		f.cutDecision(eng, since, e, macs[keyOf(e).client], now)
 	}
 	// The re-marks after the cuts: the cuts are what the policy asks for,
 	// and the budget goes to them first. One not made leaves res.err set,
@@ -424,16 +443,16 @@ const closeRevoked = "policy-revoked"
 // the policy's, by address (a removed rule: no-rule; a narrowed one:
 // port-not-allowed or client-not-allowed; an expired one: expired), or
 // special-range where only the guard refuses it.
-func (f *Firewall) cutDecision(eng *policy.Engine, since []*Ruleset, e netutil.ConntrackEntry, now time.Time) {
+func (f *Firewall) cutDecision(eng *policy.Engine, since []*Ruleset, e netutil.ConntrackEntry, mac net.HardwareAddr, now time.Time) {
 	k := keyOf(e)
-	in := policy.Input{Client: k.client, Dest: k.dst, Port: k.port, Proto: k.proto, Now: now}
+	in := policy.Input{Client: k.client, ClientMAC: mac, Dest: k.dst, Port: k.port, Proto: k.proto, Now: now}
 	d := policy.Decision{Verdict: policy.Deny, RuleIndex: -1, Reason: policy.ReasonNoRule, Mode: policy.ModeEnforce}
 	if eng != nil {
 		d = eng.Decide(in)
 		if d.Allowed() {
 			// The forward chain refused what a rule names: the guarded
 			// ranges (a "*" or wide CIDR rule), or a client matched by
-			// MAC, which conntrack does not hold.
+			// MAC whose MAC the neighbour table does not know.
 			reason := policy.ReasonClient
 			if guarded(k.dst) {
 				reason = "special-range"

@@ -887,7 +887,11 @@ func (d *daemon) startFirewall(lans []string, wan string, gate *firewallGate) er
 			return out
 		}
 	}
-	fw, err := firewall.New(fcfg, firewall.Deps{Logger: d.log, Registerer: d.reg, Sink: cuts, Given: given})
+	fdeps := firewall.Deps{Logger: d.log, Registerer: d.reg, Sink: cuts, Given: given}
+	if d.macs != nil {
+		fdeps.MACs = d.macs
+	}
+	fw, err := firewall.New(fcfg, fdeps)
 	if err != nil {
 		return err
 	}
@@ -943,7 +947,7 @@ func (g *firewallGate) Learn(ctx context.Context, eng *policy.Engine, ls []dnsfi
 	as := buf[:0]
 	now := time.Now()
 	for _, l := range ls {
-		as = append(as, firewall.Address{Rule: l.Rule, Addr: l.Addr, TTL: l.Expires.Sub(now), Engine: eng, Client: l.Client, Name: l.Name})
+		as = append(as, firewall.Address{Rule: l.Rule, Addr: l.Addr, TTL: l.Expires.Sub(now), Engine: eng, Client: l.Client, ClientMAC: l.ClientMAC, Name: l.Name})
 	}
 	return fw.LearnAll(ctx, as)
 }
