@@ -116,10 +116,12 @@
 // its own record of the flow (the flow's start, name and bytes), so the
 // report counts the flow once, as dropped, and passes the firewall's
 // event on only for a flow it does not follow.
-// What the re-decision cannot know: a client matched by MAC alone, where
-// the rule's client set changed (conntrack holds no MAC), and the names of
-// an address learned before a restart that the DNS forwarder's table did
-// not carry over; such flows are cut. egressd run keeps that table in its
+// A client matched by MAC, where the rule's client set changed, is asked
+// its MAC (Deps.MACs, the LAN's neighbour table: conntrack holds none).
+// What the re-decision cannot know: the MAC of a client behind a router
+// (the forward chain matches the router's, the frame's source address),
+// and the names of an address learned before a restart that the DNS
+// forwarder's table did not carry over; such flows are cut. egressd run keeps that table in its
 // state directory (written every 30 s while it changes and at a clean
 // stop, read before Install), so after a restart the learned sets are
 // seeded with the answers given out before it, with their times, and
