@@ -48,8 +48,8 @@ type query struct {
 	dec      policy.Decision
 	eng      *policy.Engine   // the engine dec came from
 	mac      net.HardwareAddr // the client's MAC dec was made with; nil: none (or the policy names no MAC)
-	enforced bool           // answered locally by hardening, whatever the mode
-	rcode    int            // -1: not answered (dropped)
+	enforced bool             // answered locally by hardening, whatever the mode
+	rcode    int              // -1: not answered (dropped)
 	path     string
 	hit      bool
 	upstream string
