@@ -157,6 +157,14 @@ type Deps struct {
 	// answers capture saw on the wire (DNS's own answers say so
 	// themselves). nil means each address is its own client (offline).
 	Devices Devices
+	// MACs tells a client's MAC as the proxy and the DNS forwarder see
+	// it, for a policy that names clients by MAC: the flows they decide
+	// (proxied TCP, DNS) are judged with it, and the answers the
+	// forwarder's gate passed to the firewall's learned sets with their
+	// asker's. Forwarded flows are judged with the frame's source
+	// address, which nftables' ether saddr matches. nil means the frame's
+	// source address for every flow (offline: no neighbour table).
+	MACs ClientMACs
 }
 
 // Stats counts what capture saw. Counters are cumulative for the Capture.

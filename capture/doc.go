@@ -10,7 +10,12 @@
 // it follows past its first request with the proxy's request follower
 // (httpwire.ReqStream), as the transparent proxy does, and emits a request
 // event (audit.KindRequest) for each later request, decided on its own
-// Host and path, in audit mode and offline (follow.go).
+// Host and path, in audit mode and offline (follow.go). A rule that
+// names clients by MAC is matched as the part that decides the flow in
+// enforce mode sees the client: the flows the proxy or the DNS forwarder
+// decide by the LAN's neighbour table (Deps.MACs, as they ask it: a client
+// behind a router has no MAC there), the flows nftables forwards by the
+// frame's source address; offline, by the frames.
 //
 // It sits beside the proxy and the DNS forwarder: policy decides, capture
 // observes, audit counts. In audit mode it is how egressd sees everything

@@ -2,7 +2,6 @@ package capture
 
 import (
 	"errors"
-	"net"
 	"net/netip"
 	"strings"
 	"time"
@@ -205,9 +204,7 @@ func (p *proc) request(f *flow, h *httpwire.Head, err error) {
 		Client: f.cli.Unmap(), ClientPort: f.cport, Dest: f.srv.Unmap(), DestPort: f.sport, Proto: "tcp",
 		NameSource: audit.NameNone,
 	}
-	if f.hasMAC {
-		ev.ClientMAC = net.HardwareAddr(f.mac[:]).String()
-	}
+	ev.ClientMAC = f.eventMAC()
 	var d policy.Decision
 	if h == nil {
 		reason := headReason(err)

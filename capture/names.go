@@ -1,6 +1,7 @@
 package capture
 
 import (
+	"net"
 	"net/netip"
 	"sync"
 	"time"
@@ -29,6 +30,16 @@ type DNSFacts interface {
 // when an answer to the address itself did not do.
 type Devices interface {
 	SameDevice(a, b netip.Addr) bool
+}
+
+// ClientMACs tells a LAN client's MAC as egressd's proxy and DNS
+// forwarder see it (egressd run: the LAN interfaces' neighbour tables,
+// netutil.Devices.MAC): nil for a client behind a router, whose frames
+// carry the router's MAC, which the proxy and the forwarder never see. It
+// must be safe for concurrent use; it may wait briefly for the kernel, so
+// capture asks only while the policy names MAC addresses, once per flow.
+type ClientMACs interface {
+	ClientMAC(client netip.Addr) net.HardwareAddr
 }
 
 // DNSGrant is one answer of egressd's DNS forwarder: Client was given an

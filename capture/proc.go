@@ -83,6 +83,11 @@ type flow struct {
 	proto        uint8
 	mac          [6]byte
 	hasMAC       bool
+	// lanMAC is the client's MAC as the proxy and the DNS forwarder see
+	// it (Deps.MACs), asked once, when a decision needs it: lanMACState
+	// is 0 before, 1 when there is none, 2 when lanMAC holds it.
+	lanMAC      [6]byte
+	lanMACState uint8
 	// src is the capture socket the flow was first seen on (proc.src);
 	// its packets on another are copies, skipped.
 	src int
@@ -193,6 +198,10 @@ type proc struct {
 	// sent by the gateway, so its source address is no client's.
 	src    int
 	gwMACs [][6]byte
+	// frameMACs are the clients' frame source addresses, by client
+	// address, without Deps.MACs (offline): what an answer's asker is
+	// matched by there (askerMAC). At most maxFrameMACs.
+	frameMACs map[netip.Addr][6]byte
 	// pathPorts are the host/path rules' TCP ports of pathEng, the
 	// policy they were read from (redirected).
 	pathEng   *policy.Engine
@@ -447,7 +456,23 @@ func (p *proc) clientMAC(f *flow, mac []byte) {
 	}
 	copy(f.mac[:], mac)
 	f.hasMAC = true
+	if p.c.deps.MACs == nil {
+		if p.frameMACs == nil {
+			p.frameMACs = map[netip.Addr][6]byte{}
+		}
+		a := f.cli.Unmap()
+		if _, ok := p.frameMACs[a]; !ok && len(p.frameMACs) >= maxFrameMACs {
+			for k := range p.frameMACs {
+				delete(p.frameMACs, k)
+				break
+			}
+		}
+		p.frameMACs[a] = f.mac
+	}
 }
+
+// maxFrameMACs bounds proc.frameMACs: a LAN's clients, with room.
+const maxFrameMACs = 65536
 
 // lookup finds or makes the flow of a packet and returns its direction.
 // It returns a nil flow for a copy: a packet of a flow first seen on
@@ -548,7 +573,7 @@ func (f *flow) swap() {
 	f.cli, f.srv, f.cport, f.sport = f.srv, f.cli, f.sport, f.cport
 	f.pkts[0], f.pkts[1] = f.pkts[1], f.pkts[0]
 	f.bytes[0], f.bytes[1] = f.bytes[1], f.bytes[0]
-	f.hasMAC = false
+	f.hasMAC, f.lanMACState = false, 0
 }
 
 func (p *proc) tcpPacket(src, dst netip.Addr, mac []byte) {
@@ -1466,10 +1491,14 @@ func (p *proc) decide(eng *policy.Engine, f *flow, name string, src audit.NameSo
 	fwd := in.Proto == policy.UDP || f.forwarded
 	var d policy.Decision
 	if fwd && in.Port != 53 {
-		// nftables reads no name: by address alone.
+		// nftables reads no name: by address alone, and matches the
+		// frame's source MAC (in's).
 		d, name, src = p.decideForwarded(eng, in, name, src, f.first)
 		return p.special(eng, in, d, fwd), name, src
 	}
+	// The proxy or the forwarder decides it: with the client's MAC as
+	// they see it.
+	in.ClientMAC = p.lanMAC(eng, f)
 	if name != "" {
 		if n, ok := policy.NormalizeName(name); ok {
 			name = n
@@ -1542,6 +1571,66 @@ func (p *proc) sameDevice(a, b netip.Addr) bool {
 		return true
 	}
 	return p.c.deps.Devices != nil && p.c.deps.Devices.SameDevice(a, b)
+}
+
+// lanMAC returns f's client's MAC as egressd's proxy and DNS forwarder
+// see it, for the flows they decide: Deps.MACs's answer, asked once per
+// flow and only while eng names MAC addresses (else it changes no
+// decision, and the frame's is returned); without Deps.MACs (offline),
+// the frame's source address. A client behind a router has none live:
+// its frames carry the router's MAC, which the proxy never sees.
+func (p *proc) lanMAC(eng *policy.Engine, f *flow) net.HardwareAddr {
+	if p.c.deps.MACs == nil || !eng.HasMACs() {
+		if f.hasMAC {
+			return net.HardwareAddr(f.mac[:])
+		}
+		return nil
+	}
+	if f.lanMACState == 0 {
+		f.lanMACState = 1
+		if m := p.c.deps.MACs.ClientMAC(f.cli.Unmap()); len(m) == 6 {
+			copy(f.lanMAC[:], m)
+			f.lanMACState = 2
+		}
+	}
+	if f.lanMACState == 2 {
+		return net.HardwareAddr(f.lanMAC[:])
+	}
+	return nil
+}
+
+// eventMAC is the client MAC f's events carry: the one its decision was
+// made with where it was asked (lanMAC, for a flow the proxy or the
+// forwarder decides), else the frame's source address; "" for none.
+func (f *flow) eventMAC() string {
+	if f.lanMACState != 0 && !((f.proto == 17 || f.forwarded) && f.sport != 53) {
+		if f.lanMACState == 2 {
+			return net.HardwareAddr(f.lanMAC[:]).String()
+		}
+		return ""
+	}
+	if f.hasMAC {
+		return net.HardwareAddr(f.mac[:]).String()
+	}
+	return ""
+}
+
+// askerMAC returns the MAC the forwarder's gate decided g's answer with,
+// when eng names MAC addresses: Deps.MACs's answer for g's client;
+// offline, the source address of the frames capture saw from that client
+// (frameMACs), if any. nil when eng names no MAC.
+func (p *proc) askerMAC(eng *policy.Engine, g DNSGrant) net.HardwareAddr {
+	if !eng.HasMACs() {
+		return nil
+	}
+	client := g.Client.Unmap()
+	if p.c.deps.MACs != nil {
+		return p.c.deps.MACs.ClientMAC(client)
+	}
+	if m, ok := p.frameMACs[client]; ok {
+		return net.HardwareAddr(m[:])
+	}
+	return nil
 }
 
 // flowInput is what f's connection, or one request of it (path), is
@@ -1654,7 +1743,7 @@ func (p *proc) decideForwarded(eng *policy.Engine, in policy.Input, name string,
 // in's client too, with in's port; -1 when there is none.
 func (p *proc) learnedRule(eng *policy.Engine, in policy.Input, g DNSGrant) int {
 	var ab, cb [8]int
-	asker := eng.NameRules(policy.Input{Client: g.Client.Unmap(), Name: g.Name, Now: in.Now}, 0, ab[:0])
+	asker := eng.NameRules(policy.Input{Client: g.Client.Unmap(), ClientMAC: p.askerMAC(eng, g), Name: g.Name, Now: in.Now}, 0, ab[:0])
 	if len(asker) == 0 {
 		return -1
 	}
@@ -1807,9 +1896,7 @@ func (p *proc) event(f *flow, how string) audit.Event {
 		Name: f.evName, NameSource: f.evSrc, Path: f.path, PathLen: f.pathLen, NoPath: f.noPath,
 		BytesOut: f.bytes[0], BytesIn: f.bytes[1], Duration: f.last.Sub(f.first).Seconds(), Close: how,
 	}
-	if f.hasMAC {
-		ev.ClientMAC = net.HardwareAddr(f.mac[:]).String()
-	}
+	ev.ClientMAC = f.eventMAC()
 	if f.echAnswer {
 		ev.Filtered = "ech"
 	}

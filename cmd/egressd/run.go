@@ -680,7 +680,11 @@ func (d *daemon) run(ctx context.Context) error {
 		// others as nftables does.
 		tcpPorts, _ := parseTCPPorts(cfg.tcpPorts)
 		ringMB := captureRingMB(mem.Available(), len(lans))
-		if d.capture, err = capture.New(capture.Config{Interfaces: lans, TCPPorts: tcpPorts, RingMB: ringMB}, capture.Deps{Policy: d.store, Sink: d.sink, Logger: d.log, Registerer: d.reg, DNS: captureFacts{facts}, Devices: facts.devices}); err != nil {
+		cdeps := capture.Deps{Policy: d.store, Sink: d.sink, Logger: d.log, Registerer: d.reg, DNS: captureFacts{facts}, Devices: facts.devices}
+		if d.macs != nil {
+			cdeps.MACs = d.macs
+		}
+		if d.capture, err = capture.New(capture.Config{Interfaces: lans, TCPPorts: tcpPorts, RingMB: ringMB}, cdeps); err != nil {
 			d.degrade("capture", err.Error())
 			break
 		}
