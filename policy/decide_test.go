@@ -589,3 +589,26 @@ func TestHasMACs(t *testing.T) {
 		t.Errorf("HasMACs allocates %v times", n)
 	}
 }
+
+// TestLintMACs: a policy whose rules name clients by MAC gets one warning,
+// at the first such rule, naming them all: a client behind a router has
+// no MAC for the proxy and the forwarder, and the router's for the
+// forward chain. A policy without MACs gets none.
+func TestLintMACs(t *testing.T) {
+	count := func(e *Engine) (n int, w Problem) {
+		for _, p := range e.Warnings() {
+			if strings.Contains(p.Msg, "by MAC address") {
+				n, w = n+1, p
+			}
+		}
+		return n, w
+	}
+	e := mustCompile(t, "version: 1\ngroups:\n  g: [192.0.2.0/24, \"aa:bb:cc:dd:ee:ff\"]\nrules:\n  - name: a\n    to: [example.com]\n    ports: [443/tcp]\n  - name: b\n    from: [g]\n    to: [example.net]\n    ports: [443/tcp]\n  - name: c\n    from: [\"aa:bb:cc:dd:ee:01\"]\n    to: [example.org]\n    ports: [123/udp]\n")
+	n, w := count(e)
+	if n != 1 || w.Line != 8 || !strings.Contains(w.Msg, "rules b, c name clients by MAC") || !strings.Contains(w.Msg, "behind a router") {
+		t.Errorf("%d MAC warnings, the last %+v; want one at line 8 naming b and c", n, w)
+	}
+	if n, w := count(mustCompile(t, "version: 1\ngroups:\n  g: [192.0.2.0/24]\nrules:\n  - name: a\n    from: [g]\n    to: [example.com]\n    ports: [443/tcp]\n")); n != 0 {
+		t.Errorf("a policy without MACs: %+v", w)
+	}
+}

@@ -13,7 +13,8 @@ import (
 
 // lint returns the warnings that need the compiled engine: path rules that
 // act at host level (HTTPS without inspection, UDP), "*" opening DNS, wildcards at a public suffix, expired
-// rules, and rules that an earlier rule shadows (so they are never credited).
+// rules, rules that an earlier rule shadows (so they are never credited),
+// and clients named by MAC (one warning for all such rules).
 func lint(e *Engine, now time.Time) []Problem {
 	p := e.pol
 	var ws []Problem
@@ -28,8 +29,12 @@ func lint(e *Engine, now time.Time) []Problem {
 			}
 		}
 	}
+	var macRules []*Rule // rules that name clients by MAC
 	for j := range p.Rules {
 		r := &p.Rules[j]
+		if len(r.From.MACs) > 0 {
+			macRules = append(macRules, r)
+		}
 		if !r.Expires.IsZero() && !now.Before(r.Expires) {
 			warn(r.Line, r.Col, "rule %s expired on %s: it no longer matches and reports list it as expired", r.Name, r.Expires.Add(-time.Nanosecond).Format("2006-01-02"))
 		}
@@ -75,6 +80,21 @@ func lint(e *Engine, now time.Time) []Problem {
 			}
 			warn(r.Line, r.Col, "rule %s is shadowed by %s: everything it allows is allowed earlier, so it is never credited", r.Name, strings.Join(names, ", "))
 		}
+	}
+	if len(macRules) > 0 {
+		// The proxy and the DNS forwarder see a client's address, and
+		// ask its MAC of the neighbour table; the forward chain matches
+		// the frame's source: the same for a client on the link, not for
+		// one behind a router.
+		names := make([]string, len(macRules))
+		for i, r := range macRules {
+			names[i] = r.Name
+		}
+		what := "rule " + names[0] + " names"
+		if len(names) > 1 {
+			what = "rules " + strings.Join(names, ", ") + " name"
+		}
+		warn(macRules[0].Line, macRules[0].Col, "%s clients by MAC address, which egressd knows only for a client on a LAN link (the LAN interface's neighbour table): a client behind a router has none, so its DNS and proxied connections are refused, while what the firewall forwards by address (UDP, --tcp-ports) is matched by the frames' source, the router's MAC", what)
 	}
 	return ws
 }
