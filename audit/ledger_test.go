@@ -610,3 +610,38 @@ func TestReportECH(t *testing.T) {
 		t.Errorf("no ech answers: report has %+v", r.ECH)
 	}
 }
+
+// TestReplayNoMAC: a candidate that names clients by MAC decides each
+// event with the MAC it carries, and counts those that carry none (the
+// proxy and the forwarder record one only under a policy that names
+// MACs): its MAC rules matched none of them. A candidate without MACs
+// counts nothing.
+func TestReplayNoMAC(t *testing.T) {
+	cand, err := policy.Compile("c.yaml", []byte("version: 1\nmode: enforce\ngroups:\n  kiosks: [\"02:00:00:00:00:0a\"]\nrules:\n  - name: k\n    from: [kiosks]\n    to: [a.test]\n    ports: [443/tcp]\n"))
+	if err != nil {
+		t.Fatal(err)
+	}
+	t0 := time.Date(2026, 11, 24, 10, 0, 0, 0, time.UTC)
+	flow := func(port uint16, mac string) Event {
+		return Event{Kind: KindFlow, Source: SourceProxy, Time: t0.Add(time.Duration(port) * time.Millisecond), Client: netip.MustParseAddr("192.0.2.7"), ClientPort: port,
+			ClientMAC: mac, Dest: netip.MustParseAddr("203.0.113.5"), DestPort: 443, Proto: "tcp", Name: "a.test", NameSource: NameSNI,
+			Verdict: policy.Allow, Rule: "k", Mode: policy.ModeEnforce}
+	}
+	r := NewReplayer(cand, t0)
+	r.Emit(flow(40000, "02:00:00:00:00:0a"))
+	r.Emit(flow(40001, ""))
+	r.Emit(flow(40002, ""))
+	res := r.Result()
+	if res.Flows != 3 || res.Unchanged != 1 || res.NoMAC != 2 || len(res.NewlyDropped) != 1 || res.NewlyDropped[0].Flows != 2 {
+		t.Errorf("%+v", res)
+	}
+	plain, err := policy.Compile("p.yaml", []byte("version: 1\nmode: enforce\nrules:\n  - name: k\n    to: [a.test]\n    ports: [443/tcp]\n"))
+	if err != nil {
+		t.Fatal(err)
+	}
+	r = NewReplayer(plain, t0)
+	r.Emit(flow(40001, ""))
+	if res := r.Result(); res.NoMAC != 0 {
+		t.Errorf("a candidate without MACs: no_mac %d", res.NoMAC)
+	}
+}

@@ -17,12 +17,18 @@ import (
 // flows and queries: newly dropped, newly allowed, and allowed by another
 // rule. Each flow counts once, as in the ledger.
 type ReplayResult struct {
-	Policy       string         `json:"policy"`
-	Events       uint64         `json:"events"`
-	Flows        uint64         `json:"flows"`
-	Queries      uint64         `json:"queries"`
-	Requests     uint64         `json:"requests,omitempty"` // later HTTP requests on plain-HTTP connections, requests in inspected ones
-	Unchanged    uint64         `json:"unchanged"`
+	Policy    string `json:"policy"`
+	Events    uint64 `json:"events"`
+	Flows     uint64 `json:"flows"`
+	Queries   uint64 `json:"queries"`
+	Requests  uint64 `json:"requests,omitempty"` // later HTTP requests on plain-HTTP connections, requests in inspected ones
+	Unchanged uint64 `json:"unchanged"`
+	// NoMAC counts the flows, requests and queries decided without a
+	// client MAC under a candidate that names clients by MAC: their
+	// events carry none (the proxy and the DNS forwarder record one only
+	// while the running policy names MACs; a client behind a router has
+	// none), so its MAC rules matched none of them.
+	NoMAC        uint64         `json:"no_mac,omitempty"`
 	NewlyDropped []ReplayChange `json:"newly_dropped"`
 	NewlyAllowed []ReplayChange `json:"newly_allowed"`
 	RuleChanged  []ReplayChange `json:"rule_changed"`
@@ -100,6 +106,9 @@ func (r *Replayer) Emit(ev Event) {
 	var mac net.HardwareAddr
 	if ev.ClientMAC != "" {
 		mac, _ = net.ParseMAC(ev.ClientMAC)
+	}
+	if mac == nil && r.eng.HasMACs() {
+		r.res.NoMAC++
 	}
 	pr, _ := policy.ParseProto(ev.Proto)
 	in := policy.Input{Client: ev.Client.Unmap(), ClientMAC: mac, Dest: ev.Dest.Unmap(), Port: ev.DestPort, Proto: pr,

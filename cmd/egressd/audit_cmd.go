@@ -68,6 +68,11 @@ func cmdAudit(ctx context.Context, args []string, stdout, stderr io.Writer) int 
 		return exitFail
 	}
 	eng = eng.WithMode(m)
+	if eng.HasMACs() {
+		// egressd run's proxy and DNS forwarder read a client's MAC from
+		// the LAN's neighbour table; a capture holds frames only.
+		fmt.Fprintln(stderr, "note: the policy names clients by MAC: offline, a client's MAC is its frames' source address; a client behind a router carries the router's there, which egressd run's proxy and DNS forwarder never see (it has no MAC for them): its flows may be allowed here and refused there")
+	}
 	ledger := audit.NewLedger(eng, audit.LedgerOptions{})
 	c, err := capture.New(capture.Config{}, capture.Deps{Policy: policy.NewStore(eng), Sink: ledger})
 	if err != nil {

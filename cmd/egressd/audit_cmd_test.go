@@ -94,3 +94,43 @@ func TestAuditReplayFlags(t *testing.T) {
 		t.Errorf("replay with --mode enforce: exit %d: %s", code, stderr)
 	}
 }
+
+// TestAuditMACNotes: where a policy names clients by MAC, the offline
+// audit says that it matches a client's frames' MAC, which for a client
+// behind a router is the router's (egressd run's proxy and forwarder see
+// none), and a replay says how many recorded events carry no MAC (the
+// candidate's MAC rules matched none of them); without MACs neither says
+// anything.
+func TestAuditMACNotes(t *testing.T) {
+	pcap := "../../../shared/pcaps/ndpi/tls_2_reasms.pcapng"
+	if _, err := os.Stat(pcap); err != nil {
+		t.Fatalf("real captures missing: %v", err)
+	}
+	dir := t.TempDir()
+	plain := filepath.Join(dir, "p.yaml")
+	os.WriteFile(plain, []byte("version: 1\nrules:\n  - name: insta\n    to: [\"*.instagram.com\"]\n    ports: [443/tcp]\n"), 0o644)
+	macs := filepath.Join(dir, "m.yaml")
+	os.WriteFile(macs, []byte("version: 1\ngroups:\n  kiosks: [\"02:00:00:00:00:0a\"]\nrules:\n  - name: insta\n    from: [kiosks]\n    to: [\"*.instagram.com\"]\n    ports: [443/tcp]\n"), 0o644)
+	events := t.TempDir()
+	recordEvents(t, events)
+	for _, c := range []struct {
+		pol  string
+		want bool
+	}{{plain, false}, {macs, true}} {
+		var out, errb bytes.Buffer
+		if code := run(context.Background(), []string{"audit", pcap, "--policy", c.pol, "--json"}, &out, &errb); code != 0 {
+			t.Fatalf("exit %d: %s", code, errb.String())
+		}
+		if got := strings.Contains(errb.String(), "offline, a client's MAC is its frames' source address"); got != c.want {
+			t.Errorf("%s: the offline MAC note %v, want %v:\n%s", c.pol, got, c.want, errb.String())
+		}
+		out.Reset()
+		errb.Reset()
+		if code := run(context.Background(), []string{"audit", "--policy", c.pol, "--replay", events}, &out, &errb); code != 0 {
+			t.Fatalf("--replay: exit %d: %s", code, errb.String())
+		}
+		if got := strings.Contains(errb.String(), "recorded flows, requests or queries carry no client MAC"); got != c.want {
+			t.Errorf("%s: the replay's MAC warning %v, want %v:\n%s", c.pol, got, c.want, errb.String())
+		}
+	}
+}
