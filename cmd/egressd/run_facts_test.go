@@ -1,12 +1,15 @@
 package main
 
 import (
+	"net"
 	"net/netip"
 	"slices"
 	"testing"
 	"time"
 
 	"egressd/dnsfilter"
+	"egressd/internal/netutil"
+	"egressd/internal/testnet"
 )
 
 // TestCaptureFactsHeld: capture asks the forwarder's table who was given
@@ -94,5 +97,45 @@ func TestLanFactsDevice(t *testing.T) {
 	// Capture is told the same.
 	if got := (captureFacts{f}).NamesFor(tmp6, cdn6); len(got) != 2 {
 		t.Errorf("capture's facts: %v", got)
+	}
+}
+
+// TestLanMACs: a client's MAC is the neighbour table's on the first LAN
+// interface that has a usable entry for its address; a client behind a
+// router (no entry) has none; without LAN interfaces there is nothing to
+// ask.
+func TestLanMACs(t *testing.T) {
+	if lanDeviceSet(nil).macs() != nil {
+		t.Error("MACs without LAN interfaces")
+	}
+	ns := testnet.New(t, "h6macs")
+	ns.MustRun("ip", "link", "add", "l0", "type", "veth", "peer", "name", "l1")
+	for _, c := range [][]string{
+		{"ip", "addr", "add", "192.0.2.1/24", "dev", "l0"},
+		{"ip", "addr", "add", "198.51.100.1/24", "dev", "l1"},
+		{"ip", "link", "set", "l0", "up"},
+		{"ip", "link", "set", "l1", "up"},
+		{"ip", "neigh", "replace", "192.0.2.5", "lladdr", "02:00:00:00:00:05", "dev", "l0", "nud", "permanent"},
+		{"ip", "neigh", "replace", "198.51.100.6", "lladdr", "02:00:00:00:00:06", "dev", "l1", "nud", "permanent"},
+		{"ip", "neigh", "replace", "192.0.2.7", "lladdr", "02:00:00:00:00:07", "dev", "l0", "nud", "noarp"},
+	} {
+		ns.MustRun(c...)
+	}
+	macs := lanDeviceSet{netutil.NewDevices("l0", nil), netutil.NewDevices("l1", nil)}.macs()
+	for _, c := range []struct {
+		addr, want string
+	}{
+		{"192.0.2.5", "02:00:00:00:00:05"},
+		{"198.51.100.6", "02:00:00:00:00:06"}, // the second LAN's
+		{"203.0.113.9", ""},                   // behind a router: no entry
+		{"192.0.2.7", ""},                     // an entry that vouches for no MAC
+	} {
+		var got net.HardwareAddr
+		if err := ns.Do(func() error { got = macs.ClientMAC(netip.MustParseAddr(c.addr)); return nil }); err != nil {
+			t.Fatal(err)
+		}
+		if got.String() != c.want {
+			t.Errorf("ClientMAC(%s) = %q, want %q", c.addr, got, c.want)
+		}
 	}
 }
