@@ -27,7 +27,9 @@ const (
 )
 
 // macPolicy lets only the kiosks group, given by MAC, reach dockerName on
-// 443/tcp (and so resolve it).
+// 443/tcp (through the proxy) and ntpName on 123/udp (forwarded by
+// nftables, to the addresses the forwarder gave out), and so resolve
+// them.
 const macPolicy = `version: 1
 mode: enforce
 groups:
@@ -37,6 +39,10 @@ rules:
     from: [kiosks]
     to: ["` + dockerName + `"]
     ports: [443/tcp]
+  - name: kiosk-ntp
+    from: [kiosks]
+    to: ["` + ntpName + `"]
+    ports: [123/udp]
 `
 
 // TestMACGroup: a rule whose clients are given by MAC address (a group
@@ -47,7 +53,13 @@ rules:
 // everywhere, and so is a client behind a router whose frames carry the
 // listed MAC: its address is not on the link, the gateway's neighbour
 // table has no MAC for it, so the proxy and the forwarder never see one,
-// and capture goes by the same table, not by the frame.
+// and capture goes by the same table, not by the frame. What nftables
+// forwards (NTP, to the address the forwarder gave the kiosk, which its
+// gate put into the rule's learned set with the kiosk's MAC) it matches
+// by the frame's source address: the kiosk's NTP goes out, so does the
+// routed client's (its frames carry the kiosk's MAC: README, "Clients
+// named by MAC"), another device's is dropped; capture, judging
+// forwarded flows by the frame too, says the same in audit mode.
 //
 // Before session 20 only capture (from frames) and the nftables forward
 // chain matched MACs: in enforce mode the forwarder refused the kiosk's
@@ -102,11 +114,17 @@ func macGroup(t *testing.T, mode string) {
 		{"another device", other, otherDev4, false},
 		{"a client behind the kiosk (routed)", routed, routedClient4, false},
 	}
+	ntpPorts := map[string]int{} // client address → its NTP flow's port
 	verdictOf := func(allow bool) string {
 		if allow {
 			return "allow"
 		}
 		return "deny"
+	}
+	// The kiosk resolves the NTP name: the forwarder's gate puts the
+	// address into kiosk-ntp's learned set, with the kiosk's MAC.
+	if m, err := dnsAsk(tp.lan, lanClient4, gwLAN4, ntpName, dns.TypeA, false); err != nil || m.Rcode != dns.RcodeSuccess || len(m.Answer) != 1 {
+		t.Errorf("the kiosk: DNS %s: %v %v", ntpName, m, err)
 	}
 	for _, c := range clients {
 		want := verdictOf(c.allow)
@@ -159,6 +177,53 @@ func macGroup(t *testing.T, mode string) {
 			return e.Kind == "flow" && e.Source == "proxy" && e.Client == c.addr && e.ClientPort == port && !e.Time.Before(since)
 		}); ev.Kind != "" && ev.Verdict != want {
 			t.Errorf("%s: CONNECT event %v; want %s", c.what, ev, want)
+		}
+
+		// NTP, forwarded: by the frame's MAC.
+		ntpAllow := c.ns != other
+		ctx, cancel := context.WithTimeout(context.Background(), 5*time.Second)
+		uc, err := c.ns.DialContext(ctx, "udp", net.JoinHostPort(ntpIP, "123"))
+		if err != nil {
+			cancel()
+			t.Fatalf("%s: NTP: %v", c.what, err)
+		}
+		req := ntpRequest()
+		err = askWithin(uc, 2*time.Second, req, func(r []byte) bool { return ntpAnswers(req, r) })
+		uc.Close()
+		cancel()
+		if (err == nil) != (ntpAllow || !enforce) {
+			t.Errorf("%s: NTP to %s: %v; want answered %v", c.what, ntpName, err, ntpAllow || !enforce)
+		}
+		ntpPorts[c.addr] = uc.LocalAddr().(*net.UDPAddr).Port
+	}
+	// A clean stop ends the UDP flows: capture records each it has read.
+	// It stops reading at once: first let it read what the LAN sent (its
+	// packet count unchanged over three looks).
+	last, same := d.metric("egress_capture_packets_total"), 0
+	for i := 0; i < 50 && same < 3; i++ {
+		time.Sleep(100 * time.Millisecond)
+		n := d.metric("egress_capture_packets_total")
+		if n == last {
+			same++
+		} else {
+			last, same = n, 0
+		}
+	}
+	d.stop()
+	evs := d.allEvents()
+	for _, c := range clients {
+		want := verdictOf(c.ns != other)
+		n := 0
+		for _, ev := range evs {
+			if ev.Kind == "flow" && ev.Source == "capture" && ev.Client == c.addr && ev.ClientPort == ntpPorts[c.addr] && ev.Proto == "udp" {
+				n++
+				if ev.Verdict != want || ev.ClientMAC != kioskMAC && c.ns != other {
+					t.Errorf("%s: NTP event %v mac %s; want %s from %s", c.what, ev, ev.ClientMAC, want, kioskMAC)
+				}
+			}
+		}
+		if n != 1 {
+			t.Errorf("%s: %d NTP flows recorded by capture, want 1", c.what, n)
 		}
 	}
 }
