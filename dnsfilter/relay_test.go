@@ -163,7 +163,7 @@ func TestPrivateRelayNamedExactly(t *testing.T) {
 	}
 	// The learned-address file brings back only what the forwarder would
 	// learn now: not the relay's addresses under the wildcard.
-	keep := Config{}.WouldLearn(wide)
+	keep := Config{}.WouldLearn(wide, nil)
 	if keep(&Learned{Client: netip.MustParseAddr("192.0.2.9"), Name: "mask-h2.icloud.com", Addr: netip.MustParseAddr("192.0.2.61")}) {
 		t.Error("WouldLearn keeps mask-h2.icloud.com under *.icloud.com")
 	}
