@@ -168,3 +168,41 @@ func TestPrivateRelayNamedExactly(t *testing.T) {
 		t.Error("WouldLearn keeps mask-h2.icloud.com under *.icloud.com")
 	}
 }
+
+// TestPrivateRelayNamedForOthers: a rule that names a relay name exactly
+// for some clients only (or one that expired) leaves the name
+// NXDOMAIN for every client it does not allow, in both modes, never asked
+// upstream: the answer Apple's devices read as "turn the relay off here",
+// not the policy's REFUSED (which only delays them) nor, in audit mode,
+// the relay's address.
+func TestPrivateRelayNamedForOthers(t *testing.T) {
+	for _, mode := range []policy.Mode{policy.ModeAudit, policy.ModeEnforce} {
+		for how, rule := range map[string]string{
+			"other clients": "    from: [192.0.2.10]\n",
+			"expired":       "    expires: 2020-01-01\n",
+		} {
+			t.Run(string(mode)+"-"+how, func(t *testing.T) {
+				up := newFakeUpstream(t, relayZone)
+				pol := fmt.Sprintf("version: 1\nmode: %s\nrules:%s", mode, relayPolicies["wildcard"]) + `
+  - name: relay
+    to: [mask-h2.icloud.com]
+    ports: [443/tcp]
+` + rule
+				ts := startServer(t, pol, Config{Upstreams: []string{up.Addr}}, Deps{})
+				for _, qt := range []uint16{dns.TypeA, dns.TypeHTTPS} {
+					if r := ask(t, "udp", ts.Addr, "mask-h2.icloud.com.", qt, false); r.Rcode != dns.RcodeNameError || len(r.Answer) != 0 {
+						t.Errorf("mask-h2.icloud.com %s from a client the rule does not allow: %s %v, want NXDOMAIN", dns.TypeToString[qt], dns.RcodeToString[r.Rcode], r.Answer)
+					}
+				}
+				for _, q := range up.Seen() {
+					if strings.HasPrefix(strings.ToLower(q.Name), "mask") {
+						t.Errorf("upstream asked %v", q)
+					}
+				}
+				if ev, _ := ts.Sink.find("mask-h2.icloud.com"); ev.Verdict != policy.Deny || !ev.Enforced || ev.RCode != "NXDOMAIN" {
+					t.Errorf("event %+v, want an enforced deny answered NXDOMAIN", ev)
+				}
+			})
+		}
+	}
+}
