@@ -122,8 +122,9 @@ func (s *Server) serveMsg(ctx context.Context, req *dns.Msg, src netip.AddrPort,
 //  2. per-client rate limit, before any work a flood could multiply;
 //  3. hostname validity: tunnels (iodine) use bytes no hostname has;
 //  4. class, the DoH canaries (Firefox's; iCloud Private Relay's unless
-//     a rule names them exactly) and zone transfers/ANY: local answers
-//     that do not depend on the policy's verdict;
+//     a rule naming them exactly allows the client) and zone
+//     transfers/ANY: local answers that do not depend on the policy's
+//     verdict;
 //  5. the policy, per client: in enforce mode a denied name is answered
 //     here and never goes further (THREATS.md E1);
 //  6. cache, then upstream (one exchange for identical concurrent
@@ -197,10 +198,11 @@ func (s *Server) answer(ctx context.Context, q *query, req *dns.Msg) []byte {
 		// iCloud Private Relay's canaries: NXDOMAIN, whatever the type,
 		// in both modes, so that Apple devices turn the relay off for
 		// this network at once (Apple's guidance; a REFUSED or a drop
-		// only delays them) unless a rule names the name exactly
-		// (policy's relay.go). Such a rule's other denials (its clients,
-		// its ports) take the policy's path below.
-		if d := eng.DecideName(policy.Input{Client: q.client.Addr().Unmap(), Name: name, Now: q.start}); d.Reason == policy.ReasonPrivateRelay {
+		// only delays them) unless a rule naming the name exactly
+		// allows the client (policy's relay.go). A client such a rule
+		// does not allow (its clients, its expiry) is where it would be
+		// without the rule: NXDOMAIN too.
+		if d := eng.DecideName(policy.Input{Client: q.client.Addr().Unmap(), Name: name, Now: q.start}); !d.Allowed() {
 			q.dec, q.enforced = d, true
 			return s.local(q, req, dns.RcodeNameError, 0, "")
 		}
