@@ -248,3 +248,54 @@ func TestIdleHTTPConnMemory(t *testing.T) {
 	}
 	runtime.KeepAlive(conns)
 }
+
+// TestPeekBudgetPerClient: one client address that holds big request
+// heads open on many connections takes no more than a tenth of the peek
+// budget, as it may hold no more than a tenth of the connections: another
+// client's request with an 8 KB head (a site's cookies) is still served.
+// Without the share one client's few hundred connections held the whole
+// budget, and every other client's head or hello past 4 KiB was refused
+// for as long as it kept them.
+func TestPeekBudgetPerClient(t *testing.T) {
+	const budget = 1 << 20
+	addr, plainPort, _, _, p := loopbackExplicitProxy(t, `version: 1
+mode: enforce
+rules:
+  - name: docs
+    to: ["docs.paths.test"]
+    ports: [%d/tcp, %d/tcp]
+`, func(c *Config) { c.PeekBudget = budget; c.HelloTimeout = 30 * time.Second }, nil, nil)
+	const n = 100
+	head := bigHeadStart(fmt.Sprintf("http://docs.paths.test:%d/", plainPort))
+	var conns []net.Conn
+	for range n {
+		c, err := net.Dial("tcp", addr)
+		if err != nil {
+			t.Fatal(err)
+		}
+		t.Cleanup(func() { c.Close() })
+		conns = append(conns, c)
+		c.Write(head)
+	}
+	refused := closedByPeer(conns, time.Second)
+	t.Logf("%d connections of 127.0.0.1 with %d KB of head each: %d refused; the budget holds %d KiB", n, len(head)/1000, refused, p.peekMem.inUse()>>10)
+	if got := p.peekMem.inUse(); got > budget/10 {
+		t.Errorf("one client holds %d KiB of the %d KiB peek budget, over a tenth", got>>10, budget>>10)
+	}
+	d := net.Dialer{LocalAddr: &net.TCPAddr{IP: net.IPv4(127, 0, 0, 2)}, Timeout: 5 * time.Second}
+	c, err := d.Dial("tcp", addr)
+	if err != nil {
+		t.Fatal(err)
+	}
+	defer c.Close()
+	c.SetDeadline(time.Now().Add(10 * time.Second))
+	fmt.Fprintf(c, "GET http://docs.paths.test:%d/x HTTP/1.1\r\nHost: docs.paths.test:%d\r\nCookie: c=%s\r\nConnection: close\r\n\r\n", plainPort, plainPort, strings.Repeat("a", 8000))
+	resp, err := http.ReadResponse(bufio.NewReader(c), nil)
+	if err != nil {
+		t.Fatalf("127.0.0.2's request with an 8 KB head while 127.0.0.1 holds big heads: %v", err)
+	}
+	resp.Body.Close()
+	if resp.StatusCode != 200 {
+		t.Errorf("127.0.0.2's request with an 8 KB head: %d", resp.StatusCode)
+	}
+}
