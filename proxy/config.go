@@ -81,8 +81,9 @@ type Config struct {
 	MaxConnsPerClient int
 	// PeekBudget bounds the bytes that the ClientHellos and request heads
 	// being read hold, all connections together, beyond the first 4 KiB
-	// of each (peekbudget.go); a connection whose hello or head does not
-	// fit is refused (connection-limit). Zero: 16 MiB; negative: no bound.
+	// of each (peekbudget.go), one client address a tenth of it; a
+	// connection whose hello or head does not fit is refused
+	// (connection-limit). Zero: 16 MiB; negative: no bound.
 	PeekBudget int
 
 	// DenyPage is the body of the HTTP 403 answer, an html/template

@@ -18,7 +18,9 @@ import (
 // bytes of its own, which every real hello (a post-quantum one is about
 // 1.8 KB) and most request heads fit; bytes past that are taken from the
 // budget, shared by all connections, and given back once the connection
-// is decided. A read that does not fit fails with errPeekBudget: the
+// is decided; one client address may take a tenth of it (as it may hold a
+// tenth of the connections, MaxConnsPerClient). A read that does not fit
+// fails with errPeekBudget: the
 // connection is refused with reason connection-limit, counted in
 // egress_proxy_limit_rejections_total{scope="peek"} and logged (once a
 // second at most).
@@ -28,9 +30,10 @@ import (
 // slow hello besides: about 80 KiB a connection, so the 5,000 connections
 // of one client address held some 400 MB, and MaxConns (50,000) 4 GB
 // (TestPeekBudget, TestExplicitPeekBudget). A client sending hellos that
-// large can now only make other clients' large hellos and heads wait for
-// room (they are refused while none is free); hellos and heads within
-// peekFree are never refused for it.
+// large is refused once it holds its tenth; it takes ten addresses to
+// make other clients' large hellos and heads wait for room (they are
+// refused while none is free: TestPeekBudgetPerClient); hellos and heads
+// within peekFree are never refused for it.
 
 // errPeekBudget: the bytes read would pass the peek budget.
 var errPeekBudget = errors.New("proxy: client hello or request head does not fit the memory left for them")
@@ -44,34 +47,48 @@ const peekStep = 4 << 10
 
 // peekBudget is the shared count. A nil *peekBudget bounds nothing.
 type peekBudget struct {
-	max  int64
-	used atomic.Int64
+	max       int64
+	perClient int64 // what one client address may take: a tenth of max
+	used      atomic.Int64
+
+	mu       sync.Mutex // guards byClient, and used's changes
+	byClient map[netip.Addr]int64
 }
 
 func newPeekBudget(max int) *peekBudget {
 	if max <= 0 {
 		return nil
 	}
-	return &peekBudget{max: int64(max)}
+	return &peekBudget{max: int64(max), perClient: int64(max) / 10, byClient: map[netip.Addr]int64{}}
 }
 
-// take takes n bytes, if they fit.
-func (b *peekBudget) take(n int) bool {
+// take takes n bytes for client, if they fit the budget and the client's
+// tenth of it.
+func (b *peekBudget) take(client netip.Addr, n int) bool {
 	if b == nil {
 		return true
 	}
-	if b.used.Add(int64(n)) > b.max {
-		b.used.Add(-int64(n))
+	b.mu.Lock()
+	defer b.mu.Unlock()
+	if b.used.Load()+int64(n) > b.max || b.byClient[client]+int64(n) > b.perClient {
 		return false
 	}
+	b.used.Add(int64(n))
+	b.byClient[client] += int64(n)
 	return true
 }
 
-// give gives back n bytes taken.
-func (b *peekBudget) give(n int) {
-	if b != nil && n > 0 {
-		b.used.Add(-int64(n))
+// give gives back n bytes client took.
+func (b *peekBudget) give(client netip.Addr, n int) {
+	if b == nil || n <= 0 {
+		return
 	}
+	b.mu.Lock()
+	b.used.Add(-int64(n))
+	if b.byClient[client] -= int64(n); b.byClient[client] <= 0 {
+		delete(b.byClient, client)
+	}
+	b.mu.Unlock()
 }
 
 // inUse is the bytes taken now (tests, the metric).
@@ -84,8 +101,9 @@ func (b *peekBudget) inUse() int64 {
 
 // peekShare is one connection's part of the budget: what it has taken.
 type peekShare struct {
-	b    *peekBudget
-	held int // bytes taken from b
+	b      *peekBudget
+	client netip.Addr // whose connection
+	held   int        // bytes taken from b
 }
 
 // fit returns how many of want more bytes the connection may hold, having
@@ -98,11 +116,11 @@ func (s *peekShare) fit(held, want int) int {
 		return want
 	}
 	need := want - free
-	if step := max(need, peekStep, s.held); s.b.take(step) { // doubling, as a slice grows
+	if step := max(need, peekStep, s.held); s.b.take(s.client, step) { // doubling, as a slice grows
 		s.held += step
 		return want
 	}
-	if s.b.take(need) {
+	if s.b.take(s.client, need) {
 		s.held += need
 		return want
 	}
@@ -111,7 +129,7 @@ func (s *peekShare) fit(held, want int) int {
 
 // release gives back what the connection took.
 func (s *peekShare) release() {
-	s.b.give(s.held)
+	s.b.give(s.client, s.held)
 	s.held = 0
 }
 
@@ -222,5 +240,6 @@ func (l peekListener) Accept() (net.Conn, error) {
 	if err != nil || l.p.peekMem == nil {
 		return c, err
 	}
-	return &peekConn{Conn: c, p: l.p, client: addrPortOf(c.RemoteAddr()).Addr(), reading: true, share: peekShare{b: l.p.peekMem}}, nil
+	client := addrPortOf(c.RemoteAddr()).Addr()
+	return &peekConn{Conn: c, p: l.p, client: client, reading: true, share: peekShare{b: l.p.peekMem, client: client}}, nil
 }

@@ -299,3 +299,34 @@ rules:
 		t.Errorf("127.0.0.2's request with an 8 KB head: %d", resp.StatusCode)
 	}
 }
+
+// TestPeekBudgetTake: the budget bounds all clients together, and each
+// client address to a tenth of it; what is given back can be taken again.
+func TestPeekBudgetTake(t *testing.T) {
+	b := newPeekBudget(1000)
+	a := netip.MustParseAddr("192.0.2.1")
+	if !b.take(a, 100) || b.take(a, 1) {
+		t.Fatalf("one client: took past its tenth (%d in use)", b.inUse())
+	}
+	took := []netip.Addr{a}
+	for i := 2; i < 40; i++ {
+		if c := netip.AddrFrom4([4]byte{192, 0, 2, byte(i)}); b.take(c, 100) {
+			took = append(took, c)
+		}
+	}
+	if len(took) != 10 || b.inUse() != 1000 {
+		t.Errorf("39 clients of 100 bytes each: %d took, %d in use; want 10 and 1000", len(took), b.inUse())
+	}
+	b.give(a, 100)
+	if c := netip.MustParseAddr("192.0.2.200"); !b.take(c, 100) || b.inUse() != 1000 {
+		t.Errorf("after a give: in use %d", b.inUse())
+	} else {
+		took[0] = c
+	}
+	for _, c := range took {
+		b.give(c, 100)
+	}
+	if b.inUse() != 0 || len(b.byClient) != 0 {
+		t.Errorf("given back: %d in use, %d clients", b.inUse(), len(b.byClient))
+	}
+}
