@@ -202,7 +202,8 @@ func (s *Server) answer(ctx context.Context, q *query, req *dns.Msg) []byte {
 		// allows the client (policy's relay.go). A client such a rule
 		// does not allow (its clients, its expiry) is where it would be
 		// without the rule: NXDOMAIN too.
-		if d := eng.DecideName(policy.Input{Client: q.client.Addr().Unmap(), Name: name, Now: q.start}); !d.Allowed() {
+		q.mac = s.clientMAC(eng, q.client.Addr())
+		if d := eng.DecideName(policy.Input{Client: q.client.Addr().Unmap(), ClientMAC: q.mac, Name: name, Now: q.start}); !d.Allowed() {
 			q.dec, q.enforced = d, true
 			return s.local(q, req, dns.RcodeNameError, 0, "")
 		}
@@ -215,7 +216,9 @@ func (s *Server) answer(ctx context.Context, q *query, req *dns.Msg) []byte {
 		q.dec.Reason, q.enforced = ReasonQType, true
 		return s.local(q, req, dns.RcodeNotImplemented, dns.ExtendedErrorCodeNotSupported, "egressd: no ANY queries (RFC 8482)")
 	}
-	q.mac = s.clientMAC(eng, q.client.Addr())
+	if q.mac == nil {
+		q.mac = s.clientMAC(eng, q.client.Addr())
+	}
 	q.dec = eng.DecideName(policy.Input{Client: q.client.Addr().Unmap(), ClientMAC: q.mac, Name: name, Now: q.start})
 	if !q.dec.Allowed() && q.dec.Mode == policy.ModeEnforce {
 		return s.deny(q, req, eng)

@@ -5,6 +5,7 @@ import (
 	"encoding/json"
 	"fmt"
 	"log/slog"
+	"net"
 	"net/netip"
 	"strings"
 	"testing"
@@ -204,5 +205,32 @@ func TestPrivateRelayNamedForOthers(t *testing.T) {
 				}
 			})
 		}
+	}
+}
+
+// TestPrivateRelayNamedForMAC: a rule naming the relay exactly for a MAC
+// group lets the client with that MAC resolve it (the relay's check asks
+// the client's MAC as the policy's does); a client with another MAC gets
+// NXDOMAIN.
+func TestPrivateRelayNamedForMAC(t *testing.T) {
+	const pol = `version: 1
+mode: enforce
+groups:
+  kiosks: ["02:00:00:00:00:0a"]
+rules:
+  - name: relay
+    from: [kiosks]
+    to: [mask-h2.icloud.com]
+    ports: [443/tcp]
+`
+	up := newFakeUpstream(t, relayZone)
+	macs := &fakeMACs{m: map[netip.Addr]net.HardwareAddr{loopback: kioskMAC}}
+	ts := startServer(t, pol, Config{Upstreams: []string{up.Addr}}, Deps{MACs: macs})
+	if r := ask(t, "udp", ts.Addr, "mask-h2.icloud.com.", dns.TypeA, false); r.Rcode != dns.RcodeSuccess || len(answerAddrs(r)) == 0 {
+		t.Errorf("the kiosk's MAC, named by the relay's exact rule: %s %v", dns.RcodeToString[r.Rcode], answerAddrs(r))
+	}
+	macs.set(loopback, otherMAC)
+	if r := ask(t, "udp", ts.Addr, "mask-h2.icloud.com.", dns.TypeAAAA, false); r.Rcode != dns.RcodeNameError {
+		t.Errorf("another MAC: %s, want NXDOMAIN", dns.RcodeToString[r.Rcode])
 	}
 }
