@@ -139,3 +139,39 @@ func TestLanMACs(t *testing.T) {
 		}
 	}
 }
+
+// TestLanMACsZone: a link-local address is one of its link: the same
+// fe80:: address on two LAN interfaces is two devices, and a client's MAC
+// is the table's of the interface its zone names, not the first LAN
+// interface's (a host on a second LAN that took a kiosk's link-local
+// address on the first would be given the kiosk's MAC).
+func TestLanMACsZone(t *testing.T) {
+	ns := testnet.New(t, "r3maczone")
+	ns.MustRun("ip", "link", "add", "l0", "type", "veth", "peer", "name", "l1")
+	for _, c := range [][]string{
+		{"ip", "link", "set", "l0", "up"},
+		{"ip", "link", "set", "l1", "up"},
+		{"ip", "neigh", "replace", "fe80::5", "lladdr", "02:00:00:00:00:05", "dev", "l0", "nud", "permanent"},
+		{"ip", "neigh", "replace", "fe80::5", "lladdr", "02:00:00:00:00:06", "dev", "l1", "nud", "permanent"},
+		{"ip", "neigh", "replace", "fe80::7", "lladdr", "02:00:00:00:00:07", "dev", "l0", "nud", "permanent"},
+	} {
+		ns.MustRun(c...)
+	}
+	macs := lanDeviceSet{netutil.NewDevices("l0", nil), netutil.NewDevices("l1", nil)}.macs()
+	for _, c := range []struct {
+		addr, want string
+	}{
+		{"fe80::5%l0", "02:00:00:00:00:05"},
+		{"fe80::5%l1", "02:00:00:00:00:06"}, // the second LAN's, though the first has one
+		{"fe80::7%l1", ""},                  // only the first LAN has it
+		{"fe80::7%l0", "02:00:00:00:00:07"},
+	} {
+		var got net.HardwareAddr
+		if err := ns.Do(func() error { got = macs.ClientMAC(netip.MustParseAddr(c.addr)); return nil }); err != nil {
+			t.Fatal(err)
+		}
+		if got.String() != c.want {
+			t.Errorf("ClientMAC(%s) = %q, want %q", c.addr, got, c.want)
+		}
+	}
+}
