@@ -593,7 +593,7 @@ func (d *daemon) run(ctx context.Context) error {
 			d.log.Warn("lan devices: cannot read the neighbour table: each address is its own client, and has no MAC, meanwhile", "lan", lan, audit.LogError, err.Error())
 		}))
 	}
-	d.macs = devs.macs()
+	d.macs = devs.macs(lans)
 	// What the forwarder gave out before a restart, before anything
 	// reads the table: the firewall seeds its learned sets with it, the
 	// proxy vouches with it, capture follows it. Only what this
@@ -1418,22 +1418,33 @@ func (s lanDeviceSet) SameDevice(a, b netip.Addr) bool {
 // proxies, capture and the firewall ask them a client's MAC
 // (dnsfilter.ClientMACs, proxy.ClientMACs, capture.ClientMACs,
 // firewall.ClientMACs): the first LAN interface whose table has a usable
-// entry for the address (netutil.Devices.MAC). A client behind a router
-// has none. They ask only while the running policy names MAC addresses.
-type lanMACs struct{ devs lanDeviceSet }
+// entry for the address (netutil.Devices.MAC); for an address with a zone
+// (link-local: one address may be two devices' on two links), only the
+// table of the interface the zone names. A client behind a router has
+// none. They ask only while the running policy names MAC addresses.
+type lanMACs struct {
+	devs  lanDeviceSet
+	names []string // the LAN interfaces' names, as devs
+}
 
-// macs returns s as lanMACs; nil without LAN interfaces.
-func (s lanDeviceSet) macs() *lanMACs {
-	if len(s) == 0 {
+// macs returns s, the devices of the LAN interfaces named names (in that
+// order), as lanMACs; nil without LAN interfaces.
+func (s lanDeviceSet) macs(names []string) *lanMACs {
+	if len(s) == 0 || len(names) != len(s) {
 		return nil
 	}
-	return &lanMACs{devs: s}
+	return &lanMACs{devs: s, names: names}
 }
 
 // ClientMAC returns client's MAC, nil when no LAN interface's neighbour
-// table has one for it.
+// table has one for it (for a zoned address, when the zone names no LAN
+// interface or its table has none).
 func (m *lanMACs) ClientMAC(client netip.Addr) net.HardwareAddr {
-	for _, d := range m.devs {
+	zone := client.Zone()
+	for i, d := range m.devs {
+		if zone != "" && m.names[i] != zone {
+			continue
+		}
 		if mac, ok := d.MAC(client); ok {
 			return net.HardwareAddr(mac[:])
 		}

@@ -105,7 +105,7 @@ func TestLanFactsDevice(t *testing.T) {
 // router (no entry) has none; without LAN interfaces there is nothing to
 // ask.
 func TestLanMACs(t *testing.T) {
-	if lanDeviceSet(nil).macs() != nil {
+	if lanDeviceSet(nil).macs(nil) != nil {
 		t.Error("MACs without LAN interfaces")
 	}
 	ns := testnet.New(t, "h6macs")
@@ -121,7 +121,7 @@ func TestLanMACs(t *testing.T) {
 	} {
 		ns.MustRun(c...)
 	}
-	macs := lanDeviceSet{netutil.NewDevices("l0", nil), netutil.NewDevices("l1", nil)}.macs()
+	macs := lanDeviceSet{netutil.NewDevices("l0", nil), netutil.NewDevices("l1", nil)}.macs([]string{"l0", "l1"})
 	for _, c := range []struct {
 		addr, want string
 	}{
@@ -157,7 +157,7 @@ func TestLanMACsZone(t *testing.T) {
 	} {
 		ns.MustRun(c...)
 	}
-	macs := lanDeviceSet{netutil.NewDevices("l0", nil), netutil.NewDevices("l1", nil)}.macs()
+	macs := lanDeviceSet{netutil.NewDevices("l0", nil), netutil.NewDevices("l1", nil)}.macs([]string{"l0", "l1"})
 	for _, c := range []struct {
 		addr, want string
 	}{
