@@ -166,3 +166,27 @@ rules:
     to: ["*.allowed.test"]
     ports: [443/tcp]
 `
+
+// TestLanMACZone: a link-local client is asked its MAC with the zone of
+// the LAN interface its frames came in on, as the DNS forwarder asks it
+// (its sockets give the zone): the same fe80:: address on another LAN
+// interface is another device.
+func TestLanMACZone(t *testing.T) {
+	ll := netip.MustParseAddr("fe80::5")
+	macs := &fakeMACs{m: map[netip.Addr]net.HardwareAddr{
+		ll.WithZone("l0"): {0x02, 0, 0, 0, 0, 1}, // the kiosk, on the first LAN
+		ll:                {0x02, 0, 0, 0, 0, 1}, // without a zone: the first LAN's entry (egressd run's lanMACs)
+	}}
+	c := &Capture{cfg: Config{Interfaces: []string{"l0", "l1"}}, deps: Deps{MACs: macs}}
+	p := &proc{c: c}
+	eng := testEngine(t, kioskPolicy)
+	for _, tc := range []struct {
+		src  int
+		want string
+	}{{1, "02:00:00:00:00:01"}, {2, ""}} {
+		f := &flow{cli: ll, src: tc.src}
+		if got := p.lanMAC(eng, f).String(); got != tc.want {
+			t.Errorf("fe80::5 on socket %d: MAC %q, want %q", tc.src, got, tc.want)
+		}
+	}
+}
