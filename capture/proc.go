@@ -1588,7 +1588,7 @@ func (p *proc) lanMAC(eng *policy.Engine, f *flow) net.HardwareAddr {
 	}
 	if f.lanMACState == 0 {
 		f.lanMACState = 1
-		if m := p.c.deps.MACs.ClientMAC(f.cli.Unmap()); len(m) == 6 {
+		if m := p.c.deps.MACs.ClientMAC(p.zoned(f.cli.Unmap(), f.src)); len(m) == 6 {
 			copy(f.lanMAC[:], m)
 			f.lanMACState = 2
 		}
@@ -1597,6 +1597,18 @@ func (p *proc) lanMAC(eng *policy.Engine, f *flow) net.HardwareAddr {
 		return net.HardwareAddr(f.lanMAC[:])
 	}
 	return nil
+}
+
+// zoned returns a with the zone of the LAN interface of capture socket
+// src (proc.src) when a is link-local, as the DNS forwarder's sockets
+// give it: the same link-local address on two LAN interfaces is two
+// devices'. Other addresses, and a socket capture has no interface name
+// for, as they are.
+func (p *proc) zoned(a netip.Addr, src int) netip.Addr {
+	if !a.Is6() || !a.IsLinkLocalUnicast() || src < 1 || src > len(p.c.cfg.Interfaces) {
+		return a
+	}
+	return a.WithZone(p.c.cfg.Interfaces[src-1])
 }
 
 // eventMAC is the client MAC f's events carry: the one its decision was
