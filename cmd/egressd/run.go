@@ -611,8 +611,8 @@ func (d *daemon) run(ctx context.Context) error {
 	// What the forwarder gave one address of a LAN device, it gave the
 	// device (lanFacts): the proxy and capture ask the same facts.
 	facts := lanFacts{Table: table}
-	if len(devs) > 0 {
-		facts.devices = devs
+	if d.macs != nil {
+		facts.devices = d.macs
 	}
 	var dnsFacts interface {
 		NamesFor(client, addr netip.Addr) []string
@@ -1400,13 +1400,29 @@ type lanDevices interface {
 }
 
 // lanDeviceSet is the devices of each LAN interface (one
-// netutil.Devices each): two addresses are one device's when one LAN
-// interface's neighbour table says so. A MAC seen on two LAN interfaces
-// (a host on two VLANs) is two devices, one on each.
+// netutil.Devices each), in --lan's order; lanMACs asks them. Two
+// addresses are one device's when one LAN interface's neighbour table
+// says so: a MAC seen on two LAN interfaces (a host on two VLANs) is two
+// devices, one on each.
 type lanDeviceSet []*netutil.Devices
 
-func (s lanDeviceSet) SameDevice(a, b netip.Addr) bool {
-	for _, d := range s {
+// SameDevice reports whether a and b are one device's (lanDevices): one
+// LAN interface's neighbour table maps both to one device's MAC; an address with a zone (link-local) is looked up only
+// on the interface its zone names, so that two links' devices with the
+// same link-local address stay two, as ClientMAC keeps them.
+func (m *lanMACs) SameDevice(a, b netip.Addr) bool {
+	za, zb := a.Zone(), b.Zone()
+	if za != "" && zb != "" && za != zb {
+		return false
+	}
+	zone := za
+	if zone == "" {
+		zone = zb
+	}
+	for i, d := range m.devs {
+		if zone != "" && m.names[i] != zone {
+			continue
+		}
 		if d.SameDevice(a, b) {
 			return true
 		}

@@ -174,4 +174,28 @@ func TestLanMACsZone(t *testing.T) {
 			t.Errorf("ClientMAC(%s) = %q, want %q", c.addr, got, c.want)
 		}
 	}
+	// One device: the first LAN's fe80::5 and its ULA address, on l0.
+	// The second LAN's fe80::5 is another device, whose DNS answers are
+	// not the first's (lanFacts asks SameDevice).
+	ns.MustRun("ip", "neigh", "replace", "fd00::5", "lladdr", "02:00:00:00:00:05", "dev", "l0", "nud", "permanent")
+	for _, c := range []struct {
+		a, b string
+		want bool
+	}{
+		{"fe80::5%l0", "fd00::5", true},
+		{"fd00::5", "fe80::5%l0", true},
+		{"fe80::5%l1", "fd00::5", false}, // another link's fe80::5
+		{"fe80::5%l1", "fe80::5%l0", false},
+	} {
+		var got bool
+		if err := ns.Do(func() error {
+			got = macs.SameDevice(netip.MustParseAddr(c.a), netip.MustParseAddr(c.b))
+			return nil
+		}); err != nil {
+			t.Fatal(err)
+		}
+		if got != c.want {
+			t.Errorf("SameDevice(%s, %s) = %v, want %v", c.a, c.b, got, c.want)
+		}
+	}
 }
