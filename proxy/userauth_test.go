@@ -206,7 +206,11 @@ func TestExplicitAuthBcryptCache(t *testing.T) {
 // bcrypt checks run at once than the bound.
 func TestExplicitAuthFlood(t *testing.T) {
 	p, addr := authProxy(t, map[string]UserSecret{"alice": mustBcryptCost(t, "s3cret", 8)})
-	p.slow.wait = 2 * time.Second // the flood's requests that wait longer get 503
+	// The flood's requests that wait longer get 503. Long enough that the
+	// right password's two checks' wait (the bound below counts them) fits
+	// under -race on a loaded box, where one check of cost 8 took over a
+	// second: at 2 s the right password itself got 503 there.
+	p.slow.wait = 10 * time.Second
 	const flooders, perFlooder = 32, 40
 	stop := make(chan struct{})
 	var wg sync.WaitGroup
