@@ -20,6 +20,8 @@ import (
 	"time"
 
 	"golang.org/x/sys/unix"
+
+	"egressd/audit"
 )
 
 // The CA's files in the state directory.
@@ -87,7 +89,7 @@ func LoadOrCreateCA(dir string) (tls.Certificate, []byte, error) {
 			return tls.Certificate{}, nil, fmt.Errorf("proxy: inspection CA key: %w", err)
 		}
 	}
-	certPEM, err := newCACert(key)
+	certPEM, err := newCACert(key, time.Now(), audit.BuildFloor())
 	if err != nil {
 		return tls.Certificate{}, nil, fmt.Errorf("proxy: inspection CA: %w", err)
 	}
@@ -169,19 +171,32 @@ func parseCAKey(keyPEM []byte) (*ecdsa.PrivateKey, error) {
 }
 
 // newCACert makes a self-signed CA certificate for key, valid for ten
-// years, and returns it as PEM.
-func newCACert(key *ecdsa.PrivateKey) ([]byte, error) {
+// years, and returns it as PEM. The clock (now) may be wrong: a gateway
+// without a real-time clock starts at 1970 and may make its CA before NTP
+// sets the clock, and a CA valid 1970 to 1980 would be expired for good a
+// minute later, yet kept and handed to clients. So the ten years count
+// from the later of now and floor (a time no correct clock is before,
+// audit.BuildFloor), and the validity starts an hour before the earlier
+// of them: valid at the wrong time it was made at, and at the right one
+// (a clock that ran ahead and is set back comes back to at least floor).
+func newCACert(key *ecdsa.PrivateKey, now, floor time.Time) ([]byte, error) {
 	serial, err := rand.Int(rand.Reader, new(big.Int).Lsh(big.NewInt(1), 127))
 	if err != nil {
 		return nil, err
 	}
 	host, _ := os.Hostname()
-	now := time.Now()
+	from, to := now, now
+	if floor.Before(from) {
+		from = floor
+	}
+	if floor.After(to) {
+		to = floor
+	}
 	tmpl := &x509.Certificate{
 		SerialNumber:          serial,
 		Subject:               pkix.Name{CommonName: "egressd inspection CA " + host, Organization: []string{"egressd"}},
-		NotBefore:             now.Add(-time.Hour),
-		NotAfter:              now.AddDate(10, 0, 0),
+		NotBefore:             from.Add(-time.Hour),
+		NotAfter:              to.AddDate(10, 0, 0),
 		KeyUsage:              x509.KeyUsageCertSign | x509.KeyUsageCRLSign | x509.KeyUsageDigitalSignature,
 		BasicConstraintsValid: true,
 		IsCA:                  true,
@@ -247,6 +262,9 @@ func (p *Proxy) ensureCA() (*mitmCA, error) {
 			cert.Leaf = leaf
 		}
 	}
+	if problem := CAClockProblem(cert, time.Now()); problem != "" {
+		p.log.Warn("proxy: " + problem)
+	}
 	ca := &mitmCA{cert: cert}
 	p.mitm.Store(ca)
 	return ca, nil
@@ -256,9 +274,16 @@ func (p *Proxy) ensureCA() (*mitmCA, error) {
 // hosts with host/path rules are inspected, so it stays small. A leaf is
 // made anew when it is within leafRenewBefore of its end: goproxy's leaves
 // last a year, and the daemon of an appliance may run longer.
+//
+// A leaf is also made anew when the clock says it is not valid (yet): one
+// made while the clock was wrong, at 1970 on a gateway without a
+// real-time clock before NTP set it (valid 1969 to 1971), or while it ran
+// ahead and was then set back, would otherwise be served until it
+// expired, and every client would refuse it.
 type certStore struct {
-	mu sync.Mutex // guards m
-	m  map[string]*tls.Certificate
+	mu  sync.Mutex // guards m
+	m   map[string]*tls.Certificate
+	now func() time.Time // the clock; nil is time.Now (tests set it)
 }
 
 // leafRenewBefore is how long before a cached leaf expires it is replaced.
@@ -268,7 +293,7 @@ func (s *certStore) Fetch(host string, gen func() (*tls.Certificate, error)) (*t
 	s.mu.Lock()
 	c := s.m[host]
 	s.mu.Unlock()
-	if c != nil && (c.Leaf == nil || time.Now().Before(c.Leaf.NotAfter.Add(-leafRenewBefore))) {
+	if c != nil && (c.Leaf == nil || leafFresh(c.Leaf, s.clock())) {
 		return c, nil
 	}
 	c, err := gen()
@@ -285,4 +310,50 @@ func (s *certStore) Fetch(host string, gen func() (*tls.Certificate, error)) (*t
 	s.m[host] = c
 	s.mu.Unlock()
 	return c, nil
+}
+
+func (s *certStore) clock() time.Time {
+	if s.now != nil {
+		return s.now()
+	}
+	return time.Now()
+}
+
+// leafFresh says whether a cached leaf may be served at now: valid
+// already, and not within leafRenewBefore of its end.
+func leafFresh(leaf *x509.Certificate, now time.Time) bool {
+	return !now.Before(leaf.NotBefore) && now.Before(leaf.NotAfter.Add(-leafRenewBefore))
+}
+
+// CAClockProblem says what is wrong with the CA certificate (as
+// LoadOrCreateCA returns it) at now, or "" when it is valid or cannot be
+// read; see caClockProblem.
+func CAClockProblem(ca tls.Certificate, now time.Time) string {
+	leaf := ca.Leaf
+	if leaf == nil && len(ca.Certificate) > 0 {
+		leaf, _ = x509.ParseCertificate(ca.Certificate[0])
+	}
+	if leaf == nil {
+		return ""
+	}
+	return caClockProblem(leaf, now)
+}
+
+// caClockProblem says what is wrong with the CA certificate at now, or ""
+// when it is valid: one expired, or not valid yet, by the clock. Either
+// the clock is wrong (a gateway without a real-time clock before NTP has
+// set it: the CA is right again once it has) or the CA was made on a
+// wrong clock by an egressd before session 21, which dated it from that
+// clock. The CA is not made anew here: clients trust this one.
+func caClockProblem(cert *x509.Certificate, now time.Time) string {
+	const fix = "; if the clock is right, remove " + CACertFile + " (keep " + CAKeyFile + "): egressd makes a new certificate for the same key, which `egressd ca export` prints for clients to trust again"
+	switch {
+	case now.After(cert.NotAfter):
+		return fmt.Sprintf("the inspection CA certificate %s expired %s (valid %s to %s; clock %s): clients refuse every inspected connection%s",
+			CACertFile, cert.NotAfter.UTC().Format(time.RFC3339), cert.NotBefore.UTC().Format(time.RFC3339), cert.NotAfter.UTC().Format(time.RFC3339), now.UTC().Format(time.RFC3339), fix)
+	case now.Before(cert.NotBefore):
+		return fmt.Sprintf("the inspection CA certificate %s is not valid before %s (clock %s): the clock is behind (no real-time clock, NTP has not set it yet?), or the CA was made on a clock that ran ahead%s",
+			CACertFile, cert.NotBefore.UTC().Format(time.RFC3339), now.UTC().Format(time.RFC3339), fix)
+	}
+	return ""
 }
