@@ -8,6 +8,7 @@ import (
 	"os"
 	"path/filepath"
 	"syscall"
+	"time"
 
 	"golang.org/x/sys/unix"
 
@@ -40,6 +41,11 @@ func cmdCA(_ context.Context, args []string, stdout, stderr io.Writer) int {
 	if err != nil {
 		fmt.Fprintln(stderr, "egressd:", err)
 		return exitFail
+	}
+	// Printed all the same: it is the CA clients trust, or will once the
+	// clock is right.
+	if problem := proxy.CAClockProblem(ca, time.Now()); problem != "" {
+		fmt.Fprintln(stderr, "egressd: warning:", problem)
 	}
 	// The certificates as parsed, not the file as read: the file is the
 	// state directory owner's to fill, or to link to one of root's that

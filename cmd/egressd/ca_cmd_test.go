@@ -1,14 +1,21 @@
 package main
 
 import (
+	"bytes"
+	"crypto/ecdsa"
+	"crypto/elliptic"
+	"crypto/rand"
 	"crypto/x509"
+	"crypto/x509/pkix"
 	"encoding/pem"
+	"math/big"
 	"os"
 	"os/exec"
 	"path/filepath"
 	"strings"
 	"syscall"
 	"testing"
+	"time"
 
 	"egressd/internal/testnet"
 	"egressd/proxy"
@@ -229,5 +236,48 @@ func TestCAExportAsRootPrintsOnlyTheCertificate(t *testing.T) {
 	_, out, _ := runCmd(t, "ca", "export", "--state-dir", state)
 	if strings.Contains(out, "PRIVATE KEY") {
 		t.Errorf("ca export printed a private key:\n%s", out)
+	}
+}
+
+// TestCAExportWarnsOfExpiredCA: a CA an older egressd made while the
+// clock said 1970 (a gateway without a real-time clock, before NTP set
+// it) is valid 1970 to 1980. The export still prints it (clients trust
+// it), but says on standard error that it is expired and what to do.
+func TestCAExportWarnsOfExpiredCA(t *testing.T) {
+	dir := t.TempDir()
+	key, err := ecdsa.GenerateKey(elliptic.P256(), rand.Reader)
+	if err != nil {
+		t.Fatal(err)
+	}
+	tmpl := &x509.Certificate{SerialNumber: big.NewInt(1), Subject: pkix.Name{CommonName: "egressd inspection CA old"},
+		NotBefore: time.Unix(0, 0), NotAfter: time.Unix(0, 0).AddDate(10, 0, 0),
+		KeyUsage: x509.KeyUsageCertSign, BasicConstraintsValid: true, IsCA: true}
+	der, err := x509.CreateCertificate(rand.Reader, tmpl, tmpl, &key.PublicKey, key)
+	if err != nil {
+		t.Fatal(err)
+	}
+	kder, err := x509.MarshalECPrivateKey(key)
+	if err != nil {
+		t.Fatal(err)
+	}
+	if err := os.WriteFile(filepath.Join(dir, "ca.pem"), pem.EncodeToMemory(&pem.Block{Type: "CERTIFICATE", Bytes: der}), 0o644); err != nil {
+		t.Fatal(err)
+	}
+	if err := os.WriteFile(filepath.Join(dir, "ca-key.pem"), pem.EncodeToMemory(&pem.Block{Type: "EC PRIVATE KEY", Bytes: kder}), 0o600); err != nil {
+		t.Fatal(err)
+	}
+	code, out, stderr := runCmd(t, "ca", "export", "--state-dir", dir)
+	if code != 0 {
+		t.Fatalf("exit %d: %s", code, stderr)
+	}
+	if blk, _ := pem.Decode([]byte(out)); blk == nil || !bytes.Equal(blk.Bytes, der) {
+		t.Error("the export did not print the CA in the state directory")
+	}
+	if !strings.Contains(stderr, "expired") || !strings.Contains(stderr, "remove ca.pem (keep ca-key.pem)") {
+		t.Errorf("no warning of the expired CA: %q", stderr)
+	}
+	// A CA made now draws no warning.
+	if _, _, stderr := runCmd(t, "ca", "export", "--state-dir", filepath.Join(t.TempDir(), "s")); stderr != "" {
+		t.Errorf("a new CA drew: %q", stderr)
 	}
 }
