@@ -141,7 +141,9 @@ type Journal struct {
 	lastFlush   time.Time
 	lastErrLog  time.Time
 	encodeBuf   []byte
-	testHookPre func() // tests: called before each write, to stall the writer
+	testHookPre func()           // tests: called before each write, to stall the writer
+	now         func() time.Time // the clock rotation names files by; nil is time.Now (tests set it)
+	newest      time.Time        // the latest time of a record in the log, and of a rotated file's name
 
 	stop    chan struct{}
 	done    chan struct{}
@@ -169,6 +171,7 @@ func OpenJournal(cfg JournalConfig, ledger *Ledger) (*Journal, LoadStats, error)
 		stop: make(chan struct{}), done: make(chan struct{}),
 	}
 	st, err := readDir(cfg.Dir, cfg.Logger, time.Time{}, true, func(ev Event) {
+		j.saw(ev.Time)
 		if ev.Kind == KindShed {
 			ledger.addShed(ev.Time, ev.Count)
 			return
@@ -188,6 +191,13 @@ func OpenJournal(cfg JournalConfig, ledger *Ledger) (*Journal, LoadStats, error)
 		return nil, st, fmt.Errorf("audit: open event log: %w", err)
 	}
 	j.f, j.size = f, fi.Size()
+	if files, err := LogFiles(cfg.Dir); err == nil {
+		for _, p := range files {
+			if end, ok := rotatedTime(p); ok {
+				j.saw(end)
+			}
+		}
+	}
 	ledger.mu.Lock()
 	ledger.history = j.scan
 	ledger.mu.Unlock()
@@ -501,6 +511,7 @@ func (j *Journal) Close() error {
 }
 
 func (j *Journal) writeEvent(ev Event) {
+	j.saw(ev.Time)
 	j.ledger.Emit(ev)
 	if j.testHookPre != nil {
 		j.testHookPre()
@@ -523,6 +534,7 @@ func (j *Journal) recordShed() {
 	}
 	j.shedLogged += n
 	now := time.Now().UTC()
+	j.saw(now)
 	j.ledger.addShed(now, n)
 	b, _ := json.Marshal(Event{Kind: KindShed, Time: now, Count: n})
 	j.append(append(b, '\n'), false)
@@ -611,12 +623,24 @@ func (j *Journal) rotate() {
 		j.failed(err)
 	}
 	cur := filepath.Join(j.cfg.Dir, CurrentLog)
-	name := filepath.Join(j.cfg.Dir, rotatedPrefix+time.Now().UTC().Format(rotateStamp)+rotatedSuffix)
+	// The name says when the file ended, and orders it: it is never
+	// before a record in the log or an earlier file's name. The clock
+	// alone may be behind them: a gateway without a real-time clock
+	// restarted at 1970 before NTP set it, with a log of real times. A
+	// file named 1970 would sort first, so be the first deleted beyond
+	// MaxFiles (the newest events lost), and a report --since would skip
+	// it, with the real-time events it holds from before the restart.
+	end := j.clock().UTC()
+	if !j.newest.IsZero() && !end.After(j.newest) {
+		end = j.newest.UTC().Add(time.Nanosecond)
+	}
+	j.newest = end
+	name := filepath.Join(j.cfg.Dir, rotatedPrefix+end.Format(rotateStamp)+rotatedSuffix)
 	for i := 1; ; i++ {
 		if _, err := os.Lstat(name); errors.Is(err, os.ErrNotExist) {
 			break
 		}
-		name = filepath.Join(j.cfg.Dir, fmt.Sprintf("%s%s-%d%s", rotatedPrefix, time.Now().UTC().Format(rotateStamp), i, rotatedSuffix))
+		name = filepath.Join(j.cfg.Dir, fmt.Sprintf("%s%s-%d%s", rotatedPrefix, end.Format(rotateStamp), i, rotatedSuffix))
 	}
 	if err := os.Rename(cur, name); err != nil {
 		j.failed(err)
@@ -645,6 +669,20 @@ func (j *Journal) rotate() {
 		}
 		rotated = rotated[1:]
 	}
+}
+
+// saw notes a time recorded in the log, for rotate.
+func (j *Journal) saw(t time.Time) {
+	if t.After(j.newest) {
+		j.newest = t
+	}
+}
+
+func (j *Journal) clock() time.Time {
+	if j.now != nil {
+		return j.now()
+	}
+	return time.Now()
 }
 
 // openCurrent opens the current file for appending after a rotation could
