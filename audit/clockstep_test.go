@@ -6,6 +6,8 @@ import (
 	"log/slog"
 	"os"
 	"path/filepath"
+	"slices"
+	"strings"
 	"sync/atomic"
 	"testing"
 	"time"
@@ -104,5 +106,39 @@ func testJournalRotationClockBehind(t *testing.T, maxFiles int) {
 	}
 	if inWindow != keptReal || keptReal == 0 {
 		t.Errorf("--since read %d of the %d real-time events kept", inWindow, keptReal)
+	}
+}
+
+// TestReportNotesEventsBeforeFloor: events recorded while the clock said
+// 1970 (a gateway without a real-time clock, before NTP set it) stay in
+// the report, but it does not claim a rule was first seen in 1970 without
+// a note saying those times are not real; a windowed report (--since)
+// says how many such events no window holds.
+func TestReportNotesEventsBeforeFloor(t *testing.T) {
+	eng := loadPolicy(t, "policy.yaml")
+	evs := fixtureEvents(t, eng)
+	dir := t.TempDir()
+	j, l, _ := openJournal(t, JournalConfig{Dir: dir}, eng)
+	runJournal(t, j)
+	for _, ev := range evs {
+		j.Emit(ev)
+	}
+	waitFor(t, func() bool { return j.Written() == uint64(len(evs)) })
+	for _, n := range l.Report(ReportOptions{Now: reportNow}).Notes {
+		if strings.Contains(n, "clock") {
+			t.Errorf("a note of a wrong clock with none: %q", n)
+		}
+	}
+	early := evs[2]
+	early.Time = time.Unix(100, 0)
+	j.Emit(early)
+	waitFor(t, func() bool { return j.Written() == uint64(len(evs)+1) })
+	r := l.Report(ReportOptions{Now: reportNow})
+	if !slices.ContainsFunc(r.Notes, func(n string) bool { return strings.Contains(n, "1970-01-01") && strings.Contains(n, "clock") }) {
+		t.Errorf("no note of the events of 1970: %q", r.Notes)
+	}
+	w := l.Report(ReportOptions{Now: reportNow, Since: reportNow.Add(-24 * time.Hour)})
+	if !slices.ContainsFunc(w.Notes, func(n string) bool { return strings.Contains(n, "1 event") && strings.Contains(n, "clock") }) {
+		t.Errorf("windowed report: no note of the event of 1970: %q", w.Notes)
 	}
 }

@@ -143,8 +143,12 @@ func (l *Ledger) Report(opt ReportOptions) *Report {
 		if hist != nil {
 			tmp := NewLedger(eng, l.opt)
 			since := opt.Since
+			var wrongClock uint64
 			err := hist(since, func(ev Event) {
 				if ev.Time.Before(since) {
+					if ev.Kind != KindShed && ev.Time.Before(SourceFloor) {
+						wrongClock++
+					}
 					return
 				}
 				if ev.Kind == KindShed {
@@ -155,6 +159,9 @@ func (l *Ledger) Report(opt ReportOptions) *Report {
 			})
 			if err != nil {
 				notes = append(notes, fmt.Sprintf("reading the event log: %v", err))
+			}
+			if wrongClock > 0 {
+				notes = append(notes, fmt.Sprintf("%d event(s) stamped before %s, recorded while the clock was wrong (a gateway without a real-time clock before NTP set it), are in no window", wrongClock, SourceFloor.Format("2006-01-02")))
 			}
 			src = tmp
 		} else {
@@ -267,6 +274,9 @@ func (l *Ledger) snapshot(opt ReportOptions) *Report {
 			Enforced: ds.enforced, EnforcedFlows: ds.enforcedFlows,
 			Reason: ds.reason, Rule: ds.rule, FirstSeen: ds.first, LastSeen: ds.last,
 		})
+	}
+	if n := wrongClockNote(r); n != "" {
+		r.Notes = append(r.Notes, n)
 	}
 	slices.SortFunc(r.Dropped, func(a, b DroppedReport) int {
 		if c := cmp.Compare(b.Flows+b.Queries+b.Requests, a.Flows+a.Queries+a.Requests); c != 0 {
@@ -515,4 +525,34 @@ func shortList(s []string, n int) string {
 // stops matching at the start of 2027-01-01).
 func expiresDate(t time.Time) string {
 	return t.Add(-time.Nanosecond).Format("2006-01-02")
+}
+
+// wrongClockNote says, when a rule or a dropped destination of r was first
+// seen before SourceFloor, that those times are not real: the events were
+// recorded while the clock was wrong, as on a gateway without a real-time
+// clock that starts at 1970 and runs until NTP sets its clock. The events
+// count all the same; their times say nothing.
+func wrongClockNote(r *Report) string {
+	var earliest time.Time
+	n := 0
+	see := func(t time.Time) {
+		if t.IsZero() || !t.Before(SourceFloor) {
+			return
+		}
+		n++
+		if earliest.IsZero() || t.Before(earliest) {
+			earliest = t
+		}
+	}
+	for _, rr := range r.Rules {
+		see(rr.FirstSeen)
+	}
+	for _, d := range r.Dropped {
+		see(d.FirstSeen)
+	}
+	if n == 0 {
+		return ""
+	}
+	return fmt.Sprintf("%d rule(s) or dropped destination(s) first seen before %s (the earliest %s): events recorded while the clock was wrong (a gateway without a real-time clock before NTP set it); they count, but their times are not real",
+		n, SourceFloor.Format("2006-01-02"), fmtTime(earliest))
 }
