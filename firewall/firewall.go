@@ -64,8 +64,10 @@ type Firewall struct {
 	pending  *learnBatch             // collecting; nil when empty
 	flushing bool                    // a flush goroutine is writing learn batches
 	timer    *time.Timer             // re-renders when a rule expires
-	closed   bool
-	examined uint64 // learned addresses looked at to make room in a full set, for tests
+	// afterFunc arms timer; nil is time.AfterFunc (tests set it).
+	afterFunc func(time.Duration, func()) *time.Timer
+	closed    bool
+	examined  uint64 // learned addresses looked at to make room in a full set, for tests
 }
 
 // learnBatch is a group of learned addresses written in one transaction:
@@ -379,8 +381,13 @@ func (f *Firewall) carryOver(keep map[string]bool, now time.Time) {
 	}
 }
 
+// expiryWake is the longest the wait for a rule's expiry goes without a
+// look at the wall clock.
+const expiryWake = time.Minute
+
 // scheduleLocked arranges a re-render when the next rule expires, so that an
-// expired rule's addresses close without waiting for a reload.
+// expired rule's addresses close without waiting for a reload. f.mu must be
+// held.
 func (f *Firewall) scheduleLocked(at, now time.Time) {
 	if f.timer != nil {
 		f.timer.Stop()
@@ -397,9 +404,27 @@ func (f *Firewall) scheduleLocked(at, now time.Time) {
 	if d < math.MaxInt64-time.Second {
 		d += time.Second
 	}
-	f.timer = time.AfterFunc(d, func() {
+	// A timer counts real (monotonic) time, the expiry is a wall-clock
+	// date: when the clock is set forward (NTP on a gateway without a
+	// real-time clock that started at 1970, or at a fake-hwclock's saved
+	// time days behind), a timer armed for the whole distance would leave
+	// the expired rule in the kernel for as long as the step. So it wakes
+	// at least every expiryWake and looks at the clock.
+	d = min(d, expiryWake)
+	after := f.afterFunc
+	if after == nil {
+		after = time.AfterFunc
+	}
+	f.timer = after(d, func() {
 		f.mu.Lock()
 		current := f.eng == eng && f.rs != nil && !f.closed
+		if current {
+			if now := f.now(); now.Before(at) {
+				f.scheduleLocked(at, now)
+				f.mu.Unlock()
+				return
+			}
+		}
 		f.mu.Unlock()
 		if !current {
 			return
