@@ -105,7 +105,9 @@ func TestArchiveKeepsRotatedUse(t *testing.T) {
 	if err != nil {
 		t.Fatal(err)
 	}
-	_ = st
+	if st.Summarized == 0 {
+		t.Errorf("LoadDir stats %+v: no summarized events", st)
+	}
 	for name, l := range map[string]*Ledger{"OpenJournal": restarted, "LoadDir": loaded} {
 		r := l.Report(ReportOptions{Now: reportNow})
 		u := ruleByName(r, "ntp")
@@ -120,6 +122,17 @@ func TestArchiveKeepsRotatedUse(t *testing.T) {
 		}
 		if r.Totals.Flows != want.Totals.Flows {
 			t.Errorf("%s: %d flows, the live ledger counted %d", name, r.Totals.Flows, want.Totals.Flows)
+		}
+		c := r.Coverage
+		if c == nil || c.RotatedOut == nil || !c.RotatedOut.From.Equal(t0) || c.RotatedOut.Files == 0 || c.RotatedOut.Events == 0 ||
+			!c.DetailFrom.Equal(c.RotatedOut.Until) || c.DetailFrom.Before(t0.Add(10*time.Second)) {
+			t.Errorf("%s: coverage %+v, want a summary from %s", name, c, t0)
+		}
+		var txt, html bytes.Buffer
+		r.WriteText(&txt)
+		r.WriteHTML(&html)
+		if !strings.Contains(txt.String(), "rotated out") || !strings.Contains(html.String(), `id="coverage"`) {
+			t.Errorf("%s: the text or HTML report does not say what it covers:\n%s", name, txt.String())
 		}
 	}
 }
@@ -141,13 +154,16 @@ func TestArchiveSinceWindow(t *testing.T) {
 		if slices.Contains(r.UnusedRules, "ntp") {
 			t.Errorf("%s: ntp listed unused in a window that holds its use: %q", name, r.UnusedRules)
 		}
+		if len(r.UsedBeforeDetail) != 1 || r.UsedBeforeDetail[0].Name != "ntp" || r.UsedBeforeDetail[0].Uses != 5 {
+			t.Errorf("%s: used before detail = %+v, want ntp with 5", name, r.UsedBeforeDetail)
+		}
 		if !slices.ContainsFunc(r.Notes, func(n string) bool { return strings.Contains(n, "counts in this window start at") }) {
 			t.Errorf("%s: no note on where the window's counts start: %q", name, r.Notes)
 		}
 		// A window inside the detailed log needs no note.
-		r = l.Report(ReportOptions{Now: reportNow, Since: t0.Add(24*time.Hour + 150*time.Second)})
-		if len(r.Notes) != 0 || !slices.Contains(r.UnusedRules, "ntp") {
-			t.Errorf("%s: a window inside the detailed log: notes %q, unused %q", name, r.Notes, r.UnusedRules)
+		r = l.Report(ReportOptions{Now: reportNow, Since: t0.Add(24*time.Hour + 195*time.Second)})
+		if len(r.Notes) != 0 || len(r.UsedBeforeDetail) != 0 || !slices.Contains(r.UnusedRules, "ntp") {
+			t.Errorf("%s: a window inside the detailed log: notes %q, used before %+v, unused %q", name, r.Notes, r.UsedBeforeDetail, r.UnusedRules)
 		}
 	}
 }

@@ -97,7 +97,7 @@ func testJournalRotationClockBehind(t *testing.T, maxFiles int) {
 	// A window from before the restart (after NTP: --since 24h) reads
 	// every real-time event still kept.
 	inWindow := 0
-	if _, err := readDir(dir, slog.New(slog.DiscardHandler), real.Add(-time.Hour), false, func(ev Event) {
+	if _, err := readDir(dir, slog.New(slog.DiscardHandler), real.Add(-time.Hour), false, "", func(ev Event) {
 		if ev.Kind != KindShed && !ev.Time.Before(real) {
 			inWindow++
 		}

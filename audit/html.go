@@ -92,6 +92,7 @@ code{font-family:ui-monospace,Menlo,Consolas,monospace}
 <p class="meta" id="totals">{{.Totals.Flows}} flows ({{.Totals.Allowed}} allowed, {{.Totals.Dropped}} {{if .Audit}}would be dropped{{else}}dropped{{end}}), {{.Totals.Queries}} DNS queries, <span id="shed">{{.ShedEvents}}</span> events shed.</p>
 {{if .ShedEvents}}<p class="warn">{{.ShedEvents}} events were shed because the event log could not keep up; they are in no count on this page.</p>{{end}}
 {{if .UnwrittenEvents}}<p class="warn" id="unwritten">{{.UnwrittenEvents}} events could not be written to the event log (disk full?); they are counted here but will be missing after a restart.</p>{{end}}
+{{with .Coverage}}<p class="meta" id="coverage">Covers every event since {{time .DetailFrom}} in full detail{{with .RotatedOut}}; before that, {{.Events}} events of {{.Files}} files rotated out of it ({{time .From}} to {{time .Until}}) are counted from a summary: counts and first/last seen, not the events{{end}}.</p>{{end}}
 {{range .Notes}}<p class="warn">{{.}}</p>{{end}}
 
 <h2>Rule use</h2>
@@ -115,7 +116,10 @@ code{font-family:ui-monospace,Menlo,Consolas,monospace}
 
 <h2>Unused rules ({{len .UnusedRules}})</h2>
 {{if .UnusedRules}}<ul id="unused">{{range .UnusedRules}}<li>{{.}}</li>{{end}}</ul>{{else}}<p>Every rule has been used.</p>{{end}}
-{{if .ExpiredRules}}
+{{if .UsedBeforeDetail}}
+<h2>Used in the window before the detailed log begins ({{len .UsedBeforeDetail}})</h2>
+<ul id="used-before-detail">{{range .UsedBeforeDetail}}<li>{{.Name}}: last seen {{time .LastSeen}}; {{.Uses}} flows, queries and requests in the summary of rotated-out files</li>{{end}}</ul>
+{{end}}{{if .ExpiredRules}}
 <h2>Expired rules ({{len .ExpiredRules}})</h2>
 <ul id="expired">{{range .ExpiredRules}}<li>{{.Name}}: expires: {{date .Expires}}, {{.Flows}} flows denied that only it would allow</li>{{end}}</ul>
 {{end}}

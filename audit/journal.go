@@ -40,9 +40,10 @@ type JournalConfig struct {
 	// MaxFileBytes is the size at which the current file is rotated.
 	// Default 64 MiB.
 	MaxFileBytes int64
-	// MaxFiles is how many rotated files are kept; older ones are
-	// deleted, and their events no longer count after a restart.
-	// Default 16.
+	// MaxFiles is how many rotated files are kept; the events of older
+	// ones are added to the summary (ArchiveFile) before they are
+	// deleted: counts survive a restart, the events themselves do not
+	// (windowed reports and replays read the kept files). Default 16.
 	MaxFiles int
 	// QueueLen bounds the events waiting for the disk; beyond it Emit
 	// sheds (and counts) events instead of waiting. Default 65536.
@@ -97,6 +98,10 @@ type LoadStats struct {
 	Shed    uint64 // events recorded as shed
 	Skipped int    // lines that were not events (bad JSON, too long)
 	Torn    bool   // the last line of the current file was incomplete
+	// Summarized are the events of rotated-out files the ledger started
+	// from (the summary, ArchiveFile), from SummarizedFiles files.
+	Summarized      uint64
+	SummarizedFiles uint64
 }
 
 // Journal is the append-only event log in front of a ledger: the [Sink]
@@ -125,10 +130,15 @@ type Journal struct {
 	spare   []Event    // the writer's: the last batch's array, for reuse
 	kick    chan struct{}
 
-	rotMu   sync.RWMutex // rotate holds it; scan reads under it
-	mu      sync.Mutex   // guards following
-	lastErr error        // the last write error, nil once a write succeeds
-	closed  bool
+	rotMu sync.RWMutex // rotate and fold's deletes hold it; scan reads under it
+	// archLast is the newest file in the summary (guarded by rotMu): it
+	// and older files are not read.
+	archLast string
+	foldMu   sync.Mutex     // one fold at a time
+	folds    sync.WaitGroup // running folds, for finish
+	mu       sync.Mutex     // guards following
+	lastErr  error          // the last write error, nil once a write succeeds
+	closed   bool
 
 	// Owned by the writer (Run, or Close when Run never ran).
 	f           *os.File
@@ -170,17 +180,12 @@ func OpenJournal(cfg JournalConfig, ledger *Ledger) (*Journal, LoadStats, error)
 		kick: make(chan struct{}, 1),
 		stop: make(chan struct{}), done: make(chan struct{}),
 	}
-	st, err := readDir(cfg.Dir, cfg.Logger, time.Time{}, true, func(ev Event) {
-		j.saw(ev.Time)
-		if ev.Kind == KindShed {
-			ledger.addShed(ev.Time, ev.Count)
-			return
-		}
-		ledger.add(&ev)
-	})
+	removeArchiveTemps(cfg.Dir)
+	st, err := loadInto(cfg.Dir, cfg.Logger, true, ledger, func(ev Event) { j.saw(ev.Time) })
 	if err != nil {
 		return nil, st, err
 	}
+	j.archLast = ledger.archLast()
 	f, err := os.OpenFile(filepath.Join(cfg.Dir, CurrentLog), os.O_CREATE|os.O_WRONLY|os.O_APPEND, 0o640)
 	if err != nil {
 		return nil, st, fmt.Errorf("audit: open event log: %w", err)
@@ -211,21 +216,49 @@ func LoadDir(dir string, eng *policy.Engine, opt LedgerOptions, log *slog.Logger
 		log = slog.Default()
 	}
 	l := NewLedger(eng, opt)
-	st, err := readDir(dir, log, time.Time{}, false, func(ev Event) {
+	st, err := loadInto(dir, log, false, l, nil)
+	if err != nil {
+		return nil, st, err
+	}
+	skip := l.archLast()
+	l.history = func(since time.Time, fn func(Event)) error {
+		_, err := readDir(dir, slog.New(slog.DiscardHandler), since, false, skip, fn)
+		return err
+	}
+	return l, st, nil
+}
+
+// loadInto starts the fresh ledger l from dir's summary of rotated-out
+// files, if any, then adds the events of the kept files. With repair
+// (the daemon), a torn last line is cut and an unreadable summary is set
+// aside; never does either stop the load.
+// each, when not nil, sees every event of the kept files first.
+func loadInto(dir string, log *slog.Logger, repair bool, l *Ledger, each func(Event)) (LoadStats, error) {
+	a, note := loadArchive(dir, log, repair)
+	skip := ""
+	if a != nil {
+		l.importArchive(a)
+		skip = a.LastFile
+	}
+	if note != "" {
+		l.mu.Lock()
+		l.archNote = note
+		l.mu.Unlock()
+	}
+	st, err := readDir(dir, log, time.Time{}, repair, skip, func(ev Event) {
+		if each != nil {
+			each(ev)
+		}
 		if ev.Kind == KindShed {
 			l.addShed(ev.Time, ev.Count)
 			return
 		}
 		l.add(&ev)
 	})
-	if err != nil {
-		return nil, st, err
+	if a != nil {
+		st.Summarized, st.SummarizedFiles = a.Events, a.Files
 	}
-	l.history = func(since time.Time, fn func(Event)) error {
-		_, err := readDir(dir, slog.New(slog.DiscardHandler), since, false, fn)
-		return err
-	}
-	return l, st, nil
+	return st, err
 }
 
 // scan streams the recorded events (for windowed reports). It holds off
@@ -234,7 +267,7 @@ func LoadDir(dir string, eng *policy.Engine, opt LedgerOptions, log *slog.Logger
 func (j *Journal) scan(since time.Time, fn func(Event)) error {
 	j.rotMu.RLock()
 	defer j.rotMu.RUnlock()
-	_, err := readDir(j.cfg.Dir, slog.New(slog.DiscardHandler), since, false, fn)
+	_, err := readDir(j.cfg.Dir, slog.New(slog.DiscardHandler), since, false, j.archLast, fn)
 	return err
 }
 
@@ -261,8 +294,9 @@ func LogFiles(dir string) ([]string, error) {
 // readDir reads every log file of dir in order. With repair, a torn last
 // line of the current file is cut off so that appends start on a fresh
 // line. Rotated files older than since (by name) are still read: names
-// say when a file ended, not when its events began.
-func readDir(dir string, log *slog.Logger, since time.Time, repair bool, fn func(Event)) (LoadStats, error) {
+// say when a file ended, not when its events began. Rotated files named
+// skip or older are in the summary already and are not read.
+func readDir(dir string, log *slog.Logger, since time.Time, repair bool, skip string, fn func(Event)) (LoadStats, error) {
 	var st LoadStats
 	files, err := LogFiles(dir)
 	if err != nil {
@@ -272,6 +306,9 @@ func readDir(dir string, log *slog.Logger, since time.Time, repair bool, fn func
 		return st, err
 	}
 	for i, path := range files {
+		if n := filepath.Base(path); skip != "" && n != CurrentLog && n <= skip {
+			continue
+		}
 		if !since.IsZero() && i < len(files)-1 {
 			if end, ok := rotatedTime(path); ok && end.Before(since) {
 				continue
@@ -484,6 +521,7 @@ func (j *Journal) finish() error {
 		err = j.f.Close()
 		j.f = nil
 	}
+	j.folds.Wait()
 	j.mu.Lock()
 	j.closed = true
 	j.mu.Unlock()
@@ -614,8 +652,9 @@ func (j *Journal) failed(err error) {
 	}
 }
 
-// rotate closes the current file under a rotated name and opens a new one,
-// deleting the oldest rotated files beyond MaxFiles.
+// rotate closes the current file under a rotated name and opens a new one;
+// the oldest rotated files beyond MaxFiles are folded into the summary
+// and deleted in the background (fold).
 func (j *Journal) rotate() {
 	j.rotMu.Lock()
 	defer j.rotMu.Unlock()
@@ -658,17 +697,8 @@ func (j *Journal) rotate() {
 		return
 	}
 	j.f, j.size = f, 0
-	files, err := LogFiles(j.cfg.Dir)
-	if err != nil {
-		return
-	}
-	rotated := files[:len(files)-1]
-	for len(rotated) > j.cfg.MaxFiles {
-		if err := os.Remove(rotated[0]); err != nil {
-			j.log.Warn("audit: remove old event log", LogError, err)
-		}
-		rotated = rotated[1:]
-	}
+	j.folds.Add(1)
+	go j.fold()
 }
 
 // saw notes a time recorded in the log, for rotate.
@@ -735,18 +765,26 @@ func jsonEncode(w io.Writer, ev Event) error {
 	return json.NewEncoder(w).Encode(ev)
 }
 
-// readPath reads a state directory's event log, or one events file.
-func readPath(path string, fn func(Event)) (LoadStats, error) {
+// readPath reads a state directory's event log (not its summary of
+// rotated-out files: the summary, if any, is returned), or one events
+// file.
+func readPath(path string, fn func(Event)) (LoadStats, *archive, error) {
 	fi, err := os.Stat(path)
 	if err != nil {
-		return LoadStats{}, fmt.Errorf("audit: %w", err)
+		return LoadStats{}, nil, fmt.Errorf("audit: %w", err)
 	}
 	log := slog.New(slog.DiscardHandler)
 	if fi.IsDir() {
-		return readDir(path, log, time.Time{}, false, fn)
+		a, _ := loadArchive(path, log, false)
+		skip := ""
+		if a != nil {
+			skip = a.LastFile
+		}
+		st, err := readDir(path, log, time.Time{}, false, skip, fn)
+		return st, a, err
 	}
 	var st LoadStats
 	err = readFile(path, log, false, &st, fn)
 	st.Files = 1
-	return st, err
+	return st, nil, err
 }

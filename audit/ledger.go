@@ -122,6 +122,26 @@ type Ledger struct {
 	history func(since time.Time, fn func(Event)) error
 	// metrics, when set, counts live events per rule and verdict.
 	metrics *ledgerMetrics
+	// firstEvent is the time of the oldest event added (not from the
+	// summary): where the detailed log begins when nothing was rotated
+	// out.
+	firstEvent time.Time
+	// arch is what the summary of rotated-out files covers, when the
+	// ledger started from one or the journal folded a file into it;
+	// archNote says why a summary could not be read.
+	arch     *archInfo
+	archNote string
+}
+
+// archLast returns the newest file of the summary the ledger started
+// from, or "".
+func (l *Ledger) archLast() string {
+	l.mu.Lock()
+	defer l.mu.Unlock()
+	if l.arch == nil {
+		return ""
+	}
+	return l.arch.lastFile
 }
 
 var _ Sink = (*Ledger)(nil)
@@ -315,6 +335,9 @@ func (l *Ledger) Len() int {
 // for a duplicate or an ignored event).
 func (l *Ledger) addLocked(ev *Event) bool {
 	l.totals.Events++
+	if t := ev.Time; !t.IsZero() && (l.firstEvent.IsZero() || t.Before(l.firstEvent)) {
+		l.firstEvent = t.UTC()
+	}
 	if ev.Kind == KindRequest {
 		l.addRequestLocked(ev)
 		return true

@@ -28,7 +28,12 @@ type ReplayResult struct {
 	// events carry none (the proxy and the DNS forwarder record one only
 	// while the running policy names MACs; a client behind a router has
 	// none), so its MAC rules matched none of them.
-	NoMAC        uint64         `json:"no_mac,omitempty"`
+	NoMAC uint64 `json:"no_mac,omitempty"`
+	// RotatedOut, when the state directory holds a summary of event log
+	// files rotation deleted, says how many files and events it holds:
+	// those events cannot be replayed, so the flows they were are not
+	// judged here.
+	RotatedOut   *RotatedOut    `json:"rotated_out,omitempty"`
 	NewlyDropped []ReplayChange `json:"newly_dropped"`
 	NewlyAllowed []ReplayChange `json:"newly_allowed"`
 	RuleChanged  []ReplayChange `json:"rule_changed"`
@@ -233,8 +238,15 @@ func (r *Replayer) Result() *ReplayResult {
 
 // ReplayPath feeds every recorded event of a state directory (or of one
 // events file, when path is a file) to r. It never repairs anything.
+// Events of files rotated out of a state directory's log are only in its
+// summary and cannot be replayed: the result says how many (RotatedOut).
 func ReplayPath(path string, r *Replayer) (LoadStats, error) {
-	return readPath(path, r.Emit)
+	st, a, err := readPath(path, r.Emit)
+	if a != nil {
+		r.res.RotatedOut = &RotatedOut{From: a.From, Until: a.Until, Files: a.Files, Events: a.Events}
+		st.Summarized, st.SummarizedFiles = a.Events, a.Files
+	}
+	return st, err
 }
 
 // WriteJSON writes the result as indented JSON.
@@ -255,6 +267,10 @@ func (res *ReplayResult) WriteText(w io.Writer) error {
 		fmt.Fprintf(ew, ", %d further HTTP requests on plain-HTTP and inspected connections", res.Requests)
 	}
 	fmt.Fprintln(ew)
+	if ro := res.RotatedOut; ro != nil {
+		fmt.Fprintf(ew, "not replayed: %d events of %d event log files rotated out (%s to %s); only a summary of their counts is kept, so flows from then are not judged here\n",
+			ro.Events, ro.Files, fmtTime(ro.From), fmtTime(ro.Until))
+	}
 	changed := func(title string, l []ReplayChange, was, now func(ReplayChange) string) {
 		fmt.Fprintf(ew, "\n%s (%d)\n", title, len(l))
 		if len(l) == 0 {

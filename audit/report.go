@@ -46,8 +46,44 @@ type Report struct {
 	UnwrittenEvents uint64 `json:"unwritten_events,omitempty"`
 	Totals          Totals `json:"totals"`
 	// ECH is there when DNS answers held ECH configs (THREATS.md B1).
-	ECH   *ECHReport `json:"ech,omitempty"`
-	Notes []string   `json:"notes,omitempty"`
+	ECH *ECHReport `json:"ech,omitempty"`
+	// Coverage says what the counts rest on; nil when nothing was
+	// recorded.
+	Coverage *Coverage `json:"coverage,omitempty"`
+	// UsedBeforeDetail are rules a window (Since) reaches back to use of
+	// that only the summary of rotated-out files holds: used in the
+	// window, before the detailed log begins, so not unused.
+	UsedBeforeDetail []RuleBeforeDetail `json:"used_before_detail,omitempty"`
+	Notes            []string           `json:"notes,omitempty"`
+}
+
+// Coverage says what a report's counts rest on: every event since
+// DetailFrom is in the event log's files; when rotation deleted older
+// files, their events were added to a summary (RotatedOut) first, which
+// keeps counts and first/last seen times but not the events.
+type Coverage struct {
+	// DetailFrom is the time from which every event is in the kept
+	// files: the oldest event recorded, or, with RotatedOut, its Until.
+	DetailFrom time.Time   `json:"detail_from"`
+	RotatedOut *RotatedOut `json:"rotated_out,omitempty"`
+}
+
+// RotatedOut describes the summary of rotated-out event log files.
+type RotatedOut struct {
+	From   time.Time `json:"from"`  // the oldest event in it
+	Until  time.Time `json:"until"` // the newest event in it
+	Files  uint64    `json:"files"`
+	Events uint64    `json:"events"`
+}
+
+// RuleBeforeDetail is a rule a windowed report does not call unused: the
+// summary of rotated-out files saw it used inside the window.
+type RuleBeforeDetail struct {
+	Name     string    `json:"name"`
+	LastSeen time.Time `json:"last_seen"` // in the summary
+	// Uses are its flows, queries and requests in the whole summary
+	// (which does not say how many fall inside the window).
+	Uses uint64 `json:"uses"`
 }
 
 // ECHReport counts DNS answers that held ECH configs (the ech SvcParam
@@ -170,8 +206,68 @@ func (l *Ledger) Report(opt ReportOptions) *Report {
 		}
 	}
 	r := src.snapshot(opt)
+	l.mu.Lock()
+	r.Coverage = l.coverageLocked()
+	arch, archNote := l.arch, l.archNote
+	l.mu.Unlock()
+	if archNote != "" {
+		r.Notes = append(r.Notes, archNote)
+	}
+	if !opt.Since.IsZero() && arch != nil && !opt.Since.After(arch.cov.Until) {
+		r.Notes = append(r.Notes, r.beforeDetail(arch, opt.Since.UTC()))
+	}
 	r.Notes = append(r.Notes, notes...)
 	return r
+}
+
+// coverageLocked says what the ledger's counts rest on.
+func (l *Ledger) coverageLocked() *Coverage {
+	if l.arch != nil {
+		ro := l.arch.cov
+		return &Coverage{DetailFrom: ro.Until, RotatedOut: &ro}
+	}
+	if l.firstEvent.IsZero() {
+		return nil
+	}
+	return &Coverage{DetailFrom: l.firstEvent}
+}
+
+// beforeDetail completes a report over a window that starts before the
+// detailed log: rules the summary saw used inside the window are used,
+// not unused, and the returned note says where the window's counts
+// start.
+func (r *Report) beforeDetail(arch *archInfo, since time.Time) string {
+	used := map[string]bool{}
+	for _, u := range r.Rules {
+		used[u.Name] = true
+	}
+	for name, u := range arch.rules {
+		if !u.last.Before(since) && !used[name] {
+			r.UsedBeforeDetail = append(r.UsedBeforeDetail, RuleBeforeDetail{Name: name, LastSeen: u.last, Uses: u.uses})
+			used[name] = true
+		}
+	}
+	slices.SortFunc(r.UsedBeforeDetail, func(a, b RuleBeforeDetail) int { return cmp.Compare(a.Name, b.Name) })
+	r.UnusedRules = slices.DeleteFunc(r.UnusedRules, func(n string) bool { return used[n] })
+	listed := map[dropKey]bool{}
+	for _, d := range r.Dropped {
+		listed[dropKey{d.Dest, d.Port, d.Proto}] = true
+	}
+	drops := 0
+	for k, last := range arch.drops {
+		if !last.Before(since) && !listed[k] {
+			drops++
+		}
+	}
+	note := fmt.Sprintf("counts in this window start at %s: older events were rotated out of the event log, and only a summary of them is kept (since %s)",
+		fmtTime(arch.cov.Until), fmtTime(arch.cov.From))
+	if n := len(r.UsedBeforeDetail); n > 0 {
+		note += fmt.Sprintf("; %d rules used in the window before then are listed as used before the detailed log, not as unused", n)
+	}
+	if drops > 0 {
+		note += fmt.Sprintf("; %d dropped destinations seen in the window before then are not listed (the report without a window lists them)", drops)
+	}
+	return note
 }
 
 func (l *Ledger) snapshot(opt ReportOptions) *Report {
@@ -339,6 +435,13 @@ func (r *Report) WriteText(w io.Writer) error {
 	if r.UnwrittenEvents > 0 {
 		fmt.Fprintf(ew, "WARNING: %d events could not be written to the event log (disk full?); they are counted below but will be missing after a restart\n", r.UnwrittenEvents)
 	}
+	if c := r.Coverage; c != nil {
+		fmt.Fprintf(ew, "covers: every event since %s in full detail", fmtTime(c.DetailFrom))
+		if ro := c.RotatedOut; ro != nil {
+			fmt.Fprintf(ew, "; before that, %d events of %d files rotated out of it (%s to %s) are counted from a summary: counts and first/last seen, not the events", ro.Events, ro.Files, fmtTime(ro.From), fmtTime(ro.Until))
+		}
+		fmt.Fprintln(ew)
+	}
 	for _, n := range r.Notes {
 		fmt.Fprintf(ew, "note: %s\n", n)
 	}
@@ -371,6 +474,12 @@ func (r *Report) WriteText(w io.Writer) error {
 	fmt.Fprintf(ew, "\nUNUSED RULES (%d)\n", len(r.UnusedRules))
 	for _, n := range r.UnusedRules {
 		fmt.Fprintf(ew, "  %s\n", n)
+	}
+	if len(r.UsedBeforeDetail) > 0 {
+		fmt.Fprintf(ew, "\nUSED IN THE WINDOW BEFORE THE DETAILED LOG BEGINS (%d)\n", len(r.UsedBeforeDetail))
+		for _, u := range r.UsedBeforeDetail {
+			fmt.Fprintf(ew, "  %s  last seen %s; %d flows, queries and requests in the summary of rotated-out files\n", u.Name, fmtTime(u.LastSeen), u.Uses)
+		}
 	}
 	if len(r.ExpiredRules) > 0 {
 		fmt.Fprintf(ew, "\nEXPIRED RULES (%d)\n", len(r.ExpiredRules))

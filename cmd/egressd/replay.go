@@ -26,6 +26,9 @@ func runReplay(eng *policy.Engine, path string, stdout, stderr io.Writer, asJSON
 	if st.Events == 0 {
 		fmt.Fprintf(stderr, "warning: %s holds no recorded events\n", path)
 	}
+	if st.Summarized > 0 {
+		fmt.Fprintf(stderr, "warning: %s: %d events of %d event log files rotated out are only in the summary of counts and cannot be replayed: flows before the oldest kept file are not judged\n", path, st.Summarized, st.SummarizedFiles)
+	}
 	res := r.Result()
 	if res.NoMAC > 0 {
 		fmt.Fprintf(stderr, "warning: %s: %d recorded flows, requests or queries carry no client MAC (the proxy and the DNS forwarder record one only while the running policy names MAC addresses; a client behind a router has none): the candidate's MAC rules matched none of them, though in enforce mode they may\n", path, res.NoMAC)

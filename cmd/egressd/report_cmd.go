@@ -106,7 +106,11 @@ func cmdReport(ctx context.Context, args []string, stdout, stderr io.Writer) int
 			fmt.Fprintln(stderr, "egressd report:", err)
 			return exitFail
 		}
-		fmt.Fprintf(stderr, "report from %s: %d files, %d events\n", *stateDir, st.Files, st.Events)
+		fmt.Fprintf(stderr, "report from %s: %d files, %d events", *stateDir, st.Files, st.Events)
+		if st.SummarizedFiles > 0 {
+			fmt.Fprintf(stderr, ", and a summary of %d events of %d files rotated out", st.Summarized, st.SummarizedFiles)
+		}
+		fmt.Fprintln(stderr)
 		rep = l.Report(audit.ReportOptions{Since: sinceT})
 		if eng == nil {
 			rep.Notes = append(rep.Notes, "no policy given (--policy): unused and expired rules are not listed")

@@ -1,0 +1,516 @@
+package audit
+
+import (
+	"cmp"
+	"encoding/json"
+	"errors"
+	"fmt"
+	"io"
+	"log/slog"
+	"net/netip"
+	"os"
+	"path/filepath"
+	"slices"
+	"strings"
+	"syscall"
+	"time"
+
+	"egressd/policy"
+)
+
+// ArchiveFile is the summary of the events of rotated-out event log
+// files, in the state directory: before rotation deletes a file, its
+// events are folded into it, so that counts, first/last seen times and
+// would-be drops survive a restart. A summary the load cannot read is
+// set aside as ArchiveFile+".refused".
+const ArchiveFile = "ledger-archive.json"
+
+const (
+	archiveVersion = 1
+	// maxArchiveBytes bounds the summary read; a larger file is refused.
+	// What the ledger keeps bounds what is written far below it.
+	maxArchiveBytes = 64 << 20
+	// maxArchiveRules bounds the rules the summary keeps (the most
+	// recently used): rule names come from policies, renamed over time.
+	maxArchiveRules = 1024
+	archiveRefused  = ".refused"
+)
+
+// archive is the summary's file: the ledger's counts over the folded
+// events, bounded as the ledger bounds them. Flows are deduplicated
+// within what was folded, not across a fold's boundary: a flow reported
+// once at the end of a folded file and again at the start of the next
+// counts twice after a restart.
+type archive struct {
+	Version int `json:"version"`
+	// From and Until are the oldest and newest event times folded in:
+	// every event after Until is in the kept files.
+	From  time.Time `json:"from"`
+	Until time.Time `json:"until"`
+	// LastFile is the base name of the newest file folded in: kept files
+	// with that name or an older one (left by a crash between the write
+	// and the delete) are already in the summary and are not read.
+	LastFile string      `json:"last_file"`
+	Files    uint64      `json:"files"`
+	Events   uint64      `json:"events"`
+	Mode     policy.Mode `json:"mode,omitempty"`
+	Totals   Totals      `json:"totals"`
+	Shed     uint64      `json:"shed"`
+	Rules    []archRule  `json:"rules"`
+	Dropped  []archDrop  `json:"dropped"`
+	ECH      archECH     `json:"ech"`
+}
+
+type archRule struct {
+	Name             string       `json:"name"`
+	Flows            uint64       `json:"flows"`
+	Queries          uint64       `json:"queries,omitempty"`
+	Requests         uint64       `json:"requests,omitempty"`
+	BytesOut         uint64       `json:"bytes_out,omitempty"`
+	BytesIn          uint64       `json:"bytes_in,omitempty"`
+	Denied           uint64       `json:"denied,omitempty"`
+	Clients          []netip.Addr `json:"clients,omitempty"`
+	ClientsTruncated bool         `json:"clients_truncated,omitempty"`
+	Dests            []DestCount  `json:"dests,omitempty"`
+	First            time.Time    `json:"first"`
+	Last             time.Time    `json:"last"`
+}
+
+type archDrop struct {
+	Dest             string       `json:"dest"`
+	Port             uint16       `json:"port"`
+	Proto            string       `json:"proto"`
+	IP               netip.Addr   `json:"ip,omitzero"`
+	Flows            uint64       `json:"flows,omitempty"`
+	Queries          uint64       `json:"queries,omitempty"`
+	Requests         uint64       `json:"requests,omitempty"`
+	EnforcedFlows    uint64       `json:"enforced_flows,omitempty"`
+	Enforced         bool         `json:"enforced,omitempty"`
+	BytesOut         uint64       `json:"bytes_out,omitempty"`
+	BytesIn          uint64       `json:"bytes_in,omitempty"`
+	Reason           string       `json:"reason,omitempty"`
+	Rule             string       `json:"rule,omitempty"`
+	Clients          []netip.Addr `json:"clients,omitempty"`
+	ClientsTruncated bool         `json:"clients_truncated,omitempty"`
+	First            time.Time    `json:"first"`
+	Last             time.Time    `json:"last"`
+}
+
+type archECH struct {
+	Stripped         uint64       `json:"stripped,omitempty"`
+	WouldStrip       uint64       `json:"would_strip,omitempty"`
+	Clients          []netip.Addr `json:"clients,omitempty"`
+	ClientsTruncated bool         `json:"clients_truncated,omitempty"`
+	Names            []DestCount  `json:"names,omitempty"`
+}
+
+// archInfo is what a report needs of the summary beyond the counts the
+// ledger took from it: what it covers, and when each rule and dropped
+// entry was last seen in it (for windows that reach into it).
+type archInfo struct {
+	cov      RotatedOut
+	lastFile string
+	rules    map[string]archUse
+	drops    map[dropKey]time.Time // last seen
+}
+
+type archUse struct {
+	last time.Time
+	uses uint64 // flows + queries + requests
+}
+
+func newArchInfo(a *archive) *archInfo {
+	ai := &archInfo{
+		cov:      RotatedOut{From: a.From, Until: a.Until, Files: a.Files, Events: a.Events},
+		lastFile: a.LastFile,
+		rules:    make(map[string]archUse, len(a.Rules)),
+		drops:    make(map[dropKey]time.Time, len(a.Dropped)),
+	}
+	for _, r := range a.Rules {
+		if n := r.Flows + r.Queries + r.Requests; n > 0 {
+			ai.rules[r.Name] = archUse{r.Last, n}
+		}
+	}
+	for _, d := range a.Dropped {
+		if d.Flows+d.Queries+d.Requests > 0 {
+			ai.drops[dropKey{d.Dest, d.Port, d.Proto}] = d.Last
+		}
+	}
+	return ai
+}
+
+// parseArchive decodes and checks a summary file.
+func parseArchive(b []byte) (*archive, error) {
+	if len(b) > maxArchiveBytes {
+		return nil, fmt.Errorf("over %d bytes", maxArchiveBytes)
+	}
+	var a archive
+	if err := json.Unmarshal(b, &a); err != nil {
+		return nil, err
+	}
+	switch {
+	case a.Version != archiveVersion:
+		return nil, fmt.Errorf("version %d, want %d", a.Version, archiveVersion)
+	case a.Until.Before(a.From):
+		return nil, errors.New("its time span ends before it begins")
+	case a.LastFile != "" && (!strings.HasPrefix(a.LastFile, rotatedPrefix) || filepath.Base(a.LastFile) != a.LastFile):
+		return nil, fmt.Errorf("last file %q is not a rotated event log file", a.LastFile)
+	}
+	return &a, nil
+}
+
+// loadArchive reads the summary of dir. A missing one is nil. One that
+// cannot be read or parsed is nil too, with a warning and a note for the
+// report; with setAside it is renamed ArchiveFile+".refused" (kept for
+// the operator, and out of the way of the next fold's write).
+func loadArchive(dir string, log *slog.Logger, setAside bool) (a *archive, note string) {
+	path := filepath.Join(dir, ArchiveFile)
+	b, err := readRegular(path, maxArchiveBytes)
+	if errors.Is(err, os.ErrNotExist) {
+		return nil, ""
+	}
+	if err == nil {
+		a, err = parseArchive(b)
+	}
+	if err == nil {
+		return a, ""
+	}
+	kept := ""
+	if setAside {
+		if rerr := os.Rename(path, path+archiveRefused); rerr == nil {
+			kept = ArchiveFile + archiveRefused
+		}
+	}
+	log.Warn("audit: the summary of rotated-out event log files is unreadable; counts of events older than the kept files are missing",
+		"file", path, LogError, err, "kept_as", kept)
+	note = fmt.Sprintf("the summary of rotated-out event log files (%s) could not be read (%v): events older than the kept files are in no count", ArchiveFile, err)
+	if kept != "" {
+		note += "; it was set aside as " + kept
+	}
+	return nil, note
+}
+
+// readRegular reads a regular file of at most limit bytes, without
+// following a link or blocking on a FIFO.
+func readRegular(path string, limit int64) ([]byte, error) {
+	f, err := os.OpenFile(path, os.O_RDONLY|syscall.O_NOFOLLOW|syscall.O_NONBLOCK, 0)
+	if err != nil {
+		return nil, err
+	}
+	defer f.Close()
+	fi, err := f.Stat()
+	if err != nil {
+		return nil, err
+	}
+	if !fi.Mode().IsRegular() {
+		return nil, errors.New("not a regular file")
+	}
+	if fi.Size() > limit {
+		return nil, fmt.Errorf("%d bytes, over %d", fi.Size(), limit)
+	}
+	b, err := io.ReadAll(io.LimitReader(f, limit+1))
+	if err == nil && int64(len(b)) > limit {
+		err = fmt.Errorf("over %d bytes", limit)
+	}
+	return b, err
+}
+
+// writeArchive replaces dir's summary atomically: a temporary file,
+// synced, renamed over it, and the directory synced.
+func writeArchive(dir string, a *archive) error {
+	b, err := json.Marshal(a)
+	if err != nil {
+		return fmt.Errorf("audit: write summary: %w", err)
+	}
+	f, err := os.CreateTemp(dir, ArchiveFile+".tmp*")
+	if err != nil {
+		return fmt.Errorf("audit: write summary: %w", err)
+	}
+	tmp := f.Name()
+	_, err = f.Write(b)
+	if err == nil {
+		err = f.Chmod(0o640)
+	}
+	if err == nil {
+		err = f.Sync()
+	}
+	if cerr := f.Close(); err == nil {
+		err = cerr
+	}
+	if err == nil {
+		err = os.Rename(tmp, filepath.Join(dir, ArchiveFile))
+	}
+	if err != nil {
+		os.Remove(tmp)
+		return fmt.Errorf("audit: write summary: %w", err)
+	}
+	if d, err := os.Open(dir); err == nil {
+		d.Sync()
+		d.Close()
+	}
+	return nil
+}
+
+// removeArchiveTemps removes the temporary files of summary writes that
+// a kill interrupted.
+func removeArchiveTemps(dir string) {
+	ents, err := os.ReadDir(dir)
+	if err != nil {
+		return
+	}
+	for _, e := range ents {
+		rest, ok := strings.CutPrefix(e.Name(), ArchiveFile+".tmp")
+		if ok && rest != "" && strings.Trim(rest, "0123456789") == "" && e.Type().IsRegular() {
+			os.Remove(filepath.Join(dir, e.Name()))
+		}
+	}
+}
+
+// importArchive starts a fresh ledger from a summary: its counts, bounded
+// by the ledger's options whatever the file says.
+func (l *Ledger) importArchive(a *archive) {
+	l.mu.Lock()
+	defer l.mu.Unlock()
+	l.totals = a.Totals
+	if a.Mode != "" {
+		l.lastMode = a.Mode
+	}
+	if a.Shed > 0 {
+		l.shed += a.Shed
+		l.shedMarks = append(l.shedMarks, shedMark{a.Until.UTC(), a.Shed})
+	}
+	for i, r := range a.Rules {
+		if i >= maxArchiveRules {
+			break
+		}
+		rs := l.ruleLocked(Clip(r.Name, MaxNameBytes))
+		rs.flows += r.Flows
+		rs.queries += r.Queries
+		rs.requests += r.Requests
+		rs.bytesOut += r.BytesOut
+		rs.bytesIn += r.BytesIn
+		rs.denied += r.Denied
+		importClients(&rs.clients, r.Clients, r.ClientsTruncated, l.opt.MaxClients)
+		rs.dests.set(r.Dests, l.opt.MaxDestinations)
+		rs.seen(r.First.UTC())
+		rs.seen(r.Last.UTC())
+	}
+	for _, d := range a.Dropped {
+		k := dropKey{Clip(d.Dest, MaxNameBytes), d.Port, Clip(d.Proto, 8)}
+		ds := l.dropped[k]
+		if ds == nil {
+			if len(l.dropped) >= l.opt.MaxDropped {
+				break
+			}
+			ds = &dropStats{key: k}
+			l.dropped[k] = ds
+		}
+		ds.flows += d.Flows
+		ds.queries += d.Queries
+		ds.requests += d.Requests
+		ds.enforcedFlows += d.EnforcedFlows
+		ds.enforced = d.Enforced
+		ds.bytesOut += d.BytesOut
+		ds.bytesIn += d.BytesIn
+		ds.reason, ds.rule = Clip(d.Reason, MaxNameBytes), Clip(d.Rule, MaxNameBytes)
+		ds.ip = d.IP.Unmap()
+		importClients(&ds.clients, d.Clients, d.ClientsTruncated, l.opt.MaxClients)
+		ds.seen(d.First.UTC())
+		ds.seen(d.Last.UTC())
+	}
+	l.ech.stripped += a.ECH.Stripped
+	l.ech.wouldStrip += a.ECH.WouldStrip
+	importClients(&l.ech.clients, a.ECH.Clients, a.ECH.ClientsTruncated, l.opt.MaxClients)
+	l.ech.names.set(a.ECH.Names, l.opt.MaxDestinations)
+	l.arch = newArchInfo(a)
+}
+
+func importClients(c *clientSet, as []netip.Addr, truncated bool, max int) {
+	for _, a := range as {
+		c.add(a.Unmap(), max)
+	}
+	c.truncated = c.truncated || truncated
+}
+
+// set adds entries with their counts (a summary's), keeping at most max:
+// the most counted.
+func (d *destCounter) set(es []DestCount, max int) {
+	for _, e := range es {
+		name := Clip(e.Dest, MaxNameBytes)
+		if d.idx == nil {
+			d.idx = map[string]*destEntry{}
+		}
+		if old := d.idx[name]; old != nil {
+			old.Count += e.Count
+			d.down(old.pos)
+			continue
+		}
+		if len(d.h) < max {
+			n := &destEntry{DestCount{name, e.Count}, len(d.h)}
+			d.h = append(d.h, n)
+			d.idx[name] = n
+			d.up(n.pos)
+			continue
+		}
+		if len(d.h) > 0 && e.Count > d.h[0].Count {
+			low := d.h[0]
+			delete(d.idx, low.Dest)
+			low.DestCount = DestCount{name, e.Count}
+			d.idx[name] = low
+			d.down(0)
+		}
+	}
+}
+
+// export returns the ledger's counts as a summary (without its span,
+// which the fold sets).
+func (l *Ledger) export() *archive {
+	l.mu.Lock()
+	defer l.mu.Unlock()
+	a := &archive{Version: archiveVersion, Mode: l.lastMode, Totals: l.totals, Shed: l.shed,
+		Rules: []archRule{}, Dropped: []archDrop{}}
+	for _, rs := range l.rules {
+		a.Rules = append(a.Rules, archRule{Name: rs.name, Flows: rs.flows, Queries: rs.queries, Requests: rs.requests,
+			BytesOut: rs.bytesOut, BytesIn: rs.bytesIn, Denied: rs.denied,
+			Clients: rs.clients.addrs(), ClientsTruncated: rs.clients.truncated,
+			Dests: rs.dests.top(len(rs.dests.h)), First: rs.first, Last: rs.last})
+	}
+	// The most recently used first, so that a bound drops the oldest.
+	slices.SortFunc(a.Rules, func(x, y archRule) int {
+		if c := y.Last.Compare(x.Last); c != 0 {
+			return c
+		}
+		return cmp.Compare(x.Name, y.Name)
+	})
+	if len(a.Rules) > maxArchiveRules {
+		a.Rules = a.Rules[:maxArchiveRules]
+	}
+	for _, ds := range l.dropped {
+		if ds.flows == 0 && ds.queries == 0 && ds.requests == 0 {
+			continue
+		}
+		a.Dropped = append(a.Dropped, archDrop{Dest: ds.key.dest, Port: ds.key.port, Proto: ds.key.proto, IP: ds.ip,
+			Flows: ds.flows, Queries: ds.queries, Requests: ds.requests, EnforcedFlows: ds.enforcedFlows, Enforced: ds.enforced,
+			BytesOut: ds.bytesOut, BytesIn: ds.bytesIn, Reason: ds.reason, Rule: ds.rule,
+			Clients: ds.clients.addrs(), ClientsTruncated: ds.clients.truncated, First: ds.first, Last: ds.last})
+	}
+	slices.SortFunc(a.Dropped, func(x, y archDrop) int {
+		return cmp.Or(cmp.Compare(x.Dest, y.Dest), cmp.Compare(x.Port, y.Port), cmp.Compare(x.Proto, y.Proto))
+	})
+	a.ECH = archECH{Stripped: l.ech.stripped, WouldStrip: l.ech.wouldStrip, Clients: l.ech.clients.addrs(),
+		ClientsTruncated: l.ech.clients.truncated, Names: l.ech.names.top(len(l.ech.names.h))}
+	return a
+}
+
+func (c *clientSet) addrs() []netip.Addr {
+	as := make([]netip.Addr, 0, len(c.m))
+	for a := range c.m {
+		as = append(as, a)
+	}
+	slices.SortFunc(as, netip.Addr.Compare)
+	return as
+}
+
+// fold folds the oldest rotated files beyond MaxFiles into the summary,
+// then deletes them, until MaxFiles are left. Rotation starts it in the
+// background (reading a 64 MiB file must not stall the writer); one runs
+// at a time, and Close waits for it.
+func (j *Journal) fold() {
+	defer j.folds.Done()
+	j.foldMu.Lock()
+	defer j.foldMu.Unlock()
+	for range 1 << 16 { // bounded: each round deletes a file or returns
+		files, err := LogFiles(j.cfg.Dir)
+		if err != nil {
+			return
+		}
+		j.rotMu.RLock()
+		last := j.archLast
+		j.rotMu.RUnlock()
+		var rotated, stale []string
+		for _, f := range files {
+			switch n := filepath.Base(f); {
+			case n == CurrentLog:
+			case last != "" && n <= last:
+				stale = append(stale, f)
+			default:
+				rotated = append(rotated, f)
+			}
+		}
+		if len(stale) > 0 { // folded already: a crash came before the delete
+			j.remove(stale)
+			continue
+		}
+		if len(rotated) <= j.cfg.MaxFiles {
+			return
+		}
+		j.foldFile(rotated[0])
+	}
+}
+
+// foldFile adds the events of one rotated file to the summary and
+// deletes the file. When the summary cannot be written the file is
+// deleted all the same (the disk must stay bounded), with an error
+// logged: its events will be missing after a restart.
+func (j *Journal) foldFile(path string) {
+	a, _ := loadArchive(j.cfg.Dir, j.log, true)
+	tmp := NewLedger(nil, j.ledger.opt)
+	if a != nil {
+		tmp.importArchive(a)
+	} else {
+		a = &archive{}
+	}
+	from, until := a.From, a.Until
+	var st LoadStats
+	err := readFile(path, slog.New(slog.DiscardHandler), false, &st, func(ev Event) {
+		if t := ev.Time.UTC(); !t.IsZero() {
+			if from.IsZero() || t.Before(from) {
+				from = t
+			}
+			if t.After(until) {
+				until = t
+			}
+		}
+		if ev.Kind == KindShed {
+			tmp.addShed(ev.Time, ev.Count)
+			return
+		}
+		tmp.add(&ev)
+	})
+	na := tmp.export()
+	na.From, na.Until, na.LastFile = from, until, filepath.Base(path)
+	na.Files, na.Events = a.Files+1, a.Events+st.Events
+	if err == nil {
+		err = writeArchive(j.cfg.Dir, na)
+	}
+	if err != nil {
+		j.log.Error("audit: could not add a rotated-out event log file to the summary; deleting it all the same: its events will be missing after a restart",
+			"file", path, LogError, err)
+		j.remove([]string{path})
+		return
+	}
+	j.rotMu.Lock()
+	j.archLast = na.LastFile
+	if err := os.Remove(path); err != nil && !errors.Is(err, os.ErrNotExist) {
+		j.log.Warn("audit: remove old event log", LogError, err)
+	}
+	j.rotMu.Unlock()
+	info := newArchInfo(na)
+	j.ledger.mu.Lock()
+	j.ledger.arch = info
+	j.ledger.mu.Unlock()
+	j.log.Info("audit: rotated-out event log file added to the summary", "file", filepath.Base(path), "events", st.Events,
+		"summary_events", na.Events, "summary_until", na.Until)
+}
+
+// remove deletes event log files (under rotMu: a windowed report's scan
+// must not lose a file it listed).
+func (j *Journal) remove(paths []string) {
+	j.rotMu.Lock()
+	defer j.rotMu.Unlock()
+	for _, p := range paths {
+		if err := os.Remove(p); err != nil && !errors.Is(err, os.ErrNotExist) {
+			j.log.Warn("audit: remove old event log", LogError, err)
+		}
+	}
+}
