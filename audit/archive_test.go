@@ -3,8 +3,12 @@ package audit
 import (
 	"bytes"
 	"context"
+	"encoding/json"
+	"fmt"
 	"log/slog"
+	"net/netip"
 	"os"
+	"path/filepath"
 	"slices"
 	"strings"
 	"testing"
@@ -166,4 +170,239 @@ func TestArchiveSinceWindow(t *testing.T) {
 			t.Errorf("%s: a window inside the detailed log: notes %q, used before %+v, unused %q", name, r.Notes, r.UsedBeforeDetail, r.UnusedRules)
 		}
 	}
+}
+
+// TestArchiveCorrupt: a summary that cannot be read is a warning and a
+// note, never a failed start: LoadDir (read-only) leaves it, the daemon
+// (OpenJournal) sets it aside as .refused and the next fold writes a new
+// one; the kept files still load.
+func TestArchiveCorrupt(t *testing.T) {
+	eng := loadPolicy(t, "policy.yaml")
+	for name, body := range map[string]string{
+		"garbage":    "{not json",
+		"version":    `{"version":99,"rules":[{"name":"ntp","flows":5}]}`,
+		"span":       `{"version":1,"from":"2026-11-24T10:00:00Z","until":"2026-11-23T10:00:00Z"}`,
+		"bad file":   `{"version":1,"last_file":"../events.ndjson"}`,
+		"wrong type": `{"version":1,"rules":{"ntp":5}}`,
+	} {
+		t.Run(name, func(t *testing.T) {
+			dir := t.TempDir()
+			var buf bytes.Buffer
+			for i := range 3 {
+				b, _ := jsonLine(seqEvent(i+1, t0.Add(time.Duration(i)*time.Second)))
+				buf.Write(b)
+			}
+			if err := os.WriteFile(filepath.Join(dir, CurrentLog), buf.Bytes(), 0o640); err != nil {
+				t.Fatal(err)
+			}
+			arch := filepath.Join(dir, ArchiveFile)
+			if err := os.WriteFile(arch, []byte(body), 0o640); err != nil {
+				t.Fatal(err)
+			}
+			temp := filepath.Join(dir, ArchiveFile+".tmp12345") // a killed write's
+			if err := os.WriteFile(temp, []byte("{"), 0o640); err != nil {
+				t.Fatal(err)
+			}
+
+			var logs syncBuffer
+			lg := slog.New(slog.NewTextHandler(&logs, nil))
+			l, st, err := LoadDir(dir, eng, LedgerOptions{}, lg)
+			if err != nil {
+				t.Fatalf("LoadDir: %v", err)
+			}
+			r := l.Report(ReportOptions{Now: reportNow})
+			if st.Events != 3 || r.Totals.Flows != 3 || !strings.Contains(logs.String(), "summary of rotated-out event log files is unreadable") {
+				t.Errorf("LoadDir: %+v, %d flows, logs:\n%s", st, r.Totals.Flows, logs.String())
+			}
+			if !slices.ContainsFunc(r.Notes, func(n string) bool { return strings.Contains(n, "could not be read") }) {
+				t.Errorf("LoadDir: no note on the unreadable summary: %q", r.Notes)
+			}
+			if _, err := os.Stat(arch); err != nil {
+				t.Errorf("LoadDir moved the summary: %v", err)
+			}
+
+			logs = syncBuffer{}
+			j, l, st := openJournal(t, JournalConfig{Dir: dir, Logger: lg}, eng)
+			if st.Events != 3 || l.Report(ReportOptions{}).Totals.Flows != 3 || !strings.Contains(logs.String(), "kept_as="+ArchiveFile+".refused") {
+				t.Errorf("OpenJournal: %+v, logs:\n%s", st, logs.String())
+			}
+			if _, err := os.Stat(arch); !os.IsNotExist(err) {
+				t.Errorf("the unreadable summary is still in place: %v", err)
+			}
+			if b, err := os.ReadFile(arch + ".refused"); err != nil || string(b) != body {
+				t.Errorf("set-aside copy: %q, %v", b, err)
+			}
+			if _, err := os.Stat(temp); !os.IsNotExist(err) {
+				t.Errorf("a killed write's temporary file is left: %v", err)
+			}
+			j.Close()
+		})
+	}
+}
+
+// TestArchiveBounded: the summary keeps what the ledger's bounds keep,
+// however many destinations and clients the rotated-out files held, and
+// still counts every flow.
+func TestArchiveBounded(t *testing.T) {
+	dir := t.TempDir()
+	opt := LedgerOptions{MaxClients: 4, MaxDestinations: 8, MaxDropped: 16}
+	l := NewLedger(nil, opt)
+	j, _, err := OpenJournal(JournalConfig{Dir: dir, MaxFileBytes: 8000, MaxFiles: 1, Logger: slog.New(slog.DiscardHandler)}, l)
+	if err != nil {
+		t.Fatal(err)
+	}
+	go j.Run(context.Background())
+	const n = 3000
+	for i := range n {
+		ev := seqEvent(i+1, t0.Add(time.Duration(i)*time.Second))
+		ev.Client = netip.AddrFrom4([4]byte{10, 1, byte(i >> 8), byte(i)})
+		ev.Name = fmt.Sprintf("host%d.example", i)
+		if i%2 == 1 {
+			ev.Verdict, ev.Rule, ev.Reason = policy.Deny, "", policy.ReasonNoRule
+		}
+		j.Emit(ev)
+	}
+	if err := j.Close(); err != nil {
+		t.Fatal(err)
+	}
+	b, err := os.ReadFile(filepath.Join(dir, ArchiveFile))
+	if err != nil {
+		t.Fatal(err)
+	}
+	a, err := parseArchive(b)
+	if err != nil {
+		t.Fatal(err)
+	}
+	if a.Events < n/2 || len(b) > 16<<10 {
+		t.Errorf("summary of %d events is %d bytes", a.Events, len(b))
+	}
+	if len(a.Rules) != 1 || len(a.Rules[0].Dests) > 8 || len(a.Rules[0].Clients) > 4 || !a.Rules[0].ClientsTruncated {
+		t.Errorf("rules: %+v", a.Rules)
+	}
+	if len(a.Dropped) > 16 {
+		t.Errorf("%d dropped entries, the ledger keeps 16", len(a.Dropped))
+	}
+	for _, d := range a.Dropped {
+		if len(d.Clients) > 4 {
+			t.Errorf("dropped %s: %d clients", d.Dest, len(d.Clients))
+		}
+	}
+	l2, _, err := LoadDir(dir, nil, opt, nil)
+	if err != nil {
+		t.Fatal(err)
+	}
+	if r := l2.Report(ReportOptions{}); r.Totals.Flows != n || r.Rules[0].Flows != n/2 {
+		t.Errorf("after a restart: %d flows, rule %d; want %d, %d", r.Totals.Flows, r.Rules[0].Flows, n, n/2)
+	}
+}
+
+// TestArchiveFoldedFileLeft: a file the summary holds already (a crash
+// came between the summary's write and the file's delete) is not counted
+// twice, and the next fold deletes it.
+func TestArchiveFoldedFileLeft(t *testing.T) {
+	dir := t.TempDir()
+	old := rotatedPrefix + "20261124T100000.000000000Z" + rotatedSuffix
+	var buf bytes.Buffer
+	for i := range 3 {
+		b, _ := jsonLine(seqEvent(i+1, t0.Add(time.Duration(i)*time.Second)))
+		buf.Write(b)
+	}
+	if err := os.WriteFile(filepath.Join(dir, old), buf.Bytes(), 0o640); err != nil {
+		t.Fatal(err)
+	}
+	tmp := NewLedger(nil, LedgerOptions{})
+	if _, _, err := ReadEvents(bytes.NewReader(buf.Bytes()), func(ev Event) { tmp.add(&ev) }); err != nil {
+		t.Fatal(err)
+	}
+	a := tmp.export()
+	a.From, a.Until, a.LastFile, a.Files, a.Events = t0, t0.Add(2*time.Second), old, 1, 3
+	if err := writeArchive(dir, a); err != nil {
+		t.Fatal(err)
+	}
+	l, st, err := LoadDir(dir, nil, LedgerOptions{}, nil)
+	if err != nil {
+		t.Fatal(err)
+	}
+	if r := l.Report(ReportOptions{}); r.Totals.Flows != 3 || st.Events != 0 || st.Summarized != 3 {
+		t.Errorf("%d flows (load %+v), want 3 from the summary alone", r.Totals.Flows, st)
+	}
+	if r := l.Report(ReportOptions{Since: t0}); r.Totals.Flows != 0 {
+		t.Errorf("a window re-read the folded file: %d flows", r.Totals.Flows)
+	}
+	// The daemon's next rotation folds and deletes it.
+	j, _, err := OpenJournal(JournalConfig{Dir: dir, MaxFileBytes: 500, MaxFiles: 4, Logger: slog.New(slog.DiscardHandler)}, NewLedger(nil, LedgerOptions{}))
+	if err != nil {
+		t.Fatal(err)
+	}
+	go j.Run(context.Background())
+	for i := range 5 {
+		j.Emit(seqEvent(10+i, t0.Add(time.Hour+time.Duration(i)*time.Second)))
+	}
+	j.Close()
+	if _, err := os.Stat(filepath.Join(dir, old)); !os.IsNotExist(err) {
+		t.Errorf("the folded file is still there: %v", err)
+	}
+	l, _, _ = LoadDir(dir, nil, LedgerOptions{}, nil)
+	if r := l.Report(ReportOptions{}); r.Totals.Flows != 8 {
+		t.Errorf("%d flows after the restart, want 8", r.Totals.Flows)
+	}
+}
+
+// TestArchiveReplay: a replay of a state directory says that the events
+// of rotated-out files were not replayed, and how many.
+func TestArchiveReplay(t *testing.T) {
+	eng := loadPolicy(t, "policy.yaml")
+	dir := t.TempDir()
+	writeRotated(t, dir, eng, LedgerOptions{}, slog.New(slog.DiscardHandler))
+	r := NewReplayer(eng, reportNow)
+	st, err := ReplayPath(dir, r)
+	if err != nil {
+		t.Fatal(err)
+	}
+	res := r.Result()
+	if res.RotatedOut == nil || res.RotatedOut.Events == 0 || res.RotatedOut.Events+st.Events != 206 || st.Summarized != res.RotatedOut.Events {
+		t.Fatalf("rotated out %+v, %d events replayed (%+v), want 206 in all", res.RotatedOut, st.Events, st)
+	}
+	var txt bytes.Buffer
+	res.WriteText(&txt)
+	if !strings.Contains(txt.String(), fmt.Sprintf("not replayed: %d events of %d event log files rotated out", res.RotatedOut.Events, res.RotatedOut.Files)) {
+		t.Errorf("replay text does not say what was not replayed:\n%s", txt.String())
+	}
+}
+
+// FuzzParseArchive: no summary file, however broken, panics the load or
+// a report, and what it holds stays within the ledger's bounds.
+func FuzzParseArchive(f *testing.F) {
+	l := NewLedger(nil, LedgerOptions{})
+	for _, ev := range weeklyEvents() {
+		l.add(&ev)
+	}
+	a := l.export()
+	a.From, a.Until, a.LastFile = t0, t0.Add(time.Minute), rotatedPrefix+"x"+rotatedSuffix
+	b, _ := json.Marshal(a)
+	f.Add(b)
+	f.Add([]byte(`{"version":1}`))
+	f.Add([]byte(`{"version":1,"rules":[{"name":"a","clients":["1.2.3.4","::ffff:1.2.3.4"],"dests":[{"dest":"x","count":18446744073709551615}]}],"dropped":[{"dest":"d","ip":"::1"}]}`))
+	f.Add([]byte("{not json"))
+	f.Fuzz(func(t *testing.T, b []byte) {
+		a, err := parseArchive(b)
+		if err != nil {
+			return
+		}
+		opt := LedgerOptions{MaxClients: 3, MaxDestinations: 3, MaxDropped: 4}
+		l := NewLedger(nil, opt)
+		l.importArchive(a)
+		r := l.Report(ReportOptions{Since: time.Unix(0, 0)})
+		var buf bytes.Buffer
+		r.WriteText(&buf)
+		out := l.export()
+		if len(out.Rules) > maxArchiveRules || len(out.Dropped) > 4 {
+			t.Fatalf("imported beyond the bounds: %d rules, %d dropped", len(out.Rules), len(out.Dropped))
+		}
+		for _, r := range out.Rules {
+			if len(r.Clients) > 3 || len(r.Dests) > 3 {
+				t.Fatalf("rule %q: %d clients, %d dests", r.Name, len(r.Clients), len(r.Dests))
+			}
+		}
+	})
 }
