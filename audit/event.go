@@ -7,7 +7,8 @@
 // that appends each event to the NDJSON event log in the state directory
 // and adds it to the [Ledger]. The ledger turns events into per-rule usage
 // and the list of what was or would be dropped, counting each flow once
-// whichever components reported it; on start it is rebuilt from the log,
+// whichever components reported it; on start it is rebuilt from the log
+// and from the summary of the log files rotation deleted ([ArchiveFile]),
 // so counts continue across restarts. A [Report] (terminal, JSON, HTML,
 // policy suggestions) is a snapshot of the ledger; a [Replayer] runs
 // recorded events against a candidate policy.

@@ -261,11 +261,14 @@ func (r *Report) beforeDetail(arch *archInfo, since time.Time) string {
 	}
 	note := fmt.Sprintf("counts in this window start at %s: older events were rotated out of the event log, and only a summary of them is kept (since %s)",
 		fmtTime(arch.cov.Until), fmtTime(arch.cov.From))
-	if n := len(r.UsedBeforeDetail); n > 0 {
+	switch n := len(r.UsedBeforeDetail); {
+	case n == 1:
+		note += "; 1 rule used in the window before then is listed as used before the detailed log, not as unused"
+	case n > 1:
 		note += fmt.Sprintf("; %d rules used in the window before then are listed as used before the detailed log, not as unused", n)
 	}
 	if drops > 0 {
-		note += fmt.Sprintf("; %d dropped destinations seen in the window before then are not listed (the report without a window lists them)", drops)
+		note += fmt.Sprintf("; %d dropped entries seen in the window before then are not listed (the report without a window lists them)", drops)
 	}
 	return note
 }

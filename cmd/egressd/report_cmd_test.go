@@ -219,3 +219,66 @@ func TestReplay(t *testing.T) {
 		t.Errorf("egressd audit --replay: exit %d\n%s\n%s", code, text, stderr)
 	}
 }
+
+// TestReportRotatedOut: `egressd report` reading a state directory whose
+// oldest files rotation deleted still counts a rule used only there, says
+// what it covers, and a window reaching back before the kept files does
+// not call the rule unused; `audit --replay` says what it could not
+// replay.
+func TestReportRotatedOut(t *testing.T) {
+	dir := t.TempDir()
+	eng, err := loadEngine(auditPolicy, &bytes.Buffer{})
+	if err != nil {
+		t.Fatal(err)
+	}
+	j, _, err := audit.OpenJournal(audit.JournalConfig{Dir: dir, MaxFileBytes: 1500, MaxFiles: 1}, audit.NewLedger(eng, audit.LedgerOptions{}))
+	if err != nil {
+		t.Fatal(err)
+	}
+	go j.Run(context.Background())
+	tcp, _ := policy.ParseProto("tcp")
+	emit := func(i int, at time.Time, dest string, port uint16, name string) {
+		ev := audit.Event{Kind: audit.KindFlow, Source: audit.SourceProxy, Time: at,
+			Client: netip.MustParseAddr("192.168.10.6"), ClientPort: uint16(40000 + i), Dest: netip.MustParseAddr(dest),
+			DestPort: port, Proto: "tcp", Name: name}
+		ev.Stamp(eng.Decide(policy.Input{Client: ev.Client, Dest: ev.Dest, Port: port, Proto: tcp, Name: name, Now: at}))
+		j.Emit(ev)
+	}
+	for i := range 3 {
+		emit(i, rt0.Add(time.Duration(i)*time.Second), "17.1.2.3", 5223, "")
+	}
+	for i := 0; j.Written() < 3 && i < 1000; i++ {
+		time.Sleep(10 * time.Millisecond)
+	}
+	for i := range 60 {
+		emit(100+i, rt0.Add(24*time.Hour+time.Duration(i)*time.Second), "198.51.100.10", 443, "api.nirovision.com")
+	}
+	if err := j.Close(); err != nil {
+		t.Fatal(err)
+	}
+
+	code, out, stderr := runCmd(t, "report", "--state-dir", dir, "--policy", auditPolicy)
+	unused := out[strings.Index(out, "UNUSED RULES"):]
+	if code != 0 || !strings.Contains(out, "rotated out") || strings.Contains(unused, "apple-apns") || !strings.Contains(stderr, "a summary of") {
+		t.Errorf("exit %d\n%s\n%s", code, out, stderr)
+	}
+	since := time.Since(rt0.Add(-time.Hour)).Round(time.Hour)
+	code, out, stderr = runCmd(t, "report", "--state-dir", dir, "--policy", auditPolicy, "--json", "--since", since.String())
+	var win audit.Report
+	if err := json.Unmarshal([]byte(out), &win); code != 0 || err != nil {
+		t.Fatalf("exit %d, %v: %s", code, err, stderr)
+	}
+	if len(win.UsedBeforeDetail) != 1 || win.UsedBeforeDetail[0].Name != "apple-apns" || win.Coverage == nil || win.Coverage.RotatedOut == nil {
+		t.Errorf("window: used before detail %+v, coverage %+v, unused %q", win.UsedBeforeDetail, win.Coverage, win.UnusedRules)
+	}
+	for _, n := range win.UnusedRules {
+		if n == "apple-apns" {
+			t.Errorf("window lists apple-apns unused: %q", win.UnusedRules)
+		}
+	}
+
+	code, out, stderr = runCmd(t, "audit", "--policy", auditPolicy, "--replay", dir)
+	if code != 0 || !strings.Contains(out, "not replayed:") || !strings.Contains(stderr, "cannot be replayed") {
+		t.Errorf("replay: exit %d\n%s\n%s", code, out, stderr)
+	}
+}
