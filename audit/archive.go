@@ -299,11 +299,15 @@ func (l *Ledger) importArchive(a *archive) {
 		k := dropKey{Clip(d.Dest, MaxNameBytes), d.Port, Clip(d.Proto, 8)}
 		ds := l.dropped[k]
 		if ds == nil {
-			if len(l.dropped) >= l.opt.MaxDropped {
-				break
+			// As dropLocked: beyond the bound, into the overflow entry.
+			if len(l.dropped) >= l.opt.MaxDropped-1 {
+				k = overflowKey
+				ds = l.dropped[k]
 			}
-			ds = &dropStats{key: k}
-			l.dropped[k] = ds
+			if ds == nil {
+				ds = &dropStats{key: k}
+				l.dropped[k] = ds
+			}
 		}
 		ds.flows += d.Flows
 		ds.queries += d.Queries

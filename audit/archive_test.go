@@ -164,6 +164,14 @@ func TestArchiveSinceWindow(t *testing.T) {
 		if !slices.ContainsFunc(r.Notes, func(n string) bool { return strings.Contains(n, "counts in this window start at") }) {
 			t.Errorf("%s: no note on where the window's counts start: %q", name, r.Notes)
 		}
+		var txt, html, js bytes.Buffer
+		r.WriteText(&txt)
+		r.WriteHTML(&html)
+		r.WriteJSON(&js)
+		if !strings.Contains(txt.String(), "USED IN THE WINDOW BEFORE THE DETAILED LOG BEGINS (1)\n  ntp  last seen") ||
+			!strings.Contains(html.String(), `id="used-before-detail"><li>ntp:`) || !strings.Contains(js.String(), `"used_before_detail": [`) {
+			t.Errorf("%s: the text, HTML or JSON report does not list ntp as used before the detailed log:\n%s", name, txt.String())
+		}
 		// A window inside the detailed log needs no note.
 		r = l.Report(ReportOptions{Now: reportNow, Since: t0.Add(24*time.Hour + 195*time.Second)})
 		if len(r.Notes) != 0 || len(r.UsedBeforeDetail) != 0 || !slices.Contains(r.UnusedRules, "ntp") {
@@ -291,8 +299,16 @@ func TestArchiveBounded(t *testing.T) {
 	if err != nil {
 		t.Fatal(err)
 	}
-	if r := l2.Report(ReportOptions{}); r.Totals.Flows != n || r.Rules[0].Flows != n/2 {
+	r := l2.Report(ReportOptions{})
+	if r.Totals.Flows != n || r.Rules[0].Flows != n/2 {
 		t.Errorf("after a restart: %d flows, rule %d; want %d, %d", r.Totals.Flows, r.Rules[0].Flows, n, n/2)
+	}
+	var dropped uint64
+	for _, d := range r.Dropped {
+		dropped += d.Flows
+	}
+	if dropped != n/2 || len(r.Dropped) > 16 {
+		t.Errorf("after a restart: %d dropped entries with %d flows, want at most 16 with %d", len(r.Dropped), dropped, n/2)
 	}
 }
 
