@@ -1,0 +1,183 @@
+package e2e
+
+import (
+	"context"
+	"net"
+	"strings"
+	"sync"
+	"sync/atomic"
+	"testing"
+	"time"
+
+	"egressd/internal/testnet"
+)
+
+// The addresses the gateway gains on its WAN interface while egressd
+// runs (a PPPoE or DHCP reconnect, a new delegated prefix).
+const (
+	newWAN4 = "198.18.2.77"
+	newWAN6 = "2001:db8:2::77"
+)
+
+// ownServer stands for a service of the gateway's: it listens on every
+// address of the gateway's namespace, port, and counts the connections
+// it accepts by the local address they were made to.
+type ownServer struct {
+	mu   sync.Mutex
+	hits map[string]int
+	all  atomic.Int64
+}
+
+func startOwnServer(t *testing.T, ns *testnet.NS, port string) *ownServer {
+	t.Helper()
+	ln, err := ns.Listen("tcp", ":"+port)
+	if err != nil {
+		t.Fatalf("own server: %v", err)
+	}
+	s := &ownServer{hits: map[string]int{}}
+	t.Cleanup(func() { ln.Close() })
+	go func() {
+		for {
+			c, err := ln.Accept()
+			if err != nil {
+				return
+			}
+			a := c.LocalAddr().(*net.TCPAddr).IP.String()
+			s.mu.Lock()
+			s.hits[a]++
+			s.mu.Unlock()
+			s.all.Add(1)
+			c.Close()
+		}
+	}()
+	return s
+}
+
+func (s *ownServer) count(addr string) int {
+	s.mu.Lock()
+	defer s.mu.Unlock()
+	return s.hits[addr]
+}
+
+// TestOwnAddrsFollowed: an address the gateway gains on its WAN interface
+// after egressd started is one of its own for the proxies' guard
+// (THREATS.md F1): a LAN client's CONNECT to it by number, which the
+// rule opening 0.0.0.0/0 and ::/0 on 443 would allow anywhere else, is
+// refused (special-range) and never reaches the gateway's service on it.
+// Before, the proxies read the gateway's addresses once at start, and
+// dialled the new one: a connection from the gateway to itself.
+func TestOwnAddrsFollowed(t *testing.T) {
+	tp := newTopo(t)
+	u := tp.startUpstream(t)
+	srv := startOwnServer(t, tp.gw, "443")
+	d := hardeningDaemon(t, tp, u, anyRule)
+	defer d.stop()
+	dial := dialFrom(tp.lan, lanClient4)
+
+	// Control: the address the WAN had at start is refused.
+	status, port, err := connectVia(dial, net.JoinHostPort(gwLAN4, "3128"), net.JoinHostPort(gwWAN4, "443"))
+	if strings.Contains(firstLine(status, err), " 200 ") {
+		t.Errorf("CONNECT %s:443 (the WAN address at start): %q, want refused", gwWAN4, firstLine(status, err))
+	}
+	wantEvent(t, d, "CONNECT to the WAN address at start", byClientPort(port), "deny", "special-range")
+
+	tp.gw.MustRun("ip", "addr", "add", newWAN4+"/24", "dev", "wan0")
+	tp.gw.MustRun("ip", "-6", "addr", "add", newWAN6+"/64", "dev", "wan0", "nodad")
+	d.waitLog(t, "+"+newWAN4, 1)
+	d.waitLog(t, "+"+newWAN6, 1)
+
+	for _, a := range []string{newWAN4, newWAN6} {
+		target := net.JoinHostPort(a, "443")
+		status, port, err := connectVia(dial, net.JoinHostPort(gwLAN4, "3128"), target)
+		if line := firstLine(status, err); strings.Contains(line, " 200 ") {
+			t.Errorf("CONNECT %s (an address the WAN gained): %q, want refused", target, line)
+		}
+		wantEvent(t, d, "CONNECT "+target, byClientPort(port), "deny", "special-range")
+		if n := srv.count(a); n != 0 {
+			t.Errorf("the gateway's service on %s accepted %d connections through the proxy", a, n)
+		}
+	}
+
+	// Taken off again: the proxy no longer counts it as its own. (The
+	// address is no longer anyone's; the proxy's dial of it fails.)
+	tp.gw.MustRun("ip", "addr", "del", newWAN4+"/24", "dev", "wan0")
+	d.waitLog(t, "-"+newWAN4, 1)
+}
+
+// TestCaptureOwnAddrsFollowed: in audit mode, a LAN client's connection
+// to an address the gateway gained after egressd started is the
+// gateway's own traffic: capture counts it (egress_capture_own_flows_total)
+// and records no flow for it, as for the addresses it had at start.
+// Before, capture read the gateway's addresses once, and reported such a
+// flow as egress.
+func TestCaptureOwnAddrsFollowed(t *testing.T) {
+	tp := newTopo(t)
+	srv := startOwnServer(t, tp.gw, "8080")
+	d := newDaemon(t, tp, "audit")
+	d.start()
+	defer d.stop()
+
+	tp.gw.MustRun("ip", "addr", "add", newWAN4+"/24", "dev", "wan0")
+	d.waitLog(t, "+"+newWAN4, 1)
+	own := d.metric("egress_capture_own_flows_total")
+
+	ctx, cancel := context.WithTimeout(context.Background(), 5*time.Second)
+	c, err := tp.lan.DialContext(ctx, "tcp", net.JoinHostPort(newWAN4, "8080"))
+	cancel()
+	if err != nil {
+		t.Fatalf("dial the gateway's new address: %v", err)
+	}
+	c.SetDeadline(time.Now().Add(5 * time.Second))
+	c.Write([]byte("hello\n"))
+	c.Read(make([]byte, 1)) // the server closes
+	c.Close()
+	if n := srv.count(newWAN4); n != 1 {
+		t.Fatalf("the gateway's service on %s accepted %d connections, want 1: the test would prove nothing", newWAN4, n)
+	}
+
+	// A flow after it, which capture records: once its event is there,
+	// the earlier flow's would be too.
+	if _, err := tp.curl(dockerName, 443, dockerIP4, "/", true); err != nil {
+		t.Fatalf("HTTPS after the connection to the gateway: %v", err)
+	}
+	d.waitEvent(t, "HTTPS after the connection to the gateway", func(ev flowEvent) bool {
+		return ev.Kind == "flow" && ev.Source == "capture" && ev.Client == lanClient4 && ev.Name == dockerName
+	})
+	for _, ev := range d.eventsWith([]byte(newWAN4)) {
+		if ev.Kind == "flow" && ev.Dest == newWAN4 {
+			t.Errorf("capture recorded the flow to the gateway's new address as egress: %v", ev)
+		}
+	}
+	if got := d.metric("egress_capture_own_flows_total"); got < own+1 {
+		t.Errorf("egress_capture_own_flows_total %v after the connection to the new address, was %v: want it counted", got, own)
+	}
+}
+
+// TestExplicitFollowsLANAddrs: without --explicit-proxy-listen the
+// explicit proxy listens on port 3128 of each LAN interface's address;
+// one the LAN interface gains after the start gets a listener (a client
+// told to use it is answered), and one it loses has its listener closed.
+// Before, the listeners were opened once at start.
+func TestExplicitFollowsLANAddrs(t *testing.T) {
+	const lanExtra = "198.18.1.2"
+	tp := newTopo(t)
+	d := newDaemon(t, tp, "enforce")
+	d.start()
+	defer d.stop()
+
+	tp.gw.MustRun("ip", "addr", "add", lanExtra+"/24", "dev", "lan0")
+	d.waitLog(t, "explicit proxy: listening on "+lanExtra+":3128", 1)
+	status, _, err := connectVia(dialFrom(tp.lan, lanClient4), net.JoinHostPort(lanExtra, "3128"), dockerName+":443")
+	if line := firstLine(status, err); !strings.Contains(line, " 200 ") {
+		t.Errorf("CONNECT %s:443 through %s:3128 (a LAN address added after the start): %q, want 200", dockerName, lanExtra, line)
+	}
+
+	tp.gw.MustRun("ip", "addr", "del", lanExtra+"/24", "dev", "lan0")
+	d.waitLog(t, "explicit proxy: stopped listening on "+lanExtra+":3128", 1)
+	if out := tp.gw.MustRun("ss", "-Hltn"); strings.Contains(out, lanExtra+":3128") {
+		t.Errorf("a listener on %s:3128 is still open after the address went:\n%s", lanExtra, out)
+	}
+	if out := tp.gw.MustRun("ss", "-Hltn"); !strings.Contains(out, gwLAN4+":3128") {
+		t.Errorf("the listener on %s:3128 went too:\n%s", gwLAN4, out)
+	}
+}
