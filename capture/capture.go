@@ -73,7 +73,8 @@ type Config struct {
 	// proxy's own event. DNS to the gateway is the exception: its
 	// forwarder answers for the LAN, and policies credit those flows to a
 	// port-53 rule (the seed's "dns"). Nil: Open (live capture) reads the
-	// interfaces' addresses; ReadFile then knows none.
+	// interfaces' addresses; ReadFile then knows none. SetOwnAddrs
+	// replaces them while capture runs.
 	OwnAddrs []netip.Addr
 	// TCPPorts are the TCP ports enforce mode redirects to the transparent
 	// proxy (egressd run --tcp-ports), TCP ranges. Nil means every port,
@@ -223,6 +224,7 @@ type Capture struct {
 	mu      sync.Mutex // guards following
 	sources []source   // the live sockets Open opened, one per Config.Interfaces, in its order (h nil: none)
 	opened  bool       // Open has run
+	ownSet  bool       // SetOwnAddrs was called: Open does not read the addresses
 	running bool
 	closed  bool
 	// ifaces are what capture knows of each of Config.Interfaces: the
@@ -351,6 +353,20 @@ func New(cfg Config, deps Deps) (*Capture, error) {
 		}
 	}
 	return c, nil
+}
+
+// SetOwnAddrs replaces the gateway's own addresses (Config.OwnAddrs, or
+// those Open read from the interfaces) with addrs: egressd run calls it
+// when the interfaces' addresses change (a WAN address gained on a
+// reconnect, a new delegated IPv6 prefix), so that a flow to a new one is
+// the gateway's own and not recorded, and one to an address taken off is
+// egress again. It is safe to call while Run runs; a flow capture follows
+// already stays what it was when it began.
+func (c *Capture) SetOwnAddrs(addrs []netip.Addr) {
+	c.mu.Lock()
+	defer c.mu.Unlock()
+	c.ownSet = true
+	c.proc.setOwn(addrs)
 }
 
 // Stats returns the counters so far. It is safe to call while Run runs.

@@ -74,7 +74,7 @@ func (c *Capture) Open() error {
 		return errors.New("capture: no interface configured")
 	}
 	c.opened = true
-	if c.cfg.OwnAddrs == nil {
+	if c.cfg.OwnAddrs == nil && !c.ownSet {
 		own, err := netutil.HostAddrs()
 		if err != nil {
 			c.log.Warn("capture: cannot list the gateway's own addresses: flows to them are recorded as egress", audit.LogError, err.Error())

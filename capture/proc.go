@@ -10,6 +10,7 @@ import (
 	"net/netip"
 	"slices"
 	"strings"
+	"sync/atomic"
 	"time"
 
 	"github.com/gopacket/gopacket"
@@ -186,8 +187,9 @@ type proc struct {
 	// expiry at; else the packet time, which live is the wall clock.
 	decideAt time.Time
 	// own are the gateway's own addresses (Config.OwnAddrs, or the
-	// interfaces' for live capture).
-	own     map[netip.Addr]struct{}
+	// interfaces' for live capture, then what Capture.SetOwnAddrs
+	// gave): swapped whole by another goroutine, read at each new flow.
+	own     atomic.Pointer[map[netip.Addr]struct{}]
 	scratch []byte
 	cands   []candidate
 	grants  []DNSGrant // decideForwarded's answers
@@ -519,25 +521,29 @@ func (p *proc) lookup(src netip.Addr, sp uint16, dst netip.Addr, dp uint16, prot
 	return f, dir
 }
 
-// setOwn sets the gateway's own addresses.
+// setOwn sets the gateway's own addresses. It is safe to call while the
+// pipeline runs: flows it sees after take the new set, those it follows
+// already keep what they were.
 func (p *proc) setOwn(addrs []netip.Addr) {
-	p.own = make(map[netip.Addr]struct{}, len(addrs))
+	own := make(map[netip.Addr]struct{}, len(addrs))
 	for _, a := range addrs {
-		p.own[a.Unmap()] = struct{}{}
+		own[a.Unmap()] = struct{}{}
 	}
+	p.own.Store(&own)
 }
 
 // isOwn reports whether f is the gateway's own traffic (Config.OwnAddrs):
 // from one of its addresses, or to one of them other than DNS to its
 // forwarder.
 func (p *proc) isOwn(f *flow) bool {
-	if len(p.own) == 0 {
+	own := *p.own.Load()
+	if len(own) == 0 {
 		return false
 	}
-	if _, ok := p.own[f.cli.Unmap()]; ok {
+	if _, ok := own[f.cli.Unmap()]; ok {
 		return true
 	}
-	_, ok := p.own[f.srv.Unmap()]
+	_, ok := own[f.srv.Unmap()]
 	return ok && f.sport != 53
 }
 

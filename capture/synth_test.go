@@ -922,6 +922,59 @@ func TestSyntheticOwnAddresses(t *testing.T) {
 	}
 }
 
+// TestSetOwnAddrs: the gateway's own addresses follow SetOwnAddrs (egressd
+// run calls it when the interfaces' addresses change): an address given
+// after New is the gateway's (its flows counted, not recorded), one taken
+// off again is egress. SetOwnAddrs is called meanwhile from another
+// goroutine, as egressd run does while capture runs (the race detector
+// watches the swap).
+func TestSetOwnAddrs(t *testing.T) {
+	gw := netip.MustParseAddr("192.0.2.1")
+	cli := netip.MustParseAddr("192.0.2.50")
+	p := newPcap(t)
+	for i := range 3 {
+		c := &tcpConn{p: p, cli: cli, srv: gw, cport: uint16(40001 + i), sport: 8080, cseq: 100, sseq: 900}
+		c.handshake()
+		c.close()
+	}
+	path := p.close()
+	run := func(set func(c *Capture)) Stats {
+		rec := &recorder{}
+		c, err := New(Config{}, Deps{Policy: policy.NewStore(testEngine(t, testPolicy)), Sink: rec})
+		if err != nil {
+			t.Fatal(err)
+		}
+		set(c)
+		st, err := c.ReadFile(context.Background(), path, nil)
+		if err != nil {
+			t.Fatal(err)
+		}
+		if st.Own+st.Flows != 3 || len(rec.all()) != int(st.Flows) {
+			t.Errorf("own %d, flows %d, events %d; want 3 flows in all, each flow's event", st.Own, st.Flows, len(rec.all()))
+		}
+		return st
+	}
+	if st := run(func(c *Capture) { c.SetOwnAddrs([]netip.Addr{netip.MustParseAddr("::ffff:192.0.2.1")}) }); st.Own != 3 {
+		t.Errorf("with the gateway's address given by SetOwnAddrs: own %d, want 3", st.Own)
+	}
+	if st := run(func(c *Capture) {
+		c.SetOwnAddrs([]netip.Addr{gw})
+		c.SetOwnAddrs([]netip.Addr{netip.MustParseAddr("192.0.2.2")})
+	}); st.Own != 0 {
+		t.Errorf("with the address taken off again: own %d, want 0", st.Own)
+	}
+	done := make(chan struct{})
+	run(func(c *Capture) {
+		go func() {
+			defer close(done)
+			for i := range 200 {
+				c.SetOwnAddrs([]netip.Addr{gw, netip.AddrFrom4([4]byte{192, 0, 2, byte(i)})})
+			}
+		}()
+	})
+	<-done
+}
+
 // TestSyntheticStreamBytesBound: many flows holding partial ClientHellos
 // fill at most Config.MaxStreamBytes; a flow whose bytes do not fit gives
 // up its name search (decided by address, counted), and once the partial

@@ -118,7 +118,8 @@ type Config struct {
 	AllowSpecial []netip.Prefix
 	// OwnAddrs are the gateway's own addresses, denied as destinations
 	// unless a CIDR rule names them. Nil: the addresses of the local
-	// interfaces, read when Run or Serve starts.
+	// interfaces, read when Run or Serve starts. Proxy.SetOwnAddrs
+	// replaces them while the proxy runs.
 	OwnAddrs []netip.Addr
 }
 

@@ -2,6 +2,8 @@ package proxy
 
 import (
 	"bytes"
+	"io"
+	"log/slog"
 	"net"
 	"net/http"
 	"net/netip"
@@ -139,5 +141,64 @@ func TestSelfConnectionNewAddress(t *testing.T) {
 	resp, body := tp.proxyRequest(t, "CONNECT 198.18.1.1:22 HTTP/1.1\r\nHost: 198.18.1.1:22\r\n\r\n")
 	if resp.StatusCode != http.StatusForbidden {
 		t.Errorf("CONNECT to the address learned as the gateway's: %d %q", resp.StatusCode, body)
+	}
+}
+
+// TestSetOwnAddrs: the gateway's own addresses follow SetOwnAddrs (egressd
+// run calls it on address changes): one gained after the start (a new WAN
+// address on a reconnect) is refused as a destination, under a rule that
+// opens every address on 443; one taken off is a destination like any
+// other again. Readers run meanwhile (the race detector watches the swap).
+// No root needed: the decision is asked directly.
+func TestSetOwnAddrs(t *testing.T) {
+	eng, err := policy.Compile("own.yaml", []byte(`version: 1
+mode: enforce
+rules:
+  - name: any443
+    to: [0.0.0.0/0, "::/0"]
+    ports: [443/tcp]
+`))
+	if err != nil {
+		t.Fatal(err)
+	}
+	start := netip.MustParseAddr("198.18.2.1")
+	gained4, gained6 := netip.MustParseAddr("198.18.2.77"), netip.MustParseAddr("2001:db8:2::77")
+	p, err := New(Config{OwnAddrs: []netip.Addr{start}}, Deps{Policy: policy.NewStore(eng), Logger: slog.New(slog.NewTextHandler(io.Discard, nil))})
+	if err != nil {
+		t.Fatal(err)
+	}
+	refused := func(a netip.Addr) bool {
+		d, ok := p.selfDecision(eng, policy.Input{Client: netip.MustParseAddr("198.18.1.10"), Dest: a, Port: 443, Proto: policy.TCP})
+		return ok && d.Reason == ReasonSpecialRange
+	}
+	if !refused(start) || refused(gained4) || refused(gained6) {
+		t.Fatalf("at start: refused %s %v, %s %v, %s %v; want only the first", start, refused(start), gained4, refused(gained4), gained6, refused(gained6))
+	}
+
+	stop := make(chan struct{})
+	done := make(chan struct{})
+	go func() { // a reader while the list changes, bounded by stop
+		defer close(done)
+		for i := 0; i < 1_000_000; i++ {
+			select {
+			case <-stop:
+				return
+			default:
+			}
+			refused(gained4)
+		}
+	}()
+	p.SetOwnAddrs([]netip.Addr{start, netip.MustParseAddr("::ffff:198.18.2.77"), gained6})
+	if !refused(start) || !refused(gained4) || !refused(gained6) {
+		t.Errorf("after the WAN gained %s and %s: refused %v, %v, %v; want all", gained4, gained6, refused(start), refused(gained4), refused(gained6))
+	}
+	p.SetOwnAddrs([]netip.Addr{start, gained6})
+	if refused(gained4) || !refused(gained6) {
+		t.Errorf("after %s went: refused %v, %s %v; want only %s", gained4, refused(gained4), gained6, refused(gained6), gained6)
+	}
+	close(stop)
+	<-done
+	if got := p.ownAddrs(); len(got) != 2 {
+		t.Errorf("own addresses %v, want [%s %s]", got, start, gained6)
 	}
 }

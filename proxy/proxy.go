@@ -46,8 +46,9 @@ type Proxy struct {
 	caOnce      sync.Mutex             // guards loading the CA
 	ownOnce     sync.Once
 	// own are the gateway's own addresses (cfg.OwnAddrs or the
-	// interfaces'), and those found later by addOwn. The slice is never
-	// changed in place: addOwn stores a new one.
+	// interfaces', then what SetOwnAddrs gave), and those found later by
+	// addOwn. The slice is never changed in place: SetOwnAddrs and addOwn
+	// store a new one.
 	own    atomic.Pointer[[]netip.Addr]
 	ctOnce sync.Once
 	ct     Conntrack          // deps.Conntrack or ctOwn; nil if it could not be opened
@@ -367,8 +368,8 @@ func errTemporary(err error) error {
 
 var errNever = errors.New("never")
 
-// ownAddrs returns the gateway's own addresses: read once, plus those
-// addOwn found since.
+// ownAddrs returns the gateway's own addresses: read once (or the last
+// SetOwnAddrs gave), plus those addOwn found since.
 func (p *Proxy) ownAddrs() []netip.Addr {
 	p.ownOnce.Do(func() {
 		own := p.cfg.OwnAddrs
@@ -382,6 +383,24 @@ func (p *Proxy) ownAddrs() []netip.Addr {
 		p.own.Store(&own)
 	})
 	return *p.own.Load()
+}
+
+// SetOwnAddrs replaces the gateway's own addresses (Config.OwnAddrs, or
+// those the proxy read from the interfaces) with addrs: egressd run calls
+// it when the interfaces' addresses change (a WAN address gained on a
+// reconnect, a new delegated IPv6 prefix, an address taken off), so the
+// guard refuses the new ones and no longer the old ones. Connections
+// already decided keep their decision. The list is swapped whole: the
+// readers (every connection's decision) take no lock.
+func (p *Proxy) SetOwnAddrs(addrs []netip.Addr) {
+	p.ownAddrs() // the first read, if not done yet, must not overwrite addrs later
+	own := make([]netip.Addr, 0, len(addrs))
+	for _, a := range addrs {
+		if a = a.Unmap(); !slices.Contains(own, a) {
+			own = append(own, a)
+		}
+	}
+	p.own.Store(&own)
 }
 
 // addOwn records a, seen to be the gateway's own address, if it is not
