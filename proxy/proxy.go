@@ -67,6 +67,16 @@ type Proxy struct {
 	dropFrom [2]int
 	opened   []openedListener
 
+	// explicitMu guards explicitLns, the explicit listeners open on an
+	// address (Run's, then SetExplicitAddrs'), by the address they were
+	// opened for; retired, those SetExplicitAddrs closed, until their
+	// Serve returns; and explicitFailed, the addresses that did not open
+	// (logged once).
+	explicitMu     sync.Mutex
+	explicitLns    map[string]net.Listener
+	retired        map[net.Listener]bool
+	explicitFailed map[string]bool
+
 	limMu    sync.Mutex // guards following
 	perIP    map[netip.Addr]int
 	total    int
@@ -157,6 +167,10 @@ func New(cfg Config, deps Deps) (*Proxy, error) {
 		work:      workers{tasks: make(chan func()), idle: workerIdle},
 		slow:      newSlowChecks(),
 		dropFrom:  [2]int{cfg.DropTransparentFrom, cfg.DropExplicitFrom},
+
+		explicitLns:    map[string]net.Listener{},
+		retired:        map[net.Listener]bool{},
+		explicitFailed: map[string]bool{},
 	}
 	if len(cfg.ProxyUserDigests) > 0 {
 		p.userDigests.Store(newUserSet(maps.Clone(cfg.ProxyUserDigests)))
@@ -223,7 +237,10 @@ func (p *Proxy) Run(ctx context.Context) error {
 				continue
 			}
 			p.boundExplicit = append(p.boundExplicit, ln.Addr())
-			g.Go(func() error { return p.ServeExplicit(ln) })
+			p.explicitMu.Lock()
+			p.explicitLns[a] = ln
+			p.explicitMu.Unlock()
+			g.Go(func() error { return p.serveExplicitListener(ln) })
 		}
 		switch {
 		case len(errs) > 0 && p.bound == nil && len(p.boundExplicit) == 0:
