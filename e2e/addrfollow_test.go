@@ -154,30 +154,56 @@ func TestCaptureOwnAddrsFollowed(t *testing.T) {
 }
 
 // TestExplicitFollowsLANAddrs: without --explicit-proxy-listen the
-// explicit proxy listens on port 3128 of each LAN interface's address;
-// one the LAN interface gains after the start gets a listener (a client
-// told to use it is answered), and one it loses has its listener closed.
-// Before, the listeners were opened once at start.
+// explicit proxy listens on port 3128 of each LAN interface's address; a
+// LAN interface that gets its address after the start gets a listener (its
+// client is answered), with the WAN interface's socket filter as the
+// others (a connection from the WAN side gets no handshake), and one that
+// loses its address has its listener closed. Before, the listeners were
+// opened once at start. Audit mode without the WAN guard: only the socket
+// filter keeps the WAN side out.
 func TestExplicitFollowsLANAddrs(t *testing.T) {
-	const lanExtra = "198.18.1.2"
+	const cli1, gw1 = "198.18.5.10", "198.18.5.1"
 	tp := newTopo(t)
-	d := newDaemon(t, tp, "enforce")
+	own := startOwnServer(t, tp.gw, "8080") // no filter: what the WAN side reaches without one
+	d := newDaemon(t, tp, "audit")
+	d.noGuard = true
+	d.extra = []string{"--lan", "lan0,lan1"}
+	d.unready = true // lan1 does not exist yet
 	d.start()
 	defer d.stop()
 
-	tp.gw.MustRun("ip", "addr", "add", lanExtra+"/24", "dev", "lan0")
-	d.waitLog(t, "explicit proxy: listening on "+lanExtra+":3128", 1)
-	status, _, err := connectVia(dialFrom(tp.lan, lanClient4), net.JoinHostPort(lanExtra, "3128"), dockerName+":443")
+	lan1 := testnet.New(t, "h2lan1")
+	testnet.Link(t, lan1, "eth0", []string{cli1 + "/24"}, tp.gw, "lan1", []string{gw1 + "/24"})
+	lan1.MustRun("ip", "route", "add", "default", "via", gw1)
+	tp.inet.MustRun("ip", "route", "add", "198.18.5.0/24", "via", gwWAN4)
+	d.waitLog(t, "explicit proxy: listening on "+gw1+":3128", 1)
+	status, _, err := connectVia(dialFrom(lan1, cli1), net.JoinHostPort(gw1, "3128"), dockerName+":443")
 	if line := firstLine(status, err); !strings.Contains(line, " 200 ") {
-		t.Errorf("CONNECT %s:443 through %s:3128 (a LAN address added after the start): %q, want 200", dockerName, lanExtra, line)
+		t.Errorf("CONNECT %s:443 through %s:3128 (a LAN address that came after the start): %q, want 200", dockerName, gw1, line)
+	}
+	fromWAN := func(addr string) bool {
+		ctx, cancel := context.WithTimeout(context.Background(), 2*time.Second)
+		defer cancel()
+		c, err := tp.inet.DialContext(ctx, "tcp", addr)
+		if err == nil {
+			c.Close()
+		}
+		return err == nil
+	}
+	if !fromWAN(net.JoinHostPort(gw1, "8080")) || own.all.Load() == 0 {
+		t.Errorf("control: the WAN side does not reach %s:8080, which has no filter: the check below would prove nothing", gw1)
+	}
+	if fromWAN(net.JoinHostPort(gw1, "3128")) {
+		t.Errorf("the WAN side got a handshake from the explicit proxy on %s:3128: no WAN filter on the new listener", gw1)
 	}
 
-	tp.gw.MustRun("ip", "addr", "del", lanExtra+"/24", "dev", "lan0")
-	d.waitLog(t, "explicit proxy: stopped listening on "+lanExtra+":3128", 1)
-	if out := tp.gw.MustRun("ss", "-Hltn"); strings.Contains(out, lanExtra+":3128") {
-		t.Errorf("a listener on %s:3128 is still open after the address went:\n%s", lanExtra, out)
+	tp.gw.MustRun("ip", "addr", "del", gw1+"/24", "dev", "lan1")
+	d.waitLog(t, "explicit proxy: stopped listening on "+gw1+":3128", 1)
+	out := tp.gw.MustRun("ss", "-Hltn")
+	if strings.Contains(out, gw1+":3128") {
+		t.Errorf("a listener on %s:3128 is still open after the address went:\n%s", gw1, out)
 	}
-	if out := tp.gw.MustRun("ss", "-Hltn"); !strings.Contains(out, gwLAN4+":3128") {
+	if !strings.Contains(out, gwLAN4+":3128") {
 		t.Errorf("the listener on %s:3128 went too:\n%s", gwLAN4, out)
 	}
 }

@@ -544,22 +544,14 @@ func (d *daemon) run(ctx context.Context) error {
 	d.ledger.RegisterMetrics(d.reg)
 
 	explicit, explicitMore := cfg.explicit, []string(nil)
-	if explicit == "" {
+	followExplicit := explicit == ""
+	if followExplicit {
 		// Each LAN interface's address (the first IPv4 one, else the
 		// first global IPv6 one): a client asks its own gateway. One that
-		// has none at start (not there yet) gets no listener.
-		var addrs []string
-		for _, lan := range lans {
-			if a := interfaceAddr(lan); a.IsValid() && lan != wan {
-				if ap := netip.AddrPortFrom(a, 3128).String(); !slices.Contains(addrs, ap) {
-					addrs = append(addrs, ap)
-				}
-			}
-		}
-		explicit = "127.0.0.1:3128"
-		if len(addrs) > 0 {
-			explicit, explicitMore = addrs[0], addrs[1:]
-		}
+		// has none at start (not there yet) gets its listener when it
+		// has one (watchLinks, SetExplicitAddrs).
+		addrs := explicitListenAddrs(lans, wan, interfaceAddr)
+		explicit, explicitMore = addrs[0], addrs[1:]
 	}
 	if explicit == "off" {
 		explicit = ""
@@ -721,6 +713,26 @@ func (d *daemon) run(ctx context.Context) error {
 				d.degrade("capture", err.Error())
 			}
 		}()
+	}
+	// The gateway's own addresses, for the proxies' guard and capture,
+	// and the explicit listeners on the LAN addresses follow address
+	// changes (watchLinks wakes on address notices too).
+	var ownUsers []func([]netip.Addr)
+	if d.proxy != nil {
+		ownUsers = append(ownUsers, d.proxy.SetOwnAddrs)
+	}
+	if d.capture != nil {
+		ownUsers = append(ownUsers, d.capture.SetOwnAddrs)
+	}
+	if len(ownUsers) > 0 {
+		af := &addrFollower{read: netutil.HostAddrs, users: ownUsers, log: d.log}
+		follow = append(follow, af.check)
+	}
+	if d.proxy != nil && followExplicit {
+		prx := d.proxy
+		follow = append(follow, func() {
+			_ = prx.SetExplicitAddrs(explicitListenAddrs(lans, wan, interfaceAddr)) // it logs; tried again on the next wake-up
+		})
 	}
 	if len(follow) > 0 {
 		wg.Add(1)
