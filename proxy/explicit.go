@@ -138,7 +138,8 @@ func (p *Proxy) transportDial(ctx context.Context, _, _ string) (net.Conn, error
 }
 
 // ServeExplicit serves the explicit HTTP/CONNECT proxy on ln until ln
-// fails or the proxy is closed.
+// fails or the proxy is closed. It returns nil when SetExplicitAddrs
+// closed ln.
 func (p *Proxy) ServeExplicit(ln net.Listener) error {
 	srv := &http.Server{
 		Handler:           p.explicitHandler(),
@@ -164,6 +165,10 @@ func (p *Proxy) ServeExplicit(ln net.Listener) error {
 	p.ownAddrs()
 	err := srv.Serve(peekListener{ln, p})
 	if errors.Is(err, http.ErrServerClosed) {
+		return nil
+	}
+	if p.retiredExplicit(ln) {
+		p.retireServer(srv)
 		return nil
 	}
 	return err

@@ -5,6 +5,7 @@ import (
 	"errors"
 	"fmt"
 	"net"
+	"net/http"
 	"slices"
 
 	"egressd/audit"
@@ -18,8 +19,9 @@ import (
 // prefix): SetExplicitAddrs opens a listener on each address it is given
 // that has none, and closes those it is not given any more, the ones Run
 // opened too. A new listener gets the WAN interface's socket filter as the
-// others (listenExplicit, SetDropFrom). Connections a closed listener
-// accepted go on.
+// others (listenExplicit, SetDropFrom). Of the connections a closed
+// listener accepted, a request under way finishes (retireServer) and a
+// tunnel goes on.
 
 // errNotReady is SetExplicitAddrs's answer before Run has opened its
 // listeners.
@@ -76,7 +78,7 @@ func (p *Proxy) SetExplicitAddrs(addrs []string) error {
 		p.explicitLns[a] = ln
 		p.log.Info("proxy: explicit proxy: listening on "+a, "addr", a)
 		go func() {
-			if err := p.serveExplicitListener(ln); err != nil {
+			if err := p.ServeExplicit(ln); err != nil {
 				p.log.Warn("proxy: explicit proxy: stopped listening on "+a, "addr", a, audit.LogError, err.Error())
 			}
 		}()
@@ -84,18 +86,30 @@ func (p *Proxy) SetExplicitAddrs(addrs []string) error {
 	return errors.Join(errs...)
 }
 
-// serveExplicitListener serves ln, an explicit listener the proxy opened
-// on an address, and returns nil once SetExplicitAddrs closed it.
-func (p *Proxy) serveExplicitListener(ln net.Listener) error {
-	err := p.ServeExplicit(ln)
+// retiredExplicit reports whether SetExplicitAddrs closed ln, and forgets
+// it.
+func (p *Proxy) retiredExplicit(ln net.Listener) bool {
 	p.explicitMu.Lock()
+	defer p.explicitMu.Unlock()
 	retired := p.retired[ln]
 	delete(p.retired, ln)
-	p.explicitMu.Unlock()
-	if retired {
-		return nil
-	}
-	return err
+	return retired
+}
+
+// retireServer lets the connections srv, the server of a listener
+// SetExplicitAddrs closed, accepted finish their request (up to its idle
+// timeout), then closes them and forgets srv. Tunnels (CONNECT, taken
+// over from the server) go on: the proxy's Close closes them.
+func (p *Proxy) retireServer(srv *http.Server) {
+	go func() {
+		ctx, cancel := context.WithTimeout(context.Background(), srv.IdleTimeout)
+		_ = srv.Shutdown(ctx)
+		cancel()
+		_ = srv.Close()
+		p.mu.Lock()
+		delete(p.servers, srv)
+		p.mu.Unlock()
+	}()
 }
 
 // forgetListener takes ln off the listeners SetDropFrom gives the filter.

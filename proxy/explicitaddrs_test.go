@@ -88,6 +88,21 @@ func TestSetExplicitAddrs(t *testing.T) {
 	if err := p.SetExplicitAddrs(nil); err != nil || answers(later) || opened() != 0 {
 		t.Errorf("after every address went: %v, %s answers %v, %d listeners filtered", err, later, answers(later), opened())
 	}
+	// The closed listeners' servers are let go (no connection is left
+	// on them).
+	for deadline := time.Now().Add(10 * time.Second); ; {
+		p.mu.Lock()
+		n := len(p.servers)
+		p.mu.Unlock()
+		if n == 0 {
+			break
+		}
+		if time.Now().After(deadline) {
+			t.Errorf("%d servers still kept after their listeners closed", n)
+			break
+		}
+		time.Sleep(20 * time.Millisecond)
+	}
 	if err := p.SetExplicitAddrs([]string{"198.51.100.1:3128"}); err == nil {
 		t.Error("an address not the host's opened")
 	}

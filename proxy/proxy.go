@@ -240,7 +240,7 @@ func (p *Proxy) Run(ctx context.Context) error {
 			p.explicitMu.Lock()
 			p.explicitLns[a] = ln
 			p.explicitMu.Unlock()
-			g.Go(func() error { return p.serveExplicitListener(ln) })
+			g.Go(func() error { return p.ServeExplicit(ln) })
 		}
 		switch {
 		case len(errs) > 0 && p.bound == nil && len(p.boundExplicit) == 0:
