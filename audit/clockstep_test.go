@@ -11,6 +11,7 @@ import (
 	"sync/atomic"
 	"testing"
 	"time"
+	"unsafe"
 )
 
 // TestJournalRotationClockBehind: a gateway without a real-time clock
@@ -141,4 +142,111 @@ func TestReportNotesEventsBeforeFloor(t *testing.T) {
 	if !slices.ContainsFunc(w.Notes, func(n string) bool { return strings.Contains(n, "1 event") && strings.Contains(n, "clock") }) {
 		t.Errorf("windowed report: no note of the event of 1970: %q", w.Notes)
 	}
+}
+
+// TestJournalRotationClockSetBack: a clock that ran ahead and was set back
+// (a bad NTP server, a fake-hwclock's wrong saved time) while egressd ran.
+// Events stamped by time.Now carry a monotonic reading, and time.After
+// compares those, not the wall clock, when both times have one: an event
+// stamped after the step back is later on the monotonic clock, though its
+// wall time is years earlier than the records before it. The newest
+// record by the wall clock must still name the file: a name before a
+// record it holds sorts the file before older ones (the first deleted
+// beyond MaxFiles) and makes --since skip events in the window.
+func TestJournalRotationClockSetBack(t *testing.T) {
+	eng := loadPolicy(t, "policy.yaml")
+	dir := t.TempDir()
+	j, _, _ := openJournal(t, JournalConfig{Dir: dir, MaxFileBytes: 2000, MaxFiles: 100}, eng)
+	defer j.Close()
+	ahead := time.Now() // the clock running ahead, with a monotonic reading
+	const back = 5 * 365 * 24 * time.Hour
+	var clock time.Time
+	j.now = func() time.Time { return clock }
+	base := fixtureEvents(t, eng)[2]
+	// The writer's steps, driven here (Run is not running): one event,
+	// written at once.
+	write := func(at time.Time, port int) {
+		ev := base
+		ev.ClientPort = uint16(port)
+		ev.Time = at
+		clock = at
+		j.writeEvent(ev)
+		j.flush()
+	}
+	rotated := func() int {
+		files, err := LogFiles(dir)
+		if err != nil {
+			t.Fatal(err)
+		}
+		return len(files) - 1
+	}
+	// Ahead: until a file is rotated, and a record after it.
+	n := 0
+	for ; rotated() == 0; n++ {
+		if n == 100 {
+			t.Fatal("no rotation in 100 events")
+		}
+		write(ahead.Add(time.Duration(n)*time.Second), 10000+n)
+	}
+	write(ahead.Add(time.Duration(n)*time.Second), 10000+n)
+	n++
+	// Set back: monotonic later, wall five years earlier; until a second
+	// rotation.
+	for i := 0; rotated() < 2; i++ {
+		if i == 100 {
+			t.Fatal("no second rotation in 100 events")
+		}
+		write(steppedBack(t, ahead, time.Duration(n+i)*time.Second, back), 20000+i)
+	}
+
+	files, err := LogFiles(dir)
+	if err != nil {
+		t.Fatal(err)
+	}
+	// The files in their order hold the events in write order (ports
+	// 10000 up, then 20000 up), and no name is before a record it holds.
+	lastPort := 0
+	for _, f := range files {
+		end, ok := rotatedTime(f)
+		fh, err := os.Open(f)
+		if err != nil {
+			t.Fatal(err)
+		}
+		if _, _, err := ReadEvents(fh, func(ev Event) {
+			if int(ev.ClientPort) <= lastPort {
+				t.Errorf("%s: event of port %d after one of port %d: files out of write order", filepath.Base(f), ev.ClientPort, lastPort)
+			}
+			lastPort = int(ev.ClientPort)
+			if ok && ev.Time.After(end) {
+				t.Errorf("%s holds an event of %v, after its name", filepath.Base(f), ev.Time)
+			}
+		}); err != nil {
+			t.Fatal(err)
+		}
+		fh.Close()
+	}
+}
+
+// steppedBack returns what time.Now returns d after ref when the wall
+// clock was set back by back in between: a monotonic reading d after
+// ref's, a wall time back before ref's plus d. The time package offers no
+// way to make one, so it edits the wall seconds (bits 30 to 62 of the
+// first word when the monotonic bit is set); the checks below fail if the
+// representation ever changes.
+func steppedBack(t *testing.T, ref time.Time, d, back time.Duration) time.Time {
+	t.Helper()
+	tm := ref.Add(d)
+	rep := (*struct {
+		wall uint64
+		ext  int64
+		loc  *time.Location
+	})(unsafe.Pointer(&tm))
+	if rep.wall&(1<<63) == 0 {
+		t.Fatal("steppedBack: ref has no monotonic reading")
+	}
+	rep.wall -= uint64(back/time.Second) << 30
+	if !tm.After(ref) || !tm.Round(0).Equal(ref.Round(0).Add(d-back)) {
+		t.Fatalf("steppedBack: time representation changed: %v after %v", tm, ref)
+	}
+	return tm
 }

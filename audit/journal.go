@@ -701,8 +701,13 @@ func (j *Journal) rotate() {
 	go j.fold()
 }
 
-// saw notes a time recorded in the log, for rotate.
+// saw notes a time recorded in the log, for rotate. It compares wall
+// times: an event stamped by time.Now carries a monotonic reading, and two
+// such times compare by it, so after the clock was set back an event
+// years earlier by the wall clock would count as newer than the records
+// before it, and name the file before them.
 func (j *Journal) saw(t time.Time) {
+	t = t.Round(0) // the wall time alone
 	if t.After(j.newest) {
 		j.newest = t
 	}
