@@ -250,3 +250,44 @@ func steppedBack(t *testing.T, ref time.Time, d, back time.Duration) time.Time {
 	}
 	return tm
 }
+
+// TestReportCountsWrongClockEventsInSkippedFiles: a gateway whose log began
+// before NTP set its clock (a new install, started at 1970) rotated files
+// named 1970. A windowed report skips rotated files whose name is before
+// the window (their events are all before it), and with them the 1970
+// events it says no window holds: the note must count every such event,
+// not only those in files it read.
+func TestReportCountsWrongClockEventsInSkippedFiles(t *testing.T) {
+	eng := loadPolicy(t, "policy.yaml")
+	dir := t.TempDir()
+	j, l, _ := openJournal(t, JournalConfig{Dir: dir, MaxFileBytes: 2000, MaxFiles: 100}, eng)
+	defer j.Close()
+	var clock time.Time
+	j.now = func() time.Time { return clock }
+	base := fixtureEvents(t, eng)[2]
+	// The writer's steps, driven here (Run is not running).
+	write := func(at time.Time, port int) {
+		ev := base
+		ev.ClientPort = uint16(port)
+		ev.Time = at
+		clock = at
+		j.writeEvent(ev)
+		j.flush()
+	}
+	n1970 := 0
+	for files, _ := LogFiles(dir); len(files) < 2; files, _ = LogFiles(dir) {
+		if n1970 == 100 {
+			t.Fatal("no rotation in 100 events")
+		}
+		write(time.Unix(int64(1000+n1970), 0), 10000+n1970)
+		n1970++
+	}
+	// NTP has set the clock: a real-time event.
+	write(reportNow.Add(-time.Hour), 20000)
+
+	want := fmt.Sprintf("%d event(s) stamped before", n1970)
+	w := l.Report(ReportOptions{Now: reportNow, Since: reportNow.Add(-24 * time.Hour)})
+	if !slices.ContainsFunc(w.Notes, func(n string) bool { return strings.HasPrefix(n, want) }) {
+		t.Errorf("windowed report: no note %q...: %q", want, w.Notes)
+	}
+}

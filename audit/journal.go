@@ -293,9 +293,12 @@ func LogFiles(dir string) ([]string, error) {
 
 // readDir reads every log file of dir in order. With repair, a torn last
 // line of the current file is cut off so that appends start on a fresh
-// line. Rotated files older than since (by name) are still read: names
-// say when a file ended, not when its events began. Rotated files named
-// skip or older are in the summary already and are not read.
+// line. With since, a rotated file named before it is skipped (rotate
+// names a file no earlier than the records it holds), except one named
+// before SourceFloor: rotated while the clock was wrong (a log begun at
+// 1970, before NTP set the clock), its events are the ones a windowed
+// report counts as in no window. Rotated files named skip or older are in
+// the summary already and are not read.
 func readDir(dir string, log *slog.Logger, since time.Time, repair bool, skip string, fn func(Event)) (LoadStats, error) {
 	var st LoadStats
 	files, err := LogFiles(dir)
@@ -310,7 +313,7 @@ func readDir(dir string, log *slog.Logger, since time.Time, repair bool, skip st
 			continue
 		}
 		if !since.IsZero() && i < len(files)-1 {
-			if end, ok := rotatedTime(path); ok && end.Before(since) {
+			if end, ok := rotatedTime(path); ok && end.Before(since) && !end.Before(SourceFloor) {
 				continue
 			}
 		}
