@@ -678,8 +678,10 @@ func (j *Journal) rotate() {
 	}
 	j.newest = end
 	name := filepath.Join(j.cfg.Dir, rotatedPrefix+end.Format(rotateStamp)+rotatedSuffix)
-	for i := 1; ; i++ {
-		if _, err := os.Lstat(name); errors.Is(err, os.ErrNotExist) {
+	// Any error but "exists" ends the search (EIO on a failing card): the
+	// rename then fails or succeeds on its own, and the writer goes on.
+	for i := 1; i < 1000; i++ {
+		if _, err := os.Lstat(name); err != nil {
 			break
 		}
 		name = filepath.Join(j.cfg.Dir, fmt.Sprintf("%s%s-%d%s", rotatedPrefix, end.Format(rotateStamp), i, rotatedSuffix))
