@@ -151,9 +151,12 @@ type Journal struct {
 	lastFlush   time.Time
 	lastErrLog  time.Time
 	encodeBuf   []byte
-	testHookPre func()           // tests: called before each write, to stall the writer
-	now         func() time.Time // the clock rotation names files by; nil is time.Now (tests set it)
-	newest      time.Time        // the latest time of a record in the log, and of a rotated file's name
+	testHookPre func() // tests: called before each write, to stall the writer
+	// testHookFolded, when set, is called by fold after each file it
+	// deleted (tests: a report taken then).
+	testHookFolded func()
+	now            func() time.Time // the clock rotation names files by; nil is time.Now (tests set it)
+	newest         time.Time        // the latest time of a record in the log, and of a rotated file's name
 
 	stop    chan struct{}
 	done    chan struct{}
