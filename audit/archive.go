@@ -25,11 +25,12 @@ import (
 // set aside as ArchiveFile+".refused".
 const ArchiveFile = "ledger-archive.json"
 
+// maxArchiveBytes bounds the summary read; a larger file is refused.
+// A variable for tests.
+var maxArchiveBytes = 64 << 20
+
 const (
 	archiveVersion = 1
-	// maxArchiveBytes bounds the summary read; a larger file is refused.
-	// What the ledger keeps bounds what is written far below it.
-	maxArchiveBytes = 64 << 20
 	// maxArchiveRules bounds the rules the summary keeps (the most
 	// recently used): rule names come from policies, renamed over time.
 	maxArchiveRules = 1024
@@ -165,7 +166,7 @@ func parseArchive(b []byte) (*archive, error) {
 // the operator, and out of the way of the next fold's write).
 func loadArchive(dir string, log *slog.Logger, setAside bool) (a *archive, note string) {
 	path := filepath.Join(dir, ArchiveFile)
-	b, err := readRegular(path, maxArchiveBytes)
+	b, err := readRegular(path, int64(maxArchiveBytes))
 	if errors.Is(err, os.ErrNotExist) {
 		return nil, ""
 	}
@@ -218,7 +219,7 @@ func readRegular(path string, limit int64) ([]byte, error) {
 // writeArchive replaces dir's summary atomically: a temporary file,
 // synced, renamed over it, and the directory synced.
 func writeArchive(dir string, a *archive) error {
-	b, err := json.Marshal(a)
+	b, err := fitArchive(a)
 	if err != nil {
 		return fmt.Errorf("audit: write summary: %w", err)
 	}
@@ -249,6 +250,58 @@ func writeArchive(dir string, a *archive) error {
 		d.Close()
 	}
 	return nil
+}
+
+// fitArchive encodes a summary in at most maxArchiveBytes, what the load
+// accepts: while it is larger, it keeps half as many destinations (the
+// most counted) and client addresses per rule, dropped entry and ECH
+// names. Counts are never cut, so no rule is called unused for it. The
+// ledger's bounds keep a summary far below the limit unless LAN clients
+// chose long names that JSON escapes (six bytes a control character).
+func fitArchive(a *archive) ([]byte, error) {
+	for keep := -1; ; {
+		b, err := json.Marshal(a)
+		if err != nil || len(b) <= maxArchiveBytes {
+			return b, err
+		}
+		if keep == 0 {
+			return nil, fmt.Errorf("%d bytes, over %d with no destination or client kept", len(b), maxArchiveBytes)
+		}
+		if keep < 0 {
+			keep = longestList(a)
+		}
+		keep /= 2
+		for i := range a.Rules {
+			r := &a.Rules[i]
+			r.Dests = r.Dests[:min(len(r.Dests), keep)]
+			r.Clients, r.ClientsTruncated = cutClients(r.Clients, r.ClientsTruncated, keep)
+		}
+		for i := range a.Dropped {
+			d := &a.Dropped[i]
+			d.Clients, d.ClientsTruncated = cutClients(d.Clients, d.ClientsTruncated, keep)
+		}
+		a.ECH.Names = a.ECH.Names[:min(len(a.ECH.Names), keep)]
+		a.ECH.Clients, a.ECH.ClientsTruncated = cutClients(a.ECH.Clients, a.ECH.ClientsTruncated, keep)
+	}
+}
+
+func cutClients(cs []netip.Addr, truncated bool, keep int) ([]netip.Addr, bool) {
+	if len(cs) <= keep {
+		return cs, truncated
+	}
+	return cs[:keep], true
+}
+
+// longestList is the length of a's longest destination or client list.
+func longestList(a *archive) int {
+	n := max(len(a.ECH.Names), len(a.ECH.Clients))
+	for _, r := range a.Rules {
+		n = max(n, len(r.Dests), len(r.Clients))
+	}
+	for _, d := range a.Dropped {
+		n = max(n, len(d.Clients))
+	}
+	return n
 }
 
 // removeArchiveTemps removes the temporary files of summary writes that

@@ -2,7 +2,12 @@ package audit
 
 import (
 	"context"
+	"fmt"
+	"log/slog"
+	"os"
+	"path/filepath"
 	"slices"
+	"strings"
 	"testing"
 	"time"
 )
@@ -15,7 +20,7 @@ func TestArchiveFoldWindowRace(t *testing.T) {
 	eng := loadPolicy(t, "policy.yaml")
 	dir := t.TempDir()
 	l := NewLedger(eng, LedgerOptions{})
-	j, _, err := OpenJournal(JournalConfig{Dir: dir, MaxFileBytes: 2000, MaxFiles: 2}, l)
+	j, _, err := OpenJournal(JournalConfig{Dir: dir, MaxFileBytes: 2000, MaxFiles: 2, Logger: slog.New(slog.DiscardHandler)}, l)
 	if err != nil {
 		t.Fatal(err)
 	}
@@ -45,5 +50,56 @@ func TestArchiveFoldWindowRace(t *testing.T) {
 	}
 	if len(bad) > 0 {
 		t.Errorf("%d of %d windowed reports taken right after a fold call ntp unused (coverage from %q)", len(bad), folds, bad)
+	}
+}
+
+// TestArchiveWriteFitsReadCap: the summary written is never larger than
+// the load accepts, however long and escaped the destination names LAN
+// clients chose: one the load refuses is set aside by the next fold and
+// the counts of every file folded before are lost. (With the default
+// bounds one rule's 256 destinations of 255 control characters, each
+// written as \u00XX, take some 400 KB: some 170 such rules, kept up to
+// 1024 across renames, pass 64 MiB.)
+func TestArchiveWriteFitsReadCap(t *testing.T) {
+	defer func(n int) { maxArchiveBytes = n }(maxArchiveBytes)
+	maxArchiveBytes = 256 << 10
+	dir := t.TempDir()
+	j, _, err := OpenJournal(JournalConfig{Dir: dir, MaxFileBytes: 64 << 10, MaxFiles: 1, Logger: slog.New(slog.DiscardHandler)}, NewLedger(nil, LedgerOptions{}))
+	if err != nil {
+		t.Fatal(err)
+	}
+	go j.Run(context.Background())
+	const rules, names = 4, 256
+	n := 0
+	for r := range rules {
+		for i := range names {
+			ev := seqEvent(n+1, t0.Add(time.Duration(n)*time.Second))
+			ev.Rule = fmt.Sprintf("rule-%d", r)
+			ev.Name = fmt.Sprintf("%03d", i) + strings.Repeat("\x01", MaxNameBytes-3)
+			j.Emit(ev)
+			n++
+		}
+	}
+	if err := j.Close(); err != nil {
+		t.Fatal(err)
+	}
+	if fi, err := os.Stat(filepath.Join(dir, ArchiveFile)); err != nil || fi.Size() > int64(maxArchiveBytes) {
+		t.Fatalf("summary: %v, %v (the load takes %d bytes)", fi, err, maxArchiveBytes)
+	}
+	if _, err := os.Stat(filepath.Join(dir, ArchiveFile+archiveRefused)); err == nil {
+		t.Errorf("a fold set the summary aside: it could not read what an earlier one wrote")
+	}
+	l, st, err := LoadDir(dir, nil, LedgerOptions{}, nil)
+	if err != nil {
+		t.Fatal(err)
+	}
+	r := l.Report(ReportOptions{})
+	if r.Totals.Flows != uint64(n) || st.Summarized == 0 || len(r.Notes) != 0 {
+		t.Errorf("after a restart: %d flows (want %d), load %+v, notes %q", r.Totals.Flows, n, st, r.Notes)
+	}
+	for i := range rules {
+		if u := ruleByName(r, fmt.Sprintf("rule-%d", i)); u == nil || u.Flows != names {
+			t.Errorf("rule-%d: %+v, want %d flows", i, u, names)
+		}
 	}
 }
