@@ -103,3 +103,37 @@ func TestArchiveWriteFitsReadCap(t *testing.T) {
 		}
 	}
 }
+
+// TestLoadDirWhileFolding: `egressd report --state-dir` reads the state
+// directory while the daemon may fold a file: the fold coming between the
+// read of the summary and the listing of the files must not lose the
+// file's events (in neither the summary read nor the files listed).
+func TestLoadDirWhileFolding(t *testing.T) {
+	eng := loadPolicy(t, "policy.yaml")
+	dir := t.TempDir()
+	live := writeRotated(t, dir, eng, LedgerOptions{}, slog.New(slog.DiscardHandler))
+	want := live.Report(ReportOptions{Now: reportNow}).Totals.Flows
+	defer func() { testHookArchiveRead = nil }()
+	folded := 0
+	testHookArchiveRead = func() {
+		if folded > 0 {
+			return
+		}
+		// The daemon, another process, folds its oldest kept file.
+		d := &Journal{cfg: JournalConfig{Dir: dir, MaxFiles: 1}, ledger: NewLedger(nil, LedgerOptions{}), log: slog.New(slog.DiscardHandler)}
+		d.folds.Add(1)
+		d.fold()
+		files, _ := LogFiles(dir)
+		folded = 3 - len(files)
+	}
+	l, _, err := LoadDir(dir, eng, LedgerOptions{}, slog.New(slog.DiscardHandler))
+	if err != nil {
+		t.Fatal(err)
+	}
+	if folded != 1 {
+		t.Fatalf("the simulated daemon folded %d files, want 1", folded)
+	}
+	if got := l.Report(ReportOptions{Now: reportNow}).Totals.Flows; got != want {
+		t.Errorf("LoadDir while a file was folded: %d flows, want %d", got, want)
+	}
+}

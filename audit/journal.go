@@ -15,6 +15,7 @@ import (
 	"strings"
 	"sync"
 	"sync/atomic"
+	"syscall"
 	"time"
 
 	"github.com/prometheus/client_golang/prometheus"
@@ -218,8 +219,30 @@ func LoadDir(dir string, eng *policy.Engine, opt LedgerOptions, log *slog.Logger
 	if log == nil {
 		log = slog.Default()
 	}
-	l := NewLedger(eng, opt)
-	st, err := loadInto(dir, log, false, l, nil)
+	// A running daemon may rotate or fold a file while this reads: a
+	// fold between the read of the summary and the listing of the files
+	// would leave a file's events in neither, a rotation would rename
+	// the current file before it is read. Read again when the summary or
+	// the rotated files changed meanwhile.
+	var l *Ledger
+	var st LoadStats
+	var err error
+	for try := 1; ; try++ {
+		before := dirState(dir)
+		l = NewLedger(eng, opt)
+		st, err = loadInto(dir, log, false, l, nil)
+		changed := before != dirState(dir)
+		if (err == nil || errors.Is(err, os.ErrNotExist)) && changed && try < 4 {
+			continue
+		}
+		if err == nil && changed {
+			log.Warn("audit: the event log kept changing while it was read (a running daemon rotating it); counts may miss a file", "dir", dir)
+			l.mu.Lock()
+			l.archNote = strings.TrimPrefix(l.archNote+"; the event log kept changing while it was read (a running daemon rotating it): counts may miss a file", "; ")
+			l.mu.Unlock()
+		}
+		break
+	}
 	if err != nil {
 		return nil, st, err
 	}
@@ -231,6 +254,23 @@ func LoadDir(dir string, eng *policy.Engine, opt LedgerOptions, log *slog.Logger
 	return l, st, nil
 }
 
+// dirState identifies what a rotation or a fold changes in dir: the
+// summary file and the names of the rotated files.
+func dirState(dir string) string {
+	var b strings.Builder
+	if fi, err := os.Stat(filepath.Join(dir, ArchiveFile)); err == nil {
+		fmt.Fprintf(&b, "%d %d", fi.Size(), fi.ModTime().UnixNano())
+		if sys, ok := fi.Sys().(*syscall.Stat_t); ok {
+			fmt.Fprintf(&b, " %d", sys.Ino)
+		}
+	}
+	files, _ := LogFiles(dir)
+	for _, f := range files {
+		b.WriteString("\n" + filepath.Base(f))
+	}
+	return b.String()
+}
+
 // loadInto starts the fresh ledger l from dir's summary of rotated-out
 // files, if any, then adds the events of the kept files. With repair
 // (the daemon), a torn last line is cut and an unreadable summary is set
@@ -238,6 +278,9 @@ func LoadDir(dir string, eng *policy.Engine, opt LedgerOptions, log *slog.Logger
 // each, when not nil, sees every event of the kept files first.
 func loadInto(dir string, log *slog.Logger, repair bool, l *Ledger, each func(Event)) (LoadStats, error) {
 	a, note := loadArchive(dir, log, repair)
+	if testHookArchiveRead != nil {
+		testHookArchiveRead()
+	}
 	skip := ""
 	if a != nil {
 		l.importArchive(a)
@@ -263,6 +306,10 @@ func loadInto(dir string, log *slog.Logger, repair bool, l *Ledger, each func(Ev
 	}
 	return st, err
 }
+
+// testHookArchiveRead, when set, is called by loadInto between reading
+// the summary and reading the files (tests: a fold then).
+var testHookArchiveRead func()
 
 // scan streams the recorded events (for windowed reports). It holds off
 // rotation, which renames the current file and opens a new one: a listing
