@@ -137,3 +137,37 @@ func TestLoadDirWhileFolding(t *testing.T) {
 		t.Errorf("LoadDir while a file was folded: %d flows, want %d", got, want)
 	}
 }
+
+// TestRotateNameTaken: when the name rotation would give a file is taken
+// (a file put there after the start), the file still gets a name that
+// sorts after every other: file order is write order, which the fold
+// (the oldest first) and the summary's LastFile rely on. A "-1" suffix
+// sorts before the name it extends ('-' < '.').
+func TestRotateNameTaken(t *testing.T) {
+	dir := t.TempDir()
+	j, _, err := OpenJournal(JournalConfig{Dir: dir, MaxFileBytes: 1000, MaxFiles: 100, Logger: slog.New(slog.DiscardHandler)}, NewLedger(nil, LedgerOptions{}))
+	if err != nil {
+		t.Fatal(err)
+	}
+	end := t0.Add(time.Hour)
+	j.now = func() time.Time { return end }
+	taken := rotatedPrefix + end.Format(rotateStamp) + rotatedSuffix
+	if err := os.WriteFile(filepath.Join(dir, taken), nil, 0o640); err != nil {
+		t.Fatal(err)
+	}
+	go j.Run(context.Background())
+	for i := range 10 {
+		j.Emit(seqEvent(i+1, t0.Add(time.Duration(i)*time.Second)))
+	}
+	if err := j.Close(); err != nil {
+		t.Fatal(err)
+	}
+	files, err := LogFiles(dir)
+	if err != nil {
+		t.Fatal(err)
+	}
+	rotated := files[:len(files)-1]
+	if len(rotated) < 2 || filepath.Base(rotated[0]) != taken {
+		t.Errorf("rotated files %q: the one written first is not %s", rotated, taken)
+	}
+}

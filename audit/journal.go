@@ -726,16 +726,23 @@ func (j *Journal) rotate() {
 	if !j.newest.IsZero() && !end.After(j.newest) {
 		end = j.newest.UTC().Add(time.Nanosecond)
 	}
-	j.newest = end
+	// A taken name (a file put there since the start) moves the end on
+	// by a nanosecond: a suffix would sort before the name it extends.
 	name := filepath.Join(j.cfg.Dir, rotatedPrefix+end.Format(rotateStamp)+rotatedSuffix)
 	// Any error but "exists" ends the search (EIO on a failing card): the
 	// rename then fails or succeeds on its own, and the writer goes on.
-	for i := 1; i < 1000; i++ {
+	for i := 0; ; i++ {
 		if _, err := os.Lstat(name); err != nil {
 			break
 		}
-		name = filepath.Join(j.cfg.Dir, fmt.Sprintf("%s%s-%d%s", rotatedPrefix, end.Format(rotateStamp), i, rotatedSuffix))
+		if i == 1<<16 {
+			j.failed(fmt.Errorf("rotate: %s and the %d names after it are taken", name, i))
+			return
+		}
+		end = end.Add(time.Nanosecond)
+		name = filepath.Join(j.cfg.Dir, rotatedPrefix+end.Format(rotateStamp)+rotatedSuffix)
 	}
+	j.newest = end
 	if err := os.Rename(cur, name); err != nil {
 		j.failed(err)
 		return
