@@ -208,6 +208,9 @@ type Stats struct {
 	DNSQueries  uint64 // DNS queries seen
 	DNSAnswers  uint64 // DNS responses seen
 	KernelDrops uint64 // packets the kernel dropped on the capture socket (live)
+	// SocketErrors counts sockets that failed to read (live): each was
+	// closed and opened again, capture going on on the others.
+	SocketErrors uint64
 }
 
 // Capture is the flow auditor. Use New; Run captures live, ReadFile reads a
@@ -236,6 +239,14 @@ type Capture struct {
 	swaps   []swap
 	swapped atomic.Bool
 	wake    chan struct{}
+	// failed says Run closed a socket that failed to read since Follow
+	// last looked (Follow reports it as a change); changes asks the
+	// caller to call Follow (Changes).
+	failed  bool
+	changes chan struct{}
+	// openRingHook, when set (by tests), opens the sockets instead of
+	// openRing.
+	openRingHook func(name string) (packetSource, error)
 	// followMu keeps Follow to one caller at a time.
 	followMu sync.Mutex
 	// retiredDrops are the kernel's drops on the sockets Run closed.
@@ -267,18 +278,47 @@ type packetSource interface {
 // opened again on a re-made interface carries on its flows) and that
 // interface's MAC address (a frame from it was sent by the gateway).
 type source struct {
-	name   string
-	slot   int
-	h      packetSource // nil: no socket on the interface
-	mac    [6]byte
-	hasMAC bool
+	name    string
+	slot    int
+	ifindex int          // the index h is bound to
+	h       packetSource // nil: no socket on the interface
+	mac     [6]byte
+	hasMAC  bool
 }
 
 // ifaceState is what capture knows of one of Config.Interfaces.
 type ifaceState struct {
 	ifindex int   // the index its socket is bound to; 0: no socket
 	why     error // why there is no socket; nil when there is one
+	// link is why the interface carries no traffic while it exists:
+	// linkDown (administratively down), linkNoCarrier, or "" (up).
+	link string
+	// A socket that failed to read (readFailed) is opened again by
+	// Follow from retryAt on; fails counts the failures in a row
+	// (reset when the socket had read for maxReopenWait), opened is
+	// when Follow last opened one.
+	fails   int
+	retryAt time.Time
+	opened  time.Time
 }
+
+// Link states of ifaceState.link.
+const (
+	linkDown      = "down"
+	linkNoCarrier = "no carrier"
+)
+
+// readFailed says capture closed the socket on an interface because it
+// failed to read; Follow opens another.
+type readFailed struct {
+	name string
+	err  error
+}
+
+func (r readFailed) Error() string {
+	return "capture: read " + r.name + ": " + r.err.Error() + " (socket closed; opened again shortly)"
+}
+func (r readFailed) Unwrap() error { return r.err }
 
 // swap is a socket Follow opened on an interface (h set) or closed (h
 // nil: the interface went away), for Run to put in slot's place.
@@ -327,6 +367,40 @@ func (c *Capture) NotListening() []error {
 	return out
 }
 
+// LinkDown returns, in Config.Interfaces' order, the interfaces capture
+// has a socket on that carry no traffic: "eth1 is down" (set down: ip
+// link set down, ifdown) or "eth1 has no carrier" (a cable unplugged, a
+// veth's peer down). The socket stays open and hears the interface
+// again once it is up; Follow notices both changes. Nil before Open.
+func (c *Capture) LinkDown() []string {
+	c.mu.Lock()
+	defer c.mu.Unlock()
+	var out []string
+	for i, st := range c.ifaces {
+		switch {
+		case st.ifindex == 0:
+		case st.link == linkDown:
+			out = append(out, c.cfg.Interfaces[i]+" is down")
+		case st.link == linkNoCarrier:
+			out = append(out, c.cfg.Interfaces[i]+" has no carrier")
+		}
+	}
+	return out
+}
+
+// Changes returns a channel capture sends on (without blocking) when it
+// wants Follow called besides the link changes: it closed a socket that
+// failed to read, and when that socket's reopening is due.
+func (c *Capture) Changes() <-chan struct{} { return c.changes }
+
+// poke sends on changes without blocking.
+func (c *Capture) poke() {
+	select {
+	case c.changes <- struct{}{}:
+	default:
+	}
+}
+
 // New checks the configuration and returns a Capture. It opens nothing.
 func New(cfg Config, deps Deps) (*Capture, error) {
 	if err := cfg.Validate(); err != nil {
@@ -343,7 +417,7 @@ func New(cfg Config, deps Deps) (*Capture, error) {
 		log = slog.New(slog.DiscardHandler)
 	}
 	cfg = cfg.withDefaults()
-	c := &Capture{cfg: cfg, deps: deps, log: log.With(audit.LogComponent, "capture"), clock: time.Now, wake: make(chan struct{}, 1)}
+	c := &Capture{cfg: cfg, deps: deps, log: log.With(audit.LogComponent, "capture"), clock: time.Now, wake: make(chan struct{}, 1), changes: make(chan struct{}, 1)}
 	c.learned = newLearned(cfg.MaxLearned)
 	c.m = newMetrics()
 	c.proc = newProc(c)

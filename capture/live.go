@@ -85,36 +85,54 @@ func (c *Capture) Open() error {
 	c.ifaces = make([]ifaceState, len(c.cfg.Interfaces))
 	c.sources = make([]source, len(c.cfg.Interfaces))
 	for i, name := range c.cfg.Interfaces {
-		s, idx, err := c.openSource(i, name)
+		s, st := c.openSource(i, name)
 		c.sources[i] = s
-		c.ifaces[i] = ifaceState{ifindex: idx, why: err}
-		if err != nil {
-			errs = append(errs, err)
+		c.ifaces[i] = st
+		if st.why != nil {
+			errs = append(errs, st.why)
 		}
 	}
 	return errors.Join(errs...)
 }
 
 // openSource opens the socket of slot on the interface name, and returns
-// it with the index it is bound to. The index is looked up before the
-// socket is bound: an interface re-made in between has a socket on the
-// new one and the old index, which Follow then replaces (the other way
-// round, a socket on the old one with the new index would stay deaf).
-func (c *Capture) openSource(slot int, name string) (source, int, error) {
+// it with what capture knows of the interface then: the index the socket
+// is bound to (or why there is none) and its link state. The index is
+// looked up before the socket is bound: an interface re-made in between
+// has a socket on the new one and the old index, which Follow then
+// replaces (the other way round, a socket on the old one with the new
+// index would stay deaf).
+func (c *Capture) openSource(slot int, name string) (source, ifaceState) {
 	s := source{name: name, slot: slot}
 	ifi, err := net.InterfaceByName(name)
 	if err != nil {
-		return s, 0, noInterface(name)
+		return s, ifaceState{why: noInterface(name)}
 	}
-	h, err := c.openRing(name)
+	open := c.openRing
+	if c.openRingHook != nil {
+		open = c.openRingHook
+	}
+	h, err := open(name)
 	if err != nil {
-		return s, 0, err
+		return s, ifaceState{why: err}
 	}
-	s.h = h
+	s.h, s.ifindex = h, ifi.Index
 	if len(ifi.HardwareAddr) == 6 {
 		s.mac, s.hasMAC = [6]byte(ifi.HardwareAddr), true
 	}
-	return s, ifi.Index, nil
+	return s, ifaceState{ifindex: ifi.Index, link: linkOf(ifi.Flags), opened: time.Now()}
+}
+
+// linkOf is the link state (ifaceState.link) of an interface's flags.
+// IFF_RUNNING is the kernel's operational state: up with a carrier.
+func linkOf(f net.Flags) string {
+	switch {
+	case f&net.FlagUp == 0:
+		return linkDown
+	case f&net.FlagRunning == 0:
+		return linkNoCarrier
+	}
+	return ""
 }
 
 // Follow looks at each of Config.Interfaces: on one that appeared since
@@ -122,12 +140,18 @@ func (c *Capture) openSource(slot int, name string) (source, int, error) {
 // VLAN re-made, a USB NIC plugged in again) it opens a socket, and closes
 // the one bound to the old index; for one that went away it closes the
 // socket (an AF_PACKET socket stays bound to the index it was given,
-// deaf once the interface is gone). Run takes the new sockets between
-// two packets. It logs one line for each change (capture: listening on
-// X, capture: X went away) and reports whether there was one. The
-// caller calls it on link changes (netlink) and now and then besides;
-// a socket is opened in the network namespace of the caller's thread.
-// It does nothing before Open.
+// deaf once the interface is gone). It opens another socket on an
+// interface whose socket Run closed because it failed to read, once its
+// wait is over (Changes says when). Run takes the new sockets between
+// two packets. An interface set down or up, or that lost or regained its
+// carrier, keeps its socket (the kernel hooks it in again when the
+// interface comes up): Follow notes the change (LinkDown). It logs one
+// line for each change (capture: listening on X, capture: X went away,
+// capture: X is down, capture: X has no carrier, capture: X is up
+// again) and reports whether there was one, or a socket Run closed
+// since. The caller calls it on link changes (netlink), on Changes and
+// now and then besides; a socket is opened in the network namespace of
+// the caller's thread. It does nothing before Open.
 func (c *Capture) Follow() bool {
 	c.followMu.Lock()
 	defer c.followMu.Unlock()
@@ -137,15 +161,36 @@ func (c *Capture) Follow() bool {
 		return false
 	}
 	was := slices.Clone(c.ifaces)
+	changed := c.failed
+	c.failed = false
 	c.mu.Unlock()
-	changed := false
+	now := time.Now()
 	for i, name := range c.cfg.Interfaces {
-		idx := 0
+		idx, link := 0, ""
 		if ifi, err := net.InterfaceByName(name); err == nil {
-			idx = ifi.Index
+			idx, link = ifi.Index, linkOf(ifi.Flags)
 		}
-		if idx == was[i].ifindex && (idx != 0 || errors.Is(was[i].why, ErrNoInterface)) {
+		if idx != 0 && idx == was[i].ifindex {
+			if link != was[i].link && c.setLink(i, idx, link) {
+				changed = true
+				switch link {
+				case linkDown:
+					c.log.Warn("capture: "+name+" is down", "interface", name)
+				case linkNoCarrier:
+					c.log.Warn("capture: "+name+" has no carrier", "interface", name)
+				default:
+					c.log.Info("capture: "+name+" is up again", "interface", name, "was", was[i].link)
+				}
+			}
 			continue
+		}
+		if idx == 0 && errors.Is(was[i].why, ErrNoInterface) {
+			continue
+		}
+		var rf readFailed
+		failed := was[i].ifindex == 0 && errors.As(was[i].why, &rf)
+		if idx != 0 && failed && now.Before(was[i].retryAt) {
+			continue // opened again once its wait is over
 		}
 		var st ifaceState
 		var src source
@@ -153,9 +198,15 @@ func (c *Capture) Follow() bool {
 			src = source{name: name, slot: i}
 			st.why = noInterface(name)
 		} else {
-			var err error
-			src, idx, err = c.openSource(i, name)
-			st = ifaceState{ifindex: idx, why: err}
+			src, st = c.openSource(i, name)
+		}
+		if failed && idx != 0 {
+			st.fails = was[i].fails
+			if st.why != nil {
+				// Opening failed too: wait again before the next try.
+				st.why, st.retryAt = readFailed{name: name, err: st.why}, now.Add(reopenWait(st.fails))
+				time.AfterFunc(reopenWait(st.fails), c.poke)
+			}
 		}
 		if st.ifindex == was[i].ifindex && fmt.Sprint(st.why) == fmt.Sprint(was[i].why) {
 			if src.h != nil {
@@ -194,6 +245,62 @@ func (c *Capture) Follow() bool {
 	return changed
 }
 
+// setLink records the link state of slot's interface, if its socket is
+// still bound to idx, and reports whether it did.
+func (c *Capture) setLink(slot, idx int, link string) bool {
+	c.mu.Lock()
+	defer c.mu.Unlock()
+	if c.closed || !c.opened || c.ifaces[slot].ifindex != idx {
+		return false
+	}
+	c.ifaces[slot].link = link
+	return true
+}
+
+// How long capture waits before it opens again a socket that failed to
+// read: minReopenWait after the first failure, doubling with each
+// failure in a row up to maxReopenWait. A socket that read for
+// maxReopenWait before it failed starts over.
+const (
+	minReopenWait = time.Second
+	maxReopenWait = time.Minute
+)
+
+func reopenWait(fails int) time.Duration {
+	d := minReopenWait
+	for i := 1; i < fails && d < maxReopenWait; i++ {
+		d *= 2
+	}
+	return min(d, maxReopenWait)
+}
+
+// sockFailed is Run's part when s failed to read with err: capture
+// closes it (Run drops it from the sockets it reads) and goes on with the
+// others; Follow opens another after reopenWait. It counts the failure
+// and logs it, once.
+func (c *Capture) sockFailed(s source, err error) {
+	c.proc.stats.socketErrors.Add(1)
+	now := time.Now()
+	c.mu.Lock()
+	wait := minReopenWait
+	if s.slot < len(c.ifaces) && c.ifaces[s.slot].ifindex == s.ifindex {
+		// Not when Follow replaced it meanwhile: the new one stands.
+		st := &c.ifaces[s.slot]
+		if now.Sub(st.opened) >= maxReopenWait {
+			st.fails = 0
+		}
+		st.fails++
+		wait = reopenWait(st.fails)
+		st.ifindex, st.link, st.why, st.retryAt = 0, "", readFailed{name: s.name, err: err}, now.Add(wait)
+		c.failed = true
+	}
+	c.mu.Unlock()
+	c.log.Warn("capture: reading "+s.name+" failed; its socket is closed and opened again in "+wait.String()+", capture goes on on the other interfaces",
+		"interface", s.name, audit.LogError, err.Error())
+	c.poke()
+	time.AfterFunc(wait, c.poke)
+}
+
 // takeSwaps puts the sockets Follow opened or closed into srcs, the open
 // ones Run reads, in slot order; heads go with their sockets. A socket
 // whose packet is held in heads is replaced only once that packet went
@@ -225,6 +332,13 @@ func (c *Capture) takeSwaps(srcs []source, heads []head) ([]source, []head) {
 		c.sources = append(c.sources, s)
 	}
 	return srcs, heads
+}
+
+// retireLocked is retire, taking c.mu.
+func (c *Capture) retireLocked(s source) {
+	c.mu.Lock()
+	defer c.mu.Unlock()
+	c.retire(s)
 }
 
 // retire closes a socket Run read, keeping its kernel drops in the sum.
@@ -345,9 +459,10 @@ func mustAssemble(prog []bpf.Instruction) []bpf.RawInstruction {
 // ctx is done, then ends every open flow (emitting their events) and
 // returns nil. It reads the sockets in turn, a packet from each, in one
 // goroutine: the flow table is one. With no socket open (every interface
-// does not exist yet, or went away) it waits for Follow. Errors opening
-// the sockets (but for interfaces that do not exist), or reading one,
-// are returned.
+// does not exist yet, or went away, or its socket failed) it waits for
+// Follow. A socket that fails to read is closed and Follow opens another
+// (sockFailed); Run reads the others meanwhile. Errors opening the
+// sockets (but for interfaces that do not exist) are returned.
 func (c *Capture) Run(ctx context.Context) error {
 	err := c.Open()
 	c.mu.Lock()
@@ -410,22 +525,38 @@ func (c *Capture) Run(ctx context.Context) error {
 			p.setSources(srcs)
 			c.updateDrops(srcs)
 		}
-		for i, s := range srcs {
+		failed := false
+		for i := 0; i < len(srcs); i++ {
 			if heads[i].ok {
 				continue
 			}
-			data, ci, err := s.h.ZeroCopyReadPacketData()
+			data, ci, err := srcs[i].h.ZeroCopyReadPacketData()
 			switch {
 			case err == nil:
 				heads[i] = head{data: data, ci: ci, ok: true}
 			case errors.Is(err, afpacket.ErrTimeout), errors.Is(err, afpacket.ErrPoll):
-				// ErrPoll: the socket has an error pending (the
-				// interface went down, or away: Follow replaces it).
+				// ErrPoll: the socket has an error pending, ENETDOWN
+				// from when the interface was set down (it stays
+				// pending, unread; the kernel hooks the socket in
+				// again when the interface is up, and afpacket polls
+				// only when the ring has no packet), or went away
+				// (Follow replaces the socket).
 			default:
-				p.flush("shutdown")
-				p.dropPending()
-				return fmt.Errorf("capture: read %s: %w", s.name, err)
+				// This socket only: closed, and opened again by
+				// Follow; the others are read on.
+				c.sockFailed(srcs[i], err)
+				c.retireLocked(srcs[i])
+				srcs, heads = slices.Delete(srcs, i, i+1), slices.Delete(heads, i, i+1)
+				i--
+				failed = true
 			}
+		}
+		if failed {
+			c.mu.Lock()
+			c.sources = append(c.sources[:0], srcs...)
+			c.mu.Unlock()
+			p.setSources(srcs)
+			continue
 		}
 		now := time.Now()
 		if i, hold := p.nextHead(heads, now); i >= 0 {

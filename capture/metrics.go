@@ -44,6 +44,7 @@ func (m *metrics) register(r prometheus.Registerer, c *Capture) error {
 		counter("http_requests_total", "Later requests of plain-HTTP flows capture followed and recorded (audit mode), and request streams it refused.", func(s Stats) uint64 { return s.Requests }),
 		counter("http_unfollowed_flows_total", "Plain-HTTP flows whose later requests capture stopped following (a missing segment, bytes cut off, MaxStreamBytes).", func(s Stats) uint64 { return s.Unfollowed }),
 		counter("kernel_drops_total", "Packets the kernel dropped on the capture socket.", func(s Stats) uint64 { return s.KernelDrops }),
+		counter("socket_errors_total", "Capture sockets that failed to read, closed and opened again (capture goes on on the other LAN interfaces meanwhile).", func(s Stats) uint64 { return s.SocketErrors }),
 		counter("client_hellos_total", "TLS ClientHellos parsed, over TCP and QUIC.", func(s Stats) uint64 { return s.Hellos }),
 		counter("quic_initials_opened_total", "QUIC Initial packets decrypted.", func(s Stats) uint64 { return s.QUICOpened }),
 		counter("fragments_total", "IP fragments seen.", func(s Stats) uint64 { return s.Fragments }),
