@@ -26,11 +26,28 @@ const linkRecheck = 30 * time.Second
 // interfaces: Capture.Follow) and what holds the gateway's addresses (the
 // proxies' and capture's own addresses: addrFollower; the explicit
 // listeners on the LAN addresses). They run in this goroutine, one after
-// the other, each cheap when nothing changed.
-func (d *daemon) watchLinks(ctx context.Context, checks []func()) {
+// the other, each cheap when nothing changed. A send on one of wakes
+// (capture's Changes: a socket failed, or is due to be opened again)
+// calls them too.
+func (d *daemon) watchLinks(ctx context.Context, checks []func(), wakes ...<-chan struct{}) {
 	wake := make(chan struct{}, 1)
 	if err := linkNotices(ctx, wake); err != nil {
 		d.log.Warn("links: no netlink link and address notices; the WAN interface's index, capture's LAN interfaces and the gateway's addresses are checked every "+linkRecheck.String(), audit.LogError, err.Error())
+	}
+	for _, w := range wakes {
+		go func() {
+			for {
+				select {
+				case <-ctx.Done():
+					return
+				case <-w:
+					select {
+					case wake <- struct{}{}:
+					default:
+					}
+				}
+			}
+		}()
 	}
 	t := time.NewTicker(linkRecheck)
 	defer t.Stop()

@@ -426,26 +426,34 @@ func (d *daemon) undegrade(part string) {
 }
 
 // captureHealth records, for /readyz and the summary, the LAN interfaces
-// capture has no socket on (the part "capture" not running), or that it
-// has one on each; nothing once its Run has returned (ended).
+// capture has no socket on, or that are down or have no carrier (the part
+// "capture" not running), or that it has one on each, up; nothing once
+// its Run has returned (ended).
 func (d *daemon) captureHealth(c *capture.Capture, ended *atomic.Bool) {
 	if ended.Load() {
 		return
 	}
-	not := c.NotListening()
-	if len(not) == 0 {
+	not, down := c.NotListening(), c.LinkDown()
+	if len(not) == 0 && len(down) == 0 {
 		d.undegrade("capture")
 		return
 	}
-	why := make([]string, len(not))
-	for i, err := range not {
-		why[i] = err.Error()
+	var why []string
+	if len(not) > 0 {
+		msg := make([]string, len(not))
+		for i, err := range not {
+			msg[i] = err.Error()
+		}
+		how := "capture listens on each once it appears"
+		if !onlyMissing(not) {
+			how = "capture tries again when an interface changes, and every " + linkRecheck.String()
+		}
+		why = append(why, fmt.Sprintf("%s (listening on %s meanwhile; %s)", strings.Join(msg, "; "), orNone(strings.Join(c.Listening(), ", ")), how))
 	}
-	how := "capture listens on each once it appears"
-	if !onlyMissing(not) {
-		how = "capture tries again when an interface changes, and every " + linkRecheck.String()
+	if len(down) > 0 {
+		why = append(why, "capture: "+strings.Join(down, ", ")+" (capture keeps its socket and hears it again once it is up)")
 	}
-	d.degrade("capture", fmt.Sprintf("%s (listening on %s meanwhile; %s)", strings.Join(why, "; "), orNone(strings.Join(c.Listening(), ", ")), how))
+	d.degrade("capture", strings.Join(why, "; "))
 }
 
 // onlyMissing reports whether every error of capture.NotListening says
@@ -735,10 +743,14 @@ func (d *daemon) run(ctx context.Context) error {
 		})
 	}
 	if len(follow) > 0 {
+		var wakes []<-chan struct{}
+		if d.capture != nil {
+			wakes = append(wakes, d.capture.Changes()) // a socket failed, or is due to be opened again
+		}
 		wg.Add(1)
 		go func() {
 			defer wg.Done()
-			d.watchLinks(ctx, follow)
+			d.watchLinks(ctx, follow, wakes...)
 		}()
 	}
 
