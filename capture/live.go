@@ -200,15 +200,18 @@ func (c *Capture) Follow() bool {
 		} else {
 			src, st = c.openSource(i, name)
 		}
-		if failed && idx != 0 {
+		failed = failed && idx != 0
+		if failed {
 			st.fails = was[i].fails
 			if st.why != nil {
-				// Opening failed too: wait again before the next try.
-				st.why, st.retryAt = readFailed{name: name, err: st.why}, now.Add(reopenWait(st.fails))
-				time.AfterFunc(reopenWait(st.fails), c.poke)
+				// Opening failed too: wait longer before the next try.
+				st.fails++
+				wait := reopenWait(st.fails)
+				st.why, st.retryAt = readFailed{name: name, err: st.why}, now.Add(wait)
+				time.AfterFunc(wait, c.poke)
 			}
 		}
-		if st.ifindex == was[i].ifindex && fmt.Sprint(st.why) == fmt.Sprint(was[i].why) {
+		if !failed && st.ifindex == was[i].ifindex && fmt.Sprint(st.why) == fmt.Sprint(was[i].why) {
 			if src.h != nil {
 				src.h.Close()
 			}

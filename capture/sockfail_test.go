@@ -72,7 +72,8 @@ func (s *scriptSource) Close() {
 // error). Capture closes that socket only, counts and logs it, says it
 // is not listening there (NotListening: /readyz), reads the other on,
 // and opens the failed one again through Follow once Changes says so;
-// the new socket's packets are read. Before, Run returned the error and
+// an open that fails is tried again after a longer wait; the new
+// socket's packets are read. Before, Run returned the error and
 // capture ended on every LAN interface.
 func TestSocketReadErrorIsolated(t *testing.T) {
 	testnet.RequireRoot(t)
@@ -95,9 +96,17 @@ func TestSocketReadErrorIsolated(t *testing.T) {
 	if err != nil {
 		t.Fatal(err)
 	}
+	refuse, tries := 0, 0 // opens of lana to refuse; opens of lana asked
 	c.openRingHook = func(name string) (packetSource, error) {
 		mu.Lock()
 		defer mu.Unlock()
+		if name == "lana" {
+			tries++
+			if refuse > 0 {
+				refuse--
+				return nil, errors.New("capture test: open refused")
+			}
+		}
 		s := &scriptSource{}
 		opened[name] = append(opened[name], s)
 		return s, nil
@@ -142,6 +151,9 @@ func TestSocketReadErrorIsolated(t *testing.T) {
 	b.push(frame(40001))
 	waitFor("a packet from each socket", func() bool { return c.Stats().Packets >= 2 })
 
+	mu.Lock()
+	refuse = 1 // the first reopen fails too: tried again after a longer wait
+	mu.Unlock()
 	a.fail(errors.New("capture test: injected read error"))
 	if !waitFor("the failed socket closed", func() bool { return a.isClosed() && c.Stats().SocketErrors == 1 }) {
 		t.FailNow()
@@ -160,7 +172,7 @@ func TestSocketReadErrorIsolated(t *testing.T) {
 	waitFor("lanb's packet after lana's socket failed", func() bool { return c.Stats().Packets >= 3 })
 
 	// Changes says when to call Follow again: the reopen is due.
-	for n := 0; n < 20; n++ {
+	for n := 0; n < 40; n++ {
 		if _, k := last("lana"); k == 2 {
 			break
 		}
@@ -177,6 +189,11 @@ func TestSocketReadErrorIsolated(t *testing.T) {
 	if not := c.NotListening(); len(not) != 0 {
 		t.Errorf("NotListening after lana's socket was opened again: %v", not)
 	}
+	mu.Lock()
+	if tries != 3 {
+		t.Errorf("lana's socket asked to open %d times, want 3 (at start, refused, opened)", tries)
+	}
+	mu.Unlock()
 	a2.push(frame(40003))
 	b.push(frame(40004))
 	waitFor("packets from the new socket and the other", func() bool { return c.Stats().Packets >= 5 })
