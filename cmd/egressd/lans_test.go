@@ -128,6 +128,7 @@ func TestRunLANMissingAtStart(t *testing.T) {
 	}
 	ns.MustRun("ip", "link", "add", "nosuch0", "type", "veth", "peer", "name", "nosuch0p")
 	ns.MustRun("ip", "link", "set", "nosuch0", "up")
+	ns.MustRun("ip", "link", "set", "nosuch0p", "up") // a carrier: without one, /readyz says so
 	waitReady(t, ns)
 	stopClean(t, p) // the log is buffered (logbuf): a kill loses its tail
 	if want := `"msg":"capture: listening on nosuch0"`; !strings.Contains(p.Stderr.String(), want) {
@@ -152,6 +153,19 @@ func TestRunOnlyLANMissingAtStart(t *testing.T) {
 	}
 	ns.MustRun("ip", "link", "add", "nosuch0", "type", "veth", "peer", "name", "nosuch0p")
 	ns.MustRun("ip", "link", "set", "nosuch0", "up")
+	// Its peer down: no carrier, which /readyz names until it has one.
+	for deadline := time.Now().Add(10 * time.Second); ; {
+		code, body := readyz(t, ns)
+		if code == 503 && strings.Contains(body, "capture: nosuch0 has no carrier") {
+			break
+		}
+		if time.Now().After(deadline) {
+			t.Errorf("/readyz with nosuch0 up and its peer down: %d %q after 10s, want 503 naming nosuch0 with no carrier", code, body)
+			break
+		}
+		time.Sleep(100 * time.Millisecond)
+	}
+	ns.MustRun("ip", "link", "set", "nosuch0p", "up")
 	waitReady(t, ns)
 	stopClean(t, p) // the log is buffered (logbuf): a kill loses its tail
 	if want := `"msg":"capture: listening on nosuch0"`; !strings.Contains(p.Stderr.String(), want) {
