@@ -298,7 +298,7 @@ func (c *Capture) sockFailed(s source, err error) {
 		c.failed = true
 	}
 	c.mu.Unlock()
-	c.log.Warn("capture: reading "+s.name+" failed; its socket is closed and opened again in "+wait.String()+", capture goes on on the other interfaces",
+	c.log.Warn("capture: reading "+s.name+" failed; its socket is closed and opened again in "+wait.String(),
 		"interface", s.name, audit.LogError, err.Error())
 	c.poke()
 	time.AfterFunc(wait, c.poke)
