@@ -429,6 +429,13 @@ func openTunnel(tp *topo, src, addr, sni string) (net.Conn, error) {
 	if err != nil {
 		return nil, err
 	}
+	return tunnelHello(c, sni)
+}
+
+// tunnelHello sends a ClientHello for sni on c, a connection to the echo
+// origin through the proxy, and reads the origin's answer: c is then a
+// tunnel, its deadline cleared.
+func tunnelHello(c net.Conn, sni string) (net.Conn, error) {
 	hello := buildHello(helloSpec{sni: [][]string{{sni}}})
 	c.SetDeadline(time.Now().Add(10 * time.Second))
 	if _, err := c.Write(hello); err != nil {
