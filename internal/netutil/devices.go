@@ -210,6 +210,30 @@ func (d *Devices) MAC(a netip.Addr) (MAC, bool) {
 	return d.macOf(s, a)
 }
 
+// Device returns the Ethernet address a's frames carry, as MAC does, for
+// counting the addresses of one MAC as one client where clients share
+// limits (the forwarder's rate, the proxy's connections): the counts
+// SameDevice checks do not apply (a host can give itself any number of
+// addresses; a box answering for others is then one client, as a NAT
+// router always was). Unlike MAC it asks the kernel again about an
+// address it found no entry for since the copy was read (within the
+// DevicesMaxLookups bound): a new address's first datagram comes before
+// the gateway has resolved it, and its next ones after.
+func (d *Devices) Device(a netip.Addr) (MAC, bool) {
+	a = deviceAddr(a)
+	if !a.IsValid() {
+		return MAC{}, false
+	}
+	s := d.snapshot()
+	if s == nil {
+		return MAC{}, false
+	}
+	d.mu.Lock()
+	delete(s.none, a)
+	d.mu.Unlock()
+	return d.macOf(s, a)
+}
+
 // deviceAddr returns a as a device address (unmapped, without zone), or
 // the zero Addr when it cannot be one (unspecified, loopback, multicast).
 func deviceAddr(a netip.Addr) netip.Addr {

@@ -449,3 +449,38 @@ func TestDevicesMAC(t *testing.T) {
 		t.Errorf("MAC from a copy older than DevicesMaxStale: %v", m)
 	}
 }
+
+// TestDevicesDevice: Device gives an address's MAC whatever the counts
+// SameDevice checks (a host with many addresses is one client where
+// clients share limits), and asks the kernel again about an address it
+// found no entry for (a new address's first datagram comes before the
+// gateway resolves it), within the lookup bound.
+func TestDevicesDevice(t *testing.T) {
+	f := newFakeNeigh(nb("192.0.2.10", macA), nb("192.0.2.11", macA), nb("2001:db8::10", macA))
+	d, _ := newTestDevices(f)
+	for _, a := range []string{"192.0.2.10", "192.0.2.11", "2001:db8::10"} {
+		if m, ok := d.Device(netip.MustParseAddr(a)); !ok || m != macA {
+			t.Errorf("Device(%s) = %v %v, want %v (two IPv4 addresses: not one device for SameDevice, one for limits)", a, m, ok, macA)
+		}
+	}
+	fresh := netip.MustParseAddr("2001:db8::11")
+	if _, ok := d.Device(fresh); ok {
+		t.Fatal("an address the kernel does not know has a device")
+	}
+	f.set(nb("2001:db8::11", macA))
+	if m, ok := d.Device(fresh); !ok || m != macA {
+		t.Errorf("an address resolved since it was asked: %v %v, want %v", m, ok, macA)
+	}
+	if _, ok := d.MAC(netip.MustParseAddr("2001:db8::12")); ok {
+		t.Fatal("MAC of an unknown address")
+	}
+	for i := range DevicesMaxLookups + 10 {
+		d.Device(netip.AddrFrom16([16]byte{0x20, 0x01, 0x0d, 0xb8, 1, 14: byte(i >> 8), 15: byte(i)}))
+	}
+	if n := f.gets.Load(); n > DevicesMaxLookups {
+		t.Errorf("%d single lookups in one copy, bound %d", n, DevicesMaxLookups)
+	}
+	if _, ok := d.Device(netip.MustParseAddr("127.0.0.1")); ok {
+		t.Error("loopback has a device")
+	}
+}

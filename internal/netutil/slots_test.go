@@ -1,0 +1,146 @@
+package netutil
+
+import (
+	"net"
+	"net/netip"
+	"sync"
+	"testing"
+)
+
+// slotDevices maps addresses to MACs for ClientSlots' tests, counting the
+// lookups.
+type slotDevices struct {
+	mu   sync.Mutex
+	mac  map[netip.Addr]net.HardwareAddr
+	asks int
+}
+
+func (f *slotDevices) of(a netip.Addr) net.HardwareAddr {
+	f.mu.Lock()
+	defer f.mu.Unlock()
+	f.asks++
+	return f.mac[a]
+}
+
+func (f *slotDevices) set(a netip.Addr, m net.HardwareAddr) {
+	f.mu.Lock()
+	defer f.mu.Unlock()
+	f.mac[a] = m
+}
+
+// TestClientSlotsPerDevice: the addresses of one device share one
+// client's cap, however many there are (before, 10 addresses took a cap
+// of 100 at 10 each); another device and an address without one keep
+// their own; an address whose device is found only after its first
+// connections joins the device's count with them; the device table is
+// asked at doubling counts; every release leaves nothing behind.
+func TestClientSlotsPerDevice(t *testing.T) {
+	devs := &slotDevices{mac: map[netip.Addr]net.HardwareAddr{}}
+	c := NewClientSlots(100, 10, devs.of)
+	flooder := net.HardwareAddr{2, 0, 0, 0, 0, 0xf}
+	var addrs []netip.Addr
+	for i := range 40 {
+		a := netip.AddrFrom16([16]byte{0x20, 0x01, 0x0d, 0xb8, 1, 15: byte(i)})
+		devs.set(a, flooder)
+		addrs = append(addrs, a)
+	}
+	var held []netip.Addr
+	var last SlotRefusal
+	for range 5 {
+		for _, a := range addrs {
+			if ok, why := c.Acquire(a); ok {
+				held = append(held, a)
+			} else {
+				last = why
+			}
+		}
+	}
+	if len(held) != 10 {
+		t.Errorf("one device's 40 addresses hold %d slots, want one client's cap (10)", len(held))
+	}
+	if last.Scope != "client" || last.Client != 10 || last.MAC.String() != flooder.String() {
+		t.Errorf("refusal %+v, want scope client, 10 held, the device's MAC", last)
+	}
+	if k := c.Key(addrs[3]); k.MAC != string(flooder) || k.Addr.IsValid() {
+		t.Errorf("Key of a device's address: %+v", k)
+	}
+
+	other := netip.MustParseAddr("192.0.2.40")
+	devs.set(other, net.HardwareAddr{2, 0, 0, 0, 0, 0x40})
+	routed := netip.MustParseAddr("198.51.100.9")
+	for _, a := range []netip.Addr{other, routed} {
+		n := 0
+		for range 15 {
+			if ok, _ := c.Acquire(a); ok {
+				n++
+				held = append(held, a)
+			}
+		}
+		if n != 10 {
+			t.Errorf("%s holds %d of 15, want its own cap 10", a, n)
+		}
+	}
+	if k := c.Key(routed); k.Addr != routed || k.MAC != "" {
+		t.Errorf("Key of an address without a device: %+v", k)
+	}
+
+	// An address the table learns after its first connections: they
+	// join the device's count when it is found (at its second).
+	late := netip.MustParseAddr("192.0.2.50")
+	lateMAC := net.HardwareAddr{2, 0, 0, 0, 0, 0x50}
+	if ok, _ := c.Acquire(late); !ok {
+		t.Fatal("a new address's first slot")
+	}
+	devs.set(late, lateMAC)
+	late2 := netip.MustParseAddr("2001:db8:1::50")
+	devs.set(late2, lateMAC)
+	n := 1
+	for range 20 {
+		for _, a := range []netip.Addr{late, late2} {
+			if ok, _ := c.Acquire(a); ok {
+				n++
+				held = append(held, a)
+			}
+		}
+	}
+	held = append(held, late)
+	if n != 10 {
+		t.Errorf("a device found after its address's first slot holds %d, want 10", n)
+	}
+
+	// Doubling: an address without a device that holds slots asks the
+	// table a few times, not per slot.
+	asks := devs.asks
+	for range 5 {
+		c.Release(routed)
+	}
+	for range 100 {
+		if ok, _ := c.Acquire(routed); ok {
+			c.Release(routed)
+		}
+	}
+	if d := devs.asks - asks; d > 4 {
+		t.Errorf("100 slots of an address holding 5 asked the device table %d times", d)
+	}
+	for range 5 {
+		c.Release(routed)
+	}
+	for _, a := range held {
+		if a != routed {
+			c.Release(a)
+		}
+	}
+	if total, a, d := c.Counts(); total != 0 || a != 0 || d != 0 {
+		t.Errorf("after every release: %d slots, %d addresses, %d devices", total, a, d)
+	}
+
+	// The global cap still holds, and a refused new address leaves
+	// nothing behind.
+	g := NewClientSlots(3, 0, nil)
+	for i := range 5 {
+		g.Acquire(netip.AddrFrom4([4]byte{192, 0, 2, byte(i)}))
+	}
+	if total, a, _ := g.Counts(); total != 3 || a != 3 {
+		t.Errorf("global cap 3: %d slots, %d addresses", total, a)
+	}
+}
