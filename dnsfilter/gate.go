@@ -51,6 +51,20 @@ type Firewall interface {
 	Learn(ctx context.Context, eng *policy.Engine, ls []Learned) error
 }
 
+// ClientDevices tells the device of a LAN client address, where a
+// device's addresses share one client's limits (the rate limit). In
+// egressd, cmd/egressd wires the LAN interfaces' neighbour tables
+// (netutil.Devices.Device).
+type ClientDevices interface {
+	// ClientDevice returns the MAC address of client's device; nil when
+	// it has none (a client behind a router, one the neighbour table
+	// does not know yet): the address is then a client of its own. It
+	// may wait briefly for the kernel: the forwarder asks only when an
+	// address is new to its limiter, and again at doubling counts of its
+	// queries while it has none. The caller does not modify the result.
+	ClientDevice(client netip.Addr) net.HardwareAddr
+}
+
 // ClientMACs tells a LAN client's MAC address, for policies whose rules
 // name clients by MAC (policy.Input.ClientMAC). In egressd, cmd/egressd
 // wires the LAN interfaces' neighbour tables (netutil.Devices.MAC);

@@ -2,20 +2,35 @@ package dnsfilter
 
 import (
 	"hash/maphash"
+	"math"
 	"net/netip"
 	"sync"
 	"time"
 )
 
-// rateLimiter is a token bucket per client address (THREATS.md E1, G2). It
-// is bounded: idle buckets are swept, and when a shard is full a new
-// client's bucket takes the place of an idle one, else of a random one.
+// rateLimiter is a token bucket per client (THREATS.md E1, G2): per
+// client address, and per device where devs says several addresses are
+// one LAN device's (one MAC in the neighbour table). A host can give
+// itself any number of addresses of the LAN (IPv6 privacy addresses, free
+// IPv4 ones): with a bucket per address it got the rate once per address.
+// An address's bucket then points to its device's, which its queries
+// spend. devs is asked only when an address is new to the limiter, and
+// again at doubling counts of its queries while it has no device (its
+// first datagram comes before the gateway has resolved it): not on the
+// fast path. It is bounded: idle buckets are swept, and when a shard (or
+// the devices' map) is full a new client's bucket takes the place of an
+// idle one, else of a random one.
 type rateLimiter struct {
 	rate   float64 // tokens per nanosecond
 	burst  float64
 	seed   maphash.Seed
 	perCap int
 	shards [rlShards]rlShard
+	devs   ClientDevices // nil: each address is a client of its own
+
+	devMu  sync.Mutex // guards dev
+	dev    map[string]*devBucket
+	devCap int
 }
 
 const (
@@ -38,10 +53,22 @@ type bucket struct {
 	tokens  float64
 	last    int64 // unix nanoseconds
 	dropped bool  // a query was dropped since the last allowed one
+
+	dev       *devBucket // the device's bucket this address spends; nil: its own
+	queries   uint32     // queries since the bucket was made (saturating)
+	nextCheck uint32     // ask devs at this count, while dev is nil
+}
+
+// devBucket is a device's bucket, shared by the buckets of its addresses
+// (in any shard): it has a lock of its own.
+type devBucket struct {
+	mu sync.Mutex
+	bucket
 }
 
 func newRateLimiter(perSecond float64, burst int) *rateLimiter {
-	r := &rateLimiter{rate: perSecond / float64(time.Second), burst: float64(burst), seed: maphash.MakeSeed(), perCap: rlClients / rlShards}
+	r := &rateLimiter{rate: perSecond / float64(time.Second), burst: float64(burst), seed: maphash.MakeSeed(), perCap: rlClients / rlShards,
+		dev: map[string]*devBucket{}, devCap: rlClients}
 	for i := range r.shards {
 		r.shards[i].m = map[netip.Addr]*bucket{}
 	}
@@ -58,15 +85,65 @@ func (r *rateLimiter) allow(client netip.Addr, now int64) (ok, first bool) {
 	b16 := client.As16()
 	sh := &r.shards[maphash.Bytes(r.seed, b16[:])%rlShards]
 	sh.mu.Lock()
+	b := r.bucketLocked(sh, client, now)
+	if r.devs != nil && b.dev == nil && b.queries+1 >= b.nextCheck {
+		// Ask outside the shard's lock: it may wait for the kernel.
+		b.nextCheck = max(1, b.nextCheck) << 1
+		sh.mu.Unlock()
+		var db *devBucket
+		if mac := r.devs.ClientDevice(client); mac != nil {
+			db = r.device(string(mac), now)
+		}
+		sh.mu.Lock()
+		b = r.bucketLocked(sh, client, now) // it may have been swept meanwhile
+		if b.dev == nil {
+			b.dev = db
+		}
+	}
+	if b.queries < math.MaxUint32 {
+		b.queries++
+	}
+	if db := b.dev; db != nil {
+		sh.mu.Unlock()
+		db.mu.Lock()
+		defer db.mu.Unlock()
+		return db.take(r, now)
+	}
 	defer sh.mu.Unlock()
+	return b.take(r, now)
+}
+
+// bucketLocked returns client's bucket in sh, making it if there is none.
+func (r *rateLimiter) bucketLocked(sh *rlShard, client netip.Addr, now int64) *bucket {
 	b := sh.m[client]
 	if b == nil {
 		if len(sh.m) >= r.perCap {
 			r.sweepLocked(sh, now)
 		}
-		b = &bucket{tokens: r.burst, last: now}
+		b = &bucket{tokens: r.burst, last: now, nextCheck: 1}
 		sh.m[client] = b
 	}
+	return b
+}
+
+// device returns the bucket of the device mac, making it if there is
+// none.
+func (r *rateLimiter) device(mac string, now int64) *devBucket {
+	r.devMu.Lock()
+	defer r.devMu.Unlock()
+	db := r.dev[mac]
+	if db == nil {
+		if len(r.dev) >= r.devCap {
+			r.sweepDevicesLocked(now, true)
+		}
+		db = &devBucket{bucket: bucket{tokens: r.burst, last: now}}
+		r.dev[mac] = db
+	}
+	return db
+}
+
+// take refills b to now and takes a token from it.
+func (b *bucket) take(r *rateLimiter, now int64) (ok, first bool) {
 	switch el := now - b.last; {
 	case el > 0:
 		b.tokens = min(r.burst, b.tokens+float64(el)*r.rate)
@@ -84,6 +161,31 @@ func (r *rateLimiter) allow(client netip.Addr, now int64) (ok, first bool) {
 	first = !b.dropped
 	b.dropped = true
 	return false, first
+}
+
+// sweepDevicesLocked removes the devices' buckets that are full again
+// (idle devices: an address that still points to one spends it on, as
+// its device's bucket until that address's own is swept); with full, it
+// frees 1/rlRoom of the places as sweepLocked does.
+func (r *rateLimiter) sweepDevicesLocked(now int64, full bool) {
+	for k, db := range r.dev {
+		db.mu.Lock()
+		idle := db.tokens+float64(now-db.last)*r.rate >= r.burst
+		db.mu.Unlock()
+		if idle {
+			delete(r.dev, k)
+		}
+	}
+	if !full {
+		return
+	}
+	keep := r.devCap - max(1, r.devCap/rlRoom)
+	for k := range r.dev {
+		if len(r.dev) <= keep {
+			break
+		}
+		delete(r.dev, k)
+	}
 }
 
 // sweepLocked makes room in a full shard: it removes buckets that are full
@@ -114,6 +216,9 @@ func (r *rateLimiter) sweepLocked(sh *rlShard, now int64) {
 const rlRoom = 8
 
 func (r *rateLimiter) sweep(now int64) {
+	r.devMu.Lock()
+	r.sweepDevicesLocked(now, false)
+	r.devMu.Unlock()
 	for i := range r.shards {
 		sh := &r.shards[i]
 		sh.mu.Lock()

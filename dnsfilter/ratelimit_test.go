@@ -2,7 +2,9 @@ package dnsfilter
 
 import (
 	"hash/maphash"
+	"net"
 	"net/netip"
+	"sync"
 	"testing"
 	"time"
 )
@@ -123,5 +125,114 @@ func TestRateLimiterEvictsIdleFirst(t *testing.T) {
 	// The spent buckets still limit: a query from one is refused.
 	if ok, _ := r.allow(spent[0], now); ok {
 		t.Error("a spent bucket allowed a query after idle ones were evicted")
+	}
+}
+
+// fakeDevices maps addresses to MACs, counting the lookups.
+type fakeDevices struct {
+	mu   sync.Mutex
+	mac  map[netip.Addr]net.HardwareAddr
+	asks int
+}
+
+func (f *fakeDevices) ClientDevice(a netip.Addr) net.HardwareAddr {
+	f.mu.Lock()
+	defer f.mu.Unlock()
+	f.asks++
+	return f.mac[a]
+}
+
+func (f *fakeDevices) set(a netip.Addr, mac net.HardwareAddr) {
+	f.mu.Lock()
+	defer f.mu.Unlock()
+	f.mac[a] = mac
+}
+
+// TestRateLimiterPerDevice: the addresses of one LAN device (one MAC)
+// share one client's bucket, however many there are; another device and
+// an address without one (routed) keep their own. An address the table
+// did not know at its first query joins its device once it does; the
+// table is asked at doubling counts, not per query.
+func TestRateLimiterPerDevice(t *testing.T) {
+	const burst = 10
+	r := newRateLimiter(1, burst)
+	devs := &fakeDevices{mac: map[netip.Addr]net.HardwareAddr{}}
+	r.devs = devs
+	now := time.Unix(1_800_000_000, 0).UnixNano()
+	flooder := net.HardwareAddr{2, 0, 0, 0, 0, 0xf}
+	var addrs []netip.Addr
+	for i := range 64 {
+		a := netip.AddrFrom16([16]byte{0x20, 0x01, 0x0d, 0xb8, 1, 15: byte(i)})
+		devs.set(a, flooder)
+		addrs = append(addrs, a)
+	}
+	v4 := netip.MustParseAddr("192.0.2.30")
+	devs.set(v4, flooder)
+	addrs = append(addrs, v4)
+	allowed := 0
+	for range 5 {
+		for _, a := range addrs {
+			if ok, _ := r.allow(a, now); ok {
+				allowed++
+			}
+		}
+	}
+	if allowed != burst {
+		t.Errorf("one device's 65 addresses got %d queries allowed at once, want its one burst %d", allowed, burst)
+	}
+	other := netip.MustParseAddr("192.0.2.40")
+	devs.set(other, net.HardwareAddr{2, 0, 0, 0, 0, 0x40})
+	routed := netip.MustParseAddr("198.51.100.9")
+	for _, c := range []netip.Addr{other, routed} {
+		n := 0
+		for range burst + 5 {
+			if ok, _ := r.allow(c, now); ok {
+				n++
+			}
+		}
+		if n != burst {
+			t.Errorf("%s got %d of %d, want its own burst %d", c, n, burst+5, burst)
+		}
+	}
+
+	// An address the table learns only after its first query.
+	late := netip.MustParseAddr("2001:db8:1::99")
+	if ok, _ := r.allow(late, now); !ok {
+		t.Error("a new address's first query (its own bucket, full) limited")
+	}
+	devs.set(late, flooder)
+	n := 0
+	for range 20 {
+		if ok, _ := r.allow(late, now); ok {
+			n++
+		}
+	}
+	if n != 0 {
+		t.Errorf("an address the table learned late got %d more queries from its spent device", n)
+	}
+	// Doubling: a routed address's 10,000 queries ask the table a few
+	// times, not per query.
+	asks0 := devs.asks
+	for range 10000 {
+		r.allow(routed, now)
+	}
+	if d := devs.asks - asks0; d > 16 {
+		t.Errorf("10,000 queries of an address without a device asked the table %d times", d)
+	}
+	// The device refills at the client rate, once for all its addresses.
+	now += 3 * int64(time.Second)
+	allowed = 0
+	for _, a := range addrs {
+		if ok, _ := r.allow(a, now); ok {
+			allowed++
+		}
+	}
+	if allowed != 3 {
+		t.Errorf("3 s later the device's addresses got %d, want 3 (1/s)", allowed)
+	}
+	// Idle devices are swept with idle addresses.
+	r.sweep(now + 100*int64(time.Second))
+	if len(r.dev) != 0 {
+		t.Errorf("%d device buckets after an idle sweep", len(r.dev))
 	}
 }

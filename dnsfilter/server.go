@@ -51,6 +51,10 @@ type Deps struct {
 	// clients by MAC (policy.Engine.HasMACs). Nil means no client has one:
 	// such rules match none of the forwarder's clients.
 	MACs ClientMACs
+	// Devices tells which device of the LAN a client address is, so that
+	// a device's addresses share one client's rate limit. Nil means each
+	// address is a client of its own.
+	Devices ClientDevices
 	// Now is the clock. Nil means time.Now.
 	Now func() time.Time
 }
@@ -158,6 +162,7 @@ func New(cfg Config, deps Deps) (*Server, error) {
 	}
 	if cfg.ClientRate > 0 {
 		s.rl = newRateLimiter(cfg.ClientRate, cfg.ClientBurst)
+		s.rl.devs = deps.Devices
 	}
 	s.ups = &upstreams{timeout: cfg.UpstreamTimeout, downAfter: cfg.DownAfter, downFor: cfg.DownFor, udpSize: cfg.UDPSize, m: s.m, now: s.now}
 	for _, u := range ups {
@@ -173,7 +178,11 @@ func New(cfg Config, deps Deps) (*Server, error) {
 		s.ups.list = append(s.ups.list, u)
 	}
 	s.slowSem = make(chan struct{}, cfg.MaxInflight)
-	s.tcpLim = tcpLimits{max: max(cfg.TCPMaxConns, 0), perClient: max(cfg.TCPMaxConnsPerClient, 0), perIP: map[netip.Addr]int{}, lastWarn: map[string]time.Time{}}
+	var deviceOf func(netip.Addr) net.HardwareAddr
+	if deps.Devices != nil {
+		deviceOf = deps.Devices.ClientDevice
+	}
+	s.tcpLim = tcpLimits{slots: netutil.NewClientSlots(max(cfg.TCPMaxConns, 0), max(cfg.TCPMaxConnsPerClient, 0), deviceOf), lastWarn: map[string]time.Time{}}
 	s.inflight = make(chan struct{}, cfg.MaxInflight)
 	s.baseCtx, s.baseCancel = context.WithCancel(context.Background())
 	s.durCache = s.m.queryDuration.WithLabelValues("cache")

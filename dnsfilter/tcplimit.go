@@ -8,13 +8,16 @@ import (
 	"time"
 
 	"egressd/audit"
+	"egressd/internal/netutil"
 )
 
 // tcpWriteTimeout bounds one write of an answer to a TCP client.
 const tcpWriteTimeout = 2 * time.Second
 
 // tcpLimits caps the client TCP connections of every listen address
-// together, overall and per client address. miekg/dns reads a message's
+// together, overall and per client (a LAN device where Deps.Devices names
+// one for the address, else the address: netutil.ClientSlots). miekg/dns
+// reads a message's
 // whole announced length (up to 64 KiB) before the bytes arrive and keeps
 // a goroutine per connection, with no limit of its own: without one, a
 // client opening a thousand connections that each announce 65,535 bytes
@@ -22,11 +25,9 @@ const tcpWriteTimeout = 2 * time.Second
 // their incoming TCP connections too. A connection over a limit is closed
 // as soon as it is accepted.
 type tcpLimits struct {
-	max, perClient int // 0: no limit
+	slots *netutil.ClientSlots
 
-	mu       sync.Mutex // guards following
-	total    int
-	perIP    map[netip.Addr]int
+	mu       sync.Mutex           // guards lastWarn
 	lastWarn map[string]time.Time // per scope, to keep the log line rate-limited
 }
 
@@ -69,46 +70,30 @@ func (l tcpListener) Accept() (net.Conn, error) {
 // hit (and then it logs, at most once a second per scope).
 func (s *Server) acquireTCP(client netip.Addr) bool {
 	t := &s.tcpLim
-	t.mu.Lock()
-	scope := ""
-	switch {
-	case t.max > 0 && t.total >= t.max:
-		scope = "global"
-	case t.perClient > 0 && t.perIP[client] >= t.perClient:
-		scope = "client"
-	default:
-		t.total++
-		t.perIP[client]++
-		t.mu.Unlock()
+	ok, why := t.slots.Acquire(client)
+	if ok {
 		return true
 	}
+	t.mu.Lock()
 	now := time.Now()
-	warn := now.Sub(t.lastWarn[scope]) >= time.Second
+	warn := now.Sub(t.lastWarn[why.Scope]) >= time.Second
 	if warn {
-		t.lastWarn[scope] = now
+		t.lastWarn[why.Scope] = now
 	}
-	n, total := t.perIP[client], t.total
 	t.mu.Unlock()
-	s.m.tcpRefused.WithLabelValues(scope).Inc()
+	s.m.tcpRefused.WithLabelValues(why.Scope).Inc()
 	if warn {
-		limit := t.max
-		if scope == "client" {
-			limit = t.perClient
+		attrs := []any{"scope", why.Scope, "limit", why.Limit, audit.LogClient, client.String()}
+		if why.MAC != nil {
+			attrs = append(attrs, audit.LogClientMAC, why.MAC.String())
 		}
-		s.log.Warn("dnsfilter: tcp connection limit reached: closing new connections",
-			"scope", scope, "limit", limit, audit.LogClient, client.String(), "client_conns", n, "total_conns", total)
+		s.log.Warn("dnsfilter: tcp connection limit reached: closing new connections", append(attrs, "client_conns", why.Client, "total_conns", why.Total)...)
 	}
 	return false
 }
 
 func (s *Server) releaseTCP(client netip.Addr) {
-	t := &s.tcpLim
-	t.mu.Lock()
-	t.total--
-	if t.perIP[client]--; t.perIP[client] <= 0 {
-		delete(t.perIP, client)
-	}
-	t.mu.Unlock()
+	s.tcpLim.slots.Release(client)
 }
 
 // tcpConn is an accepted client connection: it releases its slot on the
