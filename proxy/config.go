@@ -154,6 +154,23 @@ type Deps struct {
 	// clients by MAC (policy.Engine.HasMACs). Nil means no client has one:
 	// such rules match none of the proxy's clients.
 	MACs ClientMACs
+	// Devices tells which device of the LAN a client address is, so that
+	// a device's addresses share one client's connection cap and peek
+	// budget share. Nil means each address is a client of its own.
+	Devices ClientDevices
+}
+
+// ClientDevices tells the device of a LAN client address, where a
+// device's addresses share one client's limits. In egressd, cmd/egressd
+// wires the LAN interfaces' neighbour tables (netutil.Devices.Device).
+type ClientDevices interface {
+	// ClientDevice returns the MAC address of client's device; nil when
+	// it has none (a client behind a router, one the neighbour table does
+	// not know): the address is then a client of its own. It may wait
+	// briefly for the kernel: the proxy asks when an address holds no
+	// connection yet, and again at doubling counts while it has none.
+	// The caller does not modify the result.
+	ClientDevice(client netip.Addr) net.HardwareAddr
 }
 
 // ClientMACs tells a LAN client's MAC address, for policies whose rules

@@ -82,9 +82,7 @@ func TestSelfConnectionAudit(t *testing.T) {
 		c := tp.dialFromClient(t, netip.Addr{}, a)
 		c.Write([]byte("GET / HTTP/1.1\r\nHost: www.allowed.test\r\n\r\n"))
 		readAll(c, 3*time.Second)
-		tp.proxy.limMu.Lock()
-		n := tp.proxy.total
-		tp.proxy.limMu.Unlock()
+		n, _, _ := tp.proxy.slots.Counts()
 		c.Close()
 		if n > 1 {
 			t.Errorf("a connection to %s: the proxy holds %d connections (it dialled itself)", a, n)
@@ -126,9 +124,7 @@ func TestSelfConnectionNewAddress(t *testing.T) {
 		c := tp.dialFromClient(t, netip.Addr{}, a)
 		c.Write([]byte("GET / HTTP/1.1\r\nHost: www.allowed.test\r\n\r\n"))
 		readAll(c, 3*time.Second)
-		tp.proxy.limMu.Lock()
-		n := tp.proxy.total
-		tp.proxy.limMu.Unlock()
+		n, _, _ := tp.proxy.slots.Counts()
 		c.Close()
 		if n > 1 {
 			t.Errorf("a connection to %s, an address not yet known as the gateway's: the proxy holds %d connections (it dialled itself)", a, n)

@@ -9,6 +9,7 @@ import (
 	"time"
 
 	"egressd/audit"
+	"egressd/internal/netutil"
 )
 
 // The peek budget bounds the memory that connections not decided yet hold
@@ -48,23 +49,23 @@ const peekStep = 4 << 10
 // peekBudget is the shared count. A nil *peekBudget bounds nothing.
 type peekBudget struct {
 	max       int64
-	perClient int64 // what one client address may take: a tenth of max
+	perClient int64 // what one client (a device, or an address without one: netutil.ClientKey) may take: a tenth of max
 	used      atomic.Int64
 
 	mu       sync.Mutex // guards byClient, and used's changes
-	byClient map[netip.Addr]int64
+	byClient map[netutil.ClientKey]int64
 }
 
 func newPeekBudget(max int) *peekBudget {
 	if max <= 0 {
 		return nil
 	}
-	return &peekBudget{max: int64(max), perClient: int64(max) / 10, byClient: map[netip.Addr]int64{}}
+	return &peekBudget{max: int64(max), perClient: int64(max) / 10, byClient: map[netutil.ClientKey]int64{}}
 }
 
 // take takes n bytes for client, if they fit the budget and the client's
 // tenth of it.
-func (b *peekBudget) take(client netip.Addr, n int) bool {
+func (b *peekBudget) take(client netutil.ClientKey, n int) bool {
 	if b == nil {
 		return true
 	}
@@ -79,7 +80,7 @@ func (b *peekBudget) take(client netip.Addr, n int) bool {
 }
 
 // give gives back n bytes client took.
-func (b *peekBudget) give(client netip.Addr, n int) {
+func (b *peekBudget) give(client netutil.ClientKey, n int) {
 	if b == nil || n <= 0 {
 		return
 	}
@@ -104,6 +105,23 @@ type peekShare struct {
 	b      *peekBudget
 	client netip.Addr // whose connection
 	held   int        // bytes taken from b
+	// key is whose share held counts against (its device's, once the
+	// connection's slot found one: Proxy.keyOf), set at the first take;
+	// keyOf nil: the address.
+	key   netutil.ClientKey
+	keyed bool
+	keyOf func(netip.Addr) netutil.ClientKey
+}
+
+// whose returns the key the share's bytes count against.
+func (s *peekShare) whose() netutil.ClientKey {
+	if !s.keyed {
+		s.key, s.keyed = netutil.ClientKey{Addr: s.client}, true
+		if s.keyOf != nil {
+			s.key = s.keyOf(s.client)
+		}
+	}
+	return s.key
 }
 
 // fit returns how many of want more bytes the connection may hold, having
@@ -116,11 +134,11 @@ func (s *peekShare) fit(held, want int) int {
 		return want
 	}
 	need := want - free
-	if step := max(need, peekStep, s.held); s.b.take(s.client, step) { // doubling, as a slice grows
+	if step := max(need, peekStep, s.held); s.b.take(s.whose(), step) { // doubling, as a slice grows
 		s.held += step
 		return want
 	}
-	if s.b.take(s.client, need) {
+	if s.b.take(s.whose(), need) {
 		s.held += need
 		return want
 	}
@@ -129,7 +147,10 @@ func (s *peekShare) fit(held, want int) int {
 
 // release gives back what the connection took.
 func (s *peekShare) release() {
-	s.b.give(s.client, s.held)
+	if s.held == 0 {
+		return
+	}
+	s.b.give(s.whose(), s.held)
 	s.held = 0
 }
 
@@ -241,5 +262,5 @@ func (l peekListener) Accept() (net.Conn, error) {
 		return c, err
 	}
 	client := addrPortOf(c.RemoteAddr()).Addr()
-	return &peekConn{Conn: c, p: l.p, client: client, reading: true, share: peekShare{b: l.p.peekMem, client: client}}, nil
+	return &peekConn{Conn: c, p: l.p, client: client, reading: true, share: peekShare{b: l.p.peekMem, client: client, keyOf: l.p.keyOf}}, nil
 }

@@ -16,6 +16,7 @@ import (
 	"time"
 
 	"egressd/audit"
+	"egressd/internal/netutil"
 )
 
 // heapInUse is the heap in use after a collection.
@@ -214,9 +215,8 @@ rules:
 
 // openConns is the number of connections holding a slot in p.
 func openConns(p *Proxy) int {
-	p.limMu.Lock()
-	defer p.limMu.Unlock()
-	return p.total
+	n, _, _ := p.slots.Counts()
+	return n
 }
 
 // TestIdleHTTPConnMemory: a plain-HTTP keep-alive connection idle after a
@@ -304,13 +304,13 @@ rules:
 // client address to a tenth of it; what is given back can be taken again.
 func TestPeekBudgetTake(t *testing.T) {
 	b := newPeekBudget(1000)
-	a := netip.MustParseAddr("192.0.2.1")
+	a := netutil.ClientKey{Addr: netip.MustParseAddr("192.0.2.1")}
 	if !b.take(a, 100) || b.take(a, 1) {
 		t.Fatalf("one client: took past its tenth (%d in use)", b.inUse())
 	}
-	took := []netip.Addr{a}
+	took := []netutil.ClientKey{a}
 	for i := 2; i < 40; i++ {
-		if c := netip.AddrFrom4([4]byte{192, 0, 2, byte(i)}); b.take(c, 100) {
+		if c := (netutil.ClientKey{Addr: netip.AddrFrom4([4]byte{192, 0, 2, byte(i)})}); b.take(c, 100) {
 			took = append(took, c)
 		}
 	}
@@ -318,7 +318,7 @@ func TestPeekBudgetTake(t *testing.T) {
 		t.Errorf("39 clients of 100 bytes each: %d took, %d in use; want 10 and 1000", len(took), b.inUse())
 	}
 	b.give(a, 100)
-	if c := netip.MustParseAddr("192.0.2.200"); !b.take(c, 100) || b.inUse() != 1000 {
+	if c := (netutil.ClientKey{Addr: netip.MustParseAddr("192.0.2.200")}); !b.take(c, 100) || b.inUse() != 1000 {
 		t.Errorf("after a give: in use %d", b.inUse())
 	} else {
 		took[0] = c

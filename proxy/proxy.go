@@ -77,9 +77,10 @@ type Proxy struct {
 	retired        map[net.Listener]bool
 	explicitFailed map[string]bool
 
-	limMu    sync.Mutex // guards following
-	perIP    map[netip.Addr]int
-	total    int
+	// slots are the connections held, in all and per client (a LAN
+	// device, or an address without one: Deps.Devices).
+	slots    *netutil.ClientSlots
+	limMu    sync.Mutex           // guards lastWarn
 	lastWarn map[string]time.Time // per limit scope, to keep the log line rate-limited
 
 	// explicitSlots are the explicit listener's connections that hold a
@@ -158,7 +159,6 @@ func New(cfg Config, deps Deps) (*Proxy, error) {
 		met:       met,
 		deny:      tpl,
 		peekMem:   newPeekBudget(cfg.PeekBudget),
-		perIP:     map[netip.Addr]int{},
 		lastWarn:  map[string]time.Time{},
 		listeners: map[net.Listener]struct{}{},
 		servers:   map[*http.Server]struct{}{},
@@ -172,6 +172,11 @@ func New(cfg Config, deps Deps) (*Proxy, error) {
 		retired:        map[net.Listener]bool{},
 		explicitFailed: map[string]bool{},
 	}
+	var deviceOf func(netip.Addr) net.HardwareAddr
+	if deps.Devices != nil {
+		deviceOf = deps.Devices.ClientDevice
+	}
+	p.slots = netutil.NewClientSlots(cfg.MaxConns, cfg.MaxConnsPerClient, deviceOf)
 	if len(cfg.ProxyUserDigests) > 0 {
 		p.userDigests.Store(newUserSet(maps.Clone(cfg.ProxyUserDigests)))
 	}
@@ -435,50 +440,40 @@ func (p *Proxy) addOwn(a netip.Addr) {
 	}
 }
 
+// keyOf returns what client's per-client limits count now: its device,
+// if acquire found one (netutil.ClientSlots).
+func (p *Proxy) keyOf(client netip.Addr) netutil.ClientKey { return p.slots.Key(client) }
+
 // acquire takes a connection slot for client; false when a limit is hit
-// (and then it logs, at most once a second per scope).
+// (and then it logs, at most once a second per scope). The cap per
+// client is per LAN device where Deps.Devices names one for the address
+// (netutil.ClientSlots).
 func (p *Proxy) acquire(client netip.Addr) bool {
-	p.limMu.Lock()
-	scope := ""
-	switch {
-	case p.cfg.MaxConns > 0 && p.total >= p.cfg.MaxConns:
-		scope = "global"
-	case p.cfg.MaxConnsPerClient > 0 && p.perIP[client] >= p.cfg.MaxConnsPerClient:
-		scope = "client"
-	default:
-		p.total++
-		p.perIP[client]++
-		p.limMu.Unlock()
+	ok, why := p.slots.Acquire(client)
+	if ok {
 		p.met.active.Inc()
 		return true
 	}
+	p.met.limitHits.WithLabelValues(why.Scope).Inc()
+	p.limMu.Lock()
 	now := time.Now()
-	warn := now.Sub(p.lastWarn[scope]) >= time.Second
+	warn := now.Sub(p.lastWarn[why.Scope]) >= time.Second
 	if warn {
-		p.lastWarn[scope] = now
+		p.lastWarn[why.Scope] = now
 	}
-	n := p.perIP[client]
-	total := p.total
 	p.limMu.Unlock()
-	p.met.limitHits.WithLabelValues(scope).Inc()
 	if warn {
-		limit := p.cfg.MaxConns
-		if scope == "client" {
-			limit = p.cfg.MaxConnsPerClient
+		attrs := []any{"scope", why.Scope, "limit", why.Limit, audit.LogClient, client}
+		if why.MAC != nil {
+			attrs = append(attrs, audit.LogClientMAC, why.MAC.String())
 		}
-		p.log.Warn("connection limit reached: refusing new connections",
-			"scope", scope, "limit", limit, audit.LogClient, client, "client_conns", n, "total_conns", total)
+		p.log.Warn("connection limit reached: refusing new connections", append(attrs, "client_conns", why.Client, "total_conns", why.Total)...)
 	}
 	return false
 }
 
 func (p *Proxy) release(client netip.Addr) {
-	p.limMu.Lock()
-	p.total--
-	if p.perIP[client]--; p.perIP[client] <= 0 {
-		delete(p.perIP, client)
-	}
-	p.limMu.Unlock()
+	p.slots.Release(client)
 	p.met.active.Dec()
 }
 

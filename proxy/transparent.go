@@ -276,7 +276,7 @@ type peekResult struct {
 // peek reads the first bytes within the hello deadline and decides.
 // deferred: c was accepted under TCP_DEFER_ACCEPT (firstBytes).
 func (p *Proxy) peek(c *net.TCPConn, eng *policy.Engine, in policy.Input, start time.Time, deferred bool) (streamKind, verdict, peekResult) {
-	rc := &recorder{r: c, max: p.cfg.HelloMaxBytes, share: peekShare{b: p.peekMem, client: in.Client}}
+	rc := &recorder{r: c, max: p.cfg.HelloMaxBytes, share: peekShare{b: p.peekMem, client: in.Client, keyOf: p.keyOf}}
 	res := peekResult{rec: rc}
 	defer c.SetReadDeadline(time.Time{})
 	ctx := context.Background()

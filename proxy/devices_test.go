@@ -1,0 +1,117 @@
+package proxy
+
+import (
+	"fmt"
+	"io"
+	"log/slog"
+	"net"
+	"net/netip"
+	"sync"
+	"testing"
+
+	"egressd/policy"
+)
+
+// fakeDevices maps addresses to MACs, counting the lookups.
+type fakeDevices struct {
+	mu   sync.Mutex
+	mac  map[netip.Addr]net.HardwareAddr
+	asks int
+}
+
+func (f *fakeDevices) ClientDevice(a netip.Addr) net.HardwareAddr {
+	f.mu.Lock()
+	defer f.mu.Unlock()
+	f.asks++
+	return f.mac[a]
+}
+
+// TestConnLimitPerDevice: the addresses of one LAN device (one MAC in
+// the neighbour table) share one client's connection cap, however many
+// there are: before, ten addresses took every slot. Another device and an
+// address without one (routed) keep their own cap; the peek budget's
+// tenth is the device's too. The device table is asked when an address
+// holds no connection, and at doubling counts while it has no device.
+func TestConnLimitPerDevice(t *testing.T) {
+	eng, err := policy.Compile("dev.yaml", []byte(fmt.Sprintf(testPolicy, "enforce")))
+	if err != nil {
+		t.Fatal(err)
+	}
+	devs := &fakeDevices{mac: map[netip.Addr]net.HardwareAddr{}}
+	p, err := New(Config{MaxConns: 100, MaxConnsPerClient: 10, PeekBudget: 1000}, Deps{Policy: policy.NewStore(eng), Devices: devs,
+		Logger: slog.New(slog.NewTextHandler(io.Discard, nil))})
+	if err != nil {
+		t.Fatal(err)
+	}
+	flooder := net.HardwareAddr{2, 0, 0, 0, 0, 0xf}
+	var addrs []netip.Addr
+	for i := range 40 {
+		a := netip.AddrFrom16([16]byte{0x20, 0x01, 0x0d, 0xb8, 1, 15: byte(i)})
+		if i < 20 {
+			a = netip.AddrFrom4([4]byte{192, 0, 2, byte(100 + i)})
+		}
+		devs.mac[a] = flooder
+		addrs = append(addrs, a)
+	}
+	var held []netip.Addr
+	for range 5 {
+		for _, a := range addrs {
+			if p.acquire(a) {
+				held = append(held, a)
+			}
+		}
+	}
+	if len(held) != 10 {
+		t.Errorf("one device's 40 addresses hold %d connections, want one client's cap (10)", len(held))
+	}
+	other := netip.MustParseAddr("192.0.2.40")
+	devs.mac[other] = net.HardwareAddr{2, 0, 0, 0, 0, 0x40}
+	routed := netip.MustParseAddr("198.51.100.9")
+	for _, c := range []netip.Addr{other, routed} {
+		n := 0
+		for range 15 {
+			if p.acquire(c) {
+				n++
+				held = append(held, c)
+			}
+		}
+		if n != 10 {
+			t.Errorf("%s holds %d of 15, want its own cap 10", c, n)
+		}
+	}
+	// The peek budget's tenth (100 bytes) is the device's: two of its
+	// addresses share it.
+	s1 := peekShare{b: p.peekMem, client: addrs[0], keyOf: p.keyOf}
+	s2 := peekShare{b: p.peekMem, client: addrs[1], keyOf: p.keyOf}
+	if got := s1.fit(0, peekFree+80); got != peekFree+80 {
+		t.Fatalf("first share: %d", got)
+	}
+	if got := s2.fit(0, peekFree+80); got == peekFree+80 {
+		t.Errorf("a second address of the device took past the device's tenth of the peek budget (%d in use)", p.peekMem.inUse())
+	}
+	s1.release()
+	s2.release()
+	// Doubling: a routed address's many connections ask a few times.
+	asks0 := devs.asks
+	for range 8 {
+		p.release(routed)
+	}
+	for range 200 {
+		if p.acquire(routed) {
+			p.release(routed)
+		}
+	}
+	if d := devs.asks - asks0; d > 8 {
+		t.Errorf("200 connections of an address that holds others asked the device table %d times", d)
+	}
+	p.release(routed)
+	p.release(routed) // the 2 of its 10 still held
+	for _, a := range held {
+		if a != routed {
+			p.release(a)
+		}
+	}
+	if total, addrs, devs := p.slots.Counts(); total != 0 || addrs != 0 || devs != 0 {
+		t.Errorf("after every release: total %d, %d addresses, %d devices", total, addrs, devs)
+	}
+}
