@@ -603,7 +603,7 @@ func (d *daemon) run(ctx context.Context) error {
 	d.gate = gate
 	dnsDeps := dnsfilter.Deps{Policy: d.store, Sink: d.sink, Logger: d.log, Registerer: d.reg, Table: table, Firewall: gate}
 	if d.macs != nil {
-		dnsDeps.MACs = d.macs
+		dnsDeps.MACs, dnsDeps.Devices = d.macs, d.macs
 	}
 	if d.dns, err = dnsfilter.New(dnsCfg, dnsDeps); err != nil {
 		d.degrade("dns", err.Error())
@@ -636,7 +636,7 @@ func (d *daemon) run(ctx context.Context) error {
 	proxyStopped := make(chan struct{}) // closed once the proxy's Run has returned (and its failure is recorded)
 	pdeps := proxy.Deps{Policy: d.store, Sink: d.sink, Logger: d.log, Registerer: d.reg, DNS: dnsFacts, Resolver: resolver}
 	if d.macs != nil {
-		pdeps.MACs = d.macs
+		pdeps.MACs, pdeps.Devices = d.macs, d.macs
 	}
 	if d.proxy, err = proxy.New(pcfg, pdeps); err != nil {
 		d.degrade("proxy", err.Error())
@@ -1486,6 +1486,24 @@ func (m *lanMACs) ClientMAC(client netip.Addr) net.HardwareAddr {
 			continue
 		}
 		if mac, ok := d.MAC(client); ok {
+			return net.HardwareAddr(mac[:])
+		}
+	}
+	return nil
+}
+
+// ClientDevice returns the MAC of client's device where clients share
+// limits (dnsfilter.ClientDevices, proxy.ClientDevices): as ClientMAC,
+// from netutil.Devices.Device (a MAC with many addresses is one client;
+// a new address is asked about again once the gateway has resolved it).
+// nil for a client off the LANs' links: it stays a client of its own.
+func (m *lanMACs) ClientDevice(client netip.Addr) net.HardwareAddr {
+	zone := client.Zone()
+	for i, d := range m.devs {
+		if zone != "" && m.names[i] != zone {
+			continue
+		}
+		if mac, ok := d.Device(client); ok {
 			return net.HardwareAddr(mac[:])
 		}
 	}
