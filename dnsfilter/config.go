@@ -108,7 +108,9 @@ type Config struct {
 	TableSize int
 
 	// ClientRate is the sustained queries per second allowed from one
-	// client address; queries beyond it are dropped (UDP) or REFUSED (TCP).
+	// client: a LAN device, all its addresses together, where
+	// Deps.Devices names one for the address, else the address; queries
+	// beyond it are dropped (UDP) or REFUSED (TCP).
 	// Zero means 500; negative disables the limit.
 	ClientRate float64
 	// ClientBurst is the token-bucket depth of ClientRate. Zero means
@@ -124,8 +126,8 @@ type Config struct {
 	// connection. Zero means 128.
 	TCPMaxQueries int
 	// TCPMaxConns bounds the client TCP connections open at once, over
-	// every listen address; TCPMaxConnsPerClient those of one client
-	// address. A connection over either is closed as soon as it is
+	// every listen address; TCPMaxConnsPerClient those of one client (a
+	// LAN device, as for ClientRate, or an address). A connection over either is closed as soon as it is
 	// accepted (and counted, and logged at most once a second). Zero
 	// means 256 and 16; negative disables the limit.
 	TCPMaxConns          int

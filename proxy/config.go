@@ -76,12 +76,15 @@ type Config struct {
 	// MaxConns caps concurrent connections over all clients. Zero: 50,000;
 	// negative: no cap.
 	MaxConns int
-	// MaxConnsPerClient caps concurrent connections of one client address.
+	// MaxConnsPerClient caps concurrent connections of one client: a LAN
+	// device, all its addresses together, where Deps.Devices names one
+	// for the address, else the address.
 	// Zero: 5,000; negative: no cap.
 	MaxConnsPerClient int
 	// PeekBudget bounds the bytes that the ClientHellos and request heads
 	// being read hold, all connections together, beyond the first 4 KiB
-	// of each (peekbudget.go), one client address a tenth of it; a
+	// of each (peekbudget.go), one client (as for MaxConnsPerClient) a
+	// tenth of it; a
 	// connection whose hello or head does not fit is refused
 	// (connection-limit). Zero: 16 MiB; negative: no bound.
 	PeekBudget int

@@ -19,8 +19,10 @@ import (
 // bytes of its own, which every real hello (a post-quantum one is about
 // 1.8 KB) and most request heads fit; bytes past that are taken from the
 // budget, shared by all connections, and given back once the connection
-// is decided; one client address may take a tenth of it (as it may hold a
-// tenth of the connections, MaxConnsPerClient). A read that does not fit
+// is decided; one client may take a tenth of it (as it may hold a tenth
+// of the connections, MaxConnsPerClient): a LAN device, all its addresses
+// together, where Deps.Devices names one (Proxy.keyOf: the device its
+// connection slot found), else the address. A read that does not fit
 // fails with errPeekBudget: the
 // connection is refused with reason connection-limit, counted in
 // egress_proxy_limit_rejections_total{scope="peek"} and logged (once a
@@ -31,8 +33,9 @@ import (
 // slow hello besides: about 80 KiB a connection, so the 5,000 connections
 // of one client address held some 400 MB, and MaxConns (50,000) 4 GB
 // (TestPeekBudget, TestExplicitPeekBudget). A client sending hellos that
-// large is refused once it holds its tenth; it takes ten addresses to
-// make other clients' large hellos and heads wait for room (they are
+// large is refused once it holds its tenth; it takes ten clients (ten
+// devices, or addresses off the LAN's link) to make other clients' large
+// hellos and heads wait for room (they are
 // refused while none is free: TestPeekBudgetPerClient); hellos and heads
 // within peekFree are never refused for it.
 

@@ -1569,7 +1569,8 @@ func applyMemoryLimit(l memlimit.Limits) string {
 // process may use (memlimit.Limits.Available): half of it at 64 KiB a
 // connection (a spliced tunnel holds about 14 KiB in egressd and a few in
 // the kernel, a plain-HTTP one 16 KiB more, and either up to 64 KiB for a
-// long path), 1,024 at least, a tenth of it for one client address. From
+// long path), 1,024 at least, a tenth of it for one client (a LAN device's
+// addresses together: lanMACs.ClientDevice). From
 // about 6 GiB up it is the proxy's default (50,000 and 5,000), which
 // 0, 0 (memory unknown) leaves too: on a 512 MiB gateway those let clients
 // open tunnels that take twice its memory (README, "Memory").

@@ -12,7 +12,10 @@
 // LAN addresses are one device's, for the proxy's and capture's questions
 // about what egressd's DNS gave a client, and which MAC a LAN client has,
 // for policies that name clients by MAC (the forwarder, the proxies,
-// capture and the firewall's re-decisions ask it alike).
+// capture and the firewall's re-decisions ask it alike), and which device
+// an address is where a device's addresses share one client's limits
+// (Devices.Device: the forwarder's rate limit, ClientSlots' connection
+// caps).
 package netutil
 
 import (
