@@ -317,7 +317,8 @@ func multiFlood(ns *testnet.NS, srcs []string, n int, dur time.Duration) (sent, 
 }
 
 // openTunnelFrom opens a TLS-looking tunnel through the transparent proxy
-// from address src of ns to the echo origin at addr (see openTunnel).
+// from address src of ns to the echo origin at addr: the origin says
+// "hit" and echoes the hello (tunnelHello).
 func openTunnelFrom(ns *testnet.NS, src, addr, sni string) (net.Conn, error) {
 	ctx, cancel := context.WithTimeout(context.Background(), 10*time.Second)
 	defer cancel()

@@ -37,7 +37,9 @@ func TestHardeningLoad(t *testing.T) {
 	}
 	w := tp.newWitness(t, []string{loadIP + ":443", freshIP + ":443"}, nil)
 	hole := tp.silentOrigin(t, holeIP+":443")
-	tp.lan.MustRun("ip", "addr", "add", "198.18.1.11/24", "dev", "eth0")
+	// Another device of the LAN (its own MAC: the limits per client
+	// count a device's addresses together).
+	otherDev := tp.newLANDevice(t, "e2h4ot", "198.18.1.11", "2001:db8:1::11")
 
 	d := hardeningDaemon(t, tp, u, "")
 	for _, n := range []string{dockerName, loadName, holeName} {
@@ -57,17 +59,17 @@ func TestHardeningLoad(t *testing.T) {
 
 	t.Run("tunnels-and-slowloris", func(t *testing.T) {
 		nTun, nSlow := fdBudget(t, envInt("E2E_TUNNELS", 10000), envInt("E2E_SLOWLORIS", 1000), d.proc.Cmd.Process.Pid)
-		// The tunnels come from several LAN clients, as at a site: one
-		// address may hold at most the proxy's per-client limit (5,000).
-		var srcs []string
+		// The tunnels come from several LAN devices, as at a site: one
+		// device may hold at most the proxy's per-client limit (5,000).
+		var srcs []tunnelSrc
 		for i := range (nTun + 3999) / 4000 {
 			src := fmt.Sprintf("198.18.1.%d", 100+i)
-			tp.lan.MustRun("ip", "addr", "add", src+"/24", "dev", "eth0")
-			srcs = append(srcs, src)
+			ns := tp.newLANDevice(t, fmt.Sprintf("e2h4tn%d", i), src, fmt.Sprintf("2001:db8:1::1:%d", i))
+			srcs = append(srcs, tunnelSrc{ns, src})
 		}
 		slow := startSlowloris(tp, dockerIP4+":443", nSlow)
 		start := time.Now()
-		conns, failed, firstErr := openTunnels(tp, srcs, loadIP+":443", loadName, nTun, 64)
+		conns, failed, firstErr := openTunnels(srcs, loadIP+":443", loadName, nTun, 64)
 		defer func() {
 			for _, c := range conns {
 				c.Close()
@@ -137,7 +139,7 @@ func TestHardeningLoad(t *testing.T) {
 		go func() {
 			defer wg.Done()
 			for range 20 {
-				if m, err := tp.dnsQueryFrom("198.18.1.11", dockerName, dns.TypeA); err == nil && m.Rcode == dns.RcodeSuccess {
+				if m, err := dnsAsk(otherDev, "198.18.1.11", gwLAN4, dockerName, dns.TypeA, false); err == nil && m.Rcode == dns.RcodeSuccess {
 					other.Add(1)
 				}
 				time.Sleep(75 * time.Millisecond)
@@ -386,20 +388,26 @@ func envInt(name string, def int) int {
 // openTunnels opens n TLS-shaped tunnels to addr (a hello with sni, then
 // the echo origin's "hit\n") from the LAN source addresses srcs in turn,
 // workers at a time, and returns the open ones.
-func openTunnels(tp *topo, srcs []string, addr, sni string, n, workers int) (conns []net.Conn, failed int, firstErr error) {
+// tunnelSrc is where a tunnel comes from: an address of a namespace.
+type tunnelSrc struct {
+	ns   *testnet.NS
+	addr string
+}
+
+func openTunnels(srcs []tunnelSrc, addr, sni string, n, workers int) (conns []net.Conn, failed int, firstErr error) {
 	var mu sync.Mutex
-	jobs := make(chan string)
+	jobs := make(chan tunnelSrc)
 	var wg sync.WaitGroup
 	for range workers {
 		wg.Add(1)
 		go func() {
 			defer wg.Done()
 			for src := range jobs {
-				c, err := openTunnel(tp, src, addr, sni)
+				c, err := openTunnelFrom(src.ns, src.addr, addr, sni)
 				mu.Lock()
 				if err != nil {
 					if firstErr == nil {
-						firstErr = fmt.Errorf("tunnel from %s: %w", src, err)
+						firstErr = fmt.Errorf("tunnel from %s: %w", src.addr, err)
 					}
 					failed++
 				} else {
@@ -415,21 +423,6 @@ func openTunnels(tp *topo, srcs []string, addr, sni string, n, workers int) (con
 	close(jobs)
 	wg.Wait()
 	return conns, failed, firstErr
-}
-
-func openTunnel(tp *topo, src, addr, sni string) (net.Conn, error) {
-	ctx, cancel := context.WithTimeout(context.Background(), 10*time.Second)
-	defer cancel()
-	var c net.Conn
-	err := tp.lan.Do(func() (err error) {
-		d := net.Dialer{LocalAddr: &net.TCPAddr{IP: net.ParseIP(src)}}
-		c, err = d.DialContext(ctx, "tcp", addr)
-		return
-	})
-	if err != nil {
-		return nil, err
-	}
-	return tunnelHello(c, sni)
 }
 
 // tunnelHello sends a ClientHello for sni on c, a connection to the echo
