@@ -101,7 +101,7 @@ func TestMemoryMaxUnderFlood(t *testing.T) {
 		survived, d := run(t, "true")
 		for _, want := range []string{
 			fmt.Sprintf("go: memory limit %d MiB, under the cgroup's %d MiB", (memoryMax-16<<20)>>20, memoryMax>>20),
-			"proxy: at most 1024 connections, 102 per client address (memory)",
+			"proxy: at most 1024 connections, 102 per client (memory)",
 		} {
 			if !strings.Contains(d.logs(), want) {
 				t.Errorf("start-up lines lack %q\n%s", want, d.logs())

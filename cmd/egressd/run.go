@@ -782,7 +782,7 @@ func (d *daemon) run(ctx context.Context) error {
 			}
 			d.say("proxy: transparent on %s, explicit on %s%s", addrOrOff(t), joinAddrs(d.proxy.ExplicitAddrs()), auth)
 			if pcfg.MaxConns > 0 {
-				d.say("proxy: at most %d connections, %d per client address (memory)", pcfg.MaxConns, pcfg.MaxConnsPerClient)
+				d.say("proxy: at most %d connections, %d per client (memory)", pcfg.MaxConns, pcfg.MaxConnsPerClient)
 			}
 		case <-proxyStopped:
 			d.say("proxy: not listening")
