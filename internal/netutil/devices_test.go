@@ -484,3 +484,28 @@ func TestDevicesDevice(t *testing.T) {
 		t.Error("loopback has a device")
 	}
 }
+
+// TestDevicesDeviceLeavesNoMark: Device's finding no entry for a new
+// address (its first datagram, before the gateway resolved it) does not
+// keep SameDevice and MAC from finding the entry the kernel has since:
+// the forwarder's limiter asks at a new address's first query, and the
+// proxy then asks whether a connection from the device's other address
+// is that device's (TestDualStackDevice failed so).
+func TestDevicesDeviceLeavesNoMark(t *testing.T) {
+	f := newFakeNeigh(nb("192.0.2.10", macA))
+	d, _ := newTestDevices(f)
+	v4, asked := netip.MustParseAddr("192.0.2.10"), netip.MustParseAddr("2001:db8::10")
+	if _, ok := d.Device(asked); ok {
+		t.Fatal("an address the kernel does not know has a device")
+	}
+	f.set(nb("2001:db8::10", macA))
+	if !d.SameDevice(v4, asked) {
+		t.Error("SameDevice after Device found no entry: the kernel's entry since is not heeded")
+	}
+	d2, _ := newTestDevices(newFakeNeigh())
+	d2.Device(asked)
+	d2.src.(*fakeNeigh).set(nb("2001:db8::10", macB))
+	if m, ok := d2.MAC(asked); !ok || m != macB {
+		t.Errorf("MAC after Device found no entry: %v %v, want %v", m, ok, macB)
+	}
+}
