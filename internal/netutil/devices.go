@@ -168,11 +168,11 @@ func (d *Devices) SameDevice(a, b netip.Addr) bool {
 	if s == nil {
 		return false
 	}
-	ma, ok := d.macOf(s, a)
+	ma, ok := d.macOf(s, a, true)
 	if !ok {
 		return false
 	}
-	mb, ok := d.macOf(s, b)
+	mb, ok := d.macOf(s, b, true)
 	if !ok || ma != mb {
 		return false
 	}
@@ -207,7 +207,7 @@ func (d *Devices) MAC(a netip.Addr) (MAC, bool) {
 	if s == nil {
 		return MAC{}, false
 	}
-	return d.macOf(s, a)
+	return d.macOf(s, a, true)
 }
 
 // Device returns the Ethernet address a's frames carry, as MAC does, for
@@ -217,8 +217,9 @@ func (d *Devices) MAC(a netip.Addr) (MAC, bool) {
 // addresses; a box answering for others is then one client, as a NAT
 // router always was). Unlike MAC it asks the kernel again about an
 // address it found no entry for since the copy was read (within the
-// DevicesMaxLookups bound): a new address's first datagram comes before
-// the gateway has resolved it, and its next ones after.
+// DevicesMaxLookups bound), and leaves no mark of such an answer for MAC
+// and SameDevice: a new address's first datagram comes before the
+// gateway has resolved it, and its next ones after.
 func (d *Devices) Device(a netip.Addr) (MAC, bool) {
 	a = deviceAddr(a)
 	if !a.IsValid() {
@@ -228,10 +229,7 @@ func (d *Devices) Device(a netip.Addr) (MAC, bool) {
 	if s == nil {
 		return MAC{}, false
 	}
-	d.mu.Lock()
-	delete(s.none, a)
-	d.mu.Unlock()
-	return d.macOf(s, a)
+	return d.macOf(s, a, false)
 }
 
 // deviceAddr returns a as a device address (unmapped, without zone), or
@@ -311,14 +309,17 @@ func (d *Devices) load(now time.Time) (*devSnapshot, error) {
 }
 
 // macOf returns the Ethernet address of a's usable entry: from the copy,
-// else asking the kernel about a alone.
-func (d *Devices) macOf(s *devSnapshot, a netip.Addr) (MAC, bool) {
+// else asking the kernel about a alone. With remember, an address the
+// kernel had no entry for is remembered so until the next copy (and not
+// asked about again); without, that mark is neither heeded nor left
+// (Device: its callers ask again at their own pace).
+func (d *Devices) macOf(s *devSnapshot, a netip.Addr, remember bool) (MAC, bool) {
 	d.mu.Lock()
 	if m, ok := s.mac[a]; ok {
 		d.mu.Unlock()
 		return m, true
 	}
-	if _, ok := s.none[a]; ok || s.lookups >= DevicesMaxLookups {
+	if _, ok := s.none[a]; ok && remember || s.lookups >= DevicesMaxLookups {
 		d.mu.Unlock()
 		return MAC{}, false
 	}
@@ -336,7 +337,9 @@ func (d *Devices) macOf(s *devSnapshot, a netip.Addr) (MAC, bool) {
 	if err == nil && nb.Addr == a && s.add(nb) {
 		return s.mac[a], true
 	}
-	s.none[a] = struct{}{}
+	if remember {
+		s.none[a] = struct{}{}
+	}
 	return MAC{}, false
 }
 
