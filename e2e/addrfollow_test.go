@@ -207,3 +207,52 @@ func TestExplicitFollowsLANAddrs(t *testing.T) {
 		t.Errorf("the listener on %s:3128 went too:\n%s", gwLAN4, out)
 	}
 }
+
+// TestExplicitTentativeLANAddr: a LAN interface whose only address is an
+// IPv6 one still in duplicate address detection when egressd starts (a
+// network manager that configured it a moment before) has no explicit
+// listener at first (binding to a tentative address fails): /readyz says
+// the explicit proxy does not run. Once the detection is done, the
+// listener opens on the address notice, and /readyz says every part
+// runs again. Before, the part stayed "not running" in /readyz until a
+// restart, while the listener served.
+func TestExplicitTentativeLANAddr(t *testing.T) {
+	const gw1 = "fd00:5::1"
+	tp := newTopo(t)
+	lan1 := testnet.New(t, "r3lan1")
+	testnet.Link(t, lan1, "eth0", nil, tp.gw, "lan1", nil)
+	// No carrier: the address stays tentative until the peer comes up.
+	lan1.MustRun("ip", "link", "set", "eth0", "down")
+	tp.gw.MustRun("sysctl", "-qw", "net.ipv6.conf.lan1.accept_dad=1")
+	tp.gw.MustRun("ip", "-6", "addr", "add", gw1+"/64", "dev", "lan1")
+	if out := tp.gw.MustRun("ip", "-6", "addr", "show", "dev", "lan1"); !strings.Contains(out, "tentative") {
+		t.Fatalf("control: %s is not tentative: the test would prove nothing:\n%s", gw1, out)
+	}
+
+	d := newDaemon(t, tp, "audit")
+	d.extra = []string{"--lan", "lan0,lan1"}
+	d.unready = true
+	d.start()
+	defer d.stop()
+	ln := "[" + gw1 + "]:3128"
+	if code, body, err := d.get("/readyz"); err != nil || code != 503 || !strings.Contains(body, "explicit-proxy") {
+		t.Errorf("/readyz while %s is tentative: %d %q %v, want 503 naming explicit-proxy", gw1, code, body, err)
+	}
+
+	lan1.MustRun("ip", "link", "set", "eth0", "up") // the detection runs and ends
+	d.waitLog(t, "explicit proxy: listening on "+ln, 1)
+	if out := tp.gw.MustRun("ss", "-Hltn"); !strings.Contains(out, ln) {
+		t.Errorf("no listener on %s after its detection ended:\n%s", ln, out)
+	}
+	for deadline := time.Now().Add(10 * time.Second); ; {
+		code, body, err := d.get("/readyz")
+		if err == nil && code == 200 {
+			break
+		}
+		if time.Now().After(deadline) {
+			t.Errorf("/readyz after the explicit listener on %s opened: %d %q %v, want 200", ln, code, body, err)
+			break
+		}
+		time.Sleep(100 * time.Millisecond)
+	}
+}

@@ -739,7 +739,13 @@ func (d *daemon) run(ctx context.Context) error {
 	if d.proxy != nil && followExplicit {
 		prx := d.proxy
 		follow = append(follow, func() {
-			_ = prx.SetExplicitAddrs(explicitListenAddrs(lans, wan, interfaceAddr)) // it logs; tried again on the next wake-up
+			// It logs; what did not open is tried again on the next
+			// wake-up. Once every one is open, a listener that did not
+			// open at start (a LAN address still in IPv6 duplicate
+			// address detection) runs: the part is no longer degraded.
+			if prx.SetExplicitAddrs(explicitListenAddrs(lans, wan, interfaceAddr)) == nil {
+				d.undegrade("explicit-proxy")
+			}
 		})
 	}
 	if len(follow) > 0 {
