@@ -31,7 +31,7 @@ var errNotReady = errors.New("proxy: not listening yet")
 // one on each address that has none, and closes the others. It logs one
 // line for each listener opened or closed (proxy: explicit proxy:
 // listening on ADDR; stopped listening on ADDR), and one for an address
-// that does not open (once, until it opens). It returns errNotReady
+// that does not open (once, until it opens or is no longer given). It returns errNotReady
 // before Run has opened the configured listeners, net.ErrClosed once the
 // proxy is closed; else the addresses that did not open, which the next
 // call tries again (an IPv6 address is not bound to until the kernel's
@@ -58,6 +58,11 @@ func (p *Proxy) SetExplicitAddrs(addrs []string) error {
 		p.forgetListener(ln)
 		_ = ln.Close()
 		p.log.Info("proxy: explicit proxy: stopped listening on "+a, "addr", a)
+	}
+	for a := range p.explicitFailed {
+		if !slices.Contains(addrs, a) {
+			delete(p.explicitFailed, a) // logged again if given again and failing
+		}
 	}
 	var errs []error
 	for _, a := range addrs {

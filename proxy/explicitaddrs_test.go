@@ -6,7 +6,10 @@ import (
 	"io"
 	"log/slog"
 	"net"
+	"runtime"
+	"slices"
 	"strings"
+	"sync"
 	"testing"
 	"time"
 
@@ -117,5 +120,154 @@ func TestSetExplicitAddrs(t *testing.T) {
 	}
 	if err := p.SetExplicitAddrs([]string{later}); err != net.ErrClosed {
 		t.Errorf("after Close: %v, want net.ErrClosed", err)
+	}
+}
+
+// TestSetExplicitAddrsFailLoggedAgain: an address that does not open is
+// logged once while it is given; one no longer given, then given again
+// and still not opening (an IPv6 address whose duplicate address
+// detection failed, taken off and put back), is logged again. Before, the
+// address stayed on the list of those logged once it was no longer
+// given: the second failure was silent, and the list grew by every
+// address that never opened.
+func TestSetExplicitAddrsFailLoggedAgain(t *testing.T) {
+	eng, err := policy.Compile("p.yaml", []byte("version: 1\nmode: enforce\nrules: []\n"))
+	if err != nil {
+		t.Fatal(err)
+	}
+	var logs strings.Builder
+	var mu sync.Mutex
+	p, err := New(Config{ExplicitAddr: "127.0.0.1:0"}, Deps{Policy: policy.NewStore(eng), Logger: slog.New(slog.NewTextHandler(lockedWriter{&mu, &logs}, nil))})
+	if err != nil {
+		t.Fatal(err)
+	}
+	ctx, cancel := context.WithCancel(context.Background())
+	ran := make(chan error, 1)
+	go func() { ran <- p.Run(ctx) }()
+	defer func() { cancel(); <-ran }()
+	select {
+	case <-p.Ready():
+	case err := <-ran:
+		t.Fatalf("Run: %v", err)
+	case <-time.After(10 * time.Second):
+		t.Fatal("not ready in 10s")
+	}
+	const bad = "198.51.100.1:3128" // not the host's: does not open
+	for _, addrs := range [][]string{{"127.0.0.1:0", bad}, {"127.0.0.1:0", bad}, {"127.0.0.1:0"}, {"127.0.0.1:0", bad}} {
+		err := p.SetExplicitAddrs(addrs)
+		if (err != nil) != slices.Contains(addrs, bad) {
+			t.Fatalf("SetExplicitAddrs(%v): %v", addrs, err)
+		}
+	}
+	mu.Lock()
+	n := strings.Count(logs.String(), "cannot listen on "+bad)
+	mu.Unlock()
+	if n != 2 {
+		t.Errorf("%q logged %d times, want 2 (once, and again after it was not given for a while)", bad, n)
+	}
+	p.explicitMu.Lock()
+	failed := len(p.explicitFailed)
+	p.explicitMu.Unlock()
+	if failed != 1 {
+		t.Errorf("%d addresses on the failed list, want 1", failed)
+	}
+}
+
+type lockedWriter struct {
+	mu *sync.Mutex
+	w  io.Writer
+}
+
+func (l lockedWriter) Write(b []byte) (int, error) {
+	l.mu.Lock()
+	defer l.mu.Unlock()
+	return l.w.Write(b)
+}
+
+// TestSetExplicitAddrsNoLeak: listeners SetExplicitAddrs opened and
+// closed, one of them with a request under way on a connection it
+// accepted, and calls racing the proxy's Close from two goroutines,
+// leave no goroutine behind once the proxy is closed, and no listener
+// open: the count of goroutines comes back to what it was.
+func TestSetExplicitAddrsNoLeak(t *testing.T) {
+	eng, err := policy.Compile("p.yaml", []byte("version: 1\nmode: enforce\nrules: []\n"))
+	if err != nil {
+		t.Fatal(err)
+	}
+	before := runtime.NumGoroutine()
+	for round := range 3 {
+		p, err := New(Config{ExplicitAddr: "127.0.0.1:0"}, Deps{Policy: policy.NewStore(eng), Logger: slog.New(slog.NewTextHandler(io.Discard, nil))})
+		if err != nil {
+			t.Fatal(err)
+		}
+		ctx, cancel := context.WithCancel(context.Background())
+		ran := make(chan error, 1)
+		go func() { ran <- p.Run(ctx) }()
+		select {
+		case <-p.Ready():
+		case err := <-ran:
+			t.Fatalf("Run: %v", err)
+		case <-time.After(10 * time.Second):
+			t.Fatal("not ready in 10s")
+		}
+		extra := []string{"127.0.0.2:0", "127.0.0.3:0", "127.0.0.4:0"}
+		if err := p.SetExplicitAddrs(append([]string{"127.0.0.1:0"}, extra...)); err != nil {
+			t.Skipf("no 127.0.0.2-4: %v", err)
+		}
+		// A request head begun on one of them, then its listener closed:
+		// the connection is the retired server's until the proxy closes.
+		p.explicitMu.Lock()
+		held := p.explicitLns[extra[0]].Addr().String()
+		p.explicitMu.Unlock()
+		c, err := net.DialTimeout("tcp", held, 2*time.Second)
+		if err != nil {
+			t.Fatal(err)
+		}
+		io.WriteString(c, "GET http://denied.test/ HTTP/1.1\r\n") // unfinished head
+		if err := p.SetExplicitAddrs([]string{"127.0.0.1:0"}); err != nil {
+			t.Fatal(err)
+		}
+		var wg sync.WaitGroup
+		for i := range 2 {
+			wg.Add(1)
+			go func() {
+				defer wg.Done()
+				for j := range 20 {
+					_ = p.SetExplicitAddrs([]string{"127.0.0.1:0", extra[(i+j)%len(extra)]})
+				}
+			}()
+		}
+		if round > 0 {
+			cancel() // Close while the calls go on
+		}
+		wg.Wait()
+		cancel()
+		select {
+		case err := <-ran:
+			if err != nil {
+				t.Errorf("Run: %v", err)
+			}
+		case <-time.After(10 * time.Second):
+			buf := make([]byte, 1<<20)
+			t.Fatalf("Run did not return in 10s after its context was done:\n%s", buf[:runtime.Stack(buf, true)])
+		}
+		c.Close()
+		if ln, err := net.Listen("tcp", held); err == nil {
+			ln.Close()
+		} else {
+			t.Errorf("%s still taken after Close: %v", held, err)
+		}
+	}
+	var after int
+	for deadline := time.Now().Add(10 * time.Second); ; {
+		after = runtime.NumGoroutine()
+		if after <= before || time.Now().After(deadline) {
+			break
+		}
+		time.Sleep(20 * time.Millisecond)
+	}
+	if after > before {
+		buf := make([]byte, 1<<20)
+		t.Errorf("%d goroutines before, %d after the proxies closed:\n%s", before, after, buf[:runtime.Stack(buf, true)])
 	}
 }
