@@ -211,11 +211,11 @@ func TestExplicitFollowsLANAddrs(t *testing.T) {
 // TestExplicitTentativeLANAddr: a LAN interface whose only address is an
 // IPv6 one still in duplicate address detection when egressd starts (a
 // network manager that configured it a moment before) has no explicit
-// listener at first (binding to a tentative address fails): /readyz says
-// the explicit proxy does not run. Once the detection is done, the
-// listener opens on the address notice, and /readyz says every part
-// runs again. Before, the part stayed "not running" in /readyz until a
-// restart, while the listener served.
+// listener yet, and egressd does not count that as a failure (the
+// address is not the gateway's yet): /readyz says every part runs. Once
+// the detection is done, the listener opens on the address notice.
+// Before, egressd tried to listen on the tentative address, failed, and
+// /readyz said the explicit proxy did not run, for good.
 func TestExplicitTentativeLANAddr(t *testing.T) {
 	const gw1 = "fd00:5::1"
 	tp := newTopo(t)
@@ -235,8 +235,8 @@ func TestExplicitTentativeLANAddr(t *testing.T) {
 	d.start()
 	defer d.stop()
 	ln := "[" + gw1 + "]:3128"
-	if code, body, err := d.get("/readyz"); err != nil || code != 503 || !strings.Contains(body, "explicit-proxy") {
-		t.Errorf("/readyz while %s is tentative: %d %q %v, want 503 naming explicit-proxy", gw1, code, body, err)
+	if code, body, err := d.get("/readyz"); err != nil || code != 200 {
+		t.Errorf("/readyz while %s is tentative: %d %q %v, want 200", gw1, code, body, err)
 	}
 
 	lan1.MustRun("ip", "link", "set", "eth0", "up") // the detection runs and ends
@@ -244,13 +244,41 @@ func TestExplicitTentativeLANAddr(t *testing.T) {
 	if out := tp.gw.MustRun("ss", "-Hltn"); !strings.Contains(out, ln) {
 		t.Errorf("no listener on %s after its detection ended:\n%s", ln, out)
 	}
+	if strings.Contains(d.logs(), "cannot listen on "+ln) {
+		t.Errorf("egressd tried to listen on %s while it was tentative:\n%s", ln, d.logs())
+	}
+}
+
+// TestExplicitOpensLate: an explicit listener on a LAN address that does
+// not open at start (port 3128 there taken by another program) makes
+// /readyz name the explicit proxy; once the port is free and the
+// listener opens (on the next address notice), /readyz says every part
+// runs. Before, the part stayed "not running" until a restart, while
+// the listener served.
+func TestExplicitOpensLate(t *testing.T) {
+	tp := newTopo(t)
+	taken, err := tp.gw.Listen("tcp", net.JoinHostPort(gwLAN4, "3128"))
+	if err != nil {
+		t.Fatal(err)
+	}
+	defer taken.Close()
+	d := newDaemon(t, tp, "audit")
+	d.unready = true
+	d.start()
+	defer d.stop()
+	if code, body, err := d.get("/readyz"); err != nil || code != 503 || !strings.Contains(body, "explicit-proxy") {
+		t.Fatalf("/readyz while %s:3128 is taken: %d %q %v, want 503 naming explicit-proxy", gwLAN4, code, body, err)
+	}
+	taken.Close()
+	tp.gw.MustRun("ip", "addr", "add", "198.18.77.1/32", "dev", "lo") // an address notice: the follower checks again
+	d.waitLog(t, "explicit proxy: listening on "+gwLAN4+":3128", 1)
 	for deadline := time.Now().Add(10 * time.Second); ; {
 		code, body, err := d.get("/readyz")
 		if err == nil && code == 200 {
 			break
 		}
 		if time.Now().After(deadline) {
-			t.Errorf("/readyz after the explicit listener on %s opened: %d %q %v, want 200", ln, code, body, err)
+			t.Errorf("/readyz after the explicit listener opened: %d %q %v, want 200", code, body, err)
 			break
 		}
 		time.Sleep(100 * time.Millisecond)

@@ -9,6 +9,7 @@ import (
 	"strings"
 
 	"egressd/firewall"
+	"egressd/internal/netutil"
 	"egressd/policy"
 )
 
@@ -93,7 +94,9 @@ func guessLAN(wan string) string {
 }
 
 // interfaceAddr returns the first IPv4 address of an interface (else the
-// first global IPv6 one), or the zero Addr.
+// first global IPv6 one), or the zero Addr. An IPv6 address still in
+// duplicate address detection, or that failed it, is not one
+// (netutil.InterfaceAddrs): nothing can listen on it.
 func interfaceAddr(name string) netip.Addr {
 	if name == "" {
 		return netip.Addr{}
@@ -102,18 +105,14 @@ func interfaceAddr(name string) netip.Addr {
 	if err != nil {
 		return netip.Addr{}
 	}
-	addrs, _ := i.Addrs()
+	addrs, _ := netutil.InterfaceAddrs(i.Index)
 	var v6 netip.Addr
 	for _, a := range addrs {
-		p, err := netip.ParsePrefix(a.String())
-		if err != nil {
-			continue
+		if a.Is4() {
+			return a
 		}
-		if p.Addr().Is4() {
-			return p.Addr()
-		}
-		if !v6.IsValid() && p.Addr().IsGlobalUnicast() {
-			v6 = p.Addr()
+		if !v6.IsValid() && a.IsGlobalUnicast() {
+			v6 = a
 		}
 	}
 	return v6
