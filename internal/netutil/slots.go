@@ -78,7 +78,9 @@ func (c *ClientSlots) Acquire(client netip.Addr) (ok bool, why SlotRefusal) {
 		}
 		if s.mac == "" && mac != "" {
 			s.mac = mac
-			c.perDev[mac] += s.n
+			if s.n > 0 { // a device's count is kept only while it holds a slot
+				c.perDev[mac] += s.n
+			}
 		}
 	} else if s == nil {
 		s = &addrSlots{next: 2}

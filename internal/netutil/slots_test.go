@@ -144,3 +144,31 @@ func TestClientSlotsPerDevice(t *testing.T) {
 		t.Errorf("global cap 3: %d slots, %d addresses", total, a)
 	}
 }
+
+// TestClientSlotsRefusedDeviceLeavesNothing: a new address of a device
+// that holds no slot, refused at the global cap, leaves no count of its
+// device behind (before, its device stayed in the map at 0: one entry
+// per MAC ever refused, never removed).
+func TestClientSlotsRefusedDeviceLeavesNothing(t *testing.T) {
+	devs := &slotDevices{mac: map[netip.Addr]net.HardwareAddr{}}
+	c := NewClientSlots(1, 0, devs.of)
+	holder := netip.MustParseAddr("192.0.2.1")
+	devs.set(holder, net.HardwareAddr{2, 0, 0, 0, 0, 1})
+	if ok, _ := c.Acquire(holder); !ok {
+		t.Fatal("the first slot refused")
+	}
+	for i := range 50 {
+		a := netip.AddrFrom16([16]byte{0x20, 0x01, 0x0d, 0xb8, 2, 15: byte(i)})
+		devs.set(a, net.HardwareAddr{2, 0, 0, 0, 1, byte(i)})
+		if ok, why := c.Acquire(a); ok || why.Scope != "global" {
+			t.Fatalf("%s past the global cap: ok %v, %+v", a, ok, why)
+		}
+	}
+	if total, a, d := c.Counts(); total != 1 || a != 1 || d != 1 {
+		t.Errorf("one slot held, 50 refused: %d slots, %d addresses, %d devices; want 1, 1, 1", total, a, d)
+	}
+	c.Release(holder)
+	if total, a, d := c.Counts(); total != 0 || a != 0 || d != 0 {
+		t.Errorf("after every release: %d slots, %d addresses, %d devices", total, a, d)
+	}
+}
