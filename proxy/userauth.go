@@ -19,6 +19,8 @@ import (
 	"time"
 
 	"golang.org/x/crypto/bcrypt"
+
+	"egressd/internal/netutil"
 )
 
 // UserSecret is how the explicit proxy checks one user's password
@@ -208,27 +210,29 @@ func (s *userSet) remember(k [sha256.Size]byte) {
 	s.mu.Unlock()
 }
 
-// authWaitersPerAddr bounds the requests of one client address that
-// wait for a slow check (or run one) at once: each holds its connection
-// until its turn, up to authWait, and nothing bounds a client's
-// connections before it has authenticated. A request beyond it is
-// answered 503 at once. Eight: a browser opens up to six connections to a
+// authWaitersPerAddr bounds the requests of one client (a LAN device,
+// all its addresses together, where Deps.Devices names one: Proxy.keyOf;
+// else the address) that wait for a slow check (or run one) at once:
+// each holds its connection until its turn, up to authWait. A request
+// beyond it is answered 503 at once. Eight: a browser opens up to six connections to a
 // proxy at once, all with the same password, and eight checks of the
 // highest cost (15, about 2 s each) one after another still fit in
 // authWait.
 const authWaitersPerAddr = 8
 
 // slowChecks bounds the bcrypt checks the proxy runs at once: at most
-// half of the CPUs (at least one), and one per client address, so a
-// client sending wrong passwords on many connections holds one place in
-// the queue, not all of them, and the rest of the proxy keeps CPU; at
-// most perAddr requests of an address wait their turn.
+// half of the CPUs (at least one), and one per client (as the connection
+// cap counts one: a LAN device's addresses together, netutil.ClientKey),
+// so a client sending wrong passwords on many connections, or from many
+// addresses, holds one place in the queue, not all of them, and the rest
+// of the proxy keeps CPU; at most perAddr requests of a client wait their
+// turn.
 type slowChecks struct {
 	slots   chan struct{}
 	wait    time.Duration // authWait; shorter in tests
 	perAddr int           // authWaitersPerAddr
 	mu      sync.Mutex
-	addrs   map[netip.Addr]*addrGate
+	addrs   map[netutil.ClientKey]*addrGate // by client
 	// active and peak count the checks running, checks those run,
 	// dummies those against userSet.dummy, full the requests turned
 	// away for perAddr (for tests).
@@ -241,15 +245,15 @@ type addrGate struct {
 }
 
 func newSlowChecks() *slowChecks {
-	return &slowChecks{slots: make(chan struct{}, max(1, runtime.GOMAXPROCS(0)/2)), wait: authWait, perAddr: authWaitersPerAddr, addrs: map[netip.Addr]*addrGate{}}
+	return &slowChecks{slots: make(chan struct{}, max(1, runtime.GOMAXPROCS(0)/2)), wait: authWait, perAddr: authWaitersPerAddr, addrs: map[netutil.ClientKey]*addrGate{}}
 }
 
-// run checks a password when the client's address and then a CPU slot
-// are free: cached first, once the address's turn has come (another
+// run checks a password when the client's place and then a CPU slot
+// are free: cached first, once the client's turn has come (another
 // connection of the client may have checked the same password while
 // this one waited), then check. ran is false if ctx ended first, or at
-// once when perAddr requests of the address are waiting already.
-func (sc *slowChecks) run(ctx context.Context, client netip.Addr, cached, check func() bool) (good, ran bool) {
+// once when perAddr requests of the client are waiting already.
+func (sc *slowChecks) run(ctx context.Context, client netutil.ClientKey, cached, check func() bool) (good, ran bool) {
 	sc.mu.Lock()
 	g := sc.addrs[client]
 	if g == nil {
@@ -331,7 +335,7 @@ func (p *Proxy) checkDigestUser(ctx context.Context, set *userSet, client netip.
 	}
 	ctx, cancel := context.WithTimeout(ctx, p.slow.wait)
 	defer cancel()
-	good, ran := p.slow.run(ctx, client, func() bool { return set.cached(k) }, func() bool {
+	good, ran := p.slow.run(ctx, p.keyOf(client), func() bool { return set.cached(k) }, func() bool {
 		if !ok {
 			p.slow.dummies.Add(1)
 		}

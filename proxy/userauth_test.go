@@ -18,6 +18,7 @@ import (
 
 	"golang.org/x/crypto/bcrypt"
 
+	"egressd/internal/netutil"
 	"egressd/policy"
 )
 
@@ -96,11 +97,22 @@ func TestBcryptSecret(t *testing.T) {
 // authProxy is an explicit proxy on loopback with the given digest users.
 func authProxy(t testing.TB, users map[string]UserSecret) (*Proxy, string) {
 	t.Helper()
+	return authProxyDevices(t, users, nil)
+}
+
+// authProxyDevices is authProxy with devs telling client addresses'
+// devices (nil: none).
+func authProxyDevices(t testing.TB, users map[string]UserSecret, devs *fakeDevices) (*Proxy, string) {
+	t.Helper()
 	eng, err := policy.Compile("auth.yaml", []byte(fmt.Sprintf(testPolicy, "enforce")))
 	if err != nil {
 		t.Fatal(err)
 	}
-	p, err := New(Config{ProxyUserDigests: users}, Deps{Policy: policy.NewStore(eng), Logger: slog.New(slog.NewTextHandler(io.Discard, nil))})
+	deps := Deps{Policy: policy.NewStore(eng), Logger: slog.New(slog.NewTextHandler(io.Discard, nil))}
+	if devs != nil {
+		deps.Devices = devs
+	}
+	p, err := New(Config{ProxyUserDigests: users}, deps)
 	if err != nil {
 		t.Fatal(err)
 	}
@@ -394,7 +406,7 @@ func TestExplicitAuthWaitersPerAddr(t *testing.T) {
 	waiters := func(a string) int {
 		p.slow.mu.Lock()
 		defer p.slow.mu.Unlock()
-		if g := p.slow.addrs[netip.MustParseAddr(a)]; g != nil {
+		if g := p.slow.addrs[netutil.ClientKey{Addr: netip.MustParseAddr(a)}]; g != nil {
 			return g.waiters
 		}
 		return 0
@@ -443,5 +455,77 @@ func TestExplicitAuthWaitersPerAddr(t *testing.T) {
 	p.slow.mu.Unlock()
 	if left != 0 {
 		t.Errorf("%d addresses left in the waiters' table after every check ended", left)
+	}
+}
+
+// TestExplicitAuthWaitersPerDevice: the bound on the requests waiting for
+// a slow check is per client as the connection cap is: one LAN device's
+// addresses (one MAC) share it (before, each address had its own eight,
+// so a host with many addresses held as many connections waiting as it
+// liked); another device keeps its own place; every place is given back.
+func TestExplicitAuthWaitersPerDevice(t *testing.T) {
+	devs := &fakeDevices{mac: map[netip.Addr]net.HardwareAddr{}}
+	flooder := net.HardwareAddr{2, 0, 0, 0, 0, 0xf}
+	for _, a := range []string{"127.0.0.1", "127.0.0.2", "127.0.0.3"} {
+		devs.mac[netip.MustParseAddr(a)] = flooder
+	}
+	devs.mac[netip.MustParseAddr("127.0.0.4")] = net.HardwareAddr{2, 0, 0, 0, 0, 4}
+	p, addr := authProxyDevices(t, map[string]UserSecret{"alice": mustBcrypt(t, "s3cret")}, devs)
+	p.slow.wait = time.Minute
+	for range cap(p.slow.slots) { // every slot taken
+		p.slow.slots <- struct{}{}
+	}
+	waiting := func() (n int) {
+		p.slow.mu.Lock()
+		defer p.slow.mu.Unlock()
+		for _, g := range p.slow.addrs {
+			n += g.waiters
+		}
+		return n
+	}
+	waitFor := func(n int) {
+		t.Helper()
+		for deadline := time.Now().Add(10 * time.Second); waiting() != n; time.Sleep(5 * time.Millisecond) {
+			if time.Now().After(deadline) {
+				t.Fatalf("%d requests waiting, want %d", waiting(), n)
+			}
+		}
+	}
+	var held []net.Conn
+	for i := range authWaitersPerAddr {
+		from := []string{"127.0.0.1", "127.0.0.2"}[i%2]
+		held = append(held, sendConnectAs(t, addr, from, "alice", fmt.Sprint("wrong-", i)))
+	}
+	waitFor(authWaitersPerAddr)
+	for i := range 5 {
+		c := sendConnectAs(t, addr, "127.0.0.3", "alice", fmt.Sprint("more-", i))
+		c.SetReadDeadline(time.Now().Add(10 * time.Second))
+		resp, err := http.ReadResponse(bufio.NewReader(c), &http.Request{Method: "CONNECT"})
+		if err != nil {
+			t.Fatalf("request %d from a third address of the device: no answer at once (%v): it waits in a place of its own", i, err)
+		}
+		resp.Body.Close()
+		if resp.StatusCode != http.StatusServiceUnavailable {
+			t.Errorf("request %d from a third address of the device: %d, want 503", i, resp.StatusCode)
+		}
+	}
+	if n := p.slow.full.Load(); n != 5 {
+		t.Errorf("%d requests turned away, want 5", n)
+	}
+	held = append(held, sendConnectAs(t, addr, "127.0.0.4", "alice", "wrong"))
+	waitFor(authWaitersPerAddr + 1)
+	for range cap(p.slow.slots) {
+		<-p.slow.slots
+	}
+	for i, c := range held {
+		if resp := readStatus(t, c); resp.StatusCode != http.StatusProxyAuthRequired {
+			t.Errorf("waiting request %d: %d, want 407", i, resp.StatusCode)
+		}
+	}
+	p.slow.mu.Lock()
+	left := len(p.slow.addrs)
+	p.slow.mu.Unlock()
+	if left != 0 {
+		t.Errorf("%d clients left in the waiters' table after every check ended", left)
 	}
 }
