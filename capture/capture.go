@@ -247,8 +247,11 @@ type Capture struct {
 	// openRingHook, when set (by tests), opens the sockets instead of
 	// openRing.
 	openRingHook func(name string) (packetSource, error)
-	// followMu keeps Follow to one caller at a time.
+	// followMu keeps Follow to one caller at a time, and guards linkSaid.
 	followMu sync.Mutex
+	linkSaid []linkSaid // by slot of Config.Interfaces
+	// linkWindow is linkWindow; shorter in tests.
+	linkWindow time.Duration
 	// retiredDrops are the kernel's drops on the sockets Run closed.
 	retiredDrops uint64
 
@@ -417,7 +420,7 @@ func New(cfg Config, deps Deps) (*Capture, error) {
 		log = slog.New(slog.DiscardHandler)
 	}
 	cfg = cfg.withDefaults()
-	c := &Capture{cfg: cfg, deps: deps, log: log.With(audit.LogComponent, "capture"), clock: time.Now, wake: make(chan struct{}, 1), changes: make(chan struct{}, 1)}
+	c := &Capture{cfg: cfg, deps: deps, log: log.With(audit.LogComponent, "capture"), clock: time.Now, wake: make(chan struct{}, 1), changes: make(chan struct{}, 1), linkWindow: linkWindow}
 	c.learned = newLearned(cfg.MaxLearned)
 	c.m = newMetrics()
 	c.proc = newProc(c)

@@ -2,7 +2,10 @@ package capture
 
 import (
 	"context"
+	"log/slog"
+	"net/netip"
 	"slices"
+	"strings"
 	"testing"
 	"time"
 
@@ -142,5 +145,82 @@ func TestLiveLinkDownUp(t *testing.T) {
 	}
 	if err := lc.stop(); err != nil {
 		t.Errorf("Run: %v", err)
+	}
+}
+
+// TestLiveLinkFlapLines: a LAN interface whose carrier flaps (the
+// client's end set down and up 30 times, Follow after each change) keeps
+// LinkDown true to each state, and Follow reports each change, but the
+// log has at most linkLines lines of the link's state per window (here
+// 10 s): before, each change was a line, 60 here. Once the window ends,
+// Changes asks for Follow, whose line says the link is up again with the
+// changes seen since the last line.
+func TestLiveLinkFlapLines(t *testing.T) {
+	testnet.RequireRoot(t)
+	a := testnet.New(t, "h3fla")
+	gw := testnet.New(t, "h3flg")
+	testnet.Link(t, a, "eth0", []string{"198.18.44.10/24"}, gw, "lan1", []string{"198.18.44.1/24"})
+	logs := &lockedBuffer{}
+	c, err := New(Config{Interfaces: []string{"lan1"}, OwnAddrs: []netip.Addr{}}, Deps{Policy: policy.NewStore(testEngine(t, testPolicy)), Sink: &recorder{},
+		Logger: slog.New(slog.NewTextHandler(logs, nil))})
+	if err != nil {
+		t.Fatal(err)
+	}
+	const window = 10 * time.Second
+	c.linkWindow = window
+	t.Cleanup(func() { c.Close() })
+	if err := gw.Do(c.Open); err != nil {
+		t.Fatal(err)
+	}
+	lines := func() int {
+		s := logs.String()
+		return strings.Count(s, "lan1 has no carrier") + strings.Count(s, "lan1 is up again")
+	}
+	reported := 0
+	state := func(want ...string) {
+		t.Helper()
+		for range 50 {
+			changed := false
+			gw.Do(func() error { changed = c.Follow(); return nil })
+			if changed {
+				reported++
+			}
+			if slices.Equal(c.LinkDown(), want) {
+				return
+			}
+			time.Sleep(20 * time.Millisecond)
+		}
+		t.Fatalf("LinkDown %q, want %q", c.LinkDown(), want)
+	}
+	start := time.Now()
+	state()
+	const flaps = 30
+	for range flaps {
+		a.MustRun("ip", "link", "set", "eth0", "down")
+		state("lan1 has no carrier")
+		a.MustRun("ip", "link", "set", "eth0", "up")
+		state()
+	}
+	windows := int(time.Since(start)/window) + 1
+	n := lines()
+	t.Logf("%d changes reported in %d windows, %d lines for them", reported, windows, n)
+	if reported < 2*flaps {
+		t.Errorf("Follow reported %d changes, want %d", reported, 2*flaps)
+	}
+	if n < 1 || n > linkLines*windows {
+		t.Errorf("%d log lines for %d changes of the carrier in %d windows, want 1 to %d", n, 2*flaps, windows, linkLines*windows)
+	}
+	select {
+	case <-c.Changes():
+	case <-time.After(2 * window):
+		t.Fatal("no call for Follow once the window ended")
+	}
+	gw.Do(func() error { c.Follow(); return nil })
+	ls := strings.Split(strings.TrimSpace(logs.String()), "\n")
+	if l := ls[len(ls)-1]; !strings.Contains(l, "lan1 is up again") || !strings.Contains(l, "changes=") {
+		t.Errorf("the line after the flapping: %s; want up again, with the changes seen", l)
+	}
+	if got := c.LinkDown(); len(got) != 0 {
+		t.Errorf("LinkDown %q after the flapping", got)
 	}
 }

@@ -148,8 +148,8 @@ func linkOf(f net.Flags) string {
 // interface comes up): Follow notes the change (LinkDown). It logs one
 // line for each change (capture: listening on X, capture: X went away,
 // capture: X is down, capture: X has no carrier, capture: X is up
-// again) and reports whether there was one, or a socket Run closed
-// since. The caller calls it on link changes (netlink), on Changes and
+// again; a flapping link's fewer: sayLink) and
+// reports whether there was one, or a socket Run closed since. The caller calls it on link changes (netlink), on Changes and
 // now and then besides; a socket is opened in the network namespace of
 // the caller's thread. It does nothing before Open.
 func (c *Capture) Follow() bool {
@@ -171,17 +171,13 @@ func (c *Capture) Follow() bool {
 			idx, link = ifi.Index, linkOf(ifi.Flags)
 		}
 		if idx != 0 && idx == was[i].ifindex {
-			if link != was[i].link && c.setLink(i, idx, link) {
-				changed = true
-				switch link {
-				case linkDown:
-					c.log.Warn("capture: "+name+" is down", "interface", name)
-				case linkNoCarrier:
-					c.log.Warn("capture: "+name+" has no carrier", "interface", name)
-				default:
-					c.log.Info("capture: "+name+" is up again", "interface", name, "was", was[i].link)
+			if link != was[i].link {
+				if !c.setLink(i, idx, link) {
+					continue // its socket was replaced meanwhile
 				}
+				changed = true
 			}
+			c.sayLink(i, name, idx, was[i].link, link, now)
 			continue
 		}
 		if idx == 0 && errors.Is(was[i].why, ErrNoInterface) {
@@ -246,6 +242,74 @@ func (c *Capture) Follow() bool {
 		}
 	}
 	return changed
+}
+
+// linkSaid is what Follow logged of one interface's link state.
+type linkSaid struct {
+	ifindex int       // the interface said is of; another: not said yet
+	said    string    // the link state the last line told (ifaceState.link)
+	from    time.Time // the start of the window lines counts in
+	lines   int       // lines in it
+	seen    int       // changes seen since the last line
+	due     bool      // a poke is set for the window's end
+}
+
+// linkLines bounds the lines Follow logs of one interface's link state
+// in a window (Capture.linkWindow, linkWindow: a minute): a line per
+// change up to it, then none until the window ends, when one line says
+// the state then and the changes seen since the last line. Before, each
+// change was a line: a flapping carrier filled the log (and journald's
+// rate limit then dropped the flows' lines with them).
+const (
+	linkLines  = 8
+	linkWindow = time.Minute
+)
+
+// sayLink logs the link state of slot's interface, bound to idx, now
+// link (was: at Follow's last look), when it changed since the last line
+// and linkLines allows; else Changes asks for Follow once the window
+// ends. Follow's goroutine (followMu) only.
+func (c *Capture) sayLink(slot int, name string, idx int, was, link string, now time.Time) {
+	if len(c.linkSaid) != len(c.cfg.Interfaces) {
+		c.linkSaid = make([]linkSaid, len(c.cfg.Interfaces))
+	}
+	ls := &c.linkSaid[slot]
+	if ls.ifindex != idx {
+		ls.ifindex, ls.said, ls.seen = idx, was, 0 // a new socket: its state at opening stands
+	}
+	if link != was {
+		ls.seen++
+	}
+	if now.Sub(ls.from) >= c.linkWindow {
+		ls.from, ls.lines, ls.due = now, 0, false
+	}
+	if link == ls.said && ls.seen == 0 {
+		return
+	}
+	if ls.lines >= linkLines {
+		if !ls.due {
+			ls.due = true
+			time.AfterFunc(ls.from.Add(c.linkWindow).Sub(now), c.poke)
+		}
+		return
+	}
+	attrs := []any{"interface", name}
+	if ls.seen > 1 || link == ls.said {
+		attrs = append(attrs, "changes", ls.seen)
+	}
+	switch link {
+	case linkDown:
+		c.log.Warn("capture: "+name+" is down", attrs...)
+	case linkNoCarrier:
+		c.log.Warn("capture: "+name+" has no carrier", attrs...)
+	default:
+		if ls.said != link {
+			attrs = append(attrs, "was", ls.said)
+		}
+		c.log.Info("capture: "+name+" is up again", attrs...)
+	}
+	ls.said, ls.seen = link, 0
+	ls.lines++
 }
 
 // setLink records the link state of slot's interface, if its socket is
