@@ -407,11 +407,17 @@ func withCapHint(err error, have bool, hint string) string {
 }
 
 // degrade records a part that does not run, for /readyz and the summary.
+// It logs when the part stops or its reason changes: the link watcher asks
+// again on every notice and every linkRecheck, and a LAN port left empty
+// would repeat the same line each time.
 func (d *daemon) degrade(part, why string) {
 	d.mu.Lock()
+	was, ok := d.degraded[part]
 	d.degraded[part] = why
 	d.mu.Unlock()
-	d.log.Error("part not running", "part", part, audit.LogReason, why)
+	if !ok || was != why {
+		d.log.Error("part not running", "part", part, audit.LogReason, why)
+	}
 }
 
 // undegrade records that a part degrade named runs again.
