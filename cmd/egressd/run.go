@@ -406,6 +406,41 @@ func withCapHint(err error, have bool, hint string) string {
 	return err.Error()
 }
 
+// listenCapHint adds to a listener's permission error the capability it
+// lacked: CAP_NET_ADMIN where the kernel refused the WAN socket filter
+// (some kernels ask it for SO_ATTACH_FILTER), else bindHint (which names
+// CAP_NET_BIND_SERVICE) where the port is below 1024 or not known. A
+// permission error on a high port that is not the filter's gets no hint:
+// binding one needs no capability.
+func listenCapHint(err error, caps capabilities, bindHint string) string {
+	if !errors.Is(err, os.ErrPermission) {
+		return err.Error()
+	}
+	if errors.Is(err, netutil.ErrSocketFilter) {
+		if caps.netAdmin {
+			return err.Error()
+		}
+		return err.Error() + ": needs CAP_NET_ADMIN (this kernel asks it for the socket filter that keeps the WAN side out)"
+	}
+	if caps.bindService {
+		return err.Error()
+	}
+	var op *net.OpError
+	if errors.As(err, &op) {
+		port := 0
+		switch a := op.Addr.(type) {
+		case *net.TCPAddr:
+			port = a.Port
+		case *net.UDPAddr:
+			port = a.Port
+		}
+		if port >= 1024 {
+			return err.Error()
+		}
+	}
+	return err.Error() + ": needs " + bindHint
+}
+
 // degrade records a part that does not run, for /readyz and the summary.
 // It logs when the part stops or its reason changes: the link watcher asks
 // again on every notice and every linkRecheck, and a LAN port left empty
@@ -630,7 +665,7 @@ func (d *daemon) run(ctx context.Context) error {
 		go func() {
 			defer wg.Done()
 			if err := d.dns.Run(ctx); err != nil && ctx.Err() == nil {
-				d.degrade("dns", withCapHint(err, caps.bindService, "CAP_NET_BIND_SERVICE to listen on port 53 (or give --dns-listen a port above 1023)"))
+				d.degrade("dns", listenCapHint(err, caps, "CAP_NET_BIND_SERVICE to listen on port 53 (or give --dns-listen a port above 1023)"))
 			}
 		}()
 	}
@@ -652,7 +687,7 @@ func (d *daemon) run(ctx context.Context) error {
 			defer wg.Done()
 			defer close(proxyStopped)
 			if err := d.proxy.Run(ctx); err != nil && ctx.Err() == nil {
-				d.degrade("proxy", withCapHint(err, caps.bindService, "CAP_NET_BIND_SERVICE for a listen port below 1024"))
+				d.degrade("proxy", listenCapHint(err, caps, "CAP_NET_BIND_SERVICE for a listen port below 1024"))
 			}
 		}()
 	}
@@ -784,7 +819,7 @@ func (d *daemon) run(ctx context.Context) error {
 			t, e := d.proxy.Addrs()
 			if err := d.proxy.ExplicitErr(); err != nil {
 				// The transparent proxy runs without it.
-				d.degrade("explicit-proxy", withCapHint(err, caps.bindService, "CAP_NET_BIND_SERVICE for a listen port below 1024"))
+				d.degrade("explicit-proxy", listenCapHint(err, caps, "CAP_NET_BIND_SERVICE for a listen port below 1024"))
 				d.say("proxy: transparent on %s, explicit not listening", addrOrOff(t))
 				break
 			}

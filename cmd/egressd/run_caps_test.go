@@ -13,9 +13,11 @@ import (
 	"runtime"
 	"slices"
 	"strings"
+	"syscall"
 	"testing"
 	"time"
 
+	"egressd/internal/netutil"
 	"egressd/internal/sysmon"
 	"egressd/internal/testnet"
 )
@@ -204,6 +206,45 @@ func TestRedirectMisses(t *testing.T) {
 	} {
 		if got := redirectMisses(addr) != ""; got != bad {
 			t.Errorf("redirectMisses(%q) = %q", addr, redirectMisses(addr))
+		}
+	}
+}
+
+// TestListenCapHint: the capability a failed listener's line names is the
+// one it lacked. Before, every permission error of the proxy or the DNS
+// forwarder was said to need CAP_NET_BIND_SERVICE: on a kernel that asks
+// CAP_NET_ADMIN for the WAN socket filter (SO_ATTACH_FILTER), `egressd
+// run` without root said "listen tcp 0.0.0.0:15001: ... socket filter:
+// operation not permitted: needs CAP_NET_BIND_SERVICE for a listen port
+// below 1024", and for --dns-listen 198.18.1.1:5353 "needs
+// CAP_NET_BIND_SERVICE to listen on port 53 (or give --dns-listen a port
+// above 1023)", which the operator had done.
+func TestListenCapHint(t *testing.T) {
+	listen := func(addr net.Addr, err error) error {
+		return fmt.Errorf("proxy: transparent listener: %w", &net.OpError{Op: "listen", Net: addr.Network(), Addr: addr, Err: err})
+	}
+	filterErr := fmt.Errorf("proxy: %w", fmt.Errorf("%w: %w", netutil.ErrSocketFilter, syscall.EPERM))
+	bindErr := os.NewSyscallError("bind", syscall.EACCES)
+	high := &net.TCPAddr{IP: net.IPv4zero, Port: 15001}
+	low := &net.UDPAddr{IP: net.IPv4zero, Port: 53}
+	none := capabilities{}
+	for _, c := range []struct {
+		name      string
+		err       error
+		caps      capabilities
+		want, not string
+	}{
+		{"filter refused on a high port", listen(high, filterErr), none, "needs CAP_NET_ADMIN", "CAP_NET_BIND_SERVICE"},
+		{"filter refused on a low port", listen(low, filterErr), none, "needs CAP_NET_ADMIN", "CAP_NET_BIND_SERVICE"},
+		{"bind refused on a low port", listen(low, bindErr), none, "needs CAP_NET_BIND_SERVICE", "CAP_NET_ADMIN"},
+		{"bind refused on a high port", listen(high, bindErr), none, "", "needs"},
+		{"filter refused with CAP_NET_ADMIN", listen(high, filterErr), capabilities{netAdmin: true}, "", "needs"},
+		{"bind refused with CAP_NET_BIND_SERVICE", listen(low, bindErr), capabilities{bindService: true}, "", "needs"},
+		{"not a permission error", listen(low, syscall.EADDRINUSE), none, "", "needs"},
+	} {
+		got := listenCapHint(c.err, c.caps, "CAP_NET_BIND_SERVICE for a listen port below 1024")
+		if !strings.HasPrefix(got, c.err.Error()) || (c.want != "" && !strings.Contains(got, c.want)) || strings.Contains(got, c.not) {
+			t.Errorf("%s: %q; want the error with %q and without %q", c.name, got, c.want, c.not)
 		}
 	}
 }

@@ -39,7 +39,7 @@ func DropFromInterfaceFD(fd, ifindex int) error {
 	if ifindex == 0 {
 		err := unix.SetsockoptInt(fd, unix.SOL_SOCKET, unix.SO_DETACH_FILTER, 0)
 		if err != nil && err != unix.ENOENT {
-			return fmt.Errorf("netutil: socket filter: %w", err)
+			return fmt.Errorf("%w: %w", ErrSocketFilter, err)
 		}
 		return nil
 	}
@@ -48,7 +48,7 @@ func DropFromInterfaceFD(fd, ifindex int) error {
 	}
 	prog, err := dropFromProgram(ifindex)
 	if err != nil {
-		return fmt.Errorf("netutil: socket filter: %w", err)
+		return fmt.Errorf("%w: %w", ErrSocketFilter, err)
 	}
 	f := make([]unix.SockFilter, len(prog))
 	for i, in := range prog {
@@ -56,9 +56,9 @@ func DropFromInterfaceFD(fd, ifindex int) error {
 	}
 	if err := unix.SetsockoptSockFprog(fd, unix.SOL_SOCKET, unix.SO_ATTACH_FILTER, &unix.SockFprog{Len: uint16(len(f)), Filter: &f[0]}); err != nil {
 		if err == unix.EOPNOTSUPP {
-			return fmt.Errorf("netutil: socket filter: %w (an MPTCP socket? listen with plain TCP: ListenConfig.SetMultipathTCP(false))", err)
+			return fmt.Errorf("%w: %w (an MPTCP socket? listen with plain TCP: ListenConfig.SetMultipathTCP(false))", ErrSocketFilter, err)
 		}
-		return fmt.Errorf("netutil: socket filter: %w", err)
+		return fmt.Errorf("%w: %w", ErrSocketFilter, err)
 	}
 	return nil
 }

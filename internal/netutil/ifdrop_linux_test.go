@@ -213,3 +213,18 @@ func TestDropFromInterfaceTCPListener(t *testing.T) {
 		t.Logf("mptcp asked %v, got %v: %v", mptcp, isMPTCP, err)
 	}
 }
+
+// TestDropFromInterfaceErrSocketFilter: a filter the kernel refuses is
+// ErrSocketFilter, with the kernel's errno still inside, so that egressd
+// run can tell a refused filter from a refused bind (a kernel that asks
+// CAP_NET_ADMIN for SO_ATTACH_FILTER fails the listen of a high port with
+// EPERM, which run took for a port below 1024).
+func TestDropFromInterfaceErrSocketFilter(t *testing.T) {
+	err := DropFromInterfaceFD(-1, 1)
+	if !errors.Is(err, ErrSocketFilter) || !errors.Is(err, unix.EBADF) {
+		t.Fatalf("DropFromInterfaceFD(-1, 1) = %v; want ErrSocketFilter wrapping EBADF", err)
+	}
+	if got, want := err.Error(), "netutil: socket filter: bad file descriptor"; got != want {
+		t.Errorf("error %q, want %q (the wording run's lines quote)", got, want)
+	}
+}
