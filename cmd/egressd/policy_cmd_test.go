@@ -212,6 +212,13 @@ func TestProfilesCommand(t *testing.T) {
 	if code, out, _ := runCLI(t, "version"); code != 0 || !strings.HasPrefix(out, "egressd ") {
 		t.Fatalf("version: %d %q", code, out)
 	}
+	// A malformed command line exits 2, as for every command (README);
+	// before, version ignored its arguments and exited 0.
+	for _, args := range [][]string{{"version", "--bogus"}, {"version", "extra"}} {
+		if code, out, stderr := runCLI(t, args...); code != exitUsage || out != "" || !strings.Contains(stderr, "usage: egressd version") {
+			t.Errorf("%q: exit %d, stdout %q, stderr %q; want %d and the usage line", args, code, out, stderr, exitUsage)
+		}
+	}
 }
 
 // TestPolicyCheckQuiet: -q prints nothing for a valid policy, warnings
