@@ -139,7 +139,16 @@ func flagErr(err error) int {
 	return exitUsage
 }
 
-func cmdVersion(_ context.Context, _ []string, stdout, _ io.Writer) int {
+func cmdVersion(_ context.Context, args []string, stdout, stderr io.Writer) int {
+	if len(args) == 1 && (args[0] == "-h" || args[0] == "-help" || args[0] == "--help") {
+		fmt.Fprintln(stdout, "usage: egressd version")
+		return exitOK
+	}
+	if len(args) > 0 {
+		// As every command: a malformed command line is exit 2.
+		fmt.Fprintf(stderr, "egressd version: takes no arguments, got %q\nusage: egressd version\n", args)
+		return exitUsage
+	}
 	fmt.Fprintf(stdout, "egressd %s\n", version)
 	if bi, ok := debug.ReadBuildInfo(); ok {
 		fmt.Fprintf(stdout, "go %s\n", bi.GoVersion)
