@@ -1,0 +1,79 @@
+package main
+
+import (
+	"encoding/json"
+	"os"
+	"path/filepath"
+	"regexp"
+	"strings"
+	"testing"
+)
+
+// readmeText returns README.md, which an operator follows literally.
+func readmeText(t *testing.T) string {
+	t.Helper()
+	b, err := os.ReadFile("../../README.md")
+	if err != nil {
+		t.Fatal(err)
+	}
+	return string(b)
+}
+
+// TestREADMEPolicyExamples: every YAML block of README.md is a policy that
+// `egressd policy check` accepts (warnings allowed), so an operator who
+// copies one gets a valid start.
+func TestREADMEPolicyExamples(t *testing.T) {
+	blocks := regexp.MustCompile("(?s)```yaml\n(.*?)```").FindAllStringSubmatch(readmeText(t), -1)
+	if len(blocks) == 0 {
+		t.Fatal("README.md has no ```yaml block")
+	}
+	dir := t.TempDir()
+	for i, b := range blocks {
+		file := filepath.Join(dir, "example.yaml")
+		if err := os.WriteFile(file, []byte(b[1]), 0o644); err != nil {
+			t.Fatal(err)
+		}
+		if code, out, stderr := runCLI(t, "policy", "check", file); code != exitOK || !strings.Contains(out, ": valid") {
+			t.Errorf("README yaml block %d: policy check exit %d: %s%s\n%s", i+1, code, out, stderr, b[1])
+		}
+	}
+}
+
+// TestREADMEToTable: the Policy reference's table of `to` entries says, per
+// name pattern, which names it matches and which it does not; `egressd
+// policy explain` must agree with every name the table shows.
+func TestREADMEToTable(t *testing.T) {
+	row := regexp.MustCompile("(?m)^\\| `([^`]+)` \\| (.*) \\| (.*) \\|$")
+	tick := regexp.MustCompile("`([^`]+)`")
+	name := regexp.MustCompile(`^[A-Za-z0-9][A-Za-z0-9.-]*$`)
+	pattern := regexp.MustCompile(`^[a-z0-9*.-]+$`)
+	dir := t.TempDir()
+	checked := 0
+	for _, m := range row.FindAllStringSubmatch(readmeText(t), -1) {
+		pat := m[1]
+		if !pattern.MatchString(pat) || pat == "*" || !strings.Contains(pat, ".") {
+			continue // CIDRs, private, "*", host/path: prose, not names
+		}
+		file := filepath.Join(dir, "to.yaml")
+		src := "version: 1\nrules:\n  - name: r\n    to: [\"" + pat + "\"]\n    ports: [443/tcp]\n"
+		if err := os.WriteFile(file, []byte(src), 0o644); err != nil {
+			t.Fatal(err)
+		}
+		for col, want := range map[int]string{2: "allow", 3: "deny"} {
+			for _, n := range tick.FindAllStringSubmatch(m[col], -1) {
+				if !name.MatchString(n[1]) {
+					continue // `*` in the prose of a cell
+				}
+				code, out, stderr := runCLI(t, "policy", "explain", file, "--to", n[1], "--json")
+				var got struct{ Verdict string }
+				if code != exitOK || json.Unmarshal([]byte(out), &got) != nil || got.Verdict != want {
+					t.Errorf("to: [%s], --to %s: exit %d, %s%s; README's table says %s", pat, n[1], code, out, stderr, want)
+				}
+				checked++
+			}
+		}
+	}
+	if checked < 10 {
+		t.Errorf("checked %d names of README's `to` table; the table has more (did its form change?)", checked)
+	}
+}
