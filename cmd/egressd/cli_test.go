@@ -15,7 +15,7 @@ import (
 // flagCommands are the commands with flags, as `egressd CMD -h` takes them.
 var flagCommands = [][]string{
 	{"run"}, {"policy", "check"}, {"policy", "explain"}, {"audit"}, {"report"},
-	{"firewall", "print"}, {"firewall", "remove"}, {"ca", "export"},
+	{"firewall", "print"}, {"firewall", "remove"}, {"ca", "export"}, {"proxy-users", "hash"},
 }
 
 // helpFlags runs `egressd CMD -h` and returns the flags it lists.
@@ -59,7 +59,7 @@ func readmeUsage(t *testing.T) map[string][]string {
 		if rest, ok := strings.CutPrefix(line, "egressd "); ok {
 			var words []string
 			for _, w := range strings.Fields(rest) {
-				if !regexp.MustCompile(`^[a-z]+$`).MatchString(w) {
+				if !regexp.MustCompile(`^[a-z][a-z-]*$`).MatchString(w) { // proxy-users
 					break
 				}
 				words = append(words, w)
