@@ -77,3 +77,26 @@ func TestREADMEToTable(t *testing.T) {
 		t.Errorf("checked %d names of README's `to` table; the table has more (did its form change?)", checked)
 	}
 }
+
+// TestREADMEExplainPort: as README says under the usage block, policy
+// explain's port is --port's, else the one DEST names, else 443/tcp, and
+// the command exits 0 whatever the verdict. (README said "--port defaults
+// to 443/tcp", and an operator's `--to http://notion.so/x` was asked on 80.)
+func TestREADMEExplainPort(t *testing.T) {
+	for _, c := range []struct {
+		args []string
+		port string
+	}{
+		{[]string{"--to", "a.nirovision.com:10516"}, "10516/tcp"},
+		{[]string{"--to", "http://notion.so/nirovision/x"}, "80/tcp"},
+		{[]string{"--to", "a.nirovision.com"}, "443/tcp"},
+		{[]string{"--to", "a.nirovision.com:10516", "--port", "123/udp"}, "123/udp"},
+		{[]string{"--to", "example.com"}, "443/tcp"}, // a deny
+	} {
+		code, out, stderr := runCLI(t, append([]string{"policy", "explain", "profile:nirovision", "--json"}, c.args...)...)
+		var got struct{ Port string }
+		if code != exitOK || json.Unmarshal([]byte(out), &got) != nil || got.Port != c.port {
+			t.Errorf("policy explain %q: exit %d, %s%s; want exit 0 and port %s", c.args, code, out, stderr, c.port)
+		}
+	}
+}
