@@ -38,3 +38,17 @@ func TestAppendFlowAttrs(t *testing.T) {
 		t.Fatalf("without MAC, path and front, a short name: %d attributes, want %d", n, FlowAttrsMax-6)
 	}
 }
+
+// TestAppendFlowAttrsNoDest: a flow decided before it had an address (the
+// explicit proxy's request whose name did not resolve, resolve-failed) has
+// an empty dest on its line, as its event has none; before, the line said
+// "dest":"invalid IP" (netip.Addr's String of the zero address).
+func TestAppendFlowAttrsNoDest(t *testing.T) {
+	ev := Event{Kind: KindFlow, Client: netip.MustParseAddr("192.0.2.10"), DestPort: 80, Proto: "tcp", Name: "example.com",
+		NameSource: NameHost, Verdict: "deny", Mode: "audit", Reason: "resolve-failed"}
+	for _, a := range ev.AppendFlowAttrs(nil) {
+		if a.Key == LogDest && a.Value.String() != "" {
+			t.Errorf("dest %q for a flow with no address; want empty", a.Value.String())
+		}
+	}
+}
