@@ -64,8 +64,12 @@ func (e *Event) AppendFlowAttrs(attrs []slog.Attr) []slog.Attr {
 	if e.ClientMAC != "" {
 		attrs = append(attrs, slog.String(LogClientMAC, e.ClientMAC))
 	}
+	dest := ""
+	if e.Dest.IsValid() { // no address: a name that did not resolve
+		dest = e.Dest.String()
+	}
 	attrs = append(attrs,
-		slog.String(LogDest, e.Dest.String()),
+		slog.String(LogDest, dest),
 		slog.Int(LogDestPort, int(e.DestPort)),
 		slog.String(LogProto, e.Proto),
 		slog.String(LogName, e.Name),
