@@ -45,7 +45,9 @@ func TestFirewallPrint(t *testing.T) {
 		{"wan among lans", []string{"firewall", "print", "--mode", "enforce", "--lan", "lan0,wan0", "--wan", "wan0"}, exitUsage, nil, nil,
 			`--lan: wan0 is the WAN interface (--wan)`},
 		{"bad wan open", []string{"firewall", "print", "--wan-open", "22"}, exitUsage, nil, nil, "expected N/tcp"},
-		{"enforce needs lan", []string{"firewall", "print", "--mode", "enforce"}, exitUsage, nil, nil, "needs the LAN interface"},
+		// The line names the flag that is missing (before: "egressd:
+		// firewall: enforce mode needs the LAN interface", no flag named).
+		{"enforce needs lan", []string{"firewall", "print", "--mode", "enforce"}, exitUsage, nil, nil, "egressd firewall print: --mode enforce needs --lan IFACE"},
 		{"bad mode", []string{"firewall", "print", "--mode", "loud"}, exitUsage, nil, nil, "expected audit or enforce"},
 		{"bad ports", []string{"firewall", "print", "--tcp-ports", "80,x"}, exitUsage, nil, nil, `"x" is not a port`},
 		{"bad port number", []string{"firewall", "print", "--proxy-port", "70000"}, exitUsage, nil, nil, "is not a port"},
