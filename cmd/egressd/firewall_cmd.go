@@ -112,6 +112,12 @@ func cmdFirewallPrint(args []string, stdout, stderr io.Writer) int {
 		}
 		eng = eng.WithMode(m)
 	}
+	if eng.Mode() == policy.ModeEnforce && len(cfg.LANs) == 0 {
+		// egressd run guesses a LAN interface; firewall print prints for
+		// a host it may not run on, so it is told.
+		fmt.Fprintln(stderr, "egressd firewall print: --mode enforce needs --lan IFACE: the enforce ruleset names the LAN interfaces")
+		return exitUsage
+	}
 	if err := cfg.Validate(eng.Mode()); err != nil {
 		// The flags, with the mode: --mode enforce without --lan, say.
 		fmt.Fprintln(stderr, "egressd:", err)
