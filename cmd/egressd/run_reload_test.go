@@ -176,3 +176,36 @@ func TestRunFlagValues(t *testing.T) {
 		})
 	}
 }
+
+// TestRunInstallLineShowsTheRuleset: the start-up line of an installed
+// firewall names a command that shows the ruleset installed. It named
+// `egressd firewall print`, which an operator types as given: without
+// run's policy and flags it prints the embedded profile's audit ruleset
+// (an empty table), not the enforce ruleset in the kernel.
+func TestRunInstallLineShowsTheRuleset(t *testing.T) {
+	ns, p, _ := runInNS(t, "version: 1\nmode: enforce\nrules:\n  - name: ntp\n    to: [pool.ntp.test]\n    ports: [123/udp]\n")
+	bin := p.Cmd.Args[4] // ip netns exec NAME BIN run ...
+	var line string
+	for deadline := time.Now().Add(10 * time.Second); line == "" && time.Now().Before(deadline); time.Sleep(100 * time.Millisecond) {
+		for _, l := range strings.Split(p.StdoutSoFar(), "\n") {
+			if strings.HasPrefix(l, "firewall: installed") {
+				line = l
+			}
+		}
+	}
+	_, cmdText, ok := strings.Cut(line, "`")
+	cmdText, _, ok2 := strings.Cut(cmdText, "`")
+	if !ok || !ok2 {
+		p.Stop()
+		t.Fatalf("no command in backticks on the line %q\nstdout:\n%s", line, p.Stdout)
+	}
+	args := strings.Fields(cmdText)
+	if args[0] == "egressd" {
+		args[0] = bin
+	}
+	out, err := ns.Run(args...)
+	p.Stop()
+	if err != nil || !strings.Contains(out, "redirect to :15001") || !strings.Contains(out, `iifname "lan0" counter packets 0 bytes 0 drop`) {
+		t.Errorf("%q (from the line %q) does not show the enforce ruleset installed: %v\n%s", cmdText, line, err, out)
+	}
+}
