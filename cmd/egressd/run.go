@@ -984,7 +984,7 @@ func (d *daemon) startFirewall(lans []string, wan string, gate *firewallGate) er
 		}
 	}
 	rs := fw.Ruleset()
-	d.say("firewall: installed nftables table inet %s (%d chains, %d sets; LAN %s, WAN %s); `egressd firewall print` shows it", firewall.TableName, len(rs.Chains), len(rs.Sets), orOff(strings.Join(lans, ", ")), orOff(wan))
+	d.say("firewall: installed nftables table inet %s (%d chains, %d sets; LAN %s, WAN %s); `nft list table inet %s` shows it", firewall.TableName, len(rs.Chains), len(rs.Sets), orOff(strings.Join(lans, ", ")), orOff(wan), firewall.TableName)
 	gate.fw.Store(fw)
 	return nil
 }
