@@ -72,6 +72,7 @@ type archRule struct {
 	Denied           uint64       `json:"denied,omitempty"`
 	Clients          []netip.Addr `json:"clients,omitempty"`
 	ClientsTruncated bool         `json:"clients_truncated,omitempty"`
+	ClientMACs       []archMACs   `json:"client_macs,omitempty"`
 	Dests            []DestCount  `json:"dests,omitempty"`
 	First            time.Time    `json:"first"`
 	Last             time.Time    `json:"last"`
@@ -93,8 +94,18 @@ type archDrop struct {
 	Rule             string       `json:"rule,omitempty"`
 	Clients          []netip.Addr `json:"clients,omitempty"`
 	ClientsTruncated bool         `json:"clients_truncated,omitempty"`
+	ClientMACs       []archMACs   `json:"client_macs,omitempty"`
 	First            time.Time    `json:"first"`
 	Last             time.Time    `json:"last"`
+}
+
+// archMACs are the MACs seen with a client (macSeen): the latest last.
+// A summary without them (written before session 21) has clients
+// without MACs.
+type archMACs struct {
+	Client netip.Addr `json:"client"`
+	MACs   []string   `json:"macs"`
+	More   bool       `json:"more,omitempty"`
 }
 
 type archECH struct {
@@ -275,10 +286,12 @@ func fitArchive(a *archive) ([]byte, error) {
 			r := &a.Rules[i]
 			r.Dests = r.Dests[:min(len(r.Dests), keep)]
 			r.Clients, r.ClientsTruncated = cutClients(r.Clients, r.ClientsTruncated, keep)
+			r.ClientMACs = cutMACs(r.ClientMACs, r.Clients)
 		}
 		for i := range a.Dropped {
 			d := &a.Dropped[i]
 			d.Clients, d.ClientsTruncated = cutClients(d.Clients, d.ClientsTruncated, keep)
+			d.ClientMACs = cutMACs(d.ClientMACs, d.Clients)
 		}
 		a.ECH.Names = a.ECH.Names[:min(len(a.ECH.Names), keep)]
 		a.ECH.Clients, a.ECH.ClientsTruncated = cutClients(a.ECH.Clients, a.ECH.ClientsTruncated, keep)
@@ -290,6 +303,20 @@ func cutClients(cs []netip.Addr, truncated bool, keep int) ([]netip.Addr, bool) 
 		return cs, truncated
 	}
 	return cs[:keep], true
+}
+
+// cutMACs keeps the MACs of the clients kept (both lists are sorted by
+// address).
+func cutMACs(ms []archMACs, kept []netip.Addr) []archMACs {
+	if len(kept) == 0 {
+		return nil
+	}
+	last := kept[len(kept)-1]
+	n := 0
+	for n < len(ms) && ms[n].Client.Compare(last) <= 0 {
+		n++
+	}
+	return ms[:n]
 }
 
 // longestList is the length of a's longest destination or client list.
@@ -343,7 +370,7 @@ func (l *Ledger) importArchive(a *archive) {
 		rs.bytesOut += r.BytesOut
 		rs.bytesIn += r.BytesIn
 		rs.denied += r.Denied
-		importClients(&rs.clients, r.Clients, r.ClientsTruncated, l.opt.MaxClients)
+		importClients(&rs.clients, r.Clients, r.ClientMACs, r.ClientsTruncated, l.opt.MaxClients)
 		rs.dests.set(r.Dests, l.opt.MaxDestinations)
 		rs.seen(r.First.UTC())
 		rs.seen(r.Last.UTC())
@@ -371,22 +398,56 @@ func (l *Ledger) importArchive(a *archive) {
 		ds.bytesIn += d.BytesIn
 		ds.reason, ds.rule = Clip(d.Reason, MaxNameBytes), Clip(d.Rule, MaxNameBytes)
 		ds.ip = d.IP.Unmap()
-		importClients(&ds.clients, d.Clients, d.ClientsTruncated, l.opt.MaxClients)
+		importClients(&ds.clients, d.Clients, d.ClientMACs, d.ClientsTruncated, l.opt.MaxClients)
 		ds.seen(d.First.UTC())
 		ds.seen(d.Last.UTC())
 	}
 	l.ech.stripped += a.ECH.Stripped
 	l.ech.wouldStrip += a.ECH.WouldStrip
-	importClients(&l.ech.clients, a.ECH.Clients, a.ECH.ClientsTruncated, l.opt.MaxClients)
+	importClients(&l.ech.clients, a.ECH.Clients, nil, a.ECH.ClientsTruncated, l.opt.MaxClients)
 	l.ech.names.set(a.ECH.Names, l.opt.MaxDestinations)
 	l.arch = newArchInfo(a)
 }
 
-func importClients(c *clientSet, as []netip.Addr, truncated bool, max int) {
+// importClients adds a summary's clients to c, with the MACs it kept of
+// those clients (of no others: a cut summary, fitArchive, keeps the
+// MACs of clients it cut), at most maxClientMACs an address.
+func importClients(c *clientSet, as []netip.Addr, macs []archMACs, truncated bool, maxClients int) {
 	for _, a := range as {
-		c.add(a.Unmap(), max)
+		c.add(a.Unmap(), "", maxClients)
+	}
+	for _, m := range macs {
+		a := m.Client.Unmap()
+		s, ok := c.m[a]
+		if !ok {
+			continue
+		}
+		for _, t := range m.MACs[max(0, len(m.MACs)-maxClientMACs):] {
+			if mac, ok := parseMAC6(t); ok {
+				s.see(mac)
+			}
+		}
+		s.more = s.more || m.More || len(m.MACs) > maxClientMACs
+		c.m[a] = s
 	}
 	c.truncated = c.truncated || truncated
+}
+
+// macs returns the MACs seen with c's clients, as a summary keeps them.
+func (c *clientSet) macs() []archMACs {
+	var out []archMACs
+	for _, a := range c.addrs() {
+		s := c.m[a]
+		if s.n == 0 {
+			continue
+		}
+		m := archMACs{Client: a, MACs: make([]string, s.n), More: s.more}
+		for i, mac := range s.list() {
+			m.MACs[i] = mac.String()
+		}
+		out = append(out, m)
+	}
+	return out
 }
 
 // set adds entries with their counts (a summary's), keeping at most max:
@@ -429,7 +490,7 @@ func (l *Ledger) export() *archive {
 	for _, rs := range l.rules {
 		a.Rules = append(a.Rules, archRule{Name: rs.name, Flows: rs.flows, Queries: rs.queries, Requests: rs.requests,
 			BytesOut: rs.bytesOut, BytesIn: rs.bytesIn, Denied: rs.denied,
-			Clients: rs.clients.addrs(), ClientsTruncated: rs.clients.truncated,
+			Clients: rs.clients.addrs(), ClientsTruncated: rs.clients.truncated, ClientMACs: rs.clients.macs(),
 			Dests: rs.dests.top(len(rs.dests.h)), First: rs.first, Last: rs.last})
 	}
 	// The most recently used first, so that a bound drops the oldest.
@@ -449,7 +510,7 @@ func (l *Ledger) export() *archive {
 		a.Dropped = append(a.Dropped, archDrop{Dest: ds.key.dest, Port: ds.key.port, Proto: ds.key.proto, IP: ds.ip,
 			Flows: ds.flows, Queries: ds.queries, Requests: ds.requests, EnforcedFlows: ds.enforcedFlows, Enforced: ds.enforced,
 			BytesOut: ds.bytesOut, BytesIn: ds.bytesIn, Reason: ds.reason, Rule: ds.rule,
-			Clients: ds.clients.addrs(), ClientsTruncated: ds.clients.truncated, First: ds.first, Last: ds.last})
+			Clients: ds.clients.addrs(), ClientsTruncated: ds.clients.truncated, ClientMACs: ds.clients.macs(), First: ds.first, Last: ds.last})
 	}
 	slices.SortFunc(a.Dropped, func(x, y archDrop) int {
 		return cmp.Or(cmp.Compare(x.Dest, y.Dest), cmp.Compare(x.Port, y.Port), cmp.Compare(x.Proto, y.Proto))

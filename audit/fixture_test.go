@@ -39,6 +39,7 @@ type fev struct {
 	src      Source
 	at       time.Duration
 	client   string
+	mac      string // the client's MAC, when the component knew it
 	cport    uint16
 	dest     string
 	dport    uint16
@@ -54,7 +55,7 @@ type fev struct {
 func (f fev) event(eng *policy.Engine) Event {
 	ev := Event{
 		Kind: f.kind, Source: f.src, Time: t0.Add(f.at),
-		Client: netip.MustParseAddr(f.client), ClientPort: f.cport,
+		Client: netip.MustParseAddr(f.client), ClientPort: f.cport, ClientMAC: f.mac,
 		DestPort: f.dport, Proto: f.proto, Name: f.name, NameSource: f.nsrc,
 		BytesOut: f.out, BytesIn: f.in, Duration: f.dur, QType: f.qtype,
 	}
@@ -117,8 +118,14 @@ func fixtureEvents(t testing.TB, eng *policy.Engine) []Event {
 		{kind: flow, src: px, at: 15 * time.Minute, client: "192.168.10.6", cport: 40019, dest: "198.51.100.42", dport: 443, proto: "tcp", name: "www.example.com", nsrc: NameHost, enforced: true},
 		{kind: flow, src: px, at: 16 * time.Minute, client: "192.168.10.6", cport: 40020, dest: "198.51.100.43", dport: 80, proto: "tcp", name: "example.com", nsrc: NameHost},
 	}
+	// MACs: capture saw 192.168.10.5's (its proxy reports came without:
+	// the flow's first report has it, or a later one adds it), the proxy
+	// 192.168.10.6's; 192.168.10.8 and .9 are one device's two addresses.
+	macs := map[string]string{"192.168.10.5/" + string(cap): "02:00:00:00:10:05", "192.168.10.6/" + string(px): "02:00:00:00:10:06",
+		"192.168.10.8/" + string(cap): "02:00:00:00:10:08", "192.168.10.9/" + string(px): "02:00:00:00:10:08"}
 	evs := make([]Event, len(fs))
 	for i, f := range fs {
+		f.mac = macs[f.client+"/"+string(f.src)]
 		evs[i] = f.event(eng)
 	}
 	return evs

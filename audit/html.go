@@ -49,7 +49,8 @@ func (r *Report) WriteHTML(w io.Writer) error {
 		ChartHeight int
 		Audit       bool
 		Requests    bool // a Requests column: some were counted
-	}{r, bars, len(r.Rules)*26 + 4, r.Mode == policy.ModeAudit, r.Totals.Requests > 0}
+		MACs        bool // a Devices column: some client had a MAC
+	}{r, bars, len(r.Rules)*26 + 4, r.Mode == policy.ModeAudit, r.Totals.Requests > 0, r.anyMACs()}
 	if err := htmlTmpl.Execute(w, data); err != nil {
 		return fmt.Errorf("audit: write html report: %w", err)
 	}
@@ -64,6 +65,7 @@ var htmlTmpl = template.Must(template.New("report").Funcs(template.FuncMap{
 	"date":     expiresDate,
 	"add":      func(a, b float64) float64 { return a + b },
 	"sum":      func(a, b uint64) uint64 { return a + b },
+	"clients":  func(d ClientDevices, clients []string) []string { return d.clientTexts(clients) },
 }).Parse(`<!DOCTYPE html>
 <html lang="en">
 <head>
@@ -107,9 +109,9 @@ code{font-family:ui-monospace,Menlo,Consolas,monospace}
 {{end}}</svg>
 <p class="meta"><svg width="10" height="10"><rect class="flows" width="10" height="10"></rect></svg> flows <svg width="10" height="10"><rect class="queries" width="10" height="10"></rect></svg> DNS queries</p>
 <table id="rules">
-<thead><tr><th>Rule</th><th>Flows</th><th>Queries</th>{{if $.Requests}}<th>Requests</th>{{end}}<th>Out</th><th>In</th><th>Clients</th><th>Top destinations</th><th>First seen</th><th>Last seen</th></tr></thead>
+<thead><tr><th>Rule</th><th>Flows</th><th>Queries</th>{{if $.Requests}}<th>Requests</th>{{end}}<th>Out</th><th>In</th><th>Clients</th>{{if $.MACs}}<th>Devices</th>{{end}}<th>Top destinations</th><th>First seen</th><th>Last seen</th></tr></thead>
 <tbody>
-{{range .Rules}}<tr data-rule="{{.Name}}"><td>{{.Name}}{{if not .InPolicy}} <em>(not in policy)</em>{{end}}</td><td class="n flows">{{.Flows}}</td><td class="n">{{.Queries}}</td>{{if $.Requests}}<td class="n requests">{{.Requests}}</td>{{end}}<td class="n">{{bytes .BytesOut}}</td><td class="n">{{bytes .BytesIn}}</td><td class="n">{{count .ClientCount .ClientsTruncated}}</td><td>{{range $i, $d := .TopDestinations}}{{if $i}}, {{end}}{{$d.Dest}} ({{$d.Count}}){{end}}</td><td>{{time .FirstSeen}}</td><td>{{time .LastSeen}}</td></tr>
+{{range .Rules}}<tr data-rule="{{.Name}}"><td>{{.Name}}{{if not .InPolicy}} <em>(not in policy)</em>{{end}}</td><td class="n flows">{{.Flows}}</td><td class="n">{{.Queries}}</td>{{if $.Requests}}<td class="n requests">{{.Requests}}</td>{{end}}<td class="n">{{bytes .BytesOut}}</td><td class="n">{{bytes .BytesIn}}</td><td class="clients">{{template "clients" .}}</td>{{if $.MACs}}<td class="n devices">{{count .DeviceCount .DevicesTruncated}}</td>{{end}}<td>{{range $i, $d := .TopDestinations}}{{if $i}}, {{end}}{{$d.Dest}} ({{$d.Count}}){{end}}</td><td>{{time .FirstSeen}}</td><td>{{time .LastSeen}}</td></tr>
 {{end}}</tbody>
 </table>
 {{else}}<p id="no-rules">No rule has been used yet.</p>{{end}}
@@ -133,12 +135,12 @@ Clients: {{count .ClientCount .ClientsTruncated}}.</p>
 <h2>{{if .Audit}}Would be dropped (audit mode: not blocked){{else}}Dropped{{end}} ({{len .Dropped}})</h2>
 {{if .Dropped}}
 <table id="dropped">
-<thead><tr><th>Destination</th><th>IP</th><th>Port</th><th>Flows</th><th>Queries</th>{{if $.Requests}}<th>Requests</th>{{end}}<th>Clients</th><th>Enforced</th><th>Reason</th><th>First seen</th><th>Last seen</th></tr></thead>
+<thead><tr><th>Destination</th><th>IP</th><th>Port</th><th>Flows</th><th>Queries</th>{{if $.Requests}}<th>Requests</th>{{end}}<th>Clients</th>{{if $.MACs}}<th>Devices</th>{{end}}<th>Enforced</th><th>Reason</th><th>First seen</th><th>Last seen</th></tr></thead>
 <tbody>
-{{range .Dropped}}<tr><td>{{.Dest}}</td><td>{{.IP}}</td><td>{{.Port}}/{{.Proto}}</td><td class="n flows">{{.Flows}}</td><td class="n">{{.Queries}}</td>{{if $.Requests}}<td class="n requests">{{.Requests}}</td>{{end}}<td title="{{range $i, $c := .Clients}}{{if $i}} {{end}}{{$c}}{{end}}">{{count .ClientCount .ClientsTruncated}}</td><td{{if or .Enforced .EnforcedFlows}} class="enforced"{{end}}>{{enforced .}}</td><td>{{.Reason}}{{if .Rule}} ({{.Rule}}){{end}}</td><td>{{time .FirstSeen}}</td><td>{{time .LastSeen}}</td></tr>
+{{range .Dropped}}<tr><td>{{.Dest}}</td><td>{{.IP}}</td><td>{{.Port}}/{{.Proto}}</td><td class="n flows">{{.Flows}}</td><td class="n">{{.Queries}}</td>{{if $.Requests}}<td class="n requests">{{.Requests}}</td>{{end}}<td class="clients">{{template "clients" .}}</td>{{if $.MACs}}<td class="n devices">{{count .DeviceCount .DevicesTruncated}}</td>{{end}}<td{{if or .Enforced .EnforcedFlows}} class="enforced"{{end}}>{{enforced .}}</td><td>{{.Reason}}{{if .Rule}} ({{.Rule}}){{end}}</td><td>{{time .FirstSeen}}</td><td>{{time .LastSeen}}</td></tr>
 {{end}}</tbody>
 </table>
 {{else}}<p>Nothing {{if .Audit}}would be{{else}}was{{end}} dropped.</p>{{end}}
 </body>
 </html>
-`))
+{{define "clients"}}<details><summary>{{count .ClientCount .ClientsTruncated}}</summary>{{range clients .ClientDevices .Clients}}<div>{{.}}</div>{{end}}{{if .ClientsTruncated}}<div>(more not kept)</div>{{end}}</details>{{end}}`))

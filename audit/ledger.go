@@ -1,8 +1,10 @@
 package audit
 
 import (
+	"bytes"
 	"cmp"
 	"hash/maphash"
+	"net"
 	"net/netip"
 	"slices"
 	"strings"
@@ -404,7 +406,7 @@ func (l *Ledger) attributeLocked(rec *flowRec, ev *Event, t time.Time) {
 		}
 		rs.bytesOut += ev.BytesOut
 		rs.bytesIn += ev.BytesIn
-		rs.clients.add(ev.Client.Unmap(), l.opt.MaxClients)
+		rs.clients.add(ev.Client.Unmap(), ev.ClientMAC, l.opt.MaxClients)
 		rec.dest = destName(ev)
 		rs.dests.add(rec.dest, l.opt.MaxDestinations)
 		rs.seen(t)
@@ -439,7 +441,7 @@ func (l *Ledger) attributeLocked(rec *flowRec, ev *Event, t time.Time) {
 			ds.bytesOut += ev.BytesOut
 			ds.bytesIn += ev.BytesIn
 			ds.reason, ds.rule = ev.Reason, ev.Rule
-			ds.clients.add(ev.Client.Unmap(), l.opt.MaxClients)
+			ds.clients.add(ev.Client.Unmap(), ev.ClientMAC, l.opt.MaxClients)
 			ds.seen(t)
 		}
 		rec.drop = ds
@@ -510,7 +512,7 @@ func (l *Ledger) addRequestLocked(ev *Event) {
 	if ev.Verdict == policy.Allow {
 		rs := l.ruleLocked(ev.Rule)
 		rs.requests++
-		rs.clients.add(ev.Client.Unmap(), l.opt.MaxClients)
+		rs.clients.add(ev.Client.Unmap(), ev.ClientMAC, l.opt.MaxClients)
 		rs.dests.add(destName(ev), l.opt.MaxDestinations)
 		rs.seen(t)
 		return
@@ -525,7 +527,7 @@ func (l *Ledger) addRequestLocked(ev *Event) {
 		}
 	}
 	ds.reason, ds.rule = ev.Reason, ev.Rule
-	ds.clients.add(ev.Client.Unmap(), l.opt.MaxClients)
+	ds.clients.add(ev.Client.Unmap(), ev.ClientMAC, l.opt.MaxClients)
 	ds.seen(t)
 }
 
@@ -572,7 +574,13 @@ func (l *Ledger) mergeLocked(r *flowRec, ev *Event, t time.Time) {
 	switch {
 	case r.rule != nil:
 		r.rule.seen(t)
+		if ev.ClientMAC != "" { // the first report may have come without it
+			r.rule.clients.add(ev.Client.Unmap(), ev.ClientMAC, l.opt.MaxClients)
+		}
 	case r.drop != nil:
+		if ev.ClientMAC != "" {
+			r.drop.clients.add(ev.Client.Unmap(), ev.ClientMAC, l.opt.MaxClients)
+		}
 		if ev.Enforced && !r.enforced && r.id.kind == KindFlow {
 			r.drop.enforcedFlows++
 			r.drop.enforced = true
@@ -732,43 +740,163 @@ func (e *echStats) add(ev *Event, opt *LedgerOptions) {
 	} else {
 		e.wouldStrip++
 	}
-	e.clients.add(ev.Client.Unmap(), opt.MaxClients)
+	e.clients.add(ev.Client.Unmap(), ev.ClientMAC, opt.MaxClients)
 }
 
-// clientSet is a bounded set of client addresses.
+// clientSet is a bounded set of client addresses, each with the MAC
+// addresses seen with it (Event.ClientMAC): on a DHCP LAN an address
+// changes hands over a week, and a dual-stack device has several
+// addresses, so the address alone does not say which device it was.
 type clientSet struct {
-	m         map[netip.Addr]struct{}
+	m         map[netip.Addr]macSeen
 	truncated bool // more clients were seen than kept
 }
 
-func (c *clientSet) add(a netip.Addr, max int) {
+// maxClientMACs bounds the distinct MACs kept per client address (the
+// latest); more are counted as "more".
+const maxClientMACs = 4
+
+type mac6 [6]byte
+
+// macSeen are the distinct MACs seen with one address, the latest last.
+type macSeen struct {
+	macs [maxClientMACs]mac6
+	n    uint8 // kept in macs
+	more bool  // more distinct MACs were seen than kept
+}
+
+// see records mac as the latest MAC seen with the address.
+func (s *macSeen) see(mac mac6) {
+	for i := 0; i < int(s.n); i++ {
+		if s.macs[i] == mac {
+			copy(s.macs[i:s.n], s.macs[i+1:s.n])
+			s.macs[s.n-1] = mac
+			return
+		}
+	}
+	if int(s.n) == maxClientMACs {
+		copy(s.macs[:], s.macs[1:])
+		s.macs[maxClientMACs-1] = mac
+		s.more = true
+		return
+	}
+	s.macs[s.n] = mac
+	s.n++
+}
+
+// list returns the MACs, the latest last.
+func (s *macSeen) list() []mac6 { return s.macs[:s.n] }
+
+// add adds client a, seen with mac ("" when the event had none; one that
+// is not an Ethernet MAC is ignored).
+func (c *clientSet) add(a netip.Addr, mac string, max int) {
 	if !a.IsValid() {
 		return
 	}
 	if c.m == nil {
-		c.m = map[netip.Addr]struct{}{}
+		c.m = map[netip.Addr]macSeen{}
 	}
-	if _, ok := c.m[a]; ok {
-		return
-	}
-	if len(c.m) >= max {
+	s, ok := c.m[a]
+	if !ok && len(c.m) >= max {
 		c.truncated = true
 		return
 	}
-	c.m[a] = struct{}{}
+	if m, valid := parseMAC6(mac); valid {
+		s.see(m)
+	} else if ok {
+		return
+	}
+	c.m[a] = s
 }
 
-func (c *clientSet) list() []string {
-	as := make([]netip.Addr, 0, len(c.m))
-	for a := range c.m {
-		as = append(as, a)
+// parseMAC6 parses an Ethernet MAC as net.HardwareAddr.String writes it
+// (or with dashes, or upper case), without allocating.
+func parseMAC6(s string) (m mac6, ok bool) {
+	if len(s) != 17 {
+		return m, false
 	}
-	slices.SortFunc(as, netip.Addr.Compare)
+	for i := range 6 {
+		if i > 0 && s[3*i-1] != ':' && s[3*i-1] != '-' {
+			return m, false
+		}
+		hi, ok1 := unhex(s[3*i])
+		lo, ok2 := unhex(s[3*i+1])
+		if !ok1 || !ok2 {
+			return m, false
+		}
+		m[i] = hi<<4 | lo
+	}
+	return m, true
+}
+
+func unhex(c byte) (byte, bool) {
+	switch {
+	case '0' <= c && c <= '9':
+		return c - '0', true
+	case 'a' <= c && c <= 'f':
+		return c - 'a' + 10, true
+	case 'A' <= c && c <= 'F':
+		return c - 'A' + 10, true
+	}
+	return 0, false
+}
+
+func (m mac6) String() string { return net.HardwareAddr(m[:]).String() }
+
+func (c *clientSet) list() []string {
+	as := c.addrs()
 	out := make([]string, len(as))
 	for i, a := range as {
 		out[i] = a.String()
 	}
 	return out
+}
+
+// devices returns the MACs seen with the clients, in the order of list
+// (nil when none had one), the clients of each MAC (sorted by MAC), and
+// how many devices the clients are: the distinct MACs, and each address
+// seen with none as one of its own (a client off the link, or events
+// recorded without a MAC). An address seen with several MACs counts with
+// each.
+func (c *clientSet) devices() (macs []ClientMAC, devs []Device, n int) {
+	byMAC := map[mac6][]string{}
+	for _, a := range c.addrs() {
+		s := c.m[a]
+		if s.n == 0 {
+			n++
+			continue
+		}
+		macs = append(macs, ClientMAC{Client: a.String(), MAC: s.macs[s.n-1].String(), MACs: int(s.n), MACsTruncated: s.more})
+		for _, m := range s.list() {
+			byMAC[m] = append(byMAC[m], a.String())
+		}
+	}
+	if len(byMAC) == 0 {
+		return nil, nil, n
+	}
+	keys := make([]mac6, 0, len(byMAC))
+	for m := range byMAC {
+		keys = append(keys, m)
+	}
+	slices.SortFunc(keys, func(x, y mac6) int { return bytes.Compare(x[:], y[:]) })
+	for _, m := range keys {
+		devs = append(devs, Device{MAC: m.String(), Clients: byMAC[m]})
+	}
+	return macs, devs, n + len(keys)
+}
+
+// devicesTruncated says the device count is a lower bound: clients were
+// not kept, or an address's MACs were not all kept.
+func (c *clientSet) devicesTruncated() bool {
+	if c.truncated {
+		return true
+	}
+	for _, s := range c.m {
+		if s.more {
+			return true
+		}
+	}
+	return false
 }
 
 // destCounter counts destinations with a bounded space-saving counter

@@ -172,7 +172,7 @@ func (r *Replayer) Emit(ev Event) {
 			g.ch.IP = ev.Dest.Unmap().String()
 		}
 	}
-	g.clients.add(ev.Client.Unmap(), 64)
+	g.clients.add(ev.Client.Unmap(), ev.ClientMAC, 64)
 	if g.ch.FirstSeen.IsZero() || t.Before(g.ch.FirstSeen) {
 		g.ch.FirstSeen = t
 	}

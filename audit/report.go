@@ -119,16 +119,101 @@ type RuleReport struct {
 	Clients  []string `json:"clients"`
 	// ClientCount is len(Clients); ClientsTruncated says more were seen
 	// than the ledger keeps.
-	ClientCount      int         `json:"client_count"`
-	ClientsTruncated bool        `json:"clients_truncated,omitempty"`
-	Destinations     []string    `json:"destinations"` // top destinations, most used first
-	TopDestinations  []DestCount `json:"top_destinations"`
-	FirstSeen        time.Time   `json:"first_seen"`
-	LastSeen         time.Time   `json:"last_seen"`
+	ClientCount      int  `json:"client_count"`
+	ClientsTruncated bool `json:"clients_truncated,omitempty"`
+	// ClientMACs, DeviceCount, DevicesTruncated and Devices say which
+	// devices the clients were (ClientDevices).
+	ClientDevices
+	Destinations    []string    `json:"destinations"` // top destinations, most used first
+	TopDestinations []DestCount `json:"top_destinations"`
+	FirstSeen       time.Time   `json:"first_seen"`
+	LastSeen        time.Time   `json:"last_seen"`
 	// InPolicy is false for a rule that events name but the current
 	// policy no longer has (renamed or removed since); true when the
 	// report has no policy to compare with.
 	InPolicy bool `json:"in_policy"`
+}
+
+// ClientDevices say which LAN devices a rule's or a dropped entry's
+// clients were: the MAC addresses seen with each client address
+// (Event.ClientMAC; capture, the DNS forwarder and the proxies record it
+// for a client on a LAN link), grouped by MAC, and how many devices the
+// addresses are. A device with several addresses (a dual-stack one, IPv6
+// privacy addresses) is one device; an address seen with several MACs
+// (a DHCP lease that changed hands) counts with each. For a client
+// behind a router on the LAN the MAC is the router's.
+type ClientDevices struct {
+	// ClientMACs are the clients seen with a MAC, in the order of
+	// Clients: the latest MAC and how many distinct ones (at most
+	// maxClientMACs are kept per address: MACsTruncated says more were
+	// seen).
+	ClientMACs []ClientMAC `json:"client_macs,omitempty"`
+	// DeviceCount is how many devices the clients are: the distinct MACs
+	// seen with them, and each address seen with none (a client off the
+	// LAN's links, offline events, a log of before session 21) as one.
+	// DevicesTruncated says it is a lower bound (clients or MACs were
+	// seen beyond the bounds).
+	DeviceCount      int  `json:"device_count"`
+	DevicesTruncated bool `json:"devices_truncated,omitempty"`
+	// Devices are the MACs seen, each with its client addresses.
+	Devices []Device `json:"devices,omitempty"`
+}
+
+// ClientMAC is a client address and the MACs seen with it.
+type ClientMAC struct {
+	Client        string `json:"client"`
+	MAC           string `json:"mac"`  // the latest seen
+	MACs          int    `json:"macs"` // distinct MACs seen: more than 1 when the address changed hands
+	MACsTruncated bool   `json:"macs_truncated,omitempty"`
+}
+
+// Device is a MAC and the client addresses seen with it.
+type Device struct {
+	MAC     string   `json:"mac"`
+	Clients []string `json:"clients"`
+}
+
+func (c *clientSet) report() ClientDevices {
+	macs, devs, n := c.devices()
+	return ClientDevices{ClientMACs: macs, DeviceCount: n, DevicesTruncated: c.devicesTruncated(), Devices: devs}
+}
+
+// clientTexts are clients as the text and HTML reports print them: the
+// address, and the latest MAC seen with it, and how many there were when
+// more than one ("192.168.50.23 (aa:bb:cc:dd:ee:ff, 2 devices)").
+func (d ClientDevices) clientTexts(clients []string) []string {
+	byClient := make(map[string]ClientMAC, len(d.ClientMACs))
+	for _, m := range d.ClientMACs {
+		byClient[m.Client] = m
+	}
+	out := make([]string, len(clients))
+	for i, c := range clients {
+		m, ok := byClient[c]
+		switch {
+		case !ok:
+			out[i] = c
+		case m.MACs > 1 || m.MACsTruncated:
+			out[i] = fmt.Sprintf("%s (%s, %s devices)", c, textName(m.MAC), fmtCount(m.MACs, m.MACsTruncated))
+		default:
+			out[i] = fmt.Sprintf("%s (%s)", c, textName(m.MAC))
+		}
+	}
+	return out
+}
+
+// anyMACs reports whether a client of r was seen with a MAC.
+func (r *Report) anyMACs() bool {
+	for _, u := range r.Rules {
+		if len(u.ClientMACs) > 0 {
+			return true
+		}
+	}
+	for _, d := range r.Dropped {
+		if len(d.ClientMACs) > 0 {
+			return true
+		}
+	}
+	return false
 }
 
 // ExpiredRule is a rule past its "expires" date.
@@ -145,24 +230,25 @@ type ExpiredRule struct {
 // DroppedReport is one entry of the dropped list: what was (enforced) or
 // would be (audit mode) dropped, grouped by destination, port and protocol.
 type DroppedReport struct {
-	Dest             string    `json:"dest"`
-	IP               string    `json:"ip"` // the latest address seen, "" when none
-	Port             uint16    `json:"port"`
-	Proto            string    `json:"proto"` // "tcp", "udp", or "dns" for denied queries
-	Flows            uint64    `json:"flows"`
-	Queries          uint64    `json:"queries,omitempty"`
-	Requests         uint64    `json:"requests,omitempty"` // later HTTP requests on plain-HTTP connections, requests in inspected ones
-	BytesOut         uint64    `json:"bytes_out,omitempty"`
-	BytesIn          uint64    `json:"bytes_in,omitempty"`
-	Clients          []string  `json:"clients"`
-	ClientCount      int       `json:"client_count"`
-	ClientsTruncated bool      `json:"clients_truncated,omitempty"`
-	Enforced         bool      `json:"enforced"` // the latest flow was blocked
-	EnforcedFlows    uint64    `json:"enforced_flows"`
-	Reason           string    `json:"reason,omitempty"`
-	Rule             string    `json:"rule,omitempty"` // the expired rule that would allow it
-	FirstSeen        time.Time `json:"first_seen"`
-	LastSeen         time.Time `json:"last_seen"`
+	Dest             string   `json:"dest"`
+	IP               string   `json:"ip"` // the latest address seen, "" when none
+	Port             uint16   `json:"port"`
+	Proto            string   `json:"proto"` // "tcp", "udp", or "dns" for denied queries
+	Flows            uint64   `json:"flows"`
+	Queries          uint64   `json:"queries,omitempty"`
+	Requests         uint64   `json:"requests,omitempty"` // later HTTP requests on plain-HTTP connections, requests in inspected ones
+	BytesOut         uint64   `json:"bytes_out,omitempty"`
+	BytesIn          uint64   `json:"bytes_in,omitempty"`
+	Clients          []string `json:"clients"`
+	ClientCount      int      `json:"client_count"`
+	ClientsTruncated bool     `json:"clients_truncated,omitempty"`
+	ClientDevices
+	Enforced      bool      `json:"enforced"` // the latest flow was blocked
+	EnforcedFlows uint64    `json:"enforced_flows"`
+	Reason        string    `json:"reason,omitempty"`
+	Rule          string    `json:"rule,omitempty"` // the expired rule that would allow it
+	FirstSeen     time.Time `json:"first_seen"`
+	LastSeen      time.Time `json:"last_seen"`
 }
 
 // Report builds a report. It is a snapshot: later events do not change it.
@@ -338,7 +424,7 @@ func (l *Ledger) snapshot(opt ReportOptions) *Report {
 		r.Rules = append(r.Rules, RuleReport{
 			Name: rs.name, Flows: rs.flows, Queries: rs.queries, Requests: rs.requests,
 			BytesOut: rs.bytesOut, BytesIn: rs.bytesIn,
-			Clients: cl, ClientCount: len(cl), ClientsTruncated: rs.clients.truncated,
+			Clients: cl, ClientCount: len(cl), ClientsTruncated: rs.clients.truncated, ClientDevices: rs.clients.report(),
 			Destinations: names, TopDestinations: top,
 			FirstSeen: rs.first, LastSeen: rs.last, InPolicy: in,
 		})
@@ -369,7 +455,7 @@ func (l *Ledger) snapshot(opt ReportOptions) *Report {
 		r.Dropped = append(r.Dropped, DroppedReport{
 			Dest: ds.key.dest, IP: ip, Port: ds.key.port, Proto: ds.key.proto,
 			Flows: ds.flows, Queries: ds.queries, Requests: ds.requests, BytesOut: ds.bytesOut, BytesIn: ds.bytesIn,
-			Clients: cl, ClientCount: len(cl), ClientsTruncated: ds.clients.truncated,
+			Clients: cl, ClientCount: len(cl), ClientsTruncated: ds.clients.truncated, ClientDevices: ds.clients.report(),
 			Enforced: ds.enforced, EnforcedFlows: ds.enforcedFlows,
 			Reason: ds.reason, Rule: ds.rule, FirstSeen: ds.first, LastSeen: ds.last,
 		})
@@ -456,22 +542,33 @@ func (r *Report) WriteText(w io.Writer) error {
 	if r.Totals.Requests > 0 {
 		reqHead, reqCell = "REQUESTS\t", func(n uint64) string { return fmt.Sprintf("%d\t", n) }
 	}
+	// The DEVICES column (how many LAN devices the clients are, by MAC)
+	// is there when some client was seen with a MAC; without one, each
+	// address is a device of its own.
+	devHead, devCell := "", func(ClientDevices) string { return "" }
+	if r.anyMACs() {
+		devHead, devCell = "DEVICES\t", func(d ClientDevices) string { return fmtCount(d.DeviceCount, d.DevicesTruncated) + "\t" }
+	}
 	fmt.Fprintf(ew, "\nRULES BY USE (%d)\n", len(r.Rules))
 	if len(r.Rules) == 0 {
 		fmt.Fprintln(ew, "  (none used)")
 	} else {
 		tw := tabwriter.NewWriter(ew, 0, 0, 2, ' ', 0)
-		fmt.Fprintf(tw, "  RULE\tFLOWS\tQUERIES\t%sOUT\tIN\tCLIENTS\tFIRST SEEN\tLAST SEEN\tTOP DESTINATIONS\n", reqHead)
+		fmt.Fprintf(tw, "  RULE\tFLOWS\tQUERIES\t%sOUT\tIN\tCLIENTS\t%sFIRST SEEN\tLAST SEEN\tTOP DESTINATIONS\n", reqHead, devHead)
 		for _, u := range r.Rules {
 			name := u.Name
 			if !u.InPolicy {
 				name += " (not in policy)"
 			}
-			fmt.Fprintf(tw, "  %s\t%d\t%d\t%s%s\t%s\t%s\t%s\t%s\t%s\n", name, u.Flows, u.Queries, reqCell(u.Requests),
-				fmtBytes(u.BytesOut), fmtBytes(u.BytesIn), fmtCount(u.ClientCount, u.ClientsTruncated),
+			fmt.Fprintf(tw, "  %s\t%d\t%d\t%s%s\t%s\t%s\t%s%s\t%s\t%s\n", name, u.Flows, u.Queries, reqCell(u.Requests),
+				fmtBytes(u.BytesOut), fmtBytes(u.BytesIn), fmtCount(u.ClientCount, u.ClientsTruncated), devCell(u.ClientDevices),
 				fmtTime(u.FirstSeen), fmtTime(u.LastSeen), shortList(textNames(u.Destinations), 3))
 		}
 		tw.Flush()
+		fmt.Fprintf(ew, "\nCLIENTS BY RULE\n")
+		for _, u := range r.Rules {
+			fmt.Fprintf(ew, "  %s: %s\n", u.Name, clientList(u.Clients, u.ClientsTruncated, u.ClientDevices))
+		}
 	}
 
 	fmt.Fprintf(ew, "\nUNUSED RULES (%d)\n", len(r.UnusedRules))
@@ -527,7 +624,7 @@ func (r *Report) WriteText(w io.Writer) error {
 		fmt.Fprintln(ew, "  (nothing)")
 	} else {
 		tw := tabwriter.NewWriter(ew, 0, 0, 2, ' ', 0)
-		fmt.Fprintf(tw, "  DEST\tIP\tPORT\tFLOWS\tQUERIES\t%sCLIENTS\tENFORCED\tREASON\tFIRST SEEN\tLAST SEEN\n", reqHead)
+		fmt.Fprintf(tw, "  DEST\tIP\tPORT\tFLOWS\tQUERIES\t%sCLIENTS\t%sENFORCED\tREASON\tFIRST SEEN\tLAST SEEN\n", reqHead, devHead)
 		for _, d := range r.Dropped {
 			ip := d.IP
 			if ip == "" || ip == d.Dest {
@@ -538,13 +635,35 @@ func (r *Report) WriteText(w io.Writer) error {
 			if d.Rule != "" {
 				reason += " (" + d.Rule + ")"
 			}
-			fmt.Fprintf(tw, "  %s\t%s\t%d/%s\t%d\t%d\t%s%s\t%s\t%s\t%s\t%s\n", textName(d.Dest), ip, d.Port, d.Proto,
-				d.Flows, d.Queries, reqCell(d.Requests), fmtCount(d.ClientCount, d.ClientsTruncated), enf, reason,
+			fmt.Fprintf(tw, "  %s\t%s\t%d/%s\t%d\t%d\t%s%s\t%s%s\t%s\t%s\t%s\n", textName(d.Dest), ip, d.Port, d.Proto,
+				d.Flows, d.Queries, reqCell(d.Requests), fmtCount(d.ClientCount, d.ClientsTruncated), devCell(d.ClientDevices), enf, reason,
 				fmtTime(d.FirstSeen), fmtTime(d.LastSeen))
 		}
 		tw.Flush()
+		who := "CLIENTS THAT TRIED (by entry above)"
+		fmt.Fprintf(ew, "\n%s\n", who)
+		for _, d := range r.Dropped {
+			fmt.Fprintf(ew, "  %s %d/%s: %s\n", textName(d.Dest), d.Port, d.Proto, clientList(d.Clients, d.ClientsTruncated, d.ClientDevices))
+		}
 	}
 	return ew.err
+}
+
+// maxTextClients is how many clients a line of the text report lists.
+const maxTextClients = 10
+
+// clientList is a rule's or a dropped entry's clients as the text report
+// lists them: each address with its MAC (ClientDevices.clientTexts),
+// at most maxTextClients, then how many more.
+func clientList(clients []string, truncated bool, d ClientDevices) string {
+	if len(clients) == 0 {
+		return "-"
+	}
+	s := shortList(d.clientTexts(clients), maxTextClients)
+	if truncated {
+		s += ", and more not kept"
+	}
+	return s
 }
 
 // enforcedText says how much of a dropped entry was blocked: "yes" (all
