@@ -121,10 +121,12 @@ func (s *Server) fast(sc *scratch, c udpConn, pkt []byte, src netip.AddrPort) bo
 	if nameStr == canaryName || policy.IsPrivateRelay(nameStr) {
 		return false // the general path answers the canaries
 	}
+	var dev string // the client's device's MAC, as the limiter found it
 	if s.rl != nil {
-		if ok, first := s.rl.allow(src.Addr(), nowNs); !ok {
+		var ok, first bool
+		if ok, first, dev = s.rl.allowDevice(src.Addr(), nowNs); !ok {
 			s.m.rateLimited.Inc()
-			q := query{start: now, client: src, proto: "udp", qtype: qtype, name: string(name), rcode: -1, quiet: !first}
+			q := query{start: now, client: src, proto: "udp", qtype: qtype, name: string(name), rcode: -1, quiet: !first, dev: dev}
 			q.dec = policy.Decision{Verdict: policy.Deny, RuleIndex: -1, Mode: eng.Mode(), Reason: ReasonRateLimited}
 			q.enforced, q.path = true, "local"
 			s.finish(&q)
@@ -138,7 +140,7 @@ func (s *Server) fast(sc *scratch, c udpConn, pkt []byte, src netip.AddrPort) bo
 		}
 		out := s.refused(sc, eng, dec, pkt[:qend], edns, do)
 		s.sendFast(sc, c, out, src)
-		q := query{start: now, client: src, proto: "udp", qtype: qtype, name: string(name), rcode: dns.RcodeRefused, dec: dec, path: "local", edns: edns}
+		q := query{start: now, client: src, proto: "udp", qtype: qtype, name: string(name), rcode: dns.RcodeRefused, dec: dec, path: "local", edns: edns, dev: dev}
 		s.finish(&q)
 		return true
 	}
@@ -176,7 +178,7 @@ func (s *Server) fast(sc *scratch, c udpConn, pkt []byte, src netip.AddrPort) bo
 		}
 		b := append(append(make([]byte, 0, len(pkt)+len(key)), pkt...), key...) // one allocation for both
 		m := &missQuery{pkt: b[:len(pkt):len(pkt)], key: b[len(pkt):], qnameEnd: len(qnameW) + 12,
-			name: string(name), qtype: qtype, qclass: qclass, flags: flags, edns: edns, do: do, maxSize: maxSize, dec: dec, eng: eng, src: src, start: now, c: c}
+			name: string(name), qtype: qtype, qclass: qclass, flags: flags, edns: edns, do: do, maxSize: maxSize, dec: dec, eng: eng, src: src, start: now, c: c, dev: dev}
 		if e == nil && s.missAsync(m, sc.sq) {
 			return true
 		}
@@ -191,7 +193,7 @@ func (s *Server) fast(sc *scratch, c udpConn, pkt []byte, src netip.AddrPort) bo
 	s.sendFast(sc, c, out, src)
 	s.m.cacheHits.Inc()
 	q := query{start: now, client: src, proto: "udp", qtype: qtype, name: e.name, rcode: e.rcode, dec: dec,
-		path: "cache", hit: true, upstream: e.upstream, filtered: e.filtered, edns: edns}
+		path: "cache", hit: true, upstream: e.upstream, filtered: e.filtered, edns: edns, dev: dev}
 	s.finish(&q)
 	return true
 }
@@ -212,6 +214,7 @@ type missQuery struct {
 	eng      *policy.Engine
 	src      netip.AddrPort
 	start    time.Time
+	dev      string  // query.dev
 	c        udpConn // the listener it came in on
 	rec      query   // the record query() fills: no allocation of its own
 }

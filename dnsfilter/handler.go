@@ -48,6 +48,7 @@ type query struct {
 	dec      policy.Decision
 	eng      *policy.Engine   // the engine dec came from
 	mac      net.HardwareAddr // the client's MAC dec was made with; nil: none (or the policy names no MAC)
+	dev      string           // the MAC of the client's device as text, as the rate limiter found it; "": none known
 	enforced bool             // answered locally by hardening, whatever the mode
 	rcode    int              // -1: not answered (dropped)
 	path     string
@@ -171,7 +172,9 @@ func (s *Server) answer(ctx context.Context, q *query, req *dns.Msg) []byte {
 		q.maxSize = dns.MaxMsgSize
 	}
 	if s.rl != nil {
-		if ok, first := s.rl.allow(q.client.Addr(), q.start.UnixNano()); !ok {
+		ok, first, dev := s.rl.allowDevice(q.client.Addr(), q.start.UnixNano())
+		q.dev = dev
+		if !ok {
 			s.m.rateLimited.Inc()
 			q.dec.Reason, q.enforced, q.quiet = ReasonRateLimited, true, !first
 			if q.proto == "udp" {
@@ -546,8 +549,8 @@ func (s *Server) finish(q *query) {
 			slog.String(audit.LogKind, string(audit.KindDNS)),
 			slog.String(audit.LogClient, q.client.Addr().Unmap().String()),
 		}
-		if q.mac != nil {
-			attrs = append(attrs, slog.String(audit.LogClientMAC, q.mac.String()))
+		if mac := q.eventMAC(); mac != "" {
+			attrs = append(attrs, slog.String(audit.LogClientMAC, mac))
 		}
 		attrs = append(attrs,
 			slog.String(audit.LogProto, q.proto),
@@ -594,12 +597,20 @@ func (s *Server) finish(q *query) {
 		Latency:    lat.Seconds(),
 		Filtered:   q.filtered,
 	}
-	if q.mac != nil {
-		ev.ClientMAC = q.mac.String()
-	}
+	ev.ClientMAC = q.eventMAC()
 	ev.Stamp(d)
 	ev.Enforced = enforced
 	s.sink.Emit(ev)
+}
+
+// eventMAC is the client's MAC as the event and the log line say it:
+// the one the decision was made with, else its device's as the rate
+// limiter found it (no lookup of its own), else "".
+func (q *query) eventMAC() string {
+	if q.mac != nil {
+		return q.mac.String()
+	}
+	return q.dev
 }
 
 func rcodeName(rc int) string {

@@ -233,7 +233,7 @@ func (s *Server) sendAnswers(aq *answerQueue) {
 func (m *missQuery) query() *query {
 	m.rec = query{start: m.start, client: m.src, proto: "udp", id: uint16(m.pkt[0])<<8 | uint16(m.pkt[1]), rd: m.pkt[2]&0x01 != 0,
 		qnameW: m.pkt[12:m.qnameEnd], name: m.name, qtype: m.qtype, edns: m.edns, do: m.do, cd: m.flags&keyCD != 0,
-		maxSize: m.maxSize, dec: m.dec, eng: m.eng, rcode: -1}
+		maxSize: m.maxSize, dec: m.dec, eng: m.eng, rcode: -1, dev: m.dev}
 	return &m.rec
 }
 

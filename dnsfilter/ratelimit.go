@@ -3,6 +3,7 @@ package dnsfilter
 import (
 	"hash/maphash"
 	"math"
+	"net"
 	"net/netip"
 	"sync"
 	"time"
@@ -62,7 +63,8 @@ type bucket struct {
 // devBucket is a device's bucket, shared by the buckets of its addresses
 // (in any shard): it has a lock of its own.
 type devBucket struct {
-	mu sync.Mutex
+	mu  sync.Mutex
+	mac string // the device's MAC as text, for the events of its queries
 	bucket
 }
 
@@ -78,6 +80,15 @@ func newRateLimiter(perSecond float64, burst int) *rateLimiter {
 // allow takes a token for client. first is true for the first dropped query
 // after an allowed one, so that a flood is logged once, not per packet.
 func (r *rateLimiter) allow(client netip.Addr, now int64) (ok, first bool) {
+	ok, first, _ = r.allowDevice(client, now)
+	return ok, first
+}
+
+// allowDevice is allow, and returns the MAC of client's device as text
+// when the limiter knows it (its bucket spends a device's): "" when it
+// does not. It costs nothing more than allow: the MAC was looked up for
+// the limit, and is kept formatted.
+func (r *rateLimiter) allowDevice(client netip.Addr, now int64) (ok, first bool, dev string) {
 	// One bucket per client whatever the socket: a wildcard TCP listener
 	// is dual-stack and sees an IPv4 client as ::ffff:a.b.c.d, where the
 	// UDP socket sees a.b.c.d.
@@ -107,10 +118,12 @@ func (r *rateLimiter) allow(client netip.Addr, now int64) (ok, first bool) {
 		sh.mu.Unlock()
 		db.mu.Lock()
 		defer db.mu.Unlock()
-		return db.take(r, now)
+		ok, first = db.take(r, now)
+		return ok, first, db.mac
 	}
 	defer sh.mu.Unlock()
-	return b.take(r, now)
+	ok, first = b.take(r, now)
+	return ok, first, ""
 }
 
 // bucketLocked returns client's bucket in sh, making it if there is none.
@@ -136,7 +149,7 @@ func (r *rateLimiter) device(mac string, now int64) *devBucket {
 		if len(r.dev) >= r.devCap {
 			r.sweepDevicesLocked(now, true)
 		}
-		db = &devBucket{bucket: bucket{tokens: r.burst, last: now}}
+		db = &devBucket{mac: net.HardwareAddr(mac).String(), bucket: bucket{tokens: r.burst, last: now}}
 		r.dev[mac] = db
 	}
 	return db
