@@ -1,14 +1,19 @@
 package proxy
 
 import (
+	"bufio"
 	"fmt"
 	"io"
 	"log/slog"
 	"net"
+	"net/http"
 	"net/netip"
+	"strings"
 	"sync"
 	"testing"
+	"time"
 
+	"egressd/audit"
 	"egressd/policy"
 )
 
@@ -113,5 +118,68 @@ func TestConnLimitPerDevice(t *testing.T) {
 	}
 	if total, addrs, devs := p.slots.Counts(); total != 0 || addrs != 0 || devs != 0 {
 		t.Errorf("after every release: total %d, %d addresses, %d devices", total, addrs, devs)
+	}
+}
+
+// TestEventDeviceMAC: the explicit proxy's events carry the MAC of the
+// client's device that its connection slot looked up (Deps.Devices),
+// under a policy that names no MAC: a tunnel (CONNECT), a plain-HTTP
+// request, a denied one; without asking the device table more than the
+// slots do (once per connection of an address that holds none).
+func TestEventDeviceMAC(t *testing.T) {
+	dev := net.HardwareAddr{0x02, 0, 0, 0, 0x50, 0x23}
+	devs := &fakeDevices{mac: map[netip.Addr]net.HardwareAddr{netip.MustParseAddr("127.0.0.1"): dev}}
+	sink := &events{}
+	addr, plainPort, tlsPort, _, _ := loopbackExplicitDeps(t, `version: 1
+mode: enforce
+rules:
+  - name: docs
+    to: ["docs.paths.test"]
+    ports: [%d/tcp, %d/tcp]
+`, func(cfg *Config) { cfg.Inspect = false }, sink, nil, func(d *Deps) { d.Devices = devs })
+
+	conn, code := connectDocs(t, addr, tlsPort)
+	conn.Close()
+	if code != http.StatusOK {
+		t.Fatalf("CONNECT: %d", code)
+	}
+	get := func(url string) int {
+		c, err := net.Dial("tcp", addr)
+		if err != nil {
+			t.Fatal(err)
+		}
+		defer c.Close()
+		c.SetDeadline(time.Now().Add(10 * time.Second))
+		fmt.Fprintf(c, "GET %s HTTP/1.1\r\nHost: %s\r\nConnection: close\r\n\r\n", url, strings.TrimSuffix(strings.TrimPrefix(url, "http://"), "/"))
+		resp, err := http.ReadResponse(bufio.NewReader(c), nil)
+		if err != nil {
+			t.Fatalf("GET %s: %v", url, err)
+		}
+		resp.Body.Close()
+		return resp.StatusCode
+	}
+	if code := get(fmt.Sprintf("http://docs.paths.test:%d/", plainPort)); code != http.StatusOK {
+		t.Errorf("GET allowed: %d", code)
+	}
+	if code := get(fmt.Sprintf("http://denied.paths.test:%d/", plainPort)); code != http.StatusForbidden {
+		t.Errorf("GET denied: %d", code)
+	}
+	for _, what := range []struct {
+		name  string
+		port  int
+		allow bool
+	}{{"docs.paths.test", tlsPort, true}, {"docs.paths.test", plainPort, true}, {"denied.paths.test", plainPort, false}} {
+		ev := sink.wait(t, what.name, func(ev audit.Event) bool {
+			return ev.Kind == audit.KindFlow && ev.Name == what.name && int(ev.DestPort) == what.port && ev.Close != ""
+		})
+		if ev.ClientMAC != dev.String() || (ev.Verdict == policy.Allow) != what.allow {
+			t.Errorf("%s:%d: event client_mac %q verdict %s, want %s, allowed %v", what.name, what.port, ev.ClientMAC, ev.Verdict, dev, what.allow)
+		}
+	}
+	devs.mu.Lock()
+	asks := devs.asks
+	devs.mu.Unlock()
+	if asks > 3 {
+		t.Errorf("3 connections asked the device table %d times, want at most 3 (one a connection, by its slot)", asks)
 	}
 }

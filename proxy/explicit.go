@@ -187,22 +187,42 @@ func (p *Proxy) explicitConnState(c net.Conn, state http.ConnState) {
 	switch state {
 	case http.StateNew:
 		client := addrPortOf(c.RemoteAddr()).Addr()
-		if !p.acquire(client) {
+		dev, ok := p.acquireDevice(client)
+		if !ok {
 			if tc, ok := bareConn(c).(*net.TCPConn); ok {
 				tc.SetLinger(0)
 			}
 			c.Close()
 			return
 		}
-		p.explicitSlots.Store(c, client)
+		p.explicitSlots.Store(c, explicitSlot{client, dev})
 	case http.StateHijacked, http.StateClosed:
-		if client, ok := p.explicitSlots.LoadAndDelete(c); ok {
-			p.release(client.(netip.Addr))
+		if sl, ok := p.explicitSlots.LoadAndDelete(c); ok {
+			p.release(sl.(explicitSlot).client)
 		}
 		if state == http.StateHijacked {
 			bareConn(c) // the request head's bytes go back to the peek budget
 		}
 	}
+}
+
+// explicitSlot is a connection's slot of the explicit listener: its
+// client, and its device's MAC as text as the slot found it ("": none).
+type explicitSlot struct {
+	client netip.Addr
+	dev    string
+}
+
+// slotDevice returns the MAC of the device of r's client as text, as
+// its connection's slot found it (no lookup of its own): "" when the
+// connection holds no slot or the client has no device.
+func (p *Proxy) slotDevice(r *http.Request) string {
+	if c, ok := r.Context().Value(clientConnKey{}).(net.Conn); ok {
+		if sl, ok := p.explicitSlots.Load(c); ok {
+			return sl.(explicitSlot).dev
+		}
+	}
+	return ""
 }
 
 // takeExplicitSlot gives the caller the connection slot of r's client
@@ -240,7 +260,7 @@ func (p *Proxy) explicitHandler() http.Handler {
 		if auth := p.authOK(r); auth != authGranted {
 			ca := addrPortOf(tcpAddrString(r.RemoteAddr))
 			ev := audit.Event{Kind: audit.KindRequest, Source: audit.SourceProxy, Time: time.Now(),
-				Client: ca.Addr(), ClientPort: ca.Port(), DestPort: challengedPort(r), Proto: "tcp", Name: r.URL.Hostname(), NameSource: audit.NameConnect}
+				Client: ca.Addr(), ClientPort: ca.Port(), ClientMAC: p.slotDevice(r), DestPort: challengedPort(r), Proto: "tcp", Name: r.URL.Hostname(), NameSource: audit.NameConnect}
 			ev.Stamp(denyDecision(p.deps.Policy.Load(), ReasonAuth))
 			ev.Enforced = true // refused in audit mode too
 			p.emitRequest("explicit", ev, nil)
@@ -593,6 +613,8 @@ func (p *Proxy) handleConnect(host string, ctx *goproxy.ProxyCtx) (*goproxy.Conn
 	mac := p.clientMAC(eng, ca.Addr())
 	if mac != nil {
 		f.ev.ClientMAC = mac.String()
+	} else {
+		f.ev.ClientMAC = p.slotDevice(r)
 	}
 	v, addr := p.decideTarget(r.Context(), eng, ca.Addr(), mac, h, port, "", audit.NameConnect)
 	f.ev.Name, f.ev.NameSource = v.name, v.src
@@ -831,6 +853,8 @@ func (p *Proxy) handleRequest(req *http.Request, ctx *goproxy.ProxyCtx) (*http.R
 	mac := p.clientMAC(eng, ca.Addr())
 	if mac != nil {
 		f.ev.ClientMAC = mac.String()
+	} else {
+		f.ev.ClientMAC = p.slotDevice(req)
 	}
 	v, addr := p.decideTarget(req.Context(), eng, ca.Addr(), mac, host, port, req.URL.Path, audit.NameHost)
 	// The path as sent (escaped): one an origin may read as another does

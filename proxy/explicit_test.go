@@ -528,6 +528,13 @@ func loopbackExplicitOrigin(t testing.TB, policyFmt string, config func(*Config)
 // proxy.
 func loopbackExplicitProxy(t testing.TB, policyFmt string, config func(*Config), sink audit.Sink, origin http.Handler) (string, int, int, *x509.CertPool, *Proxy) {
 	t.Helper()
+	return loopbackExplicitDeps(t, policyFmt, config, sink, origin, nil)
+}
+
+// loopbackExplicitDeps is loopbackExplicitProxy with deps, when not nil,
+// changing the proxy's Deps.
+func loopbackExplicitDeps(t testing.TB, policyFmt string, config func(*Config), sink audit.Sink, origin http.Handler, deps func(*Deps)) (string, int, int, *x509.CertPool, *Proxy) {
+	t.Helper()
 	pk := newPKI(t)
 	plainLn, err := net.Listen("tcp", "127.0.0.1:0")
 	if err != nil {
@@ -574,12 +581,16 @@ func loopbackExplicitProxy(t testing.TB, policyFmt string, config func(*Config),
 	if config != nil {
 		config(&cfg)
 	}
-	p, err := New(cfg, Deps{
+	d := Deps{
 		Policy:   policy.NewStore(eng),
 		Sink:     sink,
 		Logger:   slog.New(slog.NewTextHandler(testWriter{t}, nil)),
 		Resolver: startDNS(t, map[string][]netip.Addr{"docs.paths.test": {netip.MustParseAddr("127.0.0.1")}}),
-	})
+	}
+	if deps != nil {
+		deps(&d)
+	}
+	p, err := New(cfg, d)
 	if err != nil {
 		t.Fatal(err)
 	}

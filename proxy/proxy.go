@@ -449,10 +449,18 @@ func (p *Proxy) keyOf(client netip.Addr) netutil.ClientKey { return p.slots.Key(
 // client is per LAN device where Deps.Devices names one for the address
 // (netutil.ClientSlots).
 func (p *Proxy) acquire(client netip.Addr) bool {
-	ok, why := p.slots.Acquire(client)
+	_, ok := p.acquireDevice(client)
+	return ok
+}
+
+// acquireDevice is acquire, and returns the MAC of client's device as
+// text when the slots found one (netutil.ClientSlots.AcquireDevice: no
+// lookup of its own), for the connection's event; "" when none.
+func (p *Proxy) acquireDevice(client netip.Addr) (dev string, ok bool) {
+	ok, dev, why := p.slots.AcquireDevice(client)
 	if ok {
 		p.met.active.Inc()
-		return true
+		return dev, true
 	}
 	p.met.limitHits.WithLabelValues(why.Scope).Inc()
 	p.limMu.Lock()
@@ -469,7 +477,7 @@ func (p *Proxy) acquire(client netip.Addr) bool {
 		}
 		p.log.Warn("connection limit reached: refusing new connections", append(attrs, "client_conns", why.Client, "total_conns", why.Total)...)
 	}
-	return false
+	return dev, false
 }
 
 func (p *Proxy) release(client netip.Addr) {

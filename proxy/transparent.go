@@ -55,7 +55,11 @@ func (p *Proxy) handleTransparent(c *net.TCPConn, ours bool) {
 	}()
 	at := p.policyNow()
 	eng := at.eng
-	if !p.acquire(ca.Addr()) {
+	// The device's MAC, as the slot found it, is the event's unless the
+	// policy's lookup (below) gives one.
+	dev, ok := p.acquireDevice(ca.Addr())
+	f.ev.ClientMAC = dev
+	if !ok {
 		f.ev.Stamp(policy.Decision{Verdict: policy.Deny, RuleIndex: -1, Reason: ReasonLimit, Mode: eng.Mode()})
 		f.ev.Enforced, f.ev.Close = true, closeLimit
 		c.SetLinger(0)

@@ -33,6 +33,7 @@ type ClientSlots struct {
 type addrSlots struct {
 	n    int    // connections of the address
 	mac  string // its device's MAC; "": none (found) yet
+	text string // mac as text (net.HardwareAddr.String), for events
 	next int    // ask deviceOf again when n reaches it, while mac is ""
 }
 
@@ -62,6 +63,16 @@ type SlotRefusal struct {
 
 // Acquire takes a slot for client; ok false when a cap is hit, with why.
 func (c *ClientSlots) Acquire(client netip.Addr) (ok bool, why SlotRefusal) {
+	ok, _, why = c.AcquireDevice(client)
+	return ok, why
+}
+
+// AcquireDevice is Acquire, and returns the MAC of client's device as
+// text ("aa:bb:cc:dd:ee:ff"), when DeviceOf named one for the address,
+// whether a slot was taken or refused: "" when it has none (found). It
+// asks DeviceOf no more than Acquire does, and the text is made once per
+// address that holds slots, not per call.
+func (c *ClientSlots) AcquireDevice(client netip.Addr) (ok bool, dev string, why SlotRefusal) {
 	c.mu.Lock()
 	s := c.perIP[client]
 	if c.deviceOf != nil && (s == nil || s.mac == "" && s.n+1 >= s.next) {
@@ -77,7 +88,7 @@ func (c *ClientSlots) Acquire(client netip.Addr) (ok bool, why SlotRefusal) {
 			c.perIP[client] = s
 		}
 		if s.mac == "" && mac != "" {
-			s.mac = mac
+			s.mac, s.text = mac, net.HardwareAddr(mac).String()
 			if s.n > 0 { // a device's count is kept only while it holds a slot
 				c.perDev[mac] += s.n
 			}
@@ -102,7 +113,7 @@ func (c *ClientSlots) Acquire(client netip.Addr) (ok bool, why SlotRefusal) {
 		if s.mac != "" {
 			c.perDev[s.mac]++
 		}
-		return true, SlotRefusal{}
+		return true, s.text, SlotRefusal{}
 	}
 	why.Client, why.Total = n, c.total
 	if s.mac != "" {
@@ -111,7 +122,7 @@ func (c *ClientSlots) Acquire(client netip.Addr) (ok bool, why SlotRefusal) {
 	if s.n == 0 {
 		delete(c.perIP, client)
 	}
-	return false, why
+	return false, s.text, why
 }
 
 // Release gives back a slot of client's.

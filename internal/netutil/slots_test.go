@@ -172,3 +172,25 @@ func TestClientSlotsRefusedDeviceLeavesNothing(t *testing.T) {
 		t.Errorf("after every release: %d slots, %d addresses, %d devices", total, a, d)
 	}
 }
+
+// TestAcquireDevice: AcquireDevice says the device's MAC as text where
+// DeviceOf named one, taken or refused, without asking DeviceOf more
+// than Acquire does (here: once, the address then holds a slot).
+func TestAcquireDevice(t *testing.T) {
+	devs := &slotDevices{mac: map[netip.Addr]net.HardwareAddr{}}
+	a, routed := netip.MustParseAddr("192.0.2.23"), netip.MustParseAddr("198.51.100.9")
+	devs.set(a, net.HardwareAddr{0xaa, 0xbb, 0xcc, 0xdd, 0xee, 0xff})
+	c := NewClientSlots(0, 2, devs.of)
+	for i, want := range []bool{true, true, false} {
+		ok, dev, _ := c.AcquireDevice(a)
+		if ok != want || dev != "aa:bb:cc:dd:ee:ff" {
+			t.Errorf("acquire %d: ok %v, device %q; want %v, aa:bb:cc:dd:ee:ff", i, ok, dev, want)
+		}
+	}
+	if devs.asks != 1 {
+		t.Errorf("DeviceOf asked %d times, want 1", devs.asks)
+	}
+	if ok, dev, _ := c.AcquireDevice(routed); !ok || dev != "" {
+		t.Errorf("routed: ok %v, device %q; want a slot and no device", ok, dev)
+	}
+}
