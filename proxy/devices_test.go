@@ -183,3 +183,49 @@ rules:
 		t.Errorf("3 connections asked the device table %d times, want at most 3 (one a connection, by its slot)", asks)
 	}
 }
+
+// TestRequestEventDeviceMAC: the request events of an inspected
+// connection carry the MAC of the client's device, as its flow's event
+// does: a refused request goes to a dropped entry, where a client without
+// a MAC counts as a device of its own. Before, requestEvent kept the
+// flow's client but not its MAC.
+func TestRequestEventDeviceMAC(t *testing.T) {
+	dev := net.HardwareAddr{0x02, 0, 0, 0, 0x50, 0x24}
+	devs := &fakeDevices{mac: map[netip.Addr]net.HardwareAddr{netip.MustParseAddr("127.0.0.1"): dev}}
+	sink := &events{}
+	addr, _, tlsPort, caPool, _ := loopbackExplicitDeps(t, `version: 1
+mode: enforce
+rules:
+  - name: docs
+    to: ["docs.paths.test/public/*"]
+    ports: [%d/tcp, %d/tcp]
+`, nil, sink, nil, func(d *Deps) { d.Devices = devs })
+	conn, tc := inspectDocs(t, addr, tlsPort, caPool)
+	defer conn.Close()
+	conn.SetDeadline(time.Now().Add(10 * time.Second))
+	br := bufio.NewReader(tc)
+	for _, r := range []struct {
+		path string
+		code int
+	}{{"/public/a", http.StatusOK}, {"/private/c", http.StatusForbidden}} {
+		fmt.Fprintf(tc, "GET %s HTTP/1.1\r\nHost: docs.paths.test:%d\r\n\r\n", r.path, tlsPort)
+		resp, err := http.ReadResponse(br, nil)
+		if err != nil {
+			t.Fatalf("%s: %v", r.path, err)
+		}
+		io.Copy(io.Discard, resp.Body)
+		resp.Body.Close()
+		if resp.StatusCode != r.code {
+			t.Fatalf("%s: %d, want %d", r.path, resp.StatusCode, r.code)
+		}
+	}
+	port := localPort(conn)
+	for _, path := range []string{"/public/a", "/private/c"} {
+		ev := sink.wait(t, "request "+path, func(ev audit.Event) bool {
+			return int(ev.ClientPort) == port && ev.Kind == audit.KindRequest && ev.Path == path
+		})
+		if ev.ClientMAC != dev.String() {
+			t.Errorf("request %s: client_mac %q, want the device's %s", path, ev.ClientMAC, dev)
+		}
+	}
+}

@@ -281,10 +281,10 @@ func (u *httpUpstream) refuse(t *tunnel, err error) bool {
 }
 
 // requestEvent starts the event of one request on the connection whose
-// record is c: its 5-tuple, at now.
+// record is c: its 5-tuple and its client's MAC, at now.
 func requestEvent(c *audit.Event, now time.Time) audit.Event {
 	return audit.Event{Kind: audit.KindRequest, Source: audit.SourceProxy, Time: now,
-		Client: c.Client, ClientPort: c.ClientPort, Dest: c.Dest, DestPort: c.DestPort, Proto: c.Proto}
+		Client: c.Client, ClientPort: c.ClientPort, ClientMAC: c.ClientMAC, Dest: c.Dest, DestPort: c.DestPort, Proto: c.Proto}
 }
 
 // finish emits the request's event and canonical line and, when the
