@@ -184,6 +184,9 @@ func cmdPolicyExplain(args []string, stdout, stderr io.Writer) int {
 			ex.Warnings = append(ex.Warnings, fmt.Sprintf("on HTTPS without --inspect the path is not seen: the proxy allows %s as a whole (rule %s); this path is refused on plain HTTP and with --inspect", dest.Name, hd.Rule))
 		}
 	}
+	if dest.Port != 0 && dest.Port != in.Port {
+		ex.Warnings = append(ex.Warnings, fmt.Sprintf("decided on --port %d/%s, not on port %d that --to names", in.Port, in.Proto, dest.Port))
+	}
 	if d.Reason == policy.ReasonPrivateRelay {
 		ex.Warnings = append(ex.Warnings, fmt.Sprintf("%s is iCloud Private Relay's ingress, a tunnel past every rule: egressd's DNS answers it NXDOMAIN (so Apple devices connect directly) and the proxies refuse it, whatever wildcard, \"*\" or CIDR rule holds it; only a rule that names %s exactly allows it", dest.Name, dest.Name))
 	}

@@ -93,6 +93,11 @@ func TestREADMEExplainPort(t *testing.T) {
 		{[]string{"--to", "a.nirovision.com:10516", "--port", "123/udp"}, "123/udp"},
 		{[]string{"--to", "example.com"}, "443/tcp"}, // a deny
 	} {
+		_, text, _ := runCLI(t, append([]string{"policy", "explain", "profile:nirovision"}, c.args...)...)
+		overridden := strings.Contains(c.args[1], ":10516") && c.port != "10516/tcp"
+		if warned := strings.Contains(text, "not on port 10516 that --to names"); warned != overridden {
+			t.Errorf("policy explain %q: the text says --port overrides the port of --to: %v, want %v:\n%s", c.args, warned, overridden, text)
+		}
 		code, out, stderr := runCLI(t, append([]string{"policy", "explain", "profile:nirovision", "--json"}, c.args...)...)
 		var got struct{ Port string }
 		if code != exitOK || json.Unmarshal([]byte(out), &got) != nil || got.Port != c.port {
