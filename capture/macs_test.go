@@ -3,26 +3,12 @@ package capture
 import (
 	"net"
 	"net/netip"
-	"sync"
 	"testing"
 
 	"egressd/audit"
+	"egressd/internal/fakemac"
 	"egressd/policy"
 )
-
-// fakeMACs is a ClientMACs with fixed answers, counting the questions.
-type fakeMACs struct {
-	mu    sync.Mutex
-	m     map[netip.Addr]net.HardwareAddr
-	asked int
-}
-
-func (f *fakeMACs) ClientMAC(a netip.Addr) net.HardwareAddr {
-	f.mu.Lock()
-	defer f.mu.Unlock()
-	f.asked++
-	return f.m[a]
-}
 
 // grantsMap is a DNSFacts whose answers name the client that asked.
 type grantsMap map[netip.Addr][]DNSGrant
@@ -116,7 +102,7 @@ func TestClientMACs(t *testing.T) {
 		}
 		return nil
 	}
-	macs := &fakeMACs{m: map[netip.Addr]net.HardwareAddr{kiosk: macClient}}
+	macs := fakemac.New(map[netip.Addr]net.HardwareAddr{kiosk: macClient})
 	for _, live := range []bool{true, false} {
 		deps := Deps{DNS: facts}
 		if live {
@@ -141,16 +127,16 @@ func TestClientMACs(t *testing.T) {
 			}
 		}
 	}
-	if macs.asked == 0 {
+	if macs.Asked() == 0 {
 		t.Error("the MACs never asked under a policy that names them")
 	}
 
 	// A policy that names no MAC asks nothing, and events carry the
 	// frame's MAC.
-	none := &fakeMACs{m: map[netip.Addr]net.HardwareAddr{}}
+	none := fakemac.New(map[netip.Addr]net.HardwareAddr{})
 	r := synthRunDeps(t, path, mismatchPolicyEnforce, Deps{DNS: facts, MACs: none}, Config{})
-	if none.asked != 0 {
-		t.Errorf("the MACs asked %d times under a policy that names none", none.asked)
+	if none.Asked() != 0 {
+		t.Errorf("the MACs asked %d times under a policy that names none", none.Asked())
 	}
 	for i := range cases {
 		if ev := find(r, i); ev == nil || ev.ClientMAC != frame {
@@ -173,10 +159,10 @@ rules:
 // interface is another device.
 func TestLanMACZone(t *testing.T) {
 	ll := netip.MustParseAddr("fe80::5")
-	macs := &fakeMACs{m: map[netip.Addr]net.HardwareAddr{
+	macs := fakemac.New(map[netip.Addr]net.HardwareAddr{
 		ll.WithZone("l0"): {0x02, 0, 0, 0, 0, 1}, // the kiosk, on the first LAN
 		ll:                {0x02, 0, 0, 0, 0, 1}, // without a zone: the first LAN's entry (egressd run's lanMACs)
-	}}
+	})
 	c := &Capture{cfg: Config{Interfaces: []string{"l0", "l1"}}, deps: Deps{MACs: macs}}
 	p := &proc{c: c}
 	eng := testEngine(t, kioskPolicy)

@@ -7,6 +7,8 @@ import (
 	"time"
 
 	"github.com/miekg/dns"
+
+	"egressd/internal/fakemac"
 )
 
 // TestEventDeviceMAC: where the rate limiter looked up the client's
@@ -18,7 +20,7 @@ import (
 func TestEventDeviceMAC(t *testing.T) {
 	up := newFakeUpstream(t, labZone)
 	dev := net.HardwareAddr{0x02, 0, 0, 0, 0x50, 0x23}
-	devs := &fakeDevices{mac: map[netip.Addr]net.HardwareAddr{loopback: dev}}
+	devs := fakemac.New(map[netip.Addr]net.HardwareAddr{loopback: dev})
 	const burst = 6
 	ts := startServer(t, auditPolicy, Config{Upstreams: []string{up.Addr}, ClientRate: 0.001, ClientBurst: burst}, Deps{Devices: devs})
 
@@ -57,15 +59,13 @@ func TestEventDeviceMAC(t *testing.T) {
 	// No lookup of its own: the limiter asked once (the address is new
 	// to it; it has a device, so not again), and the TCP connections'
 	// slots once each at most (an address holding no slot, 3 of them).
-	devs.mu.Lock()
-	asks := devs.asks
-	devs.mu.Unlock()
+	asks := devs.Asked()
 	if asks > 1+3 {
 		t.Errorf("the device table was asked %d times for 7 queries (3 over TCP) of a client it knows, want at most 4", asks)
 	}
 
 	// A client without a device: no MAC.
-	devs.set(loopback, nil)
+	devs.Set(loopback, nil)
 	ts2 := startServer(t, auditPolicy, Config{Upstreams: []string{up.Addr}, ClientRate: 100, ClientBurst: 100}, Deps{Devices: devs})
 	ask(t, "udp", ts2.Addr, "www.allowed.test.", dns.TypeA, false)
 	if ev, ok := ts2.Sink.find("www.allowed.test"); !ok || ev.ClientMAC != "" {

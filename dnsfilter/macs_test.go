@@ -4,40 +4,14 @@ import (
 	"bytes"
 	"net"
 	"net/netip"
-	"sync"
 	"testing"
 	"time"
 
 	"github.com/miekg/dns"
 
 	"egressd/audit"
+	"egressd/internal/fakemac"
 )
-
-// fakeMACs is a ClientMACs with fixed answers, counting the questions.
-type fakeMACs struct {
-	mu    sync.Mutex
-	m     map[netip.Addr]net.HardwareAddr
-	asked int
-}
-
-func (f *fakeMACs) ClientMAC(a netip.Addr) net.HardwareAddr {
-	f.mu.Lock()
-	defer f.mu.Unlock()
-	f.asked++
-	return f.m[a]
-}
-
-func (f *fakeMACs) set(a netip.Addr, mac net.HardwareAddr) {
-	f.mu.Lock()
-	defer f.mu.Unlock()
-	f.m[a] = mac
-}
-
-func (f *fakeMACs) count() int {
-	f.mu.Lock()
-	defer f.mu.Unlock()
-	return f.asked
-}
 
 var (
 	kioskMAC = net.HardwareAddr{0x02, 0, 0, 0, 0, 0x0a}
@@ -71,7 +45,7 @@ rules:
 // refused.
 func TestClientMAC(t *testing.T) {
 	up := newFakeUpstream(t, labZone)
-	macs := &fakeMACs{m: map[netip.Addr]net.HardwareAddr{loopback: kioskMAC}}
+	macs := fakemac.New(map[netip.Addr]net.HardwareAddr{loopback: kioskMAC})
 	fw := &recFirewall{wants: map[string]bool{"ntp": true}}
 	ts := startServer(t, macPolicy, Config{Upstreams: []string{up.Addr}, LearnTimeout: 5 * time.Second}, Deps{MACs: macs, Firewall: fw})
 
@@ -92,14 +66,14 @@ func TestClientMAC(t *testing.T) {
 			mac   net.HardwareAddr
 			allow bool
 		}{{"the kiosk's MAC", kioskMAC, true}, {"another MAC", otherMAC, false}, {"no MAC", nil, false}} {
-			macs.set(loopback, c.mac)
-			asked := macs.count()
+			macs.Set(loopback, c.mac)
+			asked := macs.Asked()
 			before := len(fw.Calls())
 			r := ask(t, proto, ts.Addr, "www.allowed.test.", dns.TypeA, false)
 			if got := r.Rcode == dns.RcodeSuccess; got != c.allow {
 				t.Errorf("%s, %s: %s, want allowed %v", proto, c.what, dns.RcodeToString[r.Rcode], c.allow)
 			}
-			if n := macs.count() - asked; n != 1 {
+			if n := macs.Asked() - asked; n != 1 {
 				t.Errorf("%s, %s: the MAC asked %d times for one query, want 1", proto, c.what, n)
 			}
 			ev := lastEvent(proto)
@@ -136,11 +110,11 @@ func TestClientMAC(t *testing.T) {
 	ts.mu.Lock()
 	conn := ts.udp[0]
 	ts.mu.Unlock()
-	asked := macs.count()
+	asked := macs.Asked()
 	if ts.fast(newScratch(), conn, pkt, client.LocalAddr().(*net.UDPAddr).AddrPort()) {
 		t.Error("the fast path answered a query of a policy that names MACs")
 	}
-	if n := macs.count() - asked; n != 0 {
+	if n := macs.Asked() - asked; n != 0 {
 		t.Errorf("the fast path asked the MAC %d times", n)
 	}
 }
@@ -149,7 +123,7 @@ func TestClientMAC(t *testing.T) {
 // and its cached answers stay on the fast path.
 func TestClientMACNotAsked(t *testing.T) {
 	up := newFakeUpstream(t, labZone)
-	macs := &fakeMACs{m: map[netip.Addr]net.HardwareAddr{loopback: kioskMAC}}
+	macs := fakemac.New(map[netip.Addr]net.HardwareAddr{loopback: kioskMAC})
 	ts := startServer(t, enforcePolicy, Config{Upstreams: []string{up.Addr}}, Deps{MACs: macs})
 	for _, proto := range []string{"udp", "tcp"} {
 		if r := ask(t, proto, ts.Addr, "www.allowed.test.", dns.TypeA, false); r.Rcode != dns.RcodeSuccess {
@@ -159,7 +133,7 @@ func TestClientMACNotAsked(t *testing.T) {
 			t.Errorf("%s: denied name: %s", proto, dns.RcodeToString[r.Rcode])
 		}
 	}
-	if n := macs.count(); n != 0 {
+	if n := macs.Asked(); n != 0 {
 		t.Errorf("the MAC asked %d times under a policy that names none", n)
 	}
 	for _, ev := range ts.Sink.Events() {
@@ -199,7 +173,7 @@ func TestWouldLearnMAC(t *testing.T) {
 	if _, err := old.Save(&file); err != nil {
 		t.Fatal(err)
 	}
-	macs := &fakeMACs{m: map[netip.Addr]net.HardwareAddr{kiosk: kioskMAC, other: otherMAC}}
+	macs := fakemac.New(map[netip.Addr]net.HardwareAddr{kiosk: kioskMAC, other: otherMAC})
 	tb := NewTable(0)
 	n, err := tb.Load(bytes.NewReader(file.Bytes()), Config{}.WouldLearn(compile(t, macPolicy).Load(), macs))
 	if err != nil || n != 3 {
@@ -210,7 +184,7 @@ func TestWouldLearnMAC(t *testing.T) {
 			t.Errorf("restored %+v", l)
 		}
 	}
-	if got := macs.count(); got != 3 {
+	if got := macs.Asked(); got != 3 {
 		t.Errorf("the MAC asked %d times for 3 clients' 9 items, want 3", got)
 	}
 	// Without MACs, none.

@@ -4,9 +4,10 @@ import (
 	"hash/maphash"
 	"net"
 	"net/netip"
-	"sync"
 	"testing"
 	"time"
+
+	"egressd/internal/fakemac"
 )
 
 // TestRateLimiterBounded: a client sending from 70,000 addresses (IPv6
@@ -128,26 +129,6 @@ func TestRateLimiterEvictsIdleFirst(t *testing.T) {
 	}
 }
 
-// fakeDevices maps addresses to MACs, counting the lookups.
-type fakeDevices struct {
-	mu   sync.Mutex
-	mac  map[netip.Addr]net.HardwareAddr
-	asks int
-}
-
-func (f *fakeDevices) ClientDevice(a netip.Addr) net.HardwareAddr {
-	f.mu.Lock()
-	defer f.mu.Unlock()
-	f.asks++
-	return f.mac[a]
-}
-
-func (f *fakeDevices) set(a netip.Addr, mac net.HardwareAddr) {
-	f.mu.Lock()
-	defer f.mu.Unlock()
-	f.mac[a] = mac
-}
-
 // TestRateLimiterPerDevice: the addresses of one LAN device (one MAC)
 // share one client's bucket, however many there are; another device and
 // an address without one (routed) keep their own. An address the table
@@ -156,18 +137,18 @@ func (f *fakeDevices) set(a netip.Addr, mac net.HardwareAddr) {
 func TestRateLimiterPerDevice(t *testing.T) {
 	const burst = 10
 	r := newRateLimiter(1, burst)
-	devs := &fakeDevices{mac: map[netip.Addr]net.HardwareAddr{}}
+	devs := fakemac.New(map[netip.Addr]net.HardwareAddr{})
 	r.devs = devs
 	now := time.Unix(1_800_000_000, 0).UnixNano()
 	flooder := net.HardwareAddr{2, 0, 0, 0, 0, 0xf}
 	var addrs []netip.Addr
 	for i := range 64 {
 		a := netip.AddrFrom16([16]byte{0x20, 0x01, 0x0d, 0xb8, 1, 15: byte(i)})
-		devs.set(a, flooder)
+		devs.Set(a, flooder)
 		addrs = append(addrs, a)
 	}
 	v4 := netip.MustParseAddr("192.0.2.30")
-	devs.set(v4, flooder)
+	devs.Set(v4, flooder)
 	addrs = append(addrs, v4)
 	allowed := 0
 	for range 5 {
@@ -181,7 +162,7 @@ func TestRateLimiterPerDevice(t *testing.T) {
 		t.Errorf("one device's 65 addresses got %d queries allowed at once, want its one burst %d", allowed, burst)
 	}
 	other := netip.MustParseAddr("192.0.2.40")
-	devs.set(other, net.HardwareAddr{2, 0, 0, 0, 0, 0x40})
+	devs.Set(other, net.HardwareAddr{2, 0, 0, 0, 0, 0x40})
 	routed := netip.MustParseAddr("198.51.100.9")
 	for _, c := range []netip.Addr{other, routed} {
 		n := 0
@@ -200,7 +181,7 @@ func TestRateLimiterPerDevice(t *testing.T) {
 	if ok, _ := r.allow(late, now); !ok {
 		t.Error("a new address's first query (its own bucket, full) limited")
 	}
-	devs.set(late, flooder)
+	devs.Set(late, flooder)
 	n := 0
 	for range 20 {
 		if ok, _ := r.allow(late, now); ok {
@@ -212,11 +193,11 @@ func TestRateLimiterPerDevice(t *testing.T) {
 	}
 	// Doubling: a routed address's 10,000 queries ask the table a few
 	// times, not per query.
-	asks0 := devs.asks
+	asks0 := devs.Asked()
 	for range 10000 {
 		r.allow(routed, now)
 	}
-	if d := devs.asks - asks0; d > 16 {
+	if d := devs.Asked() - asks0; d > 16 {
 		t.Errorf("10,000 queries of an address without a device asked the table %d times", d)
 	}
 	// The device refills at the client rate, once for all its addresses.

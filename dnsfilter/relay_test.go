@@ -13,6 +13,7 @@ import (
 	"github.com/miekg/dns"
 
 	"egressd/audit"
+	"egressd/internal/fakemac"
 	"egressd/policy"
 )
 
@@ -224,12 +225,12 @@ rules:
     ports: [443/tcp]
 `
 	up := newFakeUpstream(t, relayZone)
-	macs := &fakeMACs{m: map[netip.Addr]net.HardwareAddr{loopback: kioskMAC}}
+	macs := fakemac.New(map[netip.Addr]net.HardwareAddr{loopback: kioskMAC})
 	ts := startServer(t, pol, Config{Upstreams: []string{up.Addr}}, Deps{MACs: macs})
 	if r := ask(t, "udp", ts.Addr, "mask-h2.icloud.com.", dns.TypeA, false); r.Rcode != dns.RcodeSuccess || len(answerAddrs(r)) == 0 {
 		t.Errorf("the kiosk's MAC, named by the relay's exact rule: %s %v", dns.RcodeToString[r.Rcode], answerAddrs(r))
 	}
-	macs.set(loopback, otherMAC)
+	macs.Set(loopback, otherMAC)
 	if r := ask(t, "udp", ts.Addr, "mask-h2.icloud.com.", dns.TypeAAAA, false); r.Rcode != dns.RcodeNameError {
 		t.Errorf("another MAC: %s, want NXDOMAIN", dns.RcodeToString[r.Rcode])
 	}

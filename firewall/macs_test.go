@@ -3,26 +3,12 @@ package firewall
 import (
 	"net"
 	"net/netip"
-	"sync"
 	"testing"
 	"time"
 
+	"egressd/internal/fakemac"
 	"egressd/policy"
 )
-
-// fakeMACs is a ClientMACs with fixed answers, counting the questions.
-type fakeMACs struct {
-	mu    sync.Mutex
-	m     map[netip.Addr]net.HardwareAddr
-	asked int
-}
-
-func (f *fakeMACs) ClientMAC(a netip.Addr) net.HardwareAddr {
-	f.mu.Lock()
-	defer f.mu.Unlock()
-	f.asked++
-	return f.m[a]
-}
 
 var (
 	kioskMAC    = net.HardwareAddr{0xaa, 0xbb, 0xcc, 0xdd, 0xee, 0xff}
@@ -61,7 +47,7 @@ func TestSeedMACs(t *testing.T) {
 		{Client: kioskClient, Name: "ntp.test", Addr: netip.MustParseAddr("203.0.113.2"), Until: now.Add(time.Hour)},
 		{Client: otherClient, Name: "ntp.test", Addr: netip.MustParseAddr("203.0.113.3"), Until: now.Add(time.Hour)},
 	}
-	macs := &fakeMACs{m: map[netip.Addr]net.HardwareAddr{kioskClient: kioskMAC}}
+	macs := fakemac.New(map[netip.Addr]net.HardwareAddr{kioskClient: kioskMAC})
 	f := &Firewall{macs: macs}
 	seq := func(yield func(netip.Addr) bool) {
 		for _, g := range given {
@@ -70,12 +56,12 @@ func TestSeedMACs(t *testing.T) {
 			}
 		}
 	}
-	if m := f.macsOf(compile(t, testPolicy), seq); m != nil || macs.asked != 0 {
-		t.Errorf("a policy without MACs: macsOf %v, %d questions", m, macs.asked)
+	if m := f.macsOf(compile(t, testPolicy), seq); m != nil || macs.Asked() != 0 {
+		t.Errorf("a policy without MACs: macsOf %v, %d questions", m, macs.Asked())
 	}
 	m := f.macsOf(eng, seq)
-	if macs.asked != 2 || m[kioskClient].String() != kioskMAC.String() || m[otherClient] != nil {
-		t.Errorf("macsOf %v after %d questions; want the kiosk's MAC, none for the other, 2 questions", m, macs.asked)
+	if macs.Asked() != 2 || m[kioskClient].String() != kioskMAC.String() || m[otherClient] != nil {
+		t.Errorf("macsOf %v after %d questions; want the kiosk's MAC, none for the other, 2 questions", m, macs.Asked())
 	}
 	out, res := rs.seedsFrom(eng, want, given, m, nil, 100, now)
 	set := out["dns4_udp-name"]

@@ -9,27 +9,13 @@ import (
 	"net/http"
 	"net/netip"
 	"strings"
-	"sync"
 	"testing"
 	"time"
 
 	"egressd/audit"
+	"egressd/internal/fakemac"
 	"egressd/policy"
 )
-
-// fakeDevices maps addresses to MACs, counting the lookups.
-type fakeDevices struct {
-	mu   sync.Mutex
-	mac  map[netip.Addr]net.HardwareAddr
-	asks int
-}
-
-func (f *fakeDevices) ClientDevice(a netip.Addr) net.HardwareAddr {
-	f.mu.Lock()
-	defer f.mu.Unlock()
-	f.asks++
-	return f.mac[a]
-}
 
 // TestConnLimitPerDevice: the addresses of one LAN device (one MAC in
 // the neighbour table) share one client's connection cap, however many
@@ -42,7 +28,7 @@ func TestConnLimitPerDevice(t *testing.T) {
 	if err != nil {
 		t.Fatal(err)
 	}
-	devs := &fakeDevices{mac: map[netip.Addr]net.HardwareAddr{}}
+	devs := fakemac.New(map[netip.Addr]net.HardwareAddr{})
 	p, err := New(Config{MaxConns: 100, MaxConnsPerClient: 10, PeekBudget: 1000}, Deps{Policy: policy.NewStore(eng), Devices: devs,
 		Logger: slog.New(slog.NewTextHandler(io.Discard, nil))})
 	if err != nil {
@@ -55,7 +41,7 @@ func TestConnLimitPerDevice(t *testing.T) {
 		if i < 20 {
 			a = netip.AddrFrom4([4]byte{192, 0, 2, byte(100 + i)})
 		}
-		devs.mac[a] = flooder
+		devs.Set(a, flooder)
 		addrs = append(addrs, a)
 	}
 	var held []netip.Addr
@@ -70,7 +56,7 @@ func TestConnLimitPerDevice(t *testing.T) {
 		t.Errorf("one device's 40 addresses hold %d connections, want one client's cap (10)", len(held))
 	}
 	other := netip.MustParseAddr("192.0.2.40")
-	devs.mac[other] = net.HardwareAddr{2, 0, 0, 0, 0, 0x40}
+	devs.Set(other, net.HardwareAddr{2, 0, 0, 0, 0, 0x40})
 	routed := netip.MustParseAddr("198.51.100.9")
 	for _, c := range []netip.Addr{other, routed} {
 		n := 0
@@ -97,7 +83,7 @@ func TestConnLimitPerDevice(t *testing.T) {
 	s1.release()
 	s2.release()
 	// Doubling: a routed address's many connections ask a few times.
-	asks0 := devs.asks
+	asks0 := devs.Asked()
 	for range 8 {
 		p.release(routed)
 	}
@@ -106,7 +92,7 @@ func TestConnLimitPerDevice(t *testing.T) {
 			p.release(routed)
 		}
 	}
-	if d := devs.asks - asks0; d > 8 {
+	if d := devs.Asked() - asks0; d > 8 {
 		t.Errorf("200 connections of an address that holds others asked the device table %d times", d)
 	}
 	p.release(routed)
@@ -128,7 +114,7 @@ func TestConnLimitPerDevice(t *testing.T) {
 // slots do (once per connection of an address that holds none).
 func TestEventDeviceMAC(t *testing.T) {
 	dev := net.HardwareAddr{0x02, 0, 0, 0, 0x50, 0x23}
-	devs := &fakeDevices{mac: map[netip.Addr]net.HardwareAddr{netip.MustParseAddr("127.0.0.1"): dev}}
+	devs := fakemac.New(map[netip.Addr]net.HardwareAddr{netip.MustParseAddr("127.0.0.1"): dev})
 	sink := &events{}
 	addr, plainPort, tlsPort, _, _ := loopbackExplicitDeps(t, `version: 1
 mode: enforce
@@ -176,9 +162,7 @@ rules:
 			t.Errorf("%s:%d: event client_mac %q verdict %s, want %s, allowed %v", what.name, what.port, ev.ClientMAC, ev.Verdict, dev, what.allow)
 		}
 	}
-	devs.mu.Lock()
-	asks := devs.asks
-	devs.mu.Unlock()
+	asks := devs.Asked()
 	if asks > 3 {
 		t.Errorf("3 connections asked the device table %d times, want at most 3 (one a connection, by its slot)", asks)
 	}
@@ -191,7 +175,7 @@ rules:
 // flow's client but not its MAC.
 func TestRequestEventDeviceMAC(t *testing.T) {
 	dev := net.HardwareAddr{0x02, 0, 0, 0, 0x50, 0x24}
-	devs := &fakeDevices{mac: map[netip.Addr]net.HardwareAddr{netip.MustParseAddr("127.0.0.1"): dev}}
+	devs := fakemac.New(map[netip.Addr]net.HardwareAddr{netip.MustParseAddr("127.0.0.1"): dev})
 	sink := &events{}
 	addr, _, tlsPort, caPool, _ := loopbackExplicitDeps(t, `version: 1
 mode: enforce

@@ -6,33 +6,13 @@ import (
 	"net"
 	"net/http"
 	"net/netip"
-	"sync"
 	"testing"
 	"time"
 
 	"egressd/audit"
+	"egressd/internal/fakemac"
 	"egressd/policy"
 )
-
-// fakeMACs is a ClientMACs with fixed answers, counting the questions.
-type fakeMACs struct {
-	mu    sync.Mutex
-	m     map[netip.Addr]net.HardwareAddr
-	asked int
-}
-
-func (f *fakeMACs) ClientMAC(a netip.Addr) net.HardwareAddr {
-	f.mu.Lock()
-	defer f.mu.Unlock()
-	f.asked++
-	return f.m[a]
-}
-
-func (f *fakeMACs) count() int {
-	f.mu.Lock()
-	defer f.mu.Unlock()
-	return f.asked
-}
 
 var (
 	kioskMAC = net.HardwareAddr{0x02, 0, 0, 0, 0, 0x0a}
@@ -59,7 +39,7 @@ rules:
 // policy decides the open tunnels again with their clients' MACs: the
 // kiosk's goes on, another device's is closed.
 func TestClientMAC(t *testing.T) {
-	macs := &fakeMACs{m: map[netip.Addr]net.HardwareAddr{clientV4: kioskMAC, client2V4: otherMAC}}
+	macs := fakemac.New(map[netip.Addr]net.HardwareAddr{clientV4: kioskMAC, client2V4: otherMAC})
 	tp := newTopo(t, topoOpts{deps: func(d *Deps) { d.MACs = macs }})
 	tp.facts.add(clientV4, srvV4, "www.allowed.test")
 	tp.facts.add(client2V4, srvV4, "www.allowed.test")
@@ -68,7 +48,7 @@ func TestClientMAC(t *testing.T) {
 	// Under testPolicy (no MACs): both tunnels open, nothing asked.
 	kiosk := tp.startTLS(t, tp.dialFromClient(t, clientV4, dest), "www.allowed.test")
 	other := tp.startTLS(t, tp.dialFromClient(t, client2V4, dest), "www.allowed.test")
-	if n := macs.count(); n != 0 {
+	if n := macs.Asked(); n != 0 {
 		t.Fatalf("the MAC asked %d times under a policy that names none", n)
 	}
 
@@ -80,7 +60,7 @@ func TestClientMAC(t *testing.T) {
 	if body, err := kiosk.get("/after"); err != nil || body == "" {
 		t.Errorf("the kiosk's tunnel after the reload: %q %v", body, err)
 	}
-	if n := macs.count(); n != 2 {
+	if n := macs.Asked(); n != 2 {
 		t.Errorf("the MAC asked %d times deciding 2 tunnels again, want 2", n)
 	}
 
@@ -91,7 +71,7 @@ func TestClientMAC(t *testing.T) {
 		mac   net.HardwareAddr
 		allow bool
 	}{{"the kiosk", clientV4, kioskMAC, true}, {"another device", client2V4, otherMAC, false}} {
-		asked := macs.count()
+		asked := macs.Asked()
 		conn := tp.dialFromClient(t, c.src, dest)
 		body, err := tp.tlsGet(conn, "www.allowed.test", "/mac", nil)
 		if (err == nil && body != "") != c.allow {
@@ -118,7 +98,7 @@ func TestClientMAC(t *testing.T) {
 		if ev.ClientMAC != c.mac.String() || (ev.Verdict == policy.Allow) != c.allow {
 			t.Errorf("%s: CONNECT: event %+v", c.what, ev)
 		}
-		if n := macs.count() - asked; n != 2 {
+		if n := macs.Asked() - asked; n != 2 {
 			t.Errorf("%s: the MAC asked %d times for 2 connections, want 2", c.what, n)
 		}
 	}

@@ -18,6 +18,7 @@ import (
 
 	"golang.org/x/crypto/bcrypt"
 
+	"egressd/internal/fakemac"
 	"egressd/internal/netutil"
 	"egressd/policy"
 )
@@ -102,7 +103,7 @@ func authProxy(t testing.TB, users map[string]UserSecret) (*Proxy, string) {
 
 // authProxyDevices is authProxy with devs telling client addresses'
 // devices (nil: none).
-func authProxyDevices(t testing.TB, users map[string]UserSecret, devs *fakeDevices) (*Proxy, string) {
+func authProxyDevices(t testing.TB, users map[string]UserSecret, devs *fakemac.Table) (*Proxy, string) {
 	t.Helper()
 	eng, err := policy.Compile("auth.yaml", []byte(fmt.Sprintf(testPolicy, "enforce")))
 	if err != nil {
@@ -464,12 +465,12 @@ func TestExplicitAuthWaitersPerAddr(t *testing.T) {
 // so a host with many addresses held as many connections waiting as it
 // liked); another device keeps its own place; every place is given back.
 func TestExplicitAuthWaitersPerDevice(t *testing.T) {
-	devs := &fakeDevices{mac: map[netip.Addr]net.HardwareAddr{}}
+	devs := fakemac.New(map[netip.Addr]net.HardwareAddr{})
 	flooder := net.HardwareAddr{2, 0, 0, 0, 0, 0xf}
 	for _, a := range []string{"127.0.0.1", "127.0.0.2", "127.0.0.3"} {
-		devs.mac[netip.MustParseAddr(a)] = flooder
+		devs.Set(netip.MustParseAddr(a), flooder)
 	}
-	devs.mac[netip.MustParseAddr("127.0.0.4")] = net.HardwareAddr{2, 0, 0, 0, 0, 4}
+	devs.Set(netip.MustParseAddr("127.0.0.4"), net.HardwareAddr{2, 0, 0, 0, 0, 4})
 	p, addr := authProxyDevices(t, map[string]UserSecret{"alice": mustBcrypt(t, "s3cret")}, devs)
 	p.slow.wait = time.Minute
 	for range cap(p.slow.slots) { // every slot taken

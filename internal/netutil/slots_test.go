@@ -3,30 +3,10 @@ package netutil
 import (
 	"net"
 	"net/netip"
-	"sync"
 	"testing"
+
+	"egressd/internal/fakemac"
 )
-
-// slotDevices maps addresses to MACs for ClientSlots' tests, counting the
-// lookups.
-type slotDevices struct {
-	mu   sync.Mutex
-	mac  map[netip.Addr]net.HardwareAddr
-	asks int
-}
-
-func (f *slotDevices) of(a netip.Addr) net.HardwareAddr {
-	f.mu.Lock()
-	defer f.mu.Unlock()
-	f.asks++
-	return f.mac[a]
-}
-
-func (f *slotDevices) set(a netip.Addr, m net.HardwareAddr) {
-	f.mu.Lock()
-	defer f.mu.Unlock()
-	f.mac[a] = m
-}
 
 // TestClientSlotsPerDevice: the addresses of one device share one
 // client's cap, however many there are (before, 10 addresses took a cap
@@ -35,13 +15,13 @@ func (f *slotDevices) set(a netip.Addr, m net.HardwareAddr) {
 // connections joins the device's count with them; the device table is
 // asked at doubling counts; every release leaves nothing behind.
 func TestClientSlotsPerDevice(t *testing.T) {
-	devs := &slotDevices{mac: map[netip.Addr]net.HardwareAddr{}}
-	c := NewClientSlots(100, 10, devs.of)
+	devs := fakemac.New(map[netip.Addr]net.HardwareAddr{})
+	c := NewClientSlots(100, 10, devs.ClientDevice)
 	flooder := net.HardwareAddr{2, 0, 0, 0, 0, 0xf}
 	var addrs []netip.Addr
 	for i := range 40 {
 		a := netip.AddrFrom16([16]byte{0x20, 0x01, 0x0d, 0xb8, 1, 15: byte(i)})
-		devs.set(a, flooder)
+		devs.Set(a, flooder)
 		addrs = append(addrs, a)
 	}
 	var held []netip.Addr
@@ -66,7 +46,7 @@ func TestClientSlotsPerDevice(t *testing.T) {
 	}
 
 	other := netip.MustParseAddr("192.0.2.40")
-	devs.set(other, net.HardwareAddr{2, 0, 0, 0, 0, 0x40})
+	devs.Set(other, net.HardwareAddr{2, 0, 0, 0, 0, 0x40})
 	routed := netip.MustParseAddr("198.51.100.9")
 	for _, a := range []netip.Addr{other, routed} {
 		n := 0
@@ -91,9 +71,9 @@ func TestClientSlotsPerDevice(t *testing.T) {
 	if ok, _ := c.Acquire(late); !ok {
 		t.Fatal("a new address's first slot")
 	}
-	devs.set(late, lateMAC)
+	devs.Set(late, lateMAC)
 	late2 := netip.MustParseAddr("2001:db8:1::50")
-	devs.set(late2, lateMAC)
+	devs.Set(late2, lateMAC)
 	n := 1
 	for range 20 {
 		for _, a := range []netip.Addr{late, late2} {
@@ -110,7 +90,7 @@ func TestClientSlotsPerDevice(t *testing.T) {
 
 	// Doubling: an address without a device that holds slots asks the
 	// table a few times, not per slot.
-	asks := devs.asks
+	asks := devs.Asked()
 	for range 5 {
 		c.Release(routed)
 	}
@@ -119,7 +99,7 @@ func TestClientSlotsPerDevice(t *testing.T) {
 			c.Release(routed)
 		}
 	}
-	if d := devs.asks - asks; d > 4 {
+	if d := devs.Asked() - asks; d > 4 {
 		t.Errorf("100 slots of an address holding 5 asked the device table %d times", d)
 	}
 	for range 5 {
@@ -150,16 +130,16 @@ func TestClientSlotsPerDevice(t *testing.T) {
 // device behind (before, its device stayed in the map at 0: one entry
 // per MAC ever refused, never removed).
 func TestClientSlotsRefusedDeviceLeavesNothing(t *testing.T) {
-	devs := &slotDevices{mac: map[netip.Addr]net.HardwareAddr{}}
-	c := NewClientSlots(1, 0, devs.of)
+	devs := fakemac.New(map[netip.Addr]net.HardwareAddr{})
+	c := NewClientSlots(1, 0, devs.ClientDevice)
 	holder := netip.MustParseAddr("192.0.2.1")
-	devs.set(holder, net.HardwareAddr{2, 0, 0, 0, 0, 1})
+	devs.Set(holder, net.HardwareAddr{2, 0, 0, 0, 0, 1})
 	if ok, _ := c.Acquire(holder); !ok {
 		t.Fatal("the first slot refused")
 	}
 	for i := range 50 {
 		a := netip.AddrFrom16([16]byte{0x20, 0x01, 0x0d, 0xb8, 2, 15: byte(i)})
-		devs.set(a, net.HardwareAddr{2, 0, 0, 0, 1, byte(i)})
+		devs.Set(a, net.HardwareAddr{2, 0, 0, 0, 1, byte(i)})
 		if ok, why := c.Acquire(a); ok || why.Scope != "global" {
 			t.Fatalf("%s past the global cap: ok %v, %+v", a, ok, why)
 		}
@@ -177,18 +157,18 @@ func TestClientSlotsRefusedDeviceLeavesNothing(t *testing.T) {
 // DeviceOf named one, taken or refused, without asking DeviceOf more
 // than Acquire does (here: once, the address then holds a slot).
 func TestAcquireDevice(t *testing.T) {
-	devs := &slotDevices{mac: map[netip.Addr]net.HardwareAddr{}}
+	devs := fakemac.New(map[netip.Addr]net.HardwareAddr{})
 	a, routed := netip.MustParseAddr("192.0.2.23"), netip.MustParseAddr("198.51.100.9")
-	devs.set(a, net.HardwareAddr{0xaa, 0xbb, 0xcc, 0xdd, 0xee, 0xff})
-	c := NewClientSlots(0, 2, devs.of)
+	devs.Set(a, net.HardwareAddr{0xaa, 0xbb, 0xcc, 0xdd, 0xee, 0xff})
+	c := NewClientSlots(0, 2, devs.ClientDevice)
 	for i, want := range []bool{true, true, false} {
 		ok, dev, _ := c.AcquireDevice(a)
 		if ok != want || dev != "aa:bb:cc:dd:ee:ff" {
 			t.Errorf("acquire %d: ok %v, device %q; want %v, aa:bb:cc:dd:ee:ff", i, ok, dev, want)
 		}
 	}
-	if devs.asks != 1 {
-		t.Errorf("DeviceOf asked %d times, want 1", devs.asks)
+	if devs.Asked() != 1 {
+		t.Errorf("DeviceOf asked %d times, want 1", devs.Asked())
 	}
 	if ok, dev, _ := c.AcquireDevice(routed); !ok || dev != "" {
 		t.Errorf("routed: ok %v, device %q; want a slot and no device", ok, dev)
