@@ -162,9 +162,16 @@ rules:
 			t.Errorf("%s:%d: event client_mac %q verdict %s, want %s, allowed %v", what.name, what.port, ev.ClientMAC, ev.Verdict, dev, what.allow)
 		}
 	}
+	// No lookup of its own: the slots ask for an address new to them (no
+	// slot held), so at most once a slot taken. Four are taken: the three
+	// connections' at accept and the inspected CONNECT's inner stream's
+	// (explicit.go); a connection that ends before the next one's accept
+	// leaves the address new again. 20 runs under -race asked 2-4 times
+	// (a fresh-clone CI run failed at a bound of 3).
 	asks := devs.Asked()
-	if asks > 3 {
-		t.Errorf("3 connections asked the device table %d times, want at most 3 (one a connection, by its slot)", asks)
+	t.Logf("the device table was asked %d times", asks)
+	if asks > 4 {
+		t.Errorf("3 connections and a tunnel asked the device table %d times, want at most 4 (one a slot taken)", asks)
 	}
 }
 
