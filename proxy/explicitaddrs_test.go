@@ -33,22 +33,13 @@ func TestSetExplicitAddrs(t *testing.T) {
 	if err := p.SetExplicitAddrs([]string{"127.0.0.1:0"}); err != errNotReady {
 		t.Errorf("before Run: %v, want errNotReady", err)
 	}
-	ctx, cancel := context.WithCancel(context.Background())
-	ran := make(chan error, 1)
-	go func() { ran <- p.Run(ctx) }()
-	select {
-	case <-p.Ready():
-	case err := <-ran:
-		t.Fatalf("Run: %v", err)
-	case <-time.After(10 * time.Second):
-		t.Fatal("not ready in 10s")
-	}
+	cancel, ran := runReady(t, p)
 	first := p.ExplicitAddrs()[0].String()
 
 	// A free port on another loopback address.
 	ln, err := net.Listen("tcp", "127.0.0.2:0")
 	if err != nil {
-		t.Skipf("no 127.0.0.2: %v", err)
+		t.Fatalf("no 127.0.0.2 (Linux's lo holds 127.0.0.0/8): %v", err)
 	}
 	later := ln.Addr().String()
 	ln.Close()
@@ -141,17 +132,8 @@ func TestSetExplicitAddrsFailLoggedAgain(t *testing.T) {
 	if err != nil {
 		t.Fatal(err)
 	}
-	ctx, cancel := context.WithCancel(context.Background())
-	ran := make(chan error, 1)
-	go func() { ran <- p.Run(ctx) }()
+	cancel, ran := runReady(t, p)
 	defer func() { cancel(); <-ran }()
-	select {
-	case <-p.Ready():
-	case err := <-ran:
-		t.Fatalf("Run: %v", err)
-	case <-time.After(10 * time.Second):
-		t.Fatal("not ready in 10s")
-	}
 	const bad = "198.51.100.1:3128" // not the host's: does not open
 	for _, addrs := range [][]string{{"127.0.0.1:0", bad}, {"127.0.0.1:0", bad}, {"127.0.0.1:0"}, {"127.0.0.1:0", bad}} {
 		err := p.SetExplicitAddrs(addrs)
@@ -200,19 +182,10 @@ func TestSetExplicitAddrsNoLeak(t *testing.T) {
 		if err != nil {
 			t.Fatal(err)
 		}
-		ctx, cancel := context.WithCancel(context.Background())
-		ran := make(chan error, 1)
-		go func() { ran <- p.Run(ctx) }()
-		select {
-		case <-p.Ready():
-		case err := <-ran:
-			t.Fatalf("Run: %v", err)
-		case <-time.After(10 * time.Second):
-			t.Fatal("not ready in 10s")
-		}
+		cancel, ran := runReady(t, p)
 		extra := []string{"127.0.0.2:0", "127.0.0.3:0", "127.0.0.4:0"}
 		if err := p.SetExplicitAddrs(append([]string{"127.0.0.1:0"}, extra...)); err != nil {
-			t.Skipf("no 127.0.0.2-4: %v", err)
+			t.Fatalf("no 127.0.0.2-4 (Linux's lo holds 127.0.0.0/8): %v", err)
 		}
 		// A request head begun on one of them, then its listener closed:
 		// the connection is the retired server's until the proxy closes.
@@ -270,4 +243,23 @@ func TestSetExplicitAddrsNoLeak(t *testing.T) {
 		buf := make([]byte, 1<<20)
 		t.Errorf("%d goroutines before, %d after the proxies closed:\n%s", before, after, buf[:runtime.Stack(buf, true)])
 	}
+}
+
+// runReady runs p until its listeners are open; the caller cancels and
+// reads ran (Run's error) when done.
+func runReady(t *testing.T, p *Proxy) (context.CancelFunc, chan error) {
+	t.Helper()
+	ctx, cancel := context.WithCancel(context.Background())
+	ran := make(chan error, 1)
+	go func() { ran <- p.Run(ctx) }()
+	select {
+	case <-p.Ready():
+	case err := <-ran:
+		cancel()
+		t.Fatalf("Run: %v", err)
+	case <-time.After(10 * time.Second):
+		cancel()
+		t.Fatal("not ready in 10s")
+	}
+	return cancel, ran
 }
