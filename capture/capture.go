@@ -391,6 +391,19 @@ func (c *Capture) LinkDown() []string {
 	return out
 }
 
+// InterfacesUp reports, in Config.Interfaces' order, whether capture
+// reads each interface: it has a socket on it, and the interface is up
+// with a carrier (not LinkDown). All false before Open.
+func (c *Capture) InterfacesUp() []bool {
+	c.mu.Lock()
+	defer c.mu.Unlock()
+	out := make([]bool, len(c.cfg.Interfaces))
+	for i, st := range c.ifaces {
+		out[i] = st.ifindex != 0 && st.link == ""
+	}
+	return out
+}
+
 // Changes returns a channel capture sends on (without blocking) when it
 // wants Follow called besides the link changes: it closed a socket that
 // failed to read, and when that socket's reopening is due.

@@ -9,6 +9,8 @@ import (
 	"testing"
 	"time"
 
+	"github.com/prometheus/client_golang/prometheus"
+
 	"egressd/internal/testnet"
 	"egressd/policy"
 )
@@ -51,11 +53,35 @@ func TestLiveLinkDownUp(t *testing.T) {
 		}
 	}()
 
-	c, err := New(Config{Interfaces: []string{"lan1"}}, Deps{Policy: policy.NewStore(testEngine(t, testPolicy)), Sink: &recorder{}})
+	reg := prometheus.NewRegistry()
+	c, err := New(Config{Interfaces: []string{"lan1"}}, Deps{Policy: policy.NewStore(testEngine(t, testPolicy)), Sink: &recorder{}, Registerer: reg})
 	if err != nil {
 		t.Fatal(err)
 	}
 	t.Cleanup(func() { c.Close() })
+	// up is egress_capture_interface_up{interface="lan1"} as a scrape
+	// reads it (-1: no such series).
+	up := func() float64 {
+		t.Helper()
+		mfs, err := reg.Gather()
+		if err != nil {
+			t.Fatalf("gather: %v", err)
+		}
+		for _, mf := range mfs {
+			if mf.GetName() != "egress_capture_interface_up" {
+				continue
+			}
+			for _, m := range mf.GetMetric() {
+				if len(m.GetLabel()) == 1 && m.GetLabel()[0].GetValue() == "lan1" {
+					return m.GetGauge().GetValue()
+				}
+			}
+		}
+		return -1
+	}
+	if v := up(); v != 0 {
+		t.Errorf("before Open: egress_capture_interface_up %v, want 0", v)
+	}
 	var ring tpacket
 	c.openRingHook = func(name string) (packetSource, error) {
 		h, err := c.openRing(name)
@@ -110,6 +136,13 @@ func TestLiveLinkDownUp(t *testing.T) {
 			if got := c.LinkDown(); slices.Equal(got, want) {
 				if changed != (what != "at start") {
 					t.Errorf("%s: Follow reports change %v", what, changed)
+				}
+				w := 1.0 // read: up with a carrier
+				if len(want) > 0 {
+					w = 0
+				}
+				if v := up(); v != w {
+					t.Errorf("%s: egress_capture_interface_up %v, want %v", what, v, w)
 				}
 				return
 			}

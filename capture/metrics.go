@@ -48,6 +48,9 @@ func (m *metrics) register(r prometheus.Registerer, c *Capture) error {
 		counter("client_hellos_total", "TLS ClientHellos parsed, over TCP and QUIC.", func(s Stats) uint64 { return s.Hellos }),
 		counter("quic_initials_opened_total", "QUIC Initial packets decrypted.", func(s Stats) uint64 { return s.QUICOpened }),
 		counter("fragments_total", "IP fragments seen.", func(s Stats) uint64 { return s.Fragments }),
+		interfaceUp{c: c, desc: prometheus.NewDesc("egress_capture_interface_up",
+			"1 while capture reads a LAN interface that is up with a carrier; 0 while it is down, has no carrier, does not exist or its socket failed and waits to open again.",
+			[]string{"interface"}, nil)},
 		prometheus.NewGaugeFunc(prometheus.GaugeOpts{
 			Namespace: "egress", Subsystem: "capture", Name: "active_flows",
 			Help: "Flows in the flow table.",
@@ -59,4 +62,30 @@ func (m *metrics) register(r prometheus.Registerer, c *Capture) error {
 		}
 	}
 	return nil
+}
+
+// interfaceUp is egress_capture_interface_up, one series per
+// Config.Interfaces entry, read at scrape time (Capture.InterfacesUp):
+// /readyz says why a LAN is not read, the metric lets an alert see it.
+type interfaceUp struct {
+	c    *Capture
+	desc *prometheus.Desc
+}
+
+func (u interfaceUp) Describe(ch chan<- *prometheus.Desc) { ch <- u.desc }
+
+func (u interfaceUp) Collect(ch chan<- prometheus.Metric) {
+	seen := make(map[string]bool, len(u.c.cfg.Interfaces))
+	for i, up := range u.c.InterfacesUp() {
+		name := u.c.cfg.Interfaces[i]
+		if seen[name] {
+			continue // a name given twice (egressd run refuses it) is one series
+		}
+		seen[name] = true
+		v := 0.0
+		if up {
+			v = 1
+		}
+		ch <- prometheus.MustNewConstMetric(u.desc, prometheus.GaugeValue, v, name)
+	}
 }
