@@ -1,0 +1,183 @@
+package e2e
+
+import (
+	"context"
+	"fmt"
+	"net"
+	"net/netip"
+	"testing"
+	"time"
+)
+
+// narrowPolicy is an enforce policy of three rules whose traffic the
+// firewall's learned sets let out (UDP 123, TCP 10516) or the proxy
+// vouches for by DNS (443 without SNI): ntpTo and ntpFrom are the
+// h6-ntp rule's names and clients, intake and web say whether the
+// h6-intake (10516/tcp) and h6-web (443/tcp) rules are in.
+func narrowPolicy(ntpTo, ntpFrom string, intake, web bool) []byte {
+	p := "version: 1\nmode: enforce\nrules:\n"
+	if ntpTo != "" {
+		p += fmt.Sprintf("  - name: h6-ntp\n    why: NTP, names the reloads narrow\n    to: [%s]\n", ntpTo)
+		if ntpFrom != "" {
+			p += fmt.Sprintf("    from: [%s]\n", ntpFrom)
+		}
+		p += "    ports: [123/udp]\n"
+	}
+	if intake {
+		p += "  - name: h6-intake\n    why: logging on a port the proxy leaves alone\n    to: [\"*.logs.datadoghq.com\"]\n    ports: [10516/tcp]\n"
+	}
+	if web {
+		p += "  - name: h6-web\n    why: TLS the proxy vouches for by DNS\n    to: [\"*.docker.com\"]\n    ports: [443/tcp]\n"
+	}
+	// Something stays allowed whatever the reloads take out.
+	p += "  - name: h6-clock\n    why: an NTP server no reload touches\n    to: [\"" + clockName + "\"]\n    ports: [123/udp]\n"
+	return []byte(p)
+}
+
+// TestReloadNarrowsLearnedAddresses: a reload that removes or narrows a
+// rule takes effect at once for new connections to the addresses DNS
+// gave out under the old rule, before their TTL (300 s) ends, and one
+// that adds a rule opens the addresses already given out for its names
+// at once, without the client asking DNS again. In enforce mode the client
+// resolves 0.pool.ntp.org, 1.pool.ntp.org (h6-ntp: *.pool.ntp.org),
+// agent-intake.logs.datadoghq.com (h6-intake, 10516/tcp) and
+// production.cloudflare.docker.com (h6-web, 443/tcp); then, each from a
+// new socket (a new conntrack entry) and without asking DNS again:
+//
+//   - h6-ntp narrowed to 0.pool.ntp.org, h6-intake and h6-web removed:
+//     NTP to 1.pool's address, TCP to intake's and a TLS hello without SNI
+//     to docker's are dropped or denied; NTP to 0.pool's is answered;
+//   - h6-ntp's clients narrowed to another address: NTP to 0.pool's is
+//     dropped;
+//   - all three back as they were: every one of them is let out again;
+//   - h6-ntp removed: NTP to both pool addresses is dropped.
+//
+// NTP to clock.example (h6-clock, never changed) is answered throughout.
+func TestReloadNarrowsLearnedAddresses(t *testing.T) {
+	for _, c := range []struct {
+		name string
+		args []string
+	}{{"proxy", nil}, {"forwarded", []string{"--tcp-ports", "443"}}} {
+		t.Run(c.name, func(t *testing.T) { testReloadNarrows(t, c.args) })
+	}
+}
+
+// testReloadNarrows is TestReloadNarrowsLearnedAddresses with egressd
+// run's extra arguments: none (TCP to 10516 goes through the proxy,
+// which decides it by the names DNS gave the address out for), or
+// --tcp-ports 443 (the forward chain lets it out to h6-intake's learned
+// set).
+func testReloadNarrows(t *testing.T, extra []string) {
+	tp := newTopo(t)
+	d := newDaemon(t, tp, "")
+	d.extra = extra
+	proxied := len(extra) == 0
+	wide := func() []byte { return narrowPolicy(`"*.pool.ntp.org"`, "", true, true) }
+	d.writePolicy(wide())
+	d.start()
+	t.Cleanup(func() {
+		if t.Failed() {
+			t.Logf("egressd output:\n%s", d.logs())
+		}
+	})
+
+	ctx, cancel := context.WithTimeout(context.Background(), 3*time.Minute)
+	defer cancel()
+	resolve := func(name string) netip.Addr {
+		t.Helper()
+		addrs, err := tp.goResolver().LookupNetIP(ctx, "ip4", name+".")
+		if err != nil || len(addrs) == 0 {
+			t.Fatalf("resolving %s through the gateway: %v %v", name, addrs, err)
+		}
+		return addrs[0]
+	}
+	ntpAsk := func(a netip.Addr, timeout time.Duration) error {
+		c, err := tp.lan.DialContext(ctx, "udp", netip.AddrPortFrom(a, 123).String())
+		if err != nil {
+			return err
+		}
+		defer c.Close()
+		req := ntpRequest()
+		return askWithin(c, timeout, req, func(r []byte) bool { return ntpAnswers(req, r) })
+	}
+	pool0, pool1, clock := resolve(poolNames[0]), resolve(poolNames[1]), resolve(clockName)
+	intake, docker := resolve(intakeName), resolve(dockerName)
+
+	// open checks what a new connection to each address gets now.
+	type want struct{ pool0, pool1, intake, web bool }
+	open := func(when string, w want) {
+		t.Helper()
+		for _, c := range []struct {
+			name string
+			addr netip.Addr
+			ok   bool
+		}{{poolNames[0], pool0, w.pool0}, {poolNames[1], pool1, w.pool1}, {clockName, clock, true}} {
+			timeout := 2 * time.Second
+			if !c.ok {
+				timeout = 700 * time.Millisecond
+			}
+			err := ntpAsk(c.addr, timeout)
+			switch {
+			case c.ok && err != nil:
+				t.Errorf("%s: NTP to %s (%s) from a new socket: %v; want an answer", when, c.name, c.addr, err)
+			case !c.ok && err == nil:
+				t.Errorf("%s: NTP to %s (%s) from a new socket was answered; want it dropped", when, c.name, c.addr)
+			case !c.ok:
+				if ne, ok := err.(net.Error); !ok || !ne.Timeout() {
+					t.Errorf("%s: NTP to %s: %v, want a timeout (dropped)", when, c.name, err)
+				}
+			}
+		}
+		if proxied {
+			// The proxy takes the connection, and decides it by the names
+			// DNS gave the address out for (no SNI: not TLS).
+			_, port, err := tp.rawHTTP(netip.AddrPortFrom(intake, 10516).String(), "SSH-2.0-OpenSSH_9.2\r\n")
+			if err != nil && port == 0 {
+				t.Fatalf("%s: raw TCP to %s:10516: %v", when, intake, err)
+			}
+			verdict, reason := "deny", "no-rule"
+			if w.intake {
+				verdict, reason = "allow", ""
+			}
+			ev := wantEvent(t, d, when+": not TLS to "+intakeName+"'s address", byClientPort(port), verdict, reason)
+			if ev.Name != intakeName || ev.NameSource != "dns-learned" {
+				t.Errorf("%s: not TLS to %s:10516: recorded as %v, want %s (dns-learned)", when, intake, ev, intakeName)
+			}
+		} else if got := tp.dialOK(netip.AddrPortFrom(intake, 10516).String()); got != w.intake {
+			t.Errorf("%s: a new TCP connection to %s:10516 (%s) completed: %v, want %v", when, intakeName, intake, got, w.intake)
+		}
+		o := tp.sendHello(netip.AddrPortFrom(docker, 443).String(), buildHello(helloSpec{}), 0, 0)
+		if w.web {
+			if o.denied || o.err != nil {
+				t.Errorf("%s: hello without SNI to %s (given for %s): %v; want it let through", when, docker, dockerName, o)
+			}
+			ev := wantEvent(t, d, when+": no SNI to "+dockerName+"'s address", byClientPort(o.port), "allow", "")
+			if ev.Name != dockerName || ev.NameSource != "dns-learned" {
+				t.Errorf("%s: no SNI to %s: recorded as %v, want %s (dns-learned)", when, docker, ev, dockerName)
+			}
+		} else {
+			if !o.denied {
+				t.Errorf("%s: hello without SNI to %s (given for %s under a removed rule): %v; want it denied", when, docker, dockerName, o)
+			}
+			wantEvent(t, d, when+": no SNI to "+dockerName+"'s address", byClientPort(o.port), "deny", "no-rule")
+		}
+	}
+
+	open("before any reload", want{true, true, true, true})
+
+	d.writePolicy(narrowPolicy(`"`+poolNames[0]+`"`, "", false, false))
+	d.hup(true)
+	open("h6-ntp narrowed to "+poolNames[0]+", h6-intake and h6-web removed", want{pool0: true})
+
+	d.writePolicy(narrowPolicy(`"`+poolNames[0]+`"`, `"198.18.1.99/32"`, false, false))
+	d.hup(true)
+	open("h6-ntp's clients narrowed to another address", want{})
+
+	d.writePolicy(wide())
+	d.hup(true)
+	open("every rule back", want{true, true, true, true})
+
+	d.writePolicy(narrowPolicy("", "", true, true))
+	d.hup(true)
+	open("h6-ntp removed", want{intake: true, web: true})
+}
