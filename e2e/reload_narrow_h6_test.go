@@ -10,49 +10,48 @@ import (
 )
 
 // narrowPolicy is an enforce policy of three rules whose traffic the
-// firewall's learned sets let out (UDP 123, TCP 10516) or the proxy
-// vouches for by DNS (443 without SNI): ntpTo and ntpFrom are the
-// h6-ntp rule's names and clients, intake and web say whether the
-// h6-intake (10516/tcp) and h6-web (443/tcp) rules are in.
-func narrowPolicy(ntpTo, ntpFrom string, intake, web bool) []byte {
+// firewall's learned sets let out (h6-ntp: 123/udp; h6-intake: 10516/tcp
+// with --tcp-ports 443) or the proxy decides by the names DNS gave the
+// address out for (h6-web: 443/tcp without SNI; h6-intake without
+// --tcp-ports), and h6-clock, which no reload changes. to holds the three
+// rules' names ("": the rule is left out), from their clients ("": any).
+func narrowPolicy(to [3]string, from string) []byte {
 	p := "version: 1\nmode: enforce\nrules:\n"
-	if ntpTo != "" {
-		p += fmt.Sprintf("  - name: h6-ntp\n    why: NTP, names the reloads narrow\n    to: [%s]\n", ntpTo)
-		if ntpFrom != "" {
-			p += fmt.Sprintf("    from: [%s]\n", ntpFrom)
+	for i, r := range [3][2]string{{"h6-ntp", "123/udp"}, {"h6-intake", "10516/tcp"}, {"h6-web", "443/tcp"}} {
+		if to[i] == "" {
+			continue
 		}
-		p += "    ports: [123/udp]\n"
+		p += fmt.Sprintf("  - name: %s\n    why: a rule the reloads narrow\n    to: [%q]\n", r[0], to[i])
+		if from != "" {
+			p += fmt.Sprintf("    from: [%q]\n", from)
+		}
+		p += fmt.Sprintf("    ports: [%s]\n", r[1])
 	}
-	if intake {
-		p += "  - name: h6-intake\n    why: logging on a port the proxy leaves alone\n    to: [\"*.logs.datadoghq.com\"]\n    ports: [10516/tcp]\n"
-	}
-	if web {
-		p += "  - name: h6-web\n    why: TLS the proxy vouches for by DNS\n    to: [\"*.docker.com\"]\n    ports: [443/tcp]\n"
-	}
-	// Something stays allowed whatever the reloads take out.
-	p += "  - name: h6-clock\n    why: an NTP server no reload touches\n    to: [\"" + clockName + "\"]\n    ports: [123/udp]\n"
-	return []byte(p)
+	return append([]byte(p), "  - name: h6-clock\n    why: an NTP server no reload touches\n    to: [\""+clockName+"\"]\n    ports: [123/udp]\n"...)
 }
 
 // TestReloadNarrowsLearnedAddresses: a reload that removes or narrows a
 // rule takes effect at once for new connections to the addresses DNS
 // gave out under the old rule, before their TTL (300 s) ends, and one
-// that adds a rule opens the addresses already given out for its names
-// at once, without the client asking DNS again. In enforce mode the client
-// resolves 0.pool.ntp.org, 1.pool.ntp.org (h6-ntp: *.pool.ntp.org),
-// agent-intake.logs.datadoghq.com (h6-intake, 10516/tcp) and
-// production.cloudflare.docker.com (h6-web, 443/tcp); then, each from a
-// new socket (a new conntrack entry) and without asking DNS again:
+// that adds a rule (or widens it) opens the addresses already given out
+// for its names at once, without the client asking DNS again. In enforce
+// mode the client resolves 0.pool.ntp.org and 1.pool.ntp.org (h6-ntp),
+// agent-intake.logs.datadoghq.com (h6-intake) and
+// production.cloudflare.docker.com (h6-web); then, after each reload, it
+// sends NTP to both pool addresses, TCP to intake's port 10516 and a TLS
+// hello without SNI to docker's port 443, each from a new socket (a new
+// conntrack entry) and without asking DNS again:
 //
-//   - h6-ntp narrowed to 0.pool.ntp.org, h6-intake and h6-web removed:
-//     NTP to 1.pool's address, TCP to intake's and a TLS hello without SNI
-//     to docker's are dropped or denied; NTP to 0.pool's is answered;
-//   - h6-ntp's clients narrowed to another address: NTP to 0.pool's is
-//     dropped;
-//   - all three back as they were: every one of them is let out again;
-//   - h6-ntp removed: NTP to both pool addresses is dropped.
+//   - every rule's names narrowed to one that is not the name asked
+//     (h6-ntp to 0.pool.ntp.org): all denied but 0.pool's NTP;
+//   - every rule's clients narrowed to another address: all denied;
+//   - every rule as at the start: all let out, at once;
+//   - every rule removed: all denied.
 //
 // NTP to clock.example (h6-clock, never changed) is answered throughout.
+// TCP to 10516 goes through the proxy (decided by the names DNS gave the
+// address out for, dns-learned), and with --tcp-ports 443 through the
+// forward chain (h6-intake's learned set).
 func TestReloadNarrowsLearnedAddresses(t *testing.T) {
 	for _, c := range []struct {
 		name string
@@ -72,8 +71,8 @@ func testReloadNarrows(t *testing.T, extra []string) {
 	d := newDaemon(t, tp, "")
 	d.extra = extra
 	proxied := len(extra) == 0
-	wide := func() []byte { return narrowPolicy(`"*.pool.ntp.org"`, "", true, true) }
-	d.writePolicy(wide())
+	wide := [3]string{"*.pool.ntp.org", "*.logs.datadoghq.com", "*.docker.com"}
+	d.writePolicy(narrowPolicy(wide, ""))
 	d.start()
 	t.Cleanup(func() {
 		if t.Failed() {
@@ -165,19 +164,19 @@ func testReloadNarrows(t *testing.T, extra []string) {
 
 	open("before any reload", want{true, true, true, true})
 
-	d.writePolicy(narrowPolicy(`"`+poolNames[0]+`"`, "", false, false))
+	d.writePolicy(narrowPolicy([3]string{poolNames[0], "other.logs.datadoghq.com", "other.docker.com"}, ""))
 	d.hup(true)
-	open("h6-ntp narrowed to "+poolNames[0]+", h6-intake and h6-web removed", want{pool0: true})
+	open("every rule's names narrowed", want{pool0: true})
 
-	d.writePolicy(narrowPolicy(`"`+poolNames[0]+`"`, `"198.18.1.99/32"`, false, false))
+	d.writePolicy(narrowPolicy(wide, "198.18.1.99/32"))
 	d.hup(true)
-	open("h6-ntp's clients narrowed to another address", want{})
+	open("every rule's clients narrowed to another address", want{})
 
-	d.writePolicy(wide())
+	d.writePolicy(narrowPolicy(wide, ""))
 	d.hup(true)
-	open("every rule back", want{true, true, true, true})
+	open("every rule as at the start", want{true, true, true, true})
 
-	d.writePolicy(narrowPolicy("", "", true, true))
+	d.writePolicy(narrowPolicy([3]string{}, ""))
 	d.hup(true)
-	open("h6-ntp removed", want{intake: true, web: true})
+	open("every rule removed but h6-clock", want{})
 }
