@@ -44,6 +44,8 @@ func narrowPolicy(to [3]string, from string) []byte {
 //
 //   - every rule's names narrowed to one that is not the name asked
 //     (h6-ntp to 0.pool.ntp.org): all denied but 0.pool's NTP;
+//   - every rule's names as at the start, its clients narrowed to this
+//     client: all let out (the sets start afresh from its answers);
 //   - every rule's clients narrowed to another address: all denied;
 //   - every rule as at the start: all let out, at once;
 //   - every rule removed: all denied.
@@ -167,6 +169,12 @@ func testReloadNarrows(t *testing.T, extra []string) {
 	d.writePolicy(narrowPolicy([3]string{poolNames[0], "other.logs.datadoghq.com", "other.docker.com"}, ""))
 	d.hup(true)
 	open("every rule's names narrowed", want{pool0: true})
+
+	// Narrowed to this client alone: its sets start afresh from the
+	// answers given to it, so all is let out.
+	d.writePolicy(narrowPolicy(wide, lanClient4+"/32"))
+	d.hup(true)
+	open("every rule's clients narrowed to this client", want{true, true, true, true})
 
 	d.writePolicy(narrowPolicy(wide, "198.18.1.99/32"))
 	d.hup(true)
