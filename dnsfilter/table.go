@@ -32,6 +32,14 @@ type Learned struct {
 // removed, and it is safe for concurrent use. Readers call NamesFor on every
 // flow, so lookups take a read lock on one shard and allocate only the
 // returned slice.
+//
+// An entry is what DNS said, not what a rule allows: a policy reload does
+// not prune the table, and every reader decides the entry's name again
+// under the policy in force (the proxy and capture by name, the firewall's
+// seeding with Engine.NameRules), so an entry whose rule a reload removed
+// or narrowed lets nothing out, and one a reload covers again counts at
+// once, without the client asking DNS again. Learned.Rule is the rule that
+// allowed the answer when it was given, for the record only.
 type Table struct {
 	shards [tableShards]tableShard
 	seed   maphash.Seed
