@@ -10,14 +10,14 @@ import (
 )
 
 // narrowPolicy is an enforce policy of three rules whose traffic the
-// firewall's learned sets let out (h6-ntp: 123/udp; h6-intake: 10516/tcp
+// firewall's learned sets let out (narrow-ntp: 123/udp; narrow-intake: 10516/tcp
 // with --tcp-ports 443) or the proxy decides by the names DNS gave the
-// address out for (h6-web: 443/tcp without SNI; h6-intake without
-// --tcp-ports), and h6-clock, which no reload changes. to holds the three
+// address out for (narrow-web: 443/tcp without SNI; narrow-intake without
+// --tcp-ports), and narrow-clock, which no reload changes. to holds the three
 // rules' names ("": the rule is left out), from their clients ("": any).
 func narrowPolicy(to [3]string, from string) []byte {
 	p := "version: 1\nmode: enforce\nrules:\n"
-	for i, r := range [3][2]string{{"h6-ntp", "123/udp"}, {"h6-intake", "10516/tcp"}, {"h6-web", "443/tcp"}} {
+	for i, r := range [3][2]string{{"narrow-ntp", "123/udp"}, {"narrow-intake", "10516/tcp"}, {"narrow-web", "443/tcp"}} {
 		if to[i] == "" {
 			continue
 		}
@@ -27,7 +27,7 @@ func narrowPolicy(to [3]string, from string) []byte {
 		}
 		p += fmt.Sprintf("    ports: [%s]\n", r[1])
 	}
-	return append([]byte(p), "  - name: h6-clock\n    why: an NTP server no reload touches\n    to: [\""+clockName+"\"]\n    ports: [123/udp]\n"...)
+	return append([]byte(p), "  - name: narrow-clock\n    why: an NTP server no reload touches\n    to: [\""+clockName+"\"]\n    ports: [123/udp]\n"...)
 }
 
 // TestReloadNarrowsLearnedAddresses: a reload that removes or narrows a
@@ -35,25 +35,25 @@ func narrowPolicy(to [3]string, from string) []byte {
 // gave out under the old rule, before their TTL (300 s) ends, and one
 // that adds a rule (or widens it) opens the addresses already given out
 // for its names at once, without the client asking DNS again. In enforce
-// mode the client resolves 0.pool.ntp.org and 1.pool.ntp.org (h6-ntp),
-// agent-intake.logs.datadoghq.com (h6-intake) and
-// production.cloudflare.docker.com (h6-web); then, after each reload, it
+// mode the client resolves 0.pool.ntp.org and 1.pool.ntp.org (narrow-ntp),
+// agent-intake.logs.datadoghq.com (narrow-intake) and
+// production.cloudflare.docker.com (narrow-web); then, after each reload, it
 // sends NTP to both pool addresses, TCP to intake's port 10516 and a TLS
 // hello without SNI to docker's port 443, each from a new socket (a new
 // conntrack entry) and without asking DNS again:
 //
 //   - every rule's names narrowed to one that is not the name asked
-//     (h6-ntp to 0.pool.ntp.org): all denied but 0.pool's NTP;
+//     (narrow-ntp to 0.pool.ntp.org): all denied but 0.pool's NTP;
 //   - every rule's names as at the start, its clients narrowed to this
 //     client: all let out (the sets start afresh from its answers);
 //   - every rule's clients narrowed to another address: all denied;
 //   - every rule as at the start: all let out, at once;
 //   - every rule removed: all denied.
 //
-// NTP to clock.example (h6-clock, never changed) is answered throughout.
+// NTP to clock.example (narrow-clock, never changed) is answered throughout.
 // TCP to 10516 goes through the proxy (decided by the names DNS gave the
 // address out for, dns-learned), and with --tcp-ports 443 through the
-// forward chain (h6-intake's learned set).
+// forward chain (narrow-intake's learned set).
 func TestReloadNarrowsLearnedAddresses(t *testing.T) {
 	for _, c := range []struct {
 		name string
@@ -66,7 +66,7 @@ func TestReloadNarrowsLearnedAddresses(t *testing.T) {
 // testReloadNarrows is TestReloadNarrowsLearnedAddresses with egressd
 // run's extra arguments: none (TCP to 10516 goes through the proxy,
 // which decides it by the names DNS gave the address out for), or
-// --tcp-ports 443 (the forward chain lets it out to h6-intake's learned
+// --tcp-ports 443 (the forward chain lets it out to narrow-intake's learned
 // set).
 func testReloadNarrows(t *testing.T, extra []string) {
 	tp := newTopo(t)
@@ -186,5 +186,5 @@ func testReloadNarrows(t *testing.T, extra []string) {
 
 	d.writePolicy(narrowPolicy([3]string{}, ""))
 	d.hup(true)
-	open("every rule removed but h6-clock", want{})
+	open("every rule removed but narrow-clock", want{})
 }
