@@ -37,11 +37,23 @@ const (
 	archiveRefused  = ".refused"
 )
 
+// maxArchiveFlows bounds the flows the summary remembers at its end
+// (archive.Open): the latest recorded, as the ledger's table of recent
+// flows keeps them, of those that ended within archiveFlowWindow of the
+// latest end. Another component's report of a flow is written when it
+// ends too, within capture's TCP idle time (5 minutes) of the first.
+const (
+	maxArchiveFlows   = 4096
+	archiveFlowWindow = 10 * time.Minute
+)
+
 // archive is the summary's file: the ledger's counts over the folded
 // events, bounded as the ledger bounds them. Flows are deduplicated
-// within what was folded, not across a fold's boundary: a flow reported
-// once at the end of a folded file and again at the start of the next
-// counts twice after a restart.
+// within what was folded and across a fold's boundary: the summary
+// remembers the latest flows and queries it counted (Open), so that a
+// flow reported at the end of a folded file and again in the next one
+// (capture's report and the proxy's, written a moment apart) counts once,
+// whether the next file is folded in too or read after the summary.
 type archive struct {
 	Version int `json:"version"`
 	// From and Until are the oldest and newest event times folded in:
@@ -60,6 +72,36 @@ type archive struct {
 	Rules    []archRule  `json:"rules"`
 	Dropped  []archDrop  `json:"dropped"`
 	ECH      archECH     `json:"ech"`
+	// Open are the latest flows and queries counted (at most
+	// maxArchiveFlows, the oldest first), with where each counts.
+	Open []archFlow `json:"open_flows,omitempty"`
+}
+
+// archFlow is one remembered flow or query (a flowRec): its identity and
+// span, the bytes counted for it, and where it counts: Rule (allowed),
+// the dropped entry DropDest/DropPort/DropProto (denied), Denied (the
+// expired rule that would have allowed it).
+type archFlow struct {
+	Kind       Kind       `json:"kind"`
+	Client     netip.Addr `json:"client"`
+	ClientPort uint16     `json:"client_port,omitempty"`
+	DestIP     netip.Addr `json:"dest_ip,omitzero"`
+	DestPort   uint16     `json:"dest_port,omitempty"`
+	Proto      string     `json:"proto,omitempty"`
+	Name       string     `json:"name,omitempty"`
+	QType      string     `json:"qtype,omitempty"`
+	Start      time.Time  `json:"start"`
+	End        time.Time  `json:"end"`
+	BytesOut   uint64     `json:"bytes_out,omitempty"`
+	BytesIn    uint64     `json:"bytes_in,omitempty"`
+	Enforced   bool       `json:"enforced,omitempty"`
+	Source     Source     `json:"source,omitempty"`
+	Rule       string     `json:"rule,omitempty"`
+	Dest       string     `json:"dest,omitempty"` // allowed: the name counted in the rule's destinations
+	DropDest   string     `json:"drop_dest,omitempty"`
+	DropPort   uint16     `json:"drop_port,omitempty"`
+	DropProto  string     `json:"drop_proto,omitempty"`
+	Denied     string     `json:"denied,omitempty"`
 }
 
 type archRule struct {
@@ -280,6 +322,10 @@ func fitArchive(a *archive) ([]byte, error) {
 		}
 		if keep < 0 {
 			keep = longestList(a)
+			if len(a.Open) > 0 { // only deduplication needs them: they go first
+				a.Open, keep = nil, -1
+				continue
+			}
 		}
 		keep /= 2
 		for i := range a.Rules {
@@ -406,7 +452,96 @@ func (l *Ledger) importArchive(a *archive) {
 	l.ech.wouldStrip += a.ECH.WouldStrip
 	importClients(&l.ech.clients, a.ECH.Clients, nil, a.ECH.ClientsTruncated, l.opt.MaxClients)
 	l.ech.names.set(a.ECH.Names, l.opt.MaxDestinations)
+	l.importFlowsLocked(a.Open)
 	l.arch = newArchInfo(a)
+}
+
+// importFlowsLocked remembers a summary's latest flows, for the
+// deduplication of their later reports, pointing at the counts imported.
+// One whose rule or dropped entry the import did not keep is left out
+// (its later report then counts again): a later report must never take
+// back a count that is not there.
+func (l *Ledger) importFlowsLocked(fs []archFlow) {
+	for _, f := range fs[max(0, len(fs)-min(maxArchiveFlows, l.opt.MaxFlows)):] {
+		if (f.Kind != KindFlow && f.Kind != KindDNS) || f.End.Before(f.Start) {
+			continue
+		}
+		id := flowID{FlowKey: FlowKey{Client: f.Client.Unmap(), ClientPort: f.ClientPort, Dest: f.DestIP.Unmap(), DestPort: f.DestPort,
+			Proto: Clip(f.Proto, 8)}, kind: f.Kind}
+		if f.Kind == KindDNS {
+			id.name, id.qtype = lowerASCII(trimDot(Clip(f.Name, MaxNameBytes))), Clip(f.QType, 16)
+		}
+		if id.ClientPort == 0 && id.DestPort == 0 {
+			continue
+		}
+		var rs, denied *ruleStats
+		var ds *dropStats
+		switch {
+		case f.Rule != "":
+			if rs = l.rules[Clip(f.Rule, MaxNameBytes)]; rs == nil || (f.Kind == KindFlow && rs.flows == 0) || (f.Kind == KindDNS && rs.queries == 0) {
+				continue
+			}
+		case f.DropDest != "":
+			k := dropKey{Clip(f.DropDest, MaxNameBytes), f.DropPort, Clip(f.DropProto, 8)}
+			if ds = l.dropped[k]; ds == nil {
+				ds = l.dropped[overflowKey]
+			}
+			if ds == nil || (f.Kind == KindFlow && ds.flows == 0) || (f.Kind == KindDNS && ds.queries == 0) {
+				continue
+			}
+			if f.Denied != "" {
+				if denied = l.rules[Clip(f.Denied, MaxNameBytes)]; denied == nil || denied.denied == 0 {
+					continue
+				}
+			}
+		default:
+			continue
+		}
+		h := id.hash(l.seed)
+		rec := l.recLocked()
+		rec.id, rec.h, rec.start, rec.end = id, h, f.Start.UTC(), f.End.UTC()
+		rec.bytesOut, rec.bytesIn, rec.enforced, rec.source = f.BytesOut, f.BytesIn, f.Enforced, Source(Clip(string(f.Source), 16))
+		rec.rule, rec.drop, rec.denied = rs, ds, denied
+		if rs != nil {
+			rec.dest = Clip(f.Dest, MaxNameBytes)
+		}
+		l.rememberLocked(rec)
+	}
+}
+
+// exportFlowsLocked returns the latest remembered flows and queries, the
+// oldest first, at most maxArchiveFlows.
+func (l *Ledger) exportFlowsLocked() []archFlow {
+	n := len(l.ring)
+	var latest time.Time
+	for _, r := range l.ring {
+		if r.end.After(latest) {
+			latest = r.end
+		}
+	}
+	var out []archFlow
+	for i := max(0, n-maxArchiveFlows); i < n; i++ {
+		r := l.ring[(l.ringPos+i)%n] // the ring's oldest is at ringPos once it is full, at 0 before (ringPos 0)
+		if r.end.Add(archiveFlowWindow).Before(latest) {
+			continue
+		}
+		f := archFlow{Kind: r.id.kind, Client: r.id.Client, ClientPort: r.id.ClientPort, DestIP: r.id.Dest, DestPort: r.id.DestPort,
+			Proto: r.id.Proto, Name: r.id.name, QType: r.id.qtype, Start: r.start, End: r.end,
+			BytesOut: r.bytesOut, BytesIn: r.bytesIn, Enforced: r.enforced, Source: r.source}
+		switch {
+		case r.rule != nil:
+			f.Rule, f.Dest = r.rule.name, r.dest
+		case r.drop != nil:
+			f.DropDest, f.DropPort, f.DropProto = r.drop.key.dest, r.drop.key.port, r.drop.key.proto
+			if r.denied != nil {
+				f.Denied = r.denied.name
+			}
+		default:
+			continue
+		}
+		out = append(out, f)
+	}
+	return out
 }
 
 // importClients adds a summary's clients to c, with the MACs it kept of
@@ -517,6 +652,7 @@ func (l *Ledger) export() *archive {
 	})
 	a.ECH = archECH{Stripped: l.ech.stripped, WouldStrip: l.ech.wouldStrip, Clients: l.ech.clients.addrs(),
 		ClientsTruncated: l.ech.clients.truncated, Names: l.ech.names.top(len(l.ech.names.h))}
+	a.Open = l.exportFlowsLocked()
 	return a
 }
 

@@ -281,8 +281,12 @@ func TestArchiveBounded(t *testing.T) {
 	if err != nil {
 		t.Fatal(err)
 	}
-	if a.Events < n/2 || len(b) > 16<<10 {
-		t.Errorf("summary of %d events is %d bytes", a.Events, len(b))
+	if len(a.Open) == 0 || len(a.Open) > maxArchiveFlows || a.Open[0].End.Add(archiveFlowWindow).Before(a.Open[len(a.Open)-1].End) {
+		t.Errorf("summary remembers %d flows at its end, want 1 to %d within %s", len(a.Open), maxArchiveFlows, archiveFlowWindow)
+	}
+	a.Open = nil
+	if c, _ := json.Marshal(a); a.Events < n/2 || len(c) > 16<<10 {
+		t.Errorf("summary of %d events is %d bytes without the flows at its end", a.Events, len(c))
 	}
 	if len(a.Rules) != 1 || len(a.Rules[0].Dests) > 8 || len(a.Rules[0].Clients) > 4 || !a.Rules[0].ClientsTruncated {
 		t.Errorf("rules: %+v", a.Rules)
