@@ -695,18 +695,42 @@ func (j *Journal) fold() {
 			j.remove(stale)
 			continue
 		}
-		if len(rotated) <= j.cfg.MaxFiles {
+		pending := len(rotated) - j.cfg.MaxFiles
+		j.unfolded.Store(int64(max(0, pending)))
+		if pending <= 0 {
+			j.mu.Lock()
+			j.foldErr = nil
+			j.mu.Unlock()
 			return
 		}
-		j.foldFile(rotated[0])
+		err = j.foldFile(rotated[0])
+		j.mu.Lock()
+		j.foldErr = err
+		j.mu.Unlock()
+		if err == nil {
+			continue
+		}
+		if pending <= maxPendingFiles {
+			j.log.Error("audit: could not add a rotated-out event log file to the summary; kept it, the next rotation tries again",
+				"file", filepath.Base(rotated[0]), LogError, err, "pending_files", pending)
+			return
+		}
+		j.log.Error("audit: could not add a rotated-out event log file to the summary, and more than two wait already; deleting it: its counts are lost",
+			"file", filepath.Base(rotated[0]), LogError, err, "pending_files", pending-1)
+		j.lost.Add(1)
+		j.remove(rotated[:1])
 	}
 }
 
+// maxPendingFiles bounds the rotated files kept past MaxFiles because
+// the summary could not be written (a full disk): the disk stays bounded,
+// and a passing failure loses no count.
+const maxPendingFiles = 2
+
 // foldFile adds the events of one rotated file to the summary and
-// deletes the file. When the summary cannot be written the file is
-// deleted all the same (the disk must stay bounded), with an error
-// logged: its events will be missing after a restart.
-func (j *Journal) foldFile(path string) {
+// deletes the file. When the file cannot be read or the summary cannot
+// be written, it leaves the file and returns the error (fold decides).
+func (j *Journal) foldFile(path string) error {
 	a, _ := loadArchive(j.cfg.Dir, j.log, true)
 	tmp := NewLedger(nil, j.ledger.opt)
 	if a != nil {
@@ -738,10 +762,7 @@ func (j *Journal) foldFile(path string) {
 		err = writeArchive(j.cfg.Dir, na)
 	}
 	if err != nil {
-		j.log.Error("audit: could not add a rotated-out event log file to the summary; deleting it all the same: its events will be missing after a restart",
-			"file", path, LogError, err)
-		j.remove([]string{path})
-		return
+		return err
 	}
 	// The ledger learns what the summary now covers before a windowed
 	// report's scan can miss the file: a report reads the ledger's
@@ -762,6 +783,7 @@ func (j *Journal) foldFile(path string) {
 	}
 	j.log.Info("audit: rotated-out event log file added to the summary", "file", filepath.Base(path), "events", st.Events,
 		"summary_events", na.Events, "summary_until", na.Until)
+	return nil
 }
 
 // remove deletes event log files (under rotMu: a windowed report's scan

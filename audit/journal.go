@@ -136,9 +136,12 @@ type Journal struct {
 	// and older files are not read.
 	archLast string
 	foldMu   sync.Mutex     // one fold at a time
+	unfolded atomic.Int64   // rotated files past MaxFiles not yet in the summary
+	lost     atomic.Uint64  // rotated files deleted without their counts in the summary
 	folds    sync.WaitGroup // running folds, for finish
 	mu       sync.Mutex     // guards following
 	lastErr  error          // the last write error, nil once a write succeeds
+	foldErr  error          // the last fold's error, nil once one succeeds
 	closed   bool
 
 	// Owned by the writer (Run, or Close when Run never ran).
@@ -533,6 +536,16 @@ func (j *Journal) Err() error {
 	return j.lastErr
 }
 
+// FoldErr returns why the latest fold could not add a rotated-out file
+// to the summary (ArchiveFile), or nil when it could: a degraded state
+// for /readyz ("summary of rotated-out event log files failing"). The
+// file is kept meanwhile, up to two past MaxFiles.
+func (j *Journal) FoldErr() error {
+	j.mu.Lock()
+	defer j.mu.Unlock()
+	return j.foldErr
+}
+
 // Ledger returns the journal's ledger.
 func (j *Journal) Ledger() *Ledger { return j.ledger }
 
@@ -800,7 +813,9 @@ func (j *Journal) openCurrent() error {
 
 // RegisterMetrics registers the journal's metrics on reg:
 // egress_audit_events_shed_total, egress_audit_events_written_total,
-// egress_audit_write_failed_events_total and egress_audit_queue_length.
+// egress_audit_write_failed_events_total, egress_audit_queue_length,
+// egress_audit_summary_pending_files and
+// egress_audit_summary_lost_files_total.
 func (j *Journal) RegisterMetrics(reg prometheus.Registerer) error {
 	cs := []prometheus.Collector{
 		prometheus.NewCounterFunc(prometheus.CounterOpts{
@@ -819,6 +834,14 @@ func (j *Journal) RegisterMetrics(reg prometheus.Registerer) error {
 			Namespace: "egress", Subsystem: "audit", Name: "queue_length",
 			Help: "Events waiting for the event log writer.",
 		}, func() float64 { return float64(j.queued.Load()) }),
+		prometheus.NewGaugeFunc(prometheus.GaugeOpts{
+			Namespace: "egress", Subsystem: "audit", Name: "summary_pending_files",
+			Help: "Rotated event log files kept past the limit because the summary of rotated-out files could not be written (at most 2).",
+		}, func() float64 { return float64(j.unfolded.Load()) }),
+		prometheus.NewCounterFunc(prometheus.CounterOpts{
+			Namespace: "egress", Subsystem: "audit", Name: "summary_lost_files_total",
+			Help: "Rotated event log files deleted without their counts in the summary (it could not be written; more than 2 waited).",
+		}, func() float64 { return float64(j.lost.Load()) }),
 	}
 	for _, c := range cs {
 		if err := reg.Register(c); err != nil {

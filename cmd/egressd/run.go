@@ -1212,7 +1212,8 @@ func (d *daemon) serveAdmin(ctx context.Context, wg *sync.WaitGroup) (string, er
 		return nil
 	}}}
 	if d.journal != nil {
-		checks = append(checks, admin.Check{Name: "event log write failing", Fn: d.journal.Err})
+		checks = append(checks, admin.Check{Name: "event log write failing", Fn: d.journal.Err},
+			admin.Check{Name: "summary of rotated-out event log files failing", Fn: d.journal.FoldErr})
 	}
 	srv, err := admin.New(admin.Config{Addr: d.cfg.admin, Version: version}, admin.Deps{Reporter: d.ledger, Registry: d.reg, Checks: checks, Logger: d.log.With(audit.LogComponent, "admin")})
 	if err != nil {
