@@ -120,7 +120,7 @@ code{font-family:ui-monospace,Menlo,Consolas,monospace}
 {{if .UnusedRules}}<ul id="unused">{{range .UnusedRules}}<li>{{.}}</li>{{end}}</ul>{{else}}<p>Every rule has been used.</p>{{end}}
 {{if .UsedBeforeDetail}}
 <h2>Used in the window before the detailed log begins ({{len .UsedBeforeDetail}})</h2>
-<ul id="used-before-detail">{{range .UsedBeforeDetail}}<li>{{.Name}}: last seen {{time .LastSeen}}; {{.Uses}} flows, queries and requests in the summary of rotated-out files</li>{{end}}</ul>
+<ul id="used-before-detail">{{range .UsedBeforeDetail}}<li>{{.Name}}{{if not .InPolicy}} <em>(not in policy)</em>{{end}}: last seen {{time .LastSeen}}; {{.Uses}} flows, queries and requests in the summary of rotated-out files</li>{{end}}</ul>
 {{end}}{{if .ExpiredRules}}
 <h2>Expired rules ({{len .ExpiredRules}})</h2>
 <ul id="expired">{{range .ExpiredRules}}<li>{{.Name}}: expires: {{date .Expires}}, {{.Flows}} flows denied that only it would allow</li>{{end}}</ul>

@@ -84,6 +84,11 @@ type RuleBeforeDetail struct {
 	// Uses are its flows, queries and requests in the whole summary
 	// (which does not say how many fall inside the window).
 	Uses uint64 `json:"uses"`
+	// InPolicy is false for a rule the current policy no longer has
+	// (renamed or removed by a reload since): its use does not make
+	// any of the policy's rules used. True when the report has no
+	// policy to compare with.
+	InPolicy bool `json:"in_policy"`
 }
 
 // ECHReport counts DNS answers that held ECH configs (the ech SvcParam
@@ -294,13 +299,13 @@ func (l *Ledger) Report(opt ReportOptions) *Report {
 	r := src.snapshot(opt)
 	l.mu.Lock()
 	r.Coverage = l.coverageLocked()
-	arch, archNote := l.arch, l.archNote
+	arch, archNote, eng := l.arch, l.archNote, l.eng
 	l.mu.Unlock()
 	if archNote != "" {
 		r.Notes = append(r.Notes, archNote)
 	}
 	if !opt.Since.IsZero() && arch != nil && !opt.Since.After(arch.cov.Until) {
-		r.Notes = append(r.Notes, r.beforeDetail(arch, opt.Since.UTC()))
+		r.Notes = append(r.Notes, r.beforeDetail(arch, eng, opt.Since.UTC()))
 	}
 	r.Notes = append(r.Notes, notes...)
 	return r
@@ -321,19 +326,41 @@ func (l *Ledger) coverageLocked() *Coverage {
 // beforeDetail completes a report over a window that starts before the
 // detailed log: rules the summary saw used inside the window are used,
 // not unused, and the returned note says where the window's counts
-// start.
-func (r *Report) beforeDetail(arch *archInfo, since time.Time) string {
+// start. Rules the policy eng no longer has are listed too, marked (not
+// InPolicy): the summary keeps the names events had.
+func (r *Report) beforeDetail(arch *archInfo, eng *policy.Engine, since time.Time) string {
 	used := map[string]bool{}
 	for _, u := range r.Rules {
 		used[u.Name] = true
 	}
-	for name, u := range arch.rules {
-		if !u.last.Before(since) && !used[name] {
-			r.UsedBeforeDetail = append(r.UsedBeforeDetail, RuleBeforeDetail{Name: name, LastSeen: u.last, Uses: u.uses})
-			used[name] = true
+	var inPolicy map[string]bool
+	if eng != nil {
+		inPolicy = map[string]bool{}
+		for _, rule := range eng.Rules() {
+			inPolicy[rule.Name] = true
 		}
 	}
-	slices.SortFunc(r.UsedBeforeDetail, func(a, b RuleBeforeDetail) int { return cmp.Compare(a.Name, b.Name) })
+	kept := 0 // rules of the policy kept off the unused list
+	for name, u := range arch.rules {
+		if !u.last.Before(since) && !used[name] {
+			in := inPolicy == nil || inPolicy[name]
+			r.UsedBeforeDetail = append(r.UsedBeforeDetail, RuleBeforeDetail{Name: name, LastSeen: u.last, Uses: u.uses, InPolicy: in})
+			used[name] = true
+			if in {
+				kept++
+			}
+		}
+	}
+	// The policy's rules first, then those it no longer has.
+	slices.SortFunc(r.UsedBeforeDetail, func(a, b RuleBeforeDetail) int {
+		if a.InPolicy != b.InPolicy {
+			if a.InPolicy {
+				return -1
+			}
+			return 1
+		}
+		return cmp.Compare(a.Name, b.Name)
+	})
 	r.UnusedRules = slices.DeleteFunc(r.UnusedRules, func(n string) bool { return used[n] })
 	listed := map[dropKey]bool{}
 	for _, d := range r.Dropped {
@@ -347,11 +374,17 @@ func (r *Report) beforeDetail(arch *archInfo, since time.Time) string {
 	}
 	note := fmt.Sprintf("counts in this window start at %s: older events were rotated out of the event log, and only a summary of them is kept (since %s)",
 		fmtTime(arch.cov.Until), fmtTime(arch.cov.From))
-	switch n := len(r.UsedBeforeDetail); {
+	switch n := kept; {
 	case n == 1:
 		note += "; 1 rule used in the window before then is listed as used before the detailed log, not as unused"
 	case n > 1:
 		note += fmt.Sprintf("; %d rules used in the window before then are listed as used before the detailed log, not as unused", n)
+	}
+	switch n := len(r.UsedBeforeDetail) - kept; {
+	case n == 1:
+		note += "; 1 rule used in the window before then is not in the current policy (renamed or removed since): it is listed there, marked so"
+	case n > 1:
+		note += fmt.Sprintf("; %d rules used in the window before then are not in the current policy (renamed or removed since): they are listed there, marked so", n)
 	}
 	if drops > 0 {
 		note += fmt.Sprintf("; %d dropped entries seen in the window before then are not listed (the report without a window lists them)", drops)
@@ -578,7 +611,11 @@ func (r *Report) WriteText(w io.Writer) error {
 	if len(r.UsedBeforeDetail) > 0 {
 		fmt.Fprintf(ew, "\nUSED IN THE WINDOW BEFORE THE DETAILED LOG BEGINS (%d)\n", len(r.UsedBeforeDetail))
 		for _, u := range r.UsedBeforeDetail {
-			fmt.Fprintf(ew, "  %s  last seen %s; %d flows, queries and requests in the summary of rotated-out files\n", u.Name, fmtTime(u.LastSeen), u.Uses)
+			name := u.Name
+			if !u.InPolicy {
+				name += " (not in policy)"
+			}
+			fmt.Fprintf(ew, "  %s  last seen %s; %d flows, queries and requests in the summary of rotated-out files\n", name, fmtTime(u.LastSeen), u.Uses)
 		}
 	}
 	if len(r.ExpiredRules) > 0 {
