@@ -71,6 +71,10 @@ func (r *Report) Suggest() (sugs []Suggestion, comments []string) {
 		flows   uint64
 		queries uint64
 		clients map[string]bool
+		// macs are the MACs seen with each client; noMAC the clients
+		// seen without one, or with more than were kept.
+		macs    map[string]map[string]bool
+		noMAC   map[string]bool
 		trunc   bool
 		first   time.Time
 		last    time.Time
@@ -158,7 +162,8 @@ func (r *Report) Suggest() (sugs []Suggestion, comments []string) {
 			k := suggestKey{domain: domain, port: p}
 			g := groups[k]
 			if g == nil {
-				g = &group{names: map[string]bool{}, addrs: map[string]bool{}, port: p, clients: map[string]bool{}, reasons: map[string]bool{}}
+				g = &group{names: map[string]bool{}, addrs: map[string]bool{}, port: p, clients: map[string]bool{}, reasons: map[string]bool{},
+					macs: map[string]map[string]bool{}, noMAC: map[string]bool{}}
 				groups[k] = g
 			}
 			if isAddr {
@@ -170,8 +175,20 @@ func (r *Report) Suggest() (sugs []Suggestion, comments []string) {
 				g.flows += d.Flows
 				g.queries += d.Queries
 			}
+			macsOf := d.ClientDevices.macsByClient()
 			for _, c := range d.Clients {
 				g.clients[c] = true
+				ms, ok := macsOf[c]
+				if !ok {
+					g.noMAC[c] = true
+					continue
+				}
+				if g.macs[c] == nil {
+					g.macs[c] = map[string]bool{}
+				}
+				for _, m := range ms {
+					g.macs[c][m] = true
+				}
 			}
 			g.trunc = g.trunc || d.ClientsTruncated
 			if g.first.IsZero() || d.FirstSeen.Before(g.first) {
@@ -245,8 +262,11 @@ func (r *Report) Suggest() (sugs []Suggestion, comments []string) {
 		} else {
 			s.To = generalise(k.domain, sortedKeys(g.names), allNames)
 		}
-		if !g.trunc && len(g.clients) <= maxFromClients {
-			s.From = sortedKeys(g.clients)
+		if from, byMAC := fromOf(g.clients, g.macs, g.noMAC); !g.trunc && len(from) <= maxFromClients {
+			s.From = sortedKeys(from)
+			if byMAC {
+				s.Notes = append(s.Notes, "from: names a device by MAC where each of its addresses was seen with that one MAC, so the rule holds across DHCP leases")
+			}
 		}
 		s.Reasons = sortedKeys(g.reasons)
 		if g.reasons[policy.ReasonClient] {
@@ -267,6 +287,42 @@ func (r *Report) Suggest() (sugs []Suggestion, comments []string) {
 		sugs = append(sugs, s)
 	}
 	return sugs, comments
+}
+
+// fromOf is what a suggestion's from: lists for clients: a client seen
+// with one MAC, and never without one, as that MAC (a device keeps it
+// across DHCP leases, and its IPv4 and IPv6 addresses are one entry);
+// any other as its address. byMAC says some MAC is listed.
+func fromOf(clients map[string]bool, macs map[string]map[string]bool, noMAC map[string]bool) (from map[string]bool, byMAC bool) {
+	from = map[string]bool{}
+	for c := range clients {
+		if ms := macs[c]; !noMAC[c] && len(ms) == 1 {
+			for m := range ms {
+				from[m], byMAC = true, true
+			}
+			continue
+		}
+		from[c] = true
+	}
+	return from, byMAC
+}
+
+// macsByClient returns the MACs seen with each client that had one, from
+// Devices; a client whose MACs were not all kept (MACsTruncated) is left
+// out, as one seen without a MAC.
+func (d ClientDevices) macsByClient() map[string][]string {
+	out := map[string][]string{}
+	for _, dev := range d.Devices {
+		for _, c := range dev.Clients {
+			out[c] = append(out[c], dev.MAC)
+		}
+	}
+	for _, m := range d.ClientMACs {
+		if m.MACsTruncated {
+			delete(out, m.Client)
+		}
+	}
+	return out
 }
 
 // ruleablePort reports whether d's port and protocol can stand in a

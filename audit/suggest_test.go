@@ -3,6 +3,7 @@ package audit
 import (
 	"bytes"
 	"fmt"
+	"net"
 	"net/netip"
 	"os"
 	"path/filepath"
@@ -48,6 +49,7 @@ func TestSuggestPastes(t *testing.T) {
 		}
 		pr, _ := policy.ParseProto(ev.Proto)
 		in := policy.Input{Client: ev.Client, Dest: ev.Dest, Port: ev.DestPort, Proto: pr, Name: ev.Name, Now: ev.Time}
+		in.ClientMAC, _ = net.ParseMAC(ev.ClientMAC) // a suggestion may name the client by MAC
 		var d policy.Decision
 		if ev.Kind == KindDNS {
 			d = eng2.DecideName(in)
