@@ -666,7 +666,10 @@ func (c *clientSet) addrs() []netip.Addr {
 }
 
 // fold folds the oldest rotated files beyond MaxFiles into the summary,
-// then deletes them, until MaxFiles are left. Rotation starts it in the
+// then deletes them, until MaxFiles are left. A file it cannot fold (the
+// summary cannot be written: a full disk) is kept for the next rotation
+// to try again, up to maxPendingFiles past MaxFiles; beyond that the
+// oldest is deleted unfolded, its counts lost (logged and counted). Rotation starts it in the
 // background (reading a 64 MiB file must not stall the writer); one runs
 // at a time, and Close waits for it.
 func (j *Journal) fold() {
