@@ -1,6 +1,7 @@
 package proxy
 
 import (
+	"context"
 	"crypto/ecdsa"
 	"crypto/elliptic"
 	"crypto/rand"
@@ -13,6 +14,7 @@ import (
 	"io"
 	"io/fs"
 	"math/big"
+	"net"
 	"os"
 	"path/filepath"
 	"strconv"
@@ -262,26 +264,72 @@ func (p *Proxy) ensureCA() (*mitmCA, error) {
 			cert.Leaf = leaf
 		}
 	}
-	if problem := CAClockProblem(cert, time.Now()); problem != "" {
-		p.log.Warn("proxy: " + problem)
-	}
 	ca := &mitmCA{cert: cert}
 	p.mitm.Store(ca)
+	p.checkCA(ca)
 	return ca, nil
+}
+
+// caCheckEvery is how often a running proxy checks its CA against the
+// clock (tests shorten it).
+var caCheckEvery = 24 * time.Hour
+
+// caExpiryWarn is how long before the CA's end its check warns of it.
+const caExpiryWarn = 30 * 24 * time.Hour
+
+// watchCA, with inspection on, loads the CA when Run starts (rather than
+// at the first inspected connection: a problem is told at the start, and
+// the CA's end is a metric from then on) and checks it each caCheckEvery
+// until the proxy stops: egressd may run for months, and a CA that ends
+// while it runs fails every inspected connection.
+func (p *Proxy) watchCA(ctx context.Context) {
+	ca, err := p.ensureCA()
+	if err != nil {
+		p.log.Error("proxy: inspection CA cannot be loaded; inspected connections fail", audit.LogError, err.Error())
+		return
+	}
+	t := time.NewTicker(caCheckEvery)
+	defer t.Stop()
+	for {
+		select {
+		case <-ctx.Done():
+			return
+		case <-p.done:
+			return
+		case <-t.C:
+			p.checkCA(ca)
+		}
+	}
+}
+
+// checkCA logs what is wrong with the CA at the proxy's clock, if anything.
+func (p *Proxy) checkCA(ca *mitmCA) {
+	if problem := CAClockProblem(ca.cert, p.certs.clock()); problem != "" {
+		p.log.Warn("proxy: " + problem)
+	}
+}
+
+// caExpiry is the CA's end in Unix seconds, 0 when no CA is loaded
+// (inspection off, or not loaded yet).
+func (p *Proxy) caExpiry() float64 {
+	if ca := p.mitm.Load(); ca != nil && ca.cert.Leaf != nil {
+		return float64(ca.cert.Leaf.NotAfter.Unix())
+	}
+	return 0
 }
 
 // certStore caches the leaf certificates made for inspected hosts. Only
 // hosts with host/path rules are inspected, so it stays small. A leaf is
-// made anew when it is within leafRenewBefore of its end: goproxy's leaves
-// last a year, and the daemon of an appliance may run longer.
+// made anew when it is within leafRenewBefore of its end: leaves last a
+// year, and the daemon of an appliance may run longer.
 //
 // A leaf is also made anew when the clock says it is not valid (yet): one
-// made while the clock was wrong, at 1970 on a gateway without a
-// real-time clock before NTP set it (valid 1969 to 1971), or while it ran
-// ahead and was then set back, would otherwise be served until it
-// expired, and every client would refuse it.
+// made while the clock ran ahead and was then set back would otherwise be
+// served until it expired, and every client would refuse it. A leaf made
+// while the clock was behind the floor (signLeaf: valid to the CA's end)
+// is served only while it still is.
 type certStore struct {
-	mu  sync.Mutex // guards m
+	mu  sync.Mutex // guards m and now
 	m   map[string]*tls.Certificate
 	now func() time.Time // the clock; nil is time.Now (tests set it)
 }
@@ -289,11 +337,28 @@ type certStore struct {
 // leafRenewBefore is how long before a cached leaf expires it is replaced.
 const leafRenewBefore = 7 * 24 * time.Hour
 
+// A host's leaf is valid from leafBack before it is made (for clients
+// whose clock is a little behind) to leafOn after, as goproxy's were.
+const (
+	leafBack = 30 * 24 * time.Hour
+	leafOn   = 365 * 24 * time.Hour
+)
+
+// leaf returns the cached leaf for host (a host name or address, without
+// port), signed by ca, making one when none is fresh.
+func (s *certStore) leaf(ca tls.Certificate, host string) (*tls.Certificate, error) {
+	return s.Fetch(host, func() (*tls.Certificate, error) {
+		return signLeaf(ca, host, s.clock(), audit.BuildFloor())
+	})
+}
+
+// Fetch implements goproxy.CertStorage.
 func (s *certStore) Fetch(host string, gen func() (*tls.Certificate, error)) (*tls.Certificate, error) {
+	now := s.clock()
 	s.mu.Lock()
 	c := s.m[host]
 	s.mu.Unlock()
-	if c != nil && (c.Leaf == nil || leafFresh(c.Leaf, s.clock())) {
+	if c != nil && (c.Leaf == nil || leafFresh(c.Leaf, now, audit.BuildFloor())) {
 		return c, nil
 	}
 	c, err := gen()
@@ -313,16 +378,76 @@ func (s *certStore) Fetch(host string, gen func() (*tls.Certificate, error)) (*t
 }
 
 func (s *certStore) clock() time.Time {
-	if s.now != nil {
-		return s.now()
+	s.mu.Lock()
+	now := s.now
+	s.mu.Unlock()
+	if now != nil {
+		return now()
 	}
 	return time.Now()
 }
 
 // leafFresh says whether a cached leaf may be served at now: valid
-// already, and not within leafRenewBefore of its end.
-func leafFresh(leaf *x509.Certificate, now time.Time) bool {
+// already, not within leafRenewBefore of its end, and, if it lasts
+// longer than a leaf made on a right clock (one made while the clock was
+// behind floor), only while the clock is still behind floor.
+func leafFresh(leaf *x509.Certificate, now, floor time.Time) bool {
+	if leaf.NotAfter.Sub(leaf.NotBefore) > leafBack+leafOn && !now.Before(floor) {
+		return false
+	}
 	return !now.Before(leaf.NotBefore) && now.Before(leaf.NotAfter.Add(-leafRenewBefore))
+}
+
+// signLeaf makes the certificate for an inspected host, signed by ca, at
+// now: valid from leafBack before now to leafOn after. goproxy's signer
+// (which this replaces) dates it from time.Now() alone, so on a gateway
+// without a real-time clock, before NTP has set it, the leaf was valid
+// 1969 to 1971 and every client whose own clock is right refused it. A
+// clock before floor (audit.BuildFloor) is wrong, and the right time is
+// some time after floor, how long after is not known: the leaf then lasts
+// until the CA's end (certStore serves it only until the clock is right).
+func signLeaf(ca tls.Certificate, host string, now, floor time.Time) (*tls.Certificate, error) {
+	caCert := ca.Leaf
+	if caCert == nil {
+		var err error
+		if caCert, err = x509.ParseCertificate(ca.Certificate[0]); err != nil {
+			return nil, err
+		}
+	}
+	key, err := ecdsa.GenerateKey(elliptic.P256(), rand.Reader)
+	if err != nil {
+		return nil, err
+	}
+	serial, err := rand.Int(rand.Reader, new(big.Int).Lsh(big.NewInt(1), 127))
+	if err != nil {
+		return nil, err
+	}
+	tmpl := &x509.Certificate{
+		SerialNumber:          serial,
+		Subject:               pkix.Name{CommonName: host, Organization: []string{"egressd inspection"}},
+		NotBefore:             now.Add(-leafBack),
+		NotAfter:              now.Add(leafOn),
+		KeyUsage:              x509.KeyUsageDigitalSignature,
+		ExtKeyUsage:           []x509.ExtKeyUsage{x509.ExtKeyUsageServerAuth},
+		BasicConstraintsValid: true,
+	}
+	if now.Before(floor) && caCert.NotAfter.After(tmpl.NotAfter) {
+		tmpl.NotAfter = caCert.NotAfter
+	}
+	if ip := net.ParseIP(host); ip != nil {
+		tmpl.IPAddresses = []net.IP{ip}
+	} else {
+		tmpl.DNSNames = []string{host}
+	}
+	der, err := x509.CreateCertificate(rand.Reader, tmpl, caCert, &key.PublicKey, ca.PrivateKey)
+	if err != nil {
+		return nil, err
+	}
+	leaf, err := x509.ParseCertificate(der)
+	if err != nil {
+		return nil, err
+	}
+	return &tls.Certificate{Certificate: append([][]byte{der}, ca.Certificate...), PrivateKey: key, Leaf: leaf}, nil
 }
 
 // CAClockProblem says what is wrong with the CA certificate (as
@@ -340,13 +465,14 @@ func CAClockProblem(ca tls.Certificate, now time.Time) string {
 }
 
 // caClockProblem says what is wrong with the CA certificate at now, or ""
-// when it is valid: one expired, or not valid yet, by the clock. Either
+// when it is valid and ends more than caExpiryWarn later: one that ends
+// within caExpiryWarn, expired, or not valid yet, by the clock. Either
 // the clock is wrong (a gateway without a real-time clock before NTP has
 // set it: the CA is right again once it has) or the CA was made on a
 // wrong clock by an egressd before session 21, which dated it from that
 // clock. The CA is not made anew here: clients trust this one.
 func caClockProblem(cert *x509.Certificate, now time.Time) string {
-	const fix = "; if the clock is right, remove " + CACertFile + " (keep " + CAKeyFile + "): egressd makes a new certificate for the same key, which `egressd ca export` prints for clients to trust again"
+	const fix = "; if the clock is right, remove " + CACertFile + " (keep " + CAKeyFile + ") and restart egressd: it makes a new certificate for the same key, which `egressd ca export` prints for clients to trust again"
 	switch {
 	case now.After(cert.NotAfter):
 		return fmt.Sprintf("the inspection CA certificate %s expired %s (valid %s to %s; clock %s): clients refuse every inspected connection%s",
@@ -354,6 +480,9 @@ func caClockProblem(cert *x509.Certificate, now time.Time) string {
 	case now.Before(cert.NotBefore):
 		return fmt.Sprintf("the inspection CA certificate %s is not valid before %s (clock %s): the clock is behind (no real-time clock, NTP has not set it yet?), or the CA was made on a clock that ran ahead%s",
 			CACertFile, cert.NotBefore.UTC().Format(time.RFC3339), now.UTC().Format(time.RFC3339), fix)
+	case cert.NotAfter.Sub(now) < caExpiryWarn:
+		return fmt.Sprintf("the inspection CA certificate %s expires in %d days, %s (clock %s): clients will refuse every inspected connection from then on%s",
+			CACertFile, int(cert.NotAfter.Sub(now)/(24*time.Hour)), cert.NotAfter.UTC().Format(time.RFC3339), now.UTC().Format(time.RFC3339), fix)
 	}
 	return ""
 }

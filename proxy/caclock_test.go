@@ -1,15 +1,28 @@
 package proxy
 
 import (
+	"bufio"
 	"crypto/ecdsa"
 	"crypto/elliptic"
 	"crypto/rand"
 	"crypto/tls"
 	"crypto/x509"
 	"encoding/pem"
+	"fmt"
+	"log/slog"
+	"net/http"
+	"net/netip"
+	"os"
+	"path/filepath"
 	"strings"
+	"sync"
 	"testing"
 	"time"
+
+	"github.com/prometheus/client_golang/prometheus"
+
+	"egressd/audit"
+	"egressd/policy"
 )
 
 // TestCAMadeOnAWrongClock: a gateway without a real-time clock starts at
@@ -54,8 +67,8 @@ func TestCAMadeOnAWrongClock(t *testing.T) {
 	}
 }
 
-// TestCAClockProblem: a CA that is expired or not yet valid by the
-// clock is named as such, with what to do.
+// TestCAClockProblem: a CA that is expired, not yet valid, or ends within
+// 30 days by the clock is named as such, with what to do.
 func TestCAClockProblem(t *testing.T) {
 	cert := &x509.Certificate{NotBefore: time.Unix(0, 0), NotAfter: time.Unix(0, 0).AddDate(10, 0, 0)}
 	if p := caClockProblem(cert, time.Date(2026, 12, 5, 0, 0, 0, 0, time.UTC)); !strings.Contains(p, "expired") || !strings.Contains(p, CACertFile) {
@@ -66,6 +79,12 @@ func TestCAClockProblem(t *testing.T) {
 	}
 	if p := caClockProblem(cert, time.Unix(3600, 0)); p != "" {
 		t.Errorf("valid CA: %q", p)
+	}
+	if p := caClockProblem(cert, cert.NotAfter.Add(-31*24*time.Hour)); p != "" {
+		t.Errorf("CA ending in 31 days: %q", p)
+	}
+	if p := caClockProblem(cert, cert.NotAfter.Add(-29*24*time.Hour-time.Hour)); !strings.Contains(p, "expires in 29 days") || !strings.Contains(p, "restart egressd") {
+		t.Errorf("CA ending in 29 days: %q", p)
 	}
 }
 
@@ -110,4 +129,233 @@ func TestCertStoreDropsLeafNotValidNow(t *testing.T) {
 			}
 		})
 	}
+}
+
+// setClock sets the leaf cache's clock, under its lock (a test changes it
+// while the proxy serves).
+func (s *certStore) setClock(now func() time.Time) {
+	s.mu.Lock()
+	s.now = now
+	s.mu.Unlock()
+}
+
+// TestInspectOnClockBehindFloor: a gateway without a real-time clock
+// starts at 1970, makes its CA then (session 21: valid 1970 to ten years
+// after the floor) and inspects before NTP sets its clock. A client whose
+// own clock is right must accept the leaf the proxy makes for the host:
+// goproxy's leaves were dated from the gateway's clock (valid 1969 to
+// 1971) and every such handshake failed. Once the clock is right, the
+// leaf made at 1970 is not served again: a leaf of a year is made.
+func TestInspectOnClockBehindFloor(t *testing.T) {
+	gwClock := time.Unix(1000, 0) // the gateway's clock, 1970
+	state := t.TempDir()
+	key, err := ecdsa.GenerateKey(elliptic.P256(), rand.Reader)
+	if err != nil {
+		t.Fatal(err)
+	}
+	caPEM, err := newCACert(key, gwClock, audit.BuildFloor())
+	if err != nil {
+		t.Fatal(err)
+	}
+	kder, _ := x509.MarshalECPrivateKey(key)
+	if err := os.WriteFile(filepath.Join(state, CAKeyFile), pem.EncodeToMemory(&pem.Block{Type: "EC PRIVATE KEY", Bytes: kder}), 0o600); err != nil {
+		t.Fatal(err)
+	}
+	if err := os.WriteFile(filepath.Join(state, CACertFile), caPEM, 0o644); err != nil {
+		t.Fatal(err)
+	}
+	pool := x509.NewCertPool()
+	pool.AppendCertsFromPEM(caPEM)
+	addr, _, tlsPort, _, p := loopbackExplicitProxy(t, `version: 1
+mode: enforce
+rules:
+  - name: docs
+    to: ["docs.paths.test/public/*"]
+    ports: [%d/tcp, %d/tcp]
+`, func(c *Config) { c.StateDir = state }, nil, nil)
+	store := p.certs
+	store.setClock(func() time.Time { return gwClock })
+
+	// leaf makes an inspected connection of a client with the right clock
+	// and returns the leaf it was given, or the handshake's error; the
+	// connection asks for a path the policy denies (decided by the
+	// proxy, which needs no origin) and must get the 403.
+	leaf := func() (*x509.Certificate, error) {
+		t.Helper()
+		_, tc := inspectDocs(t, addr, tlsPort, pool)
+		if err := tc.Handshake(); err != nil {
+			return nil, err
+		}
+		fmt.Fprintf(tc, "GET /private/x HTTP/1.1\r\nHost: docs.paths.test:%d\r\n\r\n", tlsPort)
+		resp, err := http.ReadResponse(bufio.NewReader(tc), nil)
+		if err != nil || resp.StatusCode != http.StatusForbidden {
+			t.Errorf("denied path in the inspected connection: %v %v, want 403", resp, err)
+		}
+		return tc.ConnectionState().PeerCertificates[0], nil
+	}
+	before, err := leaf()
+	if err != nil {
+		t.Fatalf("inspected handshake while the gateway's clock is at 1970: %v", err)
+	}
+	if !before.NotBefore.Before(gwClock) {
+		t.Errorf("leaf made at 1970 valid from %v: not at the gateway's own clock", before.NotBefore)
+	}
+	// NTP sets the clock: the long leaf is not served again.
+	store.setClock(time.Now)
+	after, err := leaf()
+	if err != nil {
+		t.Fatalf("inspected handshake once the clock is right: %v", err)
+	}
+	if after.Equal(before) || after.NotAfter.Sub(after.NotBefore) > leafBack+leafOn {
+		t.Errorf("leaf served once the clock is right: valid %v to %v, want a new one of at most %v", after.NotBefore, after.NotAfter, leafBack+leafOn)
+	}
+}
+
+// TestSignLeafOnWrongClock: a host's leaf made while the gateway's clock
+// is behind the floor verifies at a client whose clock is right (any time
+// from the floor to the CA's end), and at the gateway's wrong time; made
+// on a right clock it lasts a year, as before. Either is refused for
+// another host, and after the CA's end.
+func TestSignLeafOnWrongClock(t *testing.T) {
+	key, err := ecdsa.GenerateKey(elliptic.P256(), rand.Reader)
+	if err != nil {
+		t.Fatal(err)
+	}
+	floor := time.Date(2026, 12, 1, 0, 0, 0, 0, time.UTC)
+	right := floor.AddDate(1, 0, 0)
+	for _, c := range []struct {
+		name            string
+		caMade, made    time.Time
+		valid, notValid []time.Time
+	}{
+		{"1970", time.Unix(10, 0), time.Unix(1000, 0),
+			[]time.Time{time.Unix(1000, 0), floor, right, floor.AddDate(9, 11, 0)},
+			[]time.Time{time.Unix(-40*24*3600, 0), floor.AddDate(10, 0, 1)}},
+		{"1970-ca-right", right, time.Unix(1000, 0),
+			[]time.Time{right, right.AddDate(9, 0, 0)},
+			[]time.Time{right.AddDate(11, 0, 0)}},
+		{"right", right, right,
+			[]time.Time{right.Add(-29 * 24 * time.Hour), right, right.Add(364 * 24 * time.Hour)},
+			[]time.Time{right.Add(-31 * 24 * time.Hour), right.Add(366 * 24 * time.Hour)}},
+	} {
+		t.Run(c.name, func(t *testing.T) {
+			caPEM, err := newCACert(key, c.caMade, floor)
+			if err != nil {
+				t.Fatal(err)
+			}
+			b, _ := pem.Decode(caPEM)
+			ca := tls.Certificate{Certificate: [][]byte{b.Bytes}, PrivateKey: key}
+			caCert, _ := x509.ParseCertificate(b.Bytes)
+			roots := x509.NewCertPool()
+			roots.AddCert(caCert)
+			leaf, err := signLeaf(ca, "docs.paths.test", c.made, floor)
+			if err != nil {
+				t.Fatal(err)
+			}
+			verify := func(name string, at time.Time) error {
+				_, err := leaf.Leaf.Verify(x509.VerifyOptions{DNSName: name, Roots: roots, CurrentTime: at})
+				return err
+			}
+			for _, at := range c.valid {
+				if err := verify("docs.paths.test", at); err != nil {
+					t.Errorf("made at %v, client at %v: %v", c.made, at, err)
+				}
+				if verify("other.paths.test", at) == nil {
+					t.Errorf("made at %v: valid for another host", c.made)
+				}
+			}
+			for _, at := range c.notValid {
+				if verify("docs.paths.test", at) == nil {
+					t.Errorf("made at %v: valid at %v (leaf %v to %v)", c.made, at, leaf.Leaf.NotBefore, leaf.Leaf.NotAfter)
+				}
+			}
+		})
+	}
+}
+
+// TestInspectCAWatched: egressd runs for months, and a CA that ends while
+// it runs fails every inspected connection; it was checked only when the
+// first inspected connection loaded it. With inspection on, Run loads the
+// CA at the start, says when it ends within 30 days, checks again each day
+// (caCheckEvery), and egress_proxy_inspect_ca_expiry_timestamp_seconds is
+// its end (0 with inspection off).
+func TestInspectCAWatched(t *testing.T) {
+	state := t.TempDir()
+	ca, _, err := LoadOrCreateCA(state)
+	if err != nil {
+		t.Fatal(err)
+	}
+	caCert, err := x509.ParseCertificate(ca.Certificate[0])
+	if err != nil {
+		t.Fatal(err)
+	}
+	end := caCert.NotAfter
+	eng, err := policy.Compile("p.yaml", []byte("version: 1\nmode: enforce\nrules:\n  - name: docs\n    to: [\"docs.paths.test/public/*\"]\n    ports: [443/tcp]\n"))
+	if err != nil {
+		t.Fatal(err)
+	}
+	expiry := func(reg *prometheus.Registry) float64 {
+		t.Helper()
+		mfs, err := reg.Gather()
+		if err != nil {
+			t.Fatal(err)
+		}
+		for _, mf := range mfs {
+			if mf.GetName() == "egress_proxy_inspect_ca_expiry_timestamp_seconds" {
+				return mf.GetMetric()[0].GetGauge().GetValue()
+			}
+		}
+		t.Fatal("no egress_proxy_inspect_ca_expiry_timestamp_seconds")
+		return 0
+	}
+	off := prometheus.NewRegistry()
+	if _, err := New(Config{}, Deps{Policy: policy.NewStore(eng), Registerer: off}); err != nil {
+		t.Fatal(err)
+	}
+	if v := expiry(off); v != 0 {
+		t.Errorf("inspection off: CA expiry %v, want 0", v)
+	}
+
+	var mu sync.Mutex
+	clock := end.Add(-10 * 24 * time.Hour)
+	setClock := func(at time.Time) { mu.Lock(); clock = at; mu.Unlock() }
+	logs := &lockedBuf{}
+	reg := prometheus.NewRegistry()
+	p, err := New(Config{Inspect: true, StateDir: state, ExplicitAddr: "127.0.0.1:0", OwnAddrs: []netip.Addr{}},
+		Deps{Policy: policy.NewStore(eng), Logger: slog.New(slog.NewTextHandler(logs, nil)), Registerer: reg})
+	if err != nil {
+		t.Fatal(err)
+	}
+	p.certs.setClock(func() time.Time { mu.Lock(); defer mu.Unlock(); return clock })
+	was := caCheckEvery
+	caCheckEvery = time.Millisecond
+	cancel, ran := runReady(t, p)
+	defer func() { cancel(); <-ran; caCheckEvery = was }()
+
+	// waitLog waits (10 s at most) for a line that holds all of want.
+	waitLog := func(want ...string) {
+		t.Helper()
+		for range 1000 {
+			for _, l := range logs.lines() {
+				n := 0
+				for _, w := range want {
+					if strings.Contains(l, w) {
+						n++
+					}
+				}
+				if n == len(want) {
+					return
+				}
+			}
+			time.Sleep(10 * time.Millisecond)
+		}
+		t.Fatalf("no log line with %q:\n%s", want, strings.Join(logs.lines(), "\n"))
+	}
+	waitLog("level=WARN", "inspection CA certificate ca.pem expires in 10 days")
+	if v := expiry(reg); v != float64(end.Unix()) {
+		t.Errorf("CA expiry %v, want %d (no inspected connection yet)", v, end.Unix())
+	}
+	// The daemon runs on past the CA's end.
+	setClock(end.Add(time.Hour))
+	waitLog("level=WARN", "inspection CA certificate ca.pem expired")
 }

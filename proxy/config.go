@@ -96,7 +96,9 @@ type Config struct {
 	// Inspect turns on decryption of connections to hosts that have
 	// host/path rules, so that each request is decided on host and path.
 	// All other hosts stay spliced. It needs StateDir, where the CA is
-	// generated on first use (see LoadOrCreateCA).
+	// generated on first use (see LoadOrCreateCA): when Run starts, or at
+	// the first inspected connection of a proxy served without Run. The
+	// host's leaves are signed by signLeaf, not by goproxy.
 	Inspect bool
 	// StateDir holds the inspection CA (ca.pem, ca-key.pem).
 	StateDir string

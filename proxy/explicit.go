@@ -88,7 +88,6 @@ func (p *Proxy) newGoproxy() *goproxy.ProxyHttpServer {
 	gp.Verbose = false
 	gp.AllowHTTP2 = false
 	gp.KeepAcceptEncoding = true // pass the client's Accept-Encoding through, do not recompress
-	gp.CertStore = &certStore{}
 	gp.Tr = &http.Transport{
 		Proxy:                 nil, // never HTTP(S)_PROXY from the environment
 		DialContext:           p.transportDial,
@@ -1106,13 +1105,21 @@ func (p *Proxy) inspectedRoundTrip(req *http.Request, _ *goproxy.ProxyCtx) (*htt
 }
 
 // mitmTLSConfig is the TLS configuration for an inspected connection: a
-// leaf for the host signed by the inspection CA.
-func (p *Proxy) mitmTLSConfig(host string, ctx *goproxy.ProxyCtx) (*tls.Config, error) {
+// leaf for the host signed by the inspection CA (certStore.leaf, not
+// goproxy's signer: see signLeaf).
+func (p *Proxy) mitmTLSConfig(host string, _ *goproxy.ProxyCtx) (*tls.Config, error) {
 	ca, err := p.ensureCA()
 	if err != nil {
 		return nil, err
 	}
-	return goproxy.TLSConfigFromCA(&ca.cert)(host, ctx)
+	if h, _, err := net.SplitHostPort(host); err == nil {
+		host = h
+	}
+	leaf, err := p.certs.leaf(ca.cert, host)
+	if err != nil {
+		return nil, fmt.Errorf("proxy: leaf for %s: %w", host, err)
+	}
+	return &tls.Config{Certificates: []tls.Certificate{*leaf}}, nil
 }
 
 // inspectTransparent hands a redirected connection whose host has

@@ -907,7 +907,7 @@ func TestCertStoreRenews(t *testing.T) {
 	leafUntil := func(end time.Time) func() (*tls.Certificate, error) {
 		return func() (*tls.Certificate, error) {
 			made++
-			return &tls.Certificate{Leaf: &x509.Certificate{NotAfter: end}}, nil
+			return &tls.Certificate{Leaf: &x509.Certificate{NotBefore: time.Now().Add(-time.Hour), NotAfter: end}}, nil
 		}
 	}
 	s := &certStore{}

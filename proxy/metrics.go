@@ -73,3 +73,12 @@ func newMetrics(reg prometheus.Registerer) (*metrics, error) {
 	}
 	return m, nil
 }
+
+// caExpiryGauge is the inspection CA's end, end read at each scrape (see
+// Proxy.caExpiry).
+func caExpiryGauge(end func() float64) prometheus.Collector {
+	return prometheus.NewGaugeFunc(prometheus.GaugeOpts{
+		Namespace: "egress", Subsystem: "proxy", Name: "inspect_ca_expiry_timestamp_seconds",
+		Help: "End of the inspection CA certificate's validity, in Unix seconds; 0 with inspection off (with it on, the CA is loaded when the proxy starts).",
+	}, end)
+}

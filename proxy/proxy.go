@@ -44,6 +44,7 @@ type Proxy struct {
 	slow        *slowChecks            // bounds the bcrypt checks
 	mitm        atomic.Pointer[mitmCA] // nil until inspection first needs it
 	caOnce      sync.Mutex             // guards loading the CA
+	certs       *certStore             // the inspected hosts' leaves
 	ownOnce     sync.Once
 	// own are the gateway's own addresses (cfg.OwnAddrs or the
 	// interfaces', then what SetOwnAddrs gave), and those found later by
@@ -172,6 +173,11 @@ func New(cfg Config, deps Deps) (*Proxy, error) {
 		retired:        map[net.Listener]bool{},
 		explicitFailed: map[string]bool{},
 	}
+	if deps.Registerer != nil {
+		if err := deps.Registerer.Register(caExpiryGauge(p.caExpiry)); err != nil {
+			return nil, fmt.Errorf("proxy: metrics: %w", err)
+		}
+	}
 	var deviceOf func(netip.Addr) net.HardwareAddr
 	if deps.Devices != nil {
 		deviceOf = deps.Devices.ClientDevice
@@ -188,6 +194,7 @@ func New(cfg Config, deps Deps) (*Proxy, error) {
 		p.deps.Dial = d.DialContext
 	}
 	p.current.Store(deps.Policy.Load())
+	p.certs = &certStore{}
 	p.gp = p.newGoproxy()
 	return p, nil
 }
@@ -255,6 +262,9 @@ func (p *Proxy) Run(ctx context.Context) error {
 			p.explicitErr = errors.Join(errs...)
 			p.log.Error("proxy: explicit listeners did not open; the other listeners go on", audit.LogError, p.explicitErr.Error())
 		}
+	}
+	if p.cfg.Inspect {
+		g.Go(func() error { p.watchCA(ctx); return nil })
 	}
 	close(p.ready) // after bound: the close orders the writes before Addrs
 	g.Go(func() error {
