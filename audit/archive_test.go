@@ -188,7 +188,7 @@ func TestArchiveCorrupt(t *testing.T) {
 	eng := loadPolicy(t, "policy.yaml")
 	for name, body := range map[string]string{
 		"garbage":    "{not json",
-		"version":    `{"version":99,"rules":[{"name":"ntp","flows":5}]}`,
+		"version":    `{"version":0,"rules":[{"name":"ntp","flows":5}]}`,
 		"span":       `{"version":1,"from":"2026-11-24T10:00:00Z","until":"2026-11-23T10:00:00Z"}`,
 		"bad file":   `{"version":1,"last_file":"../events.ndjson"}`,
 		"wrong type": `{"version":1,"rules":{"ntp":5}}`,
@@ -425,4 +425,72 @@ func FuzzParseArchive(f *testing.F) {
 			}
 		}
 	})
+}
+
+// TestArchiveNewerVersionLeftInPlace: a summary a newer egressd wrote (an
+// operator rolled back to this binary) is left as it is, neither set
+// aside nor written over, so that the newer binary finds it again when
+// the operator upgrades once more; this one counts the kept files, says
+// why the summary is not in its counts, and deletes the files rotation
+// pushes out without adding them to it.
+func TestArchiveNewerVersionLeftInPlace(t *testing.T) {
+	eng := loadPolicy(t, "policy.yaml")
+	dir := t.TempDir()
+	var buf bytes.Buffer
+	for i := range 3 {
+		b, _ := jsonLine(seqEvent(i+1, t0.Add(time.Duration(i)*time.Second)))
+		buf.Write(b)
+	}
+	if err := os.WriteFile(filepath.Join(dir, CurrentLog), buf.Bytes(), 0o640); err != nil {
+		t.Fatal(err)
+	}
+	body := fmt.Sprintf(`{"version":%d,"files":9,"events":900,"rules":[{"name":"ntp","flows":900}],"new_field":{"x":1}}`, archiveVersion+1)
+	arch := filepath.Join(dir, ArchiveFile)
+	if err := os.WriteFile(arch, []byte(body), 0o640); err != nil {
+		t.Fatal(err)
+	}
+	intact := func(when string) {
+		t.Helper()
+		if b, err := os.ReadFile(arch); err != nil || string(b) != body {
+			t.Errorf("%s: the newer summary is not as it was: %q, %v", when, b, err)
+		}
+		if _, err := os.Stat(arch + archiveRefused); !os.IsNotExist(err) {
+			t.Errorf("%s: a set-aside summary exists: %v", when, err)
+		}
+	}
+
+	var logs syncBuffer
+	lg := slog.New(slog.NewTextHandler(&logs, nil))
+	l, st, err := LoadDir(dir, eng, LedgerOptions{}, lg)
+	if err != nil {
+		t.Fatal(err)
+	}
+	r := l.Report(ReportOptions{Now: reportNow})
+	if st.Events != 3 || r.Totals.Flows != 3 || !slices.ContainsFunc(r.Notes, func(n string) bool { return strings.Contains(n, "newer egressd") }) {
+		t.Errorf("LoadDir: %+v, %d flows, notes %q", st, r.Totals.Flows, r.Notes)
+	}
+	intact("LoadDir")
+
+	logs = syncBuffer{}
+	j, l, st := openJournal(t, JournalConfig{Dir: dir, Logger: lg, MaxFileBytes: 600, MaxFiles: 1}, eng)
+	if st.Events != 3 || !strings.Contains(logs.String(), "newer egressd") {
+		t.Errorf("OpenJournal: %+v, logs:\n%s", st, logs.String())
+	}
+	intact("OpenJournal")
+	go j.Run(context.Background())
+	const n = 30
+	for i := range n {
+		j.Emit(seqEvent(100+i, t0.Add(time.Hour+time.Duration(i)*time.Second)))
+	}
+	if err := j.Close(); err != nil {
+		t.Fatal(err)
+	}
+	if c := strings.Count(logs.String(), "deleting a rotated-out event log file without adding it to the summary"); c == 0 {
+		t.Errorf("no file was pushed out by rotation (the test proves nothing), logs:\n%s", logs.String())
+	}
+	intact("after rotations")
+	files, _ := LogFiles(dir)
+	if len(files) != 2 {
+		t.Errorf("%d files kept, want 1 rotated + current: %q", len(files), files)
+	}
 }
