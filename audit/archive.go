@@ -193,6 +193,14 @@ func newArchInfo(a *archive) *archInfo {
 	return ai
 }
 
+// newerArchiveError is a summary of a later format than this binary's:
+// a newer egressd wrote it and the operator rolled back.
+type newerArchiveError int
+
+func (e newerArchiveError) Error() string {
+	return fmt.Sprintf("version %d, written by a newer egressd (this one reads version %d)", int(e), archiveVersion)
+}
+
 // parseArchive decodes and checks a summary file.
 func parseArchive(b []byte) (*archive, error) {
 	if len(b) > maxArchiveBytes {
@@ -203,6 +211,8 @@ func parseArchive(b []byte) (*archive, error) {
 		return nil, err
 	}
 	switch {
+	case a.Version > archiveVersion:
+		return nil, newerArchiveError(a.Version)
 	case a.Version != archiveVersion:
 		return nil, fmt.Errorf("version %d, want %d", a.Version, archiveVersion)
 	case a.Until.Before(a.From):
@@ -216,18 +226,27 @@ func parseArchive(b []byte) (*archive, error) {
 // loadArchive reads the summary of dir. A missing one is nil. One that
 // cannot be read or parsed is nil too, with a warning and a note for the
 // report; with setAside it is renamed ArchiveFile+".refused" (kept for
-// the operator, and out of the way of the next fold's write).
-func loadArchive(dir string, log *slog.Logger, setAside bool) (a *archive, note string) {
+// the operator, and out of the way of the next fold's write). One a newer
+// egressd wrote (newer is true) is left where it is, whatever setAside:
+// after a rollback the newer binary, upgraded to again, reads it; until
+// then the counts start at the kept files and folds do not write it over.
+func loadArchive(dir string, log *slog.Logger, setAside bool) (a *archive, note string, newer bool) {
 	path := filepath.Join(dir, ArchiveFile)
 	b, err := readRegular(path, int64(maxArchiveBytes))
 	if errors.Is(err, os.ErrNotExist) {
-		return nil, ""
+		return nil, "", false
 	}
 	if err == nil {
 		a, err = parseArchive(b)
 	}
 	if err == nil {
-		return a, ""
+		return a, "", false
+	}
+	var ne newerArchiveError
+	if errors.As(err, &ne) {
+		log.Warn("audit: the summary of rotated-out event log files was written by a newer egressd; left in place for it, counts of events older than the kept files are missing here",
+			"file", path, LogError, err)
+		return nil, fmt.Sprintf("the summary of rotated-out event log files (%s) was written by a newer egressd (%v): left in place for it, events older than the kept files are in no count here, and files rotation deletes meanwhile are not added to it", ArchiveFile, err), true
 	}
 	kept := ""
 	if setAside {
@@ -241,7 +260,7 @@ func loadArchive(dir string, log *slog.Logger, setAside bool) (a *archive, note 
 	if kept != "" {
 		note += "; it was set aside as " + kept
 	}
-	return nil, note
+	return nil, note, false
 }
 
 // readRegular reads a regular file of at most limit bytes, without
@@ -733,8 +752,16 @@ const maxPendingFiles = 2
 // foldFile adds the events of one rotated file to the summary and
 // deletes the file. When the file cannot be read or the summary cannot
 // be written, it leaves the file and returns the error (fold decides).
+// A summary a newer egressd wrote (a rollback) is left as it is: the
+// file is deleted without being added to it, as before there was one.
 func (j *Journal) foldFile(path string) error {
-	a, _ := loadArchive(j.cfg.Dir, j.log, true)
+	a, _, newer := loadArchive(j.cfg.Dir, j.log, true)
+	if newer {
+		j.log.Warn("audit: the summary of rotated-out event log files was written by a newer egressd; deleting a rotated-out event log file without adding it to the summary: its events will be missing after a restart",
+			"file", path)
+		j.remove([]string{path})
+		return nil
+	}
 	tmp := NewLedger(nil, j.ledger.opt)
 	if a != nil {
 		tmp.importArchive(a)

@@ -280,7 +280,7 @@ func dirState(dir string) string {
 // aside; never does either stop the load.
 // each, when not nil, sees every event of the kept files first.
 func loadInto(dir string, log *slog.Logger, repair bool, l *Ledger, each func(Event)) (LoadStats, error) {
-	a, note := loadArchive(dir, log, repair)
+	a, note, _ := loadArchive(dir, log, repair)
 	if testHookArchiveRead != nil {
 		testHookArchiveRead()
 	}
@@ -865,7 +865,7 @@ func readPath(path string, fn func(Event)) (LoadStats, *archive, error) {
 	}
 	log := slog.New(slog.DiscardHandler)
 	if fi.IsDir() {
-		a, _ := loadArchive(path, log, false)
+		a, _, _ := loadArchive(path, log, false)
 		skip := ""
 		if a != nil {
 			skip = a.LastFile
