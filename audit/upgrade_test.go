@@ -248,3 +248,56 @@ func mustRead(t *testing.T, path string) []byte {
 	}
 	return b
 }
+
+// TestUpgradeReadsArchiveV1: testdata/archive-v1/ledger-archive.json is a
+// summary of rotated-out files (format version 1) as session 22's code
+// (168e99d) wrote it: testdata/state-7ee10eb's files and 40 more flows of
+// the dns rule (60–99 s after the first dns flow of its events.ndjson),
+// folded by a Journal with MaxFileBytes 2000 and MaxFiles 1. That code's `egressd report --json
+// --state-dir` of a directory holding only it (and state-7ee10eb's
+// policy.yaml) gave the figures below. A later change to the summary must
+// go on reading a version 1 file so, or bump archiveVersion.
+func TestUpgradeReadsArchiveV1(t *testing.T) {
+	eng := fixturePolicy(t, state7ee10eb)
+	l, st, err := LoadDir("testdata/archive-v1", eng, LedgerOptions{}, nil)
+	if err != nil {
+		t.Fatal(err)
+	}
+	if st.Files != 0 || st.Summarized != 53 || st.SummarizedFiles != 7 {
+		t.Errorf("load: %d files, a summary of %d events of %d files; want 0, 53 of 7", st.Files, st.Summarized, st.SummarizedFiles)
+	}
+	want := report7ee10eb
+	want.Rules = slices.Clone(want.Rules)
+	want.Rules[0] = oldRule{"dns", 37, 0, 2197, 2789, []string{"198.18.1.10"}, ts("2026-12-05T17:06:45.826881428Z"), ts("2026-12-05T17:08:19.439631678Z")}
+	want.Totals = oldTotals{Events: 53, Flows: 47, AllowedFlows: 43, DroppedFlows: 4, Queries: 6}
+	r := l.Report(ReportOptions{})
+	diffOld(t, "LoadDir", asOld(t, r), want)
+	if c := r.Coverage; c == nil || c.RotatedOut == nil || c.RotatedOut.Files != 7 || c.RotatedOut.Events != 53 ||
+		!c.RotatedOut.From.Equal(ts("2026-12-05T17:06:45.771148547Z")) || !c.RotatedOut.Until.Equal(ts("2026-12-05T17:08:19.439631678Z")) {
+		t.Errorf("coverage %+v, want 53 events of 7 files rotated out, 17:06:45.771148547–17:08:19.439631678", c)
+	}
+}
+
+// TestEventLogReadsLaterFields: the event log has no format version; a
+// line a later egressd writes with a field this one does not know is read
+// for the fields it knows, and an event of a kind it does not know is
+// counted as ignored, not as a flow nor skipped as a bad line. So after a
+// rollback this binary counts what it understands of the newer events.
+func TestEventLogReadsLaterFields(t *testing.T) {
+	dir := t.TempDir()
+	lines := `{"kind":"flow","source":"capture","time":"2026-12-05T17:06:45Z","client":"198.18.1.10","client_port":40000,"dest":"203.0.113.10","dest_port":443,"proto":"tcp","name":"production.cloudflare.docker.com","verdict":"allow","rule":"vendor-cloud","mode":"audit","reason":"allowed","later":{"x":[1,2]},"later_count":7}
+{"kind":"later-kind","source":"capture","time":"2026-12-05T17:06:46Z","client":"198.18.1.10","verdict":"allow","rule":"vendor-cloud","mode":"audit"}
+`
+	if err := os.WriteFile(filepath.Join(dir, CurrentLog), []byte(lines), 0o640); err != nil {
+		t.Fatal(err)
+	}
+	l, st, err := LoadDir(dir, nil, LedgerOptions{}, nil)
+	if err != nil {
+		t.Fatal(err)
+	}
+	r := l.Report(ReportOptions{})
+	if st.Events != 2 || st.Skipped != 0 || r.Totals.Flows != 1 || r.Totals.Ignored != 1 ||
+		len(r.Rules) != 1 || r.Rules[0].Name != "vendor-cloud" || r.Rules[0].Flows != 1 {
+		t.Errorf("load %+v, totals %+v, rules %+v; want 2 events, none skipped, 1 flow of vendor-cloud, 1 ignored", st, r.Totals, r.Rules)
+	}
+}
