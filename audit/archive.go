@@ -22,7 +22,9 @@ import (
 // files, in the state directory: before rotation deletes a file, its
 // events are folded into it, so that counts, first/last seen times and
 // would-be drops survive a restart. A summary the load cannot read is
-// set aside as ArchiveFile+".refused".
+// set aside as ArchiveFile+".refused", except one of a later format
+// version (a newer egressd's, after a rollback): that one is left in
+// place, unread and not written over.
 const ArchiveFile = "ledger-archive.json"
 
 // maxArchiveBytes bounds the summary read; a larger file is refused.
