@@ -14,7 +14,7 @@ import (
 )
 
 // The state directory testdata/state-7ee10eb was written by egressd built
-// from commit 7ee10eb (2026-12-04 08:43, session 13's end), run as
+// from commit 7ee10eb (2026-12-04 08:43), run as
 // `egressd run --mode audit --state-dir DIR --guard-wan ...` in the
 // end-to-end test's namespaces (client, gateway, internet) with the e2e
 // test policy (its policy.yaml, which egressd copied there). Two runs,
@@ -251,7 +251,7 @@ func mustRead(t *testing.T, path string) []byte {
 
 // TestUpgradeReadsArchiveV1: testdata/archive-v1/ledger-archive.json is a
 // summary of rotated-out files (format version 1) as session 22's code
-// (168e99d) wrote it: testdata/state-7ee10eb's files and 40 more flows of
+// wrote it (egressd's own Journal, with the 7ee10eb test above committed): testdata/state-7ee10eb's files and 40 more flows of
 // the dns rule (60–99 s after the first dns flow of its events.ndjson),
 // folded by a Journal with MaxFileBytes 2000 and MaxFiles 1. That code's `egressd report --json
 // --state-dir` of a directory holding only it (and state-7ee10eb's
