@@ -200,7 +200,7 @@ func newArchInfo(a *archive) *archInfo {
 type newerArchiveError int
 
 func (e newerArchiveError) Error() string {
-	return fmt.Sprintf("version %d, written by a newer egressd (this one reads version %d)", int(e), archiveVersion)
+	return fmt.Sprintf("version %d, this egressd reads version %d", int(e), archiveVersion)
 }
 
 // parseArchive decodes and checks a summary file.
