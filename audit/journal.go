@@ -277,7 +277,7 @@ func dirState(dir string) string {
 // loadInto starts the fresh ledger l from dir's summary of rotated-out
 // files, if any, then adds the events of the kept files. With repair
 // (the daemon), a torn last line is cut and an unreadable summary is set
-// aside; never does either stop the load.
+// aside (not one a newer egressd wrote); never does either stop the load.
 // each, when not nil, sees every event of the kept files first.
 func loadInto(dir string, log *slog.Logger, repair bool, l *Ledger, each func(Event)) (LoadStats, error) {
 	a, note, _ := loadArchive(dir, log, repair)
