@@ -291,3 +291,77 @@ func TestExplicitOpensLate(t *testing.T) {
 		time.Sleep(100 * time.Millisecond)
 	}
 }
+
+// TestExplicitEveryLANAddr: without --explicit-proxy-listen the explicit
+// proxy listens on port 3128 of every address of a LAN interface that a
+// client can use (each IPv4 one, each global or ULA IPv6 one; not the
+// link-local one): an IPv6 client configured with the gateway's IPv6
+// address, or a second subnet on the same LAN port, is answered there,
+// and the WAN side gets no handshake on any of them (each listener
+// carries the socket filter). Before, only the first IPv4 address had a
+// listener. Audit mode without the WAN guard: only the socket filter
+// keeps the WAN side out.
+func TestExplicitEveryLANAddr(t *testing.T) {
+	const cli2, gw2 = "198.18.9.10", "198.18.9.1" // a second subnet on lan0
+	tp := newTopo(t)
+	own := startOwnServer(t, tp.gw, "8080") // no filter: what the WAN side reaches without one
+	d := newDaemon(t, tp, "audit")
+	d.noGuard = true
+	d.start()
+	defer d.stop()
+
+	v6 := "[" + gwLAN6 + "]:3128"
+	if want := "explicit on " + gwLAN4 + ":3128, " + v6; !strings.Contains(d.logs(), want) {
+		t.Errorf("no start-up line with %q:\n%s", want, d.logs())
+	}
+	status, _, err := connectVia(dialFrom(tp.lan, lanClient6), v6, dockerName+":443")
+	if line := firstLine(status, err); !strings.Contains(line, " 200 ") {
+		t.Errorf("CONNECT %s:443 through %s (the LAN interface's IPv6 address): %q, want 200", dockerName, v6, line)
+	}
+
+	tp.gw.MustRun("ip", "addr", "add", gw2+"/24", "dev", "lan0")
+	tp.lan.MustRun("ip", "addr", "add", cli2+"/24", "dev", "eth0")
+	tp.inet.MustRun("ip", "route", "add", "198.18.9.0/24", "via", gwWAN4)
+	d.waitLog(t, "explicit proxy: listening on "+gw2+":3128", 1)
+	status, _, err = connectVia(dialFrom(tp.lan, cli2), net.JoinHostPort(gw2, "3128"), dockerName+":443")
+	if line := firstLine(status, err); !strings.Contains(line, " 200 ") {
+		t.Errorf("CONNECT %s:443 through %s:3128 (a second address of the LAN interface): %q, want 200", dockerName, gw2, line)
+	}
+
+	fromWAN := func(addr string) bool {
+		ctx, cancel := context.WithTimeout(context.Background(), 2*time.Second)
+		defer cancel()
+		c, err := tp.inet.DialContext(ctx, "tcp", addr)
+		if err == nil {
+			c.Close()
+		}
+		return err == nil
+	}
+	for _, a := range []string{gwLAN6, gw2} {
+		before := own.count(a)
+		reached := fromWAN(net.JoinHostPort(a, "8080"))
+		// The handshake ends before the server's Accept returns: wait for it.
+		for i := 0; reached && own.count(a) == before && i < 200; i++ {
+			time.Sleep(10 * time.Millisecond)
+		}
+		if !reached || own.count(a) == before {
+			t.Errorf("control: the WAN side does not reach %s port 8080, which has no filter: the check below would prove nothing", a)
+		}
+		if fromWAN(net.JoinHostPort(a, "3128")) {
+			t.Errorf("the WAN side got a handshake from the explicit proxy on %s port 3128: no WAN filter on that listener", a)
+		}
+	}
+	out := tp.gw.MustRun("ss", "-Hltn")
+	if strings.Contains(out, "[fe80") {
+		t.Errorf("a listener on a link-local address:\n%s", out)
+	}
+
+	tp.gw.MustRun("ip", "addr", "del", gw2+"/24", "dev", "lan0")
+	d.waitLog(t, "explicit proxy: stopped listening on "+gw2+":3128", 1)
+	out = tp.gw.MustRun("ss", "-Hltn")
+	for _, a := range []string{gwLAN4 + ":3128", v6} {
+		if !strings.Contains(out, a) {
+			t.Errorf("the listener on %s went with %s:\n%s", a, gw2, out)
+		}
+	}
+}

@@ -133,7 +133,7 @@ func TestSeveralLANs(t *testing.T) {
 		d.extra = lans
 		d.start()
 		defer d.stop()
-		for _, w := range []string{"capture: listening on " + strings.Join(lanIfs, ", "), "explicit on " + gwLAN4 + ":3128, " + gwCam4 + ":3128", "LAN " + strings.Join(lanIfs, ", ") + ", WAN wan0"} {
+		for _, w := range []string{"capture: listening on " + strings.Join(lanIfs, ", "), "explicit on " + gwLAN4 + ":3128, [" + gwLAN6 + "]:3128, " + gwCam4 + ":3128, [" + gwCam6 + "]:3128", "LAN " + strings.Join(lanIfs, ", ") + ", WAN wan0"} {
 			if !strings.Contains(d.logs(), w) {
 				t.Errorf("egressd's start-up lines lack %q:\n%s", w, d.logs())
 			}

@@ -38,15 +38,15 @@ func TestWANNoOpenResolver(t *testing.T) {
 		}
 	}
 	// The transparent proxy listens on every address, the explicit one on
-	// the LAN address only.
+	// the LAN addresses only (IPv4 and IPv6).
 	wanSide := []string{gwWAN4, gwWAN6, gwLAN4, gwLAN6}
 	var tcp []string
 	for _, a := range wanSide {
 		tcp = append(tcp, net.JoinHostPort(a, "15001"))
 	}
-	tcp = append(tcp, net.JoinHostPort(gwLAN4, "3128"))
+	tcp = append(tcp, net.JoinHostPort(gwLAN4, "3128"), net.JoinHostPort(gwLAN6, "3128"))
 	got := wanProbe(tp.inet, wanSide, []string{"+notcp", "+tcp"}, tcp)
-	if len(got) != 13 {
+	if len(got) != 14 {
 		t.Fatalf("%d probes", len(got))
 	}
 	for _, g := range got {

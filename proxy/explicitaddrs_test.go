@@ -3,6 +3,7 @@ package proxy
 import (
 	"bufio"
 	"context"
+	"errors"
 	"io"
 	"log/slog"
 	"net"
@@ -262,4 +263,83 @@ func runReady(t *testing.T, p *Proxy) (context.CancelFunc, chan error) {
 		t.Fatal("not ready in 10s")
 	}
 	return cancel, ran
+}
+
+// TestExplicitListenersShareClientLimit: the per-client connection limit
+// holds across the explicit listeners (egressd run opens one on each LAN
+// address): a client at its limit on one listener has a connection on
+// another closed at once, and is served on it once it is under the limit
+// again.
+func TestExplicitListenersShareClientLimit(t *testing.T) {
+	eng, err := policy.Compile("p.yaml", []byte("version: 1\nmode: enforce\nrules: []\n"))
+	if err != nil {
+		t.Fatal(err)
+	}
+	p, err := New(Config{ExplicitAddr: "127.0.0.1:0", MaxConns: 100, MaxConnsPerClient: 2, HelloTimeout: 20 * time.Second},
+		Deps{Policy: policy.NewStore(eng), Logger: slog.New(slog.NewTextHandler(io.Discard, nil))})
+	if err != nil {
+		t.Fatal(err)
+	}
+	cancel, ran := runReady(t, p)
+	defer func() { cancel(); <-ran }()
+	if err := p.SetExplicitAddrs([]string{"127.0.0.1:0", "127.0.0.2:0"}); err != nil {
+		t.Fatalf("no 127.0.0.2 (Linux's lo holds 127.0.0.0/8): %v", err)
+	}
+	p.explicitMu.Lock()
+	first, second := p.explicitLns["127.0.0.1:0"].Addr().String(), p.explicitLns["127.0.0.2:0"].Addr().String()
+	p.explicitMu.Unlock()
+	dial := func(addr string) net.Conn {
+		d := net.Dialer{Timeout: 2 * time.Second, LocalAddr: &net.TCPAddr{IP: net.IPv4(127, 0, 0, 1)}}
+		c, err := d.Dial("tcp", addr)
+		if err != nil {
+			t.Fatal(err)
+		}
+		io.WriteString(c, "GET http://denied.test/ HTTP/1.1\r\n") // unfinished head: the slot is held
+		return c
+	}
+	// closed reports whether the proxy closed c (no answer: the head is
+	// unfinished, so an open connection's read times out).
+	closed := func(c net.Conn) bool {
+		c.SetReadDeadline(time.Now().Add(3 * time.Second))
+		_, err := c.Read(make([]byte, 1))
+		var ne net.Error
+		return err != nil && !(errors.As(err, &ne) && ne.Timeout())
+	}
+	var held []net.Conn
+	for range 2 {
+		held = append(held, dial(first))
+	}
+	// Both accepted and holding their slots before the third comes.
+	for i := 0; i < 500; i++ {
+		if total, _, _ := p.slots.Counts(); total == 2 {
+			break
+		}
+		time.Sleep(10 * time.Millisecond)
+	}
+	if total, _, _ := p.slots.Counts(); total != 2 {
+		t.Fatalf("%d slots held, want 2", total)
+	}
+	over := dial(second)
+	if !closed(over) {
+		t.Errorf("a third connection of the client, on the second listener, was not closed: the limit of 2 does not hold across listeners")
+	}
+	over.Close()
+	held[0].Close()
+	// The slot comes back once the server sees the close: bounded retries.
+	served := false
+	for i := 0; i < 50 && !served; i++ {
+		c := dial(second)
+		io.WriteString(c, "Host: denied.test\r\n\r\n")
+		c.SetReadDeadline(time.Now().Add(5 * time.Second))
+		line, _ := bufio.NewReader(c).ReadString('\n')
+		served = strings.HasPrefix(line, "HTTP/1.1 403")
+		c.Close()
+		if !served {
+			time.Sleep(50 * time.Millisecond)
+		}
+	}
+	if !served {
+		t.Error("the client, under its limit again, is not served on the second listener")
+	}
+	held[1].Close()
 }

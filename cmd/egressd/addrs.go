@@ -94,21 +94,24 @@ func addrChange(old, now []netip.Addr) string {
 }
 
 // explicitListenAddrs returns the explicit proxy's listen addresses when
-// --explicit-proxy-listen is not given: port 3128 of each LAN interface's
-// address (addr: the first IPv4 one, else the first global IPv6 one; a
-// LAN interface that is the WAN's, or has none, has no listener), or
-// 127.0.0.1:3128 when none has one.
-func explicitListenAddrs(lans []string, wan string, addr func(string) netip.Addr) []string {
-	var addrs []string
+// --explicit-proxy-listen is not given: port 3128 of each address of
+// each LAN interface a client can use (addrs: explicitIfAddrs; a LAN
+// interface that is the WAN's, or has none, has no listener), once each,
+// or 127.0.0.1:3128 when none has one.
+func explicitListenAddrs(lans []string, wan string, addrs func(string) []netip.Addr) []string {
+	var out []string
 	for _, lan := range lans {
-		if a := addr(lan); a.IsValid() && lan != wan {
-			if ap := netip.AddrPortFrom(a, 3128).String(); !slices.Contains(addrs, ap) {
-				addrs = append(addrs, ap)
+		if lan == wan {
+			continue
+		}
+		for _, a := range addrs(lan) {
+			if ap := netip.AddrPortFrom(a, 3128).String(); a.IsValid() && !slices.Contains(out, ap) {
+				out = append(out, ap)
 			}
 		}
 	}
-	if len(addrs) == 0 {
+	if len(out) == 0 {
 		return []string{"127.0.0.1:3128"}
 	}
-	return addrs
+	return out
 }

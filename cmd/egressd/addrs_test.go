@@ -66,23 +66,51 @@ func TestAddrFollower(t *testing.T) {
 	}
 }
 
-// TestExplicitListenAddrs: port 3128 of each LAN interface's address,
-// once each, none for the WAN interface or one without an address, and
-// 127.0.0.1:3128 when no LAN interface has one.
+// TestExplicitListenAddrs: port 3128 of each address a LAN interface
+// has, once each, none for the WAN interface or one without an address,
+// and 127.0.0.1:3128 when no LAN interface has one.
 func TestExplicitListenAddrs(t *testing.T) {
-	addrs := map[string]netip.Addr{"lan0": netip.MustParseAddr("198.18.1.1"), "lan1": netip.MustParseAddr("2001:db8:5::1"), "lan2": netip.MustParseAddr("198.18.1.1"), "wan0": netip.MustParseAddr("198.18.2.1")}
-	addr := func(n string) netip.Addr { return addrs[n] }
+	p := netip.MustParseAddr
+	addrs := map[string][]netip.Addr{"lan0": {p("198.18.1.1"), p("198.18.9.1"), p("2001:db8:1::1")}, "lan1": {p("2001:db8:5::1")},
+		"lan2": {p("198.18.1.1")}, "wan0": {p("198.18.2.1")}}
+	addr := func(n string) []netip.Addr { return addrs[n] }
 	for _, c := range []struct {
 		lans []string
 		want string
 	}{
-		{[]string{"lan0", "lan1", "lan2", "gone"}, "198.18.1.1:3128 [2001:db8:5::1]:3128"},
+		{[]string{"lan0", "lan1", "lan2", "gone"}, "198.18.1.1:3128 198.18.9.1:3128 [2001:db8:1::1]:3128 [2001:db8:5::1]:3128"},
 		{[]string{"wan0"}, "127.0.0.1:3128"},
 		{[]string{"gone"}, "127.0.0.1:3128"},
 		{nil, "127.0.0.1:3128"},
 	} {
 		if got := strings.Join(explicitListenAddrs(c.lans, "wan0", addr), " "); got != c.want {
 			t.Errorf("%v: %q, want %q", c.lans, got, c.want)
+		}
+	}
+}
+
+// TestExplicitAddrsOf: of an interface's addresses, each IPv4 one then
+// each global or ULA IPv6 one, in the kernel's order; no link-local one,
+// but for an IPv4 one where the interface has nothing else.
+func TestExplicitAddrsOf(t *testing.T) {
+	for _, c := range []struct{ in, want string }{
+		{"fe80::1 2001:db8:1::1 198.18.1.1 fd00:5::1 198.18.9.1", "198.18.1.1 198.18.9.1 2001:db8:1::1 fd00:5::1"},
+		{"fe80::1 169.254.3.4 198.18.1.1", "198.18.1.1"},
+		{"fe80::1 169.254.3.4 169.254.5.6", "169.254.3.4"},
+		{"fe80::1", ""},
+		{"169.254.3.4 fd00:5::1", "fd00:5::1"},
+		{"", ""},
+	} {
+		var in []netip.Addr
+		for _, f := range strings.Fields(c.in) {
+			in = append(in, netip.MustParseAddr(f))
+		}
+		var got []string
+		for _, a := range explicitAddrsOf(in) {
+			got = append(got, a.String())
+		}
+		if strings.Join(got, " ") != c.want {
+			t.Errorf("%s: %q, want %q", c.in, got, c.want)
 		}
 	}
 }

@@ -93,27 +93,43 @@ func guessLAN(wan string) string {
 	return wan
 }
 
-// interfaceAddr returns the first IPv4 address of an interface (else the
-// first global IPv6 one), or the zero Addr. An IPv6 address still in
-// duplicate address detection, or that failed it, is not one
-// (netutil.InterfaceAddrs): nothing can listen on it.
-func interfaceAddr(name string) netip.Addr {
+// explicitIfAddrs returns the addresses of an interface a client can
+// send its explicit proxy requests to: each IPv4 one and each global
+// (ULA too) IPv6 one, IPv4 before IPv6, each in the kernel's order. A
+// link-local address is left out (an IPv6 one needs its zone, which a
+// client's HTTP_PROXY does not give), except an IPv4 one on an interface
+// that has no other (a zeroconf LAN: its clients have nothing else to
+// ask). An IPv6 address still in duplicate address detection, or that
+// failed it, is not one (netutil.InterfaceAddrs): nothing can listen on
+// it.
+func explicitIfAddrs(name string) []netip.Addr {
 	if name == "" {
-		return netip.Addr{}
+		return nil
 	}
 	i, err := net.InterfaceByName(name)
 	if err != nil {
-		return netip.Addr{}
+		return nil
 	}
 	addrs, _ := netutil.InterfaceAddrs(i.Index)
-	var v6 netip.Addr
+	return explicitAddrsOf(addrs)
+}
+
+// explicitAddrsOf is explicitIfAddrs's choice among an interface's
+// addresses.
+func explicitAddrsOf(addrs []netip.Addr) []netip.Addr {
+	var v4, v6, ll4 []netip.Addr
 	for _, a := range addrs {
-		if a.Is4() {
-			return a
-		}
-		if !v6.IsValid() && a.IsGlobalUnicast() {
-			v6 = a
+		switch {
+		case a.Is4() && a.IsLinkLocalUnicast():
+			ll4 = append(ll4, a)
+		case a.Is4() && !a.IsLoopback() && !a.IsUnspecified():
+			v4 = append(v4, a)
+		case a.Is6() && a.IsGlobalUnicast():
+			v6 = append(v6, a)
 		}
 	}
-	return v6
+	if len(v4) == 0 && len(v6) == 0 && len(ll4) > 0 {
+		return ll4[:1]
+	}
+	return append(v4, v6...)
 }

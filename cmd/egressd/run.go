@@ -595,11 +595,11 @@ func (d *daemon) run(ctx context.Context) error {
 	explicit, explicitMore := cfg.explicit, []string(nil)
 	followExplicit := explicit == ""
 	if followExplicit {
-		// Each LAN interface's address (the first IPv4 one, else the
-		// first global IPv6 one): a client asks its own gateway. One that
+		// Each LAN interface's addresses a client can use (each IPv4
+		// one, each global IPv6 one): a client asks its own gateway. One that
 		// has none at start (not there yet) gets its listener when it
 		// has one (watchLinks, SetExplicitAddrs).
-		addrs := explicitListenAddrs(lans, wan, interfaceAddr)
+		addrs := explicitListenAddrs(lans, wan, explicitIfAddrs)
 		explicit, explicitMore = addrs[0], addrs[1:]
 	}
 	if explicit == "off" {
@@ -784,7 +784,7 @@ func (d *daemon) run(ctx context.Context) error {
 			// wake-up. Once every one is open, a listener that did not
 			// open at start (a LAN address still in IPv6 duplicate
 			// address detection) runs: the part is no longer degraded.
-			if prx.SetExplicitAddrs(explicitListenAddrs(lans, wan, interfaceAddr)) == nil {
+			if prx.SetExplicitAddrs(explicitListenAddrs(lans, wan, explicitIfAddrs)) == nil {
 				d.undegrade("explicit-proxy")
 			}
 		})
@@ -818,10 +818,13 @@ func (d *daemon) run(ctx context.Context) error {
 		case <-d.proxy.Ready():
 			t, e := d.proxy.Addrs()
 			if err := d.proxy.ExplicitErr(); err != nil {
-				// The transparent proxy runs without it.
+				// The transparent proxy runs without it, and the
+				// explicit listeners that opened serve.
 				d.degrade("explicit-proxy", listenCapHint(err, caps, "CAP_NET_BIND_SERVICE for a listen port below 1024"))
-				d.say("proxy: transparent on %s, explicit not listening", addrOrOff(t))
-				break
+				if e == nil {
+					d.say("proxy: transparent on %s, explicit not listening", addrOrOff(t))
+					break
+				}
 			}
 			auth := ""
 			if e != nil && len(d.proxyUsers) > 0 {
