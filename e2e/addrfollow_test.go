@@ -365,3 +365,52 @@ func TestExplicitEveryLANAddr(t *testing.T) {
 		}
 	}
 }
+
+// TestExplicitReopensAfterAcceptFails: an explicit listener whose accept
+// fails for good (here the kernel aborts the listening socket: ss -K) is
+// closed and opened again, 1 s later, with a log line; meanwhile the part
+// is "not running" (/readyz), and running again once it listens. Both a
+// listener opened later (a LAN address that came after the start) and
+// one opened at start are checked, and the transparent proxy goes on
+// throughout. Before, the listener opened later stayed closed until its
+// address went and came back, and an accept failure of one opened at
+// start stopped the whole proxy.
+func TestExplicitReopensAfterAcceptFails(t *testing.T) {
+	const cli2, gw2 = "198.18.9.10", "198.18.9.1"
+	tp := newTopo(t)
+	d := newDaemon(t, tp, "audit")
+	d.start()
+	defer d.stop()
+	tp.gw.MustRun("ip", "addr", "add", gw2+"/24", "dev", "lan0")
+	tp.lan.MustRun("ip", "addr", "add", cli2+"/24", "dev", "eth0")
+	d.waitLog(t, "explicit proxy: listening on "+gw2+":3128", 1)
+
+	for i, c := range []struct{ cli, gw string }{{cli2, gw2}, {lanClient4, gwLAN4}} {
+		a := net.JoinHostPort(c.gw, "3128")
+		opened := strings.Count(d.logs(), "explicit proxy: listening on "+a) // 0 for one opened at start
+		tp.gw.MustRun("ss", "-K", "state", "listening", "src", a)
+		d.waitLog(t, "explicit proxy: accept on "+a+" failed", 1)
+		d.waitLog(t, "explicit proxy: listening on "+a, opened+1)
+		status, _, err := connectVia(dialFrom(tp.lan, c.cli), a, dockerName+":443")
+		if line := firstLine(status, err); !strings.Contains(line, " 200 ") {
+			t.Errorf("CONNECT %s:443 through %s after its listener was opened again: %q, want 200", dockerName, a, line)
+		}
+		// /readyz follows the part: not running while down, running again.
+		d.waitLog(t, `"msg":"part not running","part":"explicit-proxy"`, i+1)
+		d.waitLog(t, `"msg":"part running again","part":"explicit-proxy"`, i+1)
+	}
+	if out := tp.gw.MustRun("ss", "-Hltn"); !strings.Contains(out, ":15001") {
+		t.Errorf("the transparent proxy's listener went with an explicit one:\n%s", out)
+	}
+	for deadline := time.Now().Add(10 * time.Second); ; {
+		code, body, err := d.get("/readyz")
+		if err == nil && code == 200 {
+			break
+		}
+		if time.Now().After(deadline) {
+			t.Errorf("/readyz after the listeners were opened again: %d %q %v, want 200", code, body, err)
+			break
+		}
+		time.Sleep(100 * time.Millisecond)
+	}
+}

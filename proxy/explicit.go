@@ -170,6 +170,9 @@ func (p *Proxy) ServeExplicit(ln net.Listener) error {
 		p.retireServer(srv)
 		return nil
 	}
+	// ln failed: the server's connections finish their request as those
+	// of a retired one (keepExplicit opens another listener).
+	p.retireServer(srv)
 	return err
 }
 

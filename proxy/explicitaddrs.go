@@ -4,9 +4,11 @@ import (
 	"context"
 	"errors"
 	"fmt"
+	"maps"
 	"net"
 	"net/http"
 	"slices"
+	"time"
 
 	"egressd/audit"
 )
@@ -22,6 +24,14 @@ import (
 // others (listenExplicit, SetDropFrom). Of the connections a closed
 // listener accepted, a request under way finishes (retireServer) and a
 // tunnel goes on.
+//
+// An explicit listener whose accept fails for good (anything but the
+// temporary errors http.Server waits out: the kernel aborted the
+// listening socket, say) is closed and opened again on the same address,
+// reopenFirst later, doubling with each failure in a row up to
+// reopenLongest (keepExplicit). ExplicitDown names those closed
+// meanwhile, and ExplicitChanges wakes its reader on each change, so
+// that egressd run's /readyz follows.
 
 // errNotReady is SetExplicitAddrs's answer before Run has opened its
 // listeners.
@@ -64,10 +74,20 @@ func (p *Proxy) SetExplicitAddrs(addrs []string) error {
 			delete(p.explicitFailed, a) // logged again if given again and failing
 		}
 	}
+	for a := range p.explicitDown {
+		if !slices.Contains(addrs, a) {
+			delete(p.explicitDown, a) // its keepExplicit gives up
+			p.log.Info("proxy: explicit proxy: stopped listening on "+a, "addr", a)
+			p.explicitChanged()
+		}
+	}
 	var errs []error
 	for _, a := range addrs {
 		if _, ok := p.explicitLns[a]; ok {
 			continue
+		}
+		if _, ok := p.explicitDown[a]; ok {
+			continue // keepExplicit opens it again
 		}
 		ln, err := p.listenExplicit(context.Background(), a)
 		if err != nil {
@@ -82,13 +102,137 @@ func (p *Proxy) SetExplicitAddrs(addrs []string) error {
 		delete(p.explicitFailed, a)
 		p.explicitLns[a] = ln
 		p.log.Info("proxy: explicit proxy: listening on "+a, "addr", a)
-		go func() {
-			if err := p.ServeExplicit(ln); err != nil {
-				p.log.Warn("proxy: explicit proxy: stopped listening on "+a, "addr", a, audit.LogError, err.Error())
-			}
-		}()
+		go p.keepExplicit(a, ln)
 	}
 	return errors.Join(errs...)
+}
+
+const (
+	// reopenFirst is how long keepExplicit waits before it opens a
+	// listener that failed to accept again; it doubles with each failure
+	// in a row up to reopenLongest. A listener that served for
+	// reopenLongest starts over at reopenFirst.
+	reopenFirst   = time.Second
+	reopenLongest = time.Minute
+)
+
+// downListener is an explicit listener that failed to accept, closed
+// until keepExplicit opens it again: why (the accept's error, then the
+// last failure to open it again).
+type downListener struct {
+	err error
+}
+
+// keepExplicit serves ln, the explicit listener opened for addr, until
+// the proxy closes it or SetExplicitAddrs does; when its accept fails,
+// it closes ln and opens addr again after a wait (reopenFirst, doubling
+// up to reopenMax), logging each failure, while the address is still
+// given, and serves the new listener.
+func (p *Proxy) keepExplicit(addr string, ln net.Listener) {
+	var delay time.Duration
+	for {
+		start := time.Now()
+		err := p.ServeExplicit(ln)
+		if err == nil || errors.Is(err, net.ErrClosed) || p.isClosed() {
+			return
+		}
+		if time.Since(start) >= p.reopenMax {
+			delay = 0 // it served long enough: start over
+		}
+		delay = min(max(2*delay, p.reopenBase), p.reopenMax)
+		down := &downListener{err: err}
+		p.explicitMu.Lock()
+		if p.explicitLns[addr] != ln {
+			p.explicitMu.Unlock()
+			_ = ln.Close()
+			return
+		}
+		delete(p.explicitLns, addr)
+		p.explicitDown[addr] = down
+		p.forgetListener(ln)
+		_ = ln.Close()
+		p.explicitMu.Unlock()
+		p.log.Warn("proxy: explicit proxy: accept on "+addr+" failed; its listener is closed and opened again in "+delay.String(), "addr", addr, audit.LogError, err.Error())
+		p.explicitChanged()
+		if ln = p.reopenExplicit(addr, down, delay); ln == nil {
+			return
+		}
+	}
+}
+
+// reopenExplicit opens addr again for keepExplicit, after delay, then
+// (each failure logged) after a delay doubled each time up to
+// reopenMax; it returns the new listener, or nil once the proxy is
+// closed or the address no longer down (SetExplicitAddrs no longer
+// gives it).
+func (p *Proxy) reopenExplicit(addr string, down *downListener, delay time.Duration) net.Listener {
+	t := time.NewTimer(delay)
+	defer t.Stop()
+	for {
+		select {
+		case <-p.done:
+			return nil
+		case <-t.C:
+		}
+		p.explicitMu.Lock()
+		if p.explicitDown[addr] != down || p.isClosed() {
+			p.explicitMu.Unlock()
+			return nil
+		}
+		listen := p.relisten
+		if listen == nil {
+			listen = func(a string) (net.Listener, error) { return p.listenExplicit(context.Background(), a) }
+		}
+		ln, err := listen(addr)
+		if err != nil {
+			down.err = err
+			p.explicitMu.Unlock()
+			delay = min(2*delay, p.reopenMax)
+			p.log.Warn("proxy: explicit proxy: cannot open "+addr+" again; tried again in "+delay.String(), "addr", addr, audit.LogError, err.Error())
+			t.Reset(delay)
+			continue
+		}
+		delete(p.explicitDown, addr)
+		p.explicitLns[addr] = ln
+		p.explicitMu.Unlock()
+		p.log.Info("proxy: explicit proxy: listening on "+addr, "addr", addr)
+		p.explicitChanged()
+		return ln
+	}
+}
+
+// ExplicitDown returns, for each explicit listener that failed to accept
+// and is not open again yet, why ("ADDR: error"), by address; none when
+// every one is open.
+func (p *Proxy) ExplicitDown() []error {
+	p.explicitMu.Lock()
+	defer p.explicitMu.Unlock()
+	var out []error
+	for _, a := range slices.Sorted(maps.Keys(p.explicitDown)) {
+		out = append(out, fmt.Errorf("%s: %w", a, p.explicitDown[a].err))
+	}
+	return out
+}
+
+// ExplicitChanges wakes its reader when an explicit listener fails to
+// accept, or is opened again (ExplicitDown changed).
+func (p *Proxy) ExplicitChanges() <-chan struct{} { return p.explicitChanges }
+
+func (p *Proxy) explicitChanged() {
+	select {
+	case p.explicitChanges <- struct{}{}:
+	default:
+	}
+}
+
+// isClosed reports whether Close has been called.
+func (p *Proxy) isClosed() bool {
+	select {
+	case <-p.done:
+		return true
+	default:
+		return false
+	}
 }
 
 // retiredExplicit reports whether SetExplicitAddrs closed ln, and forgets

@@ -11,6 +11,8 @@ import (
 	"slices"
 	"strings"
 	"sync"
+	"sync/atomic"
+	"syscall"
 	"testing"
 	"time"
 
@@ -342,4 +344,120 @@ func TestExplicitListenersShareClientLimit(t *testing.T) {
 		t.Error("the client, under its limit again, is not served on the second listener")
 	}
 	held[1].Close()
+}
+
+// TestExplicitReopensAfterAcceptFails: an explicit listener whose accept
+// fails for good (here its socket is shut down: accept says EINVAL) is
+// closed and opened again on the same address, with a wait between
+// tries, both one Run opened and one SetExplicitAddrs opened; while it
+// is closed, ExplicitDown names it (with the last failure to open it
+// again) and ExplicitChanges wakes; the proxy goes on throughout, and
+// SetExplicitAddrs leaves the reopening to it. Before, a listener
+// SetExplicitAddrs opened stayed closed, and one Run opened ended Run.
+// Loopback only, no root.
+func TestExplicitReopensAfterAcceptFails(t *testing.T) {
+	eng, err := policy.Compile("p.yaml", []byte("version: 1\nmode: enforce\nrules: []\n"))
+	if err != nil {
+		t.Fatal(err)
+	}
+	var logs strings.Builder
+	var mu sync.Mutex
+	p, err := New(Config{ExplicitAddr: "127.0.0.1:0"}, Deps{Policy: policy.NewStore(eng), Logger: slog.New(slog.NewTextHandler(lockedWriter{&mu, &logs}, nil))})
+	if err != nil {
+		t.Fatal(err)
+	}
+	p.reopenBase, p.reopenMax = time.Millisecond, 8*time.Millisecond
+	var failing atomic.Bool
+	var tries atomic.Int32
+	p.relisten = func(a string) (net.Listener, error) {
+		tries.Add(1)
+		if failing.Load() {
+			return nil, errors.New("test: not now")
+		}
+		return p.listenExplicit(context.Background(), a)
+	}
+	cancel, ran := runReady(t, p)
+	defer func() { cancel(); <-ran }()
+	addrs := []string{"127.0.0.1:0", "127.0.0.2:0"}
+	if err := p.SetExplicitAddrs(addrs); err != nil {
+		t.Fatalf("no 127.0.0.2 (Linux's lo holds 127.0.0.0/8): %v", err)
+	}
+	lnOf := func(a string) net.Listener {
+		p.explicitMu.Lock()
+		defer p.explicitMu.Unlock()
+		return p.explicitLns[a]
+	}
+	answers := func(addr string) bool {
+		c, err := net.DialTimeout("tcp", addr, 2*time.Second)
+		if err != nil {
+			return false
+		}
+		defer c.Close()
+		c.SetDeadline(time.Now().Add(5 * time.Second))
+		io.WriteString(c, "GET http://denied.test/ HTTP/1.1\r\nHost: denied.test\r\n\r\n")
+		line, _ := bufio.NewReader(c).ReadString('\n')
+		return strings.HasPrefix(line, "HTTP/1.1 403")
+	}
+	for _, a := range addrs { // Run's, then SetExplicitAddrs'
+		failing.Store(true)
+		n := tries.Load()
+		for len(p.ExplicitChanges()) > 0 {
+			<-p.ExplicitChanges()
+		}
+		ln := lnOf(a)
+		old := ln.Addr().String()
+		rc, err := ln.(syscall.Conn).SyscallConn()
+		if err != nil {
+			t.Fatal(err)
+		}
+		rc.Control(func(fd uintptr) { syscall.Shutdown(int(fd), syscall.SHUT_RD) })
+		for i := 0; i < 1000 && tries.Load() < n+3; i++ {
+			time.Sleep(5 * time.Millisecond)
+		}
+		if got := tries.Load() - n; got < 3 {
+			t.Fatalf("%s: %d tries to open it again, want 3 or more", a, got)
+		}
+		down := p.ExplicitDown()
+		if len(down) != 1 || !strings.Contains(down[0].Error(), a+": ") || !strings.Contains(down[0].Error(), "test: not now") {
+			t.Errorf("%s down: ExplicitDown %v, want it alone, with the last failure", a, down)
+		}
+		if len(p.ExplicitChanges()) == 0 {
+			t.Errorf("%s down: ExplicitChanges did not wake", a)
+		}
+		if err := p.SetExplicitAddrs(addrs); err != nil || lnOf(a) != nil {
+			t.Errorf("%s down: SetExplicitAddrs %v opened it (%v): the reopening is keepExplicit's", a, err, lnOf(a))
+		}
+		if answers(old) {
+			t.Errorf("%s down: %s still answers", a, old)
+		}
+		failing.Store(false)
+		for i := 0; i < 1000 && len(p.ExplicitDown()) > 0; i++ {
+			time.Sleep(5 * time.Millisecond)
+		}
+		if down := p.ExplicitDown(); len(down) != 0 || lnOf(a) == nil || !answers(lnOf(a).Addr().String()) {
+			t.Errorf("%s opened again: ExplicitDown %v, listener %v; want none down, it answering", a, down, lnOf(a))
+		}
+		select {
+		case err := <-ran:
+			t.Fatalf("Run returned after an accept failed: %v", err)
+		default:
+		}
+	}
+	p.dropMu.Lock()
+	opened := len(p.opened)
+	p.dropMu.Unlock()
+	if opened != 2 {
+		t.Errorf("%d listeners filtered, want 2 (the closed ones off the list, the new ones on it)", opened)
+	}
+	mu.Lock()
+	out := logs.String()
+	mu.Unlock()
+	for _, a := range addrs {
+		if n := strings.Count(out, "accept on "+a+" failed"); n != 1 {
+			t.Errorf("%q logged %d times, want 1", "accept on "+a+" failed", n)
+		}
+		if !strings.Contains(out, "cannot open "+a+" again") {
+			t.Errorf("no line on the failures to open %s again:\n%s", a, out)
+		}
+	}
 }

@@ -71,12 +71,23 @@ type Proxy struct {
 	// explicitMu guards explicitLns, the explicit listeners open on an
 	// address (Run's, then SetExplicitAddrs'), by the address they were
 	// opened for; retired, those SetExplicitAddrs closed, until their
-	// Serve returns; and explicitFailed, the addresses that did not open
-	// (logged once).
+	// Serve returns; explicitFailed, the addresses that did not open
+	// (logged once); and explicitDown, the addresses whose listener failed
+	// to accept, closed and due to be opened again (keepExplicit).
 	explicitMu     sync.Mutex
 	explicitLns    map[string]net.Listener
 	retired        map[net.Listener]bool
 	explicitFailed map[string]bool
+	explicitDown   map[string]*downListener
+	// explicitChanges wakes ExplicitChanges' reader when a listener goes
+	// down or is opened again.
+	explicitChanges chan struct{}
+	// reopenBase and reopenMax bound keepExplicit's wait before it opens
+	// a failed listener again (reopenFirst, reopenLongest; a test's
+	// shorter); relisten, when set, opens it in listenExplicit's place
+	// (a test's failing one).
+	reopenBase, reopenMax time.Duration
+	relisten              func(addr string) (net.Listener, error)
 
 	// slots are the connections held, in all and per client (a LAN
 	// device, or an address without one: Deps.Devices).
@@ -172,6 +183,11 @@ func New(cfg Config, deps Deps) (*Proxy, error) {
 		explicitLns:    map[string]net.Listener{},
 		retired:        map[net.Listener]bool{},
 		explicitFailed: map[string]bool{},
+		explicitDown:   map[string]*downListener{},
+
+		explicitChanges: make(chan struct{}, 1),
+		reopenBase:      reopenFirst,
+		reopenMax:       reopenLongest,
 	}
 	if deps.Registerer != nil {
 		if err := deps.Registerer.Register(caExpiryGauge(p.caExpiry)); err != nil {
@@ -228,7 +244,8 @@ func (p *Proxy) ExplicitErr() error { return p.explicitErr }
 // cannot open (its port taken by another proxy on the box, say) does not
 // take the transparent one down with it: enforce mode's redirect sends
 // every LAN connection there. Run goes on with the transparent listener
-// and reports the failure through ExplicitErr.
+// and reports the failure through ExplicitErr. Nor does an explicit
+// listener whose accept fails later: it is opened again (keepExplicit).
 func (p *Proxy) Run(ctx context.Context) error {
 	g, ctx := errgroup.WithContext(ctx)
 	if a := p.cfg.TransparentAddr; a != "" {
@@ -252,7 +269,9 @@ func (p *Proxy) Run(ctx context.Context) error {
 			p.explicitMu.Lock()
 			p.explicitLns[a] = ln
 			p.explicitMu.Unlock()
-			g.Go(func() error { return p.ServeExplicit(ln) })
+			// A listener that fails to accept is opened again; the
+			// proxy goes on meanwhile.
+			g.Go(func() error { p.keepExplicit(a, ln); return nil })
 		}
 		switch {
 		case len(errs) > 0 && p.bound == nil && len(p.boundExplicit) == 0:

@@ -115,3 +115,14 @@ func explicitListenAddrs(lans []string, wan string, addrs func(string) []netip.A
 	}
 	return out
 }
+
+// explicitDownWhy is the reason /readyz gives for explicit listeners whose
+// accept failed, closed until the proxy opens them again (down:
+// Proxy.ExplicitDown, "ADDR: error" each).
+func explicitDownWhy(down []error) string {
+	msg := make([]string, len(down))
+	for i, err := range down {
+		msg[i] = err.Error()
+	}
+	return "accept failed, listener closed and opened again after a wait: " + strings.Join(msg, "; ")
+}

@@ -777,22 +777,44 @@ func (d *daemon) run(ctx context.Context) error {
 		af := &addrFollower{read: netutil.HostAddrs, users: ownUsers, log: d.log}
 		follow = append(follow, af.check)
 	}
-	if d.proxy != nil && followExplicit {
+	var explicitWake <-chan struct{}
+	if d.proxy != nil && explicit != "" {
 		prx := d.proxy
+		downSaid := false // the part is degraded for a listener down
 		follow = append(follow, func() {
-			// It logs; what did not open is tried again on the next
-			// wake-up. Once every one is open, a listener that did not
-			// open at start (a LAN address still in IPv6 duplicate
-			// address detection) runs: the part is no longer degraded.
-			if prx.SetExplicitAddrs(explicitListenAddrs(lans, wan, explicitIfAddrs)) == nil {
-				d.undegrade("explicit-proxy")
+			// SetExplicitAddrs logs; what did not open is tried again on
+			// the next wake-up. Once every one is open, a listener that
+			// did not open at start (a LAN address still in IPv6
+			// duplicate address detection) runs: the part is no longer
+			// degraded. A listener whose accept failed is the part not
+			// running until the proxy has opened it again.
+			var setErr error
+			if followExplicit {
+				setErr = prx.SetExplicitAddrs(explicitListenAddrs(lans, wan, explicitIfAddrs))
 			}
+			if down := prx.ExplicitDown(); len(down) > 0 {
+				d.degrade("explicit-proxy", explicitDownWhy(down))
+				downSaid = true
+				return
+			}
+			switch {
+			case followExplicit && setErr == nil, !followExplicit && downSaid:
+				d.undegrade("explicit-proxy")
+			case downSaid:
+				// Open again, but another address does not open.
+				d.degrade("explicit-proxy", setErr.Error())
+			}
+			downSaid = false
 		})
+		explicitWake = prx.ExplicitChanges()
 	}
 	if len(follow) > 0 {
 		var wakes []<-chan struct{}
 		if d.capture != nil {
 			wakes = append(wakes, d.capture.Changes()) // a socket failed, or is due to be opened again
+		}
+		if explicitWake != nil {
+			wakes = append(wakes, explicitWake) // an explicit listener failed, or is open again
 		}
 		wg.Add(1)
 		go func() {
