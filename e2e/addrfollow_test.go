@@ -414,3 +414,38 @@ func TestExplicitReopensAfterAcceptFails(t *testing.T) {
 		time.Sleep(100 * time.Millisecond)
 	}
 }
+
+// TestWANLineListsListening: the start-up line on the WAN socket filter
+// names only the listeners that listen: not the explicit proxy when its
+// listener did not open, nor the proxies when the proxy did not start.
+// Before, it named what was configured.
+func TestWANLineListsListening(t *testing.T) {
+	tp := newTopo(t)
+	for _, c := range []struct {
+		name, taken string
+		extra       []string
+		want        string
+	}{
+		{"explicit", net.JoinHostPort(gwLAN4, "3128"), []string{"--explicit-proxy-listen", net.JoinHostPort(gwLAN4, "3128")},
+			"wan: the DNS forwarder, the transparent proxy drop what arrives on wan0 (socket filter)"},
+		{"proxy", "[::]:15001", nil, "wan: the DNS forwarder drops what arrives on wan0 (socket filter)"},
+	} {
+		t.Run(c.name, func(t *testing.T) {
+			taken, err := tp.gw.Listen("tcp", c.taken)
+			if err != nil {
+				t.Fatal(err)
+			}
+			defer taken.Close()
+			d := newDaemon(t, tp, "audit")
+			d.noGuard = true
+			d.unready = true
+			d.extra = c.extra
+			d.start()
+			defer d.stop()
+			d.waitLog(t, "admin: http://", 1)
+			if !strings.Contains(d.logs(), c.want+"\n") {
+				t.Errorf("no line %q:\n%s", c.want, d.logs())
+			}
+		})
+	}
+}

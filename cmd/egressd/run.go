@@ -864,7 +864,16 @@ func (d *daemon) run(ctx context.Context) error {
 	}
 
 	if wan != "" && !slices.Contains(lans, wan) {
-		d.say("%s", wanDropSay(wan, wdrop, wanIdx, wanLoopback))
+		// What listens, not what was asked for: a listener that did not
+		// open drops nothing.
+		dnsOn := d.dns != nil && isClosed(d.dns.Ready())
+		proxyOn := d.proxy != nil && isClosed(d.proxy.Ready()) && !isClosed(proxyStopped)
+		var tOn, eOn bool
+		if proxyOn {
+			t, _ := d.proxy.Addrs()
+			tOn, eOn = t != nil, len(d.proxy.ExplicitAddrs()) > 0
+		}
+		d.say("%s", wanDropSay(wan, wdrop.listening(dnsOn, tOn, eOn), wanIdx, wanLoopback))
 	}
 	// --guard-wan guards only when egressd installs the firewall: with
 	// --no-firewall it installs nothing.

@@ -245,3 +245,28 @@ func TestAuditWANExposure(t *testing.T) {
 		}
 	}
 }
+
+// TestWANDropSayListening: the start-up line on the WAN filter names the
+// listeners that listen, not those asked for (wanDrop.listening), with
+// the verb agreeing.
+func TestWANDropSayListening(t *testing.T) {
+	all := wanDrop{dnsUDP: true, dnsTCP: true, transparent: true, explicit: true}
+	for _, c := range []struct {
+		dns, transparent, explicit bool
+		want                       string
+	}{
+		{true, true, true, "wan: the DNS forwarder, the transparent proxy, the explicit proxy drop what arrives on wan0 (socket filter)"},
+		{true, true, false, "wan: the DNS forwarder, the transparent proxy drop what arrives on wan0 (socket filter)"},
+		{true, false, false, "wan: the DNS forwarder drops what arrives on wan0 (socket filter)"},
+		{false, false, true, "wan: the explicit proxy drops what arrives on wan0 (socket filter)"},
+		{false, false, false, "wan: no listener drops what arrives on wan0"},
+	} {
+		if got := wanDropSay("wan0", all.listening(c.dns, c.transparent, c.explicit), 7, false); got != c.want {
+			t.Errorf("%v %v %v: %q, want %q", c.dns, c.transparent, c.explicit, got, c.want)
+		}
+	}
+	// Not listening never adds a filter the configuration had not.
+	if got := (wanDrop{dnsUDP: true}).listening(true, true, true); !reflect.DeepEqual(got, wanDrop{dnsUDP: true}) {
+		t.Errorf("listening added filters: %+v", got)
+	}
+}

@@ -62,6 +62,17 @@ func wanDropFor(lans []string, wan string, wanOpen []policy.PortRange, dnsListen
 
 func (w wanDrop) any() bool { return w.dnsUDP || w.dnsTCP || w.transparent || w.explicit }
 
+// listening is w without the listeners that are not listening (dns: the
+// forwarder; transparent: the transparent proxy; explicit: an explicit
+// listener at least), for the start-up line: it names what drops, not
+// what would have.
+func (w wanDrop) listening(dns, transparent, explicit bool) wanDrop {
+	w.dnsUDP, w.dnsTCP = w.dnsUDP && dns, w.dnsTCP && dns
+	w.transparent = w.transparent && transparent
+	w.explicit = w.explicit && explicit
+	return w
+}
+
 // dns and proxy are the indexes the forwarder's and the proxy's sockets
 // drop, for the WAN interface's index idx.
 func (w wanDrop) dns(idx int) (udp, tcp int) { return on(w.dnsUDP, idx), on(w.dnsTCP, idx) }
@@ -147,5 +158,19 @@ func wanDropSay(wan string, w wanDrop, idx int, loopback bool) string {
 	case idx == 0:
 		return fmt.Sprintf("wan: %s does not exist (yet): %s will drop what arrives on it once it appears (socket filter)%s", wan, strings.Join(drop, ", "), open)
 	}
-	return fmt.Sprintf("wan: %s drop what arrives on %s (socket filter)%s", strings.Join(drop, ", "), wan, open)
+	verb := "drop"
+	if len(drop) == 1 {
+		verb = "drops"
+	}
+	return fmt.Sprintf("wan: %s %s what arrives on %s (socket filter)%s", strings.Join(drop, ", "), verb, wan, open)
+}
+
+// isClosed reports whether ch is closed (a part's Ready, say).
+func isClosed(ch <-chan struct{}) bool {
+	select {
+	case <-ch:
+		return true
+	default:
+		return false
+	}
 }
