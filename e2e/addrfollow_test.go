@@ -369,7 +369,8 @@ func TestExplicitEveryLANAddr(t *testing.T) {
 // TestExplicitReopensAfterAcceptFails: an explicit listener whose accept
 // fails for good (here the kernel aborts the listening socket: ss -K) is
 // closed and opened again, 1 s later, with a log line; meanwhile the part
-// is "not running" (/readyz), and running again once it listens. Both a
+// is "not running" (/readyz), and running again once it listens, with
+// the WAN socket filter as before (audit mode without the WAN guard). Both a
 // listener opened later (a LAN address that came after the start) and
 // one opened at start are checked, and the transparent proxy goes on
 // throughout. Before, the listener opened later stayed closed until its
@@ -378,7 +379,9 @@ func TestExplicitEveryLANAddr(t *testing.T) {
 func TestExplicitReopensAfterAcceptFails(t *testing.T) {
 	const cli2, gw2 = "198.18.9.10", "198.18.9.1"
 	tp := newTopo(t)
+	startOwnServer(t, tp.gw, "8080") // no filter: what the WAN side reaches without one
 	d := newDaemon(t, tp, "audit")
+	d.noGuard = true // only the socket filter keeps the WAN side out
 	d.start()
 	defer d.stop()
 	tp.gw.MustRun("ip", "addr", "add", gw2+"/24", "dev", "lan0")
@@ -398,6 +401,18 @@ func TestExplicitReopensAfterAcceptFails(t *testing.T) {
 		// /readyz follows the part: not running while down, running again.
 		d.waitLog(t, `"msg":"part not running","part":"explicit-proxy"`, i+1)
 		d.waitLog(t, `"msg":"part running again","part":"explicit-proxy"`, i+1)
+	}
+	// The listener opened again has the WAN filter.
+	ctx, cancel := context.WithTimeout(context.Background(), 2*time.Second)
+	defer cancel()
+	if c, err := tp.inet.DialContext(ctx, "tcp", net.JoinHostPort(gwLAN4, "8080")); err != nil {
+		t.Errorf("control: the WAN side does not reach %s:8080, which has no filter: %v", gwLAN4, err)
+	} else {
+		c.Close()
+	}
+	if c, err := tp.inet.DialContext(ctx, "tcp", net.JoinHostPort(gwLAN4, "3128")); err == nil {
+		c.Close()
+		t.Errorf("the WAN side got a handshake from the explicit listener on %s:3128 opened again: no WAN filter on it", gwLAN4)
 	}
 	if out := tp.gw.MustRun("ss", "-Hltn"); !strings.Contains(out, ":15001") {
 		t.Errorf("the transparent proxy's listener went with an explicit one:\n%s", out)
