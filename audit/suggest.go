@@ -103,6 +103,7 @@ func (r *Report) Suggest() (sugs []Suggestion, comments []string) {
 			}
 		}
 	}
+	devMACs := r.deviceMACs()
 	type tally struct{ flows, queries, requests uint64 }
 	left := map[string]*tally{}
 	groups := map[suggestKey]*group{}
@@ -262,7 +263,7 @@ func (r *Report) Suggest() (sugs []Suggestion, comments []string) {
 		} else {
 			s.To = generalise(k.domain, sortedKeys(g.names), allNames)
 		}
-		if from, byMAC := fromOf(g.clients, g.macs, g.noMAC); !g.trunc && len(from) <= maxFromClients {
+		if from, byMAC := fromOf(g.clients, g.macs, g.noMAC, devMACs); !g.trunc && len(from) <= maxFromClients {
 			s.From = sortedKeys(from)
 			if byMAC {
 				s.Notes = append(s.Notes, "from: names a device by MAC where each of its addresses was seen with that one MAC, so the rule holds across DHCP leases")
@@ -290,21 +291,80 @@ func (r *Report) Suggest() (sugs []Suggestion, comments []string) {
 }
 
 // fromOf is what a suggestion's from: lists for clients: a client seen
-// with one MAC, and never without one, as that MAC (a device keeps it
-// across DHCP leases, and its IPv4 and IPv6 addresses are one entry);
-// any other as its address. byMAC says some MAC is listed.
-func fromOf(clients map[string]bool, macs map[string]map[string]bool, noMAC map[string]bool) (from map[string]bool, byMAC bool) {
+// with one MAC, and in none of the group's entries without one (within
+// an entry, a sighting without a MAC is not kept once one had a MAC:
+// clientSet.add), as that MAC when it is one
+// device's (devMACs: a device keeps it across DHCP leases, and its IPv4
+// and IPv6 addresses are one entry); any other as its address. byMAC
+// says some MAC is listed.
+func fromOf(clients map[string]bool, macs map[string]map[string]bool, noMAC map[string]bool, devMACs map[string]bool) (from map[string]bool, byMAC bool) {
 	from = map[string]bool{}
 	for c := range clients {
 		if ms := macs[c]; !noMAC[c] && len(ms) == 1 {
-			for m := range ms {
+			m := onlyKey(ms)
+			if devMACs[m] {
 				from[m], byMAC = true, true
+				continue
 			}
-			continue
 		}
 		from[c] = true
 	}
 	return from, byMAC
+}
+
+func onlyKey(m map[string]bool) string {
+	for k := range m {
+		return k
+	}
+	return ""
+}
+
+// maxDeviceAddrs bounds the addresses of a MAC --suggest names as one
+// device, as netutil.Devices bounds a device's (README: "A client is a
+// device"): at most one IPv4 address and at most 16 in all.
+const maxDeviceAddrs = 16
+
+// deviceMACs returns the MACs of r that stand for one device: seen, over
+// all of r's rules and dropped entries, with at most one IPv4 address and
+// at most maxDeviceAddrs addresses in all. A MAC with more is not one
+// device's but a box's that puts its MAC on others' frames: a LAN router
+// (capture records the frame's MAC, the router's, for the flows of every
+// client behind it), proxy ARP, a wireless repeater. from: naming it
+// would let every client behind it out through the forward chain in
+// enforce mode, while the proxies deny those clients all the same (they
+// have no neighbour entry: README "A client behind a router has no MAC").
+// Only the addresses the report kept are counted (64 an entry).
+func (r *Report) deviceMACs() map[string]bool {
+	addrs := map[string]map[string]bool{}
+	see := func(d ClientDevices) {
+		for _, dev := range d.Devices {
+			if addrs[dev.MAC] == nil {
+				addrs[dev.MAC] = map[string]bool{}
+			}
+			for _, c := range dev.Clients {
+				addrs[dev.MAC][c] = true
+			}
+		}
+	}
+	for _, u := range r.Rules {
+		see(u.ClientDevices)
+	}
+	for _, d := range r.Dropped {
+		see(d.ClientDevices)
+	}
+	out := map[string]bool{}
+	for m, as := range addrs {
+		v4 := 0
+		for a := range as {
+			if ip, err := netip.ParseAddr(a); err == nil && ip.Unmap().Is4() {
+				v4++
+			}
+		}
+		if v4 <= 1 && len(as) <= maxDeviceAddrs {
+			out[m] = true
+		}
+	}
+	return out
 }
 
 // macsByClient returns the MACs seen with each client that had one, from
