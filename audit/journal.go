@@ -204,11 +204,19 @@ func OpenJournal(cfg JournalConfig, ledger *Ledger) (*Journal, LoadStats, error)
 	}
 	j.f, j.size = f, fi.Size()
 	if files, err := LogFiles(cfg.Dir); err == nil {
+		rotated := 0
 		for _, p := range files {
 			if end, ok := rotatedTime(p); ok {
 				j.saw(end)
+				if n := filepath.Base(p); j.archLast == "" || n > j.archLast {
+					rotated++
+				}
 			}
 		}
+		// Files a failed summary write left past MaxFiles (fold) are
+		// pending from the start: the gauge must not read 0 until the
+		// next rotation's fold because the daemon restarted.
+		j.unfolded.Store(int64(max(0, rotated-cfg.MaxFiles)))
 	}
 	ledger.mu.Lock()
 	ledger.history = j.scan
