@@ -404,6 +404,9 @@ func FuzzParseArchive(f *testing.F) {
 	f.Add([]byte(`{"version":1}`))
 	f.Add([]byte(`{"version":1,"rules":[{"name":"a","clients":["1.2.3.4","::ffff:1.2.3.4"],"dests":[{"dest":"x","count":18446744073709551615}]}],"dropped":[{"dest":"d","ip":"::1"}]}`))
 	f.Add([]byte("{not json"))
+	f.Add([]byte(`{"version":1,"totals":{"allowed_flows":1},"rules":[{"name":"r","flows":1,"bytes_out":5}],"open_flows":[` +
+		`{"kind":"flow","client":"192.168.1.2","client_port":1,"dest_ip":"198.18.0.1","dest_port":443,"proto":"tcp","start":"2026-01-01T00:00:00Z","end":"2026-01-01T00:00:00Z","bytes_out":9,"rule":"r"},` +
+		`{"kind":"flow","client":"192.168.1.2","client_port":2,"dest_ip":"198.18.0.1","dest_port":443,"proto":"tcp","start":"2026-01-01T00:00:00Z","end":"2026-01-01T00:00:00Z","rule":"r"}]}`))
 	f.Fuzz(func(t *testing.T, b []byte) {
 		a, err := parseArchive(b)
 		if err != nil {
@@ -422,6 +425,40 @@ func FuzzParseArchive(f *testing.F) {
 		for _, r := range out.Rules {
 			if len(r.Clients) > 3 || len(r.Dests) > 3 {
 				t.Fatalf("rule %q: %d clients, %d dests", r.Name, len(r.Clients), len(r.Dests))
+			}
+		}
+		// The proxy's reports of the remembered flows, each decided the
+		// other way: taking capture's counts back must not wrap one
+		// below zero, whatever open_flows claims.
+		before := map[string]uint64{}
+		for _, r := range out.Rules {
+			before["r"+r.Name] = max(r.Flows, r.Denied, r.BytesOut, r.BytesIn)
+		}
+		for _, d := range out.Dropped {
+			before[fmt.Sprintf("d%s %d %s", d.Dest, d.Port, d.Proto)] = max(d.Flows, d.EnforcedFlows, d.BytesOut, d.BytesIn)
+		}
+		n := uint64(0)
+		for _, f := range out.Open {
+			if f.Kind != KindFlow || n == 64 {
+				continue
+			}
+			n++
+			ev := Event{Kind: KindFlow, Source: SourceProxy, Time: f.End, Client: f.Client, ClientPort: f.ClientPort, Dest: f.DestIP,
+				DestPort: f.DestPort, Proto: f.Proto, Verdict: policy.Allow, Rule: "proxy", Mode: policy.ModeAudit}
+			if f.Rule != "" {
+				ev.Verdict, ev.Rule, ev.Reason, ev.Name = policy.Deny, "", policy.ReasonNoRule, "proxy.example"
+			}
+			l.add(&ev)
+		}
+		after := l.export()
+		for _, r := range after.Rules {
+			if m := max(r.Flows, r.Denied, r.BytesOut, r.BytesIn); m > before["r"+r.Name]+n && m > 1<<62 {
+				t.Fatalf("rule %q wrapped below zero: %+v", r.Name, r)
+			}
+		}
+		for _, d := range after.Dropped {
+			if m := max(d.Flows, d.EnforcedFlows, d.BytesOut, d.BytesIn); m > before[fmt.Sprintf("d%s %d %s", d.Dest, d.Port, d.Proto)]+n && m > 1<<62 {
+				t.Fatalf("dropped %q wrapped below zero: %+v", d.Dest, d)
 			}
 		}
 	})
