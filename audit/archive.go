@@ -481,8 +481,34 @@ func (l *Ledger) importArchive(a *archive) {
 // deduplication of their later reports, pointing at the counts imported.
 // One whose rule or dropped entry the import did not keep is left out
 // (its later report then counts again): a later report must never take
-// back a count that is not there.
+// back a count that is not there. So is one past what its counts hold
+// (a damaged or edited summary: more flows pointing at a rule than it
+// counts, more bytes than it has): the remembered flows of a rule, a
+// dropped entry and the totals never claim more than they count, so
+// taking every one back (reattributeLocked) leaves them at zero at least.
 func (l *Ledger) importFlowsLocked(fs []archFlow) {
+	// claimed is what the flows remembered so far take of a count.
+	type claimed struct{ flows, queries, denied, enforced, out, in uint64 }
+	rules := map[*ruleStats]*claimed{}
+	drops := map[*dropStats]*claimed{}
+	var allowed, dropped uint64
+	claimOf := func(c *claimed, f *archFlow, flows, queries, out, in uint64) bool {
+		if f.Kind == KindFlow {
+			return c.flows < flows && c.out+f.BytesOut <= out && c.in+f.BytesIn <= in &&
+				c.out+f.BytesOut >= c.out && c.in+f.BytesIn >= c.in
+		}
+		return c.queries < queries && c.out+f.BytesOut <= out && c.in+f.BytesIn <= in &&
+			c.out+f.BytesOut >= c.out && c.in+f.BytesIn >= c.in
+	}
+	take := func(c *claimed, f *archFlow) {
+		if f.Kind == KindFlow {
+			c.flows++
+		} else {
+			c.queries++
+		}
+		c.out += f.BytesOut
+		c.in += f.BytesIn
+	}
 	for _, f := range fs[max(0, len(fs)-min(maxArchiveFlows, l.opt.MaxFlows)):] {
 		if (f.Kind != KindFlow && f.Kind != KindDNS) || f.End.Before(f.Start) {
 			continue
@@ -499,20 +525,57 @@ func (l *Ledger) importFlowsLocked(fs []archFlow) {
 		var ds *dropStats
 		switch {
 		case f.Rule != "":
-			if rs = l.rules[Clip(f.Rule, MaxNameBytes)]; rs == nil || (f.Kind == KindFlow && rs.flows == 0) || (f.Kind == KindDNS && rs.queries == 0) {
+			if rs = l.rules[Clip(f.Rule, MaxNameBytes)]; rs == nil {
 				continue
+			}
+			c := rules[rs]
+			if c == nil {
+				c = &claimed{}
+				rules[rs] = c
+			}
+			if !claimOf(c, &f, rs.flows, rs.queries, rs.bytesOut, rs.bytesIn) || (f.Kind == KindFlow && allowed >= l.totals.Allowed) {
+				continue
+			}
+			take(c, &f)
+			if f.Kind == KindFlow {
+				allowed++
 			}
 		case f.DropDest != "":
 			k := dropKey{Clip(f.DropDest, MaxNameBytes), f.DropPort, Clip(f.DropProto, 8)}
 			if ds = l.dropped[k]; ds == nil {
 				ds = l.dropped[overflowKey]
 			}
-			if ds == nil || (f.Kind == KindFlow && ds.flows == 0) || (f.Kind == KindDNS && ds.queries == 0) {
+			if ds == nil {
 				continue
 			}
-			if f.Denied != "" {
-				if denied = l.rules[Clip(f.Denied, MaxNameBytes)]; denied == nil || denied.denied == 0 {
+			c := drops[ds]
+			if c == nil {
+				c = &claimed{}
+				drops[ds] = c
+			}
+			if !claimOf(c, &f, ds.flows, ds.queries, ds.bytesOut, ds.bytesIn) || (f.Kind == KindFlow && dropped >= l.totals.Dropped) ||
+				(f.Kind == KindFlow && f.Enforced && c.enforced >= ds.enforcedFlows) {
+				continue
+			}
+			var dc *claimed
+			if f.Denied != "" && f.Kind == KindFlow {
+				if denied = l.rules[Clip(f.Denied, MaxNameBytes)]; denied == nil {
 					continue
+				}
+				if dc = rules[denied]; dc == nil {
+					dc = &claimed{}
+					rules[denied] = dc
+				}
+				if dc.denied >= denied.denied {
+					continue
+				}
+				dc.denied++
+			}
+			take(c, &f)
+			if f.Kind == KindFlow {
+				dropped++
+				if f.Enforced {
+					c.enforced++
 				}
 			}
 		default:
