@@ -824,6 +824,7 @@ func (j *Journal) foldFile(path string) error {
 	if newer {
 		j.log.Warn("audit: the summary of rotated-out event log files was written by a newer egressd; deleting a rotated-out event log file without adding it to the summary: its events will be missing after a restart",
 			"file", path)
+		j.lost.Add(1)
 		j.remove([]string{path})
 		return nil
 	}

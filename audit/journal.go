@@ -848,7 +848,7 @@ func (j *Journal) RegisterMetrics(reg prometheus.Registerer) error {
 		}, func() float64 { return float64(j.unfolded.Load()) }),
 		prometheus.NewCounterFunc(prometheus.CounterOpts{
 			Namespace: "egress", Subsystem: "audit", Name: "summary_lost_files_total",
-			Help: "Rotated event log files deleted without their counts in the summary (it could not be written; more than 2 waited).",
+			Help: "Rotated event log files deleted without their counts in the summary (it could not be written and more than 2 waited, or a newer egressd's is left in place).",
 		}, func() float64 { return float64(j.lost.Load()) }),
 	}
 	for _, c := range cs {
