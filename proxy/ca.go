@@ -344,6 +344,19 @@ const (
 	leafOn   = 365 * 24 * time.Hour
 )
 
+// macOS and iOS refuse a TLS server certificate dated (NotBefore) from
+// appleLifeFrom on that is valid for more than 825 days, under a root the
+// user added too (Apple, "Requirements for trusted certificates in iOS 13
+// and macOS 10.15"). A leaf made while the clock is behind the floor lasts
+// at most leafMaxLife, a few days less, when its NotBefore is that late:
+// the clock of a gateway without a real-time clock is seldom 1970 (systemd
+// sets it to its own build time, fake-hwclock and OpenWrt to the last one
+// saved), and a leaf valid from then to the CA's end, ten years, was
+// refused by every Apple client.
+var appleLifeFrom = time.Date(2019, 7, 1, 0, 0, 0, 0, time.UTC)
+
+const leafMaxLife = 820 * 24 * time.Hour
+
 // leaf returns the cached leaf for host (a host name or address, without
 // port), signed by ca, making one when none is fresh.
 func (s *certStore) leaf(ca tls.Certificate, host string) (*tls.Certificate, error) {
@@ -405,7 +418,9 @@ func leafFresh(leaf *x509.Certificate, now, floor time.Time) bool {
 // 1969 to 1971 and every client whose own clock is right refused it. A
 // clock before floor (audit.BuildFloor) is wrong, and the right time is
 // some time after floor, how long after is not known: the leaf then lasts
-// until the CA's end (certStore serves it only until the clock is right).
+// until the CA's end, or leafMaxLife from its start when Apple's clients
+// would refuse a longer one (certStore serves it only until the clock is
+// right).
 func signLeaf(ca tls.Certificate, host string, now, floor time.Time) (*tls.Certificate, error) {
 	caCert := ca.Leaf
 	if caCert == nil {
@@ -433,6 +448,9 @@ func signLeaf(ca tls.Certificate, host string, now, floor time.Time) (*tls.Certi
 	}
 	if now.Before(floor) && caCert.NotAfter.After(tmpl.NotAfter) {
 		tmpl.NotAfter = caCert.NotAfter
+		if !tmpl.NotBefore.Before(appleLifeFrom) && tmpl.NotAfter.Sub(tmpl.NotBefore) > leafMaxLife {
+			tmpl.NotAfter = tmpl.NotBefore.Add(leafMaxLife)
+		}
 	}
 	if ip := net.ParseIP(host); ip != nil {
 		tmpl.IPAddresses = []net.IP{ip}
