@@ -357,8 +357,8 @@ var appleLifeFrom = time.Date(2019, 7, 1, 0, 0, 0, 0, time.UTC)
 
 const leafMaxLife = 820 * 24 * time.Hour
 
-// leaf returns the cached leaf for host (a host name or address, without
-// port), signed by ca, making one when none is fresh.
+// leaf returns the cached leaf for host (a host name in lower case, or
+// an address, without port), signed by ca, making one when none is fresh.
 func (s *certStore) leaf(ca tls.Certificate, host string) (*tls.Certificate, error) {
 	return s.Fetch(host, func() (*tls.Certificate, error) {
 		return signLeaf(ca, host, s.clock(), audit.BuildFloor())

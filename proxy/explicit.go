@@ -1118,6 +1118,9 @@ func (p *Proxy) mitmTLSConfig(host string, _ *goproxy.ProxyCtx) (*tls.Config, er
 	if h, _, err := net.SplitHostPort(host); err == nil {
 		host = h
 	}
+	// Names are matched without regard to case (by the policy and by
+	// clients): one leaf, and one cache entry, for all spellings.
+	host = strings.ToLower(host)
 	leaf, err := p.certs.leaf(ca.cert, host)
 	if err != nil {
 		return nil, fmt.Errorf("proxy: leaf for %s: %w", host, err)

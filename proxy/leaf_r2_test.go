@@ -7,6 +7,9 @@ import (
 	"crypto/tls"
 	"crypto/x509"
 	"encoding/pem"
+	"fmt"
+	"net"
+	"strings"
 	"testing"
 	"time"
 )
@@ -54,6 +57,66 @@ func TestSignLeafBehindFloorAppleLimit(t *testing.T) {
 			if _, err := l.Verify(x509.VerifyOptions{DNSName: "docs.paths.test", Roots: roots, CurrentTime: at}); err != nil {
 				t.Errorf("made at %v, client at %v: %v", made, at, err)
 			}
+		}
+	}
+}
+
+// TestLeafCacheOneLeafPerHost: host names are matched without regard to
+// case, by the policy and by every client, so a CONNECT to
+// "DOCS.paths.test" is inspected as docs.paths.test is. The leaf cache
+// was keyed on the name as the client spelled it: each spelling (2^15 of
+// them for docs.paths.test) made and kept a leaf of its own, so a client
+// could make the proxy sign a leaf at each connection and fill the cache
+// (emptied whole at 4096 leaves, those of every other host with it) even
+// under a policy that inspects one host. And with many hosts, each is
+// given a leaf for itself, never one made for another.
+func TestLeafCacheOneLeafPerHost(t *testing.T) {
+	state := t.TempDir()
+	ca, caPEM, err := LoadOrCreateCA(state)
+	if err != nil {
+		t.Fatal(err)
+	}
+	_ = ca
+	roots := x509.NewCertPool()
+	roots.AppendCertsFromPEM(caPEM)
+	p := &Proxy{cfg: Config{Inspect: true, StateDir: state}, certs: &certStore{}}
+	serve := func(hostport, name string) *x509.Certificate {
+		t.Helper()
+		c, err := p.mitmTLSConfig(hostport, nil)
+		if err != nil {
+			t.Fatalf("%s: %v", hostport, err)
+		}
+		leaf := c.Certificates[0].Leaf
+		if _, err := leaf.Verify(x509.VerifyOptions{DNSName: name, Roots: roots}); err != nil {
+			t.Errorf("%s: leaf for %v %v does not verify for %s: %v", hostport, leaf.DNSNames, leaf.IPAddresses, name, err)
+		}
+		return leaf
+	}
+	first := serve("docs.paths.test:443", "docs.paths.test")
+	for _, h := range []string{"DOCS.paths.test", "Docs.Paths.Test", "docs.PATHS.test", "DOCS.PATHS.TEST"} {
+		if l := serve(h+":443", h); !l.Equal(first) {
+			t.Errorf("%s: a leaf of its own (%v), not docs.paths.test's", h, l.DNSNames)
+		}
+	}
+	p.certs.mu.Lock()
+	n := len(p.certs.m)
+	p.certs.mu.Unlock()
+	if n != 1 {
+		t.Errorf("%d leaves cached for one host, want 1", n)
+	}
+	for i := range 300 {
+		var h string
+		switch i % 3 {
+		case 0:
+			h = fmt.Sprintf("h%d.paths.test", i)
+		case 1:
+			h = fmt.Sprintf("192.0.2.%d", i%250+1)
+		default:
+			h = fmt.Sprintf("[2001:db8::%x]", i)
+		}
+		name := strings.Trim(h, "[]")
+		for range 2 { // made, then from the cache
+			serve(net.JoinHostPort(name, "443"), name)
 		}
 	}
 }
