@@ -8,10 +8,16 @@ import (
 	"crypto/x509"
 	"encoding/pem"
 	"fmt"
+	"io"
+	"log/slog"
 	"net"
+	"net/netip"
+	"runtime"
 	"strings"
 	"testing"
 	"time"
+
+	"egressd/policy"
 )
 
 // TestSignLeafBehindFloorAppleLimit: macOS and iOS refuse a TLS server
@@ -117,6 +123,53 @@ func TestLeafCacheOneLeafPerHost(t *testing.T) {
 		name := strings.Trim(h, "[]")
 		for range 2 { // made, then from the cache
 			serve(net.JoinHostPort(name, "443"), name)
+		}
+	}
+}
+
+// TestInspectCAWatchStops: the goroutine that checks the CA each day ends
+// with the proxy, whether its context is cancelled or it is closed: Run
+// waits for it, and none is left behind.
+func TestInspectCAWatchStops(t *testing.T) {
+	eng, err := policy.Compile("p.yaml", []byte("version: 1\nmode: enforce\nrules:\n  - name: docs\n    to: [\"docs.paths.test/public/*\"]\n    ports: [443/tcp]\n"))
+	if err != nil {
+		t.Fatal(err)
+	}
+	watching := func() int {
+		buf := make([]byte, 1<<20)
+		return strings.Count(string(buf[:runtime.Stack(buf, true)]), "proxy.(*Proxy).watchCA")
+	}
+	for _, stop := range []string{"cancel", "close"} {
+		p, err := New(Config{Inspect: true, StateDir: t.TempDir(), ExplicitAddr: "127.0.0.1:0", OwnAddrs: []netip.Addr{}},
+			Deps{Policy: policy.NewStore(eng), Logger: slog.New(slog.NewTextHandler(io.Discard, nil))})
+		if err != nil {
+			t.Fatal(err)
+		}
+		cancel, ran := runReady(t, p)
+		// The CA is loaded by the watch (the metric's source), no
+		// inspected connection needed.
+		for i := 0; p.mitm.Load() == nil && i < 1000; i++ {
+			time.Sleep(10 * time.Millisecond)
+		}
+		if p.mitm.Load() == nil {
+			t.Fatalf("%s: CA not loaded by the watch", stop)
+		}
+		if n := watching(); n != 1 {
+			t.Errorf("%s: %d CA watches running, want 1", stop, n)
+		}
+		if stop == "cancel" {
+			cancel()
+		} else {
+			p.Close()
+		}
+		select {
+		case <-ran:
+		case <-time.After(10 * time.Second):
+			t.Fatalf("%s: Run did not return", stop)
+		}
+		cancel()
+		if n := watching(); n != 0 {
+			t.Errorf("%s: %d CA watches left after Run returned", stop, n)
 		}
 	}
 }
