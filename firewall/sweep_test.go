@@ -596,3 +596,51 @@ func TestReloadCutsBeforeRemarking(t *testing.T) {
 		t.Errorf("when d's flow was cut, a's flow had tag %d, not a's %d: it was re-marked first", got, ta)
 	}
 }
+
+// TestRestartStaleTags: egressd stopped, its policy edited while it was
+// down (rule a removed, rule c added), and started again: the flow rule
+// a let out must be cut, even where c drew a's tag. The ruleset stays in
+// the kernel while egressd is down, and so do the marks of the flows it
+// let out; a start that reads every tag as the rule of its own ruleset
+// that has it (it knew nothing of the policy before) kept a's flow as
+// c's, a flow no rule allows, until it ended. b's flow, of an unchanged
+// rule, is kept.
+func TestRestartStaleTags(t *testing.T) {
+	requireNft(t)
+	tp := newTopo(t)
+	tp.serverUDP(t, "198.18.2.2:9000", "198.18.2.3:9000")
+	fw := tp.firewall(t, Config{})
+	cfg := fw.cfg
+	const (
+		a = "  - {name: a, to: [198.18.2.2/32], ports: [9000/udp]}\n"
+		b = "  - {name: b, to: [198.18.2.3/32], ports: [9000/udp]}\n"
+	)
+	policyOf := func(rules ...string) *policy.Engine {
+		return compile(t, "version: 1\nmode: enforce\nrules:\n"+strings.Join(rules, ""))
+	}
+	r0, err := Render(cfg, policyOf(a, b))
+	if err != nil {
+		t.Fatal(err)
+	}
+	// c has a's tag, beside b, and lets nothing of a's flow out.
+	c := tagTwin(t, cfg, b, r0.flows[0].tag, func(i int) string {
+		return fmt.Sprintf("  - {name: c%d, to: [203.0.113.9/32], ports: [9001/udp]}\n", i)
+	})
+	before := policyOf(a, b)
+	if err := fw.Install(before); err != nil {
+		t.Fatal(err)
+	}
+	flows := map[string]*flow{"a": dialFlow(t, tp, "udp", "198.18.2.2:9000"), "b": dialFlow(t, tp, "udp", "198.18.2.3:9000")}
+	checkFlows(t, "installed", flows)
+	if err := fw.Detach(); err != nil {
+		t.Fatal(err)
+	}
+	fw2 := tp.firewall(t, Config{})
+	if err := fw2.Install(policyOf(b, c)); err != nil {
+		t.Fatal(err)
+	}
+	if cut, kept := flowsMetric(fw2, "cut"), flowsMetric(fw2, "kept"); cut != 1 || kept != 1 {
+		t.Errorf("restart without a, c with a's tag: %v cut, %v kept, want 1 and 1", cut, kept)
+	}
+	checkFlows(t, "restart without a, c with a's tag", flows, "a")
+}

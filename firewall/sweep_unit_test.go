@@ -172,3 +172,39 @@ func renderEnforce(t *testing.T, rules string) *Ruleset {
 	}
 	return rs
 }
+
+// TestTagsStable: the tags of fixed rules, checked in. A restart into
+// another egressd (an upgrade, a rollback) reads the marks the one before
+// wrote with its tag function: a tag of the same rule must come out the
+// same, or the new binary decides every flow again (and cuts those to
+// answers that expired, an NTP flow resolved a day ago), and a rule's tag
+// that another binary gives another rule keeps that rule's flows. If this
+// fails, the fingerprint or the tag assignment changed: say so in the
+// README's "Upgrading and rolling back", or keep the function.
+func TestTagsStable(t *testing.T) {
+	rs := renderEnforce(t, `  - {name: ntp, to: [time.google.com, "*.pool.ntp.org"], ports: [123/udp]}
+  - {name: vpn, from: [198.18.1.0/24, "aa:bb:cc:dd:ee:ff"], to: [198.51.100.0/24, "2001:db8::/32"], ports: [1194/udp, 51820/udp]}
+  - {name: any, to: ["*"], ports: [7/udp]}
+  - {name: intake, to: [agent-intake.logs.datadoghq.com], ports: [10516/tcp]}
+  - {name: docs, to: [notion.so/nirovision/*], ports: [443/tcp, 8443/udp]}
+`)
+	// intake has none: its TCP port goes to the proxy (siteConfig).
+	want := map[string][2]uint64{
+		"ntp":  {0xf2b7bc2aa42bee51, 0xb4},
+		"vpn":  {0xdcbc093c649431c5, 0x153},
+		"any":  {0x4fb106e7207997cf, 0xd2},
+		"docs": {0x281d2bacac2243d9, 0x115},
+	}
+	got := map[string][2]uint64{}
+	for _, fr := range rs.flows {
+		got[fr.name] = [2]uint64{fr.fp, uint64(fr.tag)}
+	}
+	for name, w := range want {
+		if got[name] != w {
+			t.Errorf("rule %s: fingerprint %#x tag %d, want %#x %d", name, got[name][0], got[name][1], w[0], w[1])
+		}
+	}
+	if len(got) != len(want) {
+		t.Errorf("%d rules with tags, want %d", len(got), len(want))
+	}
+}
