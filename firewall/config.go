@@ -130,6 +130,15 @@ type Deps struct {
 	// clients' (sweep.go). Nil means no client has one there. The forward
 	// chain itself matches the frame's source address (ether saddr).
 	MACs ClientMACs
+	// Previous is the policy an earlier egressd ran with before this
+	// start (egressd run: the state directory's copy), whose ruleset may
+	// still be in the kernel with the marks of the connections it let
+	// out. Rendered with this Config, it is what their tags are read as
+	// at the first look at the connections (sweep.go): a rule it had
+	// that the new policy lacks or changed has its flows decided again,
+	// even where a new rule drew its tag. Nil (no copy, the first start)
+	// means a tag the new ruleset uses is taken for its rule's.
+	Previous *policy.Engine
 }
 
 // ClientMACs tells a LAN client's MAC address (egressd run: the LAN

@@ -52,7 +52,8 @@ type Firewall struct {
 	// since is what the tags of conntrack marks can mean: the enforce
 	// ruleset whose sweep last looked at every flow and every enforce
 	// ruleset installed after it (those before a first such sweep, at a
-	// start), oldest first, at most maxSince (sweep.go).
+	// start, after Deps.Previous's), oldest first, at most maxSince
+	// (sweep.go).
 	since []*Ruleset
 	// learned holds, per learned set, the addresses in it and when they
 	// expire. The kernel's expiry of an element is never earlier (it is
@@ -119,6 +120,17 @@ func New(cfg Config, deps Deps) (*Firewall, error) {
 	}
 	if f.sink == nil {
 		f.sink = audit.Discard
+	}
+	if deps.Previous != nil {
+		// The tags an earlier egressd's ruleset wrote are read as its
+		// rules' (sweep.go). One that does not render here is left out:
+		// its tags are then read as the new ruleset's, as without it.
+		rs, err := Render(cfg, deps.Previous)
+		if err != nil {
+			f.log.Warn("firewall: the policy before this start does not render; conntrack mark tags are read as the new policy's", audit.LogError, err.Error())
+		} else {
+			f.since = []*Ruleset{rs}
+		}
 	}
 	return f, nil
 }

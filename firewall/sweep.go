@@ -35,7 +35,9 @@ import (
 //     later ruleset went in first, or one that failed, leaves the tags of
 //     those before it in play). Where they disagree (a rule removed, and
 //     a new one drew its tag), the connection is decided again. At a
-//     start, since holds the new ruleset alone: a tag it uses is taken
+//     start, since holds the ruleset of the policy the earlier egressd
+//     ran (Deps.Previous, rendered with this run's Config), then the new
+//     one; without it, the new ruleset alone: a tag it uses is then taken
 //     for its rule's (let out by an earlier egressd whose policy is
 //     unknown);
 //   - otherwise (the rule was removed or changed, or the tag is one none

@@ -4,6 +4,7 @@ import (
 	"bufio"
 	"bytes"
 	"fmt"
+	"io"
 	"log/slog"
 	"net"
 	"net/netip"
@@ -17,6 +18,8 @@ import (
 	"egressd/audit"
 	"egressd/internal/netutil"
 	"egressd/policy"
+
+	"github.com/prometheus/client_golang/prometheus"
 )
 
 // echoTCP answers every line with "echo LINE" on addr in the server
@@ -601,10 +604,11 @@ func TestReloadCutsBeforeRemarking(t *testing.T) {
 // down (rule a removed, rule c added), and started again: the flow rule
 // a let out must be cut, even where c drew a's tag. The ruleset stays in
 // the kernel while egressd is down, and so do the marks of the flows it
-// let out; a start that reads every tag as the rule of its own ruleset
-// that has it (it knew nothing of the policy before) kept a's flow as
-// c's, a flow no rule allows, until it ended. b's flow, of an unchanged
-// rule, is kept.
+// let out; the new process is told the policy before (Deps.Previous,
+// egressd run: the state directory's copy). A start that read every tag
+// as the rule of its own ruleset that has it kept a's flow as c's, a
+// flow no rule allows, until it ended. b's flow, of an unchanged rule, is
+// kept. Without Deps.Previous (no copy) that is still what a start does.
 func TestRestartStaleTags(t *testing.T) {
 	requireNft(t)
 	tp := newTopo(t)
@@ -635,7 +639,7 @@ func TestRestartStaleTags(t *testing.T) {
 	if err := fw.Detach(); err != nil {
 		t.Fatal(err)
 	}
-	fw2 := tp.firewall(t, Config{})
+	fw2 := tp.firewallWith(t, Config{}, Deps{Registerer: prometheus.NewRegistry(), Logger: slog.New(slog.NewTextHandler(io.Discard, nil)), Previous: before})
 	if err := fw2.Install(policyOf(b, c)); err != nil {
 		t.Fatal(err)
 	}

@@ -107,6 +107,10 @@ type daemon struct {
 	store  *policy.Store
 	mode   policy.Mode // the --mode override, or ""
 	source string      // where the policy comes from, for reloads
+	// prevPolicy is the policy the egressd before this start ran with
+	// (the state directory's copy), for the firewall's first look at the
+	// connections already out; nil: none.
+	prevPolicy *policy.Engine
 
 	reg   *prometheus.Registry
 	admin *admin.Server // created once the ledger exists
@@ -313,6 +317,9 @@ func newDaemon(cfg runConfig, stdout, stderr io.Writer) (*daemon, error) {
 	if d.source == "" {
 		d.source = "profile:" + cfg.profile
 	}
+	if !cfg.noFirewall {
+		d.prevPolicy = d.previousPolicy() // before loadPolicy writes over the copy
+	}
 	eng, err := d.loadPolicy()
 	if err != nil {
 		return nil, err
@@ -351,6 +358,26 @@ func (d *daemon) loadPolicy() (*policy.Engine, error) {
 // runningPolicyFile is the copy of the running policy in the state
 // directory, which `egressd report` reads when the daemon is not running.
 const runningPolicyFile = "policy.yaml"
+
+// previousPolicy compiles the state directory's copy of the policy the
+// egressd before this start ran with: the firewall reads the tags in the
+// conntrack marks of the connections that one let out as its rules'
+// (firewall.Deps.Previous). Nil when there is none, or it does not
+// compile (a newer egressd's, rolled back from): said, and the tags are
+// read as the new policy's.
+func (d *daemon) previousPolicy() *policy.Engine {
+	p := filepath.Join(d.cfg.stateDir, runningPolicyFile)
+	src, err := os.ReadFile(p)
+	if err != nil {
+		return nil
+	}
+	eng, err := policy.Compile(p, src)
+	if err != nil {
+		d.log.Warn("the state directory's copy of the policy before this start does not compile; conntrack mark tags are read as the new policy's", audit.LogError, err.Error())
+		return nil
+	}
+	return eng
+}
 
 // savePolicy copies the policy just loaded into the state directory
 // (atomically: a report never reads half a file). Failure only costs the
@@ -996,7 +1023,7 @@ func (d *daemon) startFirewall(lans []string, wan string, gate *firewallGate) er
 			return out
 		}
 	}
-	fdeps := firewall.Deps{Logger: d.log, Registerer: d.reg, Sink: cuts, Given: given}
+	fdeps := firewall.Deps{Logger: d.log, Registerer: d.reg, Sink: cuts, Given: given, Previous: d.prevPolicy}
 	if d.macs != nil {
 		fdeps.MACs = d.macs
 	}
