@@ -105,7 +105,13 @@ func (m *matcher) run() {
 		m.names(name)
 	}
 	if m.flow && m.in.Dest.IsValid() {
-		m.addrs(m.in.Dest.Unmap())
+		a := m.in.Dest.Unmap()
+		m.addrs(a)
+		if v4, _, ok := NAT64Embedded(m.e.nat64, a); ok {
+			// A NAT64 destination is the IPv4 address it embeds too
+			// (nat64.go).
+			m.addrs(v4)
+		}
 	}
 }
 

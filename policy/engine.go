@@ -1,6 +1,7 @@
 package policy
 
 import (
+	"net/netip"
 	"slices"
 	"strings"
 	"sync/atomic"
@@ -29,6 +30,9 @@ type Engine struct {
 	zero6     []int32 // rules with ::/0
 	hasExpiry bool
 	hasMACs   bool // some rule's clients include a MAC address
+	// nat64 are the NAT64 prefixes (WithNAT64): a destination inside one
+	// is decided as the IPv4 address it embeds too. nil: none.
+	nat64 []netip.Prefix
 
 	// host holds HostLevel's engine, compiled on first use; shared with
 	// the engines WithMode makes (the mode does not change what allows).

@@ -27,7 +27,7 @@ func (e *Engine) HostLevel() *Engine {
 			}
 			host.Rules = append(host.Rules, hr)
 		}
-		e.host.e = New(host)
+		e.host.e = New(host).WithNAT64(e.nat64)
 	})
 	return e.host.e
 }

@@ -74,9 +74,13 @@ func SpecialRange(a netip.Addr, own []netip.Addr, allow []netip.Prefix) (netip.P
 // CIDRNames reports whether a rule that applies to in (its client, port
 // and protocol, TCP when unset; at in.Now) names the destination by a
 // prefix inside the guarded range g: "0.0.0.0/0" or "*" do not open
-// loopback; "127.0.0.1/32" does.
+// loopback; "127.0.0.1/32" does. A destination in one of the engine's
+// NAT64 prefixes, whose g is then in NAT64 form (Engine.SpecialRange),
+// is named by an IPv4 prefix in that form too: "169.254.169.254/32"
+// opens 64:ff9b::a9fe:a9fe.
 func (e *Engine) CIDRNames(in Input, g netip.Prefix) bool {
 	a := in.Dest.Unmap()
+	_, nat, isNAT := NAT64Embedded(e.nat64, a)
 	now := in.Now
 	if now.IsZero() {
 		now = time.Now()
@@ -107,6 +111,9 @@ func (e *Engine) CIDRNames(in Input, g netip.Prefix) bool {
 				continue
 			}
 			p := t.Prefix
+			if isNAT && p.Addr().Is4() {
+				p = NAT64Form(nat, p)
+			}
 			if p.Contains(a) && OpensGuarded(p, g) {
 				return true
 			}
