@@ -1779,7 +1779,7 @@ func (p *proc) learnedRule(eng *policy.Engine, in policy.Input, g DNSGrant) int 
 	return -1
 }
 
-// special applies the proxy's special-range guard (policy.SpecialRange,
+// special applies the proxy's special-range guard (Engine.SpecialRange,
 // THREATS.md F1, F2) to d, the decision of in: a destination in a guarded
 // range (link-local and cloud metadata, CGNAT, loopback, the IPv6 forms
 // that carry an IPv4 address, …) that d allows is refused with
@@ -1798,7 +1798,7 @@ func (p *proc) special(eng *policy.Engine, in policy.Input, d policy.Decision, f
 	if in.Port == 53 {
 		return d
 	}
-	g, ok := policy.SpecialRange(in.Dest, nil, nil)
+	g, ok := eng.SpecialRange(in.Dest, nil, nil)
 	if !ok {
 		return d
 	}

@@ -99,7 +99,7 @@ func (c *engineCache) get(eng *policy.Engine) *engines {
 		}
 		path.Rules = append(path.Rules, pr)
 	}
-	e := &engines{eng: eng, hostLevel: eng.HostLevel(), pathOnly: policy.New(path)}
+	e := &engines{eng: eng, hostLevel: eng.HostLevel(), pathOnly: policy.New(path).WithNAT64(eng.NAT64())}
 	c.p.Store(e)
 	return e
 }
@@ -168,7 +168,7 @@ func (p *Proxy) decideNameVouched(ctx context.Context, eng *policy.Engine, in po
 		return v
 	}
 	if in.Dest.IsValid() {
-		if g, ok := specialRange(in.Dest, p.ownAddrs(), p.cfg.AllowSpecial); ok && !cidrRuleNames(eng, in, g) {
+		if g, ok := specialRange(eng, in.Dest, p.ownAddrs(), p.cfg.AllowSpecial); ok && !cidrRuleNames(eng, in, g) {
 			v.d = denyDecision(eng, ReasonSpecialRange)
 			return v
 		}
@@ -260,7 +260,7 @@ func (p *Proxy) decideAddrKnown(eng *policy.Engine, in policy.Input, src audit.N
 		}
 	}
 	if v.d.Allowed() {
-		if g, ok := specialRange(in.Dest, p.ownAddrs(), p.cfg.AllowSpecial); ok && !cidrRuleNames(eng, in, g) {
+		if g, ok := specialRange(eng, in.Dest, p.ownAddrs(), p.cfg.AllowSpecial); ok && !cidrRuleNames(eng, in, g) {
 			v.d = denyDecision(eng, ReasonSpecialRange)
 		}
 	}
@@ -284,7 +284,7 @@ func (p *Proxy) selfDecision(eng *policy.Engine, in policy.Input) (policy.Decisi
 		return policy.Decision{}, false
 	}
 	a := in.Dest.Unmap()
-	g, ok := specialRange(a, p.ownAddrs(), p.cfg.AllowSpecial)
+	g, ok := specialRange(eng, a, p.ownAddrs(), p.cfg.AllowSpecial)
 	if !ok {
 		return policy.Decision{}, false
 	}

@@ -7,14 +7,16 @@ import (
 )
 
 // The special-range guard (THREATS.md F1, F2) is policy's
-// (policy.SpecialRange, Engine.CIDRNames), shared with capture, which
+// (Engine.SpecialRange, Engine.CIDRNames), shared with capture, which
 // reports in audit mode what the guard would refuse, and with the
 // firewall's guarded sets.
 
-// specialRange returns the guarded prefix that holds a, if any. own are the
-// gateway's own addresses; allow are the configured exceptions.
-func specialRange(a netip.Addr, own []netip.Addr, allow []netip.Prefix) (netip.Prefix, bool) {
-	return policy.SpecialRange(a, own, allow)
+// specialRange returns the guarded prefix that holds a, if any, under
+// eng's NAT64 prefixes (a NAT64 destination is guarded as the IPv4
+// address it embeds). own are the gateway's own addresses; allow are the
+// configured exceptions.
+func specialRange(eng *policy.Engine, a netip.Addr, own []netip.Addr, allow []netip.Prefix) (netip.Prefix, bool) {
+	return eng.SpecialRange(a, own, allow)
 }
 
 // cidrRuleNames reports whether a rule that applies to this TCP flow names
