@@ -41,6 +41,9 @@ type Ruleset struct {
 	flows []*flowRule
 	byTag map[uint32][]*flowRule
 	byFP  map[uint64]*flowRule
+	// guards are the guarded destinations the sets hold (guardList):
+	// policy.GuardedRanges, adjusted for the engine's NAT64 prefixes.
+	guards []netip.Prefix
 }
 
 // Family is an address family a rule or set applies to.
@@ -421,7 +424,8 @@ type allows struct {
 	sets       []Set
 	rules      []Rule
 	nextExpiry time.Time
-	guarded    bool // the guard sets are in sets
+	guarded    bool           // the guard sets are in sets
+	guards     []netip.Prefix // the guarded destinations (guardList)
 }
 
 // guardedPrefixes are the destinations the proxy's special-range guard
@@ -436,15 +440,66 @@ type allows struct {
 var guardedPrefixes = policy.GuardedRanges
 
 // holdsGuarded reports whether the CIDR target p shares addresses with a
-// guarded range it does not open (policy.OpensGuarded): a prefix broader
-// than loopback, say. Its accept must exclude the guarded sets.
-func holdsGuarded(p netip.Prefix) bool {
-	for _, g := range guardedPrefixes {
+// guarded range of guards (guardList) it does not open
+// (policy.OpensGuarded): a prefix broader than loopback, say. Its accept
+// must exclude the guarded sets.
+func holdsGuarded(guards []netip.Prefix, p netip.Prefix) bool {
+	for _, g := range guards {
 		if p.Overlaps(g) && !policy.OpensGuarded(p, g) {
 			return true
 		}
 	}
 	return false
+}
+
+// guardList returns the guarded destinations under the NAT64 prefixes nat
+// (policy.Engine.WithNAT64): guardedPrefixes, with each NAT64 prefix
+// carved out of the guarded ranges that hold it (the well-known prefix,
+// the local-use /48) and holding instead the NAT64 forms of the IPv4
+// guarded ranges and of policy.NAT64Guarded, as the proxy guards a NAT64
+// destination by the IPv4 address it embeds (policy.Engine.SpecialRange).
+func guardList(nat []netip.Prefix) []netip.Prefix {
+	if len(nat) == 0 {
+		return guardedPrefixes
+	}
+	var out []netip.Prefix
+	for _, g := range guardedPrefixes {
+		parts := []netip.Prefix{g}
+		for _, p := range nat {
+			parts = withoutPrefix(parts, p)
+		}
+		out = append(out, parts...)
+	}
+	for _, p := range nat {
+		for _, g := range slices.Concat(guardedPrefixes, policy.NAT64Guarded) {
+			if g.Addr().Is4() {
+				out = append(out, policy.NAT64Form(p, g))
+			}
+		}
+	}
+	return out
+}
+
+// withoutPrefix returns the addresses of ps but x's, as prefixes.
+func withoutPrefix(ps []netip.Prefix, x netip.Prefix) []netip.Prefix {
+	var out []netip.Prefix
+	for _, p := range ps {
+		switch {
+		case !p.Overlaps(x):
+			out = append(out, p)
+		case x.Bits() <= p.Bits():
+			// x holds p: nothing is left.
+		default:
+			// p holds x: the siblings along the path from p down to x.
+			for b := p.Bits(); b < x.Bits(); b++ {
+				s := netip.PrefixFrom(x.Addr(), b+1).Masked().Addr().AsSlice()
+				s[b/8] ^= 0x80 >> (b % 8)
+				a, _ := netip.AddrFromSlice(s)
+				out = append(out, netip.PrefixFrom(a, b+1))
+			}
+		}
+	}
+	return out
 }
 
 // Names of the sets of guarded destinations.
@@ -471,7 +526,7 @@ func (a *allows) guardSets() {
 	}
 	a.guarded = true
 	var v4, v6 []netip.Prefix
-	for _, p := range guardedPrefixes {
+	for _, p := range a.guards {
 		if p.Addr().Is4() {
 			v4 = append(v4, p)
 		} else {
@@ -493,8 +548,14 @@ func (a *allows) guardSets() {
 // guarded range, kept apart in wide4_R and wide6_R (ip daddr @wide4_R ip
 // daddr != @guarded4), while its prefixes inside one open it, as through
 // the proxy. Its names feed the learned sets dns4_R and dns6_R.
+//
+// With NAT64 prefixes (policy.Engine.WithNAT64) its IPv4 prefixes open
+// their NAT64 forms as well, as IPv6 prefixes (0.0.0.0/0 the NAT64 prefix
+// itself), and the guarded sets hold the NAT64 forms of the guarded IPv4
+// ranges (guardList).
 func renderAllows(cfg Config, eng *policy.Engine, now time.Time, rs *Ruleset) allows {
-	var a allows
+	a := allows{guards: guardList(eng.NAT64())}
+	rs.guards = a.guards
 	for _, r := range eng.Rules() {
 		if !r.Expires.IsZero() {
 			if !now.Before(r.Expires) {
@@ -517,20 +578,27 @@ func renderAllows(cfg Config, eng *policy.Engine, now time.Time, rs *Ruleset) al
 			case policy.TargetName, policy.TargetHostPath:
 				names = true
 			case policy.TargetPrefix:
-				p := t.Prefix
-				switch {
-				case p.Addr().Is4() && p.Bits() == 0:
-					any4 = true
-				case p.Addr().Is4() && holdsGuarded(p):
-					wide4 = append(wide4, p)
-				case p.Addr().Is4():
-					nets4 = append(nets4, p)
-				case p.Bits() == 0:
-					any6 = true
-				case holdsGuarded(p):
-					wide6 = append(wide6, p)
-				default:
-					nets6 = append(nets6, p)
+				ps := []netip.Prefix{t.Prefix}
+				if t.Prefix.Addr().Is4() {
+					for _, n := range eng.NAT64() {
+						ps = append(ps, policy.NAT64Form(n, t.Prefix))
+					}
+				}
+				for _, p := range ps {
+					switch {
+					case p.Addr().Is4() && p.Bits() == 0:
+						any4 = true
+					case p.Addr().Is4() && holdsGuarded(a.guards, p):
+						wide4 = append(wide4, p)
+					case p.Addr().Is4():
+						nets4 = append(nets4, p)
+					case p.Bits() == 0:
+						any6 = true
+					case holdsGuarded(a.guards, p):
+						wide6 = append(wide6, p)
+					default:
+						nets6 = append(nets6, p)
+					}
 				}
 			}
 		}

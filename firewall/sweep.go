@@ -75,8 +75,9 @@ type flowRule struct {
 	ports      []policy.PortRange
 	any4, any6 bool
 	nets, wide []netip.Prefix
-	names      []string  // the name patterns, sorted: the learned sets' feed
-	learn      [2]string // the learned sets, IPv4 then IPv6; "" without names
+	guards     []netip.Prefix // the ruleset's guarded destinations (guardList)
+	names      []string       // the name patterns, sorted: the learned sets' feed
+	learn      [2]string      // the learned sets, IPv4 then IPv6; "" without names
 }
 
 // tagCount is how many tags CTMarkTag (the default layout) holds, 0
@@ -90,7 +91,7 @@ const tagCount = CTMarkTag >> ctTagShift // 1023
 // same tags); beyond, a rule shares the tag the fingerprint gives it
 // (Config.CheckTags).
 func (rs *Ruleset) addFlowRule(r policy.Rule, ports []policy.PortRange, any4, any6, names bool, nets, wide []netip.Prefix) *flowRule {
-	fr := &flowRule{name: r.Name, from: r.From, ports: ports, any4: any4, any6: any6, nets: nets, wide: wide}
+	fr := &flowRule{name: r.Name, from: r.From, ports: ports, any4: any4, any6: any6, nets: nets, wide: wide, guards: rs.guards}
 	if names {
 		fr.learn = rs.learn[r.Name]
 		for _, t := range r.To {
@@ -249,7 +250,7 @@ func (fr *flowRule) admits(k flowKey, was *flowRule, live func(set string, a net
 // ranges only from inside, as render does).
 func (fr *flowRule) byAddress(dst netip.Addr) bool {
 	if (dst.Is4() && fr.any4) || (dst.Is6() && fr.any6) {
-		return !guarded(dst)
+		return !guarded(fr.guards, dst)
 	}
 	for _, p := range fr.nets {
 		if p.Contains(dst) {
@@ -258,14 +259,15 @@ func (fr *flowRule) byAddress(dst netip.Addr) bool {
 	}
 	for _, p := range fr.wide {
 		if p.Contains(dst) {
-			return !guarded(dst)
+			return !guarded(fr.guards, dst)
 		}
 	}
 	return false
 }
 
-func guarded(a netip.Addr) bool {
-	for _, p := range guardedPrefixes {
+// guarded reports whether a is in one of guards (guardList).
+func guarded(guards []netip.Prefix, a netip.Addr) bool {
+	for _, p := range guards {
 		if p.Contains(a) {
 			return true
 		}
@@ -456,7 +458,7 @@ func (f *Firewall) cutDecision(eng *policy.Engine, since []*Ruleset, e netutil.C
 			// ranges (a "*" or wide CIDR rule), or a client matched by
 			// MAC whose MAC the neighbour table does not know.
 			reason := policy.ReasonClient
-			if guarded(k.dst) {
+			if _, ok := eng.SpecialRange(k.dst, nil, nil); ok {
 				reason = "special-range"
 			}
 			d = policy.Decision{Verdict: policy.Deny, RuleIndex: -1, Reason: reason, Mode: d.Mode}
