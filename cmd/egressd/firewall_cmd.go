@@ -52,6 +52,7 @@ func cmdFirewallPrint(args []string, stdout, stderr io.Writer) int {
 	guard := fs.Bool("guard-wan", false, "drop new connections from the WAN side in audit mode too")
 	wanOpen := fs.String("wan-open", "", "ports of the gateway reachable from the WAN side, such as 22/tcp,51820/udp")
 	markBits := fs.String("ct-mark-bits", defaultCTMarkBits, ctMarkBitsUsage)
+	nat64 := fs.String("nat64-prefix", "", nat64Usage)
 	pos, err := parseArgs(fs, args)
 	if err != nil {
 		return flagErr(err)
@@ -95,6 +96,11 @@ func cmdFirewallPrint(args []string, stdout, stderr io.Writer) int {
 		fmt.Fprintln(stderr, "egressd firewall print: --ct-mark-bits:", err)
 		return exitUsage
 	}
+	nat, err := policy.ParseNAT64(*nat64)
+	if err != nil {
+		fmt.Fprintln(stderr, "egressd firewall print: --nat64-prefix:", err)
+		return exitUsage
+	}
 	src := *file
 	if src == "" {
 		src = "profile:" + *profile
@@ -104,6 +110,7 @@ func cmdFirewallPrint(args []string, stdout, stderr io.Writer) int {
 		printLoadErr(stderr, err)
 		return exitFail
 	}
+	eng = eng.WithNAT64(nat)
 	if *mode != "" {
 		m, ok := policy.ParseMode(*mode)
 		if !ok {

@@ -13,7 +13,7 @@ import (
 )
 
 func init() {
-	commands["policy"] = command{"policy check [-q] FILE | policy explain FILE --to DEST [--port N/proto] [--from IP] [--mac MAC] [--json]",
+	commands["policy"] = command{"policy check [-q] FILE | policy explain FILE --to DEST [--port N/proto] [--from IP] [--mac MAC] [--nat64-prefix PREFIX,...] [--json]",
 		"validate a policy, or explain its verdict for a destination", cmdPolicy}
 }
 
@@ -134,6 +134,7 @@ func cmdPolicyExplain(args []string, stdout, stderr io.Writer) int {
 	from := fs.String("from", "", "client IP address (default: any client)")
 	mac := fs.String("mac", "", "client MAC address")
 	asJSON := fs.Bool("json", false, "print one JSON object")
+	nat64 := fs.String("nat64-prefix", "", "NAT64 prefixes, as egressd run's --nat64-prefix: a destination inside one is decided as the IPv4 address it embeds")
 	pos, err := parseArgs(fs, args)
 	if err != nil {
 		return flagErr(err)
@@ -147,7 +148,7 @@ func cmdPolicyExplain(args []string, stdout, stderr io.Writer) int {
 		default:
 			fmt.Fprintln(stderr, "egressd policy explain: --to DEST is required")
 		}
-		fmt.Fprintln(stderr, "usage: egressd policy explain FILE --to DEST [--port N/proto] [--from IP] [--mac MAC] [--json]")
+		fmt.Fprintln(stderr, "usage: egressd policy explain FILE --to DEST [--port N/proto] [--from IP] [--mac MAC] [--nat64-prefix PREFIX,...] [--json]")
 		return exitUsage
 	}
 	in, dest, err := explainInput(*to, *port, *from, *mac, fs)
@@ -155,11 +156,17 @@ func cmdPolicyExplain(args []string, stdout, stderr io.Writer) int {
 		fmt.Fprintln(stderr, "egressd:", err)
 		return exitUsage
 	}
+	nat, err := policy.ParseNAT64(*nat64)
+	if err != nil {
+		fmt.Fprintln(stderr, "egressd policy explain: --nat64-prefix:", err)
+		return exitUsage
+	}
 	eng, err := loadEngine(pos[0], io.Discard)
 	if err != nil {
 		printLoadErr(stderr, err)
 		return exitFail
 	}
+	eng = eng.WithNAT64(nat)
 	d := eng.Decide(in)
 	ex := explanation{Verdict: d.Verdict, Rule: d.Rule, Reason: d.Reason, Mode: d.Mode, Dest: *to,
 		Name: dest.Name, Path: dest.Path, Port: fmt.Sprintf("%d/%s", in.Port, in.Proto), From: *from}
@@ -183,6 +190,13 @@ func cmdPolicyExplain(args []string, stdout, stderr io.Writer) int {
 		if hd := eng.Decide(host); hd.Allowed() {
 			ex.Warnings = append(ex.Warnings, fmt.Sprintf("on HTTPS without --inspect the path is not seen: the proxy allows %s as a whole (rule %s); this path is refused on plain HTTP and with --inspect", dest.Name, hd.Rule))
 		}
+	}
+	if v4, p, ok := policy.NAT64Embedded(nat, dest.Addr); ok {
+		note := fmt.Sprintf("%s is %s behind the NAT64 prefix %s: decided as both", dest.Addr, v4, p)
+		if g, ok := eng.SpecialRange(dest.Addr, nil, nil); ok && !eng.CIDRNames(in, g) {
+			note += fmt.Sprintf("; %s is in a guarded range (%s): the proxy and firewall refuse it (special-range) unless a CIDR rule inside that range allows it", v4, g)
+		}
+		ex.Warnings = append(ex.Warnings, note)
 	}
 	if dest.Port != 0 && dest.Port != in.Port {
 		ex.Warnings = append(ex.Warnings, fmt.Sprintf("decided on --port %d/%s, not on port %d that --to names", in.Port, in.Proto, dest.Port))

@@ -68,6 +68,7 @@ type runConfig struct {
 	dnsListen   string
 	tcpPorts    string
 	ctMarkBits  string
+	nat64       string
 	inspect     bool
 	denyAnswer  string
 	logLevel    string
@@ -93,6 +94,7 @@ func (c *runConfig) flags(fs *flag.FlagSet) {
 	fs.StringVar(&c.dnsListen, "dns-listen", ":53", "DNS forwarder listen addresses, comma-separated (UDP and TCP)")
 	fs.StringVar(&c.tcpPorts, "tcp-ports", "all", `TCP ports redirected to the proxy in enforce mode: "all" or a list such as 80,443,5228-5230 (the ports of host/path rules are always redirected)`)
 	fs.StringVar(&c.ctMarkBits, "ct-mark-bits", defaultCTMarkBits, ctMarkBitsUsage)
+	fs.StringVar(&c.nat64, "nat64-prefix", "", nat64Usage)
 	fs.BoolVar(&c.inspect, "inspect", false, "decrypt connections to hosts with host/path rules (CA in the state directory; egressd ca export)")
 	fs.StringVar(&c.denyAnswer, "dns-deny", "", "answer to denied names in enforce mode: REFUSED (default), NXDOMAIN or NULL")
 	fs.StringVar(&c.logLevel, "log-level", "info", "debug, info, warn or error")
@@ -237,6 +239,8 @@ func checkFlagValues(cfg runConfig) error {
 	bad("wan-open", err)
 	_, err = parseCTMarkBits(cfg.ctMarkBits)
 	bad("ct-mark-bits", err)
+	_, err = policy.ParseNAT64(cfg.nat64)
+	bad("nat64-prefix", err)
 	bad("dns-listen", dnsfilter.Config{Listen: splitList(cfg.dnsListen)}.Validate())
 	bad("upstream-dns", dnsfilter.Config{Upstreams: splitList(cfg.upstreams)}.Validate())
 	bad("dns-deny", dnsfilter.Config{Deny: denyAnswer(cfg.denyAnswer)}.Validate())
@@ -352,8 +356,13 @@ func (d *daemon) loadPolicy() (*policy.Engine, error) {
 		d.log.Warn("policy warning", "problem", w.String())
 	}
 	d.savePolicy()
-	return eng.WithMode(d.mode), nil
+	// Checked by checkFlagValues.
+	nat64, _ := policy.ParseNAT64(d.cfg.nat64)
+	return eng.WithMode(d.mode).WithNAT64(nat64), nil
 }
+
+// nat64Usage is --nat64-prefix's help.
+const nat64Usage = "NAT64 prefixes of the site's DNS64/NAT64 (RFC 6052 /96), comma-separated, such as 64:ff9b::/96: a destination inside one is decided and guarded as the IPv4 address it embeds"
 
 // runningPolicyFile is the copy of the running policy in the state
 // directory, which `egressd report` reads when the daemon is not running.
