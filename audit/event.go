@@ -136,8 +136,18 @@ type Event struct {
 	// LAN query does in enforce mode (capture sees only "ech").
 	Filtered string `json:"filtered,omitempty"`
 
-	// Count is the number of events a KindShed record stands for.
-	Count uint64 `json:"count,omitempty"`
+	// Count is the number of events a KindShed record stands for. On a
+	// flow, dns or request event it makes the event a summary record of
+	// the detail budget (detail.go): Count events of this shape a noisy
+	// device made, held back from the log one by one, the first at Time
+	// and the last at Until, BytesOut and BytesIn their sums; Duplicates
+	// more that the ledger had merged into flows it counted already.
+	Count      uint64    `json:"count,omitempty"`
+	Until      time.Time `json:"until,omitzero"`
+	Duplicates uint64    `json:"duplicates,omitempty"`
+
+	// expanded marks an event read from a summary record (Event.expand).
+	expanded uint8
 }
 
 // The bounds of the text a LAN client chooses that an event keeps. An HTTP

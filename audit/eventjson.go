@@ -95,6 +95,21 @@ func (ev *Event) appendJSON(b []byte) ([]byte, error) {
 		b = append(b, `,"count":`...)
 		b = strconv.AppendUint(b, ev.Count, 10)
 	}
+	if !ev.Until.IsZero() {
+		if y := ev.Until.Year(); y < 0 || y >= 10000 {
+			return b, errEventTime
+		}
+		if _, off := ev.Until.Zone(); off <= -24*3600 || off >= 24*3600 {
+			return b, errEventTime
+		}
+		b = append(b, `,"until":"`...)
+		b = ev.Until.AppendFormat(b, time.RFC3339Nano)
+		b = append(b, '"')
+	}
+	if ev.Duplicates != 0 {
+		b = append(b, `,"duplicates":`...)
+		b = strconv.AppendUint(b, ev.Duplicates, 10)
+	}
 	return append(b, "}\n"...), nil
 }
 

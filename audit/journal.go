@@ -57,6 +57,14 @@ type JournalConfig struct {
 	// Logger receives warnings (torn or bad lines, write errors). Nil
 	// means slog.Default().
 	Logger *slog.Logger
+	// DetailBurst and DetailRate are each device's budget of event lines
+	// (a burst, and lines a second after it) and DetailInterval how often
+	// the events held back past it are written as summary records
+	// (detail.go). Defaults DefaultDetailBurst, DefaultDetailRate,
+	// DefaultDetailInterval; a negative DetailBurst writes every event.
+	DetailBurst    int
+	DetailRate     float64
+	DetailInterval time.Duration
 }
 
 // Validate returns all problems of c.
@@ -89,6 +97,15 @@ func (c *JournalConfig) fill() {
 	}
 	if c.Logger == nil {
 		c.Logger = slog.Default()
+	}
+	if c.DetailBurst == 0 {
+		c.DetailBurst = DefaultDetailBurst
+	}
+	if c.DetailRate <= 0 {
+		c.DetailRate = DefaultDetailRate
+	}
+	if c.DetailInterval <= 0 {
+		c.DetailInterval = DefaultDetailInterval
 	}
 }
 
@@ -124,6 +141,7 @@ type Journal struct {
 	shed        atomic.Uint64 // events shed by Emit, ever
 	written     atomic.Uint64 // events written to the kernel
 	writeFailed atomic.Uint64 // events lost to write errors
+	summarized  atomic.Uint64 // events held back into summary records
 	queued      atomic.Int64  // for the queue gauge
 
 	qmu     sync.Mutex // guards pending
@@ -155,7 +173,8 @@ type Journal struct {
 	lastFlush   time.Time
 	lastErrLog  time.Time
 	encodeBuf   []byte
-	testHookPre func() // tests: called before each write, to stall the writer
+	detail      *detailBudget // nil: every event written
+	testHookPre func()        // tests: called before each write, to stall the writer
 	// testHookFolded, when set, is called by fold after each file it
 	// deleted (tests: a report taken then).
 	testHookFolded func()
@@ -193,6 +212,9 @@ func OpenJournal(cfg JournalConfig, ledger *Ledger) (*Journal, LoadStats, error)
 		return nil, st, err
 	}
 	j.archLast = ledger.archLast()
+	if cfg.DetailBurst >= 0 {
+		j.detail = newDetailBudget(cfg.DetailBurst, cfg.DetailRate, cfg.DetailInterval)
+	}
 	f, err := os.OpenFile(filepath.Join(cfg.Dir, CurrentLog), os.O_CREATE|os.O_WRONLY|os.O_APPEND, 0o640)
 	if err != nil {
 		return nil, st, fmt.Errorf("audit: open event log: %w", err)
@@ -469,9 +491,14 @@ func readStream(r io.Reader, name string, log *slog.Logger, st *LoadStats, fn fu
 			}
 			continue
 		}
-		if ev.Kind == KindShed {
+		switch {
+		case ev.Kind == KindShed:
 			st.Shed += ev.Count
-		} else {
+		case ev.isSummary():
+			st.Events += ev.Count + ev.Duplicates
+			ev.expand(fn)
+			continue
+		default:
 			st.Events++
 		}
 		fn(ev)
@@ -577,6 +604,9 @@ func (j *Journal) Run(ctx context.Context) error {
 			return j.finish()
 		}
 		j.takeBatch()
+		if j.detail != nil && j.detail.due(j.clock()) {
+			j.writeSummaries()
+		}
 		j.recordShed()
 		if len(j.buf) > 0 {
 			j.flush()
@@ -584,10 +614,32 @@ func (j *Journal) Run(ctx context.Context) error {
 	}
 }
 
+// writeSummaries ends the detail budget's interval: it writes a summary
+// record for each shape that held events back.
+func (j *Journal) writeSummaries() {
+	if j.detail == nil {
+		return
+	}
+	j.detail.roll(j.clock(), func(s Event) {
+		if !s.Until.IsZero() {
+			j.saw(s.Until)
+		}
+		line, err := s.appendJSON(j.encodeBuf[:0])
+		j.encodeBuf = line
+		if err != nil {
+			j.writeFailed.Add(s.Count + s.Duplicates)
+			j.ledger.addUnwritten(s.Count + s.Duplicates)
+			return
+		}
+		j.append(line, true)
+	})
+}
+
 // finish drains what is queued now, records shed events and closes the
 // file.
 func (j *Journal) finish() error {
 	j.takeBatch()
+	j.writeSummaries()
 	j.recordShed()
 	j.flush()
 	var err error
@@ -624,7 +676,11 @@ func (j *Journal) Close() error {
 
 func (j *Journal) writeEvent(ev Event) {
 	j.saw(ev.Time)
-	j.ledger.Emit(ev)
+	counted := j.ledger.emit(ev)
+	if j.detail != nil && j.detail.hold(&ev, counted, j.clock()) {
+		j.summarized.Add(1)
+		return
+	}
 	if j.testHookPre != nil {
 		j.testHookPre()
 	}
@@ -821,6 +877,7 @@ func (j *Journal) openCurrent() error {
 
 // RegisterMetrics registers the journal's metrics on reg:
 // egress_audit_events_shed_total, egress_audit_events_written_total,
+// egress_audit_events_summarized_total,
 // egress_audit_write_failed_events_total, egress_audit_queue_length,
 // egress_audit_summary_pending_files and
 // egress_audit_summary_lost_files_total.
@@ -834,6 +891,10 @@ func (j *Journal) RegisterMetrics(reg prometheus.Registerer) error {
 			Namespace: "egress", Subsystem: "audit", Name: "events_written_total",
 			Help: "Events written to the event log.",
 		}, func() float64 { return float64(j.written.Load()) }),
+		prometheus.NewCounterFunc(prometheus.CounterOpts{
+			Namespace: "egress", Subsystem: "audit", Name: "events_summarized_total",
+			Help: "Denied events past a device's detail budget, counted into a summary record instead of written one by one (in every count).",
+		}, func() float64 { return float64(j.summarized.Load()) }),
 		prometheus.NewCounterFunc(prometheus.CounterOpts{
 			Namespace: "egress", Subsystem: "audit", Name: "write_failed_events_total",
 			Help: "Events counted but lost to event log write errors (missing after a restart).",

@@ -273,7 +273,11 @@ func (l *Ledger) Policy() *policy.Engine {
 
 // Emit adds a live event to the ledger, bounded (Event.Bound) as the
 // journal bounds it.
-func (l *Ledger) Emit(ev Event) {
+func (l *Ledger) Emit(ev Event) { l.emit(ev) }
+
+// emit is Emit, and reports whether ev was counted as a new flow, query
+// or request (false: a duplicate, or an ignored event).
+func (l *Ledger) emit(ev Event) bool {
 	ev.Bound()
 	l.mu.Lock()
 	counted := l.addLocked(&ev)
@@ -282,6 +286,7 @@ func (l *Ledger) Emit(ev Event) {
 	if m != nil {
 		m.observe(&ev, counted)
 	}
+	return counted
 }
 
 // add adds a recorded event (no metrics).
@@ -337,6 +342,18 @@ func (l *Ledger) Len() int {
 // for a duplicate or an ignored event).
 func (l *Ledger) addLocked(ev *Event) bool {
 	l.totals.Events++
+	if ev.expanded == expandedDuplicate { // merged live into a flow counted already
+		l.totals.Duplicates++
+		if ev.Verdict == policy.Deny && ev.Kind != KindRequest {
+			ds := l.dropLocked(ev)
+			ds.bytesOut += ev.BytesOut
+			ds.bytesIn += ev.BytesIn
+			if t := ev.Time.UTC(); t.After(ds.last) {
+				ds.last = t
+			}
+		}
+		return false
+	}
 	if t := ev.Time; !t.IsZero() && (l.firstEvent.IsZero() || t.Before(l.firstEvent)) {
 		l.firstEvent = t.UTC()
 	}
@@ -356,7 +373,8 @@ func (l *Ledger) addLocked(ev *Event) bool {
 	if ev.Kind == KindDNS {
 		id.name, id.qtype = lowerASCII(trimDot(ev.Name)), ev.QType
 	}
-	dedup := id.ClientPort != 0 || id.DestPort != 0
+	// An event of a summary record was counted on its own live.
+	dedup := (id.ClientPort != 0 || id.DestPort != 0) && ev.expanded != expandedCounted
 	var h uint64
 	if dedup {
 		h = id.hash(l.seed)

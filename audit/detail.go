@@ -1,0 +1,366 @@
+package audit
+
+import (
+	"net/netip"
+	"time"
+
+	"egressd/policy"
+)
+
+// The detail budget of the event log. One LAN device in a retry loop to a
+// denied destination (DNS queries at the forwarder's rate limit, denied
+// TLS connections as fast as the proxy closes them, connections capture
+// records as would-be drops) writes an event per attempt: hundreds to
+// thousands a second, enough to push the audit week's detail out of the
+// rotating log in hours. So each device (its MAC, as the limits count a
+// device; its address when no MAC is known) has a budget of event lines:
+// a burst of DetailBurst and DetailRate a second after it. A denied event
+// of a shape (device, kind, source, verdict, rule, mode, reason, name,
+// destination, …: what the report and a replay read of it) already
+// written in the current interval, past the device's budget, is not
+// written but counted into that shape's summary record, which the writer
+// writes at the end of the interval (DetailInterval) or at close: one
+// line with Count (and Duplicates) events, Time the first of them and
+// Until the last, the bytes of all. Reading the log expands a summary
+// into its events, so the ledger after a restart, the summary of
+// rotated-out files, windowed reports and replays count exactly what the
+// live ledger counted. Allowed events and the first event of each shape
+// in an interval are always written one by one.
+
+// Defaults of the detail budget (JournalConfig).
+const (
+	DefaultDetailBurst    = 100
+	DefaultDetailRate     = 5 // events a second per device
+	DefaultDetailInterval = 10 * time.Second
+	// maxDetailShapes and maxDetailDevices bound what the budget tracks
+	// in an interval; a shape or device beyond them is written as it
+	// comes (unbudgeted), never lost.
+	maxDetailShapes  = 1 << 16
+	maxDetailDevices = 1 << 16
+	maxHeldFlows     = 1 << 16 // an interval's
+)
+
+// shapeKey is what makes two denied events alike for the report and a
+// replay: everything but when, the client's port, and the measurements.
+type shapeKey struct {
+	kind       Kind
+	source     Source
+	client     netip.Addr
+	mac        string
+	dest       netip.Addr
+	destPort   uint16
+	proto      string
+	name       string
+	nameSource NameSource
+	path       string
+	noPath     bool
+	front      string
+	verdict    policy.Verdict
+	rule       string
+	mode       policy.Mode
+	reason     string
+	enforced   bool
+	qtype      string
+	rcode      string
+	filtered   string
+	nameLen    int
+	pathLen    int
+	frontLen   int
+}
+
+func shapeOf(ev *Event) shapeKey {
+	return shapeKey{ev.Kind, ev.Source, ev.Client.Unmap(), ev.ClientMAC, ev.Dest.Unmap(), ev.DestPort, ev.Proto,
+		ev.Name, ev.NameSource, ev.Path, ev.NoPath, ev.Front, ev.Verdict, ev.Rule, ev.Mode, ev.Reason,
+		ev.Enforced, ev.QType, ev.RCode, ev.Filtered, ev.NameLen, ev.PathLen, ev.FrontLen}
+}
+
+// shapeAgg is one shape of the interval: written once at least, and the
+// events held back since (ev is the first of them, with the sums).
+type shapeAgg struct {
+	ev      Event
+	n, dups uint64
+}
+
+type devTokens struct {
+	tokens float64
+	last   time.Time
+}
+
+// heldKey names a flow or query whose event was held back, so that
+// another component's report of it (a duplicate for the ledger) is held
+// back too: written alone, it would count as a new flow when the log is
+// read again, beside the summary that holds its twin.
+type heldKey struct {
+	FlowKey
+	kind  Kind
+	name  string
+	qtype string
+}
+
+func heldOf(ev *Event) heldKey {
+	k := heldKey{FlowKey: ev.Key(), kind: ev.Kind}
+	if ev.Kind == KindDNS {
+		k.name, k.qtype = lowerASCII(trimDot(ev.Name)), ev.QType
+	}
+	return k
+}
+
+// heldFlow is a flow or query held back: the summary that counts it, and
+// what the ledger's merge of a later report of it reads.
+type heldFlow struct {
+	agg     *shapeAgg
+	key     shapeKey // agg's
+	gen     uint64   // the interval of agg
+	out, in uint64
+	source  Source
+}
+
+// detailBudget is the writer's (no locks: one goroutine).
+type detailBudget struct {
+	burst    float64
+	rate     float64
+	interval time.Duration
+	start    time.Time
+	gen      uint64 // the interval's number
+	shapes   map[shapeKey]*shapeAgg
+	// late are this interval's summaries of later reports of flows
+	// held back in the interval before (their twins' summaries are
+	// written): duplicates only.
+	late map[shapeKey]*shapeAgg
+	devs map[string]*devTokens
+	// held and prevHeld are the flows held back in this interval and
+	// the one before (a twin may come after the interval ended).
+	held, prevHeld map[heldKey]*heldFlow
+}
+
+func newDetailBudget(burst int, rate float64, interval time.Duration) *detailBudget {
+	return &detailBudget{burst: float64(burst), rate: rate, interval: interval,
+		shapes: map[shapeKey]*shapeAgg{}, late: map[shapeKey]*shapeAgg{}, devs: map[string]*devTokens{},
+		held: map[heldKey]*heldFlow{}, prevHeld: map[heldKey]*heldFlow{}}
+}
+
+// hold reports whether ev is held back (counted into a summary) rather
+// than written now. counted says the live ledger counted it as a new
+// flow, query or request (false: a later report of one it had).
+func (b *detailBudget) hold(ev *Event, counted bool, now time.Time) bool {
+	if ev.Verdict != policy.Deny || ev.Kind != KindFlow && ev.Kind != KindDNS && ev.Kind != KindRequest || ev.Count != 0 {
+		return false
+	}
+	if b.start.IsZero() {
+		b.start = now
+	}
+	if !counted {
+		// A duplicate is held back exactly when its twin was, so
+		// that reading the log counts the flow once either way; its
+		// summary is its twin's, which takes what the ledger's merge
+		// took from it.
+		hk := heldOf(ev)
+		hf := b.held[hk]
+		if hf == nil {
+			hf = b.prevHeld[hk]
+		}
+		if hf == nil {
+			return false
+		}
+		return b.merge(hf, ev)
+	}
+	key := shapeOf(ev)
+	agg := b.shapes[key]
+	if agg == nil { // the first of its shape: written
+		if len(b.shapes) < maxDetailShapes {
+			b.shapes[key] = &shapeAgg{}
+		}
+		b.spend(ev, now)
+		return false
+	}
+	if b.spend(ev, now) || len(b.held) >= maxHeldFlows {
+		return false
+	}
+	b.held[heldOf(ev)] = &heldFlow{agg: agg, key: key, gen: b.gen, out: ev.BytesOut, in: ev.BytesIn, source: ev.Source}
+	agg.add(ev)
+	agg.n++
+	return true
+}
+
+// add adds ev's times and bytes to the summary.
+func (agg *shapeAgg) add(ev *Event) {
+	if agg.n == 0 && agg.dups == 0 {
+		agg.ev = *ev
+		agg.ev.ClientPort = 0 // the shape, not one connection
+		agg.ev.Until = ev.Time
+		return
+	}
+	if ev.Time.Before(agg.ev.Time) {
+		agg.ev.Time = ev.Time
+	}
+	if ev.Time.After(agg.ev.Until) {
+		agg.ev.Until = ev.Time
+	}
+	agg.ev.BytesOut += ev.BytesOut
+	agg.ev.BytesIn += ev.BytesIn
+}
+
+// merge holds back ev, a later report of the held flow hf, as the ledger
+// merged it: its bytes raise the flow's where larger (addBytesLocked), it
+// moves the drop's last seen on, and a proxy's report moves a flow
+// another component reported first to the proxy's shape
+// (reattributeLocked; not across an interval's end, where the first
+// report's summary is written already). It reports false (write ev) only
+// when there is no room for the summary.
+func (b *detailBudget) merge(hf *heldFlow, ev *Event) bool {
+	stale := hf.gen != b.gen
+	if !stale && ev.Kind == KindFlow && ev.Source == SourceProxy && hf.source != SourceProxy {
+		key := shapeOf(ev)
+		agg := b.shapes[key]
+		if agg == nil {
+			if len(b.shapes) >= maxDetailShapes {
+				return false
+			}
+			agg = &shapeAgg{}
+			b.shapes[key] = agg
+		}
+		old := hf.agg
+		old.n--
+		old.ev.BytesOut -= hf.out
+		old.ev.BytesIn -= hf.in
+		old.dups++ // the first report stays in the totals
+		hf.out, hf.in = max(hf.out, ev.BytesOut), max(hf.in, ev.BytesIn)
+		e := *ev
+		e.BytesOut, e.BytesIn = hf.out, hf.in
+		agg.add(&e)
+		agg.n++
+		hf.agg, hf.key, hf.source = agg, key, ev.Source
+		return true
+	}
+	agg := hf.agg
+	if stale {
+		if agg = b.late[hf.key]; agg == nil {
+			if len(b.late) >= maxDetailShapes {
+				return false
+			}
+			agg = &shapeAgg{ev: hf.agg.ev}
+			agg.ev.Time, agg.ev.Until = ev.Time, time.Time{}
+			agg.ev.BytesOut, agg.ev.BytesIn = 0, 0
+			b.late[hf.key] = agg
+		}
+	}
+	if ev.BytesOut > hf.out {
+		agg.ev.BytesOut += ev.BytesOut - hf.out
+		hf.out = ev.BytesOut
+	}
+	if ev.BytesIn > hf.in {
+		agg.ev.BytesIn += ev.BytesIn - hf.in
+		hf.in = ev.BytesIn
+	}
+	if ev.Time.After(agg.ev.Until) && ev.Time.After(agg.ev.Time) {
+		agg.ev.Until = ev.Time
+	}
+	agg.dups++
+	return true
+}
+
+// spend takes one event from ev's device's budget; false when it has none
+// left.
+func (b *detailBudget) spend(ev *Event, now time.Time) bool {
+	dev := ev.ClientMAC
+	if dev == "" {
+		dev = ev.Client.Unmap().String()
+	}
+	d := b.devs[dev]
+	if d == nil {
+		if len(b.devs) >= maxDetailDevices {
+			return true
+		}
+		d = &devTokens{tokens: b.burst, last: now}
+		b.devs[dev] = d
+	}
+	if el := now.Sub(d.last).Seconds(); el > 0 {
+		d.tokens = min(b.burst, d.tokens+el*b.rate)
+		d.last = now
+	}
+	if d.tokens >= 1 {
+		d.tokens--
+		return true
+	}
+	return false
+}
+
+// due reports whether the interval has ended at now.
+func (b *detailBudget) due(now time.Time) bool {
+	return !b.start.IsZero() && now.Sub(b.start) >= b.interval
+}
+
+// roll ends the interval: it calls fn with the summary record of each
+// shape that held events back, and forgets the shapes and the devices
+// whose budget is full again.
+func (b *detailBudget) roll(now time.Time, fn func(Event)) {
+	for _, m := range []map[shapeKey]*shapeAgg{b.shapes, b.late} {
+		for _, agg := range m {
+			if agg.n == 0 && agg.dups == 0 {
+				continue
+			}
+			s := agg.ev
+			s.Count, s.Duplicates = agg.n, agg.dups
+			if !s.Until.After(s.Time) {
+				s.Until = time.Time{}
+			}
+			fn(s)
+		}
+		clear(m)
+	}
+	b.held, b.prevHeld = b.prevHeld, b.held
+	clear(b.held)
+	b.gen++
+	for k, d := range b.devs {
+		if d.tokens+now.Sub(d.last).Seconds()*b.rate >= b.burst {
+			delete(b.devs, k)
+		}
+	}
+	b.start = time.Time{}
+}
+
+// isSummary reports whether ev is a summary record of held-back events
+// (Count of them, Duplicates more), not one event.
+func (ev *Event) isSummary() bool {
+	return (ev.Kind == KindFlow || ev.Kind == KindDNS || ev.Kind == KindRequest) && (ev.Count != 0 || ev.Duplicates != 0)
+}
+
+// expand calls fn with the events a summary record stands for: Count
+// events, each counted on its own (never merged into another as the same
+// flow), the first at Time and the last at Until; then Duplicates events
+// the live ledger had merged into flows it counted already (they add to
+// the totals' events and duplicates, and move the drop's last seen to
+// Until). The bytes go with the first of them.
+func (ev Event) expand(fn func(Event)) {
+	n, dups, until := ev.Count, ev.Duplicates, ev.Until
+	ev.Count, ev.Duplicates, ev.Until = 0, 0, time.Time{}
+	first := true
+	emit := func(e Event) {
+		if !first {
+			e.BytesOut, e.BytesIn = 0, 0
+		}
+		first = false
+		fn(e)
+	}
+	ev.expanded = expandedCounted
+	for i := uint64(0); i < n; i++ {
+		e := ev
+		if i == n-1 && n > 1 && !until.IsZero() {
+			e.Time = until
+		}
+		emit(e)
+	}
+	ev.expanded = expandedDuplicate
+	if !until.IsZero() {
+		ev.Time = until
+	}
+	for i := uint64(0); i < dups; i++ {
+		emit(ev)
+	}
+}
+
+// The kinds of events expanded from a summary record (Event.expanded).
+const (
+	expandedCounted   = 1 // counted on its own, never deduplicated
+	expandedDuplicate = 2 // a duplicate the live ledger merged
+)

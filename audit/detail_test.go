@@ -1,0 +1,161 @@
+package audit
+
+import (
+	"bufio"
+	"encoding/json"
+	"net/netip"
+	"os"
+	"path/filepath"
+	"testing"
+	"time"
+
+	"github.com/google/go-cmp/cmp"
+
+	"egressd/policy"
+)
+
+// TestDetailBudget: one device repeating a denied query and a denied
+// connection (reported by the proxy and, as a duplicate, by capture)
+// fills the event log with as many lines as attempts. Past its detail
+// budget the repeats are held back into one summary record per shape;
+// another device's events, and the noisy device's allowed ones, are all
+// written meanwhile; and the ledger read back from the log (a restart)
+// equals the live one, as does a replay's count.
+func TestDetailBudget(t *testing.T) {
+	eng := loadPolicy(t, "policy.yaml")
+	dir := t.TempDir()
+	const burst, noisy, quiet, allowed, conns = 20, 1000, 15, 200, 300
+	j, live, _ := openJournal(t, JournalConfig{Dir: dir, DetailBurst: burst, DetailRate: 1, DetailInterval: time.Hour}, eng)
+	now := time.Date(2026, 12, 5, 10, 0, 0, 0, time.UTC)
+	j.now = func() time.Time { return now } // no refill: the burst alone
+
+	a, b := netip.MustParseAddr("192.168.10.7"), netip.MustParseAddr("192.168.10.8")
+	deny := policy.Decision{Verdict: policy.Deny, Mode: policy.ModeAudit, Reason: "no-rule"}
+	query := func(c netip.Addr, mac string, i int) Event {
+		ev := Event{Kind: KindDNS, Source: SourceDNS, Time: now.Add(time.Duration(i) * time.Millisecond),
+			Client: c, ClientPort: uint16(10000 + i), ClientMAC: mac, Proto: "udp", Name: "tracker.example", QType: "A", RCode: "NOERROR"}
+		ev.Stamp(deny)
+		return ev
+	}
+	for i := range noisy {
+		j.Emit(query(a, "aa:bb:cc:00:00:07", i))
+		if i < quiet { // the other device, meanwhile
+			j.Emit(query(b, "aa:bb:cc:00:00:08", i))
+		}
+		// A denied connection, reported by the proxy and by capture:
+		// one flow. Capture's report comes first for every third, and
+		// the other report five attempts later.
+		flow := func(i int, src Source) {
+			ev := Event{Kind: KindFlow, Source: src, Time: now.Add(time.Duration(i) * time.Millisecond),
+				Client: a, ClientPort: uint16(20000 + i), ClientMAC: "aa:bb:cc:00:00:07", Dest: netip.MustParseAddr("203.0.113.20"), DestPort: 443,
+				Proto: "tcp", Name: "tracker.example", NameSource: NameSNI, BytesOut: 517}
+			if src == SourceCapture {
+				ev.NameSource, ev.BytesOut, ev.BytesIn = NameDNSLearned, 600, 60
+			}
+			ev.Stamp(deny)
+			j.Emit(ev)
+		}
+		order := func(i int) (Source, Source) {
+			if i%3 == 0 {
+				return SourceCapture, SourceProxy
+			}
+			return SourceProxy, SourceCapture
+		}
+		if i < conns {
+			first, _ := order(i)
+			flow(i, first)
+		}
+		if k := i - 5; k >= 0 && k < conns {
+			_, second := order(k)
+			flow(k, second)
+		}
+		if i == conns/2 {
+			// The interval ends between the reports of some flows.
+			j.takeBatch()
+			j.writeSummaries()
+		}
+		if i < allowed {
+			ev := Event{Kind: KindFlow, Source: SourceProxy, Time: now.Add(time.Duration(i) * time.Millisecond),
+				Client: a, ClientPort: uint16(40000 + i), ClientMAC: "aa:bb:cc:00:00:07", Dest: netip.MustParseAddr("198.51.100.1"), DestPort: 443,
+				Proto: "tcp", Name: "api.nirovision.com", NameSource: NameSNI, BytesOut: 1000, BytesIn: 5000}
+			ev.Stamp(policy.Decision{Verdict: policy.Allow, Rule: "vendor-cloud", Mode: policy.ModeAudit})
+			j.Emit(ev)
+		}
+	}
+	if err := j.Close(); err != nil {
+		t.Fatal(err)
+	}
+
+	// What the log holds, per kind of line.
+	type lineKey struct {
+		client, kind, source, verdict string
+		summary                       bool
+	}
+	lines := map[lineKey]int{}
+	var held uint64
+	f, err := os.Open(filepath.Join(dir, CurrentLog))
+	if err != nil {
+		t.Fatal(err)
+	}
+	defer f.Close()
+	sc := bufio.NewScanner(f)
+	for sc.Scan() {
+		var ev Event
+		if err := json.Unmarshal(sc.Bytes(), &ev); err != nil {
+			t.Fatalf("%v: %s", err, sc.Bytes())
+		}
+		lines[lineKey{ev.Client.String(), string(ev.Kind), string(ev.Source), string(ev.Verdict), ev.Count+ev.Duplicates > 0}]++
+		held += ev.Count + ev.Duplicates
+	}
+	if got := lines[lineKey{b.String(), "dns", "dnsfilter", "deny", false}]; got != quiet {
+		t.Errorf("the other device's %d queries: %d lines, want every one", quiet, got)
+	}
+	if got := lines[lineKey{a.String(), "flow", "proxy", "allow", false}]; got != allowed {
+		t.Errorf("the noisy device's %d allowed connections: %d lines, want every one", allowed, got)
+	}
+	denied := lines[lineKey{a.String(), "dns", "dnsfilter", "deny", false}] + lines[lineKey{a.String(), "flow", "proxy", "deny", false}] +
+		lines[lineKey{a.String(), "flow", "capture", "deny", false}]
+	// The burst, each shape's first in each of the two intervals, and
+	// the later report of a flow written so.
+	if limit := 2 * (burst + 6); denied > limit {
+		t.Errorf("the noisy device's %d denied queries and %d denied connections wrote %d lines; its budget is %d (lines %v)", noisy, conns, denied, limit, lines)
+	}
+	if n := lines[lineKey{a.String(), "dns", "dnsfilter", "deny", true}]; n != 2 {
+		t.Errorf("%d summary records of the noisy device's queries, want 2, one an interval (lines %v)", n, lines)
+	}
+	if want := uint64(noisy + 2*conns - denied); held != want || j.summarized.Load() != want {
+		t.Errorf("summaries hold %d events, the metric says %d; want %d", held, j.summarized.Load(), want)
+	}
+
+	// A restart: the ledger read from the log is the live one.
+	want := live.Report(ReportOptions{Now: reportNow})
+	if want.Totals.Queries != noisy+quiet || want.Totals.Flows != conns+allowed {
+		t.Fatalf("live totals %+v, want %d queries and %d flows", want.Totals, noisy+quiet, conns+allowed)
+	}
+	reread, st, err := LoadDir(dir, eng, LedgerOptions{}, nil)
+	if err != nil {
+		t.Fatal(err)
+	}
+	if st.Events != uint64(noisy+quiet+2*conns+allowed) {
+		t.Errorf("load read %d events, want %d", st.Events, noisy+quiet+2*conns+allowed)
+	}
+	if d := cmp.Diff(want, reread.Report(ReportOptions{Now: reportNow})); d != "" {
+		t.Errorf("the report read back from the log differs (-live +read):\n%s", d)
+	}
+	// A window that starts after the first held query still sees the
+	// last (a summary's last event is at Until).
+	since := now.Add(noisy * time.Millisecond / 2)
+	wWant, wGot := live.Report(ReportOptions{Now: reportNow, Since: since}), reread.Report(ReportOptions{Now: reportNow, Since: since})
+	if wGot.Totals.Queries == 0 || wGot.Totals.Queries > wWant.Totals.Queries {
+		t.Errorf("window since %s: %d queries read back, %d live", since, wGot.Totals.Queries, wWant.Totals.Queries)
+	}
+
+	// A replay judges each event a summary stands for.
+	r := NewReplayer(eng, reportNow)
+	if _, err := ReplayPath(dir, r); err != nil {
+		t.Fatal(err)
+	}
+	if res := r.Result(); res.Queries != noisy+quiet || res.Flows != conns+allowed || res.Events != uint64(noisy+quiet+2*conns+allowed) {
+		t.Errorf("replay: %d events, %d queries, %d flows; want %d, %d, %d", res.Events, res.Queries, res.Flows, noisy+quiet+2*conns+allowed, noisy+quiet, conns+allowed)
+	}
+}
