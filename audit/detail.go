@@ -30,7 +30,7 @@ import (
 // Defaults of the detail budget (JournalConfig).
 const (
 	DefaultDetailBurst    = 100
-	DefaultDetailRate     = 5 // events a second per device
+	DefaultDetailRate     = 1 // events a second per device
 	DefaultDetailInterval = 10 * time.Second
 	// maxDetailShapes and maxDetailDevices bound what the budget tracks
 	// in an interval; a shape or device beyond them is written as it
@@ -131,6 +131,9 @@ type detailBudget struct {
 	// held and prevHeld are the flows held back in this interval and
 	// the one before (a twin may come after the interval ended).
 	held, prevHeld map[heldKey]*heldFlow
+	// lines makes it the budget of decision log lines: no later
+	// reports (each component's line is its own).
+	lines bool
 }
 
 func newDetailBudget(burst int, rate float64, interval time.Duration) *detailBudget {
@@ -159,10 +162,18 @@ func (b *detailBudget) hold(ev *Event, counted bool, now time.Time) bool {
 		if hf == nil {
 			hf = b.prevHeld[hk]
 		}
-		if hf == nil {
+		if hf != nil {
+			return b.merge(hf, ev)
+		}
+		// A later report of a flow written one by one is held back
+		// like a first one, as a duplicate, when all the ledger's
+		// merge takes from it is the drop's last seen and the client's
+		// MAC (the summary gives both): a repeated query from one port
+		// (a query's counted once), capture's report without bytes of
+		// a flow not enforced. Else it is written.
+		if ev.Kind != KindDNS && (ev.Kind != KindFlow || ev.Source == SourceProxy || ev.BytesOut != 0 || ev.BytesIn != 0 || ev.Enforced) {
 			return false
 		}
-		return b.merge(hf, ev)
 	}
 	key := shapeOf(ev)
 	agg := b.shapes[key]
@@ -173,10 +184,17 @@ func (b *detailBudget) hold(ev *Event, counted bool, now time.Time) bool {
 		b.spend(ev, now)
 		return false
 	}
-	if b.spend(ev, now) || len(b.held) >= maxHeldFlows {
+	if b.spend(ev, now) || !b.lines && len(b.held) >= maxHeldFlows {
 		return false
 	}
-	b.held[heldOf(ev)] = &heldFlow{agg: agg, key: key, gen: b.gen, out: ev.BytesOut, in: ev.BytesIn, source: ev.Source}
+	if !counted {
+		agg.add(ev)
+		agg.dups++
+		return true
+	}
+	if !b.lines {
+		b.held[heldOf(ev)] = &heldFlow{agg: agg, key: key, gen: b.gen, out: ev.BytesOut, in: ev.BytesIn, source: ev.Source}
+	}
 	agg.add(ev)
 	agg.n++
 	return true

@@ -3,9 +3,11 @@ package audit
 import (
 	"bufio"
 	"encoding/json"
+	"log/slog"
 	"net/netip"
 	"os"
 	"path/filepath"
+	"strings"
 	"testing"
 	"time"
 
@@ -24,7 +26,7 @@ import (
 func TestDetailBudget(t *testing.T) {
 	eng := loadPolicy(t, "policy.yaml")
 	dir := t.TempDir()
-	const burst, noisy, quiet, allowed, conns = 20, 1000, 15, 200, 300
+	const burst, noisy, quiet, allowed, conns, oneport = 20, 1000, 15, 200, 300, 500
 	j, live, _ := openJournal(t, JournalConfig{Dir: dir, DetailBurst: burst, DetailRate: 1, DetailInterval: time.Hour}, eng)
 	now := time.Date(2026, 12, 5, 10, 0, 0, 0, time.UTC)
 	j.now = func() time.Time { return now } // no refill: the burst alone
@@ -39,6 +41,13 @@ func TestDetailBudget(t *testing.T) {
 	}
 	for i := range noisy {
 		j.Emit(query(a, "aa:bb:cc:00:00:07", i))
+		if i < oneport {
+			// A query repeated from one port: one query for the
+			// ledger, the rest merged into it.
+			ev := query(a, "aa:bb:cc:00:00:07", i)
+			ev.ClientPort, ev.Name = 9999, "ads.example"
+			j.Emit(ev)
+		}
 		if i < quiet { // the other device, meanwhile
 			j.Emit(query(b, "aa:bb:cc:00:00:08", i))
 		}
@@ -120,24 +129,24 @@ func TestDetailBudget(t *testing.T) {
 	if limit := 2 * (burst + 6); denied > limit {
 		t.Errorf("the noisy device's %d denied queries and %d denied connections wrote %d lines; its budget is %d (lines %v)", noisy, conns, denied, limit, lines)
 	}
-	if n := lines[lineKey{a.String(), "dns", "dnsfilter", "deny", true}]; n != 2 {
-		t.Errorf("%d summary records of the noisy device's queries, want 2, one an interval (lines %v)", n, lines)
+	if n := lines[lineKey{a.String(), "dns", "dnsfilter", "deny", true}]; n != 4 {
+		t.Errorf("%d summary records of the noisy device's queries, want 4, one a name an interval (lines %v)", n, lines)
 	}
-	if want := uint64(noisy + 2*conns - denied); held != want || j.summarized.Load() != want {
+	if want := uint64(noisy + oneport + 2*conns - denied); held != want || j.summarized.Load() != want {
 		t.Errorf("summaries hold %d events, the metric says %d; want %d", held, j.summarized.Load(), want)
 	}
 
 	// A restart: the ledger read from the log is the live one.
 	want := live.Report(ReportOptions{Now: reportNow})
-	if want.Totals.Queries != noisy+quiet || want.Totals.Flows != conns+allowed {
-		t.Fatalf("live totals %+v, want %d queries and %d flows", want.Totals, noisy+quiet, conns+allowed)
+	if want.Totals.Queries != noisy+quiet+1 || want.Totals.Flows != conns+allowed {
+		t.Fatalf("live totals %+v, want %d queries and %d flows", want.Totals, noisy+quiet+1, conns+allowed)
 	}
 	reread, st, err := LoadDir(dir, eng, LedgerOptions{}, nil)
 	if err != nil {
 		t.Fatal(err)
 	}
-	if st.Events != uint64(noisy+quiet+2*conns+allowed) {
-		t.Errorf("load read %d events, want %d", st.Events, noisy+quiet+2*conns+allowed)
+	if st.Events != uint64(noisy+oneport+quiet+2*conns+allowed) {
+		t.Errorf("load read %d events, want %d", st.Events, noisy+oneport+quiet+2*conns+allowed)
 	}
 	if d := cmp.Diff(want, reread.Report(ReportOptions{Now: reportNow})); d != "" {
 		t.Errorf("the report read back from the log differs (-live +read):\n%s", d)
@@ -155,7 +164,59 @@ func TestDetailBudget(t *testing.T) {
 	if _, err := ReplayPath(dir, r); err != nil {
 		t.Fatal(err)
 	}
-	if res := r.Result(); res.Queries != noisy+quiet || res.Flows != conns+allowed || res.Events != uint64(noisy+quiet+2*conns+allowed) {
-		t.Errorf("replay: %d events, %d queries, %d flows; want %d, %d, %d", res.Events, res.Queries, res.Flows, noisy+quiet+2*conns+allowed, noisy+quiet, conns+allowed)
+	if res := r.Result(); res.Queries != noisy+quiet+1 || res.Flows != conns+allowed || res.Events != uint64(noisy+oneport+quiet+2*conns+allowed) {
+		t.Errorf("replay: %d events, %d queries, %d flows; want %d, %d, %d", res.Events, res.Queries, res.Flows, noisy+oneport+quiet+2*conns+allowed, noisy+quiet+1, conns+allowed)
+	}
+}
+
+// TestQuietLine: the decision log lines of one device's repeated denials
+// past its budget are left out and counted into a summary line (a
+// decision line with count); another device's lines are all logged, and
+// so are allowed ones.
+func TestQuietLine(t *testing.T) {
+	var logBuf syncBuffer
+	const burst, noisy, quiet = 10, 500, 9
+	j, _, _ := openJournal(t, JournalConfig{Dir: t.TempDir(), DetailBurst: burst, DetailRate: 1, DetailInterval: time.Hour,
+		Logger: slog.New(slog.NewJSONHandler(&logBuf, nil))}, nil)
+	now := time.Date(2026, 12, 5, 10, 0, 0, 0, time.UTC)
+	j.now = func() time.Time { return now }
+	ev := func(c, mac string, v policy.Verdict, i int) *Event {
+		e := &Event{Kind: KindFlow, Source: SourceProxy, Time: now.Add(time.Duration(i) * time.Millisecond),
+			Client: netip.MustParseAddr(c), ClientPort: uint16(20000 + i), ClientMAC: mac, Dest: netip.MustParseAddr("203.0.113.20"), DestPort: 443,
+			Proto: "tcp", Name: "tracker.example", NameSource: NameSNI}
+		e.Stamp(policy.Decision{Verdict: v, Mode: policy.ModeEnforce, Reason: "no-rule"})
+		return e
+	}
+	logged := map[string]int{}
+	for i := range noisy {
+		for _, e := range []*Event{ev("192.0.2.7", "aa:bb:cc:00:00:07", policy.Deny, i), ev("192.0.2.7", "aa:bb:cc:00:00:07", policy.Allow, i)} {
+			if !QuietLine(j, e) {
+				logged[string(e.Verdict)]++
+			}
+		}
+		if i < quiet && !QuietLine(j, ev("192.0.2.8", "aa:bb:cc:00:00:08", policy.Deny, i)) {
+			logged["other"]++
+		}
+	}
+	if err := j.Close(); err != nil {
+		t.Fatal(err)
+	}
+	if logged["deny"] > burst+1 || logged["allow"] != noisy || logged["other"] != quiet {
+		t.Errorf("lines logged: %v; want at most %d denials of the noisy device, %d allowed, %d of the other device", logged, burst+1, noisy, quiet)
+	}
+	var sum uint64
+	var sums int
+	for _, l := range strings.Split(strings.TrimSpace(logBuf.String()), "\n") {
+		var rec struct {
+			Msg   string `json:"msg"`
+			Count uint64 `json:"count"`
+		}
+		if json.Unmarshal([]byte(l), &rec) == nil && rec.Msg == CanonicalMessage && rec.Count > 0 {
+			sum += rec.Count
+			sums++
+		}
+	}
+	if want := uint64(noisy - logged["deny"]); sums != 1 || sum != want || j.quieted.Load() != want {
+		t.Errorf("%d summary lines count %d; metric %d; want one of %d\n%s", sums, sum, j.quieted.Load(), want, logBuf.String())
 	}
 }

@@ -142,7 +142,11 @@ type Journal struct {
 	written     atomic.Uint64 // events written to the kernel
 	writeFailed atomic.Uint64 // events lost to write errors
 	summarized  atomic.Uint64 // events held back into summary records
-	queued      atomic.Int64  // for the queue gauge
+	quieted     atomic.Uint64 // decision lines held back into summary lines
+
+	linesMu sync.Mutex    // guards lines
+	lines   *detailBudget // of decision log lines (QuietLine); nil: none
+	queued  atomic.Int64  // for the queue gauge
 
 	qmu     sync.Mutex // guards pending
 	pending []Event    // queued by Emit, at most QueueLen
@@ -214,6 +218,8 @@ func OpenJournal(cfg JournalConfig, ledger *Ledger) (*Journal, LoadStats, error)
 	j.archLast = ledger.archLast()
 	if cfg.DetailBurst >= 0 {
 		j.detail = newDetailBudget(cfg.DetailBurst, cfg.DetailRate, cfg.DetailInterval)
+		j.lines = newDetailBudget(cfg.DetailBurst, cfg.DetailRate, cfg.DetailInterval)
+		j.lines.lines = true
 	}
 	f, err := os.OpenFile(filepath.Join(cfg.Dir, CurrentLog), os.O_CREATE|os.O_WRONLY|os.O_APPEND, 0o640)
 	if err != nil {
@@ -607,10 +613,60 @@ func (j *Journal) Run(ctx context.Context) error {
 		if j.detail != nil && j.detail.due(j.clock()) {
 			j.writeSummaries()
 		}
+		j.logSummaries(false)
 		j.recordShed()
 		if len(j.buf) > 0 {
 			j.flush()
 		}
+	}
+}
+
+// QuietLine reports whether the decision log line of ev is left out:
+// the same budget as the event log's detail, kept apart (a component
+// logs as it emits, before the writer sees the event), counts it into a
+// summary line the writer logs at the interval's end: a decision line
+// with count, the number of decisions of that shape it stands for (the
+// first at time, the last at until). Components call it through
+// [QuietLine]. Safe for concurrent use.
+func (j *Journal) QuietLine(ev *Event) bool {
+	if j.lines == nil {
+		return false
+	}
+	e := *ev
+	e.Bound()
+	j.linesMu.Lock()
+	held := j.lines.hold(&e, true, j.clock())
+	j.linesMu.Unlock()
+	if held {
+		j.quieted.Add(1)
+	}
+	return held
+}
+
+// logSummaries logs the summary line of each shape of decision lines
+// QuietLine held back, when the interval is over (or all is).
+func (j *Journal) logSummaries(all bool) {
+	if j.lines == nil {
+		return
+	}
+	var sums []Event
+	now := j.clock()
+	j.linesMu.Lock()
+	if all || j.lines.due(now) {
+		j.lines.roll(now, func(s Event) { sums = append(sums, s) })
+	}
+	j.linesMu.Unlock()
+	for _, s := range sums {
+		attrs := make([]slog.Attr, 0, FlowAttrsMax+6)
+		attrs = s.AppendFlowAttrs(attrs)
+		if s.QType != "" {
+			attrs = append(attrs, slog.String(LogQType, s.QType), slog.String(LogRCode, s.RCode))
+		}
+		attrs = append(attrs, slog.String("source", string(s.Source)), slog.Uint64("count", s.Count), slog.Time("first_seen", s.Time))
+		if !s.Until.IsZero() {
+			attrs = append(attrs, slog.Time("last_seen", s.Until))
+		}
+		j.log.LogAttrs(context.Background(), slog.LevelWarn, CanonicalMessage, attrs...)
 	}
 }
 
@@ -640,6 +696,7 @@ func (j *Journal) writeSummaries() {
 func (j *Journal) finish() error {
 	j.takeBatch()
 	j.writeSummaries()
+	j.logSummaries(true)
 	j.recordShed()
 	j.flush()
 	var err error
@@ -878,6 +935,7 @@ func (j *Journal) openCurrent() error {
 // RegisterMetrics registers the journal's metrics on reg:
 // egress_audit_events_shed_total, egress_audit_events_written_total,
 // egress_audit_events_summarized_total,
+// egress_audit_decision_lines_summarized_total,
 // egress_audit_write_failed_events_total, egress_audit_queue_length,
 // egress_audit_summary_pending_files and
 // egress_audit_summary_lost_files_total.
@@ -891,6 +949,10 @@ func (j *Journal) RegisterMetrics(reg prometheus.Registerer) error {
 			Namespace: "egress", Subsystem: "audit", Name: "events_written_total",
 			Help: "Events written to the event log.",
 		}, func() float64 { return float64(j.written.Load()) }),
+		prometheus.NewCounterFunc(prometheus.CounterOpts{
+			Namespace: "egress", Subsystem: "audit", Name: "decision_lines_summarized_total",
+			Help: "Decision log lines of denials past a device's detail budget, counted into a summary line instead of logged one by one.",
+		}, func() float64 { return float64(j.quieted.Load()) }),
 		prometheus.NewCounterFunc(prometheus.CounterOpts{
 			Namespace: "egress", Subsystem: "audit", Name: "events_summarized_total",
 			Help: "Denied events past a device's detail budget, counted into a summary record instead of written one by one (in every count).",

@@ -351,6 +351,9 @@ func (l *Ledger) addLocked(ev *Event) bool {
 			if t := ev.Time.UTC(); t.After(ds.last) {
 				ds.last = t
 			}
+			if ev.ClientMAC != "" {
+				ds.clients.add(ev.Client.Unmap(), ev.ClientMAC, l.opt.MaxClients)
+			}
 		}
 		return false
 	}

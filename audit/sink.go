@@ -17,6 +17,21 @@ type Sink interface {
 	Emit(ev Event)
 }
 
+// LineQuieter is a Sink that also budgets the components' decision log
+// lines (the [Journal]: a noisy device's repeated denials are counted
+// into a summary line).
+type LineQuieter interface {
+	QuietLine(ev *Event) bool
+}
+
+// QuietLine reports whether the decision line of ev, about to be emitted
+// into s, is to be left out: s counts it into a summary line instead.
+// Call it only for the line of an event that is emitted.
+func QuietLine(s Sink, ev *Event) bool {
+	q, ok := s.(LineQuieter)
+	return ok && q.QuietLine(ev)
+}
+
 // SinkFunc adapts a function to a Sink.
 type SinkFunc func(Event)
 

@@ -1930,7 +1930,7 @@ func (c *Capture) logFlow(ev *audit.Event) {
 		level = slog.LevelWarn
 	}
 	ctx := context.Background()
-	if !c.log.Enabled(ctx, level) {
+	if !c.log.Enabled(ctx, level) || audit.QuietLine(c.deps.Sink, ev) {
 		return
 	}
 	var buf [audit.FlowAttrsMax]slog.Attr

@@ -532,6 +532,24 @@ func (s *Server) finish(q *query) {
 		return
 	}
 	enforced := q.enforced || (d.Verdict == policy.Deny && d.Mode == policy.ModeEnforce)
+	ev := audit.Event{
+		Kind:       audit.KindDNS,
+		Source:     audit.SourceDNS,
+		Time:       q.start,
+		Client:     q.client.Addr().Unmap(),
+		ClientPort: q.client.Port(),
+		Proto:      q.proto,
+		Name:       q.name,
+		QType:      dns.Type(q.qtype).String(),
+		RCode:      rcodeName(q.rcode),
+		CacheHit:   q.hit,
+		Upstream:   q.upstream,
+		Latency:    lat.Seconds(),
+		Filtered:   q.filtered,
+	}
+	ev.ClientMAC = q.eventMAC()
+	ev.Stamp(d)
+	ev.Enforced = enforced
 	level := slog.LevelInfo
 	switch {
 	case q.err != nil:
@@ -540,7 +558,7 @@ func (s *Server) finish(q *query) {
 		level = slog.LevelWarn
 	}
 	ctx := context.Background()
-	if s.log.Enabled(ctx, level) {
+	if s.log.Enabled(ctx, level) && !audit.QuietLine(s.sink, &ev) {
 		// An invalid name reads as up to 1,004 bytes (\DDD): cut as the
 		// event log cuts it (Event.Bound).
 		name := audit.Event{Name: q.name}
@@ -582,24 +600,6 @@ func (s *Server) finish(q *query) {
 		}
 		logjson.Log(ctx, s.log, level, audit.CanonicalMessage, attrs...)
 	}
-	ev := audit.Event{
-		Kind:       audit.KindDNS,
-		Source:     audit.SourceDNS,
-		Time:       q.start,
-		Client:     q.client.Addr().Unmap(),
-		ClientPort: q.client.Port(),
-		Proto:      q.proto,
-		Name:       q.name,
-		QType:      dns.Type(q.qtype).String(),
-		RCode:      rcodeName(q.rcode),
-		CacheHit:   q.hit,
-		Upstream:   q.upstream,
-		Latency:    lat.Seconds(),
-		Filtered:   q.filtered,
-	}
-	ev.ClientMAC = q.eventMAC()
-	ev.Stamp(d)
-	ev.Enforced = enforced
 	s.sink.Emit(ev)
 }
 

@@ -326,7 +326,7 @@ func (p *Proxy) emitRequest(listener string, ev audit.Event, err error) {
 	if ev.Verdict == policy.Deny {
 		level = slog.LevelWarn
 	}
-	if !p.log.Enabled(context.Background(), level) {
+	if !p.log.Enabled(context.Background(), level) || audit.QuietLine(p.deps.Sink, &ev) {
 		return
 	}
 	var buf [audit.FlowAttrsMax + 2]slog.Attr

@@ -538,7 +538,7 @@ func (p *Proxy) finish(f *flowRecord) {
 	case ev.Verdict == policy.Deny:
 		level = slog.LevelWarn
 	}
-	if !p.log.Enabled(context.Background(), level) {
+	if !p.log.Enabled(context.Background(), level) || audit.QuietLine(p.deps.Sink, ev) {
 		return
 	}
 	var buf [audit.FlowAttrsMax + 2]slog.Attr
