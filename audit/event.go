@@ -4,8 +4,10 @@
 // plain-HTTP connection and one per request in an inspected connection,
 // [KindRequest]). In the daemon that sink is a [Journal]: a bounded queue
 // (Emit never blocks; what it must shed it counts) in front of one writer
-// that appends each event to the NDJSON event log in the state directory
-// and adds it to the [Ledger]. The ledger turns events into per-rule usage
+// that adds each event to the [Ledger] and appends it to the NDJSON event
+// log in the state directory (a noisy device's repeated denials past its
+// detail budget as summary records, which reading the log expands:
+// detail.go). The ledger turns events into per-rule usage
 // and the list of what was or would be dropped, counting each flow once
 // whichever components reported it; on start it is rebuilt from the log
 // and from the summary of the log files rotation deleted ([ArchiveFile]),
