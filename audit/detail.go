@@ -35,9 +35,13 @@ const (
 	// maxDetailShapes and maxDetailDevices bound what the budget tracks
 	// in an interval; a shape or device beyond them is written as it
 	// comes (unbudgeted), never lost.
-	maxDetailShapes  = 1 << 16
-	maxDetailDevices = 1 << 16
-	maxHeldFlows     = 1 << 16 // an interval's
+	maxDetailShapes  = 1 << 14
+	maxDetailDevices = 1 << 14
+	// maxHeldFlows bounds the flows held back in an interval (the
+	// journal ends the interval early when it is reached): with the
+	// interval before, as many as the ledger remembers to count a flow
+	// once (LedgerOptions.MaxFlows).
+	maxHeldFlows = 1 << 15
 )
 
 // shapeKey is what makes two denied events alike for the report and a
@@ -176,16 +180,20 @@ func (b *detailBudget) hold(ev *Event, counted bool, now time.Time) bool {
 		}
 	}
 	key := shapeOf(ev)
-	agg := b.shapes[key]
-	if agg == nil { // the first of its shape: written
+	agg, seen := b.shapes[key]
+	if !seen { // the first of its shape: written
 		if len(b.shapes) < maxDetailShapes {
-			b.shapes[key] = &shapeAgg{}
+			b.shapes[key] = nil // nothing held yet
 		}
 		b.spend(ev, now)
 		return false
 	}
 	if b.spend(ev, now) || !b.lines && len(b.held) >= maxHeldFlows {
 		return false
+	}
+	if agg == nil {
+		agg = &shapeAgg{}
+		b.shapes[key] = agg
 	}
 	if !counted {
 		agg.add(ev)
@@ -229,9 +237,9 @@ func (b *detailBudget) merge(hf *heldFlow, ev *Event) bool {
 	stale := hf.gen != b.gen
 	if !stale && ev.Kind == KindFlow && ev.Source == SourceProxy && hf.source != SourceProxy {
 		key := shapeOf(ev)
-		agg := b.shapes[key]
+		agg, seen := b.shapes[key]
 		if agg == nil {
-			if len(b.shapes) >= maxDetailShapes {
+			if !seen && len(b.shapes) >= maxDetailShapes {
 				return false
 			}
 			agg = &shapeAgg{}
@@ -303,6 +311,10 @@ func (b *detailBudget) spend(ev *Event, now time.Time) bool {
 	return false
 }
 
+// full reports whether the interval holds back as many flows as it may:
+// the journal ends it then.
+func (b *detailBudget) full() bool { return len(b.held) >= maxHeldFlows }
+
 // due reports whether the interval has ended at now.
 func (b *detailBudget) due(now time.Time) bool {
 	return !b.start.IsZero() && now.Sub(b.start) >= b.interval
@@ -314,7 +326,7 @@ func (b *detailBudget) due(now time.Time) bool {
 func (b *detailBudget) roll(now time.Time, fn func(Event)) {
 	for _, m := range []map[shapeKey]*shapeAgg{b.shapes, b.late} {
 		for _, agg := range m {
-			if agg.n == 0 && agg.dups == 0 {
+			if agg == nil || agg.n == 0 && agg.dups == 0 {
 				continue
 			}
 			s := agg.ev

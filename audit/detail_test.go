@@ -220,3 +220,41 @@ func TestQuietLine(t *testing.T) {
 		t.Errorf("%d summary lines count %d; metric %d; want one of %d\n%s", sums, sum, j.quieted.Load(), want, logBuf.String())
 	}
 }
+
+// TestDetailBudgetFull: more flows held back than an interval may hold
+// end the interval early (summaries written, the held flows forgotten
+// a generation later); the log still counts what the live ledger did,
+// and the flood stays held back.
+func TestDetailBudgetFull(t *testing.T) {
+	dir := t.TempDir()
+	const burst, conns = 10, maxHeldFlows + maxHeldFlows/4
+	j, live, _ := openJournal(t, JournalConfig{Dir: dir, DetailBurst: burst, DetailRate: 1, DetailInterval: time.Hour}, nil)
+	now := time.Date(2026, 12, 5, 10, 0, 0, 0, time.UTC)
+	j.now = func() time.Time { return now }
+	for i := range conns {
+		ev := Event{Kind: KindFlow, Source: SourceProxy, Time: now.Add(time.Duration(i) * time.Microsecond),
+			Client: netip.MustParseAddr("192.0.2.7"), ClientPort: uint16(1024 + i%60000), Dest: netip.MustParseAddr("203.0.113.20"), DestPort: 443,
+			Proto: "tcp", Name: "tracker.example", NameSource: NameSNI, BytesOut: 517}
+		ev.Stamp(policy.Decision{Verdict: policy.Deny, Mode: policy.ModeEnforce, Reason: "no-rule"})
+		j.Emit(ev)
+		ev.Source, ev.BytesIn = SourceCapture, 60
+		j.Emit(ev)
+		if i%1000 == 999 {
+			j.takeBatch() // the writer keeps up
+		}
+	}
+	if err := j.Close(); err != nil {
+		t.Fatal(err)
+	}
+	if w := j.Written(); w > 4*(burst+4) {
+		t.Errorf("%d lines written for %d denied connections, want at most %d", w, conns, 4*(burst+4))
+	}
+	want := live.Report(ReportOptions{Now: reportNow})
+	reread, _, err := LoadDir(dir, nil, LedgerOptions{}, nil)
+	if err != nil {
+		t.Fatal(err)
+	}
+	if d := cmp.Diff(want, reread.Report(ReportOptions{Now: reportNow})); d != "" {
+		t.Errorf("the report read back from the log differs (-live +read):\n%s", d)
+	}
+}

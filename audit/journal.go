@@ -734,6 +734,9 @@ func (j *Journal) Close() error {
 func (j *Journal) writeEvent(ev Event) {
 	j.saw(ev.Time)
 	counted := j.ledger.emit(ev)
+	if j.detail != nil && j.detail.full() {
+		j.writeSummaries()
+	}
 	if j.detail != nil && j.detail.hold(&ev, counted, j.clock()) {
 		j.summarized.Add(1)
 		return
