@@ -974,20 +974,52 @@ func (b *liveBody) Close() error {
 // hijacked open, so a stream the origin ended would hang on until the
 // client spoke again. The client's bytes are all relayed by then (the
 // copy toward the client has ended, or the client has).
+//
+// Its end (a read's error, or Close) closes the origin's connection
+// first, which ends a Write to it in flight, and waits for that Write to
+// count its bytes before done records them: the goroutine that relays the
+// client's bytes is not the one that ends the stream, and the origin may
+// have answered bytes it got (an echo the client has read) before their
+// Write returned and counted them.
 type liveRWBody struct {
 	*liveBody
 	client net.Conn
+	// writing is held shared by each Write until its bytes are counted,
+	// and taken by end before done.
+	writing sync.RWMutex
+}
+
+func (b *liveRWBody) Read(buf []byte) (int, error) {
+	n, err := b.ReadCloser.Read(buf)
+	b.read.Add(uint64(n))
+	if err != nil {
+		b.end()
+	}
+	return n, err
 }
 
 func (b *liveRWBody) Close() error {
-	err := b.liveBody.Close()
+	err := b.end()
 	if b.client != nil {
 		b.client.Close()
 	}
 	return err
 }
 
+// end closes the origin's connection, waits for a Write in flight to
+// count its bytes, and calls done once.
+func (b *liveRWBody) end() error {
+	err := b.ReadCloser.Close()
+	b.writing.Lock()
+	// Empty: taking it is waiting for the writes in flight.
+	b.writing.Unlock()
+	b.once.Do(b.done)
+	return err
+}
+
 func (b *liveRWBody) Write(buf []byte) (int, error) {
+	b.writing.RLock()
+	defer b.writing.RUnlock()
 	n, err := b.ReadCloser.(io.Writer).Write(buf)
 	b.written.Add(uint64(n))
 	return n, err
