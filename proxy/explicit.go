@@ -363,7 +363,7 @@ func (k *keepPipelined) Hijack() (net.Conn, *bufio.ReadWriter, error) {
 		ic.done = func() {
 			k.p.untrackConn(k.conn)
 			k.p.release(k.client)
-			k.f.ev.BytesOut, k.f.ev.BytesIn = ic.read.Load()+early, ic.written.Load()
+			k.f.ev.BytesOut, k.f.ev.BytesIn = ic.read.Load()+early, ic.written.settled()
 			k.p.stampLive(lc, &k.f.ev)
 			k.p.finish(k.f)
 		}
@@ -389,9 +389,10 @@ func (k *keepPipelined) Hijack() (net.Conn, *bufio.ReadWriter, error) {
 // both at once, for a WebSocket), and closing it (once) calls done.
 type inspectedClient struct {
 	net.Conn
-	read, written atomic.Uint64
-	once          sync.Once
-	done          func()
+	read    atomic.Uint64
+	written writeCount
+	once    sync.Once
+	done    func()
 }
 
 func (c *inspectedClient) Read(b []byte) (int, error) {
@@ -401,9 +402,7 @@ func (c *inspectedClient) Read(b []byte) (int, error) {
 }
 
 func (c *inspectedClient) Write(b []byte) (int, error) {
-	n, err := c.Conn.Write(b)
-	c.written.Add(uint64(n))
-	return n, err
+	return c.written.write(func() (int, error) { return c.Conn.Write(b) })
 }
 
 func (c *inspectedClient) Close() error {
@@ -929,7 +928,7 @@ func (p *Proxy) explicitRoundTrip(req *http.Request, at policyAt, f *flowRecord,
 		b.ReadCloser.Close()
 	})
 	b.done = func() {
-		f.ev.BytesIn, f.ev.BytesOut = b.read.Load(), b.written.Load()
+		f.ev.BytesIn, f.ev.BytesOut = b.read.Load(), b.written.settled()
 		p.stampLive(lc, &f.ev)
 		p.finish(f)
 	}
@@ -947,9 +946,10 @@ func (p *Proxy) explicitRoundTrip(req *http.Request, at policyAt, f *flowRecord,
 // end (EOF, a read error, or Close, whichever comes first) calls done once.
 type liveBody struct {
 	io.ReadCloser
-	read, written atomic.Uint64
-	once          sync.Once
-	done          func()
+	read    atomic.Uint64
+	written writeCount
+	once    sync.Once
+	done    func()
 }
 
 func (b *liveBody) Read(buf []byte) (int, error) {
@@ -976,17 +976,11 @@ func (b *liveBody) Close() error {
 // copy toward the client has ended, or the client has).
 //
 // Its end (a read's error, or Close) closes the origin's connection
-// first, which ends a Write to it in flight, and waits for that Write to
-// count its bytes before done records them: the goroutine that relays the
-// client's bytes is not the one that ends the stream, and the origin may
-// have answered bytes it got (an echo the client has read) before their
-// Write returned and counted them.
+// before done, which ends a Write to it in flight and so lets done wait
+// for its count (writeCount).
 type liveRWBody struct {
 	*liveBody
 	client net.Conn
-	// writing is held shared by each Write until its bytes are counted,
-	// and taken by end before done.
-	writing sync.RWMutex
 }
 
 func (b *liveRWBody) Read(buf []byte) (int, error) {
@@ -1006,23 +1000,43 @@ func (b *liveRWBody) Close() error {
 	return err
 }
 
-// end closes the origin's connection, waits for a Write in flight to
-// count its bytes, and calls done once.
+// end closes the origin's connection and calls done once.
 func (b *liveRWBody) end() error {
 	err := b.ReadCloser.Close()
-	b.writing.Lock()
-	// Empty: taking it is waiting for the writes in flight.
-	b.writing.Unlock()
 	b.once.Do(b.done)
 	return err
 }
 
 func (b *liveRWBody) Write(buf []byte) (int, error) {
-	b.writing.RLock()
-	defer b.writing.RUnlock()
-	n, err := b.ReadCloser.(io.Writer).Write(buf)
-	b.written.Add(uint64(n))
+	return b.written.write(func() (int, error) { return b.ReadCloser.(io.Writer).Write(buf) })
+}
+
+// writeCount counts the bytes written to a connection whose record
+// another goroutine finishes: the goroutine that relays one direction of
+// an upgraded stream is not the one that ends it, and the peer may have
+// acted on bytes (the origin echoed them, the client read them) before
+// the Write that sent them returned and counted them. settled, called
+// once the connection is closed (which ends a Write in flight), waits
+// for that count.
+type writeCount struct {
+	mu sync.RWMutex // held shared by each write until its bytes are counted
+	n  atomic.Uint64
+}
+
+func (w *writeCount) write(f func() (int, error)) (int, error) {
+	w.mu.RLock()
+	defer w.mu.RUnlock()
+	n, err := f()
+	w.n.Add(uint64(n))
 	return n, err
+}
+
+// settled returns the count once no write is in flight; the connection
+// must be closed first, or it waits for a write that may block.
+func (w *writeCount) settled() uint64 {
+	w.mu.Lock()
+	defer w.mu.Unlock()
+	return w.n.Load()
 }
 
 // dropConnectionFields removes the header fields the client named in
@@ -1198,7 +1212,7 @@ func (p *Proxy) inspectTransparent(c *net.TCPConn, at policyAt, recorded []byte,
 	rc.onClose = func() {
 		p.untrackConn(c)
 		p.release(st.client.Addr())
-		f.ev.BytesOut, f.ev.BytesIn = rc.read.Load(), rc.written.Load()
+		f.ev.BytesOut, f.ev.BytesIn = rc.read.Load(), rc.written.settled()
 		p.stampLive(lc, &f.ev)
 		p.finish(f)
 	}
@@ -1213,11 +1227,12 @@ func (p *Proxy) inspectTransparent(c *net.TCPConn, at policyAt, recorded []byte,
 // once, for a WebSocket); Close reports the end of the connection once.
 type replayConn struct {
 	*net.TCPConn
-	r             io.Reader
-	swallow       bool
-	closed        bool
-	onClose       func()
-	read, written atomic.Uint64
+	r       io.Reader
+	swallow bool
+	closed  bool
+	onClose func()
+	read    atomic.Uint64
+	written writeCount
 }
 
 func (c *replayConn) Read(b []byte) (int, error) {
@@ -1233,9 +1248,7 @@ func (c *replayConn) Write(b []byte) (int, error) {
 			return len(b), nil
 		}
 	}
-	n, err := c.TCPConn.Write(b)
-	c.written.Add(uint64(n))
-	return n, err
+	return c.written.write(func() (int, error) { return c.TCPConn.Write(b) })
 }
 
 func (c *replayConn) Close() error {
