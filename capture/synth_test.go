@@ -259,8 +259,14 @@ func synthRun(t *testing.T, path string, src string, dns DNSFacts, cfg Config) f
 // run's own).
 func synthRunDeps(t *testing.T, path string, src string, deps Deps, cfg Config) fileResult {
 	t.Helper()
+	return synthRunEngine(t, path, testEngine(t, src), deps, cfg)
+}
+
+// synthRunEngine is synthRunDeps with the policy engine given.
+func synthRunEngine(t *testing.T, path string, eng *policy.Engine, deps Deps, cfg Config) fileResult {
+	t.Helper()
 	rec := &recorder{}
-	deps.Policy, deps.Sink = policy.NewStore(testEngine(t, src)), rec
+	deps.Policy, deps.Sink = policy.NewStore(eng), rec
 	c, err := New(cfg, deps)
 	if err != nil {
 		t.Fatal(err)
