@@ -5,6 +5,8 @@ import (
 	"strings"
 
 	"github.com/miekg/dns"
+
+	"egressd/policy"
 )
 
 // specialPrefixes are never handed out for a public name (THREATS.md E3 and
@@ -71,6 +73,18 @@ func IsSpecial(a netip.Addr) bool {
 	return false
 }
 
+// isSpecialNAT64 is IsSpecial under the NAT64 prefixes nat
+// (policy.Engine.NAT64, egressd run --nat64-prefix): an address inside one
+// is judged by the IPv4 address it embeds, as the proxy and the firewall
+// judge it (policy.Engine.SpecialRange), in a network-specific prefix and
+// in the local-use 64:ff9b:1::/48 alike.
+func isSpecialNAT64(a netip.Addr, nat []netip.Prefix) bool {
+	if v4, _, ok := policy.NAT64Embedded(nat, a); ok {
+		return IsSpecial(v4)
+	}
+	return IsSpecial(a)
+}
+
 // privateName reports whether name (normalised) lies under one of the
 // suffixes whose answers may hold private addresses.
 func privateName(name string, suffixes []string) bool {
@@ -94,8 +108,9 @@ func (c Config) rebinds(name string) bool {
 // it drops special addresses (A, AAAA, and the address hints of HTTPS/SVCB)
 // unless the name is private or the filter is off, and strips the "ech"
 // parameter from HTTPS/SVCB records unless keepECH. It returns what it did
-// ("rebinding", "ech", both joined by "+", or "").
-func filterAnswer(name string, m *dns.Msg, rebind, keepECH bool) string {
+// ("rebinding", "ech", both joined by "+", or ""). nat are the NAT64
+// prefixes (isSpecialNAT64).
+func filterAnswer(name string, m *dns.Msg, rebind, keepECH bool, nat []netip.Prefix) string {
 	var dropped, ech bool
 	for _, sec := range []*[]dns.RR{&m.Answer, &m.Ns, &m.Extra} {
 		kept := (*sec)[:0]
@@ -107,15 +122,15 @@ func filterAnswer(name string, m *dns.Msg, rebind, keepECH bool) string {
 					continue
 				}
 			case *dns.AAAA:
-				if a, ok := netip.AddrFromSlice(v.AAAA); rebind && (!ok || IsSpecial(a)) {
+				if a, ok := netip.AddrFromSlice(v.AAAA); rebind && (!ok || isSpecialNAT64(a, nat)) {
 					dropped = true
 					continue
 				}
 			case *dns.HTTPS:
-				e, d := filterSVCB(&v.SVCB, rebind, keepECH)
+				e, d := filterSVCB(&v.SVCB, rebind, keepECH, nat)
 				ech, dropped = ech || e, dropped || d
 			case *dns.SVCB:
-				e, d := filterSVCB(v, rebind, keepECH)
+				e, d := filterSVCB(v, rebind, keepECH, nat)
 				ech, dropped = ech || e, dropped || d
 			}
 			kept = append(kept, rr)
@@ -134,7 +149,7 @@ func filterAnswer(name string, m *dns.Msg, rebind, keepECH bool) string {
 	return ""
 }
 
-func filterSVCB(s *dns.SVCB, rebind, keepECH bool) (ech, dropped bool) {
+func filterSVCB(s *dns.SVCB, rebind, keepECH bool, nat []netip.Prefix) (ech, dropped bool) {
 	kept := s.Value[:0]
 	for _, kv := range s.Value {
 		switch v := kv.(type) {
@@ -162,7 +177,7 @@ func filterSVCB(s *dns.SVCB, rebind, keepECH bool) (ech, dropped bool) {
 			if rebind {
 				hints := v.Hint[:0]
 				for _, ip := range v.Hint {
-					if a, ok := netip.AddrFromSlice(ip); ok && !IsSpecial(a) {
+					if a, ok := netip.AddrFromSlice(ip); ok && !isSpecialNAT64(a, nat) {
 						hints = append(hints, ip)
 					} else {
 						dropped = true

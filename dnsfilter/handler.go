@@ -377,7 +377,8 @@ func (s *Server) fetch(key []byte, name string, qtype, qclass uint16, flags byte
 // entryFrom filters an upstream answer, builds its entry and caches it.
 // r becomes the entry's.
 func (s *Server) entryFrom(key []byte, name string, flags byte, r *dns.Msg, up *upstream) *entry {
-	filtered := filterAnswer(name, r, s.cfg.rebinds(name), s.cfg.KeepECH)
+	// The NAT64 prefixes are the flag's, the same under every policy.
+	filtered := filterAnswer(name, r, s.cfg.rebinds(name), s.cfg.KeepECH, s.pol.Load().NAT64())
 	switch filtered {
 	case "rebinding+ech":
 		s.m.filtered.WithLabelValues("rebinding").Inc()

@@ -262,7 +262,7 @@ func (c Config) WouldLearn(eng *policy.Engine, macs ClientMACs) func(*Learned) b
 	c = c.withDefaults()
 	var seen map[netip.Addr]net.HardwareAddr
 	return func(l *Learned) bool {
-		if l.Name == canaryName || c.rebinds(l.Name) && IsSpecial(l.Addr) {
+		if l.Name == canaryName || c.rebinds(l.Name) && isSpecialNAT64(l.Addr, eng.NAT64()) {
 			return false
 		}
 		var mac net.HardwareAddr
