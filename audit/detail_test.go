@@ -59,7 +59,9 @@ func TestDetailBudget(t *testing.T) {
 				Client: a, ClientPort: uint16(20000 + i), ClientMAC: "aa:bb:cc:00:00:07", Dest: netip.MustParseAddr("203.0.113.20"), DestPort: 443,
 				Proto: "tcp", Name: "tracker.example", NameSource: NameSNI, BytesOut: 517}
 			if src == SourceCapture {
-				ev.NameSource, ev.BytesOut, ev.BytesIn = NameDNSLearned, 600, 60
+				// Its report of a flow that ended (one still open
+				// is written: TestDetailBudgetLongFlow).
+				ev.NameSource, ev.BytesOut, ev.BytesIn, ev.Close = NameDNSLearned, 600, 60, "rst"
 			}
 			ev.Stamp(deny)
 			j.Emit(ev)
@@ -250,6 +252,56 @@ func TestDetailBudgetFull(t *testing.T) {
 		t.Errorf("%d lines written for %d denied connections, want at most %d", w, conns, 4*(burst+4))
 	}
 	want := live.Report(ReportOptions{Now: reportNow})
+	reread, _, err := LoadDir(dir, nil, LedgerOptions{}, nil)
+	if err != nil {
+		t.Fatal(err)
+	}
+	if d := cmp.Diff(want, reread.Report(ReportOptions{Now: reportNow})); d != "" {
+		t.Errorf("the report read back from the log differs (-live +read):\n%s", d)
+	}
+}
+
+// TestDetailBudgetLongFlow: capture reports a flow still open after a
+// minute at once and again when it ends, minutes later (the ledger
+// merges the two). A noisy device's open reports past its budget are
+// held back into a summary; the end updates come intervals after, when
+// the budget no longer remembers the flows. The log read back must still
+// count each flow once, with the bytes the live ledger had.
+func TestDetailBudgetLongFlow(t *testing.T) {
+	dir := t.TempDir()
+	const burst, conns = 5, 40
+	j, live, _ := openJournal(t, JournalConfig{Dir: dir, DetailBurst: burst, DetailRate: 1, DetailInterval: time.Hour}, nil)
+	now := time.Date(2026, 12, 5, 10, 0, 0, 0, time.UTC)
+	j.now = func() time.Time { return now }
+	start := now
+	flow := func(i int) Event {
+		ev := Event{Kind: KindFlow, Source: SourceCapture, Time: start.Add(time.Duration(i) * time.Millisecond),
+			Client: netip.MustParseAddr("192.0.2.7"), ClientPort: uint16(20000 + i), ClientMAC: "aa:bb:cc:00:00:07",
+			Dest: netip.MustParseAddr("203.0.113.20"), DestPort: 443, Proto: "tcp", Name: "tracker.example", NameSource: NameSNI,
+			BytesOut: 1000, BytesIn: 2000}
+		ev.Stamp(policy.Decision{Verdict: policy.Deny, Mode: policy.ModeAudit, Reason: "no-rule"})
+		return ev
+	}
+	for i := range conns { // the open reports
+		j.Emit(flow(i))
+	}
+	j.takeBatch()
+	for range 3 { // intervals pass while the flows stay open
+		now = now.Add(time.Hour)
+		j.writeSummaries()
+	}
+	for i := range conns { // the end updates
+		ev := flow(i)
+		ev.BytesOut, ev.BytesIn, ev.Duration, ev.Close = 5000, 9000, 600, "fin"
+		j.Emit(ev)
+	}
+	if err := j.Close(); err != nil {
+		t.Fatal(err)
+	}
+	want := live.Report(ReportOptions{Now: reportNow})
+	if want.Totals.Flows != conns {
+		t.Fatalf("live: %d flows, want %d: %+v", want.Totals.Flows, conns, want.Totals)
+	}
 	reread, _, err := LoadDir(dir, nil, LedgerOptions{}, nil)
 	if err != nil {
 		t.Fatal(err)
