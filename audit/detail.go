@@ -179,6 +179,15 @@ func (b *detailBudget) hold(ev *Event, counted bool, now time.Time) bool {
 			return false
 		}
 	}
+	if counted && !b.lines && ev.Kind == KindFlow && ev.Source == SourceCapture && ev.Close == "" {
+		// Capture's report of a flow still open (a minute on): its end
+		// update comes when the flow ends, minutes or days later, long
+		// after the budget forgot the flow; written alone beside a
+		// summary (which has no ports), it would count as a second
+		// flow when the log is read again. So it is written.
+		b.spend(ev, now)
+		return false
+	}
 	key := shapeOf(ev)
 	agg, seen := b.shapes[key]
 	if !seen { // the first of its shape: written
