@@ -333,6 +333,38 @@ func TestFirewallHitAllocs(t *testing.T) {
 	}
 }
 
+// TestFastPathHitNoAllocs: a UDP cache hit on the fast path allocates
+// nothing, its decision line and event included (the event is not moved
+// to the heap by asking the sink's budget of decision lines).
+func TestFastPathHitNoAllocs(t *testing.T) {
+	up := newFakeUpstream(t, labZone)
+	client, err := net.ListenUDP("udp", &net.UDPAddr{IP: net.IPv4(127, 0, 0, 1)})
+	if err != nil {
+		t.Fatal(err)
+	}
+	defer client.Close()
+	src := client.LocalAddr().(*net.UDPAddr).AddrPort()
+	q := new(dns.Msg)
+	q.SetQuestion("www.allowed.test.", dns.TypeA)
+	pkt, err := q.Pack()
+	if err != nil {
+		t.Fatal(err)
+	}
+	ts := startServer(t, gatePolicy, Config{Upstreams: []string{up.Addr}}, Deps{Sink: audit.Discard})
+	ask(t, "udp", ts.Addr, "www.allowed.test.", dns.TypeA, false) // fills the cache
+	ts.mu.Lock()
+	conn := ts.udp[0]
+	ts.mu.Unlock()
+	sc := newScratch()
+	if n := testing.AllocsPerRun(200, func() {
+		if !ts.fast(sc, conn, pkt, src) {
+			t.Fatal("not answered on the fast path")
+		}
+	}); n != 0 {
+		t.Errorf("%v allocations per cache hit on the fast path, want 0", n)
+	}
+}
+
 func counterValue(c prometheus.Counter) float64 {
 	var m dto.Metric
 	if err := c.Write(&m); err != nil {
