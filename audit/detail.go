@@ -146,11 +146,17 @@ func newDetailBudget(burst int, rate float64, interval time.Duration) *detailBud
 		held: map[heldKey]*heldFlow{}, prevHeld: map[heldKey]*heldFlow{}}
 }
 
+// budgeted reports whether ev may be held back: a denied flow, query or
+// request, not a summary.
+func budgeted(ev *Event) bool {
+	return ev.Verdict == policy.Deny && (ev.Kind == KindFlow || ev.Kind == KindDNS || ev.Kind == KindRequest) && ev.Count == 0
+}
+
 // hold reports whether ev is held back (counted into a summary) rather
 // than written now. counted says the live ledger counted it as a new
 // flow, query or request (false: a later report of one it had).
 func (b *detailBudget) hold(ev *Event, counted bool, now time.Time) bool {
-	if ev.Verdict != policy.Deny || ev.Kind != KindFlow && ev.Kind != KindDNS && ev.Kind != KindRequest || ev.Count != 0 {
+	if !budgeted(ev) {
 		return false
 	}
 	if b.start.IsZero() {

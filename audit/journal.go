@@ -628,14 +628,13 @@ func (j *Journal) Run(ctx context.Context) error {
 // with count, the number of decisions of that shape it stands for (the
 // first at time, the last at until). Components call it through
 // [QuietLine]. Safe for concurrent use.
-func (j *Journal) QuietLine(ev *Event) bool {
-	if j.lines == nil {
-		return false
+func (j *Journal) QuietLine(ev Event) bool {
+	if j.lines == nil || !budgeted(&ev) {
+		return false // not bounded, locked or timed: every allowed line asks
 	}
-	e := *ev
-	e.Bound()
+	ev.Bound()
 	j.linesMu.Lock()
-	held := j.lines.hold(&e, true, j.clock())
+	held := j.lines.hold(&ev, true, j.clock())
 	j.linesMu.Unlock()
 	if held {
 		j.quieted.Add(1)

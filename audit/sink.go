@@ -21,15 +21,20 @@ type Sink interface {
 // lines (the [Journal]: a noisy device's repeated denials are counted
 // into a summary line).
 type LineQuieter interface {
-	QuietLine(ev *Event) bool
+	QuietLine(ev Event) bool
 }
 
 // QuietLine reports whether the decision line of ev, about to be emitted
 // into s, is to be left out: s counts it into a summary line instead.
-// Call it only for the line of an event that is emitted.
+// Call it only for the line of an event that is emitted. Only a denial
+// can be left out; ev never escapes (a component's event stays on its
+// stack: the DNS forwarder's fast path allocates nothing).
 func QuietLine(s Sink, ev *Event) bool {
+	if !budgeted(ev) {
+		return false
+	}
 	q, ok := s.(LineQuieter)
-	return ok && q.QuietLine(ev)
+	return ok && q.QuietLine(*ev)
 }
 
 // SinkFunc adapts a function to a Sink.
