@@ -81,6 +81,7 @@ func shapeOf(ev *Event) shapeKey {
 // shapeAgg is one shape of the interval: written once at least, and the
 // events held back since (ev is the first of them, with the sums).
 type shapeAgg struct {
+	key     shapeKey // its key in the interval's map (held flows point here, not at a copy)
 	ev      Event
 	n, dups uint64
 }
@@ -113,8 +114,7 @@ func heldOf(ev *Event) heldKey {
 // what the ledger's merge of a later report of it reads.
 type heldFlow struct {
 	agg     *shapeAgg
-	key     shapeKey // agg's
-	gen     uint64   // the interval of agg
+	gen     uint64 // the interval of agg
 	out, in uint64
 	source  Source
 }
@@ -207,7 +207,7 @@ func (b *detailBudget) hold(ev *Event, counted bool, now time.Time) bool {
 		return false
 	}
 	if agg == nil {
-		agg = &shapeAgg{}
+		agg = &shapeAgg{key: key}
 		b.shapes[key] = agg
 	}
 	if !counted {
@@ -216,7 +216,7 @@ func (b *detailBudget) hold(ev *Event, counted bool, now time.Time) bool {
 		return true
 	}
 	if !b.lines {
-		b.held[heldOf(ev)] = &heldFlow{agg: agg, key: key, gen: b.gen, out: ev.BytesOut, in: ev.BytesIn, source: ev.Source}
+		b.held[heldOf(ev)] = &heldFlow{agg: agg, gen: b.gen, out: ev.BytesOut, in: ev.BytesIn, source: ev.Source}
 	}
 	agg.add(ev)
 	agg.n++
@@ -257,7 +257,7 @@ func (b *detailBudget) merge(hf *heldFlow, ev *Event) bool {
 			if !seen && len(b.shapes) >= maxDetailShapes {
 				return false
 			}
-			agg = &shapeAgg{}
+			agg = &shapeAgg{key: key}
 			b.shapes[key] = agg
 		}
 		old := hf.agg
@@ -270,19 +270,19 @@ func (b *detailBudget) merge(hf *heldFlow, ev *Event) bool {
 		e.BytesOut, e.BytesIn = hf.out, hf.in
 		agg.add(&e)
 		agg.n++
-		hf.agg, hf.key, hf.source = agg, key, ev.Source
+		hf.agg, hf.source = agg, ev.Source
 		return true
 	}
 	agg := hf.agg
 	if stale {
-		if agg = b.late[hf.key]; agg == nil {
+		if agg = b.late[hf.agg.key]; agg == nil {
 			if len(b.late) >= maxDetailShapes {
 				return false
 			}
-			agg = &shapeAgg{ev: hf.agg.ev}
+			agg = &shapeAgg{key: hf.agg.key, ev: hf.agg.ev}
 			agg.ev.Time, agg.ev.Until = ev.Time, time.Time{}
 			agg.ev.BytesOut, agg.ev.BytesIn = 0, 0
-			b.late[hf.key] = agg
+			b.late[agg.key] = agg
 		}
 	}
 	if ev.BytesOut > hf.out {
