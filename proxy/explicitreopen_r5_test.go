@@ -1,0 +1,114 @@
+package proxy
+
+import (
+	"bufio"
+	"io"
+	"log/slog"
+	"net"
+	"os"
+	"strings"
+	"sync"
+	"sync/atomic"
+	"syscall"
+	"testing"
+	"time"
+
+	"egressd/policy"
+)
+
+// errListener returns the errors on errs from Accept before it accepts
+// on its listener.
+type errListener struct {
+	net.Listener
+	errs chan error
+}
+
+func (l errListener) Accept() (net.Conn, error) {
+	select {
+	case err := <-l.errs:
+		return nil, err
+	default:
+	}
+	return l.Listener.Accept()
+}
+
+// acceptErr is err as the net package gives an accept's failure.
+func acceptErr(err syscall.Errno) error {
+	return &net.OpError{Op: "accept", Net: "tcp", Err: os.NewSyscallError("accept4", err)}
+}
+
+// TestExplicitAcceptOutOfResourcesWaited: an accept that fails for want
+// of a resource (out of file descriptors, EMFILE and ENFILE; out of
+// memory or socket buffers, ENOMEM and ENOBUFS) is waited out on the same
+// listener, as the transparent one does: closing it would reset every
+// connection in its queue and leave the address unserved for a second or
+// more, and opening it again needs what is short. Before, ENOMEM and
+// ENOBUFS closed the listener and opened it again. Loopback only.
+func TestExplicitAcceptOutOfResourcesWaited(t *testing.T) {
+	eng, err := policy.Compile("p.yaml", []byte("version: 1\nmode: enforce\nrules: []\n"))
+	if err != nil {
+		t.Fatal(err)
+	}
+	var logs strings.Builder
+	var mu sync.Mutex
+	p, err := New(Config{ExplicitAddr: "127.0.0.1:0"}, Deps{Policy: policy.NewStore(eng), Logger: slog.New(slog.NewTextHandler(lockedWriter{&mu, &logs}, nil))})
+	if err != nil {
+		t.Fatal(err)
+	}
+	p.reopenBase, p.reopenMax = time.Millisecond, 8*time.Millisecond
+	var tries atomic.Int32
+	p.relisten = func(a string) (net.Listener, error) {
+		tries.Add(1)
+		return p.listenExplicit(t.Context(), a)
+	}
+	cancel, ran := runReady(t, p)
+	closed := false
+	defer func() {
+		if !closed {
+			cancel()
+			<-ran
+		}
+	}()
+	real, err := p.listenExplicit(t.Context(), "127.0.0.2:0")
+	if err != nil {
+		t.Fatalf("no 127.0.0.2 (Linux's lo holds 127.0.0.0/8): %v", err)
+	}
+	const addr = "127.0.0.2:0"
+	errs := make(chan error, 8)
+	for _, e := range []syscall.Errno{syscall.EMFILE, syscall.ENFILE, syscall.ENOMEM, syscall.ENOBUFS} {
+		errs <- acceptErr(e)
+	}
+	ln := errListener{real, errs}
+	p.explicitMu.Lock()
+	p.explicitLns[addr] = ln
+	p.explicitMu.Unlock()
+	go p.keepExplicit(addr, ln)
+
+	// Served on the same listener once the errors are spent.
+	c, err := net.DialTimeout("tcp", real.Addr().String(), 2*time.Second)
+	if err != nil {
+		t.Fatal(err)
+	}
+	defer c.Close()
+	c.SetDeadline(time.Now().Add(10 * time.Second))
+	io.WriteString(c, "GET http://denied.test/ HTTP/1.1\r\nHost: denied.test\r\n\r\n")
+	line, rerr := bufio.NewReader(c).ReadString('\n')
+	if !strings.HasPrefix(line, "HTTP/1.1 403") {
+		t.Errorf("answer %q (%v), want a 403 from the listener the errors came on", line, rerr)
+	}
+	if len(errs) != 0 {
+		t.Errorf("%d errors not returned yet", len(errs))
+	}
+	p.explicitMu.Lock()
+	same := p.explicitLns[addr] == ln
+	p.explicitMu.Unlock()
+	cancel()
+	<-ran
+	closed = true
+	mu.Lock()
+	out := logs.String()
+	mu.Unlock()
+	if n := tries.Load(); n != 0 || !same || strings.Contains(out, "failed; its listener is closed") {
+		t.Errorf("an accept out of resources closed the listener: %d tries to open it again, still the same listener %v, log:\n%s", n, same, out)
+	}
+}
