@@ -2,6 +2,7 @@ package proxy
 
 import (
 	"bufio"
+	"errors"
 	"io"
 	"log/slog"
 	"net"
@@ -110,5 +111,52 @@ func TestExplicitAcceptOutOfResourcesWaited(t *testing.T) {
 	mu.Unlock()
 	if n := tries.Load(); n != 0 || !same || strings.Contains(out, "failed; its listener is closed") {
 		t.Errorf("an accept out of resources closed the listener: %d tries to open it again, still the same listener %v, log:\n%s", n, same, out)
+	}
+}
+
+// TestTransparentAcceptOutOfMemoryWaited: the transparent listener waits
+// out an accept out of memory or socket buffers as it does one out of
+// file descriptors; before, ENOMEM and ENOBUFS ended Serve (and Run with
+// it). Loopback only.
+func TestTransparentAcceptOutOfMemoryWaited(t *testing.T) {
+	eng, err := policy.Compile("p.yaml", []byte("version: 1\nmode: enforce\nrules: []\n"))
+	if err != nil {
+		t.Fatal(err)
+	}
+	p, err := New(Config{}, Deps{Policy: policy.NewStore(eng), Logger: slog.New(slog.NewTextHandler(io.Discard, nil))})
+	if err != nil {
+		t.Fatal(err)
+	}
+	real, err := net.Listen("tcp", "127.0.0.1:0")
+	if err != nil {
+		t.Fatal(err)
+	}
+	errs := make(chan error, 4)
+	for _, e := range []syscall.Errno{syscall.ENOMEM, syscall.ENOBUFS} {
+		errs <- acceptErr(e)
+	}
+	served := make(chan error, 1)
+	go func() { served <- p.Serve(errListener{real, errs}) }()
+	// Accepted after the errors: the proxy closes what is not its
+	// redirect's (no original destination), so the read ends.
+	c, err := net.DialTimeout("tcp", real.Addr().String(), 2*time.Second)
+	if err != nil {
+		t.Fatal(err)
+	}
+	c.SetDeadline(time.Now().Add(10 * time.Second))
+	io.WriteString(c, "x")
+	c.Read(make([]byte, 1))
+	c.Close()
+	select {
+	case err := <-served:
+		t.Fatalf("Serve returned on an accept out of memory: %v", err)
+	default:
+	}
+	if len(errs) != 0 {
+		t.Errorf("%d errors not returned yet", len(errs))
+	}
+	p.Close()
+	if err := <-served; err != nil && !errors.Is(err, net.ErrClosed) {
+		t.Errorf("Serve after Close: %v", err)
 	}
 }

@@ -253,7 +253,17 @@ func bareConn(c net.Conn) net.Conn {
 	return c
 }
 
-// peekListener gives the explicit listener's connections their peekConn.
+// temporaryErr is an accept's error that http.Server is to wait out
+// (errTemporary), whatever Go calls it.
+type temporaryErr struct{ err error }
+
+func (e temporaryErr) Error() string   { return e.err.Error() }
+func (e temporaryErr) Unwrap() error   { return e.err }
+func (e temporaryErr) Timeout() bool   { return false }
+func (e temporaryErr) Temporary() bool { return true }
+
+// peekListener gives the explicit listener's connections their peekConn,
+// and marks an accept's error worth waiting out temporary.
 type peekListener struct {
 	net.Listener
 	p *Proxy
@@ -261,8 +271,16 @@ type peekListener struct {
 
 func (l peekListener) Accept() (net.Conn, error) {
 	c, err := l.Listener.Accept()
-	if err != nil || l.p.peekMem == nil {
-		return c, err
+	if err != nil {
+		if errors.Is(err, errTemporary(err)) {
+			// http.Server waits out a temporary error on the same
+			// listener (keepExplicit would close it).
+			return nil, temporaryErr{err}
+		}
+		return nil, err
+	}
+	if l.p.peekMem == nil {
+		return c, nil
 	}
 	client := addrPortOf(c.RemoteAddr()).Addr()
 	return &peekConn{Conn: c, p: l.p, client: client, reading: true, share: peekShare{b: l.p.peekMem, client: client, keyOf: l.p.keyOf}}, nil

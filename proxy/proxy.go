@@ -13,6 +13,7 @@ import (
 	"slices"
 	"sync"
 	"sync/atomic"
+	"syscall"
 	"time"
 
 	"github.com/elazarl/goproxy"
@@ -407,11 +408,14 @@ func (p *Proxy) Serve(ln net.Listener) error {
 }
 
 // errTemporary returns err when accept failed for a reason worth retrying
-// (out of file descriptors), else a sentinel that matches nothing.
+// on the same listener (out of file descriptors, EMFILE and ENFILE, which
+// Go calls temporary; out of memory or socket buffers, ENOMEM and
+// ENOBUFS, which it does not), else a sentinel that matches nothing.
+// Closing the listener instead would reset the connections in its queue.
 func errTemporary(err error) error {
 	type temporary interface{ Temporary() bool }
 	var t temporary
-	if errors.As(err, &t) && t.Temporary() {
+	if errors.As(err, &t) && t.Temporary() || errors.Is(err, syscall.ENOMEM) || errors.Is(err, syscall.ENOBUFS) {
 		return err
 	}
 	return errNever
