@@ -26,7 +26,8 @@ import (
 // tunnel goes on.
 //
 // An explicit listener whose accept fails for good (anything but the
-// temporary errors http.Server waits out: the kernel aborted the
+// errors http.Server waits out on the same listener, errTemporary's: out
+// of file descriptors, memory or socket buffers; the kernel aborted the
 // listening socket, say) is closed and opened again on the same address,
 // reopenFirst later, doubling with each failure in a row up to
 // reopenLongest (keepExplicit). ExplicitDown names those closed
