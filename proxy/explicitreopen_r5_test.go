@@ -7,6 +7,7 @@ import (
 	"log/slog"
 	"net"
 	"os"
+	"runtime"
 	"strings"
 	"sync"
 	"sync/atomic"
@@ -158,5 +159,99 @@ func TestTransparentAcceptOutOfMemoryWaited(t *testing.T) {
 	p.Close()
 	if err := <-served; err != nil && !errors.Is(err, net.ErrClosed) {
 		t.Errorf("Serve after Close: %v", err)
+	}
+}
+
+// TestExplicitDownRemovedNoLeak: an address whose listener failed to
+// accept, taken off (SetExplicitAddrs without it) while the proxy waits
+// to open it again, leaves nothing behind: no goroutine waiting out the
+// rest of the wait (up to reopenLongest; here an hour), no descriptor,
+// over many failures and removals of the same address; and the proxy's
+// Close during such a wait returns. Before, each removal left a goroutine
+// asleep until its wait ended. Loopback only.
+func TestExplicitDownRemovedNoLeak(t *testing.T) {
+	eng, err := policy.Compile("p.yaml", []byte("version: 1\nmode: enforce\nrules: []\n"))
+	if err != nil {
+		t.Fatal(err)
+	}
+	p, err := New(Config{ExplicitAddr: "127.0.0.1:0"}, Deps{Policy: policy.NewStore(eng), Logger: slog.New(slog.NewTextHandler(io.Discard, nil))})
+	if err != nil {
+		t.Fatal(err)
+	}
+	p.reopenBase, p.reopenMax = time.Hour, time.Hour
+	cancel, ran := runReady(t, p)
+	defer cancel()
+	fds := func() int {
+		ents, err := os.ReadDir("/proc/self/fd")
+		if err != nil {
+			t.Fatal(err)
+		}
+		return len(ents)
+	}
+	// settled waits (bounded) for the goroutines to come down to at most
+	// want, and returns their count.
+	settled := func(want int) int {
+		n := runtime.NumGoroutine()
+		for i := 0; i < 500 && n > want; i++ {
+			time.Sleep(20 * time.Millisecond)
+			n = runtime.NumGoroutine()
+		}
+		return n
+	}
+	const base, extra = "127.0.0.1:0", "127.0.0.2:0"
+	goroutines, files := runtime.NumGoroutine(), fds()
+	const cycles = 30
+	for i := range cycles {
+		if err := p.SetExplicitAddrs([]string{base, extra}); err != nil {
+			t.Fatalf("cycle %d: %v (no 127.0.0.2? Linux's lo holds 127.0.0.0/8)", i, err)
+		}
+		p.explicitMu.Lock()
+		ln := p.explicitLns[extra]
+		p.explicitMu.Unlock()
+		rc, err := ln.(syscall.Conn).SyscallConn()
+		if err != nil {
+			t.Fatal(err)
+		}
+		rc.Control(func(fd uintptr) { syscall.Shutdown(int(fd), syscall.SHUT_RD) })
+		for j := 0; j < 1000 && len(p.ExplicitDown()) == 0; j++ {
+			time.Sleep(5 * time.Millisecond)
+		}
+		if len(p.ExplicitDown()) != 1 {
+			t.Fatalf("cycle %d: ExplicitDown %v, want %s", i, p.ExplicitDown(), extra)
+		}
+		if err := p.SetExplicitAddrs([]string{base}); err != nil {
+			t.Fatal(err)
+		}
+		if len(p.ExplicitDown()) != 0 {
+			t.Fatalf("cycle %d: ExplicitDown %v after the address went", i, p.ExplicitDown())
+		}
+	}
+	if n := settled(goroutines); n > goroutines {
+		buf := make([]byte, 1<<20)
+		t.Errorf("%d goroutines before %d failures and removals, %d after:\n%s", goroutines, cycles, n, buf[:runtime.Stack(buf, true)])
+	}
+	if n := fds(); n > files {
+		t.Errorf("%d descriptors before %d failures and removals, %d after", files, cycles, n)
+	}
+	// Close while a wait is under way returns.
+	if err := p.SetExplicitAddrs([]string{base, extra}); err != nil {
+		t.Fatal(err)
+	}
+	p.explicitMu.Lock()
+	ln := p.explicitLns[extra]
+	p.explicitMu.Unlock()
+	rc, _ := ln.(syscall.Conn).SyscallConn()
+	rc.Control(func(fd uintptr) { syscall.Shutdown(int(fd), syscall.SHUT_RD) })
+	for j := 0; j < 1000 && len(p.ExplicitDown()) == 0; j++ {
+		time.Sleep(5 * time.Millisecond)
+	}
+	cancel()
+	select {
+	case err := <-ran:
+		if err != nil {
+			t.Errorf("Run: %v", err)
+		}
+	case <-time.After(10 * time.Second):
+		t.Fatal("Run did not return in 10s while a listener waited to be opened again")
 	}
 }
