@@ -75,9 +75,10 @@ func (p *Proxy) SetExplicitAddrs(addrs []string) error {
 			delete(p.explicitFailed, a) // logged again if given again and failing
 		}
 	}
-	for a := range p.explicitDown {
+	for a, down := range p.explicitDown {
 		if !slices.Contains(addrs, a) {
-			delete(p.explicitDown, a) // its keepExplicit gives up
+			delete(p.explicitDown, a)
+			close(down.gone) // its keepExplicit gives up now
 			p.log.Info("proxy: explicit proxy: stopped listening on "+a, "addr", a)
 			p.explicitChanged()
 		}
@@ -119,9 +120,11 @@ const (
 
 // downListener is an explicit listener that failed to accept, closed
 // until keepExplicit opens it again: why (the accept's error, then the
-// last failure to open it again).
+// last failure to open it again); gone is closed when SetExplicitAddrs
+// no longer gives its address, which ends keepExplicit's wait.
 type downListener struct {
-	err error
+	err  error
+	gone chan struct{}
 }
 
 // keepExplicit serves ln, the explicit listener opened for addr, until
@@ -141,7 +144,7 @@ func (p *Proxy) keepExplicit(addr string, ln net.Listener) {
 			delay = 0 // it served long enough: start over
 		}
 		delay = min(max(2*delay, p.reopenBase), p.reopenMax)
-		down := &downListener{err: err}
+		down := &downListener{err: err, gone: make(chan struct{})}
 		p.explicitMu.Lock()
 		if p.explicitLns[addr] != ln {
 			p.explicitMu.Unlock()
@@ -172,6 +175,8 @@ func (p *Proxy) reopenExplicit(addr string, down *downListener, delay time.Durat
 	for {
 		select {
 		case <-p.done:
+			return nil
+		case <-down.gone:
 			return nil
 		case <-t.C:
 		}
