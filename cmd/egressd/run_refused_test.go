@@ -97,6 +97,7 @@ func TestReloadRefusedInFirewallUndone(t *testing.T) {
 
 	d := &daemon{cfg: runConfig{stateDir: filepath.Join(dir, "state")}, log: log, store: store, source: pol,
 		ledger: audit.NewLedger(eng, audit.LedgerOptions{}), proxy: p, fw: fw, degraded: map[string]string{}}
+	d.savePolicy() // the start's copy of the running policy
 	if err := os.WriteFile(pol, []byte(refused), 0o644); err != nil {
 		t.Fatal(err)
 	}
@@ -113,6 +114,12 @@ func TestReloadRefusedInFirewallUndone(t *testing.T) {
 	}
 	if store.Load() != eng {
 		t.Fatal("the running policy is not back in the store")
+	}
+	// The state directory's copy is still the running policy's: the next
+	// start reads the marks of the ruleset in the kernel as its rules'
+	// (firewall.Deps.Previous), and egressd report lists its unused rules.
+	if b, err := os.ReadFile(filepath.Join(d.cfg.stateDir, runningPolicyFile)); err != nil || string(b) != running {
+		t.Errorf("the state directory's copy after the refused reload (%v):\n%s\nwant the running policy's:\n%s", err, b, running)
 	}
 	tunnel.SetReadDeadline(time.Now().Add(10 * time.Second))
 	if _, err := io.WriteString(tunnel, "x"); err == nil {
