@@ -322,12 +322,13 @@ func newDaemon(cfg runConfig, stdout, stderr io.Writer) (*daemon, error) {
 		d.source = "profile:" + cfg.profile
 	}
 	if !cfg.noFirewall {
-		d.prevPolicy = d.previousPolicy() // before loadPolicy writes over the copy
+		d.prevPolicy = d.previousPolicy() // before savePolicy writes over the copy
 	}
-	eng, err := d.loadPolicy()
+	eng, src, err := d.loadPolicy()
 	if err != nil {
 		return nil, err
 	}
+	d.savePolicy(src)
 	if !cfg.noFirewall {
 		// The firewall may first install on a reload to enforce. With
 		// more rules that forward than --ct-mark-bits has tags, rules
@@ -346,19 +347,22 @@ func newDaemon(cfg runConfig, stdout, stderr io.Writer) (*daemon, error) {
 	return d, nil
 }
 
-// loadPolicy reads and compiles the policy, applying the --mode override.
-func (d *daemon) loadPolicy() (*policy.Engine, error) {
-	eng, err := loadEngine(d.source, io.Discard)
+// loadPolicy reads and compiles the policy, applying the --mode override;
+// src is what it read (savePolicy's, once the policy runs).
+func (d *daemon) loadPolicy() (eng *policy.Engine, src []byte, err error) {
+	src, err = policySource(d.source)
 	if err != nil {
-		return nil, err
+		return nil, nil, err
+	}
+	if eng, err = policy.Compile(d.source, src); err != nil {
+		return nil, nil, err
 	}
 	for _, w := range eng.Warnings() {
 		d.log.Warn("policy warning", "problem", w.String())
 	}
-	d.savePolicy()
 	// Checked by checkFlagValues.
 	nat64, _ := policy.ParseNAT64(d.cfg.nat64)
-	return eng.WithMode(d.mode).WithNAT64(nat64), nil
+	return eng.WithMode(d.mode).WithNAT64(nat64), src, nil
 }
 
 // nat64Usage is --nat64-prefix's help.
@@ -388,14 +392,14 @@ func (d *daemon) previousPolicy() *policy.Engine {
 	return eng
 }
 
-// savePolicy copies the policy just loaded into the state directory
-// (atomically: a report never reads half a file). Failure only costs the
-// report its unused-rules list, so it is logged, not fatal.
-func (d *daemon) savePolicy() {
-	src, err := policySource(d.source)
-	if err == nil {
-		err = os.MkdirAll(d.cfg.stateDir, 0o750)
-	}
+// savePolicy copies the policy's source, src, into the state directory
+// once it runs (at start; on a reload, once the firewall took it: not a
+// policy refused, nor an edit made since it was read), atomically: a
+// report never reads half a file. Failure only costs the report its
+// unused-rules list and the next start its reading of the marks as the
+// policy's before it (previousPolicy), so it is logged, not fatal.
+func (d *daemon) savePolicy(src []byte) {
+	err := os.MkdirAll(d.cfg.stateDir, 0o750)
 	if err == nil {
 		tmp := filepath.Join(d.cfg.stateDir, runningPolicyFile+".tmp")
 		if err = os.WriteFile(tmp, src, 0o640); err == nil {
@@ -1113,7 +1117,7 @@ func (d *daemon) reload() {
 // reloadPolicy re-reads the policy; it reports whether the running policy
 // is the new one.
 func (d *daemon) reloadPolicy() bool {
-	eng, err := d.loadPolicy()
+	eng, src, err := d.loadPolicy()
 	if err != nil {
 		d.log.Error("reload failed, keeping the running policy", "policy", d.source, audit.LogError, err.Error())
 		return false
@@ -1132,6 +1136,9 @@ func (d *daemon) reloadPolicy() bool {
 		d.log.Error("reload failed in nftables, keeping the running policy", audit.LogError, err.Error())
 		return false
 	}
+	// Only now: the copy is the running policy's, the one whose ruleset
+	// is in the kernel (the next start reads the marks as its rules').
+	d.savePolicy(src)
 	if d.fw == nil && old.Mode() == policy.ModeAudit && eng.Mode() == policy.ModeEnforce && !d.cfg.noFirewall {
 		// A start in audit mode installed nothing; the rollout the README
 		// describes switches to enforce with a reload, so the ruleset goes

@@ -97,7 +97,7 @@ func TestReloadRefusedInFirewallUndone(t *testing.T) {
 
 	d := &daemon{cfg: runConfig{stateDir: filepath.Join(dir, "state")}, log: log, store: store, source: pol,
 		ledger: audit.NewLedger(eng, audit.LedgerOptions{}), proxy: p, fw: fw, degraded: map[string]string{}}
-	d.savePolicy() // the start's copy of the running policy
+	d.savePolicy([]byte(running)) // the start's copy of the running policy
 	if err := os.WriteFile(pol, []byte(refused), 0o644); err != nil {
 		t.Fatal(err)
 	}
