@@ -5,6 +5,9 @@ import (
 	"log/slog"
 	"net/netip"
 	"testing"
+	"time"
+
+	"github.com/prometheus/client_golang/prometheus"
 
 	"egressd/policy"
 	"egressd/profiles"
@@ -62,4 +65,52 @@ func TestRestartUnchangedPolicyKeeps(t *testing.T) {
 			}
 		}
 	}
+}
+
+// TestRestartUnchangedNothingCut: egressd stopped and started again with
+// the same policy (an upgrade, a restart), told the policy before
+// (Deps.Previous: the state directory's copy), cuts none of the flows the
+// ruleset in the kernel let out: those of a name rule, whose learned
+// addresses the new process does not know (nothing seeds its sets here,
+// as for an answer that expired), and those of a CIDR rule, IPv4 and
+// IPv6. The counts of the start's look at the connections say so, and
+// every flow still gets its answer.
+func TestRestartUnchangedNothingCut(t *testing.T) {
+	requireNft(t)
+	tp := newTopo(t)
+	tp.serverUDP(t, "198.18.2.2:9000", "198.18.2.3:9000", "[2001:db8:2::2]:9000", "[2001:db8:2::3]:9000")
+	fw := tp.firewall(t, Config{})
+	const src = `version: 1
+mode: enforce
+rules:
+  - {name: named, to: [ntp.test], ports: [9000/udp]}
+  - {name: other, to: [198.18.2.2/32, "2001:db8:2::2/128"], ports: [9000/udp]}
+`
+	pol := compile(t, src)
+	if err := fw.Install(pol); err != nil {
+		t.Fatal(err)
+	}
+	for _, a := range []string{"198.18.2.3", "2001:db8:2::3"} {
+		if err := fw.Learn("named", netip.MustParseAddr(a), time.Hour); err != nil {
+			t.Fatal(err)
+		}
+	}
+	flows := map[string]*flow{
+		"named4": dialFlow(t, tp, "udp", "198.18.2.3:9000"),
+		"named6": dialFlow(t, tp, "udp", "[2001:db8:2::3]:9000"),
+		"other4": dialFlow(t, tp, "udp", "198.18.2.2:9000"),
+		"other6": dialFlow(t, tp, "udp", "[2001:db8:2::2]:9000"),
+	}
+	checkFlows(t, "installed", flows)
+	if err := fw.Detach(); err != nil {
+		t.Fatal(err)
+	}
+	fw2 := tp.firewallWith(t, Config{}, Deps{Registerer: prometheus.NewRegistry(), Logger: slog.New(slog.NewTextHandler(io.Discard, nil)), Previous: compile(t, src)})
+	if err := fw2.Install(compile(t, src)); err != nil {
+		t.Fatal(err)
+	}
+	if cut, kept := flowsMetric(fw2, "cut"), flowsMetric(fw2, "kept"); cut != 0 || kept != 4 {
+		t.Errorf("restart with the policy unchanged: %v cut, %v kept, want 0 and 4", cut, kept)
+	}
+	checkFlows(t, "restarted, policy unchanged", flows)
 }
