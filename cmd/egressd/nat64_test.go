@@ -35,7 +35,7 @@ func TestLoadPolicyNAT64(t *testing.T) {
 				t.Fatal(err)
 			}
 		}
-		eng, err := d.loadPolicy()
+		eng, _, err := d.loadPolicy()
 		if err != nil {
 			t.Fatal(err)
 		}
