@@ -164,6 +164,7 @@ func TestReqStreamSmuggling(t *testing.T) {
 		{"obs-fold-te", "POST / HTTP/1.1\r\nHost: a\r\nTransfer-Encoding:\r\n chunked\r\n\r\n", ErrHeadMalformed},
 		{"bare-lf-head", "GET / HTTP/1.1\nHost: a\r\n\r\n", ErrHeadMalformed},
 		{"bare-lf-end", "GET / HTTP/1.1\r\nHost: a\n\n", ErrHeadMalformed},
+		{"bare-lf-and-bad-cl", "POST / HTTP/1.1\r\nContent-Length: A\r\n\n\r\n\r\n", ErrHeadMalformed}, // one reason whole or in pieces (FuzzFollowAgreesWithProxy)
 		{"bare-cr-value", "GET / HTTP/1.1\r\nHost: a\r\nX: a\rb\r\n\r\n", ErrHeadMalformed},
 		{"space-before-colon", "POST / HTTP/1.1\r\nHost: a\r\nTransfer-Encoding : chunked\r\n\r\n0\r\n\r\n", ErrHeadMalformed},
 		{"chunk-bare-lf", "POST / HTTP/1.1\r\nHost: a\r\nTransfer-Encoding: chunked\r\n\r\n5\nhello\r\n0\r\n\r\n", ErrHeadFraming},
