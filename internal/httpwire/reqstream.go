@@ -183,12 +183,8 @@ func (s *ReqStream) Next(data []byte) (n int, h *Head, err error) {
 	end := bytes.Index(data[from:], []byte("\r\n\r\n"))
 	if end < 0 {
 		// A bare LF ending a line: refuse now rather than at the cap.
-		if i := bytes.IndexByte(data[from:], '\n'); i >= 0 {
-			for j := from + i; j < len(data); j++ {
-				if data[j] == '\n' && (j == 0 || data[j-1] != '\r') {
-					return 0, nil, ErrHeadMalformed
-				}
-			}
+		if bareLF(data, from) {
+			return 0, nil, ErrHeadMalformed
 		}
 		if len(data) >= s.MaxHead {
 			return 0, nil, ErrHeadTooLarge
@@ -197,6 +193,13 @@ func (s *ReqStream) Next(data []byte) (n int, h *Head, err error) {
 		return 0, nil, ErrNeedMore
 	}
 	end += from + 4
+	if bareLF(data[:end], from) {
+		// Refused as malformed however the head came in segments:
+		// ParseHead might first find another fault (a Content-Length
+		// that is not a number: framing), which a head still arriving
+		// is not refused for.
+		return 0, nil, ErrHeadMalformed
+	}
 	if end > s.MaxHead {
 		return 0, nil, ErrHeadTooLarge
 	}
@@ -210,6 +213,21 @@ func (s *ReqStream) Next(data []byte) (n int, h *Head, err error) {
 	}
 	s.Start(&hd)
 	return hd.Len, &hd, nil
+}
+
+// bareLF reports whether data holds, from from on, a line ended by a LF
+// without its CR.
+func bareLF(data []byte, from int) bool {
+	i := bytes.IndexByte(data[from:], '\n')
+	if i < 0 {
+		return false
+	}
+	for j := from + i; j < len(data); j++ {
+		if data[j] == '\n' && (j == 0 || data[j-1] != '\r') {
+			return true
+		}
+	}
+	return false
 }
 
 // Start moves the stream past the head h (just parsed, here or by the
