@@ -22,15 +22,7 @@ import (
 func TestSuggestFromMAC(t *testing.T) {
 	const camMAC, oldMAC, newMAC = "aa:bb:cc:00:00:0a", "aa:bb:cc:00:00:0b", "aa:bb:cc:00:00:0c"
 	l := NewLedger(nil, LedgerOptions{})
-	n := 0
-	deny := func(name, client, mac string) {
-		n++
-		ev := Event{Kind: KindFlow, Source: SourceCapture, Time: t0.Add(time.Duration(n) * time.Second),
-			Client: netip.MustParseAddr(client), ClientPort: uint16(40000 + n), ClientMAC: mac,
-			Dest: netip.MustParseAddr("203.0.113.9"), DestPort: 443, Proto: "tcp", Name: name,
-			Verdict: policy.Deny, Reason: policy.ReasonNoRule, Mode: policy.ModeAudit}
-		l.add(&ev)
-	}
+	deny := captureDenials(l)
 	deny("cam.example", "192.168.50.23", camMAC) // a dual-stack camera: one device
 	deny("cam.example", "fd00::23", camMAC)
 	deny("nomac.example", "192.168.50.30", "")      // seen without a MAC
@@ -87,5 +79,20 @@ func TestSuggestFromMAC(t *testing.T) {
 	}
 	if t.Failed() {
 		t.Logf("suggestions:\n%s", snip.String())
+	}
+}
+
+// captureDenials returns a function that adds to l capture's audit-mode
+// record of a denied flow from client (with mac, "" for none) to name's
+// 203.0.113.9:443, each a second after the last.
+func captureDenials(l *Ledger) func(name, client, mac string) {
+	n := 0
+	return func(name, client, mac string) {
+		n++
+		ev := Event{Kind: KindFlow, Source: SourceCapture, Time: t0.Add(time.Duration(n) * time.Second),
+			Client: netip.MustParseAddr(client), ClientPort: uint16(40000 + n), ClientMAC: mac,
+			Dest: netip.MustParseAddr("203.0.113.9"), DestPort: 443, Proto: "tcp", Name: name,
+			Verdict: policy.Deny, Reason: policy.ReasonNoRule, Mode: policy.ModeAudit}
+		l.add(&ev)
 	}
 }

@@ -2,12 +2,8 @@ package audit
 
 import (
 	"fmt"
-	"net/netip"
 	"slices"
 	"testing"
-	"time"
-
-	"egressd/policy"
 )
 
 // TestSuggestFromMACNotARouter: a MAC that stands for more than one
@@ -22,15 +18,7 @@ import (
 func TestSuggestFromMACNotARouter(t *testing.T) {
 	const camMAC, routerMAC, hostMAC = "aa:bb:cc:00:00:0a", "aa:bb:cc:00:00:fe", "aa:bb:cc:00:00:1f"
 	l := NewLedger(nil, LedgerOptions{})
-	n := 0
-	deny := func(name, client, mac string) {
-		n++
-		ev := Event{Kind: KindFlow, Source: SourceCapture, Time: t0.Add(time.Duration(n) * time.Second),
-			Client: netip.MustParseAddr(client), ClientPort: uint16(40000 + n), ClientMAC: mac,
-			Dest: netip.MustParseAddr("203.0.113.9"), DestPort: 443, Proto: "tcp", Name: name,
-			Verdict: policy.Deny, Reason: policy.ReasonNoRule, Mode: policy.ModeAudit}
-		l.add(&ev)
-	}
+	deny := captureDenials(l)
 	deny("cam.example", "192.168.50.23", camMAC)
 	deny("cam.example", "fd00::23", camMAC)
 	// Three hosts behind a LAN router, each to its own destination:
