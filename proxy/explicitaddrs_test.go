@@ -125,6 +125,33 @@ func TestSetExplicitAddrs(t *testing.T) {
 // given: the second failure was silent, and the list grew by every
 // address that never opened.
 func TestSetExplicitAddrsFailLoggedAgain(t *testing.T) {
+	p, logs := loggedExplicitProxy(t)
+	cancel, ran := runReady(t, p)
+	defer func() { cancel(); <-ran }()
+	const bad = "198.51.100.1:3128" // not the host's: does not open
+	for _, addrs := range [][]string{{"127.0.0.1:0", bad}, {"127.0.0.1:0", bad}, {"127.0.0.1:0"}, {"127.0.0.1:0", bad}} {
+		err := p.SetExplicitAddrs(addrs)
+		if (err != nil) != slices.Contains(addrs, bad) {
+			t.Fatalf("SetExplicitAddrs(%v): %v", addrs, err)
+		}
+	}
+	n := strings.Count(logs(), "cannot listen on "+bad)
+	if n != 2 {
+		t.Errorf("%q logged %d times, want 2 (once, and again after it was not given for a while)", bad, n)
+	}
+	p.explicitMu.Lock()
+	failed := len(p.explicitFailed)
+	p.explicitMu.Unlock()
+	if failed != 1 {
+		t.Errorf("%d addresses on the failed list, want 1", failed)
+	}
+}
+
+// loggedExplicitProxy returns a proxy with an explicit listener on
+// 127.0.0.1:0 under a policy that allows nothing, and what it has logged
+// so far.
+func loggedExplicitProxy(t *testing.T) (*Proxy, func() string) {
+	t.Helper()
 	eng, err := policy.Compile("p.yaml", []byte("version: 1\nmode: enforce\nrules: []\n"))
 	if err != nil {
 		t.Fatal(err)
@@ -135,26 +162,10 @@ func TestSetExplicitAddrsFailLoggedAgain(t *testing.T) {
 	if err != nil {
 		t.Fatal(err)
 	}
-	cancel, ran := runReady(t, p)
-	defer func() { cancel(); <-ran }()
-	const bad = "198.51.100.1:3128" // not the host's: does not open
-	for _, addrs := range [][]string{{"127.0.0.1:0", bad}, {"127.0.0.1:0", bad}, {"127.0.0.1:0"}, {"127.0.0.1:0", bad}} {
-		err := p.SetExplicitAddrs(addrs)
-		if (err != nil) != slices.Contains(addrs, bad) {
-			t.Fatalf("SetExplicitAddrs(%v): %v", addrs, err)
-		}
-	}
-	mu.Lock()
-	n := strings.Count(logs.String(), "cannot listen on "+bad)
-	mu.Unlock()
-	if n != 2 {
-		t.Errorf("%q logged %d times, want 2 (once, and again after it was not given for a while)", bad, n)
-	}
-	p.explicitMu.Lock()
-	failed := len(p.explicitFailed)
-	p.explicitMu.Unlock()
-	if failed != 1 {
-		t.Errorf("%d addresses on the failed list, want 1", failed)
+	return p, func() string {
+		mu.Lock()
+		defer mu.Unlock()
+		return logs.String()
 	}
 }
 
@@ -356,16 +367,7 @@ func TestExplicitListenersShareClientLimit(t *testing.T) {
 // SetExplicitAddrs opened stayed closed, and one Run opened ended Run.
 // Loopback only, no root.
 func TestExplicitReopensAfterAcceptFails(t *testing.T) {
-	eng, err := policy.Compile("p.yaml", []byte("version: 1\nmode: enforce\nrules: []\n"))
-	if err != nil {
-		t.Fatal(err)
-	}
-	var logs strings.Builder
-	var mu sync.Mutex
-	p, err := New(Config{ExplicitAddr: "127.0.0.1:0"}, Deps{Policy: policy.NewStore(eng), Logger: slog.New(slog.NewTextHandler(lockedWriter{&mu, &logs}, nil))})
-	if err != nil {
-		t.Fatal(err)
-	}
+	p, logs := loggedExplicitProxy(t)
 	p.reopenBase, p.reopenMax = time.Millisecond, 8*time.Millisecond
 	var failing atomic.Bool
 	var tries atomic.Int32
@@ -449,9 +451,7 @@ func TestExplicitReopensAfterAcceptFails(t *testing.T) {
 	if opened != 2 {
 		t.Errorf("%d listeners filtered, want 2 (the closed ones off the list, the new ones on it)", opened)
 	}
-	mu.Lock()
-	out := logs.String()
-	mu.Unlock()
+	out := logs()
 	for _, a := range addrs {
 		if n := strings.Count(out, "accept on "+a+" failed"); n != 1 {
 			t.Errorf("%q logged %d times, want 1", "accept on "+a+" failed", n)

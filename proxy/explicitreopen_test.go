@@ -9,7 +9,6 @@ import (
 	"os"
 	"runtime"
 	"strings"
-	"sync"
 	"sync/atomic"
 	"syscall"
 	"testing"
@@ -47,16 +46,7 @@ func acceptErr(err syscall.Errno) error {
 // more, and opening it again needs what is short. Before, ENOMEM and
 // ENOBUFS closed the listener and opened it again. Loopback only.
 func TestExplicitAcceptOutOfResourcesWaited(t *testing.T) {
-	eng, err := policy.Compile("p.yaml", []byte("version: 1\nmode: enforce\nrules: []\n"))
-	if err != nil {
-		t.Fatal(err)
-	}
-	var logs strings.Builder
-	var mu sync.Mutex
-	p, err := New(Config{ExplicitAddr: "127.0.0.1:0"}, Deps{Policy: policy.NewStore(eng), Logger: slog.New(slog.NewTextHandler(lockedWriter{&mu, &logs}, nil))})
-	if err != nil {
-		t.Fatal(err)
-	}
+	p, logs := loggedExplicitProxy(t)
 	p.reopenBase, p.reopenMax = time.Millisecond, 8*time.Millisecond
 	var tries atomic.Int32
 	p.relisten = func(a string) (net.Listener, error) {
@@ -107,9 +97,7 @@ func TestExplicitAcceptOutOfResourcesWaited(t *testing.T) {
 	cancel()
 	<-ran
 	closed = true
-	mu.Lock()
-	out := logs.String()
-	mu.Unlock()
+	out := logs()
 	if n := tries.Load(); n != 0 || !same || strings.Contains(out, "failed; its listener is closed") {
 		t.Errorf("an accept out of resources closed the listener: %d tries to open it again, still the same listener %v, log:\n%s", n, same, out)
 	}
