@@ -17,7 +17,9 @@ import (
 	"os"
 	"os/exec"
 	"runtime"
+	"strconv"
 	"strings"
+	"sync"
 	"sync/atomic"
 	"syscall"
 	"testing"
@@ -57,7 +59,8 @@ type NS struct {
 func New(t testing.TB, prefix string) *NS {
 	t.Helper()
 	RequireRoot(t)
-	name := fmt.Sprintf("%s-%d-%d", prefix, os.Getpid()%100000, seq.Add(1))
+	sweepOnce.Do(func() { sweepStale(namespaceDir) })
+	name := fmt.Sprintf("%s-%d-%d", prefix, os.Getpid()%pidModulus, seq.Add(1))
 	if len(name) > 30 {
 		name = name[:30]
 	}
@@ -68,6 +71,78 @@ func New(t testing.TB, prefix string) *NS {
 	t.Cleanup(func() { ns.destroy() })
 	ns.MustRun("ip", "link", "set", "lo", "up")
 	return ns
+}
+
+// pidModulus keeps the PID part of a namespace name short.
+const pidModulus = 100000
+
+// namespaceDir is where ip netns keeps its named namespaces.
+const namespaceDir = "/var/run/netns"
+
+var sweepOnce sync.Once
+
+// sweepStale removes namespaces that New made in test processes that are
+// gone: a test binary killed before its cleanups ran (a timeout, kill -9)
+// leaves its namespaces behind. A name New made ends in -PID-SEQ; it is
+// removed only when no live process has a PID that gives that part and no
+// process runs inside it. Names of any other shape are never touched.
+func sweepStale(dir string) {
+	entries, err := os.ReadDir(dir)
+	if err != nil {
+		return
+	}
+	var live map[int]bool
+	for _, e := range entries {
+		pidPart, ok := newNamePID(e.Name())
+		if !ok {
+			continue
+		}
+		if live == nil {
+			live = livePIDParts()
+		}
+		if live[pidPart] {
+			continue
+		}
+		if out, err := exec.Command("ip", "netns", "pids", e.Name()).Output(); err != nil || len(bytes.TrimSpace(out)) > 0 {
+			continue
+		}
+		exec.Command("ip", "netns", "del", e.Name()).Run()
+	}
+}
+
+// newNamePID returns the PID part of a name of New's shape: a prefix of
+// lower-case letters and digits, then -PID-SEQ.
+func newNamePID(name string) (int, bool) {
+	parts := strings.Split(name, "-")
+	if len(parts) != 3 || parts[0] == "" {
+		return 0, false
+	}
+	for _, r := range parts[0] {
+		if (r < 'a' || r > 'z') && (r < '0' || r > '9') {
+			return 0, false
+		}
+	}
+	pid, err := strconv.Atoi(parts[1])
+	if err != nil || pid <= 0 || strconv.Itoa(pid) != parts[1] {
+		return 0, false
+	}
+	if seq, err := strconv.Atoi(parts[2]); err != nil || seq <= 0 || strconv.Itoa(seq) != parts[2] {
+		return 0, false
+	}
+	return pid, true
+}
+
+// livePIDParts returns the PID parts (PID modulo pidModulus) of every live
+// process.
+func livePIDParts() map[int]bool {
+	live := map[int]bool{}
+	entries, _ := os.ReadDir("/proc")
+	for _, e := range entries {
+		if pid, err := strconv.Atoi(e.Name()); err == nil {
+			live[pid%pidModulus] = true
+		}
+	}
+	return live
 }
 
 func (ns *NS) destroy() {

@@ -5,6 +5,7 @@ import (
 	"fmt"
 	"io"
 	"os"
+	"os/exec"
 	"strings"
 	"testing"
 	"time"
@@ -60,5 +61,53 @@ func TestTempIfName(t *testing.T) {
 			t.Fatalf("temporary name %q (prefix %q, seen before %v)", n, pid, seen[n])
 		}
 		seen[n] = true
+	}
+}
+
+func TestSweepStale(t *testing.T) {
+	RequireRoot(t)
+	live := livePIDParts()
+	dead := 0
+	for p := pidModulus - 1; p > 0; p-- {
+		if !live[p] {
+			dead = p
+			break
+		}
+	}
+	own := os.Getpid() % pidModulus
+	names := map[string]bool{ // name: should survive the sweep
+		fmt.Sprintf("tnstale-%d-1", dead): false,
+		fmt.Sprintf("tnlive-%d-77", own):  true,
+		fmt.Sprintf("tn-odd-%d-1", dead):  true, // not New's shape
+		fmt.Sprintf("tnseq-%d-x", dead):   true,
+		fmt.Sprintf("TNUP-%d-1", dead):    true,
+		fmt.Sprintf("tnpad-0%d-1", dead):  true,
+		fmt.Sprintf("tnbusy-%d-2", dead):  true, // a process runs inside
+	}
+	for name := range names {
+		if out, err := exec.Command("ip", "netns", "add", name).CombinedOutput(); err != nil {
+			t.Fatalf("ip netns add %s: %v: %s", name, err, out)
+		}
+		t.Cleanup(func() { exec.Command("ip", "netns", "del", name).Run() })
+	}
+	busy := exec.Command("ip", "netns", "exec", fmt.Sprintf("tnbusy-%d-2", dead), "sleep", "30")
+	if err := busy.Start(); err != nil {
+		t.Fatal(err)
+	}
+	t.Cleanup(func() { busy.Process.Kill(); busy.Wait() })
+	for i := 0; i < 50; i++ { // wait until sleep runs inside (ip netns exec has exec'd)
+		if out, _ := exec.Command("ip", "netns", "pids", fmt.Sprintf("tnbusy-%d-2", dead)).Output(); len(strings.TrimSpace(string(out))) > 0 {
+			break
+		}
+		time.Sleep(20 * time.Millisecond)
+	}
+
+	sweepStale(namespaceDir)
+
+	for name, survive := range names {
+		_, err := os.Stat(namespaceDir + "/" + name)
+		if got := err == nil; got != survive {
+			t.Errorf("%s: exists after the sweep = %v, want %v", name, got, survive)
+		}
 	}
 }
