@@ -1165,8 +1165,10 @@ func (p *Proxy) mitmTLSConfig(host string, _ *goproxy.ProxyCtx) (*tls.Config, er
 		host = h
 	}
 	// Names are matched without regard to case (by the policy and by
-	// clients): one leaf, and one cache entry, for all spellings.
-	host = strings.ToLower(host)
+	// clients), and a trailing dot names the same host: one leaf, and one
+	// cache entry, for all spellings. The leaf names the host without the
+	// dot, as clients check it (curl and OpenSSL drop the dot first).
+	host = strings.TrimSuffix(strings.ToLower(host), ".")
 	leaf, err := p.certs.leaf(ca.cert, host)
 	if err != nil {
 		return nil, fmt.Errorf("proxy: leaf for %s: %w", host, err)

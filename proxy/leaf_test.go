@@ -74,7 +74,8 @@ func TestSignLeafBehindFloorAppleLimit(t *testing.T) {
 // them for docs.paths.test) made and kept a leaf of its own, so a client
 // could make the proxy sign a leaf at each connection and fill the cache
 // (emptied whole at 4096 leaves, those of every other host with it) even
-// under a policy that inspects one host. And with many hosts, each is
+// under a policy that inspects one host. A trailing dot is the same host
+// too. And with many hosts, each is
 // given a leaf for itself, never one made for another.
 func TestLeafCacheOneLeafPerHost(t *testing.T) {
 	state := t.TempDir()
@@ -99,7 +100,10 @@ func TestLeafCacheOneLeafPerHost(t *testing.T) {
 		return leaf
 	}
 	first := serve("docs.paths.test:443", "docs.paths.test")
-	for _, h := range []string{"DOCS.paths.test", "Docs.Paths.Test", "docs.PATHS.test", "DOCS.PATHS.TEST"} {
+	// A name with a trailing dot (the absolute form, CONNECT docs.paths.test.:443)
+	// is the same host: its leaf named only "docs.paths.test.", which
+	// clients that drop the dot before checking (curl, OpenSSL) refuse.
+	for _, h := range []string{"DOCS.paths.test", "Docs.Paths.Test", "docs.PATHS.test", "DOCS.PATHS.TEST", "docs.paths.test.", "Docs.Paths.Test."} {
 		if l := serve(h+":443", h); !l.Equal(first) {
 			t.Errorf("%s: a leaf of its own (%v), not docs.paths.test's", h, l.DNSNames)
 		}
