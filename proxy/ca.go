@@ -257,8 +257,10 @@ func (p *Proxy) ensureCA() (*mitmCA, error) {
 	}
 	cert, _, err := LoadOrCreateCA(p.cfg.StateDir)
 	if err != nil {
+		p.caFailed.Store(true)
 		return nil, err
 	}
+	p.caFailed.Store(false)
 	if cert.Leaf == nil {
 		if leaf, err := x509.ParseCertificate(cert.Certificate[0]); err == nil {
 			cert.Leaf = leaf
@@ -281,12 +283,12 @@ const caExpiryWarn = 30 * 24 * time.Hour
 // at the first inspected connection: a problem is told at the start, and
 // the CA's end is a metric from then on) and checks it each caCheckEvery
 // until the proxy stops: egressd may run for months, and a CA that ends
-// while it runs fails every inspected connection.
+// while it runs fails every inspected connection. A CA that cannot be
+// loaded is tried again at each check (an inspected connection tries too).
 func (p *Proxy) watchCA(ctx context.Context) {
 	ca, err := p.ensureCA()
 	if err != nil {
 		p.log.Error("proxy: inspection CA cannot be loaded; inspected connections fail", audit.LogError, err.Error())
-		return
 	}
 	t := time.NewTicker(caCheckEvery)
 	defer t.Stop()
@@ -297,7 +299,13 @@ func (p *Proxy) watchCA(ctx context.Context) {
 		case <-p.done:
 			return
 		case <-t.C:
-			p.checkCA(ca)
+			if ca != nil {
+				p.checkCA(ca)
+				continue
+			}
+			if ca, err = p.ensureCA(); err == nil {
+				p.log.Info("proxy: inspection CA loaded", "ca", filepath.Join(p.cfg.StateDir, CACertFile))
+			}
 		}
 	}
 }
@@ -309,11 +317,16 @@ func (p *Proxy) checkCA(ca *mitmCA) {
 	}
 }
 
-// caExpiry is the CA's end in Unix seconds, 0 when no CA is loaded
-// (inspection off, or not loaded yet).
+// caExpiry is the CA's end in Unix seconds; 1 (long past, so that an
+// alert on an end near or past fires) when inspection is on and the last
+// try to load the CA failed; 0 when no CA is loaded otherwise (inspection
+// off, or not loaded yet).
 func (p *Proxy) caExpiry() float64 {
 	if ca := p.mitm.Load(); ca != nil && ca.cert.Leaf != nil {
 		return float64(ca.cert.Leaf.NotAfter.Unix())
+	}
+	if p.caFailed.Load() {
+		return 1
 	}
 	return 0
 }

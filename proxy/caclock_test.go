@@ -14,6 +14,7 @@ import (
 	"net/netip"
 	"os"
 	"path/filepath"
+	"slices"
 	"strings"
 	"sync"
 	"testing"
@@ -358,4 +359,69 @@ func TestInspectCAWatched(t *testing.T) {
 	// The daemon runs on past the CA's end.
 	setClock(end.Add(time.Hour))
 	waitLog("level=WARN", "inspection CA certificate ca.pem expired")
+}
+
+// TestInspectCALoadFails: with inspection on, a CA that cannot be loaded
+// at the start (here ca.pem without its key) fails every inspected
+// connection. The error line says so, but the expiry metric stayed 0, as
+// with inspection off, so the README's alert on it never fired. It is now
+// 1 (long past) while no CA loads; the proxy tries again at each check,
+// and once the CA is there the metric is its end.
+func TestInspectCALoadFails(t *testing.T) {
+	state := t.TempDir()
+	if err := os.WriteFile(filepath.Join(state, CACertFile), []byte("not a certificate\n"), 0o644); err != nil {
+		t.Fatal(err)
+	}
+	eng, err := policy.Compile("p.yaml", []byte("version: 1\nmode: enforce\nrules:\n  - name: docs\n    to: [\"docs.paths.test/public/*\"]\n    ports: [443/tcp]\n"))
+	if err != nil {
+		t.Fatal(err)
+	}
+	logs := &lockedBuf{}
+	reg := prometheus.NewRegistry()
+	p, err := New(Config{Inspect: true, StateDir: state, ExplicitAddr: "127.0.0.1:0", OwnAddrs: []netip.Addr{}},
+		Deps{Policy: policy.NewStore(eng), Logger: slog.New(slog.NewTextHandler(logs, nil)), Registerer: reg})
+	if err != nil {
+		t.Fatal(err)
+	}
+	expiry := func() float64 {
+		t.Helper()
+		mfs, err := reg.Gather()
+		if err != nil {
+			t.Fatal(err)
+		}
+		for _, mf := range mfs {
+			if mf.GetName() == "egress_proxy_inspect_ca_expiry_timestamp_seconds" {
+				return mf.GetMetric()[0].GetGauge().GetValue()
+			}
+		}
+		t.Fatal("no egress_proxy_inspect_ca_expiry_timestamp_seconds")
+		return 0
+	}
+	was := caCheckEvery
+	caCheckEvery = 5 * time.Millisecond
+	cancel, ran := runReady(t, p)
+	defer func() { cancel(); <-ran; caCheckEvery = was }()
+
+	waitFor := func(what string, ok func() bool) {
+		t.Helper()
+		for range 1000 {
+			if ok() {
+				return
+			}
+			time.Sleep(10 * time.Millisecond)
+		}
+		t.Fatalf("%s; metric %v; log:\n%s", what, expiry(), strings.Join(logs.lines(), "\n"))
+	}
+	waitFor("no error line for the CA", func() bool {
+		return slices.ContainsFunc(logs.lines(), func(l string) bool {
+			return strings.Contains(l, "level=ERROR") && strings.Contains(l, "inspection CA cannot be loaded")
+		})
+	})
+	waitFor("CA expiry metric is not 1 while no CA loads", func() bool { return expiry() == 1 })
+
+	// The operator removes the broken file: the next check makes a CA.
+	if err := os.Remove(filepath.Join(state, CACertFile)); err != nil {
+		t.Fatal(err)
+	}
+	waitFor("CA expiry metric is not the new CA's end", func() bool { return expiry() > float64(time.Now().Unix()) })
 }

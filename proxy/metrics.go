@@ -79,6 +79,6 @@ func newMetrics(reg prometheus.Registerer) (*metrics, error) {
 func caExpiryGauge(end func() float64) prometheus.Collector {
 	return prometheus.NewGaugeFunc(prometheus.GaugeOpts{
 		Namespace: "egress", Subsystem: "proxy", Name: "inspect_ca_expiry_timestamp_seconds",
-		Help: "End of the inspection CA certificate's validity, in Unix seconds; 0 with inspection off (with it on, the CA is loaded when the proxy starts).",
+		Help: "End of the inspection CA certificate's validity, in Unix seconds; 0 with inspection off (with it on, the CA is loaded when the proxy starts); 1 while inspection is on and the CA cannot be loaded.",
 	}, end)
 }

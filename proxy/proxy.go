@@ -45,6 +45,7 @@ type Proxy struct {
 	slow        *slowChecks            // bounds the bcrypt checks
 	mitm        atomic.Pointer[mitmCA] // nil until inspection first needs it
 	caOnce      sync.Mutex             // guards loading the CA
+	caFailed    atomic.Bool            // the last try to load the CA failed
 	certs       *certStore             // the inspected hosts' leaves
 	ownOnce     sync.Once
 	// own are the gateway's own addresses (cfg.OwnAddrs or the
