@@ -20,10 +20,13 @@ import (
 )
 
 // fakeSource is a capture socket that hands out scripted frames, then
-// nothing (the ring's timeout).
+// nothing (the ring's timeout). vlans, where it is as long as frames,
+// are the VLAN IDs the kernel took off the frames into auxdata (-1: no
+// tag).
 type fakeSource struct {
 	frames [][]byte
 	times  []time.Time
+	vlans  []int
 }
 
 func (f *fakeSource) ZeroCopyReadPacketData() ([]byte, gopacket.CaptureInfo, error) {
@@ -32,7 +35,14 @@ func (f *fakeSource) ZeroCopyReadPacketData() ([]byte, gopacket.CaptureInfo, err
 	}
 	b, ts := f.frames[0], f.times[0]
 	f.frames, f.times = f.frames[1:], f.times[1:]
-	return b, gopacket.CaptureInfo{Timestamp: ts, CaptureLength: len(b), Length: len(b)}, nil
+	ci := gopacket.CaptureInfo{Timestamp: ts, CaptureLength: len(b), Length: len(b)}
+	if len(f.vlans) > 0 {
+		if f.vlans[0] >= 0 {
+			ci.AncillaryData = []any{afpacket.AncillaryVLAN{VLAN: f.vlans[0]}}
+		}
+		f.vlans = f.vlans[1:]
+	}
+	return b, ci, nil
 }
 
 func (f *fakeSource) KernelDrops() (uint64, error) { return 0, nil }

@@ -1,0 +1,74 @@
+package capture
+
+import (
+	"context"
+	"net"
+	"net/netip"
+	"testing"
+	"time"
+
+	"egressd/audit"
+	"egressd/policy"
+)
+
+// TestOtherVLANSkipped: a frame whose 802.1Q tag the kernel took off into
+// the socket's auxdata, with a VLAN ID that is not 0, belongs to a VLAN
+// device on the interface (its own socket sees it again, untagged) or, if
+// the interface has none of that ID, is dropped by the kernel: it is no
+// traffic of the interface, and capture records no flow for it. An
+// untagged frame and a priority-tagged one (VLAN ID 0, 802.1p) are the
+// interface's: one flow each (e2e/TestVLANTagOnParent sees the kernel do
+// the same).
+func TestOtherVLANSkipped(t *testing.T) {
+	var (
+		macC  = net.HardwareAddr{0x02, 0, 0, 0, 0xc, 1}
+		macGW = net.HardwareAddr{0x02, 0, 0, 0, 0xc, 0xfe}
+		dst   = netip.MustParseAddrPort("198.51.100.9:9000")
+	)
+	frames := []struct {
+		what string
+		vlan int
+		port uint16
+		want int
+	}{{"untagged", -1, 40000, 1}, {"VLAN 0", 0, 40001, 1}, {"VLAN 10", 10, 40002, 0}, {"VLAN 4094", 4094, 40003, 0}}
+	src := &fakeSource{}
+	at := time.Now()
+	for _, f := range frames {
+		at = at.Add(time.Millisecond)
+		cli := netip.AddrPortFrom(netip.MustParseAddr("198.18.21.10"), f.port)
+		src.frames = append(src.frames, udpFrame(t, macC, macGW, cli, dst, []byte("ping")))
+		src.times = append(src.times, at)
+		src.vlans = append(src.vlans, f.vlan)
+	}
+	rec := &recorder{}
+	c, err := New(Config{Interfaces: []string{"lan0"}, OwnAddrs: []netip.Addr{}}, Deps{Policy: policy.NewStore(testEngine(t, testPolicy)), Sink: rec})
+	if err != nil {
+		t.Fatal(err)
+	}
+	c.sources = []source{{name: "lan0", h: src, mac: [6]byte(macGW), hasMAC: true}}
+	ctx, cancel := context.WithCancel(context.Background())
+	done := make(chan error, 1)
+	go func() { done <- c.Run(ctx) }()
+	for deadline := time.Now().Add(10 * time.Second); c.Stats().Packets < uint64(len(frames)) && time.Now().Before(deadline); {
+		time.Sleep(10 * time.Millisecond)
+	}
+	cancel()
+	if err := <-done; err != nil {
+		t.Fatal(err)
+	}
+	evs := rec.all()
+	for _, f := range frames {
+		n := 0
+		for _, ev := range evs {
+			if ev.Kind == audit.KindFlow && ev.ClientPort == f.port {
+				n++
+			}
+		}
+		if n != f.want {
+			t.Errorf("%s frame: %d flows, want %d", f.what, n, f.want)
+		}
+	}
+	if st := c.Stats(); st.Packets != uint64(len(frames)) {
+		t.Errorf("%d packets read, want %d", st.Packets, len(frames))
+	}
+}
