@@ -191,6 +191,10 @@ type Stats struct {
 	// than the flow's own: forwarded between two LAN interfaces, each
 	// such packet crosses both sockets. Skipped (counted once).
 	Copies uint64
+	// OtherVLAN are frames a live socket read that the kernel found
+	// tagged for a VLAN (ID not 0): another interface's, its VLAN
+	// device's (live.go, livePacket). Skipped.
+	OtherVLAN uint64
 	// StreamLimited counts flows that gave up their name search because
 	// the buffers of all flows held Config.MaxStreamBytes.
 	StreamLimited uint64

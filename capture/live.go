@@ -628,7 +628,7 @@ func (c *Capture) Run(ctx context.Context) error {
 		now := time.Now()
 		if i, hold := p.nextHead(heads, now); i >= 0 {
 			p.src = srcs[i].slot + 1
-			p.packetLen(heads[i].data, heads[i].ci.Length, heads[i].ci.Timestamp, layers.LinkTypeEthernet)
+			p.livePacket(heads[i].data, heads[i].ci)
 			heads[i] = head{}
 			wait = minRingWait
 		} else {
@@ -670,6 +670,29 @@ func (c *Capture) Run(ctx context.Context) error {
 			nextStats = now.Add(time.Second)
 		}
 	}
+}
+
+// livePacket runs one frame of a live socket through the pipeline. A
+// frame the kernel found tagged for a VLAN (802.1Q or 802.1ad, VLAN ID
+// not 0), whose tag it took off into the socket's auxdata, is no traffic
+// of the socket's interface: the kernel hands it to the interface's VLAN
+// device of that ID (eth1.10 on eth1), whose own socket sees it again
+// untagged when --lan names the device, and drops it where there is none
+// (a trunk given to --lan whole, a VLAN the gateway does not serve); a
+// frame a VLAN device sends goes out of the interface under its tag the
+// same way. Such a frame is counted (Stats.OtherVLAN) and skipped, so no
+// flow is recorded that the gateway never forwarded, nor one counted
+// twice. A priority tag (VLAN ID 0, 802.1p) is the interface's own: the
+// kernel takes it off and goes on, and so does capture.
+func (p *proc) livePacket(data []byte, ci gopacket.CaptureInfo) {
+	for _, a := range ci.AncillaryData {
+		if v, ok := a.(afpacket.AncillaryVLAN); ok && v.VLAN != 0 {
+			p.stats.packets.Add(1)
+			p.stats.otherVLAN.Add(1)
+			return
+		}
+	}
+	p.packetLen(data, ci.Length, ci.Timestamp, layers.LinkTypeEthernet)
 }
 
 // waitable reports whether Run, with no socket open, waits for Follow:

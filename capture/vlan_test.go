@@ -68,7 +68,7 @@ func TestOtherVLANSkipped(t *testing.T) {
 			t.Errorf("%s frame: %d flows, want %d", f.what, n, f.want)
 		}
 	}
-	if st := c.Stats(); st.Packets != uint64(len(frames)) {
-		t.Errorf("%d packets read, want %d", st.Packets, len(frames))
+	if st := c.Stats(); st.Packets != uint64(len(frames)) || st.OtherVLAN != 2 {
+		t.Errorf("%d packets read, %d of another VLAN; want %d and 2", st.Packets, st.OtherVLAN, len(frames))
 	}
 }

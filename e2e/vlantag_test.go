@@ -80,6 +80,7 @@ func TestVLANTagOnParent(t *testing.T) {
 	if n := waitEchoes(before, wantEchoes); n != wantEchoes {
 		t.Errorf("audit mode: the echo server got %d datagrams of the three frames, want %d", n, wantEchoes)
 	}
+	counters := d.captureCounters()
 	// A clean stop ends the UDP flows: capture records them then.
 	d.stop()
 	evs := d.allEvents()
@@ -102,7 +103,7 @@ func TestVLANTagOnParent(t *testing.T) {
 		}
 	}
 	if t.Failed() {
-		t.Logf("capture: %s\nevents:\n%s", d.captureCounters(), d.events())
+		t.Logf("capture: %s\nevents:\n%s", counters, d.events())
 	}
 }
 
