@@ -3,12 +3,14 @@ package e2e
 import (
 	"context"
 	"fmt"
+	"io"
 	"net"
 	"net/netip"
 	"os"
 	"path/filepath"
 	"slices"
 	"strings"
+	"sync/atomic"
 	"testing"
 	"time"
 
@@ -102,8 +104,12 @@ func newTwoLANTopo(t *testing.T) (tp, cam *topo, lans []string) {
 // address, and the report names both clients; TCP from one VLAN to the
 // other is LAN traffic, refused where no rule allows it. In audit mode
 // capture records the flows of both clients, each with its own MAC
-// address, and the flow from one VLAN to the other once. Every refusal is
-// checked against the same exchange without egressd.
+// address, and the flow from one VLAN to the other once. With rules for
+// the camera's VLAN only (from: its subnet), in enforce mode: the camera
+// resolves and reaches the name they allow and the office client's
+// service; the office's VLAN does neither, nor reaches the camera's
+// service. Every refusal is checked against the same exchange without
+// egressd.
 func TestSeveralLANs(t *testing.T) {
 	tp, cam, lanIfs := newTwoLANTopo(t)
 	clients := []struct {
@@ -282,6 +288,114 @@ func TestSeveralLANs(t *testing.T) {
 		d.start()
 		reportNamesBoth(t, d)
 	})
+
+	// Rules for one VLAN's clients (from: its subnet) apply on that VLAN
+	// only: the camera's VLAN resolves and reaches tracker.example and
+	// the office client's service; the office's VLAN does neither, nor
+	// reaches a service of the camera's.
+	t.Run("per-VLAN rules", func(t *testing.T) {
+		var camHits atomic.Int64
+		ln, err := cam.lan.Listen("tcp", net.JoinHostPort(camClient4, fmt.Sprint(lanSvcPort)))
+		if err != nil {
+			t.Fatal(err)
+		}
+		defer ln.Close()
+		go func() {
+			for {
+				c, err := ln.Accept()
+				if err != nil {
+					return
+				}
+				camHits.Add(1)
+				c.Write([]byte("in\n"))
+				c.Close()
+			}
+		}()
+		camSvc := net.JoinHostPort(camClient4, fmt.Sprint(lanSvcPort))
+		if !tp.dialOK(camSvc) {
+			t.Fatalf("without egressd, the office client does not reach the camera's %s", camSvc)
+		}
+		d := newDaemon(t, tp, "enforce")
+		d.extra = lans
+		d.writePolicy(append(testPolicy(t), []byte(camerasRules)...))
+		d.start()
+		defer d.stop()
+		for _, c := range []struct {
+			name    string
+			tp      *topo
+			allowed bool
+		}{{"camera", cam, true}, {"office", tp, false}} {
+			rcode, addrs := c.tp.dig(t, trackerName, "A")
+			out, err := c.tp.curl(trackerName, 443, trackerIP, "/", true)
+			if c.allowed {
+				if rcode != "NOERROR" || !slices.Equal(addrs, []string{trackerIP}) {
+					t.Errorf("%s: dig %s: %s %v, want NOERROR %s (rule e2e-cameras-tracker)", c.name, trackerName, rcode, addrs, trackerIP)
+				}
+				if err != nil || !strings.Contains(out, "sni="+trackerName) {
+					t.Errorf("%s: HTTPS to %s (rule e2e-cameras-tracker): %q, %v", c.name, trackerName, out, err)
+				}
+			} else {
+				if rcode != "REFUSED" {
+					t.Errorf("%s: dig %s: %s %v, want REFUSED (the rule is the camera VLAN's)", c.name, trackerName, rcode, addrs)
+				}
+				if err == nil {
+					t.Errorf("%s: HTTPS to %s went through (the rule is the camera VLAN's): %q", c.name, trackerName, out)
+				}
+			}
+		}
+		hits := tp.inboundHits.Load()
+		if got := readFrom(cam, officeSvc); got != "in\n" {
+			t.Errorf("the camera's VLAN to the office client's %s (rule e2e-cameras-to-office): read %q, want %q", officeSvc, got, "in\n")
+		}
+		if n := tp.inboundHits.Load() - hits; n != 1 {
+			t.Errorf("the office client's service accepted %d connections from the camera's VLAN, want 1", n)
+		}
+		camBefore := camHits.Load()
+		if got := readFrom(tp, camSvc); got != "" {
+			t.Errorf("the office's VLAN reached the camera's %s (no rule): read %q", camSvc, got)
+		}
+		if n := camHits.Load() - camBefore; n != 0 {
+			t.Errorf("the camera's service accepted %d connections from the office's VLAN, want 0", n)
+		}
+		d.waitEvent(t, "the camera's connection to the office client, allowed", func(ev flowEvent) bool {
+			return ev.Kind == "flow" && ev.Client == camClient4 && ev.DestPort == lanSvcPort && ev.Verdict == "allow" && ev.Rule == "e2e-cameras-to-office"
+		})
+		d.waitEvent(t, "the office's connection to the camera, denied", func(ev flowEvent) bool {
+			return ev.Kind == "flow" && ev.Client == lanClient4 && ev.Dest == camClient4 && ev.DestPort == lanSvcPort && ev.Verdict == "deny" && ev.Enforced
+		})
+	})
+}
+
+// camerasRules are rules for the camera's VLAN only (TestSeveralLANs),
+// appended to the test policy.
+const camerasRules = `
+  - name: e2e-cameras-tracker
+    why: the cameras' VLAN only
+    from: [198.18.20.0/24]
+    to: ["` + trackerName + `"]
+    ports: [443/tcp]
+  - name: e2e-cameras-to-office
+    why: the cameras' VLAN reaches the office client's service
+    from: [198.18.20.0/24]
+    to: [198.18.1.0/24]
+    ports: [8080/tcp]
+`
+
+// readFrom connects from tp's LAN namespace to addr and returns what it
+// reads in 3s, up to 3 bytes ("" when the connection fails or nothing
+// comes).
+func readFrom(tp *topo, addr string) string {
+	ctx, cancel := context.WithTimeout(context.Background(), 3*time.Second)
+	defer cancel()
+	c, err := tp.lan.DialContext(ctx, "tcp", addr)
+	if err != nil {
+		return ""
+	}
+	defer c.Close()
+	c.SetDeadline(time.Now().Add(3 * time.Second))
+	buf := make([]byte, 3)
+	n, _ := io.ReadFull(c, buf)
+	return string(buf[:n])
 }
 
 // reportNamesBoth waits up to 10s for `egressd report` to name both
