@@ -86,3 +86,65 @@ rules:
 		}
 	}
 }
+
+// TestSyntheticNAT64Own: the gateway's own IPv4 address in NAT64 form is
+// judged as enforce mode does. The proxy refuses a TCP flow to it
+// (special-range: its guard holds the gateway's own addresses, and under
+// the NAT64 prefixes the address a destination embeds,
+// policy.Engine.SpecialRange), unless a CIDR rule names that address; the
+// firewall forwards UDP to it (its guarded sets hold no own addresses: the
+// gateway's input chain judges what the translator brings back), so
+// capture reports that as the rule's. An address beside the gateway's is
+// an ordinary one.
+func TestSyntheticNAT64Own(t *testing.T) {
+	const src = `version: 1
+mode: audit
+rules:
+  - name: any
+    to: ["*"]
+    ports: [443/tcp, 5000/udp]
+  - name: wan
+    to: [203.0.113.7/32]
+    ports: [8443/tcp]
+`
+	cli := netip.MustParseAddr("2001:db8::50")
+	own := []netip.Addr{netip.MustParseAddr("203.0.113.7"), netip.MustParseAddr("2001:db8::1")}
+	ownNAT := netip.MustParseAddr("2001:db8:64::cb00:7107")   // 203.0.113.7
+	otherNAT := netip.MustParseAddr("2001:db8:64::cb00:7108") // 203.0.113.8
+	cases := []struct {
+		what   string
+		dst    netip.Addr
+		port   uint16
+		udp    bool
+		reason string
+	}{
+		{"own, TCP under *", ownNAT, 443, false, ReasonSpecialRange},
+		{"own, TCP under a CIDR rule naming it", ownNAT, 8443, false, policy.ReasonAllowed},
+		{"own, forwarded UDP under *", ownNAT, 5000, true, policy.ReasonAllowed},
+		{"another, TCP under *", otherNAT, 443, false, policy.ReasonAllowed},
+	}
+	p := newPcap(t)
+	for i, tc := range cases {
+		if tc.udp {
+			p.udp(true, cli, tc.dst, uint16(41000+i), tc.port, []byte("hello"))
+			continue
+		}
+		c := &tcpConn{p: p, cli: cli, srv: tc.dst, cport: uint16(41000 + i), sport: tc.port, cseq: 1, sseq: 1}
+		c.handshake()
+		c.send(true, []byte("SSH-2.0-x\r\n"), 1400, nil, nil)
+		c.send(false, []byte("x"), 1400, nil, nil)
+		c.close()
+	}
+	eng := testEngine(t, src).WithNAT64([]netip.Prefix{netip.MustParsePrefix("2001:db8:64::/96")})
+	r := synthRunEngine(t, p.close(), eng, Deps{}, Config{OwnAddrs: own})
+	flows := map[uint16]audit.Event{}
+	for _, ev := range r.events {
+		flows[ev.ClientPort] = ev
+	}
+	for i, tc := range cases {
+		ev, ok := flows[uint16(41000+i)]
+		if !ok || ev.Reason != tc.reason || (tc.reason == policy.ReasonAllowed) != (ev.Verdict == policy.Allow) {
+			t.Errorf("%s: %v %s %s (rule %q), want %s", tc.what, ok, ev.Verdict, ev.Reason, ev.Rule, tc.reason)
+		}
+	}
+}

@@ -189,7 +189,7 @@ type proc struct {
 	// own are the gateway's own addresses (Config.OwnAddrs, or the
 	// interfaces' for live capture, then what Capture.SetOwnAddrs
 	// gave): swapped whole by another goroutine, read at each new flow.
-	own     atomic.Pointer[map[netip.Addr]struct{}]
+	own     atomic.Pointer[ownAddrs]
 	scratch []byte
 	cands   []candidate
 	grants  []DNSGrant // decideForwarded's answers
@@ -525,18 +525,28 @@ func (p *proc) lookup(src netip.Addr, sp uint16, dst netip.Addr, dp uint16, prot
 // pipeline runs: flows it sees after take the new set, those it follows
 // already keep what they were.
 func (p *proc) setOwn(addrs []netip.Addr) {
-	own := make(map[netip.Addr]struct{}, len(addrs))
+	own := ownAddrs{set: make(map[netip.Addr]struct{}, len(addrs))}
 	for _, a := range addrs {
-		own[a.Unmap()] = struct{}{}
+		if _, ok := own.set[a.Unmap()]; !ok {
+			own.set[a.Unmap()] = struct{}{}
+			own.list = append(own.list, a.Unmap())
+		}
 	}
 	p.own.Store(&own)
+}
+
+// ownAddrs are the gateway's own addresses, as a set (isOwn) and as the
+// list the special-range guard takes (special).
+type ownAddrs struct {
+	set  map[netip.Addr]struct{}
+	list []netip.Addr
 }
 
 // isOwn reports whether f is the gateway's own traffic (Config.OwnAddrs):
 // from one of its addresses, or to one of them other than DNS to its
 // forwarder.
 func (p *proc) isOwn(f *flow) bool {
-	own := *p.own.Load()
+	own := p.own.Load().set
 	if len(own) == 0 {
 		return false
 	}
@@ -1787,18 +1797,25 @@ func (p *proc) learnedRule(eng *policy.Engine, in policy.Input, g DNSGrant) int 
 // unspecified address, the gateway itself, are refused so whatever d says
 // (the proxy's selfDecision). DNS is left alone: enforce mode redirects it
 // to the forwarder, whatever its destination. The gateway's own addresses
-// are not asked about: capture records no flow to them (Config.OwnAddrs).
+// (Config.OwnAddrs) are guarded as the proxy guards them: capture records
+// no flow to one, but under the engine's NAT64 prefixes a destination
+// that embeds one is the proxy's special-range.
 //
 // Traffic nftables forwards (fwd: UDP, and TCP to ports not redirected)
 // meets the same guard in the firewall (its guarded sets, opened only by a
 // CIDR rule inside the range: policy.OpensGuarded), but loopback and the
 // unspecified address are not forwarded at all, so they are refused only
-// where a rule allows them.
+// where a rule allows them; the firewall's sets hold none of the gateway's
+// own addresses, so a forwarded flow to one's NAT64 form is the rule's.
 func (p *proc) special(eng *policy.Engine, in policy.Input, d policy.Decision, fwd bool) policy.Decision {
 	if in.Port == 53 {
 		return d
 	}
-	g, ok := eng.SpecialRange(in.Dest, nil, nil)
+	var own []netip.Addr
+	if !fwd {
+		own = p.own.Load().list
+	}
+	g, ok := eng.SpecialRange(in.Dest, own, nil)
 	if !ok {
 		return d
 	}
