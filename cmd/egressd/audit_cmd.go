@@ -16,7 +16,7 @@ import (
 )
 
 func init() {
-	commands["audit"] = command{"audit --policy FILE (CAPTURE.pcap | --replay STATE_DIR_OR_EVENTS) [--json | --html OUT] [--mode audit|enforce] [--no-progress]",
+	commands["audit"] = command{"audit --policy FILE (CAPTURE.pcap | --replay STATE_DIR_OR_EVENTS) [--json | --html OUT] [--mode audit|enforce] [--nat64-prefix PREFIX,...] [--no-progress]",
 		"classify every flow of a pcap/pcapng capture, or replay recorded events, under a policy and print the report (no root needed)", cmdAudit}
 }
 
@@ -28,6 +28,8 @@ func cmdAudit(ctx context.Context, args []string, stdout, stderr io.Writer) int 
 	mode := fs.String("mode", "", "override the policy's mode: audit or enforce")
 	noProgress := fs.Bool("no-progress", false, "no progress bar, even on a terminal")
 	replay := fs.String("replay", "", "replay the events of a state directory or event log under the policy instead of reading a capture")
+	var nat64 string
+	nat64Flag(fs, &nat64)
 	pos, err := parseArgs(fs, args)
 	if err != nil {
 		return flagErr(err)
@@ -44,6 +46,10 @@ func cmdAudit(ctx context.Context, args []string, stdout, stderr io.Writer) int 
 			return exitUsage
 		}
 	}
+	nat, ok := nat64Prefixes("audit", nat64, stderr)
+	if !ok {
+		return exitUsage
+	}
 	if *replay != "" && *htmlOut != "" {
 		// A replay prints what would change as text or JSON; there is no
 		// HTML form, and ignoring --html would leave no file and no word.
@@ -56,7 +62,7 @@ func cmdAudit(ctx context.Context, args []string, stdout, stderr io.Writer) int 
 			fmt.Fprintln(stderr, "egressd:", err)
 			return exitFail
 		}
-		return runReplay(eng, *replay, stdout, stderr, *asJSON)
+		return runReplay(eng.WithNAT64(nat), *replay, stdout, stderr, *asJSON)
 	}
 	if *policyFile == "" || len(pos) != 1 || *replay != "" {
 		fmt.Fprintln(stderr, "usage: egressd "+commands["audit"].usage)
@@ -67,7 +73,7 @@ func cmdAudit(ctx context.Context, args []string, stdout, stderr io.Writer) int 
 		fmt.Fprintln(stderr, "egressd:", err)
 		return exitFail
 	}
-	eng = eng.WithMode(m)
+	eng = eng.WithMode(m).WithNAT64(nat)
 	if eng.HasMACs() {
 		// egressd run's proxy and DNS forwarder read a client's MAC from
 		// the LAN's neighbour table; a capture holds frames only.

@@ -52,7 +52,8 @@ func cmdFirewallPrint(args []string, stdout, stderr io.Writer) int {
 	guard := fs.Bool("guard-wan", false, "drop new connections from the WAN side in audit mode too")
 	wanOpen := fs.String("wan-open", "", "ports of the gateway reachable from the WAN side, such as 22/tcp,51820/udp")
 	markBits := fs.String("ct-mark-bits", defaultCTMarkBits, ctMarkBitsUsage)
-	nat64 := fs.String("nat64-prefix", "", nat64Usage)
+	var nat64 string
+	nat64Flag(fs, &nat64)
 	pos, err := parseArgs(fs, args)
 	if err != nil {
 		return flagErr(err)
@@ -96,9 +97,8 @@ func cmdFirewallPrint(args []string, stdout, stderr io.Writer) int {
 		fmt.Fprintln(stderr, "egressd firewall print: --ct-mark-bits:", err)
 		return exitUsage
 	}
-	nat, err := policy.ParseNAT64(*nat64)
-	if err != nil {
-		fmt.Fprintln(stderr, "egressd firewall print: --nat64-prefix:", err)
+	nat, ok := nat64Prefixes("firewall print", nat64, stderr)
+	if !ok {
 		return exitUsage
 	}
 	src := *file

@@ -134,7 +134,8 @@ func cmdPolicyExplain(args []string, stdout, stderr io.Writer) int {
 	from := fs.String("from", "", "client IP address (default: any client)")
 	mac := fs.String("mac", "", "client MAC address")
 	asJSON := fs.Bool("json", false, "print one JSON object")
-	nat64 := fs.String("nat64-prefix", "", "NAT64 prefixes, as egressd run's --nat64-prefix: a destination inside one is decided as the IPv4 address it embeds")
+	var nat64 string
+	nat64Flag(fs, &nat64)
 	pos, err := parseArgs(fs, args)
 	if err != nil {
 		return flagErr(err)
@@ -156,9 +157,8 @@ func cmdPolicyExplain(args []string, stdout, stderr io.Writer) int {
 		fmt.Fprintln(stderr, "egressd:", err)
 		return exitUsage
 	}
-	nat, err := policy.ParseNAT64(*nat64)
-	if err != nil {
-		fmt.Fprintln(stderr, "egressd policy explain: --nat64-prefix:", err)
+	nat, ok := nat64Prefixes("policy explain", nat64, stderr)
+	if !ok {
 		return exitUsage
 	}
 	eng, err := loadEngine(pos[0], io.Discard)

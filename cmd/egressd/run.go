@@ -94,7 +94,7 @@ func (c *runConfig) flags(fs *flag.FlagSet) {
 	fs.StringVar(&c.dnsListen, "dns-listen", ":53", "DNS forwarder listen addresses, comma-separated (UDP and TCP)")
 	fs.StringVar(&c.tcpPorts, "tcp-ports", "all", `TCP ports redirected to the proxy in enforce mode: "all" or a list such as 80,443,5228-5230 (the ports of host/path rules are always redirected)`)
 	fs.StringVar(&c.ctMarkBits, "ct-mark-bits", defaultCTMarkBits, ctMarkBitsUsage)
-	fs.StringVar(&c.nat64, "nat64-prefix", "", nat64Usage)
+	nat64Flag(fs, &c.nat64)
 	fs.BoolVar(&c.inspect, "inspect", false, "decrypt connections to hosts with host/path rules (CA in the state directory; egressd ca export)")
 	fs.StringVar(&c.denyAnswer, "dns-deny", "", "answer to denied names in enforce mode: REFUSED (default), NXDOMAIN or NULL")
 	fs.StringVar(&c.logLevel, "log-level", "info", "debug, info, warn or error")
