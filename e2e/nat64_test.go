@@ -28,6 +28,7 @@ const (
 	nat64Metadata = "2001:db8:64::a9fe:a9fe" // 169.254.169.254
 	nat64Name     = "allowed.nat64.test"
 	nat64DenyName = "denied.nat64.test"
+	nat64UDPName  = "udp.nat64.test" // an attacker's zone: answers nat64Metadata
 )
 
 const nat64Policy = `version: 1
@@ -42,6 +43,9 @@ rules:
   - name: nat64-any6
     to: ["::/0"]
     ports: [8443/tcp]
+  - name: nat64-udp-name
+    to: [udp.nat64.test]
+    ports: [9002/udp]
 `
 
 // TestNAT64: an IPv6-only LAN behind a NAT64/DNS64 whose prefix is a
@@ -51,11 +55,17 @@ rules:
 // form of its addresses, through the proxy (TCP) and the firewall
 // (forwarded UDP); the NAT64 form of 169.254.169.254 stays closed
 // (special-range) though a rule opens ::/0 on its port, which does open
-// the NAT64 form of a public address.
+// the NAT64 form of a public address. A name under a UDP rule whose
+// authoritative answer is the NAT64 form of 169.254.169.254 opens no
+// forwarded UDP to it: the forwarder drops the address from the answer, so
+// the rule's learned set never holds it (dnsfilter's TestAnswerFilterNAT64
+// as a unit). That filter is the only guard there: with it judging the
+// prefix as any IPv6 one, the datagram gets out.
 //
 // Without the flag (today's behaviour), the prefix is an IPv6 prefix like
 // any other: the IPv4 CIDR rule does not match the NAT64 form (no-rule),
-// and nothing guards the NAT64 form of 169.254.169.254, which ::/0 opens.
+// and nothing guards the NAT64 form of 169.254.169.254, which ::/0 opens,
+// and which the UDP rule's name, answered so, lets out.
 // (With the well-known prefix 64:ff9b::/96 instead, the guard closes
 // every synthesized address, the allowed name's too: special-range;
 // TestHardeningRanges, proxy's TestDecideNAT64.)
@@ -78,6 +88,7 @@ func TestNAT64(t *testing.T) {
 	// The DNS64 upstream: synthesized AAAA records only.
 	u.add(nat64Name + ". 300 IN AAAA " + nat64Allowed)
 	u.add(nat64DenyName + ". 300 IN AAAA " + nat64Denied)
+	u.add(nat64UDPName + ". 300 IN AAAA " + nat64Metadata)
 
 	origin := tp.newDualOrigin(t, []string{nat64Allowed, nat64Denied})
 	hits := tp.nat64Servers(t)
@@ -178,13 +189,29 @@ func TestNAT64(t *testing.T) {
 
 			// Forwarded UDP (the firewall): the IPv4 CIDR rule's NAT64
 			// form.
-			before := hits.udp()
+			before := hits.udp(nat64CIDR, 9001)
 			answered := nat64UDP(tp.lan, nat64CIDR, 9001)
 			if answered != withFlag {
 				t.Errorf("UDP to [%s]:9001: answered %v, want %v", nat64CIDR, answered, withFlag)
 			}
-			if got := hits.udp() - before; (got > 0) != withFlag {
+			if got := hits.udp(nat64CIDR, 9001) - before; (got > 0) != withFlag {
 				t.Errorf("UDP to [%s]:9001: the server saw %d datagrams", nat64CIDR, got)
+			}
+
+			// Forwarded UDP by name (the rule's learned set): the answer
+			// is metadata's NAT64 form, which the flag keeps out of the
+			// answer and the set.
+			m, err := dnsAsk(tp.lan, lanClient6, gwLAN6, nat64UDPName, dns.TypeAAAA, false)
+			if err != nil {
+				t.Fatalf("AAAA %s: %v", nat64UDPName, err)
+			}
+			if given := strings.Contains(fmt.Sprint(m.Answer), nat64Metadata); given == withFlag {
+				t.Errorf("AAAA %s: %v; metadata's NAT64 form given out: %v", nat64UDPName, m.Answer, given)
+			}
+			before = hits.udp(nat64Metadata, 9002)
+			answered = nat64UDP(tp.lan, nat64Metadata, 9002)
+			if got := hits.udp(nat64Metadata, 9002) - before; answered == withFlag || (got > 0) == withFlag {
+				t.Errorf("UDP to [%s]:9002 (%s): answered %v, the server saw %d datagrams", nat64Metadata, nat64UDPName, answered, got)
 			}
 		})
 	}
@@ -193,8 +220,8 @@ func TestNAT64(t *testing.T) {
 // nat64Hits counts what the NAT64 test's servers saw.
 type nat64Hits struct {
 	mu  sync.Mutex
-	m   map[string]int
-	dgs int
+	m   map[string]int // TCP connections by address:port
+	dgs map[string]int // UDP datagrams by address:port
 }
 
 func (h *nat64Hits) tcp(addr string, port int) int {
@@ -203,18 +230,18 @@ func (h *nat64Hits) tcp(addr string, port int) int {
 	return h.m[net.JoinHostPort(addr, fmt.Sprint(port))]
 }
 
-func (h *nat64Hits) udp() int {
+func (h *nat64Hits) udp(addr string, port int) int {
 	h.mu.Lock()
 	defer h.mu.Unlock()
-	return h.dgs
+	return h.dgs[net.JoinHostPort(addr, fmt.Sprint(port))]
 }
 
 // nat64Servers runs the servers the test reaches by address: TCP on
 // 7443 and 8443 of nat64CIDR and nat64Metadata (each answers "ok" to a
-// line), UDP echo on nat64CIDR:9001.
+// line), UDP echo on nat64CIDR:9001 and nat64Metadata:9002.
 func (tp *topo) nat64Servers(t *testing.T) *nat64Hits {
 	t.Helper()
-	h := &nat64Hits{m: map[string]int{}}
+	h := &nat64Hits{m: map[string]int{}, dgs: map[string]int{}}
 	var wg sync.WaitGroup
 	t.Cleanup(wg.Wait)
 	for _, a := range []string{nat64CIDR, nat64Metadata} {
@@ -246,26 +273,28 @@ func (tp *topo) nat64Servers(t *testing.T) *nat64Hits {
 			}()
 		}
 	}
-	pc, err := tp.inet.ListenPacket("udp", net.JoinHostPort(nat64CIDR, "9001"))
-	if err != nil {
-		t.Fatal(err)
-	}
-	t.Cleanup(func() { pc.Close() })
-	wg.Add(1)
-	go func() {
-		defer wg.Done()
-		buf := make([]byte, 1500)
-		for {
-			n, from, err := pc.ReadFrom(buf)
-			if err != nil {
-				return
-			}
-			h.mu.Lock()
-			h.dgs++
-			h.mu.Unlock()
-			pc.WriteTo(buf[:n], from)
+	for _, addr := range []string{net.JoinHostPort(nat64CIDR, "9001"), net.JoinHostPort(nat64Metadata, "9002")} {
+		pc, err := tp.inet.ListenPacket("udp", addr)
+		if err != nil {
+			t.Fatal(err)
 		}
-	}()
+		t.Cleanup(func() { pc.Close() })
+		wg.Add(1)
+		go func() {
+			defer wg.Done()
+			buf := make([]byte, 1500)
+			for {
+				n, from, err := pc.ReadFrom(buf)
+				if err != nil {
+					return
+				}
+				h.mu.Lock()
+				h.dgs[addr]++
+				h.mu.Unlock()
+				pc.WriteTo(buf[:n], from)
+			}
+		}()
+	}
 	return h
 }
 
