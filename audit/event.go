@@ -124,8 +124,13 @@ type Event struct {
 	Duration float64 `json:"duration_seconds,omitempty"`
 	Close    string  `json:"close,omitempty"` // how a connection ended
 
-	// DNS queries.
+	// DNS queries. QueryID is the query's DNS message ID: with the
+	// client's address and port, name and type it tells one query from
+	// another (a stub's retransmission keeps the ID; its next query on
+	// the same socket takes a new one). 0 in a log written before it was
+	// recorded, as for a query of ID 0.
 	QType    string  `json:"qtype,omitempty"`
+	QueryID  uint16  `json:"query_id,omitempty"`
 	RCode    string  `json:"rcode,omitempty"`
 	CacheHit bool    `json:"cache_hit,omitempty"`
 	Upstream string  `json:"upstream,omitempty"`

@@ -82,6 +82,10 @@ func (ev *Event) appendJSON(b []byte) ([]byte, error) {
 	}
 	b = appendStringField(b, `,"close":`, ev.Close)
 	b = appendStringField(b, `,"qtype":`, ev.QType)
+	if ev.QueryID != 0 {
+		b = append(b, `,"query_id":`...)
+		b = strconv.AppendUint(b, uint64(ev.QueryID), 10)
+	}
 	b = appendStringField(b, `,"rcode":`, ev.RCode)
 	if ev.CacheHit {
 		b = append(b, `,"cache_hit":true`...)

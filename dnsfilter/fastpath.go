@@ -126,7 +126,7 @@ func (s *Server) fast(sc *scratch, c udpConn, pkt []byte, src netip.AddrPort) bo
 		var ok, first bool
 		if ok, first, dev = s.rl.allowDevice(src.Addr(), nowNs); !ok {
 			s.m.rateLimited.Inc()
-			q := query{start: now, client: src, proto: "udp", qtype: qtype, name: string(name), rcode: -1, quiet: !first, dev: dev}
+			q := query{start: now, client: src, proto: "udp", id: binary.BigEndian.Uint16(pkt), qtype: qtype, name: string(name), rcode: -1, quiet: !first, dev: dev}
 			q.dec = policy.Decision{Verdict: policy.Deny, RuleIndex: -1, Mode: eng.Mode(), Reason: ReasonRateLimited}
 			q.enforced, q.path = true, "local"
 			s.finish(&q)
@@ -140,7 +140,7 @@ func (s *Server) fast(sc *scratch, c udpConn, pkt []byte, src netip.AddrPort) bo
 		}
 		out := s.refused(sc, eng, dec, pkt[:qend], edns, do)
 		s.sendFast(sc, c, out, src)
-		q := query{start: now, client: src, proto: "udp", qtype: qtype, name: string(name), rcode: dns.RcodeRefused, dec: dec, path: "local", edns: edns, dev: dev}
+		q := query{start: now, client: src, proto: "udp", id: binary.BigEndian.Uint16(pkt), qtype: qtype, name: string(name), rcode: dns.RcodeRefused, dec: dec, path: "local", edns: edns, dev: dev}
 		s.finish(&q)
 		return true
 	}
@@ -192,7 +192,7 @@ func (s *Server) fast(sc *scratch, c udpConn, pkt []byte, src netip.AddrPort) bo
 	}
 	s.sendFast(sc, c, out, src)
 	s.m.cacheHits.Inc()
-	q := query{start: now, client: src, proto: "udp", qtype: qtype, name: e.name, rcode: e.rcode, dec: dec,
+	q := query{start: now, client: src, proto: "udp", id: binary.BigEndian.Uint16(pkt), qtype: qtype, name: e.name, rcode: e.rcode, dec: dec,
 		path: "cache", hit: true, upstream: e.upstream, filtered: e.filtered, edns: edns, dev: dev}
 	s.finish(&q)
 	return true

@@ -542,6 +542,7 @@ func (s *Server) finish(q *query) {
 		Proto:      q.proto,
 		Name:       q.name,
 		QType:      dns.Type(q.qtype).String(),
+		QueryID:    q.id,
 		RCode:      rcodeName(q.rcode),
 		CacheHit:   q.hit,
 		Upstream:   q.upstream,
