@@ -92,6 +92,7 @@ type archFlow struct {
 	Proto      string     `json:"proto,omitempty"`
 	Name       string     `json:"name,omitempty"`
 	QType      string     `json:"qtype,omitempty"`
+	QueryID    uint16     `json:"query_id,omitempty"`
 	Start      time.Time  `json:"start"`
 	End        time.Time  `json:"end"`
 	BytesOut   uint64     `json:"bytes_out,omitempty"`
@@ -516,7 +517,7 @@ func (l *Ledger) importFlowsLocked(fs []archFlow) {
 		id := flowID{FlowKey: FlowKey{Client: f.Client.Unmap(), ClientPort: f.ClientPort, Dest: f.DestIP.Unmap(), DestPort: f.DestPort,
 			Proto: Clip(f.Proto, 8)}, kind: f.Kind}
 		if f.Kind == KindDNS {
-			id.name, id.qtype = lowerASCII(trimDot(Clip(f.Name, MaxNameBytes))), Clip(f.QType, 16)
+			id.name, id.qtype, id.qid = lowerASCII(trimDot(Clip(f.Name, MaxNameBytes))), Clip(f.QType, 16), f.QueryID
 		}
 		if id.ClientPort == 0 && id.DestPort == 0 {
 			continue
@@ -610,7 +611,7 @@ func (l *Ledger) exportFlowsLocked() []archFlow {
 			continue
 		}
 		f := archFlow{Kind: r.id.kind, Client: r.id.Client, ClientPort: r.id.ClientPort, DestIP: r.id.Dest, DestPort: r.id.DestPort,
-			Proto: r.id.Proto, Name: r.id.name, QType: r.id.qtype, Start: r.start, End: r.end,
+			Proto: r.id.Proto, Name: r.id.name, QType: r.id.qtype, QueryID: r.id.qid, Start: r.start, End: r.end,
 			BytesOut: r.bytesOut, BytesIn: r.bytesIn, Enforced: r.enforced, Source: r.source}
 		switch {
 		case r.rule != nil:

@@ -100,12 +100,13 @@ type heldKey struct {
 	kind  Kind
 	name  string
 	qtype string
+	qid   uint16
 }
 
 func heldOf(ev *Event) heldKey {
 	k := heldKey{FlowKey: ev.Key(), kind: ev.Kind}
 	if ev.Kind == KindDNS {
-		k.name, k.qtype = lowerASCII(trimDot(ev.Name)), ev.QType
+		k.name, k.qtype, k.qid = lowerASCII(trimDot(ev.Name)), ev.QType, ev.QueryID
 	}
 	return k
 }
@@ -178,8 +179,8 @@ func (b *detailBudget) hold(ev *Event, counted bool, now time.Time) bool {
 		// A later report of a flow written one by one is held back
 		// like a first one, as a duplicate, when all the ledger's
 		// merge takes from it is the drop's last seen and the client's
-		// MAC (the summary gives both): a repeated query from one port
-		// (a query's counted once), capture's report without bytes of
+		// MAC (the summary gives both): a retransmitted query (its ID
+		// again from one port: counted once), capture's report without bytes of
 		// a flow not enforced. Else it is written.
 		if ev.Kind != KindDNS && (ev.Kind != KindFlow || ev.Source == SourceProxy || ev.BytesOut != 0 || ev.BytesIn != 0 || ev.Enforced) {
 			return false

@@ -42,7 +42,8 @@ func TestDetailBudget(t *testing.T) {
 	for i := range noisy {
 		j.Emit(query(a, "aa:bb:cc:00:00:07", i))
 		if i < oneport {
-			// A query repeated from one port: one query for the
+			// A query repeated from one port with its ID (a
+			// retransmission; within 2 s): one query for the
 			// ledger, the rest merged into it.
 			ev := query(a, "aa:bb:cc:00:00:07", i)
 			ev.ClientPort, ev.Name = 9999, "ads.example"

@@ -84,8 +84,13 @@ const (
 //     client, its time in first/last seen), so a rule whose names were only
 //     resolved is used, not unused. A denied query counts in the dropped
 //     list under (name, 53, "dns") with "queries" set and "flows" zero.
-//     Queries are deduplicated like flows, with the name and type in the
-//     key.
+//     Queries are deduplicated like flows, with the name, type and DNS
+//     message ID in the key, and only within 2 s of a query's first
+//     report: one socket's queries each count (each takes a new ID), a
+//     retransmission (the same ID, seconds later) counts with its
+//     query. Only the DNS forwarder reports queries (capture records DNS
+//     to it or to another resolver as a flow, which is never merged with
+//     a query).
 //   - A request event (a later HTTP request on a plain-HTTP connection, or
 //     a request in an inspected one) is not a flow either: allowed, it
 //     counts in its rule's "requests" (with its name, client and time);
@@ -205,6 +210,7 @@ type flowID struct {
 	kind  Kind
 	name  string // queries only
 	qtype string // queries only
+	qid   uint16 // queries only: the DNS message ID
 }
 
 // hash digests id for the flows map (records still compare whole ids).
@@ -225,6 +231,8 @@ func (id *flowID) hash(seed maphash.Seed) uint64 {
 	h.WriteString(id.name)
 	h.WriteByte(0)
 	h.WriteString(id.qtype)
+	h.WriteByte(byte(id.qid >> 8))
+	h.WriteByte(byte(id.qid))
 	return h.Sum64()
 }
 
@@ -374,7 +382,7 @@ func (l *Ledger) addLocked(ev *Event) bool {
 	}
 	id := flowID{FlowKey: ev.Key(), kind: ev.Kind}
 	if ev.Kind == KindDNS {
-		id.name, id.qtype = lowerASCII(trimDot(ev.Name)), ev.QType
+		id.name, id.qtype, id.qid = lowerASCII(trimDot(ev.Name)), ev.QType, ev.QueryID
 	}
 	// An event of a summary record was counted on its own live.
 	dedup := (id.ClientPort != 0 || id.DestPort != 0) && ev.expanded != expandedCounted
@@ -577,7 +585,15 @@ func (l *Ledger) findLocked(id flowID, h uint64, t time.Time) *flowRec {
 		slack = udpFlowIdle
 	}
 	for r := l.flows[h]; r != nil; r = r.next {
-		if r.id == id && !t.Before(r.start.Add(-slack)) && !t.After(r.end.Add(slack)) {
+		end := r.end
+		if id.kind == KindDNS {
+			// A query is its first report: a client that repeats
+			// one ID from one socket (a retransmission comes
+			// seconds later) counts once per window, not once for
+			// as long as it keeps on.
+			end = r.start
+		}
+		if r.id == id && !t.Before(r.start.Add(-slack)) && !t.After(end.Add(slack)) {
 			return r
 		}
 	}
