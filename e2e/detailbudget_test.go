@@ -152,8 +152,8 @@ func floodLines(t *testing.T, dir, needle string) (lines, size, summaries int) {
 
 // floodDNS sends A queries for the denied trackerName from the LAN
 // client at up to 2,000 a second until ctx is done, each from a port of
-// its own (as a stub resolver's retries come); it returns how many it
-// sent.
+// its own (as a stub resolver's retries come; from one socket:
+// TestDNSQueriesFromOneSocket); it returns how many it sent.
 func floodDNS(ctx context.Context, tp *topo) int {
 	to := &net.UDPAddr{IP: net.ParseIP(gwLAN4), Port: 53}
 	m := new(dns.Msg)
@@ -218,4 +218,78 @@ func floodTCP(ctx context.Context, tp *topo, addr, sni string) int {
 	}
 	wg.Wait()
 	return int(n.Load())
+}
+
+// TestDNSQueriesFromOneSocket: a LAN client asking the forwarder for a
+// denied name again and again from one socket, each query with an ID of
+// its own, and every tenth sent twice (a retransmission, its ID kept).
+// The report counts each query once, retransmission or not, live and
+// after a restart (past the device's detail budget, from summaries).
+// Before, the ledger keyed a query by the client's port, name and type,
+// so the whole flood counted as one query.
+func TestDNSQueriesFromOneSocket(t *testing.T) {
+	tp := newTopo(t)
+	d := newDaemon(t, tp, "enforce")
+	d.start()
+	defer d.stop()
+	var pc net.PacketConn
+	if err := tp.lan.Do(func() (err error) { pc, err = net.ListenPacket("udp", net.JoinHostPort(lanClient4, "0")); return }); err != nil {
+		t.Fatal(err)
+	}
+	defer pc.Close()
+	to := &net.UDPAddr{IP: net.ParseIP(gwLAN4), Port: 53}
+	const n = 300
+	answered := map[uint16]bool{}
+	buf := make([]byte, 4096)
+	for i := range n {
+		m := new(dns.Msg)
+		m.SetQuestion(trackerName+".", dns.TypeA)
+		m.Id = uint16(1000 + i)
+		b, _ := m.Pack()
+		sends := 1
+		if i%10 == 0 {
+			sends = 2
+		}
+		for range sends {
+			if _, err := pc.WriteTo(b, to); err != nil {
+				t.Fatal(err)
+			}
+		}
+		pc.SetReadDeadline(time.Now().Add(2 * time.Second))
+		for range sends {
+			nr, _, err := pc.ReadFrom(buf)
+			if err != nil {
+				break
+			}
+			r := new(dns.Msg)
+			if r.Unpack(buf[:nr]) == nil && r.Rcode == dns.RcodeRefused {
+				answered[r.Id] = true
+			}
+		}
+	}
+	if len(answered) < n*9/10 {
+		t.Fatalf("%d of %d queries answered REFUSED", len(answered), n)
+	}
+	settle(d)
+	count := func(r *report) uint64 {
+		var q uint64
+		for _, dr := range r.Dropped {
+			if dr.Dest == trackerName && dr.Port == 53 && dr.Proto == "dns" {
+				q += dr.Queries
+			}
+		}
+		return q
+	}
+	live := count(d.report())
+	if live != uint64(len(answered)) {
+		t.Errorf("the report counts %d queries from one socket, %d were answered", live, len(answered))
+	}
+	if d.metric("egress_audit_events_summarized_total") == 0 {
+		t.Errorf("no event was held back: the device's detail budget was not reached")
+	}
+	d.stop()
+	d.start()
+	if after := count(d.report()); after != live {
+		t.Errorf("after a restart the report counts %d queries from one socket, live %d", after, live)
+	}
 }
