@@ -157,8 +157,19 @@ func budgeted(ev *Event) bool {
 // than written now. counted says the live ledger counted it as a new
 // flow, query or request (false: a later report of one it had).
 func (b *detailBudget) hold(ev *Event, counted bool, now time.Time) bool {
+	held, _ := b.holdFlow(ev, counted, nil, now)
+	return held
+}
+
+// holdFlow is hold for an event the ledger has just counted or merged:
+// twin is the held flow the ledger's record of it keeps (nil: none), for
+// a later report that comes after the budget forgot the flow (the
+// interval after the one that held it is over: a connection the proxy
+// reports at its close). It returns the held flow to keep on the record
+// of a flow or query it held back.
+func (b *detailBudget) holdFlow(ev *Event, counted bool, twin *heldFlow, now time.Time) (bool, *heldFlow) {
 	if !budgeted(ev) {
-		return false
+		return false, nil
 	}
 	if b.start.IsZero() {
 		b.start = now
@@ -173,8 +184,11 @@ func (b *detailBudget) hold(ev *Event, counted bool, now time.Time) bool {
 		if hf == nil {
 			hf = b.prevHeld[hk]
 		}
+		if hf == nil {
+			hf = twin
+		}
 		if hf != nil {
-			return b.merge(hf, ev)
+			return b.merge(hf, ev), nil
 		}
 		// A later report of a flow written one by one is held back
 		// like a first one, as a duplicate, when all the ledger's
@@ -183,7 +197,7 @@ func (b *detailBudget) hold(ev *Event, counted bool, now time.Time) bool {
 		// again from one port: counted once), capture's report without bytes of
 		// a flow not enforced. Else it is written.
 		if ev.Kind != KindDNS && (ev.Kind != KindFlow || ev.Source == SourceProxy || ev.BytesOut != 0 || ev.BytesIn != 0 || ev.Enforced) {
-			return false
+			return false, nil
 		}
 	}
 	if counted && !b.lines && ev.Kind == KindFlow && ev.Source == SourceCapture && ev.Close == "" {
@@ -193,7 +207,7 @@ func (b *detailBudget) hold(ev *Event, counted bool, now time.Time) bool {
 		// summary (which has no ports), it would count as a second
 		// flow when the log is read again. So it is written.
 		b.spend(ev, now)
-		return false
+		return false, nil
 	}
 	key := shapeOf(ev)
 	agg, seen := b.shapes[key]
@@ -202,10 +216,10 @@ func (b *detailBudget) hold(ev *Event, counted bool, now time.Time) bool {
 			b.shapes[key] = nil // nothing held yet
 		}
 		b.spend(ev, now)
-		return false
+		return false, nil
 	}
 	if b.spend(ev, now) || !b.lines && len(b.held) >= maxHeldFlows {
-		return false
+		return false, nil
 	}
 	if agg == nil {
 		agg = &shapeAgg{key: key}
@@ -214,14 +228,16 @@ func (b *detailBudget) hold(ev *Event, counted bool, now time.Time) bool {
 	if !counted {
 		agg.add(ev)
 		agg.dups++
-		return true
+		return true, nil
 	}
+	var hf *heldFlow
 	if !b.lines {
-		b.held[heldOf(ev)] = &heldFlow{agg: agg, gen: b.gen, out: ev.BytesOut, in: ev.BytesIn, source: ev.Source}
+		hf = &heldFlow{agg: agg, gen: b.gen, out: ev.BytesOut, in: ev.BytesIn, source: ev.Source}
+		b.held[heldOf(ev)] = hf
 	}
 	agg.add(ev)
 	agg.n++
-	return true
+	return true, hf
 }
 
 // add adds ev's times and bytes to the summary.

@@ -732,13 +732,20 @@ func (j *Journal) Close() error {
 
 func (j *Journal) writeEvent(ev Event) {
 	j.saw(ev.Time)
-	counted := j.ledger.emit(ev)
-	if j.detail != nil && j.detail.full() {
-		j.writeSummaries()
-	}
-	if j.detail != nil && j.detail.hold(&ev, counted, j.clock()) {
-		j.summarized.Add(1)
-		return
+	if j.detail == nil {
+		j.ledger.emit(ev)
+	} else {
+		if j.detail.full() {
+			j.writeSummaries()
+		}
+		now := j.clock()
+		_, held := j.ledger.emitHold(ev, func(counted bool, twin *heldFlow) (bool, *heldFlow) {
+			return j.detail.holdFlow(&ev, counted, twin, now)
+		})
+		if held {
+			j.summarized.Add(1)
+			return
+		}
 	}
 	if j.testHookPre != nil {
 		j.testHookPre()

@@ -247,6 +247,7 @@ type flowRec struct {
 	denied            *ruleStats // denied: the expired rule that would have allowed it
 	source            Source     // of the report that decided the attribution
 	dest              string     // allowed: the name counted in rule.dests
+	held              *heldFlow  // the journal's detail budget held its first report back
 	next              *flowRec   // in l.flows, the next record with the same hash
 }
 
@@ -295,6 +296,35 @@ func (l *Ledger) emit(ev Event) bool {
 		m.observe(&ev, counted)
 	}
 	return counted
+}
+
+// emitHold is emit for the journal's writer, which decides with the
+// detail budget whether ev is held back from the log: hold is called
+// under the ledger's lock with whether ev counted as a new flow, query
+// or request and, for a later report of a flow whose first report was
+// held back, that held flow (the record keeps it for as long as the
+// ledger remembers the flow, so that a later report of it is held back
+// too however late it comes). hold returns whether it holds ev back and,
+// for a counted flow or query it holds back, the held flow to keep on
+// its record.
+func (l *Ledger) emitHold(ev Event, hold func(counted bool, twin *heldFlow) (bool, *heldFlow)) (counted, held bool) {
+	ev.Bound()
+	l.mu.Lock()
+	counted, rec := l.addRecLocked(&ev)
+	var twin *heldFlow
+	if rec != nil && !counted {
+		twin = rec.held
+	}
+	held, hf := hold(counted, twin)
+	if rec != nil && counted && held {
+		rec.held = hf
+	}
+	m := l.metrics
+	l.mu.Unlock()
+	if m != nil {
+		m.observe(&ev, counted)
+	}
+	return counted, held
 }
 
 // add adds a recorded event (no metrics).
@@ -349,6 +379,13 @@ func (l *Ledger) Len() int {
 // addLocked adds ev and reports whether it was a new flow or query (false
 // for a duplicate or an ignored event).
 func (l *Ledger) addLocked(ev *Event) bool {
+	counted, _ := l.addRecLocked(ev)
+	return counted
+}
+
+// addRecLocked is addLocked, and returns the remembered record of the
+// flow or query ev was counted as or merged into (nil: none).
+func (l *Ledger) addRecLocked(ev *Event) (bool, *flowRec) {
 	l.totals.Events++
 	if ev.expanded == expandedDuplicate { // merged live into a flow counted already
 		l.totals.Duplicates++
@@ -363,18 +400,18 @@ func (l *Ledger) addLocked(ev *Event) bool {
 				ds.clients.add(ev.Client.Unmap(), ev.ClientMAC, l.opt.MaxClients)
 			}
 		}
-		return false
+		return false, nil
 	}
 	if t := ev.Time; !t.IsZero() && (l.firstEvent.IsZero() || t.Before(l.firstEvent)) {
 		l.firstEvent = t.UTC()
 	}
 	if ev.Kind == KindRequest {
 		l.addRequestLocked(ev)
-		return true
+		return true, nil
 	}
 	if ev.Kind != KindFlow && ev.Kind != KindDNS {
 		l.totals.Ignored++
-		return false
+		return false, nil
 	}
 	t := ev.Time.UTC()
 	if ev.Mode != "" {
@@ -396,7 +433,7 @@ func (l *Ledger) addLocked(ev *Event) bool {
 			} else {
 				l.mergeLocked(rec, ev, t)
 			}
-			return false
+			return false, rec
 		}
 	}
 	var rec *flowRec
@@ -415,10 +452,11 @@ func (l *Ledger) addLocked(ev *Event) bool {
 		l.totals.Queries++
 	}
 	l.attributeLocked(rec, ev, t)
-	if dedup {
-		l.rememberLocked(rec)
+	if !dedup {
+		return true, nil
 	}
-	return true
+	l.rememberLocked(rec)
+	return true, rec
 }
 
 // attributeLocked counts a new flow or query record in its rule (allowed)
