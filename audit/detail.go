@@ -112,7 +112,10 @@ func heldOf(ev *Event) heldKey {
 }
 
 // heldFlow is a flow or query held back: the summary that counts it, and
-// what the ledger's merge of a later report of it reads.
+// what the ledger's merge of a later report of it reads. The ledger's
+// record of the flow keeps it too (flowRec.held), for as long as the
+// ledger remembers the flow: a later report after the budget's held and
+// prevHeld forgot it finds it there.
 type heldFlow struct {
 	agg     *shapeAgg
 	gen     uint64 // the interval of agg
