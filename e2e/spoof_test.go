@@ -1,0 +1,166 @@
+package e2e
+
+import (
+	"encoding/binary"
+	"errors"
+	"fmt"
+	"math/rand/v2"
+	"net/netip"
+	"strings"
+	"sync"
+	"sync/atomic"
+	"syscall"
+	"testing"
+	"time"
+
+	"github.com/miekg/dns"
+
+	"egressd/internal/testnet"
+)
+
+// Forged sources of the spoofing test: free addresses of the LAN's IPv4
+// subnet that no host holds (nobody answers ARP for them).
+const (
+	spoofV4Base = "198.18.1.%d" // .150 to .213
+	spoofNV4    = 64
+)
+
+// TestSpoofedSources: a LAN host that sends DNS queries from source
+// addresses it does not hold (forged, UDP: it needs no answer) for unique
+// names under an allowed wildcard must not get a client's rate per forged
+// address: each such query goes upstream. The sources have no usable
+// entry in the gateway's neighbour table (nobody answers its ARP for
+// them), so they are no device: together they share one client's budget
+// (README, "Limits count a device"). Another device is served meanwhile.
+//
+// Before session 23 each forged address was a client of its own: 64
+// addresses, each with a burst of 2,000, sent every one of the 16,000
+// queries upstream.
+func TestSpoofedSources(t *testing.T) {
+	tp := newTopo(t)
+	u := tp.startUpstream(t)
+	fl := tp.newLANDevice(t, "e2s1sp", "198.18.1.149", "2001:db8:1::5:1")
+	var srcs []netip.Addr
+	for i := range spoofNV4 {
+		srcs = append(srcs, netip.MustParseAddr(fmt.Sprintf(spoofV4Base, 150+i)))
+	}
+	d := newDaemon(t, tp, "enforce")
+	d.writePolicy(testPolicy(t))
+	d.extra = []string{"--upstream-dns", u.addr}
+	d.start()
+	t.Cleanup(func() {
+		if t.Failed() {
+			t.Logf("egressd output (last 4 KiB):\n%s", tail(d.logs(), 4096))
+		}
+	})
+	if rcode, addrs := tp.dig(t, dockerName, "A"); rcode != "NOERROR" || len(addrs) == 0 {
+		t.Fatalf("dig %s: %s %v", dockerName, rcode, addrs)
+	}
+
+	limited0 := d.metric("egress_dnsfilter_rate_limited_total")
+	up0 := u.recv.Load()
+	var other atomic.Int64
+	var wg sync.WaitGroup
+	wg.Add(1)
+	go func() {
+		defer wg.Done()
+		for range 20 {
+			if m, err := tp.dnsQueryFrom(lanClient4, dockerName, dns.TypeA); err == nil && m.Rcode == dns.RcodeSuccess {
+				other.Add(1)
+			}
+			time.Sleep(100 * time.Millisecond)
+		}
+	}()
+	const n, dur = 16000, 2 * time.Second
+	sent, took, err := spoofFlood(fl, srcs, netip.MustParseAddr(gwLAN4), n, dur)
+	wg.Wait()
+	if err != nil {
+		t.Fatalf("forged flood: %v (%d sent)", err, sent)
+	}
+	time.Sleep(time.Second) // the last queries' upstream round trips
+	limited := d.metric("egress_dnsfilter_rate_limited_total") - limited0
+	upstream := u.recv.Load() - up0
+	share := 2000 + int(500*took.Seconds()) // one client's: burst 2,000 + 500/s
+	out, _ := tp.gw.Run("ip", "neigh", "show", "dev", "lan0")
+	t.Logf("forged DNS flood from %d addresses nobody holds: %d queries in %v, %v rate-limited, %d reached the upstream (one client's share %d); the other device got %d of 20 answers; the gateway's neighbour entries on lan0: %d FAILED, %d INCOMPLETE",
+		len(srcs), sent, took.Round(time.Millisecond), limited, upstream, share, other.Load(), strings.Count(out, "FAILED"), strings.Count(out, "INCOMPLETE"))
+	if other.Load() != 20 {
+		t.Errorf("the other device got %d of 20 answers during the forged flood", other.Load())
+	}
+	if sent < n/2 {
+		t.Fatalf("only %d of %d forged queries sent", sent, n)
+	}
+	// The forged sources together are one client: the upstream gets at
+	// most one client's share of the flood (and the other device's
+	// queries, cached after the first). A client per forged address, it
+	// got all of them.
+	if bound := share + 20; int(upstream) > bound {
+		t.Errorf("forged flood: %d queries reached the upstream; the forged sources together are one client, whose share is %d", upstream, share)
+	}
+}
+
+// spoofFlood sends n DNS queries for unique names under nirovision.com to
+// dst:53 from ns through a raw socket, with IPv4 source addresses srcs
+// (round robin) that ns need not hold, spread over about dur.
+func spoofFlood(ns *testnet.NS, srcs []netip.Addr, dst netip.Addr, n int, dur time.Duration) (sent int, took time.Duration, err error) {
+	if !testRange(dst) {
+		return 0, 0, fmt.Errorf("flood target %s is not a test address", dst)
+	}
+	for _, s := range srcs {
+		if !s.Is4() || !testRange(s) {
+			return 0, 0, fmt.Errorf("flood source %s is not an IPv4 test address", s)
+		}
+	}
+	var fd int
+	if err := ns.Do(func() (err error) {
+		fd, err = syscall.Socket(syscall.AF_INET, syscall.SOCK_RAW, syscall.IPPROTO_RAW)
+		return err
+	}); err != nil {
+		return 0, 0, fmt.Errorf("raw socket: %w", err)
+	}
+	defer syscall.Close(fd)
+	to := &syscall.SockaddrInet4{Addr: dst.As4()}
+	d4 := dst.As4()
+	m := new(dns.Msg)
+	tag := rand.Uint32()
+	start := time.Now()
+	per := dur / time.Duration(n/100)
+	for i := range n {
+		m.SetQuestion(fmt.Sprintf("s%08x-%d.nirovision.com.", tag, i), dns.TypeA)
+		m.Id = uint16(i)
+		q, _ := m.Pack()
+		pkt := make([]byte, 28+len(q))
+		// IPv4 (the kernel fills in the ID and checksum), then UDP
+		// without a checksum (0: none, allowed over IPv4).
+		pkt[0] = 0x45
+		binary.BigEndian.PutUint16(pkt[2:], uint16(len(pkt)))
+		pkt[8], pkt[9] = 64, syscall.IPPROTO_UDP
+		src := srcs[i%len(srcs)].As4()
+		copy(pkt[12:16], src[:])
+		copy(pkt[16:20], d4[:])
+		binary.BigEndian.PutUint16(pkt[20:], uint16(20000+i%20000))
+		binary.BigEndian.PutUint16(pkt[22:], 53)
+		binary.BigEndian.PutUint16(pkt[24:], uint16(8+len(q)))
+		copy(pkt[28:], q)
+		if err := syscall.Sendto(fd, pkt, 0, to); err != nil {
+			if errors.Is(err, syscall.ENOBUFS) || errors.Is(err, syscall.EAGAIN) {
+				time.Sleep(time.Millisecond)
+				continue
+			}
+			return sent, time.Since(start), err
+		}
+		sent++
+		if i%100 == 99 {
+			time.Sleep(time.Until(start.Add(per * time.Duration(i/100+1))))
+		}
+	}
+	return sent, time.Since(start), nil
+}
+
+// tail returns the last n bytes of s.
+func tail(s string, n int) string {
+	if len(s) <= n {
+		return s
+	}
+	return s[len(s)-n:]
+}
