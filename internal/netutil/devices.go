@@ -88,6 +88,9 @@ type neighSource interface {
 	dump(max int, fn func(Neighbour)) (more bool, err error)
 	// get returns the entry for addr, ErrNoNeighbour if there is none.
 	get(addr netip.Addr) (Neighbour, error)
+	// prefixes returns the prefixes of the interface's addresses: the
+	// addresses on its link.
+	prefixes() ([]netip.Prefix, error)
 }
 
 // devSnapshot is a copy of the table: the usable entries, by address, and
@@ -97,7 +100,8 @@ type devSnapshot struct {
 	mac     map[netip.Addr]MAC
 	none    map[netip.Addr]struct{} // asked about alone since the dump: no usable entry
 	v4, all map[MAC]int
-	lookups int // single-address lookups since the dump
+	lookups int            // single-address lookups since the dump
+	links   []netip.Prefix // the interface's prefixes when the copy was read (OnLink)
 }
 
 var errTooManyNeighbours = errors.New("netutil: neighbour table larger than DevicesMaxEntries")
@@ -232,6 +236,31 @@ func (d *Devices) Device(a netip.Addr) (MAC, bool) {
 	return d.macOf(s, a, false)
 }
 
+// OnLink reports whether a is an address of the interface's link: in the
+// prefix of one of the interface's addresses (as they were when the copy
+// of the table was read), and not one of them. A device of the LAN has
+// such an address, and the gateway resolves it (ARP, NDP) to reach it; a
+// client behind a router has not. Where limits count a device (Device),
+// an address on the link without a usable entry is one the gateway has
+// not resolved: a new address of a device, or a source nobody holds
+// (forged). It reports false while the table cannot be read.
+func (d *Devices) OnLink(a netip.Addr) bool {
+	a = deviceAddr(a)
+	if !a.IsValid() {
+		return false
+	}
+	s := d.snapshot()
+	if s == nil {
+		return false
+	}
+	for _, p := range s.links {
+		if p.Addr() != a && p.Contains(a) {
+			return true
+		}
+	}
+	return false
+}
+
 // deviceAddr returns a as a device address (unmapped, without zone), or
 // the zero Addr when it cannot be one (unspecified, loopback, multicast).
 func deviceAddr(a netip.Addr) netip.Addr {
@@ -305,6 +334,7 @@ func (d *Devices) load(now time.Time) (*devSnapshot, error) {
 	if err != nil {
 		return nil, err
 	}
+	s.links, _ = d.src.prefixes() // none: no address is on the link (OnLink)
 	return s, nil
 }
 

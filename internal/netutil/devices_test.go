@@ -20,6 +20,7 @@ type fakeNeigh struct {
 	dumps   atomic.Int64
 	gets    atomic.Int64
 	block   chan struct{} // when set, a dump waits for it
+	links   []netip.Prefix
 }
 
 func newFakeNeigh(nbs ...Neighbour) *fakeNeigh {
@@ -69,6 +70,12 @@ func (f *fakeNeigh) get(a netip.Addr) (Neighbour, error) {
 		return Neighbour{}, ErrNoNeighbour
 	}
 	return nb, nil
+}
+
+func (f *fakeNeigh) prefixes() ([]netip.Prefix, error) {
+	f.mu.Lock()
+	defer f.mu.Unlock()
+	return f.links, nil
 }
 
 // clock is a settable time for Devices' tests.
@@ -507,5 +514,28 @@ func TestDevicesDeviceLeavesNoMark(t *testing.T) {
 	d2.src.(*fakeNeigh).set(nb("2001:db8::10", macB))
 	if m, ok := d2.MAC(asked); !ok || m != macB {
 		t.Errorf("MAC after Device found no entry: %v %v, want %v", m, ok, macB)
+	}
+}
+
+// TestOnLink: an address is on the link when a prefix of the interface's
+// addresses holds it and it is none of them; a routed client's is not.
+func TestOnLink(t *testing.T) {
+	f := newFakeNeigh()
+	f.links = []netip.Prefix{netip.MustParsePrefix("198.18.1.1/24"), netip.MustParsePrefix("2001:db8:1::1/64"), netip.MustParsePrefix("fe80::1/64")}
+	c := &clock{t: time.Unix(1e9, 0)}
+	d := newDevices(f, c.now, nil)
+	for a, want := range map[string]bool{
+		"198.18.1.77": true, "::ffff:198.18.1.77": true, "2001:db8:1::5:1": true, "fe80::99%lan0": true,
+		"198.18.1.1": false, "2001:db8:1::1": false, // the gateway's own
+		"198.18.9.7": false, "2001:db8:2::7": false, "127.0.0.1": false, "ff02::1": false,
+	} {
+		if got := d.OnLink(netip.MustParseAddr(a)); got != want {
+			t.Errorf("OnLink(%s) = %v, want %v", a, got, want)
+		}
+	}
+	f.dumpErr = errors.New("no table")
+	c.t = c.t.Add(DevicesMaxStale + time.Second)
+	if d.OnLink(netip.MustParseAddr("198.18.1.77")) {
+		t.Error("OnLink answered from a copy older than DevicesMaxStale")
 	}
 }

@@ -248,3 +248,21 @@ func (n *netlinkNeigh) get(addr netip.Addr) (Neighbour, error) {
 	}
 	return NeighbourGet(ifi, addr)
 }
+
+func (n *netlinkNeigh) prefixes() ([]netip.Prefix, error) {
+	ifi, err := net.InterfaceByName(n.iface)
+	if err != nil {
+		return nil, err
+	}
+	addrs, err := ifi.Addrs()
+	if err != nil {
+		return nil, err
+	}
+	var out []netip.Prefix
+	for _, a := range addrs {
+		if p, err := netip.ParsePrefix(a.String()); err == nil {
+			out = append(out, p)
+		}
+	}
+	return out, nil
+}
