@@ -65,6 +65,23 @@ type ClientDevices interface {
 	ClientDevice(client netip.Addr) net.HardwareAddr
 }
 
+// ClientLinks, when the ClientDevices the forwarder is given implements
+// it too, tells which addresses without a device are on a LAN link. A
+// device's address there has a usable neighbour entry at the gateway
+// once the gateway has resolved it (ARP, NDP); one that has none is a
+// source the gateway has not resolved: a device's new address before its
+// first answer, or a source nobody holds (forged: UDP needs no answer).
+// The rate limiter counts all such sources as one client (README, "Limits
+// count a device"), and asks again, as for a device, while they have
+// none. An address off the links (behind a router) stays a client of its
+// own.
+type ClientLinks interface {
+	// ClientOnLink reports whether client is an address of a LAN link
+	// (in egressd, netutil.Devices.OnLink). Asked with ClientDevice,
+	// when it gave nil.
+	ClientOnLink(client netip.Addr) bool
+}
+
 // ClientMACs tells a LAN client's MAC address, for policies whose rules
 // name clients by MAC (policy.Input.ClientMAC). In egressd, cmd/egressd
 // wires the LAN interfaces' neighbour tables (netutil.Devices.MAC);

@@ -18,7 +18,11 @@ import (
 // spend. devs is asked only when an address is new to the limiter, and
 // again at doubling counts of its queries while it has no device (its
 // first datagram comes before the gateway has resolved it): not on the
-// fast path. It is bounded: idle buckets are swept, and when a shard (or
+// fast path. An address of a LAN link without a device (links: no
+// usable neighbour entry) spends the one bucket all such addresses share
+// (unresolved), and is asked about again at doubling counts too: a
+// host that sends from forged sources of its subnet (nobody answers ARP
+// or NDP for them) got a client's rate per forged address. It is bounded: idle buckets are swept, and when a shard (or
 // the devices' map) is full a new client's bucket takes the place of an
 // idle one, else of a random one.
 type rateLimiter struct {
@@ -28,6 +32,11 @@ type rateLimiter struct {
 	perCap int
 	shards [rlShards]rlShard
 	devs   ClientDevices // nil: each address is a client of its own
+	links  ClientLinks   // nil: an address without a device is a client of its own
+
+	// unresolved is the bucket of the addresses of a LAN link that have
+	// no device (links): never swept.
+	unresolved *devBucket
 
 	devMu  sync.Mutex // guards dev
 	dev    map[string]*devBucket
@@ -55,9 +64,9 @@ type bucket struct {
 	last    int64 // unix nanoseconds
 	dropped bool  // a query was dropped since the last allowed one
 
-	dev       *devBucket // the device's bucket this address spends; nil: its own
+	dev       *devBucket // the device's bucket this address spends (or rateLimiter.unresolved); nil: its own
 	queries   uint32     // queries since the bucket was made (saturating)
-	nextCheck uint32     // ask devs at this count, while dev is nil
+	nextCheck uint32     // ask devs at this count, while dev is nil or unresolved
 }
 
 // devBucket is a device's bucket, shared by the buckets of its addresses
@@ -70,7 +79,7 @@ type devBucket struct {
 
 func newRateLimiter(perSecond float64, burst int) *rateLimiter {
 	r := &rateLimiter{rate: perSecond / float64(time.Second), burst: float64(burst), seed: maphash.MakeSeed(), perCap: rlClients / rlShards,
-		dev: map[string]*devBucket{}, devCap: rlClients}
+		dev: map[string]*devBucket{}, devCap: rlClients, unresolved: &devBucket{bucket: bucket{tokens: float64(burst)}}}
 	for i := range r.shards {
 		r.shards[i].m = map[netip.Addr]*bucket{}
 	}
@@ -86,8 +95,9 @@ func (r *rateLimiter) allow(client netip.Addr, now int64) (ok, first bool) {
 
 // allowDevice is allow, and returns the MAC of client's device as text
 // when the limiter knows it (its bucket spends a device's): "" when it
-// does not. It costs nothing more than allow: the MAC was looked up for
-// the limit, and is kept formatted.
+// does not (and for an address that spends the unresolved bucket). It
+// costs nothing more than allow: the MAC was looked up for the limit, and
+// is kept formatted.
 func (r *rateLimiter) allowDevice(client netip.Addr, now int64) (ok, first bool, dev string) {
 	// One bucket per client whatever the socket: a wildcard TCP listener
 	// is dual-stack and sees an IPv4 client as ::ffff:a.b.c.d, where the
@@ -97,17 +107,19 @@ func (r *rateLimiter) allowDevice(client netip.Addr, now int64) (ok, first bool,
 	sh := &r.shards[maphash.Bytes(r.seed, b16[:])%rlShards]
 	sh.mu.Lock()
 	b := r.bucketLocked(sh, client, now)
-	if r.devs != nil && b.dev == nil && b.queries+1 >= b.nextCheck {
+	if r.devs != nil && (b.dev == nil || b.dev == r.unresolved) && b.queries+1 >= b.nextCheck {
 		// Ask outside the shard's lock: it may wait for the kernel.
 		b.nextCheck = max(1, b.nextCheck) << 1
 		sh.mu.Unlock()
 		var db *devBucket
 		if mac := r.devs.ClientDevice(client); mac != nil {
 			db = r.device(string(mac), now)
+		} else if r.links != nil && r.links.ClientOnLink(client) {
+			db = r.unresolved
 		}
 		sh.mu.Lock()
 		b = r.bucketLocked(sh, client, now) // it may have been swept meanwhile
-		if b.dev == nil {
+		if b.dev == nil || b.dev == r.unresolved {
 			b.dev = db
 		}
 	}

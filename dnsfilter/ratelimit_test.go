@@ -217,3 +217,81 @@ func TestRateLimiterPerDevice(t *testing.T) {
 		t.Errorf("%d device buckets after an idle sweep", len(r.dev))
 	}
 }
+
+// linkedTable is a fakemac.Table that also tells the addresses of a LAN
+// link (ClientLinks).
+type linkedTable struct {
+	*fakemac.Table
+	link netip.Prefix
+}
+
+func (l linkedTable) ClientOnLink(a netip.Addr) bool { return l.link.Contains(a.Unmap()) }
+
+// TestRateLimiterUnresolvedShare: the addresses of a LAN link that have
+// no device (no usable neighbour entry: forged sources nobody answers ARP
+// for) share one client's bucket, however many there are; an address off
+// the link (routed) keeps its own; and a device's new address, which
+// spends the shared bucket until the gateway resolves it, spends its
+// device's once the table knows it (asked again at its next doubling
+// count).
+func TestRateLimiterUnresolvedShare(t *testing.T) {
+	const burst = 10
+	r := newRateLimiter(1, burst)
+	devs := linkedTable{fakemac.New(nil), netip.MustParsePrefix("198.18.1.0/24")}
+	r.devs, r.links = devs, devs
+	now := time.Unix(1_800_000_000, 0).UnixNano()
+	allowed := 0
+	for range 5 {
+		for i := range 64 {
+			if ok, _ := r.allow(netip.AddrFrom4([4]byte{198, 18, 1, byte(150 + i)}), now); ok {
+				allowed++
+			}
+		}
+	}
+	if allowed != burst {
+		t.Errorf("64 unresolved addresses of the link got %d queries allowed at once, want one burst %d", allowed, burst)
+	}
+	routed := netip.MustParseAddr("198.51.100.9")
+	n := 0
+	for range burst + 5 {
+		if ok, _ := r.allow(routed, now); ok {
+			n++
+		}
+	}
+	if n != burst {
+		t.Errorf("a routed address got %d of %d, want its own burst %d", n, burst+5, burst)
+	}
+
+	// A device's new address: its first query spends the shared bucket
+	// (spent: refused); the gateway resolves it; its next query is its
+	// device's.
+	fresh := netip.MustParseAddr("198.18.1.20")
+	if ok, _ := r.allow(fresh, now); ok {
+		t.Error("an unresolved address's query allowed from the spent shared bucket")
+	}
+	devs.Set(fresh, net.HardwareAddr{2, 0, 0, 0, 0, 0x20})
+	if ok, _ := r.allow(fresh, now); !ok {
+		t.Error("a resolved device's query limited: it still spends the shared bucket")
+	}
+	// Doubling: an unresolved address's 10,000 queries ask the table a
+	// few times, not per query.
+	asks0 := devs.Asked()
+	for range 10000 {
+		r.allow(netip.MustParseAddr("198.18.1.99"), now)
+	}
+	if d := devs.Asked() - asks0; d > 16 {
+		t.Errorf("10,000 queries of an unresolved address asked the table %d times", d)
+	}
+	// The shared bucket refills at the client rate, and is not swept.
+	now += 3 * int64(time.Second)
+	r.sweep(now + 100*int64(time.Second))
+	allowed = 0
+	for i := range 64 {
+		if ok, _ := r.allow(netip.AddrFrom4([4]byte{198, 18, 1, byte(150 + i)}), now+100*int64(time.Second)); ok {
+			allowed++
+		}
+	}
+	if allowed != burst {
+		t.Errorf("after 100 s idle the unresolved addresses got %d, want one burst %d", allowed, burst)
+	}
+}

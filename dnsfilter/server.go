@@ -163,6 +163,7 @@ func New(cfg Config, deps Deps) (*Server, error) {
 	if cfg.ClientRate > 0 {
 		s.rl = newRateLimiter(cfg.ClientRate, cfg.ClientBurst)
 		s.rl.devs = deps.Devices
+		s.rl.links, _ = deps.Devices.(ClientLinks)
 	}
 	s.ups = &upstreams{timeout: cfg.UpstreamTimeout, downAfter: cfg.DownAfter, downFor: cfg.DownFor, udpSize: cfg.UDPSize, m: s.m, now: s.now}
 	for _, u := range ups {

@@ -1635,6 +1635,23 @@ func (m *lanMACs) ClientDevice(client netip.Addr) net.HardwareAddr {
 	return nil
 }
 
+// ClientOnLink reports whether client is an address of a LAN interface's
+// link (dnsfilter.ClientLinks, netutil.Devices.OnLink): one without a
+// device there is a source the gateway has not resolved, which the
+// forwarder's rate limit counts with all such sources as one client.
+func (m *lanMACs) ClientOnLink(client netip.Addr) bool {
+	zone := client.Zone()
+	for i, d := range m.devs {
+		if zone != "" && m.names[i] != zone {
+			continue
+		}
+		if d.OnLink(client) {
+			return true
+		}
+	}
+	return false
+}
+
 // NamesFor returns the names the forwarder gave addr out for to client,
 // or else to another address of client's device; for the zero client,
 // to any client.
