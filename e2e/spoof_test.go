@@ -5,6 +5,7 @@ import (
 	"errors"
 	"fmt"
 	"math/rand/v2"
+	"net"
 	"net/netip"
 	"strings"
 	"sync"
@@ -48,6 +49,7 @@ func TestSpoofedSources(t *testing.T) {
 	d.writePolicy(testPolicy(t))
 	d.extra = []string{"--upstream-dns", u.addr}
 	d.start()
+	var wg sync.WaitGroup
 	t.Cleanup(func() {
 		if t.Failed() {
 			t.Logf("egressd output (last 4 KiB):\n%s", tail(d.logs(), 4096))
@@ -57,10 +59,33 @@ func TestSpoofedSources(t *testing.T) {
 		t.Fatalf("dig %s: %s %v", dockerName, rcode, addrs)
 	}
 
+	// A device of the LAN that has the gateway's MAC already gives itself
+	// new addresses (a second IPv4 address, a new IPv6 privacy address):
+	// the gateway has no entry for them until it resolves them, so their
+	// first queries share the forged sources' budget.
+	nw := tp.newLANDevice(t, "e2s1nw", "198.18.1.148", "2001:db8:1::5:2")
+	for _, a := range [][2]string{{"198.18.1.148", gwLAN4}, {"2001:db8:1::5:2", gwLAN6}} {
+		if m, err := dnsAsk(nw, a[0], a[1], dockerName, dns.TypeA, false); err != nil || m.Rcode != dns.RcodeSuccess {
+			t.Fatalf("the new-address device's first query from %s: %v", a[0], err)
+		}
+	}
+	nw.MustRun("ip", "addr", "add", "198.18.1.147/24", "dev", "dev0")
+	nw.MustRun("ip", "-6", "addr", "add", "2001:db8:1::5:3/64", "dev", "dev0", "nodad")
+	var fresh [2]int // answered, of the new addresses
+	wg.Add(1)
+	go func() {
+		defer wg.Done()
+		time.Sleep(time.Second) // the flood has spent the shared burst
+		for i, a := range [][2]string{{"198.18.1.147", gwLAN4}, {"2001:db8:1::5:3", gwLAN6}} {
+			if askRetry(nw, a[0], a[1], dockerName, 2, time.Second) {
+				fresh[i] = 1
+			}
+		}
+	}()
+
 	limited0 := d.metric("egress_dnsfilter_rate_limited_total")
 	up0 := u.recv.Load()
 	var other atomic.Int64
-	var wg sync.WaitGroup
 	wg.Add(1)
 	go func() {
 		defer wg.Done()
@@ -71,7 +96,7 @@ func TestSpoofedSources(t *testing.T) {
 			time.Sleep(100 * time.Millisecond)
 		}
 	}()
-	const n, dur = 16000, 2 * time.Second
+	const n, dur = 16000, 4 * time.Second
 	sent, took, err := spoofFlood(fl, srcs, netip.MustParseAddr(gwLAN4), n, dur)
 	wg.Wait()
 	if err != nil {
@@ -87,6 +112,10 @@ func TestSpoofedSources(t *testing.T) {
 	if other.Load() != 20 {
 		t.Errorf("the other device got %d of 20 answers during the forged flood", other.Load())
 	}
+	t.Logf("a device's new addresses, asking during the flood (2 tries, 1 s each): IPv4 %d/1, IPv6 %d/1", fresh[0], fresh[1])
+	if fresh != [2]int{1, 1} {
+		t.Errorf("a device's new addresses got %v of [1 1] answers during the forged flood: starved by the forged sources' budget", fresh)
+	}
 	if sent < n/2 {
 		t.Fatalf("only %d of %d forged queries sent", sent, n)
 	}
@@ -97,6 +126,39 @@ func TestSpoofedSources(t *testing.T) {
 	if bound := share + 20; int(upstream) > bound {
 		t.Errorf("forged flood: %d queries reached the upstream; the forged sources together are one client, whose share is %d", upstream, share)
 	}
+}
+
+// askRetry asks server (UDP port 53) for name's A records from address
+// src of ns, as a stub resolver does: up to tries times, waiting each
+// time at most wait; it reports whether an answer (NOERROR) came.
+func askRetry(ns *testnet.NS, src, server, name string, tries int, wait time.Duration) bool {
+	var pc net.PacketConn
+	if err := ns.Do(func() (err error) { pc, err = net.ListenPacket("udp", net.JoinHostPort(src, "0")); return }); err != nil {
+		return false
+	}
+	defer pc.Close()
+	m := new(dns.Msg)
+	m.SetQuestion(dns.Fqdn(name), dns.TypeA)
+	b, _ := m.Pack()
+	to := &net.UDPAddr{IP: net.ParseIP(server), Port: 53}
+	buf := make([]byte, 1500)
+	for range tries {
+		if _, err := pc.WriteTo(b, to); err != nil {
+			return false
+		}
+		pc.SetReadDeadline(time.Now().Add(wait))
+		for {
+			k, _, err := pc.ReadFrom(buf)
+			if err != nil {
+				break // this try's wait is over
+			}
+			r := new(dns.Msg)
+			if r.Unpack(buf[:k]) == nil && r.Id == m.Id && r.Rcode == dns.RcodeSuccess {
+				return true
+			}
+		}
+	}
+	return false
 }
 
 // spoofFlood sends n DNS queries for unique names under nirovision.com to
@@ -124,7 +186,11 @@ func spoofFlood(ns *testnet.NS, srcs []netip.Addr, dst netip.Addr, n int, dur ti
 	m := new(dns.Msg)
 	tag := rand.Uint32()
 	start := time.Now()
-	per := dur / time.Duration(n/100)
+	// In batches of 4 (about a millisecond apart at 4,000/s): a flood
+	// paced in large batches leaves the budget whole between them for
+	// another client's query to find.
+	const batch = 4
+	per := dur / time.Duration(n/batch)
 	for i := range n {
 		m.SetQuestion(fmt.Sprintf("s%08x-%d.nirovision.com.", tag, i), dns.TypeA)
 		m.Id = uint16(i)
@@ -150,8 +216,8 @@ func spoofFlood(ns *testnet.NS, srcs []netip.Addr, dst netip.Addr, n int, dur ti
 			return sent, time.Since(start), err
 		}
 		sent++
-		if i%100 == 99 {
-			time.Sleep(time.Until(start.Add(per * time.Duration(i/100+1))))
+		if i%batch == batch-1 {
+			time.Sleep(time.Until(start.Add(per * time.Duration(i/batch+1))))
 		}
 	}
 	return sent, time.Since(start), nil
