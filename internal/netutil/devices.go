@@ -91,6 +91,9 @@ type neighSource interface {
 	// prefixes returns the prefixes of the interface's addresses: the
 	// addresses on its link.
 	prefixes() ([]netip.Prefix, error)
+	// resolve asks the kernel to resolve addr (ARP, NDP), not waiting
+	// for its answer.
+	resolve(addr netip.Addr) error
 }
 
 // devSnapshot is a copy of the table: the usable entries, by address, and
@@ -259,6 +262,35 @@ func (d *Devices) OnLink(a netip.Addr) bool {
 		}
 	}
 	return false
+}
+
+// Resolve asks the kernel to resolve a, an address of the link without a
+// usable entry (OnLink, no Device), as it would for a packet to it: a
+// host that holds a answers, and its entry is then usable (Device finds
+// its MAC); for a forged source the entry fails. Callers ask when they
+// would otherwise send nothing to a (a query dropped over the limit of
+// the sources the gateway has not resolved), so that a device's new
+// address is resolved all the same. At most DevicesMaxLookups requests
+// per copy, shared with the single-address lookups (asked false past
+// that, and while the table cannot be read); err is the kernel's
+// refusal (it needs CAP_NET_ADMIN).
+func (d *Devices) Resolve(a netip.Addr) (asked bool, err error) {
+	a = deviceAddr(a)
+	if !a.IsValid() {
+		return false, nil
+	}
+	s := d.snapshot()
+	if s == nil {
+		return false, nil
+	}
+	d.mu.Lock()
+	if s.lookups >= DevicesMaxLookups {
+		d.mu.Unlock()
+		return false, nil
+	}
+	s.lookups++
+	d.mu.Unlock()
+	return true, d.src.resolve(a)
 }
 
 // deviceAddr returns a as a device address (unmapped, without zone), or

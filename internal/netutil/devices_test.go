@@ -21,6 +21,7 @@ type fakeNeigh struct {
 	gets    atomic.Int64
 	block   chan struct{} // when set, a dump waits for it
 	links   []netip.Prefix
+	asked   []netip.Addr // resolve's
 }
 
 func newFakeNeigh(nbs ...Neighbour) *fakeNeigh {
@@ -76,6 +77,13 @@ func (f *fakeNeigh) prefixes() ([]netip.Prefix, error) {
 	f.mu.Lock()
 	defer f.mu.Unlock()
 	return f.links, nil
+}
+
+func (f *fakeNeigh) resolve(a netip.Addr) error {
+	f.mu.Lock()
+	defer f.mu.Unlock()
+	f.asked = append(f.asked, a)
+	return nil
 }
 
 // clock is a settable time for Devices' tests.
@@ -537,5 +545,26 @@ func TestOnLink(t *testing.T) {
 	c.t = c.t.Add(DevicesMaxStale + time.Second)
 	if d.OnLink(netip.MustParseAddr("198.18.1.77")) {
 		t.Error("OnLink answered from a copy older than DevicesMaxStale")
+	}
+}
+
+// TestResolve: Resolve asks the kernel about an address, within the
+// lookups of a copy, and not about one that cannot be a device's.
+func TestResolve(t *testing.T) {
+	f := newFakeNeigh()
+	c := &clock{t: time.Unix(1e9, 0)}
+	d := newDevices(f, c.now, nil)
+	a := netip.MustParseAddr("198.18.1.77")
+	if asked, err := d.Resolve(a); !asked || err != nil {
+		t.Fatalf("Resolve(%s) = %v, %v", a, asked, err)
+	}
+	if asked, _ := d.Resolve(netip.MustParseAddr("ff02::1")); asked {
+		t.Error("Resolve asked about a multicast address")
+	}
+	for range DevicesMaxLookups + 10 {
+		d.Resolve(a)
+	}
+	if len(f.asked) != DevicesMaxLookups {
+		t.Errorf("the kernel was asked %d times in one copy, want at most DevicesMaxLookups (%d)", len(f.asked), DevicesMaxLookups)
 	}
 }

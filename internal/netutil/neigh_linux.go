@@ -129,6 +129,56 @@ func NeighbourGet(ifindex int, addr netip.Addr) (Neighbour, error) {
 	return Neighbour{}, errors.New("netutil: neighbour get: no answer")
 }
 
+// NeighbourResolve asks the kernel to resolve addr on the interface with
+// index ifindex (RTM_NEWNEIGH with NTF_USE, as `ip neigh replace ADDR dev
+// DEV use`): an entry is made if there is none (not a permanent one, so
+// the kernel's garbage collection keeps its table bounded) and the kernel
+// sends ARP or a neighbour solicitation, as for a packet to addr. It
+// returns once the kernel has taken the request, not when addr answers:
+// a host that holds addr answers and its entry becomes reachable; for a
+// source nobody holds the entry fails. Needs CAP_NET_ADMIN.
+func NeighbourResolve(ifindex int, addr netip.Addr) error {
+	addr = addr.Unmap()
+	if !addr.IsValid() || addr.Zone() != "" {
+		return fmt.Errorf("netutil: neighbour resolve: bad address %v", addr)
+	}
+	fd, err := openNeighSocket()
+	if err != nil {
+		return err
+	}
+	defer unix.Close(fd)
+	const seq = 1
+	family := byte(unix.AF_INET6)
+	if addr.Is4() {
+		family = unix.AF_INET
+	}
+	b := neighRequest(family, ifindex, unix.NLM_F_REQUEST|unix.NLM_F_ACK|unix.NLM_F_CREATE|unix.NLM_F_REPLACE, seq)
+	binary.NativeEndian.PutUint16(b[4:6], unix.RTM_NEWNEIGH)
+	b[unix.SizeofNlMsghdr+10] = unix.NTF_USE // ndm_flags; ndm_state stays 0 (not permanent)
+	putAttr(&b, unix.NDA_DST, addr.AsSlice())
+	binary.NativeEndian.PutUint32(b[0:4], uint32(len(b)))
+	if err := unix.Sendto(fd, b, 0, &unix.SockaddrNetlink{Family: unix.AF_NETLINK}); err != nil {
+		return fmt.Errorf("netutil: neighbour resolve: %w", err)
+	}
+	buf := make([]byte, 4096)
+	for range 4 {
+		k, _, err := unix.Recvfrom(fd, buf, 0)
+		if errors.Is(err, unix.EINTR) {
+			continue
+		}
+		if err != nil {
+			return fmt.Errorf("netutil: neighbour resolve: %w", err)
+		}
+		done, err := eachMsgNotFound(buf[:k], seq, "neighbour resolve", ErrNoNeighbour, func(typ uint16, body []byte) (bool, error) {
+			return typ == unix.NLMSG_ERROR, nil
+		})
+		if done || err != nil {
+			return err
+		}
+	}
+	return errors.New("netutil: neighbour resolve: no answer")
+}
+
 func openNeighSocket() (int, error) {
 	fd, err := unix.Socket(unix.AF_NETLINK, unix.SOCK_RAW|unix.SOCK_CLOEXEC, unix.NETLINK_ROUTE)
 	if err != nil {
@@ -265,4 +315,12 @@ func (n *netlinkNeigh) prefixes() ([]netip.Prefix, error) {
 		}
 	}
 	return out, nil
+}
+
+func (n *netlinkNeigh) resolve(addr netip.Addr) error {
+	ifi, err := n.index(false)
+	if err != nil {
+		return err
+	}
+	return NeighbourResolve(ifi, addr)
 }

@@ -195,3 +195,56 @@ func TestParseNeighbour(t *testing.T) {
 		t.Error("a short ndmsg parsed")
 	}
 }
+
+// TestNeighbourResolve: asked to resolve an address it has no entry for,
+// the kernel resolves a host's (its entry becomes usable, without a
+// packet to it) and fails a source nobody holds; and the gateway's
+// OnLink takes the link's addresses, not a routed one.
+func TestNeighbourResolve(t *testing.T) {
+	testnet.RequireRoot(t)
+	c, g := testnet.New(t, "nrc"), testnet.New(t, "nrg")
+	testnet.Link(t, c, "c0", []string{"198.18.1.2/24", "2001:db8:1::2/64"},
+		g, "lan0", []string{"198.18.1.1/24", "2001:db8:1::1/64"})
+	c.MustRun("sysctl", "-qw", "net.ipv6.conf.c0.accept_dad=0")
+	var ifindex int
+	var devs *Devices
+	if err := g.Do(func() error {
+		i, err := net.InterfaceByName("lan0")
+		if err != nil {
+			return err
+		}
+		ifindex, devs = i.Index, NewDevices("lan0", nil)
+		return nil
+	}); err != nil {
+		t.Fatal(err)
+	}
+	for a, want := range map[string]bool{"198.18.1.2": true, "2001:db8:1::2": true, "198.18.1.200": true, "198.18.1.1": false, "198.51.100.2": false} {
+		var got bool
+		g.Do(func() error { got = devs.OnLink(netip.MustParseAddr(a)); return nil })
+		if got != want {
+			t.Errorf("OnLink(%s) = %v, want %v", a, got, want)
+		}
+	}
+	for a, held := range map[string]bool{"198.18.1.2": true, "2001:db8:1::2": true, "198.18.1.200": false, "2001:db8:1::200": false} {
+		addr := netip.MustParseAddr(a)
+		if err := g.Do(func() error { return NeighbourResolve(ifindex, addr) }); err != nil {
+			t.Fatalf("resolve %s: %v", a, err)
+		}
+		// The kernel probes: 3 tries a second apart before it fails an
+		// entry. Poll its state, at most 50 times.
+		var nb Neighbour
+		for range 50 {
+			g.Do(func() (err error) { nb, err = NeighbourGet(ifindex, addr); return })
+			if usableNeighbour(nb) || nb.State&NUDFailed != 0 {
+				break
+			}
+			time.Sleep(100 * time.Millisecond)
+		}
+		if usableNeighbour(nb) != held {
+			t.Errorf("%s (held: %v) after a resolve: state %#x, MAC %v", a, held, nb.State, nb.MAC)
+		}
+		if !held && nb.State&NUDPermanent != 0 {
+			t.Errorf("%s: the resolve made a permanent entry", a)
+		}
+	}
+}

@@ -16,3 +16,4 @@ var errNeighLinux = errors.New("netutil: the neighbour table needs Linux")
 func (*netlinkNeigh) dump(int, func(Neighbour)) (bool, error) { return false, errNeighLinux }
 func (*netlinkNeigh) get(netip.Addr) (Neighbour, error)       { return Neighbour{}, errNeighLinux }
 func (*netlinkNeigh) prefixes() ([]netip.Prefix, error)       { return nil, errNeighLinux }
+func (*netlinkNeigh) resolve(netip.Addr) error                { return errNeighLinux }
