@@ -72,14 +72,23 @@ type ClientDevices interface {
 // source the gateway has not resolved: a device's new address before its
 // first answer, or a source nobody holds (forged: UDP needs no answer).
 // The rate limiter counts all such sources as one client (README, "Limits
-// count a device"), and asks again, as for a device, while they have
-// none. An address off the links (behind a router) stays a client of its
+// count a device"), asks again, as for a device, while they have none,
+// and asks the gateway to resolve one whose query it drops. An address off the links (behind a router) stays a client of its
 // own.
 type ClientLinks interface {
 	// ClientOnLink reports whether client is an address of a LAN link
 	// (in egressd, netutil.Devices.OnLink). Asked with ClientDevice,
 	// when it gave nil.
 	ClientOnLink(client netip.Addr) bool
+	// ResolveClient asks the gateway to resolve client, an address of a
+	// LAN link without a device (ARP, NDP; in egressd,
+	// netutil.Devices.Resolve), without waiting for the answer: the
+	// forwarder asks when it drops such an address's query over the
+	// shared limit at a doubling count, where its answer would have made
+	// the gateway resolve it, so that a device's new address is not
+	// held in the shared limit by forged sources. It may wait briefly
+	// for the kernel; an error is the kernel's refusal.
+	ResolveClient(client netip.Addr) error
 }
 
 // ClientMACs tells a LAN client's MAC address, for policies whose rules

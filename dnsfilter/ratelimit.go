@@ -22,7 +22,12 @@ import (
 // usable neighbour entry) spends the one bucket all such addresses share
 // (unresolved), and is asked about again at doubling counts too: a
 // host that sends from forged sources of its subnet (nobody answers ARP
-// or NDP for them) got a client's rate per forged address. It is bounded: idle buckets are swept, and when a shard (or
+// or NDP for them) got a client's rate per forged address. When such an
+// address's query is dropped at one of its doubling counts, the gateway
+// is asked to resolve it (links.ResolveClient): a device's new address
+// (a privacy address, whose first queries come before the gateway has
+// an entry for it) then spends its device's bucket from its next query,
+// not the one forged sources drain. It is bounded: idle buckets are swept, and when a shard (or
 // the devices' map) is full a new client's bucket takes the place of an
 // idle one, else of a random one.
 type rateLimiter struct {
@@ -37,6 +42,10 @@ type rateLimiter struct {
 	// unresolved is the bucket of the addresses of a LAN link that have
 	// no device (links): never swept.
 	unresolved *devBucket
+	// resolveErr is told an error of links.ResolveClient, once until
+	// another one (resolveFailing, under devMu); nil: not told.
+	resolveErr     func(error)
+	resolveFailing string
 
 	devMu  sync.Mutex // guards dev
 	dev    map[string]*devBucket
@@ -107,7 +116,9 @@ func (r *rateLimiter) allowDevice(client netip.Addr, now int64) (ok, first bool,
 	sh := &r.shards[maphash.Bytes(r.seed, b16[:])%rlShards]
 	sh.mu.Lock()
 	b := r.bucketLocked(sh, client, now)
+	checked := false // the table was asked about client for this query
 	if r.devs != nil && (b.dev == nil || b.dev == r.unresolved) && b.queries+1 >= b.nextCheck {
+		checked = true
 		// Ask outside the shard's lock: it may wait for the kernel.
 		b.nextCheck = max(1, b.nextCheck) << 1
 		sh.mu.Unlock()
@@ -129,13 +140,33 @@ func (r *rateLimiter) allowDevice(client netip.Addr, now int64) (ok, first bool,
 	if db := b.dev; db != nil {
 		sh.mu.Unlock()
 		db.mu.Lock()
-		defer db.mu.Unlock()
 		ok, first = db.take(r, now)
+		db.mu.Unlock()
+		if !ok && db == r.unresolved && checked {
+			r.resolve(client)
+		}
 		return ok, first, db.mac
 	}
 	defer sh.mu.Unlock()
 	ok, first = b.take(r, now)
 	return ok, first, ""
+}
+
+// resolve asks the gateway to resolve client (links.ResolveClient),
+// telling resolveErr of an error once until another one.
+func (r *rateLimiter) resolve(client netip.Addr) {
+	err := r.links.ResolveClient(client)
+	r.devMu.Lock()
+	defer r.devMu.Unlock()
+	switch {
+	case err == nil:
+		r.resolveFailing = ""
+	case err.Error() != r.resolveFailing:
+		r.resolveFailing = err.Error()
+		if r.resolveErr != nil {
+			r.resolveErr(err)
+		}
+	}
 }
 
 // bucketLocked returns client's bucket in sh, making it if there is none.

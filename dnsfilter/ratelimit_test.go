@@ -4,6 +4,7 @@ import (
 	"hash/maphash"
 	"net"
 	"net/netip"
+	"sync"
 	"testing"
 	"time"
 
@@ -219,13 +220,28 @@ func TestRateLimiterPerDevice(t *testing.T) {
 }
 
 // linkedTable is a fakemac.Table that also tells the addresses of a LAN
-// link (ClientLinks).
+// link (ClientLinks), and counts the addresses it was asked to resolve.
 type linkedTable struct {
 	*fakemac.Table
-	link netip.Prefix
+	link     netip.Prefix
+	mu       sync.Mutex
+	resolved map[netip.Addr]int
 }
 
-func (l linkedTable) ClientOnLink(a netip.Addr) bool { return l.link.Contains(a.Unmap()) }
+func (l *linkedTable) ClientOnLink(a netip.Addr) bool { return l.link.Contains(a.Unmap()) }
+
+func (l *linkedTable) ResolveClient(a netip.Addr) error {
+	l.mu.Lock()
+	defer l.mu.Unlock()
+	l.resolved[a]++
+	return nil
+}
+
+func (l *linkedTable) resolves(a netip.Addr) int {
+	l.mu.Lock()
+	defer l.mu.Unlock()
+	return l.resolved[a]
+}
 
 // TestRateLimiterUnresolvedShare: the addresses of a LAN link that have
 // no device (no usable neighbour entry: forged sources nobody answers ARP
@@ -237,7 +253,7 @@ func (l linkedTable) ClientOnLink(a netip.Addr) bool { return l.link.Contains(a.
 func TestRateLimiterUnresolvedShare(t *testing.T) {
 	const burst = 10
 	r := newRateLimiter(1, burst)
-	devs := linkedTable{fakemac.New(nil), netip.MustParsePrefix("198.18.1.0/24")}
+	devs := &linkedTable{Table: fakemac.New(nil), link: netip.MustParsePrefix("198.18.1.0/24"), resolved: map[netip.Addr]int{}}
 	r.devs, r.links = devs, devs
 	now := time.Unix(1_800_000_000, 0).UnixNano()
 	allowed := 0
@@ -262,12 +278,27 @@ func TestRateLimiterUnresolvedShare(t *testing.T) {
 		t.Errorf("a routed address got %d of %d, want its own burst %d", n, burst+5, burst)
 	}
 
+	// The gateway was asked to resolve the forged sources whose queries
+	// it dropped, at their doubling counts (2 and 4: the first was
+	// allowed or dropped at 1), not per query.
+	for i := range 64 {
+		if n := devs.resolves(netip.AddrFrom4([4]byte{198, 18, 1, byte(150 + i)})); n > 3 {
+			t.Errorf("198.18.1.%d: resolve asked %d times for 5 queries", 150+i, n)
+		}
+	}
+	if n := devs.resolves(routed); n != 0 {
+		t.Errorf("resolve asked %d times for a routed address", n)
+	}
+
 	// A device's new address: its first query spends the shared bucket
-	// (spent: refused); the gateway resolves it; its next query is its
-	// device's.
+	// (spent: dropped), and the gateway is asked to resolve it; resolved,
+	// its next query is its device's.
 	fresh := netip.MustParseAddr("198.18.1.20")
 	if ok, _ := r.allow(fresh, now); ok {
 		t.Error("an unresolved address's query allowed from the spent shared bucket")
+	}
+	if n := devs.resolves(fresh); n != 1 {
+		t.Errorf("a new address's dropped first query asked to resolve it %d times, want 1", n)
 	}
 	devs.Set(fresh, net.HardwareAddr{2, 0, 0, 0, 0, 0x20})
 	if ok, _ := r.allow(fresh, now); !ok {

@@ -164,6 +164,9 @@ func New(cfg Config, deps Deps) (*Server, error) {
 		s.rl = newRateLimiter(cfg.ClientRate, cfg.ClientBurst)
 		s.rl.devs = deps.Devices
 		s.rl.links, _ = deps.Devices.(ClientLinks)
+		s.rl.resolveErr = func(err error) {
+			s.log.Warn("dnsfilter: cannot ask the kernel to resolve a LAN source whose query the rate limit dropped: a device's new address shares the unresolved sources' limit until an answer resolves it", audit.LogError, err.Error())
+		}
 	}
 	s.ups = &upstreams{timeout: cfg.UpstreamTimeout, downAfter: cfg.DownAfter, downFor: cfg.DownFor, udpSize: cfg.UDPSize, m: s.m, now: s.now}
 	for _, u := range ups {

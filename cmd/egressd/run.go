@@ -1652,6 +1652,22 @@ func (m *lanMACs) ClientOnLink(client netip.Addr) bool {
 	return false
 }
 
+// ResolveClient asks the kernel to resolve client on the LAN interfaces
+// whose link it is on (dnsfilter.ClientLinks, netutil.Devices.Resolve).
+func (m *lanMACs) ResolveClient(client netip.Addr) error {
+	zone := client.Zone()
+	var errs []error
+	for i, d := range m.devs {
+		if zone != "" && m.names[i] != zone || !d.OnLink(client) {
+			continue
+		}
+		if _, err := d.Resolve(client); err != nil {
+			errs = append(errs, fmt.Errorf("lan %s: %w", m.names[i], err))
+		}
+	}
+	return errors.Join(errs...)
+}
+
 // NamesFor returns the names the forwarder gave addr out for to client,
 // or else to another address of client's device; for the zero client,
 // to any client.
