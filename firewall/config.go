@@ -139,6 +139,14 @@ type Deps struct {
 	// even where a new rule drew its tag. Nil (no copy, the first start)
 	// means a tag the new ruleset uses is taken for its rule's.
 	Previous *policy.Engine
+	// PreviousTCPPorts is the Config.TCPPorts the earlier egressd ran
+	// Previous with (egressd run: recorded beside the copy), which
+	// Previous is rendered with: the ports forward handles are part of
+	// a rule's fingerprint, so of its tag (fingerprint), and a
+	// --tcp-ports changed across the restart would otherwise read the
+	// marks as other rules'. Nil: not known (an egressd before it
+	// recorded them), this Config's.
+	PreviousTCPPorts *[]policy.PortRange
 }
 
 // ClientMACs tells a LAN client's MAC address (egressd run: the LAN

@@ -123,9 +123,14 @@ func New(cfg Config, deps Deps) (*Firewall, error) {
 	}
 	if deps.Previous != nil {
 		// The tags an earlier egressd's ruleset wrote are read as its
-		// rules' (sweep.go). One that does not render here is left out:
+		// rules' (sweep.go), rendered with the ports forward handled
+		// then, when known. One that does not render here is left out:
 		// its tags are then read as the new ruleset's, as without it.
-		rs, err := Render(cfg, deps.Previous)
+		prev := cfg
+		if deps.PreviousTCPPorts != nil {
+			prev.TCPPorts = *deps.PreviousTCPPorts
+		}
+		rs, err := Render(prev, deps.Previous)
 		if err != nil {
 			f.log.Warn("firewall: the policy before this start does not render; conntrack mark tags are read as the new policy's", audit.LogError, err.Error())
 		} else {

@@ -1,9 +1,11 @@
 package firewall
 
 import (
+	"fmt"
 	"io"
 	"log/slog"
 	"net/netip"
+	"strings"
 	"testing"
 	"time"
 
@@ -113,4 +115,62 @@ rules:
 		t.Errorf("restart with the policy unchanged: %v cut, %v kept, want 0 and 4", cut, kept)
 	}
 	checkFlows(t, "restarted, policy unchanged", flows)
+}
+
+// TestRestartTCPPortsChanged: egressd stopped and started again with
+// --tcp-ports changed (a list, under which forward handles a rule's TCP
+// ports, to "all", under which the proxy does): a rule's fingerprint, and
+// so its tag, depends on the ports forward handles, so the start must
+// render the policy before with the ports the earlier run had
+// (Deps.PreviousTCPPorts, egressd run: recorded beside the state
+// directory's copy). Rendered with this run's, the tags are read wrong
+// both ways: named's flow (an unchanged rule; its learned address no
+// longer known) is cut, and a's flow (a rule removed) is kept as c's, a
+// new rule that drew a's old tag and lets nothing of it out.
+func TestRestartTCPPortsChanged(t *testing.T) {
+	requireNft(t)
+	tp := newTopo(t)
+	tp.serverUDP(t, "198.18.2.2:9000", "198.18.2.3:9000")
+	old := Config{TCPPorts: []policy.PortRange{{Lo: 443, Hi: 443, Proto: policy.TCP}}}
+	fw := tp.firewall(t, old)
+	oldCfg := fw.cfg
+	const (
+		named = "  - {name: named, to: [ntp.test], ports: [9000/udp, 22/tcp]}\n"
+		a     = "  - {name: a, to: [198.18.2.2/32], ports: [9000/udp, 22/tcp]}\n"
+	)
+	policyOf := func(rules ...string) *policy.Engine {
+		return compile(t, "version: 1\nmode: enforce\nrules:\n"+strings.Join(rules, ""))
+	}
+	r0, err := Render(oldCfg, policyOf(named, a))
+	if err != nil {
+		t.Fatal(err)
+	}
+	newCfg := oldCfg
+	newCfg.TCPPorts = nil
+	// c has, in this run's ruleset, the tag a had in the earlier one.
+	c := tagTwin(t, newCfg, named, r0.flows[1].tag, func(i int) string {
+		return fmt.Sprintf("  - {name: c%d, to: [203.0.113.9/32], ports: [9001/udp]}\n", i)
+	})
+	before := policyOf(named, a)
+	if err := fw.Install(before); err != nil {
+		t.Fatal(err)
+	}
+	if err := fw.Learn("named", netip.MustParseAddr("198.18.2.3"), time.Hour); err != nil {
+		t.Fatal(err)
+	}
+	flows := map[string]*flow{"a": dialFlow(t, tp, "udp", "198.18.2.2:9000"), "named": dialFlow(t, tp, "udp", "198.18.2.3:9000")}
+	checkFlows(t, "installed", flows)
+	if err := fw.Detach(); err != nil {
+		t.Fatal(err)
+	}
+	ports := old.TCPPorts
+	fw2 := tp.firewallWith(t, Config{}, Deps{Registerer: prometheus.NewRegistry(), Logger: slog.New(slog.NewTextHandler(io.Discard, nil)),
+		Previous: before, PreviousTCPPorts: &ports})
+	if err := fw2.Install(policyOf(named, c)); err != nil {
+		t.Fatal(err)
+	}
+	if cut, kept := flowsMetric(fw2, "cut"), flowsMetric(fw2, "kept"); cut != 1 || kept != 1 {
+		t.Errorf("restart with --tcp-ports 443 then all, without a, c with a's old tag: %v cut, %v kept, want 1 and 1", cut, kept)
+	}
+	checkFlows(t, "restarted with --tcp-ports changed", flows, "a")
 }

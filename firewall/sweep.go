@@ -36,7 +36,8 @@ import (
 //     those before it in play). Where they disagree (a rule removed, and
 //     a new one drew its tag), the connection is decided again. At a
 //     start, since holds the ruleset of the policy the earlier egressd
-//     ran (Deps.Previous, rendered with this run's Config), then the new
+//     ran (Deps.Previous, rendered with this run's Config but the
+//     TCPPorts it ran with, Deps.PreviousTCPPorts), then the new
 //     one; without it, the new ruleset alone: a tag it uses is then taken
 //     for its rule's (let out by an earlier egressd whose policy is
 //     unknown);
