@@ -2,6 +2,9 @@ package main
 
 import (
 	"context"
+	"crypto/sha256"
+	"encoding/hex"
+	"encoding/json"
 	"errors"
 	"flag"
 	"fmt"
@@ -113,6 +116,15 @@ type daemon struct {
 	// (the state directory's copy), for the firewall's first look at the
 	// connections already out; nil: none.
 	prevPolicy *policy.Engine
+	// prevTCPPorts is the --tcp-ports prevPolicy's ruleset was rendered
+	// with (recorded beside the copy); nil: not known.
+	prevTCPPorts *[]policy.PortRange
+	// src is the running policy's source, which savePolicy copies into
+	// the state directory once it runs.
+	src []byte
+	// fwNetNS is the network namespace file the firewall works in; "":
+	// this process's. Set by tests only.
+	fwNetNS string
 
 	reg   *prometheus.Registry
 	admin *admin.Server // created once the ledger exists
@@ -322,13 +334,15 @@ func newDaemon(cfg runConfig, stdout, stderr io.Writer) (*daemon, error) {
 		d.source = "profile:" + cfg.profile
 	}
 	if !cfg.noFirewall {
-		d.prevPolicy = d.previousPolicy() // before savePolicy writes over the copy
+		d.prevPolicy, d.prevTCPPorts = d.previousPolicy() // before savePolicy writes over the copy
 	}
 	eng, src, err := d.loadPolicy()
 	if err != nil {
 		return nil, err
 	}
-	d.savePolicy(src)
+	// Copied into the state directory once it runs (run): in enforce
+	// mode, once the firewall took it.
+	d.src = src
 	if !cfg.noFirewall {
 		// The firewall may first install on a reload to enforce. With
 		// more rules that forward than --ct-mark-bits has tags, rules
@@ -372,43 +386,111 @@ const nat64Usage = "NAT64 prefixes of the site's DNS64/NAT64 (RFC 6052 /96), com
 // directory, which `egressd report` reads when the daemon is not running.
 const runningPolicyFile = "policy.yaml"
 
+// runningFirewallFile records, beside runningPolicyFile, what else the
+// ruleset of the copy's policy in the kernel was rendered with that its
+// rule tags depend on (--tcp-ports), once the firewall took it, and
+// which copy it goes with (its SHA-256: a copy written without it, by an
+// audit-mode start or an egressd before the record, is not matched to a
+// record of another policy's).
+const runningFirewallFile = "policy.firewall.json"
+
+// firewallRecord is runningFirewallFile's content.
+type firewallRecord struct {
+	Version      int    `json:"version"`
+	TCPPorts     string `json:"tcp_ports"`     // --tcp-ports, as given
+	PolicySHA256 string `json:"policy_sha256"` // of the copy it goes with
+}
+
+// firewallRecordVersion is the version runningFirewallFile is written
+// with; one of another is not read.
+const firewallRecordVersion = 1
+
 // previousPolicy compiles the state directory's copy of the policy the
 // egressd before this start ran with: the firewall reads the tags in the
 // conntrack marks of the connections that one let out as its rules'
-// (firewall.Deps.Previous). Nil when there is none, or it does not
-// compile (a newer egressd's, rolled back from): said, and the tags are
-// read as the new policy's.
-func (d *daemon) previousPolicy() *policy.Engine {
+// (firewall.Deps.Previous), rendered with the --tcp-ports recorded
+// beside it (tcpPorts; nil when there is no record of this copy: this
+// run's are used). Nil when there is none, or it does not compile (a
+// newer egressd's, rolled back from): said, and the tags are read as the
+// new policy's.
+func (d *daemon) previousPolicy() (eng *policy.Engine, tcpPorts *[]policy.PortRange) {
 	p := filepath.Join(d.cfg.stateDir, runningPolicyFile)
 	src, err := os.ReadFile(p)
 	if err != nil {
-		return nil
+		return nil, nil
 	}
-	eng, err := policy.Compile(p, src)
+	eng, err = policy.Compile(p, src)
 	if err != nil {
 		d.log.Warn("the state directory's copy of the policy before this start does not compile; conntrack mark tags are read as the new policy's", audit.LogError, err.Error())
-		return nil
+		return nil, nil
 	}
-	return eng
+	rp := filepath.Join(d.cfg.stateDir, runningFirewallFile)
+	b, err := os.ReadFile(rp)
+	if err != nil {
+		if !errors.Is(err, os.ErrNotExist) {
+			d.log.Warn("cannot read the record of the --tcp-ports the policy before this start ran with; its tags are read with this run's", "file", rp, audit.LogError, err.Error())
+		}
+		return eng, nil
+	}
+	var rec firewallRecord
+	sum := sha256.Sum256(src)
+	var ports []policy.PortRange
+	switch err := json.Unmarshal(b, &rec); {
+	case err != nil:
+		d.log.Warn("the record of the --tcp-ports the policy before this start ran with does not parse; its tags are read with this run's", "file", rp, audit.LogError, err.Error())
+		return eng, nil
+	case rec.Version != firewallRecordVersion:
+		d.log.Warn("the record of the --tcp-ports the policy before this start ran with is of another version; its tags are read with this run's", "file", rp, "version", rec.Version)
+		return eng, nil
+	case rec.PolicySHA256 != hex.EncodeToString(sum[:]):
+		// The copy was written after the record (an audit-mode start, an
+		// egressd from before the record): not its ports.
+		d.log.Info("the record of --tcp-ports is of another copy of the policy; the tags of the policy before this start are read with this run's", "file", rp)
+		return eng, nil
+	}
+	if ports, err = parseTCPPorts(rec.TCPPorts); err != nil {
+		d.log.Warn("the record of the --tcp-ports the policy before this start ran with does not parse; its tags are read with this run's", "file", rp, audit.LogError, err.Error())
+		return eng, nil
+	}
+	return eng, &ports
 }
 
-// savePolicy copies the policy's source, src, into the state directory
-// once it runs (at start; on a reload, once the firewall took it: not a
-// policy refused, nor an edit made since it was read), atomically: a
-// report never reads half a file. Failure only costs the report its
-// unused-rules list and the next start its reading of the marks as the
-// policy's before it (previousPolicy), so it is logged, not fatal.
-func (d *daemon) savePolicy(src []byte) {
+// savePolicy copies the running policy's source, d.src, into the state
+// directory, atomically (a report never reads half a file): at start, in
+// enforce mode once the firewall took it (a start whose install failed
+// leaves the copy of the policy whose ruleset is still in the kernel);
+// on a reload, once the firewall took it (not a policy refused, nor an
+// edit made since it was read). With installed, the firewall runs it:
+// the --tcp-ports its ruleset was rendered with are recorded beside it
+// (runningFirewallFile), for the next start's reading of the marks.
+// Failure only costs the report its unused-rules list and the next start
+// its reading of the marks as the policy's before it (previousPolicy),
+// so it is logged, not fatal.
+func (d *daemon) savePolicy(installed bool) {
 	err := os.MkdirAll(d.cfg.stateDir, 0o750)
 	if err == nil {
-		tmp := filepath.Join(d.cfg.stateDir, runningPolicyFile+".tmp")
-		if err = os.WriteFile(tmp, src, 0o640); err == nil {
-			err = os.Rename(tmp, filepath.Join(d.cfg.stateDir, runningPolicyFile))
+		err = writeAtomic(filepath.Join(d.cfg.stateDir, runningPolicyFile), d.src)
+	}
+	if err == nil && installed {
+		sum := sha256.Sum256(d.src)
+		var b []byte
+		b, err = json.Marshal(firewallRecord{Version: firewallRecordVersion, TCPPorts: d.cfg.tcpPorts, PolicySHA256: hex.EncodeToString(sum[:])})
+		if err == nil {
+			err = writeAtomic(filepath.Join(d.cfg.stateDir, runningFirewallFile), append(b, '\n'))
 		}
 	}
 	if err != nil {
 		d.log.Warn("cannot keep a copy of the policy in the state directory", audit.LogError, err.Error())
 	}
+}
+
+// writeAtomic writes b to p through a temporary file renamed over it.
+func writeAtomic(p string, b []byte) error {
+	tmp := p + ".tmp"
+	if err := os.WriteFile(tmp, b, 0o640); err != nil {
+		return err
+	}
+	return os.Rename(tmp, p)
 }
 
 func fileExists(p string) bool {
@@ -929,6 +1011,7 @@ func (d *daemon) run(ctx context.Context) error {
 	switch {
 	case cfg.noFirewall:
 		d.say("firewall: not touched (--no-firewall): bring traffic to the listeners yourself")
+		d.savePolicy(false)
 	case eng.Mode() == policy.ModeAudit && !cfg.masquerade && !cfg.guardWAN:
 		// Audit mode never redirects or blocks (fail-open by design: see
 		// the firewall package), so there is nothing to install; but a
@@ -936,7 +1019,13 @@ func (d *daemon) run(ctx context.Context) error {
 		// would go on blocking: it goes.
 		d.say("firewall: audit mode: nothing installed, traffic is only observed")
 		if caps.netAdmin {
-			d.removeLeftoverFirewall()
+			if d.removeLeftoverFirewall() {
+				// No ruleset of an earlier policy is in the kernel: the
+				// copy is the running policy's (the report's unused
+				// rules). Left at the earlier one's while a table may
+				// remain.
+				d.savePolicy(false)
+			}
 		} else {
 			// Without CAP_NET_ADMIN egressd can neither see nor remove
 			// such a table: the gateway may go on enforcing while this
@@ -974,21 +1063,23 @@ func (d *daemon) run(ctx context.Context) error {
 }
 
 // removeLeftoverFirewall removes the nftables table an earlier egressd
-// in enforce mode left, if there is one.
-func (d *daemon) removeLeftoverFirewall() {
-	fw, err := firewall.New(firewall.Config{}, firewall.Deps{Logger: d.log})
+// in enforce mode left, if there is one; it reports whether none is left.
+func (d *daemon) removeLeftoverFirewall() bool {
+	fw, err := firewall.New(firewall.Config{NetNS: d.fwNetNS}, firewall.Deps{Logger: d.log})
 	if err != nil {
 		d.degrade("firewall", err.Error())
-		return
+		return false
 	}
 	defer fw.Close()
 	had, err := fw.RemoveLeftover()
 	switch {
 	case err != nil:
 		d.degrade("firewall", leftoverHint("could not remove the table an earlier enforce run left: "+err.Error()))
+		return false
 	case had:
 		d.say("firewall: removed the nftables table inet %s an earlier run in enforce mode left", firewall.TableName)
 	}
+	return true
 }
 
 // leftoverHint completes why a leftover table could not be removed with
@@ -1013,7 +1104,7 @@ func (d *daemon) startFirewall(lans []string, wan string, gate *firewallGate) er
 		return fmt.Errorf("--ct-mark-bits: %w", err)
 	}
 	proxyPort, dnsPort := listenPort(d.cfg.transparent), listenPort(firstOf(splitList(d.cfg.dnsListen)))
-	fcfg := firewall.Config{LANs: lans, WAN: wan, ProxyPort: proxyPort, DNSPort: dnsPort, TCPPorts: tcpPorts, Masquerade: d.cfg.masquerade, GuardWAN: d.cfg.guardWAN, WANOpen: wanOpen, CTMarkBits: markBits}
+	fcfg := firewall.Config{LANs: lans, WAN: wan, ProxyPort: proxyPort, DNSPort: dnsPort, TCPPorts: tcpPorts, Masquerade: d.cfg.masquerade, GuardWAN: d.cfg.guardWAN, WANOpen: wanOpen, CTMarkBits: markBits, NetNS: d.fwNetNS}
 	// The flows a reload cuts go to capture, which records each on its
 	// own record of the flow (its start, name and bytes: counted once in
 	// the report), or to the event log as the firewall reports them when
@@ -1036,7 +1127,7 @@ func (d *daemon) startFirewall(lans []string, wan string, gate *firewallGate) er
 			return out
 		}
 	}
-	fdeps := firewall.Deps{Logger: d.log, Registerer: d.reg, Sink: cuts, Given: given, Previous: d.prevPolicy}
+	fdeps := firewall.Deps{Logger: d.log, Registerer: d.reg, Sink: cuts, Given: given, Previous: d.prevPolicy, PreviousTCPPorts: d.prevTCPPorts}
 	if d.macs != nil {
 		fdeps.MACs = d.macs
 	}
@@ -1048,6 +1139,9 @@ func (d *daemon) startFirewall(lans []string, wan string, gate *firewallGate) er
 		return err
 	}
 	d.fw = fw
+	// Only now: the copy is that of the policy whose ruleset is in the
+	// kernel (the next start reads the marks as its rules').
+	d.savePolicy(true)
 	// The redirect goes to the port of the first DNS address (listenPort
 	// above), which the list's other addresses may cover for IPv6.
 	dnsAddrs := splitList(d.cfg.dnsListen)
@@ -1138,7 +1232,8 @@ func (d *daemon) reloadPolicy() bool {
 	}
 	// Only now: the copy is the running policy's, the one whose ruleset
 	// is in the kernel (the next start reads the marks as its rules').
-	d.savePolicy(src)
+	d.src = src
+	d.savePolicy(d.fw != nil)
 	if d.fw == nil && old.Mode() == policy.ModeAudit && eng.Mode() == policy.ModeEnforce && !d.cfg.noFirewall {
 		// A start in audit mode installed nothing; the rollout the README
 		// describes switches to enforce with a reload, so the ruleset goes

@@ -97,7 +97,8 @@ func TestReloadRefusedInFirewallUndone(t *testing.T) {
 
 	d := &daemon{cfg: runConfig{stateDir: filepath.Join(dir, "state")}, log: log, store: store, source: pol,
 		ledger: audit.NewLedger(eng, audit.LedgerOptions{}), proxy: p, fw: fw, degraded: map[string]string{}}
-	d.savePolicy([]byte(running)) // the start's copy of the running policy
+	d.src = []byte(running)
+	d.savePolicy(true) // the start's copy of the running policy
 	if err := os.WriteFile(pol, []byte(refused), 0o644); err != nil {
 		t.Fatal(err)
 	}
