@@ -15,6 +15,7 @@ import (
 	"syscall"
 	"time"
 
+	"egressd/internal/setaside"
 	"egressd/policy"
 )
 
@@ -22,7 +23,8 @@ import (
 // files, in the state directory: before rotation deletes a file, its
 // events are folded into it, so that counts, first/last seen times and
 // would-be drops survive a restart. A summary the load cannot read is
-// set aside as ArchiveFile+".refused", except one of a later format
+// set aside as ArchiveFile+".refused.N" (internal/setaside: each one
+// kept, the newest setaside.Max), except one of a later format
 // version (a newer egressd's, after a rollback): that one is left in
 // place, unread and not written over.
 const ArchiveFile = "ledger-archive.json"
@@ -36,7 +38,6 @@ const (
 	// maxArchiveRules bounds the rules the summary keeps (the most
 	// recently used): rule names come from policies, renamed over time.
 	maxArchiveRules = 1024
-	archiveRefused  = ".refused"
 )
 
 // maxArchiveFlows bounds the flows the summary remembers at its end
@@ -228,7 +229,7 @@ func parseArchive(b []byte) (*archive, error) {
 
 // loadArchive reads the summary of dir. A missing one is nil. One that
 // cannot be read or parsed is nil too, with a warning and a note for the
-// report; with setAside it is renamed ArchiveFile+".refused" (kept for
+// report; with setAside it is renamed ArchiveFile+".refused.N" (kept for
 // the operator, and out of the way of the next fold's write). One a newer
 // egressd wrote (newer is true) is left where it is, whatever setAside:
 // after a rollback the newer binary, upgraded to again, reads it; until
@@ -253,8 +254,8 @@ func loadArchive(dir string, log *slog.Logger, setAside bool) (a *archive, note 
 	}
 	kept := ""
 	if setAside {
-		if rerr := os.Rename(path, path+archiveRefused); rerr == nil {
-			kept = ArchiveFile + archiveRefused
+		if k, rerr := setaside.Keep(path); rerr == nil {
+			kept = k
 		}
 	}
 	log.Warn("audit: the summary of rotated-out event log files is unreadable; counts of events older than the kept files are missing",

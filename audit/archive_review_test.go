@@ -86,7 +86,7 @@ func TestArchiveWriteFitsReadCap(t *testing.T) {
 	if fi, err := os.Stat(filepath.Join(dir, ArchiveFile)); err != nil || fi.Size() > int64(maxArchiveBytes) {
 		t.Fatalf("summary: %v, %v (the load takes %d bytes)", fi, err, maxArchiveBytes)
 	}
-	if _, err := os.Stat(filepath.Join(dir, ArchiveFile+archiveRefused)); err == nil {
+	if m, _ := filepath.Glob(filepath.Join(dir, ArchiveFile+".refused*")); len(m) > 0 {
 		t.Errorf("a fold set the summary aside: it could not read what an earlier one wrote")
 	}
 	l, st, err := LoadDir(dir, nil, LedgerOptions{}, nil)

@@ -182,7 +182,7 @@ func TestArchiveSinceWindow(t *testing.T) {
 
 // TestArchiveCorrupt: a summary that cannot be read is a warning and a
 // note, never a failed start: LoadDir (read-only) leaves it, the daemon
-// (OpenJournal) sets it aside as .refused and the next fold writes a new
+// (OpenJournal) sets it aside as .refused.1 and the next fold writes a new
 // one; the kept files still load.
 func TestArchiveCorrupt(t *testing.T) {
 	eng := loadPolicy(t, "policy.yaml")
@@ -231,13 +231,13 @@ func TestArchiveCorrupt(t *testing.T) {
 
 			logs = syncBuffer{}
 			j, l, st := openJournal(t, JournalConfig{Dir: dir, Logger: lg}, eng)
-			if st.Events != 3 || l.Report(ReportOptions{}).Totals.Flows != 3 || !strings.Contains(logs.String(), "kept_as="+ArchiveFile+".refused") {
+			if st.Events != 3 || l.Report(ReportOptions{}).Totals.Flows != 3 || !strings.Contains(logs.String(), "kept_as="+ArchiveFile+".refused.1") {
 				t.Errorf("OpenJournal: %+v, logs:\n%s", st, logs.String())
 			}
 			if _, err := os.Stat(arch); !os.IsNotExist(err) {
 				t.Errorf("the unreadable summary is still in place: %v", err)
 			}
-			if b, err := os.ReadFile(arch + ".refused"); err != nil || string(b) != body {
+			if b, err := os.ReadFile(arch + ".refused.1"); err != nil || string(b) != body {
 				t.Errorf("set-aside copy: %q, %v", b, err)
 			}
 			if _, err := os.Stat(temp); !os.IsNotExist(err) {
@@ -491,8 +491,8 @@ func TestArchiveNewerVersionLeftInPlace(t *testing.T) {
 		if b, err := os.ReadFile(arch); err != nil || string(b) != body {
 			t.Errorf("%s: the newer summary is not as it was: %q, %v", when, b, err)
 		}
-		if _, err := os.Stat(arch + archiveRefused); !os.IsNotExist(err) {
-			t.Errorf("%s: a set-aside summary exists: %v", when, err)
+		if m, _ := filepath.Glob(arch + ".refused*"); len(m) > 0 {
+			t.Errorf("%s: a set-aside summary exists: %v", when, m)
 		}
 	}
 
@@ -529,5 +529,39 @@ func TestArchiveNewerVersionLeftInPlace(t *testing.T) {
 	files, _ := LogFiles(dir)
 	if len(files) != 2 {
 		t.Errorf("%d files kept, want 1 rotated + current: %q", len(files), files)
+	}
+}
+
+// TestArchiveRefusedKeptEach: each unreadable summary the daemon sets
+// aside is kept under a name of its own, which the warning names: a
+// second (another bad write, a disk fault again) does not overwrite the
+// first. Before, both went to ledger-archive.json.refused.
+func TestArchiveRefusedKeptEach(t *testing.T) {
+	eng := loadPolicy(t, "policy.yaml")
+	dir := t.TempDir()
+	arch := filepath.Join(dir, ArchiveFile)
+	var names []string
+	for i := range 2 {
+		body := fmt.Sprintf("{not json %d", i)
+		if err := os.WriteFile(arch, []byte(body), 0o640); err != nil {
+			t.Fatal(err)
+		}
+		var logs syncBuffer
+		j, _, _ := openJournal(t, JournalConfig{Dir: dir, Logger: slog.New(slog.NewTextHandler(&logs, nil))}, eng)
+		j.Close()
+		var kept string
+		ents, _ := os.ReadDir(dir)
+		for _, e := range ents {
+			if b, _ := os.ReadFile(filepath.Join(dir, e.Name())); string(b) == body && e.Name() != ArchiveFile {
+				kept = e.Name()
+			}
+		}
+		if kept == "" || !strings.Contains(logs.String(), "kept_as="+kept) {
+			t.Errorf("refusal %d: kept as %q; logs:\n%s", i, kept, logs.String())
+		}
+		names = append(names, kept)
+	}
+	if names[0] == names[1] {
+		t.Errorf("both refused summaries under one name %q", names[0])
 	}
 }

@@ -16,6 +16,7 @@ import (
 
 	"egressd/audit"
 	"egressd/dnsfilter"
+	"egressd/internal/setaside"
 )
 
 // The DNS forwarder's learned-address table survives a restart through
@@ -130,17 +131,15 @@ func (s *learnedStore) load() (n, left int, err error) {
 	if err != nil {
 		// Kept aside, not overwritten by the next save: a file refused
 		// for a clock that went back is good again once NTP has set it,
-		// and the operator may want to see what was refused.
-		if rerr := os.Rename(s.path, s.path+learnedRefusedSuffix); rerr == nil {
-			return 0, 0, fmt.Errorf("%s (kept as %s%s): %w", s.path, learnedFileName, learnedRefusedSuffix, err)
+		// and the operator may want to see what was refused (each
+		// refusal's, under a name of its own: setaside).
+		if kept, rerr := setaside.Keep(s.path); rerr == nil {
+			return 0, 0, fmt.Errorf("%s (kept as %s): %w", s.path, kept, err)
 		}
 		return 0, 0, fmt.Errorf("%s: %w", s.path, err)
 	}
 	return n, left, nil
 }
-
-// learnedRefusedSuffix names the copy of a table's file load refused.
-const learnedRefusedSuffix = ".refused"
 
 // removeTemps removes the temporary files write leaves when egressd is
 // killed during it (os.CreateTemp's names: learned.ndjson.tmp and

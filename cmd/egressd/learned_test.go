@@ -93,9 +93,9 @@ func TestLearnedStore(t *testing.T) {
 		}
 		// A regular file the table refused is kept aside, not left for
 		// the next save to overwrite.
-		_, refused := os.Lstat(filepath.Join(d, learnedFileName+learnedRefusedSuffix))
+		_, refused := os.Lstat(filepath.Join(d, learnedFileName+".refused.1"))
 		if want := name == "garbage"; (refused == nil) != want {
-			t.Errorf("%s: a %s copy kept: %v, want %v", name, learnedRefusedSuffix, refused == nil, want)
+			t.Errorf("%s: a .refused.1 copy kept: %v, want %v", name, refused == nil, want)
 		}
 	}
 
@@ -398,5 +398,39 @@ func TestLearnedFlushStuckSave(t *testing.T) {
 	}
 	if err := s.flush(learnedStopWait); err != nil || writes != 2 {
 		t.Errorf("flush after the stuck write finished: %v, %d writes; want a second", err, writes)
+	}
+}
+
+// TestLearnedRefusedKeptEach: each file load refused is kept, under a
+// name of its own that the error names: a second refusal (the clock back
+// again, a later bad save) does not overwrite the first's evidence.
+// Before, both went to learned.ndjson.refused, the second over the first.
+func TestLearnedRefusedKeptEach(t *testing.T) {
+	dir := t.TempDir()
+	log := slog.New(slog.NewTextHandler(io.Discard, nil))
+	var names []string
+	for i := range 2 {
+		body := fmt.Sprintf("\x00garbage %d", i)
+		if err := os.WriteFile(filepath.Join(dir, learnedFileName), []byte(body), 0o600); err != nil {
+			t.Fatal(err)
+		}
+		_, _, err := newLearnedStore(dir, dnsfilter.NewTable(0), log).load()
+		if err == nil {
+			t.Fatalf("refusal %d: the garbage loaded", i)
+		}
+		var kept string
+		ents, _ := os.ReadDir(dir)
+		for _, e := range ents {
+			if b, _ := os.ReadFile(filepath.Join(dir, e.Name())); string(b) == body && e.Name() != learnedFileName {
+				kept = e.Name()
+			}
+		}
+		if kept == "" || !strings.Contains(err.Error(), "kept as "+kept) {
+			t.Errorf("refusal %d: kept as %q; error: %v", i, kept, err)
+		}
+		names = append(names, kept)
+	}
+	if names[0] == names[1] {
+		t.Errorf("both refused files under one name %q", names[0])
 	}
 }
