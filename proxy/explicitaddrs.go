@@ -137,6 +137,9 @@ func (p *Proxy) keepExplicit(addr string, ln net.Listener) {
 	for {
 		start := time.Now()
 		err := p.ServeExplicit(ln)
+		if p.afterServe != nil {
+			p.afterServe()
+		}
 		if err == nil || errors.Is(err, net.ErrClosed) || p.isClosed() {
 			return
 		}
@@ -147,6 +150,10 @@ func (p *Proxy) keepExplicit(addr string, ln net.Listener) {
 		down := &downListener{err: err, gone: make(chan struct{})}
 		p.explicitMu.Lock()
 		if p.explicitLns[addr] != ln {
+			// SetExplicitAddrs retired it after ServeExplicit looked
+			// (retiredExplicit): its mark is forgotten here, or it would
+			// stay in the map for good.
+			delete(p.retired, ln)
 			p.explicitMu.Unlock()
 			_ = ln.Close()
 			return

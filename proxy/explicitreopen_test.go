@@ -243,3 +243,46 @@ func TestExplicitDownRemovedNoLeak(t *testing.T) {
 		t.Fatal("Run did not return in 10s while a listener waited to be opened again")
 	}
 }
+
+// TestExplicitRetiredAfterFailedAcceptForgotten: an explicit listener
+// whose accept failed (for good: it is due to be opened again) and that
+// SetExplicitAddrs retires just then, after its Serve looked whether it
+// was retired and before keepExplicit looked whether it is still the
+// address's, leaves nothing in the proxy's map of retired listeners.
+// Before, the entry SetExplicitAddrs made stayed there for good (one per
+// such race, over a long run). The window is opened on purpose
+// (afterServe). Run with -race. Loopback only.
+func TestExplicitRetiredAfterFailedAcceptForgotten(t *testing.T) {
+	p, _ := loggedExplicitProxy(t)
+	cancel, ran := runReady(t, p)
+	defer func() { cancel(); <-ran }()
+	const base, extra = "127.0.0.1:0", "127.0.0.2:0"
+	real, err := p.listenExplicit(t.Context(), extra)
+	if err != nil {
+		t.Fatalf("no 127.0.0.2 (Linux's lo holds 127.0.0.0/8): %v", err)
+	}
+	errs := make(chan error, 1)
+	errs <- acceptErr(syscall.EINVAL) // not one waited out on the same listener
+	ln := errListener{real, errs}
+	p.explicitMu.Lock()
+	p.explicitLns[extra] = ln
+	p.explicitMu.Unlock()
+	var setErr error
+	p.afterServe = func() { setErr = p.SetExplicitAddrs([]string{base}) }
+	done := make(chan struct{})
+	go func() { p.keepExplicit(extra, ln); close(done) }()
+	select {
+	case <-done:
+	case <-time.After(10 * time.Second):
+		t.Fatal("keepExplicit did not return in 10s")
+	}
+	if setErr != nil {
+		t.Fatal(setErr)
+	}
+	p.explicitMu.Lock()
+	retired, down, open := len(p.retired), len(p.explicitDown), len(p.explicitLns)
+	p.explicitMu.Unlock()
+	if retired != 0 || down != 0 || open != 1 {
+		t.Errorf("after the race: %d retired listeners remembered, %d down, %d open; want 0, 0 and 1", retired, down, open)
+	}
+}

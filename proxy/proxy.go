@@ -73,7 +73,8 @@ type Proxy struct {
 	// explicitMu guards explicitLns, the explicit listeners open on an
 	// address (Run's, then SetExplicitAddrs'), by the address they were
 	// opened for; retired, those SetExplicitAddrs closed, until their
-	// Serve returns; explicitFailed, the addresses that did not open
+	// Serve returns (or, when it returned first, their keepExplicit
+	// finds them retired); explicitFailed, the addresses that did not open
 	// (logged once); and explicitDown, the addresses whose listener failed
 	// to accept, closed and due to be opened again (keepExplicit).
 	explicitMu     sync.Mutex
@@ -90,6 +91,9 @@ type Proxy struct {
 	// (a test's failing one).
 	reopenBase, reopenMax time.Duration
 	relisten              func(addr string) (net.Listener, error)
+	// afterServe, when set, is called by keepExplicit each time its
+	// listener's Serve returns (a test's, to retire it just then).
+	afterServe func()
 
 	// slots are the connections held, in all and per client (a LAN
 	// device, or an address without one: Deps.Devices).
