@@ -30,7 +30,8 @@ import (
 // of file descriptors, memory or socket buffers; the kernel aborted the
 // listening socket, say) is closed and opened again on the same address,
 // reopenFirst later, doubling with each failure in a row up to
-// reopenLongest (keepExplicit). ExplicitDown names those closed
+// reopenLongest (keepExplicit), each reopening counted
+// (egress_proxy_listener_reopens_total). ExplicitDown names those closed
 // meanwhile, and ExplicitChanges wakes its reader on each change, so
 // that egressd run's /readyz follows.
 
@@ -208,6 +209,7 @@ func (p *Proxy) reopenExplicit(addr string, down *downListener, delay time.Durat
 		delete(p.explicitDown, addr)
 		p.explicitLns[addr] = ln
 		p.explicitMu.Unlock()
+		p.met.reopens.Inc()
 		p.log.Info("proxy: explicit proxy: listening on "+addr, "addr", addr)
 		p.explicitChanged()
 		return ln

@@ -16,6 +16,8 @@ import (
 	"testing"
 	"time"
 
+	dto "github.com/prometheus/client_model/go"
+
 	"egressd/policy"
 )
 
@@ -444,6 +446,11 @@ func TestExplicitReopensAfterAcceptFails(t *testing.T) {
 			t.Fatalf("Run returned after an accept failed: %v", err)
 		default:
 		}
+	}
+	var m dto.Metric
+	p.met.reopens.Write(&m)
+	if got := m.GetCounter().GetValue(); got != float64(len(addrs)) {
+		t.Errorf("egress_proxy_listener_reopens_total %v, want %d (one per listener opened again)", got, len(addrs))
 	}
 	p.dropMu.Lock()
 	opened := len(p.opened)

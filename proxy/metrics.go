@@ -14,6 +14,7 @@ type metrics struct {
 	requests  *prometheus.CounterVec // verdict, mode
 	hellos    *prometheus.CounterVec // parser
 	revoked   *prometheus.CounterVec // mode
+	reopens   prometheus.Counter
 	// The hellos series of each parser, resolved once: the peek counts
 	// every TLS connection.
 	helloFast, helloTLS prometheus.Counter
@@ -58,6 +59,10 @@ func newMetrics(reg prometheus.Registerer) (*metrics, error) {
 			Namespace: "egress", Subsystem: "proxy", Name: "reload_revoked_total",
 			Help: "Open connections a policy reload's new policy denies, by mode: enforce (the proxy closed them, close policy-revoked) or audit (kept, recorded as would-be-denied).",
 		}, []string{"mode"}),
+		reopens: prometheus.NewCounter(prometheus.CounterOpts{
+			Namespace: "egress", Subsystem: "proxy", Name: "listener_reopens_total",
+			Help: "Explicit-proxy listeners opened again on their address after their accept failed for good (closed, then opened after a wait: keepExplicit).",
+		}),
 	}
 	for _, mode := range []string{"enforce", "audit"} { // served from the start, at 0
 		m.revoked.WithLabelValues(mode)
@@ -65,7 +70,7 @@ func newMetrics(reg prometheus.Registerer) (*metrics, error) {
 	m.helloFast = m.hellos.WithLabelValues("fast")
 	m.helloTLS = m.hellos.WithLabelValues("crypto-tls")
 	if reg != nil {
-		for _, c := range []prometheus.Collector{m.conns, m.active, m.bytes, m.limitHits, m.peek, m.conntrack, m.requests, m.hellos, m.revoked} {
+		for _, c := range []prometheus.Collector{m.conns, m.active, m.bytes, m.limitHits, m.peek, m.conntrack, m.requests, m.hellos, m.revoked, m.reopens} {
 			if err := reg.Register(c); err != nil {
 				return nil, err
 			}
