@@ -19,7 +19,9 @@
 // [Firewall.Wants] says which rules it needs them for; a rule that opens
 // every address, or a prefix broader than one of the special ranges the
 // proxy guards, opens all of its addresses but those ranges,
-// such as cloud metadata, CGNAT and the IPv6 forms of IPv4 addresses),
+// such as cloud metadata, CGNAT and the IPv6 forms of IPv4 addresses,
+// and so do a rule's learned sets: an address of such a range that got
+// into one opens only where a CIDR rule names it, as through the proxy),
 // rejects QUIC (UDP 443) and DoT/DoQ (853) unless a rule allows them so
 // that clients fall back to TCP where the proxy sees the SNI, and drops new
 // connections arriving from the WAN side. Config.LANs may name several

@@ -436,7 +436,8 @@ type allows struct {
 // 6to4, Teredo) or reach metadata (AWS IMDSv6). A rule that opens every
 // address ("*", 0.0.0.0/0, ::/0), or a prefix broader than one of these
 // (0.0.0.0/1, ::/1), opens forwarded traffic to its addresses but these,
-// as it does through the proxy (policy.OpensGuarded).
+// as it does through the proxy (policy.OpensGuarded); a rule's learned
+// sets open their addresses but these.
 var guardedPrefixes = policy.GuardedRanges
 
 // holdsGuarded reports whether the CIDR target p shares addresses with a
@@ -547,7 +548,10 @@ func (a *allows) guardSets() {
 // guarded ones (ip daddr != @guarded4); so do its prefixes broader than a
 // guarded range, kept apart in wide4_R and wide6_R (ip daddr @wide4_R ip
 // daddr != @guarded4), while its prefixes inside one open it, as through
-// the proxy. Its names feed the learned sets dns4_R and dns6_R.
+// the proxy. Its names feed the learned sets dns4_R and dns6_R, whose
+// accept excludes the guarded sets too (ip daddr @dns4_R ip daddr !=
+// @guarded4): a guarded address opens only by a CIDR rule's accept,
+// whatever reached a learned set.
 //
 // With NAT64 prefixes (policy.Engine.WithNAT64) its IPv4 prefixes open
 // their NAT64 forms as well, as IPv6 prefixes (0.0.0.0/0 the NAT64 prefix
@@ -661,9 +665,18 @@ func renderAllows(cfg Config, eng *policy.Engine, now time.Time, rs *Ruleset) al
 					dsts = append(dsts, Rule{DstSet: name, DstNotSet: "guarded" + fam.suffix[:1]})
 				}
 				if fam.names {
+					// Its learned addresses but the guarded ones: the
+					// rebinding filter keeps them out of answers to
+					// public names, and this keeps them closed should
+					// one get in all the same (an internal name, a
+					// filter bypassed), as the proxy does for TCP. One
+					// a CIDR rule names for the client and port passes
+					// by that rule's own accept, as through the proxy
+					// (policy.Engine.CIDRNames).
+					a.guardSets()
 					name := "dns" + fam.suffix + r.Name
 					a.sets = append(a.sets, Set{Name: name, Kind: SetLearned, Family: fam.f, Rule: r.Name})
-					dsts = append(dsts, Rule{DstSet: name})
+					dsts = append(dsts, Rule{DstSet: name, DstNotSet: "guarded" + fam.suffix[:1]})
 				}
 			}
 			for _, s := range srcs {

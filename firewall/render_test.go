@@ -112,9 +112,9 @@ func TestRenderEnforce(t *testing.T) {
 		`iifname "lan0" udp dport 53 redirect to :5353`,
 		`iifname "lan0" tcp dport 53 redirect to :5353`,
 		`iifname "lan0" meta l4proto tcp redirect to :15001`,
-		`iifname "lan0" ip daddr @dns4_ntp udp dport 123 ct mark set ct mark & 0xff`,
-		`iifname "lan0" ip6 daddr @dns6_ntp udp dport 123 ct mark set ct mark & 0xff`,
-		`iifname "lan0" ip daddr @dns4_quic udp dport 443 ct mark set ct mark & 0xff`,
+		`iifname "lan0" ip daddr @dns4_ntp ip daddr != @guarded4 udp dport 123 ct mark set ct mark & 0xff`,
+		`iifname "lan0" ip6 daddr @dns6_ntp ip6 daddr != @guarded6 udp dport 123 ct mark set ct mark & 0xff`,
+		`iifname "lan0" ip daddr @dns4_quic ip daddr != @guarded4 udp dport 443 ct mark set ct mark & 0xff`,
 		`iifname "lan0" ip daddr != @guarded4 udp dport 9 ct mark set ct mark & 0xff`,
 		`iifname "lan0" ip6 daddr != @guarded6 udp dport 9 ct mark set ct mark & 0xff`,
 		`iifname "wan0" counter drop`,
@@ -137,7 +137,7 @@ func TestRenderEnforce(t *testing.T) {
 		}
 	}
 	// The QUIC allowance comes before the QUIC reject.
-	if strings.Index(text, "@dns4_quic udp dport 443 ct mark set") > strings.Index(text, "udp dport 443 counter reject") {
+	if strings.Index(text, "@dns4_quic ip daddr != @guarded4 udp dport 443 ct mark set") > strings.Index(text, "udp dport 443 counter reject") {
 		t.Error("QUIC reject before the rule that allows it")
 	}
 	for rule, want := range map[string]bool{"ntp": true, "media": true, "quic": true, "web": false, "dns": false, "nx": false, "anything": false} {
@@ -171,7 +171,7 @@ func TestRenderSeveralLANs(t *testing.T) {
 		`iifname @lans tcp dport 53 redirect to :5353`,
 		`iifname @lans fib daddr type local return`,
 		`iifname @lans meta l4proto tcp redirect to :15001`,
-		`iifname @lans ip daddr @dns4_ntp udp dport 123 ct mark set`,
+		`iifname @lans ip daddr @dns4_ntp ip daddr != @guarded4 udp dport 123 ct mark set`,
 		`iifname @lans udp dport 443 counter reject`,
 		`iifname @lans counter drop comment "enforce: nothing else from the LAN"`,
 		`iifname "wan0" counter drop`,
