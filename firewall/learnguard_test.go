@@ -313,3 +313,43 @@ func testLearnedGuarded(t *testing.T, nat []netip.Prefix, passed, kept []string)
 		}
 	}
 }
+
+// TestKeepsLearnedGuarded: a reload's look at the connections already out
+// (sweep.go) judges a learned address as the forward chain does: a flow to
+// a guarded address that a changed name rule's learned set holds is not
+// kept by that set, one a CIDR rule names is, and an ordinary one is.
+func TestKeepsLearnedGuarded(t *testing.T) {
+	const (
+		named  = `  - {name: named, to: [ntp.test], ports: [123/udp]}` + "\n"
+		ecs    = `  - {name: ecs, to: [169.254.170.2/32], ports: [123/udp]}` + "\n"
+		named2 = `  - {name: named, to: [time.test], ports: [123/udp]}` + "\n"
+	)
+	old := renderEnforce(t, named)
+	var tg uint32
+	for _, fr := range old.flows {
+		if fr.name == "named" {
+			tg = fr.tag
+		}
+	}
+	live := func(string, netip.Addr) bool { return true }
+	client := netip.MustParseAddr("198.18.1.2")
+	for _, c := range []struct {
+		new  string
+		dst  string
+		want bool
+	}{
+		{named2, "203.0.113.1", true},
+		{named2, "169.254.169.254", false},
+		{named2, "169.254.170.2", false},
+		{named2 + ecs, "169.254.170.2", true},
+		{named2, "64:ff9b::a9fe:a9fe", false},
+		{named2, "fd00:ec2::254", false},
+		{named2, "2001:db8::1", true},
+	} {
+		rs := renderEnforce(t, c.new)
+		k := flowKey{client: client, dst: netip.MustParseAddr(c.dst), port: 123, proto: policy.UDP}
+		if got, _ := rs.keeps([]*Ruleset{old, rs}, tg, k, live); got != c.want {
+			t.Errorf("%s under %q: keeps = %v, want %v", c.dst, strings.TrimSpace(c.new), got, c.want)
+		}
+	}
+}

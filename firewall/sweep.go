@@ -232,7 +232,8 @@ func (fr *flowRule) admits(k flowKey, was *flowRule, live func(set string, a net
 	if fr.byAddress(k.dst) {
 		return true
 	}
-	if len(fr.names) == 0 {
+	if len(fr.names) == 0 || guarded(fr.guards, k.dst) {
+		// A learned set opens no guarded address (render).
 		return false
 	}
 	set := fr.learn[0]
