@@ -59,8 +59,13 @@ rules:
 // authoritative answer is the NAT64 form of 169.254.169.254 opens no
 // forwarded UDP to it: the forwarder drops the address from the answer, so
 // the rule's learned set never holds it (dnsfilter's TestAnswerFilterNAT64
-// as a unit). That filter is the only guard there: with it judging the
-// prefix as any IPv6 one, the datagram gets out.
+// as a unit). nftables is a second line there: the rule's accept for its
+// learned set excludes the guarded set, which holds the NAT64 forms of the
+// guarded and private IPv4 ranges under the flag. With the filter judging
+// the prefix as any IPv6 one (a mutation), the answer is given out and the
+// datagram is still dropped (firewall's TestEnforceLearnedSetsKeepGuardedRanges
+// puts such addresses into a learned set directly), where it got out when
+// the filter was the only guard.
 //
 // Without the flag (today's behaviour), the prefix is an IPv6 prefix like
 // any other: the IPv4 CIDR rule does not match the NAT64 form (no-rule),
