@@ -72,3 +72,89 @@ func TestOtherVLANSkipped(t *testing.T) {
 		t.Errorf("%d packets read, %d of another VLAN; want %d and 2", st.Packets, st.OtherVLAN, len(frames))
 	}
 }
+
+// withTags puts 802.1Q (or 802.1ad, tpid) tags into an untagged Ethernet
+// frame behind its MAC addresses, outermost first: each tag is a TCI.
+func withTags(frame []byte, tpid uint16, tcis ...uint16) []byte {
+	out := append([]byte{}, frame[:12]...)
+	for _, tci := range tcis {
+		out = append(out, byte(tpid>>8), byte(tpid), byte(tci>>8), byte(tci))
+	}
+	return append(out, frame[12:]...)
+}
+
+// TestInnerVLANSkipped: the kernel takes only the outer tag off into
+// auxdata. Where that is a priority tag (VLAN ID 0) over another tag, it
+// takes the inner tag off too and judges the frame by it (net/core/dev.c,
+// __netif_receive_skb_core, check_vlan_id): a VLAN ID not 0 there is a
+// VLAN device's frame or, with none, dropped (PACKET_OTHERHOST). Capture
+// sees that inner tag in-line, and records no flow for it either. A
+// frame a VLAN device sends out of an interface without VLAN offload
+// carries its tag in-line, no auxdata (validate_xmit_vlan): the VLAN
+// device's too. Priority tags over the IP header are the interface's own.
+func TestInnerVLANSkipped(t *testing.T) {
+	var (
+		macC  = net.HardwareAddr{0x02, 0, 0, 0, 0xc, 1}
+		macGW = net.HardwareAddr{0x02, 0, 0, 0, 0xc, 0xfe}
+		dst   = netip.MustParseAddrPort("198.51.100.9:9000")
+	)
+	frames := []struct {
+		what string
+		aux  int // the auxdata's VLAN ID, -1: none
+		tpid uint16
+		tags []uint16 // in-line tags' TCIs
+		port uint16
+		want int
+	}{
+		{"priority tag over VLAN 10", 0, 0x8100, []uint16{10}, 40100, 0},
+		{"802.1ad priority tag over VLAN 10", 0, 0x88a8, []uint16{0x2000 | 10}, 40101, 0},
+		{"two priority tags", 0, 0x8100, []uint16{0x6000}, 40102, 1},
+		{"in-line VLAN 10, no auxdata", -1, 0x8100, []uint16{10}, 40103, 0},
+		{"in-line priority tag, no auxdata", -1, 0x8100, []uint16{0x6000}, 40104, 1},
+		{"priority tag, untagged inside", 0, 0, nil, 40105, 1},
+	}
+	src := &fakeSource{}
+	at := time.Now()
+	for _, f := range frames {
+		at = at.Add(time.Millisecond)
+		cli := netip.AddrPortFrom(netip.MustParseAddr("198.18.21.10"), f.port)
+		src.frames = append(src.frames, withTags(udpFrame(t, macC, macGW, cli, dst, []byte("ping")), f.tpid, f.tags...))
+		src.times = append(src.times, at)
+		src.vlans = append(src.vlans, f.aux)
+	}
+	rec := &recorder{}
+	c, err := New(Config{Interfaces: []string{"lan0"}, OwnAddrs: []netip.Addr{}}, Deps{Policy: policy.NewStore(testEngine(t, testPolicy)), Sink: rec})
+	if err != nil {
+		t.Fatal(err)
+	}
+	c.sources = []source{{name: "lan0", h: src, mac: [6]byte(macGW), hasMAC: true}}
+	ctx, cancel := context.WithCancel(context.Background())
+	done := make(chan error, 1)
+	go func() { done <- c.Run(ctx) }()
+	for deadline := time.Now().Add(10 * time.Second); c.Stats().Packets < uint64(len(frames)) && time.Now().Before(deadline); {
+		time.Sleep(10 * time.Millisecond)
+	}
+	cancel()
+	if err := <-done; err != nil {
+		t.Fatal(err)
+	}
+	evs := rec.all()
+	skipped := uint64(0)
+	for _, f := range frames {
+		n := 0
+		for _, ev := range evs {
+			if ev.Kind == audit.KindFlow && ev.ClientPort == f.port {
+				n++
+			}
+		}
+		if n != f.want {
+			t.Errorf("%s: %d flows, want %d", f.what, n, f.want)
+		}
+		if f.want == 0 {
+			skipped++
+		}
+	}
+	if st := c.Stats(); st.Packets != uint64(len(frames)) || st.OtherVLAN != skipped || st.Malformed != 0 {
+		t.Errorf("%d packets read, %d of another VLAN, %d malformed; want %d, %d and 0", st.Packets, st.OtherVLAN, st.Malformed, len(frames), skipped)
+	}
+}

@@ -34,16 +34,21 @@ func TestVLANTagOnParent(t *testing.T) {
 	if err != nil {
 		t.Fatal(err)
 	}
-	// tagged: the frame's 802.1Q tag (-1: none; 0x6000: priority 3, VLAN 0).
+	// tcis: the frame's 802.1Q tags, outermost first (none: untagged;
+	// 0x6000: priority 3, VLAN 0). The kernel takes a priority tag off
+	// and judges the frame by the tag inside it, if any.
 	frames := []struct {
 		what   string
-		tci    int
+		tcis   []int
 		echoed bool
-	}{{"untagged", -1, true}, {"priority-tagged (VLAN 0)", 0x6000, true}, {"tagged VLAN 10", 10, false}}
+	}{
+		{"untagged", nil, true}, {"priority-tagged (VLAN 0)", []int{0x6000}, true}, {"tagged VLAN 10", []int{10}, false},
+		{"priority-tagged over VLAN 10", []int{0x6000, 10}, false},
+	}
 	send := func(base int) {
 		t.Helper()
 		for i, f := range frames {
-			if err := sendUDPFrame(tp.lan, "eth0", cliMAC, gwMAC, f.tci, base+i); err != nil {
+			if err := sendUDPFrame(tp.lan, "eth0", cliMAC, gwMAC, base+i, f.tcis...); err != nil {
 				t.Fatalf("%s: %v", f.what, err)
 			}
 		}
@@ -69,7 +74,7 @@ func TestVLANTagOnParent(t *testing.T) {
 	before := tp.udpEchoes.Load()
 	send(41000)
 	if n := waitEchoes(before, wantEchoes); n != wantEchoes {
-		t.Fatalf("without egressd the echo server got %d datagrams of the three frames, want %d", n, wantEchoes)
+		t.Fatalf("without egressd the echo server got %d datagrams of the frames, want %d", n, wantEchoes)
 	}
 
 	d := newDaemon(t, tp, "audit")
@@ -78,7 +83,7 @@ func TestVLANTagOnParent(t *testing.T) {
 	before = tp.udpEchoes.Load()
 	send(base)
 	if n := waitEchoes(before, wantEchoes); n != wantEchoes {
-		t.Errorf("audit mode: the echo server got %d datagrams of the three frames, want %d", n, wantEchoes)
+		t.Errorf("audit mode: the echo server got %d datagrams of the frames, want %d", n, wantEchoes)
 	}
 	counters := d.captureCounters()
 	// A clean stop ends the UDP flows: capture records them then.
@@ -109,16 +114,22 @@ func TestVLANTagOnParent(t *testing.T) {
 
 // sendUDPFrame writes one Ethernet frame out of ns's interface dev with a
 // packet socket: UDP from lanClient4, source port sport, to the echo
-// server, behind an 802.1Q tag with tci unless tci is -1.
-func sendUDPFrame(ns *testnet.NS, dev string, src, dst net.HardwareAddr, tci, sport int) error {
+// server, behind 802.1Q tags with tcis, outermost first.
+func sendUDPFrame(ns *testnet.NS, dev string, src, dst net.HardwareAddr, sport int, tcis ...int) error {
 	eth := &layers.Ethernet{SrcMAC: src, DstMAC: dst, EthernetType: layers.EthernetTypeIPv4}
 	ip := &layers.IPv4{Version: 4, TTL: 64, Protocol: layers.IPProtocolUDP, SrcIP: net.ParseIP(lanClient4).To4(), DstIP: net.ParseIP(udpDenyIP).To4()}
 	udp := &layers.UDP{SrcPort: layers.UDPPort(sport), DstPort: udpDenyPort}
 	udp.SetNetworkLayerForChecksum(ip)
 	ls := []gopacket.SerializableLayer{eth}
-	if tci >= 0 {
-		eth.EthernetType = layers.EthernetTypeDot1Q
-		ls = append(ls, &layers.Dot1Q{Priority: uint8(tci >> 13), VLANIdentifier: uint16(tci & 0xfff), Type: layers.EthernetTypeIPv4})
+	for i, tci := range tcis {
+		tag := &layers.Dot1Q{Priority: uint8(tci >> 13), VLANIdentifier: uint16(tci & 0xfff), Type: layers.EthernetTypeIPv4}
+		if i < len(tcis)-1 {
+			tag.Type = layers.EthernetTypeDot1Q
+		}
+		if i == 0 {
+			eth.EthernetType = layers.EthernetTypeDot1Q
+		}
+		ls = append(ls, tag)
 	}
 	ls = append(ls, ip, udp, gopacket.Payload(fmt.Sprintf("frame from port %d", sport)))
 	buf := gopacket.NewSerializeBuffer()
