@@ -2,6 +2,7 @@ package capture
 
 import (
 	"context"
+	"encoding/binary"
 	"errors"
 	"fmt"
 	"net"
@@ -683,16 +684,51 @@ func (c *Capture) Run(ctx context.Context) error {
 // same way. Such a frame is counted (Stats.OtherVLAN) and skipped, so no
 // flow is recorded that the gateway never forwarded, nor one counted
 // twice. A priority tag (VLAN ID 0, 802.1p) is the interface's own: the
-// kernel takes it off and goes on, and so does capture.
+// kernel takes it off and goes on, and so does capture (otherVLAN: but
+// not where it holds a VLAN's tag).
 func (p *proc) livePacket(data []byte, ci gopacket.CaptureInfo) {
-	for _, a := range ci.AncillaryData {
-		if v, ok := a.(afpacket.AncillaryVLAN); ok && v.VLAN != 0 {
-			p.stats.packets.Add(1)
-			p.stats.otherVLAN.Add(1)
-			return
-		}
+	if otherVLAN(data, ci.AncillaryData) {
+		p.stats.packets.Add(1)
+		p.stats.otherVLAN.Add(1)
+		return
 	}
 	p.packetLen(data, ci.Length, ci.Timestamp, layers.LinkTypeEthernet)
+}
+
+// otherVLAN reports whether a live socket's Ethernet frame is tagged for
+// a VLAN ID not 0: in its auxdata (the outer tag, which the kernel takes
+// off a frame it receives) or, where that is a priority tag (VLAN ID 0),
+// in-line behind it. The kernel takes a priority tag off and judges the
+// frame by the tag it holds, if any (net/core/dev.c,
+// __netif_receive_skb_core: check_vlan_id); the socket sees that inner
+// tag in-line. An in-line tag with no auxdata is left to the decoder, as
+// before: a VLAN device made with reorder_hdr off hands its own frames to
+// its sockets with their tag in-line.
+func otherVLAN(data []byte, anc []any) bool {
+	priority := false
+	for _, a := range anc {
+		if v, ok := a.(afpacket.AncillaryVLAN); ok {
+			if v.VLAN != 0 {
+				return true
+			}
+			priority = true
+		}
+	}
+	if !priority {
+		return false
+	}
+	// At most a few tags: every one read is 4 bytes of the frame.
+	for off := 12; off+4 <= len(data) && off < 12+4*8; off += 4 {
+		switch binary.BigEndian.Uint16(data[off:]) {
+		case uint16(layers.EthernetTypeDot1Q), uint16(layers.EthernetTypeQinQ):
+			if binary.BigEndian.Uint16(data[off+2:])&0xfff != 0 {
+				return true
+			}
+		default:
+			return false
+		}
+	}
+	return false
 }
 
 // waitable reports whether Run, with no socket open, waits for Follow:

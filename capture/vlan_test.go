@@ -88,10 +88,10 @@ func withTags(frame []byte, tpid uint16, tcis ...uint16) []byte {
 // takes the inner tag off too and judges the frame by it (net/core/dev.c,
 // __netif_receive_skb_core, check_vlan_id): a VLAN ID not 0 there is a
 // VLAN device's frame or, with none, dropped (PACKET_OTHERHOST). Capture
-// sees that inner tag in-line, and records no flow for it either. A
-// frame a VLAN device sends out of an interface without VLAN offload
-// carries its tag in-line, no auxdata (validate_xmit_vlan): the VLAN
-// device's too. Priority tags over the IP header are the interface's own.
+// sees that inner tag in-line, and records no flow for it either.
+// Priority tags over the IP header are the interface's own. An in-line
+// tag with no auxdata is decoded as before: a VLAN device made with
+// reorder_hdr off hands its sockets its own frames so (vlan_do_receive).
 func TestInnerVLANSkipped(t *testing.T) {
 	var (
 		macC  = net.HardwareAddr{0x02, 0, 0, 0, 0xc, 1}
@@ -109,7 +109,7 @@ func TestInnerVLANSkipped(t *testing.T) {
 		{"priority tag over VLAN 10", 0, 0x8100, []uint16{10}, 40100, 0},
 		{"802.1ad priority tag over VLAN 10", 0, 0x88a8, []uint16{0x2000 | 10}, 40101, 0},
 		{"two priority tags", 0, 0x8100, []uint16{0x6000}, 40102, 1},
-		{"in-line VLAN 10, no auxdata", -1, 0x8100, []uint16{10}, 40103, 0},
+		{"in-line VLAN 10, no auxdata", -1, 0x8100, []uint16{10}, 40103, 1},
 		{"in-line priority tag, no auxdata", -1, 0x8100, []uint16{0x6000}, 40104, 1},
 		{"priority tag, untagged inside", 0, 0, nil, 40105, 1},
 	}

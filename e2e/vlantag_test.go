@@ -21,7 +21,9 @@ import (
 // capture, which must not record a flow the gateway never forwarded. A
 // priority-tagged frame (VLAN ID 0, 802.1p) is the interface's own, and
 // an untagged one of course: the kernel forwards both and capture records
-// both. It needs no 802.1Q in the kernel: the client writes the frames
+// both; but a priority tag over a VLAN's tag is that VLAN's (the kernel
+// takes the priority tag off and judges the frame by the inner one), and
+// dropped. It needs no 802.1Q in the kernel: the client writes the frames
 // whole with a packet socket. Counted, before egressd and in audit mode:
 // the UDP echo server's datagrams and capture's flows, by source port.
 func TestVLANTagOnParent(t *testing.T) {
