@@ -7,6 +7,8 @@ import (
 	"testing"
 	"time"
 
+	"github.com/prometheus/client_golang/prometheus"
+
 	"egressd/audit"
 	"egressd/policy"
 )
@@ -41,7 +43,8 @@ func TestOtherVLANSkipped(t *testing.T) {
 		src.vlans = append(src.vlans, f.vlan)
 	}
 	rec := &recorder{}
-	c, err := New(Config{Interfaces: []string{"lan0"}, OwnAddrs: []netip.Addr{}}, Deps{Policy: policy.NewStore(testEngine(t, testPolicy)), Sink: rec})
+	reg := prometheus.NewRegistry()
+	c, err := New(Config{Interfaces: []string{"lan0"}, OwnAddrs: []netip.Addr{}}, Deps{Policy: policy.NewStore(testEngine(t, testPolicy)), Sink: rec, Registerer: reg})
 	if err != nil {
 		t.Fatal(err)
 	}
@@ -55,6 +58,11 @@ func TestOtherVLANSkipped(t *testing.T) {
 	cancel()
 	if err := <-done; err != nil {
 		t.Fatal(err)
+	}
+	// An operator sees them: a trunk given to --lan whole shows why
+	// capture records none of its VLANs' traffic.
+	if v := counterValue(t, reg, "egress_capture_other_vlan_frames_total"); v != 2 {
+		t.Errorf("egress_capture_other_vlan_frames_total %v, want 2", v)
 	}
 	evs := rec.all()
 	for _, f := range frames {
@@ -157,4 +165,20 @@ func TestInnerVLANSkipped(t *testing.T) {
 	if st := c.Stats(); st.Packets != uint64(len(frames)) || st.OtherVLAN != skipped || st.Malformed != 0 {
 		t.Errorf("%d packets read, %d of another VLAN, %d malformed; want %d, %d and 0", st.Packets, st.OtherVLAN, st.Malformed, len(frames), skipped)
 	}
+}
+
+// counterValue is the counter name's value as a scrape of reg reads it
+// (-1: no such metric).
+func counterValue(t *testing.T, reg *prometheus.Registry, name string) float64 {
+	t.Helper()
+	mfs, err := reg.Gather()
+	if err != nil {
+		t.Fatalf("gather: %v", err)
+	}
+	for _, mf := range mfs {
+		if mf.GetName() == name && len(mf.GetMetric()) == 1 {
+			return mf.GetMetric()[0].GetCounter().GetValue()
+		}
+	}
+	return -1
 }
