@@ -136,3 +136,52 @@ func TestAuditNAT64(t *testing.T) {
 		t.Errorf("a /64: exit %d: %s", code, stderr)
 	}
 }
+
+// TestAuditReplayNAT64Guard: a replay under --nat64-prefix judges a
+// recorded flow to metadata's NAT64 form as egressd run with the prefix
+// does: the special-range guard refuses it though "*" allows it (the
+// firewall's guarded sets and the proxy hold the NAT64 forms of the
+// guarded ranges), so a gateway that recorded it allowed without the
+// prefix shows it newly dropped. Without the flag nothing changes.
+func TestAuditReplayNAT64Guard(t *testing.T) {
+	dir := t.TempDir()
+	pol := filepath.Join(dir, "p.yaml")
+	src := "version: 1\nmode: audit\nrules:\n  - name: any\n    to: [\"*\"]\n    ports: [5000/udp, 443/tcp]\n"
+	if err := os.WriteFile(pol, []byte(src), 0o644); err != nil {
+		t.Fatal(err)
+	}
+	events := filepath.Join(dir, "events.ndjson")
+	lines := `{"kind":"flow","source":"capture","time":"2026-12-06T10:00:00Z","client":"2001:db8::50","client_port":41000,"dest_ip":"2001:db8:64::a9fe:a9fe","dest_port":5000,"proto":"udp","verdict":"allow","mode":"audit","rule":"any","reason":"allowed"}` + "\n" +
+		`{"kind":"flow","source":"proxy","time":"2026-12-06T10:00:01Z","client":"2001:db8::50","client_port":41001,"dest_ip":"2001:db8:64::a9fe:a9fe","dest_port":443,"proto":"tcp","verdict":"allow","mode":"audit","rule":"any","reason":"allowed"}` + "\n"
+	if err := os.WriteFile(events, []byte(lines), 0o644); err != nil {
+		t.Fatal(err)
+	}
+	for _, withNAT := range []bool{false, true} {
+		args := []string{"audit", "--policy", pol, "--replay", events, "--json"}
+		if withNAT {
+			args = append(args, "--nat64-prefix", "2001:db8:64::/96")
+		}
+		code, out, stderr := runCLI(t, args...)
+		var res struct {
+			Flows        int `json:"flows"`
+			Unchanged    int `json:"unchanged"`
+			NewlyDropped []struct {
+				Port      uint16 `json:"port"`
+				Flows     int    `json:"flows"`
+				NewReason string `json:"new_reason"`
+			} `json:"newly_dropped"`
+		}
+		if code != exitOK || json.Unmarshal([]byte(out), &res) != nil || res.Flows != 2 {
+			t.Fatalf("replay (nat64 %v): exit %d: %s%s", withNAT, code, out, stderr)
+		}
+		dropped := 0
+		for _, d := range res.NewlyDropped {
+			if d.NewReason == "special-range" {
+				dropped += d.Flows
+			}
+		}
+		if want := map[bool]int{false: 0, true: 2}[withNAT]; dropped != want || res.Unchanged != 2-want {
+			t.Errorf("replay (nat64 %v): %d flows newly dropped as special-range, %d unchanged; want %d and %d\n%s", withNAT, dropped, res.Unchanged, want, 2-want, out)
+		}
+	}
+}
