@@ -134,6 +134,9 @@ func (r *Replayer) Emit(ev Event) {
 		r.res.Flows++
 		d = r.eng.Decide(in)
 	}
+	if ev.Kind != KindDNS {
+		d = r.guard(in, d)
+	}
 	oldV := ev.Verdict
 	if oldV != policy.Allow {
 		oldV = policy.Deny
@@ -180,6 +183,30 @@ func (r *Replayer) Emit(ev Event) {
 		g.ch.LastSeen = t
 	}
 }
+
+// guard is the special-range guard the proxy, the firewall and capture
+// put after the rules (policy.Engine.SpecialRange): a flow or request the
+// candidate allows to a guarded range, or under the engine's NAT64
+// prefixes to one's NAT64 form, is refused unless a CIDR rule names it.
+// Recorded flows passed the running gateway's guard; a candidate or a
+// NAT64 prefix it did not have can move one into it (a "*" that replaces
+// the CIDR rule naming 169.254.169.254, the NAT64 form of metadata under
+// --nat64-prefix). The gateway's own addresses are not known here; DNS to
+// port 53 is the forwarder's, as everywhere.
+func (r *Replayer) guard(in policy.Input, d policy.Decision) policy.Decision {
+	if !d.Allowed() || !in.Dest.IsValid() || in.Port == 53 {
+		return d
+	}
+	g, ok := r.eng.SpecialRange(in.Dest, nil, nil)
+	if !ok || r.eng.CIDRNames(in, g) {
+		return d
+	}
+	return policy.Decision{Verdict: policy.Deny, RuleIndex: -1, Reason: reasonSpecialRange, Mode: r.eng.Mode()}
+}
+
+// reasonSpecialRange is the guard's reason, as the proxy and capture
+// record it.
+const reasonSpecialRange = "special-range"
 
 // policyReason reports whether a recorded denial's reason is one the
 // policy gives, which a candidate's rules decide again. The components'
