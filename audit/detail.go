@@ -2,7 +2,9 @@ package audit
 
 import (
 	"net/netip"
+	"strings"
 	"time"
+	"unsafe"
 
 	"egressd/policy"
 )
@@ -42,6 +44,25 @@ const (
 	// interval before, as many as the ledger remembers to count a flow
 	// once (LedgerOptions.MaxFlows).
 	maxHeldFlows = 1 << 15
+	// maxDetailBytes bounds the memory of an interval's tables besides
+	// the devices' (detailBudget.bytes): a shape past it is written as it
+	// comes, and the journal ends the interval early, as at
+	// maxHeldFlows. With the interval before, whose held flows keep
+	// their summaries, a budget keeps at most twice it. Without it, a
+	// device churning shapes of the longest client text an event keeps
+	// (2.5 KB of name, path and front) held 164 MiB in the event log's
+	// budget and 62 MiB in the decision lines' at the count bounds
+	// (TestDetailBudgetMemoryBound).
+	maxDetailBytes = 4 << 20
+)
+
+// What an entry of the budget's tables costs besides the client text it
+// keeps (detailBudget.bytes): its key and value, and a map slot's share.
+const (
+	shapeEntryBytes = int(unsafe.Sizeof(shapeKey{})) + 16
+	aggBytes        = int(unsafe.Sizeof(shapeAgg{}))
+	lateEntryBytes  = shapeEntryBytes + aggBytes
+	heldEntryBytes  = int(unsafe.Sizeof(heldKey{})+unsafe.Sizeof(heldFlow{})) + 16
 )
 
 // shapeKey is what makes two denied events alike for the report and a
@@ -71,6 +92,18 @@ type shapeKey struct {
 	pathLen    int
 	frontLen   int
 }
+
+// owned returns k with its own copy of the client's text: an event's
+// may be cut from a larger allocation (the proxy's head parse gives host
+// and path in one with the request target, up to 64 KiB), which a key
+// kept for the interval would keep whole.
+func (k shapeKey) owned() shapeKey {
+	k.name, k.path, k.front = strings.Clone(k.name), strings.Clone(k.path), strings.Clone(k.front)
+	return k
+}
+
+// textBytes is the client text k keeps.
+func (k *shapeKey) textBytes() int { return len(k.name) + len(k.path) + len(k.front) }
 
 func shapeOf(ev *Event) shapeKey {
 	return shapeKey{ev.Kind, ev.Source, ev.Client.Unmap(), ev.ClientMAC, ev.Dest.Unmap(), ev.DestPort, ev.Proto,
@@ -139,6 +172,10 @@ type detailBudget struct {
 	// held and prevHeld are the flows held back in this interval and
 	// the one before (a twin may come after the interval ended).
 	held, prevHeld map[heldKey]*heldFlow
+	// bytes is what this interval's tables (shapes, late, held) cost,
+	// an estimate bounded by maxDetailBytes (the interval before's,
+	// which prevHeld keeps, cost at most as much).
+	bytes int
 	// lines makes it the budget of decision log lines: no later
 	// reports (each component's line is its own).
 	lines bool
@@ -215,18 +252,20 @@ func (b *detailBudget) holdFlow(ev *Event, counted bool, twin *heldFlow, now tim
 	key := shapeOf(ev)
 	agg, seen := b.shapes[key]
 	if !seen { // the first of its shape: written
-		if len(b.shapes) < maxDetailShapes {
+		if len(b.shapes) < maxDetailShapes && b.bytes < maxDetailBytes {
+			key = key.owned()
 			b.shapes[key] = nil // nothing held yet
+			b.bytes += shapeEntryBytes + key.textBytes()
 		}
 		b.spend(ev, now)
 		return false, nil
 	}
-	if b.spend(ev, now) || !b.lines && len(b.held) >= maxHeldFlows {
+	if b.spend(ev, now) || !b.lines && (len(b.held) >= maxHeldFlows || b.bytes >= maxDetailBytes) ||
+		agg == nil && b.bytes >= maxDetailBytes {
 		return false, nil
 	}
 	if agg == nil {
-		agg = &shapeAgg{key: key}
-		b.shapes[key] = agg
+		agg = b.newAgg(key, true)
 	}
 	if !counted {
 		agg.add(ev)
@@ -235,18 +274,37 @@ func (b *detailBudget) holdFlow(ev *Event, counted bool, twin *heldFlow, now tim
 	}
 	var hf *heldFlow
 	if !b.lines {
+		hk := heldOf(ev)
+		hk.name = strings.Clone(hk.name)
 		hf = &heldFlow{agg: agg, gen: b.gen, out: ev.BytesOut, in: ev.BytesIn, source: ev.Source}
-		b.held[heldOf(ev)] = hf
+		b.held[hk] = hf
+		b.bytes += heldEntryBytes + len(hk.name)
 	}
 	agg.add(ev)
 	agg.n++
 	return true, hf
 }
 
+// newAgg makes the summary of shape key, which the shapes table holds
+// already (seen, with nil) or not.
+func (b *detailBudget) newAgg(key shapeKey, seen bool) *shapeAgg {
+	agg := &shapeAgg{key: key.owned()}
+	b.bytes += aggBytes
+	if seen {
+		delete(b.shapes, key) // its key's text is the copy agg's replaces
+	} else {
+		b.bytes += shapeEntryBytes + agg.key.textBytes()
+	}
+	b.shapes[agg.key] = agg
+	return agg
+}
+
 // add adds ev's times and bytes to the summary.
 func (agg *shapeAgg) add(ev *Event) {
 	if agg.n == 0 && agg.dups == 0 {
 		agg.ev = *ev
+		// The key's copy of the client's text, not ev's.
+		agg.ev.Name, agg.ev.Path, agg.ev.Front = agg.key.name, agg.key.path, agg.key.front
 		agg.ev.ClientPort = 0 // the shape, not one connection
 		agg.ev.Until = ev.Time
 		return
@@ -274,11 +332,10 @@ func (b *detailBudget) merge(hf *heldFlow, ev *Event) bool {
 		key := shapeOf(ev)
 		agg, seen := b.shapes[key]
 		if agg == nil {
-			if !seen && len(b.shapes) >= maxDetailShapes {
+			if b.bytes >= maxDetailBytes || !seen && len(b.shapes) >= maxDetailShapes {
 				return false
 			}
-			agg = &shapeAgg{key: key}
-			b.shapes[key] = agg
+			agg = b.newAgg(key, seen)
 		}
 		old := hf.agg
 		old.n--
@@ -296,9 +353,10 @@ func (b *detailBudget) merge(hf *heldFlow, ev *Event) bool {
 	agg := hf.agg
 	if stale {
 		if agg = b.late[hf.agg.key]; agg == nil {
-			if len(b.late) >= maxDetailShapes {
+			if len(b.late) >= maxDetailShapes || b.bytes >= maxDetailBytes {
 				return false
 			}
+			b.bytes += lateEntryBytes // its text is its twin's
 			agg = &shapeAgg{key: hf.agg.key, ev: hf.agg.ev}
 			agg.ev.Time, agg.ev.Until = ev.Time, time.Time{}
 			agg.ev.BytesOut, agg.ev.BytesIn = 0, 0
@@ -346,9 +404,9 @@ func (b *detailBudget) spend(ev *Event, now time.Time) bool {
 	return false
 }
 
-// full reports whether the interval holds back as many flows as it may:
-// the journal ends it then.
-func (b *detailBudget) full() bool { return len(b.held) >= maxHeldFlows }
+// full reports whether the interval holds back as many flows, or its
+// tables as many bytes, as it may: the journal ends it then.
+func (b *detailBudget) full() bool { return len(b.held) >= maxHeldFlows || b.bytes >= maxDetailBytes }
 
 // due reports whether the interval has ended at now.
 func (b *detailBudget) due(now time.Time) bool {
@@ -375,6 +433,7 @@ func (b *detailBudget) roll(now time.Time, fn func(Event)) {
 	}
 	b.held, b.prevHeld = b.prevHeld, b.held
 	clear(b.held)
+	b.bytes = 0
 	b.gen++
 	for k, d := range b.devs {
 		if d.tokens+now.Sub(d.last).Seconds()*b.rate >= b.burst {
