@@ -102,6 +102,14 @@ func (k shapeKey) owned() shapeKey {
 	return k
 }
 
+// ownText gives ev its own copy of the client's text, for the journal
+// to keep it (queued, up to QueueLen; in the ledger, a name a dropped
+// entry): cut from a head, a 20-byte name kept the 64 KiB head
+// (TestJournalKeepsNoHead).
+func (ev *Event) ownText() {
+	ev.Name, ev.Path, ev.Front = strings.Clone(ev.Name), strings.Clone(ev.Path), strings.Clone(ev.Front)
+}
+
 // textBytes is the client text k keeps.
 func (k *shapeKey) textBytes() int { return len(k.name) + len(k.path) + len(k.front) }
 

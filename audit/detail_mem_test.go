@@ -248,3 +248,36 @@ func TestDetailBudgetKeepsNoHead(t *testing.T) {
 		}
 	}
 }
+
+// TestJournalKeepsNoHead: the journal keeps an event, queued (up to
+// QueueLen, 65,536) and in the ledger (a dropped entry per name), with
+// its own copy of the client's text, not the head it was cut from (see
+// TestDetailBudgetKeepsNoHead). Before, 1,000 denied requests whose host
+// was cut from a 64 KiB head held 73 MB in the ledger, and as much
+// queued.
+func TestJournalKeepsNoHead(t *testing.T) {
+	const names = 1000
+	eng := loadPolicy(t, "policy.yaml")
+	base := heapAfterGC()
+	j, l, _ := openJournal(t, JournalConfig{Dir: t.TempDir()}, eng)
+	now := time.Date(2026, 12, 5, 10, 0, 0, 0, time.UTC)
+	for s := range names {
+		target := churnText(fmt.Sprintf("/s%d#", s), 64<<10, "x")
+		head := "GET" + target + fmt.Sprintf("h%d.example", s) + "/s" // one allocation, as httpwire's detach makes
+		host := head[3+len(target) : len(head)-2]
+		ev := Event{Kind: KindFlow, Source: SourceProxy, Time: now, Client: netip.MustParseAddr("192.168.10.7"), ClientPort: uint16(1024 + s),
+			Dest: netip.MustParseAddr("203.0.113.20"), DestPort: 80, Proto: "tcp", Name: host, NameSource: NameHost, Path: head[len(head)-2:]}
+		ev.Stamp(policy.Decision{Verdict: policy.Deny, Mode: policy.ModeEnforce, Reason: policy.ReasonNoRule})
+		j.Emit(ev)
+	}
+	queued := heapAfterGC() - base
+	if err := j.Close(); err != nil {
+		t.Fatal(err)
+	}
+	kept := heapAfterGC() - base
+	runtime.KeepAlive(l)
+	t.Logf("%d denied requests: %d KiB queued, %d KiB kept (the ledger)", names, queued>>10, kept>>10)
+	if queued/names > 8<<10 || kept/names > 8<<10 {
+		t.Errorf("%d denied requests of 20-byte names hold %d KiB queued, %d KiB in the ledger: the 64 KiB heads", names, queued>>10, kept>>10)
+	}
+}

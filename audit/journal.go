@@ -520,6 +520,7 @@ func readStream(r io.Reader, name string, log *slog.Logger, st *LoadStats, fn fu
 // and the ledger hold the same shortened text.
 func (j *Journal) Emit(ev Event) {
 	ev.Bound()
+	ev.ownText()
 	j.qmu.Lock()
 	if len(j.pending) >= j.cfg.QueueLen {
 		j.qmu.Unlock()
