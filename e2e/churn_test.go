@@ -104,7 +104,7 @@ func TestMemoryMaxUnderChurn(t *testing.T) {
 			t.Errorf("%s churn: legitimate client after the flood: %v", f.name, err)
 		}
 		// What the collector found live: every table that grows with
-		// new names is bounded (measured 17, 44 and 56 MB at the most
+		// new names is bounded (measured 17, 38–44 and 53–56 MB at most
 		// after the three floods); the room is for a slower box's
 		// longer queues. Before session 23 the detail budget alone
 		// could hold 226 MiB, and egressd died in the http flood.
