@@ -740,7 +740,7 @@ func (j *Journal) writeEvent(ev Event) {
 			j.writeSummaries()
 		}
 		now := j.clock()
-		_, held := j.ledger.emitHold(ev, func(counted bool, twin *heldFlow) (bool, *heldFlow) {
+		_, held := j.ledger.emitHold(ev, j.detail.gen, func(counted bool, twin *heldFlow) (bool, *heldFlow) {
 			return j.detail.holdFlow(&ev, counted, twin, now)
 		})
 		if held {

@@ -138,6 +138,13 @@ type Ledger struct {
 	// archNote says why a summary could not be read.
 	arch     *archInfo
 	archNote string
+	// holding and holdGen are set by emitHold for the call: the detail
+	// budget's interval. A held flow of an interval before has its
+	// summary written in the log already: a later report of it then
+	// merges into the flow as it counts, never moves it
+	// (reattributeLocked), as the log cannot move it either.
+	holding bool
+	holdGen uint64
 }
 
 // archLast returns the newest file of the summary the ledger started
@@ -306,11 +313,16 @@ func (l *Ledger) emit(ev Event) bool {
 // ledger remembers the flow, so that a later report of it is held back
 // too however late it comes). hold returns whether it holds ev back and,
 // for a counted flow or query it holds back, the held flow to keep on
-// its record.
-func (l *Ledger) emitHold(ev Event, hold func(counted bool, twin *heldFlow) (bool, *heldFlow)) (counted, held bool) {
+// its record. gen is the budget's interval: a flow held back in one
+// before it has its summary written, and a later report of it (the
+// proxy's, which would decide where the flow counts) merges into it as
+// it counts, as the log read again counts it.
+func (l *Ledger) emitHold(ev Event, gen uint64, hold func(counted bool, twin *heldFlow) (bool, *heldFlow)) (counted, held bool) {
 	ev.Bound()
 	l.mu.Lock()
+	l.holding, l.holdGen = true, gen
 	counted, rec := l.addRecLocked(&ev)
+	l.holding = false
 	var twin *heldFlow
 	if rec != nil && !counted {
 		twin = rec.held
@@ -428,7 +440,8 @@ func (l *Ledger) addRecLocked(ev *Event) (bool, *flowRec) {
 		h = id.hash(l.seed)
 		if rec := l.findLocked(id, h, t); rec != nil {
 			l.totals.Duplicates++
-			if ev.Kind == KindFlow && (ev.Source == SourceProxy && rec.source != SourceProxy || redecided(rec, ev)) {
+			frozen := l.holding && rec.held != nil && rec.held.gen != l.holdGen
+			if ev.Kind == KindFlow && !frozen && (ev.Source == SourceProxy && rec.source != SourceProxy || redecided(rec, ev)) {
 				l.reattributeLocked(rec, ev, t)
 			} else {
 				l.mergeLocked(rec, ev, t)
