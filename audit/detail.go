@@ -217,7 +217,28 @@ func (b *detailBudget) hold(ev *Event, counted bool, now time.Time) bool {
 // of a flow or query it held back.
 func (b *detailBudget) holdFlow(ev *Event, counted bool, twin *heldFlow, now time.Time) (bool, *heldFlow) {
 	if !budgeted(ev) {
-		return false, nil
+		// A later report of a held-back flow that allows it (the
+		// proxy's, which names what capture could not): written
+		// alone beside the summary that counts the flow as denied,
+		// it would count a second time when the log is read again.
+		if counted || b.lines || ev.Kind != KindFlow && ev.Kind != KindDNS || ev.Count != 0 || ev.Duplicates != 0 {
+			return false, nil
+		}
+		hf := b.twinOf(ev, twin)
+		if hf == nil {
+			return false, nil
+		}
+		if hf.gen == b.gen && ev.Kind == KindFlow && ev.Source == SourceProxy && hf.source != SourceProxy {
+			// The ledger moved the flow to the proxy's rule: so
+			// does the log, the flow taken out of its summary
+			// (a duplicate there) and the proxy's report written
+			// with the flow's bytes.
+			b.release(hf, ev)
+			return false, nil
+		}
+		// Else the ledger merged it into the flow as denied (the
+		// summary is written: it cannot move): so does the log.
+		return b.merge(hf, ev), nil
 	}
 	if b.start.IsZero() {
 		b.start = now
@@ -227,15 +248,7 @@ func (b *detailBudget) holdFlow(ev *Event, counted bool, twin *heldFlow, now tim
 		// that reading the log counts the flow once either way; its
 		// summary is its twin's, which takes what the ledger's merge
 		// took from it.
-		hk := heldOf(ev)
-		hf := b.held[hk]
-		if hf == nil {
-			hf = b.prevHeld[hk]
-		}
-		if hf == nil {
-			hf = twin
-		}
-		if hf != nil {
+		if hf := b.twinOf(ev, twin); hf != nil {
 			return b.merge(hf, ev), nil
 		}
 		// A later report of a flow written one by one is held back
@@ -305,6 +318,37 @@ func (b *detailBudget) newAgg(key shapeKey, seen bool) *shapeAgg {
 	}
 	b.shapes[agg.key] = agg
 	return agg
+}
+
+// twinOf returns the held flow ev is a later report of: held back in this
+// interval or the one before, else twin (the ledger's record keeps it);
+// nil when none, or when its flow was released (written after all).
+func (b *detailBudget) twinOf(ev *Event, twin *heldFlow) *heldFlow {
+	hk := heldOf(ev)
+	hf := b.held[hk]
+	if hf == nil {
+		hf = b.prevHeld[hk]
+	}
+	if hf == nil {
+		hf = twin
+	}
+	if hf == nil || hf.agg == nil {
+		return nil
+	}
+	return hf
+}
+
+// release takes the held flow hf out of its summary, this interval's
+// (a duplicate there now), for ev, a later report of it to write alone:
+// ev takes the flow's bytes where larger, as the ledger's merge does.
+func (b *detailBudget) release(hf *heldFlow, ev *Event) {
+	old := hf.agg
+	old.n--
+	old.ev.BytesOut -= hf.out
+	old.ev.BytesIn -= hf.in
+	old.dups++ // the first report stays in the totals
+	ev.BytesOut, ev.BytesIn = max(hf.out, ev.BytesOut), max(hf.in, ev.BytesIn)
+	hf.agg = nil
 }
 
 // add adds ev's times and bytes to the summary.
