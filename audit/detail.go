@@ -358,6 +358,7 @@ func (agg *shapeAgg) add(ev *Event) {
 		// The key's copy of the client's text, not ev's.
 		agg.ev.Name, agg.ev.Path, agg.ev.Front = agg.key.name, agg.key.path, agg.key.front
 		agg.ev.ClientPort = 0 // the shape, not one connection
+		agg.ev.QueryID = 0    // nor one query
 		agg.ev.Until = ev.Time
 		return
 	}

@@ -128,7 +128,7 @@ type Event struct {
 	// client's address and port, name and type it tells one query from
 	// another (a stub's retransmission keeps the ID; its next query on
 	// the same socket takes a new one). 0 in a log written before it was
-	// recorded, as for a query of ID 0.
+	// recorded, as for a query of ID 0, and in a summary record.
 	QType    string  `json:"qtype,omitempty"`
 	QueryID  uint16  `json:"query_id,omitempty"`
 	RCode    string  `json:"rcode,omitempty"`
