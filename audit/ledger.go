@@ -88,7 +88,7 @@ const (
 //     message ID in the key, and only within 2 s of a query's first
 //     report: one socket's queries each count (each takes a new ID), a
 //     retransmission (the same ID, seconds later) counts with its
-//     query. Only the DNS forwarder reports queries (capture records DNS
+//     query; a query over TCP always counts (no retransmission there). Only the DNS forwarder reports queries (capture records DNS
 //     to it or to another resolver as a flow, which is never merged with
 //     a query).
 //   - A request event (a later HTTP request on a plain-HTTP connection, or
@@ -433,8 +433,11 @@ func (l *Ledger) addRecLocked(ev *Event) (bool, *flowRec) {
 	if ev.Kind == KindDNS {
 		id.name, id.qtype, id.qid = lowerASCII(trimDot(ev.Name)), ev.QType, ev.QueryID
 	}
-	// An event of a summary record was counted on its own live.
-	dedup := (id.ClientPort != 0 || id.DestPort != 0) && ev.expanded != expandedCounted
+	// An event of a summary record was counted on its own live. A
+	// query over TCP is never retransmitted (TCP does that below DNS),
+	// and a client may take its ID again on one connection: each counts.
+	dedup := (id.ClientPort != 0 || id.DestPort != 0) && ev.expanded != expandedCounted &&
+		!(ev.Kind == KindDNS && id.Proto == "tcp")
 	var h uint64
 	if dedup {
 		h = id.hash(l.seed)
