@@ -248,3 +248,41 @@ func TestNeighbourResolve(t *testing.T) {
 		}
 	}
 }
+
+// TestOnLinkWithoutNeighbours: a LAN interface that resolves no neighbour
+// (ARP off: a WireGuard, tun or PPP link, IFF_NOARP or no hardware
+// address) never has a usable entry, so an address of its link without
+// one is not a source the gateway failed to resolve: OnLink says no, and
+// the limits keep a client per address there (else its whole LAN shared
+// one client's rate). Resolve asks nothing there.
+func TestOnLinkWithoutNeighbours(t *testing.T) {
+	testnet.RequireRoot(t)
+	c, g := testnet.New(t, "nrac"), testnet.New(t, "nrag")
+	testnet.Link(t, c, "c0", []string{"198.18.1.2/24", "2001:db8:1::2/64"},
+		g, "lan0", []string{"198.18.1.1/24", "2001:db8:1::1/64"})
+	g.MustRun("ip", "link", "set", "lan0", "arp", "off")
+	g.MustRun("ip", "tuntap", "add", "mode", "tun", "name", "tun0")
+	g.MustRun("ip", "addr", "add", "198.18.2.1/24", "dev", "tun0")
+	g.MustRun("ip", "link", "set", "tun0", "up")
+	// Traffic to the client leaves an entry in the table (NOARP: not
+	// usable), as a client's answers would.
+	g.Run("ping", "-c", "1", "-W", "1", "198.18.1.2")
+	for _, tc := range []struct{ iface, addr string }{{"lan0", "198.18.1.2"}, {"lan0", "2001:db8:1::2"}, {"lan0", "198.18.1.77"}, {"tun0", "198.18.2.9"}} {
+		var on, asked bool
+		var dev bool
+		if err := g.Do(func() error {
+			d := NewDevices(tc.iface, nil)
+			a := netip.MustParseAddr(tc.addr)
+			_, dev = d.Device(a)
+			on = d.OnLink(a)
+			var err error
+			asked, err = d.Resolve(a)
+			return err
+		}); err != nil {
+			t.Errorf("%s %s: %v", tc.iface, tc.addr, err)
+		}
+		if dev || on || asked {
+			t.Errorf("%s (ARP off) %s: Device %v, OnLink %v, Resolve asked %v; want all false", tc.iface, tc.addr, dev, on, asked)
+		}
+	}
+}
