@@ -246,16 +246,22 @@ func (d *Devices) Device(a netip.Addr) (MAC, bool) {
 // client behind a router has not. Where limits count a device (Device),
 // an address on the link without a usable entry is one the gateway has
 // not resolved: a new address of a device, or a source nobody holds
-// (forged). It reports false while the table cannot be read.
+// (forged). It reports false while the table cannot be read, and for
+// every address of a link that resolves no neighbours (WireGuard, tun,
+// PPP, `arp off`: no entry is ever usable there, so its clients stay a
+// client per address).
 func (d *Devices) OnLink(a netip.Addr) bool {
 	a = deviceAddr(a)
 	if !a.IsValid() {
 		return false
 	}
 	s := d.snapshot()
-	if s == nil {
-		return false
-	}
+	return s != nil && s.onLink(a)
+}
+
+// onLink reports whether a is in one of the copy's prefixes and not the
+// interface's own address.
+func (s *devSnapshot) onLink(a netip.Addr) bool {
 	for _, p := range s.links {
 		if p.Addr() != a && p.Contains(a) {
 			return true
@@ -272,7 +278,7 @@ func (d *Devices) OnLink(a netip.Addr) bool {
 // the sources the gateway has not resolved), so that a device's new
 // address is resolved all the same. At most DevicesMaxLookups requests
 // per copy, shared with the single-address lookups (asked false past
-// that, and while the table cannot be read); err is the kernel's
+// that, for an address not OnLink, and while the table cannot be read); err is the kernel's
 // refusal (it needs CAP_NET_ADMIN).
 func (d *Devices) Resolve(a netip.Addr) (asked bool, err error) {
 	a = deviceAddr(a)
@@ -280,7 +286,7 @@ func (d *Devices) Resolve(a netip.Addr) (asked bool, err error) {
 		return false, nil
 	}
 	s := d.snapshot()
-	if s == nil {
+	if s == nil || !s.onLink(a) {
 		return false, nil
 	}
 	d.mu.Lock()

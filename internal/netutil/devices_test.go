@@ -549,9 +549,11 @@ func TestOnLink(t *testing.T) {
 }
 
 // TestResolve: Resolve asks the kernel about an address, within the
-// lookups of a copy, and not about one that cannot be a device's.
+// lookups of a copy, and not about one that cannot be a device's or is
+// off the link.
 func TestResolve(t *testing.T) {
 	f := newFakeNeigh()
+	f.links = []netip.Prefix{netip.MustParsePrefix("198.18.1.1/24")}
 	c := &clock{t: time.Unix(1e9, 0)}
 	d := newDevices(f, c.now, nil)
 	a := netip.MustParseAddr("198.18.1.77")
@@ -560,6 +562,9 @@ func TestResolve(t *testing.T) {
 	}
 	if asked, _ := d.Resolve(netip.MustParseAddr("ff02::1")); asked {
 		t.Error("Resolve asked about a multicast address")
+	}
+	if asked, _ := d.Resolve(netip.MustParseAddr("198.51.100.7")); asked {
+		t.Error("Resolve asked about an address off the link")
 	}
 	for range DevicesMaxLookups + 10 {
 		d.Resolve(a)

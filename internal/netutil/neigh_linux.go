@@ -304,6 +304,12 @@ func (n *netlinkNeigh) prefixes() ([]netip.Prefix, error) {
 	if err != nil {
 		return nil, err
 	}
+	if ok, err := resolvesNeighbours(ifi); !ok || err != nil {
+		// A link without ARP and NDP (WireGuard, tun, PPP, ARP off)
+		// has no usable entry for any address: none is one the
+		// gateway failed to resolve.
+		return nil, err
+	}
 	addrs, err := ifi.Addrs()
 	if err != nil {
 		return nil, err
@@ -323,4 +329,28 @@ func (n *netlinkNeigh) resolve(addr netip.Addr) error {
 		return err
 	}
 	return NeighbourResolve(ifi, addr)
+}
+
+// resolvesNeighbours reports whether the interface resolves its
+// neighbours' Ethernet addresses (ARP, NDP): an Ethernet address of its
+// own, not point-to-point, not IFF_NOARP (`ip link set DEV arp off`,
+// which net.Interface does not tell; SIOCGIFFLAGS in the calling
+// thread's network namespace).
+func resolvesNeighbours(ifi *net.Interface) (bool, error) {
+	if len(ifi.HardwareAddr) != 6 || ifi.Flags&net.FlagPointToPoint != 0 {
+		return false, nil
+	}
+	fd, err := unix.Socket(unix.AF_INET, unix.SOCK_DGRAM|unix.SOCK_CLOEXEC, 0)
+	if err != nil {
+		return false, fmt.Errorf("netutil: interface flags: %w", err)
+	}
+	defer unix.Close(fd)
+	ifr, err := unix.NewIfreq(ifi.Name)
+	if err != nil {
+		return false, fmt.Errorf("netutil: interface flags: %w", err)
+	}
+	if err := unix.IoctlIfreq(fd, unix.SIOCGIFFLAGS, ifr); err != nil {
+		return false, fmt.Errorf("netutil: interface flags of %s: %w", ifi.Name, err)
+	}
+	return ifr.Uint16()&unix.IFF_NOARP == 0, nil
 }
