@@ -3,6 +3,7 @@ package netutil
 import (
 	"encoding/binary"
 	"errors"
+	"fmt"
 	"net"
 	"net/netip"
 	"strings"
@@ -284,5 +285,78 @@ func TestOnLinkWithoutNeighbours(t *testing.T) {
 		if dev || on || asked {
 			t.Errorf("%s (ARP off) %s: Device %v, OnLink %v, Resolve asked %v; want all false", tc.iface, tc.addr, dev, on, asked)
 		}
+	}
+}
+
+// TestResolveProbes counts what a resolve ask sends to the LAN for a
+// source nobody holds (the forwarder asks once per dropped query of an
+// unresolved source at a doubling count, within a copy's
+// DevicesMaxLookups): the kernel's probes, mcast_solicit of them (3 by
+// default) per ask, ARP broadcasts or neighbour solicitations to the
+// address's solicited-node group; nothing more once the entry failed.
+func TestResolveProbes(t *testing.T) {
+	testnet.RequireRoot(t)
+	c, g := testnet.New(t, "nrpc"), testnet.New(t, "nrpg")
+	testnet.Link(t, c, "c0", []string{"198.18.1.2/24", "2001:db8:1::2/64"},
+		g, "lan0", []string{"198.18.1.1/24", "2001:db8:1::1/64"})
+	c.MustRun("nft", "add table netdev r3t; add chain netdev r3t in { type filter hook ingress device c0 priority 0; }; "+
+		"add rule netdev r3t in arp operation request counter; add rule netdev r3t in icmpv6 type nd-neighbor-solicit counter")
+	var ifindex int
+	if err := g.Do(func() error {
+		i, err := net.InterfaceByName("lan0")
+		ifindex = i.Index
+		return err
+	}); err != nil {
+		t.Fatal(err)
+	}
+	counts := func() (arp, ns int) {
+		out := c.MustRun("nft", "list", "chain", "netdev", "r3t", "in")
+		for _, line := range strings.Split(out, "\n") {
+			var n int
+			if i := strings.Index(line, "packets "); i >= 0 {
+				fmt.Sscanf(line[i+len("packets "):], "%d", &n)
+			}
+			switch {
+			case strings.Contains(line, "arp operation"):
+				arp = n
+			case strings.Contains(line, "nd-neighbor-solicit"):
+				ns = n
+			}
+		}
+		return
+	}
+	arp0, ns0 := counts()
+	const forged = 16
+	var addrs []netip.Addr
+	for i := range forged {
+		addrs = append(addrs, netip.AddrFrom4([4]byte{198, 18, 1, byte(100 + i)}), netip.MustParseAddr(fmt.Sprintf("2001:db8:1::%x:1", 0x100+i)))
+	}
+	for _, a := range addrs {
+		if err := g.Do(func() error { return NeighbourResolve(ifindex, a) }); err != nil {
+			t.Fatalf("resolve %s: %v", a, err)
+		}
+	}
+	// Wait until every entry failed (3 probes a second apart), at most
+	// 60 polls; then a while for a straggler.
+	for range 60 {
+		failed := 0
+		for _, a := range addrs {
+			var nb Neighbour
+			g.Do(func() (err error) { nb, err = NeighbourGet(ifindex, a); return })
+			if nb.State&NUDFailed != 0 {
+				failed++
+			}
+		}
+		if failed == len(addrs) {
+			break
+		}
+		time.Sleep(100 * time.Millisecond)
+	}
+	time.Sleep(1500 * time.Millisecond)
+	arp1, ns1 := counts()
+	arp, ns := arp1-arp0, ns1-ns0
+	t.Logf("%d resolve asks for forged IPv4 sources: %d ARP requests; %d for IPv6: %d solicitations", forged, arp, forged, ns)
+	if arp == 0 || arp > 3*forged || ns == 0 || ns > 3*forged {
+		t.Errorf("probes per ask: ARP %d, NS %d for %d asks each; want 1 to 3 each (mcast_solicit)", arp, ns, forged)
 	}
 }
