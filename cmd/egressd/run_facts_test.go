@@ -4,6 +4,7 @@ import (
 	"net"
 	"net/netip"
 	"slices"
+	"strings"
 	"testing"
 	"time"
 
@@ -196,6 +197,59 @@ func TestLanMACsZone(t *testing.T) {
 		}
 		if got != c.want {
 			t.Errorf("SameDevice(%s, %s) = %v, want %v", c.a, c.b, got, c.want)
+		}
+	}
+}
+
+// TestLanMACsLinks: with several LAN interfaces, an address is on a LAN
+// link (the forwarder's unresolved sources) when one interface's prefixes
+// hold it (a link-local one: the interface its zone names), never on a
+// link without ARP (a tun: its clients keep a bucket each); a resolve is
+// asked on the interface whose link it is, not on the others.
+func TestLanMACsLinks(t *testing.T) {
+	ns := testnet.New(t, "r3maclinks")
+	for _, c := range [][]string{
+		{"ip", "link", "add", "l0", "type", "veth", "peer", "name", "p0"},
+		{"ip", "link", "add", "l1", "type", "veth", "peer", "name", "p1"},
+		{"ip", "tuntap", "add", "mode", "tun", "name", "w0"},
+		{"sysctl", "-qw", "net.ipv6.conf.all.accept_dad=0"},
+		{"ip", "addr", "add", "198.18.1.1/24", "dev", "l0"},
+		{"ip", "-6", "addr", "add", "2001:db8:1::1/64", "dev", "l0", "nodad"},
+		{"ip", "addr", "add", "198.18.3.1/24", "dev", "l1"},
+		{"ip", "addr", "add", "198.18.2.1/24", "dev", "w0"},
+	} {
+		ns.MustRun(c...)
+	}
+	for _, dev := range []string{"l0", "p0", "l1", "p1", "w0"} {
+		ns.MustRun("ip", "link", "set", dev, "up")
+	}
+	names := []string{"l0", "l1", "w0"}
+	macs := lanDeviceSet{netutil.NewDevices("l0", nil), netutil.NewDevices("l1", nil), netutil.NewDevices("w0", nil)}.macs(names)
+	// The interfaces' link-local addresses come with the links up.
+	for i := 0; i < 50 && !strings.Contains(ns.MustRun("ip", "-6", "addr", "show", "dev", "l1"), "fe80::"); i++ {
+		time.Sleep(100 * time.Millisecond)
+	}
+	for a, want := range map[string]bool{
+		"198.18.1.50": true, "2001:db8:1::50": true, "198.18.3.50": true, "fe80::50%l1": true,
+		"198.18.2.9": false, "fe80::50%w0": false, // a tun: no ARP, no NDP
+		"203.0.113.5": false, "198.18.1.1": false,
+	} {
+		var got bool
+		ns.Do(func() error { got = macs.ClientOnLink(netip.MustParseAddr(a)); return nil })
+		if got != want {
+			t.Errorf("ClientOnLink(%s) = %v, want %v", a, got, want)
+		}
+	}
+	for a, dev := range map[string]string{"198.18.1.50": "l0", "198.18.3.50": "l1", "fe80::50%l1": "l1"} {
+		addr := netip.MustParseAddr(a)
+		if err := ns.Do(func() error { return macs.ResolveClient(addr) }); err != nil {
+			t.Fatalf("ResolveClient(%s): %v", a, err)
+		}
+		for _, d := range names {
+			out := ns.MustRun("ip", "neigh", "show", addr.WithZone("").String(), "dev", d)
+			if has := strings.TrimSpace(out) != ""; has != (d == dev) {
+				t.Errorf("ResolveClient(%s): an entry on %s: %v (%q), want only on %s", a, d, has, out, dev)
+			}
 		}
 	}
 }
