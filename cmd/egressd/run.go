@@ -120,8 +120,10 @@ type daemon struct {
 	// with (recorded beside the copy); nil: not known.
 	prevTCPPorts *[]policy.PortRange
 	// src is the running policy's source, which savePolicy copies into
-	// the state directory once it runs.
-	src []byte
+	// the state directory once it runs; srcEnforce: it is in enforce mode
+	// (its ruleset marks the flows it lets out).
+	src        []byte
+	srcEnforce bool
 	// fwNetNS is the network namespace file the firewall works in; "":
 	// this process's. Set by tests only.
 	fwNetNS string
@@ -342,7 +344,7 @@ func newDaemon(cfg runConfig, stdout, stderr io.Writer) (*daemon, error) {
 	}
 	// Copied into the state directory once it runs (run): in enforce
 	// mode, once the firewall took it.
-	d.src = src
+	d.src, d.srcEnforce = src, eng.Mode() == policy.ModeEnforce
 	if !cfg.noFirewall {
 		// The firewall may first install on a reload to enforce. With
 		// more rules that forward than --ct-mark-bits has tags, rules
@@ -399,6 +401,12 @@ type firewallRecord struct {
 	Version      int    `json:"version"`
 	TCPPorts     string `json:"tcp_ports"`     // --tcp-ports, as given
 	PolicySHA256 string `json:"policy_sha256"` // of the copy it goes with
+	// MarksPolicy is the source of the policy whose enforce ruleset
+	// marked the flows still out, when it is not the copy's: a start or
+	// reload since installed no enforce ruleset (audit mode, with or
+	// without an audit ruleset; --no-firewall), and the marks the
+	// enforce run wrote outlive its table. "": the copy's.
+	MarksPolicy string `json:"marks_policy,omitempty"`
 }
 
 // firewallRecordVersion is the version runningFirewallFile is written
@@ -452,7 +460,32 @@ func (d *daemon) previousPolicy() (eng *policy.Engine, tcpPorts *[]policy.PortRa
 		d.log.Warn("the record of the --tcp-ports the policy before this start ran with does not parse; its tags are read with this run's", "file", rp, audit.LogError, err.Error())
 		return eng, nil
 	}
+	if rec.MarksPolicy != "" {
+		// The copy is of a run that installed no enforce ruleset: the
+		// marks are those of the enforce run before it.
+		meng, err := policy.Compile(rp, []byte(rec.MarksPolicy))
+		if err != nil {
+			d.log.Warn("the policy whose ruleset marked the flows still out does not compile; conntrack mark tags are read as the new policy's", "file", rp, audit.LogError, err.Error())
+			return nil, nil
+		}
+		return meng, &ports
+	}
 	return eng, &ports
+}
+
+// readFirewallRecord returns the record beside the copy when it is of
+// this version and of the copy now in place (copy); nil otherwise.
+func (d *daemon) readFirewallRecord(copy []byte) *firewallRecord {
+	b, err := os.ReadFile(filepath.Join(d.cfg.stateDir, runningFirewallFile))
+	if err != nil {
+		return nil
+	}
+	var rec firewallRecord
+	sum := sha256.Sum256(copy)
+	if json.Unmarshal(b, &rec) != nil || rec.Version != firewallRecordVersion || rec.PolicySHA256 != hex.EncodeToString(sum[:]) {
+		return nil
+	}
+	return &rec
 }
 
 // savePolicy copies the running policy's source, d.src, into the state
@@ -468,20 +501,48 @@ func (d *daemon) previousPolicy() (eng *policy.Engine, tcpPorts *[]policy.PortRa
 // so it is logged, not fatal.
 func (d *daemon) savePolicy(installed bool) {
 	err := os.MkdirAll(d.cfg.stateDir, 0o750)
-	if err == nil {
-		err = writeAtomic(filepath.Join(d.cfg.stateDir, runningPolicyFile), d.src)
-	}
-	if err == nil && installed {
-		sum := sha256.Sum256(d.src)
-		var b []byte
-		b, err = json.Marshal(firewallRecord{Version: firewallRecordVersion, TCPPorts: d.cfg.tcpPorts, PolicySHA256: hex.EncodeToString(sum[:])})
+	copyPath, recPath := filepath.Join(d.cfg.stateDir, runningPolicyFile), filepath.Join(d.cfg.stateDir, runningFirewallFile)
+	sum := sha256.Sum256(d.src)
+	switch {
+	case err != nil:
+	case installed && d.srcEnforce:
+		// The copy first: a crash before the record leaves a record of
+		// another copy, read as none (this run's --tcp-ports), not one
+		// that names the earlier policy's.
+		if err = writeAtomic(copyPath, d.src); err == nil {
+			err = writeRecord(recPath, firewallRecord{Version: firewallRecordVersion, TCPPorts: d.cfg.tcpPorts, PolicySHA256: hex.EncodeToString(sum[:])})
+		}
+	default:
+		// No enforce ruleset of this policy marks flows: those still out
+		// carry the marks of the enforce run before, whose policy and
+		// ports the record goes on naming, for the new copy. The record
+		// first: a crash before the copy leaves a record of another copy
+		// (read as none), not the copy taken for the marks' policy.
+		if old, rerr := os.ReadFile(copyPath); rerr == nil {
+			if rec := d.readFirewallRecord(old); rec != nil {
+				if rec.MarksPolicy == "" {
+					rec.MarksPolicy = string(old)
+				}
+				rec.PolicySHA256 = hex.EncodeToString(sum[:])
+				err = writeRecord(recPath, *rec)
+			}
+		}
 		if err == nil {
-			err = writeAtomic(filepath.Join(d.cfg.stateDir, runningFirewallFile), append(b, '\n'))
+			err = writeAtomic(copyPath, d.src)
 		}
 	}
 	if err != nil {
 		d.log.Warn("cannot keep a copy of the policy in the state directory", audit.LogError, err.Error())
 	}
+}
+
+// writeRecord writes rec as runningFirewallFile's content, to p.
+func writeRecord(p string, rec firewallRecord) error {
+	b, err := json.Marshal(rec)
+	if err != nil {
+		return err
+	}
+	return writeAtomic(p, append(b, '\n'))
 }
 
 // writeAtomic writes b to p through a temporary file renamed over it.
@@ -1232,7 +1293,7 @@ func (d *daemon) reloadPolicy() bool {
 	}
 	// Only now: the copy is the running policy's, the one whose ruleset
 	// is in the kernel (the next start reads the marks as its rules').
-	d.src = src
+	d.src, d.srcEnforce = src, eng.Mode() == policy.ModeEnforce
 	d.savePolicy(d.fw != nil)
 	if d.fw == nil && old.Mode() == policy.ModeAudit && eng.Mode() == policy.ModeEnforce && !d.cfg.noFirewall {
 		// A start in audit mode installed nothing; the rollout the README
