@@ -418,7 +418,9 @@ const firewallRecordVersion = 1
 // conntrack marks of the connections that one let out as its rules'
 // (firewall.Deps.Previous), rendered with the --tcp-ports recorded
 // beside it (tcpPorts; nil when there is no record of this copy: this
-// run's are used). Nil when there is none, or it does not compile (a
+// run's are used); the record's MarksPolicy instead of the copy when it
+// names one (the copy is of a run that put no enforce ruleset in). Nil
+// when there is none, or it does not compile (a
 // newer egressd's, rolled back from): said, and the tags are read as the
 // new policy's.
 func (d *daemon) previousPolicy() (eng *policy.Engine, tcpPorts *[]policy.PortRange) {
@@ -493,9 +495,12 @@ func (d *daemon) readFirewallRecord(copy []byte) *firewallRecord {
 // enforce mode once the firewall took it (a start whose install failed
 // leaves the copy of the policy whose ruleset is still in the kernel);
 // on a reload, once the firewall took it (not a policy refused, nor an
-// edit made since it was read). With installed, the firewall runs it:
-// the --tcp-ports its ruleset was rendered with are recorded beside it
-// (runningFirewallFile), for the next start's reading of the marks.
+// edit made since it was read). With installed and an enforce policy,
+// its ruleset marks the flows it lets out: the --tcp-ports it was
+// rendered with are recorded beside it (runningFirewallFile), for the
+// next start's reading of the marks; otherwise the record, when it is of
+// the copy replaced, goes on naming the policy and ports of the enforce
+// run before (firewallRecord.MarksPolicy), whose marks outlive its table.
 // Failure only costs the report its unused-rules list and the next start
 // its reading of the marks as the policy's before it (previousPolicy),
 // so it is logged, not fatal.
