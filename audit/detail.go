@@ -48,12 +48,29 @@ const (
 	// the devices' (detailBudget.bytes): a shape past it is written as it
 	// comes, and the journal ends the interval early, as at
 	// maxHeldFlows. With the interval before, whose held flows keep
-	// their summaries, a budget keeps at most twice it. Without it, a
+	// their summaries, a budget keeps at most twice it, and the held
+	// flows of intervals past maxPinnedBytes more. Without it, a
 	// device churning shapes of the longest client text an event keeps
 	// (2.5 KB of name, path and front) held 164 MiB in the event log's
 	// budget and 62 MiB in the decision lines' at the count bounds
 	// (TestDetailBudgetMemoryBound).
 	maxDetailBytes = 4 << 20
+	// maxPinnedBytes bounds the summaries the held flows of intervals
+	// past the one before keep (detailBudget.pinned): the ledger's
+	// record of a held flow keeps it, and it its summary, so that a
+	// late report of the flow merges into one, for as long as the
+	// ledger remembers the flow (up to 65,536 records), outside
+	// maxDetailBytes. Past it, the oldest interval's held flows let
+	// their summaries go: a late report of one is written alone, as
+	// a flow of its own. Without it, a device churning held flows of
+	// distinct shapes of the longest text kept 219 MiB in a full
+	// ledger (TestDetailPinnedMemoryBound).
+	maxPinnedBytes = 8 << 20
+	// maxPinnedFlows is the ledger's MaxFlows (its default): held
+	// flows older than as many newer ones have left the ledger (each
+	// is a record of its own), so an interval's held flows are let go
+	// then, with no loss.
+	maxPinnedFlows = 2 * maxHeldFlows
 )
 
 // What an entry of the budget's tables costs besides the client text it
@@ -156,7 +173,8 @@ func heldOf(ev *Event) heldKey {
 // what the ledger's merge of a later report of it reads. The ledger's
 // record of the flow keeps it too (flowRec.held), for as long as the
 // ledger remembers the flow: a later report after the budget's held and
-// prevHeld forgot it finds it there.
+// prevHeld forgot it finds it there, while the summaries of past
+// intervals cost at most maxPinnedBytes (pinned; past it, agg is nil).
 type heldFlow struct {
 	agg     *shapeAgg
 	gen     uint64 // the interval of agg
@@ -187,6 +205,20 @@ type detailBudget struct {
 	// lines makes it the budget of decision log lines: no later
 	// reports (each component's line is its own).
 	lines bool
+	// pinned are the held flows of past intervals (those prevHeld let
+	// go at an interval's end, oldest first), which the ledger's
+	// records may keep with their summaries; pinnedBytes is what their
+	// summaries cost (pinGen.bytes), pinnedFlows how many there are.
+	pinned      []pinGen
+	pinnedBytes int
+	pinnedFlows int
+}
+
+// pinGen is the held flows of one past interval and what their distinct
+// summaries cost (text, summary and a pointer a flow).
+type pinGen struct {
+	flows []*heldFlow
+	bytes int
 }
 
 func newDetailBudget(burst int, rate float64, interval time.Duration) *detailBudget {
@@ -484,6 +516,7 @@ func (b *detailBudget) roll(now time.Time, fn func(Event)) {
 		}
 		clear(m)
 	}
+	b.pin()
 	b.held, b.prevHeld = b.prevHeld, b.held
 	clear(b.held)
 	b.bytes = 0
@@ -494,6 +527,51 @@ func (b *detailBudget) roll(now time.Time, fn func(Event)) {
 		}
 	}
 	b.start = time.Time{}
+}
+
+// pin keeps the held flows prevHeld lets go at the interval's end as a
+// past interval's (pinned), and lets the summaries of the oldest go while
+// the past intervals' cost more than maxPinnedBytes, or their flows have
+// left the ledger (maxPinnedFlows newer ones). A flow let go has no
+// summary (agg nil): a later report of it is no twin (twinOf) and is
+// written alone, and when the ledger still remembers the flow (past
+// maxPinnedBytes only), the log read again counts it a second time where
+// the live ledger counted it once.
+func (b *detailBudget) pin() {
+	if len(b.prevHeld) > 0 {
+		g := pinGen{flows: make([]*heldFlow, 0, len(b.prevHeld))}
+		aggs := make(map[*shapeAgg]struct{}, len(b.prevHeld))
+		for _, hf := range b.prevHeld {
+			if hf.agg == nil {
+				continue // released: written after all
+			}
+			g.flows = append(g.flows, hf)
+			if _, ok := aggs[hf.agg]; !ok {
+				aggs[hf.agg] = struct{}{}
+				g.bytes += aggBytes + hf.agg.key.textBytes()
+			}
+		}
+		g.bytes += len(g.flows) * int(unsafe.Sizeof(uintptr(0)))
+		if len(g.flows) > 0 {
+			b.pinned = append(b.pinned, g)
+			b.pinnedBytes += g.bytes
+			b.pinnedFlows += len(g.flows)
+		}
+	}
+	newer := len(b.held) // they stay in prevHeld
+	for len(b.pinned) > 0 && (b.pinnedBytes > maxPinnedBytes || b.pinnedFlows-len(b.pinned[0].flows)+newer >= maxPinnedFlows) {
+		g := b.pinned[0]
+		for _, hf := range g.flows {
+			hf.agg = nil
+		}
+		b.pinnedBytes -= g.bytes
+		b.pinnedFlows -= len(g.flows)
+		b.pinned[0] = pinGen{}
+		b.pinned = b.pinned[1:]
+	}
+	if len(b.pinned) == 0 {
+		b.pinned = nil // the array's start, let go
+	}
 }
 
 // isSummary reports whether ev is a summary record of held-back events

@@ -217,3 +217,95 @@ func BenchmarkDetailPinnedHeap(b *testing.B) {
 	b.ReportMetric(float64(aggs), "summaries")
 }
 
+// TestDetailBudgetPinnedLetGo: the held flows of past intervals keep
+// their summaries, for a late report to merge into, until they cost
+// maxPinnedBytes (then the oldest let them go: a late report of one is
+// written alone) or the ledger has forgotten them (maxPinnedFlows newer
+// held flows): a held flow the ledger remembers keeps its summary while
+// the summaries are under the bound.
+func TestDetailBudgetPinnedLetGo(t *testing.T) {
+	if testing.Short() {
+		t.Skip("drives 200k events")
+	}
+	t.Run("flows", func(t *testing.T) {
+		// One short shape, flows held back as fast as the budget
+		// takes them: five intervals of maxHeldFlows.
+		f := &pinFeed{l: NewLedger(nil, LedgerOptions{}), now: time.Date(2026, 12, 5, 10, 0, 0, 0, time.UTC)}
+		f.b = newDetailBudget(0, DefaultDetailRate, DefaultDetailInterval)
+		deny := policy.Decision{Verdict: policy.Deny, Mode: policy.ModeAudit, Reason: policy.ReasonNoRule}
+		held := 0
+		for i := range 5*maxHeldFlows + 1 {
+			f.now = f.now.Add(100 * time.Microsecond)
+			ev := Event{Kind: KindFlow, Source: SourceCapture, Time: f.now, Client: netip.MustParseAddr("192.168.10.7"), ClientPort: uint16(1024 + i%64000),
+				ClientMAC: "aa:bb:cc:00:00:07", Dest: netip.MustParseAddr("203.0.113.20"), DestPort: 443, Proto: "tcp", Name: "tracker.example", NameSource: NameSNI, Close: "rst"}
+			ev.Stamp(deny)
+			if _, h := f.give(ev); h {
+				held++
+			}
+			if f.b.pinnedFlows > maxPinnedFlows {
+				t.Fatalf("%d pinned flows, bound %d", f.b.pinnedFlows, maxPinnedFlows)
+			}
+		}
+		if held < 4*maxHeldFlows || f.b.gen < 4 {
+			t.Fatalf("%d flows held back in %d intervals: not past the ledger's memory", held, f.b.gen)
+		}
+		kept := 0
+		for _, r := range f.l.ring {
+			if r.held != nil {
+				if r.held.agg == nil {
+					t.Fatalf("a held flow of interval %d (now %d) the ledger remembers let its summary go", r.held.gen, f.b.gen)
+				}
+				kept++
+			}
+		}
+		if kept < maxPinnedFlows-8 { // the first of each interval's shape written
+			t.Errorf("the ledger's records keep %d held flows, want its %d records'", kept, maxPinnedFlows)
+		}
+	})
+	t.Run("bytes", func(t *testing.T) {
+		f := &pinFeed{l: NewLedger(nil, LedgerOptions{}), now: time.Date(2026, 12, 5, 10, 0, 0, 0, time.UTC)}
+		f.b = newDetailBudget(DefaultDetailBurst, DefaultDetailRate, DefaultDetailInterval)
+		pinChurn(f, f.l.opt.MaxFlows)
+		if f.b.pinnedBytes > maxPinnedBytes {
+			t.Errorf("past intervals' summaries cost %d bytes, bound %d", f.b.pinnedBytes, maxPinnedBytes)
+		}
+		// The oldest held flows the ledger remembers let their
+		// summaries go, the newest of past intervals keep theirs.
+		var oldest, newest *flowRec
+		for _, r := range f.l.ring {
+			if r.held == nil || r.held.gen+1 >= f.b.gen {
+				continue // not held, or the budget's still
+			}
+			if oldest == nil || r.held.gen < oldest.held.gen {
+				oldest = r
+			}
+			if newest == nil || r.held.gen > newest.held.gen {
+				newest = r
+			}
+		}
+		if oldest == nil || oldest.held.agg != nil {
+			t.Fatalf("the oldest held flow keeps its summary past the bound")
+		}
+		if newest.held.agg == nil {
+			t.Fatalf("the newest held flow of a past interval let its summary go under the bound")
+		}
+		// A late report of each: merged into a late summary (held),
+		// or, let go, written alone.
+		late := func(r *flowRec) bool {
+			ev := Event{Kind: KindFlow, Source: SourceCapture, Time: r.start, Client: r.id.Client, ClientPort: r.id.ClientPort, ClientMAC: "aa:bb:cc:00:00:07",
+				Dest: r.id.Dest, DestPort: r.id.DestPort, Proto: r.id.Proto, Name: "late.example", NameSource: NameSNI, BytesOut: 1 << 20}
+			ev.Stamp(policy.Decision{Verdict: policy.Deny, Mode: policy.ModeAudit, Reason: policy.ReasonNoRule})
+			counted, held := f.give(ev)
+			if counted {
+				t.Fatalf("a late report counted as a new flow")
+			}
+			return held
+		}
+		if late(oldest) {
+			t.Errorf("a late report of a held flow let go was held back")
+		}
+		if !late(newest) {
+			t.Errorf("a late report of a held flow under the bound was written alone")
+		}
+	})
+}
