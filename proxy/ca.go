@@ -260,7 +260,11 @@ func (p *Proxy) ensureCA() (*mitmCA, error) {
 		p.caFailed.Store(true)
 		return nil, err
 	}
-	p.caFailed.Store(false)
+	if p.caFailed.Swap(false) {
+		// The error line at the start said inspection fails: say, once,
+		// when it works again (at a day's check or a connection).
+		p.log.Info("proxy: inspection CA loaded", "ca", filepath.Join(p.cfg.StateDir, CACertFile))
+	}
 	if cert.Leaf == nil {
 		if leaf, err := x509.ParseCertificate(cert.Certificate[0]); err == nil {
 			cert.Leaf = leaf
@@ -303,9 +307,7 @@ func (p *Proxy) watchCA(ctx context.Context) {
 				p.checkCA(ca)
 				continue
 			}
-			if ca, err = p.ensureCA(); err == nil {
-				p.log.Info("proxy: inspection CA loaded", "ca", filepath.Join(p.cfg.StateDir, CACertFile))
-			}
+			ca, _ = p.ensureCA()
 		}
 	}
 }

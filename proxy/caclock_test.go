@@ -425,3 +425,56 @@ func TestInspectCALoadFails(t *testing.T) {
 	}
 	waitFor("CA expiry metric is not the new CA's end", func() bool { return expiry() > float64(time.Now().Unix()) })
 }
+
+// TestInspectCALoadedLineAtLoad: a CA that could not be loaded at the start
+// and loads later at an inspected connection (ensureCA) is told then, once:
+// the line "inspection CA loaded" came only from the day's check, up to a
+// day after the CA was in use (and not at all while the check had not come),
+// so the log said the CA failed, then nothing, while inspection worked.
+func TestInspectCALoadedLineAtLoad(t *testing.T) {
+	state := t.TempDir()
+	if err := os.WriteFile(filepath.Join(state, CACertFile), []byte("not a certificate\n"), 0o644); err != nil {
+		t.Fatal(err)
+	}
+	eng, err := policy.Compile("p.yaml", []byte("version: 1\nmode: enforce\nrules:\n  - name: docs\n    to: [\"docs.paths.test/public/*\"]\n    ports: [443/tcp]\n"))
+	if err != nil {
+		t.Fatal(err)
+	}
+	logs := &lockedBuf{}
+	p, err := New(Config{Inspect: true, StateDir: state, ExplicitAddr: "127.0.0.1:0", OwnAddrs: []netip.Addr{}},
+		Deps{Policy: policy.NewStore(eng), Logger: slog.New(slog.NewTextHandler(logs, nil)), Registerer: prometheus.NewRegistry()})
+	if err != nil {
+		t.Fatal(err)
+	}
+	was := caCheckEvery
+	caCheckEvery = time.Hour // no day's check during the test
+	cancel, ran := runReady(t, p)
+	defer func() { cancel(); <-ran; caCheckEvery = was }()
+	count := func(s string) int {
+		n := 0
+		for _, l := range logs.lines() {
+			if strings.Contains(l, s) {
+				n++
+			}
+		}
+		return n
+	}
+	for i := 0; count("inspection CA cannot be loaded") == 0; i++ {
+		if i == 1000 {
+			t.Fatalf("no error line for the CA:\n%s", strings.Join(logs.lines(), "\n"))
+		}
+		time.Sleep(10 * time.Millisecond)
+	}
+	if err := os.Remove(filepath.Join(state, CACertFile)); err != nil {
+		t.Fatal(err)
+	}
+	// Two inspected connections: the first loads the CA.
+	for range 2 {
+		if _, err := p.ensureCA(); err != nil {
+			t.Fatal(err)
+		}
+	}
+	if n := count("inspection CA loaded"); n != 1 {
+		t.Fatalf("%d lines say the CA loaded, want 1:\n%s", n, strings.Join(logs.lines(), "\n"))
+	}
+}
