@@ -59,7 +59,7 @@ type NS struct {
 func New(t testing.TB, prefix string) *NS {
 	t.Helper()
 	RequireRoot(t)
-	sweepOnce.Do(func() { sweepStale(namespaceDir) })
+	sweepOnce.Do(func() { sweepStale(namespaceDir, true) })
 	name := fmt.Sprintf("%s-%d-%d", prefix, os.Getpid()%pidModulus, seq.Add(1))
 	if len(name) > 30 {
 		name = name[:30]
@@ -86,7 +86,11 @@ var sweepOnce sync.Once
 // leaves its namespaces behind. A name New made ends in -PID-SEQ; it is
 // removed only when no live process has a PID that gives that part and no
 // process runs inside it. Names of any other shape are never touched.
-func sweepStale(dir string) {
+// fresh says this process has made no namespace yet: then a name with its
+// own PID part is a gone process's whose PID it got again (New would
+// otherwise fail on it, File exists), unless another live process has
+// that part too.
+func sweepStale(dir string, fresh bool) {
 	entries, err := os.ReadDir(dir)
 	if err != nil {
 		return
@@ -98,7 +102,7 @@ func sweepStale(dir string) {
 			continue
 		}
 		if live == nil {
-			live = livePIDParts()
+			live = livePIDParts(fresh)
 		}
 		if live[pidPart] {
 			continue
@@ -133,12 +137,13 @@ func newNamePID(name string) (int, bool) {
 }
 
 // livePIDParts returns the PID parts (PID modulo pidModulus) of every live
-// process.
-func livePIDParts() map[int]bool {
+// process, this one's left out when notSelf is set.
+func livePIDParts(notSelf bool) map[int]bool {
 	live := map[int]bool{}
+	self := os.Getpid()
 	entries, _ := os.ReadDir("/proc")
 	for _, e := range entries {
-		if pid, err := strconv.Atoi(e.Name()); err == nil {
+		if pid, err := strconv.Atoi(e.Name()); err == nil && !(notSelf && pid == self) {
 			live[pid%pidModulus] = true
 		}
 	}

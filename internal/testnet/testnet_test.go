@@ -66,7 +66,7 @@ func TestTempIfName(t *testing.T) {
 
 func TestSweepStale(t *testing.T) {
 	RequireRoot(t)
-	live := livePIDParts()
+	live := livePIDParts(false)
 	dead := 0
 	for p := pidModulus - 1; p > 0; p-- {
 		if !live[p] {
@@ -102,12 +102,36 @@ func TestSweepStale(t *testing.T) {
 		time.Sleep(20 * time.Millisecond)
 	}
 
-	sweepStale(namespaceDir)
+	sweepStale(namespaceDir, false) // this process has made namespaces
 
 	for name, survive := range names {
 		_, err := os.Stat(namespaceDir + "/" + name)
 		if got := err == nil; got != survive {
 			t.Errorf("%s: exists after the sweep = %v, want %v", name, got, survive)
 		}
+	}
+}
+
+// TestSweepStaleOwnPID: a namespace left by a gone test process whose PID
+// this process got again (PIDs wrap, at 32768 by default) has this
+// process's PID part. The sweep at the first New kept it as "live", and
+// New then failed on it (ip netns add: File exists) once the sequence
+// reached its number. Before its first namespace, no name with this
+// process's PID part is its own.
+func TestSweepStaleOwnPID(t *testing.T) {
+	RequireRoot(t)
+	name := fmt.Sprintf("tnown-%d-1", os.Getpid()%pidModulus)
+	if out, err := exec.Command("ip", "netns", "add", name).CombinedOutput(); err != nil {
+		t.Fatalf("ip netns add %s: %v: %s", name, err, out)
+	}
+	t.Cleanup(func() { exec.Command("ip", "netns", "del", name).Run() })
+
+	sweepStale(namespaceDir, false) // namespaces made: it may be one of them
+	if _, err := os.Stat(namespaceDir + "/" + name); err != nil {
+		t.Fatalf("%s removed while this process has namespaces: %v", name, err)
+	}
+	sweepStale(namespaceDir, true) // none made yet: a gone process's
+	if _, err := os.Stat(namespaceDir + "/" + name); err == nil {
+		t.Errorf("%s, with this process's PID part, left by the first sweep", name)
 	}
 }
