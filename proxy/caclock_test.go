@@ -477,4 +477,7 @@ func TestInspectCALoadedLineAtLoad(t *testing.T) {
 	if n := count("inspection CA loaded"); n != 1 {
 		t.Fatalf("%d lines say the CA loaded, want 1:\n%s", n, strings.Join(logs.lines(), "\n"))
 	}
+	if e := p.caExpiry(); e <= float64(time.Now().Unix()) {
+		t.Errorf("CA expiry metric %v after the CA loaded at a connection, want its end", e)
+	}
 }
