@@ -133,11 +133,14 @@ type Deps struct {
 	// Previous is the policy an earlier egressd ran with before this
 	// start (egressd run: the state directory's copy), whose ruleset may
 	// still be in the kernel with the marks of the connections it let
-	// out. Rendered with this Config, it is what their tags are read as
-	// at the first look at the connections (sweep.go): a rule it had
-	// that the new policy lacks or changed has its flows decided again,
-	// even where a new rule drew its tag. Nil (no copy, the first start)
-	// means a tag the new ruleset uses is taken for its rule's.
+	// out, with the NAT64 prefixes it ran with (policy.Engine.WithNAT64;
+	// egressd run: recorded beside the copy). Rendered with this Config,
+	// it is what their tags are read as at the first look at the
+	// connections (sweep.go): a rule it had that the new policy lacks or
+	// changed, or whose accept rules open other destinations under the
+	// new prefixes, has its flows decided again, even where a new rule
+	// drew its tag. Nil (no copy, the first start) means a tag the new
+	// ruleset uses is taken for its rule's.
 	Previous *policy.Engine
 	// PreviousTCPPorts is the Config.TCPPorts the earlier egressd ran
 	// Previous with (egressd run: recorded beside the copy), which

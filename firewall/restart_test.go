@@ -20,9 +20,9 @@ import (
 // address no longer in its learned sets (an NTP server resolved a day
 // ago) and none of its CIDRs, is kept under the same tag when the start
 // reads the marks as the previous policy's (Deps.Previous, the state
-// directory's copy, compiled from the file alone: no --mode override, no
-// --nat64-prefix) and the new ruleset is that file's with this run's
-// flags. A false cut here is an outage at every upgrade. Policies: the
+// directory's copy, compiled from the file with the NAT64 prefixes the
+// earlier run had, here this run's: no --mode override) and the new
+// ruleset is that file's with this run's flags. A false cut here is an outage at every upgrade. Policies: the
 // seed profile (its file says audit; run with --mode enforce) and the
 // test site's, each with and without a NAT64 prefix. No kernel.
 func TestRestartUnchangedPolicyKeeps(t *testing.T) {
@@ -42,7 +42,7 @@ func TestRestartUnchangedPolicyKeeps(t *testing.T) {
 	} {
 		for _, n64 := range [][]netip.Prefix{nil, nat64} {
 			eng := tc.prev.WithMode(policy.ModeEnforce).WithNAT64(n64)
-			f, err := New(siteConfig, Deps{Previous: tc.prev, Logger: slog.New(slog.NewTextHandler(io.Discard, nil))})
+			f, err := New(siteConfig, Deps{Previous: tc.prev.WithNAT64(n64), Logger: slog.New(slog.NewTextHandler(io.Discard, nil))})
 			if err != nil {
 				t.Fatal(err)
 			}
@@ -173,4 +173,80 @@ func TestRestartTCPPortsChanged(t *testing.T) {
 		t.Errorf("restart with --tcp-ports 443 then all, without a, c with a's old tag: %v cut, %v kept, want 1 and 1", cut, kept)
 	}
 	checkFlows(t, "restarted with --tcp-ports changed", flows, "a")
+}
+
+// TestRestartNAT64Changed: egressd stopped and started again with
+// --nat64-prefix changed (removed, added, moved to another prefix) or
+// not. A rule's tag does not depend on the prefixes (fingerprint), but
+// what its accept rules open does: an IPv4 CIDR rule opens the NAT64
+// forms of its prefixes, and the guarded sets hold the NAT64 forms of
+// the guarded IPv4 ranges (renderAllows). So the start reads the marks
+// as the policy before rendered with the prefixes the earlier run had
+// (Deps.Previous, compiled WithNAT64 of them; egressd run: recorded
+// beside the state directory's copy), and a rule whose accept rules open
+// other addresses now has its flows decided again. Read as unchanged
+// (same fingerprint), a's flow to the NAT64 form of its address is kept
+// once the prefix is gone or moved, and star's flow to the NAT64 form of
+// a private address (guarded once that prefix is a NAT64 one) is kept
+// once it is added: each a flow the new forward chain drops. Decided
+// again, the flows the new chain lets out are kept (a's to its IPv4
+// address, star's to a plain IPv6 one), and with the prefixes unchanged
+// nothing is cut.
+func TestRestartNAT64Changed(t *testing.T) {
+	requireNft(t)
+	p64, p65 := netip.MustParsePrefix("2001:db8:64::/96"), netip.MustParsePrefix("2001:db8:65::/96")
+	const (
+		src = `version: 1
+mode: enforce
+rules:
+  - {name: a, to: [198.18.2.2/32], ports: [9000/udp]}
+  - {name: star, to: ["*"], ports: [9001/udp]}
+`
+		a4     = "198.18.2.2:9000"
+		a64    = "[2001:db8:64::c612:202]:9000" // 198.18.2.2 under p64
+		star6  = "[2001:db8:2::2]:9001"
+		star64 = "[2001:db8:64::a00:1]:9001" // 10.0.0.1 under p64: guarded once p64 is a NAT64 prefix
+	)
+	for _, tc := range []struct {
+		name     string
+		old, new []netip.Prefix
+		dial     []string // the flows the earlier run let out
+		cut      []string
+	}{
+		{"removed", []netip.Prefix{p64}, nil, []string{a4, a64, star6}, []string{a64}},
+		{"added", nil, []netip.Prefix{p64}, []string{a4, star6, star64}, []string{star64}},
+		{"moved", []netip.Prefix{p64}, []netip.Prefix{p65}, []string{a4, a64, star6}, []string{a64}},
+		{"unchanged", []netip.Prefix{p64}, []netip.Prefix{p64}, []string{a4, a64, star6}, nil},
+	} {
+		t.Run(tc.name, func(t *testing.T) {
+			tp := newTopo(t)
+			tp.server.MustRun("ip", "-6", "addr", "add", "2001:db8:64::c612:202/64", "dev", "eth0", "nodad")
+			tp.server.MustRun("ip", "-6", "addr", "add", "2001:db8:64::a00:1/64", "dev", "eth0", "nodad")
+			tp.gw.MustRun("ip", "-6", "route", "add", "2001:db8:64::/64", "via", "2001:db8:2::2")
+			tp.serverUDP(t, a4, a64, star6, star64)
+			fw := tp.firewall(t, Config{})
+			before := compile(t, src).WithNAT64(tc.old)
+			if err := fw.Install(before); err != nil {
+				t.Fatal(err)
+			}
+			flows := map[string]*flow{}
+			for _, d := range tc.dial {
+				flows[d] = dialFlow(t, tp, "udp", d)
+			}
+			checkFlows(t, "installed", flows)
+			if err := fw.Detach(); err != nil {
+				t.Fatal(err)
+			}
+			fw2 := tp.firewallWith(t, Config{}, Deps{Registerer: prometheus.NewRegistry(), Logger: slog.New(slog.NewTextHandler(io.Discard, nil)),
+				Previous: compile(t, src).WithNAT64(tc.old)})
+			if err := fw2.Install(compile(t, src).WithNAT64(tc.new)); err != nil {
+				t.Fatal(err)
+			}
+			wantCut, wantKept := float64(len(tc.cut)), float64(len(tc.dial)-len(tc.cut))
+			if cut, kept := flowsMetric(fw2, "cut"), flowsMetric(fw2, "kept"); cut != wantCut || kept != wantKept {
+				t.Errorf("restart with NAT64 %v then %v: %v cut, %v kept, want %v and %v", tc.old, tc.new, cut, kept, wantCut, wantKept)
+			}
+			checkFlows(t, "restarted with NAT64 "+tc.name, flows, tc.cut...)
+		})
+	}
 }

@@ -3,6 +3,7 @@ package firewall
 import (
 	"context"
 	"errors"
+	"fmt"
 	"hash/fnv"
 	"log/slog"
 	"net"
@@ -27,7 +28,9 @@ import (
 //
 //   - tag 0 (between other interfaces, or marked before tags): kept;
 //   - a tag whose rule is in the new ruleset unchanged (same
-//     fingerprint): kept, whatever the rule's learned addresses became
+//     fingerprint, and its accept rules open the same destinations:
+//     opensHash, which a restart that changes the NAT64 prefixes
+//     changes): kept, whatever the rule's learned addresses became
 //     since (a DNS answer that expired long ago does not end a flow its
 //     unchanged rule let out). What a tag can mean is the rules that have
 //     it in Firewall.since: the ruleset of the last look that saw every
@@ -36,8 +39,9 @@ import (
 //     those before it in play). Where they disagree (a rule removed, and
 //     a new one drew its tag), the connection is decided again. At a
 //     start, since holds the ruleset of the policy the earlier egressd
-//     ran (Deps.Previous, rendered with this run's Config but the
-//     TCPPorts it ran with, Deps.PreviousTCPPorts), then the new
+//     ran (Deps.Previous, with the NAT64 prefixes it ran with, rendered
+//     with this run's Config but the TCPPorts it ran with,
+//     Deps.PreviousTCPPorts), then the new
 //     one; without it, the new ruleset alone: a tag it uses is then taken
 //     for its rule's (let out by an earlier egressd whose policy is
 //     unknown);
@@ -71,6 +75,7 @@ import (
 type flowRule struct {
 	name       string
 	fp         uint64 // fingerprint of what the accept rules depend on
+	opens      uint64 // hash of the destinations they open (opensHash)
 	tag        uint32 // in the mark's tag bits, shifted down; never 0
 	from       policy.ClientSet
 	ports      []policy.PortRange
@@ -104,6 +109,7 @@ func (rs *Ruleset) addFlowRule(r policy.Rule, ports []policy.PortRange, any4, an
 		fr.names = slices.Compact(fr.names)
 	}
 	fr.fp = fingerprint(r, ports)
+	fr.opens = fr.opensHash()
 	if rs.byTag == nil {
 		rs.byTag, rs.byFP = map[uint32][]*flowRule{}, map[uint64]*flowRule{}
 	}
@@ -156,6 +162,34 @@ func fingerprint(r policy.Rule, ports []policy.PortRange) uint64 {
 	return h.Sum64()
 }
 
+// opensHash hashes the destinations fr's accept rules open, which its
+// fingerprint does not hold all of: what the NAT64 prefixes
+// (policy.Engine.WithNAT64) add, the NAT64 forms of its IPv4 CIDRs and,
+// where it uses them ("*", a wide CIDR, names), the guarded sets' NAT64
+// forms of the guarded IPv4 ranges (renderAllows). They are the same
+// through one process's rulesets, but a restart may change them
+// (Deps.Previous).
+func (fr *flowRule) opensHash() uint64 {
+	var b strings.Builder
+	fmt.Fprintf(&b, "%t %t\x00nets", fr.any4, fr.any6)
+	for _, p := range fr.nets {
+		b.WriteString(" " + p.String())
+	}
+	b.WriteString("\x00wide")
+	for _, p := range fr.wide {
+		b.WriteString(" " + p.String())
+	}
+	if fr.any4 || fr.any6 || len(fr.wide) > 0 || len(fr.names) > 0 {
+		b.WriteString("\x00guards")
+		for _, p := range fr.guards {
+			b.WriteString(" " + p.String())
+		}
+	}
+	h := fnv.New64a()
+	h.Write([]byte(b.String()))
+	return h.Sum64()
+}
+
 // flowKey is a connection as forward saw its first packet.
 type flowKey struct {
 	client, dst netip.Addr
@@ -189,14 +223,16 @@ func (rs *Ruleset) keeps(since []*Ruleset, tag uint32, k flowKey, live func(set 
 			}
 		}
 	}
-	// Its rule (whichever it is) is unchanged: kept, under that rule's tag
-	// in rs. A tag none of them used (from before an egressd start, whose
-	// rulesets are unknown) is decided again, with no rule as a hint.
+	// Its rule (whichever it is) is unchanged, and opens what it opened
+	// (a restart may change the NAT64 prefixes): kept, under that rule's
+	// tag in rs. A tag none of them used (from before an egressd start,
+	// whose rulesets are unknown) is decided again, with no rule as a
+	// hint.
 	if len(was) > 0 {
 		newTag = 0
 		for _, fr := range was {
 			now := rs.byFP[fr.fp]
-			if now == nil || (newTag != 0 && now.tag != newTag) {
+			if now == nil || now.opens != fr.opens || (newTag != 0 && now.tag != newTag) {
 				newTag = 0
 				break
 			}
