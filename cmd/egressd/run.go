@@ -113,8 +113,9 @@ type daemon struct {
 	mode   policy.Mode // the --mode override, or ""
 	source string      // where the policy comes from, for reloads
 	// prevPolicy is the policy the egressd before this start ran with
-	// (the state directory's copy), for the firewall's first look at the
-	// connections already out; nil: none.
+	// (the state directory's copy), with the NAT64 prefixes it ran with,
+	// for the firewall's first look at the connections already out; nil:
+	// none.
 	prevPolicy *policy.Engine
 	// prevTCPPorts is the --tcp-ports prevPolicy's ruleset was rendered
 	// with (recorded beside the copy); nil: not known.
@@ -389,8 +390,10 @@ const nat64Usage = "NAT64 prefixes of the site's DNS64/NAT64 (RFC 6052 /96), com
 const runningPolicyFile = "policy.yaml"
 
 // runningFirewallFile records, beside runningPolicyFile, what else the
-// ruleset of the copy's policy in the kernel was rendered with that its
-// rule tags depend on (--tcp-ports), once the firewall took it, and
+// ruleset of the copy's policy in the kernel was rendered with that the
+// reading of its marks depends on (--tcp-ports, of which its rule tags
+// depend; --nat64-prefix, of which what its rules open depends), once
+// the firewall took it, and
 // which copy it goes with (its SHA-256: a copy written without it, by an
 // audit-mode start or an egressd before the record, is not matched to a
 // record of another policy's).
@@ -398,9 +401,13 @@ const runningFirewallFile = "policy.firewall.json"
 
 // firewallRecord is runningFirewallFile's content.
 type firewallRecord struct {
-	Version      int    `json:"version"`
-	TCPPorts     string `json:"tcp_ports"`     // --tcp-ports, as given
-	PolicySHA256 string `json:"policy_sha256"` // of the copy it goes with
+	Version  int    `json:"version"`
+	TCPPorts string `json:"tcp_ports"` // --tcp-ports, as given
+	// NAT64 is --nat64-prefix, as given; nil: not recorded (an egressd
+	// before the field, which ignores it: the version stays), read as
+	// this run's.
+	NAT64        *string `json:"nat64_prefix,omitempty"`
+	PolicySHA256 string  `json:"policy_sha256"` // of the copy it goes with
 	// MarksPolicy is the source of the policy whose enforce ruleset
 	// marked the flows still out, when it is not the copy's: a start or
 	// reload since installed no enforce ruleset (audit mode, with or
@@ -416,23 +423,39 @@ const firewallRecordVersion = 1
 // previousPolicy compiles the state directory's copy of the policy the
 // egressd before this start ran with: the firewall reads the tags in the
 // conntrack marks of the connections that one let out as its rules'
-// (firewall.Deps.Previous), rendered with the --tcp-ports recorded
-// beside it (tcpPorts; nil when there is no record of this copy: this
-// run's are used); the record's MarksPolicy instead of the copy when it
-// names one (the copy is of a run that put no enforce ruleset in). Nil
-// when there is none, or it does not compile (a
-// newer egressd's, rolled back from): said, and the tags are read as the
-// new policy's.
+// (firewall.Deps.Previous), with the --nat64-prefix and rendered with the
+// --tcp-ports recorded beside it (tcpPorts; nil when there is no record
+// of this copy: this run's are used, and this run's prefixes); the
+// record's MarksPolicy instead of the copy when it names one (the copy
+// is of a run that put no enforce ruleset in). Nil when there is none,
+// or it does not compile (a newer egressd's, rolled back from): said,
+// and the tags are read as the new policy's.
 func (d *daemon) previousPolicy() (eng *policy.Engine, tcpPorts *[]policy.PortRange) {
+	eng, tcpPorts, nat64 := d.previousRecorded()
+	if eng == nil {
+		return nil, nil
+	}
+	if nat64 == nil {
+		// Checked by checkFlagValues.
+		this, _ := policy.ParseNAT64(d.cfg.nat64)
+		nat64 = &this
+	}
+	return eng.WithNAT64(*nat64), tcpPorts
+}
+
+// previousRecorded is previousPolicy's reading of the copy and the
+// record: the policy, and the --tcp-ports and --nat64-prefix recorded
+// for it (nil: not known).
+func (d *daemon) previousRecorded() (eng *policy.Engine, tcpPorts *[]policy.PortRange, nat64 *[]netip.Prefix) {
 	p := filepath.Join(d.cfg.stateDir, runningPolicyFile)
 	src, err := os.ReadFile(p)
 	if err != nil {
-		return nil, nil
+		return nil, nil, nil
 	}
 	eng, err = policy.Compile(p, src)
 	if err != nil {
 		d.log.Warn("the state directory's copy of the policy before this start does not compile; conntrack mark tags are read as the new policy's", audit.LogError, err.Error())
-		return nil, nil
+		return nil, nil, nil
 	}
 	rp := filepath.Join(d.cfg.stateDir, runningFirewallFile)
 	b, err := os.ReadFile(rp)
@@ -440,7 +463,7 @@ func (d *daemon) previousPolicy() (eng *policy.Engine, tcpPorts *[]policy.PortRa
 		if !errors.Is(err, os.ErrNotExist) {
 			d.log.Warn("cannot read the record of the --tcp-ports the policy before this start ran with; its tags are read with this run's", "file", rp, audit.LogError, err.Error())
 		}
-		return eng, nil
+		return eng, nil, nil
 	}
 	var rec firewallRecord
 	sum := sha256.Sum256(src)
@@ -448,19 +471,27 @@ func (d *daemon) previousPolicy() (eng *policy.Engine, tcpPorts *[]policy.PortRa
 	switch err := json.Unmarshal(b, &rec); {
 	case err != nil:
 		d.log.Warn("the record of the --tcp-ports the policy before this start ran with does not parse; its tags are read with this run's", "file", rp, audit.LogError, err.Error())
-		return eng, nil
+		return eng, nil, nil
 	case rec.Version != firewallRecordVersion:
 		d.log.Warn("the record of the --tcp-ports the policy before this start ran with is of another version; its tags are read with this run's", "file", rp, "version", rec.Version)
-		return eng, nil
+		return eng, nil, nil
 	case rec.PolicySHA256 != hex.EncodeToString(sum[:]):
 		// The copy was written after the record (an audit-mode start, an
 		// egressd from before the record): not its ports.
 		d.log.Info("the record of --tcp-ports is of another copy of the policy; the tags of the policy before this start are read with this run's", "file", rp)
-		return eng, nil
+		return eng, nil, nil
 	}
 	if ports, err = parseTCPPorts(rec.TCPPorts); err != nil {
 		d.log.Warn("the record of the --tcp-ports the policy before this start ran with does not parse; its tags are read with this run's", "file", rp, audit.LogError, err.Error())
-		return eng, nil
+		return eng, nil, nil
+	}
+	if rec.NAT64 != nil {
+		n, err := policy.ParseNAT64(*rec.NAT64)
+		if err != nil {
+			d.log.Warn("the record of the --nat64-prefix the policy before this start ran with does not parse; its rules are read with this run's", "file", rp, audit.LogError, err.Error())
+		} else {
+			nat64 = &n
+		}
 	}
 	if rec.MarksPolicy != "" {
 		// The copy is of a run that installed no enforce ruleset: the
@@ -468,11 +499,11 @@ func (d *daemon) previousPolicy() (eng *policy.Engine, tcpPorts *[]policy.PortRa
 		meng, err := policy.Compile(rp, []byte(rec.MarksPolicy))
 		if err != nil {
 			d.log.Warn("the policy whose ruleset marked the flows still out does not compile; conntrack mark tags are read as the new policy's", "file", rp, audit.LogError, err.Error())
-			return nil, nil
+			return nil, nil, nil
 		}
-		return meng, &ports
+		return meng, &ports, nat64
 	}
-	return eng, &ports
+	return eng, &ports, nat64
 }
 
 // readFirewallRecord returns the record beside the copy when it is of
@@ -497,10 +528,10 @@ func (d *daemon) readFirewallRecord(copy []byte) *firewallRecord {
 // on a reload, once the firewall took it (not a policy refused, nor an
 // edit made since it was read). With installed and an enforce policy,
 // its ruleset marks the flows it lets out: the --tcp-ports it was
-// rendered with are recorded beside it (runningFirewallFile), for the
-// next start's reading of the marks; otherwise the record, when it is of
-// the copy replaced, goes on naming the policy and ports of the enforce
-// run before (firewallRecord.MarksPolicy), whose marks outlive its table.
+// rendered with and the --nat64-prefix it ran with are recorded beside
+// it (runningFirewallFile), for the next start's reading of the marks;
+// otherwise the record, when it is of the copy replaced, goes on naming
+// the policy, ports and prefixes of the enforce run before (firewallRecord.MarksPolicy), whose marks outlive its table.
 // Failure only costs the report its unused-rules list and the next start
 // its reading of the marks as the policy's before it (previousPolicy),
 // so it is logged, not fatal.
@@ -515,7 +546,7 @@ func (d *daemon) savePolicy(installed bool) {
 		// another copy, read as none (this run's --tcp-ports), not one
 		// that names the earlier policy's.
 		if err = writeAtomic(copyPath, d.src); err == nil {
-			err = writeRecord(recPath, firewallRecord{Version: firewallRecordVersion, TCPPorts: d.cfg.tcpPorts, PolicySHA256: hex.EncodeToString(sum[:])})
+			err = writeRecord(recPath, firewallRecord{Version: firewallRecordVersion, TCPPorts: d.cfg.tcpPorts, NAT64: &d.cfg.nat64, PolicySHA256: hex.EncodeToString(sum[:])})
 		}
 	default:
 		// No enforce ruleset of this policy marks flows: those still out
