@@ -391,8 +391,8 @@ const runningPolicyFile = "policy.yaml"
 
 // runningFirewallFile records, beside runningPolicyFile, what else the
 // ruleset of the copy's policy in the kernel was rendered with that the
-// reading of its marks depends on (--tcp-ports, of which its rule tags
-// depend; --nat64-prefix, of which what its rules open depends), once
+// reading of its marks depends on (--tcp-ports, on which its rule tags
+// depend; --nat64-prefix, on which what its rules open depends), once
 // the firewall took it, and
 // which copy it goes with (its SHA-256: a copy written without it, by an
 // audit-mode start or an egressd before the record, is not matched to a
