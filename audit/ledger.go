@@ -490,8 +490,8 @@ func (l *Ledger) attributeLocked(rec *flowRec, ev *Event, t time.Time) {
 		rs.bytesOut += ev.BytesOut
 		rs.bytesIn += ev.BytesIn
 		rs.clients.add(ev.Client.Unmap(), ev.ClientMAC, l.opt.MaxClients)
-		rec.dest = destName(ev)
-		rs.dests.add(rec.dest, l.opt.MaxDestinations)
+		rec.dest = rs.dests.add(recDest(rec, ev), l.opt.MaxDestinations)
+		rec.shareName(rec.dest)
 		rs.seen(t)
 		rec.rule = rs
 	} else {
@@ -505,8 +505,9 @@ func (l *Ledger) attributeLocked(rec *flowRec, ev *Event, t time.Time) {
 		if ev.Kind == KindFlow {
 			l.totals.Dropped++
 		}
-		ds := l.dropLocked(ev)
+		ds := l.dropNameLocked(ev, recDest(rec, ev))
 		if ds != nil {
+			rec.shareName(ds.key.dest)
 			if ev.Kind == KindFlow {
 				ds.flows++
 				if ev.Enforced {
@@ -754,8 +755,11 @@ func (l *Ledger) ruleLocked(name string) *ruleStats {
 // overflowKey collects the flows of dropped destinations beyond MaxDropped.
 var overflowKey = dropKey{dest: "(other destinations)", proto: "*"}
 
-func (l *Ledger) dropLocked(ev *Event) *dropStats {
-	k := dropKey{dest: destName(ev), port: ev.DestPort, proto: ev.Proto}
+func (l *Ledger) dropLocked(ev *Event) *dropStats { return l.dropNameLocked(ev, destName(ev)) }
+
+// dropNameLocked is dropLocked for ev's destName, name.
+func (l *Ledger) dropNameLocked(ev *Event, name string) *dropStats {
+	k := dropKey{dest: name, port: ev.DestPort, proto: ev.Proto}
 	if ev.Kind == KindDNS {
 		k.port, k.proto = 53, "dns"
 	}
@@ -771,6 +775,28 @@ func (l *Ledger) dropLocked(ev *Event) *dropStats {
 		l.dropped[k] = ds
 	}
 	return ds
+}
+
+// recDest is destName(ev) for ev, the report that counts rec: a query's
+// key holds the same name (lowercased, without the root's dot) when the
+// name is bounded, as every sink of this package bounds it, and then
+// that one string, not a second copy of it (up to 255 bytes a record in
+// MaxFlows of them: TestLedgerTextMemoryBound).
+func recDest(rec *flowRec, ev *Event) string {
+	if rec.id.kind == KindDNS && rec.id.name != "" && len(ev.Name) <= MaxNameBytes {
+		return rec.id.name
+	}
+	return destName(ev)
+}
+
+// shareName makes rec's query name s, the string a rule's destinations
+// or a dropped entry keep, when it is that name: the records of one name
+// then keep one copy of it (an event carries its own, Journal.Emit's
+// clone), not one each (TestLedgerRecordsShareNames).
+func (rec *flowRec) shareName(s string) {
+	if rec.id.name == s {
+		rec.id.name = s
+	}
 }
 
 // destName is the best name known for the event's destination, else its
@@ -1008,21 +1034,24 @@ type destEntry struct {
 	pos int // in h
 }
 
-func (d *destCounter) add(name string, max int) {
+// add counts name once and returns the string the counter keeps for it
+// (its own when it had the name already: a caller that keeps name keeps
+// that one, not another copy).
+func (d *destCounter) add(name string, max int) string {
 	if d.idx == nil {
 		d.idx = map[string]*destEntry{}
 	}
 	if e := d.idx[name]; e != nil {
 		e.Count++
 		d.down(e.pos)
-		return
+		return e.Dest
 	}
 	if len(d.h) < max || len(d.h) == 0 {
 		e := &destEntry{DestCount{name, 1}, len(d.h)}
 		d.h = append(d.h, e)
 		d.idx[name] = e
 		d.up(e.pos)
-		return
+		return name
 	}
 	e := d.h[0]
 	delete(d.idx, e.Dest)
@@ -1030,6 +1059,7 @@ func (d *destCounter) add(name string, max int) {
 	e.Count++
 	d.idx[name] = e
 	d.down(0)
+	return name
 }
 
 // remove takes back one count of name, if the counter still holds it.
