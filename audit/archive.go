@@ -516,9 +516,10 @@ func (l *Ledger) importFlowsLocked(fs []archFlow) {
 			continue
 		}
 		id := flowID{FlowKey: FlowKey{Client: f.Client.Unmap(), ClientPort: f.ClientPort, Dest: f.DestIP.Unmap(), DestPort: f.DestPort,
-			Proto: Clip(f.Proto, 8)}, kind: f.Kind}
+			Proto: knownText(Clip(f.Proto, 8))}, kind: KindFlow}
 		if f.Kind == KindDNS {
-			id.name, id.qtype, id.qid = lowerASCII(trimDot(Clip(f.Name, MaxNameBytes))), Clip(f.QType, 16), f.QueryID
+			id.kind = KindDNS
+			id.name, id.qtype, id.qid = lowerASCII(trimDot(Clip(f.Name, MaxNameBytes))), knownText(Clip(f.QType, 16)), f.QueryID
 		}
 		if id.ClientPort == 0 && id.DestPort == 0 {
 			continue
@@ -586,10 +587,18 @@ func (l *Ledger) importFlowsLocked(fs []archFlow) {
 		h := id.hash(l.seed)
 		rec := l.recLocked()
 		rec.id, rec.h, rec.start, rec.end = id, h, f.Start.UTC(), f.End.UTC()
-		rec.bytesOut, rec.bytesIn, rec.enforced, rec.source = f.BytesOut, f.BytesIn, f.Enforced, Source(Clip(string(f.Source), 16))
+		rec.bytesOut, rec.bytesIn, rec.enforced, rec.source = f.BytesOut, f.BytesIn, f.Enforced, Source(knownText(Clip(string(f.Source), 16)))
 		rec.rule, rec.drop, rec.denied = rs, ds, denied
 		if rs != nil {
+			// The rule's destinations' copy of the name, when they
+			// count it: one string for the records of a name.
 			rec.dest = Clip(f.Dest, MaxNameBytes)
+			if e := rs.dests.idx[rec.dest]; e != nil {
+				rec.dest = e.Dest
+			}
+			rec.shareName(rec.dest)
+		} else {
+			rec.shareName(ds.key.dest)
 		}
 		l.rememberLocked(rec)
 	}

@@ -429,9 +429,11 @@ func (l *Ledger) addRecLocked(ev *Event) (bool, *flowRec) {
 	if ev.Mode != "" {
 		l.lastMode = ev.Mode
 	}
-	id := flowID{FlowKey: ev.Key(), kind: ev.Kind}
+	id := flowID{FlowKey: ev.Key(), kind: KindFlow}
+	id.Proto = knownText(id.Proto)
 	if ev.Kind == KindDNS {
-		id.name, id.qtype, id.qid = lowerASCII(trimDot(ev.Name)), ev.QType, ev.QueryID
+		id.kind = KindDNS
+		id.name, id.qtype, id.qid = lowerASCII(trimDot(ev.Name)), knownText(ev.QType), ev.QueryID
 	}
 	// An event of a summary record was counted on its own live. A
 	// query over TCP is never retransmitted (TCP does that below DNS),
@@ -478,7 +480,7 @@ func (l *Ledger) addRecLocked(ev *Event) (bool, *flowRec) {
 // attributeLocked counts a new flow or query record in its rule (allowed)
 // or its dropped destination (denied), with ev's bytes.
 func (l *Ledger) attributeLocked(rec *flowRec, ev *Event, t time.Time) {
-	rec.source = ev.Source
+	rec.source = Source(knownText(string(ev.Source)))
 	if ev.Verdict == policy.Allow {
 		rs := l.ruleLocked(ev.Rule)
 		if ev.Kind == KindFlow {
@@ -797,6 +799,50 @@ func (rec *flowRec) shareName(s string) {
 	if rec.id.name == s {
 		rec.id.name = s
 	}
+}
+
+// knownText returns s as the program's constant when it is one of the
+// protocols, sources and common query types events carry, else s: a
+// record keeps the constant, not an event's copy (the log's events, read
+// on a restart, each decode their own: TestLedgerReadRecordsKeepNoText).
+func knownText(s string) string {
+	switch s {
+	case "tcp":
+		return "tcp"
+	case "udp":
+		return "udp"
+	case string(SourceProxy):
+		return string(SourceProxy)
+	case string(SourceDNS):
+		return string(SourceDNS)
+	case string(SourceCapture):
+		return string(SourceCapture)
+	case string(SourceFirewall):
+		return string(SourceFirewall)
+	case "A":
+		return "A"
+	case "AAAA":
+		return "AAAA"
+	case "HTTPS":
+		return "HTTPS"
+	case "SVCB":
+		return "SVCB"
+	case "CNAME":
+		return "CNAME"
+	case "PTR":
+		return "PTR"
+	case "TXT":
+		return "TXT"
+	case "MX":
+		return "MX"
+	case "SRV":
+		return "SRV"
+	case "NS":
+		return "NS"
+	case "SOA":
+		return "SOA"
+	}
+	return s
 }
 
 // destName is the best name known for the event's destination, else its
