@@ -38,10 +38,31 @@ func TestDetailBudgetLateTwin(t *testing.T) {
 		ev.Stamp(deny)
 		return ev
 	}
+	emitTwins(t, j, conns, 2, flow) // two intervals end
+	want := live.Report(ReportOptions{Now: reportNow})
+	if want.Totals.Flows != conns || want.Totals.Duplicates != conns {
+		t.Fatalf("live totals %+v, want %d flows and as many duplicates", want.Totals, conns)
+	}
+	reread, _, err := LoadDir(dir, eng, LedgerOptions{}, nil)
+	if err != nil {
+		t.Fatal(err)
+	}
+	if d := cmp.Diff(want, reread.Report(ReportOptions{Now: reportNow})); d != "" {
+		t.Errorf("the report read back from the log differs (-live +read):\n%s", d)
+	}
+}
+
+// emitTwins emits capture's report of conns flows (flow(i, SourceCapture)),
+// writes them, ends rolls intervals of the detail budget (their summaries
+// written), checks that some were held back, then emits the proxy's
+// report of each (flow(i, SourceProxy)) and closes the journal.
+func emitTwins(t *testing.T, j *Journal, conns, rolls int, flow func(i int, src Source) Event) {
+	t.Helper()
 	for i := range conns {
 		j.Emit(flow(i, SourceCapture))
 	}
-	for range 2 { // two intervals end
+	j.takeBatch()
+	for range rolls {
 		j.takeBatch()
 		j.writeSummaries()
 	}
@@ -53,16 +74,5 @@ func TestDetailBudgetLateTwin(t *testing.T) {
 	}
 	if err := j.Close(); err != nil {
 		t.Fatal(err)
-	}
-	want := live.Report(ReportOptions{Now: reportNow})
-	if want.Totals.Flows != conns || want.Totals.Duplicates != conns {
-		t.Fatalf("live totals %+v, want %d flows and as many duplicates", want.Totals, conns)
-	}
-	reread, _, err := LoadDir(dir, eng, LedgerOptions{}, nil)
-	if err != nil {
-		t.Fatal(err)
-	}
-	if d := cmp.Diff(want, reread.Report(ReportOptions{Now: reportNow})); d != "" {
-		t.Errorf("the report read back from the log differs (-live +read):\n%s", d)
 	}
 }

@@ -35,23 +35,7 @@ func TestDetailBudgetLateTwinReattributed(t *testing.T) {
 			ev.Stamp(deny)
 			return ev
 		}
-		for i := range conns {
-			j.Emit(flow(i, SourceCapture))
-		}
-		j.takeBatch()
-		for range rolls {
-			j.takeBatch()
-			j.writeSummaries()
-		}
-		if j.summarized.Load() == 0 {
-			t.Fatalf("nothing was held back: the test does not reach the detail budget")
-		}
-		for i := range conns {
-			j.Emit(flow(i, SourceProxy))
-		}
-		if err := j.Close(); err != nil {
-			t.Fatal(err)
-		}
+		emitTwins(t, j, conns, rolls, flow)
 		want := live.Report(ReportOptions{Now: reportNow})
 		reread, _, err := LoadDir(dir, eng, LedgerOptions{}, nil)
 		if err != nil {
