@@ -2,6 +2,7 @@ package main
 
 import (
 	"context"
+	"flag"
 	"fmt"
 	"io"
 	"os"
@@ -16,7 +17,7 @@ import (
 )
 
 func init() {
-	commands["audit"] = command{"audit --policy FILE (CAPTURE.pcap | --replay STATE_DIR_OR_EVENTS) [--json | --html OUT] [--mode audit|enforce] [--nat64-prefix PREFIX,...] [--no-progress]",
+	commands["audit"] = command{"audit --policy FILE (CAPTURE.pcap | --replay STATE_DIR_OR_EVENTS) [--json | --html OUT] [--mode audit|enforce] [--nat64-prefix PREFIX,...] [--tcp-ports all|LIST] [--gateway-addr ADDR,...] [--no-progress]",
 		"classify every flow of a pcap/pcapng capture, or replay recorded events, under a policy and print the report (no root needed)", cmdAudit}
 }
 
@@ -28,8 +29,11 @@ func cmdAudit(ctx context.Context, args []string, stdout, stderr io.Writer) int 
 	mode := fs.String("mode", "", "override the policy's mode: audit or enforce")
 	noProgress := fs.Bool("no-progress", false, "no progress bar, even on a terminal")
 	replay := fs.String("replay", "", "replay the events of a state directory or event log under the policy instead of reading a capture")
-	var nat64 string
+	var nat64, tcpPorts string
+	var gwAddrs listFlag
 	nat64Flag(fs, &nat64)
+	tcpPortsFlag(fs, &tcpPorts)
+	gatewayAddrFlag(fs, &gwAddrs)
 	pos, err := parseArgs(fs, args)
 	if err != nil {
 		return flagErr(err)
@@ -50,11 +54,35 @@ func cmdAudit(ctx context.Context, args []string, stdout, stderr io.Writer) int 
 	if !ok {
 		return exitUsage
 	}
+	ports, ok := tcpPortsList("audit", tcpPorts, stderr)
+	if !ok {
+		return exitUsage
+	}
+	own, ok := gatewayAddrs("audit", gwAddrs, stderr)
+	if !ok {
+		return exitUsage
+	}
 	if *replay != "" && *htmlOut != "" {
 		// A replay prints what would change as text or JSON; there is no
 		// HTML form, and ignoring --html would leave no file and no word.
 		fmt.Fprintln(stderr, "egressd audit: --replay prints text or --json; --html is for a capture's report")
 		return exitUsage
+	}
+	if *replay != "" {
+		// The recorded events were decided by the gateway that recorded
+		// them, with its own --tcp-ports and addresses; a replay decides
+		// names and addresses again, which neither changes. Ignoring
+		// them would leave the operator believing they counted.
+		var capOnly []string
+		fs.Visit(func(f *flag.Flag) {
+			if f.Name == "tcp-ports" || f.Name == "gateway-addr" {
+				capOnly = append(capOnly, "--"+f.Name)
+			}
+		})
+		if len(capOnly) > 0 {
+			fmt.Fprintf(stderr, "egressd audit: %s: for a capture's audit; a replay's events were decided under the recording gateway's\n", strings.Join(capOnly, " and "))
+			return exitUsage
+		}
 	}
 	if *replay != "" && *policyFile != "" && len(pos) == 0 {
 		eng, err := loadEngine(*policyFile, stderr)
@@ -80,7 +108,10 @@ func cmdAudit(ctx context.Context, args []string, stdout, stderr io.Writer) int 
 		fmt.Fprintln(stderr, "note: the policy names clients by MAC: offline, a client's MAC is its frames' source address; a client behind a router carries the router's there, which egressd run's proxy and DNS forwarder never see (it has no MAC for them): its flows may be allowed here and refused there")
 	}
 	ledger := audit.NewLedger(eng, audit.LedgerOptions{})
-	c, err := capture.New(capture.Config{}, capture.Deps{Policy: policy.NewStore(eng), Sink: ledger})
+	// Judged as egressd run's capture with the same --tcp-ports and the
+	// gateway's addresses (OwnAddrs: none unless given; ReadFile reads
+	// no interface's).
+	c, err := capture.New(capture.Config{TCPPorts: ports, OwnAddrs: own}, capture.Deps{Policy: policy.NewStore(eng), Sink: ledger})
 	if err != nil {
 		fmt.Fprintln(stderr, "egressd:", err)
 		return exitFail

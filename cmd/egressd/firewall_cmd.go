@@ -47,7 +47,8 @@ func cmdFirewallPrint(args []string, stdout, stderr io.Writer) int {
 	proxyPort := fs.Uint("proxy-port", defaultProxyPort, "transparent proxy port that LAN TCP is redirected to")
 	proxyPort6 := fs.Uint("proxy-port6", 0, "transparent proxy port for IPv6 (default: --proxy-port)")
 	dnsPort := fs.Uint("dns-port", firewall.DefaultDNSPort, "DNS forwarder port that LAN DNS is redirected to")
-	tcpPorts := fs.String("tcp-ports", "all", `TCP ports redirected to the proxy: "all" or a list such as 80,443,5228-5230`)
+	var tcpPorts string
+	tcpPortsFlag(fs, &tcpPorts)
 	masq := fs.Bool("masquerade", false, "NAT traffic leaving the WAN interface")
 	guard := fs.Bool("guard-wan", false, "drop new connections from the WAN side in audit mode too")
 	wanOpen := fs.String("wan-open", "", "ports of the gateway reachable from the WAN side, such as 22/tcp,51820/udp")
@@ -85,8 +86,8 @@ func cmdFirewallPrint(args []string, stdout, stderr io.Writer) int {
 		}
 		*p.dst = uint16(p.v)
 	}
-	if cfg.TCPPorts, err = parseTCPPorts(*tcpPorts); err != nil {
-		fmt.Fprintln(stderr, "egressd firewall print: --tcp-ports:", err)
+	var ok bool
+	if cfg.TCPPorts, ok = tcpPortsList("firewall print", tcpPorts, stderr); !ok {
 		return exitUsage
 	}
 	if cfg.WANOpen, err = parsePortProtos(*wanOpen); err != nil {

@@ -95,7 +95,7 @@ func (c *runConfig) flags(fs *flag.FlagSet) {
 	fs.StringVar(&c.explicit, "explicit-proxy-listen", "", "explicit HTTP/CONNECT proxy listen address (default: each LAN interface's address, port 3128; \"off\" to disable)")
 	fs.StringVar(&c.proxyUsers, "proxy-users", "", "file of NAME:bcrypt:HASH lines (egressd proxy-users hash NAME): the explicit proxy then asks for one of these users (HTTP Basic, 407)")
 	fs.StringVar(&c.dnsListen, "dns-listen", ":53", "DNS forwarder listen addresses, comma-separated (UDP and TCP)")
-	fs.StringVar(&c.tcpPorts, "tcp-ports", "all", `TCP ports redirected to the proxy in enforce mode: "all" or a list such as 80,443,5228-5230 (the ports of host/path rules are always redirected)`)
+	tcpPortsFlag(fs, &c.tcpPorts)
 	fs.StringVar(&c.ctMarkBits, "ct-mark-bits", defaultCTMarkBits, ctMarkBitsUsage)
 	nat64Flag(fs, &c.nat64)
 	fs.BoolVar(&c.inspect, "inspect", false, "decrypt connections to hosts with host/path rules (CA in the state directory; egressd ca export)")
