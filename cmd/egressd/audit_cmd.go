@@ -141,6 +141,9 @@ func cmdAudit(ctx context.Context, args []string, stdout, stderr io.Writer) int 
 	}
 	fmt.Fprintf(stderr, "capture: %d packets, %d flows (%d denied), %d malformed packets skipped, %d flows evicted\n",
 		stats.Packets, stats.Flows, stats.Denied, stats.Malformed, stats.Evicted)
+	if own != nil {
+		fmt.Fprintf(stderr, "capture: %d flows to or from the gateway's own addresses (--gateway-addr), not reported\n", stats.Own)
+	}
 
 	rep := ledger.Report(audit.ReportOptions{})
 	switch {

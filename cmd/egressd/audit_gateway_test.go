@@ -2,6 +2,7 @@ package main
 
 import (
 	"encoding/json"
+	"fmt"
 	"net/netip"
 	"os"
 	"path/filepath"
@@ -180,6 +181,12 @@ func TestAuditGatewayAddrs(t *testing.T) {
 		{[]string{"--gateway-addr", "192.0.2.2"}, 1},
 	} {
 		rep := runAuditJSON(t, append([]string{"--policy", pol, pcap}, tc.args...)...)
+		// The own flows are counted, and the count said, when the
+		// addresses are given.
+		_, _, stderr := runCLI(t, append([]string{"audit", "--json", "--no-progress", "--policy", pol, pcap}, tc.args...)...)
+		if said := strings.Contains(stderr, fmt.Sprintf("capture: %d flows to or from the gateway's own addresses", 1-tc.dropped)); said != (tc.args != nil) {
+			t.Errorf("%v: stderr %q", tc.args, stderr)
+		}
 		if len(rep.Dropped) != tc.dropped || tc.dropped == 1 && (rep.Dropped[0].IP != "192.0.2.1" || rep.Dropped[0].Reason != "no-rule") {
 			t.Errorf("%v: dropped %+v, want %d (the ssh to the gateway)", tc.args, rep.Dropped, tc.dropped)
 		}
