@@ -9,7 +9,7 @@ import (
 )
 
 // gatewayAddrUsage is audit's --gateway-addr help.
-const gatewayAddrUsage = "the gateway's own addresses, comma-separated or the flag repeated, such as 192.0.2.1,2001:db8::1 (egressd run reads them from its interfaces): flows to or from one are the gateway's own traffic, not egress, as live capture counts them"
+const gatewayAddrUsage = "the gateway's own addresses, each an `ADDR`, comma-separated or the flag repeated, such as 192.0.2.1,2001:db8::1 (egressd run reads them from its interfaces): flows to or from one are the gateway's own traffic, not egress, as live capture counts them"
 
 // listFlag is a flag that may be repeated: each value is kept, and
 // String gives them comma-joined, as one comma-separated value would be.
