@@ -282,3 +282,70 @@ func TestReportRotatedOut(t *testing.T) {
 		t.Errorf("replay: exit %d\n%s\n%s", code, out, stderr)
 	}
 }
+
+// TestReportStateDirEnforceMode: a daemon run with --mode enforce keeps the
+// policy file's copy (mode: audit) in its state directory. The report read
+// from that directory says the mode the events were decided in, not the
+// file's: before, it said "mode audit" and headed the refused connections
+// "WOULD BE DROPPED (audit mode: not blocked)" beside ENFORCED yes.
+func TestReportStateDirEnforceMode(t *testing.T) {
+	dir := t.TempDir()
+	src, err := os.ReadFile(auditPolicy)
+	if err != nil {
+		t.Fatal(err)
+	}
+	if !bytes.Contains(src, []byte("mode: audit")) {
+		t.Fatal("the test policy is not an audit-mode one")
+	}
+	if err := os.WriteFile(filepath.Join(dir, runningPolicyFile), src, 0o644); err != nil {
+		t.Fatal(err)
+	}
+	eng, err := loadEngine(auditPolicy, &bytes.Buffer{})
+	if err != nil {
+		t.Fatal(err)
+	}
+	eng = eng.WithMode(policy.ModeEnforce) // as run --mode enforce
+	l := audit.NewLedger(eng, audit.LedgerOptions{})
+	j, _, err := audit.OpenJournal(audit.JournalConfig{Dir: dir}, l)
+	if err != nil {
+		t.Fatal(err)
+	}
+	go j.Run(context.Background())
+	for i, d := range []struct {
+		dest, name string
+	}{{"198.51.100.10", "api.nirovision.com"}, {"203.0.113.9", "tracker.example"}} {
+		ev := audit.Event{Kind: audit.KindFlow, Source: audit.SourceProxy, Time: rt0.Add(time.Duration(i) * time.Minute),
+			Client: netip.MustParseAddr("192.168.10.5"), ClientPort: uint16(40000 + i), Dest: netip.MustParseAddr(d.dest),
+			DestPort: 443, Proto: "tcp", Name: d.name}
+		ev.Stamp(eng.Decide(policy.Input{Client: ev.Client, Dest: ev.Dest, Port: 443, Proto: policy.TCP, Name: d.name, Now: ev.Time}))
+		j.Emit(ev)
+	}
+	if err := j.Close(); err != nil {
+		t.Fatal(err)
+	}
+
+	code, out, stderr := runCmd(t, "report", "--state-dir", dir, "--json")
+	if code != 0 {
+		t.Fatalf("exit %d: %s", code, stderr)
+	}
+	var rep audit.Report
+	if err := json.Unmarshal([]byte(out), &rep); err != nil {
+		t.Fatal(err)
+	}
+	if rep.Mode != policy.ModeEnforce {
+		t.Errorf("mode %q, want enforce (the events' mode)", rep.Mode)
+	}
+	if len(rep.Dropped) != 1 || !rep.Dropped[0].Enforced {
+		t.Errorf("dropped %+v, want one enforced entry", rep.Dropped)
+	}
+	if len(rep.UnusedRules) == 0 {
+		t.Error("no unused rules: the state directory's policy copy was not read")
+	}
+	code, out, stderr = runCmd(t, "report", "--state-dir", dir)
+	if code != 0 {
+		t.Fatalf("exit %d: %s", code, stderr)
+	}
+	if strings.Contains(out, "audit mode") || !strings.Contains(out, "mode enforce") {
+		t.Errorf("text report says audit mode for enforce-mode events:\n%s", out)
+	}
+}
