@@ -24,6 +24,11 @@ type ReportOptions struct {
 	// Now is the report's time (for expired rules and GeneratedAt); zero
 	// means the ledger's clock.
 	Now time.Time
+	// EventMode makes the report's mode the latest event's, where the
+	// ledger has read one, rather than the policy's: a state directory's
+	// report, whose policy copy carries the file's mode and not the mode
+	// `egressd run --mode` gave it.
+	EventMode bool
 }
 
 // Report is the rule-usage report: DESIGN.md's report JSON, plus extra
@@ -423,7 +428,9 @@ func (l *Ledger) snapshot(opt ReportOptions) *Report {
 	order := map[string]int{}
 	r.Mode = l.lastMode
 	if l.eng != nil {
-		r.Mode = l.eng.Mode()
+		if !opt.EventMode || r.Mode == "" {
+			r.Mode = l.eng.Mode()
+		}
 		r.Policy = l.eng.Policy().File
 		for i, rule := range l.eng.Rules() {
 			order[rule.Name] = i

@@ -111,7 +111,9 @@ func cmdReport(ctx context.Context, args []string, stdout, stderr io.Writer) int
 			fmt.Fprintf(stderr, ", and a summary of %d events of %d files rotated out", st.Summarized, st.SummarizedFiles)
 		}
 		fmt.Fprintln(stderr)
-		rep = l.Report(audit.ReportOptions{Since: sinceT})
+		// The events' mode: the policy copy's is the file's, not the
+		// daemon's --mode.
+		rep = l.Report(audit.ReportOptions{Since: sinceT, EventMode: true})
 		if eng == nil {
 			rep.Notes = append(rep.Notes, "no policy given (--policy): unused and expired rules are not listed")
 		}
