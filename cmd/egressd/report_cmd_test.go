@@ -349,3 +349,21 @@ func TestReportStateDirEnforceMode(t *testing.T) {
 		t.Errorf("text report says audit mode for enforce-mode events:\n%s", out)
 	}
 }
+
+// TestReportStateDirNotDir: --state-dir naming a file is one plain error,
+// not first a warning that the summary of rotated-out files is unreadable
+// (it said so, with kept_as="", before the error).
+func TestReportStateDirNotDir(t *testing.T) {
+	f := filepath.Join(t.TempDir(), "state")
+	if err := os.WriteFile(f, []byte("x"), 0o644); err != nil {
+		t.Fatal(err)
+	}
+	code, out, stderr := runCmd(t, "report", "--state-dir", f)
+	if code != exitFail || out != "" {
+		t.Fatalf("exit %d, output %q", code, out)
+	}
+	lines := strings.Split(strings.TrimSpace(stderr), "\n")
+	if len(lines) != 1 || !strings.Contains(stderr, "not a directory") || strings.Contains(stderr, "summary") {
+		t.Errorf("stderr: want one line saying %s is not a directory, got:\n%s", f, stderr)
+	}
+}
