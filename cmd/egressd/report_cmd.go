@@ -96,8 +96,11 @@ func cmdReport(ctx context.Context, args []string, stdout, stderr io.Writer) int
 				return exitFail
 			}
 		}
-		if _, err := os.Stat(*stateDir); err != nil {
+		if fi, err := os.Stat(*stateDir); err != nil {
 			fmt.Fprintf(stderr, "egressd report: no daemon at %s and no state directory: %v\n", *adminAddr, err)
+			return exitFail
+		} else if !fi.IsDir() {
+			fmt.Fprintf(stderr, "egressd report: state directory %s is not a directory\n", *stateDir)
 			return exitFail
 		}
 		log := slog.New(slog.NewTextHandler(stderr, &slog.HandlerOptions{Level: slog.LevelWarn}))
