@@ -1,6 +1,9 @@
 package policy
 
-import "testing"
+import (
+	"strings"
+	"testing"
+)
 
 // TestCheckTarget: CheckTarget takes what a rule's "to" takes.
 func TestCheckTarget(t *testing.T) {
@@ -11,5 +14,31 @@ func TestCheckTarget(t *testing.T) {
 		if err := CheckTarget(s); (err == nil) != ok {
 			t.Errorf("CheckTarget(%q) = %v, want ok %v", s, err, ok)
 		}
+	}
+}
+
+// TestUnquotedStarHint: the seed page writes its names as [*.nirovision.com],
+// and an operator who copies that into "to:" unquoted gets YAML's alias
+// error. The error says to quote the pattern (before: only "did not find
+// expected alphabetic or numeric character").
+func TestUnquotedStarHint(t *testing.T) {
+	for _, src := range []string{
+		"version: 1\nrules:\n  - name: a\n    to: [*.nirovision.com]\n    ports: [443/tcp]\n",
+		"version: 1\nrules:\n  - name: a\n    to: [api.x.com, *.x.com]\n    ports: [443/tcp]\n",
+		"version: 1\nrules:\n  - name: a\n    to:\n      - *.x.com\n    ports: [443/tcp]\n",
+		"version: 1\nrules:\n  - name: a\n    to: [*]\n    ports: [443/tcp]\n",
+	} {
+		_, err := Parse("p.yaml", []byte(src))
+		if err == nil {
+			t.Fatalf("%q parsed", src)
+		}
+		if msg := err.Error(); !strings.Contains(msg, `quote`) || !strings.Contains(msg, "p.yaml:") {
+			t.Errorf("%q: error gives no hint to quote the pattern:\n%s", src, msg)
+		}
+	}
+	// Other syntax errors get no such hint.
+	_, err := Parse("p.yaml", []byte("version: 1\nrules:\n  - name: a\n\tto: [x.com]\n"))
+	if err == nil || strings.Contains(err.Error(), "quote") {
+		t.Errorf("tab error: %v", err)
 	}
 }
