@@ -183,7 +183,7 @@ func Parse(file string, src []byte) (*Policy, error) {
 	var doc yaml.Node
 	dec := yaml.NewDecoder(bytes.NewReader(src))
 	if err := dec.Decode(&doc); err != nil && err != io.EOF {
-		p.yamlErr(err)
+		p.yamlErr(src, err)
 		return nil, &Error{Problems: p.errs}
 	}
 	if len(doc.Content) == 0 {
@@ -200,7 +200,7 @@ func Parse(file string, src []byte) (*Policy, error) {
 			break
 		}
 		if err != nil {
-			p.yamlErr(err)
+			p.yamlErr(src, err)
 			return nil, &Error{Problems: p.errs}
 		}
 		if len(more.Content) > 0 && more.Content[0].Tag != "!!null" {
@@ -240,10 +240,30 @@ func (p *parser) aliases(n *yaml.Node) {
 	}
 }
 
-// yamlErr reports a YAML syntax error at the line the decoder gives.
-func (p *parser) yamlErr(err error) {
+// yamlErr reports a YAML syntax error at the line the decoder gives. An
+// unquoted pattern that starts with "*" (the seed page writes
+// [*.nirovision.com]) is read by YAML as an alias: the error then says to
+// quote it.
+func (p *parser) yamlErr(src []byte, err error) {
 	msg := yamlLineRE.ReplaceAllString(strings.TrimPrefix(err.Error(), "yaml: "), "")
-	p.errf(yamlLine(err), 0, "YAML syntax: %s", strings.TrimPrefix(msg, ": "))
+	msg = strings.TrimPrefix(msg, ": ")
+	line := yamlLine(err)
+	if strings.Contains(msg, "did not find expected alphabetic or numeric character") && unquotedStar(src, line) {
+		msg += ` (a pattern that starts with "*" must be quoted, such as "*.example.com": unquoted, YAML reads * as an alias)`
+	}
+	p.errf(line, 0, "YAML syntax: %s", msg)
+}
+
+// unquotedStar says whether line n (from 1) of src has a "*" where YAML
+// starts a value: after "[", ",", "- " or ": ".
+var unquotedStarRE = regexp.MustCompile(`(^|[\[,:]|-)\s*\*`)
+
+func unquotedStar(src []byte, n int) bool {
+	lines := bytes.Split(src, []byte("\n"))
+	if n < 1 || n > len(lines) {
+		return false
+	}
+	return unquotedStarRE.Match(lines[n-1])
 }
 
 var yamlLineRE = regexp.MustCompile(`line (\d+)(: )?`)
