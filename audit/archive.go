@@ -15,6 +15,7 @@ import (
 	"syscall"
 	"time"
 
+	"egressd/internal/atomicfile"
 	"egressd/internal/setaside"
 	"egressd/policy"
 )
@@ -292,38 +293,14 @@ func readRegular(path string, limit int64) ([]byte, error) {
 	return b, err
 }
 
-// writeArchive replaces dir's summary atomically: a temporary file,
-// synced, renamed over it, and the directory synced.
+// writeArchive replaces dir's summary atomically (atomicfile), mode 0640.
 func writeArchive(dir string, a *archive) error {
 	b, err := fitArchive(a)
+	if err == nil {
+		err = atomicfile.WriteFile(filepath.Join(dir, ArchiveFile), b, 0o640, atomicfile.Replace)
+	}
 	if err != nil {
 		return fmt.Errorf("audit: write summary: %w", err)
-	}
-	f, err := os.CreateTemp(dir, ArchiveFile+".tmp*")
-	if err != nil {
-		return fmt.Errorf("audit: write summary: %w", err)
-	}
-	tmp := f.Name()
-	_, err = f.Write(b)
-	if err == nil {
-		err = f.Chmod(0o640)
-	}
-	if err == nil {
-		err = f.Sync()
-	}
-	if cerr := f.Close(); err == nil {
-		err = cerr
-	}
-	if err == nil {
-		err = os.Rename(tmp, filepath.Join(dir, ArchiveFile))
-	}
-	if err != nil {
-		os.Remove(tmp)
-		return fmt.Errorf("audit: write summary: %w", err)
-	}
-	if d, err := os.Open(dir); err == nil {
-		d.Sync()
-		d.Close()
 	}
 	return nil
 }
@@ -403,16 +380,7 @@ func longestList(a *archive) int {
 // removeArchiveTemps removes the temporary files of summary writes that
 // a kill interrupted.
 func removeArchiveTemps(dir string) {
-	ents, err := os.ReadDir(dir)
-	if err != nil {
-		return
-	}
-	for _, e := range ents {
-		rest, ok := strings.CutPrefix(e.Name(), ArchiveFile+".tmp")
-		if ok && rest != "" && strings.Trim(rest, "0123456789") == "" && e.Type().IsRegular() {
-			os.Remove(filepath.Join(dir, e.Name()))
-		}
-	}
+	atomicfile.RemoveTemps(filepath.Join(dir, ArchiveFile))
 }
 
 // importArchive starts a fresh ledger from a summary: its counts, bounded

@@ -24,6 +24,7 @@ import (
 	"golang.org/x/sys/unix"
 
 	"egressd/audit"
+	"egressd/internal/atomicfile"
 )
 
 // The CA's files in the state directory.
@@ -87,7 +88,7 @@ func LoadOrCreateCA(dir string) (tls.Certificate, []byte, error) {
 		// file and linked into place, so two processes racing here do
 		// not end up with a certificate that does not match the key, and
 		// a write cut short leaves no torn key behind.
-		if err := writeFileAtomic(keyPath, keyPEM, 0o600, true); err != nil {
+		if err := atomicfile.WriteFile(keyPath, keyPEM, 0o600, atomicfile.Exclusive); err != nil {
 			return tls.Certificate{}, nil, fmt.Errorf("proxy: inspection CA key: %w", err)
 		}
 	}
@@ -95,7 +96,7 @@ func LoadOrCreateCA(dir string) (tls.Certificate, []byte, error) {
 	if err != nil {
 		return tls.Certificate{}, nil, fmt.Errorf("proxy: inspection CA: %w", err)
 	}
-	if err := writeFileAtomic(certPath, certPEM, 0o644, false); err != nil {
+	if err := atomicfile.WriteFile(certPath, certPEM, 0o644, atomicfile.Replace); err != nil {
 		return tls.Certificate{}, nil, fmt.Errorf("proxy: inspection CA certificate: %w", err)
 	}
 	c, err := tls.X509KeyPair(certPEM, keyPEM)
@@ -209,37 +210,6 @@ func newCACert(key *ecdsa.PrivateKey, now, floor time.Time) ([]byte, error) {
 		return nil, err
 	}
 	return pem.EncodeToMemory(&pem.Block{Type: "CERTIFICATE", Bytes: der}), nil
-}
-
-// writeFileAtomic writes data to a temporary file beside path, syncs it,
-// and moves it into place: linked when exclusive (failing if path exists),
-// renamed over path otherwise. Readers see the whole file or none.
-func writeFileAtomic(path string, data []byte, perm os.FileMode, exclusive bool) error {
-	f, err := os.CreateTemp(filepath.Dir(path), "."+filepath.Base(path)+".tmp-*")
-	if err != nil {
-		return err
-	}
-	tmp := f.Name()
-	defer os.Remove(tmp)
-	if err := f.Chmod(perm); err != nil {
-		f.Close()
-		return err
-	}
-	if _, err := f.Write(data); err != nil {
-		f.Close()
-		return err
-	}
-	if err := f.Sync(); err != nil {
-		f.Close()
-		return err
-	}
-	if err := f.Close(); err != nil {
-		return err
-	}
-	if exclusive {
-		return os.Link(tmp, path)
-	}
-	return os.Rename(tmp, path)
 }
 
 // ensureCA loads the CA on first use.

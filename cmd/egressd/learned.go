@@ -8,7 +8,6 @@ import (
 	"log/slog"
 	"os"
 	"path/filepath"
-	"strings"
 	"sync"
 	"sync/atomic"
 	"syscall"
@@ -16,6 +15,7 @@ import (
 
 	"egressd/audit"
 	"egressd/dnsfilter"
+	"egressd/internal/atomicfile"
 	"egressd/internal/setaside"
 )
 
@@ -142,22 +142,10 @@ func (s *learnedStore) load() (n, left int, err error) {
 }
 
 // removeTemps removes the temporary files write leaves when egressd is
-// killed during it (os.CreateTemp's names: learned.ndjson.tmp and
-// digits), which nothing else would; it does not follow links.
+// killed during it, which nothing else would (atomicfile.RemoveTemps).
 func (s *learnedStore) removeTemps() {
-	dir, prefix := filepath.Dir(s.path), learnedFileName+".tmp"
-	ents, err := os.ReadDir(dir)
-	if err != nil {
-		return
-	}
-	for _, e := range ents {
-		rest, ok := strings.CutPrefix(e.Name(), prefix)
-		if !ok || rest == "" || strings.Trim(rest, "0123456789") != "" || !e.Type().IsRegular() {
-			continue
-		}
-		if err := os.Remove(filepath.Join(dir, e.Name())); err == nil {
-			s.log.Info("learned addresses: removed the temporary file of a save that did not finish", "file", e.Name())
-		}
+	for _, name := range atomicfile.RemoveTemps(s.path) {
+		s.log.Info("learned addresses: removed the temporary file of a save that did not finish", "file", name)
 	}
 }
 
@@ -240,38 +228,22 @@ func (s *learnedStore) saveLocked(now time.Time) error {
 	return err
 }
 
-// writeFile writes the table to a temporary file, synced, renamed over
-// the file, the directory synced. It returns the items and the bytes
-// written.
+// writeFile writes the table as its file (atomicfile), mode 0600. It
+// returns the items and the bytes written.
 func (s *learnedStore) writeFile() (int, int64, error) {
-	dir := filepath.Dir(s.path)
-	if err := os.MkdirAll(dir, 0o750); err != nil {
+	if err := os.MkdirAll(filepath.Dir(s.path), 0o750); err != nil {
 		return 0, 0, err
 	}
-	tmp, err := os.CreateTemp(dir, learnedFileName+".tmp*")
-	if err != nil {
-		return 0, 0, err
-	}
-	defer os.Remove(tmp.Name()) // after the rename, nothing is there
-	cw := &countingWriter{w: tmp}
-	n, err := s.table.Save(cw) // CreateTemp makes it 0600
-	if err == nil {
-		err = tmp.Sync()
-	}
-	if cerr := tmp.Close(); err == nil {
-		err = cerr
-	}
-	if err == nil {
-		err = os.Rename(tmp.Name(), s.path)
-	}
-	if err == nil {
-		// The rename itself is durable once the directory is.
-		if d, derr := os.Open(dir); derr == nil {
-			d.Sync()
-			d.Close()
-		}
-	}
-	return n, cw.n, err
+	var n int
+	var written int64
+	err := atomicfile.Write(s.path, 0o600, atomicfile.Replace, func(w io.Writer) error {
+		cw := &countingWriter{w: w}
+		var err error
+		n, err = s.table.Save(cw)
+		written = cw.n
+		return err
+	})
+	return n, written, err
 }
 
 // countingWriter counts the bytes written through it.

@@ -35,6 +35,7 @@ import (
 	"egressd/capture"
 	"egressd/dnsfilter"
 	"egressd/firewall"
+	"egressd/internal/atomicfile"
 	"egressd/internal/logbuf"
 	"egressd/internal/logjson"
 	"egressd/internal/memlimit"
@@ -581,35 +582,11 @@ func writeRecord(p string, rec firewallRecord) error {
 	return writeAtomic(p, append(b, '\n'))
 }
 
-// writeAtomic writes b to p through a temporary file renamed over it,
-// each synced first (the file, then the directory after the rename): after
-// a power cut the policy's copy and its record are the old or the new,
-// never an empty file, as learned.ndjson and the ledger's archive are.
+// writeAtomic writes b as the file at p (atomicfile): after a power cut
+// the policy's copy and its record are the old or the new, never an empty
+// file, as learned.ndjson and the ledger's archive are.
 func writeAtomic(p string, b []byte) error {
-	tmp := p + ".tmp"
-	f, err := os.OpenFile(tmp, os.O_CREATE|os.O_TRUNC|os.O_WRONLY, 0o640)
-	if err != nil {
-		return err
-	}
-	_, err = f.Write(b)
-	if err == nil {
-		err = f.Sync()
-	}
-	if cerr := f.Close(); err == nil {
-		err = cerr
-	}
-	if err == nil {
-		err = os.Rename(tmp, p)
-	}
-	if err != nil {
-		os.Remove(tmp)
-		return err
-	}
-	if d, err := os.Open(filepath.Dir(p)); err == nil {
-		d.Sync()
-		d.Close()
-	}
-	return nil
+	return atomicfile.WriteFile(p, b, 0o640, atomicfile.Replace)
 }
 
 func fileExists(p string) bool {

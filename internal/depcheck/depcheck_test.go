@@ -20,25 +20,27 @@ func TestDependencyDirection(t *testing.T) {
 	// internal/netns (a leaf: a function run in another network
 	// namespace), which internal/testnet shares. internal/memlimit (the
 	// cgroup's memory limit, for egressd run) is a leaf, as is
-	// internal/setaside (state files refused at a load, kept numbered),
-	// which audit uses.
+	// internal/setaside (state files refused at a load, kept numbered)
+	// and internal/atomicfile (state files written whole or not at
+	// all), which audit uses.
 	allowed := map[string][]string{
-		"egressd/internal/memlimit": {},
-		"egressd/internal/setaside": {},
-		"egressd/policy":            {},
-		"egressd/profiles":          {},
-		"egressd/internal/jsonenc":  {},
-		"egressd/internal/logjson":  {"egressd/internal/jsonenc"},
-		"egressd/internal/httpwire": {},
-		"egressd/internal/tlshello": {},
-		"egressd/internal/netns":    {},
-		"egressd/internal/netutil":  {"egressd/internal/netns"},
-		"egressd/audit":             {"egressd/policy", "egressd/internal/jsonenc", "egressd/internal/setaside"},
-		"egressd/admin":             {"egressd/policy", "egressd/audit", "egressd/internal/jsonenc", "egressd/internal/setaside"},
-		"egressd/dnsfilter":         {"egressd/policy", "egressd/audit", "egressd/internal/jsonenc", "egressd/internal/netutil", "egressd/internal/netns", "egressd/internal/logjson", "egressd/internal/setaside"},
-		"egressd/proxy":             {"egressd/policy", "egressd/audit", "egressd/internal/jsonenc", "egressd/internal/netutil", "egressd/internal/netns", "egressd/internal/httpwire", "egressd/internal/logjson", "egressd/internal/tlshello", "egressd/internal/setaside"},
-		"egressd/capture":           {"egressd/policy", "egressd/audit", "egressd/internal/jsonenc", "egressd/internal/netutil", "egressd/internal/netns", "egressd/internal/httpwire", "egressd/internal/logjson", "egressd/internal/tlshello", "egressd/internal/setaside"},
-		"egressd/firewall":          {"egressd/policy", "egressd/audit", "egressd/internal/jsonenc", "egressd/internal/netutil", "egressd/internal/netns", "egressd/internal/setaside"},
+		"egressd/internal/memlimit":   {},
+		"egressd/internal/setaside":   {},
+		"egressd/internal/atomicfile": {},
+		"egressd/policy":              {},
+		"egressd/profiles":            {},
+		"egressd/internal/jsonenc":    {},
+		"egressd/internal/logjson":    {"egressd/internal/jsonenc"},
+		"egressd/internal/httpwire":   {},
+		"egressd/internal/tlshello":   {},
+		"egressd/internal/netns":      {},
+		"egressd/internal/netutil":    {"egressd/internal/netns"},
+		"egressd/audit":               {"egressd/policy", "egressd/internal/jsonenc", "egressd/internal/setaside", "egressd/internal/atomicfile"},
+		"egressd/admin":               {"egressd/policy", "egressd/audit", "egressd/internal/jsonenc", "egressd/internal/setaside", "egressd/internal/atomicfile"},
+		"egressd/dnsfilter":           {"egressd/policy", "egressd/audit", "egressd/internal/jsonenc", "egressd/internal/netutil", "egressd/internal/netns", "egressd/internal/logjson", "egressd/internal/setaside", "egressd/internal/atomicfile"},
+		"egressd/proxy":               {"egressd/policy", "egressd/audit", "egressd/internal/jsonenc", "egressd/internal/netutil", "egressd/internal/netns", "egressd/internal/httpwire", "egressd/internal/logjson", "egressd/internal/tlshello", "egressd/internal/setaside", "egressd/internal/atomicfile"},
+		"egressd/capture":             {"egressd/policy", "egressd/audit", "egressd/internal/jsonenc", "egressd/internal/netutil", "egressd/internal/netns", "egressd/internal/httpwire", "egressd/internal/logjson", "egressd/internal/tlshello", "egressd/internal/setaside", "egressd/internal/atomicfile"},
+		"egressd/firewall":            {"egressd/policy", "egressd/audit", "egressd/internal/jsonenc", "egressd/internal/netutil", "egressd/internal/netns", "egressd/internal/setaside", "egressd/internal/atomicfile"},
 	}
 	for pkg, ok := range allowed {
 		out, err := exec.Command("go", "list", "-deps", "-f", "{{.ImportPath}}", pkg).Output()
