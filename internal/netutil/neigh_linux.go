@@ -81,52 +81,35 @@ func NeighbourDump(ifindex, max int, fn func(Neighbour)) (more bool, err error) 
 // and later), in the network namespace of the calling thread;
 // ErrNoNeighbour when there is none.
 func NeighbourGet(ifindex int, addr netip.Addr) (Neighbour, error) {
-	addr = addr.Unmap()
-	if !addr.IsValid() || addr.Zone() != "" {
-		return Neighbour{}, fmt.Errorf("netutil: neighbour get: bad address %v", addr)
-	}
-	fd, err := openNeighSocket()
+	const what = "neighbour get"
+	addr, family, err := neighAddr(what, addr)
 	if err != nil {
 		return Neighbour{}, err
 	}
-	defer unix.Close(fd)
-	const seq = 1
-	family := byte(unix.AF_INET6)
-	if addr.Is4() {
-		family = unix.AF_INET
-	}
-	b := neighRequest(family, ifindex, unix.NLM_F_REQUEST, seq)
+	b := neighRequest(family, ifindex, unix.NLM_F_REQUEST, neighSeq)
 	putAttr(&b, unix.NDA_DST, addr.AsSlice())
-	binary.NativeEndian.PutUint32(b[0:4], uint32(len(b)))
-	if err := unix.Sendto(fd, b, 0, &unix.SockaddrNetlink{Family: unix.AF_NETLINK}); err != nil {
-		return Neighbour{}, fmt.Errorf("netutil: neighbour get: %w", err)
-	}
-	buf := make([]byte, 4096)
-	for range 4 {
-		k, _, err := unix.Recvfrom(fd, buf, 0)
-		if errors.Is(err, unix.EINTR) {
-			continue
-		}
-		if err != nil {
-			return Neighbour{}, fmt.Errorf("netutil: neighbour get: %w", err)
-		}
-		var got Neighbour
+	var got Neighbour
+	err = neighAsk(what, b, func(msgs []byte) (bool, error) {
 		found := false
-		done, err := parseNeighMsgs(buf[:k], seq, "neighbour get", func(nb Neighbour, ifi int) {
+		done, err := parseNeighMsgs(msgs, neighSeq, what, func(nb Neighbour, ifi int) {
 			if ifi == ifindex && nb.Addr == addr {
 				got, found = nb, true
 			}
 		})
 		switch {
 		case err != nil:
-			return Neighbour{}, err
+			return true, err
 		case found:
-			return got, nil
+			return true, nil
 		case done:
-			return Neighbour{}, ErrNoNeighbour
+			return true, ErrNoNeighbour
 		}
+		return false, nil
+	})
+	if err != nil {
+		return Neighbour{}, err
 	}
-	return Neighbour{}, errors.New("netutil: neighbour get: no answer")
+	return got, nil
 }
 
 // NeighbourResolve asks the kernel to resolve addr on the interface with
@@ -138,27 +121,53 @@ func NeighbourGet(ifindex int, addr netip.Addr) (Neighbour, error) {
 // a host that holds addr answers and its entry becomes reachable; for a
 // source nobody holds the entry fails. Needs CAP_NET_ADMIN.
 func NeighbourResolve(ifindex int, addr netip.Addr) error {
+	const what = "neighbour resolve"
+	addr, family, err := neighAddr(what, addr)
+	if err != nil {
+		return err
+	}
+	b := neighRequest(family, ifindex, unix.NLM_F_REQUEST|unix.NLM_F_ACK|unix.NLM_F_CREATE|unix.NLM_F_REPLACE, neighSeq)
+	binary.NativeEndian.PutUint16(b[4:6], unix.RTM_NEWNEIGH)
+	b[unix.SizeofNlMsghdr+10] = unix.NTF_USE // ndm_flags; ndm_state stays 0 (not permanent)
+	putAttr(&b, unix.NDA_DST, addr.AsSlice())
+	return neighAsk(what, b, func(msgs []byte) (bool, error) {
+		return eachMsgNotFound(msgs, neighSeq, what, ErrNoNeighbour, func(typ uint16, body []byte) (bool, error) {
+			return typ == unix.NLMSG_ERROR, nil
+		})
+	})
+}
+
+// neighSeq is the sequence number of neighAsk's requests, each on a
+// socket of its own.
+const neighSeq = 1
+
+// neighAddr checks addr for a request about one address (what names the
+// request in errors) and returns it unmapped, with its family.
+func neighAddr(what string, addr netip.Addr) (netip.Addr, byte, error) {
 	addr = addr.Unmap()
 	if !addr.IsValid() || addr.Zone() != "" {
-		return fmt.Errorf("netutil: neighbour resolve: bad address %v", addr)
+		return addr, 0, fmt.Errorf("netutil: %s: bad address %v", what, addr)
 	}
+	if addr.Is4() {
+		return addr, unix.AF_INET, nil
+	}
+	return addr, unix.AF_INET6, nil
+}
+
+// neighAsk sends the request b (its length set here) about one address
+// on a neighbour socket of its own and passes each datagram of the
+// answer to take until take says it is done or fails (returning take's
+// error), in at most four receives (an interrupted one among them): the
+// kernel answers such a request in one or two datagrams.
+func neighAsk(what string, b []byte, take func(msgs []byte) (done bool, err error)) error {
 	fd, err := openNeighSocket()
 	if err != nil {
 		return err
 	}
 	defer unix.Close(fd)
-	const seq = 1
-	family := byte(unix.AF_INET6)
-	if addr.Is4() {
-		family = unix.AF_INET
-	}
-	b := neighRequest(family, ifindex, unix.NLM_F_REQUEST|unix.NLM_F_ACK|unix.NLM_F_CREATE|unix.NLM_F_REPLACE, seq)
-	binary.NativeEndian.PutUint16(b[4:6], unix.RTM_NEWNEIGH)
-	b[unix.SizeofNlMsghdr+10] = unix.NTF_USE // ndm_flags; ndm_state stays 0 (not permanent)
-	putAttr(&b, unix.NDA_DST, addr.AsSlice())
 	binary.NativeEndian.PutUint32(b[0:4], uint32(len(b)))
 	if err := unix.Sendto(fd, b, 0, &unix.SockaddrNetlink{Family: unix.AF_NETLINK}); err != nil {
-		return fmt.Errorf("netutil: neighbour resolve: %w", err)
+		return fmt.Errorf("netutil: %s: %w", what, err)
 	}
 	buf := make([]byte, 4096)
 	for range 4 {
@@ -167,16 +176,13 @@ func NeighbourResolve(ifindex int, addr netip.Addr) error {
 			continue
 		}
 		if err != nil {
-			return fmt.Errorf("netutil: neighbour resolve: %w", err)
+			return fmt.Errorf("netutil: %s: %w", what, err)
 		}
-		done, err := eachMsgNotFound(buf[:k], seq, "neighbour resolve", ErrNoNeighbour, func(typ uint16, body []byte) (bool, error) {
-			return typ == unix.NLMSG_ERROR, nil
-		})
-		if done || err != nil {
+		if done, err := take(buf[:k]); done || err != nil {
 			return err
 		}
 	}
-	return errors.New("netutil: neighbour resolve: no answer")
+	return fmt.Errorf("netutil: %s: no answer", what)
 }
 
 func openNeighSocket() (int, error) {
