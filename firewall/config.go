@@ -150,6 +150,15 @@ type Deps struct {
 	// marks as other rules'. Nil: not known (an egressd before it
 	// recorded them), this Config's.
 	PreviousTCPPorts *[]policy.PortRange
+	// PreviousCTMarkBits is the Config.CTMarkBits the earlier egressd ran
+	// Previous with (egressd run: recorded beside the copy): its marks
+	// are at those bits, and are read there. Where they differ from this
+	// Config's, the first look at the connections also takes those
+	// marked at the old bits, decides them as any (a rule unchanged
+	// keeps its flows), and marks those it keeps at the new bits (the
+	// old ones are left as they are: they may be the operator's now).
+	// Nil: not known, this Config's.
+	PreviousCTMarkBits *uint32
 }
 
 // ClientMACs tells a LAN client's MAC address (egressd run: the LAN

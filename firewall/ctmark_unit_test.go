@@ -175,7 +175,7 @@ func TestNarrowTagsShared(t *testing.T) {
 		dst  string
 		keep bool
 	}{{"198.51.100.9", false}, {"198.51.100.200", true}, {"203.0.113.9", true}} {
-		if keep, tag := r2.keeps([]*Ruleset{r1, r2}, 1, k(x.dst), noLive); keep != x.keep || (keep && tag != 1) {
+		if keep, tag := r2.keeps([]*Ruleset{r1, r2}, r2.mark.marked(1), k(x.dst), noLive); keep != x.keep || (keep && tag != 1) {
 			t.Errorf("a removed, flow to %s: keeps = %v under tag %d, want %v", x.dst, keep, tag, x.keep)
 		}
 	}
@@ -186,6 +186,10 @@ func TestNarrowTagsShared(t *testing.T) {
 }
 
 func keepsOf(rs *Ruleset, since []*Ruleset, k flowKey, live func(string, netip.Addr) bool) bool {
-	keep, _ := rs.keeps(since, 1, k, live)
+	keep, _ := rs.keeps(since, rs.mark.marked(1), k, live)
 	return keep
 }
+
+// defaultMark is the conntrack mark of a connection let out under tag in
+// the default layout.
+func defaultMark(tag uint32) uint32 { return layoutOf(0).marked(tag) }

@@ -130,6 +130,9 @@ func New(cfg Config, deps Deps) (*Firewall, error) {
 		if deps.PreviousTCPPorts != nil {
 			prev.TCPPorts = *deps.PreviousTCPPorts
 		}
+		if deps.PreviousCTMarkBits != nil {
+			prev.CTMarkBits = *deps.PreviousCTMarkBits
+		}
 		rs, err := Render(prev, deps.Previous)
 		if err != nil {
 			f.log.Warn("firewall: the policy before this start does not render; conntrack mark tags are read as the new policy's", audit.LogError, err.Error())

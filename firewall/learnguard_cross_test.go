@@ -164,7 +164,7 @@ func TestLearnedGuardAcrossRules(t *testing.T) {
 						k := keyOf(netutil.ConntrackEntry{Proto: uint8(policy.UDP),
 							Orig:  netutil.ConntrackTuple{Src: netip.AddrPortFrom(c, 40000), Dst: netip.AddrPortFrom(d, port)},
 							Reply: netutil.ConntrackTuple{Src: netip.AddrPortFrom(d, port), Dst: netip.AddrPortFrom(c, 40000)}})
-						if keep, _ := rs.keeps([]*Ruleset{rs}, unused, k, func(string, netip.Addr) bool { return true }); keep != got {
+						if keep, _ := rs.keeps([]*Ruleset{rs}, defaultMark(unused), k, func(string, netip.Addr) bool { return true }); keep != got {
 							t.Errorf("nat64 %v: %s -> %s:%d: sweep keeps %v, forward %v", withNAT, c, d, port, keep, got)
 						}
 					}

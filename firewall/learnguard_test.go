@@ -348,7 +348,7 @@ func TestKeepsLearnedGuarded(t *testing.T) {
 	} {
 		rs := renderEnforce(t, c.new)
 		k := flowKey{client: client, dst: netip.MustParseAddr(c.dst), port: 123, proto: policy.UDP}
-		if got, _ := rs.keeps([]*Ruleset{old, rs}, tg, k, live); got != c.want {
+		if got, _ := rs.keeps([]*Ruleset{old, rs}, defaultMark(tg), k, live); got != c.want {
 			t.Errorf("%s under %q: keeps = %v, want %v", c.dst, strings.TrimSpace(c.new), got, c.want)
 		}
 	}

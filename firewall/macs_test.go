@@ -106,7 +106,7 @@ func TestKeepsMAC(t *testing.T) {
 		want bool
 	}{{"the kiosk's MAC", kioskMAC, true}, {"another MAC", net.HardwareAddr{2, 0, 0, 0, 0, 1}, false}, {"no MAC", nil, false}} {
 		k := flowKey{client: kioskClient, dst: netip.MustParseAddr("198.51.100.9"), port: 9, proto: policy.UDP, mac: c.mac}
-		if got, _ := rs.keeps([]*Ruleset{old, rs}, old.flows[0].tag, k, noLive); got != c.want {
+		if got, _ := rs.keeps([]*Ruleset{old, rs}, defaultMark(old.flows[0].tag), k, noLive); got != c.want {
 			t.Errorf("%s: keeps = %v, want %v", c.name, got, c.want)
 		}
 	}

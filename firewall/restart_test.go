@@ -60,7 +60,7 @@ func TestRestartUnchangedPolicyKeeps(t *testing.T) {
 			for _, fr := range rs.flows {
 				for _, dst := range []netip.Addr{netip.MustParseAddr("192.0.2.77"), netip.MustParseAddr("2001:db8:77::1")} {
 					k := flowKey{client: netip.MustParseAddr("198.18.1.5"), dst: dst, port: fr.ports[0].Lo, proto: fr.ports[0].Proto}
-					if keep, tag := rs.keeps(since, fr.tag, k, noLive); !keep || tag != fr.tag {
+					if keep, tag := rs.keeps(since, defaultMark(fr.tag), k, noLive); !keep || tag != fr.tag {
 						t.Errorf("%s (NAT64 %v): rule %s's flow to %s: keeps = %v under tag %d, want true under %d", tc.name, n64, fr.name, dst, keep, tag, fr.tag)
 					}
 				}
@@ -249,4 +249,51 @@ rules:
 			checkFlows(t, "restarted with NAT64 "+tc.name, flows, tc.cut...)
 		})
 	}
+}
+
+// TestRestartCTMarkBitsChanged: egressd stopped and started again with
+// --ct-mark-bits moved (0x07ff0000, then the default 0x007ff000): the
+// earlier run's marks are at the old bits, which the new established rule
+// does not look at. The start reads them with the bits the earlier run
+// had (Deps.PreviousCTMarkBits, egressd run: recorded beside the state
+// directory's copy): named's flow (an unchanged rule; its learned address
+// no longer known) is kept and marked again at the new bits, a's (a rule
+// removed) is cut. Before, neither was looked at: named's replies were
+// dropped and its next packet met a learned set that no longer had its
+// address.
+func TestRestartCTMarkBitsChanged(t *testing.T) {
+	requireNft(t)
+	tp := newTopo(t)
+	tp.serverUDP(t, "198.18.2.2:9000", "198.18.2.3:9000")
+	const oldBits = 0x07ff0000
+	fw := tp.firewall(t, Config{CTMarkBits: oldBits})
+	const (
+		named = "  - {name: named, to: [ntp.test], ports: [9000/udp]}\n"
+		a     = "  - {name: a, to: [198.18.2.2/32], ports: [9000/udp]}\n"
+	)
+	policyOf := func(rules ...string) *policy.Engine {
+		return compile(t, "version: 1\nmode: enforce\nrules:\n"+strings.Join(rules, ""))
+	}
+	before := policyOf(named, a)
+	if err := fw.Install(before); err != nil {
+		t.Fatal(err)
+	}
+	if err := fw.Learn("named", netip.MustParseAddr("198.18.2.3"), time.Hour); err != nil {
+		t.Fatal(err)
+	}
+	flows := map[string]*flow{"a": dialFlow(t, tp, "udp", "198.18.2.2:9000"), "named": dialFlow(t, tp, "udp", "198.18.2.3:9000")}
+	checkFlows(t, "installed", flows)
+	if err := fw.Detach(); err != nil {
+		t.Fatal(err)
+	}
+	bits := uint32(oldBits)
+	fw2 := tp.firewallWith(t, Config{}, Deps{Registerer: prometheus.NewRegistry(), Logger: slog.New(slog.NewTextHandler(io.Discard, nil)),
+		Previous: before, PreviousCTMarkBits: &bits})
+	if err := fw2.Install(policyOf(named)); err != nil {
+		t.Fatal(err)
+	}
+	if cut, kept := flowsMetric(fw2, "cut"), flowsMetric(fw2, "kept"); cut != 1 || kept != 1 {
+		t.Errorf("restart with --ct-mark-bits 0x07ff0000 then the default, without a: %v cut, %v kept, want 1 and 1", cut, kept)
+	}
+	checkFlows(t, "restarted with --ct-mark-bits changed", flows, "a")
 }

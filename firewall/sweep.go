@@ -206,29 +206,43 @@ func keyOf(e netutil.ConntrackEntry) flowKey {
 		port: e.Reply.Src.Port(), proto: policy.Proto(e.Proto)}
 }
 
-// keeps decides a connection marked with tag, now that rs is installed;
-// since is what the tag can mean: the rulesets whose tags the marks may
-// carry (see Firewall.since), rs last. live says whether an address is in
-// a learned set now. A connection kept gets the tag it should carry from
-// now on: that of the rule of rs that keeps it (0 for tag 0).
-func (rs *Ruleset) keeps(since []*Ruleset, tag uint32, k flowKey, live func(set string, a netip.Addr) bool) (keep bool, newTag uint32) {
-	if tag == 0 {
-		return true, 0
-	}
+// keeps decides a connection whose conntrack mark is mark, now that rs
+// is installed; since is what its tag can mean: the rulesets whose tags
+// the marks may carry (see Firewall.since), rs last, each read at its own
+// bits (a restart may move them: Deps.PreviousCTMarkBits) where the mark
+// has its enforced bit. live says whether an address is in a learned set
+// now. A connection kept gets the tag it should carry from now on: that
+// of the rule of rs that keeps it (0 for tag 0).
+func (rs *Ruleset) keeps(since []*Ruleset, mark uint32, k flowKey, live func(set string, a netip.Addr) bool) (keep bool, newTag uint32) {
 	var was []*flowRule // the rules the tag can stand for, one per fingerprint
+	zero, other := false, false
 	for _, old := range since {
+		if mark&old.mark.enforced == 0 {
+			continue
+		}
+		tag := old.mark.tagOf(mark)
+		if tag == 0 {
+			zero = true
+			continue
+		}
+		other = true
 		for _, fr := range old.byTag[tag] {
 			if !slices.ContainsFunc(was, func(w *flowRule) bool { return w.fp == fr.fp }) {
 				was = append(was, fr)
 			}
 		}
 	}
+	// Tag 0 at every layout that marked it: kept. Tag 0 at one layout and
+	// another tag at another (bits moved across a restart): decided again.
+	if zero && !other {
+		return true, 0
+	}
 	// Its rule (whichever it is) is unchanged, and opens what it opened
 	// (a restart may change the NAT64 prefixes): kept, under that rule's
 	// tag in rs. A tag none of them used (from before an egressd start,
 	// whose rulesets are unknown) is decided again, with no rule as a
 	// hint.
-	if len(was) > 0 {
+	if len(was) > 0 && !zero {
 		newTag = 0
 		for _, fr := range was {
 			now := rs.byFP[fr.fp]
@@ -243,7 +257,7 @@ func (rs *Ruleset) keeps(since []*Ruleset, tag uint32, k flowKey, live func(set 
 		}
 	}
 	var hint *flowRule
-	if len(was) == 1 {
+	if len(was) == 1 && !zero {
 		hint = was[0]
 	}
 	for _, fr := range rs.flows {
@@ -410,8 +424,7 @@ func (f *Firewall) sweep(eng *policy.Engine, rs *Ruleset) sweepResult {
 	if f.macs != nil && eng != nil && eng.HasMACs() {
 		macs = map[netip.Addr]net.HardwareAddr{}
 	}
-	err = ct.Marked(mark.enforced, mark.enforced, func(e netutil.ConntrackEntry) {
-		tag := mark.tagOf(e.Mark)
+	decide := func(e netutil.ConntrackEntry) {
 		k := keyOf(e)
 		if macs != nil {
 			mac, ok := macs[k.client]
@@ -422,17 +435,35 @@ func (f *Firewall) sweep(eng *policy.Engine, rs *Ruleset) sweepResult {
 			k.mac = mac
 		}
 		f.mu.Lock()
-		keep, newTag := rs.keeps(since, tag, k, live)
+		keep, newTag := rs.keeps(since, e.Mark, k, live)
 		f.mu.Unlock()
 		if keep {
 			res.kept++
-			if newTag != tag {
+			if e.Mark&mark.owned() != mark.marked(newTag) {
 				retags = append(retags, retag{e, newTag})
 			}
 		} else {
 			cut = append(cut, e)
 		}
-	})
+	}
+	// Those marked at rs's bits, then those marked at the bits of a
+	// ruleset before it that had others (a restart that moved them:
+	// Deps.PreviousCTMarkBits) and not at any looked at already.
+	seen := mark.enforced
+	err = ct.Marked(mark.enforced, mark.enforced, decide)
+	for _, old := range since {
+		if err != nil {
+			break
+		}
+		if b := old.mark.enforced; seen&b == 0 {
+			seen |= b
+			err = ct.Marked(b, b, func(e netutil.ConntrackEntry) {
+				if e.Mark&(seen&^b) == 0 {
+					decide(e)
+				}
+			})
+		}
+	}
 	if err != nil {
 		res.err = err
 		return res
@@ -510,6 +541,9 @@ func (f *Firewall) cutDecision(eng *policy.Engine, since []*Ruleset, e netutil.C
 	// one that has the tag (since ends with this one).
 	prev := ""
 	for i := len(since) - 2; i >= 0; i-- {
+		if e.Mark&since[i].mark.enforced == 0 {
+			continue
+		}
 		if frs := since[i].byTag[since[i].mark.tagOf(e.Mark)]; len(frs) > 0 {
 			prev = frs[0].name
 			break

@@ -105,7 +105,7 @@ func TestKeeps(t *testing.T) {
 		if c.old != nil {
 			since = []*Ruleset{c.old, c.new}
 		}
-		if got, _ := c.new.keeps(since, tg, c.key, live); got != c.wantKeep {
+		if got, _ := c.new.keeps(since, defaultMark(tg), c.key, live); got != c.wantKeep {
 			t.Errorf("%s: keeps = %v, want %v", c.name, got, c.wantKeep)
 		}
 	}
@@ -143,22 +143,22 @@ func TestKeepsStaleTag(t *testing.T) {
 	noLive := func(string, netip.Addr) bool { return false }
 	k := flowKey{client: netip.MustParseAddr("198.18.1.2"), dst: netip.MustParseAddr("198.51.100.9"), port: 9, proto: policy.UDP}
 	for _, mid := range []*Ruleset{r2, r2y} {
-		keep, tag := mid.keeps([]*Ruleset{r1, mid}, tx, k, noLive)
+		keep, tag := mid.keeps([]*Ruleset{r1, mid}, defaultMark(tx), k, noLive)
 		if !keep || tag != tw {
 			t.Fatalf("x removed: w still admits the connection: keeps = %v under tag %d, want true under w's %d", keep, tag, tw)
 		}
-		if keep, _ := r3.keeps([]*Ruleset{mid, r3}, tag, k, noLive); keep {
+		if keep, _ := r3.keeps([]*Ruleset{mid, r3}, defaultMark(tag), k, noLive); keep {
 			t.Error("w removed too: kept")
 		}
 		// Without the new tag (the look after mid skipped): what x's tag
 		// meant before mid still counts.
-		if keep, _ := r3.keeps([]*Ruleset{r1, mid, r3}, tx, k, noLive); keep {
+		if keep, _ := r3.keeps([]*Ruleset{r1, mid, r3}, defaultMark(tx), k, noLive); keep {
 			t.Error("w removed, mid's look skipped: kept because y has x's tag")
 		}
 	}
 	// The rule unchanged under another tag in the new ruleset (another
 	// rule took its tag first): kept under the new one.
-	if keep, tag := r1.keeps([]*Ruleset{r2, r1}, tw, k, noLive); !keep || tag != r1.flows[1].tag {
+	if keep, tag := r1.keeps([]*Ruleset{r2, r1}, defaultMark(tw), k, noLive); !keep || tag != r1.flows[1].tag {
 		t.Errorf("w unchanged: keeps = %v under tag %d, want true under %d", keep, tag, r1.flows[1].tag)
 	}
 }

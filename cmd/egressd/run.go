@@ -121,6 +121,9 @@ type daemon struct {
 	// prevTCPPorts is the --tcp-ports prevPolicy's ruleset was rendered
 	// with (recorded beside the copy); nil: not known.
 	prevTCPPorts *[]policy.PortRange
+	// prevCTMarkBits are the --ct-mark-bits its marks were written at
+	// (recorded beside the copy; this run's when not).
+	prevCTMarkBits *uint32
 	// src is the running policy's source, which savePolicy copies into
 	// the state directory once it runs; srcEnforce: it is in enforce mode
 	// (its ruleset marks the flows it lets out).
@@ -338,7 +341,7 @@ func newDaemon(cfg runConfig, stdout, stderr io.Writer) (*daemon, error) {
 		d.source = "profile:" + cfg.profile
 	}
 	if !cfg.noFirewall {
-		d.prevPolicy, d.prevTCPPorts = d.previousPolicy() // before savePolicy writes over the copy
+		d.prevPolicy, d.prevTCPPorts, d.prevCTMarkBits = d.previousPolicy() // before savePolicy writes over the copy
 	}
 	eng, src, err := d.loadPolicy()
 	if err != nil {
@@ -415,6 +418,10 @@ type firewallRecord struct {
 	// without an audit ruleset; --no-firewall), and the marks the
 	// enforce run wrote outlive its table. "": the copy's.
 	MarksPolicy string `json:"marks_policy,omitempty"`
+	// CTMarkBits is --ct-mark-bits, as given, where the marks are; ""
+	// not recorded (an egressd before the field, which ignores it: the
+	// version stays), read as this run's.
+	CTMarkBits string `json:"ct_mark_bits,omitempty"`
 }
 
 // firewallRecordVersion is the version runningFirewallFile is written
@@ -428,35 +435,41 @@ const firewallRecordVersion = 1
 // --tcp-ports recorded beside it (tcpPorts; nil when there is no record
 // of this copy: this run's are used, and this run's prefixes); the
 // record's MarksPolicy instead of the copy when it names one (the copy
-// is of a run that put no enforce ruleset in). Nil when there is none,
-// or it does not compile (a newer egressd's, rolled back from): said,
-// and the tags are read as the new policy's.
-func (d *daemon) previousPolicy() (eng *policy.Engine, tcpPorts *[]policy.PortRange) {
-	eng, tcpPorts, nat64 := d.previousRecorded()
+// is of a run that put no enforce ruleset in); and the --ct-mark-bits
+// its marks are at (markBits: recorded, or this run's). Nil when there
+// is none, or it does not compile (a newer egressd's, rolled back from):
+// said, and the tags are read as the new policy's.
+func (d *daemon) previousPolicy() (eng *policy.Engine, tcpPorts *[]policy.PortRange, markBits *uint32) {
+	eng, tcpPorts, nat64, markBits := d.previousRecorded()
 	if eng == nil {
-		return nil, nil
+		return nil, nil, nil
 	}
 	if nat64 == nil {
 		// Checked by checkFlagValues.
 		this, _ := policy.ParseNAT64(d.cfg.nat64)
 		nat64 = &this
 	}
-	return eng.WithNAT64(*nat64), tcpPorts
+	if markBits == nil {
+		// Checked by checkFlagValues.
+		this, _ := parseCTMarkBits(d.cfg.ctMarkBits)
+		markBits = &this
+	}
+	return eng.WithNAT64(*nat64), tcpPorts, markBits
 }
 
 // previousRecorded is previousPolicy's reading of the copy and the
-// record: the policy, and the --tcp-ports and --nat64-prefix recorded
-// for it (nil: not known).
-func (d *daemon) previousRecorded() (eng *policy.Engine, tcpPorts *[]policy.PortRange, nat64 *[]netip.Prefix) {
+// record: the policy, and the --tcp-ports, --nat64-prefix and
+// --ct-mark-bits recorded for it (nil: not known).
+func (d *daemon) previousRecorded() (eng *policy.Engine, tcpPorts *[]policy.PortRange, nat64 *[]netip.Prefix, markBits *uint32) {
 	p := filepath.Join(d.cfg.stateDir, runningPolicyFile)
 	src, err := os.ReadFile(p)
 	if err != nil {
-		return nil, nil, nil
+		return nil, nil, nil, nil
 	}
 	eng, err = policy.Compile(p, src)
 	if err != nil {
 		d.log.Warn("the state directory's copy of the policy before this start does not compile; conntrack mark tags are read as the new policy's", audit.LogError, err.Error())
-		return nil, nil, nil
+		return nil, nil, nil, nil
 	}
 	rp := filepath.Join(d.cfg.stateDir, runningFirewallFile)
 	b, err := os.ReadFile(rp)
@@ -464,7 +477,7 @@ func (d *daemon) previousRecorded() (eng *policy.Engine, tcpPorts *[]policy.Port
 		if !errors.Is(err, os.ErrNotExist) {
 			d.log.Warn("cannot read the record of the --tcp-ports the policy before this start ran with; its tags are read with this run's", "file", rp, audit.LogError, err.Error())
 		}
-		return eng, nil, nil
+		return eng, nil, nil, nil
 	}
 	var rec firewallRecord
 	sum := sha256.Sum256(src)
@@ -472,19 +485,19 @@ func (d *daemon) previousRecorded() (eng *policy.Engine, tcpPorts *[]policy.Port
 	switch err := json.Unmarshal(b, &rec); {
 	case err != nil:
 		d.log.Warn("the record of the --tcp-ports the policy before this start ran with does not parse; its tags are read with this run's", "file", rp, audit.LogError, err.Error())
-		return eng, nil, nil
+		return eng, nil, nil, nil
 	case rec.Version != firewallRecordVersion:
 		d.log.Warn("the record of the --tcp-ports the policy before this start ran with is of another version; its tags are read with this run's", "file", rp, "version", rec.Version)
-		return eng, nil, nil
+		return eng, nil, nil, nil
 	case rec.PolicySHA256 != hex.EncodeToString(sum[:]):
 		// The copy was written after the record (an audit-mode start, an
 		// egressd from before the record): not its ports.
 		d.log.Info("the record of --tcp-ports is of another copy of the policy; the tags of the policy before this start are read with this run's", "file", rp)
-		return eng, nil, nil
+		return eng, nil, nil, nil
 	}
 	if ports, err = parseTCPPorts(rec.TCPPorts); err != nil {
 		d.log.Warn("the record of the --tcp-ports the policy before this start ran with does not parse; its tags are read with this run's", "file", rp, audit.LogError, err.Error())
-		return eng, nil, nil
+		return eng, nil, nil, nil
 	}
 	if rec.NAT64 != nil {
 		n, err := policy.ParseNAT64(*rec.NAT64)
@@ -494,17 +507,25 @@ func (d *daemon) previousRecorded() (eng *policy.Engine, tcpPorts *[]policy.Port
 			nat64 = &n
 		}
 	}
+	if rec.CTMarkBits != "" {
+		b, err := parseCTMarkBits(rec.CTMarkBits)
+		if err != nil {
+			d.log.Warn("the record of the --ct-mark-bits the policy before this start ran with does not parse; its marks are read at this run's", "file", rp, audit.LogError, err.Error())
+		} else {
+			markBits = &b
+		}
+	}
 	if rec.MarksPolicy != "" {
 		// The copy is of a run that installed no enforce ruleset: the
 		// marks are those of the enforce run before it.
 		meng, err := policy.Compile(rp, []byte(rec.MarksPolicy))
 		if err != nil {
 			d.log.Warn("the policy whose ruleset marked the flows still out does not compile; conntrack mark tags are read as the new policy's", "file", rp, audit.LogError, err.Error())
-			return nil, nil, nil
+			return nil, nil, nil, nil
 		}
-		return meng, &ports, nat64
+		return meng, &ports, nat64, markBits
 	}
-	return eng, &ports, nat64
+	return eng, &ports, nat64, markBits
 }
 
 // readFirewallRecord returns the record beside the copy when it is of
@@ -529,7 +550,8 @@ func (d *daemon) readFirewallRecord(copy []byte) *firewallRecord {
 // on a reload, once the firewall took it (not a policy refused, nor an
 // edit made since it was read). With installed and an enforce policy,
 // its ruleset marks the flows it lets out: the --tcp-ports it was
-// rendered with and the --nat64-prefix it ran with are recorded beside
+// rendered with, the --nat64-prefix it ran with and the --ct-mark-bits
+// its marks are at are recorded beside
 // it (runningFirewallFile), for the next start's reading of the marks;
 // otherwise the record, when it is of the copy replaced, goes on naming
 // the policy, ports and prefixes of the enforce run before (firewallRecord.MarksPolicy), whose marks outlive its table.
@@ -547,7 +569,7 @@ func (d *daemon) savePolicy(installed bool) {
 		// another copy, read as none (this run's --tcp-ports), not one
 		// that names the earlier policy's.
 		if err = writeAtomic(copyPath, d.src); err == nil {
-			err = writeRecord(recPath, firewallRecord{Version: firewallRecordVersion, TCPPorts: d.cfg.tcpPorts, NAT64: &d.cfg.nat64, PolicySHA256: hex.EncodeToString(sum[:])})
+			err = writeRecord(recPath, firewallRecord{Version: firewallRecordVersion, TCPPorts: d.cfg.tcpPorts, NAT64: &d.cfg.nat64, CTMarkBits: d.cfg.ctMarkBits, PolicySHA256: hex.EncodeToString(sum[:])})
 		}
 	default:
 		// No enforce ruleset of this policy marks flows: those still out
@@ -1223,7 +1245,7 @@ func (d *daemon) startFirewall(lans []string, wan string, gate *firewallGate) er
 			return out
 		}
 	}
-	fdeps := firewall.Deps{Logger: d.log, Registerer: d.reg, Sink: cuts, Given: given, Previous: d.prevPolicy, PreviousTCPPorts: d.prevTCPPorts}
+	fdeps := firewall.Deps{Logger: d.log, Registerer: d.reg, Sink: cuts, Given: given, Previous: d.prevPolicy, PreviousTCPPorts: d.prevTCPPorts, PreviousCTMarkBits: d.prevCTMarkBits}
 	if d.macs != nil {
 		fdeps.MACs = d.macs
 	}
