@@ -159,6 +159,22 @@ type Deps struct {
 	// old ones are left as they are: they may be the operator's now).
 	// Nil: not known, this Config's.
 	PreviousCTMarkBits *uint32
+	// Pending are the policies an earlier egressd was putting in after
+	// Previous, oldest first, without knowing whether they went in (egressd
+	// run: written before an enforce install or reload, removed once the
+	// copy is Previous's successor; a kill between the two leaves them).
+	// Their tags are read beside Previous's (each rendered as Previous is,
+	// with its own ports and bits): a tag the rulesets give different
+	// rules is decided again, not taken for one of them.
+	Pending []Prior
+}
+
+// Prior is a policy an earlier egressd may have installed, with what it
+// ran it with (Deps.Pending): nil ports or bits are this Config's.
+type Prior struct {
+	Policy     *policy.Engine
+	TCPPorts   *[]policy.PortRange
+	CTMarkBits *uint32
 }
 
 // ClientMACs tells a LAN client's MAC address (egressd run: the LAN

@@ -52,7 +52,7 @@ type Firewall struct {
 	// since is what the tags of conntrack marks can mean: the enforce
 	// ruleset whose sweep last looked at every flow and every enforce
 	// ruleset installed after it (those before a first such sweep, at a
-	// start, after Deps.Previous's), oldest first, at most maxSince
+	// start, after Deps.Previous's and Deps.Pending's), oldest first, at most maxSince
 	// (sweep.go).
 	since []*Ruleset
 	// learned holds, per learned set, the addresses in it and when they
@@ -121,24 +121,28 @@ func New(cfg Config, deps Deps) (*Firewall, error) {
 	if f.sink == nil {
 		f.sink = audit.Discard
 	}
-	if deps.Previous != nil {
-		// The tags an earlier egressd's ruleset wrote are read as its
-		// rules' (sweep.go), rendered with the ports forward handled
-		// then, when known. One that does not render here is left out:
-		// its tags are then read as the new ruleset's, as without it.
+	// The tags an earlier egressd's ruleset wrote are read as its rules'
+	// (sweep.go), rendered with the ports forward handled then, when
+	// known; and as those of the policies it may have put in after it.
+	// One that does not render here is left out: its tags are then read
+	// as the others', as without it.
+	for i, p := range append([]Prior{{Policy: deps.Previous, TCPPorts: deps.PreviousTCPPorts, CTMarkBits: deps.PreviousCTMarkBits}}, deps.Pending...) {
+		if p.Policy == nil {
+			continue
+		}
 		prev := cfg
-		if deps.PreviousTCPPorts != nil {
-			prev.TCPPorts = *deps.PreviousTCPPorts
+		if p.TCPPorts != nil {
+			prev.TCPPorts = *p.TCPPorts
 		}
-		if deps.PreviousCTMarkBits != nil {
-			prev.CTMarkBits = *deps.PreviousCTMarkBits
+		if p.CTMarkBits != nil {
+			prev.CTMarkBits = *p.CTMarkBits
 		}
-		rs, err := Render(prev, deps.Previous)
+		rs, err := Render(prev, p.Policy)
 		if err != nil {
-			f.log.Warn("firewall: the policy before this start does not render; conntrack mark tags are read as the new policy's", audit.LogError, err.Error())
-		} else {
-			f.since = []*Ruleset{rs}
+			f.log.Warn("firewall: a policy before this start does not render; conntrack mark tags are read as the others'", "pending", i > 0, audit.LogError, err.Error())
+			continue
 		}
+		f.since = append(f.since, rs)
 	}
 	return f, nil
 }

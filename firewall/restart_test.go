@@ -297,3 +297,51 @@ func TestRestartCTMarkBitsChanged(t *testing.T) {
 	}
 	checkFlows(t, "restarted with --ct-mark-bits changed", flows, "a")
 }
+
+// TestRestartKilledBeforeRecord: egressd ran policy A (the state
+// directory's copy), then installed B and was killed before it wrote B's
+// copy (a kill -9 in the milliseconds between the two). The kernel's marks
+// are B's, but the copy says A: read as A's alone, b's flow (b drew the
+// tag a has in A) is kept at a start with A again, as a's, an unchanged
+// rule, though A lets nothing of it out. The start is told of B too
+// (Deps.Pending, egressd run: written before the install), and a tag
+// that A and B give different rules is decided again: b's flow is cut,
+// x's (the same rule in both, and in the new policy) kept.
+func TestRestartKilledBeforeRecord(t *testing.T) {
+	requireNft(t)
+	tp := newTopo(t)
+	tp.serverUDP(t, "198.18.2.2:9000", "198.18.2.3:9000")
+	fw := tp.firewall(t, Config{})
+	const (
+		x = "  - {name: x, to: [198.18.2.2/32], ports: [9000/udp]}\n"
+		a = "  - {name: a, to: [203.0.113.9/32], ports: [9001/udp]}\n"
+	)
+	policyOf := func(rules ...string) *policy.Engine {
+		return compile(t, "version: 1\nmode: enforce\nrules:\n"+strings.Join(rules, ""))
+	}
+	rA, err := Render(fw.cfg, policyOf(x, a))
+	if err != nil {
+		t.Fatal(err)
+	}
+	// b has, in B's ruleset, the tag a has in A's.
+	b := tagTwin(t, fw.cfg, x, rA.flows[1].tag, func(i int) string {
+		return fmt.Sprintf("  - {name: b%d, to: [198.18.2.3/32], ports: [9000/udp]}\n", i)
+	})
+	if err := fw.Install(policyOf(x, b)); err != nil {
+		t.Fatal(err)
+	}
+	flows := map[string]*flow{"x": dialFlow(t, tp, "udp", "198.18.2.2:9000"), "b": dialFlow(t, tp, "udp", "198.18.2.3:9000")}
+	checkFlows(t, "B installed", flows)
+	if err := fw.Detach(); err != nil {
+		t.Fatal(err)
+	}
+	fw2 := tp.firewallWith(t, Config{}, Deps{Registerer: prometheus.NewRegistry(), Logger: slog.New(slog.NewTextHandler(io.Discard, nil)),
+		Previous: policyOf(x, a), Pending: []Prior{{Policy: policyOf(x, b)}}})
+	if err := fw2.Install(policyOf(x, a)); err != nil {
+		t.Fatal(err)
+	}
+	if cut, kept := flowsMetric(fw2, "cut"), flowsMetric(fw2, "kept"); cut != 1 || kept != 1 {
+		t.Errorf("restart with A after B went in unrecorded: %v cut, %v kept, want 1 and 1", cut, kept)
+	}
+	checkFlows(t, "restarted with A", flows, "b")
+}

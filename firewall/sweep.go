@@ -41,8 +41,10 @@ import (
 //     start, since holds the ruleset of the policy the earlier egressd
 //     ran (Deps.Previous, with the NAT64 prefixes it ran with, rendered
 //     with this run's Config but the TCPPorts it ran with,
-//     Deps.PreviousTCPPorts), then the new
-//     one; without it, the new ruleset alone: a tag it uses is then taken
+//     Deps.PreviousTCPPorts), those of the policies it may have put in
+//     after it unrecorded (Deps.Pending: a tag they give different rules
+//     is decided again), then the new
+//     one; without any, the new ruleset alone: a tag it uses is then taken
 //     for its rule's (let out by an earlier egressd whose policy is
 //     unknown);
 //   - otherwise (the rule was removed or changed, or the tag is one none
