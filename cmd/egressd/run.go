@@ -124,6 +124,12 @@ type daemon struct {
 	// prevCTMarkBits are the --ct-mark-bits its marks were written at
 	// (recorded beside the copy; this run's when not).
 	prevCTMarkBits *uint32
+	// prevPending are the enforce policies the egressd before this start
+	// was putting in when it stopped, unrecorded (pendingFile).
+	prevPending []firewall.Prior
+	// beforeSave, when set (tests), runs as savePolicy starts: a kill
+	// there is one between an install and the copy.
+	beforeSave func()
 	// src is the running policy's source, which savePolicy copies into
 	// the state directory once it runs; srcEnforce: it is in enforce mode
 	// (its ruleset marks the flows it lets out).
@@ -342,6 +348,7 @@ func newDaemon(cfg runConfig, stdout, stderr io.Writer) (*daemon, error) {
 	}
 	if !cfg.noFirewall {
 		d.prevPolicy, d.prevTCPPorts, d.prevCTMarkBits = d.previousPolicy() // before savePolicy writes over the copy
+		d.prevPending = d.pendingPolicies()
 	}
 	eng, src, err := d.loadPolicy()
 	if err != nil {
@@ -552,13 +559,17 @@ func (d *daemon) readFirewallRecord(copy []byte) *firewallRecord {
 // its ruleset marks the flows it lets out: the --tcp-ports it was
 // rendered with, the --nat64-prefix it ran with and the --ct-mark-bits
 // its marks are at are recorded beside
-// it (runningFirewallFile), for the next start's reading of the marks;
+// it (runningFirewallFile), for the next start's reading of the marks,
+// and the note of the policies going in (pendingFile) is removed;
 // otherwise the record, when it is of the copy replaced, goes on naming
 // the policy, ports and prefixes of the enforce run before (firewallRecord.MarksPolicy), whose marks outlive its table.
 // Failure only costs the report its unused-rules list and the next start
 // its reading of the marks as the policy's before it (previousPolicy),
 // so it is logged, not fatal.
 func (d *daemon) savePolicy(installed bool) {
+	if d.beforeSave != nil {
+		d.beforeSave()
+	}
 	err := os.MkdirAll(d.cfg.stateDir, 0o750)
 	copyPath, recPath := filepath.Join(d.cfg.stateDir, runningPolicyFile), filepath.Join(d.cfg.stateDir, runningFirewallFile)
 	sum := sha256.Sum256(d.src)
@@ -570,6 +581,9 @@ func (d *daemon) savePolicy(installed bool) {
 		// that names the earlier policy's.
 		if err = writeAtomic(copyPath, d.src); err == nil {
 			err = writeRecord(recPath, firewallRecord{Version: firewallRecordVersion, TCPPorts: d.cfg.tcpPorts, NAT64: &d.cfg.nat64, CTMarkBits: d.cfg.ctMarkBits, PolicySHA256: hex.EncodeToString(sum[:])})
+		}
+		if err == nil {
+			d.donePending()
 		}
 	default:
 		// No enforce ruleset of this policy marks flows: those still out
@@ -1245,7 +1259,7 @@ func (d *daemon) startFirewall(lans []string, wan string, gate *firewallGate) er
 			return out
 		}
 	}
-	fdeps := firewall.Deps{Logger: d.log, Registerer: d.reg, Sink: cuts, Given: given, Previous: d.prevPolicy, PreviousTCPPorts: d.prevTCPPorts, PreviousCTMarkBits: d.prevCTMarkBits}
+	fdeps := firewall.Deps{Logger: d.log, Registerer: d.reg, Sink: cuts, Given: given, Previous: d.prevPolicy, PreviousTCPPorts: d.prevTCPPorts, PreviousCTMarkBits: d.prevCTMarkBits, Pending: d.prevPending}
 	if d.macs != nil {
 		fdeps.MACs = d.macs
 	}
@@ -1253,7 +1267,13 @@ func (d *daemon) startFirewall(lans []string, wan string, gate *firewallGate) er
 	if err != nil {
 		return err
 	}
-	if err := fw.Install(d.store.Load()); err != nil {
+	eng := d.store.Load()
+	if eng.Mode() == policy.ModeEnforce {
+		// Noted before it goes in: a kill before the copy below leaves
+		// the note (pendingFile).
+		d.notePending(d.src)
+	}
+	if err := fw.Install(eng); err != nil {
 		return err
 	}
 	d.fw = fw
@@ -1336,6 +1356,10 @@ func (d *daemon) reloadPolicy() bool {
 	}
 	old := d.store.Swap(eng)
 	d.ledger.SetPolicy(eng)
+	if d.fw != nil && eng.Mode() == policy.ModeEnforce {
+		// Noted before it goes in (pendingFile).
+		d.notePending(src)
+	}
 	if err := d.replaceFirewall(eng); err != nil {
 		d.store.Swap(old)
 		d.ledger.SetPolicy(old)
