@@ -153,15 +153,26 @@ func BenchmarkJournalWriteDNSSockets(b *testing.B) {
 	b.Run("oneid", func(b *testing.B) { benchJournalWriteDNSSockets(b, false) })
 }
 
-func benchJournalWriteDNSSockets(b *testing.B, ids bool) {
+// BenchmarkLedgerDNSSockets is BenchmarkJournalWriteDNSSockets' ledger
+// alone (no budget, no encoding, no file).
+func BenchmarkLedgerDNSSockets(b *testing.B) {
 	l := NewLedger(nil, LedgerOptions{})
-	j, _, err := OpenJournal(JournalConfig{Dir: b.TempDir()}, l)
-	if err != nil {
-		b.Fatal(err)
+	evs := dnsperfEvents()
+	b.ReportAllocs()
+	b.ResetTimer()
+	for i := 0; i < b.N; i++ {
+		ev := evs[i%len(evs)]
+		ev.Time = t0.Add(time.Duration(i) * 6500 * time.Nanosecond)
+		ev.ClientPort = uint16(40000 + i%8)
+		ev.QueryID = uint16(i / 8)
+		l.Emit(ev)
 	}
-	var now time.Time
-	j.now = func() time.Time { return now }
-	const names, ports = 1000, 8
+}
+
+// dnsperfEvents are the queries of bench/dns.sh's query file (1000
+// names a kind), shuffled deterministically as it is.
+func dnsperfEvents() []Event {
+	const names = 1000
 	var evs []Event
 	for i := range names {
 		for range 3 {
@@ -182,11 +193,23 @@ func benchJournalWriteDNSSockets(b *testing.B, ids bool) {
 			Verdict: policy.Deny, Mode: policy.ModeEnforce, Reason: policy.ReasonNoRule, Latency: 4e-6,
 		})
 	}
-	// Shuffled deterministically, as the query file is.
 	for i := len(evs) - 1; i > 0; i-- {
 		k := int(uint64(i) * 2654435761 % uint64(i+1))
 		evs[i], evs[k] = evs[k], evs[i]
 	}
+	return evs
+}
+
+func benchJournalWriteDNSSockets(b *testing.B, ids bool) {
+	l := NewLedger(nil, LedgerOptions{})
+	j, _, err := OpenJournal(JournalConfig{Dir: b.TempDir()}, l)
+	if err != nil {
+		b.Fatal(err)
+	}
+	var now time.Time
+	j.now = func() time.Time { return now }
+	const ports = 8
+	evs := dnsperfEvents()
 	b.ReportAllocs()
 	b.ResetTimer()
 	for i := 0; i < b.N; i++ {
