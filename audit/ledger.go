@@ -109,7 +109,18 @@ type Ledger struct {
 	eng     *policy.Engine
 	rules   map[string]*ruleStats
 	dropped map[dropKey]*dropStats
-	flows   map[uint64]*flowRec // by flowID.hash (one cheap hash per lookup), chained through next
+	// flows is the table of remembered records by flowID.hash (one
+	// cheap hash per lookup; records still compare whole ids): open
+	// addressing, linear probing, a power of two of slots at least
+	// twice the ring's records (it doubles as the ring grows, to twice
+	// MaxFlows), a record taken out with the slots after it shifted back
+	// (no deleted marks). Not a Go map: each query a client sends is a
+	// record of its own, so at dnsperf's rate the table takes one record
+	// out and one in for nearly every query, and the map's deleted slots
+	// made its lookups of a new query's (absent) hash probe long (14 %
+	// of BenchmarkJournalWriteDNSSockets' CPU). A slot keeps the hash,
+	// so a lookup reads no record but those of its hash.
+	flows   []flowSlot
 	seed    maphash.Seed
 	ring    []*flowRec // insertion order, for eviction; len <= MaxFlows
 	ringPos int
@@ -243,6 +254,13 @@ func (id *flowID) hash(seed maphash.Seed) uint64 {
 	return h.Sum64()
 }
 
+// flowSlot is a slot of Ledger.flows: a record and its id's hash (r
+// nil: empty).
+type flowSlot struct {
+	h uint64
+	r *flowRec
+}
+
 type flowRec struct {
 	id                flowID
 	h                 uint64 // id.hash
@@ -255,7 +273,6 @@ type flowRec struct {
 	source            Source     // of the report that decided the attribution
 	dest              string     // allowed: the name counted in rule.dests
 	held              *heldFlow  // the journal's detail budget held its first report back
-	next              *flowRec   // in l.flows, the next record with the same hash
 }
 
 // NewLedger returns an empty ledger for the policy eng (which may be nil:
@@ -267,7 +284,6 @@ func NewLedger(eng *policy.Engine, opt LedgerOptions) *Ledger {
 		eng:     eng,
 		rules:   map[string]*ruleStats{},
 		dropped: map[dropKey]*dropStats{},
-		flows:   map[uint64]*flowRec{},
 		seed:    maphash.MakeSeed(),
 	}
 }
@@ -385,7 +401,7 @@ func (l *Ledger) addUnwritten(n uint64) {
 func (l *Ledger) Len() int {
 	l.mu.Lock()
 	defer l.mu.Unlock()
-	return len(l.rules) + len(l.dropped) + len(l.flows)
+	return len(l.rules) + len(l.dropped) + len(l.ring)
 }
 
 // addLocked adds ev and reports whether it was a new flow or query (false
@@ -641,7 +657,19 @@ func (l *Ledger) findLocked(id flowID, h uint64, t time.Time) *flowRec {
 	if id.Proto == "udp" && id.kind == KindFlow {
 		slack = udpFlowIdle
 	}
-	for r := l.flows[h]; r != nil; r = r.next {
+	if len(l.flows) == 0 {
+		return nil
+	}
+	// Of two records of id whose windows hold t, the newer (a record
+	// is placed after those of its hash already in the table, and
+	// taking one out keeps the others' order).
+	var found *flowRec
+	mask := uint64(len(l.flows) - 1)
+	for i := h & mask; l.flows[i].r != nil; i = (i + 1) & mask {
+		if l.flows[i].h != h {
+			continue
+		}
+		r := l.flows[i].r
 		end := r.end
 		if id.kind == KindDNS {
 			// A query is its first report: a client that repeats
@@ -651,10 +679,10 @@ func (l *Ledger) findLocked(id flowID, h uint64, t time.Time) *flowRec {
 			end = r.start
 		}
 		if r.id == id && !t.Before(r.start.Add(-slack)) && !t.After(end.Add(slack)) {
-			return r
+			found = r
 		}
 	}
-	return nil
+	return found
 }
 
 // mergeLocked folds a second report of a flow into its record: bytes rise
@@ -714,20 +742,7 @@ func (l *Ledger) recLocked() *flowRec {
 		return new(flowRec)
 	}
 	old := l.ring[l.ringPos]
-	if p := l.flows[old.h]; p == old {
-		if old.next == nil {
-			delete(l.flows, old.h)
-		} else {
-			l.flows[old.h] = old.next
-		}
-	} else {
-		for ; p != nil; p = p.next {
-			if p.next == old {
-				p.next = old.next
-				break
-			}
-		}
-	}
+	l.unslotLocked(old)
 	*old = flowRec{}
 	return old
 }
@@ -737,12 +752,59 @@ func (l *Ledger) recLocked() *flowRec {
 func (l *Ledger) rememberLocked(r *flowRec) {
 	if len(l.ring) < l.opt.MaxFlows {
 		l.ring = append(l.ring, r)
+		if len(l.ring) > len(l.flows)/2 {
+			l.growFlowsLocked()
+			return
+		}
 	} else {
 		l.ring[l.ringPos] = r
 		l.ringPos = (l.ringPos + 1) % l.opt.MaxFlows
 	}
-	r.next = l.flows[r.h]
-	l.flows[r.h] = r
+	l.slotLocked(r)
+}
+
+// growFlowsLocked doubles the flows table (to 16 slots at first) and
+// places every record of the ring in it again, the oldest first (the
+// ring is not full yet: in its order), so that of two records of one
+// hash the newer still comes after the older.
+func (l *Ledger) growFlowsLocked() {
+	l.flows = make([]flowSlot, max(16, 2*len(l.flows)))
+	for _, r := range l.ring {
+		l.slotLocked(r)
+	}
+}
+
+// slotLocked places r in the first empty slot from its hash's.
+func (l *Ledger) slotLocked(r *flowRec) {
+	mask := uint64(len(l.flows) - 1)
+	i := r.h & mask
+	for l.flows[i].r != nil {
+		i = (i + 1) & mask
+	}
+	l.flows[i] = flowSlot{r.h, r}
+}
+
+// unslotLocked takes r out of the flows table, shifting back the records
+// after it that may move (those whose hash's slot is not between the
+// empty one and theirs), so that every record stays reachable from its
+// hash's slot with no empty slot between, in the same order.
+func (l *Ledger) unslotLocked(r *flowRec) {
+	mask := uint64(len(l.flows) - 1)
+	i := r.h & mask
+	for l.flows[i].r != r {
+		i = (i + 1) & mask
+	}
+	for j := (i + 1) & mask; ; j = (j + 1) & mask {
+		s := l.flows[j]
+		if s.r == nil {
+			break
+		}
+		if (j-s.h)&mask >= (j-i)&mask { // its hash's slot is i or before
+			l.flows[i] = s
+			i = j
+		}
+	}
+	l.flows[i] = flowSlot{}
 }
 
 func (l *Ledger) ruleLocked(name string) *ruleStats {

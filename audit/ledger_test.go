@@ -376,12 +376,15 @@ func TestReplaySamePolicyChangesNothing(t *testing.T) {
 // TestFlowTableChains fills the ledger's table of recent flows with
 // records whose hashes collide (set by hand: maphash never collides in a
 // test), past its size, and checks after each step that exactly the
-// newest MaxFlows records are found, whatever their place in a chain.
+// newest MaxFlows records are found, whatever their place among the
+// slots of their hash: five hashes, two of them in the table's last
+// slots, whose records run over its end to its first ones.
 func TestFlowTableChains(t *testing.T) {
 	const size = 5
 	l := NewLedger(nil, LedgerOptions{MaxFlows: size})
 	rng := rand.New(rand.NewPCG(1, 2))
 	var ids []flowID
+	hashes := []uint64{0, 1, 2, ^uint64(0), ^uint64(1)}
 	for i := range 200 {
 		id := flowID{kind: KindDNS, name: fmt.Sprintf("q%d.example", i)}
 		ids = append(ids, id)
@@ -389,20 +392,20 @@ func TestFlowTableChains(t *testing.T) {
 		if *r != (flowRec{}) {
 			t.Fatalf("step %d: record from recLocked not zeroed: %+v", i, r)
 		}
-		r.id, r.h, r.start, r.end = id, uint64(rng.IntN(3)), t0, t0
+		r.id, r.h, r.start, r.end = id, hashes[rng.IntN(len(hashes))], t0, t0
 		l.rememberLocked(r)
 		n := 0
-		for _, rs := range l.flows {
-			for ; rs != nil; rs = rs.next {
+		for _, s := range l.flows {
+			if s.r != nil {
 				n++
 			}
 		}
 		if want := min(i+1, size); n != want || len(l.ring) != want {
-			t.Fatalf("step %d: %d records chained, %d in the ring, want %d", i, n, len(l.ring), want)
+			t.Fatalf("step %d: %d records in the table, %d in the ring, want %d", i, n, len(l.ring), want)
 		}
 		for j, old := range ids {
 			found := false
-			for h := range uint64(3) {
+			for _, h := range hashes {
 				found = found || l.findLocked(old, h, t0) != nil
 			}
 			if kept := j > i-size; found != kept {
