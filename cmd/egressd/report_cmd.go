@@ -97,7 +97,13 @@ func cmdReport(ctx context.Context, args []string, stdout, stderr io.Writer) int
 			}
 		}
 		if fi, err := os.Stat(*stateDir); err != nil {
-			fmt.Fprintf(stderr, "egressd report: no daemon at %s and no state directory: %v\n", *adminAddr, err)
+			if set["state-dir"] {
+				// No daemon was asked: the directory named is the
+				// whole question.
+				fmt.Fprintf(stderr, "egressd report: state directory: %v\n", err)
+			} else {
+				fmt.Fprintf(stderr, "egressd report: no daemon at %s and no state directory: %v\n", *adminAddr, err)
+			}
 			return exitFail
 		} else if !fi.IsDir() {
 			fmt.Fprintf(stderr, "egressd report: state directory %s is not a directory\n", *stateDir)

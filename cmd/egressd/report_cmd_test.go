@@ -367,3 +367,18 @@ func TestReportStateDirNotDir(t *testing.T) {
 		t.Errorf("stderr: want one line saying %s is not a directory, got:\n%s", f, stderr)
 	}
 }
+
+// TestReportStateDirMissing: an explicit --state-dir that does not exist
+// is an error about that directory; no daemon was asked, so the message
+// does not say there was none (it did: "no daemon at 127.0.0.1:9901 and
+// no state directory").
+func TestReportStateDirMissing(t *testing.T) {
+	d := filepath.Join(t.TempDir(), "nothing")
+	code, out, stderr := runCmd(t, "report", "--state-dir", d)
+	if code != exitFail || out != "" {
+		t.Fatalf("exit %d, output %q", code, out)
+	}
+	if strings.Contains(stderr, "daemon") || !strings.Contains(stderr, d) || !strings.Contains(stderr, "no such file") {
+		t.Errorf("stderr: want one error naming %s, no daemon's, got:\n%s", d, stderr)
+	}
+}
