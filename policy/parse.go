@@ -248,6 +248,11 @@ func (p *parser) yamlErr(src []byte, err error) {
 	msg := yamlLineRE.ReplaceAllString(strings.TrimPrefix(err.Error(), "yaml: "), "")
 	msg = strings.TrimPrefix(msg, ": ")
 	line := yamlLine(err)
+	if yamlParserErrors[msg] {
+		// The library counts its parser's lines from 0 (its scanner's
+		// from 1), and names none for the first.
+		line++
+	}
 	if strings.Contains(msg, "did not find expected alphabetic or numeric character") && unquotedStar(src, line) {
 		msg += ` (a pattern that starts with "*" must be quoted, such as "*.example.com": unquoted, YAML reads * as an alias)`
 	}
@@ -264,6 +269,23 @@ func unquotedStar(src []byte, n int) bool {
 		return false
 	}
 	return unquotedStarRE.Match(lines[n-1])
+}
+
+// yamlParserErrors are the YAML library's parser errors (go.yaml.in/yaml/v3
+// parserc.go), whose "line N" counts from 0; the others are its
+// scanner's, counted from 1.
+var yamlParserErrors = map[string]bool{
+	"did not find expected ',' or ']'":       true,
+	"did not find expected ',' or '}'":       true,
+	"did not find expected '-' indicator":    true,
+	"did not find expected <document start>": true,
+	"did not find expected <stream-start>":   true,
+	"did not find expected key":              true,
+	"did not find expected node content":     true,
+	"found duplicate %TAG directive":         true,
+	"found duplicate %YAML directive":        true,
+	"found incompatible YAML document":       true,
+	"found undefined tag handle":             true,
 }
 
 var yamlLineRE = regexp.MustCompile(`line (\d+)(: )?`)

@@ -42,3 +42,31 @@ func TestUnquotedStarHint(t *testing.T) {
 		t.Errorf("tab error: %v", err)
 	}
 }
+
+// TestYAMLSyntaxErrorLine: the line a YAML syntax error names is the
+// file's (from 1). The YAML library gives its parser's errors (a flow
+// list or mapping not closed, a key missing) at a line counted from 0,
+// its scanner's from 1: an unclosed list on line 5 was reported at line
+// 4, an unclosed quote on line 4 at line 3.
+func TestYAMLSyntaxErrorLine(t *testing.T) {
+	for _, tc := range []struct {
+		src  string
+		line string
+	}{
+		{"version: 1\nmode: audit\nrules:\n  - name: a\n    to: [\"*.x.com\"\n    ports: [443/tcp]\n", "p.yaml:5:"},
+		{"version: 1\nmode: audit\nrules:\n  - name: \"a\n    to: [\"a.com\"]\n", "p.yaml:4:"},
+		{"version: 1\nmode: audit\nrules: {a: 1\n", "p.yaml:3:"},
+		{"[version, 1\n", "p.yaml:2:"}, // the end of the file, where "]" was due
+		// The scanner's lines were right already.
+		{"version: 1\nmode: audit\nrules:\n  - name: a\n     to: [\"a.com\"]\n", "p.yaml:5:"},
+		{"version: 1\nrules:\n  - name: a\n    to: [*.x.com]\n", "p.yaml:4:"},
+	} {
+		_, err := Parse("p.yaml", []byte(tc.src))
+		if err == nil {
+			t.Fatalf("%q parsed", tc.src)
+		}
+		if !strings.Contains(err.Error(), tc.line) {
+			t.Errorf("%q: want the error at %s, got:\n%v", tc.src, tc.line, err)
+		}
+	}
+}

@@ -236,7 +236,7 @@ func TestBadPolicyEveryCommand(t *testing.T) {
 	unknown := filepath.Join(dir, "unknown.yaml")
 	os.WriteFile(unknown, []byte("version: 1\nrules:\n  - name: a\n    to: [x.test]\n    ports: [443/tcp]\n    bogus: 1\n"), 0o644)
 	for file, want := range map[string]string{
-		broken:  broken + ":3: YAML syntax: did not find expected ',' or ']'",
+		broken:  broken + ":4: YAML syntax: did not find expected ',' or ']'",
 		unknown: unknown + `:6:5: rule: unknown key "bogus" (expected one of name, why, from, to, ports, expires)`,
 	} {
 		for _, args := range [][]string{
