@@ -168,8 +168,9 @@ func TestLiveAFPacket(t *testing.T) {
 		{80, "198.18.0.1", "tcp", "plain.allowed.test", audit.NameHost, policy.Allow},
 		{53, "198.18.0.5", "udp", "", audit.NameNone, policy.Allow},
 		// Allowed names, but not on port 8080: denied. The reason is the
-		// address's (no-rule), the name the best one known, as the
-		// proxy's decideAddr records a flow no name allows.
+		// name's (port-not-allowed: its rule lacks the port), the name
+		// the best one known, as the proxy's decideAddr records a flow no
+		// name allows (policy.DecideLearned).
 		{8080, "198.18.0.3", "tcp", "api.allowed.test", audit.NameDNSAnswer, policy.Deny},
 	}
 	evs := rec.all()
@@ -187,8 +188,8 @@ func TestLiveAFPacket(t *testing.T) {
 			if w.proto == "tcp" && (ev.BytesOut == 0 || ev.BytesIn == 0 || (ev.Close != "fin" && ev.Close != "rst")) {
 				t.Errorf("port %d: bytes %d/%d close %q", w.port, ev.BytesOut, ev.BytesIn, ev.Close)
 			}
-			if w.port == 8080 && ev.Reason != policy.ReasonNoRule {
-				t.Errorf("port 8080: reason %q, want %q", ev.Reason, policy.ReasonNoRule)
+			if w.port == 8080 && ev.Reason != policy.ReasonPort {
+				t.Errorf("port 8080: reason %q, want %q", ev.Reason, policy.ReasonPort)
 			}
 			if w.dest == "198.18.0.4" && ev.Reason != ReasonSNIMismatch {
 				t.Errorf("SNI to 198.18.0.4: reason %q, want %q", ev.Reason, ReasonSNIMismatch)

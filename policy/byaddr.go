@@ -8,8 +8,10 @@ package policy
 // for, best first. The first that a rule allows decides, and its index is
 // returned. When none does, d stands, except that the first name's
 // decision replaces it where it says path-unseen (why that name's
-// host/path rule does not allow the flow), and the index is 0: the first
-// name is still the best one known, for the record. With no names the
+// host/path rule does not allow the flow), or where d says only no-rule
+// and the name's says more (its rule lacks the port or the client, or
+// has expired: what policy explain says of the name), and the index is
+// 0: the first name is still the best one known, for the record. With no names the
 // index is -1. The proxy and capture both decide so, so that audit mode
 // reports what enforce mode does.
 func (e *Engine) DecideLearned(in Input, d Decision, names []string) (Decision, int) {
@@ -22,7 +24,7 @@ func (e *Engine) DecideLearned(in Input, d Decision, names []string) (Decision, 
 		if dd.Allowed() {
 			return dd, i
 		}
-		if i == 0 && dd.Reason == ReasonPathUnseen {
+		if i == 0 && (dd.Reason == ReasonPathUnseen || d.Reason == ReasonNoRule && dd.Reason != ReasonNoRule) {
 			d = dd
 		}
 	}
