@@ -104,9 +104,11 @@ func testReloadNarrows(t *testing.T, extra []string) {
 	pool0, pool1, clock := resolve(poolNames[0]), resolve(poolNames[1]), resolve(clockName)
 	intake, docker := resolve(intakeName), resolve(dockerName)
 
-	// open checks what a new connection to each address gets now.
+	// open checks what a new connection to each address gets now; a
+	// connection the proxy denies is no-rule, or why's reason where a
+	// rule still names the name (the name's reason: policy.DecideLearned).
 	type want struct{ pool0, pool1, intake, web bool }
-	open := func(when string, w want) {
+	open := func(when string, w want, why ...string) {
 		t.Helper()
 		for _, c := range []struct {
 			name string
@@ -136,7 +138,7 @@ func testReloadNarrows(t *testing.T, extra []string) {
 			if err != nil && port == 0 {
 				t.Fatalf("%s: raw TCP to %s:10516: %v", when, intake, err)
 			}
-			verdict, reason := "deny", "no-rule"
+			verdict, reason := "deny", denied(why)
 			if w.intake {
 				verdict, reason = "allow", ""
 			}
@@ -160,7 +162,7 @@ func testReloadNarrows(t *testing.T, extra []string) {
 			if !o.denied {
 				t.Errorf("%s: hello without SNI to %s (given for %s under a removed rule): %v; want it denied", when, docker, dockerName, o)
 			}
-			wantEvent(t, d, when+": no SNI to "+dockerName+"'s address", byClientPort(o.port), "deny", "no-rule")
+			wantEvent(t, d, when+": no SNI to "+dockerName+"'s address", byClientPort(o.port), "deny", denied(why))
 		}
 	}
 
@@ -178,7 +180,7 @@ func testReloadNarrows(t *testing.T, extra []string) {
 
 	d.writePolicy(narrowPolicy(wide, "198.18.1.99/32"))
 	d.hup(true)
-	open("every rule's clients narrowed to another address", want{})
+	open("every rule's clients narrowed to another address", want{}, "client-not-allowed")
 
 	d.writePolicy(narrowPolicy(wide, ""))
 	d.hup(true)
@@ -187,4 +189,12 @@ func testReloadNarrows(t *testing.T, extra []string) {
 	d.writePolicy(narrowPolicy([3]string{}, ""))
 	d.hup(true)
 	open("every rule removed but narrow-clock", want{})
+}
+
+// denied is the reason of a denial: no-rule unless why gives one.
+func denied(why []string) string {
+	if len(why) > 0 {
+		return why[0]
+	}
+	return "no-rule"
 }
