@@ -728,18 +728,26 @@ func (c *clientSet) addrs() []netip.Addr {
 	return as
 }
 
-// fold folds the oldest rotated files beyond MaxFiles into the summary,
-// then deletes them, until MaxFiles are left. A file it cannot fold (the
+// fold compresses the rotated files still plain (with Compress), then
+// folds the oldest rotated files beyond the limit (overLimit) into the
+// summary and deletes them, until the rest fit. A file it cannot fold (the
 // summary cannot be written: a full disk) is kept for the next rotation
-// to try again, up to maxPendingFiles past MaxFiles; beyond that the
+// to try again, up to maxPendingFiles past the limit; beyond that the
 // oldest is deleted unfolded, its counts lost (logged and counted). Rotation starts it in the
-// background (reading a 64 MiB file must not stall the writer); one runs
-// at a time, and Close waits for it.
+// background (reading or compressing a 64 MiB file must not stall the
+// writer); one runs at a time, and Close waits for it.
 func (j *Journal) fold() {
 	defer j.folds.Done()
 	j.foldMu.Lock()
 	defer j.foldMu.Unlock()
+	compress := j.cfg.Compress
 	for range 1 << 16 { // bounded: each round deletes a file or returns
+		// Each round first compresses what rotation added meanwhile: a
+		// file counts at its plain size until then. After a failure
+		// (an error line) the rest stay plain until the next fold.
+		if compress {
+			compress = j.compressRotated()
+		}
 		files, err := LogFiles(j.cfg.Dir)
 		if err != nil {
 			return
@@ -749,7 +757,7 @@ func (j *Journal) fold() {
 		j.rotMu.RUnlock()
 		var rotated, stale []string
 		for _, f := range files {
-			switch n := filepath.Base(f); {
+			switch n := logName(f); {
 			case n == CurrentLog:
 			case last != "" && n <= last:
 				stale = append(stale, f)
@@ -761,7 +769,7 @@ func (j *Journal) fold() {
 			j.remove(stale)
 			continue
 		}
-		pending := len(rotated) - j.cfg.MaxFiles
+		pending := j.overLimit(rotated)
 		j.unfolded.Store(int64(max(0, pending)))
 		if pending <= 0 {
 			j.mu.Lock()
@@ -786,6 +794,31 @@ func (j *Journal) fold() {
 		j.lost.Add(1)
 		j.remove(rotated[:1])
 	}
+}
+
+// overLimit returns how many of the rotated files (oldest first) are
+// beyond the limit: past the newest MaxFiles, or, with Compress, past the
+// newest whose bytes on disk add up to at most MaxFiles x MaxFileBytes (a
+// file not compressed yet counts at its plain size).
+func (j *Journal) overLimit(rotated []string) int {
+	if !j.cfg.Compress {
+		return len(rotated) - j.cfg.MaxFiles
+	}
+	budget := int64(j.cfg.MaxFiles) * j.cfg.MaxFileBytes
+	var sum int64
+	for i := len(rotated) - 1; i >= 0; i-- {
+		fi, err := os.Stat(rotated[i])
+		if err != nil && !strings.HasSuffix(rotated[i], gzSuffix) {
+			fi, err = os.Stat(rotated[i] + gzSuffix) // compressed since the listing
+		}
+		if err == nil {
+			sum += fi.Size()
+		}
+		if sum > budget {
+			return i + 1
+		}
+	}
+	return 0
 }
 
 // maxPendingFiles bounds the rotated files kept past MaxFiles because
@@ -815,7 +848,9 @@ func (j *Journal) foldFile(path string) error {
 	}
 	from, until := a.From, a.Until
 	var st LoadStats
-	err := readFile(path, slog.New(slog.DiscardHandler), false, &st, func(ev Event) {
+	// A damaged compressed file (readFile logs it) is folded as far as it
+	// can be read: reading it again would find the same damage.
+	err := readFile(path, j.log, false, &st, func(ev Event) {
 		if t := ev.Time.UTC(); !t.IsZero() {
 			if from.IsZero() || t.Before(from) {
 				from = t
@@ -831,8 +866,13 @@ func (j *Journal) foldFile(path string) error {
 		tmp.add(&ev)
 	})
 	na := tmp.export()
-	na.From, na.Until, na.LastFile = from, until, filepath.Base(path)
+	// LastFile names the file as it was plain, in whichever form it
+	// was folded: names compare in that form (logName).
+	na.From, na.Until, na.LastFile = from, until, logName(path)
 	na.Files, na.Events = a.Files+1, a.Events+st.Events
+	if errors.As(err, new(damagedError)) {
+		err = nil
+	}
 	if err == nil {
 		err = writeArchive(j.cfg.Dir, na)
 	}

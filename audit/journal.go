@@ -3,6 +3,7 @@ package audit
 import (
 	"bufio"
 	"bytes"
+	"compress/gzip"
 	"context"
 	"encoding/json"
 	"errors"
@@ -30,6 +31,9 @@ const (
 	CurrentLog    = "events.ndjson"
 	rotatedPrefix = "events-"
 	rotatedSuffix = ".ndjson"
+	// gzSuffix ends a rotated file's name once it is compressed
+	// (JournalConfig.Compress): events-TIME.ndjson.gz.
+	gzSuffix = ".gz"
 	// maxLine bounds one event line; longer lines are skipped on read.
 	maxLine = 1 << 20
 )
@@ -65,6 +69,11 @@ type JournalConfig struct {
 	DetailBurst    int
 	DetailRate     float64
 	DetailInterval time.Duration
+	// Compress gzips each rotated file in the background (the writer
+	// only renames it): events-TIME.ndjson becomes events-TIME.ndjson.gz.
+	// The kept rotated files are then bounded by their bytes on disk,
+	// MaxFiles x MaxFileBytes, not by their number.
+	Compress bool
 }
 
 // Validate returns all problems of c.
@@ -116,6 +125,10 @@ type LoadStats struct {
 	Shed    uint64 // events recorded as shed
 	Skipped int    // lines that were not events (bad JSON, too long)
 	Torn    bool   // the last line of the current file was incomplete
+	// Damaged are compressed rotated files that could not be read to
+	// their end (truncated, corrupt): their events before the damage are
+	// counted, the rest are lost.
+	Damaged int
 	// Summarized are the events of rotated-out files the ledger started
 	// from (the summary, ArchiveFile), from SummarizedFiles files.
 	Summarized      uint64
@@ -211,6 +224,7 @@ func OpenJournal(cfg JournalConfig, ledger *Ledger) (*Journal, LoadStats, error)
 		stop: make(chan struct{}), done: make(chan struct{}),
 	}
 	removeArchiveTemps(cfg.Dir)
+	removeCompressTemps(cfg.Dir)
 	st, err := loadInto(cfg.Dir, cfg.Logger, true, ledger, func(ev Event) { j.saw(ev.Time) })
 	if err != nil {
 		return nil, st, err
@@ -231,24 +245,33 @@ func OpenJournal(cfg JournalConfig, ledger *Ledger) (*Journal, LoadStats, error)
 		return nil, st, fmt.Errorf("audit: open event log: %w", err)
 	}
 	j.f, j.size = f, fi.Size()
+	plain := false
 	if files, err := LogFiles(cfg.Dir); err == nil {
-		rotated := 0
+		var rotated []string
 		for _, p := range files {
 			if end, ok := rotatedTime(p); ok {
 				j.saw(end)
-				if n := filepath.Base(p); j.archLast == "" || n > j.archLast {
-					rotated++
+				if n := logName(p); j.archLast == "" || n > j.archLast {
+					rotated = append(rotated, p)
+					plain = plain || !strings.HasSuffix(p, gzSuffix)
 				}
 			}
 		}
-		// Files a failed summary write left past MaxFiles (fold) are
+		// Files a failed summary write left past the limit (fold) are
 		// pending from the start: the gauge must not read 0 until the
 		// next rotation's fold because the daemon restarted.
-		j.unfolded.Store(int64(max(0, rotated-cfg.MaxFiles)))
+		j.unfolded.Store(int64(max(0, j.overLimit(rotated))))
 	}
 	ledger.mu.Lock()
 	ledger.history = j.scan
 	ledger.mu.Unlock()
+	if cfg.Compress && plain {
+		// Rotated files left plain (a crash or a stop during their
+		// compression, a failed one, or a run without Compress) are
+		// compressed now, in the background.
+		j.folds.Add(1)
+		go j.fold()
+	}
 	return j, st, nil
 }
 
@@ -360,7 +383,11 @@ func (j *Journal) scan(since time.Time, fn func(Event)) error {
 	return err
 }
 
-// LogFiles returns the event log files of dir, oldest first.
+// LogFiles returns the event log files of dir, oldest first: the rotated
+// ones, plain (events-TIME.ndjson) or compressed (events-TIME.ndjson.gz),
+// then the current one. A rotated file in both forms (the compression
+// renamed its file in and has not removed the plain one yet, or a crash
+// came in between) is listed once, plain: both are whole.
 func LogFiles(dir string) ([]string, error) {
 	ents, err := os.ReadDir(dir)
 	if err != nil {
@@ -368,16 +395,29 @@ func LogFiles(dir string) ([]string, error) {
 	}
 	var files []string
 	for _, e := range ents {
-		n := e.Name()
-		if e.Type().IsRegular() && strings.HasPrefix(n, rotatedPrefix) && strings.HasSuffix(n, rotatedSuffix) {
+		if n := e.Name(); e.Type().IsRegular() && isRotated(n) {
 			files = append(files, filepath.Join(dir, n))
 		}
 	}
 	slices.Sort(files)
+	// Sorted, a plain file comes right before its compressed form.
+	files = slices.CompactFunc(files, func(a, b string) bool { return logName(a) == logName(b) })
 	if fi, err := os.Stat(filepath.Join(dir, CurrentLog)); err == nil && fi.Mode().IsRegular() {
 		files = append(files, filepath.Join(dir, CurrentLog))
 	}
 	return files, nil
+}
+
+// isRotated says whether a base name is a rotated event log file's, plain
+// or compressed.
+func isRotated(n string) bool {
+	return strings.HasPrefix(n, rotatedPrefix) && (strings.HasSuffix(n, rotatedSuffix) || strings.HasSuffix(n, rotatedSuffix+gzSuffix))
+}
+
+// logName is the base name of an event log file as the plain file it was:
+// names compare (the summary's LastFile, the order of files) in this form.
+func logName(path string) string {
+	return strings.TrimSuffix(filepath.Base(path), gzSuffix)
 }
 
 // readDir reads every log file of dir in order. With repair, a torn last
@@ -397,8 +437,9 @@ func readDir(dir string, log *slog.Logger, since time.Time, repair bool, skip st
 		}
 		return st, err
 	}
+	skip = strings.TrimSuffix(skip, gzSuffix)
 	for i, path := range files {
-		if n := filepath.Base(path); skip != "" && n != CurrentLog && n <= skip {
+		if n := logName(path); skip != "" && n != CurrentLog && n <= skip {
 			continue
 		}
 		if !since.IsZero() && i < len(files)-1 {
@@ -408,7 +449,10 @@ func readDir(dir string, log *slog.Logger, since time.Time, repair bool, skip st
 		}
 		last := i == len(files)-1 && filepath.Base(path) == CurrentLog
 		if err := readFile(path, log, repair && last, &st, fn); err != nil {
-			return st, err
+			if !errors.As(err, new(damagedError)) {
+				return st, err
+			}
+			st.Damaged++
 		}
 		st.Files++
 	}
@@ -416,7 +460,7 @@ func readDir(dir string, log *slog.Logger, since time.Time, repair bool, skip st
 }
 
 func rotatedTime(path string) (time.Time, bool) {
-	n := strings.TrimSuffix(strings.TrimPrefix(filepath.Base(path), rotatedPrefix), rotatedSuffix)
+	n := strings.TrimSuffix(strings.TrimPrefix(logName(path), rotatedPrefix), rotatedSuffix)
 	n, _, _ = strings.Cut(n, "-")
 	t, err := time.Parse(rotateStamp, n)
 	return t, err == nil
@@ -433,12 +477,37 @@ func ReadEvents(r io.Reader, fn func(Event)) (skipped int, torn bool, err error)
 	return st.Skipped, st.Torn, err
 }
 
+// readFile reads one event log file. A compressed rotated file that
+// cannot be read to its end (truncated, corrupt) is an error line on log
+// and a damagedError: its events before the damage went to fn, and the
+// caller goes on with the next file. A plain rotated file that is gone
+// is read in its compressed form (the compression removed it after the
+// caller listed it).
 func readFile(path string, log *slog.Logger, repair bool, st *LoadStats, fn func(Event)) error {
 	f, err := os.Open(path)
+	if err != nil && errors.Is(err, os.ErrNotExist) && isRotated(filepath.Base(path)) && !strings.HasSuffix(path, gzSuffix) {
+		path += gzSuffix
+		f, err = os.Open(path)
+	}
 	if err != nil {
 		return fmt.Errorf("audit: read event log: %w", err)
 	}
 	defer f.Close()
+	if strings.HasSuffix(path, gzSuffix) {
+		before := st.Events
+		zr, err := gzip.NewReader(bufio.NewReaderSize(f, 64<<10))
+		if err != nil {
+			err = fmt.Errorf("audit: read %s: %w", path, err)
+		} else {
+			_, err = readStream(zr, path, log, st, fn)
+		}
+		if err != nil {
+			err = damagedError{err}
+			log.Error("audit: a compressed event log file is damaged; counted its events before the damage, the rest of it is lost",
+				"file", filepath.Base(path), "events_read", st.Events-before, LogError, err)
+		}
+		return err
+	}
 	good, err := readStream(f, path, log, st, fn)
 	if err != nil {
 		return err
@@ -451,6 +520,13 @@ func readFile(path string, log *slog.Logger, repair bool, st *LoadStats, fn func
 	}
 	return nil
 }
+
+// damagedError is a compressed event log file that could not be read to
+// its end.
+type damagedError struct{ err error }
+
+func (e damagedError) Error() string { return e.err.Error() }
+func (e damagedError) Unwrap() error { return e.err }
 
 // readStream reads events line by line and returns the offset after the
 // last complete line.
@@ -877,7 +953,9 @@ func (j *Journal) rotate() {
 	// rename then fails or succeeds on its own, and the writer goes on.
 	for i := 0; ; i++ {
 		if _, err := os.Lstat(name); err != nil {
-			break
+			if _, err := os.Lstat(name + gzSuffix); err != nil {
+				break
+			}
 		}
 		if i == 1<<16 {
 			j.failed(fmt.Errorf("rotate: %s and the %d names after it are taken", name, i))

@@ -1,0 +1,126 @@
+package audit
+
+import (
+	"bufio"
+	"compress/gzip"
+	"errors"
+	"fmt"
+	"io"
+	"os"
+	"path/filepath"
+	"strings"
+)
+
+// compressRotated gzips each plain rotated file not yet in the summary,
+// oldest first (fold calls it, in the background: the writer only renamed
+// the file). A file it cannot compress (a full disk) stays plain, with an
+// error line, and is read and folded as it is; the next rotation tries
+// again. It returns false when one could not be compressed.
+func (j *Journal) compressRotated() bool {
+	files, err := LogFiles(j.cfg.Dir)
+	if err != nil {
+		return false
+	}
+	j.rotMu.RLock()
+	last := j.archLast
+	j.rotMu.RUnlock()
+	for _, f := range files {
+		n := filepath.Base(f)
+		if n == CurrentLog || strings.HasSuffix(n, gzSuffix) || (last != "" && n <= last) {
+			continue
+		}
+		if err := j.compressFile(f); err != nil {
+			j.log.Error("audit: could not compress a rotated event log file; kept it plain, the next rotation tries again",
+				"file", n, LogError, err)
+			return false
+		}
+	}
+	return true
+}
+
+// compressFile writes path's gzipped copy as path.gz (a temporary file,
+// synced, renamed, the directory synced), then removes path. A crash at
+// any point leaves the plain file, or both whole forms (LogFiles lists
+// the pair once): nothing is lost, and the next start does it again.
+func (j *Journal) compressFile(path string) error {
+	in, err := os.Open(path)
+	if err != nil {
+		return fmt.Errorf("audit: compress: %w", err)
+	}
+	defer in.Close()
+	tmp, err := os.CreateTemp(j.cfg.Dir, filepath.Base(path)+gzSuffix+tmpInfix+"*")
+	if err != nil {
+		return fmt.Errorf("audit: compress: %w", err)
+	}
+	ok := false
+	defer func() {
+		if !ok {
+			tmp.Close()
+			os.Remove(tmp.Name())
+		}
+	}()
+	bw := bufio.NewWriterSize(tmp, 256<<10)
+	zw, _ := gzip.NewWriterLevel(bw, gzip.BestSpeed)
+	zw.Name = filepath.Base(path)
+	if _, err := io.Copy(zw, bufio.NewReaderSize(in, 256<<10)); err != nil {
+		return fmt.Errorf("audit: compress %s: %w", filepath.Base(path), err)
+	}
+	err = zw.Close()
+	if err == nil {
+		err = bw.Flush()
+	}
+	if err == nil {
+		err = tmp.Chmod(0o640)
+	}
+	if err == nil {
+		err = tmp.Sync()
+	}
+	if cerr := tmp.Close(); err == nil {
+		err = cerr
+	}
+	if err == nil {
+		err = os.Rename(tmp.Name(), path+gzSuffix)
+	}
+	if err != nil {
+		return fmt.Errorf("audit: compress %s: %w", filepath.Base(path), err)
+	}
+	ok = true
+	syncDir(j.cfg.Dir)
+	// Under rotMu: a windowed report's scan that listed the plain file
+	// reads it whole, or finds it gone and reads the compressed one.
+	j.rotMu.Lock()
+	err = os.Remove(path)
+	j.rotMu.Unlock()
+	if err != nil && !errors.Is(err, os.ErrNotExist) {
+		return fmt.Errorf("audit: compress: remove the plain file: %w", err)
+	}
+	return nil
+}
+
+// tmpInfix marks a compression's temporary file: events-TIME.ndjson.gz.tmpNNN,
+// which no reader lists.
+const tmpInfix = ".tmp"
+
+// removeCompressTemps removes the temporary files of compressions a
+// crash interrupted (their plain files are still there, and are
+// compressed again).
+func removeCompressTemps(dir string) {
+	ents, err := os.ReadDir(dir)
+	if err != nil {
+		return
+	}
+	for _, e := range ents {
+		n := e.Name()
+		base, rest, ok := strings.Cut(n, rotatedSuffix+gzSuffix+tmpInfix)
+		if ok && strings.HasPrefix(base, rotatedPrefix) && strings.Trim(rest, "0123456789") == "" && e.Type().IsRegular() {
+			os.Remove(filepath.Join(dir, n))
+		}
+	}
+}
+
+func syncDir(dir string) {
+	if d, err := os.Open(dir); err == nil {
+		d.Sync()
+		d.Close()
+	}
+}
