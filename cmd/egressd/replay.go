@@ -23,6 +23,9 @@ func runReplay(eng *policy.Engine, path string, stdout, stderr io.Writer, asJSON
 	if st.Skipped > 0 || st.Torn {
 		fmt.Fprintf(stderr, "warning: %s: %d lines were not events, torn last line: %v\n", path, st.Skipped, st.Torn)
 	}
+	if st.Damaged > 0 {
+		fmt.Fprintf(stderr, "warning: %s: %d compressed event log files are damaged: the events past the damage are not replayed\n", path, st.Damaged)
+	}
 	if st.Events == 0 {
 		fmt.Fprintf(stderr, "warning: %s holds no recorded events\n", path)
 	}

@@ -119,6 +119,9 @@ func cmdReport(ctx context.Context, args []string, stdout, stderr io.Writer) int
 		if st.SummarizedFiles > 0 {
 			fmt.Fprintf(stderr, ", and a summary of %d events of %d files rotated out", st.Summarized, st.SummarizedFiles)
 		}
+		if st.Damaged > 0 {
+			fmt.Fprintf(stderr, "; %d compressed files damaged (their events past the damage are lost)", st.Damaged)
+		}
 		fmt.Fprintln(stderr)
 		// The events' mode: the policy copy's is the file's, not the
 		// daemon's --mode.

@@ -830,7 +830,7 @@ func (d *daemon) run(ctx context.Context) error {
 	// → ledger and the append-only log in the state directory. Without a
 	// usable state directory the ledger still counts, in memory only.
 	var wg sync.WaitGroup
-	j, stats, err := audit.OpenJournal(audit.JournalConfig{Dir: cfg.stateDir, Logger: d.log.With(audit.LogComponent, "audit")}, audit.NewLedger(eng, audit.LedgerOptions{}))
+	j, stats, err := audit.OpenJournal(audit.JournalConfig{Dir: cfg.stateDir, Compress: true, Logger: d.log.With(audit.LogComponent, "audit")}, audit.NewLedger(eng, audit.LedgerOptions{}))
 	if err != nil {
 		d.degrade("event log", fmt.Sprintf("%v: reports are kept in memory only and lost on restart", err))
 		d.ledger = audit.NewLedger(eng, audit.LedgerOptions{})
