@@ -72,7 +72,8 @@ type JournalConfig struct {
 	// Compress gzips each rotated file in the background (the writer
 	// only renames it): events-TIME.ndjson becomes events-TIME.ndjson.gz.
 	// The kept rotated files are then bounded by their bytes on disk,
-	// MaxFiles x MaxFileBytes, not by their number.
+	// MaxFiles x MaxFileBytes, and to 4 x MaxFiles files
+	// (compressedFilesFactor).
 	Compress bool
 }
 
