@@ -2,8 +2,10 @@ package e2e
 
 import (
 	"bytes"
+	"compress/gzip"
 	"context"
 	"encoding/json"
+	"io"
 	"math"
 	"net"
 	"os"
@@ -127,8 +129,15 @@ func settle(d *daemon) {
 func floodLines(t *testing.T, dir, needle string) (lines, size, summaries int) {
 	t.Helper()
 	files, _ := filepath.Glob(filepath.Join(dir, "events*.ndjson"))
-	for _, f := range files {
+	gz, _ := filepath.Glob(filepath.Join(dir, "events-*.ndjson.gz"))
+	for _, f := range append(files, gz...) {
 		data, err := os.ReadFile(f)
+		if err == nil && strings.HasSuffix(f, ".gz") {
+			var zr *gzip.Reader
+			if zr, err = gzip.NewReader(bytes.NewReader(data)); err == nil {
+				data, err = io.ReadAll(zr)
+			}
+		}
 		if err != nil {
 			t.Fatal(err)
 		}
