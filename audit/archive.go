@@ -832,7 +832,7 @@ func (j *Journal) overLimit(rotated []string) int {
 // alone would keep 160 files and a restart would read for minutes.
 const compressedFilesFactor = 4
 
-// maxPendingFiles bounds the rotated files kept past MaxFiles because
+// maxPendingFiles bounds the rotated files kept past the limit because
 // the summary could not be written (a full disk): the disk stays bounded,
 // and a passing failure loses no count.
 const maxPendingFiles = 2

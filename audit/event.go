@@ -7,7 +7,7 @@
 // that adds each event to the [Ledger] and appends it to the NDJSON event
 // log in the state directory (a noisy device's repeated denials past its
 // detail budget as summary records, which reading the log expands:
-// detail.go). The ledger turns events into per-rule usage
+// detail.go; rotated files gzipped in the background: compress.go). The ledger turns events into per-rule usage
 // and the list of what was or would be dropped, counting each flow once
 // whichever components reported it; on start it is rebuilt from the log
 // and from the summary of the log files rotation deleted ([ArchiveFile]),

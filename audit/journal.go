@@ -45,7 +45,8 @@ type JournalConfig struct {
 	// MaxFileBytes is the size at which the current file is rotated.
 	// Default 64 MiB.
 	MaxFileBytes int64
-	// MaxFiles is how many rotated files are kept; the events of older
+	// MaxFiles is how many rotated files are kept (with Compress, the
+	// limit is in bytes: see Compress); the events of older
 	// ones are added to the summary (ArchiveFile) before they are
 	// deleted: counts survive a restart, the events themselves do not
 	// (windowed reports and replays read the kept files). Default 16.
@@ -172,7 +173,7 @@ type Journal struct {
 	// and older files are not read.
 	archLast string
 	foldMu   sync.Mutex     // one fold at a time
-	unfolded atomic.Int64   // rotated files past MaxFiles not yet in the summary
+	unfolded atomic.Int64   // rotated files past the limit not yet in the summary
 	lost     atomic.Uint64  // rotated files deleted without their counts in the summary
 	folds    sync.WaitGroup // running folds, for finish
 	mu       sync.Mutex     // guards following
@@ -658,7 +659,7 @@ func (j *Journal) Err() error {
 // FoldErr returns why the latest fold could not add a rotated-out file
 // to the summary (ArchiveFile), or nil when it could: a degraded state
 // for /readyz ("summary of rotated-out event log files failing"). The
-// file is kept meanwhile, up to two past MaxFiles.
+// file is kept meanwhile, up to two past the limit.
 func (j *Journal) FoldErr() error {
 	j.mu.Lock()
 	defer j.mu.Unlock()
