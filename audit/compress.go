@@ -9,6 +9,8 @@ import (
 	"os"
 	"path/filepath"
 	"strings"
+
+	"egressd/internal/atomicfile"
 )
 
 // compressRotated gzips each plain rotated file not yet in the summary,
@@ -38,54 +40,33 @@ func (j *Journal) compressRotated() bool {
 	return true
 }
 
-// compressFile writes path's gzipped copy as path.gz (a temporary file,
-// synced, renamed, the directory synced), then removes path. A crash at
-// any point leaves the plain file, or both whole forms (LogFiles lists
-// the pair once): nothing is lost, and the next start does it again.
+// compressFile writes path's gzipped copy as path.gz (atomicfile: a
+// temporary file, synced, renamed, the directory synced), then removes
+// path. A crash at any point leaves the plain file (and perhaps a
+// temporary one, removeCompressTemps), or both whole forms (LogFiles
+// lists the pair once): nothing is lost, and the next start does it
+// again.
 func (j *Journal) compressFile(path string) error {
 	in, err := os.Open(path)
 	if err != nil {
 		return fmt.Errorf("audit: compress: %w", err)
 	}
 	defer in.Close()
-	tmp, err := os.CreateTemp(j.cfg.Dir, filepath.Base(path)+gzSuffix+tmpInfix+"*")
-	if err != nil {
-		return fmt.Errorf("audit: compress: %w", err)
-	}
-	ok := false
-	defer func() {
-		if !ok {
-			tmp.Close()
-			os.Remove(tmp.Name())
+	err = atomicfile.Write(path+gzSuffix, 0o640, atomicfile.Replace, func(w io.Writer) error {
+		bw := bufio.NewWriterSize(w, 256<<10)
+		zw, _ := gzip.NewWriterLevel(bw, gzip.BestSpeed)
+		zw.Name = filepath.Base(path)
+		if _, err := io.Copy(zw, bufio.NewReaderSize(in, 256<<10)); err != nil {
+			return err
 		}
-	}()
-	bw := bufio.NewWriterSize(tmp, 256<<10)
-	zw, _ := gzip.NewWriterLevel(bw, gzip.BestSpeed)
-	zw.Name = filepath.Base(path)
-	if _, err := io.Copy(zw, bufio.NewReaderSize(in, 256<<10)); err != nil {
-		return fmt.Errorf("audit: compress %s: %w", filepath.Base(path), err)
-	}
-	err = zw.Close()
-	if err == nil {
-		err = bw.Flush()
-	}
-	if err == nil {
-		err = tmp.Chmod(0o640)
-	}
-	if err == nil {
-		err = tmp.Sync()
-	}
-	if cerr := tmp.Close(); err == nil {
-		err = cerr
-	}
-	if err == nil {
-		err = os.Rename(tmp.Name(), path+gzSuffix)
-	}
+		if err := zw.Close(); err != nil {
+			return err
+		}
+		return bw.Flush()
+	})
 	if err != nil {
 		return fmt.Errorf("audit: compress %s: %w", filepath.Base(path), err)
 	}
-	ok = true
-	syncDir(j.cfg.Dir)
 	// Under rotMu: a windowed report's scan that listed the plain file
 	// reads it whole, or finds it gone and reads the compressed one.
 	j.rotMu.Lock()
@@ -97,30 +78,17 @@ func (j *Journal) compressFile(path string) error {
 	return nil
 }
 
-// tmpInfix marks a compression's temporary file: events-TIME.ndjson.gz.tmpNNN,
-// which no reader lists.
-const tmpInfix = ".tmp"
-
 // removeCompressTemps removes the temporary files of compressions a
-// crash interrupted (their plain files are still there, and are
-// compressed again).
+// crash interrupted: beside a rotated file still plain, which is
+// compressed again.
 func removeCompressTemps(dir string) {
-	ents, err := os.ReadDir(dir)
+	files, err := LogFiles(dir)
 	if err != nil {
 		return
 	}
-	for _, e := range ents {
-		n := e.Name()
-		base, rest, ok := strings.Cut(n, rotatedSuffix+gzSuffix+tmpInfix)
-		if ok && strings.HasPrefix(base, rotatedPrefix) && strings.Trim(rest, "0123456789") == "" && e.Type().IsRegular() {
-			os.Remove(filepath.Join(dir, n))
+	for _, f := range files {
+		if !strings.HasSuffix(f, gzSuffix) {
+			atomicfile.RemoveTemps(f + gzSuffix)
 		}
-	}
-}
-
-func syncDir(dir string) {
-	if d, err := os.Open(dir); err == nil {
-		d.Sync()
-		d.Close()
 	}
 }
