@@ -45,8 +45,8 @@ type JournalConfig struct {
 	// MaxFileBytes is the size at which the current file is rotated.
 	// Default 64 MiB.
 	MaxFileBytes int64
-	// MaxFiles is how many rotated files are kept (with Compress, the
-	// limit is in bytes: see Compress); the events of older
+	// MaxFiles is how many rotated files are kept, compressed or not;
+	// the events of older
 	// ones are added to the summary (ArchiveFile) before they are
 	// deleted: counts survive a restart, the events themselves do not
 	// (windowed reports and replays read the kept files). Default 16.
@@ -72,9 +72,7 @@ type JournalConfig struct {
 	DetailInterval time.Duration
 	// Compress gzips each rotated file in the background (the writer
 	// only renames it): events-TIME.ndjson becomes events-TIME.ndjson.gz.
-	// The kept rotated files are then bounded by their bytes on disk,
-	// MaxFiles x MaxFileBytes, and to 4 x MaxFiles files
-	// (compressedFilesFactor).
+	// MaxFiles bounds the kept rotated files alike (overLimit).
 	Compress bool
 }
 
