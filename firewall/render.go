@@ -41,6 +41,12 @@ type Ruleset struct {
 	flows []*flowRule
 	byTag map[uint32][]*flowRule
 	byFP  map[uint64]*flowRule
+	// expiredTags are the tags the expired rules would have (addFlowRule
+	// draws none of them for another rule): a rule's tag does not depend
+	// on whether a rule before it has expired, so that a start after a
+	// rule expired reads the marks its ruleset wrote before as the same
+	// rules' (Deps.Previous is rendered as of the start).
+	expiredTags map[uint32]bool
 	// guards are the guarded destinations the sets hold (guardList):
 	// policy.GuardedRanges, adjusted for the engine's NAT64 prefixes.
 	guards []netip.Prefix
@@ -563,6 +569,9 @@ func renderAllows(cfg Config, eng *policy.Engine, now time.Time, rs *Ruleset) al
 	for _, r := range eng.Rules() {
 		if !r.Expires.IsZero() {
 			if !now.Before(r.Expires) {
+				if ports := forwardedPorts(cfg, r); len(ports) > 0 {
+					rs.expiredTag(fingerprint(r, ports))
+				}
 				continue
 			}
 			if a.nextExpiry.IsZero() || r.Expires.Before(a.nextExpiry) {

@@ -93,8 +93,8 @@ type flowRule struct {
 const tagCount = CTMarkTag >> ctTagShift // 1023
 
 // addFlowRule records what rule r's accept rules let out and gives it its
-// tag: derived from the fingerprint, then the next free one in rule order,
-// so that rules of one ruleset share no tag while there are no more of
+// tag: derived from the fingerprint, then the next free one in rule order
+// (drawTag; an expired rule keeps its own, expiredTag), so that rules of one ruleset share no tag while there are no more of
 // them than the layout's tags (a restart with the same policy gives the
 // same tags); beyond, a rule shares the tag the fingerprint gives it
 // (Config.CheckTags).
@@ -115,19 +115,37 @@ func (rs *Ruleset) addFlowRule(r policy.Rule, ports []policy.PortRange, any4, an
 	if rs.byTag == nil {
 		rs.byTag, rs.byFP = map[uint32][]*flowRule{}, map[uint64]*flowRule{}
 	}
+	fr.tag = rs.drawTag(fr.fp)
+	rs.flows = append(rs.flows, fr)
+	rs.byTag[fr.tag] = append(rs.byTag[fr.tag], fr)
+	rs.byFP[fr.fp] = fr
+	return fr
+}
+
+// drawTag is the tag of a rule with fingerprint fp (addFlowRule): the one
+// the fingerprint gives, or the next one free, neither another rule's nor
+// an expired rule's (Ruleset.expiredTags); the one the fingerprint gives
+// when none is free.
+func (rs *Ruleset) drawTag(fp uint64) uint32 {
 	n := rs.mark.count
-	tag := uint32(fr.fp%uint64(n)) + 1
+	tag := uint32(fp%uint64(n)) + 1
 	for range n {
-		if len(rs.byTag[tag]) == 0 {
+		if len(rs.byTag[tag]) == 0 && !rs.expiredTags[tag] {
 			break
 		}
 		tag = tag%n + 1
 	}
-	fr.tag = tag
-	rs.flows = append(rs.flows, fr)
-	rs.byTag[tag] = append(rs.byTag[tag], fr)
-	rs.byFP[fr.fp] = fr
-	return fr
+	return tag
+}
+
+// expiredTag takes, for an expired rule with fingerprint fp, the tag it
+// had while it held, in rule order as addFlowRule draws them: the rules
+// after it keep theirs once it expires.
+func (rs *Ruleset) expiredTag(fp uint64) {
+	if rs.expiredTags == nil {
+		rs.expiredTags = map[uint32]bool{}
+	}
+	rs.expiredTags[rs.drawTag(fp)] = true
 }
 
 // fingerprint hashes what a rule's accept rules in forward depend on: its
