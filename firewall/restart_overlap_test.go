@@ -1,0 +1,72 @@
+package firewall
+
+import (
+	"fmt"
+	"io"
+	"log/slog"
+	"net/netip"
+	"strings"
+	"testing"
+	"time"
+
+	"github.com/prometheus/client_golang/prometheus"
+
+	"egressd/policy"
+)
+
+// TestRestartCTMarkBitsOverlap: --ct-mark-bits 0x00fff000, then the
+// default 0x007ff000, which overlaps it: the old enforced bit is above the
+// new run, and a's old tag (bit 10 set, the low ten named's new tag) reads
+// at the new bits as enforced and tagged as named. Read at the new bits
+// alone, a's flow (a rule removed) would be kept as named's; read also at
+// the old bits (Deps.PreviousCTMarkBits), the tag means a there and named
+// here, and a's flow is decided again and cut. named's own flow (its
+// learned address no longer known) is kept and marked again at the new
+// bits, and passes.
+func TestRestartCTMarkBitsOverlap(t *testing.T) {
+	requireNft(t)
+	tp := newTopo(t)
+	tp.serverUDP(t, "198.18.2.2:9000", "198.18.2.3:9000")
+	const oldBits = 0x00fff000
+	const named = "  - {name: named, to: [ntp.test], ports: [9000/udp]}\n"
+	policyOf := func(rules ...string) *policy.Engine {
+		return compile(t, "version: 1\nmode: enforce\nrules:\n"+strings.Join(rules, ""))
+	}
+	fw := tp.firewall(t, Config{CTMarkBits: oldBits})
+	oldCfg, newCfg := fw.cfg, fw.cfg
+	newCfg.CTMarkBits = 0
+	now, err := Render(newCfg, policyOf(named))
+	if err != nil {
+		t.Fatal(err)
+	}
+	a := tagTwin(t, oldCfg, named, 0x400|now.flows[0].tag, func(i int) string {
+		return fmt.Sprintf("  - {name: a%d, to: [198.18.2.2/32], ports: [9000/udp]}\n", i)
+	})
+	before := policyOf(named, a)
+	if rs, err := Render(oldCfg, before); err != nil {
+		t.Fatal(err)
+	} else if m := rs.mark.marked(rs.flows[1].tag); m&CTMarkEnforced == 0 || m&CTMarkTag>>ctTagShift != now.flows[0].tag {
+		t.Fatalf("a's old mark %#x does not read as named's at the default bits", m)
+	}
+	if err := fw.Install(before); err != nil {
+		t.Fatal(err)
+	}
+	if err := fw.Learn("named", netip.MustParseAddr("198.18.2.3"), time.Hour); err != nil {
+		t.Fatal(err)
+	}
+	flows := map[string]*flow{"a": dialFlow(t, tp, "udp", "198.18.2.2:9000"), "named": dialFlow(t, tp, "udp", "198.18.2.3:9000")}
+	checkFlows(t, "installed", flows)
+	if err := fw.Detach(); err != nil {
+		t.Fatal(err)
+	}
+	bits := uint32(oldBits)
+	fw2 := tp.firewallWith(t, Config{}, Deps{Registerer: prometheus.NewRegistry(), Logger: slog.New(slog.NewTextHandler(io.Discard, nil)),
+		Previous: before, PreviousCTMarkBits: &bits})
+	if err := fw2.Install(policyOf(named)); err != nil {
+		t.Fatal(err)
+	}
+	if cut, kept := flowsMetric(fw2, "cut"), flowsMetric(fw2, "kept"); cut != 1 || kept != 1 {
+		t.Errorf("restart with --ct-mark-bits 0x00fff000 then the default, without a: %v cut, %v kept, want 1 and 1", cut, kept)
+	}
+	checkFlows(t, "restarted with --ct-mark-bits overlapping", flows, "a")
+}
