@@ -346,6 +346,13 @@ func newDaemon(cfg runConfig, stdout, stderr io.Writer) (*daemon, error) {
 	if d.source == "" {
 		d.source = "profile:" + cfg.profile
 	}
+	// The temporary files of the writes a kill cut short (atomicfile: a
+	// new name each write, which the next does not reuse).
+	for _, f := range []string{runningPolicyFile, runningFirewallFile, pendingFile} {
+		for _, name := range atomicfile.RemoveTemps(filepath.Join(cfg.stateDir, f)) {
+			d.log.Info("removed the temporary file of a state file's write that did not finish", "file", name)
+		}
+	}
 	if !cfg.noFirewall {
 		d.prevPolicy, d.prevTCPPorts, d.prevCTMarkBits = d.previousPolicy() // before savePolicy writes over the copy
 		d.prevPending = d.pendingPolicies()
