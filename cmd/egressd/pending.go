@@ -43,8 +43,8 @@ type pendingPolicy struct {
 const pendingVersion = 1
 
 // maxPending bounds pendingFile: kills in a row before the copy (a crash
-// right after each install) each add their policy, unless it is there
-// already; beyond, the oldest are dropped.
+// right after each install) each add their policy, or move it last when
+// it is there already; beyond, the oldest are dropped.
 const maxPending = 8
 
 // readPending returns pendingFile's policies; nil when there is none, or
@@ -104,10 +104,9 @@ func (d *daemon) pendingPolicies() []firewall.Prior {
 // then read as before (the copy's policy alone).
 func (d *daemon) notePending(src []byte) {
 	pp := pendingPolicy{Source: string(src), TCPPorts: d.cfg.tcpPorts, NAT64: d.cfg.nat64, CTMarkBits: d.cfg.ctMarkBits}
-	list := d.readPending()
-	if !slices.Contains(list, pp) {
-		list = append(list, pp)
-	}
+	// The newest last, once: past maxPending the oldest go.
+	list := slices.DeleteFunc(d.readPending(), func(p pendingPolicy) bool { return p == pp })
+	list = append(list, pp)
 	if len(list) > maxPending {
 		list = list[len(list)-maxPending:]
 	}
