@@ -521,6 +521,17 @@ func (f *Firewall) Close() error {
 	return f.shut(true)
 }
 
+// MarksSettled reports whether the conntrack marks carry the tags of the
+// installed ruleset alone (or of none installed): its look at the
+// connections, or a later one's, went through. Until then a restart must
+// read them also as the policies before it (Deps.Previous, Deps.Pending),
+// which the firewall goes on doing in this process (since).
+func (f *Firewall) MarksSettled() bool {
+	f.mu.Lock()
+	defer f.mu.Unlock()
+	return len(f.since) == 0 || len(f.since) == 1 && f.since[0] == f.rs
+}
+
 // Detach releases the netlink socket and leaves the ruleset in the kernel,
 // as a killed process would: in enforce mode the gateway stays fail-closed
 // until the next egressd's Install replaces the table (atomically, so a

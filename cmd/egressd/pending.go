@@ -17,7 +17,9 @@ import (
 // rulesets egressd was putting in when it last wrote it, with what they
 // ran with, written (synced) before the install or reload and removed
 // once the copy and its record (runningPolicyFile, runningFirewallFile)
-// are of the policy that went in. A kill between the two leaves it: the
+// are of the policy that went in and the marks carry its tags alone
+// (firewall.Firewall.MarksSettled; until then the copy replaced is added
+// to it: noteReplacedCopy). A kill between the two leaves it: the
 // next start reads the marks as the copy's policy's or as one of these
 // (firewall.Deps.Pending), not as the copy's alone, which may be older
 // than the ruleset that wrote them.
@@ -103,7 +105,11 @@ func (d *daemon) pendingPolicies() []firewall.Prior {
 // failure is logged, and the install goes on: a kill before the copy is
 // then read as before (the copy's policy alone).
 func (d *daemon) notePending(src []byte) {
-	pp := pendingPolicy{Source: string(src), TCPPorts: d.cfg.tcpPorts, NAT64: d.cfg.nat64, CTMarkBits: d.cfg.ctMarkBits}
+	d.note(pendingPolicy{Source: string(src), TCPPorts: d.cfg.tcpPorts, NAT64: d.cfg.nat64, CTMarkBits: d.cfg.ctMarkBits})
+}
+
+// note adds pp to pendingFile, synced, the newest.
+func (d *daemon) note(pp pendingPolicy) {
 	// The newest last, once: past maxPending the oldest go.
 	list := slices.DeleteFunc(d.readPending(), func(p pendingPolicy) bool { return p == pp })
 	list = append(list, pp)
@@ -119,6 +125,41 @@ func (d *daemon) notePending(src []byte) {
 	if err != nil {
 		d.log.Warn("cannot note the policy going in in the state directory", audit.LogError, err.Error())
 	}
+}
+
+// settled reports whether the marks carry the installed ruleset's tags
+// alone (firewall.Firewall.MarksSettled).
+func (d *daemon) settled() bool {
+	if d.marksSettled != nil {
+		return d.marksSettled()
+	}
+	return d.fw == nil || d.fw.MarksSettled()
+}
+
+// noteReplacedCopy adds to pendingFile the policy whose marks the copy
+// in place stands for (its record's MarksPolicy, or the copy), with the
+// flags recorded for it (this run's where none are), before savePolicy
+// replaces it while flows still carry its tags: the next start reads
+// them as its too.
+func (d *daemon) noteReplacedCopy() {
+	old, err := os.ReadFile(filepath.Join(d.cfg.stateDir, runningPolicyFile))
+	if err != nil {
+		return
+	}
+	pp := pendingPolicy{Source: string(old), TCPPorts: d.cfg.tcpPorts, NAT64: d.cfg.nat64, CTMarkBits: d.cfg.ctMarkBits}
+	if rec := d.readFirewallRecord(old); rec != nil {
+		pp.TCPPorts = rec.TCPPorts
+		if rec.MarksPolicy != "" {
+			pp.Source = rec.MarksPolicy
+		}
+		if rec.NAT64 != nil {
+			pp.NAT64 = *rec.NAT64
+		}
+		if rec.CTMarkBits != "" {
+			pp.CTMarkBits = rec.CTMarkBits
+		}
+	}
+	d.note(pp)
 }
 
 // donePending removes pendingFile once the copy and its record are of the

@@ -130,6 +130,8 @@ type daemon struct {
 	// beforeSave, when set (tests), runs as savePolicy starts: a kill
 	// there is one between an install and the copy.
 	beforeSave func()
+	// marksSettled, when set (tests), stands for d.fw.MarksSettled.
+	marksSettled func() bool
 	// src is the running policy's source, which savePolicy copies into
 	// the state directory once it runs; srcEnforce: it is in enforce mode
 	// (its ruleset marks the flows it lets out).
@@ -586,10 +588,17 @@ func (d *daemon) savePolicy(installed bool) {
 		// The copy first: a crash before the record leaves a record of
 		// another copy, read as none (this run's --tcp-ports), not one
 		// that names the earlier policy's.
+		// Marks the look at the connections left with older tags
+		// (firewall.Firewall.MarksSettled): the note stays, with the
+		// copy about to be replaced added.
+		settled := d.settled()
+		if !settled {
+			d.noteReplacedCopy()
+		}
 		if err = writeAtomic(copyPath, d.src); err == nil {
 			err = writeRecord(recPath, firewallRecord{Version: firewallRecordVersion, TCPPorts: d.cfg.tcpPorts, NAT64: &d.cfg.nat64, CTMarkBits: d.cfg.ctMarkBits, PolicySHA256: hex.EncodeToString(sum[:])})
 		}
-		if err == nil {
+		if err == nil && settled {
 			d.donePending()
 		}
 	default:
