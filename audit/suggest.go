@@ -457,6 +457,7 @@ var unsuggested = map[string]string{
 	"proxy-auth":               "the explicit proxy refused clients without valid credentials: they need credentials (--proxy-users), not a rule",
 	"reload-undecidable":       "a reload found a connection it could not decide again (a bug, see the logs): no rule allows it",
 	"opened-before-enforce":    "connections opened in audit mode and cut by the switch to enforce: new ones the rules allow pass",
+	"inbound":                  "connections started from the WAN side toward a LAN host, not a LAN client's egress: rules name what LAN clients may reach, and enforce mode drops new connections from the WAN side",
 	"doh-canary":               "Firefox's DoH canary, answered NXDOMAIN on purpose: no rule allows it",
 	"rate-limited":             "the client went over the DNS rate limit: no rule allows it",
 	"qtype-refused":            "DNS queries of a type egressd refuses (ANY, AXFR, IXFR): no rule allows them",

@@ -184,9 +184,13 @@ type Stats struct {
 	FragDropped   uint64 // fragmented datagrams given up
 	Flows         uint64 // flows classified and reported (each counted once)
 	Own           uint64 // flows to or from the gateway's own addresses, not recorded (Config.OwnAddrs)
-	Denied        uint64 // of those, denied (dropped or would-drop)
-	Updates       uint64 // end events of flows first reported while open
-	Evicted       uint64 // flows ended early because the table was full
+	// Inbound are flows started from outside the LAN toward a LAN host
+	// (proc.go, inbound): recorded denied as ReasonInbound in audit
+	// mode, not recorded in enforce mode.
+	Inbound uint64
+	Denied  uint64 // of those, denied (dropped or would-drop)
+	Updates uint64 // end events of flows first reported while open
+	Evicted uint64 // flows ended early because the table was full
 	// Copies are packets of a flow seen on another of Config.Interfaces
 	// than the flow's own: forwarded between two LAN interfaces, each
 	// such packet crosses both sockets. Skipped (counted once).

@@ -16,6 +16,10 @@
 // decide by the LAN's neighbour table (Deps.MACs, as they ask it: a client
 // behind a router has no MAC there), the flows nftables forwards by the
 // frame's source address; offline, by the frames.
+// A flow started from outside the LAN toward a LAN host (its first
+// packet sent out of a LAN interface by the gateway: from the WAN side)
+// is no client's egress: it is recorded denied as ReasonInbound in audit
+// mode, counted only in enforce mode (proc.go, inbound).
 //
 // It sits beside the proxy and the DNS forwarder: policy decides, capture
 // observes, audit counts. In audit mode it is how egressd sees everything

@@ -109,6 +109,9 @@ type flow struct {
 	fin     [2]bool
 	closed  bool // ended and emitted; lingers for trailing packets
 	own     bool // to or from the gateway itself: tracked, never recorded
+	// inbound: started from outside the LAN toward a LAN host (see
+	// inbound), decided so at its first packet and never again.
+	inbound bool
 	// forwarded: a TCP port enforce mode does not redirect to the proxy
 	// (Config.TCPPorts): nftables judges it by address (see redirected).
 	forwarded bool
@@ -477,11 +480,12 @@ func (p *proc) clientMAC(f *flow, mac []byte) {
 const maxFrameMACs = 65536
 
 // lookup finds or makes the flow of a packet and returns its direction.
-// It returns a nil flow for a copy: a packet of a flow first seen on
+// outside says that the packet, if it starts a flow, starts it from
+// outside the LAN (see inbound). It returns a nil flow for a copy: a packet of a flow first seen on
 // another live socket (forwarded from one LAN interface to another, the
 // packet crosses both), which counts nothing, but may give the flow its
 // client's MAC address.
-func (p *proc) lookup(src netip.Addr, sp uint16, dst netip.Addr, dp uint16, proto uint8, srcIsClient bool, mac []byte) (*flow, int) {
+func (p *proc) lookup(src netip.Addr, sp uint16, dst netip.Addr, dp uint16, proto uint8, srcIsClient, outside bool, mac []byte) (*flow, int) {
 	k := makeKey(src, sp, dst, dp, proto)
 	f := p.flows[k]
 	if f != nil && f.src != p.src {
@@ -508,6 +512,8 @@ func (p *proc) lookup(src netip.Addr, sp uint16, dst netip.Addr, dp uint16, prot
 		if p.isOwn(f) {
 			f.own, f.inspect = true, false
 			p.stats.own.Add(1)
+		} else if outside {
+			p.inbound(f)
 		}
 		p.flows[k] = f
 		p.stats.active.Store(int64(len(p.flows)))
@@ -519,6 +525,41 @@ func (p *proc) lookup(src netip.Addr, sp uint16, dst netip.Addr, dp uint16, prot
 	}
 	f.last = p.now
 	return f, dir
+}
+
+// sentByGateway reports whether the current frame, read from a live
+// socket, is one the gateway sent out of that LAN interface (the kernel's
+// PACKET_OUTGOING): its source address is one of the capture interfaces'.
+// A client's frame comes in with the client's (or its router's) address.
+// Offline no interface is known and it reports false.
+func (p *proc) sentByGateway(mac []byte) bool {
+	return p.src != 0 && len(mac) == 6 && p.gatewayMAC(mac)
+}
+
+// inbound decides f, a new flow whose first packet the gateway sent out
+// of a LAN interface toward a LAN host (a TCP SYN, or a UDP datagram with
+// none the other way before it): started from outside the LAN, from the
+// WAN side, not from the gateway (its own addresses are Config.OwnAddrs).
+// It is no LAN client's egress, and no rule decides it: the policy names
+// destinations LAN clients may reach, and the enforce firewall drops new
+// connections from the WAN side (firewall/render.go, the WAN guard of the
+// forward chain). Its initiator is the client and the LAN host its
+// destination, whatever the ports (UDP: no guess of a server's port). In
+// audit mode it is recorded denied with ReasonInbound, what enforce would
+// do to it; in enforce mode, seen on the LAN, the firewall let it through
+// (from another interface than the WAN, or without egressd's firewall),
+// and it is counted (Stats.Inbound) and not recorded. Either way capture
+// reads nothing of it (no name, no DNS answer learned). A flow forwarded
+// from one LAN interface to another is not inbound: its first packet
+// comes in on the first, where its flow is made, and the copy sent out of
+// the second is skipped (lookup). Offline (a capture file) packets carry
+// no direction and no flow is inbound (see README).
+func (p *proc) inbound(f *flow) {
+	f.inbound, f.inspect = true, false
+	p.stats.inbound.Add(1)
+	f.decided = true
+	f.dec = policy.Decision{Verdict: policy.Deny, RuleIndex: -1, Reason: ReasonInbound, Mode: p.c.deps.Policy.Load().Mode()}
+	f.evName, f.evSrc = "", audit.NameNone
 }
 
 // setOwn sets the gateway's own addresses. It is safe to call while the
@@ -615,7 +656,7 @@ func (p *proc) tcpPacket(src, dst netip.Addr, mac []byte) {
 		clientIsSrc = !t.ACK
 	}
 	var dir int
-	f, dir = p.lookup(src, sp, dst, dp, 6, clientIsSrc, mac)
+	f, dir = p.lookup(src, sp, dst, dp, 6, clientIsSrc, t.SYN && !t.ACK && p.sentByGateway(mac), mac)
 	if f == nil {
 		return
 	}
@@ -1049,7 +1090,13 @@ func (p *proc) udpPacket(src, dst netip.Addr, sp, dp layers.UDPPort, payload []b
 	if s == 443 && d != 443 {
 		clientIsSrc = false
 	}
-	f, dir := p.lookup(src, s, dst, d, 17, clientIsSrc, mac)
+	out := p.sentByGateway(mac)
+	if out {
+		// Sent toward the LAN: if it starts a flow, its source started
+		// it (inbound), whatever the ports.
+		clientIsSrc = true
+	}
+	f, dir := p.lookup(src, s, dst, d, 17, clientIsSrc, out, mac)
 	if f == nil {
 		return
 	}
@@ -1059,6 +1106,9 @@ func (p *proc) udpPacket(src, dst netip.Addr, sp, dp layers.UDPPort, payload []b
 	p.waited(f)
 	f.pkts[dir]++
 	f.bytes[dir] += uint64(len(payload) + p.cut)
+	if f.inbound {
+		return
+	}
 	if s == 53 || d == 53 {
 		f.app = appDNS
 		p.classify(f) // by address: DNS flows carry no name of their own
@@ -1384,6 +1434,11 @@ const (
 	// Transfer-Encoding other than chunked), the shapes of request
 	// smuggling.
 	ReasonHTTPFraming = "http-framing"
+	// ReasonInbound: a flow started from outside the LAN toward a LAN
+	// host (see inbound), not a LAN client's egress. The enforce
+	// firewall drops new connections from the WAN side; no rule allows
+	// one.
+	ReasonInbound = "inbound"
 )
 
 // deny decides f as denied by capture (not by a rule), with the policy's
@@ -1897,6 +1952,9 @@ func (p *proc) vouched(eng *policy.Engine, in policy.Input, d policy.Decision) b
 func (p *proc) emit(f *flow, how string) {
 	if f.own {
 		return // the gateway's own traffic: counted in Stats.Own only
+	}
+	if f.inbound && f.dec.Mode == policy.ModeEnforce && p.decideAt.IsZero() {
+		return // passed the enforce firewall: counted in Stats.Inbound only
 	}
 	p.classify(f)
 	d := f.dec

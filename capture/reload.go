@@ -230,7 +230,7 @@ func (p *proc) redecide() {
 	eng := p.c.deps.Policy.Load()
 	inAudit := eng.Mode() == policy.ModeAudit
 	for _, f := range p.flows {
-		if f.closed || f.own || !f.decided || f.revoked || f.sport == 53 || f.cport == 53 {
+		if f.closed || f.own || f.inbound || !f.decided || f.revoked || f.sport == 53 || f.cport == 53 {
 			continue
 		}
 		fwd := f.proto == 17 || f.forwarded

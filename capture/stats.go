@@ -12,7 +12,7 @@ type counters struct {
 	hellos, quicOpened, dnsQueries, dnsAnswers atomic.Uint64
 	panics, badHellos, snapped, own            atomic.Uint64
 	streamLimited, requests, unfollowed        atomic.Uint64
-	copies, socketErrors, otherVLAN            atomic.Uint64
+	copies, socketErrors, otherVLAN, inbound   atomic.Uint64
 	active                                     atomic.Int64
 }
 
@@ -24,6 +24,6 @@ func (c *counters) snapshot() Stats {
 		Hellos: c.hellos.Load(), QUICOpened: c.quicOpened.Load(), DNSQueries: c.dnsQueries.Load(), DNSAnswers: c.dnsAnswers.Load(),
 		Panics: c.panics.Load(), BadHellos: c.badHellos.Load(), Snapped: c.snapped.Load(), Own: c.own.Load(), Copies: c.copies.Load(),
 		StreamLimited: c.streamLimited.Load(), Requests: c.requests.Load(), Unfollowed: c.unfollowed.Load(),
-		SocketErrors: c.socketErrors.Load(), OtherVLAN: c.otherVLAN.Load(),
+		SocketErrors: c.socketErrors.Load(), OtherVLAN: c.otherVLAN.Load(), Inbound: c.inbound.Load(),
 	}
 }
