@@ -1,0 +1,100 @@
+package e2e
+
+import (
+	"context"
+	"encoding/json"
+	"fmt"
+	"net"
+	"net/netip"
+	"os/exec"
+	"strings"
+	"testing"
+	"time"
+)
+
+// TestInboundAudit: in audit mode without --guard-wan (nothing installed,
+// the kernel forwards), a host on the internet side connects to the LAN
+// host's service and sends it an unsolicited UDP datagram from its port
+// 500. The report lists both as denied inbound, from the internet host to
+// the LAN host (what enforce's WAN guard would drop), never as the
+// internet host's or the LAN host's egress, and `report --suggest`
+// proposes no rule for them and says why.
+func TestInboundAudit(t *testing.T) {
+	tp := newTopo(t)
+	d := newDaemon(t, tp, "audit")
+	d.noGuard = true
+	d.start()
+
+	lanSvc := netip.AddrPortFrom(netip.MustParseAddr(lanClient4), lanSvcPort).String()
+	ctx, cancel := context.WithTimeout(context.Background(), 5*time.Second)
+	c, err := tp.inet.DialContext(ctx, "tcp", lanSvc)
+	cancel()
+	if err != nil {
+		t.Fatalf("from the internet side to %s: %v", lanSvc, err)
+	}
+	c.SetDeadline(time.Now().Add(5 * time.Second))
+	buf := make([]byte, 3)
+	n, _ := c.Read(buf)
+	c.Close()
+	if string(buf[:n]) != "in\n" {
+		t.Fatalf("from the internet side to %s: got %q", lanSvc, buf[:n])
+	}
+	pc, err := tp.inet.ListenPacket("udp", net.JoinHostPort(inetWAN4, "500"))
+	if err != nil {
+		t.Fatal(err)
+	}
+	defer pc.Close()
+	if _, err := pc.WriteTo([]byte("knock"), net.UDPAddrFromAddrPort(netip.AddrPortFrom(netip.MustParseAddr(lanClient4), 40001))); err != nil {
+		t.Fatal(err)
+	}
+	time.Sleep(500 * time.Millisecond) // the TPACKET_V3 block, and the FIN
+	d.stop()                           // capture reports the open UDP flow at shutdown
+
+	runReport := func(args ...string) []byte {
+		t.Helper()
+		ctx, cancel := context.WithTimeout(context.Background(), 20*time.Second)
+		defer cancel()
+		cmd := exec.CommandContext(ctx, egressdBin, append([]string{"report", "--state-dir", d.stateDir}, args...)...)
+		var stderr strings.Builder
+		cmd.Stderr = &stderr
+		out, err := cmd.Output()
+		if err != nil {
+			t.Fatalf("egressd report %v: %v\n%s%s", args, err, out, stderr.String())
+		}
+		return out
+	}
+	var r struct {
+		Dropped []struct {
+			Dest    string   `json:"dest"`
+			Port    uint16   `json:"port"`
+			Proto   string   `json:"proto"`
+			Flows   uint64   `json:"flows"`
+			Clients []string `json:"clients"`
+			Reason  string   `json:"reason"`
+		} `json:"dropped"`
+	}
+	out := runReport("--json")
+	if err := json.Unmarshal(out, &r); err != nil {
+		t.Fatalf("report --json: %v\n%s", err, out)
+	}
+	want := map[string]bool{fmt.Sprintf("%s %d/tcp", lanClient4, lanSvcPort): true, lanClient4 + " 40001/udp": true}
+	for _, dr := range r.Dropped {
+		k := fmt.Sprintf("%s %d/%s", dr.Dest, dr.Port, dr.Proto)
+		if dr.Dest == inetWAN4 || dr.Dest == lanClient4 {
+			if !want[k] || dr.Reason != "inbound" || dr.Flows != 1 || len(dr.Clients) != 1 || dr.Clients[0] != inetWAN4 {
+				t.Errorf("dropped %s: reason %q, %d flows, clients %v; want only %v, inbound, 1 flow from %s", k, dr.Reason, dr.Flows, dr.Clients, want, inetWAN4)
+			}
+			delete(want, k)
+		}
+	}
+	if len(want) != 0 {
+		t.Errorf("no inbound entry for %v in %s", want, out)
+	}
+	sug := string(runReport("--suggest"))
+	if strings.Contains(sug, lanClient4) || strings.Contains(sug, inetWAN4) {
+		t.Errorf("report --suggest names the inbound flows' hosts:\n%s", sug)
+	}
+	if !strings.Contains(sug, "denied as inbound: none suggested") {
+		t.Errorf("report --suggest says nothing of the inbound flows:\n%s", sug)
+	}
+}
