@@ -4,6 +4,7 @@ import (
 	"bytes"
 	"cmp"
 	"hash/maphash"
+	"maps"
 	"net"
 	"net/netip"
 	"slices"
@@ -156,6 +157,13 @@ type Ledger struct {
 	// (reattributeLocked), as the log cannot move it either.
 	holding bool
 	holdGen uint64
+	// open, when set, lists the flows open now that no event reported
+	// yet (SetOpenFlows): the live report counts them, the ledger not.
+	open func() []Event
+	// owned, set only on a report's overlay (overlayLocked), are the
+	// rule and dropped entries it copied from the ledger or made: the
+	// others it shares with the ledger and copies before changing one.
+	owned map[any]struct{}
 }
 
 // archLast returns the newest file of the summary the ledger started
@@ -812,6 +820,15 @@ func (l *Ledger) ruleLocked(name string) *ruleStats {
 	if rs == nil {
 		rs = &ruleStats{name: name}
 		l.rules[name] = rs
+		if l.owned != nil {
+			l.owned[rs] = struct{}{}
+		}
+	} else if l.owned != nil {
+		if _, ok := l.owned[rs]; !ok {
+			rs = rs.clone()
+			l.rules[name] = rs
+			l.owned[rs] = struct{}{}
+		}
 	}
 	return rs
 }
@@ -832,13 +849,56 @@ func (l *Ledger) dropNameLocked(ev *Event, name string) *dropStats {
 		if len(l.dropped) >= l.opt.MaxDropped-1 { // one kept for the overflow entry
 			k = overflowKey
 			if ds = l.dropped[k]; ds != nil {
-				return ds
+				return l.ownDropLocked(ds)
 			}
 		}
 		ds = &dropStats{key: k}
 		l.dropped[k] = ds
+		if l.owned != nil {
+			l.owned[ds] = struct{}{}
+		}
 	}
-	return ds
+	return l.ownDropLocked(ds)
+}
+
+// ownDropLocked returns ds, or on a report's overlay its own copy of it.
+func (l *Ledger) ownDropLocked(ds *dropStats) *dropStats {
+	if l.owned == nil {
+		return ds
+	}
+	if _, ok := l.owned[ds]; ok {
+		return ds
+	}
+	c := *ds
+	c.clients = ds.clients.clone()
+	l.dropped[c.key] = &c
+	l.owned[&c] = struct{}{}
+	return &c
+}
+
+// clone returns a copy of rs that shares nothing with it.
+func (rs *ruleStats) clone() *ruleStats {
+	c := *rs
+	c.clients = rs.clients.clone()
+	c.dests = rs.dests.clone()
+	return &c
+}
+
+func (c *clientSet) clone() clientSet {
+	return clientSet{m: maps.Clone(c.m), truncated: c.truncated}
+}
+
+func (d *destCounter) clone() destCounter {
+	n := destCounter{h: make([]*destEntry, len(d.h))}
+	if d.idx != nil {
+		n.idx = make(map[string]*destEntry, len(d.idx))
+	}
+	for i, e := range d.h {
+		c := *e
+		n.h[i] = &c
+		n.idx[c.Dest] = &c
+	}
+	return n
 }
 
 // recDest is destName(ev) for ev, the report that counts rec: a query's

@@ -5,6 +5,7 @@ import (
 	"encoding/json"
 	"fmt"
 	"io"
+	"maps"
 	"slices"
 	"strconv"
 	"strings"
@@ -59,7 +60,14 @@ type Report struct {
 	// that only the summary of rotated-out files holds: used in the
 	// window, before the detailed log begins, so not unused.
 	UsedBeforeDetail []RuleBeforeDetail `json:"used_before_detail,omitempty"`
-	Notes            []string           `json:"notes,omitempty"`
+	// OpenFlows are the flows counted above that are open now and that
+	// no event reported yet (Ledger.SetOpenFlows: capture reports a UDP
+	// flow after 60 s of silence, any flow still open a minute after it
+	// began): the live report counts them, once, and their event counts
+	// in their place when it comes. A report of the event log alone
+	// (`report --state-dir`, a restart's) has none.
+	OpenFlows uint64   `json:"open_flows,omitempty"`
+	Notes     []string `json:"notes,omitempty"`
 }
 
 // Coverage says what a report's counts rest on: every event since
@@ -142,6 +150,9 @@ type RuleReport struct {
 	// policy no longer has (renamed or removed since); true when the
 	// report has no policy to compare with.
 	InPolicy bool `json:"in_policy"`
+	// OpenFlows are those of Flows open now, not reported by an event
+	// yet (Report.OpenFlows).
+	OpenFlows uint64 `json:"open_flows,omitempty"`
 }
 
 // ClientDevices say which LAN devices a rule's or a dropped entry's
@@ -259,6 +270,9 @@ type DroppedReport struct {
 	Rule          string    `json:"rule,omitempty"` // the expired rule that would allow it
 	FirstSeen     time.Time `json:"first_seen"`
 	LastSeen      time.Time `json:"last_seen"`
+	// OpenFlows are those of Flows open now, not reported by an event
+	// yet (Report.OpenFlows).
+	OpenFlows uint64 `json:"open_flows,omitempty"`
 }
 
 // Report builds a report. It is a snapshot: later events do not change it.
@@ -301,7 +315,14 @@ func (l *Ledger) Report(opt ReportOptions) *Report {
 			opt.Since = time.Time{}
 		}
 	}
-	r := src.snapshot(opt)
+	l.mu.Lock()
+	openFn := l.open
+	l.mu.Unlock()
+	var open []Event
+	if openFn != nil {
+		open = openFn()
+	}
+	r := src.snapshotOpen(opt, open)
 	l.mu.Lock()
 	r.Coverage = l.coverageLocked()
 	arch, archNote, eng := l.arch, l.archNote, l.eng
@@ -313,6 +334,74 @@ func (l *Ledger) Report(opt ReportOptions) *Report {
 		r.Notes = append(r.Notes, r.beforeDetail(arch, eng, opt.Since.UTC()))
 	}
 	r.Notes = append(r.Notes, notes...)
+	return r
+}
+
+// SetOpenFlows sets fn as the source of the flows open now that no event
+// reported yet (capture's table: a UDP flow is reported after 60 s of
+// silence, a flow still open a minute after it began): Report counts
+// them with the recorded events, as open, each once (a flow the ledger
+// holds a report of, or listed twice, counts once), without adding them
+// to the ledger, so what the event log says is unchanged and each flow's
+// event counts in its place when it comes. fn is called by Report,
+// without the ledger's lock held.
+func (l *Ledger) SetOpenFlows(fn func() []Event) {
+	l.mu.Lock()
+	l.open = fn
+	l.mu.Unlock()
+}
+
+// snapshotOpen is snapshot with the flows of open counted that the
+// ledger holds no report of (the report of one may have come since the
+// list was taken: the lookup and the snapshot are under one hold of the
+// lock, so a flow counts either way, never both). They are counted on an
+// overlay of the ledger, which copies the entries it changes.
+func (l *Ledger) snapshotOpen(opt ReportOptions, open []Event) *Report {
+	if len(open) == 0 {
+		return l.snapshot(opt)
+	}
+	l.mu.Lock()
+	defer l.mu.Unlock()
+	ov := &Ledger{
+		opt: l.opt, eng: l.eng, rules: maps.Clone(l.rules), dropped: maps.Clone(l.dropped), seed: l.seed,
+		totals: l.totals, lastMode: l.lastMode, shed: l.shed, unwritten: l.unwritten, shedMarks: l.shedMarks,
+		ech: l.ech, firstEvent: l.firstEvent, owned: map[any]struct{}{},
+	}
+	for i := range open {
+		ev := open[i]
+		if ev.Kind != KindFlow || !opt.Since.IsZero() && ev.Time.Before(opt.Since) {
+			continue
+		}
+		ev.Bound()
+		ev.Filtered, ev.expanded = "", 0 // ech counts come with the event
+		id := flowID{FlowKey: ev.Key(), kind: KindFlow}
+		id.Proto = knownText(id.Proto)
+		if id.ClientPort == 0 && id.DestPort == 0 || l.findLocked(id, id.hash(l.seed), ev.Time.UTC()) != nil {
+			continue
+		}
+		ov.addLocked(&ev)
+	}
+	// Open flows are no events.
+	ov.totals.Events, ov.totals.Duplicates = l.totals.Events, l.totals.Duplicates
+	byRule := map[string]uint64{}
+	byDrop := map[dropKey]uint64{}
+	for _, rec := range ov.ring {
+		switch {
+		case rec.rule != nil:
+			byRule[rec.rule.name]++
+		case rec.drop != nil:
+			byDrop[rec.drop.key]++
+		}
+	}
+	r := ov.snapshot(opt)
+	r.OpenFlows = uint64(len(ov.ring))
+	for i := range r.Rules {
+		r.Rules[i].OpenFlows = byRule[r.Rules[i].Name]
+	}
+	for i := range r.Dropped {
+		d := &r.Dropped[i]
+		d.OpenFlows = byDrop[dropKey{d.Dest, d.Port, d.Proto}]
+	}
 	return r
 }
 
