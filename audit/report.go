@@ -395,6 +395,9 @@ func (l *Ledger) snapshotOpen(opt ReportOptions, open []Event) *Report {
 	}
 	r := ov.snapshot(opt)
 	r.OpenFlows = uint64(len(ov.ring))
+	if r.OpenFlows > 0 {
+		r.Notes = append(r.Notes, fmt.Sprintf("%d flow(s) open now are counted, not in the event log yet (capture records a UDP flow after 60 s of silence, any flow a minute after it began)", r.OpenFlows))
+	}
 	for i := range r.Rules {
 		r.Rules[i].OpenFlows = byRule[r.Rules[i].Name]
 	}

@@ -247,6 +247,8 @@ type Capture struct {
 	swaps   []swap
 	swapped atomic.Bool
 	wake    chan struct{}
+	// openReq are the OpenFlows calls for Run's goroutine to answer.
+	openReq openReqs
 	// failed says Run closed a socket that failed to read since Follow
 	// last looked (Follow reports it as a change); changes asks the
 	// caller to call Follow (Changes).

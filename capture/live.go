@@ -588,6 +588,7 @@ func (c *Capture) Run(ctx context.Context) error {
 			p.dropPending()
 			return nil
 		}
+		p.answerOpen()
 		if c.swapped.Load() {
 			srcs, heads = c.takeSwaps(srcs, heads)
 			p.setSources(srcs)

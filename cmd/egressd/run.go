@@ -999,6 +999,9 @@ func (d *daemon) run(ctx context.Context) error {
 			d.degrade("capture", err.Error())
 			break
 		}
+		// The live report counts the flows capture has not reported
+		// yet (a UDP flow until 60 s of silence): README, "Reports".
+		d.ledger.SetOpenFlows(d.capture.OpenFlows)
 		// An interface that does not exist (yet) is left out until it
 		// appears, and one re-made (another index) is listened on again:
 		// watchLinks calls Follow. Meanwhile the part is not running
