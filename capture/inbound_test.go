@@ -112,6 +112,23 @@ func TestLiveInbound(t *testing.T) {
 		time.Sleep(50 * time.Millisecond)
 	}
 	time.Sleep(300 * time.Millisecond) // TPACKET_V3 hands blocks over after 64 ms
+	// The UDP flows are open (reported after 60 s of silence): the live
+	// report's open flows hold the inbound one as emit would record it,
+	// in audit mode only (in enforce mode it is counted, not recorded).
+	for _, lc := range []struct {
+		c    *liveCapture
+		want int
+	}{{c, 1}, {enf, 0}} {
+		n := 0
+		for _, ev := range lc.c.OpenFlows() {
+			if ev.Reason == ReasonInbound {
+				n++
+			}
+		}
+		if n != lc.want {
+			t.Errorf("%s mode: %d open flows inbound, want %d", lc.c.deps.Policy.Load().Mode(), n, lc.want)
+		}
+	}
 	for _, lc := range []*liveCapture{c, enf} {
 		if err := lc.stop(); err != nil {
 			t.Fatalf("Run: %v", err)

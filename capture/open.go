@@ -66,7 +66,7 @@ func (p *proc) answerOpen() {
 	r.mu.Unlock()
 	var evs []audit.Event
 	for _, f := range p.flows {
-		if f.closed || f.own || f.reported {
+		if f.closed || f.reported || p.unrecorded(f) {
 			continue
 		}
 		if !f.decided {

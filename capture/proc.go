@@ -1947,14 +1947,18 @@ func (p *proc) vouched(eng *policy.Engine, in policy.Input, d policy.Decision) b
 }
 
 // emit sends an event of f: how is its close reason, "" while it is open.
+// unrecorded says whether f is counted only, never an event: the
+// gateway's own traffic (Stats.Own), and an inbound flow seen live in
+// enforce mode, which passed the enforce firewall (Stats.Inbound).
+func (p *proc) unrecorded(f *flow) bool {
+	return f.own || f.inbound && f.dec.Mode == policy.ModeEnforce && p.decideAt.IsZero()
+}
+
 // The first event of a flow is counted, logged and measured; a later one
 // is the end update of a flow reported while open.
 func (p *proc) emit(f *flow, how string) {
-	if f.own {
-		return // the gateway's own traffic: counted in Stats.Own only
-	}
-	if f.inbound && f.dec.Mode == policy.ModeEnforce && p.decideAt.IsZero() {
-		return // passed the enforce firewall: counted in Stats.Inbound only
+	if p.unrecorded(f) {
+		return
 	}
 	p.classify(f)
 	d := f.dec
