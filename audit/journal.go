@@ -1094,6 +1094,11 @@ func readPath(path string, fn func(Event)) (LoadStats, *archive, error) {
 	}
 	var st LoadStats
 	err = readFile(path, log, false, &st, fn)
+	if errors.As(err, new(damagedError)) {
+		// As in a directory (readDir): the events before the damage
+		// count, and the file is counted damaged.
+		st.Damaged, err = 1, nil
+	}
 	st.Files = 1
 	return st, nil, err
 }
