@@ -1,6 +1,10 @@
 package audit
 
 import (
+	"bytes"
+	"compress/gzip"
+	"io"
+	"log/slog"
 	"os"
 	"path/filepath"
 	"testing"
@@ -29,4 +33,66 @@ func TestReplayDamagedCompressedFile(t *testing.T) {
 	if st.Damaged != 1 || n == 0 || n >= 1000 || int(st.Events) != n || st.Files != 1 {
 		t.Errorf("%d events read (%d counted), %d damaged of %d files; want some of 1000, 1 damaged of 1", n, st.Events, st.Damaged, st.Files)
 	}
+}
+
+// FuzzReadCompressed puts arbitrary bytes in a state directory as a
+// compressed rotated file, before a current file of three events: the
+// reader never fails or panics, always counts the current file's events,
+// and either reads the compressed file as the gzip stream it is (its
+// events as ReadEvents counts them in the decompressed bytes) or counts
+// it damaged.
+func FuzzReadCompressed(f *testing.F) {
+	var plain bytes.Buffer
+	for i := range 5 {
+		line, _ := jsonLine(seqEvent(i, t0.Add(time.Duration(i)*time.Second)))
+		plain.Write(line)
+	}
+	var z bytes.Buffer
+	zw := gzip.NewWriter(&z)
+	zw.Write(plain.Bytes())
+	zw.Close()
+	good := z.Bytes()
+	f.Add(good)
+	f.Add(good[:len(good)/2])
+	f.Add(append(append([]byte{}, good...), good...)) // two members
+	f.Add(append(append([]byte{}, good...), 0))       // trailing garbage
+	f.Add([]byte{})
+	f.Add(plain.Bytes()) // not gzip at all
+	f.Fuzz(func(t *testing.T, b []byte) {
+		dir := t.TempDir()
+		if err := os.WriteFile(filepath.Join(dir, rotatedName(t0.Add(time.Hour))+gzSuffix), b, 0o640); err != nil {
+			t.Fatal(err)
+		}
+		var cur []Event
+		for i := range 3 {
+			cur = append(cur, seqEvent(100+i, t0.Add(2*time.Hour+time.Duration(i)*time.Second)))
+		}
+		writeEventsFile(t, filepath.Join(dir, CurrentLog), cur)
+		n := 0
+		st, err := readDir(dir, slog.New(slog.DiscardHandler), time.Time{}, false, "", func(Event) { n++ })
+		if err != nil {
+			t.Fatalf("readDir: %v", err)
+		}
+		if st.Files != 2 || int(st.Events) != n || n < 3 {
+			t.Fatalf("%d files, %d events counted, %d read", st.Files, st.Events, n)
+		}
+		whole := -1
+		if zr, err := gzip.NewReader(bytes.NewReader(b)); err == nil {
+			if data, err := io.ReadAll(io.LimitReader(zr, 64<<20)); err == nil {
+				whole = 0
+				ReadEvents(bytes.NewReader(data), func(Event) { whole++ })
+			}
+		}
+		switch {
+		case whole < 0 && st.Damaged != 1:
+			t.Errorf("a stream gzip cannot read whole: %d damaged, want 1", st.Damaged)
+		case whole >= 0 && (st.Damaged != 0 || n-3 != whole):
+			t.Errorf("a whole gzip stream of %d events: read %d, %d damaged", whole, n-3, st.Damaged)
+		}
+		l, lst, err := LoadDir(dir, nil, LedgerOptions{MaxFlows: 8, MaxDropped: 4}, slog.New(slog.DiscardHandler))
+		if err != nil || lst.Events != st.Events || lst.Damaged != st.Damaged {
+			t.Fatalf("LoadDir: %v, %d events %d damaged; readDir %d and %d", err, lst.Events, lst.Damaged, st.Events, st.Damaged)
+		}
+		l.Report(ReportOptions{}).WriteText(io.Discard)
+	})
 }
