@@ -96,3 +96,49 @@ func FuzzReadCompressed(f *testing.F) {
 		l.Report(ReportOptions{}).WriteText(io.Discard)
 	})
 }
+
+// TestLoadDirWhileCompressing: `egressd report --state-dir` beside a
+// daemon that compresses a rotated file meanwhile (one each time the
+// report reads the directory) reads every event once and says nothing of
+// a log that kept changing: a compression changes no file's events (a
+// reader that listed the plain file reads the compressed one), so it is no
+// reason to read the directory again.
+func TestLoadDirWhileCompressing(t *testing.T) {
+	dir := t.TempDir()
+	var evs []Event
+	for i := range 600 {
+		evs = append(evs, seqEvent(i, t0.Add(time.Duration(i)*time.Second)))
+	}
+	for f := range 5 {
+		writeEventsFile(t, filepath.Join(dir, rotatedName(t0.Add(time.Duration(100*(f+1))*time.Second))), evs[100*f:100*(f+1)])
+	}
+	writeEventsFile(t, filepath.Join(dir, CurrentLog), evs[500:])
+	defer func() { testHookArchiveRead = nil }()
+	d := &Journal{cfg: JournalConfig{Dir: dir, Compress: true}, log: slog.New(slog.DiscardHandler)}
+	reads := 0
+	testHookArchiveRead = func() {
+		reads++
+		// The daemon, another process, compresses its oldest plain file.
+		files, _ := LogFiles(dir)
+		for _, f := range files {
+			if filepath.Base(f) != CurrentLog && filepath.Ext(f) != gzSuffix {
+				if err := d.compressFile(f); err != nil {
+					t.Error(err)
+				}
+				return
+			}
+		}
+	}
+	var logBuf syncBuffer
+	l, st, err := LoadDir(dir, nil, LedgerOptions{}, slog.New(slog.NewTextHandler(&logBuf, nil)))
+	if err != nil {
+		t.Fatal(err)
+	}
+	r := l.Report(ReportOptions{})
+	if st.Events != 600 || r.Totals.Flows != 600 {
+		t.Errorf("%d events, %d flows; want 600", st.Events, r.Totals.Flows)
+	}
+	if reads != 1 || len(r.Notes) != 0 || logBuf.String() != "" {
+		t.Errorf("read the directory %d times (want 1); notes %q; log %s", reads, r.Notes, logBuf.String())
+	}
+}
