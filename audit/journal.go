@@ -317,7 +317,7 @@ func LoadDir(dir string, eng *policy.Engine, opt LedgerOptions, log *slog.Logger
 }
 
 // dirState identifies what a rotation or a fold changes in dir: the
-// summary file and the names of the rotated files.
+// summary file and the names of the rotated files, not their compression.
 func dirState(dir string) string {
 	var b strings.Builder
 	if fi, err := os.Stat(filepath.Join(dir, ArchiveFile)); err == nil {
@@ -326,9 +326,12 @@ func dirState(dir string) string {
 			fmt.Fprintf(&b, " %d", sys.Ino)
 		}
 	}
+	// A file as the plain one it was (logName): its compression changes
+	// none of its events, and a reader that listed the plain file reads
+	// the compressed one (readFile).
 	files, _ := LogFiles(dir)
 	for _, f := range files {
-		b.WriteString("\n" + filepath.Base(f))
+		b.WriteString("\n" + logName(f))
 	}
 	return b.String()
 }
