@@ -284,10 +284,13 @@ func (l *Ledger) Report(opt ReportOptions) *Report {
 	var notes []string
 	if !opt.Since.IsZero() {
 		l.mu.Lock()
-		hist, eng := l.history, l.eng
+		hist, eng, mode := l.history, l.eng, l.lastMode
 		l.mu.Unlock()
 		if hist != nil {
 			tmp := NewLedger(eng, l.opt)
+			// The latest event's mode (EventMode) is the whole log's: a
+			// window that holds none of its events has it too.
+			tmp.lastMode = mode
 			since := opt.Since
 			var wrongClock uint64
 			err := hist(since, func(ev Event) {
