@@ -128,3 +128,49 @@ func TestReportOpenFlowsSince(t *testing.T) {
 		t.Errorf("window: ntp %d flows, %d open, unused %v; want 1 flow (the one begun in the window), 1 open", flows, r.OpenFlows, r.UnusedRules)
 	}
 }
+
+// TestReportOpenFlowsSinceReportedMeanwhile: a windowed report reads the
+// event log, then asks for the open flows. A flow whose report comes in
+// between (after the log was read, before the open flows were listed) is
+// in neither: it must still count once, as open (asking first, a flow
+// both listed and read from the log counts once).
+func TestReportOpenFlowsSinceReportedMeanwhile(t *testing.T) {
+	eng := loadPolicy(t, "policy.yaml")
+	l := NewLedger(eng, LedgerOptions{})
+	ntp := fev{kind: KindFlow, src: SourceCapture, at: time.Hour, client: "192.168.10.7", cport: 40123,
+		dest: "203.0.113.123", dport: 123, proto: "udp", out: 48, in: 48}.event(eng)
+	var mu sync.Mutex
+	reported := false
+	l.SetOpenFlows(func() []Event {
+		mu.Lock()
+		defer mu.Unlock()
+		if reported {
+			return nil
+		}
+		return []Event{ntp}
+	})
+	logged := false
+	l.history = func(since time.Time, fn func(Event)) error {
+		mu.Lock()
+		defer mu.Unlock()
+		if logged {
+			end := ntp
+			end.Close, end.Duration = "idle", 1
+			fn(end)
+		}
+		// The flow's report comes now: capture no longer lists it,
+		// and the log holds it from the next read on.
+		reported, logged = true, true
+		return nil
+	}
+	r := l.Report(ReportOptions{Now: t0.Add(2 * time.Hour), Since: t0.Add(30 * time.Minute)})
+	var flows uint64
+	for _, u := range r.Rules {
+		if u.Name == "ntp" {
+			flows = u.Flows
+		}
+	}
+	if flows != 1 || slices.Contains(r.UnusedRules, "ntp") {
+		t.Errorf("window: ntp %d flows (%d open), unused %v; want the flow reported meanwhile counted once", flows, r.OpenFlows, r.UnusedRules)
+	}
+}
