@@ -280,6 +280,16 @@ func (l *Ledger) Report(opt ReportOptions) *Report {
 	if opt.Now.IsZero() {
 		opt.Now = l.opt.Now()
 	}
+	// The open flows are listed before a window reads the event log: a
+	// flow reported in between is then in both, and counts once
+	// (snapshotOpen), rather than in neither.
+	l.mu.Lock()
+	openFn := l.open
+	l.mu.Unlock()
+	var open []Event
+	if openFn != nil {
+		open = openFn()
+	}
 	src := l
 	var notes []string
 	if !opt.Since.IsZero() {
@@ -317,13 +327,6 @@ func (l *Ledger) Report(opt ReportOptions) *Report {
 			notes = append(notes, "no event log: the report covers everything recorded, not only since "+opt.Since.UTC().Format(time.RFC3339))
 			opt.Since = time.Time{}
 		}
-	}
-	l.mu.Lock()
-	openFn := l.open
-	l.mu.Unlock()
-	var open []Event
-	if openFn != nil {
-		open = openFn()
 	}
 	r := src.snapshotOpen(opt, open)
 	l.mu.Lock()
