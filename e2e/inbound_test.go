@@ -19,15 +19,29 @@ import (
 // the LAN host (what enforce's WAN guard would drop), never as the
 // internet host's or the LAN host's egress, and `report --suggest`
 // proposes no rule for them and says why.
-func TestInboundAudit(t *testing.T) {
+func TestInboundAudit(t *testing.T) { inboundAudit(t, lanClient4, inetWAN4) }
+
+// TestInboundAudit6 is TestInboundAudit over IPv6.
+func TestInboundAudit6(t *testing.T) { inboundAudit(t, lanClient6, inetWAN6) }
+
+// inboundAudit is TestInboundAudit from the internet host's address inet
+// to the LAN host's lan.
+func inboundAudit(t *testing.T, lan, inet string) {
 	tp := newTopo(t)
 	d := newDaemon(t, tp, "audit")
 	d.noGuard = true
 	d.start()
 
-	lanSvc := netip.AddrPortFrom(netip.MustParseAddr(lanClient4), lanSvcPort).String()
+	lanSvc := netip.AddrPortFrom(netip.MustParseAddr(lan), lanSvcPort).String()
 	ctx, cancel := context.WithTimeout(context.Background(), 5*time.Second)
-	c, err := tp.inet.DialContext(ctx, "tcp", lanSvc)
+	// From inet: the internet host has other addresses (over IPv6 the
+	// kernel would pick dockerIP6).
+	var c net.Conn
+	err := tp.inet.Do(func() (err error) {
+		dl := net.Dialer{LocalAddr: &net.TCPAddr{IP: net.ParseIP(inet)}}
+		c, err = dl.DialContext(ctx, "tcp", lanSvc)
+		return err
+	})
 	cancel()
 	if err != nil {
 		t.Fatalf("from the internet side to %s: %v", lanSvc, err)
@@ -39,12 +53,12 @@ func TestInboundAudit(t *testing.T) {
 	if string(buf[:n]) != "in\n" {
 		t.Fatalf("from the internet side to %s: got %q", lanSvc, buf[:n])
 	}
-	pc, err := tp.inet.ListenPacket("udp", net.JoinHostPort(inetWAN4, "500"))
+	pc, err := tp.inet.ListenPacket("udp", net.JoinHostPort(inet, "500"))
 	if err != nil {
 		t.Fatal(err)
 	}
 	defer pc.Close()
-	if _, err := pc.WriteTo([]byte("knock"), net.UDPAddrFromAddrPort(netip.AddrPortFrom(netip.MustParseAddr(lanClient4), 40001))); err != nil {
+	if _, err := pc.WriteTo([]byte("knock"), net.UDPAddrFromAddrPort(netip.AddrPortFrom(netip.MustParseAddr(lan), 40001))); err != nil {
 		t.Fatal(err)
 	}
 	time.Sleep(500 * time.Millisecond) // the TPACKET_V3 block, and the FIN
@@ -77,12 +91,12 @@ func TestInboundAudit(t *testing.T) {
 	if err := json.Unmarshal(out, &r); err != nil {
 		t.Fatalf("report --json: %v\n%s", err, out)
 	}
-	want := map[string]bool{fmt.Sprintf("%s %d/tcp", lanClient4, lanSvcPort): true, lanClient4 + " 40001/udp": true}
+	want := map[string]bool{fmt.Sprintf("%s %d/tcp", lan, lanSvcPort): true, lan + " 40001/udp": true}
 	for _, dr := range r.Dropped {
 		k := fmt.Sprintf("%s %d/%s", dr.Dest, dr.Port, dr.Proto)
-		if dr.Dest == inetWAN4 || dr.Dest == lanClient4 {
-			if !want[k] || dr.Reason != "inbound" || dr.Flows != 1 || len(dr.Clients) != 1 || dr.Clients[0] != inetWAN4 {
-				t.Errorf("dropped %s: reason %q, %d flows, clients %v; want only %v, inbound, 1 flow from %s", k, dr.Reason, dr.Flows, dr.Clients, want, inetWAN4)
+		if dr.Dest == inet || dr.Dest == lan {
+			if !want[k] || dr.Reason != "inbound" || dr.Flows != 1 || len(dr.Clients) != 1 || dr.Clients[0] != inet {
+				t.Errorf("dropped %s: reason %q, %d flows, clients %v; want only %v, inbound, 1 flow from %s", k, dr.Reason, dr.Flows, dr.Clients, want, inet)
 			}
 			delete(want, k)
 		}
@@ -91,7 +105,7 @@ func TestInboundAudit(t *testing.T) {
 		t.Errorf("no inbound entry for %v in %s", want, out)
 	}
 	sug := string(runReport("--suggest"))
-	if strings.Contains(sug, lanClient4) || strings.Contains(sug, inetWAN4) {
+	if strings.Contains(sug, lan) || strings.Contains(sug, inet) {
 		t.Errorf("report --suggest names the inbound flows' hosts:\n%s", sug)
 	}
 	if !strings.Contains(sug, "denied as inbound: none suggested") {
