@@ -64,9 +64,20 @@ func (p *proc) answerOpen() {
 	r.waits = nil
 	r.wanted.Store(false)
 	r.mu.Unlock()
-	var evs []audit.Event
+	// Counted first: with the table full (tens of thousands of flows
+	// open) growing the list as it fills copied it over and over, on
+	// this goroutine, which reads no packet meanwhile
+	// (BenchmarkAnswerOpen).
+	n := 0
 	for _, f := range p.flows {
-		if f.closed || f.reported || p.unrecorded(f) {
+		if p.listedOpen(f) {
+			n++
+		}
+	}
+	evs := make([]audit.Event, 0, n)
+	var g flow
+	for _, f := range p.flows {
+		if !p.listedOpen(f) {
 			continue
 		}
 		if !f.decided {
@@ -76,12 +87,8 @@ func (p *proc) answerOpen() {
 			// case a DNS answer on another socket is late, or a QUIC
 			// Initial comes after all. It is listed decided as it
 			// would be now, on a copy (the flow is decided as
-			// before). A TCP flow or a QUIC one may still show its
-			// name, and waits as it does.
-			if f.proto != 17 || f.app == appQUIC || f.pkts[0] == 0 {
-				continue
-			}
-			g := *f
+			// before).
+			g = *f
 			p.classify(&g)
 			evs = append(evs, p.event(&g, ""))
 			continue
@@ -91,4 +98,15 @@ func (p *proc) answerOpen() {
 	for _, ch := range waits {
 		ch <- evs // buffered: a caller that gave up does not hold Run
 	}
+}
+
+// listedOpen says whether answerOpen lists f: open, not reported, one
+// emit would record, and decided, or a UDP flow that would be decided by
+// address (a TCP flow or a QUIC one may still show its name, and waits
+// as it does).
+func (p *proc) listedOpen(f *flow) bool {
+	if f.closed || f.reported || p.unrecorded(f) {
+		return false
+	}
+	return f.decided || f.proto == 17 && f.app != appQUIC && f.pkts[0] != 0
 }
