@@ -107,3 +107,52 @@ func TestOpenFlowsUDP(t *testing.T) {
 	}
 	used("reported", 2)
 }
+
+// TestOpenFlowsReportedAfterAMinute: a UDP exchange that never goes
+// silent is reported while open a minute after it began; from then on it
+// is no longer listed open, and the live report counts it once, as that
+// event, then as its end update when it ends.
+func TestOpenFlowsReportedAfterAMinute(t *testing.T) {
+	cli := netip.MustParseAddr("192.0.2.74")
+	lab := netip.MustParseAddr("198.51.100.74")
+	eng := testEngine(t, testPolicy)
+	rec := &recorder{}
+	ledger := audit.NewLedger(eng, audit.LedgerOptions{})
+	capt, err := New(Config{}, Deps{Policy: policy.NewStore(eng), Sink: audit.Tee(rec, ledger)})
+	if err != nil {
+		t.Fatal(err)
+	}
+	p := capt.proc
+	p.openReport = time.Minute
+	ledger.SetOpenFlows(func() []audit.Event { return openNow(p) })
+	start := time.Date(2026, 12, 5, 10, 0, 0, 0, time.UTC)
+	ntp := func(at time.Duration) {
+		p.packet(udpFrame(t, macClient, macGW, netip.AddrPortFrom(cli, 40123), netip.AddrPortFrom(lab, 123), make([]byte, 48)), start.Add(at), layers.LinkTypeEthernet)
+		p.packet(udpFrame(t, macGW, macClient, netip.AddrPortFrom(lab, 123), netip.AddrPortFrom(cli, 40123), make([]byte, 48)), start.Add(at), layers.LinkTypeEthernet)
+	}
+	check := func(what string, events, open int) {
+		t.Helper()
+		var flows, openN uint64
+		r := ledger.Report(audit.ReportOptions{})
+		for _, u := range r.Rules {
+			if u.Name == "lab" {
+				flows, openN = u.Flows, u.OpenFlows
+			}
+		}
+		if n := len(rec.all()); n != events || flows != 1 || openN != uint64(open) {
+			t.Errorf("%s: %d events, lab %d flows (%d open); want %d events, 1 flow (%d open)", what, n, flows, openN, events, open)
+		}
+	}
+	for s := 0; s <= 50; s += 10 {
+		ntp(time.Duration(s) * time.Second)
+	}
+	check("open", 0, 1)
+	for s := 60; s <= 120; s += 10 {
+		ntp(time.Duration(s) * time.Second)
+		p.sweep()
+	}
+	check("reported open after a minute", 1, 0)
+	p.now = start.Add(5 * time.Minute)
+	p.sweep()
+	check("ended", 2, 0)
+}
