@@ -165,6 +165,9 @@ type Journal struct {
 	pending []Event    // queued by Emit, at most QueueLen
 	spare   []Event    // the writer's: the last batch's array, for reuse
 	kick    chan struct{}
+	// syncs carries Sync's waiters to the writer, which closes each once
+	// it has taken the queue and flushed.
+	syncs chan chan struct{}
 
 	rotMu sync.RWMutex // rotate and fold's deletes hold it; scan reads under it
 	// archLast is the newest file in the summary (guarded by rotMu): it
@@ -220,7 +223,7 @@ func OpenJournal(cfg JournalConfig, ledger *Ledger) (*Journal, LoadStats, error)
 	}
 	j := &Journal{
 		cfg: cfg, ledger: ledger, log: cfg.Logger,
-		kick: make(chan struct{}, 1),
+		kick: make(chan struct{}, 1), syncs: make(chan chan struct{}),
 		stop: make(chan struct{}), done: make(chan struct{}),
 	}
 	removeArchiveTemps(cfg.Dir)
@@ -681,9 +684,11 @@ func (j *Journal) Run(ctx context.Context) error {
 	defer tick.Stop()
 	j.lastFlush = time.Now()
 	for {
+		var synced chan struct{}
 		select {
 		case <-j.kick:
 		case <-tick.C:
+		case synced = <-j.syncs:
 		case <-ctx.Done():
 			return j.finish()
 		case <-j.stop:
@@ -698,6 +703,38 @@ func (j *Journal) Run(ctx context.Context) error {
 		if len(j.buf) > 0 {
 			j.flush()
 		}
+		if synced != nil {
+			close(synced)
+		}
+	}
+}
+
+// Sync waits until the writer has taken the events queued before the
+// call into the ledger and the log (flushed), and reports whether it did
+// within timeout; false at once when Run is not running. The daemon's
+// live report calls it after listing capture's open flows: a flow capture
+// reported just before is then in the ledger, not in neither.
+func (j *Journal) Sync(timeout time.Duration) bool {
+	if !j.running.Load() {
+		return false
+	}
+	t := time.NewTimer(timeout)
+	defer t.Stop()
+	done := make(chan struct{})
+	select {
+	case j.syncs <- done:
+	case <-j.done:
+		return false
+	case <-t.C:
+		return false
+	}
+	select {
+	case <-done:
+		return true
+	case <-j.done:
+		return false
+	case <-t.C:
+		return false
 	}
 }
 

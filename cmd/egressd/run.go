@@ -1001,7 +1001,17 @@ func (d *daemon) run(ctx context.Context) error {
 		}
 		// The live report counts the flows capture has not reported
 		// yet (a UDP flow until 60 s of silence): README, "Reports".
-		d.ledger.SetOpenFlows(d.capture.OpenFlows)
+		// Then the events queued before the list are taken into the
+		// ledger (Journal.Sync): a flow capture reported just before is
+		// in one or the other, never in neither.
+		c, j := d.capture, d.journal
+		d.ledger.SetOpenFlows(func() []audit.Event {
+			evs := c.OpenFlows()
+			if j != nil {
+				j.Sync(2 * time.Second)
+			}
+			return evs
+		})
 		// An interface that does not exist (yet) is left out until it
 		// appears, and one re-made (another index) is listened on again:
 		// watchLinks calls Follow. Meanwhile the part is not running
