@@ -5,6 +5,7 @@ import (
 	"net/netip"
 	"os"
 	"path/filepath"
+	"strings"
 	"sync"
 	"testing"
 	"time"
@@ -38,11 +39,14 @@ func churnEvent(r *rand.Rand, i int) Event {
 var churnOnce sync.Once
 var churnPath string
 
-// TestMain removes the benchmarks' 64 MiB file.
+// TestMain removes the benchmarks' files.
 func TestMain(m *testing.M) {
 	code := m.Run()
 	if churnPath != "" {
 		os.RemoveAll(filepath.Dir(churnPath))
+	}
+	if fullDir != "" {
+		os.RemoveAll(fullDir)
 	}
 	os.Exit(code)
 }
@@ -148,4 +152,76 @@ func BenchmarkReadRotated(b *testing.B) {
 			}
 		})
 	}
+}
+
+var fullOnce sync.Once
+var fullDir string
+
+// fullLogDir writes (once) an event log of fullFiles compressed rotated
+// files of 64 MiB of churning denied TLS names, each its own events, and
+// a current file of a few MiB: a quarter of a full log (16 files).
+func fullLogDir(b *testing.B) string {
+	const fullFiles = 4
+	fullOnce.Do(func() {
+		dir, err := os.MkdirTemp("", "s1-full")
+		if err != nil {
+			b.Fatal(err)
+		}
+		j, _, err := OpenJournal(JournalConfig{Dir: dir, DetailBurst: -1, Compress: true}, NewLedger(nil, LedgerOptions{}))
+		if err != nil {
+			b.Fatal(err)
+		}
+		r := rand.New(rand.NewPCG(5, 6))
+		for i := 0; i < 20_000_000; i++ {
+			j.writeEvent(churnEvent(r, i))
+			if i%1000 == 0 {
+				if files, _ := LogFiles(dir); len(files) > fullFiles {
+					for k := 0; k < 10_000; k++ { // the current file
+						j.writeEvent(churnEvent(r, i+1+k))
+					}
+					break
+				}
+			}
+		}
+		j.Close()
+		fullDir = dir
+	})
+	if files, _ := LogFiles(fullDir); len(files) <= fullFiles {
+		b.Skip("no full log")
+	}
+	return fullDir
+}
+
+// BenchmarkOpenJournalFull is a restart's read of the event log: OpenJournal
+// on a log of 4 compressed rotated files of 64 MiB (go test -run '^$'
+// -bench OpenJournalFull ./audit/). egressd run serves no DNS and no proxy
+// until it returns.
+func BenchmarkOpenJournalFull(b *testing.B) {
+	dir := fullLogDir(b)
+	files, _ := LogFiles(dir)
+	var bytes int64
+	gz := 0
+	for _, f := range files {
+		if strings.HasSuffix(f, gzSuffix) {
+			gz++
+		}
+		if fi, err := os.Stat(f); err == nil {
+			bytes += fi.Size()
+		}
+	}
+	b.ResetTimer()
+	for range b.N {
+		l := NewLedger(nil, LedgerOptions{})
+		j, st, err := OpenJournal(JournalConfig{Dir: dir, DetailBurst: -1}, l)
+		if err != nil || st.Events == 0 {
+			b.Fatal(st.Events, err)
+		}
+		b.StopTimer()
+		b.ReportMetric(float64(st.Events), "events")
+		j.Close()
+		b.StartTimer()
+	}
+	b.ReportMetric(float64(len(files)), "files")
+	b.ReportMetric(float64(gz), "gz-files")
+	b.ReportMetric(float64(bytes), "disk-bytes")
 }

@@ -572,7 +572,7 @@ func readStream(r io.Reader, name string, log *slog.Logger, st *LoadStats, fn fu
 			continue
 		}
 		var ev Event
-		if bad || body[0] != '{' || json.Unmarshal(body, &ev) != nil || ev.Kind == "" {
+		if bad || body[0] != '{' || !decodeEvent(body, &ev) || ev.Kind == "" {
 			st.Skipped++
 			if st.Skipped <= 5 {
 				log.Warn("audit: skipped a line of the event log that is not an event", "file", name, "line", lineNo)
