@@ -2,8 +2,11 @@ package audit
 
 import (
 	"encoding/json"
+	"log/slog"
 	"math/rand/v2"
 	"net/netip"
+	"os"
+	"path/filepath"
 	"reflect"
 	"strings"
 	"testing"
@@ -129,4 +132,64 @@ func FuzzDecodeEvent(f *testing.F) {
 	f.Fuzz(func(t *testing.T, b []byte) {
 		checkDecode(t, b)
 	})
+}
+
+// TestReadDirAheadInOrder: the read of a restart, a few batches ahead of
+// the ledger, hands it the events of several files (compressed and plain,
+// a summary record among them, a torn last line) in the order and number
+// readDir does, with the same stats.
+func TestReadDirAheadInOrder(t *testing.T) {
+	dir := t.TempDir()
+	j, _, err := OpenJournal(JournalConfig{Dir: dir, MaxFileBytes: 64 << 10, MaxFiles: 100, DetailBurst: -1, Compress: true,
+		Logger: slog.New(slog.DiscardHandler)}, NewLedger(nil, LedgerOptions{}))
+	if err != nil {
+		t.Fatal(err)
+	}
+	const n = 6000 // a dozen batches
+	for i := 1; i <= n; i++ {
+		ev := seqEvent(i, t0.Add(time.Duration(i)*time.Millisecond))
+		if i == n/2 {
+			ev.Count, ev.Until = 700, ev.Time.Add(time.Second) // a summary record of the detail budget
+		}
+		j.writeEvent(ev)
+	}
+	j.Close()
+	files, _ := LogFiles(dir)
+	gz := 0
+	for _, f := range files {
+		if strings.HasSuffix(f, gzSuffix) {
+			gz++
+		}
+	}
+	if len(files) < 5 || gz == 0 {
+		t.Fatalf("%d files, %d compressed: the test needs several, some compressed", len(files), gz)
+	}
+	f, err := os.OpenFile(filepath.Join(dir, CurrentLog), os.O_WRONLY|os.O_APPEND, 0)
+	if err != nil {
+		t.Fatal(err)
+	}
+	f.WriteString(`{"kind":"flow","sou`) // torn
+	f.Close()
+
+	var want []Event
+	wst, werr := readDir(dir, slog.New(slog.DiscardHandler), time.Time{}, false, "", func(ev Event) { want = append(want, ev) })
+	var got []Event
+	gst, gerr := readDirAhead(dir, slog.New(slog.DiscardHandler), false, "", func(ev Event) { got = append(got, ev) })
+	if werr != nil || gerr != nil {
+		t.Fatal(werr, gerr)
+	}
+	if len(want) != n-1+700 || wst.Events != uint64(len(want)) || !wst.Torn {
+		t.Fatalf("readDir: %d events, stats %+v", len(want), wst)
+	}
+	if gst != wst {
+		t.Errorf("stats %+v, readDir's %+v", gst, wst)
+	}
+	if len(got) != len(want) {
+		t.Fatalf("%d events, readDir %d", len(got), len(want))
+	}
+	for i := range want {
+		if !reflect.DeepEqual(got[i], want[i]) {
+			t.Fatalf("event %d: %+v, readDir's %+v", i, got[i], want[i])
+		}
+	}
 }
