@@ -193,3 +193,44 @@ func TestReadDirAheadInOrder(t *testing.T) {
 		}
 	}
 }
+
+// TestDecodeFastCoversEvent sets every field of Event at once, so that a
+// field added to Event and not to decodeFast fails here (decodeFast would
+// leave every line to encoding/json: right, but as slow as before).
+func TestDecodeFastCoversEvent(t *testing.T) {
+	var ev Event
+	v := reflect.ValueOf(&ev).Elem()
+	for i := 0; i < v.NumField(); i++ {
+		if !v.Type().Field(i).IsExported() {
+			continue
+		}
+		f := v.Field(i)
+		switch f.Interface().(type) {
+		case time.Time:
+			f.Set(reflect.ValueOf(time.Date(2026, 12, 4, 13, 5, 6, 789000000, time.UTC)))
+			continue
+		case netip.Addr:
+			f.Set(reflect.ValueOf(netip.MustParseAddr("2001:db8::1")))
+			continue
+		}
+		switch f.Kind() {
+		case reflect.String:
+			f.SetString("x")
+		case reflect.Bool:
+			f.SetBool(true)
+		case reflect.Uint16, reflect.Uint64, reflect.Int:
+			f.Set(reflect.ValueOf(7).Convert(f.Type()))
+		case reflect.Float64:
+			f.SetFloat(0.125)
+		default:
+			t.Fatalf("field %s of kind %s: teach this test and decodeFast about it", v.Type().Field(i).Name, f.Kind())
+		}
+	}
+	b, err := ev.appendJSON(nil)
+	if err != nil {
+		t.Fatal(err)
+	}
+	if !checkDecode(t, b[:len(b)-1]) {
+		t.Fatalf("decodeFast does not take %s", b)
+	}
+}

@@ -134,7 +134,8 @@ func TestAppendJSONValues(t *testing.T) {
 	}
 }
 
-// FuzzEventJSON holds appendJSON to encoding/json's output.
+// FuzzEventJSON holds appendJSON to encoding/json's output, and the
+// reading of that line (decodeEvent) to encoding/json's.
 func FuzzEventJSON(f *testing.F) {
 	f.Add("www.allowed.test", "rule <1>", "\xff\u2028", int64(1764853506123456789), 0.25, uint64(1234), uint16(443), []byte{192, 0, 2, 1})
 	f.Add("", "", "", int64(0), 1e-9, uint64(0), uint16(0), []byte{})
@@ -145,5 +146,8 @@ func FuzzEventJSON(f *testing.F) {
 			ev.Client, ev.Dest = a, a
 		}
 		checkSameJSON(t, ev)
+		if b, err := ev.appendJSON(nil); err == nil { // and the log reads it back as encoding/json does
+			checkDecode(t, b[:len(b)-1])
+		}
 	})
 }
