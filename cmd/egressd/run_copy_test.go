@@ -39,21 +39,7 @@ func TestStartCopyOnlyOnceInstalled(t *testing.T) {
 	if err := os.WriteFile(pol, []byte(b), 0o644); err != nil {
 		t.Fatal(err)
 	}
-	start := func(tcpPorts string) *daemon {
-		t.Helper()
-		var cfg runConfig
-		fs := newFlags("run", io.Discard)
-		cfg.flags(fs)
-		if _, err := parseArgs(fs, []string{"--policy", pol, "--lan", "lan0", "--wan", "wan0", "--state-dir", state, "--tcp-ports", tcpPorts}); err != nil {
-			t.Fatal(err)
-		}
-		d, err := newDaemon(cfg, io.Discard, io.Discard)
-		if err != nil {
-			t.Fatal(err)
-		}
-		d.fwNetNS = "/var/run/netns/" + ns.Name
-		return d
-	}
+	start := func(tcpPorts string) *daemon { return enforceDaemon(t, ns, pol, state, tcpPorts) }
 	copyIs := func(when, want string) {
 		t.Helper()
 		if got, err := os.ReadFile(copyFile); err != nil || string(got) != want {
@@ -72,9 +58,7 @@ func TestStartCopyOnlyOnceInstalled(t *testing.T) {
 		t.Fatal("the install without CAP_NET_ADMIN did not fail")
 	}
 	copyIs("the install failed", a)
-	if err := d.startFirewall([]string{"lan0"}, "wan0", &firewallGate{}); err != nil {
-		t.Fatal(err)
-	}
+	installFirewall(t, d)
 	t.Cleanup(func() { d.fw.Close() })
 	copyIs("installed", b)
 
@@ -87,5 +71,32 @@ func TestStartCopyOnlyOnceInstalled(t *testing.T) {
 	want := []policy.PortRange{{Lo: 443, Hi: 443, Proto: policy.TCP}}
 	if d2.prevTCPPorts == nil || !slices.Equal(*d2.prevTCPPorts, want) {
 		t.Errorf("the --tcp-ports recorded for the previous policy: %v, want %v", d2.prevTCPPorts, want)
+	}
+}
+
+// enforceDaemon is newDaemon for the enforce restart tests: egressd run
+// with the policy file pol, lan0 and wan0, the state directory state and
+// --tcp-ports tcpPorts, its firewall in the namespace ns.
+func enforceDaemon(t *testing.T, ns *testnet.NS, pol, state, tcpPorts string) *daemon {
+	t.Helper()
+	var cfg runConfig
+	fs := newFlags("run", io.Discard)
+	cfg.flags(fs)
+	if _, err := parseArgs(fs, []string{"--policy", pol, "--lan", "lan0", "--wan", "wan0", "--state-dir", state, "--tcp-ports", tcpPorts}); err != nil {
+		t.Fatal(err)
+	}
+	d, err := newDaemon(cfg, io.Discard, io.Discard)
+	if err != nil {
+		t.Fatal(err)
+	}
+	d.fwNetNS = "/var/run/netns/" + ns.Name
+	return d
+}
+
+// installFirewall starts d's firewall on lan0 and wan0.
+func installFirewall(t *testing.T, d *daemon) {
+	t.Helper()
+	if err := d.startFirewall([]string{"lan0"}, "wan0", &firewallGate{}); err != nil {
+		t.Fatal(err)
 	}
 }

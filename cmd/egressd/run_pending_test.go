@@ -1,7 +1,6 @@
 package main
 
 import (
-	"io"
 	"os"
 	"path/filepath"
 	"slices"
@@ -42,25 +41,9 @@ func TestKilledBeforeCopyPending(t *testing.T) {
 	start := func(src, tcpPorts string) *daemon {
 		t.Helper()
 		setPolicy(src)
-		var cfg runConfig
-		fs := newFlags("run", io.Discard)
-		cfg.flags(fs)
-		if _, err := parseArgs(fs, []string{"--policy", pol, "--lan", "lan0", "--wan", "wan0", "--state-dir", state, "--tcp-ports", tcpPorts}); err != nil {
-			t.Fatal(err)
-		}
-		d, err := newDaemon(cfg, io.Discard, io.Discard)
-		if err != nil {
-			t.Fatal(err)
-		}
-		d.fwNetNS = "/var/run/netns/" + ns.Name
-		return d
+		return enforceDaemon(t, ns, pol, state, tcpPorts)
 	}
-	install := func(d *daemon) {
-		t.Helper()
-		if err := d.startFirewall([]string{"lan0"}, "wan0", &firewallGate{}); err != nil {
-			t.Fatal(err)
-		}
-	}
+	install := func(d *daemon) { installFirewall(t, d) }
 	// snapshot reads the state directory's files; restore makes the
 	// directory hold those alone.
 	snapshot := func() map[string][]byte {

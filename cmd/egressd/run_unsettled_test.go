@@ -1,7 +1,6 @@
 package main
 
 import (
-	"io"
 	"os"
 	"path/filepath"
 	"slices"
@@ -35,25 +34,9 @@ func TestUnsettledMarksKeepNote(t *testing.T) {
 		if err := os.WriteFile(pol, []byte(src), 0o644); err != nil {
 			t.Fatal(err)
 		}
-		var cfg runConfig
-		fs := newFlags("run", io.Discard)
-		cfg.flags(fs)
-		if _, err := parseArgs(fs, []string{"--policy", pol, "--lan", "lan0", "--wan", "wan0", "--state-dir", state, "--tcp-ports", tcpPorts}); err != nil {
-			t.Fatal(err)
-		}
-		d, err := newDaemon(cfg, io.Discard, io.Discard)
-		if err != nil {
-			t.Fatal(err)
-		}
-		d.fwNetNS = "/var/run/netns/" + ns.Name
-		return d
+		return enforceDaemon(t, ns, pol, state, tcpPorts)
 	}
-	install := func(d *daemon) {
-		t.Helper()
-		if err := d.startFirewall([]string{"lan0"}, "wan0", &firewallGate{}); err != nil {
-			t.Fatal(err)
-		}
-	}
+	install := func(d *daemon) { installFirewall(t, d) }
 	names := func(d *daemon) (prev string, pending []string) {
 		if d.prevPolicy != nil {
 			prev = d.prevPolicy.Rules()[0].Name
