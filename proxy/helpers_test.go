@@ -210,6 +210,20 @@ func byClient(c net.Conn) func(audit.Event) bool {
 	}
 }
 
+// byFlow matches the events of the transparent connection c by its
+// client address and port and its original destination (the address it
+// dialled): the kernel gives one local port to connections to different
+// destinations at once, so the client's address and port alone can
+// match an earlier connection's event (TestTransparent/special-range
+// took the allowed connection's of an earlier subtest).
+func byFlow(c net.Conn) func(audit.Event) bool {
+	a, d := addrPortOf(c.LocalAddr()), addrPortOf(c.RemoteAddr())
+	return func(ev audit.Event) bool {
+		return ev.ClientPort == a.Port() && ev.Client.Unmap() == a.Addr().Unmap() &&
+			ev.DestPort == d.Port() && ev.Dest.Unmap() == d.Addr().Unmap()
+	}
+}
+
 // pki is a test CA and a server certificate for every test name.
 type pki struct {
 	pool    *x509.CertPool

@@ -43,7 +43,7 @@ func TestTransparent(t *testing.T) {
 			if hw.size < 1500 {
 				t.Errorf("hello is %d bytes: not an ML-KEM hello", hw.size)
 			}
-			ev := tp.ev.wait(t, "allowed "+dst.String(), byClient(c))
+			ev := tp.ev.wait(t, "allowed "+dst.String(), byFlow(c))
 			if ev.Verdict != policy.Allow || ev.Rule != "allowed" || ev.Name != "www.allowed.test" || ev.NameSource != audit.NameSNI ||
 				ev.Dest != dst || ev.DestPort != 443 || ev.BytesIn == 0 || ev.BytesOut < uint64(hw.size) || ev.Close == "" {
 				t.Errorf("event %+v", ev)
@@ -134,7 +134,7 @@ func TestTransparent(t *testing.T) {
 		if !bytes.Equal(got, alert) {
 			t.Errorf("got %x, want the access_denied alert", got)
 		}
-		ev := tp.ev.wait(t, "slowloris", byClient(c))
+		ev := tp.ev.wait(t, "slowloris", byFlow(c))
 		if ev.Reason != ReasonHelloTimeout || !ev.Enforced {
 			t.Errorf("event %+v", ev)
 		}
@@ -145,7 +145,7 @@ func TestTransparent(t *testing.T) {
 		c.Write(hello)
 		got := readAll(c, 2*time.Second)
 		c.Close()
-		return got, tp.ev.wait(t, "raw hello", byClient(c))
+		return got, tp.ev.wait(t, "raw hello", byFlow(c))
 	}
 
 	t.Run("duplicate-sni", func(t *testing.T) {
@@ -209,7 +209,7 @@ func TestTransparent(t *testing.T) {
 		if err != nil || !strings.Contains(body, "sni= ") {
 			t.Fatalf("dns-learned: body %q err %v", body, err)
 		}
-		ev := tp.ev.wait(t, "no-sni allowed", byClient(c))
+		ev := tp.ev.wait(t, "no-sni allowed", byFlow(c))
 		if ev.NameSource != audit.NameDNSLearned || ev.Rule != "allowed" {
 			t.Errorf("event %+v", ev)
 		}
@@ -245,7 +245,7 @@ func TestTransparent(t *testing.T) {
 		if _, err := tp.tlsGet(c, "www.allowed.test", "/", nil); err == nil {
 			t.Fatal("spoofed SNI went through")
 		}
-		ev := tp.ev.wait(t, "spoof", byClient(c))
+		ev := tp.ev.wait(t, "spoof", byFlow(c))
 		if ev.Reason != ReasonSNIMismatch || !ev.Enforced || ev.Dest != spoofV4 {
 			t.Errorf("event %+v", ev)
 		}
@@ -272,7 +272,7 @@ func TestTransparent(t *testing.T) {
 		c := tp.dialFromClient(t, netip.Addr{}, netip.MustParseAddrPort("169.254.169.254:443"))
 		c.Write(buildHello(sniExt("www.allowed.test")))
 		got := readAll(c, 5*time.Second)
-		ev := tp.ev.wait(t, "metadata", byClient(c))
+		ev := tp.ev.wait(t, "metadata", byFlow(c))
 		if !bytes.Equal(got, alert) || ev.Reason != ReasonSpecialRange {
 			t.Errorf("answer %x event %+v", got, ev)
 		}
@@ -287,7 +287,7 @@ func TestTransparent(t *testing.T) {
 		if !bytes.Equal(got, msg) {
 			t.Fatalf("echo %q", got)
 		}
-		ev := tp.ev.wait(t, "vpn", byClient(c))
+		ev := tp.ev.wait(t, "vpn", byFlow(c))
 		if ev.Verdict != policy.Allow || ev.Rule != "vpn" || ev.BytesOut != uint64(len(msg)) || ev.BytesIn != uint64(len(msg)) || ev.NameSource != audit.NameNone {
 			t.Errorf("event %+v", ev)
 		}
@@ -318,7 +318,7 @@ func TestTransparentAudit(t *testing.T) {
 	if err != nil || !strings.Contains(body, "sni=www.allowed.test") {
 		t.Fatalf("audit mode blocked a spoofed SNI: %q %v", body, err)
 	}
-	ev := tp.ev.wait(t, "audit spoof", byClient(c))
+	ev := tp.ev.wait(t, "audit spoof", byFlow(c))
 	if ev.Verdict != policy.Deny || ev.Reason != ReasonSNIMismatch || ev.Enforced || ev.Mode != policy.ModeAudit || ev.BytesIn == 0 {
 		t.Errorf("event %+v", ev)
 	}
@@ -327,7 +327,7 @@ func TestTransparentAudit(t *testing.T) {
 	if err != nil || !strings.Contains(body, "sni=evil.example") {
 		t.Fatalf("audit mode blocked a denied name: %q %v", body, err)
 	}
-	ev = tp.ev.wait(t, "audit deny", byClient(c))
+	ev = tp.ev.wait(t, "audit deny", byFlow(c))
 	if ev.Verdict != policy.Deny || ev.Reason != policy.ReasonNoRule || ev.Enforced {
 		t.Errorf("event %+v", ev)
 	}
@@ -477,7 +477,7 @@ func TestTransparentConntrackFallback(t *testing.T) {
 	if got := readAll(c, 5*time.Second); string(got) != "ping" {
 		t.Fatalf("echo %q", got)
 	}
-	ev := tp.ev.wait(t, "tunnel", byClient(c))
+	ev := tp.ev.wait(t, "tunnel", byFlow(c))
 	if ev.Verdict != policy.Allow || ev.Client != clientV4 {
 		t.Errorf("event %+v", ev)
 	}
@@ -515,7 +515,7 @@ func TestTransparentHelloInPieces(t *testing.T) {
 	if hw.size <= 1000 {
 		t.Fatalf("a %d-byte hello was sent in one piece", hw.size)
 	}
-	ev := tp.ev.wait(t, "allowed", byClient(c))
+	ev := tp.ev.wait(t, "allowed", byFlow(c))
 	if ev.Verdict != policy.Allow || ev.Name != "www.allowed.test" || ev.NameSource != audit.NameSNI || ev.BytesOut < uint64(hw.size) {
 		t.Errorf("event %+v", ev)
 	}
@@ -550,7 +550,7 @@ func TestTransparentDeferAccept(t *testing.T) {
 	if err != nil || !strings.Contains(body, "sni=www.allowed.test") {
 		t.Fatalf("TLS through the deferred listener: %q %v", body, err)
 	}
-	ev := tp.ev.wait(t, "tls", byClient(c))
+	ev := tp.ev.wait(t, "tls", byFlow(c))
 	if ev.Verdict != policy.Allow || ev.NameSource != audit.NameSNI {
 		t.Errorf("TLS event %+v", ev)
 	}
@@ -575,7 +575,7 @@ func TestTransparentDeferAccept(t *testing.T) {
 	if got := readAll(c, 5*time.Second); string(got) != "after the banner" {
 		t.Errorf("echo after the banner: %q", got)
 	}
-	ev = tp.ev.wait(t, "server first", byClient(c))
+	ev = tp.ev.wait(t, "server first", byFlow(c))
 	if ev.Verdict != policy.Allow || ev.Rule != "vpn" || ev.NameSource != audit.NameNone || ev.BytesIn != uint64(len(bannerLine)+len("after the banner")) {
 		t.Errorf("server-first event %+v", ev)
 	}
