@@ -53,7 +53,7 @@ rules:
 		c := tp.dialFromClient(t, netip.Addr{}, a)
 		c.Write(buildHello(sniExt("www.allowed.test")))
 		got := readAll(c, 5*time.Second)
-		ev := tp.ev.wait(t, "own address "+a.String(), byClient(c))
+		ev := tp.ev.wait(t, "own address "+a.String(), byFlow(c))
 		if !bytes.Equal(got, alert) || ev.Reason != ReasonSpecialRange || ev.Verdict != policy.Deny {
 			t.Errorf("transparent to %s: answer %x, event %+v", a, got, ev)
 		}
@@ -87,7 +87,7 @@ func TestSelfConnectionAudit(t *testing.T) {
 		if n > 1 {
 			t.Errorf("a connection to %s: the proxy holds %d connections (it dialled itself)", a, n)
 		}
-		ev := tp.ev.wait(t, "self "+a.String(), byClient(c))
+		ev := tp.ev.wait(t, "self "+a.String(), byFlow(c))
 		if ev.Reason != ReasonSpecialRange || !ev.Enforced {
 			t.Errorf("a connection to %s: event %+v, want an enforced %s", a, ev, ReasonSpecialRange)
 		}
@@ -129,7 +129,7 @@ func TestSelfConnectionNewAddress(t *testing.T) {
 		if n > 1 {
 			t.Errorf("a connection to %s, an address not yet known as the gateway's: the proxy holds %d connections (it dialled itself)", a, n)
 		}
-		ev := tp.ev.wait(t, "self "+a.String(), byClient(c))
+		ev := tp.ev.wait(t, "self "+a.String(), byFlow(c))
 		if ev.Reason != ReasonSpecialRange || !ev.Enforced {
 			t.Errorf("a connection to %s: event %+v, want an enforced %s", a, ev, ReasonSpecialRange)
 		}

@@ -75,7 +75,7 @@ func TestPrivateRelayProxies(t *testing.T) {
 			if body, err := tp.tlsGet(c, "api.push.apple.com", "/", insecure.Clone()); err != nil || !strings.Contains(body, "sni=api.push.apple.com") {
 				t.Fatalf("control, another name on the CIDR: %q %v", body, err)
 			}
-			check("control", tp.ev.wait(t, "control", byClient(c)), policy.Allow, policy.ReasonAllowed, "apple-like")
+			check("control", tp.ev.wait(t, "control", byFlow(c)), policy.Allow, policy.ReasonAllowed, "apple-like")
 
 			for _, name := range []string{policy.PrivateRelayH2, policy.PrivateRelayQUIC, "Mask-H2.iCloud.com"} {
 				c = tp.dialFromClient(t, netip.Addr{}, netip.AddrPortFrom(srvV4, 443))
@@ -86,7 +86,7 @@ func TestPrivateRelayProxies(t *testing.T) {
 				if !enforce && (err != nil || !strings.Contains(body, "sni="+name)) {
 					t.Errorf("audit mode blocked SNI %s: %q %v", name, body, err)
 				}
-				ev := tp.ev.wait(t, "SNI "+name, byClient(c))
+				ev := tp.ev.wait(t, "SNI "+name, byFlow(c))
 				check("SNI "+name, ev, policy.Deny, policy.ReasonPrivateRelay, "")
 				if ev.Name != strings.ToLower(name) || ev.NameSource != audit.NameSNI {
 					t.Errorf("SNI %s: recorded as %q (%s)", name, ev.Name, ev.NameSource)
@@ -102,7 +102,7 @@ func TestPrivateRelayProxies(t *testing.T) {
 			if enforce != strings.HasPrefix(string(got), "HTTP/1.1 403") {
 				t.Errorf("Host mask-h2.icloud.com: %q", got)
 			}
-			check("Host", tp.ev.wait(t, "Host", byClient(c)), policy.Deny, policy.ReasonPrivateRelay, "")
+			check("Host", tp.ev.wait(t, "Host", byFlow(c)), policy.Deny, policy.ReasonPrivateRelay, "")
 
 			// Explicit proxy: CONNECT and an absolute-form request, which
 			// "*.icloud.com" would allow.
@@ -142,14 +142,14 @@ func TestPrivateRelayNamedProxies(t *testing.T) {
 	if body, err := tp.tlsGet(c, policy.PrivateRelayH2, "/", &tls.Config{InsecureSkipVerify: true}); err != nil || !strings.Contains(body, "sni=mask-h2.icloud.com") {
 		t.Errorf("named relay: %q %v", body, err)
 	}
-	if ev := tp.ev.wait(t, "named relay", byClient(c)); ev.Verdict != policy.Allow || ev.Rule != "relay" {
+	if ev := tp.ev.wait(t, "named relay", byFlow(c)); ev.Verdict != policy.Allow || ev.Rule != "relay" {
 		t.Errorf("named relay: event %+v", ev)
 	}
 	c = tp.dialFromClient(t, netip.Addr{}, netip.AddrPortFrom(srvV4, 443))
 	if body, err := tp.tlsGet(c, policy.PrivateRelayQUIC, "/", &tls.Config{InsecureSkipVerify: true}); err == nil {
 		t.Errorf("mask.icloud.com beside a rule naming mask-h2.icloud.com: %q", body)
 	}
-	if ev := tp.ev.wait(t, "the other name", byClient(c)); ev.Reason != policy.ReasonPrivateRelay || !ev.Enforced {
+	if ev := tp.ev.wait(t, "the other name", byFlow(c)); ev.Reason != policy.ReasonPrivateRelay || !ev.Enforced {
 		t.Errorf("the other name: event %+v", ev)
 	}
 	resp, _ := tp.proxyRequest(t, "CONNECT mask-h2.icloud.com:443 HTTP/1.1\r\nHost: mask-h2.icloud.com:443\r\n\r\n")
