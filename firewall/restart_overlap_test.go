@@ -2,14 +2,8 @@ package firewall
 
 import (
 	"fmt"
-	"io"
-	"log/slog"
-	"net/netip"
 	"strings"
 	"testing"
-	"time"
-
-	"github.com/prometheus/client_golang/prometheus"
 
 	"egressd/policy"
 )
@@ -48,25 +42,5 @@ func TestRestartCTMarkBitsOverlap(t *testing.T) {
 	} else if m := rs.mark.marked(rs.flows[1].tag); m&CTMarkEnforced == 0 || m&CTMarkTag>>ctTagShift != now.flows[0].tag {
 		t.Fatalf("a's old mark %#x does not read as named's at the default bits", m)
 	}
-	if err := fw.Install(before); err != nil {
-		t.Fatal(err)
-	}
-	if err := fw.Learn("named", netip.MustParseAddr("198.18.2.3"), time.Hour); err != nil {
-		t.Fatal(err)
-	}
-	flows := map[string]*flow{"a": dialFlow(t, tp, "udp", "198.18.2.2:9000"), "named": dialFlow(t, tp, "udp", "198.18.2.3:9000")}
-	checkFlows(t, "installed", flows)
-	if err := fw.Detach(); err != nil {
-		t.Fatal(err)
-	}
-	bits := uint32(oldBits)
-	fw2 := tp.firewallWith(t, Config{}, Deps{Registerer: prometheus.NewRegistry(), Logger: slog.New(slog.NewTextHandler(io.Discard, nil)),
-		Previous: before, PreviousCTMarkBits: &bits})
-	if err := fw2.Install(policyOf(named)); err != nil {
-		t.Fatal(err)
-	}
-	if cut, kept := flowsMetric(fw2, "cut"), flowsMetric(fw2, "kept"); cut != 1 || kept != 1 {
-		t.Errorf("restart with --ct-mark-bits 0x00fff000 then the default, without a: %v cut, %v kept, want 1 and 1", cut, kept)
-	}
-	checkFlows(t, "restarted with --ct-mark-bits overlapping", flows, "a")
+	restartAtDefaultBits(t, tp, fw, before, policyOf(named), oldBits, "overlapping")
 }

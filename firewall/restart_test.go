@@ -275,27 +275,7 @@ func TestRestartCTMarkBitsChanged(t *testing.T) {
 		return compile(t, "version: 1\nmode: enforce\nrules:\n"+strings.Join(rules, ""))
 	}
 	before := policyOf(named, a)
-	if err := fw.Install(before); err != nil {
-		t.Fatal(err)
-	}
-	if err := fw.Learn("named", netip.MustParseAddr("198.18.2.3"), time.Hour); err != nil {
-		t.Fatal(err)
-	}
-	flows := map[string]*flow{"a": dialFlow(t, tp, "udp", "198.18.2.2:9000"), "named": dialFlow(t, tp, "udp", "198.18.2.3:9000")}
-	checkFlows(t, "installed", flows)
-	if err := fw.Detach(); err != nil {
-		t.Fatal(err)
-	}
-	bits := uint32(oldBits)
-	fw2 := tp.firewallWith(t, Config{}, Deps{Registerer: prometheus.NewRegistry(), Logger: slog.New(slog.NewTextHandler(io.Discard, nil)),
-		Previous: before, PreviousCTMarkBits: &bits})
-	if err := fw2.Install(policyOf(named)); err != nil {
-		t.Fatal(err)
-	}
-	if cut, kept := flowsMetric(fw2, "cut"), flowsMetric(fw2, "kept"); cut != 1 || kept != 1 {
-		t.Errorf("restart with --ct-mark-bits 0x07ff0000 then the default, without a: %v cut, %v kept, want 1 and 1", cut, kept)
-	}
-	checkFlows(t, "restarted with --ct-mark-bits changed", flows, "a")
+	restartAtDefaultBits(t, tp, fw, before, policyOf(named), oldBits, "changed")
 }
 
 // TestRestartKilledBeforeRecord: egressd ran policy A (the state
@@ -344,4 +324,33 @@ func TestRestartKilledBeforeRecord(t *testing.T) {
 		t.Errorf("restart with A after B went in unrecorded: %v cut, %v kept, want 1 and 1", cut, kept)
 	}
 	checkFlows(t, "restarted with A", flows, "b")
+}
+
+// restartAtDefaultBits installs before (rules named and a) with fw, at
+// --ct-mark-bits oldBits, opens a UDP flow of each (a to 198.18.2.2, named
+// to its learned 198.18.2.3), then starts again at the default bits with
+// after (named alone), the earlier bits given: a's flow must be cut,
+// named's kept and passing. how names the case in the messages.
+func restartAtDefaultBits(t *testing.T, tp *topo, fw *Firewall, before, after *policy.Engine, oldBits uint32, how string) {
+	t.Helper()
+	if err := fw.Install(before); err != nil {
+		t.Fatal(err)
+	}
+	if err := fw.Learn("named", netip.MustParseAddr("198.18.2.3"), time.Hour); err != nil {
+		t.Fatal(err)
+	}
+	flows := map[string]*flow{"a": dialFlow(t, tp, "udp", "198.18.2.2:9000"), "named": dialFlow(t, tp, "udp", "198.18.2.3:9000")}
+	checkFlows(t, "installed", flows)
+	if err := fw.Detach(); err != nil {
+		t.Fatal(err)
+	}
+	fw2 := tp.firewallWith(t, Config{}, Deps{Registerer: prometheus.NewRegistry(), Logger: slog.New(slog.NewTextHandler(io.Discard, nil)),
+		Previous: before, PreviousCTMarkBits: &oldBits})
+	if err := fw2.Install(after); err != nil {
+		t.Fatal(err)
+	}
+	if cut, kept := flowsMetric(fw2, "cut"), flowsMetric(fw2, "kept"); cut != 1 || kept != 1 {
+		t.Errorf("restart with --ct-mark-bits %#08x then the default, without a: %v cut, %v kept, want 1 and 1", oldBits, cut, kept)
+	}
+	checkFlows(t, "restarted with --ct-mark-bits "+how, flows, "a")
 }
