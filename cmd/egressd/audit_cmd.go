@@ -83,6 +83,13 @@ func cmdAudit(ctx context.Context, args []string, stdout, stderr io.Writer) int 
 			fmt.Fprintf(stderr, "egressd audit: %s: for a capture's audit; a replay's events were decided under the recording gateway's\n", strings.Join(capOnly, " and "))
 			return exitUsage
 		}
+		if *mode != "" {
+			// A replay lists what the candidate would allow and deny that
+			// the recording policy did not; the mode changes neither, so
+			// an accepted --mode would be a flag that does nothing.
+			fmt.Fprintln(stderr, "egressd audit: --mode: for a capture's audit; a replay says what the candidate policy allows and denies, which the mode does not change")
+			return exitUsage
+		}
 	}
 	if *replay != "" && *policyFile != "" && len(pos) == 0 {
 		eng, err := loadEngine(*policyFile, stderr)

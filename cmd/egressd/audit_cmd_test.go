@@ -71,7 +71,8 @@ func TestAuditCommand(t *testing.T) {
 
 // TestAuditReplayFlags checks the flags --replay cannot honour: --html (a
 // replay has no HTML form) must be refused rather than ignored, which left
-// no file behind and exited 0, and a bad --mode is a usage error there too.
+// no file behind and exited 0, and --mode (which a replay cannot honour)
+// is a usage error there too.
 func TestAuditReplayFlags(t *testing.T) {
 	dir := t.TempDir()
 	pol := filepath.Join(dir, "p.yaml")
@@ -90,8 +91,12 @@ func TestAuditReplayFlags(t *testing.T) {
 	if _, err := os.Stat(html); err == nil {
 		t.Errorf("an HTML file was written")
 	}
-	if code, _, stderr := runCLI(t, "audit", "--replay", dir, "--mode", "enforce", "--policy", pol); code != exitOK {
-		t.Errorf("replay with --mode enforce: exit %d: %s", code, stderr)
+	// A replay decides nothing the mode changes: --mode would do nothing.
+	if code, _, stderr := runCLI(t, "audit", "--replay", dir, "--mode", "enforce", "--policy", pol); code != exitUsage || !strings.Contains(stderr, "--mode") {
+		t.Errorf("replay with --mode enforce: exit %d, want %d and a word on --mode: %s", code, exitUsage, stderr)
+	}
+	if code, _, stderr := runCLI(t, "audit", "--replay", dir, "--policy", pol); code != exitOK {
+		t.Errorf("replay: exit %d: %s", code, stderr)
 	}
 }
 
