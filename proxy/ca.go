@@ -43,6 +43,12 @@ type mitmCA struct {
 // generating an ECDSA P-256 CA there on first use. The key file is 0600.
 func LoadOrCreateCA(dir string) (tls.Certificate, []byte, error) {
 	certPath, keyPath := filepath.Join(dir, CACertFile), filepath.Join(dir, CAKeyFile)
+	// The temporary files of a creation a kill cut short; not one of a
+	// minute or younger, which may be another process's (egressd ca
+	// export and egressd run may create the CA at once).
+	for _, p := range []string{keyPath, certPath} {
+		atomicfile.RemoveStaleTemps(p, time.Now().Add(-time.Minute))
+	}
 	certPEM, cerr := readCAFile(certPath)
 	keyPEM, kerr := readCAFile(keyPath)
 	if cerr == nil && kerr == nil {

@@ -6,6 +6,7 @@ import (
 	"encoding/pem"
 	"os"
 	"path/filepath"
+	"slices"
 	"strings"
 	"syscall"
 	"testing"
@@ -171,5 +172,40 @@ func TestLoadOrCreateCAOpensOnlyRegularFiles(t *testing.T) {
 				t.Fatalf("inotify: %v", err)
 			}
 		})
+	}
+}
+
+// The temporary files of a CA creation a kill cut short are removed at the
+// next load, but not a fresh one, which may be another process's creation
+// in progress (egressd ca export beside egressd run).
+func TestLoadOrCreateCARemovesStaleTemps(t *testing.T) {
+	dir := t.TempDir()
+	old := time.Now().Add(-time.Hour)
+	for _, name := range []string{CAKeyFile + ".tmp123", CACertFile + ".tmp456", CAKeyFile + ".tmp789"} {
+		p := filepath.Join(dir, name)
+		if err := os.WriteFile(p, []byte("partial"), 0o600); err != nil {
+			t.Fatal(err)
+		}
+		if name != CAKeyFile+".tmp789" {
+			if err := os.Chtimes(p, old, old); err != nil {
+				t.Fatal(err)
+			}
+		}
+	}
+	if _, _, err := LoadOrCreateCA(dir); err != nil {
+		t.Fatal(err)
+	}
+	ents, err := os.ReadDir(dir)
+	if err != nil {
+		t.Fatal(err)
+	}
+	var names []string
+	for _, e := range ents {
+		names = append(names, e.Name())
+	}
+	want := []string{CACertFile, CAKeyFile, CAKeyFile + ".tmp789"}
+	slices.Sort(want)
+	if !slices.Equal(names, want) {
+		t.Errorf("state directory holds %q, want %q", names, want)
 	}
 }

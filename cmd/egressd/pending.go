@@ -10,6 +10,7 @@ import (
 
 	"egressd/audit"
 	"egressd/firewall"
+	"egressd/internal/atomicfile"
 	"egressd/policy"
 )
 
@@ -166,7 +167,9 @@ func (d *daemon) noteReplacedCopy() {
 // enforce policy that went in: the marks are its (and the sweep read
 // those of the policies before it).
 func (d *daemon) donePending() {
-	if err := os.Remove(filepath.Join(d.cfg.stateDir, pendingFile)); err != nil && !errors.Is(err, os.ErrNotExist) {
+	// Synced: a power cut must not bring back a note of policies the
+	// firewall's marks are no longer read as.
+	if err := atomicfile.Remove(filepath.Join(d.cfg.stateDir, pendingFile)); err != nil && !errors.Is(err, os.ErrNotExist) {
 		d.log.Warn("cannot remove the note of the policies going in from the state directory", audit.LogError, err.Error())
 	}
 }

@@ -19,6 +19,7 @@ import (
 	"os"
 	"path/filepath"
 	"strings"
+	"time"
 )
 
 // How says how the written file goes into place.
@@ -96,10 +97,37 @@ func WriteFile(path string, data []byte, perm fs.FileMode, how How) error {
 	})
 }
 
+// Remove removes the file at path and syncs its directory, so that a
+// power cut does not bring the file back. Its error is os.Remove's.
+func Remove(path string) error {
+	if err := os.Remove(path); err != nil {
+		return err
+	}
+	dir := filepath.Dir(path)
+	syncDir(dir)
+	return nil
+}
+
 // RemoveTemps removes the temporary files of path's writes that a kill
 // interrupted (regular files only: it follows no links) and returns the
-// names it removed, without the directory.
+// names it removed, without the directory. Only for a file that one
+// process writes: another's write in progress would lose its temporary
+// file (RemoveStaleTemps).
 func RemoveTemps(path string) []string {
+	return removeTemps(path, time.Time{})
+}
+
+// RemoveStaleTemps is RemoveTemps for a file that several processes may
+// write at once (the inspection CA: egressd run and egressd ca export):
+// it removes only the temporary files last modified before before, which
+// no write in progress can have (a write takes milliseconds).
+func RemoveStaleTemps(path string, before time.Time) []string {
+	return removeTemps(path, before)
+}
+
+// removeTemps removes path's temporary files, those modified before
+// before if it is not zero.
+func removeTemps(path string, before time.Time) []string {
 	dir, base := filepath.Split(path)
 	if dir == "" {
 		dir = "."
@@ -113,6 +141,11 @@ func RemoveTemps(path string) []string {
 		rest, ok := strings.CutPrefix(e.Name(), base+tempSuffix)
 		if !ok || rest == "" || strings.Trim(rest, "0123456789") != "" || !e.Type().IsRegular() {
 			continue
+		}
+		if !before.IsZero() {
+			if fi, err := e.Info(); err != nil || !fi.ModTime().Before(before) {
+				continue
+			}
 		}
 		if os.Remove(filepath.Join(dir, e.Name())) == nil {
 			removed = append(removed, e.Name())

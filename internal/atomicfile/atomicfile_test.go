@@ -9,6 +9,7 @@ import (
 	"slices"
 	"syscall"
 	"testing"
+	"time"
 )
 
 // entries lists dir's names.
@@ -174,5 +175,53 @@ func TestTempNameMatchesRemoveTemps(t *testing.T) {
 	})
 	if got := RemoveTemps(p); !slices.Equal(got, []string{tmp + "0"}) {
 		t.Errorf("RemoveTemps removed %q, want %q", got, tmp+"0")
+	}
+}
+
+// RemoveStaleTemps leaves a temporary file modified since before: another
+// process's write in progress.
+func TestRemoveStaleTemps(t *testing.T) {
+	dir := t.TempDir()
+	p := filepath.Join(dir, "ca.key")
+	now := time.Now()
+	for name, age := range map[string]time.Duration{"ca.key.tmp1": time.Hour, "ca.key.tmp2": 0, "ca.key.tmp3": 2 * time.Minute} {
+		f := filepath.Join(dir, name)
+		if err := os.WriteFile(f, nil, 0o600); err != nil {
+			t.Fatal(err)
+		}
+		if err := os.Chtimes(f, now.Add(-age), now.Add(-age)); err != nil {
+			t.Fatal(err)
+		}
+	}
+	removed := RemoveStaleTemps(p, now.Add(-time.Minute))
+	slices.Sort(removed)
+	if !slices.Equal(removed, []string{"ca.key.tmp1", "ca.key.tmp3"}) {
+		t.Errorf("removed %q, want the two older than a minute", removed)
+	}
+	if got := entries(t, dir); !slices.Equal(got, []string{"ca.key.tmp2"}) {
+		t.Errorf("directory holds %q, want the fresh temporary file", got)
+	}
+}
+
+// Remove syncs the directory after it removed the file, and reports a
+// missing file as os.Remove does (no sync then).
+func TestRemoveSyncsDir(t *testing.T) {
+	syncs := countSyncs(t)
+	dir := t.TempDir()
+	p := filepath.Join(dir, "policy.pending.json")
+	if err := os.WriteFile(p, nil, 0o600); err != nil {
+		t.Fatal(err)
+	}
+	if err := Remove(p); err != nil {
+		t.Fatal(err)
+	}
+	if !slices.Equal(*syncs, []string{dir}) {
+		t.Errorf("synced %q, want the directory %q once", *syncs, dir)
+	}
+	if err := Remove(p); !errors.Is(err, os.ErrNotExist) {
+		t.Errorf("second Remove: %v, want ErrNotExist", err)
+	}
+	if len(*syncs) != 1 {
+		t.Errorf("synced %q after a failed remove", *syncs)
 	}
 }
