@@ -222,6 +222,11 @@ type proc struct {
 	// (reload.go).
 	pendingRetry time.Time
 
+	// resumable remembers who started the flows capture ended while
+	// open (idle, evicted), for as long as conntrack may still hold them
+	// (see remember). At most Config.MaxFlows.
+	resumable map[flowKey]resumeMemo
+
 	stats counters
 }
 
@@ -480,12 +485,15 @@ func (p *proc) clientMAC(f *flow, mac []byte) {
 const maxFrameMACs = 65536
 
 // lookup finds or makes the flow of a packet and returns its direction.
+// srcIsClient says whether the packet's source is the client of a flow it
+// starts: sure when the packet says so (a TCP SYN), else a guess, which a
+// flow capture ended while conntrack still holds it overrules (recall).
 // outside says that the packet, if it starts a flow, starts it from
 // outside the LAN (see inbound). It returns a nil flow for a copy: a packet of a flow first seen on
 // another live socket (forwarded from one LAN interface to another, the
 // packet crosses both), which counts nothing, but may give the flow its
 // client's MAC address.
-func (p *proc) lookup(src netip.Addr, sp uint16, dst netip.Addr, dp uint16, proto uint8, srcIsClient, outside bool, mac []byte) (*flow, int) {
+func (p *proc) lookup(src netip.Addr, sp uint16, dst netip.Addr, dp uint16, proto uint8, srcIsClient, sure, outside bool, mac []byte) (*flow, int) {
 	k := makeKey(src, sp, dst, dp, proto)
 	f := p.flows[k]
 	if f != nil && f.src != p.src {
@@ -499,6 +507,12 @@ func (p *proc) lookup(src netip.Addr, sp uint16, dst netip.Addr, dp uint16, prot
 		f = nil
 	}
 	if f == nil {
+		// Before makeRoom, which may remember the flow it evicts in the
+		// place of this one.
+		if m, ok := p.recall(k); ok && !sure {
+			srcIsClient = (src == k.a && sp == k.pa) == m.cliIsA
+			outside = m.inbound
+		}
 		if len(p.flows) >= p.c.cfg.MaxFlows {
 			p.makeRoom()
 		}
@@ -613,8 +627,85 @@ func (p *proc) endIdle(k flowKey, f *flow) bool {
 	}
 	p.end(f, "idle")
 	delete(p.flows, k)
+	p.remember(k, f)
 	p.stats.active.Store(int64(len(p.flows)))
 	return true
+}
+
+// conntrack's default timeouts (nf_conntrack_udp_timeout,
+// nf_conntrack_udp_timeout_stream, nf_conntrack_tcp_timeout_established):
+// how long after its last packet the kernel may still hold a flow capture
+// ended, and so forward what comes next as part of it. A replied UDP
+// exchange is held 120 s by current kernels, 180 s by older ones: the
+// longer is taken.
+const (
+	ctUDPUnreplied   = 30 * time.Second
+	ctUDPReplied     = 180 * time.Second
+	ctTCPEstablished = 5 * 24 * time.Hour
+)
+
+// resumeMemo is who started a flow capture ended while it was open
+// (idle, evicted): its client is the key's a side (cliIsA), it was
+// inbound; until is when conntrack has forgotten it too (Unix seconds,
+// rounded up: UnixNano cannot hold every time a capture file may carry).
+type resumeMemo struct {
+	until   int64
+	cliIsA  bool
+	inbound bool
+}
+
+// remember keeps the orientation of f, the flow of k, which capture
+// ended while it was open (idle past UDPIdle or TCPIdle, or evicted from
+// a full table), for as long as conntrack may still hold the connection
+// (its default timeouts, counted from f's last packet: UDP 30 s
+// unreplied and 180 s replied, TCP 5 days established). Its next packet
+// then continues it as what it was (recall): a LAN client's exchange
+// resumed from the WAN side is not inbound (the firewall passes it:
+// conntrack knows it), an inbound one resumed from the LAN side is not
+// the LAN host's egress. A new flow on the same 5-tuple after that is
+// judged by its first packet, as any. The memory holds at most MaxFlows
+// flows (one arbitrary flow is forgotten for a new one), and the sweep
+// drops those past their time. The gateway's own flows are not kept:
+// their addresses say what they are.
+func (p *proc) remember(k flowKey, f *flow) {
+	if f.own {
+		return
+	}
+	ct := ctTCPEstablished
+	if f.proto == 17 {
+		ct = ctUDPUnreplied
+		if f.pkts[0] > 0 && f.pkts[1] > 0 {
+			ct = ctUDPReplied
+		}
+	}
+	until := f.last.Add(ct).Unix() + 1
+	if p.now.Unix() > until {
+		return
+	}
+	if p.resumable == nil {
+		p.resumable = make(map[flowKey]resumeMemo)
+	}
+	if _, ok := p.resumable[k]; !ok && len(p.resumable) >= p.c.cfg.MaxFlows {
+		for old := range p.resumable {
+			delete(p.resumable, old)
+			break
+		}
+	}
+	p.resumable[k] = resumeMemo{until: until, cliIsA: f.cli == k.a && f.cport == k.pa, inbound: f.inbound}
+}
+
+// recall takes back what remember kept of the flow of k, if conntrack
+// may still hold it.
+func (p *proc) recall(k flowKey) (resumeMemo, bool) {
+	if len(p.resumable) == 0 {
+		return resumeMemo{}, false
+	}
+	m, ok := p.resumable[k]
+	if !ok {
+		return resumeMemo{}, false
+	}
+	delete(p.resumable, k)
+	return m, p.now.Unix() <= m.until
 }
 
 // waited decides a flow that has waited classifyWait for its name since
@@ -656,7 +747,7 @@ func (p *proc) tcpPacket(src, dst netip.Addr, mac []byte) {
 		clientIsSrc = !t.ACK
 	}
 	var dir int
-	f, dir = p.lookup(src, sp, dst, dp, 6, clientIsSrc, t.SYN && !t.ACK && p.sentByGateway(mac), mac)
+	f, dir = p.lookup(src, sp, dst, dp, 6, clientIsSrc, t.SYN, t.SYN && !t.ACK && p.sentByGateway(mac), mac)
 	if f == nil {
 		return
 	}
@@ -1096,7 +1187,7 @@ func (p *proc) udpPacket(src, dst netip.Addr, sp, dp layers.UDPPort, payload []b
 		// it (inbound), whatever the ports.
 		clientIsSrc = true
 	}
-	f, dir := p.lookup(src, s, dst, d, 17, clientIsSrc, out, mac)
+	f, dir := p.lookup(src, s, dst, d, 17, clientIsSrc, false, out, mac)
 	if f == nil {
 		return
 	}
@@ -1274,12 +1365,18 @@ func (p *proc) sweep() {
 		case f.proto == 6 && idle > cfg.TCPIdle, f.proto == 17 && idle > cfg.UDPIdle:
 			p.end(f, "idle")
 			delete(p.flows, k)
+			p.remember(k, f)
 		default:
 			p.waited(f)
 			p.headWaited(f)
 			if p.openReport > 0 && !f.reported && p.now.Sub(f.first) >= p.openReport {
 				p.emit(f, "")
 			}
+		}
+	}
+	for k, m := range p.resumable {
+		if p.now.Unix() > m.until {
+			delete(p.resumable, k)
 		}
 	}
 	p.defrag.expire(p.now)
@@ -1306,6 +1403,9 @@ func (p *proc) makeRoom() {
 		if !f.closed {
 			p.end(f, "evicted")
 			p.stats.evicted.Add(1)
+			delete(p.flows, k)
+			p.remember(k, f)
+			return
 		}
 		delete(p.flows, k)
 		return
