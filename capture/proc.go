@@ -633,14 +633,15 @@ func (p *proc) endIdle(k flowKey, f *flow) bool {
 }
 
 // conntrack's default timeouts (nf_conntrack_udp_timeout,
-// nf_conntrack_udp_timeout_stream, nf_conntrack_tcp_timeout_established):
-// how long after its last packet the kernel may still hold a flow capture
-// ended, and so forward what comes next as part of it. A replied UDP
-// exchange is held 120 s by current kernels, 180 s by older ones: the
-// longer is taken.
+// nf_conntrack_udp_timeout_stream, nf_conntrack_tcp_timeout_syn_sent,
+// nf_conntrack_tcp_timeout_established): how long after its last packet
+// the kernel may still hold a flow capture ended, and so forward what
+// comes next as part of it. A replied UDP exchange is held 120 s by
+// current kernels, 180 s by older ones: the longer is taken.
 const (
 	ctUDPUnreplied   = 30 * time.Second
 	ctUDPReplied     = 180 * time.Second
+	ctTCPOneWay      = 120 * time.Second
 	ctTCPEstablished = 5 * 24 * time.Hour
 )
 
@@ -658,25 +659,28 @@ type resumeMemo struct {
 // ended while it was open (idle past UDPIdle or TCPIdle, or evicted from
 // a full table), for as long as conntrack may still hold the connection
 // (its default timeouts, counted from f's last packet: UDP 30 s
-// unreplied and 180 s replied, TCP 5 days established). Its next packet
-// then continues it as what it was (recall): a LAN client's exchange
-// resumed from the WAN side is not inbound (the firewall passes it:
-// conntrack knows it), an inbound one resumed from the LAN side is not
-// the LAN host's egress. A new flow on the same 5-tuple after that is
-// judged by its first packet, as any. The memory holds at most MaxFlows
-// flows (one arbitrary flow is forgotten for a new one), and the sweep
-// drops those past their time. The gateway's own flows are not kept:
-// their addresses say what they are.
+// unreplied and 180 s replied, TCP 120 s one way and 5 days both ways).
+// Its next packet then continues it as what it was (recall): a LAN
+// client's exchange resumed from the WAN side is not inbound (the
+// firewall passes it: conntrack knows it), an inbound one resumed from
+// the LAN side is not the LAN host's egress. A new flow on the same
+// 5-tuple after that is judged by its first packet, as any. The memory
+// holds at most MaxFlows flows (one arbitrary flow is forgotten for a
+// new one), and the sweep drops those past their time. The gateway's own
+// flows are not kept: their addresses say what they are.
 func (p *proc) remember(k flowKey, f *flow) {
 	if f.own {
 		return
 	}
-	ct := ctTCPEstablished
-	if f.proto == 17 {
+	replied := f.pkts[0] > 0 && f.pkts[1] > 0
+	ct := ctTCPOneWay
+	switch {
+	case f.proto == 17 && replied:
+		ct = ctUDPReplied
+	case f.proto == 17:
 		ct = ctUDPUnreplied
-		if f.pkts[0] > 0 && f.pkts[1] > 0 {
-			ct = ctUDPReplied
-		}
+	case replied:
+		ct = ctTCPEstablished
 	}
 	until := f.last.Add(ct).Unix() + 1
 	if p.now.Unix() > until {

@@ -209,3 +209,27 @@ func sameFlows(got, want []string) bool {
 	}
 	return true
 }
+
+// TestResumedTCPSYNStartsAfresh: a TCP SYN says who starts a connection,
+// whatever capture remembers of an earlier one on the same port pair:
+// the LAN host's SYN after a WAN host's connection to it went idle is
+// the LAN host's egress, not the inbound connection resumed.
+func TestResumedTCPSYNStartsAfresh(t *testing.T) {
+	p, rec := resumeProc(t, Config{}, policy.ModeAudit)
+	wanTCP := netip.MustParseAddrPort("203.0.113.66:8443")
+	lanTCP := netip.MustParseAddrPort("198.18.61.10:2222")
+	tcpAt := func(from, to netip.AddrPort, mac net.HardwareAddr, flags string, seq, ack uint32, data string, at time.Duration) {
+		p.packet(tcpFrameMAC(t, mac, macClient, from, to, flags, seq, ack, []byte(data)), resStart.Add(at), layers.LinkTypeEthernet)
+	}
+	tcpAt(wanTCP, lanTCP, macGW, "S", 100, 0, "", 0)
+	tcpAt(lanTCP, wanTCP, macClient, "SA", 500, 101, "", 0)
+	tcpAt(wanTCP, lanTCP, macGW, "A", 101, 501, "hi", time.Second)
+	tcpAt(lanTCP, wanTCP, macClient, "SYN", 900, 0, "", 601*time.Second)
+	tcpAt(wanTCP, lanTCP, macGW, "SA", 300, 901, "", 601*time.Second)
+	p.flush("end-of-capture")
+	got := flowsOf(rec.all())
+	want := []string{wanTCP.String() + " > " + lanTCP.String() + " tcp " + ReasonInbound, lanTCP.String() + " > " + wanTCP.String() + " tcp " + policy.ReasonNoRule}
+	if !sameFlows(got, want) || p.stats.inbound.Load() != 1 {
+		t.Errorf("flows %q, %d inbound; want %q, 1 inbound", got, p.stats.inbound.Load(), want)
+	}
+}
