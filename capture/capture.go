@@ -30,7 +30,9 @@ type Config struct {
 	// (live.go). Empty means Run fails; ReadFile does not need it.
 	Interfaces []string
 	// MaxFlows bounds the flow table. 0 means 65536. When the table is full
-	// the oldest-looking flow is ended early ("evicted") and counted.
+	// the oldest-looking flow is ended early ("evicted") and counted. It
+	// bounds too the flows capture ended while open and remembers for
+	// when they resume (proc.go, remember).
 	MaxFlows int
 	// MaxLearned bounds the table of addresses learned from DNS answers on
 	// the wire. 0 means 65536.
