@@ -131,10 +131,14 @@ type Rule struct {
 	// DstNotSet names an address set of Family the destination must not
 	// be in.
 	DstNotSet string
-	FibLocal  bool         // fib daddr type local
-	Proto     policy.Proto // meta l4proto (TCP, UDP); 0: any
-	ICMPv6    bool         // meta l4proto ipv6-icmp, with ICMPTypes
-	ICMPTypes [2]uint8     // icmpv6 type range (inclusive)
+	FibLocal  bool // fib daddr type local
+	// FibSrcMissing: the kernel's FIB has no route back to the source
+	// out of the interface the packet came in on (fib saddr . iif oif
+	// missing): a strict reverse-path check.
+	FibSrcMissing bool
+	Proto         policy.Proto // meta l4proto (TCP, UDP); 0: any
+	ICMPv6        bool         // meta l4proto ipv6-icmp, with ICMPTypes
+	ICMPTypes     [2]uint8     // icmpv6 type range (inclusive)
 	// Ports is the destination port range of Proto; zero Lo: any port.
 	Ports   policy.PortRange
 	Counter bool
@@ -256,6 +260,7 @@ type Verdict struct {
 
 // Chain names.
 const (
+	chainAntispoof   = "antispoof"
 	chainPrerouting  = "prerouting"
 	chainInput       = "input"
 	chainForward     = "forward"
@@ -293,6 +298,7 @@ func render(cfg Config, eng *policy.Engine, now time.Time) (*Ruleset, error) {
 			rs.Sets = append(rs.Sets, Set{Name: setLANs, Kind: SetIfnames, Names: slices.Clone(cfg.LANs)})
 		}
 		rs.Sets = append(rs.Sets, ar.sets...)
+		rs.Chains = append(rs.Chains, Chain{Name: chainAntispoof, Type: "filter", Hook: "prerouting", Priority: -300, Rules: antispoofRules(cfg)})
 		rs.Chains = append(rs.Chains, Chain{Name: chainPrerouting, Type: "nat", Hook: "prerouting", Priority: -100, Rules: redirectRules(cfg, eng.HostPathPorts())})
 	}
 	if guard {
@@ -364,6 +370,33 @@ func (c Config) lanMatch() Rule {
 		return Rule{IIf: c.LANs[0]}
 	}
 	return Rule{IIfSet: setLANs}
+}
+
+// antispoofRules drop what arrives on a LAN interface from a source the
+// gateway would not route back out of that interface (BCP 38 ingress
+// filtering, a strict reverse-path check): a forged source off the LAN
+// (an internet address, another site's) is neither a client of the
+// forwarder or the proxy, nor reflected at that address by their replies
+// out of the WAN, nor forwarded. It runs before conntrack (priority raw),
+// so such packets make no conntrack entries, and before the redirects,
+// so it covers traffic to the gateway and forwarded traffic alike.
+//
+// "oif missing" and not "oif != iif": restricted to the incoming
+// interface (". iif"), the lookup yields that interface or nothing, so the
+// two say the same, and "missing" needs no interface index at load time
+// (a LAN interface that is recreated, the set of LANs). Without ". iif"
+// (loose mode) any source with a route passes, and the default route via
+// the WAN gives every address one.
+//
+// What passes: sources of the LAN's subnets and of subnets the gateway
+// routes via the LAN interface (behind a LAN-side router); link-local
+// sources; the kernel's own exceptions: 0.0.0.0 to broadcast or local
+// multicast (DHCP), and ICMPv6 from :: to link-local addresses (duplicate
+// address detection, MLD), which nft_fib lets pass in prerouting.
+func antispoofRules(cfg Config) []Rule {
+	lan := cfg.lanMatch()
+	return []Rule{{IIf: lan.IIf, IIfSet: lan.IIfSet, FibSrcMissing: true, Counter: true, Verdict: Verdict{Kind: Drop},
+		Comment: "enforce: a source the LAN interface does not route back to (BCP 38)"}}
 }
 
 func portRange(p uint16, proto policy.Proto) policy.PortRange {

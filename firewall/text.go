@@ -90,6 +90,8 @@ func priorityName(p int) string {
 		return "filter"
 	case 100:
 		return "srcnat"
+	case -300:
+		return "raw"
 	}
 	return strconv.Itoa(p)
 }
@@ -155,6 +157,9 @@ func (r Rule) String() string {
 	}
 	if r.FibLocal {
 		w = append(w, "fib daddr type local")
+	}
+	if r.FibSrcMissing {
+		w = append(w, "fib saddr . iif oif missing")
 	}
 	if r.ICMPv6 {
 		w = append(w, fmt.Sprintf("icmpv6 type %d-%d", r.ICMPTypes[0], r.ICMPTypes[1]))
