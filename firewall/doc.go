@@ -35,6 +35,18 @@
 // LAN traffic, judged by the rules). IPv6 is treated like IPv4: the table
 // is of the inet family, so every rule sees both.
 //
+// Before any of that, and before conntrack, the enforce ruleset drops
+// what arrives on a LAN interface from a source the kernel's FIB would not
+// route back out of that interface (chain antispoof, priority raw: fib
+// saddr . iif oif missing, BCP 38 ingress filtering): a forged source off
+// the LAN is no client of the forwarder or the proxy, their replies are
+// not reflected at it out of the WAN, and nothing from it is forwarded. A
+// subnet the gateway routes via a LAN interface (behind a LAN-side
+// router) passes, and so do link-local sources, DHCP's 0.0.0.0 broadcasts
+// and IPv6 duplicate address detection from :: (the kernel's own
+// exceptions). Audit mode does not check sources (it installs nothing
+// that drops, below).
+//
 // In enforce mode "established" is not enough to pass the forward chain:
 // every connection an allow rule lets out gets bit [CTMarkEnforced] of its
 // conntrack mark (the mark's other bits are left as they are), and only
