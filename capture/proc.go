@@ -1579,6 +1579,28 @@ func (p *proc) classify(f *flow) {
 	// decideHTTP decides it (host/path rules match it).
 	f.dec, f.evName, f.evSrc = p.decide(eng, f, f.name, f.nameSrc, f.path)
 	f.noPath = f.showsNoPath()
+	if f.dec.Allowed() && p.forwardedBeforeEnforce(eng, f) {
+		// Opened in audit mode, decided only now (a UDP flow of a few
+		// datagrams): Redecide passed it over, undecided then. Its
+		// packets since the reload met the forward chain as a new
+		// connection's, as a decided flow's do there: a learned address
+		// admits it only where the enforce ruleset's sets began with it
+		// (the forwarder's answers), not an answer seen on the wire.
+		in := p.flowInput(f, "")
+		in.NoPath = false
+		if !eng.Decide(in).Allowed() && !p.seeded(eng, in) {
+			f.dec = policy.Decision{Verdict: policy.Deny, RuleIndex: -1, Reason: ReasonOpenedBeforeEnforce, Mode: eng.Mode()}
+		}
+	}
+}
+
+// forwardedBeforeEnforce reports whether f is a live forwarded flow (UDP
+// but DNS, TCP to a port not redirected) that opened while the policy was
+// in audit mode and is decided now that it is in enforce mode: its
+// packets carry no mark of the enforce ruleset (see Redecide).
+func (p *proc) forwardedBeforeEnforce(eng *policy.Engine, f *flow) bool {
+	return f.openedInAudit && (f.proto == 17 || f.forwarded) && p.decideAt.IsZero() &&
+		eng.Mode() == policy.ModeEnforce && f.sport != 53 && f.cport != 53
 }
 
 // boundPath cuts a decided flow's path to what its events carry
@@ -1595,8 +1617,11 @@ func (f *flow) boundPath() {
 
 // ReasonOpenedBeforeEnforce: a TCP connection that opened in audit mode
 // and was decided after a reload to enforce, which the enforce firewall
-// drops (see beforeEnforce). Capture's own reason: no rule refused it,
-// and a new connection the same rules allowed would pass.
+// drops (see beforeEnforce), or a forwarded flow opened in audit mode
+// whose address only an answer the enforce ruleset's learned sets did not
+// begin with admits (Redecide, forwardedBeforeEnforce). Capture's own
+// reason: no rule refused it, and a new connection the same rules allowed
+// would pass.
 const ReasonOpenedBeforeEnforce = "opened-before-enforce"
 
 // beforeEnforce reports whether f is a TCP connection, live, that opened

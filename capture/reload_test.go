@@ -3,6 +3,7 @@ package capture
 import (
 	"fmt"
 	"net/netip"
+	"strings"
 	"testing"
 	"time"
 
@@ -440,5 +441,71 @@ func TestRevokeWaitsForTheFlow(t *testing.T) {
 	r := ledger.Report(audit.ReportOptions{})
 	if r.Totals.Flows != 1 || r.Totals.Dropped != 1 {
 		t.Errorf("report totals %+v, want the one flow, dropped", r.Totals)
+	}
+}
+
+// TestRedecideUndecidedUDPAuditToEnforce: a UDP flow that opened in audit
+// mode but was not decided yet at the reload to enforce (one datagram,
+// no answer: capture decides such a flow at its seventh packet or at its
+// end) meets the forward chain as the decided ones do: its next datagrams
+// pass only where a CIDR rule or a learned set the enforce ruleset began
+// with (the forwarder's answers: seeded) admits its address. One whose
+// address only an answer seen on the wire gave out is dropped, and
+// capture must say so (opened-before-enforce), not credit the new rule.
+// Before, it was decided at its end as a new enforce flow, by the wire
+// answer, and reported allowed while nftables dropped every datagram after
+// the reload (found by the day-two walkthrough: a rule --suggest proposed
+// for a UDP port, added with the switch to enforce).
+func TestRedecideUndecidedUDPAuditToEnforce(t *testing.T) {
+	const pol = `version: 1
+mode: %s
+rules:
+  - name: lab
+    to: [198.51.100.0/24]
+    ports: [any]
+%s`
+	const named = `  - name: named
+    to: [tracker.test]
+    ports: [7777/udp]
+`
+	cli := netip.MustParseAddr("192.0.2.95")
+	wire := netip.MustParseAddr("203.0.113.98")  // another resolver's answer, seen on the wire
+	given := netip.MustParseAddr("203.0.113.97") // egressd's forwarder gave it out
+	lab := netip.MustParseAddr("198.51.100.99")  // a CIDR rule's
+	p := newPcap(t)
+	p.udp(false, netip.MustParseAddr("192.0.2.53"), cli, 53, 40199, dnsResponseTTL(t, "tracker.test", []netip.Addr{wire}, 3600))
+	for i, dst := range []netip.Addr{wire, given, lab} {
+		p.udp(true, cli, dst, uint16(40300+i), 7777, []byte("before"))
+	}
+	p.now = p.now.Add(2 * time.Second)
+	reload := p.now
+	p.now = p.now.Add(2 * time.Second)
+	for i, dst := range []netip.Addr{wire, given, lab} {
+		p.udp(true, cli, dst, uint16(40300+i), 7777, []byte("after"))
+	}
+	path := p.close()
+	rec := &recorder{}
+	store := policy.NewStore(testEngine(t, fmt.Sprintf(pol, policy.ModeAudit, "")))
+	capt, err := New(Config{}, Deps{Policy: store, Sink: rec, DNS: factsMap{given: {"tracker.test"}}})
+	if err != nil {
+		t.Fatal(err)
+	}
+	swapped := false
+	feed(t, capt, path, func(ts time.Time) {
+		if !swapped && ts.After(reload) {
+			store.Swap(testEngine(t, fmt.Sprintf(pol, policy.ModeEnforce, named)))
+			capt.Redecide()
+			swapped = true
+		}
+	})
+	for port, want := range map[uint16]string{
+		40300: "capture deny opened-before-enforce enforce enforced=true",
+		40301: "capture allow allowed enforce enforced=false",
+		40302: "capture allow allowed enforce enforced=false",
+	} {
+		got := flowEvents(rec, port)
+		if len(got) == 0 || !strings.HasPrefix(got[len(got)-1], want+" ") {
+			t.Errorf("port %d: events %q, want the last %q", port, got, want)
+		}
 	}
 }
