@@ -76,6 +76,8 @@ type Server struct {
 	reloadTime prometheus.Gauge
 
 	mu     sync.Mutex // guards following
+	loaded time.Time  // the last successful load or reload
+	failed string     // a note on the last reload, when it failed
 	srv    *http.Server
 	ln     net.Listener
 	closed bool
@@ -142,12 +144,37 @@ func New(cfg Config, deps Deps) (*Server, error) {
 // ConfigLoaded records the outcome of a policy load or reload for the
 // config gauges: on failure the old policy stays and the gauge says 0.
 func (s *Server) ConfigLoaded(ok bool, at time.Time) {
-	if ok {
-		s.reloadOK.Set(1)
-		s.reloadTime.Set(float64(at.UnixNano()) / 1e9)
-	} else {
-		s.reloadOK.Set(0)
+	if !ok {
+		s.ConfigFailed(at, "")
+		return
 	}
+	s.reloadOK.Set(1)
+	s.reloadTime.Set(float64(at.UnixNano()) / 1e9)
+	s.mu.Lock()
+	s.loaded, s.failed = at, ""
+	s.mu.Unlock()
+}
+
+// ConfigFailed records a reload that failed (why: its error, "" when not
+// known): the gauge says 0, and the reports served say so in a note until
+// a reload succeeds, so that `egressd report` after an edit and a reload
+// does not pass the refused file for the running policy.
+func (s *Server) ConfigFailed(at time.Time, why string) {
+	s.reloadOK.Set(0)
+	const stamp = "2006-01-02 15:04:05Z"
+	note := "the last policy reload at " + at.UTC().Format(stamp) + " failed"
+	if why != "" {
+		note += " (" + why + ")"
+	}
+	note += ": the running policy is still"
+	s.mu.Lock()
+	defer s.mu.Unlock()
+	if s.loaded.IsZero() {
+		note += " the one loaded before"
+	} else {
+		note += " the one loaded at " + s.loaded.UTC().Format(stamp)
+	}
+	s.failed = note + "; fix the file and reload again"
 }
 
 // Handler returns the admin API's handler (for tests, or to mount
@@ -237,7 +264,13 @@ func (s *Server) report(w http.ResponseWriter, r *http.Request) (*audit.Report, 
 		http.Error(w, err.Error(), http.StatusBadRequest)
 		return nil, false
 	}
-	return s.deps.Reporter.Report(audit.ReportOptions{Since: since}), true
+	rep := s.deps.Reporter.Report(audit.ReportOptions{Since: since})
+	s.mu.Lock()
+	if s.failed != "" {
+		rep.Notes = append([]string{s.failed}, rep.Notes...)
+	}
+	s.mu.Unlock()
+	return rep, true
 }
 
 func (s *Server) serveJSON(w http.ResponseWriter, r *http.Request) {

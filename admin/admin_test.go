@@ -362,3 +362,48 @@ func text(n *html.Node) string {
 }
 
 var _ = json.Marshal
+
+// TestReportSaysReloadFailed: after a reload that failed the report, JSON
+// and HTML (which `egressd report` reads), says so, with the reason and
+// that the running policy was kept, until a reload succeeds. Before, only
+// the log and egress_config_last_reload_successful said it: an operator
+// who edited the policy, reloaded and read the report took the broken file
+// for the running policy.
+func TestReportSaysReloadFailed(t *testing.T) {
+	l, _ := testLedger(t, nil)
+	s, err := New(Config{}, Deps{Reporter: l})
+	if err != nil {
+		t.Fatal(err)
+	}
+	s.ConfigLoaded(true, t0)
+	ts := httptest.NewServer(s.Handler())
+	defer ts.Close()
+	notes := func() string {
+		_, _, b := get(t, ts.URL+"/report.json")
+		var r audit.Report
+		if err := json.Unmarshal(b, &r); err != nil {
+			t.Fatal(err)
+		}
+		return strings.Join(r.Notes, "\n")
+	}
+	if n := notes(); strings.Contains(n, "reload") {
+		t.Fatalf("notes before any failure: %q", n)
+	}
+	s.ConfigFailed(t0.Add(time.Hour), `policy.yaml:3:10: ports: "7777/upd": protocol "upd" is not tcp or udp`)
+	n := notes()
+	for _, want := range []string{"reload at 2026-11-24 11:00:00Z failed", `"upd" is not tcp or udp`, "loaded at 2026-11-24 10:00:00Z"} {
+		if !strings.Contains(n, want) {
+			t.Errorf("notes after a failed reload lack %q:\n%s", want, n)
+		}
+	}
+	if _, _, page := get(t, ts.URL+"/"); !bytes.Contains(page, []byte("failed")) {
+		t.Errorf("the HTML report does not say the reload failed")
+	}
+	if _, _, m := get(t, ts.URL+"/metrics"); !bytes.Contains(m, []byte("egress_config_last_reload_successful 0")) {
+		t.Errorf("ConfigFailed must set the gauge to 0")
+	}
+	s.ConfigLoaded(true, t0.Add(2*time.Hour))
+	if n := notes(); strings.Contains(n, "reload") {
+		t.Errorf("notes after a successful reload: %q", n)
+	}
+}

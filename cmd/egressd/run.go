@@ -107,6 +107,10 @@ func (c *runConfig) flags(fs *flag.FlagSet) {
 
 // daemon holds what `egressd run` started, for reload and shutdown.
 type daemon struct {
+	// reloadWhy: why the parts of the reload under way were refused
+	// (reload), for the report's note.
+	reloadWhy []string
+
 	cfg    runConfig
 	log    *slog.Logger
 	out    io.Writer
@@ -1370,8 +1374,14 @@ func (g *firewallGate) Learn(ctx context.Context, eng *policy.Engine, ls []dnsfi
 func (d *daemon) reload() {
 	sdnotify.Notify(sdnotify.Reloading)
 	defer sdnotify.Notify(sdnotify.Ready)
+	d.reloadWhy = d.reloadWhy[:0]
 	policyOK := d.reloadPolicy()
 	usersOK := d.reloadProxyUsers()
+	if d.admin != nil && !(policyOK && usersOK) {
+		// The reports say so too, with why, until a reload succeeds.
+		d.admin.ConfigFailed(time.Now(), strings.Join(d.reloadWhy, "; "))
+		return
+	}
 	d.configLoaded(policyOK && usersOK)
 }
 
@@ -1381,6 +1391,7 @@ func (d *daemon) reloadPolicy() bool {
 	eng, src, err := d.loadPolicy()
 	if err != nil {
 		d.log.Error("reload failed, keeping the running policy", "policy", d.source, audit.LogError, err.Error())
+		d.reloadWhy = append(d.reloadWhy, err.Error())
 		return false
 	}
 	old := d.store.Swap(eng)
@@ -1399,6 +1410,7 @@ func (d *daemon) reloadPolicy() bool {
 			d.proxy.Redecide()
 		}
 		d.log.Error("reload failed in nftables, keeping the running policy", audit.LogError, err.Error())
+		d.reloadWhy = append(d.reloadWhy, "nftables refused the ruleset: "+err.Error())
 		return false
 	}
 	// Only now: the copy is the running policy's, the one whose ruleset
@@ -1460,6 +1472,7 @@ func (d *daemon) reloadProxyUsers() bool {
 	}
 	if err != nil {
 		d.log.Error("reload of the proxy users failed, keeping the running ones", audit.LogError, err.Error())
+		d.reloadWhy = append(d.reloadWhy, "proxy users: "+err.Error())
 		return false
 	}
 	d.log.Info("proxy users reloaded", "users", len(users))
