@@ -6,6 +6,7 @@ import (
 	"crypto/sha256"
 	"encoding/base64"
 	"encoding/hex"
+	"encoding/json"
 	"io"
 	"net"
 	"net/http"
@@ -301,6 +302,33 @@ func TestRunProxyUsersReloadBadPolicy(t *testing.T) {
 	}
 	if !strings.Contains(errb.String(), "proxy users reloaded") {
 		t.Errorf("no line for the users reloaded:\n%s", errb.String())
+	}
+	// The report says the reload failed, and why, not only the log.
+	m := regexp.MustCompile(`(?m)^admin: (http://127\.0\.0\.1:\d+)/`).FindStringSubmatch(out.String())
+	if m == nil {
+		t.Fatalf("no admin line\nstdout:\n%s", out.String())
+	}
+	// Polled: the reload's outcome is recorded after the users are in.
+	notes := func() string {
+		resp, err := http.Get(m[1] + "/report.json")
+		if err != nil {
+			t.Fatal(err)
+		}
+		defer resp.Body.Close()
+		var rep struct{ Notes []string }
+		if err := json.NewDecoder(resp.Body).Decode(&rep); err != nil {
+			t.Fatal(err)
+		}
+		return strings.Join(rep.Notes, "\n")
+	}
+	for deadline := time.Now().Add(10 * time.Second); ; time.Sleep(50 * time.Millisecond) {
+		n := notes()
+		if strings.Contains(n, "the last policy reload at ") && strings.Contains(n, "("+pol+":") {
+			break
+		}
+		if time.Now().After(deadline) {
+			t.Fatalf("10s after SIGHUP the report's notes do not say the reload failed and why:\n%s", n)
+		}
 	}
 }
 
