@@ -56,6 +56,7 @@ func lint(e *Engine, now time.Time) []Problem {
 				warn(t.Line, t.Col, "rule %s: \"*\" also lets its clients resolve every name through egressd's DNS, which is a tunnel; to allow any address without opening DNS, write 0.0.0.0/0 and ::/0", r.Name)
 			case TargetHostPath:
 				warn(t.Line, t.Col, "rule %s: %q can only be checked on plain HTTP or with inspection enabled; on HTTPS without inspection it allows the whole host %s", r.Name, t.Raw, t.Pattern)
+				ws[len(ws)-1].Code = WarnPathNeedsInspection
 			}
 			if relay := relayMatches(t, exactRelay); relay != "" {
 				warn(t.Line, t.Col, "rule %s: %q matches iCloud Private Relay's ingress (%s), which egressd refuses all the same (NXDOMAIN from its DNS, %s at the proxies): the relay would carry an Apple device's traffic past every rule; to allow Private Relay, name %s exactly in a rule", r.Name, t.Raw, relay, ReasonPrivateRelay, relay)

@@ -23,7 +23,15 @@ type Problem struct {
 	Line int // 1-based; 0 when the problem has no position
 	Col  int
 	Msg  string
+	// Code names a warning a caller may judge by what it knows and the
+	// policy does not (WarnPathNeedsInspection); empty for the others.
+	Code string
 }
+
+// WarnPathNeedsInspection is the Code of the warning that a host/path
+// rule acts at host level on HTTPS unless inspection is on: egressd run
+// with --inspect inspects those hosts and leaves it out.
+const WarnPathNeedsInspection = "path-needs-inspection"
 
 func (p Problem) String() string {
 	if p.Line == 0 {

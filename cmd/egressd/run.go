@@ -398,12 +398,26 @@ func (d *daemon) loadPolicy() (eng *policy.Engine, src []byte, err error) {
 	if eng, err = policy.Compile(d.source, src); err != nil {
 		return nil, nil, err
 	}
-	for _, w := range eng.Warnings() {
+	for _, w := range runWarnings(eng, d.cfg.inspect) {
 		d.log.Warn("policy warning", "problem", w.String())
 	}
 	// Checked by checkFlagValues.
 	nat64, _ := policy.ParseNAT64(d.cfg.nat64)
 	return eng.WithMode(d.mode).WithNAT64(nat64), src, nil
+}
+
+// runWarnings is what egressd run says of the policy: its warnings but,
+// with --inspect, the one that a path rule acts at host level on HTTPS
+// without inspection (the proxy inspects those hosts).
+func runWarnings(eng *policy.Engine, inspect bool) []policy.Problem {
+	var ws []policy.Problem
+	for _, w := range eng.Warnings() {
+		if inspect && w.Code == policy.WarnPathNeedsInspection {
+			continue
+		}
+		ws = append(ws, w)
+	}
+	return ws
 }
 
 // nat64Usage is --nat64-prefix's help.
