@@ -224,7 +224,10 @@ func cmdPolicyExplain(args []string, stdout, stderr io.Writer) int {
 	fmt.Fprintln(stdout)
 	switch {
 	case d.Verdict == policy.Allow:
-		fmt.Fprintf(stdout, "  rule:   %s\n  why:    %s\n", d.Rule, ex.Why)
+		fmt.Fprintf(stdout, "  rule:   %s\n", d.Rule)
+		if ex.Why != "" { // a rule without one: no empty line
+			fmt.Fprintf(stdout, "  why:    %s\n", ex.Why)
+		}
 	case d.Rule != "":
 		fmt.Fprintf(stdout, "  reason: %s (rule %s)\n", d.Reason, d.Rule)
 	default:

@@ -247,3 +247,26 @@ func TestPolicyCheckQuiet(t *testing.T) {
 		t.Errorf("policy check -q without a file: exit %d, stderr %q", code, stderr)
 	}
 }
+
+// TestExplainRuleWithoutWhy: an allowing rule's why line is printed when
+// the rule has one, and left out, not printed empty, when it has none.
+func TestExplainRuleWithoutWhy(t *testing.T) {
+	dir := t.TempDir()
+	pol := filepath.Join(dir, "p.yaml")
+	os.WriteFile(pol, []byte("rules:\n  - {name: bare, to: [a.test], ports: [443/tcp]}\n  - {name: told, to: [b.test], ports: [443/tcp], why: vendor portal}\n"), 0o644)
+	for to, want := range map[string]string{"a.test": "", "b.test": "  why:    vendor portal\n"} {
+		code, out, stderr := runCLI(t, "policy", "explain", pol, "--to", to)
+		if code != exitOK {
+			t.Fatalf("%s: exit %d: %s", to, code, stderr)
+		}
+		got := ""
+		for _, l := range strings.SplitAfter(out, "\n") {
+			if strings.HasPrefix(strings.TrimSpace(l), "why:") {
+				got += l
+			}
+		}
+		if got != want {
+			t.Errorf("%s: why lines %q, want %q\n%s", to, got, want, out)
+		}
+	}
+}
