@@ -11,9 +11,12 @@ import (
 	"golang.org/x/net/publicsuffix"
 )
 
+// expiringSoon is how close to its end a rule with expires: is warned of.
+const expiringSoon = 7 * 24 * time.Hour
+
 // lint returns the warnings that need the compiled engine: path rules that
 // act at host level (HTTPS without inspection, UDP), "*" opening DNS, wildcards at a public suffix, expired
-// rules, rules that an earlier rule shadows (so they are never credited),
+// rules and those ending within expiringSoon, rules that an earlier rule shadows (so they are never credited),
 // and clients named by MAC (one warning for all such rules).
 func lint(e *Engine, now time.Time) []Problem {
 	p := e.pol
@@ -37,6 +40,9 @@ func lint(e *Engine, now time.Time) []Problem {
 		}
 		if !r.Expires.IsZero() && !now.Before(r.Expires) {
 			warn(r.Line, r.Col, "rule %s expired on %s: it no longer matches and reports list it as expired", r.Name, r.Expires.Add(-time.Nanosecond).Format("2006-01-02"))
+		} else if left := r.Expires.Sub(now); !r.Expires.IsZero() && left <= expiringSoon {
+			days := int((left + 24*time.Hour - 1) / (24 * time.Hour))
+			warn(r.Line, r.Col, "rule %s expires at the end of %s (UTC), in %d day(s): then it no longer matches; extend expires: if it is still needed", r.Name, r.Expires.Add(-time.Nanosecond).Format("2006-01-02"), days)
 		}
 		var udp []string
 		for _, pr := range r.Ports {
