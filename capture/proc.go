@@ -166,9 +166,9 @@ type proc struct {
 
 	eth     layers.Ethernet
 	dot1q   layers.Dot1Q
-	ip4     layers.IPv4
-	ip6     layers.IPv6
-	ip6ext  layers.IPv6ExtensionSkipper
+	ip4     ip4Layer
+	ip6     ip6Layer
+	ip6ext  ip6ExtLayer
 	ip6frag layers.IPv6Fragment
 	tcp     layers.TCP
 	udp     layers.UDP
@@ -336,18 +336,27 @@ func (p *proc) packetLen(data []byte, wireLen int, ts time.Time, link layers.Lin
 	}
 	err := parser.DecodeLayers(data, &p.decoded)
 	var hasEth, has4, has6, hasFrag6, hasTCP, hasUDP bool
+	// proto and payload: the IP protocol of what follows the last IP
+	// header and its extension headers, and those bytes (otherPacket).
+	var proto layers.IPProtocol
+	var payload []byte
 	for _, t := range p.decoded {
 		switch t {
 		case layers.LayerTypeEthernet:
 			hasEth = true
 		case layers.LayerTypeIPv4:
 			// The last IP layer wins: inside a tunnel (GTP-U) the inner
-			// packet is the flow.
-			has4, has6, hasFrag6 = true, false, false
+			// packet is the flow, not the UDP that carried it.
+			has4, has6, hasFrag6, hasTCP, hasUDP = true, false, false, false, false
+			proto, payload = p.ip4.Protocol, p.ip4.Payload
 		case layers.LayerTypeIPv6:
-			has4, has6, hasFrag6 = false, true, false
+			has4, has6, hasFrag6, hasTCP, hasUDP = false, true, false, false, false
+			proto, payload = p.ip6.next(), p.ip6.Payload
 		case layers.LayerTypeIPv6Fragment:
 			hasFrag6 = true
+			proto, payload = p.ip6frag.NextHeader, p.ip6frag.Payload
+		case layers.LayerTypeIPv6Destination, layers.LayerTypeIPv6Routing, layers.LayerTypeIPv6HopByHop:
+			proto, payload = p.ip6ext.NextHeader, p.ip6ext.Payload
 		case layers.LayerTypeTCP:
 			hasTCP = true
 		case layers.LayerTypeUDP:
@@ -377,6 +386,10 @@ func (p *proc) packetLen(data []byte, wireLen int, ts time.Time, link layers.Lin
 	switch {
 	case has4 && (p.ip4.Flags&layers.IPv4MoreFragments != 0 || p.ip4.FragOffset != 0):
 		p.stats.fragments.Add(1)
+		if other(p.ip4.Protocol) {
+			p.otherPacket(src, dst, uint8(p.ip4.Protocol), p.ip4.Payload, p.ip4.FragOffset != 0, mac)
+			return
+		}
 		if p.ip4.Protocol != layers.IPProtocolUDP {
 			return
 		}
@@ -385,6 +398,10 @@ func (p *proc) packetLen(data []byte, wireLen int, ts time.Time, link layers.Lin
 		p.reassembled(src, dst, full, mac)
 	case hasFrag6 && (p.ip6frag.FragmentOffset != 0 || p.ip6frag.MoreFragments):
 		p.stats.fragments.Add(1)
+		if other(p.ip6frag.NextHeader) {
+			p.otherPacket(src, dst, uint8(p.ip6frag.NextHeader), p.ip6frag.Payload, p.ip6frag.FragmentOffset != 0, mac)
+			return
+		}
 		if p.ip6frag.NextHeader != layers.IPProtocolUDP {
 			return
 		}
@@ -395,6 +412,8 @@ func (p *proc) packetLen(data []byte, wireLen int, ts time.Time, link layers.Lin
 		p.tcpPacket(src, dst, mac)
 	case hasUDP:
 		p.udpPacket(src, dst, p.udp.SrcPort, p.udp.DstPort, p.udp.Payload, mac)
+	case other(proto):
+		p.otherPacket(src, dst, uint8(proto), payload, false, mac)
 	default:
 		p.stats.notIP.Add(1)
 	}
@@ -621,8 +640,7 @@ func (p *proc) endIdle(k flowKey, f *flow) bool {
 	if f.closed {
 		return false
 	}
-	idle := p.now.Sub(f.last)
-	if !(f.proto == 6 && idle > p.c.cfg.TCPIdle || f.proto == 17 && idle > p.c.cfg.UDPIdle) {
+	if p.now.Sub(f.last) <= p.idleLimit(f) {
 		return false
 	}
 	p.end(f, "idle")
@@ -669,8 +687,8 @@ type resumeMemo struct {
 // new one), and the sweep drops those past their time. The gateway's own
 // flows are not kept: their addresses say what they are.
 func (p *proc) remember(k flowKey, f *flow) {
-	if f.own {
-		return
+	if f.own || f.proto != 6 && f.proto != 17 {
+		return // the other protocols' flows have no ports to turn around (other.go)
 	}
 	replied := f.pkts[0] > 0 && f.pkts[1] > 0
 	ct := ctTCPOneWay
@@ -710,6 +728,15 @@ func (p *proc) recall(k flowKey) (resumeMemo, bool) {
 	}
 	delete(p.resumable, k)
 	return m, p.now.Unix() <= m.until
+}
+
+// idleLimit is how long f may be silent before it ends: Config.TCPIdle
+// for TCP, Config.UDPIdle for UDP and the other protocols (other.go).
+func (p *proc) idleLimit(f *flow) time.Duration {
+	if f.proto == 6 {
+		return p.c.cfg.TCPIdle
+	}
+	return p.c.cfg.UDPIdle
 }
 
 // waited decides a flow that has waited classifyWait for its name since
@@ -1358,7 +1385,6 @@ func (p *proc) observe(k obsKind, name string, qt uint16, f *flow) {
 
 // sweep ends idle flows and forgets closed ones.
 func (p *proc) sweep() {
-	cfg := &p.c.cfg
 	for k, f := range p.flows {
 		idle := p.now.Sub(f.last)
 		switch {
@@ -1366,7 +1392,7 @@ func (p *proc) sweep() {
 			if idle > closedLinger {
 				delete(p.flows, k)
 			}
-		case f.proto == 6 && idle > cfg.TCPIdle, f.proto == 17 && idle > cfg.UDPIdle:
+		case idle > p.idleLimit(f):
 			p.end(f, "idle")
 			delete(p.flows, k)
 			p.remember(k, f)
@@ -2112,10 +2138,7 @@ func (p *proc) emit(f *flow, how string) {
 
 // event is the event of f, decided, with close reason how.
 func (p *proc) event(f *flow, how string) audit.Event {
-	ps := "tcp"
-	if f.proto == 17 {
-		ps = "udp"
-	}
+	ps := protoName(f.proto)
 	ev := audit.Event{
 		Kind: audit.KindFlow, Source: audit.SourceCapture, Time: f.first,
 		Client: f.cli.Unmap(), ClientPort: f.cport, Dest: f.srv.Unmap(), DestPort: f.sport, Proto: ps,

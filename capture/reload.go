@@ -230,7 +230,7 @@ func (p *proc) redecide() {
 	eng := p.c.deps.Policy.Load()
 	inAudit := eng.Mode() == policy.ModeAudit
 	for _, f := range p.flows {
-		if f.closed || f.own || f.inbound || !f.decided || f.revoked || f.sport == 53 || f.cport == 53 {
+		if f.closed || f.own || f.inbound || !f.decided || f.revoked || f.sport == 53 || f.cport == 53 || (f.proto != 6 && f.proto != 17) {
 			continue
 		}
 		fwd := f.proto == 17 || f.forwarded
@@ -343,10 +343,3 @@ func (p *proc) emitNow(f *flow, msg string, level slog.Level) {
 // closeRevoked is the close reason of a flow a reload revoked, the
 // proxy's and the firewall's.
 const closeRevoked = "policy-revoked"
-
-func protoNum(s string) uint8 {
-	if s == "udp" {
-		return 17
-	}
-	return 6
-}
