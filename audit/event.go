@@ -86,7 +86,11 @@ type Event struct {
 	ClientMAC  string     `json:"client_mac,omitempty"`
 	Dest       netip.Addr `json:"dest_ip,omitzero"`
 	DestPort   uint16     `json:"dest_port,omitempty"`
-	Proto      string     `json:"proto"` // "tcp" or "udp"
+	// Proto is "tcp" or "udp"; a capture flow of another IP protocol
+	// (no ports, denied as protocol-not-allowed) has its name: "icmp",
+	// "ipv6-icmp", "gre", "esp", "ah", "ipv6" (6in4), "sctp", "igmp", or
+	// the protocol's number.
+	Proto string `json:"proto"`
 
 	// Name, Path and Front are text a LAN client chooses; each is kept
 	// to a bound (MaxNameBytes, MaxPathBytes) by Bound, which every sink

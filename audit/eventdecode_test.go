@@ -52,6 +52,7 @@ func TestDecodeFastMatchesJSON(t *testing.T) {
 	for i := 0; i < 5000; i++ {
 		ev := base
 		ev.Kind = []Kind{KindFlow, KindDNS, KindRequest, KindShed}[r.IntN(4)]
+		ev.Proto = []string{"tcp", "udp", "icmp", "ipv6-icmp", "gre", "esp", "253"}[r.IntN(7)]
 		ev.ClientPort, ev.DestPort, ev.QueryID = uint16(r.IntN(3)*r.IntN(65536)), uint16(r.IntN(2)*r.IntN(65536)), uint16(r.IntN(2)*r.IntN(65536))
 		ev.BytesIn, ev.BytesOut, ev.Count, ev.Duplicates = r.Uint64()>>r.IntN(64), uint64(r.IntN(2))*r.Uint64(), uint64(r.IntN(2)*r.IntN(5)), uint64(r.IntN(2))
 		ev.Enforced, ev.CacheHit, ev.NoPath = r.IntN(2) == 0, r.IntN(2) == 0, r.IntN(2) == 0

@@ -933,6 +933,10 @@ func knownText(s string) string {
 		return "tcp"
 	case "udp":
 		return "udp"
+	case "icmp":
+		return "icmp"
+	case "ipv6-icmp":
+		return "ipv6-icmp"
 	case string(SourceProxy):
 		return string(SourceProxy)
 	case string(SourceDNS):

@@ -254,7 +254,7 @@ type DroppedReport struct {
 	Dest             string   `json:"dest"`
 	IP               string   `json:"ip"` // the latest address seen, "" when none
 	Port             uint16   `json:"port"`
-	Proto            string   `json:"proto"` // "tcp", "udp", or "dns" for denied queries
+	Proto            string   `json:"proto"` // "tcp", "udp", "dns" for denied queries, or another IP protocol (Event.Proto; Port 0)
 	Flows            uint64   `json:"flows"`
 	Queries          uint64   `json:"queries,omitempty"`
 	Requests         uint64   `json:"requests,omitempty"` // later HTTP requests on plain-HTTP connections, requests in inspected ones

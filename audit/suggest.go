@@ -458,6 +458,7 @@ var unsuggested = map[string]string{
 	"reload-undecidable":       "a reload found a connection it could not decide again (a bug, see the logs): no rule allows it",
 	"opened-before-enforce":    "connections opened in audit mode and cut by the switch to enforce: new ones the rules allow pass",
 	"inbound":                  "connections started from the WAN side toward a LAN host, not a LAN client's egress: rules name what LAN clients may reach, and enforce mode drops new connections from the WAN side",
+	"protocol-not-allowed":     "packets of an IP protocol other than TCP and UDP (ICMP echo, GRE, ESP, a tunnel): a rule names TCP and UDP ports only, so none can allow them, and enforce mode drops them; a device that needs one needs another way out",
 	"doh-canary":               "Firefox's DoH canary, answered NXDOMAIN on purpose: no rule allows it",
 	"rate-limited":             "the client went over the DNS rate limit: no rule allows it",
 	"qtype-refused":            "DNS queries of a type egressd refuses (ANY, AXFR, IXFR): no rule allows them",
