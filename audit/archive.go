@@ -489,7 +489,7 @@ func (l *Ledger) importFlowsLocked(fs []archFlow) {
 			id.kind = KindDNS
 			id.name, id.qtype, id.qid = lowerASCII(trimDot(Clip(f.Name, MaxNameBytes))), knownText(Clip(f.QType, 16)), f.QueryID
 		}
-		if id.ClientPort == 0 && id.DestPort == 0 {
+		if !id.keyed() {
 			continue
 		}
 		var rs, denied *ruleStats

@@ -239,6 +239,14 @@ type flowID struct {
 	qid   uint16 // queries only: the DNS message ID
 }
 
+// keyed reports whether id names one flow: it has a port, or is of an IP
+// protocol without ports (capture's flows of protocols other than TCP and
+// UDP, one per client, destination and protocol). An event of neither
+// names none, and each counts.
+func (id *flowID) keyed() bool {
+	return id.ClientPort != 0 || id.DestPort != 0 || id.Proto != "tcp" && id.Proto != "udp" && id.Proto != ""
+}
+
 // hash digests id for the flows map (records still compare whole ids).
 func (id *flowID) hash(seed maphash.Seed) uint64 {
 	var h maphash.Hash
@@ -462,7 +470,7 @@ func (l *Ledger) addRecLocked(ev *Event) (bool, *flowRec) {
 	// An event of a summary record was counted on its own live. A
 	// query over TCP is never retransmitted (TCP does that below DNS),
 	// and a client may take its ID again on one connection: each counts.
-	dedup := (id.ClientPort != 0 || id.DestPort != 0) && ev.expanded != expandedCounted &&
+	dedup := id.keyed() && ev.expanded != expandedCounted &&
 		!(ev.Kind == KindDNS && id.Proto == "tcp")
 	var h uint64
 	if dedup {

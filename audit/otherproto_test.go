@@ -82,3 +82,38 @@ func TestOtherProtocolNeverSuggested(t *testing.T) {
 		t.Errorf("replay: %d newly allowed, %d unchanged; want 0 and 3: %+v", len(res.NewlyAllowed), res.Unchanged, res.NewlyAllowed)
 	}
 }
+
+// TestOtherProtocolFlowCountsOnce: a flow of another IP protocol has no
+// ports, but it is one flow all the same, keyed by client, destination,
+// protocol and start: listed open by capture it counts in the live report;
+// reported while open and again at its end, it counts once.
+func TestOtherProtocolFlowCountsOnce(t *testing.T) {
+	eng := loadPolicy(t, "policy.yaml")
+	d := policy.Decision{Verdict: policy.Deny, RuleIndex: -1, Reason: "protocol-not-allowed", Mode: policy.ModeAudit}
+	ev := Event{Kind: KindFlow, Source: SourceCapture, Time: t0, Client: netip.MustParseAddr("198.18.1.10"),
+		Dest: netip.MustParseAddr("203.0.113.9"), Proto: "icmp", NameSource: NameNone, BytesOut: 84}
+	ev.Stamp(d)
+	l := NewLedger(eng, LedgerOptions{})
+	l.SetOpenFlows(func() []Event { return []Event{ev} })
+	flows := func(what string, want uint64) {
+		t.Helper()
+		r := l.Report(ReportOptions{Now: reportNow})
+		var got uint64
+		for _, dr := range r.Dropped {
+			if dr.Proto == "icmp" {
+				got += dr.Flows
+			}
+		}
+		if got != want {
+			t.Errorf("%s: %d icmp flows dropped, want %d: %+v", what, got, want, r.Dropped)
+		}
+	}
+	flows("listed open", 1)
+	l.Emit(ev) // reported while open
+	flows("reported open", 1)
+	end := ev
+	end.Close, end.Duration, end.BytesOut = "idle", 90, 840
+	l.Emit(end)
+	l.SetOpenFlows(nil)
+	flows("ended", 1)
+}

@@ -382,7 +382,7 @@ func (l *Ledger) snapshotOpen(opt ReportOptions, open []Event) *Report {
 		ev.Filtered, ev.expanded = "", 0 // ech counts come with the event
 		id := flowID{FlowKey: ev.Key(), kind: KindFlow}
 		id.Proto = knownText(id.Proto)
-		if id.ClientPort == 0 && id.DestPort == 0 || l.findLocked(id, id.hash(l.seed), ev.Time.UTC()) != nil {
+		if !id.keyed() || l.findLocked(id, id.hash(l.seed), ev.Time.UTC()) != nil {
 			continue
 		}
 		ov.addLocked(&ev)
