@@ -2,7 +2,6 @@ package e2e
 
 import (
 	"net"
-	"os"
 	"sync/atomic"
 	"testing"
 	"time"
@@ -94,8 +93,8 @@ func (tp *topo) sendRaw(t *testing.T, w *rawWitness, network string, msg []byte)
 // nor UDP (ICMP echo, IP protocol 253) to an internet address no rule
 // names. Enforce mode drops them ("nothing else from the LAN"). Audit
 // mode forwards them, as it forwards everything; its report must show
-// them as flows enforce would drop, or the audit a site reads before it
-// switches to enforce hides a device's tunnel.
+// them as flows enforce would drop (protocol-not-allowed), or the audit a
+// site reads before it switches to enforce hides a device's tunnel.
 func TestHardeningProtocols(t *testing.T) {
 	tp := newTopo(t)
 	// The seed's other ports: 5228-5230 (android-mdm) and 10516
@@ -178,13 +177,12 @@ func TestHardeningProtocols(t *testing.T) {
 		}
 		delete(protos, "udp")
 		if len(protos) < len(rawProtos) {
-			// Known bug (README, Security: "Other IP protocols"): capture
-			// decodes TCP and UDP only.
-			fail := t.Logf
-			if os.Getenv("E2E_KNOWN_BUGS") == "1" {
-				fail = t.Errorf
+			t.Errorf("audit: the report and event log show %d other protocols to %s (%v), want %d: ICMP and protocol 253 went out unrecorded", len(protos), udpDenyIP, protos, len(rawProtos))
+		}
+		for _, ev := range d.allEvents() {
+			if ev.Kind == "flow" && ev.Dest == udpDenyIP && ev.Proto != "udp" && (ev.Reason != "protocol-not-allowed" || ev.Verdict != "deny") {
+				t.Errorf("audit: %+v, want it denied as protocol-not-allowed", ev)
 			}
-			fail("known bug (E2E_KNOWN_BUGS=1 to fail on it): audit: the report and event log show %d other protocols to %s (%v), want %d: ICMP and protocol 253 went out unrecorded", len(protos), udpDenyIP, protos, len(rawProtos))
 		}
 	})
 }
