@@ -180,7 +180,7 @@ type Stats struct {
 	CapturedBytes uint64
 	Malformed     uint64 // packets that failed to decode, skipped
 	Panics        uint64 // of those, decodes that panicked (recovered)
-	NotIP         uint64 // frames that carry no TCP or UDP over IP
+	NotIP         uint64 // frames that carry no IP packet of a flow (not IP; ICMP errors, discovery, on-link: other.go)
 	Fragments     uint64 // IP fragments seen
 	Reassembled   uint64 // UDP datagrams rebuilt from fragments
 	FragDropped   uint64 // fragmented datagrams given up

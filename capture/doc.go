@@ -19,7 +19,10 @@
 // A flow started from outside the LAN toward a LAN host (its first
 // packet sent out of a LAN interface by the gateway: from the WAN side)
 // is no client's egress: it is recorded denied as ReasonInbound in audit
-// mode, counted only in enforce mode (proc.go, inbound).
+// mode, counted only in enforce mode (proc.go, inbound). Packets of other
+// IP protocols than TCP and UDP (ICMP echo, GRE, ESP, tunnels) are flows
+// per client, destination and protocol, which no rule can allow: denied
+// as ReasonProtocol (other.go).
 //
 // It sits beside the proxy and the DNS forwarder: policy decides, capture
 // observes, audit counts. In audit mode it is how egressd sees everything
