@@ -1,9 +1,13 @@
 package e2e
 
 import (
+	"bufio"
 	"context"
+	"crypto/tls"
 	"encoding/json"
 	"fmt"
+	"net"
+	"net/http"
 	"os/exec"
 	"slices"
 	"strings"
@@ -127,3 +131,116 @@ func TestOpenFlowsLive(t *testing.T) {
 		t.Errorf("after the stop, the event log: %s; want ntp 1 flow, dns %d (1 to %s), none open\n%s\nevents:\n%s", state(r), dnsFlows, authDNS4, out, d.events())
 	}
 }
+
+// TestOpenFlowsProxy: in audit mode a LAN client holds open a tunnel
+// through the explicit proxy (CONNECT to dockerName:443 at the gateway's
+// port 3128) and a transparent TLS connection to the same name. Capture
+// sees the tunnel only as the client's connection to the gateway, and the
+// proxy reports a connection when it closes, so only the proxy knows the
+// tunnel is open. The daemon's live report counts both connections under
+// vendor-cloud, as open, once each (the transparent one is listed by
+// capture and by the proxy: one flow), and keeps the rule off the unused
+// list; asked again it still counts two. Nothing is written to the event
+// log for them until they close; after the stop the log counts each once.
+func TestOpenFlowsProxy(t *testing.T) {
+	tp := newTopo(t)
+	d := newDaemon(t, tp, "audit")
+	d.start()
+
+	dial := dialFrom(tp.lan, lanClient4)
+	ctx, cancel := context.WithTimeout(context.Background(), 10*time.Second)
+	defer cancel()
+	tun, err := dial(ctx, net.JoinHostPort(gwLAN4, "3128"))
+	if err != nil {
+		t.Fatal(err)
+	}
+	defer tun.Close()
+	tun.SetDeadline(time.Now().Add(10 * time.Second))
+	target := net.JoinHostPort(dockerName, "443")
+	if _, err := tun.Write([]byte("CONNECT " + target + " HTTP/1.1\r\nHost: " + target + "\r\n\r\n")); err != nil {
+		t.Fatal(err)
+	}
+	br := bufio.NewReader(tun)
+	resp, err := http.ReadResponse(br, nil)
+	if err != nil || resp.StatusCode != http.StatusOK {
+		t.Fatalf("CONNECT %s through %s:3128: %v %v", target, gwLAN4, resp, err)
+	}
+	// A TLS session through the tunnel, kept open.
+	tc := tls.Client(&bufConn{Conn: tun, r: br}, &tls.Config{ServerName: dockerName, RootCAs: tp.pool})
+	if err := tc.HandshakeContext(ctx); err != nil {
+		t.Fatalf("TLS through the tunnel: %v", err)
+	}
+	tun.SetDeadline(time.Time{})
+	defer tc.Close()
+
+	raw, err := dial(ctx, net.JoinHostPort(dockerIP4, "443"))
+	if err != nil {
+		t.Fatal(err)
+	}
+	tr := tls.Client(raw, &tls.Config{ServerName: dockerName, RootCAs: tp.pool})
+	if err := tr.HandshakeContext(ctx); err != nil {
+		t.Fatalf("transparent TLS to %s: %v", dockerIP4, err)
+	}
+	defer tr.Close()
+
+	report := func(args ...string) (*openReport, string) {
+		t.Helper()
+		ctx, cancel := context.WithTimeout(context.Background(), 20*time.Second)
+		defer cancel()
+		cmd := exec.CommandContext(ctx, "ip", append([]string{"netns", "exec", tp.gw.Name, egressdBin, "report", "--json"}, args...)...)
+		var stderr strings.Builder
+		cmd.Stderr = &stderr
+		out, err := cmd.Output()
+		if err != nil {
+			t.Fatalf("egressd report %v: %v\n%s", args, err, stderr.String())
+		}
+		var r openReport
+		if err := json.Unmarshal(out, &r); err != nil {
+			t.Fatalf("egressd report %v: %v\n%s", args, err, out)
+		}
+		return &r, string(out)
+	}
+	live := func(r *openReport) bool {
+		u := r.rule("vendor-cloud")
+		return u.Flows == 2 && u.OpenFlows == 2 && u.to(dockerIP4) == 2 && !slices.Contains(r.UnusedRules, "vendor-cloud")
+	}
+	// Capture lists the transparent connection once its hello is seen;
+	// neither is reported while open. Seen within 10 s, the count is the
+	// open one.
+	var r *openReport
+	var out string
+	deadline := time.Now().Add(10 * time.Second)
+	for i := 0; i < 100; i++ {
+		r, out = report("--admin", adminAddr)
+		if live(r) || time.Now().After(deadline) {
+			break
+		}
+		time.Sleep(100 * time.Millisecond)
+	}
+	if !live(r) {
+		t.Fatalf("live report: vendor-cloud %+v, open %d, unused %v; want 2 flows to %s, both open, the rule used\n%s\nevents:\n%s",
+			r.rule("vendor-cloud"), r.OpenFlows, r.UnusedRules, dockerIP4, out, d.events())
+	}
+	if r, out = report("--admin", adminAddr); !live(r) {
+		t.Errorf("live report asked again: vendor-cloud %+v; want as before\n%s", r.rule("vendor-cloud"), out)
+	}
+	if ev := d.events(); strings.Contains(ev, dockerIP4) {
+		t.Errorf("a connection still open is in the event log:\n%s", ev)
+	}
+
+	tc.Close()
+	tr.Close()
+	d.stop()
+	r, out = report("--state-dir", d.stateDir)
+	if u := r.rule("vendor-cloud"); u.Flows != 2 || u.OpenFlows != 0 || r.OpenFlows != 0 {
+		t.Errorf("after the stop, the event log: vendor-cloud %+v, open %d; want 2 flows, none open\n%s\nevents:\n%s", u, r.OpenFlows, out, d.events())
+	}
+}
+
+// bufConn is a connection whose first bytes were read into r already.
+type bufConn struct {
+	net.Conn
+	r *bufio.Reader
+}
+
+func (c *bufConn) Read(b []byte) (int, error) { return c.r.Read(b) }
