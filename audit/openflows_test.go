@@ -5,6 +5,8 @@ import (
 	"sync"
 	"testing"
 	"time"
+
+	"egressd/policy"
 )
 
 // TestReportCountsOpenFlows: a UDP exchange still open (capture reports a
@@ -172,5 +174,41 @@ func TestReportOpenFlowsSinceReportedMeanwhile(t *testing.T) {
 	}
 	if flows != 1 || slices.Contains(r.UnusedRules, "ntp") {
 		t.Errorf("window: ntp %d flows (%d open), unused %v; want the flow reported meanwhile counted once", flows, r.OpenFlows, r.UnusedRules)
+	}
+}
+
+// TestReportOpenFlowsProxyWins: a transparent connection the proxy
+// forwards is listed open by capture (its packets on the LAN) and by the
+// proxy: it counts once, as the proxy decided it (the name it read, the
+// rule it allowed by), in either order of the lists, as the two reports
+// would count once closed. A tunnel through the explicit proxy, listed
+// only by the proxy, counts as well.
+func TestReportOpenFlowsProxyWins(t *testing.T) {
+	eng := loadPolicy(t, "policy.yaml")
+	// Capture saw no name (a hello it could not read): no rule allows
+	// the address.
+	capt := fev{kind: KindFlow, src: SourceCapture, at: time.Hour, client: "192.168.10.5", cport: 41000,
+		dest: "203.0.113.9", dport: 443, proto: "tcp", out: 10}.event(eng)
+	px := fev{kind: KindFlow, src: SourceProxy, at: time.Hour, client: "192.168.10.5", cport: 41000,
+		dest: "203.0.113.9", dport: 443, proto: "tcp", name: "api.nirovision.com", nsrc: NameSNI}.event(eng)
+	tunnel := fev{kind: KindFlow, src: SourceProxy, at: time.Hour, client: "192.168.10.5", cport: 41001,
+		dest: "203.0.113.10", dport: 443, proto: "tcp", name: "hub.docker.io", nsrc: NameConnect}.event(eng)
+	if capt.Verdict != policy.Deny || px.Rule != "vendor-cloud" || tunnel.Rule != "vendor-cloud" {
+		t.Fatalf("fixture: capture %s %q, proxy %s %q, tunnel %q", capt.Verdict, capt.Rule, px.Verdict, px.Rule, tunnel.Rule)
+	}
+	for _, open := range [][]Event{{capt, px, tunnel}, {px, capt, tunnel}, {tunnel, capt, px}} {
+		l := NewLedger(eng, LedgerOptions{})
+		l.SetOpenFlows(func() []Event { return slices.Clone(open) })
+		r := l.Report(ReportOptions{Now: t0.Add(2 * time.Hour)})
+		var vc RuleReport
+		for _, u := range r.Rules {
+			if u.Name == "vendor-cloud" {
+				vc = u
+			}
+		}
+		if vc.Flows != 2 || vc.OpenFlows != 2 || len(r.Dropped) != 0 || r.Totals.Flows != 2 || r.Totals.Dropped != 0 || r.OpenFlows != 2 || r.Totals.Events != 0 {
+			t.Errorf("order %s %s %s: vendor-cloud %d flows (%d open), %d dropped entries, totals %+v, %d open; want 2 (2 open), none dropped, 2 open, no event",
+				open[0].Source, open[1].Source, open[2].Source, vc.Flows, vc.OpenFlows, len(r.Dropped), r.Totals, r.OpenFlows)
+		}
 	}
 }

@@ -345,7 +345,8 @@ func (l *Ledger) Report(opt ReportOptions) *Report {
 
 // SetOpenFlows sets fn as the source of the flows open now that no event
 // reported yet (capture's table: a UDP flow is reported after 60 s of
-// silence, a flow still open a minute after it began): Report counts
+// silence, a flow still open a minute after it began; the proxy's
+// connections, each reported when it closes): Report counts
 // them with the recorded events, as open, each once (a flow the ledger
 // holds a report of, or listed twice, counts once), without adding them
 // to the ledger, so what the event log says is unchanged and each flow's
@@ -402,7 +403,7 @@ func (l *Ledger) snapshotOpen(opt ReportOptions, open []Event) *Report {
 	r := ov.snapshot(opt)
 	r.OpenFlows = uint64(len(ov.ring))
 	if r.OpenFlows > 0 {
-		r.Notes = append(r.Notes, fmt.Sprintf("%d flow(s) open now are counted, not in the event log yet (capture records a UDP flow after 60 s of silence, any flow a minute after it began)", r.OpenFlows))
+		r.Notes = append(r.Notes, fmt.Sprintf("%d flow(s) open now are counted, not in the event log yet (capture records a UDP flow after 60 s of silence, any flow a minute after it began; the proxy a connection when it closes)", r.OpenFlows))
 	}
 	for i := range r.Rules {
 		r.Rules[i].OpenFlows = byRule[r.Rules[i].Name]

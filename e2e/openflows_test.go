@@ -202,7 +202,7 @@ func TestOpenFlowsProxy(t *testing.T) {
 	}
 	live := func(r *openReport) bool {
 		u := r.rule("vendor-cloud")
-		return u.Flows == 2 && u.OpenFlows == 2 && u.to(dockerIP4) == 2 && !slices.Contains(r.UnusedRules, "vendor-cloud")
+		return u.Flows == 2 && u.OpenFlows == 2 && u.to(dockerName) == 2 && !slices.Contains(r.UnusedRules, "vendor-cloud")
 	}
 	// Capture lists the transparent connection once its hello is seen;
 	// neither is reported while open. Seen within 10 s, the count is the
@@ -219,12 +219,12 @@ func TestOpenFlowsProxy(t *testing.T) {
 	}
 	if !live(r) {
 		t.Fatalf("live report: vendor-cloud %+v, open %d, unused %v; want 2 flows to %s, both open, the rule used\n%s\nevents:\n%s",
-			r.rule("vendor-cloud"), r.OpenFlows, r.UnusedRules, dockerIP4, out, d.events())
+			r.rule("vendor-cloud"), r.OpenFlows, r.UnusedRules, dockerName, out, d.events())
 	}
 	if r, out = report("--admin", adminAddr); !live(r) {
 		t.Errorf("live report asked again: vendor-cloud %+v; want as before\n%s", r.rule("vendor-cloud"), out)
 	}
-	if ev := d.events(); strings.Contains(ev, dockerIP4) {
+	if ev := d.events(); strings.Contains(ev, dockerIP4+":443") {
 		t.Errorf("a connection still open is in the event log:\n%s", ev)
 	}
 

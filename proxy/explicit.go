@@ -358,7 +358,7 @@ func (k *keepPipelined) Hijack() (net.Conn, *bufio.ReadWriter, error) {
 		k.conn = c
 		k.p.trackConn(c) // or closed at once: the proxy is closing
 		raw := c
-		lc := k.p.addLive(k.at, &k.f.ev, k.decide, func() { raw.Close() })
+		lc := k.p.addLive(k.at, k.f, k.decide, func() { raw.Close() })
 		ic := &inspectedClient{Conn: c}
 		ic.done = func() {
 			k.p.untrackConn(k.conn)
@@ -781,7 +781,7 @@ func (p *Proxy) tunnelConnect(client net.Conn, st *connectState, v verdict, f *f
 		}
 	}
 	noPath := f.ev.NoPath
-	lc := p.addLive(st.at, &f.ev, func(e *policy.Engine) policy.Decision { return p.againConnect(e, v, st.addr, noPath) }, closeBoth(client, server))
+	lc := p.addLive(st.at, f, func(e *policy.Engine) policy.Decision { return p.againConnect(e, v, st.addr, noPath) }, closeBoth(client, server))
 	out, in, reason := p.pipe(client, server)
 	f.ev.BytesOut, f.ev.BytesIn, f.ev.Close = uint64(out)+uint64(early), uint64(in), reason
 	p.stampLive(lc, &f.ev)
@@ -921,7 +921,7 @@ func (p *Proxy) explicitRoundTrip(req *http.Request, at policyAt, f *flowRecord,
 		return nil, err
 	}
 	b := &liveBody{ReadCloser: resp.Body}
-	lc := p.addLive(at, &f.ev, decide, func() {
+	lc := p.addLive(at, f, decide, func() {
 		if client != nil {
 			client.Close()
 		}
@@ -1209,7 +1209,7 @@ func (p *Proxy) inspectTransparent(c *net.TCPConn, at policyAt, recorded []byte,
 		st.latest.Store(&v)
 		again = func(e *policy.Engine) policy.Decision { return p.again(e, hostLevel(*st.latest.Load())) }
 	}
-	lc := p.addLive(at, &f.ev, again, func() { c.Close() })
+	lc := p.addLive(at, f, again, func() { c.Close() })
 	st.lc = lc
 	rc.onClose = func() {
 		p.untrackConn(c)

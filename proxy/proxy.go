@@ -134,8 +134,9 @@ type Proxy struct {
 
 	work workers // runs handleTransparent and the tunnels' ends
 
-	// live are the forwarded connections a reload decides again
-	// (*liveConn → struct{}); current is the engine the last Redecide
+	// live are the forwarded connections a reload decides again and
+	// the live report lists open (*liveConn → struct{}), each until its
+	// event is emitted; current is the engine the last Redecide
 	// published (reload.go).
 	live    sync.Map
 	current atomic.Pointer[policy.Engine]
@@ -530,6 +531,9 @@ type flowRecord struct {
 	ev       audit.Event
 	err      error
 	portDone bool // transparent: ev.ClientPort is the client's own (clientPort)
+	// lc is the connection's registration (addLive), listed open until
+	// its event is emitted (finish).
+	lc *liveConn
 }
 
 // finish emits the canonical slog line and the audit event.
@@ -537,6 +541,7 @@ func (p *Proxy) finish(f *flowRecord) {
 	ev := &f.ev
 	ev.Duration = time.Since(ev.Time).Seconds()
 	p.deps.Sink.Emit(*ev)
+	p.unlist(f) // after the event: listed open until then (OpenFlows)
 	p.met.conns.WithLabelValues(f.listener, string(ev.Verdict), string(ev.Mode)).Inc()
 	p.met.bytes.WithLabelValues("out").Add(float64(ev.BytesOut))
 	p.met.bytes.WithLabelValues("in").Add(float64(ev.BytesIn))

@@ -88,7 +88,8 @@ type liveConn struct {
 	decide func(eng *policy.Engine) policy.Decision
 	// close closes both sides; immutable.
 	close func()
-	// flow is a copy of the record at the registration, for the log line.
+	// flow is a copy of the record at the registration, for the log
+	// line and OpenFlows.
 	flow audit.Event
 
 	mu      sync.Mutex // guards following
@@ -99,11 +100,13 @@ type liveConn struct {
 	denied  *policy.Decision // the last deny a re-decision made, if any
 }
 
-// addLive registers a forwarded connection decided under eng; decide
-// decides it again, close closes both its sides. The caller ends it with
-// endLive once the connection is over.
-func (p *Proxy) addLive(at policyAt, flow *audit.Event, decide func(*policy.Engine) policy.Decision, close func()) *liveConn {
-	lc := &liveConn{decide: decide, close: close, flow: *flow, eng: at.eng, allowed: flow.Verdict == policy.Allow}
+// addLive registers a forwarded connection, f's, decided under eng;
+// decide decides it again, close closes both its sides. The caller ends
+// it with endLive once the connection is over, and finish takes it out of
+// the live set once its event is emitted (unlist).
+func (p *Proxy) addLive(at policyAt, f *flowRecord, decide func(*policy.Engine) policy.Decision, close func()) *liveConn {
+	lc := &liveConn{decide: decide, close: close, flow: f.ev, eng: at.eng, allowed: f.ev.Verdict == policy.Allow}
+	f.lc = lc
 	p.live.Store(lc, struct{}{})
 	if p.gen.Load() != at.gen {
 		// A Redecide began between the decision and the Store above: its
@@ -126,15 +129,51 @@ func (p *Proxy) policyNow() policyAt {
 	return policyAt{eng: p.deps.Policy.Load(), gen: gen}
 }
 
-// endLive takes lc out of the live set; it returns the deny the last
-// re-decision made (nil if none) and whether the proxy closed the
-// connection for it. The caller stamps its record with them.
+// endLive ends lc: no re-decision reaches it after (it stays in the
+// live set, listed open, until its event is emitted: unlist). It returns
+// the deny the last re-decision made (nil if none) and whether the proxy
+// closed the connection for it. The caller stamps its record with them.
 func (p *Proxy) endLive(lc *liveConn) (*policy.Decision, bool) {
-	p.live.Delete(lc)
 	lc.mu.Lock()
 	defer lc.mu.Unlock()
 	lc.ended = true
 	return lc.denied, lc.revoked
+}
+
+// unlist takes f's connection out of the live set, once its event is
+// emitted (finish): a report that lists the open connections (OpenFlows)
+// and then takes in the events emitted before (the journal's Sync) finds
+// each connection in one or the other.
+func (p *Proxy) unlist(f *flowRecord) {
+	if f.lc != nil {
+		p.live.Delete(f.lc)
+		f.lc = nil
+	}
+}
+
+// OpenFlows returns an event (no close reason, no bytes) for each
+// connection the proxy forwards whose event it has not emitted yet: the
+// proxy emits a connection's event when it closes, and a tunnel lives for
+// days. Each is the record as decided at its start (client, original or
+// dialled destination, port, name and how it was found, rule, verdict),
+// with the deny of the last re-decision after a reload if one denied it,
+// as its event will say. The live report counts them
+// (audit.Ledger.SetOpenFlows); nothing is emitted.
+func (p *Proxy) OpenFlows() []audit.Event {
+	var evs []audit.Event
+	p.live.Range(func(k, _ any) bool {
+		lc := k.(*liveConn)
+		lc.mu.Lock()
+		ev := lc.flow
+		if lc.denied != nil {
+			ev.Stamp(*lc.denied)
+		}
+		lc.mu.Unlock()
+		ev.Close, ev.BytesOut, ev.BytesIn, ev.Duration = "", 0, 0, 0
+		evs = append(evs, ev)
+		return true
+	})
+	return evs
 }
 
 // stampLive applies endLive's outcome to a connection's record.

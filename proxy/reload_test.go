@@ -427,8 +427,10 @@ func BenchmarkLiveRegister(b *testing.B) {
 	b.ReportAllocs()
 	for b.Loop() {
 		at := p.policyNow()
-		lc := p.addLive(at, &ev, func(e *policy.Engine) policy.Decision { return p.again(e, v) }, closeBoth(a, c))
-		p.stampLive(lc, &ev)
+		f := &flowRecord{ev: ev}
+		lc := p.addLive(at, f, func(e *policy.Engine) policy.Decision { return p.again(e, v) }, closeBoth(a, c))
+		p.stampLive(lc, &f.ev)
+		p.unlist(f) // finish, after the event
 	}
 }
 
@@ -706,7 +708,7 @@ func TestRedecideLoadsEngineUnderLock(t *testing.T) {
 		return policy.Decision{Verdict: policy.Allow, Rule: "a", Mode: policy.ModeEnforce}
 	}
 	ev := audit.Event{Kind: audit.KindFlow, Source: audit.SourceProxy, Verdict: policy.Allow, Mode: policy.ModeEnforce}
-	lc := p.addLive(p.policyNow(), &ev, decide, func() { closed.Store(true) })
+	lc := p.addLive(p.policyNow(), &flowRecord{ev: ev}, decide, func() { closed.Store(true) })
 
 	p.current.Store(e1) // reload 1 published
 	lc.mu.Lock()

@@ -191,7 +191,7 @@ func (p *Proxy) handleTransparent(c *net.TCPConn, ours bool) {
 	if up != nil {
 		again = up.latestAgain
 	}
-	lc := p.addLive(at, &f.ev, again, closeBoth(c, server))
+	lc := p.addLive(at, f, again, closeBoth(c, server))
 	if up != nil {
 		up.lc = lc // before the tunnel's goroutines read it
 	}

@@ -754,6 +754,35 @@ func (d *daemon) undegrade(part string) {
 	}
 }
 
+// setOpenFlows makes the live report count the flows open now that no
+// event reported yet (README, "Reports"): capture's (capOpen, nil when
+// capture does not run: a UDP flow until 60 s of silence, any flow until
+// a minute after it began) and the proxy's (a connection until it
+// closes; a tunnel through the explicit proxy capture sees only as one
+// to the gateway). A transparent connection both list counts once, as
+// the proxy's, as its events would (audit.Ledger). Then the events
+// queued before the lists are taken into the ledger (Journal.Sync): a
+// flow reported just before is in one or the other, never in neither.
+func (d *daemon) setOpenFlows(capOpen func() []audit.Event) {
+	prx, j := d.proxy, d.journal
+	if capOpen == nil && prx == nil {
+		return
+	}
+	d.ledger.SetOpenFlows(func() []audit.Event {
+		var evs []audit.Event
+		if capOpen != nil {
+			evs = capOpen()
+		}
+		if prx != nil {
+			evs = append(evs, prx.OpenFlows()...)
+		}
+		if j != nil {
+			j.Sync(2 * time.Second)
+		}
+		return evs
+	})
+}
+
 // captureHealth records, for /readyz and the summary, the LAN interfaces
 // capture has no socket on, or that are down or have no carrier (the part
 // "capture" not running), or that it has one on each, up; nothing once
@@ -998,6 +1027,7 @@ func (d *daemon) run(ctx context.Context) error {
 	}
 
 	// Capture sees every packet of the LAN interfaces (AF_PACKET: CAP_NET_RAW).
+	var capOpen func() []audit.Event // capture's open flows, when it runs
 	switch {
 	case len(lans) == 0:
 		d.degrade("capture", "no LAN interface (give --lan IFACE)")
@@ -1017,19 +1047,7 @@ func (d *daemon) run(ctx context.Context) error {
 			d.degrade("capture", err.Error())
 			break
 		}
-		// The live report counts the flows capture has not reported
-		// yet (a UDP flow until 60 s of silence): README, "Reports".
-		// Then the events queued before the list are taken into the
-		// ledger (Journal.Sync): a flow capture reported just before is
-		// in one or the other, never in neither.
-		c, j := d.capture, d.journal
-		d.ledger.SetOpenFlows(func() []audit.Event {
-			evs := c.OpenFlows()
-			if j != nil {
-				j.Sync(2 * time.Second)
-			}
-			return evs
-		})
+		capOpen = d.capture.OpenFlows
 		// An interface that does not exist (yet) is left out until it
 		// appears, and one re-made (another index) is listened on again:
 		// watchLinks calls Follow. Meanwhile the part is not running
@@ -1064,6 +1082,7 @@ func (d *daemon) run(ctx context.Context) error {
 			}
 		}()
 	}
+	d.setOpenFlows(capOpen)
 	// The gateway's own addresses, for the proxies' guard and capture,
 	// and the explicit listeners on the LAN addresses follow address
 	// changes (watchLinks wakes on address notices too).
