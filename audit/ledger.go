@@ -160,10 +160,6 @@ type Ledger struct {
 	// open, when set, lists the flows open now that no event reported
 	// yet (SetOpenFlows): the live report counts them, the ledger not.
 	open func() []Event
-	// owned, set only on a report's overlay (overlayLocked), are the
-	// rule and dropped entries it copied from the ledger or made: the
-	// others it shares with the ledger and copies before changing one.
-	owned map[any]struct{}
 }
 
 // archLast returns the newest file of the summary the ledger started
@@ -828,15 +824,6 @@ func (l *Ledger) ruleLocked(name string) *ruleStats {
 	if rs == nil {
 		rs = &ruleStats{name: name}
 		l.rules[name] = rs
-		if l.owned != nil {
-			l.owned[rs] = struct{}{}
-		}
-	} else if l.owned != nil {
-		if _, ok := l.owned[rs]; !ok {
-			rs = rs.clone()
-			l.rules[name] = rs
-			l.owned[rs] = struct{}{}
-		}
 	}
 	return rs
 }
@@ -857,31 +844,36 @@ func (l *Ledger) dropNameLocked(ev *Event, name string) *dropStats {
 		if len(l.dropped) >= l.opt.MaxDropped-1 { // one kept for the overflow entry
 			k = overflowKey
 			if ds = l.dropped[k]; ds != nil {
-				return l.ownDropLocked(ds)
+				return ds
 			}
 		}
 		ds = &dropStats{key: k}
 		l.dropped[k] = ds
-		if l.owned != nil {
-			l.owned[ds] = struct{}{}
-		}
 	}
-	return l.ownDropLocked(ds)
+	return ds
 }
 
-// ownDropLocked returns ds, or on a report's overlay its own copy of it.
-func (l *Ledger) ownDropLocked(ds *dropStats) *dropStats {
-	if l.owned == nil {
-		return ds
+// copyLocked returns a ledger with a copy of l's counts that shares
+// nothing l changes (the report's overlay of the open flows, counted and
+// reported from without l's lock): no flow records, log or metrics.
+func (l *Ledger) copyLocked() *Ledger {
+	c := &Ledger{
+		opt: l.opt, eng: l.eng, seed: l.seed,
+		rules:   make(map[string]*ruleStats, len(l.rules)),
+		dropped: make(map[dropKey]*dropStats, len(l.dropped)),
+		totals:  l.totals, lastMode: l.lastMode, shed: l.shed, unwritten: l.unwritten,
+		shedMarks: slices.Clone(l.shedMarks), firstEvent: l.firstEvent,
+		ech: echStats{stripped: l.ech.stripped, wouldStrip: l.ech.wouldStrip, clients: l.ech.clients.clone(), names: l.ech.names.clone()},
 	}
-	if _, ok := l.owned[ds]; ok {
-		return ds
+	for k, rs := range l.rules {
+		c.rules[k] = rs.clone()
 	}
-	c := *ds
-	c.clients = ds.clients.clone()
-	l.dropped[c.key] = &c
-	l.owned[&c] = struct{}{}
-	return &c
+	for k, ds := range l.dropped {
+		d := *ds
+		d.clients = ds.clients.clone()
+		c.dropped[k] = &d
+	}
+	return c
 }
 
 // clone returns a copy of rs that shares nothing with it.

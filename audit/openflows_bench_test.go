@@ -40,3 +40,45 @@ func BenchmarkReportOpenFlows(b *testing.B) {
 		l.Report(ReportOptions{})
 	}
 }
+
+// BenchmarkReportOpenFlowsStall is BenchmarkReportOpenFlows with the
+// journal's writer adding events meanwhile: stall-ms is the longest one
+// Emit waited (for the ledger's lock) while the reports were made.
+func BenchmarkReportOpenFlowsStall(b *testing.B) {
+	l := NewLedger(nil, LedgerOptions{})
+	for i := range uint64(100000) {
+		l.Emit(benchEvent(i))
+	}
+	open := make([]Event, 65536)
+	for i := range open {
+		ev := benchEvent(uint64(200000 + i))
+		ev.Source, ev.Proto, ev.DestPort, ev.ClientPort = SourceCapture, "udp", 123, uint16(1024+i)
+		ev.Time = t0.Add(time.Hour)
+		open[i] = ev
+	}
+	l.SetOpenFlows(func() []Event { return open })
+	stop := make(chan struct{})
+	worst := make(chan time.Duration)
+	go func() {
+		var w time.Duration
+		for i := uint64(300000); ; i++ {
+			select {
+			case <-stop:
+				worst <- w
+				return
+			default:
+			}
+			start := time.Now()
+			l.Emit(benchEvent(i))
+			w = max(w, time.Since(start))
+			time.Sleep(100 * time.Microsecond)
+		}
+	}()
+	b.ResetTimer()
+	for i := 0; i < b.N; i++ {
+		l.Report(ReportOptions{})
+	}
+	b.StopTimer()
+	close(stop)
+	b.ReportMetric(float64(<-worst)/float64(time.Millisecond), "stall-ms")
+}

@@ -1,6 +1,7 @@
 package audit
 
 import (
+	"net/netip"
 	"slices"
 	"sync"
 	"testing"
@@ -209,6 +210,56 @@ func TestReportOpenFlowsProxyWins(t *testing.T) {
 		if vc.Flows != 2 || vc.OpenFlows != 2 || len(r.Dropped) != 0 || r.Totals.Flows != 2 || r.Totals.Dropped != 0 || r.OpenFlows != 2 || r.Totals.Events != 0 {
 			t.Errorf("order %s %s %s: vendor-cloud %d flows (%d open), %d dropped entries, totals %+v, %d open; want 2 (2 open), none dropped, 2 open, no event",
 				open[0].Source, open[1].Source, open[2].Source, vc.Flows, vc.OpenFlows, len(r.Dropped), r.Totals, r.OpenFlows)
+		}
+	}
+}
+
+// TestReportOpenFlowsWhileEmitting: reports that count open flows, made
+// while events come in to the rules, dropped entries and ECH counts the
+// open flows touch, count each open flow once and leave the ledger as the
+// events made it (under -race: the report's overlay shares nothing the
+// ledger changes).
+func TestReportOpenFlowsWhileEmitting(t *testing.T) {
+	eng := loadPolicy(t, "policy.yaml")
+	l := NewLedger(eng, LedgerOptions{})
+	var open []Event
+	for i := range 64 {
+		ntp := fev{kind: KindFlow, src: SourceCapture, at: time.Hour, client: "192.168.10.7", cport: uint16(50000 + i),
+			dest: "203.0.113.123", dport: 123, proto: "udp", out: 48, in: 48}.event(eng)
+		drop := fev{kind: KindFlow, src: SourceCapture, at: time.Hour, client: "192.168.10.8", cport: uint16(50000 + i),
+			dest: "198.51.100.9", dport: 443, proto: "tcp", name: "tracker.example", nsrc: NameSNI}.event(eng)
+		open = append(open, ntp, drop)
+	}
+	l.SetOpenFlows(func() []Event { return slices.Clone(open) })
+	const events = 2000
+	done := make(chan struct{})
+	go func() {
+		defer close(done)
+		for i := range events {
+			ev := fev{kind: KindFlow, src: SourceCapture, at: 30 * time.Minute, client: "192.168.10.9", cport: uint16(1024 + i),
+				dest: "203.0.113.123", dport: 123, proto: "udp", out: 1}.event(eng)
+			if i%2 == 1 {
+				ev = fev{kind: KindFlow, src: SourceProxy, at: 30 * time.Minute, client: "192.168.10.9", cport: uint16(1024 + i),
+					dest: "198.51.100.9", dport: 443, proto: "tcp", name: "tracker.example", nsrc: NameSNI}.event(eng)
+				ev.Filtered = "ech"
+				ev.Client = netip.AddrFrom4([4]byte{192, 168, 11, byte(i / 2)}) // new clients: the ECH list grows
+			}
+			l.Emit(ev)
+		}
+	}()
+	for i := 0; ; i++ {
+		r := l.Report(ReportOptions{Now: t0.Add(2 * time.Hour)})
+		if r.OpenFlows != uint64(len(open)) || r.Totals.Flows != r.Totals.Events+uint64(len(open)) {
+			t.Fatalf("report %d: %d open flows, totals %+v; want %d open, each event a flow and each open flow one", i, r.OpenFlows, r.Totals, len(open))
+		}
+		select {
+		case <-done:
+			l.SetOpenFlows(nil)
+			if r := l.Report(ReportOptions{Now: t0.Add(2 * time.Hour)}); r.Totals.Flows != events || r.Totals.Events != events || r.OpenFlows != 0 {
+				t.Fatalf("the ledger after the reports: totals %+v, %d open; want %d flows, none open", r.Totals, r.OpenFlows, events)
+			}
+			return
+		default:
 		}
 	}
 }
