@@ -365,7 +365,7 @@ func (l *Ledger) SetOpenFlows(fn func() []Event) {
 // nothing with it, so that the flows are counted, and the report made,
 // after the lock is let go. Before, they were counted on a copy-on-write
 // overlay under the lock, and with 65,536 open flows the journal's writer
-// waited about 215 ms for it (BenchmarkReportOpenFlows); now the lock is
+// waited 150–210 ms for it (BenchmarkReportOpenFlows); now the lock is
 // held for the lookups and the copy.
 func (l *Ledger) snapshotOpen(opt ReportOptions, open []Event) *Report {
 	if len(open) == 0 {
