@@ -175,7 +175,7 @@ func TestReadDirAheadInOrder(t *testing.T) {
 	var want []Event
 	wst, werr := readDir(dir, slog.New(slog.DiscardHandler), time.Time{}, false, "", func(ev Event) { want = append(want, ev) })
 	var got []Event
-	gst, gerr := readDirAhead(dir, slog.New(slog.DiscardHandler), false, "", func(ev Event) { got = append(got, ev) })
+	gst, gerr := readDirAhead(dir, slog.New(slog.DiscardHandler), false, "", nil, func(ev Event) { got = append(got, ev) })
 	if werr != nil || gerr != nil {
 		t.Fatal(werr, gerr)
 	}

@@ -74,7 +74,28 @@ type JournalConfig struct {
 	// only renames it): events-TIME.ndjson becomes events-TIME.ndjson.gz.
 	// MaxFiles bounds the kept rotated files alike (overLimit).
 	Compress bool
+	// Background leaves the read of the event log into the ledger to
+	// Run: OpenJournal only opens the log for appending (it reads
+	// nothing, returns empty LoadStats), and Run reads the log first,
+	// then takes the queue, so the daemon serves while the log is read
+	// (a restart's read of a full log takes seconds). Events emitted
+	// meanwhile wait on the queue (QueueLen; beyond it they are shed and
+	// counted, as under overload) and reach the ledger after the old
+	// ones, each once. Reports made meanwhile say the read is not done
+	// (Report.Loading). No rotation, fold or compression runs before the
+	// read ends; Close stops it and still writes what is queued.
+	Background bool
+	// LoadDone, when set with Background, is called by Run once the read
+	// ended: what it read, how long it took, and why it did not end
+	// (ErrLoadStopped when Close or Run's context stopped it; another
+	// error leaves the ledger partial, said in every report, while the
+	// events since the start are still written).
+	LoadDone func(LoadStats, time.Duration, error)
 }
+
+// ErrLoadStopped is the error of a background read of the event log that
+// Close (or Run's context) stopped before its end.
+var ErrLoadStopped = errors.New("audit: the read of the event log was stopped")
 
 // Validate returns all problems of c.
 func (c JournalConfig) Validate() error {
@@ -205,13 +226,40 @@ type Journal struct {
 	done    chan struct{}
 	running atomic.Bool
 	once    sync.Once
+
+	// The read of the log into the ledger (load): in OpenJournal, or,
+	// with Background, in Run before it takes the queue.
+	ctl        *loadCtl
+	loading    atomic.Bool   // a background read has not ended
+	loaded     chan struct{} // closed when it ended (at once without Background)
+	archReady  chan struct{} // closed once archLast is known (scan waits for it)
+	loadStats  LoadStats     // of the read; the writer's until loaded is closed
+	loadErr    error         // why the read did not end; set before loaded is closed
+	loadedFrom int64         // the current file's size at open: the read stops there
+	loadStop   chan struct{} // closed by runLoad to stop a background read
 }
+
+// loadCtl steers and counts a read of the log (readDirCtl).
+type loadCtl struct {
+	stop     <-chan struct{} // closed: stop reading (errLoadStopped)
+	curLimit int64           // the current file is read up to this size; < 0: whole
+	files    atomic.Int64    // files read so far
+	total    atomic.Int64    // files to read
+	events   atomic.Uint64   // events read so far
+	// fileHook, when set (tests), is called after each file read, with
+	// the files read so far: a test stalls the read there.
+	fileHook func(files int, stop <-chan struct{})
+}
+
+// testHookLoadFile, when set, is the fileHook of each journal's read.
+var testHookLoadFile func(files int, stop <-chan struct{})
 
 var _ Sink = (*Journal)(nil)
 
 // OpenJournal reads the event log in cfg.Dir into ledger (counts continue
 // across restarts; a torn last line is skipped with a warning and cut off),
-// then opens the log for appending. Call Run to start writing and Close
+// then opens the log for appending; with cfg.Background, it only opens the
+// log and Run reads it first. Call Run to start writing and Close
 // when done. The ledger should be fresh.
 func OpenJournal(cfg JournalConfig, ledger *Ledger) (*Journal, LoadStats, error) {
 	if err := cfg.Validate(); err != nil {
@@ -225,14 +273,10 @@ func OpenJournal(cfg JournalConfig, ledger *Ledger) (*Journal, LoadStats, error)
 		cfg: cfg, ledger: ledger, log: cfg.Logger,
 		kick: make(chan struct{}, 1), syncs: make(chan chan struct{}),
 		stop: make(chan struct{}), done: make(chan struct{}),
+		loaded: make(chan struct{}), archReady: make(chan struct{}),
 	}
 	removeArchiveTemps(cfg.Dir)
 	removeCompressTemps(cfg.Dir)
-	st, err := loadInto(cfg.Dir, cfg.Logger, true, ledger, func(ev Event) { j.saw(ev.Time) })
-	if err != nil {
-		return nil, st, err
-	}
-	j.archLast = ledger.archLast()
 	if cfg.DetailBurst >= 0 {
 		j.detail = newDetailBudget(cfg.DetailBurst, cfg.DetailRate, cfg.DetailInterval)
 		j.lines = newDetailBudget(cfg.DetailBurst, cfg.DetailRate, cfg.DetailInterval)
@@ -240,16 +284,78 @@ func OpenJournal(cfg JournalConfig, ledger *Ledger) (*Journal, LoadStats, error)
 	}
 	f, err := os.OpenFile(filepath.Join(cfg.Dir, CurrentLog), os.O_CREATE|os.O_WRONLY|os.O_APPEND, 0o640)
 	if err != nil {
-		return nil, st, fmt.Errorf("audit: open event log: %w", err)
+		return nil, LoadStats{}, fmt.Errorf("audit: open event log: %w", err)
 	}
 	fi, err := f.Stat()
 	if err != nil {
 		f.Close()
-		return nil, st, fmt.Errorf("audit: open event log: %w", err)
+		return nil, LoadStats{}, fmt.Errorf("audit: open event log: %w", err)
 	}
-	j.f, j.size = f, fi.Size()
+	j.f, j.size, j.loadedFrom = f, fi.Size(), fi.Size()
+	// A file that ends in a partial line (a crash mid-write) gets its
+	// next line on a line of its own even when the read that cuts the
+	// fragment off did not run (Close during a background read).
+	j.torn = endsTorn(filepath.Join(cfg.Dir, CurrentLog), j.size)
+	j.ctl = &loadCtl{curLimit: j.loadedFrom, fileHook: testHookLoadFile}
+	ledger.mu.Lock()
+	ledger.history = j.scan
+	ledger.mu.Unlock()
+	if cfg.Background {
+		j.loadStop = make(chan struct{})
+		j.ctl.stop = j.loadStop
+		j.loading.Store(true)
+		ledger.mu.Lock()
+		ledger.loadWait = j.waitLoaded
+		ledger.mu.Unlock()
+		return j, LoadStats{}, nil
+	}
+	st, err := j.load()
+	if err != nil {
+		f.Close()
+		return nil, st, err
+	}
+	j.afterLoad(true)
+	j.loadStats = st
+	close(j.loaded)
+	return j, st, nil
+}
+
+// load reads the log into the ledger, the current file up to its size at
+// open: nothing is appended meanwhile (the writer waits for it, or Run
+// has not started), so it is read once, never its new lines. Closing
+// j.ctl.stop ends the read (ErrLoadStopped).
+func (j *Journal) load() (LoadStats, error) {
+	defer j.archKnown()
+	st, err := loadInto(j.cfg.Dir, j.cfg.Logger, true, j.ledger, j.ctl, func(ev Event) { j.saw(ev.Time) }, func() {
+		j.rotMu.Lock()
+		j.archLast = j.ledger.archLast()
+		j.rotMu.Unlock()
+		j.archKnown()
+	})
+	if err == nil {
+		// The read cut a torn last line off: the file ends whole now.
+		if fi, serr := j.f.Stat(); serr == nil {
+			j.size = fi.Size()
+		}
+		j.torn = endsTorn(filepath.Join(j.cfg.Dir, CurrentLog), j.size)
+	}
+	return st, err
+}
+
+// archKnown says archLast is set (scan may read).
+func (j *Journal) archKnown() {
+	select {
+	case <-j.archReady:
+	default:
+		close(j.archReady)
+	}
+}
+
+// afterLoad does what waits for the read: the gauge of files pending a
+// fold, and, with start, the compression of rotated files left plain.
+func (j *Journal) afterLoad(start bool) {
 	plain := false
-	if files, err := LogFiles(cfg.Dir); err == nil {
+	if files, err := LogFiles(j.cfg.Dir); err == nil {
 		var rotated []string
 		for _, p := range files {
 			if end, ok := rotatedTime(p); ok {
@@ -265,17 +371,107 @@ func OpenJournal(cfg JournalConfig, ledger *Ledger) (*Journal, LoadStats, error)
 		// next rotation's fold because the daemon restarted.
 		j.unfolded.Store(int64(max(0, j.overLimit(rotated))))
 	}
-	ledger.mu.Lock()
-	ledger.history = j.scan
-	ledger.mu.Unlock()
-	if cfg.Compress && plain {
+	if start && j.cfg.Compress && plain {
 		// Rotated files left plain (a crash or a stop during their
 		// compression, a failed one, or a run without Compress) are
 		// compressed now, in the background.
 		j.folds.Add(1)
 		go j.fold()
 	}
-	return j, st, nil
+}
+
+// endsTorn says whether the file at path, size bytes long, ends in a
+// partial line (not in a newline).
+func endsTorn(path string, size int64) bool {
+	if size == 0 {
+		return false
+	}
+	f, err := os.Open(path)
+	if err != nil {
+		return false
+	}
+	defer f.Close()
+	var b [1]byte
+	if _, err := f.ReadAt(b[:], size-1); err != nil {
+		return false
+	}
+	return b[0] != '\n'
+}
+
+// runLoad is Run's background read of the log: it ends when the read
+// does, or stops it when ctx is done or Close is called.
+func (j *Journal) runLoad(ctx context.Context) {
+	fin := make(chan struct{})
+	go func() {
+		select {
+		case <-ctx.Done():
+		case <-j.stop:
+		case <-fin:
+		}
+		close(j.loadStop)
+	}()
+	start := time.Now()
+	st, err := j.load()
+	close(fin)
+	stopped := errors.Is(err, ErrLoadStopped)
+	if err != nil && !stopped {
+		j.log.Error("audit: the event log could not be read whole; counts are partial, events from now on are counted and written",
+			LogError, err, "files_read", st.Files, "events_read", st.Events)
+	}
+	j.afterLoad(!stopped)
+	j.loadStats, j.loadErr = st, err
+	if j.cfg.LoadDone != nil {
+		j.cfg.LoadDone(st, time.Since(start), err)
+	}
+	j.loading.Store(false)
+	close(j.loaded)
+}
+
+// LoadErr returns why the background read of the event log did not end
+// (the ledger's counts are partial), or nil: a degraded state for
+// /readyz ("event log read failed"). A read stopped by Close is none.
+func (j *Journal) LoadErr() error {
+	select {
+	case <-j.loaded:
+	default:
+		return nil
+	}
+	if errors.Is(j.loadErr, ErrLoadStopped) {
+		return nil
+	}
+	return j.loadErr
+}
+
+// reportLoadWait is how long a report waits for a background read of the
+// event log to end before it answers with the counts so far, marked
+// partial (Report.Loading).
+var reportLoadWait = 2 * time.Second
+
+// waitLoaded waits up to timeout for the background read to end; it
+// returns nil when it ended whole, else how far it got.
+func (j *Journal) waitLoaded(timeout time.Duration) *Loading {
+	if timeout > 0 {
+		t := time.NewTimer(timeout)
+		defer t.Stop()
+		select {
+		case <-j.loaded:
+		case <-t.C:
+		}
+	}
+	select {
+	case <-j.loaded:
+		if j.loadErr == nil || errors.Is(j.loadErr, ErrLoadStopped) {
+			return nil
+		}
+		st := j.loadStats
+		return &Loading{Files: st.Files, FilesTotal: int(j.ctl.total.Load()), Events: st.Events, Error: j.loadErr.Error()}
+	default:
+	}
+	c := j.ctl
+	if c == nil {
+		return &Loading{}
+	}
+	return &Loading{Files: int(c.files.Load()), FilesTotal: int(c.total.Load()), Events: c.events.Load()}
 }
 
 // LoadDir reads the event log in dir into a new ledger, without writing
@@ -295,7 +491,7 @@ func LoadDir(dir string, eng *policy.Engine, opt LedgerOptions, log *slog.Logger
 	for try := 1; ; try++ {
 		before := dirState(dir)
 		l = NewLedger(eng, opt)
-		st, err = loadInto(dir, log, false, l, nil)
+		st, err = loadInto(dir, log, false, l, nil, nil, nil)
 		changed := before != dirState(dir)
 		if (err == nil || errors.Is(err, os.ErrNotExist)) && changed && try < 4 {
 			continue
@@ -343,8 +539,10 @@ func dirState(dir string) string {
 // files, if any, then adds the events of the kept files. With repair
 // (the daemon), a torn last line is cut and an unreadable summary is set
 // aside (not one a newer egressd wrote); never does either stop the load.
-// each, when not nil, sees every event of the kept files first.
-func loadInto(dir string, log *slog.Logger, repair bool, l *Ledger, each func(Event)) (LoadStats, error) {
+// each, when not nil, sees every event of the kept files first; arch,
+// when not nil, is called once the summary is in l. ctl, when not nil,
+// steers and counts the read (readDirCtl).
+func loadInto(dir string, log *slog.Logger, repair bool, l *Ledger, ctl *loadCtl, each func(Event), arch func()) (LoadStats, error) {
 	a, note, _ := loadArchive(dir, log, repair)
 	if testHookArchiveRead != nil {
 		testHookArchiveRead()
@@ -359,9 +557,15 @@ func loadInto(dir string, log *slog.Logger, repair bool, l *Ledger, each func(Ev
 		l.archNote = note
 		l.mu.Unlock()
 	}
-	st, err := readDirAhead(dir, log, repair, skip, func(ev Event) {
+	if arch != nil {
+		arch()
+	}
+	st, err := readDirAhead(dir, log, repair, skip, ctl, func(ev Event) {
 		if each != nil {
 			each(ev)
+		}
+		if ctl != nil {
+			ctl.events.Add(1)
 		}
 		if ev.Kind == KindShed {
 			l.addShed(ev.Time, ev.Count)
@@ -379,38 +583,58 @@ func loadInto(dir string, log *slog.Logger, repair bool, l *Ledger, each func(Ev
 // on a goroutine of its own a few batches of events ahead of fn, which
 // sees them in order on the caller's: a restart's read of the log takes
 // the longer of the two, not their sum (BenchmarkOpenJournalFull).
-func readDirAhead(dir string, log *slog.Logger, repair bool, skip string, fn func(Event)) (LoadStats, error) {
+func readDirAhead(dir string, log *slog.Logger, repair bool, skip string, ctl *loadCtl, fn func(Event)) (LoadStats, error) {
 	const batchLen, ahead = 512, 4
-	batches := make(chan []Event, ahead)
+	// A batch is events, and, with files > 0, the mark that the files
+	// before it are read whole once its events are taken (ctl counts a
+	// file when its events are in the ledger, not when read ahead).
+	type aheadBatch struct {
+		evs   []Event
+		files int
+	}
+	batches := make(chan aheadBatch, ahead)
 	free := make(chan []Event, ahead+1)
 	var st LoadStats
 	var err error
 	go func() {
 		defer close(batches)
 		batch := make([]Event, 0, batchLen)
-		st, err = readDir(dir, log, time.Time{}, repair, skip, func(ev Event) {
+		next := func(files int) {
+			batches <- aheadBatch{batch, files}
+			select {
+			case batch = <-free:
+			default:
+				batch = make([]Event, 0, batchLen)
+			}
+		}
+		var fileEnd func(int)
+		if ctl != nil {
+			fileEnd = next
+		}
+		st, err = readDirCtl(dir, log, time.Time{}, repair, skip, ctl, fileEnd, func(ev Event) {
 			batch = append(batch, ev)
 			if len(batch) == batchLen {
-				batches <- batch
-				select {
-				case batch = <-free:
-				default:
-					batch = make([]Event, 0, batchLen)
-				}
+				next(0)
 			}
 		})
 		if len(batch) > 0 {
-			batches <- batch
+			batches <- aheadBatch{batch, 0}
 		}
 	}()
-	for batch := range batches {
-		for i := range batch {
-			fn(batch[i])
+	for b := range batches {
+		for i := range b.evs {
+			fn(b.evs[i])
 		}
-		clear(batch) // no references kept to the events' strings
+		clear(b.evs) // no references kept to the events' strings
 		select {
-		case free <- batch[:0]:
+		case free <- b.evs[:0]:
 		default:
+		}
+		if b.files > 0 {
+			ctl.files.Store(int64(b.files))
+			if ctl.fileHook != nil {
+				ctl.fileHook(b.files, ctl.stop)
+			}
 		}
 	}
 	return st, err // set before batches closed
@@ -424,6 +648,9 @@ var testHookArchiveRead func()
 // rotation, which renames the current file and opens a new one: a listing
 // taken in between would miss the renamed file.
 func (j *Journal) scan(since time.Time, fn func(Event)) error {
+	// A background read sets archLast once it read the summary: before,
+	// the files in it would be read again.
+	<-j.archReady
 	j.rotMu.RLock()
 	defer j.rotMu.RUnlock()
 	_, err := readDir(j.cfg.Dir, slog.New(slog.DiscardHandler), since, false, j.archLast, fn)
@@ -476,6 +703,14 @@ func logName(path string) string {
 // report counts as in no window. Rotated files named skip or older are in
 // the summary already and are not read.
 func readDir(dir string, log *slog.Logger, since time.Time, repair bool, skip string, fn func(Event)) (LoadStats, error) {
+	return readDirCtl(dir, log, since, repair, skip, nil, nil, fn)
+}
+
+// readDirCtl is readDir steered by ctl, when not nil: the read stops
+// (ErrLoadStopped) once ctl.stop is closed, reads the current file up to
+// ctl.curLimit, and counts the files to read. fileEnd, when not nil, is
+// called after each file with the files read so far.
+func readDirCtl(dir string, log *slog.Logger, since time.Time, repair bool, skip string, ctl *loadCtl, fileEnd func(int), fn func(Event)) (LoadStats, error) {
 	var st LoadStats
 	files, err := LogFiles(dir)
 	if err != nil {
@@ -485,6 +720,7 @@ func readDir(dir string, log *slog.Logger, since time.Time, repair bool, skip st
 		return st, err
 	}
 	skip = strings.TrimSuffix(skip, gzSuffix)
+	var read []string
 	for i, path := range files {
 		if n := logName(path); skip != "" && n != CurrentLog && n <= skip {
 			continue
@@ -494,16 +730,55 @@ func readDir(dir string, log *slog.Logger, since time.Time, repair bool, skip st
 				continue
 			}
 		}
-		last := i == len(files)-1 && filepath.Base(path) == CurrentLog
-		if err := readFile(path, log, repair && last, &st, fn); err != nil {
+		read = append(read, path)
+	}
+	if ctl != nil {
+		ctl.total.Store(int64(len(read)))
+	}
+	for i, path := range read {
+		last := i == len(read)-1 && filepath.Base(path) == CurrentLog
+		if ctl != nil && ctl.stopped() {
+			return st, ErrLoadStopped
+		}
+		if err := readFileCtl(path, log, repair && last, &st, ctl, last, fn); err != nil {
 			if !errors.As(err, new(damagedError)) {
 				return st, err
 			}
 			st.Damaged++
 		}
 		st.Files++
+		if fileEnd != nil {
+			fileEnd(st.Files)
+		}
 	}
 	return st, nil
+}
+
+// stopped says whether the read is to stop.
+func (c *loadCtl) stopped() bool {
+	if c.stop == nil {
+		return false
+	}
+	select {
+	case <-c.stop:
+		return true
+	default:
+		return false
+	}
+}
+
+// stopReader ends a read with ErrLoadStopped once its loadCtl says stop:
+// a read of a long log on a slow disk ends at the next 64 KiB.
+type stopReader struct {
+	r   io.Reader
+	ctl *loadCtl
+}
+
+func (s stopReader) Read(p []byte) (int, error) {
+	if s.ctl.stopped() {
+		return 0, ErrLoadStopped
+	}
+	return s.r.Read(p)
 }
 
 func rotatedTime(path string) (time.Time, bool) {
@@ -531,6 +806,12 @@ func ReadEvents(r io.Reader, fn func(Event)) (skipped int, torn bool, err error)
 // is read in its compressed form (the compression removed it after the
 // caller listed it).
 func readFile(path string, log *slog.Logger, repair bool, st *LoadStats, fn func(Event)) error {
+	return readFileCtl(path, log, repair, st, nil, false, fn)
+}
+
+// readFileCtl is readFile steered by ctl, when not nil (readDirCtl);
+// current says path is the current file.
+func readFileCtl(path string, log *slog.Logger, repair bool, st *LoadStats, ctl *loadCtl, current bool, fn func(Event)) error {
 	f, err := os.Open(path)
 	if err != nil && errors.Is(err, os.ErrNotExist) && isRotated(filepath.Base(path)) && !strings.HasSuffix(path, gzSuffix) {
 		path += gzSuffix
@@ -540,13 +821,23 @@ func readFile(path string, log *slog.Logger, repair bool, st *LoadStats, fn func
 		return fmt.Errorf("audit: read event log: %w", err)
 	}
 	defer f.Close()
+	var r io.Reader = f
+	if ctl != nil {
+		r = stopReader{f, ctl}
+		if current && ctl.curLimit >= 0 {
+			r = io.LimitReader(r, ctl.curLimit)
+		}
+	}
 	if strings.HasSuffix(path, gzSuffix) {
 		before := st.Events
-		zr, err := gzip.NewReader(bufio.NewReaderSize(f, 64<<10))
+		zr, err := gzip.NewReader(bufio.NewReaderSize(r, 64<<10))
 		if err != nil {
 			err = fmt.Errorf("audit: read %s: %w", path, err)
 		} else {
 			_, err = readStream(zr, path, log, st, fn)
+		}
+		if errors.Is(err, ErrLoadStopped) {
+			return err
 		}
 		if err != nil {
 			err = damagedError{err}
@@ -555,7 +846,7 @@ func readFile(path string, log *slog.Logger, repair bool, st *LoadStats, fn func
 		}
 		return err
 	}
-	good, err := readStream(f, path, log, st, fn)
+	good, err := readStream(r, path, log, st, fn)
 	if err != nil {
 		return err
 	}
@@ -721,6 +1012,11 @@ func (j *Journal) Run(ctx context.Context) error {
 		return errors.New("audit: journal: Run called twice")
 	}
 	defer close(j.done)
+	if j.cfg.Background {
+		// The old events into the ledger first; what is emitted
+		// meanwhile waits on the queue and comes after them.
+		j.runLoad(ctx)
+	}
 	tick := time.NewTicker(j.cfg.FlushInterval / 2)
 	defer tick.Stop()
 	j.lastFlush = time.Now()
@@ -752,11 +1048,14 @@ func (j *Journal) Run(ctx context.Context) error {
 
 // Sync waits until the writer has taken the events queued before the
 // call into the ledger and the log (flushed), and reports whether it did
-// within timeout; false at once when Run is not running. The daemon's
+// within timeout; false at once when Run is not running or is still
+// reading the log (Background). The daemon's
 // live report calls it after listing capture's open flows: a flow capture
 // reported just before is then in the ledger, not in neither.
 func (j *Journal) Sync(timeout time.Duration) bool {
-	if !j.running.Load() {
+	if !j.running.Load() || j.loading.Load() {
+		// While the log is read (Background), the writer takes no
+		// queue: the report says its counts are partial (Loading).
 		return false
 	}
 	t := time.NewTimer(timeout)
@@ -879,6 +1178,12 @@ func (j *Journal) Close() error {
 		close(j.stop)
 		if j.running.CompareAndSwap(false, true) {
 			// Run never started: do its final work here.
+			if j.cfg.Background {
+				j.loadErr = ErrLoadStopped
+				j.loading.Store(false)
+				j.archKnown()
+				close(j.loaded)
+			}
 			err = j.finish()
 			close(j.done)
 			return

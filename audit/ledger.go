@@ -160,6 +160,10 @@ type Ledger struct {
 	// open, when set, lists the flows open now that no event reported
 	// yet (SetOpenFlows): the live report counts them, the ledger not.
 	open func() []Event
+	// loadWait, set by a journal that reads the log in the background
+	// (JournalConfig.Background), waits a while for the read to end and
+	// says how far it got when it did not (nil: whole).
+	loadWait func(time.Duration) *Loading
 }
 
 // archLast returns the newest file of the summary the ledger started

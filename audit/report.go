@@ -65,8 +65,30 @@ type Report struct {
 	// began): the live report counts them, once, and their event counts
 	// in their place when it comes. A report of the event log alone
 	// (`report --state-dir`, a restart's) has none.
-	OpenFlows uint64   `json:"open_flows,omitempty"`
-	Notes     []string `json:"notes,omitempty"`
+	OpenFlows uint64 `json:"open_flows,omitempty"`
+	// Loading is there when the counts are partial because the event log
+	// was not read whole into them: a restart's read still under way
+	// (the daemon serves while it reads), or one that failed (Error).
+	Loading *Loading `json:"loading,omitempty"`
+	Notes   []string `json:"notes,omitempty"`
+}
+
+// Loading says how far the read of the event log into the live report's
+// counts got (Report.Loading).
+type Loading struct {
+	Files      int    `json:"files"`       // files read whole
+	FilesTotal int    `json:"files_total"` // files to read
+	Events     uint64 `json:"events"`      // events read
+	// Error is why the read ended before its end; empty while it runs.
+	Error string `json:"error,omitempty"`
+}
+
+// note is Loading as a report's note.
+func (g *Loading) note() string {
+	if g.Error != "" {
+		return fmt.Sprintf("COUNTS ARE PARTIAL: the event log could not be read whole at the start (%s): %d events from %d of %d files are counted, and every event since the start", g.Error, g.Events, g.Files, g.FilesTotal)
+	}
+	return fmt.Sprintf("COUNTS ARE PARTIAL: the event log is still being read after the start (%d events from %d of %d files so far); the events since the start are counted once it is read; ask again in a few seconds", g.Events, g.Files, g.FilesTotal)
 }
 
 // Coverage says what a report's counts rest on: every event since
@@ -279,6 +301,17 @@ func (l *Ledger) Report(opt ReportOptions) *Report {
 	if opt.Now.IsZero() {
 		opt.Now = l.opt.Now()
 	}
+	// A restart's read of the event log still under way: wait a little
+	// for it (a log of a few files reads in that time), then answer with
+	// the counts so far, marked partial. It comes before the open flows,
+	// whose Sync waits for a writer that takes no queue while it reads.
+	l.mu.Lock()
+	loadWait := l.loadWait
+	l.mu.Unlock()
+	var loading *Loading
+	if loadWait != nil {
+		loading = loadWait(reportLoadWait)
+	}
 	// The open flows are listed before a window reads the event log: a
 	// flow reported in between is then in both, and counts once
 	// (snapshotOpen), rather than in neither.
@@ -339,6 +372,10 @@ func (l *Ledger) Report(opt ReportOptions) *Report {
 		r.Notes = append(r.Notes, r.beforeDetail(arch, eng, opt.Since.UTC()))
 	}
 	r.Notes = append(r.Notes, notes...)
+	if loading != nil {
+		r.Loading = loading
+		r.Notes = append([]string{loading.note()}, r.Notes...)
+	}
 	return r
 }
 
