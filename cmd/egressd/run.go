@@ -848,6 +848,10 @@ func (d *daemon) degradedParts() map[string]string {
 
 func (d *daemon) say(format string, args ...any) { fmt.Fprintf(d.out, format+"\n", args...) }
 
+// testHookJournal, when set (tests), may change the event log's
+// configuration before it opens: a test stalls its read (LoadDone).
+var testHookJournal func(*audit.JournalConfig)
+
 func (d *daemon) run(ctx context.Context) error {
 	// SIGHUP is caught from the start: one that comes while the parts
 	// start (systemd's ExecReload, a script that saw the first lines)
@@ -892,15 +896,37 @@ func (d *daemon) run(ctx context.Context) error {
 	// The event path: components → journal (bounded queue, never blocks)
 	// → ledger and the append-only log in the state directory. Without a
 	// usable state directory the ledger still counts, in memory only.
+	//
+	// The log is read into the ledger in the background (Background):
+	// DNS and the proxies serve at once, not after a read of seconds (in
+	// enforce mode nftables, kept across the restart, sends the LAN to
+	// them meanwhile). What is emitted during the read waits on the
+	// journal's queue and is counted after it; a report meanwhile says
+	// its counts are partial (README, "Compressed rotated files").
 	var wg sync.WaitGroup
-	j, stats, err := audit.OpenJournal(audit.JournalConfig{Dir: cfg.stateDir, Compress: true, Logger: d.log.With(audit.LogComponent, "audit")}, audit.NewLedger(eng, audit.LedgerOptions{}))
+	jcfg := audit.JournalConfig{Dir: cfg.stateDir, Compress: true, Logger: d.log.With(audit.LogComponent, "audit"), Background: true,
+		LoadDone: func(st audit.LoadStats, took time.Duration, err error) {
+			took = took.Round(time.Millisecond)
+			switch {
+			case err == nil:
+				d.say("event log: %s (%d earlier events restored, read in %s while serving)", cfg.stateDir, st.Events, took)
+			case errors.Is(err, audit.ErrLoadStopped):
+				d.say("event log: %s (its read stopped by the shutdown after %d earlier events, %s)", cfg.stateDir, st.Events, took)
+			default:
+				d.degrade("event log read", fmt.Sprintf("%v: counts of earlier events are partial (%d events of %d files read); events since the start are counted and written", err, st.Events, st.Files))
+			}
+		}}
+	if testHookJournal != nil {
+		testHookJournal(&jcfg)
+	}
+	j, _, err := audit.OpenJournal(jcfg, audit.NewLedger(eng, audit.LedgerOptions{}))
 	if err != nil {
 		d.degrade("event log", fmt.Sprintf("%v: reports are kept in memory only and lost on restart", err))
 		d.ledger = audit.NewLedger(eng, audit.LedgerOptions{})
 		d.sink = d.ledger
 	} else {
 		d.journal, d.ledger, d.sink = j, j.Ledger(), j
-		d.say("event log: %s (%d earlier events restored)", cfg.stateDir, stats.Events)
+		d.say("event log: %s (reading the earlier events in the background)", cfg.stateDir)
 		j.RegisterMetrics(d.reg)
 		// The journal outlives the components: it stops in shutdown,
 		// after them, so that what they emit while stopping (capture
