@@ -1007,6 +1007,8 @@ func (j *Journal) Ledger() *Ledger { return j.ledger }
 
 // Run writes queued events until ctx is done or Close is called, then
 // drains the queue, records the shed count, flushes and closes the file.
+// With Background it first reads the event log into the ledger (stopped
+// early by ctx or Close), and takes the queue only after it.
 func (j *Journal) Run(ctx context.Context) error {
 	if !j.running.CompareAndSwap(false, true) {
 		return errors.New("audit: journal: Run called twice")
