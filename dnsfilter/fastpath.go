@@ -159,11 +159,12 @@ func (s *Server) fast(sc *scratch, c udpConn, pkt []byte, src netip.AddrPort) bo
 	if s.cache != nil {
 		e = s.cache.get(key, nowNs)
 	}
-	if e != nil && dec.Allowed() {
+	if rule, ok := learnedRule(dec); e != nil && ok {
 		// The table before the gate is asked, as reply does: a firewall
 		// going in meanwhile seeds its sets from the table once the
-		// gate sees it (firewall/seed.go).
-		s.learn(src.Addr(), e, dec.Rule, nowNs)
+		// gate sees it (firewall/seed.go). In audit mode a name no rule
+		// allows is learned too, with no rule.
+		s.learn(src.Addr(), e, rule, nowNs)
 	}
 	if e == nil || dec.Allowed() && s.needsGate(e, eng, dec, src.Addr(), nil, now) {
 		// A miss: resolve in a goroutine with what was parsed here. So

@@ -134,7 +134,8 @@ func (s *Server) serveMsg(ctx context.Context, req *dns.Msg, src netip.AddrPort,
 //  7. for allowed answers, the firewall (Deps.Firewall) before the answer
 //     is written, so the client's first packet finds the addresses open
 //     (reply → gate);
-//  8. the learned-address table, for allowed answers.
+//  8. the learned-address table, for allowed answers, and in audit mode
+//     for the answers of names no rule allows too (with no rule).
 func (s *Server) answer(ctx context.Context, q *query, req *dns.Msg) []byte {
 	eng := s.pol.Load()
 	q.eng = eng
@@ -275,8 +276,30 @@ func (s *Server) reply(q *query, req *dns.Msg, e *entry, hit bool) []byte {
 		// gate passes over is there by then.
 		s.learn(q.client.Addr(), e, q.dec.Rule, now)
 		s.gate(q, e, now)
+	} else if rule, ok := learnedRule(q.dec); ok {
+		// Audit mode answers a name no rule allows: the table keeps it
+		// too, with no rule, so that the switch to enforce lets the
+		// client go on where the new policy covers it (firewall/seed.go).
+		// The firewall is not asked: no set of this policy takes it.
+		s.learn(q.client.Addr(), e, rule, now)
 	}
 	return out
+}
+
+// learnedRule returns the rule the learned-address table keeps an answer
+// decided by d with, and whether it keeps the answer at all: an allowed
+// answer with the rule that allowed it; in audit mode, which answers
+// every name, one no rule allows with none (""), so that a reader
+// deciding the name again under another policy (the reload to enforce)
+// finds it. In enforce mode such a name is not answered from upstream.
+func learnedRule(d policy.Decision) (string, bool) {
+	switch {
+	case d.Allowed():
+		return d.Rule, true
+	case d.Mode == policy.ModeAudit:
+		return "", true
+	}
+	return "", false
 }
 
 // truncate cuts a packed answer to size for UDP, setting TC (RFC 2181 §9).

@@ -192,18 +192,62 @@ func TestAuditModeForwardsAndRecords(t *testing.T) {
 	if !ok || ev.Verdict != policy.Deny || ev.Enforced || ev.Mode != policy.ModeAudit || ev.Reason != policy.ReasonNoRule {
 		t.Errorf("would-deny event %+v", ev)
 	}
-	if n := ts.Table().NamesFor(netip.Addr{}, netip.MustParseAddr("198.51.100.1")); n != nil {
-		t.Errorf("would-deny learned: %v", n)
+	// The would-deny answer is learned, with no rule: the reload to
+	// enforce decides it again under the new policy (firewall/seed.go).
+	if l := ts.Table().Lookup(netip.MustParseAddr("198.51.100.1")); len(l) != 1 || l[0].Name != "www.denied.test" || l[0].Rule != "" || l[0].Client != netip.MustParseAddr("127.0.0.1") {
+		t.Errorf("would-deny answer in the table: %+v, want www.denied.test for 127.0.0.1 with no rule", l)
 	}
 	// The allowed name in audit mode is an allow.
 	ask(t, "udp", ts.Addr, "www.allowed.test.", dns.TypeA, false)
 	if ev, _ := ts.Sink.find("www.allowed.test"); ev.Verdict != policy.Allow || ev.Mode != policy.ModeAudit {
 		t.Errorf("allow event %+v", ev)
 	}
+	if l := ts.Table().Lookup(netip.MustParseAddr("192.0.2.10")); len(l) != 1 || l[0].Rule != "lab" {
+		t.Errorf("allowed answer in the table: %+v, want rule lab", l)
+	}
 	// Switching the store to enforce takes effect at once (reload).
 	ts.pol.Swap(ts.pol.Load().WithMode(policy.ModeEnforce))
 	if r := ask(t, "udp", ts.Addr, "www.denied.test.", dns.TypeA, true); r.Rcode != dns.RcodeRefused {
 		t.Errorf("after swap to enforce: %s (cached answers must not bypass the policy)", dns.RcodeToString[r.Rcode])
+	}
+}
+
+// TestAuditModeDeniedAnswersDoNotPushOutAllowed: in audit mode every name
+// the LAN asks is learned, the ones no rule allows with no rule; a table
+// full of allowed answers keeps them all, and the would-deny answer is
+// not kept instead of one.
+func TestAuditModeDeniedAnswersDoNotPushOutAllowed(t *testing.T) {
+	up := newFakeUpstream(t, labZone)
+	tbl := NewTable(tableShards) // one item per shard
+	client := netip.MustParseAddr("192.0.2.200")
+	exp := time.Now().Add(time.Hour)
+	for i := range 40 * tableShards {
+		tbl.Learn(Learned{Client: client, Name: "www.allowed.test", Addr: netip.AddrFrom4([4]byte{203, 0, 113, byte(i)}).Next(), Rule: "lab", Expires: exp})
+		tbl.Learn(Learned{Client: client, Name: "www.allowed.test", Addr: netip.AddrFrom16([16]byte{0x20, 0x01, 0x0d, 0xb8, 15: byte(i), 14: byte(i >> 8)}), Rule: "lab", Expires: exp})
+	}
+	before := tbl.HeldAll(nil)
+	if len(before) != tableShards {
+		t.Fatalf("%d allowed entries, want every shard full (%d)", len(before), tableShards)
+	}
+	ts := startServer(t, auditPolicy, Config{Upstreams: []string{up.Addr}}, Deps{Table: tbl})
+	for _, proto := range []string{"udp", "tcp", "udp"} {
+		if r := ask(t, proto, ts.Addr, "www.denied.test.", dns.TypeA, true); r.Rcode != dns.RcodeSuccess || len(answerAddrs(r)) != 1 {
+			t.Fatalf("audit mode must answer: %v", r)
+		}
+	}
+	sortKey := func(ls []Learned) []string {
+		var out []string
+		for _, l := range ls {
+			out = append(out, fmt.Sprintf("%s %s %s %s", l.Client, l.Name, l.Addr, l.Rule))
+		}
+		slices.Sort(out)
+		return out
+	}
+	if got, want := sortKey(tbl.HeldAll(nil)), sortKey(before); !slices.Equal(got, want) {
+		t.Errorf("the would-deny answer changed a table full of allowed ones:\n%s\nwant\n%s", strings.Join(got, "\n"), strings.Join(want, "\n"))
+	}
+	if n := tbl.Evicted(); n == 0 {
+		t.Errorf("the would-deny answer not kept was not counted as evicted")
 	}
 }
 

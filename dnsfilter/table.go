@@ -22,14 +22,20 @@ type Learned struct {
 	ClientMAC net.HardwareAddr
 	Name      string // normalised name the client asked (CNAME chains are credited to it)
 	Addr      netip.Addr
-	Rule      string // rule that allowed the name
-	Expires   time.Time
+	// Rule is the rule that allowed the name; empty when none did (audit
+	// mode answers every name, and the table keeps those answers too).
+	Rule    string
+	Expires time.Time
 }
 
-// Table is the learned-address table: for every allowed answer, which client
-// was given which address for which name, until when. It is bounded (the
-// soonest-expiring entries go first when it is full), expired entries are
-// removed, and it is safe for concurrent use. Readers call NamesFor on every
+// Table is the learned-address table: for every allowed answer, and in
+// audit mode for every answer (a name no rule allows is learned with no
+// rule), which client was given which address for which name, until when.
+// It is bounded: when it is full, expired entries go first, then the
+// soonest-expiring of those learned with no rule, and only then the
+// soonest-expiring allowed ones; an entry with no rule never pushes out
+// an allowed one (it is not kept instead). Expired entries are removed,
+// and it is safe for concurrent use. Readers call NamesFor on every
 // flow, so lookups take a read lock on one shard and allocate only the
 // returned slice.
 //
@@ -38,8 +44,12 @@ type Learned struct {
 // under the policy in force (the proxy and capture by name, the firewall's
 // seeding with Engine.NameRules), so an entry whose rule a reload removed
 // or narrowed lets nothing out, and one a reload covers again counts at
-// once, without the client asking DNS again. Learned.Rule is the rule that
-// allowed the answer when it was given, for the record only.
+// once, without the client asking DNS again: so does an answer given in
+// audit mode for a name no rule allowed then, which the operator's new
+// rule (egressd report --suggest) covers at the switch to enforce.
+// Learned.Rule is the rule that allowed the answer when it was given, for
+// the record and for which entries go first when the table is full; no
+// reader lets anything out by it.
 type Table struct {
 	shards [tableShards]tableShard
 	seed   maphash.Seed
@@ -66,6 +76,9 @@ type tableShard struct {
 	mu sync.RWMutex // guards m
 	m  map[netip.Addr][]tableItem
 	n  int // items in m
+	// norule is how many items of m have no rule (answers in audit mode
+	// no rule allowed): they go first when room is needed.
+	norule int
 
 	lastSweep int64 // unix nanoseconds of the last full sweep by makeRoomLocked
 }
@@ -84,6 +97,35 @@ type tableItem struct {
 // keep is when the item may go: its answer expired and the firewall would
 // have let the address go.
 func (it *tableItem) keep() int64 { return max(it.expires, it.held) }
+
+// evictRank orders items for eviction, lowest first: those the table
+// keeps no longer (0), then those learned with no rule (1), then allowed
+// ones (2).
+func (it *tableItem) evictRank(now int64) int {
+	switch {
+	case it.keep() <= now:
+		return 0
+	case it.rule == "":
+		return 1
+	}
+	return 2
+}
+
+// evictsBefore reports whether it goes before o when room is needed.
+func (it *tableItem) evictsBefore(o *tableItem, now int64) bool {
+	if r, ro := it.evictRank(now), o.evictRank(now); r != ro {
+		return r < ro
+	}
+	return it.keep() < o.keep()
+}
+
+// noRule is 1 for an item learned with no rule, else 0 (tableShard.norule).
+func noRule(rule string) int {
+	if rule == "" {
+		return 1
+	}
+	return 0
+}
 
 type subscriber struct {
 	ch     chan Learned
@@ -222,7 +264,9 @@ func (t *Table) Evicted() uint64 { return t.evicted.Load() }
 
 // Learn records that client was given addr for name until expires. A new
 // entry, or one whose expiry moves, is published to subscribers; a refresh
-// with the same expiry (a cache hit) costs one map lookup.
+// with the same expiry (a cache hit) costs one map lookup. A new entry
+// with no rule that finds the table (or its address's share) full of
+// unexpired allowed entries is not kept: it counts as evicted.
 func (t *Table) Learn(l Learned) {
 	l.Addr, l.Client = l.Addr.Unmap(), l.Client.Unmap()
 	exp := l.Expires.UnixNano()
@@ -250,6 +294,7 @@ func (t *Table) Learn(l Learned) {
 				sh.mu.Unlock()
 				return
 			}
+			sh.norule += noRule(l.Rule) - noRule(items[i].rule)
 			items[i].expires, items[i].rule = exp, l.Rule
 			items[i].held = max(items[i].held, held)
 			found = true
@@ -257,26 +302,39 @@ func (t *Table) Learn(l Learned) {
 		}
 	}
 	if !found {
+		it := tableItem{client: l.Client, name: l.Name, rule: l.Rule, expires: exp, held: held}
 		if len(items) >= maxPerAddr {
-			// Replace the soonest-expiring pair of this address.
+			// Replace the pair of this address that goes first.
 			j := 0
 			for i := range items {
-				if items[i].keep() < items[j].keep() {
+				if items[i].evictsBefore(&items[j], now) {
 					j = i
 				}
+			}
+			if l.Rule == "" && items[j].evictRank(now) == 2 {
+				// Only allowed pairs, live: an answer no rule allowed
+				// does not push one out.
+				sh.mu.Unlock()
+				t.evicted.Add(1)
+				return
 			}
 			if items[j].keep() > now {
 				t.evicted.Add(1)
 			}
-			items[j] = tableItem{client: l.Client, name: l.Name, rule: l.Rule, expires: exp, held: held}
+			sh.norule += noRule(l.Rule) - noRule(items[j].rule)
+			items[j] = it
 		} else {
 			if sh.n >= t.perCap {
-				t.makeRoomLocked(sh, now)
+				if !t.makeRoomLocked(sh, now, l.Rule == "") {
+					sh.mu.Unlock()
+					t.evicted.Add(1)
+					return
+				}
 				items = sh.m[l.Addr] // the victim may have been of this address
 			}
-			items = append(items, tableItem{client: l.Client, name: l.Name, rule: l.Rule, expires: exp, held: held})
-			sh.m[l.Addr] = items
+			sh.m[l.Addr] = append(items, it)
 			sh.n++
+			sh.norule += noRule(l.Rule)
 			t.size.Add(1)
 		}
 	}
@@ -286,31 +344,53 @@ func (t *Table) Learn(l Learned) {
 }
 
 // makeRoomLocked removes expired items of the shard, and when none were,
-// the soonest-expiring item among a few addresses (map order is random).
-func (t *Table) makeRoomLocked(sh *tableShard, now int64) {
+// one item: among a few addresses (map order is random), an expired one,
+// else the soonest-expiring one learned with no rule, else the
+// soonest-expiring allowed one. When the sample has only allowed items
+// but the shard has some with no rule, the shard is searched for the
+// soonest-expiring of those: they go first. For an item with no rule
+// (norule), an allowed live item is not removed; it reports whether room
+// was made.
+func (t *Table) makeRoomLocked(sh *tableShard, now int64, norule bool) bool {
 	// A full sweep costs the whole shard; do it at most once a second and
 	// otherwise evict from a sample.
 	if now-sh.lastSweep > int64(time.Second) {
 		sh.lastSweep = now
 		if t.sweepLocked(sh, now) > 0 {
-			return
+			return true
 		}
 	}
 	var victim netip.Addr
-	vi, vexp, seen := -1, int64(0), 0
+	vi, seen := -1, 0
+	var vit *tableItem
 	for a, items := range sh.m {
-		for i, it := range items {
-			if vi < 0 || it.keep() < vexp {
-				victim, vi, vexp = a, i, it.keep()
+		for i := range items {
+			if vi < 0 || items[i].evictsBefore(vit, now) {
+				victim, vi, vit = a, i, &items[i]
 			}
 		}
 		if seen++; seen >= 8 {
 			break
 		}
 	}
-	if vi < 0 {
-		return
+	if vi >= 0 && vit.evictRank(now) == 2 && sh.norule > 0 {
+		// The sample missed the items with no rule: look for them all.
+		vi = -1
+		for a, items := range sh.m {
+			for i := range items {
+				if items[i].rule == "" && (vi < 0 || items[i].evictsBefore(vit, now)) {
+					victim, vi, vit = a, i, &items[i]
+				}
+			}
+		}
 	}
+	if vi < 0 || norule && vit.evictRank(now) == 2 {
+		return false
+	}
+	if vit.keep() > now {
+		t.evicted.Add(1)
+	}
+	sh.norule -= noRule(vit.rule)
 	items := sh.m[victim]
 	items = append(items[:vi], items[vi+1:]...)
 	if len(items) == 0 {
@@ -320,7 +400,7 @@ func (t *Table) makeRoomLocked(sh *tableShard, now int64) {
 	}
 	sh.n--
 	t.size.Add(-1)
-	t.evicted.Add(1)
+	return true
 }
 
 func (t *Table) sweepLocked(sh *tableShard, now int64) int {
@@ -330,6 +410,8 @@ func (t *Table) sweepLocked(sh *tableShard, now int64) int {
 		for _, it := range items {
 			if it.keep() > now {
 				kept = append(kept, it)
+			} else {
+				sh.norule -= noRule(it.rule)
 			}
 		}
 		if d := len(items) - len(kept); d > 0 {

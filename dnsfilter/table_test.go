@@ -10,6 +10,8 @@ import (
 	"time"
 
 	"github.com/miekg/dns"
+
+	"egressd/policy"
 )
 
 func TestTable(t *testing.T) {
@@ -301,5 +303,107 @@ func TestTableHeldAll(t *testing.T) {
 	slices.Sort(got)
 	if want := []string{"n1.example.com", "n2.example.com"}; !slices.Equal(got, want) {
 		t.Errorf("HeldAll at 2m: %v, want %v", got, want)
+	}
+}
+
+// shardNoRule counts the items of sh with no rule, and its items.
+func shardNoRule(sh *tableShard) (norule, n int) {
+	for _, items := range sh.m {
+		for _, it := range items {
+			n++
+			if it.rule == "" {
+				norule++
+			}
+		}
+	}
+	return norule, n
+}
+
+// TestTableNoRuleGoesFirst: entries learned with no rule (audit mode's
+// answers for names no rule allows) go before allowed ones when room is
+// needed, and never push one out: in every shard the allowed entries
+// learned are all there while the shard has room for them, whatever the
+// entries with no rule learned between them; an entry with no rule that
+// finds a shard full of allowed ones is not kept, and counted.
+func TestTableNoRuleGoesFirst(t *testing.T) {
+	now := time.Unix(1_800_000_000, 0)
+	const perCap = 8
+	tb := NewTable(perCap * tableShards)
+	tb.now = func() time.Time { return now }
+	client := netip.MustParseAddr("192.0.2.1")
+	allowed := map[*tableShard]int{} // allowed entries learned per shard
+	norules := map[*tableShard]int{} // no-rule entries learned per shard
+	for i := range 6 * perCap * tableShards {
+		a := netip.AddrFrom4([4]byte{198, 18, byte(i >> 8), byte(i)})
+		rule := ""
+		if i%3 == 0 {
+			rule = "lab"
+		}
+		sh := tb.shard(a)
+		if rule != "" {
+			allowed[sh]++
+		} else {
+			norules[sh]++
+		}
+		// Later entries expire later: the soonest-expiring goes first
+		// within its kind.
+		tb.Learn(Learned{Client: client, Name: fmt.Sprintf("h%d.example", i), Addr: a, Rule: rule, Expires: now.Add(time.Hour + time.Duration(i)*time.Second)})
+	}
+	pushedOut := 0
+	for i := range tb.shards {
+		sh := &tb.shards[i]
+		nr, n := shardNoRule(sh)
+		if nr != sh.norule || n != sh.n {
+			t.Fatalf("shard %d: norule %d, n %d; counted %d, %d", i, sh.norule, sh.n, nr, n)
+		}
+		if got, want := n-nr, min(allowed[sh], perCap); got != want {
+			t.Errorf("shard %d: %d allowed entries, want %d (%d learned, room for %d): pushed out by entries with no rule?", i, got, want, allowed[sh], perCap)
+		}
+		if n != min(perCap, allowed[sh]+norules[sh]) {
+			t.Errorf("shard %d: %d entries, want it full (%d)", i, n, perCap)
+		}
+		pushedOut += max(0, allowed[sh]+norules[sh]-perCap)
+	}
+	if got := tb.Evicted(); got != uint64(pushedOut) {
+		t.Errorf("Evicted %d, want %d (entries learned beyond the room)", got, pushedOut)
+	}
+
+	// One address's share: an entry with no rule does not replace one of
+	// maxPerAddr allowed pairs; an allowed one replaces one with no rule.
+	a := netip.MustParseAddr("203.0.113.1")
+	tb = NewTable(0)
+	tb.now = func() time.Time { return now }
+	for i := range maxPerAddr - 1 {
+		tb.Learn(Learned{Client: client, Name: fmt.Sprintf("a%d.example", i), Addr: a, Rule: "lab", Expires: now.Add(time.Hour)})
+	}
+	tb.Learn(Learned{Client: client, Name: "late.example", Addr: a, Expires: now.Add(2 * time.Hour)})
+	tb.Learn(Learned{Client: client, Name: "more.example", Addr: a, Rule: "lab", Expires: now.Add(time.Hour)})
+	tb.Learn(Learned{Client: client, Name: "denied.example", Addr: a, Expires: now.Add(2 * time.Hour)})
+	names := tb.NamesFor(client, a)
+	if len(names) != maxPerAddr || slices.Contains(names, "late.example") || slices.Contains(names, "denied.example") || !slices.Contains(names, "more.example") {
+		t.Errorf("%d names for one address (late.example %v, denied.example %v, more.example %v), want the %d allowed ones",
+			len(names), slices.Contains(names, "late.example"), slices.Contains(names, "denied.example"), slices.Contains(names, "more.example"), maxPerAddr)
+	}
+	if sh := tb.shard(a); sh.norule != 0 {
+		t.Errorf("norule %d after the entry with no rule was replaced, want 0", sh.norule)
+	}
+
+	// A rule that changes (a reload between two answers) and a sweep keep
+	// the count.
+	tb = NewTable(0)
+	tb.now = func() time.Time { return now }
+	tb.Learn(Learned{Client: client, Name: "x.example", Addr: a, Expires: now.Add(time.Minute)})
+	tb.Learn(Learned{Client: client, Name: "x.example", Addr: a, Rule: "lab", Expires: now.Add(2 * time.Minute)})
+	tb.Learn(Learned{Client: client, Name: "y.example", Addr: a, Rule: "lab", Expires: now.Add(time.Minute)})
+	tb.Learn(Learned{Client: client, Name: "y.example", Addr: a, Expires: now.Add(2 * time.Minute)})
+	if sh := tb.shard(a); sh.norule != 1 {
+		t.Errorf("norule %d after x.example got a rule and y.example lost its, want 1", sh.norule)
+	}
+	now = now.Add(policy.LearnedMaxTTL + time.Hour)
+	if n := tb.Sweep(); n != 2 {
+		t.Errorf("sweep removed %d, want 2", n)
+	}
+	if sh := tb.shard(a); sh.norule != 0 {
+		t.Errorf("norule %d after the sweep, want 0", sh.norule)
 	}
 }

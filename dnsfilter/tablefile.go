@@ -243,13 +243,17 @@ func (t *Table) Load(r io.Reader, admit func(*Learned) bool) (int, error) {
 
 // WouldLearn returns the admit test of Load for a forwarder run with c
 // under eng: whether it would learn the item now. The forwarder learns
-// the addresses of the answers eng allows (in audit mode too: a name no
-// rule allows is answered there, not learned), so eng must let the
-// item's client resolve its name, which must not be the canary the
-// forwarder answers itself; and the address must be one the answer
+// the addresses of the answers eng allows, and in audit mode those of the
+// names no rule allows too (with no rule: they are answered from
+// upstream there), so eng must let the item's client resolve its name
+// unless eng is in audit mode; the name must not be the canary nor an
+// iCloud Private Relay canary eng does not allow, which the forwarder
+// answers itself; and the address must be one the answer
 // filter leaves in the name's answers (the rebinding filter, with c's
 // AllowPrivateAnswers and PrivateSuffixes, and the special ranges of this
-// version). The item's rule becomes the one eng credits. A file written
+// version). The item's rule becomes the one eng credits, or none. So an
+// answer given in audit mode for a name the enforce policy of the next
+// start allows comes back under that policy's rule. A file written
 // under another policy, another filter or by a version whose filter
 // lacked a range so brings back only what the running forwarder would
 // have given out.
@@ -277,10 +281,14 @@ func (c Config) WouldLearn(eng *policy.Engine, macs ClientMACs) func(*Learned) b
 			}
 		}
 		d := eng.DecideName(policy.Input{Client: l.Client, ClientMAC: mac, Name: l.Name})
-		if !d.Allowed() {
+		if !d.Allowed() && policy.IsPrivateRelay(l.Name) {
 			return false
 		}
-		l.Rule = d.Rule
+		rule, ok := learnedRule(d)
+		if !ok {
+			return false
+		}
+		l.Rule = rule
 		return true
 	}
 }
@@ -330,8 +338,9 @@ func validRule(s string) bool {
 
 // restore adds an item read from a file with its own times, unless the
 // table has one for the same client, name and address, or maxPerAddr for
-// the address. A full shard makes room as for Learn. It returns by how
-// many items the table grew (0 or 1).
+// the address. A full shard makes room as for Learn (an item with no rule
+// pushes out no allowed one). It returns by how many items the table grew
+// (0 or 1).
 func (t *Table) restore(addr netip.Addr, it tableItem, now int64) int {
 	sh := t.shard(addr)
 	sh.mu.Lock()
@@ -347,11 +356,14 @@ func (t *Table) restore(addr netip.Addr, it tableItem, now int64) int {
 	}
 	before := sh.n
 	if sh.n >= t.perCap {
-		t.makeRoomLocked(sh, now)
+		if !t.makeRoomLocked(sh, now, it.rule == "") {
+			return 0
+		}
 		items = sh.m[addr] // the victim may have been of this address
 	}
 	sh.m[addr] = append(items, it)
 	sh.n++
+	sh.norule += noRule(it.rule)
 	t.size.Add(1)
 	return sh.n - before
 }

@@ -453,7 +453,7 @@ rules:
 		want int // items learned
 	}{
 		{"enforce", "enforce", Config{}, 4},                                                    // 203.0.113.1, 2001:db8::1, printer.lan's two
-		{"audit", "audit", Config{}, 4},                                                        // denied.test answered, not learned
+		{"audit", "audit", Config{}, 6},                                                        // denied.test and other.test learned with no rule
 		{"private-answers", "enforce", Config{AllowPrivateAnswers: true}, 7},                   // the filter off
 		{"no-private-suffixes", "enforce", Config{PrivateSuffixes: []string{}}, 3},             // printer.lan's private address stripped
 		{"own-suffix", "enforce", Config{PrivateSuffixes: []string{"allowed.test", "lan"}}, 7}, // a.allowed.test may be private
