@@ -85,3 +85,73 @@ func TestReloadAuditToEnforceKeepsGivenAnswers(t *testing.T) {
 		t.Errorf("no firewall install line with the addresses seeded:\n%s", d.logs())
 	}
 }
+
+// TestReloadAuditToEnforceKeepsDeniedAnswers: the rollout with a name the
+// audit policy denies, which the operator adds (egressd report --suggest)
+// with the switch to enforce. In audit mode the client asks the gateway
+// for clockName, which no rule covers (answered: audit mode), and talks
+// NTP to the address from one socket; the reload to enforce adds a rule
+// for clockName. The client's next request, from the same socket and from
+// a new one, without asking DNS again, is answered: the forwarder learned
+// the audit-mode answer (with no rule), and the enforce ruleset's learned
+// sets start with it, since the new rule covers it. Before, only allowed
+// answers were learned, and exactly the names the operator added were cut
+// off by the switch (learned_seeded 0).
+func TestReloadAuditToEnforceKeepsDeniedAnswers(t *testing.T) {
+	tp := newTopo(t)
+	d := newDaemon(t, tp, "")
+	seed := testPolicy(t)
+	if !bytes.Contains(seed, []byte("\nmode: audit\n")) {
+		t.Fatal("the seed profile is no longer in audit mode: update the test")
+	}
+	if bytes.Contains(seed, []byte(clockName)) {
+		t.Fatalf("the seed profile names %s: update the test", clockName)
+	}
+	d.writePolicy(seed)
+	d.start()
+	t.Cleanup(func() {
+		if t.Failed() {
+			t.Logf("egressd output:\n%s", d.logs())
+		}
+	})
+
+	ctx, cancel := context.WithTimeout(context.Background(), 10*time.Second)
+	defer cancel()
+	addrs, err := tp.goResolver().LookupNetIP(ctx, "ip4", clockName+".")
+	if err != nil || len(addrs) == 0 {
+		t.Fatalf("resolving %s through the gateway in audit mode: %v %v", clockName, addrs, err)
+	}
+	dest := netip.AddrPortFrom(addrs[0], 123).String()
+	ask := func(c net.Conn, timeout time.Duration) error {
+		req := ntpRequest()
+		return askWithin(c, timeout, req, func(r []byte) bool { return ntpAnswers(req, r) })
+	}
+	kept, err := tp.lan.DialContext(ctx, "udp", dest)
+	if err != nil {
+		t.Fatal(err)
+	}
+	defer kept.Close()
+	if err := ask(kept, time.Second); err != nil {
+		t.Fatalf("NTP to %s in audit mode: %v", clockName, err)
+	}
+
+	enforce := bytes.Replace(seed, []byte("\nmode: audit\n"), []byte("\nmode: enforce\n"), 1)
+	d.writePolicy(append(enforce, []byte(fmt.Sprintf(clockRule, clockName))...))
+	d.hup(true)
+
+	// The first datagrams after the switch: no retry.
+	if err := ask(kept, 2*time.Second); err != nil {
+		t.Errorf("NTP to %s (%s, denied and answered in audit mode) from the socket opened then, after the switch to a rule for it: %v; want an answer", clockName, addrs[0], err)
+	}
+	fresh, err := tp.lan.DialContext(ctx, "udp", dest)
+	if err != nil {
+		t.Fatal(err)
+	}
+	defer fresh.Close()
+	if err := ask(fresh, 2*time.Second); err != nil {
+		t.Errorf("NTP to %s (%s) from a new socket after the switch, without asking DNS again: %v; want an answer", clockName, addrs[0], err)
+	}
+	if !regexp.MustCompile(`"msg":"firewall install"[^\n]*"learned_seeded":[1-9]`).MatchString(d.logs()) {
+		t.Errorf("no firewall install line with the addresses seeded")
+	}
+}
