@@ -11,8 +11,8 @@
 // through the chain in [Server.handle] (sanity, rate limit, hardening, policy,
 // cache, forward), and is answered; every query ends in one canonical slog
 // line and one audit.Event (Kind dns, Source dnsfilter). Answers to allowed
-// queries feed the learned-address [Table] (client, name asked, address,
-// expiry), which the proxy (SNI versus destination) and capture (naming
+// queries, and in audit mode to the others too (with no rule), feed the
+// learned-address [Table] (client, name asked, address, expiry), which the proxy (SNI versus destination) and capture (naming
 // raw-IP flows; judging forwarded ones as the firewall's learned sets, fed
 // from the same answers, would) read through small interfaces of their own. Before an
 // allowed answer is written, its addresses go to the firewall (nftables

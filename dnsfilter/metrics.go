@@ -114,7 +114,7 @@ func (m *metrics) register(r prometheus.Registerer, s *Server) error {
 		prometheus.NewCounterFunc(prometheus.CounterOpts{Namespace: "egress", Subsystem: "dnsfilter", Name: "learned_feed_dropped_total",
 			Help: "Learned-address changes lost by subscribers that did not keep up."}, func() float64 { return float64(s.table.Dropped()) }),
 		prometheus.NewCounterFunc(prometheus.CounterOpts{Namespace: "egress", Subsystem: "dnsfilter", Name: "learned_evictions_total",
-			Help: "Unexpired learned addresses evicted because the table was full."}, func() float64 { return float64(s.table.Evicted()) }),
+			Help: "Unexpired learned addresses evicted, or not kept (audit-mode answers no rule allowed), because the table was full."}, func() float64 { return float64(s.table.Evicted()) }),
 	}
 	for _, c := range cs {
 		if err := r.Register(c); err != nil {

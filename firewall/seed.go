@@ -24,8 +24,9 @@ import (
 // who asked resolve the name (Engine.NameRules, the gate's gateRules),
 // until the time the firewall would have kept it (Given.Until), bounded
 // by Config.MaxLearned per set. Answers given in audit mode, where every
-// name is answered, count only for the rules of the new policy that cover
-// them; the addresses the forwarder's answer filter stripped (rebinding)
+// name is answered (and learned, those no rule allowed with no rule: the
+// names an operator adds at the switch), count only for the rules of the
+// new policy that cover them; the addresses the forwarder's answer filter stripped (rebinding)
 // are not among them, as it gave them to nobody.
 //
 // Seeding runs only for the rules whose sets may lack what the forwarder
