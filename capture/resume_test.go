@@ -233,3 +233,58 @@ func TestResumedTCPSYNStartsAfresh(t *testing.T) {
 		t.Errorf("flows %q, %d inbound; want %q, 1 inbound", got, p.stats.inbound.Load(), want)
 	}
 }
+
+// ipFrame is an IPv4 packet of protocol proto in an Ethernet frame.
+func ipFrame(t *testing.T, srcMAC, dstMAC net.HardwareAddr, src, dst netip.Addr, proto layers.IPProtocol, payload []byte) []byte {
+	t.Helper()
+	ip := &layers.IPv4{Version: 4, TTL: 64, Protocol: proto, SrcIP: src.AsSlice(), DstIP: dst.AsSlice()}
+	buf := gopacket.NewSerializeBuffer()
+	if err := gopacket.SerializeLayers(buf, gopacket.SerializeOptions{FixLengths: true, ComputeChecksums: true},
+		&layers.Ethernet{SrcMAC: srcMAC, DstMAC: dstMAC, EthernetType: layers.EthernetTypeIPv4}, ip, gopacket.Payload(payload)); err != nil {
+		t.Fatal(err)
+	}
+	return bytes.Clone(buf.Bytes())
+}
+
+// TestResumedOtherProtocolFromWANIsNotInbound: a LAN host's GRE or ESP
+// tunnel (another IP protocol, other.go) silent past capture's 60 s idle
+// time and resumed by the WAN peer is the LAN host's flow again, as a
+// UDP exchange is (conntrack holds a replied GRE flow 180 s, an ESP one
+// as any unknown protocol 600 s): not an inbound flow from the peer.
+// Past that, the peer's packet starts an inbound flow. The mirror case,
+// an inbound tunnel the LAN host resumes, stays inbound.
+func TestResumedOtherProtocolFromWANIsNotInbound(t *testing.T) {
+	lan, wan := resLAN.Addr(), resWAN.Addr()
+	for _, proto := range []layers.IPProtocol{layers.IPProtocolGRE, layers.IPProtocolESP} {
+		p, rec := resumeProc(t, Config{}, policy.ModeAudit)
+		name := protoName(uint8(proto))
+		out := func(at time.Duration) {
+			p.packet(ipFrame(t, macClient, macGW, lan, wan, proto, []byte("out")), resStart.Add(at), layers.LinkTypeEthernet)
+		}
+		in := func(at time.Duration) {
+			p.packet(ipFrame(t, macGW, macClient, wan, lan, proto, []byte("in")), resStart.Add(at), layers.LinkTypeEthernet)
+		}
+		out(0)
+		in(time.Second)
+		in(91 * time.Second) // 90 s of silence: the peer speaks first
+		out(92 * time.Second)
+		in(1000 * time.Second) // conntrack forgot it too
+		p.flush("end-of-capture")
+		lanFlow := netip.AddrPortFrom(lan, 0).String() + " > " + netip.AddrPortFrom(wan, 0).String() + " " + name + " " + ReasonProtocol
+		want := []string{lanFlow, lanFlow, netip.AddrPortFrom(wan, 0).String() + " > " + netip.AddrPortFrom(lan, 0).String() + " " + name + " " + ReasonInbound}
+		if got := flowsOf(rec.all()); !sameFlows(got, want) || p.stats.inbound.Load() != 1 {
+			t.Errorf("%s: flows %q, %d inbound; want %q, 1 inbound", name, got, p.stats.inbound.Load(), want)
+		}
+	}
+
+	// The mirror: the peer's tunnel to the LAN host, resumed by it.
+	p, rec := resumeProc(t, Config{}, policy.ModeAudit)
+	p.packet(ipFrame(t, macGW, macClient, wan, lan, layers.IPProtocolGRE, []byte("in")), resStart, layers.LinkTypeEthernet)
+	p.packet(ipFrame(t, macClient, macGW, lan, wan, layers.IPProtocolGRE, []byte("out")), resStart.Add(time.Second), layers.LinkTypeEthernet)
+	p.packet(ipFrame(t, macClient, macGW, lan, wan, layers.IPProtocolGRE, []byte("out")), resStart.Add(91*time.Second), layers.LinkTypeEthernet)
+	p.flush("end-of-capture")
+	inb := netip.AddrPortFrom(wan, 0).String() + " > " + netip.AddrPortFrom(lan, 0).String() + " gre " + ReasonInbound
+	if got := flowsOf(rec.all()); !sameFlows(got, []string{inb, inb}) {
+		t.Errorf("inbound GRE resumed from the LAN: flows %q; want %q twice", got, inb)
+	}
+}
