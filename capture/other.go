@@ -89,6 +89,11 @@ func (l *ip6ExtLayer) NextLayerType() gopacket.LayerType {
 	return l.IPv6ExtensionSkipper.NextLayerType()
 }
 
+// icmpProto reports whether IP protocol n is ICMP or ICMPv6.
+func icmpProto(n uint8) bool {
+	return n == uint8(layers.IPProtocolICMPv4) || n == uint8(layers.IPProtocolICMPv6)
+}
+
 func ipInIP(p layers.IPProtocol) bool {
 	return p == layers.IPProtocolIPv4 || p == layers.IPProtocolIPv6
 }
@@ -171,8 +176,10 @@ func (p *proc) otherPacket(src, dst netip.Addr, proto uint8, payload []byte, lat
 		f.last = p.now
 	} else {
 		// The sender of the first packet is the client; a packet the
-		// gateway sent toward the LAN starts an inbound flow.
-		f, dir = p.lookup(src, 0, dst, 0, proto, true, true, p.sentByGateway(mac), mac)
+		// gateway sent toward the LAN starts an inbound flow. Only an
+		// ICMP request says so for sure: a GRE or ESP packet may resume
+		// a tunnel capture ended idle while conntrack holds it (recall).
+		f, dir = p.lookup(src, 0, dst, 0, proto, true, icmpProto(proto), p.sentByGateway(mac), mac)
 		if f == nil {
 			return
 		}

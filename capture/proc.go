@@ -661,6 +661,9 @@ const (
 	ctUDPReplied     = 180 * time.Second
 	ctTCPOneWay      = 120 * time.Second
 	ctTCPEstablished = 5 * 24 * time.Hour
+	// ctOther: the other protocols' (nf_conntrack_generic_timeout; GRE's
+	// replied stream is 180 s): the longer is taken.
+	ctOther = 600 * time.Second
 )
 
 // resumeMemo is who started a flow capture ended while it was open
@@ -677,7 +680,8 @@ type resumeMemo struct {
 // ended while it was open (idle past UDPIdle or TCPIdle, or evicted from
 // a full table), for as long as conntrack may still hold the connection
 // (its default timeouts, counted from f's last packet: UDP 30 s
-// unreplied and 180 s replied, TCP 120 s one way and 5 days both ways).
+// unreplied and 180 s replied, TCP 120 s one way and 5 days both ways,
+// the other protocols but ICMP 600 s).
 // Its next packet then continues it as what it was (recall): a LAN
 // client's exchange resumed from the WAN side is not inbound (the
 // firewall passes it: conntrack knows it), an inbound one resumed from
@@ -687,12 +691,14 @@ type resumeMemo struct {
 // new one), and the sweep drops those past their time. The gateway's own
 // flows are not kept: their addresses say what they are.
 func (p *proc) remember(k flowKey, f *flow) {
-	if f.own || f.proto != 6 && f.proto != 17 {
-		return // the other protocols' flows have no ports to turn around (other.go)
+	if f.own || icmpProto(f.proto) {
+		return // an ICMP request says who sent it; a reply starts no flow (other.go)
 	}
 	replied := f.pkts[0] > 0 && f.pkts[1] > 0
 	ct := ctTCPOneWay
 	switch {
+	case f.proto != 6 && f.proto != 17:
+		ct = ctOther
 	case f.proto == 17 && replied:
 		ct = ctUDPReplied
 	case f.proto == 17:
