@@ -389,10 +389,12 @@ func (c Config) lanMatch() Rule {
 // the WAN gives every address one.
 //
 // What passes: sources of the LAN's subnets and of subnets the gateway
-// routes via the LAN interface (behind a LAN-side router); link-local
-// sources; the kernel's own exceptions: 0.0.0.0 to broadcast or local
-// multicast (DHCP), and ICMPv6 from :: to link-local addresses (duplicate
-// address detection, MLD), which nft_fib lets pass in prerouting.
+// routes via the LAN interface (behind a LAN-side router); IPv6
+// link-local sources (fe80::/64 is routed on every link; IPv4's
+// 169.254/16 only with such a route); the kernel's own exceptions:
+// 0.0.0.0 to broadcast or local multicast (DHCP), and ICMPv6 from :: to
+// link-local addresses (duplicate address detection, MLD), which nft_fib
+// lets pass in prerouting.
 func antispoofRules(cfg Config) []Rule {
 	lan := cfg.lanMatch()
 	return []Rule{{IIf: lan.IIf, IIfSet: lan.IIfSet, FibSrcMissing: true, Counter: true, Verdict: Verdict{Kind: Drop},
