@@ -22,12 +22,12 @@ func TestDefragFullWork(t *testing.T) {
 	payload := make([]byte, 8)
 	i := 0
 	for ; i < maxDatagrams; i++ {
-		d.add(fragFloodKey(i), 0, true, payload, now)
+		d.add(fragFloodKey(i), 17, 0, true, payload, now)
 	}
 	before := d.examined
 	const n = 10000
 	for range n {
-		d.add(fragFloodKey(i), 0, true, payload, now)
+		d.add(fragFloodKey(i), 17, 0, true, payload, now)
 		i++
 	}
 	if len(d.m) > maxDatagrams {
@@ -51,11 +51,11 @@ func TestDefragEvictsExpiredFirst(t *testing.T) {
 		if i >= maxDatagrams/2 {
 			at = t0.Add(fragTimeout) // live at now
 		}
-		d.add(fragFloodKey(i), 0, true, payload, at)
+		d.add(fragFloodKey(i), 17, 0, true, payload, at)
 	}
 	now := t0.Add(fragTimeout + time.Second)
 	for i := range maxDatagrams / 4 {
-		d.add(fragFloodKey(1<<20+i), 0, true, payload, now)
+		d.add(fragFloodKey(1<<20+i), 17, 0, true, payload, now)
 	}
 	for i := maxDatagrams / 2; i < maxDatagrams; i++ {
 		if d.m[fragFloodKey(i)] == nil {
@@ -63,7 +63,7 @@ func TestDefragEvictsExpiredFirst(t *testing.T) {
 		}
 	}
 	// The live ones complete.
-	if out := d.add(fragFloodKey(maxDatagrams-1), 8, false, payload, now); len(out) != 16 {
+	if out, _ := d.add(fragFloodKey(maxDatagrams-1), 17, 8, false, payload, now); len(out) != 16 {
 		t.Errorf("a live datagram's last fragment: %d bytes reassembled, want 16", len(out))
 	}
 }
@@ -76,10 +76,10 @@ func BenchmarkDefragFull(b *testing.B) {
 	payload := make([]byte, 8)
 	i := 0
 	for ; i < maxDatagrams; i++ {
-		d.add(fragFloodKey(i), 0, true, payload, now)
+		d.add(fragFloodKey(i), 17, 0, true, payload, now)
 	}
 	for b.Loop() {
-		d.add(fragFloodKey(i), 0, true, payload, now)
+		d.add(fragFloodKey(i), 17, 0, true, payload, now)
 		i++
 	}
 }

@@ -390,24 +390,12 @@ func (p *proc) packetLen(data []byte, wireLen int, ts time.Time, link layers.Lin
 			p.otherPacket(src, dst, uint8(p.ip4.Protocol), p.ip4.Payload, p.ip4.FragOffset != 0, mac)
 			return
 		}
-		if p.ip4.Protocol != layers.IPProtocolUDP {
-			return
-		}
-		k := fragKey{src: src, dst: dst, id: uint32(p.ip4.Id), proto: 17}
-		full := p.defrag.add(k, int(p.ip4.FragOffset)*8, p.ip4.Flags&layers.IPv4MoreFragments != 0, p.ip4.Payload, p.now)
-		p.reassembled(src, dst, full, mac)
+		k := fragKey{src: src, dst: dst, id: uint32(p.ip4.Id), proto: uint8(p.ip4.Protocol)}
+		full, proto := p.defrag.add(k, uint8(p.ip4.Protocol), int(p.ip4.FragOffset)*8, p.ip4.Flags&layers.IPv4MoreFragments != 0, p.ip4.Payload, p.now)
+		p.reassembled(src, dst, proto, full, mac)
 	case hasFrag6 && (p.ip6frag.FragmentOffset != 0 || p.ip6frag.MoreFragments):
 		p.stats.fragments.Add(1)
-		if other(p.ip6frag.NextHeader) {
-			p.otherPacket(src, dst, uint8(p.ip6frag.NextHeader), p.ip6frag.Payload, p.ip6frag.FragmentOffset != 0, mac)
-			return
-		}
-		if p.ip6frag.NextHeader != layers.IPProtocolUDP {
-			return
-		}
-		k := fragKey{src: src, dst: dst, id: p.ip6frag.Identification, proto: 17}
-		full := p.defrag.add(k, int(p.ip6frag.FragmentOffset)*8, p.ip6frag.MoreFragments, p.ip6frag.Payload, p.now)
-		p.reassembled(src, dst, full, mac)
+		p.fragment6(src, dst, mac)
 	case hasTCP:
 		p.tcpPacket(src, dst, mac)
 	case hasUDP:
@@ -442,18 +430,136 @@ func (p *proc) byVersion(data []byte) *gopacket.DecodingLayerParser {
 	return nil
 }
 
-// reassembled handles a UDP datagram rebuilt from fragments (nil: not yet).
-func (p *proc) reassembled(src, dst netip.Addr, full []byte, mac []byte) {
+// fragment6 handles an IPv6 fragment (p.ip6frag). Every one goes to the
+// defragmenter, keyed as Linux keys it, without the protocol: what the
+// datagram carries is what the fragment at offset 0 says, after any
+// extension headers that follow its Fragment header. That first fragment
+// of another protocol than TCP and UDP also counts as a whole packet
+// (other.go), and a later one counts in its flow when its Fragment header
+// names the protocol, or, extension headers first, when the first
+// fragment came before it.
+func (p *proc) fragment6(src, dst netip.Addr, mac []byte) {
+	h := &p.ip6frag
+	k := fragKey{src: src, dst: dst, id: h.Identification}
+	var upper uint8 // the other protocol a first fragment's headers lead to
+	switch {
+	case h.FragmentOffset == 0:
+		proto, rest, ok := skipExt6(uint8(h.NextHeader), h.Payload)
+		if ok && len(rest) < minTransport6(proto) {
+			// The first fragment ends inside the transport's header:
+			// Linux drops it (RFC 8200 4.5, ipv6frag_thdr_truncated).
+			p.defrag.dropped++
+			p.stats.fragDropped.Store(p.defrag.dropped)
+			return
+		}
+		if ok && other(layers.IPProtocol(proto)) {
+			upper = proto
+			p.otherPacket(src, dst, proto, rest, false, mac)
+		}
+	case !ext6(uint8(h.NextHeader)):
+		if other(h.NextHeader) {
+			p.otherPacket(src, dst, uint8(h.NextHeader), h.Payload, true, mac)
+		}
+	default:
+		// Extension headers first: the protocol is the first
+		// fragment's, if it came.
+		if dg := p.defrag.m[k]; dg != nil && dg.upper != 0 {
+			p.otherPacket(src, dst, dg.upper, h.Payload, true, mac)
+		}
+	}
+	full, proto := p.defrag.add(k, uint8(h.NextHeader), int(h.FragmentOffset)*8, h.MoreFragments, h.Payload, p.now)
+	if full == nil {
+		if dg := p.defrag.m[k]; dg != nil && upper != 0 {
+			dg.upper = upper
+		}
+		p.stats.fragDropped.Store(p.defrag.dropped)
+		return
+	}
+	proto, full, ok := skipExt6(proto, full)
+	if !ok || other(layers.IPProtocol(proto)) {
+		// Another protocol's: counted fragment by fragment.
+		p.stats.fragDropped.Store(p.defrag.dropped)
+		return
+	}
+	p.reassembled(src, dst, proto, full, mac)
+}
+
+// ext6 reports whether proto is an IPv6 extension header skipExt6 steps
+// over.
+func ext6(proto uint8) bool {
+	switch layers.IPProtocol(proto) {
+	case layers.IPProtocolIPv6HopByHop, layers.IPProtocolIPv6Routing, layers.IPProtocolIPv6Destination,
+		layers.IPProtocolAH, layers.IPProtocolIPv6Fragment:
+		return true
+	}
+	return false
+}
+
+// skipExt6 walks the IPv6 extension headers at the start of b, the first
+// of type proto, as Linux's ipv6_skip_exthdr does: it returns the protocol
+// after them and its bytes. A Fragment header of a later fragment ends the
+// walk (its protocol is then the Fragment header's). ok is false when a
+// header is cut short; the walk is bounded by b, each header being at
+// least 8 bytes.
+func skipExt6(proto uint8, b []byte) (uint8, []byte, bool) {
+	for ext6(proto) {
+		if len(b) < 8 {
+			return 0, nil, false
+		}
+		var n int
+		switch layers.IPProtocol(proto) {
+		case layers.IPProtocolIPv6Fragment:
+			if binary.BigEndian.Uint16(b[2:4])&^7 != 0 {
+				return proto, b, true
+			}
+			n = 8
+		case layers.IPProtocolAH:
+			n = (int(b[1]) + 2) * 4
+		default:
+			n = (int(b[1]) + 1) * 8
+		}
+		if len(b) < n {
+			return 0, nil, false
+		}
+		proto, b = b[0], b[n:]
+	}
+	return proto, b, true
+}
+
+// minTransport6 is how many bytes of protocol proto Linux wants in an
+// IPv6 first fragment (ipv6frag_thdr_truncated).
+func minTransport6(proto uint8) int {
+	switch layers.IPProtocol(proto) {
+	case layers.IPProtocolTCP:
+		return 20
+	case layers.IPProtocolUDP, layers.IPProtocolICMPv6:
+		return 8
+	}
+	return 1
+}
+
+// reassembled handles a TCP or UDP (proto) datagram rebuilt from fragments
+// (nil: not yet).
+func (p *proc) reassembled(src, dst netip.Addr, proto uint8, full []byte, mac []byte) {
 	p.stats.fragDropped.Store(p.defrag.dropped)
 	if full == nil {
 		return
 	}
 	p.stats.reassembled.Add(1)
-	if err := p.udp.DecodeFromBytes(full, gopacket.NilDecodeFeedback); err != nil {
-		p.stats.malformed.Add(1)
-		return
+	switch layers.IPProtocol(proto) {
+	case layers.IPProtocolTCP:
+		if err := p.tcp.DecodeFromBytes(full, gopacket.NilDecodeFeedback); err != nil {
+			p.stats.malformed.Add(1)
+			return
+		}
+		p.tcpPacket(src, dst, mac)
+	case layers.IPProtocolUDP:
+		if err := p.udp.DecodeFromBytes(full, gopacket.NilDecodeFeedback); err != nil {
+			p.stats.malformed.Add(1)
+			return
+		}
+		p.udpPacket(src, dst, p.udp.SrcPort, p.udp.DstPort, p.udp.Payload, mac)
 	}
-	p.udpPacket(src, dst, p.udp.SrcPort, p.udp.DstPort, p.udp.Payload, mac)
 }
 
 // servicePort guesses that a port is a server's when no handshake says who

@@ -37,7 +37,11 @@ type pcapWriter struct {
 	// snap, when set, cuts frames to that many bytes, as a capture taken
 	// with a snap length (tcpdump -s) does; their length on the wire stays.
 	snap int
-	path string
+	// afterFrag6, when set, is an IPv6 extension header (its first byte,
+	// the next header, is filled in) that ipFragments puts after the
+	// Fragment header.
+	afterFrag6 []byte
+	path       string
 }
 
 func newPcap(t testing.TB) *pcapWriter {
@@ -774,14 +778,18 @@ func TestSyntheticAbsurdTimestamp(t *testing.T) {
 // The defragmenter holds at most 64 KiB per datagram, however its
 // fragments overlap: a hostile capture (or LAN client) sending 64 large
 // fragments of one datagram, all at offset 0, to each of 256 datagrams
-// would otherwise make it hold a gigabyte.
+// would otherwise make it hold a gigabyte. Those after the first are
+// duplicates, dropped as Linux drops them; fragments that overlap partly
+// discard the datagram.
 func TestDefragBoundsOverlappingFragments(t *testing.T) {
 	d := newDefragger()
 	now := time.Date(2026, 11, 24, 10, 0, 0, 0, time.UTC)
 	k := fragKey{src: netip.MustParseAddr("192.0.2.1"), dst: netip.MustParseAddr("203.0.113.1"), id: 7, proto: 17}
 	big := make([]byte, 60000)
-	for range maxFragsPer {
-		if full := d.add(k, 0, true, big, now); full != nil {
+	for i := range maxFragsPer {
+		// Every other one partly over the first: the datagram is given
+		// up and begun again.
+		if full, _ := d.add(k, 17, (i%2)*8, true, big, now); full != nil {
 			t.Fatalf("an incomplete datagram came out")
 		}
 		held := 0
@@ -795,7 +803,7 @@ func TestDefragBoundsOverlappingFragments(t *testing.T) {
 		}
 	}
 	if d.dropped == 0 {
-		t.Errorf("the datagram over 64 KiB was not given up")
+		t.Errorf("the datagram of overlapping fragments was not given up")
 	}
 }
 
