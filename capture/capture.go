@@ -182,7 +182,7 @@ type Stats struct {
 	Panics        uint64 // of those, decodes that panicked (recovered)
 	NotIP         uint64 // frames that carry no IP packet of a flow (not IP; ICMP errors, discovery, on-link: other.go)
 	Fragments     uint64 // IP fragments seen
-	Reassembled   uint64 // UDP datagrams rebuilt from fragments
+	Reassembled   uint64 // TCP and UDP datagrams rebuilt from fragments
 	FragDropped   uint64 // fragmented datagrams given up
 	Flows         uint64 // flows classified and reported (each counted once)
 	Own           uint64 // flows to or from the gateway's own addresses, not recorded (Config.OwnAddrs)
