@@ -96,7 +96,11 @@ func TestReloadAuditToEnforceKeepsGivenAnswers(t *testing.T) {
 // the audit-mode answer (with no rule), and the enforce ruleset's learned
 // sets start with it, since the new rule covers it. Before, only allowed
 // answers were learned, and exactly the names the operator added were cut
-// off by the switch (learned_seeded 0).
+// off by the switch (learned_seeded 0). Capture, which decides the socket
+// opened in audit mode only after the switch (its few datagrams), reports
+// it allowed, as the kernel let it out: not opened-before-enforce (its
+// seeded check finds the answer learned with no rule, as the firewall's
+// seeding does).
 func TestReloadAuditToEnforceKeepsDeniedAnswers(t *testing.T) {
 	tp := newTopo(t)
 	d := newDaemon(t, tp, "")
@@ -135,6 +139,9 @@ func TestReloadAuditToEnforceKeepsDeniedAnswers(t *testing.T) {
 		t.Fatalf("NTP to %s in audit mode: %v", clockName, err)
 	}
 
+	// Capture has seen the socket's first datagrams in audit mode.
+	captureSettles(d)
+
 	enforce := bytes.Replace(seed, []byte("\nmode: audit\n"), []byte("\nmode: enforce\n"), 1)
 	d.writePolicy(append(enforce, []byte(fmt.Sprintf(clockRule, clockName))...))
 	d.hup(true)
@@ -153,5 +160,47 @@ func TestReloadAuditToEnforceKeepsDeniedAnswers(t *testing.T) {
 	}
 	if !regexp.MustCompile(`"msg":"firewall install"[^\n]*"learned_seeded":[1-9]`).MatchString(d.logs()) {
 		t.Errorf("no firewall install line with the addresses seeded")
+	}
+
+	// Capture reports the socket opened in audit mode as the kernel
+	// treated it: its few datagrams left it undecided at the switch, and
+	// it is decided under the enforce policy, whose forward chain let it
+	// out by the seeded answer (capture's seeded): allowed, not
+	// opened-before-enforce. First let capture read what the LAN sent (its
+	// packet count unchanged over three looks); the stop ends the flows.
+	captureSettles(d)
+	d.stop()
+	for what, c := range map[string]net.Conn{"the socket opened in audit mode": kept, "the socket opened after the switch": fresh} {
+		port := c.LocalAddr().(*net.UDPAddr).Port
+		var got []flowEvent
+		for _, ev := range d.allEvents() {
+			if ev.Kind == "flow" && ev.Source == "capture" && ev.Proto == "udp" && ev.ClientPort == port && ev.Dest == addrs[0].String() {
+				got = append(got, ev)
+			}
+		}
+		if len(got) == 0 {
+			t.Errorf("%s (port %d): no capture event", what, port)
+		}
+		for _, ev := range got {
+			if ev.Verdict != "allow" {
+				t.Errorf("%s (port %d), answered after the switch: capture recorded %v; want allow under the new rule", what, port, ev)
+			}
+		}
+	}
+}
+
+// captureSettles waits until capture has read what the LAN sent: its
+// packet count unchanged over three looks, 100 ms apart (at most 5 s).
+func captureSettles(d *daemon) {
+	d.t.Helper()
+	last, same := d.metric("egress_capture_packets_total"), 0
+	for i := 0; i < 50 && same < 3; i++ {
+		time.Sleep(100 * time.Millisecond)
+		n := d.metric("egress_capture_packets_total")
+		if n == last {
+			same++
+		} else {
+			last, same = n, 0
+		}
 	}
 }
