@@ -1,7 +1,9 @@
 package e2e
 
 import (
+	"bytes"
 	"context"
+	"fmt"
 	"net"
 	"net/netip"
 	"os"
@@ -147,4 +149,93 @@ func TestRestartKeepsLearnedAddresses(t *testing.T) {
 			t.Errorf("NTP to %s (%s) after kill -9 and a start: %v; want an answer", c.name, c.addr, err)
 		}
 	}
+}
+
+// TestRestartAuditToEnforceKeepsDeniedAnswers: the rollout of
+// TestReloadAuditToEnforceKeepsDeniedAnswers by a restart (systemctl
+// restart with the new policy) rather than a reload. In audit mode the
+// client asks the gateway for clockName and trackerName, which no rule
+// covers (answered: audit mode; learned with no rule, and written to the
+// table's file at the stop), and talks NTP to clockName's address. The
+// start in enforce mode, with a rule added for clockName only, brings
+// back the answer for clockName under that rule (dnsfilter's WouldLearn)
+// and seeds the firewall with it: the client's next NTP request, from a
+// new socket and without asking DNS again, is answered. The answer for
+// trackerName, which the enforce policy still denies, vouches for
+// nothing: a hello with an allowed name to its address is sni-mismatch,
+// and one without a name no-rule.
+func TestRestartAuditToEnforceKeepsDeniedAnswers(t *testing.T) {
+	tp := newTopo(t)
+	d := newDaemon(t, tp, "")
+	seed := testPolicy(t)
+	if !bytes.Contains(seed, []byte("\nmode: audit\n")) {
+		t.Fatal("the seed profile is no longer in audit mode: update the test")
+	}
+	if bytes.Contains(seed, []byte(clockName)) || bytes.Contains(seed, []byte(trackerName)) {
+		t.Fatalf("the seed profile names %s or %s: update the test", clockName, trackerName)
+	}
+	d.writePolicy(seed)
+	d.start()
+	t.Cleanup(func() {
+		if t.Failed() {
+			t.Logf("egressd output:\n%s", d.logs())
+			t.Logf("flows:\n%s", d.events())
+		}
+	})
+
+	ctx, cancel := context.WithTimeout(context.Background(), time.Minute)
+	defer cancel()
+	resolve := func(name string) netip.Addr {
+		t.Helper()
+		addrs, err := tp.goResolver().LookupNetIP(ctx, "ip4", name+".")
+		if err != nil || len(addrs) == 0 {
+			t.Fatalf("resolving %s through the gateway in audit mode: %v %v", name, addrs, err)
+		}
+		return addrs[0]
+	}
+	ntpAsk := func(a netip.Addr, timeout time.Duration) error {
+		c, err := tp.lan.DialContext(ctx, "udp", netip.AddrPortFrom(a, 123).String())
+		if err != nil {
+			return err
+		}
+		defer c.Close()
+		req := ntpRequest()
+		return askWithin(c, timeout, req, func(r []byte) bool { return ntpAnswers(req, r) })
+	}
+	clock := resolve(clockName)
+	if got := resolve(trackerName); got != netip.MustParseAddr(trackerIP) {
+		t.Fatalf("%s resolved to %v, want %s", trackerName, got, trackerIP)
+	}
+	if err := ntpAsk(clock, time.Second); err != nil {
+		t.Fatalf("NTP to %s in audit mode: %v", clockName, err)
+	}
+
+	d.stop()
+	b, err := os.ReadFile(filepath.Join(d.stateDir, learnedFile))
+	if err != nil {
+		t.Fatalf("after a clean stop: %v", err)
+	}
+	for _, name := range []string{clockName, trackerName} {
+		if !bytes.Contains(b, []byte(`"`+name+`"`)) {
+			t.Errorf("%s: the audit-mode answer for %s (no rule) is not in it:\n%s", learnedFile, name, b)
+		}
+	}
+	enforce := bytes.Replace(seed, []byte("\nmode: audit\n"), []byte("\nmode: enforce\n"), 1)
+	d.writePolicy(append(enforce, []byte(fmt.Sprintf(clockRule, clockName))...))
+	d.start()
+
+	// The first datagram after the start: no retry, no DNS.
+	if err := ntpAsk(clock, 2*time.Second); err != nil {
+		t.Errorf("NTP to %s (%s, denied and answered in audit mode) after the restart into enforce with a rule for it: %v; want an answer", clockName, clock, err)
+	}
+	o := tp.sendHello(trackerIP+":443", buildHello(helloSpec{sni: [][]string{{dockerName}}}), 0, 0)
+	if !o.denied {
+		t.Errorf("hello for %s to %s (given out in audit mode for %s, which no rule allows): %v; want it refused", dockerName, trackerIP, trackerName, o)
+	}
+	wantEvent(t, d, "allowed SNI to an address given out for a denied name", byClientPort(o.port), "deny", "sni-mismatch")
+	o = tp.sendHello(trackerIP+":443", buildHello(helloSpec{}), 0, 0)
+	if !o.denied {
+		t.Errorf("hello without SNI to %s (given out in audit mode for %s): %v; want it refused", trackerIP, trackerName, o)
+	}
+	wantEvent(t, d, "no SNI to an address given out for a denied name", byClientPort(o.port), "deny", "no-rule")
 }
