@@ -477,3 +477,91 @@ func FuzzParseProxyUsers(f *testing.F) {
 		}
 	})
 }
+
+// TestRunReloadBadUsersGoodPolicy: a reload whose policy is taken but
+// whose --proxy-users file is refused. The report's note says the reload
+// failed in part, and does not pass the policy just loaded for the one it
+// replaced ("the running policy is still ..."), which the report's own
+// rules contradict; the next reload that succeeds clears the note.
+func TestRunReloadBadUsersGoodPolicy(t *testing.T) {
+	bin := buildEgressd(t)
+	dir := t.TempDir()
+	users := filepath.Join(dir, "users")
+	if err := os.WriteFile(users, []byte(digestLine("alice", "s3cret")), 0o600); err != nil {
+		t.Fatal(err)
+	}
+	pol := filepath.Join(dir, "policy.yaml")
+	const good = "version: 1\nmode: enforce\nrules:\n  - name: docs\n    to: [docs.example]\n    ports: [443/tcp]\n"
+	if err := os.WriteFile(pol, []byte(good), 0o644); err != nil {
+		t.Fatal(err)
+	}
+	r := startRun(t, bin, dir, "--policy", pol, "--explicit-proxy-listen", "127.0.0.1:0", "--proxy-users", users)
+	cmd, out, errb := r.cmd, r.out, r.errb
+	var admin string
+	for deadline := time.Now().Add(15 * time.Second); ; time.Sleep(20 * time.Millisecond) {
+		if m := regexp.MustCompile(`(?m)^admin: (http://127\.0\.0\.1:\d+)/`).FindStringSubmatch(out.String()); m != nil {
+			admin = m[1]
+			break
+		}
+		if time.Now().After(deadline) {
+			t.Fatalf("no admin line in 15s\nstdout:\n%s\nstderr:\n%s", out.String(), errb.String())
+		}
+	}
+	notes := func() string {
+		t.Helper()
+		resp, err := http.Get(admin + "/report.json")
+		if err != nil {
+			t.Fatal(err)
+		}
+		defer resp.Body.Close()
+		var rep struct{ Notes []string }
+		if err := json.NewDecoder(resp.Body).Decode(&rep); err != nil {
+			t.Fatal(err)
+		}
+		return strings.Join(rep.Notes, "\n")
+	}
+	hup := func(logLine string, n int) {
+		t.Helper()
+		if err := cmd.Process.Signal(syscall.SIGHUP); err != nil {
+			t.Fatal(err)
+		}
+		for deadline := time.Now().Add(10 * time.Second); strings.Count(errb.String(), logLine) < n; time.Sleep(50 * time.Millisecond) {
+			if time.Now().After(deadline) {
+				t.Fatalf("10s after SIGHUP no %q line\nstderr:\n%s", logLine, errb.String())
+			}
+		}
+	}
+	// A new rule the report lists, and a users file with a bad line.
+	if err := os.WriteFile(pol, []byte(good+"  - name: wiki\n    to: [wiki.example]\n    ports: [443/tcp]\n"), 0o644); err != nil {
+		t.Fatal(err)
+	}
+	if err := os.WriteFile(users, []byte(digestLine("alice", "s3cret")+"carol\n"), 0o600); err != nil {
+		t.Fatal(err)
+	}
+	hup("reload of the proxy users failed", 1)
+	if !strings.Contains(errb.String(), `"msg":"policy reloaded"`) {
+		t.Fatalf("the policy was not reloaded:\n%s", errb.String())
+	}
+	// Polled: the reload's outcome is recorded after its parts.
+	n := notes()
+	for deadline := time.Now().Add(10 * time.Second); !strings.Contains(n, "proxy users"); n = notes() {
+		if time.Now().After(deadline) {
+			t.Fatalf("10s after SIGHUP the report's notes do not say the users file was refused:\n%s", n)
+		}
+		time.Sleep(50 * time.Millisecond)
+	}
+	if strings.Contains(n, "the running policy is still") {
+		t.Errorf("the report's note says the old policy still runs, but the reload's policy does:\n%s", n)
+	}
+	// Fixed: the next reload succeeds and the note goes.
+	if err := os.WriteFile(users, []byte(digestLine("alice", "s3cret")), 0o600); err != nil {
+		t.Fatal(err)
+	}
+	hup("proxy users reloaded", 1)
+	for deadline := time.Now().Add(10 * time.Second); strings.Contains(n, "reload at "); n = notes() {
+		if time.Now().After(deadline) {
+			t.Fatalf("10s after a reload that succeeded the report still notes a failed one:\n%s", n)
+		}
+		time.Sleep(50 * time.Millisecond)
+	}
+}
