@@ -161,7 +161,7 @@ func (s *Server) ConfigLoaded(ok bool, at time.Time) {
 // does not pass the refused file for the running policy.
 func (s *Server) ConfigFailed(at time.Time, why string) {
 	s.reloadOK.Set(0)
-	const stamp = "2006-01-02 15:04:05Z"
+	const stamp = reloadStamp
 	note := "the last policy reload at " + at.UTC().Format(stamp) + " failed"
 	if why != "" {
 		note += " (" + why + ")"
@@ -176,6 +176,26 @@ func (s *Server) ConfigFailed(at time.Time, why string) {
 	}
 	s.failed = note + "; fix the file and reload again"
 }
+
+// ConfigPartlyLoaded records a reload whose policy was taken but another
+// part of which was refused (why: its error; the proxy users file): the
+// gauge says 0, as for ConfigFailed, and the reports served say so in a
+// note until a reload succeeds; the note does not say the policy before
+// still runs, since the reload's does (and the report's rules are its).
+func (s *Server) ConfigPartlyLoaded(at time.Time, why string) {
+	s.reloadOK.Set(0)
+	note := "the last reload at " + at.UTC().Format(reloadStamp) + " failed in part"
+	if why != "" {
+		note += " (" + why + ")"
+	}
+	s.mu.Lock()
+	defer s.mu.Unlock()
+	s.loaded = at
+	s.failed = note + ": its policy runs, what it refused runs as loaded before; fix the file and reload again"
+}
+
+// reloadStamp is how the reload notes write a time.
+const reloadStamp = "2006-01-02 15:04:05Z"
 
 // Handler returns the admin API's handler (for tests, or to mount
 // elsewhere).

@@ -406,4 +406,19 @@ func TestReportSaysReloadFailed(t *testing.T) {
 	if n := notes(); strings.Contains(n, "reload") {
 		t.Errorf("notes after a successful reload: %q", n)
 	}
+	// A reload whose policy got in but whose users file was refused: the
+	// note says so, not that the policy before still runs; a later failed
+	// reload names the policy it loaded.
+	s.ConfigPartlyLoaded(t0.Add(3*time.Hour), "proxy users: users:2: expected NAME:bcrypt:HASH")
+	n = notes()
+	if !strings.Contains(n, "reload at 2026-11-24 13:00:00Z failed in part (proxy users:") || strings.Contains(n, "still") {
+		t.Errorf("notes after a reload refused in part:\n%s", n)
+	}
+	if _, _, m := get(t, ts.URL+"/metrics"); !bytes.Contains(m, []byte("egress_config_last_reload_successful 0")) {
+		t.Errorf("ConfigPartlyLoaded must set the gauge to 0")
+	}
+	s.ConfigFailed(t0.Add(4*time.Hour), "")
+	if n := notes(); !strings.Contains(n, "loaded at 2026-11-24 13:00:00Z") {
+		t.Errorf("a failed reload after one refused in part names another load:\n%s", n)
+	}
 }

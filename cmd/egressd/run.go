@@ -1437,8 +1437,13 @@ func (d *daemon) reload() {
 	policyOK := d.reloadPolicy()
 	usersOK := d.reloadProxyUsers()
 	if d.admin != nil && !(policyOK && usersOK) {
-		// The reports say so too, with why, until a reload succeeds.
-		d.admin.ConfigFailed(time.Now(), strings.Join(d.reloadWhy, "; "))
+		// The reports say so too, with why, until a reload succeeds;
+		// not that the old policy runs when this reload's got in.
+		if policyOK {
+			d.admin.ConfigPartlyLoaded(time.Now(), strings.Join(d.reloadWhy, "; "))
+		} else {
+			d.admin.ConfigFailed(time.Now(), strings.Join(d.reloadWhy, "; "))
+		}
 		return
 	}
 	d.configLoaded(policyOK && usersOK)
