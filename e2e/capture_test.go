@@ -60,8 +60,9 @@ func TestCaptureVerdictAtClassification(t *testing.T) {
 // blocked by the proxy in enforce mode as sni-mismatch; capture records
 // the same verdict and reason, so audit mode reports what enforce would
 // do, and the ledger, which keeps the first report of a flow, gets the same
-// answer whichever component reports first. (Formerly
-// TestKnownBugs/sni-mismatch-audit.)
+// answer whichever component reports first, also when the client was
+// given trackerIP for trackerName, which no rule allows (audit mode learns
+// that answer with no rule). (Formerly TestKnownBugs/sni-mismatch-audit.)
 func TestCaptureSNIMismatch(t *testing.T) {
 	for _, mode := range []string{"enforce", "audit"} {
 		t.Run(mode, func(t *testing.T) {
@@ -69,6 +70,11 @@ func TestCaptureSNIMismatch(t *testing.T) {
 			d := newDaemon(t, tp, mode)
 			d.start()
 			tp.dig(t, dockerName, "A")
+			// The client asked for the tracker too: audit mode answers
+			// it and the forwarder learns it with no rule, which must
+			// vouch for no other name's SNI (in enforce mode it is
+			// refused).
+			tp.dig(t, trackerName, "A")
 			_, err := tp.curl(dockerName, 443, trackerIP, "/", true)
 			if mode == "enforce" && err == nil {
 				t.Fatalf("enforce let %s through to %s", dockerName, trackerIP)
