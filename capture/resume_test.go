@@ -288,3 +288,30 @@ func TestResumedOtherProtocolFromWANIsNotInbound(t *testing.T) {
 		t.Errorf("inbound GRE resumed from the LAN: flows %q; want %q twice", got, inb)
 	}
 }
+
+// TestResumeForgetsUnansweredSYNs: a LAN client's SYNs that nobody
+// answered (a SYN flood: 65,536 of them evicted a round) are not kept:
+// their next packet, a SYN or the server's SYN-ACK, says who the client
+// is, and the memory cost the flooded daemon what it needs at its stop
+// under a memory limit (e2e TestMemoryMaxUnderFlood was OOM-killed at
+// SIGTERM). An answered connection evicted is still kept.
+func TestResumeForgetsUnansweredSYNs(t *testing.T) {
+	p, _ := resumeProc(t, Config{MaxFlows: 8}, policy.ModeEnforce)
+	srv := netip.MustParseAddrPort("203.0.113.62:443")
+	for i := range 64 {
+		cli := netip.AddrPortFrom(resLAN.Addr(), uint16(42000+i))
+		p.packet(tcpFrameMAC(t, macClient, macGW, cli, srv, "S", 1, 0, nil), resStart.Add(time.Duration(i)*time.Millisecond), layers.LinkTypeEthernet)
+	}
+	if n := len(p.resumable); n != 0 {
+		t.Errorf("%d unanswered SYNs remembered after their eviction, want 0", n)
+	}
+	for i := range 16 {
+		cli := netip.AddrPortFrom(resLAN.Addr(), uint16(43000+i))
+		at := resStart.Add(time.Second + time.Duration(i)*time.Millisecond)
+		p.packet(tcpFrameMAC(t, macClient, macGW, cli, srv, "S", 1, 0, nil), at, layers.LinkTypeEthernet)
+		p.packet(tcpFrameMAC(t, macGW, macClient, srv, cli, "SA", 9, 2, nil), at, layers.LinkTypeEthernet)
+	}
+	if len(p.resumable) == 0 {
+		t.Error("no answered connection remembered after its eviction")
+	}
+}
