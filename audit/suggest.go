@@ -586,7 +586,7 @@ func comparePorts(a, b string) int {
 
 // WriteSuggestions writes Suggest's rules as a YAML snippet ready to paste
 // under "rules:" of the policy, with the flows each would allow counted in
-// comments.
+// comments, and a warning when the counts are partial (Report.Loading).
 func (r *Report) WriteSuggestions(w io.Writer) error {
 	ew := &errWriter{w: w}
 	sugs, comments := r.Suggest()
@@ -596,6 +596,11 @@ func (r *Report) WriteSuggestions(w io.Writer) error {
 	}
 	fmt.Fprintf(ew, "\n# %d rule(s) that would allow what was dropped. Review them, then paste under \"rules:\".\n", len(sugs))
 	fmt.Fprintln(ew, "# No wildcard is wider than a registrable domain (Public Suffix List).")
+	if r.Loading != nil {
+		// The start's read of the event log is not done (or failed): a
+		// policy built from these would miss what the log holds.
+		fmt.Fprintf(ew, "# WARNING: %s\n", commentSafe(r.Loading.note()))
+	}
 	for _, c := range comments {
 		fmt.Fprintf(ew, "# %s\n", commentSafe(c))
 	}
