@@ -2,8 +2,11 @@ package audit
 
 import (
 	"bytes"
+	"errors"
+	"os"
 	"strings"
 	"testing"
+	"time"
 )
 
 // TestSuggestDuringBackgroundLoad: suggestions made while the event log is
@@ -42,4 +45,93 @@ func TestSuggestDuringBackgroundLoad(t *testing.T) {
 			t.Errorf("%s: suggestions during the read do not say the counts are partial:\n%s", what, b.String())
 		}
 	}
+}
+
+// TestJournalBackgroundLoadFails: a background read that fails (a file
+// gone from under it) leaves the counts partial, said by every report
+// (Loading.Error) and LoadErr, LoadDone once with the error; the events
+// emitted meanwhile are still counted and written, each once, and a
+// restart counts what the log holds once.
+func TestJournalBackgroundLoadFails(t *testing.T) {
+	dir := t.TempDir()
+	const old, fresh = 800, 40
+	writeOldLog(t, dir, old)
+	files, _ := LogFiles(dir)
+	if len(files) < 10 {
+		t.Fatalf("the old log is %d files, want 10 or more", len(files))
+	}
+	// The last rotated file, removed under the read once it took the
+	// first: the read runs at most a few files ahead (readDirAhead).
+	gone := files[len(files)-2]
+	lost, err := countEvents(gone)
+	if err != nil {
+		t.Fatal(err)
+	}
+	testHookLoadFile = func(n int, _ <-chan struct{}) {
+		if n == 1 {
+			os.Remove(gone)
+		}
+	}
+	t.Cleanup(func() { testHookLoadFile = nil })
+	var doneErr error
+	dones := 0
+	l := NewLedger(nil, LedgerOptions{})
+	loaded := make(chan struct{})
+	j, _, err := OpenJournal(JournalConfig{Dir: dir, DetailBurst: -1, Background: true,
+		LoadDone: func(_ LoadStats, _ time.Duration, err error) {
+			doneErr = err
+			dones++
+			close(loaded)
+		}}, l)
+	if err != nil {
+		t.Fatal(err)
+	}
+	at := time.Date(2026, 2, 1, 0, 0, 0, 0, time.UTC)
+	for i := 1; i <= fresh; i++ {
+		j.Emit(seqEvent(10000+i, at.Add(time.Duration(i)*time.Millisecond)))
+	}
+	runJournal(t, j)
+	<-loaded
+	j.waitLoaded(time.Minute) // LoadDone is called before the read counts as ended
+	if !j.Sync(time.Minute) {
+		t.Fatal("Sync after the failed read did not return")
+	}
+	if dones != 1 || doneErr == nil || errors.Is(doneErr, ErrLoadStopped) {
+		t.Fatalf("LoadDone %d times with %v; want once with the read's error", dones, doneErr)
+	}
+	if j.LoadErr() == nil {
+		t.Error("LoadErr after a failed read is nil")
+	}
+	r := l.Report(ReportOptions{})
+	if r.Loading == nil || r.Loading.Error == "" || len(r.Notes) == 0 || !strings.Contains(r.Notes[0], "could not be read whole") {
+		t.Errorf("report after the failed read: Loading %+v, notes %q; want the error, said first", r.Loading, r.Notes)
+	}
+	if r.Totals.Flows < fresh || r.Totals.Duplicates != 0 {
+		t.Errorf("after the failed read: %d flows, %d duplicates; want the %d new ones at least, none twice", r.Totals.Flows, r.Totals.Duplicates, fresh)
+	}
+	if err := j.Close(); err != nil {
+		t.Fatal(err)
+	}
+	testHookLoadFile = nil
+	_, l2, st := openJournal(t, JournalConfig{Dir: dir, DetailBurst: -1}, nil)
+	want := uint64(old - lost + fresh)
+	if st.Skipped != 0 {
+		t.Errorf("restart read %d bad lines", st.Skipped)
+	}
+	// The summary's and the kept files' together.
+	if got := l2.Report(ReportOptions{}).Totals; got.Flows != want || got.Duplicates != 0 {
+		t.Errorf("restart counts %d flows, %d duplicates; want %d (old %d less %d removed, %d new), none twice", got.Flows, got.Duplicates, want, old, lost, fresh)
+	}
+}
+
+// countEvents counts the events of one log file.
+func countEvents(path string) (int, error) {
+	f, err := os.Open(path)
+	if err != nil {
+		return 0, err
+	}
+	defer f.Close()
+	n := 0
+	_, _, err = ReadEvents(f, func(Event) { n++ })
+	return n, err
 }
