@@ -471,7 +471,8 @@ func (j *Journal) waitLoaded(timeout time.Duration) *Loading {
 	if c == nil {
 		return &Loading{}
 	}
-	return &Loading{Files: int(c.files.Load()), FilesTotal: int(c.total.Load()), Events: c.events.Load()}
+	return &Loading{Files: int(c.files.Load()), FilesTotal: int(c.total.Load()), Events: c.events.Load(),
+		Queued: uint64(max(0, j.queued.Load())), Shed: j.shed.Load()}
 }
 
 // LoadDir reads the event log in dir into a new ledger, without writing

@@ -3,6 +3,7 @@ package audit
 import (
 	"bytes"
 	"errors"
+	"fmt"
 	"os"
 	"strings"
 	"testing"
@@ -134,4 +135,40 @@ func countEvents(path string) (int, error) {
 	n := 0
 	_, _, err = ReadEvents(f, func(Event) { n++ })
 	return n, err
+}
+
+// TestJournalBackgroundLoadShed: events emitted during a long background
+// read beyond the queue are shed: a report during the read says how many
+// wait to be counted and how many were shed already (the counts lack
+// both), and after the read the shed ones are counted as shed, once, and
+// the queued ones as events.
+func TestJournalBackgroundLoadShed(t *testing.T) {
+	dir := t.TempDir()
+	const old, queue, emitted = 300, 16, 40
+	writeOldLog(t, dir, old)
+	release := make(chan struct{})
+	stalled, _ := stallLoad(t, release)
+	j, l, _ := openJournal(t, JournalConfig{Dir: dir, DetailBurst: -1, Background: true, QueueLen: queue}, nil)
+	runJournal(t, j)
+	<-stalled
+	at := time.Date(2026, 2, 1, 0, 0, 0, 0, time.UTC)
+	for i := 1; i <= emitted; i++ {
+		j.Emit(seqEvent(10000+i, at.Add(time.Duration(i)*time.Millisecond)))
+	}
+	r := l.Report(ReportOptions{})
+	if r.Loading == nil || r.Loading.Queued != queue || r.Loading.Shed != emitted-queue {
+		t.Errorf("report during the read: Loading %+v; want %d queued, %d shed", r.Loading, queue, emitted-queue)
+	}
+	if len(r.Notes) == 0 || !strings.Contains(r.Notes[0], fmt.Sprintf("%d shed", emitted-queue)) {
+		t.Errorf("report during the read: first note %q does not say %d events were shed", r.Notes, emitted-queue)
+	}
+	close(release)
+	j.waitLoaded(time.Minute)
+	if !j.Sync(time.Minute) {
+		t.Fatal("Sync after the read did not return")
+	}
+	r = l.Report(ReportOptions{})
+	if r.Loading != nil || r.ShedEvents != emitted-queue || r.Totals.Events != old+queue {
+		t.Errorf("after the read: Loading %+v, %d shed, %d events; want none, %d shed, %d events", r.Loading, r.ShedEvents, r.Totals.Events, emitted-queue, old+queue)
+	}
 }

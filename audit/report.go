@@ -81,6 +81,11 @@ type Loading struct {
 	Events     uint64 `json:"events"`      // events read
 	// Error is why the read ended before its end; empty while it runs.
 	Error string `json:"error,omitempty"`
+	// Queued are the events emitted since the start that wait for the
+	// read to end, Shed those the full queue shed meanwhile (counted as
+	// shed once the read ends): while it runs, the counts lack both.
+	Queued uint64 `json:"queued,omitempty"`
+	Shed   uint64 `json:"shed,omitempty"`
 }
 
 // note is Loading as a report's note.
@@ -88,7 +93,14 @@ func (g *Loading) note() string {
 	if g.Error != "" {
 		return fmt.Sprintf("COUNTS ARE PARTIAL: the event log could not be read whole at the start (%s): %d events from %d of %d files are counted, and every event since the start", g.Error, g.Events, g.Files, g.FilesTotal)
 	}
-	return fmt.Sprintf("COUNTS ARE PARTIAL: the event log is still being read after the start (%d events from %d of %d files so far); the events since the start are counted once it is read; ask again in a few seconds", g.Events, g.Files, g.FilesTotal)
+	since := "the events since the start are counted once it is read"
+	if g.Queued+g.Shed > 0 {
+		since = fmt.Sprintf("the %d events emitted since the start wait to be counted once it is read", g.Queued)
+		if g.Shed > 0 {
+			since += fmt.Sprintf(" (%d shed: the queue was full)", g.Shed)
+		}
+	}
+	return fmt.Sprintf("COUNTS ARE PARTIAL: the event log is still being read after the start (%d events from %d of %d files so far); %s; ask again in a few seconds", g.Events, g.Files, g.FilesTotal, since)
 }
 
 // Coverage says what a report's counts rest on: every event since
