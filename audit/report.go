@@ -409,7 +409,10 @@ func (l *Ledger) SetOpenFlows(fn func() []Event) {
 // snapshotOpen is snapshot with the flows of open counted that the
 // ledger holds no report of (the report of one may have come since the
 // list was taken: the lookup and the copy counted on are made under one
-// hold of the lock, so a flow counts either way, never both). They are
+// hold of the lock, so a flow counts either way, never both). A flow the
+// ledger holds another component's report of counts where the open one's
+// event will move it (the proxy's connection capture reported a minute
+// after it began, without the name the proxy read), not as open. They are
 // counted on an overlay: a copy of the ledger's counts that shares
 // nothing with it, so that the flows are counted, and the report made,
 // after the lock is let go. Before, they were counted on a copy-on-write
@@ -446,12 +449,42 @@ func (l *Ledger) snapshotOpen(opt ReportOptions, open []Event) *Report {
 		}
 		flows = append(flows, openFlow{i: i, id: id, h: id.hash(l.seed)})
 	}
+	// moved is a flow the ledger holds another report of that the open
+	// one's event will move (the proxy's over capture's, a deny after a
+	// reload: reattributeLocked): its record as the ledger holds it,
+	// with the names of what it counts in, is moved on the overlay.
+	type movedFlow struct {
+		f                openFlow
+		rec              flowRec
+		rule, denied     string
+		hasRule, hasDeny bool
+		drop             dropKey
+		hasDrop          bool
+	}
+	var moved []movedFlow
 	l.mu.Lock()
 	n := 0
 	for _, f := range flows {
-		if l.findLocked(f.id, f.h, open[f.i].Time.UTC()) == nil {
+		rec := l.findLocked(f.id, f.h, open[f.i].Time.UTC())
+		if rec == nil {
 			flows[n] = f
 			n++
+			continue
+		}
+		// A flow the journal's detail budget held back stays where it is
+		// (the ledger freezes one of an earlier interval: emitHold).
+		if ev := &open[f.i]; rec.held == nil && (ev.Source == SourceProxy && rec.source != SourceProxy || redecided(rec, ev)) {
+			m := movedFlow{f: f, rec: *rec}
+			if rec.rule != nil {
+				m.rule, m.hasRule = rec.rule.name, true
+			}
+			if rec.denied != nil {
+				m.denied, m.hasDeny = rec.denied.name, true
+			}
+			if rec.drop != nil {
+				m.drop, m.hasDrop = rec.drop.key, true
+			}
+			moved = append(moved, m)
 		}
 	}
 	flows = flows[:n]
@@ -459,6 +492,25 @@ func (l *Ledger) snapshotOpen(opt ReportOptions, open []Event) *Report {
 	l.mu.Unlock()
 	events, dups := ov.totals.Events, ov.totals.Duplicates
 	ov.mu.Lock() // ov is this call's own: no one waits for it
+	isMoved := map[*flowRec]bool{}
+	for _, m := range moved {
+		rec := new(flowRec)
+		*rec = m.rec
+		rec.rule, rec.drop, rec.denied, rec.held = nil, nil, nil, nil
+		if m.hasRule {
+			rec.rule = ov.rules[m.rule]
+		}
+		if m.hasDeny {
+			rec.denied = ov.rules[m.denied]
+		}
+		if m.hasDrop {
+			rec.drop = ov.dropped[m.drop]
+		}
+		ov.rememberLocked(rec)
+		isMoved[rec] = true
+		ev := bounded(m.f.i)
+		ov.addLocked(&ev)
+	}
 	for _, f := range flows {
 		ev := bounded(f.i)
 		ov.addLocked(&ev)
@@ -468,7 +520,12 @@ func (l *Ledger) snapshotOpen(opt ReportOptions, open []Event) *Report {
 	ov.mu.Unlock()
 	byRule := map[string]uint64{}
 	byDrop := map[dropKey]uint64{}
+	var opened uint64
 	for _, rec := range ov.ring {
+		if isMoved[rec] {
+			continue // in the event log already: moved, not open
+		}
+		opened++
 		switch {
 		case rec.rule != nil:
 			byRule[rec.rule.name]++
@@ -477,7 +534,7 @@ func (l *Ledger) snapshotOpen(opt ReportOptions, open []Event) *Report {
 		}
 	}
 	r := ov.snapshot(opt)
-	r.OpenFlows = uint64(len(ov.ring))
+	r.OpenFlows = opened
 	if r.OpenFlows > 0 {
 		r.Notes = append(r.Notes, fmt.Sprintf("%d flow(s) open now are counted, not in the event log yet (capture records a UDP flow after 60 s of silence, any flow a minute after it began; the proxy a connection when it closes)", r.OpenFlows))
 	}
