@@ -2,6 +2,7 @@ package audit
 
 import (
 	"bytes"
+	"context"
 	"errors"
 	"fmt"
 	"os"
@@ -170,5 +171,29 @@ func TestJournalBackgroundLoadShed(t *testing.T) {
 	r = l.Report(ReportOptions{})
 	if r.Loading != nil || r.ShedEvents != emitted-queue || r.Totals.Events != old+queue {
 		t.Errorf("after the read: Loading %+v, %d shed, %d events; want none, %d shed, %d events", r.Loading, r.ShedEvents, r.Totals.Events, emitted-queue, old+queue)
+	}
+}
+
+// TestJournalBackgroundStoppedReport: a report of the ledger after Close
+// stopped the background read (a report in flight while the daemon
+// stops) still says the counts are partial: the read did not end.
+func TestJournalBackgroundStoppedReport(t *testing.T) {
+	dir := t.TempDir()
+	writeOldLog(t, dir, 300)
+	stalled, _ := stallLoad(t, nil)
+	j, l, _ := openJournal(t, JournalConfig{Dir: dir, DetailBurst: -1, Background: true}, nil)
+	ran := make(chan error, 1)
+	go func() { ran <- j.Run(context.Background()) }()
+	<-stalled
+	if err := j.Close(); err != nil {
+		t.Fatal(err)
+	}
+	<-ran
+	r := l.Report(ReportOptions{})
+	if r.Loading == nil || r.Loading.Error == "" || r.Totals.Events >= 300 {
+		t.Errorf("report after a stopped read: Loading %+v, %d events; want it marked partial", r.Loading, r.Totals.Events)
+	}
+	if err := j.LoadErr(); err != nil {
+		t.Errorf("LoadErr after a stopped read = %v, want nil (no failure)", err)
 	}
 }
