@@ -254,9 +254,13 @@ func ruleExprs(r Rule, sets map[string]*nftables.Set) ([]expr.Any, error) {
 		e = append(e, &expr.Fib{Register: 1, FlagSADDR: true, FlagIIF: true, FlagPRESENT: true, ResultOIF: true},
 			&expr.Cmp{Op: expr.CmpOpEq, Register: 1, Data: make([]byte, 4)})
 	}
-	if r.ICMPv6 {
+	if r.ICMPv6 || r.ICMP {
+		proto := byte(unix.IPPROTO_ICMPV6)
+		if r.ICMP {
+			proto = unix.IPPROTO_ICMP
+		}
 		e = append(e, &expr.Meta{Key: expr.MetaKeyL4PROTO, Register: 1},
-			&expr.Cmp{Op: expr.CmpOpEq, Register: 1, Data: []byte{unix.IPPROTO_ICMPV6}},
+			&expr.Cmp{Op: expr.CmpOpEq, Register: 1, Data: []byte{proto}},
 			&expr.Payload{DestRegister: 1, Base: expr.PayloadBaseTransportHeader, Offset: 0, Len: 1},
 			&expr.Range{Op: expr.CmpOpEq, Register: 1, FromData: []byte{r.ICMPTypes[0]}, ToData: []byte{r.ICMPTypes[1]}})
 	}

@@ -138,7 +138,8 @@ type Rule struct {
 	FibSrcMissing bool
 	Proto         policy.Proto // meta l4proto (TCP, UDP); 0: any
 	ICMPv6        bool         // meta l4proto ipv6-icmp, with ICMPTypes
-	ICMPTypes     [2]uint8     // icmpv6 type range (inclusive)
+	ICMP          bool         // meta l4proto icmp (IPv4), with ICMPTypes
+	ICMPTypes     [2]uint8     // icmp or icmpv6 type range (inclusive)
 	// Ports is the destination port range of Proto; zero Lo: any port.
 	Ports   policy.PortRange
 	Counter bool
@@ -301,8 +302,15 @@ func render(cfg Config, eng *policy.Engine, now time.Time) (*Ruleset, error) {
 		rs.Chains = append(rs.Chains, Chain{Name: chainAntispoof, Type: "filter", Hook: "prerouting", Priority: -300, Rules: antispoofRules(cfg)})
 		rs.Chains = append(rs.Chains, Chain{Name: chainPrerouting, Type: "nat", Hook: "prerouting", Priority: -100, Rules: redirectRules(cfg, eng.HostPathPorts())})
 	}
-	if guard {
-		rs.Chains = append(rs.Chains, Chain{Name: chainInput, Type: "filter", Hook: "input", Priority: 0, Rules: inputGuard(cfg.WAN, cfg.WANOpen)})
+	if mode == policy.ModeEnforce || guard {
+		var rules []Rule
+		if mode == policy.ModeEnforce {
+			rules = lanRoutingGuard(cfg)
+		}
+		if guard {
+			rules = append(rules, inputGuard(cfg.WAN, cfg.WANOpen)...)
+		}
+		rs.Chains = append(rs.Chains, Chain{Name: chainInput, Type: "filter", Hook: "input", Priority: 0, Rules: rules})
 	}
 	if mode == policy.ModeEnforce || guard {
 		var rules []Rule
@@ -444,6 +452,26 @@ func redirectRules(cfg Config, extra []policy.PortRange) []Rule {
 			Rule{IIf: lan.IIf, IIfSet: lan.IIfSet, Family: IPv6, Proto: policy.TCP, Ports: pr, Verdict: Verdict{Kind: Redirect, Port: p6}, Comment: "TCP to the transparent proxy"})
 	}
 	return rules
+}
+
+// lanRoutingGuard keeps LAN hosts from changing the gateway's own routes:
+// it drops IPv6 Router Advertisements and redirects and IPv4 redirects
+// that arrive on a LAN interface. A kernel that takes RAs while it
+// forwards (accept_ra=2, set for SLAAC on the WAN side, or on all
+// interfaces) would add a default route through the LAN host that sent
+// one, and the proxy's and the forwarder's own connections upstream would
+// go to it; a forwarding kernel takes IPv4 redirects when all/ and the
+// interface's accept_redirects are 1 (the defaults), so a LAN host that
+// forges one from a LAN router moves the gateway's route to the subnet
+// behind it (e2e/TestHardeningGateway). The gateway is the LAN's router:
+// it has nothing to learn from these.
+func lanRoutingGuard(cfg Config) []Rule {
+	lan := cfg.lanMatch()
+	return []Rule{
+		{IIf: lan.IIf, IIfSet: lan.IIfSet, Family: IPv6, ICMPv6: true, ICMPTypes: [2]uint8{134, 134}, Counter: true, Verdict: Verdict{Kind: Drop}, Comment: "router advertisements from the LAN side"},
+		{IIf: lan.IIf, IIfSet: lan.IIfSet, Family: IPv6, ICMPv6: true, ICMPTypes: [2]uint8{137, 137}, Counter: true, Verdict: Verdict{Kind: Drop}, Comment: "IPv6 redirects from the LAN side"},
+		{IIf: lan.IIf, IIfSet: lan.IIfSet, Family: IPv4, ICMP: true, ICMPTypes: [2]uint8{5, 5}, Counter: true, Verdict: Verdict{Kind: Drop}, Comment: "ICMP redirects from the LAN side"},
+	}
 }
 
 // inputGuard protects the gateway itself from the WAN side: replies pass,

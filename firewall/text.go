@@ -140,7 +140,7 @@ func (r Rule) String() string {
 	if r.Family == IPv6 {
 		ip = "ip6"
 	}
-	if r.Family != FamilyAny && r.SrcSet == "" && r.DstSet == "" && r.DstNotSet == "" && !r.ICMPv6 {
+	if r.Family != FamilyAny && r.SrcSet == "" && r.DstSet == "" && r.DstNotSet == "" && !r.ICMPv6 && !r.ICMP {
 		w = append(w, "meta nfproto "+r.Family.String())
 	}
 	if r.SrcSet != "" {
@@ -161,8 +161,12 @@ func (r Rule) String() string {
 	if r.FibSrcMissing {
 		w = append(w, "fib saddr . iif oif missing")
 	}
-	if r.ICMPv6 {
-		w = append(w, fmt.Sprintf("icmpv6 type %d-%d", r.ICMPTypes[0], r.ICMPTypes[1]))
+	if r.ICMPv6 || r.ICMP {
+		icmp := "icmp"
+		if r.ICMPv6 {
+			icmp = "icmpv6"
+		}
+		w = append(w, fmt.Sprintf("%s type %d-%d", icmp, r.ICMPTypes[0], r.ICMPTypes[1]))
 	}
 	if r.Proto != 0 {
 		switch {
