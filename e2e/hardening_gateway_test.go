@@ -1,13 +1,16 @@
 package e2e
 
 import (
+	"context"
 	"encoding/binary"
+	"io"
 	"net"
 	"net/netip"
 	"strings"
 	"testing"
 	"time"
 
+	"github.com/miekg/dns"
 	"golang.org/x/net/ipv6"
 )
 
@@ -194,8 +197,8 @@ func TestHardeningGateway(t *testing.T) {
 		t.Fatalf("the redirect outlived a cache flush: %s", out)
 	}
 
-	d := newDaemon(t, tp, "enforce")
-	d.start()
+	u := tp.startUpstream(t)
+	d := hardeningDaemon(t, tp, u, "")
 	defer d.stop()
 	t.Run("rogue-ra", func(t *testing.T) {
 		tp.sendRogueRA(t)
@@ -204,10 +207,168 @@ func TestHardeningGateway(t *testing.T) {
 			t.Errorf("enforce: the gateway took a rogue RA from the LAN:\n%s", why)
 		}
 	})
+	// DNS over TCP to the gateway: queries pipelined in one write, an
+	// allowed name and a denied one; a frame too short for a header; a
+	// query with bytes after it inside its frame; a query with two
+	// questions, the second denied. The denied names must never reach the
+	// upstream, the allowed ones be answered, and the forwarder live on.
+	t.Run("dns-tcp-pipelined", func(t *testing.T) {
+		before := len(u.seenNames())
+		var b []byte
+		b = append(b, dnsFrame(t, dnsQ(1, dockerName), nil)...)
+		b = append(b, dnsFrame(t, dnsQ(2, trackerName), nil)...)
+		b = append(b, dnsFrame(t, dnsQ(3, dockerName, trackerName), nil)...)
+		b = append(b, dnsFrame(t, dnsQ(4, "pipe."+trackerName), []byte("trailing-exfil"))...)
+		b = append(b, dnsFrame(t, dnsQ(5, vendorName), nil)...)
+		got := tp.tcpDNS(t, b)
+		if a := got[1]; a == nil || a.Rcode != dns.RcodeSuccess || len(a.Answer) == 0 {
+			t.Errorf("pipelined: the allowed query got %v", a)
+		}
+		if a := got[2]; a == nil || len(a.Answer) != 0 {
+			t.Errorf("pipelined: the denied query got %v, want an answer without records", a)
+		}
+		for _, id := range []uint16{3, 4} {
+			if a := got[id]; a != nil && len(a.Answer) != 0 {
+				t.Errorf("pipelined: query %d (a denied name in it) got records: %v", id, a)
+			}
+		}
+		if a := got[5]; a == nil || a.Rcode != dns.RcodeSuccess || len(a.Answer) == 0 {
+			t.Errorf("pipelined: the allowed query after the odd ones got %v", a)
+		}
+		// A frame of two bytes, then an allowed query.
+		odd := append([]byte{0, 2, 0xab, 0xcd}, dnsFrame(t, dnsQ(6, vendorName), nil)...)
+		got = tp.tcpDNS(t, odd)
+		if a := got[6]; a == nil || len(a.Answer) == 0 {
+			t.Errorf("the allowed query after a 2-byte frame got %v (answers: %v)", a, got)
+		}
+		// A frame announcing more than it sends: the forwarder waits, and
+		// the connection ends at its deadline; nothing else is hurt.
+		tp.tcpDNS(t, []byte{0xff, 0xff, 0, 7})
+		for _, n := range u.seenNames()[before:] {
+			if strings.HasSuffix(n, trackerName) {
+				t.Errorf("the upstream was asked %q", n)
+			}
+		}
+		if m, err := tp.dnsQuery(dockerName, dns.TypeA, 2*time.Second); err != nil || len(m.Answer) == 0 {
+			t.Errorf("after the odd frames, a UDP query: %v %v", m, err)
+		}
+	})
+	// The explicit proxy with odd CONNECT authorities: userinfo naming
+	// an allowed host before a denied one, uppercase with a trailing dot,
+	// ports 0, 65536, with a leading zero or a sign, IPv6 zone ids,
+	// punycode, and a second CONNECT pipelined after an allowed one (it
+	// goes into the tunnel, to the allowed origin). Each is refused, or
+	// tunnels to the allowed name's own address; none reaches the denied
+	// host or the attacker's address.
+	t.Run("connect-odd-authority", func(t *testing.T) {
+		proxyAddr := gwLAN4 + ":3128"
+		for _, c := range []struct {
+			target string
+			mayTo  string // "": must be refused; else a 200 must go here
+		}{
+			{"user@" + trackerName + ":443", ""},
+			{dockerName + "@" + trackerName + ":443", ""},
+			{dockerName + ":443@" + trackerName + ":443", ""},
+			{trackerName + ":443@" + dockerName + ":443", dockerIP4},
+			{"user:pw@" + spoofIP4 + ":443", ""},
+			{strings.ToUpper(dockerName) + ".:443", dockerIP4},
+			{dockerName + ":0", ""},
+			{dockerName + ":65536", ""},
+			{dockerName + ":0443", dockerIP4},
+			{dockerName + ":+443", ""},
+			{dockerName + ":443 ", ""},
+			{"[fe80::1%25lan0]:443", ""},
+			{"[fe80::1%lan0]:443", ""},
+			{"[" + dockerIP6 + "%25wan0]:443", ""},
+			{"xn--80ak6aa92e.com:443", ""},
+			{trackerName + "%00" + dockerName + ":443", ""},
+		} {
+			body, port, _ := tp.rawHTTP(proxyAddr, "CONNECT "+c.target+" HTTP/1.1\r\nHost: "+dockerName+":443\r\n\r\n")
+			status := firstLine(body, nil)
+			t.Logf("CONNECT %q: %q", c.target, status)
+			if !strings.HasPrefix(status, "HTTP/1.1 200") {
+				continue
+			}
+			if c.mayTo == "" {
+				t.Errorf("CONNECT %q: %q, want it refused", c.target, status)
+				continue
+			}
+			ev := d.waitEvent(t, "CONNECT "+c.target, byClientPort(port))
+			if ev.Dest != c.mayTo {
+				t.Errorf("CONNECT %q went to %s (%v), want %s", c.target, ev.Dest, ev, c.mayTo)
+			}
+		}
+		// Two CONNECTs in one write: the second is the tunnel's first
+		// bytes, for the first one's origin.
+		body, port, _ := tp.rawHTTP(proxyAddr, "CONNECT "+dockerName+":443 HTTP/1.1\r\nHost: "+dockerName+":443\r\n\r\nCONNECT "+trackerName+":443 HTTP/1.1\r\nHost: "+trackerName+":443\r\n\r\n")
+		if ev := d.waitEvent(t, "pipelined CONNECTs", byClientPort(port)); ev.Dest != dockerIP4 {
+			t.Errorf("pipelined CONNECTs: %v (client got %q)", ev, firstLine(body, nil))
+		}
+		for _, ev := range d.allEvents() {
+			if ev.Kind == "flow" && ev.Verdict == "allow" && (ev.Dest == trackerIP || ev.Dest == spoofIP4 || ev.Name == trackerName) {
+				t.Errorf("allowed: %v", ev)
+			}
+		}
+	})
 	t.Run("icmp-redirect", func(t *testing.T) {
 		tp.sendRedirect(t)
 		if ok, out := tp.gwRedirected(t); ok {
 			t.Errorf("enforce: a LAN host's ICMP redirect moved the gateway's route: %s", out)
 		}
 	})
+}
+
+// dnsFrame is m packed for DNS over TCP (a two-byte length first), with
+// extra bytes inside the frame after the message.
+func dnsFrame(t *testing.T, m *dns.Msg, extra []byte) []byte {
+	t.Helper()
+	b, err := m.Pack()
+	if err != nil {
+		t.Fatal(err)
+	}
+	b = append(b, extra...)
+	return append(binary.BigEndian.AppendUint16(nil, uint16(len(b))), b...)
+}
+
+func dnsQ(id uint16, names ...string) *dns.Msg {
+	m := new(dns.Msg)
+	m.Id = id
+	m.RecursionDesired = true
+	for _, n := range names {
+		m.Question = append(m.Question, dns.Question{Name: dns.Fqdn(n), Qtype: dns.TypeA, Qclass: dns.ClassINET})
+	}
+	return m
+}
+
+// tcpDNS writes b to the gateway's forwarder over TCP in one write and
+// reads answers until the forwarder closes or 3 s pass: answers by ID.
+func (tp *topo) tcpDNS(t *testing.T, b []byte) map[uint16]*dns.Msg {
+	t.Helper()
+	ctx, cancel := context.WithTimeout(context.Background(), 3*time.Second)
+	defer cancel()
+	c, err := tp.lan.DialContext(ctx, "tcp", net.JoinHostPort(gwLAN4, "53"))
+	if err != nil {
+		t.Fatal(err)
+	}
+	defer c.Close()
+	c.SetDeadline(time.Now().Add(3 * time.Second))
+	if _, err := c.Write(b); err != nil {
+		t.Fatal(err)
+	}
+	got := map[uint16]*dns.Msg{}
+	for range 16 {
+		var l [2]byte
+		if _, err := io.ReadFull(c, l[:]); err != nil {
+			break
+		}
+		buf := make([]byte, binary.BigEndian.Uint16(l[:]))
+		if _, err := io.ReadFull(c, buf); err != nil {
+			break
+		}
+		m := new(dns.Msg)
+		if m.Unpack(buf) == nil {
+			got[m.Id] = m
+		}
+	}
+	return got
 }
