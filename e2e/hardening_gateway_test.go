@@ -3,6 +3,7 @@ package e2e
 import (
 	"context"
 	"encoding/binary"
+	"fmt"
 	"io"
 	"net"
 	"net/netip"
@@ -21,7 +22,42 @@ const (
 	lanRouter4    = "198.18.1.20"   // a router on the LAN: the gateway routes lanRouted through it
 	lanRouted     = "192.0.2.0/24"  // a subnet behind lanRouter4
 	lanRoutedHost = "192.0.2.5"
+	loopStandIn   = "127.0.0.1:9902" // a service on the gateway's loopback
 )
+
+// dialLoopbackViaGW connects from the LAN to addr, a loopback address and
+// port, through the gateway: the LAN host (root on its own machine) takes
+// 127.0.0.1 out of its own local table and routes it to the gateway, for
+// the length of the call. It reports whether the gateway's service
+// answered.
+func (tp *topo) dialLoopbackViaGW(t *testing.T, addr string) (bool, error) {
+	t.Helper()
+	tp.lan.MustRun("sysctl", "-qw", "net.ipv4.conf.all.route_localnet=1")
+	tp.lan.MustRun("sysctl", "-qw", "net.ipv4.conf.eth0.route_localnet=1")
+	// The gateway's answer comes from 127.0.0.1, an address of the
+	// host's own lo: accept_local takes it.
+	tp.lan.MustRun("sysctl", "-qw", "net.ipv4.conf.eth0.accept_local=1")
+	tp.lan.MustRun("ip", "route", "del", "local", "127.0.0.1", "dev", "lo", "table", "local")
+	tp.lan.MustRun("ip", "route", "add", "127.0.0.1/32", "via", gwLAN4, "dev", "eth0")
+	defer func() {
+		tp.lan.Run("ip", "route", "del", "127.0.0.1/32", "via", gwLAN4, "dev", "eth0")
+		tp.lan.Run("ip", "route", "add", "local", "127.0.0.1", "dev", "lo", "table", "local")
+	}()
+	ctx, cancel := context.WithTimeout(context.Background(), 2*time.Second)
+	defer cancel()
+	c, err := tp.lan.DialContext(ctx, "tcp", addr)
+	if err != nil {
+		return false, err
+	}
+	defer c.Close()
+	c.SetReadDeadline(time.Now().Add(2 * time.Second))
+	if _, err := c.Write([]byte("GET /report.json HTTP/1.0\r\n\r\n")); err != nil {
+		return false, err
+	}
+	b := make([]byte, 64)
+	n, err := c.Read(b)
+	return n > 0, fmt.Errorf("read %q: %v", b[:n], err)
+}
 
 // lanLinkLocal returns the LAN client's link-local address once DAD is
 // done with it.
@@ -178,6 +214,27 @@ func TestHardeningGateway(t *testing.T) {
 	tp.gw.MustRun("ip", "route", "add", lanRouted, "via", lanRouter4, "dev", "lan0")
 	tp.lan.MustRun("ip", "addr", "add", lanRouter4+"/32", "dev", "eth0")
 
+	ln, err := tp.gw.Listen("tcp", loopStandIn)
+	if err != nil {
+		t.Fatal(err)
+	}
+	defer ln.Close()
+	go func() {
+		for {
+			c, err := ln.Accept()
+			if err != nil {
+				return
+			}
+			c.Write([]byte("loopback service\n"))
+			c.Close()
+		}
+	}()
+	tp.gw.MustRun("sysctl", "-qw", "net.ipv4.conf.all.route_localnet=1")
+	tp.gw.MustRun("sysctl", "-qw", "net.ipv4.conf.lan0.route_localnet=1")
+	if ok, err := tp.dialLoopbackViaGW(t, loopStandIn); !ok {
+		t.Fatalf("without egressd a LAN host cannot reach the gateway's loopback: the test would prove nothing (%v)", err)
+	}
+
 	tp.sendRogueRA(t)
 	took := false
 	var why string
@@ -308,6 +365,18 @@ func TestHardeningGateway(t *testing.T) {
 			if ev.Kind == "flow" && ev.Verdict == "allow" && (ev.Dest == trackerIP || ev.Dest == spoofIP4 || ev.Name == trackerName) {
 				t.Errorf("allowed: %v", ev)
 			}
+		}
+	})
+	// The admin page listens on the gateway's loopback. A LAN host that
+	// routes 127.0.0.1 to the gateway reaches it where the gateway has
+	// route_localnet=1 (kube-proxy sets it on all interfaces; Linux drops
+	// such packets as martians otherwise).
+	t.Run("loopback-from-lan", func(t *testing.T) {
+		if ok, err := tp.dialLoopbackViaGW(t, adminAddr); ok {
+			t.Errorf("enforce: a LAN host reached the admin page on the gateway's loopback (%v)", err)
+		}
+		if ok, err := tp.dialLoopbackViaGW(t, loopStandIn); ok {
+			t.Errorf("enforce: a LAN host reached a service on the gateway's loopback (%v)", err)
 		}
 	})
 	t.Run("icmp-redirect", func(t *testing.T) {
