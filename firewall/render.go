@@ -299,6 +299,7 @@ func render(cfg Config, eng *policy.Engine, now time.Time) (*Ruleset, error) {
 			rs.Sets = append(rs.Sets, Set{Name: setLANs, Kind: SetIfnames, Names: slices.Clone(cfg.LANs)})
 		}
 		rs.Sets = append(rs.Sets, ar.sets...)
+		rs.Sets = append(rs.Sets, Set{Name: setLoopback4, Kind: SetPrefixes, Family: IPv4, Prefixes: []netip.Prefix{netip.MustParsePrefix("127.0.0.0/8")}})
 		rs.Chains = append(rs.Chains, Chain{Name: chainAntispoof, Type: "filter", Hook: "prerouting", Priority: -300, Rules: antispoofRules(cfg)})
 		rs.Chains = append(rs.Chains, Chain{Name: chainPrerouting, Type: "nat", Hook: "prerouting", Priority: -100, Rules: redirectRules(cfg, eng.HostPathPorts())})
 	}
@@ -403,10 +404,21 @@ func (c Config) lanMatch() Rule {
 // 0.0.0.0 to broadcast or local multicast (DHCP), and ICMPv6 from :: to
 // link-local addresses (duplicate address detection, MLD), which nft_fib
 // lets pass in prerouting.
+//
+// It also drops packets from the LAN to loopback (127.0.0.0/8): Linux
+// drops them as martians, but not on a gateway with route_localnet=1
+// (kube-proxy sets it on all interfaces), where a LAN host that routes
+// 127.0.0.1 to the gateway reaches its loopback-only services, the admin
+// page among them (e2e/TestHardeningGateway). IPv6's ::1 is dropped by
+// the kernel whatever the settings.
 func antispoofRules(cfg Config) []Rule {
 	lan := cfg.lanMatch()
-	return []Rule{{IIf: lan.IIf, IIfSet: lan.IIfSet, FibSrcMissing: true, Counter: true, Verdict: Verdict{Kind: Drop},
-		Comment: "enforce: a source the LAN interface does not route back to (BCP 38)"}}
+	return []Rule{
+		{IIf: lan.IIf, IIfSet: lan.IIfSet, FibSrcMissing: true, Counter: true, Verdict: Verdict{Kind: Drop},
+			Comment: "enforce: a source the LAN interface does not route back to (BCP 38)"},
+		{IIf: lan.IIf, IIfSet: lan.IIfSet, Family: IPv4, DstSet: setLoopback4, Counter: true, Verdict: Verdict{Kind: Drop},
+			Comment: "enforce: loopback destinations from the LAN side (route_localnet)"},
+	}
 }
 
 func portRange(p uint16, proto policy.Proto) policy.PortRange {
@@ -576,12 +588,18 @@ func withoutPrefix(ps []netip.Prefix, x netip.Prefix) []netip.Prefix {
 const (
 	setGuard4 = "guarded4"
 	setGuard6 = "guarded6"
+	// setLoopback4 is 127.0.0.0/8, which the antispoof chain drops as a
+	// destination from the LAN side.
+	setLoopback4 = "loopback4"
 )
 
 // comment is the set's nftables comment.
 func (s Set) comment() string {
 	if s.Kind == SetIfnames {
 		return "the LAN interfaces"
+	}
+	if s.Name == setLoopback4 {
+		return "loopback: never a destination from the LAN side"
 	}
 	if s.Rule == "" {
 		return "special ranges: open only by a CIDR rule that names them"
