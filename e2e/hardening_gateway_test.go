@@ -203,8 +203,12 @@ func (tp *topo) gwRedirected(t *testing.T) (bool, string) {
 // redirect, forged from a LAN router, would move the gateway's route to
 // the subnet behind that router (a stock kernel takes redirects while it
 // forwards when all/ and the interface's accept_redirects are 1, the
-// defaults). Each is first shown to work without egressd; in enforce
-// mode the firewall drops RAs and redirects arriving on the LAN side.
+// defaults). A LAN host that routes 127.0.0.1 to a gateway with
+// route_localnet=1 reaches its loopback services. Each is first shown to
+// work without egressd; in enforce mode the firewall drops RAs and
+// redirects arriving on the LAN side and LAN packets to 127.0.0.0/8.
+// Besides: odd DNS-over-TCP frames to the forwarder and odd CONNECT
+// authorities to the explicit proxy.
 func TestHardeningGateway(t *testing.T) {
 	tp := newTopo(t)
 	tp.gw.MustRun("sysctl", "-qw", "net.ipv6.conf.lan0.accept_ra=2")
@@ -342,7 +346,6 @@ func TestHardeningGateway(t *testing.T) {
 		} {
 			body, port, _ := tp.rawHTTP(proxyAddr, "CONNECT "+c.target+" HTTP/1.1\r\nHost: "+dockerName+":443\r\n\r\n")
 			status := firstLine(body, nil)
-			t.Logf("CONNECT %q: %q", c.target, status)
 			if !strings.HasPrefix(status, "HTTP/1.1 200") {
 				continue
 			}
@@ -377,6 +380,34 @@ func TestHardeningGateway(t *testing.T) {
 		}
 		if ok, err := tp.dialLoopbackViaGW(t, loopStandIn); ok {
 			t.Errorf("enforce: a LAN host reached a service on the gateway's loopback (%v)", err)
+		}
+	})
+	// A TLS record before the ClientHello (a warning alert, a
+	// ChangeCipherSpec), then a hello for a denied name, to an address
+	// DNS gave for an allowed one: the proxy reads the first byte as "not
+	// a hello" and decides by address (allowed, recorded under the
+	// address's name, as a connection without SNI). An origin that
+	// skipped the record would then read the denied name; nginx and Go
+	// do not (nginx answers 400: not TLS). The test fails if the origin
+	// answers the hello.
+	t.Run("record-before-hello", func(t *testing.T) {
+		tp.dig(t, dockerName, "A")
+		for _, pre := range []struct {
+			name string
+			rec  []byte
+		}{
+			{"warning-alert", []byte{0x15, 3, 1, 0, 2, 1, 90}}, // user_canceled
+			{"ccs", []byte{0x14, 3, 1, 0, 1, 1}},
+		} {
+			raw := append(append([]byte(nil), pre.rec...), buildHello(helloSpec{sni: [][]string{{trackerName}}})...)
+			o := tp.sendHello(net.JoinHostPort(dockerIP4, "443"), raw, 0, 0)
+			ev := d.waitEvent(t, pre.name, byClientPort(o.port))
+			if ev.Dest != dockerIP4 || ev.Verdict == "allow" && (ev.Name != dockerName || ev.NameSource != "dns-learned") {
+				t.Errorf("%s then a hello for %s: event %v, want the address's name, dns-learned", pre.name, trackerName, ev)
+			}
+			if !o.denied && o.err == nil && ev.Verdict == "allow" {
+				t.Errorf("%s then a hello for %s: the origin answered the hello (%v) and egressd recorded %v", pre.name, trackerName, o, ev)
+			}
 		}
 	})
 	t.Run("icmp-redirect", func(t *testing.T) {
