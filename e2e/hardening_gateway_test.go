@@ -410,6 +410,39 @@ func TestHardeningGateway(t *testing.T) {
 			}
 		}
 	})
+	// Plain HTTP to an allowed Host, then a request for a denied Host on
+	// the same connection hidden behind what the proxy or the origin
+	// might read differently: an Upgrade (WebSocket, h2c) the origin does
+	// not take, followed by the request, or by a NUL and the request;
+	// Expect: 100-continue with the request as the body; a GET whose
+	// Content-Length covers the request (CL.0, for an origin that ignores
+	// a GET's body). The origin (nginx: "host=$host" in every body) must
+	// never answer for the denied Host.
+	t.Run("upgrade-expect-cl0", func(t *testing.T) {
+		req := func(host, path string) string {
+			return "GET " + path + " HTTP/1.1\r\nHost: " + host + "\r\n\r\n"
+		}
+		denied := req(trackerName, "/h3-denied")
+		for _, c := range []struct{ name, write string }{
+			{"websocket", "GET /h3-ws HTTP/1.1\r\nHost: " + vendorName + "\r\nConnection: Upgrade\r\nUpgrade: websocket\r\nSec-WebSocket-Version: 13\r\nSec-WebSocket-Key: dGhlIHNhbXBsZSBub25jZQ==\r\n\r\n" + denied},
+			{"websocket-nul", "GET /h3-wsn HTTP/1.1\r\nHost: " + vendorName + "\r\nConnection: Upgrade\r\nUpgrade: websocket\r\n\r\n\x00" + denied},
+			{"h2c", "GET /h3-h2c HTTP/1.1\r\nHost: " + vendorName + "\r\nConnection: Upgrade, HTTP2-Settings\r\nUpgrade: h2c\r\nHTTP2-Settings: AAMAAABkAAQAAP__\r\n\r\n" + denied},
+			{"expect", fmt.Sprintf("POST /h3-expect HTTP/1.1\r\nHost: %s\r\nExpect: 100-continue\r\nContent-Length: %d\r\n\r\n%s", vendorName, len(denied), denied) + denied},
+			{"cl0", fmt.Sprintf("GET /h3-cl0 HTTP/1.1\r\nHost: %s\r\nContent-Length: %d\r\n\r\n%s", vendorName, len(denied), denied) + denied},
+		} {
+			body, port, err := tp.rawHTTP(vendorIP+":80", c.write)
+			if !strings.Contains(body, "host="+vendorName) {
+				t.Errorf("%s: the allowed request got no answer: %q %v", c.name, body, err)
+			}
+			if strings.Contains(body, "host="+trackerName) {
+				t.Errorf("%s: the origin answered for %s: %q", c.name, trackerName, body)
+			}
+			if c.name != "websocket-nul" && !strings.Contains(body, "HTTP/1.1 403") {
+				t.Errorf("%s: the later request for %s was not refused: %q", c.name, trackerName, body)
+			}
+			d.waitEvent(t, c.name, byClientPort(port))
+		}
+	})
 	t.Run("icmp-redirect", func(t *testing.T) {
 		tp.sendRedirect(t)
 		if ok, out := tp.gwRedirected(t); ok {
