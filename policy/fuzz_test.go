@@ -20,6 +20,7 @@ func FuzzCompile(f *testing.F) {
 	// Broken YAML, anchors and aliases.
 	f.Add([]byte("rules: &a [*a]\n"))
 	f.Add([]byte("groups: {g: [aa:bb:cc:dd:ee:ff]}\nrules:\n  - {name: a, from: [g], to: [\"::/0\"], ports: [1-65535/udp]}\n"))
+	f.Add([]byte("rules:\n  - {name: a, to: [198.51.100.0/24, a.test], ports: [icmp, 7/icmp, icmp/udp]}\n"))
 	f.Fuzz(func(t *testing.T, src []byte) {
 		// A watchdog: a hang in the YAML decoder or the linter is a bug too.
 		tm := time.AfterFunc(2*time.Second, func() { panic(fmt.Sprintf("slow input %q", src)) })
@@ -45,10 +46,13 @@ func FuzzCompile(f *testing.F) {
 // addresses, ports and paths, with and without NoPath: the credited rule
 // must be the first rule in file order that allows the flow.
 func FuzzDecide(f *testing.F) {
-	e, err := Compile("fuzz.yaml", []byte(matchPolicy))
+	// matchPolicy and a rule for ICMP echo, which a UDP flow to port 0
+	// stands for below.
+	e, err := Compile("fuzz.yaml", []byte(matchPolicy+fuzzICMPRule))
 	if err != nil {
 		f.Fatal(err)
 	}
+	f.Add("status.nirovision.com", []byte{198, 51, 100, 1}, uint16(0), false, "", []byte{192, 168, 10, 5}, false)
 	f.Add("api.nirovision.com", []byte{17, 1, 2, 3}, uint16(443), true, "", []byte{192, 168, 10, 5}, false)
 	f.Add("A.B.CDN-1.EXAMPLE.ORG.", []byte{}, uint16(443), true, "", []byte{}, false)
 	f.Add("notion.so", []byte{}, uint16(80), true, "/nirovision/x", []byte{}, false)
@@ -64,6 +68,8 @@ func FuzzDecide(f *testing.F) {
 		in := Input{Name: name, Port: port, Proto: UDP, Path: path, NoPath: noPath}
 		if tcp {
 			in.Proto = TCP
+		} else if port == 0 {
+			in.Proto = ICMP
 		}
 		in.Dest, _ = netip.AddrFromSlice(dst)
 		in.Client, _ = netip.AddrFromSlice(client)
@@ -153,3 +159,9 @@ func referenceDecide(e *Engine, in Input) int {
 	}
 	return -1
 }
+
+const fuzzICMPRule = `  - name: ping
+    from: [192.168.10.0/24]
+    to: [198.51.100.0/24, "*.nirovision.com"]
+    ports: [icmp, 7001/udp]
+`

@@ -45,9 +45,13 @@ func lint(e *Engine, now time.Time) []Problem {
 			warn(r.Line, r.Col, "rule %s expires at the end of %s (UTC), in %d day(s): then it no longer matches; extend expires: if it is still needed", r.Name, r.Expires.Add(-time.Nanosecond).Format("2006-01-02"), days)
 		}
 		var udp []string
+		icmp := false
 		for _, pr := range r.Ports {
-			if pr.Proto == UDP {
+			switch pr.Proto {
+			case UDP:
 				udp = append(udp, pr.String())
+			case ICMP:
+				icmp = true
 			}
 		}
 		for _, t := range r.To {
@@ -56,6 +60,9 @@ func lint(e *Engine, now time.Time) []Problem {
 				// firewall forwards by address): the name's addresses
 				// are opened on those ports as a host rule's would be.
 				warn(t.Line, t.Col, "rule %s: %q cannot be checked on UDP (%s): no path is seen there, and UDP to the whole host %s is forwarded on those ports", r.Name, t.Raw, strings.Join(udp, ", "), t.Pattern)
+			}
+			if t.Kind == TargetHostPath && icmp {
+				warn(t.Line, t.Col, "rule %s: %q cannot be checked on ICMP echo (icmp): there is no path, and ping to the whole host %s is allowed", r.Name, t.Raw, t.Pattern)
 			}
 			switch t.Kind {
 			case TargetAny:

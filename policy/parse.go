@@ -148,13 +148,17 @@ type Target struct {
 	path *glob.Pattern
 }
 
-// PortRange is an inclusive port range of one protocol.
+// PortRange is an inclusive port range of one protocol. The "icmp" of a
+// rule's ports is {0, 0, ICMP}: ICMP echo has no ports.
 type PortRange struct {
 	Lo, Hi uint16
 	Proto  Proto
 }
 
 func (p PortRange) String() string {
+	if p.Proto == ICMP {
+		return "icmp"
+	}
 	if p.Lo == 1 && p.Hi == 65535 {
 		return "any/" + p.Proto.String()
 	}
@@ -567,7 +571,7 @@ func (p *parser) parseRule(n *yaml.Node) (Rule, bool) {
 			hasPorts = true
 			items := p.list(v, "ports")
 			if len(items) == 0 {
-				p.errAt(v, "rule %s: ports is empty (expected N/tcp, N-M/udp or any)", ruleLabel(r))
+				p.errAt(v, "rule %s: ports is empty (expected N/tcp, N-M/udp, any or icmp)", ruleLabel(r))
 			}
 			for _, it := range items {
 				pr, err := parsePorts(it.Value)
@@ -600,7 +604,7 @@ func (p *parser) parseRule(n *yaml.Node) (Rule, bool) {
 		p.errAt(n, "rule %s has no \"to\" (expected names, host/path globs, CIDRs, IPs, private or *)", ruleLabel(r))
 	}
 	if !hasPorts {
-		p.errAt(n, "rule %s has no \"ports\" (expected N/tcp, N-M/udp or any)", ruleLabel(r))
+		p.errAt(n, "rule %s has no \"ports\" (expected N/tcp, N-M/udp, any or icmp)", ruleLabel(r))
 	}
 	return r, len(p.errs) == nerr
 }
@@ -718,15 +722,25 @@ func looksNumeric(s string) bool {
 	return dots > 0 || allDigits(s)
 }
 
-// parsePorts parses "443/tcp", "5228-5230/tcp" or "any" (both protocols).
+// parsePorts parses "443/tcp", "5228-5230/tcp", "any" (TCP and UDP, not
+// ICMP) or "icmp" (ICMP and ICMPv6 echo request).
 func parsePorts(s string) ([]PortRange, error) {
 	s = strings.TrimSpace(s)
-	if s == "any" {
+	switch s {
+	case "any":
 		return []PortRange{{1, 65535, TCP}, {1, 65535, UDP}}, nil
+	case "icmp":
+		return []PortRange{{0, 0, ICMP}}, nil
 	}
 	num, proto, ok := strings.Cut(s, "/")
 	if !ok {
-		return nil, fmt.Errorf("%q has no protocol (expected N/tcp, N-M/udp or any)", s)
+		return nil, fmt.Errorf("%q has no protocol (expected N/tcp, N-M/udp, any or icmp)", s)
+	}
+	if num == "icmp" {
+		return nil, fmt.Errorf("%q: icmp takes no protocol (write icmp: ICMP echo for IPv4 and IPv6)", s)
+	}
+	if strings.EqualFold(proto, "icmp") {
+		return nil, fmt.Errorf("%q: icmp takes no port (write icmp: ICMP echo for IPv4 and IPv6)", s)
 	}
 	pr, ok := ParseProto(proto)
 	if !ok {

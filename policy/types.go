@@ -37,9 +37,13 @@ const (
 // Proto is a transport protocol.
 type Proto uint8
 
-// The protocols a rule can name.
+// The protocols a rule can name. ICMP stands for ICMP echo request in
+// IPv4 and ICMPv6 echo request in IPv6 alike (the "icmp" of a rule's
+// ports), always with port 0: replies and the errors they draw are the
+// flow's own traffic. "any" in ports is TCP and UDP, not ICMP.
 const (
 	ProtoAny Proto = 0 // only as an Input for DecideName; rules never hold it
+	ICMP     Proto = 1
 	TCP      Proto = 6
 	UDP      Proto = 17
 )
@@ -50,11 +54,14 @@ func (p Proto) String() string {
 		return "tcp"
 	case UDP:
 		return "udp"
+	case ICMP:
+		return "icmp"
 	}
 	return "any"
 }
 
-// ParseProto parses "tcp" or "udp" (any case).
+// ParseProto parses "tcp" or "udp" (any case); "icmp", which has no
+// ports, is a ports entry of its own (see PortRange).
 func ParseProto(s string) (Proto, bool) {
 	switch s {
 	case "tcp", "TCP":
@@ -72,7 +79,7 @@ type Input struct {
 	ClientMAC net.HardwareAddr // nil = unknown
 	Dest      netip.Addr       // original destination address; invalid = unknown
 	Port      uint16           // destination port
-	Proto     Proto            // TCP or UDP
+	Proto     Proto            // TCP, UDP, or ICMP (echo, port 0)
 	// Name is the destination name (SNI, Host, or a DNS-learned name), as seen
 	// on the wire: case and a trailing dot do not matter, anything but ASCII
 	// letters, digits, '-', '_' and '.' makes it match no name rule.
