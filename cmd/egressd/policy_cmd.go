@@ -130,7 +130,7 @@ type explanation struct {
 func cmdPolicyExplain(args []string, stdout, stderr io.Writer) int {
 	fs := newFlags("policy explain", stderr)
 	to := fs.String("to", "", "destination: a name, an IP address or a URL (required)")
-	port := fs.String("port", "443/tcp", "destination port and protocol, N/tcp or N/udp")
+	port := fs.String("port", "443/tcp", "destination port and protocol, N/tcp or N/udp, or icmp (ICMP echo)")
 	from := fs.String("from", "", "client IP address (default: any client)")
 	mac := fs.String("mac", "", "client MAC address")
 	asJSON := fs.Bool("json", false, "print one JSON object")
@@ -169,7 +169,7 @@ func cmdPolicyExplain(args []string, stdout, stderr io.Writer) int {
 	eng = eng.WithNAT64(nat)
 	d := eng.Decide(in)
 	ex := explanation{Verdict: d.Verdict, Rule: d.Rule, Reason: d.Reason, Mode: d.Mode, Dest: *to,
-		Name: dest.Name, Path: dest.Path, Port: fmt.Sprintf("%d/%s", in.Port, in.Proto), From: *from}
+		Name: dest.Name, Path: dest.Path, Port: policy.PortRange{Lo: in.Port, Hi: in.Port, Proto: in.Proto}.String(), From: *from}
 	if dest.Addr.IsValid() {
 		ex.IP = dest.Addr.String()
 	}
@@ -199,7 +199,7 @@ func cmdPolicyExplain(args []string, stdout, stderr io.Writer) int {
 		ex.Warnings = append(ex.Warnings, note)
 	}
 	if dest.Port != 0 && dest.Port != in.Port {
-		ex.Warnings = append(ex.Warnings, fmt.Sprintf("decided on --port %d/%s, not on port %d that --to names", in.Port, in.Proto, dest.Port))
+		ex.Warnings = append(ex.Warnings, fmt.Sprintf("decided on --port %s, not on port %d that --to names", ex.Port, dest.Port))
 	}
 	if d.Reason == policy.ReasonPrivateRelay {
 		ex.Warnings = append(ex.Warnings, fmt.Sprintf("%s is iCloud Private Relay's ingress, a tunnel past every rule: egressd's DNS answers it NXDOMAIN (so Apple devices connect directly) and the proxies refuse it, whatever wildcard, \"*\" or CIDR rule holds it; only a rule that names %s exactly allows it", dest.Name, dest.Name))

@@ -270,3 +270,30 @@ func TestExplainRuleWithoutWhy(t *testing.T) {
 		}
 	}
 }
+
+// TestExplainICMP: --port icmp asks about ICMP echo, which only a rule
+// listing icmp allows ("any" is TCP and UDP); icmp takes no port.
+func TestExplainICMP(t *testing.T) {
+	dir := t.TempDir()
+	pol := filepath.Join(dir, "p.yaml")
+	os.WriteFile(pol, []byte("rules:\n  - {name: web, to: [\"0.0.0.0/0\"], ports: [any]}\n  - {name: monitoring, to: [198.51.100.0/24, status.vendor.example], ports: [icmp]}\n"), 0o644)
+	for _, c := range []struct{ to, want string }{
+		{"198.51.100.7", "ALLOW 198.51.100.7 on icmp\n  rule:   monitoring\n"},
+		{"status.vendor.example", "ALLOW status.vendor.example on icmp\n  rule:   monitoring\n"},
+		{"192.0.2.1", "DENY 192.0.2.1 on icmp\n  reason: no-rule\n"},
+	} {
+		code, out, stderr := runCLI(t, "policy", "explain", pol, "--to", c.to, "--port", "icmp")
+		if code != exitOK || !strings.HasPrefix(out, c.want) {
+			t.Errorf("%s: exit %d, %q %s, want it to start %q", c.to, code, out, stderr, c.want)
+		}
+	}
+	code, out, _ := runCLI(t, "policy", "explain", pol, "--to", "198.51.100.7", "--port", "icmp", "--json")
+	if code != exitOK || !strings.Contains(out, `"port":"icmp"`) || !strings.Contains(out, `"rule":"monitoring"`) {
+		t.Errorf("--json: %d %q", code, out)
+	}
+	for _, bad := range []string{"7/icmp", "icmp/tcp"} {
+		if code, _, stderr := runCLI(t, "policy", "explain", pol, "--to", "198.51.100.7", "--port", bad); code != exitUsage || !strings.Contains(stderr, "icmp") {
+			t.Errorf("--port %s: exit %d %q, want a usage error naming icmp", bad, code, stderr)
+		}
+	}
+}

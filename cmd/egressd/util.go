@@ -13,20 +13,24 @@ import (
 
 type flagT = flag.Flag
 
-// parsePortFlag parses "443/tcp" (a single port; "443" means 443/tcp).
+// parsePortFlag parses "443/tcp" (a single port; "443" means 443/tcp) or
+// "icmp" (ICMP echo, port 0).
 func parsePortFlag(s string) (policy.PortRange, error) {
+	if s == "icmp" {
+		return policy.PortRange{Proto: policy.ICMP}, nil
+	}
 	num, proto, ok := strings.Cut(s, "/")
 	pr := policy.TCP
 	if ok {
 		p, ok := policy.ParseProto(proto)
 		if !ok {
-			return policy.PortRange{}, fmt.Errorf("--port %q: protocol must be tcp or udp", s)
+			return policy.PortRange{}, fmt.Errorf("--port %q: protocol must be tcp or udp (or --port icmp, with no port, for ICMP echo)", s)
 		}
 		pr = p
 	}
 	n, err := strconv.Atoi(num)
 	if err != nil || n < 1 || n > 65535 {
-		return policy.PortRange{}, fmt.Errorf("--port %q: expected N/tcp or N/udp with N from 1 to 65535", s)
+		return policy.PortRange{}, fmt.Errorf("--port %q: expected N/tcp or N/udp with N from 1 to 65535, or icmp", s)
 	}
 	return policy.PortRange{Lo: uint16(n), Hi: uint16(n), Proto: pr}, nil
 }
