@@ -264,6 +264,19 @@ func ruleExprs(r Rule, sets map[string]*nftables.Set) ([]expr.Any, error) {
 			&expr.Payload{DestRegister: 1, Base: expr.PayloadBaseTransportHeader, Offset: 0, Len: 1},
 			&expr.Range{Op: expr.CmpOpEq, Register: 1, FromData: []byte{r.ICMPTypes[0]}, ToData: []byte{r.ICMPTypes[1]}})
 	}
+	if r.Echo {
+		proto, typ := byte(unix.IPPROTO_ICMP), byte(8) // echo-request
+		switch fam {
+		case IPv6:
+			proto, typ = unix.IPPROTO_ICMPV6, 128
+		case FamilyAny:
+			return nil, fmt.Errorf("an echo request without a family")
+		}
+		e = append(e, &expr.Meta{Key: expr.MetaKeyL4PROTO, Register: 1},
+			&expr.Cmp{Op: expr.CmpOpEq, Register: 1, Data: []byte{proto}},
+			&expr.Payload{DestRegister: 1, Base: expr.PayloadBaseTransportHeader, Offset: 0, Len: 1},
+			&expr.Cmp{Op: expr.CmpOpEq, Register: 1, Data: []byte{typ}})
+	}
 	if r.Proto != 0 {
 		e = append(e, &expr.Meta{Key: expr.MetaKeyL4PROTO, Register: 1},
 			&expr.Cmp{Op: expr.CmpOpEq, Register: 1, Data: []byte{byte(r.Proto)}})

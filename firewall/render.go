@@ -140,6 +140,9 @@ type Rule struct {
 	ICMPv6        bool         // meta l4proto ipv6-icmp, with ICMPTypes
 	ICMP          bool         // meta l4proto icmp (IPv4), with ICMPTypes
 	ICMPTypes     [2]uint8     // icmp or icmpv6 type range (inclusive)
+	// Echo matches an ICMP echo request of Family (IPv4 or IPv6): icmp
+	// type echo-request, icmpv6 type echo-request (policy.ICMP).
+	Echo bool
 	// Ports is the destination port range of Proto; zero Lo: any port.
 	Ports   policy.PortRange
 	Counter bool
@@ -626,11 +629,14 @@ func (a *allows) guardSets() {
 		Set{Name: setGuard6, Kind: SetPrefixes, Family: IPv6, Prefixes: v6})
 }
 
-// renderAllows turns each rule that allows forwarded traffic (UDP, and TCP
-// on ports that are not redirected) into sets and accept rules:
+// renderAllows turns each rule that allows forwarded traffic (UDP, ICMP
+// echo, and TCP on ports that are not redirected) into sets and accept
+// rules:
 //
 //	[ip saddr @from4_R | ether saddr @frommac_R] ip daddr @net4_R|@dns4_R udp dport P accept
+//	[ip saddr @from4_R | ether saddr @frommac_R] ip daddr @net4_R|@dns4_R icmp type echo-request accept
 //
+// (the IPv6 rules alike, with icmpv6 type echo-request for icmp).
 // A rule with "*" (or a /0) allows any address of that family but the
 // guarded ones (ip daddr != @guarded4); so do its prefixes broader than a
 // guarded range, kept apart in wide4_R and wide6_R (ip daddr @wide4_R ip
@@ -781,12 +787,16 @@ func renderAllows(cfg Config, eng *policy.Engine, now time.Time, rs *Ruleset) al
 	return a
 }
 
-// forwardedPorts are the ports of rule r that forward handles (UDP, and
-// TCP where Config.TCPPorts leaves some to it), port 53 left out. A rule
-// with none has no accept rules in forward, and no tag.
+// forwardedPorts are the ports of rule r that forward handles (UDP, ICMP
+// echo, and TCP where Config.TCPPorts leaves some to it), port 53 left
+// out. A rule with none has no accept rules in forward, and no tag.
 func forwardedPorts(cfg Config, r policy.Rule) []policy.PortRange {
 	var ports []policy.PortRange
 	for _, pr := range r.Ports {
+		if pr.Proto == policy.ICMP {
+			ports = append(ports, pr)
+			continue
+		}
 		if pr.Proto == policy.UDP || (pr.Proto == policy.TCP && len(cfg.TCPPorts) > 0) {
 			ports = append(ports, withoutDNS(pr)...)
 		}
@@ -840,12 +850,16 @@ func withoutDNS(pr policy.PortRange) []policy.PortRange {
 }
 
 // allowRule completes an accept rule of a policy rule: from the LAN
-// interfaces, to the port range.
+// interfaces, to the port range (policy.ICMP: an echo request of ru's
+// family).
 func allowRule(cfg Config, mark markLayout, rule string, tag uint32, ru Rule, pr policy.PortRange) Rule {
 	lan := cfg.lanMatch()
 	ru.IIf, ru.IIfSet, ru.Proto, ru.Ports = lan.IIf, lan.IIfSet, pr.Proto, pr
 	if pr.Lo == 1 && pr.Hi == 65535 {
 		ru.Ports = policy.PortRange{}
+	}
+	if pr.Proto == policy.ICMP {
+		ru.Proto, ru.Ports, ru.Echo = 0, policy.PortRange{}, true
 	}
 	ru.SetCTMarkMask, ru.SetCTMark = mark.owned(), mark.marked(tag)
 	ru.Verdict = Verdict{Kind: Accept}

@@ -12,6 +12,8 @@ import (
 	"strings"
 	"time"
 
+	"golang.org/x/sys/unix"
+
 	"egressd/audit"
 	"egressd/internal/netutil"
 	"egressd/policy"
@@ -220,10 +222,15 @@ type flowKey struct {
 
 // keyOf reads a conntrack entry: the client is the original source, the
 // destination the reply's source (after any destination NAT, as forward
-// sees it).
+// sees it). An ICMP or ICMPv6 entry (an echo, the only kind forward lets
+// out) is policy.ICMP, port 0.
 func keyOf(e netutil.ConntrackEntry) flowKey {
-	return flowKey{client: e.Orig.Src.Addr().Unmap(), dst: e.Reply.Src.Addr().Unmap(),
+	k := flowKey{client: e.Orig.Src.Addr().Unmap(), dst: e.Reply.Src.Addr().Unmap(),
 		port: e.Reply.Src.Port(), proto: policy.Proto(e.Proto)}
+	if e.Proto == unix.IPPROTO_ICMP || e.Proto == unix.IPPROTO_ICMPV6 {
+		k.port, k.proto = 0, policy.ICMP
+	}
+	return k
 }
 
 // keeps decides a connection whose conntrack mark is mark, now that rs
@@ -556,6 +563,9 @@ func (f *Firewall) cutDecision(eng *policy.Engine, since []*Ruleset, e netutil.C
 	ev := audit.Event{Kind: audit.KindFlow, Source: audit.SourceFirewall, Time: now,
 		Client: k.client, ClientPort: e.Orig.Src.Port(), Dest: e.Orig.Dst.Addr().Unmap(), DestPort: e.Orig.Dst.Port(),
 		Proto: k.proto.String(), Close: closeRevoked}
+	if e.Proto == unix.IPPROTO_ICMPV6 {
+		ev.Proto = "ipv6-icmp" // as capture names it
+	}
 	ev.Stamp(d)
 	// The rule it ran under: its tag's in the newest ruleset before this
 	// one that has the tag (since ends with this one).

@@ -168,6 +168,13 @@ func (r Rule) String() string {
 		}
 		w = append(w, fmt.Sprintf("%s type %d-%d", icmp, r.ICMPTypes[0], r.ICMPTypes[1]))
 	}
+	if r.Echo {
+		if r.Family == IPv6 {
+			w = append(w, "icmpv6 type echo-request")
+		} else {
+			w = append(w, "icmp type echo-request")
+		}
+	}
 	if r.Proto != 0 {
 		switch {
 		case r.Ports.Lo == 0:
