@@ -21,8 +21,9 @@
 // is no client's egress: it is recorded denied as ReasonInbound in audit
 // mode, counted only in enforce mode (proc.go, inbound). Packets of other
 // IP protocols than TCP and UDP (ICMP echo, GRE, ESP, tunnels) are flows
-// per client, destination and protocol, which no rule can allow: denied
-// as ReasonProtocol (other.go).
+// per client, destination and protocol, denied as ReasonProtocol
+// (other.go), but those an ICMP or ICMPv6 echo request starts: the policy
+// decides them with the protocol icmp, as the firewall does.
 //
 // It sits beside the proxy and the DNS forwarder: policy decides, capture
 // observes, audit counts. In audit mode it is how egressd sees everything

@@ -235,8 +235,10 @@ func TestSyntheticFragmentedOtherProtocol(t *testing.T) {
 				t.Fatalf("%d events, want 1: %+v", len(r.events), r.events)
 			}
 			ev := r.events[0]
-			if ev.Proto != protoName(uint8(tc.proto)) || ev.Dest != tc.dst || ev.Verdict != policy.Deny || ev.Reason != ReasonProtocol {
-				t.Errorf("flow %s to %s: %s %q, want %s denied as %s", ev.Proto, ev.Dest, ev.Verdict, ev.Reason, protoName(uint8(tc.proto)), ReasonProtocol)
+			// An echo request is decided by the policy (protocol icmp),
+			// which has no icmp rule: no-rule.
+			if ev.Proto != protoName(uint8(tc.proto)) || ev.Dest != tc.dst || ev.Verdict != policy.Deny || ev.Reason != policy.ReasonNoRule {
+				t.Errorf("flow %s to %s: %s %q, want %s denied as %s", ev.Proto, ev.Dest, ev.Verdict, ev.Reason, protoName(uint8(tc.proto)), policy.ReasonNoRule)
 			}
 			if ev.BytesOut < uint64(len(msg)) {
 				t.Errorf("bytes out %d, want at least the message's %d", ev.BytesOut, len(msg))

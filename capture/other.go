@@ -1,6 +1,7 @@
 package capture
 
 import (
+	"net"
 	"net/netip"
 	"strconv"
 
@@ -13,17 +14,22 @@ import (
 
 // Packets of other IP protocols than TCP and UDP.
 //
-// No rule can allow them: a rule's ports are TCP or UDP ports ("any" is
-// both), and the enforce firewall's forward chain drops every other
-// protocol from the LAN ("nothing else from the LAN"; ICMP errors about a
-// connection it let out pass as related). Audit mode forwards them, so a
+// No rule can allow them but an ICMP or ICMPv6 echo request: a rule's
+// ports are TCP or UDP ports ("any" is both) or "icmp" (echo requests),
+// and the enforce firewall's forward chain drops every other protocol
+// from the LAN ("nothing else from the LAN"; ICMP errors about a
+// connection it let out pass as related), and echo requests but to the
+// addresses of the rules that list icmp. Audit mode forwards them, so a
 // device's ping monitoring, ping tunnel, GRE or IPsec VPN, 6in4 tunnel
 // goes out: the report must show them, or enforce cuts them unseen.
 // Capture makes them flows, one per client, destination and protocol
 // (no ports: ICMP echo identifiers and sequence numbers are not kept, a
 // ping program's every run is the same flow while it is not idle for
 // Config.UDPIdle), decided at their first packet as denied with
-// ReasonProtocol, or inbound (see inbound).
+// ReasonProtocol, or inbound (see inbound); a flow whose first packet is
+// an echo request is decided by the policy with the protocol icmp, as the
+// forward chain decides it: by address, a CIDR rule's or one DNS gave out
+// for a rule's name (decideForwarded).
 //
 // What starts such a flow: a packet of any protocol but ICMP and ICMPv6
 // to a unicast address (IGMP, VRRP, OSPF, PIM to their multicast groups
@@ -36,8 +42,9 @@ import (
 // start one. Those and link-local, multicast and broadcast packets are
 // counted as NotIP.
 
-// ReasonProtocol: a packet of an IP protocol other than TCP and UDP (see
-// above). No rule allows one; the enforce firewall drops it.
+// ReasonProtocol: a packet of an IP protocol other than TCP and UDP, and
+// not an ICMP or ICMPv6 echo request (see above). No rule allows one; the
+// enforce firewall drops it.
 const ReasonProtocol = "protocol-not-allowed"
 
 // other reports whether proto is an IP protocol capture makes flows of
@@ -143,7 +150,7 @@ func onLink(a netip.Addr) bool {
 // dst; payload is what follows its IP headers, later says it is a
 // fragment after the first (no ICMP header in it).
 func (p *proc) otherPacket(src, dst netip.Addr, proto uint8, payload []byte, later bool, mac []byte) {
-	kind := icmpStart
+	kind, echo := icmpStart, false
 	switch {
 	case later:
 		kind = icmpReply
@@ -151,9 +158,9 @@ func (p *proc) otherPacket(src, dst netip.Addr, proto uint8, payload []byte, lat
 		if len(payload) == 0 {
 			kind = icmpNone
 		} else if proto == uint8(layers.IPProtocolICMPv4) {
-			kind = icmpKind(payload[0])
+			kind, echo = icmpKind(payload[0]), payload[0] == 8
 		} else {
-			kind = icmp6Kind(payload[0])
+			kind, echo = icmp6Kind(payload[0]), payload[0] == 128
 		}
 	}
 	if kind == icmpNone || onLink(src) || onLink(dst) {
@@ -184,7 +191,7 @@ func (p *proc) otherPacket(src, dst netip.Addr, proto uint8, payload []byte, lat
 			return
 		}
 		if !f.decided && !f.own {
-			p.denyOther(f)
+			p.denyOther(f, echo)
 		}
 	}
 	f.pkts[dir]++
@@ -193,11 +200,30 @@ func (p *proc) otherPacket(src, dst netip.Addr, proto uint8, payload []byte, lat
 
 // denyOther decides f, a new flow of another protocol, as denied with
 // ReasonProtocol in the policy's mode now; its name, for the record, is
-// one DNS gave out for the address, if any.
-func (p *proc) denyOther(f *flow) {
+// one DNS gave out for the address, if any. A flow an ICMP or ICMPv6
+// echo request started (echo) is decided as the forward chain decides
+// it, by address (decideForwarded: a CIDR rule, or an answer that fed a
+// rule's learned set, whose name it records) with the protocol icmp.
+func (p *proc) denyOther(f *flow, echo bool) {
 	f.inspect, f.decided = false, true
-	f.dec = policy.Decision{Verdict: policy.Deny, RuleIndex: -1, Reason: ReasonProtocol, Mode: p.c.deps.Policy.Load().Mode()}
+	eng := p.c.deps.Policy.Load()
+	f.dec = policy.Decision{Verdict: policy.Deny, RuleIndex: -1, Reason: ReasonProtocol, Mode: eng.Mode()}
 	f.evName, f.evSrc = "", audit.NameNone
+	if echo {
+		in := policy.Input{Client: f.cli.Unmap(), Dest: f.srv.Unmap(), Proto: policy.ICMP, Now: p.now}
+		if !p.decideAt.IsZero() {
+			in.Now = p.decideAt
+		}
+		if f.hasMAC {
+			in.ClientMAC = net.HardwareAddr(f.mac[:])
+		}
+		d, name, src := p.decideForwarded(eng, in, "", "", f.first)
+		f.dec = p.special(eng, in, d, true)
+		if name != "" {
+			f.evName, f.evSrc = name, src
+			return
+		}
+	}
 	cli, dst := f.cli.Unmap(), f.srv.Unmap()
 	if p.c.deps.DNS != nil {
 		if ns := p.c.deps.DNS.NamesFor(cli, dst); len(ns) > 0 {

@@ -27,8 +27,11 @@ func icmpMsg(typ uint8, data string) []byte {
 // ICMP or ICMPv6 echo request starts a flow (its replies count in it),
 // as does any packet of another IP protocol (GRE, IPv6 in IPv4, an
 // unassigned number), to a unicast destination; each is denied as
-// protocol-not-allowed, whatever the rules say of the address (the lab
-// rule allows 198.51.100.0/24 on any port: of TCP and UDP). An echo reply
+// protocol-not-allowed, whatever the rules say of the address, but the
+// echo requests, which the policy decides with the protocol icmp: no
+// rule lists icmp here, so they are denied as no-rule, or where a rule
+// names the address as port-not-allowed (the lab rule allows
+// 198.51.100.0/24 on any port: of TCP and UDP, not ICMP). An echo reply
 // without a request, ICMP errors (destination unreachable, time
 // exceeded, packet too big), IPv6 neighbour and router discovery, MLD and
 // IGMP to a multicast group start none. In enforce mode the same flows
@@ -72,6 +75,7 @@ func TestSyntheticOtherProtocols(t *testing.T) {
 		"203.0.113.9": "icmp", "198.51.100.5": "icmp", "203.0.113.20": "gre", "203.0.113.21": "253",
 		"203.0.113.41": "ipv6", "2001:db8:99::1": "ipv6-icmp",
 	}
+	reasons := map[string]string{"203.0.113.9": policy.ReasonNoRule, "198.51.100.5": policy.ReasonPort, "2001:db8:99::1": policy.ReasonNoRule}
 	for _, mode := range []policy.Mode{policy.ModeAudit, policy.ModeEnforce} {
 		t.Run(string(mode), func(t *testing.T) {
 			r := synthRunEngine(t, path, testEngine(t, testPolicy).WithMode(mode), Deps{}, Config{})
@@ -89,9 +93,13 @@ func TestSyntheticOtherProtocols(t *testing.T) {
 					continue
 				}
 				delete(got, dest)
-				if ev.Proto != proto || ev.Verdict != policy.Deny || ev.Reason != ReasonProtocol || ev.Mode != mode ||
+				reason := ReasonProtocol
+				if r, ok := reasons[dest]; ok {
+					reason = r
+				}
+				if ev.Proto != proto || ev.Verdict != policy.Deny || ev.Reason != reason || ev.Mode != mode ||
 					ev.Enforced != (mode == policy.ModeEnforce) || ev.DestPort != 0 || ev.ClientPort != 0 || ev.Kind != audit.KindFlow {
-					t.Errorf("flow to %s: %+v, want %s denied as %s in %s mode", dest, ev, proto, ReasonProtocol, mode)
+					t.Errorf("flow to %s: %+v, want %s denied as %s in %s mode", dest, ev, proto, reason, mode)
 				}
 				if c := ev.Client; c != cli4 && c != cli6 {
 					t.Errorf("flow to %s: client %s, want the LAN client", dest, c)
