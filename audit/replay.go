@@ -116,6 +116,11 @@ func (r *Replayer) Emit(ev Event) {
 		r.res.NoMAC++
 	}
 	pr, _ := policy.ParseProto(ev.Proto)
+	if (ev.Proto == "icmp" || ev.Proto == "ipv6-icmp") && ev.Reason != "protocol-not-allowed" {
+		// An echo request, which capture decides with the protocol icmp;
+		// another ICMP request is protocol-not-allowed, as before.
+		pr = policy.ICMP
+	}
 	in := policy.Input{Client: ev.Client.Unmap(), ClientMAC: mac, Dest: ev.Dest.Unmap(), Port: ev.DestPort, Proto: pr,
 		Name: ev.Name, Path: ev.Path, Now: r.now,
 		// A flow that showed no path is decided so again; a path-unseen

@@ -18,7 +18,7 @@ import (
 type Suggestion struct {
 	Name    string
 	To      []string // names, "*.name" wildcards, or addresses
-	Ports   []string // "443/tcp"
+	Ports   []string // "443/tcp", or "icmp" (ICMP echo)
 	From    []string // the clients seen; empty when too many to list
 	Flows   uint64
 	Queries uint64
@@ -33,7 +33,7 @@ type Suggestion struct {
 
 type suggestKey struct {
 	domain string // registrable domain, or the address
-	port   string // "443/tcp"
+	port   string // "443/tcp", "icmp"
 }
 
 // maxFromClients is the most clients a suggestion lists in "from";
@@ -99,7 +99,7 @@ func (r *Report) Suggest() (sugs []Suggestion, comments []string) {
 				if portsOf[n] == nil {
 					portsOf[n] = map[string]bool{}
 				}
-				portsOf[n][fmt.Sprintf("%d/%s", d.Port, d.Proto)] = true
+				portsOf[n][portOf(d)] = true
 			}
 		}
 	}
@@ -113,7 +113,7 @@ func (r *Report) Suggest() (sugs []Suggestion, comments []string) {
 			continue
 		}
 		if d.Reason == policy.ReasonExpired {
-			comments = append(comments, fmt.Sprintf("%s %d/%s: %d flows only the expired rule %q would allow; extend its expires: instead of adding a rule", d.Dest, d.Port, d.Proto, d.Flows, d.Rule))
+			comments = append(comments, fmt.Sprintf("%s %s: %d flows only the expired rule %q would allow; extend its expires: instead of adding a rule", d.Dest, portOf(d), d.Flows, d.Rule))
 			continue
 		}
 		if !suggestible(d.Reason) {
@@ -157,7 +157,7 @@ func (r *Report) Suggest() (sugs []Suggestion, comments []string) {
 				ports, assumed = []string{"443/tcp"}, true
 			}
 		} else {
-			ports = []string{fmt.Sprintf("%d/%s", d.Port, d.Proto)}
+			ports = []string{portOf(d)}
 		}
 		for i, p := range ports {
 			k := suggestKey{domain: domain, port: p}
@@ -386,9 +386,27 @@ func (d ClientDevices) macsByClient() map[string][]string {
 }
 
 // ruleablePort reports whether d's port and protocol can stand in a
-// rule's ports.
+// rule's ports: a TCP or UDP port, or an ICMP or ICMPv6 flow (port 0)
+// that is suggestible, which capture records so only for an echo (the
+// icmp of a rule's ports); other ICMP requests are protocol-not-allowed.
 func ruleablePort(d DroppedReport) bool {
-	return (d.Proto == "tcp" || d.Proto == "udp") && d.Port != 0
+	return (d.Proto == "tcp" || d.Proto == "udp") && d.Port != 0 || isEcho(d)
+}
+
+// isEcho reports whether d is an ICMP or ICMPv6 echo flow a rule can
+// name: capture records an echo request decided by the policy (port 0, a
+// suggestible reason); any other ICMP flow as protocol-not-allowed.
+func isEcho(d DroppedReport) bool {
+	return (d.Proto == "icmp" || d.Proto == "ipv6-icmp") && d.Port == 0 && suggestible(d.Reason)
+}
+
+// portOf is d's entry in a rule's ports: "443/tcp", or "icmp" for an
+// echo flow.
+func portOf(d DroppedReport) string {
+	if isEcho(d) {
+		return "icmp"
+	}
+	return fmt.Sprintf("%d/%s", d.Port, d.Proto)
 }
 
 // maxRuleName is the longest rule name a policy takes.
@@ -458,7 +476,7 @@ var unsuggested = map[string]string{
 	"reload-undecidable":       "a reload found a connection it could not decide again (a bug, see the logs): no rule allows it",
 	"opened-before-enforce":    "connections opened in audit mode and cut by the switch to enforce: new ones the rules allow pass",
 	"inbound":                  "connections started from the WAN side toward a LAN host, not a LAN client's egress: rules name what LAN clients may reach, and enforce mode drops new connections from the WAN side",
-	"protocol-not-allowed":     "packets of an IP protocol other than TCP and UDP (ICMP echo, GRE, ESP, a tunnel): a rule names TCP and UDP ports only, so none can allow them, and enforce mode drops them; a device that needs one needs another way out",
+	"protocol-not-allowed":     "packets of an IP protocol other than TCP and UDP (GRE, ESP, a tunnel, an ICMP request other than echo): a rule names TCP and UDP ports and ICMP echo (icmp) only, so none can allow them, and enforce mode drops them; a device that needs one needs another way out",
 	"doh-canary":               "Firefox's DoH canary, answered NXDOMAIN on purpose: no rule allows it",
 	"rate-limited":             "the client went over the DNS rate limit: no rule allows it",
 	"qtype-refused":            "DNS queries of a type egressd refuses (ANY, AXFR, IXFR): no rule allows them",
