@@ -4,8 +4,9 @@
 //
 // Where it sits in the flow: LAN packets meet this ruleset first. In enforce
 // mode it redirects TCP from the LAN to proxy/'s transparent listener and DNS
-// to dnsfilter/'s forwarder, lets other forwarded traffic (UDP, and TCP on
-// ports that are not redirected) out only to the addresses the policy's
+// to dnsfilter/'s forwarder, lets other forwarded traffic (UDP, ICMP and
+// ICMPv6 echo requests of rules that list icmp, and TCP on ports that are
+// not redirected) out only to the addresses the policy's
 // rules allow (their CIDRs, and the addresses dnsfilter learned for their
 // names, fed through [Firewall.LearnAll] into sets with timeouts before
 // dnsfilter sends the answer, so a client's first packet finds them open,
