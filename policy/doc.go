@@ -26,5 +26,7 @@
 //     mask-h2.icloud.com, match only a target that names them exactly:
 //     no wildcard, "*" or CIDR allows a flow or a query named for them
 //     (ReasonPrivateRelay, relay.go);
+//   - ports are TCP or UDP ports ("any" is both) or "icmp", ICMP and
+//     ICMPv6 echo request, which a flow asks for as Proto ICMP, port 0;
 //   - the first matching rule in file order is credited.
 package policy
