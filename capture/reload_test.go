@@ -509,3 +509,58 @@ rules:
 		}
 	}
 }
+
+// TestRedecideAuditToEnforceCreditsWouldDeny: a UDP flow capture decided
+// in audit mode as one enforce would drop (no rule for its name), still
+// live at the reload to enforce whose policy adds a rule for the name
+// (the operator took it from report --suggest), goes on: the enforce
+// ruleset's learned sets begin with the forwarder's answers, those for
+// denied names too (firewall/seed.go). Capture must credit it to the new
+// rule (an event at once, allowed, mode enforce) and the ledger count it
+// there, once: not as a drop with the new rule unused for as long as the
+// flow lives (an NTP or VoIP exchange, days). One whose address only an
+// answer seen on the wire gave out stays a drop (opened-before-enforce,
+// enforced). Before, the would-deny record stayed to the flow's end.
+func TestRedecideAuditToEnforceCreditsWouldDeny(t *testing.T) {
+	named := netip.MustParseAddr("203.0.113.97") // the forwarder gave it out for ntp.test
+	wire := netip.MustParseAddr("203.0.113.98")  // another resolver gave it out for ntp.test
+	const namedRule = `  - name: named
+    to: [ntp.test]
+    ports: [123/udp]
+`
+	rec, r := reloadRun(t, fmt.Sprintf(ntpPolicy, policy.ModeAudit, ""), []netip.Addr{named, wire}, factsMap{named: {"ntp.test"}}, func(p *pcapWriter) {
+		p.udp(false, netip.MustParseAddr("192.0.2.53"), netip.MustParseAddr("192.0.2.95"), 53, 40199, dnsResponseTTL(t, "ntp.test", []netip.Addr{wire}, 3600))
+	}, func(c *Capture, store *policy.Store) {
+		store.Swap(testEngine(t, fmt.Sprintf(ntpPolicy, policy.ModeEnforce, namedRule)))
+		c.Redecide()
+	})
+	want := []string{
+		"capture deny no-rule audit enforced=false ",
+		"capture allow allowed enforce enforced=false ",
+		"capture allow allowed enforce enforced=false end-of-capture",
+	}
+	if got := flowEvents(rec, 40100); fmt.Sprint(got) != fmt.Sprint(want) {
+		t.Errorf("events of the named flow\n got %q\nwant %q", got, want)
+	}
+	for _, ev := range rec.all() {
+		if ev.Kind == audit.KindFlow && ev.ClientPort == 40100 && ev.Verdict == policy.Allow && ev.Rule != "named" {
+			t.Errorf("named flow credited to rule %q, want named", ev.Rule)
+		}
+	}
+	if got := flowEvents(rec, 40101); len(got) < 2 || got[len(got)-2] != "capture deny opened-before-enforce enforce enforced=true policy-revoked" {
+		t.Errorf("events of the wire-answered flow %q, want it dropped as opened-before-enforce", got)
+	}
+	if d := droppedAt(r, "ntp.test", 123); d == nil || d.Flows != 1 || d.EnforcedFlows != 1 {
+		t.Errorf("report: drop of ntp.test %+v, want the wire-answered flow alone, enforced", d)
+	}
+	var used uint64
+	for _, rr := range r.Rules {
+		if rr.Name == "named" {
+			used = rr.Flows
+		}
+	}
+	// The third flow is the client's query to the other resolver.
+	if used != 1 || r.Totals.Flows != 3 || r.Totals.Allowed != 1 || r.Totals.Dropped != 2 {
+		t.Errorf("report: rule named %d flow(s), totals %+v; want 1, and 3 flows, 1 allowed, 2 dropped", used, r.Totals)
+	}
+}
