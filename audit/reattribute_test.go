@@ -156,3 +156,71 @@ func TestRedecidedFlowCountsDropped(t *testing.T) {
 		t.Errorf("the proxy's allowed flow moved: rule %+v, totals %+v", rr, r.Totals)
 	}
 }
+
+// TestRecreditedFlowCountsAllowed: capture reported a forwarded flow
+// opened in audit mode as one enforce would drop (no rule for its name);
+// the reload to enforce adds a rule the kernel lets the flow go on by (a
+// CIDR rule, or the forwarder's answer the enforce ruleset's learned sets
+// begin with), and capture's next report of the same flow credits the
+// rule. The flow counts once, under the rule, not dropped: before, a flow
+// denied first stayed a drop, the new rule unused, for the flow's life.
+// Denies the firewall enforced stay where they are, and so does a
+// would-deny an audit-mode report allows again (the record shows the
+// last policy that would have denied it).
+func TestRecreditedFlowCountsAllowed(t *testing.T) {
+	wouldDeny, _ := flowPair()
+	wouldDeny.Proto, wouldDeny.Mode = "udp", policy.ModeAudit
+	wouldDeny.Verdict, wouldDeny.Reason, wouldDeny.BytesOut = policy.Deny, "no-rule", 48
+	allowed := wouldDeny
+	allowed.Verdict, allowed.Rule, allowed.Reason, allowed.Mode = policy.Allow, "ntp", "allowed", policy.ModeEnforce
+	allowed.BytesOut, allowed.Duration = 96, 90
+	end := allowed
+	end.Close, end.BytesOut, end.Duration = "idle", 144, 200
+
+	r := reportOf(wouldDeny, allowed, end)
+	if rr := ruleOf(r, "ntp"); rr == nil || rr.Flows != 1 || rr.BytesOut != 144 {
+		t.Errorf("rule ntp = %+v, want 1 flow, 144 bytes out", rr)
+	}
+	if d := dropOf(r, "203.0.113.11"); d != nil && d.Flows != 0 {
+		t.Errorf("still dropped: %+v", d)
+	}
+	if r.Totals.Flows != 1 || r.Totals.Allowed != 1 || r.Totals.Dropped != 0 {
+		t.Errorf("totals %+v, want 1 flow, allowed", r.Totals)
+	}
+
+	// The live report: the ledger holds the would-deny, capture's open
+	// flow says allowed. It counts where the event will put it.
+	l := NewLedger(nil, LedgerOptions{})
+	l.Emit(wouldDeny)
+	l.SetOpenFlows(func() []Event { return []Event{allowed} })
+	r = l.Report(ReportOptions{})
+	if rr := ruleOf(r, "ntp"); rr == nil || rr.Flows != 1 || r.Totals.Dropped != 0 || r.Totals.Flows != 1 || r.OpenFlows != 0 {
+		t.Errorf("live: rule ntp %+v, totals %+v, %d open; want the flow under ntp, once, not open", rr, r.Totals, r.OpenFlows)
+	}
+
+	for _, tc := range []struct {
+		name  string
+		first func(*Event)
+		later func(*Event)
+	}{
+		{"enforced-deny", func(ev *Event) {
+			ev.Mode, ev.Enforced, ev.Close = policy.ModeEnforce, true, "policy-revoked"
+		}, nil},
+		{"audit-allow", nil, func(ev *Event) { ev.Mode = policy.ModeAudit }},
+		{"other-source", nil, func(ev *Event) { ev.Source = SourceFirewall }},
+	} {
+		t.Run(tc.name, func(t *testing.T) {
+			first, later := wouldDeny, allowed
+			if tc.first != nil {
+				tc.first(&first)
+			}
+			if tc.later != nil {
+				tc.later(&later)
+			}
+			r := reportOf(first, later)
+			if d := dropOf(r, "203.0.113.11"); d == nil || d.Flows != 1 || r.Totals.Allowed != 0 || r.Totals.Flows != 1 {
+				t.Errorf("drop %+v, totals %+v; want the drop kept, once", d, r.Totals)
+			}
+		})
+	}
+}
