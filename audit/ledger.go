@@ -76,10 +76,12 @@ const (
 //     report attributes the flow to a rule or to a dropped entry; later
 //     reports only raise its byte counts (to the largest seen, never a sum),
 //     its last-seen time, and its enforced flag. Two reports take the
-//     flow elsewhere: the proxy's, over capture's (reattributeLocked), and
+//     flow elsewhere: the proxy's, over capture's (reattributeLocked),
 //     a deny of a flow counted allowed, after a policy reload, from the
 //     component that decided it or from the firewall that cut it
-//     (redecided).
+//     (redecided), and an allow in enforce mode of a flow counted as an
+//     audit-mode would-be deny, from the component that decided it, after
+//     the reload to enforce let the flow go on (recredited).
 //   - A DNS query event is not a flow. An allowed query counts in its
 //     rule's "queries" (and its name as a destination, its client as a
 //     client, its time in first/last seen), so a rule whose names were only
@@ -478,7 +480,7 @@ func (l *Ledger) addRecLocked(ev *Event) (bool, *flowRec) {
 		if rec := l.findLocked(id, h, t); rec != nil {
 			l.totals.Duplicates++
 			frozen := l.holding && rec.held != nil && rec.held.gen != l.holdGen
-			if ev.Kind == KindFlow && !frozen && (ev.Source == SourceProxy && rec.source != SourceProxy || redecided(rec, ev)) {
+			if ev.Kind == KindFlow && !frozen && moves(rec, ev) {
 				l.reattributeLocked(rec, ev, t)
 			} else {
 				l.mergeLocked(rec, ev, t)
@@ -617,6 +619,29 @@ func (l *Ledger) reattributeLocked(rec *flowRec, ev *Event, t time.Time) {
 func redecided(rec *flowRec, ev *Event) bool {
 	return ev.Kind == KindFlow && ev.Verdict == policy.Deny && rec.rule != nil &&
 		(ev.Source == rec.source || ev.Source == SourceFirewall && rec.source != SourceProxy)
+}
+
+// recredited reports whether ev, a later report of the flow rec counts as
+// a would-be deny of audit mode (not enforced), allows it after the
+// reload to enforce: the component that decided it found the enforce
+// ruleset lets the flow go on (capture: a CIDR rule admits its address,
+// or the forwarder's answer the learned sets begin with) and credits the
+// rule. The flow then counts under the rule, as if the allow had come
+// first: the reverse of redecided. A deny enforced stays where it is (the
+// firewall cut the flow), and so does a would-be deny an audit-mode
+// report allows again (the record shows the last policy that would have
+// denied it).
+func recredited(rec *flowRec, ev *Event) bool {
+	return ev.Kind == KindFlow && ev.Verdict == policy.Allow && ev.Mode == policy.ModeEnforce &&
+		rec.rule == nil && !rec.enforced && rec.id.kind == KindFlow && ev.Source == rec.source
+}
+
+// moves reports whether ev, a later report of the flow rec, takes the
+// flow elsewhere (reattributeLocked): the proxy's over another
+// component's, a deny after a reload (redecided), an allow after the
+// reload to enforce (recredited).
+func moves(rec *flowRec, ev *Event) bool {
+	return ev.Source == SourceProxy && rec.source != SourceProxy || redecided(rec, ev) || recredited(rec, ev)
 }
 
 // addRequestLocked counts a request event: in its rule, or in the dropped

@@ -451,8 +451,9 @@ func (l *Ledger) snapshotOpen(opt ReportOptions, open []Event) *Report {
 	}
 	// moved is a flow the ledger holds another report of that the open
 	// one's event will move (the proxy's over capture's, a deny after a
-	// reload: reattributeLocked): its record as the ledger holds it,
-	// with the names of what it counts in, is moved on the overlay.
+	// reload, an allow after the reload to enforce: moves): its record as
+	// the ledger holds it, with the names of what it counts in, is moved
+	// on the overlay.
 	type movedFlow struct {
 		f                openFlow
 		rec              flowRec
@@ -473,7 +474,7 @@ func (l *Ledger) snapshotOpen(opt ReportOptions, open []Event) *Report {
 		}
 		// A flow the journal's detail budget held back stays where it is
 		// (the ledger freezes one of an earlier interval: emitHold).
-		if ev := &open[f.i]; rec.held == nil && (ev.Source == SourceProxy && rec.source != SourceProxy || redecided(rec, ev)) {
+		if ev := &open[f.i]; rec.held == nil && moves(rec, ev) {
 			m := movedFlow{f: f, rec: *rec}
 			if rec.rule != nil {
 				m.rule, m.hasRule = rec.rule.name, true

@@ -281,6 +281,16 @@ func (p *proc) redecide() {
 				d = policy.Decision{Verdict: policy.Deny, RuleIndex: -1, Reason: ReasonOpenedBeforeEnforce, Mode: eng.Mode()}
 			}
 			if d.Allowed() {
+				if !f.dec.Allowed() && f.dec.Mode == policy.ModeAudit {
+					// A would-be deny of audit mode the kernel now lets
+					// go on (the rule the operator added for it, say):
+					// the rule's, as the ledger then counts it
+					// (audit.Ledger, recredited). Not a deny enforced
+					// (one decided after the reload: beforeEnforce),
+					// which the ledger keeps.
+					f.dec, f.evName, f.evSrc = d, name, src
+					p.emitNow(f, "policy reload: the enforce ruleset allows this flow opened in audit mode", slog.LevelInfo)
+				}
 				continue
 			}
 			f.dec, f.evName, f.evSrc = d, name, src
