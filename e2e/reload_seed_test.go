@@ -96,11 +96,15 @@ func TestReloadAuditToEnforceKeepsGivenAnswers(t *testing.T) {
 // the audit-mode answer (with no rule), and the enforce ruleset's learned
 // sets start with it, since the new rule covers it. Before, only allowed
 // answers were learned, and exactly the names the operator added were cut
-// off by the switch (learned_seeded 0). Capture, which decides the socket
-// opened in audit mode only after the switch (its few datagrams), reports
-// it allowed, as the kernel let it out: not opened-before-enforce (its
-// seeded check finds the answer learned with no rule, as the firewall's
-// seeding does).
+// off by the switch (learned_seeded 0). Capture reports the sockets
+// opened in audit mode allowed under the new rule, as the kernel let them
+// out: one it decides only after the switch (one exchange: undecided) not
+// opened-before-enforce (its seeded check finds the answer learned with no
+// rule, as the firewall's seeding does), and one it decided in audit mode
+// as a would-be deny (four exchanges: capture decides a UDP flow at its
+// seventh packet) credited to the rule at the switch, so the report,
+// live, counts it under the rule, not dropped. Before, that one stayed
+// `deny no-rule audit` for as long as it lived, the new rule unused.
 func TestReloadAuditToEnforceKeepsDeniedAnswers(t *testing.T) {
 	tp := newTopo(t)
 	d := newDaemon(t, tp, "")
@@ -130,12 +134,24 @@ func TestReloadAuditToEnforceKeepsDeniedAnswers(t *testing.T) {
 		req := ntpRequest()
 		return askWithin(c, timeout, req, func(r []byte) bool { return ntpAnswers(req, r) })
 	}
+	// kept talks NTP four times in audit mode (capture decides it: a
+	// would-be deny), undecided once.
 	kept, err := tp.lan.DialContext(ctx, "udp", dest)
 	if err != nil {
 		t.Fatal(err)
 	}
 	defer kept.Close()
-	if err := ask(kept, time.Second); err != nil {
+	for i := 0; i < 4; i++ {
+		if err := ask(kept, time.Second); err != nil {
+			t.Fatalf("NTP to %s in audit mode (exchange %d): %v", clockName, i+1, err)
+		}
+	}
+	undecided, err := tp.lan.DialContext(ctx, "udp", dest)
+	if err != nil {
+		t.Fatal(err)
+	}
+	defer undecided.Close()
+	if err := ask(undecided, time.Second); err != nil {
 		t.Fatalf("NTP to %s in audit mode: %v", clockName, err)
 	}
 
@@ -147,8 +163,10 @@ func TestReloadAuditToEnforceKeepsDeniedAnswers(t *testing.T) {
 	d.hup(true)
 
 	// The first datagrams after the switch: no retry.
-	if err := ask(kept, 2*time.Second); err != nil {
-		t.Errorf("NTP to %s (%s, denied and answered in audit mode) from the socket opened then, after the switch to a rule for it: %v; want an answer", clockName, addrs[0], err)
+	for what, c := range map[string]net.Conn{"decided": kept, "undecided": undecided} {
+		if err := ask(c, 2*time.Second); err != nil {
+			t.Errorf("NTP to %s (%s, denied and answered in audit mode) from the socket opened then (%s by capture), after the switch to a rule for it: %v; want an answer", clockName, addrs[0], what, err)
+		}
 	}
 	fresh, err := tp.lan.DialContext(ctx, "udp", dest)
 	if err != nil {
@@ -162,15 +180,38 @@ func TestReloadAuditToEnforceKeepsDeniedAnswers(t *testing.T) {
 		t.Errorf("no firewall install line with the addresses seeded")
 	}
 
-	// Capture reports the socket opened in audit mode as the kernel
-	// treated it: its few datagrams left it undecided at the switch, and
-	// it is decided under the enforce policy, whose forward chain let it
-	// out by the seeded answer (capture's seeded): allowed, not
-	// opened-before-enforce. First let capture read what the LAN sent (its
-	// packet count unchanged over three looks); the stop ends the flows.
+	// Capture reports the sockets opened in audit mode as the kernel
+	// treated them: the one decided as a would-be deny is credited to the
+	// new rule at the switch, the undecided one is decided under the
+	// enforce policy, whose forward chain let it out by the seeded answer
+	// (capture's seeded): allowed, not opened-before-enforce. First let
+	// capture read what the LAN sent (its packet count unchanged over
+	// three looks). The live report counts the three flows under the new
+	// rule (the decided one's event is in the event log already, the
+	// others are open); the stop ends the flows.
 	captureSettles(d)
+	r := d.report()
+	var clockFlows uint64
+	for _, rr := range r.Rules {
+		if rr.Name == "e2e-clock" {
+			clockFlows = rr.Flows
+		}
+	}
+	if clockFlows != 3 {
+		t.Errorf("live report: rule e2e-clock counts %d flow(s), want the 3 sockets'", clockFlows)
+	}
+	for _, u := range r.UnusedRules {
+		if u == "e2e-clock" {
+			t.Errorf("live report: rule e2e-clock unused")
+		}
+	}
+	for _, dr := range r.Dropped {
+		if dr.Port == 123 && dr.Proto == "udp" {
+			t.Errorf("live report: NTP dropped %+v, want none", dr)
+		}
+	}
 	d.stop()
-	for what, c := range map[string]net.Conn{"the socket opened in audit mode": kept, "the socket opened after the switch": fresh} {
+	for what, c := range map[string]net.Conn{"the socket capture decided in audit mode": kept, "the socket opened in audit mode, undecided": undecided, "the socket opened after the switch": fresh} {
 		port := c.LocalAddr().(*net.UDPAddr).Port
 		var got []flowEvent
 		for _, ev := range d.allEvents() {
@@ -182,7 +223,7 @@ func TestReloadAuditToEnforceKeepsDeniedAnswers(t *testing.T) {
 			t.Errorf("%s (port %d): no capture event", what, port)
 		}
 		for _, ev := range got {
-			if ev.Verdict != "allow" {
+			if ev.Verdict != "allow" || ev.Rule != "e2e-clock" {
 				t.Errorf("%s (port %d), answered after the switch: capture recorded %v; want allow under the new rule", what, port, ev)
 			}
 		}
