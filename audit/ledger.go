@@ -614,7 +614,8 @@ func (l *Ledger) reattributeLocked(rec *flowRec, ev *Event, t time.Time) {
 // flow once otherwise, so a deny from the same source can only be that.
 // The flow then counts as dropped, as if the deny had come first: the
 // report must show what the new policy blocks, or would block. A flow
-// denied all along stays where it is; so does one the proxy decided (its
+// denied all along stays where it is (but for a would-be deny the reload
+// to enforce lets go on: recredited); so does one the proxy decided (its
 // report wins over capture's, above).
 func redecided(rec *flowRec, ev *Event) bool {
 	return ev.Kind == KindFlow && ev.Verdict == policy.Deny && rec.rule != nil &&

@@ -55,7 +55,11 @@ import (
 //     where only a wire answer would, and for a TCP connection to a
 //     redirected port, which the chain drops without --tcp-ports, as
 //     beforeEnforce decides one still unnamed), close "policy-revoked",
-//     with a warning line. Flows
+//     with a warning line; allowed where capture had decided it a
+//     would-be deny in audit mode (a name no rule allowed, for which the
+//     enforce policy adds one), its record becomes the rule's, with an
+//     info line and an event at once (the ledger moves the flow there:
+//     audit.Ledger, recredited). Flows
 //     opened in enforce mode are left to the firewall (its cut reports
 //     them, above): the firewall keeps a flow whose rule is unchanged
 //     whatever its learned addresses became, which capture cannot tell
