@@ -76,14 +76,20 @@ type JournalConfig struct {
 	Compress bool
 	// Background leaves the read of the event log into the ledger to
 	// Run: OpenJournal only opens the log for appending (it reads
-	// nothing, returns empty LoadStats), and Run reads the log first,
-	// then takes the queue, so the daemon serves while the log is read
-	// (a restart's read of a full log takes seconds). Events emitted
-	// meanwhile wait on the queue (QueueLen; beyond it they are shed and
-	// counted, as under overload) and reach the ledger after the old
-	// ones, each once. Reports made meanwhile say the read is not done
-	// (Report.Loading). No rotation, fold or compression runs before the
-	// read ends; Close stops it and still writes what is queued.
+	// nothing, returns empty LoadStats, and cuts a torn last line off),
+	// and Run reads the log on a goroutine of its own while it writes,
+	// so the daemon serves while the log is read (a restart's read of a
+	// full log takes seconds). Events emitted
+	// meanwhile are written to the log as they come (the read stops at
+	// the current file's size at open, so it does not read them), whole
+	// (the detail budget applies from the read's end), and once the read
+	// ended the writer reads them back from the current file into the
+	// ledger, after the old ones, each once: a crash during the read
+	// loses none of them, and none waits in memory. Reports made
+	// meanwhile say the read is not done (Report.Loading). No rotation,
+	// fold or compression runs before the read ends; Close stops it and
+	// still writes what is queued (the ledger then lacks what was
+	// written since the start: the report says its counts are partial).
 	Background bool
 	// LoadDone, when set with Background, is called by Run once the read
 	// ended: what it read, how long it took, and why it did not end
@@ -216,6 +222,13 @@ type Journal struct {
 	encodeBuf   []byte
 	detail      *detailBudget // nil: every event written
 	testHookPre func()        // tests: called before each write, to stall the writer
+	// bgWrite: the background read of the log runs (Background): the
+	// writer appends what it takes to the current file without the
+	// ledger, which reads those lines (readTail) once the read ended.
+	bgWrite bool
+	// shedLines are the shed records in buf while bgWrite: one that
+	// does not reach the file is recorded again (recordShed).
+	shedLines []shedLine
 	// testHookFolded, when set, is called by fold after each file it
 	// deleted (tests: a report taken then).
 	testHookFolded func()
@@ -237,15 +250,30 @@ type Journal struct {
 	loadErr    error         // why the read did not end; set before loaded is closed
 	loadedFrom int64         // the current file's size at open: the read stops there
 	loadStop   chan struct{} // closed by runLoad to stop a background read
+	// unfed are the events the writer wrote during the background read:
+	// in the log, not yet in the ledger (readTail counts them).
+	unfed atomic.Uint64
+	// tornCut: OpenJournal cut a torn last line off (Background).
+	tornCut bool
+}
+
+// shedLine is a shed record in the write buffer: its end in buf and its
+// count.
+type shedLine struct {
+	end int
+	n   uint64
 }
 
 // loadCtl steers and counts a read of the log (readDirCtl).
 type loadCtl struct {
 	stop     <-chan struct{} // closed: stop reading (errLoadStopped)
 	curLimit int64           // the current file is read up to this size; < 0: whole
-	files    atomic.Int64    // files read so far
-	total    atomic.Int64    // files to read
-	events   atomic.Uint64   // events read so far
+	// appended: the writer appends to the current file meanwhile, so a
+	// torn last line is not cut (OpenJournal cut it before).
+	appended bool
+	files    atomic.Int64  // files read so far
+	total    atomic.Int64  // files to read
+	events   atomic.Uint64 // events read so far
 	// fileHook, when set (tests), is called after each file read, with
 	// the files read so far: a test stalls the read there.
 	fileHook func(files int, stop <-chan struct{})
@@ -291,12 +319,21 @@ func OpenJournal(cfg JournalConfig, ledger *Ledger) (*Journal, LoadStats, error)
 		f.Close()
 		return nil, LoadStats{}, fmt.Errorf("audit: open event log: %w", err)
 	}
-	j.f, j.size, j.loadedFrom = f, fi.Size(), fi.Size()
-	// A file that ends in a partial line (a crash mid-write) gets its
-	// next line on a line of its own even when the read that cuts the
-	// fragment off did not run (Close during a background read).
-	j.torn = endsTorn(filepath.Join(cfg.Dir, CurrentLog), j.size)
-	j.ctl = &loadCtl{curLimit: j.loadedFrom, fileHook: testHookLoadFile}
+	j.f, j.size = f, fi.Size()
+	cur := filepath.Join(cfg.Dir, CurrentLog)
+	j.torn = endsTorn(cur, j.size)
+	if cfg.Background && j.torn {
+		// The writer appends while the log is read, so the read cannot
+		// cut a partial last line (a crash mid-write) off: it is cut
+		// now. If it cannot be, the next line starts on a line of its
+		// own (torn) and the fragment is a bad line to readers.
+		if good, err := cutTorn(cur, j.size); err == nil {
+			cfg.Logger.Warn("audit: event log ends in a torn line; cut it off", "file", CurrentLog, "bytes", j.size-good)
+			j.size, j.torn, j.tornCut = good, false, true
+		}
+	}
+	j.loadedFrom = j.size
+	j.ctl = &loadCtl{curLimit: j.loadedFrom, fileHook: testHookLoadFile, appended: cfg.Background}
 	ledger.mu.Lock()
 	ledger.history = j.scan
 	ledger.mu.Unlock()
@@ -309,7 +346,7 @@ func OpenJournal(cfg JournalConfig, ledger *Ledger) (*Journal, LoadStats, error)
 		ledger.mu.Unlock()
 		return j, LoadStats{}, nil
 	}
-	st, err := j.load()
+	st, err := j.load(j.saw)
 	if err != nil {
 		f.Close()
 		return nil, st, err
@@ -321,18 +358,18 @@ func OpenJournal(cfg JournalConfig, ledger *Ledger) (*Journal, LoadStats, error)
 }
 
 // load reads the log into the ledger, the current file up to its size at
-// open: nothing is appended meanwhile (the writer waits for it, or Run
-// has not started), so it is read once, never its new lines. Closing
-// j.ctl.stop ends the read (ErrLoadStopped).
-func (j *Journal) load() (LoadStats, error) {
+// open, so it never reads a line appended since (with Background the
+// writer appends meanwhile; readTail reads those lines after). saw sees
+// each event's time. Closing j.ctl.stop ends the read (ErrLoadStopped).
+func (j *Journal) load(saw func(time.Time)) (LoadStats, error) {
 	defer j.archKnown()
-	st, err := loadInto(j.cfg.Dir, j.cfg.Logger, true, j.ledger, j.ctl, func(ev Event) { j.saw(ev.Time) }, func() {
+	st, err := loadInto(j.cfg.Dir, j.cfg.Logger, true, j.ledger, j.ctl, func(ev Event) { saw(ev.Time) }, func() {
 		j.rotMu.Lock()
 		j.archLast = j.ledger.archLast()
 		j.rotMu.Unlock()
 		j.archKnown()
 	})
-	if err == nil {
+	if err == nil && !j.cfg.Background {
 		// The read cut a torn last line off: the file ends whole now.
 		if fi, serr := j.f.Stat(); serr == nil {
 			j.size = fi.Size()
@@ -398,9 +435,19 @@ func endsTorn(path string, size int64) bool {
 	return b[0] != '\n'
 }
 
-// runLoad is Run's background read of the log: it ends when the read
-// does, or stops it when ctx is done or Close is called.
-func (j *Journal) runLoad(ctx context.Context) {
+// loadResult is how Run's background read of the log ended.
+type loadResult struct {
+	st     LoadStats
+	err    error
+	took   time.Duration
+	newest time.Time // the latest event time it read (saw)
+}
+
+// startLoad starts Run's background read of the log on a goroutine of
+// its own, and stops it when ctx is done or Close is called. It touches
+// nothing of the writer's, which writes meanwhile (bgWrite).
+func (j *Journal) startLoad(ctx context.Context) <-chan loadResult {
+	res := make(chan loadResult, 1)
 	fin := make(chan struct{})
 	go func() {
 		select {
@@ -410,21 +457,113 @@ func (j *Journal) runLoad(ctx context.Context) {
 		}
 		close(j.loadStop)
 	}()
-	start := time.Now()
-	st, err := j.load()
-	close(fin)
+	go func() {
+		start := time.Now()
+		var newest time.Time
+		st, err := j.load(func(t time.Time) {
+			if t = t.Round(0); t.After(newest) {
+				newest = t
+			}
+		})
+		close(fin)
+		res <- loadResult{st, err, time.Since(start), newest}
+	}()
+	return res
+}
+
+// endLoad is the writer's end of the background read: unless Close or
+// ctx stopped it, the writer writes what it holds, reads the lines it
+// appended to the current file during the read into the ledger
+// (readTail: the events emitted since the start, after the old ones,
+// each once) and from then on feeds the ledger as it writes; rotation may
+// run again. A stopped read leaves the writer writing to the log alone
+// until it finishes (the counts are said partial).
+func (j *Journal) endLoad(r loadResult) {
+	j.saw(r.newest)
+	st, err := r.st, r.err
+	st.Torn = st.Torn || j.tornCut
 	stopped := errors.Is(err, ErrLoadStopped)
 	if err != nil && !stopped {
 		j.log.Error("audit: the event log could not be read whole; counts are partial, events from now on are counted and written",
 			LogError, err, "files_read", st.Files, "events_read", st.Events)
 	}
+	if j.cfg.LoadDone != nil {
+		j.cfg.LoadDone(st, r.took, err)
+	}
+	if !stopped {
+		j.recordShed()
+		j.flush()
+		if terr := j.readTail(); terr != nil {
+			j.log.Error("audit: the events written during the read of the event log could not be read back; counts lack them until a restart",
+				LogError, terr)
+			if err == nil {
+				err = terr
+			}
+		}
+		j.bgWrite = false
+		j.unfed.Store(0)
+	}
 	j.afterLoad(!stopped)
 	j.loadStats, j.loadErr = st, err
-	if j.cfg.LoadDone != nil {
-		j.cfg.LoadDone(st, time.Since(start), err)
-	}
 	j.loading.Store(false)
 	close(j.loaded)
+	if j.f != nil && j.size >= j.cfg.MaxFileBytes {
+		// It grew past its size during the read: rotated now.
+		j.rotate()
+	}
+}
+
+// readTail reads the lines the writer appended to the current file during
+// the background read (from its size at open, where the read stopped, to
+// its end) into the ledger, in order. The writer calls it: nothing is
+// appended meanwhile, and nothing rotated the file since the open.
+func (j *Journal) readTail() error {
+	path := filepath.Join(j.cfg.Dir, CurrentLog)
+	f, err := os.Open(path)
+	if err != nil {
+		return fmt.Errorf("audit: read event log: %w", err)
+	}
+	defer f.Close()
+	if _, err := f.Seek(j.loadedFrom, io.SeekStart); err != nil {
+		return fmt.Errorf("audit: read event log: %w", err)
+	}
+	var st LoadStats
+	_, err = readStream(f, path, j.log, &st, func(ev Event) {
+		j.saw(ev.Time)
+		if ev.Kind == KindShed {
+			j.ledger.addShed(ev.Time, ev.Count)
+			return
+		}
+		j.ledger.emit(ev)
+	})
+	return err
+}
+
+// cutTorn cuts the partial last line off the file at path, size bytes
+// long, and returns its size after: the end of its last whole line.
+func cutTorn(path string, size int64) (int64, error) {
+	f, err := os.OpenFile(path, os.O_RDWR, 0)
+	if err != nil {
+		return size, err
+	}
+	defer f.Close()
+	buf := make([]byte, 64<<10)
+	end := size
+	for end > 0 {
+		n := min(int64(len(buf)), end)
+		if _, err := f.ReadAt(buf[:n], end-n); err != nil {
+			return size, err
+		}
+		if i := bytes.LastIndexByte(buf[:n], '\n'); i >= 0 {
+			end = end - n + int64(i) + 1
+			break
+		}
+		end -= n
+	}
+	if err := f.Truncate(end); err != nil {
+		return size, err
+	}
+	return end, nil
 }
 
 // LoadErr returns why the background read of the event log did not end
@@ -474,7 +613,7 @@ func (j *Journal) waitLoaded(timeout time.Duration) *Loading {
 		return &Loading{}
 	}
 	return &Loading{Files: int(c.files.Load()), FilesTotal: int(c.total.Load()), Events: c.events.Load(),
-		Queued: uint64(max(0, j.queued.Load())), Shed: j.shed.Load()}
+		Queued: uint64(max(0, j.queued.Load())) + j.unfed.Load(), Shed: j.shed.Load()}
 }
 
 // LoadDir reads the event log in dir into a new ledger, without writing
@@ -743,7 +882,8 @@ func readDirCtl(dir string, log *slog.Logger, since time.Time, repair bool, skip
 		if ctl != nil && ctl.stopped() {
 			return st, ErrLoadStopped
 		}
-		if err := readFileCtl(path, log, repair && last, &st, ctl, last, fn); err != nil {
+		cut := repair && last && (ctl == nil || !ctl.appended)
+		if err := readFileCtl(path, log, cut, &st, ctl, last, fn); err != nil {
 			if !errors.As(err, new(damagedError)) {
 				return st, err
 			}
@@ -1010,17 +1150,21 @@ func (j *Journal) Ledger() *Ledger { return j.ledger }
 
 // Run writes queued events until ctx is done or Close is called, then
 // drains the queue, records the shed count, flushes and closes the file.
-// With Background it first reads the event log into the ledger (stopped
-// early by ctx or Close), and takes the queue only after it.
+// With Background it reads the event log into the ledger meanwhile
+// (stopped early by ctx or Close), writing what it takes to the log alone
+// until the read ends, then reads that back into the ledger (endLoad).
 func (j *Journal) Run(ctx context.Context) error {
 	if !j.running.CompareAndSwap(false, true) {
 		return errors.New("audit: journal: Run called twice")
 	}
 	defer close(j.done)
+	var loadRes <-chan loadResult
 	if j.cfg.Background {
 		// The old events into the ledger first; what is emitted
-		// meanwhile waits on the queue and comes after them.
-		j.runLoad(ctx)
+		// meanwhile is written to the log as it comes (a crash loses
+		// none of it) and read into the ledger after them (endLoad).
+		j.bgWrite = true
+		loadRes = j.startLoad(ctx)
 	}
 	tick := time.NewTicker(j.cfg.FlushInterval / 2)
 	defer tick.Stop()
@@ -1028,12 +1172,22 @@ func (j *Journal) Run(ctx context.Context) error {
 	for {
 		var synced chan struct{}
 		select {
+		case r := <-loadRes:
+			loadRes = nil
+			j.endLoad(r)
+			continue
 		case <-j.kick:
 		case <-tick.C:
 		case synced = <-j.syncs:
 		case <-ctx.Done():
+			if loadRes != nil {
+				j.endLoad(<-loadRes)
+			}
 			return j.finish()
 		case <-j.stop:
+			if loadRes != nil {
+				j.endLoad(<-loadRes)
+			}
 			return j.finish()
 		}
 		j.takeBatch()
@@ -1200,6 +1354,25 @@ func (j *Journal) Close() error {
 
 func (j *Journal) writeEvent(ev Event) {
 	j.saw(ev.Time)
+	if j.bgWrite {
+		// During the background read the event is written alone, whole,
+		// and counted by readTail after the read: the detail budget's
+		// choice to hold it back needs the ledger's count of its flow
+		// (a twin written or held), which lacks the rest of the log and
+		// the events since the start until then.
+		if j.testHookPre != nil {
+			j.testHookPre()
+		}
+		line, err := ev.appendJSON(j.encodeBuf[:0])
+		j.encodeBuf = line
+		if err != nil {
+			j.shed.Add(1) // in no count: not in the log for readTail
+			return
+		}
+		j.unfed.Add(1)
+		j.append(line, true)
+		return
+	}
 	if j.detail == nil {
 		j.ledger.emit(ev)
 	} else {
@@ -1237,14 +1410,24 @@ func (j *Journal) recordShed() {
 	j.shedLogged += n
 	now := time.Now().UTC()
 	j.saw(now)
-	j.ledger.addShed(now, n)
 	b, _ := json.Marshal(Event{Kind: KindShed, Time: now, Count: n})
+	if j.bgWrite {
+		// readTail counts the record once it is in the log; one the
+		// write loses is recorded again (flush).
+		j.appendLine(append(b, '\n'), false, n)
+		return
+	}
+	j.ledger.addShed(now, n)
 	j.append(append(b, '\n'), false)
 }
 
 // append adds one line to the write buffer; event says whether it is an
 // event (counted as written or lost) or a shed record.
-func (j *Journal) append(line []byte, event bool) {
+func (j *Journal) append(line []byte, event bool) { j.appendLine(line, event, 0) }
+
+// appendLine is append; shed > 0 is the count of a shed record written
+// during the background read (shedLines).
+func (j *Journal) appendLine(line []byte, event bool, shed uint64) {
 	if len(j.buf) == 0 && j.torn {
 		// The previous write may have left a partial line: start a new
 		// one, so readers skip only the fragment.
@@ -1253,6 +1436,9 @@ func (j *Journal) append(line []byte, event bool) {
 	j.buf = append(j.buf, line...)
 	if event {
 		j.ends = append(j.ends, len(j.buf))
+	}
+	if shed > 0 {
+		j.shedLines = append(j.shedLines, shedLine{len(j.buf), shed})
 	}
 	if len(j.buf) >= 64<<10 || j.size+int64(len(j.buf)) >= j.cfg.MaxFileBytes {
 		j.flush()
@@ -1283,10 +1469,23 @@ func (j *Journal) flush() {
 	}
 	j.written.Add(ok)
 	j.size += int64(n)
+	for _, sl := range j.shedLines {
+		if sl.end > n {
+			j.shedLogged -= sl.n // not in the log: recorded again
+		}
+	}
+	j.shedLines = j.shedLines[:0]
 	if err != nil {
 		lost := uint64(len(j.ends)) - ok
-		j.writeFailed.Add(lost)
-		j.ledger.addUnwritten(lost)
+		if j.bgWrite {
+			// Not in the log, so not in the ledger after the read
+			// either (readTail): in no count, as shed events are.
+			j.unfed.Add(-lost)
+			j.shed.Add(lost)
+		} else {
+			j.writeFailed.Add(lost)
+			j.ledger.addUnwritten(lost)
+		}
 		j.torn = (n > 0 && j.buf[n-1] != '\n') || (n == 0 && j.torn)
 		j.failed(err)
 	} else {
@@ -1296,7 +1495,9 @@ func (j *Journal) flush() {
 		j.mu.Unlock()
 	}
 	j.buf, j.ends = j.buf[:0], j.ends[:0]
-	if j.f != nil && j.size >= j.cfg.MaxFileBytes {
+	if j.f != nil && j.size >= j.cfg.MaxFileBytes && !j.bgWrite {
+		// Not during the background read, which reads the current
+		// file by its name (endLoad rotates it after).
 		j.rotate()
 	}
 }

@@ -7,6 +7,7 @@ import (
 	"fmt"
 	"os"
 	"strings"
+	"sync"
 	"testing"
 	"time"
 )
@@ -139,10 +140,11 @@ func countEvents(path string) (int, error) {
 }
 
 // TestJournalBackgroundLoadShed: events emitted during a long background
-// read beyond the queue are shed: a report during the read says how many
-// wait to be counted and how many were shed already (the counts lack
-// both), and after the read the shed ones are counted as shed, once, and
-// the queued ones as events.
+// read faster than the writer takes them, beyond the queue, are shed: a
+// report during the read says how many wait to be counted (queued, or in
+// the log already) and how many were shed (the counts lack both), and
+// after the read the shed ones are counted as shed, once, and the others
+// as events.
 func TestJournalBackgroundLoadShed(t *testing.T) {
 	dir := t.TempDir()
 	const old, queue, emitted = 300, 16, 40
@@ -150,18 +152,38 @@ func TestJournalBackgroundLoadShed(t *testing.T) {
 	release := make(chan struct{})
 	stalled, _ := stallLoad(t, release)
 	j, l, _ := openJournal(t, JournalConfig{Dir: dir, DetailBurst: -1, Background: true, QueueLen: queue}, nil)
+	// The writer, which takes the queue during the read, stalls on the
+	// first event it writes until the rest are emitted: the queue fills.
+	writing, goOn := make(chan struct{}), make(chan struct{})
+	var once sync.Once
+	j.testHookPre = func() {
+		once.Do(func() {
+			close(writing)
+			<-goOn
+		})
+	}
 	runJournal(t, j)
 	<-stalled
 	at := time.Date(2026, 2, 1, 0, 0, 0, 0, time.UTC)
-	for i := 1; i <= emitted; i++ {
+	j.Emit(seqEvent(10000, at))
+	<-writing
+	for i := 1; i < emitted; i++ {
 		j.Emit(seqEvent(10000+i, at.Add(time.Duration(i)*time.Millisecond)))
 	}
-	r := l.Report(ReportOptions{})
-	if r.Loading == nil || r.Loading.Queued != queue || r.Loading.Shed != emitted-queue {
-		t.Errorf("report during the read: Loading %+v; want %d queued, %d shed", r.Loading, queue, emitted-queue)
+	close(goOn)
+	const shed = emitted - 1 - queue
+	if !waitWritten(j, emitted-shed) {
+		t.Fatal("the writer did not take the queue during the read")
 	}
-	if len(r.Notes) == 0 || !strings.Contains(r.Notes[0], fmt.Sprintf("%d shed", emitted-queue)) {
-		t.Errorf("report during the read: first note %q does not say %d events were shed", r.Notes, emitted-queue)
+	if j.Shed() != shed {
+		t.Fatalf("%d events shed, want %d", j.Shed(), shed)
+	}
+	r := l.Report(ReportOptions{})
+	if r.Loading == nil || r.Loading.Queued != emitted-shed || r.Loading.Shed != shed {
+		t.Errorf("report during the read: Loading %+v; want %d waiting, %d shed", r.Loading, emitted-shed, shed)
+	}
+	if len(r.Notes) == 0 || !strings.Contains(r.Notes[0], fmt.Sprintf("%d shed", shed)) {
+		t.Errorf("report during the read: first note %q does not say %d events were shed", r.Notes, shed)
 	}
 	close(release)
 	j.waitLoaded(time.Minute)
@@ -169,8 +191,8 @@ func TestJournalBackgroundLoadShed(t *testing.T) {
 		t.Fatal("Sync after the read did not return")
 	}
 	r = l.Report(ReportOptions{})
-	if r.Loading != nil || r.ShedEvents != emitted-queue || r.Totals.Events != old+queue {
-		t.Errorf("after the read: Loading %+v, %d shed, %d events; want none, %d shed, %d events", r.Loading, r.ShedEvents, r.Totals.Events, emitted-queue, old+queue)
+	if r.Loading != nil || r.ShedEvents != shed || r.Totals.Events != old+emitted-shed {
+		t.Errorf("after the read: Loading %+v, %d shed, %d events; want none, %d shed, %d events", r.Loading, r.ShedEvents, r.Totals.Events, shed, old+emitted-shed)
 	}
 }
 

@@ -900,9 +900,9 @@ func (d *daemon) run(ctx context.Context) error {
 	// The log is read into the ledger in the background (Background):
 	// DNS and the proxies serve at once, not after a read of seconds (in
 	// enforce mode nftables, kept across the restart, sends the LAN to
-	// them meanwhile). What is emitted during the read waits on the
-	// journal's queue and is counted after it; a report meanwhile says
-	// its counts are partial (README, "Compressed rotated files").
+	// them meanwhile). What is emitted during the read is written to
+	// the log as it comes and counted after it; a report meanwhile says
+	// its counts are partial (README, "Serving while the log is read").
 	var wg sync.WaitGroup
 	jcfg := audit.JournalConfig{Dir: cfg.stateDir, Compress: true, Logger: d.log.With(audit.LogComponent, "audit"), Background: true,
 		LoadDone: func(st audit.LoadStats, took time.Duration, err error) {
