@@ -524,11 +524,17 @@ func (j *Journal) readTail() error {
 		return fmt.Errorf("audit: read event log: %w", err)
 	}
 	defer f.Close()
-	if _, err := f.Seek(j.loadedFrom, io.SeekStart); err != nil {
+	// Up to its size now: a file that is not one (a device: /dev/full
+	// reads zeros without end) is not read.
+	fi, err := f.Stat()
+	if err != nil {
 		return fmt.Errorf("audit: read event log: %w", err)
 	}
+	if !fi.Mode().IsRegular() || fi.Size() <= j.loadedFrom {
+		return nil
+	}
 	var st LoadStats
-	_, err = readStream(f, path, j.log, &st, func(ev Event) {
+	_, err = readStream(io.NewSectionReader(f, j.loadedFrom, fi.Size()-j.loadedFrom), path, j.log, &st, func(ev Event) {
 		j.saw(ev.Time)
 		if ev.Kind == KindShed {
 			j.ledger.addShed(ev.Time, ev.Count)

@@ -1,6 +1,8 @@
 package audit
 
 import (
+	"os"
+	"path/filepath"
 	"testing"
 	"time"
 )
@@ -117,5 +119,56 @@ func TestJournalBackgroundReadLongerThanQueue(t *testing.T) {
 	}
 	if r := l.Report(ReportOptions{}); r.Totals.Events != old+uint64(n) || r.Totals.Duplicates != 0 || r.ShedEvents != 0 {
 		t.Errorf("after the read: %d events, %d duplicates, %d shed; want %d old and %d new, none twice or shed", r.Totals.Events, r.Totals.Duplicates, r.ShedEvents, old, n)
+	}
+}
+
+// TestJournalBackgroundWriteFails: when every write fails during the
+// background read (the log is /dev/full), the events emitted meanwhile
+// are in the log for no read back: they are counted as shed (in no
+// count), once, after the read; the read back of the current file does
+// not read the device (zeros without end).
+func TestJournalBackgroundWriteFails(t *testing.T) {
+	if _, err := os.Stat("/dev/full"); err != nil {
+		t.Skip("no /dev/full")
+	}
+	dir := t.TempDir()
+	const fresh = 30
+	writeOldLog(t, dir, 300)
+	cur := filepath.Join(dir, CurrentLog)
+	if err := os.Remove(cur); err != nil {
+		t.Fatal(err)
+	}
+	l0, _, err := LoadDir(dir, nil, LedgerOptions{}, nil)
+	if err != nil {
+		t.Fatal(err)
+	}
+	old := l0.Report(ReportOptions{}).Totals.Events
+	if err := os.Symlink("/dev/full", cur); err != nil {
+		t.Fatal(err)
+	}
+	release := make(chan struct{})
+	stalled, _ := stallLoad(t, release)
+	j, l, _ := openJournal(t, JournalConfig{Dir: dir, DetailBurst: -1, Background: true}, nil)
+	runJournal(t, j)
+	<-stalled
+	at := time.Date(2026, 2, 1, 0, 0, 0, 0, time.UTC)
+	for i := 1; i <= fresh; i++ {
+		j.Emit(seqEvent(10000+i, at.Add(time.Duration(i)*time.Millisecond)))
+	}
+	for i := 0; j.Shed() < fresh && i < 10000; i++ {
+		time.Sleep(time.Millisecond)
+	}
+	if j.Shed() != fresh || j.Written() != 0 {
+		t.Fatalf("during the read: %d shed, %d written; want the %d events shed", j.Shed(), j.Written(), fresh)
+	}
+	close(release)
+	if g := j.waitLoaded(time.Minute); g != nil {
+		t.Fatalf("the read did not end whole: %+v", g)
+	}
+	if !j.Sync(time.Minute) {
+		t.Fatal("Sync after the read did not return")
+	}
+	if r := l.Report(ReportOptions{}); r.Totals.Events != old || r.ShedEvents != fresh {
+		t.Errorf("after the read: %d events, %d shed; want the %d old ones and %d shed", r.Totals.Events, r.ShedEvents, old, fresh)
 	}
 }
