@@ -1,10 +1,13 @@
 package audit
 
 import (
+	"net/netip"
 	"os"
 	"path/filepath"
 	"testing"
 	"time"
+
+	"egressd/policy"
 )
 
 // waitWritten waits (bounded in count) until the journal's writer wrote
@@ -170,5 +173,58 @@ func TestJournalBackgroundWriteFails(t *testing.T) {
 	}
 	if r := l.Report(ReportOptions{}); r.Totals.Events != old || r.ShedEvents != fresh {
 		t.Errorf("after the read: %d events, %d shed; want the %d old ones and %d shed", r.Totals.Events, r.ShedEvents, old, fresh)
+	}
+}
+
+// TestJournalBackgroundDetailBudget: during the background read a
+// device's repeated denials are written whole (the detail budget decides
+// with the ledger's record of each flow, which lacks the log until the
+// read ends); after it the budget holds them back into summary records
+// again; the live counts and a restart's count each once.
+func TestJournalBackgroundDetailBudget(t *testing.T) {
+	dir := t.TempDir()
+	const old, burst, each = 300, 2, 50
+	writeOldLog(t, dir, old)
+	release := make(chan struct{})
+	stalled, _ := stallLoad(t, release)
+	j, l, _ := openJournal(t, JournalConfig{Dir: dir, DetailBurst: burst, Background: true}, nil)
+	runJournal(t, j)
+	<-stalled
+	at := time.Date(2026, 2, 1, 0, 0, 0, 0, time.UTC)
+	deny := func(i int) Event {
+		return Event{Kind: KindFlow, Source: SourceProxy, Time: at.Add(time.Duration(i) * time.Millisecond),
+			Client: netip.MustParseAddr("192.168.10.5"), ClientPort: uint16(1000 + i),
+			Dest: netip.MustParseAddr("198.18.9.9"), DestPort: 443, Proto: "tcp", Name: "blocked.example",
+			Verdict: policy.Deny, Mode: policy.ModeEnforce, Enforced: true, Reason: "not allowed"}
+	}
+	for i := 1; i <= each; i++ {
+		j.Emit(deny(i))
+	}
+	if !waitWritten(j, each) {
+		t.Fatalf("during the read %d of %d denials were written", j.Written(), each)
+	}
+	close(release)
+	if g := j.waitLoaded(time.Minute); g != nil {
+		t.Fatalf("the read did not end whole: %+v", g)
+	}
+	for i := each + 1; i <= 2*each; i++ {
+		j.Emit(deny(i))
+	}
+	if !j.Sync(time.Minute) {
+		t.Fatal("Sync did not return")
+	}
+	if j.Written() >= 2*each || j.summarized.Load() == 0 {
+		t.Errorf("after the read %d lines written of %d denials, %d held back; want the budget to hold some back", j.Written(), 2*each, j.summarized.Load())
+	}
+	if got := l.Report(ReportOptions{}).Totals; got.Flows != old+2*each || got.Duplicates != 0 {
+		t.Errorf("live: %d flows, %d duplicates; want %d, none", got.Flows, got.Duplicates, old+2*each)
+	}
+	if err := j.Close(); err != nil {
+		t.Fatal(err)
+	}
+	testHookLoadFile = nil
+	_, l2, _ := openJournal(t, JournalConfig{Dir: dir, DetailBurst: -1}, nil)
+	if got := l2.Report(ReportOptions{}).Totals; got.Flows != old+2*each || got.Duplicates != 0 {
+		t.Errorf("restart: %d flows, %d duplicates; want %d, none", got.Flows, got.Duplicates, old+2*each)
 	}
 }
