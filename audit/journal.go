@@ -507,8 +507,9 @@ func (j *Journal) endLoad(r loadResult) {
 	j.loadStats, j.loadErr = st, err
 	j.loading.Store(false)
 	close(j.loaded)
-	if j.f != nil && j.size >= j.cfg.MaxFileBytes {
-		// It grew past its size during the read: rotated now.
+	if !stopped && j.f != nil && j.size >= j.cfg.MaxFileBytes {
+		// It grew past its size during the read: rotated now (after a
+		// stop, at the next start).
 		j.rotate()
 	}
 }
