@@ -1220,8 +1220,9 @@ func (j *Journal) Run(ctx context.Context) error {
 // reported just before is then in the ledger, not in neither.
 func (j *Journal) Sync(timeout time.Duration) bool {
 	if !j.running.Load() || j.loading.Load() {
-		// While the log is read (Background), the writer takes no
-		// queue: the report says its counts are partial (Loading).
+		// While the log is read (Background), the writer writes the
+		// queue to the log alone, not to the ledger: the report says
+		// its counts are partial (Loading).
 		return false
 	}
 	t := time.NewTimer(timeout)
