@@ -277,3 +277,27 @@ func (k *keepAlive) get(path string) (string, error) {
 }
 
 func (k *keepAlive) close() { k.tc.Close() }
+
+// resolve4 resolves name through the gateway (an A query from the LAN)
+// and returns its first address; the test fails when there is none.
+func (tp *topo) resolve4(t *testing.T, ctx context.Context, name string) netip.Addr {
+	t.Helper()
+	addrs, err := tp.goResolver().LookupNetIP(ctx, "ip4", name+".")
+	if err != nil || len(addrs) == 0 {
+		t.Fatalf("resolving %s through the gateway: %v %v", name, addrs, err)
+	}
+	return addrs[0]
+}
+
+// ntpFrom sends one NTP request to a from a new LAN socket (a new
+// conntrack entry: the firewall's forward chain decides it anew) and
+// waits up to timeout for its answer.
+func (tp *topo) ntpFrom(ctx context.Context, a netip.Addr, timeout time.Duration) error {
+	c, err := tp.lan.DialContext(ctx, "udp", netip.AddrPortFrom(a, 123).String())
+	if err != nil {
+		return err
+	}
+	defer c.Close()
+	req := ntpRequest()
+	return askWithin(c, timeout, req, func(r []byte) bool { return ntpAnswers(req, r) })
+}

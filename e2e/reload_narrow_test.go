@@ -84,23 +84,8 @@ func testReloadNarrows(t *testing.T, extra []string) {
 
 	ctx, cancel := context.WithTimeout(context.Background(), 3*time.Minute)
 	defer cancel()
-	resolve := func(name string) netip.Addr {
-		t.Helper()
-		addrs, err := tp.goResolver().LookupNetIP(ctx, "ip4", name+".")
-		if err != nil || len(addrs) == 0 {
-			t.Fatalf("resolving %s through the gateway: %v %v", name, addrs, err)
-		}
-		return addrs[0]
-	}
-	ntpAsk := func(a netip.Addr, timeout time.Duration) error {
-		c, err := tp.lan.DialContext(ctx, "udp", netip.AddrPortFrom(a, 123).String())
-		if err != nil {
-			return err
-		}
-		defer c.Close()
-		req := ntpRequest()
-		return askWithin(c, timeout, req, func(r []byte) bool { return ntpAnswers(req, r) })
-	}
+	resolve := func(name string) netip.Addr { return tp.resolve4(t, ctx, name) }
+	ntpAsk := func(a netip.Addr, timeout time.Duration) error { return tp.ntpFrom(ctx, a, timeout) }
 	pool0, pool1, clock := resolve(poolNames[0]), resolve(poolNames[1]), resolve(clockName)
 	intake, docker := resolve(intakeName), resolve(dockerName)
 

@@ -53,15 +53,7 @@ func TestReloadAuditToEnforceKeepsGivenAnswers(t *testing.T) {
 		}
 		given[name] = addrs[0]
 	}
-	ntpAsk := func(name string, timeout time.Duration) error {
-		c, err := tp.lan.DialContext(ctx, "udp", netip.AddrPortFrom(given[name], 123).String())
-		if err != nil {
-			return err
-		}
-		defer c.Close()
-		req := ntpRequest()
-		return askWithin(c, timeout, req, func(r []byte) bool { return ntpAnswers(req, r) })
-	}
+	ntpAsk := func(name string, timeout time.Duration) error { return tp.ntpFrom(ctx, given[name], timeout) }
 	for _, name := range []string{ntpName, clockName} {
 		if err := ntpAsk(name, time.Second); err != nil {
 			t.Fatalf("NTP to %s in audit mode: %v", name, err)

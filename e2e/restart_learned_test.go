@@ -45,25 +45,8 @@ func TestRestartKeepsLearnedAddresses(t *testing.T) {
 
 	ctx, cancel := context.WithTimeout(context.Background(), 3*time.Minute)
 	defer cancel()
-	resolve := func(name string) netip.Addr {
-		t.Helper()
-		addrs, err := tp.goResolver().LookupNetIP(ctx, "ip4", name+".")
-		if err != nil || len(addrs) == 0 {
-			t.Fatalf("resolving %s through the gateway: %v %v", name, addrs, err)
-		}
-		return addrs[0]
-	}
-	// ntpAsk sends one NTP request from a new socket (a new conntrack
-	// entry: the firewall's forward chain decides it anew).
-	ntpAsk := func(a netip.Addr, timeout time.Duration) error {
-		c, err := tp.lan.DialContext(ctx, "udp", netip.AddrPortFrom(a, 123).String())
-		if err != nil {
-			return err
-		}
-		defer c.Close()
-		req := ntpRequest()
-		return askWithin(c, timeout, req, func(r []byte) bool { return ntpAnswers(req, r) })
-	}
+	resolve := func(name string) netip.Addr { return tp.resolve4(t, ctx, name) }
+	ntpAsk := func(a netip.Addr, timeout time.Duration) error { return tp.ntpFrom(ctx, a, timeout) }
 	ntpAddr := resolve(ntpName)
 	if got := resolve(dockerName); got != netip.MustParseAddr(dockerIP4) {
 		t.Fatalf("%s resolved to %v, want %s", dockerName, got, dockerIP4)
@@ -185,23 +168,8 @@ func TestRestartAuditToEnforceKeepsDeniedAnswers(t *testing.T) {
 
 	ctx, cancel := context.WithTimeout(context.Background(), time.Minute)
 	defer cancel()
-	resolve := func(name string) netip.Addr {
-		t.Helper()
-		addrs, err := tp.goResolver().LookupNetIP(ctx, "ip4", name+".")
-		if err != nil || len(addrs) == 0 {
-			t.Fatalf("resolving %s through the gateway in audit mode: %v %v", name, addrs, err)
-		}
-		return addrs[0]
-	}
-	ntpAsk := func(a netip.Addr, timeout time.Duration) error {
-		c, err := tp.lan.DialContext(ctx, "udp", netip.AddrPortFrom(a, 123).String())
-		if err != nil {
-			return err
-		}
-		defer c.Close()
-		req := ntpRequest()
-		return askWithin(c, timeout, req, func(r []byte) bool { return ntpAnswers(req, r) })
-	}
+	resolve := func(name string) netip.Addr { return tp.resolve4(t, ctx, name) }
+	ntpAsk := func(a netip.Addr, timeout time.Duration) error { return tp.ntpFrom(ctx, a, timeout) }
 	clock := resolve(clockName)
 	if got := resolve(trackerName); got != netip.MustParseAddr(trackerIP) {
 		t.Fatalf("%s resolved to %v, want %s", trackerName, got, trackerIP)
