@@ -177,8 +177,12 @@ func (tp *topo) sendRedirect(t *testing.T) {
 	defer pc.Close()
 	for range 3 {
 		// The gateway must hold a valid neighbour entry for the new
-		// next hop: the LAN client's traffic to it gives one.
-		tp.lan.Run("ping", "-c1", "-W1", gwLAN4)
+		// next hop: the LAN client's traffic to it gives one (a
+		// datagram to the discard port; no ping binary is installed).
+		if c, err := tp.lan.DialContext(context.Background(), "udp", net.JoinHostPort(gwLAN4, "9")); err == nil {
+			c.Write([]byte{0})
+			c.Close()
+		}
 		if _, err := pc.WriteTo(msg, &net.IPAddr{IP: net.ParseIP(gwLAN4)}); err != nil {
 			t.Fatalf("redirect: %v", err)
 		}
