@@ -54,6 +54,26 @@ func (r *openReport) rule(name string) openRuleCounts {
 	return openRuleCounts{Name: name}
 }
 
+// openReportCLI runs `egressd report --json` with args in the gateway's
+// namespace and decodes what it prints.
+func openReportCLI(t *testing.T, tp *topo, args ...string) (*openReport, string) {
+	t.Helper()
+	ctx, cancel := context.WithTimeout(context.Background(), 20*time.Second)
+	defer cancel()
+	cmd := exec.CommandContext(ctx, "ip", append([]string{"netns", "exec", tp.gw.Name, egressdBin, "report", "--json"}, args...)...)
+	var stderr strings.Builder
+	cmd.Stderr = &stderr
+	out, err := cmd.Output()
+	if err != nil {
+		t.Fatalf("egressd report %v: %v\n%s", args, err, stderr.String())
+	}
+	var r openReport
+	if err := json.Unmarshal(out, &r); err != nil {
+		t.Fatalf("egressd report %v: %v\n%s", args, err, out)
+	}
+	return &r, string(out)
+}
+
 // TestOpenFlowsLive: in audit mode a LAN client's NTP exchange and its DNS
 // query to another resolver than the gateway's are UDP flows capture
 // reports only after 60 s of silence. The daemon's live report (`egressd
@@ -75,23 +95,7 @@ func TestOpenFlowsLive(t *testing.T) {
 		t.Fatalf("DNS to %s straight: %v %v", authDNS4, m, err)
 	}
 
-	report := func(args ...string) (*openReport, string) {
-		t.Helper()
-		ctx, cancel := context.WithTimeout(context.Background(), 20*time.Second)
-		defer cancel()
-		cmd := exec.CommandContext(ctx, "ip", append([]string{"netns", "exec", tp.gw.Name, egressdBin, "report", "--json"}, args...)...)
-		var stderr strings.Builder
-		cmd.Stderr = &stderr
-		out, err := cmd.Output()
-		if err != nil {
-			t.Fatalf("egressd report %v: %v\n%s", args, err, stderr.String())
-		}
-		var r openReport
-		if err := json.Unmarshal(out, &r); err != nil {
-			t.Fatalf("egressd report %v: %v\n%s", args, err, out)
-		}
-		return &r, string(out)
-	}
+	report := func(args ...string) (*openReport, string) { return openReportCLI(t, tp, args...) }
 	state := func(r *openReport) string {
 		return fmt.Sprintf("ntp %+v, dns %+v (to %s: %d), open %d, unused %v", r.rule("ntp"), r.rule("dns"), authDNS4, r.rule("dns").to(authDNS4), r.OpenFlows, r.UnusedRules)
 	}
@@ -183,23 +187,7 @@ func TestOpenFlowsProxy(t *testing.T) {
 	}
 	defer tr.Close()
 
-	report := func(args ...string) (*openReport, string) {
-		t.Helper()
-		ctx, cancel := context.WithTimeout(context.Background(), 20*time.Second)
-		defer cancel()
-		cmd := exec.CommandContext(ctx, "ip", append([]string{"netns", "exec", tp.gw.Name, egressdBin, "report", "--json"}, args...)...)
-		var stderr strings.Builder
-		cmd.Stderr = &stderr
-		out, err := cmd.Output()
-		if err != nil {
-			t.Fatalf("egressd report %v: %v\n%s", args, err, stderr.String())
-		}
-		var r openReport
-		if err := json.Unmarshal(out, &r); err != nil {
-			t.Fatalf("egressd report %v: %v\n%s", args, err, out)
-		}
-		return &r, string(out)
-	}
+	report := func(args ...string) (*openReport, string) { return openReportCLI(t, tp, args...) }
 	live := func(r *openReport) bool {
 		u := r.rule("vendor-cloud")
 		return u.Flows == 2 && u.OpenFlows == 2 && u.to(dockerName) == 2 && !slices.Contains(r.UnusedRules, "vendor-cloud")
