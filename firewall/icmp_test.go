@@ -2,14 +2,9 @@ package firewall
 
 import (
 	"net"
-	"os"
 	"strings"
 	"testing"
 	"time"
-
-	"golang.org/x/net/icmp"
-	"golang.org/x/net/ipv4"
-	"golang.org/x/net/ipv6"
 
 	"egressd/internal/testnet"
 )
@@ -90,45 +85,14 @@ func TestEnforceOtherProtocols(t *testing.T) {
 	}
 }
 
-// ping sends one ICMP or ICMPv6 echo request from ns and waits 1 s for
-// the reply.
+// ping sends one ICMP or ICMPv6 echo request from ns (the kernel picks
+// the source) and waits 1 s for the reply.
 func ping(ns *testnet.NS, dst string) error {
-	v6 := strings.Contains(dst, ":")
-	network, laddr, proto := "ip4:icmp", "0.0.0.0", 1
-	var typ, reply icmp.Type = ipv4.ICMPTypeEcho, ipv4.ICMPTypeEchoReply
-	if v6 {
-		network, laddr, proto = "ip6:ipv6-icmp", "::", 58
-		typ, reply = ipv6.ICMPTypeEchoRequest, ipv6.ICMPTypeEchoReply
+	src := "0.0.0.0"
+	if strings.Contains(dst, ":") {
+		src = "::"
 	}
-	var c *icmp.PacketConn
-	if err := ns.Do(func() (err error) { c, err = icmp.ListenPacket(network, laddr); return }); err != nil {
-		return err
-	}
-	defer c.Close()
-	id := os.Getpid() & 0xffff
-	msg := icmp.Message{Type: typ, Body: &icmp.Echo{ID: id, Seq: 1, Data: []byte("egressd")}}
-	b, err := msg.Marshal(nil)
-	if err != nil {
-		return err
-	}
-	if _, err := c.WriteTo(b, &net.IPAddr{IP: net.ParseIP(dst)}); err != nil {
-		return err
-	}
-	c.SetReadDeadline(time.Now().Add(time.Second))
-	buf := make([]byte, 1500)
-	for {
-		n, from, err := c.ReadFrom(buf)
-		if err != nil {
-			return err
-		}
-		m, err := icmp.ParseMessage(proto, buf[:n])
-		if err != nil || m.Type != reply || from.String() != dst {
-			continue
-		}
-		if e, ok := m.Body.(*icmp.Echo); ok && string(e.Data) == "egressd" {
-			return nil
-		}
-	}
+	return pingFrom(ns, src, dst)
 }
 
 // rawCount counts the packets a raw socket receives.
