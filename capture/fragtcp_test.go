@@ -142,14 +142,7 @@ func TestSyntheticFragmentedDNSAfterDestOpts(t *testing.T) {
 	p := newPcap(t)
 	p.afterFrag6 = destOpts6
 	p.udp(true, cli, res, 5353, 53, dnsQuery(t, "cdn.allowed.test"))
-	ip := ipLayer(res, cli, layers.IPProtocolUDP)
-	u := &layers.UDP{SrcPort: 53, DstPort: 5353}
-	u.SetNetworkLayerForChecksum(ip)
-	buf := gopacket.NewSerializeBuffer()
-	if err := gopacket.SerializeLayers(buf, gopacket.SerializeOptions{FixLengths: true, ComputeChecksums: true}, u, gopacket.Payload(dnsResponse(t, "cdn.allowed.test", addrs))); err != nil {
-		t.Fatal(err)
-	}
-	p.ipFragments(false, res, cli, layers.IPProtocolUDP, buf.Bytes(), 600, []int{2, 0, 3, 1})
+	p.udpFragments(false, res, cli, 53, 5353, dnsResponse(t, "cdn.allowed.test", addrs), 600, []int{2, 0, 3, 1})
 	r := synthRun(t, p.close(), testPolicy, nil, Config{})
 	if r.stats.Reassembled != 1 || r.stats.DNSAnswers != 1 {
 		t.Errorf("fragments %d reassembled %d answers %d, want the answer reassembled and read", r.stats.Fragments, r.stats.Reassembled, r.stats.DNSAnswers)

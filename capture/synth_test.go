@@ -385,7 +385,7 @@ func dnsResponseTTL(t testing.TB, name string, addrs []netip.Addr, ttl uint32) [
 }
 
 // udpFragments writes a UDP datagram from src to dst as IP fragments of at
-// most size payload bytes, in the order given (indexes; nil = in order).
+// most size bytes, in the order given, as ipFragments does.
 func (p *pcapWriter) udpFragments(fromClient bool, src, dst netip.Addr, sp, dp uint16, payload []byte, size int, order []int) {
 	p.t.Helper()
 	ip := ipLayer(src, dst, layers.IPProtocolUDP)
@@ -395,38 +395,7 @@ func (p *pcapWriter) udpFragments(fromClient bool, src, dst netip.Addr, sp, dp u
 	if err := gopacket.SerializeLayers(buf, gopacket.SerializeOptions{FixLengths: true, ComputeChecksums: true}, u, gopacket.Payload(payload)); err != nil {
 		p.t.Fatal(err)
 	}
-	dgram := buf.Bytes()
-	var chunks [][]byte
-	for len(dgram) > 0 {
-		n := min(size, len(dgram))
-		chunks = append(chunks, dgram[:n])
-		dgram = dgram[n:]
-	}
-	seen := map[int]bool{}
-	for _, i := range order {
-		seen[i] = true
-	}
-	for i := range chunks {
-		if !seen[i] {
-			order = append(order, i)
-		}
-	}
-	for _, i := range order {
-		off := uint16(i * size / 8)
-		more := i < len(chunks)-1
-		if src.Is4() {
-			flags := layers.IPv4Flag(0)
-			if more {
-				flags = layers.IPv4MoreFragments
-			}
-			h := &layers.IPv4{Version: 4, TTL: 64, Protocol: layers.IPProtocolUDP, SrcIP: src.AsSlice(), DstIP: dst.AsSlice(), Id: 0x4242, Flags: flags, FragOffset: off}
-			p.frame(fromClient, h, gopacket.Payload(chunks[i]))
-		} else {
-			h := &layers.IPv6{Version: 6, HopLimit: 64, NextHeader: layers.IPProtocolIPv6Fragment, SrcIP: src.AsSlice(), DstIP: dst.AsSlice()}
-			fh := &layers.IPv6Fragment{NextHeader: layers.IPProtocolUDP, FragmentOffset: off, MoreFragments: more, Identification: 0x4242}
-			p.frame(fromClient, h, fh, gopacket.Payload(chunks[i]))
-		}
-	}
+	p.ipFragments(fromClient, src, dst, layers.IPProtocolUDP, buf.Bytes(), size, order)
 }
 
 func (p *pcapWriter) udp(fromClient bool, src, dst netip.Addr, sp, dp uint16, payload []byte) {
