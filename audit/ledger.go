@@ -79,9 +79,9 @@ const (
 //     flow elsewhere: the proxy's, over capture's (reattributeLocked),
 //     a deny of a flow counted allowed, after a policy reload, from the
 //     component that decided it or from the firewall that cut it
-//     (redecided), and an allow in enforce mode of a flow counted as an
-//     audit-mode would-be deny, from the component that decided it, after
-//     the reload to enforce let the flow go on (recredited).
+//     (redecided), and an allow of a flow counted as an audit-mode
+//     would-be deny, from the component that decided it, after a reload
+//     (to enforce, or in audit mode) allowed the flow (recredited).
 //   - A DNS query event is not a flow. An allowed query counts in its
 //     rule's "queries" (and its name as a destination, its client as a
 //     client, its time in first/last seen), so a rule whose names were only
@@ -623,24 +623,24 @@ func redecided(rec *flowRec, ev *Event) bool {
 }
 
 // recredited reports whether ev, a later report of the flow rec counts as
-// a would-be deny of audit mode (not enforced), allows it after the
-// reload to enforce: the component that decided it found the enforce
-// ruleset lets the flow go on (capture: a CIDR rule admits its address,
-// or the forwarder's answer the learned sets begin with) and credits the
-// rule. The flow then counts under the rule, as if the allow had come
-// first: the reverse of redecided. A deny enforced stays where it is (the
-// firewall cut the flow), and so does a would-be deny an audit-mode
-// report allows again (the record shows the last policy that would have
-// denied it).
+// a would-be deny of audit mode (not enforced), allows it after a policy
+// reload: the component that decided it decided it again and credits the
+// rule. After the reload to enforce, the enforce ruleset lets the flow go
+// on (capture: a CIDR rule admits its address, or the forwarder's answer
+// the learned sets begin with); after a reload in audit mode, the new
+// policy allows it (the rule --suggest proposed, added). The flow then
+// counts under the rule, as if the allow had come first: the reverse of
+// redecided, so the report after the reload shows what enforce would drop
+// now. A deny enforced stays where it is (the kernel dropped the flow).
 func recredited(rec *flowRec, ev *Event) bool {
-	return ev.Kind == KindFlow && ev.Verdict == policy.Allow && ev.Mode == policy.ModeEnforce &&
+	return ev.Kind == KindFlow && ev.Verdict == policy.Allow &&
 		rec.rule == nil && !rec.enforced && rec.id.kind == KindFlow && ev.Source == rec.source
 }
 
 // moves reports whether ev, a later report of the flow rec, takes the
 // flow elsewhere (reattributeLocked): the proxy's over another
-// component's, a deny after a reload (redecided), an allow after the
-// reload to enforce (recredited).
+// component's, a deny after a reload (redecided), an allow of a would-be
+// deny after a reload (recredited).
 func moves(rec *flowRec, ev *Event) bool {
 	return ev.Source == SourceProxy && rec.source != SourceProxy || redecided(rec, ev) || recredited(rec, ev)
 }

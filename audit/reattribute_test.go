@@ -165,8 +165,8 @@ func TestRedecidedFlowCountsDropped(t *testing.T) {
 // rule. The flow counts once, under the rule, not dropped: before, a flow
 // denied first stayed a drop, the new rule unused, for the flow's life.
 // Denies the firewall enforced stay where they are, and so does a
-// would-deny an audit-mode report allows again (the record shows the
-// last policy that would have denied it).
+// would-deny another component allows (TestRecreditedInAuditMode: one an
+// audit-mode reload allows moves too).
 func TestRecreditedFlowCountsAllowed(t *testing.T) {
 	wouldDeny, _ := flowPair()
 	wouldDeny.Proto, wouldDeny.Mode = "udp", policy.ModeAudit
@@ -206,7 +206,6 @@ func TestRecreditedFlowCountsAllowed(t *testing.T) {
 		{"enforced-deny", func(ev *Event) {
 			ev.Mode, ev.Enforced, ev.Close = policy.ModeEnforce, true, "policy-revoked"
 		}, nil},
-		{"audit-allow", nil, func(ev *Event) { ev.Mode = policy.ModeAudit }},
 		{"other-source", nil, func(ev *Event) { ev.Source = SourceFirewall }},
 	} {
 		t.Run(tc.name, func(t *testing.T) {
@@ -220,6 +219,45 @@ func TestRecreditedFlowCountsAllowed(t *testing.T) {
 			r := reportOf(first, later)
 			if d := dropOf(r, "203.0.113.11"); d == nil || d.Flows != 1 || r.Totals.Allowed != 0 || r.Totals.Flows != 1 {
 				t.Errorf("drop %+v, totals %+v; want the drop kept, once", d, r.Totals)
+			}
+		})
+	}
+}
+
+// TestRecreditedInAuditMode: an operator in audit mode adds the rule
+// --suggest proposed and reloads, still in audit mode; capture's next
+// report of a flow it had reported as a would-be deny (an NTP exchange,
+// a ping: no ports, keyed by its start) allows it under the new rule. The
+// report after the reload counts the flow once, under the rule, and no
+// longer among what enforce would drop, as after the reload to enforce.
+// Before, the flow stayed a would-be drop and the rule unused for as long
+// as the flow lived.
+func TestRecreditedInAuditMode(t *testing.T) {
+	for _, proto := range []string{"udp", "icmp"} {
+		t.Run(proto, func(t *testing.T) {
+			wouldDeny, _ := flowPair()
+			wouldDeny.Proto, wouldDeny.Mode = proto, policy.ModeAudit
+			if proto == "icmp" {
+				wouldDeny.ClientPort, wouldDeny.DestPort = 0, 0
+			}
+			wouldDeny.Verdict, wouldDeny.Reason, wouldDeny.BytesOut = policy.Deny, "no-rule", 48
+			allowed := wouldDeny
+			allowed.Verdict, allowed.Rule, allowed.Reason = policy.Allow, "added", "allowed"
+			allowed.BytesOut, allowed.Duration = 96, 90
+			r := reportOf(wouldDeny, allowed)
+			if rr := ruleOf(r, "added"); rr == nil || rr.Flows != 1 || rr.BytesOut != 96 {
+				t.Errorf("rule added = %+v, want 1 flow, 96 bytes out", rr)
+			}
+			if len(r.Dropped) != 0 || r.Totals.Flows != 1 || r.Totals.Allowed != 1 || r.Totals.Dropped != 0 {
+				t.Errorf("dropped %+v, totals %+v; want the flow allowed, once", r.Dropped, r.Totals)
+			}
+			// The live report alike: capture's open flow says allowed.
+			l := NewLedger(nil, LedgerOptions{})
+			l.Emit(wouldDeny)
+			l.SetOpenFlows(func() []Event { return []Event{allowed} })
+			r = l.Report(ReportOptions{})
+			if rr := ruleOf(r, "added"); rr == nil || rr.Flows != 1 || len(r.Dropped) != 0 || r.Totals.Flows != 1 {
+				t.Errorf("live: rule added %+v, dropped %+v, totals %+v; want the flow under the rule, once", rr, r.Dropped, r.Totals)
 			}
 		})
 	}

@@ -451,9 +451,9 @@ func (l *Ledger) snapshotOpen(opt ReportOptions, open []Event) *Report {
 	}
 	// moved is a flow the ledger holds another report of that the open
 	// one's event will move (the proxy's over capture's, a deny after a
-	// reload, an allow after the reload to enforce: moves): its record as
-	// the ledger holds it, with the names of what it counts in, is moved
-	// on the overlay.
+	// reload, an allow of a would-be deny after a reload: moves): its
+	// record as the ledger holds it, with the names of what it counts in,
+	// is moved on the overlay.
 	type movedFlow struct {
 		f                openFlow
 		rec              flowRec
