@@ -1,7 +1,6 @@
 package capture
 
 import (
-	"net"
 	"net/netip"
 	"strconv"
 
@@ -207,16 +206,11 @@ func (p *proc) otherPacket(src, dst netip.Addr, proto uint8, payload []byte, lat
 func (p *proc) denyOther(f *flow, echo bool) {
 	f.inspect, f.decided = false, true
 	eng := p.c.deps.Policy.Load()
-	f.dec = policy.Decision{Verdict: policy.Deny, RuleIndex: -1, Reason: ReasonProtocol, Mode: eng.Mode()}
+	f.dec = protocolDenied(eng)
 	f.evName, f.evSrc = "", audit.NameNone
+	f.echo = echo
 	if echo {
-		in := policy.Input{Client: f.cli.Unmap(), Dest: f.srv.Unmap(), Proto: policy.ICMP, Now: p.now}
-		if !p.decideAt.IsZero() {
-			in.Now = p.decideAt
-		}
-		if f.hasMAC {
-			in.ClientMAC = net.HardwareAddr(f.mac[:])
-		}
+		in := p.flowInput(f, "")
 		d, name, src := p.decideForwarded(eng, in, "", "", f.first)
 		f.dec = p.special(eng, in, d, true)
 		if name != "" {
@@ -235,6 +229,12 @@ func (p *proc) denyOther(f *flow, echo bool) {
 	if ns := p.c.learned.namesFor(cli, dst, p.now, names[:0]); len(ns) > 0 {
 		f.evName, f.evSrc = ns[0], audit.NameDNSAnswer
 	}
+}
+
+// protocolDenied is the decision of a flow of another protocol that is
+// not an echo: denied with ReasonProtocol in eng's mode.
+func protocolDenied(eng *policy.Engine) policy.Decision {
+	return policy.Decision{Verdict: policy.Deny, RuleIndex: -1, Reason: ReasonProtocol, Mode: eng.Mode()}
 }
 
 // protoName is the name events give IP protocol n: tcp, udp, the

@@ -115,6 +115,9 @@ type flow struct {
 	// forwarded: a TCP port enforce mode does not redirect to the proxy
 	// (Config.TCPPorts): nftables judges it by address (see redirected).
 	forwarded bool
+	// echo: a flow of another protocol (other.go) an ICMP or ICMPv6 echo
+	// request started, decided by the policy with the protocol icmp.
+	echo bool
 	// openedInAudit: the policy was in audit mode at the flow's first
 	// packet (see beforeEnforce).
 	openedInAudit bool
@@ -1995,8 +1998,12 @@ func (p *proc) askerMAC(eng *policy.Engine, g DNSGrant) net.HardwareAddr {
 // decided on but its name.
 func (p *proc) flowInput(f *flow, path string) policy.Input {
 	proto := policy.TCP
-	if f.proto == 17 {
+	switch {
+	case f.proto == 17:
 		proto = policy.UDP
+	case f.proto != 6:
+		// An echo flow of other.go: no port, no path (denyOther).
+		proto = policy.ICMP
 	}
 	in := policy.Input{Client: f.cli.Unmap(), Dest: f.srv.Unmap(), Port: f.sport, Proto: proto, Path: path, Now: p.now}
 	// TCP that is neither TLS nor an HTTP/1 request (HTTP/2 with prior

@@ -29,7 +29,9 @@ import (
 //     report either way, and once.
 //   - Redecide (after a reload succeeded): capture judges its live
 //     forwarded flows (UDP but DNS, TCP to ports not redirected:
-//     decideForwarded) again where nothing else does.
+//     decideForwarded; flows of other protocols, other.go: an echo by
+//     address with the protocol icmp, any other denied whatever the
+//     rules) again where nothing else does.
 //     In audit mode nothing is cut, but a flow the new policy would
 //     deny (by address, the answers live when it began, or the name its
 //     address was learned for, which a rule must still allow: as the
@@ -37,9 +39,13 @@ import (
 //     answers expired) gets that would-be deny, as the proxy's
 //     connections do in audit mode: one info line and an event at once, so the report
 //     counts the flow as one enforce would now drop; its later events
-//     carry the deny. A later reload that allows it again does not take
-//     that back (the proxy's rule: the record shows the last policy that
-//     would have denied it). A flow opened in audit mode and live after a
+//     carry the deny. A would-be deny the new policy allows (the rule
+//     --suggest proposed, added in audit mode; or a rule a former reload
+//     removed, put back) becomes the rule's, with an info line and an
+//     event at once, as after the reload to enforce below (the ledger
+//     moves it: audit.Ledger, recredited): the report after the reload
+//     says what enforce would drop now. (The proxy keeps the last deny
+//     of its connections: proxy/reload.go.) A flow opened in audit mode and live after a
 //     reload to enforce has no mark of the enforce ruleset
 //     (firewall.CTMarkEnforced): its next packets meet the forward chain
 //     as a new connection's, judged by address with the learned sets of
@@ -51,7 +57,8 @@ import (
 //     answer would have fed a rule's set (seeded), not where only an
 //     answer of another resolver seen on the wire would. Capture decides
 //     it so: denied, its record becomes a drop enforced (the rules'
-//     reason where no rule would admit it at all; opened-before-enforce
+//     reason where no rule would admit it at all, protocol-not-allowed
+//     for another protocol but an echo; opened-before-enforce
 //     where only a wire answer would, and for a TCP connection to a
 //     redirected port, which the chain drops without --tcp-ports, as
 //     beforeEnforce decides one still unnamed), close "policy-revoked",
@@ -234,15 +241,25 @@ func (p *proc) redecide() {
 	eng := p.c.deps.Policy.Load()
 	inAudit := eng.Mode() == policy.ModeAudit
 	for _, f := range p.flows {
-		if f.closed || f.own || f.inbound || !f.decided || f.revoked || f.sport == 53 || f.cport == 53 || (f.proto != 6 && f.proto != 17) {
+		if f.closed || f.own || f.inbound || !f.decided || f.revoked || f.sport == 53 || f.cport == 53 {
 			continue
 		}
-		fwd := f.proto == 17 || f.forwarded
+		// A flow of another protocol (other.go) is the forward chain's:
+		// an echo decided by address, any other denied whatever the
+		// rules (protocolDenied).
+		oth := f.proto != 6 && f.proto != 17
+		fwd := f.proto == 17 || f.forwarded || oth
 		switch {
 		case inAudit && fwd:
+			if oth && !f.echo {
+				continue // denied all along, whatever the policy
+			}
 			in := p.flowInput(f, "")
 			d, name, src := p.decideForwarded(eng, in, f.name, f.nameSrc, f.first)
 			d = p.special(eng, in, d, true)
+			if oth && name == "" {
+				name, src = f.evName, f.evSrc // the name denyOther found
+			}
 			if !d.Allowed() && f.dec.Allowed() && f.evName != "" {
 				// The name its address was learned for still counts
 				// where a rule allows it: the firewall keeps the flow of
@@ -253,6 +270,13 @@ func (p *proc) redecide() {
 				d = p.special(eng, nin, eng.Decide(nin), true)
 			}
 			if d.Allowed() {
+				if !f.dec.Allowed() && f.dec.Mode == policy.ModeAudit {
+					// A would-be deny the new policy allows (the rule
+					// --suggest proposed, added in audit mode): the
+					// rule's, as after the reload to enforce.
+					f.dec, f.evName, f.evSrc = d, name, src
+					p.emitNow(f, "policy reload: the new policy allows this open flow (audit mode)", slog.LevelInfo)
+				}
 				continue
 			}
 			was := f.dec.Allowed()
@@ -265,10 +289,16 @@ func (p *proc) redecide() {
 			var d policy.Decision
 			name, src := f.evName, f.evSrc
 			in := p.flowInput(f, "")
-			if fwd {
+			switch {
+			case oth && !f.echo:
+				d = protocolDenied(eng)
+			case fwd:
 				d, name, src = p.decideForwarded(eng, in, f.name, f.nameSrc, p.now)
 				d = p.special(eng, in, d, true)
-			} else {
+				if oth && name == "" {
+					name, src = f.evName, f.evSrc
+				}
+			default:
 				// Redirected in enforce mode, but NAT applies to a
 				// connection's first packet: the forward chain judges it.
 				saved, savedName, savedSrc := f.dec, f.evName, f.evSrc
