@@ -28,7 +28,8 @@ import (
 // ReasonProtocol, or inbound (see inbound); a flow whose first packet is
 // an echo request is decided by the policy with the protocol icmp, as the
 // forward chain decides it: by address, a CIDR rule's or one DNS gave out
-// for a rule's name (decideForwarded).
+// for a rule's name (decideForwarded). A policy reload judges them again
+// as it does forwarded flows (Redecide, reload.go).
 //
 // What starts such a flow: a packet of any protocol but ICMP and ICMPv6
 // to a unicast address (IGMP, VRRP, OSPF, PIM to their multicast groups
