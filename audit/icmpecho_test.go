@@ -83,3 +83,69 @@ func TestSuggestICMPEcho(t *testing.T) {
 		t.Errorf("replay: %d newly allowed, %d unchanged; want 3 and 2: %+v", len(res.NewlyAllowed), res.Unchanged, res.NewlyAllowed)
 	}
 }
+
+// TestReportPortOfPortlessFlows: the text and HTML reports name the port
+// of a flow without ports as an operator would write it: an ICMP or
+// ICMPv6 echo flow the policy decided as "icmp", what a rule's ports say
+// (--suggest's ports: [icmp], policy explain --port icmp), and a flow of
+// another protocol by the protocol's name ("gre", a timestamp request's
+// "icmp", "253"), not "0/icmp" or "0/gre": port 0 means nothing there.
+// TCP and UDP keep N/proto.
+func TestReportPortOfPortlessFlows(t *testing.T) {
+	cli := netip.MustParseAddr("198.18.1.10")
+	mk := func(dest, proto, reason string, port uint16) Event {
+		ev := Event{Kind: KindFlow, Source: SourceCapture, Time: t0, Client: cli, Dest: netip.MustParseAddr(dest), Proto: proto,
+			DestPort: port, NameSource: NameNone, BytesOut: 84, Close: "idle"}
+		ev.Stamp(policy.Decision{Verdict: policy.Deny, RuleIndex: -1, Reason: reason, Mode: policy.ModeAudit})
+		return ev
+	}
+	l := NewLedger(loadPolicy(t, "policy.yaml"), LedgerOptions{})
+	for _, ev := range []Event{
+		mk("203.0.113.9", "icmp", policy.ReasonNoRule, 0),
+		mk("2001:db8:5::9", "ipv6-icmp", policy.ReasonNoRule, 0),
+		mk("203.0.113.20", "gre", "protocol-not-allowed", 0),
+		mk("203.0.113.21", "icmp", "protocol-not-allowed", 0), // a timestamp request
+		mk("203.0.113.22", "253", "protocol-not-allowed", 0),
+		mk("203.0.113.23", "udp", policy.ReasonNoRule, 123),
+	} {
+		l.Emit(ev)
+	}
+	r := l.Report(ReportOptions{Now: reportNow})
+	var text, html bytes.Buffer
+	if err := r.WriteText(&text); err != nil {
+		t.Fatal(err)
+	}
+	if err := r.WriteHTML(&html); err != nil {
+		t.Fatal(err)
+	}
+	want := map[string]string{
+		"203.0.113.9": "icmp", "2001:db8:5::9": "icmp", "203.0.113.20": "gre",
+		"203.0.113.21": "icmp", "203.0.113.22": "253", "203.0.113.23": "123/udp",
+	}
+	lines := strings.Split(text.String(), "\n")
+	for dest, port := range want {
+		n := 0
+		for _, line := range lines {
+			f := strings.Fields(line)
+			if len(f) < 2 || f[0] != dest {
+				continue
+			}
+			// The table's row (DEST IP PORT ..., the IP "-" where it is
+			// the destination) and the clients' line (DEST PORT: clients).
+			if len(f) > 2 && f[1] == "-" && f[2] == port || f[1] == port+":" {
+				n++
+			}
+		}
+		if n != 2 {
+			t.Errorf("%s: %d line(s) with port %q, want 2:\n%s", dest, n, port, text.String())
+		}
+		if !strings.Contains(html.String(), "<td>"+dest+"</td><td>"+dest+"</td><td>"+port+"</td>") {
+			t.Errorf("HTML: no row of %s with port %q", dest, port)
+		}
+	}
+	for _, bad := range []string{"0/icmp", "0/ipv6-icmp", "0/gre", "0/253"} {
+		if strings.Contains(text.String(), bad) || strings.Contains(html.String(), bad) {
+			t.Errorf("a report says %q", bad)
+		}
+	}
+}

@@ -912,7 +912,7 @@ func (r *Report) WriteText(w io.Writer) error {
 			if d.Rule != "" {
 				reason += " (" + d.Rule + ")"
 			}
-			fmt.Fprintf(tw, "  %s\t%s\t%d/%s\t%d\t%d\t%s%s\t%s%s\t%s\t%s\t%s\n", textName(d.Dest), ip, d.Port, d.Proto,
+			fmt.Fprintf(tw, "  %s\t%s\t%s\t%d\t%d\t%s%s\t%s%s\t%s\t%s\t%s\n", textName(d.Dest), ip, d.portText(),
 				d.Flows, d.Queries, reqCell(d.Requests), fmtCount(d.ClientCount, d.ClientsTruncated), devCell(d.ClientDevices), enf, reason,
 				fmtTime(d.FirstSeen), fmtTime(d.LastSeen))
 		}
@@ -920,7 +920,7 @@ func (r *Report) WriteText(w io.Writer) error {
 		who := "CLIENTS THAT TRIED (by entry above)"
 		fmt.Fprintf(ew, "\n%s\n", who)
 		for _, d := range r.Dropped {
-			fmt.Fprintf(ew, "  %s %d/%s: %s\n", textName(d.Dest), d.Port, d.Proto, clientList(d.Clients, d.ClientsTruncated, d.ClientDevices))
+			fmt.Fprintf(ew, "  %s %s: %s\n", textName(d.Dest), d.portText(), clientList(d.Clients, d.ClientsTruncated, d.ClientDevices))
 		}
 	}
 	return ew.err
@@ -946,6 +946,22 @@ func clientList(clients []string, truncated bool, d ClientDevices) string {
 // enforcedText says how much of a dropped entry was blocked: "yes" (all
 // of it), "no", or "N/M" flows when some were (an audit run, then an
 // enforce run). The text and HTML reports both print it.
+// portText is d's port as the text and HTML reports show it: "443/tcp";
+// for a flow without ports (capture's other protocols: port 0), "icmp"
+// for an ICMP or ICMPv6 echo the policy decided, as a rule's ports and
+// policy explain --port say it, else the protocol's name ("gre", "esp",
+// "253"; "icmp" for a request that is not an echo, denied
+// protocol-not-allowed, as its reason says).
+func (d DroppedReport) portText() string {
+	switch {
+	case d.Port != 0 || d.Proto == "tcp" || d.Proto == "udp" || d.Proto == "dns":
+		return fmt.Sprintf("%d/%s", d.Port, d.Proto)
+	case (d.Proto == "icmp" || d.Proto == "ipv6-icmp") && d.Reason != "protocol-not-allowed":
+		return "icmp"
+	}
+	return d.Proto
+}
+
 func (d DroppedReport) enforcedText() string {
 	switch {
 	case d.EnforcedFlows > 0 && d.EnforcedFlows != d.Flows:
