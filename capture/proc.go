@@ -931,6 +931,9 @@ func (p *proc) tcpPacket(src, dst netip.Addr, mac []byte) {
 			f.syn = true
 		}
 	}
+	if t.URG && dir == 0 {
+		p.urgent(f)
+	}
 	switch {
 	case len(t.Payload) == 0:
 	case f.req != nil && dir == 0:
@@ -987,6 +990,24 @@ func (p *proc) redirected(port uint16) bool {
 		}
 	}
 	return false
+}
+
+// urgent: the client sent urgent data (the URG flag, a send with
+// MSG_OOB). The proxy, like any receiver without SO_OOBINLINE, reads the
+// stream without the urgent byte (and with several urgent marks, Linux
+// puts the older bytes back in line), so the bytes in sequence order are
+// not the stream it parses: judged on them, an allowed hello would read as
+// hello-malformed, and an attacker could pick the byte so that capture
+// reads another name than the server does. The name search gives up, as
+// at a missing segment (decided by address), and a followed plain-HTTP
+// flow stops being followed (e2e TestHardeningTCP/urgent-data).
+func (p *proc) urgent(f *flow) {
+	switch {
+	case f.req != nil:
+		p.unfollow(f)
+	case f.inspect && !f.decided:
+		p.giveUp(f)
+	}
 }
 
 // helloCut: the client ended its stream at sequence number end, with a
