@@ -329,14 +329,22 @@ func (d *daemon) eventsWith(needle []byte) []flowEvent {
 		if err != nil {
 			continue
 		}
-		for _, line := range bytes.Split(data, []byte("\n")) {
-			if len(line) == 0 || line[0] != '{' || needle != nil && !bytes.Contains(line, needle) {
-				continue
-			}
-			var ev flowEvent
-			if json.Unmarshal(line, &ev) == nil && (ev.Kind == "flow" || ev.Kind == "dns" || ev.Kind == "request") {
-				out = append(out, ev)
-			}
+		out = append(out, decodeEvents(data, needle)...)
+	}
+	return out
+}
+
+// decodeEvents decodes the event lines of data that contain needle (all
+// when it is nil).
+func decodeEvents(data, needle []byte) []flowEvent {
+	var out []flowEvent
+	for _, line := range bytes.Split(data, []byte("\n")) {
+		if len(line) == 0 || line[0] != '{' || needle != nil && !bytes.Contains(line, needle) {
+			continue
+		}
+		var ev flowEvent
+		if json.Unmarshal(line, &ev) == nil && (ev.Kind == "flow" || ev.Kind == "dns" || ev.Kind == "request") {
+			out = append(out, ev)
 		}
 	}
 	return out
@@ -346,26 +354,79 @@ func (d *daemon) eventsWith(needle []byte) []flowEvent {
 // returns it; the test fails (with what the log holds) if none comes.
 func (d *daemon) waitEvent(t *testing.T, what string, match func(flowEvent) bool) flowEvent {
 	t.Helper()
-	deadline := time.Now().Add(5 * time.Second)
-	for {
-		evs := d.allEvents()
-		for _, ev := range evs {
-			if match(ev) {
-				return ev
+	ev, seen, ok := pollEvents(d.stateDir, 5*time.Second, match, nil)
+	if !ok {
+		var b strings.Builder
+		for _, ev := range seen {
+			if ev.Kind == "flow" {
+				fmt.Fprintln(&b, ev)
 			}
 		}
-		if time.Now().After(deadline) {
-			var b strings.Builder
-			for _, ev := range evs {
-				if ev.Kind == "flow" {
-					fmt.Fprintln(&b, ev)
-				}
+		t.Errorf("no event for %s in the event log after 5s; flows:\n%s", what, b.String())
+	}
+	return ev
+}
+
+// pollEvents reads the event log in dir every 100 ms until an event
+// matches, and gives up only after a read that began once window was over:
+// the window is the daemon's, to write the event, not this reader's. A
+// read begun before the event reached the log can end after the window
+// (after a load the log holds tens of thousands of events, and decoding
+// them under -race on a busy machine took longer than 5 s), and it must
+// not be the last. Each read decodes only the whole lines added since the
+// one before (eventTail), so only the first costs that long. It returns
+// the match, or every event read when none matched. afterRead, when set,
+// is called after each read (a test's hook).
+func pollEvents(dir string, window time.Duration, match func(flowEvent) bool, afterRead func()) (flowEvent, []flowEvent, bool) {
+	deadline := time.Now().Add(window)
+	tail := eventTail{}
+	var seen []flowEvent
+	for {
+		evs := tail.read(dir)
+		for _, ev := range evs {
+			if match(ev) {
+				return ev, nil, true
 			}
-			t.Errorf("no event for %s in the event log after 5s; flows:\n%s", what, b.String())
-			return flowEvent{}
+		}
+		seen = append(seen, evs...)
+		if afterRead != nil {
+			afterRead()
+		}
+		if time.Now().After(deadline) {
+			return flowEvent{}, seen, false
 		}
 		time.Sleep(100 * time.Millisecond)
 	}
+}
+
+// eventTail reads the event log's files from where its last read ended
+// (after the last whole line of each), from the start of a file that is
+// new or shorter than that (rotated): a file renamed by a rotation is
+// read again under its new name, which only repeats events.
+type eventTail map[string]int64
+
+func (tl eventTail) read(dir string) []flowEvent {
+	var out []flowEvent
+	files, _ := filepath.Glob(filepath.Join(dir, "*"))
+	for _, name := range files {
+		f, err := os.Open(name)
+		if err != nil {
+			continue
+		}
+		off := tl[name]
+		if fi, err := f.Stat(); err != nil || !fi.Mode().IsRegular() || fi.Size() < off {
+			off = 0
+		}
+		data, err := io.ReadAll(io.NewSectionReader(f, off, 1<<62))
+		f.Close()
+		if err != nil {
+			continue
+		}
+		whole := bytes.LastIndexByte(data, '\n') + 1 // a line being written waits for the next read
+		out = append(out, decodeEvents(data[:whole], nil)...)
+		tl[name] = off + int64(whole)
+	}
+	return out
 }
 
 // dialTimes remembers when each LAN client port was last dialled, so that
