@@ -382,6 +382,7 @@ func pollEvents(dir string, window time.Duration, match func(flowEvent) bool, af
 	tail := eventTail{}
 	var seen []flowEvent
 	for {
+		begun := time.Now()
 		evs := tail.read(dir)
 		for _, ev := range evs {
 			if match(ev) {
@@ -392,7 +393,7 @@ func pollEvents(dir string, window time.Duration, match func(flowEvent) bool, af
 		if afterRead != nil {
 			afterRead()
 		}
-		if time.Now().After(deadline) {
+		if begun.After(deadline) {
 			return flowEvent{}, seen, false
 		}
 		time.Sleep(100 * time.Millisecond)
