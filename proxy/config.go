@@ -221,7 +221,7 @@ type DenyInfo struct {
 	Client string
 	Rule   string // the rule that would have allowed it (expired), if any
 	Reason string
-	Policy string // the policy file
+	Policy string // the policy's name (profile name, or file name without .yaml), never its path
 }
 
 // Defaults.

@@ -6,7 +6,9 @@ import (
 	"html"
 	"net"
 	"net/http"
+	"path/filepath"
 	"strconv"
+	"strings"
 
 	"egressd/audit"
 )
@@ -19,13 +21,15 @@ var tlsAlertAccessDenied = []byte{0x15, 0x03, 0x03, 0x00, 0x02, 0x02, 0x31}
 // as the event log cuts them (audit.Clip: a name to 255 bytes, a path to
 // 2 KiB), so that the page neither echoes 64 KiB back nor shows another
 // value than the log; the template (html/template) escapes them, and so
-// does the plain page used when the operator's template fails.
+// does the plain page used when the operator's template fails. The policy
+// is named (policyName), not given as the file's path on the gateway: any
+// LAN client may read the page.
 func (p *Proxy) denyPage(info DenyInfo) []byte {
 	info.Host = audit.Clip(info.Host, audit.MaxNameBytes)
 	info.Path = audit.Clip(info.Path, audit.MaxPathBytes)
 	if info.Policy == "" {
 		if eng := p.deps.Policy.Load(); eng != nil && eng.Policy() != nil {
-			info.Policy = eng.Policy().File
+			info.Policy = policyName(eng.Policy().File)
 		}
 	}
 	var b bytes.Buffer
@@ -34,6 +38,21 @@ func (p *Proxy) denyPage(info DenyInfo) []byte {
 		fmt.Fprintf(&b, "Blocked by egressd: %s (%s)\n", html.EscapeString(info.Host), html.EscapeString(info.Reason))
 	}
 	return b.Bytes()
+}
+
+// policyName is what the deny page calls the policy: a profile's name
+// (profile:NAME), else the file's base name without .yaml or .yml.
+func policyName(file string) string {
+	if name, ok := strings.CutPrefix(file, "profile:"); ok {
+		return name
+	}
+	name := filepath.Base(file)
+	for _, ext := range []string{".yaml", ".yml"} {
+		if n, ok := strings.CutSuffix(name, ext); ok && n != "" {
+			return n
+		}
+	}
+	return name
 }
 
 // writeHTTPDeny writes a complete 403 response with the deny page.

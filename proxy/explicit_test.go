@@ -228,7 +228,7 @@ func testExplicitAuth(t *testing.T, cfg Config) {
 	}
 	// alice:s3cret
 	resp, body = ask("CONNECT evil.example:443 HTTP/1.1\r\nHost: evil.example:443\r\nProxy-Authorization: Basic YWxpY2U6czNjcmV0\r\n\r\n")
-	if resp.StatusCode != http.StatusForbidden || !strings.Contains(body, "evil.example") || !strings.Contains(body, "auth.yaml") {
+	if resp.StatusCode != http.StatusForbidden || !strings.Contains(body, "evil.example") || !strings.Contains(body, "<code>auth</code>") {
 		t.Errorf("authenticated, denied: %d %q", resp.StatusCode, body)
 	}
 	// The scheme is case-insensitive (RFC 9110 section 11.1).

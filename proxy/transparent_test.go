@@ -69,7 +69,7 @@ func TestTransparent(t *testing.T) {
 				t.Errorf("curl %s http allowed: %v: %s", c.flag, err, out)
 			}
 			out, err = tp.c.Run("curl", "-sS", c.flag, "--max-time", "10", "-w", "\ncode=%{http_code}", "--resolve", "evil.example:80:"+strings.Trim(c.ip, "[]"), "http://evil.example/secret")
-			if err != nil || !strings.Contains(out, "code=403") || !strings.Contains(out, "evil.example/secret") || !strings.Contains(out, "no-rule") || !strings.Contains(out, "test.yaml") {
+			if err != nil || !strings.Contains(out, "code=403") || !strings.Contains(out, "evil.example/secret") || !strings.Contains(out, "no-rule") || !strings.Contains(out, "<code>test</code>") {
 				t.Errorf("curl %s http denied: %v: %s", c.flag, err, out)
 			}
 		}
