@@ -51,7 +51,9 @@ const maxFromClients = 8
 //     or above a public suffix;
 //   - addresses are suggested one by one, never as wider prefixes;
 //   - "from" lists the clients seen (when few enough), so a suggestion
-//     opens nothing to clients that did not ask;
+//     opens nothing to clients that did not ask: the clients of the
+//     denied flows, not those that only asked DNS for the name (a name
+//     with no flow lists the clients that asked);
 //   - only denials a rule can turn into an allow are suggested (see
 //     suggestible); for the others a comment per reason says how many
 //     were left out and why. Denials only an expired rule explains are
@@ -61,7 +63,7 @@ const maxFromClients = 8
 // Each suggestion has one port, and no two name the same destination on
 // the same port, so none shadows another once pasted. A denied DNS query
 // counts with the rules of its name's flows (one per port), its clients
-// in each; a name with no flow (enforce mode: the name never resolved) is
+// not (the flows' clients are the rule's); a name with no flow (enforce mode: the name never resolved) is
 // suggested with 443/tcp and a comment saying the port is assumed.
 func (r *Report) Suggest() (sugs []Suggestion, comments []string) {
 	type group struct {
@@ -176,6 +178,17 @@ func (r *Report) Suggest() (sugs []Suggestion, comments []string) {
 				g.flows += d.Flows
 				g.queries += d.Queries
 			}
+			g.first, g.last = spanWith(g.first, g.last, d)
+			if d.Reason != "" {
+				g.reasons[d.Reason] = true
+			}
+			g.assumed = g.assumed || assumed
+			if d.Proto == "dns" && !assumed {
+				// The name's flows bring their clients: one that
+				// only asked DNS opened nothing the rule would
+				// cover, and gets no from: (nor counts).
+				continue
+			}
 			macsOf := d.ClientDevices.macsByClient()
 			for _, c := range d.Clients {
 				g.clients[c] = true
@@ -192,16 +205,6 @@ func (r *Report) Suggest() (sugs []Suggestion, comments []string) {
 				}
 			}
 			g.trunc = g.trunc || d.ClientsTruncated
-			if g.first.IsZero() || d.FirstSeen.Before(g.first) {
-				g.first = d.FirstSeen
-			}
-			if d.LastSeen.After(g.last) {
-				g.last = d.LastSeen
-			}
-			if d.Reason != "" {
-				g.reasons[d.Reason] = true
-			}
-			g.assumed = g.assumed || assumed
 		}
 	}
 	leftReasons := make([]string, 0, len(left))
@@ -288,6 +291,17 @@ func (r *Report) Suggest() (sugs []Suggestion, comments []string) {
 		sugs = append(sugs, s)
 	}
 	return sugs, comments
+}
+
+// spanWith widens first..last to d's first and last sighting.
+func spanWith(first, last time.Time, d DroppedReport) (time.Time, time.Time) {
+	if first.IsZero() || d.FirstSeen.Before(first) {
+		first = d.FirstSeen
+	}
+	if d.LastSeen.After(last) {
+		last = d.LastSeen
+	}
+	return first, last
 }
 
 // fromOf is what a suggestion's from: lists for clients: a client seen

@@ -307,7 +307,8 @@ func drop(dest string, port uint16, proto, reason string, clients ...string) Dro
 // mixes of drops under a clean policy: it compiles with no warning (no
 // suggestion shadows another, as when a name dropped on two ports and also
 // denied in DNS gave a third rule naming it on both), and the new policy
-// allows each drop.
+// allows each drop, except a DNS query from a client that opened none of
+// the name's flows (TestSuggestFromOnlyFlowClients).
 func TestSuggestPastesWithoutWarnings(t *testing.T) {
 	const nr = policy.ReasonNoRule
 	c1, c2, c3 := "192.168.10.5", "192.168.10.6", "192.168.10.40"
@@ -371,8 +372,22 @@ func TestSuggestPastesWithoutWarnings(t *testing.T) {
 			if t.Failed() {
 				t.Logf("suggestions:\n%s", snip.String())
 			}
+			flowClients := map[string]map[string]bool{}
+			for _, d := range drops {
+				if d.Proto != "dns" {
+					if flowClients[d.Dest] == nil {
+						flowClients[d.Dest] = map[string]bool{}
+					}
+					for _, c := range d.Clients {
+						flowClients[d.Dest][c] = true
+					}
+				}
+			}
 			for _, d := range drops {
 				for _, c := range d.Clients {
+					if fc := flowClients[d.Dest]; d.Proto == "dns" && fc != nil && !fc[c] {
+						continue // only asked: no from: for it
+					}
 					in := policy.Input{Client: netip.MustParseAddr(c), Port: d.Port, Now: t0}
 					if a, err := netip.ParseAddr(d.Dest); err == nil {
 						in.Dest = a
@@ -392,5 +407,33 @@ func TestSuggestPastesWithoutWarnings(t *testing.T) {
 				}
 			}
 		})
+	}
+}
+
+// TestSuggestFromOnlyFlowClients: a client that only asked DNS for a name
+// that others opened flows to is not given the rule's from: (nor counted
+// in its clients); only the clients of the denied flows are. A name with
+// no flow at all (the port is assumed) still lists the clients that asked.
+func TestSuggestFromOnlyFlowClients(t *testing.T) {
+	for _, reason := range []string{policy.ReasonNoRule, policy.ReasonClient} {
+		r := &Report{GeneratedAt: t0, Dropped: []DroppedReport{
+			{Dest: "api.vendor.example", Port: 443, Proto: "tcp", Flows: 3, Clients: []string{"192.168.10.5"}, ClientCount: 1, Reason: reason, FirstSeen: t0, LastSeen: t0},
+			{Dest: "api.vendor.example", Proto: "dns", Queries: 4, Clients: []string{"192.168.10.5", "192.168.10.99"}, ClientCount: 2, Reason: reason, FirstSeen: t0, LastSeen: t0},
+			{Dest: "only-asked.example", Proto: "dns", Queries: 1, Clients: []string{"192.168.10.7"}, ClientCount: 1, Reason: reason, FirstSeen: t0, LastSeen: t0},
+		}}
+		sugs, _ := r.Suggest()
+		got := map[string][]string{}
+		for _, s := range sugs {
+			got[strings.Join(s.To, ",")] = s.From
+			if s.To[0] == "api.vendor.example" && (s.Clients != 1 || s.Flows != 3 || s.Queries != 4) {
+				t.Errorf("%s: %s: clients %d flows %d queries %d, want 1, 3, 4", reason, s.Name, s.Clients, s.Flows, s.Queries)
+			}
+		}
+		if f := got["api.vendor.example"]; len(f) != 1 || f[0] != "192.168.10.5" {
+			t.Errorf("%s: api.vendor.example from: %v, want only the client of the flows [192.168.10.5]", reason, f)
+		}
+		if f := got["only-asked.example"]; len(f) != 1 || f[0] != "192.168.10.7" {
+			t.Errorf("%s: only-asked.example from: %v, want [192.168.10.7]", reason, f)
+		}
 	}
 }
