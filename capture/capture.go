@@ -86,6 +86,14 @@ type Config struct {
 	// the addresses egressd's DNS gave out for a rule's names, without
 	// reading SNI or Host: capture judges it so (see proc.go, redirected).
 	TCPPorts []policy.PortRange
+	// ProxyLines says the transparent proxy runs beside capture (egressd
+	// run) and writes the decision line of each connection enforce mode
+	// redirects to it. Capture's report of such a connection (live, TCP
+	// to a redirected port, opened in enforce mode) is then an event
+	// only, with no line of its own: one decision line per connection,
+	// the proxy's, which has the close reason and the bytes relayed. The
+	// ledger counts the two events as one flow, the proxy's.
+	ProxyLines bool
 }
 
 // Validate returns every problem of the configuration.

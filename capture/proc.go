@@ -121,6 +121,9 @@ type flow struct {
 	// openedInAudit: the policy was in audit mode at the flow's first
 	// packet (see beforeEnforce).
 	openedInAudit bool
+	// openedInEnforce: the policy was in enforce mode at the flow's
+	// first packet, a reload since notwithstanding (proxiedLine).
+	openedInEnforce bool
 
 	base     [2]uint32 // TCP sequence number of stream offset 0
 	haveBase [2]bool
@@ -646,6 +649,7 @@ func (p *proc) lookup(src netip.Addr, sp uint16, dst netip.Addr, dp uint16, prot
 		}
 		f = &flow{proto: proto, first: p.now, inspect: true, src: p.src}
 		f.openedInAudit = p.c.deps.Policy.Load().Mode() == policy.ModeAudit
+		f.openedInEnforce = !f.openedInAudit
 		if srcIsClient {
 			f.cli, f.cport, f.srv, f.sport = src, sp, dst, dp
 		} else {
@@ -2281,7 +2285,20 @@ func (p *proc) emit(f *flow, how string) {
 	}
 	p.c.m.flow(d)
 	p.c.deps.Sink.Emit(ev)
-	p.c.logFlow(&ev)
+	if !p.proxiedLine(f) {
+		p.c.logFlow(&ev)
+	}
+}
+
+// proxiedLine reports whether f's decision line is the transparent
+// proxy's (Config.ProxyLines): a live TCP connection, not the gateway's
+// own nor started from the WAN side, to a port enforce mode redirected to
+// the proxy when it opened (NAT applies to a connection's first packet).
+// The proxy decides it and writes its line; capture's report of it is
+// the event only.
+func (p *proc) proxiedLine(f *flow) bool {
+	return p.c.cfg.ProxyLines && p.decideAt.IsZero() && f.proto == 6 && f.openedInEnforce &&
+		!f.forwarded && !f.inbound && !f.own && f.sport != 53 && f.cport != 53 && p.redirected(f.sport)
 }
 
 // event is the event of f, decided, with close reason how.

@@ -1069,7 +1069,7 @@ func (d *daemon) run(ctx context.Context) error {
 		if d.macs != nil {
 			cdeps.MACs = d.macs
 		}
-		if d.capture, err = capture.New(capture.Config{Interfaces: lans, TCPPorts: tcpPorts, RingMB: ringMB}, cdeps); err != nil {
+		if d.capture, err = capture.New(capture.Config{Interfaces: lans, TCPPorts: tcpPorts, RingMB: ringMB, ProxyLines: d.proxy != nil}, cdeps); err != nil {
 			d.degrade("capture", err.Error())
 			break
 		}

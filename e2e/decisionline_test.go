@@ -1,0 +1,82 @@
+package e2e
+
+import (
+	"fmt"
+	"regexp"
+	"strings"
+	"testing"
+	"time"
+)
+
+// TestOneDecisionLinePerConnection: a connection through the transparent
+// proxy is one decision, and gets one canonical `decision` line, however
+// many components see it. In enforce mode the proxy decides it and capture
+// sees it on the LAN interface too: the line is the proxy's (it has the
+// close reason and the bytes it relayed), capture's report is an event
+// only. In audit mode capture alone decides it. An allowed and a denied
+// curl each, by the name the line names (curl is given the address: no
+// DNS line names it).
+func TestOneDecisionLinePerConnection(t *testing.T) {
+	for _, mode := range []string{"enforce", "audit"} {
+		t.Run(mode, func(t *testing.T) {
+			tp := newTopo(t)
+			d := newDaemon(t, tp, mode)
+			d.start()
+			cases := []struct {
+				name, ip string
+				verdict  string
+			}{
+				{dockerName, dockerIP4, "allow"},
+				{trackerName, trackerIP, "deny"},
+			}
+			for _, c := range cases {
+				out, err := tp.lan.Run("curl", "-sS", "-o", "/dev/null", "--max-time", "5", "--cacert", tp.caFile,
+					"--resolve", fmt.Sprintf("%s:443:%s", c.name, c.ip), "https://"+c.name+"/")
+				if (err == nil) != (c.verdict == "allow" || mode == "audit") {
+					t.Errorf("curl %s: %v: %s", c.name, err, out)
+				}
+			}
+			// Capture reports a flow when it sees its end, the proxy when
+			// it closes the connection: wait (at most 10 s) for each
+			// component's event of each, then stop.
+			reported := func() bool {
+				ev := d.events()
+				for _, c := range cases {
+					if !strings.Contains(ev, "capture") || !regexp.MustCompile(`capture .* `+regexp.QuoteMeta(c.name)+` `).MatchString(ev) {
+						return false
+					}
+					if mode == "enforce" && !regexp.MustCompile(`proxy .* `+regexp.QuoteMeta(c.name)+` `).MatchString(ev) {
+						return false
+					}
+				}
+				return true
+			}
+			for i := 0; i < 100 && !reported(); i++ {
+				time.Sleep(100 * time.Millisecond)
+			}
+			if !reported() {
+				t.Fatalf("not every component reported each connection in 10 s:\n%s", d.events())
+			}
+			d.stop()
+			logs := d.logs()
+			for _, c := range cases {
+				var lines []string
+				for _, l := range strings.Split(logs, "\n") {
+					if strings.Contains(l, `"msg":"decision"`) && strings.Contains(l, `"kind":"flow"`) && strings.Contains(l, `"name":"`+c.name+`"`) {
+						lines = append(lines, l)
+					}
+				}
+				if len(lines) != 1 {
+					t.Errorf("%s: %d decision lines for the one connection, want 1:\n%s", c.name, len(lines), strings.Join(lines, "\n"))
+					continue
+				}
+				if !strings.Contains(lines[0], `"verdict":"`+c.verdict+`"`) {
+					t.Errorf("%s: line is not %s: %s", c.name, c.verdict, lines[0])
+				}
+				if want := map[string]string{"enforce": `"component":"proxy"`, "audit": `"component":"capture"`}[mode]; !strings.Contains(lines[0], want) {
+					t.Errorf("%s: line is not %s's: %s", c.name, want, lines[0])
+				}
+			}
+		})
+	}
+}
