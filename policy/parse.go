@@ -12,6 +12,7 @@ import (
 	"strconv"
 	"strings"
 	"time"
+	"unicode/utf8"
 
 	"github.com/gobwas/glob"
 	"go.yaml.in/yaml/v3"
@@ -216,7 +217,7 @@ func Parse(file string, src []byte) (*Policy, error) {
 			return nil, &Error{Problems: p.errs}
 		}
 		if len(more.Content) > 0 && more.Content[0].Tag != "!!null" {
-			p.errf(more.Line, 0, "a second YAML document starts here (after \"---\"); a policy is one document: put all its rules under one \"rules:\"")
+			p.errf(more.Line, more.Column, "a second YAML document starts here (after \"---\"); a policy is one document: put all its rules under one \"rules:\"")
 			return nil, &Error{Problems: p.errs}
 		}
 	}
@@ -268,7 +269,89 @@ func (p *parser) yamlErr(src []byte, err error) {
 	if strings.Contains(msg, "did not find expected alphabetic or numeric character") && unquotedStar(src, line) {
 		msg += ` (a pattern that starts with "*" must be quoted, such as "*.example.com": unquoted, YAML reads * as an alias)`
 	}
-	p.errf(line, 0, "YAML syntax: %s", msg)
+	line, col := yamlCol(src, line, msg)
+	p.errf(line, col, "YAML syntax: %s", msg)
+}
+
+// yamlCol finds the column (from 1) of a YAML syntax error on line n of
+// src, which the library does not give: the character its message is
+// about, or the start of the list, mapping or quoted string it names (the
+// library's line is where that starts). A tab the library reports at the
+// line before its own is looked for on the next line too, and the line
+// moves there. Column 0 when nothing on the line fits: the error then
+// names the line alone, as before.
+func yamlCol(src []byte, n int, msg string) (int, int) {
+	lines := bytes.Split(src, []byte("\n"))
+	at := func(i int) []byte {
+		if i < 1 || i > len(lines) {
+			return nil
+		}
+		return bytes.TrimSuffix(lines[i-1], []byte("\r"))
+	}
+	l := at(n)
+	col := func(i int) (int, int) {
+		if i < 0 {
+			return n, 0
+		}
+		return n, utf8.RuneCount(l[:i]) + 1
+	}
+	indent := len(l) - len(bytes.TrimLeft(l, " \t"))
+	switch {
+	case strings.HasPrefix(msg, "found a tab character"):
+		if bytes.IndexByte(l, '\t') < 0 && bytes.IndexByte(at(n+1), '\t') >= 0 {
+			n, l = n+1, at(n+1)
+		}
+		return col(bytes.IndexByte(l, '\t'))
+	case strings.HasPrefix(msg, "found character that cannot start any token"):
+		if i := bytes.IndexByte(l[:indent], '\t'); i >= 0 {
+			return col(i)
+		}
+		return col(bytes.IndexAny(l, "@`\t"))
+	case strings.HasPrefix(msg, "did not find expected alphabetic or numeric character"):
+		if m := unquotedStarRE.FindIndex(l); m != nil {
+			return col(m[1] - 1)
+		}
+		return col(bytes.IndexAny(l, "*&"))
+	case strings.HasPrefix(msg, "found unexpected end of stream"):
+		return col(bytes.IndexAny(l, "\"'"))
+	case msg == "mapping values are not allowed in this context":
+		// The second key: value on the line, or the first where the
+		// line goes on a value begun before (a key indented under one).
+		var colons []int
+		for i := range l {
+			if l[i] == ':' && (i+1 == len(l) || l[i+1] == ' ') {
+				colons = append(colons, i)
+			}
+		}
+		switch len(colons) {
+		case 0:
+			return n, 0
+		case 1:
+			return col(colons[0])
+		default:
+			return col(colons[1])
+		}
+	case msg == "did not find expected ',' or ']'":
+		return col(bytes.IndexByte(l, '['))
+	case msg == "did not find expected ',' or '}'":
+		return col(bytes.IndexByte(l, '{'))
+	case msg == "did not find expected '-' indicator":
+		return col(bytes.IndexByte(l, '-'))
+	case msg == "did not find expected key":
+		// The mapping's first key: past the indent and any "- ".
+		i := indent
+		for i+1 < len(l) && l[i] == '-' && l[i+1] == ' ' {
+			i += 2
+			for i < len(l) && l[i] == ' ' {
+				i++
+			}
+		}
+		if i >= len(l) {
+			return n, 0
+		}
+		return col(i)
+	}
+	return n, 0
 }
 
 // unquotedStar says whether line n (from 1) of src has a "*" where YAML

@@ -70,3 +70,30 @@ func TestYAMLSyntaxErrorLine(t *testing.T) {
 		}
 	}
 }
+
+// TestYAMLSyntaxErrorColumn: a YAML syntax error names its column too, as
+// the errors on a node do (file:line:col). The library gives a line only:
+// the column is that of what its message is about on the line (the tab,
+// the unquoted "*", the ':' not allowed, the quote or bracket left open,
+// the list or mapping whose next item is missing).
+func TestYAMLSyntaxErrorColumn(t *testing.T) {
+	for _, tc := range []struct{ src, want string }{
+		{"version: 1\nrules:\n\t- name: a\n", "p.yaml:3:1: YAML syntax: found character that cannot start any token"},
+		{"version: 1\nrules:\n  - name: a\n    why: x\n  \t to: [x]\n", "p.yaml:5:3: YAML syntax: found a tab character"},
+		{"version: 1\nrules:\n  - name: a\n    to: @x\n", "p.yaml:4:9: YAML syntax: found character that cannot start any token"},
+		{"version: 1\nrules:\n  - name: a\n    to: [*.example.com]\n", "p.yaml:4:10: YAML syntax: did not find expected alphabetic"},
+		{"version: 1\nrules:\n  - name: a\n    to: [\"x.com]\n    ports: [443/tcp]\n", "p.yaml:4:10: YAML syntax: found unexpected end of stream"},
+		{"version: 1\nrules:\n  - name: a\n    to: x: y\n", "p.yaml:4:10: YAML syntax: mapping values are not allowed"},
+		{"version: 1\nmode: audit\n  rules: []\n", "p.yaml:3:8: YAML syntax: mapping values are not allowed"},
+		{"version: 1\nrules:\n  - name: a\n   to: [x.com]\n", "p.yaml:3:3: YAML syntax: did not find expected '-' indicator"},
+		{"version: 1\nrules:\n  - name: a\n    to: [a, b\n    ports: [443/tcp]\n", "p.yaml:4:9: YAML syntax: did not find expected ',' or ']'"},
+		{"version: 1\nrules:\n  - name: a\n    to: {a: b\n", "p.yaml:4:9: YAML syntax: did not find expected ',' or '}'"},
+		{"version: 1\nrules:\n  - name: \"a\"b\n", "p.yaml:3:5: YAML syntax: did not find expected key"},
+		{"version: 1\nrules: []\n---\nrules: [x]\n", "p.yaml:3:1: a second YAML document"},
+	} {
+		_, err := Parse("p.yaml", []byte(tc.src))
+		if err == nil || !strings.HasPrefix(err.Error(), tc.want) {
+			t.Errorf("%q: want %q, got:\n%v", tc.src, tc.want, err)
+		}
+	}
+}

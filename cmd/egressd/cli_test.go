@@ -227,7 +227,7 @@ func TestFlagErrors(t *testing.T) {
 
 // TestBadPolicyEveryCommand: a policy with a YAML syntax error or an
 // unknown key is refused by every command that reads one, with exit 1 and
-// the problem at file:line (and column where YAML gives it), never a
+// the problem at file:line:column, never a
 // panic.
 func TestBadPolicyEveryCommand(t *testing.T) {
 	dir := t.TempDir()
@@ -236,7 +236,7 @@ func TestBadPolicyEveryCommand(t *testing.T) {
 	unknown := filepath.Join(dir, "unknown.yaml")
 	os.WriteFile(unknown, []byte("version: 1\nrules:\n  - name: a\n    to: [x.test]\n    ports: [443/tcp]\n    bogus: 1\n"), 0o644)
 	for file, want := range map[string]string{
-		broken:  broken + ":4: YAML syntax: did not find expected ',' or ']'",
+		broken:  broken + ":4:9: YAML syntax: did not find expected ',' or ']'",
 		unknown: unknown + `:6:5: rule: unknown key "bogus" (expected one of name, why, from, to, ports, expires)`,
 	} {
 		for _, args := range [][]string{
