@@ -254,6 +254,18 @@ func TestCaptureTCPPorts(t *testing.T) {
 			if ev.Verdict != "allow" || ev.Rule != "health-logging" {
 				t.Errorf("%s mode: capture reported %v, want allowed by health-logging as nftables forwarded it", mode, ev)
 			}
+			// No proxy saw it: its one decision line is capture's
+			// (TestOneDecisionLinePerConnection has the proxied ones).
+			d.stop()
+			var lines []string
+			for _, l := range strings.Split(d.logs(), "\n") {
+				if strings.Contains(l, `"msg":"decision"`) && strings.Contains(l, `"kind":"flow"`) && strings.Contains(l, `"dest":"`+intakeIP+`","dest_port":10516,`) {
+					lines = append(lines, l)
+				}
+			}
+			if len(lines) != 1 || !strings.Contains(lines[0], `"component":"capture"`) {
+				t.Errorf("%s mode: decision lines of the forwarded flow, want capture's alone:\n%s", mode, strings.Join(lines, "\n"))
+			}
 		})
 	}
 }
