@@ -13,6 +13,7 @@ import (
 	"github.com/prometheus/client_golang/prometheus"
 
 	"egressd/audit"
+	"egressd/internal/netutil"
 	"egressd/policy"
 )
 
@@ -198,9 +199,15 @@ type Stats struct {
 	// (proc.go, inbound): recorded denied as ReasonInbound in audit
 	// mode, not recorded in enforce mode.
 	Inbound uint64
-	Denied  uint64 // of those, denied (dropped or would-drop)
-	Updates uint64 // end events of flows first reported while open
-	Evicted uint64 // flows ended early because the table was full
+	// Guarded are LAN packets enforce mode's gateway hardening drops
+	// (guard.go: forged sources, loopback destinations, RAs,
+	// redirects), recorded in their flows as denied in both modes;
+	// RPFUnchecked are packets whose source capture could not check
+	// (over the lookup budget, no answer from the kernel).
+	Guarded, RPFUnchecked uint64
+	Denied                uint64 // of those, denied (dropped or would-drop)
+	Updates               uint64 // end events of flows first reported while open
+	Evicted               uint64 // flows ended early because the table was full
 	// Copies are packets of a flow seen on another of Config.Interfaces
 	// than the flow's own: forwarded between two LAN interfaces, each
 	// such packet crosses both sockets. Skipped (counted once).
@@ -267,6 +274,13 @@ type Capture struct {
 	// openRingHook, when set (by tests), opens the sockets instead of
 	// openRing.
 	openRingHook func(name string) (packetSource, error)
+	// routes asks the routing table of the sockets' namespace about
+	// sources (guard.go); Open opens it there, Run's end closes it. Nil:
+	// sources are not checked.
+	routes *netutil.RouteAsker
+	// routesBackHook, when set (by tests), answers guard.go's route
+	// lookups instead of routes.
+	routesBackHook func(ifindex int, addr netip.Addr) (bool, error)
 	// followMu keeps Follow to one caller at a time, and guards linkSaid.
 	followMu sync.Mutex
 	linkSaid []linkSaid // by slot of Config.Interfaces
@@ -501,7 +515,16 @@ func (c *Capture) Close() error {
 			}
 		}
 		c.sources = nil
+		c.closeRoutesLocked()
 	}
 	c.dropSwapsLocked()
 	return nil
+}
+
+// closeRoutesLocked closes the route lookups' socket, if open.
+func (c *Capture) closeRoutesLocked() {
+	if c.routes != nil {
+		c.routes.Close()
+		c.routes = nil
+	}
 }

@@ -75,6 +75,14 @@ func (c *Capture) Open() error {
 		return errors.New("capture: no interface configured")
 	}
 	c.opened = true
+	if c.routes == nil {
+		// In the namespace of the sockets, as they are (see above).
+		r, err := netutil.OpenRouteAsker()
+		if err != nil {
+			c.log.Warn("capture: cannot ask the routing table: forged LAN sources are not recorded as such", audit.LogError, err.Error())
+		}
+		c.routes = r
+	}
 	if c.cfg.OwnAddrs == nil && !c.ownSet {
 		own, err := netutil.HostAddrs()
 		if err != nil {
@@ -562,6 +570,7 @@ func (c *Capture) Run(ctx context.Context) error {
 			s.h.Close()
 		}
 		c.sources = nil
+		c.closeRoutesLocked()
 		c.opened, c.ifaces = false, nil // a later Run opens them again
 		c.dropSwapsLocked()
 		c.mu.Unlock()

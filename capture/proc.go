@@ -209,6 +209,12 @@ type proc struct {
 	// sent by the gateway, so its source address is no client's.
 	src    int
 	gwMACs [][6]byte
+	// ifindexes are the interface indexes of the live sockets with a
+	// MAC address, by slot (0: none), for guardReason; rpf its answers;
+	// guarding says guardPacket is making a flow (lookup: no own flow).
+	ifindexes []int
+	rpf       rpfCache
+	guarding  bool
 	// frameMACs are the clients' frame source addresses, by client
 	// address, without Deps.MACs (offline): what an answer's asker is
 	// matched by there (askerMAC). At most maxFrameMACs.
@@ -341,7 +347,7 @@ func (p *proc) packetLen(data []byte, wireLen int, ts time.Time, link layers.Lin
 		return
 	}
 	err := parser.DecodeLayers(data, &p.decoded)
-	var hasEth, has4, has6, hasFrag6, hasTCP, hasUDP bool
+	var hasEth, has4, has6, hasFrag6, hasTCP, hasUDP, hasGTP bool
 	// proto and payload: the IP protocol of what follows the last IP
 	// header and its extension headers, and those bytes (otherPacket).
 	var proto layers.IPProtocol
@@ -367,6 +373,8 @@ func (p *proc) packetLen(data []byte, wireLen int, ts time.Time, link layers.Lin
 			hasTCP = true
 		case layers.LayerTypeUDP:
 			hasUDP = true
+		case layers.LayerTypeGTPv1U:
+			hasGTP = true
 		}
 	}
 	if err != nil {
@@ -388,6 +396,9 @@ func (p *proc) packetLen(data []byte, wireLen int, ts time.Time, link layers.Lin
 	var mac []byte
 	if hasEth {
 		mac = p.eth.SrcMAC
+	}
+	if p.src != 0 && hasEth && !hasGTP && !p.sentByGateway(mac) && p.guard(src, dst, uint8(proto), payload, has4 && p.ip4.FragOffset != 0 || hasFrag6 && p.ip6frag.FragmentOffset != 0, hasTCP, hasUDP) {
+		return
 	}
 	switch {
 	case has4 && (p.ip4.Flags&layers.IPv4MoreFragments != 0 || p.ip4.FragOffset != 0):
@@ -575,9 +586,14 @@ func servicePort(port uint16) bool { return port < 1024 }
 // setSources records the MAC addresses of the live sockets' interfaces.
 func (p *proc) setSources(srcs []source) {
 	p.gwMACs = p.gwMACs[:0]
+	clear(p.ifindexes)
 	for _, s := range srcs {
 		if s.hasMAC {
 			p.gwMACs = append(p.gwMACs, s.mac)
+			for len(p.ifindexes) <= s.slot {
+				p.ifindexes = append(p.ifindexes, 0)
+			}
+			p.ifindexes[s.slot] = s.ifindex
 		}
 	}
 }
@@ -655,7 +671,7 @@ func (p *proc) lookup(src netip.Addr, sp uint16, dst netip.Addr, dp uint16, prot
 		} else {
 			f.cli, f.cport, f.srv, f.sport = dst, dp, src, sp
 		}
-		if p.isOwn(f) {
+		if !p.guarding && p.isOwn(f) {
 			f.own, f.inspect = true, false
 			p.stats.own.Add(1)
 		} else if outside {

@@ -1,8 +1,13 @@
 package e2e
 
 import (
+	"context"
+	"encoding/json"
+	"fmt"
 	"net"
 	"net/netip"
+	"os/exec"
+	"slices"
 	"strings"
 	"testing"
 	"time"
@@ -97,5 +102,44 @@ func TestAuditGatewayGuard(t *testing.T) {
 		if reasons[r] == 0 {
 			t.Errorf("no flow event with reason %s:\n%s", r, log.String())
 		}
+	}
+
+	// The report names them among the drops, and --suggest proposes no
+	// rule for them (none would let them through enforce mode).
+	run := func(args ...string) []byte {
+		t.Helper()
+		ctx, cancel := context.WithTimeout(context.Background(), 20*time.Second)
+		defer cancel()
+		out, err := exec.CommandContext(ctx, egressdBin, append([]string{"report", "--state-dir", d.stateDir}, args...)...).Output()
+		if err != nil {
+			t.Fatalf("egressd report %v: %v\n%s", args, err, out)
+		}
+		return out
+	}
+	var r struct {
+		Dropped []struct {
+			Dest    string   `json:"dest"`
+			Port    uint16   `json:"port"`
+			Proto   string   `json:"proto"`
+			Clients []string `json:"clients"`
+			Reason  string   `json:"reason"`
+		} `json:"dropped"`
+	}
+	out := run("--json")
+	if err := json.Unmarshal(out, &r); err != nil {
+		t.Fatalf("report --json: %v\n%s", err, out)
+	}
+	want := map[string]string{inetWAN4 + " 9000/udp": forged4, inetWAN6 + " 9000/udp": forged6}
+	for _, dr := range r.Dropped {
+		k := fmt.Sprintf("%s %d/%s", dr.Dest, dr.Port, dr.Proto)
+		if cli, ok := want[k]; ok && dr.Reason == "forged-source" && slices.Contains(dr.Clients, cli) {
+			delete(want, k)
+		}
+	}
+	if len(want) != 0 {
+		t.Errorf("report: no forged-source drop for %v in\n%s", want, out)
+	}
+	if sug := string(run("--suggest")); strings.Contains(sug, inetWAN4+"/") || strings.Contains(sug, "9000/udp") {
+		t.Errorf("report --suggest proposes a rule for the forged sources' flows:\n%s", sug)
 	}
 }

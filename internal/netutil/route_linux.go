@@ -3,35 +3,58 @@ package netutil
 import (
 	"encoding/binary"
 	"errors"
+	"fmt"
 	"net/netip"
 
 	"golang.org/x/sys/unix"
 )
 
+// RouteAsker asks the kernel's routing table about single addresses
+// over a netlink socket of its own, in the network namespace of the
+// thread that opened it (OpenRouteAsker), whichever thread asks. One
+// goroutine at a time may use it.
+type RouteAsker struct {
+	fd  int
+	seq uint32
+	buf []byte
+}
+
+// OpenRouteAsker opens a RouteAsker. Asking needs no privilege.
+func OpenRouteAsker() (*RouteAsker, error) {
+	fd, err := openNeighSocket()
+	if err != nil {
+		return nil, err
+	}
+	return &RouteAsker{fd: fd, buf: make([]byte, 4096)}, nil
+}
+
+// Close closes r's socket.
+func (r *RouteAsker) Close() error { return unix.Close(r.fd) }
+
 // RoutesBack reports whether the kernel routes addr out of the interface
 // with index ifindex: the strict reverse-path check of nftables' `fib
 // saddr . iif oif missing`, asked for one address (RTM_GETROUTE with
-// RTA_OIF and RTM_F_FIB_MATCH, `ip route get ADDR oif DEV fibmatch`), in
-// the network namespace of the calling thread. Restricted to an
-// interface, the kernel's lookup skips routes whose next hop is another
-// (the default route via the WAN), as nft_fib's does; RTM_F_FIB_MATCH
-// makes it answer with the route it matched, or an error when there is
-// none (without it, IPv4 assumes an address with no route on that
-// interface is on its link and answers anyway). A route of another type
-// than unicast (local: one of the gateway's own addresses; blackhole,
-// unreachable) does not route back, as for nft_fib. An error says the
-// kernel did not answer: the caller knows nothing. Asking needs no
-// privilege.
-func RoutesBack(ifindex int, addr netip.Addr) (bool, error) {
+// RTA_OIF and RTM_F_FIB_MATCH, `ip route get ADDR oif DEV fibmatch`).
+// Restricted to an interface, the kernel's lookup skips routes whose next
+// hop is another (the default route via the WAN), as nft_fib's does;
+// RTM_F_FIB_MATCH makes it answer with the route it matched, or an error
+// when there is none (without it, IPv4 assumes an address with no route
+// on that interface is on its link and answers anyway). A route of
+// another type than unicast (local: one of the gateway's own addresses;
+// blackhole, unreachable, prohibit) does not route back, as for nft_fib.
+// An error says the kernel did not answer: the caller knows nothing.
+func (r *RouteAsker) RoutesBack(ifindex int, addr netip.Addr) (bool, error) {
 	const what = "route lookup"
 	addr, family, err := neighAddr(what, addr)
 	if err != nil {
 		return false, err
 	}
+	r.seq++
+	seq := r.seq
 	b := make([]byte, unix.SizeofNlMsghdr, 64)
 	binary.NativeEndian.PutUint16(b[4:6], unix.RTM_GETROUTE)
 	binary.NativeEndian.PutUint16(b[6:8], unix.NLM_F_REQUEST)
-	binary.NativeEndian.PutUint32(b[8:12], neighSeq)
+	binary.NativeEndian.PutUint32(b[8:12], seq)
 	var rtm [unix.SizeofRtMsg]byte
 	rtm[0] = family
 	rtm[1] = byte(addr.BitLen()) // rtm_dst_len
@@ -39,27 +62,44 @@ func RoutesBack(ifindex int, addr netip.Addr) (bool, error) {
 	b = append(b, rtm[:]...)
 	putAttr(&b, unix.RTA_DST, addr.AsSlice())
 	putAttr(&b, unix.RTA_OIF, binary.NativeEndian.AppendUint32(nil, uint32(ifindex)))
+	binary.NativeEndian.PutUint32(b[0:4], uint32(len(b)))
+	if err := unix.Sendto(r.fd, b, 0, &unix.SockaddrNetlink{Family: unix.AF_NETLINK}); err != nil {
+		return false, fmt.Errorf("netutil: %s: %w", what, err)
+	}
 	back := false
-	err = neighAsk(what, b, func(msgs []byte) (bool, error) {
-		return eachMsgNotFound(msgs, neighSeq, what, errNoRoute, func(typ uint16, body []byte) (bool, error) {
+	// At most four receives: answers to earlier requests that timed out
+	// (another sequence number) are skipped.
+	for range 4 {
+		k, _, err := unix.Recvfrom(r.fd, r.buf, 0)
+		if errors.Is(err, unix.EINTR) {
+			continue
+		}
+		if err != nil {
+			return false, fmt.Errorf("netutil: %s: %w", what, err)
+		}
+		answered := false
+		_, err = eachMsgNotFound(r.buf[:k], seq, what, errNoRoute, func(typ uint16, body []byte) (bool, error) {
+			answered = true
 			if typ == unix.RTM_NEWROUTE {
 				back = routeVia(body, ifindex)
-				return true, nil
 			}
-			return typ == unix.NLMSG_ERROR || typ == unix.NLMSG_DONE, nil
+			return true, nil
 		})
-	})
-	var errno unix.Errno
-	switch {
-	case err == nil:
-		return back, nil
-	case errors.Is(err, errNoRoute), errors.As(err, &errno) && (errno == unix.ENETUNREACH || errno == unix.EHOSTUNREACH ||
-		errno == unix.EINVAL || errno == unix.EACCES || errno == unix.EPERM):
-		// No route via the interface (EACCES, EPERM: a prohibit
-		// route; EINVAL: what the kernel will not route at all).
-		return false, nil
+		var errno unix.Errno
+		switch {
+		case err == nil && answered:
+			return back, nil
+		case err == nil:
+			continue
+		case errors.Is(err, errNoRoute), errors.As(err, &errno) && (errno == unix.ENETUNREACH || errno == unix.EHOSTUNREACH ||
+			errno == unix.EINVAL || errno == unix.EACCES || errno == unix.EPERM):
+			// No route via the interface (EACCES, EPERM: a prohibit
+			// route; EINVAL: what the kernel will not route at all).
+			return false, nil
+		}
+		return false, err
 	}
-	return false, err
+	return false, fmt.Errorf("netutil: %s: no answer", what)
 }
 
 var errNoRoute = errors.New("netutil: no route")

@@ -26,13 +26,18 @@ func TestRoutesBack(t *testing.T) {
 	g.MustRun("ip", "route", "add", "198.18.7.0/24", "via", "198.18.1.2", "dev", "lan0")
 	g.MustRun("ip", "-6", "route", "add", "2001:db8:7::/64", "via", "2001:db8:1::2", "dev", "lan0")
 	var lan int
-	g.Do(func() error {
+	var r *RouteAsker
+	if err := g.Do(func() error {
 		ifi, err := net.InterfaceByName("lan0")
 		if err == nil {
 			lan = ifi.Index
+			r, err = OpenRouteAsker()
 		}
 		return err
-	})
+	}); err != nil {
+		t.Fatal(err)
+	}
+	defer r.Close()
 	for _, c := range []struct {
 		addr string
 		want bool
@@ -46,20 +51,15 @@ func TestRoutesBack(t *testing.T) {
 		{"198.18.1.1", false}, {"2001:db8:1::1", false},
 		{"127.0.0.1", false}, {"0.0.0.0", false},
 	} {
-		var got bool
-		err := g.Do(func() (err error) {
-			got, err = RoutesBack(lan, netip.MustParseAddr(c.addr))
-			return err
-		})
+		// Asked from this thread, not the namespace's: the socket is
+		// of the namespace it was opened in.
+		got, err := r.RoutesBack(lan, netip.MustParseAddr(c.addr))
 		if err != nil || got != c.want {
 			t.Errorf("RoutesBack(lan0, %s) = %v, %v; want %v", c.addr, got, err, c.want)
 		}
 	}
 	g.MustRun("ip", "route", "add", "169.254.0.0/16", "dev", "lan0")
-	g.Do(func() error {
-		if got, err := RoutesBack(lan, netip.MustParseAddr("169.254.3.4")); err != nil || !got {
-			t.Errorf("169.254.3.4 with a link-local route on lan0: %v, %v; want true", got, err)
-		}
-		return nil
-	})
+	if got, err := r.RoutesBack(lan, netip.MustParseAddr("169.254.3.4")); err != nil || !got {
+		t.Errorf("169.254.3.4 with a link-local route on lan0: %v, %v; want true", got, err)
+	}
 }

@@ -1,0 +1,227 @@
+package capture
+
+import (
+	"net/netip"
+	"time"
+
+	"github.com/gopacket/gopacket/layers"
+
+	"egressd/audit"
+	"egressd/policy"
+)
+
+// LAN packets the enforce firewall's gateway hardening drops.
+//
+// In enforce mode the ruleset drops, before anything else sees them, what
+// arrives on a LAN interface from a source the gateway would not route
+// back out of that interface (the antispoof chain, BCP 38: `fib saddr .
+// iif oif missing`) and what is sent to 127.0.0.0/8; its input chain
+// drops IPv6 Router Advertisements and redirects and ICMP redirects that
+// come in on a LAN interface (firewall/render.go: antispoofRules,
+// lanRoutingGuard). Audit mode installs none of this, and the operator
+// must see in the report what enforce mode will drop: a routed subnet
+// behind a LAN router the gateway has no route for, a device that sends
+// RAs. Capture sees LAN frames before netfilter, so in both modes it
+// records each such packet's flow (by client, destination, protocol and
+// ports, as other flows) as denied with a reason of its own, in the
+// order the firewall checks them: ReasonForgedSource,
+// ReasonLoopbackDestination, ReasonRouterAdvertisement, ReasonRedirect.
+// Capture reads nothing else of such a flow (no name, no DNS answer).
+//
+// Only live frames a LAN host sent are checked: a frame the gateway sent
+// out of the interface carries one of its MAC addresses (sentByGateway),
+// and on an interface without a MAC address capture cannot tell them
+// apart, so it checks nothing there; offline (a capture file) no
+// interface and no routing table is known.
+//
+// The source check asks the kernel, as nft_fib does, whether the LAN
+// interface has a route back to the source (netutil.RouteAsker, one
+// netlink request, in the namespace of the sockets), once per interface and source in rpfTTL: routes a
+// reload or an operator adds count within that. At most rpfMax answers
+// are kept and at most rpfBudget requests made a second: a flood of
+// random forged sources costs a bounded number of requests, and a source
+// checked neither way (over the budget, or the kernel did not answer) is
+// recorded as before, its flow decided by the policy (Stats.RPFUnchecked
+// counts such packets). The firewall's exceptions are kept: DHCP from
+// 0.0.0.0 to the broadcast address or a local multicast group
+// (224.0.0.0/24), ICMPv6 from :: to a link-local destination (duplicate
+// address detection, MLD), which nft_fib lets pass; IPv6 link-local
+// sources pass by their fe80::/64 route, IPv4's 169.254/16 only where the
+// gateway routes it via the LAN interface, as there.
+const (
+	// ReasonForgedSource: a source the LAN interface does not route back
+	// to (not of the LAN's subnets, nor of a subnet the gateway routes
+	// via the LAN); the antispoof chain drops it.
+	ReasonForgedSource = "forged-source"
+	// ReasonLoopbackDestination: a packet from the LAN to 127.0.0.0/8;
+	// the antispoof chain drops it.
+	ReasonLoopbackDestination = "loopback-destination"
+	// ReasonRouterAdvertisement: an IPv6 Router Advertisement from the
+	// LAN side; the input chain drops it.
+	ReasonRouterAdvertisement = "router-advertisement"
+	// ReasonRedirect: an ICMP or ICMPv6 redirect from the LAN side to
+	// the gateway; the input chain drops it.
+	ReasonRedirect = "redirect"
+)
+
+const (
+	rpfTTL    = 30 * time.Second
+	rpfMax    = 4096
+	rpfBudget = 256
+)
+
+type rpfKey struct {
+	ifindex int
+	addr    netip.Addr
+}
+
+// rpfCache keeps RoutesBack's answers (see above).
+type rpfCache struct {
+	m      map[rpfKey]rpfAnswer
+	window time.Time // the second asked counts the requests of
+	asked  int
+}
+
+type rpfAnswer struct {
+	back  bool
+	until time.Time
+}
+
+// routesBack reports whether the interface with index ifindex routes a
+// reply to src back out of it, and whether that is known (see above).
+func (p *proc) routesBack(ifindex int, src netip.Addr) (back, known bool) {
+	c := &p.rpf
+	k := rpfKey{ifindex, src}
+	if a, ok := c.m[k]; ok && p.now.Before(a.until) {
+		return a.back, true
+	}
+	if p.now.Sub(c.window) >= time.Second || p.now.Before(c.window) {
+		c.window, c.asked = p.now, 0
+	}
+	if c.asked >= rpfBudget {
+		return false, false
+	}
+	ask := p.c.routesBackHook
+	if ask == nil && p.c.routes != nil {
+		ask = p.c.routes.RoutesBack
+	}
+	if ask == nil {
+		return false, false
+	}
+	c.asked++
+	back, err := ask(ifindex, src)
+	if err != nil {
+		return false, false
+	}
+	if c.m == nil {
+		c.m = make(map[rpfKey]rpfAnswer)
+	}
+	if _, ok := c.m[k]; !ok && len(c.m) >= rpfMax {
+		n := 0
+		for k2, a := range c.m {
+			if !p.now.Before(a.until) || n == 0 {
+				delete(c.m, k2)
+			}
+			if n++; n >= 64 {
+				break
+			}
+		}
+	}
+	c.m[k] = rpfAnswer{back: back, until: p.now.Add(rpfTTL)}
+	return back, true
+}
+
+var localMulticast4 = netip.MustParsePrefix("224.0.0.0/24")
+
+// guardReason says why enforce mode's gateway hardening drops a packet
+// from src to dst of IP protocol proto that a LAN host sent in on the
+// current live socket (payload: what follows its IP headers; later: a
+// fragment after the first), or "" when it passes (see above).
+func (p *proc) guardReason(src, dst netip.Addr, proto uint8, payload []byte, later bool) string {
+	ifindex := 0
+	if p.src > 0 && p.src <= len(p.ifindexes) {
+		ifindex = p.ifindexes[p.src-1]
+	}
+	if ifindex == 0 {
+		return ""
+	}
+	src, dst = src.Unmap(), dst.Unmap()
+	switch {
+	case src.Is4() && src.IsUnspecified() && (dst == netip.AddrFrom4([4]byte{255, 255, 255, 255}) || localMulticast4.Contains(dst)):
+	case src.Is6() && src.IsUnspecified() && proto == uint8(layers.IPProtocolICMPv6) && (dst.IsLinkLocalUnicast() || dst.IsLinkLocalMulticast()):
+	default:
+		back, known := p.routesBack(ifindex, src)
+		if !known {
+			p.stats.rpfUnchecked.Add(1)
+		} else if !back {
+			return ReasonForgedSource
+		}
+	}
+	if dst.Is4() && dst.IsLoopback() {
+		return ReasonLoopbackDestination
+	}
+	if later || len(payload) == 0 || !p.toGateway(dst) {
+		return ""
+	}
+	switch {
+	case proto == uint8(layers.IPProtocolICMPv6) && payload[0] == 134:
+		return ReasonRouterAdvertisement
+	case proto == uint8(layers.IPProtocolICMPv6) && payload[0] == 137,
+		proto == uint8(layers.IPProtocolICMPv4) && payload[0] == 5:
+		return ReasonRedirect
+	}
+	return ""
+}
+
+// toGateway reports whether a packet to dst that came in on a LAN
+// interface is the gateway's to take (its input chain's): to one of its
+// addresses, or to a multicast, broadcast or link-local one.
+func (p *proc) toGateway(dst netip.Addr) bool {
+	if onLink(dst) {
+		return true
+	}
+	_, ok := p.own.Load().set[dst]
+	return ok
+}
+
+// guardPacket records a packet guardReason dropped, of IP protocol proto
+// from src and port sp to dst and port dp (0 but for TCP and UDP), n
+// bytes after its IP headers, in its flow, decided at its first packet
+// as denied with reason in the policy's mode now.
+func (p *proc) guardPacket(src netip.Addr, sp uint16, dst netip.Addr, dp uint16, proto uint8, reason string, n int, mac []byte) {
+	p.stats.guarded.Add(1)
+	p.guarding = true
+	f, dir := p.lookup(src, sp, dst, dp, proto, true, true, false, mac)
+	p.guarding = false
+	if f == nil {
+		return
+	}
+	if !f.decided {
+		f.inspect, f.decided = false, true
+		f.dec = policy.Decision{Verdict: policy.Deny, RuleIndex: -1, Reason: reason, Mode: p.c.deps.Policy.Load().Mode()}
+		f.evName, f.evSrc = "", audit.NameNone
+	}
+	f.pkts[dir]++
+	f.bytes[dir] += uint64(n + p.cut)
+}
+
+// guard checks a frame a LAN host sent in on the current live socket,
+// decoded into p's layers (see packetLen), and records it and reports
+// true when the gateway hardening drops it: the pipeline reads no more
+// of it.
+func (p *proc) guard(src, dst netip.Addr, proto uint8, payload []byte, later, hasTCP, hasUDP bool) bool {
+	reason := p.guardReason(src, dst, proto, payload, later)
+	if reason == "" {
+		return false
+	}
+	var sp, dp uint16
+	switch {
+	case later:
+	case hasTCP:
+		sp, dp = uint16(p.tcp.SrcPort), uint16(p.tcp.DstPort)
+	case hasUDP:
+		sp, dp = uint16(p.udp.SrcPort), uint16(p.udp.DstPort)
+	}
+	p.guardPacket(src, sp, dst, dp, proto, reason, len(payload), p.eth.SrcMAC)
+	return true
+}
