@@ -1,0 +1,251 @@
+package capture
+
+import (
+	"fmt"
+	"net/netip"
+	"testing"
+	"time"
+
+	"github.com/gopacket/gopacket"
+	"github.com/gopacket/gopacket/layers"
+
+	"egressd/audit"
+	"egressd/policy"
+)
+
+// guardRig is a capture whose pipeline takes frames as if from a live
+// socket on an interface with index 7 and MAC macGW, with a routing
+// table that routes back the LAN's 198.18.5.0/24, a routed subnet
+// 198.18.7.0/24, the LAN's 2001:db8:5::/64 and fe80::/64.
+type guardRig struct {
+	t     *testing.T
+	c     *Capture
+	rec   *recorder
+	now   time.Time
+	asked map[netip.Addr]int
+}
+
+func newGuardRig(t *testing.T, mode policy.Mode) *guardRig {
+	r := &guardRig{t: t, rec: &recorder{}, now: time.Date(2026, 1, 2, 3, 4, 5, 0, time.UTC), asked: map[netip.Addr]int{}}
+	own := []netip.Addr{netip.MustParseAddr("198.18.5.1"), netip.MustParseAddr("2001:db8:5::1")}
+	c, err := New(Config{OwnAddrs: own}, Deps{Policy: policy.NewStore(testEngine(t, testPolicy).WithMode(mode)), Sink: r.rec})
+	if err != nil {
+		t.Fatal(err)
+	}
+	back := []netip.Prefix{netip.MustParsePrefix("198.18.5.0/24"), netip.MustParsePrefix("198.18.7.0/24"),
+		netip.MustParsePrefix("2001:db8:5::/64"), netip.MustParsePrefix("fe80::/64")}
+	c.routesBackHook = func(ifindex int, a netip.Addr) (bool, error) {
+		if ifindex != 7 {
+			t.Errorf("route lookup on interface %d, want 7", ifindex)
+		}
+		r.asked[a]++
+		for _, p := range back {
+			if p.Contains(a) && !slicesContains(own, a) {
+				return true, nil
+			}
+		}
+		return false, nil
+	}
+	c.proc.setSources([]source{{slot: 0, ifindex: 7, hasMAC: true, mac: [6]byte(macGW)}})
+	c.proc.src = 1
+	r.c = c
+	return r
+}
+
+func slicesContains(s []netip.Addr, a netip.Addr) bool {
+	for _, b := range s {
+		if b == a {
+			return true
+		}
+	}
+	return false
+}
+
+// send runs one frame from a LAN host (fromGW: sent by the gateway) of
+// the given IP protocol and transport through the pipeline.
+func (r *guardRig) send(fromGW bool, src, dst string, proto layers.IPProtocol, ls ...gopacket.SerializableLayer) {
+	r.t.Helper()
+	s, d := netip.MustParseAddr(src), netip.MustParseAddr(dst)
+	smac, dmac := macClient, macGW
+	if fromGW {
+		smac, dmac = macGW, macClient
+	}
+	ip := ipLayer(s, d, proto)
+	et := layers.EthernetTypeIPv4
+	if s.Is6() {
+		et = layers.EthernetTypeIPv6
+	}
+	for _, l := range ls {
+		switch t := l.(type) {
+		case *layers.UDP:
+			t.SetNetworkLayerForChecksum(ip)
+		case *layers.TCP:
+			t.SetNetworkLayerForChecksum(ip)
+		}
+	}
+	all := append([]gopacket.SerializableLayer{&layers.Ethernet{SrcMAC: smac, DstMAC: dmac, EthernetType: et}, ip.(gopacket.SerializableLayer)}, ls...)
+	buf := gopacket.NewSerializeBuffer()
+	if err := gopacket.SerializeLayers(buf, gopacket.SerializeOptions{FixLengths: true, ComputeChecksums: true}, all...); err != nil {
+		r.t.Fatal(err)
+	}
+	r.now = r.now.Add(time.Millisecond)
+	r.c.proc.packet(buf.Bytes(), r.now, layers.LinkTypeEthernet)
+}
+
+func (r *guardRig) udp(src string, sp uint16, dst string, dp uint16) {
+	r.t.Helper()
+	r.send(false, src, dst, layers.IPProtocolUDP, &layers.UDP{SrcPort: layers.UDPPort(sp), DstPort: layers.UDPPort(dp)}, gopacket.Payload("x"))
+}
+
+func (r *guardRig) icmp(src, dst string, typ uint8) {
+	r.t.Helper()
+	proto := layers.IPProtocolICMPv4
+	if netip.MustParseAddr(src).Is6() {
+		proto = layers.IPProtocolICMPv6
+	}
+	r.send(false, src, dst, proto, gopacket.Payload(icmpMsg(typ, "guard")))
+}
+
+// events ends the flows and returns their events by client.
+func (r *guardRig) events() map[string][]audit.Event {
+	r.c.proc.flush("shutdown")
+	m := map[string][]audit.Event{}
+	for _, ev := range r.rec.all() {
+		m[ev.Client.String()] = append(m[ev.Client.String()], ev)
+	}
+	return m
+}
+
+// TestGuardedLANPackets: in both modes capture records, as denied with
+// reasons of their own, the LAN packets enforce mode's antispoof chain
+// and input guard drop: a source the LAN interface does not route back
+// to (once per flow, three datagrams; 169.254/16 without a route among
+// them), a destination in 127.0.0.0/8, a Router Advertisement, redirects
+// to the gateway. It keeps the firewall's exceptions: DHCP from 0.0.0.0
+// to the broadcast address, duplicate address detection from ::, IPv6
+// link-local sources, a subnet routed via the LAN; frames the gateway
+// sent are not checked, and each source is looked up once. Before
+// session 26 the forged sources were recorded as clients (no-rule), and
+// none of the rest.
+func TestGuardedLANPackets(t *testing.T) {
+	for _, mode := range []policy.Mode{policy.ModeAudit, policy.ModeEnforce} {
+		t.Run(string(mode), func(t *testing.T) {
+			r := newGuardRig(t, mode)
+			for range 3 {
+				r.udp("198.51.100.77", 5000, "203.0.113.9", 9000)
+				r.udp("2001:db8:99::77", 5000, "2001:db8:2::9", 9000)
+			}
+			r.udp("169.254.3.4", 5353, "224.0.0.251", 5353)
+			r.udp("198.18.5.10", 5001, "203.0.113.9", 9000)                  // a LAN client
+			r.udp("198.18.7.2", 5002, "203.0.113.9", 9000)                   // a routed subnet's
+			r.udp("0.0.0.0", 68, "255.255.255.255", 67)                      // DHCP
+			r.icmp("::", "ff02::1:ff00:10", 135)                             // DAD
+			r.udp("fe80::1234", 5353, "ff02::fb", 5353)                      // link-local
+			r.send(true, "203.0.113.9", "198.18.5.10", layers.IPProtocolUDP, // sent by the gateway
+				&layers.UDP{SrcPort: 9000, DstPort: 5001}, gopacket.Payload("reply"))
+			r.send(false, "198.18.5.10", "127.0.0.1", layers.IPProtocolTCP,
+				&layers.TCP{SrcPort: 40000, DstPort: 9902, SYN: true, Seq: 1, Window: 1024})
+			r.icmp("fe80::1234", "ff02::1", 134)       // RA
+			r.icmp("fe80::1234", "2001:db8:5::1", 137) // IPv6 redirect to the gateway
+			r.icmp("198.18.5.20", "198.18.5.1", 5)     // ICMP redirect to the gateway
+			r.icmp("198.18.5.10", "203.0.113.9", 8)    // echo: no guard's
+			evs := r.events()
+
+			want := map[string]string{
+				"198.51.100.77": ReasonForgedSource, "2001:db8:99::77": ReasonForgedSource, "169.254.3.4": ReasonForgedSource,
+				"198.18.5.20": ReasonRedirect,
+			}
+			for cli, reason := range want {
+				if len(evs[cli]) != 1 {
+					t.Errorf("%s: %d events, want 1: %v", cli, len(evs[cli]), evs[cli])
+					continue
+				}
+				ev := evs[cli][0]
+				if ev.Verdict != policy.Deny || ev.Reason != reason || ev.Enforced != (mode == policy.ModeEnforce) {
+					t.Errorf("%s: %s %q enforced=%v, want deny %q enforced=%v", cli, ev.Verdict, ev.Reason, ev.Enforced, reason, mode == policy.ModeEnforce)
+				}
+			}
+			if evs["198.51.100.77"] != nil && evs["198.51.100.77"][0].BytesOut == 0 {
+				t.Errorf("the forged flow counted no bytes: %+v", evs["198.51.100.77"][0])
+			}
+			reasons := map[string]int{}
+			for cli, es := range evs {
+				for _, ev := range es {
+					reasons[ev.Reason]++
+					guarded := ev.Reason == ReasonForgedSource || ev.Reason == ReasonLoopbackDestination || ev.Reason == ReasonRouterAdvertisement || ev.Reason == ReasonRedirect
+					switch cli {
+					case "198.18.5.10":
+						if ev.Dest.String() == "127.0.0.1" {
+							if ev.Reason != ReasonLoopbackDestination {
+								t.Errorf("to loopback: %q, want %s", ev.Reason, ReasonLoopbackDestination)
+							}
+						} else if guarded {
+							t.Errorf("a LAN client's flow: %+v", ev)
+						}
+					case "198.18.7.2", "0.0.0.0", "::", "203.0.113.9":
+						if guarded {
+							t.Errorf("%s: %q, want no guard's reason", cli, ev.Reason)
+						}
+					}
+				}
+			}
+			if reasons[ReasonRouterAdvertisement] != 1 || reasons[ReasonRedirect] != 2 || reasons[ReasonLoopbackDestination] != 1 || reasons[ReasonForgedSource] != 3 {
+				t.Errorf("reasons %v, want 1 router-advertisement, 2 redirects, 1 loopback-destination, 3 forged-source", reasons)
+			}
+			for _, a := range []string{"0.0.0.0", "::", "203.0.113.9"} {
+				if n := r.asked[netip.MustParseAddr(a)]; n != 0 {
+					t.Errorf("%s looked up %d times, want 0", a, n)
+				}
+			}
+			if n := r.asked[netip.MustParseAddr("198.51.100.77")]; n != 1 {
+				t.Errorf("198.51.100.77 looked up %d times, want once", n)
+			}
+			if st := r.c.Stats(); st.Own != 0 {
+				t.Errorf("own flows %d: the redirect to the gateway must be recorded", st.Own)
+			}
+		})
+	}
+}
+
+// TestGuardBounds: a flood of random forged sources asks the routing
+// table at most rpfBudget times a second, keeps at most rpfMax answers,
+// and at most Config.MaxFlows flows; sources over the budget are counted
+// as unchecked, and an answer is asked again after rpfTTL.
+func TestGuardBounds(t *testing.T) {
+	r := newGuardRig(t, policy.ModeAudit)
+	r.c.cfg.MaxFlows = 1000
+	total := 0
+	for i := range 20 * rpfBudget {
+		if i%(rpfBudget*2) == 0 {
+			r.now = r.now.Add(time.Second) // two budgets' worth a second
+		}
+		r.udp(fmt.Sprintf("100.%d.%d.%d", 64+i>>16&0x3f, i>>8&0xff, i&0xff), 5000, "203.0.113.9", 9000)
+		total++
+	}
+	asked := 0
+	for _, n := range r.asked {
+		asked += n
+	}
+	if asked > 10*rpfBudget {
+		t.Errorf("%d lookups for %d sources in 10 s, want at most %d", asked, total, 10*rpfBudget)
+	}
+	st := r.c.Stats()
+	if st.RPFUnchecked == 0 || st.RPFUnchecked+uint64(asked) != uint64(total) {
+		t.Errorf("unchecked %d + asked %d, want %d and some unchecked", st.RPFUnchecked, asked, total)
+	}
+	if n := len(r.c.proc.rpf.m); n > rpfMax {
+		t.Errorf("%d answers kept, want at most %d", n, rpfMax)
+	}
+	if n := len(r.c.proc.flows); n > 1000 {
+		t.Errorf("%d flows, want at most MaxFlows 1000", n)
+	}
+	r.now = r.now.Add(rpfTTL + time.Second)
+	before := r.asked[netip.MustParseAddr("198.51.100.77")]
+	r.udp("198.51.100.77", 5000, "203.0.113.9", 9000)
+	r.udp("198.51.100.77", 5000, "203.0.113.9", 9000)
+	r.now = r.now.Add(rpfTTL + time.Second)
+	r.udp("198.51.100.77", 5000, "203.0.113.9", 9000)
+	if n := r.asked[netip.MustParseAddr("198.51.100.77")] - before; n != 2 {
+		t.Errorf("198.51.100.77 asked %d times in two TTLs, want 2", n)
+	}
+}
