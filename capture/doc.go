@@ -24,6 +24,12 @@
 // per client, destination and protocol, denied as ReasonProtocol
 // (other.go), but those an ICMP or ICMPv6 echo request starts: the policy
 // decides them with the protocol icmp, as the firewall does.
+// LAN packets enforce mode's gateway hardening drops before any rule (a
+// source the LAN interface does not route back to, a loopback
+// destination, Router Advertisements and redirects to the gateway) are
+// recorded in their flows in both modes, denied with reasons of their own
+// (guard.go); a live socket's source is checked with a cached route
+// lookup in the sockets' namespace.
 //
 // It sits beside the proxy and the DNS forwarder: policy decides, capture
 // observes, audit counts. In audit mode it is how egressd sees everything
