@@ -14,7 +14,7 @@ import (
 )
 
 // TestAuditGatewayGuard: audit mode reports what enforce mode's gateway
-// hardening would drop from the LAN. A LAN host sends UDP from a forged
+// hardening would drop from the LAN, and enforce mode what it dropped. A LAN host sends UDP from a forged
 // source off the LAN (IPv4 and IPv6), from a subnet the gateway routes
 // via the LAN (which passes the reverse-path check), a rogue Router
 // Advertisement, an ICMP redirect to the gateway and a TCP connection to
@@ -24,6 +24,12 @@ import (
 // reason. Before session 26 capture recorded the forged sources as
 // clients, and none of the rest.
 func TestAuditGatewayGuard(t *testing.T) {
+	for _, mode := range []string{"audit", "enforce"} {
+		t.Run(mode, func(t *testing.T) { testGatewayGuardRecorded(t, mode) })
+	}
+}
+
+func testGatewayGuardRecorded(t *testing.T, mode string) {
 	tp := newTopo(t)
 	const forged4, forged6 = "198.51.100.77", "2001:db8:99::77"
 	const routed4 = "198.18.7.2"
@@ -34,7 +40,7 @@ func TestAuditGatewayGuard(t *testing.T) {
 	tp.gw.MustRun("ip", "route", "add", lanRouted, "via", lanRouter4, "dev", "lan0")
 	tp.lan.MustRun("ip", "addr", "add", lanRouter4+"/32", "dev", "eth0")
 
-	d := newDaemon(t, tp, "audit")
+	d := newDaemon(t, tp, mode)
 	d.start()
 	t.Cleanup(func() {
 		if t.Failed() {
@@ -89,8 +95,8 @@ func TestAuditGatewayGuard(t *testing.T) {
 		t.Errorf("forged sources: %d flow events, want 2 (one per flow):\n%s", len(forged), log.String())
 	}
 	for _, ev := range forged {
-		if ev.Verdict != "deny" || ev.Reason != "forged-source" || ev.Enforced {
-			t.Errorf("forged source: %v, want a would-deny (not enforced) with reason forged-source", ev)
+		if ev.Verdict != "deny" || ev.Reason != "forged-source" || ev.Enforced != (mode == "enforce") {
+			t.Errorf("forged source: %v, want a deny with reason forged-source, enforced in enforce mode only", ev)
 		}
 	}
 	for _, ev := range rest {

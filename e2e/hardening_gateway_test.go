@@ -84,7 +84,11 @@ func (tp *topo) lanLinkLocal(t *testing.T) netip.Addr {
 func (tp *topo) sendRogueRA(t *testing.T) {
 	t.Helper()
 	ll := tp.lanLinkLocal(t)
-	pc, err := tp.lan.ListenPacket("ip6:ipv6-icmp", ll.String()+"%eth0")
+	// The zone by index: Go's cache of interface names is the
+	// process's, up to a minute old, and another test's namespace had
+	// an eth0 of another index.
+	idx, _, _ := strings.Cut(tp.lan.MustRun("ip", "-o", "link", "show", "dev", "eth0"), ":")
+	pc, err := tp.lan.ListenPacket("ip6:ipv6-icmp", ll.String()+"%"+strings.TrimSpace(idx))
 	if err != nil {
 		t.Fatal(err)
 	}
@@ -102,7 +106,7 @@ func (tp *topo) sendRogueRA(t *testing.T) {
 	pi = append(pi, 0, 0, 0, 0)
 	pfx := netip.MustParseAddr(rogueRAPrefix).As16()
 	ra = append(ra, append(pi, pfx[:]...)...)
-	dst := &net.IPAddr{IP: net.ParseIP("ff02::1"), Zone: "eth0"}
+	dst := &net.IPAddr{IP: net.ParseIP("ff02::1"), Zone: strings.TrimSpace(idx)}
 	for range 3 {
 		if _, err := pc.WriteTo(ra, dst); err != nil { // the kernel fills in the checksum
 			t.Fatalf("rogue RA: %v", err)
