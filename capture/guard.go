@@ -36,9 +36,10 @@ import (
 //
 // The source check asks the kernel, as nft_fib does, whether the LAN
 // interface has a route back to the source (netutil.RouteAsker, one
-// netlink request, in the namespace of the sockets), once per interface and source in rpfTTL: routes a
-// reload or an operator adds count within that. At most rpfMax answers
-// are kept and at most rpfBudget requests made a second: a flood of
+// netlink request, in the namespace of the sockets), once per interface
+// and source in rpfTTL: a route an operator adds counts within that. At
+// most rpfMax answers are kept (expired ones make room first) and at most
+// rpfBudget requests made a second: a flood of
 // random forged sources costs a bounded number of requests, and a source
 // checked neither way (over the budget, or the kernel did not answer) is
 // recorded as before, its flow decided by the policy (Stats.RPFUnchecked
@@ -66,7 +67,7 @@ const (
 
 const (
 	rpfTTL    = 30 * time.Second
-	rpfMax    = 4096
+	rpfMax    = 8192
 	rpfBudget = 256
 )
 
@@ -117,14 +118,18 @@ func (p *proc) routesBack(ifindex int, src netip.Addr) (back, known bool) {
 		c.m = make(map[rpfKey]rpfAnswer)
 	}
 	if _, ok := c.m[k]; !ok && len(c.m) >= rpfMax {
-		n := 0
+		// Expired answers go first: rpfBudget*rpfTTL is less than
+		// rpfMax, so that makes room but after a clock step.
 		for k2, a := range c.m {
-			if !p.now.Before(a.until) || n == 0 {
+			if !p.now.Before(a.until) {
 				delete(c.m, k2)
 			}
-			if n++; n >= 64 {
+		}
+		for k2 := range c.m {
+			if len(c.m) < rpfMax {
 				break
 			}
+			delete(c.m, k2)
 		}
 	}
 	c.m[k] = rpfAnswer{back: back, until: p.now.Add(rpfTTL)}
@@ -160,17 +165,21 @@ func (p *proc) guardReason(src, dst netip.Addr, proto uint8, payload []byte, lat
 	if dst.Is4() && dst.IsLoopback() {
 		return ReasonLoopbackDestination
 	}
-	if later || len(payload) == 0 || !p.toGateway(dst) {
+	if later || len(payload) == 0 {
 		return ""
 	}
+	reason := ""
 	switch {
 	case proto == uint8(layers.IPProtocolICMPv6) && payload[0] == 134:
-		return ReasonRouterAdvertisement
+		reason = ReasonRouterAdvertisement
 	case proto == uint8(layers.IPProtocolICMPv6) && payload[0] == 137,
 		proto == uint8(layers.IPProtocolICMPv4) && payload[0] == 5:
-		return ReasonRedirect
+		reason = ReasonRedirect
 	}
-	return ""
+	if reason == "" || !p.toGateway(dst) {
+		return ""
+	}
+	return reason
 }
 
 // toGateway reports whether a packet to dst that came in on a LAN

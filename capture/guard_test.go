@@ -215,7 +215,8 @@ func TestGuardBounds(t *testing.T) {
 	r := newGuardRig(t, policy.ModeAudit)
 	r.c.cfg.MaxFlows = 1000
 	total := 0
-	for i := range 20 * rpfBudget {
+	const secs = rpfMax/rpfBudget + 8 // more answers than rpfMax
+	for i := range secs * 2 * rpfBudget {
 		if i%(rpfBudget*2) == 0 {
 			r.now = r.now.Add(time.Second) // two budgets' worth a second
 		}
@@ -226,8 +227,8 @@ func TestGuardBounds(t *testing.T) {
 	for _, n := range r.asked {
 		asked += n
 	}
-	if asked > 10*rpfBudget {
-		t.Errorf("%d lookups for %d sources in 10 s, want at most %d", asked, total, 10*rpfBudget)
+	if asked > secs*rpfBudget || asked <= rpfMax {
+		t.Errorf("%d lookups for %d sources in %d s, want at most %d (and more than rpfMax %d)", asked, total, secs, secs*rpfBudget, rpfMax)
 	}
 	st := r.c.Stats()
 	if st.RPFUnchecked == 0 || st.RPFUnchecked+uint64(asked) != uint64(total) {
