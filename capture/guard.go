@@ -206,7 +206,7 @@ func (p *proc) guardPacket(src netip.Addr, sp uint16, dst netip.Addr, dp uint16,
 		return
 	}
 	if !f.decided {
-		f.inspect, f.decided = false, true
+		f.inspect, f.decided, f.guarded = false, true, true
 		f.dec = policy.Decision{Verdict: policy.Deny, RuleIndex: -1, Reason: reason, Mode: p.c.deps.Policy.Load().Mode()}
 		f.evName, f.evSrc = "", audit.NameNone
 	}

@@ -1,8 +1,12 @@
 package capture
 
 import (
+	"bytes"
+	"encoding/json"
 	"fmt"
+	"log/slog"
 	"net/netip"
+	"strings"
 	"testing"
 	"time"
 
@@ -26,9 +30,14 @@ type guardRig struct {
 }
 
 func newGuardRig(t *testing.T, mode policy.Mode) *guardRig {
+	return newGuardRigLog(t, mode, false, nil)
+}
+
+// newGuardRigLog is newGuardRig with Config.ProxyLines and a logger.
+func newGuardRigLog(t *testing.T, mode policy.Mode, proxyLines bool, log *slog.Logger) *guardRig {
 	r := &guardRig{t: t, rec: &recorder{}, now: time.Date(2026, 1, 2, 3, 4, 5, 0, time.UTC), asked: map[netip.Addr]int{}}
 	own := []netip.Addr{netip.MustParseAddr("198.18.5.1"), netip.MustParseAddr("2001:db8:5::1")}
-	c, err := New(Config{OwnAddrs: own}, Deps{Policy: policy.NewStore(testEngine(t, testPolicy).WithMode(mode)), Sink: r.rec})
+	c, err := New(Config{OwnAddrs: own, ProxyLines: proxyLines}, Deps{Policy: policy.NewStore(testEngine(t, testPolicy).WithMode(mode)), Sink: r.rec, Logger: log})
 	if err != nil {
 		t.Fatal(err)
 	}
@@ -248,5 +257,35 @@ func TestGuardBounds(t *testing.T) {
 	r.udp("198.51.100.77", 5000, "203.0.113.9", 9000)
 	if n := r.asked[netip.MustParseAddr("198.51.100.77")] - before; n != 2 {
 		t.Errorf("198.51.100.77 asked %d times in two TTLs, want 2", n)
+	}
+}
+
+// TestGuardedFlowKeepsItsLine: in enforce mode beside the transparent
+// proxy (Config.ProxyLines), a LAN client's connection to a redirected
+// port has the proxy's decision line only, but a forged source's
+// connection never reaches the proxy (the antispoof chain drops it
+// first): capture's line is its only one.
+func TestGuardedFlowKeepsItsLine(t *testing.T) {
+	var out bytes.Buffer
+	r := newGuardRigLog(t, policy.ModeEnforce, true, slog.New(slog.NewJSONHandler(&out, nil)))
+	syn := func(src string) {
+		r.send(false, src, "203.0.113.9", layers.IPProtocolTCP, &layers.TCP{SrcPort: 40001, DstPort: 443, SYN: true, Seq: 1, Window: 1024})
+	}
+	syn("198.51.100.77") // forged
+	syn("198.18.5.10")   // a LAN client: the proxy's
+	evs := r.events()
+	if len(evs["198.51.100.77"]) != 1 || evs["198.51.100.77"][0].Reason != ReasonForgedSource || len(evs["198.18.5.10"]) != 1 {
+		t.Fatalf("events: %v", evs)
+	}
+	lines := map[string]int{}
+	for _, l := range strings.Split(strings.TrimSpace(out.String()), "\n") {
+		var m map[string]any
+		if json.Unmarshal([]byte(l), &m) == nil && m["msg"] == audit.CanonicalMessage {
+			cli, _ := m["client"].(string)
+			lines[cli]++
+		}
+	}
+	if lines["198.51.100.77"] != 1 || lines["198.18.5.10"] != 0 {
+		t.Errorf("decision lines by client %v, want one for the forged source, none for the proxied client\n%q", lines, out.String())
 	}
 }

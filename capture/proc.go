@@ -124,6 +124,9 @@ type flow struct {
 	// openedInEnforce: the policy was in enforce mode at the flow's
 	// first packet, a reload since notwithstanding (proxiedLine).
 	openedInEnforce bool
+	// guarded: the gateway hardening drops the flow's packets (guard.go),
+	// so it never reaches the proxy (proxiedLine).
+	guarded bool
 
 	base     [2]uint32 // TCP sequence number of stream offset 0
 	haveBase [2]bool
@@ -2308,13 +2311,14 @@ func (p *proc) emit(f *flow, how string) {
 
 // proxiedLine reports whether f's decision line is the transparent
 // proxy's (Config.ProxyLines): a live TCP connection, not the gateway's
-// own nor started from the WAN side, to a port enforce mode redirected to
-// the proxy when it opened (NAT applies to a connection's first packet).
+// own, nor started from the WAN side, nor dropped by the gateway's
+// hardening before NAT, to a port enforce mode redirected to the proxy
+// when it opened (NAT applies to a connection's first packet).
 // The proxy decides it and writes its line; capture's report of it is
 // the event only.
 func (p *proc) proxiedLine(f *flow) bool {
 	return p.c.cfg.ProxyLines && p.decideAt.IsZero() && f.proto == 6 && f.openedInEnforce &&
-		!f.forwarded && !f.inbound && !f.own && f.sport != 53 && f.cport != 53 && p.redirected(f.sport)
+		!f.forwarded && !f.inbound && !f.own && !f.guarded && f.sport != 53 && f.cport != 53 && p.redirected(f.sport)
 }
 
 // event is the event of f, decided, with close reason how.
