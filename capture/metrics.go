@@ -50,6 +50,8 @@ func (m *metrics) register(r prometheus.Registerer, c *Capture) error {
 		counter("client_hellos_total", "TLS ClientHellos parsed, over TCP and QUIC.", func(s Stats) uint64 { return s.Hellos }),
 		counter("quic_initials_opened_total", "QUIC Initial packets decrypted.", func(s Stats) uint64 { return s.QUICOpened }),
 		counter("fragments_total", "IP fragments seen.", func(s Stats) uint64 { return s.Fragments }),
+		counter("guarded_packets_total", "LAN packets enforce mode's gateway hardening drops (forged sources, loopback destinations, router advertisements, redirects), recorded denied in both modes.", func(s Stats) uint64 { return s.Guarded }),
+		counter("rpf_unchecked_packets_total", "LAN packets whose source capture could not check against the routing table (over its lookup budget, or no answer from the kernel): recorded as other flows.", func(s Stats) uint64 { return s.RPFUnchecked }),
 		interfaceUp{c: c, desc: prometheus.NewDesc("egress_capture_interface_up",
 			"1 while capture reads a LAN interface that is up with a carrier; 0 while it is down, has no carrier, does not exist or its socket failed and waits to open again.",
 			[]string{"interface"}, nil)},
