@@ -188,10 +188,17 @@ type Journal struct {
 	lines   *detailBudget // of decision log lines (QuietLine); nil: none
 	queued  atomic.Int64  // for the queue gauge
 
-	qmu     sync.Mutex // guards pending
-	pending []Event    // queued by Emit, at most QueueLen
-	spare   []Event    // the writer's: the last batch's array, for reuse
-	kick    chan struct{}
+	// The queue is a list of chunks of at most queueChunk events, not
+	// one slice: a burst (capture's flush of its open flows at a stop, a
+	// flood's evictions) is held once, with no copy of what is queued as
+	// append's growth made (1.25 times at a time: five times the events
+	// allocated, and the old array with the new at each growth), and the
+	// writer lets each chunk go once written.
+	qmu      sync.Mutex // guards pending, npending and spare
+	pending  [][]Event  // queued by Emit, at most QueueLen events in all
+	npending int
+	spare    []Event // a written chunk's array, for reuse
+	kick     chan struct{}
 	// syncs carries Sync's waiters to the writer, which closes each once
 	// it has taken the queue and flushed.
 	syncs chan chan struct{}
@@ -1086,13 +1093,23 @@ func (j *Journal) Emit(ev Event) {
 	ev.Bound()
 	ev.ownText()
 	j.qmu.Lock()
-	if len(j.pending) >= j.cfg.QueueLen {
+	if j.npending >= j.cfg.QueueLen {
 		j.qmu.Unlock()
 		j.shed.Add(1)
 		return
 	}
-	j.pending = append(j.pending, ev)
-	n := len(j.pending)
+	if last := len(j.pending) - 1; last >= 0 && len(j.pending[last]) < queueChunk {
+		j.pending[last] = append(j.pending[last], ev)
+	} else {
+		c := j.spare
+		j.spare = nil
+		if c == nil {
+			c = make([]Event, 0, min(j.cfg.QueueLen, queueChunk))
+		}
+		j.pending = append(j.pending, append(c, ev))
+	}
+	j.npending++
+	n := j.npending
 	j.qmu.Unlock()
 	j.queued.Add(1)
 	if n == j.kickLen() {
@@ -1108,20 +1125,30 @@ func (j *Journal) Emit(ev Event) {
 // tick with the queue filling up.
 func (j *Journal) kickLen() int { return max(1, min(j.cfg.QueueLen/4, 1024)) }
 
+// queueChunk is the most events one chunk of the queue holds (about
+// 500 KB).
+const queueChunk = 1024
+
 // takeBatch writes the queued events (the writer's side of Emit).
 func (j *Journal) takeBatch() {
 	j.qmu.Lock()
 	batch := j.pending
-	j.pending = j.spare[:0]
+	j.pending, j.npending = nil, 0
 	j.qmu.Unlock()
-	for i := range batch {
-		j.writeEvent(batch[i])
-	}
-	j.queued.Add(-int64(len(batch)))
-	clear(batch) // no references kept to the events' strings
-	j.spare = nil
-	if cap(batch) <= 4*j.kickLen() { // a burst's big array goes to the collector
-		j.spare = batch[:0]
+	for ci, c := range batch {
+		for i := range c {
+			j.writeEvent(c[i])
+		}
+		j.queued.Add(-int64(len(c)))
+		clear(c) // no references kept to the events' strings
+		batch[ci] = nil
+		if ci == len(batch)-1 {
+			// One chunk's array is kept for the next (written at
+			// the next tick or kick, a chunk at most).
+			j.qmu.Lock()
+			j.spare = c[:0]
+			j.qmu.Unlock()
+		}
 	}
 }
 
