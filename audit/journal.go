@@ -1103,7 +1103,10 @@ func (j *Journal) Emit(ev Event) {
 	} else {
 		c := j.spare
 		j.spare = nil
-		if c == nil {
+		if c == nil && last >= 0 {
+			// A burst: its later chunks are whole at once. The
+			// first grows as append makes it, so that a trickle
+			// at rest holds a few events' array, not a chunk's.
 			c = make([]Event, 0, min(j.cfg.QueueLen, queueChunk))
 		}
 		j.pending = append(j.pending, append(c, ev))
