@@ -1,9 +1,15 @@
 package netutil
 
 import (
+	"fmt"
 	"net"
 	"net/netip"
+	"os/exec"
+	"regexp"
+	"strconv"
+	"strings"
 	"testing"
+	"time"
 
 	"egressd/internal/testnet"
 )
@@ -61,5 +67,98 @@ func TestRoutesBack(t *testing.T) {
 	g.MustRun("ip", "route", "add", "169.254.0.0/16", "dev", "lan0")
 	if got, err := r.RoutesBack(lan, netip.MustParseAddr("169.254.3.4")); err != nil || !got {
 		t.Errorf("169.254.3.4 with a link-local route on lan0: %v, %v; want true", got, err)
+	}
+}
+
+// TestRoutesBackAsNftFib sends from a LAN host, from each of several
+// sources, to a gateway whose routes for them differ, and compares
+// RoutesBack with what the gateway's `fib saddr . iif oif missing` says
+// of each (nft counters): nft_fib takes the gateway's best route for the
+// source and asks whether it leaves by the incoming interface, so a
+// source whose best route leaves by another interface (a second LAN's
+// subnet, a subnet routed via the WAN) is missing even where a less
+// specific route via the LAN interface covers it.
+func TestRoutesBackAsNftFib(t *testing.T) {
+	testnet.RequireRoot(t)
+	if _, err := exec.LookPath("nft"); err != nil {
+		t.Skip("no nft")
+	}
+	g, l, l2, w := testnet.New(t, "rfg"), testnet.New(t, "rfl"), testnet.New(t, "rfm"), testnet.New(t, "rfw")
+	testnet.Link(t, l, "eth0", []string{"198.18.1.2/24", "2001:db8:1::2/64"}, g, "lan0", []string{"198.18.1.1/24", "2001:db8:1::1/64"})
+	testnet.Link(t, l2, "eth0", []string{"198.18.3.2/24", "2001:db8:3::2/64"}, g, "lan1", []string{"198.18.3.1/24", "2001:db8:3::1/64"})
+	testnet.Link(t, w, "eth0", []string{"198.18.2.2/24", "2001:db8:2::2/64"}, g, "wan0", []string{"198.18.2.1/24", "2001:db8:2::1/64"})
+	g.MustRun("ip", "route", "add", "default", "via", "198.18.2.2")
+	g.MustRun("ip", "-6", "route", "add", "default", "via", "2001:db8:2::2")
+	// A broad route via a router on the first LAN, more specific ones
+	// via the second LAN and via the WAN inside it.
+	g.MustRun("ip", "route", "add", "198.18.0.0/16", "via", "198.18.1.2", "dev", "lan0")
+	g.MustRun("ip", "route", "add", "198.18.8.0/24", "via", "198.18.3.2", "dev", "lan1")
+	g.MustRun("ip", "route", "add", "198.18.9.0/24", "via", "198.18.2.2")
+	g.MustRun("ip", "-6", "route", "add", "2001:db8::/32", "via", "2001:db8:1::2", "dev", "lan0")
+	g.MustRun("ip", "-6", "route", "add", "2001:db8:8::/48", "via", "2001:db8:3::2", "dev", "lan1")
+	g.MustRun("ip", "-6", "route", "add", "2001:db8:9::/48", "via", "2001:db8:2::2")
+	srcs := []string{"198.18.5.5", "198.18.8.8", "198.18.9.9", "198.18.3.7", "2001:db8:5::5", "2001:db8:8::8", "2001:db8:9::9", "2001:db8:3::7"}
+	g.MustRun("nft", "add", "table", "inet", "rbf")
+	g.MustRun("nft", "add", "chain", "inet", "rbf", "pre", "{ type filter hook prerouting priority -300; policy accept; }")
+	for i, s := range srcs {
+		fam := "ip"
+		if strings.Contains(s, ":") {
+			fam = "ip6"
+		}
+		g.MustRun("nft", "add", "rule", "inet", "rbf", "pre", "iifname", "lan0", fam, "saddr", s, "counter", "comment", fmt.Sprintf(`"all%d"`, i))
+		g.MustRun("nft", "add", "rule", "inet", "rbf", "pre", "iifname", "lan0", fam, "saddr", s, "fib", "saddr", ".", "iif", "oif", "missing", "counter", "comment", fmt.Sprintf(`"miss%d"`, i))
+	}
+	l.MustRun("ip", "route", "add", "default", "via", "198.18.1.1")
+	l.MustRun("ip", "-6", "route", "add", "default", "via", "2001:db8:1::1")
+	for _, s := range srcs {
+		l.MustRun("ip", "addr", "add", s, "dev", "lo")
+	}
+	for range 3 {
+		for _, s := range srcs {
+			dst := "198.18.1.1:9"
+			if strings.Contains(s, ":") {
+				dst = "[2001:db8:1::1]:9"
+			}
+			l.Do(func() error {
+				c, err := (&net.Dialer{LocalAddr: &net.UDPAddr{IP: net.ParseIP(s)}}).Dial("udp", dst)
+				if err != nil {
+					return err
+				}
+				defer c.Close()
+				_, err = c.Write([]byte("x"))
+				return err
+			})
+		}
+		time.Sleep(50 * time.Millisecond)
+	}
+	counted := regexp.MustCompile(`counter packets (\d+) bytes \d+ comment "(\w+)"`)
+	n := map[string]int{}
+	for _, m := range counted.FindAllStringSubmatch(g.MustRun("nft", "list", "chain", "inet", "rbf", "pre"), -1) {
+		n[m[2]], _ = strconv.Atoi(m[1])
+	}
+	var lan int
+	var r *RouteAsker
+	if err := g.Do(func() error {
+		ifi, err := net.InterfaceByName("lan0")
+		if err == nil {
+			lan = ifi.Index
+			r, err = OpenRouteAsker()
+		}
+		return err
+	}); err != nil {
+		t.Fatal(err)
+	}
+	defer r.Close()
+	for i, s := range srcs {
+		all, miss := n[fmt.Sprintf("all%d", i)], n[fmt.Sprintf("miss%d", i)]
+		if all == 0 {
+			t.Errorf("%s: no packet reached the gateway's prerouting", s)
+			continue
+		}
+		nftBack := miss == 0
+		got, err := r.RoutesBack(lan, netip.MustParseAddr(s))
+		if err != nil || got != nftBack {
+			t.Errorf("RoutesBack(lan0, %s) = %v, %v; nft_fib: routes back %v (%d of %d packets missing)", s, got, err, nftBack, miss, all)
+		}
 	}
 }
