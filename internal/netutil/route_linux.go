@@ -34,14 +34,22 @@ func (r *RouteAsker) Close() error { return unix.Close(r.fd) }
 // RoutesBack reports whether the kernel routes addr out of the interface
 // with index ifindex: the strict reverse-path check of nftables' `fib
 // saddr . iif oif missing`, asked for one address (RTM_GETROUTE with
-// RTA_OIF and RTM_F_FIB_MATCH, `ip route get ADDR oif DEV fibmatch`).
-// Restricted to an interface, the kernel's lookup skips routes whose next
-// hop is another (the default route via the WAN), as nft_fib's does;
-// RTM_F_FIB_MATCH makes it answer with the route it matched, or an error
-// when there is none (without it, IPv4 assumes an address with no route
-// on that interface is on its link and answers anyway). A route of
-// another type than unicast (local: one of the gateway's own addresses;
-// blackhole, unreachable, prohibit) does not route back, as for nft_fib.
+// RTM_F_FIB_MATCH, `ip route get ADDR fibmatch`). As nft_fib does, it
+// takes the gateway's best route for addr, not restricted to the
+// interface, and asks whether one of its next hops is on it: a source
+// whose best route leaves by another interface (another LAN's subnet, a
+// subnet routed via the WAN inside a broader one routed via the LAN, the
+// default route via the WAN) does not route back, even where a less
+// specific route via the interface covers it. Only for an IPv6
+// link-local address is the lookup restricted to the interface (RTA_OIF),
+// as nft_fib's is. RTM_F_FIB_MATCH makes the kernel answer with the
+// route it matched, or an error when there is none. A local route (one
+// of the gateway's own addresses), and in IPv6 an anycast one, does not
+// route back, as for nft_fib; neither does a blackhole, unreachable or
+// prohibit route (the kernel answers those with an error). nft_fib's
+// lookup also carries the packet's destination as source, its TOS and,
+// in IPv6, its protocol: policy routing rules that select on those, and
+// IPv6 source-specific routes, can make the two differ.
 // An error says the kernel did not answer: the caller knows nothing.
 func (r *RouteAsker) RoutesBack(ifindex int, addr netip.Addr) (bool, error) {
 	const what = "route lookup"
@@ -61,7 +69,9 @@ func (r *RouteAsker) RoutesBack(ifindex int, addr netip.Addr) (bool, error) {
 	binary.NativeEndian.PutUint32(rtm[8:12], unix.RTM_F_FIB_MATCH)
 	b = append(b, rtm[:]...)
 	putAttr(&b, unix.RTA_DST, addr.AsSlice())
-	putAttr(&b, unix.RTA_OIF, binary.NativeEndian.AppendUint32(nil, uint32(ifindex)))
+	if addr.Is6() && (addr.IsLinkLocalUnicast() || addr.IsLinkLocalMulticast()) {
+		putAttr(&b, unix.RTA_OIF, binary.NativeEndian.AppendUint32(nil, uint32(ifindex)))
+	}
 	binary.NativeEndian.PutUint32(b[0:4], uint32(len(b)))
 	if err := unix.Sendto(r.fd, b, 0, &unix.SockaddrNetlink{Family: unix.AF_NETLINK}); err != nil {
 		return false, fmt.Errorf("netutil: %s: %w", what, err)
@@ -104,12 +114,21 @@ func (r *RouteAsker) RoutesBack(ifindex int, addr netip.Addr) (bool, error) {
 
 var errNoRoute = errors.New("netutil: no route")
 
-// routeVia reports whether an RTM_NEWROUTE message's route is a unicast
-// route with a next hop on ifindex: its RTA_OIF, or one of its
-// RTA_MULTIPATH next hops.
+// routeVia reports whether an RTM_NEWROUTE message's route has a next
+// hop on ifindex (its RTA_OIF, or one of its RTA_MULTIPATH next hops) and
+// is of a type nft_fib counts: not local, nor an IPv6 anycast route (an
+// IPv4 broadcast route of the interface's subnet counts, as there).
 func routeVia(body []byte, ifindex int) bool {
-	if len(body) < unix.SizeofRtMsg || body[7] != unix.RTN_UNICAST {
+	if len(body) < unix.SizeofRtMsg {
 		return false
+	}
+	switch body[7] {
+	case unix.RTN_LOCAL, unix.RTN_UNSPEC, unix.RTN_BLACKHOLE, unix.RTN_UNREACHABLE, unix.RTN_PROHIBIT, unix.RTN_THROW:
+		return false
+	case unix.RTN_ANYCAST:
+		if body[0] == unix.AF_INET6 {
+			return false
+		}
 	}
 	attrs := body[unix.SizeofRtMsg:]
 	if oif, ok := findAttr(attrs, unix.RTA_OIF); ok && len(oif) == 4 {

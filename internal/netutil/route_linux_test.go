@@ -20,8 +20,7 @@ import (
 // lets pass. The LAN's subnets, a subnet routed via a LAN router and
 // IPv6 link-local addresses do; an internet address, another site's,
 // 169.254/16 without a route, the gateway's own address and loopback do
-// not. Without RTM_F_FIB_MATCH every IPv4 address would (the kernel
-// assumes one with no route on the interface is on its link).
+// not.
 func TestRoutesBack(t *testing.T) {
 	testnet.RequireRoot(t)
 	g, l, w := testnet.New(t, "rbg"), testnet.New(t, "rbl"), testnet.New(t, "rbw")
@@ -97,7 +96,7 @@ func TestRoutesBackAsNftFib(t *testing.T) {
 	g.MustRun("ip", "-6", "route", "add", "2001:db8::/32", "via", "2001:db8:1::2", "dev", "lan0")
 	g.MustRun("ip", "-6", "route", "add", "2001:db8:8::/48", "via", "2001:db8:3::2", "dev", "lan1")
 	g.MustRun("ip", "-6", "route", "add", "2001:db8:9::/48", "via", "2001:db8:2::2")
-	srcs := []string{"198.18.5.5", "198.18.8.8", "198.18.9.9", "198.18.3.7", "2001:db8:5::5", "2001:db8:8::8", "2001:db8:9::9", "2001:db8:3::7"}
+	srcs := []string{"198.18.5.5", "198.18.8.8", "198.18.9.9", "198.18.3.7", "198.18.2.9", "169.254.3.4", "2001:db8:5::5", "2001:db8:8::8", "2001:db8:9::9", "2001:db8:3::7"}
 	g.MustRun("nft", "add", "table", "inet", "rbf")
 	g.MustRun("nft", "add", "chain", "inet", "rbf", "pre", "{ type filter hook prerouting priority -300; policy accept; }")
 	for i, s := range srcs {
