@@ -1,0 +1,134 @@
+package capture
+
+import (
+	"fmt"
+	"net/netip"
+	"strings"
+	"testing"
+	"time"
+
+	"egressd/audit"
+	"egressd/policy"
+)
+
+// TestRedecideAuditNamed: a reload in audit mode judges again the open
+// TCP connections capture decided by name (SNI, Host) or, without one, by
+// address and the names DNS gave it out for, on the facts it kept: a
+// would-be deny the new policy allows (the rule --suggest proposed,
+// added) is credited to the rule at once, an allow it no longer gives
+// becomes a would-be deny. A connection capture denied for what the
+// client sent (duplicate-sni) stays denied whatever the rules, and one
+// whose path was clipped keeps its record where only a host/path rule
+// could allow it. Before, none of them was judged again: the long-lived
+// TLS connection stayed among what enforce would drop after the rule
+// was added.
+func TestRedecideAuditNamed(t *testing.T) {
+	cli := netip.MustParseAddr("192.0.2.95")
+	vpn := netip.MustParseAddr("203.0.113.50")
+	keep := netip.MustParseAddr("203.0.113.51")
+	learned := netip.MustParseAddr("203.0.113.52")
+	const keepRule = `  - name: keep
+    to: [keep.test]
+    ports: [443/tcp]
+`
+	const added = `  - name: vpn
+    to: [vpn.test]
+    ports: [443/tcp]
+  - name: learned
+    to: [learned.test]
+    ports: [443/tcp]
+  - name: vpnpath
+    to: ["vpn.test/api/*"]
+    ports: [80/tcp]
+`
+	facts := factsMap{vpn: {"vpn.test"}, keep: {"keep.test"}, learned: {"learned.test"}}
+	longPath := "/api/" + strings.Repeat("a", audit.MaxPathBytes+100)
+	conns := []struct {
+		port  uint16
+		dst   netip.Addr
+		sport uint16
+		data  []byte
+	}{
+		{47501, vpn, 443, handHello(sniExt("vpn.test"))},
+		{47502, keep, 443, handHello(sniExt("keep.test"))},
+		{47503, learned, 443, handHello()},
+		{47504, vpn, 443, handHello(sniExt("vpn.test", "other.test"))},
+		{47505, vpn, 80, []byte("GET " + longPath + " HTTP/1.1\r\nHost: vpn.test\r\n\r\n")},
+	}
+	tcs := make([]*tcpConn, len(conns))
+	rec, r := reloadRunEach(t, fmt.Sprintf(ntpPolicy, policy.ModeAudit, keepRule), facts, func(p *pcapWriter, s int) {
+		for i, c := range conns {
+			if s == 0 {
+				tcs[i] = &tcpConn{p: p, cli: cli, srv: c.dst, cport: c.port, sport: c.sport, cseq: 1, sseq: 1}
+				tcs[i].handshake()
+				tcs[i].send(true, c.data, 1400, nil, nil)
+			}
+			// The connection lives on: the server's bytes every 10 s.
+			tcs[i].send(false, []byte("reply"), 1400, nil, nil)
+		}
+	}, func(c *Capture, store *policy.Store) {
+		store.Swap(testEngine(t, fmt.Sprintf(ntpPolicy, policy.ModeAudit, added)))
+		c.Redecide()
+	})
+	for port, want := range map[uint16][]string{
+		47501: {"capture deny no-rule audit enforced=false ", "capture allow allowed audit enforced=false ", "capture allow allowed audit enforced=false end-of-capture"},
+		47502: {"capture allow allowed audit enforced=false ", "capture deny no-rule audit enforced=false ", "capture deny no-rule audit enforced=false end-of-capture"},
+		47503: {"capture deny no-rule audit enforced=false ", "capture allow allowed audit enforced=false ", "capture allow allowed audit enforced=false end-of-capture"},
+		47504: {"capture deny duplicate-sni audit enforced=false ", "capture deny duplicate-sni audit enforced=false end-of-capture"},
+		47505: {"capture deny no-rule audit enforced=false ", "capture deny no-rule audit enforced=false end-of-capture"},
+	} {
+		if got := flowEvents(rec, port); fmt.Sprint(got) != fmt.Sprint(want) {
+			t.Errorf("port %d: events\n got %q\nwant %q", port, got, want)
+		}
+	}
+	for _, ev := range rec.all() {
+		if ev.ClientPort == 47503 && ev.Verdict == policy.Allow && (ev.Name != "learned.test" || ev.NameSource != audit.NameDNSLearned) {
+			t.Errorf("no-SNI flow credited with name %q (%s), want learned.test (dns-learned)", ev.Name, ev.NameSource)
+		}
+	}
+	if d := droppedAt(r, vpn.String(), 443); d == nil || d.Flows != 1 {
+		t.Errorf("report: drop of %s:443 %+v, want the duplicate-sni flow only", vpn, d)
+	}
+	if d := droppedAt(r, learned.String(), 443); d != nil && d.Flows != 0 {
+		t.Errorf("report: drop of the no-SNI flow %+v, want none: the reload allows it", d)
+	}
+	if d := droppedAt(r, keep.String(), 443); d == nil || d.Flows != 1 {
+		t.Errorf("report: drop of keep.test %+v, want the flow the reload no longer allows", d)
+	}
+	if n, m := ruleFlows(r, "vpn"), ruleFlows(r, "learned"); n != 1 || m != 1 {
+		t.Errorf("report: rule vpn %d flow(s), learned %d; want 1 each", n, m)
+	}
+}
+
+// reloadRunEach is reloadRun for flows the test writes itself: each(p, s)
+// writes the packets of second s (every 10 s, 0 to 90); at is called once
+// the capture's time has passed 70 s.
+func reloadRunEach(t *testing.T, pol string, dns DNSFacts, each func(p *pcapWriter, s int), at func(c *Capture, store *policy.Store)) (*recorder, *audit.Report) {
+	t.Helper()
+	p := newPcap(t)
+	start := p.now
+	for s := 0; s <= 90; s += 10 {
+		p.now = start.Add(time.Duration(s) * time.Second)
+		each(p, s)
+	}
+	path := p.close()
+	rec := &recorder{}
+	store := policy.NewStore(testEngine(t, pol))
+	ledger := audit.NewLedger(store.Load(), audit.LedgerOptions{})
+	capt, err := New(Config{}, Deps{Policy: store, Sink: audit.Tee(rec, ledger), DNS: dns})
+	if err != nil {
+		t.Fatal(err)
+	}
+	capt.proc.openReport = time.Minute
+	var now time.Time
+	capt.clock = func() time.Time { return now }
+	done := false
+	feed(t, capt, path, func(ts time.Time) {
+		now = ts
+		if !done && ts.Sub(start) >= 70*time.Second {
+			done = true
+			at(capt, store)
+		}
+	})
+	return rec, ledger.Report(audit.ReportOptions{})
+}
