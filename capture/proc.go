@@ -157,6 +157,11 @@ type flow struct {
 	evName   string
 	evSrc    audit.NameSource
 	noPath   bool // decided as showing no path (showsNoPath), for its events
+	// ruled: decided by the policy's rules (classify: decide), not denied
+	// by capture for what the client sent (deny) nor as a connection
+	// opened before enforce: a reload in audit mode judges it again
+	// (reload.go, rejudge).
+	ruled bool
 	// echAnswer: a DNS answer of the flow held an HTTPS/SVCB record with
 	// an ech SvcParam, which egressd's forwarder strips (Event.Filtered).
 	echAnswer bool
@@ -1772,6 +1777,7 @@ func (p *proc) classify(f *flow) {
 	// decideHTTP decides it (host/path rules match it).
 	f.dec, f.evName, f.evSrc = p.decide(eng, f, f.name, f.nameSrc, f.path)
 	f.noPath = f.showsNoPath()
+	f.ruled = true
 	if f.dec.Allowed() && p.forwardedBeforeEnforce(eng, f) {
 		// Opened in audit mode, decided only now (a UDP flow of a few
 		// datagrams): Redecide passed it over, undecided then. Its
@@ -1797,8 +1803,9 @@ func (p *proc) forwardedBeforeEnforce(eng *policy.Engine, f *flow) bool {
 }
 
 // boundPath cuts a decided flow's path to what its events carry
-// (audit.MaxPathBytes; the length before in pathLen): nothing decides on it
-// again (a reload decides a flow by address), and a flow kept its whole
+// (audit.MaxPathBytes; the length before in pathLen): a reload in audit
+// mode judges a clipped path's connection at host level, or keeps its
+// record (rejudge), and a flow kept its whole
 // first request line, up to the 64 KiB head cap, for as long as it was
 // open (TestFlowKeepsBoundedPath).
 func (f *flow) boundPath() {
@@ -1878,7 +1885,15 @@ func (f *flow) showsNoPath() bool {
 // name is empty. It returns the decision and the name and name source
 // to record.
 func (p *proc) decide(eng *policy.Engine, f *flow, name string, src audit.NameSource, path string) (policy.Decision, string, audit.NameSource) {
-	in := p.flowInput(f, path)
+	return p.decideIn(eng, f, p.flowInput(f, path), name, src, true)
+}
+
+// decideIn is decide with in, f's flowInput, made by the caller (a reload
+// decides on the facts of the flow's decision: rejudge); vouch says
+// whether an allowed name's address must be vouched for (vouched), which
+// a reload does not ask again of a connection vouched for when it opened.
+func (p *proc) decideIn(eng *policy.Engine, f *flow, in policy.Input, name string, src audit.NameSource, vouch bool) (policy.Decision, string, audit.NameSource) {
+	path := in.Path
 	// Forwarded by nftables, not proxied (UDP, TCP to a port not
 	// redirected): the firewall's form of the special-range guard.
 	fwd := in.Proto == policy.UDP || f.forwarded
@@ -1899,7 +1914,7 @@ func (p *proc) decide(eng *policy.Engine, f *flow, name string, src audit.NameSo
 		in.Name = name
 		// The guard before the address check, as the proxy's decideName.
 		d = p.special(eng, in, eng.Decide(in), fwd)
-		if d.Allowed() && !p.vouched(eng, in, d) {
+		if d.Allowed() && vouch && !p.vouched(eng, in, d) {
 			d = policy.Decision{Verdict: policy.Deny, RuleIndex: -1, Reason: ReasonSNIMismatch, Mode: eng.Mode()}
 		}
 	} else {

@@ -3,6 +3,7 @@ package capture
 import (
 	"context"
 	"log/slog"
+	"slices"
 	"time"
 
 	"egressd/audit"
@@ -70,9 +71,17 @@ import (
 //     opened in enforce mode are left to the firewall (its cut reports
 //     them, above): the firewall keeps a flow whose rule is unchanged
 //     whatever its learned addresses became, which capture cannot tell
-//     from here. Flows decided by name (TLS, HTTP to redirected ports)
-//     are not judged again in audit mode: in enforce mode they are the
-//     proxy's connections, which the proxy decides again itself.
+//     from here. In audit mode capture also judges again the TCP
+//     connections to redirected ports it decided by name (SNI, Host) or
+//     by address and the names DNS gave it out for (no-sni), which pass
+//     no proxy there: on the facts it kept of their decision (rejudge),
+//     a would-be deny the new policy allows is credited to the rule, an
+//     allow it denies becomes a would-be deny, as for a forwarded flow.
+//     Those it denied for what the client sent (a malformed hello,
+//     duplicate-sni, hello-timeout) stay denied, and one whose clipped
+//     path a host/path rule would need keeps its record. In enforce
+//     mode such connections are the proxy's, which decides them again
+//     itself.
 //
 // Both run in the packet goroutine (Run, or ReadFile's): Revoke and
 // Redecide only queue, with the time of the call, and the pipeline applies
@@ -284,6 +293,8 @@ func (p *proc) redecide() {
 			if was {
 				p.emitNow(f, "policy reload: the new policy would deny this open flow (audit mode: kept)", slog.LevelInfo)
 			}
+		case inAudit && f.proto == 6 && f.ruled && f.openedInAudit:
+			p.rejudge(eng, f)
 		case !inAudit && f.openedInAudit:
 			f.openedInAudit = false
 			var d policy.Decision
@@ -331,6 +342,72 @@ func (p *proc) redecide() {
 			f.revoked = true
 			p.emitNow(f, "policy reload: the enforce ruleset drops this flow opened in audit mode", slog.LevelWarn)
 		}
+	}
+}
+
+// rejudge judges again, in audit mode, a TCP connection to a port the
+// proxy takes in enforce mode, which capture decided by its name (SNI,
+// Host) or, without one, by address and the names DNS gave the address
+// out for (see above): on the facts of its decision, the client's name
+// and how it was found (f.name, f.nameSrc), its first request's path,
+// whether it showed none (f.noPath), with the rules of now, as the proxy
+// decides its connections again (proxy/reload.go):
+//
+//   - A connection allowed until now is not checked for spoofing again
+//     (vouched): its address was vouched for its name when it opened, and
+//     a reload changes rules, not DNS history. The name DNS gave its
+//     address out for (dns-learned, dns-answer: a connection without a
+//     name of its own) still counts where a rule allows it, however long
+//     ago the answer expired.
+//   - A would-be deny is checked as at its start, with the answers live
+//     now: a CIDR rule, the forwarder's answers to this client's device,
+//     those seen on the wire (vouched); never a fresh lookup.
+//   - Capture's own denials of what the client sent (duplicate-sni,
+//     hello-malformed, hello-timeout, http-malformed and the like) are no
+//     rule's: the connection is not judged again (f.ruled unset).
+//   - A path longer than the events carry was clipped once decided
+//     (boundPath): the connection is judged at host level (no host/path
+//     rule counts), and where that denies it and a host/path rule takes
+//     its port, the record stays as it was: what the rule would make of
+//     the whole path is no longer known. (An allow at host level may
+//     credit a later rule than the host/path rule the whole path would
+//     have matched.)
+//
+// A would-be deny the new policy allows is the rule's, an allow it denies
+// becomes a would-be deny, each with an info line and an event at once,
+// as a forwarded flow's; a deny still a deny takes the new decision
+// silently (its later events carry it).
+func (p *proc) rejudge(eng *policy.Engine, f *flow) {
+	was := f.dec.Allowed()
+	deng, path := eng, f.path
+	if f.pathLen > 0 {
+		deng, path = eng.HostLevel(), ""
+	}
+	in := p.flowInput(f, path)
+	in.NoPath = f.noPath
+	d, name, src := p.decideIn(deng, f, in, f.name, f.nameSrc, !was)
+	if !d.Allowed() && was && f.name == "" && f.evName != "" {
+		nin := in
+		nin.Name = f.evName
+		if dd := p.special(deng, nin, deng.Decide(nin), false); dd.Allowed() {
+			d, name, src = dd, f.evName, f.evSrc
+		}
+	}
+	if !d.Allowed() && f.pathLen > 0 && slices.ContainsFunc(eng.HostPathPorts(), func(pr policy.PortRange) bool {
+		return pr.Contains(f.sport, policy.TCP)
+	}) {
+		return // only the whole path could tell
+	}
+	if d.Allowed() {
+		if !was && f.dec.Mode == policy.ModeAudit {
+			f.dec, f.evName, f.evSrc = d, name, src
+			p.emitNow(f, "policy reload: the new policy allows this open flow (audit mode)", slog.LevelInfo)
+		}
+		return
+	}
+	f.dec, f.evName, f.evSrc = d, name, src
+	if was {
+		p.emitNow(f, "policy reload: the new policy would deny this open flow (audit mode: kept)", slog.LevelInfo)
 	}
 }
 
