@@ -117,6 +117,17 @@ type Config struct {
 	// 4 × ClientRate (at least 100).
 	ClientBurst int
 
+	// TunnelThreshold is the number of distinct names one client may send
+	// upstream under one wildcard rule's zone in TunnelWindow before the
+	// forwarder raises an alarm (THREATS.md E2: a canonical Warn line, an
+	// audit event of Kind alarm, egress_dnsfilter_tunnel_alarms_total);
+	// the queries are answered all the same. Zero means 500; negative
+	// disables the alarm; at most 5000 (the sketch's range).
+	TunnelThreshold int
+	// TunnelWindow is the fixed window TunnelThreshold counts in. Zero
+	// means one minute.
+	TunnelWindow time.Duration
+
 	// UDPSize is the EDNS0 buffer size advertised to clients and upstreams
 	// (DNS flag day 2020). Zero means 1232.
 	UDPSize uint16
@@ -178,6 +189,8 @@ const (
 	defaultTableSize       = 65536
 	defaultLearnTimeout    = 250 * time.Millisecond
 	defaultClientRate      = 500
+	defaultTunnelThreshold = 500
+	defaultTunnelWindow    = time.Minute
 	defaultUDPSize         = 1232
 	defaultTCPIdle         = 8 * time.Second
 	defaultTCPMaxQueries   = 128
@@ -208,7 +221,7 @@ func (c Config) Validate() error {
 	for name, d := range map[string]time.Duration{
 		"upstream timeout": c.UpstreamTimeout, "query timeout": c.QueryTimeout, "down for": c.DownFor,
 		"deny ttl": c.DenyTTL, "max ttl": c.MaxTTL, "max negative ttl": c.MaxNegativeTTL, "tcp idle timeout": c.TCPIdleTimeout,
-		"learn timeout": c.LearnTimeout,
+		"learn timeout": c.LearnTimeout, "tunnel window": c.TunnelWindow,
 	} {
 		if d < 0 {
 			errs = append(errs, fmt.Errorf("dnsfilter: %s %v is negative", name, d))
@@ -222,6 +235,9 @@ func (c Config) Validate() error {
 	}
 	if c.DownAfter < 0 || c.MaxInflight < 0 || c.TableSize < 0 || c.ClientBurst < 0 || c.TCPMaxQueries < 0 || c.UDPReaders < 0 {
 		errs = append(errs, errors.New("dnsfilter: counts must not be negative (except CacheSize, ClientRate, TCPMaxConns and TCPMaxConnsPerClient, where negative disables)"))
+	}
+	if c.TunnelThreshold > maxTunnelThreshold {
+		errs = append(errs, fmt.Errorf("dnsfilter: tunnel threshold %d is above %d", c.TunnelThreshold, maxTunnelThreshold))
 	}
 	if c.DropUDPFrom < 0 || c.DropTCPFrom < 0 {
 		errs = append(errs, fmt.Errorf("dnsfilter: interface index %d, %d: negative", c.DropUDPFrom, c.DropTCPFrom))
@@ -276,6 +292,12 @@ func (c Config) withDefaults() Config {
 	}
 	if c.ClientBurst == 0 {
 		c.ClientBurst = max(100, int(4*c.ClientRate))
+	}
+	if c.TunnelThreshold == 0 {
+		c.TunnelThreshold = defaultTunnelThreshold
+	}
+	if c.TunnelWindow == 0 {
+		c.TunnelWindow = defaultTunnelWindow
 	}
 	if c.UDPSize == 0 {
 		c.UDPSize = defaultUDPSize

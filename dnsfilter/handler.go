@@ -552,6 +552,9 @@ func (s *Server) finish(q *query) {
 	default:
 		s.durLocal.Observe(lat.Seconds())
 	}
+	if s.tun != nil && q.path == "upstream" && !q.hit && q.dec.Allowed() && q.eng != nil {
+		s.watchTunnel(q)
+	}
 	if q.quiet {
 		return
 	}
@@ -625,6 +628,52 @@ func (s *Server) finish(q *query) {
 		}
 		logjson.Log(ctx, s.log, level, audit.CanonicalMessage, attrs...)
 	}
+	s.sink.Emit(ev)
+}
+
+// watchTunnel counts a name an allowed query sent upstream under a
+// wildcard rule's zone (tunnelZone) and raises the alarm when the
+// client's distinct names of the zone cross the threshold in the window:
+// one Warn line, one audit event (KindAlarm, reason dns-tunnel), one
+// count of egress_dnsfilter_tunnel_alarms_total. Only misses count: a
+// name answered from the cache told no authoritative server anything.
+func (s *Server) watchTunnel(q *query) {
+	zone, ok := tunnelZone(q.eng, q.dec, q.name)
+	if !ok {
+		return
+	}
+	client := q.client.Addr().Unmap()
+	mac := q.eventMAC()
+	key := mac
+	if key == "" {
+		key = client.String()
+	}
+	now := s.now()
+	n, alarm := s.tun.observe(key, zone, q.name, now.UnixNano())
+	if !alarm {
+		return
+	}
+	s.m.tunnelAlarms.Inc()
+	ev := audit.Event{Kind: audit.KindAlarm, Source: audit.SourceDNS, Time: now, Client: client, ClientMAC: mac, Proto: q.proto,
+		Name: zone, Count: uint64(n), Verdict: policy.Allow, Rule: q.dec.Rule, Mode: q.dec.Mode, Reason: ReasonTunnel}
+	attrs := []slog.Attr{
+		slog.String(audit.LogKind, string(audit.KindAlarm)),
+		slog.String(audit.LogClient, client.String()),
+	}
+	if mac != "" {
+		attrs = append(attrs, slog.String(audit.LogClientMAC, mac))
+	}
+	attrs = append(attrs,
+		slog.String(audit.LogName, zone),
+		slog.Int("distinct_names", n),
+		slog.Duration("window", s.cfg.TunnelWindow),
+		slog.Int("threshold", s.cfg.TunnelThreshold),
+		slog.String(audit.LogRule, q.dec.Rule),
+		slog.String(audit.LogMode, string(q.dec.Mode)),
+		slog.String(audit.LogReason, ReasonTunnel),
+		slog.Bool(audit.LogEnforced, false),
+	)
+	logjson.Log(context.Background(), s.log, slog.LevelWarn, audit.CanonicalMessage, attrs...)
 	s.sink.Emit(ev)
 }
 

@@ -19,6 +19,7 @@ type metrics struct {
 	cacheMisses      prometheus.Counter
 	shared           prometheus.Counter // misses answered by another query's upstream exchange
 	rateLimited      prometheus.Counter
+	tunnelAlarms     prometheus.Counter
 	dropped          *prometheus.CounterVec // reason: overload, malformed, panic
 	tcpRefused       *prometheus.CounterVec // scope: global, client
 	filtered         *prometheus.CounterVec // kind: rebinding, ech
@@ -53,6 +54,8 @@ func newMetrics() *metrics {
 			Help: "Cache misses answered by an identical query already in flight (sent upstream once)."}),
 		rateLimited: prometheus.NewCounter(prometheus.CounterOpts{Namespace: ns, Subsystem: sub, Name: "rate_limited_total",
 			Help: "Queries dropped or refused because their client exceeded its rate."}),
+		tunnelAlarms: prometheus.NewCounter(prometheus.CounterOpts{Namespace: ns, Subsystem: sub, Name: "tunnel_alarms_total",
+			Help: "Alarms raised because a client sent more distinct names of a wildcard rule's zone upstream in a window than the tunnel threshold (THREATS.md E2)."}),
 		dropped: prometheus.NewCounterVec(prometheus.CounterOpts{Namespace: ns, Subsystem: sub, Name: "dropped_total",
 			Help: "Packets not answered, by reason (overload, malformed, panic)."}, []string{"reason"}),
 		tcpRefused: prometheus.NewCounterVec(prometheus.CounterOpts{Namespace: ns, Subsystem: sub, Name: "tcp_refused_total",
@@ -93,7 +96,7 @@ func newMetrics() *metrics {
 }
 
 func (m *metrics) register(r prometheus.Registerer, s *Server) error {
-	cs := []prometheus.Collector{m.queries, m.queryDuration, m.cacheHits, m.cacheMisses, m.shared, m.rateLimited,
+	cs := []prometheus.Collector{m.queries, m.queryDuration, m.cacheHits, m.cacheMisses, m.shared, m.rateLimited, m.tunnelAlarms,
 		m.dropped, m.tcpRefused, m.filtered, m.upstreamRequests, m.upstreamFailures, m.upstreamUp, m.upstreamDuration, m.learnTotal, m.learnDuration,
 		prometheus.NewGaugeFunc(prometheus.GaugeOpts{Namespace: "egress", Subsystem: "dnsfilter", Name: "cache_entries",
 			Help: "Answers in the cache."}, func() float64 {

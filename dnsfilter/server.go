@@ -71,6 +71,7 @@ type Server struct {
 	macs  ClientMACs   // nil: no client has a MAC
 	cache *cache       // nil when disabled
 	rl    *rateLimiter // nil when disabled
+	tun   *tunnelWatch // nil when disabled
 	ups   *upstreams
 	sf    singleflight.Group
 
@@ -167,6 +168,9 @@ func New(cfg Config, deps Deps) (*Server, error) {
 		s.rl.resolveErr = func(err error) {
 			s.log.Warn("dnsfilter: cannot ask the kernel to resolve a LAN source whose query the rate limit dropped: a device's new address shares the unresolved sources' limit until an answer resolves it", audit.LogError, err.Error())
 		}
+	}
+	if cfg.TunnelThreshold > 0 {
+		s.tun = newTunnelWatch(cfg.TunnelThreshold, cfg.TunnelWindow)
 	}
 	s.ups = &upstreams{timeout: cfg.UpstreamTimeout, downAfter: cfg.DownAfter, downFor: cfg.DownFor, udpSize: cfg.UDPSize, m: s.m, now: s.now}
 	for _, u := range ups {

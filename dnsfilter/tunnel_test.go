@@ -1,0 +1,210 @@
+package dnsfilter
+
+import (
+	"fmt"
+	"math/rand/v2"
+	"net"
+	"net/netip"
+	"sync/atomic"
+	"testing"
+	"time"
+
+	"github.com/miekg/dns"
+	"github.com/prometheus/client_golang/prometheus"
+
+	"egressd/audit"
+	"egressd/policy"
+)
+
+const tunnelPolicy = `version: 1
+mode: audit
+rules:
+  - name: tenant
+    to: ["*.t.allowed.test", "exact.allowed.test"]
+    ports: [443/tcp]
+`
+
+// askFrom sends one UDP query from the loopback address src (any of
+// 127/8 is the host's own on Linux) and returns the answer's rcode.
+func askFrom(t *testing.T, src, addr, name string) int {
+	t.Helper()
+	c := &dns.Client{Net: "udp", Timeout: 5 * time.Second, Dialer: &net.Dialer{LocalAddr: &net.UDPAddr{IP: net.ParseIP(src)}}}
+	m := new(dns.Msg)
+	m.SetQuestion(dns.Fqdn(name), dns.TypeA)
+	r, _, err := c.Exchange(m, addr)
+	if err != nil {
+		t.Fatalf("%s from %s: %v", name, src, err)
+	}
+	return r.Rcode
+}
+
+func tunnelAlarms(s *recSink) []audit.Event {
+	var out []audit.Event
+	for _, ev := range s.Events() {
+		if ev.Kind == audit.KindAlarm {
+			out = append(out, ev)
+		}
+	}
+	return out
+}
+
+// A client sending 2,000 distinct names under an allowed wildcard raises
+// one alarm (not one per name past the threshold), every query answered;
+// a client resolving 50 names of the same zone, and names a rule names
+// exactly, raise none.
+func TestTunnelAlarm(t *testing.T) {
+	up := newFakeUpstream(t, "")
+	reg := prometheus.NewRegistry()
+	ts := startServer(t, tunnelPolicy, Config{Upstreams: []string{up.Addr}, TunnelThreshold: 500}, Deps{Registerer: reg})
+	for i := range 50 {
+		if rc := askFrom(t, "127.0.0.2", ts.Addr, fmt.Sprintf("cdn%d.t.allowed.test", i)); rc != dns.RcodeNameError {
+			t.Fatalf("rcode %d", rc)
+		}
+	}
+	for range 600 {
+		askFrom(t, "127.0.0.2", ts.Addr, "exact.allowed.test")
+	}
+	if a := tunnelAlarms(ts.Sink); len(a) != 0 {
+		t.Fatalf("50 names and one exact name raised %d alarms: %+v", len(a), a)
+	}
+	for i := range 2000 {
+		if rc := askFrom(t, "127.0.0.3", ts.Addr, fmt.Sprintf("mzxw6ytboi%04d.t.allowed.test", i)); rc != dns.RcodeNameError {
+			t.Fatalf("query %d: rcode %d, want the upstream's NXDOMAIN (an alarm, not a block)", i, rc)
+		}
+	}
+	a := tunnelAlarms(ts.Sink)
+	if len(a) != 1 {
+		t.Fatalf("2,000 names raised %d alarms, want 1: %+v", len(a), a)
+	}
+	ev := a[0]
+	if ev.Client != netip.MustParseAddr("127.0.0.3") || ev.Name != "t.allowed.test" || ev.Reason != ReasonTunnel ||
+		ev.Source != audit.SourceDNS || ev.Rule != "tenant" || ev.Count < 475 || ev.Count > 600 {
+		t.Errorf("alarm %+v: want client 127.0.0.3, zone t.allowed.test, rule tenant, about 500 names", ev)
+	}
+	if n := up.count("mzxw6ytboi1999.t.allowed.test"); n != 1 {
+		t.Errorf("the last name reached the upstream %d times, want 1", n)
+	}
+	if got := gatheredCounter(t, reg, "egress_dnsfilter_tunnel_alarms_total"); got != 1 {
+		t.Errorf("egress_dnsfilter_tunnel_alarms_total %v, want 1", got)
+	}
+}
+
+// Each window alarms once: the same client past the threshold in the
+// next window alarms again.
+func TestTunnelAlarmPerWindow(t *testing.T) {
+	up := newFakeUpstream(t, "")
+	var offset atomic.Int64 // the clock runs, and jumps a window ahead between windows
+	now := func() time.Time { return time.Now().Add(time.Duration(offset.Load())) }
+	ts := startServer(t, tunnelPolicy, Config{Upstreams: []string{up.Addr}, TunnelThreshold: 100, TunnelWindow: time.Minute, CacheSize: -1}, Deps{Now: now})
+	for w := range 2 {
+		for i := range 300 {
+			askFrom(t, "127.0.0.4", ts.Addr, fmt.Sprintf("w%dn%d.t.allowed.test", w, i))
+		}
+		if a := tunnelAlarms(ts.Sink); len(a) != w+1 {
+			t.Fatalf("window %d: %d alarms, want %d", w, len(a), w+1)
+		}
+		offset.Add(int64(61 * time.Second))
+	}
+}
+
+// Random names from many clients keep the watch within its pairs, and a
+// name costs no allocation once the pairs are full (the sketches of
+// evicted pairs are reused).
+func TestTunnelWatchBounded(t *testing.T) {
+	w := newTunnelWatch(500, time.Minute)
+	now := time.Now().UnixNano()
+	rng := rand.New(rand.NewPCG(1, 2))
+	clients := make([]string, 4*tunnelKeys)
+	for i := range clients {
+		clients[i] = netip.AddrFrom4([4]byte{10, byte(i >> 16), byte(i >> 8), byte(i)}).String()
+	}
+	names := make([]string, 4096)
+	for i := range names {
+		names[i] = fmt.Sprintf("%016x.t.allowed.test", rng.Uint64())
+	}
+	for i := range 50_000 {
+		w.observe(clients[rng.IntN(len(clients))], "t.allowed.test", names[i%len(names)], now)
+	}
+	if n := w.len(); n > tunnelKeys {
+		t.Fatalf("%d pairs held, bound %d", n, tunnelKeys)
+	}
+	i := 0
+	allocs := testing.AllocsPerRun(2000, func() {
+		i++
+		w.observe(clients[i%len(clients)], "t.allowed.test", names[i%len(names)], now)
+	})
+	if allocs != 0 {
+		t.Errorf("%v allocations per name with the pairs full, want 0", allocs)
+	}
+	if n := w.len(); n > tunnelKeys {
+		t.Fatalf("%d pairs held, bound %d", n, tunnelKeys)
+	}
+}
+
+// The sketch counts distinct names: repeats do not add, and its estimate
+// stays near the truth up to the largest threshold.
+func TestTunnelSketchEstimate(t *testing.T) {
+	w := newTunnelWatch(maxTunnelThreshold+1, time.Minute)
+	for _, n := range []int{50, 500, maxTunnelThreshold} {
+		w = newTunnelWatch(maxTunnelThreshold+1, time.Minute)
+		var got int
+		for range 2 {
+			for i := range n {
+				got, _ = w.observe("c", "z", fmt.Sprintf("n%d.z", i), 1)
+			}
+		}
+		if d := float64(got-n) / float64(n); d > 0.06 || d < -0.06 {
+			t.Errorf("%d distinct names (each twice) estimated %d", n, got)
+		}
+	}
+}
+
+func TestTunnelZone(t *testing.T) {
+	eng, err := policy.Compile("p.yaml", []byte(`version: 1
+rules:
+  - name: a
+    to: ["*.tenant.cloud", "*.t.tenant.cloud", "api-*.example.com", "www.tenant.cloud"]
+    ports: [443/tcp]
+  - name: any
+    from: [192.0.2.9]
+    to: ["*"]
+    ports: [443/tcp]
+`))
+	if err != nil {
+		t.Fatal(err)
+	}
+	for _, c := range []struct {
+		client, name, zone string
+	}{
+		{"192.0.2.1", "x.tenant.cloud", "tenant.cloud"},
+		{"192.0.2.1", "abc.t.tenant.cloud", "t.tenant.cloud"},
+		{"192.0.2.1", "api-q.example.com", "example.com"},
+		{"192.0.2.1", "www.tenant.cloud", ""},
+		{"192.0.2.9", "chunk.evil.example.net", "example.net"},
+	} {
+		d := eng.DecideName(policy.Input{Client: netip.MustParseAddr(c.client), Name: c.name})
+		if !d.Allowed() {
+			t.Fatalf("%s: %+v", c.name, d)
+		}
+		z, ok := tunnelZone(eng, d, c.name)
+		if z != c.zone || ok != (c.zone != "") {
+			t.Errorf("%s from %s: zone %q %v, want %q", c.name, c.client, z, ok, c.zone)
+		}
+	}
+}
+
+// gatheredCounter returns the value of the unlabelled counter name in reg.
+func gatheredCounter(t *testing.T, reg *prometheus.Registry, name string) float64 {
+	t.Helper()
+	mfs, err := reg.Gather()
+	if err != nil {
+		t.Fatal(err)
+	}
+	for _, mf := range mfs {
+		if mf.GetName() == name && len(mf.GetMetric()) == 1 {
+			return mf.GetMetric()[0].GetCounter().GetValue()
+		}
+	}
+	t.Fatalf("no %s in the registry", name)
+	return 0
+}
