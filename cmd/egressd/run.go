@@ -75,6 +75,7 @@ type runConfig struct {
 	nat64       string
 	inspect     bool
 	denyAnswer  string
+	tunnelAlarm int
 	logLevel    string
 	logFormat   string
 }
@@ -101,6 +102,7 @@ func (c *runConfig) flags(fs *flag.FlagSet) {
 	nat64Flag(fs, &c.nat64)
 	fs.BoolVar(&c.inspect, "inspect", false, "decrypt connections to hosts with host/path rules (CA in the state directory; egressd ca export)")
 	fs.StringVar(&c.denyAnswer, "dns-deny", "", "answer to denied names in enforce mode: REFUSED (default), NXDOMAIN or NULL")
+	fs.IntVar(&c.tunnelAlarm, "dns-tunnel-threshold", 500, "distinct names of one wildcard rule's zone one client may send upstream in a minute before the DNS forwarder raises a dns-tunnel alarm (queries are still answered); 0 turns the alarm off")
 	fs.StringVar(&c.logLevel, "log-level", "info", "debug, info, warn or error")
 	fs.StringVar(&c.logFormat, "log-format", "json", "json or text")
 }
@@ -275,6 +277,11 @@ func checkFlagValues(cfg runConfig) error {
 	bad("dns-listen", dnsfilter.Config{Listen: splitList(cfg.dnsListen)}.Validate())
 	bad("upstream-dns", dnsfilter.Config{Upstreams: splitList(cfg.upstreams)}.Validate())
 	bad("dns-deny", dnsfilter.Config{Deny: denyAnswer(cfg.denyAnswer)}.Validate())
+	if cfg.tunnelAlarm < 0 {
+		bad("dns-tunnel-threshold", fmt.Errorf("egressd: %d is negative (0 turns the alarm off)", cfg.tunnelAlarm))
+	} else {
+		bad("dns-tunnel-threshold", dnsfilter.Config{TunnelThreshold: cfg.tunnelAlarm}.Validate())
+	}
 	bad("proxy-listen", checkListenAddr(cfg.transparent))
 	if cfg.explicit != "" && cfg.explicit != "off" {
 		bad("explicit-proxy-listen", checkListenAddr(cfg.explicit))
@@ -961,6 +968,10 @@ func (d *daemon) run(ctx context.Context) error {
 	// DNS first: the proxy and capture read its learned-address table.
 	dnsCfg := dnsfilter.Config{Listen: splitList(cfg.dnsListen), Upstreams: splitList(cfg.upstreams), Deny: denyAnswer(cfg.denyAnswer)}
 	dnsCfg.DropUDPFrom, dnsCfg.DropTCPFrom = wdrop.dns(wanIdx)
+	dnsCfg.TunnelThreshold = cfg.tunnelAlarm
+	if cfg.tunnelAlarm == 0 {
+		dnsCfg.TunnelThreshold = -1 // off
+	}
 	table := dnsfilter.NewTable(0)
 	d.table = table
 	// The LAN's devices, from each LAN interface's neighbour table: which
