@@ -1,10 +1,13 @@
 package audit
 
 import (
+	"net/netip"
 	"reflect"
 	"testing"
 	"time"
 	"unsafe"
+
+	"egressd/policy"
 )
 
 // ledgerCopied are the Ledger fields copyLocked copies into the live
@@ -15,7 +18,7 @@ import (
 // changes.
 var (
 	ledgerCopied = []string{"opt", "eng", "seed", "rules", "dropped", "totals", "lastMode",
-		"shed", "unwritten", "shedMarks", "firstEvent", "ech"}
+		"shed", "unwritten", "shedMarks", "firstEvent", "ech", "alarms", "alarmsDropped"}
 	ledgerLeftOut = map[string]string{
 		"mu":       "the overlay has its own lock",
 		"flows":    "no flow records: the overlay's table holds only the open flows counted on it",
@@ -141,7 +144,10 @@ func TestCopyLockedCoversLedger(t *testing.T) {
 	l.Emit(ech)
 	l.addShed(t0.Add(21*time.Minute), 3)
 	l.addUnwritten(2)
+	l.Emit(Event{Kind: KindAlarm, Source: SourceDNS, Time: t0.Add(22 * time.Minute), Client: netip.MustParseAddr("192.168.10.5"),
+		Name: "t.example.com", Count: 501, Verdict: policy.Allow, Mode: policy.ModeAudit, Reason: "dns-tunnel"})
 	l.mu.Lock()
+	l.alarmsDropped = 1
 	c := l.copyLocked()
 	l.mu.Unlock()
 	for _, n := range ledgerCopied {

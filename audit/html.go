@@ -127,6 +127,10 @@ code{font-family:ui-monospace,Menlo,Consolas,monospace}
 <ul id="expired">{{range .ExpiredRules}}<li>{{.Name}}: expires: {{date .Expires}}, {{.Flows}} flows denied that only it would allow</li>{{end}}</ul>
 {{end}}
 
+{{if .Alarms}}
+<h2>Alarms ({{len .Alarms}})</h2>
+<ul id="alarms">{{range .Alarms}}<li>{{.Reason}}: {{.Client}}{{if .ClientMAC}} ({{.ClientMAC}}){{end}}, zone {{.Zone}}: {{.DistinctNames}} distinct names in a window ({{.Alarms}} alarms, rule {{.Rule}})</li>{{end}}</ul>
+{{end}}
 {{with .ECH}}
 <h2>ECH configs in DNS answers</h2>
 <p id="ech">{{if .Stripped}}{{.Stripped}} answers of egressd's DNS forwarder had theirs stripped (in every mode){{range $i, $n := .Names}}{{if $i}},{{else}}:{{end}} {{$n.Dest}} ({{$n.Count}}){{end}}.{{end}}

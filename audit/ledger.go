@@ -131,7 +131,11 @@ type Ledger struct {
 	// lastMode is the mode of the latest event, for reports without a
 	// policy.
 	lastMode policy.Mode
-	shed     uint64
+	// alarms are the KindAlarm events, by (reason, client, MAC, zone):
+	// at most maxAlarms of them, the rest counted in alarmsDropped.
+	alarms        map[alarmKey]*AlarmReport
+	alarmsDropped uint64
+	shed          uint64
 	// unwritten counts events added here that the journal failed to
 	// write: they will be missing after a restart.
 	unwritten uint64
@@ -454,6 +458,10 @@ func (l *Ledger) addRecLocked(ev *Event) (bool, *flowRec) {
 	if ev.Kind == KindRequest {
 		l.addRequestLocked(ev)
 		return true, nil
+	}
+	if ev.Kind == KindAlarm {
+		l.addAlarmLocked(ev)
+		return false, nil
 	}
 	if ev.Kind != KindFlow && ev.Kind != KindDNS {
 		l.totals.Ignored++
@@ -893,7 +901,15 @@ func (l *Ledger) copyLocked() *Ledger {
 		dropped: make(map[dropKey]*dropStats, len(l.dropped)),
 		totals:  l.totals, lastMode: l.lastMode, shed: l.shed, unwritten: l.unwritten,
 		shedMarks: slices.Clone(l.shedMarks), firstEvent: l.firstEvent,
-		ech: echStats{stripped: l.ech.stripped, wouldStrip: l.ech.wouldStrip, clients: l.ech.clients.clone(), names: l.ech.names.clone()},
+		ech:           echStats{stripped: l.ech.stripped, wouldStrip: l.ech.wouldStrip, clients: l.ech.clients.clone(), names: l.ech.names.clone()},
+		alarmsDropped: l.alarmsDropped,
+	}
+	if l.alarms != nil {
+		c.alarms = make(map[alarmKey]*AlarmReport, len(l.alarms))
+		for k, a := range l.alarms {
+			b := *a
+			c.alarms[k] = &b
+		}
 	}
 	for k, rs := range l.rules {
 		c.rules[k] = rs.clone()
@@ -1345,4 +1361,39 @@ func (d *destCounter) top(n int) []DestCount {
 		out = out[:n]
 	}
 	return out
+}
+
+// maxAlarms bounds the (reason, client, zone) alarm entries a ledger keeps.
+const maxAlarms = 1024
+
+type alarmKey struct {
+	reason, client, mac, zone string
+}
+
+// addAlarmLocked records a KindAlarm event (THREATS.md E2: the DNS
+// forwarder's dns-tunnel alarm): one entry per (reason, client, MAC,
+// zone), with how many alarms, the most distinct names one window had, and
+// when.
+func (l *Ledger) addAlarmLocked(ev *Event) {
+	k := alarmKey{knownText(ev.Reason), ev.Client.Unmap().String(), ev.ClientMAC, lowerASCII(trimDot(Clip(ev.Name, MaxNameBytes)))}
+	a := l.alarms[k]
+	if a == nil {
+		if len(l.alarms) >= maxAlarms {
+			l.alarmsDropped++
+			return
+		}
+		if l.alarms == nil {
+			l.alarms = map[alarmKey]*AlarmReport{}
+		}
+		a = &AlarmReport{Reason: k.reason, Client: k.client, ClientMAC: k.mac, Zone: k.zone, Rule: ev.Rule, FirstSeen: ev.Time.UTC()}
+		l.alarms[k] = a
+	}
+	a.Alarms++
+	a.DistinctNames = max(a.DistinctNames, ev.Count)
+	if t := ev.Time.UTC(); t.After(a.LastSeen) {
+		a.LastSeen = t
+	}
+	if t := ev.Time.UTC(); t.Before(a.FirstSeen) {
+		a.FirstSeen = t
+	}
 }

@@ -648,3 +648,63 @@ func TestReplayNoMAC(t *testing.T) {
 		t.Errorf("a candidate without MACs: no_mac %d", res.NoMAC)
 	}
 }
+
+// TestReportAlarms (THREATS.md E2): the DNS forwarder's dns-tunnel alarms
+// are listed in the report, one entry per client and zone with its alarm
+// count and the most distinct names a window had, in the text, JSON and
+// HTML reports, and never count as queries. Before, the ledger ignored
+// events of an unknown kind.
+func TestReportAlarms(t *testing.T) {
+	t0 := time.Date(2026, 12, 5, 8, 0, 0, 0, time.UTC)
+	c := netip.MustParseAddr("192.0.2.7")
+	alarm := func(at time.Duration, n uint64) Event {
+		return Event{Kind: KindAlarm, Source: SourceDNS, Time: t0.Add(at), Client: c, ClientMAC: "02:00:00:00:00:07", Proto: "udp",
+			Name: "t.tenant.cloud", Count: n, Verdict: policy.Allow, Rule: "tenant", Mode: policy.ModeAudit, Reason: "dns-tunnel"}
+	}
+	l := NewLedger(nil, LedgerOptions{Now: func() time.Time { return t0 }})
+	l.Emit(alarm(0, 503))
+	l.Emit(alarm(time.Minute, 511))
+	r := l.Report(ReportOptions{})
+	want := []AlarmReport{{Reason: "dns-tunnel", Client: "192.0.2.7", ClientMAC: "02:00:00:00:00:07", Zone: "t.tenant.cloud", Rule: "tenant",
+		Alarms: 2, DistinctNames: 511, FirstSeen: t0, LastSeen: t0.Add(time.Minute)}}
+	if d := cmp.Diff(want, r.Alarms); d != "" {
+		t.Errorf("alarms (-want +got):\n%s", d)
+	}
+	if r.Totals.Queries != 0 || r.Totals.Flows != 0 {
+		t.Errorf("alarms counted as queries or flows: %+v", r.Totals)
+	}
+	var buf bytes.Buffer
+	if err := r.WriteText(&buf); err != nil {
+		t.Fatal(err)
+	}
+	for _, s := range []string{"ALARMS (1)", "dns-tunnel  192.0.2.7 (02:00:00:00:00:07)  zone t.tenant.cloud: 511 distinct names"} {
+		if !strings.Contains(buf.String(), s) {
+			t.Errorf("text report lacks %q:\n%s", s, buf.String())
+		}
+	}
+	buf.Reset()
+	if err := r.WriteJSON(&buf); err != nil {
+		t.Fatal(err)
+	}
+	var back Report
+	if err := json.Unmarshal(buf.Bytes(), &back); err != nil || len(back.Alarms) != 1 || back.Alarms[0].DistinctNames != 511 {
+		t.Errorf("JSON report alarms %+v (%v):\n%s", back.Alarms, err, buf.String())
+	}
+	buf.Reset()
+	if err := r.WriteHTML(&buf); err != nil {
+		t.Fatal(err)
+	}
+	if !strings.Contains(buf.String(), `id="alarms"`) || !strings.Contains(buf.String(), "t.tenant.cloud") {
+		t.Errorf("HTML report has no alarm:\n%s", buf.String())
+	}
+	// The event survives the event log's encoding.
+	ev := alarm(0, 503)
+	b, err := ev.appendJSON(nil)
+	if err != nil {
+		t.Fatal(err)
+	}
+	var dec Event
+	if !decodeEvent(bytes.TrimSpace(b), &dec) || dec.Kind != KindAlarm || dec.Count != 503 || dec.Name != "t.tenant.cloud" {
+		t.Errorf("decoded %+v from %s", dec, b)
+	}
+}

@@ -50,6 +50,11 @@ type Report struct {
 	// errors (a full disk): they will be missing after a restart.
 	UnwrittenEvents uint64 `json:"unwritten_events,omitempty"`
 	Totals          Totals `json:"totals"`
+	// Alarms are the alarms components raised (THREATS.md E2: the DNS
+	// forwarder's dns-tunnel), most distinct names first; AlarmsDropped
+	// counts those past the ledger's bound.
+	Alarms        []AlarmReport `json:"alarms,omitempty"`
+	AlarmsDropped uint64        `json:"alarms_dropped,omitempty"`
 	// ECH is there when DNS answers held ECH configs (THREATS.md B1).
 	ECH *ECHReport `json:"ech,omitempty"`
 	// Coverage says what the counts rest on; nil when nothing was
@@ -135,6 +140,23 @@ type RuleBeforeDetail struct {
 	// any of the policy's rules used. True when the report has no
 	// policy to compare with.
 	InPolicy bool `json:"in_policy"`
+}
+
+// AlarmReport is one client's alarms of one reason and zone: for
+// dns-tunnel, the client sent more distinct names of a wildcard rule's
+// zone upstream in a window than the forwarder's threshold.
+type AlarmReport struct {
+	Reason    string `json:"reason"`
+	Client    string `json:"client"`
+	ClientMAC string `json:"client_mac,omitempty"`
+	Zone      string `json:"zone"`
+	Rule      string `json:"rule,omitempty"`
+	// Alarms counts the windows that alarmed; DistinctNames is the most
+	// distinct names one of them had when it alarmed (an estimate).
+	Alarms        uint64    `json:"alarms"`
+	DistinctNames uint64    `json:"distinct_names"`
+	FirstSeen     time.Time `json:"first_seen"`
+	LastSeen      time.Time `json:"last_seen"`
 }
 
 // ECHReport counts DNS answers that held ECH configs (the ech SvcParam
@@ -648,6 +670,18 @@ func (l *Ledger) snapshot(opt ReportOptions) *Report {
 		s := opt.Since.UTC()
 		r.Since = &s
 	}
+	for _, a := range l.alarms {
+		if opt.Since.IsZero() || !a.LastSeen.Before(opt.Since) {
+			r.Alarms = append(r.Alarms, *a)
+		}
+	}
+	slices.SortFunc(r.Alarms, func(a, b AlarmReport) int {
+		if c := cmp.Compare(b.DistinctNames, a.DistinctNames); c != 0 {
+			return c
+		}
+		return cmp.Compare(a.Client+" "+a.Zone, b.Client+" "+b.Zone)
+	})
+	r.AlarmsDropped = l.alarmsDropped
 	if e := &l.ech; e.stripped+e.wouldStrip > 0 {
 		cl := e.clients.list()
 		r.ECH = &ECHReport{Stripped: e.stripped, WouldStrip: e.wouldStrip, Clients: cl, ClientCount: len(cl),
@@ -865,6 +899,20 @@ func (r *Report) WriteText(w io.Writer) error {
 		}
 	}
 
+	if len(r.Alarms) > 0 {
+		fmt.Fprintf(ew, "\nALARMS (%d)\n", len(r.Alarms))
+		for _, a := range r.Alarms {
+			who := a.Client
+			if a.ClientMAC != "" {
+				who += " (" + a.ClientMAC + ")"
+			}
+			fmt.Fprintf(ew, "  %s  %s  zone %s: %d distinct names in a window (%d alarms, rule %s), %s to %s\n",
+				a.Reason, who, textName(a.Zone), a.DistinctNames, a.Alarms, a.Rule, a.FirstSeen.Format(time.RFC3339), a.LastSeen.Format(time.RFC3339))
+		}
+		if r.AlarmsDropped > 0 {
+			fmt.Fprintf(ew, "  %d more alarms not kept (bound)\n", r.AlarmsDropped)
+		}
+	}
 	if e := r.ECH; e != nil {
 		fmt.Fprintf(ew, "\nECH CONFIGS IN DNS ANSWERS (they hide the name a client connects to)\n")
 		if e.Stripped > 0 {
