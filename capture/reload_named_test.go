@@ -56,7 +56,7 @@ func TestRedecideAuditNamed(t *testing.T) {
 		{47505, vpn, 80, []byte("GET " + longPath + " HTTP/1.1\r\nHost: vpn.test\r\n\r\n")},
 	}
 	tcs := make([]*tcpConn, len(conns))
-	rec, r := reloadRunEach(t, fmt.Sprintf(ntpPolicy, policy.ModeAudit, keepRule), facts, func(p *pcapWriter, s int) {
+	rec, r := reloadRunEach(t, fmt.Sprintf(ntpPolicy, policy.ModeAudit, keepRule), facts, 80*time.Second, func(p *pcapWriter, s int) {
 		for i, c := range conns {
 			if s == 0 {
 				tcs[i] = &tcpConn{p: p, cli: cli, srv: c.dst, cport: c.port, sport: c.sport, cseq: 1, sseq: 1}
@@ -98,37 +98,4 @@ func TestRedecideAuditNamed(t *testing.T) {
 	if n, m := ruleFlows(r, "vpn"), ruleFlows(r, "learned"); n != 1 || m != 1 {
 		t.Errorf("report: rule vpn %d flow(s), learned %d; want 1 each", n, m)
 	}
-}
-
-// reloadRunEach is reloadRun for flows the test writes itself: each(p, s)
-// writes the packets of second s (every 10 s, 0 to 90); at is called once
-// the capture's time has passed 80 s, after every flow's open report.
-func reloadRunEach(t *testing.T, pol string, dns DNSFacts, each func(p *pcapWriter, s int), at func(c *Capture, store *policy.Store)) (*recorder, *audit.Report) {
-	t.Helper()
-	p := newPcap(t)
-	start := p.now
-	for s := 0; s <= 90; s += 10 {
-		p.now = start.Add(time.Duration(s) * time.Second)
-		each(p, s)
-	}
-	path := p.close()
-	rec := &recorder{}
-	store := policy.NewStore(testEngine(t, pol))
-	ledger := audit.NewLedger(store.Load(), audit.LedgerOptions{})
-	capt, err := New(Config{}, Deps{Policy: store, Sink: audit.Tee(rec, ledger), DNS: dns})
-	if err != nil {
-		t.Fatal(err)
-	}
-	capt.proc.openReport = time.Minute
-	var now time.Time
-	capt.clock = func() time.Time { return now }
-	done := false
-	feed(t, capt, path, func(ts time.Time) {
-		now = ts
-		if !done && ts.Sub(start) >= 80*time.Second {
-			done = true
-			at(capt, store)
-		}
-	})
-	return rec, ledger.Report(audit.ReportOptions{})
 }

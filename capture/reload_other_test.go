@@ -20,10 +20,7 @@ import (
 func otherReloadRun(t *testing.T, pol string, pings, gres []netip.Addr, at func(c *Capture, store *policy.Store)) (*recorder, *audit.Report) {
 	t.Helper()
 	cli := netip.MustParseAddr("192.0.2.95")
-	p := newPcap(t)
-	start := p.now
-	for s := 0; s <= 90; s += 10 {
-		p.now = start.Add(time.Duration(s) * time.Second)
+	return reloadRunEach(t, pol, nil, 70*time.Second, func(p *pcapWriter, s int) {
 		for _, dst := range pings {
 			p.ip(true, cli, dst, layers.IPProtocolICMPv4, icmpMsg(8, "ping"))
 			p.ip(false, dst, cli, layers.IPProtocolICMPv4, icmpMsg(0, "ping"))
@@ -31,30 +28,7 @@ func otherReloadRun(t *testing.T, pol string, pings, gres []netip.Addr, at func(
 		for _, dst := range gres {
 			p.ip(true, cli, dst, layers.IPProtocolGRE, []byte{0, 0, 0x08, 0, 0x45, 0, 0, 20})
 		}
-	}
-	path := p.close()
-	rec := &recorder{}
-	store := policy.NewStore(testEngine(t, pol))
-	ledger := audit.NewLedger(store.Load(), audit.LedgerOptions{})
-	capt, err := New(Config{}, Deps{Policy: store, Sink: audit.Tee(rec, ledger)})
-	if err != nil {
-		t.Fatal(err)
-	}
-	capt.proc.openReport = time.Minute
-	var now time.Time
-	capt.clock = func() time.Time { return now }
-	done := false
-	feed(t, capt, path, func(ts time.Time) {
-		now = ts
-		if !done && ts.Sub(start) >= 70*time.Second {
-			done = true
-			at(capt, store)
-		}
-	})
-	if !done {
-		t.Fatal("the reload was not made")
-	}
-	return rec, ledger.Report(audit.ReportOptions{})
+	}, at)
 }
 
 // eventsTo are the flow events to dest, as flowEvents has them, with the

@@ -185,10 +185,7 @@ rules:
 func reloadRun(t *testing.T, pol string, dsts []netip.Addr, dns DNSFacts, extra func(p *pcapWriter), at func(c *Capture, store *policy.Store)) (*recorder, *audit.Report) {
 	t.Helper()
 	cli := netip.MustParseAddr("192.0.2.95")
-	p := newPcap(t)
-	start := p.now
-	for s := 0; s <= 90; s += 10 {
-		p.now = start.Add(time.Duration(s) * time.Second)
+	return reloadRunEach(t, pol, dns, 70*time.Second, func(p *pcapWriter, s int) {
 		for i, dst := range dsts {
 			p.udp(true, cli, dst, uint16(40100+i), 123, make([]byte, 48))
 			p.udp(false, dst, cli, 123, uint16(40100+i), make([]byte, 48))
@@ -196,6 +193,20 @@ func reloadRun(t *testing.T, pol string, dsts []netip.Addr, dns DNSFacts, extra 
 		if extra != nil && s == 0 {
 			extra(p)
 		}
+	}, at)
+}
+
+// reloadRunEach runs a capture (reporting flows open after a minute, as
+// Run does) over the packets each(p, s) writes for second s (every 10 s,
+// 0 to 90) and calls at once, before the packets of the first second at
+// or past reload. Events go to a recorder and a ledger.
+func reloadRunEach(t *testing.T, pol string, dns DNSFacts, reload time.Duration, each func(p *pcapWriter, s int), at func(c *Capture, store *policy.Store)) (*recorder, *audit.Report) {
+	t.Helper()
+	p := newPcap(t)
+	start := p.now
+	for s := 0; s <= 90; s += 10 {
+		p.now = start.Add(time.Duration(s) * time.Second)
+		each(p, s)
 	}
 	path := p.close()
 	rec := &recorder{}
@@ -211,11 +222,14 @@ func reloadRun(t *testing.T, pol string, dsts []netip.Addr, dns DNSFacts, extra 
 	done := false
 	feed(t, capt, path, func(ts time.Time) {
 		now = ts
-		if !done && ts.Sub(start) >= 70*time.Second {
+		if !done && ts.Sub(start) >= reload {
 			done = true
 			at(capt, store)
 		}
 	})
+	if !done {
+		t.Fatal("the reload was not made")
+	}
 	return rec, ledger.Report(audit.ReportOptions{})
 }
 
