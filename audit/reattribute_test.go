@@ -5,6 +5,8 @@ import (
 	"testing"
 	"time"
 
+	"github.com/google/go-cmp/cmp"
+
 	"egressd/policy"
 )
 
@@ -260,5 +262,78 @@ func TestRecreditedInAuditMode(t *testing.T) {
 				t.Errorf("live: rule added %+v, dropped %+v, totals %+v; want the flow under the rule, once", rr, r.Dropped, r.Totals)
 			}
 		})
+	}
+}
+
+// TestRecreditedOnlyTheSameFlow: an allow from the same component moves
+// a would-be deny only when it reports the same flow again (capture's
+// report after a reload: the flow's start), not when it is another flow
+// of the same 5-tuple the ledger's window takes for it (a client that
+// binds its source port, reconnecting within 2 s with another name, a
+// closed UDP exchange and the next): the first flow is still what enforce
+// would drop. Before, the allow of the second flow took the would-be drop
+// out of the report, and where the detail budget had held the first one
+// back, the log read again counted it dropped while the live ledger
+// counted it allowed.
+func TestRecreditedOnlyTheSameFlow(t *testing.T) {
+	first, _ := flowPair()
+	first.Mode, first.Verdict, first.Reason, first.Close, first.Duration = policy.ModeAudit, policy.Deny, "no-rule", "rst", 0.5
+	first.Name, first.NameSource = "tracker.example", NameSNI
+	second := first
+	second.Time = first.Time.Add(time.Second) // within the 2 s slack of the first one's end
+	second.Verdict, second.Rule, second.Reason, second.Close = policy.Allow, "added", "allowed", "fin"
+	second.Name = "docs.example"
+	r := reportOf(first, second)
+	if d := dropOf(r, "tracker.example"); d == nil || d.Flows != 1 || r.Totals.Dropped != 1 {
+		t.Errorf("dropped %+v, totals %+v: want the first flow still a would-be drop", r.Dropped, r.Totals)
+	}
+	// The same flow reported again, allowed (a reload in audit mode):
+	// moved, as TestRecreditedInAuditMode.
+	again := second
+	again.Time = first.Time
+	r = reportOf(first, again)
+	if rr := ruleOf(r, "added"); rr == nil || rr.Flows != 1 || len(r.Dropped) != 0 {
+		t.Errorf("the same flow allowed again: rule %+v, dropped %+v; want it moved to the rule", rr, r.Dropped)
+	}
+}
+
+// TestRecreditedHeldFlowReadBack: would-be denies the detail budget held
+// back (summaries), then capture's allowed reports of later flows of the
+// same 5-tuples, within the ledger's window: the log read back counts as
+// the live ledger did.
+func TestRecreditedHeldFlowReadBack(t *testing.T) {
+	eng := loadPolicy(t, "policy.yaml")
+	dir := t.TempDir()
+	t0 := time.Date(2026, 12, 5, 10, 0, 0, 0, time.UTC)
+	j, live, _ := openJournal(t, JournalConfig{Dir: dir, DetailBurst: 2, DetailRate: 1, DetailInterval: time.Hour}, eng)
+	j.now = func() time.Time { return t0 }
+	udp := func(i int, at time.Time, d policy.Decision) Event {
+		ev := Event{Kind: KindFlow, Source: SourceCapture, Time: at.Add(time.Duration(i) * time.Millisecond),
+			Client: netip.MustParseAddr("192.168.10.7"), ClientPort: uint16(20000 + i),
+			Dest: netip.MustParseAddr("203.0.113.20"), DestPort: 123, Proto: "udp", BytesOut: 100, Duration: 5, Close: "idle"}
+		ev.Stamp(d)
+		return ev
+	}
+	const n = 10
+	for i := range n {
+		j.Emit(udp(i, t0, policy.Decision{Verdict: policy.Deny, Mode: policy.ModeAudit, Reason: "no-rule"}))
+	}
+	j.takeBatch()
+	for i := range n {
+		j.Emit(udp(i, t0.Add(20*time.Second), policy.Decision{Verdict: policy.Allow, Rule: "ntp", Mode: policy.ModeAudit, Reason: "allowed"}))
+	}
+	if err := j.Close(); err != nil {
+		t.Fatal(err)
+	}
+	if j.summarized.Load() == 0 {
+		t.Fatal("nothing was held back: the test does not reach the detail budget")
+	}
+	want := live.Report(ReportOptions{Now: reportNow})
+	back, _, err := LoadDir(dir, eng, LedgerOptions{}, nil)
+	if err != nil {
+		t.Fatal(err)
+	}
+	if d := cmp.Diff(want, back.Report(ReportOptions{Now: reportNow})); d != "" {
+		t.Errorf("the report read back from the log differs (-live +read):\n%s", d)
 	}
 }
