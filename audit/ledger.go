@@ -80,8 +80,9 @@ const (
 //     a deny of a flow counted allowed, after a policy reload, from the
 //     component that decided it or from the firewall that cut it
 //     (redecided), and an allow of a flow counted as an audit-mode
-//     would-be deny, from the component that decided it, after a reload
-//     (to enforce, or in audit mode) allowed the flow (recredited).
+//     would-be deny, from the component that decided it, of the same
+//     start, after a reload (to enforce, or in audit mode) allowed the
+//     flow (recredited).
 //   - A DNS query event is not a flow. An allowed query counts in its
 //     rule's "queries" (and its name as a destination, its client as a
 //     client, its time in first/last seen), so a rule whose names were only
@@ -640,9 +641,15 @@ func redecided(rec *flowRec, ev *Event) bool {
 // counts under the rule, as if the allow had come first: the reverse of
 // redecided, so the report after the reload shows what enforce would drop
 // now. A deny enforced stays where it is (the kernel dropped the flow).
+// So does one whose allow has another start: not the flow reported again
+// but another of its 5-tuple within the window (a client reconnecting
+// from the port it binds, with another name); that flow is still what
+// enforce would drop, and one the detail budget held back is in a
+// summary the log cannot move.
 func recredited(rec *flowRec, ev *Event) bool {
 	return ev.Kind == KindFlow && ev.Verdict == policy.Allow &&
-		rec.rule == nil && !rec.enforced && rec.id.kind == KindFlow && ev.Source == rec.source
+		rec.rule == nil && !rec.enforced && rec.id.kind == KindFlow && ev.Source == rec.source &&
+		ev.Time.Equal(rec.start)
 }
 
 // moves reports whether ev, a later report of the flow rec, takes the
