@@ -991,9 +991,6 @@ func clientList(clients []string, truncated bool, d ClientDevices) string {
 	return s
 }
 
-// enforcedText says how much of a dropped entry was blocked: "yes" (all
-// of it), "no", or "N/M" flows when some were (an audit run, then an
-// enforce run). The text and HTML reports both print it.
 // portText is d's port as the text and HTML reports show it: "443/tcp";
 // for a flow without ports (capture's other protocols: port 0), "icmp"
 // for an ICMP or ICMPv6 echo the policy decided, as a rule's ports and
@@ -1010,6 +1007,9 @@ func (d DroppedReport) portText() string {
 	return d.Proto
 }
 
+// enforcedText says how much of a dropped entry was blocked: "yes" (all
+// of it), "no", or "N/M" flows when some were (an audit run, then an
+// enforce run). The text and HTML reports both print it.
 func (d DroppedReport) enforcedText() string {
 	switch {
 	case d.EnforcedFlows > 0 && d.EnforcedFlows != d.Flows:
