@@ -80,3 +80,40 @@ func TestOneDecisionLinePerConnection(t *testing.T) {
 		})
 	}
 }
+
+// TestDecisionLineWithoutRedirect: enforce mode with the proxy running
+// but no firewall of egressd's (--no-firewall: the operator brings
+// traffic to the listeners, here none does; the same as a firewall that
+// failed to install, or a proxy whose listener did not open): nothing
+// redirects the connection to the proxy, which never sees it, so
+// capture's line is its only one. Before, capture left the line to the
+// proxy whenever a proxy was configured, and the connection went out
+// with no decision line at all.
+func TestDecisionLineWithoutRedirect(t *testing.T) {
+	tp := newTopo(t)
+	d := newDaemon(t, tp, "enforce")
+	d.extra = append(d.extra, "--no-firewall")
+	d.start()
+	out, err := tp.lan.Run("curl", "-sS", "-o", "/dev/null", "--max-time", "5", "--cacert", tp.caFile,
+		"--resolve", fmt.Sprintf("%s:443:%s", trackerName, trackerIP), "https://"+trackerName+"/")
+	if err != nil {
+		t.Fatalf("curl %s with no firewall: %v: %s", trackerName, err, out)
+	}
+	re := regexp.MustCompile(`capture .* ` + regexp.QuoteMeta(trackerName) + ` `)
+	for i := 0; i < 100 && !re.MatchString(d.events()); i++ {
+		time.Sleep(100 * time.Millisecond)
+	}
+	if !re.MatchString(d.events()) {
+		t.Fatalf("capture did not report the connection in 10 s:\n%s", d.events())
+	}
+	d.stop()
+	var lines []string
+	for _, l := range strings.Split(d.logs(), "\n") {
+		if strings.Contains(l, `"msg":"decision"`) && strings.Contains(l, `"kind":"flow"`) && strings.Contains(l, `"name":"`+trackerName+`"`) {
+			lines = append(lines, l)
+		}
+	}
+	if len(lines) != 1 || !strings.Contains(lines[0], `"component":"capture"`) {
+		t.Errorf("%d decision lines for the connection the proxy never saw, want capture's one:\n%s", len(lines), strings.Join(lines, "\n"))
+	}
+}
