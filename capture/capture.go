@@ -87,14 +87,21 @@ type Config struct {
 	// the addresses egressd's DNS gave out for a rule's names, without
 	// reading SNI or Host: capture judges it so (see proc.go, redirected).
 	TCPPorts []policy.PortRange
-	// ProxyLines says the transparent proxy runs beside capture (egressd
-	// run) and writes the decision line of each connection enforce mode
-	// redirects to it. Capture's report of such a connection (live, TCP
-	// to a redirected port, opened in enforce mode) is then an event
-	// only, with no line of its own: one decision line per connection,
-	// the proxy's, which has the close reason and the bytes relayed. The
-	// ledger counts the two events as one flow, the proxy's.
-	ProxyLines bool
+	// ProxyLines, when set, says whether the transparent proxy runs
+	// beside capture (egressd run) and egressd's firewall redirects to
+	// it, so that the proxy writes the decision line of each connection
+	// enforce mode redirects: it is asked at each report, as either may
+	// change while capture runs (a proxy whose listener failed, a
+	// firewall installed at a reload to enforce). Capture's report of
+	// such a connection (live, TCP to a redirected port, opened in
+	// enforce mode) is then an event only, with no line of its own: one
+	// decision line per connection, the proxy's, which has the close
+	// reason and the bytes relayed. The ledger counts the two events as
+	// one flow, the proxy's. Nil, or false: nothing redirects to a
+	// proxy (--no-firewall, a firewall that did not install, a proxy
+	// not listening), the proxy never sees the connection, and capture's
+	// line is its only one.
+	ProxyLines func() bool
 }
 
 // Validate returns every problem of the configuration.

@@ -2325,15 +2325,17 @@ func (p *proc) emit(f *flow, how string) {
 }
 
 // proxiedLine reports whether f's decision line is the transparent
-// proxy's (Config.ProxyLines): a live TCP connection, not the gateway's
+// proxy's (Config.ProxyLines, asked now: the proxy listens and egressd's
+// firewall redirects to it): a live TCP connection, not the gateway's
 // own, nor started from the WAN side, nor dropped by the gateway's
 // hardening before NAT, to a port enforce mode redirected to the proxy
 // when it opened (NAT applies to a connection's first packet).
 // The proxy decides it and writes its line; capture's report of it is
 // the event only.
 func (p *proc) proxiedLine(f *flow) bool {
-	return p.c.cfg.ProxyLines && p.decideAt.IsZero() && f.proto == 6 && f.openedInEnforce &&
-		!f.forwarded && !f.inbound && !f.own && !f.guarded && f.sport != 53 && f.cport != 53 && p.redirected(f.sport)
+	return p.c.cfg.ProxyLines != nil && p.decideAt.IsZero() && f.proto == 6 && f.openedInEnforce &&
+		!f.forwarded && !f.inbound && !f.own && !f.guarded && f.sport != 53 && f.cport != 53 && p.redirected(f.sport) &&
+		p.c.cfg.ProxyLines()
 }
 
 // event is the event of f, decided, with close reason how.

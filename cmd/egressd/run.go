@@ -176,6 +176,13 @@ type daemon struct {
 	// to the proxy (reloadProxyUsers), not here.
 	proxyUsers map[string]proxy.UserSecret
 	caps       capabilities
+	// redirecting: egressd's firewall is installed (in enforce mode it
+	// redirects TCP from the LAN to the transparent proxy); proxyState:
+	// the proxy's transparent listener is not open yet (0), listening
+	// (1), stopped (2). Capture leaves a connection's decision line to
+	// the proxy only while both hold (proxyLines).
+	redirecting atomic.Bool
+	proxyState  atomic.Int32
 
 	mu       sync.Mutex // guards degraded
 	degraded map[string]string
@@ -1036,10 +1043,21 @@ func (d *daemon) run(ctx context.Context) error {
 	if d.proxy, err = proxy.New(pcfg, pdeps); err != nil {
 		d.degrade("proxy", err.Error())
 	} else {
-		wg.Add(1)
+		wg.Add(2)
+		go func() {
+			defer wg.Done()
+			select {
+			case <-d.proxy.Ready():
+				if t, _ := d.proxy.Addrs(); t != nil {
+					d.proxyState.CompareAndSwap(0, 1)
+				}
+			case <-proxyStopped:
+			}
+		}()
 		go func() {
 			defer wg.Done()
 			defer close(proxyStopped)
+			defer d.proxyState.Store(2)
 			if err := d.proxy.Run(ctx); err != nil && ctx.Err() == nil {
 				d.degrade("proxy", listenCapHint(err, caps, "CAP_NET_BIND_SERVICE for a listen port below 1024"))
 			}
@@ -1080,7 +1098,7 @@ func (d *daemon) run(ctx context.Context) error {
 		if d.macs != nil {
 			cdeps.MACs = d.macs
 		}
-		if d.capture, err = capture.New(capture.Config{Interfaces: lans, TCPPorts: tcpPorts, RingMB: ringMB, ProxyLines: d.proxy != nil}, cdeps); err != nil {
+		if d.capture, err = capture.New(capture.Config{Interfaces: lans, TCPPorts: tcpPorts, RingMB: ringMB, ProxyLines: d.proxyLines}, cdeps); err != nil {
 			d.degrade("capture", err.Error())
 			break
 		}
@@ -1380,6 +1398,7 @@ func (d *daemon) startFirewall(lans []string, wan string, gate *firewallGate) er
 		return err
 	}
 	d.fw = fw
+	d.redirecting.Store(true)
 	// Only now: the copy is that of the policy whose ruleset is in the
 	// kernel (the next start reads the marks as its rules').
 	d.savePolicy(true)
@@ -1523,6 +1542,16 @@ func (d *daemon) reloadPolicy() bool {
 	}
 	d.log.Info("policy reloaded", "policy", d.source, "rules", len(eng.Rules()), audit.LogMode, string(eng.Mode()))
 	return true
+}
+
+// proxyLines reports whether the transparent proxy writes the decision
+// lines of the connections enforce mode redirects to it: it listens, and
+// egressd's firewall, which redirects them, is installed (capture's
+// Config.ProxyLines). Else nothing brings them to the proxy (with
+// --no-firewall, a firewall that did not install, a listener that did not
+// open or failed): capture's line is their only one.
+func (d *daemon) proxyLines() bool {
+	return d.redirecting.Load() && d.proxyState.Load() == 1
 }
 
 // replaceFirewall hands a reloaded policy to the firewall, if one is
