@@ -289,3 +289,40 @@ func TestGuardedFlowKeepsItsLine(t *testing.T) {
 		t.Errorf("decision lines by client %v, want one for the forged source, none for the proxied client\n%q", lines, out.String())
 	}
 }
+
+// TestHalfOpenKeepsItsLine: beside the transparent proxy in enforce mode
+// (Config.ProxyLines), the proxy writes the line of a connection it
+// accepts, which it does once the client completes the handshake. A
+// client that never does (a SYN scan's RST after the SYN-ACK, a SYN
+// unanswered, a spoofed SYN) is never accepted, and the proxy never
+// writes a line of it: capture's line is its only one.
+func TestHalfOpenKeepsItsLine(t *testing.T) {
+	var out bytes.Buffer
+	r := newGuardRigLog(t, policy.ModeEnforce, true, slog.New(slog.NewJSONHandler(&out, nil)))
+	tcp := func(src string, l *layers.TCP) {
+		l.SrcPort, l.DstPort, l.Window = 40001, 443, 1024
+		r.send(false, src, "203.0.113.9", layers.IPProtocolTCP, l)
+	}
+	tcp("198.18.5.10", &layers.TCP{SYN: true, Seq: 1})
+	tcp("198.18.5.10", &layers.TCP{ACK: true, Seq: 2, Ack: 101}) // accepted: the proxy's line
+	tcp("198.18.5.11", &layers.TCP{SYN: true, Seq: 1})
+	tcp("198.18.5.11", &layers.TCP{RST: true, Seq: 2}) // a SYN scan
+	tcp("198.18.5.12", &layers.TCP{SYN: true, Seq: 1}) // never completed
+	evs := r.events()
+	for _, cli := range []string{"198.18.5.10", "198.18.5.11", "198.18.5.12"} {
+		if len(evs[cli]) != 1 {
+			t.Fatalf("events of %s: %v", cli, evs[cli])
+		}
+	}
+	lines := map[string]int{}
+	for _, l := range strings.Split(strings.TrimSpace(out.String()), "\n") {
+		var m map[string]any
+		if json.Unmarshal([]byte(l), &m) == nil && m["msg"] == audit.CanonicalMessage {
+			cli, _ := m["client"].(string)
+			lines[cli]++
+		}
+	}
+	if lines["198.18.5.10"] != 0 || lines["198.18.5.11"] != 1 || lines["198.18.5.12"] != 1 {
+		t.Errorf("decision lines by client %v, want none for the accepted connection, one each for the half-open ones\n%q", lines, out.String())
+	}
+}
