@@ -272,7 +272,8 @@ func TestGuardedFlowKeepsItsLine(t *testing.T) {
 		r.send(false, src, "203.0.113.9", layers.IPProtocolTCP, &layers.TCP{SrcPort: 40001, DstPort: 443, SYN: true, Seq: 1, Window: 1024})
 	}
 	syn("198.51.100.77") // forged
-	syn("198.18.5.10")   // a LAN client: the proxy's
+	syn("198.18.5.10")   // a LAN client: the proxy's, once it completes the handshake
+	r.send(false, "198.18.5.10", "203.0.113.9", layers.IPProtocolTCP, &layers.TCP{SrcPort: 40001, DstPort: 443, ACK: true, Seq: 2, Ack: 101, Window: 1024})
 	evs := r.events()
 	if len(evs["198.51.100.77"]) != 1 || evs["198.51.100.77"][0].Reason != ReasonForgedSource || len(evs["198.18.5.10"]) != 1 {
 		t.Fatalf("events: %v", evs)

@@ -127,6 +127,11 @@ type flow struct {
 	// guarded: the gateway hardening drops the flow's packets (guard.go),
 	// so it never reaches the proxy (proxiedLine).
 	guarded bool
+	// acked: the client sent a packet with ACK, neither SYN nor RST (the
+	// end of the handshake, or any later one): a redirected connection
+	// the proxy can accept; one that never got so far (a SYN scan's RST
+	// after the SYN-ACK, an unanswered SYN) it never sees (proxiedLine).
+	acked bool
 
 	base     [2]uint32 // TCP sequence number of stream offset 0
 	haveBase [2]bool
@@ -939,6 +944,9 @@ func (p *proc) tcpPacket(src, dst netip.Addr, mac []byte) {
 		// Forwarded by nftables, not proxied: decided at once by address.
 		f.forwarded, f.inspect = true, false
 		p.classify(f)
+	}
+	if dir == 0 && t.ACK && !t.SYN && !t.RST {
+		f.acked = true
 	}
 	if dir == 0 && !t.SYN && f.est.IsZero() {
 		// The proxy's clocks start when it accepts, after the handshake.
@@ -2329,11 +2337,12 @@ func (p *proc) emit(f *flow, how string) {
 // firewall redirects to it): a live TCP connection, not the gateway's
 // own, nor started from the WAN side, nor dropped by the gateway's
 // hardening before NAT, to a port enforce mode redirected to the proxy
-// when it opened (NAT applies to a connection's first packet).
+// when it opened (NAT applies to a connection's first packet), whose
+// client completed the handshake (the proxy accepts no other).
 // The proxy decides it and writes its line; capture's report of it is
 // the event only.
 func (p *proc) proxiedLine(f *flow) bool {
-	return p.c.cfg.ProxyLines != nil && p.decideAt.IsZero() && f.proto == 6 && f.openedInEnforce &&
+	return p.c.cfg.ProxyLines != nil && p.decideAt.IsZero() && f.proto == 6 && f.openedInEnforce && f.acked &&
 		!f.forwarded && !f.inbound && !f.own && !f.guarded && f.sport != 53 && f.cport != 53 && p.redirected(f.sport) &&
 		p.c.cfg.ProxyLines()
 }
