@@ -7,6 +7,7 @@ import (
 	"net/netip"
 	"os"
 	"path/filepath"
+	"slices"
 	"strings"
 	"testing"
 	"time"
@@ -434,6 +435,41 @@ func TestSuggestFromOnlyFlowClients(t *testing.T) {
 		}
 		if f := got["only-asked.example"]; len(f) != 1 || f[0] != "192.168.10.7" {
 			t.Errorf("%s: only-asked.example from: %v, want [192.168.10.7]", reason, f)
+		}
+	}
+}
+
+// TestSuggestFromKeepsResolvingClients: the clients of a name's flows
+// that never asked the forwarder for it resolved it through another
+// address: a LAN resolver that asks egressd (Pi-hole, AdGuard Home), the
+// device's IPv6 address asking while it connects over IPv4. In enforce
+// mode the forwarder decides the query by its asker's address, so a rule
+// whose from: lists only the flows' clients refuses the resolution those
+// flows need: the askers stay in from:. Where every flow client asked
+// itself, a client that only asked still gets none
+// (TestSuggestFromOnlyFlowClients).
+func TestSuggestFromKeepsResolvingClients(t *testing.T) {
+	for _, c := range []struct {
+		what          string
+		flows, askers []string
+		want          []string
+	}{
+		{"lan-resolver", []string{"192.168.10.5", "192.168.10.6"}, []string{"192.168.10.53"}, []string{"192.168.10.5", "192.168.10.53", "192.168.10.6"}},
+		{"dual-stack", []string{"192.168.10.5"}, []string{"fd00::5"}, []string{"192.168.10.5", "fd00::5"}},
+		{"asked-itself", []string{"192.168.10.5"}, []string{"192.168.10.5", "192.168.10.99"}, []string{"192.168.10.5"}},
+	} {
+		r := &Report{GeneratedAt: t0, Dropped: []DroppedReport{
+			{Dest: "api.vendor.example", Port: 443, Proto: "tcp", Flows: 3, Clients: c.flows, ClientCount: len(c.flows), Reason: policy.ReasonNoRule, FirstSeen: t0, LastSeen: t0},
+			{Dest: "api.vendor.example", Proto: "dns", Queries: 4, Clients: c.askers, ClientCount: len(c.askers), Reason: policy.ReasonNoRule, FirstSeen: t0, LastSeen: t0},
+		}}
+		sugs, _ := r.Suggest()
+		if len(sugs) != 1 {
+			t.Fatalf("%s: suggestions %+v, want one", c.what, sugs)
+		}
+		got := slices.Clone(sugs[0].From)
+		slices.Sort(got)
+		if !slices.Equal(got, c.want) {
+			t.Errorf("%s: from: %v, want %v", c.what, got, c.want)
 		}
 	}
 }
