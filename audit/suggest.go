@@ -53,7 +53,10 @@ const maxFromClients = 8
 //   - "from" lists the clients seen (when few enough), so a suggestion
 //     opens nothing to clients that did not ask: the clients of the
 //     denied flows, not those that only asked DNS for the name (a name
-//     with no flow lists the clients that asked);
+//     with no flow lists the clients that asked), but where a flow
+//     client never asked (it resolved through a LAN resolver that asks
+//     egressd, or its IPv6 address): then the askers too, whom enforce
+//     must let resolve the name for the flows;
 //   - only denials a rule can turn into an allow are suggested (see
 //     suggestible); for the others a comment per reason says how many
 //     were left out and why. Denials only an expired rule explains are
@@ -82,6 +85,28 @@ func (r *Report) Suggest() (sugs []Suggestion, comments []string) {
 		last    time.Time
 		reasons map[string]bool
 		assumed bool
+		// asked are the denied queries of the group's names that
+		// also had flows: their clients join from: only where a flow
+		// client never asked (below).
+		asked []DroppedReport
+	}
+	addClients := func(g *group, d DroppedReport) {
+		macsOf := d.ClientDevices.macsByClient()
+		for _, c := range d.Clients {
+			g.clients[c] = true
+			ms, ok := macsOf[c]
+			if !ok {
+				g.noMAC[c] = true
+				continue
+			}
+			if g.macs[c] == nil {
+				g.macs[c] = map[string]bool{}
+			}
+			for _, m := range ms {
+				g.macs[c][m] = true
+			}
+		}
+		g.trunc = g.trunc || d.ClientsTruncated
 	}
 	// dest is the normalised destination of d: an address, or a valid
 	// host name.
@@ -186,25 +211,34 @@ func (r *Report) Suggest() (sugs []Suggestion, comments []string) {
 			if d.Proto == "dns" && !assumed {
 				// The name's flows bring their clients: one that
 				// only asked DNS opened nothing the rule would
-				// cover, and gets no from: (nor counts).
+				// cover, and gets no from: (nor counts), unless a
+				// flow client never asked (below).
+				g.asked = append(g.asked, d)
 				continue
 			}
-			macsOf := d.ClientDevices.macsByClient()
+			addClients(g, d)
+		}
+	}
+	for _, g := range groups {
+		// A flow client that never asked the forwarder resolved the
+		// name through another address: a LAN resolver that asks
+		// egressd, the device's IPv6 address while it connects over
+		// IPv4 (or its own resolver, in audit mode). Enforce decides a
+		// query by its asker: without them in from:, the rule refuses
+		// the resolution its flows need. So the askers stay.
+		askers := map[string]bool{}
+		for _, d := range g.asked {
 			for _, c := range d.Clients {
-				g.clients[c] = true
-				ms, ok := macsOf[c]
-				if !ok {
-					g.noMAC[c] = true
-					continue
-				}
-				if g.macs[c] == nil {
-					g.macs[c] = map[string]bool{}
-				}
-				for _, m := range ms {
-					g.macs[c][m] = true
-				}
+				askers[c] = true
 			}
-			g.trunc = g.trunc || d.ClientsTruncated
+		}
+		for c := range g.clients {
+			if !askers[c] {
+				for _, d := range g.asked {
+					addClients(g, d)
+				}
+				break
+			}
 		}
 	}
 	leftReasons := make([]string, 0, len(left))
