@@ -327,3 +327,38 @@ func TestHalfOpenKeepsItsLine(t *testing.T) {
 		t.Errorf("decision lines by client %v, want none for the accepted connection, one each for the half-open ones\n%q", lines, out.String())
 	}
 }
+
+// TestGuardedFlowKeepsItsReasonAcrossReload: a flow the gateway
+// hardening drops (a forged source) is denied whatever the rules: a
+// reload whose policy allows its destination, in audit mode or to
+// enforce, leaves it denied with its reason (enforce's antispoof chain
+// drops it before any rule). Before, the reload judged it as a forwarded
+// flow and reported it allowed: the report took it off what enforce
+// drops and counted it under the rule.
+func TestGuardedFlowKeepsItsReasonAcrossReload(t *testing.T) {
+	const open = `version: 1
+mode: audit
+rules:
+  - name: everything
+    to: [203.0.113.0/24]
+    ports: [any]
+`
+	for _, to := range []policy.Mode{policy.ModeAudit, policy.ModeEnforce} {
+		t.Run(string(to), func(t *testing.T) {
+			r := newGuardRig(t, policy.ModeAudit)
+			r.udp("198.51.100.77", 5000, "203.0.113.9", 9000) // forged
+			r.c.deps.Policy.Swap(testEngine(t, open).WithMode(to))
+			r.c.proc.redecide()
+			r.udp("198.51.100.77", 5000, "203.0.113.9", 9000)
+			evs := r.events()["198.51.100.77"]
+			if len(evs) == 0 {
+				t.Fatal("no events of the forged source")
+			}
+			for _, ev := range evs {
+				if ev.Verdict != policy.Deny || ev.Reason != ReasonForgedSource {
+					t.Errorf("event %s %s %s after the reload, want deny %s", ev.Verdict, ev.Rule, ev.Reason, ReasonForgedSource)
+				}
+			}
+		})
+	}
+}
