@@ -250,7 +250,9 @@ func (p *proc) redecide() {
 	eng := p.c.deps.Policy.Load()
 	inAudit := eng.Mode() == policy.ModeAudit
 	for _, f := range p.flows {
-		if f.closed || f.own || f.inbound || !f.decided || f.revoked || f.sport == 53 || f.cport == 53 {
+		if f.closed || f.own || f.inbound || f.guarded || !f.decided || f.revoked || f.sport == 53 || f.cport == 53 {
+			// A guarded flow (guard.go) is denied whatever the rules:
+			// the gateway hardening drops it before any.
 			continue
 		}
 		// A flow of another protocol (other.go) is the forward chain's:
