@@ -362,3 +362,39 @@ rules:
 		})
 	}
 }
+
+// TestProxyLinesAtOpen: whether the proxy has a connection's line is
+// settled when it opens (NAT applies to its first packet): one opened
+// before the firewall redirected to the proxy (a start's first moments)
+// keeps capture's line though the redirect is in by its report, and one
+// opened while it was keeps none though the proxy stopped since (it
+// accepted the connection, and writes its line when it closes it).
+func TestProxyLinesAtOpen(t *testing.T) {
+	var out bytes.Buffer
+	redirecting := false
+	r := newGuardRigLog(t, policy.ModeEnforce, true, slog.New(slog.NewJSONHandler(&out, nil)))
+	r.c.cfg.ProxyLines = func() bool { return redirecting }
+	conn := func(src string) {
+		r.send(false, src, "203.0.113.9", layers.IPProtocolTCP, &layers.TCP{SrcPort: 40001, DstPort: 443, SYN: true, Seq: 1, Window: 1024})
+		r.send(false, src, "203.0.113.9", layers.IPProtocolTCP, &layers.TCP{SrcPort: 40001, DstPort: 443, ACK: true, Seq: 2, Ack: 101, Window: 1024})
+	}
+	conn("198.18.5.10") // before the redirect
+	redirecting = true
+	conn("198.18.5.11") // redirected
+	redirecting = false
+	evs := r.events()
+	if len(evs["198.18.5.10"]) != 1 || len(evs["198.18.5.11"]) != 1 {
+		t.Fatalf("events: %v", evs)
+	}
+	lines := map[string]int{}
+	for _, l := range strings.Split(strings.TrimSpace(out.String()), "\n") {
+		var m map[string]any
+		if json.Unmarshal([]byte(l), &m) == nil && m["msg"] == audit.CanonicalMessage {
+			cli, _ := m["client"].(string)
+			lines[cli]++
+		}
+	}
+	if lines["198.18.5.10"] != 1 || lines["198.18.5.11"] != 0 {
+		t.Errorf("decision lines by client %v, want one for the connection opened before the redirect, none for the redirected one", lines)
+	}
+}
