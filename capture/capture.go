@@ -90,8 +90,8 @@ type Config struct {
 	// ProxyLines, when set, says whether the transparent proxy runs
 	// beside capture (egressd run) and egressd's firewall redirects to
 	// it, so that the proxy writes the decision line of each connection
-	// enforce mode redirects: it is asked at each report, as either may
-	// change while capture runs (a proxy whose listener failed, a
+	// enforce mode redirects: it is asked at a connection's first packet
+	// (NAT applies to it), as either may change while capture runs (a proxy whose listener failed, a
 	// firewall installed at a reload to enforce). Capture's report of
 	// such a connection (live, TCP to a redirected port, opened in
 	// enforce mode) is then an event only, with no line of its own: one

@@ -121,9 +121,12 @@ type flow struct {
 	// openedInAudit: the policy was in audit mode at the flow's first
 	// packet (see beforeEnforce).
 	openedInAudit bool
-	// openedInEnforce: the policy was in enforce mode at the flow's
-	// first packet, a reload since notwithstanding (proxiedLine).
-	openedInEnforce bool
+	// redirectedAtOpen: at the flow's first packet the policy was in
+	// enforce mode and the firewall redirected to a listening proxy
+	// (Config.ProxyLines), a reload or a stopped proxy since
+	// notwithstanding: NAT applies to a connection's first packet
+	// (proxiedLine).
+	redirectedAtOpen bool
 	// guarded: the gateway hardening drops the flow's packets (guard.go),
 	// so it never reaches the proxy (proxiedLine).
 	guarded bool
@@ -678,7 +681,7 @@ func (p *proc) lookup(src netip.Addr, sp uint16, dst netip.Addr, dp uint16, prot
 		}
 		f = &flow{proto: proto, first: p.now, inspect: true, src: p.src}
 		f.openedInAudit = p.c.deps.Policy.Load().Mode() == policy.ModeAudit
-		f.openedInEnforce = !f.openedInAudit
+		f.redirectedAtOpen = !f.openedInAudit && proto == 6 && p.c.cfg.ProxyLines != nil && p.c.cfg.ProxyLines()
 		if srcIsClient {
 			f.cli, f.cport, f.srv, f.sport = src, sp, dst, dp
 		} else {
@@ -2333,8 +2336,8 @@ func (p *proc) emit(f *flow, how string) {
 }
 
 // proxiedLine reports whether f's decision line is the transparent
-// proxy's (Config.ProxyLines, asked now: the proxy listens and egressd's
-// firewall redirects to it): a live TCP connection, not the gateway's
+// proxy's (Config.ProxyLines, asked at its first packet: the proxy
+// listened and egressd's firewall redirected to it): a live TCP connection, not the gateway's
 // own, nor started from the WAN side, nor dropped by the gateway's
 // hardening before NAT, to a port enforce mode redirected to the proxy
 // when it opened (NAT applies to a connection's first packet), whose
@@ -2342,9 +2345,8 @@ func (p *proc) emit(f *flow, how string) {
 // The proxy decides it and writes its line; capture's report of it is
 // the event only.
 func (p *proc) proxiedLine(f *flow) bool {
-	return p.c.cfg.ProxyLines != nil && p.decideAt.IsZero() && f.proto == 6 && f.openedInEnforce && f.acked &&
-		!f.forwarded && !f.inbound && !f.own && !f.guarded && f.sport != 53 && f.cport != 53 && p.redirected(f.sport) &&
-		p.c.cfg.ProxyLines()
+	return p.decideAt.IsZero() && f.proto == 6 && f.redirectedAtOpen && f.acked &&
+		!f.forwarded && !f.inbound && !f.own && !f.guarded && f.sport != 53 && f.cport != 53 && p.redirected(f.sport)
 }
 
 // event is the event of f, decided, with close reason how.
