@@ -1752,6 +1752,7 @@ const (
 	// firewall drops new connections from the WAN side; no rule allows
 	// one.
 	ReasonInbound = "inbound"
+	ReasonUrgentData = "urgent-data"
 )
 
 // deny decides f as denied by capture (not by a rule), with the policy's

@@ -15,9 +15,16 @@ import (
 // urgentSeg writes one client segment with the URG flag, its urgent
 // pointer just past its last byte, as Linux sends a send(MSG_OOB).
 func (c *tcpConn) urgentSeg(data []byte) {
+	c.urgentPtr(data, uint16(len(data)))
+}
+
+// urgentPtr writes one client segment with the URG flag and urgent
+// pointer ptr (relative to the segment's sequence number; the urgent byte
+// is the one at seq+ptr-1, RFC 793's reading, which Linux follows).
+func (c *tcpConn) urgentPtr(data []byte, ptr uint16) {
 	ip := ipLayer(c.cli, c.srv, layers.IPProtocolTCP)
 	t := &layers.TCP{SrcPort: layers.TCPPort(c.cport), DstPort: layers.TCPPort(c.sport), Seq: c.cseq, Ack: c.sseq, Window: 65535,
-		ACK: true, PSH: true, URG: true, Urgent: uint16(len(data))}
+		ACK: true, PSH: true, URG: true, Urgent: ptr}
 	t.SetNetworkLayerForChecksum(ip)
 	c.p.frame(true, ip.(gopacket.SerializableLayer), t, gopacket.Payload(data))
 	c.cseq += uint32(len(data))
@@ -26,25 +33,34 @@ func (c *tcpConn) urgentSeg(data []byte) {
 // TestSyntheticUrgentByte: a client that sends a byte as urgent data
 // (MSG_OOB) inside its ClientHello or request head. The receiver (the
 // transparent proxy, any server without SO_OOBINLINE) reads the stream
-// without that byte, so the bytes on the wire in sequence order are not
-// the stream it parses: capture judging them says hello-malformed for a
-// hello the proxy allows by its SNI (e2e TestHardeningTCP/urgent-data),
-// and an attacker can choose the byte so that capture reads another name
-// than the server does. Capture gives the name search up at the urgent
-// byte, as at a missing segment, and decides by address.
+// without that byte (the one at the segment's sequence number plus the
+// urgent pointer minus one), so capture parses the stream without it
+// too: the hello the proxy decides on, by its SNI. Judging the bytes in
+// sequence order would say hello-malformed where the proxy allows (e2e
+// TestHardeningTCP/urgent-data); giving the name search up and deciding
+// by address would let a client hide a name the proxy denies behind an
+// allowed name DNS gave the address out for (the spoof cases).
 func TestSyntheticUrgentByte(t *testing.T) {
 	srv := netip.MustParseAddr("203.0.113.60")
 	hello := realClientHello(t, "a.allowed.test")
+	evil := realClientHello(t, "evil.test")
 	head := []byte("GET /urg HTTP/1.1\r\nHost: a.allowed.test\r\n\r\n")
+	evilHead := []byte("GET /urg HTTP/1.1\r\nHost: evil.test\r\n\r\n")
 	for _, tc := range []struct {
-		name  string
-		port  uint16
-		bytes []byte
-		at    int
+		name    string
+		port    uint16
+		bytes   []byte
+		at      int
+		verdict policy.Verdict
+		src     audit.NameSource
+		want    string
 	}{
-		{"inside the hello", 443, hello, 60},
-		{"before the hello", 443, hello, 0},
-		{"inside a request head", 80, head, 10},
+		{"inside the hello", 443, hello, 60, policy.Allow, audit.NameSNI, "a.allowed.test"},
+		{"before the hello", 443, hello, 0, policy.Allow, audit.NameSNI, "a.allowed.test"},
+		{"inside a request head", 80, head, 10, policy.Allow, audit.NameHost, "a.allowed.test"},
+		{"spoof inside the hello", 443, evil, 60, policy.Deny, audit.NameSNI, "evil.test"},
+		{"spoof before the hello", 443, evil, 0, policy.Deny, audit.NameSNI, "evil.test"},
+		{"spoof inside a request head", 80, evilHead, 10, policy.Deny, audit.NameHost, "evil.test"},
 	} {
 		t.Run(tc.name, func(t *testing.T) {
 			p := newPcap(t)
@@ -60,36 +76,166 @@ func TestSyntheticUrgentByte(t *testing.T) {
 				t.Fatal("no event")
 			}
 			ev := r.events[0]
-			if ev.Verdict != policy.Allow || ev.NameSource != audit.NameDNSLearned || ev.Name != "a.allowed.test" {
-				t.Errorf("event %+v: want allowed by address (a.allowed.test from DNS), not judged on bytes the receiver does not read", ev)
+			if ev.Verdict != tc.verdict || ev.NameSource != tc.src || ev.Name != tc.want {
+				t.Errorf("event %+v: want %s %s by %s, as the proxy reads the stream without the urgent byte", ev, tc.verdict, tc.want, tc.src)
 			}
 		})
 	}
 }
 
+// TestSyntheticUrgentPointer: which byte leaves the stream. A send of two
+// bytes with MSG_OOB marks the second (the pointer is just past it: the
+// first stays in line); a pointer beyond the segment marks a byte of a
+// later one; a segment with URG whose byte was received already (a
+// retransmission that adds the flag) marks nothing, as Linux does not
+// replay an urgent pointer behind what it received; the same mark carried
+// by several segments is one mark.
+func TestSyntheticUrgentPointer(t *testing.T) {
+	srv := netip.MustParseAddr("203.0.113.62")
+	hello := realClientHello(t, "evil.test")
+	for _, tc := range []struct {
+		name string
+		send func(c *tcpConn)
+	}{
+		{"two-byte send", func(c *tcpConn) {
+			c.send(true, hello[:60], 1400, nil, nil)
+			c.urgentSeg([]byte{hello[60], 0x16}) // the 0x16 is the urgent byte
+			c.send(true, hello[61:], 1400, nil, nil)
+		}},
+		{"pointer into a later segment", func(c *tcpConn) {
+			// The urgent byte (0x16) is the 81st byte from here, in
+			// the next segment.
+			c.urgentPtr(hello[:40], 81)
+			c.send(true, append(append(append([]byte(nil), hello[40:80]...), 0x16), hello[80:]...), 1400, nil, nil)
+		}},
+		{"flag on a retransmission", func(c *tcpConn) {
+			c.send(true, hello[:60], 1400, nil, nil)
+			c.cseq -= 10
+			c.urgentSeg(hello[50:60]) // received already: no mark
+			c.send(true, hello[60:], 1400, nil, nil)
+		}},
+		{"one mark in two segments", func(c *tcpConn) {
+			// A send(MSG_OOB) of 40 bytes in two segments: both carry
+			// the pointer to its last byte (0x16).
+			c.urgentPtr(hello[:20], 40)
+			c.urgentPtr(append(append([]byte(nil), hello[20:39]...), 0x16), 20)
+			c.send(true, hello[39:], 1400, nil, nil)
+		}},
+	} {
+		t.Run(tc.name, func(t *testing.T) {
+			p := newPcap(t)
+			c := &tcpConn{p: p, cli: netip.MustParseAddr("192.0.2.72"), srv: srv, cport: 41002, sport: 443, cseq: 100, sseq: 9}
+			c.handshake()
+			tc.send(c)
+			c.send(false, bytes.Repeat([]byte{0x17}, 100), 1400, nil, nil)
+			c.close()
+			r := synthRun(t, p.close(), testPolicy, factsMap{srv: {"a.allowed.test"}}, Config{})
+			if len(r.events) == 0 {
+				t.Fatal("no event")
+			}
+			ev := r.events[0]
+			if ev.Verdict != policy.Deny || ev.NameSource != audit.NameSNI || ev.Name != "evil.test" {
+				t.Errorf("event %+v: want evil.test denied by its SNI", ev)
+			}
+		})
+	}
+}
+
+// TestSyntheticUrgentTwice: a second urgent mark after the first urgent
+// byte arrived. Linux keeps only the newest mark: the older byte is back
+// in line unless the reader had read past it already, which depends on
+// when the proxy read. What the proxy parsed cannot be known, so capture
+// neither parses nor decides by address: it denies the flow (urgent-data).
+// A second mark that comes before the first byte does (the reader cannot
+// have passed it) puts that byte back in line for sure, and the flow is
+// judged on the stream with only the newest mark's byte taken out.
+func TestSyntheticUrgentTwice(t *testing.T) {
+	srv := netip.MustParseAddr("203.0.113.63")
+	hello := realClientHello(t, "a.allowed.test")
+	t.Run("undetermined", func(t *testing.T) {
+		p := newPcap(t)
+		c := &tcpConn{p: p, cli: netip.MustParseAddr("192.0.2.73"), srv: srv, cport: 41003, sport: 443, cseq: 100, sseq: 9}
+		c.handshake()
+		c.send(true, hello[:30], 1400, nil, nil)
+		c.urgentSeg([]byte{0x16})
+		c.send(true, hello[30:60], 1400, nil, nil)
+		c.urgentSeg([]byte{0x16})
+		c.send(true, hello[60:], 1400, nil, nil)
+		c.send(false, bytes.Repeat([]byte{0x17}, 100), 1400, nil, nil)
+		c.close()
+		r := synthRun(t, p.close(), testPolicy, factsMap{srv: {"a.allowed.test"}}, Config{})
+		if len(r.events) == 0 {
+			t.Fatal("no event")
+		}
+		if ev := r.events[0]; ev.Verdict != policy.Deny || ev.Reason != ReasonUrgentData {
+			t.Errorf("event %+v: want denied %s", ev, ReasonUrgentData)
+		}
+	})
+	t.Run("first byte not yet arrived", func(t *testing.T) {
+		p := newPcap(t)
+		c := &tcpConn{p: p, cli: netip.MustParseAddr("192.0.2.74"), srv: srv, cport: 41004, sport: 443, cseq: 100, sseq: 9}
+		c.handshake()
+		// A mark on the 51st byte (hello[50], stays in line: the
+		// second mark comes before it), then the second on the 0x16
+		// inserted after hello[:60].
+		c.urgentPtr(hello[:20], 51)
+		c.send(true, hello[20:40], 1400, nil, nil)
+		c.urgentPtr(hello[40:50], 21)
+		c.send(true, append(append(append([]byte(nil), hello[50:60]...), 0x16), hello[60:]...), 1400, nil, nil)
+		c.send(false, bytes.Repeat([]byte{0x17}, 100), 1400, nil, nil)
+		c.close()
+		r := synthRun(t, p.close(), testPolicy, factsMap{srv: {"a.allowed.test"}}, Config{})
+		if len(r.events) == 0 {
+			t.Fatal("no event")
+		}
+		if ev := r.events[0]; ev.Verdict != policy.Allow || ev.NameSource != audit.NameSNI || ev.Name != "a.allowed.test" {
+			t.Errorf("event %+v: want a.allowed.test allowed by its SNI", ev)
+		}
+	})
+}
+
 // TestSyntheticUrgentByteFollowed: urgent data in a later request of a
-// followed plain-HTTP flow. The proxy's request parser never reads the
-// urgent byte; capture stops following rather than record requests from
-// bytes the parser does not see.
+// followed plain-HTTP flow. The proxy's request parser reads the stream
+// without the urgent byte; capture follows that stream, so the request
+// it records is the one the proxy decides (Host evil.test, denied). With
+// a second mark the stream the parser read is not known: a request event
+// denied urgent-data, and the flow is no longer followed.
 func TestSyntheticUrgentByteFollowed(t *testing.T) {
 	srv := netip.MustParseAddr("203.0.113.61")
-	p := newPcap(t)
-	c := &tcpConn{p: p, cli: netip.MustParseAddr("192.0.2.71"), srv: srv, cport: 41001, sport: 80, cseq: 100, sseq: 9}
-	c.handshake()
-	c.send(true, []byte("GET /one HTTP/1.1\r\nHost: a.allowed.test\r\n\r\n"), 1400, nil, nil)
-	c.send(false, []byte("HTTP/1.1 200 OK\r\nContent-Length: 0\r\n\r\n"), 1400, nil, nil)
-	second := []byte("GET /two HTTP/1.1\r\nHost: evil.test\r\n\r\n")
-	c.send(true, second[:5], 1400, nil, nil)
-	c.urgentSeg([]byte{'X'})
-	c.send(true, second[5:], 1400, nil, nil)
-	c.close()
-	r := synthRun(t, p.close(), testPolicy, factsMap{srv: {"a.allowed.test"}}, Config{})
-	if r.stats.Unfollowed != 1 {
-		t.Errorf("unfollowed %d, want 1", r.stats.Unfollowed)
-	}
-	for _, ev := range r.events {
-		if ev.Kind == audit.KindRequest {
-			t.Errorf("a request recorded from bytes with an urgent byte in them: %+v", ev)
+	for _, twice := range []bool{false, true} {
+		p := newPcap(t)
+		c := &tcpConn{p: p, cli: netip.MustParseAddr("192.0.2.71"), srv: srv, cport: 41001, sport: 80, cseq: 100, sseq: 9}
+		c.handshake()
+		c.send(true, []byte("GET /one HTTP/1.1\r\nHost: a.allowed.test\r\n\r\n"), 1400, nil, nil)
+		c.send(false, []byte("HTTP/1.1 200 OK\r\nContent-Length: 0\r\n\r\n"), 1400, nil, nil)
+		second := []byte("GET /two HTTP/1.1\r\nHost: evil.test\r\n\r\n")
+		c.send(true, second[:5], 1400, nil, nil)
+		c.urgentSeg([]byte{'X'})
+		if twice {
+			c.send(true, second[5:10], 1400, nil, nil)
+			c.urgentSeg([]byte{'Y'})
+			c.send(true, second[10:], 1400, nil, nil)
+		} else {
+			c.send(true, second[5:], 1400, nil, nil)
+		}
+		c.send(true, []byte("GET /three HTTP/1.1\r\nHost: a.allowed.test\r\n\r\n"), 1400, nil, nil)
+		c.close()
+		r := synthRun(t, p.close(), testPolicy, factsMap{srv: {"a.allowed.test"}}, Config{})
+		if r.stats.Unfollowed != 0 {
+			t.Errorf("twice %v: unfollowed %d, want 0", twice, r.stats.Unfollowed)
+		}
+		var reqs []audit.Event
+		for _, ev := range r.events {
+			if ev.Kind == audit.KindRequest {
+				reqs = append(reqs, ev)
+			}
+		}
+		switch {
+		case !twice && (len(reqs) != 2 || reqs[0].Name != "evil.test" || reqs[0].Verdict != policy.Deny ||
+			reqs[1].Name != "a.allowed.test" || reqs[1].Verdict != policy.Allow):
+			t.Errorf("requests %+v: want evil.test denied, then a.allowed.test allowed", reqs)
+		case twice && (len(reqs) != 1 || reqs[0].Verdict != policy.Deny || reqs[0].Reason != ReasonUrgentData):
+			t.Errorf("two marks: requests %+v: want one, denied %s", reqs, ReasonUrgentData)
 		}
 	}
 }
