@@ -142,6 +142,12 @@ type flow struct {
 	dnsOff   [2]int
 	quic     *quicOpener
 	held     int // bytes of st and quic counted in proc.streamBytes
+	// urg: the client's urgent mark (see urgent): the byte at sequence
+	// number urgSeq is out of the stream a receiver without SO_OOBINLINE
+	// reads, and out of st[0]; urgGot: a segment holding it arrived.
+	urg      bool
+	urgGot   bool
+	urgSeq   uint32
 	headScan int // HTTP: bytes of st[0] already searched for the end of the first head
 
 	// req follows the client's request stream of a plain-HTTP flow
@@ -971,29 +977,31 @@ func (p *proc) tcpPacket(src, dst netip.Addr, mac []byte) {
 		}
 	}
 	if t.URG && dir == 0 {
-		p.urgent(f)
+		p.urgent(f, seq, t.Urgent)
 	}
 	switch {
 	case len(t.Payload) == 0:
-	case f.req != nil && dir == 0:
-		p.followData(f, seq, t.Payload)
-	case f.inspect && (dir == 0 || f.app == appDNS || (f.app == appUnknown && f.sport == 53)):
+	case dir == 0:
+		p.clientData(f, seq, t.Payload)
+	case f.inspect && (f.app == appDNS || (f.app == appUnknown && f.sport == 53)):
 		p.tcpData(f, dir, seq, t.Payload)
 	}
 	switch {
 	case t.RST:
 		if dir == 0 {
-			p.clientEnd(f, seq+uint32(len(t.Payload)))
-			p.helloCut(f, seq+uint32(len(t.Payload)))
+			end := f.readSeq(seq + uint32(len(t.Payload)))
+			p.clientEnd(f, end)
+			p.helloCut(f, end)
 		}
 		p.end(f, "rst")
 	case t.FIN:
+		end := f.readSeq(seq + uint32(len(t.Payload)))
 		if dir == 0 {
-			p.clientEnd(f, seq+uint32(len(t.Payload)))
+			p.clientEnd(f, end)
 		}
 		f.fin[dir] = true
 		if dir == 0 {
-			p.helloCut(f, seq+uint32(len(t.Payload)))
+			p.helloCut(f, end)
 		}
 		if f.fin[0] && f.fin[1] {
 			p.end(f, "fin")
@@ -1031,21 +1039,119 @@ func (p *proc) redirected(port uint16) bool {
 	return false
 }
 
-// urgent: the client sent urgent data (the URG flag, a send with
-// MSG_OOB). The proxy, like any receiver without SO_OOBINLINE, reads the
-// stream without the urgent byte (and with several urgent marks, Linux
-// puts the older bytes back in line), so the bytes in sequence order are
-// not the stream it parses: judged on them, an allowed hello would read as
-// hello-malformed, and an attacker could pick the byte so that capture
-// reads another name than the server does. The name search gives up, as
-// at a missing segment (decided by address), and a followed plain-HTTP
-// flow stops being followed (e2e TestHardeningTCP/urgent-data).
-func (p *proc) urgent(f *flow) {
+// Urgent data. A client's send with MSG_OOB sets the URG flag and an
+// urgent pointer on its segments: the byte at sequence number seq+ptr-1
+// (RFC 793's reading, which Linux follows; seq itself for a pointer of
+// 0) is urgent, and a receiver without SO_OOBINLINE (the transparent
+// proxy, most servers) reads the stream without it. Linux keeps one mark:
+// a pointer behind what it has received marks nothing, nor does one not
+// after the mark it holds; a newer one replaces it, and the older byte is
+// back in line unless the reader had read past it already. Capture takes
+// the marked byte out of the client's stream (clientData), so that the
+// hello or heads it parses are those the proxy parses (e2e
+// TestHardeningTCP/urgent-data): judged on the bytes in sequence order, an
+// allowed hello would read as hello-malformed, and a client could show
+// capture one name and the proxy another. Where a second mark comes after
+// the first byte arrived, whether that byte was read past depends on when
+// the proxy read: its stream is not known, so the flow is denied
+// (urgent-data) rather than parsed or decided by address, and a followed
+// flow's next request is (and it is no longer followed).
+
+// urgent takes the URG flag of a client segment at sequence number seq
+// with urgent pointer ptr, before its data.
+func (p *proc) urgent(f *flow, seq uint32, ptr uint16) {
+	if f.req == nil && !f.inspect {
+		return // the stream is read no more
+	}
+	u := seq + uint32(ptr)
+	if ptr > 0 {
+		u--
+	}
+	if nxt, ok := f.rcvNext(); ok && int32(u-nxt) < 0 {
+		return // received already: Linux does not replay a mark
+	}
+	if f.urg {
+		if int32(u-f.urgSeq) <= 0 {
+			return // the same mark (a send cut into segments), or an older one
+		}
+		if f.urgGot {
+			p.urgentUnknown(f)
+			return
+		}
+		// The older byte has not come: no reader can have passed it,
+		// it is back in line.
+	}
+	f.urg, f.urgGot, f.urgSeq = true, false, u
+}
+
+// urgentUnknown: f's client stream, as the proxy read it, is not known
+// (see above).
+func (p *proc) urgentUnknown(f *flow) {
+	f.urg = false
+	if f.req != nil {
+		p.request(f, nil, errUrgent)
+		p.stopFollow(f)
+		return
+	}
+	p.deny(f, ReasonUrgentData, "", audit.NameNone)
+	p.done(f)
+}
+
+// errUrgent stands for a client stream with two urgent marks in it.
+var errUrgent = errors.New("capture: urgent data: the stream the proxy read is not known")
+
+// rcvNext is the sequence number after the client's bytes received in
+// order, as the receiver's rcv_nxt; false when no base is known.
+func (f *flow) rcvNext() (uint32, bool) {
+	if !f.haveBase[0] {
+		return 0, false
+	}
+	e := f.base[0]
+	if s := f.st[0]; s != nil {
+		e += uint32(len(s.buf))
+	}
+	if f.urg && (int32(e-f.urgSeq) > 0 || e == f.urgSeq && f.urgGot) {
+		e++ // the urgent byte is in no buffer
+	}
+	return e, true
+}
+
+// readSeq maps the client's sequence number x to the stream without the
+// urgent byte: bytes after it move one back.
+func (f *flow) readSeq(x uint32) uint32 {
+	if f.urg && int32(x-f.urgSeq) > 0 {
+		return x - 1
+	}
+	return x
+}
+
+// clientData passes a client segment at sequence number seq to the
+// request follower or the name search, without the urgent byte.
+func (p *proc) clientData(f *flow, seq uint32, data []byte) {
+	if d := int32(f.urgSeq - seq); f.urg && d >= 0 && int(d) < len(data) {
+		f.urgGot = true
+		cut := p.cut
+		p.cut = 0 // the capture cut the end of the segment, after the first piece
+		if d > 0 {
+			p.clientPiece(f, seq, data[:d])
+		}
+		p.cut = cut
+		if rest := data[d+1:]; len(rest) > 0 || cut > 0 {
+			p.clientPiece(f, f.urgSeq, rest)
+		}
+		return
+	}
+	p.clientPiece(f, f.readSeq(seq), data)
+}
+
+// clientPiece passes client bytes at sequence number seq (of the stream
+// without the urgent byte) on.
+func (p *proc) clientPiece(f *flow, seq uint32, data []byte) {
 	switch {
 	case f.req != nil:
-		p.unfollow(f)
-	case f.inspect && !f.decided:
-		p.giveUp(f)
+		p.followData(f, seq, data)
+	case f.inspect:
+		p.tcpData(f, 0, seq, data)
 	}
 }
 
@@ -1384,6 +1490,8 @@ func headReason(err error) string {
 		return ReasonHTTPFraming
 	case errors.Is(err, httpwire.ErrHeadTooLarge):
 		return ReasonHelloTooLarge
+	case errors.Is(err, errUrgent):
+		return ReasonUrgentData
 	default:
 		return ReasonHTTPBad
 	}
@@ -1752,6 +1860,10 @@ const (
 	// firewall drops new connections from the WAN side; no rule allows
 	// one.
 	ReasonInbound = "inbound"
+	// ReasonUrgentData: a client stream with a second urgent mark
+	// (MSG_OOB) after the first urgent byte arrived: whether the proxy
+	// read that byte in line depends on when it read (see urgent), so
+	// what it parsed is not known. Capture's own reason.
 	ReasonUrgentData = "urgent-data"
 )
 

@@ -55,10 +55,11 @@ func TestSyntheticUrgentByte(t *testing.T) {
 		src     audit.NameSource
 		want    string
 	}{
-		{"inside the hello", 443, hello, 60, policy.Allow, audit.NameSNI, "a.allowed.test"},
+		{"inside the hello", 443, hello, bytes.Index(hello, []byte("allowed")), policy.Allow, audit.NameSNI, "a.allowed.test"},
 		{"before the hello", 443, hello, 0, policy.Allow, audit.NameSNI, "a.allowed.test"},
 		{"inside a request head", 80, head, 10, policy.Allow, audit.NameHost, "a.allowed.test"},
-		{"spoof inside the hello", 443, evil, 60, policy.Deny, audit.NameSNI, "evil.test"},
+		{"spoof at 60", 443, evil, 60, policy.Deny, audit.NameSNI, "evil.test"},
+		{"spoof inside the hello", 443, evil, bytes.Index(evil, []byte("evil.test")) + 2, policy.Deny, audit.NameSNI, "evil.test"},
 		{"spoof before the hello", 443, evil, 0, policy.Deny, audit.NameSNI, "evil.test"},
 		{"spoof inside a request head", 80, evilHead, 10, policy.Deny, audit.NameHost, "evil.test"},
 	} {
@@ -93,33 +94,50 @@ func TestSyntheticUrgentByte(t *testing.T) {
 func TestSyntheticUrgentPointer(t *testing.T) {
 	srv := netip.MustParseAddr("203.0.113.62")
 	hello := realClientHello(t, "evil.test")
+	// n: a byte inside the server name, where a byte more or less
+	// changes the name (the session ID before it is random bytes).
+	n := bytes.Index(hello, []byte("evil.test")) + 2
+	with := func(a, b []byte) []byte { return append(append(append([]byte(nil), a...), 0x16), b...) }
 	for _, tc := range []struct {
 		name string
 		send func(c *tcpConn)
 	}{
 		{"two-byte send", func(c *tcpConn) {
-			c.send(true, hello[:60], 1400, nil, nil)
-			c.urgentSeg([]byte{hello[60], 0x16}) // the 0x16 is the urgent byte
-			c.send(true, hello[61:], 1400, nil, nil)
+			c.send(true, hello[:n], 1400, nil, nil)
+			c.urgentSeg([]byte{hello[n], 0x16}) // the 0x16 is the urgent byte
+			c.send(true, hello[n+1:], 1400, nil, nil)
 		}},
 		{"pointer into a later segment", func(c *tcpConn) {
-			// The urgent byte (0x16) is the 81st byte from here, in
+			// The urgent byte (0x16) is the (n+1)th byte from here, in
 			// the next segment.
-			c.urgentPtr(hello[:40], 81)
-			c.send(true, append(append(append([]byte(nil), hello[40:80]...), 0x16), hello[80:]...), 1400, nil, nil)
+			c.urgentPtr(hello[:40], uint16(n+1))
+			c.send(true, with(hello[40:n], hello[n:]), 1400, nil, nil)
 		}},
 		{"flag on a retransmission", func(c *tcpConn) {
-			c.send(true, hello[:60], 1400, nil, nil)
+			c.send(true, hello[:n], 1400, nil, nil)
 			c.cseq -= 10
-			c.urgentSeg(hello[50:60]) // received already: no mark
-			c.send(true, hello[60:], 1400, nil, nil)
+			c.urgentSeg(hello[n-10 : n]) // received already: no mark
+			c.send(true, hello[n:], 1400, nil, nil)
 		}},
 		{"one mark in two segments", func(c *tcpConn) {
-			// A send(MSG_OOB) of 40 bytes in two segments: both carry
+			// A send(MSG_OOB) of n+1 bytes in two segments: both carry
 			// the pointer to its last byte (0x16).
-			c.urgentPtr(hello[:20], 40)
-			c.urgentPtr(append(append([]byte(nil), hello[20:39]...), 0x16), 20)
-			c.send(true, hello[39:], 1400, nil, nil)
+			c.urgentPtr(hello[:20], uint16(n+1))
+			c.urgentPtr(with(hello[20:n], nil), uint16(n+1-20))
+			c.send(true, hello[n:], 1400, nil, nil)
+		}},
+		{"one mark, its segment again before a gap fills", func(c *tcpConn) {
+			// The segment with the urgent byte comes out of order, and
+			// again: one mark still.
+			start := c.cseq
+			c.cseq = start + 20
+			c.urgentSeg(with(hello[20:n], nil))
+			c.cseq = start + 20
+			c.urgentSeg(with(hello[20:n], nil))
+			c.cseq = start
+			c.send(true, hello[:20], 1400, nil, nil)
+			c.cseq = start + uint32(n) + 1
+			c.send(true, hello[n:], 1400, nil, nil)
 		}},
 	} {
 		t.Run(tc.name, func(t *testing.T) {
