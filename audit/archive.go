@@ -76,6 +76,10 @@ type archive struct {
 	Rules    []archRule  `json:"rules"`
 	Dropped  []archDrop  `json:"dropped"`
 	ECH      archECH     `json:"ech"`
+	// Alarms are the ledger's alarms (THREATS.md E2: the DNS
+	// forwarder's dns-tunnel), AlarmsDropped those past its bound.
+	Alarms        []AlarmReport `json:"alarms,omitempty"`
+	AlarmsDropped uint64        `json:"alarms_dropped,omitempty"`
 	// Open are the latest flows and queries counted (at most
 	// maxArchiveFlows, the oldest first), with where each counts.
 	Open []archFlow `json:"open_flows,omitempty"`
@@ -443,6 +447,7 @@ func (l *Ledger) importArchive(a *archive) {
 	l.ech.wouldStrip += a.ECH.WouldStrip
 	importClients(&l.ech.clients, a.ECH.Clients, nil, a.ECH.ClientsTruncated, l.opt.MaxClients)
 	l.ech.names.set(a.ECH.Names, l.opt.MaxDestinations)
+	l.importAlarmsLocked(a)
 	l.importFlowsLocked(a.Open)
 	l.arch = newArchInfo(a)
 }
@@ -715,8 +720,44 @@ func (l *Ledger) export() *archive {
 	})
 	a.ECH = archECH{Stripped: l.ech.stripped, WouldStrip: l.ech.wouldStrip, Clients: l.ech.clients.addrs(),
 		ClientsTruncated: l.ech.clients.truncated, Names: l.ech.names.top(len(l.ech.names.h))}
+	for _, al := range l.alarms {
+		a.Alarms = append(a.Alarms, *al)
+	}
+	slices.SortFunc(a.Alarms, func(x, y AlarmReport) int {
+		return cmp.Or(cmp.Compare(x.Reason, y.Reason), cmp.Compare(x.Client, y.Client), cmp.Compare(x.ClientMAC, y.ClientMAC), cmp.Compare(x.Zone, y.Zone))
+	})
+	a.AlarmsDropped = l.alarmsDropped
 	a.Open = l.exportFlowsLocked()
 	return a
+}
+
+// importAlarmsLocked adds a summary's alarms, bounded and clipped as
+// addAlarmLocked keeps them whatever the file says.
+func (l *Ledger) importAlarmsLocked(a *archive) {
+	l.alarmsDropped += a.AlarmsDropped
+	for _, al := range a.Alarms {
+		k := alarmKey{knownText(al.Reason), Clip(al.Client, MaxNameBytes), Clip(al.ClientMAC, MaxNameBytes), lowerASCII(trimDot(Clip(al.Zone, MaxNameBytes)))}
+		e := l.alarms[k]
+		if e == nil {
+			if len(l.alarms) >= maxAlarms {
+				l.alarmsDropped += al.Alarms
+				continue
+			}
+			if l.alarms == nil {
+				l.alarms = map[alarmKey]*AlarmReport{}
+			}
+			e = &AlarmReport{Reason: k.reason, Client: k.client, ClientMAC: k.mac, Zone: k.zone, Rule: Clip(al.Rule, MaxNameBytes), FirstSeen: al.FirstSeen.UTC()}
+			l.alarms[k] = e
+		}
+		e.Alarms += al.Alarms
+		e.DistinctNames = max(e.DistinctNames, al.DistinctNames)
+		if t := al.LastSeen.UTC(); t.After(e.LastSeen) {
+			e.LastSeen = t
+		}
+		if t := al.FirstSeen.UTC(); t.Before(e.FirstSeen) {
+			e.FirstSeen = t
+		}
+	}
 }
 
 func (c *clientSet) addrs() []netip.Addr {
