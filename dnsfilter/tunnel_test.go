@@ -13,6 +13,7 @@ import (
 	"github.com/prometheus/client_golang/prometheus"
 
 	"egressd/audit"
+	"egressd/internal/fakemac"
 	"egressd/policy"
 )
 
@@ -207,4 +208,26 @@ func gatheredCounter(t *testing.T, reg *prometheus.Registry, name string) float6
 	}
 	t.Fatalf("no %s in the registry", name)
 	return 0
+}
+
+// Forged sources of the LAN (addresses of a link nobody answers ARP/NDP
+// for, which the rate limit counts as one client) count as one client
+// here too: a host that spreads 1,000 distinct names of an allowed zone
+// over 20 such sources, 50 each, raises the alarm (once). Before, each
+// forged source was a client of its own, and the names of a one-way
+// tunnel (the attacker's server needs no answer) spread over enough of
+// them never alarmed.
+func TestTunnelAlarmForgedSources(t *testing.T) {
+	up := newFakeUpstream(t, "")
+	devs := &linkedTable{Table: fakemac.New(nil), link: netip.MustParsePrefix("127.0.1.0/24"), resolved: map[netip.Addr]int{}}
+	ts := startServer(t, tunnelPolicy, Config{Upstreams: []string{up.Addr}, TunnelThreshold: 500}, Deps{Devices: devs})
+	for i := range 1000 {
+		src := fmt.Sprintf("127.0.1.%d", 10+i%20)
+		if rc := askFrom(t, src, ts.Addr, fmt.Sprintf("mzxw6ytboi%04d.t.allowed.test", i)); rc != dns.RcodeNameError {
+			t.Fatalf("query %d from %s: rcode %d", i, src, rc)
+		}
+	}
+	if a := tunnelAlarms(ts.Sink); len(a) != 1 || a[0].Name != "t.allowed.test" {
+		t.Fatalf("1,000 names over 20 forged sources raised %d alarms, want 1: %+v", len(a), a)
+	}
 }
