@@ -645,7 +645,16 @@ func (s *Server) watchTunnel(q *query) {
 	client := q.client.Addr().Unmap()
 	mac := q.eventMAC()
 	key := mac
-	if key == "" {
+	switch {
+	case key != "":
+	case s.rl != nil && s.rl.unresolvedSource(client):
+		// The rate limit's shared client: forged sources of the LAN
+		// would each be a client of their own, and a one-way tunnel
+		// (the attacker's server needs no answer) spread over enough
+		// of them never alarm. The alarm names the source that took
+		// the count over the threshold.
+		key = unresolvedTunnelKey
+	default:
 		key = client.String()
 	}
 	now := s.now()

@@ -152,6 +152,20 @@ func (r *rateLimiter) allowDevice(client netip.Addr, now int64) (ok, first bool,
 	return ok, first, ""
 }
 
+// unresolvedSource reports whether client's queries spend the bucket
+// the addresses of a LAN link without a device share (forged sources
+// nobody answers ARP/NDP for, a device's new address until the gateway
+// resolves it): one client for the limit, and for the tunnel alarm.
+func (r *rateLimiter) unresolvedSource(client netip.Addr) bool {
+	client = client.Unmap()
+	b16 := client.As16()
+	sh := &r.shards[maphash.Bytes(r.seed, b16[:])%rlShards]
+	sh.mu.Lock()
+	defer sh.mu.Unlock()
+	b := sh.m[client]
+	return b != nil && b.dev == r.unresolved
+}
+
 // resolve asks the gateway to resolve client (links.ResolveClient),
 // telling resolveErr of an error once until another one.
 func (r *rateLimiter) resolve(client netip.Addr) {

@@ -46,9 +46,14 @@ type tunnelWatch struct {
 }
 
 type tunnelKey struct {
-	client string // the device's MAC, else the address
+	client string // the device's MAC, else unresolvedTunnelKey, else the address
 	zone   string
 }
+
+// unresolvedTunnelKey is the client of the tunnel watch the addresses
+// of a LAN link without a device share, as they share the rate limit's
+// bucket (rateLimiter.unresolvedSource): not a MAC or an address.
+const unresolvedTunnelKey = "unresolved"
 
 type tunnelSketch struct {
 	start   int64 // window start, unix nanoseconds

@@ -220,7 +220,7 @@ func gatheredCounter(t *testing.T, reg *prometheus.Registry, name string) float6
 func TestTunnelAlarmForgedSources(t *testing.T) {
 	up := newFakeUpstream(t, "")
 	devs := &linkedTable{Table: fakemac.New(nil), link: netip.MustParsePrefix("127.0.1.0/24"), resolved: map[netip.Addr]int{}}
-	ts := startServer(t, tunnelPolicy, Config{Upstreams: []string{up.Addr}, TunnelThreshold: 500}, Deps{Devices: devs})
+	ts := startServer(t, tunnelPolicy, Config{Upstreams: []string{up.Addr}, TunnelThreshold: 500, ClientRate: 500}, Deps{Devices: devs})
 	for i := range 1000 {
 		src := fmt.Sprintf("127.0.1.%d", 10+i%20)
 		if rc := askFrom(t, src, ts.Addr, fmt.Sprintf("mzxw6ytboi%04d.t.allowed.test", i)); rc != dns.RcodeNameError {
