@@ -231,3 +231,22 @@ func TestTunnelAlarmForgedSources(t *testing.T) {
 		t.Fatalf("1,000 names over 20 forged sources raised %d alarms, want 1: %+v", len(a), a)
 	}
 }
+
+// A name counts once however the client spells its case: 300 names each
+// asked as `N.T.Allowed.Test` and `n.t.allowed.test`, with the cache off
+// (both spellings go upstream), are 300 distinct names, under the
+// threshold of 500.
+func TestTunnelAlarmCase(t *testing.T) {
+	up := newFakeUpstream(t, "")
+	ts := startServer(t, tunnelPolicy, Config{Upstreams: []string{up.Addr}, TunnelThreshold: 500, CacheSize: -1}, Deps{})
+	for i := range 300 {
+		askFrom(t, "127.0.0.5", ts.Addr, fmt.Sprintf("N%d.T.Allowed.Test", i))
+		askFrom(t, "127.0.0.5", ts.Addr, fmt.Sprintf("n%d.t.allowed.test", i))
+	}
+	if n := up.count("n299.t.allowed.test"); n != 2 {
+		t.Fatalf("the last name reached the upstream %d times, want 2 (the test needs the cache off)", n)
+	}
+	if a := tunnelAlarms(ts.Sink); len(a) != 0 {
+		t.Errorf("300 names in two spellings raised %d alarms: %+v", len(a), a)
+	}
+}
