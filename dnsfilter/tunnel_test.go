@@ -250,3 +250,34 @@ func TestTunnelAlarmCase(t *testing.T) {
 		t.Errorf("300 names in two spellings raised %d alarms: %+v", len(a), a)
 	}
 }
+
+// A client cannot push its own pair out of the watch to start its count
+// again: with the pairs full, sending 20 names of new zones (a "*" rule
+// lets it resolve any) between each of its tunnel's names, its 600 names
+// still alarm. A new pair takes the place of one whose window is over,
+// else of the one with the fewest names. Before, it took an arbitrary
+// pair's: the tunnel's was evicted every 50 names or so and never
+// alarmed.
+func TestTunnelWatchEvictionKeepsBusyPair(t *testing.T) {
+	w := newTunnelWatch(500, time.Minute)
+	now := time.Now().UnixNano()
+	for i := range tunnelKeys {
+		w.observe("other", fmt.Sprintf("z%d.example", i), "a.z.example", now)
+	}
+	alarms, junk := 0, 0
+	for i := range 600 {
+		if _, a := w.observe("c", "tunnel.example", fmt.Sprintf("n%d.tunnel.example", i), now); a {
+			alarms++
+		}
+		for range 20 {
+			junk++
+			w.observe("c", fmt.Sprintf("j%d.example", junk), "x.j.example", now)
+		}
+	}
+	if alarms != 1 {
+		t.Errorf("600 names of a zone between %d new zones' names: %d alarms, want 1", junk, alarms)
+	}
+	if n := w.len(); n > tunnelKeys {
+		t.Fatalf("%d pairs held, bound %d", n, tunnelKeys)
+	}
+}
