@@ -34,7 +34,8 @@ const (
 // the distinct count is estimated by linear counting, so a client sending
 // random names costs one bitmap per pair, never a set that grows; pairs
 // are capped at tunnelKeys, and a new one takes the place of one whose
-// window is over, else of an arbitrary one. A pair alarms once per window.
+// window is over, else of the one with the fewest names. A pair alarms
+// once per window.
 type tunnelWatch struct {
 	threshold int
 	window    int64 // nanoseconds
@@ -113,22 +114,28 @@ func (w *tunnelWatch) observe(client, zone, name string, now int64) (int, bool) 
 }
 
 // evictLocked makes room for one pair: the pairs whose window is over go,
-// else one arbitrary pair (map order).
+// else the one with the fewest names. Not an arbitrary one: a client
+// that sends names of new zones (a "*" rule lets it resolve any) between
+// its tunnel's names would push its own pair out again and again, its
+// count never reaching the threshold.
 func (w *tunnelWatch) evictLocked(now int64) {
+	var minK tunnelKey
+	var minS *tunnelSketch
 	for k, s := range w.m {
 		if now-s.start >= w.window {
 			delete(w.m, k)
 			w.free = append(w.free, s)
+			continue
+		}
+		if minS == nil || s.set < minS.set {
+			minK, minS = k, s
 		}
 	}
-	if len(w.m) < tunnelKeys {
+	if len(w.m) < tunnelKeys || minS == nil {
 		return
 	}
-	for k, s := range w.m {
-		delete(w.m, k)
-		w.free = append(w.free, s)
-		return
-	}
+	delete(w.m, minK)
+	w.free = append(w.free, minS)
 }
 
 // len is the number of pairs held, for tests.
