@@ -212,9 +212,13 @@ type Stats struct {
 	// RPFUnchecked are packets whose source capture could not check
 	// (over the lookup budget, no answer from the kernel).
 	Guarded, RPFUnchecked uint64
-	Denied                uint64 // of those, denied (dropped or would-drop)
-	Updates               uint64 // end events of flows first reported while open
-	Evicted               uint64 // flows ended early because the table was full
+	// Martian are LAN packets from 0.0.0.0 to neither the broadcast
+	// address nor a local multicast group, which Linux drops in both
+	// modes (guard.go): no flow is recorded for them.
+	Martian uint64
+	Denied  uint64 // of those, denied (dropped or would-drop)
+	Updates uint64 // end events of flows first reported while open
+	Evicted uint64 // flows ended early because the table was full
 	// Copies are packets of a flow seen on another of Config.Interfaces
 	// than the flow's own: forwarded between two LAN interfaces, each
 	// such packet crosses both sockets. Skipped (counted once).

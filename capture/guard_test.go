@@ -398,3 +398,63 @@ func TestProxyLinesAtOpen(t *testing.T) {
 		t.Errorf("decision lines by client %v, want one for the connection opened before the redirect, none for the redirected one", lines)
 	}
 }
+
+// TestGuardMappedAndZero keeps capture's guard to what Linux does (kernel
+// 6.18, checked with raw frames in namespaces: nft counters, nstat). An
+// IPv6 packet from an IPv4-mapped source (::ffff:198.18.5.77) reaches
+// netfilter, and the antispoof chain's nft_fib looks it up in the IPv6
+// table, where only the default route covers it: capture asks the routing
+// table for the mapped address (not its IPv4 form, which the LAN routes
+// back) and records it forged-source under the address the header
+// carries, not as the IPv4 client's. An IPv6 packet to ::ffff:127.0.0.1
+// is not a loopback destination (the kernel forwards it by its IPv6
+// routes; the firewall's loopback rule is IPv4's): the policy decides it.
+// A packet from 0.0.0.0 to anything but the broadcast address or a local
+// multicast group is dropped by the kernel after prerouting in both modes
+// (a martian source; it reaches neither the input nor the forward chain),
+// so capture records no flow for it and asks nothing (Stats.Martian).
+// Before, the mapped source was unmapped and passed as the LAN client's
+// own, the mapped loopback recorded loopback-destination, and 0.0.0.0
+// looked up and recorded forged-source.
+func TestGuardMappedAndZero(t *testing.T) {
+	for _, mode := range []policy.Mode{policy.ModeAudit, policy.ModeEnforce} {
+		t.Run(string(mode), func(t *testing.T) {
+			r := newGuardRig(t, mode)
+			r.udp("::ffff:198.18.5.77", 5000, "2001:db8:2::9", 9000)
+			r.udp("::ffff:198.18.5.77", 5000, "2001:db8:2::9", 9000)
+			r.udp("2001:db8:5::10", 5001, "::ffff:127.0.0.1", 9000)
+			r.udp("0.0.0.0", 5002, "203.0.113.9", 9000)
+			r.udp("0.0.0.0", 68, "198.18.5.1", 67)
+			r.udp("0.0.0.0", 68, "255.255.255.255", 67) // DHCP: a flow
+			evs := r.events()
+			if es := evs["::ffff:198.18.5.77"]; len(es) != 1 || es[0].Reason != ReasonForgedSource || es[0].Verdict != policy.Deny || es[0].Enforced != (mode == policy.ModeEnforce) {
+				t.Errorf("mapped source: %+v, want one forged-source deny", es)
+			}
+			if es := evs["198.18.5.77"]; len(es) != 0 {
+				t.Errorf("the mapped source charged to the IPv4 client: %+v", es)
+			}
+			if n := r.asked[netip.MustParseAddr("::ffff:198.18.5.77")]; n != 1 || r.asked[netip.MustParseAddr("198.18.5.77")] != 0 {
+				t.Errorf("asked %v, want ::ffff:198.18.5.77 once and not its IPv4 form", r.asked)
+			}
+			if es := evs["2001:db8:5::10"]; len(es) != 1 || es[0].Reason == ReasonLoopbackDestination {
+				t.Errorf("to ::ffff:127.0.0.1: %+v, want one flow the policy decides", es)
+			}
+			zero := 0
+			for _, ev := range evs["0.0.0.0"] {
+				zero++
+				if ev.Dest.String() != "255.255.255.255" {
+					t.Errorf("0.0.0.0 to %s recorded: %+v", ev.Dest, ev)
+				}
+			}
+			if zero != 1 {
+				t.Errorf("%d flows from 0.0.0.0, want the broadcast one", zero)
+			}
+			if n := r.asked[netip.IPv4Unspecified()]; n != 0 {
+				t.Errorf("0.0.0.0 looked up %d times, want 0", n)
+			}
+			if st := r.c.Stats(); st.Martian != 2 {
+				t.Errorf("Stats.Martian %d, want 2", st.Martian)
+			}
+		})
+	}
+}

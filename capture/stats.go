@@ -13,7 +13,7 @@ type counters struct {
 	panics, badHellos, snapped, own            atomic.Uint64
 	streamLimited, requests, unfollowed        atomic.Uint64
 	copies, socketErrors, otherVLAN, inbound   atomic.Uint64
-	guarded, rpfUnchecked                      atomic.Uint64
+	guarded, rpfUnchecked, martian             atomic.Uint64
 	active                                     atomic.Int64
 }
 
@@ -26,6 +26,6 @@ func (c *counters) snapshot() Stats {
 		Panics: c.panics.Load(), BadHellos: c.badHellos.Load(), Snapped: c.snapped.Load(), Own: c.own.Load(), Copies: c.copies.Load(),
 		StreamLimited: c.streamLimited.Load(), Requests: c.requests.Load(), Unfollowed: c.unfollowed.Load(),
 		SocketErrors: c.socketErrors.Load(), OtherVLAN: c.otherVLAN.Load(), Inbound: c.inbound.Load(),
-		Guarded: c.guarded.Load(), RPFUnchecked: c.rpfUnchecked.Load(),
+		Guarded: c.guarded.Load(), RPFUnchecked: c.rpfUnchecked.Load(), Martian: c.martian.Load(),
 	}
 }
