@@ -49,6 +49,21 @@ import (
 // address detection, MLD), which nft_fib lets pass; IPv6 link-local
 // sources pass by their fe80::/64 route, IPv4's 169.254/16 only where the
 // gateway routes it via the LAN interface, as there.
+//
+// What Linux itself drops in both modes is not recorded (no flow, but
+// Stats.Martian): a packet from 0.0.0.0 to anything but those DHCP
+// destinations passes nft_fib where the default route leaves by the LAN
+// interface, but the kernel drops it after prerouting as a martian
+// source (it reaches neither the input nor the forward chain), so
+// neither mode lets it through. An IPv4-mapped address in an IPv6 header
+// (::ffff:198.18.1.77) is an IPv6 address: Linux passes such a packet to
+// netfilter (kernel 6.18: to the input and forward chains; no drop in
+// ip6_rcv_core), nft_fib looks its source up in the IPv6 table, where
+// usually only the default route covers it, and the firewall's loopback
+// rule is IPv4's, so ::ffff:127.0.0.1 is no loopback destination (the
+// kernel forwards it by its IPv6 routes; the policy decides it). Capture
+// checks them so, and records such a flow under the address the header
+// carries, not as the IPv4 client's (event).
 const (
 	// ReasonForgedSource: a source the LAN interface does not route back
 	// to (not of the LAN's subnets, nor of a subnet the gateway routes
@@ -63,6 +78,10 @@ const (
 	// ReasonRedirect: an ICMP or ICMPv6 redirect from the LAN side to
 	// the gateway; the input chain drops it.
 	ReasonRedirect = "redirect"
+
+	// reasonMartian: a packet from 0.0.0.0 the kernel drops in both
+	// modes; guard records no flow for it.
+	reasonMartian = "martian"
 )
 
 const (
@@ -150,9 +169,12 @@ func (p *proc) guardReason(src, dst netip.Addr, proto uint8, payload []byte, lat
 	if ifindex == 0 {
 		return ""
 	}
-	src, dst = src.Unmap(), dst.Unmap()
+	// No Unmap: an IPv6 header's ::ffff:a.b.c.d is an IPv6 address to
+	// the kernel and to nft_fib (see above).
 	switch {
 	case src.Is4() && src.IsUnspecified() && (dst == netip.AddrFrom4([4]byte{255, 255, 255, 255}) || localMulticast4.Contains(dst)):
+	case src.Is4() && src.IsUnspecified():
+		return reasonMartian
 	case src.Is6() && src.IsUnspecified() && proto == uint8(layers.IPProtocolICMPv6) && (dst.IsLinkLocalUnicast() || dst.IsLinkLocalMulticast()):
 	default:
 		back, known := p.routesBack(ifindex, src)
@@ -222,6 +244,10 @@ func (p *proc) guard(src, dst netip.Addr, proto uint8, payload []byte, later, ha
 	reason := p.guardReason(src, dst, proto, payload, later)
 	if reason == "" {
 		return false
+	}
+	if reason == reasonMartian {
+		p.stats.martian.Add(1)
+		return true
 	}
 	var sp, dp uint16
 	switch {

@@ -2465,9 +2465,13 @@ func (p *proc) proxiedLine(f *flow) bool {
 // event is the event of f, decided, with close reason how.
 func (p *proc) event(f *flow, how string) audit.Event {
 	ps := protoName(f.proto)
+	cli := f.cli.Unmap()
+	if f.guarded {
+		cli = f.cli // the header's address: an IPv4-mapped source is no IPv4 client's (guard.go)
+	}
 	ev := audit.Event{
 		Kind: audit.KindFlow, Source: audit.SourceCapture, Time: f.first,
-		Client: f.cli.Unmap(), ClientPort: f.cport, Dest: f.srv.Unmap(), DestPort: f.sport, Proto: ps,
+		Client: cli, ClientPort: f.cport, Dest: f.srv.Unmap(), DestPort: f.sport, Proto: ps,
 		Name: f.evName, NameSource: f.evSrc, Path: f.path, PathLen: f.pathLen, NoPath: f.noPath,
 		BytesOut: f.bytes[0], BytesIn: f.bytes[1], Duration: f.last.Sub(f.first).Seconds(), Close: how,
 	}
