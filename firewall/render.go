@@ -393,12 +393,16 @@ func (c Config) lanMatch() Rule {
 // so such packets make no conntrack entries, and before the redirects,
 // so it covers traffic to the gateway and forwarded traffic alike.
 //
-// "oif missing" and not "oif != iif": restricted to the incoming
-// interface (". iif"), the lookup yields that interface or nothing, so the
-// two say the same, and "missing" needs no interface index at load time
-// (a LAN interface that is recreated, the set of LANs). Without ". iif"
-// (loose mode) any source with a route passes, and the default route via
-// the WAN gives every address one.
+// "oif missing" and not "oif != iif": with ". iif" nft_fib takes the
+// gateway's best route for the source (not one restricted to the
+// incoming interface; only an IPv6 link-local source's lookup is) and
+// yields the incoming interface if it is among that route's next hops,
+// else nothing, so the two say the same, and "missing" needs no
+// interface index at load time (a LAN interface that is recreated, the
+// set of LANs). A source whose best route leaves by another interface is
+// missing even where a broader route via the LAN covers it. Without
+// ". iif" (loose mode) any source with a route passes, and the default
+// route via the WAN gives every address one.
 //
 // What passes: sources of the LAN's subnets and of subnets the gateway
 // routes via the LAN interface (behind a LAN-side router); IPv6
