@@ -12,6 +12,7 @@ import (
 	"net/http"
 	"net/netip"
 	"runtime"
+	"slices"
 	"strings"
 	"sync/atomic"
 	"testing"
@@ -282,6 +283,82 @@ func TestReloadAuditToEnforce(t *testing.T) {
 		if ev.Verdict != policy.Allow || ev.Rule != "allowed" || ev.Close == closeRevoked {
 			t.Errorf("%s: event %+v", l.what, ev)
 		}
+	}
+}
+
+// testPolicyEvil is testPolicy with a rule for evil.example: the rule
+// egressd report --suggest proposes for it, added.
+const testPolicyEvil = testPolicy + `  - name: evil
+    to: [evil.example]
+    ports: [443/tcp]
+`
+
+// TestReloadAuditCredits: in audit mode a reload that allows an open
+// connection the record says enforce would drop takes that back, as
+// capture does for its flows: its record becomes the allowing rule's, in
+// OpenFlows while it is open and in its event at close. Both ways a
+// connection comes to be a would-be deny: denied at its start (the rule
+// the operator adds for it), and allowed, then denied by a reload that
+// removed its rule (put back). A reload to enforce that allows a would-be
+// deny of audit mode credits it too, and closes nothing.
+func TestReloadAuditCredits(t *testing.T) {
+	for _, to := range []string{"audit", "enforce"} {
+		t.Run(to, func(t *testing.T) {
+			tp := newTopo(t, topoOpts{mode: "audit"})
+			tp.facts.add(clientV4, srvV4, "www.allowed.test", "evil.example")
+			lt := tp.openTunnels(t)
+			evilT := tp.startTLS(t, tp.dialFromClient(t, netip.Addr{}, netip.AddrPortFrom(srvV4, 443)), "evil.example")
+			evilC := tp.startTLS(t, tp.connect(t, "evil.example:443"), "evil.example")
+			conns := []struct {
+				what       string
+				c          *liveTLS
+				rule, name string
+			}{
+				{"transparent", lt.tlsT, "allowed", "www.allowed.test"},
+				{"connect", lt.tlsC, "allowed", "www.allowed.test"},
+				{"transparent-evil", evilT, "evil", "evil.example"},
+				{"connect-evil", evilC, "evil", "evil.example"},
+			}
+			listed := func(when string, allowed map[string]bool) {
+				t.Helper()
+				open := tp.proxy.OpenFlows()
+				for _, c := range conns {
+					i := slices.IndexFunc(open, byClient(c.c.raw))
+					if i < 0 {
+						t.Errorf("%s: %s not listed", when, c.what)
+						continue
+					}
+					ev := open[i]
+					if allowed[c.rule] && (ev.Verdict != policy.Allow || ev.Rule != c.rule) ||
+						!allowed[c.rule] && (ev.Verdict != policy.Deny || ev.Rule != "" || ev.Enforced) {
+						t.Errorf("%s: %s listed as %+v, want allowed %v", when, c.what, ev, allowed[c.rule])
+					}
+				}
+			}
+			listed("open", map[string]bool{"allowed": true})
+			tp.swap(t, fmt.Sprintf(testPolicyNoAllowed, "audit"))
+			listed("rule allowed removed", nil)
+			tp.swap(t, fmt.Sprintf(testPolicyEvil, to))
+			listed("rules allowed and evil", map[string]bool{"allowed": true, "evil": true})
+
+			for _, c := range conns {
+				if body, err := c.c.get("/after"); err != nil || !strings.Contains(body, "path=/after") {
+					t.Fatalf("%s: cut: %q %v", c.what, body, err)
+				}
+				c.c.tc.Close()
+				ev := tp.ev.wait(t, c.what, byClient(c.c.raw))
+				if ev.Verdict != policy.Allow || ev.Rule != c.rule || ev.Reason != "" || ev.Enforced ||
+					ev.Mode != policy.Mode(to) || ev.Close == closeRevoked || ev.Name != c.name {
+					t.Errorf("%s: event %+v", c.what, ev)
+				}
+			}
+			if n := tp.revoked("audit"); n != 2 {
+				t.Errorf("revoked{audit} = %v, want 2 (the reload that removed allowed)", n)
+			}
+			if n := tp.revoked("enforce"); n != 0 {
+				t.Errorf("revoked{enforce} = %v, want 0", n)
+			}
+		})
 	}
 }
 
