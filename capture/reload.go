@@ -45,8 +45,8 @@ import (
 //     removed, put back) becomes the rule's, with an info line and an
 //     event at once, as after the reload to enforce below (the ledger
 //     moves it: audit.Ledger, recredited): the report after the reload
-//     says what enforce would drop now. (The proxy keeps the last deny
-//     of its connections: proxy/reload.go.) A flow opened in audit mode and live after a
+//     says what enforce would drop now. (The proxy credits its
+//     connections likewise: proxy/reload.go.) A flow opened in audit mode and live after a
 //     reload to enforce has no mark of the enforce ruleset
 //     (firewall.CTMarkEnforced): its next packets meet the forward chain
 //     as a new connection's, judged by address with the learned sets of

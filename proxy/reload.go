@@ -21,7 +21,16 @@ import (
 // daemon calls Redecide, which decides each one again under the new
 // engine:
 //
-//   - allowed: untouched (no byte lost, the record keeps its decision);
+//   - allowed: untouched (no byte lost, the record keeps its decision),
+//     but for a would-be deny of audit mode (the record says enforce
+//     would drop it: denied at its start in audit mode, or by a former
+//     reload's re-decision): the record becomes the new allow, crediting
+//     the rule (the rule egressd report --suggest proposed, added; or a
+//     rule a former reload removed, put back), as capture credits its
+//     flows (capture/reload.go), with an info line. The report after the
+//     reload says what enforce would drop now: OpenFlows lists the
+//     connection under the rule, its event at close says the allow. A
+//     deny enforced is not taken back: that connection was closed;
 //   - denied in enforce mode: both sides are closed, the record says the
 //     new decision and close "policy-revoked", a warning line is logged
 //     and egress_proxy_reload_revoked_total{mode="enforce"} counts it;
@@ -31,8 +40,7 @@ import (
 //     egress_proxy_reload_revoked_total{mode="audit"} counts it (the line
 //     and the count only when it was allowed before: a connection denied
 //     all along is news at no reload). A later reload that allows it
-//     again does not take that back: the record shows the last policy
-//     that would have denied it.
+//     again takes it back (above).
 //
 // The spoof check (THREATS.md A2) is not made again for a connection whose
 // destination was vouched for its name at the start: that was a fact about
@@ -95,9 +103,12 @@ type liveConn struct {
 	mu      sync.Mutex // guards following
 	eng     *policy.Engine
 	ended   bool
-	allowed bool             // the last decision (at the start, then each re-decision) allowed it
-	revoked bool             // closed by a re-decision
-	denied  *policy.Decision // the last deny a re-decision made, if any
+	allowed bool // the last decision (at the start, then each re-decision) allowed it
+	revoked bool // closed by a re-decision
+	// redecided is the decision the record takes from a re-decision, if
+	// any: the last deny one made, or the allow that took back a
+	// would-be deny of audit mode since.
+	redecided *policy.Decision
 }
 
 // addLive registers a forwarded connection, f's, decided under eng;
@@ -131,13 +142,14 @@ func (p *Proxy) policyNow() policyAt {
 
 // endLive ends lc: no re-decision reaches it after (it stays in the
 // live set, listed open, until its event is emitted: unlist). It returns
-// the deny the last re-decision made (nil if none) and whether the proxy
-// closed the connection for it. The caller stamps its record with them.
+// the decision the record takes from the re-decisions (nil if none:
+// liveConn.redecided) and whether the proxy closed the connection for
+// it. The caller stamps its record with them.
 func (p *Proxy) endLive(lc *liveConn) (*policy.Decision, bool) {
 	lc.mu.Lock()
 	defer lc.mu.Unlock()
 	lc.ended = true
-	return lc.denied, lc.revoked
+	return lc.redecided, lc.revoked
 }
 
 // unlist takes f's connection out of the live set, once its event is
@@ -157,7 +169,8 @@ func (p *Proxy) unlist(f *flowRecord) {
 // days. Each is the record as decided at its start (client, original or
 // dialled destination, port, name and how it was found, rule, verdict),
 // with the deny of the last re-decision after a reload if one denied it,
-// as its event will say. The live report counts them
+// or the allow of one that took back a would-be deny (liveConn), as its
+// event will say. The live report counts them
 // (audit.Ledger.SetOpenFlows); nothing is emitted.
 func (p *Proxy) OpenFlows() []audit.Event {
 	var evs []audit.Event
@@ -165,8 +178,8 @@ func (p *Proxy) OpenFlows() []audit.Event {
 		lc := k.(*liveConn)
 		lc.mu.Lock()
 		ev := lc.flow
-		if lc.denied != nil {
-			ev.Stamp(*lc.denied)
+		if lc.redecided != nil {
+			ev.Stamp(*lc.redecided)
 		}
 		lc.mu.Unlock()
 		ev.Close, ev.BytesOut, ev.BytesIn, ev.Duration = "", 0, 0, 0
@@ -191,7 +204,8 @@ func (p *Proxy) stampLive(lc *liveConn, ev *audit.Event) {
 // Redecide decides every connection the proxy forwards again under the
 // policy the store now holds: call it after a policy reload succeeded
 // (the daemon does). Connections the policy denies are closed in enforce
-// mode and recorded as would-be-denied in audit mode (liveConn).
+// mode and recorded as would-be-denied in audit mode; a would-be deny of
+// audit mode the policy allows is credited to the rule (liveConn).
 func (p *Proxy) Redecide() {
 	p.current.Store(p.deps.Policy.Load())
 	p.gen.Add(1)
@@ -227,10 +241,27 @@ func (p *Proxy) redecideOne(lc *liveConn) {
 	wasAllowed := lc.allowed
 	lc.allowed = d.Allowed()
 	if d.Allowed() {
+		// The record's decision now: the last re-decision's, else the
+		// start's.
+		rec := lc.flow.Verdict == policy.Deny && !lc.flow.Enforced
+		if lc.redecided != nil {
+			rec = lc.redecided.Verdict == policy.Deny && lc.redecided.Mode != policy.ModeEnforce
+		}
+		if !rec {
+			// Allowed all along, or its record is a deny enforced
+			// (never live: such a connection is closed).
+			lc.mu.Unlock()
+			return
+		}
+		// A would-be deny of audit mode: the rule's now.
+		lc.redecided = &d
 		lc.mu.Unlock()
+		ev := lc.flow
+		ev.Stamp(d)
+		p.log.LogAttrs(context.Background(), slog.LevelInfo, "policy reload: the new policy allows this open connection (a would-be deny until now)", ev.AppendFlowAttrs(nil)...)
 		return
 	}
-	lc.denied = &d
+	lc.redecided = &d
 	enforce := d.Mode == policy.ModeEnforce
 	lc.revoked = enforce
 	lc.mu.Unlock()

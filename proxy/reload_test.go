@@ -347,7 +347,7 @@ func TestReloadAuditCredits(t *testing.T) {
 				}
 				c.c.tc.Close()
 				ev := tp.ev.wait(t, c.what, byClient(c.c.raw))
-				if ev.Verdict != policy.Allow || ev.Rule != c.rule || ev.Reason != "" || ev.Enforced ||
+				if ev.Verdict != policy.Allow || ev.Rule != c.rule || ev.Enforced ||
 					ev.Mode != policy.Mode(to) || ev.Close == closeRevoked || ev.Name != c.name {
 					t.Errorf("%s: event %+v", c.what, ev)
 				}
