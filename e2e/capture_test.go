@@ -14,47 +14,6 @@ import (
 	"time"
 )
 
-// TestCaptureVerdictAtClassification: capture decides a flow with the
-// policy in force when it reads the flow's name, not when the flow ends. A
-// connection that no rule allowed when it opened (enforce would have
-// refused it) is not credited to a rule a reload added while it was open.
-// (Formerly TestKnownBugs/capture-verdict-at-end.)
-func TestCaptureVerdictAtClassification(t *testing.T) {
-	tp := newTopo(t)
-	d := newDaemon(t, tp, "audit")
-	d.start()
-	hellos := d.metric("egress_capture_client_hellos_total")
-	ka, err := tp.openKeepAlive(trackerName, trackerIP)
-	if err != nil {
-		t.Fatal(err)
-	}
-	if _, err := ka.get("/"); err != nil {
-		t.Fatal(err)
-	}
-	// Capture reads the ring on its own time: the reload must come after
-	// it has read (and so classified) the connection's ClientHello.
-	deadline := time.Now().Add(10 * time.Second)
-	for d.metric("egress_capture_client_hellos_total") <= hellos && time.Now().Before(deadline) {
-		time.Sleep(50 * time.Millisecond)
-	}
-	d.writePolicy(append(testPolicy(t), newRule...))
-	d.hup(true)
-	if _, err := ka.get("/"); err != nil {
-		t.Fatal(err)
-	}
-	ka.close()
-	waitReport(t, d, func(r *report) bool { return len(r.Dropped) > 0 || len(r.Rules) > 0 })
-	r := d.report()
-	for _, rr := range r.Rules {
-		if rr.Name == "e2e-new" {
-			t.Errorf("a connection opened before the rule existed is credited to it: %+v", rr)
-		}
-	}
-	if !hasDropped(r, trackerName, 443, "tcp") {
-		t.Errorf("dropped list has no %s:443/tcp, though no rule allowed it when it opened: %+v", trackerName, r.Dropped)
-	}
-}
-
 // TestCaptureSNIMismatch: a TLS connection with an allowed SNI to an
 // address DNS never gave out for it (domain fronting, THREATS.md A2) is
 // blocked by the proxy in enforce mode as sni-mismatch; capture records
