@@ -257,3 +257,73 @@ func TestSyntheticUrgentByteFollowed(t *testing.T) {
 		}
 	}
 }
+
+// TestSyntheticUrgentHeldOutOfOrder: a mark that arrives after bytes at or
+// past its byte were held out of order. Capture placed those bytes before
+// it knew of the mark (at their own sequence numbers, or one back for an
+// older mark a newer one replaces), so the stream it holds is not the one
+// the receiver reads: Linux takes the marked byte out even where it came
+// before the mark (TCP_URG_NOTYET, skipped by recvmsg), and puts an older
+// byte that had not come back in line. Capture reports the name the proxy
+// reads or denies urgent-data; never a name from a stream the proxy does
+// not read.
+func TestSyntheticUrgentHeldOutOfOrder(t *testing.T) {
+	srv := netip.MustParseAddr("203.0.113.64")
+	hello := realClientHello(t, "evil.test")
+	n := bytes.Index(hello, []byte("evil.test")) + 2
+	with := func(a, b []byte) []byte { return append(append(append([]byte(nil), a...), 0x16), b...) }
+	for _, tc := range []struct {
+		name string
+		send func(c *tcpConn)
+	}{
+		{"byte held before its mark", func(c *tcpConn) {
+			// The wire: hello[:n], 0x16 (urgent), hello[n:]. The
+			// segment holding 0x16 comes first, without URG; then the
+			// first one, with the pointer to 0x16; then the gap.
+			start := c.cseq
+			c.cseq = start + uint32(n)
+			c.send(true, with(nil, hello[n:]), 1400, nil, nil)
+			end := c.cseq
+			c.cseq = start
+			c.urgentPtr(hello[:20], uint16(n+1))
+			c.send(true, hello[20:n], 1400, nil, nil)
+			c.cseq = end
+		}},
+		{"older mark replaced after later bytes held", func(c *tcpConn) {
+			// The wire: hello[:n], 0x16, hello[n:]. The first mark,
+			// on hello[20], comes on a segment before it; bytes after
+			// hello[20] come, then the second mark (0x16), then
+			// hello[10:21]: Linux puts hello[20] back in line and
+			// takes 0x16 out, the proxy reads the hello.
+			start := c.cseq
+			c.urgentPtr(hello[:10], 21) // marks start+20 (hello[20])
+			c.cseq = start + 21
+			c.send(true, hello[21:n-5], 1400, nil, nil) // held, past hello[20]
+			c.urgentPtr(with(hello[n-5:n], nil), 6)     // second mark: 0x16
+			c.send(true, hello[n:], 1400, nil, nil)
+			end := c.cseq
+			c.cseq = start + 10
+			c.send(true, hello[10:21], 1400, nil, nil)
+			c.cseq = end
+		}},
+	} {
+		t.Run(tc.name, func(t *testing.T) {
+			p := newPcap(t)
+			c := &tcpConn{p: p, cli: netip.MustParseAddr("192.0.2.75"), srv: srv, cport: 41005, sport: 443, cseq: 100, sseq: 9}
+			c.handshake()
+			tc.send(c)
+			c.send(false, bytes.Repeat([]byte{0x17}, 100), 1400, nil, nil)
+			c.close()
+			r := synthRun(t, p.close(), testPolicy, factsMap{srv: {"a.allowed.test"}}, Config{})
+			if len(r.events) == 0 {
+				t.Fatal("no event")
+			}
+			ev := r.events[0]
+			sni := ev.Verdict == policy.Deny && ev.NameSource == audit.NameSNI && ev.Name == "evil.test"
+			urg := ev.Verdict == policy.Deny && ev.Reason == ReasonUrgentData
+			if !sni && !urg {
+				t.Errorf("event %+v: want evil.test denied by its SNI (the stream the proxy reads) or denied %s", ev, ReasonUrgentData)
+			}
+		})
+	}
+}
