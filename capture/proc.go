@@ -145,9 +145,13 @@ type flow struct {
 	// urg: the client's urgent mark (see urgent): the byte at sequence
 	// number urgSeq is out of the stream a receiver without SO_OOBINLINE
 	// reads, and out of st[0]; urgGot: a segment holding it arrived.
-	urg      bool
-	urgGot   bool
-	urgSeq   uint32
+	urg    bool
+	urgGot bool
+	urgSeq uint32
+	// cliEnd: the sequence number after the furthest client byte
+	// clientData took (cliSeen: one came), in or out of order.
+	cliEnd   uint32
+	cliSeen  bool
 	headScan int // HTTP: bytes of st[0] already searched for the end of the first head
 
 	// req follows the client's request stream of a plain-HTTP flow
@@ -1081,6 +1085,20 @@ func (p *proc) urgent(f *flow, seq uint32, ptr uint16) {
 		// The older byte has not come: no reader can have passed it,
 		// it is back in line.
 	}
+	// Bytes past the byte a mark moves, held out of order, were placed
+	// before capture knew of it: at their own sequence numbers where
+	// Linux takes the new byte out even if it came already (it skips a
+	// mark's byte whether it came before the mark or after), one back
+	// where an older byte that had not come is back in line. What
+	// capture holds is not the stream the proxy reads.
+	moved := u
+	if f.urg {
+		moved = f.urgSeq
+	}
+	if f.cliSeen && int32(f.cliEnd-moved) > 0 {
+		p.urgentUnknown(f)
+		return
+	}
 	f.urg, f.urgGot, f.urgSeq = true, false, u
 }
 
@@ -1128,6 +1146,9 @@ func (f *flow) readSeq(x uint32) uint32 {
 // clientData passes a client segment at sequence number seq to the
 // request follower or the name search, without the urgent byte.
 func (p *proc) clientData(f *flow, seq uint32, data []byte) {
+	if end := seq + uint32(len(data)); !f.cliSeen || int32(end-f.cliEnd) > 0 {
+		f.cliEnd, f.cliSeen = end, true
+	}
 	if d := int32(f.urgSeq - seq); f.urg && d >= 0 && int(d) < len(data) {
 		f.urgGot = true
 		cut := p.cut
