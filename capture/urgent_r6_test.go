@@ -1,0 +1,115 @@
+package capture
+
+import (
+	"bytes"
+	"net/netip"
+	"testing"
+
+	"github.com/gopacket/gopacket"
+	"github.com/gopacket/gopacket/layers"
+
+	"egressd/audit"
+	"egressd/policy"
+)
+
+// serverUrgent writes one server segment with the URG flag and pointer ptr.
+func (c *tcpConn) serverUrgent(data []byte, ptr uint16) {
+	ip := ipLayer(c.srv, c.cli, layers.IPProtocolTCP)
+	t := &layers.TCP{SrcPort: layers.TCPPort(c.sport), DstPort: layers.TCPPort(c.cport), Seq: c.sseq, Ack: c.cseq, Window: 65535,
+		ACK: true, PSH: true, URG: true, Urgent: ptr}
+	t.SetNetworkLayerForChecksum(ip)
+	c.p.frame(false, ip.(gopacket.SerializableLayer), t, gopacket.Payload(data))
+	c.sseq += uint32(len(data))
+}
+
+// TestSyntheticUrgentEdges: the urgent byte taken out across the wrap of
+// the sequence space, a mark the server sends (the client's stream keeps
+// its bytes), a pointer far past the data sent (no byte taken).
+func TestSyntheticUrgentEdges(t *testing.T) {
+	srv := netip.MustParseAddr("203.0.113.65")
+	hello := realClientHello(t, "evil.test")
+	n := bytes.Index(hello, []byte("evil.test")) + 2
+	with := func(a, b []byte) []byte { return append(append(append([]byte(nil), a...), 0x16), b...) }
+	for _, tc := range []struct {
+		name string
+		isn  uint32
+		send func(c *tcpConn)
+	}{
+		{"mark across the wrap", 0xffffffff - uint32(n) + 5, func(c *tcpConn) {
+			c.urgentPtr(hello[:20], uint16(n+1))
+			c.send(true, with(hello[20:n], hello[n:]), 7, nil, nil)
+		}},
+		{"urgent byte at 2^32-1", 0xffffffff - uint32(n) - 1, func(c *tcpConn) {
+			c.send(true, hello[:n], 1400, nil, nil)
+			c.urgentSeg([]byte{0x16})
+			c.send(true, hello[n:], 1400, nil, nil)
+		}},
+		{"mark from the server", 100, func(c *tcpConn) {
+			c.serverUrgent([]byte("x"), 1)
+			c.send(true, hello, 1400, nil, nil)
+		}},
+		{"pointer far ahead", 100, func(c *tcpConn) {
+			c.urgentPtr(hello[:20], 0xffff)
+			c.send(true, hello[20:], 1400, nil, nil)
+		}},
+	} {
+		t.Run(tc.name, func(t *testing.T) {
+			p := newPcap(t)
+			c := &tcpConn{p: p, cli: netip.MustParseAddr("192.0.2.76"), srv: srv, cport: 41006, sport: 443, cseq: tc.isn, sseq: 9}
+			c.handshake()
+			tc.send(c)
+			c.send(false, bytes.Repeat([]byte{0x17}, 100), 1400, nil, nil)
+			c.close()
+			r := synthRun(t, p.close(), testPolicy, factsMap{srv: {"a.allowed.test"}}, Config{})
+			if len(r.events) == 0 {
+				t.Fatal("no event")
+			}
+			if ev := r.events[0]; ev.Verdict != policy.Deny || ev.NameSource != audit.NameSNI || ev.Name != "evil.test" {
+				t.Errorf("event %+v: want evil.test denied by its SNI", ev)
+			}
+		})
+	}
+}
+
+// TestSyntheticUrgentThenEnd: a client that ends its stream (FIN, RST)
+// after an urgent byte inside a head or hello it never completes: the
+// proxy reads the stream without the byte to its end and refuses it, and
+// capture, its end mapped past the byte, says so too.
+func TestSyntheticUrgentThenEnd(t *testing.T) {
+	srv := netip.MustParseAddr("203.0.113.66")
+	hello := realClientHello(t, "a.allowed.test")
+	head := []byte("GET /u HTTP/1.1\r\nHost: a.allowed.test\r\n")
+	for _, tc := range []struct {
+		name   string
+		port   uint16
+		bytes  []byte
+		rst    bool
+		reason string
+	}{
+		{"head then FIN", 80, head, false, ReasonHTTPBad},
+		{"head then RST", 80, head, true, ReasonHTTPBad},
+		{"hello then FIN", 443, hello[:len(hello)-10], false, ReasonHelloBad},
+		{"hello then RST", 443, hello[:len(hello)-10], true, ReasonHelloBad},
+	} {
+		t.Run(tc.name, func(t *testing.T) {
+			p := newPcap(t)
+			c := &tcpConn{p: p, cli: netip.MustParseAddr("192.0.2.77"), srv: srv, cport: 41007, sport: tc.port, cseq: 100, sseq: 9}
+			c.handshake()
+			c.send(true, tc.bytes[:10], 1400, nil, nil)
+			c.urgentSeg([]byte{'Z'})
+			c.send(true, tc.bytes[10:], 1400, nil, nil)
+			if tc.rst {
+				c.seg(true, "RA", c.cseq, nil)
+			} else {
+				c.close()
+			}
+			r := synthRun(t, p.close(), testPolicy, factsMap{srv: {"a.allowed.test"}}, Config{})
+			if len(r.events) == 0 {
+				t.Fatal("no event")
+			}
+			if ev := r.events[0]; ev.Verdict != policy.Deny || ev.Reason != tc.reason {
+				t.Errorf("event %+v: want denied %s", ev, tc.reason)
+			}
+		})
+	}
+}
