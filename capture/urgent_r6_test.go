@@ -113,3 +113,35 @@ func TestSyntheticUrgentThenEnd(t *testing.T) {
 		})
 	}
 }
+
+// TestSyntheticUrgentByteCutOff: the urgent byte of a followed flow in the
+// part of a segment the capture cut off (a snap length; the live filter
+// keeps 16 KiB). The bytes cut off are body, skipped; the proxy's body
+// has one byte fewer than the wire, so the next head starts one byte
+// sooner than the cut's length says, and capture records the request the
+// proxy reads there.
+func TestSyntheticUrgentByteCutOff(t *testing.T) {
+	srv := netip.MustParseAddr("203.0.113.67")
+	p := newPcap(t)
+	p.snap = 300
+	c := &tcpConn{p: p, cli: netip.MustParseAddr("192.0.2.78"), srv: srv, cport: 41008, sport: 80, cseq: 100, sseq: 9}
+	c.handshake()
+	c.send(true, []byte("POST /up HTTP/1.1\r\nHost: a.allowed.test\r\nContent-Length: 1000\r\n\r\n"), 1400, nil, nil)
+	c.send(false, []byte("HTTP/1.1 100 Continue\r\n\r\n"), 1400, nil, nil)
+	// The body: 1000 bytes with an urgent byte after the 900th, in one
+	// segment the snap length cuts at about 250 bytes of payload.
+	body := append(append(bytes.Repeat([]byte{'b'}, 900), 'U'), bytes.Repeat([]byte{'b'}, 100)...)
+	c.urgentPtr(body, 901)
+	c.send(true, []byte("GET /two HTTP/1.1\r\nHost: evil.test\r\n\r\n"), 1400, nil, nil)
+	c.close()
+	r := synthRun(t, p.close(), testPolicy, factsMap{srv: {"a.allowed.test"}}, Config{})
+	var reqs []audit.Event
+	for _, ev := range r.events {
+		if ev.Kind == audit.KindRequest {
+			reqs = append(reqs, ev)
+		}
+	}
+	if len(reqs) != 1 || reqs[0].Name != "evil.test" || reqs[0].Verdict != policy.Deny {
+		t.Errorf("requests %+v, unfollowed %d: want one, evil.test denied", reqs, r.stats.Unfollowed)
+	}
+}
