@@ -1162,6 +1162,15 @@ func (p *proc) clientData(f *flow, seq uint32, data []byte) {
 		}
 		return
 	}
+	if d := int32(f.urgSeq - seq); f.urg && d >= 0 && int(d) < len(data)+p.cut {
+		// The urgent byte is in the part the capture cut off: of the
+		// bytes cut, the stream holds one fewer.
+		f.urgGot = true
+		p.cut--
+		p.clientPiece(f, seq, data)
+		p.cut++
+		return
+	}
 	p.clientPiece(f, f.readSeq(seq), data)
 }
 
