@@ -145,3 +145,35 @@ func TestSyntheticUrgentByteCutOff(t *testing.T) {
 		t.Errorf("requests %+v, unfollowed %d: want one, evil.test denied", reqs, r.stats.Unfollowed)
 	}
 }
+
+// TestSyntheticUrgentOnSYN: a client SYN with the URG flag and a pointer
+// into the data that follows. Linux takes no urgent mark from a SYN (a
+// listening socket only queues the connection request; the mark of the
+// handshake's last ACK counts, as any segment's), so the proxy reads the
+// hello whole; capture must not take a byte out of it.
+func TestSyntheticUrgentOnSYN(t *testing.T) {
+	srv := netip.MustParseAddr("203.0.113.68")
+	hello := realClientHello(t, "evil.test")
+	n := bytes.Index(hello, []byte("evil.test")) + 2
+	p := newPcap(t)
+	c := &tcpConn{p: p, cli: netip.MustParseAddr("192.0.2.79"), srv: srv, cport: 41009, sport: 443, cseq: 100, sseq: 9}
+	ip := ipLayer(c.cli, c.srv, layers.IPProtocolTCP)
+	syn := &layers.TCP{SrcPort: layers.TCPPort(c.cport), DstPort: layers.TCPPort(c.sport), Seq: c.cseq, Window: 65535,
+		SYN: true, URG: true, Urgent: uint16(n + 2)} // the byte at ISN+1+n, RFC 793's reading
+	syn.SetNetworkLayerForChecksum(ip)
+	c.p.frame(true, ip.(gopacket.SerializableLayer), syn, gopacket.Payload(nil))
+	c.seg(false, "SA", c.sseq, nil)
+	c.cseq++
+	c.sseq++
+	c.seg(true, "A", c.cseq, nil)
+	c.send(true, hello, 1400, nil, nil)
+	c.send(false, bytes.Repeat([]byte{0x17}, 100), 1400, nil, nil)
+	c.close()
+	r := synthRun(t, p.close(), testPolicy, factsMap{srv: {"a.allowed.test"}}, Config{})
+	if len(r.events) == 0 {
+		t.Fatal("no event")
+	}
+	if ev := r.events[0]; ev.Verdict != policy.Deny || ev.NameSource != audit.NameSNI || ev.Name != "evil.test" {
+		t.Errorf("event %+v: want evil.test denied by its SNI", ev)
+	}
+}
