@@ -980,7 +980,9 @@ func (p *proc) tcpPacket(src, dst netip.Addr, mac []byte) {
 			f.syn = true
 		}
 	}
-	if t.URG && dir == 0 {
+	if t.URG && dir == 0 && !t.SYN {
+		// A SYN's mark is none: a listening socket only queues the
+		// connection request.
 		p.urgent(f, seq, t.Urgent)
 	}
 	switch {
@@ -1059,7 +1061,10 @@ func (p *proc) redirected(port uint16) bool {
 // the first byte arrived, whether that byte was read past depends on when
 // the proxy read: its stream is not known, so the flow is denied
 // (urgent-data) rather than parsed or decided by address, and a followed
-// flow's next request is (and it is no longer followed).
+// flow's next request is (and it is no longer followed). So is a flow
+// whose mark comes after bytes at or past the byte it moves were held out
+// of order (placed before capture knew of the mark). A SYN's URG flag
+// marks nothing (Linux reads none from it).
 
 // urgent takes the URG flag of a client segment at sequence number seq
 // with urgent pointer ptr, before its data.
