@@ -90,7 +90,7 @@ func TestRoutesBack(t *testing.T) {
 func TestRoutesBackAsNftFib(t *testing.T) {
 	testnet.RequireRoot(t)
 	if _, err := exec.LookPath("nft"); err != nil {
-		t.Skip("no nft")
+		t.Fatalf("nft (Debian package nftables) is not installed: %v", err)
 	}
 	g, l, l2, w := testnet.New(t, "rfg"), testnet.New(t, "rfl"), testnet.New(t, "rfm"), testnet.New(t, "rfw")
 	testnet.Link(t, l, "eth0", []string{"198.18.1.2/24", "2001:db8:1::2/64"}, g, "lan0", []string{"198.18.1.1/24", "2001:db8:1::1/64"})
