@@ -29,7 +29,6 @@ func TestSyntheticUrgentEdges(t *testing.T) {
 	srv := netip.MustParseAddr("203.0.113.65")
 	hello := realClientHello(t, "evil.test")
 	n := bytes.Index(hello, []byte("evil.test")) + 2
-	with := func(a, b []byte) []byte { return append(append(append([]byte(nil), a...), 0x16), b...) }
 	for _, tc := range []struct {
 		name string
 		isn  uint32
@@ -37,7 +36,7 @@ func TestSyntheticUrgentEdges(t *testing.T) {
 	}{
 		{"mark across the wrap", 0xffffffff - uint32(n) + 5, func(c *tcpConn) {
 			c.urgentPtr(hello[:20], uint16(n+1))
-			c.send(true, with(hello[20:n], hello[n:]), 7, nil, nil)
+			c.send(true, withUrgentByte(hello[20:n], hello[n:]), 7, nil, nil)
 		}},
 		{"urgent byte at 2^32-1", 0xffffffff - uint32(n) - 1, func(c *tcpConn) {
 			c.send(true, hello[:n], 1400, nil, nil)
@@ -54,17 +53,7 @@ func TestSyntheticUrgentEdges(t *testing.T) {
 		}},
 	} {
 		t.Run(tc.name, func(t *testing.T) {
-			p := newPcap(t)
-			c := &tcpConn{p: p, cli: netip.MustParseAddr("192.0.2.76"), srv: srv, cport: 41006, sport: 443, cseq: tc.isn, sseq: 9}
-			c.handshake()
-			tc.send(c)
-			c.send(false, bytes.Repeat([]byte{0x17}, 100), 1400, nil, nil)
-			c.close()
-			r := synthRun(t, p.close(), testPolicy, factsMap{srv: {"a.allowed.test"}}, Config{})
-			if len(r.events) == 0 {
-				t.Fatal("no event")
-			}
-			if ev := r.events[0]; ev.Verdict != policy.Deny || ev.NameSource != audit.NameSNI || ev.Name != "evil.test" {
+			if ev := urgentHelloEvent(t, "192.0.2.76", 41006, srv, tc.isn, tc.send); ev.Verdict != policy.Deny || ev.NameSource != audit.NameSNI || ev.Name != "evil.test" {
 				t.Errorf("event %+v: want evil.test denied by its SNI", ev)
 			}
 		})

@@ -97,7 +97,6 @@ func TestSyntheticUrgentPointer(t *testing.T) {
 	// n: a byte inside the server name, where a byte more or less
 	// changes the name (the session ID before it is random bytes).
 	n := bytes.Index(hello, []byte("evil.test")) + 2
-	with := func(a, b []byte) []byte { return append(append(append([]byte(nil), a...), 0x16), b...) }
 	for _, tc := range []struct {
 		name string
 		send func(c *tcpConn)
@@ -111,7 +110,7 @@ func TestSyntheticUrgentPointer(t *testing.T) {
 			// The urgent byte (0x16) is the (n+1)th byte from here, in
 			// the next segment.
 			c.urgentPtr(hello[:40], uint16(n+1))
-			c.send(true, with(hello[40:n], hello[n:]), 1400, nil, nil)
+			c.send(true, withUrgentByte(hello[40:n], hello[n:]), 1400, nil, nil)
 		}},
 		{"flag on a retransmission", func(c *tcpConn) {
 			c.send(true, hello[:n], 1400, nil, nil)
@@ -123,7 +122,7 @@ func TestSyntheticUrgentPointer(t *testing.T) {
 			// A send(MSG_OOB) of n+1 bytes in two segments: both carry
 			// the pointer to its last byte (0x16).
 			c.urgentPtr(hello[:20], uint16(n+1))
-			c.urgentPtr(with(hello[20:n], nil), uint16(n+1-20))
+			c.urgentPtr(withUrgentByte(hello[20:n], nil), uint16(n+1-20))
 			c.send(true, hello[n:], 1400, nil, nil)
 		}},
 		{"one mark, its segment again before a gap fills", func(c *tcpConn) {
@@ -131,9 +130,9 @@ func TestSyntheticUrgentPointer(t *testing.T) {
 			// again: one mark still.
 			start := c.cseq
 			c.cseq = start + 20
-			c.urgentSeg(with(hello[20:n], nil))
+			c.urgentSeg(withUrgentByte(hello[20:n], nil))
 			c.cseq = start + 20
-			c.urgentSeg(with(hello[20:n], nil))
+			c.urgentSeg(withUrgentByte(hello[20:n], nil))
 			c.cseq = start
 			c.send(true, hello[:20], 1400, nil, nil)
 			c.cseq = start + uint32(n) + 1
@@ -141,17 +140,7 @@ func TestSyntheticUrgentPointer(t *testing.T) {
 		}},
 	} {
 		t.Run(tc.name, func(t *testing.T) {
-			p := newPcap(t)
-			c := &tcpConn{p: p, cli: netip.MustParseAddr("192.0.2.72"), srv: srv, cport: 41002, sport: 443, cseq: 100, sseq: 9}
-			c.handshake()
-			tc.send(c)
-			c.send(false, bytes.Repeat([]byte{0x17}, 100), 1400, nil, nil)
-			c.close()
-			r := synthRun(t, p.close(), testPolicy, factsMap{srv: {"a.allowed.test"}}, Config{})
-			if len(r.events) == 0 {
-				t.Fatal("no event")
-			}
-			ev := r.events[0]
+			ev := urgentHelloEvent(t, "192.0.2.72", 41002, srv, 100, tc.send)
 			if ev.Verdict != policy.Deny || ev.NameSource != audit.NameSNI || ev.Name != "evil.test" {
 				t.Errorf("event %+v: want evil.test denied by its SNI", ev)
 			}
@@ -271,7 +260,6 @@ func TestSyntheticUrgentHeldOutOfOrder(t *testing.T) {
 	srv := netip.MustParseAddr("203.0.113.64")
 	hello := realClientHello(t, "evil.test")
 	n := bytes.Index(hello, []byte("evil.test")) + 2
-	with := func(a, b []byte) []byte { return append(append(append([]byte(nil), a...), 0x16), b...) }
 	for _, tc := range []struct {
 		name string
 		send func(c *tcpConn)
@@ -282,7 +270,7 @@ func TestSyntheticUrgentHeldOutOfOrder(t *testing.T) {
 			// first one, with the pointer to 0x16; then the gap.
 			start := c.cseq
 			c.cseq = start + uint32(n)
-			c.send(true, with(nil, hello[n:]), 1400, nil, nil)
+			c.send(true, withUrgentByte(nil, hello[n:]), 1400, nil, nil)
 			end := c.cseq
 			c.cseq = start
 			c.urgentPtr(hello[:20], uint16(n+1))
@@ -298,8 +286,8 @@ func TestSyntheticUrgentHeldOutOfOrder(t *testing.T) {
 			start := c.cseq
 			c.urgentPtr(hello[:10], 21) // marks start+20 (hello[20])
 			c.cseq = start + 21
-			c.send(true, hello[21:n-5], 1400, nil, nil) // held, past hello[20]
-			c.urgentPtr(with(hello[n-5:n], nil), 6)     // second mark: 0x16
+			c.send(true, hello[21:n-5], 1400, nil, nil)       // held, past hello[20]
+			c.urgentPtr(withUrgentByte(hello[n-5:n], nil), 6) // second mark: 0x16
 			c.send(true, hello[n:], 1400, nil, nil)
 			end := c.cseq
 			c.cseq = start + 10
@@ -308,17 +296,7 @@ func TestSyntheticUrgentHeldOutOfOrder(t *testing.T) {
 		}},
 	} {
 		t.Run(tc.name, func(t *testing.T) {
-			p := newPcap(t)
-			c := &tcpConn{p: p, cli: netip.MustParseAddr("192.0.2.75"), srv: srv, cport: 41005, sport: 443, cseq: 100, sseq: 9}
-			c.handshake()
-			tc.send(c)
-			c.send(false, bytes.Repeat([]byte{0x17}, 100), 1400, nil, nil)
-			c.close()
-			r := synthRun(t, p.close(), testPolicy, factsMap{srv: {"a.allowed.test"}}, Config{})
-			if len(r.events) == 0 {
-				t.Fatal("no event")
-			}
-			ev := r.events[0]
+			ev := urgentHelloEvent(t, "192.0.2.75", 41005, srv, 100, tc.send)
 			sni := ev.Verdict == policy.Deny && ev.NameSource == audit.NameSNI && ev.Name == "evil.test"
 			urg := ev.Verdict == policy.Deny && ev.Reason == ReasonUrgentData
 			if !sni && !urg {
@@ -326,4 +304,28 @@ func TestSyntheticUrgentHeldOutOfOrder(t *testing.T) {
 			}
 		})
 	}
+}
+
+// withUrgentByte is a followed by the urgent byte 0x16, then b.
+func withUrgentByte(a, b []byte) []byte {
+	return append(append(append([]byte(nil), a...), 0x16), b...)
+}
+
+// urgentHelloEvent runs one TLS connection from cli:cport to srv:443
+// (client ISN isn, srv learned for a.allowed.test) whose client bytes
+// send writes, with a server reply, and returns capture's first event of
+// it.
+func urgentHelloEvent(t *testing.T, cli string, cport uint16, srv netip.Addr, isn uint32, send func(c *tcpConn)) audit.Event {
+	t.Helper()
+	p := newPcap(t)
+	c := &tcpConn{p: p, cli: netip.MustParseAddr(cli), srv: srv, cport: cport, sport: 443, cseq: isn, sseq: 9}
+	c.handshake()
+	send(c)
+	c.send(false, bytes.Repeat([]byte{0x17}, 100), 1400, nil, nil)
+	c.close()
+	r := synthRun(t, p.close(), testPolicy, factsMap{srv: {"a.allowed.test"}}, Config{})
+	if len(r.events) == 0 {
+		t.Fatal("no event")
+	}
+	return r.events[0]
 }
