@@ -478,6 +478,13 @@ const (
 	snapHeaders = 256                  // Ethernet, VLAN, IPv6 and TCP headers with options fit
 	snapClient  = 16<<10 + snapHeaders // a ClientHello or request head of up to 16 KiB per packet
 	snapFull    = 1 << 18              // the whole frame
+	// snapMinLen: a frame shorter than this is copied whole without
+	// reading its headers, so every load below is inside the frame (the
+	// farthest, an IPv4 TCP port behind a 60-byte header: bytes 74-77).
+	// A classic BPF load past the end of a frame ends the program with 0:
+	// the frame would be dropped unseen, neither read nor counted (a
+	// truncated or garbage frame, which capture counts as malformed).
+	snapMinLen = 14 + 60 + 4
 )
 
 // snapFilter is the classic BPF program of the live socket. Its return
@@ -493,34 +500,36 @@ const (
 //     plain-HTTP connection the bytes cut off a body are skipped; where
 //     they could hold a later head, capture stops following it.
 //   - Everything else (UDP, so DNS and QUIC; IP fragments; DNS over TCP;
-//     IPv6 with extension headers; non-IP; frames with in-band VLAN tags):
-//     whole.
+//     IPv6 with extension headers; non-IP; frames with in-band VLAN tags;
+//     frames shorter than snapMinLen): whole.
 var snapFilter = mustAssemble([]bpf.Instruction{
-	/* 0 */ bpf.LoadAbsolute{Off: 12, Size: 2}, // EtherType
-	/* 1 */ bpf.JumpIf{Cond: bpf.JumpEqual, Val: 0x0800, SkipFalse: 11}, // IPv4, else 13
-	/* 2 */ bpf.LoadAbsolute{Off: 23, Size: 1}, // IPv4 protocol
-	/* 3 */ bpf.JumpIf{Cond: bpf.JumpEqual, Val: 6, SkipFalse: 20}, // TCP, else full (24)
-	/* 4 */ bpf.LoadAbsolute{Off: 20, Size: 2}, // flags and fragment offset
-	/* 5 */ bpf.JumpIf{Cond: bpf.JumpBitsSet, Val: 0x3fff, SkipTrue: 18}, // a fragment: full
-	/* 6 */ bpf.LoadMemShift{Off: 14}, // X = IPv4 header length
-	/* 7 */ bpf.LoadIndirect{Off: 14, Size: 2}, // TCP source port
-	/* 8 */ bpf.JumpIf{Cond: bpf.JumpEqual, Val: 53, SkipTrue: 15}, // DNS: full
-	/* 9 */ bpf.LoadIndirect{Off: 16, Size: 2}, // TCP destination port
-	/* 10 */ bpf.JumpIf{Cond: bpf.JumpEqual, Val: 53, SkipTrue: 13}, // DNS: full
-	/* 11 */ bpf.LoadExtension{Num: bpf.ExtType},
-	/* 12 */ bpf.JumpIf{Cond: bpf.JumpEqual, Val: 4, SkipTrue: 9, SkipFalse: 10}, // PACKET_OUTGOING: 22, else 23
-	/* 13 */ bpf.JumpIf{Cond: bpf.JumpEqual, Val: 0x86dd, SkipFalse: 10}, // IPv6, else full (24)
-	/* 14 */ bpf.LoadAbsolute{Off: 20, Size: 1}, // IPv6 next header
-	/* 15 */ bpf.JumpIf{Cond: bpf.JumpEqual, Val: 6, SkipFalse: 8}, // TCP, else full (24)
-	/* 16 */ bpf.LoadAbsolute{Off: 54, Size: 2}, // TCP source port
-	/* 17 */ bpf.JumpIf{Cond: bpf.JumpEqual, Val: 53, SkipTrue: 6}, // DNS: full
-	/* 18 */ bpf.LoadAbsolute{Off: 56, Size: 2}, // TCP destination port
-	/* 19 */ bpf.JumpIf{Cond: bpf.JumpEqual, Val: 53, SkipTrue: 4}, // DNS: full
-	/* 20 */ bpf.LoadExtension{Num: bpf.ExtType},
-	/* 21 */ bpf.JumpIf{Cond: bpf.JumpEqual, Val: 4, SkipFalse: 1}, // PACKET_OUTGOING: 22, else 23
-	/* 22 */ bpf.RetConstant{Val: snapHeaders},
-	/* 23 */ bpf.RetConstant{Val: snapClient},
-	/* 24 */ bpf.RetConstant{Val: snapFull},
+	/* 0 */ bpf.LoadExtension{Num: bpf.ExtLen},
+	/* 1 */ bpf.JumpIf{Cond: bpf.JumpLessThan, Val: snapMinLen, SkipTrue: 24}, // short: full (26)
+	/* 2 */ bpf.LoadAbsolute{Off: 12, Size: 2}, // EtherType
+	/* 3 */ bpf.JumpIf{Cond: bpf.JumpEqual, Val: 0x0800, SkipFalse: 11}, // IPv4, else 15
+	/* 4 */ bpf.LoadAbsolute{Off: 23, Size: 1}, // IPv4 protocol
+	/* 5 */ bpf.JumpIf{Cond: bpf.JumpEqual, Val: 6, SkipFalse: 20}, // TCP, else full (26)
+	/* 6 */ bpf.LoadAbsolute{Off: 20, Size: 2}, // flags and fragment offset
+	/* 7 */ bpf.JumpIf{Cond: bpf.JumpBitsSet, Val: 0x3fff, SkipTrue: 18}, // a fragment: full
+	/* 8 */ bpf.LoadMemShift{Off: 14}, // X = IPv4 header length
+	/* 9 */ bpf.LoadIndirect{Off: 14, Size: 2}, // TCP source port
+	/* 10 */ bpf.JumpIf{Cond: bpf.JumpEqual, Val: 53, SkipTrue: 15}, // DNS: full
+	/* 11 */ bpf.LoadIndirect{Off: 16, Size: 2}, // TCP destination port
+	/* 12 */ bpf.JumpIf{Cond: bpf.JumpEqual, Val: 53, SkipTrue: 13}, // DNS: full
+	/* 13 */ bpf.LoadExtension{Num: bpf.ExtType},
+	/* 14 */ bpf.JumpIf{Cond: bpf.JumpEqual, Val: 4, SkipTrue: 9, SkipFalse: 10}, // PACKET_OUTGOING: 24, else 25
+	/* 15 */ bpf.JumpIf{Cond: bpf.JumpEqual, Val: 0x86dd, SkipFalse: 10}, // IPv6, else full (26)
+	/* 16 */ bpf.LoadAbsolute{Off: 20, Size: 1}, // IPv6 next header
+	/* 17 */ bpf.JumpIf{Cond: bpf.JumpEqual, Val: 6, SkipFalse: 8}, // TCP, else full (26)
+	/* 18 */ bpf.LoadAbsolute{Off: 54, Size: 2}, // TCP source port
+	/* 19 */ bpf.JumpIf{Cond: bpf.JumpEqual, Val: 53, SkipTrue: 6}, // DNS: full
+	/* 20 */ bpf.LoadAbsolute{Off: 56, Size: 2}, // TCP destination port
+	/* 21 */ bpf.JumpIf{Cond: bpf.JumpEqual, Val: 53, SkipTrue: 4}, // DNS: full
+	/* 22 */ bpf.LoadExtension{Num: bpf.ExtType},
+	/* 23 */ bpf.JumpIf{Cond: bpf.JumpEqual, Val: 4, SkipFalse: 1}, // PACKET_OUTGOING: 24, else 25
+	/* 24 */ bpf.RetConstant{Val: snapHeaders},
+	/* 25 */ bpf.RetConstant{Val: snapClient},
+	/* 26 */ bpf.RetConstant{Val: snapFull},
 })
 
 func mustAssemble(prog []bpf.Instruction) []bpf.RawInstruction {
