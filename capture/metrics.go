@@ -38,6 +38,7 @@ func (m *metrics) register(r prometheus.Registerer, c *Capture) error {
 		counter("packets_total", "Packets capture read.", func(s Stats) uint64 { return s.Packets }),
 		counter("bytes_total", "Bytes of packets capture read.", func(s Stats) uint64 { return s.Bytes }),
 		counter("malformed_packets_total", "Packets that failed to decode and were skipped.", func(s Stats) uint64 { return s.Malformed }),
+		counter("decode_panics_total", "Packets whose decoding panicked, recovered and counted as malformed too: each a decoder's defect to fix.", func(s Stats) uint64 { return s.Panics }),
 		counter("own_flows_total", "Flows to or from the gateway's own addresses (the explicit proxy, the admin page, ssh): not egress, not recorded.", func(s Stats) uint64 { return s.Own }),
 		counter("inbound_flows_total", "Flows started from outside the LAN toward a LAN host (the gateway sent their first packet out of a LAN interface): recorded denied as inbound in audit mode, not recorded in enforce mode.", func(s Stats) uint64 { return s.Inbound }),
 		counter("evicted_flows_total", "Flows ended early because the flow table was full.", func(s Stats) uint64 { return s.Evicted }),
