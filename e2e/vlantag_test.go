@@ -3,7 +3,6 @@ package e2e
 import (
 	"fmt"
 	"net"
-	"syscall"
 	"testing"
 	"time"
 
@@ -138,16 +137,10 @@ func sendUDPFrame(ns *testnet.NS, dev string, src, dst net.HardwareAddr, sport i
 	if err := gopacket.SerializeLayers(buf, gopacket.SerializeOptions{FixLengths: true, ComputeChecksums: true}, ls...); err != nil {
 		return err
 	}
-	return ns.Do(func() error {
-		ifi, err := net.InterfaceByName(dev)
-		if err != nil {
-			return err
-		}
-		fd, err := syscall.Socket(syscall.AF_PACKET, syscall.SOCK_RAW, 0) // sends only
-		if err != nil {
-			return err
-		}
-		defer syscall.Close(fd)
-		return syscall.Sendto(fd, buf.Bytes(), 0, &syscall.SockaddrLinklayer{Ifindex: ifi.Index, Halen: 6, Addr: [8]byte{dst[0], dst[1], dst[2], dst[3], dst[4], dst[5]}})
-	})
+	fs, err := openFrameSender(ns, dev)
+	if err != nil {
+		return err
+	}
+	defer fs.close()
+	return fs.send(buf.Bytes())
 }
