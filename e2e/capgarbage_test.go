@@ -12,7 +12,6 @@ import (
 	"path/filepath"
 	"strconv"
 	"strings"
-	"sync"
 	"sync/atomic"
 	"syscall"
 	"testing"
@@ -84,50 +83,32 @@ func captureGarbage(t *testing.T, tp *topo, mode string, replay [][]byte) {
 
 	// Watch egressd while the frames go: RSS, /metrics, and a legitimate
 	// client (a DNS query, then a TLS connection) in turn.
-	stop := make(chan struct{})
-	var wg sync.WaitGroup
+	w := newWatcher()
 	var peakKB, metricsBad atomic.Int64
 	var dnsOK, dnsBad, tlsOK, tlsBad atomic.Int64
 	var firstErr atomic.Value
-	wg.Add(2)
-	go func() {
-		defer wg.Done()
-		for {
-			if kb, _, _ := d.rss(); int64(kb) > peakKB.Load() {
-				peakKB.Store(int64(kb))
-			}
-			if code, _, err := d.get("/metrics"); err != nil || code != 200 {
-				metricsBad.Add(1)
-			}
-			select {
-			case <-stop:
-				return
-			case <-time.After(100 * time.Millisecond):
-			}
+	w.every(100*time.Millisecond, func() {
+		if kb, _, _ := d.rss(); int64(kb) > peakKB.Load() {
+			peakKB.Store(int64(kb))
 		}
-	}()
-	go func() {
-		defer wg.Done()
-		for {
-			if m, err := tp.dnsQuery(dockerName, dns.TypeA, 2*time.Second); err != nil || m.Rcode != dns.RcodeSuccess || len(m.Answer) == 0 {
-				dnsBad.Add(1)
-				firstErr.CompareAndSwap(nil, fmt.Sprintf("dns: %v %v", m, err))
-			} else {
-				dnsOK.Add(1)
-			}
-			if err := tp.legitGet(); err != nil {
-				tlsBad.Add(1)
-				firstErr.CompareAndSwap(nil, fmt.Sprintf("tls: %v", err))
-			} else {
-				tlsOK.Add(1)
-			}
-			select {
-			case <-stop:
-				return
-			case <-time.After(200 * time.Millisecond):
-			}
+		if code, _, err := d.get("/metrics"); err != nil || code != 200 {
+			metricsBad.Add(1)
 		}
-	}()
+	})
+	w.every(200*time.Millisecond, func() {
+		if m, err := tp.dnsQuery(dockerName, dns.TypeA, 2*time.Second); err != nil || m.Rcode != dns.RcodeSuccess || len(m.Answer) == 0 {
+			dnsBad.Add(1)
+			firstErr.CompareAndSwap(nil, fmt.Sprintf("dns: %v %v", m, err))
+		} else {
+			dnsOK.Add(1)
+		}
+		if err := tp.legitGet(); err != nil {
+			tlsBad.Add(1)
+			firstErr.CompareAndSwap(nil, fmt.Sprintf("tls: %v", err))
+		} else {
+			tlsOK.Add(1)
+		}
+	})
 
 	c0 := captureTotals(d)
 	link0 := lanFrames(tp)
@@ -155,8 +136,7 @@ func captureGarbage(t *testing.T, tp *topo, mode string, replay [][]byte) {
 		t.Errorf("packet socket: %v", st.err)
 	}
 	sent := st.sent
-	close(stop)
-	wg.Wait()
+	w.end()
 	// Capture reads the ring after the burst: wait (10 s at most) until
 	// every frame the gateway's LAN interface had received or sent by
 	// now is read or counted as dropped by the kernel. (The link is not

@@ -85,53 +85,34 @@ func synFlood(t *testing.T, tp *topo, mode string) {
 
 	// Watch the flow-table gauge and the legitimate client while the
 	// flood runs (and until capture has read it).
-	stop := make(chan struct{})
+	w := newWatcher()
 	var maxActive atomic.Int64
 	var legitOK, legitBad atomic.Int64
-	var wg sync.WaitGroup
-	wg.Add(2)
-	go func() {
-		defer wg.Done()
-		for {
-			if _, body, err := d.get("/metrics"); err == nil {
-				for _, l := range strings.Split(body, "\n") {
-					if v, ok := strings.CutPrefix(l, "egress_capture_active_flows "); ok {
-						var f float64
-						fmt.Sscan(v, &f)
-						if int64(f) > maxActive.Load() {
-							maxActive.Store(int64(f))
-						}
+	w.every(200*time.Millisecond, func() {
+		if _, body, err := d.get("/metrics"); err == nil {
+			for _, l := range strings.Split(body, "\n") {
+				if v, ok := strings.CutPrefix(l, "egress_capture_active_flows "); ok {
+					var f float64
+					fmt.Sscan(v, &f)
+					if int64(f) > maxActive.Load() {
+						maxActive.Store(int64(f))
 					}
 				}
 			}
-			select {
-			case <-stop:
-				return
-			case <-time.After(200 * time.Millisecond):
-			}
 		}
-	}()
-	go func() {
-		defer wg.Done()
-		for {
-			if err := tp.legitGet(); err != nil {
-				legitBad.Add(1)
-				t.Logf("legitimate client during the flood: %v", err)
-			} else {
-				legitOK.Add(1)
-			}
-			select {
-			case <-stop:
-				return
-			case <-time.After(200 * time.Millisecond):
-			}
+	})
+	w.every(200*time.Millisecond, func() {
+		if err := tp.legitGet(); err != nil {
+			legitBad.Add(1)
+			t.Logf("legitimate client during the flood: %v", err)
+		} else {
+			legitOK.Add(1)
 		}
-	}()
+	})
 
 	sent, took, err := tp.synFlood(floodSources, netip.MustParseAddr(floodIP), floodPort, maxPackets, maxDur)
 	if err != nil {
-		close(stop)
-		wg.Wait()
+		w.end()
 		t.Fatalf("flood: %v (after %d packets)", err, sent)
 	}
 	// Capture reads the ring after the flood: wait (5 s at most) until
@@ -147,8 +128,7 @@ func synFlood(t *testing.T, tp *topo, mode string) {
 		time.Sleep(200 * time.Millisecond)
 	}
 	evRate := (d.metric("egress_capture_evicted_flows_total") - evEnd) / time.Since(waitStart).Seconds()
-	close(stop)
-	wg.Wait()
+	w.end()
 	if !d.alive() {
 		t.Fatalf("egressd exited under the SYN flood: %v\n%s", d.proc.Cmd.ProcessState, d.logs())
 	}
@@ -211,6 +191,37 @@ func synFlood(t *testing.T, tp *topo, mode string) {
 	if hwm > 1<<20 {
 		t.Errorf("egressd peak RSS %d KiB over 1 GiB under the SYN flood", hwm)
 	}
+}
+
+// watcher runs functions over and over while a load runs, each in its
+// own goroutine, with a pause between runs, until end.
+type watcher struct {
+	stop chan struct{}
+	wg   sync.WaitGroup
+}
+
+func newWatcher() *watcher { return &watcher{stop: make(chan struct{})} }
+
+// every runs f, then again every pause, until end.
+func (w *watcher) every(pause time.Duration, f func()) {
+	w.wg.Add(1)
+	go func() {
+		defer w.wg.Done()
+		for {
+			f()
+			select {
+			case <-w.stop:
+				return
+			case <-time.After(pause):
+			}
+		}
+	}()
+}
+
+// end stops the functions and waits for them to return.
+func (w *watcher) end() {
+	close(w.stop)
+	w.wg.Wait()
 }
 
 // synFlood sends TCP SYNs from the LAN namespace (a raw IP socket, the
