@@ -165,6 +165,14 @@ func (r *Report) Suggest() (sugs []Suggestion, comments []string) {
 			comments = append(comments, fmt.Sprintf("%q is not a valid host name; not suggested", d.Dest))
 			continue
 		}
+		if !isAddr {
+			// A name a rule reads as more than itself: a client
+			// asking for "private" must not get a rule for RFC 1918.
+			if err := policy.CheckName(name); err != nil {
+				comments = append(comments, fmt.Sprintf("%v; not suggested", err))
+				continue
+			}
+		}
 		// A name that is itself a public suffix (or has no label above
 		// one) is its own domain: only the exact name is ever suggested.
 		domain := name

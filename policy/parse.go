@@ -706,6 +706,44 @@ func CheckTarget(s string) error {
 	return err
 }
 
+// CheckName reports why the host name s (normalised: NormalizeName),
+// written in a rule's "to", would not stand for that one name: a policy
+// does not take it, or reads it as something else. "private" is a valid
+// host name, which any LAN client can ask for, and the keyword for RFC
+// 1918 and ULA in a rule's "to".
+func CheckName(s string) error {
+	ts, err := parseTarget(s)
+	if err != nil {
+		return err
+	}
+	if len(ts) != 1 || ts[0].Kind != TargetName || ts[0].Pattern != s || strings.Contains(s, "*") {
+		return fmt.Errorf("%q in a rule's to: is not that one name but %s", s, targetWhat(ts))
+	}
+	return nil
+}
+
+// targetWhat says what a parsed "to" entry stands for, for CheckName.
+func targetWhat(ts []Target) string {
+	if len(ts) == 1 && ts[0].Kind == TargetName {
+		if strings.Contains(ts[0].Pattern, "*") {
+			return fmt.Sprintf("the pattern %q", ts[0].Pattern)
+		}
+		return fmt.Sprintf("the name %q", ts[0].Pattern)
+	}
+	if len(ts) == 1 && ts[0].Kind == TargetAny {
+		return "any destination"
+	}
+	var pfs []string
+	for _, t := range ts {
+		pfs = append(pfs, t.Prefix.String())
+	}
+	what := "the addresses " + strings.Join(pfs, ", ")
+	if len(ts) > 0 && ts[0].Raw == "private" {
+		what = "the keyword for " + strings.Join(pfs, ", ")
+	}
+	return what
+}
+
 // parseTarget parses one "to" entry. "private" expands to several prefixes.
 func parseTarget(s string) ([]Target, error) {
 	s = strings.TrimSpace(s)

@@ -17,6 +17,23 @@ func TestCheckTarget(t *testing.T) {
 	}
 }
 
+// TestCheckName: CheckName takes a host name that a rule's "to" reads as
+// that one name, and refuses the keyword "private", which a LAN client
+// can ask for as a name.
+func TestCheckName(t *testing.T) {
+	for s, ok := range map[string]bool{
+		"example.com": true, "a_b.example": true, "localhost": true, "any": true,
+		"private": false, "198.51.100.7": false, "*.example.com": false, "0": false, "*": false,
+	} {
+		if err := CheckName(s); (err == nil) != ok {
+			t.Errorf("CheckName(%q) = %v, want ok %v", s, err, ok)
+		}
+	}
+	if err := CheckName("private"); err == nil || !strings.Contains(err.Error(), "10.0.0.0/8") {
+		t.Errorf("CheckName(\"private\") = %v, want it to name what the keyword stands for", err)
+	}
+}
+
 // TestUnquotedStarHint: the seed page writes its names as [*.nirovision.com],
 // and an operator who copies that into "to:" unquoted gets YAML's alias
 // error. The error says to quote the pattern (before: only "did not find
