@@ -145,6 +145,7 @@ func FuzzSuggest(f *testing.F) {
 	f.Add("a.nip.io", "b.nip.io", uint16(80), uint16(80), "no-rule")                                // no wildcard under a wildcard-DNS zone
 	f.Add("0", "1.2.3", uint16(443), uint16(443), "\x1c")                                           // numeric names; a control character
 	f.Add("zero.example", "b.example", uint16(0), uint16(443), "no-rule")                           // no port seen
+	f.Add("private", "PRIVATE.", uint16(443), uint16(80), "no-rule")                                // the keyword for RFC 1918 and ULA
 	f.Fuzz(func(t *testing.T, a, b string, pa, pb uint16, reason string) {
 		if len(a) > 300 || len(b) > 300 || len(reason) > 64 {
 			return
@@ -180,6 +181,16 @@ func FuzzSuggest(f *testing.F) {
 		for _, w := range eng.Warnings() {
 			if strings.Contains(w.Msg, "shadowed") {
 				t.Errorf("%s\n%s", w.Msg, buf.String())
+			}
+		}
+		// A name opens no address but those DNS gives for it: no
+		// suggestion allows a private address by address alone.
+		_, errA := netip.ParseAddr(a)
+		_, errB := netip.ParseAddr(b)
+		for _, port := range []uint16{pa, pb} {
+			in := policy.Input{Client: netip.MustParseAddr("192.168.10.5"), Dest: netip.MustParseAddr("10.255.254.253"), Port: port, Proto: policy.TCP, Now: t0}
+			if d := eng.Decide(in); d.Allowed() && errA != nil && errB != nil {
+				t.Errorf("the suggestions for names %q and %q allow 10.255.254.253:%d (rule %s):\n%s", a, b, port, d.Rule, buf.String())
 			}
 		}
 	})
