@@ -1,12 +1,10 @@
 package e2e
 
 import (
-	"context"
 	"encoding/json"
 	"fmt"
 	"net"
 	"net/netip"
-	"os/exec"
 	"slices"
 	"strings"
 	"testing"
@@ -112,16 +110,6 @@ func testGatewayGuardRecorded(t *testing.T, mode string) {
 
 	// The report names them among the drops, and --suggest proposes no
 	// rule for them (none would let them through enforce mode).
-	run := func(args ...string) []byte {
-		t.Helper()
-		ctx, cancel := context.WithTimeout(context.Background(), 20*time.Second)
-		defer cancel()
-		out, err := exec.CommandContext(ctx, egressdBin, append([]string{"report", "--state-dir", d.stateDir}, args...)...).Output()
-		if err != nil {
-			t.Fatalf("egressd report %v: %v\n%s", args, err, out)
-		}
-		return out
-	}
 	var r struct {
 		Dropped []struct {
 			Dest    string   `json:"dest"`
@@ -131,7 +119,7 @@ func testGatewayGuardRecorded(t *testing.T, mode string) {
 			Reason  string   `json:"reason"`
 		} `json:"dropped"`
 	}
-	out := run("--json")
+	out := d.reportState("--json")
 	if err := json.Unmarshal(out, &r); err != nil {
 		t.Fatalf("report --json: %v\n%s", err, out)
 	}
@@ -145,7 +133,7 @@ func testGatewayGuardRecorded(t *testing.T, mode string) {
 	if len(want) != 0 {
 		t.Errorf("report: no forged-source drop for %v in\n%s", want, out)
 	}
-	if sug := string(run("--suggest")); strings.Contains(sug, inetWAN4+"/") || strings.Contains(sug, "9000/udp") {
+	if sug := string(d.reportState("--suggest")); strings.Contains(sug, inetWAN4+"/") || strings.Contains(sug, "9000/udp") {
 		t.Errorf("report --suggest proposes a rule for the forged sources' flows:\n%s", sug)
 	}
 }

@@ -339,6 +339,22 @@ func (d *daemon) report() *report {
 	return &r
 }
 
+// reportState runs `egressd report --state-dir` with args over the
+// stopped daemon's state directory and returns its output.
+func (d *daemon) reportState(args ...string) []byte {
+	d.t.Helper()
+	ctx, cancel := context.WithTimeout(context.Background(), 20*time.Second)
+	defer cancel()
+	cmd := exec.CommandContext(ctx, egressdBin, append([]string{"report", "--state-dir", d.stateDir}, args...)...)
+	var stderr strings.Builder
+	cmd.Stderr = &stderr
+	out, err := cmd.Output()
+	if err != nil {
+		d.t.Fatalf("egressd report %v: %v\n%s%s", args, err, out, stderr.String())
+	}
+	return out
+}
+
 // nftTable returns whether egressd's nftables table exists in the gateway.
 func (tp *topo) nftTable() bool {
 	_, err := tp.gw.Run("nft", "list", "table", "inet", "egressd")

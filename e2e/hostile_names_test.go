@@ -1,11 +1,9 @@
 package e2e
 
 import (
-	"context"
 	"net"
 	"net/netip"
 	"os"
-	"os/exec"
 	"path/filepath"
 	"strings"
 	"testing"
@@ -73,16 +71,7 @@ func testHostileNames(t *testing.T, mode string) {
 	time.Sleep(time.Second) // capture's ring
 	d.stop()
 
-	run := func(args ...string) string {
-		t.Helper()
-		ctx, cancel := context.WithTimeout(context.Background(), 20*time.Second)
-		defer cancel()
-		out, err := exec.CommandContext(ctx, egressdBin, append([]string{"report", "--state-dir", d.stateDir}, args...)...).Output()
-		if err != nil {
-			t.Fatalf("egressd report %v: %v\n%s", args, err, out)
-		}
-		return string(out)
-	}
+	run := func(args ...string) string { return string(d.reportState(args...)) }
 	text := run()
 	t.Logf("report:\n%s", text)
 	if !strings.Contains(text, "private") {

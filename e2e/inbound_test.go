@@ -6,7 +6,6 @@ import (
 	"fmt"
 	"net"
 	"net/netip"
-	"os/exec"
 	"strings"
 	"testing"
 	"time"
@@ -64,19 +63,6 @@ func inboundAudit(t *testing.T, lan, inet string) {
 	time.Sleep(500 * time.Millisecond) // the TPACKET_V3 block, and the FIN
 	d.stop()                           // capture reports the open UDP flow at shutdown
 
-	runReport := func(args ...string) []byte {
-		t.Helper()
-		ctx, cancel := context.WithTimeout(context.Background(), 20*time.Second)
-		defer cancel()
-		cmd := exec.CommandContext(ctx, egressdBin, append([]string{"report", "--state-dir", d.stateDir}, args...)...)
-		var stderr strings.Builder
-		cmd.Stderr = &stderr
-		out, err := cmd.Output()
-		if err != nil {
-			t.Fatalf("egressd report %v: %v\n%s%s", args, err, out, stderr.String())
-		}
-		return out
-	}
 	var r struct {
 		Dropped []struct {
 			Dest    string   `json:"dest"`
@@ -87,7 +73,7 @@ func inboundAudit(t *testing.T, lan, inet string) {
 			Reason  string   `json:"reason"`
 		} `json:"dropped"`
 	}
-	out := runReport("--json")
+	out := d.reportState("--json")
 	if err := json.Unmarshal(out, &r); err != nil {
 		t.Fatalf("report --json: %v\n%s", err, out)
 	}
@@ -104,7 +90,7 @@ func inboundAudit(t *testing.T, lan, inet string) {
 	if len(want) != 0 {
 		t.Errorf("no inbound entry for %v in %s", want, out)
 	}
-	sug := string(runReport("--suggest"))
+	sug := string(d.reportState("--suggest"))
 	if strings.Contains(sug, lan) || strings.Contains(sug, inet) {
 		t.Errorf("report --suggest names the inbound flows' hosts:\n%s", sug)
 	}
