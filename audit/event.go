@@ -42,10 +42,12 @@ const (
 	KindRequest Kind = "request"
 	// KindAlarm is an alarm a component raises about a client's
 	// behaviour over many events, not one flow or query: the DNS
-	// forwarder's, reason dns-tunnel (THREATS.md E2), names the client,
-	// the wildcard zone in Name and the distinct names of the zone the
-	// client sent upstream in the window in Count. It never adds to flow
-	// or query counts; the report lists alarms apart.
+	// forwarder's, reason dns-tunnel or dns-tunnel-slow (THREATS.md E2),
+	// names the client, the wildcard zone in Name and the distinct names
+	// of the zone the client sent upstream in the window in Count; reason
+	// dns-tunnel-zone counts the names of all clients and has no Client
+	// (the zero address, "" in JSON). It never adds to flow or query
+	// counts; the report lists alarms apart.
 	KindAlarm Kind = "alarm"
 	// KindShed is a record the event log writes for events it had to shed
 	// (Count of them, up to Time); components never emit it.

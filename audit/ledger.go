@@ -1382,7 +1382,11 @@ type alarmKey struct {
 // zone), with how many alarms, the most distinct names one window had, and
 // when.
 func (l *Ledger) addAlarmLocked(ev *Event) {
-	k := alarmKey{knownText(ev.Reason), ev.Client.Unmap().String(), ev.ClientMAC, lowerASCII(trimDot(Clip(ev.Name, MaxNameBytes)))}
+	client := "" // a zone-wide alarm (dns-tunnel-zone) names no client
+	if ev.Client.IsValid() {
+		client = ev.Client.Unmap().String()
+	}
+	k := alarmKey{knownText(ev.Reason), client, ev.ClientMAC, lowerASCII(trimDot(Clip(ev.Name, MaxNameBytes)))}
 	a := l.alarms[k]
 	if a == nil {
 		if len(l.alarms) >= maxAlarms {

@@ -708,3 +708,31 @@ func TestReportAlarms(t *testing.T) {
 		t.Errorf("decoded %+v from %s", dec, b)
 	}
 }
+
+// TestReportZoneAlarm: a zone-wide dns-tunnel-zone alarm names no client
+// (the zero address): the report keeps its client empty in JSON and says
+// "all clients" in the text and HTML reports, not "invalid IP".
+func TestReportZoneAlarm(t *testing.T) {
+	t0 := time.Date(2026, 12, 5, 8, 0, 0, 0, time.UTC)
+	l := NewLedger(nil, LedgerOptions{Now: func() time.Time { return t0 }})
+	l.Emit(Event{Kind: KindAlarm, Source: SourceDNS, Time: t0, Proto: "udp", Name: "t.tenant.cloud", Count: 1003,
+		Verdict: policy.Allow, Rule: "tenant", Mode: policy.ModeAudit, Reason: "dns-tunnel-zone"})
+	r := l.Report(ReportOptions{})
+	if len(r.Alarms) != 1 || r.Alarms[0].Client != "" || r.Alarms[0].Reason != "dns-tunnel-zone" {
+		t.Fatalf("alarms %+v, want one dns-tunnel-zone alarm with no client", r.Alarms)
+	}
+	var buf bytes.Buffer
+	if err := r.WriteText(&buf); err != nil {
+		t.Fatal(err)
+	}
+	if s := "dns-tunnel-zone  all clients  zone t.tenant.cloud: 1003 distinct names"; !strings.Contains(buf.String(), s) {
+		t.Errorf("text report lacks %q:\n%s", s, buf.String())
+	}
+	buf.Reset()
+	if err := r.WriteHTML(&buf); err != nil {
+		t.Fatal(err)
+	}
+	if s := "dns-tunnel-zone: all clients, zone t.tenant.cloud"; !strings.Contains(buf.String(), s) || strings.Contains(buf.String(), "invalid IP") {
+		t.Errorf("HTML report lacks %q:\n%s", s, buf.String())
+	}
+}

@@ -144,7 +144,10 @@ type RuleBeforeDetail struct {
 
 // AlarmReport is one client's alarms of one reason and zone: for
 // dns-tunnel, the client sent more distinct names of a wildcard rule's
-// zone upstream in a window than the forwarder's threshold.
+// zone upstream in a window than the forwarder's threshold; for
+// dns-tunnel-slow, more than ten times it in a window sixty times as
+// long; for dns-tunnel-zone, all clients together sent more than twice
+// it, and Client is empty (no one client).
 type AlarmReport struct {
 	Reason    string `json:"reason"`
 	Client    string `json:"client"`
@@ -903,6 +906,9 @@ func (r *Report) WriteText(w io.Writer) error {
 		fmt.Fprintf(ew, "\nALARMS (%d)\n", len(r.Alarms))
 		for _, a := range r.Alarms {
 			who := a.Client
+			if who == "" {
+				who = "all clients"
+			}
 			if a.ClientMAC != "" {
 				who += " (" + a.ClientMAC + ")"
 			}

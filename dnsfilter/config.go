@@ -121,11 +121,14 @@ type Config struct {
 	// upstream under one wildcard rule's zone in TunnelWindow before the
 	// forwarder raises an alarm (THREATS.md E2: a canonical Warn line, an
 	// audit event of Kind alarm, egress_dnsfilter_tunnel_alarms_total);
-	// the queries are answered all the same. Zero means 500; negative
-	// disables the alarm; at most 5000 (the sketch's range).
+	// the queries are answered all the same. The same threshold sets the
+	// zone-wide alarm's (twice it, all clients together: dns-tunnel-zone)
+	// and the long window's (ten times it in sixty windows:
+	// dns-tunnel-slow). Zero means 500; negative disables the alarms; at
+	// most 5000 (the sketch's range).
 	TunnelThreshold int
-	// TunnelWindow is the fixed window TunnelThreshold counts in. Zero
-	// means one minute.
+	// TunnelWindow is the fixed window TunnelThreshold counts in; the
+	// long window is sixty of it. Zero means one minute.
 	TunnelWindow time.Duration
 
 	// UDPSize is the EDNS0 buffer size advertised to clients and upstreams

@@ -632,10 +632,12 @@ func (s *Server) finish(q *query) {
 }
 
 // watchTunnel counts a name an allowed query sent upstream under a
-// wildcard rule's zone (tunnelZone) and raises the alarm when the
-// client's distinct names of the zone cross the threshold in the window:
-// one Warn line, one audit event (KindAlarm, reason dns-tunnel), one
-// count of egress_dnsfilter_tunnel_alarms_total. Only misses count: a
+// wildcard rule's zone (tunnelZone) and raises an alarm when the
+// client's distinct names of the zone cross the threshold in the window
+// (dns-tunnel), when all clients' do past twice it (dns-tunnel-zone), or
+// when the client's cross ten times it in the long window
+// (dns-tunnel-slow): for each, one Warn line, one audit event (KindAlarm),
+// one count of egress_dnsfilter_tunnel_alarms_total. Only misses count: a
 // name answered from the cache told no authoritative server anything.
 func (s *Server) watchTunnel(q *query) {
 	zone, ok := tunnelZone(q.eng, q.dec, q.name)
@@ -658,28 +660,50 @@ func (s *Server) watchTunnel(q *query) {
 		key = client.String()
 	}
 	now := s.now()
-	n, alarm := s.tun.observe(key, zone, q.name, now.UnixNano())
-	if !alarm {
-		return
+	hits := s.tun.observe(key, zone, q.name, now.UnixNano())
+	w, th := s.cfg.TunnelWindow, s.cfg.TunnelThreshold
+	if hits.pair > 0 {
+		s.tunnelAlarm(q, now, client, mac, zone, hits.pair, ReasonTunnel, w, th, nil)
 	}
+	if hits.slow > 0 {
+		s.tunnelAlarm(q, now, client, mac, zone, hits.slow, ReasonTunnelSlow, tunnelSlowWindows*w, tunnelSlowFactor*th, nil)
+	}
+	if hits.zone > 0 {
+		var top []string
+		for _, c := range hits.top {
+			if c != "" {
+				top = append(top, c)
+			}
+		}
+		// Zone-wide: no one client; the line names those that added
+		// the most names (a MAC, an address, or "unresolved").
+		s.tunnelAlarm(q, now, netip.Addr{}, "", zone, hits.zone, ReasonTunnelZone, w, tunnelZoneFactor*th, top)
+	}
+}
+
+// tunnelAlarm raises one alarm of watchTunnel.
+func (s *Server) tunnelAlarm(q *query, now time.Time, client netip.Addr, mac, zone string, n int, reason string, window time.Duration, threshold int, top []string) {
 	s.m.tunnelAlarms.Inc()
 	ev := audit.Event{Kind: audit.KindAlarm, Source: audit.SourceDNS, Time: now, Client: client, ClientMAC: mac, Proto: q.proto,
-		Name: zone, Count: uint64(n), Verdict: policy.Allow, Rule: q.dec.Rule, Mode: q.dec.Mode, Reason: ReasonTunnel}
-	attrs := []slog.Attr{
-		slog.String(audit.LogKind, string(audit.KindAlarm)),
-		slog.String(audit.LogClient, client.String()),
+		Name: zone, Count: uint64(n), Verdict: policy.Allow, Rule: q.dec.Rule, Mode: q.dec.Mode, Reason: reason}
+	attrs := []slog.Attr{slog.String(audit.LogKind, string(audit.KindAlarm))}
+	if client.IsValid() {
+		attrs = append(attrs, slog.String(audit.LogClient, client.String()))
 	}
 	if mac != "" {
 		attrs = append(attrs, slog.String(audit.LogClientMAC, mac))
 	}
+	if top != nil {
+		attrs = append(attrs, slog.Any("top_clients", top))
+	}
 	attrs = append(attrs,
 		slog.String(audit.LogName, zone),
 		slog.Int("distinct_names", n),
-		slog.Duration("window", s.cfg.TunnelWindow),
-		slog.Int("threshold", s.cfg.TunnelThreshold),
+		slog.Duration("window", window),
+		slog.Int("threshold", threshold),
 		slog.String(audit.LogRule, q.dec.Rule),
 		slog.String(audit.LogMode, string(q.dec.Mode)),
-		slog.String(audit.LogReason, ReasonTunnel),
+		slog.String(audit.LogReason, reason),
 		slog.Bool(audit.LogEnforced, false),
 	)
 	logjson.Log(context.Background(), s.log, slog.LevelWarn, audit.CanonicalMessage, attrs...)

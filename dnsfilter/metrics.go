@@ -55,7 +55,7 @@ func newMetrics() *metrics {
 		rateLimited: prometheus.NewCounter(prometheus.CounterOpts{Namespace: ns, Subsystem: sub, Name: "rate_limited_total",
 			Help: "Queries dropped or refused because their client exceeded its rate."}),
 		tunnelAlarms: prometheus.NewCounter(prometheus.CounterOpts{Namespace: ns, Subsystem: sub, Name: "tunnel_alarms_total",
-			Help: "Alarms raised because a client sent more distinct names of a wildcard rule's zone upstream in a window than the tunnel threshold (THREATS.md E2)."}),
+			Help: "Alarms raised because a client sent more distinct names of a wildcard rule's zone upstream in a window than the tunnel threshold, all clients more than twice it, or a client more than ten times it in sixty windows (THREATS.md E2)."}),
 		dropped: prometheus.NewCounterVec(prometheus.CounterOpts{Namespace: ns, Subsystem: sub, Name: "dropped_total",
 			Help: "Packets not answered, by reason (overload, malformed, panic)."}, []string{"reason"}),
 		tcpRefused: prometheus.NewCounterVec(prometheus.CounterOpts{Namespace: ns, Subsystem: sub, Name: "tcp_refused_total",

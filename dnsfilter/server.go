@@ -71,7 +71,7 @@ type Server struct {
 	macs  ClientMACs   // nil: no client has a MAC
 	cache *cache       // nil when disabled
 	rl    *rateLimiter // nil when disabled
-	tun   *tunnelWatch // nil when disabled
+	tun   *tunnels     // nil when disabled
 	ups   *upstreams
 	sf    singleflight.Group
 
@@ -170,7 +170,7 @@ func New(cfg Config, deps Deps) (*Server, error) {
 		}
 	}
 	if cfg.TunnelThreshold > 0 {
-		s.tun = newTunnelWatch(cfg.TunnelThreshold, cfg.TunnelWindow)
+		s.tun = newTunnels(cfg.TunnelThreshold, cfg.TunnelWindow)
 	}
 	s.ups = &upstreams{timeout: cfg.UpstreamTimeout, downAfter: cfg.DownAfter, downFor: cfg.DownFor, udpSize: cfg.UDPSize, m: s.m, now: s.now}
 	for _, u := range ups {

@@ -2,6 +2,7 @@ package dnsfilter
 
 import (
 	"fmt"
+	"hash/maphash"
 	"math/rand/v2"
 	"net"
 	"net/netip"
@@ -108,50 +109,65 @@ func TestTunnelAlarmPerWindow(t *testing.T) {
 	}
 }
 
-// Random names from many clients keep the watch within its pairs, and a
-// name costs no allocation once the pairs are full (the sketches of
-// evicted pairs are reused).
+// Random names from many clients of many zones keep each watch (pairs,
+// zones, the long window) within its bound, and a name costs no
+// allocation once they are full (the sketches of evicted pairs are
+// reused).
 func TestTunnelWatchBounded(t *testing.T) {
-	w := newTunnelWatch(500, time.Minute)
+	tun := newTunnels(500, time.Minute)
 	now := time.Now().UnixNano()
 	rng := rand.New(rand.NewPCG(1, 2))
 	clients := make([]string, 4*tunnelKeys)
 	for i := range clients {
 		clients[i] = netip.AddrFrom4([4]byte{10, byte(i >> 16), byte(i >> 8), byte(i)}).String()
 	}
+	zones := make([]string, 2*tunnelKeys)
+	for i := range zones {
+		zones[i] = fmt.Sprintf("z%d.allowed.test", i)
+	}
 	names := make([]string, 4096)
 	for i := range names {
 		names[i] = fmt.Sprintf("%016x.t.allowed.test", rng.Uint64())
 	}
+	bounded := func() {
+		t.Helper()
+		for _, w := range []*tunnelWatch{tun.pair, tun.zone, tun.slow} {
+			if n := w.len(); n > tunnelKeys {
+				t.Fatalf("%d pairs held, bound %d", n, tunnelKeys)
+			}
+		}
+	}
 	for i := range 50_000 {
-		w.observe(clients[rng.IntN(len(clients))], "t.allowed.test", names[i%len(names)], now)
+		tun.observe(clients[rng.IntN(len(clients))], zones[rng.IntN(len(zones))], names[i%len(names)], now)
 	}
-	if n := w.len(); n > tunnelKeys {
-		t.Fatalf("%d pairs held, bound %d", n, tunnelKeys)
-	}
+	bounded()
 	i := 0
 	allocs := testing.AllocsPerRun(2000, func() {
 		i++
-		w.observe(clients[i%len(clients)], "t.allowed.test", names[i%len(names)], now)
+		tun.observe(clients[i%len(clients)], zones[i%len(zones)], names[i%len(names)], now)
 	})
 	if allocs != 0 {
 		t.Errorf("%v allocations per name with the pairs full, want 0", allocs)
 	}
-	if n := w.len(); n > tunnelKeys {
-		t.Fatalf("%d pairs held, bound %d", n, tunnelKeys)
-	}
+	bounded()
+}
+
+var testSeed = maphash.MakeSeed()
+
+// observeName is observe of name's hash.
+func (w *tunnelWatch) observeName(client, zone, name string, now int64) (int, bool) {
+	return w.observe(client, zone, maphash.String(testSeed, name), now)
 }
 
 // The sketch counts distinct names: repeats do not add, and its estimate
 // stays near the truth up to the largest threshold.
 func TestTunnelSketchEstimate(t *testing.T) {
-	w := newTunnelWatch(maxTunnelThreshold+1, time.Minute)
 	for _, n := range []int{50, 500, maxTunnelThreshold} {
-		w = newTunnelWatch(maxTunnelThreshold+1, time.Minute)
+		w := newTunnelWatch(maxTunnelThreshold, time.Minute)
 		var got int
 		for range 2 {
 			for i := range n {
-				got, _ = w.observe("c", "z", fmt.Sprintf("n%d.z", i), 1)
+				got, _ = w.observeName("c", "z", fmt.Sprintf("n%d.z", i), 1)
 			}
 		}
 		if d := float64(got-n) / float64(n); d > 0.06 || d < -0.06 {
@@ -262,16 +278,16 @@ func TestTunnelWatchEvictionKeepsBusyPair(t *testing.T) {
 	w := newTunnelWatch(500, time.Minute)
 	now := time.Now().UnixNano()
 	for i := range tunnelKeys {
-		w.observe("other", fmt.Sprintf("z%d.example", i), "a.z.example", now)
+		w.observeName("other", fmt.Sprintf("z%d.example", i), "a.z.example", now)
 	}
 	alarms, junk := 0, 0
 	for i := range 600 {
-		if _, a := w.observe("c", "tunnel.example", fmt.Sprintf("n%d.tunnel.example", i), now); a {
+		if _, a := w.observeName("c", "tunnel.example", fmt.Sprintf("n%d.tunnel.example", i), now); a {
 			alarms++
 		}
 		for range 20 {
 			junk++
-			w.observe("c", fmt.Sprintf("j%d.example", junk), "x.j.example", now)
+			w.observeName("c", fmt.Sprintf("j%d.example", junk), "x.j.example", now)
 		}
 	}
 	if alarms != 1 {
@@ -279,5 +295,99 @@ func TestTunnelWatchEvictionKeepsBusyPair(t *testing.T) {
 	}
 	if n := w.len(); n > tunnelKeys {
 		t.Fatalf("%d pairs held, bound %d", n, tunnelKeys)
+	}
+}
+
+// A tunnel spread over many clients alarms zone-wide: 24 clients sending
+// 50 distinct names each of one zone (1,200 in the window, each client
+// far under its own threshold of 500) raise one alarm of reason
+// dns-tunnel-zone, past twice the threshold, that names no client (the
+// zero address: the alarm is the zone's, not one client's). Before, each
+// client counted alone and nothing alarmed.
+func TestTunnelAlarmZoneWide(t *testing.T) {
+	up := newFakeUpstream(t, "")
+	reg := prometheus.NewRegistry()
+	ts := startServer(t, tunnelPolicy, Config{Upstreams: []string{up.Addr}, TunnelThreshold: 500}, Deps{Registerer: reg})
+	for i := range 1200 {
+		src := fmt.Sprintf("127.0.2.%d", 10+i%24)
+		if rc := askFrom(t, src, ts.Addr, fmt.Sprintf("mzxw6ytboi%04d.t.allowed.test", i)); rc != dns.RcodeNameError {
+			t.Fatalf("query %d from %s: rcode %d", i, src, rc)
+		}
+	}
+	a := tunnelAlarms(ts.Sink)
+	if len(a) != 1 {
+		t.Fatalf("1,200 names over 24 clients raised %d alarms, want 1 zone-wide: %+v", len(a), a)
+	}
+	if ev := a[0]; ev.Reason != ReasonTunnelZone || ev.Client.IsValid() || ev.ClientMAC != "" || ev.Name != "t.allowed.test" ||
+		ev.Rule != "tenant" || ev.Count < 950 || ev.Count > 1150 {
+		t.Errorf("alarm %+v: want reason %s, no client, zone t.allowed.test, about 1,000 names", ev, ReasonTunnelZone)
+	}
+	if got := gatheredCounter(t, reg, "egress_dnsfilter_tunnel_alarms_total"); got != 1 {
+		t.Errorf("egress_dnsfilter_tunnel_alarms_total %v, want 1", got)
+	}
+}
+
+// A slow tunnel alarms over the long window: a client sending 80
+// distinct names a minute of one zone (under its threshold of 100 a
+// minute) for 15 minutes, 1,200 in all, crosses ten times the threshold
+// in the hour-long window (sixty short ones) once: one alarm of reason
+// dns-tunnel-slow. Before, no window ever held 100 and nothing alarmed.
+func TestTunnelAlarmSlow(t *testing.T) {
+	up := newFakeUpstream(t, "")
+	var offset atomic.Int64
+	now := func() time.Time { return time.Now().Add(time.Duration(offset.Load())) }
+	ts := startServer(t, tunnelPolicy, Config{Upstreams: []string{up.Addr}, TunnelThreshold: 100, TunnelWindow: time.Minute, CacheSize: -1}, Deps{Now: now})
+	for m := range 15 {
+		for i := range 80 {
+			askFrom(t, "127.0.0.6", ts.Addr, fmt.Sprintf("m%dn%d.t.allowed.test", m, i))
+		}
+		offset.Add(int64(61 * time.Second))
+	}
+	a := tunnelAlarms(ts.Sink)
+	if len(a) != 1 {
+		t.Fatalf("80 names a minute for 15 minutes raised %d alarms, want 1: %+v", len(a), a)
+	}
+	if ev := a[0]; ev.Reason != ReasonTunnelSlow || ev.Client != netip.MustParseAddr("127.0.0.6") || ev.Name != "t.allowed.test" ||
+		ev.Count < 950 || ev.Count > 1100 {
+		t.Errorf("alarm %+v: want reason %s, client 127.0.0.6, zone t.allowed.test, about 1,000 names", ev, ReasonTunnelSlow)
+	}
+}
+
+// Nested wildcards count a name once, under the most specific zone of the
+// rule that allowed it: 150 names under `*.b.a.test` (threshold 100) raise
+// one alarm, naming b.a.test, not one for each level.
+func TestTunnelAlarmNested(t *testing.T) {
+	up := newFakeUpstream(t, "")
+	ts := startServer(t, `version: 1
+mode: audit
+rules:
+  - name: nested
+    to: ["*.a.test", "*.b.a.test"]
+    ports: [443/tcp]
+`, Config{Upstreams: []string{up.Addr}, TunnelThreshold: 100}, Deps{})
+	for i := range 150 {
+		askFrom(t, "127.0.0.7", ts.Addr, fmt.Sprintf("n%d.b.a.test", i))
+	}
+	if a := tunnelAlarms(ts.Sink); len(a) != 1 || a[0].Name != "b.a.test" || a[0].Reason != ReasonTunnel {
+		t.Fatalf("150 names under nested wildcards raised %+v, want one %s alarm for b.a.test", a, ReasonTunnel)
+	}
+}
+
+// The long window's and the zone's sketches sample names past the range
+// one sketch counts well (a threshold of 5,000 a minute is 50,000 an
+// hour): the estimate stays near the truth, from the same 512 bytes.
+func TestTunnelSampledEstimate(t *testing.T) {
+	w := newTunnelWatch(10*maxTunnelThreshold, time.Hour)
+	if w.shift == 0 {
+		t.Fatalf("a threshold of %d samples no names", 10*maxTunnelThreshold)
+	}
+	seed := maphash.MakeSeed()
+	const n = 50_000
+	var got int
+	for i := range n {
+		got, _ = w.observe("c", "z", maphash.String(seed, fmt.Sprintf("n%d.z", i)), 1)
+	}
+	if d := float64(got-n) / n; d > 0.1 || d < -0.1 {
+		t.Errorf("%d distinct names estimated %d", n, got)
 	}
 }
