@@ -102,7 +102,22 @@ type Config struct {
 	// not listening), the proxy never sees the connection, and capture's
 	// line is its only one.
 	ProxyLines func() bool
+	// Firewall, when set, says whether egressd's firewall is installed,
+	// so that enforce mode's drops are its nftables ruleset's (the
+	// forward chain, the gateway hardening of guard.go). False
+	// (--no-firewall, a firewall that did not install): nothing of
+	// egressd's drops the packets capture sees, and a flow it records
+	// denied in enforce mode is recorded as enforce would drop it, not
+	// as dropped (Event.Enforced false), as in audit mode. Asked when a
+	// flow or request is reported. Nil: as if installed (an offline
+	// reading, a test).
+	Firewall func() bool
 }
+
+// firewallDrops reports whether egressd's firewall is there to drop what
+// enforce mode denies (Config.Firewall): else a deny is recorded not
+// enforced.
+func (c *Capture) firewallDrops() bool { return c.cfg.Firewall == nil || c.cfg.Firewall() }
 
 // Validate returns every problem of the configuration.
 func (c Config) Validate() error {

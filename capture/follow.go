@@ -233,6 +233,7 @@ func (p *proc) request(f *flow, h *httpwire.Head, err error) {
 		d.Mode = policy.ModeAudit
 	}
 	ev.Stamp(d)
+	ev.Enforced = ev.Enforced && p.c.firewallDrops()
 	ev.Close = closeForwarded
 	if ev.Enforced {
 		ev.Close = closeDenied

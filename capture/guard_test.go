@@ -458,3 +458,40 @@ func TestGuardMappedAndZero(t *testing.T) {
 		})
 	}
 }
+
+// TestGuardNotEnforcedWithoutFirewall: in enforce mode with no firewall
+// of egressd's (--no-firewall, or one that did not install:
+// Config.Firewall false) nothing of egressd's drops what the gateway
+// hardening would: the forged source, the loopback destination, the
+// Router Advertisement and the redirect are recorded denied with their
+// reasons, as enforce would drop them, but not enforced; so is a LAN
+// client's flow no rule allows, as nftables' forward chain is not there
+// either. Before, each was recorded as an enforced drop.
+func TestGuardNotEnforcedWithoutFirewall(t *testing.T) {
+	for _, installed := range []bool{false, true} {
+		t.Run(fmt.Sprintf("firewall=%v", installed), func(t *testing.T) {
+			r := newGuardRig(t, policy.ModeEnforce)
+			r.c.cfg.Firewall = func() bool { return installed }
+			r.udp("198.51.100.77", 5000, "203.0.113.9", 9000) // forged
+			r.send(false, "198.18.5.10", "127.0.0.1", layers.IPProtocolTCP,
+				&layers.TCP{SrcPort: 40000, DstPort: 9902, SYN: true, Seq: 1, Window: 1024})
+			r.icmp("fe80::1234", "ff02::1", 134)            // RA
+			r.icmp("198.18.5.20", "198.18.5.1", 5)          // ICMP redirect to the gateway
+			r.udp("198.18.5.11", 5001, "203.0.113.9", 9000) // no rule
+			evs := r.events()
+			want := map[string]string{
+				"198.51.100.77": ReasonForgedSource, "198.18.5.10": ReasonLoopbackDestination,
+				"fe80::1234": ReasonRouterAdvertisement, "198.18.5.20": ReasonRedirect, "198.18.5.11": "no-rule",
+			}
+			for cli, reason := range want {
+				if len(evs[cli]) != 1 {
+					t.Errorf("%s: %d events, want 1: %v", cli, len(evs[cli]), evs[cli])
+					continue
+				}
+				if ev := evs[cli][0]; ev.Verdict != policy.Deny || ev.Reason != reason || ev.Enforced != installed {
+					t.Errorf("%s: %s %q enforced=%v, want deny %q enforced=%v", cli, ev.Verdict, ev.Reason, ev.Enforced, reason, installed)
+				}
+			}
+		})
+	}
+}

@@ -2515,6 +2515,7 @@ func (p *proc) event(f *flow, how string) audit.Event {
 		ev.Filtered = "ech"
 	}
 	ev.Stamp(f.dec)
+	ev.Enforced = ev.Enforced && p.c.firewallDrops()
 	return ev
 }
 

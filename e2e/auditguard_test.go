@@ -20,14 +20,20 @@ import (
 // log as a deny with its reason, the forged sources once per flow (three
 // datagrams each), and the routed subnet's flow with no forged-source
 // reason. Before session 26 capture recorded the forged sources as
-// clients, and none of the rest.
+// clients, and none of the rest. Enforce mode with --no-firewall installs
+// no hardening: the drops are recorded as enforce's would be, not
+// enforced (before session 27, enforced though nothing dropped them).
 func TestAuditGatewayGuard(t *testing.T) {
-	for _, mode := range []string{"audit", "enforce"} {
+	for _, mode := range []string{"audit", "enforce", "enforce-no-firewall"} {
 		t.Run(mode, func(t *testing.T) { testGatewayGuardRecorded(t, mode) })
 	}
 }
 
 func testGatewayGuardRecorded(t *testing.T, mode string) {
+	noFirewall := mode == "enforce-no-firewall"
+	if noFirewall {
+		mode = "enforce"
+	}
 	tp := newTopo(t)
 	const forged4, forged6 = "198.51.100.77", "2001:db8:99::77"
 	const routed4 = "198.18.7.2"
@@ -39,6 +45,9 @@ func testGatewayGuardRecorded(t *testing.T, mode string) {
 	tp.lan.MustRun("ip", "addr", "add", lanRouter4+"/32", "dev", "eth0")
 
 	d := newDaemon(t, tp, mode)
+	if noFirewall {
+		d.extra = append(d.extra, "--no-firewall")
+	}
 	d.start()
 	t.Cleanup(func() {
 		if t.Failed() {
@@ -93,8 +102,14 @@ func testGatewayGuardRecorded(t *testing.T, mode string) {
 		t.Errorf("forged sources: %d flow events, want 2 (one per flow):\n%s", len(forged), log.String())
 	}
 	for _, ev := range forged {
-		if ev.Verdict != "deny" || ev.Reason != "forged-source" || ev.Enforced != (mode == "enforce") {
-			t.Errorf("forged source: %v, want a deny with reason forged-source, enforced in enforce mode only", ev)
+		if ev.Verdict != "deny" || ev.Reason != "forged-source" || ev.Enforced != (mode == "enforce" && !noFirewall) {
+			t.Errorf("forged source: %v, want a deny with reason forged-source, enforced in enforce mode with egressd's firewall only", ev)
+		}
+	}
+	for _, ev := range rest {
+		guarded := ev.Reason == "router-advertisement" || ev.Reason == "redirect" || ev.Reason == "loopback-destination"
+		if guarded && ev.Enforced != (mode == "enforce" && !noFirewall) {
+			t.Errorf("%v: enforced=%v, want it enforced in enforce mode with egressd's firewall only", ev, ev.Enforced)
 		}
 	}
 	for _, ev := range rest {

@@ -180,7 +180,9 @@ type daemon struct {
 	// redirects TCP from the LAN to the transparent proxy); proxyState:
 	// the proxy's transparent listener is not open yet (0), listening
 	// (1), stopped (2). Capture leaves a connection's decision line to
-	// the proxy only while both hold (proxyLines).
+	// the proxy only while both hold (proxyLines), and records enforce
+	// mode's denies as dropped only while the first does (capture's
+	// Config.Firewall).
 	redirecting atomic.Bool
 	proxyState  atomic.Int32
 
@@ -1098,7 +1100,7 @@ func (d *daemon) run(ctx context.Context) error {
 		if d.macs != nil {
 			cdeps.MACs = d.macs
 		}
-		if d.capture, err = capture.New(capture.Config{Interfaces: lans, TCPPorts: tcpPorts, RingMB: ringMB, ProxyLines: d.proxyLines}, cdeps); err != nil {
+		if d.capture, err = capture.New(capture.Config{Interfaces: lans, TCPPorts: tcpPorts, RingMB: ringMB, ProxyLines: d.proxyLines, Firewall: d.redirecting.Load}, cdeps); err != nil {
 			d.degrade("capture", err.Error())
 			break
 		}
