@@ -163,6 +163,13 @@ type Deps struct {
 	// a device's addresses share one client's connection cap and peek
 	// budget share. Nil means each address is a client of its own.
 	Devices ClientDevices
+	// Accepted, when set, is told each connection the transparent
+	// listener accepts (the client's address and port as the socket has
+	// them, its original destination), once the destination is read,
+	// before the proxy decides it: the proxy writes the connection's
+	// decision line. In egressd capture is told (capture.ProxyAccepted),
+	// which sees the connection on the LAN too and then writes none.
+	Accepted func(client, dest netip.AddrPort)
 }
 
 // ClientDevices tells the device of a LAN client address, where a

@@ -25,6 +25,7 @@ const (
 	ReasonPathForm      = "path-form"       // a path an origin may read as another, where a host/path rule decides
 	ReasonIPLiteral     = "ip-literal-form" // a CONNECT host in a numeric form that is not an address
 	ReasonLimit         = "connection-limit"
+	ReasonShutdown      = "shutdown" // accepted as the proxy shut down: reset unserved (Close)
 	ReasonNoOrigDst     = "no-original-dst"
 	ReasonResolve       = "resolve-failed"
 	ReasonAuth          = "proxy-auth"

@@ -10,6 +10,7 @@ import (
 	"net"
 	"net/http"
 	"net/netip"
+	"os"
 	"slices"
 	"sync"
 	"sync/atomic"
@@ -314,7 +315,12 @@ func (p *Proxy) Close() error {
 	p.closeOnce.Do(func() {
 		p.mu.Lock()
 		p.closed = true
+		var queued []*net.TCPConn
 		for ln := range p.listeners {
+			// Closing a listener resets the connections in its accept
+			// queue, which the proxy would never see: each is taken first,
+			// to be refused with a line and an event of its own.
+			queued = append(queued, acceptQueued(ln)...)
 			ln.Close()
 		}
 		for s := range p.servers {
@@ -329,6 +335,10 @@ func (p *Proxy) Close() error {
 			return true
 		})
 		close(p.done)
+		for _, c := range queued {
+			f, _ := transparentRecord(c, time.Now())
+			p.refuseAtShutdown(c, f)
+		}
 		// After the lookups of connections still being set up, if any:
 		// Conntrack.Close waits for one in flight, and later ones fail (and
 		// keep the socket's address).
@@ -338,6 +348,47 @@ func (p *Proxy) Close() error {
 		}
 	})
 	return nil
+}
+
+// acceptQueued accepts, without waiting, every connection in ln's accept
+// queue (Close). A connection the kernel queues after it returns is reset
+// when ln closes, unrecorded: the window is the few instructions between.
+func acceptQueued(ln net.Listener) []*net.TCPConn {
+	tl, ok := ln.(*net.TCPListener)
+	if !ok {
+		return nil
+	}
+	rc, err := tl.SyscallConn()
+	if err != nil {
+		return nil
+	}
+	var fds []int
+	rc.Control(func(fd uintptr) {
+		for {
+			// The listening socket is non-blocking (the net package's):
+			// EAGAIN once the queue is empty.
+			nfd, _, err := syscall.Accept4(int(fd), syscall.SOCK_NONBLOCK|syscall.SOCK_CLOEXEC)
+			if err == syscall.EINTR || err == syscall.ECONNABORTED {
+				continue
+			}
+			if err != nil {
+				return
+			}
+			fds = append(fds, nfd)
+		}
+	})
+	var conns []*net.TCPConn
+	for _, fd := range fds {
+		f := os.NewFile(uintptr(fd), "queued")
+		c, err := net.FileConn(f) // a dup: f is closed either way
+		f.Close()
+		if tc, ok := c.(*net.TCPConn); ok && err == nil {
+			conns = append(conns, tc)
+		} else if c != nil {
+			c.Close()
+		}
+	}
+	return conns
 }
 
 // track registers a listener or connection so Close can close it; it

@@ -28,6 +28,51 @@ const (
 	kindHTTP
 )
 
+// transparentRecord starts the record of a transparent connection
+// accepted at start, and returns the client's socket address.
+func transparentRecord(c *net.TCPConn, start time.Time) (*flowRecord, netip.AddrPort) {
+	ca := addrPortOf(c.RemoteAddr())
+	return &flowRecord{listener: "transparent", ev: audit.Event{
+		Kind: audit.KindFlow, Source: audit.SourceProxy, Time: start,
+		Client: ca.Addr(), ClientPort: ca.Port(), Proto: "tcp",
+	}}, ca
+}
+
+// refuseAtShutdown resets c, a transparent connection accepted while the
+// proxy closes (handleTransparent after Close, or one Close took from a
+// listener's accept queue), and writes its line and event: denied with
+// ReasonShutdown, enforced, to its original destination if the socket
+// still says it (one closed by a trackConn that raced Close does not).
+// Without it such a connection had no line and no event.
+func (p *Proxy) refuseAtShutdown(c *net.TCPConn, f *flowRecord) {
+	eng := p.policyNow().eng
+	f.ev.Stamp(denyDecision(eng, ReasonShutdown))
+	f.ev.Enforced, f.ev.Close = true, closeShutdown
+	p.origDst(c, f)
+	if mac := p.clientMAC(eng, f.ev.Client); mac != nil {
+		f.ev.ClientMAC = mac.String()
+	}
+	c.SetLinger(0)
+	p.clientPort(c, f)
+	c.Close()
+	p.finish(f)
+}
+
+// origDst reads c's original destination (the REDIRECT's) into f's event
+// and tells Deps.Accepted that the proxy writes the connection's line.
+func (p *Proxy) origDst(c *net.TCPConn, f *flowRecord) (netip.AddrPort, error) {
+	orig, err := netutil.OriginalDst(c)
+	if err != nil {
+		return orig, err
+	}
+	orig = netip.AddrPortFrom(orig.Addr().Unmap(), orig.Port())
+	f.ev.Dest, f.ev.DestPort = orig.Addr(), orig.Port()
+	if p.deps.Accepted != nil {
+		p.deps.Accepted(netip.AddrPortFrom(f.ev.Client, f.ev.ClientPort), orig)
+	}
+	return orig, nil
+}
+
 // handleTransparent serves one redirected connection: original
 // destination, peek, decide, then deny or forward. ours: c comes from
 // listenTransparent's listener, so it has its keepalive already
@@ -38,12 +83,9 @@ func (p *Proxy) handleTransparent(c *net.TCPConn, ours bool) {
 	// The client's address is the socket's (REDIRECT does not change it);
 	// its port may not be (clientPort), and only the record needs it: the
 	// lookup waits until the connection is decided and forwarded.
-	ca := addrPortOf(c.RemoteAddr())
-	f := &flowRecord{listener: "transparent", ev: audit.Event{
-		Kind: audit.KindFlow, Source: audit.SourceProxy, Time: start,
-		Client: ca.Addr(), ClientPort: ca.Port(), Proto: "tcp",
-	}}
-	if !p.trackConn(c) {
+	f, ca := transparentRecord(c, start)
+	if p.connsClosed.Load() || !p.trackConn(c) {
+		p.refuseAtShutdown(c, f)
 		return
 	}
 	handedOff := false
@@ -62,6 +104,7 @@ func (p *Proxy) handleTransparent(c *net.TCPConn, ours bool) {
 	if !ok {
 		f.ev.Stamp(policy.Decision{Verdict: policy.Deny, RuleIndex: -1, Reason: ReasonLimit, Mode: eng.Mode()})
 		f.ev.Enforced, f.ev.Close = true, closeLimit
+		p.origDst(c, f)
 		c.SetLinger(0)
 		p.clientPort(c, f)
 		p.finish(f)
@@ -75,14 +118,13 @@ func (p *Proxy) handleTransparent(c *net.TCPConn, ours bool) {
 		}
 	}()
 
-	orig, err := netutil.OriginalDst(c)
+	orig, err := p.origDst(c, f)
 	if err != nil {
 		f.err = err
 		f.ev.Stamp(denyDecision(eng, ReasonNoOrigDst))
 		f.ev.Enforced, f.ev.Close = true, closeDenied
 		return
 	}
-	orig = netip.AddrPortFrom(orig.Addr().Unmap(), orig.Port())
 	if orig == addrPortOf(c.LocalAddr()) {
 		// Addressed to the listener itself, not redirected: an address
 		// of the gateway's, perhaps one it gained after its list was read.
@@ -90,7 +132,6 @@ func (p *Proxy) handleTransparent(c *net.TCPConn, ours bool) {
 		p.ownAddrs()
 		p.addOwn(orig.Addr())
 	}
-	f.ev.Dest, f.ev.DestPort = orig.Addr(), orig.Port()
 	in := policy.Input{Client: ca.Addr(), Dest: orig.Addr(), Port: orig.Port(), Proto: policy.TCP, Now: start}
 	if in.ClientMAC = p.clientMAC(eng, ca.Addr()); in.ClientMAC != nil {
 		f.ev.ClientMAC = in.ClientMAC.String()
