@@ -526,6 +526,7 @@ var unsuggested = map[string]string{
 	"path-form":                "a request path an origin may read as another, where a host/path rule decides: no rule is suggested",
 	"ip-literal-form":          "a CONNECT host in a numeric form that is not an address: no rule allows it",
 	"connection-limit":         "the proxy's connection limit: no rule allows it",
+	"shutdown":                 "connections the proxy took as it shut down and reset unserved: no rule allows them; they pass once it runs again",
 	"no-original-dst":          "the proxy could not read the original destination: no rule allows it",
 	"resolve-failed":           "the proxy could not resolve the name: no rule allows it",
 	"proxy-auth":               "the explicit proxy refused clients without valid credentials: they need credentials (--proxy-users), not a rule",

@@ -273,7 +273,8 @@ type Capture struct {
 	m    *metrics
 
 	learned *learned
-	proc    *proc // the packet pipeline; used by one goroutine at a time
+	proc    *proc   // the packet pipeline; used by one goroutine at a time
+	proxied proxied // the connections the proxy accepted (ProxyAccepted)
 
 	mu      sync.Mutex // guards following
 	sources []source   // the live sockets Open opened, one per Config.Interfaces, in its order (h nil: none)

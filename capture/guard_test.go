@@ -495,3 +495,43 @@ func TestGuardNotEnforcedWithoutFirewall(t *testing.T) {
 		})
 	}
 }
+
+// TestProxyAcceptedHasTheLine: with no firewall of egressd's redirecting
+// (--no-firewall: Config.ProxyLines false) an operator's own redirect may
+// still bring a connection to the transparent proxy, which writes its
+// line: the proxy says so (ProxyAccepted), and capture's report of that
+// connection is then an event only. A connection the proxy did not
+// report keeps capture's line, as does one to another destination from
+// the same client port. Before session 27 such a connection had two
+// lines, capture's and the proxy's.
+func TestProxyAcceptedHasTheLine(t *testing.T) {
+	var out bytes.Buffer
+	r := newGuardRigLog(t, policy.ModeEnforce, false, slog.New(slog.NewJSONHandler(&out, nil)))
+	tcp := func(src, dst string, l *layers.TCP) {
+		l.SrcPort, l.DstPort, l.Window = 40001, 443, 1024
+		r.send(false, src, dst, layers.IPProtocolTCP, l)
+	}
+	r.c.ProxyAccepted(netip.MustParseAddrPort("198.18.5.10:40001"), netip.MustParseAddrPort("203.0.113.9:443"))
+	r.c.ProxyAccepted(netip.MustParseAddrPort("198.18.5.12:40001"), netip.MustParseAddrPort("203.0.113.99:443"))
+	for _, cli := range []string{"198.18.5.10", "198.18.5.11", "198.18.5.12"} {
+		tcp(cli, "203.0.113.9", &layers.TCP{SYN: true, Seq: 1})
+		tcp(cli, "203.0.113.9", &layers.TCP{ACK: true, Seq: 2, Ack: 101})
+	}
+	evs := r.events()
+	lines := map[string]int{}
+	for _, l := range strings.Split(strings.TrimSpace(out.String()), "\n") {
+		var m map[string]any
+		if json.Unmarshal([]byte(l), &m) == nil && m["msg"] == audit.CanonicalMessage {
+			cli, _ := m["client"].(string)
+			lines[cli]++
+		}
+	}
+	for cli, want := range map[string]int{"198.18.5.10": 0, "198.18.5.11": 1, "198.18.5.12": 1} {
+		if len(evs[cli]) != 1 {
+			t.Errorf("events of %s: %v, want 1", cli, evs[cli])
+		}
+		if lines[cli] != want {
+			t.Errorf("%s: %d decision lines, want %d\n%s", cli, lines[cli], want, out.String())
+		}
+	}
+}

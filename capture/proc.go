@@ -2484,16 +2484,24 @@ func (p *proc) emit(f *flow, how string) {
 }
 
 // proxiedLine reports whether f's decision line is the transparent
-// proxy's (Config.ProxyLines, asked at its first packet: the proxy
-// listened and egressd's firewall redirected to it): a live TCP connection, not the gateway's
-// own, nor started from the WAN side, nor dropped by the gateway's
-// hardening before NAT, to a port enforce mode redirected to the proxy
-// when it opened (NAT applies to a connection's first packet), whose
-// client completed the handshake (the proxy accepts no other).
-// The proxy decides it and writes its line; capture's report of it is
-// the event only.
+// proxy's: a live TCP connection the proxy said it accepted
+// (ProxyAccepted: asked once, at the flow's first report), or one
+// egressd's firewall redirected to it (Config.ProxyLines, asked at its
+// first packet: the proxy listened and the firewall redirected to it),
+// not the gateway's own, nor started from the WAN side, nor dropped by
+// the gateway's hardening before NAT, to a port enforce mode redirected
+// to the proxy when it opened (NAT applies to a connection's first
+// packet), whose client completed the handshake (the proxy accepts no
+// other). The proxy decides it and writes its line; capture's report of
+// it is the event only.
 func (p *proc) proxiedLine(f *flow) bool {
-	return p.decideAt.IsZero() && f.proto == 6 && f.redirectedAtOpen && f.acked &&
+	if !p.decideAt.IsZero() || f.proto != 6 {
+		return false
+	}
+	if p.c.proxied.take(makeKey(f.cli.Unmap(), f.cport, f.srv.Unmap(), f.sport, 6)) {
+		return true
+	}
+	return f.redirectedAtOpen && f.acked &&
 		!f.forwarded && !f.inbound && !f.own && !f.guarded && f.sport != 53 && f.cport != 53 && p.redirected(f.sport)
 }
 

@@ -15,13 +15,25 @@ import (
 // close reason and the bytes it relayed), capture's report is an event
 // only. In audit mode capture alone decides it. An allowed and a denied
 // curl each, by the name the line names (curl is given the address: no
-// DNS line names it).
+// DNS line names it). So with --no-firewall and the operator's own
+// redirect to the proxy (enforce-operator-redirect): the proxy tells
+// capture the connections it accepted; before session 27 each had two
+// lines there, capture's and the proxy's.
 func TestOneDecisionLinePerConnection(t *testing.T) {
-	for _, mode := range []string{"enforce", "audit"} {
-		t.Run(mode, func(t *testing.T) {
+	for _, sub := range []string{"enforce", "audit", "enforce-operator-redirect"} {
+		t.Run(sub, func(t *testing.T) {
+			mode, _, operator := strings.Cut(sub, "-")
 			tp := newTopo(t)
 			d := newDaemon(t, tp, mode)
+			if operator {
+				d.extra = append(d.extra, "--no-firewall")
+			}
 			d.start()
+			if operator {
+				tp.gw.MustRun("nft", "add table inet q2_operator")
+				tp.gw.MustRun("nft", "add chain inet q2_operator pre { type nat hook prerouting priority dstnat; policy accept; }")
+				tp.gw.MustRun("nft", `add rule inet q2_operator pre iifname "lan0" tcp dport 443 redirect to :15001`)
+			}
 			cases := []struct {
 				name, ip string
 				verdict  string

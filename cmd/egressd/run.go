@@ -185,6 +185,9 @@ type daemon struct {
 	// Config.Firewall).
 	redirecting atomic.Bool
 	proxyState  atomic.Int32
+	// proxyTells is capture once it runs, which the proxy tells of each
+	// transparent connection it accepts (proxyAccepted).
+	proxyTells atomic.Pointer[capture.Capture]
 
 	mu       sync.Mutex // guards degraded
 	degraded map[string]string
@@ -1038,7 +1041,7 @@ func (d *daemon) run(ctx context.Context) error {
 	pcfg.MaxConns, pcfg.MaxConnsPerClient = proxyLimits(mem.Available())
 	pcfg.DropTransparentFrom, pcfg.DropExplicitFrom = wdrop.proxy(wanIdx)
 	proxyStopped := make(chan struct{}) // closed once the proxy's Run has returned (and its failure is recorded)
-	pdeps := proxy.Deps{Policy: d.store, Sink: d.sink, Logger: d.log, Registerer: d.reg, DNS: dnsFacts, Resolver: resolver}
+	pdeps := proxy.Deps{Policy: d.store, Sink: d.sink, Logger: d.log, Registerer: d.reg, DNS: dnsFacts, Resolver: resolver, Accepted: d.proxyAccepted}
 	if d.macs != nil {
 		pdeps.MACs, pdeps.Devices = d.macs, d.macs
 	}
@@ -1116,6 +1119,7 @@ func (d *daemon) run(ctx context.Context) error {
 			break
 		}
 		capt := d.capture
+		d.proxyTells.Store(capt)
 		var ended atomic.Bool // Run returned: its failure is the part's state
 		on := "listening on " + orNone(strings.Join(capt.Listening(), ", "))
 		if not := capt.NotListening(); len(not) > 0 {
@@ -1554,6 +1558,16 @@ func (d *daemon) reloadPolicy() bool {
 // open or failed): capture's line is their only one.
 func (d *daemon) proxyLines() bool {
 	return d.redirecting.Load() && d.proxyState.Load() == 1
+}
+
+// proxyAccepted tells capture, once it runs, of a connection the
+// transparent proxy accepted: the proxy writes its decision line, and
+// capture none, whatever brought the connection there (an operator's
+// own redirect under --no-firewall, which proxyLines cannot know of).
+func (d *daemon) proxyAccepted(client, dest netip.AddrPort) {
+	if c := d.proxyTells.Load(); c != nil {
+		c.ProxyAccepted(client, dest)
+	}
 }
 
 // replaceFirewall hands a reloaded policy to the firewall, if one is
