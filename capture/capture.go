@@ -102,6 +102,14 @@ type Config struct {
 	// not listening), the proxy never sees the connection, and capture's
 	// line is its only one.
 	ProxyLines func() bool
+	// ProxyTells says that the transparent proxy, when it runs, tells
+	// capture each connection it accepts (ProxyAccepted), as egressd run
+	// wires it: then that word alone makes a connection's line the
+	// proxy's, and one the firewall redirected that the proxy never
+	// accepted (the kernel dropped its handshake's end on a full accept
+	// queue and the client gave up) keeps capture's line. False:
+	// ProxyLines and the handshake decide, as well as a word that came.
+	ProxyTells bool
 	// Firewall, when set, says whether egressd's firewall is installed,
 	// so that enforce mode's drops are its nftables ruleset's (the
 	// forward chain, the gateway hardening of guard.go). False

@@ -535,3 +535,43 @@ func TestProxyAcceptedHasTheLine(t *testing.T) {
 		}
 	}
 }
+
+// TestProxyTellsOverload: where the proxy tells capture the connections
+// it accepts (Config.ProxyTells, as in egressd run), that word alone
+// makes a line the proxy's. A connection egressd's firewall redirected
+// whose client completed the handshake but which the proxy never
+// accepted (the kernel dropped the handshake's end on a full accept
+// queue, and the client gave up) keeps capture's line. Before session 27
+// capture left it to the proxy, and it had none.
+func TestProxyTellsOverload(t *testing.T) {
+	var out bytes.Buffer
+	r := newGuardRigLog(t, policy.ModeEnforce, true, slog.New(slog.NewJSONHandler(&out, nil)))
+	r.c.cfg.ProxyTells = true
+	tcp := func(src string, l *layers.TCP) {
+		l.SrcPort, l.DstPort, l.Window = 40001, 443, 1024
+		r.send(false, src, "203.0.113.9", layers.IPProtocolTCP, l)
+	}
+	r.c.ProxyAccepted(netip.MustParseAddrPort("198.18.5.10:40001"), netip.MustParseAddrPort("203.0.113.9:443"))
+	for _, cli := range []string{"198.18.5.10", "198.18.5.11"} {
+		tcp(cli, &layers.TCP{SYN: true, Seq: 1})
+		tcp(cli, &layers.TCP{ACK: true, Seq: 2, Ack: 101})
+		tcp(cli, &layers.TCP{FIN: true, ACK: true, Seq: 2, Ack: 101})
+	}
+	evs := r.events()
+	lines := map[string]int{}
+	for _, l := range strings.Split(strings.TrimSpace(out.String()), "\n") {
+		var m map[string]any
+		if json.Unmarshal([]byte(l), &m) == nil && m["msg"] == audit.CanonicalMessage {
+			cli, _ := m["client"].(string)
+			lines[cli]++
+		}
+	}
+	for cli, want := range map[string]int{"198.18.5.10": 0, "198.18.5.11": 1} {
+		if len(evs[cli]) != 1 {
+			t.Errorf("events of %s: %v, want 1", cli, evs[cli])
+		}
+		if lines[cli] != want {
+			t.Errorf("%s: %d decision lines, want %d\n%s", cli, lines[cli], want, out.String())
+		}
+	}
+}

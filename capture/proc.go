@@ -2485,8 +2485,8 @@ func (p *proc) emit(f *flow, how string) {
 
 // proxiedLine reports whether f's decision line is the transparent
 // proxy's: a live TCP connection the proxy said it accepted
-// (ProxyAccepted: asked once, at the flow's first report), or one
-// egressd's firewall redirected to it (Config.ProxyLines, asked at its
+// (ProxyAccepted: asked once, at the flow's first report), or, unless
+// the proxy tells (Config.ProxyTells), one egressd's firewall redirected to it (Config.ProxyLines, asked at its
 // first packet: the proxy listened and the firewall redirected to it),
 // not the gateway's own, nor started from the WAN side, nor dropped by
 // the gateway's hardening before NAT, to a port enforce mode redirected
@@ -2500,6 +2500,9 @@ func (p *proc) proxiedLine(f *flow) bool {
 	}
 	if p.c.proxied.take(makeKey(f.cli.Unmap(), f.cport, f.srv.Unmap(), f.sport, 6)) {
 		return true
+	}
+	if p.c.cfg.ProxyTells {
+		return false // the proxy did not accept it: it never wrote a line
 	}
 	return f.redirectedAtOpen && f.acked &&
 		!f.forwarded && !f.inbound && !f.own && !f.guarded && f.sport != 53 && f.cport != 53 && p.redirected(f.sport)

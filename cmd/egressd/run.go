@@ -1103,10 +1103,11 @@ func (d *daemon) run(ctx context.Context) error {
 		if d.macs != nil {
 			cdeps.MACs = d.macs
 		}
-		if d.capture, err = capture.New(capture.Config{Interfaces: lans, TCPPorts: tcpPorts, RingMB: ringMB, ProxyLines: d.proxyLines, Firewall: d.redirecting.Load}, cdeps); err != nil {
+		if d.capture, err = capture.New(capture.Config{Interfaces: lans, TCPPorts: tcpPorts, RingMB: ringMB, ProxyLines: d.proxyLines, ProxyTells: d.proxy != nil, Firewall: d.redirecting.Load}, cdeps); err != nil {
 			d.degrade("capture", err.Error())
 			break
 		}
+		d.proxyTells.Store(d.capture) // before it opens: a connection it sees may be one the proxy accepts now
 		capOpen = d.capture.OpenFlows
 		// An interface that does not exist (yet) is left out until it
 		// appears, and one re-made (another index) is listened on again:
@@ -1116,10 +1117,10 @@ func (d *daemon) run(ctx context.Context) error {
 		if len(d.capture.Listening()) == 0 && !onlyMissing(d.capture.NotListening()) {
 			d.degrade("capture", err.Error())
 			d.capture = nil
+			d.proxyTells.Store(nil)
 			break
 		}
 		capt := d.capture
-		d.proxyTells.Store(capt)
 		var ended atomic.Bool // Run returned: its failure is the part's state
 		on := "listening on " + orNone(strings.Join(capt.Listening(), ", "))
 		if not := capt.NotListening(); len(not) > 0 {
