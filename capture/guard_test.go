@@ -278,14 +278,7 @@ func TestGuardedFlowKeepsItsLine(t *testing.T) {
 	if len(evs["198.51.100.77"]) != 1 || evs["198.51.100.77"][0].Reason != ReasonForgedSource || len(evs["198.18.5.10"]) != 1 {
 		t.Fatalf("events: %v", evs)
 	}
-	lines := map[string]int{}
-	for _, l := range strings.Split(strings.TrimSpace(out.String()), "\n") {
-		var m map[string]any
-		if json.Unmarshal([]byte(l), &m) == nil && m["msg"] == audit.CanonicalMessage {
-			cli, _ := m["client"].(string)
-			lines[cli]++
-		}
-	}
+	lines := linesByClient(out.String())
 	if lines["198.51.100.77"] != 1 || lines["198.18.5.10"] != 0 {
 		t.Errorf("decision lines by client %v, want one for the forged source, none for the proxied client\n%q", lines, out.String())
 	}
@@ -315,14 +308,7 @@ func TestHalfOpenKeepsItsLine(t *testing.T) {
 			t.Fatalf("events of %s: %v", cli, evs[cli])
 		}
 	}
-	lines := map[string]int{}
-	for _, l := range strings.Split(strings.TrimSpace(out.String()), "\n") {
-		var m map[string]any
-		if json.Unmarshal([]byte(l), &m) == nil && m["msg"] == audit.CanonicalMessage {
-			cli, _ := m["client"].(string)
-			lines[cli]++
-		}
-	}
+	lines := linesByClient(out.String())
 	if lines["198.18.5.10"] != 0 || lines["198.18.5.11"] != 1 || lines["198.18.5.12"] != 1 {
 		t.Errorf("decision lines by client %v, want none for the accepted connection, one each for the half-open ones\n%q", lines, out.String())
 	}
@@ -386,14 +372,7 @@ func TestProxyLinesAtOpen(t *testing.T) {
 	if len(evs["198.18.5.10"]) != 1 || len(evs["198.18.5.11"]) != 1 {
 		t.Fatalf("events: %v", evs)
 	}
-	lines := map[string]int{}
-	for _, l := range strings.Split(strings.TrimSpace(out.String()), "\n") {
-		var m map[string]any
-		if json.Unmarshal([]byte(l), &m) == nil && m["msg"] == audit.CanonicalMessage {
-			cli, _ := m["client"].(string)
-			lines[cli]++
-		}
-	}
+	lines := linesByClient(out.String())
 	if lines["198.18.5.10"] != 1 || lines["198.18.5.11"] != 0 {
 		t.Errorf("decision lines by client %v, want one for the connection opened before the redirect, none for the redirected one", lines)
 	}
@@ -518,14 +497,7 @@ func TestProxyAcceptedHasTheLine(t *testing.T) {
 		tcp(cli, "203.0.113.9", &layers.TCP{ACK: true, Seq: 2, Ack: 101})
 	}
 	evs := r.events()
-	lines := map[string]int{}
-	for _, l := range strings.Split(strings.TrimSpace(out.String()), "\n") {
-		var m map[string]any
-		if json.Unmarshal([]byte(l), &m) == nil && m["msg"] == audit.CanonicalMessage {
-			cli, _ := m["client"].(string)
-			lines[cli]++
-		}
-	}
+	lines := linesByClient(out.String())
 	for cli, want := range map[string]int{"198.18.5.10": 0, "198.18.5.11": 1, "198.18.5.12": 1} {
 		if len(evs[cli]) != 1 {
 			t.Errorf("events of %s: %v, want 1", cli, evs[cli])
@@ -558,14 +530,7 @@ func TestProxyTellsOverload(t *testing.T) {
 		tcp(cli, &layers.TCP{FIN: true, ACK: true, Seq: 2, Ack: 101})
 	}
 	evs := r.events()
-	lines := map[string]int{}
-	for _, l := range strings.Split(strings.TrimSpace(out.String()), "\n") {
-		var m map[string]any
-		if json.Unmarshal([]byte(l), &m) == nil && m["msg"] == audit.CanonicalMessage {
-			cli, _ := m["client"].(string)
-			lines[cli]++
-		}
-	}
+	lines := linesByClient(out.String())
 	for cli, want := range map[string]int{"198.18.5.10": 0, "198.18.5.11": 1} {
 		if len(evs[cli]) != 1 {
 			t.Errorf("events of %s: %v, want 1", cli, evs[cli])
@@ -574,4 +539,18 @@ func TestProxyTellsOverload(t *testing.T) {
 			t.Errorf("%s: %d decision lines, want %d\n%s", cli, lines[cli], want, out.String())
 		}
 	}
+}
+
+// linesByClient counts the canonical decision lines in a JSON log by
+// their client.
+func linesByClient(log string) map[string]int {
+	lines := map[string]int{}
+	for _, l := range strings.Split(strings.TrimSpace(log), "\n") {
+		var m map[string]any
+		if json.Unmarshal([]byte(l), &m) == nil && m["msg"] == audit.CanonicalMessage {
+			cli, _ := m["client"].(string)
+			lines[cli]++
+		}
+	}
+	return lines
 }
