@@ -164,6 +164,12 @@ type Ledger struct {
 	// (reattributeLocked), as the log cannot move it either.
 	holding bool
 	holdGen uint64
+	// moved is set by addRecLocked when the event it adds moves a flow
+	// (reattributeLocked). emitHold never holds back a later report of
+	// a flow written one by one that moved it, or merged into it as
+	// allowed: a summary (no ports) counts as a drop when the log is
+	// read again, and moves nothing.
+	moved bool
 	// open, when set, lists the flows open now that no event reported
 	// yet (SetOpenFlows): the live report counts them, the ledger not.
 	open func() []Event
@@ -359,14 +365,17 @@ func (l *Ledger) emit(ev Event) bool {
 func (l *Ledger) emitHold(ev Event, gen uint64, hold func(counted bool, twin *heldFlow) (bool, *heldFlow)) (counted, held bool) {
 	ev.Bound()
 	l.mu.Lock()
-	l.holding, l.holdGen = true, gen
+	l.holding, l.holdGen, l.moved = true, gen, false
 	counted, rec := l.addRecLocked(&ev)
 	l.holding = false
 	var twin *heldFlow
 	if rec != nil && !counted {
 		twin = rec.held
 	}
-	held, hf := hold(counted, twin)
+	var hf *heldFlow
+	if counted || twin != nil || rec == nil || !l.moved && rec.rule == nil {
+		held, hf = hold(counted, twin)
+	}
 	if rec != nil && counted && held {
 		rec.held = hf
 	}
@@ -491,6 +500,7 @@ func (l *Ledger) addRecLocked(ev *Event) (bool, *flowRec) {
 			frozen := l.holding && rec.held != nil && rec.held.gen != l.holdGen
 			if ev.Kind == KindFlow && !frozen && moves(rec, ev) {
 				l.reattributeLocked(rec, ev, t)
+				l.moved = true
 			} else {
 				l.mergeLocked(rec, ev, t)
 			}
@@ -625,10 +635,18 @@ func (l *Ledger) reattributeLocked(rec *flowRec, ev *Event, t time.Time) {
 // report must show what the new policy blocks, or would block. A flow
 // denied all along stays where it is (but for a would-be deny the reload
 // to enforce lets go on: recredited); so does one the proxy decided (its
-// report wins over capture's, above).
+// report wins over capture's, above). So does one whose deny from the
+// same component has another start: not the flow reported again but
+// another of its 5-tuple within the window (a client reconnecting from
+// the port it binds, to a name no rule allows); the first flow was
+// allowed, as recredited keeps a would-be deny. The firewall's cut is
+// timed at the cut, not at the flow's start (it reports flows capture
+// does not follow), and cuts only a live flow: it moves the flow its
+// window finds.
 func redecided(rec *flowRec, ev *Event) bool {
 	return ev.Kind == KindFlow && ev.Verdict == policy.Deny && rec.rule != nil &&
-		(ev.Source == rec.source || ev.Source == SourceFirewall && rec.source != SourceProxy)
+		(ev.Source == rec.source && ev.Time.Equal(rec.start) ||
+			ev.Source == SourceFirewall && rec.source != SourceProxy)
 }
 
 // recredited reports whether ev, a later report of the flow rec counts as
