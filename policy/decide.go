@@ -4,6 +4,7 @@ import (
 	"math"
 	"net/netip"
 	"slices"
+	"strings"
 	"time"
 )
 
@@ -13,7 +14,7 @@ import (
 // (relay.go). It does not allocate when in.Name is already normal (see
 // NormalizeName).
 func (e *Engine) Decide(in Input) Decision {
-	m := matcher{e: e, in: &in, best: -1, expired: -1, flow: true}
+	m := matcher{e: e, in: &in, best: -1, expired: -1, flow: true, cut: -1}
 	if e.hasExpiry && in.Now.IsZero() {
 		in.Now = time.Now()
 	}
@@ -29,7 +30,7 @@ func (e *Engine) Decide(in Input) Decision {
 // are used.
 func (e *Engine) DecideName(in Input) Decision {
 	in.Dest, in.Path = netip.Addr{}, ""
-	m := matcher{e: e, in: &in, best: -1, expired: -1}
+	m := matcher{e: e, in: &in, best: -1, expired: -1, cut: -1}
 	if e.hasExpiry && in.Now.IsZero() {
 		in.Now = time.Now()
 	}
@@ -51,7 +52,7 @@ func (e *Engine) NameRules(in Input, from int, dst []int) []int {
 		in.Now = time.Now()
 	}
 	for from := int32(max(from, 0)); ; {
-		m := matcher{e: e, in: &in, best: -1, expired: -1, from: from}
+		m := matcher{e: e, in: &in, best: -1, expired: -1, from: from, cut: -1}
 		m.run()
 		if m.best < 0 {
 			return dst
@@ -73,7 +74,10 @@ type matcher struct {
 	// rules that name it exactly are considered (relay.go).
 	relay bool
 
-	best       int32 // lowest allowing rule, -1 none
+	best int32 // lowest allowing rule, -1 none
+	// cut: lowest rule that would allow but for a host/path glob the
+	// start of a cut path cannot decide (Input.PathCut), -1 none.
+	cut        int32
 	expired    int32 // lowest expired rule that would allow, -1 none
 	portMiss   bool
 	pathMiss   bool
@@ -205,6 +209,7 @@ func (m *matcher) consider(r ref) {
 	if m.best >= 0 && r.rule >= m.best || r.rule < m.from {
 		return
 	}
+	cut := false
 	c := &m.e.checks[r.rule]
 	x := &noExtra
 	if c.extra {
@@ -215,7 +220,14 @@ func (m *matcher) consider(r ref) {
 			m.portMiss = m.portMiss || !m.wild
 			return
 		}
-		if r.path != nil && (m.in.NoPath || m.in.Path != "" && !r.path.Match(m.in.Path)) {
+		if r.path != nil && m.in.PathCut && !m.in.NoPath && m.in.Path != "" {
+			match, sure := pathStartMatch(r.path.String(), m.in.Path)
+			if sure && !match {
+				m.pathMiss = true
+				return
+			}
+			cut = !sure
+		} else if r.path != nil && (m.in.NoPath || m.in.Path != "" && !r.path.Match(m.in.Path)) {
 			m.pathMiss = true
 			return
 		}
@@ -234,7 +246,40 @@ func (m *matcher) consider(r ref) {
 		}
 		return
 	}
+	if cut {
+		if m.cut < 0 || r.rule < m.cut {
+			m.cut = r.rule
+		}
+		return
+	}
 	m.best = r.rule
+}
+
+// pathStartMatch reports whether the path glob g matches every path that
+// starts with start and is longer (Input.PathCut), or none of them; sure
+// is false when that depends on the rest. The glob has no separators: a
+// '*' matches anything. It is sure where g's literal lead (up to its
+// first special character) is not compatible with start, where g is a
+// literal path start takes in whole (the longer path is not it), and
+// where g is its literal lead and a final '*' that start takes in whole.
+func pathStartMatch(g, start string) (match, sure bool) {
+	lead := g
+	i := strings.IndexAny(g, `*?[{\`)
+	if i >= 0 {
+		lead = g[:i]
+	}
+	if !strings.HasPrefix(start, lead) {
+		// The whole path starts with start: it starts with lead only
+		// where lead goes on from start.
+		return false, len(lead) <= len(start) || !strings.HasPrefix(lead, start)
+	}
+	switch {
+	case i < 0:
+		return false, true
+	case g[i:] == "*":
+		return true, true
+	}
+	return false, false
 }
 
 var noExtra ruleExtra
@@ -242,6 +287,8 @@ var noExtra ruleExtra
 func (m *matcher) decision() Decision {
 	d := Decision{Verdict: Deny, RuleIndex: -1, Mode: m.e.pol.Mode}
 	switch {
+	case m.cut >= 0 && (m.best < 0 || m.cut < m.best):
+		d.Reason = ReasonPathCut
 	case m.best >= 0:
 		d.Verdict, d.RuleIndex, d.Reason = Allow, int(m.best), ReasonAllowed
 	case m.expired >= 0:

@@ -93,6 +93,14 @@ type Input struct {
 	// not seen, so host/path rules do not match it (ReasonPathUnseen),
 	// where for TLS without inspection they apply at host level.
 	NoPath bool
+	// PathCut says Path is only the start of the request's path, which
+	// was longer (cut at a size cap: capture keeps what its events carry).
+	// A host/path rule whose glob the start decides (its literal lead
+	// differs, or it is a literal lead and a final '*') matches as on the
+	// whole path; where one the start cannot decide would rank before the
+	// rule credited, the decision is a deny with ReasonPathCut, which says
+	// only that: what the rules make of the whole path is not known.
+	PathCut bool
 	// Now is the time of the flow, for expiring rules; zero means time.Now.
 	Now time.Time
 }
@@ -122,6 +130,7 @@ const (
 	ReasonPort          = "port-not-allowed"   // a rule names the destination, not this port
 	ReasonPath          = "path-not-allowed"   // a host/path rule names the host, not this path
 	ReasonPathUnseen    = "path-unseen"        // only a host/path rule names the host, and the cleartext stream shows no HTTP/1 path (Input.NoPath)
+	ReasonPathCut       = "path-cut"           // a host/path rule the start of a cut path cannot decide could allow it (Input.PathCut); never recorded
 	ReasonClient        = "client-not-allowed" // a rule names the destination, not for this client
 	ReasonExpired       = "expired"            // only an expired rule would allow it
 	ReasonInvalidName   = "invalid-name"       // the name is not an ASCII hostname
