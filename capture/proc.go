@@ -121,6 +121,10 @@ type flow struct {
 	// openedInAudit: the policy was in audit mode at the flow's first
 	// packet (see beforeEnforce).
 	openedInAudit bool
+	// enforceJudged: a reload to enforce judged the flow, opened in
+	// audit mode, as the forward chain judges its next packet (reload.go,
+	// redecide); a later reload to enforce leaves it to the firewall.
+	enforceJudged bool
 	// redirectedAtOpen: at the flow's first packet the policy was in
 	// enforce mode and the firewall redirected to a listening proxy
 	// (Config.ProxyLines), a reload or a stopped proxy since
@@ -1963,8 +1967,9 @@ func (p *proc) forwardedBeforeEnforce(eng *policy.Engine, f *flow) bool {
 
 // boundPath cuts a decided flow's path to what its events carry
 // (audit.MaxPathBytes; the length before in pathLen): a reload in audit
-// mode judges a clipped path's connection at host level, or keeps its
-// record (rejudge), and a flow kept its whole
+// mode judges a clipped path's connection on the start kept
+// (policy.Input.PathCut), or keeps its record where that start cannot
+// tell (rejudge), and a flow kept its whole
 // first request line, up to the 64 KiB head cap, for as long as it was
 // open (TestFlowKeepsBoundedPath).
 func (f *flow) boundPath() {

@@ -3,7 +3,7 @@ package capture
 import (
 	"context"
 	"log/slog"
-	"slices"
+	"strings"
 	"time"
 
 	"egressd/audit"
@@ -78,8 +78,11 @@ import (
 //     a would-be deny the new policy allows is credited to the rule, an
 //     allow it denies becomes a would-be deny, as for a forwarded flow.
 //     Those it denied for what the client sent (a malformed hello,
-//     duplicate-sni, hello-timeout) stay denied, and one whose clipped
-//     path a host/path rule would need keeps its record. In enforce
+//     duplicate-sni, hello-timeout) stay denied, and one whose path was
+//     clipped is judged on the start kept, or keeps its record where that
+//     cannot tell (rejudge). A flow opened in audit mode that the reload
+//     to enforce judged (enforceJudged) is judged again so by a later
+//     reload back to audit mode. In enforce
 //     mode such connections are the proxy's, which decides them again
 //     itself.
 //
@@ -297,8 +300,13 @@ func (p *proc) redecide() {
 			}
 		case inAudit && f.proto == 6 && f.ruled && f.openedInAudit:
 			p.rejudge(eng, f)
-		case !inAudit && f.openedInAudit:
-			f.openedInAudit = false
+		case !inAudit && f.openedInAudit && !f.enforceJudged:
+			// Once: the chain's accept marks the flow, which the
+			// firewall's cuts then judge at later reloads in enforce
+			// mode. openedInAudit stays: a reload back to audit mode
+			// judges the flow again as one opened in audit mode
+			// (rejudge), as it judges it before the switch.
+			f.enforceJudged = true
 			var d policy.Decision
 			name, src := f.evName, f.evSrc
 			in := p.flowInput(f, "")
@@ -314,10 +322,13 @@ func (p *proc) redecide() {
 			default:
 				// Redirected in enforce mode, but NAT applies to a
 				// connection's first packet: the forward chain judges it.
-				saved, savedName, savedSrc := f.dec, f.evName, f.evSrc
+				// Only the decision is taken: the flow stays the one
+				// capture decided by name (a reload back to audit mode
+				// judges it so: rejudge), not one forwarded by address.
+				saved, savedName, savedSrc, savedFwd := f.dec, f.evName, f.evSrc, f.forwarded
 				p.decideBeforeEnforce(eng, f, f.evName, f.evSrc)
 				d, name, src = f.dec, f.evName, f.evSrc
-				f.dec, f.evName, f.evSrc = saved, savedName, savedSrc
+				f.dec, f.evName, f.evSrc, f.forwarded = saved, savedName, savedSrc, savedFwd
 			}
 			in.NoPath = false
 			if d.Allowed() && !eng.Decide(in).Allowed() && !p.seeded(eng, in) {
@@ -368,12 +379,17 @@ func (p *proc) redecide() {
 //     hello-malformed, hello-timeout, http-malformed and the like) are no
 //     rule's: the connection is not judged again (f.ruled unset).
 //   - A path longer than the events carry was clipped once decided
-//     (boundPath): the connection is judged at host level (no host/path
-//     rule counts), and where that denies it and a host/path rule takes
-//     its port, the record stays as it was: what the rule would make of
-//     the whole path is no longer known. (An allow at host level may
-//     credit a later rule than the host/path rule the whole path would
-//     have matched.)
+//     (boundPath): the connection is judged on the start kept
+//     (policy.Input.PathCut), which decides a host/path rule whose glob
+//     is a literal lead and a final '*' ("/api/*": the whole path
+//     matches it where the start does) or whose lead the start does not
+//     begin with, as the whole path would. Where a host/path rule the
+//     start cannot decide ranks before any rule that allows, the verdict
+//     is taken at host level only when that allows whatever the path (a
+//     would-be deny is credited to that rule, the first that allows any
+//     path); else, and for a connection allowed until now, the record
+//     stays as it was: which rule, or whether any, the whole path would
+//     meet is no longer known.
 //
 // A would-be deny the new policy allows is the rule's, an allow it denies
 // becomes a would-be deny, each with an info line and an event at once,
@@ -381,24 +397,31 @@ func (p *proc) redecide() {
 // silently (its later events carry it).
 func (p *proc) rejudge(eng *policy.Engine, f *flow) {
 	was := f.dec.Allowed()
-	deng, path := eng, f.path
+	path := f.path
 	if f.pathLen > 0 {
-		deng, path = eng.HostLevel(), ""
+		path = strings.TrimSuffix(path, audit.TruncMark) // the start boundPath kept
 	}
 	in := p.flowInput(f, path)
-	in.NoPath = f.noPath
-	d, name, src := p.decideIn(deng, f, in, f.name, f.nameSrc, !was)
+	in.NoPath, in.PathCut = f.noPath, f.pathLen > 0
+	d, name, src := p.decideIn(eng, f, in, f.name, f.nameSrc, !was)
 	if !d.Allowed() && was && f.name == "" && f.evName != "" {
 		nin := in
 		nin.Name = f.evName
-		if dd := p.special(deng, nin, deng.Decide(nin), false); dd.Allowed() {
+		if dd := p.special(eng, nin, eng.Decide(nin), false); dd.Allowed() {
 			d, name, src = dd, f.evName, f.evSrc
 		}
 	}
-	if !d.Allowed() && f.pathLen > 0 && slices.ContainsFunc(eng.HostPathPorts(), func(pr policy.PortRange) bool {
-		return pr.Contains(f.sport, policy.TCP)
-	}) {
-		return // only the whole path could tell
+	if d.Reason == policy.ReasonPathCut {
+		// The start of the path cannot tell a host/path rule ranked
+		// before any that allows: allowed whatever the path where a
+		// rule allows it at host level, else only the whole path
+		// could tell.
+		in.Path, in.PathCut = "", false
+		hd, hname, hsrc := p.decideIn(eng.HostLevel(), f, in, f.name, f.nameSrc, !was)
+		if was || !hd.Allowed() {
+			return // the record stays: allowed either way, or not known
+		}
+		d, name, src = hd, hname, hsrc
 	}
 	if d.Allowed() {
 		if !was && f.dec.Mode == policy.ModeAudit {

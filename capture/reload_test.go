@@ -202,6 +202,20 @@ func reloadRun(t *testing.T, pol string, dsts []netip.Addr, dns DNSFacts, extra 
 // or past reload. Events go to a recorder and a ledger.
 func reloadRunEach(t *testing.T, pol string, dns DNSFacts, reload time.Duration, each func(p *pcapWriter, s int), at func(c *Capture, store *policy.Store)) (*recorder, *audit.Report) {
 	t.Helper()
+	return reloadRunSteps(t, Config{}, pol, dns, each, reloadStep{reload, at})
+}
+
+// reloadStep is a reload of reloadRunSteps: at is called once, before
+// the packets of the first second at or past after.
+type reloadStep struct {
+	after time.Duration
+	at    func(c *Capture, store *policy.Store)
+}
+
+// reloadRunSteps is reloadRunEach with cfg and a reload at each of steps,
+// in order.
+func reloadRunSteps(t *testing.T, cfg Config, pol string, dns DNSFacts, each func(p *pcapWriter, s int), steps ...reloadStep) (*recorder, *audit.Report) {
+	t.Helper()
 	p := newPcap(t)
 	start := p.now
 	for s := 0; s <= 90; s += 10 {
@@ -212,23 +226,23 @@ func reloadRunEach(t *testing.T, pol string, dns DNSFacts, reload time.Duration,
 	rec := &recorder{}
 	store := policy.NewStore(testEngine(t, pol))
 	ledger := audit.NewLedger(store.Load(), audit.LedgerOptions{})
-	capt, err := New(Config{}, Deps{Policy: store, Sink: audit.Tee(rec, ledger), DNS: dns})
+	capt, err := New(cfg, Deps{Policy: store, Sink: audit.Tee(rec, ledger), DNS: dns})
 	if err != nil {
 		t.Fatal(err)
 	}
 	capt.proc.openReport = time.Minute
 	var now time.Time
 	capt.clock = func() time.Time { return now }
-	done := false
+	done := 0
 	feed(t, capt, path, func(ts time.Time) {
 		now = ts
-		if !done && ts.Sub(start) >= reload {
-			done = true
-			at(capt, store)
+		for done < len(steps) && ts.Sub(start) >= steps[done].after {
+			steps[done].at(capt, store)
+			done++
 		}
 	})
-	if !done {
-		t.Fatal("the reload was not made")
+	if done < len(steps) {
+		t.Fatalf("%d of %d reloads were made", done, len(steps))
 	}
 	return rec, ledger.Report(audit.ReportOptions{})
 }
