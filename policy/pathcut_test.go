@@ -3,6 +3,8 @@ package policy
 import (
 	"strings"
 	"testing"
+
+	"github.com/gobwas/glob"
 )
 
 // TestDecidePathCut: a request path cut at a size cap (Input.PathCut) is
@@ -55,4 +57,29 @@ rules:
 	if d := e.Decide(Input{Name: "cut.test", Port: 80, Proto: TCP, Path: "/login"}); d.Rule != "exact" {
 		t.Errorf("cut.test/login (whole): %+v, want rule exact", d)
 	}
+}
+
+// FuzzPathStartMatch: where pathStartMatch is sure of a glob's match on
+// every longer path beginning with start, the glob's match on start and
+// some rest agrees.
+func FuzzPathStartMatch(f *testing.F) {
+	for _, s := range [][3]string{
+		{"/api/*", "/api/aa", "b"}, {"/login", "/log", "in"}, {"/m/*/x", "/m/a", "/x"},
+		{"/a?c", "/a", "bc"}, {"/[ab]*", "/a", "x"}, {"/{x,y}z", "/", "xz"}, {`/a\*`, "/a", "*"},
+	} {
+		f.Add(s[0], s[1], s[2])
+	}
+	f.Fuzz(func(t *testing.T, g, start, rest string) {
+		if rest == "" {
+			return // the whole path is longer than its start
+		}
+		p, err := glob.Compile(g)
+		if err != nil {
+			return
+		}
+		match, sure := pathStartMatch(p.String(), start)
+		if sure && p.Match(start+rest) != match {
+			t.Fatalf("glob %q, start %q: sure of %v, but %q matches %v", g, start, match, start+rest, !match)
+		}
+	})
 }
