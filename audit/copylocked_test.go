@@ -30,6 +30,7 @@ var (
 		"archNote": "Report reads it from the ledger",
 		"holding":  "set only within emitHold's hold of the lock, false at the copy",
 		"holdGen":  "read only while holding is set",
+		"moved":    "read only within emitHold's hold of the lock, which clears it first: between calls it means nothing",
 		"open":     "Report reads it from the ledger before the copy",
 		"loadWait": "Report reads it from the ledger before the copy",
 	}
