@@ -5,6 +5,8 @@ import (
 	"hash/maphash"
 	"math"
 	"net/netip"
+	"slices"
+	"strings"
 	"sync"
 	"sync/atomic"
 	"time"
@@ -296,11 +298,28 @@ func newEntry(name string, m *dns.Msg, do bool, udpSize uint16, now time.Time, m
 		extra = append(extra, rr)
 	}
 	m.Extra = extra
+	// No record is passed on with a TTL over maxTTL (and one with the top
+	// bit set says 0, RFC 2181 §8): the client is told no longer than the
+	// cache and the learned-address table keep the answer. A hostile
+	// authoritative server of a name under an allowed wildcard otherwise
+	// had its address vouched for by the table (the proxy's A2 check,
+	// capture) for the 68 years a TTL of 2^31-1 spells.
+	capTTL := uint32(maxTTL / time.Second)
+	for _, sec := range [][]dns.RR{m.Answer, m.Ns, m.Extra} {
+		for _, rr := range sec {
+			if h := rr.Header(); wireTTL(h.Ttl) > maxTTL {
+				h.Ttl = capTTL
+			} else if wireTTL(h.Ttl) == 0 {
+				h.Ttl = 0
+			}
+		}
+	}
 	e := &entry{name: name, msg: m, rcode: m.Rcode, stored: now.UnixNano(), upstream: upstream, filtered: filtered, do: do, udpSize: udpSize, packed: m.Len()}
 
 	ttl := time.Duration(-1)
 	switch {
 	case m.Rcode == dns.RcodeSuccess && len(m.Answer) > 0:
+		chain, qtype := answerChain(name, m)
 		for _, rr := range m.Answer {
 			t := wireTTL(rr.Header().Ttl)
 			if ttl < 0 || t < ttl {
@@ -313,7 +332,7 @@ func newEntry(name string, m *dns.Msg, do bool, udpSize uint16, now time.Time, m
 			case *dns.AAAA:
 				a, _ = netip.AddrFromSlice(v.AAAA.To16())
 			}
-			if a.IsValid() {
+			if a.IsValid() && rr.Header().Rrtype == qtype && slices.Contains(chain, strings.ToLower(rr.Header().Name)) {
 				// A TTL of 0 is for the transaction in progress (RFC
 				// 1035 §3.2.1): the client uses the address at once, so
 				// the firewall and the table must have it too, for the
@@ -336,6 +355,41 @@ func newEntry(name string, m *dns.Msg, do bool, udpSize uint16, now time.Time, m
 	} // else 0: not cacheable, used once
 
 	return e
+}
+
+// maxChain bounds the CNAME chain answerChain follows (resolvers give up
+// after 8 to 16 links).
+const maxChain = 16
+
+// answerChain returns the names (lower case, fully qualified) of the
+// question's own CNAME chain in the answer section of m, the question's
+// name first, and the type asked. Only address records of the type asked
+// whose owner is on the chain are learned: what the client's resolver
+// takes from the answer. Address records of other names, which a hostile
+// authoritative server of a name under an allowed wildcard may add (another
+// rule's name, the end of a chain that is not this one's), are passed on
+// but credit nothing to the name asked.
+func answerChain(name string, m *dns.Msg) ([]string, uint16) {
+	qtype := uint16(dns.TypeNone)
+	chain := []string{strings.ToLower(dns.Fqdn(name))}
+	if len(m.Question) == 1 {
+		qtype = m.Question[0].Qtype
+		chain[0] = strings.ToLower(m.Question[0].Name)
+	}
+	for len(chain) <= maxChain {
+		cur, next := chain[len(chain)-1], ""
+		for _, rr := range m.Answer {
+			if c, ok := rr.(*dns.CNAME); ok && strings.EqualFold(c.Hdr.Name, cur) {
+				next = strings.ToLower(c.Target)
+				break
+			}
+		}
+		if next == "" || slices.Contains(chain, next) {
+			break
+		}
+		chain = append(chain, next)
+	}
+	return chain, qtype
 }
 
 // wireFor returns the packed answer without (0) or with (1) an OPT, packing

@@ -16,21 +16,6 @@ import (
 // controls.
 func bigUpstream(t *testing.T) string {
 	t.Helper()
-	var pc net.PacketConn
-	var l net.Listener
-	for i := 0; ; i++ { // the TCP port of the UDP one may be taken
-		var err error
-		if pc, err = net.ListenPacket("udp", "127.0.0.1:0"); err != nil {
-			t.Fatal(err)
-		}
-		if l, err = net.Listen("tcp", pc.LocalAddr().String()); err == nil {
-			break
-		}
-		pc.Close()
-		if i >= 10 {
-			t.Fatal(err)
-		}
-	}
 	h := dns.HandlerFunc(func(w dns.ResponseWriter, r *dns.Msg) {
 		m := new(dns.Msg)
 		m.SetReply(r)
@@ -48,14 +33,7 @@ func bigUpstream(t *testing.T) string {
 		}
 		_ = w.WriteMsg(m)
 	})
-	for _, srv := range []*dns.Server{{PacketConn: pc, Handler: h}, {Listener: l, Handler: h}} {
-		started := make(chan struct{})
-		srv.NotifyStartedFunc = func() { close(started) }
-		go func() { _ = srv.ActivateAndServe() }()
-		<-started
-		t.Cleanup(func() { _ = srv.Shutdown() })
-	}
-	return pc.LocalAddr().String()
+	return listenDNS(t, h)
 }
 
 func heapInUse() uint64 {

@@ -688,17 +688,11 @@ func (s *Server) LookupNetIP(ctx context.Context, name string) ([]netip.Addr, er
 		}
 		switch r.e.rcode {
 		case dns.RcodeSuccess:
-			for _, rr := range r.e.msg.Answer {
-				var a netip.Addr
-				switch v := rr.(type) {
-				case *dns.A:
-					a, _ = netip.AddrFromSlice(v.A.To4())
-				case *dns.AAAA:
-					a, _ = netip.AddrFromSlice(v.AAAA.To16())
-				}
-				if a.IsValid() {
-					out = append(out, a.Unmap())
-				}
+			// The addresses the table would learn from the answer: the
+			// name's own (answerChain), not every address record a
+			// hostile server put in it.
+			for _, a := range r.e.addrs {
+				out = append(out, a.addr)
 			}
 		case dns.RcodeNameError:
 			notFound = true
