@@ -45,9 +45,13 @@ type recUpstream struct {
 	mu   sync.Mutex
 	rrs  map[string][]dns.RR  // lower-case FQDN → records (any type)
 	rot  map[rotKey]*rotation // answers that rotate (rotate)
-	seen []string             // qnames received, lower case, no trailing dot
-	down atomic.Bool
-	recv atomic.Int64
+	// hostile are answers given verbatim (any qtype) for a lower-case
+	// FQDN: what an attacker's authoritative server puts in them
+	// (hostile).
+	hostile map[string][]dns.RR
+	seen    []string // qnames received, lower case, no trailing dot
+	down    atomic.Bool
+	recv    atomic.Int64
 }
 
 const upstreamDNS4 = "198.18.2.54"
@@ -55,7 +59,7 @@ const upstreamDNS4 = "198.18.2.54"
 func (tp *topo) startUpstream(t *testing.T) *recUpstream {
 	t.Helper()
 	tp.inet.MustRun("ip", "addr", "add", upstreamDNS4+"/32", "dev", "eth0")
-	u := &recUpstream{addr: upstreamDNS4, rrs: map[string][]dns.RR{}, rot: map[rotKey]*rotation{}}
+	u := &recUpstream{addr: upstreamDNS4, rrs: map[string][]dns.RR{}, rot: map[rotKey]*rotation{}, hostile: map[string][]dns.RR{}}
 	for _, r := range zone {
 		u.add(fmt.Sprintf("%s. 300 IN %s %s", r[0], r[1], r[2]))
 	}
@@ -82,6 +86,23 @@ func (u *recUpstream) add(rr string) {
 	defer u.mu.Unlock()
 	k := strings.ToLower(r.Header().Name)
 	u.rrs[k] = append(u.rrs[k], r)
+}
+
+// answerVerbatim makes every answer for name, whatever the type asked,
+// the records rrs (zone-file form, any owner): a hostile authoritative
+// server's.
+func (u *recUpstream) answerVerbatim(name string, rrs ...string) {
+	var out []dns.RR
+	for _, s := range rrs {
+		r, err := dns.NewRR(s)
+		if err != nil {
+			panic(fmt.Sprintf("e2e: record %q: %v", s, err))
+		}
+		out = append(out, r)
+	}
+	u.mu.Lock()
+	defer u.mu.Unlock()
+	u.hostile[strings.ToLower(dns.Fqdn(name))] = out
 }
 
 // rotKey is a name (lower-case FQDN) and a record type.
@@ -128,6 +149,14 @@ func (u *recUpstream) serve(w dns.ResponseWriter, req *dns.Msg) {
 	m := new(dns.Msg)
 	m.SetReply(req)
 	m.Authoritative = true
+	if rrs, ok := u.hostile[name]; ok {
+		for _, rr := range rrs {
+			m.Answer = append(m.Answer, dns.Copy(rr))
+		}
+		u.mu.Unlock()
+		w.WriteMsg(m)
+		return
+	}
 	if r := u.rot[rotKey{name, q.Qtype}]; r != nil {
 		m.Answer = append(m.Answer, dns.Copy(r.rrs[r.next%len(r.rrs)]))
 		r.next++
