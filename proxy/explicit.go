@@ -819,6 +819,13 @@ func (p *Proxy) againConnect(eng *policy.Engine, v verdict, addr netip.AddrPort,
 // long as one (a WebSocket upgrade, which goproxy splices both ways; a
 // stream of server-sent events).
 func (p *Proxy) handleRequest(req *http.Request, ctx *goproxy.ProxyCtx) (*http.Request, *http.Response) {
+	if req.URL.Path == "" && req.URL.Opaque == "" {
+		// An absolute-form target without a path ("http://host",
+		// "https://host?q") asks for "/", and Go's transport sends "/":
+		// decided so. An empty path is an unknown one to the policy,
+		// which host/path rules allow at host level.
+		req.URL.Path, req.URL.RawPath = "/", ""
+	}
 	if st, ok := ctx.UserData.(*connectState); ok {
 		ctx.RoundTripper = goproxy.RoundTripperFunc(p.inspectedRoundTrip)
 		return p.inspectedRequest(p.policyNow(), st, req)

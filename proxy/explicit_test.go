@@ -1284,3 +1284,64 @@ func explicitGet(addr, url string) (int, error) {
 	resp.Body.Close()
 	return resp.StatusCode, nil
 }
+
+// TestExplicitEmptyPath: an absolute-form target with no path
+// ("http://host", "http://host?q", "https://host" inside an inspected
+// CONNECT) is a request for "/" (Go's transport sends "/", as any origin
+// reads it): a host/path glob that does not name "/" refuses it. Before,
+// net/http's empty URL.Path reached the policy as an unknown path, host
+// level, and the origin served "/" under "docs.paths.test/public/*". A
+// fragment in the target does not hide a dot segment after it either.
+func TestExplicitEmptyPath(t *testing.T) {
+	addr, plainPort, tlsPort, caPool := loopbackExplicit(t, `version: 1
+mode: enforce
+rules:
+  - name: docs
+    to: ["docs.paths.test/public/*"]
+    ports: [%d/tcp, %d/tcp]
+`, nil)
+	check := func(t *testing.T, what string, resp *http.Response, err error, code int, reason string) {
+		t.Helper()
+		if err != nil {
+			t.Errorf("%s: %v", what, err)
+			return
+		}
+		body, _ := io.ReadAll(resp.Body)
+		resp.Body.Close()
+		if resp.StatusCode != code || code == 403 && resp.Header.Get("X-Egressd-Reason") != reason {
+			t.Errorf("%s: %d %s %q, want %d %s", what, resp.StatusCode, resp.Header.Get("X-Egressd-Reason"), body, code, reason)
+		}
+	}
+	targets := []struct {
+		target, reason string
+		code           int
+	}{
+		{"", policy.ReasonPath, 403},
+		{"?page=private", policy.ReasonPath, 403},
+		{"/public/ok", "", 200},
+		{"/public/#/../private-frag", ReasonPathForm, 403},
+	}
+	t.Run("plain", func(t *testing.T) {
+		for _, c := range targets {
+			conn, err := net.Dial("tcp", addr)
+			if err != nil {
+				t.Fatal(err)
+			}
+			conn.SetDeadline(time.Now().Add(10 * time.Second))
+			fmt.Fprintf(conn, "GET http://docs.paths.test:%d%s HTTP/1.1\r\nHost: docs.paths.test:%d\r\n\r\n", plainPort, c.target, plainPort)
+			resp, err := http.ReadResponse(bufio.NewReader(conn), nil)
+			check(t, "plain "+c.target, resp, err, c.code, c.reason)
+			conn.Close()
+		}
+	})
+	t.Run("inspected", func(t *testing.T) {
+		auth := fmt.Sprintf("docs.paths.test:%d", tlsPort)
+		for _, c := range targets {
+			conn, tc := inspectDocs(t, addr, tlsPort, caPool)
+			fmt.Fprintf(tc, "GET https://%s%s HTTP/1.1\r\nHost: %s\r\n\r\n", auth, c.target, auth)
+			resp, err := http.ReadResponse(bufio.NewReader(tc), nil)
+			check(t, "inspected "+c.target, resp, err, c.code, c.reason)
+			conn.Close()
+		}
+	})
+}
