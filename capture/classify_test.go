@@ -815,6 +815,7 @@ rules:
 		// a host/path rule allows it, as the proxy refuses it.
 		{"dot segments", "GET /api/../admin HTTP/1.1\r\nHost: pathhost.test\r\n\r\n", ReasonPathForm, "/api/../admin"},
 		{"an encoded dot segment", "GET /api/%2e%2E/admin HTTP/1.1\r\nHost: pathhost.test\r\n\r\n", ReasonPathForm, "/api/%2e%2E/admin"},
+		{"a fragment before a dot segment", "GET /api/#/../admin HTTP/1.1\r\nHost: pathhost.test\r\n\r\n", ReasonPathForm, "/api/#/../admin"},
 		{"a plain path with an encoded space (control)", "GET /api/My%20Page HTTP/1.1\r\nHost: pathhost.test\r\n\r\n", policy.ReasonAllowed, "/api/My%20Page"},
 		// The asterisk form names no path under the rule's glob.
 		{"OPTIONS *", "OPTIONS * HTTP/1.1\r\nHost: pathhost.test\r\n\r\n", policy.ReasonPath, "*"},

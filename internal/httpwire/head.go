@@ -184,9 +184,10 @@ func parseHead(b []byte, inTLS bool) (h Head, err error) {
 		hh, hp, _ := SplitAuthority(h.Host)
 		h.Host, h.Port = hh, hp
 	}
-	if i := strings.IndexByte(h.Path, '#'); i >= 0 {
-		h.Path = h.Path[:i]
-	}
+	// A '#' stays in the path: a request target has no fragment (RFC
+	// 9112 section 3.2), and an origin that reads past it (Go's
+	// http.FileServer cleans "/a/#/../b" to "/b") would serve another
+	// path than the one before it; PlainPath refuses it.
 	return h, nil
 }
 
