@@ -376,3 +376,50 @@ func TestTransparentInspectedFronting(t *testing.T) {
 		})
 	}
 }
+
+// TestTransparentInspectedEmptyPath: inside an inspected TLS connection of
+// the transparent proxy, an absolute-form target without a path
+// ("https://docs.paths.test", with or without a query) is a request for
+// "/", which "docs.paths.test/public/*" does not name: refused in enforce
+// mode, recorded as a would-be deny in audit mode. Before, net/http's empty
+// path reached the policy as an unknown one, allowed at host level, and
+// the origin served "/".
+func TestTransparentInspectedEmptyPath(t *testing.T) {
+	for _, mode := range []string{"enforce", "audit"} {
+		t.Run(mode, func(t *testing.T) {
+			tp := newTopo(t, topoOpts{mode: mode})
+			_, caPEM, err := LoadOrCreateCA(tp.state)
+			if err != nil {
+				t.Fatal(err)
+			}
+			pool := x509.NewCertPool()
+			pool.AppendCertsFromPEM(caPEM)
+			for _, target := range []string{"https://docs.paths.test", "https://docs.paths.test?page=private"} {
+				c := tp.dialFromClient(t, netip.Addr{}, netip.AddrPortFrom(srvV4, 443))
+				c.SetDeadline(time.Now().Add(20 * time.Second))
+				tc := tls.Client(c, &tls.Config{ServerName: "docs.paths.test", RootCAs: pool})
+				fmt.Fprintf(tc, "GET %s HTTP/1.1\r\nHost: docs.paths.test\r\n\r\n", target)
+				resp, err := http.ReadResponse(bufio.NewReader(tc), nil)
+				if err != nil {
+					t.Fatalf("%s: %v", target, err)
+				}
+				body, _ := io.ReadAll(resp.Body)
+				resp.Body.Close()
+				code, reason := 403, policy.ReasonPath
+				if mode == "audit" {
+					code, reason = 200, ""
+				}
+				if resp.StatusCode != code || resp.Header.Get("X-Egressd-Reason") != reason {
+					t.Errorf("%s: %d %q %q, want %d %q", target, resp.StatusCode, resp.Header.Get("X-Egressd-Reason"), body, code, reason)
+				}
+				port := localPort(c)
+				ev := tp.ev.wait(t, "the request for "+target, func(ev audit.Event) bool {
+					return int(ev.ClientPort) == port && ev.Kind == audit.KindRequest
+				})
+				if ev.Verdict != policy.Deny || ev.Reason != policy.ReasonPath || ev.Path != "/" {
+					t.Errorf("%s: event %s %q path %q, want deny %q path /", target, ev.Verdict, ev.Reason, ev.Path, policy.ReasonPath)
+				}
+			}
+		})
+	}
+}
