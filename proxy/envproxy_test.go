@@ -72,16 +72,9 @@ func TestExplicitIgnoresProxyEnv(t *testing.T) {
 			t.Fatalf("GET %s: %d %s, want 200", target, resp.StatusCode, body)
 		}
 	}
-	const pol = `version: 1
-mode: enforce
-rules:
-  - name: docs
-    to: ["docs.paths.test/public/*"]
-    ports: [%d/tcp, %d/tcp]
-`
 	for _, inspect := range []bool{true, false} {
 		t.Run(fmt.Sprintf("inspect=%v", inspect), func(t *testing.T) {
-			addr, plainPort, tlsPort, caPool := loopbackExplicitOrigin(t, pol, func(c *Config) { c.Inspect = inspect }, nil, origin)
+			addr, plainPort, tlsPort, caPool := loopbackExplicitOrigin(t, docsPublicPolicy, func(c *Config) { c.Inspect = inspect }, nil, origin)
 			conn, err := net.Dial("tcp", addr)
 			if err != nil {
 				t.Fatal(err)

@@ -638,6 +638,47 @@ func inspectDocs(t *testing.T, addr string, port int, caPool *x509.CertPool) (ne
 	return conn, tls.Client(conn, &tls.Config{ServerName: "docs.paths.test", RootCAs: caPool})
 }
 
+// docsPublicPolicy: docs.paths.test reachable under /public/ only, on
+// loopbackExplicit's plain and TLS origin ports.
+const docsPublicPolicy = `version: 1
+mode: enforce
+rules:
+  - name: docs
+    to: ["docs.paths.test/public/*"]
+    ports: [%d/tcp, %d/tcp]
+`
+
+// checkRefused fails the test unless resp (read with err) has status code
+// and, a 403, reason as its X-Egressd-Reason; it reads and closes the
+// body.
+func checkRefused(t *testing.T, what string, resp *http.Response, err error, code int, reason string) {
+	t.Helper()
+	if err != nil {
+		t.Errorf("%s: %v", what, err)
+		return
+	}
+	body, _ := io.ReadAll(resp.Body)
+	resp.Body.Close()
+	if resp.StatusCode != code || code == 403 && resp.Header.Get("X-Egressd-Reason") != reason {
+		t.Errorf("%s: %d %s %q, want %d %s", what, resp.StatusCode, resp.Header.Get("X-Egressd-Reason"), body, code, reason)
+	}
+}
+
+// getDocsPlain sends GET http://docs.paths.test:port+suffix to the
+// explicit proxy at addr on a new connection (closed when the test ends)
+// and reads the response.
+func getDocsPlain(t *testing.T, addr string, port int, suffix string) (*http.Response, error) {
+	t.Helper()
+	conn, err := net.Dial("tcp", addr)
+	if err != nil {
+		t.Fatal(err)
+	}
+	t.Cleanup(func() { conn.Close() })
+	conn.SetDeadline(time.Now().Add(10 * time.Second))
+	fmt.Fprintf(conn, "GET http://docs.paths.test:%d%s HTTP/1.1\r\nHost: docs.paths.test:%d\r\n\r\n", port, suffix, port)
+	return http.ReadResponse(bufio.NewReader(conn), nil)
+}
+
 // TestExplicitPathForm: a path an origin may read as another one
 // ("/public/../private", encoded dots or slashes) does not pass a
 // host/path glob on the explicit proxy, neither in a plain-HTTP request
@@ -646,13 +687,7 @@ func inspectDocs(t *testing.T, addr string, port int, caPool *x509.CertPool) (ne
 // Before, "/public/../private-x" matched "docs.paths.test/public/*" there
 // and was forwarded, and the origin served /private-x.
 func TestExplicitPathForm(t *testing.T) {
-	addr, plainPort, tlsPort, caPool := loopbackExplicit(t, `version: 1
-mode: enforce
-rules:
-  - name: docs
-    to: ["docs.paths.test/public/*"]
-    ports: [%d/tcp, %d/tcp]
-`, nil)
+	addr, plainPort, tlsPort, caPool := loopbackExplicit(t, docsPublicPolicy, nil)
 	paths := []struct {
 		path string
 		code int
@@ -665,27 +700,12 @@ rules:
 	}
 	check := func(t *testing.T, what string, resp *http.Response, err error, code int) {
 		t.Helper()
-		if err != nil {
-			t.Errorf("%s: %v", what, err)
-			return
-		}
-		body, _ := io.ReadAll(resp.Body)
-		resp.Body.Close()
-		if resp.StatusCode != code || code == 403 && resp.Header.Get("X-Egressd-Reason") != ReasonPathForm {
-			t.Errorf("%s: %d %s %q, want %d", what, resp.StatusCode, resp.Header.Get("X-Egressd-Reason"), body, code)
-		}
+		checkRefused(t, what, resp, err, code, ReasonPathForm)
 	}
 	t.Run("plain", func(t *testing.T) {
 		for _, c := range paths {
-			conn, err := net.Dial("tcp", addr)
-			if err != nil {
-				t.Fatal(err)
-			}
-			conn.SetDeadline(time.Now().Add(10 * time.Second))
-			fmt.Fprintf(conn, "GET http://docs.paths.test:%d%s HTTP/1.1\r\nHost: docs.paths.test:%d\r\n\r\n", plainPort, c.path, plainPort)
-			resp, err := http.ReadResponse(bufio.NewReader(conn), nil)
+			resp, err := getDocsPlain(t, addr, plainPort, c.path)
 			check(t, c.path, resp, err, c.code)
-			conn.Close()
 		}
 	})
 	t.Run("inspected", func(t *testing.T) {
@@ -1293,25 +1313,7 @@ func explicitGet(addr, url string) (int, error) {
 // level, and the origin served "/" under "docs.paths.test/public/*". A
 // fragment in the target does not hide a dot segment after it either.
 func TestExplicitEmptyPath(t *testing.T) {
-	addr, plainPort, tlsPort, caPool := loopbackExplicit(t, `version: 1
-mode: enforce
-rules:
-  - name: docs
-    to: ["docs.paths.test/public/*"]
-    ports: [%d/tcp, %d/tcp]
-`, nil)
-	check := func(t *testing.T, what string, resp *http.Response, err error, code int, reason string) {
-		t.Helper()
-		if err != nil {
-			t.Errorf("%s: %v", what, err)
-			return
-		}
-		body, _ := io.ReadAll(resp.Body)
-		resp.Body.Close()
-		if resp.StatusCode != code || code == 403 && resp.Header.Get("X-Egressd-Reason") != reason {
-			t.Errorf("%s: %d %s %q, want %d %s", what, resp.StatusCode, resp.Header.Get("X-Egressd-Reason"), body, code, reason)
-		}
-	}
+	addr, plainPort, tlsPort, caPool := loopbackExplicit(t, docsPublicPolicy, nil)
 	targets := []struct {
 		target, reason string
 		code           int
@@ -1323,15 +1325,8 @@ rules:
 	}
 	t.Run("plain", func(t *testing.T) {
 		for _, c := range targets {
-			conn, err := net.Dial("tcp", addr)
-			if err != nil {
-				t.Fatal(err)
-			}
-			conn.SetDeadline(time.Now().Add(10 * time.Second))
-			fmt.Fprintf(conn, "GET http://docs.paths.test:%d%s HTTP/1.1\r\nHost: docs.paths.test:%d\r\n\r\n", plainPort, c.target, plainPort)
-			resp, err := http.ReadResponse(bufio.NewReader(conn), nil)
-			check(t, "plain "+c.target, resp, err, c.code, c.reason)
-			conn.Close()
+			resp, err := getDocsPlain(t, addr, plainPort, c.target)
+			checkRefused(t, "plain "+c.target, resp, err, c.code, c.reason)
 		}
 	})
 	t.Run("inspected", func(t *testing.T) {
@@ -1340,7 +1335,7 @@ rules:
 			conn, tc := inspectDocs(t, addr, tlsPort, caPool)
 			fmt.Fprintf(tc, "GET https://%s%s HTTP/1.1\r\nHost: %s\r\n\r\n", auth, c.target, auth)
 			resp, err := http.ReadResponse(bufio.NewReader(tc), nil)
-			check(t, "inspected "+c.target, resp, err, c.code, c.reason)
+			checkRefused(t, "inspected "+c.target, resp, err, c.code, c.reason)
 			conn.Close()
 		}
 	})

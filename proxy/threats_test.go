@@ -259,13 +259,7 @@ func TestTransparentAsteriskForm(t *testing.T) {
 // refused as host-mismatch, after an allowed one on the same connection.
 // Before, net/http (goproxy) dropped the Host line and it was forwarded.
 func TestExplicitInspectedLaterAbsoluteHost(t *testing.T) {
-	addr, plainPort, tlsPort, caPool := loopbackExplicit(t, `version: 1
-mode: enforce
-rules:
-  - name: docs
-    to: ["docs.paths.test/public/*"]
-    ports: [%d/tcp, %d/tcp]
-`, nil)
+	addr, plainPort, tlsPort, caPool := loopbackExplicit(t, docsPublicPolicy, nil)
 	for _, c := range []struct {
 		name   string
 		port   int
@@ -320,12 +314,7 @@ func TestTransparentInspectedFronting(t *testing.T) {
 	for _, mode := range []string{"enforce", "audit"} {
 		t.Run(mode, func(t *testing.T) {
 			tp := newTopo(t, topoOpts{mode: mode})
-			_, caPEM, err := LoadOrCreateCA(tp.state)
-			if err != nil {
-				t.Fatal(err)
-			}
-			pool := x509.NewCertPool()
-			pool.AppendCertsFromPEM(caPEM)
+			pool := inspectionPool(t, tp)
 			for _, w := range []struct {
 				host, verdict, rule, reason string
 			}{
@@ -377,6 +366,19 @@ func TestTransparentInspectedFronting(t *testing.T) {
 	}
 }
 
+// inspectionPool is a pool holding the inspection CA of tp's proxy, for a
+// client that trusts it.
+func inspectionPool(t *testing.T, tp *topo) *x509.CertPool {
+	t.Helper()
+	_, caPEM, err := LoadOrCreateCA(tp.state)
+	if err != nil {
+		t.Fatal(err)
+	}
+	pool := x509.NewCertPool()
+	pool.AppendCertsFromPEM(caPEM)
+	return pool
+}
+
 // TestTransparentInspectedEmptyPath: inside an inspected TLS connection of
 // the transparent proxy, an absolute-form target without a path
 // ("https://docs.paths.test", with or without a query) is a request for
@@ -388,12 +390,7 @@ func TestTransparentInspectedEmptyPath(t *testing.T) {
 	for _, mode := range []string{"enforce", "audit"} {
 		t.Run(mode, func(t *testing.T) {
 			tp := newTopo(t, topoOpts{mode: mode})
-			_, caPEM, err := LoadOrCreateCA(tp.state)
-			if err != nil {
-				t.Fatal(err)
-			}
-			pool := x509.NewCertPool()
-			pool.AppendCertsFromPEM(caPEM)
+			pool := inspectionPool(t, tp)
 			for _, target := range []string{"https://docs.paths.test", "https://docs.paths.test?page=private"} {
 				c := tp.dialFromClient(t, netip.Addr{}, netip.AddrPortFrom(srvV4, 443))
 				c.SetDeadline(time.Now().Add(20 * time.Second))
