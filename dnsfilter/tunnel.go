@@ -211,10 +211,13 @@ func (w *tunnelWatch) observeTop(client, zone string, h uint64, now int64, top *
 	if n < w.threshold || s.alarmed {
 		return n, false
 	}
-	if top != nil && n-s.top[0].n<<w.shift < w.threshold/tunnelZoneFactor {
+	if top != nil && s.set > 0 && n*(s.set-s.top[0].n)/s.set < w.threshold/tunnelZoneFactor {
 		// Zone-wide, the names of all but the client that added the
 		// most are under a pair's threshold: one client's names, whose
-		// pair alarms on its own, not a tunnel spread over many.
+		// pair alarms on its own, not a tunnel spread over many. The
+		// clients' shares are of the bits set, not of the names (a
+		// name whose bit was set already credits no one): the others'
+		// names are the estimate times their share of the bits.
 		return n, false
 	}
 	s.alarmed = true

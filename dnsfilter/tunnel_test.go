@@ -391,3 +391,29 @@ func TestTunnelSampledEstimate(t *testing.T) {
 		t.Errorf("%d distinct names estimated %d", n, got)
 	}
 }
+
+// A tunnel on one client is the pair's alarm only, however fast: one
+// client sending 5,000 distinct names of a zone in a window (ten times
+// the threshold) raises dns-tunnel once and never dns-tunnel-zone, which
+// says the names came from many clients. Before, the zone-wide check took
+// the client's share in bits set from the estimate of names: past some
+// 2,200 names the bits one client's names collided on counted as other
+// clients' names, and the zone alarmed for a client alone.
+func TestTunnelZoneNotForOneClient(t *testing.T) {
+	tun := newTunnels(500, time.Minute)
+	pair, zone := 0, 0
+	for i := range 5000 {
+		h := tun.observe("02:00:00:00:00:01", "t.allowed.test", fmt.Sprintf("n%d.t.allowed.test", i), 1)
+		if h.pair > 0 {
+			pair++
+		}
+		if h.zone > 0 {
+			zone++
+			t.Errorf("name %d of one client raised a zone-wide alarm of %d names, top %q", i, h.zone, h.top)
+			break
+		}
+	}
+	if pair != 1 || zone != 0 {
+		t.Errorf("5,000 names of one client: %d pair alarms, %d zone alarms; want 1 and 0", pair, zone)
+	}
+}
