@@ -495,7 +495,7 @@ func (l *Ledger) addRecLocked(ev *Event) (bool, *flowRec) {
 	var h uint64
 	if dedup {
 		h = id.hash(l.seed)
-		if rec := l.findLocked(id, h, t); rec != nil {
+		if rec := l.findLocked(id, h, t); rec != nil && !anotherFlow(rec, ev) {
 			l.totals.Duplicates++
 			frozen := l.holding && rec.held != nil && rec.held.gen != l.holdGen
 			if ev.Kind == KindFlow && !frozen && moves(rec, ev) {
@@ -643,6 +643,17 @@ func (l *Ledger) reattributeLocked(rec *flowRec, ev *Event, t time.Time) {
 // timed at the cut, not at the flow's start (it reports flows capture
 // does not follow), and cuts only a live flow: it moves the flow its
 // window finds.
+// anotherFlow reports whether ev, a deny of the 5-tuple of the allowed
+// flow rec that the ledger's window finds, from the same component, is
+// another flow than rec (another start: a client that binds its source
+// port, reconnecting to a name no rule allows): counted as a flow of its
+// own, a would-be deny, not merged into the allowed one, where it was in
+// no count at all (and its bytes in the allowed rule's).
+func anotherFlow(rec *flowRec, ev *Event) bool {
+	return ev.Kind == KindFlow && ev.Verdict == policy.Deny && rec.rule != nil && rec.id.kind == KindFlow &&
+		ev.Source == rec.source && !ev.Time.Equal(rec.start)
+}
+
 func redecided(rec *flowRec, ev *Event) bool {
 	return ev.Kind == KindFlow && ev.Verdict == policy.Deny && rec.rule != nil &&
 		(ev.Source == rec.source && ev.Time.Equal(rec.start) ||
@@ -753,7 +764,11 @@ func (l *Ledger) findLocked(id flowID, h uint64, t time.Time) *flowRec {
 			// as long as it keeps on.
 			end = r.start
 		}
-		if r.id == id && !t.Before(r.start.Add(-slack)) && !t.After(end.Add(slack)) {
+		if r.id == id && !t.Before(r.start.Add(-slack)) && !t.After(end.Add(slack)) &&
+			(found == nil || id.kind != KindFlow || !found.start.Equal(t)) {
+			// A flow's: the one that started at t, else the newer
+			// (a later report of a flow is of the flow of its
+			// start, not of another of its 5-tuple: anotherFlow).
 			found = r
 		}
 	}

@@ -27,8 +27,22 @@ func TestRedecidedOnlyTheSameFlow(t *testing.T) {
 	second.Verdict, second.Rule, second.Reason, second.Close = policy.Deny, "", "no-rule", "fin"
 	second.Name = "tracker.example"
 	r := reportOf(first, second)
-	if rr := ruleOf(r, "web"); rr == nil || rr.Flows != 1 || r.Totals.Allowed != 1 || r.Totals.Dropped != 0 {
+	if rr := ruleOf(r, "web"); rr == nil || rr.Flows != 1 || r.Totals.Allowed != 1 {
 		t.Errorf("rule web %+v, totals %+v: want the first flow still allowed under web", rr, r.Totals)
+	}
+	// And the second flow is a would-be deny of its own: merged into the
+	// first, it was in no count, so a client that binds its source port
+	// reached any name after one allowed connection, unseen.
+	if d := dropOf(r, "tracker.example"); d == nil || d.Flows != 1 || r.Totals.Flows != 2 {
+		t.Errorf("the second flow: dropped %+v, totals %+v; want it a would-be deny of tracker.example, two flows", r.Dropped, r.Totals)
+	}
+	// Its later report (its start) is that flow's, and the first flow's
+	// later report (the first start) the first one's.
+	secondEnd, firstEnd := second, first
+	secondEnd.BytesOut, firstEnd.BytesOut = 7000, 9000
+	r = reportOf(first, second, secondEnd, firstEnd)
+	if d, rr := dropOf(r, "tracker.example"), ruleOf(r, "web"); d == nil || d.Flows != 1 || d.BytesOut != 7000 || rr == nil || rr.Flows != 1 || rr.BytesOut != 9000 {
+		t.Errorf("later reports: dropped %+v, rule web %+v; want each flow's bytes on its own", d, rr)
 	}
 	// The same flow reported again, denied (a reload in audit mode):
 	// moved, as TestReloadFlipFlopReadBack.
