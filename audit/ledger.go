@@ -639,7 +639,8 @@ func (l *Ledger) reattributeLocked(rec *flowRec, ev *Event, t time.Time) {
 // same component has another start: not the flow reported again but
 // another of its 5-tuple within the window (a client reconnecting from
 // the port it binds, to a name no rule allows); the first flow was
-// allowed, as recredited keeps a would-be deny. The firewall's cut is
+// allowed, as recredited keeps a would-be deny; the deny is counted
+// as a flow of its own (anotherFlow). The firewall's cut is
 // timed at the cut, not at the flow's start (it reports flows capture
 // does not follow), and cuts only a live flow: it moves the flow its
 // window finds.
