@@ -43,6 +43,9 @@ type entry struct {
 	upstream string
 	filtered string // what the answer filter removed ("rebinding", "ech"), for the log
 	packed   int    // msg's packed size, for the cache's byte bound
+	// capped is how many of the name's addresses were past
+	// maxAnswerAddrs: dropped from the answer and not learned.
+	capped int
 }
 
 // cost is what an entry counts against cacheBytes: its packed answer and
@@ -314,12 +317,18 @@ func newEntry(name string, m *dns.Msg, do bool, udpSize uint16, now time.Time, m
 			}
 		}
 	}
-	e := &entry{name: name, msg: m, rcode: m.Rcode, stored: now.UnixNano(), upstream: upstream, filtered: filtered, do: do, udpSize: udpSize, packed: m.Len()}
+	var chain []string
+	var qtype uint16
+	capped := 0
+	if m.Rcode == dns.RcodeSuccess && len(m.Answer) > 0 {
+		chain, qtype = answerChain(name, m)
+		capped = capAnswerAddrs(m, chain, qtype)
+	}
+	e := &entry{name: name, msg: m, rcode: m.Rcode, stored: now.UnixNano(), upstream: upstream, filtered: filtered, do: do, udpSize: udpSize, packed: m.Len(), capped: capped}
 
 	ttl := time.Duration(-1)
 	switch {
 	case m.Rcode == dns.RcodeSuccess && len(m.Answer) > 0:
-		chain, qtype := answerChain(name, m)
 		for _, rr := range m.Answer {
 			t := wireTTL(rr.Header().Ttl)
 			if ttl < 0 || t < ttl {
@@ -355,6 +364,37 @@ func newEntry(name string, m *dns.Msg, do bool, udpSize uint16, now time.Time, m
 	} // else 0: not cacheable, used once
 
 	return e
+}
+
+// maxAnswerAddrs bounds the addresses one answer adds to the
+// learned-address table (and hands the firewall): real answers hold 1 to
+// 16 (CDNs give 2 to 8, round-robin pools up to 16), a classic 512-byte
+// answer has room for about 28 and a 1232-byte one (the EDNS size of DNS
+// Flag Day 2020) for about 75, so 64 leaves every answer a resolver
+// ordinarily gets whole. A hostile authoritative server of a name under an
+// allowed wildcard answering thousands over TCP adds 64.
+const maxAnswerAddrs = 64
+
+// capAnswerAddrs drops from m's answer section the address records of the
+// type asked on the question's chain past the first maxAnswerAddrs, and
+// returns how many it dropped: the client is given no address the table
+// and the firewall do not hold (a connection to it would fail the proxy's
+// SNI check).
+func capAnswerAddrs(m *dns.Msg, chain []string, qtype uint16) int {
+	n, dropped := 0, 0
+	kept := m.Answer[:0]
+	for _, rr := range m.Answer {
+		if t := rr.Header().Rrtype; (t == dns.TypeA || t == dns.TypeAAAA) && t == qtype && slices.Contains(chain, strings.ToLower(rr.Header().Name)) {
+			if n++; n > maxAnswerAddrs {
+				dropped++
+				continue
+			}
+		}
+		kept = append(kept, rr)
+	}
+	clear(m.Answer[len(kept):])
+	m.Answer = kept
+	return dropped
 }
 
 // maxChain bounds the CNAME chain answerChain follows (resolvers give up

@@ -411,6 +411,9 @@ func (s *Server) entryFrom(key []byte, name string, flags byte, r *dns.Msg, up *
 	}
 	now := s.now()
 	e := newEntry(name, r, flags&keyDO != 0, s.cfg.UDPSize, now, s.cfg.MaxTTL, s.cfg.MaxNegativeTTL, up.name, filtered)
+	if e.capped > 0 {
+		s.table.refused.Add(uint64(e.capped))
+	}
 	if s.cache != nil && e.expires > 0 && (e.rcode == dns.RcodeSuccess || e.rcode == dns.RcodeNameError) {
 		s.cache.put(key, e, now.UnixNano())
 	}

@@ -2,6 +2,7 @@ package dnsfilter
 
 import (
 	"context"
+	"fmt"
 	"net"
 	"net/netip"
 	"slices"
@@ -178,6 +179,49 @@ rules:
 	} {
 		if got := ts.Table().NamesFor(cli, netip.MustParseAddr(a)); !slices.Equal(got, want) {
 			t.Errorf("%s learned for %v, want %v", a, got, want)
+		}
+	}
+}
+
+// TestRealChainsLearned: answers a recursive resolver really passes on,
+// which the client's resolver accepts, are learned whole (an address not
+// learned fails the proxy's SNI check, an outage): a DNAME with the CNAME
+// it synthesizes (RFC 6672), a chain of 16 CNAMEs (the most resolvers
+// follow), and the owners spelled in other case than asked (0x20). (A
+// question name with an escaped dot is refused before: not a hostname.)
+func TestRealChainsLearned(t *testing.T) {
+	addr := newHostileUpstream(t, func(q dns.Question, m *dns.Msg) {
+		n := q.Name
+		switch {
+		case strings.HasPrefix(n, "www.dname."):
+			m.Answer = []dns.RR{
+				mustRR(t, "dname.allowed.test. 300 IN DNAME cdn.allowed.test."),
+				mustRR(t, n+" 300 IN CNAME www.cdn.allowed.test."),
+				mustRR(t, "www.cdn.allowed.test. 300 IN A 192.0.2.80"),
+			}
+		case strings.HasPrefix(n, "long."):
+			prev := n
+			for i := range 16 {
+				next := fmt.Sprintf("L%d.Edge.allowed.test.", i)
+				m.Answer = append(m.Answer, mustRR(t, prev+" 300 IN CNAME "+next))
+				prev = strings.ToUpper(next)
+			}
+			m.Answer = append(m.Answer, mustRR(t, prev+" 300 IN A 192.0.2.81"))
+		}
+	})
+	ts := startServer(t, enforcePolicy, Config{Upstreams: []string{addr}}, Deps{})
+	cli := netip.MustParseAddr("127.0.0.1")
+	for name, want := range map[string]string{
+		"www.dname.allowed.test.": "192.0.2.80",
+		"Long.Allowed.Test.":      "192.0.2.81",
+	} {
+		r := ask(t, "udp", ts.Addr, name, dns.TypeA, true)
+		if r.Rcode != dns.RcodeSuccess || !slices.Contains(answerAddrs(r), netip.MustParseAddr(want)) {
+			t.Errorf("%s: %v", name, r)
+			continue
+		}
+		if got := ts.Table().NamesFor(cli, netip.MustParseAddr(want)); len(got) != 1 {
+			t.Errorf("%s: %s learned for %v", name, want, got)
 		}
 	}
 }

@@ -118,6 +118,8 @@ func (m *metrics) register(r prometheus.Registerer, s *Server) error {
 			Help: "Learned-address changes lost by subscribers that did not keep up."}, func() float64 { return float64(s.table.Dropped()) }),
 		prometheus.NewCounterFunc(prometheus.CounterOpts{Namespace: "egress", Subsystem: "dnsfilter", Name: "learned_evictions_total",
 			Help: "Unexpired learned addresses evicted, or not kept (audit-mode answers no rule allowed), because the table was full."}, func() float64 { return float64(s.table.Evicted()) }),
+		prometheus.NewCounterFunc(prometheus.CounterOpts{Namespace: "egress", Subsystem: "dnsfilter", Name: "learned_refused_total",
+			Help: "Addresses of answers not learned: past the 64 one answer may add (dropped from the answer too), or of a client holding its share of a full table with none of its own to give up."}, func() float64 { return float64(s.table.Refused()) }),
 	}
 	for _, c := range cs {
 		if err := r.Register(c); err != nil {

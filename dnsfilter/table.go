@@ -62,6 +62,7 @@ type Table struct {
 	size    atomic.Int64
 	changes atomic.Uint64 // Learn's changes to the table, for Changes
 	evicted atomic.Uint64
+	refused atomic.Uint64 // addresses not learned: Refused
 	dropped atomic.Uint64 // feed entries lost by slow subscribers
 }
 
@@ -70,6 +71,10 @@ const (
 	// maxPerAddr bounds the (client, name) pairs kept for one address (a
 	// CDN address shared by many names and clients).
 	maxPerAddr = 64
+	// shareDiv: a client holding 1/shareDiv of a full shard's items (or of
+	// an address's maxPerAddr pairs) or more gives up its own items before
+	// anyone else's (Table's fairness).
+	shareDiv = 4
 )
 
 type tableShard struct {
@@ -79,6 +84,8 @@ type tableShard struct {
 	// norule is how many items of m have no rule (answers in audit mode
 	// no rule allowed): they go first when room is needed.
 	norule int
+	// byClient counts the items of m per client, for the fair share.
+	byClient map[netip.Addr]int
 
 	lastSweep int64 // unix nanoseconds of the last full sweep by makeRoomLocked
 }
@@ -140,6 +147,7 @@ func NewTable(size int) *Table {
 	t := &Table{seed: maphash.MakeSeed(), perCap: max(1, (size+tableShards-1)/tableShards), now: time.Now}
 	for i := range t.shards {
 		t.shards[i].m = map[netip.Addr][]tableItem{}
+		t.shards[i].byClient = map[netip.Addr]int{}
 	}
 	empty := []*subscriber{}
 	t.subs.Store(&empty)
@@ -262,6 +270,21 @@ func (t *Table) Dropped() uint64 { return t.dropped.Load() }
 // was full.
 func (t *Table) Evicted() uint64 { return t.evicted.Load() }
 
+// Refused returns how many addresses of answers were not learned: past
+// the maxAnswerAddrs one answer may add (the server counts those), or of a
+// client holding its share of a full table with none of its own to give
+// up.
+func (t *Table) Refused() uint64 { return t.refused.Load() }
+
+// countClient adds d to the items the shard holds for client c.
+func (sh *tableShard) countClient(c netip.Addr, d int) {
+	if n := sh.byClient[c] + d; n > 0 {
+		sh.byClient[c] = n
+	} else {
+		delete(sh.byClient, c)
+	}
+}
+
 // Learn records that client was given addr for name until expires. A new
 // entry, or one whose expiry moves, is published to subscribers; a refresh
 // with the same expiry (a cache hit) costs one map lookup. A new entry
@@ -304,14 +327,18 @@ func (t *Table) Learn(l Learned) {
 	if !found {
 		it := tableItem{client: l.Client, name: l.Name, rule: l.Rule, expires: exp, held: held}
 		if len(items) >= maxPerAddr {
-			// Replace the pair of this address that goes first.
-			j := 0
-			for i := range items {
-				if items[i].evictsBefore(&items[j], now) {
-					j = i
+			// Replace the pair of this address that goes first: the
+			// soonest-expiring pair of a client holding a quarter of
+			// them or more (fair share), else of any client.
+			j, hogged := addrVictim(items, l.Client, now)
+			if j < 0 || l.Rule == "" && items[j].evictRank(now) == 2 {
+				if hogged {
+					// The client holds its share of the address and
+					// has nothing of its own to give up.
+					sh.mu.Unlock()
+					t.refused.Add(1)
+					return
 				}
-			}
-			if l.Rule == "" && items[j].evictRank(now) == 2 {
 				// Only allowed pairs, live: an answer no rule allowed
 				// does not push one out.
 				sh.mu.Unlock()
@@ -322,12 +349,18 @@ func (t *Table) Learn(l Learned) {
 				t.evicted.Add(1)
 			}
 			sh.norule += noRule(l.Rule) - noRule(items[j].rule)
+			sh.countClient(items[j].client, -1)
+			sh.countClient(l.Client, 1)
 			items[j] = it
 		} else {
 			if sh.n >= t.perCap {
-				if !t.makeRoomLocked(sh, now, l.Rule == "") {
+				if ok, hogged := t.makeRoomLocked(sh, now, l.Rule == "", l.Client); !ok {
 					sh.mu.Unlock()
-					t.evicted.Add(1)
+					if hogged {
+						t.refused.Add(1)
+					} else {
+						t.evicted.Add(1)
+					}
 					return
 				}
 				items = sh.m[l.Addr] // the victim may have been of this address
@@ -335,6 +368,7 @@ func (t *Table) Learn(l Learned) {
 			sh.m[l.Addr] = append(items, it)
 			sh.n++
 			sh.norule += noRule(l.Rule)
+			sh.countClient(l.Client, 1)
 			t.size.Add(1)
 		}
 	}
@@ -343,21 +377,57 @@ func (t *Table) Learn(l Learned) {
 	t.publish(l)
 }
 
+// addrVictim returns which of an address's full set of pairs a new one
+// of client replaces: the one that goes first (evictsBefore) among those
+// of the client holding the most pairs, when that is a quarter of them
+// (maxPerAddr/shareDiv) or more, else among all. self reports that client
+// holds that share itself: another client's pair is not its to take.
+func addrVictim(items []tableItem, client netip.Addr, now int64) (j int, self bool) {
+	hog, most := client, 0
+	for i := range items {
+		n := 0
+		for k := range items {
+			if items[k].client == items[i].client {
+				n++
+			}
+		}
+		if n > most || n == most && items[i].client == client {
+			hog, most = items[i].client, n
+		}
+	}
+	fair := most >= maxPerAddr/shareDiv
+	j = -1
+	for i := range items {
+		if (!fair || items[i].client == hog) && (j < 0 || items[i].evictsBefore(&items[j], now)) {
+			j = i
+		}
+	}
+	return j, fair && hog == client
+}
+
 // makeRoomLocked removes expired items of the shard, and when none were,
-// one item: among a few addresses (map order is random), an expired one,
-// else the soonest-expiring one learned with no rule, else the
-// soonest-expiring allowed one. When the sample has only allowed items
-// but the shard has some with no rule, the shard is searched for the
-// soonest-expiring of those: they go first. For an item with no rule
-// (norule), an allowed live item is not removed; it reports whether room
-// was made.
-func (t *Table) makeRoomLocked(sh *tableShard, now int64, norule bool) bool {
+// one item: among a few addresses (map order is random), an expired one;
+// else, when a client holds a quarter of the shard's room or more
+// (perCap/shareDiv, the fair share) and others hold items too, the one of
+// that client's items (the one holding the most) that goes first; else
+// the soonest-expiring one learned with no rule, else the soonest-expiring
+// allowed one. When the sample has only allowed items but the shard has
+// some with no rule, the shard is searched for the soonest-expiring of
+// those: they go first. For an item with no rule (norule), an allowed live
+// item is not removed. It reports whether room was made, and, when not,
+// whether client holds its share (hogged): a client at its share pushes
+// out no other client's live item, so that one client's answers (a
+// hostile authoritative server of a name under an allowed wildcard
+// answering thousands of addresses with the longest TTL) cannot evict
+// other clients' shorter-lived entries and fail their connections' SNI
+// check (THREATS.md A2).
+func (t *Table) makeRoomLocked(sh *tableShard, now int64, norule bool, client netip.Addr) (ok, hogged bool) {
 	// A full sweep costs the whole shard; do it at most once a second and
 	// otherwise evict from a sample.
 	if now-sh.lastSweep > int64(time.Second) {
 		sh.lastSweep = now
 		if t.sweepLocked(sh, now) > 0 {
-			return true
+			return true, false
 		}
 	}
 	var victim netip.Addr
@@ -373,6 +443,31 @@ func (t *Table) makeRoomLocked(sh *tableShard, now int64, norule bool) bool {
 			break
 		}
 	}
+	if vi >= 0 && vit.evictRank(now) > 0 && len(sh.byClient) > 1 {
+		hog, most := client, sh.byClient[client]
+		for c, n := range sh.byClient {
+			if n > most {
+				hog, most = c, n
+			}
+		}
+		if most >= max(1, t.perCap/shareDiv) {
+			vi = -1
+			for a, items := range sh.m {
+				for i := range items {
+					if items[i].client == hog && (vi < 0 || items[i].evictsBefore(vit, now)) {
+						victim, vi, vit = a, i, &items[i]
+					}
+				}
+			}
+			if vi >= 0 && !(norule && vit.evictRank(now) == 2) {
+				return t.evictLocked(sh, victim, vi, now), false
+			}
+			if hog == client {
+				return false, true
+			}
+			return false, false
+		}
+	}
 	if vi >= 0 && vit.evictRank(now) == 2 && sh.norule > 0 {
 		// The sample missed the items with no rule: look for them all.
 		vi = -1
@@ -385,18 +480,26 @@ func (t *Table) makeRoomLocked(sh *tableShard, now int64, norule bool) bool {
 		}
 	}
 	if vi < 0 || norule && vit.evictRank(now) == 2 {
-		return false
+		return false, false
 	}
-	if vit.keep() > now {
+	return t.evictLocked(sh, victim, vi, now), false
+}
+
+// evictLocked removes item i of addr's items from the shard; it returns
+// true.
+func (t *Table) evictLocked(sh *tableShard, addr netip.Addr, i int, now int64) bool {
+	items := sh.m[addr]
+	it := items[i]
+	if it.keep() > now {
 		t.evicted.Add(1)
 	}
-	sh.norule -= noRule(vit.rule)
-	items := sh.m[victim]
-	items = append(items[:vi], items[vi+1:]...)
+	sh.norule -= noRule(it.rule)
+	sh.countClient(it.client, -1)
+	items = append(items[:i], items[i+1:]...)
 	if len(items) == 0 {
-		delete(sh.m, victim)
+		delete(sh.m, addr)
 	} else {
-		sh.m[victim] = items
+		sh.m[addr] = items
 	}
 	sh.n--
 	t.size.Add(-1)
@@ -412,6 +515,7 @@ func (t *Table) sweepLocked(sh *tableShard, now int64) int {
 				kept = append(kept, it)
 			} else {
 				sh.norule -= noRule(it.rule)
+				sh.countClient(it.client, -1)
 			}
 		}
 		if d := len(items) - len(kept); d > 0 {

@@ -356,7 +356,7 @@ func (t *Table) restore(addr netip.Addr, it tableItem, now int64) int {
 	}
 	before := sh.n
 	if sh.n >= t.perCap {
-		if !t.makeRoomLocked(sh, now, it.rule == "") {
+		if ok, _ := t.makeRoomLocked(sh, now, it.rule == "", it.client); !ok {
 			return 0
 		}
 		items = sh.m[addr] // the victim may have been of this address
@@ -364,6 +364,7 @@ func (t *Table) restore(addr netip.Addr, it tableItem, now int64) int {
 	sh.m[addr] = append(items, it)
 	sh.n++
 	sh.norule += noRule(it.rule)
+	sh.countClient(it.client, 1)
 	t.size.Add(1)
 	return sh.n - before
 }

@@ -4,7 +4,6 @@ import (
 	"fmt"
 	"hash/maphash"
 	"math/rand/v2"
-	"net"
 	"net/netip"
 	"sync/atomic"
 	"testing"
@@ -30,14 +29,7 @@ rules:
 // 127/8 is the host's own on Linux) and returns the answer's rcode.
 func askFrom(t *testing.T, src, addr, name string) int {
 	t.Helper()
-	c := &dns.Client{Net: "udp", Timeout: 5 * time.Second, Dialer: &net.Dialer{LocalAddr: &net.UDPAddr{IP: net.ParseIP(src)}}}
-	m := new(dns.Msg)
-	m.SetQuestion(dns.Fqdn(name), dns.TypeA)
-	r, _, err := c.Exchange(m, addr)
-	if err != nil {
-		t.Fatalf("%s from %s: %v", name, src, err)
-	}
-	return r.Rcode
+	return exchangeFrom(t, src, "udp", addr, name, dns.TypeA).Rcode
 }
 
 func tunnelAlarms(s *recSink) []audit.Event {
