@@ -13,7 +13,7 @@ import (
 	"github.com/miekg/dns"
 )
 
-// fairPolicy allows the victim's CDN name and the attacker's wildcard.
+// fairPolicy allows a vendor's names and the attacker's wildcard.
 const fairPolicy = `version: 1
 mode: enforce
 rules:
@@ -21,7 +21,7 @@ rules:
     to: ["*.tenant.test"]
     ports: [443/tcp]
   - name: vendor
-    to: ["cdn.vendor.test"]
+    to: ["api.vendor.test", "cdn.vendor.test"]
     ports: [443/tcp]
 `
 

@@ -110,16 +110,6 @@ func mustRR(t testing.TB, s string) dns.RR {
 // every address record of the answer section was credited to the name
 // asked, whatever its owner or type.
 func TestOtherOwnersNotLearned(t *testing.T) {
-	const pol = `version: 1
-mode: enforce
-rules:
-  - name: tenant
-    to: ["*.tenant.test"]
-    ports: [443/tcp]
-  - name: vendor
-    to: ["api.vendor.test"]
-    ports: [443/tcp]
-`
 	own, chained := "192.0.2.70", "192.0.2.71"
 	addr := newHostileUpstream(t, func(q dns.Question, m *dns.Msg) {
 		n := q.Name
@@ -149,7 +139,7 @@ rules:
 			m.Answer = []dns.RR{mustRR(t, n+" 300 IN A 203.0.113.71")}
 		}
 	})
-	ts := startServer(t, pol, Config{Upstreams: []string{addr}}, Deps{})
+	ts := startServer(t, fairPolicy, Config{Upstreams: []string{addr}}, Deps{})
 	r := ask(t, "udp", ts.Addr, "stuffed.tenant.test.", dns.TypeA, true)
 	if r.Rcode != dns.RcodeSuccess {
 		t.Fatalf("stuffed: %v", r)
