@@ -84,6 +84,47 @@ func sendOOB(c *net.TCPConn, b []byte) error {
 	return serr
 }
 
+// mustDial dials addr from the LAN within 5 s, control applied to the
+// socket before connect (nil: none); a failed dial ends the test.
+func (tp *topo) mustDial(t *testing.T, addr string, control func(fd uintptr) error) *net.TCPConn {
+	t.Helper()
+	ctx, cancel := context.WithTimeout(t.Context(), 5*time.Second)
+	defer cancel()
+	conn, err := tp.dialWith(ctx, addr, nil, control)
+	if err != nil {
+		t.Fatal(err)
+	}
+	return conn
+}
+
+// verdictOf is the verdict of a flow event that allowed or not.
+func verdictOf(allowed bool) string {
+	if allowed {
+		return "allow"
+	}
+	return "deny"
+}
+
+// checkHello dials addr from the LAN (control as for mustDial), sends
+// with send (its error ends the test), reads the verdict and wants it, and
+// the proxy's record of the connection, to allow or deny (with reason,
+// "" any) as allowed says. label names the case in errors and waits.
+func checkHello(t *testing.T, tp *topo, d *daemon, label, addr string, control func(fd uintptr) error, send func(*net.TCPConn) error, allowed bool, reason string) helloOutcome {
+	t.Helper()
+	conn := tp.mustDial(t, addr, control)
+	if err := send(conn); err != nil {
+		conn.Close()
+		t.Fatalf("%s: %v", label, err)
+	}
+	o := readVerdict(conn)
+	conn.Close()
+	if o.err != nil || o.denied == allowed {
+		t.Errorf("%s: %v (want allowed=%v)", label, o, allowed)
+	}
+	wantEvent(t, d, label, byClientPort(o.port), verdictOf(allowed), reason)
+	return o
+}
+
 // TestHardeningTCP: TCP-level tricks against the transparent proxy's
 // REDIRECT and the Host-less plain HTTP requests.
 func TestHardeningTCP(t *testing.T) {
@@ -149,31 +190,17 @@ func TestHardeningTCP(t *testing.T) {
 			{"inside-denied", trackerIP + ":443", trackerHello, 60, false, "no-rule"},
 			{"inside-spoof", spoofIP4 + ":443", allowedHello, 60, false, "sni-mismatch"},
 		} {
-			ctx, cancel := context.WithTimeout(t.Context(), 5*time.Second)
-			conn, err := tp.dialWith(ctx, c.addr, nil, nil)
-			cancel()
-			if err != nil {
-				t.Fatal(err)
-			}
-			if _, err := conn.Write(c.hello[:c.at]); err != nil {
-				t.Fatal(err)
-			}
-			if err := sendOOB(conn, []byte{0x16}); err != nil {
-				t.Fatalf("%s: MSG_OOB: %v", c.name, err)
-			}
-			if _, err := conn.Write(c.hello[c.at:]); err != nil {
-				t.Fatal(err)
-			}
-			o := readVerdict(conn)
-			conn.Close()
-			if o.err != nil || o.denied == c.allowed {
-				t.Errorf("%s: %v (want allowed=%v)", c.name, o, c.allowed)
-			}
-			verdict := "allow"
-			if !c.allowed {
-				verdict = "deny"
-			}
-			wantEvent(t, d, "urgent "+c.name, byClientPort(o.port), verdict, c.reason)
+			o := checkHello(t, tp, d, "urgent "+c.name, c.addr, nil, func(conn *net.TCPConn) error {
+				if _, err := conn.Write(c.hello[:c.at]); err != nil {
+					return err
+				}
+				if err := sendOOB(conn, []byte{0x16}); err != nil {
+					return fmt.Errorf("MSG_OOB: %w", err)
+				}
+				_, err := conn.Write(c.hello[c.at:])
+				return err
+			}, c.allowed, c.reason)
+			verdict := verdictOf(c.allowed)
 			// Capture saw the urgent byte in sequence: it takes it out,
 			// as the proxy's socket does, and parses the hello the proxy
 			// parsed (not hello-malformed, nor an allow by address for
@@ -207,25 +234,10 @@ func TestHardeningTCP(t *testing.T) {
 			{"denied", trackerIP + ":443", trackerHello, false, "no-rule"},
 			{"spoof", spoofIP4 + ":443", allowedHello, false, "sni-mismatch"},
 		} {
-			ctx, cancel := context.WithTimeout(t.Context(), 5*time.Second)
-			conn, err := tp.dialWith(ctx, c.addr, nil, tfo)
-			cancel()
-			if err != nil {
-				t.Fatal(err)
-			}
-			if _, err := conn.Write(c.hello); err != nil {
-				t.Fatal(err)
-			}
-			o := readVerdict(conn)
-			conn.Close()
-			if o.err != nil || o.denied == c.allowed {
-				t.Errorf("TFO %s: %v (want allowed=%v)", c.name, o, c.allowed)
-			}
-			verdict := "allow"
-			if !c.allowed {
-				verdict = "deny"
-			}
-			wantEvent(t, d, "TFO "+c.name, byClientPort(o.port), verdict, c.reason)
+			checkHello(t, tp, d, "TFO "+c.name, c.addr, tfo, func(conn *net.TCPConn) error {
+				_, err := conn.Write(c.hello)
+				return err
+			}, c.allowed, c.reason)
 		}
 		// The hellos rode SYNs: the client's kernel counts each SYN whose
 		// data the other side did not take (TCPFastOpenActiveFail), or took.
@@ -255,12 +267,7 @@ func TestHardeningTCP(t *testing.T) {
 			if i%2 == 1 {
 				addr = spoofIP4 + ":443"
 			}
-			ctx, cancel := context.WithTimeout(t.Context(), 5*time.Second)
-			conn, err := tp.dialWith(ctx, addr, nil, nil)
-			cancel()
-			if err != nil {
-				t.Fatal(err)
-			}
+			conn := tp.mustDial(t, addr, nil)
 			conn.Write(allowedHello)
 			conn.SetLinger(0)
 			conn.Close()
@@ -301,24 +308,11 @@ func TestHardeningTCP(t *testing.T) {
 			{"half-hello-sni-cut", dockerIP4 + ":443", allowedHello[:len(allowedHello)-20], false, "hello-malformed"},
 			{"whole-hello-allowed", dockerIP4 + ":443", allowedHello, true, ""},
 		} {
-			ctx, cancel := context.WithTimeout(t.Context(), 5*time.Second)
-			conn, err := tp.dialWith(ctx, c.addr, nil, nil)
-			cancel()
-			if err != nil {
-				t.Fatal(err)
-			}
-			conn.Write(c.send)
-			conn.CloseWrite()
-			o := readVerdict(conn)
-			conn.Close()
-			if o.err != nil || o.denied == c.allowed {
-				t.Errorf("%s: %v (want allowed=%v)", c.name, o, c.allowed)
-			}
-			verdict := "allow"
-			if !c.allowed {
-				verdict = "deny"
-			}
-			wantEvent(t, d, c.name, byClientPort(o.port), verdict, c.reason)
+			checkHello(t, tp, d, c.name, c.addr, nil, func(conn *net.TCPConn) error {
+				conn.Write(c.send)
+				conn.CloseWrite()
+				return nil
+			}, c.allowed, c.reason)
 		}
 		head := "GET /fin-half HTTP/1.1\r\nHost: " + vendorName + "\r\n\r\n"
 		for _, c := range []struct {
@@ -329,12 +323,7 @@ func TestHardeningTCP(t *testing.T) {
 			{"half-head", head[:len(head)-3], 403, "http-malformed"},
 			{"whole-head", head, 200, ""},
 		} {
-			ctx, cancel := context.WithTimeout(t.Context(), 5*time.Second)
-			conn, err := tp.dialWith(ctx, vendorIP+":80", nil, nil)
-			cancel()
-			if err != nil {
-				t.Fatal(err)
-			}
+			conn := tp.mustDial(t, vendorIP+":80", nil)
 			port := conn.LocalAddr().(*net.TCPAddr).Port
 			io.WriteString(conn, c.send)
 			conn.CloseWrite()
