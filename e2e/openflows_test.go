@@ -151,33 +151,13 @@ func TestOpenFlowsProxy(t *testing.T) {
 	d := newDaemon(t, tp, "audit")
 	d.start()
 
-	dial := dialFrom(tp.lan, lanClient4)
 	ctx, cancel := context.WithTimeout(context.Background(), 10*time.Second)
 	defer cancel()
-	tun, err := dial(ctx, net.JoinHostPort(gwLAN4, "3128"))
-	if err != nil {
-		t.Fatal(err)
-	}
-	defer tun.Close()
-	tun.SetDeadline(time.Now().Add(10 * time.Second))
-	target := net.JoinHostPort(dockerName, "443")
-	if _, err := tun.Write([]byte("CONNECT " + target + " HTTP/1.1\r\nHost: " + target + "\r\n\r\n")); err != nil {
-		t.Fatal(err)
-	}
-	br := bufio.NewReader(tun)
-	resp, err := http.ReadResponse(br, nil)
-	if err != nil || resp.StatusCode != http.StatusOK {
-		t.Fatalf("CONNECT %s through %s:3128: %v %v", target, gwLAN4, resp, err)
-	}
 	// A TLS session through the tunnel, kept open.
-	tc := tls.Client(&bufConn{Conn: tun, r: br}, &tls.Config{ServerName: dockerName, RootCAs: tp.pool})
-	if err := tc.HandshakeContext(ctx); err != nil {
-		t.Fatalf("TLS through the tunnel: %v", err)
-	}
-	tun.SetDeadline(time.Time{})
+	tc := tp.connectTLS(ctx, t, dockerName)
 	defer tc.Close()
 
-	raw, err := dial(ctx, net.JoinHostPort(dockerIP4, "443"))
+	raw, err := dialFrom(tp.lan, lanClient4)(ctx, net.JoinHostPort(dockerIP4, "443"))
 	if err != nil {
 		t.Fatal(err)
 	}
@@ -223,6 +203,35 @@ func TestOpenFlowsProxy(t *testing.T) {
 	if u := r.rule("vendor-cloud"); u.Flows != 2 || u.OpenFlows != 0 || r.OpenFlows != 0 {
 		t.Errorf("after the stop, the event log: vendor-cloud %+v, open %d; want 2 flows, none open\n%s\nevents:\n%s", u, r.OpenFlows, out, d.events())
 	}
+}
+
+// connectTLS opens a tunnel from the LAN client through the explicit
+// proxy (CONNECT to name:443 at the gateway's port 3128) and a TLS session
+// to name through it, within ctx and 10 s; a refusal ends the test. The
+// caller closes the session (and with it the tunnel).
+func (tp *topo) connectTLS(ctx context.Context, t *testing.T, name string) *tls.Conn {
+	t.Helper()
+	tun, err := dialFrom(tp.lan, lanClient4)(ctx, net.JoinHostPort(gwLAN4, "3128"))
+	if err != nil {
+		t.Fatal(err)
+	}
+	t.Cleanup(func() { tun.Close() })
+	tun.SetDeadline(time.Now().Add(10 * time.Second))
+	target := net.JoinHostPort(name, "443")
+	if _, err := fmt.Fprintf(tun, "CONNECT %s HTTP/1.1\r\nHost: %s\r\n\r\n", target, target); err != nil {
+		t.Fatal(err)
+	}
+	br := bufio.NewReader(tun)
+	resp, err := http.ReadResponse(br, nil)
+	if err != nil || resp.StatusCode != http.StatusOK {
+		t.Fatalf("CONNECT %s through %s:3128: %v %v", target, gwLAN4, resp, err)
+	}
+	tc := tls.Client(&bufConn{Conn: tun, r: br}, &tls.Config{ServerName: name, RootCAs: tp.pool})
+	if err := tc.HandshakeContext(ctx); err != nil {
+		t.Fatalf("TLS through the tunnel: %v", err)
+	}
+	tun.SetDeadline(time.Time{})
+	return tc
 }
 
 // bufConn is a connection whose first bytes were read into r already.

@@ -1,13 +1,9 @@
 package e2e
 
 import (
-	"bufio"
 	"context"
-	"crypto/tls"
 	"encoding/json"
 	"fmt"
-	"net"
-	"net/http"
 	"slices"
 	"testing"
 	"time"
@@ -88,27 +84,7 @@ func TestReloadAuditCredits(t *testing.T) {
 		t.Fatalf("a request to %s straight: %v", trackerName, err)
 	}
 
-	dial := dialFrom(tp.lan, lanClient4)
-	tun, err := dial(ctx, net.JoinHostPort(gwLAN4, "3128"))
-	if err != nil {
-		t.Fatal(err)
-	}
-	defer tun.Close()
-	tun.SetDeadline(time.Now().Add(10 * time.Second))
-	target := net.JoinHostPort(trackerName, "443")
-	if _, err := fmt.Fprintf(tun, "CONNECT %s HTTP/1.1\r\nHost: %s\r\n\r\n", target, target); err != nil {
-		t.Fatal(err)
-	}
-	br := bufio.NewReader(tun)
-	resp, err := http.ReadResponse(br, nil)
-	if err != nil || resp.StatusCode != http.StatusOK {
-		t.Fatalf("CONNECT %s through %s:3128 (audit mode: kept): %v %v", target, gwLAN4, resp, err)
-	}
-	tc := tls.Client(&bufConn{Conn: tun, r: br}, &tls.Config{ServerName: trackerName, RootCAs: tp.pool})
-	if err := tc.HandshakeContext(ctx); err != nil {
-		t.Fatalf("TLS through the tunnel: %v", err)
-	}
-	tun.SetDeadline(time.Time{})
+	tc := tp.connectTLS(ctx, t, trackerName) // audit mode: the tunnel is kept
 	defer tc.Close()
 
 	// poll asks the live report until ok says so, up to 10 s.
