@@ -25,26 +25,10 @@ import (
 // not.
 func TestRoutesBack(t *testing.T) {
 	testnet.RequireRoot(t)
-	g, l, w := testnet.New(t, "rbg"), testnet.New(t, "rbl"), testnet.New(t, "rbw")
-	testnet.Link(t, l, "eth0", []string{"198.18.1.2/24", "2001:db8:1::2/64"}, g, "lan0", []string{"198.18.1.1/24", "2001:db8:1::1/64"})
-	testnet.Link(t, w, "eth0", []string{"198.18.2.2/24", "2001:db8:2::2/64"}, g, "wan0", []string{"198.18.2.1/24", "2001:db8:2::1/64"})
-	g.MustRun("ip", "route", "add", "default", "via", "198.18.2.2")
-	g.MustRun("ip", "-6", "route", "add", "default", "via", "2001:db8:2::2")
+	g, _ := routedGateway(t, "rb")
 	g.MustRun("ip", "route", "add", "198.18.7.0/24", "via", "198.18.1.2", "dev", "lan0")
 	g.MustRun("ip", "-6", "route", "add", "2001:db8:7::/64", "via", "2001:db8:1::2", "dev", "lan0")
-	var lan int
-	var r *RouteAsker
-	if err := g.Do(func() error {
-		ifi, err := net.InterfaceByName("lan0")
-		if err == nil {
-			lan = ifi.Index
-			r, err = OpenRouteAsker()
-		}
-		return err
-	}); err != nil {
-		t.Fatal(err)
-	}
-	defer r.Close()
+	lan, r := lanAsker(t, g)
 	for _, c := range []struct {
 		addr string
 		want bool
@@ -92,12 +76,9 @@ func TestRoutesBackAsNftFib(t *testing.T) {
 	if _, err := exec.LookPath("nft"); err != nil {
 		t.Fatalf("nft (Debian package nftables) is not installed: %v", err)
 	}
-	g, l, l2, w := testnet.New(t, "rfg"), testnet.New(t, "rfl"), testnet.New(t, "rfm"), testnet.New(t, "rfw")
-	testnet.Link(t, l, "eth0", []string{"198.18.1.2/24", "2001:db8:1::2/64"}, g, "lan0", []string{"198.18.1.1/24", "2001:db8:1::1/64"})
+	g, l := routedGateway(t, "rf")
+	l2 := testnet.New(t, "rfm")
 	testnet.Link(t, l2, "eth0", []string{"198.18.3.2/24", "2001:db8:3::2/64"}, g, "lan1", []string{"198.18.3.1/24", "2001:db8:3::1/64"})
-	testnet.Link(t, w, "eth0", []string{"198.18.2.2/24", "2001:db8:2::2/64"}, g, "wan0", []string{"198.18.2.1/24", "2001:db8:2::1/64"})
-	g.MustRun("ip", "route", "add", "default", "via", "198.18.2.2")
-	g.MustRun("ip", "-6", "route", "add", "default", "via", "2001:db8:2::2")
 	// A broad route via a router on the first LAN, more specific ones
 	// via the second LAN and via the WAN inside it.
 	g.MustRun("ip", "route", "add", "198.18.0.0/16", "via", "198.18.1.2", "dev", "lan0")
@@ -164,19 +145,7 @@ func TestRoutesBackAsNftFib(t *testing.T) {
 		return n
 	}
 	n := counters()
-	var lan int
-	var r *RouteAsker
-	if err := g.Do(func() error {
-		ifi, err := net.InterfaceByName("lan0")
-		if err == nil {
-			lan = ifi.Index
-			r, err = OpenRouteAsker()
-		}
-		return err
-	}); err != nil {
-		t.Fatal(err)
-	}
-	defer r.Close()
+	lan, r := lanAsker(t, g)
 	for i, s := range srcs {
 		all, miss := n[fmt.Sprintf("all%d", i)], n[fmt.Sprintf("miss%d", i)]
 		if all == 0 {
@@ -205,6 +174,40 @@ func TestRoutesBackAsNftFib(t *testing.T) {
 	if err != nil || got != (miss == 0) {
 		t.Errorf("RoutesBack(lan0, 0.0.0.0), default route via lan0 = %v, %v; nft_fib: routes back %v (%d of %d packets missing)", got, err, miss == 0, miss, all)
 	}
+}
+
+// routedGateway makes a gateway namespace g (prefix+"g") with a LAN
+// host l (prefix+"l") on its lan0, 198.18.1.0/24 and 2001:db8:1::/64,
+// and a WAN router (prefix+"w") on its wan0, 198.18.2.0/24 and
+// 2001:db8:2::/64, its default routes via the WAN router.
+func routedGateway(t *testing.T, prefix string) (g, l *testnet.NS) {
+	t.Helper()
+	g, l, w := testnet.New(t, prefix+"g"), testnet.New(t, prefix+"l"), testnet.New(t, prefix+"w")
+	testnet.Link(t, l, "eth0", []string{"198.18.1.2/24", "2001:db8:1::2/64"}, g, "lan0", []string{"198.18.1.1/24", "2001:db8:1::1/64"})
+	testnet.Link(t, w, "eth0", []string{"198.18.2.2/24", "2001:db8:2::2/64"}, g, "wan0", []string{"198.18.2.1/24", "2001:db8:2::1/64"})
+	g.MustRun("ip", "route", "add", "default", "via", "198.18.2.2")
+	g.MustRun("ip", "-6", "route", "add", "default", "via", "2001:db8:2::2")
+	return g, l
+}
+
+// lanAsker returns g's lan0 interface index and a RouteAsker opened in
+// g, closed when the test ends.
+func lanAsker(t *testing.T, g *testnet.NS) (int, *RouteAsker) {
+	t.Helper()
+	var lan int
+	var r *RouteAsker
+	if err := g.Do(func() error {
+		ifi, err := net.InterfaceByName("lan0")
+		if err == nil {
+			lan = ifi.Index
+			r, err = OpenRouteAsker()
+		}
+		return err
+	}); err != nil {
+		t.Fatal(err)
+	}
+	t.Cleanup(func() { r.Close() })
+	return lan, r
 }
 
 // sendRawUDP sends from ns's interface dev, in an Ethernet frame to mac,
