@@ -1,7 +1,6 @@
 package e2e
 
 import (
-	"encoding/json"
 	"fmt"
 	"net"
 	"net/netip"
@@ -125,19 +124,7 @@ func testGatewayGuardRecorded(t *testing.T, mode string) {
 
 	// The report names them among the drops, and --suggest proposes no
 	// rule for them (none would let them through enforce mode).
-	var r struct {
-		Dropped []struct {
-			Dest    string   `json:"dest"`
-			Port    uint16   `json:"port"`
-			Proto   string   `json:"proto"`
-			Clients []string `json:"clients"`
-			Reason  string   `json:"reason"`
-		} `json:"dropped"`
-	}
-	out := d.reportState("--json")
-	if err := json.Unmarshal(out, &r); err != nil {
-		t.Fatalf("report --json: %v\n%s", err, out)
-	}
+	r, out := d.reportStateJSON()
 	want := map[string]string{inetWAN4 + " 9000/udp": forged4, inetWAN6 + " 9000/udp": forged6}
 	for _, dr := range r.Dropped {
 		k := fmt.Sprintf("%s %d/%s", dr.Dest, dr.Port, dr.Proto)

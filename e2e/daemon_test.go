@@ -315,6 +315,7 @@ type report struct {
 		Requests uint64   `json:"requests"`
 		Clients  []string `json:"clients"`
 		Enforced bool     `json:"enforced"`
+		Reason   string   `json:"reason"`
 	} `json:"dropped"`
 	ShedEvents uint64 `json:"shed_events"`
 }
@@ -353,6 +354,18 @@ func (d *daemon) reportState(args ...string) []byte {
 		d.t.Fatalf("egressd report %v: %v\n%s%s", args, err, out, stderr.String())
 	}
 	return out
+}
+
+// reportStateJSON runs `egressd report --json` over the stopped daemon's
+// state directory and returns the report and its text.
+func (d *daemon) reportStateJSON() (*report, []byte) {
+	d.t.Helper()
+	out := d.reportState("--json")
+	var r report
+	if err := json.Unmarshal(out, &r); err != nil {
+		d.t.Fatalf("report --json: %v\n%s", err, out)
+	}
+	return &r, out
 }
 
 // nftTable returns whether egressd's nftables table exists in the gateway.

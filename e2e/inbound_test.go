@@ -2,7 +2,6 @@ package e2e
 
 import (
 	"context"
-	"encoding/json"
 	"fmt"
 	"net"
 	"net/netip"
@@ -63,20 +62,7 @@ func inboundAudit(t *testing.T, lan, inet string) {
 	time.Sleep(500 * time.Millisecond) // the TPACKET_V3 block, and the FIN
 	d.stop()                           // capture reports the open UDP flow at shutdown
 
-	var r struct {
-		Dropped []struct {
-			Dest    string   `json:"dest"`
-			Port    uint16   `json:"port"`
-			Proto   string   `json:"proto"`
-			Flows   uint64   `json:"flows"`
-			Clients []string `json:"clients"`
-			Reason  string   `json:"reason"`
-		} `json:"dropped"`
-	}
-	out := d.reportState("--json")
-	if err := json.Unmarshal(out, &r); err != nil {
-		t.Fatalf("report --json: %v\n%s", err, out)
-	}
+	r, out := d.reportStateJSON()
 	want := map[string]bool{fmt.Sprintf("%s %d/tcp", lan, lanSvcPort): true, lan + " 40001/udp": true}
 	for _, dr := range r.Dropped {
 		k := fmt.Sprintf("%s %d/%s", dr.Dest, dr.Port, dr.Proto)
