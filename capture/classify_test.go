@@ -816,6 +816,8 @@ rules:
 		{"dot segments", "GET /api/../admin HTTP/1.1\r\nHost: pathhost.test\r\n\r\n", ReasonPathForm, "/api/../admin"},
 		{"an encoded dot segment", "GET /api/%2e%2E/admin HTTP/1.1\r\nHost: pathhost.test\r\n\r\n", ReasonPathForm, "/api/%2e%2E/admin"},
 		{"a fragment before a dot segment", "GET /api/#/../admin HTTP/1.1\r\nHost: pathhost.test\r\n\r\n", ReasonPathForm, "/api/#/../admin"},
+		{"IIS's %u escape of a dot", "GET /api/%u002e%u002e/admin HTTP/1.1\r\nHost: pathhost.test\r\n\r\n", ReasonPathForm, "/api/%u002e%u002e/admin"},
+		{"an overlong three-byte dot", "GET /api/%e0%80%ae%e0%80%ae/admin HTTP/1.1\r\nHost: pathhost.test\r\n\r\n", ReasonPathForm, "/api/%e0%80%ae%e0%80%ae/admin"},
 		{"a plain path with an encoded space (control)", "GET /api/My%20Page HTTP/1.1\r\nHost: pathhost.test\r\n\r\n", policy.ReasonAllowed, "/api/My%20Page"},
 		// The asterisk form names no path under the rule's glob.
 		{"OPTIONS *", "OPTIONS * HTTP/1.1\r\nHost: pathhost.test\r\n\r\n", policy.ReasonPath, "*"},

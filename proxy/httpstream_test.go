@@ -320,6 +320,11 @@ func TestTransparentKeepAlive(t *testing.T) {
 			// that reads past the '#' (Go's http.FileServer) cleans
 			// "/public/#/../private-frag" to "/private-frag".
 			{"/public/#/../private-frag", 403},
+			// IIS's %u escape and overlong UTF-8 forms of '.' (nginx
+			// and Go's FileServer answer 400 or 404; IIS and old
+			// decoders read dots).
+			{"/public/%u002e%u002e/private-iis", 403},
+			{"/public/%e0%80%ae%e0%80%ae/private-overlong", 403},
 		} {
 			c2 := tp.dialFromClient(t, netip.Addr{}, dest)
 			br := bufio.NewReader(c2)

@@ -323,16 +323,8 @@ func parseChunkSize(line []byte) (int64, bool) {
 	var n int64
 	i := 0
 	for ; i < len(line); i++ {
-		c := line[i]
-		var d byte
-		switch {
-		case c >= '0' && c <= '9':
-			d = c - '0'
-		case c >= 'a' && c <= 'f':
-			d = c - 'a' + 10
-		case c >= 'A' && c <= 'F':
-			d = c - 'A' + 10
-		default:
+		d, ok := hexVal(line[i])
+		if !ok {
 			goto ext
 		}
 		if i >= 15 {
