@@ -420,3 +420,235 @@ func TestTransparentInspectedEmptyPath(t *testing.T) {
 		})
 	}
 }
+
+// TestExplicitInspectedAuth: with proxy users (--proxy-users) and a
+// host/path rule, a CONNECT without credentials is challenged (407) and an
+// authenticated one to the path-ruled host is inspected like any other:
+// each request inside is decided on its path (another tenant's path is
+// refused in enforce mode, forwarded and recorded as a would-be deny in
+// audit mode, under the rule's name), whatever Proxy-Authorization it
+// carries (the tunnel's credentials, a stranger's, none), and that field
+// never reaches the origin; a CONNECT inside the tunnel is no request the
+// proxy forwards.
+func TestExplicitInspectedAuth(t *testing.T) {
+	for _, mode := range []string{"enforce", "audit"} {
+		t.Run(mode, func(t *testing.T) {
+			ev := &events{}
+			addr, _, tlsPort, caPool := loopbackExplicitSink(t, strings.Replace(docsPublicPolicy, "mode: enforce", "mode: "+mode, 1),
+				func(c *Config) { c.ProxyUsers = map[string]string{"alice": "s3cret"} }, ev)
+			auth := fmt.Sprintf("docs.paths.test:%d", tlsPort)
+			connect := func(creds string) (net.Conn, *http.Response) {
+				c, err := net.Dial("tcp", addr)
+				if err != nil {
+					t.Fatal(err)
+				}
+				t.Cleanup(func() { c.Close() })
+				c.SetDeadline(time.Now().Add(20 * time.Second))
+				fmt.Fprintf(c, "CONNECT %s HTTP/1.1\r\nHost: %s\r\n%s\r\n", auth, auth, creds)
+				resp, err := http.ReadResponse(bufio.NewReader(c), &http.Request{Method: http.MethodConnect})
+				if err != nil {
+					t.Fatal(err)
+				}
+				return c, resp
+			}
+			if _, resp := connect(""); resp.StatusCode != http.StatusProxyAuthRequired {
+				t.Fatalf("CONNECT without credentials: %d, want 407", resp.StatusCode)
+			}
+			const alice = "Proxy-Authorization: Basic YWxpY2U6czNjcmV0\r\n" // alice:s3cret
+			for _, r := range []struct{ head, path, reason string }{
+				{"GET /public/ok HTTP/1.1\r\nHost: " + auth + "\r\n" + alice + "\r\n", "/public/ok", ""},
+				{"GET /private HTTP/1.1\r\nHost: " + auth + "\r\n" + alice + "\r\n", "/private", policy.ReasonPath},
+				{"GET /private HTTP/1.1\r\nHost: " + auth + "\r\nProxy-Authorization: Basic Ym9iOng=\r\n\r\n", "/private", policy.ReasonPath},
+				{"GET /private HTTP/1.1\r\nHost: " + auth + "\r\n\r\n", "/private", policy.ReasonPath},
+			} {
+				c, resp := connect(alice)
+				if resp.StatusCode != http.StatusOK {
+					t.Fatalf("authenticated CONNECT: %d", resp.StatusCode)
+				}
+				tc := tls.Client(c, &tls.Config{ServerName: "docs.paths.test", RootCAs: caPool})
+				io.WriteString(tc, r.head)
+				resp, err := http.ReadResponse(bufio.NewReader(tc), nil)
+				if err != nil {
+					t.Fatalf("%q: %v (not inspected?)", r.head, err)
+				}
+				body, _ := io.ReadAll(resp.Body)
+				resp.Body.Close()
+				code, reason := 403, r.reason
+				if r.reason == "" || mode == "audit" {
+					code, reason = 200, ""
+				}
+				if resp.StatusCode != code || resp.Header.Get("X-Egressd-Reason") != reason {
+					t.Errorf("%q: %d %q %q, want %d %q", r.head, resp.StatusCode, resp.Header.Get("X-Egressd-Reason"), body, code, reason)
+				}
+				if code == 200 && (!strings.Contains(string(body), "path="+r.path) || resp.Header.Get("X-Seen-Proxy-Authorization") != "") {
+					t.Errorf("%q: the origin saw %q, Proxy-Authorization %q", r.head, body, resp.Header.Get("X-Seen-Proxy-Authorization"))
+				}
+				if r.reason != "" {
+					port := localPort(c)
+					e := ev.wait(t, "the request for "+r.path, func(e audit.Event) bool {
+						return int(e.ClientPort) == port && e.Kind == audit.KindRequest
+					})
+					if e.Verdict != policy.Deny || e.Reason != r.reason || e.Path != r.path || e.Name != "docs.paths.test" || e.Enforced != (mode == "enforce") {
+						t.Errorf("%q: event %s %q %s%s enforced=%v", r.head, e.Verdict, e.Reason, e.Name, e.Path, e.Enforced)
+					}
+				}
+			}
+			// A CONNECT inside the inspected tunnel is refused as a
+			// malformed head (in audit mode forwarded, as every request,
+			// and recorded as a would-be deny).
+			c, resp := connect(alice)
+			if resp.StatusCode != http.StatusOK {
+				t.Fatalf("authenticated CONNECT: %d", resp.StatusCode)
+			}
+			tc := tls.Client(c, &tls.Config{ServerName: "docs.paths.test", RootCAs: caPool})
+			fmt.Fprintf(tc, "CONNECT evil.example:443 HTTP/1.1\r\nHost: evil.example:443\r\n%s\r\n", alice)
+			resp, err := http.ReadResponse(bufio.NewReader(tc), &http.Request{Method: http.MethodConnect})
+			if mode == "enforce" && err == nil && (resp.StatusCode != 403 || resp.Header.Get("X-Egressd-Reason") != ReasonHTTPBad) {
+				t.Errorf("CONNECT inside the inspected tunnel: %d %q", resp.StatusCode, resp.Header.Get("X-Egressd-Reason"))
+			}
+			port := localPort(c)
+			e := ev.wait(t, "the inner CONNECT", func(e audit.Event) bool {
+				return int(e.ClientPort) == port && e.Kind == audit.KindRequest
+			})
+			if e.Verdict != policy.Deny || e.Reason != ReasonHTTPBad || e.Enforced != (mode == "enforce") {
+				t.Errorf("CONNECT inside the inspected tunnel: event %s %q enforced=%v", e.Verdict, e.Reason, e.Enforced)
+			}
+		})
+	}
+}
+
+// TestTransparentFrontingIntoPathRule (THREATS.md A1, residual): with
+// --inspect, a TLS connection whose SNI is www.allowed.test (a host rule
+// allows it: spliced, not inspected) to an address it shares with
+// docs.paths.test reaches docs.paths.test/private when its encrypted Host
+// names docs.paths.test: the proxy never sees the Host. The flow is
+// recorded under the SNI and its rule. Only hosts with path rules are
+// decrypted, and a host rule's host is not one; the test shows the
+// residual so that a change to it is seen. The control: the same request
+// under the path-ruled SNI is refused.
+func TestTransparentFrontingIntoPathRule(t *testing.T) {
+	tp := newTopo(t, topoOpts{mode: "enforce"})
+	pool := inspectionPool(t, tp)
+	for _, sni := range []string{"docs.paths.test", "www.allowed.test"} {
+		c := tp.dialFromClient(t, netip.Addr{}, netip.AddrPortFrom(srvV4, 443))
+		c.SetDeadline(time.Now().Add(20 * time.Second))
+		roots := pool
+		if sni != "docs.paths.test" {
+			roots = tp.pki.pool // spliced: the origin's own certificate
+		}
+		tc := tls.Client(c, &tls.Config{ServerName: sni, RootCAs: roots})
+		io.WriteString(tc, "GET /private HTTP/1.1\r\nHost: docs.paths.test\r\nConnection: close\r\n\r\n")
+		resp, err := http.ReadResponse(bufio.NewReader(tc), nil)
+		if err != nil {
+			t.Fatalf("SNI %s: %v", sni, err)
+		}
+		body, _ := io.ReadAll(resp.Body)
+		resp.Body.Close()
+		tc.Close()
+		if sni == "docs.paths.test" {
+			if resp.StatusCode != 403 || resp.Header.Get("X-Egressd-Reason") != policy.ReasonPath {
+				t.Errorf("SNI %s: %d %q, want 403 %q", sni, resp.StatusCode, resp.Header.Get("X-Egressd-Reason"), policy.ReasonPath)
+			}
+			continue
+		}
+		if resp.StatusCode != 200 || string(body) != "sni=www.allowed.test host=docs.paths.test path=/private" {
+			t.Errorf("SNI %s: %d %q: the residual changed (update README's Security table)", sni, resp.StatusCode, body)
+		}
+		port := localPort(c)
+		ev := tp.ev.wait(t, "the fronted flow", func(ev audit.Event) bool {
+			return int(ev.ClientPort) == port && ev.Kind == audit.KindFlow
+		})
+		if ev.Name != "www.allowed.test" || ev.Rule != "allowed" || ev.Verdict != policy.Allow {
+			t.Errorf("SNI %s: flow recorded as %s %s rule %q", sni, ev.Name, ev.Verdict, ev.Rule)
+		}
+	}
+}
+
+// TestTransparentInspectedEntryForms: with --inspect, docs.paths.test
+// (only "docs.paths.test/public/*" allows it) reached on 443 in ways other
+// than a fresh handshake naming it — a session the client tries to resume
+// (tickets from an earlier inspected connection), no SNI and an IP-literal
+// SNI to the address our DNS gave the client for it, cleartext HTTP — is
+// inspected all the same: each request is decided on its path, another
+// path refused in enforce mode and recorded as a would-be deny under the
+// name in audit mode. (The inspected TLS ends at egressd: a session
+// resumes, if at all, with egressd, which reads every request after the
+// handshake as after a full one; each connection's tls.Config is new, so
+// its ticket keys are its own and none resumed here; crypto/tls accepts
+// no early data.)
+func TestTransparentInspectedEntryForms(t *testing.T) {
+	for _, mode := range []string{"enforce", "audit"} {
+		t.Run(mode, func(t *testing.T) {
+			tp := newTopo(t, topoOpts{mode: mode})
+			pool := inspectionPool(t, tp)
+			tp.facts.add(clientV4, srvV4, "docs.paths.test")
+			cache := tls.NewLRUClientSessionCache(4)
+			ports := map[uint16]bool{}
+			for _, w := range []struct {
+				name string
+				cfg  *tls.Config // nil: cleartext
+			}{
+				{"fresh", &tls.Config{ServerName: "docs.paths.test", RootCAs: pool, ClientSessionCache: cache}},
+				{"resumed", &tls.Config{ServerName: "docs.paths.test", RootCAs: pool, ClientSessionCache: cache}},
+				{"tls12-resumed", &tls.Config{ServerName: "docs.paths.test", RootCAs: pool, ClientSessionCache: cache, MaxVersion: tls.VersionTLS12}},
+				{"tls12-resumed-again", &tls.Config{ServerName: "docs.paths.test", RootCAs: pool, ClientSessionCache: cache, MaxVersion: tls.VersionTLS12}},
+				{"no-sni", &tls.Config{InsecureSkipVerify: true}},
+				{"cleartext", nil},
+			} {
+				c := tp.dialFromClient(t, netip.Addr{}, netip.AddrPortFrom(srvV4, 443))
+				c.SetDeadline(time.Now().Add(20 * time.Second))
+				var rw io.ReadWriter = c
+				reqs := "GET /private HTTP/1.1\r\nHost: docs.paths.test\r\n\r\n"
+				if w.cfg != nil {
+					tc := tls.Client(c, w.cfg)
+					if err := tc.Handshake(); err != nil {
+						t.Fatalf("%s: %v", w.name, err)
+					}
+					rw = tc
+					// An allowed request first: the refusal is of a
+					// later one on the same connection.
+					reqs = "GET /public/x HTTP/1.1\r\nHost: docs.paths.test\r\n\r\n" + reqs
+				}
+				io.WriteString(rw, reqs)
+				br := bufio.NewReader(rw)
+				var resp *http.Response
+				for range strings.Count(reqs, "GET ") {
+					var err error
+					if resp, err = http.ReadResponse(br, nil); err != nil {
+						t.Fatalf("%s: %v", w.name, err)
+					}
+					io.Copy(io.Discard, resp.Body)
+					resp.Body.Close()
+				}
+				if mode == "enforce" && (resp.StatusCode != 403 || resp.Header.Get("X-Egressd-Reason") != policy.ReasonPath) {
+					t.Errorf("%s: /private: %d %q, want 403 %q", w.name, resp.StatusCode, resp.Header.Get("X-Egressd-Reason"), policy.ReasonPath)
+				}
+				port := localPort(c)
+				ports[uint16(port)] = true
+				c.Close() // a first request is its connection's flow, recorded at its end
+				ev := tp.ev.wait(t, w.name+": the request for /private", func(ev audit.Event) bool {
+					return int(ev.ClientPort) == port && ev.Path == "/private" && (ev.Kind == audit.KindRequest || w.cfg == nil)
+				})
+				if ev.Verdict != policy.Deny || ev.Reason != policy.ReasonPath || ev.Name != "docs.paths.test" || ev.Enforced != (mode == "enforce") {
+					t.Errorf("%s: event %s %s %q %s enforced=%v", w.name, ev.Kind, ev.Verdict, ev.Reason, ev.Name, ev.Enforced)
+				}
+			}
+			// An IP-literal SNI (crypto/tls sends none for an address;
+			// openssl sends what it is given).
+			out, _ := tp.c.Run("sh", "-c", "printf 'GET /private HTTP/1.1\\r\\nHost: docs.paths.test\\r\\nConnection: close\\r\\n\\r\\n' | timeout 10 openssl s_client -connect "+srvV4.String()+":443 -servername "+srvV4.String()+" -quiet -ign_eof 2>&1")
+			want := "HTTP/1.1 403 Forbidden"
+			if mode == "audit" {
+				want = "HTTP/1.1 200 OK"
+			}
+			if !strings.Contains(out, want) || mode == "enforce" && !strings.Contains(out, "X-Egressd-Reason: "+policy.ReasonPath) {
+				t.Errorf("IP-literal SNI: openssl says %q, want %q", out, want)
+			}
+			ev := tp.ev.wait(t, "the IP-literal SNI's request for /private", func(ev audit.Event) bool {
+				return ev.Kind == audit.KindRequest && ev.Path == "/private" && !ports[ev.ClientPort]
+			})
+			if ev.Verdict != policy.Deny || ev.Reason != policy.ReasonPath || ev.Name != "docs.paths.test" || ev.Enforced != (mode == "enforce") {
+				t.Errorf("IP-literal SNI: event %s %q %s enforced=%v", ev.Verdict, ev.Reason, ev.Name, ev.Enforced)
+			}
+		})
+	}
+}
