@@ -610,6 +610,13 @@ func loopbackExplicitDeps(t testing.TB, policyFmt string, config func(*Config), 
 // failing the test when there is no response.
 func connectDocs(t *testing.T, addr string, port int) (net.Conn, int) {
 	t.Helper()
+	return connectDocsWith(t, addr, port, "")
+}
+
+// connectDocsWith is connectDocs with header lines (each ending in CRLF)
+// added to the CONNECT head.
+func connectDocsWith(t *testing.T, addr string, port int, header string) (net.Conn, int) {
+	t.Helper()
 	conn, err := net.Dial("tcp", addr)
 	if err != nil {
 		t.Fatal(err)
@@ -617,7 +624,7 @@ func connectDocs(t *testing.T, addr string, port int) (net.Conn, int) {
 	t.Cleanup(func() { conn.Close() })
 	conn.SetDeadline(time.Now().Add(20 * time.Second))
 	auth := fmt.Sprintf("docs.paths.test:%d", port)
-	fmt.Fprintf(conn, "CONNECT %s HTTP/1.1\r\nHost: %s\r\n\r\n", auth, auth)
+	fmt.Fprintf(conn, "CONNECT %s HTTP/1.1\r\nHost: %s\r\n%s\r\n", auth, auth, header)
 	resp, err := http.ReadResponse(bufio.NewReader(conn), &http.Request{Method: http.MethodConnect})
 	if err != nil {
 		t.Fatalf("CONNECT %s: %v", auth, err)
