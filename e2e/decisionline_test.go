@@ -1,9 +1,12 @@
 package e2e
 
 import (
+	"context"
 	"fmt"
+	"net"
 	"regexp"
 	"strings"
+	"syscall"
 	"testing"
 	"time"
 )
@@ -127,5 +130,77 @@ func TestDecisionLineWithoutRedirect(t *testing.T) {
 	}
 	if len(lines) != 1 || !strings.Contains(lines[0], `"component":"capture"`) {
 		t.Errorf("%d decision lines for the connection the proxy never saw, want capture's one:\n%s", len(lines), strings.Join(lines, "\n"))
+	}
+}
+
+// TestOneDecisionLinePortClash: a LAN client that opens a second
+// connection from the source port of a first one, toward another
+// destination, while the first's conntrack entry lingers, clashes behind
+// the REDIRECT (both reply tuples are the proxy listener's and that
+// port): NAT remaps the second's source port, and the proxy's socket
+// shows a port the client never used. The proxy corrects it from
+// conntrack for its line; capture, told by the proxy which connections
+// it accepted, must match the connection by the port the client used,
+// so each connection still has one decision line. Before, the proxy
+// told capture the socket's port, capture found no word of the
+// connection it saw, and wrote a line beside the proxy's.
+func TestOneDecisionLinePortClash(t *testing.T) {
+	tp := newTopo(t)
+	d := newDaemon(t, tp, "enforce")
+	d.start()
+	reuse := func(fd uintptr) error {
+		return syscall.SetsockoptInt(int(fd), syscall.SOL_SOCKET, syscall.SO_REUSEADDR, 1)
+	}
+	names := map[string]string{trackerIP: "r7-clash-a.example", lookalikeIP: "r7-clash-b.example"}
+	port := 0
+	for _, ip := range []string{trackerIP, lookalikeIP} {
+		var laddr *net.TCPAddr
+		if port != 0 {
+			laddr = &net.TCPAddr{Port: port}
+		}
+		ctx, cancel := context.WithTimeout(context.Background(), 5*time.Second)
+		c, err := tp.dialWith(ctx, ip+":443", laddr, reuse)
+		cancel()
+		if err != nil {
+			t.Fatalf("dial %s from port %d: %v", ip, port, err)
+		}
+		port = c.LocalAddr().(*net.TCPAddr).Port
+		c.Write(buildHello(helloSpec{sni: [][]string{{names[ip]}}}))
+		if o := readVerdict(c); !o.denied {
+			t.Errorf("%s (%s) from port %d not denied: %+v", names[ip], ip, port, o)
+		}
+		c.Close()
+	}
+	reported := func() bool {
+		ev := d.events()
+		for _, n := range names {
+			for _, src := range []string{"capture", "proxy"} {
+				if !regexp.MustCompile(src + ` .* ` + regexp.QuoteMeta(n) + ` `).MatchString(ev) {
+					return false
+				}
+			}
+		}
+		return true
+	}
+	for i := 0; i < 100 && !reported(); i++ {
+		time.Sleep(100 * time.Millisecond)
+	}
+	if !reported() {
+		t.Fatalf("not every component reported each connection in 10 s:\n%s", d.events())
+	}
+	d.stop()
+	if !regexp.MustCompile(`proxy .*:\d+ > ` + regexp.QuoteMeta(lookalikeIP) + `:443/tcp`).MatchString(d.events()) {
+		t.Fatalf("no proxy event of the second connection:\n%s", d.events())
+	}
+	for ip, n := range names {
+		var lines []string
+		for _, l := range strings.Split(d.logs(), "\n") {
+			if strings.Contains(l, `"msg":"decision"`) && strings.Contains(l, `"kind":"flow"`) && strings.Contains(l, `"name":"`+n+`"`) {
+				lines = append(lines, l)
+			}
+		}
+		if len(lines) != 1 {
+			t.Errorf("%s (%s, client port %d): %d decision lines, want 1:\n%s\nevents:\n%s", n, ip, port, len(lines), strings.Join(lines, "\n"), d.events())
+		}
 	}
 }

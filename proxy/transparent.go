@@ -60,6 +60,9 @@ func (p *Proxy) refuseAtShutdown(c *net.TCPConn, f *flowRecord) {
 
 // origDst reads c's original destination (the REDIRECT's) into f's event
 // and tells Deps.Accepted that the proxy writes the connection's line.
+// Accepted is told the port the client used (clientPort, looked up first
+// then): told a port NAT remapped, capture, which sees the client's on
+// the LAN, would not know the connection and write a line of its own.
 func (p *Proxy) origDst(c *net.TCPConn, f *flowRecord) (netip.AddrPort, error) {
 	orig, err := netutil.OriginalDst(c)
 	if err != nil {
@@ -68,6 +71,7 @@ func (p *Proxy) origDst(c *net.TCPConn, f *flowRecord) (netip.AddrPort, error) {
 	orig = netip.AddrPortFrom(orig.Addr().Unmap(), orig.Port())
 	f.ev.Dest, f.ev.DestPort = orig.Addr(), orig.Port()
 	if p.deps.Accepted != nil {
+		p.clientPort(c, f)
 		p.deps.Accepted(netip.AddrPortFrom(f.ev.Client, f.ev.ClientPort), orig)
 	}
 	return orig, nil
@@ -263,7 +267,9 @@ func (p *Proxy) handleTransparent(c *net.TCPConn, ours bool) {
 // one. Only the port can differ (REDIRECT rewrites the destination, and
 // the clash only the source port), and nothing decides on it, so the
 // lookup is made after the decision and the forward of the first bytes,
-// not before them. Any failure keeps the socket's port and is counted.
+// not before them, unless Deps.Accepted is to be told the connection
+// (origDst): then before the decision. Any failure keeps the socket's
+// port and is counted.
 func (p *Proxy) clientPort(c *net.TCPConn, f *flowRecord) {
 	if f.portDone {
 		return
