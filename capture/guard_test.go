@@ -514,7 +514,8 @@ func TestProxyAcceptedHasTheLine(t *testing.T) {
 // whose client completed the handshake but which the proxy never
 // accepted (the kernel dropped the handshake's end on a full accept
 // queue, and the client gave up) keeps capture's line. Before session 27
-// capture left it to the proxy, and it had none.
+// capture left it to the proxy, and it had none. One the proxy accepts
+// after capture's line has that line only (ProxyAccepted reports true).
 func TestProxyTellsOverload(t *testing.T) {
 	var out bytes.Buffer
 	r := newGuardRigLog(t, policy.ModeEnforce, true, slog.New(slog.NewJSONHandler(&out, nil)))
@@ -538,6 +539,18 @@ func TestProxyTellsOverload(t *testing.T) {
 		if lines[cli] != want {
 			t.Errorf("%s: %d decision lines, want %d\n%s", cli, lines[cli], want, out.String())
 		}
+	}
+	// The proxy that takes the second from its queue after capture wrote
+	// its line (the client gone by then) is told so, once, and writes
+	// none; told of another, it writes its own.
+	late := netip.MustParseAddrPort("198.18.5.11:40001")
+	for i, want := range []bool{true, false} {
+		if got := r.c.ProxyAccepted(late, netip.MustParseAddrPort("203.0.113.9:443")); got != want {
+			t.Errorf("ProxyAccepted of a connection capture lined, call %d: %v, want %v", i+1, got, want)
+		}
+	}
+	if r.c.ProxyAccepted(late, netip.MustParseAddrPort("203.0.113.99:443")) {
+		t.Errorf("ProxyAccepted of a connection to another destination: capture lined it")
 	}
 }
 

@@ -2490,7 +2490,8 @@ func (p *proc) emit(f *flow, how string) {
 
 // proxiedLine reports whether f's decision line is the transparent
 // proxy's: a live TCP connection the proxy said it accepted
-// (ProxyAccepted: asked once, at the flow's first report), or, unless
+// (ProxyAccepted: asked once, at the flow's first report; one it
+// accepts after that report has capture's line only), or, unless
 // the proxy tells (Config.ProxyTells), one egressd's firewall redirected to it (Config.ProxyLines, asked at its
 // first packet: the proxy listened and the firewall redirected to it),
 // not the gateway's own, nor started from the WAN side, nor dropped by
@@ -2503,14 +2504,19 @@ func (p *proc) proxiedLine(f *flow) bool {
 	if !p.decideAt.IsZero() || f.proto != 6 {
 		return false
 	}
-	if p.c.proxied.take(makeKey(f.cli.Unmap(), f.cport, f.srv.Unmap(), f.sport, 6)) {
+	// A connection the proxy may have accepted: a handshake the client
+	// completed, on the LAN, not to or from DNS's port.
+	mayBe := f.acked && !f.forwarded && !f.inbound && !f.own && !f.guarded && f.sport != 53 && f.cport != 53
+	if p.c.proxied.take(makeKey(f.cli.Unmap(), f.cport, f.srv.Unmap(), f.sport, 6), mayBe && p.c.cfg.ProxyTells) {
 		return true
 	}
 	if p.c.cfg.ProxyTells {
-		return false // the proxy did not accept it: it never wrote a line
+		// The proxy did not accept it, or not yet: capture writes the
+		// line, and a proxy that accepts it later writes none
+		// (ProxyAccepted).
+		return false
 	}
-	return f.redirectedAtOpen && f.acked &&
-		!f.forwarded && !f.inbound && !f.own && !f.guarded && f.sport != 53 && f.cport != 53 && p.redirected(f.sport)
+	return f.redirectedAtOpen && mayBe && p.redirected(f.sport)
 }
 
 // event is the event of f, decided, with close reason how.

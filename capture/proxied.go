@@ -7,14 +7,22 @@ import (
 )
 
 // proxied are the connections the transparent proxy said it accepted
-// (ProxyAccepted), each until capture first reports it (proxiedLine) or
-// for proxiedTTL: a connection capture never saw (its packets lost) must
-// not stay. At most proxiedMax are kept; past it (once expired ones made
-// room, at most once a second) a note is dropped, and that connection
-// keeps capture's line beside the proxy's.
+// (ProxyAccepted) before capture first reported them, each until capture
+// does (proxiedLine), and the connections capture reported, with their
+// line, before the proxy said it accepted them (lined), each until the
+// proxy does: whichever of the two comes second leaves the line to the
+// other, so a connection has one line whichever comes first (the proxy
+// accepts a connection from its queue, which under a burst can be long
+// after capture saw its client's reset). Each is kept at most proxiedTTL:
+// a connection one of them never saw (capture's packets lost, a
+// handshake the proxy never accepted) must not stay. At most proxiedMax
+// of each are kept; past it (once expired ones made room, at most once a
+// second) a word is dropped, and that connection has the proxy's line
+// beside capture's.
 type proxied struct {
 	mu     sync.Mutex
-	m      map[flowKey]time.Time
+	m      map[flowKey]time.Time // the proxy's word, before capture's report
+	lined  map[flowKey]time.Time // capture's line, before the proxy's word
 	pruned time.Time
 }
 
@@ -31,39 +39,66 @@ const (
 // decision line and event: capture's report of the connection is then an
 // event only, whatever redirected it there (egressd's firewall, or an
 // operator's own under --no-firewall, which Config.ProxyLines cannot
-// know of). The proxy accepts a connection after its handshake, before
-// its first bytes; capture reads its ring in blocks, and reports a
-// connection at its end or a minute in, so the note comes first.
-func (c *Capture) ProxyAccepted(client, dest netip.AddrPort) {
+// know of). It reports true where capture reported the connection
+// already, with its line: then the proxy writes the event only. The
+// proxy accepts a connection after its handshake, before its first
+// bytes; capture reads its ring in blocks, and reports a connection at
+// its end or a minute in, so the note comes first, unless the proxy's
+// accept queue is long and the client ends the connection first.
+func (c *Capture) ProxyAccepted(client, dest netip.AddrPort) (lined bool) {
 	k := makeKey(client.Addr().Unmap(), client.Port(), dest.Addr().Unmap(), dest.Port(), 6)
-	now := time.Now()
 	s := &c.proxied
 	s.mu.Lock()
 	defer s.mu.Unlock()
-	if s.m == nil {
-		s.m = make(map[flowKey]time.Time)
+	if at, ok := s.lined[k]; ok {
+		delete(s.lined, k)
+		if time.Since(at) <= proxiedTTL {
+			return true
+		}
 	}
-	if len(s.m) >= proxiedMax && now.Sub(s.pruned) >= time.Second {
+	s.m = s.put(s.m, k)
+	return false
+}
+
+// put adds k to m (made if nil), unless m is full of words younger than
+// proxiedTTL; s.mu held.
+func (s *proxied) put(m map[flowKey]time.Time, k flowKey) map[flowKey]time.Time {
+	now := time.Now()
+	if m == nil {
+		m = make(map[flowKey]time.Time)
+	}
+	if len(m) >= proxiedMax && now.Sub(s.pruned) >= time.Second {
 		s.pruned = now
-		for k, at := range s.m {
-			if now.Sub(at) > proxiedTTL {
-				delete(s.m, k)
+		for _, mm := range []map[flowKey]time.Time{s.m, s.lined} {
+			for k, at := range mm {
+				if now.Sub(at) > proxiedTTL {
+					delete(mm, k)
+				}
 			}
 		}
 	}
-	if len(s.m) < proxiedMax {
-		s.m[k] = now
+	if len(m) < proxiedMax {
+		m[k] = now
 	}
+	return m
 }
 
 // take reports whether the proxy noted the connection of k, and forgets
-// the note.
-func (s *proxied) take(k flowKey) bool {
+// the note. Else, if mayBe (the connection may yet be one the proxy
+// accepts: capture writes its line now), it keeps that capture wrote k's
+// line, for ProxyAccepted.
+func (s *proxied) take(k flowKey, mayBe bool) bool {
 	s.mu.Lock()
 	defer s.mu.Unlock()
 	at, ok := s.m[k]
 	if ok {
 		delete(s.m, k)
+		if time.Since(at) <= proxiedTTL {
+			return true
+		}
 	}
-	return ok && time.Since(at) <= proxiedTTL
+	if mayBe {
+		s.lined = s.put(s.lined, k)
+	}
+	return false
 }

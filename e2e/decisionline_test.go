@@ -5,7 +5,9 @@ import (
 	"fmt"
 	"net"
 	"regexp"
+	"strconv"
 	"strings"
+	"sync"
 	"syscall"
 	"testing"
 	"time"
@@ -202,5 +204,103 @@ func TestOneDecisionLinePortClash(t *testing.T) {
 		if len(lines) != 1 {
 			t.Errorf("%s (%s, client port %d): %d decision lines, want 1:\n%s\nevents:\n%s", n, ip, port, len(lines), strings.Join(lines, "\n"), d.events())
 		}
+	}
+}
+
+// TestOneDecisionLineResetBurst: a burst of LAN connections, each a
+// ClientHello and at once a reset, denied by the proxy. The proxy takes
+// them from its accept queue one by one, so capture can see a client's
+// reset, and report the connection, before the proxy says it accepted
+// it: each connection still has one decision line, whichever of the two
+// comes first. Before, capture wrote its line for each it reported
+// first, and the proxy its own when it took the connection from its
+// queue: two lines (a run of 1,500 had from 1 to 216).
+func TestOneDecisionLineResetBurst(t *testing.T) {
+	tp := newTopo(t)
+	d := newDaemon(t, tp, "enforce")
+	d.start()
+	const n = 1500
+	name := func(i int) string { return fmt.Sprintf("r7-burst-%d.example", i) }
+	var wg sync.WaitGroup
+	var mu sync.Mutex
+	var opened []int
+	for i := range n {
+		wg.Add(1)
+		go func() {
+			defer wg.Done()
+			ctx, cancel := context.WithTimeout(context.Background(), 5*time.Second)
+			defer cancel()
+			c, err := tp.dialWith(ctx, trackerIP+":443", nil, nil)
+			if err != nil {
+				return // the burst overflows the gateway's queues: not opened
+			}
+			c.Write(buildHello(helloSpec{sni: [][]string{{name(i)}}}))
+			c.SetLinger(0)
+			c.Close()
+			mu.Lock()
+			opened = append(opened, i)
+			mu.Unlock()
+		}()
+	}
+	wg.Wait()
+	if len(opened) < n/2 {
+		t.Fatalf("only %d of %d connections opened", len(opened), n)
+	}
+	// Wait (at most 60 s) until the proxy has an event of each opened
+	// connection, by its name (so it had read the hello), or a refusal
+	// without one, or has had no new one for 2 s (a connection whose
+	// handshake's end the kernel dropped on the full queue never reaches
+	// it): then its lines are written.
+	needle := fmt.Appendf(nil, `"dest_ip":%q`, trackerIP)
+	proxied := func() int {
+		k := 0
+		for _, ev := range d.eventsWith(needle) {
+			if ev.Source == "proxy" && (strings.HasPrefix(ev.Name, "r7-burst-") || ev.Name == "") {
+				k++
+			}
+		}
+		return k
+	}
+	for i, last, still := 0, -1, 0; i < 600 && still < 20; i++ {
+		k := proxied()
+		if k >= len(opened) {
+			break
+		}
+		if k == last {
+			still++
+		} else {
+			last, still = k, 0
+		}
+		time.Sleep(100 * time.Millisecond)
+	}
+	time.Sleep(2 * time.Second) // capture's reports of the last ones
+	d.stop()
+	lines := map[string]int{}
+	unnamed, summed := 0, 0
+	for _, l := range strings.Split(d.logs(), "\n") {
+		if !strings.Contains(l, `"msg":"decision"`) || !strings.Contains(l, `"kind":"flow"`) || !strings.Contains(l, `"dest":"`+trackerIP+`"`) {
+			continue
+		}
+		if _, c, ok := strings.Cut(l, `"count":`); ok {
+			// A summary line of the journal's line budget: a noisy
+			// device's denials past it are counted, not each lined.
+			k, _ := strconv.Atoi(strings.TrimRight(strings.SplitN(c, ",", 2)[0], "}"))
+			summed += k
+			continue
+		}
+		_, rest, ok := strings.Cut(l, `"name":"`)
+		if n, _, _ := strings.Cut(rest, `"`); ok && n != "" {
+			lines[n]++
+		} else {
+			unnamed++
+		}
+	}
+	hist := map[int]int{}
+	for _, i := range opened {
+		hist[lines[name(i)]]++
+	}
+	t.Logf("%d connections opened; decision lines per connection: %v; %d lines name none (refused before the hello), %d decisions in summary lines", len(opened), hist, unnamed, summed)
+	if hist[2]+hist[3] > 0 || hist[0] > unnamed+summed {
+		t.Errorf("decision lines per connection %v (and %d naming none, %d in summaries), want one each", hist, unnamed, summed)
 	}
 }

@@ -168,8 +168,11 @@ type Deps struct {
 	// them, its original destination), once the destination is read,
 	// before the proxy decides it: the proxy writes the connection's
 	// decision line. In egressd capture is told (capture.ProxyAccepted),
-	// which sees the connection on the LAN too and then writes none.
-	Accepted func(client, dest netip.AddrPort)
+	// which sees the connection on the LAN too and then writes none. It
+	// reports true where the connection's line is written already
+	// (capture reported the connection first, its client gone before the
+	// proxy took it from its queue): the proxy writes the event only.
+	Accepted func(client, dest netip.AddrPort) (lined bool)
 }
 
 // ClientDevices tells the device of a LAN client address, where a

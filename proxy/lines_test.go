@@ -85,10 +85,11 @@ func TestTransparentTellsAccepted(t *testing.T) {
 	tp := newTopo(t, topoOpts{
 		config: func(c *Config) { c.MaxConnsPerClient = 1 },
 		deps: func(d *Deps) {
-			d.Accepted = func(client, dest netip.AddrPort) {
+			d.Accepted = func(client, dest netip.AddrPort) bool {
 				mu.Lock()
 				told[client] = dest
 				mu.Unlock()
+				return false
 			}
 		},
 	})

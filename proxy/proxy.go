@@ -582,12 +582,14 @@ type flowRecord struct {
 	ev       audit.Event
 	err      error
 	portDone bool // transparent: ev.ClientPort is the client's own (clientPort)
+	lined    bool // transparent: the connection's line is written already (Deps.Accepted)
 	// lc is the connection's registration (addLive), listed open until
 	// its event is emitted (finish).
 	lc *liveConn
 }
 
-// finish emits the canonical slog line and the audit event.
+// finish emits the canonical slog line (unless written already: lined)
+// and the audit event.
 func (p *Proxy) finish(f *flowRecord) {
 	ev := &f.ev
 	ev.Duration = time.Since(ev.Time).Seconds()
@@ -603,7 +605,7 @@ func (p *Proxy) finish(f *flowRecord) {
 	case ev.Verdict == policy.Deny:
 		level = slog.LevelWarn
 	}
-	if !p.log.Enabled(context.Background(), level) || audit.QuietLine(p.deps.Sink, ev) {
+	if f.lined || !p.log.Enabled(context.Background(), level) || audit.QuietLine(p.deps.Sink, ev) {
 		return
 	}
 	var buf [audit.FlowAttrsMax + 2]slog.Attr

@@ -72,7 +72,7 @@ func (p *Proxy) origDst(c *net.TCPConn, f *flowRecord) (netip.AddrPort, error) {
 	f.ev.Dest, f.ev.DestPort = orig.Addr(), orig.Port()
 	if p.deps.Accepted != nil {
 		p.clientPort(c, f)
-		p.deps.Accepted(netip.AddrPortFrom(f.ev.Client, f.ev.ClientPort), orig)
+		f.lined = p.deps.Accepted(netip.AddrPortFrom(f.ev.Client, f.ev.ClientPort), orig)
 	}
 	return orig, nil
 }

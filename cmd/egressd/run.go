@@ -1565,10 +1565,11 @@ func (d *daemon) proxyLines() bool {
 // transparent proxy accepted: the proxy writes its decision line, and
 // capture none, whatever brought the connection there (an operator's
 // own redirect under --no-firewall, which proxyLines cannot know of).
-func (d *daemon) proxyAccepted(client, dest netip.AddrPort) {
+func (d *daemon) proxyAccepted(client, dest netip.AddrPort) bool {
 	if c := d.proxyTells.Load(); c != nil {
-		c.ProxyAccepted(client, dest)
+		return c.ProxyAccepted(client, dest)
 	}
+	return false
 }
 
 // replaceFirewall hands a reloaded policy to the firewall, if one is
