@@ -2507,7 +2507,12 @@ func (p *proc) proxiedLine(f *flow) bool {
 	// A connection the proxy may have accepted: a handshake the client
 	// completed, on the LAN, not to or from DNS's port.
 	mayBe := f.acked && !f.forwarded && !f.inbound && !f.own && !f.guarded && f.sport != 53 && f.cport != 53
-	if p.c.proxied.take(makeKey(f.cli.Unmap(), f.cport, f.srv.Unmap(), f.sport, 6), mayBe && p.c.cfg.ProxyTells) {
+	// Capture's line is kept for a proxy that may accept the connection
+	// later (take) only where enforce mode redirects it: opened in
+	// enforce mode, to a port the proxy takes. Else each of audit mode's
+	// connections would hold a place until proxiedTTL.
+	late := mayBe && p.c.cfg.ProxyTells && !f.openedInAudit && p.redirected(f.sport)
+	if p.c.proxied.take(makeKey(f.cli.Unmap(), f.cport, f.srv.Unmap(), f.sport, 6), late) {
 		return true
 	}
 	if p.c.cfg.ProxyTells {
