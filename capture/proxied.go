@@ -45,8 +45,11 @@ const (
 // bytes; capture reads its ring in blocks, and reports a connection at
 // its end or a minute in, so the note comes first, unless the proxy's
 // accept queue is long and the client ends the connection first.
+//
+// A link-local client's address comes with its interface's zone, as the
+// proxy's socket has it; capture's, from the packet, has none.
 func (c *Capture) ProxyAccepted(client, dest netip.AddrPort) (lined bool) {
-	k := makeKey(client.Addr().Unmap(), client.Port(), dest.Addr().Unmap(), dest.Port(), 6)
+	k := makeKey(client.Addr().WithZone("").Unmap(), client.Port(), dest.Addr().WithZone("").Unmap(), dest.Port(), 6)
 	s := &c.proxied
 	s.mu.Lock()
 	defer s.mu.Unlock()

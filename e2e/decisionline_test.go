@@ -304,3 +304,44 @@ func TestOneDecisionLineResetBurst(t *testing.T) {
 		t.Errorf("decision lines per connection %v (and %d naming none, %d in summaries), want one each", hist, unnamed, summed)
 	}
 }
+
+// TestOneDecisionLineLinkLocalClient: a LAN client that connects from its
+// IPv6 link-local address (the firewall passes link-local sources, and
+// the REDIRECT brings the connection to the proxy) is known to the proxy
+// by an address with the LAN interface's zone (fe80::…%lan0); capture's,
+// from the packet, has none. The proxy's word of the connection must
+// still match it: one decision line.
+func TestOneDecisionLineLinkLocalClient(t *testing.T) {
+	tp := newTopo(t)
+	d := newDaemon(t, tp, "enforce")
+	d.start()
+	ll := tp.lanLinkLocal(t)
+	const name = "r7-linklocal.example"
+	ctx, cancel := context.WithTimeout(context.Background(), 5*time.Second)
+	c, err := tp.dialWith(ctx, "["+dockerIP6+"]:443", &net.TCPAddr{IP: ll.AsSlice(), Zone: "eth0"}, nil)
+	cancel()
+	if err != nil {
+		t.Fatalf("dial from %s: %v", ll, err)
+	}
+	c.Write(buildHello(helloSpec{sni: [][]string{{name}}}))
+	o := readVerdict(c)
+	c.Close()
+	t.Logf("from %s: %+v", ll, o)
+	re := regexp.MustCompile(`(?m)^.*proxy .* ` + regexp.QuoteMeta(name) + ` [\s\S]*capture .* ` + regexp.QuoteMeta(name) + ` |capture .* ` + regexp.QuoteMeta(name) + ` [\s\S]*proxy .* ` + regexp.QuoteMeta(name) + ` `)
+	for i := 0; i < 100 && !re.MatchString(d.events()); i++ {
+		time.Sleep(100 * time.Millisecond)
+	}
+	if !re.MatchString(d.events()) {
+		t.Fatalf("not both components reported the connection in 10 s:\n%s", d.events())
+	}
+	d.stop()
+	var lines []string
+	for _, l := range strings.Split(d.logs(), "\n") {
+		if strings.Contains(l, `"msg":"decision"`) && strings.Contains(l, `"name":"`+name+`"`) {
+			lines = append(lines, l)
+		}
+	}
+	if len(lines) != 1 {
+		t.Errorf("%d decision lines for the link-local client's connection, want 1:\n%s\n%s", len(lines), strings.Join(lines, "\n"), d.events())
+	}
+}
