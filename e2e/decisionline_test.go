@@ -318,7 +318,10 @@ func TestOneDecisionLineLinkLocalClient(t *testing.T) {
 	ll := tp.lanLinkLocal(t)
 	const name = "r7-linklocal.example"
 	ctx, cancel := context.WithTimeout(context.Background(), 5*time.Second)
-	c, err := tp.dialWith(ctx, "["+dockerIP6+"]:443", &net.TCPAddr{IP: ll.AsSlice(), Zone: "eth0"}, nil)
+	// The zone by index: the net package's cache of names is the
+	// process's, perhaps filled in another namespace.
+	idx, _, _ := strings.Cut(tp.lan.MustRun("ip", "-o", "link", "show", "dev", "eth0"), ":")
+	c, err := tp.dialWith(ctx, "["+dockerIP6+"]:443", &net.TCPAddr{IP: ll.AsSlice(), Zone: strings.TrimSpace(idx)}, nil)
 	cancel()
 	if err != nil {
 		t.Fatalf("dial from %s: %v", ll, err)
