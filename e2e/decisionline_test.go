@@ -77,12 +77,7 @@ func TestOneDecisionLinePerConnection(t *testing.T) {
 			d.stop()
 			logs := d.logs()
 			for _, c := range cases {
-				var lines []string
-				for _, l := range strings.Split(logs, "\n") {
-					if strings.Contains(l, `"msg":"decision"`) && strings.Contains(l, `"kind":"flow"`) && strings.Contains(l, `"name":"`+c.name+`"`) {
-						lines = append(lines, l)
-					}
-				}
+				lines := flowLinesNaming(logs, c.name)
 				if len(lines) != 1 {
 					t.Errorf("%s: %d decision lines for the one connection, want 1:\n%s", c.name, len(lines), strings.Join(lines, "\n"))
 					continue
@@ -124,12 +119,7 @@ func TestDecisionLineWithoutRedirect(t *testing.T) {
 		t.Fatalf("capture did not report the connection in 10 s:\n%s", d.events())
 	}
 	d.stop()
-	var lines []string
-	for _, l := range strings.Split(d.logs(), "\n") {
-		if strings.Contains(l, `"msg":"decision"`) && strings.Contains(l, `"kind":"flow"`) && strings.Contains(l, `"name":"`+trackerName+`"`) {
-			lines = append(lines, l)
-		}
-	}
+	lines := flowLinesNaming(d.logs(), trackerName)
 	if len(lines) != 1 || !strings.Contains(lines[0], `"component":"capture"`) {
 		t.Errorf("%d decision lines for the connection the proxy never saw, want capture's one:\n%s", len(lines), strings.Join(lines, "\n"))
 	}
@@ -173,35 +163,13 @@ func TestOneDecisionLinePortClash(t *testing.T) {
 		}
 		c.Close()
 	}
-	reported := func() bool {
-		ev := d.events()
-		for _, n := range names {
-			for _, src := range []string{"capture", "proxy"} {
-				if !regexp.MustCompile(src + ` .* ` + regexp.QuoteMeta(n) + ` `).MatchString(ev) {
-					return false
-				}
-			}
-		}
-		return true
-	}
-	for i := 0; i < 100 && !reported(); i++ {
-		time.Sleep(100 * time.Millisecond)
-	}
-	if !reported() {
-		t.Fatalf("not every component reported each connection in 10 s:\n%s", d.events())
-	}
+	waitReported(t, d, []string{names[trackerIP], names[lookalikeIP]}, "capture", "proxy")
 	d.stop()
 	if !regexp.MustCompile(`proxy .*:\d+ > ` + regexp.QuoteMeta(lookalikeIP) + `:443/tcp`).MatchString(d.events()) {
 		t.Fatalf("no proxy event of the second connection:\n%s", d.events())
 	}
 	for ip, n := range names {
-		var lines []string
-		for _, l := range strings.Split(d.logs(), "\n") {
-			if strings.Contains(l, `"msg":"decision"`) && strings.Contains(l, `"kind":"flow"`) && strings.Contains(l, `"name":"`+n+`"`) {
-				lines = append(lines, l)
-			}
-		}
-		if len(lines) != 1 {
+		if lines := flowLinesNaming(d.logs(), n); len(lines) != 1 {
 			t.Errorf("%s (%s, client port %d): %d decision lines, want 1:\n%s\nevents:\n%s", n, ip, port, len(lines), strings.Join(lines, "\n"), d.events())
 		}
 	}
@@ -330,21 +298,44 @@ func TestOneDecisionLineLinkLocalClient(t *testing.T) {
 	o := readVerdict(c)
 	c.Close()
 	t.Logf("from %s: %+v", ll, o)
-	re := regexp.MustCompile(`(?m)^.*proxy .* ` + regexp.QuoteMeta(name) + ` [\s\S]*capture .* ` + regexp.QuoteMeta(name) + ` |capture .* ` + regexp.QuoteMeta(name) + ` [\s\S]*proxy .* ` + regexp.QuoteMeta(name) + ` `)
-	for i := 0; i < 100 && !re.MatchString(d.events()); i++ {
+	waitReported(t, d, []string{name}, "capture", "proxy")
+	d.stop()
+	if lines := flowLinesNaming(d.logs(), name); len(lines) != 1 {
+		t.Errorf("%d decision lines for the link-local client's connection, want 1:\n%s\n%s", len(lines), strings.Join(lines, "\n"), d.events())
+	}
+}
+
+// waitReported waits (at most 10 s) until each of sources has an event
+// naming each of names, else fails the test.
+func waitReported(t *testing.T, d *daemon, names []string, sources ...string) {
+	t.Helper()
+	reported := func() bool {
+		ev := d.events()
+		for _, n := range names {
+			for _, src := range sources {
+				if !regexp.MustCompile(src + ` .* ` + regexp.QuoteMeta(n) + ` `).MatchString(ev) {
+					return false
+				}
+			}
+		}
+		return true
+	}
+	for i := 0; i < 100 && !reported(); i++ {
 		time.Sleep(100 * time.Millisecond)
 	}
-	if !re.MatchString(d.events()) {
-		t.Fatalf("not both components reported the connection in 10 s:\n%s", d.events())
+	if !reported() {
+		t.Fatalf("not every component (%v) reported each connection in 10 s:\n%s", sources, d.events())
 	}
-	d.stop()
+}
+
+// flowLinesNaming returns the canonical decision lines of flows in logs
+// that name name.
+func flowLinesNaming(logs, name string) []string {
 	var lines []string
-	for _, l := range strings.Split(d.logs(), "\n") {
-		if strings.Contains(l, `"msg":"decision"`) && strings.Contains(l, `"name":"`+name+`"`) {
+	for _, l := range strings.Split(logs, "\n") {
+		if strings.Contains(l, `"msg":"decision"`) && strings.Contains(l, `"kind":"flow"`) && strings.Contains(l, `"name":"`+name+`"`) {
 			lines = append(lines, l)
 		}
 	}
-	if len(lines) != 1 {
-		t.Errorf("%d decision lines for the link-local client's connection, want 1:\n%s\n%s", len(lines), strings.Join(lines, "\n"), d.events())
-	}
+	return lines
 }
