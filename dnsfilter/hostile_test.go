@@ -215,3 +215,103 @@ func TestRealChainsLearned(t *testing.T) {
 		}
 	}
 }
+
+// TestOwnAddrsStripped (THREATS.md E3/F1): a hostile authoritative server
+// of a name under an allowed wildcard answers with the gateway's own
+// addresses (its WAN or LAN address: public, so not in a special range)
+// to rebind a client's page onto the gateway itself. The forwarder drops
+// them from A, AAAA and HTTPS hints as it drops the special ranges (the
+// answer's filtered kind "rebinding"), and learns none; a name under the
+// PrivateSuffixes keeps them (the site's own names, gw.lan). The list
+// follows SetOwnAddrs, swapped whole: an address gained is dropped from
+// then on, one lost no longer. Before, every one reached the client and
+// the learned table.
+func TestOwnAddrsStripped(t *testing.T) {
+	const ownV4, ownV6, other4, other6 = "192.0.2.1", "2001:db8::1", "192.0.2.80", "2001:db8::80"
+	addr := newHostileUpstream(t, func(q dns.Question, m *dns.Msg) {
+		n := q.Name
+		switch q.Qtype {
+		case dns.TypeA:
+			m.Answer = []dns.RR{mustRR(t, n+" 300 IN A "+ownV4), mustRR(t, n+" 300 IN A "+other4)}
+		case dns.TypeAAAA:
+			m.Answer = []dns.RR{mustRR(t, n+" 300 IN AAAA "+ownV6), mustRR(t, n+" 300 IN AAAA "+other6)}
+		case dns.TypeHTTPS:
+			m.Answer = []dns.RR{mustRR(t, n+" 300 IN HTTPS 1 . alpn=h2 ipv4hint="+ownV4+","+other4+" ipv6hint="+ownV6+","+other6)}
+		}
+	})
+	const pol = `version: 1
+mode: enforce
+rules:
+  - name: tenant
+    to: ["*.tenant.test", gw.lan]
+    ports: [443/tcp]
+`
+	own := []netip.Addr{netip.MustParseAddr(ownV4), netip.MustParseAddr(ownV6)}
+	ts := startServer(t, pol, Config{Upstreams: []string{addr}, OwnAddrs: own}, Deps{})
+	cli := netip.MustParseAddr("127.0.0.1")
+	check := func(name string, want ...string) {
+		t.Helper()
+		var got []string
+		for _, qt := range []uint16{dns.TypeA, dns.TypeAAAA} {
+			r := ask(t, "udp", ts.Addr, name+".", qt, true)
+			if r.Rcode != dns.RcodeSuccess {
+				t.Fatalf("%s %s: %v", name, dns.TypeToString[qt], r)
+			}
+			for _, a := range answerAddrs(r) {
+				got = append(got, a.String())
+			}
+		}
+		r := ask(t, "tcp", ts.Addr, name+".", dns.TypeHTTPS, true)
+		if r.Rcode != dns.RcodeSuccess || len(r.Answer) != 1 {
+			t.Fatalf("%s HTTPS: %v", name, r)
+		}
+		var hints []string
+		for _, kv := range r.Answer[0].(*dns.HTTPS).Value {
+			switch v := kv.(type) {
+			case *dns.SVCBIPv4Hint:
+				for _, ip := range v.Hint {
+					hints = append(hints, ip.String())
+				}
+			case *dns.SVCBIPv6Hint:
+				for _, ip := range v.Hint {
+					hints = append(hints, ip.String())
+				}
+			}
+		}
+		if !slices.Equal(got, want) || !slices.Equal(hints, want) {
+			t.Errorf("%s: answered %v, hints %v; want %v", name, got, hints, want)
+		}
+		for _, a := range []string{ownV4, ownV6, other4, other6} {
+			learned := slices.Contains(ts.Table().NamesFor(cli, netip.MustParseAddr(a)), name)
+			if learned != slices.Contains(want, a) {
+				t.Errorf("%s: %s learned %v, want %v", name, a, learned, !learned)
+			}
+		}
+	}
+	check("rebind.tenant.test", other4, other6)
+	check("gw.lan", ownV4, other4, ownV6, other6)
+	// The answer's event says what the filter did.
+	deadline := time.Now().Add(5 * time.Second)
+	for {
+		var filtered []string
+		for _, ev := range ts.Sink.Events() {
+			if ev.Name == "rebind.tenant.test" {
+				filtered = append(filtered, ev.Filtered)
+			}
+		}
+		if len(filtered) == 3 {
+			if slices.ContainsFunc(filtered, func(f string) bool { return f != "rebinding" }) {
+				t.Errorf("rebind.tenant.test events filtered %q, want rebinding each", filtered)
+			}
+			break
+		}
+		if time.Now().After(deadline) {
+			t.Fatalf("rebind.tenant.test: %d events, want 3", len(filtered))
+		}
+		time.Sleep(10 * time.Millisecond)
+	}
+	// The WAN reconnects with other4 and loses ownV4; the IPv6 address
+	// stays (given mapped, as the interfaces may list it).
+	ts.SetOwnAddrs([]netip.Addr{netip.MustParseAddr(other4), netip.MustParseAddr(ownV6), netip.MustParseAddr("::ffff:" + other4)})
+	check("after.tenant.test", ownV4, other6)
+}
