@@ -85,12 +85,6 @@ type Config struct {
 	// "home.arpa", "localhost" and the reverse zones "in-addr.arpa" and
 	// "ip6.arpa"; an empty non-nil slice means none.
 	PrivateSuffixes []string
-	// OwnAddrs are the gateway's own addresses (its interfaces'), which
-	// the rebinding filter drops from answers as it drops the special
-	// ranges (THREATS.md E3/F1: a name rebound onto the gateway's WAN or
-	// LAN address, which is not in a special range). Nil means none;
-	// Server.SetOwnAddrs replaces them while the forwarder runs.
-	OwnAddrs []netip.Addr
 
 	// CacheSize bounds the number of cached answers. Zero means 10000;
 	// negative disables the cache.
@@ -290,7 +284,6 @@ func (c Config) withDefaults() Config {
 	if c.PrivateSuffixes == nil {
 		c.PrivateSuffixes = defaultPrivateSuffixes
 	}
-	c.OwnAddrs = ownAddrs(c.OwnAddrs)
 	if c.CacheSize == 0 {
 		c.CacheSize = defaultCacheSize
 	}

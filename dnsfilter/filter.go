@@ -2,7 +2,6 @@ package dnsfilter
 
 import (
 	"net/netip"
-	"slices"
 	"strings"
 
 	"github.com/miekg/dns"
@@ -105,48 +104,33 @@ func (c Config) rebinds(name string) bool {
 	return !c.AllowPrivateAnswers && !privateName(name, c.PrivateSuffixes)
 }
 
-// rebindFilter is what the rebinding filter drops: the special ranges
-// (IsSpecial, through the NAT64 prefixes nat: isSpecialNAT64) and the
-// gateway's own addresses own (unmapped; THREATS.md E3/F1).
-type rebindFilter struct {
-	nat []netip.Prefix
-	own []netip.Addr
-}
-
-// drops reports whether the filter drops a from an answer (an A
-// record's or IPv4 hint's unmapped: an AAAA record's IPv4-mapped address
-// is special).
-func (f *rebindFilter) drops(a netip.Addr) bool {
-	return isSpecialNAT64(a, f.nat) || slices.Contains(f.own, a.Unmap())
-}
-
 // filterAnswer applies the answer hardening to an upstream answer for name:
-// it drops the addresses rebind drops (A, AAAA, and the address hints of
-// HTTPS/SVCB) unless rebind is nil (the name is private or the filter is
-// off), and strips the "ech" parameter from HTTPS/SVCB records unless
-// keepECH. It returns what it did ("rebinding", "ech", both joined by "+",
-// or "").
-func filterAnswer(name string, m *dns.Msg, rebind *rebindFilter, keepECH bool) string {
+// it drops special addresses (A, AAAA, and the address hints of HTTPS/SVCB)
+// unless the name is private or the filter is off, and strips the "ech"
+// parameter from HTTPS/SVCB records unless keepECH. It returns what it did
+// ("rebinding", "ech", both joined by "+", or ""). nat are the NAT64
+// prefixes (isSpecialNAT64).
+func filterAnswer(name string, m *dns.Msg, rebind, keepECH bool, nat []netip.Prefix) string {
 	var dropped, ech bool
 	for _, sec := range []*[]dns.RR{&m.Answer, &m.Ns, &m.Extra} {
 		kept := (*sec)[:0]
 		for _, rr := range *sec {
 			switch v := rr.(type) {
 			case *dns.A:
-				if a, ok := netip.AddrFromSlice(v.A); rebind != nil && (!ok || rebind.drops(a.Unmap())) {
+				if a, ok := netip.AddrFromSlice(v.A); rebind && (!ok || IsSpecial(a.Unmap())) {
 					dropped = true
 					continue
 				}
 			case *dns.AAAA:
-				if a, ok := netip.AddrFromSlice(v.AAAA); rebind != nil && (!ok || rebind.drops(a)) {
+				if a, ok := netip.AddrFromSlice(v.AAAA); rebind && (!ok || isSpecialNAT64(a, nat)) {
 					dropped = true
 					continue
 				}
 			case *dns.HTTPS:
-				e, d := filterSVCB(&v.SVCB, rebind, keepECH)
+				e, d := filterSVCB(&v.SVCB, rebind, keepECH, nat)
 				ech, dropped = ech || e, dropped || d
 			case *dns.SVCB:
-				e, d := filterSVCB(v, rebind, keepECH)
+				e, d := filterSVCB(v, rebind, keepECH, nat)
 				ech, dropped = ech || e, dropped || d
 			}
 			kept = append(kept, rr)
@@ -165,7 +149,7 @@ func filterAnswer(name string, m *dns.Msg, rebind *rebindFilter, keepECH bool) s
 	return ""
 }
 
-func filterSVCB(s *dns.SVCB, rebind *rebindFilter, keepECH bool) (ech, dropped bool) {
+func filterSVCB(s *dns.SVCB, rebind, keepECH bool, nat []netip.Prefix) (ech, dropped bool) {
 	kept := s.Value[:0]
 	for _, kv := range s.Value {
 		switch v := kv.(type) {
@@ -175,10 +159,10 @@ func filterSVCB(s *dns.SVCB, rebind *rebindFilter, keepECH bool) (ech, dropped b
 				continue
 			}
 		case *dns.SVCBIPv4Hint:
-			if rebind != nil {
+			if rebind {
 				hints := v.Hint[:0]
 				for _, ip := range v.Hint {
-					if a, ok := netip.AddrFromSlice(ip); ok && !rebind.drops(a.Unmap()) {
+					if a, ok := netip.AddrFromSlice(ip); ok && !IsSpecial(a.Unmap()) {
 						hints = append(hints, ip)
 					} else {
 						dropped = true
@@ -190,10 +174,10 @@ func filterSVCB(s *dns.SVCB, rebind *rebindFilter, keepECH bool) (ech, dropped b
 				}
 			}
 		case *dns.SVCBIPv6Hint:
-			if rebind != nil {
+			if rebind {
 				hints := v.Hint[:0]
 				for _, ip := range v.Hint {
-					if a, ok := netip.AddrFromSlice(ip); ok && !rebind.drops(a) {
+					if a, ok := netip.AddrFromSlice(ip); ok && !isSpecialNAT64(a, nat) {
 						hints = append(hints, ip)
 					} else {
 						dropped = true

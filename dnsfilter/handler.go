@@ -401,11 +401,7 @@ func (s *Server) fetch(key []byte, name string, qtype, qclass uint16, flags byte
 // r becomes the entry's.
 func (s *Server) entryFrom(key []byte, name string, flags byte, r *dns.Msg, up *upstream) *entry {
 	// The NAT64 prefixes are the flag's, the same under every policy.
-	var rebind *rebindFilter
-	if s.cfg.rebinds(name) {
-		rebind = &rebindFilter{nat: s.pol.Load().NAT64(), own: *s.own.Load()}
-	}
-	filtered := filterAnswer(name, r, rebind, s.cfg.KeepECH)
+	filtered := filterAnswer(name, r, s.cfg.rebinds(name), s.cfg.KeepECH, s.pol.Load().NAT64())
 	switch filtered {
 	case "rebinding+ech":
 		s.m.filtered.WithLabelValues("rebinding").Inc()

@@ -8,7 +8,6 @@ import (
 	"net"
 	"net/netip"
 	"runtime"
-	"slices"
 	"strconv"
 	"sync"
 	"sync/atomic"
@@ -107,12 +106,6 @@ type Server struct {
 	// sockets' filters drop (DropUDPFrom, DropTCPFrom; SetDropFrom).
 	dropUDP, dropTCP int
 
-	// own is the gateway's own addresses the rebinding filter drops
-	// (Config.OwnAddrs, then what SetOwnAddrs gave): unmapped, once each.
-	// The slice is never changed in place: SetOwnAddrs swaps it whole,
-	// and the readers (every upstream answer's filter) take no lock.
-	own atomic.Pointer[[]netip.Addr]
-
 	closing   atomic.Bool
 	ready     chan struct{} // closed once listeners are bound
 	done      chan struct{} // closed by Close
@@ -152,7 +145,6 @@ func New(cfg Config, deps Deps) (*Server, error) {
 		dropUDP: cfg.DropUDPFrom,
 		dropTCP: cfg.DropTCPFrom,
 	}
-	s.own.Store(&cfg.OwnAddrs)
 	if s.sink == nil {
 		s.sink = audit.Discard
 	}
@@ -736,27 +728,4 @@ func loopsBack(up netip.AddrPort, listen []string) bool {
 		}
 	}
 	return false
-}
-
-// SetOwnAddrs replaces the gateway's own addresses the rebinding filter
-// drops (Config.OwnAddrs) with addrs: egressd run calls it when the
-// interfaces' addresses change (a WAN address gained on a reconnect, a
-// new delegated IPv6 prefix, an address taken off), so answers from then
-// on lose the new ones and keep the old ones. Answers already cached keep
-// what the filter left them. The list is swapped whole: the readers take
-// no lock.
-func (s *Server) SetOwnAddrs(addrs []netip.Addr) {
-	own := ownAddrs(addrs)
-	s.own.Store(&own)
-}
-
-// ownAddrs returns addrs unmapped, once each (a new slice).
-func ownAddrs(addrs []netip.Addr) []netip.Addr {
-	own := make([]netip.Addr, 0, len(addrs))
-	for _, a := range addrs {
-		if a = a.Unmap(); !slices.Contains(own, a) {
-			own = append(own, a)
-		}
-	}
-	return own
 }

@@ -248,12 +248,12 @@ func (t *Table) Load(r io.Reader, admit func(*Learned) bool) (int, error) {
 // upstream there), so eng must let the item's client resolve its name
 // unless eng is in audit mode; the name must not be the canary nor an
 // iCloud Private Relay canary eng does not allow, which the forwarder
-// answers itself; and the address must be one the answer filter leaves
-// in the name's answers (the rebinding filter, with c's
-// AllowPrivateAnswers, PrivateSuffixes and OwnAddrs, and the special
-// ranges of this version). The item's rule becomes the one eng credits,
-// or none. So an answer given in audit mode for a name the enforce policy
-// of the next start allows comes back under that policy's rule. A file written
+// answers itself; and the address must be one the answer
+// filter leaves in the name's answers (the rebinding filter, with c's
+// AllowPrivateAnswers and PrivateSuffixes, and the special ranges of this
+// version). The item's rule becomes the one eng credits, or none. So an
+// answer given in audit mode for a name the enforce policy of the next
+// start allows comes back under that policy's rule. A file written
 // under another policy, another filter or by a version whose filter
 // lacked a range so brings back only what the running forwarder would
 // have given out.
@@ -264,10 +264,9 @@ func (t *Table) Load(r io.Reader, admit func(*Learned) bool) (int, error) {
 // for concurrent use.
 func (c Config) WouldLearn(eng *policy.Engine, macs ClientMACs) func(*Learned) bool {
 	c = c.withDefaults()
-	rebind := &rebindFilter{nat: eng.NAT64(), own: c.OwnAddrs}
 	var seen map[netip.Addr]net.HardwareAddr
 	return func(l *Learned) bool {
-		if l.Name == canaryName || c.rebinds(l.Name) && rebind.drops(l.Addr) {
+		if l.Name == canaryName || c.rebinds(l.Name) && isSpecialNAT64(l.Addr, eng.NAT64()) {
 			return false
 		}
 		var mac net.HardwareAddr

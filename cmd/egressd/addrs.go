@@ -11,18 +11,16 @@ import (
 
 // Following the gateway's addresses.
 //
-// The forwarder's rebinding filter (answers naming the gateway itself),
-// the proxies' guard against dialling the gateway itself and capture's
+// The proxies' guard against dialling the gateway itself and capture's
 // record of the gateway's own traffic need the gateway's addresses, and
 // those change while egressd runs: a PPPoE or DHCP WAN reconnects with
 // another address, an ISP rotates the delegated IPv6 prefix, an operator
 // adds one. watchLinks wakes on netlink address notices too
 // (RTMGRP_IPV4_IFADDR, RTMGRP_IPV6_IFADDR) and every linkRecheck; the
 // addrFollower check reads the addresses again and hands a changed list
-// to the forwarder, the proxy and capture (Server.SetOwnAddrs,
-// Proxy.SetOwnAddrs, Capture.SetOwnAddrs), with one log line naming what
-// changed. The explicit proxy's listeners on the LAN interfaces'
-// addresses follow on the same wake-ups (followExplicit).
+// to the proxy and capture (Proxy.SetOwnAddrs, Capture.SetOwnAddrs), with
+// one log line naming what changed. The explicit proxy's listeners on the
+// LAN interfaces' addresses follow on the same wake-ups (followExplicit).
 
 // addrFollower holds the gateway's addresses as last read and hands each
 // changed list to its users.
@@ -44,7 +42,7 @@ func (f *addrFollower) check() {
 	addrs, err := f.read()
 	if err != nil {
 		if !f.failed {
-			f.log.Warn("addresses: cannot list the gateway's own addresses: the forwarder, the proxies and capture keep the last list", audit.LogError, err.Error())
+			f.log.Warn("addresses: cannot list the gateway's own addresses: the proxies and capture keep the last list", audit.LogError, err.Error())
 		}
 		f.failed = true
 		return

@@ -981,13 +981,6 @@ func (d *daemon) run(ctx context.Context) error {
 	dnsCfg := dnsfilter.Config{Listen: splitList(cfg.dnsListen), Upstreams: splitList(cfg.upstreams), Deny: denyAnswer(cfg.denyAnswer)}
 	dnsCfg.DropUDPFrom, dnsCfg.DropTCPFrom = wdrop.dns(wanIdx)
 	dnsCfg.TunnelThreshold = cfg.tunnelAlarm
-	// The gateway's own addresses, which the rebinding filter drops
-	// (THREATS.md E3/F1), read now for the restored table's filter too;
-	// they follow address changes below (ownUsers). A failed read is
-	// logged by the addrFollower, whose list the forwarder then takes.
-	if own, err := netutil.HostAddrs(); err == nil {
-		dnsCfg.OwnAddrs = own
-	}
 	if cfg.tunnelAlarm == 0 {
 		dnsCfg.TunnelThreshold = -1 // off
 	}
@@ -1152,14 +1145,10 @@ func (d *daemon) run(ctx context.Context) error {
 		}()
 	}
 	d.setOpenFlows(capOpen)
-	// The gateway's own addresses, for the forwarder's rebinding filter,
-	// the proxies' guard and capture, and the explicit listeners on the
-	// LAN addresses follow address changes (watchLinks wakes on address
-	// notices too).
+	// The gateway's own addresses, for the proxies' guard and capture,
+	// and the explicit listeners on the LAN addresses follow address
+	// changes (watchLinks wakes on address notices too).
 	var ownUsers []func([]netip.Addr)
-	if d.dns != nil {
-		ownUsers = append(ownUsers, d.dns.SetOwnAddrs)
-	}
 	if d.proxy != nil {
 		ownUsers = append(ownUsers, d.proxy.SetOwnAddrs)
 	}
