@@ -6,7 +6,8 @@ import "strings"
 // "." or ".." segment (also as "..;" for servlet containers), no
 // backslash, no '#' (a target has no fragment; an origin may read past
 // it), no percent-encoded dot, slash, backslash or percent, no overlong
-// UTF-8 (a two-byte lead byte C0 or C1, E0 80–9F, F0 80–8F), and no IIS
+// UTF-8 (a two-byte lead byte C0 or C1, E0 80–9F, F0 80–8F, and the
+// bytes F5–FF, which begin RFC 2279's five- and six-byte forms), and no IIS
 // %uXXXX escape (IIS reads %u002e as a dot). A path that is not plain may
 // be read by an origin as another one ("/allowed/../other"): the proxy
 // refuses it where only a host/path rule would allow it (path-form), and
@@ -31,6 +32,12 @@ func PlainPath(path string) bool {
 		// An overlong three- or four-byte sequence: its lead byte, then
 		// a continuation byte below the least one a shortest form uses.
 		lead, ok := pctByte(path[i:])
+		if ok && lead >= 0xf5 {
+			// No UTF-8 begins so (RFC 3629); RFC 2279's five- and
+			// six-byte forms did, and old decoders read
+			// %f8%80%80%80%ae as a dot.
+			return false
+		}
 		if !ok || (lead != 0xe0 && lead != 0xf0) {
 			continue
 		}

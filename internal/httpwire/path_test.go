@@ -19,8 +19,11 @@ func TestPlainPath(t *testing.T) {
 		"/a/%u002e%u002e/b": false, "/a/%U002E/b": false, "/a/%u2215b": false,
 		// Overlong three- and four-byte forms of '.' and '/'.
 		"/a/%e0%80%ae/b": false, "/a/%E0%80%AF": false, "/a/%f0%80%80%ae": false,
+		// RFC 2279's five- and six-byte forms (old decoders read them):
+		// bytes F5–FF begin no UTF-8 of RFC 3629.
+		"/a/%f8%80%80%80%ae": false, "/a/%FC%80%80%80%80%AF": false, "/a/%f5%80%80%80": false, "/a/%ff": false,
 		// Not IIS escapes, and longer UTF-8 that is not overlong.
-		"/a/%use": true, "/a/%u00": true, "/a/%e0%a4%85": true, "/a/%f0%9f%98%80": true, "/a/%e2%80%a6": true,
+		"/a/%f4%8f%bf%bf": true, "/a/%use": true, "/a/%u00": true, "/a/%e0%a4%85": true, "/a/%f0%9f%98%80": true, "/a/%e2%80%a6": true,
 	} {
 		if got := PlainPath(p); got != want {
 			t.Errorf("PlainPath(%q) = %v", p, got)
