@@ -11,9 +11,16 @@ import (
 // Decide returns the verdict for a flow: allowed when any rule allows it,
 // crediting the first such rule in file order. A flow named for iCloud
 // Private Relay's ingress is allowed only by a rule that names it exactly
-// (relay.go). It does not allocate when in.Name is already normal (see
-// NormalizeName).
+// (relay.go). A host/path rule matches in.Path in its normal form
+// (NormalPath). It does not allocate when in.Name is already normal (see
+// NormalizeName) and in.Path has no escape.
 func (e *Engine) Decide(in Input) Decision {
+	if in.Path != "" {
+		if in.PathCut && cutPathStart(in.Path) != "" {
+			in.Path = cutPathStart(in.Path)
+		}
+		in.Path = NormalPath(in.Path)
+	}
 	m := matcher{e: e, in: &in, best: -1, expired: -1, flow: true, cut: -1}
 	if e.hasExpiry && in.Now.IsZero() {
 		in.Now = time.Now()

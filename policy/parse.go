@@ -807,7 +807,8 @@ func parseTarget(s string) ([]Target, error) {
 		if path == "" {
 			path = "*"
 		}
-		g, err := glob.Compile("/" + path)
+		// Matched in normal form (NormalPath), as request paths are.
+		g, err := glob.Compile(NormalPath("/" + path))
 		if err != nil {
 			return nil, fmt.Errorf("%q: bad path glob: %v", s, err)
 		}

@@ -1,0 +1,96 @@
+package policy
+
+import (
+	"net/url"
+	"strings"
+	"testing"
+)
+
+// TestDecidePathForms: a request path is matched against a host/path glob
+// after both are normalised as RFC 3986 §6.2.2 says (NormalPath):
+// percent-encoded unreserved characters decoded once, the hex digits of
+// the other escapes upper-cased. So a path an origin decodes to the one a
+// rule names is allowed however its unreserved characters are spelled,
+// and one it decodes to another path is not: no reserved escape (%2F,
+// %3F, %25) is decoded, nor anything twice, and case is kept (nginx on
+// Linux serves /Public and /public from two directories). Dot segments
+// and encoded dots are the callers' path-form check (httpwire.PlainPath),
+// not the match's.
+func TestDecidePathForms(t *testing.T) {
+	e := mustCompile(t, `version: 1
+mode: enforce
+rules:
+  - name: files
+    to: ["paths.test/public/*", "paths.test/caf%c3%a9/*", "paths.test/%7Euser/*", "paths.test/My%20Page", "paths.test/a%2Fb"]
+    ports: [80/tcp]
+`)
+	for path, want := range map[string]bool{
+		"/public/x": true,
+		// Unreserved characters escaped, in either hex case.
+		"/%70ublic/x": true, "/publi%63/%78": true, "/%70%75%62%6C%69%63/x": true, "/%70%75%62%6c%69%63/x": true,
+		"/public/%7e%2D%5F%2e": true,
+		// Decoded, another path: case is kept.
+		"/%70UBLIC/x": false, "/%50ublic/x": false, "/Public/x": false, "/PUBLIC/x": false,
+		// Reserved escapes are not decoded, nor anything twice.
+		"/public%2Fx": false, "/public%2fx": false, "/%2570ublic/x": false, "/public%3F/x": false,
+		// Slashes, parameters and dots as spelled.
+		"/public//x": true, "//public/x": false, "/public;/x": false, "/public/x;v=1": true, "/public/./x": true,
+		// The rule's own escapes are normalised as well.
+		"/caf%C3%A9/x": true, "/caf%c3%a9/x": true, "/caf%c3%A9/x": true, "/caf%C3%A9": false, "/caf\xc3\xa9/x": false,
+		"/~user/x": true, "/%7euser/x": true, "/%7Euser/x": true,
+		"/My%20Page": true, "/%4Dy%20Page": true, "/My%20page": false, "/My Page": false,
+		"/a%2fb": true, "/a%2Fb": true, "/a/b": false,
+		// Not escapes: kept as they are.
+		"/public/%zz": true, "/public/%": true, "/%7": false, "/%": false,
+		"/private/x": false,
+	} {
+		d := e.Decide(Input{Name: "paths.test", Port: 80, Proto: TCP, Path: path})
+		if d.Allowed() != want || !want && d.Reason != ReasonPath {
+			t.Errorf("%q: %+v, want allowed %v", path, d, want)
+		}
+	}
+}
+
+// TestNormalPath: unreserved escapes decoded once, the others' hex upper
+// case, anything else as it is.
+func TestNormalPath(t *testing.T) {
+	for in, want := range map[string]string{
+		"": "", "/": "/", "/a/b": "/a/b", "/%41%61%30%2d%2E%5f%7E": "/Aa0-._~", "/%2f%2F%3f%25%c3%a9": "/%2F%2F%3F%25%C3%A9",
+		"/%2541": "/%2541", "/%zz%4": "/%zz%4", "/%": "/%", "/x%": "/x%", "/%%41": "/%A",
+	} {
+		if got := NormalPath(in); got != want {
+			t.Errorf("NormalPath(%q) = %q, want %q", in, got, want)
+		}
+	}
+}
+
+// FuzzNormalPath: a path and its normal form are one path to an origin
+// that decodes escapes (nginx, Go's net/http): decoded once, they are the
+// same bytes; the normal form is a fixed point where it has no '%' but
+// its escapes'; and no reserved escape is decoded.
+func FuzzNormalPath(f *testing.F) {
+	for _, s := range []string{"/a/b", "/%70ublic/x", "/%2f%2F", "/%2541", "/%zz%4", "/%%41", "/caf%c3%a9"} {
+		f.Add(s)
+	}
+	f.Fuzz(func(t *testing.T, p string) {
+		n := NormalPath(p)
+		if strings.Count(n, "%") > strings.Count(p, "%") || len(n) > len(p) {
+			t.Fatalf("NormalPath(%q) = %q", p, n)
+		}
+		d, err := url.PathUnescape(p)
+		if err != nil {
+			return
+		}
+		if dn, err := url.PathUnescape(n); err != nil || dn != d {
+			t.Fatalf("NormalPath(%q) = %q: decodes to %q, not %q (%v)", p, n, dn, d, err)
+		}
+		if NormalPath(n) != n {
+			t.Fatalf("NormalPath(%q) = %q, not a fixed point", p, n)
+		}
+		for _, r := range []string{"/", "?", "#", "\\", "%25"} {
+			if strings.Count(strings.ToUpper(n), r) != strings.Count(strings.ToUpper(p), r) {
+				t.Fatalf("NormalPath(%q) = %q: %q decoded", p, n, r)
+			}
+		}
+	})
+}
