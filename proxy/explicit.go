@@ -834,7 +834,7 @@ func (p *Proxy) handleRequest(req *http.Request, ctx *goproxy.ProxyCtx) (*http.R
 	eng := at.eng
 	ca := addrPortOf(tcpAddrString(req.RemoteAddr))
 	f := &flowRecord{listener: "explicit", ev: audit.Event{Kind: audit.KindFlow, Source: audit.SourceProxy, Time: time.Now(),
-		Client: ca.Addr(), ClientPort: ca.Port(), Proto: "tcp", NameSource: audit.NameHost, Path: req.URL.Path}}
+		Client: ca.Addr(), ClientPort: ca.Port(), Proto: "tcp", NameSource: audit.NameHost, Path: req.URL.EscapedPath()}}
 	forwarded := false
 	defer func() {
 		if !forwarded {
@@ -864,9 +864,10 @@ func (p *Proxy) handleRequest(req *http.Request, ctx *goproxy.ProxyCtx) (*http.R
 	} else {
 		f.ev.ClientMAC = p.slotDevice(req)
 	}
-	v, addr := p.decideTarget(req.Context(), eng, ca.Addr(), mac, host, port, req.URL.Path, audit.NameHost)
-	// The path as sent (escaped): one an origin may read as another does
-	// not pass a host/path glob, as on the transparent path.
+	// The path as sent (escaped), as on the transparent path: the policy
+	// matches its normal form (policy.NormalPath); one an origin may read
+	// as another does not pass a host/path glob (path-form).
+	v, addr := p.decideTarget(req.Context(), eng, ca.Addr(), mac, host, port, req.URL.EscapedPath(), audit.NameHost)
 	hin := policy.Input{Client: ca.Addr(), ClientMAC: mac, Port: port, Proto: policy.TCP, Name: v.name, Now: time.Now()}
 	if v.name == "" {
 		hin.Dest = addr.Addr()
@@ -885,7 +886,7 @@ func (p *Proxy) handleRequest(req *http.Request, ctx *goproxy.ProxyCtx) (*http.R
 		if shown == "" {
 			shown = host
 		}
-		return req, p.denyResponse(req, DenyInfo{Host: shown, Path: req.URL.Path, Client: ca.Addr().String(), Rule: v.d.Rule, Reason: v.d.Reason})
+		return req, p.denyResponse(req, DenyInfo{Host: shown, Path: req.URL.EscapedPath(), Client: ca.Addr().String(), Rule: v.d.Rule, Reason: v.d.Reason})
 	}
 	if !addr.IsValid() {
 		f.ev.Close = closeDial
@@ -1073,7 +1074,7 @@ func dropConnectionFields(h http.Header) {
 func (p *Proxy) inspectedRequest(at policyAt, st *connectState, req *http.Request) (*http.Request, *http.Response) {
 	eng := at.eng
 	ev := requestEvent(&st.rec.ev, time.Now())
-	ev.Name, ev.NameSource, ev.Path = st.host, st.src, req.URL.Path
+	ev.Name, ev.NameSource, ev.Path = st.host, st.src, req.URL.EscapedPath()
 	first := st.firstIsFlow
 	st.firstIsFlow = false
 	if st.requestSeen != nil {
@@ -1122,7 +1123,10 @@ func (p *Proxy) inspectedRequest(at policyAt, st *connectState, req *http.Reques
 	} else if host != st.host {
 		d = denyDecision(eng, ReasonHostMismatch)
 	} else {
-		in := p.withMAC(eng, policy.Input{Client: st.client.Addr(), ClientMAC: st.mac, Dest: st.addr.Addr(), Port: st.addr.Port(), Proto: policy.TCP, Name: st.host, Path: req.URL.Path})
+		// The path as the origin gets it (escaped, as on the
+		// transparent path and in capture): the policy matches its
+		// normal form (policy.NormalPath), not net/http's decoding.
+		in := p.withMAC(eng, policy.Input{Client: st.client.Addr(), ClientMAC: st.mac, Dest: st.addr.Addr(), Port: st.addr.Port(), Proto: policy.TCP, Name: st.host, Path: req.URL.EscapedPath()})
 		d = eng.Decide(in)
 		if d.Allowed() && p.pathFormDenied(eng, in, req.URL.EscapedPath()) {
 			d = denyDecision(eng, ReasonPathForm)
@@ -1141,7 +1145,7 @@ func (p *Proxy) inspectedRequest(at policyAt, st *connectState, req *http.Reques
 		if shown == "" {
 			shown = st.addr.Addr().String()
 		}
-		return req, p.denyResponse(req, DenyInfo{Host: shown, Path: req.URL.Path, Client: st.client.Addr().String(), Rule: d.Rule, Reason: d.Reason})
+		return req, p.denyResponse(req, DenyInfo{Host: shown, Path: req.URL.EscapedPath(), Client: st.client.Addr().String(), Rule: d.Rule, Reason: d.Reason})
 	}
 	dropConnectionFields(req.Header)
 	return req.WithContext(context.WithValue(req.Context(), dialKey{}, st.addr)), nil
