@@ -16,6 +16,7 @@ import (
 	"math"
 	"net"
 	"net/http"
+	"net/netip"
 	"runtime/debug"
 	"strings"
 	"sync"
@@ -49,6 +50,10 @@ type Config struct {
 	// Version is reported in egress_build_info. Default: the module
 	// version from the build info, else "dev".
 	Version string
+	// Hosts are the names, besides IP literals and localhost, the server
+	// answers to in a request's Host (case and a final dot aside): what
+	// the operator types in the browser.
+	Hosts []string
 }
 
 // Deps are what the admin server serves.
@@ -81,6 +86,13 @@ type Server struct {
 	srv    *http.Server
 	ln     net.Listener
 	closed bool
+
+	hosts map[string]bool // Config.Hosts, normalHost'd
+
+	now       func() time.Time // the clock of the refusal log's pacing
+	refusedMu sync.Mutex       // guards following
+	refusedAt time.Time        // when a refusal was last logged
+	refused   int              // refusals since, not logged
 }
 
 // New builds the server and registers its metrics: egress_build_info,
@@ -105,7 +117,16 @@ func New(cfg Config, deps Deps) (*Server, error) {
 	if deps.Logger == nil {
 		deps.Logger = slog.Default()
 	}
-	s := &Server{cfg: cfg, deps: deps, log: deps.Logger}
+	s := &Server{cfg: cfg, deps: deps, log: deps.Logger, now: time.Now}
+	for _, h := range cfg.Hosts {
+		if err := CheckHost(h); err != nil {
+			return nil, err
+		}
+		if s.hosts == nil {
+			s.hosts = map[string]bool{}
+		}
+		s.hosts[normalHost(h)] = true
+	}
 	goVersion := "unknown"
 	if bi, ok := debug.ReadBuildInfo(); ok {
 		goVersion = bi.GoVersion
@@ -198,8 +219,97 @@ func (s *Server) ConfigPartlyLoaded(at time.Time, why string) {
 const reloadStamp = "2006-01-02 15:04:05Z"
 
 // Handler returns the admin API's handler (for tests, or to mount
-// elsewhere).
-func (s *Server) Handler() http.Handler { return s.mux }
+// elsewhere): the endpoints behind the Host check (hostOK) and the
+// headers that keep other origins out.
+func (s *Server) Handler() http.Handler {
+	return http.HandlerFunc(func(w http.ResponseWriter, r *http.Request) {
+		h := w.Header()
+		// No response is for another origin: not to be framed (the
+		// page's own CSP says so too), sniffed into a script or a
+		// style, or loaded by a page of another site (no-cors). No
+		// Access-Control-Allow-Origin is ever sent.
+		h.Set("Content-Security-Policy", "default-src 'none'; frame-ancestors 'none'")
+		h.Set("X-Content-Type-Options", "nosniff")
+		h.Set("X-Frame-Options", "DENY")
+		h.Set("Cross-Origin-Resource-Policy", "same-origin")
+		if !s.hostOK(r.Host) {
+			s.logRefused(r)
+			h.Set("Content-Type", "text/plain; charset=utf-8")
+			w.WriteHeader(http.StatusMisdirectedRequest)
+			fmt.Fprintln(w, "egressd admin: not a host this server answers to; use its address, localhost or a name of --admin-hosts")
+			return
+		}
+		s.mux.ServeHTTP(w, r)
+	})
+}
+
+// hostOK reports whether the server answers to host, a request's Host
+// (for an absolute-form request, the URL's): an IP literal, localhost or
+// a name of Config.Hosts, with or without a port. Anything else is a
+// name the browser resolved on someone's word: DNS rebinding gives a
+// page on attacker.example the gateway's address, and the page reads the
+// admin API as its own origin. No Host at all (HTTP/1.0) is no browser's.
+func (s *Server) hostOK(host string) bool {
+	if host == "" {
+		return true
+	}
+	if h, _, err := net.SplitHostPort(host); err == nil {
+		host = h
+	} else if strings.HasPrefix(host, "[") && strings.HasSuffix(host, "]") {
+		host = host[1 : len(host)-1]
+	}
+	if _, err := netip.ParseAddr(host); err == nil {
+		return true
+	}
+	for i := range len(host) {
+		if host[i] >= 0x80 { // no Unicode case folding into a name: K (U+212A) is not k
+			return false
+		}
+	}
+	host = normalHost(host)
+	return host == "localhost" || s.hosts[host]
+}
+
+// CheckHost checks a name of Config.Hosts: letters, digits, '-', '_'
+// and dots, without a port.
+func CheckHost(h string) error {
+	n := normalHost(h)
+	if n == "" {
+		return fmt.Errorf("admin: host %q: expected a name", h)
+	}
+	for _, c := range n {
+		if !(c >= 'a' && c <= 'z' || c >= '0' && c <= '9' || c == '-' || c == '_' || c == '.') {
+			return fmt.Errorf("admin: host %q: expected a name (letters, digits, '-', '.'), without a port", h)
+		}
+	}
+	return nil
+}
+
+// normalHost is a host name as hostOK compares it: lower case, without
+// the final dot.
+func normalHost(h string) string {
+	return strings.TrimSuffix(strings.ToLower(strings.TrimSpace(h)), ".")
+}
+
+// refusedEvery paces the refusal log: a page that fetches in a loop
+// logs a line a minute, with the count of the refusals between.
+const refusedEvery = time.Minute
+
+// logRefused logs a request hostOK refused, at most once a refusedEvery.
+func (s *Server) logRefused(r *http.Request) {
+	now := s.now()
+	s.refusedMu.Lock()
+	if !s.refusedAt.IsZero() && now.Sub(s.refusedAt) < refusedEvery {
+		s.refused++
+		s.refusedMu.Unlock()
+		return
+	}
+	n := s.refused + 1
+	s.refusedAt, s.refused = now, 0
+	s.refusedMu.Unlock()
+	s.log.Warn("admin: refused a request for a host the admin server does not answer to (DNS rebinding?); --admin-hosts names more",
+		"host", r.Host, "remote", r.RemoteAddr, "path", r.URL.Path, "refused", n)
+}
 
 // Addr returns the listening address once Run listens, else the
 // configured one.
@@ -218,7 +328,7 @@ func (s *Server) Run(ctx context.Context) error {
 	if err != nil {
 		return fmt.Errorf("admin: listen %s: %w", s.cfg.Addr, err)
 	}
-	srv := &http.Server{Handler: s.mux, ReadHeaderTimeout: 5 * time.Second, ReadTimeout: 10 * time.Second,
+	srv := &http.Server{Handler: s.Handler(), ReadHeaderTimeout: 5 * time.Second, ReadTimeout: 10 * time.Second,
 		WriteTimeout: 60 * time.Second, IdleTimeout: 60 * time.Second}
 	s.mu.Lock()
 	if s.closed {
@@ -314,8 +424,7 @@ func (s *Server) serveHTML(w http.ResponseWriter, r *http.Request) {
 	h.Set("Content-Type", "text/html; charset=utf-8")
 	h.Set("Cache-Control", "no-store")
 	// The page is self-contained: forbid anything external, and scripts.
-	h.Set("Content-Security-Policy", "default-src 'none'; style-src 'unsafe-inline'; img-src data:")
-	h.Set("X-Content-Type-Options", "nosniff")
+	h.Set("Content-Security-Policy", "default-src 'none'; style-src 'unsafe-inline'; img-src data:; frame-ancestors 'none'")
 	if err := rep.WriteHTML(w); err != nil {
 		s.log.Debug("admin: write report", audit.LogError, err)
 	}
