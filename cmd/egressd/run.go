@@ -62,6 +62,7 @@ type runConfig struct {
 	upstreams   string
 	stateDir    string
 	admin       string
+	adminHosts  string
 	noFirewall  bool
 	masquerade  bool
 	guardWAN    bool
@@ -89,6 +90,7 @@ func (c *runConfig) flags(fs *flag.FlagSet) {
 	fs.StringVar(&c.upstreams, "upstream-dns", "", "upstream resolvers, comma-separated ip[:port] (default: /etc/resolv.conf)")
 	fs.StringVar(&c.stateDir, "state-dir", "/var/lib/egressd", "state directory: event log (the ledger survives restarts), learned DNS answers (survive restarts), inspection CA")
 	fs.StringVar(&c.admin, "admin", "127.0.0.1:9901", "admin address: / (HTML report), /report.json, /metrics, /healthz, /readyz")
+	fs.StringVar(&c.adminHosts, "admin-hosts", "", "names, comma-separated, the admin address answers to besides its IP addresses, localhost and --admin's host name (gw.example.lan); any other Host gets 421: DNS rebinding")
 	fs.BoolVar(&c.noFirewall, "no-firewall", false, "do not touch nftables: the operator brings traffic to the listeners")
 	fs.BoolVar(&c.masquerade, "masquerade", false, "NAT LAN traffic leaving the WAN interface")
 	fs.BoolVar(&c.guardWAN, "guard-wan", false, "drop new connections from the WAN side in audit mode too (always on in enforce)")
@@ -299,6 +301,9 @@ func checkFlagValues(cfg runConfig) error {
 		bad("explicit-proxy-listen", checkListenAddr(cfg.explicit))
 	}
 	bad("admin", checkListenAddr(cfg.admin))
+	for _, h := range splitList(cfg.adminHosts) {
+		bad("admin-hosts", admin.CheckHost(h))
+	}
 	if len(errs) > 0 {
 		return flagValueError{errors.Join(errs...)}
 	}
@@ -1693,7 +1698,11 @@ func (d *daemon) serveAdmin(ctx context.Context, wg *sync.WaitGroup) (string, er
 		checks = append(checks, admin.Check{Name: "event log write failing", Fn: d.journal.Err},
 			admin.Check{Name: "summary of rotated-out event log files failing", Fn: d.journal.FoldErr})
 	}
-	srv, err := admin.New(admin.Config{Addr: d.cfg.admin, Version: version}, admin.Deps{Reporter: d.ledger, Registry: d.reg, Checks: checks, Logger: d.log.With(audit.LogComponent, "admin")})
+	hosts := splitList(d.cfg.adminHosts)
+	if h, _, err := net.SplitHostPort(d.cfg.admin); err == nil && h != "" && admin.CheckHost(h) == nil {
+		hosts = append(hosts, h) // --admin gw.example.lan:9901
+	}
+	srv, err := admin.New(admin.Config{Addr: d.cfg.admin, Version: version, Hosts: hosts}, admin.Deps{Reporter: d.ledger, Registry: d.reg, Checks: checks, Logger: d.log.With(audit.LogComponent, "admin")})
 	if err != nil {
 		return "", err
 	}

@@ -136,6 +136,7 @@ func TestRunFlagValues(t *testing.T) {
 		{"--proxy-listen", "bogus", `--proxy-listen: "bogus": expected HOST:PORT`},
 		{"--explicit-proxy-listen", "127.0.0.1:99999", `--explicit-proxy-listen: "127.0.0.1:99999": expected HOST:PORT`},
 		{"--admin", "localhost", `--admin: "localhost": expected HOST:PORT`},
+		{"--admin-hosts", "gw.example.lan:9901", `--admin-hosts: admin: host "gw.example.lan:9901": expected a name`},
 		{"--mode", "loud", `--mode "loud": expected audit or enforce`},
 		{"--log-level", "loud", `--log-level "loud": expected debug`},
 		{"--log-format", "xml", `--log-format "xml": expected json or text`},
