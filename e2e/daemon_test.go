@@ -61,6 +61,7 @@ type daemon struct {
 	extra    []string // more egressd run flags
 	wrap     []string // a command egressd runs under (setpriv ...), egressd's path and arguments its own
 	bin      string   // the egressd binary to run; "": egressdBin
+	admin    string   // --admin; "": adminAddr
 	// unready makes start wait for /readyz to answer, 503 too: a part
 	// is expected not to run at start.
 	unready bool
@@ -154,7 +155,7 @@ func (d *daemon) start() {
 	}
 	args := []string{bin, "run", "--policy", d.policy,
 		"--lan", "lan0", "--wan", "wan0", "--state-dir", d.stateDir, "--upstream-dns", authDNS4,
-		"--admin", adminAddr, "--log-level", "info"}
+		"--admin", d.adminAddr(), "--log-level", "info"}
 	if d.mode != "" { // "": the policy file's mode
 		args = append(args, "--mode", d.mode)
 	}
@@ -217,10 +218,18 @@ func (d *daemon) kill9() {
 	}
 }
 
+// adminAddr is the daemon's --admin.
+func (d *daemon) adminAddr() string {
+	if d.admin != "" {
+		return d.admin
+	}
+	return adminAddr
+}
+
 // get fetches a path of the admin address, from inside the gateway.
 func (d *daemon) get(path string) (int, string, error) {
 	c := &http.Client{Timeout: 3 * time.Second, Transport: &http.Transport{DialContext: d.tp.gw.DialContext, DisableKeepAlives: true}}
-	resp, err := c.Get("http://" + adminAddr + path)
+	resp, err := c.Get("http://" + d.adminAddr() + path)
 	if err != nil {
 		return 0, "", err
 	}
@@ -326,7 +335,7 @@ func (d *daemon) report() *report {
 	d.t.Helper()
 	ctx, cancel := context.WithTimeout(context.Background(), 20*time.Second)
 	defer cancel()
-	cmd := exec.CommandContext(ctx, "ip", "netns", "exec", d.tp.gw.Name, egressdBin, "report", "--json", "--admin", adminAddr)
+	cmd := exec.CommandContext(ctx, "ip", "netns", "exec", d.tp.gw.Name, egressdBin, "report", "--json", "--admin", d.adminAddr())
 	var stderr bytes.Buffer
 	cmd.Stderr = &stderr
 	out, err := cmd.Output()
