@@ -7,6 +7,7 @@ import (
 	"io"
 	"net"
 	"slices"
+	"strings"
 	"text/tabwriter"
 	"time"
 
@@ -29,6 +30,12 @@ type ReplayResult struct {
 	// while the running policy names MACs; a client behind a router has
 	// none), so its MAC rules matched none of them.
 	NoMAC uint64 `json:"no_mac,omitempty"`
+	// PathCut counts the flows and requests, of those Unchanged, whose
+	// recorded path was cut at MaxPathBytes and which a host/path rule of
+	// the candidate decides on what the log no longer holds: the verdict
+	// the candidate gives the whole path is not known, so the record
+	// stays, as capture keeps it at a reload (policy.Input.PathCut).
+	PathCut uint64 `json:"path_cut,omitempty"`
 	// RotatedOut, when the state directory holds a summary of event log
 	// files rotation deleted, says how many files and events it holds:
 	// those events cannot be replayed, so the flows they were are not
@@ -127,6 +134,11 @@ func (r *Replayer) Emit(ev Event) {
 		// denial says so by itself (events from before NoPath was
 		// recorded).
 		NoPath: ev.NoPath || ev.Reason == policy.ReasonPathUnseen}
+	if ev.PathLen > 0 && ev.Kind != KindDNS {
+		// Cut at MaxPathBytes: decided on the start kept, as capture
+		// judges such a connection at a reload.
+		in.Path, in.PathCut = strings.TrimSuffix(ev.Path, TruncMark), true
+	}
 	var d policy.Decision
 	switch ev.Kind {
 	case KindDNS:
@@ -139,12 +151,26 @@ func (r *Replayer) Emit(ev Event) {
 		r.res.Flows++
 		d = r.eng.Decide(in)
 	}
-	if ev.Kind != KindDNS {
-		d = r.guard(in, d)
-	}
 	oldV := ev.Verdict
 	if oldV != policy.Allow {
 		oldV = policy.Deny
+	}
+	if d.Reason == policy.ReasonPathCut {
+		// The start cannot tell a host/path rule ranked before any that
+		// allows: allowed whatever the path where a rule allows the host
+		// (a recorded deny becomes that rule's), else only the whole path
+		// could tell, and the record stays (capture's rejudge likewise).
+		in.Path, in.PathCut = "", false
+		hd := r.guard(in, r.eng.HostLevel().Decide(in))
+		if oldV == policy.Allow || !hd.Allowed() {
+			r.res.Unchanged++
+			r.res.PathCut++
+			return
+		}
+		d = hd
+	}
+	if ev.Kind != KindDNS {
+		d = r.guard(in, d)
 	}
 	switch {
 	case oldV == d.Verdict && (d.Verdict == policy.Deny || ev.Rule == d.Rule):
@@ -330,5 +356,8 @@ func (res *ReplayResult) WriteText(w io.Writer) error {
 	changed("ALLOWED BY ANOTHER RULE", res.RuleChanged,
 		func(c ReplayChange) string { return allowed(c.OldRule) }, func(c ReplayChange) string { return allowed(c.NewRule) })
 	fmt.Fprintf(ew, "\nunchanged: %d\n", res.Unchanged)
+	if res.PathCut > 0 {
+		fmt.Fprintf(ew, "  of which %d with a path cut at %d bytes in the log that a path rule of the candidate decides past the cut: their verdict under it is not known\n", res.PathCut, MaxPathBytes)
+	}
 	return ew.err
 }
