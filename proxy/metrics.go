@@ -45,7 +45,7 @@ func newMetrics(reg prometheus.Registerer) (*metrics, error) {
 		}),
 		conntrack: prometheus.NewCounterVec(prometheus.CounterOpts{
 			Namespace: "egress", Subsystem: "proxy", Name: "conntrack_lookups_total",
-			Help: "Original-source lookups of transparent connections, by result: same (the socket's address was the client's), remapped (NAT had changed the source port; the client's was restored), not-found (no conntrack entry) or error (the socket's address was kept).",
+			Help: "Original-source lookups of transparent connections, by result: same (the socket's address was the client's), remapped (NAT had changed the source port; the client's was restored), not-found (no conntrack entry), timeout (no free socket or no answer within 200 ms) or error; all but remapped keep the socket's address.",
 		}, []string{"result"}),
 		requests: prometheus.NewCounterVec(prometheus.CounterOpts{
 			Namespace: "egress", Subsystem: "proxy", Name: "http_requests_total",
@@ -66,6 +66,9 @@ func newMetrics(reg prometheus.Registerer) (*metrics, error) {
 	}
 	for _, mode := range []string{"enforce", "audit"} { // served from the start, at 0
 		m.revoked.WithLabelValues(mode)
+	}
+	for _, r := range []string{"same", "remapped", "not-found", "timeout", "error"} { // served from the start, at 0
+		m.conntrack.WithLabelValues(r)
 	}
 	m.helloFast = m.hellos.WithLabelValues("fast")
 	m.helloTLS = m.hellos.WithLabelValues("crypto-tls")

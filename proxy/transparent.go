@@ -269,7 +269,9 @@ func (p *Proxy) handleTransparent(c *net.TCPConn, ours bool) {
 // lookup is made after the decision and the forward of the first bytes,
 // not before them, unless Deps.Accepted is to be told the connection
 // (origDst): then before the decision. Any failure keeps the socket's
-// port and is counted.
+// port and is counted; a lookup takes at most netutil's deadline (200 ms,
+// for a free socket and the kernel's answer together), so a burst or a
+// kernel that does not answer cannot hold a connection undecided.
 func (p *Proxy) clientPort(c *net.TCPConn, f *flowRecord) {
 	if f.portDone {
 		return
@@ -296,6 +298,10 @@ func (p *Proxy) clientPort(c *net.TCPConn, f *flowRecord) {
 	switch {
 	case errors.Is(err, netutil.ErrNoConntrack):
 		p.met.conntrack.WithLabelValues("not-found").Inc()
+		return
+	case errors.Is(err, netutil.ErrConntrackTimeout):
+		p.met.conntrack.WithLabelValues("timeout").Inc()
+		p.log.Debug("proxy: conntrack lookup", audit.LogError, err.Error())
 		return
 	case err != nil || !orig.IsValid():
 		p.met.conntrack.WithLabelValues("error").Inc()

@@ -74,12 +74,20 @@ const (
 	nlaTypeMask = 0x3fff // strips NLA_F_NESTED and NLA_F_NET_BYTEORDER
 )
 
-// conntrackTimeout bounds one lookup's wait for the kernel's answer (the
-// kernel answers a GET synchronously; this is a guard, not a budget).
+// conntrackTimeout bounds one lookup, from its call to its answer: the
+// wait for a free socket (a burst of connections, or sockets held by
+// lookups the kernel does not answer) and for the kernel's answer
+// together. The kernel answers a GET synchronously, within the send, so
+// this is a guard, not a budget: the proxy makes the lookup before it
+// decides a connection, and a lookup out of time leaves the socket's port.
 const conntrackTimeout = 200 * time.Millisecond
 
 // ErrNoConntrack means conntrack has no entry for the asked tuple.
 var ErrNoConntrack = errors.New("netutil: no conntrack entry")
+
+// ErrConntrackTimeout means a lookup ran out of its time (conntrackTimeout)
+// waiting for a free socket or for the kernel's answer.
+var ErrConntrackTimeout = errors.New("netutil: conntrack: no answer in time")
 
 // errConntrackClosed is returned by lookups after Close.
 var errConntrackClosed = errors.New("netutil: conntrack: closed")
@@ -159,21 +167,41 @@ func (ct *Conntrack) OriginalSource(local, remote netip.AddrPort) (netip.AddrPor
 	if ct.closed {
 		return netip.AddrPort{}, errConntrackClosed
 	}
-	s := <-ct.free // Close waits for this lookup, so the socket stays open
+	deadline := time.Now().Add(conntrackTimeout)
+	var s *ctSocket
+	select {
+	case s = <-ct.free: // Close waits for this lookup, so the socket stays open
+	default:
+		t := time.NewTimer(conntrackTimeout)
+		select {
+		case s = <-ct.free:
+			t.Stop()
+		case <-t.C:
+			return netip.AddrPort{}, fmt.Errorf("%w: every socket busy", ErrConntrackTimeout)
+		}
+	}
 	defer func() { ct.free <- s }()
 	s.seq++
 	seq := s.seq
 	req := buildCtGet(seq, netip.AddrPortFrom(la, local.Port()), netip.AddrPortFrom(ra, remote.Port()))
-	if err := unix.Sendto(s.fd, req, 0, &unix.SockaddrNetlink{Family: unix.AF_NETLINK}); err != nil {
+	// write(2), not sendto(2) with the kernel's address: an unconnected
+	// netlink socket sends to the kernel (port 0) by default.
+	if _, err := unix.Write(s.fd, req); err != nil {
 		return netip.AddrPort{}, fmt.Errorf("netutil: conntrack send: %w", err)
 	}
 	// Answers to earlier requests that timed out may still be queued: skip
-	// them by sequence number. Bounded: a handful of reads, each bounded by
-	// SO_RCVTIMEO.
+	// them by sequence number. Bounded: a handful of reads, all within the
+	// deadline. The answer is normally queued by the time the send
+	// returns, so the first read does not wait; only a missing answer
+	// waits, in poll(2), for what is left of the deadline (not for the
+	// socket's SO_RCVTIMEO, which each read would restart).
 	for range 16 {
-		n, _, err := unix.Recvfrom(s.fd, s.buf, 0)
-		if errors.Is(err, unix.EINTR) {
-			continue // a signal (Go's preemption) during the timed wait
+		n, _, err := unix.Recvfrom(s.fd, s.buf, unix.MSG_DONTWAIT)
+		if errors.Is(err, unix.EAGAIN) || errors.Is(err, unix.EINTR) {
+			if err := waitReadable(s.fd, deadline); err != nil {
+				return netip.AddrPort{}, err
+			}
+			continue
 		}
 		if err != nil {
 			return netip.AddrPort{}, fmt.Errorf("netutil: conntrack receive: %w", err)
@@ -184,6 +212,27 @@ func (ct *Conntrack) OriginalSource(local, remote netip.AddrPort) (netip.AddrPor
 		}
 	}
 	return netip.AddrPort{}, errors.New("netutil: conntrack: no answer")
+}
+
+// waitReadable waits until fd has a datagram to read or deadline passes
+// (ErrConntrackTimeout).
+func waitReadable(fd int, deadline time.Time) error {
+	for {
+		left := time.Until(deadline)
+		if left <= 0 {
+			return fmt.Errorf("%w: no answer from the kernel", ErrConntrackTimeout)
+		}
+		pfd := []unix.PollFd{{Fd: int32(fd), Events: unix.POLLIN}}
+		n, err := unix.Poll(pfd, int((left+time.Millisecond-1)/time.Millisecond))
+		switch {
+		case errors.Is(err, unix.EINTR):
+			continue // a signal (Go's preemption) during the wait
+		case err != nil:
+			return fmt.Errorf("netutil: conntrack poll: %w", err)
+		case n > 0:
+			return nil
+		}
+	}
 }
 
 // buildCtGet builds an IPCTNL_MSG_CT_GET request for the reply tuple

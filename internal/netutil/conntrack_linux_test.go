@@ -314,3 +314,71 @@ func BenchmarkConntrack(b *testing.B) {
 		}
 	})
 }
+
+// TestConntrackBusyBounded: a lookup that finds every socket in use (a
+// burst of connections, or sockets held by lookups the kernel does not
+// answer) gives up within its deadline with ErrConntrackTimeout, so the
+// connection waiting on it is still decided (with the socket's port).
+// Before, it waited for a free socket without bound: here, with every
+// socket held, for ever.
+func TestConntrackBusyBounded(t *testing.T) {
+	tp := newRedirectTopo(t)
+	ct := openConntrackIn(t, tp.g)
+	var held []*ctSocket
+	for range ConntrackSockets {
+		held = append(held, <-ct.free)
+	}
+	done := make(chan error, 1)
+	go func() {
+		_, err := ct.OriginalSource(netip.MustParseAddrPort("198.18.1.1:15001"), netip.MustParseAddrPort("198.18.1.2:1"))
+		done <- err
+	}()
+	select {
+	case err := <-done:
+		if !errors.Is(err, ErrConntrackTimeout) {
+			t.Errorf("lookup with every socket busy: %v, want ErrConntrackTimeout", err)
+		}
+	case <-time.After(10 * time.Second):
+		t.Fatal("a lookup with every socket busy still waits after 10 s")
+	}
+	for _, s := range held {
+		ct.free <- s
+	}
+	// The sockets back: lookups work again.
+	if _, err := ct.OriginalSource(netip.MustParseAddrPort("198.18.1.1:15001"), netip.MustParseAddrPort("198.18.1.2:1")); !errors.Is(err, ErrNoConntrack) {
+		t.Errorf("lookup after the sockets came back: %v, want ErrNoConntrack", err)
+	}
+}
+
+// TestConntrackNoAnswerBounded: a socket that never answers (here one end
+// of a socketpair whose other end is never written, without the netlink
+// sockets' SO_RCVTIMEO) fails the lookup within its deadline, with
+// ErrConntrackTimeout, and puts the socket back for the next lookup.
+func TestConntrackNoAnswerBounded(t *testing.T) {
+	tp := newRedirectTopo(t)
+	ct := openConntrackIn(t, tp.g)
+	for _, s := range ct.all {
+		fds, err := unix.Socketpair(unix.AF_UNIX, unix.SOCK_DGRAM|unix.SOCK_CLOEXEC, 0)
+		if err != nil {
+			t.Fatal(err)
+		}
+		unix.Close(s.fd)
+		s.fd = fds[0]
+		t.Cleanup(func() { unix.Close(fds[1]) })
+	}
+	for i := range 2 * ConntrackSockets {
+		done := make(chan error, 1)
+		go func() {
+			_, err := ct.OriginalSource(netip.MustParseAddrPort("198.18.1.1:15001"), netip.MustParseAddrPort("198.18.1.2:1"))
+			done <- err
+		}()
+		select {
+		case err := <-done:
+			if !errors.Is(err, ErrConntrackTimeout) {
+				t.Errorf("lookup %d on a socket that never answers: %v, want ErrConntrackTimeout", i, err)
+			}
+		case <-time.After(10 * time.Second):
+			t.Fatalf("lookup %d on a socket that never answers still waits after 10 s", i)
+		}
+	}
+}
