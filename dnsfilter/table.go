@@ -86,6 +86,14 @@ type tableShard struct {
 	norule int
 	// byClient counts the items of m per client, for the fair share.
 	byClient map[netip.Addr]int
+	// share is the fair share of a full shard: max(1, perCap/shareDiv).
+	share int
+	// big indexes the items of each client holding half its share or
+	// more (at most 2*shareDiv clients), so that a full shard finds its
+	// hog and the hog's item that goes first without a walk of m; a
+	// client's index is built as it reaches its share and dropped below
+	// half of it.
+	big map[netip.Addr]*clientItems
 
 	lastSweep int64 // unix nanoseconds of the last full sweep by makeRoomLocked
 }
@@ -148,6 +156,8 @@ func NewTable(size int) *Table {
 	for i := range t.shards {
 		t.shards[i].m = map[netip.Addr][]tableItem{}
 		t.shards[i].byClient = map[netip.Addr]int{}
+		t.shards[i].share = max(1, t.perCap/shareDiv)
+		t.shards[i].big = map[netip.Addr]*clientItems{}
 	}
 	empty := []*subscriber{}
 	t.subs.Store(&empty)
@@ -276,12 +286,169 @@ func (t *Table) Evicted() uint64 { return t.evicted.Load() }
 // up.
 func (t *Table) Refused() uint64 { return t.refused.Load() }
 
-// countClient adds d to the items the shard holds for client c.
+// countClient adds d to the items the shard holds for client c, and
+// builds or drops c's index (big). An item added is indexed by noteItem.
 func (sh *tableShard) countClient(c netip.Addr, d int) {
-	if n := sh.byClient[c] + d; n > 0 {
+	n := sh.byClient[c] + d
+	if n > 0 {
 		sh.byClient[c] = n
 	} else {
 		delete(sh.byClient, c)
+	}
+	ci := sh.big[c]
+	switch {
+	case ci == nil && d > 0 && n >= sh.share:
+		// A walk of the shard, once per share/2 items the client gains.
+		ci = &clientItems{}
+		for a, items := range sh.m {
+			for i := range items {
+				if items[i].client == c {
+					ci.push(a, &items[i])
+				}
+			}
+		}
+		sh.big[c] = ci
+	case ci != nil && n < max(1, sh.share/2):
+		delete(sh.big, c)
+	}
+}
+
+// noteItem indexes it, an item of addr just added or changed (its times
+// or rule), when its client's items are indexed (big).
+func (sh *tableShard) noteItem(addr netip.Addr, it *tableItem) {
+	ci := sh.big[it.client]
+	if ci == nil {
+		return
+	}
+	ci.push(addr, it)
+	if len(ci.all) > 2*sh.byClient[it.client]+16 {
+		ci.all.compact(sh, false)
+		ci.norule.compact(sh, true)
+	}
+}
+
+// clientItems indexes one client's items of a shard, by when each may go
+// (keep): every item, and those with no rule. The index is lazy: an
+// item removed or changed leaves its old reference, skipped (and
+// dropped) when it comes up, or by compact when the stale outnumber the
+// live.
+type clientItems struct {
+	all, norule keepHeap
+}
+
+func (ci *clientItems) push(addr netip.Addr, it *tableItem) {
+	r := itemRef{keep: it.keep(), addr: addr, name: it.name, client: it.client}
+	ci.all.push(r)
+	if it.rule == "" {
+		ci.norule.push(r)
+	}
+}
+
+// victim returns the client's item that goes first (evictsBefore): the
+// one that may go soonest when it may go already, else the soonest of
+// those with no rule, else the soonest. ok is false when the client has
+// none indexed.
+func (ci *clientItems) victim(sh *tableShard, now int64) (addr netip.Addr, i int, ok bool) {
+	addr, i, ok = ci.all.first(sh, false)
+	if !ok || sh.m[addr][i].keep() <= now {
+		return addr, i, ok
+	}
+	if a, j, ok := ci.norule.first(sh, true); ok {
+		return a, j, true
+	}
+	return addr, i, true
+}
+
+// itemRef names an item of a shard as it was when indexed.
+type itemRef struct {
+	keep         int64
+	addr, client netip.Addr
+	name         string
+}
+
+// find returns the index of the item r names in sh.m[r.addr], or -1 when
+// it is gone or has changed (another keep; a rule, for norule).
+func (r *itemRef) find(sh *tableShard, norule bool) int {
+	items := sh.m[r.addr]
+	for i := range items {
+		if items[i].client == r.client && items[i].name == r.name {
+			if items[i].keep() == r.keep && (!norule || items[i].rule == "") {
+				return i
+			}
+			return -1
+		}
+	}
+	return -1
+}
+
+// keepHeap is a min-heap of itemRefs by keep.
+type keepHeap []itemRef
+
+func (h *keepHeap) push(r itemRef) {
+	*h = append(*h, r)
+	a := *h
+	for i := len(a) - 1; i > 0; {
+		p := (i - 1) / 2
+		if a[p].keep <= a[i].keep {
+			break
+		}
+		a[p], a[i] = a[i], a[p]
+		i = p
+	}
+}
+
+func (h *keepHeap) pop() {
+	a := *h
+	n := len(a) - 1
+	a[0] = a[n]
+	a[n] = itemRef{}
+	*h = a[:n]
+	h.down(0)
+}
+
+func (h keepHeap) down(i int) {
+	for {
+		l := 2*i + 1
+		if l >= len(h) {
+			return
+		}
+		if r := l + 1; r < len(h) && h[r].keep < h[l].keep {
+			l = r
+		}
+		if h[i].keep <= h[l].keep {
+			return
+		}
+		h[i], h[l] = h[l], h[i]
+		i = l
+	}
+}
+
+// first returns the live item with the least keep, dropping stale
+// references above it.
+func (h *keepHeap) first(sh *tableShard, norule bool) (netip.Addr, int, bool) {
+	for len(*h) > 0 {
+		r := &(*h)[0]
+		if i := r.find(sh, norule); i >= 0 {
+			return r.addr, i, true
+		}
+		h.pop()
+	}
+	return netip.Addr{}, -1, false
+}
+
+// compact drops the stale references.
+func (h *keepHeap) compact(sh *tableShard, norule bool) {
+	a := *h
+	kept := a[:0]
+	for i := range a {
+		if a[i].find(sh, norule) >= 0 {
+			kept = append(kept, a[i])
+		}
+	}
+	clear(a[len(kept):])
+	*h = kept
+	for i := len(kept)/2 - 1; i >= 0; i-- {
+		h.down(i)
 	}
 }
 
@@ -320,6 +487,7 @@ func (t *Table) Learn(l Learned) {
 			sh.norule += noRule(l.Rule) - noRule(items[i].rule)
 			items[i].expires, items[i].rule = exp, l.Rule
 			items[i].held = max(items[i].held, held)
+			sh.noteItem(l.Addr, &items[i])
 			found = true
 			break
 		}
@@ -352,6 +520,7 @@ func (t *Table) Learn(l Learned) {
 			sh.countClient(items[j].client, -1)
 			sh.countClient(l.Client, 1)
 			items[j] = it
+			sh.noteItem(l.Addr, &items[j])
 		} else {
 			if sh.n >= t.perCap {
 				if ok, hogged := t.makeRoomLocked(sh, now, l.Rule == "", l.Client); !ok {
@@ -365,10 +534,12 @@ func (t *Table) Learn(l Learned) {
 				}
 				items = sh.m[l.Addr] // the victim may have been of this address
 			}
-			sh.m[l.Addr] = append(items, it)
+			items = append(items, it)
+			sh.m[l.Addr] = items
 			sh.n++
 			sh.norule += noRule(l.Rule)
 			sh.countClient(l.Client, 1)
+			sh.noteItem(l.Addr, &items[len(items)-1])
 			t.size.Add(1)
 		}
 	}
@@ -444,19 +615,19 @@ func (t *Table) makeRoomLocked(sh *tableShard, now int64, norule bool, client ne
 		}
 	}
 	if vi >= 0 && vit.evictRank(now) > 0 && len(sh.byClient) > 1 {
+		// The client holding the most, among those indexed (every
+		// client holding its share is).
 		hog, most := client, sh.byClient[client]
-		for c, n := range sh.byClient {
-			if n > most {
+		for c := range sh.big {
+			if n := sh.byClient[c]; n > most {
 				hog, most = c, n
 			}
 		}
-		if most >= max(1, t.perCap/shareDiv) {
+		if most >= sh.share {
 			vi = -1
-			for a, items := range sh.m {
-				for i := range items {
-					if items[i].client == hog && (vi < 0 || items[i].evictsBefore(vit, now)) {
-						victim, vi, vit = a, i, &items[i]
-					}
+			if ci := sh.big[hog]; ci != nil {
+				if a, i, ok := ci.victim(sh, now); ok {
+					victim, vi, vit = a, i, &sh.m[a][i]
 				}
 			}
 			if vi >= 0 && !(norule && vit.evictRank(now) == 2) {

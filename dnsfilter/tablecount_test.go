@@ -40,6 +40,39 @@ func checkCounts(t *testing.T, tb *Table, step int) {
 				t.Errorf("step %d: shard %d: byClient[%v] = %d, recount %d", step, i, c, k, by[c])
 			}
 		}
+		// Every client holding its share has its items indexed, and the
+		// index's victim is the one a walk of the shard finds.
+		for c, k := range sh.byClient {
+			ci := sh.big[c]
+			if ci == nil {
+				if k >= sh.share {
+					t.Errorf("step %d: shard %d: client %v holds %d (share %d), not indexed", step, i, c, k, sh.share)
+				}
+				continue
+			}
+			now := tb.now().UnixNano()
+			var want *tableItem
+			for _, items := range sh.m {
+				for j := range items {
+					if items[j].client == c && (want == nil || items[j].evictsBefore(want, now)) {
+						want = &items[j]
+					}
+				}
+			}
+			a, j, ok := ci.victim(sh, now)
+			if !ok {
+				t.Errorf("step %d: shard %d: client %v's index finds none of its %d items", step, i, c, k)
+				continue
+			}
+			if got := &sh.m[a][j]; got.client != c || got.evictRank(now) != want.evictRank(now) || got.keep() != want.keep() {
+				t.Errorf("step %d: shard %d: client %v's index gives %+v, a walk %+v", step, i, c, *got, *want)
+			}
+		}
+		for c := range sh.big {
+			if sh.byClient[c] == 0 {
+				t.Errorf("step %d: shard %d: client %v indexed with no items", step, i, c)
+			}
+		}
 		total += n
 		sh.mu.Unlock()
 	}

@@ -361,10 +361,12 @@ func (t *Table) restore(addr netip.Addr, it tableItem, now int64) int {
 		}
 		items = sh.m[addr] // the victim may have been of this address
 	}
-	sh.m[addr] = append(items, it)
+	items = append(items, it)
+	sh.m[addr] = items
 	sh.n++
 	sh.norule += noRule(it.rule)
 	sh.countClient(it.client, 1)
+	sh.noteItem(addr, &items[len(items)-1])
 	t.size.Add(1)
 	return sh.n - before
 }
