@@ -328,18 +328,8 @@ func TestConntrackBusyBounded(t *testing.T) {
 	for range ConntrackSockets {
 		held = append(held, <-ct.free)
 	}
-	done := make(chan error, 1)
-	go func() {
-		_, err := ct.OriginalSource(netip.MustParseAddrPort("198.18.1.1:15001"), netip.MustParseAddrPort("198.18.1.2:1"))
-		done <- err
-	}()
-	select {
-	case err := <-done:
-		if !errors.Is(err, ErrConntrackTimeout) {
-			t.Errorf("lookup with every socket busy: %v, want ErrConntrackTimeout", err)
-		}
-	case <-time.After(10 * time.Second):
-		t.Fatal("a lookup with every socket busy still waits after 10 s")
+	if err := lookupWithin(t, ct, "with every socket busy"); !errors.Is(err, ErrConntrackTimeout) {
+		t.Errorf("lookup with every socket busy: %v, want ErrConntrackTimeout", err)
 	}
 	for _, s := range held {
 		ct.free <- s
@@ -367,18 +357,26 @@ func TestConntrackNoAnswerBounded(t *testing.T) {
 		t.Cleanup(func() { unix.Close(fds[1]) })
 	}
 	for i := range 2 * ConntrackSockets {
-		done := make(chan error, 1)
-		go func() {
-			_, err := ct.OriginalSource(netip.MustParseAddrPort("198.18.1.1:15001"), netip.MustParseAddrPort("198.18.1.2:1"))
-			done <- err
-		}()
-		select {
-		case err := <-done:
-			if !errors.Is(err, ErrConntrackTimeout) {
-				t.Errorf("lookup %d on a socket that never answers: %v, want ErrConntrackTimeout", i, err)
-			}
-		case <-time.After(10 * time.Second):
-			t.Fatalf("lookup %d on a socket that never answers still waits after 10 s", i)
+		if err := lookupWithin(t, ct, fmt.Sprintf("%d on a socket that never answers", i)); !errors.Is(err, ErrConntrackTimeout) {
+			t.Errorf("lookup %d on a socket that never answers: %v, want ErrConntrackTimeout", i, err)
 		}
+	}
+}
+
+// lookupWithin makes a lookup with no entry and returns its error; a
+// lookup still waiting after 10 s fails the test (what names it).
+func lookupWithin(t *testing.T, ct *Conntrack, what string) error {
+	t.Helper()
+	done := make(chan error, 1)
+	go func() {
+		_, err := ct.OriginalSource(netip.MustParseAddrPort("198.18.1.1:15001"), netip.MustParseAddrPort("198.18.1.2:1"))
+		done <- err
+	}()
+	select {
+	case err := <-done:
+		return err
+	case <-time.After(10 * time.Second):
+		t.Fatalf("a lookup %s still waits after 10 s", what)
+		return nil
 	}
 }
