@@ -18,7 +18,6 @@ import (
 // back to audit passed them over: the first stayed under its rule, the
 // second under the rule the enforce policy had credited it to.
 func TestRedecideAuditEnforceAudit(t *testing.T) {
-	cli := netip.MustParseAddr("192.0.2.95")
 	vpn := netip.MustParseAddr("203.0.113.60")
 	other := netip.MustParseAddr("203.0.113.61")
 	const vpnRule = `  - name: vpn
@@ -37,41 +36,18 @@ func TestRedecideAuditEnforceAudit(t *testing.T) {
 	// by address the third policy lets it out, by its name (SNI, which
 	// the proxy reads in enforce mode) not.
 	facts := factsMap{vpn: {"vpn.test", "cdn.test"}, other: {"other.test"}}
-	conns := []struct {
-		port uint16
-		dst  netip.Addr
-		sni  string
-	}{
-		{47601, vpn, "vpn.test"},
-		{47602, other, "other.test"},
+	conns := []reloadTCP{
+		{47601, vpn, 443, handHello(sniExt("vpn.test"))},
+		{47602, other, 443, handHello(sniExt("other.test"))},
 	}
-	tcs := make([]*tcpConn, len(conns))
 	cfg := Config{TCPPorts: []policy.PortRange{{Lo: 443, Hi: 443, Proto: policy.TCP}}}
-	rec, r := reloadRunSteps(t, cfg, fmt.Sprintf(ntpPolicy, policy.ModeAudit, vpnRule), facts, func(p *pcapWriter, s int) {
-		for i, c := range conns {
-			if s == 0 {
-				tcs[i] = &tcpConn{p: p, cli: cli, srv: c.dst, cport: c.port, sport: 443, cseq: 1, sseq: 1}
-				tcs[i].handshake()
-				tcs[i].send(true, handHello(sniExt(c.sni)), 1400, nil, nil)
-			}
-			tcs[i].send(false, []byte("reply"), 1400, nil, nil)
-			tcs[i].send(true, []byte("ack"), 1400, nil, nil)
-		}
-	}, reloadStep{30 * time.Second, func(c *Capture, store *policy.Store) {
-		store.Swap(testEngine(t, fmt.Sprintf(ntpPolicy, policy.ModeEnforce, vpnRule+otherRule)))
-		c.Redecide()
-	}}, reloadStep{60 * time.Second, func(c *Capture, store *policy.Store) {
-		store.Swap(testEngine(t, fmt.Sprintf(ntpPolicy, policy.ModeAudit, cdnRule)))
-		c.Redecide()
-	}})
-	for port, want := range map[uint16][]string{
+	rec, r := reloadRunSteps(t, cfg, fmt.Sprintf(ntpPolicy, policy.ModeAudit, vpnRule), facts, keepTCP(conns, "reply", "ack"),
+		reloadStep{30 * time.Second, redecideTo(t, policy.ModeEnforce, vpnRule+otherRule)},
+		reloadStep{60 * time.Second, redecideTo(t, policy.ModeAudit, cdnRule)})
+	wantFlowEvents(t, rec, map[uint16][]string{
 		47601: {"capture deny no-rule audit enforced=false ", "capture deny no-rule audit enforced=false end-of-capture"},
 		47602: {"capture allow allowed enforce enforced=false ", "capture deny no-rule audit enforced=false ", "capture deny no-rule audit enforced=false end-of-capture"},
-	} {
-		if got := flowEvents(rec, port); fmt.Sprint(got) != fmt.Sprint(want) {
-			t.Errorf("port %d: events\n got %q\nwant %q", port, got, want)
-		}
-	}
+	})
 	for _, ev := range rec.all() {
 		if ev.ClientPort == 47601 && ev.Verdict == policy.Deny && ev.Name != "vpn.test" {
 			t.Errorf("the vpn connection's deny names %q, want its SNI vpn.test", ev.Name)

@@ -24,7 +24,6 @@ import (
 // TLS connection stayed among what enforce would drop after the rule
 // was added.
 func TestRedecideAuditNamed(t *testing.T) {
-	cli := netip.MustParseAddr("192.0.2.95")
 	vpn := netip.MustParseAddr("203.0.113.50")
 	keep := netip.MustParseAddr("203.0.113.51")
 	learned := netip.MustParseAddr("203.0.113.52")
@@ -44,44 +43,23 @@ func TestRedecideAuditNamed(t *testing.T) {
 `
 	facts := factsMap{vpn: {"vpn.test"}, keep: {"keep.test"}, learned: {"learned.test"}}
 	longPath := "/api/" + strings.Repeat("a", audit.MaxPathBytes+100)
-	conns := []struct {
-		port  uint16
-		dst   netip.Addr
-		sport uint16
-		data  []byte
-	}{
+	conns := []reloadTCP{
 		{47501, vpn, 443, handHello(sniExt("vpn.test"))},
 		{47502, keep, 443, handHello(sniExt("keep.test"))},
 		{47503, learned, 443, handHello()},
 		{47504, vpn, 443, handHello(sniExt("vpn.test", "other.test"))},
 		{47505, vpn, 80, []byte("GET " + longPath + " HTTP/1.1\r\nHost: vpn.test\r\n\r\n")},
 	}
-	tcs := make([]*tcpConn, len(conns))
-	rec, r := reloadRunEach(t, fmt.Sprintf(ntpPolicy, policy.ModeAudit, keepRule), facts, 80*time.Second, func(p *pcapWriter, s int) {
-		for i, c := range conns {
-			if s == 0 {
-				tcs[i] = &tcpConn{p: p, cli: cli, srv: c.dst, cport: c.port, sport: c.sport, cseq: 1, sseq: 1}
-				tcs[i].handshake()
-				tcs[i].send(true, c.data, 1400, nil, nil)
-			}
-			// The connection lives on: the server's bytes every 10 s.
-			tcs[i].send(false, []byte("reply"), 1400, nil, nil)
-		}
-	}, func(c *Capture, store *policy.Store) {
-		store.Swap(testEngine(t, fmt.Sprintf(ntpPolicy, policy.ModeAudit, added)))
-		c.Redecide()
-	})
-	for port, want := range map[uint16][]string{
+	// The connections live on: the server's bytes every 10 s.
+	rec, r := reloadRunEach(t, fmt.Sprintf(ntpPolicy, policy.ModeAudit, keepRule), facts, 80*time.Second,
+		keepTCP(conns, "reply", ""), redecideTo(t, policy.ModeAudit, added))
+	wantFlowEvents(t, rec, map[uint16][]string{
 		47501: {"capture deny no-rule audit enforced=false ", "capture allow allowed audit enforced=false ", "capture allow allowed audit enforced=false end-of-capture"},
 		47502: {"capture allow allowed audit enforced=false ", "capture deny no-rule audit enforced=false ", "capture deny no-rule audit enforced=false end-of-capture"},
 		47503: {"capture deny no-rule audit enforced=false ", "capture allow allowed audit enforced=false ", "capture allow allowed audit enforced=false end-of-capture"},
 		47504: {"capture deny duplicate-sni audit enforced=false ", "capture deny duplicate-sni audit enforced=false end-of-capture"},
 		47505: {"capture deny no-rule audit enforced=false ", "capture allow allowed audit enforced=false ", "capture allow allowed audit enforced=false end-of-capture"},
-	} {
-		if got := flowEvents(rec, port); fmt.Sprint(got) != fmt.Sprint(want) {
-			t.Errorf("port %d: events\n got %q\nwant %q", port, got, want)
-		}
-	}
+	})
 	for _, ev := range rec.all() {
 		if ev.ClientPort == 47503 && ev.Verdict == policy.Allow && (ev.Name != "learned.test" || ev.NameSource != audit.NameDNSLearned) {
 			t.Errorf("no-SNI flow credited with name %q (%s), want learned.test (dns-learned)", ev.Name, ev.NameSource)

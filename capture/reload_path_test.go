@@ -24,7 +24,6 @@ import (
 // to the host rule after the one its path matched, and the last one kept
 // its allow under a rule the reload removed.
 func TestRedecideAuditClippedPath(t *testing.T) {
-	cli := netip.MustParseAddr("192.0.2.95")
 	srv := netip.MustParseAddr("203.0.113.70")
 	const before = `  - name: api3
     to: ["web3.test/api/*"]
@@ -44,39 +43,23 @@ func TestRedecideAuditClippedPath(t *testing.T) {
     ports: [80/tcp]
 `
 	long := strings.Repeat("a", audit.MaxPathBytes+100)
-	conns := []struct {
-		port       uint16
-		host, path string
-	}{
-		{47701, "web.test", "/api/" + long},
-		{47702, "web.test", "/m/" + long},
-		{47703, "web2.test", "/m/" + long},
-		{47705, "web3.test", "/api/" + long},
+	get := func(host, path string) []byte {
+		return []byte("GET " + path + " HTTP/1.1\r\nHost: " + host + "\r\n\r\n")
 	}
-	tcs := make([]*tcpConn, len(conns))
-	rec, r := reloadRunEach(t, fmt.Sprintf(ntpPolicy, policy.ModeAudit, before), nil, 80*time.Second, func(p *pcapWriter, s int) {
-		for i, c := range conns {
-			if s == 0 {
-				tcs[i] = &tcpConn{p: p, cli: cli, srv: srv, cport: c.port, sport: 80, cseq: 1, sseq: 1}
-				tcs[i].handshake()
-				tcs[i].send(true, []byte("GET "+c.path+" HTTP/1.1\r\nHost: "+c.host+"\r\n\r\n"), 1400, nil, nil)
-			}
-			tcs[i].send(false, []byte("data: x\n\n"), 1400, nil, nil)
-		}
-	}, func(c *Capture, store *policy.Store) {
-		store.Swap(testEngine(t, fmt.Sprintf(ntpPolicy, policy.ModeAudit, after)))
-		c.Redecide()
-	})
-	for port, want := range map[uint16][]string{
+	conns := []reloadTCP{
+		{47701, srv, 80, get("web.test", "/api/"+long)},
+		{47702, srv, 80, get("web.test", "/m/"+long)},
+		{47703, srv, 80, get("web2.test", "/m/"+long)},
+		{47705, srv, 80, get("web3.test", "/api/"+long)},
+	}
+	rec, r := reloadRunEach(t, fmt.Sprintf(ntpPolicy, policy.ModeAudit, before), nil, 80*time.Second,
+		keepTCP(conns, "data: x\n\n", ""), redecideTo(t, policy.ModeAudit, after))
+	wantFlowEvents(t, rec, map[uint16][]string{
 		47701: {"capture deny no-rule audit enforced=false ", "capture allow allowed audit enforced=false ", "capture allow allowed audit enforced=false end-of-capture"},
 		47702: {"capture deny no-rule audit enforced=false ", "capture allow allowed audit enforced=false ", "capture allow allowed audit enforced=false end-of-capture"},
 		47703: {"capture deny no-rule audit enforced=false ", "capture deny no-rule audit enforced=false end-of-capture"},
 		47705: {"capture allow allowed audit enforced=false ", "capture deny path-not-allowed audit enforced=false ", "capture deny path-not-allowed audit enforced=false end-of-capture"},
-	} {
-		if got := flowEvents(rec, port); fmt.Sprint(got) != fmt.Sprint(want) {
-			t.Errorf("port %d: events\n got %q\nwant %q", port, got, want)
-		}
-	}
+	})
 	for _, ev := range rec.all() {
 		if ev.Kind != audit.KindFlow || ev.Verdict != policy.Allow {
 			continue

@@ -247,6 +247,55 @@ func reloadRunSteps(t *testing.T, cfg Config, pol string, dns DNSFacts, each fun
 	return rec, ledger.Report(audit.ReportOptions{})
 }
 
+// reloadTCP is a TCP connection from 192.0.2.95 that keepTCP opens.
+type reloadTCP struct {
+	cport uint16
+	srv   netip.Addr
+	sport uint16
+	hello []byte
+}
+
+// keepTCP is an each for reloadRunSteps: at second 0 it opens each of
+// conns (handshake, then its hello from the client in segments of 1400
+// bytes) and every 10 s from then on it keeps them open, the server
+// sending reply on each and, unless ack is empty, the client ack after
+// it.
+func keepTCP(conns []reloadTCP, reply, ack string) func(p *pcapWriter, s int) {
+	tcs := make([]*tcpConn, len(conns))
+	return func(p *pcapWriter, s int) {
+		for i, c := range conns {
+			if s == 0 {
+				tcs[i] = &tcpConn{p: p, cli: netip.MustParseAddr("192.0.2.95"), srv: c.srv, cport: c.cport, sport: c.sport, cseq: 1, sseq: 1}
+				tcs[i].handshake()
+				tcs[i].send(true, c.hello, 1400, nil, nil)
+			}
+			tcs[i].send(false, []byte(reply), 1400, nil, nil)
+			if ack != "" {
+				tcs[i].send(true, []byte(ack), 1400, nil, nil)
+			}
+		}
+	}
+}
+
+// redecideTo is a reload for reloadRunSteps: the policy ntpPolicy makes
+// of mode and rules, then Redecide.
+func redecideTo(t *testing.T, mode policy.Mode, rules string) func(c *Capture, store *policy.Store) {
+	return func(c *Capture, store *policy.Store) {
+		store.Swap(testEngine(t, fmt.Sprintf(ntpPolicy, mode, rules)))
+		c.Redecide()
+	}
+}
+
+// wantFlowEvents checks the flowEvents of each client port of want.
+func wantFlowEvents(t *testing.T, rec *recorder, want map[uint16][]string) {
+	t.Helper()
+	for port, w := range want {
+		if got := flowEvents(rec, port); fmt.Sprint(got) != fmt.Sprint(w) {
+			t.Errorf("port %d: events\n got %q\nwant %q", port, got, w)
+		}
+	}
+}
+
 // flowEvents are the events of the flow from client port cport, as
 // "source verdict reason mode enforced close".
 func flowEvents(rec *recorder, cport uint16) []string {
@@ -408,10 +457,7 @@ func TestRedecideAuditToEnforce(t *testing.T) {
 		c.handshake()
 		c.send(true, []byte("GET / HTTP/1.1\r\nHost: 198.51.100.96\r\n\r\n"), 1400, nil, nil)
 		c.send(false, []byte("HTTP/1.1 200 OK\r\nContent-Length: 0\r\n\r\n"), 1400, nil, nil)
-	}, func(c *Capture, store *policy.Store) {
-		store.Swap(testEngine(t, fmt.Sprintf(ntpPolicy, policy.ModeEnforce, web)))
-		c.Redecide()
-	})
+	}, redecideTo(t, policy.ModeEnforce, web))
 	for port, want := range map[uint16]string{
 		40100: "capture deny no-rule enforce enforced=true policy-revoked",
 		40101: "capture allow allowed audit enforced=false ",
@@ -562,10 +608,7 @@ func TestRedecideAuditToEnforceCreditsWouldDeny(t *testing.T) {
 `
 	rec, r := reloadRun(t, fmt.Sprintf(ntpPolicy, policy.ModeAudit, ""), []netip.Addr{named, wire}, factsMap{named: {"ntp.test"}}, func(p *pcapWriter) {
 		p.udp(false, netip.MustParseAddr("192.0.2.53"), netip.MustParseAddr("192.0.2.95"), 53, 40199, dnsResponseTTL(t, "ntp.test", []netip.Addr{wire}, 3600))
-	}, func(c *Capture, store *policy.Store) {
-		store.Swap(testEngine(t, fmt.Sprintf(ntpPolicy, policy.ModeEnforce, namedRule)))
-		c.Redecide()
-	})
+	}, redecideTo(t, policy.ModeEnforce, namedRule))
 	want := []string{
 		"capture deny no-rule audit enforced=false ",
 		"capture allow allowed enforce enforced=false ",
