@@ -12,16 +12,6 @@ import (
 	"egressd/policy"
 )
 
-// serverUrgent writes one server segment with the URG flag and pointer ptr.
-func (c *tcpConn) serverUrgent(data []byte, ptr uint16) {
-	ip := ipLayer(c.srv, c.cli, layers.IPProtocolTCP)
-	t := &layers.TCP{SrcPort: layers.TCPPort(c.sport), DstPort: layers.TCPPort(c.cport), Seq: c.sseq, Ack: c.cseq, Window: 65535,
-		ACK: true, PSH: true, URG: true, Urgent: ptr}
-	t.SetNetworkLayerForChecksum(ip)
-	c.p.frame(false, ip.(gopacket.SerializableLayer), t, gopacket.Payload(data))
-	c.sseq += uint32(len(data))
-}
-
 // TestSyntheticUrgentEdges: the urgent byte taken out across the wrap of
 // the sequence space, a mark the server sends (the client's stream keeps
 // its bytes), a pointer far past the data sent (no byte taken).
@@ -35,7 +25,7 @@ func TestSyntheticUrgentEdges(t *testing.T) {
 		send func(c *tcpConn)
 	}{
 		{"mark across the wrap", 0xffffffff - uint32(n) + 5, func(c *tcpConn) {
-			c.urgentPtr(hello[:20], uint16(n+1))
+			c.urgentPtr(true, hello[:20], uint16(n+1))
 			c.send(true, withUrgentByte(hello[20:n], hello[n:]), 7, nil, nil)
 		}},
 		{"urgent byte at 2^32-1", 0xffffffff - uint32(n) - 1, func(c *tcpConn) {
@@ -44,11 +34,11 @@ func TestSyntheticUrgentEdges(t *testing.T) {
 			c.send(true, hello[n:], 1400, nil, nil)
 		}},
 		{"mark from the server", 100, func(c *tcpConn) {
-			c.serverUrgent([]byte("x"), 1)
+			c.urgentPtr(false, []byte("x"), 1)
 			c.send(true, hello, 1400, nil, nil)
 		}},
 		{"pointer far ahead", 100, func(c *tcpConn) {
-			c.urgentPtr(hello[:20], 0xffff)
+			c.urgentPtr(true, hello[:20], 0xffff)
 			c.send(true, hello[20:], 1400, nil, nil)
 		}},
 	} {
@@ -120,7 +110,7 @@ func TestSyntheticUrgentByteCutOff(t *testing.T) {
 	// The body: 1000 bytes with an urgent byte after the 900th, in one
 	// segment the snap length cuts at about 250 bytes of payload.
 	body := append(append(bytes.Repeat([]byte{'b'}, 900), 'U'), bytes.Repeat([]byte{'b'}, 100)...)
-	c.urgentPtr(body, 901)
+	c.urgentPtr(true, body, 901)
 	c.send(true, []byte("GET /two HTTP/1.1\r\nHost: evil.test\r\n\r\n"), 1400, nil, nil)
 	c.close()
 	r := synthRun(t, p.close(), testPolicy, factsMap{srv: {"a.allowed.test"}}, Config{})

@@ -15,19 +15,24 @@ import (
 // urgentSeg writes one client segment with the URG flag, its urgent
 // pointer just past its last byte, as Linux sends a send(MSG_OOB).
 func (c *tcpConn) urgentSeg(data []byte) {
-	c.urgentPtr(data, uint16(len(data)))
+	c.urgentPtr(true, data, uint16(len(data)))
 }
 
-// urgentPtr writes one client segment with the URG flag and urgent
-// pointer ptr (relative to the segment's sequence number; the urgent byte
-// is the one at seq+ptr-1, RFC 793's reading, which Linux follows).
-func (c *tcpConn) urgentPtr(data []byte, ptr uint16) {
-	ip := ipLayer(c.cli, c.srv, layers.IPProtocolTCP)
-	t := &layers.TCP{SrcPort: layers.TCPPort(c.cport), DstPort: layers.TCPPort(c.sport), Seq: c.cseq, Ack: c.sseq, Window: 65535,
+// urgentPtr writes one segment, from the client or the server, with the
+// URG flag and urgent pointer ptr (relative to the segment's sequence
+// number; the urgent byte is the one at seq+ptr-1, RFC 793's reading,
+// which Linux follows).
+func (c *tcpConn) urgentPtr(fromClient bool, data []byte, ptr uint16) {
+	src, dst, sp, dp, seq, ack := c.cli, c.srv, c.cport, c.sport, &c.cseq, c.sseq
+	if !fromClient {
+		src, dst, sp, dp, seq, ack = dst, src, dp, sp, &c.sseq, c.cseq
+	}
+	ip := ipLayer(src, dst, layers.IPProtocolTCP)
+	t := &layers.TCP{SrcPort: layers.TCPPort(sp), DstPort: layers.TCPPort(dp), Seq: *seq, Ack: ack, Window: 65535,
 		ACK: true, PSH: true, URG: true, Urgent: ptr}
 	t.SetNetworkLayerForChecksum(ip)
-	c.p.frame(true, ip.(gopacket.SerializableLayer), t, gopacket.Payload(data))
-	c.cseq += uint32(len(data))
+	c.p.frame(fromClient, ip.(gopacket.SerializableLayer), t, gopacket.Payload(data))
+	*seq += uint32(len(data))
 }
 
 // TestSyntheticUrgentByte: a client that sends a byte as urgent data
@@ -109,7 +114,7 @@ func TestSyntheticUrgentPointer(t *testing.T) {
 		{"pointer into a later segment", func(c *tcpConn) {
 			// The urgent byte (0x16) is the (n+1)th byte from here, in
 			// the next segment.
-			c.urgentPtr(hello[:40], uint16(n+1))
+			c.urgentPtr(true, hello[:40], uint16(n+1))
 			c.send(true, withUrgentByte(hello[40:n], hello[n:]), 1400, nil, nil)
 		}},
 		{"flag on a retransmission", func(c *tcpConn) {
@@ -121,8 +126,8 @@ func TestSyntheticUrgentPointer(t *testing.T) {
 		{"one mark in two segments", func(c *tcpConn) {
 			// A send(MSG_OOB) of n+1 bytes in two segments: both carry
 			// the pointer to its last byte (0x16).
-			c.urgentPtr(hello[:20], uint16(n+1))
-			c.urgentPtr(withUrgentByte(hello[20:n], nil), uint16(n+1-20))
+			c.urgentPtr(true, hello[:20], uint16(n+1))
+			c.urgentPtr(true, withUrgentByte(hello[20:n], nil), uint16(n+1-20))
 			c.send(true, hello[n:], 1400, nil, nil)
 		}},
 		{"one mark, its segment again before a gap fills", func(c *tcpConn) {
@@ -185,9 +190,9 @@ func TestSyntheticUrgentTwice(t *testing.T) {
 		// A mark on the 51st byte (hello[50], stays in line: the
 		// second mark comes before it), then the second on the 0x16
 		// inserted after hello[:60].
-		c.urgentPtr(hello[:20], 51)
+		c.urgentPtr(true, hello[:20], 51)
 		c.send(true, hello[20:40], 1400, nil, nil)
-		c.urgentPtr(hello[40:50], 21)
+		c.urgentPtr(true, hello[40:50], 21)
 		c.send(true, append(append(append([]byte(nil), hello[50:60]...), 0x16), hello[60:]...), 1400, nil, nil)
 		c.send(false, bytes.Repeat([]byte{0x17}, 100), 1400, nil, nil)
 		c.close()
@@ -273,7 +278,7 @@ func TestSyntheticUrgentHeldOutOfOrder(t *testing.T) {
 			c.send(true, withUrgentByte(nil, hello[n:]), 1400, nil, nil)
 			end := c.cseq
 			c.cseq = start
-			c.urgentPtr(hello[:20], uint16(n+1))
+			c.urgentPtr(true, hello[:20], uint16(n+1))
 			c.send(true, hello[20:n], 1400, nil, nil)
 			c.cseq = end
 		}},
@@ -284,10 +289,10 @@ func TestSyntheticUrgentHeldOutOfOrder(t *testing.T) {
 			// hello[10:21]: Linux puts hello[20] back in line and
 			// takes 0x16 out, the proxy reads the hello.
 			start := c.cseq
-			c.urgentPtr(hello[:10], 21) // marks start+20 (hello[20])
+			c.urgentPtr(true, hello[:10], 21) // marks start+20 (hello[20])
 			c.cseq = start + 21
-			c.send(true, hello[21:n-5], 1400, nil, nil)       // held, past hello[20]
-			c.urgentPtr(withUrgentByte(hello[n-5:n], nil), 6) // second mark: 0x16
+			c.send(true, hello[21:n-5], 1400, nil, nil)             // held, past hello[20]
+			c.urgentPtr(true, withUrgentByte(hello[n-5:n], nil), 6) // second mark: 0x16
 			c.send(true, hello[n:], 1400, nil, nil)
 			end := c.cseq
 			c.cseq = start + 10
