@@ -28,29 +28,12 @@ func TestAlarmSurvivesRotation(t *testing.T) {
 	if err != nil {
 		t.Fatal(err)
 	}
-	go j.Run(context.Background())
 	alarm := Event{Kind: KindAlarm, Source: SourceDNS, Time: t0, Client: netip.MustParseAddr("192.168.10.7"), ClientMAC: "02:00:00:00:00:07",
 		Proto: "udp", Name: "t.tenant.example", Count: 512, Verdict: policy.Allow, Rule: "tenant", Mode: policy.ModeAudit, Reason: "dns-tunnel"}
-	j.Emit(alarm)
 	second := alarm
 	second.Time, second.Count = t0.Add(time.Minute), 530
-	j.Emit(second)
-	waitFor(t, func() bool { return j.Written() == 2 })
-	for _, ev := range busyEvents(200, t0.Add(24*time.Hour)) {
-		j.Emit(ev)
-	}
-	if err := j.Close(); err != nil {
-		t.Fatal(err)
-	}
-	files, err := LogFiles(dir)
-	if err != nil {
-		t.Fatal(err)
-	}
-	for _, f := range files {
-		if b, _ := os.ReadFile(f); strings.Contains(string(b), "t.tenant.example") {
-			t.Fatalf("%s still holds the alarm: the test rotated too little", f)
-		}
-	}
+	rotateOut(t, j, []Event{alarm, second})
+	keptFiles(t, dir, "t.tenant.example")
 	want := live.Report(ReportOptions{Now: reportNow}).Alarms
 	if len(want) != 1 || want[0].Alarms != 2 || want[0].DistinctNames != 530 {
 		t.Fatalf("live ledger: alarms %+v, want one entry of 2 alarms", want)

@@ -33,18 +33,7 @@ func TestArchiveFoldWindowRace(t *testing.T) {
 			bad = append(bad, r.Coverage.DetailFrom.String())
 		}
 	}
-	go j.Run(context.Background())
-	weekly := weeklyEvents()
-	for _, ev := range weekly {
-		j.Emit(ev)
-	}
-	waitFor(t, func() bool { return j.Written() == uint64(len(weekly)) })
-	for _, ev := range busyEvents(200, t0.Add(24*time.Hour)) {
-		j.Emit(ev)
-	}
-	if err := j.Close(); err != nil {
-		t.Fatal(err)
-	}
+	rotateOut(t, j, weeklyEvents())
 	if folds == 0 {
 		t.Fatal("no fold ran: the test rotated too little")
 	}

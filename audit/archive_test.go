@@ -52,33 +52,49 @@ func writeRotated(t *testing.T, dir string, eng *policy.Engine, opt LedgerOption
 	if err != nil {
 		t.Fatal(err)
 	}
+	rotateOut(t, j, weeklyEvents())
+	// The weekly events are in no kept file: rotation deleted theirs.
+	if files := keptFiles(t, dir, `"ntp"`, "weekly.example"); len(files) != 3 {
+		t.Fatalf("%d files kept, want 2 rotated + current", len(files))
+	}
+	return l
+}
+
+// rotateOut runs j, a journal of tiny files not yet running, over early
+// and, once they are written, 200 busy events a day later, so that
+// rotation deletes the files of early; then it closes j.
+func rotateOut(t *testing.T, j *Journal, early []Event) {
+	t.Helper()
 	go j.Run(context.Background())
-	weekly := weeklyEvents()
-	for _, ev := range weekly {
+	for _, ev := range early {
 		j.Emit(ev)
 	}
-	waitFor(t, func() bool { return j.Written() == uint64(len(weekly)) })
+	waitFor(t, func() bool { return j.Written() == uint64(len(early)) })
 	for _, ev := range busyEvents(200, t0.Add(24*time.Hour)) {
 		j.Emit(ev)
 	}
 	if err := j.Close(); err != nil {
 		t.Fatal(err)
 	}
-	// The weekly events are in no kept file: rotation deleted theirs.
+}
+
+// keptFiles are the log files in dir, none of which may hold any of
+// marks: the events that carry them were rotated out.
+func keptFiles(t *testing.T, dir string, marks ...string) []string {
+	t.Helper()
 	files, err := LogFiles(dir)
 	if err != nil {
 		t.Fatal(err)
 	}
 	for _, f := range files {
 		b, _ := os.ReadFile(f)
-		if bytes.Contains(b, []byte(`"ntp"`)) || bytes.Contains(b, []byte("weekly.example")) {
-			t.Fatalf("%s still holds the weekly events: the test rotated too little", f)
+		for _, m := range marks {
+			if bytes.Contains(b, []byte(m)) {
+				t.Fatalf("%s still holds %s: the test rotated too little", f, m)
+			}
 		}
 	}
-	if len(files) != 3 {
-		t.Fatalf("%d files kept, want 2 rotated + current", len(files))
-	}
-	return l
+	return files
 }
 
 func ruleByName(r *Report, name string) *RuleReport {
