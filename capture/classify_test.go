@@ -97,13 +97,7 @@ func TestSNIMismatch(t *testing.T) {
 			p.now = p.now.Add(31 * time.Minute)
 		}
 		c := &tcpConn{p: p, cli: cli, srv: tc.dst, cport: uint16(41000 + i), sport: tc.port, cseq: 1, sseq: 1}
-		c.handshake()
-		if tc.port == 80 {
-			c.send(true, []byte("GET / HTTP/1.1\r\nHost: "+tc.name+"\r\n\r\n"), 1400, nil, nil)
-		} else {
-			c.send(true, realClientHello(t, tc.name), 1400, nil, nil)
-		}
-		c.close()
+		c.namedConn(t, tc.name)
 	}
 	path := p.close()
 	for _, mode := range []policy.Mode{policy.ModeAudit, policy.ModeEnforce} {

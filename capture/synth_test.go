@@ -200,6 +200,20 @@ func (c *tcpConn) close() {
 	c.seg(true, "A", c.cseq, nil)
 }
 
+// namedConn writes a whole connection that names name: the handshake,
+// then a request head with Host name where the server's port is 80, else
+// a real ClientHello with SNI name, then the close.
+func (c *tcpConn) namedConn(t testing.TB, name string) {
+	t.Helper()
+	c.handshake()
+	if c.sport == 80 {
+		c.send(true, []byte("GET / HTTP/1.1\r\nHost: "+name+"\r\n\r\n"), 1400, nil, nil)
+	} else {
+		c.send(true, realClientHello(t, name), 1400, nil, nil)
+	}
+	c.close()
+}
+
 // realClientHello makes Go's crypto/tls client send its ClientHello to a
 // local listener and returns the bytes as they went on the wire (whole
 // TLS records). Go's default key shares include X25519MLKEM768, so the
