@@ -233,6 +233,28 @@ func TestJournalRotation(t *testing.T) {
 	}
 }
 
+// emitFrom emits per copies of base from each of workers goroutines at
+// once, each worker's from its own client (192.168.10.w) and client ports
+// 0 to per-1; the channel closes when every Emit has returned.
+func emitFrom(j *Journal, base Event, workers, per int) <-chan struct{} {
+	var wg sync.WaitGroup
+	for w := range workers {
+		wg.Add(1)
+		go func() {
+			defer wg.Done()
+			for i := range per {
+				ev := base
+				ev.ClientPort = uint16(i)
+				ev.Client = netip.AddrFrom4([4]byte{192, 168, 10, byte(w)})
+				j.Emit(ev)
+			}
+		}()
+	}
+	emitted := make(chan struct{})
+	go func() { wg.Wait(); close(emitted) }()
+	return emitted
+}
+
 // TestJournalShedExact stalls the writer (as a disk that stopped) and
 // emits far more events than the queue holds: Emit returns every time,
 // and the shed count is exact, in memory, in the report and after a
@@ -260,21 +282,7 @@ func TestJournalShedExact(t *testing.T) {
 	<-entered
 
 	const workers, per = 4, 50000
-	var wg sync.WaitGroup
-	for w := range workers {
-		wg.Add(1)
-		go func() {
-			defer wg.Done()
-			for i := range per {
-				ev := base
-				ev.ClientPort = uint16(i)
-				ev.Client = netip.AddrFrom4([4]byte{192, 168, 10, byte(w)})
-				j.Emit(ev)
-			}
-		}()
-	}
-	emitted := make(chan struct{})
-	go func() { wg.Wait(); close(emitted) }()
+	emitted := emitFrom(j, base, workers, per)
 	select {
 	case <-emitted:
 	case <-time.After(60 * time.Second):
@@ -313,20 +321,7 @@ func TestJournalLoad(t *testing.T) {
 	go func() { runDone <- j.Run(context.Background()) }()
 	base := fixtureEvents(t, eng)[2]
 	const workers, per = 4, 100000
-	var wg sync.WaitGroup
-	for w := range workers {
-		wg.Add(1)
-		go func() {
-			defer wg.Done()
-			for i := range per {
-				ev := base
-				ev.ClientPort = uint16(i)
-				ev.Client = netip.AddrFrom4([4]byte{192, 168, 10, byte(w)})
-				j.Emit(ev)
-			}
-		}()
-	}
-	wg.Wait()
+	<-emitFrom(j, base, workers, per)
 	j.Close()
 	if err := <-runDone; err != nil {
 		t.Fatal(err)
