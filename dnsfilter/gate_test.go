@@ -295,18 +295,7 @@ func TestZeroTTLAnswerLearned(t *testing.T) {
 // than a hit with no firewall at all.
 func TestFirewallHitAllocs(t *testing.T) {
 	up := newFakeUpstream(t, labZone)
-	client, err := net.ListenUDP("udp", &net.UDPAddr{IP: net.IPv4(127, 0, 0, 1)})
-	if err != nil {
-		t.Fatal(err)
-	}
-	defer client.Close()
-	src := client.LocalAddr().(*net.UDPAddr).AddrPort()
-	q := new(dns.Msg)
-	q.SetQuestion("www.allowed.test.", dns.TypeA)
-	pkt, err := q.Pack()
-	if err != nil {
-		t.Fatal(err)
-	}
+	pkt, src := fastQuery(t)
 	allocs := func(fw Firewall) float64 {
 		deps := Deps{}
 		if fw != nil {
@@ -314,9 +303,7 @@ func TestFirewallHitAllocs(t *testing.T) {
 		}
 		ts := startServer(t, gatePolicy, Config{Upstreams: []string{up.Addr}}, deps)
 		ask(t, "udp", ts.Addr, "www.allowed.test.", dns.TypeA, false) // fills the cache (and the firewall)
-		ts.mu.Lock()
-		conn := ts.udp[0]
-		ts.mu.Unlock()
+		conn := ts.firstUDP()
 		sc := newScratch()
 		return testing.AllocsPerRun(200, func() {
 			if !ts.fast(sc, conn, pkt, src) {
@@ -338,23 +325,10 @@ func TestFirewallHitAllocs(t *testing.T) {
 // to the heap by asking the sink's budget of decision lines).
 func TestFastPathHitNoAllocs(t *testing.T) {
 	up := newFakeUpstream(t, labZone)
-	client, err := net.ListenUDP("udp", &net.UDPAddr{IP: net.IPv4(127, 0, 0, 1)})
-	if err != nil {
-		t.Fatal(err)
-	}
-	defer client.Close()
-	src := client.LocalAddr().(*net.UDPAddr).AddrPort()
-	q := new(dns.Msg)
-	q.SetQuestion("www.allowed.test.", dns.TypeA)
-	pkt, err := q.Pack()
-	if err != nil {
-		t.Fatal(err)
-	}
+	pkt, src := fastQuery(t)
 	ts := startServer(t, gatePolicy, Config{Upstreams: []string{up.Addr}}, Deps{Sink: audit.Discard})
 	ask(t, "udp", ts.Addr, "www.allowed.test.", dns.TypeA, false) // fills the cache
-	ts.mu.Lock()
-	conn := ts.udp[0]
-	ts.mu.Unlock()
+	conn := ts.firstUDP()
 	sc := newScratch()
 	if n := testing.AllocsPerRun(200, func() {
 		if !ts.fast(sc, conn, pkt, src) {
@@ -379,18 +353,7 @@ func counterValue(c prometheus.Counter) float64 {
 // three should cost the same.
 func BenchmarkFastPathHit(b *testing.B) {
 	up := newFakeUpstream(b, labZone)
-	client, err := net.ListenUDP("udp", &net.UDPAddr{IP: net.IPv4(127, 0, 0, 1)})
-	if err != nil {
-		b.Fatal(err)
-	}
-	defer client.Close()
-	src := client.LocalAddr().(*net.UDPAddr).AddrPort()
-	q := new(dns.Msg)
-	q.SetQuestion("www.allowed.test.", dns.TypeA)
-	pkt, err := q.Pack()
-	if err != nil {
-		b.Fatal(err)
-	}
+	pkt, src := fastQuery(b)
 	for _, c := range []struct {
 		name string
 		fw   Firewall
@@ -402,9 +365,7 @@ func BenchmarkFastPathHit(b *testing.B) {
 			}
 			ts := startServer(b, gatePolicy, Config{Upstreams: []string{up.Addr}}, deps)
 			ask(b, "udp", ts.Addr, "www.allowed.test.", dns.TypeA, false)
-			ts.mu.Lock()
-			conn := ts.udp[0]
-			ts.mu.Unlock()
+			conn := ts.firstUDP()
 			sc := newScratch()
 			b.ReportAllocs()
 			for b.Loop() {

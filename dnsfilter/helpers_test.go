@@ -264,6 +264,32 @@ type testServer struct {
 	Sink *recSink
 }
 
+// fastQuery is a UDP query for www.allowed.test A, packed, and the
+// address of a loopback socket (open until tb ends) it comes from: what
+// fast takes besides the server's socket.
+func fastQuery(tb testing.TB) ([]byte, netip.AddrPort) {
+	tb.Helper()
+	client, err := net.ListenUDP("udp", &net.UDPAddr{IP: net.IPv4(127, 0, 0, 1)})
+	if err != nil {
+		tb.Fatal(err)
+	}
+	tb.Cleanup(func() { client.Close() })
+	q := new(dns.Msg)
+	q.SetQuestion("www.allowed.test.", dns.TypeA)
+	pkt, err := q.Pack()
+	if err != nil {
+		tb.Fatal(err)
+	}
+	return pkt, client.LocalAddr().(*net.UDPAddr).AddrPort()
+}
+
+// firstUDP is the first UDP socket ts reads.
+func (ts *testServer) firstUDP() udpConn {
+	ts.mu.Lock()
+	defer ts.mu.Unlock()
+	return ts.udp[0]
+}
+
 // startServer runs a forwarder on a free loopback port until the test ends.
 func startServer(t testing.TB, pol string, cfg Config, deps Deps) *testServer {
 	t.Helper()

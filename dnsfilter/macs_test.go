@@ -99,19 +99,10 @@ func TestClientMAC(t *testing.T) {
 
 	// The fast path leaves the policy's queries alone (a cached answer
 	// too), without asking the MAC.
-	client, err := net.ListenUDP("udp", &net.UDPAddr{IP: net.IPv4(127, 0, 0, 1)})
-	if err != nil {
-		t.Fatal(err)
-	}
-	defer client.Close()
-	q := new(dns.Msg)
-	q.SetQuestion("www.allowed.test.", dns.TypeA)
-	pkt, _ := q.Pack()
-	ts.mu.Lock()
-	conn := ts.udp[0]
-	ts.mu.Unlock()
+	pkt, src := fastQuery(t)
+	conn := ts.firstUDP()
 	asked := macs.Asked()
-	if ts.fast(newScratch(), conn, pkt, client.LocalAddr().(*net.UDPAddr).AddrPort()) {
+	if ts.fast(newScratch(), conn, pkt, src) {
 		t.Error("the fast path answered a query of a policy that names MACs")
 	}
 	if n := macs.Asked() - asked; n != 0 {
@@ -141,18 +132,9 @@ func TestClientMACNotAsked(t *testing.T) {
 			t.Errorf("event with a MAC under a policy that names none: %+v", ev)
 		}
 	}
-	client, err := net.ListenUDP("udp", &net.UDPAddr{IP: net.IPv4(127, 0, 0, 1)})
-	if err != nil {
-		t.Fatal(err)
-	}
-	defer client.Close()
-	q := new(dns.Msg)
-	q.SetQuestion("www.allowed.test.", dns.TypeA)
-	pkt, _ := q.Pack()
-	ts.mu.Lock()
-	conn := ts.udp[0]
-	ts.mu.Unlock()
-	if !ts.fast(newScratch(), conn, pkt, client.LocalAddr().(*net.UDPAddr).AddrPort()) {
+	pkt, src := fastQuery(t)
+	conn := ts.firstUDP()
+	if !ts.fast(newScratch(), conn, pkt, src) {
 		t.Error("a cached answer left the fast path")
 	}
 }
