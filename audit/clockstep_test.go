@@ -144,6 +144,22 @@ func TestReportNotesEventsBeforeFloor(t *testing.T) {
 	}
 }
 
+// writeAt drives the writer's steps of j (Run is not running): write(at,
+// port) writes base from client port port, at at by the event's time and
+// by the journal's clock, at once.
+func writeAt(j *Journal, base Event) func(at time.Time, port int) {
+	var clock time.Time
+	j.now = func() time.Time { return clock }
+	return func(at time.Time, port int) {
+		ev := base
+		ev.ClientPort = uint16(port)
+		ev.Time = at
+		clock = at
+		j.writeEvent(ev)
+		j.flush()
+	}
+}
+
 // TestJournalRotationClockSetBack: a clock that ran ahead and was set back
 // (a bad NTP server, a fake-hwclock's wrong saved time) while egressd ran.
 // Events stamped by time.Now carry a monotonic reading, and time.After
@@ -160,19 +176,7 @@ func TestJournalRotationClockSetBack(t *testing.T) {
 	defer j.Close()
 	ahead := time.Now() // the clock running ahead, with a monotonic reading
 	const back = 5 * 365 * 24 * time.Hour
-	var clock time.Time
-	j.now = func() time.Time { return clock }
-	base := fixtureEvents(t, eng)[2]
-	// The writer's steps, driven here (Run is not running): one event,
-	// written at once.
-	write := func(at time.Time, port int) {
-		ev := base
-		ev.ClientPort = uint16(port)
-		ev.Time = at
-		clock = at
-		j.writeEvent(ev)
-		j.flush()
-	}
+	write := writeAt(j, fixtureEvents(t, eng)[2])
 	rotated := func() int {
 		files, err := LogFiles(dir)
 		if err != nil {
@@ -262,18 +266,7 @@ func TestReportCountsWrongClockEventsInSkippedFiles(t *testing.T) {
 	dir := t.TempDir()
 	j, l, _ := openJournal(t, JournalConfig{Dir: dir, MaxFileBytes: 2000, MaxFiles: 100}, eng)
 	defer j.Close()
-	var clock time.Time
-	j.now = func() time.Time { return clock }
-	base := fixtureEvents(t, eng)[2]
-	// The writer's steps, driven here (Run is not running).
-	write := func(at time.Time, port int) {
-		ev := base
-		ev.ClientPort = uint16(port)
-		ev.Time = at
-		clock = at
-		j.writeEvent(ev)
-		j.flush()
-	}
+	write := writeAt(j, fixtureEvents(t, eng)[2])
 	n1970 := 0
 	for files, _ := LogFiles(dir); len(files) < 2; files, _ = LogFiles(dir) {
 		if n1970 == 100 {
