@@ -28,21 +28,7 @@ func (p *pcapWriter) ipFragments(fromClient bool, src, dst netip.Addr, proto lay
 		dgram = append(ext, dgram...)
 		next = layers.IPProtocolIPv6Destination
 	}
-	var chunks [][]byte
-	for len(dgram) > 0 {
-		n := min(size, len(dgram))
-		chunks = append(chunks, dgram[:n])
-		dgram = dgram[n:]
-	}
-	seen := map[int]bool{}
-	for _, i := range order {
-		seen[i] = true
-	}
-	for i := range chunks {
-		if !seen[i] {
-			order = append(order, i)
-		}
-	}
+	chunks, order := pieces(dgram, size, order)
 	for _, i := range order {
 		if i >= len(chunks) {
 			continue

@@ -161,35 +161,42 @@ func (c *tcpConn) send(fromClient bool, data []byte, mss int, order []int, skip 
 	if fromClient {
 		seq = &c.cseq
 	}
-	var segs [][]byte
-	for len(data) > 0 {
-		n := min(mss, len(data))
-		segs = append(segs, data[:n])
-		data = data[n:]
-	}
+	segs, order := pieces(data, mss, order)
 	offs := make([]uint32, len(segs))
 	o := *seq
 	for i, s := range segs {
 		offs[i] = o
 		o += uint32(len(s))
 	}
-	// Segments the order leaves out follow in order; indexes past the end
-	// are ignored.
-	seen := map[int]bool{}
-	for _, i := range order {
-		seen[i] = true
-	}
-	for i := range segs {
-		if !seen[i] {
-			order = append(order, i)
-		}
-	}
+	// Indexes past the end are ignored.
 	for _, i := range order {
 		if i < len(segs) && !skip[i] {
 			c.seg(fromClient, "A", offs[i], segs[i])
 		}
 	}
 	*seq = o
+}
+
+// pieces cuts data into pieces of size bytes (the last one shorter) and
+// completes order (indexes of pieces) with the indexes it leaves out, in
+// order.
+func pieces(data []byte, size int, order []int) ([][]byte, []int) {
+	var ps [][]byte
+	for len(data) > 0 {
+		n := min(size, len(data))
+		ps = append(ps, data[:n])
+		data = data[n:]
+	}
+	seen := map[int]bool{}
+	for _, i := range order {
+		seen[i] = true
+	}
+	for i := range ps {
+		if !seen[i] {
+			order = append(order, i)
+		}
+	}
+	return ps, order
 }
 
 func (c *tcpConn) close() {
