@@ -13,6 +13,49 @@ import (
 	"egressd/policy"
 )
 
+// The VLAN tests' client and gateway MAC addresses, and the destination
+// of the client's datagrams.
+var (
+	vlanMACC  = net.HardwareAddr{0x02, 0, 0, 0, 0xc, 1}
+	vlanMACGW = net.HardwareAddr{0x02, 0, 0, 0, 0xc, 0xfe}
+	vlanDst   = netip.MustParseAddrPort("198.51.100.9:9000")
+)
+
+// runLAN0 runs a capture of testPolicy on lan0, the interface of
+// vlanMACGW, over src until it has read n packets (10 s at most), its
+// metrics registered with reg (nil: none); its events are rec's.
+func runLAN0(t *testing.T, src *fakeSource, n int, reg prometheus.Registerer) (c *Capture, rec *recorder) {
+	t.Helper()
+	rec = &recorder{}
+	c, err := New(Config{Interfaces: []string{"lan0"}, OwnAddrs: []netip.Addr{}}, Deps{Policy: policy.NewStore(testEngine(t, testPolicy)), Sink: rec, Registerer: reg})
+	if err != nil {
+		t.Fatal(err)
+	}
+	c.sources = []source{{name: "lan0", h: src, mac: [6]byte(vlanMACGW), hasMAC: true}}
+	ctx, cancel := context.WithCancel(context.Background())
+	done := make(chan error, 1)
+	go func() { done <- c.Run(ctx) }()
+	for deadline := time.Now().Add(10 * time.Second); c.Stats().Packets < uint64(n) && time.Now().Before(deadline); {
+		time.Sleep(10 * time.Millisecond)
+	}
+	cancel()
+	if err := <-done; err != nil {
+		t.Fatal(err)
+	}
+	return c, rec
+}
+
+// flowsFrom counts the flow events of client port port.
+func flowsFrom(evs []audit.Event, port uint16) int {
+	n := 0
+	for _, ev := range evs {
+		if ev.Kind == audit.KindFlow && ev.ClientPort == port {
+			n++
+		}
+	}
+	return n
+}
+
 // TestOtherVLANSkipped: a frame whose 802.1Q tag the kernel took off into
 // the socket's auxdata, with a VLAN ID that is not 0, belongs to a VLAN
 // device on the interface (its own socket sees it again, untagged) or, if
@@ -22,11 +65,6 @@ import (
 // interface's: one flow each (e2e/TestVLANTagOnParent sees the kernel do
 // the same).
 func TestOtherVLANSkipped(t *testing.T) {
-	var (
-		macC  = net.HardwareAddr{0x02, 0, 0, 0, 0xc, 1}
-		macGW = net.HardwareAddr{0x02, 0, 0, 0, 0xc, 0xfe}
-		dst   = netip.MustParseAddrPort("198.51.100.9:9000")
-	)
 	frames := []struct {
 		what string
 		vlan int
@@ -38,27 +76,12 @@ func TestOtherVLANSkipped(t *testing.T) {
 	for _, f := range frames {
 		at = at.Add(time.Millisecond)
 		cli := netip.AddrPortFrom(netip.MustParseAddr("198.18.21.10"), f.port)
-		src.frames = append(src.frames, udpFrame(t, macC, macGW, cli, dst, []byte("ping")))
+		src.frames = append(src.frames, udpFrame(t, vlanMACC, vlanMACGW, cli, vlanDst, []byte("ping")))
 		src.times = append(src.times, at)
 		src.vlans = append(src.vlans, f.vlan)
 	}
-	rec := &recorder{}
 	reg := prometheus.NewRegistry()
-	c, err := New(Config{Interfaces: []string{"lan0"}, OwnAddrs: []netip.Addr{}}, Deps{Policy: policy.NewStore(testEngine(t, testPolicy)), Sink: rec, Registerer: reg})
-	if err != nil {
-		t.Fatal(err)
-	}
-	c.sources = []source{{name: "lan0", h: src, mac: [6]byte(macGW), hasMAC: true}}
-	ctx, cancel := context.WithCancel(context.Background())
-	done := make(chan error, 1)
-	go func() { done <- c.Run(ctx) }()
-	for deadline := time.Now().Add(10 * time.Second); c.Stats().Packets < uint64(len(frames)) && time.Now().Before(deadline); {
-		time.Sleep(10 * time.Millisecond)
-	}
-	cancel()
-	if err := <-done; err != nil {
-		t.Fatal(err)
-	}
+	c, rec := runLAN0(t, src, len(frames), reg)
 	// An operator sees them: a trunk given to --lan whole shows why
 	// capture records none of its VLANs' traffic.
 	if v := counterValue(t, reg, "egress_capture_other_vlan_frames_total"); v != 2 {
@@ -66,13 +89,7 @@ func TestOtherVLANSkipped(t *testing.T) {
 	}
 	evs := rec.all()
 	for _, f := range frames {
-		n := 0
-		for _, ev := range evs {
-			if ev.Kind == audit.KindFlow && ev.ClientPort == f.port {
-				n++
-			}
-		}
-		if n != f.want {
+		if n := flowsFrom(evs, f.port); n != f.want {
 			t.Errorf("%s frame: %d flows, want %d", f.what, n, f.want)
 		}
 	}
@@ -101,11 +118,6 @@ func withTags(frame []byte, tpid uint16, tcis ...uint16) []byte {
 // tag with no auxdata is decoded as before: a VLAN device made with
 // reorder_hdr off hands its sockets its own frames so (vlan_do_receive).
 func TestInnerVLANSkipped(t *testing.T) {
-	var (
-		macC  = net.HardwareAddr{0x02, 0, 0, 0, 0xc, 1}
-		macGW = net.HardwareAddr{0x02, 0, 0, 0, 0xc, 0xfe}
-		dst   = netip.MustParseAddrPort("198.51.100.9:9000")
-	)
 	frames := []struct {
 		what string
 		aux  int // the auxdata's VLAN ID, -1: none
@@ -126,36 +138,15 @@ func TestInnerVLANSkipped(t *testing.T) {
 	for _, f := range frames {
 		at = at.Add(time.Millisecond)
 		cli := netip.AddrPortFrom(netip.MustParseAddr("198.18.21.10"), f.port)
-		src.frames = append(src.frames, withTags(udpFrame(t, macC, macGW, cli, dst, []byte("ping")), f.tpid, f.tags...))
+		src.frames = append(src.frames, withTags(udpFrame(t, vlanMACC, vlanMACGW, cli, vlanDst, []byte("ping")), f.tpid, f.tags...))
 		src.times = append(src.times, at)
 		src.vlans = append(src.vlans, f.aux)
 	}
-	rec := &recorder{}
-	c, err := New(Config{Interfaces: []string{"lan0"}, OwnAddrs: []netip.Addr{}}, Deps{Policy: policy.NewStore(testEngine(t, testPolicy)), Sink: rec})
-	if err != nil {
-		t.Fatal(err)
-	}
-	c.sources = []source{{name: "lan0", h: src, mac: [6]byte(macGW), hasMAC: true}}
-	ctx, cancel := context.WithCancel(context.Background())
-	done := make(chan error, 1)
-	go func() { done <- c.Run(ctx) }()
-	for deadline := time.Now().Add(10 * time.Second); c.Stats().Packets < uint64(len(frames)) && time.Now().Before(deadline); {
-		time.Sleep(10 * time.Millisecond)
-	}
-	cancel()
-	if err := <-done; err != nil {
-		t.Fatal(err)
-	}
+	c, rec := runLAN0(t, src, len(frames), nil)
 	evs := rec.all()
 	skipped := uint64(0)
 	for _, f := range frames {
-		n := 0
-		for _, ev := range evs {
-			if ev.Kind == audit.KindFlow && ev.ClientPort == f.port {
-				n++
-			}
-		}
-		if n != f.want {
+		if n := flowsFrom(evs, f.port); n != f.want {
 			t.Errorf("%s: %d flows, want %d", f.what, n, f.want)
 		}
 		if f.want == 0 {
