@@ -261,6 +261,15 @@ type FlowKey struct {
 	Proto      string
 }
 
+// ClientAddr is a client's address as events carry it: unmapped, and a
+// link-local address without the zone its socket gave it (fe80::1, not
+// fe80::1%lan0), as capture has it from the packet. The report keys a
+// client, and a flow, by its address: one device's connection seen by
+// capture and the proxy must name one. The zone is the net package's
+// name of the interface, or its index where the name was not at hand;
+// the event's ClientMAC tells one link's device from another's.
+func ClientAddr(a netip.Addr) netip.Addr { return a.Unmap().WithZone("") }
+
 // Key returns the event's flow key.
 func (e *Event) Key() FlowKey {
 	return FlowKey{Client: e.Client.Unmap(), ClientPort: e.ClientPort, Dest: e.Dest.Unmap(), DestPort: e.DestPort, Proto: e.Proto}

@@ -490,8 +490,8 @@ func TestProxyAcceptedHasTheLine(t *testing.T) {
 		l.SrcPort, l.DstPort, l.Window = 40001, 443, 1024
 		r.send(false, src, dst, layers.IPProtocolTCP, l)
 	}
-	r.c.ProxyAccepted(netip.MustParseAddrPort("198.18.5.10:40001"), netip.MustParseAddrPort("203.0.113.9:443"))
-	r.c.ProxyAccepted(netip.MustParseAddrPort("198.18.5.12:40001"), netip.MustParseAddrPort("203.0.113.99:443"))
+	r.c.ProxyAccepted(netip.MustParseAddrPort("198.18.5.10:40001"), netip.MustParseAddrPort("203.0.113.9:443"), false)
+	r.c.ProxyAccepted(netip.MustParseAddrPort("198.18.5.12:40001"), netip.MustParseAddrPort("203.0.113.99:443"), false)
 	for _, cli := range []string{"198.18.5.10", "198.18.5.11", "198.18.5.12"} {
 		tcp(cli, "203.0.113.9", &layers.TCP{SYN: true, Seq: 1})
 		tcp(cli, "203.0.113.9", &layers.TCP{ACK: true, Seq: 2, Ack: 101})
@@ -524,7 +524,7 @@ func TestProxyTellsOverload(t *testing.T) {
 		l.SrcPort, l.DstPort, l.Window = 40001, 443, 1024
 		r.send(false, src, "203.0.113.9", layers.IPProtocolTCP, l)
 	}
-	r.c.ProxyAccepted(netip.MustParseAddrPort("198.18.5.10:40001"), netip.MustParseAddrPort("203.0.113.9:443"))
+	r.c.ProxyAccepted(netip.MustParseAddrPort("198.18.5.10:40001"), netip.MustParseAddrPort("203.0.113.9:443"), false)
 	for _, cli := range []string{"198.18.5.10", "198.18.5.11"} {
 		tcp(cli, &layers.TCP{SYN: true, Seq: 1})
 		tcp(cli, &layers.TCP{ACK: true, Seq: 2, Ack: 101})
@@ -545,11 +545,11 @@ func TestProxyTellsOverload(t *testing.T) {
 	// none; told of another, it writes its own.
 	late := netip.MustParseAddrPort("198.18.5.11:40001")
 	for i, want := range []bool{true, false} {
-		if got := r.c.ProxyAccepted(late, netip.MustParseAddrPort("203.0.113.9:443")); got != want {
+		if got := r.c.ProxyAccepted(late, netip.MustParseAddrPort("203.0.113.9:443"), true); got != want {
 			t.Errorf("ProxyAccepted of a connection capture lined, call %d: %v, want %v", i+1, got, want)
 		}
 	}
-	if r.c.ProxyAccepted(late, netip.MustParseAddrPort("203.0.113.99:443")) {
+	if r.c.ProxyAccepted(late, netip.MustParseAddrPort("203.0.113.99:443"), true) {
 		t.Errorf("ProxyAccepted of a connection to another destination: capture lined it")
 	}
 }
@@ -566,4 +566,39 @@ func linesByClient(log string) map[string]int {
 		}
 	}
 	return lines
+}
+
+// TestProxyTellsReusedTuple: a connection capture lined that the proxy
+// never accepted (its handshake's end dropped on a full accept queue,
+// the client gave up with a reset) leaves a record that capture wrote
+// its line, kept for a proxy that may accept it late. A new connection
+// of the same 4-tuple (a new SYN) within that time is another flow: the
+// proxy that accepts it writes its line, and capture's report of it is
+// the event only.
+func TestProxyTellsReusedTuple(t *testing.T) {
+	var out bytes.Buffer
+	r := newGuardRigLog(t, policy.ModeEnforce, true, slog.New(slog.NewJSONHandler(&out, nil)))
+	r.c.cfg.ProxyTells = true
+	tcp := func(l *layers.TCP) {
+		l.SrcPort, l.DstPort, l.Window = 40001, 443, 1024
+		r.send(false, "198.18.5.11", "203.0.113.9", layers.IPProtocolTCP, l)
+	}
+	// The first: capture lines it, the proxy never accepts it.
+	tcp(&layers.TCP{SYN: true, Seq: 1})
+	tcp(&layers.TCP{ACK: true, Seq: 2, Ack: 101})
+	tcp(&layers.TCP{RST: true, Seq: 2})
+	// The second, of the same 4-tuple: the proxy accepts it.
+	tcp(&layers.TCP{SYN: true, Seq: 5000})
+	tcp(&layers.TCP{ACK: true, Seq: 5001, Ack: 9001})
+	if r.c.ProxyAccepted(netip.MustParseAddrPort("198.18.5.11:40001"), netip.MustParseAddrPort("203.0.113.9:443"), false) {
+		t.Errorf("ProxyAccepted of the second connection: lined already (the first's record), the proxy writes no line")
+	}
+	tcp(&layers.TCP{FIN: true, ACK: true, Seq: 5001, Ack: 9001})
+	evs := r.events()
+	if len(evs["198.18.5.11"]) != 2 {
+		t.Errorf("events: %v, want 2", evs["198.18.5.11"])
+	}
+	if n := linesByClient(out.String())["198.18.5.11"]; n != 1 {
+		t.Errorf("%d decision lines of capture's, want 1 (the first connection's)\n%s", n, out.String())
+	}
 }

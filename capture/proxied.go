@@ -48,14 +48,22 @@ const (
 //
 // A link-local client's address comes with its interface's zone, as the
 // proxy's socket has it; capture's, from the packet, has none.
-func (c *Capture) ProxyAccepted(client, dest netip.AddrPort) (lined bool) {
+//
+// ended says the client had ended the connection (a reset, a FIN) when
+// the proxy took it from its queue. Capture reports a connection at its
+// end, so its line before the proxy's word is of an ended one: a record
+// of it matches only an ended connection. One the client still holds is a
+// new connection of the same 4-tuple (a new SYN, within proxiedTTL of one
+// the proxy never accepted, its handshake's end dropped on a full accept
+// queue): the record is the earlier's, and is dropped.
+func (c *Capture) ProxyAccepted(client, dest netip.AddrPort, ended bool) (lined bool) {
 	k := makeKey(client.Addr().WithZone("").Unmap(), client.Port(), dest.Addr().WithZone("").Unmap(), dest.Port(), 6)
 	s := &c.proxied
 	s.mu.Lock()
 	defer s.mu.Unlock()
 	if at, ok := s.lined[k]; ok {
 		delete(s.lined, k)
-		if time.Since(at) <= proxiedTTL {
+		if ended && time.Since(at) <= proxiedTTL {
 			return true
 		}
 	}

@@ -172,7 +172,10 @@ type Deps struct {
 	// reports true where the connection's line is written already
 	// (capture reported the connection first, its client gone before the
 	// proxy took it from its queue): the proxy writes the event only.
-	Accepted func(client, dest netip.AddrPort) (lined bool)
+	// ended says the client had ended the connection (a reset or a FIN
+	// seen: the socket is no longer established) when it was accepted:
+	// only such a one can capture have reported already.
+	Accepted func(client, dest netip.AddrPort, ended bool) (lined bool)
 }
 
 // ClientDevices tells the device of a LAN client address, where a

@@ -262,7 +262,7 @@ func (p *Proxy) explicitHandler() http.Handler {
 		if auth := p.authOK(r); auth != authGranted {
 			ca := addrPortOf(tcpAddrString(r.RemoteAddr))
 			ev := audit.Event{Kind: audit.KindRequest, Source: audit.SourceProxy, Time: time.Now(),
-				Client: ca.Addr(), ClientPort: ca.Port(), ClientMAC: p.slotDevice(r), DestPort: challengedPort(r), Proto: "tcp", Name: r.URL.Hostname(), NameSource: audit.NameConnect}
+				Client: audit.ClientAddr(ca.Addr()), ClientPort: ca.Port(), ClientMAC: p.slotDevice(r), DestPort: challengedPort(r), Proto: "tcp", Name: r.URL.Hostname(), NameSource: audit.NameConnect}
 			ev.Stamp(denyDecision(p.deps.Policy.Load(), ReasonAuth))
 			ev.Enforced = true // refused in audit mode too
 			p.emitRequest("explicit", ev, nil)
@@ -587,7 +587,7 @@ func (p *Proxy) handleConnect(host string, ctx *goproxy.ProxyCtx) (*goproxy.Conn
 	}
 	ca := addrPortOf(tcpAddrString(r.RemoteAddr))
 	f := &flowRecord{listener: "explicit", ev: audit.Event{Kind: audit.KindFlow, Source: audit.SourceProxy, Time: time.Now(),
-		Client: ca.Addr(), ClientPort: ca.Port(), Proto: "tcp", NameSource: audit.NameConnect}}
+		Client: audit.ClientAddr(ca.Addr()), ClientPort: ca.Port(), Proto: "tcp", NameSource: audit.NameConnect}}
 	at := p.policyNow()
 	eng := at.eng
 	reject := func(v verdict, code int) (*goproxy.ConnectAction, string) {
@@ -834,7 +834,7 @@ func (p *Proxy) handleRequest(req *http.Request, ctx *goproxy.ProxyCtx) (*http.R
 	eng := at.eng
 	ca := addrPortOf(tcpAddrString(req.RemoteAddr))
 	f := &flowRecord{listener: "explicit", ev: audit.Event{Kind: audit.KindFlow, Source: audit.SourceProxy, Time: time.Now(),
-		Client: ca.Addr(), ClientPort: ca.Port(), Proto: "tcp", NameSource: audit.NameHost, Path: req.URL.EscapedPath()}}
+		Client: audit.ClientAddr(ca.Addr()), ClientPort: ca.Port(), Proto: "tcp", NameSource: audit.NameHost, Path: req.URL.EscapedPath()}}
 	forwarded := false
 	defer func() {
 		if !forwarded {
@@ -1195,7 +1195,7 @@ func (p *Proxy) inspectTransparent(c *net.TCPConn, at policyAt, recorded []byte,
 	if _, err := p.ensureCA(); err != nil {
 		return err
 	}
-	st := &connectState{host: v.name, addr: orig, client: netip.AddrPortFrom(f.ev.Client, f.ev.ClientPort), mac: v.in.ClientMAC, src: v.src, transparent: true,
+	st := &connectState{host: v.name, addr: orig, client: netip.AddrPortFrom(addrPortOf(c.RemoteAddr()).Addr(), f.ev.ClientPort), mac: v.in.ClientMAC, src: v.src, transparent: true,
 		rec: f, firstIsFlow: !isTLS, plain: !isTLS}
 	// goproxy reads the TLS handshake and the first request head without
 	// a deadline: bound them as the hello was.

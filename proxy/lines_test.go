@@ -6,11 +6,15 @@ import (
 	"net/netip"
 	"os"
 	"path/filepath"
+	"strconv"
+	"strings"
 	"sync"
+	"sync/atomic"
 	"testing"
 	"time"
 
 	"egressd/audit"
+	"egressd/internal/testnet"
 	"egressd/policy"
 )
 
@@ -82,12 +86,13 @@ insert rule inet egressd_test prerouting iifname "gwc" tcp dport 9445 redirect t
 func TestTransparentTellsAccepted(t *testing.T) {
 	var mu sync.Mutex
 	told := map[netip.AddrPort]netip.AddrPort{}
+	ended := map[netip.AddrPort]bool{}
 	tp := newTopo(t, topoOpts{
 		config: func(c *Config) { c.MaxConnsPerClient = 1 },
 		deps: func(d *Deps) {
-			d.Accepted = func(client, dest netip.AddrPort) bool {
+			d.Accepted = func(client, dest netip.AddrPort, end bool) bool {
 				mu.Lock()
-				told[client] = dest
+				told[client], ended[client] = dest, end
 				mu.Unlock()
 				return false
 			}
@@ -119,5 +124,114 @@ func TestTransparentTellsAccepted(t *testing.T) {
 		if got := told[client]; got != c.dest {
 			t.Errorf("told %s -> %v, want %s (all: %v)", client, got, c.dest, told)
 		}
+		if ended[client] {
+			// Capture would take its record of an earlier connection of
+			// the 4-tuple for this one's (capture.ProxyAccepted).
+			t.Errorf("told %s ended, a connection its client holds", client)
+		}
 	}
+}
+
+// closingDevices is a device table whose first look-up closes the proxy:
+// the slot of a transparent connection's handler asks it after the
+// connection is tracked, so Close runs, and closes the connection, in the
+// middle of the handler's setup.
+type closingDevices struct {
+	once  sync.Once
+	proxy atomic.Pointer[Proxy]
+}
+
+func (d *closingDevices) ClientDevice(netip.Addr) net.HardwareAddr {
+	d.once.Do(func() { d.proxy.Load().Close() })
+	return nil
+}
+
+// TestTransparentShutdownMidSetup: a transparent connection that Close
+// closes while its handler sets it up (here from the device look-up of
+// its slot; in a run, Close at any instant after the handler tracked the
+// connection, down to the few instructions between trackConn's store and
+// its second look at the flag) still has its original destination in its
+// event, and Deps.Accepted is told it: the proxy writes its line, denied
+// as shutdown as Close's other refusals, and capture none. Before session 28 the handler read the destination from the
+// socket Close had closed: the event was a deny no-orig-dst without a
+// destination, Accepted was not told, and capture wrote a second line.
+func TestTransparentShutdownMidSetup(t *testing.T) {
+	var mu sync.Mutex
+	told := map[netip.AddrPort]netip.AddrPort{}
+	devs := &closingDevices{}
+	tp := newTopo(t, topoOpts{deps: func(d *Deps) {
+		d.Devices = devs
+		d.Accepted = func(client, dest netip.AddrPort, _ bool) bool {
+			mu.Lock()
+			told[client] = dest
+			mu.Unlock()
+			return false
+		}
+	}})
+	devs.proxy.Store(tp.proxy)
+	dest := netip.AddrPortFrom(echoV4, 8443)
+	c := tp.dialFromClient(t, clientV4, dest)
+	ev := tp.ev.wait(t, "of the connection", byClientPort(localPort(c)))
+	if ev.Dest != dest.Addr() || ev.DestPort != dest.Port() || ev.Verdict != policy.Deny || ev.Reason != ReasonShutdown ||
+		!ev.Enforced || ev.Close != closeShutdown {
+		t.Errorf("event %+v, want a deny %s, enforced, to %s", ev, ReasonShutdown, dest)
+	}
+	mu.Lock()
+	defer mu.Unlock()
+	if client := netip.AddrPortFrom(clientV4, uint16(localPort(c))); told[client] != dest {
+		t.Errorf("Accepted told %v for %s, want %s (capture writes a line of its own)", told[client], client, dest)
+	}
+}
+
+// TestTransparentLinkLocalClient: a transparent connection from a LAN
+// client's IPv6 link-local address, which the proxy's socket gives with
+// the LAN interface's zone (fe80::…%gwc), has the address without the
+// zone in its event, as capture's events (from the packet) and the DNS
+// forwarder's have it: the report keys a client by its address, and
+// counted fe80::…%gwc and fe80::… as two clients, each connection as two
+// flows (capture's event and the proxy's did not merge).
+func TestTransparentLinkLocalClient(t *testing.T) {
+	tp := newTopo(t, topoOpts{})
+	ll, idx := linkLocalOf(t, tp.c, "c0")
+	var c net.Conn
+	err := tp.c.Do(func() (err error) {
+		d := net.Dialer{Timeout: 5 * time.Second, LocalAddr: &net.TCPAddr{IP: ll.AsSlice(), Zone: idx}}
+		c, err = d.Dial("tcp", netip.AddrPortFrom(srvV6, 8443).String())
+		return err
+	})
+	if err != nil {
+		t.Fatalf("dial from %s: %v", ll, err)
+	}
+	port := localPort(c)
+	c.Close()
+	ev := tp.ev.wait(t, "of the link-local client", byClientPort(port))
+	if ev.Client != ll {
+		t.Errorf("event's client %s, want %s (no zone)", ev.Client, ll)
+	}
+}
+
+// linkLocalOf returns the link-local address of interface dev in ns, once
+// it is no longer tentative, and the interface's index as a zone (the net
+// package's cache of interface names is the process's, perhaps filled in
+// another namespace; ip link's output may begin with an error about a
+// peer in another namespace).
+func linkLocalOf(t *testing.T, ns *testnet.NS, dev string) (netip.Addr, string) {
+	t.Helper()
+	var ifi *net.Interface
+	if err := ns.Do(func() (err error) { ifi, err = net.InterfaceByName(dev); return err }); err != nil {
+		t.Fatal(err)
+	}
+	for deadline := time.Now().Add(5 * time.Second); time.Now().Before(deadline); time.Sleep(100 * time.Millisecond) {
+		out, _ := ns.Run("ip", "-6", "-o", "addr", "show", "dev", dev, "scope", "link")
+		if strings.Contains(out, "tentative") {
+			continue
+		}
+		for _, f := range strings.Fields(out) {
+			if p, err := netip.ParsePrefix(f); err == nil && p.Addr().IsLinkLocalUnicast() {
+				return p.Addr(), strconv.Itoa(ifi.Index)
+			}
+		}
+	}
+	t.Fatalf("%s in %s has no usable link-local address after 5 s", dev, ns.Name)
+	return netip.Addr{}, ""
 }

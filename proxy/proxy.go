@@ -337,6 +337,7 @@ func (p *Proxy) Close() error {
 		close(p.done)
 		for _, c := range queued {
 			f, _ := transparentRecord(c, time.Now())
+			p.origDst(c, f)
 			p.refuseAtShutdown(c, f)
 		}
 		// After the lookups of connections still being set up, if any:

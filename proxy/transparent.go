@@ -34,22 +34,21 @@ func transparentRecord(c *net.TCPConn, start time.Time) (*flowRecord, netip.Addr
 	ca := addrPortOf(c.RemoteAddr())
 	return &flowRecord{listener: "transparent", ev: audit.Event{
 		Kind: audit.KindFlow, Source: audit.SourceProxy, Time: start,
-		Client: ca.Addr(), ClientPort: ca.Port(), Proto: "tcp",
+		Client: audit.ClientAddr(ca.Addr()), ClientPort: ca.Port(), Proto: "tcp",
 	}}, ca
 }
 
 // refuseAtShutdown resets c, a transparent connection accepted while the
 // proxy closes (handleTransparent after Close, or one Close took from a
 // listener's accept queue), and writes its line and event: denied with
-// ReasonShutdown, enforced, to its original destination if the socket
-// still says it (one closed by a trackConn that raced Close does not).
-// Without it such a connection had no line and no event.
+// ReasonShutdown, enforced, to its original destination (the caller read
+// it into f with origDst). Without it such a connection had no line and
+// no event.
 func (p *Proxy) refuseAtShutdown(c *net.TCPConn, f *flowRecord) {
 	eng := p.policyNow().eng
 	f.ev.Stamp(denyDecision(eng, ReasonShutdown))
 	f.ev.Enforced, f.ev.Close = true, closeShutdown
-	p.origDst(c, f)
-	if mac := p.clientMAC(eng, f.ev.Client); mac != nil {
+	if mac := p.clientMAC(eng, addrPortOf(c.RemoteAddr()).Addr()); mac != nil {
 		f.ev.ClientMAC = mac.String()
 	}
 	c.SetLinger(0)
@@ -72,7 +71,7 @@ func (p *Proxy) origDst(c *net.TCPConn, f *flowRecord) (netip.AddrPort, error) {
 	f.ev.Dest, f.ev.DestPort = orig.Addr(), orig.Port()
 	if p.deps.Accepted != nil {
 		p.clientPort(c, f)
-		f.lined = p.deps.Accepted(netip.AddrPortFrom(f.ev.Client, f.ev.ClientPort), orig)
+		f.lined = p.deps.Accepted(netip.AddrPortFrom(f.ev.Client, f.ev.ClientPort), orig, clientEnded(c))
 	}
 	return orig, nil
 }
@@ -88,6 +87,12 @@ func (p *Proxy) handleTransparent(c *net.TCPConn, ours bool) {
 	// its port may not be (clientPort), and only the record needs it: the
 	// lookup waits until the connection is decided and forwarded.
 	f, ca := transparentRecord(c, start)
+	// The original destination, and Deps.Accepted told, before the
+	// connection is tracked: from then on Close may close it at any
+	// instant, and the socket no longer says it. Read after, a Close that
+	// raced the tracking (or any of the setup) left the line without a
+	// destination and capture untold, which wrote a second line.
+	orig, origErr := p.origDst(c, f)
 	if p.connsClosed.Load() || !p.trackConn(c) {
 		p.refuseAtShutdown(c, f)
 		return
@@ -108,7 +113,6 @@ func (p *Proxy) handleTransparent(c *net.TCPConn, ours bool) {
 	if !ok {
 		f.ev.Stamp(policy.Decision{Verdict: policy.Deny, RuleIndex: -1, Reason: ReasonLimit, Mode: eng.Mode()})
 		f.ev.Enforced, f.ev.Close = true, closeLimit
-		p.origDst(c, f)
 		c.SetLinger(0)
 		p.clientPort(c, f)
 		p.finish(f)
@@ -122,9 +126,8 @@ func (p *Proxy) handleTransparent(c *net.TCPConn, ours bool) {
 		}
 	}()
 
-	orig, err := p.origDst(c, f)
-	if err != nil {
-		f.err = err
+	if origErr != nil {
+		f.err = origErr
 		f.ev.Stamp(denyDecision(eng, ReasonNoOrigDst))
 		f.ev.Enforced, f.ev.Close = true, closeDenied
 		return
@@ -157,7 +160,12 @@ func (p *Proxy) handleTransparent(c *net.TCPConn, ours bool) {
 
 	if head.early {
 		// The client closed before sending anything: nothing to forward.
+		// Or Close did, during the setup or the peek: a shutdown's reset.
 		f.ev.Close = closeEarly
+		if head.ours {
+			f.ev.Stamp(denyDecision(eng, ReasonShutdown))
+			f.ev.Enforced, f.ev.Close = true, closeShutdown
+		}
 		return
 	}
 	if v.enforced() {
@@ -327,6 +335,7 @@ type peekResult struct {
 	rec   *recorder
 	Path  string
 	early bool           // the client closed before its first byte
+	ours  bool           // early: the proxy closed it (Close, at shutdown), not the client
 	head  *httpwire.Head // the first HTTP request head, when it parsed
 }
 
@@ -360,7 +369,7 @@ func (p *Proxy) peek(c *net.TCPConn, eng *policy.Engine, in policy.Input, start 
 		}
 	}
 	if err != nil {
-		res.early = true
+		res.early, res.ours = true, errors.Is(err, net.ErrClosed)
 		return kindOther, p.decideAddr(eng, other, audit.NameNone), res
 	}
 	c.SetReadDeadline(start.Add(p.cfg.HelloTimeout))
@@ -465,6 +474,22 @@ func synAckRetransmitted(c *net.TCPConn) bool {
 		return false
 	}
 	return ti.Total_retrans > 0
+}
+
+// clientEnded reports whether c's client has ended it: the socket is no
+// longer established (a reset closed it, a FIN put it in CLOSE-WAIT). An
+// error reports true, leaving capture's word as it was before.
+func clientEnded(c *net.TCPConn) bool {
+	rc, err := c.SyscallConn()
+	if err != nil {
+		return true
+	}
+	var ti *unix.TCPInfo
+	var terr error
+	if err := rc.Control(func(fd uintptr) { ti, terr = unix.GetsockoptTCPInfo(int(fd), unix.IPPROTO_TCP, unix.TCP_INFO) }); err != nil || terr != nil {
+		return true
+	}
+	return ti.State != unix.BPF_TCP_ESTABLISHED
 }
 
 // readHTTPHead reads from rc until a complete request head is recorded.
