@@ -464,32 +464,30 @@ const deferredFirstByteWait = 50 * time.Millisecond
 // from a request socket starts with): under TCP_DEFER_ACCEPT, that is the
 // kernel's wait for a silent client ending. An error reports false.
 func synAckRetransmitted(c *net.TCPConn) bool {
+	ti := tcpInfo(c)
+	return ti != nil && ti.Total_retrans > 0
+}
+
+// tcpInfo returns c's TCP_INFO; nil on an error.
+func tcpInfo(c *net.TCPConn) *unix.TCPInfo {
 	rc, err := c.SyscallConn()
 	if err != nil {
-		return false
+		return nil
 	}
 	var ti *unix.TCPInfo
 	var terr error
 	if err := rc.Control(func(fd uintptr) { ti, terr = unix.GetsockoptTCPInfo(int(fd), unix.IPPROTO_TCP, unix.TCP_INFO) }); err != nil || terr != nil {
-		return false
+		return nil
 	}
-	return ti.Total_retrans > 0
+	return ti
 }
 
 // clientEnded reports whether c's client has ended it: the socket is no
 // longer established (a reset closed it, a FIN put it in CLOSE-WAIT). An
 // error reports true, leaving capture's word as it was before.
 func clientEnded(c *net.TCPConn) bool {
-	rc, err := c.SyscallConn()
-	if err != nil {
-		return true
-	}
-	var ti *unix.TCPInfo
-	var terr error
-	if err := rc.Control(func(fd uintptr) { ti, terr = unix.GetsockoptTCPInfo(int(fd), unix.IPPROTO_TCP, unix.TCP_INFO) }); err != nil || terr != nil {
-		return true
-	}
-	return ti.State != unix.BPF_TCP_ESTABLISHED
+	ti := tcpInfo(c)
+	return ti == nil || ti.State != unix.BPF_TCP_ESTABLISHED
 }
 
 // readHTTPHead reads from rc until a complete request head is recorded.
