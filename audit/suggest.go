@@ -533,6 +533,7 @@ var unsuggested = map[string]string{
 	"reload-undecidable":       "a reload found a connection it could not decide again (a bug, see the logs): no rule allows it",
 	"opened-before-enforce":    "connections opened in audit mode and cut by the switch to enforce: new ones the rules allow pass",
 	"urgent-data":              "a client stream with urgent data (MSG_OOB) in two places, whose bytes as the proxy read them cannot be known: no rule allows it",
+	"stream-conflict":          "a client stream with bytes sent twice, different, at the same place (an overlap, or a decoy the server never read: an IDS-evasion trick), whose name as the server read it cannot be known: no rule allows it",
 	"inbound":                  "connections started from the WAN side toward a LAN host, not a LAN client's egress: rules name what LAN clients may reach, and enforce mode drops new connections from the WAN side",
 	"protocol-not-allowed":     "packets of an IP protocol other than TCP and UDP (GRE, ESP, a tunnel, an ICMP request other than echo): a rule names TCP and UDP ports and ICMP echo (icmp) only, so none can allow them, and enforce mode drops them; a device that needs one needs another way out",
 	"forged-source":            "packets from a source the gateway does not route back out of the LAN interface they came in on (not of the LAN's subnets, nor of a subnet routed via the LAN): enforce mode drops them before any rule (BCP 38); for a subnet behind a LAN router, add its route via the LAN (ip route add SUBNET via ROUTER dev LAN)",

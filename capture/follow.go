@@ -87,6 +87,11 @@ func (p *proc) followData(f *flow, seq uint32, data []byte) {
 			return
 		}
 		grew := s.add(uint32(int32(seq-f.base[0])), data[:k])
+		if s.conflict {
+			p.request(f, nil, errConflict)
+			p.stopFollow(f)
+			return
+		}
 		if s.full {
 			p.unfollow(f)
 			return

@@ -45,6 +45,7 @@ func (m *metrics) register(r prometheus.Registerer, c *Capture) error {
 		counter("stream_limited_flows_total", "Flows that gave up their name search because the name-search buffers of all flows were full (MaxStreamBytes).", func(s Stats) uint64 { return s.StreamLimited }),
 		counter("http_requests_total", "Later requests of plain-HTTP flows capture followed and recorded (audit mode), and request streams it refused.", func(s Stats) uint64 { return s.Requests }),
 		counter("http_unfollowed_flows_total", "Plain-HTTP flows whose later requests capture stopped following (a missing segment, bytes cut off, MaxStreamBytes).", func(s Stats) uint64 { return s.Unfollowed }),
+		counter("unforwarded_frames_total", "Frames from a LAN client that the gateway drops before forwarding them (a wrong IPv4 header checksum; a TTL or hop limit of 1 toward an address not the gateway's): no server reads them, and capture skips them.", func(s Stats) uint64 { return s.Unforwarded }),
 		counter("other_vlan_frames_total", "Frames a LAN interface's socket read tagged for a VLAN (ID not 0): that VLAN device's, or dropped by the kernel where the interface has none; skipped.", func(s Stats) uint64 { return s.OtherVLAN }),
 		counter("kernel_drops_total", "Packets the kernel dropped on the capture socket.", func(s Stats) uint64 { return s.KernelDrops }),
 		counter("socket_errors_total", "Capture sockets that failed to read, closed and opened again (capture goes on on the other LAN interfaces meanwhile).", func(s Stats) uint64 { return s.SocketErrors }),

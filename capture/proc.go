@@ -145,7 +145,15 @@ type flow struct {
 	st       [2]*stream
 	dnsOff   [2]int
 	quic     *quicOpener
-	held     int // bytes of st and quic counted in proc.streamBytes
+	held     int // bytes of st, sent and quic counted in proc.streamBytes
+	// sent: the client bytes an allowed TCP flow was decided on, kept
+	// until the server acknowledges them (watchSent).
+	sent     *stream
+	sentBase uint32 // the sequence number of sent's first byte
+	// srvAck: the highest acknowledgement the server sent while capture
+	// read the client's stream (resetTaken).
+	srvAck   uint32
+	srvAcked bool
 	// urg: the client's urgent mark (see urgent): the byte at sequence
 	// number urgSeq is out of the stream a receiver without SO_OOBINLINE
 	// reads, and out of st[0]; urgGot: a segment holding it arrived.
@@ -427,7 +435,10 @@ func (p *proc) packetLen(data []byte, wireLen int, ts time.Time, link layers.Lin
 	if hasEth {
 		mac = p.eth.SrcMAC
 	}
-	if p.src != 0 && hasEth && !hasGTP && !p.sentByGateway(mac) && p.guard(src, dst, uint8(proto), payload, has4 && p.ip4.FragOffset != 0 || hasFrag6 && p.ip6frag.FragmentOffset != 0, hasTCP, hasUDP) {
+	if client := p.src != 0 && hasEth && !hasGTP && !p.sentByGateway(mac); client && p.unforwarded(has4, dst) {
+		p.stats.unforwarded.Add(1)
+		return
+	} else if client && p.guard(src, dst, uint8(proto), payload, has4 && p.ip4.FragOffset != 0 || hasFrag6 && p.ip6frag.FragmentOffset != 0, hasTCP, hasUDP) {
 		return
 	}
 	switch {
@@ -719,6 +730,48 @@ func (p *proc) lookup(src netip.Addr, sp uint16, dst netip.Addr, dp uint16, prot
 	return f, dir
 }
 
+// unforwarded reports whether the gateway drops the current frame, a
+// client's read live on a LAN interface, to dst before it forwards it: an
+// IPv4 header whose checksum is wrong (its IP layer drops it), or a TTL
+// (hop limit) of 1 or 0 toward a unicast address not the gateway's own
+// (time exceeded). Such a frame reaches no server, and capture reads
+// nothing of it: else a client could show capture a decoy (a ClientHello
+// naming an allowed host) that no server reads, and send the server
+// another at the same sequence number (Ptacek & Newsham's insertion;
+// e2e TestCaptureEvasion). Offline (a capture file) nothing is known of
+// where the frame was read, and none is skipped.
+func (p *proc) unforwarded(has4 bool, dst netip.Addr) bool {
+	if has4 {
+		if !ip4SumOK(p.ip4.Contents) {
+			return true
+		}
+		if p.ip4.TTL > 1 {
+			return false
+		}
+	} else if p.ip6.HopLimit > 1 {
+		return false
+	}
+	if !dst.IsGlobalUnicast() {
+		return false // link-local, multicast, broadcast: not forwarded anyway
+	}
+	_, own := p.own.Load().set[dst.Unmap()]
+	return !own
+}
+
+// ip4SumOK reports whether the IPv4 header h sums to its checksum (RFC
+// 1071). The kernel computes a header's checksum in software always, for
+// GRO as for GSO packets (no offload leaves it unset).
+func ip4SumOK(h []byte) bool {
+	var sum uint32
+	for i := 0; i+1 < len(h); i += 2 {
+		sum += uint32(h[i])<<8 | uint32(h[i+1])
+	}
+	for sum>>16 != 0 {
+		sum = sum&0xffff + sum>>16
+	}
+	return sum == 0xffff
+}
+
 // sentByGateway reports whether the current frame, read from a live
 // socket, is one the gateway sent out of that LAN interface (the kernel's
 // PACKET_OUTGOING): its source address is one of the capture interfaces'.
@@ -989,6 +1042,12 @@ func (p *proc) tcpPacket(src, dst netip.Addr, mac []byte) {
 		// connection request.
 		p.urgent(f, seq, t.Urgent)
 	}
+	if f.sent != nil {
+		p.checkSent(f, dir, seq)
+	}
+	if dir == 1 && t.ACK && !t.SYN && (f.inspect || f.req != nil) && (!f.srvAcked || int32(t.Ack-f.srvAck) > 0) {
+		f.srvAck, f.srvAcked = t.Ack, true // resetTaken
+	}
 	switch {
 	case len(t.Payload) == 0:
 	case dir == 0:
@@ -997,6 +1056,7 @@ func (p *proc) tcpPacket(src, dst netip.Addr, mac []byte) {
 		p.tcpData(f, dir, seq, t.Payload)
 	}
 	switch {
+	case t.RST && dir == 0 && !p.resetTaken(f, seq):
 	case t.RST:
 		if dir == 0 {
 			end := f.readSeq(seq + uint32(len(t.Payload)))
@@ -1017,6 +1077,27 @@ func (p *proc) tcpPacket(src, dst netip.Addr, mac []byte) {
 			p.end(f, "fin")
 		}
 	}
+}
+
+// resetTaken reports whether the server takes a client's reset at
+// sequence number seq of f, which capture still reads (its name not yet
+// found, or its requests followed): Linux takes one only at the next
+// byte it expects (RFC 5961; one elsewhere in the window gets a challenge
+// ACK, one outside it is dropped). Capture, which read every byte before
+// it, expects the same byte; a reset elsewhere ends no flow, else a
+// client could end capture's flow with a reset the server ignores and
+// send its hello, or a later request, unread (e2e
+// TestCaptureEvasion/rst-out-of-window). Where capture missed a segment,
+// the server's acknowledgement says what it expects: a reset there is
+// taken too (a reset past a gap the server has not filled either is not,
+// and the flow waits for the missing bytes, as without the reset). A flow
+// no longer read ends at any reset, as before.
+func (p *proc) resetTaken(f *flow, seq uint32) bool {
+	if !f.inspect && f.req == nil {
+		return true
+	}
+	nxt, ok := f.rcvNext()
+	return !ok || seq == nxt || f.srvAcked && seq == f.srvAck
 }
 
 // redirected reports whether enforce mode redirects TCP to port to the
@@ -1235,6 +1316,12 @@ func (p *proc) tcpData(f *flow, dir int, seq uint32, data []byte) {
 	}
 	grew := s.add(uint32(off), data)
 	p.charge(f)
+	if s.conflict && f.inspect {
+		// Which copy the server read is not known (stream.go).
+		p.deny(f, ReasonStreamConflict, "", audit.NameNone)
+		p.done(f)
+		return
+	}
 	if grew {
 		p.examine(f, dir)
 	}
@@ -1390,6 +1477,9 @@ func (p *proc) examine(f *flow, dir int) {
 		f.inspect = false
 		f.st[1] = nil
 		p.classify(f)
+		if f.dec.Allowed() {
+			p.watchSent(f, &stream{buf: bytes.Clone(s.buf[:h.Len])})
+		}
 		f.req = &httpwire.ReqStream{MaxHead: maxStream}
 		f.req.Start(&h)
 		s.consume(h.Len)
@@ -1461,7 +1551,76 @@ func (p *proc) hello(f *flow, h tlshello.Hello, err error, src audit.NameSource)
 	} else {
 		f.nameSrc = audit.NameNoSNI
 	}
+	read := f.st[0]
 	p.done(f)
+	p.watchSent(f, read)
+}
+
+// After the decision: a decoy the server never read.
+//
+// A client segment capture reads may never reach the server: one with a
+// wrong TCP checksum is forwarded by the gateway (which does not check
+// it) and dropped by the server's kernel, and capture cannot tell it from
+// a good one (a frame from a local stack over veth or tap carries a
+// partial checksum and the packet socket's "checksum not ready" flag,
+// which the socket library does not pass on). A client can so show
+// capture a ClientHello naming an allowed host and the server another,
+// sent after it at the same sequence number (e2e
+// TestCaptureEvasion/tcp-checksum). Capture decides on the first complete
+// hello (or first request head), so it keeps, for a TCP flow that hello
+// let through in audit mode (or offline), the bytes it read until the
+// server acknowledges them (sent), and a later copy of any of them that
+// differs is the server's: the flow is denied as stream-conflict after
+// all. A retransmission of the same bytes, as stacks send, changes
+// nothing. The bytes are held for a round trip, counted in
+// MaxStreamBytes. A later request of a followed plain-HTTP flow is not
+// watched so (its bytes are consumed as they come): a decoy of one is
+// residual (README "Security").
+
+// watchSent keeps s, the client bytes f was just decided on (a
+// ClientHello, or a first request head, which the request follower then
+// consumes: a copy), as f.sent (see above) where that is needed.
+func (p *proc) watchSent(f *flow, s *stream) {
+	if f.proto != 6 || s == nil || len(s.buf) == 0 || s.conflict || f.urg || !f.dec.Allowed() || !p.followsRequests() {
+		return
+	}
+	s.pending, s.pendLen = nil, 0
+	f.sent, f.sentBase = s, f.base[0]
+	p.charge(f)
+}
+
+// checkSent takes a packet of f, which holds the bytes it was decided on
+// (watchSent), in direction dir at sequence number seq (p.tcp): the
+// server's acknowledgement of them ends the watch, a client's copy of
+// them that differs denies the flow.
+func (p *proc) checkSent(f *flow, dir int, seq uint32) {
+	s, t := f.sent, &p.tcp
+	if dir == 1 {
+		if t.ACK && int32(t.Ack-(f.sentBase+uint32(len(s.buf)))) >= 0 {
+			f.sent = nil
+			p.charge(f)
+		}
+		return
+	}
+	data := t.Payload
+	off := int32(seq - f.sentBase)
+	if off < 0 {
+		if int(-off) >= len(data) {
+			return
+		}
+		data, off = data[-off:], 0
+	}
+	if s.compare(0, s.buf, uint32(off), data); !s.conflict {
+		return
+	}
+	f.sent = nil
+	p.charge(f)
+	f.dec = policy.Decision{Verdict: policy.Deny, RuleIndex: -1, Reason: ReasonStreamConflict, Mode: f.dec.Mode}
+	f.evName, f.evSrc = "", audit.NameNone
+	f.ruled = false // capture's own denial: no reload judges it again
+	if f.reported {
+		p.emitNow(f, "capture: the client sent the bytes of its hello again, different: denied", slog.LevelWarn)
+	}
 }
 
 // done stops looking for a name, frees the buffers and decides the flow.
@@ -1470,6 +1629,7 @@ func (p *proc) done(f *flow) {
 	f.req, f.reqHead = nil, time.Time{}
 	f.st = [2]*stream{}
 	f.quic = nil
+	f.sent = nil
 	p.charge(f)
 	p.classify(f)
 }
@@ -1501,6 +1661,9 @@ func (p *proc) charge(f *flow) {
 			n += cap(s.buf) + s.pendLen
 		}
 	}
+	if f.sent != nil {
+		n += cap(f.sent.buf)
+	}
 	if f.quic != nil {
 		for _, d := range f.quic.pending {
 			n += len(d.data)
@@ -1531,6 +1694,8 @@ func headReason(err error) string {
 		return ReasonHelloTooLarge
 	case errors.Is(err, errUrgent):
 		return ReasonUrgentData
+	case errors.Is(err, errConflict):
+		return ReasonStreamConflict
 	default:
 		return ReasonHTTPBad
 	}
@@ -1904,7 +2069,16 @@ const (
 	// read that byte in line depends on when it read (see urgent), so
 	// what it parsed is not known. Capture's own reason.
 	ReasonUrgentData = "urgent-data"
+	// ReasonStreamConflict: the client sent bytes of its stream twice,
+	// different, at the same place (an overlap, a decoy the server never
+	// read): which copy the server read, and so the name it was asked
+	// for, is not known (stream.go). Capture's own reason; a flow, or a
+	// followed request, denied so.
+	ReasonStreamConflict = "stream-conflict"
 )
+
+// errConflict stands for a followed request stream with a conflict.
+var errConflict = errors.New("capture: bytes sent twice, different: the stream the server read is not known")
 
 // deny decides f as denied by capture (not by a rule), with the policy's
 // mode at this moment.

@@ -5,16 +5,16 @@ import "sync/atomic"
 // counters are the pipeline's counters: written by the one goroutine that
 // runs the pipeline, read by Stats and the metrics collector.
 type counters struct {
-	packets, bytes, malformed, notIP           atomic.Uint64
-	captured                                   atomic.Uint64
-	fragments, reassembled, fragDropped        atomic.Uint64
-	flows, denied, evicted, updates            atomic.Uint64
-	hellos, quicOpened, dnsQueries, dnsAnswers atomic.Uint64
-	panics, badHellos, snapped, own            atomic.Uint64
-	streamLimited, requests, unfollowed        atomic.Uint64
-	copies, socketErrors, otherVLAN, inbound   atomic.Uint64
-	guarded, rpfUnchecked, martian             atomic.Uint64
-	active                                     atomic.Int64
+	packets, bytes, malformed, notIP            atomic.Uint64
+	captured                                    atomic.Uint64
+	fragments, reassembled, fragDropped         atomic.Uint64
+	flows, denied, evicted, updates             atomic.Uint64
+	hellos, quicOpened, dnsQueries, dnsAnswers  atomic.Uint64
+	panics, badHellos, snapped, own             atomic.Uint64
+	streamLimited, requests, unfollowed         atomic.Uint64
+	copies, socketErrors, otherVLAN, inbound    atomic.Uint64
+	guarded, rpfUnchecked, martian, unforwarded atomic.Uint64
+	active                                      atomic.Int64
 }
 
 func (c *counters) snapshot() Stats {
@@ -27,5 +27,6 @@ func (c *counters) snapshot() Stats {
 		StreamLimited: c.streamLimited.Load(), Requests: c.requests.Load(), Unfollowed: c.unfollowed.Load(),
 		SocketErrors: c.socketErrors.Load(), OtherVLAN: c.otherVLAN.Load(), Inbound: c.inbound.Load(),
 		Guarded: c.guarded.Load(), RPFUnchecked: c.rpfUnchecked.Load(), Martian: c.martian.Load(),
+		Unforwarded: c.unforwarded.Load(),
 	}
 }

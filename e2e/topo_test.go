@@ -109,6 +109,11 @@ type topo struct {
 	// lanGW4 is the gateway's address on lan's segment, which the Go
 	// resolver asks; "": gwLAN4.
 	lanGW4 string
+
+	// registrySNI is the server name of each ClientHello the Go server
+	// at registryIP:443 read, by the client's port: what a server
+	// received, whatever capture read (TestCaptureEvasion).
+	registrySNI sync.Map
 }
 
 func newTopo(t *testing.T) *topo {
@@ -362,6 +367,12 @@ func (tp *topo) startGoServers(t *testing.T) {
 
 	tlsCfg := &tls.Config{Certificates: []tls.Certificate{cert}, MinVersion: tls.VersionTLS13,
 		CurvePreferences: []tls.CurveID{tls.X25519MLKEM768, tls.X25519}}
+	tlsCfg.GetConfigForClient = func(h *tls.ClientHelloInfo) (*tls.Config, error) {
+		if a, ok := h.Conn.RemoteAddr().(*net.TCPAddr); ok {
+			tp.registrySNI.Store(a.Port, h.ServerName)
+		}
+		return nil, nil
+	}
 	serveTCP(tp.inet, registryIP+":443", func(c net.Conn) {
 		tc := tls.Server(c, tlsCfg)
 		c.SetDeadline(time.Now().Add(30 * time.Second))

@@ -60,7 +60,9 @@ func New(t testing.TB, prefix string) *NS {
 	t.Helper()
 	RequireRoot(t)
 	sweepOnce.Do(func() { sweepStale(namespaceDir, true) })
-	name := fmt.Sprintf("%s-%d-%d", prefix, os.Getpid()%pidModulus, seq.Add(1))
+	// TESTNET_TAG, when set, begins every name: whose namespaces these
+	// are, where several runs share the machine.
+	name := fmt.Sprintf("%s%s-%d-%d", os.Getenv("TESTNET_TAG"), prefix, os.Getpid()%pidModulus, seq.Add(1))
 	if len(name) > 30 {
 		name = name[:30]
 	}

@@ -1,0 +1,249 @@
+package capture
+
+import (
+	"bytes"
+	"net/netip"
+	"testing"
+
+	"github.com/gopacket/gopacket"
+	"github.com/gopacket/gopacket/layers"
+
+	"egressd/audit"
+	"egressd/policy"
+)
+
+// Insertion and evasion (Ptacek & Newsham): a client shows capture bytes
+// the server never reads, or reads otherwise (e2e TestCaptureEvasion).
+
+const (
+	decoyName = "a.allowed.test" // allowed by testPolicy
+	realName  = "a.denied0.test" // no rule
+)
+
+// TestStreamConflict: stream.add marks bytes that came twice, different,
+// wherever the copies meet (in order, held out of order, pulled in), and
+// only there: retransmissions of the same bytes, and bytes that never
+// overlap, are no conflict.
+func TestStreamConflict(t *testing.T) {
+	a := []byte("0123456789abcdefghij")
+	b := bytes.Clone(a)
+	b[12] = 'X' // differs at offset 12 only
+	type put struct {
+		off  uint32
+		data []byte
+	}
+	for _, c := range []struct {
+		what     string
+		puts     []put
+		conflict bool
+	}{
+		{"in order", []put{{0, a[:10]}, {10, a[10:]}}, false},
+		{"retransmission, same", []put{{0, a}, {0, a}, {5, a[5:15]}}, false},
+		{"retransmission, different", []put{{0, a}, {10, b[10:15]}}, true},
+		{"retransmission, different elsewhere", []put{{0, a}, {0, b[:12]}}, false},
+		{"extends, different in the overlap", []put{{0, a[:15]}, {10, b[10:]}}, true},
+		{"out of order, same", []put{{10, a[10:]}, {10, a[10:]}, {0, a[:10]}}, false},
+		{"out of order, different pieces", []put{{10, a[10:15]}, {10, b[10:]}}, true},
+		{"out of order, then in order over it, different", []put{{11, a[11:14]}, {0, b}}, true},
+		{"out of order, then in order over it, same", []put{{11, a[11:14]}, {0, a}}, false},
+		{"out of order, pulled in over another, different", []put{{10, a[10:20]}, {12, b[12:16]}, {0, a[:10]}}, true},
+		{"Linux replaces, capture kept the first", []put{{5, a[5:14]}, {5, b[5:]}, {0, a[:5]}}, true},
+	} {
+		var s stream
+		for _, p := range c.puts {
+			s.add(p.off, p.data)
+		}
+		if s.conflict != c.conflict {
+			t.Errorf("%s: conflict %v, want %v", c.what, s.conflict, c.conflict)
+		}
+		if !c.conflict && !bytes.Equal(s.buf, a) && len(s.pending) == 0 {
+			t.Errorf("%s: buf %q, want %q", c.what, s.buf, a)
+		}
+	}
+}
+
+// evasionEvent runs conns, each writing one connection of a pcap, and
+// returns the event of each, by client port.
+func evasionEvents(t *testing.T, conns ...func(c *tcpConn)) map[uint16]audit.Event {
+	t.Helper()
+	p := newPcap(t)
+	cli, srv := netip.MustParseAddr("192.0.2.10"), netip.MustParseAddr("203.0.113.10")
+	for i, f := range conns {
+		c := &tcpConn{p: p, cli: cli, srv: srv, cport: uint16(47000 + i), sport: 443, cseq: 1000, sseq: 5000}
+		c.handshake()
+		f(c)
+	}
+	r := synthRun(t, p.close(), testPolicy, factsMap{srv: {decoyName}}, Config{})
+	got := map[uint16]audit.Event{}
+	for _, ev := range r.events {
+		got[ev.ClientPort] = ev
+	}
+	return got
+}
+
+// TestDecidedHelloWatched: a TCP flow capture allowed on its ClientHello
+// (or first request head) is denied as stream-conflict when the client sends those bytes again,
+// different, before the server acknowledged them (the first copy was a
+// decoy the server's kernel dropped: a bad TCP checksum). A copy of the
+// same bytes, or one after the server's acknowledgement (the server has
+// the first copy), changes nothing; nor does the next data.
+func TestDecidedHelloWatched(t *testing.T) {
+	decoy := realClientHello(t, decoyName)
+	real := realClientHello(t, realName)
+	cases := []struct {
+		what   string
+		run    func(c *tcpConn)
+		reason string
+	}{
+		{"a different copy before the ack", func(c *tcpConn) {
+			c.seg(true, "A", c.cseq, decoy)
+			c.seg(true, "A", c.cseq, real)
+		}, ReasonStreamConflict},
+		{"the same copy before the ack", func(c *tcpConn) {
+			c.seg(true, "A", c.cseq, decoy)
+			c.seg(true, "A", c.cseq, decoy)
+			c.cseq += uint32(len(decoy))
+			c.seg(true, "A", c.cseq, []byte("more"))
+		}, policy.ReasonAllowed},
+		{"a first request head, then a different copy", func(c *tcpConn) {
+			c.seg(true, "A", c.cseq, []byte("GET / HTTP/1.1\r\nHost: "+decoyName+"\r\n\r\n"))
+			c.seg(true, "A", c.cseq, []byte("GET / HTTP/1.1\r\nHost: "+realName+"\r\n\r\n"))
+		}, ReasonStreamConflict},
+		{"a different copy after the ack", func(c *tcpConn) {
+			c.seg(true, "A", c.cseq, decoy)
+			c.cseq += uint32(len(decoy))
+			c.seg(false, "A", c.sseq, nil)
+			c.seg(true, "A", c.cseq-uint32(len(decoy)), real)
+		}, policy.ReasonAllowed},
+	}
+	var runs []func(c *tcpConn)
+	for _, c := range cases {
+		runs = append(runs, c.run)
+	}
+	got := evasionEvents(t, runs...)
+	for i, c := range cases {
+		if ev := got[uint16(47000+i)]; ev.Reason != c.reason {
+			t.Errorf("%s: %+v, want %s", c.what, ev, c.reason)
+		}
+	}
+}
+
+// TestResetOutOfWindow: a client's reset that the server ignores (not at
+// the next byte it expects) does not end a flow capture still reads: the
+// hello after it is read and decides the flow. Before, capture ended the
+// flow at the reset and decided it by address (the name DNS gave out for
+// it: allowed). A reset where the server's acknowledgement says it
+// expects it is taken, past a segment capture lost (TestHelloAsTheProxy).
+func TestResetOutOfWindow(t *testing.T) {
+	real := realClientHello(t, realName)
+	got := evasionEvents(t,
+		func(c *tcpConn) {
+			c.seg(true, "RA", c.cseq+1<<20, nil)
+			c.seg(true, "A", c.cseq, real)
+		},
+		func(c *tcpConn) {
+			c.seg(true, "RA", c.cseq-1, nil)
+			c.seg(true, "A", c.cseq, real)
+		},
+		func(c *tcpConn) {
+			c.seg(true, "RA", c.cseq, nil) // taken: the flow ends, no hello read
+			c.seg(true, "A", c.cseq, real)
+		})
+	for i := range 2 {
+		if ev := got[uint16(47000+i)]; ev.Name != realName || ev.Verdict != policy.Deny {
+			t.Errorf("reset %d: %+v, want %s denied", i, ev, realName)
+		}
+	}
+	if ev := got[47002]; ev.Name == realName || ev.Close != "rst" {
+		t.Errorf("reset at the next byte: %+v, want the flow ended there", ev)
+	}
+}
+
+// liveTCP writes one client segment (or, fromGW, one the gateway sent)
+// through r's pipeline with the TTL (hop limit) given, after spoil.
+func (r *guardRig) liveTCP(fromGW bool, src, dst netip.Addr, sp, dp uint16, flags string, seq uint32, data []byte, ttl uint8, spoil func([]byte)) {
+	r.t.Helper()
+	ip := ipLayer(src, dst, layers.IPProtocolTCP)
+	et := layers.EthernetTypeIPv4
+	if l, ok := ip.(*layers.IPv4); ok {
+		l.TTL = ttl
+	} else {
+		ip.(*layers.IPv6).HopLimit = ttl
+		et = layers.EthernetTypeIPv6
+	}
+	smac, dmac := macClient, macGW
+	if fromGW {
+		smac, dmac = macGW, macClient
+	}
+	tcp := &layers.TCP{SrcPort: layers.TCPPort(sp), DstPort: layers.TCPPort(dp), Seq: seq, Window: 65535,
+		SYN: bytes.ContainsRune([]byte(flags), 'S'), ACK: bytes.ContainsRune([]byte(flags), 'A'), RST: bytes.ContainsRune([]byte(flags), 'R')}
+	tcp.SetNetworkLayerForChecksum(ip)
+	buf := gopacket.NewSerializeBuffer()
+	if err := gopacket.SerializeLayers(buf, gopacket.SerializeOptions{FixLengths: true, ComputeChecksums: true},
+		&layers.Ethernet{SrcMAC: smac, DstMAC: dmac, EthernetType: et}, ip.(gopacket.SerializableLayer), tcp, gopacket.Payload(data)); err != nil {
+		r.t.Fatal(err)
+	}
+	b := buf.Bytes()
+	if spoil != nil {
+		spoil(b)
+	}
+	r.now = r.now.Add(1e6)
+	r.c.proc.packet(b, r.now, layers.LinkTypeEthernet)
+}
+
+// TestUnforwardedDecoy: live, a client frame the gateway does not
+// forward (TTL or hop limit 1 or 0 toward an address not its own, a
+// wrong IPv4 header checksum) is skipped and counted: a decoy hello in
+// one, then the real hello at the same sequence number, has capture read
+// the real one. Before, capture read the decoy (first copy wins) and
+// recorded the allowed name. A TTL of 1 to the gateway's own address
+// (delivered, not forwarded) is read, and so is a TTL of 2.
+func TestUnforwardedDecoy(t *testing.T) {
+	r := newGuardRig(t, policy.ModeAudit)
+	decoy := realClientHello(t, decoyName)
+	real := realClientHello(t, realName)
+	badSum := func(b []byte) { b[14+10] ^= 0x5a }
+	cli4, cli6 := netip.MustParseAddr("198.18.5.10"), netip.MustParseAddr("2001:db8:5::10")
+	srv4, srv6 := netip.MustParseAddr("203.0.113.10"), netip.MustParseAddr("2001:db8:99::10")
+	cases := []struct {
+		what     string
+		cli, srv netip.Addr
+		ttl      uint8
+		spoil    func([]byte)
+		name     string // the name capture must record
+	}{
+		{"ttl 1", cli4, srv4, 1, nil, realName},
+		{"ttl 0", cli4, srv4, 0, nil, realName},
+		{"bad ipv4 header checksum", cli4, srv4, 64, badSum, realName},
+		{"hop limit 1", cli6, srv6, 1, nil, realName},
+		// Forwarded, so read: the real hello then differs from it.
+		{"ttl 2: forwarded", cli4, srv4, 2, nil, ""},
+		// Own traffic, in no event: only not counted.
+		{"ttl 1 to the gateway", cli4, netip.MustParseAddr("198.18.5.1"), 1, nil, ""},
+	}
+	for i, c := range cases {
+		sp := uint16(48000 + i)
+		r.liveTCP(false, c.cli, c.srv, sp, 443, "S", 100, nil, 64, nil)
+		r.liveTCP(true, c.srv, c.cli, 443, sp, "SA", 500, nil, 64, nil)
+		r.liveTCP(false, c.cli, c.srv, sp, 443, "A", 101, nil, 64, nil)
+		r.liveTCP(false, c.cli, c.srv, sp, 443, "A", 101, decoy, c.ttl, c.spoil)
+		r.liveTCP(false, c.cli, c.srv, sp, 443, "A", 101, real, 64, nil)
+	}
+	if n := r.c.Stats().Unforwarded; n != 4 {
+		t.Errorf("unforwarded frames: %d, want 4", n)
+	}
+	r.c.proc.flush("shutdown")
+	got := map[uint16]audit.Event{}
+	for _, ev := range r.rec.all() {
+		got[ev.ClientPort] = ev
+	}
+	for i, c := range cases {
+		ev := got[uint16(48000+i)]
+		switch {
+		case c.name != "" && ev.Name != c.name:
+			t.Errorf("%s: %+v, want the name %s", c.what, ev, c.name)
+		case c.ttl == 2 && ev.Reason != ReasonStreamConflict:
+			t.Errorf("%s: %+v, want %s", c.what, ev, ReasonStreamConflict)
+		}
+	}
+}

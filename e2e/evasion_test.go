@@ -1,0 +1,186 @@
+package e2e
+
+import (
+	"bytes"
+	"fmt"
+	"net"
+	"syscall"
+	"testing"
+	"time"
+
+	"github.com/gopacket/gopacket"
+	"github.com/gopacket/gopacket/layers"
+	"golang.org/x/sys/unix"
+)
+
+// TestCaptureEvasion (session 28's red team, Ptacek & Newsham's
+// insertion attacks): in audit mode capture reads a connection's
+// ClientHello from the frames on the LAN interface, and the report says
+// what enforce mode would drop. A LAN client that shows capture one hello
+// and the server another has a flow enforce would drop reported as
+// allowed. Each case opens a real connection to the Go TLS server at
+// registryIP:443 (the kernel does the handshake), learns its sequence
+// numbers (TCP_REPAIR), and then writes the client's bytes itself as
+// frames from a packet socket: a decoy hello naming registry (allowed)
+// that the server never reads, and the real hello, of the same length,
+// naming evasionName (no rule). The server records the name it read;
+// capture's flow event must not be an allow of registry.
+//
+//   - ttl: the decoy has IPv4 TTL 1, which the gateway does not forward
+//     (time exceeded) and capture sees on the LAN side.
+//   - ip-checksum: the decoy's IPv4 header checksum is wrong: the
+//     gateway's IP layer drops it.
+//   - tcp-checksum: the decoy's TCP checksum is wrong: the gateway
+//     forwards it, the server's kernel drops it.
+//   - overlap: two out-of-order pieces at the same sequence number, the
+//     second longer: Linux replaces the first with it (tcp_data_queue_ofo),
+//     capture kept the first ("first copy wins") where they differ.
+//   - rst-out-of-window: a reset far outside the server's window, which
+//     its kernel ignores (RFC 5961), before the hello: capture ended the
+//     flow at it and read no hello.
+func TestCaptureEvasion(t *testing.T) {
+	tp := newTopo(t)
+	d := newDaemon(t, tp, "audit")
+	d.start()
+	defer d.stop()
+	if _, err := tp.dnsQuery(registry, 1, 2*time.Second); err != nil {
+		t.Fatalf("dns %s: %v", registry, err)
+	}
+	src, err := net.ParseMAC(macOf(t, tp.lan, "eth0"))
+	if err != nil {
+		t.Fatal(err)
+	}
+	dst, err := net.ParseMAC(macOf(t, tp.gw, "lan0"))
+	if err != nil {
+		t.Fatal(err)
+	}
+	fs, err := openFrameSender(tp.lan, "eth0")
+	if err != nil {
+		t.Fatalf("packet socket: %v", err)
+	}
+	defer fs.close()
+
+	allowed := buildHello(helloSpec{sni: [][]string{{registry}}})
+	denied := bytes.Replace(allowed, []byte(registry), []byte(evasionName), 1)
+	if len(evasionName) != len(registry) || bytes.Equal(allowed, denied) {
+		t.Fatal("the two hellos must differ in their name only")
+	}
+	// seg is one client segment: bytes at offset off of the stream, and
+	// what is done to its frame.
+	type seg struct {
+		off   int
+		data  []byte
+		ttl   uint8
+		spoil func(frame []byte) // nil: the frame as serialized
+		rst   bool
+	}
+	const ipOff, tcpOff = 14, 14 + 20
+	badIPSum := func(f []byte) { f[ipOff+10] ^= 0x5a }
+	badTCPSum := func(f []byte) { f[tcpOff+16] ^= 0x5a }
+	for _, c := range []struct {
+		name string
+		segs []seg
+	}{
+		{"ttl", []seg{{0, allowed, 1, nil, false}, {0, denied, 64, nil, false}}},
+		{"ip-checksum", []seg{{0, allowed, 64, badIPSum, false}, {0, denied, 64, nil, false}}},
+		{"tcp-checksum", []seg{{0, allowed, 64, badTCPSum, false}, {0, denied, 64, nil, false}}},
+		{"overlap", []seg{{5, allowed[5:120], 64, nil, false}, {5, denied[5:], 64, nil, false}, {0, denied[:5], 64, nil, false}}},
+		{"rst-out-of-window", []seg{{1 << 20, nil, 64, nil, true}, {0, denied, 64, nil, false}}},
+	} {
+		t.Run(c.name, func(t *testing.T) {
+			conn := tp.mustDial(t, registryIP+":443", nil)
+			defer func() { conn.SetLinger(0); conn.Close() }()
+			lport := conn.LocalAddr().(*net.TCPAddr).Port
+			sndNxt, rcvNxt, err := tcpSeqs(conn)
+			if err != nil {
+				t.Fatalf("TCP_REPAIR: %v", err)
+			}
+			frame := func(off int, data []byte, ttl uint8, flags string) []byte {
+				ip := &layers.IPv4{Version: 4, TTL: ttl, Flags: layers.IPv4DontFragment, Protocol: layers.IPProtocolTCP,
+					SrcIP: net.ParseIP(lanClient4).To4(), DstIP: net.ParseIP(registryIP).To4()}
+				tcp := &layers.TCP{SrcPort: layers.TCPPort(lport), DstPort: 443, Seq: sndNxt + uint32(off), Ack: rcvNxt,
+					ACK: true, PSH: flags == "psh", RST: flags == "rst", Window: 1024}
+				tcp.SetNetworkLayerForChecksum(ip)
+				buf := gopacket.NewSerializeBuffer()
+				eth := &layers.Ethernet{SrcMAC: src, DstMAC: dst, EthernetType: layers.EthernetTypeIPv4}
+				if err := gopacket.SerializeLayers(buf, gopacket.SerializeOptions{ComputeChecksums: true, FixLengths: true},
+					eth, ip, tcp, gopacket.Payload(data)); err != nil {
+					t.Fatal(err)
+				}
+				return buf.Bytes()
+			}
+			for _, s := range c.segs {
+				flags := "psh"
+				if s.rst {
+					flags = "rst"
+				}
+				f := frame(s.off, s.data, s.ttl, flags)
+				if s.spoil != nil {
+					s.spoil(f)
+				}
+				if err := fs.send(f); err != nil {
+					t.Fatalf("send: %v", err)
+				}
+				time.Sleep(20 * time.Millisecond)
+			}
+			var got any
+			for deadline := time.Now().Add(5 * time.Second); got == nil && time.Now().Before(deadline); time.Sleep(50 * time.Millisecond) {
+				got, _ = tp.registrySNI.Load(lport)
+			}
+			// End the connection at the stream's end, for the server
+			// and for capture.
+			if err := fs.send(frame(len(denied), nil, 64, "rst")); err != nil {
+				t.Fatalf("send: %v", err)
+			}
+			if got != evasionName {
+				t.Fatalf("the server read the name %v, not %s: the attack did not reach it as meant", got, evasionName)
+			}
+			ce := d.waitEvent(t, "capture's record of "+c.name, func(e flowEvent) bool {
+				return e.Kind == "flow" && e.Source == "capture" && e.ClientPort == lport
+			})
+			if ce.Verdict == "allow" || ce.Name == registry {
+				t.Errorf("%s: the server read %s, capture recorded %v", c.name, evasionName, ce)
+			} else {
+				t.Logf("%s: capture recorded %v", c.name, ce)
+			}
+		})
+	}
+}
+
+// evasionName is a name no rule allows, as long as registry.
+const evasionName = "tracker-1.example.io"
+
+// tcpSeqs reads the sequence numbers of an established connection: the
+// next one it sends and the next one it expects (TCP_REPAIR, which needs
+// CAP_NET_ADMIN), and leaves repair mode without a window probe.
+func tcpSeqs(c *net.TCPConn) (snd, rcv uint32, err error) {
+	rc, err := c.SyscallConn()
+	if err != nil {
+		return 0, 0, err
+	}
+	const recvQueue, sendQueue = 1, 2
+	cerr := rc.Control(func(fd uintptr) {
+		s := int(fd)
+		if err = unix.SetsockoptInt(s, syscall.IPPROTO_TCP, unix.TCP_REPAIR, 1); err != nil {
+			return
+		}
+		defer unix.SetsockoptInt(s, syscall.IPPROTO_TCP, unix.TCP_REPAIR, unix.TCP_REPAIR_OFF_NO_WP)
+		var v [2]int
+		for i, q := range []int{sendQueue, recvQueue} {
+			if err = unix.SetsockoptInt(s, syscall.IPPROTO_TCP, unix.TCP_REPAIR_QUEUE, q); err != nil {
+				return
+			}
+			if v[i], err = unix.GetsockoptInt(s, syscall.IPPROTO_TCP, unix.TCP_QUEUE_SEQ); err != nil {
+				return
+			}
+		}
+		snd, rcv = uint32(v[0]), uint32(v[1])
+	})
+	if cerr != nil {
+		return 0, 0, cerr
+	}
+	if err != nil {
+		return 0, 0, fmt.Errorf("tcp seqs: %w", err)
+	}
+	return snd, rcv, nil
+}
