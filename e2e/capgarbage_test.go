@@ -67,18 +67,7 @@ func captureGarbage(t *testing.T, tp *topo, mode string, replay [][]byte) {
 	if err := tp.legitGet(); err != nil {
 		t.Fatalf("legitimate client before the garbage: %v", err)
 	}
-	src, err := net.ParseMAC(macOf(t, tp.lan, "eth0"))
-	if err != nil {
-		t.Fatal(err)
-	}
-	dst, err := net.ParseMAC(macOf(t, tp.gw, "lan0"))
-	if err != nil {
-		t.Fatal(err)
-	}
-	fs, err := openFrameSender(tp.lan, "eth0")
-	if err != nil {
-		t.Fatalf("packet socket: %v", err)
-	}
+	fs, src, dst := tp.lanFrameSender(t)
 	defer fs.close()
 
 	// Watch egressd while the frames go: RSS, /metrics, and a legitimate
@@ -242,6 +231,26 @@ func lanFrames(tp *topo) int64 {
 type frameSender struct {
 	fd int
 	sa *syscall.SockaddrLinklayer
+}
+
+// lanFrameSender opens a packet socket on the LAN host's eth0 and
+// returns it with the MAC addresses of the LAN link: the host's (a
+// frame's source) and the gateway's lan0 (its destination).
+func (tp *topo) lanFrameSender(t *testing.T) (fs *frameSender, src, dst net.HardwareAddr) {
+	t.Helper()
+	src, err := net.ParseMAC(macOf(t, tp.lan, "eth0"))
+	if err != nil {
+		t.Fatal(err)
+	}
+	dst, err = net.ParseMAC(macOf(t, tp.gw, "lan0"))
+	if err != nil {
+		t.Fatal(err)
+	}
+	fs, err = openFrameSender(tp.lan, "eth0")
+	if err != nil {
+		t.Fatalf("packet socket: %v", err)
+	}
+	return fs, src, dst
 }
 
 // openFrameSender opens a packet socket in ns for sending out of dev.

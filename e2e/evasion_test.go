@@ -46,18 +46,7 @@ func TestCaptureEvasion(t *testing.T) {
 	if _, err := tp.dnsQuery(registry, 1, 2*time.Second); err != nil {
 		t.Fatalf("dns %s: %v", registry, err)
 	}
-	src, err := net.ParseMAC(macOf(t, tp.lan, "eth0"))
-	if err != nil {
-		t.Fatal(err)
-	}
-	dst, err := net.ParseMAC(macOf(t, tp.gw, "lan0"))
-	if err != nil {
-		t.Fatal(err)
-	}
-	fs, err := openFrameSender(tp.lan, "eth0")
-	if err != nil {
-		t.Fatalf("packet socket: %v", err)
-	}
+	fs, src, dst := tp.lanFrameSender(t)
 	defer fs.close()
 
 	allowed := buildHello(helloSpec{sni: [][]string{{registry}}})
