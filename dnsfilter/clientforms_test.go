@@ -183,7 +183,8 @@ func TestQClassesRefused(t *testing.T) {
 // (RFC 6895 §3.1: OPT, TSIG, TKEY, MAILA, MAILB, the 128-248 meta range)
 // or the reserved type 0, for an allowed name, over UDP and TCP: answered
 // here (FORMERR, as unbound does), never sent upstream, where the
-// forwarder's own question would carry the client's meta type.
+// forwarder's own question would carry the client's meta type. Before,
+// each was asked upstream and the answer cached.
 func TestMetaTypesNotForwarded(t *testing.T) {
 	up := newFakeUpstream(t, labZone)
 	ts := startServer(t, enforcePolicy, Config{Upstreams: []string{up.Addr}}, Deps{})
@@ -557,7 +558,7 @@ func TestMalformedUDPRateLimited(t *testing.T) {
 		return b
 	}
 	q := packQuery(t, "www.allowed.test.", dns.TypeA, nil)[12:]
-	for _, c := range []struct {
+	for i, c := range []struct {
 		name string
 		pkt  []byte
 	}{
@@ -568,7 +569,7 @@ func TestMalformedUDPRateLimited(t *testing.T) {
 	} {
 		t.Run(strings.ReplaceAll(c.name, " ", "-"), func(t *testing.T) {
 			// A client of its own (127.0.0.x) for each form.
-			src := &net.UDPAddr{IP: net.IPv4(127, 0, 0, byte(10+len(c.name)))}
+			src := &net.UDPAddr{IP: net.IPv4(127, 0, 0, byte(10+i))}
 			conn, err := net.ListenUDP("udp", src)
 			if err != nil {
 				t.Fatal(err)

@@ -92,8 +92,7 @@ func (s *Server) fast(sc *scratch, c udpConn, pkt []byte, src netip.AddrPort) bo
 	if qclass != dns.ClassINET {
 		return false
 	}
-	switch qtype {
-	case dns.TypeAXFR, dns.TypeIXFR, dns.TypeANY, dns.TypeOPT:
+	if metaType(qtype) { // AXFR, IXFR, ANY among them: the general path answers
 		return false
 	}
 	edns, do, maxSize := false, false, 512

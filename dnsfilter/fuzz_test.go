@@ -39,6 +39,7 @@ func FuzzServeWire(f *testing.F) {
 	f.Add(q("use-application-dns.net.", dns.TypeA, false))        // canary
 	f.Add(q("Mask-H2.icloud.com.", dns.TypeHTTPS, true))          // Private Relay's canary
 	f.Add(q("allowed.test.", dns.TypeAXFR, false))                // zone transfer
+	f.Add(q("www.allowed.test.", dns.TypeTSIG, true))             // a meta type: FORMERR
 	f.Add([]byte{0xBE, 0xEF, 0x01, 0x00, 0, 1, 0, 0, 0, 0, 0, 0}) // header claims a question, none follows
 	f.Add([]byte{0xBE, 0xEF, 0x01, 0x00, 0, 1, 0, 0, 0, 0, 0, 0,
 		0xC0, 0x0C, 0, 1, 0, 1}) // question name is a pointer to itself

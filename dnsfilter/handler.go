@@ -24,7 +24,7 @@ const canaryName = "use-application-dns.net"
 const (
 	ReasonCanary       = "doh-canary"    // use-application-dns.net
 	ReasonRateLimited  = "rate-limited"  // the client exceeded its rate
-	ReasonQType        = "qtype-refused" // ANY, AXFR, IXFR
+	ReasonQType        = "qtype-refused" // ANY, AXFR, IXFR, meta types (metaType)
 	ReasonClass        = "class-refused" // not class IN
 	ReasonOpcode       = "opcode"        // not a standard query
 	ReasonFormat       = "format-error"  // not exactly one question, bad EDNS
@@ -60,6 +60,16 @@ type query struct {
 	err      error
 }
 
+// metaType reports whether a question's type is no data type a resolver
+// may be asked for (RFC 6895 §3.1): the reserved 0, OPT, TSIG, TKEY and
+// the meta and question types 128-255 (MAILB, MAILA among them; AXFR,
+// IXFR and ANY have answers of their own before). unbound and BIND answer FORMERR; a
+// forwarder that passed them on would ask the upstream for them in its
+// own name (and cache what came back).
+func metaType(t uint16) bool {
+	return t == dns.TypeNone || t == dns.TypeOPT || t == dns.TypeTSIG || t == dns.TypeTKEY || t >= 128 && t <= 255
+}
+
 // serveWire answers one packed query (UDP general path, fuzzing). It
 // returns the packed answer, or nil to send nothing.
 func (s *Server) serveWire(ctx context.Context, pkt []byte, src netip.AddrPort, proto string) (out []byte) {
@@ -79,6 +89,14 @@ func (s *Server) serveWire(ctx context.Context, pkt []byte, src netip.AddrPort, 
 	// The same header checks as miekg applies for TCP (acceptQuery).
 	formErr := func(rcode byte) []byte {
 		s.m.dropped.WithLabelValues("malformed").Inc()
+		if s.rl != nil && proto == "udp" {
+			// Within the client's rate only, as every UDP answer
+			// (answer): else a reflector at a forged source.
+			if ok, _, _ := s.rl.allowDevice(src.Addr(), s.now().UnixNano()); !ok {
+				s.m.rateLimited.Inc()
+				return nil
+			}
+		}
 		// The client's ID and opcode, no sections.
 		out := make([]byte, 12)
 		copy(out, pkt[:2])
@@ -119,12 +137,14 @@ func (s *Server) serveMsg(ctx context.Context, req *dns.Msg, src netip.AddrPort,
 
 // answer is the chain. Each link may answer; the order matters:
 //  1. shape (opcode, one question, EDNS version): cheap, and protects the
-//     links below from odd messages;
-//  2. per-client rate limit, before any work a flood could multiply;
+//     links below from odd messages; its error answer waits for 2;
+//  2. per-client rate limit, before any work a flood could multiply and
+//     before any answer (a malformed query's too) a forged source could
+//     have bounced at it;
 //  3. hostname validity: tunnels (iodine) use bytes no hostname has;
 //  4. class, the DoH canaries (Firefox's; iCloud Private Relay's unless
-//     a rule naming them exactly allows the client) and zone
-//     transfers/ANY: local answers that do not depend on the policy's
+//     a rule naming them exactly allows the client), zone transfers,
+//     ANY and the meta types (metaType): local answers that do not depend on the policy's
 //     verdict;
 //  5. the policy, per client: in enforce mode a denied name is answered
 //     here and never goes further (THREATS.md E1);
@@ -140,37 +160,38 @@ func (s *Server) answer(ctx context.Context, q *query, req *dns.Msg) []byte {
 	eng := s.pol.Load()
 	q.eng = eng
 	q.dec = policy.Decision{Verdict: policy.Deny, RuleIndex: -1, Mode: eng.Mode()}
-	if req.Opcode != dns.OpcodeQuery {
-		q.dec.Reason, q.enforced = ReasonOpcode, true
-		return s.local(q, req, dns.RcodeNotImplemented, 0, "")
-	}
-	if len(req.Question) != 1 {
-		q.dec.Reason, q.enforced = ReasonFormat, true
-		return s.local(q, req, dns.RcodeFormatError, 0, "")
-	}
+	// The shape is judged first, but a query of the wrong shape is
+	// answered only within the client's rate: its error answer is as
+	// large as the query, and unlimited it let a LAN host bounce any
+	// number of datagrams off the gateway at a forged source.
+	shape, shapeReason := -1, ""
 	opts := 0
 	for _, rr := range req.Extra {
 		if rr.Header().Rrtype == dns.TypeOPT {
 			opts++
 		}
 	}
-	if opts > 1 { // RFC 6891 §6.1.1
-		q.dec.Reason, q.enforced = ReasonFormat, true
-		return s.local(q, req, dns.RcodeFormatError, 0, "")
+	switch {
+	case req.Opcode != dns.OpcodeQuery:
+		shape, shapeReason = dns.RcodeNotImplemented, ReasonOpcode
+	case len(req.Question) != 1, opts > 1: // RFC 6891 §6.1.1
+		shape, shapeReason = dns.RcodeFormatError, ReasonFormat
 	}
-	qs := req.Question[0]
-	q.qtype, q.name, q.cd = qs.Qtype, qs.Name, req.CheckingDisabled
-	q.maxSize = 512
-	if opt := req.IsEdns0(); opt != nil {
-		q.edns, q.do = true, opt.Do()
-		q.maxSize = int(max(512, min(opt.UDPSize(), s.cfg.UDPSize)))
-		if opt.Version() != 0 {
-			q.dec.Reason, q.enforced = ReasonFormat, true
-			return s.local(q, req, dns.RcodeBadVers, 0, "")
+	var qs dns.Question
+	if shape < 0 {
+		qs = req.Question[0]
+		q.qtype, q.name, q.cd = qs.Qtype, qs.Name, req.CheckingDisabled
+		q.maxSize = 512
+		if opt := req.IsEdns0(); opt != nil {
+			q.edns, q.do = true, opt.Do()
+			q.maxSize = int(max(512, min(opt.UDPSize(), s.cfg.UDPSize)))
+			if opt.Version() != 0 {
+				shape, shapeReason = dns.RcodeBadVers, ReasonFormat
+			}
 		}
-	}
-	if q.proto == "tcp" {
-		q.maxSize = dns.MaxMsgSize
+		if q.proto == "tcp" {
+			q.maxSize = dns.MaxMsgSize
+		}
 	}
 	if s.rl != nil {
 		ok, first, dev := s.rl.allowDevice(q.client.Addr(), q.start.UnixNano())
@@ -183,6 +204,10 @@ func (s *Server) answer(ctx context.Context, q *query, req *dns.Msg) []byte {
 			}
 			return s.local(q, req, dns.RcodeRefused, dns.ExtendedErrorCodeOther, "egressd: rate limit exceeded")
 		}
+	}
+	if shape >= 0 {
+		q.dec.Reason, q.enforced = shapeReason, true
+		return s.local(q, req, shape, 0, "")
 	}
 	name, ok := policy.NormalizeName(qs.Name)
 	if !ok {
@@ -219,6 +244,11 @@ func (s *Server) answer(ctx context.Context, q *query, req *dns.Msg) []byte {
 	case dns.TypeANY:
 		q.dec.Reason, q.enforced = ReasonQType, true
 		return s.local(q, req, dns.RcodeNotImplemented, dns.ExtendedErrorCodeNotSupported, "egressd: no ANY queries (RFC 8482)")
+	default:
+		if metaType(q.qtype) {
+			q.dec.Reason, q.enforced = ReasonQType, true
+			return s.local(q, req, dns.RcodeFormatError, dns.ExtendedErrorCodeNotSupported, "egressd: not a data type")
+		}
 	}
 	if q.mac == nil {
 		q.mac = s.clientMAC(eng, q.client.Addr())
