@@ -750,7 +750,7 @@ func (l *Ledger) importAlarmsLocked(a *archive) {
 			l.alarms[k] = e
 		}
 		e.Alarms += al.Alarms
-		e.DistinctNames = max(e.DistinctNames, al.DistinctNames)
+		e.mergeWindow(al.DistinctNames, al.TopClients)
 		if t := al.LastSeen.UTC(); t.After(e.LastSeen) {
 			e.LastSeen = t
 		}

@@ -7,6 +7,7 @@ import (
 	"net/netip"
 	"os"
 	"path/filepath"
+	"reflect"
 	"strings"
 	"testing"
 	"time"
@@ -49,7 +50,7 @@ func TestBound(t *testing.T) {
 	}
 	again := ev
 	again.Bound()
-	if again != ev {
+	if !reflect.DeepEqual(again, ev) {
 		t.Errorf("bounding again changed the event: %+v", again)
 	}
 	if got := ErrorText(os.ErrNotExist); got != os.ErrNotExist.Error() {

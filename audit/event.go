@@ -46,8 +46,10 @@ const (
 	// names the client, the wildcard zone in Name and the distinct names
 	// of the zone the client sent upstream in the window in Count; reason
 	// dns-tunnel-zone counts the names of all clients and has no Client
-	// (the zero address, "" in JSON). It never adds to flow or query
-	// counts; the report lists alarms apart.
+	// (the zero address, "" in JSON), nor does dns-tunnel-zone-slow (all
+	// clients in the long window); both name in TopClients the clients
+	// that added the most names. It never adds to flow or query counts;
+	// the report lists alarms apart.
 	KindAlarm Kind = "alarm"
 	// KindShed is a record the event log writes for events it had to shed
 	// (Count of them, up to Time); components never emit it.
@@ -166,6 +168,13 @@ type Event struct {
 	Until      time.Time `json:"until,omitzero"`
 	Duplicates uint64    `json:"duplicates,omitempty"`
 
+	// TopClients, on a zone-wide alarm, are the clients that added the
+	// most names to its window, most first: a device's MAC, an address,
+	// or "unresolved" (the forged sources of a LAN link). Bound keeps at
+	// most MaxAlarmClients, each cut to MaxNameBytes (a log read back may
+	// hold anything).
+	TopClients []string `json:"top_clients,omitempty"`
+
 	// expanded marks an event read from a summary record (Event.expand).
 	expanded uint8
 }
@@ -189,6 +198,8 @@ const (
 	// quote what the client sent.
 	MaxErrorBytes = 1024
 	TruncMark     = "…" // U+2026, 3 bytes
+	// MaxAlarmClients bounds the clients an alarm names (TopClients).
+	MaxAlarmClients = 5
 )
 
 // Clip returns s if it has at most max bytes, else its first bytes cut at
@@ -217,12 +228,39 @@ func (e *Event) Bound() {
 	e.Name, e.NameLen = bound(e.Name, e.NameLen, MaxNameBytes)
 	e.Path, e.PathLen = bound(e.Path, e.PathLen, MaxPathBytes)
 	e.Front, e.FrontLen = bound(e.Front, e.FrontLen, MaxNameBytes)
+	if topNeedsBound(e.TopClients) {
+		e.TopClients = boundClients(e.TopClients)
+	}
+}
+
+// topNeedsBound reports whether boundClients would change top.
+func topNeedsBound(top []string) bool {
+	if len(top) > MaxAlarmClients {
+		return true
+	}
+	for _, c := range top {
+		if len(c) > MaxNameBytes || !utf8.ValidString(c) {
+			return true
+		}
+	}
+	return false
+}
+
+// boundClients returns a copy of top (the caller's slice is not
+// changed) of at most MaxAlarmClients, each bounded as Bound bounds a
+// name.
+func boundClients(top []string) []string {
+	out := make([]string, min(len(top), MaxAlarmClients))
+	for i := range out {
+		out[i], _ = bound(top[i], 0, MaxNameBytes)
+	}
+	return out
 }
 
 // needsBound reports whether Bound would change e.
 func (e *Event) needsBound() bool {
 	return len(e.Name) > MaxNameBytes || len(e.Path) > MaxPathBytes || len(e.Front) > MaxNameBytes ||
-		!utf8.ValidString(e.Name) || !utf8.ValidString(e.Path) || !utf8.ValidString(e.Front)
+		!utf8.ValidString(e.Name) || !utf8.ValidString(e.Path) || !utf8.ValidString(e.Front) || topNeedsBound(e.TopClients)
 }
 
 // bound is Bound for one text s of a bound of limit bytes and its noted

@@ -170,6 +170,9 @@ func decodeFast(b []byte, ev *Event) bool {
 		case "duplicates":
 			ev.Duplicates, i, ok = uintValue(b, i, math.MaxUint64)
 			bit = 35
+		case "top_clients":
+			ev.TopClients, i, ok = stringsValue(b, i)
+			bit = 36
 		default: // another spelling (encoding/json folds case), or unknown
 			return false
 		}
@@ -211,6 +214,34 @@ func rawString(b []byte, i int) ([]byte, int, bool) {
 		}
 	}
 	return nil, len(b), false
+}
+
+// stringsValue reads an array of strings, as rawString takes them, with
+// no whitespace: [] is an empty slice, not nil, as encoding/json has it.
+func stringsValue(b []byte, i int) ([]string, int, bool) {
+	if i >= len(b) || b[i] != '[' {
+		return nil, i, false
+	}
+	i++
+	out := []string{}
+	if i < len(b) && b[i] == ']' {
+		return out, i + 1, true
+	}
+	for {
+		s, j, ok := rawString(b, i)
+		if !ok || j >= len(b) {
+			return nil, j, false
+		}
+		out = append(out, string(s))
+		switch b[j] {
+		case ',':
+			i = j + 1
+		case ']':
+			return out, j + 1, true
+		default:
+			return nil, j, false
+		}
+	}
 }
 
 func stringValue(b []byte, i int) (string, int, bool) {

@@ -130,6 +130,9 @@ func FuzzDecodeEvent(f *testing.F) {
 	}
 	f.Add([]byte(`{"kind":"flow","count":3,"until":"2026-12-04T13:05:06.5+01:00","duration_seconds":-1.5e-3,"enforced":true}`))
 	f.Add([]byte(`{"kind":"dns","Kind":"flow","count":01}`))
+	f.Add([]byte(`{"kind":"alarm","top_clients":["a","192.0.2.7"],"count":1003}`))
+	f.Add([]byte(`{"kind":"alarm","top_clients":[],"reason":"dns-tunnel-zone"}`))
+	f.Add([]byte(`{"kind":"alarm","top_clients":["a",]}`))
 	f.Fuzz(func(t *testing.T, b []byte) {
 		checkDecode(t, b)
 	})
@@ -223,6 +226,8 @@ func TestDecodeFastCoversEvent(t *testing.T) {
 			f.Set(reflect.ValueOf(7).Convert(f.Type()))
 		case reflect.Float64:
 			f.SetFloat(0.125)
+		case reflect.Slice: // []string
+			f.Set(reflect.ValueOf([]string{"x", "y"}))
 		default:
 			t.Fatalf("field %s of kind %s: teach this test and decodeFast about it", v.Type().Field(i).Name, f.Kind())
 		}

@@ -116,6 +116,16 @@ func (ev *Event) appendJSON(b []byte) ([]byte, error) {
 		b = append(b, `,"duplicates":`...)
 		b = strconv.AppendUint(b, ev.Duplicates, 10)
 	}
+	if len(ev.TopClients) > 0 {
+		b = append(b, `,"top_clients":[`...)
+		for i, c := range ev.TopClients {
+			if i > 0 {
+				b = append(b, ',')
+			}
+			b = jsonenc.AppendStringHTML(b, c)
+		}
+		b = append(b, ']')
+	}
 	return append(b, "}\n"...), nil
 }
 

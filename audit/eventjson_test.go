@@ -57,6 +57,8 @@ func TestAppendJSONCoversEvent(t *testing.T) {
 			v.SetInt(65536)
 		case reflect.Float64:
 			v.SetFloat(0.125)
+		case reflect.Slice: // []string
+			v.Set(reflect.ValueOf([]string{"x<&>\"é", "y"}))
 		default:
 			t.Fatalf("field of kind %s: teach this test and appendJSON about it", v.Kind())
 		}
@@ -142,6 +144,9 @@ func FuzzEventJSON(f *testing.F) {
 	f.Fuzz(func(t *testing.T, name, rule, path string, nanos int64, dur float64, n uint64, port uint16, ip []byte) {
 		ev := Event{Kind: KindFlow, Source: SourceDNS, Time: time.Unix(0, nanos).UTC(), Name: name, Rule: rule, Path: path,
 			Reason: name + path, Duration: dur, Latency: -dur, BytesIn: n, Count: n / 3, DestPort: port, ClientPort: port / 2}
+		if n%3 != 0 { // an alarm's top clients: client text
+			ev.TopClients = []string{name, rule, path}[:n%3+1]
+		}
 		if a, ok := netip.AddrFromSlice(ip); ok {
 			ev.Client, ev.Dest = a, a
 		}

@@ -129,7 +129,7 @@ code{font-family:ui-monospace,Menlo,Consolas,monospace}
 
 {{if .Alarms}}
 <h2>Alarms ({{len .Alarms}})</h2>
-<ul id="alarms">{{range .Alarms}}<li>{{.Reason}}: {{if .Client}}{{.Client}}{{else}}all clients{{end}}{{if .ClientMAC}} ({{.ClientMAC}}){{end}}, zone {{.Zone}}: {{.DistinctNames}} distinct names in a window ({{.Alarms}} alarms, rule {{.Rule}})</li>{{end}}</ul>
+<ul id="alarms">{{range .Alarms}}<li>{{.Reason}}: {{if .Client}}{{.Client}}{{else}}all clients{{end}}{{if .ClientMAC}} ({{.ClientMAC}}){{end}}{{if .TopClients}} (most names from {{range $i, $c := .TopClients}}{{if $i}}, {{end}}{{$c}}{{end}}){{end}}, zone {{.Zone}}: {{.DistinctNames}} distinct names in a window ({{.Alarms}} alarms, rule {{.Rule}})</li>{{end}}</ul>
 {{end}}
 {{with .ECH}}
 <h2>ECH configs in DNS answers</h2>

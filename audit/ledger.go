@@ -1404,6 +1404,21 @@ func (d *destCounter) top(n int) []DestCount {
 	return out
 }
 
+// mergeWindow counts an alarm's window of n distinct names and top
+// clients into a: DistinctNames is the most of any window, TopClients
+// that window's (the first's on a tie), bounded and copied (the entry
+// never shares an event's slice).
+func (a *AlarmReport) mergeWindow(n uint64, top []string) {
+	if n < a.DistinctNames || (n == a.DistinctNames && a.TopClients != nil) {
+		return
+	}
+	a.DistinctNames = n
+	a.TopClients = nil
+	if len(top) > 0 {
+		a.TopClients = boundClients(top)
+	}
+}
+
 // maxAlarms bounds the (reason, client, zone) alarm entries a ledger keeps.
 const maxAlarms = 1024
 
@@ -1413,8 +1428,8 @@ type alarmKey struct {
 
 // addAlarmLocked records a KindAlarm event (THREATS.md E2: the DNS
 // forwarder's dns-tunnel alarm): one entry per (reason, client, MAC,
-// zone), with how many alarms, the most distinct names one window had, and
-// when.
+// zone), with how many alarms, the most distinct names one window had and
+// that window's top clients, and when.
 func (l *Ledger) addAlarmLocked(ev *Event) {
 	client := "" // a zone-wide alarm (dns-tunnel-zone) names no client
 	if ev.Client.IsValid() {
@@ -1434,7 +1449,7 @@ func (l *Ledger) addAlarmLocked(ev *Event) {
 		l.alarms[k] = a
 	}
 	a.Alarms++
-	a.DistinctNames = max(a.DistinctNames, ev.Count)
+	a.mergeWindow(ev.Count, ev.TopClients)
 	if t := ev.Time.UTC(); t.After(a.LastSeen) {
 		a.LastSeen = t
 	}

@@ -147,13 +147,18 @@ type RuleBeforeDetail struct {
 // zone upstream in a window than the forwarder's threshold; for
 // dns-tunnel-slow, more than ten times it in a window sixty times as
 // long; for dns-tunnel-zone, all clients together sent more than twice
-// it, and Client is empty (no one client).
+// it, and Client is empty (no one client); for dns-tunnel-zone-slow, all
+// clients together more than twice the long window's.
 type AlarmReport struct {
 	Reason    string `json:"reason"`
 	Client    string `json:"client"`
 	ClientMAC string `json:"client_mac,omitempty"`
 	Zone      string `json:"zone"`
 	Rule      string `json:"rule,omitempty"`
+	// TopClients, of a zone-wide alarm, are the clients that added the
+	// most names (an approximate count) to the window DistinctNames is
+	// of, most first: at most MaxAlarmClients.
+	TopClients []string `json:"top_clients,omitempty"`
 	// Alarms counts the windows that alarmed; DistinctNames is the most
 	// distinct names one of them had when it alarmed (an estimate).
 	Alarms        uint64    `json:"alarms"`
@@ -911,6 +916,9 @@ func (r *Report) WriteText(w io.Writer) error {
 			}
 			if a.ClientMAC != "" {
 				who += " (" + a.ClientMAC + ")"
+			}
+			if len(a.TopClients) > 0 {
+				who += " (most names from " + strings.Join(textNames(a.TopClients), ", ") + ")"
 			}
 			fmt.Fprintf(ew, "  %s  %s  zone %s: %d distinct names in a window (%d alarms, rule %s), %s to %s\n",
 				a.Reason, who, textName(a.Zone), a.DistinctNames, a.Alarms, a.Rule, a.FirstSeen.Format(time.RFC3339), a.LastSeen.Format(time.RFC3339))
