@@ -124,7 +124,8 @@ type Config struct {
 	// the queries are answered all the same. The same threshold sets the
 	// zone-wide alarm's (twice it, all clients together: dns-tunnel-zone)
 	// and the long window's (ten times it in sixty windows:
-	// dns-tunnel-slow). Zero means 500; negative disables the alarms; at
+	// dns-tunnel-slow; twenty times it, all clients together:
+	// dns-tunnel-zone-slow). Zero means 500; negative disables the alarms; at
 	// most 5000 (the sketch's range).
 	TunnelThreshold int
 	// TunnelWindow is the fixed window TunnelThreshold counts in; the

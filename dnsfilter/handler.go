@@ -667,9 +667,10 @@ func (s *Server) finish(q *query) {
 // watchTunnel counts a name an allowed query sent upstream under a
 // wildcard rule's zone (tunnelZone) and raises an alarm when the
 // client's distinct names of the zone cross the threshold in the window
-// (dns-tunnel), when all clients' do past twice it (dns-tunnel-zone), or
+// (dns-tunnel), when all clients' do past twice it (dns-tunnel-zone),
 // when the client's cross ten times it in the long window
-// (dns-tunnel-slow): for each, one Warn line, one audit event (KindAlarm),
+// (dns-tunnel-slow), or when all clients' do past twenty times it there
+// (dns-tunnel-zone-slow): for each, one Warn line, one audit event (KindAlarm),
 // one count of egress_dnsfilter_tunnel_alarms_total. Only misses count: a
 // name answered from the cache told no authoritative server anything.
 func (s *Server) watchTunnel(q *query) {
@@ -701,24 +702,33 @@ func (s *Server) watchTunnel(q *query) {
 	if hits.slow > 0 {
 		s.tunnelAlarm(q, now, client, mac, zone, hits.slow, ReasonTunnelSlow, tunnelSlowWindows*w, tunnelSlowFactor*th, nil)
 	}
+	// Zone-wide: no one client; the line and the event name those that
+	// added the most names (a MAC, an address, or "unresolved").
 	if hits.zone > 0 {
-		var top []string
-		for _, c := range hits.top {
-			if c != "" {
-				top = append(top, c)
-			}
-		}
-		// Zone-wide: no one client; the line names those that added
-		// the most names (a MAC, an address, or "unresolved").
-		s.tunnelAlarm(q, now, netip.Addr{}, "", zone, hits.zone, ReasonTunnelZone, w, tunnelZoneFactor*th, top)
+		s.tunnelAlarm(q, now, netip.Addr{}, "", zone, hits.zone, ReasonTunnelZone, w, tunnelZoneFactor*th, topClients(&hits.top))
 	}
+	if hits.zoneSlow > 0 {
+		s.tunnelAlarm(q, now, netip.Addr{}, "", zone, hits.zoneSlow, ReasonTunnelZoneSlow, tunnelSlowWindows*w,
+			tunnelZoneFactor*tunnelSlowFactor*th, topClients(&hits.topSlow))
+	}
+}
+
+// topClients is the clients of a zone-wide alarm, most names first.
+func topClients(top *[tunnelTop]string) []string {
+	var out []string
+	for _, c := range top {
+		if c != "" {
+			out = append(out, c)
+		}
+	}
+	return out
 }
 
 // tunnelAlarm raises one alarm of watchTunnel.
 func (s *Server) tunnelAlarm(q *query, now time.Time, client netip.Addr, mac, zone string, n int, reason string, window time.Duration, threshold int, top []string) {
 	s.m.tunnelAlarms.Inc()
 	ev := audit.Event{Kind: audit.KindAlarm, Source: audit.SourceDNS, Time: now, Client: client, ClientMAC: mac, Proto: q.proto,
-		Name: zone, Count: uint64(n), Verdict: policy.Allow, Rule: q.dec.Rule, Mode: q.dec.Mode, Reason: reason}
+		Name: zone, Count: uint64(n), Verdict: policy.Allow, Rule: q.dec.Rule, Mode: q.dec.Mode, Reason: reason, TopClients: top}
 	attrs := []slog.Attr{slog.String(audit.LogKind, string(audit.KindAlarm))}
 	if client.IsValid() {
 		attrs = append(attrs, slog.String(audit.LogClient, client.String()))

@@ -7,6 +7,7 @@ import (
 	"sync"
 	"time"
 
+	"egressd/audit"
 	"egressd/policy"
 )
 
@@ -18,17 +19,21 @@ import (
 // spread over many devices or addresses); its event names no client.
 // ReasonTunnelSlow: a pair sent more than tunnelSlowFactor times it in a
 // window tunnelSlowWindows times as long (an hour by default: a tunnel
-// kept under the threshold every minute).
+// kept under the threshold every minute). ReasonTunnelZoneSlow: all
+// clients together sent more than tunnelZoneFactor times the long
+// window's threshold of one zone in the long window (a slow tunnel spread
+// over many devices, each under its own); its event names no client.
 const (
-	ReasonTunnel     = "dns-tunnel"
-	ReasonTunnelZone = "dns-tunnel-zone"
-	ReasonTunnelSlow = "dns-tunnel-slow"
+	ReasonTunnel         = "dns-tunnel"
+	ReasonTunnelZone     = "dns-tunnel-zone"
+	ReasonTunnelSlow     = "dns-tunnel-slow"
+	ReasonTunnelZoneSlow = "dns-tunnel-zone-slow"
 )
 
 // The bounds of the tunnel watch: a sketch of tunnelBits bits (512
 // bytes, and the few words of its window and top clients) per
-// (client, zone) pair in each of the short and the long window, and per
-// zone, at most tunnelKeys of each (some 1.8 MiB in all, whatever names
+// (client, zone) pair and per zone in each of the short and the long
+// window, at most tunnelKeys of each (some 2.7 MiB in all, whatever names
 // clients send), and the largest count one sketch counts well (linear
 // counting: at 5,000 names a quarter of the bits are still zero, and the
 // estimate is within a few percent). A watch whose threshold is above it
@@ -37,9 +42,9 @@ const (
 	tunnelBits         = 4096
 	tunnelKeys         = 1024
 	maxTunnelThreshold = 5000
-	// tunnelZoneFactor: the zone-wide threshold is twice the pair's, and
-	// the names of all clients but the one that added the most must
-	// reach the pair's: the names of a zone many devices use add up (a
+	// tunnelZoneFactor: the zone-wide threshold is twice the pair's (in
+	// the long window too), and the names of all clients but the one
+	// that added the most must reach the pair's: the names of a zone many devices use add up (a
 	// cache miss of each for each TTL), and a tunnel on one client
 	// alarms as a pair already (its zone does not alarm again).
 	tunnelZoneFactor = 2
@@ -51,33 +56,34 @@ const (
 	tunnelSlowWindows = 60
 	tunnelSlowFactor  = 10
 	// tunnelTop is how many of a zone's clients its alarm names.
-	tunnelTop = 3
+	tunnelTop = audit.MaxAlarmClients
 )
 
-// tunnels is the forwarder's tunnel watch: per (client, zone) in the
-// short window, per zone over all clients in the short window, and per
-// (client, zone) in the long window. A name is hashed once.
+// tunnels is the forwarder's tunnel watch: per (client, zone) and per
+// zone over all clients, each in the short and in the long window. A
+// name is hashed once.
 type tunnels struct {
-	seed             maphash.Seed
-	pair, zone, slow *tunnelWatch
+	seed                       maphash.Seed
+	pair, zone, slow, zoneSlow *tunnelWatch
 }
 
 func newTunnels(threshold int, window time.Duration) *tunnels {
 	return &tunnels{
-		seed: maphash.MakeSeed(),
-		pair: newTunnelWatch(threshold, window),
-		zone: newTunnelWatch(tunnelZoneFactor*threshold, window),
-		slow: newTunnelWatch(tunnelSlowFactor*threshold, tunnelSlowWindows*window),
+		seed:     maphash.MakeSeed(),
+		pair:     newTunnelWatch(threshold, window),
+		zone:     newTunnelWatch(tunnelZoneFactor*threshold, window),
+		slow:     newTunnelWatch(tunnelSlowFactor*threshold, tunnelSlowWindows*window),
+		zoneSlow: newTunnelWatch(tunnelZoneFactor*tunnelSlowFactor*threshold, tunnelSlowWindows*window),
 	}
 }
 
 // tunnelHits are the alarms one name raised: the estimated distinct names
 // of the window of each watch that alarmed, 0 for one that did not, and,
-// for the zone's, the clients that added the most names to it, most
-// first ("" past the last).
+// for the zone's in each window, the clients that added the most names
+// to it, most first ("" past the last).
 type tunnelHits struct {
-	pair, zone, slow int
-	top              [tunnelTop]string
+	pair, zone, slow, zoneSlow int
+	top, topSlow               [tunnelTop]string
 }
 
 // observe counts name, which client sent upstream under zone at now, in
@@ -93,6 +99,9 @@ func (t *tunnels) observe(client, zone, name string, now int64) tunnelHits {
 	}
 	if n, a := t.zone.observeTop(client, zone, h, now, &hits.top); a {
 		hits.zone = n
+	}
+	if n, a := t.zoneSlow.observeTop(client, zone, h, now, &hits.topSlow); a {
+		hits.zoneSlow = n
 	}
 	return hits
 }

@@ -5,6 +5,7 @@ import (
 	"hash/maphash"
 	"math/rand/v2"
 	"net/netip"
+	"strings"
 	"sync/atomic"
 	"testing"
 	"time"
@@ -123,7 +124,7 @@ func TestTunnelWatchBounded(t *testing.T) {
 	}
 	bounded := func() {
 		t.Helper()
-		for _, w := range []*tunnelWatch{tun.pair, tun.zone, tun.slow} {
+		for _, w := range []*tunnelWatch{tun.pair, tun.zone, tun.slow, tun.zoneSlow} {
 			if n := w.len(); n > tunnelKeys {
 				t.Fatalf("%d pairs held, bound %d", n, tunnelKeys)
 			}
@@ -316,6 +317,79 @@ func TestTunnelAlarmZoneWide(t *testing.T) {
 	}
 	if got := gatheredCounter(t, reg, "egress_dnsfilter_tunnel_alarms_total"); got != 1 {
 		t.Errorf("egress_dnsfilter_tunnel_alarms_total %v, want 1", got)
+	}
+	checkTopClients(t, a[0], "127.0.2.")
+}
+
+// checkTopClients holds a zone-wide alarm's event to naming the clients
+// that added the most names (the report shows them): at least two, at
+// most audit.MaxAlarmClients, each once and each one of the clients that
+// sent (an address starting with prefix). Before, they were in the log
+// line only.
+func checkTopClients(t *testing.T, ev audit.Event, prefix string) {
+	t.Helper()
+	if len(ev.TopClients) < 2 || len(ev.TopClients) > audit.MaxAlarmClients {
+		t.Fatalf("alarm names top clients %q, want 2 to %d", ev.TopClients, audit.MaxAlarmClients)
+	}
+	seen := map[string]bool{}
+	for _, c := range ev.TopClients {
+		if !strings.HasPrefix(c, prefix) || seen[c] {
+			t.Errorf("top clients %q: %q is not one of the senders %s*, or twice", ev.TopClients, c, prefix)
+		}
+		seen[c] = true
+	}
+}
+
+// A slow tunnel spread over many clients alarms zone-wide over the long
+// window: 20 clients sending 4 distinct names a minute each of one zone
+// (80 a minute, under the zone's 100 a minute at a threshold of 50; 60
+// an hour each, under the pair's 500 an hour) for 15 minutes, 1,200 in
+// all, pass twice the long window's threshold (1,000) once: one alarm of
+// reason dns-tunnel-zone-slow, no client, its top clients named. Before,
+// nothing alarmed: no client, and no minute of the zone, crossed its
+// threshold.
+func TestTunnelAlarmZoneSlow(t *testing.T) {
+	up := newFakeUpstream(t, "")
+	var offset atomic.Int64
+	now := func() time.Time { return time.Now().Add(time.Duration(offset.Load())) }
+	ts := startServer(t, tunnelPolicy, Config{Upstreams: []string{up.Addr}, TunnelThreshold: 50, TunnelWindow: time.Minute, CacheSize: -1}, Deps{Now: now})
+	for m := range 15 {
+		for i := range 80 {
+			askFrom(t, fmt.Sprintf("127.0.3.%d", 10+i%20), ts.Addr, fmt.Sprintf("m%dn%d.t.allowed.test", m, i))
+		}
+		offset.Add(int64(61 * time.Second))
+	}
+	a := tunnelAlarms(ts.Sink)
+	if len(a) != 1 {
+		t.Fatalf("4 names a minute from each of 20 clients for 15 minutes raised %d alarms, want 1: %+v", len(a), a)
+	}
+	ev := a[0]
+	if ev.Reason != ReasonTunnelZoneSlow || ev.Client.IsValid() || ev.ClientMAC != "" || ev.Name != "t.allowed.test" ||
+		ev.Count < 950 || ev.Count > 1150 {
+		t.Errorf("alarm %+v: want reason %s, no client, zone t.allowed.test, about 1,000 names", ev, ReasonTunnelZoneSlow)
+	}
+	checkTopClients(t, ev, "127.0.3.")
+}
+
+// One client's slow tunnel is the pair's slow alarm only: 12,000
+// distinct names of one client in the long window (past twice its
+// threshold of 5,000) raise dns-tunnel-slow once and never
+// dns-tunnel-zone-slow, which says the names came from many clients.
+func TestTunnelZoneSlowNotForOneClient(t *testing.T) {
+	tun := newTunnels(500, time.Minute)
+	slow := 0
+	for i := range 12000 {
+		now := int64(i) * int64(time.Minute) / 200 // 200 names a minute: an hour
+		h := tun.observe("02:00:00:00:00:01", "t.allowed.test", fmt.Sprintf("n%d.t.allowed.test", i), now)
+		if h.slow > 0 {
+			slow++
+		}
+		if h.zoneSlow > 0 {
+			t.Fatalf("name %d of one client raised a zone-wide slow alarm of %d names, top %q", i, h.zoneSlow, h.topSlow)
+		}
+	}
+	if slow != 1 {
+		t.Errorf("12,000 names of one client in an hour: %d slow alarms, want 1", slow)
 	}
 }
 

@@ -104,7 +104,7 @@ func (c *runConfig) flags(fs *flag.FlagSet) {
 	nat64Flag(fs, &c.nat64)
 	fs.BoolVar(&c.inspect, "inspect", false, "decrypt connections to hosts with host/path rules (CA in the state directory; egressd ca export)")
 	fs.StringVar(&c.denyAnswer, "dns-deny", "", "answer to denied names in enforce mode: REFUSED (default), NXDOMAIN or NULL")
-	fs.IntVar(&c.tunnelAlarm, "dns-tunnel-threshold", 500, "distinct names of one wildcard rule's zone one client may send upstream in a minute before the DNS forwarder raises a dns-tunnel alarm (queries are still answered); all clients together may send twice it (dns-tunnel-zone), one client ten times it in an hour (dns-tunnel-slow); 0 turns the alarms off")
+	fs.IntVar(&c.tunnelAlarm, "dns-tunnel-threshold", 500, "distinct names of one wildcard rule's zone one client may send upstream in a minute before the DNS forwarder raises a dns-tunnel alarm (queries are still answered); all clients together may send twice it (dns-tunnel-zone), one client ten times it in an hour (dns-tunnel-slow), all clients twenty times it in an hour (dns-tunnel-zone-slow); 0 turns the alarms off")
 	fs.StringVar(&c.logLevel, "log-level", "info", "debug, info, warn or error")
 	fs.StringVar(&c.logFormat, "log-format", "json", "json or text")
 }
