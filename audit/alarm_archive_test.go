@@ -18,7 +18,7 @@ import (
 // (OpenJournal) and from the state directory (LoadDir), as the live
 // ledger had it: the summary of rotated-out files keeps alarms. Before,
 // it kept counts, drops and ECH but not alarms, so a restart a day after
-// the alarm lost it.
+// the alarm lost it. A zone-wide alarm keeps its top clients.
 func TestAlarmSurvivesRotation(t *testing.T) {
 	eng := loadPolicy(t, "policy.yaml")
 	dir := t.TempDir()
@@ -32,11 +32,13 @@ func TestAlarmSurvivesRotation(t *testing.T) {
 		Proto: "udp", Name: "t.tenant.example", Count: 512, Verdict: policy.Allow, Rule: "tenant", Mode: policy.ModeAudit, Reason: "dns-tunnel"}
 	second := alarm
 	second.Time, second.Count = t0.Add(time.Minute), 530
-	rotateOut(t, j, []Event{alarm, second})
+	zone := Event{Kind: KindAlarm, Source: SourceDNS, Time: t0, Proto: "udp", Name: "t.tenant.example", Count: 1003, Verdict: policy.Allow,
+		Rule: "tenant", Mode: policy.ModeAudit, Reason: "dns-tunnel-zone", TopClients: []string{"192.0.2.7", "a\"b\\c"}}
+	rotateOut(t, j, []Event{alarm, second, zone})
 	keptFiles(t, dir, "t.tenant.example")
 	want := live.Report(ReportOptions{Now: reportNow}).Alarms
-	if len(want) != 1 || want[0].Alarms != 2 || want[0].DistinctNames != 530 {
-		t.Fatalf("live ledger: alarms %+v, want one entry of 2 alarms", want)
+	if len(want) != 2 || want[1].Alarms != 2 || want[1].DistinctNames != 530 || len(want[0].TopClients) != 2 {
+		t.Fatalf("live ledger: alarms %+v, want one entry of 2 alarms and a zone-wide one of 2 top clients", want)
 	}
 	_, restarted, _ := openJournal(t, cfg, eng)
 	loaded, _, err := LoadDir(dir, eng, LedgerOptions{}, nil)
