@@ -349,17 +349,7 @@ func checkTopClients(t *testing.T, ev audit.Event, prefix string) {
 // nothing alarmed: no client, and no minute of the zone, crossed its
 // threshold.
 func TestTunnelAlarmZoneSlow(t *testing.T) {
-	up := newFakeUpstream(t, "")
-	var offset atomic.Int64
-	now := func() time.Time { return time.Now().Add(time.Duration(offset.Load())) }
-	ts := startServer(t, tunnelPolicy, Config{Upstreams: []string{up.Addr}, TunnelThreshold: 50, TunnelWindow: time.Minute, CacheSize: -1}, Deps{Now: now})
-	for m := range 15 {
-		for i := range 80 {
-			askFrom(t, fmt.Sprintf("127.0.3.%d", 10+i%20), ts.Addr, fmt.Sprintf("m%dn%d.t.allowed.test", m, i))
-		}
-		offset.Add(int64(61 * time.Second))
-	}
-	a := tunnelAlarms(ts.Sink)
+	a := slowTunnel(t, 50, func(i int) string { return fmt.Sprintf("127.0.3.%d", 10+i%20) })
 	if len(a) != 1 {
 		t.Fatalf("4 names a minute from each of 20 clients for 15 minutes raised %d alarms, want 1: %+v", len(a), a)
 	}
@@ -393,23 +383,32 @@ func TestTunnelZoneSlowNotForOneClient(t *testing.T) {
 	}
 }
 
+// slowTunnel sends 80 distinct names of one zone a minute for 15 minutes
+// (the clock jumps a minute ahead between), name i of a minute from
+// src(i), to a forwarder of the threshold and a one-minute window, and
+// returns the alarms.
+func slowTunnel(t *testing.T, threshold int, src func(i int) string) []audit.Event {
+	t.Helper()
+	up := newFakeUpstream(t, "")
+	var offset atomic.Int64
+	now := func() time.Time { return time.Now().Add(time.Duration(offset.Load())) }
+	ts := startServer(t, tunnelPolicy, Config{Upstreams: []string{up.Addr}, TunnelThreshold: threshold, TunnelWindow: time.Minute, CacheSize: -1}, Deps{Now: now})
+	for m := range 15 {
+		for i := range 80 {
+			askFrom(t, src(i), ts.Addr, fmt.Sprintf("m%dn%d.t.allowed.test", m, i))
+		}
+		offset.Add(int64(61 * time.Second))
+	}
+	return tunnelAlarms(ts.Sink)
+}
+
 // A slow tunnel alarms over the long window: a client sending 80
 // distinct names a minute of one zone (under its threshold of 100 a
 // minute) for 15 minutes, 1,200 in all, crosses ten times the threshold
 // in the hour-long window (sixty short ones) once: one alarm of reason
 // dns-tunnel-slow. Before, no window ever held 100 and nothing alarmed.
 func TestTunnelAlarmSlow(t *testing.T) {
-	up := newFakeUpstream(t, "")
-	var offset atomic.Int64
-	now := func() time.Time { return time.Now().Add(time.Duration(offset.Load())) }
-	ts := startServer(t, tunnelPolicy, Config{Upstreams: []string{up.Addr}, TunnelThreshold: 100, TunnelWindow: time.Minute, CacheSize: -1}, Deps{Now: now})
-	for m := range 15 {
-		for i := range 80 {
-			askFrom(t, "127.0.0.6", ts.Addr, fmt.Sprintf("m%dn%d.t.allowed.test", m, i))
-		}
-		offset.Add(int64(61 * time.Second))
-	}
-	a := tunnelAlarms(ts.Sink)
+	a := slowTunnel(t, 100, func(int) string { return "127.0.0.6" })
 	if len(a) != 1 {
 		t.Fatalf("80 names a minute for 15 minutes raised %d alarms, want 1: %+v", len(a), a)
 	}
