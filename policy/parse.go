@@ -807,8 +807,8 @@ func parseTarget(s string) ([]Target, error) {
 		if path == "" {
 			path = "*"
 		}
-		// Matched in normal form (NormalPath), as request paths are.
-		g, err := glob.Compile(NormalPath("/" + path))
+		// Matched in normal form (NormalPath, normalGlob), as request paths are.
+		g, err := glob.Compile(normalGlob("/" + path))
 		if err != nil {
 			return nil, fmt.Errorf("%q: bad path glob: %v", s, err)
 		}

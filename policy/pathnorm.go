@@ -15,36 +15,104 @@ import "strings"
 // httpwire.PlainPath, on the path as sent). A '%' without two hex digits
 // after it stays as it is. It allocates only when path has an escape.
 func NormalPath(path string) string {
+	return normalPath(path, false)
+}
+
+// normalGlob is NormalPath of a host/path rule's glob, but an escaped
+// '-' that the glob would read as a range's is written "\\-": a character
+// as the rule wrote it ("[a%2Dz]" names 'a', '-' or 'z', as "[a\\-z]", not
+// the range "[a-z]"). gobwas/glob reads a class "[x-y]" (or "[!x-y]") as a
+// range, any other as characters; no other unreserved character means
+// anything to it.
+func normalGlob(glob string) string {
+	return normalPath(glob, true)
+}
+
+func normalPath(path string, glob bool) string {
 	i := strings.IndexByte(path, '%')
 	if i < 0 {
 		return path
 	}
 	var b strings.Builder
-	b.Grow(len(path))
+	b.Grow(len(path) + strings.Count(path, "%")) // "\\-" for "%2D"
 	b.WriteString(path[:i])
+	// In a glob, where path[:i] leaves the class syntax (in a path it
+	// stays the zero globState).
+	var g globState
+	if glob {
+		for j := 0; j < i; j++ {
+			g.step(path[j])
+		}
+	}
 	for ; i < len(path); i++ {
 		c := path[i]
-		if c != '%' || i+2 >= len(path) {
-			b.WriteByte(c)
-			continue
+		hi, ok1 := byte(0), false
+		lo, ok2 := byte(0), false
+		if c == '%' && i+2 < len(path) {
+			hi, ok1 = unhex(path[i+1])
+			lo, ok2 = unhex(path[i+2])
 		}
-		hi, ok1 := unhex(path[i+1])
-		lo, ok2 := unhex(path[i+2])
 		if !ok1 || !ok2 {
 			b.WriteByte(c)
+			if glob {
+				g.step(c)
+			}
 			continue
 		}
 		if v := hi<<4 | lo; unreserved(v) {
+			if glob && v == '-' && g.inClass && g.n > 0 && !g.escaped {
+				b.WriteByte('\\')
+				g.escaped = true
+			}
 			b.WriteByte(v)
+			if glob {
+				g.step(v)
+			}
 		} else {
 			const hexDigits = "0123456789ABCDEF"
 			b.WriteByte('%')
 			b.WriteByte(hexDigits[hi])
 			b.WriteByte(hexDigits[lo])
+			if glob {
+				g.step('%')
+				g.step(hexDigits[hi])
+				g.step(hexDigits[lo])
+			}
 		}
 		i += 2
 	}
 	return b.String()
+}
+
+// globState is where a glob's text is in its class syntax: inside a
+// character class (from '[' to ']'), with n characters of it read (not
+// counting a leading '!'), after an escaping '\\'.
+type globState struct {
+	inClass, not, escaped bool
+	n                     int
+}
+
+// step reads the glob's next byte c.
+func (g *globState) step(c byte) {
+	switch {
+	case g.escaped:
+		g.escaped = false
+		if g.inClass {
+			g.n++
+		}
+	case c == '\\':
+		g.escaped = true
+	case !g.inClass:
+		if c == '[' {
+			g.inClass, g.not, g.n = true, false, 0
+		}
+	case c == ']':
+		g.inClass = false
+	case c == '!' && g.n == 0 && !g.not:
+		g.not = true
+	default:
+		g.n++
+	}
 }
 
 // cutPathStart is the start of a path cut at a size cap (Input.PathCut)
