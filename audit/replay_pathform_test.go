@@ -2,9 +2,11 @@ package audit
 
 import (
 	"net/netip"
+	"strings"
 	"testing"
 	"time"
 
+	"egressd/internal/httpwire"
 	"egressd/policy"
 )
 
@@ -56,4 +58,30 @@ func TestReplayPathForm(t *testing.T) {
 			t.Errorf("%s: %+v, want path-form", c.ev.Path, res.NewlyDropped[0])
 		}
 	}
+}
+
+// FuzzPlainPathNormalForm: the glob matches policy.NormalPath of a path,
+// so every path httpwire.PlainPath lets a host/path rule decide has no
+// dot segment and no backslash in that form either: "%2e", "%2E.",
+// ".%2e", "%252e", "%u002e" and overlong dots are refused before a glob
+// sees "/public/../private".
+func FuzzPlainPathNormalForm(f *testing.F) {
+	for _, s := range []string{"/public/%2e%2e/private/x", "/public/%2E./x", "/public/.%2e/x", "/public/%252e%252e/x", "/public/%u002e%u002e/x",
+		"/public/%c0%ae%c0%ae/x", "/public/%e0%80%ae/x", "/public/%2e/x", "/public/%2e;/x", "/%2e%2e", "/public/%5c../x", "/%70ublic/x"} {
+		f.Add(s)
+	}
+	f.Fuzz(func(t *testing.T, p string) {
+		if !httpwire.PlainPath(p) {
+			return
+		}
+		n := policy.NormalPath(p)
+		if strings.Contains(n, "\\") {
+			t.Fatalf("PlainPath(%q), but its normal form %q has a backslash", p, n)
+		}
+		for _, seg := range strings.Split(n, "/") {
+			if seg, _, _ = strings.Cut(seg, ";"); seg == "." || seg == ".." {
+				t.Fatalf("PlainPath(%q), but its normal form %q has a dot segment", p, n)
+			}
+		}
+	})
 }
