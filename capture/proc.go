@@ -2299,14 +2299,21 @@ func (p *proc) decideIn(eng *policy.Engine, f *flow, in policy.Input, name strin
 	// A path an origin may read as another one ("/api/../admin") is
 	// refused where only a host/path rule allows the request, as the
 	// proxy's decideHTTP refuses it (path-form).
-	if d.Allowed() && path != "" && !httpwire.PlainPath(path) {
-		hin := in
-		hin.Name, hin.Path = name, ""
-		if !eng.HostLevel().Decide(hin).Allowed() {
-			d = policy.Decision{Verdict: policy.Deny, RuleIndex: -1, Reason: ReasonPathForm, Mode: eng.Mode()}
-		}
+	return pathForm(eng, in, name, path, d), name, src
+}
+
+// pathForm is d, or a path-form denial where path (as sent) is one an
+// origin may read as another (not httpwire.PlainPath) and only a host/path
+// rule allows in under name.
+func pathForm(eng *policy.Engine, in policy.Input, name, path string, d policy.Decision) policy.Decision {
+	if !d.Allowed() || path == "" || httpwire.PlainPath(path) {
+		return d
 	}
-	return d, name, src
+	in.Name, in.Path, in.PathCut = name, "", false
+	if eng.HostLevel().Decide(in).Allowed() {
+		return d
+	}
+	return policy.Decision{Verdict: policy.Deny, RuleIndex: -1, Reason: ReasonPathForm, Mode: eng.Mode()}
 }
 
 // sameDevice reports whether LAN addresses a and b are one device's

@@ -407,7 +407,8 @@ func (p *proc) rejudge(eng *policy.Engine, f *flow) {
 	if !d.Allowed() && was && f.name == "" && f.evName != "" {
 		nin := in
 		nin.Name = f.evName
-		if dd := p.special(eng, nin, eng.Decide(nin), false); dd.Allowed() {
+		// The path as when it opened: the name does not lift path-form.
+		if dd := pathForm(eng, nin, nin.Name, path, p.special(eng, nin, eng.Decide(nin), false)); dd.Allowed() {
 			d, name, src = dd, f.evName, f.evSrc
 		}
 	}
