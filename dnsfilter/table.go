@@ -436,14 +436,26 @@ func (h *keepHeap) first(sh *tableShard, norule bool) (netip.Addr, int, bool) {
 	return netip.Addr{}, -1, false
 }
 
-// compact drops the stale references.
+// compact drops the stale references, and all but one of those naming
+// one item: a learn that changes an item but not its keep (a shorter
+// answer under the firewall's hold, a rule that comes and goes) indexes it
+// again with a reference equal to the last, and a keep that comes back
+// makes an old reference live again.
 func (h *keepHeap) compact(sh *tableShard, norule bool) {
+	type key struct {
+		addr, client netip.Addr
+		name         string
+	}
 	a := *h
 	kept := a[:0]
+	seen := make(map[key]struct{}, len(a)/2)
 	for i := range a {
-		if a[i].find(sh, norule) >= 0 {
-			kept = append(kept, a[i])
+		k := key{a[i].addr, a[i].client, a[i].name}
+		if _, dup := seen[k]; dup || a[i].find(sh, norule) < 0 {
+			continue
 		}
+		seen[k] = struct{}{}
+		kept = append(kept, a[i])
 	}
 	clear(a[len(kept):])
 	*h = kept
@@ -485,9 +497,13 @@ func (t *Table) Learn(l Learned) {
 				return
 			}
 			sh.norule += noRule(l.Rule) - noRule(items[i].rule)
+			keep, was := items[i].keep(), noRule(items[i].rule)
 			items[i].expires, items[i].rule = exp, l.Rule
 			items[i].held = max(items[i].held, held)
-			sh.noteItem(l.Addr, &items[i])
+			if items[i].keep() != keep || noRule(l.Rule) > was {
+				// Its index entry (by keep, and with no rule) moved.
+				sh.noteItem(l.Addr, &items[i])
+			}
 			found = true
 			break
 		}
