@@ -3,9 +3,11 @@ package dnsfilter
 import (
 	"bytes"
 	"fmt"
+	"io"
 	"math/rand/v2"
 	"net/netip"
 	"strings"
+	"sync"
 	"testing"
 	"time"
 )
@@ -363,4 +365,54 @@ func dumpSnap(items map[snapKey]snapItem, now int64) string {
 		fmt.Fprintf(&b, "\n  %v %v %s rule=%q keep=now%+ds rank %d", it.addr, it.client, it.name, it.rule, (it.keep-now)/1e9, it.rank(now))
 	}
 	return b.String()
+}
+
+// TestTableIndexConcurrent: learns into full shards by a hog and by
+// others (new pairs, moved expiries, rule changes), with lookups, sweeps
+// and saves at once, under -race; the counters and every index agree
+// with a walk after.
+func TestTableIndexConcurrent(t *testing.T) {
+	var mu sync.Mutex
+	clock := time.Unix(1_800_000_000, 0)
+	tb := NewTable(tableShards * 8)
+	tb.now = func() time.Time { mu.Lock(); defer mu.Unlock(); return clock }
+	addrs, _ := shardAddrs(tb, 12)
+	var wg sync.WaitGroup
+	for w := range 4 {
+		wg.Add(1)
+		go func() {
+			defer wg.Done()
+			r := rand.New(rand.NewPCG(uint64(w), 4))
+			for i := range 3000 {
+				c := netip.AddrFrom4([4]byte{10, 0, 0, byte(1 + r.IntN(5))})
+				if w == 0 {
+					c = netip.MustParseAddr("10.0.0.1")
+				}
+				a := addrs[r.IntN(len(addrs))]
+				rule := ""
+				if r.IntN(2) == 0 {
+					rule = "tenant"
+				}
+				now := tb.now()
+				tb.Learn(Learned{Client: c, Addr: a, Name: fmt.Sprintf("n%d.tenant.test", r.IntN(4)), Rule: rule,
+					Expires: now.Add(time.Duration(1+r.IntN(300)) * time.Second)})
+				tb.NamesFor(c, a)
+				tb.Held(a)
+				if i%100 == 0 {
+					tb.Sweep()
+					tb.HeldAll(nil)
+					mu.Lock()
+					clock = clock.Add(time.Duration(r.IntN(20)) * time.Second)
+					mu.Unlock()
+				}
+				if w == 1 && i%500 == 0 {
+					if _, err := tb.Save(io.Discard); err != nil {
+						t.Error(err)
+					}
+				}
+			}
+		}()
+	}
+	wg.Wait()
+	checkCounts(t, tb, -1)
 }
