@@ -389,7 +389,8 @@ func (p *proc) redecide() {
 //     would-be deny is credited to that rule, the first that allows any
 //     path); else, and for a connection allowed until now, the record
 //     stays as it was: which rule, or whether any, the whole path would
-//     meet is no longer known.
+//     meet is no longer known. A connection the special-range guard
+//     refuses whatever rule allows it is a would-be deny all the same.
 //
 // A would-be deny the new policy allows is the rule's, an allow it denies
 // becomes a would-be deny, each with an info line and an event at once,
@@ -417,12 +418,23 @@ func (p *proc) rejudge(eng *policy.Engine, f *flow) {
 		// before any that allows: allowed whatever the path where a
 		// rule allows it at host level, else only the whole path
 		// could tell.
+		// Where the guard refuses any allow (a guarded range no CIDR
+		// rule names, the gateway's own address), the whole path does
+		// not matter: a would-be deny.
 		in.Path, in.PathCut = "", false
-		hd, hname, hsrc := p.decideIn(eng.HostLevel(), f, in, f.name, f.nameSrc, !was)
-		if was || !hd.Allowed() {
-			return // the record stays: allowed either way, or not known
+		fwd, gin := in.Proto == policy.UDP || f.forwarded, in
+		if !fwd {
+			gin.ClientMAC = p.lanMAC(eng, f) // as decideIn matches it
 		}
-		d, name, src = hd, hname, hsrc
+		if g := p.special(eng, gin, policy.Decision{Verdict: policy.Allow, Mode: eng.Mode()}, fwd); !g.Allowed() {
+			d = g
+		} else {
+			hd, hname, hsrc := p.decideIn(eng.HostLevel(), f, in, f.name, f.nameSrc, !was)
+			if was || !hd.Allowed() {
+				return // the record stays: allowed either way, or not known
+			}
+			d, name, src = hd, hname, hsrc
+		}
 	}
 	if d.Allowed() {
 		if !was && f.dec.Mode == policy.ModeAudit {
