@@ -161,14 +161,25 @@ func (r *Replayer) Emit(ev Event) {
 		// allows: allowed whatever the path where a rule allows the host
 		// (a recorded deny becomes that rule's), else only the whole path
 		// could tell, and the record stays (capture's rejudge likewise).
+		// What the whole path cannot change is known, though: the guard
+		// refuses any allow to a range no CIDR rule names, and a deny
+		// the component gave besides the rules stays.
 		in.Path, in.PathCut = "", false
-		hd := r.guard(in, r.eng.HostLevel().Decide(in))
-		if oldV == policy.Allow || !hd.Allowed() {
+		switch g := r.guard(in, policy.Decision{Verdict: policy.Allow}); {
+		case !g.Allowed():
+			d = g
+		case oldV == policy.Deny && !policyReason(ev.Reason):
 			r.res.Unchanged++
-			r.res.PathCut++
 			return
+		default:
+			hd := r.guard(in, r.eng.HostLevel().Decide(in))
+			if oldV == policy.Allow || !hd.Allowed() {
+				r.res.Unchanged++
+				r.res.PathCut++
+				return
+			}
+			d = hd
 		}
-		d = hd
 	}
 	if ev.Kind != KindDNS {
 		d = r.guard(in, r.pathForm(in, d))
