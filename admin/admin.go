@@ -278,8 +278,13 @@ func CheckHost(h string) error {
 		return fmt.Errorf("admin: host %q: expected a name", h)
 	}
 	for _, c := range n {
+		if c >= 0x80 {
+			// A browser sends an internationalized name in its
+			// ASCII (xn--) form, the one hostOK compares.
+			return fmt.Errorf("admin: host %q: expected a name in ASCII: an internationalized name in its xn-- form", h)
+		}
 		if !(c >= 'a' && c <= 'z' || c >= '0' && c <= '9' || c == '-' || c == '_' || c == '.') {
-			return fmt.Errorf("admin: host %q: expected a name (letters, digits, '-', '.'), without a port", h)
+			return fmt.Errorf("admin: host %q: expected a name (letters, digits, '-', '_', '.'), without a port", h)
 		}
 	}
 	return nil
