@@ -23,17 +23,7 @@ import (
 // makes of the whole path. Each path is decided live, whole, with a rule
 // naming its normal form past the cut ("%41" is "A").
 func TestReplayClippedPathMidEscape(t *testing.T) {
-	compile := func(rules string) *policy.Engine {
-		t.Helper()
-		e, err := policy.Compile("c.yaml", []byte("version: 1\nmode: enforce\nrules:\n"+rules))
-		if err != nil {
-			t.Fatal(err)
-		}
-		return e
-	}
-	rule := func(name, to string) string {
-		return "  - name: " + name + "\n    to: [\"" + to + "\"]\n    ports: [80/tcp]\n"
-	}
+	compile, rule := func(rules string) *policy.Engine { return compileRules(t, rules) }, rule80
 	t0 := time.Date(2026, 12, 1, 9, 0, 0, 0, time.UTC)
 	// pad returns "/p/" and a's up to n bytes, so that what follows
 	// starts at byte n: the cut keeps MaxPathBytes-len(TruncMark) bytes.

@@ -24,17 +24,7 @@ import (
 // Before, each was counted unchanged and in path_cut: the allow to the
 // metadata address the candidate refuses was not shown as newly dropped.
 func TestReplayClippedPathKnownDeny(t *testing.T) {
-	compile := func(rules string) *policy.Engine {
-		t.Helper()
-		e, err := policy.Compile("c.yaml", []byte("version: 1\nmode: enforce\nrules:\n"+rules))
-		if err != nil {
-			t.Fatal(err)
-		}
-		return e
-	}
-	rule := func(name, to string) string {
-		return "  - name: " + name + "\n    to: [\"" + to + "\"]\n    ports: [80/tcp]\n"
-	}
+	compile, rule := func(rules string) *policy.Engine { return compileRules(t, rules) }, rule80
 	t0 := time.Date(2026, 12, 1, 9, 0, 0, 0, time.UTC)
 	path := "/m/" + strings.Repeat("a", MaxPathBytes) + ".js"
 	meta := netip.MustParseAddr("169.254.169.254")

@@ -24,17 +24,7 @@ import (
 // the whole path: a request allowed by "/m/*.js" was newly dropped
 // (path-not-allowed) by the very policy that allowed it.
 func TestReplayClippedPath(t *testing.T) {
-	compile := func(rules string) *policy.Engine {
-		t.Helper()
-		e, err := policy.Compile("c.yaml", []byte("version: 1\nmode: enforce\nrules:\n"+rules))
-		if err != nil {
-			t.Fatal(err)
-		}
-		return e
-	}
-	rule := func(name, to string) string {
-		return "  - name: " + name + "\n    to: [\"" + to + "\"]\n    ports: [80/tcp]\n"
-	}
+	compile, rule := func(rules string) *policy.Engine { return compileRules(t, rules) }, rule80
 	t0 := time.Date(2026, 12, 1, 9, 0, 0, 0, time.UTC)
 	long := strings.Repeat("a", MaxPathBytes+100)
 	none := rule("other", "other.test")
@@ -106,4 +96,19 @@ func TestReplayClippedPath(t *testing.T) {
 			}
 		}
 	}
+}
+
+// compileRules compiles an enforce policy of rules (YAML list items).
+func compileRules(t *testing.T, rules string) *policy.Engine {
+	t.Helper()
+	e, err := policy.Compile("c.yaml", []byte("version: 1\nmode: enforce\nrules:\n"+rules))
+	if err != nil {
+		t.Fatal(err)
+	}
+	return e
+}
+
+// rule80 is a rule, as a YAML list item, allowing to on 80/tcp.
+func rule80(name, to string) string {
+	return "  - name: " + name + "\n    to: [\"" + to + "\"]\n    ports: [80/tcp]\n"
 }

@@ -5,10 +5,8 @@ import (
 	"net/netip"
 	"strings"
 	"testing"
-	"time"
 
 	"egressd/audit"
-	"egressd/policy"
 )
 
 // TestRedecideAuditClippedPathGuarded: a reload in audit mode that drops
@@ -35,27 +33,8 @@ func TestRedecideAuditClippedPathGuarded(t *testing.T) {
     ports: [80/tcp]
 `
 	long := strings.Repeat("a", audit.MaxPathBytes+100)
-	conns := []struct {
-		port uint16
-		path string
-	}{
-		{47801, "/m/x.js"},
-		{47802, "/m/" + long + ".js"},
-	}
-	tcs := make([]*tcpConn, len(conns))
-	rec, _ := reloadRunEach(t, fmt.Sprintf(ntpPolicy, policy.ModeAudit, before), nil, 80*time.Second, func(p *pcapWriter, s int) {
-		for i, c := range conns {
-			if s == 0 {
-				tcs[i] = &tcpConn{p: p, cli: cli, srv: srv, cport: c.port, sport: 80, cseq: 1, sseq: 1}
-				tcs[i].handshake()
-				tcs[i].send(true, []byte("GET "+c.path+" HTTP/1.1\r\nHost: meta.test\r\n\r\n"), 1400, nil, nil)
-			}
-			tcs[i].send(false, []byte("data: x\n\n"), 1400, nil, nil)
-		}
-	}, func(c *Capture, store *policy.Store) {
-		store.Swap(testEngine(t, fmt.Sprintf(ntpPolicy, policy.ModeAudit, after)))
-		c.Redecide()
-	})
+	conns := []httpConn{{47801, "meta.test", "/m/x.js"}, {47802, "meta.test", "/m/" + long + ".js"}}
+	rec, _ := reloadHTTP(t, cli, srv, before, after, conns)
 	want := []string{"capture allow allowed audit enforced=false ", "capture deny special-range audit enforced=false ",
 		"capture deny special-range audit enforced=false end-of-capture"}
 	for _, c := range conns {

@@ -24,7 +24,7 @@ import (
 // to the host rule after the one its path matched, and the last one kept
 // its allow under a rule the reload removed.
 func TestRedecideAuditClippedPath(t *testing.T) {
-	srv := netip.MustParseAddr("203.0.113.70")
+	cli, srv := netip.MustParseAddr("192.0.2.95"), netip.MustParseAddr("203.0.113.70")
 	const before = `  - name: api3
     to: ["web3.test/api/*"]
     ports: [80/tcp]
@@ -43,17 +43,12 @@ func TestRedecideAuditClippedPath(t *testing.T) {
     ports: [80/tcp]
 `
 	long := strings.Repeat("a", audit.MaxPathBytes+100)
-	get := func(host, path string) []byte {
-		return []byte("GET " + path + " HTTP/1.1\r\nHost: " + host + "\r\n\r\n")
-	}
-	conns := []reloadTCP{
-		{47701, srv, 80, get("web.test", "/api/"+long)},
-		{47702, srv, 80, get("web.test", "/m/"+long)},
-		{47703, srv, 80, get("web2.test", "/m/"+long)},
-		{47705, srv, 80, get("web3.test", "/api/"+long)},
-	}
-	rec, r := reloadRunEach(t, fmt.Sprintf(ntpPolicy, policy.ModeAudit, before), nil, 80*time.Second,
-		keepTCP(conns, "data: x\n\n", ""), redecideTo(t, policy.ModeAudit, after))
+	rec, r := reloadHTTP(t, cli, srv, before, after, []httpConn{
+		{47701, "web.test", "/api/" + long},
+		{47702, "web.test", "/m/" + long},
+		{47703, "web2.test", "/m/" + long},
+		{47705, "web3.test", "/api/" + long},
+	})
 	wantFlowEvents(t, rec, map[uint16][]string{
 		47701: {"capture deny no-rule audit enforced=false ", "capture allow allowed audit enforced=false ", "capture allow allowed audit enforced=false end-of-capture"},
 		47702: {"capture deny no-rule audit enforced=false ", "capture allow allowed audit enforced=false ", "capture allow allowed audit enforced=false end-of-capture"},
@@ -74,4 +69,32 @@ func TestRedecideAuditClippedPath(t *testing.T) {
 	if r.Totals.Flows != 4 || r.Totals.Dropped != 2 {
 		t.Errorf("report: totals %+v, want 4 flows, 2 dropped (web2.test's, web3.test's)", r.Totals)
 	}
+}
+
+// httpConn is a plain HTTP connection of reloadHTTP: its client port,
+// and its first request's Host and path.
+type httpConn struct {
+	port       uint16
+	host, path string
+}
+
+// reloadHTTP opens conns from cli to srv port 80 under the audit-mode
+// policy of the rules before (ntpPolicy), the server sending on each
+// every second, and reloads to the rules after midway (Redecide).
+func reloadHTTP(t *testing.T, cli, srv netip.Addr, before, after string, conns []httpConn) (*recorder, *audit.Report) {
+	t.Helper()
+	tcs := make([]*tcpConn, len(conns))
+	return reloadRunEach(t, fmt.Sprintf(ntpPolicy, policy.ModeAudit, before), nil, 80*time.Second, func(p *pcapWriter, s int) {
+		for i, c := range conns {
+			if s == 0 {
+				tcs[i] = &tcpConn{p: p, cli: cli, srv: srv, cport: c.port, sport: 80, cseq: 1, sseq: 1}
+				tcs[i].handshake()
+				tcs[i].send(true, []byte("GET "+c.path+" HTTP/1.1\r\nHost: "+c.host+"\r\n\r\n"), 1400, nil, nil)
+			}
+			tcs[i].send(false, []byte("data: x\n\n"), 1400, nil, nil)
+		}
+	}, func(c *Capture, store *policy.Store) {
+		store.Swap(testEngine(t, fmt.Sprintf(ntpPolicy, policy.ModeAudit, after)))
+		c.Redecide()
+	})
 }
