@@ -33,8 +33,15 @@ func TestSyntheticUrgentEdges(t *testing.T) {
 			c.urgentSeg([]byte{0x16})
 			c.send(true, hello[n:], 1400, nil, nil)
 		}},
-		{"mark from the server", 100, func(c *tcpConn) {
-			c.urgentPtr(false, []byte("x"), 1)
+		{"mark from the server", 9, func(c *tcpConn) {
+			// The server's mark points at the byte n+1 bytes on: in
+			// the client's stream (its ISN the server's, so the two
+			// number their bytes alike) that is hello[n], inside the
+			// name. Taken from the client, or in the client's
+			// stream, the mark would cut the name (the client's own
+			// send of "x" marked hello[n-1]); from the server it
+			// marks nothing the proxy reads, and the hello stays whole.
+			c.urgentPtr(false, []byte("x"), uint16(n+1))
 			c.send(true, hello, 1400, nil, nil)
 		}},
 		{"pointer far ahead", 100, func(c *tcpConn) {
