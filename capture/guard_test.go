@@ -336,7 +336,13 @@ rules:
 			r.c.deps.Policy.Swap(testEngine(t, open).WithMode(to))
 			r.c.proc.redecide()
 			r.udp("198.51.100.77", 5000, "203.0.113.9", 9000)
-			evs := r.events()["198.51.100.77"]
+			// A LAN client's datagram to the same place: the reload's
+			// policy and mode are in force (the forged flow's verdict
+			// is not the old policy's, nor the same in both modes by
+			// a reload not taken).
+			r.udp("198.18.5.10", 5001, "203.0.113.9", 9000)
+			all := r.events()
+			evs := all["198.51.100.77"]
 			if len(evs) == 0 {
 				t.Fatal("no events of the forged source")
 			}
@@ -344,6 +350,9 @@ rules:
 				if ev.Verdict != policy.Deny || ev.Reason != ReasonForgedSource {
 					t.Errorf("event %s %s %s after the reload, want deny %s", ev.Verdict, ev.Rule, ev.Reason, ReasonForgedSource)
 				}
+			}
+			if lan := all["198.18.5.10"]; len(lan) != 1 || lan[0].Verdict != policy.Allow || lan[0].Rule != "everything" || lan[0].Mode != to {
+				t.Errorf("the LAN client's flow after the reload: %+v, want one allowed by everything in %s mode", lan, to)
 			}
 		})
 	}
