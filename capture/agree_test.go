@@ -228,6 +228,9 @@ func TestSyntheticTCPPorts(t *testing.T) {
 				if ev.Verdict != w.verdict || ev.Reason != w.reason || ev.Name != w.name {
 					t.Errorf("%s, list %v: %s: %s %s name %q, want %s %s name %q", mode, list, tc.what, ev.Verdict, ev.Reason, ev.Name, w.verdict, w.reason, w.name)
 				}
+				if enf := w.verdict == policy.Deny && mode == policy.ModeEnforce; ev.Mode != mode || ev.Enforced != enf {
+					t.Errorf("%s, list %v: %s: mode %s enforced %v, want %s enforced %v", mode, list, tc.what, ev.Mode, ev.Enforced, mode, enf)
+				}
 			}
 		}
 	}
