@@ -201,8 +201,8 @@ func TestPrivateRelayNamedForOthers(t *testing.T) {
 						t.Errorf("upstream asked %v", q)
 					}
 				}
-				if ev, _ := ts.Sink.find("mask-h2.icloud.com"); ev.Verdict != policy.Deny || !ev.Enforced || ev.RCode != "NXDOMAIN" {
-					t.Errorf("event %+v, want an enforced deny answered NXDOMAIN", ev)
+				if ev, _ := ts.Sink.find("mask-h2.icloud.com"); ev.Verdict != policy.Deny || !ev.Enforced || ev.RCode != "NXDOMAIN" || ev.Mode != mode {
+					t.Errorf("event %+v, want an enforced deny answered NXDOMAIN in %s mode", ev, mode)
 				}
 			})
 		}
