@@ -78,20 +78,7 @@ func TestSelfConnectionAudit(t *testing.T) {
 	reached := make(chan struct{}, 100)
 	go serveEach(local, func(c net.Conn) { reached <- struct{}{}; c.Close() })
 
-	for _, a := range []netip.AddrPort{netip.AddrPortFrom(gwLanV4, transparentPort), netip.AddrPortFrom(gwLanV6, transparentPort)} {
-		c := tp.dialFromClient(t, netip.Addr{}, a)
-		c.Write([]byte("GET / HTTP/1.1\r\nHost: www.allowed.test\r\n\r\n"))
-		readAll(c, 3*time.Second)
-		n, _, _ := tp.proxy.slots.Counts()
-		c.Close()
-		if n > 1 {
-			t.Errorf("a connection to %s: the proxy holds %d connections (it dialled itself)", a, n)
-		}
-		ev := tp.ev.wait(t, "self "+a.String(), byFlow(c))
-		if ev.Reason != ReasonSpecialRange || !ev.Enforced {
-			t.Errorf("a connection to %s: event %+v, want an enforced %s", a, ev, ReasonSpecialRange)
-		}
-	}
+	selfConnections(t, tp, "")
 	for _, a := range []string{"127.0.0.1:9901", "[::ffff:127.0.0.1]:9901", "loop.allowed.test:9901"} {
 		resp, body := tp.proxyRequest(t, "CONNECT "+a+" HTTP/1.1\r\nHost: "+a+"\r\n\r\n")
 		if resp.StatusCode != http.StatusForbidden {
@@ -120,6 +107,20 @@ func TestSelfConnectionNewAddress(t *testing.T) {
 		c.MaxConns, c.MaxConnsPerClient = 40, 40
 		c.OwnAddrs = []netip.Addr{gwWanV4, gwWanV6} // the LAN addresses came later
 	}})
+	selfConnections(t, tp, ", an address not yet known as the gateway's")
+	resp, body := tp.proxyRequest(t, "CONNECT 198.18.1.1:22 HTTP/1.1\r\nHost: 198.18.1.1:22\r\n\r\n")
+	if resp.StatusCode != http.StatusForbidden {
+		t.Errorf("CONNECT to the address learned as the gateway's: %d %q", resp.StatusCode, body)
+	}
+}
+
+// selfConnections dials the transparent port on the gateway's LAN
+// addresses (IPv4, IPv6) from the client, each a connection redirected to
+// nowhere but the proxy itself: the proxy must not dial itself (it holds
+// one connection), and records an enforced special-range deny. note
+// follows the address in the errors.
+func selfConnections(t *testing.T, tp *topo, note string) {
+	t.Helper()
 	for _, a := range []netip.AddrPort{netip.AddrPortFrom(gwLanV4, transparentPort), netip.AddrPortFrom(gwLanV6, transparentPort)} {
 		c := tp.dialFromClient(t, netip.Addr{}, a)
 		c.Write([]byte("GET / HTTP/1.1\r\nHost: www.allowed.test\r\n\r\n"))
@@ -127,16 +128,12 @@ func TestSelfConnectionNewAddress(t *testing.T) {
 		n, _, _ := tp.proxy.slots.Counts()
 		c.Close()
 		if n > 1 {
-			t.Errorf("a connection to %s, an address not yet known as the gateway's: the proxy holds %d connections (it dialled itself)", a, n)
+			t.Errorf("a connection to %s%s: the proxy holds %d connections (it dialled itself)", a, note, n)
 		}
 		ev := tp.ev.wait(t, "self "+a.String(), byFlow(c))
 		if ev.Reason != ReasonSpecialRange || !ev.Enforced {
 			t.Errorf("a connection to %s: event %+v, want an enforced %s", a, ev, ReasonSpecialRange)
 		}
-	}
-	resp, body := tp.proxyRequest(t, "CONNECT 198.18.1.1:22 HTTP/1.1\r\nHost: 198.18.1.1:22\r\n\r\n")
-	if resp.StatusCode != http.StatusForbidden {
-		t.Errorf("CONNECT to the address learned as the gateway's: %d %q", resp.StatusCode, body)
 	}
 }
 
