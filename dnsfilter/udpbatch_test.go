@@ -143,6 +143,15 @@ func TestUDPBurst(t *testing.T) {
 					t.Fatalf("client %d: an extra datagram of %d bytes", c, n)
 				}
 			}
+			// The listener was served by the batching reader (or the raw
+			// one, which batches its replies too) unless batching is off:
+			// its reader, running since the first answer, keeps its writer.
+			ts.mu.Lock()
+			_, batched := ts.pcs.Load(ts.udp[0])
+			ts.mu.Unlock()
+			if batched != !tc.noBatch {
+				t.Errorf("listener served by a batching reader: %v, want %v", batched, !tc.noBatch)
+			}
 			total := warm + clients*perClient
 			deadline := time.Now().Add(3 * time.Second)
 			for len(ts.Sink.Events()) < total && time.Now().Before(deadline) {
