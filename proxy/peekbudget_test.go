@@ -165,26 +165,11 @@ func TestPeekBudget(t *testing.T) {
 // they have gone.
 func TestExplicitPeekBudget(t *testing.T) {
 	const budget = 1 << 20
-	addr, plainPort, _, _, p := loopbackExplicitProxy(t, `version: 1
-mode: enforce
-rules:
-  - name: docs
-    to: ["docs.paths.test"]
-    ports: [%d/tcp, %d/tcp]
-`, func(c *Config) { c.PeekBudget = budget; c.HelloTimeout = 30 * time.Second }, nil, nil)
+	addr, plainPort, p := bigHeadProxy(t, budget)
 	const n = 300
 	head := bigHeadStart(fmt.Sprintf("http://docs.paths.test:%d/", plainPort))
 	before := heapInUse()
-	var conns []net.Conn
-	for range n {
-		c, err := net.Dial("tcp", addr)
-		if err != nil {
-			t.Fatal(err)
-		}
-		t.Cleanup(func() { c.Close() })
-		conns = append(conns, c)
-		c.Write(head)
-	}
+	conns := bigHeadConns(t, addr, head, n)
 	refused := closedByPeer(conns, time.Second)
 	grown := heapInUse() - before
 	t.Logf("%d connections with %d KB of head each: %d refused; the budget holds %d KiB; the heap grew %d KiB (%d KiB a connection)",
@@ -211,6 +196,39 @@ rules:
 	if got := p.peekMem.inUse(); got != 0 {
 		t.Errorf("the budget still holds %d bytes after every connection closed", got)
 	}
+}
+
+// bigHeadProxy is a loopback explicit proxy (enforce mode, a rule for
+// docs.paths.test on its origin's ports) with a peek budget of budget
+// bytes and a hello timeout that outlasts the tests: its address, its
+// origin's plain-HTTP port, the proxy.
+func bigHeadProxy(t *testing.T, budget int) (string, int, *Proxy) {
+	t.Helper()
+	addr, plainPort, _, _, p := loopbackExplicitProxy(t, `version: 1
+mode: enforce
+rules:
+  - name: docs
+    to: ["docs.paths.test"]
+    ports: [%d/tcp, %d/tcp]
+`, func(c *Config) { c.PeekBudget = budget; c.HelloTimeout = 30 * time.Second }, nil, nil)
+	return addr, plainPort, p
+}
+
+// bigHeadConns opens n connections to addr (from 127.0.0.1), each of
+// which writes head and nothing more; they close at the test's end.
+func bigHeadConns(t *testing.T, addr string, head []byte, n int) []net.Conn {
+	t.Helper()
+	var conns []net.Conn
+	for range n {
+		c, err := net.Dial("tcp", addr)
+		if err != nil {
+			t.Fatal(err)
+		}
+		t.Cleanup(func() { c.Close() })
+		conns = append(conns, c)
+		c.Write(head)
+	}
+	return conns
 }
 
 // openConns is the number of connections holding a slot in p.
@@ -258,25 +276,10 @@ func TestIdleHTTPConnMemory(t *testing.T) {
 // for as long as it kept them.
 func TestPeekBudgetPerClient(t *testing.T) {
 	const budget = 1 << 20
-	addr, plainPort, _, _, p := loopbackExplicitProxy(t, `version: 1
-mode: enforce
-rules:
-  - name: docs
-    to: ["docs.paths.test"]
-    ports: [%d/tcp, %d/tcp]
-`, func(c *Config) { c.PeekBudget = budget; c.HelloTimeout = 30 * time.Second }, nil, nil)
+	addr, plainPort, p := bigHeadProxy(t, budget)
 	const n = 100
 	head := bigHeadStart(fmt.Sprintf("http://docs.paths.test:%d/", plainPort))
-	var conns []net.Conn
-	for range n {
-		c, err := net.Dial("tcp", addr)
-		if err != nil {
-			t.Fatal(err)
-		}
-		t.Cleanup(func() { c.Close() })
-		conns = append(conns, c)
-		c.Write(head)
-	}
+	conns := bigHeadConns(t, addr, head, n)
 	refused := closedByPeer(conns, time.Second)
 	t.Logf("%d connections of 127.0.0.1 with %d KB of head each: %d refused; the budget holds %d KiB", n, len(head)/1000, refused, p.peekMem.inUse()>>10)
 	if got := p.peekMem.inUse(); got > budget/10 {
