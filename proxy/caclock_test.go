@@ -291,42 +291,20 @@ func TestInspectCAWatched(t *testing.T) {
 		t.Fatal(err)
 	}
 	end := caCert.NotAfter
-	eng, err := policy.Compile("p.yaml", []byte("version: 1\nmode: enforce\nrules:\n  - name: docs\n    to: [\"docs.paths.test/public/*\"]\n    ports: [443/tcp]\n"))
-	if err != nil {
-		t.Fatal(err)
-	}
-	expiry := func(reg *prometheus.Registry) float64 {
-		t.Helper()
-		mfs, err := reg.Gather()
-		if err != nil {
-			t.Fatal(err)
-		}
-		for _, mf := range mfs {
-			if mf.GetName() == "egress_proxy_inspect_ca_expiry_timestamp_seconds" {
-				return mf.GetMetric()[0].GetGauge().GetValue()
-			}
-		}
-		t.Fatal("no egress_proxy_inspect_ca_expiry_timestamp_seconds")
-		return 0
-	}
+	eng := docsPublicEngine(t)
 	off := prometheus.NewRegistry()
 	if _, err := New(Config{}, Deps{Policy: policy.NewStore(eng), Registerer: off}); err != nil {
 		t.Fatal(err)
 	}
-	if v := expiry(off); v != 0 {
+	if v := caExpiry(t, off); v != 0 {
 		t.Errorf("inspection off: CA expiry %v, want 0", v)
 	}
 
 	var mu sync.Mutex
 	clock := end.Add(-10 * 24 * time.Hour)
 	setClock := func(at time.Time) { mu.Lock(); clock = at; mu.Unlock() }
-	logs := &lockedBuf{}
 	reg := prometheus.NewRegistry()
-	p, err := New(Config{Inspect: true, StateDir: state, ExplicitAddr: "127.0.0.1:0", OwnAddrs: []netip.Addr{}},
-		Deps{Policy: policy.NewStore(eng), Logger: slog.New(slog.NewTextHandler(logs, nil)), Registerer: reg})
-	if err != nil {
-		t.Fatal(err)
-	}
+	p, logs := inspectingProxy(t, state, eng, reg)
 	p.certs.setClock(func() time.Time { mu.Lock(); defer mu.Unlock(); return clock })
 	was := caCheckEvery
 	caCheckEvery = time.Millisecond
@@ -353,7 +331,7 @@ func TestInspectCAWatched(t *testing.T) {
 		t.Fatalf("no log line with %q:\n%s", want, strings.Join(logs.lines(), "\n"))
 	}
 	waitLog("level=WARN", "inspection CA certificate ca.pem expires in 10 days")
-	if v := expiry(reg); v != float64(end.Unix()) {
+	if v := caExpiry(t, reg); v != float64(end.Unix()) {
 		t.Errorf("CA expiry %v, want %d (no inspected connection yet)", v, end.Unix())
 	}
 	// The daemon runs on past the CA's end.
@@ -372,31 +350,10 @@ func TestInspectCALoadFails(t *testing.T) {
 	if err := os.WriteFile(filepath.Join(state, CACertFile), []byte("not a certificate\n"), 0o644); err != nil {
 		t.Fatal(err)
 	}
-	eng, err := policy.Compile("p.yaml", []byte("version: 1\nmode: enforce\nrules:\n  - name: docs\n    to: [\"docs.paths.test/public/*\"]\n    ports: [443/tcp]\n"))
-	if err != nil {
-		t.Fatal(err)
-	}
-	logs := &lockedBuf{}
+	eng := docsPublicEngine(t)
 	reg := prometheus.NewRegistry()
-	p, err := New(Config{Inspect: true, StateDir: state, ExplicitAddr: "127.0.0.1:0", OwnAddrs: []netip.Addr{}},
-		Deps{Policy: policy.NewStore(eng), Logger: slog.New(slog.NewTextHandler(logs, nil)), Registerer: reg})
-	if err != nil {
-		t.Fatal(err)
-	}
-	expiry := func() float64 {
-		t.Helper()
-		mfs, err := reg.Gather()
-		if err != nil {
-			t.Fatal(err)
-		}
-		for _, mf := range mfs {
-			if mf.GetName() == "egress_proxy_inspect_ca_expiry_timestamp_seconds" {
-				return mf.GetMetric()[0].GetGauge().GetValue()
-			}
-		}
-		t.Fatal("no egress_proxy_inspect_ca_expiry_timestamp_seconds")
-		return 0
-	}
+	p, logs := inspectingProxy(t, state, eng, reg)
+	expiry := func() float64 { t.Helper(); return caExpiry(t, reg) }
 	was := caCheckEvery
 	caCheckEvery = 5 * time.Millisecond
 	cancel, ran := runReady(t, p)
@@ -436,16 +393,8 @@ func TestInspectCALoadedLineAtLoad(t *testing.T) {
 	if err := os.WriteFile(filepath.Join(state, CACertFile), []byte("not a certificate\n"), 0o644); err != nil {
 		t.Fatal(err)
 	}
-	eng, err := policy.Compile("p.yaml", []byte("version: 1\nmode: enforce\nrules:\n  - name: docs\n    to: [\"docs.paths.test/public/*\"]\n    ports: [443/tcp]\n"))
-	if err != nil {
-		t.Fatal(err)
-	}
-	logs := &lockedBuf{}
-	p, err := New(Config{Inspect: true, StateDir: state, ExplicitAddr: "127.0.0.1:0", OwnAddrs: []netip.Addr{}},
-		Deps{Policy: policy.NewStore(eng), Logger: slog.New(slog.NewTextHandler(logs, nil)), Registerer: prometheus.NewRegistry()})
-	if err != nil {
-		t.Fatal(err)
-	}
+	eng := docsPublicEngine(t)
+	p, logs := inspectingProxy(t, state, eng, prometheus.NewRegistry())
 	was := caCheckEvery
 	caCheckEvery = time.Hour // no day's check during the test
 	cancel, ran := runReady(t, p)
@@ -480,4 +429,46 @@ func TestInspectCALoadedLineAtLoad(t *testing.T) {
 	if e := p.caExpiry(); e <= float64(time.Now().Unix()) {
 		t.Errorf("CA expiry metric %v after the CA loaded at a connection, want its end", e)
 	}
+}
+
+// docsPublicEngine is an enforce-mode policy whose one rule allows
+// docs.paths.test/public/* on 443/tcp: a host inspection reads.
+func docsPublicEngine(t *testing.T) *policy.Engine {
+	t.Helper()
+	eng, err := policy.Compile("p.yaml", []byte("version: 1\nmode: enforce\nrules:\n  - name: docs\n    to: [\"docs.paths.test/public/*\"]\n    ports: [443/tcp]\n"))
+	if err != nil {
+		t.Fatal(err)
+	}
+	return eng
+}
+
+// inspectingProxy is a proxy with inspection on, its CA in state, an
+// explicit listener on loopback and policy eng, its metrics registered
+// with reg; not run. Its log lines are in the buffer it returns.
+func inspectingProxy(t *testing.T, state string, eng *policy.Engine, reg prometheus.Registerer) (*Proxy, *lockedBuf) {
+	t.Helper()
+	logs := &lockedBuf{}
+	p, err := New(Config{Inspect: true, StateDir: state, ExplicitAddr: "127.0.0.1:0", OwnAddrs: []netip.Addr{}},
+		Deps{Policy: policy.NewStore(eng), Logger: slog.New(slog.NewTextHandler(logs, nil)), Registerer: reg})
+	if err != nil {
+		t.Fatal(err)
+	}
+	return p, logs
+}
+
+// caExpiry is the value of egress_proxy_inspect_ca_expiry_timestamp_seconds
+// in g.
+func caExpiry(t *testing.T, g prometheus.Gatherer) float64 {
+	t.Helper()
+	mfs, err := g.Gather()
+	if err != nil {
+		t.Fatal(err)
+	}
+	for _, mf := range mfs {
+		if mf.GetName() == "egress_proxy_inspect_ca_expiry_timestamp_seconds" {
+			return mf.GetMetric()[0].GetGauge().GetValue()
+		}
+	}
+	t.Fatal("no egress_proxy_inspect_ca_expiry_timestamp_seconds")
+	return 0
 }

@@ -135,10 +135,7 @@ func TestLeafCacheOneLeafPerHost(t *testing.T) {
 // with the proxy, whether its context is cancelled or it is closed: Run
 // waits for it, and none is left behind.
 func TestInspectCAWatchStops(t *testing.T) {
-	eng, err := policy.Compile("p.yaml", []byte("version: 1\nmode: enforce\nrules:\n  - name: docs\n    to: [\"docs.paths.test/public/*\"]\n    ports: [443/tcp]\n"))
-	if err != nil {
-		t.Fatal(err)
-	}
+	eng := docsPublicEngine(t)
 	watching := func() int {
 		buf := make([]byte, 1<<20)
 		return strings.Count(string(buf[:runtime.Stack(buf, true)]), "proxy.(*Proxy).watchCA")
