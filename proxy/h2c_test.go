@@ -335,17 +335,11 @@ func TestExplicitH2C(t *testing.T) {
 	if err != nil {
 		t.Fatal(err)
 	}
-	ln, err := net.Listen("tcp", "127.0.0.1:0")
-	if err != nil {
-		t.Fatal(err)
-	}
-	done := make(chan struct{})
-	go func() { p.ServeExplicit(ln); close(done) }()
-	t.Cleanup(func() { p.Close(); <-done })
+	addr := serveExplicitLoopback(t, p)
 	auth := fmt.Sprintf("docs.paths.test:%d", port)
 	frames := func(stream uint32, path string) []byte { return h2Frames(stream, auth, path) }
 	dial := func(t *testing.T) (net.Conn, *bufio.Reader) {
-		c, err := net.Dial("tcp", ln.Addr().String())
+		c, err := net.Dial("tcp", addr)
 		if err != nil {
 			t.Fatal(err)
 		}
