@@ -4,6 +4,7 @@ import (
 	"fmt"
 	"net/netip"
 	"regexp"
+	"slices"
 	"strconv"
 	"strings"
 	"testing"
@@ -28,28 +29,26 @@ rules:
     ports: [9000/udp]
 `
 
-// forwardsLearned evaluates the forward chain of rs for a new UDP
-// datagram from the LAN to dst (no client or MAC sets), learned telling
-// what the learned sets hold: whether an accept rule lets it out.
-func forwardsLearned(rs *Ruleset, dst netip.Addr, port uint16, learned map[string][]netip.Addr) bool {
-	inSet := func(name string) bool {
+// forwardsUDP evaluates the forward chain of rs for a new UDP datagram
+// from client (the zero Addr: a client in no source set) on the LAN to
+// dst:port, no MAC set matching: whether an accept rule lets it out.
+// Prefix sets hold what egressd loads (their merged ranges); learned
+// tells whether a learned set holds an address (nil: none does).
+func forwardsUDP(rs *Ruleset, client, dst netip.Addr, port uint16, learned func(set string, a netip.Addr) bool) bool {
+	inSet := func(name string, a netip.Addr) bool {
 		s := rs.Set(name)
-		if s == nil {
+		if s == nil || !a.IsValid() {
 			return false
 		}
 		switch s.Kind {
 		case SetPrefixes:
-			for _, p := range s.Prefixes {
-				if p.Contains(dst) {
+			for _, r := range mergePrefixes(s.Prefixes) {
+				if r.lo.Compare(a) <= 0 && a.Compare(r.hi) <= 0 {
 					return true
 				}
 			}
 		case SetLearned:
-			for _, a := range learned[name] {
-				if a == dst {
-					return true
-				}
-			}
+			return learned != nil && learned(name, a)
 		}
 		return false
 	}
@@ -63,7 +62,7 @@ func forwardsLearned(rs *Ruleset, dst netip.Addr, port uint16, learned map[strin
 		}
 		for _, r := range c.Rules {
 			switch {
-			case r.CTState != 0, r.IIf != "lan0", r.SrcSet != "", r.SrcMACSet != "":
+			case r.CTState != 0, r.IIf != "lan0", r.SrcMACSet != "":
 				continue
 			case r.Family != FamilyAny && r.Family != fam:
 				continue
@@ -71,15 +70,22 @@ func forwardsLearned(rs *Ruleset, dst netip.Addr, port uint16, learned map[strin
 				continue
 			case r.Ports.Lo != 0 && (port < r.Ports.Lo || port > r.Ports.Hi):
 				continue
-			case r.DstSet != "" && !inSet(r.DstSet):
+			case r.SrcSet != "" && !inSet(r.SrcSet, client):
 				continue
-			case r.DstNotSet != "" && inSet(r.DstNotSet):
+			case r.DstSet != "" && !inSet(r.DstSet, dst):
+				continue
+			case r.DstNotSet != "" && inSet(r.DstNotSet, dst):
 				continue
 			}
 			return r.Verdict.Kind == Accept
 		}
 	}
 	return false
+}
+
+// learnedIn is forwardsUDP's learned for sets holding what m lists.
+func learnedIn(m map[string][]netip.Addr) func(string, netip.Addr) bool {
+	return func(set string, a netip.Addr) bool { return slices.Contains(m[set], a) }
 }
 
 // TestRenderLearnedSetsKeepGuardedRanges: the accept rules of a name
@@ -148,7 +154,7 @@ func TestRenderLearnedSetsKeepGuardedRanges(t *testing.T) {
 			if g, ok := eng.SpecialRange(d, nil, nil); ok {
 				want = eng.CIDRNames(in, g)
 			}
-			if got := forwardsLearned(rs, d, 9000, learned); got != want {
+			if got := forwardsUDP(rs, netip.Addr{}, d, 9000, learnedIn(learned)); got != want {
 				t.Errorf("nat64 %v: learned %s: forwarded %v, the proxy's guard says %v", withNAT, d, got, want)
 			}
 			if want {
@@ -182,10 +188,10 @@ func TestRenderLearnedSetsKeepGuardedRanges(t *testing.T) {
 	} {
 		d := netip.MustParseAddr(c.dst)
 		learned := map[string][]netip.Addr{v4: {d}, v6: {d}}
-		if got := forwardsLearned(rs, d, 9000, learned); got != c.want {
+		if got := forwardsUDP(rs, netip.Addr{}, d, 9000, learnedIn(learned)); got != c.want {
 			t.Errorf("learned %s: forwarded %v, want %v", c.dst, got, c.want)
 		}
-		if got := forwardsLearned(rs, d, 9000, nil); got && !c.want {
+		if got := forwardsUDP(rs, netip.Addr{}, d, 9000, nil); got && !c.want {
 			t.Errorf("%s forwarded without being learned", c.dst)
 		}
 	}

@@ -44,51 +44,6 @@ rules:
     ports: [9010/udp]
 `
 
-// forwards evaluates the forward chain of rs for a new UDP datagram from
-// the LAN (no client or MAC sets, learned sets empty): whether an accept
-// rule lets it out.
-func forwards(rs *Ruleset, dst netip.Addr, port uint16) bool {
-	inSet := func(name string) bool {
-		s := rs.Set(name)
-		if s == nil || s.Kind != SetPrefixes {
-			return false
-		}
-		for _, r := range mergePrefixes(s.Prefixes) {
-			if r.lo.Compare(dst) <= 0 && dst.Compare(r.hi) <= 0 {
-				return true
-			}
-		}
-		return false
-	}
-	fam := IPv4
-	if dst.Is6() {
-		fam = IPv6
-	}
-	for _, c := range rs.Chains {
-		if c.Name != chainForward {
-			continue
-		}
-		for _, r := range c.Rules {
-			switch {
-			case r.CTState != 0, r.IIf != "lan0", r.SrcSet != "", r.SrcMACSet != "":
-				continue
-			case r.Family != FamilyAny && r.Family != fam:
-				continue
-			case r.Proto != 0 && r.Proto != policy.UDP:
-				continue
-			case r.Ports.Lo != 0 && (port < r.Ports.Lo || port > r.Ports.Hi):
-				continue
-			case r.DstSet != "" && !inSet(r.DstSet):
-				continue
-			case r.DstNotSet != "" && inSet(r.DstNotSet):
-				continue
-			}
-			return r.Verdict.Kind == Accept
-		}
-	}
-	return false
-}
-
 // TestRenderNAT64: the forward chain lets out the same NAT64 destinations
 // as the proxy would (policy.Decide, then the guard: Engine.SpecialRange,
 // Engine.CIDRNames): an IPv4 CIDR rule opens its NAT64 forms, ::/0 and
@@ -127,7 +82,7 @@ func TestRenderNAT64(t *testing.T) {
 				if g, ok := e.SpecialRange(d, nil, nil); ok && want {
 					want = e.CIDRNames(in, g)
 				}
-				if got := forwards(rs, d, port); got != want {
+				if got := forwardsUDP(rs, netip.Addr{}, d, port, nil); got != want {
 					t.Errorf("nat64 %v: %s port %d: forwarded %v, policy says %v", withNAT, d, port, got, want)
 				}
 				if want && withNAT && isNAT64(d, nat) {
@@ -162,7 +117,7 @@ func TestRenderNAT64(t *testing.T) {
 		{"2001:db8:64::a01:203", 9002, false},
 		{"64:ff9b:1::a9fe:a9fe", 9002, false},
 	} {
-		if got := forwards(rs, netip.MustParseAddr(c.dst), c.port); got != c.want {
+		if got := forwardsUDP(rs, netip.Addr{}, netip.MustParseAddr(c.dst), c.port, nil); got != c.want {
 			t.Errorf("%s port %d: forwarded %v, want %v", c.dst, c.port, got, c.want)
 		}
 	}
