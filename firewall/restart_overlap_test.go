@@ -2,10 +2,7 @@ package firewall
 
 import (
 	"fmt"
-	"strings"
 	"testing"
-
-	"egressd/policy"
 )
 
 // TestRestartCTMarkBitsOverlap: --ct-mark-bits 0x00fff000, then the
@@ -23,24 +20,21 @@ func TestRestartCTMarkBitsOverlap(t *testing.T) {
 	tp.serverUDP(t, "198.18.2.2:9000", "198.18.2.3:9000")
 	const oldBits = 0x00fff000
 	const named = "  - {name: named, to: [ntp.test], ports: [9000/udp]}\n"
-	policyOf := func(rules ...string) *policy.Engine {
-		return compile(t, "version: 1\nmode: enforce\nrules:\n"+strings.Join(rules, ""))
-	}
 	fw := tp.firewall(t, Config{CTMarkBits: oldBits})
 	oldCfg, newCfg := fw.cfg, fw.cfg
 	newCfg.CTMarkBits = 0
-	now, err := Render(newCfg, policyOf(named))
+	now, err := Render(newCfg, enforceRules(t, named))
 	if err != nil {
 		t.Fatal(err)
 	}
 	a := tagTwin(t, oldCfg, named, 0x400|now.flows[0].tag, func(i int) string {
 		return fmt.Sprintf("  - {name: a%d, to: [198.18.2.2/32], ports: [9000/udp]}\n", i)
 	})
-	before := policyOf(named, a)
+	before := enforceRules(t, named, a)
 	if rs, err := Render(oldCfg, before); err != nil {
 		t.Fatal(err)
 	} else if m := rs.mark.marked(rs.flows[1].tag); m&CTMarkEnforced == 0 || m&CTMarkTag>>ctTagShift != now.flows[0].tag {
 		t.Fatalf("a's old mark %#x does not read as named's at the default bits", m)
 	}
-	restartAtDefaultBits(t, tp, fw, before, policyOf(named), oldBits, "overlapping")
+	restartAtDefaultBits(t, tp, fw, before, enforceRules(t, named), oldBits, "overlapping")
 }

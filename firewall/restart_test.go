@@ -5,7 +5,6 @@ import (
 	"io"
 	"log/slog"
 	"net/netip"
-	"strings"
 	"testing"
 	"time"
 
@@ -138,20 +137,15 @@ func TestRestartTCPPortsChanged(t *testing.T) {
 		named = "  - {name: named, to: [ntp.test], ports: [9000/udp, 22/tcp]}\n"
 		a     = "  - {name: a, to: [198.18.2.2/32], ports: [9000/udp, 22/tcp]}\n"
 	)
-	policyOf := func(rules ...string) *policy.Engine {
-		return compile(t, "version: 1\nmode: enforce\nrules:\n"+strings.Join(rules, ""))
-	}
-	r0, err := Render(oldCfg, policyOf(named, a))
+	r0, err := Render(oldCfg, enforceRules(t, named, a))
 	if err != nil {
 		t.Fatal(err)
 	}
 	newCfg := oldCfg
 	newCfg.TCPPorts = nil
 	// c has, in this run's ruleset, the tag a had in the earlier one.
-	c := tagTwin(t, newCfg, named, r0.flows[1].tag, func(i int) string {
-		return fmt.Sprintf("  - {name: c%d, to: [203.0.113.9/32], ports: [9001/udp]}\n", i)
-	})
-	before := policyOf(named, a)
+	c := tagTwin(t, newCfg, named, r0.flows[1].tag, ruleC)
+	before := enforceRules(t, named, a)
 	if err := fw.Install(before); err != nil {
 		t.Fatal(err)
 	}
@@ -166,7 +160,7 @@ func TestRestartTCPPortsChanged(t *testing.T) {
 	ports := old.TCPPorts
 	fw2 := tp.firewallWith(t, Config{}, Deps{Registerer: prometheus.NewRegistry(), Logger: slog.New(slog.NewTextHandler(io.Discard, nil)),
 		Previous: before, PreviousTCPPorts: &ports})
-	if err := fw2.Install(policyOf(named, c)); err != nil {
+	if err := fw2.Install(enforceRules(t, named, c)); err != nil {
 		t.Fatal(err)
 	}
 	if cut, kept := flowsMetric(fw2, "cut"), flowsMetric(fw2, "kept"); cut != 1 || kept != 1 {
@@ -271,11 +265,8 @@ func TestRestartCTMarkBitsChanged(t *testing.T) {
 		named = "  - {name: named, to: [ntp.test], ports: [9000/udp]}\n"
 		a     = "  - {name: a, to: [198.18.2.2/32], ports: [9000/udp]}\n"
 	)
-	policyOf := func(rules ...string) *policy.Engine {
-		return compile(t, "version: 1\nmode: enforce\nrules:\n"+strings.Join(rules, ""))
-	}
-	before := policyOf(named, a)
-	restartAtDefaultBits(t, tp, fw, before, policyOf(named), oldBits, "changed")
+	before := enforceRules(t, named, a)
+	restartAtDefaultBits(t, tp, fw, before, enforceRules(t, named), oldBits, "changed")
 }
 
 // TestRestartKilledBeforeRecord: egressd ran policy A (the state
@@ -296,10 +287,7 @@ func TestRestartKilledBeforeRecord(t *testing.T) {
 		x = "  - {name: x, to: [198.18.2.2/32], ports: [9000/udp]}\n"
 		a = "  - {name: a, to: [203.0.113.9/32], ports: [9001/udp]}\n"
 	)
-	policyOf := func(rules ...string) *policy.Engine {
-		return compile(t, "version: 1\nmode: enforce\nrules:\n"+strings.Join(rules, ""))
-	}
-	rA, err := Render(fw.cfg, policyOf(x, a))
+	rA, err := Render(fw.cfg, enforceRules(t, x, a))
 	if err != nil {
 		t.Fatal(err)
 	}
@@ -307,7 +295,7 @@ func TestRestartKilledBeforeRecord(t *testing.T) {
 	b := tagTwin(t, fw.cfg, x, rA.flows[1].tag, func(i int) string {
 		return fmt.Sprintf("  - {name: b%d, to: [198.18.2.3/32], ports: [9000/udp]}\n", i)
 	})
-	if err := fw.Install(policyOf(x, b)); err != nil {
+	if err := fw.Install(enforceRules(t, x, b)); err != nil {
 		t.Fatal(err)
 	}
 	flows := map[string]*flow{"x": dialFlow(t, tp, "udp", "198.18.2.2:9000"), "b": dialFlow(t, tp, "udp", "198.18.2.3:9000")}
@@ -316,8 +304,8 @@ func TestRestartKilledBeforeRecord(t *testing.T) {
 		t.Fatal(err)
 	}
 	fw2 := tp.firewallWith(t, Config{}, Deps{Registerer: prometheus.NewRegistry(), Logger: slog.New(slog.NewTextHandler(io.Discard, nil)),
-		Previous: policyOf(x, a), Pending: []Prior{{Policy: policyOf(x, b)}}})
-	if err := fw2.Install(policyOf(x, a)); err != nil {
+		Previous: enforceRules(t, x, a), Pending: []Prior{{Policy: enforceRules(t, x, b)}}})
+	if err := fw2.Install(enforceRules(t, x, a)); err != nil {
 		t.Fatal(err)
 	}
 	if cut, kept := flowsMetric(fw2, "cut"), flowsMetric(fw2, "kept"); cut != 1 || kept != 1 {

@@ -450,6 +450,19 @@ func (s *syncWriter) Write(b []byte) (int, error) {
 	return s.w.Write(b)
 }
 
+// enforceRules is an enforce-mode policy of rules (each a rule's YAML
+// lines, in order).
+func enforceRules(t *testing.T, rules ...string) *policy.Engine {
+	t.Helper()
+	return compile(t, "version: 1\nmode: enforce\nrules:\n"+strings.Join(rules, ""))
+}
+
+// ruleC is rule c<i>, which opens UDP 9001 to 203.0.113.9 (no flow of
+// the tests): tagTwin's rule for a tag no flow's rule keeps.
+func ruleC(i int) string {
+	return fmt.Sprintf("  - {name: c%d, to: [203.0.113.9/32], ports: [9001/udp]}\n", i)
+}
+
 // tagTwin finds a rule, built by rule from a number, whose tag is want in
 // the ruleset of the rules before it and itself.
 func tagTwin(t *testing.T, cfg Config, before string, want uint32, rule func(i int) string) string {
@@ -485,47 +498,40 @@ func TestReloadStaleTags(t *testing.T) {
 		a = "  - {name: a, to: [198.18.2.2/32], ports: [9000/udp]}\n"
 		b = "  - {name: b, to: [198.18.2.0/24], ports: [9000/udp]}\n"
 	)
-	policyOf := func(rules ...string) *policy.Engine {
-		return compile(t, "version: 1\nmode: enforce\nrules:\n"+strings.Join(rules, ""))
-	}
-	r0, err := Render(cfg, policyOf(a))
+	r0, err := Render(cfg, enforceRules(t, a))
 	if err != nil {
 		t.Fatal(err)
 	}
 	ta := r0.flows[0].tag
 	// c has a's tag, beside b, and lets nothing of the flows out.
-	c := tagTwin(t, cfg, b, ta, func(i int) string {
-		return fmt.Sprintf("  - {name: c%d, to: [203.0.113.9/32], ports: [9001/udp]}\n", i)
-	})
+	c := tagTwin(t, cfg, b, ta, ruleC)
 
-	if err := fw.Install(policyOf(a)); err != nil {
+	if err := fw.Install(enforceRules(t, a)); err != nil {
 		t.Fatal(err)
 	}
 	flows := map[string]*flow{"f": dialFlow(t, tp, "udp", "198.18.2.2:9000")}
 	checkFlows(t, "installed", flows)
-	if err := fw.Replace(policyOf(b, c)); err != nil {
+	if err := fw.Replace(enforceRules(t, b, c)); err != nil {
 		t.Fatal(err)
 	}
 	checkFlows(t, "a replaced by b and c", flows)
-	if err := fw.Replace(policyOf(c)); err != nil {
+	if err := fw.Replace(enforceRules(t, c)); err != nil {
 		t.Fatal(err)
 	}
 	checkFlows(t, "b removed, c unchanged", flows, "f")
 
 	// A skipped check: a's flow, then c goes in without a look at the
 	// flows (as when a later ruleset went in before it), then c again.
-	c2 := tagTwin(t, cfg, "", ta, func(i int) string {
-		return fmt.Sprintf("  - {name: c%d, to: [203.0.113.9/32], ports: [9001/udp]}\n", i)
-	})
-	if err := fw.Replace(policyOf(a)); err != nil {
+	c2 := tagTwin(t, cfg, "", ta, ruleC)
+	if err := fw.Replace(enforceRules(t, a)); err != nil {
 		t.Fatal(err)
 	}
 	flows["g"] = dialFlow(t, tp, "udp", "198.18.2.2:9000")
 	checkFlows(t, "a again", flows)
-	if _, _, _, err := fw.swapIn(policyOf(c2), "replace", nil); err != nil {
+	if _, _, _, err := fw.swapIn(enforceRules(t, c2), "replace", nil); err != nil {
 		t.Fatal(err)
 	}
-	if err := fw.Replace(policyOf(c2)); err != nil {
+	if err := fw.Replace(enforceRules(t, c2)); err != nil {
 		t.Fatal(err)
 	}
 	checkFlows(t, "a replaced by c, its check skipped", flows, "g")
@@ -547,9 +553,6 @@ func TestReloadCutsBeforeRemarking(t *testing.T) {
 		b = "  - {name: b, to: [198.18.2.0/24], ports: [9000/udp]}\n"
 		d = "  - {name: d, to: [198.18.2.3/32], ports: [9001/udp]}\n"
 	)
-	policyOf := func(rules ...string) *policy.Engine {
-		return compile(t, "version: 1\nmode: enforce\nrules:\n"+strings.Join(rules, ""))
-	}
 	var mu sync.Mutex
 	var marksAtCut []uint32 // the marks of a's flow when each cut is reported
 	var cuts int
@@ -575,7 +578,7 @@ func TestReloadCutsBeforeRemarking(t *testing.T) {
 		mu.Unlock()
 	})
 	fw := tp.firewallWith(t, Config{}, Deps{Logger: slog.New(slog.DiscardHandler), Sink: sink})
-	if err := fw.Install(policyOf(a, d)); err != nil {
+	if err := fw.Install(enforceRules(t, a, d)); err != nil {
 		t.Fatal(err)
 	}
 	var ta uint32
@@ -586,7 +589,7 @@ func TestReloadCutsBeforeRemarking(t *testing.T) {
 	}
 	flows := map[string]*flow{"a": dialFlow(t, tp, "udp", "198.18.2.2:9000"), "d": dialFlow(t, tp, "udp", "198.18.2.3:9001")}
 	checkFlows(t, "installed", flows)
-	if err := fw.Replace(policyOf(b)); err != nil {
+	if err := fw.Replace(enforceRules(t, b)); err != nil {
 		t.Fatal(err)
 	}
 	checkFlows(t, "a and d replaced by b", flows, "d")
@@ -619,18 +622,13 @@ func TestRestartStaleTags(t *testing.T) {
 		a = "  - {name: a, to: [198.18.2.2/32], ports: [9000/udp]}\n"
 		b = "  - {name: b, to: [198.18.2.3/32], ports: [9000/udp]}\n"
 	)
-	policyOf := func(rules ...string) *policy.Engine {
-		return compile(t, "version: 1\nmode: enforce\nrules:\n"+strings.Join(rules, ""))
-	}
-	r0, err := Render(cfg, policyOf(a, b))
+	r0, err := Render(cfg, enforceRules(t, a, b))
 	if err != nil {
 		t.Fatal(err)
 	}
 	// c has a's tag, beside b, and lets nothing of a's flow out.
-	c := tagTwin(t, cfg, b, r0.flows[0].tag, func(i int) string {
-		return fmt.Sprintf("  - {name: c%d, to: [203.0.113.9/32], ports: [9001/udp]}\n", i)
-	})
-	before := policyOf(a, b)
+	c := tagTwin(t, cfg, b, r0.flows[0].tag, ruleC)
+	before := enforceRules(t, a, b)
 	if err := fw.Install(before); err != nil {
 		t.Fatal(err)
 	}
@@ -640,7 +638,7 @@ func TestRestartStaleTags(t *testing.T) {
 		t.Fatal(err)
 	}
 	fw2 := tp.firewallWith(t, Config{}, Deps{Registerer: prometheus.NewRegistry(), Logger: slog.New(slog.NewTextHandler(io.Discard, nil)), Previous: before})
-	if err := fw2.Install(policyOf(b, c)); err != nil {
+	if err := fw2.Install(enforceRules(t, b, c)); err != nil {
 		t.Fatal(err)
 	}
 	if cut, kept := flowsMetric(fw2, "cut"), flowsMetric(fw2, "kept"); cut != 1 || kept != 1 {
