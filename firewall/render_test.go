@@ -108,7 +108,7 @@ func TestRenderEnforce(t *testing.T) {
 		t.Fatal(err)
 	}
 	text := rs.String()
-	for _, want := range []string{
+	containsAll(t, text,
 		`iifname "lan0" udp dport 53 redirect to :5353`,
 		`iifname "lan0" tcp dport 53 redirect to :5353`,
 		`iifname "lan0" meta l4proto tcp redirect to :15001`,
@@ -122,11 +122,7 @@ func TestRenderEnforce(t *testing.T) {
 		`iifname "lan0" udp dport 443 counter reject`,
 		`iifname "lan0" counter drop comment "enforce: nothing else from the LAN"`,
 		`elements = { 198.51.100.7, 203.0.113.0/24 }`,
-	} {
-		if !strings.Contains(text, want) {
-			t.Errorf("missing %q in\n%s", want, text)
-		}
-	}
+	)
 	// TCP rules are the proxy's business when every port is redirected:
 	// no TCP accepts in forward.
 	for _, c := range rs.Chains {
@@ -165,7 +161,7 @@ func TestRenderSeveralLANs(t *testing.T) {
 		t.Fatal(err)
 	}
 	text := two.String()
-	for _, want := range []string{
+	containsAll(t, text,
 		"\tset lans {\n\t\ttype ifname\n\t\tcomment \"the LAN interfaces\"\n\t\telements = { \"cams\", \"lan0.10\", \"lan0.20\" }\n\t}\n",
 		`iifname @lans udp dport 53 redirect to :5353`,
 		`iifname @lans tcp dport 53 redirect to :5353`,
@@ -176,11 +172,7 @@ func TestRenderSeveralLANs(t *testing.T) {
 		`iifname @lans counter drop comment "enforce: nothing else from the LAN"`,
 		`iifname "wan0" counter drop`,
 		`oifname "wan0" counter drop comment "enforce: nothing else out to the WAN side"`,
-	} {
-		if !strings.Contains(text, want) {
-			t.Errorf("missing %q in\n%s", want, text)
-		}
-	}
+	)
 	if s := two.Set(setLANs); s == nil || s.Kind != SetIfnames || !slices.Equal(s.Names, cfg.LANs) {
 		t.Errorf("set %s: %+v, want the LANs %q", setLANs, s, cfg.LANs)
 	}
@@ -244,18 +236,14 @@ func TestRenderTCPPorts(t *testing.T) {
 		t.Fatal(err)
 	}
 	text := rs.String()
-	for _, want := range []string{
+	containsAll(t, text,
 		`iifname "lan0" tcp dport 443 redirect to :15001`,
 		`iifname "lan0" ip daddr @net4_nx tcp dport 7001 ct mark set ct mark & 0xff`,
 		// "private" holds fc00::/7, broader than AWS IMDSv6 (fd00:ec2::254).
 		`iifname "lan0" ip6 daddr @wide6_nx ip6 daddr != @guarded6 tcp dport 5000 ct mark set ct mark & 0xff`,
 		`elements = { 10.0.0.0/8, 172.16.0.0/12, 192.168.0.0/16 }`,
 		`iifname "lan0" tcp dport 853 counter reject with tcp reset`,
-	} {
-		if !strings.Contains(text, want) {
-			t.Errorf("missing %q in\n%s", want, text)
-		}
-	}
+	)
 	if strings.Contains(text, "meta l4proto tcp redirect") {
 		t.Error("every TCP port redirected despite TCPPorts")
 	}
@@ -452,11 +440,7 @@ rules:
 		t.Fatal(err)
 	}
 	text := rs.String()
-	for _, want := range []string{"udp dport 1-52 ", "udp dport 54-65535 ", "tcp dport 1-52 ", "tcp dport 54-65535 ", "udp dport 50-52 ", "udp dport 54-60 "} {
-		if !strings.Contains(text, want) {
-			t.Errorf("missing %q in\n%s", want, text)
-		}
-	}
+	containsAll(t, text, "udp dport 1-52 ", "udp dport 54-65535 ", "tcp dport 1-52 ", "tcp dport 54-65535 ", "udp dport 50-52 ", "udp dport 54-60 ")
 	for _, c := range rs.Chains {
 		for _, r := range c.Rules {
 			if c.Name == chainForward && r.Verdict.Kind == Accept && r.Proto != 0 && (r.Ports.Lo == 0 || r.Ports.Lo <= 53 && 53 <= r.Ports.Hi) {
@@ -490,15 +474,11 @@ rules:
 		t.Fatal(err)
 	}
 	text := rs.String()
-	for _, want := range []string{
+	containsAll(t, text,
 		`iifname "lan0" tcp dport 443 redirect to :15001`,
 		`iifname "lan0" tcp dport 8080 redirect to :15001`,
 		`iifname "lan0" tcp dport 9000-9001 redirect to :15001`,
-	} {
-		if !strings.Contains(text, want) {
-			t.Errorf("missing %q in\n%s", want, text)
-		}
-	}
+	)
 	if strings.Count(text, "tcp dport 443 redirect") != 1 {
 		t.Errorf("443 redirected more than once:\n%s", text)
 	}
@@ -528,16 +508,12 @@ rules:
 		t.Fatal(err)
 	}
 	text := rs.String()
-	for _, want := range []string{
+	containsAll(t, text,
 		`iifname "lan0" ip daddr @net4_broad udp dport 9 ct mark set ct mark & 0xff`,
 		`iifname "lan0" ip daddr @wide4_broad ip daddr != @guarded4 udp dport 9 ct mark set ct mark & 0xff`,
 		`iifname "lan0" ip6 daddr @net6_broad udp dport 9 ct mark set ct mark & 0xff`,
 		`iifname "lan0" ip6 daddr @wide6_broad ip6 daddr != @guarded6 udp dport 9 ct mark set ct mark & 0xff`,
-	} {
-		if !strings.Contains(text, want) {
-			t.Errorf("missing %q in\n%s", want, text)
-		}
-	}
+	)
 	sets := map[string][]netip.Prefix{}
 	for _, s := range rs.Sets {
 		sets[s.Name] = s.Prefixes
@@ -595,4 +571,14 @@ func forwardedByBroad(rs *Ruleset, a netip.Addr) bool {
 		}
 	}
 	return false
+}
+
+// containsAll fails t for each of want that text does not hold.
+func containsAll(t *testing.T, text string, want ...string) {
+	t.Helper()
+	for _, w := range want {
+		if !strings.Contains(text, w) {
+			t.Errorf("missing %q in\n%s", w, text)
+		}
+	}
 }
