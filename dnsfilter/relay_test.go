@@ -74,6 +74,9 @@ func TestPrivateRelayNXDOMAIN(t *testing.T) {
 								if len(r.Ns) != 1 || r.Ns[0].Header().Rrtype != dns.TypeSOA {
 									t.Errorf("%s %s %s: authority %v, want the SOA a negative answer carries", proto, name, dns.TypeToString[qt], r.Ns)
 								}
+								if (r.IsEdns0() != nil) != edns {
+									t.Errorf("%s %s %s: OPT in the answer %v, query had EDNS %v", proto, name, dns.TypeToString[qt], r.IsEdns0() != nil, edns)
+								}
 							}
 						}
 					}
