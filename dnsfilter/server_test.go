@@ -416,6 +416,9 @@ func TestAnswerMustRepeatQuestion(t *testing.T) {
 			if got := answerAddrs(r); len(got) != 1 || got[0] != want {
 				t.Errorf("%s (edns %v): answer %v, want only %v:\n%s", name, edns, got, want, r)
 			}
+			if (r.IsEdns0() != nil) != edns {
+				t.Errorf("%s: OPT in the answer %v, query had EDNS %v", name, r.IsEdns0() != nil, edns)
+			}
 			if up.decoysOut.Load() == before {
 				t.Fatalf("%s: the upstream sent no decoy: the test proves nothing", name)
 			}
