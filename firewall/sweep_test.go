@@ -87,14 +87,16 @@ func TestReloadCutsFlowsItNoLongerAllows(t *testing.T) {
     to: [198.18.2.3/32, "2001:db8:2::3/128"]
     ports: [9000/udp, 2000/tcp]
 `
-	if err := fw.Install(compile(t, `
+	// withA: rules a and b, a opening what b opens, on its own addresses.
+	const withA = `
 version: 1
 mode: enforce
 rules:
   - name: a
     to: [198.18.2.2/32, "2001:db8:2::2/128"]
     ports: [9000/udp, 2000/tcp]
-`+b)); err != nil {
+` + b
+	if err := fw.Install(compile(t, withA)); err != nil {
 		t.Fatal(err)
 	}
 	flows := map[string]*flow{
@@ -110,14 +112,7 @@ rules:
 	checkFlows(t, "installed", flows)
 
 	// The same policy again: nothing to cut.
-	if err := fw.Replace(compile(t, `
-version: 1
-mode: enforce
-rules:
-  - name: a
-    to: [198.18.2.2/32, "2001:db8:2::2/128"]
-    ports: [9000/udp, 2000/tcp]
-`+b)); err != nil {
+	if err := fw.Replace(compile(t, withA)); err != nil {
 		t.Fatal(err)
 	}
 	if cut := flowsMetric(fw, "cut"); cut != 0 {
