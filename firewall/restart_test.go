@@ -91,18 +91,7 @@ rules:
 	if err := fw.Install(pol); err != nil {
 		t.Fatal(err)
 	}
-	for _, a := range []string{"198.18.2.3", "2001:db8:2::3"} {
-		if err := fw.Learn("named", netip.MustParseAddr(a), time.Hour); err != nil {
-			t.Fatal(err)
-		}
-	}
-	flows := map[string]*flow{
-		"named4": dialFlow(t, tp, "udp", "198.18.2.3:9000"),
-		"named6": dialFlow(t, tp, "udp", "[2001:db8:2::3]:9000"),
-		"other4": dialFlow(t, tp, "udp", "198.18.2.2:9000"),
-		"other6": dialFlow(t, tp, "udp", "[2001:db8:2::2]:9000"),
-	}
-	checkFlows(t, "installed", flows)
+	flows := namedAndOtherFlows(t, tp, fw, time.Hour)
 	if err := fw.Detach(); err != nil {
 		t.Fatal(err)
 	}

@@ -207,18 +207,7 @@ func TestReloadKeepsFlowsOfLearnedAddresses(t *testing.T) {
 	if err := fw.Install(policyOf(named, other)); err != nil {
 		t.Fatal(err)
 	}
-	for _, a := range []string{"198.18.2.3", "2001:db8:2::3"} {
-		if err := fw.Learn("named", netip.MustParseAddr(a), time.Second); err != nil {
-			t.Fatal(err)
-		}
-	}
-	flows := map[string]*flow{
-		"named4": dialFlow(t, tp, "udp", "198.18.2.3:9000"),
-		"named6": dialFlow(t, tp, "udp", "[2001:db8:2::3]:9000"),
-		"other4": dialFlow(t, tp, "udp", "198.18.2.2:9000"),
-		"other6": dialFlow(t, tp, "udp", "[2001:db8:2::2]:9000"),
-	}
-	checkFlows(t, "installed", flows)
+	flows := namedAndOtherFlows(t, tp, fw, time.Second)
 	// The answers expire: the sets no longer hold the addresses, and a
 	// new flow to them is dropped, but the established ones go on.
 	time.Sleep(2500 * time.Millisecond)
@@ -443,6 +432,26 @@ func (s *syncWriter) Write(b []byte) (int, error) {
 	s.mu.Lock()
 	defer s.mu.Unlock()
 	return s.w.Write(b)
+}
+
+// namedAndOtherFlows learns 198.18.2.3 and 2001:db8:2::3 for rule named
+// (for ttl) in fw, opens a UDP flow to port 9000 of each and of rule
+// other's 198.18.2.2 and 2001:db8:2::2, and checks they flow.
+func namedAndOtherFlows(t *testing.T, tp *topo, fw *Firewall, ttl time.Duration) map[string]*flow {
+	t.Helper()
+	for _, a := range []string{"198.18.2.3", "2001:db8:2::3"} {
+		if err := fw.Learn("named", netip.MustParseAddr(a), ttl); err != nil {
+			t.Fatal(err)
+		}
+	}
+	flows := map[string]*flow{
+		"named4": dialFlow(t, tp, "udp", "198.18.2.3:9000"),
+		"named6": dialFlow(t, tp, "udp", "[2001:db8:2::3]:9000"),
+		"other4": dialFlow(t, tp, "udp", "198.18.2.2:9000"),
+		"other6": dialFlow(t, tp, "udp", "[2001:db8:2::2]:9000"),
+	}
+	checkFlows(t, "installed", flows)
+	return flows
 }
 
 // enforceRules is an enforce-mode policy of rules (each a rule's YAML
