@@ -50,6 +50,7 @@ const (
 	notionIP    = "203.0.113.13"
 	registry    = "registry-1.docker.io" // vendor-cloud, served by Go with ML-KEM
 	registryIP  = "203.0.113.14"
+	registryIP6 = "2001:db8:2::14"  // the same server (TestCaptureEvasion)
 	trackerName = "tracker.example" // no rule
 	trackerIP   = "203.0.113.20"
 	lookalike   = "docker.com.evil.net" // no rule: *.docker.com must not match it
@@ -79,6 +80,7 @@ var zone = [][3]string{
 	{intakeName, "A", intakeIP},
 	{notionName, "A", notionIP},
 	{registry, "A", registryIP},
+	{registry, "AAAA", registryIP6},
 	{trackerName, "A", trackerIP},
 	{lookalike, "A", lookalikeIP},
 	{ntpName, "A", ntpIP},
@@ -135,7 +137,9 @@ func newTopo(t *testing.T) *topo {
 	for _, a := range []string{"198.51.100.124", "198.51.100.125", "198.51.100.126", authDNS4, dockerIP4, vendorIP, intakeIP, notionIP, registryIP, trackerIP, lookalikeIP, ntpIP, udpDenyIP, apnsIP, apnsBareIP, fcmIP, clockIP} {
 		tp.inet.MustRun("ip", "addr", "add", a+"/32", "dev", "eth0")
 	}
-	tp.inet.MustRun("ip", "-6", "addr", "add", dockerIP6+"/128", "dev", "eth0", "nodad")
+	for _, a := range []string{dockerIP6, registryIP6} {
+		tp.inet.MustRun("ip", "-6", "addr", "add", a+"/128", "dev", "eth0", "nodad")
+	}
 
 	// The LAN's resolver is the gateway: ip netns exec bind-mounts
 	// /etc/netns/NAME/resolv.conf over /etc/resolv.conf for dig.
@@ -373,7 +377,7 @@ func (tp *topo) startGoServers(t *testing.T) {
 		}
 		return nil, nil
 	}
-	serveTCP(tp.inet, registryIP+":443", func(c net.Conn) {
+	registrySrv := func(c net.Conn) {
 		tc := tls.Server(c, tlsCfg)
 		c.SetDeadline(time.Now().Add(30 * time.Second))
 		if err := tc.Handshake(); err != nil {
@@ -384,7 +388,9 @@ func (tp *topo) startGoServers(t *testing.T) {
 		n, _ := tc.Read(buf)
 		st := tc.ConnectionState()
 		fmt.Fprintf(tc, "group=%s sni=%s got=%q\n", st.CurveID, st.ServerName, bytes.TrimSpace(buf[:n]))
-	})
+	}
+	serveTCP(tp.inet, registryIP+":443", registrySrv)
+	serveTCP(tp.inet, "["+registryIP6+"]:443", registrySrv)
 	ntpServer := func(req []byte) []byte {
 		// NTP server: mode 4, the client's transmit time as origin.
 		if len(req) < 48 || req[0]&7 != 3 {
