@@ -62,23 +62,29 @@ func TestStreamConflict(t *testing.T) {
 	}
 }
 
-// evasionEvent runs conns, each writing one connection of a pcap, and
-// returns the event of each, by client port.
+// evasionEvents runs conns, each writing one connection to port 443 of a
+// pcap, and returns the event of each, by client port.
 func evasionEvents(t *testing.T, conns ...func(c *tcpConn)) map[uint16]audit.Event {
+	t.Helper()
+	got := map[uint16]audit.Event{}
+	for _, ev := range evasionRun(t, 443, conns...) {
+		got[ev.ClientPort] = ev
+	}
+	return got
+}
+
+// evasionRun runs conns, each writing one connection to port sport of a
+// pcap (client port 47000 + its index), and returns the run's events.
+func evasionRun(t *testing.T, sport uint16, conns ...func(c *tcpConn)) []audit.Event {
 	t.Helper()
 	p := newPcap(t)
 	cli, srv := netip.MustParseAddr("192.0.2.10"), netip.MustParseAddr("203.0.113.10")
 	for i, f := range conns {
-		c := &tcpConn{p: p, cli: cli, srv: srv, cport: uint16(47000 + i), sport: 443, cseq: 1000, sseq: 5000}
+		c := &tcpConn{p: p, cli: cli, srv: srv, cport: uint16(47000 + i), sport: sport, cseq: 1000, sseq: 5000}
 		c.handshake()
 		f(c)
 	}
-	r := synthRun(t, p.close(), testPolicy, factsMap{srv: {decoyName}}, Config{})
-	got := map[uint16]audit.Event{}
-	for _, ev := range r.events {
-		got[ev.ClientPort] = ev
-	}
-	return got
+	return synthRun(t, p.close(), testPolicy, factsMap{srv: {decoyName}}, Config{}).events
 }
 
 // TestDecidedHelloWatched: a TCP flow capture allowed on its ClientHello
@@ -125,6 +131,114 @@ func TestDecidedHelloWatched(t *testing.T) {
 		if ev := got[uint16(47000+i)]; ev.Reason != c.reason {
 			t.Errorf("%s: %+v, want %s", c.what, ev, c.reason)
 		}
+	}
+}
+
+// TestFollowedHeadWatched: a later request head of a followed plain-HTTP
+// connection that capture allowed is kept until the server acknowledges
+// it, as the first one is (TestDecidedHelloWatched): a copy of it that
+// differs (the first was a decoy with a wrong TCP checksum, which the
+// server's kernel dropped) is a request denied as stream-conflict, and
+// the connection is no longer followed. A copy of the same bytes, one
+// after the server's acknowledgement, or a copy of body bytes is none;
+// heads with a body between them are each kept. Before, the follower had
+// consumed the decoy and skipped the copy as a retransmission: the
+// request the server read was in no event.
+func TestFollowedHeadWatched(t *testing.T) {
+	first := []byte("GET / HTTP/1.1\r\nHost: " + decoyName + "\r\n\r\n")
+	post := []byte("POST /up HTTP/1.1\r\nHost: " + decoyName + "\r\nContent-Length: 5\r\n\r\nhello")
+	decoy := []byte("GET /next HTTP/1.1\r\nHost: " + decoyName + "\r\n\r\n")
+	real := []byte("GET /next HTTP/1.1\r\nHost: " + realName + "\r\n\r\n")
+	// later sends the first head (the server acknowledging it, or not),
+	// then b, and returns b's sequence number.
+	later := func(c *tcpConn, ack bool, head, b []byte) uint32 {
+		c.seg(true, "A", c.cseq, head)
+		c.cseq += uint32(len(head))
+		if ack {
+			c.seg(false, "A", c.sseq, nil)
+		}
+		c.seg(true, "A", c.cseq, b)
+		seq := c.cseq
+		c.cseq += uint32(len(b))
+		return seq
+	}
+	cases := []struct {
+		what     string
+		run      func(c *tcpConn)
+		conflict bool
+	}{
+		{"a different copy before the ack", func(c *tcpConn) {
+			seq := later(c, true, first, decoy)
+			c.seg(true, "A", seq, real)
+		}, true},
+		{"a different copy of its end, the first head not acknowledged", func(c *tcpConn) {
+			seq := later(c, false, first, decoy)
+			c.seg(true, "A", seq+10, real[10:])
+		}, true},
+		{"after a body, a different copy", func(c *tcpConn) {
+			seq := later(c, false, post, decoy)
+			c.seg(true, "A", seq, real)
+		}, true},
+		{"the same copy", func(c *tcpConn) {
+			seq := later(c, true, first, decoy)
+			c.seg(true, "A", seq, decoy)
+			c.seg(true, "A", c.cseq, decoy)
+		}, false},
+		{"a different copy after the ack", func(c *tcpConn) {
+			seq := later(c, true, first, decoy)
+			c.seg(false, "A", c.sseq, nil)
+			c.seg(true, "A", seq, real)
+		}, false},
+		{"a different copy of the body", func(c *tcpConn) {
+			seq := later(c, true, post, decoy)
+			c.seg(true, "A", seq-5, []byte("HELLO"))
+		}, false},
+	}
+	var runs []func(c *tcpConn)
+	for _, c := range cases {
+		runs = append(runs, c.run)
+	}
+	conflicts, requests := map[uint16]int{}, map[uint16]int{}
+	for _, ev := range evasionRun(t, 80, runs...) {
+		switch {
+		case ev.Kind == audit.KindRequest && ev.Reason == ReasonStreamConflict:
+			conflicts[ev.ClientPort]++
+		case ev.Kind == audit.KindRequest:
+			requests[ev.ClientPort]++
+		case ev.Reason != policy.ReasonAllowed:
+			t.Errorf("flow event %+v, want allowed", ev)
+		}
+	}
+	for i, c := range cases {
+		port := uint16(47000 + i)
+		if got := conflicts[port] == 1; got != c.conflict || conflicts[port] > 1 {
+			t.Errorf("%s: %d stream-conflict requests, want conflict %v", c.what, conflicts[port], c.conflict)
+		}
+		if requests[port] == 0 {
+			t.Errorf("%s: the later request is in no event", c.what)
+		}
+	}
+}
+
+// TestFollowedHeadsBounded: a flow keeps at most maxSentHeads later heads
+// the server has not acknowledged; a client pipelining more is no longer
+// followed, and counted (Stats.Unfollowed), as at capture's other
+// bounds.
+func TestFollowedHeadsBounded(t *testing.T) {
+	head := []byte("GET /next HTTP/1.1\r\nHost: " + decoyName + "\r\n\r\n")
+	p := newPcap(t)
+	for i, n := range []int{maxSentHeads + 1, maxSentHeads + 2} {
+		c := &tcpConn{p: p, cli: netip.MustParseAddr("192.0.2.10"), srv: netip.MustParseAddr("203.0.113.10"),
+			cport: uint16(47000 + i), sport: 80, cseq: 1000, sseq: 5000}
+		c.handshake()
+		for range n {
+			c.seg(true, "A", c.cseq, head)
+			c.cseq += uint32(len(head))
+		}
+	}
+	r := synthRun(t, p.close(), testPolicy, nil, Config{})
+	if r.stats.Unfollowed != 1 {
+		t.Errorf("unfollowed: %d, want 1 (the flow with %d heads)", r.stats.Unfollowed, maxSentHeads+2)
 	}
 }
 
@@ -245,5 +359,91 @@ func TestUnforwardedDecoy(t *testing.T) {
 		case c.ttl == 2 && ev.Reason != ReasonStreamConflict:
 			t.Errorf("%s: %+v, want %s", c.what, ev, ReasonStreamConflict)
 		}
+	}
+}
+
+// clientInitial seals a QUIC v1 client Initial packet to dcid, numbered
+// pn, carrying one CRYPTO frame of data at offset off, padded to 1200
+// bytes (RFC 9001 §5: the keys any observer derives from dcid).
+func clientInitial(t *testing.T, dcid []byte, pn uint32, off int, data []byte) []byte {
+	t.Helper()
+	k, err := initialKeys(quicV1, dcid)
+	if err != nil {
+		t.Fatal(err)
+	}
+	v2 := func(n int) []byte { return []byte{0x40 | byte(n>>8), byte(n)} } // a two-byte varint
+	plain := append([]byte{0x06}, v2(off)...)
+	plain = append(append(plain, v2(len(data))...), data...)
+	hdr := append([]byte{0xc3, 0, 0, 0, 1, byte(len(dcid))}, dcid...)
+	hdr = append(hdr, 0, 0) // no SCID, no token
+	pad := 1200 - len(hdr) - 2 - 4 - len(plain) - k.aead.Overhead()
+	if pad > 0 {
+		plain = append(plain, make([]byte, pad)...)
+	}
+	hdr = append(hdr, v2(4+len(plain)+k.aead.Overhead())...)
+	pnOff := len(hdr)
+	hdr = append(hdr, byte(pn>>24), byte(pn>>16), byte(pn>>8), byte(pn))
+	nonce := k.iv
+	for j := 0; j < 4; j++ {
+		nonce[11-j] ^= byte(pn >> (8 * j))
+	}
+	pkt := k.aead.Seal(hdr, nonce[:], plain, hdr)
+	var mask [16]byte
+	k.hp.Encrypt(mask[:], pkt[pnOff+4:pnOff+20])
+	pkt[0] ^= mask[0] & 0x0f
+	for j := 0; j < 4; j++ {
+		pkt[pnOff+j] ^= mask[1+j]
+	}
+	return pkt
+}
+
+// TestQUICCryptoConflict: CRYPTO data of a QUIC client's Initials sent
+// twice at the same offset, different, denies the flow as stream-conflict,
+// whether the Initials go to one DCID or to two (a server demultiplexes
+// by DCID: each reads its own copy; one whose UDP checksum is wrong, no
+// server reads). RFC 9000 §2.2: the data at an offset must not change; a
+// receiver keeps the first copy or closes the connection. Copies of the
+// same bytes are retransmissions. Before, capture's stream marked the
+// conflict and nobody read the mark: the hello of the first copy's bytes,
+// naming the allowed host, was recorded allowed.
+func TestQUICCryptoConflict(t *testing.T) {
+	decoy := handHello(sniExt(decoyName))[5:] // CRYPTO carries no record header
+	real := handHello(sniExt(realName))[5:]
+	cut := len(decoy) - 4 // the first Initial: all but the end, names included
+	dcid1, dcid2 := []byte{1, 2, 3, 4, 5, 6, 7, 8}, []byte{9, 9, 9, 9, 9, 9, 9, 9}
+	cases := []struct {
+		what    string
+		initial [2][]byte
+		reason  string
+	}{
+		{"a different copy", [2][]byte{clientInitial(t, dcid1, 0, 0, decoy[:cut]), clientInitial(t, dcid1, 1, 0, real)}, ReasonStreamConflict},
+		{"a different copy to another DCID", [2][]byte{clientInitial(t, dcid1, 0, 0, decoy[:cut]), clientInitial(t, dcid2, 0, 0, real)}, ReasonStreamConflict},
+		{"the same copy", [2][]byte{clientInitial(t, dcid1, 0, 0, decoy[:cut]), clientInitial(t, dcid1, 1, 0, decoy)}, policy.ReasonAllowed},
+		{"the rest, no overlap", [2][]byte{clientInitial(t, dcid1, 0, 0, decoy[:cut]), clientInitial(t, dcid1, 1, cut, decoy[cut:])}, policy.ReasonAllowed},
+		// After the decision: the first hello, whole, was a decoy (in a
+		// datagram no server read, or to a DCID the client drops).
+		{"a whole hello, then another to another DCID", [2][]byte{clientInitial(t, dcid1, 0, 0, decoy), clientInitial(t, dcid2, 0, 0, real)}, ReasonStreamConflict},
+		{"a whole hello, then another", [2][]byte{clientInitial(t, dcid1, 0, 0, decoy), clientInitial(t, dcid1, 1, 0, real)}, ReasonStreamConflict},
+		{"a whole hello, then the same again", [2][]byte{clientInitial(t, dcid1, 0, 0, decoy), clientInitial(t, dcid2, 0, 0, decoy)}, policy.ReasonAllowed},
+	}
+	p := newPcap(t)
+	cli, srv := netip.MustParseAddr("192.0.2.10"), netip.MustParseAddr("203.0.113.10")
+	for i, c := range cases {
+		for _, in := range c.initial {
+			p.udp(true, cli, srv, uint16(47000+i), 443, in)
+		}
+	}
+	r := synthRun(t, p.close(), testPolicy, factsMap{srv: {decoyName}}, Config{})
+	got := map[uint16]audit.Event{}
+	for _, ev := range r.events {
+		got[ev.ClientPort] = ev
+	}
+	for i, c := range cases {
+		if ev := got[uint16(47000+i)]; ev.Reason != c.reason || ev.Proto != "udp" {
+			t.Errorf("%s: %+v, want %s", c.what, ev, c.reason)
+		}
+	}
+	if r.stats.QUICOpened != 2*uint64(len(cases)) {
+		t.Errorf("%d Initials opened, want %d", r.stats.QUICOpened, 2*len(cases))
 	}
 }

@@ -163,7 +163,10 @@ func (p *proc) followOver(f *flow, b []byte) int {
 		}
 		if h != nil {
 			f.reqHead = time.Time{}
-			p.request(f, h, nil)
+			if p.request(f, h, nil) && !p.watchHead(f, f.base[0]+uint32(done), b[done:done+n]) {
+				f.base[0] += uint32(done + n) // no longer followed
+				return done + n
+			}
 		}
 		done += n
 	}
@@ -201,8 +204,9 @@ func (p *proc) unfollow(f *flow) {
 // request records one later request of f, as the proxy's request and
 // refuse do (proxy/httpstream.go): h is its head, decided by its own Host
 // (or absolute-form authority) and path; or the parser refused the stream
-// with err (h nil), a deny before any rule is asked.
-func (p *proc) request(f *flow, h *httpwire.Head, err error) {
+// with err (h nil), a deny before any rule is asked. It reports whether
+// the request was allowed.
+func (p *proc) request(f *flow, h *httpwire.Head, err error) bool {
 	eng := p.c.deps.Policy.Load()
 	ev := audit.Event{
 		Kind: audit.KindRequest, Source: audit.SourceCapture, Time: p.now,
@@ -246,4 +250,5 @@ func (p *proc) request(f *flow, h *httpwire.Head, err error) {
 	p.stats.requests.Add(1)
 	p.c.deps.Sink.Emit(ev)
 	p.c.logFlow(&ev) // the line says its kind
+	return d.Allowed()
 }

@@ -146,10 +146,10 @@ type flow struct {
 	dnsOff   [2]int
 	quic     *quicOpener
 	held     int // bytes of st, sent and quic counted in proc.streamBytes
-	// sent: the client bytes an allowed TCP flow was decided on, kept
-	// until the server acknowledges them (watchSent).
-	sent     *stream
-	sentBase uint32 // the sequence number of sent's first byte
+	// sent: the client bytes an allowed TCP flow was decided on, and the
+	// heads of later requests the follower allowed, kept until the
+	// server acknowledges them (watchSent, watchHead), in sequence order.
+	sent []sentHead
 	// srvAck: the highest acknowledgement the server sent while capture
 	// read the client's stream (resetTaken).
 	srvAck   uint32
@@ -1042,7 +1042,7 @@ func (p *proc) tcpPacket(src, dst netip.Addr, mac []byte) {
 		// connection request.
 		p.urgent(f, seq, t.Urgent)
 	}
-	if f.sent != nil {
+	if len(f.sent) > 0 {
 		p.checkSent(f, dir, seq)
 	}
 	if dir == 1 && t.ACK && !t.SYN && (f.inspect || f.req != nil) && (!f.srvAcked || int32(t.Ack-f.srvAck) > 0) {
@@ -1478,7 +1478,7 @@ func (p *proc) examine(f *flow, dir int) {
 		f.st[1] = nil
 		p.classify(f)
 		if f.dec.Allowed() {
-			p.watchSent(f, &stream{buf: bytes.Clone(s.buf[:h.Len])})
+			p.watchSent(f, &stream{buf: bytes.Clone(s.buf[:h.Len])}, nil)
 		}
 		f.req = &httpwire.ReqStream{MaxHead: maxStream}
 		f.req.Start(&h)
@@ -1551,9 +1551,9 @@ func (p *proc) hello(f *flow, h tlshello.Hello, err error, src audit.NameSource)
 	} else {
 		f.nameSrc = audit.NameNoSNI
 	}
-	read := f.st[0]
+	read, q := f.st[0], f.quic
 	p.done(f)
-	p.watchSent(f, read)
+	p.watchSent(f, read, q)
 }
 
 // After the decision: a decoy the server never read.
@@ -1573,47 +1573,137 @@ func (p *proc) hello(f *flow, h tlshello.Hello, err error, src audit.NameSource)
 // differs is the server's: the flow is denied as stream-conflict after
 // all. A retransmission of the same bytes, as stacks send, changes
 // nothing. The bytes are held for a round trip, counted in
-// MaxStreamBytes. A later request of a followed plain-HTTP flow is not
-// watched so (its bytes are consumed as they come): a decoy of one is
-// residual (README "Security").
+// MaxStreamBytes. The head of each later request of a followed
+// plain-HTTP flow that the follower allowed is kept so too (watchHead;
+// e2e TestCaptureEvasion/tcp-checksum-later): a copy of it that differs
+// is a request denied as stream-conflict, and the flow is no longer
+// followed. At most maxSentHeads heads wait for their acknowledgement;
+// past that the flow is no longer followed either (Stats.Unfollowed).
+// Body bytes and chunk-size lines are not kept: a decoy of a chunk-size
+// line is residual (README "Capture in audit mode").
+//
+// A QUIC client's hello is read from the CRYPTO frames of its Initials,
+// over UDP, with no acknowledgement capture can read (the server's ACK
+// frames count packets, and a client may start another connection on the
+// same addresses and ports to another DCID, whose server connection reads
+// its own hello). For a QUIC flow its hello let through, capture keeps
+// the hello's bytes and the flow's opener for the flow's life, and opens
+// each later client Initial (long header: a 1-RTT packet costs one byte's
+// test): CRYPTO data that differs from the hello at its offset denies the
+// flow as stream-conflict (quicWatch).
+
+// sentHead is one run of client bytes kept until the server acknowledges
+// it: those f was decided on, or (req) a later request's head.
+type sentHead struct {
+	seq  uint32 // the sequence number of its first byte
+	data []byte
+	req  bool
+}
+
+// maxSentHeads bounds the later request heads a flow keeps at once.
+const maxSentHeads = 8
 
 // watchSent keeps s, the client bytes f was just decided on (a
 // ClientHello, or a first request head, which the request follower then
-// consumes: a copy), as f.sent (see above) where that is needed.
-func (p *proc) watchSent(f *flow, s *stream) {
-	if f.proto != 6 || s == nil || len(s.buf) == 0 || s.conflict || f.urg || !f.dec.Allowed() || !p.followsRequests() {
+// consumes: a copy), in f.sent (see above) where that is needed; for a
+// QUIC flow, q is its opener, kept as f.quic.
+func (p *proc) watchSent(f *flow, s *stream, q *quicOpener) {
+	if f.proto != 6 && (f.proto != 17 || q == nil) || s == nil || len(s.buf) == 0 || s.conflict || f.urg || !f.dec.Allowed() || !p.followsRequests() {
 		return
 	}
-	s.pending, s.pendLen = nil, 0
-	f.sent, f.sentBase = s, f.base[0]
+	if q != nil {
+		q.pending = nil
+		f.quic = q
+	}
+	f.sent = append(f.sent[:0], sentHead{seq: f.base[0], data: s.buf})
 	p.charge(f)
 }
 
-// checkSent takes a packet of f, which holds the bytes it was decided on
-// (watchSent), in direction dir at sequence number seq (p.tcp): the
-// server's acknowledgement of them ends the watch, a client's copy of
-// them that differs denies the flow.
+// quicWatch opens a client Initial of f, a QUIC flow that keeps its hello
+// (see above), and denies f where its CRYPTO data differs from the hello.
+func (p *proc) quicWatch(f *flow, payload []byte) {
+	if len(f.sent) == 0 {
+		f.quic = nil
+		return
+	}
+	hello, conflict := f.sent[0].data, false
+	n, _ := f.quic.open(payload, func(off uint64, data []byte) {
+		conflict = conflict || off < maxStream && differs(0, hello, uint32(off), data)
+	})
+	p.stats.quicOpened.Add(uint64(n))
+	if conflict {
+		p.sentDeny(f)
+	}
+}
+
+// watchHead keeps head, a later request head of f at sequence number seq
+// that the follower allowed (a slice of a packet or of st[0]: a copy), in
+// f.sent (see above). It reports false where it stopped following f: the
+// bound on heads or on all flows' buffers.
+func (p *proc) watchHead(f *flow, seq uint32, head []byte) bool {
+	if f.urg {
+		return true
+	}
+	n := 0
+	for _, h := range f.sent {
+		if h.req {
+			n++
+		}
+	}
+	if n >= maxSentHeads {
+		p.unfollow(f)
+		return false
+	}
+	if !p.streamRoom(f, len(head)) {
+		return false
+	}
+	f.sent = append(f.sent, sentHead{seq: seq, data: bytes.Clone(head), req: true})
+	p.charge(f)
+	return true
+}
+
+// checkSent takes a packet of f, which holds bytes it keeps (f.sent), in
+// direction dir at sequence number seq (p.tcp): the server's
+// acknowledgement of them ends their watch, a client's copy of them that
+// differs denies the flow (the bytes it was decided on) or a request (a
+// later head).
 func (p *proc) checkSent(f *flow, dir int, seq uint32) {
-	s, t := f.sent, &p.tcp
+	t := &p.tcp
 	if dir == 1 {
-		if t.ACK && int32(t.Ack-(f.sentBase+uint32(len(s.buf)))) >= 0 {
-			f.sent = nil
+		if !t.ACK {
+			return
+		}
+		k := 0
+		for k < len(f.sent) && int32(t.Ack-(f.sent[k].seq+uint32(len(f.sent[k].data)))) >= 0 {
+			k++
+		}
+		if k > 0 {
+			n := copy(f.sent, f.sent[k:])
+			clear(f.sent[n:])
+			if f.sent = f.sent[:n]; n == 0 {
+				f.sent = nil
+			}
 			p.charge(f)
 		}
 		return
 	}
-	data := t.Payload
-	off := int32(seq - f.sentBase)
-	if off < 0 {
-		if int(-off) >= len(data) {
-			return
+	for _, h := range f.sent {
+		if !differs(h.seq, h.data, seq, t.Payload) {
+			continue
 		}
-		data, off = data[-off:], 0
-	}
-	if s.compare(0, s.buf, uint32(off), data); !s.conflict {
+		if h.req {
+			p.sentConflict(f)
+		} else {
+			p.sentDeny(f)
+		}
 		return
 	}
-	f.sent = nil
+}
+
+// sentDeny denies f, which the client sent the bytes it was decided on
+// again, different, as stream-conflict, and ends the watch.
+func (p *proc) sentDeny(f *flow) {
+	f.sent, f.quic = nil, nil
 	p.charge(f)
 	f.dec = policy.Decision{Verdict: policy.Deny, RuleIndex: -1, Reason: ReasonStreamConflict, Mode: f.dec.Mode}
 	f.evName, f.evSrc = "", audit.NameNone
@@ -1621,6 +1711,36 @@ func (p *proc) checkSent(f *flow, dir int, seq uint32) {
 	if f.reported {
 		p.emitNow(f, "capture: the client sent the bytes of its hello again, different: denied", slog.LevelWarn)
 	}
+}
+
+// sentConflict records a request of f denied as stream-conflict (the
+// client sent a later head it allowed again, different), stops following
+// f and drops the later heads it keeps.
+func (p *proc) sentConflict(f *flow) {
+	p.request(f, nil, errConflict)
+	if f.req != nil {
+		p.stopFollow(f)
+	}
+	n := 0
+	for _, h := range f.sent {
+		if !h.req {
+			f.sent[n] = h
+			n++
+		}
+	}
+	clear(f.sent[n:])
+	if f.sent = f.sent[:n]; n == 0 {
+		f.sent = nil
+	}
+	p.charge(f)
+}
+
+// differs reports whether data, at sequence number seq, and kept, at
+// sequence number kseq, overlap and differ.
+func differs(kseq uint32, kept []byte, seq uint32, data []byte) bool {
+	off := int(int32(seq - kseq)) // data's offset in kept
+	lo, hi := max(off, 0), min(off+len(data), len(kept))
+	return lo < hi && !bytes.Equal(kept[lo:hi], data[lo-off:hi-off])
 }
 
 // done stops looking for a name, frees the buffers and decides the flow.
@@ -1661,8 +1781,8 @@ func (p *proc) charge(f *flow) {
 			n += cap(s.buf) + s.pendLen
 		}
 	}
-	if f.sent != nil {
-		n += cap(f.sent.buf)
+	for _, h := range f.sent {
+		n += cap(h.data)
 	}
 	if f.quic != nil {
 		for _, d := range f.quic.pending {
@@ -1733,6 +1853,9 @@ func (p *proc) udpPacket(src, dst netip.Addr, sp, dp layers.UDPPort, payload []b
 		return
 	}
 	if !f.inspect {
+		if f.quic != nil && dir == 0 && isQUICInitial(payload) {
+			p.quicWatch(f, payload) // a QUIC flow that keeps its hello
+		}
 		return
 	}
 	if (f.app == appUnknown || f.app == appQUIC) && isQUICInitial(payload) {
@@ -1796,6 +1919,14 @@ func (p *proc) quicPacket(f *flow, dir int, payload []byte) {
 		q.pending = nil
 	}
 	p.stats.quicOpened.Add(uint64(n))
+	if s0.conflict {
+		// CRYPTO data sent twice at one offset, different (to one DCID
+		// or to two, or in a datagram no server read): which hello a
+		// server read is not known, as for TCP (stream.go).
+		p.deny(f, ReasonStreamConflict, "", audit.NameNone)
+		p.done(f)
+		return
+	}
 	if s0.full {
 		p.giveUp(f)
 		return
