@@ -61,14 +61,16 @@ func TestRunAgainstTLSServer(t *testing.T) {
 		time.Sleep(30 * time.Millisecond)
 		w.Write(make([]byte, 1024))
 	})
-	cfg := mustParse(t, "-rate 200 -d 1s -timeout 2s "+u)
+	// 50 handshakes a second with a 10 s timeout: at 200/s and 2 s, -race
+	// on a loaded 2-core box timed out 183 of them (CI, session 28).
+	cfg := mustParse(t, "-rate 50 -d 2s -timeout 10s "+u)
 	res := run(cfg)
 	if e := res.connectErr + res.readErr + res.writeErr + res.tmoErr + res.non2xx; e != 0 {
 		t.Fatalf("%d errors: %+v", e, res)
 	}
-	// Poisson arrivals at 200/s for 1 s: 200 expected, far outside 120..280 is a broken schedule.
-	if n := len(res.lat); n < 120 || n > 280 {
-		t.Errorf("%d responses for 200/s over 1 s", n)
+	// Poisson arrivals at 50/s for 2 s: 100 expected (sd 10), far outside 60..140 is a broken schedule.
+	if n := len(res.lat); n < 60 || n > 140 {
+		t.Errorf("%d responses for 50/s over 2 s", n)
 	}
 	res.print(&bytes.Buffer{}, cfg)
 	if p := pct(res.lat, 50); p < 30*time.Millisecond {
