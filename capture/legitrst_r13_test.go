@@ -1,0 +1,100 @@
+package capture
+
+import (
+	"net/netip"
+	"testing"
+	"time"
+
+	"egressd/audit"
+	"egressd/policy"
+)
+
+// lostRun writes, for each of runs, a connection whose hello's second
+// segment capture lost (a kernel drop), then what run writes, then lets
+// classifyWait pass (another flow's packet 11 s on, which sweeps), and
+// returns the events by client port.
+func lostRun(t *testing.T, runs ...func(c *tcpConn)) map[uint16]audit.Event {
+	t.Helper()
+	hello := realClientHello(t, decoyName)
+	p := newPcap(t)
+	cli, srv := netip.MustParseAddr("192.0.2.10"), netip.MustParseAddr("203.0.113.10")
+	for i, run := range runs {
+		c := &tcpConn{p: p, cli: cli, srv: srv, cport: uint16(47200 + i), sport: 443, cseq: 1000, sseq: 5000}
+		c.handshake()
+		c.send(true, hello, 1000, nil, map[int]bool{1: true})
+		run(c)
+	}
+	p.now = p.now.Add(11 * time.Second)
+	o := &tcpConn{p: p, cli: cli, srv: srv, cport: 47299, sport: 443, cseq: 1000, sseq: 5000}
+	o.handshake()
+	r := synthRun(t, p.close(), testPolicy, factsMap{srv: {decoyName}}, Config{})
+	got := map[uint16]audit.Event{}
+	for _, ev := range r.events {
+		got[ev.ClientPort] = ev
+	}
+	return got
+}
+
+// TestLostSegmentThenReset: a client's reset at the byte after its
+// hello, of which capture lost a segment the server got, is taken when
+// the server could not acknowledge the hello first (its delayed ACK,
+// cancelled by the reset; the FIN it acknowledged neither): the flow ends
+// there, decided by address, as before 83df94d. Not taken, it waited for
+// the lost bytes and classifyWait denied it as hello-timeout, a
+// connection the proxy would have read whole and allowed.
+func TestLostSegmentThenReset(t *testing.T) {
+	cases := []struct {
+		what string
+		run  func(c *tcpConn)
+	}{
+		{"reset at the end, no ack", func(c *tcpConn) {
+			c.seg(true, "RA", c.cseq, nil)
+		}},
+		{"fin, then reset after it, no ack", func(c *tcpConn) {
+			c.seg(true, "FA", c.cseq, nil)
+			c.seg(true, "RA", c.cseq+1, nil)
+		}},
+		{"ack of part, then reset at the end", func(c *tcpConn) {
+			c.seg(false, "A", c.sseq, nil) // acknowledges the hello whole: taken (ack)
+			c.seg(true, "RA", c.cseq, nil)
+		}},
+	}
+	var runs []func(c *tcpConn)
+	for _, c := range cases {
+		runs = append(runs, c.run)
+	}
+	got := lostRun(t, runs...)
+	for i, c := range cases {
+		if ev := got[uint16(47200+i)]; ev.Reason != policy.ReasonAllowed || ev.Close != "rst" {
+			t.Errorf("%s: %+v, want allowed (by address), closed by rst", c.what, ev)
+		}
+	}
+}
+
+// TestLostSegmentThenResetFollowed: the same for a later request head of
+// a followed plain-HTTP flow: the reset at the client's last byte ends
+// the flow, with no request event; not taken, the head waited for the
+// lost bytes and was recorded denied as hello-timeout.
+func TestLostSegmentThenResetFollowed(t *testing.T) {
+	p := newPcap(t)
+	cli, srv := netip.MustParseAddr("192.0.2.10"), netip.MustParseAddr("203.0.113.10")
+	c := &tcpConn{p: p, cli: cli, srv: srv, cport: 47300, sport: 80, cseq: 1000, sseq: 5000}
+	c.handshake()
+	c.send(true, []byte("GET /a HTTP/1.1\r\nHost: "+decoyName+"\r\n\r\n"), 1400, nil, nil)
+	c.seg(false, "A", c.sseq, []byte("HTTP/1.1 204 No Content\r\n\r\n"))
+	c.sseq += 28
+	c.send(true, []byte("GET /b HTTP/1.1\r\nHost: "+decoyName+"\r\nX: 1\r\n\r\n"), 20, nil, map[int]bool{1: true})
+	c.seg(true, "RA", c.cseq, nil)
+	p.now = p.now.Add(11 * time.Second)
+	o := &tcpConn{p: p, cli: cli, srv: srv, cport: 47399, sport: 443, cseq: 1000, sseq: 5000}
+	o.handshake()
+	r := synthRun(t, p.close(), testPolicy, factsMap{srv: {decoyName}}, Config{})
+	for _, ev := range r.events {
+		if ev.ClientPort != 47300 {
+			continue
+		}
+		if ev.Kind != audit.KindFlow || ev.Reason != policy.ReasonAllowed || ev.Close != "rst" {
+			t.Errorf("%+v, want only the flow, allowed, closed by rst", ev)
+		}
+	}
+}
