@@ -182,6 +182,10 @@ func (p *proc) followOver(f *flow, b []byte) int {
 // following the flow (the proxy splices the rest in audit mode).
 func (p *proc) headWaited(f *flow) {
 	if f.req != nil && !f.reqHead.IsZero() && p.now.Sub(f.reqHead) >= classifyWait {
+		if f.rstHeld && !f.closed {
+			p.clientReset(f, f.rstSeq) // holdReset
+			return
+		}
 		p.request(f, nil, errHeadTimeout)
 		p.stopFollow(f)
 	}

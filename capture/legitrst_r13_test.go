@@ -13,7 +13,7 @@ import (
 // segment capture lost (a kernel drop), then what run writes, then lets
 // classifyWait pass (another flow's packet 11 s on, which sweeps), and
 // returns the events by client port.
-func lostRun(t *testing.T, runs ...func(c *tcpConn)) map[uint16]audit.Event {
+func lostRun(t *testing.T, runs ...func(c *tcpConn, hello []byte)) map[uint16]audit.Event {
 	t.Helper()
 	hello := realClientHello(t, decoyName)
 	p := newPcap(t)
@@ -22,7 +22,7 @@ func lostRun(t *testing.T, runs ...func(c *tcpConn)) map[uint16]audit.Event {
 		c := &tcpConn{p: p, cli: cli, srv: srv, cport: uint16(47200 + i), sport: 443, cseq: 1000, sseq: 5000}
 		c.handshake()
 		c.send(true, hello, 1000, nil, map[int]bool{1: true})
-		run(c)
+		run(c, hello)
 	}
 	p.now = p.now.Add(11 * time.Second)
 	o := &tcpConn{p: p, cli: cli, srv: srv, cport: 47299, sport: 443, cseq: 1000, sseq: 5000}
@@ -45,29 +45,45 @@ func lostRun(t *testing.T, runs ...func(c *tcpConn)) map[uint16]audit.Event {
 func TestLostSegmentThenReset(t *testing.T) {
 	cases := []struct {
 		what string
-		run  func(c *tcpConn)
+		run  func(c *tcpConn, hello []byte)
 	}{
-		{"reset at the end, no ack", func(c *tcpConn) {
+		{"reset at the end, no ack", func(c *tcpConn, _ []byte) {
 			c.seg(true, "RA", c.cseq, nil)
 		}},
-		{"fin, then reset after it, no ack", func(c *tcpConn) {
+		{"fin, then reset after it, no ack", func(c *tcpConn, _ []byte) {
 			c.seg(true, "FA", c.cseq, nil)
 			c.seg(true, "RA", c.cseq+1, nil)
 		}},
-		{"ack of part, then reset at the end", func(c *tcpConn) {
-			c.seg(false, "A", c.sseq, nil) // acknowledges the hello whole: taken (ack)
+		{"the server's ack of the whole, then reset at the end", func(c *tcpConn, _ []byte) {
+			c.seg(false, "A", c.sseq, nil) // taken at once (resetTaken)
+			c.seg(true, "RA", c.cseq, nil)
+		}},
+		{"the server's ack of what capture has, then reset at the end", func(c *tcpConn, hello []byte) {
+			end := c.cseq
+			c.cseq -= uint32(len(hello)) - 1000
+			c.seg(false, "A", c.sseq, nil)
+			c.cseq = end
 			c.seg(true, "RA", c.cseq, nil)
 		}},
 	}
-	var runs []func(c *tcpConn)
+	var runs []func(c *tcpConn, hello []byte)
 	for _, c := range cases {
 		runs = append(runs, c.run)
 	}
+	// Past the reset the server did not take, the missing bytes: the
+	// hello is read whole, by its name.
+	runs = append(runs, func(c *tcpConn, hello []byte) {
+		c.seg(true, "RA", c.cseq, nil)
+		c.seg(true, "A", c.cseq-uint32(len(hello))+1000, hello[1000:])
+	})
 	got := lostRun(t, runs...)
 	for i, c := range cases {
 		if ev := got[uint16(47200+i)]; ev.Reason != policy.ReasonAllowed || ev.Close != "rst" {
 			t.Errorf("%s: %+v, want allowed (by address), closed by rst", c.what, ev)
 		}
+	}
+	if ev := got[uint16(47200+len(cases))]; ev.Name != decoyName || ev.NameSource != audit.NameSNI {
+		t.Errorf("the missing bytes after the reset: %+v, want the hello read", ev)
 	}
 }
 

@@ -154,6 +154,10 @@ type flow struct {
 	// read the client's stream (resetTaken).
 	srvAck   uint32
 	srvAcked bool
+	// rstHeld: a client reset capture did not take (resetTaken) came at
+	// rstSeq, the end of what the client sent (holdReset).
+	rstHeld bool
+	rstSeq  uint32
 	// urg: the client's urgent mark (see urgent): the byte at sequence
 	// number urgSeq is out of the stream a receiver without SO_OOBINLINE
 	// reads, and out of st[0]; urgGot: a segment holding it arrived.
@@ -1057,12 +1061,10 @@ func (p *proc) tcpPacket(src, dst netip.Addr, mac []byte) {
 	}
 	switch {
 	case t.RST && dir == 0 && !p.resetTaken(f, seq):
+		p.holdReset(f, seq)
+	case t.RST && dir == 0:
+		p.clientReset(f, seq+uint32(len(t.Payload)))
 	case t.RST:
-		if dir == 0 {
-			end := f.readSeq(seq + uint32(len(t.Payload)))
-			p.clientEnd(f, end)
-			p.helloCut(f, end)
-		}
 		p.end(f, "rst")
 	case t.FIN:
 		end := f.readSeq(seq + uint32(len(t.Payload)))
@@ -1098,6 +1100,39 @@ func (p *proc) resetTaken(f *flow, seq uint32) bool {
 	}
 	nxt, ok := f.rcvNext()
 	return !ok || seq == nxt || f.srvAcked && seq == f.srvAck
+}
+
+// clientReset ends f at a client's reset taken, the client's stream
+// ending before sequence number end.
+func (p *proc) clientReset(f *flow, end uint32) {
+	end = f.readSeq(end)
+	p.clientEnd(f, end)
+	p.helloCut(f, end)
+	p.end(f, "rst")
+}
+
+// holdReset keeps a client's reset at seq that resetTaken did not take
+// because it lies past the bytes capture has, no further than a stack
+// sends one: at or past the furthest byte capture saw (the client's next
+// byte, or its FIN's), within maxStream of the bytes in order. Capture may
+// have lost the bytes before it (a kernel drop) that the server got, with
+// no time to acknowledge them before the reset (its delayed ACK, or an
+// answer under way): the server then took it. Should the missing bytes
+// come, capture reads on, as the server did not take it; else, where
+// capture would wait for them until a hello or request head times out
+// (settle, headWaited), the reset is taken then, and the flow ends as it
+// would have at the reset, decided by address, not denied as
+// hello-timeout (TestLostSegmentThenReset). A client that sends the rest
+// of its hello after that is not read (README "Security"). A reset
+// elsewhere stays ignored.
+func (p *proc) holdReset(f *flow, seq uint32) {
+	nxt, ok := f.rcvNext()
+	if !ok || int32(seq-nxt) <= 0 || int32(seq-nxt) > maxStream+1 {
+		return
+	}
+	if !f.cliSeen || int32(seq-f.cliEnd) >= 0 {
+		f.rstHeld, f.rstSeq = true, seq
+	}
 }
 
 // redirected reports whether enforce mode redirects TCP to port to the
@@ -2139,6 +2174,10 @@ const (
 // wait); a TLS ClientHello or HTTP request head begun and not finished is
 // denied as hello-timeout, as the proxy denies it.
 func (p *proc) settle(f *flow) {
+	if f.rstHeld && !f.closed {
+		p.clientReset(f, f.rstSeq)
+		return
+	}
 	if f.inspect && (f.app == appTLS || f.app == appHTTP) {
 		p.deny(f, ReasonHelloTimeout, "", audit.NameNone)
 	}
