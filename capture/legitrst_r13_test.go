@@ -114,3 +114,55 @@ func TestLostSegmentThenResetFollowed(t *testing.T) {
 		}
 	}
 }
+
+// TestLostSegmentServerAnswers: with a segment of its hello lost to
+// capture and no reset, the server's acknowledgement past the bytes
+// capture has shows it got the hello whole: when classifyWait passes the
+// flow is decided by address, as a flow that ends with a segment missing
+// is, not denied as hello-timeout (it was, before and after 83df94d: any
+// connection longer than 10 s whose hello capture lost a piece of). A
+// server that acknowledges only what capture has is waiting for the rest,
+// as the proxy would: hello-timeout.
+func TestLostSegmentServerAnswers(t *testing.T) {
+	got := lostRun(t,
+		func(c *tcpConn, _ []byte) {
+			c.seg(false, "A", c.sseq, []byte("server hello bytes"))
+		},
+		func(c *tcpConn, hello []byte) {
+			end := c.cseq
+			c.cseq -= uint32(len(hello)) - 1000
+			c.seg(false, "A", c.sseq, nil)
+			c.cseq = end
+		})
+	if ev := got[47200]; ev.Reason != policy.ReasonAllowed {
+		t.Errorf("the server acknowledged the hello: %+v, want allowed by address", ev)
+	}
+	if ev := got[47201]; ev.Reason != ReasonHelloTimeout {
+		t.Errorf("the server acknowledged what capture has: %+v, want %s", ev, ReasonHelloTimeout)
+	}
+}
+
+// TestLostSegmentServerAnswersFollowed: the same for a later request
+// head of a followed plain-HTTP flow: no request event denied as
+// hello-timeout, the follow ends (Stats.Unfollowed).
+func TestLostSegmentServerAnswersFollowed(t *testing.T) {
+	p := newPcap(t)
+	cli, srv := netip.MustParseAddr("192.0.2.10"), netip.MustParseAddr("203.0.113.10")
+	c := &tcpConn{p: p, cli: cli, srv: srv, cport: 47300, sport: 80, cseq: 1000, sseq: 5000}
+	c.handshake()
+	c.send(true, []byte("GET /a HTTP/1.1\r\nHost: "+decoyName+"\r\n\r\n"), 1400, nil, nil)
+	c.seg(false, "A", c.sseq, []byte("HTTP/1.1 204 No Content\r\n\r\n"))
+	c.sseq += 28
+	c.send(true, []byte("GET /b HTTP/1.1\r\nHost: "+decoyName+"\r\nX: 1\r\n\r\n"), 20, nil, map[int]bool{1: true})
+	c.seg(false, "A", c.sseq, []byte("HTTP/1.1 204 No Content\r\n\r\n"))
+	c.sseq += 28
+	p.now = p.now.Add(11 * time.Second)
+	c.seg(false, "A", c.sseq, nil)
+	c.close()
+	r := synthRun(t, p.close(), testPolicy, factsMap{srv: {decoyName}}, Config{})
+	for _, ev := range r.events {
+		if ev.Reason != policy.ReasonAllowed {
+			t.Errorf("%+v, want allowed", ev)
+		}
+	}
+}
