@@ -186,6 +186,10 @@ func (p *proc) headWaited(f *flow) {
 			p.clientReset(f, f.rstSeq) // holdReset
 			return
 		}
+		if f.srvHasMore() {
+			p.unfollow(f)
+			return
+		}
 		p.request(f, nil, errHeadTimeout)
 		p.stopFollow(f)
 	}

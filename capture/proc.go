@@ -1102,6 +1102,17 @@ func (p *proc) resetTaken(f *flow, seq uint32) bool {
 	return !ok || seq == nxt || f.srvAcked && seq == f.srvAck
 }
 
+// srvHasMore reports whether the server acknowledged client bytes past
+// those capture has in order: capture lost a segment (a kernel drop) the
+// server got, and what the server read is not known. A hello or request
+// head capture waits on so did not time out on the server: settle decides
+// the flow by address, as a flow that ends with a segment missing is, and
+// headWaited stops following it (TestLostSegmentServerAnswers).
+func (f *flow) srvHasMore() bool {
+	nxt, ok := f.rcvNext()
+	return ok && f.srvAcked && int32(f.srvAck-nxt) > 0
+}
+
 // clientReset ends f at a client's reset taken, the client's stream
 // ending before sequence number end.
 func (p *proc) clientReset(f *flow, end uint32) {
@@ -2178,7 +2189,7 @@ func (p *proc) settle(f *flow) {
 		p.clientReset(f, f.rstSeq)
 		return
 	}
-	if f.inspect && (f.app == appTLS || f.app == appHTTP) {
+	if f.inspect && (f.app == appTLS || f.app == appHTTP) && !f.srvHasMore() {
 		p.deny(f, ReasonHelloTimeout, "", audit.NameNone)
 	}
 	if f.inspect && f.app != appDNS {
