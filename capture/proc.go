@@ -158,6 +158,11 @@ type flow struct {
 	// rstSeq, the end of what the client sent (holdReset).
 	rstHeld bool
 	rstSeq  uint32
+	// synNew: the client sent a SYN at another initial sequence number,
+	// synISN, on the port pair (tcpPacket): a new connection if the server
+	// answers it.
+	synNew bool
+	synISN uint32
 	// urg: the client's urgent mark (see urgent): the byte at sequence
 	// number urgSeq is out of the stream a receiver without SO_OOBINLINE
 	// reads, and out of st[0]; urgGot: a segment holding it arrived.
@@ -999,6 +1004,19 @@ func (p *proc) tcpPacket(src, dst netip.Addr, mac []byte) {
 		delete(p.flows, k)
 	} else if f == nil && (t.RST || t.FIN) && len(t.Payload) == 0 {
 		return // the end of a connection we never saw
+	} else if f != nil && t.SYN && !t.ACK && f.haveBase[0] && t.Seq+1 != f.base[0] && dst == f.srv && dp == f.sport {
+		// A new connection's SYN on the port pair of one capture holds
+		// open (its end unseen: a client that reuses ports, a NAT on the
+		// LAN). Its stream starts afresh if the server answers it
+		// (below); until then it is not this flow's (a server that holds
+		// the old connection ignores it), and must not move its stream.
+		f.synISN, f.synNew = t.Seq, true
+		return
+	} else if f != nil && t.SYN && t.ACK && f.synNew && t.Ack == f.synISN+1 && src == f.srv && sp == f.sport {
+		// The server took that new connection: the old one is gone.
+		p.end(f, "reused")
+		delete(p.flows, k)
+		f = nil
 	}
 	clientIsSrc := !servicePort(sp) || servicePort(dp)
 	if sp < dp && !t.SYN {
