@@ -159,9 +159,12 @@ func TestLegitHTTPRetransmissions(t *testing.T) {
 	b2 := c.cseq
 	c.send(true, head2, 7, nil, nil)
 	c.seg(true, "A", b2, head2)
-	c.seg(true, "A", c.cseq-1, []byte{0})
+	// A keepalive or window probe carries the last acknowledged byte
+	// (snd_una-1), here head's last: head2 is not acknowledged yet.
+	c.seg(true, "A", b2-1, []byte{0})
 	c.p.now = c.p.now.Add(time.Second)
 	c.seg(false, "A", c.sseq, nil)
+	c.seg(true, "A", c.cseq-1, []byte{0}) // after the acknowledgement
 	c.close()
 	r := synthRun(t, p.close(), testPolicy, factsMap{srv: {decoyName}}, Config{})
 	for _, ev := range r.events {
