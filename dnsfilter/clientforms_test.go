@@ -477,12 +477,14 @@ func TestTCPManyQueriesOneConnection(t *testing.T) {
 		}
 		got++
 	}
-	if got > defaultTCPMaxQueries || got == 0 {
-		t.Errorf("pipelined: %d answers, want 1 to %d", got, defaultTCPMaxQueries)
+	if got != defaultTCPMaxQueries {
+		t.Errorf("pipelined: %d answers, want %d", got, defaultTCPMaxQueries)
 	}
 	if r := ask(t, "tcp", ts.Addr, "api.allowed.test.", dns.TypeA, false); r.Rcode != dns.RcodeSuccess {
 		t.Errorf("next connection: %v", r)
 	}
+	// p is still open: its slot comes back once the forwarder has read
+	// the client's leftover bytes for tcpLingerTime.
 	waitTCPSlotsFree(t, ts)
 }
 

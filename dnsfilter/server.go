@@ -90,6 +90,11 @@ type Server struct {
 
 	baseCtx    context.Context // cancelled by Close; bounds upstream work
 	baseCancel context.CancelFunc
+	// lingerCtx is cancelled as shutdown begins: a closing client
+	// connection stops reading the client's leftover bytes
+	// (tcpConn.linger) and closes at once.
+	lingerCtx    context.Context
+	lingerCancel context.CancelFunc
 
 	// rawLeft is how many more listener readers may wait in recvmmsg
 	// outside the netpoller (toRaw): set by listen to one less than
@@ -193,6 +198,7 @@ func New(cfg Config, deps Deps) (*Server, error) {
 	s.tcpLim = tcpLimits{slots: netutil.NewClientSlots(max(cfg.TCPMaxConns, 0), max(cfg.TCPMaxConnsPerClient, 0), deviceOf), lastWarn: map[string]time.Time{}}
 	s.inflight = make(chan struct{}, cfg.MaxInflight)
 	s.baseCtx, s.baseCancel = context.WithCancel(context.Background())
+	s.lingerCtx, s.lingerCancel = context.WithCancel(context.Background())
 	s.durCache = s.m.queryDuration.WithLabelValues("cache")
 	s.durUpstream = s.m.queryDuration.WithLabelValues("upstream")
 	s.durLocal = s.m.queryDuration.WithLabelValues("local")
@@ -305,6 +311,7 @@ func (s *Server) Close() error {
 
 func (s *Server) shutdown() {
 	s.closing.Store(true)
+	s.lingerCancel()
 	s.mu.Lock()
 	udp, tcp, srvs := s.udp, s.tcp, s.tcpSrv
 	s.mu.Unlock()

@@ -1,6 +1,8 @@
 package dnsfilter
 
 import (
+	"context"
+	"io"
 	"net"
 	"net/netip"
 	"sync"
@@ -13,6 +15,14 @@ import (
 
 // tcpWriteTimeout bounds one write of an answer to a TCP client.
 const tcpWriteTimeout = 2 * time.Second
+
+// tcpLingerTime and tcpLingerBytes bound how long and how much of a
+// client's leftover bytes a closing connection reads and discards after
+// its last answer (tcpConn.linger).
+const (
+	tcpLingerTime  = 2 * time.Second
+	tcpLingerBytes = 64 << 10
+)
 
 // tcpLimits caps the client TCP connections of every listen address
 // together, overall and per client (a LAN device where Deps.Devices names
@@ -96,24 +106,54 @@ func (s *Server) releaseTCP(client netip.Addr) {
 	s.tcpLim.slots.Release(client)
 }
 
-// tcpConn is an accepted client connection: it releases its slot on the
-// first Close (miekg/dns and serveTCP may both close it) and gives each
-// write a deadline.
+// tcpConn is an accepted client connection: it gives each write a
+// deadline, and on the first Close (miekg/dns and serveTCP may both close
+// it) lingers (linger), then releases its slot.
 type tcpConn struct {
 	net.Conn
 	s      *Server
 	client netip.Addr
 	closed atomic.Bool
+	// broken: a write failed (timed out, perhaps part written): the
+	// client is not reading, and the stream is no longer framed.
+	broken atomic.Bool
 }
 
 func (c *tcpConn) Write(b []byte) (int, error) {
 	_ = c.SetWriteDeadline(time.Now().Add(tcpWriteTimeout))
-	return c.Conn.Write(b)
+	n, err := c.Conn.Write(b)
+	if err != nil {
+		c.broken.Store(true)
+	}
+	return n, err
 }
 
 func (c *tcpConn) Close() error {
-	if c.closed.CompareAndSwap(false, true) {
-		c.s.releaseTCP(c.client)
+	if !c.closed.CompareAndSwap(false, true) {
+		return c.Conn.Close()
+	}
+	defer c.s.releaseTCP(c.client)
+	if !c.broken.Load() {
+		c.linger()
 	}
 	return c.Conn.Close()
+}
+
+// linger ends the connection's write side (a FIN after the answers
+// written) and reads and discards what the client still sends until it
+// closes its side, for at most tcpLingerTime and tcpLingerBytes. Closing
+// a socket with unread bytes makes the kernel send a RST instead, and a
+// client that pipelined more queries than the connection answers
+// (Config.TCPMaxQueries) lost answers already written: those its kernel
+// held unread, and those ours had not sent yet. Shutdown (lingerCtx)
+// cuts it short.
+func (c *tcpConn) linger() {
+	tc, ok := c.Conn.(*net.TCPConn)
+	if !ok || c.s.lingerCtx.Err() != nil || tc.CloseWrite() != nil {
+		return
+	}
+	_ = tc.SetReadDeadline(time.Now().Add(tcpLingerTime))
+	stop := context.AfterFunc(c.s.lingerCtx, func() { _ = tc.SetReadDeadline(time.Unix(1, 0)) })
+	defer stop()
+	_, _ = io.CopyN(io.Discard, tc, tcpLingerBytes)
 }
