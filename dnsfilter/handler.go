@@ -596,7 +596,7 @@ func (s *Server) finish(q *query) {
 		Kind:       audit.KindDNS,
 		Source:     audit.SourceDNS,
 		Time:       q.start,
-		Client:     q.client.Addr().Unmap(),
+		Client:     audit.ClientAddr(q.client.Addr()),
 		ClientPort: q.client.Port(),
 		Proto:      q.proto,
 		Name:       q.name,
@@ -626,7 +626,7 @@ func (s *Server) finish(q *query) {
 		name.Bound()
 		attrs := []slog.Attr{
 			slog.String(audit.LogKind, string(audit.KindDNS)),
-			slog.String(audit.LogClient, q.client.Addr().Unmap().String()),
+			slog.String(audit.LogClient, ev.Client.String()),
 		}
 		if mac := q.eventMAC(); mac != "" {
 			attrs = append(attrs, slog.String(audit.LogClientMAC, mac))
@@ -678,12 +678,16 @@ func (s *Server) watchTunnel(q *query) {
 	if !ok {
 		return
 	}
-	client := q.client.Addr().Unmap()
+	// The client as events name it (audit.ClientAddr: no zone), which the
+	// zone-wide alarm's top clients repeat; the rate limiter knows the
+	// socket's address.
+	src := q.client.Addr().Unmap()
+	client := audit.ClientAddr(src)
 	mac := q.eventMAC()
 	key := mac
 	switch {
 	case key != "":
-	case s.rl != nil && s.rl.unresolvedSource(client):
+	case s.rl != nil && s.rl.unresolvedSource(src):
 		// The rate limit's shared client: forged sources of the LAN
 		// would each be a client of their own, and a one-way tunnel
 		// (the attacker's server needs no answer) spread over enough
