@@ -165,16 +165,17 @@ func (s *Server) answer(ctx context.Context, q *query, req *dns.Msg) []byte {
 	// large as the query, and unlimited it let a LAN host bounce any
 	// number of datagrams off the gateway at a forged source.
 	shape, shapeReason := -1, ""
-	opts := 0
+	opts, optOwner := 0, true
 	for _, rr := range req.Extra {
-		if rr.Header().Rrtype == dns.TypeOPT {
+		if h := rr.Header(); h.Rrtype == dns.TypeOPT {
 			opts++
+			optOwner = optOwner && h.Name == "."
 		}
 	}
 	switch {
 	case req.Opcode != dns.OpcodeQuery:
 		shape, shapeReason = dns.RcodeNotImplemented, ReasonOpcode
-	case len(req.Question) != 1, opts > 1: // RFC 6891 §6.1.1
+	case len(req.Question) != 1, opts > 1, !optOwner: // RFC 6891 §6.1.1, §6.1.2: one OPT, owned by the root
 		shape, shapeReason = dns.RcodeFormatError, ReasonFormat
 	}
 	var qs dns.Question

@@ -192,6 +192,11 @@ func TestMalformedQueries(t *testing.T) {
 		{"answer count lies", append(hdr(0x0100, 1, 3, 0, 0), q...), dns.RcodeFormatError},
 		{"EDNS version 1", append(append(hdr(0x0100, 1, 0, 0, 1), q...), 0, 0, 41, 4, 0xd0, 0, 1, 0, 0, 0, 0), dns.RcodeBadVers},
 		{"two OPT", append(append(hdr(0x0100, 1, 0, 0, 2), q...), 0, 0, 41, 4, 0xd0, 0, 0, 0, 0, 0, 0, 0, 0, 41, 4, 0xd0, 0, 0, 0, 0, 0, 0), dns.RcodeFormatError},
+		// RFC 6891 §6.1.2: an OPT's owner is the root, else FORMERR.
+		{"OPT owner a.", append(append(hdr(0x0100, 1, 0, 0, 1), q...), 1, 'a', 0, 0, 41, 4, 0xd0, 0, 0, 0, 0, 0, 0), dns.RcodeFormatError},
+		{"OPT owner the question's name", append(append(hdr(0x0100, 1, 0, 0, 1), q...), 0xC0, 12, 0, 41, 4, 0xd0, 0, 0, 0, 0, 0, 0), dns.RcodeFormatError},
+		{"two OPT, the second's owner a.", append(append(hdr(0x0100, 1, 0, 0, 2), q...), 0, 0, 41, 4, 0xd0, 0, 0, 0, 0, 0, 0, 1, 'a', 0, 0, 41, 4, 0xd0, 0, 0, 0, 0, 0, 0), dns.RcodeFormatError},
+		{"OPT owner the root by a pointer", append(append(hdr(0x0100, 1, 0, 0, 1), q...), 0xC0, byte(12+len(q)-5), 0, 41, 4, 0xd0, 0, 0, 0, 0, 0, 0), dns.RcodeSuccess},
 		{"trailing garbage", append(valid(), 1, 2, 3), dns.RcodeSuccess},
 	}
 	check := func(name, proto string, pkt []byte, want int) {
