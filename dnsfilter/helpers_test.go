@@ -16,6 +16,7 @@ import (
 	"github.com/miekg/dns"
 
 	"egressd/audit"
+	"egressd/internal/testnet"
 	"egressd/policy"
 )
 
@@ -313,8 +314,22 @@ func startServer(t testing.TB, pol string, cfg Config, deps Deps) *testServer {
 	if err != nil {
 		t.Fatal(err)
 	}
+	runServer(t, s, nil)
+	return &testServer{Server: s, Addr: s.Addrs()[0].String(), Sink: sink}
+}
+
+// runServer runs s until the test ends, from inside ns where one is
+// given: Run binds in the goroutine that calls it, so its listening
+// sockets are that namespace's (its upstream sockets, made later on
+// other threads, are the test's namespace's).
+func runServer(t testing.TB, s *Server, ns *testnet.NS) {
+	t.Helper()
+	run := func() error { return s.Run(context.Background()) }
+	if ns != nil {
+		run = func() error { return ns.Do(func() error { return s.Run(context.Background()) }) }
+	}
 	done := make(chan error, 1)
-	go func() { done <- s.Run(context.Background()) }()
+	go func() { done <- run() }()
 	select {
 	case <-s.Ready():
 	case err := <-done:
@@ -326,7 +341,6 @@ func startServer(t testing.TB, pol string, cfg Config, deps Deps) *testServer {
 			t.Errorf("run: %v", err)
 		}
 	})
-	return &testServer{Server: s, Addr: s.Addrs()[0].String(), Sink: sink}
 }
 
 // ask sends one query with miekg's client.

@@ -1,8 +1,6 @@
 package dnsfilter
 
 import (
-	"context"
-	"errors"
 	"fmt"
 	"net"
 	"net/netip"
@@ -40,19 +38,7 @@ func TestLinkLocalClientEventsCarryNoZone(t *testing.T) {
 	if err != nil {
 		t.Fatal(err)
 	}
-	done := make(chan error, 1)
-	go func() { done <- gw.Do(func() error { return s.Run(context.Background()) }) }()
-	select {
-	case <-s.Ready():
-	case err := <-done:
-		t.Fatalf("run: %v", err)
-	}
-	t.Cleanup(func() {
-		_ = s.Close()
-		if err := <-done; err != nil && !errors.Is(err, net.ErrClosed) {
-			t.Errorf("run: %v", err)
-		}
-	})
+	runServer(t, s, gw)
 	port := s.Addrs()[0].Port()
 	// The zone as an index: the net package's cache of interface names
 	// is the host namespace's, or another's.

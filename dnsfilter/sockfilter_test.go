@@ -1,8 +1,6 @@
 package dnsfilter
 
 import (
-	"context"
-	"errors"
 	"net"
 	"strings"
 	"testing"
@@ -46,19 +44,7 @@ func TestDropFrom(t *testing.T) {
 			if err != nil {
 				t.Fatal(err)
 			}
-			done := make(chan error, 1)
-			go func() { done <- host.Do(func() error { return s.Run(context.Background()) }) }()
-			select {
-			case <-s.Ready():
-			case err := <-done:
-				t.Fatalf("run: %v", err)
-			}
-			t.Cleanup(func() {
-				_ = s.Close()
-				if err := <-done; err != nil && !errors.Is(err, net.ErrClosed) {
-					t.Errorf("run: %v", err)
-				}
-			})
+			runServer(t, s, host)
 			s.mu.Lock()
 			raw := 0
 			for _, c := range s.udp {
