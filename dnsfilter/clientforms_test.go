@@ -4,6 +4,8 @@ import (
 	"encoding/binary"
 	"io"
 	"net"
+	"net/netip"
+	"slices"
 	"strings"
 	"sync"
 	"testing"
@@ -600,5 +602,88 @@ func TestMalformedUDPRateLimited(t *testing.T) {
 				t.Errorf("none answered: the first are within the burst")
 			}
 		})
+	}
+}
+
+// TestMalformedUDPRateLimitOnRecord: a UDP query that cannot be unpacked
+// (no question, two questions, an opcode other than QUERY) spends the
+// client's rate like any other, so its drop past the rate is the first of
+// the client's dropped queries as well: the rate-limited line and event of
+// that episode, one and no more, are written for it. Before, its drop
+// took the limiter's "first" and wrote nothing, so a client past its rate
+// that led with one such datagram had none of its dropped queries on
+// record, and a flood of them alone left no trace in the ledger.
+func TestMalformedUDPRateLimitOnRecord(t *testing.T) {
+	up := newFakeUpstream(t, labZone)
+	const burst = 3
+	// One reader: the datagrams are decided in the order sent.
+	ts := startServer(t, enforcePolicy, Config{Upstreams: []string{up.Addr}, ClientRate: 0.01, ClientBurst: burst, UDPReaders: 1}, Deps{})
+	to, _ := net.ResolveUDPAddr("udp", ts.Addr)
+	noQuestion := []byte{0x42, 0x42, 0x01, 0x00, 0, 0, 0, 0, 0, 0, 0, 0}
+	good := packQuery(t, "www.allowed.test.", dns.TypeA, nil)
+	limited := func(client netip.Addr) int {
+		n := 0
+		for _, ev := range ts.Sink.Events() {
+			if ev.Client == client && ev.Reason == ReasonRateLimited {
+				n++
+			}
+		}
+		return n
+	}
+	for i, c := range []struct {
+		name string
+		pkts [][]byte // sent after the burst's answered queries
+	}{
+		{"malformed-first", append([][]byte{noQuestion}, slices.Repeat([][]byte{good}, 20)...)},
+		{"malformed-only", slices.Repeat([][]byte{noQuestion}, 40)},
+	} {
+		t.Run(c.name, func(t *testing.T) {
+			src := &net.UDPAddr{IP: net.IPv4(127, 0, 0, byte(40+i))}
+			client := netip.AddrFrom4([4]byte{127, 0, 0, byte(40 + i)})
+			conn, err := net.ListenUDP("udp", src)
+			if err != nil {
+				t.Fatal(err)
+			}
+			defer conn.Close()
+			buf := make([]byte, 1500)
+			for range burst {
+				if _, err := conn.WriteTo(good, to); err != nil {
+					t.Fatal(err)
+				}
+				_ = conn.SetReadDeadline(time.Now().Add(5 * time.Second))
+				if _, _, err := conn.ReadFrom(buf); err != nil {
+					t.Fatalf("a query within the burst: %v", err)
+				}
+			}
+			for j, p := range c.pkts {
+				if _, err := conn.WriteTo(p, to); err != nil {
+					t.Fatal(err)
+				}
+				if j == 0 {
+					// The first is decided before the rest are sent
+					// (a malformed query takes the general path, a
+					// worker of its own, not the reader's fast path).
+					waitFor(t, func() bool { return counterValue(ts.m.rateLimited) >= 1 })
+				}
+			}
+			// The forwarder answers nothing past the burst; one query of
+			// another client after them is answered once they are read
+			// (the readers take datagrams in order).
+			ask(t, "udp", ts.Addr, "www.allowed.test.", dns.TypeA, false)
+			time.Sleep(200 * time.Millisecond)
+			if n := limited(client); n != 1 {
+				t.Errorf("%d rate-limited events for %d dropped datagrams, want 1 (the episode on record, once)", n, len(c.pkts))
+			}
+		})
+	}
+}
+
+// waitFor polls cond until it holds, for at most 10 seconds.
+func waitFor(t *testing.T, cond func() bool) {
+	t.Helper()
+	for deadline := time.Now().Add(10 * time.Second); !cond(); time.Sleep(5 * time.Millisecond) {
+		if time.Now().After(deadline) {
+			t.Fatal("condition not met in 10 s")
+		}
 	}
 }
