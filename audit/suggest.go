@@ -542,7 +542,7 @@ var unsuggested = map[string]string{
 	"redirect":                 "ICMP or ICMPv6 redirects from the LAN side to the gateway: enforce mode drops them; no rule allows them",
 	"doh-canary":               "Firefox's DoH canary, answered NXDOMAIN on purpose: no rule allows it",
 	"rate-limited":             "the client went over the DNS rate limit: no rule allows it",
-	"qtype-refused":            "DNS queries of a type egressd refuses (ANY, AXFR, IXFR): no rule allows them",
+	"qtype-refused":            "DNS queries of a type egressd refuses (ANY, AXFR, IXFR, and those that are no data type: 0, OPT, TSIG, TKEY, 128-255): no rule allows them",
 	"class-refused":            "DNS queries not of class IN: no rule allows them",
 	"opcode":                   "DNS messages that are not standard queries: no rule allows them",
 	"format-error":             "malformed DNS queries: no rule allows them",

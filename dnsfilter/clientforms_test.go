@@ -687,3 +687,19 @@ func waitFor(t *testing.T, cond func() bool) {
 		}
 	}
 }
+
+// TestMetaTypeRange pins metaType against the IANA registry's ranges
+// (RFC 6895 §3.1): 1-127 and 256-61439 are data types and are asked
+// upstream (OPT, 41, aside: a pseudo-record), 128-255 are question and
+// meta types only (TKEY 249, TSIG 250, IXFR, AXFR, MAILB, MAILA, ANY; no
+// data type can be assigned there), 0 is reserved; the reserved
+// 61440-65279 and private-use 65280-65535 are left to the upstream.
+func TestMetaTypeRange(t *testing.T) {
+	for v := range 1 << 16 {
+		qt := uint16(v)
+		want := qt == 0 || qt == dns.TypeOPT || qt >= 128 && qt <= 255
+		if got := metaType(qt); got != want {
+			t.Errorf("metaType(%d) = %v, want %v", qt, got, want)
+		}
+	}
+}

@@ -124,11 +124,8 @@ func (s *Server) fast(sc *scratch, c udpConn, pkt []byte, src netip.AddrPort) bo
 	if s.rl != nil {
 		var ok, first bool
 		if ok, first, dev = s.rl.allowDevice(src.Addr(), nowNs); !ok {
-			s.m.rateLimited.Inc()
-			q := query{start: now, client: src, proto: "udp", id: binary.BigEndian.Uint16(pkt), qtype: qtype, name: string(name), rcode: -1, quiet: !first, dev: dev}
-			q.dec = policy.Decision{Verdict: policy.Deny, RuleIndex: -1, Mode: eng.Mode(), Reason: ReasonRateLimited}
-			q.enforced, q.path = true, "local"
-			s.finish(&q)
+			q := query{start: now, client: src, proto: "udp", id: binary.BigEndian.Uint16(pkt), qtype: qtype, name: string(name), rcode: -1, dev: dev}
+			s.finishLimited(&q, eng.Mode(), first)
 			return true
 		}
 	}

@@ -92,8 +92,13 @@ func (s *Server) serveWire(ctx context.Context, pkt []byte, src netip.AddrPort, 
 		if s.rl != nil && proto == "udp" {
 			// Within the client's rate only, as every UDP answer
 			// (answer): else a reflector at a forged source.
-			if ok, _, _ := s.rl.allowDevice(src.Addr(), s.now().UnixNano()); !ok {
-				s.m.rateLimited.Inc()
+			// Its drop is recorded as any other's: the first of an
+			// episode once (a flood writes one line), else the
+			// client's dropped queries after it would go unrecorded.
+			now := s.now()
+			if ok, first, dev := s.rl.allowDevice(src.Addr(), now.UnixNano()); !ok {
+				q := query{start: now, client: src, proto: proto, id: binary.BigEndian.Uint16(pkt), rcode: -1, dev: dev}
+				s.finishLimited(&q, s.pol.Load().Mode(), first)
 				return nil
 			}
 		}
@@ -570,6 +575,16 @@ func (s *Server) soa(zone string, ttl uint32) *dns.SOA {
 		Expire:  86400,
 		Minttl:  ttl,
 	}
+}
+
+// finishLimited counts and records q, a UDP query dropped past its
+// client's rate before it was decided: logged only when first (the first
+// dropped after an allowed one), so a flood writes one line.
+func (s *Server) finishLimited(q *query, mode policy.Mode, first bool) {
+	s.m.rateLimited.Inc()
+	q.dec = policy.Decision{Verdict: policy.Deny, RuleIndex: -1, Mode: mode, Reason: ReasonRateLimited}
+	q.enforced, q.path, q.quiet = true, "local", !first
+	s.finish(q)
 }
 
 // finish counts, logs and records one query: one canonical line, one
