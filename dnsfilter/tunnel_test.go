@@ -4,6 +4,7 @@ import (
 	"fmt"
 	"hash/maphash"
 	"math/rand/v2"
+	"net"
 	"net/netip"
 	"strings"
 	"sync/atomic"
@@ -383,16 +384,56 @@ func TestTunnelZoneSlowNotForOneClient(t *testing.T) {
 	}
 }
 
+// One device's slow tunnel from many of its addresses (a host with 20
+// addresses behind one MAC, as IPv6 privacy addresses are) is one
+// client's: the alarms name its MAC, and none is zone-wide, which would
+// say the names came from many clients. The tunnel watch keys a client
+// by its device as the rate limit does.
+func TestTunnelZoneSlowNotForOneDevice(t *testing.T) {
+	mac := net.HardwareAddr{0x02, 0, 0, 0, 0, 0x14}
+	devs := fakemac.New(nil)
+	for i := range 20 {
+		devs.Set(netip.AddrFrom4([4]byte{127, 0, 3, byte(10 + i)}), mac)
+	}
+	a := slowTunnelDevices(t, 50, func(i int) string { return fmt.Sprintf("127.0.3.%d", 10+i%20) }, devs)
+	slow := 0
+	for _, ev := range a {
+		switch ev.Reason {
+		case ReasonTunnelZone, ReasonTunnelZoneSlow:
+			t.Errorf("one device's 20 addresses raised a zone-wide alarm: %+v", ev)
+		case ReasonTunnelSlow:
+			slow++
+		}
+		if ev.ClientMAC != mac.String() {
+			t.Errorf("alarm %+v does not name the device %s", ev, mac)
+		}
+	}
+	if slow != 1 {
+		t.Errorf("%d slow alarms of the device, want 1: %+v", slow, a)
+	}
+}
+
 // slowTunnel sends 80 distinct names of one zone a minute for 15 minutes
 // (the clock jumps a minute ahead between), name i of a minute from
 // src(i), to a forwarder of the threshold and a one-minute window, and
 // returns the alarms.
 func slowTunnel(t *testing.T, threshold int, src func(i int) string) []audit.Event {
 	t.Helper()
+	return slowTunnelDevices(t, threshold, src, nil)
+}
+
+// slowTunnelDevices is slowTunnel with devs (non-nil) as the device
+// table: a client is a device, as the rate limit counts it.
+func slowTunnelDevices(t *testing.T, threshold int, src func(i int) string, devs ClientDevices) []audit.Event {
+	t.Helper()
 	up := newFakeUpstream(t, "")
 	var offset atomic.Int64
 	now := func() time.Time { return time.Now().Add(time.Duration(offset.Load())) }
-	ts := startServer(t, tunnelPolicy, Config{Upstreams: []string{up.Addr}, TunnelThreshold: threshold, TunnelWindow: time.Minute, CacheSize: -1}, Deps{Now: now})
+	cfg := Config{Upstreams: []string{up.Addr}, TunnelThreshold: threshold, TunnelWindow: time.Minute, CacheSize: -1}
+	if devs != nil {
+		cfg.ClientRate = 10000
+	}
+	ts := startServer(t, tunnelPolicy, cfg, Deps{Now: now, Devices: devs})
 	for m := range 15 {
 		for i := range 80 {
 			askFrom(t, src(i), ts.Addr, fmt.Sprintf("m%dn%d.t.allowed.test", m, i))
