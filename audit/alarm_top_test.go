@@ -2,6 +2,7 @@ package audit
 
 import (
 	"bytes"
+	"net/netip"
 	"strings"
 	"testing"
 	"time"
@@ -126,4 +127,30 @@ func TestAlarmTopClientsInLog(t *testing.T) {
 		t.Errorf("bounded top clients %q", cut.TopClients)
 	}
 
+}
+
+// TestReportAlarmTextLines: an alarm read back from an event log (which
+// may hold anything) with a line break in its MAC, rule or reason is one
+// line of the text report, as one with a break in its zone or top
+// clients is: no line of it is forged. Before, the MAC, rule and reason
+// were written as they came.
+func TestReportAlarmTextLines(t *testing.T) {
+	t0 := time.Date(2026, 12, 5, 8, 0, 0, 0, time.UTC)
+	l := NewLedger(nil, LedgerOptions{Now: func() time.Time { return t0 }})
+	l.Emit(Event{Kind: KindAlarm, Source: SourceDNS, Time: t0, Proto: "udp", Name: "t.tenant.example", Count: 600,
+		Client: netip.MustParseAddr("192.0.2.7"), ClientMAC: "02:00:00:00:00:01\nFORGEDMAC 1",
+		Verdict: policy.Allow, Rule: "tenant\nFORGEDRULE 2", Mode: policy.ModeAudit, Reason: "dns-tunnel\nFORGEDREASON 3"})
+	var buf bytes.Buffer
+	if err := l.Report(ReportOptions{}).WriteText(&buf); err != nil {
+		t.Fatal(err)
+	}
+	text := buf.String()
+	if !strings.Contains(text, "t.tenant.example") {
+		t.Fatalf("text report has no alarm:\n%s", text)
+	}
+	for _, ln := range strings.Split(text, "\n") {
+		if strings.HasPrefix(ln, "FORGED") {
+			t.Errorf("text report has a forged line %q:\n%s", ln, text)
+		}
+	}
 }
