@@ -915,13 +915,13 @@ func (r *Report) WriteText(w io.Writer) error {
 				who = "all clients"
 			}
 			if a.ClientMAC != "" {
-				who += " (" + a.ClientMAC + ")"
+				who += " (" + textName(a.ClientMAC) + ")"
 			}
 			if len(a.TopClients) > 0 {
 				who += " (most names from " + strings.Join(textNames(a.TopClients), ", ") + ")"
 			}
 			fmt.Fprintf(ew, "  %s  %s  zone %s: %d distinct names in a window (%d alarms, rule %s), %s to %s\n",
-				a.Reason, who, textName(a.Zone), a.DistinctNames, a.Alarms, a.Rule, a.FirstSeen.Format(time.RFC3339), a.LastSeen.Format(time.RFC3339))
+				textName(a.Reason), who, textName(a.Zone), a.DistinctNames, a.Alarms, textName(a.Rule), a.FirstSeen.Format(time.RFC3339), a.LastSeen.Format(time.RFC3339))
 		}
 		if r.AlarmsDropped > 0 {
 			fmt.Fprintf(ew, "  %d more alarms not kept (bound)\n", r.AlarmsDropped)
