@@ -11,7 +11,6 @@ import (
 	"text/tabwriter"
 	"time"
 
-	"egressd/internal/httpwire"
 	"egressd/policy"
 )
 
@@ -182,7 +181,7 @@ func (r *Replayer) Emit(ev Event) {
 		}
 	}
 	if ev.Kind != KindDNS {
-		d = r.guard(in, r.pathForm(in, d))
+		d = r.guard(in, r.eng.PathForm(in, in.Path, d))
 	}
 	switch {
 	case oldV == d.Verdict && (d.Verdict == policy.Deny || ev.Rule == d.Rule):
@@ -246,25 +245,6 @@ func (r *Replayer) guard(in policy.Input, d policy.Decision) policy.Decision {
 	}
 	return policy.Decision{Verdict: policy.Deny, RuleIndex: -1, Reason: reasonSpecialRange, Mode: r.eng.Mode()}
 }
-
-// pathForm is d, or a path-form denial where the recorded path is one an
-// origin may read as another (not httpwire.PlainPath: "/public/%2e%2e/x",
-// which policy.NormalPath makes "/public/../x") and only a host/path rule
-// allows it: the proxy and capture refuse it so live, before any glob
-// counts.
-func (r *Replayer) pathForm(in policy.Input, d policy.Decision) policy.Decision {
-	if !d.Allowed() || in.Path == "" || httpwire.PlainPath(in.Path) {
-		return d
-	}
-	in.Path, in.PathCut = "", false
-	if r.eng.HostLevel().Decide(in).Allowed() {
-		return d
-	}
-	return policy.Decision{Verdict: policy.Deny, RuleIndex: -1, Reason: reasonPathForm, Mode: r.eng.Mode()}
-}
-
-// reasonPathForm is pathForm's reason, as the proxy and capture record it.
-const reasonPathForm = "path-form"
 
 // reasonSpecialRange is the guard's reason, as the proxy and capture
 // record it.

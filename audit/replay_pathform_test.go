@@ -6,7 +6,6 @@ import (
 	"testing"
 	"time"
 
-	"egressd/internal/httpwire"
 	"egressd/policy"
 )
 
@@ -61,7 +60,7 @@ func TestReplayPathForm(t *testing.T) {
 }
 
 // FuzzPlainPathNormalForm: the glob matches policy.NormalPath of a path,
-// so every path httpwire.PlainPath lets a host/path rule decide has no
+// so every path policy.PlainPath lets a host/path rule decide has no
 // dot segment and no backslash in that form either: "%2e", "%2E.",
 // ".%2e", "%252e", "%u002e" and overlong dots are refused before a glob
 // sees "/public/../private".
@@ -71,7 +70,7 @@ func FuzzPlainPathNormalForm(f *testing.F) {
 		f.Add(s)
 	}
 	f.Fuzz(func(t *testing.T, p string) {
-		if !httpwire.PlainPath(p) {
+		if !policy.PlainPath(p) {
 			return
 		}
 		n := policy.NormalPath(p)

@@ -2249,9 +2249,9 @@ const (
 	ReasonHostMismatch = "host-mismatch"
 	// ReasonPathForm: an HTTP request path that an origin may read as
 	// another one (dot segments, encoded dots, slashes or backslashes,
-	// double encoding: not httpwire.PlainPath) where only a host/path
-	// rule allows the request.
-	ReasonPathForm = "path-form"
+	// double encoding: not policy.PlainPath) where only a host/path
+	// rule allows the request (policy.Engine.PathForm).
+	ReasonPathForm = policy.ReasonPathForm
 	// ReasonHTTPFraming: an HTTP request head whose body framing is
 	// ambiguous or invalid (httpwire.ErrHeadFraming: Content-Length with
 	// Transfer-Encoding, two Content-Lengths that differ, a
@@ -2498,21 +2498,9 @@ func (p *proc) decideIn(eng *policy.Engine, f *flow, in policy.Input, name strin
 	// A path an origin may read as another one ("/api/../admin") is
 	// refused where only a host/path rule allows the request, as the
 	// proxy's decideHTTP refuses it (path-form).
-	return pathForm(eng, in, name, path, d), name, src
-}
-
-// pathForm is d, or a path-form denial where path (as sent) is one an
-// origin may read as another (not httpwire.PlainPath) and only a host/path
-// rule allows in under name.
-func pathForm(eng *policy.Engine, in policy.Input, name, path string, d policy.Decision) policy.Decision {
-	if !d.Allowed() || path == "" || httpwire.PlainPath(path) {
-		return d
-	}
-	in.Name, in.Path, in.PathCut = name, "", false
-	if eng.HostLevel().Decide(in).Allowed() {
-		return d
-	}
-	return policy.Decision{Verdict: policy.Deny, RuleIndex: -1, Reason: ReasonPathForm, Mode: eng.Mode()}
+	pin := in
+	pin.Name = name
+	return eng.PathForm(pin, path, d), name, src
 }
 
 // sameDevice reports whether LAN addresses a and b are one device's

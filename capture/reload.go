@@ -409,7 +409,7 @@ func (p *proc) rejudge(eng *policy.Engine, f *flow) {
 		nin := in
 		nin.Name = f.evName
 		// The path as when it opened: the name does not lift path-form.
-		if dd := pathForm(eng, nin, nin.Name, path, p.special(eng, nin, eng.Decide(nin), false)); dd.Allowed() {
+		if dd := eng.PathForm(nin, path, p.special(eng, nin, eng.Decide(nin), false)); dd.Allowed() {
 			d, name, src = dd, f.evName, f.evSrc
 		}
 	}

@@ -6,14 +6,18 @@ import "strings"
 // RFC 3986 §6.2.2 says, the form a host/path rule is matched in: a
 // percent-encoded unreserved character (ALPHA, DIGIT, '-', '.', '_', '~')
 // is decoded, once ("/%70ublic" is "/public"; "%2570" stays), and the hex
-// digits of every other escape are upper-cased ("%c3%a9" is "%C3%A9").
-// nginx and Go's net/http serve the same file for every spelling of one
-// normal path, so a path an origin reads as the one a rule names is
-// allowed however its unreserved characters are spelled; a reserved
-// escape ("%2F", "%3F", "%25") is not decoded, and nothing else changes
-// (case, "//", ";", dot segments: those are the callers' path-form check,
-// httpwire.PlainPath, on the path as sent). A '%' without two hex digits
-// after it stays as it is. It allocates only when path has an escape.
+// digits of every other escape are upper-cased ("%c3%a9" is "%C3%A9"),
+// and a raw byte 0x80 or above, which RFC 3986 has no place for, is
+// written as its escape ("/caf\xc3\xa9" is "/caf%C3%A9": Go's net/http
+// re-encodes it so, and nginx and http.FileServer serve it as the file the
+// escapes name). nginx and Go's net/http serve the same file for every
+// spelling of one normal path, so a path an origin reads as the one a
+// rule names is allowed however its unreserved characters are spelled,
+// the same in every mode; a reserved escape ("%2F", "%3F", "%25") is not
+// decoded, and nothing else changes (case, "//", ";", dot segments: those
+// are the callers' path-form check, PathForm, on the path as sent). A '%'
+// without two hex digits after it stays as it is. It allocates only when
+// path has an escape or a byte 0x80 or above.
 func NormalPath(path string) string {
 	return normalPath(path, false)
 }
@@ -23,18 +27,20 @@ func NormalPath(path string) string {
 // as the rule wrote it ("[a%2Dz]" names 'a', '-' or 'z', as "[a\\-z]", not
 // the range "[a-z]"). gobwas/glob reads a class "[x-y]" (or "[!x-y]") as a
 // range, any other as characters; no other unreserved character means
-// anything to it.
+// anything to it. A raw byte 0x80 or above inside a class stays as it is
+// (a class of "%C3%A9" would name '%', 'C', '3', 'A' and '9'): the class
+// then matches no path, whose such bytes are escaped.
 func normalGlob(glob string) string {
 	return normalPath(glob, true)
 }
 
 func normalPath(path string, glob bool) string {
-	i := strings.IndexByte(path, '%')
+	i := escapeStart(path)
 	if i < 0 {
 		return path
 	}
 	var b strings.Builder
-	b.Grow(len(path) + strings.Count(path, "%")) // "\\-" for "%2D"
+	b.Grow(len(path) + strings.Count(path, "%") + 2*rawHigh(path)) // "\\-" for "%2D", "%XX" for a raw byte
 	b.WriteString(path[:i])
 	// In a glob, where path[:i] leaves the class syntax (in a path it
 	// stays the zero globState).
@@ -46,6 +52,17 @@ func normalPath(path string, glob bool) string {
 	}
 	for ; i < len(path); i++ {
 		c := path[i]
+		if c >= 0x80 && !(glob && g.inClass) {
+			b.WriteByte('%')
+			b.WriteByte(hexDigits[c>>4])
+			b.WriteByte(hexDigits[c&0xf])
+			if glob {
+				g.step('%')
+				g.step(hexDigits[c>>4])
+				g.step(hexDigits[c&0xf])
+			}
+			continue
+		}
 		hi, ok1 := byte(0), false
 		lo, ok2 := byte(0), false
 		if c == '%' && i+2 < len(path) {
@@ -69,7 +86,6 @@ func normalPath(path string, glob bool) string {
 				g.step(v)
 			}
 		} else {
-			const hexDigits = "0123456789ABCDEF"
 			b.WriteByte('%')
 			b.WriteByte(hexDigits[hi])
 			b.WriteByte(hexDigits[lo])
@@ -82,6 +98,30 @@ func normalPath(path string, glob bool) string {
 		i += 2
 	}
 	return b.String()
+}
+
+const hexDigits = "0123456789ABCDEF"
+
+// escapeStart is the index of path's first '%' or byte 0x80 or above, or
+// -1: where NormalPath may change it.
+func escapeStart(path string) int {
+	for i := 0; i < len(path); i++ {
+		if path[i] == '%' || path[i] >= 0x80 {
+			return i
+		}
+	}
+	return -1
+}
+
+// rawHigh is how many bytes 0x80 or above path has.
+func rawHigh(path string) int {
+	n := 0
+	for i := 0; i < len(path); i++ {
+		if path[i] >= 0x80 {
+			n++
+		}
+	}
+	return n
 }
 
 // globState is where a glob's text is in its class syntax: inside a

@@ -13,17 +13,17 @@ import (
 
 // Reasons the proxy adds to policy's. They are constants (metric labels).
 const (
-	ReasonSNIMismatch   = "sni-mismatch"    // the name is allowed, the address was not given out for it
-	ReasonSpecialRange  = "special-range"   // loopback, link-local, CGNAT, embeddings, the gateway itself
-	ReasonDuplicateSNI  = "duplicate-sni"   // more than one server name in the ClientHello
-	ReasonHelloBad      = "hello-malformed" // starts as TLS, does not parse
-	ReasonHelloTimeout  = "hello-timeout"   // the ClientHello or HTTP head did not complete in time
-	ReasonHelloTooLarge = "hello-too-large" // over the size cap
-	ReasonHTTPBad       = "http-malformed"  // an HTTP head the proxy refuses
-	ReasonHostMismatch  = "host-mismatch"   // Host and absolute-form target disagree
-	ReasonHTTPFraming   = "http-framing"    // ambiguous or invalid body framing (request smuggling shapes)
-	ReasonPathForm      = "path-form"       // a path an origin may read as another, where a host/path rule decides
-	ReasonIPLiteral     = "ip-literal-form" // a CONNECT host in a numeric form that is not an address
+	ReasonSNIMismatch   = "sni-mismatch"        // the name is allowed, the address was not given out for it
+	ReasonSpecialRange  = "special-range"       // loopback, link-local, CGNAT, embeddings, the gateway itself
+	ReasonDuplicateSNI  = "duplicate-sni"       // more than one server name in the ClientHello
+	ReasonHelloBad      = "hello-malformed"     // starts as TLS, does not parse
+	ReasonHelloTimeout  = "hello-timeout"       // the ClientHello or HTTP head did not complete in time
+	ReasonHelloTooLarge = "hello-too-large"     // over the size cap
+	ReasonHTTPBad       = "http-malformed"      // an HTTP head the proxy refuses
+	ReasonHostMismatch  = "host-mismatch"       // Host and absolute-form target disagree
+	ReasonHTTPFraming   = "http-framing"        // ambiguous or invalid body framing (request smuggling shapes)
+	ReasonPathForm      = policy.ReasonPathForm // a path an origin may read as another, where a host/path rule decides
+	ReasonIPLiteral     = "ip-literal-form"     // a CONNECT host in a numeric form that is not an address
 	ReasonLimit         = "connection-limit"
 	ReasonShutdown      = "shutdown" // accepted as the proxy shut down: reset unserved (Close)
 	ReasonNoOrigDst     = "no-original-dst"

@@ -872,8 +872,11 @@ func (p *Proxy) handleRequest(req *http.Request, ctx *goproxy.ProxyCtx) (*http.R
 	if v.name == "" {
 		hin.Dest = addr.Addr()
 	}
-	if v.d.Allowed() && p.pathFormDenied(eng, hin, req.URL.EscapedPath()) {
-		v.d = denyDecision(eng, ReasonPathForm)
+	v.d = eng.PathForm(hin, req.URL.EscapedPath(), v.d)
+	if !httpwire.TargetBytes(req.RequestURI) {
+		// Raw bytes net/http took (UTF-8, which it re-encodes): the
+		// transparent and inspected paths refuse them (httpwire.ParseHead).
+		v.d = denyDecision(eng, ReasonHTTPBad)
 	}
 	f.ev.Name, f.ev.NameSource = v.name, v.src
 	if addr.IsValid() {
@@ -899,10 +902,7 @@ func (p *Proxy) handleRequest(req *http.Request, ctx *goproxy.ProxyCtx) (*http.R
 		d := p.againConnect(e, v, addr, false)
 		hin := p.withMAC(e, hin)
 		hin.Now = time.Now()
-		if d.Allowed() && p.pathFormDenied(e, hin, escaped) {
-			d = denyDecision(e, ReasonPathForm)
-		}
-		return d
+		return e.PathForm(hin, escaped, d)
 	}
 	client, _ := req.Context().Value(clientConnKey{}).(net.Conn)
 	forwarded = true
@@ -1128,9 +1128,7 @@ func (p *Proxy) inspectedRequest(at policyAt, st *connectState, req *http.Reques
 		// normal form (policy.NormalPath), not net/http's decoding.
 		in := p.withMAC(eng, policy.Input{Client: st.client.Addr(), ClientMAC: st.mac, Dest: st.addr.Addr(), Port: st.addr.Port(), Proto: policy.TCP, Name: st.host, Path: req.URL.EscapedPath()})
 		d = eng.Decide(in)
-		if d.Allowed() && p.pathFormDenied(eng, in, req.URL.EscapedPath()) {
-			d = denyDecision(eng, ReasonPathForm)
-		}
+		d = eng.PathForm(in, req.URL.EscapedPath(), d)
 	}
 	ev.Stamp(d)
 	if !first || !d.Allowed() {

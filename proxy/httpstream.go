@@ -55,22 +55,8 @@ func (p *Proxy) decideHTTP(ctx context.Context, eng *policy.Engine, in policy.In
 	}
 	hin := in
 	hin.Name = v.name
-	if v.d.Allowed() && p.pathFormDenied(eng, hin, in.Path) {
-		v.d = denyDecision(eng, ReasonPathForm)
-	}
+	v.d = eng.PathForm(hin, in.Path, v.d)
 	return v
-}
-
-// pathFormDenied reports whether a request allowed with path (as sent,
-// without its query) must be refused with path-form: the path is not
-// plain and only a host/path rule allows the request (in, without its
-// path, is not allowed at host level).
-func (p *Proxy) pathFormDenied(eng *policy.Engine, in policy.Input, path string) bool {
-	if path == "" || httpwire.PlainPath(path) {
-		return false
-	}
-	in.Path = ""
-	return !eng.HostLevel().Decide(in).Allowed()
 }
 
 // httpErrDecision is the deny for a request head or stream the proxy

@@ -1,11 +1,14 @@
 package proxy
 
 import (
+	"bufio"
+	"context"
 	"crypto/ecdsa"
 	"crypto/tls"
 	"crypto/x509"
 	"encoding/pem"
 	"fmt"
+	"io"
 	"net/http"
 	"os"
 	"path/filepath"
@@ -14,6 +17,7 @@ import (
 	"testing"
 	"time"
 
+	"egressd/internal/testnet"
 	"egressd/policy"
 )
 
@@ -120,7 +124,7 @@ http {
 	bundle := filepath.Join(dir, "bundle.pem")
 	os.WriteFile(bundle, append(append([]byte{}, caPEM...), testCA...), 0o644)
 
-	const path, form = policy.ReasonPath, ReasonPathForm
+	const path, form, refused = policy.ReasonPath, ReasonPathForm, "refused"
 	forms := []struct{ path, want string }{
 		{"/public/x", "PUBLIC-x"},
 		// Unreserved characters escaped: the origins decode them.
@@ -155,6 +159,14 @@ http {
 		{"/public/%2E%2E/private/x", form},
 		{"/public/..%2fprivate/x", form},
 		{"/public/%252e%252e/private/x", form},
+		{"/public/%c0%ae%c0%ae/private/x", form},
+		{"/public/%e0%80%ae%e0%80%ae/private/x", form},
+		// path-form where the proxy reads the head itself (transparent
+		// plain HTTP); net/http refuses "%u" before (explicit, inspected).
+		{"/public/%u002e%u002e/private/x", refused},
+		{"/public/..;/private/x", form},
+		// A fragment is not sent (curl drops it).
+		{"/public/x#/../../private/x", "PUBLIC-x"},
 		// Allowed, but no escape: the origins refuse it.
 		{"/public/%zz", ""},
 	}
@@ -191,6 +203,10 @@ http {
 					if code == "200" || code == "403" {
 						t.Errorf("%s: %s %q, want the origin's refusal", what, code, body)
 					}
+				case f.want == refused:
+					if code == "200" {
+						t.Errorf("%s: %s %q, want a refusal", what, code, body)
+					}
 				case f.want == path || f.want == form:
 					if code != "403" || !strings.Contains(body, f.want) {
 						t.Errorf("%s: %s %q, want 403 %s", what, code, body, f.want)
@@ -201,4 +217,113 @@ http {
 			}
 		}
 	}
+	testRawPaths(t, tp, bundle)
+}
+
+// testRawPaths sends request targets with raw bytes 0x80 and above (curl
+// escapes them, in lower case) on sockets of its own, in every mode: the
+// transparent listener (plain HTTP, inspected TLS) and the explicit proxy
+// (absolute form, CONNECT then inspected TLS), to nginx and to Go's
+// http.FileServer. The origins serve raw UTF-8 ("/caf\xc3\xa9/x") as the
+// file its escapes name; the gateway refuses it in every mode
+// (http-malformed), as no browser or curl sends it.
+func testRawPaths(t *testing.T, tp *topo, bundle string) {
+	pool := x509.NewCertPool()
+	pem, _ := os.ReadFile(bundle)
+	pool.AppendCertsFromPEM(pem)
+	forms := []struct{ path, code, want string }{
+		{"/caf\xc3\xa9/x", "200", "CAFE-x"},
+		{"/caf\xc3\xa9", "301", ""}, // a directory
+		{"/public/\xc0\xae\xc0\xae/private/x", "404", ""},
+	}
+	// The origins serve raw UTF-8 as the file its escapes name.
+	for _, port := range []int{8180, 8182} {
+		for _, f := range forms {
+			code, body, err := rawGet(tp.s, nil, false, false, fmt.Sprintf("198.18.2.2:%d", port), port, f.path)
+			if err != nil || code != f.code || !strings.Contains(body, f.want) {
+				t.Errorf("origin :%d %q: %s %q %v, want %s %s", port, f.path, code, body, err, f.code, f.want)
+			}
+		}
+	}
+	// The gateway refuses them in every mode: the proxy reads no raw
+	// byte 0x80 or above in a request target (http-malformed).
+	forms = []struct{ path, code, want string }{
+		{"/caf\xc3\xa9/x", "403", ReasonHTTPBad},
+		{"/caf\xc3\xa9", "403", ReasonHTTPBad},
+		{"/public/\xc0\xae\xc0\xae/private/x", "403", ReasonHTTPBad},
+		{"/public/\xe0\x80\xae\xe0\x80\xae/private/x", "403", ReasonHTTPBad},
+	}
+	for _, mode := range []string{"explicit", "transparent"} {
+		for _, o := range []struct {
+			name string
+			tls  bool
+			port int
+		}{{"nginx", false, 8180}, {"nginx", true, 8181}, {"fileserver", false, 8182}, {"fileserver", true, 8183}} {
+			for _, f := range forms {
+				what := fmt.Sprintf("%s %s tls=%v %q", mode, o.name, o.tls, f.path)
+				addr := fmt.Sprintf("198.18.2.2:%d", o.port)
+				if mode == "explicit" {
+					addr = fmt.Sprintf("198.18.1.1:%d", explicitPort)
+				}
+				code, body, err := rawGet(tp.c, pool, mode == "explicit", o.tls, addr, o.port, f.path)
+				if err != nil {
+					t.Errorf("%s: %v", what, err)
+					continue
+				}
+				if code != f.code || !strings.Contains(body, f.want) || strings.Contains(body, "PRIVATE") {
+					t.Errorf("%s: %s %q, want %s %s", what, code, body, f.code, f.want)
+				}
+			}
+		}
+	}
+}
+
+// rawGet sends one GET of path, as bytes, for docs.paths.test:port from
+// namespace ns to addr (the origin, the explicit proxy or, through the
+// transparent listener, the origin), in TLS or not, and returns the answer's status and body.
+func rawGet(ns *testnet.NS, pool *x509.CertPool, explicit, useTLS bool, addr string, port int, path string) (string, string, error) {
+	ctx, cancel := context.WithTimeout(context.Background(), 10*time.Second)
+	defer cancel()
+	authority := fmt.Sprintf("docs.paths.test:%d", port)
+	c, err := ns.DialContext(ctx, "tcp", addr)
+	if err != nil {
+		return "", "", err
+	}
+	defer c.Close()
+	c.SetDeadline(time.Now().Add(10 * time.Second))
+	br := bufio.NewReader(c)
+	target := path
+	if explicit && !useTLS {
+		target = "http://" + authority + path
+	}
+	if explicit && useTLS {
+		fmt.Fprintf(c, "CONNECT %s HTTP/1.1\r\nHost: %s\r\n\r\n", authority, authority)
+		resp, err := http.ReadResponse(br, nil)
+		if err != nil {
+			return "", "", err
+		}
+		resp.Body.Close()
+		if resp.StatusCode != 200 {
+			return fmt.Sprint(resp.StatusCode), "", nil
+		}
+	}
+	var rw io.ReadWriter = struct {
+		io.Reader
+		io.Writer
+	}{br, c}
+	if useTLS {
+		// Nothing follows the CONNECT answer before the handshake.
+		tc := tls.Client(c, &tls.Config{ServerName: "docs.paths.test", RootCAs: pool})
+		rw, br = tc, bufio.NewReader(tc)
+	}
+	if _, err := fmt.Fprintf(rw, "GET %s HTTP/1.1\r\nHost: %s\r\nConnection: close\r\n\r\n", target, authority); err != nil {
+		return "", "", err
+	}
+	resp, err := http.ReadResponse(br, nil)
+	if err != nil {
+		return "", "", err
+	}
+	defer resp.Body.Close()
+	b, _ := io.ReadAll(io.LimitReader(resp.Body, 4096))
+	return fmt.Sprint(resp.StatusCode), string(b), nil
 }

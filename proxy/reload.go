@@ -324,8 +324,8 @@ func (p *Proxy) again(eng *policy.Engine, v verdict) policy.Decision {
 		// Plain HTTP (decideHTTP): the path's form, as at the start.
 		hin := in
 		hin.Name = nv.name
-		if p.pathFormDenied(eng, hin, in.Path) {
-			return denyDecision(eng, ReasonPathForm)
+		if d := eng.PathForm(hin, in.Path, nv.d); !d.Allowed() {
+			return d
 		}
 	}
 	return nv.d

@@ -167,7 +167,9 @@ func cmdPolicyExplain(args []string, stdout, stderr io.Writer) int {
 		return exitFail
 	}
 	eng = eng.WithNAT64(nat)
-	d := eng.Decide(in)
+	// As the proxy decides a request: a path an origin may read as
+	// another one is refused where only a host/path rule would allow it.
+	d := eng.PathForm(in, in.Path, eng.Decide(in))
 	ex := explanation{Verdict: d.Verdict, Rule: d.Rule, Reason: d.Reason, Mode: d.Mode, Dest: *to,
 		Name: dest.Name, Path: dest.Path, Port: policy.PortRange{Lo: in.Port, Hi: in.Port, Proto: in.Proto}.String(), From: *from}
 	if dest.Addr.IsValid() {

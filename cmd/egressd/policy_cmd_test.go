@@ -297,3 +297,74 @@ func TestExplainICMP(t *testing.T) {
 		}
 	}
 }
+
+// TestExplainPathForms: explain decides a URL's path as the proxy does
+// (proxy.TestPathForms): the path's normal form against host/path rules,
+// then path-form where the path is one an origin may read as another and
+// only a host/path rule would allow it; a host-level rule that allows the
+// host allows every spelling. A fragment is not sent (curl drops it).
+func TestExplainPathForms(t *testing.T) {
+	dir := t.TempDir()
+	file := filepath.Join(dir, "p.yaml")
+	if err := os.WriteFile(file, []byte(`version: 1
+mode: enforce
+rules:
+  - name: files
+    to: ["docs.paths.test/public/*", "docs.paths.test/caf%C3%A9/*", "docs.paths.test/%7euser/*"]
+    ports: [80/tcp]
+  - name: whole
+    to: ["open.paths.test", "open.paths.test/public/*"]
+    ports: [80/tcp]
+`), 0o600); err != nil {
+		t.Fatal(err)
+	}
+	const allow, path, form = "allowed", "path-not-allowed", "path-form"
+	for _, c := range []struct{ path, reason string }{
+		{"/public/x", allow},
+		{"/%70ublic/x", allow},
+		{"/%70%75%62%6C%69%63/x", allow},
+		{"/caf%c3%a9/x", allow},
+		{"/caf\xc3\xa9/x", allow}, // raw UTF-8: origins serve it as /caf%C3%A9/x
+		{"/caf\xc3\xa9", path},
+		{"/%7Euser/x", allow},
+		{"/%70UBLIC/x", path},
+		{"/public%2fx", path},
+		{"/private/x", path},
+		{"/public/x#/../../private/x", allow}, // the fragment is not sent
+		{"/public/./x", form},
+		{"/public/x/.", form},
+		{"/public/../private/x", form},
+		{"/public/%2e%2e/private/x", form},
+		{"/public/%2E%2E/private/x", form},
+		{"/public/..%2fprivate/x", form},
+		{"/public/%2f../private/x", form},
+		{"/public/%252e%252e/private/x", form},
+		{"/public/%u002e%u002e/private/x", form},
+		{"/public/%c0%ae%c0%ae/private/x", form},
+		{"/public/%e0%80%ae%e0%80%ae/private/x", form},
+		{"/public/%f8%80%80%80%ae/private/x", form},
+		{"/public/\xc0\xae\xc0\xae/private/x", form}, // raw overlong dots
+		{"/public/..;/private/x", form},
+		{"/public/..\\private/x", form},
+	} {
+		for _, host := range []string{"docs.paths.test", "open.paths.test"} {
+			to := "http://" + host + c.path
+			want := c.reason
+			if host == "open.paths.test" {
+				want = allow // a host-level rule allows every spelling
+			}
+			code, out, stderr := runCLI(t, "policy", "explain", file, "--to", to, "--json")
+			var ex struct{ Verdict, Reason, Rule string }
+			if err := json.Unmarshal([]byte(out), &ex); code != 0 || err != nil {
+				t.Fatalf("%q: exit %d, %v: %s", to, code, err, stderr)
+			}
+			if ex.Reason != want || (ex.Verdict == "allow") != (want == allow) {
+				t.Errorf("%q: %s %s (rule %q), want %s", to, ex.Verdict, ex.Reason, ex.Rule, want)
+			}
+			code, out, _ = runCLI(t, "policy", "explain", file, "--to", to)
+			if code != 0 || (want == allow) != strings.HasPrefix(out, "ALLOW ") || want != allow && !strings.Contains(out, "reason: "+want) {
+				t.Errorf("%q: exit %d, text:\n%s\nwant %s", to, code, out, want)
+			}
+		}
+	}
+}

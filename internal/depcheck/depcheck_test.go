@@ -11,7 +11,7 @@ import (
 func TestDependencyDirection(t *testing.T) {
 	// internal/jsonenc and internal/logjson are leaves (the encoders of
 	// the journal and of the log lines); audit uses the first, so every
-	// package above audit does too. internal/httpwire is a leaf too (audit uses its PlainPath): the
+	// package above audit does too. internal/httpwire is a leaf too: the
 	// HTTP request-line, request-head and authority syntax the proxy and
 	// capture share, since neither may import the other; internal/tlshello,
 	// the ClientHello parser they share, is one for the same reason.

@@ -75,10 +75,8 @@ func parseHead(b []byte, inTLS bool) (h Head, err error) {
 		return h, ErrHeadMalformed
 	}
 	h.Method, h.Target = parts[0], parts[1]
-	for i := 0; i < len(h.Target); i++ {
-		if c := h.Target[i]; c <= ' ' || c >= 0x7f {
-			return h, ErrHeadMalformed
-		}
+	if !TargetBytes(h.Target) {
+		return h, ErrHeadMalformed
 	}
 	var host string
 	hosts, cl, te := 0, 0, 0
@@ -187,7 +185,7 @@ func parseHead(b []byte, inTLS bool) (h Head, err error) {
 	// A '#' stays in the path: a request target has no fragment (RFC
 	// 9112 section 3.2), and an origin that reads past it (Go's
 	// http.FileServer cleans "/a/#/../b" to "/b") would serve another
-	// path than the one before it; PlainPath refuses it.
+	// path than the one before it; policy.PlainPath refuses it.
 	return h, nil
 }
 
@@ -246,4 +244,17 @@ func cutPrefixFold(s, prefix string) (string, bool) {
 		return s[len(prefix):], true
 	}
 	return s, false
+}
+
+// TargetBytes reports whether a request target is made of the bytes RFC
+// 3986 allows in one: none is a control, a space, DEL or 0x80 or above
+// (raw UTF-8, which origins would read as its escapes). The proxy refuses
+// a request whose target is not (http-malformed), in every mode.
+func TargetBytes(target string) bool {
+	for i := 0; i < len(target); i++ {
+		if c := target[i]; c <= ' ' || c >= 0x7f {
+			return false
+		}
+	}
+	return true
 }

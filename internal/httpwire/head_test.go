@@ -50,7 +50,7 @@ func TestParseHead(t *testing.T) {
 		{"incomplete", "GET / HTTP/1.1\r\nHost: a\r\n", ErrHeadIncomplete, "", ""},
 		{"options-star", "OPTIONS * HTTP/1.1\r\nHost: a\r\n\r\n", nil, "a", "*"},
 		// A '#' is kept: the path after it is what some origins read
-		// (PlainPath refuses it).
+		// (policy.PlainPath refuses it).
 		{"fragment", "GET /a/#/../b HTTP/1.1\r\nHost: a\r\n\r\n", nil, "a", "/a/#/../b"},
 		{"absolute-fragment", "GET http://a#/../b HTTP/1.1\r\nHost: a\r\n\r\n", nil, "a", "/#/../b"},
 		{"non-ascii-host", "0 / HTTP/1.0\r\nHost:\x89\r\n\r\n", ErrHeadMalformed, "", ""}, // found by FuzzParseHead

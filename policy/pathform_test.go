@@ -1,4 +1,4 @@
-package httpwire
+package policy
 
 import (
 	"net/url"
@@ -15,6 +15,8 @@ func TestPlainPath(t *testing.T) {
 		"/a/../b": false, "/a/./b": false, "/a/..": false, "/..;/b": false, "/a/%2e%2E/b": false,
 		"/a%2fb": false, "/a%5Cb": false, "/a\\b": false, "/a/%252e": false, "/a/%c0%ae": false,
 		"/a/#/../b": false, "/a#frag": false,
+		// Raw bytes are read as their escapes.
+		"/a/\xc0\xae/b": false, "/a/\xe0\x80\xae": false, "/a/\xff": false, "/caf\xc3\xa9/x": true,
 		// IIS reads %uXXXX as the character U+XXXX: %u002e is a dot.
 		"/a/%u002e%u002e/b": false, "/a/%U002E/b": false, "/a/%u2215b": false,
 		// Overlong three- and four-byte forms of '.' and '/'.
