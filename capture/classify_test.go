@@ -655,8 +655,16 @@ func TestReasonsAreTheProxys(t *testing.T) {
 			vs := spec.(*ast.ValueSpec)
 			for i, n := range vs.Names {
 				if i < len(vs.Values) {
-					if lit, ok := vs.Values[i].(*ast.BasicLit); ok && lit.Kind == token.STRING {
-						theirs[n.Name], _ = strconv.Unquote(lit.Value)
+					switch v := vs.Values[i].(type) {
+					case *ast.BasicLit:
+						if v.Kind == token.STRING {
+							theirs[n.Name], _ = strconv.Unquote(v.Value)
+						}
+					case *ast.SelectorExpr:
+						// One reason both packages take from policy.
+						if x, ok := v.X.(*ast.Ident); ok && x.Name == "policy" && v.Sel.Name == "ReasonPathForm" {
+							theirs[n.Name] = policy.ReasonPathForm
+						}
 					}
 				}
 			}
