@@ -23,7 +23,8 @@ import (
 //
 // The format is JSON lines: a header line (tableFileHeader: the format's
 // name and version), one line per item (client, name, address, rule, and
-// the answer's expiry and the firewall's hold as Unix nanoseconds), and an
+// the answer's expiry and the firewall's hold as Unix nanoseconds; a
+// link-local client with its zone, as the table keys it), and an
 // end line {"end":N,"saved":T} with the number of items, so a file cut
 // short is known, and the clock's time of the save, so a clock that went
 // back since is known. Load trusts nothing in it: a file that is not
@@ -297,8 +298,8 @@ func (c Config) WouldLearn(eng *policy.Engine, macs ClientMACs) func(*Learned) b
 // after min and at most limit.
 func (l *tableFileLine) item(minTime, limit int64) (netip.Addr, tableItem, error) {
 	client, err := netip.ParseAddr(l.Client)
-	if err != nil || client.Zone() != "" {
-		return netip.Addr{}, tableItem{}, fmt.Errorf("client %.60q is not an IP address", l.Client)
+	if err != nil || client.Zone() != "" && !(client.IsLinkLocalUnicast() && validZone(client.Zone())) {
+		return netip.Addr{}, tableItem{}, fmt.Errorf("client %.60q is not an IP address (nor a link-local one with an interface's zone)", l.Client)
 	}
 	addr, err := netip.ParseAddr(l.Addr)
 	if err != nil || addr.Zone() != "" {
@@ -318,6 +319,23 @@ func (l *tableFileLine) item(minTime, limit int64) (netip.Addr, tableItem, error
 			time.Unix(0, l.Expires).UTC().Format(time.RFC3339), time.Unix(0, l.Held).UTC().Format(time.RFC3339), policy.LearnedMaxTTL)
 	}
 	return addr.Unmap(), tableItem{client: client.Unmap(), name: l.Name, rule: l.Rule, expires: l.Expires, held: l.Held}, nil
+}
+
+// validZone reports whether s may be the zone of a link-local client in
+// the table: as the forwarder's socket names it, an interface's name (at
+// most 15 bytes, IFNAMSIZ, of printable ASCII without the '/', ':' and
+// whitespace Linux refuses in one, nor '%'; not "." or "..") or its
+// index.
+func validZone(s string) bool {
+	if len(s) == 0 || len(s) > 15 || s == "." || s == ".." {
+		return false
+	}
+	for i := 0; i < len(s); i++ {
+		if c := s[i]; c <= ' ' || c >= 0x7f || c == '/' || c == ':' || c == '%' {
+			return false
+		}
+	}
+	return true
 }
 
 // validRule reports whether s may be a rule name in the table: empty (an

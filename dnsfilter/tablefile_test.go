@@ -253,11 +253,12 @@ func FuzzTableLoad(f *testing.F) {
 	tb.now = func() time.Time { return start }
 	tb.Learn(Learned{Client: netip.MustParseAddr("192.0.2.10"), Name: "time.example.com", Addr: netip.MustParseAddr("203.0.113.7"), Rule: "ntp", Expires: start.Add(5 * time.Minute)})
 	tb.Learn(Learned{Client: netip.MustParseAddr("2001:db8::1"), Name: "vpn.example.com", Addr: netip.MustParseAddr("2001:db8:1::443"), Rule: "vpn", Expires: start.Add(time.Second)})
+	tb.Learn(Learned{Client: netip.MustParseAddr("fe80::2%lan0"), Name: "vpn.example.com", Addr: netip.MustParseAddr("2001:db8:1::443"), Rule: "vpn", Expires: start.Add(time.Second)})
 	var buf bytes.Buffer
 	if _, err := tb.Save(&buf); err != nil {
 		f.Fatal(err)
 	}
-	f.Add(buf.Bytes())                                                                                   // two items, as Save writes them
+	f.Add(buf.Bytes())                                                                                   // three items, as Save writes them
 	f.Add([]byte(tableFileHeader + "\n" + fmt.Sprintf(`{"end":0,"saved":%d}`, start.UnixNano()) + "\n")) // an empty table
 	f.Add(buf.Bytes()[:buf.Len()-5])                                                                     // cut in the trailer
 	f.Add([]byte(tableFileHeader + "\n"))                                                                // header only
@@ -480,5 +481,62 @@ rules:
 				t.Errorf("loaded with WouldLearn:\n%s\nthe forwarder learned:\n%s", strings.Join(got, "\n"), strings.Join(learned, "\n"))
 			}
 		})
+	}
+}
+
+// TestTableSaveLoadLinkLocal: a LAN client asking over its link-local
+// address is learned as the forwarder's socket names it, with its zone
+// (fe80::2%lan0; the proxy and capture look it up so, and fe80::2 on
+// another LAN is another device); Save writes it with the zone and Load
+// takes it back, so a restart keeps it. Before, Save left such items
+// out (Load refused a zoned client): the device's next connection
+// without SNI was denied no-rule in enforce mode until it asked DNS
+// again. A zone on any other client, or one that names no interface,
+// is still refused.
+func TestTableSaveLoadLinkLocal(t *testing.T) {
+	start := time.Unix(1_800_000_000, 0)
+	tb := NewTable(100)
+	tb.now = func() time.Time { return start }
+	lan0, lan1 := netip.MustParseAddr("fe80::2%lan0"), netip.MustParseAddr("fe80::2%lan1")
+	addr := netip.MustParseAddr("203.0.113.7")
+	tb.Learn(Learned{Client: lan0, Name: "a.example.com", Addr: addr, Rule: "r", Expires: start.Add(time.Hour)})
+	tb.Learn(Learned{Client: lan1, Name: "b.example.com", Addr: addr, Rule: "r", Expires: start.Add(time.Hour)})
+	var buf bytes.Buffer
+	if n, err := tb.Save(&buf); err != nil || n != 2 {
+		t.Fatalf("Save: %d items, %v; want 2:\n%s", n, err, buf.String())
+	}
+	tb2 := NewTable(100)
+	tb2.now = func() time.Time { return start }
+	if n, err := tb2.Load(bytes.NewReader(buf.Bytes()), nil); err != nil || n != 2 {
+		t.Fatalf("Load: %d items, %v; want 2", n, err)
+	}
+	if got, want := tableItems(tb2, start), tableItems(tb, start); !slices.Equal(got, want) {
+		t.Errorf("restored:\n%s\nwant\n%s", strings.Join(got, "\n"), strings.Join(want, "\n"))
+	}
+	if got := tb2.NamesFor(lan0, addr); !slices.Equal(got, []string{"a.example.com"}) {
+		t.Errorf("restored NamesFor(%v): %v, want a.example.com", lan0, got)
+	}
+	if got := tb2.NamesFor(lan1, addr); !slices.Equal(got, []string{"b.example.com"}) {
+		t.Errorf("restored NamesFor(%v): %v, want b.example.com", lan1, got)
+	}
+
+	item := func(client string) string {
+		return fmt.Sprintf("%s\n{\"client\":%q,\"name\":\"a.example.com\",\"addr\":\"203.0.113.7\",\"rule\":\"r\",\"expires\":%d,\"held\":%d}\n{\"end\":1,\"saved\":%d}\n",
+			tableFileHeader, client, start.Add(time.Minute).UnixNano(), start.Add(time.Minute).UnixNano(), start.UnixNano())
+	}
+	for _, c := range []string{"2001:db8::1%eth0", "fd00::1%eth0", "::1%lo", "ff02::1%eth0", "fe80::1%", "fe80::1%eth0/1", "fe80::1%a:b",
+		"fe80::1%eth 0", "fe80::1%a%b", "fe80::1%" + strings.Repeat("e", 16), "fe80::1%\u00e9", "fe80::1%.", "fe80::1%..", "::ffff:192.0.2.1%eth0"} {
+		tb := NewTable(10)
+		tb.now = func() time.Time { return start }
+		if n, err := tb.Load(strings.NewReader(item(c)), nil); err == nil || !strings.Contains(err.Error(), "client") || n != 0 || tb.Len() != 0 {
+			t.Errorf("Load of client %q: %d, %v; want refused for the client", c, n, err)
+		}
+	}
+	for _, c := range []string{"fe80::1%eth0", "fe80::1%7", "fe80::1%br-lan.10", "fe80::1%" + strings.Repeat("e", 15)} {
+		tb := NewTable(10)
+		tb.now = func() time.Time { return start }
+		if n, err := tb.Load(strings.NewReader(item(c)), nil); err != nil || n != 1 {
+			t.Errorf("Load of client %q: %d, %v; want it taken", c, n, err)
+		}
 	}
 }
