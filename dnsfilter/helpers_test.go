@@ -42,6 +42,9 @@ type fakeUpstream struct {
 	// question (another name, another type), both with 203.0.113.66.
 	decoys    atomic.Bool
 	decoysOut atomic.Int32
+	// mangle, when set, changes each answer last, before it is sent
+	// (proto "udp" or "tcp").
+	mangle atomic.Pointer[func(m *dns.Msg, proto string)]
 
 	mu   sync.Mutex // guards seen
 	seen []seenQuery
@@ -170,6 +173,9 @@ func (u *fakeUpstream) ServeDNS(w dns.ResponseWriter, r *dns.Msg) {
 				u.decoysOut.Add(1)
 			}
 		}
+	}
+	if f := u.mangle.Load(); f != nil {
+		(*f)(m, proto)
 	}
 	_ = w.WriteMsg(m)
 }

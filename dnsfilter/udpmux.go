@@ -124,7 +124,7 @@ func questionOf(q *dns.Msg) question {
 // answeredBy reports whether r is a response with q as its only question
 // (in any case: RFC 4343). The caller has matched the ID.
 func (q question) answeredBy(r *dns.Msg) bool {
-	if !r.Response || len(r.Question) != 1 {
+	if !r.Response || len(r.Question) != 1 || !optWellFormed(r) {
 		return false
 	}
 	a := r.Question[0]

@@ -279,9 +279,34 @@ func (p *upstreams) exchangeTCP(ctx context.Context, u *upstream, q *dns.Msg) (*
 }
 
 func isAnswerTo(r, q *dns.Msg) bool {
-	if r.Id != q.Id || !r.Response || len(r.Question) != 1 || len(q.Question) != 1 {
+	if r.Id != q.Id || !r.Response || len(r.Question) != 1 || len(q.Question) != 1 || !optWellFormed(r) {
 		return false
 	}
 	a, b := r.Question[0], q.Question[0]
 	return a.Qtype == b.Qtype && a.Qclass == b.Qclass && strings.EqualFold(a.Name, b.Name)
+}
+
+// optWellFormed reports whether r's OPT records are as RFC 6891 §6.1.1
+// and §6.1.2 want them: at most one, in the additional section, owned by
+// the root. An upstream answer otherwise is malformed, as a client's
+// query is (FORMERR): it is not taken for the answer (over UDP it could
+// be a forgery; the attempt waits for the real one, then fails, and the
+// next upstream is asked; SERVFAIL when none is left).
+func optWellFormed(r *dns.Msg) bool {
+	for _, sec := range [][]dns.RR{r.Answer, r.Ns} {
+		for _, rr := range sec {
+			if rr.Header().Rrtype == dns.TypeOPT {
+				return false
+			}
+		}
+	}
+	n := 0
+	for _, rr := range r.Extra {
+		if h := rr.Header(); h.Rrtype == dns.TypeOPT {
+			if n++; n > 1 || h.Name != "." {
+				return false
+			}
+		}
+	}
+	return true
 }
