@@ -250,10 +250,11 @@ type Stats struct {
 	// tagged for a VLAN (ID not 0): another interface's, its VLAN
 	// device's (live.go, livePacket). Skipped.
 	OtherVLAN uint64
-	// Unforwarded are frames from a LAN client that the gateway drops
-	// before it forwards them (proc.unforwarded: a wrong IPv4 header
-	// checksum, a TTL or hop limit of 1 toward a unicast address not
-	// its own). No server reads them, and capture skips them.
+	// Unforwarded are frames from a LAN client that the gateway would
+	// have routed (to its MAC address, toward a unicast address not its
+	// own, not redirected to its proxy or DNS forwarder) and drops
+	// instead (proc.unforwarded: a wrong IPv4 header checksum, a TTL or
+	// hop limit of 1 or 0). No server reads them, and capture skips them.
 	Unforwarded uint64
 	// StreamLimited counts flows that gave up their name search because
 	// the buffers of all flows held Config.MaxStreamBytes.

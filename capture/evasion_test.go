@@ -367,15 +367,27 @@ func TestUnforwardedDecoy(t *testing.T) {
 // bytes (RFC 9001 §5: the keys any observer derives from dcid).
 func clientInitial(t *testing.T, dcid []byte, pn uint32, off int, data []byte) []byte {
 	t.Helper()
-	k, err := initialKeys(quicV1, dcid)
+	return clientInitialV(t, quicV1, dcid, nil, pn, off, data)
+}
+
+// clientInitialV is clientInitial of a QUIC version (v1 or v2) with a
+// token (a Retry's, RFC 9000 §17.2.5.2).
+func clientInitialV(t *testing.T, version uint32, dcid, token []byte, pn uint32, off int, data []byte) []byte {
+	t.Helper()
+	k, err := initialKeys(version, dcid)
 	if err != nil {
 		t.Fatal(err)
 	}
 	v2 := func(n int) []byte { return []byte{0x40 | byte(n>>8), byte(n)} } // a two-byte varint
 	plain := append([]byte{0x06}, v2(off)...)
 	plain = append(append(plain, v2(len(data))...), data...)
-	hdr := append([]byte{0xc3, 0, 0, 0, 1, byte(len(dcid))}, dcid...)
-	hdr = append(hdr, 0, 0) // no SCID, no token
+	b0 := byte(0xc3) // Initial, a 4-byte packet number
+	if version == quicV2 {
+		b0 = 0xd3 // RFC 9369 §3.2: Initial is type 01
+	}
+	hdr := append([]byte{b0, byte(version >> 24), byte(version >> 16), byte(version >> 8), byte(version), byte(len(dcid))}, dcid...)
+	hdr = append(hdr, 0) // no SCID
+	hdr = append(append(hdr, v2(len(token))...), token...)
 	pad := 1200 - len(hdr) - 2 - 4 - len(plain) - k.aead.Overhead()
 	if pad > 0 {
 		plain = append(plain, make([]byte, pad)...)

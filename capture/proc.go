@@ -5,6 +5,7 @@ import (
 	"context"
 	"encoding/binary"
 	"errors"
+	"hash/maphash"
 	"log/slog"
 	"net"
 	"net/netip"
@@ -444,10 +445,23 @@ func (p *proc) packetLen(data []byte, wireLen int, ts time.Time, link layers.Lin
 	if hasEth {
 		mac = p.eth.SrcMAC
 	}
-	if client := p.src != 0 && hasEth && !hasGTP && !p.sentByGateway(mac); client && p.unforwarded(has4, dst) {
-		p.stats.unforwarded.Add(1)
-		return
-	} else if client && p.guard(src, dst, uint8(proto), payload, has4 && p.ip4.FragOffset != 0 || hasFrag6 && p.ip6frag.FragmentOffset != 0, hasTCP, hasUDP) {
+	client := p.src != 0 && hasEth && !hasGTP && !p.sentByGateway(mac)
+	if client {
+		var dport uint16
+		switch {
+		case hasTCP:
+			dport = uint16(p.tcp.DstPort)
+		case hasUDP:
+			dport = uint16(p.udp.DstPort)
+		}
+		if skip, count := p.unforwarded(has4, dst, p.eth.DstMAC, dport, hasTCP, hasUDP); skip {
+			if count {
+				p.stats.unforwarded.Add(1)
+			}
+			return
+		}
+	}
+	if client && p.guard(src, dst, uint8(proto), payload, has4 && p.ip4.FragOffset != 0 || hasFrag6 && p.ip6frag.FragmentOffset != 0, hasTCP, hasUDP) {
 		return
 	}
 	switch {
@@ -740,31 +754,65 @@ func (p *proc) lookup(src netip.Addr, sp uint16, dst netip.Addr, dp uint16, prot
 }
 
 // unforwarded reports whether the gateway drops the current frame, a
-// client's read live on a LAN interface, to dst before it forwards it: an
-// IPv4 header whose checksum is wrong (its IP layer drops it), or a TTL
-// (hop limit) of 1 or 0 toward a unicast address not the gateway's own
-// (time exceeded). Such a frame reaches no server, and capture reads
-// nothing of it: else a client could show capture a decoy (a ClientHello
-// naming an allowed host) that no server reads, and send the server
-// another at the same sequence number (Ptacek & Newsham's insertion;
-// e2e TestCaptureEvasion). Offline (a capture file) nothing is known of
-// where the frame was read, and none is skipped.
-func (p *proc) unforwarded(has4 bool, dst netip.Addr) bool {
+// client's read live on a LAN interface, to dst before it forwards it
+// (skip): an IPv4 header whose checksum is wrong (its IP layer drops it),
+// or a TTL (hop limit) of 1 or 0 toward a unicast address not the
+// gateway's own (time exceeded). Such a frame reaches no server, and
+// capture reads nothing of it: else a client could show capture a decoy
+// (a ClientHello naming an allowed host) that no server reads, and send
+// the server another at the same sequence number (Ptacek & Newsham's
+// insertion; e2e TestCaptureEvasion). In enforce mode a frame the
+// firewall redirects to the proxy or to the DNS forwarder (redirectedNow)
+// is delivered to the gateway, not forwarded, whatever its TTL: the proxy
+// reads it, and so does capture. count says whether the frame is one the
+// gateway would have routed (routedFrame), for
+// egress_capture_unforwarded_frames_total: a frame to the gateway itself,
+// or a broadcast one (a TTL-1 frame to the LAN's subnet broadcast), is no
+// forwarding decision. Offline (a capture file) nothing is known of where
+// the frame was read, and none is skipped.
+func (p *proc) unforwarded(has4 bool, dst netip.Addr, dmac []byte, dport uint16, tcp, udp bool) (skip, count bool) {
 	if has4 {
 		if !ip4SumOK(p.ip4.Contents) {
-			return true
+			return true, p.routedFrame(dst, dmac, dport, tcp, udp)
 		}
 		if p.ip4.TTL > 1 {
-			return false
+			return false, false
 		}
 	} else if p.ip6.HopLimit > 1 {
-		return false
+		return false, false
 	}
 	if !dst.IsGlobalUnicast() {
-		return false // link-local, multicast, broadcast: not forwarded anyway
+		return false, false // link-local, multicast, broadcast: not forwarded anyway
+	}
+	if _, own := p.own.Load().set[dst.Unmap()]; own || p.redirectedNow(dport, tcp, udp) {
+		return false, false
+	}
+	return true, p.routedFrame(dst, dmac, dport, tcp, udp)
+}
+
+// routedFrame reports whether the gateway would route the current client
+// frame, to dst at port dport, were its TTL and checksum good: sent to
+// the gateway's MAC address (Linux forwards no frame sent to another
+// address or to a broadcast or multicast one), toward a unicast address
+// not its own, not redirected to the proxy or the forwarder.
+func (p *proc) routedFrame(dst netip.Addr, dmac []byte, dport uint16, tcp, udp bool) bool {
+	if len(dmac) != 6 || !p.gatewayMAC(dmac) || !dst.IsGlobalUnicast() {
+		return false
 	}
 	_, own := p.own.Load().set[dst.Unmap()]
-	return !own
+	return !own && !p.redirectedNow(dport, tcp, udp)
+}
+
+// redirectedNow reports whether enforce mode's firewall redirects a
+// client's TCP or UDP frame to port dport to the gateway itself: DNS to
+// the forwarder, TCP to a port the transparent proxy takes while it
+// listens (Config.ProxyLines; firewall/render.go, redirectRules). Such a
+// frame is delivered locally, not forwarded, whatever its TTL.
+func (p *proc) redirectedNow(dport uint16, tcp, udp bool) bool {
+	if !tcp && !udp || p.c.cfg.ProxyLines == nil || p.c.deps.Policy.Load().Mode() != policy.ModeEnforce {
+		return false
+	}
+	return dport == 53 || tcp && p.redirected(dport) && p.c.cfg.ProxyLines()
 }
 
 // ip4SumOK reports whether the IPv4 header h sums to its checksum (RFC
@@ -1657,11 +1705,76 @@ func (p *proc) hello(f *flow, h tlshello.Hello, err error, src audit.NameSource)
 // flow as stream-conflict (quicWatch).
 
 // sentHead is one run of client bytes kept until the server acknowledges
-// it: those f was decided on, or (req) a later request's head.
+// it: those f was decided on, or (req) a later request's head. Past
+// heldWait unacknowledged, its bytes give way to a digest of them (n, sum;
+// data nil): see release.
 type sentHead struct {
-	seq  uint32 // the sequence number of its first byte
+	seq  uint32 // the sequence number of its first byte (QUIC: 0)
 	data []byte
 	req  bool
+	at   time.Time // when it was kept
+	n    int       // its length, once released
+	sum  uint64    // the digest of its bytes, once released
+	ver  uint32    // QUIC: the version of the Initials it was read from
+}
+
+// size is the number of bytes h stands for.
+func (h *sentHead) size() int {
+	if h.data == nil {
+		return h.n
+	}
+	return len(h.data)
+}
+
+// differs reports whether data, at sequence number seq, overlaps h and
+// differs from it. For a released h (bytes gone, a digest kept) it
+// reports whether data overlaps h other than as a copy of h whole that
+// sums the same: a copy of part of it can no longer be compared, and is
+// taken as differing (the safe side; README "Capture in audit mode").
+func (h *sentHead) differs(seq uint32, data []byte) bool {
+	if h.data != nil {
+		return differs(h.seq, h.data, seq, data)
+	}
+	off := int(int32(seq - h.seq)) // data's offset in h
+	lo, hi := max(off, 0), min(off+len(data), h.n)
+	if lo >= hi {
+		return false
+	}
+	return lo != 0 || hi != h.n || maphash.Bytes(sentSeed, data[-off:h.n-off]) != h.sum
+}
+
+// heldWait bounds how long a flow keeps the bytes of a sentHead its
+// server does not acknowledge: the proxy's hello timeout, the time
+// capture waits for a hello. A live server acknowledges them in a round
+// trip; one silent for longer holds nothing of capture's but a digest.
+const heldWait = classifyWait
+
+// sentSeed keys the digests of released sentHeads: a client cannot make
+// two runs of bytes that sum the same without it.
+var sentSeed = maphash.MakeSeed()
+
+// release replaces the bytes of each sentHead of f kept past heldWait
+// with their digest (see sentHead.differs), and drops a QUIC flow's
+// scratch buffer: the sweep calls it, so a flow whose server stays silent
+// holds about 40 bytes a run instead of its hello until it ends.
+func (p *proc) release(f *flow) {
+	freed := false
+	for i := range f.sent {
+		h := &f.sent[i]
+		if h.data != nil && p.now.Sub(h.at) >= heldWait {
+			h.n, h.sum, h.data = len(h.data), maphash.Bytes(sentSeed, h.data), nil
+			freed = true
+		}
+	}
+	if freed {
+		if f.quic != nil {
+			f.quic.buf = nil
+		}
+		p.charge(f)
+	}
+	if q := f.quic; q != nil && q.next != nil && p.now.Sub(q.nextAt) >= heldWait {
+		p.sentDeny(f) // a new attempt's hello that never completed
+	}
 }
 
 // maxSentHeads bounds the later request heads a flow keeps at once.
@@ -1679,24 +1792,86 @@ func (p *proc) watchSent(f *flow, s *stream, q *quicOpener) {
 		q.pending = nil
 		f.quic = q
 	}
-	f.sent = append(f.sent[:0], sentHead{seq: f.base[0], data: s.buf})
+	f.sent = append(f.sent[:0], sentHead{seq: f.base[0], data: s.buf, at: p.now})
+	if q != nil && q.keys != nil {
+		f.sent[0].ver = q.keys.version
+	}
 	p.charge(f)
 }
 
 // quicWatch opens a client Initial of f, a QUIC flow that keeps its hello
-// (see above), and denies f where its CRYPTO data differs from the hello.
+// (see above), and denies f where its CRYPTO data differs from the hello
+// of its version. An Initial of another version is a new attempt (after
+// a Version Negotiation packet, RFC 9000 §6.2): a new hello, which the
+// server of that version reads instead (quicAttempt).
 func (p *proc) quicWatch(f *flow, payload []byte) {
 	if len(f.sent) == 0 {
 		f.quic = nil
 		return
 	}
-	hello, conflict := f.sent[0].data, false
+	v := binary.BigEndian.Uint32(payload[1:5])
+	var h *sentHead
+	for i := range f.sent {
+		if f.sent[i].ver == v {
+			h = &f.sent[i]
+		}
+	}
+	if h == nil {
+		p.quicAttempt(f, v, payload)
+		return
+	}
+	conflict := false
 	n, _ := f.quic.open(payload, func(off uint64, data []byte) {
-		conflict = conflict || off < maxStream && differs(0, hello, uint32(off), data)
+		conflict = conflict || off < maxStream && h.differs(uint32(off), data)
 	})
 	p.stats.quicOpened.Add(uint64(n))
 	if conflict {
 		p.sentDeny(f)
+	}
+}
+
+// maxQUICAttempts bounds the versions a QUIC flow keeps a hello of.
+const maxQUICAttempts = 2
+
+// quicAttempt reads the hello of a client Initial of f in version v, of
+// which f keeps none (quicWatch): a client that sent a Version
+// Negotiation packet's server a hello starts again in another version
+// with a new hello, which that server reads. Capture reads it whole: one
+// that names the host f was decided on (so is decided the same) is kept
+// and watched as the first is, which stays watched too (a server of the
+// first version may still read a copy of it); any other (another name,
+// one that does not parse, a third version, a copy that conflicts) is a
+// stream-conflict: which hello a server read is not known, and a decoy
+// must not make a denied name look allowed.
+func (p *proc) quicAttempt(f *flow, v uint32, payload []byte) {
+	q := f.quic
+	if len(f.sent) >= maxQUICAttempts || q.next != nil && q.nextVer != v || p.streamBytes+len(payload) > p.c.cfg.MaxStreamBytes {
+		p.sentDeny(f)
+		return
+	}
+	if q.next == nil {
+		q.next, q.nextVer, q.nextAt = &stream{}, v, p.now
+	}
+	s := q.next
+	n, _ := q.open(payload, func(off uint64, data []byte) {
+		if off < maxStream {
+			s.add(uint32(off), data)
+		}
+	})
+	p.stats.quicOpened.Add(uint64(n))
+	defer p.charge(f)
+	m, err := tlshello.Complete(s.buf)
+	switch {
+	case s.conflict || s.full || err != nil && err != tlshello.ErrShort:
+		p.sentDeny(f)
+	case err == nil:
+		h, err := tlshello.Parse(s.buf[:m])
+		if err != nil || h.DupSNI || h.SNI != f.name || f.name == "" && f.nameSrc != audit.NameNoSNI {
+			p.sentDeny(f)
+			return
+		}
+		f.sent = append(f.sent, sentHead{data: s.buf, at: p.now, ver: v})
+		q.next = nil
 	}
 }
 
@@ -1721,7 +1896,7 @@ func (p *proc) watchHead(f *flow, seq uint32, head []byte) bool {
 	if !p.streamRoom(f, len(head)) {
 		return false
 	}
-	f.sent = append(f.sent, sentHead{seq: seq, data: bytes.Clone(head), req: true})
+	f.sent = append(f.sent, sentHead{seq: seq, data: bytes.Clone(head), req: true, at: p.now})
 	p.charge(f)
 	return true
 }
@@ -1738,7 +1913,7 @@ func (p *proc) checkSent(f *flow, dir int, seq uint32) {
 			return
 		}
 		k := 0
-		for k < len(f.sent) && int32(t.Ack-(f.sent[k].seq+uint32(len(f.sent[k].data)))) >= 0 {
+		for k < len(f.sent) && int32(t.Ack-(f.sent[k].seq+uint32(f.sent[k].size()))) >= 0 {
 			k++
 		}
 		if k > 0 {
@@ -1751,8 +1926,9 @@ func (p *proc) checkSent(f *flow, dir int, seq uint32) {
 		}
 		return
 	}
-	for _, h := range f.sent {
-		if !differs(h.seq, h.data, seq, t.Payload) {
+	for i := range f.sent {
+		h := &f.sent[i]
+		if !h.differs(seq, t.Payload) {
 			continue
 		}
 		if h.req {
@@ -1851,6 +2027,9 @@ func (p *proc) charge(f *flow) {
 	if f.quic != nil {
 		for _, d := range f.quic.pending {
 			n += len(d.data)
+		}
+		if f.quic.next != nil {
+			n += cap(f.quic.next.buf) + f.quic.next.pendLen
 		}
 	}
 	p.streamBytes += n - f.held
@@ -2089,6 +2268,9 @@ func (p *proc) sweep() {
 		default:
 			p.waited(f)
 			p.headWaited(f)
+			if len(f.sent) > 0 {
+				p.release(f)
+			}
 			if p.openReport > 0 && !f.reported && p.now.Sub(f.first) >= p.openReport {
 				p.emit(f, "")
 			}

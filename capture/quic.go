@@ -14,6 +14,7 @@ import (
 	"crypto/sha256"
 	"encoding/binary"
 	"errors"
+	"time"
 )
 
 // QUIC versions capture can open.
@@ -147,6 +148,12 @@ type quicOpener struct {
 
 	established bool           // a client Initial opened: the flow's direction is known
 	pending     []pendingDgram // Initials that did not open yet
+
+	// next reassembles the hello of a new attempt in version nextVer,
+	// after the flow was decided (proc.quicAttempt).
+	next    *stream
+	nextVer uint32
+	nextAt  time.Time
 }
 
 // maxQUICPending bounds the Initials kept while no Initial has opened.

@@ -1,0 +1,116 @@
+package capture
+
+import (
+	"bytes"
+	"net/netip"
+	"testing"
+
+	"egressd/audit"
+	"egressd/policy"
+)
+
+// versionNegotiation is a server's Version Negotiation packet (RFC 9000
+// §17.2.1) to a client Initial to dcid, listing versions.
+func versionNegotiation(dcid []byte, versions ...uint32) []byte {
+	b := []byte{0x80, 0, 0, 0, 0, 0, byte(len(dcid))} // version 0; no DCID (the client sent no SCID)
+	b = append(b, dcid...)
+	for _, v := range versions {
+		b = append(b, byte(v>>24), byte(v>>16), byte(v>>8), byte(v))
+	}
+	return b
+}
+
+// retryPacket is a server's Retry (RFC 9000 §17.2.5) giving the client
+// the new DCID scid and a token (the integrity tag is not checked here).
+func retryPacket(scid, token []byte) []byte {
+	b := []byte{0xf0, 0, 0, 0, 1, 0, byte(len(scid))}
+	b = append(append(b, scid...), token...)
+	return append(b, make([]byte, 16)...)
+}
+
+// TestQUICNewAttempt: a QUIC client's legitimate second Initial is no
+// stream-conflict. After a Version Negotiation packet (RFC 9000 §6.2) a
+// client starts again in another version, with a new ClientHello at
+// offset 0: the server reads that one only, so capture reads it too, and
+// keeps the flow allowed where it names the same host; one naming
+// another host is a conflict (which hello a server read is not known: a
+// decoy in the first version must not make a denied name look allowed),
+// and the first version's hello stays watched. After a Retry the client
+// sends the same hello to the new DCID with the token: a retransmission.
+// Before session 29 the new version's hello read as a stream-conflict.
+func TestQUICNewAttempt(t *testing.T) {
+	hello := handHello(sniExt(decoyName))[5:] // CRYPTO carries no record header
+	again := bytes.Clone(hello)
+	again[10] ^= 0xff // a new hello: another random
+	denied := handHello(sniExt(realName))[5:]
+	dcid1, dcid2 := []byte{1, 2, 3, 4, 5, 6, 7, 8}, []byte{9, 9, 9, 9, 9, 9, 9, 9}
+	token := []byte("a retry token")
+	type dgram struct {
+		fromClient bool
+		b          []byte
+	}
+	cases := []struct {
+		what   string
+		dgrams []dgram
+		reason string
+	}{
+		{"version negotiation, a new hello of the same name", []dgram{
+			{true, clientInitialV(t, quicV1, dcid1, nil, 0, 0, hello)},
+			{false, versionNegotiation(dcid1, quicV2)},
+			{true, clientInitialV(t, quicV2, dcid2, nil, 0, 0, again)},
+			{true, clientInitialV(t, quicV2, dcid2, nil, 1, 0, again)},
+		}, policy.ReasonAllowed},
+		{"version negotiation, a new hello in two Initials", []dgram{
+			{true, clientInitialV(t, quicV1, dcid1, nil, 0, 0, hello)},
+			{false, versionNegotiation(dcid1, quicV2)},
+			{true, clientInitialV(t, quicV2, dcid2, nil, 0, 0, again[:20])},
+			{true, clientInitialV(t, quicV2, dcid2, nil, 1, 20, again[20:])},
+		}, policy.ReasonAllowed},
+		{"version negotiation, a new hello naming another host", []dgram{
+			{true, clientInitialV(t, quicV1, dcid1, nil, 0, 0, hello)},
+			{false, versionNegotiation(dcid1, quicV2)},
+			{true, clientInitialV(t, quicV2, dcid2, nil, 0, 0, denied)},
+		}, ReasonStreamConflict},
+		{"a new version's hello of the same name, then a different copy in the first", []dgram{
+			{true, clientInitialV(t, quicV1, dcid1, nil, 0, 0, hello)},
+			{true, clientInitialV(t, quicV2, dcid2, nil, 0, 0, again)},
+			{true, clientInitialV(t, quicV1, dcid2, nil, 0, 0, denied)},
+		}, ReasonStreamConflict},
+		{"a new version's hello of the same name, then a different copy in it", []dgram{
+			{true, clientInitialV(t, quicV1, dcid1, nil, 0, 0, hello)},
+			{true, clientInitialV(t, quicV2, dcid2, nil, 0, 0, again)},
+			{true, clientInitialV(t, quicV2, dcid1, nil, 0, 0, denied)},
+		}, ReasonStreamConflict},
+		{"retry, the same hello with the token", []dgram{
+			{true, clientInitialV(t, quicV1, dcid1, nil, 0, 0, hello)},
+			{false, retryPacket(dcid2, token)},
+			{true, clientInitialV(t, quicV1, dcid2, token, 0, 0, hello)},
+		}, policy.ReasonAllowed},
+		{"retry, another hello with the token", []dgram{
+			{true, clientInitialV(t, quicV1, dcid1, nil, 0, 0, hello)},
+			{false, retryPacket(dcid2, token)},
+			{true, clientInitialV(t, quicV1, dcid2, token, 0, 0, denied)},
+		}, ReasonStreamConflict},
+	}
+	p := newPcap(t)
+	cli, srv := netip.MustParseAddr("192.0.2.10"), netip.MustParseAddr("203.0.113.10")
+	for i, c := range cases {
+		for _, d := range c.dgrams {
+			if d.fromClient {
+				p.udp(true, cli, srv, uint16(47000+i), 443, d.b)
+			} else {
+				p.udp(false, srv, cli, 443, uint16(47000+i), d.b)
+			}
+		}
+	}
+	r := synthRun(t, p.close(), testPolicy, factsMap{srv: {decoyName}}, Config{})
+	got := map[uint16]audit.Event{}
+	for _, ev := range r.events {
+		got[ev.ClientPort] = ev
+	}
+	for i, c := range cases {
+		if ev := got[uint16(47000+i)]; ev.Reason != c.reason || ev.Proto != "udp" {
+			t.Errorf("%s: %+v, want %s", c.what, ev, c.reason)
+		}
+	}
+}
