@@ -62,6 +62,15 @@ func TestStreamConflict(t *testing.T) {
 	}
 }
 
+// eventsByPort returns the last of evs of each client port.
+func eventsByPort(evs []audit.Event) map[uint16]audit.Event {
+	got := map[uint16]audit.Event{}
+	for _, ev := range evs {
+		got[ev.ClientPort] = ev
+	}
+	return got
+}
+
 // evasionEvents runs conns, each writing one connection to port 443 of a
 // pcap, and returns the event of each, by client port.
 func evasionEvents(t *testing.T, conns ...func(c *tcpConn)) map[uint16]audit.Event {
@@ -446,10 +455,7 @@ func TestQUICCryptoConflict(t *testing.T) {
 		}
 	}
 	r := synthRun(t, p.close(), testPolicy, factsMap{srv: {decoyName}}, Config{})
-	got := map[uint16]audit.Event{}
-	for _, ev := range r.events {
-		got[ev.ClientPort] = ev
-	}
+	got := eventsByPort(r.events)
 	for i, c := range cases {
 		if ev := got[uint16(47000+i)]; ev.Reason != c.reason || ev.Proto != "udp" {
 			t.Errorf("%s: %+v, want %s", c.what, ev, c.reason)

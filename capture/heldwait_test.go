@@ -8,7 +8,6 @@ import (
 
 	"github.com/gopacket/gopacket/layers"
 
-	"egressd/audit"
 	"egressd/policy"
 )
 
@@ -92,10 +91,7 @@ func TestSentHeldReleased(t *testing.T) {
 		c.send(uint16(30000 + i))
 	}
 	r.c.proc.flush("shutdown")
-	got := map[uint16]audit.Event{}
-	for _, ev := range r.rec.all() {
-		got[ev.ClientPort] = ev
-	}
+	got := eventsByPort(r.rec.all())
 	for i, c := range cases {
 		if ev := got[uint16(30000+i)]; ev.Reason != c.reason {
 			t.Errorf("%s: %+v, want %s", c.what, ev, c.reason)

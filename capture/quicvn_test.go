@@ -5,7 +5,6 @@ import (
 	"net/netip"
 	"testing"
 
-	"egressd/audit"
 	"egressd/policy"
 )
 
@@ -104,10 +103,7 @@ func TestQUICNewAttempt(t *testing.T) {
 		}
 	}
 	r := synthRun(t, p.close(), testPolicy, factsMap{srv: {decoyName}}, Config{})
-	got := map[uint16]audit.Event{}
-	for _, ev := range r.events {
-		got[ev.ClientPort] = ev
-	}
+	got := eventsByPort(r.events)
 	for i, c := range cases {
 		if ev := got[uint16(47000+i)]; ev.Reason != c.reason || ev.Proto != "udp" {
 			t.Errorf("%s: %+v, want %s", c.what, ev, c.reason)
