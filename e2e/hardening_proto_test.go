@@ -37,13 +37,22 @@ func icmpEcho(payload []byte) []byte {
 	return b
 }
 
-// rawWitness counts packets of one IP protocol that reach udpDenyIP
-// from the LAN client (ICMP: echo requests only).
+// rawWitness counts packets of one IP protocol that reach an address of
+// the internet namespace and that its match takes.
 type rawWitness struct{ got atomic.Int64 }
 
+// newRawWitness counts packets of network from the LAN client to
+// udpDenyIP (ICMP: echo requests only).
 func (tp *topo) newRawWitness(t *testing.T, network string) *rawWitness {
+	return tp.newRawWitnessAt(t, network, udpDenyIP, func(b []byte, from net.Addr) bool {
+		return from.String() == lanClient4 && (network != "ip4:icmp" || len(b) > 0 && b[0] == 8)
+	})
+}
+
+// newRawWitnessAt counts packets of network to addr that match takes.
+func (tp *topo) newRawWitnessAt(t *testing.T, network, addr string, match func(b []byte, from net.Addr) bool) *rawWitness {
 	t.Helper()
-	pc, err := tp.inet.ListenPacket(network, udpDenyIP)
+	pc, err := tp.inet.ListenPacket(network, addr)
 	if err != nil {
 		t.Fatal(err)
 	}
@@ -52,16 +61,15 @@ func (tp *topo) newRawWitness(t *testing.T, network string) *rawWitness {
 	t.Cleanup(func() { pc.Close(); <-done })
 	go func() {
 		defer close(done)
-		buf := make([]byte, 2048)
+		buf := make([]byte, 4096)
 		for {
 			n, from, err := pc.ReadFrom(buf)
 			if err != nil {
 				return
 			}
-			if from.String() != lanClient4 || (network == "ip4:icmp" && (n == 0 || buf[0] != 8)) {
-				continue
+			if match(buf[:n], from) {
+				w.got.Add(1)
 			}
-			w.got.Add(1)
 		}
 	}()
 	return w
@@ -72,15 +80,21 @@ func (tp *topo) newRawWitness(t *testing.T, network string) *rawWitness {
 // saw, waiting up to 2 s for them.
 func (tp *topo) sendRaw(t *testing.T, w *rawWitness, network string, msg []byte) int64 {
 	t.Helper()
+	return tp.sendRawTo(t, w, network, udpDenyIP, msg)
+}
+
+// sendRawTo is sendRaw to dst.
+func (tp *topo) sendRawTo(t *testing.T, w *rawWitness, network, dst string, msg []byte) int64 {
+	t.Helper()
 	before := w.got.Load()
-	pc, err := tp.lan.ListenPacket(network, "0.0.0.0")
+	pc, err := tp.lan.ListenPacket(network, lanClient4)
 	if err != nil {
 		t.Fatal(err)
 	}
 	defer pc.Close()
 	for range 3 {
-		if _, err := pc.WriteTo(msg, &net.IPAddr{IP: net.ParseIP(udpDenyIP)}); err != nil {
-			t.Fatalf("%s to %s: %v", network, udpDenyIP, err)
+		if _, err := pc.WriteTo(msg, &net.IPAddr{IP: net.ParseIP(dst)}); err != nil {
+			t.Fatalf("%s to %s: %v", network, dst, err)
 		}
 	}
 	for deadline := time.Now().Add(2 * time.Second); w.got.Load()-before < 3 && time.Now().Before(deadline); {
