@@ -746,17 +746,13 @@ func (l *Ledger) importAlarmsLocked(a *archive) {
 			if l.alarms == nil {
 				l.alarms = map[alarmKey]*AlarmReport{}
 			}
-			e = &AlarmReport{Reason: k.reason, Client: k.client, ClientMAC: k.mac, Zone: k.zone, Rule: Clip(al.Rule, MaxNameBytes), FirstSeen: al.FirstSeen.UTC()}
+			e = &AlarmReport{Reason: k.reason, Client: k.client, ClientMAC: k.mac, Zone: k.zone, Rule: Clip(al.Rule, MaxNameBytes)}
 			l.alarms[k] = e
 		}
 		e.Alarms += al.Alarms
 		e.mergeWindow(al.DistinctNames, al.TopClients)
-		if t := al.LastSeen.UTC(); t.After(e.LastSeen) {
-			e.LastSeen = t
-		}
-		if t := al.FirstSeen.UTC(); t.Before(e.FirstSeen) {
-			e.FirstSeen = t
-		}
+		e.seen(al.FirstSeen.UTC())
+		e.seen(al.LastSeen.UTC())
 	}
 }
 

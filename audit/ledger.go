@@ -453,9 +453,7 @@ func (l *Ledger) addRecLocked(ev *Event) (bool, *flowRec) {
 			ds := l.dropLocked(ev)
 			ds.bytesOut += ev.BytesOut
 			ds.bytesIn += ev.BytesIn
-			if t := ev.Time.UTC(); t.After(ds.last) {
-				ds.last = t
-			}
+			ds.seen(ev.Time.UTC())
 			if ev.ClientMAC != "" {
 				ds.clients.add(ev.Client.Unmap(), ev.ClientMAC, l.opt.MaxClients)
 			}
@@ -720,21 +718,26 @@ func (l *Ledger) addRequestLocked(ev *Event) {
 	ds.seen(t)
 }
 
-func (rs *ruleStats) seen(t time.Time) {
-	if rs.first.IsZero() || t.Before(rs.first) {
-		rs.first = t
-	}
-	if t.After(rs.last) {
-		rs.last = t
-	}
-}
+func (rs *ruleStats) seen(t time.Time) { widenSeen(&rs.first, &rs.last, t) }
 
-func (ds *dropStats) seen(t time.Time) {
-	if ds.first.IsZero() || t.Before(ds.first) {
-		ds.first = t
+func (ds *dropStats) seen(t time.Time) { widenSeen(&ds.first, &ds.last, t) }
+
+func (a *AlarmReport) seen(t time.Time) { widenSeen(&a.FirstSeen, &a.LastSeen, t) }
+
+// widenSeen widens an entry's first..last seen to t: the earliest and the
+// latest time of its events, whatever order they come in (a component
+// reports a flow when it is decided or ends, the log read again after a
+// rotation has the summary's span first). The zero time (a log line
+// without one) is no time and changes neither.
+func widenSeen(first, last *time.Time, t time.Time) {
+	if t.IsZero() {
+		return
 	}
-	if t.After(ds.last) {
-		ds.last = t
+	if first.IsZero() || t.Before(*first) {
+		*first = t
+	}
+	if t.After(*last) {
+		*last = t
 	}
 }
 
@@ -798,9 +801,7 @@ func (l *Ledger) mergeLocked(r *flowRec, ev *Event, t time.Time) {
 			r.drop.enforcedFlows++
 			r.drop.enforced = true
 		}
-		if t.After(r.drop.last) {
-			r.drop.last = t
-		}
+		r.drop.seen(t) // a later report may tell an earlier start (capture's SYN after the proxy's accept)
 	}
 	r.enforced = r.enforced || ev.Enforced
 }
@@ -1445,15 +1446,10 @@ func (l *Ledger) addAlarmLocked(ev *Event) {
 		if l.alarms == nil {
 			l.alarms = map[alarmKey]*AlarmReport{}
 		}
-		a = &AlarmReport{Reason: k.reason, Client: k.client, ClientMAC: k.mac, Zone: k.zone, Rule: ev.Rule, FirstSeen: ev.Time.UTC()}
+		a = &AlarmReport{Reason: k.reason, Client: k.client, ClientMAC: k.mac, Zone: k.zone, Rule: ev.Rule}
 		l.alarms[k] = a
 	}
 	a.Alarms++
 	a.mergeWindow(ev.Count, ev.TopClients)
-	if t := ev.Time.UTC(); t.After(a.LastSeen) {
-		a.LastSeen = t
-	}
-	if t := ev.Time.UTC(); t.Before(a.FirstSeen) {
-		a.FirstSeen = t
-	}
+	a.seen(ev.Time.UTC())
 }
