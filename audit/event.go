@@ -217,8 +217,8 @@ func Clip(s string, max int) string {
 }
 
 // Bound cuts the client-chosen text of e to its bounds (MaxNameBytes,
-// MaxPathBytes), noting the length of what it cut in NameLen, PathLen and
-// FrontLen. Text that is not UTF-8 (a server name is bytes) has each
+// MaxPathBytes; Rule and ClientMAC to MaxNameBytes too), noting the
+// length of what it cut in NameLen, PathLen and FrontLen. Text that is not UTF-8 (a server name is bytes) has each
 // invalid byte replaced by U+FFFD first, as the event log's JSON would
 // write it, so that the bound holds in the log too and the text reads
 // the same live and from the log. It changes nothing that is valid and
@@ -228,6 +228,13 @@ func (e *Event) Bound() {
 	e.Name, e.NameLen = bound(e.Name, e.NameLen, MaxNameBytes)
 	e.Path, e.PathLen = bound(e.Path, e.PathLen, MaxPathBytes)
 	e.Front, e.FrontLen = bound(e.Front, e.FrontLen, MaxNameBytes)
+	// The rule and the MAC are egressd's own text live (a policy's rule
+	// name, a neighbour's address), far within the bound, but a log read
+	// back may hold anything: each is cut as the summary's import cuts
+	// them (importAlarmsLocked), so an entry is the same whichever it
+	// came from, and a line of the log's length is no key of that length.
+	e.Rule, _ = bound(e.Rule, 0, MaxNameBytes)
+	e.ClientMAC, _ = bound(e.ClientMAC, 0, MaxNameBytes)
 	if topNeedsBound(e.TopClients) {
 		e.TopClients = boundClients(e.TopClients)
 	}
@@ -260,7 +267,9 @@ func boundClients(top []string) []string {
 // needsBound reports whether Bound would change e.
 func (e *Event) needsBound() bool {
 	return len(e.Name) > MaxNameBytes || len(e.Path) > MaxPathBytes || len(e.Front) > MaxNameBytes ||
-		!utf8.ValidString(e.Name) || !utf8.ValidString(e.Path) || !utf8.ValidString(e.Front) || topNeedsBound(e.TopClients)
+		len(e.Rule) > MaxNameBytes || len(e.ClientMAC) > MaxNameBytes ||
+		!utf8.ValidString(e.Name) || !utf8.ValidString(e.Path) || !utf8.ValidString(e.Front) ||
+		!utf8.ValidString(e.Rule) || !utf8.ValidString(e.ClientMAC) || topNeedsBound(e.TopClients)
 }
 
 // bound is Bound for one text s of a bound of limit bytes and its noted
