@@ -18,6 +18,7 @@ import (
 	"sync/atomic"
 	"syscall"
 	"time"
+	"unsafe"
 
 	"github.com/prometheus/client_golang/prometheus"
 
@@ -54,6 +55,13 @@ type JournalConfig struct {
 	// QueueLen bounds the events waiting for the disk; beyond it Emit
 	// sheds (and counts) events instead of waiting. Default 65536.
 	QueueLen int
+	// QueueBytes bounds the memory of those events in bytes
+	// (queueBytes: an Event and the client's text it keeps); beyond it
+	// Emit sheds as beyond QueueLen.
+	// A client's text makes an event up to 3 KiB (a 2 KiB path), not
+	// the 550 B of most: 65,536 such would hold 200 MiB. Default
+	// defaultQueueBytes, which 65,536 events of short names fit.
+	QueueBytes int64
 	// FlushInterval is the longest an event waits before it reaches the
 	// kernel (and so survives kill -9) and the ledger (the report): the
 	// writer takes the queued events and writes them every half of it.
@@ -109,7 +117,7 @@ func (c JournalConfig) Validate() error {
 	if c.Dir == "" {
 		errs = append(errs, errors.New("audit: journal: state directory is required"))
 	}
-	if c.MaxFileBytes < 0 || c.MaxFiles < 0 || c.QueueLen < 0 {
+	if c.MaxFileBytes < 0 || c.MaxFiles < 0 || c.QueueLen < 0 || c.QueueBytes < 0 {
 		errs = append(errs, errors.New("audit: journal: sizes must not be negative"))
 	}
 	if c.FlushInterval > time.Second {
@@ -127,6 +135,9 @@ func (c *JournalConfig) fill() {
 	}
 	if c.QueueLen <= 0 {
 		c.QueueLen = 65536
+	}
+	if c.QueueBytes <= 0 {
+		c.QueueBytes = defaultQueueBytes
 	}
 	if c.FlushInterval <= 0 {
 		c.FlushInterval = 250 * time.Millisecond
@@ -194,11 +205,14 @@ type Journal struct {
 	// append's growth made (1.25 times at a time: five times the events
 	// allocated, and the old array with the new at each growth), and the
 	// writer lets each chunk go once written.
-	qmu      sync.Mutex // guards pending, npending and spare
+	qmu      sync.Mutex // guards pending, npending, qbytes and spare
 	pending  [][]Event  // queued by Emit, at most QueueLen events in all
 	npending int
-	spare    []Event // a written chunk's array, for reuse
-	kick     chan struct{}
+	// qbytes is what the queued events take (queueBytes), at most
+	// QueueBytes.
+	qbytes int64
+	spare  []Event // a written chunk's array, for reuse
+	kick   chan struct{}
 	// syncs carries Sync's waiters to the writer, which closes each once
 	// it has taken the queue and flushed.
 	syncs chan chan struct{}
@@ -1092,8 +1106,9 @@ func readStream(r io.Reader, name string, log *slog.Logger, st *LoadStats, fn fu
 func (j *Journal) Emit(ev Event) {
 	ev.Bound()
 	ev.ownText()
+	size := queueBytes(&ev)
 	j.qmu.Lock()
-	if j.npending >= j.cfg.QueueLen {
+	if j.npending >= j.cfg.QueueLen || j.qbytes+size > j.cfg.QueueBytes {
 		j.qmu.Unlock()
 		j.shed.Add(1)
 		return
@@ -1112,6 +1127,7 @@ func (j *Journal) Emit(ev Event) {
 		j.pending = append(j.pending, append(c, ev))
 	}
 	j.npending++
+	j.qbytes += size
 	n := j.npending
 	j.qmu.Unlock()
 	j.queued.Add(1)
@@ -1136,7 +1152,7 @@ const queueChunk = 1024
 func (j *Journal) takeBatch() {
 	j.qmu.Lock()
 	batch := j.pending
-	j.pending, j.npending = nil, 0
+	j.pending, j.npending, j.qbytes = nil, 0, 0
 	j.qmu.Unlock()
 	for ci, c := range batch {
 		for i := range c {
@@ -1153,6 +1169,22 @@ func (j *Journal) takeBatch() {
 			j.qmu.Unlock()
 		}
 	}
+}
+
+// defaultQueueBytes is JournalConfig.QueueBytes's default: 65,536 events
+// of short names (some 550 B each queued) fit, some 21,000 of the
+// longest text an event keeps.
+const defaultQueueBytes = 64 << 20
+
+// queueBytes is what ev takes queued: the Event, and the client's text
+// ownText copies for it (the rule, the MAC and the rest are the policy's
+// and the component's, shared), and an alarm's top clients.
+func queueBytes(ev *Event) int64 {
+	n := int64(unsafe.Sizeof(*ev)) + int64(len(ev.Name)+len(ev.Path)+len(ev.Front))
+	for _, c := range ev.TopClients {
+		n += int64(unsafe.Sizeof(c)) + int64(len(c))
+	}
+	return n
 }
 
 // Shed returns how many events Emit has shed since the journal opened.

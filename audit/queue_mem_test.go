@@ -2,6 +2,7 @@ package audit
 
 import (
 	"runtime"
+	"strings"
 	"testing"
 	"unsafe"
 )
@@ -33,5 +34,35 @@ func TestEmitBurstHoldsNoCopies(t *testing.T) {
 	}
 	if s := j.Shed(); s != 0 {
 		t.Errorf("%d events shed below the queue's length", s)
+	}
+}
+
+// TestEmitQueueBoundedInBytes: events of the longest text an event keeps
+// (a 255-byte name and front, a 2 KiB path: a request of a hostile
+// client, 3 KiB an event queued against some 550 B) fill the queue while
+// the writer is behind to its byte bound, not to its 65,536 events
+// (some 200 MiB at this shape): the rest are shed and counted.
+func TestEmitQueueBoundedInBytes(t *testing.T) {
+	const n = 65536
+	j, _, _ := openJournal(t, JournalConfig{Dir: t.TempDir(), QueueLen: n}, nil)
+	defer j.Close()
+	ev := seqEvent(1, t0)
+	ev.Kind, ev.Name, ev.Front = KindRequest, strings.Repeat("a", 255), strings.Repeat("b", 255)
+	ev.Path = "/" + strings.Repeat("c", MaxPathBytes-1)
+	var before, after runtime.MemStats
+	runtime.GC()
+	runtime.ReadMemStats(&before)
+	for range n {
+		j.Emit(ev) // each its own copy of the text (ownText)
+	}
+	runtime.GC()
+	runtime.ReadMemStats(&after)
+	held := int64(after.HeapAlloc) - int64(before.HeapAlloc)
+	if limit := int64(defaultQueueBytes) * 9 / 8; held > limit {
+		t.Errorf("%d queued events of %d B of text hold %d MiB, more than the queue's %d MiB bound (and an eighth)",
+			n-int(j.Shed()), len(ev.Name)+len(ev.Path)+len(ev.Front), held>>20, defaultQueueBytes>>20)
+	}
+	if j.Shed() == 0 {
+		t.Errorf("no event shed: %d events of the longest text queued", n)
 	}
 }
