@@ -3,6 +3,7 @@ package audit
 import (
 	"bytes"
 	"cmp"
+	"encoding/hex"
 	"hash/maphash"
 	"maps"
 	"net"
@@ -1196,26 +1197,11 @@ func parseMAC6(s string) (m mac6, ok bool) {
 		if i > 0 && s[3*i-1] != ':' && s[3*i-1] != '-' {
 			return m, false
 		}
-		hi, ok1 := unhex(s[3*i])
-		lo, ok2 := unhex(s[3*i+1])
-		if !ok1 || !ok2 {
+		if _, err := hex.Decode(m[i:i+1], []byte(s[3*i:3*i+2])); err != nil {
 			return m, false
 		}
-		m[i] = hi<<4 | lo
 	}
 	return m, true
-}
-
-func unhex(c byte) (byte, bool) {
-	switch {
-	case '0' <= c && c <= '9':
-		return c - '0', true
-	case 'a' <= c && c <= 'f':
-		return c - 'a' + 10, true
-	case 'A' <= c && c <= 'F':
-		return c - 'A' + 10, true
-	}
-	return 0, false
 }
 
 func (m mac6) String() string { return net.HardwareAddr(m[:]).String() }
