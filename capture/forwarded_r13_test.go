@@ -3,7 +3,6 @@ package capture
 import (
 	"net/netip"
 	"testing"
-	"time"
 
 	"github.com/gopacket/gopacket"
 	"github.com/gopacket/gopacket/layers"
@@ -11,35 +10,6 @@ import (
 	"egressd/audit"
 	"egressd/policy"
 )
-
-// liveIP runs one frame with the IP layer ip given (its TTL, hop limit,
-// options) through r's pipeline, from a LAN host or (fromGW) the gateway.
-func (r *guardRig) liveIP(fromGW bool, ip gopacket.NetworkLayer, ls ...gopacket.SerializableLayer) {
-	r.t.Helper()
-	smac, dmac := macClient, macGW
-	if fromGW {
-		smac, dmac = macGW, macClient
-	}
-	et := layers.EthernetTypeIPv4
-	if _, ok := ip.(*layers.IPv6); ok {
-		et = layers.EthernetTypeIPv6
-	}
-	for _, l := range ls {
-		switch t := l.(type) {
-		case *layers.UDP:
-			t.SetNetworkLayerForChecksum(ip)
-		case *layers.TCP:
-			t.SetNetworkLayerForChecksum(ip)
-		}
-	}
-	all := append([]gopacket.SerializableLayer{&layers.Ethernet{SrcMAC: smac, DstMAC: dmac, EthernetType: et}, ip.(gopacket.SerializableLayer)}, ls...)
-	buf := gopacket.NewSerializeBuffer()
-	if err := gopacket.SerializeLayers(buf, gopacket.SerializeOptions{FixLengths: true, ComputeChecksums: true}, all...); err != nil {
-		r.t.Fatal(err)
-	}
-	r.now = r.now.Add(time.Millisecond)
-	r.c.proc.packet(buf.Bytes(), r.now, layers.LinkTypeEthernet)
-}
 
 // TestForwardedNotSkipped (R13): frames the gateway forwards or takes,
 // which capture must not count as unforwarded or skip: IPv4 with options

@@ -74,31 +74,7 @@ func slicesContains(s []netip.Addr, a netip.Addr) bool {
 // the given IP protocol and transport through the pipeline.
 func (r *guardRig) send(fromGW bool, src, dst string, proto layers.IPProtocol, ls ...gopacket.SerializableLayer) {
 	r.t.Helper()
-	s, d := netip.MustParseAddr(src), netip.MustParseAddr(dst)
-	smac, dmac := macClient, macGW
-	if fromGW {
-		smac, dmac = macGW, macClient
-	}
-	ip := ipLayer(s, d, proto)
-	et := layers.EthernetTypeIPv4
-	if s.Is6() {
-		et = layers.EthernetTypeIPv6
-	}
-	for _, l := range ls {
-		switch t := l.(type) {
-		case *layers.UDP:
-			t.SetNetworkLayerForChecksum(ip)
-		case *layers.TCP:
-			t.SetNetworkLayerForChecksum(ip)
-		}
-	}
-	all := append([]gopacket.SerializableLayer{&layers.Ethernet{SrcMAC: smac, DstMAC: dmac, EthernetType: et}, ip.(gopacket.SerializableLayer)}, ls...)
-	buf := gopacket.NewSerializeBuffer()
-	if err := gopacket.SerializeLayers(buf, gopacket.SerializeOptions{FixLengths: true, ComputeChecksums: true}, all...); err != nil {
-		r.t.Fatal(err)
-	}
-	r.now = r.now.Add(time.Millisecond)
-	r.c.proc.packet(buf.Bytes(), r.now, layers.LinkTypeEthernet)
+	r.liveIP(fromGW, ipLayer(netip.MustParseAddr(src), netip.MustParseAddr(dst), proto), ls...)
 }
 
 func (r *guardRig) udp(src string, sp uint16, dst string, dp uint16) {

@@ -1,36 +1,15 @@
 package capture
 
 import (
-	"net/netip"
 	"testing"
 	"time"
 
-	"egressd/audit"
 	"egressd/policy"
 )
 
 // Legitimate TCP that sends bytes twice, the same (R13): retransmissions
 // in other segmentations, TSO/GRO frames, probes, wraparound, Fast Open.
 // None is a stream-conflict; each flow is read and allowed by its name.
-
-// legitEvents runs conns, each writing one connection (from the handshake
-// on) whose client's first sequence number is isn, and returns the event
-// of each by client port.
-func legitEvents(t *testing.T, isn uint32, conns ...func(c *tcpConn)) map[uint16]audit.Event {
-	t.Helper()
-	p := newPcap(t)
-	cli, srv := netip.MustParseAddr("192.0.2.10"), netip.MustParseAddr("203.0.113.10")
-	for i, f := range conns {
-		c := &tcpConn{p: p, cli: cli, srv: srv, cport: uint16(47000 + i), sport: 443, cseq: isn, sseq: 5000}
-		f(c)
-	}
-	r := synthRun(t, p.close(), testPolicy, factsMap{srv: {decoyName}}, Config{})
-	got := map[uint16]audit.Event{}
-	for _, ev := range r.events {
-		got[ev.ClientPort] = ev
-	}
-	return got
-}
 
 func TestLegitRetransmissions(t *testing.T) {
 	hello := realClientHello(t, decoyName)
@@ -132,7 +111,7 @@ func TestLegitRetransmissions(t *testing.T) {
 		for _, c := range cases {
 			runs = append(runs, c.run)
 		}
-		got := legitEvents(t, isn, runs...)
+		got := connEvents(t, 47000, isn, runs, nil)
 		for i, c := range cases {
 			if ev := got[uint16(47000+i)]; ev.Reason != policy.ReasonAllowed || ev.Name != decoyName {
 				t.Errorf("isn %#x: %s: %+v, want %s allowed", isn, c.what, ev, decoyName)
@@ -147,8 +126,7 @@ func TestLegitHTTPRetransmissions(t *testing.T) {
 	head := []byte("GET /a HTTP/1.1\r\nHost: " + decoyName + "\r\nUser-Agent: x\r\n\r\n")
 	head2 := []byte("GET /b HTTP/1.1\r\nHost: " + decoyName + "\r\n\r\n")
 	p := newPcap(t)
-	cli, srv := netip.MustParseAddr("192.0.2.10"), netip.MustParseAddr("203.0.113.10")
-	c := &tcpConn{p: p, cli: cli, srv: srv, cport: 47100, sport: 80, cseq: 0xFFFFFFF0, sseq: 5000}
+	c := synthConn(p, 47100, 80, 0xFFFFFFF0)
 	c.handshake()
 	b := c.cseq
 	c.send(true, head, 10, nil, nil)
@@ -166,7 +144,7 @@ func TestLegitHTTPRetransmissions(t *testing.T) {
 	c.seg(false, "A", c.sseq, nil)
 	c.seg(true, "A", c.cseq-1, []byte{0}) // after the acknowledgement
 	c.close()
-	r := synthRun(t, p.close(), testPolicy, factsMap{srv: {decoyName}}, Config{})
+	r := decoyRun(t, p)
 	for _, ev := range r.events {
 		if ev.Reason != policy.ReasonAllowed {
 			t.Errorf("%+v, want allowed", ev)

@@ -1,7 +1,6 @@
 package capture
 
 import (
-	"net/netip"
 	"testing"
 	"time"
 
@@ -16,23 +15,29 @@ import (
 func lostRun(t *testing.T, runs ...func(c *tcpConn, hello []byte)) map[uint16]audit.Event {
 	t.Helper()
 	hello := realClientHello(t, decoyName)
-	p := newPcap(t)
-	cli, srv := netip.MustParseAddr("192.0.2.10"), netip.MustParseAddr("203.0.113.10")
+	conns := make([]func(c *tcpConn), len(runs))
 	for i, run := range runs {
-		c := &tcpConn{p: p, cli: cli, srv: srv, cport: uint16(47200 + i), sport: 443, cseq: 1000, sseq: 5000}
-		c.handshake()
-		c.send(true, hello, 1000, nil, map[int]bool{1: true})
-		run(c, hello)
+		conns[i] = func(c *tcpConn) {
+			c.handshake()
+			c.send(true, hello, 1000, nil, map[int]bool{1: true})
+			run(c, hello)
+		}
 	}
-	p.now = p.now.Add(11 * time.Second)
-	o := &tcpConn{p: p, cli: cli, srv: srv, cport: 47299, sport: 443, cseq: 1000, sseq: 5000}
-	o.handshake()
-	r := synthRun(t, p.close(), testPolicy, factsMap{srv: {decoyName}}, Config{})
-	got := map[uint16]audit.Event{}
-	for _, ev := range r.events {
-		got[ev.ClientPort] = ev
-	}
-	return got
+	return connEvents(t, 47200, 1000, conns, func(p *pcapWriter) { classifyWaitPasses(p, 47299) })
+}
+
+// lostFollowed writes a followed plain-HTTP connection (client port
+// 47300 to port 80) whose first request head the server answered, then
+// a second head of which capture lost the second segment.
+func lostFollowed(t *testing.T) (*pcapWriter, *tcpConn) {
+	p := newPcap(t)
+	c := synthConn(p, 47300, 80, 1000)
+	c.handshake()
+	c.send(true, []byte("GET /a HTTP/1.1\r\nHost: "+decoyName+"\r\n\r\n"), 1400, nil, nil)
+	c.seg(false, "A", c.sseq, []byte("HTTP/1.1 204 No Content\r\n\r\n"))
+	c.sseq += 28
+	c.send(true, []byte("GET /b HTTP/1.1\r\nHost: "+decoyName+"\r\nX: 1\r\n\r\n"), 20, nil, map[int]bool{1: true})
+	return p, c
 }
 
 // TestLostSegmentThenReset: a client's reset at the byte after its
@@ -92,20 +97,10 @@ func TestLostSegmentThenReset(t *testing.T) {
 // the flow, with no request event; not taken, the head waited for the
 // lost bytes and was recorded denied as hello-timeout.
 func TestLostSegmentThenResetFollowed(t *testing.T) {
-	p := newPcap(t)
-	cli, srv := netip.MustParseAddr("192.0.2.10"), netip.MustParseAddr("203.0.113.10")
-	c := &tcpConn{p: p, cli: cli, srv: srv, cport: 47300, sport: 80, cseq: 1000, sseq: 5000}
-	c.handshake()
-	c.send(true, []byte("GET /a HTTP/1.1\r\nHost: "+decoyName+"\r\n\r\n"), 1400, nil, nil)
-	c.seg(false, "A", c.sseq, []byte("HTTP/1.1 204 No Content\r\n\r\n"))
-	c.sseq += 28
-	c.send(true, []byte("GET /b HTTP/1.1\r\nHost: "+decoyName+"\r\nX: 1\r\n\r\n"), 20, nil, map[int]bool{1: true})
+	p, c := lostFollowed(t)
 	c.seg(true, "RA", c.cseq, nil)
-	p.now = p.now.Add(11 * time.Second)
-	o := &tcpConn{p: p, cli: cli, srv: srv, cport: 47399, sport: 443, cseq: 1000, sseq: 5000}
-	o.handshake()
-	r := synthRun(t, p.close(), testPolicy, factsMap{srv: {decoyName}}, Config{})
-	for _, ev := range r.events {
+	classifyWaitPasses(p, 47399)
+	for _, ev := range decoyRun(t, p).events {
 		if ev.ClientPort != 47300 {
 			continue
 		}
@@ -146,21 +141,13 @@ func TestLostSegmentServerAnswers(t *testing.T) {
 // head of a followed plain-HTTP flow: no request event denied as
 // hello-timeout, the follow ends (Stats.Unfollowed).
 func TestLostSegmentServerAnswersFollowed(t *testing.T) {
-	p := newPcap(t)
-	cli, srv := netip.MustParseAddr("192.0.2.10"), netip.MustParseAddr("203.0.113.10")
-	c := &tcpConn{p: p, cli: cli, srv: srv, cport: 47300, sport: 80, cseq: 1000, sseq: 5000}
-	c.handshake()
-	c.send(true, []byte("GET /a HTTP/1.1\r\nHost: "+decoyName+"\r\n\r\n"), 1400, nil, nil)
-	c.seg(false, "A", c.sseq, []byte("HTTP/1.1 204 No Content\r\n\r\n"))
-	c.sseq += 28
-	c.send(true, []byte("GET /b HTTP/1.1\r\nHost: "+decoyName+"\r\nX: 1\r\n\r\n"), 20, nil, map[int]bool{1: true})
+	p, c := lostFollowed(t)
 	c.seg(false, "A", c.sseq, []byte("HTTP/1.1 204 No Content\r\n\r\n"))
 	c.sseq += 28
 	p.now = p.now.Add(11 * time.Second)
 	c.seg(false, "A", c.sseq, nil)
 	c.close()
-	r := synthRun(t, p.close(), testPolicy, factsMap{srv: {decoyName}}, Config{})
-	for _, ev := range r.events {
+	for _, ev := range decoyRun(t, p).events {
 		if ev.Reason != policy.ReasonAllowed {
 			t.Errorf("%+v, want allowed", ev)
 		}

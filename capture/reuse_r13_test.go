@@ -1,7 +1,6 @@
 package capture
 
 import (
-	"net/netip"
 	"testing"
 
 	"egressd/audit"
@@ -18,8 +17,7 @@ func TestReusedTupleNewISN(t *testing.T) {
 	hello := realClientHello(t, decoyName)
 	other := realClientHello(t, realName)
 	p := newPcap(t)
-	cli, srv := netip.MustParseAddr("192.0.2.10"), netip.MustParseAddr("203.0.113.10")
-	c := &tcpConn{p: p, cli: cli, srv: srv, cport: 47400, sport: 443, cseq: 1000, sseq: 5000}
+	c := synthConn(p, 47400, 443, 1000)
 	c.handshake()
 	c.send(true, other[:1000], 1000, nil, nil)
 	for _, isn := range []uint32{1000 + 500, 1000 - 300} {
@@ -36,14 +34,14 @@ func TestReusedTupleNewISN(t *testing.T) {
 	// A SYN the server does not answer (it holds the old connection, and
 	// sends a challenge ACK) leaves the old stream as it was: its hello
 	// is read whole after it.
-	o := &tcpConn{p: p, cli: cli, srv: srv, cport: 47401, sport: 443, cseq: 1000, sseq: 5000}
+	o := synthConn(p, 47401, 443, 1000)
 	o.handshake()
 	o.send(true, other[:1000], 1000, nil, nil)
 	o.seg(true, "S", 77777, nil)
 	o.seg(false, "A", o.sseq, nil)
 	o.send(true, other[1000:], 1400, nil, nil)
 	o.close()
-	r := synthRun(t, p.close(), testPolicy, factsMap{srv: {decoyName}}, Config{})
+	r := decoyRun(t, p)
 	for _, ev := range r.events {
 		if ev.ClientPort == 47401 && (ev.Name != realName || ev.Verdict != policy.Deny) {
 			t.Errorf("the SYN the server did not answer: %+v, want %s read, denied", ev, realName)
