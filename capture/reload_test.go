@@ -247,7 +247,8 @@ func reloadRunSteps(t *testing.T, cfg Config, pol string, dns DNSFacts, each fun
 	return rec, ledger.Report(audit.ReportOptions{})
 }
 
-// reloadTCP is a TCP connection from 192.0.2.95 that keepTCP opens.
+// reloadTCP is a TCP connection from 192.0.2.95 that keepTCP (or
+// keepTCPFrom) opens.
 type reloadTCP struct {
 	cport uint16
 	srv   netip.Addr
@@ -261,18 +262,34 @@ type reloadTCP struct {
 // sending reply on each and, unless ack is empty, the client ack after
 // it.
 func keepTCP(conns []reloadTCP, reply, ack string) func(p *pcapWriter, s int) {
+	return keepTCPFrom(conns, nil, func(c *tcpConn) {
+		c.send(false, []byte(reply), 1400, nil, nil)
+		if ack != "" {
+			c.send(true, []byte(ack), 1400, nil, nil)
+		}
+	})
+}
+
+// keepTCPFrom is keepTCP with connections that open later and other
+// packets: conns[i] opens at second from[i] (nil: all at 0), its hello
+// unless nil, and from then on, every 10 s, keep writes on it.
+func keepTCPFrom(conns []reloadTCP, from []int, keep func(c *tcpConn)) func(p *pcapWriter, s int) {
 	tcs := make([]*tcpConn, len(conns))
 	return func(p *pcapWriter, s int) {
 		for i, c := range conns {
-			if s == 0 {
+			at := 0
+			if from != nil {
+				at = from[i]
+			}
+			switch {
+			case s < at:
+				continue
+			case s == at:
 				tcs[i] = &tcpConn{p: p, cli: netip.MustParseAddr("192.0.2.95"), srv: c.srv, cport: c.cport, sport: c.sport, cseq: 1, sseq: 1}
 				tcs[i].handshake()
 				tcs[i].send(true, c.hello, 1400, nil, nil)
 			}
-			tcs[i].send(false, []byte(reply), 1400, nil, nil)
-			if ack != "" {
-				tcs[i].send(true, []byte(ack), 1400, nil, nil)
-			}
+			keep(tcs[i])
 		}
 	}
 }
