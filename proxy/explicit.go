@@ -872,12 +872,7 @@ func (p *Proxy) handleRequest(req *http.Request, ctx *goproxy.ProxyCtx) (*http.R
 	if v.name == "" {
 		hin.Dest = addr.Addr()
 	}
-	v.d = eng.PathForm(hin, req.URL.EscapedPath(), v.d)
-	if !httpwire.TargetBytes(req.RequestURI) {
-		// Raw bytes net/http took (UTF-8, which it re-encodes): the
-		// transparent and inspected paths refuse them (httpwire.ParseHead).
-		v.d = denyDecision(eng, ReasonHTTPBad)
-	}
+	v.d = targetForm(eng, req.RequestURI, eng.PathForm(hin, req.URL.EscapedPath(), v.d))
 	f.ev.Name, f.ev.NameSource = v.name, v.src
 	if addr.IsValid() {
 		f.ev.Dest = addr.Addr()
@@ -897,12 +892,14 @@ func (p *Proxy) handleRequest(req *http.Request, ctx *goproxy.ProxyCtx) (*http.R
 	}
 	f.ev.Close = "forwarded"
 	dropConnectionFields(req.Header)
-	escaped := req.URL.EscapedPath()
+	escaped, target := req.URL.EscapedPath(), req.RequestURI
 	decide := func(e *policy.Engine) policy.Decision {
+		// A reload decides it with the checks of its start: the
+		// path's form and the target's bytes.
 		d := p.againConnect(e, v, addr, false)
 		hin := p.withMAC(e, hin)
 		hin.Now = time.Now()
-		return e.PathForm(hin, escaped, d)
+		return targetForm(e, target, e.PathForm(hin, escaped, d))
 	}
 	client, _ := req.Context().Value(clientConnKey{}).(net.Conn)
 	forwarded = true
@@ -910,6 +907,17 @@ func (p *Proxy) handleRequest(req *http.Request, ctx *goproxy.ProxyCtx) (*http.R
 		return p.explicitRoundTrip(req, at, f, decide, client)
 	})
 	return req.WithContext(context.WithValue(req.Context(), dialKey{}, addr)), nil
+}
+
+// targetForm is d, or http-malformed where the explicit proxy's request
+// target, as sent, has a byte the transparent and inspected paths refuse
+// (httpwire.TargetBytes: raw bytes 0x80 and above, UTF-8 net/http took
+// and re-encodes). A request's start and a reload's re-check decide so.
+func targetForm(eng *policy.Engine, target string, d policy.Decision) policy.Decision {
+	if !httpwire.TargetBytes(target) {
+		return denyDecision(eng, ReasonHTTPBad)
+	}
+	return d
 }
 
 // clientConnKey is the context key of an explicit proxy request's client

@@ -607,6 +607,25 @@ func TestReloadExplicitUpgradeAudit(t *testing.T) {
 	}
 }
 
+// TestReloadExplicitRawTargetAudit: in audit mode an explicit request
+// whose target carries raw bytes 0x80 and above (http-malformed, not
+// enforced) is forwarded; a reload decides it again with the same check as
+// its start, so a policy that allows its host does not credit it: its
+// record still says http-malformed.
+func TestReloadExplicitRawTargetAudit(t *testing.T) {
+	tp, _ := keepAliveTopo(t, "audit")
+	ws, wsr := explicitUpgrade(t, tp, "http://www.allowed.test:8080/caf\xc3\xa9/ws", "www.allowed.test:8080")
+
+	tp.swap(t, fmt.Sprintf(keepAlivePolicy, "audit"))
+
+	upgradeEchoes(t, ws, wsr, "after")
+	ws.Close()
+	ev := tp.ev.wait(t, "raw-target upgrade", byClient(ws))
+	if ev.Verdict != policy.Deny || ev.Enforced || ev.Reason != ReasonHTTPBad || ev.Mode != policy.ModeAudit || ev.Close == closeRevoked {
+		t.Errorf("raw-target upgrade: event %+v, want the deny %s kept", ev, ReasonHTTPBad)
+	}
+}
+
 // plainKeepAlive opens a transparent plain-HTTP connection to the
 // recording origin and makes one request after another on it, each
 // answered 200.
