@@ -8,8 +8,10 @@ import (
 	"io"
 	"strings"
 
+	"egressd/internal/httpwire"
 	"egressd/policy"
 	"egressd/profiles"
+	"egressd/proxy"
 )
 
 func init() {
@@ -170,6 +172,23 @@ func cmdPolicyExplain(args []string, stdout, stderr io.Writer) int {
 	// As the proxy decides a request: a path an origin may read as
 	// another one is refused where only a host/path rule would allow it.
 	d := eng.PathForm(in, in.Path, eng.Decide(in))
+	var rawNote string
+	if in.Path != "" && !httpwire.TargetBytes(in.Path) {
+		// The bytes as given: the proxy refuses a request target with a
+		// raw byte 0x80 or above, a space or a control (http-malformed,
+		// in every mode and whatever rule allows the host). A client
+		// sends it escaped: say what that is decided.
+		ein := in
+		ein.Path = escapeTarget(in.Path)
+		ed := eng.PathForm(ein, ein.Path, eng.Decide(ein))
+		decided := fmt.Sprintf("%s (%s)", strings.ToUpper(string(ed.Verdict)), ed.Reason)
+		if ed.Allowed() {
+			decided = fmt.Sprintf("ALLOW (rule %s)", ed.Rule)
+		}
+		rawNote = fmt.Sprintf("the path has raw bytes (0x80 and above, a space or a control): the proxy refuses it as sent (%s); a client such as curl sends the path escaped, %s, which is decided %s",
+			proxy.ReasonHTTPBad, ein.Path, decided)
+		d = policy.Decision{Verdict: policy.Deny, RuleIndex: -1, Reason: proxy.ReasonHTTPBad, Mode: eng.Mode()}
+	}
 	ex := explanation{Verdict: d.Verdict, Rule: d.Rule, Reason: d.Reason, Mode: d.Mode, Dest: *to,
 		Name: dest.Name, Path: dest.Path, Port: policy.PortRange{Lo: in.Port, Hi: in.Port, Proto: in.Proto}.String(), From: *from}
 	if dest.Addr.IsValid() {
@@ -192,6 +211,9 @@ func cmdPolicyExplain(args []string, stdout, stderr io.Writer) int {
 		if hd := eng.Decide(host); hd.Allowed() {
 			ex.Warnings = append(ex.Warnings, fmt.Sprintf("on HTTPS without --inspect the path is not seen: the proxy allows %s as a whole (rule %s); this path is refused on plain HTTP and with --inspect", dest.Name, hd.Rule))
 		}
+	}
+	if rawNote != "" {
+		ex.Warnings = append(ex.Warnings, rawNote)
 	}
 	if v4, p, ok := policy.NAT64Embedded(nat, dest.Addr); ok {
 		note := fmt.Sprintf("%s is %s behind the NAT64 prefix %s: decided as both", dest.Addr, v4, p)
@@ -247,6 +269,22 @@ func cmdPolicyExplain(args []string, stdout, stderr io.Writer) int {
 	}
 	fmt.Fprintf(stdout, "  mode:   %s\n", d.Mode)
 	return exitOK
+}
+
+// escapeTarget is path with each byte a request target does not carry
+// raw (httpwire.TargetBytes) written as its escape, "%XX", as curl sends
+// it.
+func escapeTarget(path string) string {
+	const hex = "0123456789ABCDEF"
+	var b strings.Builder
+	for i := 0; i < len(path); i++ {
+		if c := path[i]; c <= ' ' || c >= 0x7f {
+			b.WriteString("%" + hex[c>>4:c>>4+1] + hex[c&0xf:c&0xf+1])
+		} else {
+			b.WriteByte(c)
+		}
+	}
+	return b.String()
 }
 
 // explainInput builds the policy input of `policy explain`.

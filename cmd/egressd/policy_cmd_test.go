@@ -6,6 +6,7 @@ import (
 	"encoding/json"
 	"os"
 	"path/filepath"
+	"slices"
 	"strings"
 	"testing"
 )
@@ -318,14 +319,14 @@ rules:
 `), 0o600); err != nil {
 		t.Fatal(err)
 	}
-	const allow, path, form = "allowed", "path-not-allowed", "path-form"
+	const allow, path, form, raw = "allowed", "path-not-allowed", "path-form", "http-malformed"
 	for _, c := range []struct{ path, reason string }{
 		{"/public/x", allow},
 		{"/%70ublic/x", allow},
 		{"/%70%75%62%6C%69%63/x", allow},
 		{"/caf%c3%a9/x", allow},
-		{"/caf\xc3\xa9/x", allow}, // raw UTF-8: origins serve it as /caf%C3%A9/x
-		{"/caf\xc3\xa9", path},
+		{"/caf\xc3\xa9/x", raw}, // raw UTF-8: the proxy refuses it in every mode
+		{"/caf\xc3\xa9", raw},
 		{"/%7Euser/x", allow},
 		{"/%70UBLIC/x", path},
 		{"/public%2fx", path},
@@ -343,14 +344,14 @@ rules:
 		{"/public/%c0%ae%c0%ae/private/x", form},
 		{"/public/%e0%80%ae%e0%80%ae/private/x", form},
 		{"/public/%f8%80%80%80%ae/private/x", form},
-		{"/public/\xc0\xae\xc0\xae/private/x", form}, // raw overlong dots
+		{"/public/\xc0\xae\xc0\xae/private/x", raw}, // raw overlong dots
 		{"/public/..;/private/x", form},
 		{"/public/..\\private/x", form},
 	} {
 		for _, host := range []string{"docs.paths.test", "open.paths.test"} {
 			to := "http://" + host + c.path
 			want := c.reason
-			if host == "open.paths.test" {
+			if host == "open.paths.test" && want != raw {
 				want = allow // a host-level rule allows every spelling
 			}
 			code, out, stderr := runCLI(t, "policy", "explain", file, "--to", to, "--json")
@@ -365,6 +366,43 @@ rules:
 			if code != 0 || (want == allow) != strings.HasPrefix(out, "ALLOW ") || want != allow && !strings.Contains(out, "reason: "+want) {
 				t.Errorf("%q: exit %d, text:\n%s\nwant %s", to, code, out, want)
 			}
+		}
+	}
+}
+
+// TestExplainRawBytes: explain decides a URL whose path has raw bytes 0x80
+// and above as the proxy decides those bytes as sent (http-malformed, in
+// every mode and whatever rule allows the host), and says how a client
+// sends it escaped and what that would be decided.
+func TestExplainRawBytes(t *testing.T) {
+	file := filepath.Join(t.TempDir(), "p.yaml")
+	if err := os.WriteFile(file, []byte(`version: 1
+mode: audit
+rules:
+  - name: files
+    to: ["docs.paths.test/caf%C3%A9/*"]
+    ports: [80/tcp]
+`), 0o600); err != nil {
+		t.Fatal(err)
+	}
+	for _, c := range []struct{ to, escaped, decided string }{
+		{"http://docs.paths.test/caf\xc3\xa9/x", "/caf%C3%A9/x", "ALLOW (rule files)"},
+		{"http://caf\xc3\xa9.paths.test/caf\xc3\xa9", "/caf%C3%A9", "DENY (no-rule)"},
+		{"http://docs.paths.test/caf\xc3\xa9", "/caf%C3%A9", "DENY (path-not-allowed)"},
+	} {
+		code, out, stderr := runCLI(t, "policy", "explain", file, "--to", c.to)
+		note := "the proxy refuses it as sent (http-malformed); a client such as curl sends the path escaped, " + c.escaped + ", which is decided " + c.decided
+		if code != 0 || !strings.HasPrefix(out, "DENY ") || !strings.Contains(out, "reason: http-malformed\n") || !strings.Contains(out, note) {
+			t.Errorf("%q: exit %d %s, text:\n%s\nwant DENY http-malformed and the note %q", c.to, code, stderr, out, note)
+		}
+		code, out, _ = runCLI(t, "policy", "explain", file, "--to", c.to, "--json")
+		var ex struct {
+			Verdict, Reason, Rule string
+			Warnings              []string
+		}
+		if err := json.Unmarshal([]byte(out), &ex); code != 0 || err != nil || ex.Verdict != "deny" || ex.Reason != "http-malformed" || ex.Rule != "" ||
+			!slices.ContainsFunc(ex.Warnings, func(w string) bool { return strings.Contains(w, note) }) {
+			t.Errorf("%q --json: exit %d %v: %s", c.to, code, err, out)
 		}
 	}
 }
