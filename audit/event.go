@@ -106,7 +106,10 @@ type Event struct {
 	// Name, Path and Front are text a LAN client chooses; each is kept
 	// to a bound (MaxNameBytes, MaxPathBytes) by Bound, which every sink
 	// of this package applies, and NameLen, PathLen and FrontLen hold the
-	// length of one that was cut (0: kept whole).
+	// length of one that was cut (0: kept whole). PathLen is set too where
+	// Bound wrote bytes that are not UTF-8 as U+FFFD (a raw byte 0x80 or
+	// above in a target): the path is not the one sent, and a replay
+	// decides it on the start before the first U+FFFD, as a cut one.
 	Name       string     `json:"name,omitempty"`
 	NameLen    int        `json:"name_len,omitempty"`
 	NameSource NameSource `json:"name_source,omitempty"`
@@ -186,7 +189,8 @@ type Event struct {
 // the event log, which rotates by size, and bloat every log line. A
 // longer value is cut to the bound: its first bytes (whole UTF-8
 // characters) followed by TruncMark, and its length is kept in the
-// event's NameLen, PathLen or FrontLen. A valid name (at most 253 bytes,
+// event's NameLen, PathLen or FrontLen (PathLen too for a path that is
+// not UTF-8, changed so: see Event.PathLen). A valid name (at most 253 bytes,
 // 254 with the root's dot) is never cut, and a cut one is never valid
 // (TruncMark is not ASCII), so a replay judges it as it would the whole
 // one: no name. TruncMark does not end in a dot, which the ledger would
@@ -226,6 +230,10 @@ func Clip(s string, max int) string {
 // report and a replay all see the value it left.
 func (e *Event) Bound() {
 	e.Name, e.NameLen = bound(e.Name, e.NameLen, MaxNameBytes)
+	if !utf8.ValidString(e.Path) {
+		// Changed, not only cut: the event says so (PathLen).
+		e.PathLen = max(e.PathLen, len(e.Path))
+	}
 	e.Path, e.PathLen = bound(e.Path, e.PathLen, MaxPathBytes)
 	e.Front, e.FrontLen = bound(e.Front, e.FrontLen, MaxNameBytes)
 	// The rule and the MAC are egressd's own text live (a policy's rule

@@ -10,6 +10,7 @@ import (
 	"strings"
 	"text/tabwriter"
 	"time"
+	"unicode/utf8"
 
 	"egressd/policy"
 )
@@ -128,6 +129,7 @@ func (r *Replayer) Emit(ev Event) {
 		// another ICMP request is protocol-not-allowed, as before.
 		pr = policy.ICMP
 	}
+	replaced := false // the path's bytes from the first U+FFFD are not known
 	in := policy.Input{Client: ev.Client.Unmap(), ClientMAC: mac, Dest: ev.Dest.Unmap(), Port: ev.DestPort, Proto: pr,
 		Name: ev.Name, Path: ev.Path, Now: r.now,
 		// A flow that showed no path is decided so again; a path-unseen
@@ -135,9 +137,16 @@ func (r *Replayer) Emit(ev Event) {
 		// recorded).
 		NoPath: ev.NoPath || ev.Reason == policy.ReasonPathUnseen}
 	if ev.PathLen > 0 && ev.Kind != KindDNS {
-		// Cut at MaxPathBytes: decided on the start kept, as capture
-		// judges such a connection at a reload.
-		in.Path, in.PathCut = strings.TrimSuffix(ev.Path, TruncMark), true
+		// Cut at MaxPathBytes, or changed where bytes not UTF-8 were
+		// written as U+FFFD (Bound): decided on the start kept as sent,
+		// before the first U+FFFD, as capture judges a cut connection at
+		// a reload. A path sent with a U+FFFD of its own is cut there
+		// too: that only leaves more not known.
+		start := strings.TrimSuffix(ev.Path, TruncMark)
+		if i := strings.IndexRune(start, utf8.RuneError); i >= 0 {
+			start, replaced = start[:i], true
+		}
+		in.Path, in.PathCut = start, true
 	}
 	var d policy.Decision
 	switch ev.Kind {
@@ -154,6 +163,17 @@ func (r *Replayer) Emit(ev Event) {
 	oldV := ev.Verdict
 	if oldV != policy.Allow {
 		oldV = policy.Deny
+	}
+	if replaced && d.Allowed() {
+		// The bytes replaced may be what made the path one an origin
+		// reads as another (a raw "\xc0\xae" is an overlong dot): where
+		// only a host/path rule allows it, PathForm of the whole path
+		// is not known, as the verdict past a cut is not.
+		host := in
+		host.Path, host.PathCut = "", false
+		if !r.eng.HostLevel().Decide(host).Allowed() {
+			d = policy.Decision{Verdict: policy.Deny, RuleIndex: -1, Reason: policy.ReasonPathCut, Mode: r.eng.Mode()}
+		}
 	}
 	if d.Reason == policy.ReasonPathCut {
 		// The start cannot tell a host/path rule ranked before any that
