@@ -83,9 +83,11 @@ func (p *Proxy) origDst(c *net.TCPConn, f *flowRecord) (netip.AddrPort, error) {
 // set.
 func (p *Proxy) handleTransparent(c *net.TCPConn, ours bool) {
 	start := time.Now()
-	// The client's address is the socket's (REDIRECT does not change it);
-	// its port may not be (clientPort), and only the record needs it: the
-	// lookup waits until the connection is decided and forwarded.
+	// The client's address is the socket's (REDIRECT does not change it),
+	// without its zone (audit.ClientAddr); its port may not be
+	// (clientPort): the conntrack lookup runs first, inside origDst, when
+	// Deps.Accepted is to be told the connection, else after the decision
+	// (only the record needs it then).
 	f, ca := transparentRecord(c, start)
 	// The original destination, and Deps.Accepted told, before the
 	// connection is tracked: from then on Close may close it at any
