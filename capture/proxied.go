@@ -46,8 +46,10 @@ const (
 // its end or a minute in, so the note comes first, unless the proxy's
 // accept queue is long and the client ends the connection first.
 //
-// A link-local client's address comes with its interface's zone, as the
-// proxy's socket has it; capture's, from the packet, has none.
+// client and dest are without a zone, as capture keys a connection from
+// its packets: the proxy tells a link-local client's address as its
+// event has it (audit.ClientAddr drops the zone its socket gives), and
+// an original destination as the kernel gives it (no scope).
 //
 // ended says the client had ended the connection (a reset, a FIN) when
 // the proxy took it from its queue. Capture reports a connection at its
@@ -57,7 +59,7 @@ const (
 // the proxy never accepted, its handshake's end dropped on a full accept
 // queue): the record is the earlier's, and is dropped.
 func (c *Capture) ProxyAccepted(client, dest netip.AddrPort, ended bool) (lined bool) {
-	k := makeKey(client.Addr().WithZone("").Unmap(), client.Port(), dest.Addr().WithZone("").Unmap(), dest.Port(), 6)
+	k := makeKey(client.Addr().Unmap(), client.Port(), dest.Addr().Unmap(), dest.Port(), 6)
 	s := &c.proxied
 	s.mu.Lock()
 	defer s.mu.Unlock()

@@ -191,9 +191,20 @@ func TestTransparentShutdownMidSetup(t *testing.T) {
 // zone in its event, as capture's events (from the packet) and the DNS
 // forwarder's have it: the report keys a client by its address, and
 // counted fe80::…%gwc and fe80::… as two clients, each connection as two
-// flows (capture's event and the proxy's did not merge).
+// flows (capture's event and the proxy's did not merge). Deps.Accepted
+// (capture.ProxyAccepted, which keys connections as the packets give
+// them, without a zone) is told the client so too.
 func TestTransparentLinkLocalClient(t *testing.T) {
-	tp := newTopo(t, topoOpts{})
+	var mu sync.Mutex
+	var told []netip.AddrPort
+	tp := newTopo(t, topoOpts{deps: func(d *Deps) {
+		d.Accepted = func(client, _ netip.AddrPort, _ bool) bool {
+			mu.Lock()
+			told = append(told, client)
+			mu.Unlock()
+			return false
+		}
+	}})
 	ll, idx := linkLocalOf(t, tp.c, "c0")
 	var c net.Conn
 	err := tp.c.Do(func() (err error) {
@@ -209,6 +220,12 @@ func TestTransparentLinkLocalClient(t *testing.T) {
 	ev := tp.ev.wait(t, "of the link-local client", byClientPort(port))
 	if ev.Client != ll {
 		t.Errorf("event's client %s, want %s (no zone)", ev.Client, ll)
+	}
+	mu.Lock()
+	defer mu.Unlock()
+	want := netip.AddrPortFrom(ll, uint16(port))
+	if len(told) != 1 || told[0] != want || told[0].String() != want.String() || told[0].Addr().Zone() != "" {
+		t.Errorf("Accepted told %v, want [%s] (no zone, as capture keys it)", told, want)
 	}
 }
 
