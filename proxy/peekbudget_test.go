@@ -162,20 +162,26 @@ func TestPeekBudget(t *testing.T) {
 // in net/http's buffers and header map, some 90 KiB each; now the heap is
 // bounded by the budget, the connections that do not fit are closed, an
 // ordinary request is served meanwhile, and the budget is whole again once
-// they have gone.
+// they have gone. The connections come from 30 client addresses, whose
+// tenths of the budget together are three times it: the budget's total
+// bounds them, not each client's tenth (from one address, as before
+// session 29, the total could not be passed whether it was enforced or
+// not).
 func TestExplicitPeekBudget(t *testing.T) {
 	const budget = 1 << 20
 	addr, plainPort, p := bigHeadProxy(t, budget)
-	const n = 300
+	const n, clients = 300, 30
 	head := bigHeadStart(fmt.Sprintf("http://docs.paths.test:%d/", plainPort))
 	before := heapInUse()
-	conns := bigHeadConns(t, addr, head, n)
+	conns := bigHeadConnsFrom(t, addr, head, n, clients)
 	refused := closedByPeer(conns, time.Second)
 	grown := heapInUse() - before
-	t.Logf("%d connections with %d KB of head each: %d refused; the budget holds %d KiB; the heap grew %d KiB (%d KiB a connection)",
-		n, len(head)/1000, refused, p.peekMem.inUse()>>10, grown>>10, grown/n>>10)
+	t.Logf("%d connections from %d addresses with %d KB of head each: %d refused; the budget holds %d KiB; the heap grew %d KiB (%d KiB a connection)",
+		n, clients, len(head)/1000, refused, p.peekMem.inUse()>>10, grown>>10, grown/n>>10)
 	if got := p.peekMem.inUse(); got > budget {
 		t.Errorf("the peek budget holds %d bytes, over its %d", got, budget)
+	} else if got <= budget/2 {
+		t.Errorf("the peek budget holds %d bytes of its %d: the clients did not fill it", got, budget)
 	}
 	if refused == 0 {
 		t.Errorf("none of %d connections was refused with a budget of %d KiB", n, budget>>10)
@@ -217,10 +223,20 @@ rules:
 // bigHeadConns opens n connections to addr (from 127.0.0.1), each of
 // which writes head and nothing more; they close at the test's end.
 func bigHeadConns(t *testing.T, addr string, head []byte, n int) []net.Conn {
+	return bigHeadConnsFrom(t, addr, head, n, 0)
+}
+
+// bigHeadConnsFrom is bigHeadConns from clients addresses in turn,
+// 127.0.0.10 and up (0: from 127.0.0.1).
+func bigHeadConnsFrom(t *testing.T, addr string, head []byte, n, clients int) []net.Conn {
 	t.Helper()
 	var conns []net.Conn
-	for range n {
-		c, err := net.Dial("tcp", addr)
+	for i := range n {
+		d := net.Dialer{Timeout: 5 * time.Second}
+		if clients > 0 {
+			d.LocalAddr = &net.TCPAddr{IP: net.IPv4(127, 0, 0, byte(10+i%clients))}
+		}
+		c, err := d.Dial("tcp", addr)
 		if err != nil {
 			t.Fatal(err)
 		}
