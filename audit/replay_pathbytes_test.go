@@ -80,3 +80,38 @@ func TestReplayPathNotUTF8(t *testing.T) {
 		}
 	}
 }
+
+// FuzzBoundPath: Bound leaves a path valid UTF-8 within MaxPathBytes,
+// sets path_len exactly where it changed the path (cut it, or wrote a
+// byte that is not UTF-8 as U+FFFD) to the length as sent, keeps the
+// start before the first change, and changes nothing when run again.
+func FuzzBoundPath(f *testing.F) {
+	f.Add("/public/\xc0\xae\xc0\xae/private/x", 0)
+	f.Add("/caf\xc3\xa9/x", 0)
+	f.Add("/"+strings.Repeat("\xff", MaxPathBytes), 0)
+	f.Add("/x\uFFFD", 7)
+	f.Fuzz(func(t *testing.T, path string, n int) {
+		n = max(0, min(n, 1<<20))
+		ev := Event{Path: path, PathLen: n}
+		ev.Bound()
+		if !utf8.ValidString(ev.Path) || len(ev.Path) > MaxPathBytes {
+			t.Fatalf("bound %q to %q: not UTF-8 or over %d bytes", path, ev.Path, MaxPathBytes)
+		}
+		changed := ev.Path != path
+		if changed && ev.PathLen < len(path) || !changed && ev.PathLen != n {
+			t.Fatalf("bound %q (path_len %d) to %q, path_len %d", path, n, ev.Path, ev.PathLen)
+		}
+		start := strings.TrimSuffix(ev.Path, TruncMark)
+		if i := strings.IndexRune(start, utf8.RuneError); i >= 0 {
+			start = start[:i]
+		}
+		if changed && !strings.HasPrefix(path, start) {
+			t.Fatalf("bound %q to %q: the start %q is not the path's", path, ev.Path, start)
+		}
+		again := ev
+		again.Bound()
+		if again.Path != ev.Path || again.PathLen != ev.PathLen {
+			t.Fatalf("bounding %q again changed it: %+v", path, again)
+		}
+	})
+}
