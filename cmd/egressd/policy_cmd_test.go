@@ -4,11 +4,14 @@ import (
 	"bytes"
 	"context"
 	"encoding/json"
+	"fmt"
 	"os"
 	"path/filepath"
 	"slices"
 	"strings"
 	"testing"
+
+	"egressd/internal/httpwire"
 )
 
 func runCLI(t *testing.T, args ...string) (int, string, string) {
@@ -405,4 +408,32 @@ rules:
 			t.Errorf("%q --json: exit %d %v: %s", c.to, code, err, out)
 		}
 	}
+}
+
+// FuzzEscapeTarget: escapeTarget writes each byte a request target does
+// not carry raw as its escape and nothing else: the result passes
+// httpwire.TargetBytes, and reading its new escapes back gives the path.
+func FuzzEscapeTarget(f *testing.F) {
+	f.Add("/caf\xc3\xa9/x")
+	f.Add("/a b\x7f%41")
+	f.Fuzz(func(t *testing.T, path string) {
+		out := escapeTarget(path)
+		if !httpwire.TargetBytes(out) || httpwire.TargetBytes(path) != (out == path) {
+			t.Fatalf("escapeTarget(%q) = %q", path, out)
+		}
+		var back []byte
+		for i, j := 0, 0; i < len(path); i++ {
+			if c := path[i]; c <= ' ' || c >= 0x7f {
+				if out[j:j+3] != fmt.Sprintf("%%%02X", c) {
+					t.Fatalf("escapeTarget(%q) = %q: byte %d", path, out, i)
+				}
+				back, j = append(back, c), j+3
+			} else {
+				back, j = append(back, out[j]), j+1
+			}
+		}
+		if string(back) != path {
+			t.Fatalf("escapeTarget(%q) = %q reads back as %q", path, out, back)
+		}
+	})
 }
