@@ -52,22 +52,7 @@ func TestReplayPathNotUTF8(t *testing.T) {
 			eng  *policy.Engine
 			same bool
 		}{{old, true}, {cand, false}} {
-			r := NewReplayer(against.eng, t0)
-			r.Emit(ev)
-			res := r.Result()
-			var got, gotRule string
-			switch {
-			case len(res.NewlyAllowed) == 1:
-				got, gotRule = "allowed", res.NewlyAllowed[0].NewRule
-			case len(res.NewlyDropped) == 1:
-				got, gotRule = "dropped", res.NewlyDropped[0].NewReason
-			case len(res.RuleChanged) == 1:
-				got, gotRule = "rule", res.RuleChanged[0].NewRule
-			case res.Unchanged == 1 && res.PathCut == 1:
-				got = "cut"
-			case res.Unchanged == 1:
-				got = "unchanged"
-			}
+			got, gotRule, res := replayOne(against.eng, t0, ev)
 			if against.same {
 				if got != "unchanged" && got != "cut" {
 					t.Errorf("%s: replayed against the policy that recorded it: %q %q (%+v), want unchanged", c.what, got, gotRule, res)

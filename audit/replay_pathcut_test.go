@@ -59,9 +59,7 @@ func TestReplayClippedPath(t *testing.T) {
 			eng  *policy.Engine
 			same bool
 		}{{old, true}, {cand, false}} {
-			r := NewReplayer(against.eng, t0)
-			r.Emit(ev)
-			res := r.Result()
+			got, gotRule, res := replayOne(against.eng, t0, ev)
 			if against.same {
 				if res.Unchanged != 1 || len(res.NewlyAllowed)+len(res.NewlyDropped)+len(res.RuleChanged) != 0 {
 					t.Errorf("%s: replayed against the policy that recorded it: %+v, want unchanged", c.what, res)
@@ -69,19 +67,6 @@ func TestReplayClippedPath(t *testing.T) {
 				continue
 			}
 			live := cand.Decide(whole)
-			var got, gotRule string
-			switch {
-			case len(res.NewlyAllowed) == 1:
-				got, gotRule = "allowed", res.NewlyAllowed[0].NewRule
-			case len(res.NewlyDropped) == 1:
-				got, gotRule = "dropped", res.NewlyDropped[0].NewReason
-			case len(res.RuleChanged) == 1:
-				got, gotRule = "rule", res.RuleChanged[0].NewRule
-			case res.Unchanged == 1 && res.PathCut == 1:
-				got = "cut"
-			case res.Unchanged == 1:
-				got = "unchanged"
-			}
 			if got == "cut" {
 				var b strings.Builder
 				if err := res.WriteText(&b); err != nil || !strings.Contains(b.String(), "of which 1 with a path cut") {
@@ -96,6 +81,29 @@ func TestReplayClippedPath(t *testing.T) {
 			}
 		}
 	}
+}
+
+// replayOne replays ev against eng at t0 and says what changed:
+// "allowed", "dropped", "rule" (with the candidate's rule, or for
+// "dropped" its reason), "cut" (unchanged, and in path_cut: not known) or
+// "unchanged"; and the result.
+func replayOne(eng *policy.Engine, t0 time.Time, ev Event) (string, string, *ReplayResult) {
+	r := NewReplayer(eng, t0)
+	r.Emit(ev)
+	res := r.Result()
+	switch {
+	case len(res.NewlyAllowed) == 1:
+		return "allowed", res.NewlyAllowed[0].NewRule, res
+	case len(res.NewlyDropped) == 1:
+		return "dropped", res.NewlyDropped[0].NewReason, res
+	case len(res.RuleChanged) == 1:
+		return "rule", res.RuleChanged[0].NewRule, res
+	case res.Unchanged == 1 && res.PathCut == 1:
+		return "cut", "", res
+	case res.Unchanged == 1:
+		return "unchanged", "", res
+	}
+	return "", "", res
 }
 
 // compileRules compiles an enforce policy of rules (YAML list items).
