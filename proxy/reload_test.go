@@ -591,14 +591,7 @@ func TestReloadExplicitUpgrade(t *testing.T) {
 // TestReloadExplicitUpgradeAudit: in audit mode the upgraded stream the
 // new policy denies goes on, and its record says the deny, not enforced.
 func TestReloadExplicitUpgradeAudit(t *testing.T) {
-	tp, _ := keepAliveTopo(t, "audit")
-	ws, wsr := explicitUpgrade(t, tp, "http://www.allowed.test:8080/ws", "www.allowed.test:8080")
-
-	tp.swap(t, fmt.Sprintf(keepAliveDocsOnly, "audit"))
-
-	upgradeEchoes(t, ws, wsr, "after")
-	ws.Close()
-	ev := tp.ev.wait(t, "audited upgrade", byClient(ws))
+	tp, ev := reloadedUpgradeAudit(t, "http://www.allowed.test:8080/ws", keepAliveDocsOnly)
 	if ev.Verdict != policy.Deny || ev.Enforced || ev.Reason != policy.ReasonNoRule || ev.Mode != policy.ModeAudit || ev.Close == closeRevoked {
 		t.Errorf("audited upgrade: event %+v", ev)
 	}
@@ -613,17 +606,25 @@ func TestReloadExplicitUpgradeAudit(t *testing.T) {
 // its start, so a policy that allows its host does not credit it: its
 // record still says http-malformed.
 func TestReloadExplicitRawTargetAudit(t *testing.T) {
-	tp, _ := keepAliveTopo(t, "audit")
-	ws, wsr := explicitUpgrade(t, tp, "http://www.allowed.test:8080/caf\xc3\xa9/ws", "www.allowed.test:8080")
-
-	tp.swap(t, fmt.Sprintf(keepAlivePolicy, "audit"))
-
-	upgradeEchoes(t, ws, wsr, "after")
-	ws.Close()
-	ev := tp.ev.wait(t, "raw-target upgrade", byClient(ws))
+	_, ev := reloadedUpgradeAudit(t, "http://www.allowed.test:8080/caf\xc3\xa9/ws", keepAlivePolicy)
 	if ev.Verdict != policy.Deny || ev.Enforced || ev.Reason != ReasonHTTPBad || ev.Mode != policy.ModeAudit || ev.Close == closeRevoked {
 		t.Errorf("raw-target upgrade: event %+v, want the deny %s kept", ev, ReasonHTTPBad)
 	}
+}
+
+// reloadedUpgradeAudit opens an upgrade to url (on www.allowed.test:8080)
+// through the explicit proxy in audit mode, reloads to policyFmt (audit),
+// checks the stream goes on, closes it, and returns its record.
+func reloadedUpgradeAudit(t *testing.T, url, policyFmt string) (*topo, audit.Event) {
+	t.Helper()
+	tp, _ := keepAliveTopo(t, "audit")
+	ws, wsr := explicitUpgrade(t, tp, url, "www.allowed.test:8080")
+
+	tp.swap(t, fmt.Sprintf(policyFmt, "audit"))
+
+	upgradeEchoes(t, ws, wsr, "after")
+	ws.Close()
+	return tp, tp.ev.wait(t, "audited upgrade", byClient(ws))
 }
 
 // plainKeepAlive opens a transparent plain-HTTP connection to the
