@@ -56,8 +56,9 @@ type JournalConfig struct {
 	// sheds (and counts) events instead of waiting. Default 65536.
 	QueueLen int
 	// QueueBytes bounds the memory of those events in bytes
-	// (queueBytes: an Event and the client's text it keeps); beyond it
-	// Emit sheds as beyond QueueLen.
+	// (queueBytes: an Event and the client's text it keeps), the batch
+	// the writer has taken and not yet written included; beyond it Emit
+	// sheds as beyond QueueLen.
 	// A client's text makes an event up to 3 KiB (a 2 KiB path), not
 	// the 550 B of most: 65,536 such would hold 200 MiB. Default
 	// defaultQueueBytes, which 65,536 events of short names fit.
@@ -208,8 +209,8 @@ type Journal struct {
 	qmu      sync.Mutex // guards pending, npending, qbytes and spare
 	pending  [][]Event  // queued by Emit, at most QueueLen events in all
 	npending int
-	// qbytes is what the queued events take (queueBytes), at most
-	// QueueBytes.
+	// qbytes is what the queued events take (queueBytes), and those
+	// of the writer's batch not yet written: at most QueueBytes.
 	qbytes int64
 	spare  []Event // a written chunk's array, for reuse
 	kick   chan struct{}
@@ -1152,22 +1153,27 @@ const queueChunk = 1024
 func (j *Journal) takeBatch() {
 	j.qmu.Lock()
 	batch := j.pending
-	j.pending, j.npending, j.qbytes = nil, 0, 0
+	j.pending, j.npending = nil, 0
 	j.qmu.Unlock()
 	for ci, c := range batch {
+		var size int64
 		for i := range c {
+			size += queueBytes(&c[i])
 			j.writeEvent(c[i])
 		}
 		j.queued.Add(-int64(len(c)))
 		clear(c) // no references kept to the events' strings
 		batch[ci] = nil
+		// The chunk's bytes count against QueueBytes until it is let
+		// go: a write that stalls in the batch holds it.
+		j.qmu.Lock()
+		j.qbytes -= size
 		if ci == len(batch)-1 {
 			// One chunk's array is kept for the next (written at
 			// the next tick or kick, a chunk at most).
-			j.qmu.Lock()
 			j.spare = c[:0]
-			j.qmu.Unlock()
 		}
+		j.qmu.Unlock()
 	}
 }
 

@@ -1,9 +1,12 @@
 package audit
 
 import (
+	"context"
 	"runtime"
 	"strings"
+	"sync"
 	"testing"
+	"time"
 	"unsafe"
 )
 
@@ -64,5 +67,58 @@ func TestEmitQueueBoundedInBytes(t *testing.T) {
 	}
 	if j.Shed() == 0 {
 		t.Errorf("no event shed: %d events of the longest text queued", n)
+	}
+}
+
+// TestEmitQueueBytesHoldWhileWriting: the byte bound holds for the
+// events the writer has taken but not yet written too. The writer takes
+// the whole queue as its batch; a disk that stalls in the batch's write
+// (the writer behind, what the bound is for) kept the batch while Emit,
+// the queue's count reset at the take, queued the bound's bytes again:
+// 128 MiB of events held at a 64 MiB bound.
+func TestEmitQueueBytesHoldWhileWriting(t *testing.T) {
+	j, _, _ := openJournal(t, JournalConfig{Dir: t.TempDir()}, nil)
+	entered := make(chan struct{})
+	release := make(chan struct{})
+	var once sync.Once
+	j.testHookPre = func() {
+		once.Do(func() { close(entered) })
+		<-release
+	}
+	runDone := make(chan error, 1)
+	go func() { runDone <- j.Run(context.Background()) }()
+	defer func() {
+		close(release)
+		j.Close()
+		if err := <-runDone; err != nil {
+			t.Error(err)
+		}
+	}()
+	ev := seqEvent(1, t0)
+	ev.Kind, ev.Name, ev.Front = KindRequest, strings.Repeat("a", 255), strings.Repeat("b", 255)
+	ev.Path = "/" + strings.Repeat("c", MaxPathBytes-1)
+	size := queueBytes(&ev)
+	limit := int(defaultQueueBytes/size) + 1 // the most the bound lets in
+	accepted := 0
+	fill := func() {
+		shed := j.Shed()
+		for range 4 * limit {
+			j.Emit(ev)
+			if j.Shed() > shed {
+				return
+			}
+			accepted++
+		}
+	}
+	fill() // the queue full: the writer takes it at its tick and stalls
+	select {
+	case <-entered:
+	case <-time.After(10 * time.Second):
+		t.Fatal("the writer took no batch")
+	}
+	fill() // the writer holds the batch: the queue takes more while it does
+	if held := int64(accepted) * size; accepted > limit {
+		t.Errorf("%d events of %d B held (%d MiB) while the writer stalled in its batch, more than the %d MiB bound",
+			accepted, size, held>>20, defaultQueueBytes>>20)
 	}
 }
