@@ -255,6 +255,19 @@ func emitFrom(j *Journal, base Event, workers, per int) <-chan struct{} {
 	return emitted
 }
 
+// stallWriter makes j's writer stop before its first write (as a disk
+// that stopped): entered is closed once it has, and it goes on once
+// release is closed.
+func stallWriter(j *Journal) (entered, release chan struct{}) {
+	entered, release = make(chan struct{}), make(chan struct{})
+	var once sync.Once
+	j.testHookPre = func() {
+		once.Do(func() { close(entered) })
+		<-release
+	}
+	return entered, release
+}
+
 // TestJournalShedExact stalls the writer (as a disk that stopped) and
 // emits far more events than the queue holds: Emit returns every time,
 // and the shed count is exact, in memory, in the report and after a
@@ -268,13 +281,7 @@ func TestJournalShedExact(t *testing.T) {
 	if err := j.RegisterMetrics(reg); err != nil {
 		t.Fatal(err)
 	}
-	entered := make(chan struct{})
-	release := make(chan struct{})
-	var once sync.Once
-	j.testHookPre = func() {
-		once.Do(func() { close(entered) })
-		<-release
-	}
+	entered, release := stallWriter(j)
 	runDone := make(chan error, 1)
 	go func() { runDone <- j.Run(context.Background()) }()
 	base := fixtureEvents(t, eng)[2]

@@ -4,7 +4,6 @@ import (
 	"context"
 	"runtime"
 	"strings"
-	"sync"
 	"testing"
 	"time"
 	"unsafe"
@@ -78,13 +77,7 @@ func TestEmitQueueBoundedInBytes(t *testing.T) {
 // 128 MiB of events held at a 64 MiB bound.
 func TestEmitQueueBytesHoldWhileWriting(t *testing.T) {
 	j, _, _ := openJournal(t, JournalConfig{Dir: t.TempDir()}, nil)
-	entered := make(chan struct{})
-	release := make(chan struct{})
-	var once sync.Once
-	j.testHookPre = func() {
-		once.Do(func() { close(entered) })
-		<-release
-	}
+	entered, release := stallWriter(j)
 	runDone := make(chan error, 1)
 	go func() { runDone <- j.Run(context.Background()) }()
 	defer func() {
