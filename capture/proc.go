@@ -768,18 +768,18 @@ func (p *proc) lookup(src netip.Addr, sp uint16, dst netip.Addr, dp uint16, prot
 // gateway would have routed (routedFrame), for
 // egress_capture_unforwarded_frames_total: a frame to the gateway itself,
 // or a broadcast one (a TTL-1 frame to the LAN's subnet broadcast), is no
-// forwarding decision. Offline (a capture file) nothing is known of where
-// the frame was read, and none is skipped.
+// forwarding decision. Nor does Linux route a frame, whatever its TTL,
+// that was not sent to the receiving interface's MAC address (ip_forward
+// drops what is not PACKET_HOST): to the broadcast address, a multicast
+// one, or another host's, which capture's socket reads on a veth, a
+// bridge or a promiscuous NIC. Toward a unicast address not the
+// gateway's own and not redirected, such a frame is skipped too (a decoy
+// no server reads; not counted: no frame the gateway would have routed).
+// Offline (a capture file) nothing is known of where the frame was read,
+// and none is skipped.
 func (p *proc) unforwarded(has4 bool, dst netip.Addr, dmac []byte, dport uint16, tcp, udp bool) (skip, count bool) {
-	if has4 {
-		if !ip4SumOK(p.ip4.Contents) {
-			return true, p.routedFrame(dst, dmac, dport, tcp, udp)
-		}
-		if p.ip4.TTL > 1 {
-			return false, false
-		}
-	} else if p.ip6.HopLimit > 1 {
-		return false, false
+	if has4 && !ip4SumOK(p.ip4.Contents) {
+		return true, p.routedFrame(dst, dmac, dport, tcp, udp)
 	}
 	if !dst.IsGlobalUnicast() {
 		return false, false // link-local, multicast, broadcast: not forwarded anyway
@@ -787,7 +787,20 @@ func (p *proc) unforwarded(has4 bool, dst netip.Addr, dmac []byte, dport uint16,
 	if _, own := p.own.Load().set[dst.Unmap()]; own || p.redirectedNow(dport, tcp, udp) {
 		return false, false
 	}
+	if p.srcHasMAC() && (len(dmac) != 6 || !p.gatewayMAC(dmac)) {
+		return true, false
+	}
+	if has4 && p.ip4.TTL > 1 || !has4 && p.ip6.HopLimit > 1 {
+		return false, false
+	}
 	return true, p.routedFrame(dst, dmac, dport, tcp, udp)
+}
+
+// srcHasMAC reports whether the interface of the current live socket has
+// a MAC address (setSources): on one without, frames carry no address of
+// the gateway's to check.
+func (p *proc) srcHasMAC() bool {
+	return p.src > 0 && p.src <= len(p.ifindexes) && p.ifindexes[p.src-1] != 0
 }
 
 // routedFrame reports whether the gateway would route the current client

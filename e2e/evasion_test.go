@@ -41,6 +41,11 @@ import (
 //     flow at it and read no hello.
 //   - hop-limit-v6, tcp-checksum-v6: ttl and tcp-checksum over IPv6, to
 //     the same server at registryIP6 (IPv6 has no header checksum).
+//   - broadcast-mac, foreign-mac, multicast-mac-v6, foreign-mac-v6: the
+//     decoy's frame is sent to a MAC address not the gateway's (the
+//     broadcast one, another host's, IPv6 all-nodes): Linux routes none
+//     of them, capture's socket reads each. foreign-mac-after: the real
+//     hello first, the decoy after it.
 func TestCaptureEvasion(t *testing.T) {
 	tp := newTopo(t)
 	d := newDaemon(t, tp, "audit")
@@ -72,6 +77,7 @@ func TestCaptureEvasion(t *testing.T) {
 		ttl   uint8
 		spoil func(frame []byte) // nil: the frame as serialized
 		rst   bool
+		dmac  net.HardwareAddr // nil: the gateway's
 	}
 	const ipOff, tcpOff, tcpOff6 = 14, 14 + 20, 14 + 40
 	badIPSum := func(f []byte) { f[ipOff+10] ^= 0x5a }
@@ -85,13 +91,18 @@ func TestCaptureEvasion(t *testing.T) {
 		// name, not stream-conflict from the watch behind the skip).
 		reads bool
 	}{
-		{"ttl", false, []seg{{0, allowed, 1, nil, false}, {0, denied, 64, nil, false}}, true},
-		{"ip-checksum", false, []seg{{0, allowed, 64, badIPSum, false}, {0, denied, 64, nil, false}}, true},
-		{"tcp-checksum", false, []seg{{0, allowed, 64, badTCPSum, false}, {0, denied, 64, nil, false}}, false},
-		{"overlap", false, []seg{{5, allowed[5:120], 64, nil, false}, {5, denied[5:], 64, nil, false}, {0, denied[:5], 64, nil, false}}, false},
-		{"rst-out-of-window", false, []seg{{1 << 20, nil, 64, nil, true}, {0, denied, 64, nil, false}}, true},
-		{"hop-limit-v6", true, []seg{{0, allowed, 1, nil, false}, {0, denied, 64, nil, false}}, true},
-		{"tcp-checksum-v6", true, []seg{{0, allowed, 64, badTCPSum6, false}, {0, denied, 64, nil, false}}, false},
+		{"ttl", false, []seg{{off: 0, data: allowed, ttl: 1}, {off: 0, data: denied, ttl: 64}}, true},
+		{"ip-checksum", false, []seg{{off: 0, data: allowed, ttl: 64, spoil: badIPSum}, {off: 0, data: denied, ttl: 64}}, true},
+		{"tcp-checksum", false, []seg{{off: 0, data: allowed, ttl: 64, spoil: badTCPSum}, {off: 0, data: denied, ttl: 64}}, false},
+		{"overlap", false, []seg{{off: 5, data: allowed[5:120], ttl: 64}, {off: 5, data: denied[5:], ttl: 64}, {off: 0, data: denied[:5], ttl: 64}}, false},
+		{"rst-out-of-window", false, []seg{{off: 1 << 20, data: nil, ttl: 64, rst: true}, {off: 0, data: denied, ttl: 64}}, true},
+		{"hop-limit-v6", true, []seg{{off: 0, data: allowed, ttl: 1}, {off: 0, data: denied, ttl: 64}}, true},
+		{"tcp-checksum-v6", true, []seg{{off: 0, data: allowed, ttl: 64, spoil: badTCPSum6}, {off: 0, data: denied, ttl: 64}}, false},
+		{"broadcast-mac", false, []seg{{off: 0, data: allowed, ttl: 64, dmac: bcastMAC}, {off: 0, data: denied, ttl: 64}}, true},
+		{"foreign-mac", false, []seg{{off: 0, data: allowed, ttl: 64, dmac: foreignMAC}, {off: 0, data: denied, ttl: 64}}, true},
+		{"foreign-mac-after", false, []seg{{off: 0, data: denied, ttl: 64}, {off: 0, data: allowed, ttl: 64, dmac: foreignMAC}}, true},
+		{"multicast-mac-v6", true, []seg{{off: 0, data: allowed, ttl: 64, dmac: allNodesMAC}, {off: 0, data: denied, ttl: 64}}, true},
+		{"foreign-mac-v6", true, []seg{{off: 0, data: allowed, ttl: 64, dmac: foreignMAC}, {off: 0, data: denied, ttl: 64}}, true},
 	} {
 		t.Run(c.name, func(t *testing.T) {
 			srv, cli, et := registryIP+":443", lanClient4, layers.EthernetTypeIPv4
@@ -105,7 +116,7 @@ func TestCaptureEvasion(t *testing.T) {
 			if err != nil {
 				t.Fatalf("TCP_REPAIR: %v", err)
 			}
-			frame := func(off int, data []byte, ttl uint8, flags string) []byte {
+			frame := func(off int, data []byte, ttl uint8, flags string, dmac net.HardwareAddr) []byte {
 				var ip gopacket.NetworkLayer = &layers.IPv4{Version: 4, TTL: ttl, Flags: layers.IPv4DontFragment, Protocol: layers.IPProtocolTCP,
 					SrcIP: net.ParseIP(cli).To4(), DstIP: net.ParseIP(registryIP).To4()}
 				if c.v6 {
@@ -116,7 +127,10 @@ func TestCaptureEvasion(t *testing.T) {
 					ACK: true, PSH: flags == "psh", RST: flags == "rst", Window: 1024}
 				tcp.SetNetworkLayerForChecksum(ip)
 				buf := gopacket.NewSerializeBuffer()
-				eth := &layers.Ethernet{SrcMAC: src, DstMAC: dst, EthernetType: et}
+				if dmac == nil {
+					dmac = dst
+				}
+				eth := &layers.Ethernet{SrcMAC: src, DstMAC: dmac, EthernetType: et}
 				if err := gopacket.SerializeLayers(buf, gopacket.SerializeOptions{ComputeChecksums: true, FixLengths: true},
 					eth, ip.(gopacket.SerializableLayer), tcp, gopacket.Payload(data)); err != nil {
 					t.Fatal(err)
@@ -128,7 +142,7 @@ func TestCaptureEvasion(t *testing.T) {
 				if s.rst {
 					flags = "rst"
 				}
-				f := frame(s.off, s.data, s.ttl, flags)
+				f := frame(s.off, s.data, s.ttl, flags, s.dmac)
 				if s.spoil != nil {
 					s.spoil(f)
 				}
@@ -143,7 +157,7 @@ func TestCaptureEvasion(t *testing.T) {
 			}
 			// End the connection at the stream's end, for the server
 			// and for capture.
-			if err := fs.send(frame(len(denied), nil, 64, "rst")); err != nil {
+			if err := fs.send(frame(len(denied), nil, 64, "rst", nil)); err != nil {
 				t.Fatalf("send: %v", err)
 			}
 			if got != evasionName {
@@ -160,6 +174,15 @@ func TestCaptureEvasion(t *testing.T) {
 		})
 	}
 }
+
+// MAC addresses a decoy frame is sent to: none is the gateway's, so the
+// gateway routes none of them (ip_forward drops what is not
+// PACKET_HOST), but capture's packet socket reads them.
+var (
+	bcastMAC    = net.HardwareAddr{0xff, 0xff, 0xff, 0xff, 0xff, 0xff}
+	foreignMAC  = net.HardwareAddr{0x02, 0x00, 0x5e, 0x16, 0x00, 0x99}
+	allNodesMAC = net.HardwareAddr{0x33, 0x33, 0x00, 0x00, 0x00, 0x01}
+)
 
 // evasionName is a name no rule allows, as long as registry.
 const evasionName = "tracker-1.example.io"
