@@ -60,6 +60,10 @@ func TestSentHeldReleased(t *testing.T) {
 	if held := r.c.proc.streamBytes; held != 0 {
 		t.Errorf("%d bytes held 20 s on, the server silent, want 0", held)
 	}
+	ack := func(sp uint16) {
+		r.liveIP(true, ipLayer(srv, cli, layers.IPProtocolTCP), &layers.TCP{SrcPort: 443, DstPort: layers.TCPPort(sp),
+			Seq: 501, Ack: 101 + uint32(len(decoy)), ACK: true, Window: 65535})
+	}
 	cases := []struct {
 		what   string
 		send   func(sp uint16)
@@ -81,10 +85,21 @@ func TestSentHeldReleased(t *testing.T) {
 		{"the next bytes only", func(sp uint16) {
 			r.liveTCP(false, cli, srv, sp, 443, "A", 101+uint32(len(decoy)), []byte("next"), 64, nil)
 		}, policy.ReasonAllowed},
+		// A LAN client can forge the acknowledgement (e2e
+		// TestCaptureEvasion/forged-ack): its digest stays. Before
+		// session 29 (R16) the acknowledgement ended the watch, and
+		// this was allowed.
 		{"the server's acknowledgement, then a different copy", func(sp uint16) {
-			r.liveIP(true, ipLayer(srv, cli, layers.IPProtocolTCP), &layers.TCP{SrcPort: 443, DstPort: layers.TCPPort(sp),
-				Seq: 501, Ack: 101 + uint32(len(decoy)), ACK: true, Window: 65535})
+			ack(sp)
 			r.liveTCP(false, cli, srv, sp, 443, "A", 101, real, 64, nil)
+		}, ReasonStreamConflict},
+		{"the server's acknowledgement, then a different first segment", func(sp uint16) {
+			ack(sp)
+			r.liveTCP(false, cli, srv, sp, 443, "A", 101, real[:1400], 64, nil)
+		}, ReasonStreamConflict},
+		{"the server's acknowledgement, then the same copy and more", func(sp uint16) {
+			ack(sp)
+			r.liveTCP(false, cli, srv, sp, 443, "A", 101, append(append([]byte(nil), decoy...), "next"...), 64, nil)
 		}, policy.ReasonAllowed},
 	}
 	for i, c := range cases {
@@ -96,5 +111,39 @@ func TestSentHeldReleased(t *testing.T) {
 		if ev := got[uint16(30000+i)]; ev.Reason != c.reason {
 			t.Errorf("%s: %+v, want %s", c.what, ev, c.reason)
 		}
+	}
+}
+
+// TestSentDigestWraps: the digest of an acknowledged hello stays for the
+// flow's life (TestSentHeldReleased), but its sequence numbers come round
+// again after 4 GiB of the client's bytes: past sentSpan of them, bytes
+// at the hello's sequence numbers are new data, no copy of it.
+func TestSentDigestWraps(t *testing.T) {
+	r := newGuardRig(t, policy.ModeAudit)
+	decoy := realClientHello(t, decoyName)
+	real := realClientHello(t, realName)
+	srv := netip.MustParseAddr("198.51.100.10")
+	cli := netip.MustParseAddr("198.18.5.10")
+	for _, sp := range []uint16{31000, 31001} {
+		r.liveTCP(false, cli, srv, sp, 443, "S", 100, nil, 64, nil)
+		r.liveTCP(true, srv, cli, 443, sp, "SA", 500, nil, 64, nil)
+		r.liveTCP(false, cli, srv, sp, 443, "A", 101, decoy, 64, nil)
+		r.liveIP(true, ipLayer(srv, cli, layers.IPProtocolTCP), &layers.TCP{SrcPort: 443, DstPort: layers.TCPPort(sp),
+			Seq: 501, Ack: 101 + uint32(len(decoy)), ACK: true, Window: 65535})
+	}
+	for _, f := range r.c.proc.flows {
+		if f.cport == 31001 && len(f.sent) == 1 {
+			f.bytes[0] += sentSpan
+		}
+	}
+	r.liveTCP(false, cli, srv, 31000, 443, "A", 101, real, 64, nil)
+	r.liveTCP(false, cli, srv, 31001, 443, "A", 101, real, 64, nil)
+	r.c.proc.flush("shutdown")
+	got := eventsByPort(r.rec.all())
+	if ev := got[31000]; ev.Reason != ReasonStreamConflict {
+		t.Errorf("a different copy after the acknowledgement: %+v, want %s", ev, ReasonStreamConflict)
+	}
+	if ev := got[31001]; ev.Reason != policy.ReasonAllowed {
+		t.Errorf("bytes at the hello's sequence numbers 2 GiB on: %+v, want allowed", ev)
 	}
 }

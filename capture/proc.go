@@ -1698,7 +1698,15 @@ func (p *proc) hello(f *flow, h tlshello.Hello, err error, src audit.NameSource)
 // differs is the server's: the flow is denied as stream-conflict after
 // all. A retransmission of the same bytes, as stacks send, changes
 // nothing. The bytes are held for a round trip, counted in
-// MaxStreamBytes. The head of each later request of a followed
+// MaxStreamBytes. The server's acknowledgement frees them, but their
+// digest stays for the flow's life (sentHead.digest): a LAN client can
+// forge the acknowledgement (a frame from the server's address, which in
+// audit mode the gateway routes back out to the client, so capture sees
+// it sent by the gateway), and a later copy of the whole run that
+// differs, or of part of it, is still the server's: stream-conflict
+// (e2e TestCaptureEvasion/forged-ack). A stack sends no data the server
+// acknowledged again but where the acknowledgement is lost on the LAN
+// after capture saw it. The head of each later request of a followed
 // plain-HTTP flow that the follower allowed is kept so too (watchHead;
 // e2e TestCaptureEvasion/tcp-checksum-later): a copy of it that differs
 // is a request denied as stream-conflict, and the flow is no longer
@@ -1720,7 +1728,9 @@ func (p *proc) hello(f *flow, h tlshello.Hello, err error, src audit.NameSource)
 // sentHead is one run of client bytes kept until the server acknowledges
 // it: those f was decided on, or (req) a later request's head. Past
 // heldWait unacknowledged, its bytes give way to a digest of them (n, sum;
-// data nil): see release.
+// data nil): see release. Those f was decided on give way to their digest
+// at the server's acknowledgement too, which stays (see above); a later
+// request's head is dropped.
 type sentHead struct {
 	seq  uint32 // the sequence number of its first byte (QUIC: 0)
 	data []byte
@@ -1729,7 +1739,25 @@ type sentHead struct {
 	n    int       // its length, once released
 	sum  uint64    // the digest of its bytes, once released
 	ver  uint32    // QUIC: the version of the Initials it was read from
+	out  uint64    // the client's bytes of the flow (flow.bytes[0]) when it was kept
+	last byte      // its last byte, once released
 }
+
+// digest replaces h's bytes with their length and digest (see differs).
+func (h *sentHead) digest() {
+	if h.data == nil {
+		return
+	}
+	if len(h.data) > 0 {
+		h.last = h.data[len(h.data)-1]
+	}
+	h.n, h.sum, h.data = len(h.data), maphash.Bytes(sentSeed, h.data), nil
+}
+
+// sentSpan is how many bytes a client sends on a flow after a run it
+// keeps the digest of before capture stops comparing copies with it: its
+// sequence numbers come round again after 4 GiB.
+const sentSpan = 1 << 31
 
 // size is the number of bytes h stands for.
 func (h *sentHead) size() int {
@@ -1743,14 +1771,19 @@ func (h *sentHead) size() int {
 // differs from it. For a released h (bytes gone, a digest kept) it
 // reports whether data overlaps h other than as a copy of h whole that
 // sums the same: a copy of part of it can no longer be compared, and is
-// taken as differing (the safe side; README "Capture in audit mode").
+// taken as differing (the safe side; README "Capture in audit mode"),
+// but for one zero byte at its last (a keepalive after the
+// acknowledgement).
 func (h *sentHead) differs(seq uint32, data []byte) bool {
 	if h.data != nil {
 		return differs(h.seq, h.data, seq, data)
 	}
 	off := int(int32(seq - h.seq)) // data's offset in h
 	lo, hi := max(off, 0), min(off+len(data), h.n)
-	if lo >= hi {
+	if lo >= hi || off == h.n-1 && len(data) == 1 && (data[0] == 0 || data[0] == h.last) {
+		// A keepalive after the acknowledgement (Windows') carries
+		// one byte at snd_una-1, zero: no copy. A byte that would
+		// change a name's last letter is one.
 		return false
 	}
 	return lo != 0 || hi != h.n || maphash.Bytes(sentSeed, data[-off:h.n-off]) != h.sum
@@ -1775,7 +1808,7 @@ func (p *proc) release(f *flow) {
 	for i := range f.sent {
 		h := &f.sent[i]
 		if h.data != nil && p.now.Sub(h.at) >= heldWait {
-			h.n, h.sum, h.data = len(h.data), maphash.Bytes(sentSeed, h.data), nil
+			h.digest()
 			freed = true
 		}
 	}
@@ -1805,7 +1838,7 @@ func (p *proc) watchSent(f *flow, s *stream, q *quicOpener) {
 		q.pending = nil
 		f.quic = q
 	}
-	f.sent = append(f.sent[:0], sentHead{seq: f.base[0], data: s.buf, at: p.now})
+	f.sent = append(f.sent[:0], sentHead{seq: f.base[0], data: s.buf, at: p.now, out: f.bytes[0]})
 	if q != nil && q.keys != nil {
 		f.sent[0].ver = q.keys.version
 	}
@@ -1925,23 +1958,30 @@ func (p *proc) checkSent(f *flow, dir int, seq uint32) {
 		if !t.ACK {
 			return
 		}
-		k := 0
-		for k < len(f.sent) && int32(t.Ack-(f.sent[k].seq+uint32(f.sent[k].size()))) >= 0 {
-			k++
-		}
-		if k > 0 {
-			n := copy(f.sent, f.sent[k:])
-			clear(f.sent[n:])
-			if f.sent = f.sent[:n]; n == 0 {
-				f.sent = nil
+		n, freed := 0, false
+		for _, h := range f.sent {
+			if int32(t.Ack-(h.seq+uint32(h.size()))) >= 0 {
+				freed = freed || h.data != nil
+				if h.req {
+					continue
+				}
+				h.digest() // the bytes f was decided on: see above
 			}
+			f.sent[n] = h
+			n++
+		}
+		clear(f.sent[n:])
+		if f.sent = f.sent[:n]; n == 0 {
+			f.sent = nil
+		}
+		if freed {
 			p.charge(f)
 		}
 		return
 	}
 	for i := range f.sent {
 		h := &f.sent[i]
-		if !h.differs(seq, t.Payload) {
+		if h.data == nil && f.bytes[0]-h.out >= sentSpan || !h.differs(seq, t.Payload) {
 			continue
 		}
 		if h.req {

@@ -46,6 +46,10 @@ import (
 //     broadcast one, another host's, IPv6 all-nodes): Linux routes none
 //     of them, capture's socket reads each. foreign-mac-after: the real
 //     hello first, the decoy after it.
+//   - forged-ack: tcp-checksum, with between the decoy and the real hello
+//     the server's acknowledgement of the decoy, forged by the client (a
+//     frame from the server's address and the gateway's MAC address to
+//     the client's, which capture takes for one the gateway sent).
 func TestCaptureEvasion(t *testing.T) {
 	tp := newTopo(t)
 	d := newDaemon(t, tp, "audit")
@@ -78,6 +82,10 @@ func TestCaptureEvasion(t *testing.T) {
 		spoil func(frame []byte) // nil: the frame as serialized
 		rst   bool
 		dmac  net.HardwareAddr // nil: the gateway's
+		// ack: not client bytes but the server's acknowledgement of the
+		// hello, forged by the client: from the server's address and
+		// the gateway's MAC address, to the client's.
+		ack bool
 	}
 	const ipOff, tcpOff, tcpOff6 = 14, 14 + 20, 14 + 40
 	badIPSum := func(f []byte) { f[ipOff+10] ^= 0x5a }
@@ -103,6 +111,7 @@ func TestCaptureEvasion(t *testing.T) {
 		{"foreign-mac-after", false, []seg{{off: 0, data: denied, ttl: 64}, {off: 0, data: allowed, ttl: 64, dmac: foreignMAC}}, true},
 		{"multicast-mac-v6", true, []seg{{off: 0, data: allowed, ttl: 64, dmac: allNodesMAC}, {off: 0, data: denied, ttl: 64}}, true},
 		{"foreign-mac-v6", true, []seg{{off: 0, data: allowed, ttl: 64, dmac: foreignMAC}, {off: 0, data: denied, ttl: 64}}, true},
+		{"forged-ack", false, []seg{{off: 0, data: allowed, ttl: 64, spoil: badTCPSum}, {ttl: 63, ack: true}, {off: 0, data: denied, ttl: 64}}, false},
 	} {
 		t.Run(c.name, func(t *testing.T) {
 			srv, cli, et := registryIP+":443", lanClient4, layers.EthernetTypeIPv4
@@ -116,21 +125,29 @@ func TestCaptureEvasion(t *testing.T) {
 			if err != nil {
 				t.Fatalf("TCP_REPAIR: %v", err)
 			}
-			frame := func(off int, data []byte, ttl uint8, flags string, dmac net.HardwareAddr) []byte {
-				var ip gopacket.NetworkLayer = &layers.IPv4{Version: 4, TTL: ttl, Flags: layers.IPv4DontFragment, Protocol: layers.IPProtocolTCP,
-					SrcIP: net.ParseIP(cli).To4(), DstIP: net.ParseIP(registryIP).To4()}
+			frame := func(off int, data []byte, ttl uint8, flags string, dmac net.HardwareAddr, ack bool) []byte {
+				cliIP, srvIP := net.ParseIP(cli).To4(), net.ParseIP(registryIP).To4()
 				if c.v6 {
-					ip = &layers.IPv6{Version: 6, HopLimit: ttl, NextHeader: layers.IPProtocolTCP,
-						SrcIP: net.ParseIP(cli), DstIP: net.ParseIP(registryIP6)}
+					cliIP, srvIP = net.ParseIP(cli), net.ParseIP(registryIP6)
 				}
-				tcp := &layers.TCP{SrcPort: layers.TCPPort(lport), DstPort: 443, Seq: sndNxt + uint32(off), Ack: rcvNxt,
-					ACK: true, PSH: flags == "psh", RST: flags == "rst", Window: 1024}
-				tcp.SetNetworkLayerForChecksum(ip)
-				buf := gopacket.NewSerializeBuffer()
+				smac, sport, dport, seq, acked := src, lport, 443, sndNxt+uint32(off), rcvNxt
 				if dmac == nil {
 					dmac = dst
 				}
-				eth := &layers.Ethernet{SrcMAC: src, DstMAC: dmac, EthernetType: et}
+				if ack {
+					cliIP, srvIP, smac, dmac = srvIP, cliIP, dst, src
+					sport, dport, seq, acked = 443, lport, rcvNxt, sndNxt+uint32(len(allowed))
+				}
+				var ip gopacket.NetworkLayer = &layers.IPv4{Version: 4, TTL: ttl, Flags: layers.IPv4DontFragment, Protocol: layers.IPProtocolTCP,
+					SrcIP: cliIP, DstIP: srvIP}
+				if c.v6 {
+					ip = &layers.IPv6{Version: 6, HopLimit: ttl, NextHeader: layers.IPProtocolTCP, SrcIP: cliIP, DstIP: srvIP}
+				}
+				tcp := &layers.TCP{SrcPort: layers.TCPPort(sport), DstPort: layers.TCPPort(dport), Seq: seq, Ack: acked,
+					ACK: true, PSH: flags == "psh", RST: flags == "rst", Window: 1024}
+				tcp.SetNetworkLayerForChecksum(ip)
+				buf := gopacket.NewSerializeBuffer()
+				eth := &layers.Ethernet{SrcMAC: smac, DstMAC: dmac, EthernetType: et}
 				if err := gopacket.SerializeLayers(buf, gopacket.SerializeOptions{ComputeChecksums: true, FixLengths: true},
 					eth, ip.(gopacket.SerializableLayer), tcp, gopacket.Payload(data)); err != nil {
 					t.Fatal(err)
@@ -142,7 +159,7 @@ func TestCaptureEvasion(t *testing.T) {
 				if s.rst {
 					flags = "rst"
 				}
-				f := frame(s.off, s.data, s.ttl, flags, s.dmac)
+				f := frame(s.off, s.data, s.ttl, flags, s.dmac, s.ack)
 				if s.spoil != nil {
 					s.spoil(f)
 				}
@@ -157,7 +174,7 @@ func TestCaptureEvasion(t *testing.T) {
 			}
 			// End the connection at the stream's end, for the server
 			// and for capture.
-			if err := fs.send(frame(len(denied), nil, 64, "rst", nil)); err != nil {
+			if err := fs.send(frame(len(denied), nil, 64, "rst", nil, false)); err != nil {
 				t.Fatalf("send: %v", err)
 			}
 			if got != evasionName {
