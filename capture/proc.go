@@ -818,14 +818,18 @@ func (p *proc) routedFrame(dst netip.Addr, dmac []byte, dport uint16, tcp, udp b
 
 // redirectedNow reports whether enforce mode's firewall redirects a
 // client's TCP or UDP frame to port dport to the gateway itself: DNS to
-// the forwarder, TCP to a port the transparent proxy takes while it
-// listens (Config.ProxyLines; firewall/render.go, redirectRules). Such a
-// frame is delivered locally, not forwarded, whatever its TTL.
+// the forwarder, TCP to a port the transparent proxy takes, whether it
+// listens or not (firewall/render.go, redirectRules), while egressd's
+// firewall is installed (Config.Firewall) beside the proxy (egressd run:
+// Config.ProxyLines set). Such a frame is delivered locally, not
+// forwarded, whatever its TTL. The mode and ports are those now: a
+// connection opened before a reload keeps its first packet's NAT in the
+// kernel (residual, README "Capture in audit mode").
 func (p *proc) redirectedNow(dport uint16, tcp, udp bool) bool {
-	if !tcp && !udp || p.c.cfg.ProxyLines == nil || p.c.deps.Policy.Load().Mode() != policy.ModeEnforce {
+	if !tcp && !udp || p.c.cfg.ProxyLines == nil || p.c.deps.Policy.Load().Mode() != policy.ModeEnforce || !p.c.firewallDrops() {
 		return false
 	}
-	return dport == 53 || tcp && p.redirected(dport) && p.c.cfg.ProxyLines()
+	return dport == 53 || tcp && p.redirected(dport)
 }
 
 // ip4SumOK reports whether the IPv4 header h sums to its checksum (RFC

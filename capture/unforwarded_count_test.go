@@ -61,3 +61,31 @@ func TestUnforwardedCounted(t *testing.T) {
 		t.Errorf("enforce: %+v, want the hello of the TTL-1 frame (%s) read, as the proxy reads it", got, decoyName)
 	}
 }
+
+// TestUnforwardedNoFirewall: enforce mode's redirects are the firewall's
+// (firewall/render.go, redirectRules): DNS to the forwarder and TCP to
+// the proxy's port whether the proxy listens or not. Without egressd's
+// firewall (--no-firewall, one that did not install) nothing redirects a
+// TTL-1 frame to port 53 of an internet address: the gateway would
+// route it and drops it, and capture skips and counts it. With the
+// firewall and no proxy listening, TCP to port 443 is still redirected
+// (to a port nothing listens on): delivered to the gateway, not counted.
+// Before session 29 (R16) DNS was taken for redirected whenever capture
+// ran beside the proxy, and TCP only while the proxy listened.
+func TestUnforwardedNoFirewall(t *testing.T) {
+	cli := netip.MustParseAddr("198.18.5.10")
+	srv := netip.MustParseAddr("203.0.113.10")
+	for _, installed := range []bool{false, true} {
+		r := newGuardRigLog(t, policy.ModeEnforce, false, nil)
+		r.c.cfg.Firewall = func() bool { return installed }
+		r.liveTCP(false, cli, srv, 42000, 53, "S", 100, nil, 1, nil)
+		r.liveTCP(false, cli, srv, 42001, 443, "S", 100, nil, 1, nil)
+		want := uint64(0)
+		if !installed {
+			want = 2
+		}
+		if n := r.c.Stats().Unforwarded; n != want {
+			t.Errorf("firewall installed %v: %d unforwarded frames counted, want %d", installed, n, want)
+		}
+	}
+}
