@@ -46,6 +46,9 @@ import (
 //     broadcast one, another host's, IPv6 all-nodes): Linux routes none
 //     of them, capture's socket reads each. foreign-mac-after: the real
 //     hello first, the decoy after it.
+//   - ttl-gateway-mac: ttl, the decoy's frame with the gateway's MAC
+//     address as its source, which capture takes for one the gateway
+//     sent and checks no TTL of: read, the conflict watch denies it.
 //   - forged-ack: tcp-checksum, with between the decoy and the real hello
 //     the server's acknowledgement of the decoy, forged by the client (a
 //     frame from the server's address and the gateway's MAC address to
@@ -82,6 +85,7 @@ func TestCaptureEvasion(t *testing.T) {
 		spoil func(frame []byte) // nil: the frame as serialized
 		rst   bool
 		dmac  net.HardwareAddr // nil: the gateway's
+		gwSrc bool             // sent with the gateway's MAC address as its source
 		// ack: not client bytes but the server's acknowledgement of the
 		// hello, forged by the client: from the server's address and
 		// the gateway's MAC address, to the client's.
@@ -111,6 +115,7 @@ func TestCaptureEvasion(t *testing.T) {
 		{"foreign-mac-after", false, []seg{{off: 0, data: denied, ttl: 64}, {off: 0, data: allowed, ttl: 64, dmac: foreignMAC}}, true},
 		{"multicast-mac-v6", true, []seg{{off: 0, data: allowed, ttl: 64, dmac: allNodesMAC}, {off: 0, data: denied, ttl: 64}}, true},
 		{"foreign-mac-v6", true, []seg{{off: 0, data: allowed, ttl: 64, dmac: foreignMAC}, {off: 0, data: denied, ttl: 64}}, true},
+		{"ttl-gateway-mac", false, []seg{{off: 0, data: allowed, ttl: 1, gwSrc: true}, {off: 0, data: denied, ttl: 64}}, false},
 		{"forged-ack", false, []seg{{off: 0, data: allowed, ttl: 64, spoil: badTCPSum}, {ttl: 63, ack: true}, {off: 0, data: denied, ttl: 64}}, false},
 	} {
 		t.Run(c.name, func(t *testing.T) {
@@ -160,6 +165,9 @@ func TestCaptureEvasion(t *testing.T) {
 					flags = "rst"
 				}
 				f := frame(s.off, s.data, s.ttl, flags, s.dmac, s.ack)
+				if s.gwSrc {
+					copy(f[6:12], dst)
+				}
 				if s.spoil != nil {
 					s.spoil(f)
 				}
