@@ -321,13 +321,16 @@ func (r *guardRig) liveTCP(fromGW bool, src, dst netip.Addr, sp, dp uint16, flag
 // wrong IPv4 header checksum) is skipped and counted: a decoy hello in
 // one, then the real hello at the same sequence number, has capture read
 // the real one. Before, capture read the decoy (first copy wins) and
-// recorded the allowed name. A TTL of 1 to the gateway's own address
+// recorded the allowed name. A frame sent to a MAC address not the
+// gateway's (broadcast, multicast, another host's), at any TTL, is
+// skipped too, not counted. A TTL of 1 to the gateway's own address
 // (delivered, not forwarded) is read, and so is a TTL of 2.
 func TestUnforwardedDecoy(t *testing.T) {
 	r := newGuardRig(t, policy.ModeAudit)
 	decoy := realClientHello(t, decoyName)
 	real := realClientHello(t, realName)
 	badSum := func(b []byte) { b[14+10] ^= 0x5a }
+	toMAC := func(mac ...byte) func([]byte) { return func(b []byte) { copy(b[:6], mac) } }
 	cli4, cli6 := netip.MustParseAddr("198.18.5.10"), netip.MustParseAddr("2001:db8:5::10")
 	srv4, srv6 := netip.MustParseAddr("203.0.113.10"), netip.MustParseAddr("2001:db8:99::10")
 	cases := []struct {
@@ -342,6 +345,16 @@ func TestUnforwardedDecoy(t *testing.T) {
 		{"bad ipv4 header checksum", cli4, srv4, 64, badSum, realName},
 		{"hop limit 1", cli6, srv6, 1, nil, realName},
 		// Forwarded, so read: the real hello then differs from it.
+		// Sent to a MAC address not the gateway's: Linux routes it at
+		// no TTL (ip_forward drops what is not PACKET_HOST), capture's
+		// socket reads it (veth, bridge, promiscuous NIC); not counted.
+		// Before session 29 (R16) read, and the real hello was a
+		// stream-conflict.
+		{"broadcast MAC", cli4, srv4, 64, toMAC(0xff, 0xff, 0xff, 0xff, 0xff, 0xff), realName},
+		{"another host's MAC", cli4, srv4, 64, toMAC(0x02, 0, 0x5e, 0x16, 0, 0x99), realName},
+		{"IPv4 multicast MAC", cli4, srv4, 64, toMAC(0x01, 0, 0x5e, 0, 0, 0xfb), realName},
+		{"IPv6 all-nodes MAC", cli6, srv6, 64, toMAC(0x33, 0x33, 0, 0, 0, 1), realName},
+		{"another host's MAC, IPv6", cli6, srv6, 64, toMAC(0x02, 0, 0x5e, 0x16, 0, 0x99), realName},
 		{"ttl 2: forwarded", cli4, srv4, 2, nil, ""},
 		// Own traffic, in no event: only not counted.
 		{"ttl 1 to the gateway", cli4, netip.MustParseAddr("198.18.5.1"), 1, nil, ""},
