@@ -1742,9 +1742,12 @@ type sentHead struct {
 	at   time.Time // when it was kept
 	n    int       // its length, once released
 	sum  uint64    // the digest of its bytes, once released
-	ver  uint32    // QUIC: the version of the Initials it was read from
 	out  uint64    // the client's bytes of the flow (flow.bytes[0]) when it was kept
 	last byte      // its last byte, once released
+	// keys: QUIC, the Initial keys of the connection it was read from
+	// (its version and first DCID): the flow's first, or a later
+	// connection's from the same port (quicAttempt).
+	keys *quicKeys
 }
 
 // digest replaces h's bytes with their length and digest (see differs).
@@ -1844,34 +1847,49 @@ func (p *proc) watchSent(f *flow, s *stream, q *quicOpener) {
 	}
 	f.sent = append(f.sent[:0], sentHead{seq: f.base[0], data: s.buf, at: p.now, out: f.bytes[0]})
 	if q != nil && q.keys != nil {
-		f.sent[0].ver = q.keys.version
+		f.sent[0].keys = q.keys
 	}
 	p.charge(f)
 }
 
 // quicWatch opens a client Initial of f, a QUIC flow that keeps its hello
 // (see above), and denies f where its CRYPTO data differs from the hello
-// of its version. An Initial of another version is a new attempt (after
-// a Version Negotiation packet, RFC 9000 §6.2): a new hello, which the
-// server of that version reads instead (quicAttempt).
+// of its connection: the kept hello whose keys open it (RFC 9001 §5.2: a
+// client's Initials to the server's chosen DCID keep the keys of its
+// first DCID). An Initial that no kept hello's keys open is a new attempt
+// (quicAttempt): in another version (after a Version Negotiation packet,
+// RFC 9000 §6.2), to a Retry's DCID, or a new connection from the same
+// port (quic-go's Transport, an HTTP/3 client's pool, a 0-RTT
+// resumption), each with a hello of its own that its server reads.
 func (p *proc) quicWatch(f *flow, payload []byte) {
 	if len(f.sent) == 0 {
 		f.quic = nil
 		return
 	}
 	v := binary.BigEndian.Uint32(payload[1:5])
+	dcid, ok := firstDCID(payload)
+	if !ok {
+		return
+	}
 	var h *sentHead
 	for i := range f.sent {
-		if f.sent[i].ver == v {
+		if k := f.sent[i].keys; k != nil && k.is(v, dcid) {
 			h = &f.sent[i]
 		}
 	}
+	for i := 0; h == nil && i < len(f.sent); i++ {
+		if k := f.sent[i].keys; k != nil && k.version == v {
+			if n, _ := f.quic.openWith(k, payload, func(uint64, []byte) {}); n > 0 {
+				h = &f.sent[i]
+			}
+		}
+	}
 	if h == nil {
-		p.quicAttempt(f, v, payload)
+		p.quicAttempt(f, v, dcid, payload)
 		return
 	}
 	conflict := false
-	n, _ := f.quic.open(payload, func(off uint64, data []byte) {
+	n, _ := f.quic.openWith(h.keys, payload, func(off uint64, data []byte) {
 		conflict = conflict || off < maxStream && h.differs(uint32(off), data)
 	})
 	p.stats.quicOpened.Add(uint64(n))
@@ -1880,30 +1898,55 @@ func (p *proc) quicWatch(f *flow, payload []byte) {
 	}
 }
 
-// maxQUICAttempts bounds the versions a QUIC flow keeps a hello of.
-const maxQUICAttempts = 2
+// maxQUICAttempts bounds the connections a QUIC flow keeps a hello of; a
+// kept hello older than heldWait gives way to a new one (its server has
+// long finished with Initials, and a later Initial to it is a new attempt
+// again, held to the same name).
+const maxQUICAttempts = 4
 
-// quicAttempt reads the hello of a client Initial of f in version v, of
-// which f keeps none (quicWatch): a client that sent a Version
-// Negotiation packet's server a hello starts again in another version
-// with a new hello, which that server reads. Capture reads it whole: one
-// that names the host f was decided on (so is decided the same) is kept
-// and watched as the first is, which stays watched too (a server of the
-// first version may still read a copy of it); any other (another name,
-// one that does not parse, a third version, a copy that conflicts) is a
-// stream-conflict: which hello a server read is not known, and a decoy
-// must not make a denied name look allowed.
-func (p *proc) quicAttempt(f *flow, v uint32, payload []byte) {
+// quicAttempt reads the hello of a client Initial of f, in version v to
+// dcid, that no kept hello's keys open (quicWatch): a new attempt, whose
+// server reads that hello. Capture reads it whole: one that names the
+// host f was decided on (so is decided the same) is kept and watched as
+// the first is, which stays watched too (a server of the first may still
+// read a copy of it); any other (another name, one that does not parse,
+// one more than maxQUICAttempts within heldWait, a second unfinished
+// attempt, a copy that conflicts) is a stream-conflict: which hello a
+// server read is not known, and a decoy must not make a denied name look
+// allowed.
+func (p *proc) quicAttempt(f *flow, v uint32, dcid, payload []byte) {
 	q := f.quic
-	if len(f.sent) >= maxQUICAttempts || q.next != nil && q.nextVer != v || p.streamBytes+len(payload) > p.c.cfg.MaxStreamBytes {
+	k := q.nextKeys
+	if q.next == nil || !k.is(v, dcid) {
+		var err error
+		if k, err = initialKeys(v, dcid); err != nil {
+			return
+		}
+	}
+	if n, _ := q.openWith(k, payload, func(uint64, []byte) {}); n == 0 {
+		// No client Initial of its DCID (a Handshake or 0-RTT packet,
+		// one that does not open): no server reads a hello from it.
+		return
+	}
+	if k != q.nextKeys {
+		if q.next == nil && len(f.sent) >= maxQUICAttempts {
+			old := slices.IndexFunc(f.sent, func(h sentHead) bool { return p.now.Sub(h.at) >= heldWait })
+			if old >= 0 {
+				f.sent = slices.Delete(f.sent, old, old+1)
+			}
+		}
+		if q.next != nil || len(f.sent) >= maxQUICAttempts {
+			p.sentDeny(f)
+			return
+		}
+		q.next, q.nextKeys, q.nextAt = &stream{}, k, p.now
+	}
+	if p.streamBytes+len(payload) > p.c.cfg.MaxStreamBytes {
 		p.sentDeny(f)
 		return
 	}
-	if q.next == nil {
-		q.next, q.nextVer, q.nextAt = &stream{}, v, p.now
-	}
 	s := q.next
-	n, _ := q.open(payload, func(off uint64, data []byte) {
+	n, _ := q.openWith(q.nextKeys, payload, func(off uint64, data []byte) {
 		if off < maxStream {
 			s.add(uint32(off), data)
 		}
@@ -1920,8 +1963,8 @@ func (p *proc) quicAttempt(f *flow, v uint32, payload []byte) {
 			p.sentDeny(f)
 			return
 		}
-		f.sent = append(f.sent, sentHead{data: s.buf, at: p.now, ver: v})
-		q.next = nil
+		f.sent = append(f.sent, sentHead{data: s.buf, at: p.now, keys: q.nextKeys})
+		q.next, q.nextKeys = nil, nil
 	}
 }
 

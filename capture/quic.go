@@ -8,6 +8,7 @@ package capture
 // Initial packets and arrive out of order; the flow's stream reassembles it.
 
 import (
+	"bytes"
 	"crypto/aes"
 	"crypto/cipher"
 	"crypto/hkdf"
@@ -149,11 +150,39 @@ type quicOpener struct {
 	established bool           // a client Initial opened: the flow's direction is known
 	pending     []pendingDgram // Initials that did not open yet
 
-	// next reassembles the hello of a new attempt in version nextVer,
-	// after the flow was decided (proc.quicAttempt).
-	next    *stream
-	nextVer uint32
-	nextAt  time.Time
+	// noDerive: open only with keys, derive none from a packet's DCID
+	// (openWith).
+	noDerive bool
+
+	// next reassembles the hello of a new attempt, opened with nextKeys
+	// (its version, its DCID), after the flow was decided
+	// (proc.quicAttempt).
+	next     *stream
+	nextKeys *quicKeys
+	nextAt   time.Time
+}
+
+// openWith is open with k alone: a packet that k does not open is not
+// opened (it belongs to another connection on the flow's addresses).
+func (o *quicOpener) openWith(k *quicKeys, dgram []byte, crypto func(off uint64, data []byte)) (int, error) {
+	keep := o.keys
+	o.keys, o.noDerive = k, true
+	defer func() { o.keys, o.noDerive = keep, false }()
+	return o.open(dgram, crypto)
+}
+
+// firstDCID returns the DCID of the first packet of dgram, a long-header
+// datagram, and false where the header is too short for one.
+func firstDCID(dgram []byte) ([]byte, bool) {
+	if len(dgram) < 6 || dgram[5] > 20 || len(dgram) < 6+int(dgram[5]) {
+		return nil, false
+	}
+	return dgram[6 : 6+int(dgram[5])], true
+}
+
+// is reports whether k are the keys of version v and DCID dcid.
+func (k *quicKeys) is(v uint32, dcid []byte) bool {
+	return k.version == v && bytes.Equal(k.dcid[:k.dcidLen], dcid)
 }
 
 // maxQUICPending bounds the Initials kept while no Initial has opened.
@@ -258,6 +287,9 @@ func (o *quicOpener) openOne(pkt []byte, pnOff int, v uint32, dcid []byte, crypt
 	ok := false
 	if o.keys != nil && o.keys.version == v {
 		plain, ok = try(o.keys)
+	}
+	if !ok && o.noDerive {
+		return errQUICOpen
 	}
 	if !ok {
 		k, err := initialKeys(v, dcid)

@@ -85,6 +85,25 @@ func TestQUICNewAttempt(t *testing.T) {
 			{false, retryPacket(dcid2, token)},
 			{true, clientInitialV(t, quicV1, dcid2, token, 0, 0, hello)},
 		}, policy.ReasonAllowed},
+		// One client socket, many connections (quic-go's Transport, an
+		// HTTP/3 client's pool, a 0-RTT resumption): each new DCID
+		// carries a new hello of the same name (e2e TestHTTP3).
+		{"a new connection from the same port: a new DCID, a new hello of the same name", []dgram{
+			{true, clientInitialV(t, quicV1, dcid1, nil, 0, 0, hello)},
+			{true, clientInitialV(t, quicV1, dcid2, nil, 0, 0, again[:20])},
+			{true, clientInitialV(t, quicV1, dcid2, nil, 1, 20, again[20:])},
+		}, policy.ReasonAllowed},
+		{"five connections from the same port, each a new hello of the same name", []dgram{
+			{true, clientInitialV(t, quicV1, dcid1, nil, 0, 0, hello)},
+			{true, clientInitialV(t, quicV1, dcid2, nil, 0, 0, again)},
+			{true, clientInitialV(t, quicV1, []byte{3, 3, 3, 3, 3, 3, 3, 3, 3, 3, 3, 3, 3, 3, 3, 3, 3, 3, 3, 3}, nil, 0, 0, again)},
+			{true, clientInitialV(t, quicV1, []byte{4, 4, 4, 4}, nil, 0, 0, again)},
+			{true, clientInitialV(t, quicV1, []byte{5, 5, 5, 5, 5, 5, 5, 5}, nil, 0, 0, hello)},
+		}, ReasonStreamConflict}, // past maxQUICAttempts within heldWait
+		{"a new connection naming another host", []dgram{
+			{true, clientInitialV(t, quicV1, dcid1, nil, 0, 0, hello)},
+			{true, clientInitialV(t, quicV1, dcid2, nil, 0, 0, denied)},
+		}, ReasonStreamConflict},
 		{"retry, another hello with the token", []dgram{
 			{true, clientInitialV(t, quicV1, dcid1, nil, 0, 0, hello)},
 			{false, retryPacket(dcid2, token)},
