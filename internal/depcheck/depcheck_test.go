@@ -61,3 +61,17 @@ func TestDependencyDirection(t *testing.T) {
 		}
 	}
 }
+
+// TestTestOnlyModules: modules only tests may import stay out of the
+// binary (README "Dependencies").
+func TestTestOnlyModules(t *testing.T) {
+	out, err := exec.Command("go", "list", "-deps", "-f", "{{.ImportPath}}", "egressd/cmd/egressd").Output()
+	if err != nil {
+		t.Fatalf("go list egressd/cmd/egressd: %v", err)
+	}
+	for _, dep := range strings.Fields(string(out)) {
+		if strings.HasPrefix(dep, "github.com/quic-go/") {
+			t.Errorf("egressd/cmd/egressd imports %s, a test-only module", dep)
+		}
+	}
+}
