@@ -336,6 +336,11 @@ type DroppedReport struct {
 	// OpenFlows are those of Flows open now, not reported by an event
 	// yet (Report.OpenFlows).
 	OpenFlows uint64 `json:"open_flows,omitempty"`
+	// AllowedNow is the rule of the running policy that allows the
+	// entry to each of its clients now (a rule a reload added since the
+	// drops, from --suggest, say): "" when none does, or with no policy.
+	// --suggest proposes no rule for it.
+	AllowedNow string `json:"allowed_now,omitempty"`
 }
 
 // Report builds a report. It is a snapshot: later events do not change it.
@@ -774,6 +779,11 @@ func (l *Ledger) snapshot(opt ReportOptions) *Report {
 			Enforced: ds.enforced, EnforcedFlows: ds.enforcedFlows,
 			Reason: ds.reason, Rule: ds.rule, FirstSeen: ds.first, LastSeen: ds.last,
 		})
+	}
+	if l.eng != nil {
+		for i := range r.Dropped {
+			r.Dropped[i].AllowedNow = allowedNow(l.eng, r.Dropped[i], opt.Now)
+		}
 	}
 	if n := wrongClockNote(r); n != "" {
 		r.Notes = append(r.Notes, n)

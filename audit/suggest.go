@@ -4,6 +4,7 @@ import (
 	"cmp"
 	"fmt"
 	"io"
+	"net"
 	"net/netip"
 	"slices"
 	"strings"
@@ -134,7 +135,14 @@ func (r *Report) Suggest() (sugs []Suggestion, comments []string) {
 	type tally struct{ flows, queries, requests uint64 }
 	left := map[string]*tally{}
 	groups := map[suggestKey]*group{}
+	var allowedNow []DroppedReport
 	for _, d := range r.Dropped {
+		if d.AllowedNow != "" {
+			// A reload since the drops added or widened a rule that
+			// allows it: a rule for it would be shadowed.
+			allowedNow = append(allowedNow, d)
+			continue
+		}
 		if d.Dest == overflowKey.dest {
 			comments = append(comments, fmt.Sprintf("%d flows to further destinations were not kept one by one (the dropped list is full); they are not suggested", d.Flows))
 			continue
@@ -248,6 +256,14 @@ func (r *Report) Suggest() (sugs []Suggestion, comments []string) {
 				break
 			}
 		}
+	}
+	if len(allowedNow) > 0 {
+		rules := map[string]bool{}
+		for _, d := range allowedNow {
+			rules[d.AllowedNow] = true
+		}
+		comments = append(comments, fmt.Sprintf("%d dropped entries the running policy allows now (rule %s, added or widened since they were dropped): none suggested",
+			len(allowedNow), strings.Join(sortedKeys(rules), ", ")))
 	}
 	leftReasons := make([]string, 0, len(left))
 	for reason := range left {
@@ -447,6 +463,73 @@ func (d ClientDevices) macsByClient() map[string][]string {
 // icmp of a rule's ports); other ICMP requests are protocol-not-allowed.
 func ruleablePort(d DroppedReport) bool {
 	return (d.Proto == "tcp" || d.Proto == "udp") && d.Port != 0 || isEcho(d)
+}
+
+// allowedNow is the rule of eng that allows d to each of its clients
+// now (with each MAC the client was seen with), "" when eng is nil, a
+// client is denied, the clients were not all kept, or d is no drop a
+// rule can turn into an allow.
+func allowedNow(eng *policy.Engine, d DroppedReport, now time.Time) string {
+	if eng == nil || len(d.Clients) == 0 || d.ClientsTruncated || !suggestible(d.Reason) || d.Dest == overflowKey.dest {
+		return ""
+	}
+	in := policy.Input{Now: now}
+	if a, err := netip.ParseAddr(d.Dest); err == nil {
+		in.Dest = a.Unmap().WithZone("")
+	} else {
+		in.Name = d.Dest
+		if a, err := netip.ParseAddr(d.IP); err == nil {
+			in.Dest = a.Unmap().WithZone("")
+		}
+	}
+	dns := d.Proto == "dns"
+	switch {
+	case dns:
+	case isEcho(d):
+		in.Proto = policy.ICMP
+	case ruleablePort(d):
+		p, ok := policy.ParseProto(d.Proto)
+		if !ok {
+			return ""
+		}
+		in.Proto, in.Port = p, d.Port
+	default:
+		return ""
+	}
+	macs := d.ClientDevices.macsByClient()
+	rule := ""
+	for _, c := range d.Clients {
+		a, err := netip.ParseAddr(c)
+		if err != nil {
+			return ""
+		}
+		in.Client = a
+		ms := macs[c]
+		if len(ms) == 0 {
+			ms = []string{""}
+		}
+		for _, m := range ms {
+			in.ClientMAC = nil
+			if m != "" {
+				if in.ClientMAC, err = net.ParseMAC(m); err != nil {
+					return ""
+				}
+			}
+			var dec policy.Decision
+			if dns {
+				dec = eng.DecideName(in)
+			} else {
+				dec = eng.Decide(in)
+			}
+			if !dec.Allowed() {
+				return ""
+			}
+			if rule == "" {
+				rule = dec.Rule
+			}
+		}
+	}
+	return rule
 }
 
 // isEcho reports whether d is an ICMP or ICMPv6 echo flow a rule can
@@ -689,6 +772,8 @@ func (r *Report) WriteSuggestions(w io.Writer) error {
 	case len(sugs) > 0:
 	case len(r.Dropped) == 0:
 		fmt.Fprintln(ew, "# Nothing to suggest: nothing was dropped.")
+	case !slices.ContainsFunc(r.Dropped, func(d DroppedReport) bool { return d.AllowedNow == "" }):
+		fmt.Fprintln(ew, "# Nothing to suggest: the running policy allows what was dropped.")
 	default:
 		fmt.Fprintln(ew, "# Nothing to suggest: no rule would allow what was dropped.")
 	}

@@ -1,0 +1,71 @@
+package audit
+
+import (
+	"bytes"
+	"strings"
+	"testing"
+
+	"egressd/policy"
+)
+
+// TestSuggestAfterReloadAllows: the operator pastes the suggestions and
+// reloads; the drops recorded before stay in the report (history), but
+// the next --suggest proposes no rule for what the running policy allows
+// now (it says so in a comment), so its snippet pasted after the policy
+// passes policy check with no shadowed rule. A drop the new policy still
+// denies is suggested as before.
+func TestSuggestAfterReloadAllows(t *testing.T) {
+	eng, err := policy.Compile("site.yaml", []byte(suggestBase))
+	if err != nil {
+		t.Fatal(err)
+	}
+	l := NewLedger(eng, LedgerOptions{})
+	deny := captureDenials(l)
+	deny("tracker.example", "192.168.50.23", "aa:bb:cc:00:00:0a")
+	deny("updates.example.org", "192.168.50.30", "")
+	var first bytes.Buffer
+	if err := l.Report(ReportOptions{Now: reportNow}).WriteSuggestions(&first); err != nil {
+		t.Fatal(err)
+	}
+	pasted := suggestBase + first.String()
+	eng2, err := policy.Compile("site.yaml", []byte(pasted))
+	if err != nil {
+		t.Fatalf("the first suggestions do not compile: %v\n%s", err, first.String())
+	}
+	l.SetPolicy(eng2)
+	deny("still.example", "192.168.50.30", "")
+
+	r := l.Report(ReportOptions{Now: reportNow})
+	if len(r.Dropped) != 3 {
+		t.Errorf("%d dropped entries after the reload, want the 3 recorded", len(r.Dropped))
+	}
+	for _, d := range r.Dropped {
+		want := map[string]string{"tracker.example": "allow-tracker-example", "updates.example.org": "allow-example-org"}[d.Dest]
+		if d.AllowedNow != want {
+			t.Errorf("%s: allowed_now %q, want %q", d.Dest, d.AllowedNow, want)
+		}
+	}
+	var second bytes.Buffer
+	if err := r.WriteSuggestions(&second); err != nil {
+		t.Fatal(err)
+	}
+	snip := second.String()
+	if strings.Contains(snip, "tracker.example") && !strings.Contains(snip, "# 2 dropped entries") {
+		t.Errorf("tracker.example suggested again though allow-tracker-example allows it now:\n%s", snip)
+	}
+	if !strings.Contains(snip, `to: ["still.example"]`) {
+		t.Errorf("still.example, which the running policy denies, is not suggested:\n%s", snip)
+	}
+	if !strings.Contains(snip, "# 2 dropped entries the running policy allows now") {
+		t.Errorf("no comment says why the entries the policy allows now are left out:\n%s", snip)
+	}
+	eng3, err := policy.Compile("site.yaml", []byte(pasted+snip))
+	if err != nil {
+		t.Fatalf("the second suggestions do not compile: %v\n%s", err, snip)
+	}
+	for _, w := range eng3.Warnings() {
+		if !strings.Contains(w.Msg, "clients by MAC address") {
+			t.Errorf("warning: %s\n%s", w.Msg, snip)
+		}
+	}
+}
