@@ -19,6 +19,7 @@ type scratch struct {
 	name []byte // lower-case dotted name
 	out  []byte // the answer
 
+	from    answerFrom // where the query being served was sent: its answers leave from it
 	batch   bool       // answers wait in pending for the reader's sendmmsg
 	pending []byte     // the answer to send, when batch
 	sq      *sendQueue // when batch: upstream queries of misses, sent after the batch
@@ -175,7 +176,7 @@ func (s *Server) fast(sc *scratch, c udpConn, pkt []byte, src netip.AddrPort) bo
 		}
 		b := append(append(make([]byte, 0, len(pkt)+len(key)), pkt...), key...) // one allocation for both
 		m := &missQuery{pkt: b[:len(pkt):len(pkt)], key: b[len(pkt):], qnameEnd: len(qnameW) + 12,
-			name: string(name), qtype: qtype, qclass: qclass, flags: flags, edns: edns, do: do, maxSize: maxSize, dec: dec, eng: eng, src: src, start: now, c: c, dev: dev}
+			name: string(name), qtype: qtype, qclass: qclass, flags: flags, edns: edns, do: do, maxSize: maxSize, dec: dec, eng: eng, src: src, start: now, c: c, from: sc.from, dev: dev}
 		if e == nil && s.missAsync(m, sc.sq) {
 			return true
 		}
@@ -211,9 +212,10 @@ type missQuery struct {
 	eng      *policy.Engine
 	src      netip.AddrPort
 	start    time.Time
-	dev      string  // query.dev
-	c        udpConn // the listener it came in on
-	rec      query   // the record query() fills: no allocation of its own
+	dev      string     // query.dev
+	c        udpConn    // the listener it came in on
+	from     answerFrom // the address it was sent to
+	rec      query      // the record query() fills: no allocation of its own
 }
 
 // serveMiss resolves a fast-path miss and answers it, on the general path
@@ -239,7 +241,7 @@ func (s *Server) serveMiss(m *missQuery, deadline time.Time, skip *upstream) {
 		out = s.reply(q, nil, e, hit)
 	}
 	if out != nil {
-		_, _ = m.c.WriteToUDPAddrPort(out, m.src)
+		writeAnswer(m.c, out, m.src, m.from)
 	}
 }
 

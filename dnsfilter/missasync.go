@@ -187,9 +187,9 @@ func (s *Server) sendMiss(m *missQuery, q *query, e *entry, aq *answerQueue) {
 	switch {
 	case out == nil:
 	case aq != nil:
-		aq.items = append(aq.items, queuedAnswer{c: m.c, out: out, dst: m.src})
+		aq.items = append(aq.items, queuedAnswer{c: m.c, out: out, dst: m.src, from: m.from})
 	default:
-		_, _ = m.c.WriteToUDPAddrPort(out, m.src)
+		writeAnswer(m.c, out, m.src, m.from)
 	}
 }
 
@@ -201,9 +201,10 @@ type answerQueue struct {
 }
 
 type queuedAnswer struct {
-	c   udpConn
-	out []byte
-	dst netip.AddrPort
+	c    udpConn
+	out  []byte
+	dst  netip.AddrPort
+	from answerFrom
 }
 
 // sendAnswers sends and empties aq: with sendmmsg on listeners that
@@ -214,12 +215,12 @@ func (s *Server) sendAnswers(aq *answerQueue) {
 		v, ok := s.pcs.Load(c)
 		if !ok {
 			for _, a := range run {
-				_, _ = c.WriteToUDPAddrPort(a.out, a.dst)
+				writeAnswer(c, a.out, a.dst, a.from)
 			}
 			return
 		}
 		for _, a := range run {
-			aq.out.add(a.out, a.dst)
+			aq.out.add(a.out, a.dst, a.from)
 		}
 		s.sendBatch(v.(batchWriter), aq.out.ms)
 		aq.out.reset()

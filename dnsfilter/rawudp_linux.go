@@ -109,8 +109,18 @@ var errRawClosed = errors.New("dnsfilter: raw socket closed")
 
 // WriteToUDPAddrPort sends one datagram to an IPv4 dst.
 func (r *rawUDP) WriteToUDPAddrPort(b []byte, dst netip.AddrPort) (int, error) {
+	n, _, err := r.WriteMsgUDPAddrPort(b, nil, dst)
+	return n, err
+}
+
+// WriteMsgUDPAddrPort sends one datagram to an IPv4 dst with the control
+// data oob (at most oobCap bytes).
+func (r *rawUDP) WriteMsgUDPAddrPort(b, oob []byte, dst netip.AddrPort) (int, int, error) {
 	if !dst.Addr().Unmap().Is4() {
-		return 0, errors.New("dnsfilter: raw socket: not an IPv4 destination")
+		return 0, 0, errors.New("dnsfilter: raw socket: not an IPv4 destination")
+	}
+	if len(oob) > oobCap {
+		return 0, 0, errors.New("dnsfilter: raw socket: control data too long")
 	}
 	var o rawOut
 	o.iov[0].Base = unsafe.SliceData(b)
@@ -120,14 +130,15 @@ func (r *rawUDP) WriteToUDPAddrPort(b []byte, dst netip.AddrPort) (int, error) {
 	o.hdr[0].Hdr.Namelen = unix.SizeofSockaddrInet4
 	o.hdr[0].Hdr.Iov = &o.iov[0]
 	o.hdr[0].Hdr.SetIovlen(1)
+	o.setControl(0, copy(o.ctl[0][:], oob))
 	n, err := r.send(o.hdr[:1])
 	if n == 0 && err == nil {
 		err = unix.EAGAIN
 	}
 	if err != nil {
-		return 0, err
+		return 0, 0, err
 	}
-	return len(b), nil
+	return len(b), len(oob), nil
 }
 
 // rawOut is the memory of one sendmmsg.
@@ -135,6 +146,19 @@ type rawOut struct {
 	hdr   [udpBatch]unix.Mmsghdr
 	iov   [udpBatch]unix.Iovec
 	names [udpBatch]unix.RawSockaddrInet4
+	ctl   [udpBatch][oobCap]byte
+}
+
+// setControl gives message k the first n bytes of ctl[k] as its control
+// data (the source address: answerFrom), none when n is zero.
+func (o *rawOut) setControl(k, n int) {
+	if n == 0 {
+		o.hdr[k].Hdr.Control = nil
+		o.hdr[k].Hdr.SetControllen(0)
+		return
+	}
+	o.hdr[k].Hdr.Control = &o.ctl[k][0]
+	o.hdr[k].Hdr.SetControllen(n)
 }
 
 // WriteBatch sends ms (each one buffer, an IPv4 *net.UDPAddr) with
@@ -152,9 +176,9 @@ func (r *rawUDP) WriteBatch(ms []ipv4.Message, _ int) (int, error) {
 		for k < udpBatch && sent+k < len(ms) {
 			m := &ms[sent+k]
 			ua, _ := m.Addr.(*net.UDPAddr)
-			if ua == nil || len(m.Buffers) != 1 {
+			if ua == nil || len(m.Buffers) != 1 || len(m.OOB) > oobCap {
 				if k == 0 {
-					return sent, errors.New("dnsfilter: raw socket: a message without one buffer and an address")
+					return sent, errors.New("dnsfilter: raw socket: a message without one buffer and an address, or with too much control data")
 				}
 				break
 			}
@@ -164,6 +188,7 @@ func (r *rawUDP) WriteBatch(ms []ipv4.Message, _ int) (int, error) {
 			o.names[k] = sockaddr4(ua.AddrPort())
 			o.hdr[k].Hdr = unix.Msghdr{Name: (*byte)(unsafe.Pointer(&o.names[k])), Namelen: unix.SizeofSockaddrInet4, Iov: &o.iov[k]}
 			o.hdr[k].Hdr.SetIovlen(1)
+			o.setControl(k, copy(o.ctl[k][:], m.OOB))
 			k++
 		}
 		n, err := r.send(o.hdr[:k])
@@ -215,6 +240,7 @@ type rawIn struct {
 	hdr   [udpBatch]unix.Mmsghdr
 	iov   [udpBatch]unix.Iovec
 	names [udpBatch]unix.RawSockaddrInet4
+	ctl   [udpBatch][oobCap]byte // each datagram's control data: its destination (IP_PKTINFO)
 	bufs  [udpBatch][]byte
 	out   rawOut
 }
@@ -228,6 +254,7 @@ func newRawIn() *rawIn {
 		in.hdr[i].Hdr.Iov = &in.iov[i]
 		in.hdr[i].Hdr.SetIovlen(1)
 		in.hdr[i].Hdr.Name = (*byte)(unsafe.Pointer(&in.names[i]))
+		in.hdr[i].Hdr.Control = &in.ctl[i][0]
 	}
 	return in
 }
@@ -236,6 +263,7 @@ func newRawIn() *rawIn {
 func (r *rawUDP) read(in *rawIn) (int, error) {
 	for i := range in.hdr {
 		in.hdr[i].Hdr.Namelen = unix.SizeofSockaddrInet4
+		in.hdr[i].Hdr.SetControllen(oobCap)
 		in.hdr[i].Hdr.Flags = 0
 	}
 	return r.mmsg(unix.SYS_RECVMMSG, in.hdr[:], unix.MSG_WAITFORONE)
@@ -273,7 +301,7 @@ func (s *Server) readRaw(r *rawUDP) error {
 			}
 			src := addrPort4(&in.names[i])
 			pkt := in.bufs[i][:h.Len]
-			sc.out, sc.pending = wbufs[k][:0], nil
+			sc.out, sc.pending, sc.from = wbufs[k][:0], nil, parseAnswerFrom(in.ctl[i][:min(int(h.Hdr.Controllen), oobCap)])
 			done := s.fastSafe(sc, r, pkt, src)
 			if sc.pending != nil {
 				b := sc.pending
@@ -281,11 +309,12 @@ func (s *Server) readRaw(r *rawUDP) error {
 				out.iov[k].SetLen(len(b))
 				out.hdr[k].Hdr = unix.Msghdr{Name: h.Hdr.Name, Namelen: h.Hdr.Namelen, Iov: &out.iov[k]}
 				out.hdr[k].Hdr.SetIovlen(1)
+				out.setControl(k, sc.from.put(out.ctl[k][:]))
 				k++
 				sc.pending = nil
 			}
 			if !done {
-				s.slowUDP(r, pkt, src)
+				s.slowUDP(r, pkt, src, sc.from)
 			}
 		}
 		sc.sq.flush()

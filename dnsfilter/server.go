@@ -408,14 +408,14 @@ func (s *Server) listenOne(host, port string, readers int) error {
 	s.mu.Unlock()
 	ip, err := netip.ParseAddr(host)
 	if host == "" || err == nil && ip.IsUnspecified() {
-		cs, p, err := s.listenUDP("udp4", net.JoinHostPort("0.0.0.0", port), reuse, readers, false, dropUDP)
+		cs, p, err := s.listenUDP("udp4", net.JoinHostPort("0.0.0.0", port), reuse, readers, false, true, dropUDP)
 		if err != nil {
 			return err
 		}
 		conns = cs
 		ap = netip.AddrPortFrom(netip.IPv4Unspecified(), p)
 		if host == "" || ip.Is6() {
-			v6, _, err := s.listenUDP("udp6", net.JoinHostPort("::", strconv.Itoa(int(p))), reuse, readers, true, dropUDP)
+			v6, _, err := s.listenUDP("udp6", net.JoinHostPort("::", strconv.Itoa(int(p))), reuse, readers, true, true, dropUDP)
 			switch {
 			case err == nil:
 				conns = append(conns, v6...)
@@ -428,7 +428,7 @@ func (s *Server) listenOne(host, port string, readers int) error {
 		}
 		bound = net.JoinHostPort(host, strconv.Itoa(int(p)))
 	} else {
-		cs, p, err := s.listenUDP("udp", net.JoinHostPort(host, port), reuse, readers, false, dropUDP)
+		cs, p, err := s.listenUDP("udp", net.JoinHostPort(host, port), reuse, readers, false, false, dropUDP)
 		if err != nil {
 			return err
 		}
@@ -495,8 +495,10 @@ func (s *Server) listenOne(host, port string, readers int) error {
 // (the kernel may give a port-0 SO_REUSEPORT socket a port that another
 // process's reuse group already holds). It returns the sockets, one per
 // reader, and the port. dropFrom is the index of the interface whose
-// datagrams the sockets drop (DropUDPFrom), zero for none.
-func (s *Server) listenUDP(network, addr string, reuse bool, readers int, v6only bool, dropFrom int) ([]*net.UDPConn, uint16, error) {
+// datagrams the sockets drop (DropUDPFrom), zero for none. pktinfo (the
+// wildcard address) has the kernel tell each datagram's destination
+// address, for its answer to leave from (pktinfo_linux.go).
+func (s *Server) listenUDP(network, addr string, reuse bool, readers int, v6only, pktinfo bool, dropFrom int) ([]*net.UDPConn, uint16, error) {
 	ctx := context.Background()
 	lc := net.ListenConfig{Control: func(_, _ string, c syscall.RawConn) error {
 		if dropFrom != 0 {
@@ -511,6 +513,9 @@ func (s *Server) listenUDP(network, addr string, reuse bool, readers int, v6only
 			}
 			if serr == nil && v6only {
 				serr = unix.SetsockoptInt(int(fd), unix.IPPROTO_IPV6, unix.IPV6_V6ONLY, 1)
+			}
+			if serr == nil && pktinfo {
+				serr = setPktinfo(int(fd), network == "udp6")
 			}
 		})
 		if err != nil {
@@ -562,6 +567,7 @@ func acceptQuery(dh dns.Header) dns.MsgAcceptAction {
 // IPv4 rawUDP that Go's netpoller does not watch (rawudp_linux.go).
 type udpConn interface {
 	WriteToUDPAddrPort(b []byte, dst netip.AddrPort) (int, error)
+	WriteMsgUDPAddrPort(b, oob []byte, dst netip.AddrPort) (n, oobn int, err error)
 	LocalAddr() net.Addr
 	Close() error
 }
@@ -575,9 +581,10 @@ func (s *Server) readUDP(uc udpConn) error {
 		return s.readUDPBatch(c, pc)
 	}
 	buf := make([]byte, 65536)
+	oob := make([]byte, oobCap)
 	sc := newScratch()
 	for {
-		n, src, err := c.ReadFromUDPAddrPort(buf)
+		n, oobn, _, src, err := c.ReadMsgUDPAddrPort(buf, oob)
 		if err != nil {
 			if s.closing.Load() {
 				return nil
@@ -588,15 +595,16 @@ func (s *Server) readUDP(uc udpConn) error {
 			}
 			return fmt.Errorf("dnsfilter: read udp: %w", err)
 		}
+		sc.from = parseAnswerFrom(oob[:oobn])
 		if !s.fastSafe(sc, c, buf[:n], src) {
-			s.slowUDP(c, buf[:n], src)
+			s.slowUDP(c, buf[:n], src, sc.from)
 		}
 	}
 }
 
 // slowUDP serves a UDP query the fast path left alone on the general path,
-// in a goroutine with a copy of b.
-func (s *Server) slowUDP(c udpConn, b []byte, src netip.AddrPort) {
+// in a goroutine with a copy of b; the answer leaves from f.
+func (s *Server) slowUDP(c udpConn, b []byte, src netip.AddrPort, f answerFrom) {
 	select {
 	case s.slowSem <- struct{}{}:
 	default:
@@ -608,7 +616,7 @@ func (s *Server) slowUDP(c udpConn, b []byte, src netip.AddrPort) {
 	go func() {
 		defer func() { <-s.slowSem; s.slow.Done() }()
 		if out := s.serveWire(s.baseCtx, pkt, src, "udp"); out != nil {
-			_, _ = c.WriteToUDPAddrPort(out, src)
+			writeAnswer(c, out, src, f)
 		}
 	}()
 }

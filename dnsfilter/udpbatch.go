@@ -32,9 +32,11 @@ func (s *Server) readUDPBatch(c *net.UDPConn, pc batchConn) error {
 	rms := make([]ipv4.Message, udpBatch)
 	for i := range rms {
 		rms[i].Buffers = [][]byte{make([]byte, queryBufSize)}
+		rms[i].OOB = make([]byte, oobCap)
 	}
 	wms := make([]ipv4.Message, udpBatch)
 	wbufs := make([][]byte, udpBatch)
+	woobs := make([][oobCap]byte, udpBatch)
 	for i := range wms {
 		wms[i].Buffers = make([][]byte, 1)
 		wbufs[i] = make([]byte, 0, int(s.cfg.UDPSize))
@@ -67,21 +69,22 @@ func (s *Server) readUDPBatch(c *net.UDPConn, pc batchConn) error {
 			}
 			src := ua.AddrPort()
 			pkt := m.Buffers[0][:m.N]
-			sc.out, sc.pending = wbufs[nw][:0], nil
+			sc.out, sc.pending, sc.from = wbufs[nw][:0], nil, parseAnswerFrom(m.OOB[:m.NN])
 			done := s.fastSafe(sc, c, pkt, src)
 			if sc.pending != nil {
 				wms[nw].Buffers[0], wms[nw].Addr = sc.pending, ua
+				wms[nw].OOB = woobs[nw][:sc.from.put(woobs[nw][:])]
 				nw++
 				sc.pending = nil
 			}
 			if !done {
-				s.slowUDP(c, pkt, src)
+				s.slowUDP(c, pkt, src, sc.from)
 			}
 		}
 		sc.sq.flush()
 		s.sendBatch(pc, wms[:nw])
 		for i := range wms[:nw] {
-			wms[i].Buffers[0], wms[i].Addr = nil, nil
+			wms[i].Buffers[0], wms[i].Addr, wms[i].OOB = nil, nil, nil
 		}
 	}
 }
@@ -124,7 +127,31 @@ func (s *Server) sendFast(sc *scratch, c udpConn, out []byte, dst netip.AddrPort
 		sc.pending = out
 		return
 	}
-	_, _ = c.WriteToUDPAddrPort(out, dst)
+	writeAnswer(c, out, dst, sc.from)
+}
+
+// answerFrom is the address a UDP answer leaves from: the one its query
+// was sent to, and for an IPv6 link-local one the interface it came in
+// on, as a wildcard listener's control data told its reader
+// (pktinfo_linux.go). The zero answerFrom leaves the source to the
+// kernel: a listener bound to one address (it sends from that one), a
+// query whose control data was missing or odd.
+type answerFrom struct {
+	addr    netip.Addr
+	ifindex uint32
+}
+
+// writeAnswer sends one answer to dst from f. Should the kernel refuse
+// the source (the address was removed meanwhile), the answer goes again
+// from the kernel's choice.
+func writeAnswer(c udpConn, b []byte, dst netip.AddrPort, f answerFrom) {
+	if f.addr.IsValid() {
+		var oob [oobCap]byte
+		if _, _, err := c.WriteMsgUDPAddrPort(b, oob[:f.put(oob[:])], dst); err == nil {
+			return
+		}
+	}
+	_, _ = c.WriteToUDPAddrPort(b, dst)
 }
 
 // batchMsgs builds sendmmsg batches in reusable memory: each slot keeps
@@ -140,18 +167,19 @@ type msgSlot struct {
 	bufs [1][]byte
 	addr net.UDPAddr
 	ip   [16]byte
+	oob  [oobCap]byte
 }
 
 // add appends b, to dst when dst is valid (a connected socket's batch has
-// none).
-func (bm *batchMsgs) add(b []byte, dst netip.AddrPort) {
+// none), from f.
+func (bm *batchMsgs) add(b []byte, dst netip.AddrPort, f answerFrom) {
 	i := len(bm.ms)
 	if i == len(bm.slots) {
 		bm.slots = append(bm.slots, new(msgSlot))
 	}
 	sl := bm.slots[i]
 	sl.bufs[0] = b
-	m := ipv4.Message{Buffers: sl.bufs[:]}
+	m := ipv4.Message{Buffers: sl.bufs[:], OOB: sl.oob[:f.put(sl.oob[:])]}
 	if dst.IsValid() {
 		a := dst.Addr()
 		if a.Is4() { // as net.UDPAddrFromAddrPort: 4 bytes for IPv4, 16 else

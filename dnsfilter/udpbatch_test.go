@@ -258,7 +258,7 @@ func TestBatchMsgs(t *testing.T) {
 			dsts[0] = netip.MustParseAddrPort("203.0.113.9:40000")
 		}
 		for i, d := range dsts {
-			bm.add([]byte{byte(round), byte(i)}, d)
+			bm.add([]byte{byte(round), byte(i)}, d, answerFrom{})
 		}
 		if len(bm.ms) != len(dsts) {
 			t.Fatalf("round %d: %d messages, want %d", round, len(bm.ms), len(dsts))

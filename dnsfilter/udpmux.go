@@ -450,7 +450,7 @@ func (sq *sendQueue) flush() {
 	eachRun(sq.items, func(it *queuedQuery) *muxSocket { return it.s }, func(run []queuedQuery) {
 		s := run[0].s
 		for _, it := range run {
-			sq.out.add(it.wire, netip.AddrPort{})
+			sq.out.add(it.wire, netip.AddrPort{}, answerFrom{})
 		}
 		ms := sq.out.ms
 		sent := 0
