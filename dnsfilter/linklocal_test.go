@@ -26,10 +26,9 @@ func TestLinkLocalClientEventsCarryNoZone(t *testing.T) {
 	gw := testnet.New(t, "n2llgw")
 	cl := testnet.New(t, "n2llcl")
 	testnet.Link(t, gw, "lan0", []string{"fe80::1/64"}, cl, "eth0", []string{"fe80::2/64"})
-	// Only the addresses given: the kernel's own link-local address
-	// (EUI-64) on lan0 would be the source of the forwarder's answers
-	// from its socket bound to [::].
-	onlyLinkLocal(t, gw, "lan0", "fe80::1")
+	// lan0 keeps the kernel's own link-local address (EUI-64) beside
+	// fe80::1: the answers still leave from fe80::1, the address asked
+	// (TestUDPAnswerFromAddressAsked).
 	onlyLinkLocal(t, cl, "eth0", "fe80::2")
 	up := newFakeUpstream(t, "") // on the host's loopback: the forwarder's upstream sockets are made outside gw
 	cfg := Config{Listen: []string{"[::]:0"}, Upstreams: []string{up.Addr}, UDPReaders: 1, ClientRate: -1, TunnelThreshold: 3}
