@@ -5,6 +5,7 @@ import (
 	"net"
 	"net/netip"
 	"slices"
+	"strconv"
 	"strings"
 	"testing"
 	"time"
@@ -39,9 +40,7 @@ func TestLinkLocalClientEventsCarryNoZone(t *testing.T) {
 	}
 	runServer(t, s, gw)
 	port := s.Addrs()[0].Port()
-	// The zone as an index: the net package's cache of interface names
-	// is the host namespace's, or another's.
-	zone, _, _ := strings.Cut(cl.MustRun("ip", "-o", "link", "show", "dev", "eth0"), ":")
+	zone := ifIndex(t, cl, "eth0")
 	server := netip.AddrPortFrom(netip.MustParseAddr("fe80::1").WithZone(zone), port).String()
 	client := netip.MustParseAddr("fe80::2")
 	exchange := func(proto, name string) (*dns.Msg, error) {
@@ -111,4 +110,23 @@ func onlyLinkLocal(t *testing.T, ns *testnet.NS, dev, keep string) {
 			ns.MustRun("ip", "-6", "addr", "del", f[i+1], "dev", dev)
 		}
 	}
+}
+
+// ifIndex is the index of dev in ns, as a zone: the net package's cache
+// of interface names is the host namespace's, or another's. Read in ns
+// with Go, not from ip's output, which under load once began with
+// "Error" (a zone of "Error": bind: invalid argument).
+func ifIndex(t *testing.T, ns *testnet.NS, dev string) string {
+	t.Helper()
+	var idx int
+	if err := ns.Do(func() error {
+		ifi, err := net.InterfaceByName(dev)
+		if err == nil {
+			idx = ifi.Index
+		}
+		return err
+	}); err != nil {
+		t.Fatalf("%s in %s: %v", dev, ns.Name, err)
+	}
+	return strconv.Itoa(idx)
 }

@@ -4,7 +4,6 @@ import (
 	"net"
 	"net/netip"
 	"runtime"
-	"strconv"
 	"strings"
 	"testing"
 	"time"
@@ -78,18 +77,7 @@ func TestUDPAnswerFromAddressAsked(t *testing.T) {
 				}
 			}
 			port := s.Addrs()[0].Port()
-			// The zone as an index, read in cl (the net package's cache
-			// of interface names is the host namespace's).
-			var zone string
-			if err := cl.Do(func() error {
-				ifi, err := net.InterfaceByName("eth0")
-				if err == nil {
-					zone = strconv.Itoa(ifi.Index)
-				}
-				return err
-			}); err != nil {
-				t.Fatal(err)
-			}
+			zone := ifIndex(t, cl, "eth0")
 			var pc net.PacketConn
 			if err := cl.Do(func() (err error) { pc, err = net.ListenPacket("udp", "[::]:0"); return }); err != nil {
 				t.Fatal(err)
