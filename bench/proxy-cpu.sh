@@ -104,6 +104,8 @@ exec haproxy -db -f "$cfg"
 EOF
 chmod +x "$TMP/haproxy-plain.sh"
 
+NS_GW=${BTLS_NS_G:-btls-gw} # the peers script's gateway namespace (BTLS_NS_G if it reads one)
+NS_C=${BTLS_NS_C:-btls-c}   # its client namespace
 GO=${GO:-$(command -v go || echo /usr/local/go/bin/go)}
 case " $SYSTEMS " in *" floor-"*) "$GO" build -o "$TMP/tcpfloor" ./bench/cmd/tcpfloor ;; esac
 LOAD=wrk
@@ -115,9 +117,13 @@ if [ -n "${RATE:-}" ]; then
 	LOAD=tlsrate
 fi
 # the load is running: wrk or tlsrate, or with BULK the peers script's
-# bulk download (its curl fetches big.bin; others, the checks, do not)
+# bulk download (its curl fetches big.bin; others, the checks, do not),
+# in the client namespace: another run's wrk on a shared box is not ours
 load_running() {
-	if [ -n "${BULK:-}" ]; then pgrep -f 'curl .*big\.bin' >/dev/null; else pgrep -x "$LOAD" >/dev/null; fi
+	local pids
+	pids=$(ip netns pids "$NS_C" 2>/dev/null | paste -sd, -)
+	[ -n "$pids" ] || return 1
+	if [ -n "${BULK:-}" ]; then ps -o args= -p "$pids" | grep -q 'curl .*big\.bin'; else ps -o comm= -p "$pids" | grep -qx "$LOAD"; fi
 }
 
 # busy ticks of the whole box (steal, idle and iowait left out)
@@ -129,8 +135,6 @@ proc_ticks() {
 	for p in "$@"; do cat "/proc/$p/stat" 2>/dev/null || true; done | awk '{ u += $14; s += $15 } END { print u + 0, s + 0 }'
 }
 HZ=$(getconf CLK_TCK)
-NS_GW=btls-gw # the peers script's gateway namespace
-NS_C=btls-c   # its client namespace
 GW_CLIENT_IP=198.18.1.1 # the gateway's address on the client side
 if [ -n "${DNS_QPS:-}" ]; then
 	command -v dnsperf >/dev/null || { echo "proxy-cpu.sh: DNS_QPS needs dnsperf" >&2; exit 1; }
