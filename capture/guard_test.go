@@ -4,6 +4,7 @@ import (
 	"bytes"
 	"encoding/json"
 	"fmt"
+	"io"
 	"log/slog"
 	"net/netip"
 	"strings"
@@ -475,8 +476,8 @@ func TestProxyAcceptedHasTheLine(t *testing.T) {
 		l.SrcPort, l.DstPort, l.Window = 40001, 443, 1024
 		r.send(false, src, dst, layers.IPProtocolTCP, l)
 	}
-	r.c.ProxyAccepted(netip.MustParseAddrPort("198.18.5.10:40001"), netip.MustParseAddrPort("203.0.113.9:443"), false)
-	r.c.ProxyAccepted(netip.MustParseAddrPort("198.18.5.12:40001"), netip.MustParseAddrPort("203.0.113.99:443"), false)
+	r.c.ProxyAccepted(netip.MustParseAddrPort("198.18.5.10:40001"), netip.MustParseAddrPort("203.0.113.9:443"), endedIs(false))
+	r.c.ProxyAccepted(netip.MustParseAddrPort("198.18.5.12:40001"), netip.MustParseAddrPort("203.0.113.99:443"), endedIs(false))
 	for _, cli := range []string{"198.18.5.10", "198.18.5.11", "198.18.5.12"} {
 		tcp(cli, "203.0.113.9", &layers.TCP{SYN: true, Seq: 1})
 		tcp(cli, "203.0.113.9", &layers.TCP{ACK: true, Seq: 2, Ack: 101})
@@ -509,7 +510,7 @@ func TestProxyTellsOverload(t *testing.T) {
 		l.SrcPort, l.DstPort, l.Window = 40001, 443, 1024
 		r.send(false, src, "203.0.113.9", layers.IPProtocolTCP, l)
 	}
-	r.c.ProxyAccepted(netip.MustParseAddrPort("198.18.5.10:40001"), netip.MustParseAddrPort("203.0.113.9:443"), false)
+	r.c.ProxyAccepted(netip.MustParseAddrPort("198.18.5.10:40001"), netip.MustParseAddrPort("203.0.113.9:443"), endedIs(false))
 	for _, cli := range []string{"198.18.5.10", "198.18.5.11"} {
 		tcp(cli, &layers.TCP{SYN: true, Seq: 1})
 		tcp(cli, &layers.TCP{ACK: true, Seq: 2, Ack: 101})
@@ -530,12 +531,40 @@ func TestProxyTellsOverload(t *testing.T) {
 	// none; told of another, it writes its own.
 	late := netip.MustParseAddrPort("198.18.5.11:40001")
 	for i, want := range []bool{true, false} {
-		if got := r.c.ProxyAccepted(late, netip.MustParseAddrPort("203.0.113.9:443"), true); got != want {
+		if got := r.c.ProxyAccepted(late, netip.MustParseAddrPort("203.0.113.9:443"), endedIs(true)); got != want {
 			t.Errorf("ProxyAccepted of a connection capture lined, call %d: %v, want %v", i+1, got, want)
 		}
 	}
-	if r.c.ProxyAccepted(late, netip.MustParseAddrPort("203.0.113.99:443"), true) {
+	if r.c.ProxyAccepted(late, netip.MustParseAddrPort("203.0.113.99:443"), endedIs(true)) {
 		t.Errorf("ProxyAccepted of a connection to another destination: capture lined it")
+	}
+}
+
+// endedIs is ProxyAccepted's ended answering v.
+func endedIs(v bool) func() bool { return func() bool { return v } }
+
+// TestProxyAcceptedAsksEnded: ProxyAccepted asks whether the client ended
+// a connection (in the proxy, a TCP_INFO system call) only for one whose
+// 4-tuple capture lined already, not for every connection the proxy
+// accepts. Before session 29 the proxy read TCP_INFO for each.
+func TestProxyAcceptedAsksEnded(t *testing.T) {
+	r := newGuardRigLog(t, policy.ModeEnforce, true, slog.New(slog.NewJSONHandler(io.Discard, nil)))
+	r.c.cfg.ProxyTells = true
+	asked := 0
+	ended := func() bool { asked++; return true }
+	if r.c.ProxyAccepted(netip.MustParseAddrPort("198.18.5.10:40001"), netip.MustParseAddrPort("203.0.113.9:443"), ended) || asked != 0 {
+		t.Errorf("a connection capture never saw: asked %d times whether it ended, want 0", asked)
+	}
+	tcp := func(l *layers.TCP) {
+		l.SrcPort, l.DstPort, l.Window = 40001, 443, 1024
+		r.send(false, "198.18.5.11", "203.0.113.9", layers.IPProtocolTCP, l)
+	}
+	tcp(&layers.TCP{SYN: true, Seq: 1})
+	tcp(&layers.TCP{ACK: true, Seq: 2, Ack: 101})
+	tcp(&layers.TCP{RST: true, Seq: 2})
+	r.events()
+	if !r.c.ProxyAccepted(netip.MustParseAddrPort("198.18.5.11:40001"), netip.MustParseAddrPort("203.0.113.9:443"), ended) || asked != 1 {
+		t.Errorf("a connection capture lined: asked %d times whether it ended, want 1 (and lined)", asked)
 	}
 }
 
@@ -575,7 +604,7 @@ func TestProxyTellsReusedTuple(t *testing.T) {
 	// The second, of the same 4-tuple: the proxy accepts it.
 	tcp(&layers.TCP{SYN: true, Seq: 5000})
 	tcp(&layers.TCP{ACK: true, Seq: 5001, Ack: 9001})
-	if r.c.ProxyAccepted(netip.MustParseAddrPort("198.18.5.11:40001"), netip.MustParseAddrPort("203.0.113.9:443"), false) {
+	if r.c.ProxyAccepted(netip.MustParseAddrPort("198.18.5.11:40001"), netip.MustParseAddrPort("203.0.113.9:443"), endedIs(false)) {
 		t.Errorf("ProxyAccepted of the second connection: lined already (the first's record), the proxy writes no line")
 	}
 	tcp(&layers.TCP{FIN: true, ACK: true, Seq: 5001, Ack: 9001})

@@ -51,21 +51,22 @@ const (
 // event has it (audit.ClientAddr drops the zone its socket gives), and
 // an original destination as the kernel gives it (no scope).
 //
-// ended says the client had ended the connection (a reset, a FIN) when
-// the proxy took it from its queue. Capture reports a connection at its
+// ended says whether the client had ended the connection (a reset, a
+// FIN) when the proxy took it from its queue; it is asked only where
+// capture lined the connection's 4-tuple (a system call in the proxy). Capture reports a connection at its
 // end, so its line before the proxy's word is of an ended one: a record
 // of it matches only an ended connection. One the client still holds is a
 // new connection of the same 4-tuple (a new SYN, within proxiedTTL of one
 // the proxy never accepted, its handshake's end dropped on a full accept
 // queue): the record is the earlier's, and is dropped.
-func (c *Capture) ProxyAccepted(client, dest netip.AddrPort, ended bool) (lined bool) {
+func (c *Capture) ProxyAccepted(client, dest netip.AddrPort, ended func() bool) (lined bool) {
 	k := makeKey(client.Addr().Unmap(), client.Port(), dest.Addr().Unmap(), dest.Port(), 6)
 	s := &c.proxied
 	s.mu.Lock()
 	defer s.mu.Unlock()
 	if at, ok := s.lined[k]; ok {
 		delete(s.lined, k)
-		if ended && time.Since(at) <= proxiedTTL {
+		if time.Since(at) <= proxiedTTL && ended() {
 			return true
 		}
 	}

@@ -172,10 +172,13 @@ type Deps struct {
 	// reports true where the connection's line is written already
 	// (capture reported the connection first, its client gone before the
 	// proxy took it from its queue): the proxy writes the event only.
-	// ended says the client had ended the connection (a reset or a FIN
-	// seen: the socket is no longer established) when it was accepted:
-	// only such a one can capture have reported already.
-	Accepted func(client, dest netip.AddrPort, ended bool) (lined bool)
+	// ended says whether the client had ended the connection (a reset or
+	// a FIN seen: the socket is no longer established) when it was
+	// accepted: only such a one can capture have reported already. It
+	// reads the socket's TCP_INFO, a system call, so Accepted asks it
+	// only where that matters (capture: where it lined the connection's
+	// 4-tuple), and only during the call.
+	Accepted func(client, dest netip.AddrPort, ended func() bool) (lined bool)
 }
 
 // ClientDevices tells the device of a LAN client address, where a

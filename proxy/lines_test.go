@@ -90,9 +90,9 @@ func TestTransparentTellsAccepted(t *testing.T) {
 	tp := newTopo(t, topoOpts{
 		config: func(c *Config) { c.MaxConnsPerClient = 1 },
 		deps: func(d *Deps) {
-			d.Accepted = func(client, dest netip.AddrPort, end bool) bool {
+			d.Accepted = func(client, dest netip.AddrPort, end func() bool) bool {
 				mu.Lock()
-				told[client], ended[client] = dest, end
+				told[client], ended[client] = dest, end()
 				mu.Unlock()
 				return false
 			}
@@ -163,7 +163,7 @@ func TestTransparentShutdownMidSetup(t *testing.T) {
 	devs := &closingDevices{}
 	tp := newTopo(t, topoOpts{deps: func(d *Deps) {
 		d.Devices = devs
-		d.Accepted = func(client, dest netip.AddrPort, _ bool) bool {
+		d.Accepted = func(client, dest netip.AddrPort, _ func() bool) bool {
 			mu.Lock()
 			told[client] = dest
 			mu.Unlock()

@@ -71,7 +71,7 @@ func (p *Proxy) origDst(c *net.TCPConn, f *flowRecord) (netip.AddrPort, error) {
 	f.ev.Dest, f.ev.DestPort = orig.Addr(), orig.Port()
 	if p.deps.Accepted != nil {
 		p.clientPort(c, f)
-		f.lined = p.deps.Accepted(netip.AddrPortFrom(f.ev.Client, f.ev.ClientPort), orig, clientEnded(c))
+		f.lined = p.deps.Accepted(netip.AddrPortFrom(f.ev.Client, f.ev.ClientPort), orig, func() bool { return clientEnded(c) })
 	}
 	return orig, nil
 }

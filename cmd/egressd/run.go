@@ -1570,7 +1570,7 @@ func (d *daemon) proxyLines() bool {
 // transparent proxy accepted: the proxy writes its decision line, and
 // capture none, whatever brought the connection there (an operator's
 // own redirect under --no-firewall, which proxyLines cannot know of).
-func (d *daemon) proxyAccepted(client, dest netip.AddrPort, ended bool) bool {
+func (d *daemon) proxyAccepted(client, dest netip.AddrPort, ended func() bool) bool {
 	if c := d.proxyTells.Load(); c != nil {
 		return c.ProxyAccepted(client, dest, ended)
 	}
