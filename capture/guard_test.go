@@ -540,6 +540,15 @@ func TestProxyTellsOverload(t *testing.T) {
 	}
 }
 
+// tcpFrom11 sends the rig TCP segments of 198.18.5.11:40001 to
+// 203.0.113.9:443, from the LAN.
+func (r *guardRig) tcpFrom11() func(*layers.TCP) {
+	return func(l *layers.TCP) {
+		l.SrcPort, l.DstPort, l.Window = 40001, 443, 1024
+		r.send(false, "198.18.5.11", "203.0.113.9", layers.IPProtocolTCP, l)
+	}
+}
+
 // endedIs is ProxyAccepted's ended answering v.
 func endedIs(v bool) func() bool { return func() bool { return v } }
 
@@ -555,10 +564,7 @@ func TestProxyAcceptedAsksEnded(t *testing.T) {
 	if r.c.ProxyAccepted(netip.MustParseAddrPort("198.18.5.10:40001"), netip.MustParseAddrPort("203.0.113.9:443"), ended) || asked != 0 {
 		t.Errorf("a connection capture never saw: asked %d times whether it ended, want 0", asked)
 	}
-	tcp := func(l *layers.TCP) {
-		l.SrcPort, l.DstPort, l.Window = 40001, 443, 1024
-		r.send(false, "198.18.5.11", "203.0.113.9", layers.IPProtocolTCP, l)
-	}
+	tcp := r.tcpFrom11()
 	tcp(&layers.TCP{SYN: true, Seq: 1})
 	tcp(&layers.TCP{ACK: true, Seq: 2, Ack: 101})
 	tcp(&layers.TCP{RST: true, Seq: 2})
@@ -593,10 +599,7 @@ func TestProxyTellsReusedTuple(t *testing.T) {
 	var out bytes.Buffer
 	r := newGuardRigLog(t, policy.ModeEnforce, true, slog.New(slog.NewJSONHandler(&out, nil)))
 	r.c.cfg.ProxyTells = true
-	tcp := func(l *layers.TCP) {
-		l.SrcPort, l.DstPort, l.Window = 40001, 443, 1024
-		r.send(false, "198.18.5.11", "203.0.113.9", layers.IPProtocolTCP, l)
-	}
+	tcp := r.tcpFrom11()
 	// The first: capture lines it, the proxy never accepts it.
 	tcp(&layers.TCP{SYN: true, Seq: 1})
 	tcp(&layers.TCP{ACK: true, Seq: 2, Ack: 101})
