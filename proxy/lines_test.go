@@ -198,7 +198,7 @@ func TestTransparentLinkLocalClient(t *testing.T) {
 	var mu sync.Mutex
 	var told []netip.AddrPort
 	tp := newTopo(t, topoOpts{deps: func(d *Deps) {
-		d.Accepted = func(client, _ netip.AddrPort, _ bool) bool {
+		d.Accepted = func(client, _ netip.AddrPort, _ func() bool) bool {
 			mu.Lock()
 			told = append(told, client)
 			mu.Unlock()
