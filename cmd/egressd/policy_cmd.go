@@ -173,11 +173,13 @@ func cmdPolicyExplain(args []string, stdout, stderr io.Writer) int {
 	// another one is refused where only a host/path rule would allow it.
 	d := eng.PathForm(in, in.Path, eng.Decide(in))
 	var rawNote string
-	if in.Path != "" && !httpwire.TargetBytes(in.Path) {
+	query := urlQuery(*to)
+	if !httpwire.TargetBytes(in.Path + query) {
 		// The bytes as given: the proxy refuses a request target with a
 		// raw byte 0x80 or above, a space or a control (http-malformed,
-		// in every mode and whatever rule allows the host). A client
-		// sends it escaped: say what that is decided.
+		// in every mode and whatever rule allows the host). curl sends
+		// a path's raw bytes escaped, a query's as given: say what the
+		// escaped request is decided.
 		ein := in
 		ein.Path = escapeTarget(in.Path)
 		ed := eng.PathForm(ein, ein.Path, eng.Decide(ein))
@@ -185,8 +187,13 @@ func cmdPolicyExplain(args []string, stdout, stderr io.Writer) int {
 		if ed.Allowed() {
 			decided = fmt.Sprintf("ALLOW (rule %s)", ed.Rule)
 		}
-		rawNote = fmt.Sprintf("the path has raw bytes (0x80 and above, a space or a control): the proxy refuses it as sent (%s); a client such as curl sends the path escaped, %s, which is decided %s",
-			proxy.ReasonHTTPBad, ein.Path, decided)
+		if httpwire.TargetBytes(query) {
+			rawNote = fmt.Sprintf("the path has raw bytes (0x80 and above, a space or a control): the proxy refuses it as sent (%s); a client such as curl sends the path escaped, %s, which is decided %s",
+				proxy.ReasonHTTPBad, ein.Path, decided)
+		} else {
+			rawNote = fmt.Sprintf("the query has raw bytes (0x80 and above, a space or a control): the proxy refuses it as sent (%s), as curl sends it (curl escapes a path's raw bytes, not a query's); escaped, %s, it is decided %s",
+				proxy.ReasonHTTPBad, ein.Path+escapeTarget(query), decided)
+		}
 		d = policy.Decision{Verdict: policy.Deny, RuleIndex: -1, Reason: proxy.ReasonHTTPBad, Mode: eng.Mode()}
 	}
 	ex := explanation{Verdict: d.Verdict, Rule: d.Rule, Reason: d.Reason, Mode: d.Mode, Dest: *to,
@@ -272,10 +279,10 @@ func cmdPolicyExplain(args []string, stdout, stderr io.Writer) int {
 }
 
 // escapeTarget is path with each byte a request target does not carry
-// raw (httpwire.TargetBytes) written as its escape, "%XX", as curl sends
-// it.
+// raw (httpwire.TargetBytes) written as its escape, "%xx", as curl 7.88
+// writes a path's raw bytes (in lower case).
 func escapeTarget(path string) string {
-	const hex = "0123456789ABCDEF"
+	const hex = "0123456789abcdef"
 	var b strings.Builder
 	for i := 0; i < len(path); i++ {
 		if c := path[i]; c <= ' ' || c >= 0x7f {
@@ -285,6 +292,24 @@ func escapeTarget(path string) string {
 		}
 	}
 	return b.String()
+}
+
+// urlQuery is the query of a --to URL with its '?' ("?q=1"), before any
+// fragment (a client does not send it); "" when it has none. Where
+// policy.ParseDest finds the path, the query follows it.
+func urlQuery(to string) string {
+	if _, rest, ok := strings.Cut(to, "://"); ok {
+		to = rest
+	}
+	i := strings.IndexAny(to, "/?#")
+	if i < 0 {
+		return ""
+	}
+	to, _, _ = strings.Cut(to[i:], "#")
+	if j := strings.IndexByte(to, '?'); j >= 0 {
+		return to[j:]
+	}
+	return ""
 }
 
 // explainInput builds the policy input of `policy explain`.

@@ -1,17 +1,23 @@
 package main
 
 import (
+	"bufio"
 	"bytes"
 	"context"
 	"encoding/json"
 	"fmt"
+	"io"
+	"net"
 	"os"
+	"os/exec"
 	"path/filepath"
 	"slices"
 	"strings"
 	"testing"
+	"time"
 
 	"egressd/internal/httpwire"
+	"egressd/policy"
 )
 
 func runCLI(t *testing.T, args ...string) (int, string, string) {
@@ -389,9 +395,9 @@ rules:
 		t.Fatal(err)
 	}
 	for _, c := range []struct{ to, escaped, decided string }{
-		{"http://docs.paths.test/caf\xc3\xa9/x", "/caf%C3%A9/x", "ALLOW (rule files)"},
-		{"http://caf\xc3\xa9.paths.test/caf\xc3\xa9", "/caf%C3%A9", "DENY (no-rule)"},
-		{"http://docs.paths.test/caf\xc3\xa9", "/caf%C3%A9", "DENY (path-not-allowed)"},
+		{"http://docs.paths.test/caf\xc3\xa9/x", "/caf%c3%a9/x", "ALLOW (rule files)"},
+		{"http://caf\xc3\xa9.paths.test/caf\xc3\xa9", "/caf%c3%a9", "DENY (no-rule)"},
+		{"http://docs.paths.test/caf\xc3\xa9", "/caf%c3%a9", "DENY (path-not-allowed)"},
 	} {
 		code, out, stderr := runCLI(t, "policy", "explain", file, "--to", c.to)
 		note := "the proxy refuses it as sent (http-malformed); a client such as curl sends the path escaped, " + c.escaped + ", which is decided " + c.decided
@@ -424,7 +430,7 @@ func FuzzEscapeTarget(f *testing.F) {
 		var back []byte
 		for i, j := 0, 0; i < len(path); i++ {
 			if c := path[i]; c <= ' ' || c >= 0x7f {
-				if out[j:j+3] != fmt.Sprintf("%%%02X", c) {
+				if out[j:j+3] != fmt.Sprintf("%%%02x", c) {
 					t.Fatalf("escapeTarget(%q) = %q: byte %d", path, out, i)
 				}
 				back, j = append(back, c), j+3
@@ -434,6 +440,128 @@ func FuzzEscapeTarget(f *testing.F) {
 		}
 		if string(back) != path {
 			t.Fatalf("escapeTarget(%q) = %q reads back as %q", path, out, back)
+		}
+	})
+}
+
+// TestExplainAsCurlSends: for a URL with raw bytes, explain's verdict and
+// note hold to the request target curl 7.88 really sends (read on a
+// loopback listener): curl escapes a path's raw bytes (in lower case) but
+// sends a query's as given, which the proxy refuses (http-malformed), so
+// explain must not say ALLOW for them; the note's escaped path is the path
+// curl sends, up to the case of its hex digits.
+func TestExplainAsCurlSends(t *testing.T) {
+	curl, err := exec.LookPath("curl")
+	if err != nil {
+		t.Fatal("curl is needed for this test")
+	}
+	file := filepath.Join(t.TempDir(), "p.yaml")
+	if err := os.WriteFile(file, []byte(`version: 1
+mode: audit
+rules:
+  - name: files
+    to: ["docs.paths.test/public/*", "docs.paths.test/caf%C3%A9/*"]
+    ports: [80/tcp]
+  - name: open
+    to: ["open.paths.test"]
+    ports: [80/tcp]
+`), 0o600); err != nil {
+		t.Fatal(err)
+	}
+	ln, err := net.Listen("tcp", "127.0.0.1:0")
+	if err != nil {
+		t.Fatal(err)
+	}
+	defer ln.Close()
+	targets := make(chan string, 1)
+	go func() {
+		for {
+			c, err := ln.Accept()
+			if err != nil {
+				return
+			}
+			c.SetDeadline(time.Now().Add(10 * time.Second))
+			line, _ := bufio.NewReader(c).ReadString('\n')
+			method, rest, _ := strings.Cut(line, " ")
+			target, _, _ := strings.Cut(rest, " HTTP/1.1\r\n")
+			if method != "GET" {
+				target = "unread: " + line
+			}
+			targets <- target
+			io.WriteString(c, "HTTP/1.1 204 No Content\r\nConnection: close\r\n\r\n")
+			c.Close()
+		}
+	}()
+	port := ln.Addr().(*net.TCPAddr).Port
+	for _, c := range []struct{ host, rest string }{
+		{"docs.paths.test", "/caf\xc3\xa9/x"},
+		{"docs.paths.test", "/public/\xc3\xa9"},
+		{"docs.paths.test", "/public/x?q=caf\xc3\xa9"},
+		{"docs.paths.test", "/caf\xc3\xa9/x?q=\xc3\xa9"},
+		{"open.paths.test", "/x?q=caf\xc3\xa9"},
+		{"open.paths.test", "/caf\xc3\xa9/%zz?q=%zz"},
+		{"docs.paths.test", "/public/x#caf\xc3\xa9"},
+		{"docs.paths.test", "/public/x?q=1#caf\xc3\xa9"},
+	} {
+		url := fmt.Sprintf("http://%s:%d%s", c.host, port, c.rest)
+		out, err := exec.Command(curl, "-sS", "--max-time", "10", "-o", "/dev/null", "--resolve", fmt.Sprintf("%s:%d:127.0.0.1", c.host, port), url).CombinedOutput()
+		if err != nil {
+			t.Fatalf("curl %q: %v %s", url, err, out)
+		}
+		var sent string
+		select {
+		case sent = <-targets:
+		case <-time.After(10 * time.Second):
+			t.Fatalf("curl %q: no request", url)
+		}
+		code, text, stderr := runCLI(t, "policy", "explain", file, "--to", url, "--port", "80/tcp", "--json")
+		var ex struct {
+			Verdict, Reason string
+			Warnings        []string
+		}
+		if err := json.Unmarshal([]byte(text), &ex); code != 0 || err != nil {
+			t.Fatalf("explain %q: exit %d %v %s", url, code, err, stderr)
+		}
+		if !httpwire.TargetBytes(sent) {
+			// The proxy refuses what curl sends.
+			if ex.Verdict != "deny" || ex.Reason != "http-malformed" {
+				t.Errorf("%q: curl sends %q, the proxy refuses it (http-malformed); explain says %s %s", url, sent, ex.Verdict, ex.Reason)
+			}
+			if p, _, _ := strings.Cut(sent, "?"); httpwire.TargetBytes(p) && !slices.ContainsFunc(ex.Warnings, func(w string) bool {
+				return strings.Contains(w, "the query has raw bytes") && strings.Contains(w, "escaped, "+escapeTarget(sent)+", it is")
+			}) {
+				t.Errorf("%q: curl sends %q; explain's notes %q do not say its query is refused", url, sent, ex.Warnings)
+			}
+			continue
+		}
+		sentPath, _, _ := strings.Cut(sent, "?")
+		given, _, _ := strings.Cut(c.rest, "#")
+		if given, _, _ = strings.Cut(given, "?"); !httpwire.TargetBytes(given) {
+			if !slices.ContainsFunc(ex.Warnings, func(w string) bool {
+				return strings.Contains(w, "sends the path escaped, "+sentPath+", which")
+			}) {
+				t.Errorf("%q: curl sends %q; explain's notes %q do not name that path", url, sent, ex.Warnings)
+			}
+		}
+	}
+}
+
+// FuzzURLQuery: urlQuery is "" or the '?' and what follows it in to, up
+// to a fragment, and follows the path policy.ParseDest finds.
+func FuzzURLQuery(f *testing.F) {
+	f.Add("http://docs.paths.test/public/x?q=caf\xc3\xa9#f")
+	f.Add("u@h?x#y?z")
+	f.Add("http://[2001:db8::1]:80?q")
+	f.Fuzz(func(t *testing.T, to string) {
+		q := urlQuery(to)
+		if q == "" {
+			return
+		}
+		if q[0] != '?' || strings.Contains(q, "#") || !strings.Contains(to, q) {
+			t.Fatalf("urlQuery(%q) = %q", to, q)
+		}
+		if d, err := policy.ParseDest(to); err == nil && !strings.Contains(to, d.Path+q) {
+			t.Fatalf("urlQuery(%q) = %q does not follow the path %q", to, q, d.Path)
 		}
 	})
 }
