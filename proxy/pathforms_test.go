@@ -252,6 +252,8 @@ func testRawPaths(t *testing.T, tp *topo, bundle string) {
 		{"/caf\xc3\xa9", "403", ReasonHTTPBad},
 		{"/public/\xc0\xae\xc0\xae/private/x", "403", ReasonHTTPBad},
 		{"/public/\xe0\x80\xae\xe0\x80\xae/private/x", "403", ReasonHTTPBad},
+		// In the query too: curl 7.88 sends a query's raw bytes as given.
+		{"/public/x?q=caf\xc3\xa9", "403", ReasonHTTPBad},
 	}
 	for _, mode := range []string{"explicit", "transparent"} {
 		for _, o := range []struct {
