@@ -147,3 +147,78 @@ func TestSentDigestWraps(t *testing.T) {
 		t.Errorf("bytes at the hello's sequence numbers 2 GiB on: %+v, want allowed", ev)
 	}
 }
+
+// TestSentAckedRetransmitted: a hello in two segments that the server
+// acknowledged, the acknowledgement lost on the LAN after capture saw it
+// (a lossy Wi-Fi link), is sent again by the client's stack in part: its
+// retransmission timer resends the first segment, a tail loss probe the
+// last. Those are copies of part of the hello, the same bytes: no
+// conflict. Before R18 the acknowledgement gave the bytes way to their
+// digest at once (d623b87), a copy of part of it could not be compared,
+// and a plain lossy link denied allowed connections as stream-conflict.
+// A copy of part of it that differs is still one (a forged
+// acknowledgement, then the real hello: TestSentHeldReleased). Past
+// ackedWait after the acknowledgement only the digest stays, and a copy
+// of part of it is taken as differing (the residual, README "Capture in
+// audit mode").
+func TestSentAckedRetransmitted(t *testing.T) {
+	r := newGuardRig(t, policy.ModeAudit)
+	hello := realClientHello(t, decoyName)
+	other := realClientHello(t, realName)
+	if len(hello) != len(other) || len(hello) <= 1400 {
+		t.Fatalf("hellos of %d and %d bytes, want one length past 1400", len(hello), len(other))
+	}
+	srv := netip.MustParseAddr("198.51.100.10")
+	cli := netip.MustParseAddr("198.18.5.10")
+	end := 101 + uint32(len(hello))
+	open := func(sp uint16) {
+		r.liveTCP(false, cli, srv, sp, 443, "S", 100, nil, 64, nil)
+		r.liveTCP(true, srv, cli, 443, sp, "SA", 500, nil, 64, nil)
+		r.liveTCP(false, cli, srv, sp, 443, "A", 101, nil, 64, nil)
+		r.liveTCP(false, cli, srv, sp, 443, "A", 101, hello[:1400], 64, nil)
+		r.liveTCP(false, cli, srv, sp, 443, "A", 1501, hello[1400:], 64, nil)
+		r.liveIP(true, ipLayer(srv, cli, layers.IPProtocolTCP), &layers.TCP{SrcPort: 443, DstPort: layers.TCPPort(sp),
+			Seq: 501, Ack: end, ACK: true, Window: 65535})
+	}
+	cases := []struct {
+		what   string
+		send   func(sp uint16)
+		reason string
+	}{
+		{"the first segment again (retransmission timer)", func(sp uint16) {
+			r.liveTCP(false, cli, srv, sp, 443, "A", 101, hello[:1400], 64, nil)
+		}, policy.ReasonAllowed},
+		{"the last segment again (tail loss probe)", func(sp uint16) {
+			r.liveTCP(false, cli, srv, sp, 443, "A", 1501, hello[1400:], 64, nil)
+		}, policy.ReasonAllowed},
+		{"the first segment again, by a smaller MSS", func(sp uint16) {
+			r.liveTCP(false, cli, srv, sp, 443, "A", 101, hello[:1200], 64, nil)
+		}, policy.ReasonAllowed},
+		{"the first segment of another hello", func(sp uint16) {
+			r.liveTCP(false, cli, srv, sp, 443, "A", 101, other[:1400], 64, nil)
+		}, ReasonStreamConflict},
+	}
+	for i, c := range cases {
+		sp := uint16(32000 + i)
+		open(sp)
+		r.now = r.now.Add(500 * time.Millisecond)
+		c.send(sp)
+	}
+	// Past ackedWait, the digest alone: a copy of part of it is taken as
+	// differing.
+	const late = 32100
+	open(late)
+	r.now = r.now.Add(heldWait + time.Second)
+	r.liveTCP(false, cli, srv, 29999, 443, "S", 100, nil, 64, nil) // runs the sweep
+	r.liveTCP(false, cli, srv, late, 443, "A", 101, hello[:1400], 64, nil)
+	r.c.proc.flush("shutdown")
+	got := eventsByPort(r.rec.all())
+	for i, c := range cases {
+		if ev := got[uint16(32000+i)]; ev.Reason != c.reason {
+			t.Errorf("%s: %+v, want %s", c.what, ev, c.reason)
+		}
+	}
+	if ev := got[late]; ev.Reason != ReasonStreamConflict {
+		t.Errorf("the first segment again past ackedWait: %+v, want %s", ev, ReasonStreamConflict)
+	}
+}

@@ -1702,15 +1702,14 @@ func (p *proc) hello(f *flow, h tlshello.Hello, err error, src audit.NameSource)
 // differs is the server's: the flow is denied as stream-conflict after
 // all. A retransmission of the same bytes, as stacks send, changes
 // nothing. The bytes are held for a round trip, counted in
-// MaxStreamBytes. The server's acknowledgement frees them, but their
-// digest stays for the flow's life (sentHead.digest): a LAN client can
+// MaxStreamBytes. ackedWait after the server's acknowledgement they give
+// way to their digest, which stays for the flow's life (sentHead.digest;
+// the bytes a while: ackedWait says why): a LAN client can
 // forge the acknowledgement (a frame from the server's address, which in
 // audit mode the gateway routes back out to the client, so capture sees
 // it sent by the gateway), and a later copy of the whole run that
 // differs, or of part of it, is still the server's: stream-conflict
-// (e2e TestCaptureEvasion/forged-ack). A stack sends no data the server
-// acknowledged again but where the acknowledgement is lost on the LAN
-// after capture saw it. The head of each later request of a followed
+// (e2e TestCaptureEvasion/forged-ack). The head of each later request of a followed
 // plain-HTTP flow that the follower allowed is kept so too (watchHead;
 // e2e TestCaptureEvasion/tcp-checksum-later): a copy of it that differs
 // is a request denied as stream-conflict, and the flow is no longer
@@ -1733,17 +1732,20 @@ func (p *proc) hello(f *flow, h tlshello.Hello, err error, src audit.NameSource)
 // it: those f was decided on, or (req) a later request's head. Past
 // heldWait unacknowledged, its bytes give way to a digest of them (n, sum;
 // data nil): see release. Those f was decided on give way to their digest
-// at the server's acknowledgement too, which stays (see above); a later
-// request's head is dropped.
+// ackedWait after the server's acknowledgement too, which stays (see
+// above); a later request's head is dropped at it.
 type sentHead struct {
 	seq  uint32 // the sequence number of its first byte (QUIC: 0)
 	data []byte
 	req  bool
 	at   time.Time // when it was kept
-	n    int       // its length, once released
-	sum  uint64    // the digest of its bytes, once released
-	out  uint64    // the client's bytes of the flow (flow.bytes[0]) when it was kept
-	last byte      // its last byte, once released
+	// acked is when the server acknowledged it (those f was decided
+	// on: kept ackedWait more, see release).
+	acked time.Time
+	n     int    // its length, once released
+	sum   uint64 // the digest of its bytes, once released
+	out   uint64 // the client's bytes of the flow (flow.bytes[0]) when it was kept
+	last  byte   // its last byte, once released
 	// keys: QUIC, the Initial keys of the connection it was read from
 	// (its version and first DCID): the flow's first, or a later
 	// connection's from the same port (quicAttempt).
@@ -1762,7 +1764,7 @@ func (h *sentHead) digest() {
 }
 
 // sentSpan is how many bytes a client sends on a flow after a run it
-// keeps the digest of before capture stops comparing copies with it: its
+// keeps (or the digest of) before capture stops comparing copies with it: its
 // sequence numbers come round again after 4 GiB.
 const sentSpan = 1 << 31
 
@@ -1782,15 +1784,22 @@ func (h *sentHead) size() int {
 // but for one zero byte at its last (a keepalive after the
 // acknowledgement).
 func (h *sentHead) differs(seq uint32, data []byte) bool {
-	if h.data != nil {
-		return differs(h.seq, h.data, seq, data)
-	}
 	off := int(int32(seq - h.seq)) // data's offset in h
-	lo, hi := max(off, 0), min(off+len(data), h.n)
-	if lo >= hi || off == h.n-1 && len(data) == 1 && (data[0] == 0 || data[0] == h.last) {
+	if n := h.size(); off == n-1 && len(data) == 1 && (h.data == nil || !h.acked.IsZero()) {
 		// A keepalive after the acknowledgement (Windows') carries
 		// one byte at snd_una-1, zero: no copy. A byte that would
 		// change a name's last letter is one.
+		last := h.last
+		if h.data != nil {
+			last = h.data[n-1]
+		}
+		return data[0] != 0 && data[0] != last
+	}
+	if h.data != nil {
+		return differs(h.seq, h.data, seq, data)
+	}
+	lo, hi := max(off, 0), min(off+len(data), h.n)
+	if lo >= hi {
 		return false
 	}
 	return lo != 0 || hi != h.n || maphash.Bytes(sentSeed, data[-off:h.n-off]) != h.sum
@@ -1801,6 +1810,17 @@ func (h *sentHead) differs(seq uint32, data []byte) bool {
 // capture waits for a hello. A live server acknowledges them in a round
 // trip; one silent for longer holds nothing of capture's but a digest.
 const heldWait = classifyWait
+
+// ackedWait is how long a flow keeps the bytes it was decided on after
+// the server acknowledged them, before they give way to their digest: an
+// acknowledgement capture saw can be lost on the LAN after it (a lossy
+// Wi-Fi link), and the client's stack then sends part of those bytes
+// again (a hello past one segment: its retransmission timer resends the
+// first, a tail loss probe the last, at a round trip or two and then
+// twice as late each time), which only the bytes tell from a decoy's
+// (TestSentAckedRetransmitted). A copy of part of them past it is taken
+// as differing (README "Capture in audit mode").
+const ackedWait = 3 * time.Second
 
 // sentSeed keys the digests of released sentHeads: a client cannot make
 // two runs of bytes that sum the same without it.
@@ -1814,7 +1834,7 @@ func (p *proc) release(f *flow) {
 	freed := false
 	for i := range f.sent {
 		h := &f.sent[i]
-		if h.data != nil && p.now.Sub(h.at) >= heldWait {
+		if h.data != nil && (p.now.Sub(h.at) >= heldWait || !h.acked.IsZero() && p.now.Sub(h.acked) >= ackedWait) {
 			h.digest()
 			freed = true
 		}
@@ -2008,11 +2028,13 @@ func (p *proc) checkSent(f *flow, dir int, seq uint32) {
 		n, freed := 0, false
 		for _, h := range f.sent {
 			if int32(t.Ack-(h.seq+uint32(h.size()))) >= 0 {
-				freed = freed || h.data != nil
 				if h.req {
+					freed = freed || h.data != nil
 					continue
 				}
-				h.digest() // the bytes f was decided on: see above
+				if h.acked.IsZero() {
+					h.acked = p.now // the bytes f was decided on: see release
+				}
 			}
 			f.sent[n] = h
 			n++
@@ -2028,7 +2050,7 @@ func (p *proc) checkSent(f *flow, dir int, seq uint32) {
 	}
 	for i := range f.sent {
 		h := &f.sent[i]
-		if h.data == nil && f.bytes[0]-h.out >= sentSpan || !h.differs(seq, t.Payload) {
+		if f.bytes[0]-h.out >= sentSpan || !h.differs(seq, t.Payload) {
 			continue
 		}
 		if h.req {
