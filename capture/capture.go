@@ -378,6 +378,10 @@ type ifaceState struct {
 	fails   int
 	retryAt time.Time
 	opened  time.Time
+	// mac is the interface's MAC address as capture knows it (hasMAC:
+	// it has one): Follow takes a new one (setMAC).
+	mac    [6]byte
+	hasMAC bool
 }
 
 // Link states of ifaceState.link.
@@ -403,6 +407,9 @@ func (r readFailed) Unwrap() error { return r.err }
 type swap struct {
 	slot int
 	src  source
+	// mac: only the interface's MAC address changed (src.mac,
+	// src.hasMAC), its socket stays.
+	mac bool
 }
 
 // ErrNoInterface says that an interface of Config.Interfaces does not

@@ -126,10 +126,39 @@ func (c *Capture) openSource(slot int, name string) (source, ifaceState) {
 		return s, ifaceState{why: err}
 	}
 	s.h, s.ifindex = h, ifi.Index
+	s.mac, s.hasMAC = macOf(ifi)
+	return s, ifaceState{ifindex: ifi.Index, link: linkOf(ifi.Flags), opened: time.Now(), mac: s.mac, hasMAC: s.hasMAC}
+}
+
+// macOf is an interface's MAC address, if it has one of 6 bytes.
+func macOf(ifi *net.Interface) (mac [6]byte, ok bool) {
 	if len(ifi.HardwareAddr) == 6 {
-		s.mac, s.hasMAC = [6]byte(ifi.HardwareAddr), true
+		return [6]byte(ifi.HardwareAddr), true
 	}
-	return s, ifaceState{ifindex: ifi.Index, link: linkOf(ifi.Flags), opened: time.Now()}
+	return mac, false
+}
+
+// setMAC records the new MAC address of slot's interface, if its socket
+// is still bound to idx, for Run to take between two packets (a swap
+// that keeps the socket), and reports whether it did. A client's frame
+// toward a routed address sent to another address is skipped
+// (unforwarded): with the old one, every frame after the change would
+// be.
+func (c *Capture) setMAC(slot, idx int, mac [6]byte, has bool) bool {
+	c.mu.Lock()
+	if c.closed || !c.opened || c.ifaces[slot].ifindex != idx {
+		c.mu.Unlock()
+		return false
+	}
+	c.ifaces[slot].mac, c.ifaces[slot].hasMAC = mac, has
+	c.swaps = append(c.swaps, swap{slot: slot, src: source{slot: slot, mac: mac, hasMAC: has}, mac: true})
+	c.swapped.Store(true)
+	c.mu.Unlock()
+	select {
+	case c.wake <- struct{}{}:
+	default:
+	}
+	return true
 }
 
 // linkOf is the link state (ifaceState.link) of an interface's flags.
@@ -176,10 +205,18 @@ func (c *Capture) Follow() bool {
 	now := time.Now()
 	for i, name := range c.cfg.Interfaces {
 		idx, link := 0, ""
+		var mac [6]byte
+		hasMAC := false
 		if ifi, err := net.InterfaceByName(name); err == nil {
 			idx, link = ifi.Index, linkOf(ifi.Flags)
+			mac, hasMAC = macOf(ifi)
 		}
 		if idx != 0 && idx == was[i].ifindex {
+			if (mac != was[i].mac || hasMAC != was[i].hasMAC) && c.setMAC(i, idx, mac, hasMAC) {
+				c.log.Info("capture: "+name+" has a new MAC address", "interface", name,
+					"mac", net.HardwareAddr(mac[:]).String(), "was", net.HardwareAddr(was[i].mac[:]).String())
+				changed = true
+			}
 			if link != was[i].link {
 				if !c.setLink(i, idx, link) {
 					continue // its socket was replaced meanwhile
@@ -387,6 +424,12 @@ func (c *Capture) takeSwaps(srcs []source, heads []head) ([]source, []head) {
 	var keep []swap
 	for _, sw := range c.swaps {
 		j := slices.IndexFunc(srcs, func(s source) bool { return s.slot == sw.slot })
+		if sw.mac {
+			if j >= 0 {
+				srcs[j].mac, srcs[j].hasMAC = sw.src.mac, sw.src.hasMAC
+			}
+			continue
+		}
 		if j >= 0 && heads[j].ok {
 			keep = append(keep, sw)
 			continue
