@@ -32,21 +32,7 @@ func TestLiveMACChanged(t *testing.T) {
 	testnet.Link(t, gw, "wan0", []string{"198.18.47.1/24"}, srv, "eth0", []string{"198.18.47.2/24"})
 	srv.MustRun("ip", "route", "add", "default", "via", "198.18.47.1")
 	gw.MustRun("sysctl", "-qw", "net.ipv4.ip_forward=1")
-	pc, err := srv.ListenPacket("udp", "198.18.47.2:7000")
-	if err != nil {
-		t.Fatal(err)
-	}
-	defer pc.Close()
-	go func() {
-		buf := make([]byte, 1500)
-		for {
-			n, from, err := pc.ReadFrom(buf)
-			if err != nil {
-				return
-			}
-			pc.WriteTo(append([]byte("echo:"), buf[:n]...), from)
-		}
-	}()
+	udpEcho(t, srv, "198.18.47.2:7000")
 	rec := &recorder{}
 	lc := startLive(t, gw, Config{Interfaces: []string{"lan1"}}, Deps{Policy: policy.NewStore(testEngine(t, testPolicy).WithMode(policy.ModeAudit)), Sink: rec})
 	// exchange sends a datagram from a new port until it is answered,

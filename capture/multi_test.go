@@ -179,21 +179,7 @@ func TestLiveSeveralInterfaces(t *testing.T) {
 	}
 	macA, macB := macOf(a), macOf(b)
 
-	pc, err := b.ListenPacket("udp", "198.18.22.20:7000")
-	if err != nil {
-		t.Fatal(err)
-	}
-	defer pc.Close()
-	go func() {
-		buf := make([]byte, 1500)
-		for {
-			n, from, err := pc.ReadFrom(buf)
-			if err != nil {
-				return
-			}
-			pc.WriteTo(append([]byte("echo:"), buf[:n]...), from)
-		}
-	}()
+	udpEcho(t, b, "198.18.22.20:7000")
 	ln, err := a.Listen("tcp", "198.18.21.10:8080")
 	if err != nil {
 		t.Fatal(err)
@@ -281,6 +267,27 @@ func TestLiveSeveralInterfaces(t *testing.T) {
 	if st := c.Stats(); st.Copies == 0 {
 		t.Errorf("no copies counted: %+v", st)
 	}
+}
+
+// udpEcho answers each datagram to addr in ns with "echo:" and it, until
+// the test ends.
+func udpEcho(t *testing.T, ns *testnet.NS, addr string) {
+	t.Helper()
+	pc, err := ns.ListenPacket("udp", addr)
+	if err != nil {
+		t.Fatal(err)
+	}
+	t.Cleanup(func() { pc.Close() })
+	go func() {
+		buf := make([]byte, 1500)
+		for {
+			n, from, err := pc.ReadFrom(buf)
+			if err != nil {
+				return
+			}
+			pc.WriteTo(append([]byte("echo:"), buf[:n]...), from)
+		}
+	}()
 }
 
 // askWithin sends req on c and waits up to timeout for an echo of it.
