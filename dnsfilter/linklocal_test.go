@@ -5,7 +5,6 @@ import (
 	"net"
 	"net/netip"
 	"slices"
-	"strconv"
 	"strings"
 	"testing"
 	"time"
@@ -40,7 +39,7 @@ func TestLinkLocalClientEventsCarryNoZone(t *testing.T) {
 	}
 	runServer(t, s, gw)
 	port := s.Addrs()[0].Port()
-	zone := ifIndex(t, cl, "eth0")
+	zone := cl.IfIndex(t, "eth0")
 	server := netip.AddrPortFrom(netip.MustParseAddr("fe80::1").WithZone(zone), port).String()
 	client := netip.MustParseAddr("fe80::2")
 	exchange := func(proto, name string) (*dns.Msg, error) {
@@ -110,23 +109,4 @@ func onlyLinkLocal(t *testing.T, ns *testnet.NS, dev, keep string) {
 			ns.MustRun("ip", "-6", "addr", "del", f[i+1], "dev", dev)
 		}
 	}
-}
-
-// ifIndex is the index of dev in ns, as a zone: the net package's cache
-// of interface names is the host namespace's, or another's. Read in ns
-// with Go, not from ip's output, which under load once began with
-// "Error" (a zone of "Error": bind: invalid argument).
-func ifIndex(t *testing.T, ns *testnet.NS, dev string) string {
-	t.Helper()
-	var idx int
-	if err := ns.Do(func() error {
-		ifi, err := net.InterfaceByName(dev)
-		if err == nil {
-			idx = ifi.Index
-		}
-		return err
-	}); err != nil {
-		t.Fatalf("%s in %s: %v", dev, ns.Name, err)
-	}
-	return strconv.Itoa(idx)
 }

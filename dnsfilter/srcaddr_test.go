@@ -77,7 +77,7 @@ func TestUDPAnswerFromAddressAsked(t *testing.T) {
 				}
 			}
 			port := s.Addrs()[0].Port()
-			zone := ifIndex(t, cl, "eth0")
+			zone := cl.IfIndex(t, "eth0")
 			var pc net.PacketConn
 			if err := cl.Do(func() (err error) { pc, err = net.ListenPacket("udp", "[::]:0"); return }); err != nil {
 				t.Fatal(err)

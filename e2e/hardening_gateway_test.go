@@ -87,8 +87,8 @@ func (tp *topo) sendRogueRA(t *testing.T) {
 	// The zone by index: Go's cache of interface names is the
 	// process's, up to a minute old, and another test's namespace had
 	// an eth0 of another index.
-	idx, _, _ := strings.Cut(tp.lan.MustRun("ip", "-o", "link", "show", "dev", "eth0"), ":")
-	pc, err := tp.lan.ListenPacket("ip6:ipv6-icmp", ll.String()+"%"+strings.TrimSpace(idx))
+	idx := tp.lan.IfIndex(t, "eth0")
+	pc, err := tp.lan.ListenPacket("ip6:ipv6-icmp", ll.String()+"%"+idx)
 	if err != nil {
 		t.Fatal(err)
 	}
@@ -106,7 +106,7 @@ func (tp *topo) sendRogueRA(t *testing.T) {
 	pi = append(pi, 0, 0, 0, 0)
 	pfx := netip.MustParseAddr(rogueRAPrefix).As16()
 	ra = append(ra, append(pi, pfx[:]...)...)
-	dst := &net.IPAddr{IP: net.ParseIP("ff02::1"), Zone: strings.TrimSpace(idx)}
+	dst := &net.IPAddr{IP: net.ParseIP("ff02::1"), Zone: idx}
 	for range 3 {
 		if _, err := pc.WriteTo(ra, dst); err != nil { // the kernel fills in the checksum
 			t.Fatalf("rogue RA: %v", err)

@@ -298,6 +298,28 @@ func (ns *NS) Do(fn func() error) error {
 	return netns.Do("/var/run/netns/"+ns.Name, fn)
 }
 
+// IfIndex is the index of the interface dev in the namespace, as a zone
+// ("3"), read with Go on a thread in it: not from ip's output, which under
+// load may begin with an error about a veth peer in another namespace
+// ("Error: ..."), nor through the net package's cache of interface names,
+// which is the process's and may have been filled in another namespace.
+// It fails t (the test asking: a subtest may not fail its parent) when
+// dev is not there.
+func (ns *NS) IfIndex(t testing.TB, dev string) string {
+	t.Helper()
+	var idx int
+	if err := ns.Do(func() error {
+		ifi, err := net.InterfaceByName(dev)
+		if err == nil {
+			idx = ifi.Index
+		}
+		return err
+	}); err != nil {
+		t.Fatalf("testnet: %s: interface %s: %v", ns.Name, dev, err)
+	}
+	return strconv.Itoa(idx)
+}
+
 // Listen listens inside the namespace.
 func (ns *NS) Listen(network, addr string) (net.Listener, error) {
 	var ln net.Listener

@@ -18,6 +18,10 @@ func TestLinkAndSockets(t *testing.T) {
 	if out := a.MustRun("ip", "-br", "addr", "show", "eth0"); !strings.Contains(out, "198.18.100.1/24") {
 		t.Fatalf("address not assigned: %s", out)
 	}
+	// The index of the namespace's eth0, not the host's.
+	if got, want := a.IfIndex(t, "eth0"), strings.TrimSpace(a.MustRun("cat", "/sys/class/net/eth0/ifindex")); got != want {
+		t.Fatalf("IfIndex(eth0) = %s, want %s", got, want)
+	}
 	for _, addr := range []string{"198.18.100.2:7000", "[2001:db8:100::2]:7000"} {
 		ln, err := b.Listen("tcp", addr)
 		if err != nil {
