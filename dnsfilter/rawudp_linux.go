@@ -122,6 +122,8 @@ func (r *rawUDP) WriteMsgUDPAddrPort(b, oob []byte, dst netip.AddrPort) (int, in
 	if len(oob) > oobCap {
 		return 0, 0, errors.New("dnsfilter: raw socket: control data too long")
 	}
+	// Filled in here, not with set: its stores through a pointer would
+	// move o to the heap, an allocation a datagram.
 	var o rawOut
 	o.iov[0].Base = unsafe.SliceData(b)
 	o.iov[0].SetLen(len(b))
@@ -130,7 +132,10 @@ func (r *rawUDP) WriteMsgUDPAddrPort(b, oob []byte, dst netip.AddrPort) (int, in
 	o.hdr[0].Hdr.Namelen = unix.SizeofSockaddrInet4
 	o.hdr[0].Hdr.Iov = &o.iov[0]
 	o.hdr[0].Hdr.SetIovlen(1)
-	o.setControl(0, copy(o.ctl[0][:], oob))
+	if n := copy(o.ctl[0][:], oob); n > 0 {
+		o.hdr[0].Hdr.Control = &o.ctl[0][0]
+		o.hdr[0].Hdr.SetControllen(n)
+	}
 	n, err := r.send(o.hdr[:1])
 	if n == 0 && err == nil {
 		err = unix.EAGAIN
@@ -149,16 +154,18 @@ type rawOut struct {
 	ctl   [udpBatch][oobCap]byte
 }
 
-// setControl gives message k the first n bytes of ctl[k] as its control
-// data (the source address: answerFrom), none when n is zero.
-func (o *rawOut) setControl(k, n int) {
-	if n == 0 {
-		o.hdr[k].Hdr.Control = nil
-		o.hdr[k].Hdr.SetControllen(0)
-		return
+// set makes message k the datagram b to the sockaddr name (namelen
+// long), with the first n bytes of ctl[k] as its control data (the source
+// address: answerFrom), none when n is zero.
+func (o *rawOut) set(k int, b []byte, name *byte, namelen uint32, n int) {
+	o.iov[k].Base = unsafe.SliceData(b)
+	o.iov[k].SetLen(len(b))
+	o.hdr[k].Hdr = unix.Msghdr{Name: name, Namelen: namelen, Iov: &o.iov[k]}
+	o.hdr[k].Hdr.SetIovlen(1)
+	if n > 0 {
+		o.hdr[k].Hdr.Control = &o.ctl[k][0]
+		o.hdr[k].Hdr.SetControllen(n)
 	}
-	o.hdr[k].Hdr.Control = &o.ctl[k][0]
-	o.hdr[k].Hdr.SetControllen(n)
 }
 
 // WriteBatch sends ms (each one buffer, an IPv4 *net.UDPAddr) with
@@ -182,13 +189,8 @@ func (r *rawUDP) WriteBatch(ms []ipv4.Message, _ int) (int, error) {
 				}
 				break
 			}
-			b := m.Buffers[0]
-			o.iov[k].Base = unsafe.SliceData(b)
-			o.iov[k].SetLen(len(b))
 			o.names[k] = sockaddr4(ua.AddrPort())
-			o.hdr[k].Hdr = unix.Msghdr{Name: (*byte)(unsafe.Pointer(&o.names[k])), Namelen: unix.SizeofSockaddrInet4, Iov: &o.iov[k]}
-			o.hdr[k].Hdr.SetIovlen(1)
-			o.setControl(k, copy(o.ctl[k][:], m.OOB))
+			o.set(k, m.Buffers[0], (*byte)(unsafe.Pointer(&o.names[k])), unix.SizeofSockaddrInet4, copy(o.ctl[k][:], m.OOB))
 			k++
 		}
 		n, err := r.send(o.hdr[:k])
@@ -304,12 +306,7 @@ func (s *Server) readRaw(r *rawUDP) error {
 			sc.out, sc.pending, sc.from = wbufs[k][:0], nil, parseAnswerFrom(in.ctl[i][:min(int(h.Hdr.Controllen), oobCap)])
 			done := s.fastSafe(sc, r, pkt, src)
 			if sc.pending != nil {
-				b := sc.pending
-				out.iov[k].Base = unsafe.SliceData(b)
-				out.iov[k].SetLen(len(b))
-				out.hdr[k].Hdr = unix.Msghdr{Name: h.Hdr.Name, Namelen: h.Hdr.Namelen, Iov: &out.iov[k]}
-				out.hdr[k].Hdr.SetIovlen(1)
-				out.setControl(k, sc.from.put(out.ctl[k][:]))
+				out.set(k, sc.pending, h.Hdr.Name, h.Hdr.Namelen, sc.from.put(out.ctl[k][:]))
 				k++
 				sc.pending = nil
 			}
@@ -318,15 +315,29 @@ func (s *Server) readRaw(r *rawUDP) error {
 			}
 		}
 		sc.sq.flush()
-		for sent := 0; sent < k; {
-			m, err := r.send(out.hdr[sent:k])
-			if err != nil {
-				m = 1 // skip the datagram the kernel refused
-			}
-			sent += max(m, 1)
-		}
-		clear(out.iov[:k])
+		out.sendAll(r, k)
 	}
+}
+
+// sendAll sends o's first k datagrams with as few sendmmsg calls as the
+// kernel allows, and forgets their buffers. A datagram the kernel refuses
+// is skipped; one with a source (answerFrom: the address may have been
+// removed since its query came) goes again without, from the kernel's
+// choice, as writeAnswer does.
+func (o *rawOut) sendAll(r *rawUDP, k int) {
+	for sent := 0; sent < k; {
+		m, err := r.send(o.hdr[sent:k])
+		if err != nil {
+			if h := &o.hdr[sent].Hdr; h.Control != nil {
+				h.Control = nil
+				h.SetControllen(0)
+				continue
+			}
+			m = 1 // skip the datagram the kernel refused
+		}
+		sent += max(m, 1)
+	}
+	clear(o.iov[:k])
 }
 
 // toRaw gives the IPv4 listener sockets their raw form (the sockets c

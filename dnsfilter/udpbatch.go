@@ -103,13 +103,21 @@ func eachRun[T any, K comparable](items []T, key func(*T) K, fn func(run []T)) {
 
 // sendBatch writes ms with as few sendmmsg calls as the kernel allows; a
 // message the kernel refuses (its error is for that one datagram) is
-// skipped, as a failed sendto would be.
+// skipped, as a failed sendto would be. One refused with a source
+// (answerFrom: the address may have been removed since its query came)
+// goes again without, from the kernel's choice, as writeAnswer does.
 func (s *Server) sendBatch(pc batchWriter, ms []ipv4.Message) {
 	for len(ms) > 0 {
 		n, err := pc.WriteBatch(ms, 0)
 		if err != nil {
 			if s.closing.Load() {
 				return
+			}
+			n = max(n, 0) // x/net's is -1 for an error on the first
+			if n < len(ms) && len(ms[n].OOB) > 0 {
+				ms[n].OOB = nil
+				ms = ms[n:]
+				continue
 			}
 			n++ // ms[n] failed
 		}
@@ -144,10 +152,23 @@ type answerFrom struct {
 // writeAnswer sends one answer to dst from f. Should the kernel refuse
 // the source (the address was removed meanwhile), the answer goes again
 // from the kernel's choice.
+// The control data stays on the stack: the calls are on the concrete
+// types (through the interface, oob would escape, an allocation an
+// answer).
 func writeAnswer(c udpConn, b []byte, dst netip.AddrPort, f answerFrom) {
 	if f.addr.IsValid() {
 		var oob [oobCap]byte
-		if _, _, err := c.WriteMsgUDPAddrPort(b, oob[:f.put(oob[:])], dst); err == nil {
+		n := f.put(oob[:])
+		var err error
+		switch c := c.(type) {
+		case *net.UDPConn:
+			_, _, err = c.WriteMsgUDPAddrPort(b, oob[:n], dst)
+		case *rawUDP:
+			_, _, err = c.WriteMsgUDPAddrPort(b, oob[:n], dst)
+		default:
+			_, _, err = c.WriteMsgUDPAddrPort(b, append([]byte(nil), oob[:n]...), dst)
+		}
+		if err == nil {
 			return
 		}
 	}
