@@ -59,12 +59,33 @@ type tcpListener struct {
 	s *Server
 }
 
+// Accept waits out an accept's error worth retrying on the same listener
+// (out of file descriptors, EMFILE and ENFILE; out of memory or socket
+// buffers, ENOMEM and ENOBUFS) with a growing pause, 5 ms to a second,
+// and says so in the log at most every 10 s: miekg/dns retries a
+// temporary error at once, and the connection waiting in the queue
+// fails each accept again, so without the pause the loop spun a core for
+// as long as the descriptors were out (TestFDExhaustion).
 func (l tcpListener) Accept() (net.Conn, error) {
+	var delay time.Duration
 	for {
 		c, err := l.Listener.Accept()
 		if err != nil {
-			return nil, err
+			if !netutil.AcceptRetry(err) {
+				return nil, err
+			}
+			l.s.warnOnce("accept", 10*time.Second, func() {
+				l.s.log.Warn("dnsfilter: tcp accept failing: retrying", "listen", l.Addr().String(), audit.LogError, audit.ErrorText(err))
+			})
+			delay = min(max(2*delay, 5*time.Millisecond), time.Second)
+			select {
+			case <-l.s.done:
+				return nil, err
+			case <-time.After(delay):
+			}
+			continue
 		}
+		delay = 0
 		client := netip.Addr{}
 		if ap, ok := c.RemoteAddr().(*net.TCPAddr); ok {
 			client = ap.AddrPort().Addr().Unmap()
@@ -79,27 +100,35 @@ func (l tcpListener) Accept() (net.Conn, error) {
 // acquireTCP takes a connection slot for client; false when a limit is
 // hit (and then it logs, at most once a second per scope).
 func (s *Server) acquireTCP(client netip.Addr) bool {
-	t := &s.tcpLim
-	ok, why := t.slots.Acquire(client)
+	ok, why := s.tcpLim.slots.Acquire(client)
 	if ok {
 		return true
 	}
-	t.mu.Lock()
-	now := time.Now()
-	warn := now.Sub(t.lastWarn[why.Scope]) >= time.Second
-	if warn {
-		t.lastWarn[why.Scope] = now
-	}
-	t.mu.Unlock()
 	s.m.tcpRefused.WithLabelValues(why.Scope).Inc()
-	if warn {
+	s.warnOnce(why.Scope, time.Second, func() {
 		attrs := []any{"scope", why.Scope, "limit", why.Limit, audit.LogClient, client.String()}
 		if why.MAC != nil {
 			attrs = append(attrs, audit.LogClientMAC, why.MAC.String())
 		}
 		s.log.Warn("dnsfilter: tcp connection limit reached: closing new connections", append(attrs, "client_conns", why.Client, "total_conns", why.Total)...)
-	}
+	})
 	return false
+}
+
+// warnOnce runs warn unless it ran for scope in the last period every:
+// a log line rate-limited.
+func (s *Server) warnOnce(scope string, every time.Duration, warn func()) {
+	t := &s.tcpLim
+	t.mu.Lock()
+	now := time.Now()
+	ok := now.Sub(t.lastWarn[scope]) >= every
+	if ok {
+		t.lastWarn[scope] = now
+	}
+	t.mu.Unlock()
+	if ok {
+		warn()
+	}
 }
 
 func (s *Server) releaseTCP(client netip.Addr) {

@@ -124,7 +124,9 @@ func TestFDExhaustion(t *testing.T) {
 	// The log says what happens, once per listener kind at least.
 	logs := d.logs()
 	for _, want := range []string{"dnsfilter: tcp accept failing: retrying", "proxy: accept failing: retrying"} {
-		if !strings.Contains(logs, want) {
+		n := strings.Count(logs, want)
+		t.Logf("egressd's log says %q %d times", want, n)
+		if n == 0 {
 			t.Errorf("egressd's log does not say %q while out of descriptors", want)
 		}
 	}

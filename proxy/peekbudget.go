@@ -254,7 +254,7 @@ func bareConn(c net.Conn) net.Conn {
 }
 
 // temporaryErr is an accept's error that http.Server is to wait out
-// (errTemporary), whatever Go calls it.
+// (netutil.AcceptRetry), whatever Go calls it.
 type temporaryErr struct{ err error }
 
 func (e temporaryErr) Error() string   { return e.err.Error() }
@@ -272,7 +272,8 @@ type peekListener struct {
 func (l peekListener) Accept() (net.Conn, error) {
 	c, err := l.Listener.Accept()
 	if err != nil {
-		if errors.Is(err, errTemporary(err)) {
+		if netutil.AcceptRetry(err) {
+			l.p.acceptFailing(l.Listener, err)
 			// http.Server waits out a temporary error on the same
 			// listener (keepExplicit would close it).
 			return nil, temporaryErr{err}

@@ -447,8 +447,9 @@ func (p *Proxy) Serve(ln net.Listener) error {
 			default:
 			}
 			var ne net.Error
-			if errors.As(err, &ne) && ne.Timeout() || errors.Is(err, errTemporary(err)) {
+			if errors.As(err, &ne) && ne.Timeout() || netutil.AcceptRetry(err) {
 				// EMFILE and friends: back off instead of spinning.
+				p.acceptFailing(ln, err)
 				delay = min(max(2*delay, 5*time.Millisecond), time.Second)
 				time.Sleep(delay)
 				continue
@@ -464,22 +465,6 @@ func (p *Proxy) Serve(ln net.Listener) error {
 		p.work.run(func() { p.handleTransparent(tc, ours) })
 	}
 }
-
-// errTemporary returns err when accept failed for a reason worth retrying
-// on the same listener (out of file descriptors, EMFILE and ENFILE, which
-// Go calls temporary; out of memory or socket buffers, ENOMEM and
-// ENOBUFS, which it does not), else a sentinel that matches nothing.
-// Closing the listener instead would reset the connections in its queue.
-func errTemporary(err error) error {
-	type temporary interface{ Temporary() bool }
-	var t temporary
-	if errors.As(err, &t) && t.Temporary() || errors.Is(err, syscall.ENOMEM) || errors.Is(err, syscall.ENOBUFS) {
-		return err
-	}
-	return errNever
-}
-
-var errNever = errors.New("never")
 
 // ownAddrs returns the gateway's own addresses: read once (or the last
 // SetOwnAddrs gave), plus those addOwn found since.
@@ -569,6 +554,22 @@ func (p *Proxy) acquireDevice(client netip.Addr) (dev string, ok bool) {
 		p.log.Warn("connection limit reached: refusing new connections", append(attrs, "client_conns", why.Client, "total_conns", why.Total)...)
 	}
 	return dev, false
+}
+
+// acceptFailing logs that accepting on ln fails for a reason waited out
+// (out of file descriptors, say), at most once every 10 s: the
+// connections meanwhile wait in the listener's queue, unanswered.
+func (p *Proxy) acceptFailing(ln net.Listener, err error) {
+	p.limMu.Lock()
+	now := time.Now()
+	warn := now.Sub(p.lastWarn["accept"]) >= 10*time.Second
+	if warn {
+		p.lastWarn["accept"] = now
+	}
+	p.limMu.Unlock()
+	if warn {
+		p.log.Warn("proxy: accept failing: retrying", "listen", ln.Addr().String(), audit.LogError, audit.ErrorText(err))
+	}
 }
 
 func (p *Proxy) release(client netip.Addr) {
