@@ -490,6 +490,36 @@ func (tp *topo) dialFromClient(t *testing.T, src netip.Addr, dest netip.AddrPort
 	return c.(*net.TCPConn)
 }
 
+// dialAtFirstWrite is a connection from the client namespace to dest,
+// with a deadline of 20 s, that tp dials at its first write. A TLS
+// client's first write is its ClientHello, made after its key shares:
+// dialed before them, the connection stands silent while they are made,
+// which under -race on a loaded box outlasted the topology's 300 ms
+// first-byte wait, and the proxy decided it as a connection whose server
+// speaks first (in enforce mode closed: the client read an unexpected
+// EOF where a response was due).
+func (tp *topo) dialAtFirstWrite(t *testing.T, dest netip.AddrPort) *firstWriteConn {
+	return &firstWriteConn{dial: func() *net.TCPConn {
+		c := tp.dialFromClient(t, netip.Addr{}, dest)
+		c.SetDeadline(time.Now().Add(20 * time.Second))
+		return c
+	}}
+}
+
+// firstWriteConn is dialAtFirstWrite's connection: its TCPConn is nil
+// until the first write.
+type firstWriteConn struct {
+	*net.TCPConn
+	dial func() *net.TCPConn
+}
+
+func (c *firstWriteConn) Write(b []byte) (int, error) {
+	if c.TCPConn == nil {
+		c.TCPConn = c.dial()
+	}
+	return c.TCPConn.Write(b)
+}
+
 // tlsGet does a TLS handshake with serverName over conn and one GET,
 // returning the body.
 func (tp *topo) tlsGet(conn net.Conn, serverName, path string, cfg *tls.Config) (string, error) {

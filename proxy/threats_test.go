@@ -324,8 +324,7 @@ func TestTransparentInspectedFronting(t *testing.T) {
 				{"evil.example", "deny", "", policy.ReasonNoRule},
 			} {
 				// One connection each: a refusal closes it.
-				c := tp.dialFromClient(t, netip.Addr{}, netip.AddrPortFrom(srvV4, 443))
-				c.SetDeadline(time.Now().Add(20 * time.Second))
+				c := tp.dialAtFirstWrite(t, netip.AddrPortFrom(srvV4, 443))
 				tc := tls.Client(c, &tls.Config{ServerName: "docs.paths.test", RootCAs: pool})
 				fmt.Fprintf(tc, "GET /public/x HTTP/1.1\r\nHost: %s\r\n\r\n", w.host)
 				resp, err := http.ReadResponse(bufio.NewReader(tc), nil)
@@ -392,8 +391,7 @@ func TestTransparentInspectedEmptyPath(t *testing.T) {
 			tp := newTopo(t, topoOpts{mode: mode})
 			pool := inspectionPool(t, tp)
 			for _, target := range []string{"https://docs.paths.test", "https://docs.paths.test?page=private"} {
-				c := tp.dialFromClient(t, netip.Addr{}, netip.AddrPortFrom(srvV4, 443))
-				c.SetDeadline(time.Now().Add(20 * time.Second))
+				c := tp.dialAtFirstWrite(t, netip.AddrPortFrom(srvV4, 443))
 				tc := tls.Client(c, &tls.Config{ServerName: "docs.paths.test", RootCAs: pool})
 				fmt.Fprintf(tc, "GET %s HTTP/1.1\r\nHost: docs.paths.test\r\n\r\n", target)
 				resp, err := http.ReadResponse(bufio.NewReader(tc), nil)
@@ -516,8 +514,7 @@ func TestTransparentFrontingIntoPathRule(t *testing.T) {
 	tp := newTopo(t, topoOpts{mode: "enforce"})
 	pool := inspectionPool(t, tp)
 	for _, sni := range []string{"docs.paths.test", "www.allowed.test"} {
-		c := tp.dialFromClient(t, netip.Addr{}, netip.AddrPortFrom(srvV4, 443))
-		c.SetDeadline(time.Now().Add(20 * time.Second))
+		c := tp.dialAtFirstWrite(t, netip.AddrPortFrom(srvV4, 443))
 		roots := pool
 		if sni != "docs.paths.test" {
 			roots = tp.pki.pool // spliced: the origin's own certificate
@@ -581,8 +578,7 @@ func TestTransparentInspectedEntryForms(t *testing.T) {
 				{"no-sni", &tls.Config{InsecureSkipVerify: true}},
 				{"cleartext", nil},
 			} {
-				c := tp.dialFromClient(t, netip.Addr{}, netip.AddrPortFrom(srvV4, 443))
-				c.SetDeadline(time.Now().Add(20 * time.Second))
+				c := tp.dialAtFirstWrite(t, netip.AddrPortFrom(srvV4, 443))
 				var rw io.ReadWriter = c
 				reqs := "GET /private HTTP/1.1\r\nHost: docs.paths.test\r\n\r\n"
 				if w.cfg != nil {
