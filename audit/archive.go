@@ -634,6 +634,7 @@ func importClients(c *clientSet, as []netip.Addr, macs []archMACs, truncated boo
 		c.m[a] = s
 	}
 	c.truncated = c.truncated || truncated
+	c.gen++
 }
 
 // macs returns the MACs seen with c's clients, as a summary keeps them.

@@ -242,6 +242,22 @@ type dropStats struct {
 	reason, rule      string
 	clients           clientSet
 	first, last       time.Time
+	// allowed is the last report's allowedNow and what it was decided
+	// on: a report decides again only an entry whose inputs changed
+	// since (a reload, a rule expired, a client or MAC seen).
+	allowed allowedMemo
+}
+
+// allowedMemo is allowedNow of a dropped entry as decided by eng, with
+// expired of its rules expired, for the entry's clients at gen, its
+// address ip and its reason.
+type allowedMemo struct {
+	eng     *policy.Engine
+	expired int
+	gen     uint64
+	ip      netip.Addr
+	reason  string
+	rule    string
 }
 
 // flowID identifies a flow or a query for deduplication.
@@ -974,7 +990,7 @@ func (rs *ruleStats) clone() *ruleStats {
 }
 
 func (c *clientSet) clone() clientSet {
-	return clientSet{m: maps.Clone(c.m), truncated: c.truncated}
+	return clientSet{m: maps.Clone(c.m), truncated: c.truncated, gen: c.gen}
 }
 
 func (d *destCounter) clone() destCounter {
@@ -1127,7 +1143,8 @@ func (e *echStats) add(ev *Event, opt *LedgerOptions) {
 // addresses, so the address alone does not say which device it was.
 type clientSet struct {
 	m         map[netip.Addr]macSeen
-	truncated bool // more clients were seen than kept
+	truncated bool   // more clients were seen than kept
+	gen       uint64 // counts the adds: a change to m or truncated adds one
 }
 
 // maxClientMACs bounds the distinct MACs kept per client address (the
@@ -1171,6 +1188,7 @@ func (c *clientSet) add(a netip.Addr, mac string, max int) {
 	if !a.IsValid() {
 		return
 	}
+	c.gen++
 	if c.m == nil {
 		c.m = map[netip.Addr]macSeen{}
 	}
@@ -1206,8 +1224,10 @@ func parseMAC6(s string) (m mac6, ok bool) {
 
 func (m mac6) String() string { return net.HardwareAddr(m[:]).String() }
 
-func (c *clientSet) list() []string {
-	as := c.addrs()
+func (c *clientSet) list() []string { return addrStrings(c.addrs()) }
+
+// addrStrings returns as as text.
+func addrStrings(as []netip.Addr) []string {
 	out := make([]string, len(as))
 	for i, a := range as {
 		out[i] = a.String()

@@ -5,6 +5,7 @@ import (
 	"encoding/json"
 	"fmt"
 	"io"
+	"net/netip"
 	"slices"
 	"strconv"
 	"strings"
@@ -584,6 +585,27 @@ func (l *Ledger) snapshotOpen(opt ReportOptions, open []Event) *Report {
 	return r
 }
 
+// allowedNowLocked is allowedNow of ds under l's policy, whose rules
+// expired of are expired at now: the entry's memo of an earlier report
+// when none of what it rests on changed since (the policy, the rules
+// expired, the clients and their MACs, the address, the reason), so a
+// report of an unchanged full list decides nothing again.
+func (l *Ledger) allowedNowLocked(ds *dropStats, as []netip.Addr, now time.Time, expired int) string {
+	if l.eng == nil {
+		return ""
+	}
+	m := allowedMemo{eng: l.eng, expired: expired, gen: ds.clients.gen, ip: ds.ip, reason: ds.reason}
+	if was := ds.allowed; was.eng != nil {
+		rule := was.rule
+		if was.rule = ""; was == m {
+			return rule
+		}
+	}
+	m.rule = allowedNow(l.eng, ds, as, now)
+	ds.allowed = m
+	return m.rule
+}
+
 // coverageLocked says what the ledger's counts rest on.
 func (l *Ledger) coverageLocked() *Coverage {
 	if l.arch != nil {
@@ -706,6 +728,7 @@ func (l *Ledger) snapshot(opt ReportOptions) *Report {
 		}
 	}
 	order := map[string]int{}
+	expiredRules := 0 // of l.eng at opt.Now (allowedNowLocked)
 	r.Mode = l.lastMode
 	if l.eng != nil {
 		if !opt.EventMode || r.Mode == "" {
@@ -717,6 +740,7 @@ func (l *Ledger) snapshot(opt ReportOptions) *Report {
 			rs := l.rules[rule.Name]
 			expired := !rule.Expires.IsZero() && !opt.Now.Before(rule.Expires)
 			if expired {
+				expiredRules++
 				var n uint64
 				if rs != nil {
 					n = rs.denied
@@ -767,7 +791,8 @@ func (l *Ledger) snapshot(opt ReportOptions) *Report {
 		if ds.flows == 0 && ds.queries == 0 && ds.requests == 0 {
 			continue // its only flow was counted elsewhere after all (reattributeLocked)
 		}
-		cl := ds.clients.list()
+		as := ds.clients.addrs() // sorted once, for the list and allowedNow
+		cl := addrStrings(as)
 		ip := ""
 		if ds.ip.IsValid() {
 			ip = ds.ip.String()
@@ -778,12 +803,8 @@ func (l *Ledger) snapshot(opt ReportOptions) *Report {
 			Clients: cl, ClientCount: len(cl), ClientsTruncated: ds.clients.truncated, ClientDevices: ds.clients.report(),
 			Enforced: ds.enforced, EnforcedFlows: ds.enforcedFlows,
 			Reason: ds.reason, Rule: ds.rule, FirstSeen: ds.first, LastSeen: ds.last,
+			AllowedNow: l.allowedNowLocked(ds, as, opt.Now, expiredRules),
 		})
-	}
-	if l.eng != nil {
-		for i := range r.Dropped {
-			r.Dropped[i].AllowedNow = allowedNow(l.eng, r.Dropped[i], opt.Now)
-		}
 	}
 	if n := wrongClockNote(r); n != "" {
 		r.Notes = append(r.Notes, n)

@@ -4,7 +4,6 @@ import (
 	"cmp"
 	"fmt"
 	"io"
-	"net"
 	"net/netip"
 	"slices"
 	"strings"
@@ -465,21 +464,27 @@ func ruleablePort(d DroppedReport) bool {
 	return (d.Proto == "tcp" || d.Proto == "udp") && d.Port != 0 || isEcho(d)
 }
 
-// allowedNow is the rule of eng that allows d to each of its clients
-// now (with each MAC the client was seen with), "" when eng is nil, a
-// client is denied, the clients were not all kept, or d is no drop a
-// rule can turn into an allow.
-func allowedNow(eng *policy.Engine, d DroppedReport, now time.Time) string {
-	if eng == nil || len(d.Clients) == 0 || d.ClientsTruncated || !suggestible(d.Reason) || d.Dest == overflowKey.dest {
+// allowedNow is the rule of eng that allows ds to each of its clients
+// (addrs: ds.clients.addrs()) now (with each MAC the client was seen with, when a rule names MACs; a
+// client whose MACs were not all kept as one seen with none), "" when eng is nil, a client is
+// denied, the clients were not all kept, or ds is no drop a rule can
+// turn into an allow. It reads the ledger's own entry (the caller holds
+// its lock), parsing nothing: a report of a full dropped list decides
+// up to MaxDropped × MaxClients × maxClientMACs inputs
+// (BenchmarkReportDroppedFull).
+func allowedNow(eng *policy.Engine, ds *dropStats, addrs []netip.Addr, now time.Time) string {
+	c := &ds.clients
+	if eng == nil || len(c.m) == 0 || c.truncated || !suggestible(ds.reason) || ds.key == overflowKey {
 		return ""
 	}
+	d := DroppedReport{Dest: ds.key.dest, Port: ds.key.port, Proto: ds.key.proto, Reason: ds.reason}
 	in := policy.Input{Now: now}
 	if a, err := netip.ParseAddr(d.Dest); err == nil {
 		in.Dest = a.Unmap().WithZone("")
 	} else {
 		in.Name = d.Dest
-		if a, err := netip.ParseAddr(d.IP); err == nil {
-			in.Dest = a.Unmap().WithZone("")
+		if ds.ip.IsValid() {
+			in.Dest = ds.ip.Unmap().WithZone("")
 		}
 	}
 	dns := d.Proto == "dns"
@@ -496,36 +501,34 @@ func allowedNow(eng *policy.Engine, d DroppedReport, now time.Time) string {
 	default:
 		return ""
 	}
-	macs := d.ClientDevices.macsByClient()
+	var mac mac6
 	rule := ""
-	for _, c := range d.Clients {
-		a, err := netip.ParseAddr(c)
-		if err != nil {
-			return ""
+	decide := func() bool {
+		var dec policy.Decision
+		if dns {
+			dec = eng.DecideName(in)
+		} else {
+			dec = eng.Decide(in)
 		}
-		in.Client = a
-		ms := macs[c]
-		if len(ms) == 0 {
-			ms = []string{""}
+		if rule == "" {
+			rule = dec.Rule
 		}
-		for _, m := range ms {
-			in.ClientMAC = nil
-			if m != "" {
-				if in.ClientMAC, err = net.ParseMAC(m); err != nil {
-					return ""
-				}
-			}
-			var dec policy.Decision
-			if dns {
-				dec = eng.DecideName(in)
-			} else {
-				dec = eng.Decide(in)
-			}
-			if !dec.Allowed() {
+		return dec.Allowed()
+	}
+	for _, a := range addrs {
+		in.Client, in.ClientMAC = a, nil
+		s := c.m[a]
+		if s.n == 0 || s.more || !eng.HasMACs() { // no MAC, or none can change it
+			if !decide() {
 				return ""
 			}
-			if rule == "" {
-				rule = dec.Rule
+			continue
+		}
+		for _, m := range s.list() {
+			mac = m
+			in.ClientMAC = mac[:]
+			if !decide() {
+				return ""
 			}
 		}
 	}

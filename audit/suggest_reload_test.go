@@ -4,6 +4,7 @@ import (
 	"bytes"
 	"strings"
 	"testing"
+	"time"
 
 	"egressd/policy"
 )
@@ -68,4 +69,56 @@ func TestSuggestAfterReloadAllows(t *testing.T) {
 			t.Errorf("warning: %s\n%s", w.Msg, snip)
 		}
 	}
+}
+
+// TestAllowedNowFollowsChanges: a report remembers each dropped entry's
+// allowed_now (allowedNowLocked) and decides it again when what it rests
+// on changes: the running policy (a reload), a rule expired since, a new
+// client or a new MAC of a client.
+func TestAllowedNowFollowsChanges(t *testing.T) {
+	compile := func(rules string) *policy.Engine {
+		t.Helper()
+		eng, err := policy.Compile("site.yaml", []byte(suggestBase+rules))
+		if err != nil {
+			t.Fatal(err)
+		}
+		return eng
+	}
+	l := NewLedger(compile(""), LedgerOptions{})
+	deny := captureDenials(l)
+	deny("tracker.example", "192.168.50.23", "aa:bb:cc:00:00:0a")
+	check := func(step string, now time.Time, want string) {
+		t.Helper()
+		for range 2 { // the second from the memo
+			r := l.Report(ReportOptions{Now: now})
+			if len(r.Dropped) != 1 || r.Dropped[0].AllowedNow != want {
+				t.Fatalf("%s: dropped %+v, want allowed_now %q", step, r.Dropped, want)
+			}
+		}
+	}
+	check("before the reload", reportNow, "")
+	l.SetPolicy(compile(`  - name: by-mac
+    from: [aa:bb:cc:00:00:0a]
+    to: ["tracker.example"]
+    ports: [443/tcp]
+`))
+	check("the MAC's rule", reportNow, "by-mac")
+	deny("tracker.example", "192.168.50.23", "aa:bb:cc:00:00:0b")
+	check("the client with a second MAC", reportNow, "")
+	l.SetPolicy(compile(`  - name: until-dec
+    to: ["tracker.example"]
+    ports: [443/tcp]
+    expires: 2026-11-30
+`))
+	check("a rule for everyone", reportNow, "until-dec")
+	check("that rule expired", time.Date(2026, 12, 2, 0, 0, 0, 0, time.UTC), "")
+	check("back before it expired", reportNow, "until-dec")
+	l.SetPolicy(compile(`  - name: lan-50
+    from: [192.168.50.0/24]
+    to: ["tracker.example"]
+    ports: [443/tcp]
+`))
+	check("a rule for the LAN", reportNow, "lan-50")
+	deny("tracker.example", "192.168.60.7", "")
+	check("a client off that LAN", reportNow, "")
 }
