@@ -1001,10 +1001,7 @@ func (r *Report) WriteText(w io.Writer) error {
 				ip = "-"
 			}
 			enf := d.enforcedText()
-			reason := d.Reason
-			if d.Rule != "" {
-				reason += " (" + d.Rule + ")"
-			}
+			reason := d.reasonText()
 			fmt.Fprintf(tw, "  %s\t%s\t%s\t%d\t%d\t%s%s\t%s%s\t%s\t%s\t%s\n", textName(d.Dest), ip, d.portText(),
 				d.Flows, d.Queries, reqCell(d.Requests), fmtCount(d.ClientCount, d.ClientsTruncated), devCell(d.ClientDevices), enf, reason,
 				fmtTime(d.FirstSeen), fmtTime(d.LastSeen))
@@ -1034,6 +1031,20 @@ func clientList(clients []string, truncated bool, d ClientDevices) string {
 		s += ", and more not kept"
 	}
 	return s
+}
+
+// reasonText is d's reason as the text and HTML reports show it: the
+// deny reason, the expired rule that would allow it, and the rule of the
+// running policy that allows it now (AllowedNow), as the JSON says.
+func (d DroppedReport) reasonText() string {
+	s := d.Reason
+	if d.Rule != "" {
+		s += " (" + d.Rule + ")"
+	}
+	if d.AllowedNow != "" {
+		s += " (allowed now by rule " + d.AllowedNow + ")"
+	}
+	return strings.TrimPrefix(s, " ")
 }
 
 // portText is d's port as the text and HTML reports show it: "443/tcp";
