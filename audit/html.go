@@ -64,6 +64,7 @@ var htmlTmpl = template.Must(template.New("report").Funcs(template.FuncMap{
 	"enforced": func(d DroppedReport) string { return d.enforcedText() },
 	"port":     func(d DroppedReport) string { return d.portText() },
 	"reason":   func(d DroppedReport) string { return d.reasonText() },
+	"plural":   func(n uint64, one, many string) string { return plural(n, one, many) },
 	"date":     expiresDate,
 	"add":      func(a, b float64) float64 { return a + b },
 	"sum":      func(a, b uint64) uint64 { return a + b },
@@ -93,10 +94,10 @@ code{font-family:ui-monospace,Menlo,Consolas,monospace}
 <body>
 <h1>egressd report</h1>
 <p class="meta">Mode <strong id="mode">{{if .Mode}}{{.Mode}}{{else}}unknown{{end}}</strong>{{if .Policy}} · policy <code>{{.Policy}}</code>{{end}} · generated {{time .GeneratedAt}}{{if .Since}} · since {{time .Since}}{{end}}</p>
-<p class="meta" id="totals">{{.Totals.Flows}} flows ({{.Totals.Allowed}} allowed, {{.Totals.Dropped}} {{if .Audit}}would be dropped{{else}}dropped{{end}}), {{.Totals.Queries}} DNS queries, <span id="shed">{{.ShedEvents}}</span> events shed.</p>
-{{if .ShedEvents}}<p class="warn">{{.ShedEvents}} events were shed because the event log could not keep up; they are in no count on this page.</p>{{end}}
-{{if .UnwrittenEvents}}<p class="warn" id="unwritten">{{.UnwrittenEvents}} events could not be written to the event log (disk full?); they are counted here but will be missing after a restart.</p>{{end}}
-{{with .Coverage}}<p class="meta" id="coverage">Covers every event since {{time .DetailFrom}} in full detail{{with .RotatedOut}}; before that, {{.Events}} events of {{.Files}} files rotated out of it ({{time .From}} to {{time .Until}}) are counted from a summary: counts and first/last seen, not the events{{end}}.</p>{{end}}
+<p class="meta" id="totals">{{plural .Totals.Flows "flow" "flows"}} ({{.Totals.Allowed}} allowed, {{.Totals.Dropped}} {{if .Audit}}would be dropped{{else}}dropped{{end}}), {{plural .Totals.Queries "DNS query" "DNS queries"}}, <span id="shed">{{.ShedEvents}}</span> {{if eq .ShedEvents 1}}event{{else}}events{{end}} shed.</p>
+{{if .ShedEvents}}<p class="warn">{{plural .ShedEvents "event was" "events were"}} shed because the event log could not keep up; they are in no count on this page.</p>{{end}}
+{{if .UnwrittenEvents}}<p class="warn" id="unwritten">{{plural .UnwrittenEvents "event" "events"}} could not be written to the event log (disk full?); they are counted here but will be missing after a restart.</p>{{end}}
+{{with .Coverage}}<p class="meta" id="coverage">Covers every event since {{time .DetailFrom}} in full detail{{with .RotatedOut}}; before that, {{plural .Events "event" "events"}} of {{plural .Files "file" "files"}} rotated out of it ({{time .From}} to {{time .Until}}) are counted from a summary: counts and first/last seen, not the events{{end}}.</p>{{end}}
 {{range .Notes}}<p class="warn">{{.}}</p>{{end}}
 
 <h2>Rule use</h2>
@@ -106,7 +107,7 @@ code{font-family:ui-monospace,Menlo,Consolas,monospace}
 <text x="0" y="{{.LabelY}}">{{.Name}}</text>
 <rect class="flows" x="200" y="{{.Y}}" width="{{printf "%.1f" .FlowW}}" height="20"></rect>
 <rect class="queries" x="{{printf "%.1f" (add 200 .FlowW)}}" y="{{.Y}}" width="{{printf "%.1f" .QueryW}}" height="20"></rect>
-<text x="{{printf "%.1f" (add 206 (add .FlowW .QueryW))}}" y="{{.LabelY}}">{{.Flows}} flows{{if .Queries}}, {{.Queries}} queries{{end}}</text>
+<text x="{{printf "%.1f" (add 206 (add .FlowW .QueryW))}}" y="{{.LabelY}}">{{plural .Flows "flow" "flows"}}{{if .Queries}}, {{plural .Queries "query" "queries"}}{{end}}</text>
 </g>
 {{end}}</svg>
 <p class="meta"><svg width="10" height="10"><rect class="flows" width="10" height="10"></rect></svg> flows <svg width="10" height="10"><rect class="queries" width="10" height="10"></rect></svg> DNS queries</p>
@@ -122,20 +123,20 @@ code{font-family:ui-monospace,Menlo,Consolas,monospace}
 {{if .UnusedRules}}<ul id="unused">{{range .UnusedRules}}<li>{{.}}</li>{{end}}</ul>{{else}}<p>Every rule has been used.</p>{{end}}
 {{if .UsedBeforeDetail}}
 <h2>Used in the window before the detailed log begins ({{len .UsedBeforeDetail}})</h2>
-<ul id="used-before-detail">{{range .UsedBeforeDetail}}<li>{{.Name}}{{if not .InPolicy}} <em>(not in policy)</em>{{end}}: last seen {{time .LastSeen}}; {{.Uses}} flows, queries and requests in the summary of rotated-out files</li>{{end}}</ul>
+<ul id="used-before-detail">{{range .UsedBeforeDetail}}<li>{{.Name}}{{if not .InPolicy}} <em>(not in policy)</em>{{end}}: last seen {{time .LastSeen}}; {{plural .Uses "flow, query or request" "flows, queries and requests"}} in the summary of rotated-out files</li>{{end}}</ul>
 {{end}}{{if .ExpiredRules}}
 <h2>Expired rules ({{len .ExpiredRules}})</h2>
-<ul id="expired">{{range .ExpiredRules}}<li>{{.Name}}: expires: {{date .Expires}}, {{.Flows}} flows denied that only it would allow</li>{{end}}</ul>
+<ul id="expired">{{range .ExpiredRules}}<li>{{.Name}}: expires: {{date .Expires}}, {{plural .Flows "flow" "flows"}} denied that only it would allow</li>{{end}}</ul>
 {{end}}
 
 {{if .Alarms}}
 <h2>Alarms ({{len .Alarms}})</h2>
-<ul id="alarms">{{range .Alarms}}<li>{{.Reason}}: {{if .Client}}{{.Client}}{{else}}all clients{{end}}{{if .ClientMAC}} ({{.ClientMAC}}){{end}}{{if .TopClients}} (most names from {{range $i, $c := .TopClients}}{{if $i}}, {{end}}{{$c}}{{end}}){{end}}, zone {{.Zone}}: {{.DistinctNames}} distinct names in a window ({{.Alarms}} alarms, rule {{.Rule}})</li>{{end}}</ul>
+<ul id="alarms">{{range .Alarms}}<li>{{.Reason}}: {{if .Client}}{{.Client}}{{else}}all clients{{end}}{{if .ClientMAC}} ({{.ClientMAC}}){{end}}{{if .TopClients}} (most names from {{range $i, $c := .TopClients}}{{if $i}}, {{end}}{{$c}}{{end}}){{end}}, zone {{.Zone}}: {{plural .DistinctNames "distinct name" "distinct names"}} in a window ({{plural .Alarms "alarm" "alarms"}}, rule {{.Rule}})</li>{{end}}</ul>
 {{end}}
 {{with .ECH}}
 <h2>ECH configs in DNS answers</h2>
-<p id="ech">{{if .Stripped}}{{.Stripped}} answers of egressd's DNS forwarder had theirs stripped (in every mode){{range $i, $n := .Names}}{{if $i}},{{else}}:{{end}} {{$n.Dest}} ({{$n.Count}}){{end}}.{{end}}
-{{if .WouldStrip}}{{.WouldStrip}} DNS exchanges with other resolvers kept theirs: in enforce mode every LAN query goes to the forwarder, which strips them.{{end}}
+<p id="ech">{{if .Stripped}}{{plural .Stripped "answer" "answers"}} of egressd's DNS forwarder had theirs stripped (in every mode){{range $i, $n := .Names}}{{if $i}},{{else}}:{{end}} {{$n.Dest}} ({{$n.Count}}){{end}}.{{end}}
+{{if .WouldStrip}}{{plural .WouldStrip "DNS exchange" "DNS exchanges"}} with other resolvers kept theirs: in enforce mode every LAN query goes to the forwarder, which strips them.{{end}}
 Clients: {{count .ClientCount .ClientsTruncated}}.</p>
 {{end}}
 <h2>{{if .Audit}}Would be dropped (audit mode: not blocked){{else}}Dropped{{end}} ({{len .Dropped}})</h2>

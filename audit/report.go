@@ -859,21 +859,21 @@ func (r *Report) WriteText(w io.Writer) error {
 	if r.Policy != "" {
 		fmt.Fprintf(ew, "policy: %s\n", r.Policy)
 	}
-	fmt.Fprintf(ew, "%d flows (%d allowed, %d dropped), %d DNS queries, %d events shed\n",
-		r.Totals.Flows, r.Totals.Allowed, r.Totals.Dropped, r.Totals.Queries, r.ShedEvents)
+	fmt.Fprintf(ew, "%s (%d allowed, %d dropped), %s, %s shed\n", plural(r.Totals.Flows, "flow", "flows"),
+		r.Totals.Allowed, r.Totals.Dropped, plural(r.Totals.Queries, "DNS query", "DNS queries"), plural(r.ShedEvents, "event", "events"))
 	if r.Totals.Requests > 0 {
-		fmt.Fprintf(ew, "%d further HTTP requests on plain-HTTP and inspected connections (%d dropped), decided one by one\n", r.Totals.Requests, r.Totals.DroppedRequests)
+		fmt.Fprintf(ew, "%s on plain-HTTP and inspected connections (%d dropped), decided one by one\n", plural(r.Totals.Requests, "further HTTP request", "further HTTP requests"), r.Totals.DroppedRequests)
 	}
 	if r.ShedEvents > 0 {
-		fmt.Fprintf(ew, "WARNING: %d events were shed (the event log could not keep up); they are in no count below\n", r.ShedEvents)
+		fmt.Fprintf(ew, "WARNING: %s shed (the event log could not keep up); they are in no count below\n", plural(r.ShedEvents, "event was", "events were"))
 	}
 	if r.UnwrittenEvents > 0 {
-		fmt.Fprintf(ew, "WARNING: %d events could not be written to the event log (disk full?); they are counted below but will be missing after a restart\n", r.UnwrittenEvents)
+		fmt.Fprintf(ew, "WARNING: %s could not be written to the event log (disk full?); they are counted below but will be missing after a restart\n", plural(r.UnwrittenEvents, "event", "events"))
 	}
 	if c := r.Coverage; c != nil {
 		fmt.Fprintf(ew, "covers: every event since %s in full detail", fmtTime(c.DetailFrom))
 		if ro := c.RotatedOut; ro != nil {
-			fmt.Fprintf(ew, "; before that, %d events of %d files rotated out of it (%s to %s) are counted from a summary: counts and first/last seen, not the events", ro.Events, ro.Files, fmtTime(ro.From), fmtTime(ro.Until))
+			fmt.Fprintf(ew, "; before that, %s of %s rotated out of it (%s to %s) are counted from a summary: counts and first/last seen, not the events", plural(ro.Events, "event", "events"), plural(ro.Files, "file", "files"), fmtTime(ro.From), fmtTime(ro.Until))
 		}
 		fmt.Fprintln(ew)
 	}
@@ -928,13 +928,13 @@ func (r *Report) WriteText(w io.Writer) error {
 			if !u.InPolicy {
 				name += " (not in policy)"
 			}
-			fmt.Fprintf(ew, "  %s  last seen %s; %d flows, queries and requests in the summary of rotated-out files\n", name, fmtTime(u.LastSeen), u.Uses)
+			fmt.Fprintf(ew, "  %s  last seen %s; %s in the summary of rotated-out files\n", name, fmtTime(u.LastSeen), plural(u.Uses, "flow, query or request", "flows, queries and requests"))
 		}
 	}
 	if len(r.ExpiredRules) > 0 {
 		fmt.Fprintf(ew, "\nEXPIRED RULES (%d)\n", len(r.ExpiredRules))
 		for _, e := range r.ExpiredRules {
-			fmt.Fprintf(ew, "  %s  expires: %s, %d flows denied that only it would allow\n", e.Name, expiresDate(e.Expires), e.Flows)
+			fmt.Fprintf(ew, "  %s  expires: %s, %s denied that only it would allow\n", e.Name, expiresDate(e.Expires), plural(e.Flows, "flow", "flows"))
 		}
 	}
 
@@ -951,21 +951,17 @@ func (r *Report) WriteText(w io.Writer) error {
 			if len(a.TopClients) > 0 {
 				who += " (most names from " + strings.Join(textNames(a.TopClients), ", ") + ")"
 			}
-			fmt.Fprintf(ew, "  %s  %s  zone %s: %d distinct names in a window (%d alarms, rule %s), %s to %s\n",
-				textName(a.Reason), who, textName(a.Zone), a.DistinctNames, a.Alarms, textName(a.Rule), a.FirstSeen.Format(time.RFC3339), a.LastSeen.Format(time.RFC3339))
+			fmt.Fprintf(ew, "  %s  %s  zone %s: %s in a window (%s, rule %s), %s to %s\n",
+				textName(a.Reason), who, textName(a.Zone), plural(a.DistinctNames, "distinct name", "distinct names"), plural(a.Alarms, "alarm", "alarms"), textName(a.Rule), a.FirstSeen.Format(time.RFC3339), a.LastSeen.Format(time.RFC3339))
 		}
 		if r.AlarmsDropped > 0 {
-			fmt.Fprintf(ew, "  %d more alarms not kept (bound)\n", r.AlarmsDropped)
+			fmt.Fprintf(ew, "  %s not kept (bound)\n", plural(r.AlarmsDropped, "more alarm", "more alarms"))
 		}
 	}
 	if e := r.ECH; e != nil {
 		fmt.Fprintf(ew, "\nECH CONFIGS IN DNS ANSWERS (they hide the name a client connects to)\n")
 		if e.Stripped > 0 {
-			ans := "answers"
-			if e.Stripped == 1 {
-				ans = "answer"
-			}
-			fmt.Fprintf(ew, "  %d %s of egressd's DNS forwarder had theirs stripped (in every mode)", e.Stripped, ans)
+			fmt.Fprintf(ew, "  %s of egressd's DNS forwarder had theirs stripped (in every mode)", plural(e.Stripped, "answer", "answers"))
 			if len(e.Names) > 0 {
 				names := make([]string, len(e.Names))
 				for i, n := range e.Names {
@@ -976,11 +972,7 @@ func (r *Report) WriteText(w io.Writer) error {
 			fmt.Fprintln(ew)
 		}
 		if e.WouldStrip > 0 {
-			exch := "exchanges"
-			if e.WouldStrip == 1 {
-				exch = "exchange"
-			}
-			fmt.Fprintf(ew, "  %d DNS %s with other resolvers kept theirs: in enforce mode every LAN query goes to the forwarder, which strips them\n", e.WouldStrip, exch)
+			fmt.Fprintf(ew, "  %s with other resolvers kept theirs: in enforce mode every LAN query goes to the forwarder, which strips them\n", plural(e.WouldStrip, "DNS exchange", "DNS exchanges"))
 		}
 		fmt.Fprintf(ew, "  clients: %s\n", shortList(e.Clients, 5))
 	}
@@ -1097,6 +1089,15 @@ func fmtTime(t time.Time) string {
 		return "-"
 	}
 	return t.UTC().Format("2006-01-02 15:04:05Z")
+}
+
+// plural is n and its noun: one when n is 1, else many ("1 flow", "2
+// flows"), as the text and HTML reports count.
+func plural[T int | uint64](n T, one, many string) string {
+	if n == 1 {
+		return "1 " + one
+	}
+	return fmt.Sprintf("%d %s", n, many)
 }
 
 func fmtCount(n int, more bool) string {
