@@ -41,17 +41,7 @@ func helpFlags(t *testing.T, cmd []string) []string {
 // and the indented lines that continue it).
 func readmeUsage(t *testing.T) map[string][]string {
 	t.Helper()
-	b, err := os.ReadFile("../../README.md")
-	if err != nil {
-		t.Fatal(err)
-	}
-	s := string(b)
-	i := strings.Index(s, "```sh\negressd run ")
-	if i < 0 {
-		t.Fatal("README.md has no usage block starting with egressd run")
-	}
-	block := s[i+len("```sh\n"):]
-	block = block[:strings.Index(block, "```")]
+	block := readmeUsageBlock(t)
 	usage := map[string][]string{}
 	cmd := ""
 	flagRE := regexp.MustCompile(`(?:^|[\s\[|])--?([a-z][a-z0-9-]*)`)
@@ -249,4 +239,34 @@ func TestBadPolicyEveryCommand(t *testing.T) {
 			}
 		}
 	}
+}
+
+// TestUsageBareCommand: README.md's usage block says that egressd with no
+// arguments is egressd run with no flags (cli.go's run; TestRunNoFlags
+// runs it), as a line of its own after run's.
+func TestUsageBareCommand(t *testing.T) {
+	block := readmeUsageBlock(t)
+	for _, line := range strings.Split(block, "\n") {
+		if rest, ok := strings.CutPrefix(line, "egressd "); ok && strings.HasPrefix(strings.TrimSpace(rest), "# no arguments: egressd run") {
+			return
+		}
+	}
+	t.Errorf("README.md's usage block has no line saying egressd with no arguments is egressd run:\n%s", block)
+}
+
+// readmeUsageBlock is README.md's usage block, the code block that starts
+// with egressd run.
+func readmeUsageBlock(t *testing.T) string {
+	t.Helper()
+	b, err := os.ReadFile("../../README.md")
+	if err != nil {
+		t.Fatal(err)
+	}
+	s := string(b)
+	i := strings.Index(s, "```sh\negressd run ")
+	if i < 0 {
+		t.Fatal("README.md has no usage block starting with egressd run")
+	}
+	block, _, _ := strings.Cut(s[i+len("```sh\n"):], "```")
+	return block
 }
