@@ -5,8 +5,6 @@ import (
 	"slices"
 	"strings"
 	"testing"
-
-	"egressd/policy"
 )
 
 // TestAllowedNowInTextAndHTML: the text and HTML reports mark a dropped
@@ -14,22 +12,14 @@ import (
 // the HTML escaped as the rest of the page; an entry still denied is
 // not marked.
 func TestAllowedNowInTextAndHTML(t *testing.T) {
-	eng, err := policy.Compile("site.yaml", []byte(suggestBase))
-	if err != nil {
-		t.Fatal(err)
-	}
-	l := NewLedger(eng, LedgerOptions{})
+	l := NewLedger(compileBase(t, ""), LedgerOptions{})
 	deny := captureDenials(l)
 	deny("tracker.example", "192.168.50.23", "aa:bb:cc:00:00:0a")
 	deny("still.example", "192.168.50.30", "")
-	eng2, err := policy.Compile("site.yaml", []byte(suggestBase+`  - name: allow-tracker
+	l.SetPolicy(compileBase(t, `  - name: allow-tracker
     to: ["tracker.example"]
     ports: [443/tcp]
 `))
-	if err != nil {
-		t.Fatal(err)
-	}
-	l.SetPolicy(eng2)
 	r := l.Report(ReportOptions{Now: reportNow})
 	var text, page bytes.Buffer
 	if err := r.WriteText(&text); err != nil {

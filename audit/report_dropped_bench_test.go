@@ -12,27 +12,12 @@ import (
 // fullDroppedLedger is a ledger with its dropped list at the bounds
 // (LedgerOptions' defaults): MaxDropped entries (one of them the
 // overflow's), each with MaxClients clients, each seen with maxClientMACs
-// MACs, denied under the policy deny allows none of; then the running
+// MACs, denied under suggestBase, which allows none of them; then the running
 // policy is a reload that allows them all (with a rule naming a MAC, so
-// each entry is decided once per client and MAC), or deny itself (each
+// each entry is decided once per client and MAC), or suggestBase itself (each
 // is decided for its first client only).
 func fullDroppedLedger(tb testing.TB, allowAll bool) *Ledger {
-	const deny = `version: 1
-mode: audit
-rules:
-  - name: web
-    from: [192.168.10.0/28]
-    to: ["api.partner.example", "portal.partner.example"]
-    ports: [443/tcp]
-  - name: nas-backup
-    to: [198.51.100.200/32]
-    ports: [22/tcp]
-`
-	eng, err := policy.Compile("site.yaml", []byte(deny))
-	if err != nil {
-		tb.Fatal(err)
-	}
-	l := NewLedger(eng, LedgerOptions{})
+	l := NewLedger(compileBase(tb, ""), LedgerOptions{})
 	o := l.opt
 	n := 0
 	for e := range o.MaxDropped {
@@ -51,7 +36,7 @@ rules:
 	}
 	if allowAll {
 		// A rule naming a MAC: each client's MACs are decided (allowedNow).
-		eng, err = policy.Compile("site.yaml", []byte(deny+`  - name: printer
+		l.SetPolicy(compileBase(tb, `  - name: printer
     from: [02:00:5e:00:00:01]
     to: ["printer.example"]
     ports: [443/tcp]
@@ -59,10 +44,6 @@ rules:
     to: ["*.drop.example"]
     ports: [443/tcp]
 `))
-		if err != nil {
-			tb.Fatal(err)
-		}
-		l.SetPolicy(eng)
 	}
 	r := l.Report(ReportOptions{Now: reportNow})
 	if len(r.Dropped) != o.MaxDropped {

@@ -76,14 +76,7 @@ func TestSuggestAfterReloadAllows(t *testing.T) {
 // on changes: the running policy (a reload), a rule expired since, a new
 // client or a new MAC of a client.
 func TestAllowedNowFollowsChanges(t *testing.T) {
-	compile := func(rules string) *policy.Engine {
-		t.Helper()
-		eng, err := policy.Compile("site.yaml", []byte(suggestBase+rules))
-		if err != nil {
-			t.Fatal(err)
-		}
-		return eng
-	}
+	compile := func(rules string) *policy.Engine { return compileBase(t, rules) }
 	l := NewLedger(compile(""), LedgerOptions{})
 	deny := captureDenials(l)
 	deny("tracker.example", "192.168.50.23", "aa:bb:cc:00:00:0a")
@@ -121,4 +114,14 @@ func TestAllowedNowFollowsChanges(t *testing.T) {
 	check("a rule for the LAN", reportNow, "lan-50")
 	deny("tracker.example", "192.168.60.7", "")
 	check("a client off that LAN", reportNow, "")
+}
+
+// compileBase compiles suggestBase with rules after its own.
+func compileBase(tb testing.TB, rules string) *policy.Engine {
+	tb.Helper()
+	eng, err := policy.Compile("site.yaml", []byte(suggestBase+rules))
+	if err != nil {
+		tb.Fatal(err)
+	}
+	return eng
 }
