@@ -113,7 +113,7 @@ type Server struct {
 
 	closing   atomic.Bool
 	ready     chan struct{} // closed once listeners are bound
-	done      chan struct{} // closed by Close
+	done      chan struct{} // closed by Close, or by shutdown when Run's ctx is done
 	closeOnce sync.Once
 }
 
@@ -311,6 +311,10 @@ func (s *Server) Close() error {
 
 func (s *Server) shutdown() {
 	s.closing.Store(true)
+	// Run's ctx done stops the server too: a TCP accept waiting out
+	// EMFILE (tcpListener.Accept) stops waiting, or ShutdownContext would
+	// wait up to a second for it (TestTCPAcceptOutOfFDsStops).
+	s.closeOnce.Do(func() { close(s.done) })
 	s.lingerCancel()
 	s.mu.Lock()
 	udp, tcp, srvs := s.udp, s.tcp, s.tcpSrv

@@ -1,11 +1,15 @@
 package dnsfilter
 
 import (
+	"context"
 	"fmt"
+	"log/slog"
 	"net"
+	"strings"
 	"testing"
 	"time"
 
+	"egressd/internal/testnet"
 	"github.com/miekg/dns"
 	dto "github.com/prometheus/client_model/go"
 )
@@ -134,5 +138,62 @@ func TestTCPIdleClientsCut(t *testing.T) {
 	}
 	if err := closedWithin(silent, 8*time.Second); err != nil {
 		t.Errorf("connected, never sent a query: %v", err)
+	}
+}
+
+// TestTCPAcceptOutOfFDsStops: a TCP accept out of file descriptors waits
+// with a pause growing to a second (tcpListener.Accept); the server
+// stopped meanwhile, by its context as egressd stops it, returns without
+// waiting the pause out. The time it takes is logged; the test fails only
+// past 5 s (a hang), not on speed.
+func TestTCPAcceptOutOfFDsStops(t *testing.T) {
+	var logs syncBuffer
+	s, err := New(Config{Listen: []string{"127.0.0.1:0"}, UDPReaders: 1, ClientRate: -1},
+		Deps{Policy: compile(t, gatePolicy), Logger: slog.New(slog.NewJSONHandler(&logs, nil))})
+	if err != nil {
+		t.Fatal(err)
+	}
+	ctx, cancel := context.WithCancel(context.Background())
+	defer cancel()
+	done := make(chan error, 1)
+	go func() { done <- s.Run(ctx) }()
+	select {
+	case <-s.Ready():
+	case err := <-done:
+		t.Fatalf("run: %v", err)
+	}
+	addr := s.Addrs()[0].String()
+
+	spare, release := testnet.OutOfFDs(t)
+	spare()
+	c, err := net.Dial("tcp", addr) // waits in the queue: accept has no descriptor
+	if err != nil {
+		release()
+		t.Fatalf("dial: %v", err)
+	}
+	defer c.Close()
+	const warn = "dnsfilter: tcp accept failing: retrying"
+	deadline := time.Now().Add(10 * time.Second)
+	for !strings.Contains(logs.String(), warn) && time.Now().Before(deadline) {
+		time.Sleep(10 * time.Millisecond)
+	}
+	if !strings.Contains(logs.String(), warn) {
+		release()
+		t.Fatalf("the log does not say %q out of descriptors: %s", warn, logs.String())
+	}
+	// 5 ms doubling: past 1.3 s each pause is a second long.
+	time.Sleep(1500 * time.Millisecond)
+
+	start := time.Now()
+	cancel()
+	select {
+	case err := <-done:
+		t.Logf("Run returned %v after the cancel, out of descriptors", time.Since(start))
+		if err != nil {
+			t.Errorf("run: %v", err)
+		}
+	case <-time.After(5 * time.Second):
+		release()
+		t.Fatalf("Run has not returned 5 s after the cancel while accept waited out EMFILE")
 	}
 }

@@ -1,0 +1,64 @@
+package testnet
+
+import (
+	"os"
+	"syscall"
+	"testing"
+)
+
+// OutOfFDs runs the test process out of file descriptors: RLIMIT_NOFILE
+// is lowered to a few above the highest in use and every free one below
+// it is taken with /dev/null, so the next open, socket or accept fails
+// with EMFILE. spare gives one back (for the socket a test dials while
+// the rest stay taken); release gives them all back and restores the
+// limit, and runs at the test's end if the test did not call it.
+func OutOfFDs(t testing.TB) (spare, release func()) {
+	t.Helper()
+	var old syscall.Rlimit
+	if err := syscall.Getrlimit(syscall.RLIMIT_NOFILE, &old); err != nil {
+		t.Fatalf("testnet: getrlimit: %v", err)
+	}
+	probe, err := os.Open(os.DevNull)
+	if err != nil {
+		t.Fatalf("testnet: %v", err)
+	}
+	lim := old
+	lim.Cur = uint64(probe.Fd()) + 8
+	probe.Close()
+	if err := syscall.Setrlimit(syscall.RLIMIT_NOFILE, &lim); err != nil {
+		t.Fatalf("testnet: setrlimit: %v", err)
+	}
+	var held []*os.File
+	for {
+		f, err := os.Open(os.DevNull)
+		if err != nil {
+			break
+		}
+		held = append(held, f)
+	}
+	done := false
+	release = func() {
+		if done {
+			return
+		}
+		done = true
+		for _, f := range held {
+			f.Close()
+		}
+		if err := syscall.Setrlimit(syscall.RLIMIT_NOFILE, &old); err != nil {
+			t.Errorf("testnet: setrlimit back: %v", err)
+		}
+	}
+	t.Cleanup(release)
+	if len(held) == 0 {
+		release()
+		t.Fatalf("testnet: no descriptor to take under a limit of %d", lim.Cur)
+	}
+	spare = func() {
+		if n := len(held); n > 0 {
+			held[n-1].Close()
+			held = held[:n-1]
+		}
+	}
+	return spare, release
+}
