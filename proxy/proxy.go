@@ -451,7 +451,15 @@ func (p *Proxy) Serve(ln net.Listener) error {
 				// EMFILE and friends: back off instead of spinning.
 				p.acceptFailing(ln, err)
 				delay = min(max(2*delay, 5*time.Millisecond), time.Second)
-				time.Sleep(delay)
+				// Close ends the pause, or Run would wait it out
+				// (TestServeOutOfFDsStops).
+				t := time.NewTimer(delay)
+				select {
+				case <-p.done:
+					t.Stop()
+					return nil
+				case <-t.C:
+				}
 				continue
 			}
 			return fmt.Errorf("proxy: accept: %w", err)
