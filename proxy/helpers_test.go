@@ -499,25 +499,52 @@ func (tp *topo) dialFromClient(t *testing.T, src netip.Addr, dest netip.AddrPort
 // speaks first (in enforce mode closed: the client read an unexpected
 // EOF where a response was due).
 func (tp *topo) dialAtFirstWrite(t *testing.T, dest netip.AddrPort) *firstWriteConn {
+	return tp.dialAtFirstWriteFrom(t, netip.Addr{}, dest)
+}
+
+// dialAtFirstWriteFrom is dialAtFirstWrite from a chosen source address
+// (invalid: the default).
+func (tp *topo) dialAtFirstWriteFrom(t *testing.T, src netip.Addr, dest netip.AddrPort) *firstWriteConn {
 	return &firstWriteConn{dial: func() *net.TCPConn {
-		c := tp.dialFromClient(t, netip.Addr{}, dest)
+		c := tp.dialFromClient(t, src, dest)
 		c.SetDeadline(time.Now().Add(20 * time.Second))
 		return c
 	}}
 }
 
 // firstWriteConn is dialAtFirstWrite's connection: its TCPConn is nil
-// until the first write.
+// until the first write. A deadline set before then (tlsGet sets one
+// before its handshake) is kept for the dial; a Close before then does
+// nothing.
 type firstWriteConn struct {
 	*net.TCPConn
-	dial func() *net.TCPConn
+	dial     func() *net.TCPConn
+	deadline time.Time
 }
 
 func (c *firstWriteConn) Write(b []byte) (int, error) {
 	if c.TCPConn == nil {
 		c.TCPConn = c.dial()
+		if !c.deadline.IsZero() {
+			c.TCPConn.SetDeadline(c.deadline)
+		}
 	}
 	return c.TCPConn.Write(b)
+}
+
+func (c *firstWriteConn) SetDeadline(d time.Time) error {
+	if c.TCPConn == nil {
+		c.deadline = d
+		return nil
+	}
+	return c.TCPConn.SetDeadline(d)
+}
+
+func (c *firstWriteConn) Close() error {
+	if c.TCPConn == nil {
+		return nil
+	}
+	return c.TCPConn.Close()
 }
 
 // tlsGet does a TLS handshake with serverName over conn and one GET,
