@@ -33,7 +33,7 @@ func TestTransparent(t *testing.T) {
 
 	t.Run("go-client-mlkem", func(t *testing.T) {
 		for _, dst := range []netip.Addr{srvV4, srvV6} {
-			c := tp.dialFromClient(t, netip.Addr{}, netip.AddrPortFrom(dst, 443))
+			c := tp.dialAtFirstWrite(t, netip.AddrPortFrom(dst, 443))
 			hw := &helloWriter{Conn: c}
 			body, err := tp.tlsGet(hw, "www.allowed.test", "/x", nil)
 			if err != nil || !strings.Contains(body, "sni=www.allowed.test") {
@@ -90,8 +90,7 @@ func TestTransparent(t *testing.T) {
 	})
 
 	t.Run("hello-one-byte-per-write", func(t *testing.T) {
-		c := tp.dialFromClient(t, netip.Addr{}, netip.AddrPortFrom(srvV4, 443))
-		c.SetNoDelay(true)
+		c := tp.dialAtFirstWrite(t, netip.AddrPortFrom(srvV4, 443)) // Go's TCP conns are TCP_NODELAY
 		body, err := tp.tlsGet(&helloWriter{Conn: c, chunk: 1}, "www.allowed.test", "/bytes", nil)
 		if err != nil || !strings.Contains(body, "sni=www.allowed.test") {
 			t.Fatalf("body %q err %v", body, err)
@@ -100,7 +99,7 @@ func TestTransparent(t *testing.T) {
 
 	t.Run("hello-split-across-records", func(t *testing.T) {
 		for _, n := range []int{1, 3, 100} {
-			c := tp.dialFromClient(t, netip.Addr{}, netip.AddrPortFrom(srvV4, 443))
+			c := tp.dialAtFirstWrite(t, netip.AddrPortFrom(srvV4, 443))
 			hw := &helloWriter{Conn: c, transform: func(b []byte) []byte { return refragment(b, n) }, chunk: 7}
 			body, err := tp.tlsGet(hw, "www.allowed.test", "/records", nil)
 			if err != nil || !strings.Contains(body, "sni=www.allowed.test") {
@@ -110,7 +109,7 @@ func TestTransparent(t *testing.T) {
 	})
 
 	t.Run("hello-11KB", func(t *testing.T) {
-		c := tp.dialFromClient(t, netip.Addr{}, netip.AddrPortFrom(srvV4, 443))
+		c := tp.dialAtFirstWrite(t, netip.AddrPortFrom(srvV4, 443))
 		var protos []string
 		for i := 0; i < 45; i++ {
 			protos = append(protos, fmt.Sprintf("p%03d-%s", i, strings.Repeat("x", 240)))
@@ -204,7 +203,7 @@ func TestTransparent(t *testing.T) {
 
 	t.Run("no-sni", func(t *testing.T) {
 		// A Go client sends no SNI for an IP address.
-		c := tp.dialFromClient(t, netip.Addr{}, netip.AddrPortFrom(srvV4, 443))
+		c := tp.dialAtFirstWrite(t, netip.AddrPortFrom(srvV4, 443))
 		body, err := tp.tlsGet(c, "198.18.2.2", "/nosni", nil)
 		if err != nil || !strings.Contains(body, "sni= ") {
 			t.Fatalf("dns-learned: body %q err %v", body, err)
@@ -213,7 +212,7 @@ func TestTransparent(t *testing.T) {
 		if ev.NameSource != audit.NameDNSLearned || ev.Rule != "allowed" {
 			t.Errorf("event %+v", ev)
 		}
-		c = tp.dialFromClient(t, netip.Addr{}, netip.AddrPortFrom(spoofV4, 443))
+		c = tp.dialAtFirstWrite(t, netip.AddrPortFrom(spoofV4, 443))
 		if _, err := tp.tlsGet(c, "198.18.2.3", "/", nil); err == nil {
 			t.Fatal("no-SNI to an address nobody was told about went through")
 		}
@@ -241,7 +240,7 @@ func TestTransparent(t *testing.T) {
 	t.Run("sni-spoofing", func(t *testing.T) {
 		// An allowed SNI toward an address no DNS answer gave out for it
 		// (and a fresh lookup of www.allowed.test does not return).
-		c := tp.dialFromClient(t, netip.Addr{}, netip.AddrPortFrom(spoofV4, 443))
+		c := tp.dialAtFirstWrite(t, netip.AddrPortFrom(spoofV4, 443))
 		if _, err := tp.tlsGet(c, "www.allowed.test", "/", nil); err == nil {
 			t.Fatal("spoofed SNI went through")
 		}
@@ -251,7 +250,7 @@ func TestTransparent(t *testing.T) {
 		}
 		// An address only the fresh lookup vouches for: our DNS told
 		// client2 nothing.
-		c = tp.dialFromClient(t, client2V4, netip.AddrPortFrom(srvV4, 443))
+		c = tp.dialAtFirstWriteFrom(t, client2V4, netip.AddrPortFrom(srvV4, 443))
 		if body, err := tp.tlsGet(c, "allowed.test", "/", nil); err != nil || !strings.Contains(body, "sni=allowed.test") {
 			t.Fatalf("fresh lookup: %q %v", body, err)
 		}
@@ -313,7 +312,7 @@ func TestTransparent(t *testing.T) {
 // would have done.
 func TestTransparentAudit(t *testing.T) {
 	tp := newTopo(t, topoOpts{mode: "audit"})
-	c := tp.dialFromClient(t, netip.Addr{}, netip.AddrPortFrom(spoofV4, 443))
+	c := tp.dialAtFirstWrite(t, netip.AddrPortFrom(spoofV4, 443))
 	body, err := tp.tlsGet(c, "www.allowed.test", "/spoof", nil)
 	if err != nil || !strings.Contains(body, "sni=www.allowed.test") {
 		t.Fatalf("audit mode blocked a spoofed SNI: %q %v", body, err)
@@ -322,7 +321,7 @@ func TestTransparentAudit(t *testing.T) {
 	if ev.Verdict != policy.Deny || ev.Reason != ReasonSNIMismatch || ev.Enforced || ev.Mode != policy.ModeAudit || ev.BytesIn == 0 {
 		t.Errorf("event %+v", ev)
 	}
-	c = tp.dialFromClient(t, netip.Addr{}, netip.AddrPortFrom(srvV4, 443))
+	c = tp.dialAtFirstWrite(t, netip.AddrPortFrom(srvV4, 443))
 	body, err = tp.tlsGet(c, "evil.example", "/", nil)
 	if err != nil || !strings.Contains(body, "sni=evil.example") {
 		t.Fatalf("audit mode blocked a denied name: %q %v", body, err)
@@ -505,8 +504,7 @@ func TestTransparentHelloInPieces(t *testing.T) {
 	tp := newTopo(t, topoOpts{})
 	tp.facts.add(clientV4, srvV4, "www.allowed.test")
 	fast, slow := tp.helloParses("fast"), tp.helloParses("crypto-tls")
-	c := tp.dialFromClient(t, netip.Addr{}, netip.AddrPortFrom(srvV4, 443))
-	c.SetNoDelay(true)
+	c := tp.dialAtFirstWrite(t, netip.AddrPortFrom(srvV4, 443)) // Go's TCP conns are TCP_NODELAY
 	hw := &helloWriter{Conn: c, chunk: 1000, pause: 50 * time.Millisecond}
 	body, err := tp.tlsGet(hw, "www.allowed.test", "/pieces", nil)
 	if err != nil || !strings.Contains(body, "sni=www.allowed.test") {
@@ -545,18 +543,18 @@ func TestTransparentDeferAccept(t *testing.T) {
 	if !tp.proxy.deferAccept {
 		t.Fatal("the proxy's own listener has no TCP_DEFER_ACCEPT with a first-byte wait of 1 s")
 	}
-	c := tp.dialFromClient(t, netip.Addr{}, netip.AddrPortFrom(srvV4, 443))
-	body, err := tp.tlsGet(c, "www.allowed.test", "/deferred", nil)
+	tc := tp.dialAtFirstWrite(t, netip.AddrPortFrom(srvV4, 443))
+	body, err := tp.tlsGet(tc, "www.allowed.test", "/deferred", nil)
 	if err != nil || !strings.Contains(body, "sni=www.allowed.test") {
 		t.Fatalf("TLS through the deferred listener: %q %v", body, err)
 	}
-	ev := tp.ev.wait(t, "tls", byFlow(c))
+	ev := tp.ev.wait(t, "tls", byFlow(tc))
 	if ev.Verdict != policy.Allow || ev.NameSource != audit.NameSNI {
 		t.Errorf("TLS event %+v", ev)
 	}
 
 	// Closed without a byte: the FIN reaches accept at once.
-	c = tp.dialFromClient(t, netip.Addr{}, netip.AddrPortFrom(srvV4, 443))
+	c := tp.dialFromClient(t, netip.Addr{}, netip.AddrPortFrom(srvV4, 443))
 	port := localPort(c)
 	c.Close()
 	if ev := tp.ev.wait(t, "early close", byClientPort(port)); ev.Close != closeEarly {
