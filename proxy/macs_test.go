@@ -46,8 +46,8 @@ func TestClientMAC(t *testing.T) {
 	dest := netip.AddrPortFrom(srvV4, 443)
 
 	// Under testPolicy (no MACs): both tunnels open, nothing asked.
-	kiosk := tp.startTLS(t, tp.dialFromClient(t, clientV4, dest), "www.allowed.test")
-	other := tp.startTLS(t, tp.dialFromClient(t, client2V4, dest), "www.allowed.test")
+	kiosk := tp.startTLS(t, tp.dialAtFirstWriteFrom(t, clientV4, dest), "www.allowed.test")
+	other := tp.startTLS(t, tp.dialAtFirstWriteFrom(t, client2V4, dest), "www.allowed.test")
 	if n := macs.Asked(); n != 0 {
 		t.Fatalf("the MAC asked %d times under a policy that names none", n)
 	}
@@ -72,7 +72,7 @@ func TestClientMAC(t *testing.T) {
 		allow bool
 	}{{"the kiosk", clientV4, kioskMAC, true}, {"another device", client2V4, otherMAC, false}} {
 		asked := macs.Asked()
-		conn := tp.dialFromClient(t, c.src, dest)
+		conn := tp.dialAtFirstWriteFrom(t, c.src, dest)
 		body, err := tp.tlsGet(conn, "www.allowed.test", "/mac", nil)
 		if (err == nil && body != "") != c.allow {
 			t.Errorf("%s: transparent: %q %v; want allowed %v", c.what, body, err, c.allow)

@@ -160,7 +160,7 @@ type liveTunnels struct {
 func (tp *topo) openTunnels(t *testing.T) liveTunnels {
 	t.Helper()
 	var lt liveTunnels
-	lt.tlsT = tp.startTLS(t, tp.dialFromClient(t, netip.Addr{}, netip.AddrPortFrom(srvV4, 443)), "www.allowed.test")
+	lt.tlsT = tp.startTLS(t, tp.dialAtFirstWrite(t, netip.AddrPortFrom(srvV4, 443)), "www.allowed.test")
 	lt.tlsC = tp.startTLS(t, tp.connect(t, "www.allowed.test:443"), "www.allowed.test")
 	lt.echoT = tp.dialFromClient(t, netip.Addr{}, netip.AddrPortFrom(echoV4, 8443))
 	echoes(t, lt.echoT, "before-transparent")
@@ -254,9 +254,9 @@ func TestReloadAuditRecords(t *testing.T) {
 func TestReloadAuditToEnforce(t *testing.T) {
 	tp := newTopo(t, topoOpts{mode: "audit"})
 	tp.facts.add(clientV4, srvV4, "www.allowed.test")
-	evilT := tp.startTLS(t, tp.dialFromClient(t, netip.Addr{}, netip.AddrPortFrom(srvV4, 443)), "evil.example")
+	evilT := tp.startTLS(t, tp.dialAtFirstWrite(t, netip.AddrPortFrom(srvV4, 443)), "evil.example")
 	evilC := tp.startTLS(t, tp.connect(t, "evil.example:443"), "evil.example")
-	okT := tp.startTLS(t, tp.dialFromClient(t, netip.Addr{}, netip.AddrPortFrom(srvV4, 443)), "www.allowed.test")
+	okT := tp.startTLS(t, tp.dialAtFirstWrite(t, netip.AddrPortFrom(srvV4, 443)), "www.allowed.test")
 	okC := tp.startTLS(t, tp.connect(t, "www.allowed.test:443"), "www.allowed.test")
 
 	tp.swap(t, fmt.Sprintf(testPolicy, "enforce"))
@@ -307,7 +307,7 @@ func TestReloadAuditCredits(t *testing.T) {
 			tp := newTopo(t, topoOpts{mode: "audit"})
 			tp.facts.add(clientV4, srvV4, "www.allowed.test", "evil.example")
 			lt := tp.openTunnels(t)
-			evilT := tp.startTLS(t, tp.dialFromClient(t, netip.Addr{}, netip.AddrPortFrom(srvV4, 443)), "evil.example")
+			evilT := tp.startTLS(t, tp.dialAtFirstWrite(t, netip.AddrPortFrom(srvV4, 443)), "evil.example")
 			evilC := tp.startTLS(t, tp.connect(t, "evil.example:443"), "evil.example")
 			conns := []struct {
 				what       string
@@ -370,8 +370,8 @@ func TestReloadVouchedOnce(t *testing.T) {
 	res := &switchResolver{}
 	tp := newTopo(t, topoOpts{mode: "audit", deps: func(d *Deps) { res.r = d.Resolver; d.Resolver = res }})
 	tp.facts.add(clientV4, srvV4, "www.allowed.test")
-	ok := tp.startTLS(t, tp.dialFromClient(t, netip.Addr{}, netip.AddrPortFrom(srvV4, 443)), "www.allowed.test")
-	spoof := tp.startTLS(t, tp.dialFromClient(t, netip.Addr{}, netip.AddrPortFrom(spoofV4, 443)), "www.allowed.test")
+	ok := tp.startTLS(t, tp.dialAtFirstWrite(t, netip.AddrPortFrom(srvV4, 443)), "www.allowed.test")
+	spoof := tp.startTLS(t, tp.dialAtFirstWrite(t, netip.AddrPortFrom(spoofV4, 443)), "www.allowed.test")
 	// The DNS answer expires, and the resolver no longer gives srvV4 for
 	// it either: a new connection would not be vouched for.
 	tp.facts.mu.Lock()
@@ -430,9 +430,9 @@ func TestReloadInspected(t *testing.T) {
 	}
 	ca := x509.NewCertPool()
 	ca.AppendCertsFromPEM(caPEM)
-	docsT := tp.startTLSWith(t, tp.dialFromClient(t, netip.Addr{}, netip.AddrPortFrom(srvV4, 443)), "docs.paths.test", ca, "/public/a")
+	docsT := tp.startTLSWith(t, tp.dialAtFirstWrite(t, netip.AddrPortFrom(srvV4, 443)), "docs.paths.test", ca, "/public/a")
 	docsC := tp.startTLSWith(t, tp.connect(t, "docs.paths.test:443"), "docs.paths.test", ca, "/public/b")
-	okT := tp.startTLS(t, tp.dialFromClient(t, netip.Addr{}, netip.AddrPortFrom(srvV4, 443)), "www.allowed.test")
+	okT := tp.startTLS(t, tp.dialAtFirstWrite(t, netip.AddrPortFrom(srvV4, 443)), "www.allowed.test")
 
 	tp.swap(t, fmt.Sprintf(testPolicyDocsOnly, "enforce"))
 	okT.waitClosed(t, "spliced")
@@ -474,7 +474,7 @@ func TestReloadSwappedNotAnnounced(t *testing.T) {
 		t.Fatal(err)
 	}
 	tp.store.Swap(eng)
-	l := tp.startTLS(t, tp.dialFromClient(t, netip.Addr{}, netip.AddrPortFrom(srvV4, 443)), "www.allowed.test")
+	l := tp.startTLS(t, tp.dialAtFirstWrite(t, netip.AddrPortFrom(srvV4, 443)), "www.allowed.test")
 	tp.proxy.Redecide()
 	if body, err := l.get("/after"); err != nil || !strings.Contains(body, "path=/after") {
 		t.Fatalf("tunnel the new policy allows cut by the reload: %q %v", body, err)
@@ -855,7 +855,7 @@ func TestRedecideLoadsEngineUnderLock(t *testing.T) {
 func TestReloadNarrowedToPaths(t *testing.T) {
 	tp := newTopo(t, topoOpts{})
 	tp.facts.add(clientV4, srvV4, "www.allowed.test")
-	tlsT := tp.startTLS(t, tp.dialFromClient(t, netip.Addr{}, netip.AddrPortFrom(srvV4, 443)), "www.allowed.test")
+	tlsT := tp.startTLS(t, tp.dialAtFirstWrite(t, netip.AddrPortFrom(srvV4, 443)), "www.allowed.test")
 	tlsC := tp.startTLS(t, tp.connect(t, "www.allowed.test:443"), "www.allowed.test")
 
 	tp.swap(t, `version: 1
@@ -944,7 +944,7 @@ func TestReloadNeverVouchedNoLookup(t *testing.T) {
 	const n = 8
 	var spoofed []*liveTLS
 	for range n {
-		spoofed = append(spoofed, tp.startTLS(t, tp.dialFromClient(t, netip.Addr{}, netip.AddrPortFrom(spoofV4, 443)), "www.allowed.test"))
+		spoofed = append(spoofed, tp.startTLS(t, tp.dialAtFirstWrite(t, netip.AddrPortFrom(spoofV4, 443)), "www.allowed.test"))
 	}
 	before := bh.received(t)
 	if before < n {
