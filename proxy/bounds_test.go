@@ -138,7 +138,7 @@ func TestLongClientTextBounded(t *testing.T) {
 	// A TLS server name as long (crypto/tls takes any name; the hello
 	// may be 64 KiB).
 	sni := strings.Repeat("s", 30000) + ".allowed.test"
-	c := tp.dialFromClient(t, netip.Addr{}, netip.AddrPortFrom(srvV4, 443))
+	c := tp.dialAtFirstWrite(t, netip.AddrPortFrom(srvV4, 443))
 	c.SetDeadline(time.Now().Add(10 * time.Second))
 	if err := tls.Client(c, &tls.Config{ServerName: sni, RootCAs: tp.pki.pool}).Handshake(); err == nil {
 		t.Error("the handshake with a 30 KB server name succeeded")

@@ -1078,8 +1078,7 @@ func TestTransparentInspectCountsRequests(t *testing.T) {
 	pool := x509.NewCertPool()
 	pool.AppendCertsFromPEM(caPEM)
 	t.Run("tls", func(t *testing.T) {
-		c := tp.dialFromClient(t, netip.Addr{}, netip.AddrPortFrom(srvV4, 443))
-		c.SetDeadline(time.Now().Add(20 * time.Second))
+		c := tp.dialAtFirstWrite(t, netip.AddrPortFrom(srvV4, 443))
 		inspectedRequests(t, tls.Client(c, &tls.Config{ServerName: "docs.paths.test", RootCAs: pool}), "docs.paths.test")
 		checkInspectedCounts(t, tp.ev, localPort(c), 443, 2)
 	})

@@ -134,7 +134,7 @@ func TestPeekBudget(t *testing.T) {
 				t.Errorf("refused connection's event %+v", ev)
 			}
 			// An ordinary client is served meanwhile.
-			body, err := tp.tlsGet(tp.dialFromClient(t, client2V4, netip.AddrPortFrom(srvV4, 443)), "www.allowed.test", "/ok", nil)
+			body, err := tp.tlsGet(tp.dialAtFirstWriteFrom(t, client2V4, netip.AddrPortFrom(srvV4, 443)), "www.allowed.test", "/ok", nil)
 			if err != nil || !strings.Contains(body, "sni=www.allowed.test") {
 				t.Errorf("another client during the flood of big hellos: %q %v", body, err)
 			}

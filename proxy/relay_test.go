@@ -71,14 +71,14 @@ func TestPrivateRelayProxies(t *testing.T) {
 
 			// Controls: the CIDR rule allows the address, by itself and
 			// under another name.
-			c := tp.dialFromClient(t, netip.Addr{}, netip.AddrPortFrom(srvV4, 443))
+			c := tp.dialAtFirstWrite(t, netip.AddrPortFrom(srvV4, 443))
 			if body, err := tp.tlsGet(c, "api.push.apple.com", "/", insecure.Clone()); err != nil || !strings.Contains(body, "sni=api.push.apple.com") {
 				t.Fatalf("control, another name on the CIDR: %q %v", body, err)
 			}
 			check("control", tp.ev.wait(t, "control", byFlow(c)), policy.Allow, policy.ReasonAllowed, "apple-like")
 
 			for _, name := range []string{policy.PrivateRelayH2, policy.PrivateRelayQUIC, "Mask-H2.iCloud.com"} {
-				c = tp.dialFromClient(t, netip.Addr{}, netip.AddrPortFrom(srvV4, 443))
+				c = tp.dialAtFirstWrite(t, netip.AddrPortFrom(srvV4, 443))
 				body, err := tp.tlsGet(c, name, "/relay", insecure.Clone())
 				if enforce && err == nil {
 					t.Errorf("SNI %s to %s got through: %q", name, srvV4, body)
@@ -94,15 +94,15 @@ func TestPrivateRelayProxies(t *testing.T) {
 			}
 
 			// Plain HTTP to the CIDR's address with the relay's Host.
-			c = tp.dialFromClient(t, netip.Addr{}, netip.AddrPortFrom(srvV4, 80))
-			c.SetDeadline(time.Now().Add(10 * time.Second))
-			io.WriteString(c, "GET / HTTP/1.1\r\nHost: mask-h2.icloud.com\r\nConnection: close\r\n\r\n")
-			got, _ := io.ReadAll(c)
-			c.Close() // the event comes when both sides closed
+			hc := tp.dialFromClient(t, netip.Addr{}, netip.AddrPortFrom(srvV4, 80))
+			hc.SetDeadline(time.Now().Add(10 * time.Second))
+			io.WriteString(hc, "GET / HTTP/1.1\r\nHost: mask-h2.icloud.com\r\nConnection: close\r\n\r\n")
+			got, _ := io.ReadAll(hc)
+			hc.Close() // the event comes when both sides closed
 			if enforce != strings.HasPrefix(string(got), "HTTP/1.1 403") {
 				t.Errorf("Host mask-h2.icloud.com: %q", got)
 			}
-			check("Host", tp.ev.wait(t, "Host", byFlow(c)), policy.Deny, policy.ReasonPrivateRelay, "")
+			check("Host", tp.ev.wait(t, "Host", byFlow(hc)), policy.Deny, policy.ReasonPrivateRelay, "")
 
 			// Explicit proxy: CONNECT and an absolute-form request, which
 			// "*.icloud.com" would allow.
@@ -138,14 +138,14 @@ func TestPrivateRelayNamedProxies(t *testing.T) {
     to: [mask-h2.icloud.com]
     ports: [443/tcp]
 `)
-	c := tp.dialFromClient(t, netip.Addr{}, netip.AddrPortFrom(srvV4, 443))
+	c := tp.dialAtFirstWrite(t, netip.AddrPortFrom(srvV4, 443))
 	if body, err := tp.tlsGet(c, policy.PrivateRelayH2, "/", &tls.Config{InsecureSkipVerify: true}); err != nil || !strings.Contains(body, "sni=mask-h2.icloud.com") {
 		t.Errorf("named relay: %q %v", body, err)
 	}
 	if ev := tp.ev.wait(t, "named relay", byFlow(c)); ev.Verdict != policy.Allow || ev.Rule != "relay" {
 		t.Errorf("named relay: event %+v", ev)
 	}
-	c = tp.dialFromClient(t, netip.Addr{}, netip.AddrPortFrom(srvV4, 443))
+	c = tp.dialAtFirstWrite(t, netip.AddrPortFrom(srvV4, 443))
 	if body, err := tp.tlsGet(c, policy.PrivateRelayQUIC, "/", &tls.Config{InsecureSkipVerify: true}); err == nil {
 		t.Errorf("mask.icloud.com beside a rule naming mask-h2.icloud.com: %q", body)
 	}

@@ -161,7 +161,7 @@ func TestRotatedAnswers(t *testing.T) {
 		{"another client", client2V4, false, ReasonSNIMismatch},
 	} {
 		t.Run(c.what, func(t *testing.T) {
-			conn := tp.dialFromClient(t, c.src, netip.AddrPortFrom(spoofV4, 443))
+			conn := tp.dialAtFirstWriteFrom(t, c.src, netip.AddrPortFrom(spoofV4, 443))
 			body, err := tp.tlsGet(conn, "www.allowed.test", "/rotated", nil)
 			if (err == nil && strings.Contains(body, "path=/rotated")) != c.allow {
 				t.Errorf("%q %v, want allowed %v", body, err, c.allow)
