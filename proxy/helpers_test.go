@@ -505,10 +505,10 @@ func (tp *topo) dialAtFirstWrite(t *testing.T, dest netip.AddrPort) *firstWriteC
 // dialAtFirstWriteFrom is dialAtFirstWrite from a chosen source address
 // (invalid: the default).
 func (tp *topo) dialAtFirstWriteFrom(t *testing.T, src netip.Addr, dest netip.AddrPort) *firstWriteConn {
-	return &firstWriteConn{dial: func() *net.TCPConn {
+	return &firstWriteConn{dial: func() (*net.TCPConn, error) {
 		c := tp.dialFromClient(t, src, dest)
 		c.SetDeadline(time.Now().Add(20 * time.Second))
-		return c
+		return c, nil
 	}}
 }
 
@@ -518,13 +518,17 @@ func (tp *topo) dialAtFirstWriteFrom(t *testing.T, src netip.Addr, dest netip.Ad
 // nothing.
 type firstWriteConn struct {
 	*net.TCPConn
-	dial     func() *net.TCPConn
+	dial     func() (*net.TCPConn, error)
 	deadline time.Time
 }
 
 func (c *firstWriteConn) Write(b []byte) (int, error) {
 	if c.TCPConn == nil {
-		c.TCPConn = c.dial()
+		tc, err := c.dial()
+		if err != nil {
+			return 0, err
+		}
+		c.TCPConn = tc
 		if !c.deadline.IsZero() {
 			c.TCPConn.SetDeadline(c.deadline)
 		}

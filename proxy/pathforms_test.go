@@ -9,6 +9,7 @@ import (
 	"encoding/pem"
 	"fmt"
 	"io"
+	"net"
 	"net/http"
 	"os"
 	"path/filepath"
@@ -287,9 +288,24 @@ func rawGet(ns *testnet.NS, pool *x509.CertPool, explicit, useTLS bool, addr str
 	ctx, cancel := context.WithTimeout(context.Background(), 10*time.Second)
 	defer cancel()
 	authority := fmt.Sprintf("docs.paths.test:%d", port)
-	c, err := ns.DialContext(ctx, "tcp", addr)
-	if err != nil {
-		return "", "", err
+	dial := func() (*net.TCPConn, error) {
+		c, err := ns.DialContext(ctx, "tcp", addr)
+		if err != nil {
+			return nil, err
+		}
+		return c.(*net.TCPConn), nil
+	}
+	var c net.Conn
+	if useTLS && !explicit {
+		// Through the transparent listener: dialed at the ClientHello
+		// (as dialAtFirstWrite), not before its key shares.
+		c = &firstWriteConn{dial: dial}
+	} else {
+		tc, err := dial()
+		if err != nil {
+			return "", "", err
+		}
+		c = tc
 	}
 	defer c.Close()
 	c.SetDeadline(time.Now().Add(10 * time.Second))
