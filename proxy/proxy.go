@@ -428,6 +428,14 @@ func (p *Proxy) trackListener(ln net.Listener) bool {
 	return true
 }
 
+// closing reports whether Close has begun: it sets closed before it
+// closes the listeners, and closes done after them.
+func (p *Proxy) closing() bool {
+	p.mu.Lock()
+	defer p.mu.Unlock()
+	return p.closed
+}
+
 // Serve accepts redirected connections on ln (the transparent listener)
 // until ln fails or the proxy is closed. A test can create ln inside a
 // network namespace.
@@ -445,6 +453,11 @@ func (p *Proxy) Serve(ln net.Listener) error {
 			case <-p.done:
 				return nil
 			default:
+			}
+			if errors.Is(err, net.ErrClosed) && p.closing() {
+				// Close closes the listeners before p.done: an accept
+				// (or a pause's end) in between is the proxy closing.
+				return nil
 			}
 			var ne net.Error
 			if errors.As(err, &ne) && ne.Timeout() || netutil.AcceptRetry(err) {
