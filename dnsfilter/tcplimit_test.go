@@ -164,14 +164,9 @@ func TestTCPAcceptOutOfFDsStops(t *testing.T) {
 	}
 	addr := s.Addrs()[0].String()
 
-	spare, release := testnet.OutOfFDs(t)
-	spare()
-	c, err := net.Dial("tcp", addr) // waits in the queue: accept has no descriptor
-	if err != nil {
-		release()
-		t.Fatalf("dial: %v", err)
-	}
-	defer c.Close()
+	connect := testnet.DialQueued(t, addr) // the socket made while descriptors are free
+	_, release := testnet.OutOfFDs(t)
+	defer connect()() // waits in the queue: accept has no descriptor
 	const warn = "dnsfilter: tcp accept failing: retrying"
 	deadline := time.Now().Add(10 * time.Second)
 	for !strings.Contains(logs.String(), warn) && time.Now().Before(deadline) {

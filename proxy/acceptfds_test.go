@@ -34,14 +34,9 @@ func TestServeOutOfFDsStops(t *testing.T) {
 	done := make(chan error, 1)
 	go func() { done <- p.Serve(ln) }()
 
-	spare, release := testnet.OutOfFDs(t)
-	spare()
-	c, err := net.Dial("tcp", ln.Addr().String()) // waits in the queue: accept has no descriptor
-	if err != nil {
-		release()
-		t.Fatalf("dial: %v", err)
-	}
-	defer c.Close()
+	connect := testnet.DialQueued(t, ln.Addr().String()) // the socket made while descriptors are free
+	_, release := testnet.OutOfFDs(t)
+	defer connect()() // waits in the queue: accept has no descriptor
 	const warn = "proxy: accept failing: retrying"
 	seen := func() bool { return strings.Contains(strings.Join(logs.lines(), "\n"), warn) }
 	deadline := time.Now().Add(10 * time.Second)

@@ -1,6 +1,7 @@
 package testnet
 
 import (
+	"net/netip"
 	"os"
 	"syscall"
 	"testing"
@@ -61,4 +62,36 @@ func OutOfFDs(t testing.TB) (spare, release func()) {
 		}
 	}
 	return spare, release
+}
+
+// DialQueued connects a TCP socket to addr (an IPv4 address and port)
+// that was made before OutOfFDs ran out the descriptors: connect needs
+// none, so the connection waits in the listener's accept queue whatever
+// else in the test process took a freed descriptor meanwhile (spare's one
+// could be taken by another goroutine first). Call the returned func
+// first, before OutOfFDs; it connects and returns the socket's closer.
+func DialQueued(t testing.TB, addr string) (connect func() (closeSocket func())) {
+	t.Helper()
+	ap, err := netip.ParseAddrPort(addr)
+	if err != nil || !ap.Addr().Is4() {
+		t.Fatalf("testnet: DialQueued %q: an IPv4 address and port", addr)
+	}
+	fd, err := syscall.Socket(syscall.AF_INET, syscall.SOCK_STREAM|syscall.SOCK_CLOEXEC, 0)
+	if err != nil {
+		t.Fatalf("testnet: socket: %v", err)
+	}
+	closed := false
+	closeFn := func() {
+		if !closed {
+			closed = true
+			syscall.Close(fd)
+		}
+	}
+	t.Cleanup(closeFn)
+	return func() func() {
+		if err := syscall.Connect(fd, &syscall.SockaddrInet4{Port: int(ap.Port()), Addr: ap.Addr().As4()}); err != nil {
+			t.Fatalf("testnet: connect %s: %v", addr, err)
+		}
+		return closeFn
+	}
 }
