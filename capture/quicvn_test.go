@@ -85,6 +85,28 @@ func TestQUICNewAttempt(t *testing.T) {
 			{false, retryPacket(dcid2, token)},
 			{true, clientInitialV(t, quicV1, dcid2, token, 0, 0, hello)},
 		}, policy.ReasonAllowed},
+		// The server's Retry came after the first of the hello's two
+		// Initials: the client sends the whole hello again to the new
+		// DCID, split elsewhere (the token takes room). e2e TestHTTP3
+		// met it with an ML-KEM hello (session 29's final CI).
+		{"retry after the first of two Initials, the whole hello again", []dgram{
+			{true, clientInitialV(t, quicV1, dcid1, nil, 0, 0, hello[:20])},
+			{false, retryPacket(dcid2, token)},
+			{true, clientInitialV(t, quicV1, dcid2, token, 1, 0, hello[:15])},
+			{true, clientInitialV(t, quicV1, dcid2, token, 2, 15, hello[15:])},
+		}, policy.ReasonAllowed},
+		{"retry after the first of two Initials, the first's rest sent late", []dgram{
+			{true, clientInitialV(t, quicV1, dcid1, nil, 0, 0, hello[:20])},
+			{false, retryPacket(dcid2, token)},
+			{true, clientInitialV(t, quicV1, dcid1, nil, 1, 20, hello[20:])},
+			{true, clientInitialV(t, quicV1, dcid2, token, 2, 0, hello[:15])},
+			{true, clientInitialV(t, quicV1, dcid2, token, 3, 15, hello[15:])},
+		}, policy.ReasonAllowed},
+		{"retry after the first of two Initials, another name in the hello again", []dgram{
+			{true, clientInitialV(t, quicV1, dcid1, nil, 0, 0, hello[:len(hello)-4])},
+			{false, retryPacket(dcid2, token)},
+			{true, clientInitialV(t, quicV1, dcid2, token, 1, 0, denied)},
+		}, ReasonStreamConflict},
 		// One client socket, many connections (quic-go's Transport, an
 		// HTTP/3 client's pool, a 0-RTT resumption): each new DCID
 		// carries a new hello of the same name (e2e TestHTTP3).
