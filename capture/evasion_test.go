@@ -398,7 +398,16 @@ func clientInitial(t *testing.T, dcid []byte, pn uint32, off int, data []byte) [
 // token (a Retry's, RFC 9000 §17.2.5.2).
 func clientInitialV(t *testing.T, version uint32, dcid, token []byte, pn uint32, off int, data []byte) []byte {
 	t.Helper()
-	k, err := initialKeys(version, dcid)
+	return clientInitialKeyed(t, version, dcid, dcid, token, pn, off, data)
+}
+
+// clientInitialKeyed is clientInitialV sealed with the keys of keyDCID,
+// sent to dcid: a client's later Initial to the server's chosen DCID
+// (RFC 9001 §5.2: the keys stay those of its first DCID, or after a
+// Retry of the Retry's).
+func clientInitialKeyed(t *testing.T, version uint32, keyDCID, dcid, token []byte, pn uint32, off int, data []byte) []byte {
+	t.Helper()
+	k, err := initialKeys(version, keyDCID)
 	if err != nil {
 		t.Fatal(err)
 	}

@@ -1748,8 +1748,10 @@ type sentHead struct {
 	last  byte   // its last byte, once released
 	// keys: QUIC, the Initial keys of the connection it was read from
 	// (its version and first DCID): the flow's first, or a later
-	// connection's from the same port (quicAttempt).
+	// connection's from the same port (quicAttempt); more, the keys of
+	// other DCIDs it was read under too (after a Retry: quicOpener.more).
 	keys *quicKeys
+	more []*quicKeys
 }
 
 // digest replaces h's bytes with their length and digest (see differs).
@@ -1867,7 +1869,7 @@ func (p *proc) watchSent(f *flow, s *stream, q *quicOpener) {
 	}
 	f.sent = append(f.sent[:0], sentHead{seq: f.base[0], data: s.buf, at: p.now, out: f.bytes[0]})
 	if q != nil && q.keys != nil {
-		f.sent[0].keys = q.keys
+		f.sent[0].keys, f.sent[0].more = q.keys, q.more
 	}
 	p.charge(f)
 }
@@ -1892,15 +1894,20 @@ func (p *proc) quicWatch(f *flow, payload []byte) {
 		return
 	}
 	var h *sentHead
+	var hk *quicKeys
 	for i := range f.sent {
 		if k := f.sent[i].keys; k != nil && k.is(v, dcid) {
-			h = &f.sent[i]
+			h, hk = &f.sent[i], k
 		}
 	}
 	for i := 0; h == nil && i < len(f.sent); i++ {
-		if k := f.sent[i].keys; k != nil && k.version == v {
-			if n, _ := f.quic.openWith(k, payload, func(uint64, []byte) {}); n > 0 {
-				h = &f.sent[i]
+		for _, k := range append([]*quicKeys{f.sent[i].keys}, f.sent[i].more...) {
+			if k == nil || k.version != v {
+				continue
+			}
+			if f.quic.opens(k, payload) {
+				h, hk = &f.sent[i], k
+				break
 			}
 		}
 	}
@@ -1909,7 +1916,7 @@ func (p *proc) quicWatch(f *flow, payload []byte) {
 		return
 	}
 	conflict := false
-	n, _ := f.quic.openWith(h.keys, payload, func(off uint64, data []byte) {
+	n, _ := f.quic.openWith(hk, payload, func(off uint64, data []byte) {
 		conflict = conflict || off < maxStream && h.differs(uint32(off), data)
 	})
 	p.stats.quicOpened.Add(uint64(n))
@@ -1936,17 +1943,21 @@ const maxQUICAttempts = 4
 // allowed.
 func (p *proc) quicAttempt(f *flow, v uint32, dcid, payload []byte) {
 	q := f.quic
+	// The unfinished attempt's keys open its Initials, to its first DCID
+	// or to the server's chosen one (RFC 9001 §5.2); any other Initial
+	// is another attempt's.
 	k := q.nextKeys
-	if q.next == nil || !k.is(v, dcid) {
+	if q.next == nil || k.version != v || !q.opens(k, payload) {
 		var err error
 		if k, err = initialKeys(v, dcid); err != nil {
 			return
 		}
-	}
-	if n, _ := q.openWith(k, payload, func(uint64, []byte) {}); n == 0 {
-		// No client Initial of its DCID (a Handshake or 0-RTT packet,
-		// one that does not open): no server reads a hello from it.
-		return
+		if !q.opens(k, payload) {
+			// No client Initial of its DCID (a Handshake or 0-RTT
+			// packet, one that does not open): no server reads a
+			// hello from it.
+			return
+		}
 	}
 	if k != q.nextKeys {
 		if q.next == nil && len(f.sent) >= maxQUICAttempts {

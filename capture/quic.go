@@ -142,9 +142,14 @@ func quicType(b0 byte, v uint32) int {
 
 // quicOpener opens client Initial packets of one flow. keys caches the keys
 // of the flow's first Initial: later client Initials may carry another DCID
-// (the server's choice) but keep the original keys.
+// (the server's choice) but keep the original keys. more caches the keys
+// of each other DCID an Initial of the flow opened under, a few at most:
+// after a Retry the client's Initials to the server's chosen DCID keep the
+// keys of the Retry's DCID (RFC 9001 §5.2), and the server may choose its
+// DCID before the client sent all of the hello again.
 type quicOpener struct {
 	keys *quicKeys
+	more []*quicKeys
 	buf  []byte // scratch for the decrypted packet
 
 	established bool           // a client Initial opened: the flow's direction is known
@@ -171,6 +176,12 @@ func (o *quicOpener) openWith(k *quicKeys, dgram []byte, crypto func(off uint64,
 	return o.open(dgram, crypto)
 }
 
+// opens reports whether k opens a client Initial of dgram (openWith).
+func (o *quicOpener) opens(k *quicKeys, dgram []byte) bool {
+	n, _ := o.openWith(k, dgram, func(uint64, []byte) {})
+	return n > 0
+}
+
 // firstDCID returns the DCID of the first packet of dgram, a long-header
 // datagram, and false where the header is too short for one.
 func firstDCID(dgram []byte) ([]byte, bool) {
@@ -187,6 +198,9 @@ func (k *quicKeys) is(v uint32, dcid []byte) bool {
 
 // maxQUICPending bounds the Initials kept while no Initial has opened.
 const maxQUICPending = 4
+
+// maxQUICKeys bounds quicOpener.more.
+const maxQUICKeys = 4
 
 type pendingDgram struct {
 	dir  int
@@ -291,6 +305,11 @@ func (o *quicOpener) openOne(pkt []byte, pnOff int, v uint32, dcid []byte, crypt
 	if !ok && o.noDerive {
 		return errQUICOpen
 	}
+	for i := 0; !ok && i < len(o.more); i++ {
+		if o.more[i].version == v {
+			plain, ok = try(o.more[i])
+		}
+	}
 	if !ok {
 		k, err := initialKeys(v, dcid)
 		if err != nil {
@@ -301,6 +320,8 @@ func (o *quicOpener) openOne(pkt []byte, pnOff int, v uint32, dcid []byte, crypt
 		}
 		if o.keys == nil {
 			o.keys = k
+		} else if len(o.more) < maxQUICKeys {
+			o.more = append(o.more, k)
 		}
 	}
 	return quicFrames(plain, crypto)

@@ -5,6 +5,7 @@ import (
 	"net/netip"
 	"testing"
 
+	"egressd/audit"
 	"egressd/policy"
 )
 
@@ -43,6 +44,7 @@ func TestQUICNewAttempt(t *testing.T) {
 	again[10] ^= 0xff // a new hello: another random
 	denied := handHello(sniExt(realName))[5:]
 	dcid1, dcid2 := []byte{1, 2, 3, 4, 5, 6, 7, 8}, []byte{9, 9, 9, 9, 9, 9, 9, 9}
+	dcid3 := []byte{7, 7, 7, 7} // the server's chosen connection ID
 	token := []byte("a retry token")
 	type dgram struct {
 		fromClient bool
@@ -102,6 +104,52 @@ func TestQUICNewAttempt(t *testing.T) {
 			{true, clientInitialV(t, quicV1, dcid2, token, 2, 0, hello[:15])},
 			{true, clientInitialV(t, quicV1, dcid2, token, 3, 15, hello[15:])},
 		}, policy.ReasonAllowed},
+		// The server answered the client's first Initial after the
+		// Retry before its second: the client's later Initials go to
+		// the server's chosen DCID, still under the Retry's keys
+		// (RFC 9001 §5.2). quic-go's chaos protection sends a hello's
+		// CRYPTO data out of order, so the first after the Retry may
+		// carry only part of it. Before session 30 capture opened them
+		// with the keys of the flow's first DCID or their own only: the
+		// hello never completed and the flow was decided by address
+		// (e2e TestHTTP3, "allowed, Retry": dns-learned).
+		{"retry after the first of two Initials, the rest to the server's DCID under the Retry's keys", []dgram{
+			{true, clientInitialV(t, quicV1, dcid1, nil, 0, 0, hello[:20])},
+			{false, retryPacket(dcid2, token)},
+			{true, clientInitialV(t, quicV1, dcid2, token, 1, 15, hello[15:30])},
+			{true, clientInitialKeyed(t, quicV1, dcid2, dcid3, token, 2, 0, hello[:15])},
+			{true, clientInitialKeyed(t, quicV1, dcid2, dcid3, token, 3, 30, hello[30:])},
+		}, policy.ReasonAllowed},
+		{"retry after the first of two Initials, the rest to the server's DCID, then a different copy there", []dgram{
+			{true, clientInitialV(t, quicV1, dcid1, nil, 0, 0, hello[:20])},
+			{false, retryPacket(dcid2, token)},
+			{true, clientInitialV(t, quicV1, dcid2, token, 1, 15, hello[15:30])},
+			{true, clientInitialKeyed(t, quicV1, dcid2, dcid3, token, 2, 0, hello[:15])},
+			{true, clientInitialKeyed(t, quicV1, dcid2, dcid3, token, 3, 30, hello[30:])},
+			{true, clientInitialKeyed(t, quicV1, dcid2, dcid3, token, 4, 0, denied)},
+		}, ReasonStreamConflict},
+		{"retry after the first of two Initials, another name to the server's DCID under the Retry's keys", []dgram{
+			{true, clientInitialV(t, quicV1, dcid1, nil, 0, 0, hello[:len(hello)-4])},
+			{false, retryPacket(dcid2, token)},
+			{true, clientInitialV(t, quicV1, dcid2, token, 1, 0, hello[:15])},
+			{true, clientInitialKeyed(t, quicV1, dcid2, dcid3, token, 2, 0, denied)},
+		}, ReasonStreamConflict},
+		// The Retry after the whole hello (decided): the client's hello
+		// again, to the Retry's DCID and then to the server's.
+		{"retry after the decision, the hello again in two Initials, the second to the server's DCID", []dgram{
+			{true, clientInitialV(t, quicV1, dcid1, nil, 0, 0, hello)},
+			{false, retryPacket(dcid2, token)},
+			{true, clientInitialV(t, quicV1, dcid2, token, 1, 0, hello[:15])},
+			{true, clientInitialKeyed(t, quicV1, dcid2, dcid3, token, 2, 15, hello[15:])},
+			{true, clientInitialKeyed(t, quicV1, dcid2, dcid3, token, 3, 0, hello)},
+		}, policy.ReasonAllowed},
+		{"retry after the decision, the hello again in two Initials, then a different copy to the server's DCID", []dgram{
+			{true, clientInitialV(t, quicV1, dcid1, nil, 0, 0, hello)},
+			{false, retryPacket(dcid2, token)},
+			{true, clientInitialV(t, quicV1, dcid2, token, 1, 0, hello[:15])},
+			{true, clientInitialKeyed(t, quicV1, dcid2, dcid3, token, 2, 15, hello[15:])},
+			{true, clientInitialKeyed(t, quicV1, dcid2, dcid3, token, 3, 0, denied)},
+		}, ReasonStreamConflict},
 		{"retry after the first of two Initials, another name in the hello again", []dgram{
 			{true, clientInitialV(t, quicV1, dcid1, nil, 0, 0, hello[:len(hello)-4])},
 			{false, retryPacket(dcid2, token)},
@@ -146,8 +194,14 @@ func TestQUICNewAttempt(t *testing.T) {
 	r := synthRun(t, p.close(), testPolicy, factsMap{srv: {decoyName}}, Config{})
 	got := eventsByPort(r.events)
 	for i, c := range cases {
-		if ev := got[uint16(47000+i)]; ev.Reason != c.reason || ev.Proto != "udp" {
+		ev := got[uint16(47000+i)]
+		if ev.Reason != c.reason || ev.Proto != "udp" {
 			t.Errorf("%s: %+v, want %s", c.what, ev, c.reason)
+		}
+		// An allowed flow is decided on its hello, not by address (the
+		// server's address has the name too: factsMap).
+		if c.reason == policy.ReasonAllowed && (ev.NameSource != audit.NameQUIC || ev.Name != decoyName) {
+			t.Errorf("%s: named %q (%s), want %q from the QUIC SNI", c.what, ev.Name, ev.NameSource, decoyName)
 		}
 	}
 }
