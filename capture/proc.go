@@ -1934,11 +1934,14 @@ const maxQUICAttempts = 4
 // quicAttempt reads the hello of a client Initial of f, in version v to
 // dcid, that no kept hello's keys open (quicWatch): a new attempt, whose
 // server reads that hello. Capture reads it whole: one that names the
-// host f was decided on (so is decided the same) is kept and watched as
-// the first is, which stays watched too (a server of the first may still
-// read a copy of it); any other (another name, one that does not parse,
-// one more than maxQUICAttempts within heldWait, a second unfinished
-// attempt, a copy that conflicts) is a stream-conflict: which hello a
+// host f was decided on (so is decided the same), or another the policy
+// allows by its name (nameAllowed: a second connection of one socket to
+// another allowed host at the same address), is kept and watched as the
+// first is, which stays watched too (a server of the first may still
+// read a copy of it); any other (a name the policy does not allow by
+// itself, one that does not parse, one more than maxQUICAttempts within
+// heldWait, a second unfinished attempt, a copy that conflicts) is a
+// stream-conflict: which hello a
 // server read is not known, and a decoy must not make a denied name look
 // allowed.
 func (p *proc) quicAttempt(f *flow, v uint32, dcid, payload []byte) {
@@ -1990,13 +1993,33 @@ func (p *proc) quicAttempt(f *flow, v uint32, dcid, payload []byte) {
 		p.sentDeny(f)
 	case err == nil:
 		h, err := tlshello.Parse(s.buf[:m])
-		if err != nil || h.DupSNI || h.SNI != f.name || f.name == "" && f.nameSrc != audit.NameNoSNI {
+		if err != nil || h.DupSNI || f.name == "" && f.nameSrc != audit.NameNoSNI || h.SNI != f.name && !p.nameAllowed(f, h.SNI) {
 			p.sentDeny(f)
 			return
 		}
 		f.sent = append(f.sent, sentHead{data: s.buf, at: p.now, keys: q.nextKeys})
 		q.next, q.nextKeys = nil, nil
 	}
+}
+
+// nameAllowed reports whether the policy allows name itself, as the
+// proxy decides a hello's name (decideIn: the guard, the address vouched
+// for), to f's client, address and port: a new QUIC connection on f's
+// addresses and ports (quicAttempt) may name another host than f's first,
+// where that is no decoy. A UDP flow is decided by its address, for
+// either connection the same; the name is what the record shows, and a
+// first hello that names an allowed host must not hide a second that
+// names one the policy does not allow.
+func (p *proc) nameAllowed(f *flow, name string) bool {
+	n, ok := policy.NormalizeName(name)
+	if !ok || !tlshello.Named(name) {
+		return false
+	}
+	eng := p.c.deps.Policy.Load()
+	in := p.flowInput(f, "")
+	in.ClientMAC, in.Name = p.lanMAC(eng, f), n
+	d := p.special(eng, in, eng.Decide(in), true)
+	return d.Allowed() && p.vouched(eng, in, d)
 }
 
 // watchHead keeps head, a later request head of f at sequence number seq

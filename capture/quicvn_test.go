@@ -43,6 +43,7 @@ func TestQUICNewAttempt(t *testing.T) {
 	again := bytes.Clone(hello)
 	again[10] ^= 0xff // a new hello: another random
 	denied := handHello(sniExt(realName))[5:]
+	other := handHello(sniExt("b.allowed.test"))[5:] // allowed by testPolicy's rule too
 	dcid1, dcid2 := []byte{1, 2, 3, 4, 5, 6, 7, 8}, []byte{9, 9, 9, 9, 9, 9, 9, 9}
 	dcid3 := []byte{7, 7, 7, 7} // the server's chosen connection ID
 	token := []byte("a retry token")
@@ -170,6 +171,27 @@ func TestQUICNewAttempt(t *testing.T) {
 			{true, clientInitialV(t, quicV1, []byte{4, 4, 4, 4}, nil, 0, 0, again)},
 			{true, clientInitialV(t, quicV1, []byte{5, 5, 5, 5, 5, 5, 5, 5}, nil, 0, 0, hello)},
 		}, ReasonStreamConflict}, // past maxQUICAttempts within heldWait
+		// Two connections from one socket to two names the policy
+		// allows by name, at one server address (quic-go's shared
+		// Transport; a CDN): the second is a connection of its own,
+		// decided the same (UDP is forwarded by address), and its
+		// name is allowed on its own. Before session 30 (H4) it was
+		// stream-conflict. The first hello's name is recorded.
+		{"a new connection from the same port naming another allowed host", []dgram{
+			{true, clientInitialV(t, quicV1, dcid1, nil, 0, 0, hello)},
+			{true, clientInitialV(t, quicV1, dcid2, nil, 0, 0, other[:20])},
+			{true, clientInitialV(t, quicV1, dcid2, nil, 1, 20, other[20:])},
+		}, policy.ReasonAllowed},
+		{"a new connection naming another allowed host, then a different copy of its hello", []dgram{
+			{true, clientInitialV(t, quicV1, dcid1, nil, 0, 0, hello)},
+			{true, clientInitialV(t, quicV1, dcid2, nil, 0, 0, other)},
+			{true, clientInitialKeyed(t, quicV1, dcid2, dcid3, nil, 1, 0, denied)},
+		}, ReasonStreamConflict},
+		{"a new connection naming another allowed host, then one naming a host no rule names", []dgram{
+			{true, clientInitialV(t, quicV1, dcid1, nil, 0, 0, hello)},
+			{true, clientInitialV(t, quicV1, dcid2, nil, 0, 0, other)},
+			{true, clientInitialV(t, quicV1, []byte{3, 3, 3, 3}, nil, 0, 0, denied)},
+		}, ReasonStreamConflict},
 		{"a new connection naming another host", []dgram{
 			{true, clientInitialV(t, quicV1, dcid1, nil, 0, 0, hello)},
 			{true, clientInitialV(t, quicV1, dcid2, nil, 0, 0, denied)},
