@@ -3,6 +3,7 @@ package capture
 import (
 	"bytes"
 	"net/netip"
+	"slices"
 	"testing"
 
 	"egressd/audit"
@@ -50,6 +51,36 @@ func TestQUICNewAttempt(t *testing.T) {
 	type dgram struct {
 		fromClient bool
 		b          []byte
+	}
+	// newConn: the hello, then a new connection's second, in two Initials.
+	newConn := func(second []byte) []dgram {
+		return []dgram{
+			{true, clientInitialV(t, quicV1, dcid1, nil, 0, 0, hello)},
+			{true, clientInitialV(t, quicV1, dcid2, nil, 0, 0, second[:20])},
+			{true, clientInitialV(t, quicV1, dcid2, nil, 1, 20, second[20:])},
+		}
+	}
+	// retryRest: the Retry after the first of the hello's Initials; the
+	// client's first Initial after it carries part of the hello, the
+	// others go to the server's chosen DCID, sealed with the Retry's keys.
+	retryRest := []dgram{
+		{true, clientInitialV(t, quicV1, dcid1, nil, 0, 0, hello[:20])},
+		{false, retryPacket(dcid2, token)},
+		{true, clientInitialV(t, quicV1, dcid2, token, 1, 15, hello[15:30])},
+		{true, clientInitialKeyed(t, quicV1, dcid2, dcid3, token, 2, 0, hello[:15])},
+		{true, clientInitialKeyed(t, quicV1, dcid2, dcid3, token, 3, 30, hello[30:])},
+	}
+	// retryAfter: the Retry after the whole hello (decided), the hello
+	// again, to the Retry's DCID and then to the server's, and last
+	// there.
+	retryAfter := func(last []byte) []dgram {
+		return []dgram{
+			{true, clientInitialV(t, quicV1, dcid1, nil, 0, 0, hello)},
+			{false, retryPacket(dcid2, token)},
+			{true, clientInitialV(t, quicV1, dcid2, token, 1, 0, hello[:15])},
+			{true, clientInitialKeyed(t, quicV1, dcid2, dcid3, token, 2, 15, hello[15:])},
+			{true, clientInitialKeyed(t, quicV1, dcid2, dcid3, token, 3, 0, last)},
+		}
 	}
 	cases := []struct {
 		what   string
@@ -114,21 +145,9 @@ func TestQUICNewAttempt(t *testing.T) {
 		// with the keys of the flow's first DCID or their own only: the
 		// hello never completed and the flow was decided by address
 		// (e2e TestHTTP3, "allowed, Retry": dns-learned).
-		{"retry after the first of two Initials, the rest to the server's DCID under the Retry's keys", []dgram{
-			{true, clientInitialV(t, quicV1, dcid1, nil, 0, 0, hello[:20])},
-			{false, retryPacket(dcid2, token)},
-			{true, clientInitialV(t, quicV1, dcid2, token, 1, 15, hello[15:30])},
-			{true, clientInitialKeyed(t, quicV1, dcid2, dcid3, token, 2, 0, hello[:15])},
-			{true, clientInitialKeyed(t, quicV1, dcid2, dcid3, token, 3, 30, hello[30:])},
-		}, policy.ReasonAllowed},
-		{"retry after the first of two Initials, the rest to the server's DCID, then a different copy there", []dgram{
-			{true, clientInitialV(t, quicV1, dcid1, nil, 0, 0, hello[:20])},
-			{false, retryPacket(dcid2, token)},
-			{true, clientInitialV(t, quicV1, dcid2, token, 1, 15, hello[15:30])},
-			{true, clientInitialKeyed(t, quicV1, dcid2, dcid3, token, 2, 0, hello[:15])},
-			{true, clientInitialKeyed(t, quicV1, dcid2, dcid3, token, 3, 30, hello[30:])},
-			{true, clientInitialKeyed(t, quicV1, dcid2, dcid3, token, 4, 0, denied)},
-		}, ReasonStreamConflict},
+		{"retry after the first of two Initials, the rest to the server's DCID under the Retry's keys", retryRest, policy.ReasonAllowed},
+		{"retry after the first of two Initials, the rest to the server's DCID, then a different copy there",
+			append(slices.Clone(retryRest), dgram{true, clientInitialKeyed(t, quicV1, dcid2, dcid3, token, 4, 0, denied)}), ReasonStreamConflict},
 		{"retry after the first of two Initials, another name to the server's DCID under the Retry's keys", []dgram{
 			{true, clientInitialV(t, quicV1, dcid1, nil, 0, 0, hello[:len(hello)-4])},
 			{false, retryPacket(dcid2, token)},
@@ -137,20 +156,8 @@ func TestQUICNewAttempt(t *testing.T) {
 		}, ReasonStreamConflict},
 		// The Retry after the whole hello (decided): the client's hello
 		// again, to the Retry's DCID and then to the server's.
-		{"retry after the decision, the hello again in two Initials, the second to the server's DCID", []dgram{
-			{true, clientInitialV(t, quicV1, dcid1, nil, 0, 0, hello)},
-			{false, retryPacket(dcid2, token)},
-			{true, clientInitialV(t, quicV1, dcid2, token, 1, 0, hello[:15])},
-			{true, clientInitialKeyed(t, quicV1, dcid2, dcid3, token, 2, 15, hello[15:])},
-			{true, clientInitialKeyed(t, quicV1, dcid2, dcid3, token, 3, 0, hello)},
-		}, policy.ReasonAllowed},
-		{"retry after the decision, the hello again in two Initials, then a different copy to the server's DCID", []dgram{
-			{true, clientInitialV(t, quicV1, dcid1, nil, 0, 0, hello)},
-			{false, retryPacket(dcid2, token)},
-			{true, clientInitialV(t, quicV1, dcid2, token, 1, 0, hello[:15])},
-			{true, clientInitialKeyed(t, quicV1, dcid2, dcid3, token, 2, 15, hello[15:])},
-			{true, clientInitialKeyed(t, quicV1, dcid2, dcid3, token, 3, 0, denied)},
-		}, ReasonStreamConflict},
+		{"retry after the decision, the hello again in two Initials, the second to the server's DCID", retryAfter(hello), policy.ReasonAllowed},
+		{"retry after the decision, the hello again in two Initials, then a different copy to the server's DCID", retryAfter(denied), ReasonStreamConflict},
 		{"retry after the first of two Initials, another name in the hello again", []dgram{
 			{true, clientInitialV(t, quicV1, dcid1, nil, 0, 0, hello[:len(hello)-4])},
 			{false, retryPacket(dcid2, token)},
@@ -159,11 +166,7 @@ func TestQUICNewAttempt(t *testing.T) {
 		// One client socket, many connections (quic-go's Transport, an
 		// HTTP/3 client's pool, a 0-RTT resumption): each new DCID
 		// carries a new hello of the same name (e2e TestHTTP3).
-		{"a new connection from the same port: a new DCID, a new hello of the same name", []dgram{
-			{true, clientInitialV(t, quicV1, dcid1, nil, 0, 0, hello)},
-			{true, clientInitialV(t, quicV1, dcid2, nil, 0, 0, again[:20])},
-			{true, clientInitialV(t, quicV1, dcid2, nil, 1, 20, again[20:])},
-		}, policy.ReasonAllowed},
+		{"a new connection from the same port: a new DCID, a new hello of the same name", newConn(again), policy.ReasonAllowed},
 		{"five connections from the same port, each a new hello of the same name", []dgram{
 			{true, clientInitialV(t, quicV1, dcid1, nil, 0, 0, hello)},
 			{true, clientInitialV(t, quicV1, dcid2, nil, 0, 0, again)},
@@ -177,11 +180,7 @@ func TestQUICNewAttempt(t *testing.T) {
 		// decided the same (UDP is forwarded by address), and its
 		// name is allowed on its own. Before session 30 (H4) it was
 		// stream-conflict. The first hello's name is recorded.
-		{"a new connection from the same port naming another allowed host", []dgram{
-			{true, clientInitialV(t, quicV1, dcid1, nil, 0, 0, hello)},
-			{true, clientInitialV(t, quicV1, dcid2, nil, 0, 0, other[:20])},
-			{true, clientInitialV(t, quicV1, dcid2, nil, 1, 20, other[20:])},
-		}, policy.ReasonAllowed},
+		{"a new connection from the same port naming another allowed host", newConn(other), policy.ReasonAllowed},
 		{"a new connection naming another allowed host, then a different copy of its hello", []dgram{
 			{true, clientInitialV(t, quicV1, dcid1, nil, 0, 0, hello)},
 			{true, clientInitialV(t, quicV1, dcid2, nil, 0, 0, other)},
