@@ -1,0 +1,181 @@
+package main
+
+import (
+	"context"
+	"errors"
+	"net"
+	"net/netip"
+	"slices"
+	"testing"
+	"time"
+
+	"github.com/miekg/dns"
+
+	"egressd/dnsfilter"
+	"egressd/firewall"
+	"egressd/internal/testnet"
+	"egressd/policy"
+)
+
+// TestSetFullAnswer: in enforce mode a rule's learned set full of live
+// addresses refused the address of a new answer, and the forwarder still
+// gave the client that address: a DNS success, then a silent timeout, as
+// the firewall dropped the client's packets to it. The client now gets
+// SERVFAIL for a name none of whose addresses the firewall took, and an
+// answer with only the learned addresses when some were; what it gets it
+// can reach.
+//
+//	client eth0 198.18.1.2 ── lan0 198.18.1.1 gateway (firewall) wan0 198.18.2.1 ── eth0 198.18.2.x server
+func TestSetFullAnswer(t *testing.T) {
+	testnet.RequireRoot(t)
+	client, gw, server := testnet.New(t, "n1c"), testnet.New(t, "n1g"), testnet.New(t, "n1s")
+	testnet.Link(t, client, "eth0", []string{"198.18.1.2/24"}, gw, "lan0", []string{"198.18.1.1/24"})
+	testnet.Link(t, gw, "wan0", []string{"198.18.2.1/24"}, server, "eth0", []string{"198.18.2.2/24", "198.18.2.10/24", "198.18.2.11/24"})
+	client.MustRun("ip", "route", "add", "default", "via", "198.18.1.1")
+	server.MustRun("ip", "route", "add", "198.18.1.0/24", "via", "198.18.2.1")
+	gw.MustRun("sysctl", "-qw", "net.ipv4.ip_forward=1")
+	for _, a := range []string{"198.18.2.2:123", "198.18.2.10:123"} {
+		pc, err := server.ListenPacket("udp", a)
+		if err != nil {
+			t.Fatal(err)
+		}
+		t.Cleanup(func() { pc.Close() })
+		go func() {
+			buf := make([]byte, 1500)
+			for {
+				n, from, err := pc.ReadFrom(buf)
+				if err != nil {
+					return
+				}
+				pc.WriteTo(buf[:n], from)
+			}
+		}()
+	}
+
+	eng, err := policy.Compile("p.yaml", []byte("version: 1\nmode: enforce\nrules:\n  - {name: ntp, to: [ntp.test, pool.test], ports: [123/udp]}\n"))
+	if err != nil {
+		t.Fatal(err)
+	}
+	fw, err := firewall.New(firewall.Config{NetNS: "/var/run/netns/" + gw.Name, LANs: []string{"lan0"}, WAN: "wan0", ProxyPort: 3129, DNSPort: 53, MaxLearned: 2}, firewall.Deps{})
+	if err != nil {
+		t.Fatal(err)
+	}
+	t.Cleanup(func() { fw.Close() })
+	if err := fw.Install(eng); err != nil {
+		t.Fatal(err)
+	}
+	// The set full of live addresses: 198.18.2.10 (an answer of a while
+	// ago) and 198.18.2.11.
+	for _, a := range []string{"198.18.2.10", "198.18.2.11"} {
+		if err := fw.Learn("ntp", netip.MustParseAddr(a), 10*time.Minute); err != nil {
+			t.Fatal(err)
+		}
+	}
+	if err := fw.Learn("ntp", netip.MustParseAddr("198.18.2.12"), 10*time.Minute); !errors.Is(err, firewall.ErrSetFull) {
+		t.Fatalf("a third address into a set of 2: %v, want ErrSetFull", err)
+	}
+
+	up := setFullUpstream(t, map[string][]string{"ntp.test.": {"198.18.2.2"}, "pool.test.": {"198.18.2.2", "198.18.2.10"}})
+	g := &firewallGate{}
+	g.fw.Store(fw)
+	s, err := dnsfilter.New(dnsfilter.Config{Listen: []string{"127.0.0.1:0"}, Upstreams: []string{up}, ClientRate: -1, AllowPrivateAnswers: true},
+		dnsfilter.Deps{Policy: policy.NewStore(eng), Firewall: g})
+	if err != nil {
+		t.Fatal(err)
+	}
+	done := make(chan error, 1)
+	go func() { done <- s.Run(context.Background()) }()
+	<-s.Ready()
+	t.Cleanup(func() { s.Close(); <-done })
+	dnsAddr := s.Addrs()[0].String()
+
+	reach := func(a netip.Addr) bool {
+		ctx, cancel := context.WithTimeout(context.Background(), 2*time.Second)
+		defer cancel()
+		c, err := client.DialContext(ctx, "udp", netip.AddrPortFrom(a, 123).String())
+		if err != nil {
+			t.Fatal(err)
+		}
+		defer c.Close()
+		c.SetDeadline(time.Now().Add(time.Second))
+		if _, err := c.Write([]byte("ping")); err != nil {
+			return false
+		}
+		_, err = c.Read(make([]byte, 64))
+		return err == nil
+	}
+	// The path works for an address the set holds: what is dropped below
+	// is dropped by the full set.
+	if !reach(netip.MustParseAddr("198.18.2.10")) {
+		t.Fatal("198.18.2.10, in the set: no echo; the topology does not forward")
+	}
+
+	// ntp.test's only address: refused by the full set.
+	r := setFullAsk(t, dnsAddr, "ntp.test.")
+	got := setFullAddrs(r)
+	for _, a := range got {
+		if !reach(a) {
+			t.Errorf("ntp.test: the client got %s (rcode %s) and its packets to it are dropped", a, dns.RcodeToString[r.Rcode])
+		}
+	}
+	if r.Rcode != dns.RcodeServerFailure || len(got) != 0 {
+		t.Errorf("ntp.test with the set full: rcode %s, addresses %v; want SERVFAIL and none", dns.RcodeToString[r.Rcode], got)
+	}
+
+	// pool.test: one address in the set already, one refused.
+	r = setFullAsk(t, dnsAddr, "pool.test.")
+	got = setFullAddrs(r)
+	for _, a := range got {
+		if !reach(a) {
+			t.Errorf("pool.test: the client got %s and its packets to it are dropped", a)
+		}
+	}
+	if want := []netip.Addr{netip.MustParseAddr("198.18.2.10")}; r.Rcode != dns.RcodeSuccess || !slices.Equal(got, want) {
+		t.Errorf("pool.test with the set full: rcode %s, addresses %v; want NOERROR and %v", dns.RcodeToString[r.Rcode], got, want)
+	}
+}
+
+// setFullUpstream serves A records on loopback (UDP) until the test ends.
+func setFullUpstream(t *testing.T, zone map[string][]string) string {
+	t.Helper()
+	pc, err := net.ListenPacket("udp", "127.0.0.1:0")
+	if err != nil {
+		t.Fatal(err)
+	}
+	srv := &dns.Server{PacketConn: pc, Handler: dns.HandlerFunc(func(w dns.ResponseWriter, r *dns.Msg) {
+		m := new(dns.Msg)
+		m.SetReply(r)
+		for _, a := range zone[r.Question[0].Name] {
+			m.Answer = append(m.Answer, &dns.A{Hdr: dns.RR_Header{Name: r.Question[0].Name, Rrtype: dns.TypeA, Class: dns.ClassINET, Ttl: 300}, A: net.ParseIP(a)})
+		}
+		w.WriteMsg(m)
+	})}
+	started := make(chan struct{})
+	srv.NotifyStartedFunc = func() { close(started) }
+	go func() { _ = srv.ActivateAndServe() }()
+	<-started
+	t.Cleanup(func() { _ = srv.Shutdown() })
+	return pc.LocalAddr().String()
+}
+
+func setFullAsk(t *testing.T, addr, name string) *dns.Msg {
+	t.Helper()
+	m := new(dns.Msg)
+	m.SetQuestion(name, dns.TypeA)
+	r, _, err := (&dns.Client{Timeout: 5 * time.Second}).Exchange(m, addr)
+	if err != nil {
+		t.Fatalf("%s: %v", name, err)
+	}
+	return r
+}
+
+func setFullAddrs(m *dns.Msg) []netip.Addr {
+	var out []netip.Addr
+	for _, rr := range m.Answer {
+		if a, ok := rr.(*dns.A); ok {
+			ip, _ := netip.AddrFromSlice(a.A.To4())
+			out = append(out, ip)
+		}
+	}
+	return out
+}
