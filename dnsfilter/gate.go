@@ -3,10 +3,13 @@ package dnsfilter
 import (
 	"context"
 	"errors"
+	"fmt"
 	"net"
 	"net/netip"
 	"slices"
 	"time"
+
+	"github.com/miekg/dns"
 
 	"egressd/policy"
 )
@@ -47,8 +50,36 @@ type Firewall interface {
 	// An error does not hold the answer back (it is given, and logged
 	// with firewall_learn): the addresses are in the Table already, for
 	// the firewall to seed a ruleset that covers them when one goes in,
-	// and the next hit asks again.
+	// and the next hit asks again. The exception is an address the error
+	// says the client cannot reach (Unreachable): in enforce mode it is
+	// left out of the answer (withhold).
 	Learn(ctx context.Context, eng *policy.Engine, ls []Learned) error
+}
+
+// Unreachable is implemented by the errors of Firewall.Learn (anywhere in
+// the tree errors.Join and %w make) that refuse one address to one rule
+// for good, not for a moment: in egressd, firewall.SetFullError, a
+// learned set full of live addresses. ok is false when the refusal does
+// not keep the client from the address (audit mode: nothing is dropped).
+type Unreachable interface {
+	error
+	Unreachable() (rule, set string, addr netip.Addr, ok bool)
+}
+
+// eachUnreachable calls fn for every Unreachable in err's tree.
+func eachUnreachable(err error, fn func(Unreachable)) {
+	switch x := err.(type) {
+	case nil:
+		return
+	case Unreachable:
+		fn(x)
+	case interface{ Unwrap() []error }:
+		for _, e := range x.Unwrap() {
+			eachUnreachable(e, fn)
+		}
+	case interface{ Unwrap() error }:
+		eachUnreachable(x.Unwrap(), fn)
+	}
 }
 
 // ClientDevices tells the device of a LAN client address, where a
@@ -145,19 +176,24 @@ func (g *gateMark) covers(eng *policy.Engine, rules []int) bool {
 // first is the rule DecideName credited (the lowest of them, known
 // already: the name is matched once more, not twice); mac is the client's
 // MAC the query was decided with (nil: none).
-func (s *Server) gateRules(eng *policy.Engine, client netip.Addr, mac net.HardwareAddr, name string, now time.Time, first int, dst []int) []int {
+// other reports whether some rule that lets the client resolve the name is
+// not among them: its traffic does not go through a learned set (the
+// proxy's redirected TCP ports).
+func (s *Server) gateRules(eng *policy.Engine, client netip.Addr, mac net.HardwareAddr, name string, now time.Time, first int, dst []int) (rules []int, other bool) {
 	if !s.fw.WantsAny() {
-		return dst
+		return dst, false
 	}
-	rules := eng.NameRules(policy.Input{Client: client, ClientMAC: mac, Name: name, Now: now}, first+1, append(dst, first))
+	rules = eng.NameRules(policy.Input{Client: client, ClientMAC: mac, Name: name, Now: now}, first+1, append(dst, first))
 	all := eng.Rules()
 	out := rules[:0]
 	for _, r := range rules {
 		if s.fw.Wants(all[r].Name) {
 			out = append(out, r)
+		} else {
+			other = true
 		}
 	}
-	return out
+	return out, other
 }
 
 // needsGate reports whether an allowed answer must wait for the firewall:
@@ -169,7 +205,7 @@ func (s *Server) needsGate(e *entry, eng *policy.Engine, dec policy.Decision, cl
 		return false
 	}
 	var buf [8]int
-	rules := s.gateRules(eng, client.Unmap(), mac, e.name, now, dec.RuleIndex, buf[:0])
+	rules, _ := s.gateRules(eng, client.Unmap(), mac, e.name, now, dec.RuleIndex, buf[:0])
 	return len(rules) > 0 && !e.gate.Load().covers(eng, rules)
 }
 
@@ -182,7 +218,7 @@ func (s *Server) gate(q *query, e *entry, now int64) {
 		return
 	}
 	client := q.client.Addr().Unmap()
-	rules := s.gateRules(q.eng, client, q.mac, e.name, q.start, q.dec.RuleIndex, nil)
+	rules, other := s.gateRules(q.eng, client, q.mac, e.name, q.start, q.dec.RuleIndex, nil)
 	all := q.eng.Rules()
 	ls := make([]Learned, 0, len(e.addrs)*len(rules))
 	for _, r := range rules {
@@ -220,5 +256,91 @@ func (s *Server) gate(q *query, e *entry, now int64) {
 	default:
 		s.m.learnError.Inc()
 		q.fwErr = err.Error()
+		if !other && q.dec.Mode == policy.ModeEnforce {
+			s.withhold(q, ls, len(rules), err)
+		}
 	}
+}
+
+// withhold finds the addresses of ls that the client cannot reach: every
+// one of the nrules rules that needs them refused them for good
+// (Unreachable), and no other rule's path (the proxy) covers the name.
+// It sets q.withheld, q.fullSets and q.servfail (no address of ls is
+// left). The set keeps its live addresses: evicting one would cut a
+// client answered with it, to serve this one.
+func (s *Server) withhold(q *query, ls []Learned, nrules int, err error) {
+	refused := map[netip.Addr]int{}
+	eachUnreachable(err, func(u Unreachable) {
+		rule, set, a, ok := u.Unreachable()
+		if !ok {
+			return
+		}
+		refused[a.Unmap()]++
+		if k := rule + "/" + set; !slices.Contains(q.fullSets, k) {
+			q.fullSets = append(q.fullSets, k)
+		}
+	})
+	left := false
+	for _, l := range ls {
+		a := l.Addr.Unmap()
+		switch {
+		case refused[a] < nrules:
+			left = true
+		case !slices.Contains(q.withheld, a):
+			q.withheld = append(q.withheld, a)
+		}
+	}
+	q.servfail = !left && len(q.withheld) > 0
+}
+
+// withholdAnswer leaves q.withheld out of the rendered answer wire, or
+// answers SERVFAIL when none of the answer's learned addresses is left.
+// req may be nil: the answer's question and ID are wire's.
+func (s *Server) withholdAnswer(q *query, req *dns.Msg, wire []byte) []byte {
+	m := new(dns.Msg)
+	if err := m.Unpack(wire); err != nil {
+		q.err = fmt.Errorf("dnsfilter: answer for %s does not unpack: %w", q.name, err)
+		return nil
+	}
+	if q.servfail {
+		s.m.setFullServfail.Inc()
+		if req == nil {
+			req = m
+		}
+		return s.local(q, req, dns.RcodeServerFailure, dns.ExtendedErrorCodeOther, "egressd: firewall learned set full")
+	}
+	s.m.setFullTrimmed.Inc()
+	kept := m.Answer[:0]
+	for _, rr := range m.Answer {
+		var a netip.Addr
+		switch v := rr.(type) {
+		case *dns.A:
+			a, _ = netip.AddrFromSlice(v.A.To4())
+		case *dns.AAAA:
+			a, _ = netip.AddrFromSlice(v.AAAA)
+		}
+		if !a.IsValid() || !slices.Contains(q.withheld, a.Unmap()) {
+			kept = append(kept, rr)
+		}
+	}
+	m.Answer = kept
+	m.Compress = true
+	out, err := m.Pack()
+	if err != nil {
+		q.err = fmt.Errorf("dnsfilter: answer for %s does not pack: %w", q.name, err)
+		return nil
+	}
+	return out
+}
+
+// joinAddrs is addrs as text, comma-separated.
+func joinAddrs(addrs []netip.Addr) string {
+	b := make([]byte, 0, 16*len(addrs))
+	for i, a := range addrs {
+		if i > 0 {
+			b = append(b, ',')
+		}
+		b = a.AppendTo(b)
+	}
+	return string(b)
 }

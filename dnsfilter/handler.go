@@ -7,6 +7,7 @@ import (
 	"log/slog"
 	"net"
 	"net/netip"
+	"strings"
 	"time"
 
 	"github.com/miekg/dns"
@@ -57,6 +58,12 @@ type query struct {
 	filtered string
 	quiet    bool   // a repeated rate-limit drop: count only
 	fwErr    string // Deps.Firewall did not take the addresses in time: why
+	// withheld are the answer's addresses left out because full learned
+	// sets refused them (Unreachable), fullSets those sets; servfail:
+	// no address was left.
+	withheld []netip.Addr
+	fullSets []string
+	servfail bool
 	err      error
 }
 
@@ -301,9 +308,6 @@ func (s *Server) reply(q *query, req *dns.Msg, e *entry, hit bool) []byte {
 		}
 		return s.local(q, req, dns.RcodeServerFailure, 0, "")
 	}
-	if len(out) > q.maxSize {
-		out = truncate(out, q.maxSize)
-	}
 	if q.dec.Allowed() {
 		// The firewall before the answer goes: the client may use the
 		// addresses as soon as it reads it. The table first: a firewall
@@ -312,12 +316,18 @@ func (s *Server) reply(q *query, req *dns.Msg, e *entry, hit bool) []byte {
 		// gate passes over is there by then.
 		s.learn(q.client.Addr(), e, q.dec.Rule, now)
 		s.gate(q, e, now)
+		if len(q.withheld) > 0 {
+			out = s.withholdAnswer(q, req, out)
+		}
 	} else if rule, ok := learnedRule(q.dec); ok {
 		// Audit mode answers a name no rule allows: the table keeps it
 		// too, with no rule, so that the switch to enforce lets the
 		// client go on where the new policy covers it (firewall/seed.go).
 		// The firewall is not asked: no set of this policy takes it.
 		s.learn(q.client.Addr(), e, rule, now)
+	}
+	if len(out) > q.maxSize {
+		out = truncate(out, q.maxSize)
 	}
 	return out
 }
@@ -671,6 +681,9 @@ func (s *Server) finish(q *query) {
 		}
 		if q.fwErr != "" {
 			attrs = append(attrs, slog.String("firewall_learn", q.fwErr))
+		}
+		if len(q.fullSets) > 0 {
+			attrs = append(attrs, slog.String("set_full", strings.Join(q.fullSets, ",")), slog.String("withheld", joinAddrs(q.withheld)))
 		}
 		if q.err != nil {
 			attrs = append(attrs, slog.String(audit.LogError, q.err.Error()))

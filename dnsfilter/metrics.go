@@ -32,6 +32,9 @@ type metrics struct {
 	learnTimeout     prometheus.Counter
 	learnError       prometheus.Counter
 	learnDuration    prometheus.Histogram
+	setFull          *prometheus.CounterVec // action: trimmed, servfail
+	setFullTrimmed   prometheus.Counter
+	setFullServfail  prometheus.Counter
 
 	// queryCounters caches the queries children for the hot path:
 	// [verdict allow/deny][mode audit/enforce][rcode 0..23].
@@ -76,6 +79,8 @@ func newMetrics() *metrics {
 		learnDuration: prometheus.NewHistogram(prometheus.HistogramOpts{Namespace: ns, Subsystem: sub, Name: "firewall_learn_duration_seconds",
 			Help:    "Time an allowed answer waited for the firewall to take its addresses.",
 			Buckets: []float64{0.00005, 0.0001, 0.00025, 0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5}}),
+		setFull: prometheus.NewCounterVec(prometheus.CounterOpts{Namespace: ns, Subsystem: sub, Name: "set_full_answers_total",
+			Help: "Enforce-mode answers changed because a full learned set refused addresses the client could not reach otherwise, by action (trimmed: those addresses left out; servfail: none was left)."}, []string{"action"}),
 	}
 	// Every series of a bounded label exists from the start, at 0, so
 	// that /metrics lists what the READMEs name before the first event
@@ -92,12 +97,14 @@ func newMetrics() *metrics {
 	m.learnOK = m.learnTotal.WithLabelValues("ok")
 	m.learnTimeout = m.learnTotal.WithLabelValues("timeout")
 	m.learnError = m.learnTotal.WithLabelValues("error")
+	m.setFullTrimmed = m.setFull.WithLabelValues("trimmed")
+	m.setFullServfail = m.setFull.WithLabelValues("servfail")
 	return m
 }
 
 func (m *metrics) register(r prometheus.Registerer, s *Server) error {
 	cs := []prometheus.Collector{m.queries, m.queryDuration, m.cacheHits, m.cacheMisses, m.shared, m.rateLimited, m.tunnelAlarms,
-		m.dropped, m.tcpRefused, m.filtered, m.upstreamRequests, m.upstreamFailures, m.upstreamUp, m.upstreamDuration, m.learnTotal, m.learnDuration,
+		m.dropped, m.tcpRefused, m.filtered, m.upstreamRequests, m.upstreamFailures, m.upstreamUp, m.upstreamDuration, m.learnTotal, m.learnDuration, m.setFull,
 		prometheus.NewGaugeFunc(prometheus.GaugeOpts{Namespace: "egress", Subsystem: "dnsfilter", Name: "cache_entries",
 			Help: "Answers in the cache."}, func() float64 {
 			if s.cache == nil {

@@ -189,11 +189,38 @@ type ClientMACs interface {
 // Errors.
 var (
 	// ErrSetFull is returned by Learn when a learned set already holds
-	// Config.MaxLearned live addresses.
+	// Config.MaxLearned live addresses, as a *SetFullError per address.
 	ErrSetFull = errors.New("firewall: learned set full")
 	// ErrClosed is returned by Install and Replace after Close.
 	ErrClosed = errors.New("firewall: closed")
 )
+
+// SetFullError is LearnAll's error for one address its rule's learned set
+// refused because it held Config.MaxLearned live addresses (errors.Is
+// ErrSetFull). The set keeps its live addresses: taking one's place would
+// cut a client that was answered with it.
+type SetFullError struct {
+	Rule, Set string
+	Addr      netip.Addr
+	Len       int // addresses in the set
+	// Enforced: the set is in the kernel (enforce mode), which drops the
+	// rule's forwarded traffic to Addr. In audit mode nothing is dropped.
+	Enforced bool
+}
+
+func (e *SetFullError) Error() string {
+	return fmt.Sprintf("%v: %s (%d addresses), rule %s, %s", ErrSetFull, e.Set, e.Len, e.Rule, e.Addr)
+}
+
+// Is reports target == ErrSetFull.
+func (e *SetFullError) Is(target error) bool { return target == ErrSetFull }
+
+// Unreachable tells the DNS forwarder (dnsfilter.Unreachable) that the
+// rule's forwarded ports stay closed to the address: ok is false in audit
+// mode.
+func (e *SetFullError) Unreachable() (rule, set string, addr netip.Addr, ok bool) {
+	return e.Rule, e.Set, e.Addr, e.Enforced
+}
 
 func (c Config) dnsPort() uint16 {
 	if c.DNSPort == 0 {

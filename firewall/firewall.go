@@ -701,7 +701,7 @@ func (f *Firewall) LearnAll(ctx context.Context, as []Address) error {
 			f.dropExpired(set, m, now)
 			if len(m) >= f.cfg.maxLearned() {
 				f.m.setFull.Inc()
-				errs = append(errs, fmt.Errorf("%w: %s (%d addresses)", ErrSetFull, set, len(m)))
+				errs = append(errs, &SetFullError{Rule: a.Rule, Set: set, Addr: addr, Len: len(m), Enforced: rs.inKernel})
 				continue
 			}
 		}

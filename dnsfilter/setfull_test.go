@@ -1,0 +1,174 @@
+package dnsfilter
+
+import (
+	"context"
+	"errors"
+	"fmt"
+	"log/slog"
+	"net/netip"
+	"slices"
+	"strings"
+	"sync"
+	"testing"
+
+	"github.com/miekg/dns"
+
+	"egressd/policy"
+)
+
+const setFullZone = `
+one.full.test. 300 IN A 192.0.2.22
+multi.full.test. 300 IN A 192.0.2.20
+multi.full.test. 300 IN A 192.0.2.21
+two.full.test. 300 IN A 192.0.2.23
+web.full.test. 300 IN A 192.0.2.24
+`
+
+// setFullPolicy: web's names go through the proxy (the firewall does not
+// want them); ntp and sip feed learned sets.
+const setFullPolicy = `version: 1
+mode: enforce
+rules:
+  - name: web
+    to: [web.full.test]
+    ports: [443/tcp]
+  - name: ntp
+    to: ["*.full.test"]
+    ports: [123/udp]
+  - name: sip
+    to: [two.full.test]
+    ports: [5060/udp]
+`
+
+// fullErr is a firewall's refusal of one address by a full set.
+type fullErr struct {
+	rule string
+	addr netip.Addr
+	ok   bool
+}
+
+func (e *fullErr) Error() string { return "full: " + e.rule + " " + e.addr.String() }
+func (e *fullErr) Unreachable() (string, string, netip.Addr, bool) {
+	return e.rule, "dns4_" + e.rule, e.addr, e.ok
+}
+
+// fullFirewall refuses the addresses in full[rule], as a firewall whose
+// learned set for the rule is full of live addresses; enforced says
+// whether that keeps the client from them.
+type fullFirewall struct {
+	mu       sync.Mutex
+	full     map[string][]netip.Addr
+	enforced bool
+}
+
+func (f *fullFirewall) Wants(rule string) bool { return rule == "ntp" || rule == "sip" }
+func (f *fullFirewall) WantsAny() bool         { return true }
+
+func (f *fullFirewall) Learn(ctx context.Context, eng *policy.Engine, ls []Learned) error {
+	f.mu.Lock()
+	defer f.mu.Unlock()
+	var errs []error
+	for _, l := range ls {
+		if slices.Contains(f.full[l.Rule], l.Addr) {
+			errs = append(errs, fmt.Errorf("learn: %w", &fullErr{l.Rule, l.Addr, f.enforced}))
+		}
+	}
+	return errors.Join(errs...)
+}
+
+func (f *fullFirewall) set(full map[string][]netip.Addr, enforced bool) {
+	f.mu.Lock()
+	f.full, f.enforced = full, enforced
+	f.mu.Unlock()
+}
+
+func addrs(ss ...string) []netip.Addr {
+	var out []netip.Addr
+	for _, s := range ss {
+		out = append(out, netip.MustParseAddr(s))
+	}
+	return out
+}
+
+// TestSetFullWithheld: in enforce mode an address a full learned set
+// refused for every rule that needs it, and that no proxied rule covers,
+// is not given to the client: the answer leaves it out, or is SERVFAIL
+// when nothing is left, with one canonical line naming the rule and set,
+// and a count. Addresses another path reaches stay; audit mode never
+// changes an answer; room again gives the whole answer.
+func TestSetFullWithheld(t *testing.T) {
+	up := newFakeUpstream(t, setFullZone)
+	fw := &fullFirewall{}
+	store := compile(t, setFullPolicy)
+	logs := &syncBuffer{}
+	ts := startServer(t, "", Config{Upstreams: []string{up.Addr}, AllowPrivateAnswers: true},
+		Deps{Policy: store, Firewall: fw, Logger: slog.New(slog.NewJSONHandler(logs, nil))})
+	full := map[string][]netip.Addr{
+		"ntp": addrs("192.0.2.22", "192.0.2.20", "192.0.2.23", "192.0.2.24"),
+		"sip": nil,
+	}
+	fw.set(full, true)
+
+	for _, proto := range []string{"udp", "tcp"} {
+		for i := range 2 { // the second a cache hit: the firewall is asked again
+			r := ask(t, proto, ts.Addr, "one.full.test.", dns.TypeA, true)
+			if r.Rcode != dns.RcodeServerFailure || len(answerAddrs(r)) != 0 {
+				t.Errorf("%s #%d one.full.test, its only address refused: rcode %s, %v; want SERVFAIL", proto, i, dns.RcodeToString[r.Rcode], answerAddrs(r))
+			}
+			if _, text, ok := ede(r); !ok || !strings.Contains(text, "learned set full") {
+				t.Errorf("%s one.full.test: EDE %q, want the full set named", proto, text)
+			}
+			r = ask(t, proto, ts.Addr, "multi.full.test.", dns.TypeA, false)
+			if got := answerAddrs(r); r.Rcode != dns.RcodeSuccess || !slices.Equal(got, addrs("192.0.2.21")) {
+				t.Errorf("%s #%d multi.full.test, 192.0.2.20 refused: rcode %s, %v; want 192.0.2.21", proto, i, dns.RcodeToString[r.Rcode], got)
+			}
+		}
+	}
+	// sip's set took two.full.test's address: UDP 5060 reaches it.
+	// web.full.test goes through the proxy too.
+	for _, name := range []string{"two.full.test.", "web.full.test."} {
+		if r := ask(t, "udp", ts.Addr, name, dns.TypeA, false); r.Rcode != dns.RcodeSuccess || len(answerAddrs(r)) != 1 {
+			t.Errorf("%s, refused by ntp but reached by another rule: rcode %s, %v; want its address", name, dns.RcodeToString[r.Rcode], answerAddrs(r))
+		}
+	}
+	if n := counterValue(ts.m.setFullServfail); n != 4 {
+		t.Errorf("servfail count %v, want 4", n)
+	}
+	if n := counterValue(ts.m.setFullTrimmed); n != 4 {
+		t.Errorf("trimmed count %v, want 4", n)
+	}
+	var lines int
+	for _, l := range strings.Split(logs.String(), "\n") {
+		if strings.Contains(l, `"name":"one.full.test"`) {
+			lines++
+			if !strings.Contains(l, `"set_full":"ntp/dns4_ntp"`) || !strings.Contains(l, `"withheld":"192.0.2.22"`) || !strings.Contains(l, `"rcode":"SERVFAIL"`) || !strings.Contains(l, `"level":"WARN"`) {
+				t.Errorf("line %s\nwant WARN, SERVFAIL, set_full ntp/dns4_ntp, withheld 192.0.2.22", l)
+			}
+		}
+	}
+	if lines != 4 {
+		t.Errorf("%d lines for one.full.test's 4 answers, want one each\n%s", lines, logs.String())
+	}
+
+	// A refusal that keeps nobody out (the firewall in audit mode).
+	fw.set(full, false)
+	if r := ask(t, "udp", ts.Addr, "one.full.test.", dns.TypeA, false); r.Rcode != dns.RcodeSuccess || len(answerAddrs(r)) != 1 {
+		t.Errorf("one.full.test, refused by an audit-mode firewall: rcode %s, %v; want its address", dns.RcodeToString[r.Rcode], answerAddrs(r))
+	}
+	// Audit mode never changes an answer.
+	fw.set(full, true)
+	eng, err := policy.Compile("p.yaml", []byte(strings.Replace(setFullPolicy, "mode: enforce", "mode: audit", 1)))
+	if err != nil {
+		t.Fatal(err)
+	}
+	store.Swap(eng)
+	if r := ask(t, "udp", ts.Addr, "one.full.test.", dns.TypeA, false); r.Rcode != dns.RcodeSuccess || len(answerAddrs(r)) != 1 {
+		t.Errorf("one.full.test in audit mode: rcode %s, %v; want its address", dns.RcodeToString[r.Rcode], answerAddrs(r))
+	}
+	// Room again: the whole answer.
+	store.Swap(compile(t, setFullPolicy).Load())
+	fw.set(nil, true)
+	if r := ask(t, "udp", ts.Addr, "multi.full.test.", dns.TypeA, false); len(answerAddrs(r)) != 2 {
+		t.Errorf("multi.full.test with room: %v, want both", answerAddrs(r))
+	}
+}
