@@ -334,13 +334,7 @@ func newEntry(name string, m *dns.Msg, do bool, udpSize uint16, now time.Time, m
 			if ttl < 0 || t < ttl {
 				ttl = t
 			}
-			var a netip.Addr
-			switch v := rr.(type) {
-			case *dns.A:
-				a, _ = netip.AddrFromSlice(v.A.To4())
-			case *dns.AAAA:
-				a, _ = netip.AddrFromSlice(v.AAAA.To16())
-			}
+			a := rrAddr(rr)
 			if a.IsValid() && rr.Header().Rrtype == qtype && slices.Contains(chain, strings.ToLower(rr.Header().Name)) {
 				// A TTL of 0 is for the transaction in progress (RFC
 				// 1035 §3.2.1): the client uses the address at once, so
@@ -504,4 +498,17 @@ func (e *entry) render(dst []byte, id uint16, rd bool, qname []byte, edns bool, 
 		}
 	}
 	return dst
+}
+
+// rrAddr is an A or AAAA record's address (unmapped); the zero Addr for
+// other records.
+func rrAddr(rr dns.RR) netip.Addr {
+	var a netip.Addr
+	switch v := rr.(type) {
+	case *dns.A:
+		a, _ = netip.AddrFromSlice(v.A.To4())
+	case *dns.AAAA:
+		a, _ = netip.AddrFromSlice(v.AAAA.To16())
+	}
+	return a.Unmap()
 }

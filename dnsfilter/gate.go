@@ -312,14 +312,7 @@ func (s *Server) withholdAnswer(q *query, req *dns.Msg, wire []byte) []byte {
 	s.m.setFullTrimmed.Inc()
 	kept := m.Answer[:0]
 	for _, rr := range m.Answer {
-		var a netip.Addr
-		switch v := rr.(type) {
-		case *dns.A:
-			a, _ = netip.AddrFromSlice(v.A.To4())
-		case *dns.AAAA:
-			a, _ = netip.AddrFromSlice(v.AAAA)
-		}
-		if !a.IsValid() || !slices.Contains(q.withheld, a.Unmap()) {
+		if a := rrAddr(rr); !a.IsValid() || !slices.Contains(q.withheld, a) {
 			kept = append(kept, rr)
 		}
 	}
