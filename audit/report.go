@@ -687,6 +687,10 @@ func (r *Report) beforeDetail(arch *archInfo, eng *policy.Engine, since time.Tim
 	return note
 }
 
+// reportBuildHook, set by tests, is called while a report is built (before
+// its dropped list, the costly part) with the ledger it is built from.
+var reportBuildHook func(*Ledger)
+
 func (l *Ledger) snapshot(opt ReportOptions) *Report {
 	l.mu.Lock()
 	defer l.mu.Unlock()
@@ -787,6 +791,9 @@ func (l *Ledger) snapshot(opt ReportOptions) *Report {
 		}
 		return cmp.Compare(a.Name, b.Name)
 	})
+	if reportBuildHook != nil {
+		reportBuildHook(l)
+	}
 	for _, ds := range l.dropped {
 		if ds.flows == 0 && ds.queries == 0 && ds.requests == 0 {
 			continue // its only flow was counted elsewhere after all (reattributeLocked)
