@@ -625,6 +625,7 @@ func importClients(c *clientSet, as []netip.Addr, macs []archMACs, truncated boo
 		if !ok {
 			continue
 		}
+		c.own()
 		for _, t := range m.MACs[max(0, len(m.MACs)-maxClientMACs):] {
 			if mac, ok := parseMAC6(t); ok {
 				s.see(mac)

@@ -20,19 +20,20 @@ var (
 	ledgerCopied = []string{"opt", "eng", "seed", "rules", "dropped", "totals", "lastMode",
 		"shed", "unwritten", "shedMarks", "firstEvent", "ech", "alarms", "alarmsDropped"}
 	ledgerLeftOut = map[string]string{
-		"mu":       "the overlay has its own lock",
-		"flows":    "no flow records: the overlay's table holds only the open flows counted on it",
-		"ring":     "no flow records: snapshotOpen counts the open flows from the overlay's ring",
-		"ringPos":  "no flow records",
-		"history":  "Report reads a window from the ledger's history, never the overlay's",
-		"metrics":  "open flows are no events: the live metrics must not count them",
-		"arch":     "Report reads the summary's coverage from the ledger after the snapshot",
-		"archNote": "Report reads it from the ledger",
-		"holding":  "set only within emitHold's hold of the lock, false at the copy",
-		"holdGen":  "read only while holding is set",
-		"moved":    "read only within emitHold's hold of the lock, which clears it first: between calls it means nothing",
-		"open":     "Report reads it from the ledger before the copy",
-		"loadWait": "Report reads it from the ledger before the copy",
+		"mu":        "the overlay has its own lock",
+		"reporting": "Report holds the ledger's, never the overlay's",
+		"flows":     "no flow records: the overlay's table holds only the open flows counted on it",
+		"ring":      "no flow records: snapshotOpen counts the open flows from the overlay's ring",
+		"ringPos":   "no flow records",
+		"history":   "Report reads a window from the ledger's history, never the overlay's",
+		"metrics":   "open flows are no events: the live metrics must not count them",
+		"arch":      "Report reads the summary's coverage from the ledger after the snapshot",
+		"archNote":  "Report reads it from the ledger",
+		"holding":   "set only within emitHold's hold of the lock, false at the copy",
+		"holdGen":   "read only while holding is set",
+		"moved":     "read only within emitHold's hold of the lock, which clears it first: between calls it means nothing",
+		"open":      "Report reads it from the ledger before the copy",
+		"loadWait":  "Report reads it from the ledger before the copy",
 	}
 )
 

@@ -110,6 +110,9 @@ const (
 type Ledger struct {
 	opt LedgerOptions
 
+	// reporting is held by Report: one report is made at a time.
+	reporting sync.Mutex
+
 	mu      sync.Mutex // guards following
 	eng     *policy.Engine
 	rules   map[string]*ruleStats
@@ -989,8 +992,13 @@ func (rs *ruleStats) clone() *ruleStats {
 	return &c
 }
 
+// clone returns a copy of c that shares nothing c changes: the map is
+// shared, and copied by whichever of the two changes it first (own), so
+// that a copy of the ledger's counts under its lock (copyLocked) costs no
+// copy of every entry's clients.
 func (c *clientSet) clone() clientSet {
-	return clientSet{m: maps.Clone(c.m), truncated: c.truncated, gen: c.gen}
+	c.shared = c.m != nil
+	return *c
 }
 
 func (d *destCounter) clone() destCounter {
@@ -1145,6 +1153,17 @@ type clientSet struct {
 	m         map[netip.Addr]macSeen
 	truncated bool   // more clients were seen than kept
 	gen       uint64 // counts the adds: a change to m or truncated adds one
+	// shared says m is shared with a copy (clone): m is copied before it
+	// is changed (own).
+	shared bool
+}
+
+// own makes c's map its own, not shared with a copy, before c changes it.
+func (c *clientSet) own() {
+	if c.shared {
+		c.m = maps.Clone(c.m)
+		c.shared = false
+	}
 }
 
 // maxClientMACs bounds the distinct MACs kept per client address (the
@@ -1202,6 +1221,7 @@ func (c *clientSet) add(a netip.Addr, mac string, max int) {
 	} else if ok {
 		return
 	}
+	c.own()
 	c.m[a] = s
 }
 

@@ -345,7 +345,18 @@ type DroppedReport struct {
 }
 
 // Report builds a report. It is a snapshot: later events do not change it.
+// Reports are made one at a time: at the ledger's bounds one allocates
+// about 386 MB (BenchmarkReportDroppedFull), and operators polling the
+// admin API together would each add that much; a second caller waits for
+// the first's to be made, then makes its own (a report of when it asked).
 func (l *Ledger) Report(opt ReportOptions) *Report {
+	if !l.reporting.TryLock() {
+		if reportWaitHook != nil {
+			reportWaitHook()
+		}
+		l.reporting.Lock()
+	}
+	defer l.reporting.Unlock()
 	if opt.Now.IsZero() {
 		opt.Now = l.opt.Now()
 	}
@@ -570,7 +581,9 @@ func (l *Ledger) snapshotOpen(opt ReportOptions, open []Event) *Report {
 			byDrop[rec.drop.key]++
 		}
 	}
-	r := ov.snapshot(opt)
+	ov.mu.Lock()
+	r := ov.buildLocked(opt)
+	ov.mu.Unlock()
 	r.OpenFlows = opened
 	if r.OpenFlows > 0 {
 		r.Notes = append(r.Notes, fmt.Sprintf("%d flow(s) open now are counted, not in the event log yet (capture records a UDP flow after 60 s of silence, any flow a minute after it began; the proxy a connection when it closes)", r.OpenFlows))
@@ -691,9 +704,39 @@ func (r *Report) beforeDetail(arch *archInfo, eng *policy.Engine, since time.Tim
 // its dropped list, the costly part) with the ledger it is built from.
 var reportBuildHook func(*Ledger)
 
+// reportWaitHook, set by tests, is called when Report waits for another's
+// report to be made.
+var reportWaitHook func()
+
+// snapshot builds l's report from a copy of its counts (copyLocked), so
+// that l's lock is held for the copy only, not for the build: at the
+// ledger's bounds a build takes about a second of CPU
+// (BenchmarkReportDroppedFull), and every event recorded meanwhile would
+// wait for it (TestReportDoesNotStallRecording). The copy shares the
+// clients' sets copy-on-write (clientSet.clone), so it costs the entries,
+// not their clients. Then each dropped entry's allowed_now memo the build
+// decided is kept on l for the next report, unless the entry's clients
+// changed since the copy (the memo would not hold for them anyway).
 func (l *Ledger) snapshot(opt ReportOptions) *Report {
 	l.mu.Lock()
-	defer l.mu.Unlock()
+	c := l.copyLocked()
+	l.mu.Unlock()
+	c.mu.Lock() // c is this call's own: no one waits for it
+	r := c.buildLocked(opt)
+	c.mu.Unlock()
+	l.mu.Lock()
+	for k, d := range c.dropped {
+		if ds := l.dropped[k]; ds != nil && d.allowed != ds.allowed && d.allowed.gen == ds.clients.gen {
+			ds.allowed = d.allowed
+		}
+	}
+	l.mu.Unlock()
+	return r
+}
+
+// buildLocked makes the report of l's counts. It records allowed_now
+// memos on l's dropped entries.
+func (l *Ledger) buildLocked(opt ReportOptions) *Report {
 	r := &Report{
 		GeneratedAt:  opt.Now.UTC(),
 		Rules:        []RuleReport{},

@@ -85,3 +85,59 @@ func TestReportDoesNotStallRecording(t *testing.T) {
 		t.Errorf("next report: tracker.example %d flows, %d clients, %d entries; want 3, 3, 3", f, c, n)
 	}
 }
+
+// TestReportsOneAtATime: a report asked for while another is made waits
+// for it, then is made (a report of when it was asked): two at once, each
+// at the ledger's bounds, would hold twice the memory (about 386 MB
+// allocated each, BenchmarkReportDroppedFull). The hooks make the order
+// certain: the first build stops half way until the second caller waits
+// (or, wrongly, builds too).
+func TestReportsOneAtATime(t *testing.T) {
+	l := NewLedger(compileBase(t, ""), LedgerOptions{})
+	deny := captureDenials(l)
+	deny("tracker.example", "192.168.50.23", "aa:bb:cc:00:00:0a")
+
+	var mu sync.Mutex
+	builds := 0
+	firstIn, release, secondIn, waiting := make(chan struct{}), make(chan struct{}), make(chan struct{}), make(chan struct{})
+	reportBuildHook = func(*Ledger) {
+		mu.Lock()
+		builds++
+		n := builds
+		mu.Unlock()
+		switch n {
+		case 1:
+			close(firstIn)
+			<-release
+		case 2:
+			close(secondIn)
+		}
+	}
+	reportWaitHook = func() { close(waiting) }
+	t.Cleanup(func() { reportBuildHook, reportWaitHook = nil, nil })
+	first, second := make(chan *Report, 1), make(chan *Report, 1)
+	go func() { first <- l.Report(ReportOptions{Now: reportNow}) }()
+	<-firstIn
+	go func() {
+		deny("tracker.example", "192.168.50.24", "") // asked after this event: the report counts it
+		second <- l.Report(ReportOptions{Now: reportNow})
+	}()
+	select {
+	case <-secondIn:
+		close(release)
+		<-first
+		<-second
+		t.Fatal("a second report was built while the first was: two at once, each with its memory")
+	case <-waiting:
+	}
+	close(release)
+	if r := <-first; r.Totals.Flows != 1 {
+		t.Errorf("first report: %d flows, want 1", r.Totals.Flows)
+	}
+	if r := <-second; r.Totals.Flows != 2 {
+		t.Errorf("second report: %d flows, want 2", r.Totals.Flows)
+	}
+	if builds != 2 {
+		t.Errorf("%d reports built, want 2", builds)
+	}
+}
