@@ -105,3 +105,17 @@ func BenchmarkReportsHeap(b *testing.B) {
 		})
 	}
 }
+
+// BenchmarkReportCopyLocked is what a report holds the ledger's lock for
+// at its bounds (fullDroppedLedger, "allowed"): the copy of its counts
+// (copyLocked), the longest an Emit waits for a report's lock hold.
+func BenchmarkReportCopyLocked(b *testing.B) {
+	l := fullDroppedLedger(b, true)
+	b.ReportAllocs()
+	b.ResetTimer()
+	for range b.N {
+		l.mu.Lock()
+		l.copyLocked()
+		l.mu.Unlock()
+	}
+}
