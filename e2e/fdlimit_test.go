@@ -19,9 +19,10 @@ import (
 // RLIMIT_NOFILE lowered to a few dozen above what it holds at rest, as a
 // low LimitNOFILE or a leak elsewhere would) while LAN clients open
 // connections to the transparent proxy, the explicit proxy and DNS over
-// TCP. While it is out, no accept loop may spin (CPU) or flood the log;
-// once the clients close, every listener serves again, with the limit
-// still low.
+// TCP, and a local client to the admin listener. While it is out, no
+// accept loop may spin (CPU) or flood the log, and each says so in a
+// line of its own; once the clients close, every listener serves again,
+// with the limit still low.
 func TestFDExhaustion(t *testing.T) {
 	tp := newTopo(t)
 	d := newDaemon(t, tp, "enforce")
@@ -95,6 +96,17 @@ func TestFDExhaustion(t *testing.T) {
 		}
 		conns = append(conns, c)
 	}
+	// And a few to the admin listener, which waits in its queue too.
+	for i := 0; i < 3; i++ {
+		ctx, cancel := context.WithTimeout(context.Background(), 3*time.Second)
+		c, err := d.tp.gw.DialContext(ctx, "tcp", d.adminAddr())
+		cancel()
+		if err != nil {
+			t.Logf("dial the admin listener (#%d): %v", i, err)
+			continue
+		}
+		conns = append(conns, c)
+	}
 	time.Sleep(500 * time.Millisecond)
 	t.Logf("%d connections held; egressd has %d fds (limit %d)", len(conns), d.fds(), low)
 	if n := d.fds(); uint64(n) < low-2 {
@@ -123,12 +135,20 @@ func TestFDExhaustion(t *testing.T) {
 
 	// The log says what happens, once per listener kind at least.
 	logs := d.logs()
-	for _, want := range []string{"dnsfilter: tcp accept failing: retrying", "proxy: accept failing: retrying"} {
+	for _, want := range []string{"dnsfilter: tcp accept failing: retrying", "proxy: accept failing: retrying", "admin: accept failing: retrying"} {
 		n := strings.Count(logs, want)
 		t.Logf("egressd's log says %q %d times", want, n)
 		if n == 0 {
 			t.Errorf("egressd's log does not say %q while out of descriptors", want)
 		}
+	}
+
+	// No http.Server (the explicit proxy's, the admin's) waits the
+	// errors out itself, logging each retry ("http: Accept error: ...;
+	// retrying in 5ms") and sleeping through shutdown: the listener does
+	// (netutil.RetryListener).
+	if n := strings.Count(logs, "http: Accept error"); n > 0 {
+		t.Errorf("egressd's log has %d lines of an http.Server retrying an accept itself", n)
 	}
 
 	// The clients close: every listener serves again, the limit still low.

@@ -17,12 +17,36 @@ import (
 // meanwhile has Serve return without waiting the pause out. The time it
 // takes is logged; the test fails only past 5 s (a hang), not on speed.
 func TestServeOutOfFDsStops(t *testing.T) {
+	serveOutOfFDs(t, (*Proxy).Serve)
+}
+
+// TestServeExplicitOutOfFDsStops: the explicit listener's accept out of
+// file descriptors is waited out by the listener (netutil.RetryListener),
+// not by http.Server, which logged every retry through its ErrorLog
+// ("http: Accept error: ...; retrying in 5ms", one a second at the
+// longest pause) and slept up to a second deaf to Close: the log has the
+// proxy's one rate-limited line and none of http.Server's, and Close
+// ends ServeExplicit.
+func TestServeExplicitOutOfFDsStops(t *testing.T) {
+	logs := serveOutOfFDs(t, (*Proxy).ServeExplicit)
+	if all := strings.Join(logs, "\n"); strings.Contains(all, "Accept error") {
+		t.Errorf("http.Server saw the accept's errors (its own retry lines in the log):\n%s", all)
+	}
+}
+
+// serveOutOfFDs runs serve on a loopback listener, runs the test process
+// out of descriptors with a connection waiting in the listener's queue,
+// waits for the proxy's "accept failing" line and for the pause to grow
+// to a second, closes the proxy and checks that serve returns nil, with
+// the line logged once. It returns the log's lines (debug level).
+func serveOutOfFDs(t *testing.T, serve func(*Proxy, net.Listener) error) []string {
+	t.Helper()
 	eng, err := policy.Compile("p", []byte(fmt.Sprintf(testPolicy, "enforce")))
 	if err != nil {
 		t.Fatal(err)
 	}
 	var logs lockedBuf
-	p, err := New(Config{}, Deps{Policy: policy.NewStore(eng), Logger: slog.New(slog.NewTextHandler(&logs, nil))})
+	p, err := New(Config{}, Deps{Policy: policy.NewStore(eng), Logger: slog.New(slog.NewTextHandler(&logs, &slog.HandlerOptions{Level: slog.LevelDebug}))})
 	if err != nil {
 		t.Fatal(err)
 	}
@@ -32,18 +56,18 @@ func TestServeOutOfFDsStops(t *testing.T) {
 		t.Fatal(err)
 	}
 	done := make(chan error, 1)
-	go func() { done <- p.Serve(ln) }()
+	go func() { done <- serve(p, ln) }()
 
 	connect := testnet.DialQueued(t, ln.Addr().String()) // the socket made while descriptors are free
 	_, release := testnet.OutOfFDs(t)
 	defer connect()() // waits in the queue: accept has no descriptor
 	const warn = "proxy: accept failing: retrying"
-	seen := func() bool { return strings.Contains(strings.Join(logs.lines(), "\n"), warn) }
+	count := func() int { return strings.Count(strings.Join(logs.lines(), "\n"), warn) }
 	deadline := time.Now().Add(10 * time.Second)
-	for !seen() && time.Now().Before(deadline) {
+	for count() == 0 && time.Now().Before(deadline) {
 		time.Sleep(10 * time.Millisecond)
 	}
-	if !seen() {
+	if count() == 0 {
 		release()
 		t.Fatalf("the log does not say %q out of descriptors: %q", warn, logs.lines())
 	}
@@ -54,12 +78,17 @@ func TestServeOutOfFDsStops(t *testing.T) {
 	p.Close()
 	select {
 	case err := <-done:
-		t.Logf("Serve returned %v after Close, out of descriptors", time.Since(start))
+		t.Logf("serve returned %v after Close, out of descriptors", time.Since(start))
 		if err != nil {
 			t.Errorf("serve: %v", err)
 		}
 	case <-time.After(5 * time.Second):
 		release()
-		t.Fatalf("Serve has not returned 5 s after Close while accept waited out EMFILE")
+		t.Fatalf("serve has not returned 5 s after Close while accept waited out EMFILE")
 	}
+	release()
+	if n := count(); n != 1 {
+		t.Errorf("the log says %q %d times in under 10 s, want once: %q", warn, n, logs.lines())
+	}
+	return logs.lines()
 }

@@ -27,6 +27,7 @@ import (
 
 	"egressd/audit"
 	"egressd/internal/httpwire"
+	"egressd/internal/netutil"
 	"egressd/policy"
 )
 
@@ -162,7 +163,12 @@ func (p *Proxy) ServeExplicit(ln net.Listener) error {
 	p.servers[srv] = struct{}{}
 	p.mu.Unlock()
 	p.ownAddrs()
-	err := srv.Serve(peekListener{ln, p})
+	// The wrapper waits out EMFILE and the like on the same listener
+	// (keepExplicit would close it) with its own pause, which Close and
+	// p.done end: http.Server's would sleep up to a second through them,
+	// and log each retry (TestServeExplicitOutOfFDsStops).
+	rl := netutil.NewRetryListener(ln, p.done, func(err error) { p.acceptFailing(ln, err) })
+	err := srv.Serve(peekListener{rl, p})
 	if errors.Is(err, http.ErrServerClosed) {
 		return nil
 	}

@@ -26,7 +26,7 @@ import (
 // tunnel goes on.
 //
 // An explicit listener whose accept fails for good (anything but the
-// errors http.Server waits out on the same listener, netutil.AcceptRetry's: out
+// errors waited out on the same listener, netutil.AcceptRetry's: out
 // of file descriptors, memory or socket buffers; the kernel aborted the
 // listening socket, say) is closed and opened again on the same address,
 // reopenFirst later, doubling with each failure in a row up to

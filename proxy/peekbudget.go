@@ -253,17 +253,9 @@ func bareConn(c net.Conn) net.Conn {
 	return c
 }
 
-// temporaryErr is an accept's error that http.Server is to wait out
-// (netutil.AcceptRetry), whatever Go calls it.
-type temporaryErr struct{ err error }
-
-func (e temporaryErr) Error() string   { return e.err.Error() }
-func (e temporaryErr) Unwrap() error   { return e.err }
-func (e temporaryErr) Timeout() bool   { return false }
-func (e temporaryErr) Temporary() bool { return true }
-
-// peekListener gives the explicit listener's connections their peekConn,
-// and marks an accept's error worth waiting out temporary.
+// peekListener gives the explicit listener's connections their peekConn.
+// Its Listener is a netutil.RetryListener (ServeExplicit), which waits
+// out an accept's errors worth retrying: http.Server never sees them.
 type peekListener struct {
 	net.Listener
 	p *Proxy
@@ -272,12 +264,6 @@ type peekListener struct {
 func (l peekListener) Accept() (net.Conn, error) {
 	c, err := l.Listener.Accept()
 	if err != nil {
-		if netutil.AcceptRetry(err) {
-			l.p.acceptFailing(l.Listener, err)
-			// http.Server waits out a temporary error on the same
-			// listener (keepExplicit would close it).
-			return nil, temporaryErr{err}
-		}
 		return nil, err
 	}
 	if l.p.peekMem == nil {

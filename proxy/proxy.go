@@ -445,7 +445,7 @@ func (p *Proxy) Serve(ln net.Listener) error {
 	}
 	p.ownAddrs()
 	ours := ln == p.kaListener
-	var delay time.Duration
+	var pause netutil.AcceptBackoff
 	for {
 		c, err := ln.Accept()
 		if err != nil {
@@ -463,21 +463,16 @@ func (p *Proxy) Serve(ln net.Listener) error {
 			if errors.As(err, &ne) && ne.Timeout() || netutil.AcceptRetry(err) {
 				// EMFILE and friends: back off instead of spinning.
 				p.acceptFailing(ln, err)
-				delay = min(max(2*delay, 5*time.Millisecond), time.Second)
 				// Close ends the pause, or Run would wait it out
 				// (TestServeOutOfFDsStops).
-				t := time.NewTimer(delay)
-				select {
-				case <-p.done:
-					t.Stop()
+				if !pause.Wait(p.done, nil) {
 					return nil
-				case <-t.C:
 				}
 				continue
 			}
 			return fmt.Errorf("proxy: accept: %w", err)
 		}
-		delay = 0
+		pause.Reset()
 		tc, ok := c.(*net.TCPConn)
 		if !ok {
 			c.Close()

@@ -1722,7 +1722,13 @@ func (d *daemon) serveAdmin(ctx context.Context, wg *sync.WaitGroup) (string, er
 			hs.Shutdown(sctx)
 		})
 		defer stop()
-		hs.Serve(ln)
+		// The wrapper waits out EMFILE and the like with a pause
+		// that Shutdown ends, and one log line every 10 s: http.Server
+		// would sleep up to a second through Shutdown and write each
+		// retry to stderr (TestFDExhaustion).
+		hs.Serve(netutil.NewRetryListener(ln, ctx.Done(), func(err error) {
+			d.log.Warn("admin: accept failing: retrying", "listen", ln.Addr().String(), audit.LogError, audit.ErrorText(err))
+		}))
 	}()
 	return ln.Addr().String(), nil
 }

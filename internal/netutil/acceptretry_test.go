@@ -1,0 +1,91 @@
+package netutil
+
+import (
+	"errors"
+	"net"
+	"sync/atomic"
+	"testing"
+	"time"
+
+	"egressd/internal/testnet"
+)
+
+// TestRetryListenerStops: out of file descriptors with a connection in
+// its queue, RetryListener's Accept waits the EMFILE out (warn called
+// once for the burst, not per retry) until stop is closed, then returns
+// net.ErrClosed with the inner listener still open: an accept that only
+// slept and tried again would never return. Then, a second Accept on
+// the same listener, Close ends it the same way. Loopback only; the
+// test fails only past 5 s (a hang), not on speed.
+func TestRetryListenerStops(t *testing.T) {
+	inner, err := net.Listen("tcp", "127.0.0.1:0")
+	if err != nil {
+		t.Fatal(err)
+	}
+	defer inner.Close()
+	stop := make(chan struct{})
+	var warns atomic.Int32
+	warned := make(chan struct{}, 1)
+	ln := NewRetryListener(inner, stop, func(err error) {
+		if !AcceptRetry(err) {
+			t.Errorf("warn got %v, not an error to retry", err)
+		}
+		warns.Add(1)
+		select {
+		case warned <- struct{}{}:
+		default:
+		}
+	})
+	connect := testnet.DialQueued(t, inner.Addr().String())
+	_, release := testnet.OutOfFDs(t)
+	defer release()
+	defer connect()()
+
+	accept := func() chan error {
+		ch := make(chan error, 1)
+		go func() {
+			c, err := ln.Accept()
+			if c != nil {
+				c.Close()
+			}
+			ch <- err
+		}()
+		return ch
+	}
+	got := accept()
+	select {
+	case <-warned:
+	case <-time.After(10 * time.Second):
+		release()
+		t.Fatal("warn not called out of descriptors")
+	}
+	time.Sleep(200 * time.Millisecond) // several pauses: warn is still once
+	close(stop)
+	select {
+	case err := <-got:
+		if !errors.Is(err, net.ErrClosed) {
+			t.Errorf("Accept after stop: %v, want net.ErrClosed", err)
+		}
+	case <-time.After(5 * time.Second):
+		release()
+		t.Fatal("Accept has not returned 5 s after stop while out of descriptors")
+	}
+	if n := warns.Load(); n != 1 {
+		t.Errorf("warn called %d times, want once", n)
+	}
+
+	ln2 := NewRetryListener(inner, nil, nil)
+	ln = ln2
+	got = accept()
+	time.Sleep(200 * time.Millisecond) // Accept in its pauses
+	ln2.Close()
+	select {
+	case err := <-got:
+		if !errors.Is(err, net.ErrClosed) {
+			t.Errorf("Accept after Close: %v, want net.ErrClosed", err)
+		}
+	case <-time.After(5 * time.Second):
+		release()
+		t.Fatal("Accept has not returned 5 s after Close while out of descriptors")
+	}
+}
