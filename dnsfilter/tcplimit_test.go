@@ -165,7 +165,7 @@ func TestTCPAcceptOutOfFDsStops(t *testing.T) {
 	addr := s.Addrs()[0].String()
 
 	connect := testnet.DialQueued(t, addr) // the socket made while descriptors are free
-	_, release := testnet.OutOfFDs(t)
+	release := testnet.OutOfFDs(t)
 	defer connect()() // waits in the queue: accept has no descriptor
 	const warn = "dnsfilter: tcp accept failing: retrying"
 	deadline := time.Now().Add(10 * time.Second)

@@ -59,7 +59,7 @@ func serveOutOfFDs(t *testing.T, serve func(*Proxy, net.Listener) error) []strin
 	go func() { done <- serve(p, ln) }()
 
 	connect := testnet.DialQueued(t, ln.Addr().String()) // the socket made while descriptors are free
-	_, release := testnet.OutOfFDs(t)
+	release := testnet.OutOfFDs(t)
 	defer connect()() // waits in the queue: accept has no descriptor
 	const warn = "proxy: accept failing: retrying"
 	count := func() int { return strings.Count(strings.Join(logs.lines(), "\n"), warn) }

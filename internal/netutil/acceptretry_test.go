@@ -37,7 +37,7 @@ func TestRetryListenerStops(t *testing.T) {
 		}
 	})
 	connect := testnet.DialQueued(t, inner.Addr().String())
-	_, release := testnet.OutOfFDs(t)
+	release := testnet.OutOfFDs(t)
 	defer release()
 	defer connect()()
 

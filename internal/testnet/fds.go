@@ -10,10 +10,10 @@ import (
 // OutOfFDs runs the test process out of file descriptors: RLIMIT_NOFILE
 // is lowered to a few above the highest in use and every free one below
 // it is taken with /dev/null, so the next open, socket or accept fails
-// with EMFILE. spare gives one back (for the socket a test dials while
-// the rest stay taken); release gives them all back and restores the
-// limit, and runs at the test's end if the test did not call it.
-func OutOfFDs(t testing.TB) (spare, release func()) {
+// with EMFILE (a socket the test needs meanwhile: DialQueued). release
+// gives them all back and restores the limit, and runs at the test's end
+// if the test did not call it.
+func OutOfFDs(t testing.TB) (release func()) {
 	t.Helper()
 	var old syscall.Rlimit
 	if err := syscall.Getrlimit(syscall.RLIMIT_NOFILE, &old); err != nil {
@@ -55,20 +55,14 @@ func OutOfFDs(t testing.TB) (spare, release func()) {
 		release()
 		t.Fatalf("testnet: no descriptor to take under a limit of %d", lim.Cur)
 	}
-	spare = func() {
-		if n := len(held); n > 0 {
-			held[n-1].Close()
-			held = held[:n-1]
-		}
-	}
-	return spare, release
+	return release
 }
 
 // DialQueued connects a TCP socket to addr (an IPv4 address and port)
 // that was made before OutOfFDs ran out the descriptors: connect needs
 // none, so the connection waits in the listener's accept queue whatever
-// else in the test process took a freed descriptor meanwhile (spare's one
-// could be taken by another goroutine first). Call the returned func
+// else in the test process took a freed descriptor meanwhile (one freed
+// for the test's socket could be taken by another goroutine first). Call the returned func
 // first, before OutOfFDs; it connects and returns the socket's closer.
 func DialQueued(t testing.TB, addr string) (connect func() (closeSocket func())) {
 	t.Helper()
