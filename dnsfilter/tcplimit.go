@@ -67,7 +67,7 @@ type tcpListener struct {
 // fails each accept again, so without the pause the loop spun a core for
 // as long as the descriptors were out (TestFDExhaustion).
 func (l tcpListener) Accept() (net.Conn, error) {
-	var delay time.Duration
+	var pause netutil.AcceptBackoff // one timer for every pause
 	for {
 		c, err := l.Listener.Accept()
 		if err != nil {
@@ -77,15 +77,12 @@ func (l tcpListener) Accept() (net.Conn, error) {
 			l.s.warnOnce("accept", 10*time.Second, func() {
 				l.s.log.Warn("dnsfilter: tcp accept failing: retrying", "listen", l.Addr().String(), audit.LogError, audit.ErrorText(err))
 			})
-			delay = min(max(2*delay, 5*time.Millisecond), time.Second)
-			select {
-			case <-l.s.done:
+			if !pause.Wait(l.s.done, nil) {
 				return nil, err
-			case <-time.After(delay):
 			}
 			continue
 		}
-		delay = 0
+		pause.Reset()
 		client := netip.Addr{}
 		if ap, ok := c.RemoteAddr().(*net.TCPAddr); ok {
 			client = ap.AddrPort().Addr().Unmap()

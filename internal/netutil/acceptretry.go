@@ -42,6 +42,13 @@ type AcceptBackoff struct {
 // also is closed first (a nil one never is).
 func (b *AcceptBackoff) Wait(stop, also <-chan struct{}) bool {
 	b.delay = min(max(2*b.delay, acceptPauseFirst), acceptPauseLongest)
+	select {
+	case <-stop:
+		return false
+	case <-also:
+		return false
+	default:
+	}
 	if b.t == nil {
 		b.t = time.NewTimer(b.delay)
 	} else {

@@ -89,3 +89,38 @@ func TestRetryListenerStops(t *testing.T) {
 		t.Fatal("Accept has not returned 5 s after Close while out of descriptors")
 	}
 }
+
+// TestAcceptBackoff: the pauses are 5 ms doubling to a second, and stay
+// there, and Reset starts them over (stop closed: no Wait sleeps, each
+// returns false); pauses that run out return true and use the one timer,
+// not one each.
+func TestAcceptBackoff(t *testing.T) {
+	stop := make(chan struct{})
+	close(stop)
+	var b AcceptBackoff
+	want := []time.Duration{5, 10, 20, 40, 80, 160, 320, 640, 1000, 1000}
+	for i, w := range want {
+		if b.Wait(stop, nil) {
+			t.Fatalf("Wait #%d with stop closed returned true", i)
+		}
+		if b.Delay() != w*time.Millisecond {
+			t.Errorf("pause #%d: %v, want %v", i, b.Delay(), w*time.Millisecond)
+		}
+	}
+	b.Reset()
+	if b.Wait(nil, stop); b.Delay() != 5*time.Millisecond {
+		t.Errorf("pause after Reset: %v, want 5ms", b.Delay())
+	}
+	b.Reset()
+	var timer *time.Timer
+	for i := range 3 { // 5, 10, 20 ms; no speed asserted
+		if !b.Wait(nil, nil) {
+			t.Fatalf("Wait #%d with nothing closed returned false", i)
+		}
+		if timer == nil {
+			timer = b.t
+		} else if b.t != timer {
+			t.Errorf("Wait #%d made a timer of its own", i)
+		}
+	}
+}
