@@ -512,43 +512,123 @@ func (tp *topo) dialAtFirstWriteFrom(t *testing.T, src netip.Addr, dest netip.Ad
 	}}
 }
 
-// firstWriteConn is dialAtFirstWrite's connection: its TCPConn is nil
-// until the first write. A deadline set before then (tlsGet sets one
-// before its handshake) is kept for the dial; a Close before then does
-// nothing.
+// firstWriteConn is dialAtFirstWrite's connection: it dials at the first
+// write, or at the first call that needs the socket (Read, LocalAddr,
+// RemoteAddr, CloseWrite), once. Deadlines set before then (tlsGet sets
+// one before its handshake) are kept for the dial; a Close before then
+// dials nothing, and the calls after it fail with net.ErrClosed (and the
+// addresses are nil), as does every call after a dial that failed, with
+// its error.
 type firstWriteConn struct {
-	*net.TCPConn
-	dial     func() (*net.TCPConn, error)
-	deadline time.Time
+	dial func() (*net.TCPConn, error)
+
+	mu       sync.Mutex
+	tc       *net.TCPConn
+	err      error
+	rdl, wdl time.Time // deadlines set before the dial
+}
+
+// conn dials, the first time, and returns the socket or why there is none.
+func (c *firstWriteConn) conn() (*net.TCPConn, error) {
+	c.mu.Lock()
+	defer c.mu.Unlock()
+	if c.tc != nil || c.err != nil {
+		return c.tc, c.err
+	}
+	tc, err := c.dial()
+	if err != nil {
+		c.err = err
+		return nil, err
+	}
+	c.tc = tc
+	if !c.rdl.IsZero() {
+		tc.SetReadDeadline(c.rdl)
+	}
+	if !c.wdl.IsZero() {
+		tc.SetWriteDeadline(c.wdl)
+	}
+	return tc, nil
 }
 
 func (c *firstWriteConn) Write(b []byte) (int, error) {
-	if c.TCPConn == nil {
-		tc, err := c.dial()
-		if err != nil {
-			return 0, err
-		}
-		c.TCPConn = tc
-		if !c.deadline.IsZero() {
-			c.TCPConn.SetDeadline(c.deadline)
-		}
+	tc, err := c.conn()
+	if err != nil {
+		return 0, err
 	}
-	return c.TCPConn.Write(b)
+	return tc.Write(b)
 }
 
-func (c *firstWriteConn) SetDeadline(d time.Time) error {
-	if c.TCPConn == nil {
-		c.deadline = d
-		return nil
+func (c *firstWriteConn) Read(b []byte) (int, error) {
+	tc, err := c.conn()
+	if err != nil {
+		return 0, err
 	}
-	return c.TCPConn.SetDeadline(d)
+	return tc.Read(b)
 }
+
+func (c *firstWriteConn) CloseWrite() error {
+	tc, err := c.conn()
+	if err != nil {
+		return err
+	}
+	return tc.CloseWrite()
+}
+
+func (c *firstWriteConn) LocalAddr() net.Addr {
+	if tc, err := c.conn(); err == nil {
+		return tc.LocalAddr()
+	}
+	return nil
+}
+
+func (c *firstWriteConn) RemoteAddr() net.Addr {
+	if tc, err := c.conn(); err == nil {
+		return tc.RemoteAddr()
+	}
+	return nil
+}
+
+// setDeadlines sets the read (read) and write (write) deadline to d, on
+// the socket or, before the dial, for it.
+func (c *firstWriteConn) setDeadlines(d time.Time, read, write bool) error {
+	c.mu.Lock()
+	tc := c.tc
+	if tc == nil {
+		if read {
+			c.rdl = d
+		}
+		if write {
+			c.wdl = d
+		}
+	}
+	c.mu.Unlock()
+	switch {
+	case tc == nil:
+		return nil
+	case read && write:
+		return tc.SetDeadline(d)
+	case read:
+		return tc.SetReadDeadline(d)
+	default:
+		return tc.SetWriteDeadline(d)
+	}
+}
+
+func (c *firstWriteConn) SetDeadline(d time.Time) error      { return c.setDeadlines(d, true, true) }
+func (c *firstWriteConn) SetReadDeadline(d time.Time) error  { return c.setDeadlines(d, true, false) }
+func (c *firstWriteConn) SetWriteDeadline(d time.Time) error { return c.setDeadlines(d, false, true) }
 
 func (c *firstWriteConn) Close() error {
-	if c.TCPConn == nil {
+	c.mu.Lock()
+	tc := c.tc
+	if tc == nil && c.err == nil {
+		c.err = net.ErrClosed // nothing dialed, nothing will be
+	}
+	c.mu.Unlock()
+	if tc == nil {
 		return nil
 	}
-	return c.TCPConn.Close()
+	return tc.Close()
 }
 
 // tlsGet does a TLS handshake with serverName over conn and one GET,
