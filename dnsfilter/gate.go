@@ -269,13 +269,23 @@ func (s *Server) gate(q *query, e *entry, now int64) {
 // left). The set keeps its live addresses: evicting one would cut a
 // client answered with it, to serve this one.
 func (s *Server) withhold(q *query, ls []Learned, nrules int, err error) {
+	// Rules that refused each address, each once: an answer that repeats
+	// an address is refused as often, and its count is not of rules.
+	type ruleAddr struct {
+		rule string
+		addr netip.Addr
+	}
+	seen := map[ruleAddr]bool{}
 	refused := map[netip.Addr]int{}
 	eachUnreachable(err, func(u Unreachable) {
 		rule, set, a, ok := u.Unreachable()
 		if !ok {
 			return
 		}
-		refused[a.Unmap()]++
+		if k := (ruleAddr{rule, a.Unmap()}); !seen[k] {
+			seen[k] = true
+			refused[k.addr]++
+		}
 		if k := rule + "/" + set; !slices.Contains(q.fullSets, k) {
 			q.fullSets = append(q.fullSets, k)
 		}

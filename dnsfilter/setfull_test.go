@@ -172,3 +172,19 @@ func TestSetFullWithheld(t *testing.T) {
 		t.Errorf("multi.full.test with room: %v, want both", answerAddrs(r))
 	}
 }
+
+// TestSetFullDuplicateRecord: an answer that repeats an address (RFC 2181
+// §5 says not to; a hostile or sloppy server does) asks the firewall for
+// it twice per rule, and a full set refuses it twice. The address sip's
+// set took is still reachable: it stays in the answer.
+func TestSetFullDuplicateRecord(t *testing.T) {
+	up := newFakeUpstream(t, "two.full.test. 300 IN A 192.0.2.23\ntwo.full.test. 300 IN A 192.0.2.23\n")
+	fw := &fullFirewall{}
+	fw.set(map[string][]netip.Addr{"ntp": addrs("192.0.2.23")}, true)
+	ts := startServer(t, "", Config{Upstreams: []string{up.Addr}, AllowPrivateAnswers: true},
+		Deps{Policy: compile(t, setFullPolicy), Firewall: fw})
+	r := ask(t, "udp", ts.Addr, "two.full.test.", dns.TypeA, false)
+	if got := answerAddrs(r); r.Rcode != dns.RcodeSuccess || len(got) == 0 {
+		t.Errorf("two.full.test, refused by ntp twice but taken by sip: rcode %s, %v; want its address", dns.RcodeToString[r.Rcode], got)
+	}
+}
