@@ -256,9 +256,11 @@ func (s *Server) gate(q *query, e *entry, now int64) {
 	default:
 		s.m.learnError.Inc()
 		q.fwErr = err.Error()
-		if !other && q.dec.Mode == policy.ModeEnforce {
-			s.withhold(q, ls, len(rules), err)
-		}
+	}
+	// A timeout too: the firewall's error joins the refusals it made
+	// before waiting on the addresses it was still writing.
+	if err != nil && !other && q.dec.Mode == policy.ModeEnforce {
+		s.withhold(q, ls, len(rules), err)
 	}
 }
 

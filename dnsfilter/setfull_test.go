@@ -10,6 +10,7 @@ import (
 	"strings"
 	"sync"
 	"testing"
+	"time"
 
 	"github.com/miekg/dns"
 
@@ -186,5 +187,45 @@ func TestSetFullDuplicateRecord(t *testing.T) {
 	r := ask(t, "udp", ts.Addr, "two.full.test.", dns.TypeA, false)
 	if got := answerAddrs(r); r.Rcode != dns.RcodeSuccess || len(got) == 0 {
 		t.Errorf("two.full.test, refused by ntp twice but taken by sip: rcode %s, %v; want its address", dns.RcodeToString[r.Rcode], got)
+	}
+}
+
+// slowFullFirewall refuses 192.0.2.20 for ntp (a full set) and does not
+// finish writing 192.0.2.21 before ctx is done, as firewall.LearnAll
+// waiting on a slow netlink batch: its error joins both.
+type slowFullFirewall struct{}
+
+func (slowFullFirewall) Wants(rule string) bool { return rule == "ntp" }
+func (slowFullFirewall) WantsAny() bool         { return true }
+func (slowFullFirewall) Learn(ctx context.Context, eng *policy.Engine, ls []Learned) error {
+	var errs []error
+	slow := false
+	for _, l := range ls {
+		switch l.Addr {
+		case netip.MustParseAddr("192.0.2.20"):
+			errs = append(errs, &fullErr{l.Rule, l.Addr, true})
+		case netip.MustParseAddr("192.0.2.21"):
+			slow = true
+		}
+	}
+	if slow {
+		<-ctx.Done()
+		errs = append(errs, fmt.Errorf("learn: %w", ctx.Err()))
+	}
+	return errors.Join(errs...)
+}
+
+// TestSetFullWithheldOnTimeout: the wait for one address timing out does
+// not give the client another that a full set refused for good.
+func TestSetFullWithheldOnTimeout(t *testing.T) {
+	up := newFakeUpstream(t, setFullZone)
+	ts := startServer(t, "", Config{Upstreams: []string{up.Addr}, AllowPrivateAnswers: true, LearnTimeout: 20 * time.Millisecond},
+		Deps{Policy: compile(t, setFullPolicy), Firewall: slowFullFirewall{}})
+	r := ask(t, "udp", ts.Addr, "multi.full.test.", dns.TypeA, false)
+	if got := answerAddrs(r); r.Rcode != dns.RcodeSuccess || !slices.Equal(got, addrs("192.0.2.21")) {
+		t.Errorf("multi.full.test, 192.0.2.20 refused, 192.0.2.21 slow: rcode %s, %v; want 192.0.2.21", dns.RcodeToString[r.Rcode], got)
+	}
+	if n := counterValue(ts.m.learnTimeout); n != 1 {
+		t.Errorf("learn timeouts %v, want 1", n)
 	}
 }
