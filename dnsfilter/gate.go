@@ -329,6 +329,9 @@ func (s *Server) withholdAnswer(q *query, req *dns.Msg, wire []byte) []byte {
 		}
 	}
 	m.Answer = kept
+	// The RRset left is not the one the zone signed (an RRSIG over it
+	// no longer verifies): AD would vouch for it (RFC 4035 §3.2.3).
+	m.AuthenticatedData = false
 	m.Compress = true
 	out, err := m.Pack()
 	if err != nil {

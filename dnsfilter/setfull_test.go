@@ -320,3 +320,26 @@ gone.cdn.test. 300 IN A 192.0.2.32
 		}
 	}
 }
+
+// TestSetFullTrimmedNotAuthenticated: a trimmed answer is not the RRset
+// the zone signed, so it does not go out with the upstream's AD bit (RFC
+// 4035 §3.2.3: AD vouches for every RRset of the answer as authentic); an
+// answer passed on whole keeps it.
+func TestSetFullTrimmedNotAuthenticated(t *testing.T) {
+	up := newFakeUpstream(t, setFullZone)
+	ad := func(m *dns.Msg, _ string) { m.AuthenticatedData = true }
+	up.mangle.Store(&ad)
+	fw := &fullFirewall{}
+	fw.set(map[string][]netip.Addr{"ntp": addrs("192.0.2.20")}, true)
+	ts := startServer(t, "", Config{Upstreams: []string{up.Addr}, AllowPrivateAnswers: true},
+		Deps{Policy: compile(t, setFullPolicy), Firewall: fw})
+	if r := ask(t, "udp", ts.Addr, "web.full.test.", dns.TypeA, true); !r.AuthenticatedData {
+		t.Fatalf("web.full.test, passed on whole: AD clear, want the upstream's AD")
+	}
+	for i := range 2 {
+		r := ask(t, "udp", ts.Addr, "multi.full.test.", dns.TypeA, true)
+		if got := answerAddrs(r); !slices.Equal(got, addrs("192.0.2.21")) || r.AuthenticatedData {
+			t.Errorf("#%d multi.full.test trimmed: %v, AD %v; want 192.0.2.21, AD clear", i, got, r.AuthenticatedData)
+		}
+	}
+}
