@@ -5,7 +5,6 @@ import (
 	"errors"
 	"fmt"
 	"log/slog"
-	"net"
 	"net/netip"
 	"slices"
 	"strings"
@@ -249,43 +248,10 @@ func BenchmarkForwarderCachedSetFull(b *testing.B) {
 			fw.set(map[string][]netip.Addr{"ntp": bc.full}, true)
 			ts := startServer(b, "", Config{Upstreams: []string{up.Addr}, AllowPrivateAnswers: true},
 				Deps{Policy: compile(b, setFullPolicy), Firewall: fw})
-			m := new(dns.Msg)
-			m.SetQuestion("multi.full.test.", dns.TypeA)
-			q, err := m.Pack()
-			if err != nil {
-				b.Fatal(err)
-			}
 			if r := ask(b, "udp", ts.Addr, "multi.full.test.", dns.TypeA, false); len(answerAddrs(r)) != 2-len(bc.full) {
 				b.Fatalf("answer %v", answerAddrs(r))
 			}
-			b.SetParallelism(4)
-			b.ResetTimer()
-			b.RunParallel(func(pb *testing.PB) {
-				c, err := net.Dial("udp", ts.Addr)
-				if err != nil {
-					b.Error(err)
-					return
-				}
-				defer c.Close()
-				qq := append([]byte(nil), q...)
-				buf := make([]byte, 1500)
-				var id uint16
-				for pb.Next() {
-					id++
-					qq[0], qq[1] = byte(id>>8), byte(id)
-					if _, err := c.Write(qq); err != nil {
-						b.Error(err)
-						return
-					}
-					_ = c.SetReadDeadline(time.Now().Add(2 * time.Second))
-					n, err := c.Read(buf)
-					if err != nil || n < 12 || buf[0] != qq[0] || buf[1] != qq[1] {
-						b.Errorf("answer %d: %v", n, err)
-						return
-					}
-				}
-			})
-			b.ReportMetric(float64(b.N)/b.Elapsed().Seconds(), "queries/s")
+			benchUDPQueries(b, ts.Addr, "multi.full.test.")
 		})
 	}
 }
