@@ -1,0 +1,125 @@
+package e2e
+
+import (
+	"context"
+	"net"
+	"slices"
+	"strings"
+	"testing"
+	"time"
+)
+
+// TestHardeningModes: THREATS.md F5 (the original destination's port must
+// pass, not only the name) and A2 (an allowed name toward an address no
+// DNS answer gave out: TLS over IPv4 and IPv6, and a plain HTTP Host), in
+// enforce mode and in audit mode. Enforce: nothing reaches the servers
+// (witnesses on the allowed name's own address at ports no rule opens, and
+// on the attacker's addresses). Audit: everything reaches them, and the
+// event log says what enforce would do: a deny, not enforced, for the
+// reason enforce gives.
+func TestHardeningModes(t *testing.T) {
+	for _, mode := range []string{"enforce", "audit"} {
+		t.Run(mode, func(t *testing.T) {
+			tp := newTopo(t)
+			u := tp.startUpstream(t)
+			cases := []struct {
+				name, addr, payload, reason string
+			}{
+				// F5: the address our DNS gave this client for dockerName,
+				// on ports no rule opens for it.
+				{"allowed-name-port-8443", dockerIP4 + ":8443", string(buildHello(helloSpec{sni: [][]string{{dockerName}}})), "port-not-allowed|no-rule"},
+				{"allowed-name-port-22", dockerIP4 + ":22", "SSH-2.0-OpenSSH_9.2\r\n", "port-not-allowed|no-rule"},
+				{"allowed-name-port-8443-v6", "[" + dockerIP6 + "]:8443", string(buildHello(helloSpec{sni: [][]string{{dockerName}}})), "port-not-allowed|no-rule"},
+				// A2: the allowed name toward the attacker's address.
+				{"sni-spoof-v4", spoofIP4 + ":443", string(buildHello(helloSpec{sni: [][]string{{dockerName}}})), "sni-mismatch"},
+				{"sni-spoof-v6", "[" + spoofIP6 + "]:443", string(buildHello(helloSpec{sni: [][]string{{dockerName}}})), "sni-mismatch"},
+				{"host-spoof-v4", spoofIP4 + ":80", "GET / HTTP/1.1\r\nHost: " + vendorName + "\r\n\r\n", "sni-mismatch"},
+			}
+			var addrs []string
+			for _, c := range cases {
+				addrs = append(addrs, c.addr)
+			}
+			w := tp.newWitness(t, addrs, nil)
+			for _, a := range addrs {
+				if !tp.dialOK(a) {
+					t.Fatalf("without egressd, %s is not reachable from the LAN: the test would prove nothing", a)
+				}
+			}
+			w.settle()
+			base := map[string]int{}
+			for _, a := range addrs {
+				base[a] = w.hits(a)
+			}
+
+			d := newDaemon(t, tp, mode)
+			d.writePolicy(append(testPolicy(t), hardeningRules...))
+			d.extra = []string{"--upstream-dns", u.addr}
+			d.start()
+			t.Cleanup(func() {
+				if t.Failed() {
+					t.Logf("egressd output:\n%s", d.logs())
+				}
+			})
+			for _, q := range [][2]string{{dockerName, "A"}, {dockerName, "AAAA"}, {vendorName, "A"}} {
+				if rcode, got := tp.dig(t, q[0], q[1]); rcode != "NOERROR" || len(got) == 0 {
+					t.Fatalf("dig %s %s: %s %v", q[0], q[1], rcode, got)
+				}
+			}
+
+			for _, c := range cases {
+				port, hit := tp.poke(c.addr, c.payload)
+				if port == 0 {
+					t.Errorf("%s: dial %s failed", c.name, c.addr)
+					continue
+				}
+				if want := mode == "audit"; hit != want {
+					t.Errorf("%s: %s reached %v, want %v in %s mode", c.name, c.addr, hit, want, mode)
+				}
+				ev := d.waitEvent(t, c.name, func(e flowEvent) bool {
+					return e.Kind == "flow" && e.ClientPort == port && e.Verdict == "deny" && !e.Time.Before(dialedAt(port))
+				})
+				if ev.Kind == "" {
+					continue
+				}
+				t.Logf("%s: %v", c.name, ev)
+				if want := dockerName; ev.Name != want && !(c.name == "host-spoof-v4" && ev.Name == vendorName) {
+					t.Errorf("%s: event names %q, want the name the client gave", c.name, ev.Name)
+				}
+				if !slices.Contains(strings.Split(c.reason, "|"), ev.Reason) || ev.Enforced != (mode == "enforce") {
+					t.Errorf("%s: %s mode event %v; want a deny for %s, enforced %v", c.name, mode, ev, c.reason, mode == "enforce")
+				}
+				// No component reports it allowed.
+				for _, e := range d.allEvents() {
+					if e.Kind == "flow" && e.ClientPort == port && e.Verdict == "allow" && !e.Time.Before(dialedAt(port)) {
+						t.Errorf("%s: an allow for the same connection: %v", c.name, e)
+					}
+				}
+			}
+			for _, a := range addrs {
+				n := w.hits(a) - base[a]
+				if mode == "enforce" && n != 0 {
+					t.Errorf("enforce: %s accepted %d connections", a, n)
+				}
+			}
+		})
+	}
+}
+
+// poke connects from the LAN to addr, sends payload and reads for up to
+// 2 s: hit says a witness answered ("hit"). It closes the connection, so
+// capture ends the flow. port 0: the dial failed.
+func (tp *topo) poke(addr, payload string) (port int, hit bool) {
+	ctx, cancel := context.WithTimeout(context.Background(), 5*time.Second)
+	defer cancel()
+	c, err := tp.dialTCP(ctx, addr)
+	if err != nil {
+		return 0, false
+	}
+	defer c.Close()
+	port = c.LocalAddr().(*net.TCPAddr).Port
+	c.SetDeadline(time.Now().Add(2 * time.Second))
+	c.Write([]byte(payload))
+	buf := make([]byte, 4)
+	n, _ := c.Read(buf)
+	return port, string(buf[:n]) == "hit\n"
+}
