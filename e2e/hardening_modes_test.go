@@ -1,8 +1,13 @@
 package e2e
 
 import (
+	"bufio"
 	"context"
+	"io"
 	"net"
+	"net/http"
+	"os"
+	"path/filepath"
 	"slices"
 	"strings"
 	"testing"
@@ -126,4 +131,108 @@ func (tp *topo) poke(addr, payload string) (port int, hit bool) {
 	buf := make([]byte, 4)
 	n, _ := c.Read(buf)
 	return port, string(buf[:n]) == "hit\n"
+}
+
+// TestHardeningExplicitKeepAlive (THREATS.md C6, F5): on one keep-alive
+// connection to the explicit proxy, each absolute-form request is decided
+// on its own: after an allowed request, one naming a denied host, and ones
+// that change only the port of the allowed name (to 22 and 8080, which no
+// rule opens for it), get the 403 and reach no server; an allowed one
+// still goes through.
+func TestHardeningExplicitKeepAlive(t *testing.T) {
+	tp := newTopo(t)
+	u := tp.startUpstream(t)
+	otherPorts := []string{vendorIP + ":22", vendorIP + ":8080"}
+	w := tp.newWitness(t, otherPorts, nil)
+	for _, a := range otherPorts {
+		if !tp.dialOK(a) {
+			t.Fatalf("without egressd, %s is not reachable from the LAN: the test would prove nothing", a)
+		}
+	}
+	w.settle()
+	base := w.tcp.Load()
+	d := hardeningDaemon(t, tp, u, "")
+	if rcode, got := tp.dig(t, vendorName, "A"); rcode != "NOERROR" || len(got) == 0 {
+		t.Fatalf("dig %s: %s %v", vendorName, rcode, got)
+	}
+
+	get := func(target string) string {
+		host := strings.TrimPrefix(target, "http://")
+		host, _, _ = strings.Cut(host, "/")
+		return "GET " + target + " HTTP/1.1\r\nHost: " + host + "\r\nUser-Agent: e2e\r\n\r\n"
+	}
+	steps := []struct {
+		target string
+		code   int
+		reason string
+	}{
+		{"http://" + vendorName + "/ka-first", 200, ""},
+		{"http://" + trackerName + "/ka-denied-host", 403, "no-rule"},
+		{"http://" + vendorName + "/ka-second", 200, ""},
+		{"http://" + vendorName + ":22/ka-port-22", 403, "port-not-allowed"},
+		{"http://" + vendorName + "/ka-third", 200, ""},
+		{"http://" + vendorName + ":8080/ka-port-8080", 403, "port-not-allowed"},
+		{"http://" + vendorName + "/ka-fourth", 200, ""},
+	}
+	ctx, cancel := context.WithTimeout(t.Context(), 10*time.Second)
+	c, err := tp.dialTCP(ctx, gwLAN4+":3128")
+	cancel()
+	if err != nil {
+		t.Fatal(err)
+	}
+	defer c.Close()
+	c.SetDeadline(time.Now().Add(30 * time.Second))
+	br := bufio.NewReader(c)
+	for i, s := range steps {
+		io.WriteString(c, get(s.target))
+		resp, err := http.ReadResponse(br, nil)
+		if err != nil {
+			// A proxy may close the connection after a refusal; the
+			// rest is then tried on a new one.
+			t.Logf("step %d (%s): %v: reconnecting", i, s.target, err)
+			c.Close()
+			ctx, cancel := context.WithTimeout(t.Context(), 10*time.Second)
+			c, err = tp.dialTCP(ctx, gwLAN4+":3128")
+			cancel()
+			if err != nil {
+				t.Fatal(err)
+			}
+			c.SetDeadline(time.Now().Add(30 * time.Second))
+			br = bufio.NewReader(c)
+			if i > 0 && steps[i-1].code == 200 {
+				t.Errorf("step %d (%s): the connection ended after an allowed request", i, s.target)
+			}
+			io.WriteString(c, get(s.target))
+			if resp, err = http.ReadResponse(br, nil); err != nil {
+				t.Fatalf("step %d (%s) on a new connection: %v", i, s.target, err)
+			}
+		}
+		body, _ := io.ReadAll(io.LimitReader(resp.Body, 64<<10))
+		resp.Body.Close()
+		if resp.StatusCode != s.code {
+			t.Errorf("step %d: %s: %d, want %d: %q", i, s.target, resp.StatusCode, s.code, firstLine(string(body), nil))
+		}
+		if s.code == 403 && resp.Header.Get("X-Egressd-Reason") != s.reason {
+			t.Errorf("step %d: %s: reason %q, want %q", i, s.target, resp.Header.Get("X-Egressd-Reason"), s.reason)
+		}
+		if s.code == 403 {
+			d.waitEvent(t, s.target, func(e flowEvent) bool {
+				return e.Verdict == "deny" && e.Enforced && e.Reason == s.reason && strings.Contains(s.target, e.Name) &&
+					(e.Path == "" || strings.HasSuffix(s.target, e.Path))
+			})
+		}
+		if s.code == 200 && !strings.Contains(string(body), "host="+vendorName) {
+			t.Errorf("step %d: %s: body %q", i, s.target, firstLine(string(body), nil))
+		}
+	}
+	if n := w.tcp.Load() - base; n != 0 {
+		t.Errorf("the servers on ports no rule opens accepted %d connections", n)
+	}
+	log, _ := os.ReadFile(filepath.Join(tp.dir, "nginx-access.log"))
+	for _, s := range steps {
+		path := s.target[strings.LastIndex(s.target, "/"):]
+		if got := strings.Contains(string(log), path+" "); got != (s.code == 200) {
+			t.Errorf("nginx's access log has %s: %v, want %v", path, got, s.code == 200)
+		}
+	}
 }
