@@ -16,7 +16,7 @@ import (
 
 // TestHardeningModes: THREATS.md F5 (the original destination's port must
 // pass, not only the name) and A2 (an allowed name toward an address no
-// DNS answer gave out: TLS over IPv4 and IPv6, and a plain HTTP Host), in
+// DNS answer gave out: TLS and a plain HTTP Host, over IPv4 and IPv6), in
 // enforce mode and in audit mode. Enforce: nothing reaches the servers
 // (witnesses on the allowed name's own address at ports no rule opens, and
 // on the attacker's addresses). Audit: everything reaches them, and the
@@ -39,6 +39,7 @@ func TestHardeningModes(t *testing.T) {
 				{"sni-spoof-v4", spoofIP4 + ":443", string(buildHello(helloSpec{sni: [][]string{{dockerName}}})), "sni-mismatch"},
 				{"sni-spoof-v6", "[" + spoofIP6 + "]:443", string(buildHello(helloSpec{sni: [][]string{{dockerName}}})), "sni-mismatch"},
 				{"host-spoof-v4", spoofIP4 + ":80", "GET / HTTP/1.1\r\nHost: " + vendorName + "\r\n\r\n", "sni-mismatch"},
+				{"host-spoof-v6", "[" + spoofIP6 + "]:80", "GET / HTTP/1.1\r\nHost: " + vendorName + "\r\n\r\n", "sni-mismatch"},
 			}
 			var addrs []string
 			for _, c := range cases {
