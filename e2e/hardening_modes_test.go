@@ -237,3 +237,65 @@ func TestHardeningExplicitKeepAlive(t *testing.T) {
 		}
 	}
 }
+
+// TestHardeningExplicitUpstreamDown (THREATS.md G4): with the DNS upstream
+// down, the explicit proxy's own lookup of a CONNECT name fails, and the
+// CONNECT is refused (fail closed), logged as a denied flow; nothing
+// reaches the address the name would have had. When the upstream is back,
+// a CONNECT to another name of the same rule goes through (the control).
+func TestHardeningExplicitUpstreamDown(t *testing.T) {
+	tp := newTopo(t)
+	u := tp.startUpstream(t)
+	const freshIP = "203.0.113.42"
+	for _, n := range []string{"down1", "down2"} {
+		u.add(n + ".nirovision.com. 300 IN A " + freshIP)
+	}
+	w := tp.newWitness(t, []string{freshIP + ":443"}, nil)
+	if !tp.dialOK(freshIP + ":443") {
+		t.Fatalf("without egressd, %s:443 is not reachable from the LAN: the test would prove nothing", freshIP)
+	}
+	w.settle()
+	base := w.tcp.Load()
+	d := hardeningDaemon(t, tp, u, "")
+	proxyAddr := gwLAN4 + ":3128"
+
+	u.down.Store(true)
+	body, port, err := tp.rawHTTP(proxyAddr, "CONNECT down1.nirovision.com:443 HTTP/1.1\r\nHost: down1.nirovision.com:443\r\nConnection: close\r\n\r\n")
+	if !strings.HasPrefix(body, "HTTP/1.1 403") {
+		t.Errorf("CONNECT with the upstream down: %q, want 403", firstLine(body, err))
+	}
+	ev := wantEvent(t, d, "CONNECT with the upstream down", byClientPort(port), "deny", "resolve-failed")
+	t.Logf("CONNECT with the upstream down: %q; %v", firstLine(body, err), ev)
+	if n := w.tcp.Load() - base; n != 0 {
+		t.Errorf("%s accepted %d connections while the upstream was down", freshIP, n)
+	}
+
+	u.down.Store(false)
+	deadline := time.Now().Add(30 * time.Second)
+	for {
+		ctx, cancel := context.WithTimeout(t.Context(), 10*time.Second)
+		c, err := tp.dialTCP(ctx, proxyAddr)
+		cancel()
+		if err != nil {
+			t.Fatal(err)
+		}
+		c.SetDeadline(time.Now().Add(10 * time.Second))
+		io.WriteString(c, "CONNECT down2.nirovision.com:443 HTTP/1.1\r\nHost: down2.nirovision.com:443\r\n\r\n")
+		resp, err := http.ReadResponse(bufio.NewReader(c), &http.Request{Method: http.MethodConnect})
+		c.Close()
+		if err == nil && resp.StatusCode == 200 {
+			break
+		}
+		if time.Now().After(deadline) {
+			t.Fatalf("control: CONNECT down2.nirovision.com:443 after the upstream came back: %v %v", resp, err)
+		}
+		time.Sleep(500 * time.Millisecond)
+	}
+	deadline = time.Now().Add(5 * time.Second)
+	for w.tcp.Load() == base && time.Now().Before(deadline) {
+		time.Sleep(50 * time.Millisecond)
+	}
+	if w.tcp.Load() == base {
+		t.Errorf("control: the CONNECT after the upstream came back did not reach %s", freshIP)
+	}
+}
