@@ -3,6 +3,7 @@ package e2e
 import (
 	"bufio"
 	"context"
+	"fmt"
 	"io"
 	"net"
 	"net/http"
@@ -297,5 +298,95 @@ func TestHardeningExplicitUpstreamDown(t *testing.T) {
 	}
 	if w.tcp.Load() == base {
 		t.Errorf("control: the CONNECT after the upstream came back did not reach %s", freshIP)
+	}
+}
+
+// TestHardeningSmuggling (THREATS.md C6): on a transparent plain HTTP
+// keep-alive connection to an allowed name, after an allowed request,
+// framing shapes that a parser and the origin (nginx) might read
+// differently carry a request for a denied name in what egressd could
+// take for a body. Whatever egressd answers (a refusal, or the origin's
+// responses when it frames the request as nginx does), the origin never
+// serves the hidden request: no response names it and nginx's access log
+// never has it.
+func TestHardeningSmuggling(t *testing.T) {
+	tp := newTopo(t)
+	u := tp.startUpstream(t)
+	d := hardeningDaemon(t, tp, u, "")
+	if rcode, got := tp.dig(t, vendorName, "A"); rcode != "NOERROR" || len(got) == 0 {
+		t.Fatalf("dig %s: %s %v", vendorName, rcode, got)
+	}
+	hidden := func(tag string) string {
+		return "GET /c6x-" + tag + "-hidden HTTP/1.1\r\nHost: " + trackerName + "\r\n\r\n"
+	}
+	post := func(fields string) string {
+		return "POST /c6x-post HTTP/1.1\r\nHost: " + vendorName + "\r\n" + fields + "\r\n"
+	}
+	cases := []struct{ name, write string }{
+		{"te-comma", post("Transfer-Encoding: chunked,\r\n") + "0\r\n\r\n" + hidden("te-comma")},
+		{"te-identity-chunked", post("Transfer-Encoding: identity, chunked\r\n") + "0\r\n\r\n" + hidden("te-identity-chunked")},
+		{"te-xchunked-cl", post("Transfer-Encoding: xchunked\r\nContent-Length: 5\r\n") + "0\r\n\r\n" + hidden("te-xchunked-cl")},
+		{"te-space-name", post("Transfer-Encoding : chunked\r\n") + "0\r\n\r\n" + hidden("te-space-name")},
+		{"te-two-headers", post("Transfer-Encoding: chunked\r\nTransfer-Encoding: identity\r\n") + "0\r\n\r\n" + hidden("te-two-headers")},
+		{"cl-plus", post("Content-Length: +5\r\n") + "hello" + hidden("cl-plus")},
+		{"cl-list", post("Content-Length: 5, 5\r\n") + "hello" + hidden("cl-list")},
+		{"cl-hex", post("Content-Length: 0x5\r\n") + "hello" + hidden("cl-hex")},
+		{"chunk-ext-lf", post("Transfer-Encoding: chunked\r\n") + "5;x\nhello\r\n0\r\n\r\n" + hidden("chunk-ext-lf")},
+		{"chunk-size-overflow", post("Transfer-Encoding: chunked\r\n") + "10000000000000005\r\nhello\r\n0\r\n\r\n" + hidden("chunk-size-overflow")},
+		{"get-with-body-cl", "GET /c6x-get HTTP/1.1\r\nHost: " + vendorName + "\r\nContent-Length: " + fmt.Sprint(len(hidden("get-with-body-cl"))) + "\r\n\r\n" + hidden("get-with-body-cl")},
+		{"host-space", "GET /c6x-host-space HTTP/1.1\r\nHost: " + vendorName + " " + trackerName + "\r\n\r\n" + hidden("host-space")},
+		{"host-cr", "GET /c6x-host-cr HTTP/1.1\r\nHost: " + vendorName + "\rHost: " + trackerName + "\r\n\r\n" + hidden("host-cr")},
+		{"request-line-lf", "GET /c6x-lf HTTP/1.1\nHost: " + vendorName + "\n\n" + hidden("request-line-lf")},
+		{"http10-absolute", "GET http://" + trackerName + "/c6x-http10-absolute-hidden HTTP/1.0\r\nHost: " + vendorName + "\r\n\r\n"},
+	}
+	for _, c := range cases {
+		t.Run(c.name, func(t *testing.T) {
+			ctx, cancel := context.WithTimeout(t.Context(), 10*time.Second)
+			conn, err := tp.dialTCP(ctx, vendorIP+":80")
+			cancel()
+			if err != nil {
+				t.Fatal(err)
+			}
+			defer conn.Close()
+			conn.SetDeadline(time.Now().Add(10 * time.Second))
+			br := bufio.NewReader(conn)
+			io.WriteString(conn, "GET /c6x-first HTTP/1.1\r\nHost: "+vendorName+"\r\n\r\n")
+			resp, err := http.ReadResponse(br, nil)
+			if err != nil || resp.StatusCode != 200 {
+				t.Fatalf("the allowed first request: %v %v", resp, err)
+			}
+			io.Copy(io.Discard, resp.Body)
+			resp.Body.Close()
+			io.WriteString(conn, c.write)
+			// Read what comes back until the connection ends or is quiet.
+			conn.SetReadDeadline(time.Now().Add(3 * time.Second))
+			rest, _ := io.ReadAll(br)
+			var codes []string
+			for _, l := range strings.Split(string(rest), "\r\n") {
+				if strings.HasPrefix(l, "HTTP/1.") {
+					codes = append(codes, l)
+				}
+			}
+			t.Logf("%s: responses %q", c.name, codes)
+			if strings.Contains(string(rest), "hidden") && strings.Contains(string(rest), "host="+trackerName) {
+				t.Errorf("%s: the origin served the hidden request: %q", c.name, rest)
+			}
+		})
+	}
+	// nginx logs a request when it is done: give it a moment.
+	time.Sleep(time.Second)
+	log, _ := os.ReadFile(filepath.Join(tp.dir, "nginx-access.log"))
+	if !strings.Contains(string(log), "c6x-first") {
+		t.Fatalf("nginx's access log has no c6x-first request: is it the right log?\n%s", log)
+	}
+	for _, l := range strings.Split(string(log), "\n") {
+		if strings.Contains(l, "-hidden") {
+			t.Errorf("nginx served a hidden request: %s", l)
+		}
+	}
+	for _, ev := range d.allEvents() {
+		if ev.Name == trackerName && ev.Verdict == "allow" {
+			t.Errorf("an allow for %s: %v", trackerName, ev)
+		}
 	}
 }
