@@ -176,14 +176,8 @@ func TestHardeningExplicitKeepAlive(t *testing.T) {
 		{"http://" + vendorName + ":8080/ka-port-8080", 403, "port-not-allowed"},
 		{"http://" + vendorName + "/ka-fourth", 200, ""},
 	}
-	ctx, cancel := context.WithTimeout(t.Context(), 10*time.Second)
-	c, err := tp.dialTCP(ctx, gwLAN4+":3128")
-	cancel()
-	if err != nil {
-		t.Fatal(err)
-	}
-	defer c.Close()
-	c.SetDeadline(time.Now().Add(30 * time.Second))
+	c := tp.dialLAN(t, gwLAN4+":3128", 30*time.Second)
+	defer func() { c.Close() }()
 	br := bufio.NewReader(c)
 	for i, s := range steps {
 		io.WriteString(c, get(s.target))
@@ -193,13 +187,7 @@ func TestHardeningExplicitKeepAlive(t *testing.T) {
 			// rest is then tried on a new one.
 			t.Logf("step %d (%s): %v: reconnecting", i, s.target, err)
 			c.Close()
-			ctx, cancel := context.WithTimeout(t.Context(), 10*time.Second)
-			c, err = tp.dialTCP(ctx, gwLAN4+":3128")
-			cancel()
-			if err != nil {
-				t.Fatal(err)
-			}
-			c.SetDeadline(time.Now().Add(30 * time.Second))
+			c = tp.dialLAN(t, gwLAN4+":3128", 30*time.Second)
 			br = bufio.NewReader(c)
 			if i > 0 && steps[i-1].code == 200 {
 				t.Errorf("step %d (%s): the connection ended after an allowed request", i, s.target)
@@ -274,13 +262,7 @@ func TestHardeningExplicitUpstreamDown(t *testing.T) {
 	u.down.Store(false)
 	deadline := time.Now().Add(30 * time.Second)
 	for {
-		ctx, cancel := context.WithTimeout(t.Context(), 10*time.Second)
-		c, err := tp.dialTCP(ctx, proxyAddr)
-		cancel()
-		if err != nil {
-			t.Fatal(err)
-		}
-		c.SetDeadline(time.Now().Add(10 * time.Second))
+		c := tp.dialLAN(t, proxyAddr, 10*time.Second)
 		io.WriteString(c, "CONNECT down2.nirovision.com:443 HTTP/1.1\r\nHost: down2.nirovision.com:443\r\n\r\n")
 		resp, err := http.ReadResponse(bufio.NewReader(c), &http.Request{Method: http.MethodConnect})
 		c.Close()
@@ -341,14 +323,8 @@ func TestHardeningSmuggling(t *testing.T) {
 	}
 	for _, c := range cases {
 		t.Run(c.name, func(t *testing.T) {
-			ctx, cancel := context.WithTimeout(t.Context(), 10*time.Second)
-			conn, err := tp.dialTCP(ctx, vendorIP+":80")
-			cancel()
-			if err != nil {
-				t.Fatal(err)
-			}
+			conn := tp.dialLAN(t, vendorIP+":80", 10*time.Second)
 			defer conn.Close()
-			conn.SetDeadline(time.Now().Add(10 * time.Second))
 			br := bufio.NewReader(conn)
 			io.WriteString(conn, "GET /c6x-first HTTP/1.1\r\nHost: "+vendorName+"\r\n\r\n")
 			resp, err := http.ReadResponse(br, nil)
@@ -389,4 +365,18 @@ func TestHardeningSmuggling(t *testing.T) {
 			t.Errorf("an allow for %s: %v", trackerName, ev)
 		}
 	}
+}
+
+// dialLAN connects from the LAN to addr (the test fails if it cannot) and
+// sets the connection's deadline d from now.
+func (tp *topo) dialLAN(t *testing.T, addr string, d time.Duration) net.Conn {
+	t.Helper()
+	ctx, cancel := context.WithTimeout(t.Context(), 10*time.Second)
+	defer cancel()
+	c, err := tp.dialTCP(ctx, addr)
+	if err != nil {
+		t.Fatalf("dial %s: %v", addr, err)
+	}
+	c.SetDeadline(time.Now().Add(d))
+	return c
 }
