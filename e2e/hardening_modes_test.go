@@ -22,12 +22,21 @@ import (
 // (witnesses on the allowed name's own address at ports no rule opens, and
 // on the attacker's addresses). Audit: everything reaches them, and the
 // event log says what enforce would do: a deny, not enforced, for the
-// reason enforce gives.
+// reason enforce gives. And E3: the forwarder's rebinding filter works in
+// both modes.
 func TestHardeningModes(t *testing.T) {
 	for _, mode := range []string{"enforce", "audit"} {
 		t.Run(mode, func(t *testing.T) {
 			tp := newTopo(t)
 			u := tp.startUpstream(t)
+			for _, rr := range []string{
+				rebindMeta + ". 300 IN A " + metaIP,
+				rebindMixed + ". 300 IN A " + privIP,
+				rebindMixed + ". 300 IN A " + dockerIP4,
+				rebindNAT64 + ". 300 IN AAAA 64:ff9b::a9fe:a9fe",
+			} {
+				u.add(rr)
+			}
 			cases := []struct {
 				name, addr, payload, reason string
 			}{
@@ -70,6 +79,19 @@ func TestHardeningModes(t *testing.T) {
 			for _, q := range [][2]string{{dockerName, "A"}, {dockerName, "AAAA"}, {vendorName, "A"}} {
 				if rcode, got := tp.dig(t, q[0], q[1]); rcode != "NOERROR" || len(got) == 0 {
 					t.Fatalf("dig %s %s: %s %v", q[0], q[1], rcode, got)
+				}
+			}
+
+			// E3 in both modes: the forwarder drops special addresses from
+			// an allowed name's answer (only the public one of a mix stays).
+			for _, q := range [][2]string{{rebindMeta, "A"}, {rebindMixed, "A"}, {rebindNAT64, "AAAA"}} {
+				rcode, got := tp.dig(t, q[0], q[1])
+				want := ""
+				if q[0] == rebindMixed {
+					want = dockerIP4
+				}
+				if rcode != "NOERROR" || strings.Join(got, ",") != want {
+					t.Errorf("%s mode: dig %s %s: %s %v, want NOERROR %q", mode, q[0], q[1], rcode, got, want)
 				}
 			}
 
