@@ -457,3 +457,61 @@ func TestHardeningPausedHello(t *testing.T) {
 		})
 	}
 }
+
+// TestOddSNIParity (THREATS.md A5, in both modes): the odd server names of
+// TestHardeningNames/odd-sni, sent as raw ClientHellos to the address our
+// DNS gave for the allowed name, get the same verdict, reason and name
+// from capture in audit mode as from the proxy in enforce mode: audit mode
+// reports what enforce would do.
+func TestOddSNIParity(t *testing.T) {
+	cases := []struct {
+		name string
+		sni  [][]string
+	}{
+		{"plain", [][]string{{dockerName}}},
+		{"duplicate-extension", [][]string{{dockerName}, {trackerName}}},
+		{"duplicate-extension-evil-first", [][]string{{trackerName}, {dockerName}}},
+		{"duplicate-entries", [][]string{{dockerName, trackerName}}},
+		{"empty-extension", [][]string{{}}},
+		{"no-extension", nil},
+		{"ip-literal", [][]string{{dockerIP4}}},
+		{"trailing-dot", [][]string{{dockerName + "."}}},
+		{"uppercase-allowed", [][]string{{strings.ToUpper(dockerName)}}},
+		{"uppercase-denied", [][]string{{strings.ToUpper(trackerName)}}},
+		{"homograph-cyrillic", [][]string{{"production.cloudflare.d\u043ecker.com"}}},
+		{"utf8-label", [][]string{{"d\u00f6cker.docker.com"}}},
+		{"nul-byte", [][]string{{dockerName + "\x00.evil.net"}}},
+		{"space", [][]string{{"a b.docker.com"}}},
+	}
+	got := map[string][2]string{} // case -> [enforce, audit]
+	for mi, mode := range []string{"enforce", "audit"} {
+		t.Run(mode, func(t *testing.T) {
+			tp := newTopo(t)
+			u := tp.startUpstream(t)
+			d := modeDaemon(t, tp, u, mode)
+			if rcode, addrs := tp.dig(t, dockerName, "A"); rcode != "NOERROR" || len(addrs) == 0 {
+				t.Fatalf("dig %s: %s %v", dockerName, rcode, addrs)
+			}
+			for _, c := range cases {
+				o := tp.sendHello(dockerIP4+":443", buildHello(helloSpec{sni: c.sni}), 0, 0)
+				if o.port == 0 {
+					t.Errorf("%s: %v", c.name, o)
+					continue
+				}
+				ev := d.waitEvent(t, c.name, func(e flowEvent) bool {
+					return e.Kind == "flow" && e.ClientPort == o.port && !e.Time.Before(dialedAt(o.port))
+				})
+				v := got[c.name]
+				v[mi] = fmt.Sprintf("%s %s name=%q", ev.Verdict, ev.Reason, ev.Name)
+				got[c.name] = v
+			}
+		})
+	}
+	for _, c := range cases {
+		v := got[c.name]
+		t.Logf("%s: enforce %s; audit %s", c.name, v[0], v[1])
+		if v[0] != v[1] {
+			t.Errorf("%s: enforce mode %s, audit mode %s: audit does not report what enforce does", c.name, v[0], v[1])
+		}
+	}
+}
