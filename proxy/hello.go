@@ -182,7 +182,9 @@ func readClientHello(rc *recorder) (ch clientHello, err error) {
 	case herr == nil:
 		return confirmHello(rc, h)
 	case herr != tlshello.ErrShort:
-		return clientHello{Fast: true}, helloError(h, herr)
+		// The name read before the fault, for the record (capture
+		// reports the same); it decides nothing.
+		return clientHello{ServerName: h.SNI, Fast: true}, helloError(h, herr)
 	}
 	// A slow client: crypto/tls reads the rest, then tlshello decides.
 	tch, terr := readClientHelloTLS(rc)
@@ -190,7 +192,7 @@ func readClientHello(rc *recorder) (ch clientHello, err error) {
 		return ch, terr // a timeout, the end of the stream, the cap
 	}
 	if herr != nil {
-		return ch, helloError(h, herr)
+		return clientHello{ServerName: h.SNI}, helloError(h, herr)
 	}
 	return agree(h, tch, terr)
 }

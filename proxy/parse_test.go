@@ -122,9 +122,11 @@ func TestReadClientHello(t *testing.T) {
 		{"3-byte-records", refragment(h, 3), "www.allowed.test", nil},
 		{"no-sni", goHello(t, "192.0.2.1", nil), "", nil},
 		{"ech-outer", buildHello(sniExt("public.example"), echOuterExt()), "public.example", nil},
-		{"dup-ext", buildHello(sniExt("a.test"), sniExt("b.test")), "", errDuplicateSNI},
-		{"dup-entry", buildHello(sniExt("a.test", "b.test")), "", errDuplicateSNI},
-		{"trailing-dot", buildHello(sniExt("a.test.")), "", errHelloMalformed},
+		// A refused hello keeps the name read before the fault, for the
+		// record (capture reports it so); it decides nothing.
+		{"dup-ext", buildHello(sniExt("a.test"), sniExt("b.test")), "a.test", errDuplicateSNI},
+		{"dup-entry", buildHello(sniExt("a.test", "b.test")), "a.test", errDuplicateSNI},
+		{"trailing-dot", buildHello(sniExt("a.test.")), "a.test.", errHelloMalformed},
 		{"truncated", h[:len(h)/2], "", io.ErrUnexpectedEOF},
 		{"server-hello", []byte{0x16, 0x03, 0x01, 0x00, 0x04, 0x02, 0x00, 0x00, 0x00}, "", errHelloMalformed},
 		// Where the proxy read a hello otherwise than capture until both

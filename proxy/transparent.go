@@ -396,6 +396,11 @@ func (p *Proxy) peek(c *net.TCPConn, eng *policy.Engine, in policy.Input, start 
 				v.d = denyDecision(eng, ReasonHelloTimeout)
 			default:
 				v.d = denyDecision(eng, ReasonHelloBad)
+				// The server name read before the fault shows what the
+				// client asked for, as capture reports it in audit mode.
+				if tlshello.Named(ch.ServerName) {
+					v.name, v.src = ch.ServerName, audit.NameSNI
+				}
 			}
 			return kindTLS, v, res
 		}
