@@ -411,6 +411,18 @@ func modeDaemon(t *testing.T, tp *topo, u *recUpstream, mode string) *daemon {
 	return d
 }
 
+// modeResolved makes the topology and modeDaemon, and has the LAN client
+// resolve name (A), so that its address is vouched for this client.
+func modeResolved(t *testing.T, mode, name string) (*topo, *daemon) {
+	t.Helper()
+	tp := newTopo(t)
+	d := modeDaemon(t, tp, tp.startUpstream(t), mode)
+	if rcode, addrs := tp.dig(t, name, "A"); rcode != "NOERROR" || len(addrs) == 0 {
+		t.Fatalf("dig %s: %s %v", name, rcode, addrs)
+	}
+	return tp, d
+}
+
 // TestHardeningPausedHello (THREATS.md C1, tldr.fail's test): Go's ML-KEM
 // ClientHello (about 1.8 KB) sent in pieces of 900 bytes with 3 s between
 // them, well inside the hello deadline: the proxy (enforce) and capture
@@ -420,12 +432,7 @@ func modeDaemon(t *testing.T, tp *topo, u *recUpstream, mode string) *daemon {
 func TestHardeningPausedHello(t *testing.T) {
 	for _, mode := range []string{"enforce", "audit"} {
 		t.Run(mode, func(t *testing.T) {
-			tp := newTopo(t)
-			u := tp.startUpstream(t)
-			d := modeDaemon(t, tp, u, mode)
-			if rcode, got := tp.dig(t, registry, "A"); rcode != "NOERROR" || len(got) == 0 {
-				t.Fatalf("dig %s: %s %v", registry, rcode, got)
-			}
+			tp, d := modeResolved(t, mode, registry)
 			// ML-KEM offered (TLS 1.3 allowed, 1.2 too: the tracker's
 			// origin speaks only 1.2).
 			mlkem := func(c *tls.Config) { c.CurvePreferences = []tls.CurveID{tls.X25519MLKEM768, tls.X25519} }
@@ -486,12 +493,7 @@ func TestOddSNIParity(t *testing.T) {
 	got := map[string][2]string{} // case -> [enforce, audit]
 	for mi, mode := range []string{"enforce", "audit"} {
 		t.Run(mode, func(t *testing.T) {
-			tp := newTopo(t)
-			u := tp.startUpstream(t)
-			d := modeDaemon(t, tp, u, mode)
-			if rcode, addrs := tp.dig(t, dockerName, "A"); rcode != "NOERROR" || len(addrs) == 0 {
-				t.Fatalf("dig %s: %s %v", dockerName, rcode, addrs)
-			}
+			tp, d := modeResolved(t, mode, dockerName)
 			for _, c := range cases {
 				o := tp.sendHello(dockerIP4+":443", buildHello(helloSpec{sni: c.sni}), 0, 0)
 				if o.port == 0 {
