@@ -2318,10 +2318,13 @@ func (p *proc) quicPacket(f *flow, dir int, payload []byte) {
 		q.pending = nil
 	}
 	p.stats.quicOpened.Add(uint64(n))
-	if s0.conflict {
+	if s0.conflict || q.tooMany {
 		// CRYPTO data sent twice at one offset, different (to one DCID
 		// or to two, or in a datagram no server read): which hello a
-		// server read is not known, as for TCP (stream.go).
+		// server read is not known, as for TCP (stream.go). Likewise
+		// Initials to more DCIDs than the opener keeps the keys of: a
+		// hello sent under the keys of one it dropped, to the server's
+		// chosen DCID, could not be read (quicOpener.tooMany).
 		p.deny(f, ReasonStreamConflict, "", audit.NameNone)
 		p.done(f)
 		return

@@ -151,6 +151,11 @@ type quicOpener struct {
 	keys *quicKeys
 	more []*quicKeys
 	buf  []byte // scratch for the decrypted packet
+	// tooMany: an Initial opened under the keys of one more DCID than
+	// keys and more hold. Its connection's later Initials, to the
+	// server's chosen DCID under those keys, could not be opened: the
+	// hello its server reads is not known (proc.quicPacket).
+	tooMany bool
 
 	established bool           // a client Initial opened: the flow's direction is known
 	pending     []pendingDgram // Initials that did not open yet
@@ -199,7 +204,8 @@ func (k *quicKeys) is(v uint32, dcid []byte) bool {
 // maxQUICPending bounds the Initials kept while no Initial has opened.
 const maxQUICPending = 4
 
-// maxQUICKeys bounds quicOpener.more.
+// maxQUICKeys bounds quicOpener.more; an Initial of one DCID more is
+// stream-conflict (quicOpener.tooMany).
 const maxQUICKeys = 4
 
 type pendingDgram struct {
@@ -318,10 +324,13 @@ func (o *quicOpener) openOne(pkt []byte, pnOff int, v uint32, dcid []byte, crypt
 		if plain, ok = try(k); !ok {
 			return errQUICOpen
 		}
-		if o.keys == nil {
+		switch {
+		case o.keys == nil:
 			o.keys = k
-		} else if len(o.more) < maxQUICKeys {
+		case len(o.more) < maxQUICKeys:
 			o.more = append(o.more, k)
+		default:
+			o.tooMany = true
 		}
 	}
 	return quicFrames(plain, crypto)

@@ -1,0 +1,70 @@
+package capture
+
+import (
+	"net/netip"
+	"testing"
+
+	"egressd/policy"
+)
+
+// TestQUICKeysBounded: a client that opens Initials of one flow to more
+// DCIDs before its hello completes than capture keeps the keys of
+// (maxQUICKeys more than the first) must not hide its hello. Each DCID
+// may be a connection of a server (an Initial with no CRYPTO data is
+// enough to start one, RFC 9000 §7), and the client's later Initials of
+// it go to the server's chosen DCID under that DCID's keys (RFC 9001
+// §5.2), which capture cannot derive from the packet. Before session 30
+// (R21) the keys of a sixth DCID were not kept: the hello sent under them
+// was never read, and the flow was decided by address, with the name DNS
+// gave the address (an allowed one), whatever name the server read.
+func TestQUICKeysBounded(t *testing.T) {
+	denied := handHello(sniExt(realName))[5:]
+	hello := handHello(sniExt(decoyName))[5:]
+	server := []byte{7, 7, 7, 7} // the server's chosen connection ID
+	type dgram struct {
+		fromClient bool
+		b          []byte
+	}
+	// decoys: Initials with no CRYPTO data to n DCIDs, then one to
+	// last, then the hello to the server's DCID under last's keys.
+	decoys := func(n int, h []byte) []dgram {
+		var ds []dgram
+		for i := range n {
+			ds = append(ds, dgram{true, clientInitial(t, []byte{byte(i + 1), 1, 1, 1, 1, 1, 1, 1}, 0, 0, nil)})
+		}
+		last := []byte{9, 9, 9, 9, 9, 9, 9, 9}
+		return append(ds,
+			dgram{true, clientInitial(t, last, 0, 0, nil)},
+			dgram{false, clientInitial(t, server, 0, 0, nil)}, // the server's Initial (not opened: server keys)
+			dgram{true, clientInitialKeyed(t, quicV1, last, server, nil, 1, 0, h)})
+	}
+	cases := []struct {
+		what   string
+		dgrams []dgram
+		reason string
+	}{
+		// A Retry, a Version Negotiation: a few DCIDs, each kept.
+		{"three DCIDs, the hello under the third's keys to the server's", decoys(2, hello), policy.ReasonAllowed},
+		{"five DCIDs, the hello under the fifth's keys to the server's", decoys(4, hello), policy.ReasonAllowed},
+		{"six DCIDs, a denied name under the sixth's keys to the server's", decoys(5, denied), ReasonStreamConflict},
+		{"six DCIDs, an allowed name under the sixth's keys to the server's", decoys(5, hello), ReasonStreamConflict},
+	}
+	p := newPcap(t)
+	cli, srv := netip.MustParseAddr("192.0.2.10"), netip.MustParseAddr("203.0.113.10")
+	for i, c := range cases {
+		for _, d := range c.dgrams {
+			if d.fromClient {
+				p.udp(true, cli, srv, uint16(47000+i), 443, d.b)
+			} else {
+				p.udp(false, srv, cli, 443, uint16(47000+i), d.b)
+			}
+		}
+	}
+	r := synthRun(t, p.close(), testPolicy, factsMap{srv: {decoyName}}, Config{})
+	got := eventsByPort(r.events)
+	for i, c := range cases {
+		if ev := got[uint16(47000+i)]; ev.Reason != c.reason || ev.Proto != "udp" {
+			t.Errorf("%s: %+v, want %s", c.what, ev, c.reason)
+		}
+	}
+}
