@@ -1940,17 +1940,27 @@ const maxQUICAttempts = 4
 // first is, which stays watched too (a server of the first may still
 // read a copy of it); any other (a name the policy does not allow by
 // itself, one that does not parse, one more than maxQUICAttempts within
-// heldWait, a second unfinished attempt, a copy that conflicts) is a
-// stream-conflict: which hello a
+// heldWait, a copy that conflicts, Initials of an unfinished attempt to
+// more than maxQUICKeys DCIDs more) is a stream-conflict: which hello a
 // server read is not known, and a decoy must not make a denied name look
-// allowed.
+// allowed. Initials to another DCID while an attempt's hello is
+// unfinished (a Retry's) add to its hello, as before the decision.
 func (p *proc) quicAttempt(f *flow, v uint32, dcid, payload []byte) {
 	q := f.quic
 	// The unfinished attempt's keys open its Initials, to its first DCID
-	// or to the server's chosen one (RFC 9001 §5.2); any other Initial
-	// is another attempt's.
-	k := q.nextKeys
-	if q.next == nil || k.version != v || !q.opens(k, payload) {
+	// or to the server's chosen one (RFC 9001 §5.2), and after a Retry
+	// the Retry's keys (nextMore); any other Initial is another
+	// attempt's.
+	var k *quicKeys
+	if q.next != nil {
+		for _, nk := range append([]*quicKeys{q.nextKeys}, q.nextMore...) {
+			if nk.version == v && q.opens(nk, payload) {
+				k = nk
+				break
+			}
+		}
+	}
+	if k == nil {
 		var err error
 		if k, err = initialKeys(v, dcid); err != nil {
 			return
@@ -1961,26 +1971,39 @@ func (p *proc) quicAttempt(f *flow, v uint32, dcid, payload []byte) {
 			// hello from it.
 			return
 		}
-	}
-	if k != q.nextKeys {
-		if q.next == nil && len(f.sent) >= maxQUICAttempts {
-			old := slices.IndexFunc(f.sent, func(h sentHead) bool { return p.now.Sub(h.at) >= heldWait })
-			if old >= 0 {
-				f.sent = slices.Delete(f.sent, old, old+1)
-			}
-		}
-		if q.next != nil || len(f.sent) >= maxQUICAttempts {
+		switch {
+		case q.next != nil && len(q.nextMore) < maxQUICKeys:
+			// Another DCID while the attempt's hello is unfinished:
+			// a Retry's (its server sends one after the first of the
+			// hello's Initials, and the client sends the hello again
+			// to the Retry's DCID, under its keys), or a second
+			// attempt. Its CRYPTO data goes to the attempt's stream,
+			// as before the decision (quicPacket): a hello that
+			// differs is a conflict.
+			q.nextMore = append(q.nextMore, k)
+		case q.next != nil:
 			p.sentDeny(f)
 			return
+		default:
+			if len(f.sent) >= maxQUICAttempts {
+				old := slices.IndexFunc(f.sent, func(h sentHead) bool { return p.now.Sub(h.at) >= heldWait })
+				if old >= 0 {
+					f.sent = slices.Delete(f.sent, old, old+1)
+				}
+			}
+			if len(f.sent) >= maxQUICAttempts {
+				p.sentDeny(f)
+				return
+			}
+			q.next, q.nextKeys, q.nextMore, q.nextAt = &stream{}, k, nil, p.now
 		}
-		q.next, q.nextKeys, q.nextAt = &stream{}, k, p.now
 	}
 	if p.streamBytes+len(payload) > p.c.cfg.MaxStreamBytes {
 		p.sentDeny(f)
 		return
 	}
 	s := q.next
-	n, _ := q.openWith(q.nextKeys, payload, func(off uint64, data []byte) {
+	n, _ := q.openWith(k, payload, func(off uint64, data []byte) {
 		if off < maxStream {
 			s.add(uint32(off), data)
 		}
@@ -1997,8 +2020,8 @@ func (p *proc) quicAttempt(f *flow, v uint32, dcid, payload []byte) {
 			p.sentDeny(f)
 			return
 		}
-		f.sent = append(f.sent, sentHead{data: s.buf, at: p.now, keys: q.nextKeys})
-		q.next, q.nextKeys = nil, nil
+		f.sent = append(f.sent, sentHead{data: s.buf, at: p.now, keys: q.nextKeys, more: q.nextMore})
+		q.next, q.nextKeys, q.nextMore = nil, nil, nil
 	}
 }
 

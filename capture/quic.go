@@ -167,8 +167,11 @@ type quicOpener struct {
 	// next reassembles the hello of a new attempt, opened with nextKeys
 	// (its version, its DCID), after the flow was decided
 	// (proc.quicAttempt).
+	// nextMore: the keys of other DCIDs its Initials opened under (a
+	// Retry's), maxQUICKeys at most.
 	next     *stream
 	nextKeys *quicKeys
+	nextMore []*quicKeys
 	nextAt   time.Time
 }
 
