@@ -2192,7 +2192,9 @@ func (p *proc) streamRoom(f *flow, n int) bool {
 	return false
 }
 
-// charge counts the bytes f's buffers hold now in p.streamBytes.
+// charge counts the bytes f's buffers hold now in p.streamBytes: a QUIC
+// flow's Initial keys too (quicKeyCost each) but its first DCID's, which
+// every QUIC flow has.
 func (p *proc) charge(f *flow) {
 	n := 0
 	for _, s := range f.st {
@@ -2202,14 +2204,18 @@ func (p *proc) charge(f *flow) {
 	}
 	for _, h := range f.sent {
 		n += cap(h.data)
+		if h.keys != nil && (f.quic == nil || h.keys != f.quic.keys) {
+			n += quicKeyCost * (1 + len(h.more)) // a later attempt's (quicAttempt)
+		}
 	}
-	if f.quic != nil {
-		for _, d := range f.quic.pending {
+	if q := f.quic; q != nil {
+		for _, d := range q.pending {
 			n += len(d.data)
 		}
-		if f.quic.next != nil {
-			n += cap(f.quic.next.buf) + f.quic.next.pendLen
+		if q.next != nil {
+			n += cap(q.next.buf) + q.next.pendLen + quicKeyCost*(1+len(q.nextMore))
 		}
+		n += quicKeyCost * len(q.more)
 	}
 	p.streamBytes += n - f.held
 	f.held = n

@@ -4,6 +4,9 @@ import (
 	"net/netip"
 	"testing"
 
+	"github.com/gopacket/gopacket"
+	"github.com/gopacket/gopacket/layers"
+
 	"egressd/policy"
 )
 
@@ -66,5 +69,31 @@ func TestQUICKeysBounded(t *testing.T) {
 		if ev := got[uint16(47000+i)]; ev.Reason != c.reason || ev.Proto != "udp" {
 			t.Errorf("%s: %+v, want %s", c.what, ev, c.reason)
 		}
+	}
+}
+
+// TestQUICKeysCharged: the Initial keys a QUIC flow keeps beyond its
+// first DCID's (quicOpener.more) are counted in the capture buffers'
+// bound (MaxStreamBytes, proc.streamBytes), and freed with the flow.
+// Before session 30 (R21) they were not: a client that sent Initials with
+// no CRYPTO data to five DCIDs on each of 65,536 flows made capture hold
+// about 400 MiB of keys outside the 64 MiB bound.
+func TestQUICKeysCharged(t *testing.T) {
+	r := newGuardRig(t, policy.ModeAudit)
+	srv := netip.MustParseAddr("203.0.113.10")
+	const n = 100
+	for i := range n {
+		cli := netip.AddrFrom4([4]byte{198, 18, 5, byte(10 + i)})
+		for d := range 1 + maxQUICKeys {
+			r.liveIP(false, ipLayer(cli, srv, layers.IPProtocolUDP),
+				&layers.UDP{SrcPort: 40000, DstPort: 443}, gopacket.Payload(clientInitial(t, []byte{byte(d), 2, 3, 4}, 0, 0, nil)))
+		}
+	}
+	if held, want := r.c.proc.streamBytes, n*maxQUICKeys*quicKeyCost; held < want {
+		t.Errorf("%d bytes held, want at least %d (%d flows, %d keys more each)", held, want, n, maxQUICKeys)
+	}
+	r.c.proc.flush("shutdown")
+	if held := r.c.proc.streamBytes; held != 0 {
+		t.Errorf("%d bytes held after the flows ended, want 0", held)
 	}
 }
