@@ -2,7 +2,6 @@ package capture
 
 import (
 	"bytes"
-	"net/netip"
 	"testing"
 
 	"egressd/policy"
@@ -22,10 +21,7 @@ func TestQUICAttemptRetry(t *testing.T) {
 	dcid1, dcid2 := []byte{1, 2, 3, 4, 5, 6, 7, 8}, []byte{9, 9, 9, 9, 9, 9, 9, 9}
 	retry, server := []byte{6, 6, 6, 6, 6, 6, 6, 6}, []byte{7, 7, 7, 7}
 	token := []byte("a retry token")
-	type dgram struct {
-		fromClient bool
-		b          []byte
-	}
+	type dgram = quicDgram
 	first := func(second []byte) []dgram {
 		return []dgram{
 			{true, clientInitialV(t, quicV1, dcid1, nil, 0, 0, hello)},
@@ -33,11 +29,7 @@ func TestQUICAttemptRetry(t *testing.T) {
 			{false, retryPacket(retry, token)},
 		}
 	}
-	cases := []struct {
-		what   string
-		dgrams []dgram
-		reason string
-	}{
+	cases := []quicCase{
 		{"the whole hello again to the Retry's DCID", append(first(again),
 			dgram{true, clientInitialV(t, quicV1, retry, token, 1, 0, again)}), policy.ReasonAllowed},
 		{"part to the Retry's DCID, the rest to the server's under its keys", append(first(again),
@@ -66,22 +58,5 @@ func TestQUICAttemptRetry(t *testing.T) {
 			return append(ds, dgram{true, clientInitialV(t, quicV1, retry, token, 1, 0, nil)})
 		}()...), dgram{true, clientInitialV(t, quicV1, dcid2, nil, 1, 20, again[20:])}), policy.ReasonAllowed},
 	}
-	p := newPcap(t)
-	cli, srv := netip.MustParseAddr("192.0.2.10"), netip.MustParseAddr("203.0.113.10")
-	for i, c := range cases {
-		for _, d := range c.dgrams {
-			if d.fromClient {
-				p.udp(true, cli, srv, uint16(47000+i), 443, d.b)
-			} else {
-				p.udp(false, srv, cli, 443, uint16(47000+i), d.b)
-			}
-		}
-	}
-	r := synthRun(t, p.close(), testPolicy, factsMap{srv: {decoyName}}, Config{})
-	got := eventsByPort(r.events)
-	for i, c := range cases {
-		if ev := got[uint16(47000+i)]; ev.Reason != c.reason || ev.Proto != "udp" {
-			t.Errorf("%s: %s %s %q, want %s", c.what, ev.Verdict, ev.Reason, ev.Name, c.reason)
-		}
-	}
+	quicCases(t, cases)
 }

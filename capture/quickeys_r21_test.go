@@ -24,10 +24,7 @@ func TestQUICKeysBounded(t *testing.T) {
 	denied := handHello(sniExt(realName))[5:]
 	hello := handHello(sniExt(decoyName))[5:]
 	server := []byte{7, 7, 7, 7} // the server's chosen connection ID
-	type dgram struct {
-		fromClient bool
-		b          []byte
-	}
+	type dgram = quicDgram
 	// decoys: Initials with no CRYPTO data to n DCIDs, then one to
 	// last, then the hello to the server's DCID under last's keys.
 	decoys := func(n int, h []byte) []dgram {
@@ -41,35 +38,14 @@ func TestQUICKeysBounded(t *testing.T) {
 			dgram{false, clientInitial(t, server, 0, 0, nil)}, // the server's Initial (not opened: server keys)
 			dgram{true, clientInitialKeyed(t, quicV1, last, server, nil, 1, 0, h)})
 	}
-	cases := []struct {
-		what   string
-		dgrams []dgram
-		reason string
-	}{
+	cases := []quicCase{
 		// A Retry, a Version Negotiation: a few DCIDs, each kept.
 		{"three DCIDs, the hello under the third's keys to the server's", decoys(2, hello), policy.ReasonAllowed},
 		{"five DCIDs, the hello under the fifth's keys to the server's", decoys(4, hello), policy.ReasonAllowed},
 		{"six DCIDs, a denied name under the sixth's keys to the server's", decoys(5, denied), ReasonStreamConflict},
 		{"six DCIDs, an allowed name under the sixth's keys to the server's", decoys(5, hello), ReasonStreamConflict},
 	}
-	p := newPcap(t)
-	cli, srv := netip.MustParseAddr("192.0.2.10"), netip.MustParseAddr("203.0.113.10")
-	for i, c := range cases {
-		for _, d := range c.dgrams {
-			if d.fromClient {
-				p.udp(true, cli, srv, uint16(47000+i), 443, d.b)
-			} else {
-				p.udp(false, srv, cli, 443, uint16(47000+i), d.b)
-			}
-		}
-	}
-	r := synthRun(t, p.close(), testPolicy, factsMap{srv: {decoyName}}, Config{})
-	got := eventsByPort(r.events)
-	for i, c := range cases {
-		if ev := got[uint16(47000+i)]; ev.Reason != c.reason || ev.Proto != "udp" {
-			t.Errorf("%s: %+v, want %s", c.what, ev, c.reason)
-		}
-	}
+	quicCases(t, cases)
 }
 
 // TestQUICKeysCharged: the Initial keys a QUIC flow keeps beyond its

@@ -48,10 +48,7 @@ func TestQUICNewAttempt(t *testing.T) {
 	dcid1, dcid2 := []byte{1, 2, 3, 4, 5, 6, 7, 8}, []byte{9, 9, 9, 9, 9, 9, 9, 9}
 	dcid3 := []byte{7, 7, 7, 7} // the server's chosen connection ID
 	token := []byte("a retry token")
-	type dgram struct {
-		fromClient bool
-		b          []byte
-	}
+	type dgram = quicDgram
 	// newConn: the hello, then a new connection's second, in two Initials.
 	newConn := func(second []byte) []dgram {
 		return []dgram{
@@ -82,11 +79,7 @@ func TestQUICNewAttempt(t *testing.T) {
 			{true, clientInitialKeyed(t, quicV1, dcid2, dcid3, token, 3, 0, last)},
 		}
 	}
-	cases := []struct {
-		what   string
-		dgrams []dgram
-		reason string
-	}{
+	cases := []quicCase{
 		{"version negotiation, a new hello of the same name", []dgram{
 			{true, clientInitialV(t, quicV1, dcid1, nil, 0, 0, hello)},
 			{false, versionNegotiation(dcid1, quicV2)},
@@ -201,10 +194,56 @@ func TestQUICNewAttempt(t *testing.T) {
 			{true, clientInitialV(t, quicV1, dcid2, token, 0, 0, denied)},
 		}, ReasonStreamConflict},
 	}
+	got := quicCases(t, cases)
+	for i, c := range cases {
+		ev := got[uint16(47000+i)]
+		// An allowed flow is decided on its hello, not by address (the
+		// server's address has the name too: factsMap).
+		if c.reason == policy.ReasonAllowed && (ev.NameSource != audit.NameQUIC || ev.Name != decoyName) {
+			t.Errorf("%s: named %q (%s), want %q from the QUIC SNI", c.what, ev.Name, ev.NameSource, decoyName)
+		}
+	}
+}
+
+// quicDgram is a UDP datagram of a QUIC flow, from the client or to it.
+type quicDgram struct {
+	fromClient bool
+	b          []byte
+}
+
+// quicCase is a QUIC flow's datagrams and the reason its event must carry.
+type quicCase struct {
+	what   string
+	dgrams []quicDgram
+	reason string
+}
+
+// quicCases runs cases (quicRun) and checks each one's reason; it
+// returns the events by client port.
+func quicCases(t *testing.T, cases []quicCase) map[uint16]audit.Event {
+	t.Helper()
+	var runs [][]quicDgram
+	for _, c := range cases {
+		runs = append(runs, c.dgrams)
+	}
+	got := quicRun(t, runs...)
+	for i, c := range cases {
+		if ev := got[uint16(47000+i)]; ev.Reason != c.reason || ev.Proto != "udp" {
+			t.Errorf("%s: %s %s %q (%s), want %s", c.what, ev.Verdict, ev.Reason, ev.Name, ev.NameSource, c.reason)
+		}
+	}
+	return got
+}
+
+// quicRun runs each of runs, the datagrams of one flow from 192.0.2.10
+// port 47000+i to port 443 of 203.0.113.10 (which DNS gave out for
+// decoyName), and returns the events by client port.
+func quicRun(t *testing.T, runs ...[]quicDgram) map[uint16]audit.Event {
+	t.Helper()
 	p := newPcap(t)
 	cli, srv := netip.MustParseAddr("192.0.2.10"), netip.MustParseAddr("203.0.113.10")
-	for i, c := range cases {
-		for _, d := range c.dgrams {
+	for i, ds := range runs {
+		for _, d := range ds {
 			if d.fromClient {
 				p.udp(true, cli, srv, uint16(47000+i), 443, d.b)
 			} else {
@@ -213,16 +252,5 @@ func TestQUICNewAttempt(t *testing.T) {
 		}
 	}
 	r := synthRun(t, p.close(), testPolicy, factsMap{srv: {decoyName}}, Config{})
-	got := eventsByPort(r.events)
-	for i, c := range cases {
-		ev := got[uint16(47000+i)]
-		if ev.Reason != c.reason || ev.Proto != "udp" {
-			t.Errorf("%s: %+v, want %s", c.what, ev, c.reason)
-		}
-		// An allowed flow is decided on its hello, not by address (the
-		// server's address has the name too: factsMap).
-		if c.reason == policy.ReasonAllowed && (ev.NameSource != audit.NameQUIC || ev.Name != decoyName) {
-			t.Errorf("%s: named %q (%s), want %q from the QUIC SNI", c.what, ev.Name, ev.NameSource, decoyName)
-		}
-	}
+	return eventsByPort(r.events)
 }
