@@ -15,7 +15,7 @@ import (
 // once for the burst, not per retry) until stop is closed, then returns
 // net.ErrClosed with the inner listener still open: an accept that only
 // slept and tried again would never return. Then, a second Accept on
-// the same listener, Close ends it the same way. Loopback only; the
+// the listener, Close ends it the same way, the socket still open. Loopback only; the
 // test fails only past 5 s (a hang), not on speed.
 func TestRetryListenerStops(t *testing.T) {
 	inner, err := net.Listen("tcp", "127.0.0.1:0")
@@ -74,7 +74,12 @@ func TestRetryListenerStops(t *testing.T) {
 		t.Errorf("warn called %d times, want once", n)
 	}
 
-	ln2 := NewRetryListener(inner, nil, nil)
+	// Close must end the pause itself: its inner listener's Close here
+	// leaves the socket open (EMFILE goes on), so an Accept that only
+	// waited its pause out and accepted again would never return (with
+	// inner closed, the accept after the pause failed with net.ErrClosed
+	// all the same, and the test could not fail).
+	ln2 := NewRetryListener(keepOpen{inner}, nil, nil)
 	ln = ln2
 	got = accept()
 	time.Sleep(200 * time.Millisecond) // Accept in its pauses
@@ -89,6 +94,11 @@ func TestRetryListenerStops(t *testing.T) {
 		t.Fatal("Accept has not returned 5 s after Close while out of descriptors")
 	}
 }
+
+// keepOpen is a listener whose Close leaves the socket open.
+type keepOpen struct{ net.Listener }
+
+func (keepOpen) Close() error { return nil }
 
 // TestAcceptBackoff: the pauses are 5 ms doubling to a second, and stay
 // there, and Reset starts them over (stop closed: no Wait sleeps, each
