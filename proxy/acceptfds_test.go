@@ -1,7 +1,9 @@
 package proxy
 
 import (
+	"bufio"
 	"fmt"
+	"io"
 	"log/slog"
 	"net"
 	"strings"
@@ -91,4 +93,94 @@ func serveOutOfFDs(t *testing.T, serve func(*Proxy, net.Listener) error) []strin
 		t.Errorf("the log says %q %d times in under 10 s, want once: %q", warn, n, logs.lines())
 	}
 	return logs.lines()
+}
+
+// TestExplicitRetiredOutOfFDs: an explicit listener whose accept waits
+// out EMFILE (netutil.RetryListener's pause, a second long by then) is
+// closed by SetExplicitAddrs, which closes the listener under the
+// wrapper, not the wrapper; its address, given again at once once the
+// descriptors are back, is listened on and answered while the old
+// server may still be in its pause; the old one ends as a retired
+// listener (no "accept failed" reopening of its own, no server kept),
+// and Run ends clean. Loopback only.
+func TestExplicitRetiredOutOfFDs(t *testing.T) {
+	p, logs := loggedExplicitProxy(t)
+	cancel, ran := runReady(t, p)
+	defer cancel()
+	free, err := net.Listen("tcp", "127.0.0.3:0")
+	if err != nil {
+		t.Fatalf("no 127.0.0.3 (Linux's lo holds 127.0.0.0/8): %v", err)
+	}
+	addr := free.Addr().String()
+	free.Close()
+	if err := p.SetExplicitAddrs([]string{"127.0.0.1:0", addr}); err != nil {
+		t.Fatal(err)
+	}
+	answers := func(addr string) bool {
+		c, err := net.DialTimeout("tcp", addr, 2*time.Second)
+		if err != nil {
+			return false
+		}
+		defer c.Close()
+		c.SetDeadline(time.Now().Add(5 * time.Second))
+		io.WriteString(c, "GET http://denied.test/ HTTP/1.1\r\nHost: denied.test\r\n\r\n")
+		line, _ := bufio.NewReader(c).ReadString('\n')
+		return strings.HasPrefix(line, "HTTP/1.1 403")
+	}
+	if !answers(addr) {
+		t.Fatalf("%s does not answer once given", addr)
+	}
+	servers := func() int {
+		p.mu.Lock()
+		defer p.mu.Unlock()
+		return len(p.servers)
+	}
+
+	connect := testnet.DialQueued(t, addr)
+	release := testnet.OutOfFDs(t)
+	closeQueued := connect()
+	const warn = "proxy: accept failing: retrying"
+	for deadline := time.Now().Add(10 * time.Second); !strings.Contains(logs(), warn); {
+		if time.Now().After(deadline) {
+			release()
+			closeQueued()
+			t.Fatalf("the log does not say %q out of descriptors:\n%s", warn, logs())
+		}
+		time.Sleep(10 * time.Millisecond)
+	}
+	time.Sleep(1500 * time.Millisecond) // the pauses are a second long now
+	err = p.SetExplicitAddrs([]string{"127.0.0.1:0"})
+	release()
+	closeQueued()
+	if err != nil {
+		t.Fatalf("retire %s: %v", addr, err)
+	}
+	if err := p.SetExplicitAddrs([]string{"127.0.0.1:0", addr}); err != nil {
+		t.Fatalf("%s given again: %v", addr, err)
+	}
+	if !answers(addr) {
+		t.Errorf("%s given again after its listener was retired out of descriptors: no answer", addr)
+	}
+	if err := p.SetExplicitAddrs([]string{"127.0.0.1:0"}); err != nil {
+		t.Fatal(err)
+	}
+	for deadline := time.Now().Add(10 * time.Second); servers() != 1; {
+		if time.Now().After(deadline) {
+			t.Errorf("%d servers kept, want 1 (Run's)", servers())
+			break
+		}
+		time.Sleep(20 * time.Millisecond)
+	}
+	if s := logs(); strings.Contains(s, "accept on "+addr+" failed") {
+		t.Errorf("a retired listener was taken for a failed one:\n%s", s)
+	}
+	select {
+	case err := <-ran:
+		t.Fatalf("Run returned while the listeners changed: %v", err)
+	default:
+	}
+	cancel()
+	if err := <-ran; err != nil {
+		t.Errorf("Run: %v", err)
+	}
 }
