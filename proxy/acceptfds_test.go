@@ -1,9 +1,7 @@
 package proxy
 
 import (
-	"bufio"
 	"fmt"
-	"io"
 	"log/slog"
 	"net"
 	"strings"
@@ -116,17 +114,7 @@ func TestExplicitRetiredOutOfFDs(t *testing.T) {
 	if err := p.SetExplicitAddrs([]string{"127.0.0.1:0", addr}); err != nil {
 		t.Fatal(err)
 	}
-	answers := func(addr string) bool {
-		c, err := net.DialTimeout("tcp", addr, 2*time.Second)
-		if err != nil {
-			return false
-		}
-		defer c.Close()
-		c.SetDeadline(time.Now().Add(5 * time.Second))
-		io.WriteString(c, "GET http://denied.test/ HTTP/1.1\r\nHost: denied.test\r\n\r\n")
-		line, _ := bufio.NewReader(c).ReadString('\n')
-		return strings.HasPrefix(line, "HTTP/1.1 403")
-	}
+	answers := explicitAnswers
 	if !answers(addr) {
 		t.Fatalf("%s does not answer once given", addr)
 	}
@@ -174,13 +162,5 @@ func TestExplicitRetiredOutOfFDs(t *testing.T) {
 	if s := logs(); strings.Contains(s, "accept on "+addr+" failed") {
 		t.Errorf("a retired listener was taken for a failed one:\n%s", s)
 	}
-	select {
-	case err := <-ran:
-		t.Fatalf("Run returned while the listeners changed: %v", err)
-	default:
-	}
-	cancel()
-	if err := <-ran; err != nil {
-		t.Errorf("Run: %v", err)
-	}
+	endRun(t, cancel, ran)
 }

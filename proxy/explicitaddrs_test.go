@@ -49,17 +49,7 @@ func TestSetExplicitAddrs(t *testing.T) {
 	later := ln.Addr().String()
 	ln.Close()
 
-	answers := func(addr string) bool {
-		c, err := net.DialTimeout("tcp", addr, 2*time.Second)
-		if err != nil {
-			return false
-		}
-		defer c.Close()
-		c.SetDeadline(time.Now().Add(5 * time.Second))
-		io.WriteString(c, "GET http://denied.test/ HTTP/1.1\r\nHost: denied.test\r\n\r\n")
-		line, _ := bufio.NewReader(c).ReadString('\n')
-		return strings.HasPrefix(line, "HTTP/1.1 403")
-	}
+	answers := explicitAnswers
 	opened := func() int {
 		p.dropMu.Lock()
 		defer p.dropMu.Unlock()
@@ -105,6 +95,16 @@ func TestSetExplicitAddrs(t *testing.T) {
 	if err := p.SetExplicitAddrs([]string{"198.51.100.1:3128"}); err == nil {
 		t.Error("an address not the host's opened")
 	}
+	endRun(t, cancel, ran)
+	if err := p.SetExplicitAddrs([]string{later}); err != net.ErrClosed {
+		t.Errorf("after Close: %v, want net.ErrClosed", err)
+	}
+}
+
+// endRun checks that runReady's Run still runs, then ends it and checks
+// that it returns nil.
+func endRun(t *testing.T, cancel context.CancelFunc, ran chan error) {
+	t.Helper()
 	select {
 	case err := <-ran:
 		t.Fatalf("Run returned while the listeners changed: %v", err)
@@ -114,9 +114,20 @@ func TestSetExplicitAddrs(t *testing.T) {
 	if err := <-ran; err != nil {
 		t.Errorf("Run: %v", err)
 	}
-	if err := p.SetExplicitAddrs([]string{later}); err != net.ErrClosed {
-		t.Errorf("after Close: %v, want net.ErrClosed", err)
+}
+
+// explicitAnswers reports whether an explicit proxy on addr answers a
+// request the policy denies (403).
+func explicitAnswers(addr string) bool {
+	c, err := net.DialTimeout("tcp", addr, 2*time.Second)
+	if err != nil {
+		return false
 	}
+	defer c.Close()
+	c.SetDeadline(time.Now().Add(5 * time.Second))
+	io.WriteString(c, "GET http://denied.test/ HTTP/1.1\r\nHost: denied.test\r\n\r\n")
+	line, _ := bufio.NewReader(c).ReadString('\n')
+	return strings.HasPrefix(line, "HTTP/1.1 403")
 }
 
 // TestSetExplicitAddrsFailLoggedAgain: an address that does not open is
@@ -391,17 +402,7 @@ func TestExplicitReopensAfterAcceptFails(t *testing.T) {
 		defer p.explicitMu.Unlock()
 		return p.explicitLns[a]
 	}
-	answers := func(addr string) bool {
-		c, err := net.DialTimeout("tcp", addr, 2*time.Second)
-		if err != nil {
-			return false
-		}
-		defer c.Close()
-		c.SetDeadline(time.Now().Add(5 * time.Second))
-		io.WriteString(c, "GET http://denied.test/ HTTP/1.1\r\nHost: denied.test\r\n\r\n")
-		line, _ := bufio.NewReader(c).ReadString('\n')
-		return strings.HasPrefix(line, "HTTP/1.1 403")
-	}
+	answers := explicitAnswers
 	for _, a := range addrs { // Run's, then SetExplicitAddrs'
 		failing.Store(true)
 		n := tries.Load()
