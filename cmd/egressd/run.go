@@ -1726,9 +1726,14 @@ func (d *daemon) serveAdmin(ctx context.Context, wg *sync.WaitGroup) (string, er
 		// that Shutdown ends, and one log line every 10 s: http.Server
 		// would sleep up to a second through Shutdown and write each
 		// retry to stderr (TestFDExhaustion).
-		hs.Serve(netutil.NewRetryListener(ln, ctx.Done(), func(err error) {
+		err := hs.Serve(netutil.NewRetryListener(ln, ctx.Done(), func(err error) {
 			d.log.Warn("admin: accept failing: retrying", "listen", ln.Addr().String(), audit.LogError, audit.ErrorText(err))
 		}))
+		if ctx.Err() == nil && !errors.Is(err, http.ErrServerClosed) {
+			// An accept error the wrapper does not wait out ends the
+			// admin listener; the rest of egressd runs on.
+			d.log.Error("admin: listener stopped", "listen", ln.Addr().String(), audit.LogError, audit.ErrorText(err))
+		}
 	}()
 	return ln.Addr().String(), nil
 }
