@@ -260,17 +260,20 @@ func (s *Server) gate(q *query, e *entry, now int64) {
 	// A timeout too: the firewall's error joins the refusals it made
 	// before waiting on the addresses it was still writing.
 	if err != nil && !other && q.dec.Mode == policy.ModeEnforce {
-		s.withhold(q, ls, len(rules), err)
+		s.withhold(q, ls, rules, err)
 	}
 }
 
 // withhold finds the addresses of ls that the client cannot reach: every
-// one of the nrules rules that needs them refused them for good
-// (Unreachable), and no other rule's path (the proxy) covers the name.
-// It sets q.withheld, q.fullSets and q.servfail (no address of ls is
-// left). The set keeps its live addresses: evicting one would cut a
-// client answered with it, to serve this one.
-func (s *Server) withhold(q *query, ls []Learned, nrules int, err error) {
+// one of rules (the rules that need them, indexes into q.eng's) refused
+// them for good (Unreachable) and opens them by no CIDR or "*" of its own
+// (policy.Engine.DestOpens: the firewall's accept for those lets the
+// client out whatever the learned set took), and no other rule's path
+// (the proxy) covers the name. It sets q.withheld, q.fullSets and
+// q.servfail (no address of ls is left). The set keeps its live
+// addresses: evicting one would cut a client answered with it, to serve
+// this one.
+func (s *Server) withhold(q *query, ls []Learned, rules []int, err error) {
 	// Rules that refused each address, each once: an answer that repeats
 	// an address is refused as often, and its count is not of rules.
 	type ruleAddr struct {
@@ -279,6 +282,7 @@ func (s *Server) withhold(q *query, ls []Learned, nrules int, err error) {
 	}
 	seen := map[ruleAddr]bool{}
 	refused := map[netip.Addr]int{}
+	all := q.eng.Rules()
 	eachUnreachable(err, func(u Unreachable) {
 		rule, set, a, ok := u.Unreachable()
 		if !ok {
@@ -286,7 +290,19 @@ func (s *Server) withhold(q *query, ls []Learned, nrules int, err error) {
 		}
 		if k := (ruleAddr{rule, a.Unmap()}); !seen[k] {
 			seen[k] = true
-			refused[k.addr]++
+			// A refusal by a rule whose CIDR (or "*") opens the address
+			// keeps the client from nothing: not counted. Asked only
+			// when a set refused, once per rule and address.
+			opens := false
+			for _, r := range rules {
+				if all[r].Name == rule {
+					opens = q.eng.DestOpens(r, k.addr)
+					break
+				}
+			}
+			if !opens {
+				refused[k.addr]++
+			}
 		}
 		if k := rule + "/" + set; !slices.Contains(q.fullSets, k) {
 			q.fullSets = append(q.fullSets, k)
@@ -296,7 +312,7 @@ func (s *Server) withhold(q *query, ls []Learned, nrules int, err error) {
 	for _, l := range ls {
 		a := l.Addr.Unmap()
 		switch {
-		case refused[a] < nrules:
+		case refused[a] < len(rules):
 			left = true
 		case !slices.Contains(q.withheld, a):
 			q.withheld = append(q.withheld, a)

@@ -60,10 +60,16 @@ type fullFirewall struct {
 	mu       sync.Mutex
 	full     map[string][]netip.Addr
 	enforced bool
+	wants    []string // the rules with learned sets; nil: ntp and sip
 }
 
-func (f *fullFirewall) Wants(rule string) bool { return rule == "ntp" || rule == "sip" }
-func (f *fullFirewall) WantsAny() bool         { return true }
+func (f *fullFirewall) Wants(rule string) bool {
+	if f.wants == nil {
+		return rule == "ntp" || rule == "sip"
+	}
+	return slices.Contains(f.wants, rule)
+}
+func (f *fullFirewall) WantsAny() bool { return true }
 
 func (f *fullFirewall) Learn(ctx context.Context, eng *policy.Engine, ls []Learned) error {
 	f.mu.Lock()
@@ -307,5 +313,67 @@ func TestSetFullTrimmedNotAuthenticated(t *testing.T) {
 		if got := answerAddrs(r); !slices.Equal(got, addrs("192.0.2.21")) || r.AuthenticatedData {
 			t.Errorf("#%d multi.full.test trimmed: %v, AD %v; want 192.0.2.21, AD clear", i, got, r.AuthenticatedData)
 		}
+	}
+}
+
+// TestSetFullCIDR: a rule with names and a CIDR (or "*", 0.0.0.0/0) opens
+// an address its CIDR holds whatever its learned set took: the firewall's
+// accept for the CIDR lets the client's packets out. Its full set refusing
+// the address does not withhold it; an address only a full set would have
+// opened is withheld still, and so is a guarded one "*" does not open.
+func TestSetFullCIDR(t *testing.T) {
+	const zone = `
+cidr.full.test. 300 IN A 192.0.2.17
+cidr.full.test. 300 IN A 192.0.2.40
+in.full.test. 300 IN A 192.0.2.18
+out.full.test. 300 IN A 192.0.2.40
+meta.full.test. 300 IN A 169.254.169.254
+`
+	rule := func(name, to, ports string) string {
+		return "  - name: " + name + "\n    to: " + to + "\n    ports: [" + ports + "]\n"
+	}
+	head := "version: 1\nmode: enforce\nrules:\n"
+	all := addrs("192.0.2.17", "192.0.2.18", "192.0.2.40", "169.254.169.254")
+	for _, c := range []struct {
+		what   string
+		policy string
+		full   map[string][]netip.Addr
+		name   string
+		want   []netip.Addr // nil: SERVFAIL
+	}{
+		{"names and a CIDR holding one of two", head + rule("ntp", `["*.full.test", 192.0.2.16/30]`, "123/udp"),
+			map[string][]netip.Addr{"ntp": all}, "cidr.full.test.", addrs("192.0.2.17")},
+		{"names and a CIDR holding the only one", head + rule("ntp", `["*.full.test", 192.0.2.16/30]`, "123/udp"),
+			map[string][]netip.Addr{"ntp": all}, "in.full.test.", addrs("192.0.2.18")},
+		{"names and a CIDR holding none", head + rule("ntp", `["*.full.test", 192.0.2.16/30]`, "123/udp"),
+			map[string][]netip.Addr{"ntp": all}, "out.full.test.", nil},
+		{"names and *", head + rule("ntp", `["*", "*.full.test"]`, "123/udp"),
+			map[string][]netip.Addr{"ntp": all}, "out.full.test.", addrs("192.0.2.40")},
+		{"names and 0.0.0.0/0", head + rule("ntp", `["*.full.test", 0.0.0.0/0]`, "123/udp"),
+			map[string][]netip.Addr{"ntp": all}, "out.full.test.", addrs("192.0.2.40")},
+		{"* does not open a guarded address", head + rule("ntp", `["*", "*.full.test"]`, "123/udp"),
+			map[string][]netip.Addr{"ntp": all}, "meta.full.test.", nil},
+		{"a CIDR inside a guarded range opens it", head + rule("ntp", `["*.full.test", 169.254.169.254/32]`, "123/udp"),
+			map[string][]netip.Addr{"ntp": all}, "meta.full.test.", addrs("169.254.169.254")},
+		{"another rule's CIDR, both sets full", head + rule("ntp", `["*.full.test"]`, "123/udp") + rule("sip", `[in.full.test, 192.0.2.16/30]`, "5060/udp"),
+			map[string][]netip.Addr{"ntp": all, "sip": all}, "in.full.test.", addrs("192.0.2.18")},
+	} {
+		t.Run(c.what, func(t *testing.T) {
+			up := newFakeUpstream(t, zone)
+			fw := &fullFirewall{wants: []string{"ntp", "sip"}}
+			fw.set(c.full, true)
+			ts := startServer(t, "", Config{Upstreams: []string{up.Addr}, AllowPrivateAnswers: true},
+				Deps{Policy: compile(t, c.policy), Firewall: fw})
+			for _, proto := range []string{"udp", "tcp"} {
+				r := ask(t, proto, ts.Addr, c.name, dns.TypeA, true)
+				got := answerAddrs(r)
+				switch {
+				case c.want == nil && (r.Rcode != dns.RcodeServerFailure || len(got) != 0):
+					t.Errorf("%s %s: rcode %s, %v; want SERVFAIL", proto, c.name, dns.RcodeToString[r.Rcode], got)
+				case c.want != nil && (r.Rcode != dns.RcodeSuccess || !slices.Equal(got, c.want)):
+					t.Errorf("%s %s: rcode %s, %v; want %v", proto, c.name, dns.RcodeToString[r.Rcode], got, c.want)
+				}
+			}
+		})
 	}
 }

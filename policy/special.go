@@ -110,11 +110,47 @@ func (e *Engine) CIDRNames(in Input, g netip.Prefix) bool {
 			if t.Kind != TargetPrefix {
 				continue
 			}
-			p := t.Prefix
-			if isNAT && p.Addr().Is4() {
-				p = NAT64Form(nat, p)
+			if p := prefixFor(t.Prefix, nat, isNAT); p.Contains(a) && OpensGuarded(p, g) {
+				return true
 			}
-			if p.Contains(a) && OpensGuarded(p, g) {
+		}
+	}
+	return false
+}
+
+// prefixFor is the CIDR target p in the form that holds a destination
+// inside the NAT64 prefix nat (isNAT): an IPv4 prefix's NAT64 form. Else
+// p.
+func prefixFor(p, nat netip.Prefix, isNAT bool) netip.Prefix {
+	if isNAT && p.Addr().Is4() {
+		return NAT64Form(nat, p)
+	}
+	return p
+}
+
+// DestOpens reports whether rule i (an index into Rules) opens the
+// destination a by what it names other than names: "*", or a CIDR target
+// that holds a (an IPv4 one in its NAT64 form too, as CIDRNames). A
+// guarded address (SpecialRange) opens only by a CIDR inside its range
+// (OpensGuarded): "*" and 0.0.0.0/0 do not open 169.254.169.254. This is
+// what the firewall's accept rules open for the rule's forwarded ports
+// apart from its learned sets (firewall/render.go), so the DNS forwarder
+// does not withhold such an address when the rule's learned set is full.
+// An IPv4-mapped a is the IPv4 address it carries, as the forwarder and
+// the firewall learn it. Neither the rule's clients, ports nor expiry are
+// looked at. It runs through the rule's targets; it does not allocate.
+func (e *Engine) DestOpens(i int, a netip.Addr) bool {
+	a = a.Unmap()
+	g, guarded := e.SpecialRange(a, nil, nil)
+	_, nat, isNAT := NAT64Embedded(e.nat64, a)
+	for _, t := range e.pol.Rules[i].To {
+		switch t.Kind {
+		case TargetAny:
+			if !guarded {
+				return true
+			}
+		case TargetPrefix:
+			if p := prefixFor(t.Prefix, nat, isNAT); p.Contains(a) && (!guarded || OpensGuarded(p, g)) {
 				return true
 			}
 		}

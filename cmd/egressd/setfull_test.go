@@ -23,12 +23,65 @@ import (
 // the firewall dropped the client's packets to it. The client now gets
 // SERVFAIL for a name none of whose addresses the firewall took, and an
 // answer with only the learned addresses when some were; what it gets it
-// can reach.
+// can reach (setFullGateway).
+func TestSetFullAnswer(t *testing.T) {
+	ask, reach := setFullGateway(t, "n1", "{name: ntp, to: [ntp.test, pool.test], ports: [123/udp]}",
+		map[string][]string{"ntp.test.": {"198.18.2.2"}, "pool.test.": {"198.18.2.2", "198.18.2.10"}})
+
+	// ntp.test's only address: refused by the full set.
+	r := ask("ntp.test.")
+	got := setFullAddrs(r)
+	for _, a := range got {
+		if !reach(a) {
+			t.Errorf("ntp.test: the client got %s (rcode %s) and its packets to it are dropped", a, dns.RcodeToString[r.Rcode])
+		}
+	}
+	if r.Rcode != dns.RcodeServerFailure || len(got) != 0 {
+		t.Errorf("ntp.test with the set full: rcode %s, addresses %v; want SERVFAIL and none", dns.RcodeToString[r.Rcode], got)
+	}
+
+	// pool.test: one address in the set already, one refused.
+	r = ask("pool.test.")
+	got = setFullAddrs(r)
+	for _, a := range got {
+		if !reach(a) {
+			t.Errorf("pool.test: the client got %s and its packets to it are dropped", a)
+		}
+	}
+	if want := []netip.Addr{netip.MustParseAddr("198.18.2.10")}; r.Rcode != dns.RcodeSuccess || !slices.Equal(got, want) {
+		t.Errorf("pool.test with the set full: rcode %s, addresses %v; want NOERROR and %v", dns.RcodeToString[r.Rcode], got, want)
+	}
+}
+
+// TestSetFullAnswerCIDR: a rule with names and a CIDR opens the CIDR's
+// addresses whatever its learned set took. Its set full refusing one does
+// not keep the client from it: the answer keeps it, and the client's
+// packets go out by the CIDR's accept.
+func TestSetFullAnswerCIDR(t *testing.T) {
+	ask, reach := setFullGateway(t, "n2", "{name: ntp, to: [ntp.test, 198.18.2.2/32], ports: [123/udp]}",
+		map[string][]string{"ntp.test.": {"198.18.2.2"}})
+	r := ask("ntp.test.")
+	want := []netip.Addr{netip.MustParseAddr("198.18.2.2")}
+	if got := setFullAddrs(r); r.Rcode != dns.RcodeSuccess || !slices.Equal(got, want) {
+		t.Errorf("ntp.test, in the rule's CIDR, its set full: rcode %s, addresses %v; want NOERROR and %v", dns.RcodeToString[r.Rcode], got, want)
+	}
+	if !reach(want[0]) {
+		t.Errorf("198.18.2.2, in the rule's CIDR: no echo")
+	}
+}
+
+// setFullGateway builds a gateway whose firewall (MaxLearned 2) installs
+// a policy of the one rule given, named ntp, its learned set full of live
+// addresses (198.18.2.10, 198.18.2.11), and a DNS forwarder answering
+// zone's A records through it. ask queries the forwarder; reach reports
+// whether the client's UDP to port 123 of an address is echoed (the
+// server echoes on 198.18.2.2 and 198.18.2.10).
 //
 //	client eth0 198.18.1.2 ── lan0 198.18.1.1 gateway (firewall) wan0 198.18.2.1 ── eth0 198.18.2.x server
-func TestSetFullAnswer(t *testing.T) {
+func setFullGateway(t *testing.T, tag, rule string, zone map[string][]string) (ask func(name string) *dns.Msg, reach func(netip.Addr) bool) {
+	t.Helper()
 	testnet.RequireRoot(t)
-	client, gw, server := testnet.New(t, "n1c"), testnet.New(t, "n1g"), testnet.New(t, "n1s")
+	client, gw, server := testnet.New(t, tag+"c"), testnet.New(t, tag+"g"), testnet.New(t, tag+"s")
 	testnet.Link(t, client, "eth0", []string{"198.18.1.2/24"}, gw, "lan0", []string{"198.18.1.1/24"})
 	testnet.Link(t, gw, "wan0", []string{"198.18.2.1/24"}, server, "eth0", []string{"198.18.2.2/24", "198.18.2.10/24", "198.18.2.11/24"})
 	client.MustRun("ip", "route", "add", "default", "via", "198.18.1.1")
@@ -52,7 +105,7 @@ func TestSetFullAnswer(t *testing.T) {
 		}()
 	}
 
-	eng, err := policy.Compile("p.yaml", []byte("version: 1\nmode: enforce\nrules:\n  - {name: ntp, to: [ntp.test, pool.test], ports: [123/udp]}\n"))
+	eng, err := policy.Compile("p.yaml", []byte("version: 1\nmode: enforce\nrules:\n  - "+rule+"\n"))
 	if err != nil {
 		t.Fatal(err)
 	}
@@ -75,7 +128,7 @@ func TestSetFullAnswer(t *testing.T) {
 		t.Fatalf("a third address into a set of 2: %v, want ErrSetFull", err)
 	}
 
-	up := setFullUpstream(t, map[string][]string{"ntp.test.": {"198.18.2.2"}, "pool.test.": {"198.18.2.2", "198.18.2.10"}})
+	up := setFullUpstream(t, zone)
 	g := &firewallGate{}
 	g.fw.Store(fw)
 	s, err := dnsfilter.New(dnsfilter.Config{Listen: []string{"127.0.0.1:0"}, Upstreams: []string{up}, ClientRate: -1, AllowPrivateAnswers: true},
@@ -89,7 +142,7 @@ func TestSetFullAnswer(t *testing.T) {
 	t.Cleanup(func() { s.Close(); <-done })
 	dnsAddr := s.Addrs()[0].String()
 
-	reach := func(a netip.Addr) bool {
+	reach = func(a netip.Addr) bool {
 		ctx, cancel := context.WithTimeout(context.Background(), 2*time.Second)
 		defer cancel()
 		c, err := client.DialContext(ctx, "udp", netip.AddrPortFrom(a, 123).String())
@@ -104,35 +157,12 @@ func TestSetFullAnswer(t *testing.T) {
 		_, err = c.Read(make([]byte, 64))
 		return err == nil
 	}
-	// The path works for an address the set holds: what is dropped below
-	// is dropped by the full set.
+	// The path works for an address the set holds: what is dropped later
+	// is dropped by the firewall.
 	if !reach(netip.MustParseAddr("198.18.2.10")) {
 		t.Fatal("198.18.2.10, in the set: no echo; the topology does not forward")
 	}
-
-	// ntp.test's only address: refused by the full set.
-	r := setFullAsk(t, dnsAddr, "ntp.test.")
-	got := setFullAddrs(r)
-	for _, a := range got {
-		if !reach(a) {
-			t.Errorf("ntp.test: the client got %s (rcode %s) and its packets to it are dropped", a, dns.RcodeToString[r.Rcode])
-		}
-	}
-	if r.Rcode != dns.RcodeServerFailure || len(got) != 0 {
-		t.Errorf("ntp.test with the set full: rcode %s, addresses %v; want SERVFAIL and none", dns.RcodeToString[r.Rcode], got)
-	}
-
-	// pool.test: one address in the set already, one refused.
-	r = setFullAsk(t, dnsAddr, "pool.test.")
-	got = setFullAddrs(r)
-	for _, a := range got {
-		if !reach(a) {
-			t.Errorf("pool.test: the client got %s and its packets to it are dropped", a)
-		}
-	}
-	if want := []netip.Addr{netip.MustParseAddr("198.18.2.10")}; r.Rcode != dns.RcodeSuccess || !slices.Equal(got, want) {
-		t.Errorf("pool.test with the set full: rcode %s, addresses %v; want NOERROR and %v", dns.RcodeToString[r.Rcode], got, want)
-	}
+	return func(name string) *dns.Msg { return setFullAsk(t, dnsAddr, name) }, reach
 }
 
 // setFullUpstream serves A records on loopback (UDP) until the test ends.
