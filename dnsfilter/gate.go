@@ -322,22 +322,24 @@ func (s *Server) withhold(q *query, ls []Learned, rules []int, err error) {
 }
 
 // withholdAnswer leaves q.withheld out of the rendered answer wire, or
-// answers SERVFAIL when none of the answer's learned addresses is left.
-// req may be nil: the answer's question and ID are wire's.
+// answers SERVFAIL when none of the answer's learned addresses is left,
+// or when wire does not unpack (or the trimmed answer does not pack):
+// passed on whole it would give the client what it cannot reach, and
+// nothing at all would leave it waiting out its timeout; q.err says why,
+// on the canonical line. req may be nil: the answer's question and ID are
+// then the query's (query.request).
 func (s *Server) withholdAnswer(q *query, req *dns.Msg, wire []byte) []byte {
+	if s.withheldWire != nil {
+		wire = s.withheldWire(wire)
+	}
 	m := new(dns.Msg)
 	if err := m.Unpack(wire); err != nil {
-		q.err = fmt.Errorf("dnsfilter: answer for %s does not unpack: %w", q.name, err)
-		return nil
+		q.err = fmt.Errorf("dnsfilter: answer for %s does not unpack to withhold %s: %w", q.name, joinAddrs(q.withheld), err)
+		return s.withheldServfail(q, req)
 	}
 	if q.servfail {
-		s.m.setFullServfail.Inc()
-		if req == nil {
-			req = m
-		}
-		return s.local(q, req, dns.RcodeServerFailure, dns.ExtendedErrorCodeOther, "egressd: firewall learned set full")
+		return s.withheldServfail(q, req)
 	}
-	s.m.setFullTrimmed.Inc()
 	kept := m.Answer[:0]
 	for _, rr := range m.Answer {
 		if a := rrAddr(rr); !a.IsValid() || !slices.Contains(q.withheld, a) {
@@ -351,10 +353,35 @@ func (s *Server) withholdAnswer(q *query, req *dns.Msg, wire []byte) []byte {
 	m.Compress = true
 	out, err := m.Pack()
 	if err != nil {
-		q.err = fmt.Errorf("dnsfilter: answer for %s does not pack: %w", q.name, err)
-		return nil
+		q.err = fmt.Errorf("dnsfilter: answer for %s does not pack without %s: %w", q.name, joinAddrs(q.withheld), err)
+		return s.withheldServfail(q, req)
 	}
+	s.m.setFullTrimmed.Inc()
 	return out
+}
+
+// withheldServfail is the SERVFAIL of an answer whose addresses full
+// learned sets refused (withholdAnswer), counted.
+func (s *Server) withheldServfail(q *query, req *dns.Msg) []byte {
+	s.m.setFullServfail.Inc()
+	if req == nil {
+		req = q.request()
+	}
+	return s.local(q, req, dns.RcodeServerFailure, dns.ExtendedErrorCodeOther, "egressd: firewall learned set full")
+}
+
+// request is the query as local answers it when it was not unpacked (the
+// UDP fast path's): its ID, RD and CD bits, and its question, the name as
+// the client spelled it.
+func (q *query) request() *dns.Msg {
+	m := new(dns.Msg)
+	m.Id, m.RecursionDesired, m.CheckingDisabled = q.id, q.rd, q.cd
+	name, _, err := dns.UnpackDomainName(q.qnameW, 0)
+	if err != nil {
+		name = dns.Fqdn(q.name)
+	}
+	m.Question = []dns.Question{{Name: name, Qtype: q.qtype, Qclass: dns.ClassINET}}
+	return m
 }
 
 // joinAddrs is addrs as text, comma-separated.

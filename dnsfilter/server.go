@@ -111,6 +111,10 @@ type Server struct {
 	// sockets' filters drop (DropUDPFrom, DropTCPFrom; SetDropFrom).
 	dropUDP, dropTCP int
 
+	// withheldWire, set by tests before Run, replaces the rendered
+	// answer withholdAnswer reads (one that does not unpack); nil: none.
+	withheldWire func([]byte) []byte
+
 	closing   atomic.Bool
 	ready     chan struct{} // closed once listeners are bound
 	done      chan struct{} // closed by Close, or by shutdown when Run's ctx is done

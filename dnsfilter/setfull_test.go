@@ -377,3 +377,56 @@ meta.full.test. 300 IN A 169.254.169.254
 		})
 	}
 }
+
+// TestSetFullUndecodable: an answer withholdAnswer cannot unpack (here the
+// rendered answer cut short by withheldWire) is SERVFAIL with the EDNS
+// error, logged at Error with why and counted, not silence: the client
+// got no answer and waited out its timeout. UDP's miss and hit (the fast
+// path's query, never unpacked) and TCP's; the answer carries the
+// question as the client spelled it.
+func TestSetFullUndecodable(t *testing.T) {
+	up := newFakeUpstream(t, setFullZone)
+	fw := &fullFirewall{}
+	fw.set(map[string][]netip.Addr{"ntp": addrs("192.0.2.20", "192.0.2.22")}, true)
+	logs := &syncBuffer{}
+	s, err := New(Config{Listen: []string{"127.0.0.1:0"}, UDPReaders: 2, ClientRate: -1, Upstreams: []string{up.Addr}, AllowPrivateAnswers: true},
+		Deps{Policy: compile(t, setFullPolicy), Firewall: fw, Sink: &recSink{}, Logger: slog.New(slog.NewJSONHandler(logs, nil))})
+	if err != nil {
+		t.Fatal(err)
+	}
+	s.withheldWire = func(w []byte) []byte { return w[:len(w)-1] }
+	runServer(t, s, nil)
+	addr := s.Addrs()[0].String()
+	n := 0
+	for _, proto := range []string{"udp", "udp", "tcp"} {
+		for _, name := range []string{"MuLtI.full.test.", "one.full.test."} {
+			n++
+			r, err := tryAsk(proto, addr, name, dns.TypeA, true)
+			if err != nil {
+				t.Errorf("%s %s, its answer undecodable: %v; want SERVFAIL", proto, name, err)
+				continue
+			}
+			if r.Rcode != dns.RcodeServerFailure || len(r.Answer) != 0 || len(r.Question) != 1 || r.Question[0].Name != name {
+				t.Errorf("%s %s, its answer undecodable: rcode %s, %v, question %v; want SERVFAIL to the question asked", proto, name, dns.RcodeToString[r.Rcode], r.Answer, r.Question)
+			}
+			if _, text, ok := ede(r); !ok || !strings.Contains(text, "learned set full") {
+				t.Errorf("%s %s: EDE %q, want the full set named", proto, name, text)
+			}
+		}
+	}
+	if got := counterValue(s.m.setFullServfail); got != float64(n) {
+		t.Errorf("servfail count %v, want %d", got, n)
+	}
+	lines := 0
+	for _, l := range strings.Split(logs.String(), "\n") {
+		if strings.Contains(l, `"name":"multi.full.test"`) {
+			lines++
+			if !strings.Contains(l, `"level":"ERROR"`) || !strings.Contains(l, `does not unpack`) || !strings.Contains(l, `"rcode":"SERVFAIL"`) {
+				t.Errorf("line %s\nwant ERROR, SERVFAIL, the unpack error", l)
+			}
+		}
+	}
+	if lines != 3 {
+		t.Errorf("%d lines for multi.full.test's 3 answers, want 3\n%s", lines, logs.String())
+	}
+}
