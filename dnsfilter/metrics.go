@@ -80,7 +80,7 @@ func newMetrics() *metrics {
 			Help:    "Time an allowed answer waited for the firewall to take its addresses.",
 			Buckets: []float64{0.00005, 0.0001, 0.00025, 0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5}}),
 		setFull: prometheus.NewCounterVec(prometheus.CounterOpts{Namespace: ns, Subsystem: sub, Name: "set_full_answers_total",
-			Help: "Enforce-mode answers changed because a full learned set refused addresses the client could not reach otherwise, by action (trimmed: those addresses left out; servfail: none was left)."}, []string{"action"}),
+			Help: "Enforce-mode answers changed because a full learned set refused addresses the client could not reach otherwise, by action (trimmed: those addresses left out; servfail: none was left, or the answer could not be trimmed)."}, []string{"action"}),
 	}
 	// Every series of a bounded label exists from the start, at 0, so
 	// that /metrics lists what the READMEs name before the first event
