@@ -23,6 +23,11 @@ multi.full.test. 300 IN A 192.0.2.20
 multi.full.test. 300 IN A 192.0.2.21
 two.full.test. 300 IN A 192.0.2.23
 web.full.test. 300 IN A 192.0.2.24
+cidr.full.test. 300 IN A 192.0.2.17
+cidr.full.test. 300 IN A 192.0.2.40
+in.full.test. 300 IN A 192.0.2.18
+out.full.test. 300 IN A 192.0.2.40
+meta.full.test. 300 IN A 169.254.169.254
 `
 
 // setFullPolicy: web's names go through the proxy (the firewall does not
@@ -322,13 +327,6 @@ func TestSetFullTrimmedNotAuthenticated(t *testing.T) {
 // the address does not withhold it; an address only a full set would have
 // opened is withheld still, and so is a guarded one "*" does not open.
 func TestSetFullCIDR(t *testing.T) {
-	const zone = `
-cidr.full.test. 300 IN A 192.0.2.17
-cidr.full.test. 300 IN A 192.0.2.40
-in.full.test. 300 IN A 192.0.2.18
-out.full.test. 300 IN A 192.0.2.40
-meta.full.test. 300 IN A 169.254.169.254
-`
 	rule := func(name, to, ports string) string {
 		return "  - name: " + name + "\n    to: " + to + "\n    ports: [" + ports + "]\n"
 	}
@@ -359,7 +357,7 @@ meta.full.test. 300 IN A 169.254.169.254
 			map[string][]netip.Addr{"ntp": all, "sip": all}, "in.full.test.", addrs("192.0.2.18")},
 	} {
 		t.Run(c.what, func(t *testing.T) {
-			up := newFakeUpstream(t, zone)
+			up := newFakeUpstream(t, setFullZone)
 			fw := &fullFirewall{wants: []string{"ntp", "sip"}}
 			fw.set(c.full, true)
 			ts := startServer(t, "", Config{Upstreams: []string{up.Addr}, AllowPrivateAnswers: true},
