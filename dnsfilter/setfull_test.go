@@ -415,16 +415,23 @@ func TestSetFullUndecodable(t *testing.T) {
 	if got := counterValue(s.m.setFullServfail); got != float64(n) {
 		t.Errorf("servfail count %v, want %d", got, n)
 	}
-	lines := 0
-	for _, l := range strings.Split(logs.String(), "\n") {
-		if strings.Contains(l, `"name":"multi.full.test"`) {
-			lines++
-			if !strings.Contains(l, `"level":"ERROR"`) || !strings.Contains(l, `does not unpack`) || !strings.Contains(l, `"rcode":"SERVFAIL"`) {
-				t.Errorf("line %s\nwant ERROR, SERVFAIL, the unpack error", l)
+	// The line is written once the answer is: wait for the last.
+	multi := func() (out []string) {
+		for _, l := range strings.Split(logs.String(), "\n") {
+			if strings.Contains(l, `"name":"multi.full.test"`) {
+				out = append(out, l)
 			}
 		}
+		return out
 	}
-	if lines != 3 {
-		t.Errorf("%d lines for multi.full.test's 3 answers, want 3\n%s", lines, logs.String())
+	waitFor(t, func() bool { return len(multi()) >= 3 })
+	lines := multi()
+	for _, l := range lines {
+		if !strings.Contains(l, `"level":"ERROR"`) || !strings.Contains(l, `does not unpack`) || !strings.Contains(l, `"rcode":"SERVFAIL"`) {
+			t.Errorf("line %s\nwant ERROR, SERVFAIL, the unpack error", l)
+		}
+	}
+	if len(lines) != 3 {
+		t.Errorf("%d lines for multi.full.test's 3 answers, want 3\n%s", len(lines), logs.String())
 	}
 }
