@@ -149,17 +149,24 @@ func TestSetFullWithheld(t *testing.T) {
 	if n := counterValue(ts.m.setFullTrimmed); n != 4 {
 		t.Errorf("trimmed count %v, want 4", n)
 	}
-	var lines int
-	for _, l := range strings.Split(logs.String(), "\n") {
-		if strings.Contains(l, `"name":"one.full.test"`) {
-			lines++
-			if !strings.Contains(l, `"set_full":"ntp/dns4_ntp"`) || !strings.Contains(l, `"withheld":"192.0.2.22"`) || !strings.Contains(l, `"rcode":"SERVFAIL"`) || !strings.Contains(l, `"level":"WARN"`) {
-				t.Errorf("line %s\nwant WARN, SERVFAIL, set_full ntp/dns4_ntp, withheld 192.0.2.22", l)
+	// The line is written once the answer is: wait for the last.
+	oneLines := func() (out []string) {
+		for _, l := range strings.Split(logs.String(), "\n") {
+			if strings.Contains(l, `"name":"one.full.test"`) {
+				out = append(out, l)
 			}
 		}
+		return out
 	}
-	if lines != 4 {
-		t.Errorf("%d lines for one.full.test's 4 answers, want one each\n%s", lines, logs.String())
+	waitFor(t, func() bool { return len(oneLines()) >= 4 })
+	lines := oneLines()
+	for _, l := range lines {
+		if !strings.Contains(l, `"set_full":"ntp/dns4_ntp"`) || !strings.Contains(l, `"withheld":"192.0.2.22"`) || !strings.Contains(l, `"rcode":"SERVFAIL"`) || !strings.Contains(l, `"level":"WARN"`) {
+			t.Errorf("line %s\nwant WARN, SERVFAIL, set_full ntp/dns4_ntp, withheld 192.0.2.22", l)
+		}
+	}
+	if len(lines) != 4 {
+		t.Errorf("%d lines for one.full.test's 4 answers, want one each\n%s", len(lines), logs.String())
 	}
 
 	// A refusal that keeps nobody out (the firewall in audit mode).
