@@ -22,7 +22,9 @@ const anyRule80 = `
 // proxy's plain HTTP Host (to the address itself), an IP-literal SNI, and a
 // DNS answer for an allowed name. Each is denied in enforce mode under a
 // rule that opens every address, and the transparent proxy's event names
-// the original IPv6 destination (F3).
+// the original IPv6 destination (F3). Each deny must be the guard's
+// (special-range): no server has these addresses here, so a connection
+// the guard let through would fail to dial all the same.
 func TestHardeningEmbeddings(t *testing.T) {
 	tp := newTopo(t)
 	u := tp.startUpstream(t)
@@ -78,7 +80,7 @@ func TestHardeningEmbeddings(t *testing.T) {
 				if !strings.HasPrefix(body, "HTTP/1.1 403") {
 					t.Errorf("explicit %q: %q", firstLine(req, nil), firstLine(body, err))
 				}
-				wantEvent(t, d, "explicit "+firstLine(req, nil), byClientPort(port), "deny", "")
+				wantEvent(t, d, "explicit "+firstLine(req, nil), byClientPort(port), "deny", "special-range")
 			}
 			if !c.transparent {
 				return
@@ -87,14 +89,14 @@ func TestHardeningEmbeddings(t *testing.T) {
 			if strings.Contains(body, "200 OK") {
 				t.Errorf("plain HTTP to %s got through: %q", host, firstLine(body, err))
 			}
-			if ev := wantEvent(t, d, "plain HTTP to "+host, byClientPort(port), "deny", ""); ev.Dest != c.addr {
+			if ev := wantEvent(t, d, "plain HTTP to "+host, byClientPort(port), "deny", "special-range"); ev.Dest != c.addr {
 				t.Errorf("plain HTTP to %s: event dest %q, want the original destination %s", host, ev.Dest, c.addr)
 			}
 			o := tp.sendHello(hp443, buildHello(helloSpec{sni: [][]string{{c.addr}}}), 0, 0)
 			if !o.denied {
 				t.Errorf("IP-literal SNI to %s: %v", hp443, o)
 			}
-			if ev := wantEvent(t, d, "IP-literal SNI to "+hp443, byClientPort(o.port), "deny", ""); ev.Dest != c.addr {
+			if ev := wantEvent(t, d, "IP-literal SNI to "+hp443, byClientPort(o.port), "deny", "special-range"); ev.Dest != c.addr {
 				t.Errorf("IP-literal SNI to %s: event dest %q, want the original destination %s", hp443, ev.Dest, c.addr)
 			}
 		})
