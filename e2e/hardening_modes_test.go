@@ -233,7 +233,7 @@ func TestHardeningExplicitKeepAlive(t *testing.T) {
 	if n := w.tcp.Load() - base; n != 0 {
 		t.Errorf("the servers on ports no rule opens accepted %d connections", n)
 	}
-	log, _ := os.ReadFile(filepath.Join(tp.dir, "nginx-access.log"))
+	log := waitNginxLog(t, tp, "/ka-fourth ")
 	for _, s := range steps {
 		path := s.target[strings.LastIndex(s.target, "/"):]
 		if got := strings.Contains(string(log), path+" "); got != (s.code == 200) {
@@ -319,22 +319,32 @@ func TestHardeningSmuggling(t *testing.T) {
 	post := func(fields string) string {
 		return "POST /c6x-post HTTP/1.1\r\nHost: " + vendorName + "\r\n" + fields + "\r\n"
 	}
-	cases := []struct{ name, write string }{
-		{"te-comma", post("Transfer-Encoding: chunked,\r\n") + "0\r\n\r\n" + hidden("te-comma")},
-		{"te-identity-chunked", post("Transfer-Encoding: identity, chunked\r\n") + "0\r\n\r\n" + hidden("te-identity-chunked")},
-		{"te-xchunked-cl", post("Transfer-Encoding: xchunked\r\nContent-Length: 5\r\n") + "0\r\n\r\n" + hidden("te-xchunked-cl")},
-		{"te-space-name", post("Transfer-Encoding : chunked\r\n") + "0\r\n\r\n" + hidden("te-space-name")},
-		{"te-two-headers", post("Transfer-Encoding: chunked\r\nTransfer-Encoding: identity\r\n") + "0\r\n\r\n" + hidden("te-two-headers")},
-		{"cl-plus", post("Content-Length: +5\r\n") + "hello" + hidden("cl-plus")},
-		{"cl-list", post("Content-Length: 5, 5\r\n") + "hello" + hidden("cl-list")},
-		{"cl-hex", post("Content-Length: 0x5\r\n") + "hello" + hidden("cl-hex")},
-		{"chunk-ext-lf", post("Transfer-Encoding: chunked\r\n") + "5;x\nhello\r\n0\r\n\r\n" + hidden("chunk-ext-lf")},
-		{"chunk-size-overflow", post("Transfer-Encoding: chunked\r\n") + "10000000000000005\r\nhello\r\n0\r\n\r\n" + hidden("chunk-size-overflow")},
-		{"get-with-body-cl", "GET /c6x-get HTTP/1.1\r\nHost: " + vendorName + "\r\nContent-Length: " + fmt.Sprint(len(hidden("get-with-body-cl"))) + "\r\n\r\n" + hidden("get-with-body-cl")},
-		{"host-space", "GET /c6x-host-space HTTP/1.1\r\nHost: " + vendorName + " " + trackerName + "\r\n\r\n" + hidden("host-space")},
-		{"host-cr", "GET /c6x-host-cr HTTP/1.1\r\nHost: " + vendorName + "\rHost: " + trackerName + "\r\n\r\n" + hidden("host-cr")},
-		{"request-line-lf", "GET /c6x-lf HTTP/1.1\nHost: " + vendorName + "\n\n" + hidden("request-line-lf")},
-		{"http10-absolute", "GET http://" + trackerName + "/c6x-http10-absolute-hidden HTTP/1.0\r\nHost: " + vendorName + "\r\n\r\n"},
+	// What egressd does with each, pinned: origin, the origin answers the
+	// outer request first (egressd frames it as nginx does); refused, the
+	// reason of egressd's 403 (its X-Egressd-Reason header and its
+	// request event), "" for none. Most shapes nginx refuses by itself,
+	// so the nginx checks alone would pass whatever egressd did; the
+	// refusal is what egressd adds.
+	cases := []struct {
+		name, write string
+		origin      bool
+		refused     string
+	}{
+		{"te-comma", post("Transfer-Encoding: chunked,\r\n") + "0\r\n\r\n" + hidden("te-comma"), false, "http-framing"},
+		{"te-identity-chunked", post("Transfer-Encoding: identity, chunked\r\n") + "0\r\n\r\n" + hidden("te-identity-chunked"), false, "http-framing"},
+		{"te-xchunked-cl", post("Transfer-Encoding: xchunked\r\nContent-Length: 5\r\n") + "0\r\n\r\n" + hidden("te-xchunked-cl"), false, "http-framing"},
+		{"te-space-name", post("Transfer-Encoding : chunked\r\n") + "0\r\n\r\n" + hidden("te-space-name"), false, "http-malformed"},
+		{"te-two-headers", post("Transfer-Encoding: chunked\r\nTransfer-Encoding: identity\r\n") + "0\r\n\r\n" + hidden("te-two-headers"), false, "http-framing"},
+		{"cl-plus", post("Content-Length: +5\r\n") + "hello" + hidden("cl-plus"), false, "http-framing"},
+		{"cl-list", post("Content-Length: 5, 5\r\n") + "hello" + hidden("cl-list"), false, "http-framing"},
+		{"cl-hex", post("Content-Length: 0x5\r\n") + "hello" + hidden("cl-hex"), false, "http-framing"},
+		{"chunk-ext-lf", post("Transfer-Encoding: chunked\r\n") + "5;x\nhello\r\n0\r\n\r\n" + hidden("chunk-ext-lf"), true, "http-framing"},
+		{"chunk-size-overflow", post("Transfer-Encoding: chunked\r\n") + "10000000000000005\r\nhello\r\n0\r\n\r\n" + hidden("chunk-size-overflow"), true, "http-framing"},
+		{"get-with-body-cl", "GET /c6x-get HTTP/1.1\r\nHost: " + vendorName + "\r\nContent-Length: " + fmt.Sprint(len(hidden("get-with-body-cl"))) + "\r\n\r\n" + hidden("get-with-body-cl"), true, ""},
+		{"host-space", "GET /c6x-host-space HTTP/1.1\r\nHost: " + vendorName + " " + trackerName + "\r\n\r\n" + hidden("host-space"), false, "http-malformed"},
+		{"host-cr", "GET /c6x-host-cr HTTP/1.1\r\nHost: " + vendorName + "\rHost: " + trackerName + "\r\n\r\n" + hidden("host-cr"), false, "http-malformed"},
+		{"request-line-lf", "GET /c6x-lf HTTP/1.1\nHost: " + vendorName + "\n\n" + hidden("request-line-lf"), false, "http-malformed"},
+		{"http10-absolute", "GET http://" + trackerName + "/c6x-http10-absolute-hidden HTTP/1.0\r\nHost: " + vendorName + "\r\n\r\n", false, "host-mismatch"},
 	}
 	for _, c := range cases {
 		t.Run(c.name, func(t *testing.T) {
@@ -359,17 +369,37 @@ func TestHardeningSmuggling(t *testing.T) {
 				}
 			}
 			t.Logf("%s: responses %q", c.name, codes)
+			port := conn.LocalAddr().(*net.TCPAddr).Port
+			reason := ""
+			if _, after, ok := strings.Cut(string(rest), "\r\nX-Egressd-Reason: "); ok {
+				reason, _, _ = strings.Cut(after, "\r\n")
+			}
+			if c.origin != (len(codes) > 0 && codes[0] == "HTTP/1.1 200 OK") {
+				t.Errorf("%s: responses %q; want the origin's 200 for the outer request first: %v", c.name, codes, c.origin)
+			}
+			if reason != c.refused {
+				t.Errorf("%s: responses %q, egressd's 403 for %q; want %q", c.name, codes, reason, c.refused)
+			}
+			if c.refused != "" {
+				d.waitEvent(t, c.name+" refused", func(e flowEvent) bool {
+					return e.Kind == "request" && e.ClientPort == port && e.Verdict == "deny" && e.Enforced && e.Reason == reason
+				})
+			}
 			if strings.Contains(string(rest), "hidden") && strings.Contains(string(rest), "host="+trackerName) {
 				t.Errorf("%s: the origin served the hidden request: %q", c.name, rest)
 			}
 		})
 	}
-	// nginx logs a request when it is done: give it a moment.
-	time.Sleep(time.Second)
+	// nginx logs a request when it is done, after its response: a last
+	// allowed request, on a connection of its own after every other one
+	// ended, marks where the log is complete enough to read.
+	conn := tp.dialLAN(t, vendorIP+":80", 10*time.Second)
+	io.WriteString(conn, "GET /c6x-last HTTP/1.1\r\nHost: "+vendorName+"\r\nConnection: close\r\n\r\n")
+	io.Copy(io.Discard, conn)
+	conn.Close()
+	waitNginxLog(t, tp, "/c6x-last ")
+	time.Sleep(500 * time.Millisecond) // the other connections' lines, if any
 	log, _ := os.ReadFile(filepath.Join(tp.dir, "nginx-access.log"))
-	if !strings.Contains(string(log), "c6x-first") {
-		t.Fatalf("nginx's access log has no c6x-first request: is it the right log?\n%s", log)
-	}
 	for _, l := range strings.Split(string(log), "\n") {
 		if strings.Contains(l, "-hidden") {
 			t.Errorf("nginx served a hidden request: %s", l)
@@ -515,5 +545,23 @@ func TestOddSNIParity(t *testing.T) {
 		if v[0] != v[1] {
 			t.Errorf("%s: enforce mode %s, audit mode %s: audit does not report what enforce does", c.name, v[0], v[1])
 		}
+	}
+}
+
+// waitNginxLog reads nginx's access log until it has want (nginx writes a
+// request's line after its response, so a client can read the response
+// first), for up to 10 s; the test fails if it never does.
+func waitNginxLog(t *testing.T, tp *topo, want string) []byte {
+	t.Helper()
+	deadline := time.Now().Add(10 * time.Second)
+	for {
+		log, _ := os.ReadFile(filepath.Join(tp.dir, "nginx-access.log"))
+		if strings.Contains(string(log), want) {
+			return log
+		}
+		if time.Now().After(deadline) {
+			t.Fatalf("nginx's access log has no %q after 10 s: is it the right log?\n%s", want, log)
+		}
+		time.Sleep(50 * time.Millisecond)
 	}
 }
