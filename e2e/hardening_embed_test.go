@@ -107,6 +107,9 @@ func TestHardeningEmbeddings(t *testing.T) {
 			if rcode, addrs := tp.dig(t, a.name, a.qtype); rcode != "NOERROR" || len(addrs) != 0 {
 				t.Errorf("dig %s %s (upstream: %s): %s %v, want NOERROR and no address", a.name, a.qtype, a.rr, rcode, addrs)
 			}
+			// The filter took the address out (an empty answer from an
+			// upstream without the record would look the same).
+			wantFiltered(t, d, a.name, a.qtype)
 		}
 	})
 }

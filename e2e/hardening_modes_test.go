@@ -86,6 +86,7 @@ func TestHardeningModes(t *testing.T) {
 				if rcode != "NOERROR" || strings.Join(got, ",") != want {
 					t.Errorf("%s mode: dig %s %s: %s %v, want NOERROR %q", mode, q[0], q[1], rcode, got, want)
 				}
+				wantFiltered(t, d, q[0], q[1])
 			}
 
 			for _, c := range cases {
@@ -563,5 +564,18 @@ func waitNginxLog(t *testing.T, tp *topo, want string) []byte {
 			t.Fatalf("nginx's access log has no %q after 10 s: is it the right log?\n%s", want, log)
 		}
 		time.Sleep(50 * time.Millisecond)
+	}
+}
+
+// wantFiltered wants the dns event of the query for name and qtype to say
+// the forwarder's rebinding filter changed the answer: the upstream did
+// give the special address, and the filter took it out.
+func wantFiltered(t *testing.T, d *daemon, name, qtype string) {
+	t.Helper()
+	ev := d.waitEvent(t, "the "+qtype+" query for "+name, func(e flowEvent) bool {
+		return e.Kind == "dns" && e.Name == name && e.QType == qtype
+	})
+	if ev.Kind != "" && ev.Filtered != "rebinding" {
+		t.Errorf("%s %s: event filtered %q, want rebinding: %v", name, qtype, ev.Filtered, ev)
 	}
 }
