@@ -383,7 +383,7 @@ func TestHardeningSmuggling(t *testing.T) {
 			}
 			if c.refused != "" {
 				d.waitEvent(t, c.name+" refused", func(e flowEvent) bool {
-					return e.Kind == "request" && e.ClientPort == port && e.Verdict == "deny" && e.Enforced && e.Reason == reason
+					return e.Kind == "request" && e.ClientPort == port && !e.Time.Before(dialedAt(port)) && e.Verdict == "deny" && e.Enforced && e.Reason == reason
 				})
 			}
 			if strings.Contains(string(rest), "hidden") && strings.Contains(string(rest), "host="+trackerName) {
