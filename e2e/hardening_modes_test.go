@@ -496,6 +496,10 @@ func TestHardeningPausedHello(t *testing.T) {
 	}
 }
 
+// hostileSNI is a server name a client may put in a hello crypto/tls
+// refuses (the trailing dot): control bytes, markup, over 255 bytes.
+var hostileSNI = "evil\n\x1b[2J<script>x</script>" + strings.Repeat("a", 300) + ".example."
+
 // TestOddSNIParity (THREATS.md A5, in both modes): the odd server names of
 // TestHardeningNames/odd-sni, sent as raw ClientHellos to the address our
 // DNS gave for the allowed name, get the same verdict, reason and name
@@ -520,6 +524,9 @@ func TestOddSNIParity(t *testing.T) {
 		{"utf8-label", [][]string{{"d\u00f6cker.docker.com"}}},
 		{"nul-byte", [][]string{{dockerName + "\x00.evil.net"}}},
 		{"space", [][]string{{"a b.docker.com"}}},
+		// A refused hello's name is recorded (a193781): one with a
+		// newline, a terminal escape and markup, past the 255-byte bound.
+		{"hostile-trailing-dot", [][]string{{hostileSNI}}},
 	}
 	got := map[string][2]string{} // case -> [enforce, audit]
 	for mi, mode := range []string{"enforce", "audit"} {
@@ -534,6 +541,10 @@ func TestOddSNIParity(t *testing.T) {
 				ev := d.waitEvent(t, c.name, func(e flowEvent) bool {
 					return e.Kind == "flow" && e.ClientPort == o.port && !e.Time.Before(dialedAt(o.port))
 				})
+				if c.name == "hostile-trailing-dot" && ev.Kind != "" &&
+					(len(ev.Name) > 255 || !strings.HasPrefix(ev.Name, hostileSNI[:20]) || ev.Reason != "hello-malformed") {
+					t.Errorf("%s: event %v: want hello-malformed, the name kept and cut to 255 bytes (%d)", c.name, ev, len(ev.Name))
+				}
 				v := got[c.name]
 				v[mi] = fmt.Sprintf("%s %s name=%q", ev.Verdict, ev.Reason, ev.Name)
 				got[c.name] = v
