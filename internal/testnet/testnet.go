@@ -263,7 +263,9 @@ func tempIfName() string {
 
 // Link joins two namespaces with a veth pair: ifA in a with addrsA, ifB in b
 // with addrsB (CIDR notation, IPv4 or IPv6). IPv6 duplicate address
-// detection is turned off so addresses work at once.
+// detection is turned off, and Link returns once every address is usable
+// (WaitAddr): an IPv6 address is tentative, without its local route,
+// until both ends are up and addrconf's work has run.
 func Link(t testing.TB, a *NS, ifA string, addrsA []string, b *NS, ifB string, addrsB []string) {
 	t.Helper()
 	tmpA, tmpB := tempIfName(), tempIfName()
@@ -289,6 +291,8 @@ func Link(t testing.TB, a *NS, ifA string, addrsA []string, b *NS, ifB string, a
 		}
 		x.ns.MustRun("ip", "link", "set", x.name, "up")
 	}
+	a.WaitAddr(t, addrsA...)
+	b.WaitAddr(t, addrsB...)
 }
 
 // Do runs fn on a thread switched into the namespace (a goroutine of its
