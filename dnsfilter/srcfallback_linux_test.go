@@ -5,7 +5,6 @@ import (
 	"fmt"
 	"net"
 	"net/netip"
-	"strings"
 	"sync/atomic"
 	"testing"
 	"time"
@@ -213,7 +212,7 @@ func TestAnswerAfterAddressRemoved(t *testing.T) {
 			} {
 				_, _ = gw.Run("ip", "addr", "del", a.prefix, "dev", "lan0")
 				gw.MustRun("ip", "addr", "add", a.prefix, "dev", "lan0", "nodad")
-				waitLocalRoute(t, gw, a.asked)
+				gw.WaitAddr(t, a.asked)
 				gone.Store(&a.prefix)
 				t.Cleanup(func() { gone.Store(nil) })
 				m := new(dns.Msg).SetQuestion(a.name, dns.TypeA) // not in this server's cache: the miss path
@@ -239,27 +238,5 @@ func TestAnswerAfterAddressRemoved(t *testing.T) {
 				}
 			}
 		})
-	}
-}
-
-// waitLocalRoute waits until addr, just added in ns, has its local route:
-// until then the kernel drops a datagram to it (Ip6InAddrErrors) before
-// any socket sees it. An IPv6 address gets its route from addrconf's
-// work queue, after ip returns, nodad or not; under load a query sent at
-// once was lost, and the test failed on a query the forwarder never read.
-func waitLocalRoute(t *testing.T, ns *testnet.NS, addr string) {
-	t.Helper()
-	fam := "-4"
-	if netip.MustParseAddr(addr).Is6() {
-		fam = "-6"
-	}
-	for end := time.Now().Add(10 * time.Second); ; time.Sleep(10 * time.Millisecond) {
-		out, err := ns.Run("ip", fam, "route", "show", "table", "local", addr)
-		if err == nil && strings.HasPrefix(out, "local "+addr+" ") {
-			return
-		}
-		if time.Now().After(end) {
-			t.Fatalf("%s: no local route for %s: %v: %s", ns.Name, addr, err, out)
-		}
 	}
 }

@@ -82,7 +82,7 @@ func TestOwnAddrsFollowed(t *testing.T) {
 	wantEvent(t, d, "CONNECT to the WAN address at start", byClientPort(port), "deny", "special-range")
 
 	tp.gw.MustRun("ip", "addr", "add", newWAN4+"/24", "dev", "wan0")
-	tp.gw.MustRun("ip", "-6", "addr", "add", newWAN6+"/64", "dev", "wan0", "nodad")
+	tp.gw.AddAddr(t, "wan0", newWAN6+"/64")
 	d.waitLog(t, "+"+newWAN4, 1)
 	d.waitLog(t, "+"+newWAN6, 1)
 

@@ -36,9 +36,7 @@ func testGatewayGuardRecorded(t *testing.T, mode string) {
 	tp := newTopo(t)
 	const forged4, forged6 = "198.51.100.77", "2001:db8:99::77"
 	const routed4 = "198.18.7.2"
-	tp.lan.MustRun("ip", "addr", "add", forged4+"/32", "dev", "lo")
-	tp.lan.MustRun("ip", "-6", "addr", "add", forged6+"/128", "dev", "lo", "nodad")
-	tp.lan.MustRun("ip", "addr", "add", routed4+"/32", "dev", "lo")
+	tp.lan.AddAddr(t, "lo", forged4+"/32", forged6+"/128", routed4+"/32")
 	tp.gw.MustRun("ip", "route", "add", "198.18.7.0/24", "via", lanClient4, "dev", "lan0")
 	tp.gw.MustRun("ip", "route", "add", lanRouted, "via", lanRouter4, "dev", "lan0")
 	tp.lan.MustRun("ip", "addr", "add", lanRouter4+"/32", "dev", "eth0")

@@ -283,11 +283,11 @@ func TestOneDecisionLineLinkLocalClient(t *testing.T) {
 	tp := newTopo(t)
 	d := newDaemon(t, tp, "enforce")
 	d.start()
-	ll := tp.lanLinkLocal(t)
+	ll, idx := tp.lan.LinkLocal(t, "eth0")
 	const name = "r7-linklocal.example"
 	ctx, cancel := context.WithTimeout(context.Background(), 5*time.Second)
 	// The zone by index (testnet's IfIndex).
-	c, err := tp.dialWith(ctx, "["+dockerIP6+"]:443", &net.TCPAddr{IP: ll.AsSlice(), Zone: tp.lan.IfIndex(t, "eth0")}, nil)
+	c, err := tp.dialWith(ctx, "["+dockerIP6+"]:443", &net.TCPAddr{IP: ll.AsSlice(), Zone: idx}, nil)
 	cancel()
 	if err != nil {
 		t.Fatalf("dial from %s: %v", ll, err)

@@ -93,7 +93,7 @@ func dualStack(t *testing.T, mode string) {
 		originAddrs = append(originAddrs, l...)
 	}
 	origin := tp.newDualOrigin(t, originAddrs)
-	tp.lan.MustRun("ip", "-6", "addr", "add", tempClient6+"/64", "dev", "eth0", "nodad")
+	tp.lan.AddAddr(t, "eth0", tempClient6+"/64")
 	other := tp.newLANDevice(t, "e2dev", otherDev4, otherDev6)
 
 	d := newDaemon(t, tp, mode)
@@ -262,6 +262,7 @@ func (tp *topo) newLANDevice(t *testing.T, prefix, addr4, addr6 string) *testnet
 	ns.MustRun("ip", "addr", "add", addr4+"/24", "dev", "dev0")
 	ns.MustRun("ip", "-6", "addr", "add", addr6+"/64", "dev", "dev0", "nodad")
 	ns.MustRun("ip", "link", "set", "dev0", "up")
+	ns.WaitAddr(t, addr6)
 	ns.MustRun("ip", "route", "add", "default", "via", gwLAN4)
 	ns.MustRun("ip", "-6", "route", "add", "default", "via", gwLAN6)
 	return ns
@@ -286,9 +287,9 @@ func (tp *topo) newDualOrigin(t *testing.T, addrs []string) *dualOrigin {
 	t.Cleanup(wg.Wait)
 	for _, a := range addrs {
 		if netip.MustParseAddr(a).Is4() {
-			tp.inet.MustRun("ip", "addr", "add", a+"/32", "dev", "eth0")
+			tp.inet.AddAddr(t, "eth0", a+"/32")
 		} else {
-			tp.inet.MustRun("ip", "-6", "addr", "add", a+"/128", "dev", "eth0", "nodad")
+			tp.inet.AddAddr(t, "eth0", a+"/128")
 		}
 		ln, err := tp.inet.Listen("tcp", net.JoinHostPort(a, "443"))
 		if err != nil {

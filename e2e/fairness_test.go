@@ -57,6 +57,7 @@ func TestDeviceFairness(t *testing.T) {
 		}
 		v6 = append(v6, a)
 	}
+	fl.WaitAddr(t, v6...)
 
 	cg := newMemoryGroup(t, memoryMax)
 	d := newDaemon(t, tp, "enforce")

@@ -59,35 +59,15 @@ func (tp *topo) dialLoopbackViaGW(t *testing.T, addr string) (bool, error) {
 	return n > 0, fmt.Errorf("read %q: %v", b[:n], err)
 }
 
-// lanLinkLocal returns the LAN client's link-local address once DAD is
-// done with it.
-func (tp *topo) lanLinkLocal(t *testing.T) netip.Addr {
-	t.Helper()
-	for deadline := time.Now().Add(5 * time.Second); time.Now().Before(deadline); time.Sleep(100 * time.Millisecond) {
-		out, _ := tp.lan.Run("ip", "-6", "-o", "addr", "show", "dev", "eth0", "scope", "link")
-		if strings.Contains(out, "tentative") {
-			continue
-		}
-		for _, f := range strings.Fields(out) {
-			if p, err := netip.ParsePrefix(f); err == nil && p.Addr().IsLinkLocalUnicast() {
-				return p.Addr()
-			}
-		}
-	}
-	t.Fatal("the LAN client has no usable link-local address after 5s")
-	return netip.Addr{}
-}
-
 // sendRogueRA sends three Router Advertisements from the LAN client to
 // all nodes on its link: a default router (lifetime 1800 s) and an
 // autonomous prefix, rogueRAPrefix/64.
 func (tp *topo) sendRogueRA(t *testing.T) {
 	t.Helper()
-	ll := tp.lanLinkLocal(t)
 	// The zone by index: Go's cache of interface names is the
 	// process's, up to a minute old, and another test's namespace had
 	// an eth0 of another index.
-	idx := tp.lan.IfIndex(t, "eth0")
+	ll, idx := tp.lan.LinkLocal(t, "eth0")
 	pc, err := tp.lan.ListenPacket("ip6:ipv6-icmp", ll.String()+"%"+idx)
 	if err != nil {
 		t.Fatal(err)

@@ -230,6 +230,7 @@ func (tp *topo) newWitness(t *testing.T, tcpAddrs, udpAddrs []string) *witness {
 		if err != nil && !strings.Contains(out, "File exists") && !strings.Contains(out, "already assigned") {
 			t.Fatalf("ip addr add %s: %v: %s", h, err, out)
 		}
+		tp.inet.WaitAddr(t, h)
 	}
 	var wg sync.WaitGroup
 	t.Cleanup(wg.Wait)

@@ -250,7 +250,7 @@ func (tp *topo) nat64Servers(t *testing.T) *nat64Hits {
 	var wg sync.WaitGroup
 	t.Cleanup(wg.Wait)
 	for _, a := range []string{nat64CIDR, nat64Metadata} {
-		tp.inet.MustRun("ip", "-6", "addr", "add", a+"/128", "dev", "eth0", "nodad")
+		tp.inet.AddAddr(t, "eth0", a+"/128")
 		for _, port := range []int{7443, 8443} {
 			addr := net.JoinHostPort(a, fmt.Sprint(port))
 			ln, err := tp.inet.Listen("tcp", addr)

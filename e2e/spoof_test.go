@@ -79,8 +79,7 @@ func TestSpoofedSources(t *testing.T) {
 			t.Fatalf("the new-address device's first query from %s: %v", a[0], err)
 		}
 	}
-	nw.MustRun("ip", "addr", "add", "198.18.1.147/24", "dev", "dev0")
-	nw.MustRun("ip", "-6", "addr", "add", "2001:db8:1::5:3/64", "dev", "dev0", "nodad")
+	nw.AddAddr(t, "dev0", "198.18.1.147/24", "2001:db8:1::5:3/64")
 	var fresh [2]int // answered, of the new addresses
 	wg.Add(1)
 	go func() {

@@ -137,9 +137,7 @@ func newTopo(t *testing.T) *topo {
 	for _, a := range []string{"198.51.100.124", "198.51.100.125", "198.51.100.126", authDNS4, dockerIP4, vendorIP, intakeIP, notionIP, registryIP, trackerIP, lookalikeIP, ntpIP, udpDenyIP, apnsIP, apnsBareIP, fcmIP, clockIP} {
 		tp.inet.MustRun("ip", "addr", "add", a+"/32", "dev", "eth0")
 	}
-	for _, a := range []string{dockerIP6, registryIP6} {
-		tp.inet.MustRun("ip", "-6", "addr", "add", a+"/128", "dev", "eth0", "nodad")
-	}
+	tp.inet.AddAddr(t, "eth0", dockerIP6+"/128", registryIP6+"/128")
 
 	// The LAN's resolver is the gateway: ip netns exec bind-mounts
 	// /etc/netns/NAME/resolv.conf over /etc/resolv.conf for dig.

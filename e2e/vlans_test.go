@@ -75,6 +75,10 @@ func newTwoLANTopo(t *testing.T) (tp, cam *topo, lans []string) {
 		camNS.MustRun("ip", "-6", "addr", "add", camClient6+"/64", "dev", "eth0", "nodad")
 		camNS.MustRun("ip", "link", "set", "eth0", "up")
 		lans = []string{"lan0.10", "lan0.20"}
+		// The addresses were added before their links came up.
+		gw.WaitAddr(t, gwLAN6, gwCam6)
+		lan.WaitAddr(t, lanClient6)
+		camNS.WaitAddr(t, camClient6)
 	}
 	camNS.MustRun("ip", "route", "add", "default", "via", gwCam4)
 	camNS.MustRun("ip", "-6", "route", "add", "default", "via", gwCam6)

@@ -108,14 +108,12 @@ func TestForgedSources(t *testing.T) {
 	// victim that holds them.
 	const forged4, forged6 = "198.51.100.77", "2001:db8:99::77"
 	for _, ns := range []*testnet.NS{tp.client, tp.server} {
-		ns.MustRun("ip", "addr", "add", forged4+"/32", "dev", "lo")
-		ns.MustRun("ip", "addr", "add", forged6+"/128", "dev", "lo")
+		ns.AddAddr(t, "lo", forged4+"/32", forged6+"/128")
 	}
 	// A routed subnet behind the client, which routes for it: the gateway
 	// reaches it through the LAN.
 	const routed4, routed6 = "198.18.7.2", "2001:db8:7::2"
-	tp.client.MustRun("ip", "addr", "add", routed4+"/32", "dev", "lo")
-	tp.client.MustRun("ip", "addr", "add", routed6+"/128", "dev", "lo")
+	tp.client.AddAddr(t, "lo", routed4+"/32", routed6+"/128")
 	tp.gw.MustRun("ip", "route", "add", "198.18.7.0/24", "via", "198.18.1.2", "dev", "lan0")
 	tp.gw.MustRun("ip", "-6", "route", "add", "2001:db8:7::/64", "via", "2001:db8:1::2", "dev", "lan0")
 	tp.server.MustRun("ip", "route", "add", "198.18.7.0/24", "via", "198.18.2.1")

@@ -39,8 +39,7 @@ func TestEnforceICMPEcho(t *testing.T) {
 	requireNft(t)
 	tp := newTopo(t)
 	// A second client address, outside the rule's from:.
-	tp.client.MustRun("ip", "addr", "add", "198.18.1.3/24", "dev", "eth0")
-	tp.client.MustRun("ip", "addr", "add", "2001:db8:1::3/64", "dev", "eth0", "nodad")
+	tp.client.AddAddr(t, "eth0", "198.18.1.3/24", "2001:db8:1::3/64")
 	const in, out = "198.18.1.2", "198.18.1.3"
 	const in6, out6 = "2001:db8:1::2", "2001:db8:1::3"
 	type probe struct{ src, dst string }

@@ -203,8 +203,7 @@ rules:
 	} {
 		t.Run(tc.name, func(t *testing.T) {
 			tp := newTopo(t)
-			tp.server.MustRun("ip", "-6", "addr", "add", "2001:db8:64::c612:202/64", "dev", "eth0", "nodad")
-			tp.server.MustRun("ip", "-6", "addr", "add", "2001:db8:64::a00:1/64", "dev", "eth0", "nodad")
+			tp.server.AddAddr(t, "eth0", "2001:db8:64::c612:202/64", "2001:db8:64::a00:1/64")
 			tp.gw.MustRun("ip", "-6", "route", "add", "2001:db8:64::/64", "via", "2001:db8:2::2")
 			tp.serverUDP(t, a4, a64, star6, star64)
 			fw := tp.firewall(t, Config{})

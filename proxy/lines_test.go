@@ -6,15 +6,12 @@ import (
 	"net/netip"
 	"os"
 	"path/filepath"
-	"strconv"
-	"strings"
 	"sync"
 	"sync/atomic"
 	"testing"
 	"time"
 
 	"egressd/audit"
-	"egressd/internal/testnet"
 	"egressd/policy"
 )
 
@@ -205,7 +202,7 @@ func TestTransparentLinkLocalClient(t *testing.T) {
 			return false
 		}
 	}})
-	ll, idx := linkLocalOf(t, tp.c, "c0")
+	ll, idx := tp.c.LinkLocal(t, "c0")
 	var c net.Conn
 	err := tp.c.Do(func() (err error) {
 		d := net.Dialer{Timeout: 5 * time.Second, LocalAddr: &net.TCPAddr{IP: ll.AsSlice(), Zone: idx}}
@@ -227,30 +224,4 @@ func TestTransparentLinkLocalClient(t *testing.T) {
 	if len(told) != 1 || told[0] != want || told[0].String() != want.String() || told[0].Addr().Zone() != "" {
 		t.Errorf("Accepted told %v, want [%s] (no zone, as capture keys it)", told, want)
 	}
-}
-
-// linkLocalOf returns the link-local address of interface dev in ns, once
-// it is no longer tentative, and the interface's index as a zone (the net
-// package's cache of interface names is the process's, perhaps filled in
-// another namespace; ip link's output may begin with an error about a
-// peer in another namespace).
-func linkLocalOf(t *testing.T, ns *testnet.NS, dev string) (netip.Addr, string) {
-	t.Helper()
-	var ifi *net.Interface
-	if err := ns.Do(func() (err error) { ifi, err = net.InterfaceByName(dev); return err }); err != nil {
-		t.Fatal(err)
-	}
-	for deadline := time.Now().Add(5 * time.Second); time.Now().Before(deadline); time.Sleep(100 * time.Millisecond) {
-		out, _ := ns.Run("ip", "-6", "-o", "addr", "show", "dev", dev, "scope", "link")
-		if strings.Contains(out, "tentative") {
-			continue
-		}
-		for _, f := range strings.Fields(out) {
-			if p, err := netip.ParsePrefix(f); err == nil && p.Addr().IsLinkLocalUnicast() {
-				return p.Addr(), strconv.Itoa(ifi.Index)
-			}
-		}
-	}
-	t.Fatalf("%s in %s has no usable link-local address after 5 s", dev, ns.Name)
-	return netip.Addr{}, ""
 }

@@ -226,9 +226,8 @@ func TestLanMACsLinks(t *testing.T) {
 	names := []string{"l0", "l1", "w0"}
 	macs := lanDeviceSet{netutil.NewDevices("l0", nil), netutil.NewDevices("l1", nil), netutil.NewDevices("w0", nil)}.macs(names)
 	// The interfaces' link-local addresses come with the links up.
-	for i := 0; i < 50 && !strings.Contains(ns.MustRun("ip", "-6", "addr", "show", "dev", "l1"), "fe80::"); i++ {
-		time.Sleep(100 * time.Millisecond)
-	}
+	ns.WaitAddr(t, "2001:db8:1::1")
+	ns.LinkLocal(t, "l1")
 	for a, want := range map[string]bool{
 		"198.18.1.50": true, "2001:db8:1::50": true, "198.18.3.50": true, "fe80::50%l1": true,
 		"198.18.2.9": false, "fe80::50%w0": false, // a tun: no ARP, no NDP

@@ -32,6 +32,7 @@ func TestNeighbourTable(t *testing.T) {
 	o.MustRun("ip", "addr", "add", "198.18.1.9/24", "dev", "m0")
 	o.MustRun("ip", "-6", "addr", "add", "2001:db8:1::9/64", "dev", "m0", "nodad")
 	o.MustRun("ip", "link", "set", "m0", "up")
+	o.WaitAddr(t, "2001:db8:1::9")
 	// Each address connects to the gateway once: the gateway answers it,
 	// and its table learns the address.
 	ln, err := g.Listen("tcp", "[::]:15002")

@@ -106,6 +106,7 @@ func TestRoutesBackAsNftFib(t *testing.T) {
 	for _, s := range srcs {
 		if !raw(s) {
 			l.MustRun("ip", "addr", "add", s, "dev", "lo")
+			l.WaitAddr(t, s)
 		}
 	}
 	gwMAC := strings.TrimSpace(g.MustRun("cat", "/sys/class/net/lan0/address"))
