@@ -178,7 +178,10 @@ type ifAddr struct {
 	flags uint32
 }
 
-// dumpAddrs lists the addresses of family (RTM_GETADDR dump).
+// dumpAddrs lists the addresses of family (RTM_GETADDR dump), flags and
+// all. It reads them as internal/netutil's ifaceAddrs does, which leaves
+// the flagged ones out; testnet cannot import netutil, whose tests
+// import testnet.
 func dumpAddrs(family int) ([]ifAddr, error) {
 	msgs, err := dump(syscall.RTM_GETADDR, family)
 	if err != nil {
