@@ -984,6 +984,20 @@ func (l *Ledger) copyLocked() *Ledger {
 	return c
 }
 
+// releaseLocked says the copy of l's counts a report made (copyLocked)
+// is no longer read: l's clients' sets, lent to it, change in place again,
+// not each copied by its next event (TestEmitAfterReportCopiesNoClients).
+// Only a report copies l, one at a time (reporting).
+func (l *Ledger) releaseLocked() {
+	for _, rs := range l.rules {
+		rs.clients.release()
+	}
+	for _, ds := range l.dropped {
+		ds.clients.release()
+	}
+	l.ech.clients.release()
+}
+
 // clone returns a copy of rs that shares nothing with it.
 func (rs *ruleStats) clone() *ruleStats {
 	c := *rs
@@ -995,11 +1009,17 @@ func (rs *ruleStats) clone() *ruleStats {
 // clone returns a copy of c that shares nothing c changes: the map is
 // shared, and copied by whichever of the two changes it first (own), so
 // that a copy of the ledger's counts under its lock (copyLocked) costs no
-// copy of every entry's clients.
+// copy of every entry's clients. c lends it until release.
 func (c *clientSet) clone() clientSet {
-	c.shared = c.m != nil
-	return *c
+	n := *c
+	c.lent = c.m != nil
+	n.lent, n.borrowed = false, c.m != nil
+	return n
 }
+
+// release says no copy made of c (clone) reads its map any more: c changes
+// it in place again. A map c itself borrowed stays shared.
+func (c *clientSet) release() { c.lent = false }
 
 func (d *destCounter) clone() destCounter {
 	n := destCounter{h: make([]*destEntry, len(d.h))}
@@ -1153,16 +1173,17 @@ type clientSet struct {
 	m         map[netip.Addr]macSeen
 	truncated bool   // more clients were seen than kept
 	gen       uint64 // counts the adds: a change to m or truncated adds one
-	// shared says m is shared with a copy (clone): m is copied before it
-	// is changed (own).
-	shared bool
+	// lent says m is shared with a copy made of c (clone) that may still
+	// read it, borrowed that c is such a copy: either way m is copied
+	// before it is changed (own).
+	lent, borrowed bool
 }
 
 // own makes c's map its own, not shared with a copy, before c changes it.
 func (c *clientSet) own() {
-	if c.shared {
+	if c.lent || c.borrowed {
 		c.m = maps.Clone(c.m)
-		c.shared = false
+		c.lent, c.borrowed = false, false
 	}
 }
 

@@ -584,6 +584,9 @@ func (l *Ledger) snapshotOpen(opt ReportOptions, open []Event) *Report {
 	ov.mu.Lock()
 	r := ov.buildLocked(opt)
 	ov.mu.Unlock()
+	l.mu.Lock()
+	l.releaseLocked()
+	l.mu.Unlock()
 	r.OpenFlows = opened
 	if r.OpenFlows > 0 {
 		r.Notes = append(r.Notes, fmt.Sprintf("%d flow(s) open now are counted, not in the event log yet (capture records a UDP flow after 60 s of silence, any flow a minute after it began; the proxy a connection when it closes)", r.OpenFlows))
@@ -716,7 +719,8 @@ var reportWaitHook func()
 // clients' sets copy-on-write (clientSet.clone), so it costs the entries,
 // not their clients. Then each dropped entry's allowed_now memo the build
 // decided is kept on l for the next report, unless the entry's clients
-// changed since the copy (the memo would not hold for them anyway).
+// changed since the copy (the memo would not hold for them anyway), and
+// l's clients' sets are l's own again (releaseLocked).
 func (l *Ledger) snapshot(opt ReportOptions) *Report {
 	l.mu.Lock()
 	c := l.copyLocked()
@@ -730,6 +734,7 @@ func (l *Ledger) snapshot(opt ReportOptions) *Report {
 			ds.allowed = d.allowed
 		}
 	}
+	l.releaseLocked()
 	l.mu.Unlock()
 	return r
 }
