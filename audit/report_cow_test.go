@@ -5,7 +5,6 @@ import (
 	"net/netip"
 	"runtime"
 	"strings"
-	"sync"
 	"testing"
 	"time"
 
@@ -149,18 +148,7 @@ func TestReportCopyWhileLedgerChanges(t *testing.T) {
 		o(l)
 	}
 	l.Report(ReportOptions{Now: reportNow}) // the allowed_now memos, under the first policy
-	building, release := make(chan struct{}), make(chan struct{})
-	var once sync.Once
-	reportBuildHook = func(*Ledger) {
-		once.Do(func() {
-			close(building)
-			<-release
-		})
-	}
-	t.Cleanup(func() { reportBuildHook = nil })
-	done := make(chan *Report)
-	go func() { done <- l.Report(ReportOptions{Now: reportNow}) }()
-	<-building
+	done, release := holdReport(t, l, func() {})
 	for _, o := range during {
 		o(l)
 	}

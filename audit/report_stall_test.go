@@ -23,24 +23,14 @@ func TestReportDoesNotStallRecording(t *testing.T) {
 	deny("tracker.example", "192.168.50.24", "aa:bb:cc:00:00:0b")
 	deny("still.example", "192.168.50.30", "")
 
-	building, release := make(chan struct{}), make(chan struct{})
-	var once sync.Once
 	var lockHeld bool
-	reportBuildHook = func(*Ledger) {
-		once.Do(func() {
-			if l.mu.TryLock() {
-				l.mu.Unlock()
-			} else {
-				lockHeld = true
-			}
-			close(building)
-			<-release
-		})
-	}
-	t.Cleanup(func() { reportBuildHook = nil })
-	done := make(chan *Report)
-	go func() { done <- l.Report(ReportOptions{Now: reportNow}) }()
-	<-building
+	done, release := holdReport(t, l, func() {
+		if l.mu.TryLock() {
+			l.mu.Unlock()
+		} else {
+			lockHeld = true
+		}
+	})
 	if lockHeld {
 		close(release)
 		<-done
@@ -84,6 +74,26 @@ func TestReportDoesNotStallRecording(t *testing.T) {
 	if f, c, n := count(l.Report(ReportOptions{Now: reportNow})); f != 3 || c != 3 || n != 3 {
 		t.Errorf("next report: tracker.example %d flows, %d clients, %d entries; want 3, 3, 3", f, c, n)
 	}
+}
+
+// holdReport starts a report of l and returns once its build is stopped
+// half way (reportBuildHook, after at), until release is closed; done
+// gives the report.
+func holdReport(t *testing.T, l *Ledger, at func()) (done chan *Report, release chan struct{}) {
+	building, release := make(chan struct{}), make(chan struct{})
+	var once sync.Once
+	reportBuildHook = func(*Ledger) {
+		once.Do(func() {
+			at()
+			close(building)
+			<-release
+		})
+	}
+	t.Cleanup(func() { reportBuildHook = nil })
+	done = make(chan *Report)
+	go func() { done <- l.Report(ReportOptions{Now: reportNow}) }()
+	<-building
+	return done, release
 }
 
 // TestReportsOneAtATime: a report asked for while another is made waits
