@@ -396,7 +396,7 @@ func clientInitial(t *testing.T, dcid []byte, pn uint32, off int, data []byte) [
 
 // clientInitialV is clientInitial of a QUIC version (v1 or v2) with a
 // token (a Retry's, RFC 9000 §17.2.5.2).
-func clientInitialV(t *testing.T, version uint32, dcid, token []byte, pn uint32, off int, data []byte) []byte {
+func clientInitialV(t testing.TB, version uint32, dcid, token []byte, pn uint32, off int, data []byte) []byte {
 	t.Helper()
 	return clientInitialKeyed(t, version, dcid, dcid, token, pn, off, data)
 }
@@ -405,7 +405,7 @@ func clientInitialV(t *testing.T, version uint32, dcid, token []byte, pn uint32,
 // sent to dcid: a client's later Initial to the server's chosen DCID
 // (RFC 9001 §5.2: the keys stay those of its first DCID, or after a
 // Retry of the Retry's).
-func clientInitialKeyed(t *testing.T, version uint32, keyDCID, dcid, token []byte, pn uint32, off int, data []byte) []byte {
+func clientInitialKeyed(t testing.TB, version uint32, keyDCID, dcid, token []byte, pn uint32, off int, data []byte) []byte {
 	t.Helper()
 	k, err := initialKeys(version, keyDCID)
 	if err != nil {

@@ -40,6 +40,21 @@ func retryPacket(scid, token []byte) []byte {
 // sends the same hello to the new DCID with the token: a retransmission.
 // Before session 29 the new version's hello read as a stream-conflict.
 func TestQUICNewAttempt(t *testing.T) {
+	cases := newAttemptCases(t)
+	got := quicCases(t, cases)
+	for i, c := range cases {
+		ev := got[uint16(47000+i)]
+		// An allowed flow is decided on its hello, not by address (the
+		// server's address has the name too: factsMap).
+		if c.reason == policy.ReasonAllowed && (ev.NameSource != audit.NameQUIC || ev.Name != decoyName) {
+			t.Errorf("%s: named %q (%s), want %q from the QUIC SNI", c.what, ev.Name, ev.NameSource, decoyName)
+		}
+	}
+}
+
+// newAttemptCases are TestQUICNewAttempt's flows (FuzzQUICFlow's seeds
+// too).
+func newAttemptCases(t testing.TB) []quicCase {
 	hello := handHello(sniExt(decoyName))[5:] // CRYPTO carries no record header
 	again := bytes.Clone(hello)
 	again[10] ^= 0xff // a new hello: another random
@@ -194,15 +209,7 @@ func TestQUICNewAttempt(t *testing.T) {
 			{true, clientInitialV(t, quicV1, dcid2, token, 0, 0, denied)},
 		}, ReasonStreamConflict},
 	}
-	got := quicCases(t, cases)
-	for i, c := range cases {
-		ev := got[uint16(47000+i)]
-		// An allowed flow is decided on its hello, not by address (the
-		// server's address has the name too: factsMap).
-		if c.reason == policy.ReasonAllowed && (ev.NameSource != audit.NameQUIC || ev.Name != decoyName) {
-			t.Errorf("%s: named %q (%s), want %q from the QUIC SNI", c.what, ev.Name, ev.NameSource, decoyName)
-		}
-	}
+	return cases
 }
 
 // quicDgram is a UDP datagram of a QUIC flow, from the client or to it.
