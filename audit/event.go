@@ -178,6 +178,19 @@ type Event struct {
 	// hold anything).
 	TopClients []string `json:"top_clients,omitempty"`
 
+	// OtherNames, on a capture flow event of a QUIC flow, are the hosts
+	// its connections' hellos named other than Name (quic-go's shared
+	// Transport: one client port, one server address, a connection per
+	// host), each of which the policy allowed by its name when capture
+	// read it. Name is the first hello's; after a reload that no longer
+	// allows one of the others, that one's, and the first hello's name is
+	// among these. Each appears once, normalized as the policy reads a
+	// name, in the order the hellos came. A reload and a replay judge
+	// the flow on each (capture's redecide, Replayer). Bound keeps at
+	// most MaxOtherNames, each cut to MaxNameBytes (a log read back may
+	// hold anything).
+	OtherNames []string `json:"other_names,omitempty"`
+
 	// expanded marks an event read from a summary record (Event.expand).
 	expanded uint8
 }
@@ -204,6 +217,10 @@ const (
 	TruncMark     = "…" // U+2026, 3 bytes
 	// MaxAlarmClients bounds the clients an alarm names (TopClients).
 	MaxAlarmClients = 5
+	// MaxOtherNames bounds the other names a flow event carries
+	// (OtherNames): capture keeps the hellos of at most four connections
+	// of a QUIC flow at once, and denies one naming a fifth host.
+	MaxOtherNames = 3
 )
 
 // Clip returns s if it has at most max bytes, else its first bytes cut at
@@ -243,17 +260,20 @@ func (e *Event) Bound() {
 	// came from, and a line of the log's length is no key of that length.
 	e.Rule, _ = bound(e.Rule, 0, MaxNameBytes)
 	e.ClientMAC, _ = bound(e.ClientMAC, 0, MaxNameBytes)
-	if topNeedsBound(e.TopClients) {
-		e.TopClients = boundClients(e.TopClients)
+	if listNeedsBound(e.TopClients, MaxAlarmClients) {
+		e.TopClients = boundList(e.TopClients, MaxAlarmClients)
+	}
+	if listNeedsBound(e.OtherNames, MaxOtherNames) {
+		e.OtherNames = boundList(e.OtherNames, MaxOtherNames)
 	}
 }
 
-// topNeedsBound reports whether boundClients would change top.
-func topNeedsBound(top []string) bool {
-	if len(top) > MaxAlarmClients {
+// listNeedsBound reports whether boundList would change list.
+func listNeedsBound(list []string, n int) bool {
+	if len(list) > n {
 		return true
 	}
-	for _, c := range top {
+	for _, c := range list {
 		if len(c) > MaxNameBytes || !utf8.ValidString(c) {
 			return true
 		}
@@ -261,13 +281,12 @@ func topNeedsBound(top []string) bool {
 	return false
 }
 
-// boundClients returns a copy of top (the caller's slice is not
-// changed) of at most MaxAlarmClients, each bounded as Bound bounds a
-// name.
-func boundClients(top []string) []string {
-	out := make([]string, min(len(top), MaxAlarmClients))
+// boundList returns a copy of list (the caller's slice is not changed)
+// of at most n, each bounded as Bound bounds a name.
+func boundList(list []string, n int) []string {
+	out := make([]string, min(len(list), n))
 	for i := range out {
-		out[i], _ = bound(top[i], 0, MaxNameBytes)
+		out[i], _ = bound(list[i], 0, MaxNameBytes)
 	}
 	return out
 }
@@ -277,7 +296,8 @@ func (e *Event) needsBound() bool {
 	return len(e.Name) > MaxNameBytes || len(e.Path) > MaxPathBytes || len(e.Front) > MaxNameBytes ||
 		len(e.Rule) > MaxNameBytes || len(e.ClientMAC) > MaxNameBytes ||
 		!utf8.ValidString(e.Name) || !utf8.ValidString(e.Path) || !utf8.ValidString(e.Front) ||
-		!utf8.ValidString(e.Rule) || !utf8.ValidString(e.ClientMAC) || topNeedsBound(e.TopClients)
+		!utf8.ValidString(e.Rule) || !utf8.ValidString(e.ClientMAC) || listNeedsBound(e.TopClients, MaxAlarmClients) ||
+		listNeedsBound(e.OtherNames, MaxOtherNames)
 }
 
 // bound is Bound for one text s of a bound of limit bytes and its noted

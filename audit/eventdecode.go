@@ -173,6 +173,9 @@ func decodeFast(b []byte, ev *Event) bool {
 		case "top_clients":
 			ev.TopClients, i, ok = stringsValue(b, i)
 			bit = 36
+		case "other_names":
+			ev.OtherNames, i, ok = stringsValue(b, i)
+			bit = 37
 		default: // another spelling (encoding/json folds case), or unknown
 			return false
 		}

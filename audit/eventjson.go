@@ -116,16 +116,8 @@ func (ev *Event) appendJSON(b []byte) ([]byte, error) {
 		b = append(b, `,"duplicates":`...)
 		b = strconv.AppendUint(b, ev.Duplicates, 10)
 	}
-	if len(ev.TopClients) > 0 {
-		b = append(b, `,"top_clients":[`...)
-		for i, c := range ev.TopClients {
-			if i > 0 {
-				b = append(b, ',')
-			}
-			b = jsonenc.AppendStringHTML(b, c)
-		}
-		b = append(b, ']')
-	}
+	b = appendStringsField(b, `,"top_clients":[`, ev.TopClients)
+	b = appendStringsField(b, `,"other_names":[`, ev.OtherNames)
 	return append(b, "}\n"...), nil
 }
 
@@ -175,4 +167,21 @@ func appendFloatField(b []byte, key string, f float64) ([]byte, error) {
 		return b, errEventFloat
 	}
 	return jsonenc.AppendFloat(append(b, key...), f), nil
+}
+
+// appendStringsField appends key (which ends in its array's opening
+// bracket) and list, as encoding/json writes a []string with omitempty:
+// nothing for an empty list.
+func appendStringsField(b []byte, key string, list []string) []byte {
+	if len(list) == 0 {
+		return b
+	}
+	b = append(b, key...)
+	for i, c := range list {
+		if i > 0 {
+			b = append(b, ',')
+		}
+		b = jsonenc.AppendStringHTML(b, c)
+	}
+	return append(b, ']')
 }

@@ -1463,7 +1463,7 @@ func (a *AlarmReport) mergeWindow(n uint64, top []string) {
 	a.DistinctNames = n
 	a.TopClients = nil
 	if len(top) > 0 {
-		a.TopClients = boundClients(top)
+		a.TopClients = boundList(top, MaxAlarmClients)
 	}
 }
 

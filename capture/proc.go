@@ -196,7 +196,12 @@ type flow struct {
 	dec      policy.Decision
 	evName   string
 	evSrc    audit.NameSource
-	noPath   bool // decided as showing no path (showsNoPath), for its events
+	// otherNames: a QUIC flow's later connections' hello names that
+	// differ from its first's, each allowed by its own name when read
+	// (quicAttempt), normalized, audit.MaxOtherNames at most: its
+	// events' OtherNames, and what a reload judges again (redecide).
+	otherNames []string
+	noPath     bool // decided as showing no path (showsNoPath), for its events
 	// ruled: decided by the policy's rules (classify: decide), not denied
 	// by capture for what the client sent (deny) nor as a connection
 	// opened before enforce: a reload in audit mode judges it again
@@ -2016,13 +2021,57 @@ func (p *proc) quicAttempt(f *flow, v uint32, dcid, payload []byte) {
 		p.sentDeny(f)
 	case err == nil:
 		h, err := tlshello.Parse(s.buf[:m])
-		if err != nil || h.DupSNI || f.name == "" && f.nameSrc != audit.NameNoSNI || h.SNI != f.name && !p.nameAllowed(f, h.SNI) {
+		if err != nil || h.DupSNI || f.name == "" && f.nameSrc != audit.NameNoSNI || h.SNI != f.name && !p.nameAllowed(f, h.SNI) ||
+			h.SNI != f.name && !p.otherName(f, h.SNI) {
 			p.sentDeny(f)
 			return
 		}
 		f.sent = append(f.sent, sentHead{data: s.buf, at: p.now, keys: q.nextKeys, more: q.nextMore})
 		q.next, q.nextKeys, q.nextMore = nil, nil, nil
 	}
+}
+
+// eventOthers returns the names f's hellos carried other than its
+// record's (evName: the first hello's, or after a reload the other name
+// it is denied for), normalized, in the order they came: its event's
+// OtherNames.
+func (f *flow) eventOthers() []string {
+	if len(f.otherNames) == 0 {
+		return nil
+	}
+	rec, _ := policy.NormalizeName(f.evName)
+	out := make([]string, 0, len(f.otherNames)+1)
+	if n, ok := policy.NormalizeName(f.name); ok && f.name != "" && n != rec {
+		out = append(out, n)
+	}
+	for _, n := range f.otherNames {
+		if n != rec {
+			out = append(out, n)
+		}
+	}
+	if len(out) == 0 {
+		return nil
+	}
+	return out
+}
+
+// otherName records name, which a new QUIC connection of f named and
+// the policy allows by itself (quicAttempt), in f.otherNames where it is
+// not f's first name or one recorded already. It reports false where
+// f.otherNames holds audit.MaxOtherNames already: a host the record
+// could not show would be hidden (a reload would not judge it either),
+// so the caller denies the flow, as it denies one connection more than
+// it keeps hellos of.
+func (p *proc) otherName(f *flow, name string) bool {
+	n, _ := policy.NormalizeName(name) // nameAllowed took it
+	if first, ok := policy.NormalizeName(f.name); ok && n == first || slices.Contains(f.otherNames, n) {
+		return true
+	}
+	if len(f.otherNames) >= audit.MaxOtherNames {
+		return false
+	}
+	f.otherNames = append(f.otherNames, n)
+	return true
 }
 
 // nameAllowed reports whether the policy allows name itself, as the
@@ -2125,7 +2174,7 @@ func (p *proc) sentDeny(f *flow) {
 	f.sent, f.quic = nil, nil
 	p.charge(f)
 	f.dec = policy.Decision{Verdict: policy.Deny, RuleIndex: -1, Reason: ReasonStreamConflict, Mode: f.dec.Mode}
-	f.evName, f.evSrc = "", audit.NameNone
+	f.evName, f.evSrc, f.otherNames = "", audit.NameNone, nil
 	f.ruled = false // capture's own denial: no reload judges it again
 	if f.reported {
 		p.emitNow(f, "capture: the client sent the bytes of its hello again, different: denied", slog.LevelWarn)
@@ -3272,7 +3321,7 @@ func (p *proc) event(f *flow, how string) audit.Event {
 	ev := audit.Event{
 		Kind: audit.KindFlow, Source: audit.SourceCapture, Time: f.first,
 		Client: cli, ClientPort: f.cport, Dest: f.srv.Unmap(), DestPort: f.sport, Proto: ps,
-		Name: f.evName, NameSource: f.evSrc, Path: f.path, PathLen: f.pathLen, NoPath: f.noPath,
+		Name: f.evName, NameSource: f.evSrc, OtherNames: f.eventOthers(), Path: f.path, PathLen: f.pathLen, NoPath: f.noPath,
 		BytesOut: f.bytes[0], BytesIn: f.bytes[1], Duration: f.last.Sub(f.first).Seconds(), Close: how,
 	}
 	ev.ClientMAC = f.eventMAC()
