@@ -159,6 +159,17 @@ func (r *Replayer) Emit(ev Event) {
 	default:
 		r.res.Flows++
 		d = r.eng.Decide(in)
+		// A QUIC flow's other names (its later connections' hellos)
+		// must each be allowed too, as capture's reload judges them:
+		// the first the candidate does not allow decides the flow and
+		// names the change.
+		for _, o := range ev.OtherNames {
+			oin := in
+			oin.Name = o
+			if od := r.eng.Decide(oin); d.Allowed() && !od.Allowed() {
+				d, ev.Name = od, o
+			}
+		}
 	}
 	oldV := ev.Verdict
 	if oldV != policy.Allow {

@@ -278,10 +278,21 @@ func (p *proc) redecide() {
 				// The name its address was learned for still counts
 				// where a rule allows it: the firewall keeps the flow of
 				// an unchanged rule however long ago the answer expired
-				// (and the proxy a DNS-learned name).
+				// (and the proxy a DNS-learned name). A QUIC flow's
+				// other names (its later connections' hellos) count
+				// too: one the new policy does not allow leaves the
+				// flow judged by its address alone, as the forward
+				// chain judges it, and recorded under that name.
+				byAddr := d
 				nin := in
 				nin.Name, nin.NoPath = f.evName, false
 				d = p.special(eng, nin, eng.Decide(nin), true)
+				for _, o := range f.otherNames {
+					nin.Name = o
+					if d.Allowed() && !p.special(eng, nin, eng.Decide(nin), true).Allowed() {
+						d, name, src = byAddr, o, audit.NameQUIC
+					}
+				}
 			}
 			if d.Allowed() {
 				if !f.dec.Allowed() && f.dec.Mode == policy.ModeAudit {
