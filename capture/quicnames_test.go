@@ -1,8 +1,12 @@
 package capture
 
 import (
+	"net/netip"
 	"slices"
 	"testing"
+	"time"
+
+	"github.com/gopacket/gopacket/layers"
 
 	"egressd/audit"
 	"egressd/policy"
@@ -48,6 +52,47 @@ func TestQUICOtherNames(t *testing.T) {
 		ev := got[uint16(47000+i)]
 		if ev.Name != decoyName || ev.NameSource != audit.NameQUIC || !slices.Equal(ev.OtherNames, want[i]) {
 			t.Errorf("%s: named %q (%s), others %q; want %q, others %q", c.what, ev.Name, ev.NameSource, ev.OtherNames, decoyName, want[i])
+		}
+	}
+}
+
+// TestQUICOtherNamesBounded: a QUIC flow records at most
+// audit.MaxOtherNames other hosts; a later connection (its hello kept
+// once the first ones' gave way, past heldWait) naming one more host is
+// stream-conflict, not a host the record hides. One naming a host
+// recorded already stays allowed.
+func TestQUICOtherNamesBounded(t *testing.T) {
+	names := []string{decoyName, "b.allowed.test", "c.allowed.test", "d.allowed.test"}
+	for _, c := range []struct {
+		last   string
+		reason string
+		others []string
+	}{
+		{"e.allowed.test", ReasonStreamConflict, nil},
+		{"c.allowed.test", policy.ReasonAllowed, names[1:]},
+	} {
+		rec := &recorder{}
+		srv := netip.MustParseAddr("203.0.113.10")
+		capt, err := New(Config{}, Deps{Policy: policy.NewStore(testEngine(t, testPolicy)), Sink: rec, DNS: factsMap{srv: {decoyName}}})
+		if err != nil {
+			t.Fatal(err)
+		}
+		cli, dst := netip.AddrPortFrom(netip.MustParseAddr("192.0.2.10"), 47000), netip.AddrPortFrom(srv, 443)
+		now := time.Unix(1e9, 0)
+		send := func(i int, name string) {
+			now = now.Add(time.Millisecond)
+			dg := clientInitialV(t, quicV1, []byte{byte(i + 1), 1, 1, 1}, nil, 0, 0, handHello(sniExt(name))[5:])
+			capt.proc.packet(udpFrame(t, macClient, macGW, cli, dst, dg), now, layers.LinkTypeEthernet)
+		}
+		for i, n := range names {
+			send(i, n)
+		}
+		now = now.Add(heldWait + time.Second)
+		send(len(names), c.last)
+		capt.proc.flush("end-of-capture")
+		evs := rec.all()
+		if len(evs) != 1 || evs[0].Reason != c.reason || !slices.Equal(evs[0].OtherNames, c.others) {
+			t.Errorf("last %s: events %+v, want one %s, others %q", c.last, evs, c.reason, c.others)
 		}
 	}
 }
