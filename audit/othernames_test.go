@@ -18,17 +18,9 @@ import (
 // other names were not recorded, and the flow was judged on its first
 // name only.
 func TestReplayOtherNames(t *testing.T) {
-	compile := func(src string) *policy.Engine {
-		t.Helper()
-		e, err := policy.Compile("p.yaml", []byte(src))
-		if err != nil {
-			t.Fatal(err)
-		}
-		return e
-	}
 	const a = "  - name: a\n    to: [a.example.com]\n    ports: [443/udp]\n"
 	const b = "  - name: b\n    to: [b.example.com]\n    ports: [443/udp]\n"
-	running := compile("version: 1\nrules:\n" + a + b)
+	running := compileRules(t, a+b)
 	ev := Event{Kind: KindFlow, Source: SourceCapture, Time: t0, Client: netip.MustParseAddr("192.0.2.10"), ClientPort: 40000,
 		Dest: netip.MustParseAddr("198.51.100.7"), DestPort: 443, Proto: "udp", Name: "a.example.com", NameSource: NameQUIC,
 		OtherNames: []string{"b.example.com"}}
@@ -38,9 +30,9 @@ func TestReplayOtherNames(t *testing.T) {
 		dropped string
 	}{
 		{running, ""},
-		{compile("version: 1\nrules:\n" + b + a), ""},
-		{compile("version: 1\nrules:\n" + a), "b.example.com"},
-		{compile("version: 1\nrules:\n" + b), "a.example.com"},
+		{compileRules(t, b+a), ""},
+		{compileRules(t, a), "b.example.com"},
+		{compileRules(t, b), "a.example.com"},
 	} {
 		r := NewReplayer(c.cand, t0.Add(time.Minute))
 		r.Emit(ev)
