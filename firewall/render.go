@@ -528,68 +528,9 @@ type allows struct {
 // sets open their addresses but these.
 var guardedPrefixes = policy.GuardedRanges
 
-// holdsGuarded reports whether the CIDR target p shares addresses with a
-// guarded range of guards (guardList) it does not open
-// (policy.OpensGuarded): a prefix broader than loopback, say. Its accept
-// must exclude the guarded sets.
-func holdsGuarded(guards []netip.Prefix, p netip.Prefix) bool {
-	for _, g := range guards {
-		if p.Overlaps(g) && !policy.OpensGuarded(p, g) {
-			return true
-		}
-	}
-	return false
-}
-
 // guardList returns the guarded destinations under the NAT64 prefixes nat
-// (policy.Engine.WithNAT64): guardedPrefixes, with each NAT64 prefix
-// carved out of the guarded ranges that hold it (the well-known prefix,
-// the local-use /48) and holding instead the NAT64 forms of the IPv4
-// guarded ranges and of policy.NAT64Guarded, as the proxy guards a NAT64
-// destination by the IPv4 address it embeds (policy.Engine.SpecialRange).
-func guardList(nat []netip.Prefix) []netip.Prefix {
-	if len(nat) == 0 {
-		return guardedPrefixes
-	}
-	var out []netip.Prefix
-	for _, g := range guardedPrefixes {
-		parts := []netip.Prefix{g}
-		for _, p := range nat {
-			parts = withoutPrefix(parts, p)
-		}
-		out = append(out, parts...)
-	}
-	for _, p := range nat {
-		for _, g := range slices.Concat(guardedPrefixes, policy.NAT64Guarded) {
-			if g.Addr().Is4() {
-				out = append(out, policy.NAT64Form(p, g))
-			}
-		}
-	}
-	return out
-}
-
-// withoutPrefix returns the addresses of ps but x's, as prefixes.
-func withoutPrefix(ps []netip.Prefix, x netip.Prefix) []netip.Prefix {
-	var out []netip.Prefix
-	for _, p := range ps {
-		switch {
-		case !p.Overlaps(x):
-			out = append(out, p)
-		case x.Bits() <= p.Bits():
-			// x holds p: nothing is left.
-		default:
-			// p holds x: the siblings along the path from p down to x.
-			for b := p.Bits(); b < x.Bits(); b++ {
-				s := netip.PrefixFrom(x.Addr(), b+1).Masked().Addr().AsSlice()
-				s[b/8] ^= 0x80 >> (b % 8)
-				a, _ := netip.AddrFromSlice(s)
-				out = append(out, netip.PrefixFrom(a, b+1))
-			}
-		}
-	}
-	return out
-}
+// (policy.GuardList): policy.Engine.DestOpens reads the same list.
+func guardList(nat []netip.Prefix) []netip.Prefix { return policy.GuardList(nat) }
 
 // Names of the sets of guarded destinations.
 const (
@@ -692,13 +633,13 @@ func renderAllows(cfg Config, eng *policy.Engine, now time.Time, rs *Ruleset) al
 					switch {
 					case p.Addr().Is4() && p.Bits() == 0:
 						any4 = true
-					case p.Addr().Is4() && holdsGuarded(a.guards, p):
+					case p.Addr().Is4() && policy.HoldsGuarded(a.guards, p):
 						wide4 = append(wide4, p)
 					case p.Addr().Is4():
 						nets4 = append(nets4, p)
 					case p.Bits() == 0:
 						any6 = true
-					case holdsGuarded(a.guards, p):
+					case policy.HoldsGuarded(a.guards, p):
 						wide6 = append(wide6, p)
 					default:
 						nets6 = append(nets6, p)

@@ -33,6 +33,8 @@ type Engine struct {
 	// nat64 are the NAT64 prefixes (WithNAT64): a destination inside one
 	// is decided as the IPv4 address it embeds too. nil: none.
 	nat64 []netip.Prefix
+	// guards is GuardList(nat64), computed once (nil: GuardedRanges).
+	guards []netip.Prefix
 
 	// host holds HostLevel's engine, compiled on first use; shared with
 	// the engines WithMode makes (the mode does not change what allows).

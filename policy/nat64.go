@@ -118,8 +118,17 @@ func (e *Engine) WithNAT64(ps []netip.Prefix) *Engine {
 	}
 	c := *e
 	c.nat64 = slices.Clone(ps)
+	c.guards = GuardList(c.nat64)
 	c.host = &hostLevel{}
 	return &c
+}
+
+// guardList is GuardList of the engine's NAT64 prefixes.
+func (e *Engine) guardList() []netip.Prefix {
+	if e.guards == nil {
+		return GuardedRanges
+	}
+	return e.guards
 }
 
 // NAT64 returns the engine's NAT64 prefixes (WithNAT64); nil for none.

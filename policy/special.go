@@ -128,21 +128,38 @@ func prefixFor(p, nat netip.Prefix, isNAT bool) netip.Prefix {
 	return p
 }
 
+// loopback4 is what the firewall's antispoof chain drops as a destination
+// from the LAN side before forward sees it (firewall/render.go).
+var loopback4 = netip.MustParsePrefix("127.0.0.0/8")
+
 // DestOpens reports whether rule i (an index into Rules) opens the
-// destination a by what it names other than names: "*", or a CIDR target
-// that holds a (an IPv4 one in its NAT64 form too, as CIDRNames). A
-// guarded address (SpecialRange) opens only by a CIDR inside its range
-// (OpensGuarded): "*" and 0.0.0.0/0 do not open 169.254.169.254. This is
-// what the firewall's accept rules open for the rule's forwarded ports
-// apart from its learned sets (firewall/render.go), so the DNS forwarder
-// does not withhold such an address when the rule's learned set is full.
-// An IPv4-mapped a is the IPv4 address it carries, as the forwarder and
-// the firewall learn it. Neither the rule's clients, ports nor expiry are
-// looked at. It runs through the rule's targets; it does not allocate.
+// destination a by what it names other than names, exactly as the
+// firewall's accept rules for the rule's forwarded ports do apart from its
+// learned sets (firewall/render.go), so that the DNS forwarder does not
+// withhold such an address when the rule's learned set is full: "*" and a
+// /0 open their family but the guarded destinations (GuardList, under the
+// engine's NAT64 prefixes); a CIDR target (an IPv4 one in its NAT64 forms
+// too) opens what it holds, but the guarded destinations when it holds one
+// it does not open (HoldsGuarded): "169.254.169.254/32" opens the metadata
+// address, "0.0.0.0/1" does not. Loopback (127.0.0.0/8) opens by none: the
+// firewall drops it from the LAN side before forward. An IPv4-mapped a is
+// the IPv4 address it carries, as the forwarder and the firewall learn it
+// (a dual-stack socket sends IPv4). Neither the rule's clients, ports nor
+// expiry are looked at: those of its learned sets are the same. It does
+// not allocate.
 func (e *Engine) DestOpens(i int, a netip.Addr) bool {
 	a = a.Unmap()
-	g, guarded := e.SpecialRange(a, nil, nil)
-	_, nat, isNAT := NAT64Embedded(e.nat64, a)
+	if loopback4.Contains(a) {
+		return false
+	}
+	guards := e.guardList()
+	guarded := slices.ContainsFunc(guards, func(g netip.Prefix) bool { return g.Contains(a) })
+	opens := func(p netip.Prefix) bool {
+		if !p.Contains(a) {
+			return false
+		}
+		return !guarded || (p.Bits() > 0 && !HoldsGuarded(guards, p))
+	}
 	for _, t := range e.pol.Rules[i].To {
 		switch t.Kind {
 		case TargetAny:
@@ -150,12 +167,84 @@ func (e *Engine) DestOpens(i int, a netip.Addr) bool {
 				return true
 			}
 		case TargetPrefix:
-			if p := prefixFor(t.Prefix, nat, isNAT); p.Contains(a) && (!guarded || OpensGuarded(p, g)) {
+			if opens(t.Prefix) {
 				return true
+			}
+			if t.Prefix.Addr().Is4() && a.Is6() {
+				for _, n := range e.nat64 {
+					if opens(NAT64Form(n, t.Prefix)) {
+						return true
+					}
+				}
 			}
 		}
 	}
 	return false
+}
+
+// HoldsGuarded reports whether the CIDR target p shares addresses with a
+// guarded range of guards (GuardList) it does not open (OpensGuarded): a
+// prefix broader than loopback, say. The firewall's accept for it
+// excludes the guarded ranges (firewall/render.go), as for "*".
+func HoldsGuarded(guards []netip.Prefix, p netip.Prefix) bool {
+	for _, g := range guards {
+		if p.Overlaps(g) && !OpensGuarded(p, g) {
+			return true
+		}
+	}
+	return false
+}
+
+// GuardList returns the guarded destinations of forwarded traffic under
+// the NAT64 prefixes nat (Engine.WithNAT64), as the firewall renders them
+// (firewall/render.go) and Engine.DestOpens reads them: GuardedRanges,
+// with each NAT64 prefix carved out of the guarded ranges that hold it
+// (the well-known prefix, the local-use /48) and holding instead the
+// NAT64 forms of the IPv4 guarded ranges and of NAT64Guarded, as the
+// proxy guards a NAT64 destination by the IPv4 address it embeds
+// (Engine.SpecialRange). Callers must not modify it.
+func GuardList(nat []netip.Prefix) []netip.Prefix {
+	if len(nat) == 0 {
+		return GuardedRanges
+	}
+	var out []netip.Prefix
+	for _, g := range GuardedRanges {
+		parts := []netip.Prefix{g}
+		for _, p := range nat {
+			parts = withoutPrefix(parts, p)
+		}
+		out = append(out, parts...)
+	}
+	for _, p := range nat {
+		for _, g := range slices.Concat(GuardedRanges, NAT64Guarded) {
+			if g.Addr().Is4() {
+				out = append(out, NAT64Form(p, g))
+			}
+		}
+	}
+	return out
+}
+
+// withoutPrefix returns the addresses of ps but x's, as prefixes.
+func withoutPrefix(ps []netip.Prefix, x netip.Prefix) []netip.Prefix {
+	var out []netip.Prefix
+	for _, p := range ps {
+		switch {
+		case !p.Overlaps(x):
+			out = append(out, p)
+		case x.Bits() <= p.Bits():
+			// x holds p: nothing is left.
+		default:
+			// p holds x: the siblings along the path from p down to x.
+			for b := p.Bits(); b < x.Bits(); b++ {
+				s := netip.PrefixFrom(x.Addr(), b+1).Masked().Addr().AsSlice()
+				s[b/8] ^= 0x80 >> (b % 8)
+				a, _ := netip.AddrFromSlice(s)
+				out = append(out, netip.PrefixFrom(a, b+1))
+			}
+		}
+	}
+	return out
 }
 
 // HostPathPorts returns the TCP port ranges of the rules with a host/path
