@@ -137,3 +137,64 @@ func TestLearnFullSetRefreshed(t *testing.T) {
 		}
 	}
 }
+
+// TestLearnNoSetForAnyFamily: a rule with names and "*" has no learned set
+// in the kernel (its accept opens every address but the guarded ones), and
+// one with 0.0.0.0/0 none for IPv4: Learn keeps no addresses for those, so
+// no set fills and no address is refused as full
+// (egress_firewall_learned_set_full_total); the rule's other family still
+// has its set, which fills.
+func TestLearnNoSetForAnyFamily(t *testing.T) {
+	now := time.Date(2026, 1, 1, 0, 0, 0, 0, time.UTC)
+	fw, err := New(Config{MaxLearned: 2, MinTTL: 10 * time.Second}, Deps{Now: func() time.Time { return now }})
+	if err != nil {
+		t.Fatal(err)
+	}
+	eng := compile(t, `version: 1
+mode: enforce
+rules:
+  - {name: star, to: ["*", a.test], ports: [123/udp]}
+  - {name: zero4, to: [0.0.0.0/0, b.test], ports: [123/udp]}
+`)
+	rs, err := render(siteConfig, eng, now)
+	if err != nil {
+		t.Fatal(err)
+	}
+	for _, s := range rs.Sets {
+		if s.Kind == SetLearned && s.Name != "dns6_zero4" {
+			t.Fatalf("learned set %s rendered", s.Name)
+		}
+	}
+	rs.inKernel = false // remember only: no kernel here
+	fw.rs = rs
+	for i := range 5 {
+		a4 := learnAddr(i)
+		a6 := netip.AddrFrom16([16]byte{0x20, 0x01, 0x0d, 0xb8, 15: byte(i)})
+		for _, l := range []struct {
+			rule string
+			a    netip.Addr
+		}{{"star", a4}, {"star", a6}, {"zero4", a4}} {
+			if err := fw.Learn(l.rule, l.a, time.Minute); err != nil {
+				t.Errorf("learn %s for %s: %v", l.a, l.rule, err)
+			}
+		}
+		err := fw.Learn("zero4", a6, time.Minute)
+		if full := errors.Is(err, ErrSetFull); full != (i >= 2) {
+			t.Errorf("learn %s for zero4 into dns6_zero4 (2 at most) as address %d: %v", a6, i+1, err)
+		}
+	}
+	for set, m := range fw.learned {
+		if set != "dns6_zero4" && len(m) > 0 {
+			t.Errorf("%d addresses kept for %s, a set the kernel does not have", len(m), set)
+		}
+	}
+	if n := counterValue(fw.m.setFull); n != 3 {
+		t.Errorf("learned_set_full_total %v, want 3 (dns6_zero4's)", n)
+	}
+	if v4, v6, ok := rs.LearnedSets("zero4"); !ok || v4 != "" || v6 != "dns6_zero4" {
+		t.Errorf("LearnedSets(zero4) = %q, %q, %v; want \"\", dns6_zero4, true", v4, v6, ok)
+	}
+	if _, _, ok := rs.LearnedSets("star"); ok {
+		t.Error("LearnedSets(star): ok, with no learned set")
+	}
+}
