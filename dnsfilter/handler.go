@@ -327,6 +327,9 @@ func (s *Server) reply(q *query, req *dns.Msg, e *entry, hit bool) []byte {
 		s.learn(q.client.Addr(), e, rule, now)
 	}
 	if len(out) > q.maxSize {
+		if s.truncatedWire != nil {
+			out = s.truncatedWire(out)
+		}
 		out = truncate(out, q.maxSize)
 	}
 	return out

@@ -114,6 +114,10 @@ type Server struct {
 	// withheldWire, set by tests before Run, replaces the rendered
 	// answer withholdAnswer reads (one that does not unpack); nil: none.
 	withheldWire func([]byte) []byte
+	// truncatedWire, set by tests before Run, replaces the rendered
+	// answer truncateAnswer cuts to the client's UDP size (one that does
+	// not unpack); nil: none.
+	truncatedWire func([]byte) []byte
 
 	closing   atomic.Bool
 	ready     chan struct{} // closed once listeners are bound
