@@ -327,10 +327,27 @@ func (s *Server) reply(q *query, req *dns.Msg, e *entry, hit bool) []byte {
 		s.learn(q.client.Addr(), e, rule, now)
 	}
 	if len(out) > q.maxSize {
-		if s.truncatedWire != nil {
-			out = s.truncatedWire(out)
+		out = s.truncateAnswer(q, req, out)
+	}
+	return out
+}
+
+// truncateAnswer cuts the rendered answer wire to what the client takes
+// over UDP (q.maxSize), or answers SERVFAIL when wire does not unpack or
+// the cut one does not pack: nothing at all would leave the client
+// waiting out its timeout, the line saying NOERROR; q.err says why. req
+// may be nil (query.request).
+func (s *Server) truncateAnswer(q *query, req *dns.Msg, wire []byte) []byte {
+	if s.truncatedWire != nil {
+		wire = s.truncatedWire(wire)
+	}
+	out, err := truncate(wire, q.maxSize)
+	if err != nil {
+		q.err = fmt.Errorf("dnsfilter: answer for %s cannot be truncated to %d bytes: %w", q.name, q.maxSize, err)
+		if req == nil {
+			req = q.request()
 		}
-		out = truncate(out, q.maxSize)
+		return s.local(q, req, dns.RcodeServerFailure, dns.ExtendedErrorCodeOther, "egressd: answer cannot be truncated")
 	}
 	return out
 }
@@ -352,17 +369,13 @@ func learnedRule(d policy.Decision) (string, bool) {
 }
 
 // truncate cuts a packed answer to size for UDP, setting TC (RFC 2181 §9).
-func truncate(wire []byte, size int) []byte {
+func truncate(wire []byte, size int) ([]byte, error) {
 	m := new(dns.Msg)
 	if err := m.Unpack(wire); err != nil {
-		return nil
+		return nil, err
 	}
 	m.Truncate(size)
-	out, err := m.Pack()
-	if err != nil {
-		return nil
-	}
-	return out
+	return m.Pack()
 }
 
 func packName(name string) []byte {
@@ -563,6 +576,9 @@ func (s *Server) local(q *query, req *dns.Msg, rcode int, ede uint16, text strin
 		m.Extra = append(m.Extra, opt)
 	}
 	out, err := m.Pack()
+	if err == nil && len(out) > q.maxSize && q.maxSize > 0 {
+		out, err = truncate(out, q.maxSize)
+	}
 	if err != nil {
 		// A name miekg unpacked but cannot pack back: answer with the
 		// header only.
@@ -570,9 +586,6 @@ func (s *Server) local(q *query, req *dns.Msg, rcode int, ede uint16, text strin
 		binary.BigEndian.PutUint16(out, req.Id)
 		out[2] = 0x80 | byte(req.Opcode&0xF)<<3
 		out[3] = byte(rcode & 0xF)
-	}
-	if len(out) > q.maxSize && q.maxSize > 0 {
-		out = truncate(out, q.maxSize)
 	}
 	return out
 }
