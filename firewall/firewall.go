@@ -300,7 +300,11 @@ func (f *Firewall) swapIn(eng *policy.Engine, op string, only *policy.Engine) (o
 	keep := map[string]bool{}
 	for name, s := range rs.learn {
 		if !narrowed[name] {
-			keep[s[0]], keep[s[1]] = true, true
+			for _, set := range s {
+				if set != "" {
+					keep[set] = true
+				}
+			}
 		}
 	}
 	carried := make(map[string]map[netip.Addr]learnedAddr, len(keep))
@@ -680,6 +684,9 @@ func (f *Firewall) LearnAll(ctx context.Context, as []Address) error {
 		set := sets[0]
 		if addr.Is6() {
 			set = sets[1]
+		}
+		if set == "" {
+			continue // "*" or a /0 opens the family: no set to fill
 		}
 		ttl := policy.LearnedLifetime(a.TTL, f.cfg.minTTL())
 		exp := now.Add(ttl)

@@ -23,10 +23,11 @@ type Ruleset struct {
 	// the Firewall re-renders then.
 	NextExpiry time.Time
 
-	// learn maps a rule name to its learned sets, IPv4 then IPv6. Rules
-	// whose names feed address sets appear here in both modes, so that
-	// addresses learned in audit mode are ready when a reload switches to
-	// enforce; inKernel says whether the sets exist in the table.
+	// learn maps a rule name to its learned sets, IPv4 then IPv6 ("" for
+	// a family its "*" or a /0 opens: no set). Rules whose names feed
+	// address sets appear here in both modes, so that addresses learned
+	// in audit mode are ready when a reload switches to enforce; inKernel
+	// says whether the sets exist in the table.
 	learn    map[string][2]string
 	inKernel bool
 
@@ -647,8 +648,17 @@ func renderAllows(cfg Config, eng *policy.Engine, now time.Time, rs *Ruleset) al
 				}
 			}
 		}
-		if names {
-			rs.learn[r.Name] = [2]string{"dns4_" + r.Name, "dns6_" + r.Name}
+		if names && !(any4 && any6) {
+			// A family "*" or a /0 opens has no learned set: its accept
+			// lets out every address a set would open.
+			var sets [2]string
+			if !any4 {
+				sets[0] = "dns4_" + r.Name
+			}
+			if !any6 {
+				sets[1] = "dns6_" + r.Name
+			}
+			rs.learn[r.Name] = sets
 		}
 		fr := rs.addFlowRule(r, ports, any4, any6, names, slices.Concat(nets4, nets6), slices.Concat(wide4, wide6))
 
@@ -813,7 +823,8 @@ func allowRule(cfg Config, mark markLayout, rule string, tag uint32, ru Rule, pr
 }
 
 // LearnedSets returns the names of the sets that Learn feeds for the rule,
-// IPv4 then IPv6, and whether the rule has any.
+// IPv4 then IPv6 ("" for a family its "*" or a /0 opens), and whether the
+// rule has any.
 func (rs *Ruleset) LearnedSets(rule string) (v4, v6 string, ok bool) {
 	s, ok := rs.learn[rule]
 	return s[0], s[1], ok

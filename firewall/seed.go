@@ -150,6 +150,9 @@ func (rs *Ruleset) seedsFrom(eng *policy.Engine, want map[string]bool, given []G
 			if addr.Is6() {
 				set = sets[1]
 			}
+			if set == "" {
+				continue // no set: "*" or a /0 opens the family
+			}
 			if v, ok := have[set][addr]; ok && !v.exp.Before(g.Until) {
 				continue // there already, for as long
 			}
