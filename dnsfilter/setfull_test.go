@@ -150,14 +150,7 @@ func TestSetFullWithheld(t *testing.T) {
 		t.Errorf("trimmed count %v, want 4", n)
 	}
 	// The line is written once the answer is: wait for the last.
-	oneLines := func() (out []string) {
-		for _, l := range strings.Split(logs.String(), "\n") {
-			if strings.Contains(l, `"name":"one.full.test"`) {
-				out = append(out, l)
-			}
-		}
-		return out
-	}
+	oneLines := func() []string { return nameLines(logs, "one.full.test") }
 	waitFor(t, func() bool { return len(oneLines()) >= 4 })
 	lines := oneLines()
 	for _, l := range lines {

@@ -39,18 +39,20 @@ func TestTruncateUndecodable(t *testing.T) {
 	if r := ask(t, "tcp", addr, name, dns.TypeTXT, true); r.Rcode != dns.RcodeSuccess || len(r.Answer) != 80 {
 		t.Errorf("tcp: rcode %s, %d records; want the 80", dns.RcodeToString[r.Rcode], len(r.Answer))
 	}
-	big := func() (out []string) {
-		for _, l := range strings.Split(logs.String(), "\n") {
-			if strings.Contains(l, `"name":"big.allowed.test"`) {
-				out = append(out, l)
-			}
-		}
-		return out
-	}
-	waitFor(t, func() bool { return len(big()) >= 3 })
-	for _, l := range big()[:2] {
+	waitFor(t, func() bool { return len(nameLines(logs, "big.allowed.test")) >= 3 })
+	for _, l := range nameLines(logs, "big.allowed.test")[:2] {
 		if !strings.Contains(l, `"level":"ERROR"`) || !strings.Contains(l, `cannot be truncated`) || !strings.Contains(l, `"rcode":"SERVFAIL"`) {
 			t.Errorf("line %s\nwant ERROR, SERVFAIL, why", l)
 		}
 	}
+}
+
+// nameLines are the canonical lines logs holds for name.
+func nameLines(logs *syncBuffer, name string) (out []string) {
+	for _, l := range strings.Split(logs.String(), "\n") {
+		if strings.Contains(l, `"name":"`+name+`"`) {
+			out = append(out, l)
+		}
+	}
+	return out
 }
