@@ -2,6 +2,7 @@ package audit
 
 import (
 	"cmp"
+	"context"
 	"encoding/json"
 	"fmt"
 	"io"
@@ -350,6 +351,13 @@ type DroppedReport struct {
 // admin API together would each add that much; a second caller waits for
 // the first's to be made, then makes its own (a report of when it asked).
 func (l *Ledger) Report(opt ReportOptions) *Report {
+	r, _ := l.ReportContext(context.Background(), opt)
+	return r
+}
+
+// ReportContext is Report for a caller that may go away (the admin API's
+// request).
+func (l *Ledger) ReportContext(ctx context.Context, opt ReportOptions) (*Report, error) {
 	if !l.reporting.TryLock() {
 		if reportWaitHook != nil {
 			reportWaitHook()
@@ -435,7 +443,7 @@ func (l *Ledger) Report(opt ReportOptions) *Report {
 		r.Loading = loading
 		r.Notes = append([]string{loading.note()}, r.Notes...)
 	}
-	return r
+	return r, nil
 }
 
 // SetOpenFlows sets fn as the source of the flows open now that no event
@@ -617,6 +625,9 @@ func (l *Ledger) allowedNowLocked(ds *dropStats, as []netip.Addr, now time.Time,
 			return rule
 		}
 	}
+	if allowedNowHook != nil {
+		allowedNowHook()
+	}
 	m.rule = allowedNow(l.eng, ds, as, now)
 	ds.allowed = m
 	return m.rule
@@ -710,6 +721,10 @@ var reportBuildHook func(*Ledger)
 // reportWaitHook, set by tests, is called when Report waits for another's
 // report to be made.
 var reportWaitHook func()
+
+// allowedNowHook, set by tests, is called each time a report decides a
+// dropped entry's allowed_now (not from its memo).
+var allowedNowHook func()
 
 // snapshot builds l's report from a copy of its counts (copyLocked), so
 // that l's lock is held for the copy only, not for the build: at the
