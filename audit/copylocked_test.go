@@ -21,7 +21,7 @@ var (
 		"shed", "unwritten", "shedMarks", "firstEvent", "ech", "alarms", "alarmsDropped"}
 	ledgerLeftOut = map[string]string{
 		"mu":        "the overlay has its own lock",
-		"reporting": "Report holds the ledger's, never the overlay's",
+		"reporting": "a report takes the ledger's turn to build, never the overlay's",
 		"flows":     "no flow records: the overlay's table holds only the open flows counted on it",
 		"ring":      "no flow records: snapshotOpen counts the open flows from the overlay's ring",
 		"ringPos":   "no flow records",

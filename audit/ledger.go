@@ -110,8 +110,15 @@ const (
 type Ledger struct {
 	opt LedgerOptions
 
-	// reporting is held by Report: one report is made at a time.
-	reporting sync.Mutex
+	// reporting is the turn to build a report (a token: full while one
+	// is built). One is built at a time: a build from l copies its
+	// counts (copyLocked) and gives its clients' sets back once built
+	// (releaseLocked), which holds only while no other copy of l reads
+	// them; and at the bounds a build allocates about 386 MB
+	// (BenchmarkReportDroppedFull). What a report does before its build
+	// (the wait for the start-up read, the open flows, a window's log
+	// read) is done without it.
+	reporting chan struct{}
 
 	mu      sync.Mutex // guards following
 	eng     *policy.Engine
@@ -334,6 +341,8 @@ func NewLedger(eng *policy.Engine, opt LedgerOptions) *Ledger {
 		rules:   map[string]*ruleStats{},
 		dropped: map[dropKey]*dropStats{},
 		seed:    maphash.MakeSeed(),
+
+		reporting: make(chan struct{}, 1),
 	}
 }
 
@@ -987,7 +996,7 @@ func (l *Ledger) copyLocked() *Ledger {
 // releaseLocked says the copy of l's counts a report made (copyLocked)
 // is no longer read: l's clients' sets, lent to it, change in place again,
 // not each copied by its next event (TestEmitAfterReportCopiesNoClients).
-// Only a report copies l, one at a time (reporting).
+// Only a report's build copies l, one at a time (reporting).
 func (l *Ledger) releaseLocked() {
 	for _, rs := range l.rules {
 		rs.clients.release()

@@ -346,27 +346,26 @@ type DroppedReport struct {
 }
 
 // Report builds a report. It is a snapshot: later events do not change it.
-// Reports are made one at a time: at the ledger's bounds one allocates
+// Reports are built one at a time: at the ledger's bounds one allocates
 // about 386 MB (BenchmarkReportDroppedFull), and operators polling the
 // admin API together would each add that much; a second caller waits for
-// the first's to be made, then makes its own (a report of when it asked).
+// the first's build, then builds its own (a report of when its turn
+// came). What comes before the build is done without waiting for the
+// turn: the wait for a restart's read of the event log, the list of the
+// open flows, and a window's (Since) read of the log, which takes seconds
+// for a month's log and would hold up every plain report meanwhile.
 func (l *Ledger) Report(opt ReportOptions) *Report {
 	r, _ := l.ReportContext(context.Background(), opt)
 	return r
 }
 
 // ReportContext is Report for a caller that may go away (the admin API's
-// request).
+// request, whose client gives up): when ctx ends before the report's turn
+// to be built comes, it returns ctx's error and no report, and builds
+// none for no one.
 func (l *Ledger) ReportContext(ctx context.Context, opt ReportOptions) (*Report, error) {
-	if !l.reporting.TryLock() {
-		if reportWaitHook != nil {
-			reportWaitHook()
-		}
-		l.reporting.Lock()
-	}
-	defer l.reporting.Unlock()
-	if opt.Now.IsZero() {
-		opt.Now = l.opt.Now()
+	if err := ctx.Err(); err != nil {
+		return nil, err
 	}
 	// A restart's read of the event log still under way: wait a little
 	// for it (a log of a few files reads in that time), then answer with
@@ -379,9 +378,10 @@ func (l *Ledger) ReportContext(ctx context.Context, opt ReportOptions) (*Report,
 	if loadWait != nil {
 		loading = loadWait(reportLoadWait)
 	}
-	// The open flows are listed before a window reads the event log: a
-	// flow reported in between is then in both, and counts once
-	// (snapshotOpen), rather than in neither.
+	// The open flows are listed before a window reads the event log, and
+	// before the ledger's counts are copied (snapshotOpen): a flow
+	// reported in between is then in both, and counts once, rather than
+	// in neither.
 	l.mu.Lock()
 	openFn := l.open
 	l.mu.Unlock()
@@ -391,16 +391,18 @@ func (l *Ledger) ReportContext(ctx context.Context, opt ReportOptions) (*Report,
 	}
 	src := l
 	var notes []string
-	if !opt.Since.IsZero() {
+	since := opt.Since
+	if !since.IsZero() {
 		l.mu.Lock()
 		hist, eng, mode := l.history, l.eng, l.lastMode
 		l.mu.Unlock()
 		if hist != nil {
+			// The window's own ledger: no one else copies it, so its
+			// read needs no turn.
 			tmp := NewLedger(eng, l.opt)
 			// The latest event's mode (EventMode) is the whole log's: a
 			// window that holds none of its events has it too.
 			tmp.lastMode = mode
-			since := opt.Since
 			var wrongClock uint64
 			err := hist(since, func(ev Event) {
 				if ev.Time.Before(since) {
@@ -423,11 +425,20 @@ func (l *Ledger) ReportContext(ctx context.Context, opt ReportOptions) (*Report,
 			}
 			src = tmp
 		} else {
-			notes = append(notes, "no event log: the report covers everything recorded, not only since "+opt.Since.UTC().Format(time.RFC3339))
+			notes = append(notes, "no event log: the report covers everything recorded, not only since "+since.UTC().Format(time.RFC3339))
 			opt.Since = time.Time{}
 		}
 	}
-	r := src.snapshotOpen(opt, open)
+	if err := l.takeTurn(ctx); err != nil {
+		return nil, err
+	}
+	if opt.Now.IsZero() {
+		opt.Now = l.opt.Now()
+	}
+	r := func() *Report {
+		defer func() { <-l.reporting }()
+		return src.snapshotOpen(opt, open)
+	}()
 	l.mu.Lock()
 	r.Coverage = l.coverageLocked()
 	arch, archNote, eng := l.arch, l.archNote, l.eng
@@ -444,6 +455,29 @@ func (l *Ledger) ReportContext(ctx context.Context, opt ReportOptions) (*Report,
 		r.Notes = append([]string{loading.note()}, r.Notes...)
 	}
 	return r, nil
+}
+
+// takeTurn waits for l's turn to build a report (reporting), or for ctx
+// to end: then it returns ctx's error, without the turn.
+func (l *Ledger) takeTurn(ctx context.Context) error {
+	select {
+	case l.reporting <- struct{}{}:
+		return nil
+	default:
+	}
+	if reportWaitHook != nil {
+		reportWaitHook()
+	}
+	select {
+	case l.reporting <- struct{}{}:
+	case <-ctx.Done():
+		return ctx.Err()
+	}
+	if err := ctx.Err(); err != nil { // both were ready: the caller is gone
+		<-l.reporting
+		return err
+	}
+	return nil
 }
 
 // SetOpenFlows sets fn as the source of the flows open now that no event
@@ -546,6 +580,10 @@ func (l *Ledger) snapshotOpen(opt ReportOptions, open []Event) *Report {
 	flows = flows[:n]
 	ov := l.copyLocked()
 	l.mu.Unlock()
+	gens := make(map[dropKey]uint64, len(ov.dropped)) // at the copy (keepAllowedLocked)
+	for k, d := range ov.dropped {
+		gens[k] = d.clients.gen
+	}
 	events, dups := ov.totals.Events, ov.totals.Duplicates
 	ov.mu.Lock() // ov is this call's own: no one waits for it
 	isMoved := map[*flowRec]bool{}
@@ -593,6 +631,7 @@ func (l *Ledger) snapshotOpen(opt ReportOptions, open []Event) *Report {
 	r := ov.buildLocked(opt)
 	ov.mu.Unlock()
 	l.mu.Lock()
+	l.keepAllowedLocked(ov, gens)
 	l.releaseLocked()
 	l.mu.Unlock()
 	r.OpenFlows = opened
@@ -744,14 +783,34 @@ func (l *Ledger) snapshot(opt ReportOptions) *Report {
 	r := c.buildLocked(opt)
 	c.mu.Unlock()
 	l.mu.Lock()
-	for k, d := range c.dropped {
-		if ds := l.dropped[k]; ds != nil && d.allowed != ds.allowed && d.allowed.gen == ds.clients.gen {
-			ds.allowed = d.allowed
-		}
-	}
+	l.keepAllowedLocked(c, nil)
 	l.releaseLocked()
 	l.mu.Unlock()
 	return r
+}
+
+// keepAllowedLocked keeps on l each dropped entry's allowed_now memo the
+// build of c, a copy of l's counts (copyLocked), decided, for the next
+// report: unless the entry's clients changed since the copy, on l (the
+// memo would not hold for them anyway) or on c. gens are the entries'
+// clients' generations at the copy when c changed since (the open flows
+// counted on it, snapshotOpen), nil when c did not: an entry c changed
+// is not kept, nor one c added. Its generation on c can equal l's
+// though the clients differ (an open flow's client added on c, an
+// event's on l), so the generations at the copy are the test, not c's.
+func (l *Ledger) keepAllowedLocked(c *Ledger, gens map[dropKey]uint64) {
+	for k, d := range c.dropped {
+		ds := l.dropped[k]
+		if ds == nil || d.allowed == ds.allowed || d.allowed.gen != ds.clients.gen {
+			continue
+		}
+		if gens != nil {
+			if g, ok := gens[k]; !ok || g != d.allowed.gen {
+				continue
+			}
+		}
+		ds.allowed = d.allowed
+	}
 }
 
 // buildLocked makes the report of l's counts. It records allowed_now
