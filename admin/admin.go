@@ -31,10 +31,16 @@ import (
 // DefaultAddr is the admin address when none is configured.
 const DefaultAddr = "127.0.0.1:9901"
 
-// Reporter makes reports; *audit.Ledger implements it.
+// Reporter makes reports; *audit.Ledger implements it. ReportContext
+// gives up, with ctx's error, when ctx ends before the report is built
+// (the request's client left while it waited for another's build).
 type Reporter interface {
-	Report(audit.ReportOptions) *audit.Report
+	ReportContext(context.Context, audit.ReportOptions) (*audit.Report, error)
 }
+
+// writeTimeout is the admin server's: a report that waits longer for its
+// turn could no longer be written to its client.
+const writeTimeout = 60 * time.Second
 
 // Check is a named readiness check: a non-nil error names a degraded
 // state ("event log write failing") and makes /readyz answer 503.
@@ -334,7 +340,7 @@ func (s *Server) Run(ctx context.Context) error {
 		return fmt.Errorf("admin: listen %s: %w", s.cfg.Addr, err)
 	}
 	srv := &http.Server{Handler: s.Handler(), ReadHeaderTimeout: 5 * time.Second, ReadTimeout: 10 * time.Second,
-		WriteTimeout: 60 * time.Second, IdleTimeout: 60 * time.Second}
+		WriteTimeout: writeTimeout, IdleTimeout: 60 * time.Second}
 	s.mu.Lock()
 	if s.closed {
 		s.mu.Unlock()
@@ -399,7 +405,16 @@ func (s *Server) report(w http.ResponseWriter, r *http.Request) (*audit.Report, 
 		http.Error(w, err.Error(), http.StatusBadRequest)
 		return nil, false
 	}
-	rep := s.deps.Reporter.Report(audit.ReportOptions{Since: since})
+	// The request's context ends when its client leaves; the write
+	// timeout does not end it, so the wait is bounded by it too.
+	ctx, cancel := context.WithTimeout(r.Context(), writeTimeout)
+	defer cancel()
+	rep, err := s.deps.Reporter.ReportContext(ctx, audit.ReportOptions{Since: since})
+	if err != nil {
+		s.log.Debug("admin: report given up", audit.LogError, err)
+		http.Error(w, "admin: report: "+err.Error(), http.StatusServiceUnavailable)
+		return nil, false
+	}
 	s.mu.Lock()
 	if s.failed != "" {
 		rep.Notes = append([]string{s.failed}, rep.Notes...)
