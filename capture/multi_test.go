@@ -277,17 +277,7 @@ func udpEcho(t *testing.T, ns *testnet.NS, addr string) {
 	if err != nil {
 		t.Fatal(err)
 	}
-	t.Cleanup(func() { pc.Close() })
-	go func() {
-		buf := make([]byte, 1500)
-		for {
-			n, from, err := pc.ReadFrom(buf)
-			if err != nil {
-				return
-			}
-			pc.WriteTo(append([]byte("echo:"), buf[:n]...), from)
-		}
-	}()
+	testnet.UDPEcho(t, pc, func(p []byte, _ net.Addr) []byte { return append([]byte("echo:"), p...) })
 }
 
 // askWithin sends req on c and waits up to timeout for an echo of it.

@@ -146,17 +146,7 @@ func serve(t *testing.T, ln net.Listener, fn func(net.Conn)) {
 // udpEcho answers every datagram with "PAYLOAD from SENDER" until the test
 // ends.
 func udpEcho(t *testing.T, pc net.PacketConn) {
-	t.Cleanup(func() { pc.Close() })
-	go func() {
-		buf := make([]byte, 1500)
-		for {
-			n, from, err := pc.ReadFrom(buf)
-			if err != nil {
-				return
-			}
-			pc.WriteTo([]byte(fmt.Sprintf("%s from %s", buf[:n], from)), from)
-		}
-	}()
+	testnet.UDPEcho(t, pc, func(p []byte, from net.Addr) []byte { return fmt.Appendf(nil, "%s from %s", p, from) })
 }
 
 // origDst reads the original destination of a redirected connection

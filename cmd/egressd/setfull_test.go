@@ -92,17 +92,7 @@ func setFullGateway(t *testing.T, tag, rule string, zone map[string][]string) (a
 		if err != nil {
 			t.Fatal(err)
 		}
-		t.Cleanup(func() { pc.Close() })
-		go func() {
-			buf := make([]byte, 1500)
-			for {
-				n, from, err := pc.ReadFrom(buf)
-				if err != nil {
-					return
-				}
-				pc.WriteTo(buf[:n], from)
-			}
-		}()
+		testnet.UDPEcho(t, pc, nil)
 	}
 
 	eng, err := policy.Compile("p.yaml", []byte("version: 1\nmode: enforce\nrules:\n  - "+rule+"\n"))

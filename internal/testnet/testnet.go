@@ -394,3 +394,24 @@ func WithoutNetAdmin(t testing.TB, fn func()) {
 	}()
 	fn()
 }
+
+// UDPEcho answers each datagram pc reads with reply(payload, sender), or
+// with the payload itself when reply is nil, until the test ends (it then
+// closes pc).
+func UDPEcho(t testing.TB, pc net.PacketConn, reply func(p []byte, from net.Addr) []byte) {
+	t.Cleanup(func() { pc.Close() })
+	go func() {
+		buf := make([]byte, 1500)
+		for {
+			n, from, err := pc.ReadFrom(buf)
+			if err != nil {
+				return
+			}
+			out := buf[:n]
+			if reply != nil {
+				out = reply(out, from)
+			}
+			pc.WriteTo(out, from)
+		}
+	}()
+}
