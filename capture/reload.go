@@ -282,14 +282,19 @@ func (p *proc) redecide() {
 				// other names (its later connections' hellos) count
 				// too: one the new policy does not allow leaves the
 				// flow judged by its address alone, as the forward
-				// chain judges it, and recorded under that name.
+				// chain judges it, and recorded under that name. But
+				// where the rule that let the flow out (its mark's)
+				// still allows its name, the firewall keeps the flow
+				// whatever became of its other names' rules: they
+				// are no part of its mark (TestRedecideQUICOtherNames,
+				// 47603).
 				byAddr := d
 				nin := in
 				nin.Name, nin.NoPath = f.evName, false
 				d = p.special(eng, nin, eng.Decide(nin), true)
 				for _, o := range f.otherNames {
 					nin.Name = o
-					if d.Allowed() && !p.special(eng, nin, eng.Decide(nin), true).Allowed() {
+					if d.Allowed() && d.Rule != f.dec.Rule && !p.special(eng, nin, eng.Decide(nin), true).Allowed() {
 						d, name, src = byAddr, o, audit.NameQUIC
 					}
 				}

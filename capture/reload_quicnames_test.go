@@ -22,7 +22,12 @@ import (
 // flow's names that no rule allows now makes it a would-be deny,
 // recorded under that name (47601). A flow to the same address whose
 // hello named the first name alone stays allowed by that name, as before
-// (47602). Before session 30 only the first hello's name was judged: the
+// (47602). A flow let out by the rule of its first name (its address
+// given out for it) stays allowed where that rule still allows the name
+// but the answer is gone (expired at the reload) and its second name's
+// rule is removed: the firewall keeps it, the rule of its mark unchanged
+// (47603; before session 30 (R27) it became a would-be deny under its
+// second name). Before session 30 only the first hello's name was judged: the
 // flow whose second name's rule was removed stayed allowed.
 func TestRedecideQUICOtherNames(t *testing.T) {
 	const rules = `  - name: a
@@ -35,6 +40,7 @@ func TestRedecideQUICOtherNames(t *testing.T) {
 `
 	learnedA := netip.MustParseAddr("203.0.113.60") // DNS gave it out for a.allowed.test
 	learnedB := netip.MustParseAddr("203.0.113.61") // and this for b.allowed.test
+	expiring := netip.MustParseAddr("203.0.113.62") // for a.allowed.test, expired at the reload
 	cli := netip.MustParseAddr("192.0.2.95")
 	helloA := handHello(sniExt(decoyName))[5:]
 	helloB := handHello(sniExt("b.allowed.test"))[5:]
@@ -47,6 +53,7 @@ func TestRedecideQUICOtherNames(t *testing.T) {
 		{47600, learnedA, [][]byte{helloA, helloB}},
 		{47601, learnedB, [][]byte{helloA, helloB}},
 		{47602, learnedB, [][]byte{helloA}},
+		{47603, expiring, [][]byte{helloA, helloB}},
 	}
 	each := func(p *pcapWriter, s int) {
 		for _, f := range flows {
@@ -60,8 +67,13 @@ func TestRedecideQUICOtherNames(t *testing.T) {
 			p.udp(false, f.srv, cli, 443, f.cport, append([]byte{0x40}, make([]byte, 40)...))
 		}
 	}
-	rec, r := reloadRunEach(t, fmt.Sprintf(ntpPolicy, policy.ModeAudit, fmt.Sprintf(rules, ruleB)), factsMap{learnedA: {decoyName}, learnedB: {"b.allowed.test"}}, 40*time.Second,
-		each, redecideTo(t, policy.ModeAudit, fmt.Sprintf(rules, "")))
+	facts := factsMap{learnedA: {decoyName}, learnedB: {"b.allowed.test"}, expiring: {decoyName}}
+	reload := redecideTo(t, policy.ModeAudit, fmt.Sprintf(rules, ""))
+	rec, r := reloadRunEach(t, fmt.Sprintf(ntpPolicy, policy.ModeAudit, fmt.Sprintf(rules, ruleB)), facts, 40*time.Second,
+		each, func(c *Capture, store *policy.Store) {
+			delete(facts, expiring)
+			reload(c, store)
+		})
 	type want struct {
 		verdict policy.Verdict
 		name    string
@@ -71,6 +83,7 @@ func TestRedecideQUICOtherNames(t *testing.T) {
 		47600: {policy.Allow, decoyName, []string{"b.allowed.test"}},
 		47601: {policy.Deny, "b.allowed.test", []string{decoyName}},
 		47602: {policy.Allow, decoyName, nil},
+		47603: {policy.Allow, decoyName, []string{"b.allowed.test"}},
 	}
 	for _, f := range flows {
 		var last audit.Event
