@@ -323,12 +323,23 @@ type flowRec struct {
 	start, end        time.Time
 	bytesOut, bytesIn uint64
 	enforced          bool
-	rule              *ruleStats // allowed
-	drop              *dropStats // denied (nil past MaxDropped's overflow too)
-	denied            *ruleStats // denied: the expired rule that would have allowed it
-	source            Source     // of the report that decided the attribution
-	dest              string     // allowed: the name counted in rule.dests
-	held              *heldFlow  // the journal's detail budget held its first report back
+	rule              *ruleStats   // allowed
+	drop              *dropStats   // denied (nil past MaxDropped's overflow too)
+	denied            *ruleStats   // denied: the expired rule that would have allowed it
+	source            Source       // of the report that decided the attribution
+	dest              string       // allowed: the name counted in rule.dests
+	held              *heldFlow    // the journal's detail budget held its first report back
+	others            *otherCredit // allowed: the other rules its other names used (creditOthersLocked)
+}
+
+// otherCredit is a rule other than its flow's own that allows one of the
+// flow's other names (a QUIC flow's later connections' hosts,
+// Event.OtherNames), credited the flow (creditOthersLocked) and taken
+// back with the flow's own (reattributeLocked): a list, one a rule.
+type otherCredit struct {
+	rule *ruleStats
+	dest string // the name counted in rule.dests
+	next *otherCredit
 }
 
 // NewLedger returns an empty ledger for the policy eng (which may be nil:
@@ -576,6 +587,9 @@ func (l *Ledger) attributeLocked(rec *flowRec, ev *Event, t time.Time) {
 		rec.shareName(rec.dest)
 		rs.seen(t)
 		rec.rule = rs
+		if ev.Kind == KindFlow && len(ev.OtherNames) > 0 {
+			l.creditOthersLocked(rec, ev, t)
+		}
 	} else {
 		if ev.Rule != "" { // an expired rule that would have allowed it
 			rs := l.ruleLocked(ev.Rule)
@@ -615,6 +629,45 @@ func (l *Ledger) attributeLocked(rec *flowRec, ev *Event, t time.Time) {
 	rec.bytesOut, rec.bytesIn, rec.enforced = ev.BytesOut, ev.BytesIn, ev.Enforced
 }
 
+// creditOthersLocked credits the allowed flow rec of ev the rules of l's
+// policy that allow ev's other names (a QUIC flow's later connections'
+// hosts, each of which capture allowed by its own name), each rule once,
+// but for the flow's own: the flow, its client, the name and its times,
+// not its bytes (those count in its own rule). A rule used only by a
+// flow's second name is used, not listed unused for `policy check` to
+// suggest deleting (TestLedgerOtherNamesUseRules). Without a policy no
+// rule is unused: nothing to credit.
+func (l *Ledger) creditOthersLocked(rec *flowRec, ev *Event, t time.Time) {
+	if l.eng == nil {
+		return
+	}
+	pr, _ := policy.ParseProto(ev.Proto)
+	in := policy.Input{Client: ev.Client.Unmap(), Dest: ev.Dest.Unmap(), Port: ev.DestPort, Proto: pr, Now: t}
+	if ev.ClientMAC != "" {
+		in.ClientMAC, _ = net.ParseMAC(ev.ClientMAC)
+	}
+	for _, o := range ev.OtherNames {
+		in.Name = o
+		d := l.eng.Decide(in)
+		if !d.Allowed() || d.Rule == rec.rule.name {
+			continue
+		}
+		rs := l.ruleLocked(d.Rule)
+		credited := false
+		for c := rec.others; c != nil && !credited; c = c.next {
+			credited = c.rule == rs
+		}
+		if credited {
+			continue
+		}
+		rs.flows++
+		rs.clients.add(ev.Client.Unmap(), ev.ClientMAC, l.opt.MaxClients)
+		dest := rs.dests.add(lowerASCII(trimDot(Clip(o, MaxNameBytes))), l.opt.MaxDestinations)
+		rs.seen(t)
+		rec.others = &otherCredit{rule: rs, dest: dest, next: rec.others}
+	}
+}
+
 // reattributeLocked lets the proxy's report of a TCP flow decide where the
 // flow counts when capture's report of it came first: the proxy made and
 // enforced the decision (a Host that disagrees with the URL, a request
@@ -631,6 +684,10 @@ func (l *Ledger) reattributeLocked(rec *flowRec, ev *Event, t time.Time) {
 		rs.bytesOut -= out
 		rs.bytesIn -= in
 		rs.dests.remove(rec.dest)
+		for c := rec.others; c != nil; c = c.next {
+			c.rule.flows--
+			c.rule.dests.remove(c.dest)
+		}
 	} else {
 		l.totals.Dropped--
 		if rs := rec.denied; rs != nil {
@@ -645,7 +702,7 @@ func (l *Ledger) reattributeLocked(rec *flowRec, ev *Event, t time.Time) {
 			ds.bytesIn -= in
 		}
 	}
-	rec.rule, rec.drop, rec.denied, rec.dest = nil, nil, nil, ""
+	rec.rule, rec.drop, rec.denied, rec.dest, rec.others = nil, nil, nil, "", nil
 	l.attributeLocked(rec, ev, t)
 	if end := t.Add(time.Duration(ev.Duration * float64(time.Second))); end.After(rec.end) {
 		rec.end = end

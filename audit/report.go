@@ -550,6 +550,7 @@ func (l *Ledger) snapshotOpen(opt ReportOptions, open []Event) *Report {
 		hasRule, hasDeny bool
 		drop             dropKey
 		hasDrop          bool
+		others           [][2]string // rec.others: each rule's name and dest, in its order
 	}
 	var moved []movedFlow
 	l.mu.Lock()
@@ -574,6 +575,9 @@ func (l *Ledger) snapshotOpen(opt ReportOptions, open []Event) *Report {
 			if rec.drop != nil {
 				m.drop, m.hasDrop = rec.drop.key, true
 			}
+			for c := rec.others; c != nil; c = c.next {
+				m.others = append(m.others, [2]string{c.rule.name, c.dest})
+			}
 			moved = append(moved, m)
 		}
 	}
@@ -590,9 +594,14 @@ func (l *Ledger) snapshotOpen(opt ReportOptions, open []Event) *Report {
 	for _, m := range moved {
 		rec := new(flowRec)
 		*rec = m.rec
-		rec.rule, rec.drop, rec.denied, rec.held = nil, nil, nil, nil
+		rec.rule, rec.drop, rec.denied, rec.held, rec.others = nil, nil, nil, nil, nil
 		if m.hasRule {
 			rec.rule = ov.rules[m.rule]
+		}
+		// The overlay's own rules: the ledger's are not this call's to
+		// change (a reattribution takes the credits back).
+		for _, o := range slices.Backward(m.others) {
+			rec.others = &otherCredit{rule: ov.rules[o[0]], dest: o[1], next: rec.others}
 		}
 		if m.hasDeny {
 			rec.denied = ov.rules[m.denied]
@@ -623,6 +632,9 @@ func (l *Ledger) snapshotOpen(opt ReportOptions, open []Event) *Report {
 		switch {
 		case rec.rule != nil:
 			byRule[rec.rule.name]++
+			for c := rec.others; c != nil; c = c.next {
+				byRule[c.rule.name]++
+			}
 		case rec.drop != nil:
 			byDrop[rec.drop.key]++
 		}
