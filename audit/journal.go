@@ -1190,6 +1190,9 @@ func queueBytes(ev *Event) int64 {
 	for _, c := range ev.TopClients {
 		n += int64(unsafe.Sizeof(c)) + int64(len(c))
 	}
+	for _, o := range ev.OtherNames {
+		n += int64(unsafe.Sizeof(o)) + int64(len(o))
+	}
 	return n
 }
 

@@ -6,6 +6,7 @@ import (
 	"strings"
 	"testing"
 	"time"
+	"unsafe"
 
 	"egressd/policy"
 )
@@ -152,5 +153,17 @@ func TestOpenFlowsOtherNamesMoved(t *testing.T) {
 	r := l.Report(ReportOptions{Now: t0.Add(time.Minute)})
 	if len(r.Rules) != 2 || r.Rules[0].Flows != 1 || r.Rules[1].Flows != 1 || len(r.UnusedRules) != 0 {
 		t.Errorf("the ledger's own counts after the reports: rules %+v, unused %q; want a and b used once each", r.Rules, r.UnusedRules)
+	}
+}
+
+// TestQueueBytesOtherNames: the journal's queue bound (QueueBytes) counts
+// an event's other names as it counts its top clients: up to 3 names of
+// 255 bytes each an event, which it left out before session 30 (R27).
+func TestQueueBytesOtherNames(t *testing.T) {
+	ev := Event{Kind: KindFlow, Time: t0, Proto: "udp", Name: "a.test"}
+	base := queueBytes(&ev)
+	ev.OtherNames = []string{strings.Repeat("b", 200), "c.test"}
+	if got, want := queueBytes(&ev), base+2*int64(unsafe.Sizeof(""))+206; got != want {
+		t.Errorf("queueBytes with two other names %d, want %d", got, want)
 	}
 }
