@@ -11,6 +11,22 @@ import (
 	"egressd/policy"
 )
 
+// quicRule is a rule, as a YAML list item, named n allowing
+// n.example.com on 443/udp.
+func quicRule(n string) string {
+	return "  - name: " + n + "\n    to: [" + n + ".example.com]\n    ports: [443/udp]\n"
+}
+
+// quicFlowEvent is capture's event of a QUIC flow whose first hello named
+// a.example.com and whose later ones named others, decided by eng.
+func quicFlowEvent(eng *policy.Engine, others ...string) Event {
+	ev := Event{Kind: KindFlow, Source: SourceCapture, Time: t0, Client: netip.MustParseAddr("192.0.2.10"), ClientPort: 40000,
+		Dest: netip.MustParseAddr("198.51.100.7"), DestPort: 443, Proto: "udp", Name: "a.example.com", NameSource: NameQUIC,
+		OtherNames: others}
+	ev.Stamp(eng.Decide(policy.Input{Client: ev.Client, Dest: ev.Dest, Port: 443, Proto: policy.UDP, Name: ev.Name, Now: t0}))
+	return ev
+}
+
 // TestReplayOtherNames: `audit --replay` judges a QUIC flow on each of
 // the names its hellos carried (Name, OtherNames), as capture's reload
 // does: a candidate that drops the rule of a later connection's host
@@ -19,13 +35,9 @@ import (
 // other names were not recorded, and the flow was judged on its first
 // name only.
 func TestReplayOtherNames(t *testing.T) {
-	const a = "  - name: a\n    to: [a.example.com]\n    ports: [443/udp]\n"
-	const b = "  - name: b\n    to: [b.example.com]\n    ports: [443/udp]\n"
+	a, b := quicRule("a"), quicRule("b")
 	running := compileRules(t, a+b)
-	ev := Event{Kind: KindFlow, Source: SourceCapture, Time: t0, Client: netip.MustParseAddr("192.0.2.10"), ClientPort: 40000,
-		Dest: netip.MustParseAddr("198.51.100.7"), DestPort: 443, Proto: "udp", Name: "a.example.com", NameSource: NameQUIC,
-		OtherNames: []string{"b.example.com"}}
-	ev.Stamp(running.Decide(policy.Input{Client: ev.Client, Dest: ev.Dest, Port: 443, Proto: policy.UDP, Name: ev.Name, Now: t0}))
+	ev := quicFlowEvent(running, "b.example.com")
 	for i, c := range []struct {
 		cand    *policy.Engine
 		dropped string
@@ -79,14 +91,9 @@ func TestOtherNamesBound(t *testing.T) {
 // credit back with the flow's own. Before session 30 (R27) the ledger
 // read Rule alone: rule b, used only by the second name, was unused.
 func TestLedgerOtherNamesUseRules(t *testing.T) {
-	const a = "  - name: a\n    to: [a.example.com]\n    ports: [443/udp]\n"
-	const b = "  - name: b\n    to: [b.example.com]\n    ports: [443/udp]\n"
-	const c = "  - name: c\n    to: [c.example.com]\n    ports: [443/udp]\n"
-	eng := compileRules(t, a+b+c)
-	ev := Event{Kind: KindFlow, Source: SourceCapture, Time: t0, Client: netip.MustParseAddr("192.0.2.10"), ClientPort: 40000,
-		Dest: netip.MustParseAddr("198.51.100.7"), DestPort: 443, Proto: "udp", Name: "a.example.com", NameSource: NameQUIC,
-		OtherNames: []string{"b.example.com", "B.example.com.", "nothing.example.com"}, BytesOut: 500, BytesIn: 5000}
-	ev.Stamp(eng.Decide(policy.Input{Client: ev.Client, Dest: ev.Dest, Port: 443, Proto: policy.UDP, Name: ev.Name, Now: t0}))
+	eng := compileRules(t, quicRule("a")+quicRule("b")+quicRule("c"))
+	ev := quicFlowEvent(eng, "b.example.com", "B.example.com.", "nothing.example.com")
+	ev.BytesOut, ev.BytesIn = 500, 5000
 	l := NewLedger(eng, LedgerOptions{})
 	l.Emit(ev)
 	again := ev
@@ -130,13 +137,8 @@ func TestLedgerOtherNamesUseRules(t *testing.T) {
 // left as they are (the overlay's record must not take the credit back
 // from the ledger's rule: run with -race, it wrote it without the lock).
 func TestOpenFlowsOtherNamesMoved(t *testing.T) {
-	const a = "  - name: a\n    to: [a.example.com]\n    ports: [443/udp]\n"
-	const b = "  - name: b\n    to: [b.example.com]\n    ports: [443/udp]\n"
-	eng := compileRules(t, a+b)
-	ev := Event{Kind: KindFlow, Source: SourceCapture, Time: t0, Client: netip.MustParseAddr("192.0.2.10"), ClientPort: 40000,
-		Dest: netip.MustParseAddr("198.51.100.7"), DestPort: 443, Proto: "udp", Name: "a.example.com", NameSource: NameQUIC,
-		OtherNames: []string{"b.example.com"}}
-	ev.Stamp(eng.Decide(policy.Input{Client: ev.Client, Dest: ev.Dest, Port: 443, Proto: policy.UDP, Name: ev.Name, Now: t0}))
+	eng := compileRules(t, quicRule("a")+quicRule("b"))
+	ev := quicFlowEvent(eng, "b.example.com")
 	l := NewLedger(eng, LedgerOptions{})
 	l.Emit(ev)
 	deny := ev
