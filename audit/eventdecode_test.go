@@ -133,6 +133,11 @@ func FuzzDecodeEvent(f *testing.F) {
 	f.Add([]byte(`{"kind":"alarm","top_clients":["a","192.0.2.7"],"count":1003}`))
 	f.Add([]byte(`{"kind":"alarm","top_clients":[],"reason":"dns-tunnel-zone"}`))
 	f.Add([]byte(`{"kind":"alarm","top_clients":["a",]}`))
+	// A QUIC flow's other names (session 30): written, escaped, repeated,
+	// empty, not UTF-8, the key twice.
+	f.Add([]byte(`{"kind":"flow","proto":"udp","name":"a.test","other_names":["b.test","c.test","b.test"]}`))
+	f.Add([]byte(`{"kind":"flow","other_names":["\u0000x","<b>\n",""],"other_names":[]}`))
+	f.Add([]byte("{\"kind\":\"flow\",\"other_names\":[\"\xff\xfe\",\"a\x01\"]}"))
 	f.Fuzz(func(t *testing.T, b []byte) {
 		checkDecode(t, b)
 	})
