@@ -44,42 +44,28 @@ type Firewall interface {
 	// same name that does not allow it (an error then). After a nil
 	// return for a cached answer, dnsfilter does not call Learn again for
 	// it while the policy engine (the Store's) stays the same: the
-	// firewall must keep each address until its Expires. Learn must not
-	// keep ls.
+	// firewall must keep each address until its Expires. After an error
+	// of Unreachable refusals only, the same holds for the addresses it
+	// took, and the refused ones are asked again after a second (gate).
+	// Learn must not keep ls.
 	//
 	// An error does not hold the answer back (it is given, and logged
 	// with firewall_learn): the addresses are in the Table already, for
 	// the firewall to seed a ruleset that covers them when one goes in,
-	// and the next hit asks again. The exception is an address the error
+	// and the next hit asks again (after a refusal, a second later). The exception is an address the error
 	// says the client cannot reach (Unreachable): in enforce mode it is
 	// left out of the answer (withhold).
 	Learn(ctx context.Context, eng *policy.Engine, ls []Learned) error
 }
 
 // Unreachable is implemented by the errors of Firewall.Learn (anywhere in
-// the tree errors.Join and %w make) that refuse one address to one rule
+// the tree errors.Join and %w make: refusals) that refuse one address to one rule
 // for good, not for a moment: in egressd, firewall.SetFullError, a
 // learned set full of live addresses. ok is false when the refusal does
 // not keep the client from the address (audit mode: nothing is dropped).
 type Unreachable interface {
 	error
 	Unreachable() (rule, set string, addr netip.Addr, ok bool)
-}
-
-// eachUnreachable calls fn for every Unreachable in err's tree.
-func eachUnreachable(err error, fn func(Unreachable)) {
-	switch x := err.(type) {
-	case nil:
-		return
-	case Unreachable:
-		fn(x)
-	case interface{ Unwrap() []error }:
-		for _, e := range x.Unwrap() {
-			eachUnreachable(e, fn)
-		}
-	case interface{ Unwrap() error }:
-		eachUnreachable(x.Unwrap(), fn)
-	}
 }
 
 // ClientDevices tells the device of a LAN client address, where a
@@ -147,11 +133,28 @@ func (s *Server) clientMAC(eng *policy.Engine, client netip.Addr) net.HardwareAd
 
 // gateMark records that the firewall holds a cached answer's addresses for
 // rules (indexes into the engine's rules), under a policy engine: later
-// hits that need no other rule's set need not ask it again.
+// hits that need no other rule's set need not ask it again. refused are
+// the addresses full sets refused (Unreachable), remembered until until
+// (unix nanoseconds): hits before then withhold them without asking the
+// firewall, the first hit after asks again for those only.
 type gateMark struct {
-	eng   *policy.Engine
-	rules []int
+	eng     *policy.Engine
+	rules   []int
+	refused []refusal
+	why     string // the firewall's error that refused them
+	until   int64
 }
+
+// refusal is one address a rule's full learned set refused.
+type refusal struct {
+	rule, set string
+	addr      netip.Addr
+	ok        bool // Unreachable's ok: the refusal keeps the client out
+}
+
+// fullRecheck is how long a gateMark remembers a full set's refusal
+// (Server.fullRecheck): see gate.
+const fullRecheck = time.Second
 
 // covers reports whether the mark holds every one of rules.
 func (g *gateMark) covers(eng *policy.Engine, rules []int) bool {
@@ -164,6 +167,16 @@ func (g *gateMark) covers(eng *policy.Engine, rules []int) bool {
 		}
 	}
 	return true
+}
+
+// refuses reports whether the mark's refusals hold addr for rule.
+func (g *gateMark) refuses(rule string, addr netip.Addr) bool {
+	for _, f := range g.refused {
+		if f.rule == rule && f.addr == addr {
+			return true
+		}
+	}
+	return false
 }
 
 // gateRules appends to dst the rules whose learned sets must take the
@@ -206,13 +219,27 @@ func (s *Server) needsGate(e *entry, eng *policy.Engine, dec policy.Decision, cl
 	}
 	var buf [8]int
 	rules, _ := s.gateRules(eng, client.Unmap(), mac, e.name, now, dec.RuleIndex, buf[:0])
-	return len(rules) > 0 && !e.gate.Load().covers(eng, rules)
+	if len(rules) == 0 {
+		return false
+	}
+	g := e.gate.Load()
+	return !g.covers(eng, rules) || len(g.refused) > 0
 }
 
 // gate hands the addresses of an allowed answer to the firewall, for every
 // rule that needs them (gateRules), and waits, at most LearnTimeout, until
 // it has them. It runs before the answer is written, on a goroutine of its
 // own query (never a UDP reader).
+//
+// A full set's refusal is remembered on the entry for fullRecheck: the
+// hits meanwhile withhold the same addresses without asking the firewall
+// (a client hammering the name took its lock and wrote a warning each
+// time), and the first hit after asks again for the refused addresses
+// only, as the firewall keeps the others until they expire. A set gains
+// room only as its live addresses expire (or a reload, a new engine, asks
+// everything again): a stale refusal withholds an address that fits now
+// for at most fullRecheck. The line of a refusal is a warning once per
+// set and fullRecheck (Server.fullWarned), the others at info level.
 func (s *Server) gate(q *query, e *entry, now int64) {
 	if !s.needsGate(e, q.eng, q.dec, q.client.Addr(), q.mac, q.start) {
 		return
@@ -220,48 +247,161 @@ func (s *Server) gate(q *query, e *entry, now int64) {
 	client := q.client.Addr().Unmap()
 	rules, other := s.gateRules(q.eng, client, q.mac, e.name, q.start, q.dec.RuleIndex, nil)
 	all := q.eng.Rules()
+	old := e.gate.Load()
+	if old != nil && old.eng != q.eng {
+		old = nil
+	}
+	clock := s.now().UnixNano()
+	recheck := old != nil && clock >= old.until
 	ls := make([]Learned, 0, len(e.addrs)*len(rules))
+	ask := make([]Learned, 0, len(e.addrs)*len(rules))
 	for _, r := range rules {
+		held := old != nil && slices.Contains(old.rules, r)
 		for _, a := range e.addrs {
 			if a.expires > now {
-				ls = append(ls, Learned{Client: client, ClientMAC: q.mac, Name: e.name, Addr: a.addr, Rule: all[r].Name,
-					Expires: time.Unix(0, a.expires).Add(time.Second)})
+				l := Learned{Client: client, ClientMAC: q.mac, Name: e.name, Addr: a.addr, Rule: all[r].Name,
+					Expires: time.Unix(0, a.expires).Add(time.Second)}
+				ls = append(ls, l)
+				if !held || recheck && old.refuses(l.Rule, l.Addr) {
+					ask = append(ask, l)
+				}
 			}
 		}
 	}
 	if len(ls) == 0 {
 		return
 	}
-	start := time.Now()
-	ctx, cancel := context.WithTimeout(s.baseCtx, s.cfg.LearnTimeout)
-	err := s.fw.Learn(ctx, q.eng, ls)
-	cancel()
-	s.m.learnDuration.Observe(time.Since(start).Seconds())
+	// The refusals remembered and not asked again.
+	var refused []refusal
+	why, until := "", clock+int64(s.fullRecheck)
+	if old != nil && !recheck {
+		for _, f := range old.refused {
+			if slices.ContainsFunc(rules, func(r int) bool { return all[r].Name == f.rule }) {
+				refused = append(refused, f)
+			}
+		}
+		why, until = old.why, old.until
+	}
+	var err error
+	if len(ask) > 0 {
+		start := time.Now()
+		ctx, cancel := context.WithTimeout(s.baseCtx, s.cfg.LearnTimeout)
+		err = s.fw.Learn(ctx, q.eng, ask)
+		cancel()
+		s.m.learnDuration.Observe(time.Since(start).Seconds())
+	}
+	asked, only := refusals(err)
+	fresh := len(asked) > 0
+	refused = append(refused, asked...)
 	switch {
-	case err == nil:
-		s.m.learnOK.Inc()
+	case len(ask) == 0 && !recheck:
+		// All remembered: nothing asked, the mark stays.
+	case err == nil || only:
+		if err == nil {
+			if len(ask) > 0 {
+				s.m.learnOK.Inc()
+			}
+		} else {
+			s.m.learnError.Inc()
+			why = err.Error()
+		}
 		// Keep what an earlier mark under this engine held too: clients
-		// of other groups may need other rules.
-		if old := e.gate.Load(); old != nil && old.eng == q.eng {
+		// of other groups may need other rules, and their refusals.
+		held, kept := slices.Clone(rules), slices.Clone(refused)
+		if old != nil {
 			for _, r := range old.rules {
-				if !slices.Contains(rules, r) {
-					rules = append(rules, r)
+				if !slices.Contains(held, r) {
+					held = append(held, r)
+				}
+			}
+			for _, f := range old.refused {
+				if !slices.ContainsFunc(kept, func(g refusal) bool { return g.rule == f.rule && g.addr == f.addr }) &&
+					!slices.ContainsFunc(ask, func(l Learned) bool { return l.Rule == f.rule && l.Addr.Unmap() == f.addr }) {
+					kept = append(kept, f)
 				}
 			}
 		}
-		e.gate.Store(&gateMark{eng: q.eng, rules: rules})
+		w, u := why, until
+		if len(kept) == 0 {
+			w, u = "", 0
+		}
+		e.gate.Store(&gateMark{eng: q.eng, rules: held, refused: kept, why: w, until: u})
 	case errors.Is(err, context.DeadlineExceeded):
 		s.m.learnTimeout.Inc()
-		q.fwErr = "timeout"
+		why = "timeout"
 	default:
 		s.m.learnError.Inc()
-		q.fwErr = err.Error()
+		why = err.Error()
+	}
+	if len(refused) == 0 && err == nil {
+		return
+	}
+	q.fwErr = why
+	if len(refused) > 0 && (err == nil || only) {
+		q.quietFull = !s.warnFull(refused, clock, fresh)
 	}
 	// A timeout too: the firewall's error joins the refusals it made
 	// before waiting on the addresses it was still writing.
-	if err != nil && !other && q.dec.Mode == policy.ModeEnforce {
-		s.withhold(q, ls, rules, err)
+	if !other && q.dec.Mode == policy.ModeEnforce {
+		s.withhold(q, ls, rules, refused)
 	}
+}
+
+// refusals returns the full sets' refusals in err's tree (eachUnreachable)
+// and whether err is nothing else.
+func refusals(err error) (out []refusal, only bool) {
+	only = err != nil
+	var walk func(error)
+	walk = func(err error) {
+		switch x := err.(type) {
+		case nil:
+		case Unreachable:
+			rule, set, a, ok := x.Unreachable()
+			out = append(out, refusal{rule: rule, set: set, addr: a.Unmap(), ok: ok})
+		case interface{ Unwrap() []error }:
+			for _, e := range x.Unwrap() {
+				walk(e)
+			}
+		case interface{ Unwrap() error }:
+			walk(x.Unwrap())
+		default:
+			only = false
+		}
+	}
+	walk(err)
+	return out, only
+}
+
+// warnFull reports whether the line of a query whose answer full sets
+// refused is a warning: the first for one of the sets in fullRecheck,
+// counted from a refusal the firewall made (fresh), not one remembered.
+func (s *Server) warnFull(refused []refusal, now int64, fresh bool) bool {
+	s.fullMu.Lock()
+	defer s.fullMu.Unlock()
+	if s.fullWarned == nil {
+		s.fullWarned = map[string]int64{}
+	}
+	warn := false
+	for _, f := range refused {
+		k := f.rule + "/" + f.set
+		if last, ok := s.fullWarned[k]; !ok || now-last >= int64(s.fullRecheck) {
+			if !fresh {
+				continue
+			}
+			s.fullWarned[k] = now
+			warn = true
+		}
+	}
+	// Forget the sets not warned of in a while: the map holds at most
+	// the sets that refused in the last interval or so.
+	if len(s.fullWarned) > 64 {
+		for k, last := range s.fullWarned {
+			if now-last >= int64(s.fullRecheck) {
+				delete(s.fullWarned, k)
+			}
+		}
+	}
+	return warn
 }
 
 // withhold finds the addresses of ls that the client cannot reach: every
@@ -273,7 +413,7 @@ func (s *Server) gate(q *query, e *entry, now int64) {
 // q.servfail (no address of ls is left). The set keeps its live
 // addresses: evicting one would cut a client answered with it, to serve
 // this one.
-func (s *Server) withhold(q *query, ls []Learned, rules []int, err error) {
+func (s *Server) withhold(q *query, ls []Learned, rules []int, refused []refusal) {
 	// Rules that refused each address, each once: an answer that repeats
 	// an address is refused as often, and its count is not of rules.
 	type ruleAddr struct {
@@ -281,38 +421,34 @@ func (s *Server) withhold(q *query, ls []Learned, rules []int, err error) {
 		addr netip.Addr
 	}
 	seen := map[ruleAddr]bool{}
-	refused := map[netip.Addr]int{}
+	count := map[netip.Addr]int{}
 	all := q.eng.Rules()
-	eachUnreachable(err, func(u Unreachable) {
-		rule, set, a, ok := u.Unreachable()
-		if !ok {
-			return
-		}
-		if k := (ruleAddr{rule, a.Unmap()}); !seen[k] {
+	for _, f := range refused {
+		if k := (ruleAddr{f.rule, f.addr}); f.ok && !seen[k] {
 			seen[k] = true
 			// A refusal by a rule whose CIDR (or "*") opens the address
 			// keeps the client from nothing: not counted. Asked only
 			// when a set refused, once per rule and address.
 			opens := false
 			for _, r := range rules {
-				if all[r].Name == rule {
+				if all[r].Name == f.rule {
 					opens = q.eng.DestOpens(r, k.addr)
 					break
 				}
 			}
 			if !opens {
-				refused[k.addr]++
+				count[k.addr]++
 			}
 		}
-		if k := rule + "/" + set; !slices.Contains(q.fullSets, k) {
+		if k := f.rule + "/" + f.set; !slices.Contains(q.fullSets, k) {
 			q.fullSets = append(q.fullSets, k)
 		}
-	})
+	}
 	left := false
 	for _, l := range ls {
 		a := l.Addr.Unmap()
 		switch {
-		case refused[a] < len(rules):
+		case count[a] < len(rules):
 			left = true
 		case !slices.Contains(q.withheld, a):
 			q.withheld = append(q.withheld, a)

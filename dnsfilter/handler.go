@@ -58,6 +58,10 @@ type query struct {
 	filtered string
 	quiet    bool   // a repeated rate-limit drop: count only
 	fwErr    string // Deps.Firewall did not take the addresses in time: why
+	// quietFull: the firewall's error is full sets' refusals only, and
+	// they were warned of in the last fullRecheck (Server.warnFull): the
+	// line is at info level.
+	quietFull bool
 	// withheld are the answer's addresses left out because full learned
 	// sets refused them (Unreachable), fullSets those sets; servfail:
 	// no address was left.
@@ -657,7 +661,7 @@ func (s *Server) finish(q *query) {
 	switch {
 	case q.err != nil:
 		level = slog.LevelError
-	case d.Verdict == policy.Deny, q.fwErr != "":
+	case d.Verdict == policy.Deny, q.fwErr != "" && !q.quietFull:
 		level = slog.LevelWarn
 	}
 	ctx := context.Background()

@@ -118,6 +118,12 @@ type Server struct {
 	// answer truncateAnswer cuts to the client's UDP size (one that does
 	// not unpack); nil: none.
 	truncatedWire func([]byte) []byte
+	// fullRecheck is how long an entry remembers a full set's refusal,
+	// and how often a set's refusals are a warning (gate): fullRecheck,
+	// or shorter or longer in tests, set before Run.
+	fullRecheck time.Duration
+	fullMu      sync.Mutex
+	fullWarned  map[string]int64 // "rule/set": when its refusal was last a warning (unix ns)
 
 	closing   atomic.Bool
 	ready     chan struct{} // closed once listeners are bound
@@ -168,6 +174,7 @@ func New(cfg Config, deps Deps) (*Server, error) {
 	if s.now == nil {
 		s.now = time.Now
 	}
+	s.fullRecheck = fullRecheck
 	if s.table == nil {
 		s.table = NewTable(cfg.TableSize)
 	}

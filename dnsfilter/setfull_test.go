@@ -65,7 +65,9 @@ type fullFirewall struct {
 	mu       sync.Mutex
 	full     map[string][]netip.Addr
 	enforced bool
-	wants    []string // the rules with learned sets; nil: ntp and sip
+	wants    []string  // the rules with learned sets; nil: ntp and sip
+	asked    []Learned // every address Learn was given, in order
+	calls    int
 }
 
 func (f *fullFirewall) Wants(rule string) bool {
@@ -79,6 +81,8 @@ func (f *fullFirewall) WantsAny() bool { return true }
 func (f *fullFirewall) Learn(ctx context.Context, eng *policy.Engine, ls []Learned) error {
 	f.mu.Lock()
 	defer f.mu.Unlock()
+	f.calls++
+	f.asked = append(f.asked, ls...)
 	var errs []error
 	for _, l := range ls {
 		if slices.Contains(f.full[l.Rule], l.Addr) {
@@ -86,6 +90,20 @@ func (f *fullFirewall) Learn(ctx context.Context, eng *policy.Engine, ls []Learn
 		}
 	}
 	return errors.Join(errs...)
+}
+
+// learns returns how often Learn was called and the addresses it was
+// given since the last learns, and forgets them.
+func (f *fullFirewall) learns() (int, []netip.Addr) {
+	f.mu.Lock()
+	defer f.mu.Unlock()
+	var out []netip.Addr
+	for _, l := range f.asked {
+		out = append(out, l.Addr)
+	}
+	n := f.calls
+	f.calls, f.asked = 0, nil
+	return n, out
 }
 
 func (f *fullFirewall) set(full map[string][]netip.Addr, enforced bool) {
@@ -122,7 +140,7 @@ func TestSetFullWithheld(t *testing.T) {
 	fw.set(full, true)
 
 	for _, proto := range []string{"udp", "tcp"} {
-		for i := range 2 { // the second a cache hit: the firewall is asked again
+		for i := range 2 { // the second a cache hit: the refusal remembered
 			r := ask(t, proto, ts.Addr, "one.full.test.", dns.TypeA, true)
 			if r.Rcode != dns.RcodeServerFailure || len(answerAddrs(r)) != 0 {
 				t.Errorf("%s #%d one.full.test, its only address refused: rcode %s, %v; want SERVFAIL", proto, i, dns.RcodeToString[r.Rcode], answerAddrs(r))
@@ -153,16 +171,24 @@ func TestSetFullWithheld(t *testing.T) {
 	oneLines := func() []string { return nameLines(logs, "one.full.test") }
 	waitFor(t, func() bool { return len(oneLines()) >= 4 })
 	lines := oneLines()
-	for _, l := range lines {
-		if !strings.Contains(l, `"set_full":"ntp/dns4_ntp"`) || !strings.Contains(l, `"withheld":"192.0.2.22"`) || !strings.Contains(l, `"rcode":"SERVFAIL"`) || !strings.Contains(l, `"level":"WARN"`) {
-			t.Errorf("line %s\nwant WARN, SERVFAIL, set_full ntp/dns4_ntp, withheld 192.0.2.22", l)
+	for i, l := range lines {
+		// The set's first refusal in the interval is a warning
+		// (TestSetFullRemembered).
+		level := `"level":"INFO"`
+		if i == 0 {
+			level = `"level":"WARN"`
+		}
+		if !strings.Contains(l, `"set_full":"ntp/dns4_ntp"`) || !strings.Contains(l, `"withheld":"192.0.2.22"`) || !strings.Contains(l, `"rcode":"SERVFAIL"`) || !strings.Contains(l, level) {
+			t.Errorf("line %s\nwant %s, SERVFAIL, set_full ntp/dns4_ntp, withheld 192.0.2.22", l, level)
 		}
 	}
 	if len(lines) != 4 {
 		t.Errorf("%d lines for one.full.test's 4 answers, want one each\n%s", len(lines), logs.String())
 	}
 
-	// A refusal that keeps nobody out (the firewall in audit mode).
+	// A refusal that keeps nobody out (the firewall in audit mode, which
+	// a reload puts in: a new engine, the refusal not remembered).
+	store.Swap(compile(t, setFullPolicy).Load())
 	fw.set(full, false)
 	if r := ask(t, "udp", ts.Addr, "one.full.test.", dns.TypeA, false); r.Rcode != dns.RcodeSuccess || len(answerAddrs(r)) != 1 {
 		t.Errorf("one.full.test, refused by an audit-mode firewall: rcode %s, %v; want its address", dns.RcodeToString[r.Rcode], answerAddrs(r))
@@ -433,5 +459,105 @@ func TestSetFullUndecodable(t *testing.T) {
 	}
 	if len(lines) != 3 {
 		t.Errorf("%d lines for multi.full.test's 3 answers, want 3\n%s", len(lines), logs.String())
+	}
+}
+
+// startSetFull starts a forwarder for setFullZone and setFullPolicy with
+// fw, logging JSON to logs, that remembers a full set's refusal for
+// recheck.
+func startSetFull(t *testing.T, fw Firewall, logs *syncBuffer, recheck time.Duration) *Server {
+	t.Helper()
+	up := newFakeUpstream(t, setFullZone)
+	s, err := New(Config{Listen: []string{"127.0.0.1:0"}, UDPReaders: 2, ClientRate: -1, Upstreams: []string{up.Addr}, AllowPrivateAnswers: true},
+		Deps{Policy: compile(t, setFullPolicy), Firewall: fw, Sink: &recSink{}, Logger: slog.New(slog.NewJSONHandler(logs, nil))})
+	if err != nil {
+		t.Fatal(err)
+	}
+	s.fullRecheck = recheck
+	runServer(t, s, nil)
+	return s
+}
+
+// TestSetFullRemembered: cache hits of a name whose set stays full do not
+// ask the firewall again while the refusal is remembered (each would take
+// its lock, and write a warning): the answers are withheld as the first
+// was, one canonical line each with set_full and withheld, a warning only
+// for the first refusal of the set in the interval, the others at info.
+func TestSetFullRemembered(t *testing.T) {
+	fw := &fullFirewall{}
+	fw.set(map[string][]netip.Addr{"ntp": addrs("192.0.2.22", "192.0.2.20")}, true)
+	logs := &syncBuffer{}
+	s := startSetFull(t, fw, logs, time.Hour)
+	addr := s.Addrs()[0].String()
+	for i := range 10 {
+		proto := []string{"udp", "tcp"}[i%2]
+		r := ask(t, proto, addr, "one.full.test.", dns.TypeA, true)
+		if r.Rcode != dns.RcodeServerFailure || len(answerAddrs(r)) != 0 {
+			t.Errorf("%s #%d one.full.test: rcode %s, %v; want SERVFAIL", proto, i, dns.RcodeToString[r.Rcode], answerAddrs(r))
+		}
+	}
+	if n, got := fw.learns(); n != 1 {
+		t.Errorf("firewall asked %d times (%v) for 10 answers of one.full.test, want once", n, got)
+	}
+	for i := range 5 {
+		if r := ask(t, "udp", addr, "multi.full.test.", dns.TypeA, false); !slices.Equal(answerAddrs(r), addrs("192.0.2.21")) {
+			t.Errorf("#%d multi.full.test: %v, want 192.0.2.21", i, answerAddrs(r))
+		}
+	}
+	if n, got := fw.learns(); n != 1 {
+		t.Errorf("firewall asked %d times (%v) for 5 answers of multi.full.test, want once", n, got)
+	}
+	lines := func() []string {
+		return append(nameLines(logs, "one.full.test"), nameLines(logs, "multi.full.test")...)
+	}
+	waitFor(t, func() bool { return len(lines()) >= 15 })
+	warn := 0
+	for _, l := range lines() {
+		if !strings.Contains(l, `"set_full":"ntp/dns4_ntp"`) || !strings.Contains(l, `"withheld":"192.0.2.2`) {
+			t.Errorf("line %s\nwant set_full ntp/dns4_ntp and withheld", l)
+		}
+		if strings.Contains(l, `"level":"WARN"`) {
+			warn++
+		} else if !strings.Contains(l, `"level":"INFO"`) {
+			t.Errorf("line %s\nwant WARN or INFO", l)
+		}
+	}
+	if warn != 1 {
+		t.Errorf("%d warnings for ntp/dns4_ntp's refusals in one interval, want 1\n%s", warn, logs.String())
+	}
+}
+
+// TestSetFullRecheck: once the remembered refusal is older than the
+// interval, a hit asks the firewall again for the refused addresses only
+// (the ones it took it keeps until they expire), and gives the whole
+// answer when the set has room again.
+func TestSetFullRecheck(t *testing.T) {
+	fw := &fullFirewall{}
+	fw.set(map[string][]netip.Addr{"ntp": addrs("192.0.2.20")}, true)
+	recheck := 50 * time.Millisecond
+	s := startSetFull(t, fw, &syncBuffer{}, recheck)
+	addr := s.Addrs()[0].String()
+	if r := ask(t, "udp", addr, "multi.full.test.", dns.TypeA, false); !slices.Equal(answerAddrs(r), addrs("192.0.2.21")) {
+		t.Fatalf("multi.full.test: %v, want 192.0.2.21", answerAddrs(r))
+	}
+	if _, got := fw.learns(); !slices.Equal(got, addrs("192.0.2.20", "192.0.2.21")) {
+		t.Errorf("first answer asked the firewall for %v, want both", got)
+	}
+	time.Sleep(2 * recheck)
+	if r := ask(t, "udp", addr, "multi.full.test.", dns.TypeA, false); !slices.Equal(answerAddrs(r), addrs("192.0.2.21")) {
+		t.Errorf("multi.full.test again: %v, want 192.0.2.21", answerAddrs(r))
+	}
+	if n, got := fw.learns(); n != 1 || !slices.Equal(got, addrs("192.0.2.20")) {
+		t.Errorf("recheck asked the firewall %d times for %v, want once for 192.0.2.20 (192.0.2.21 is held)", n, got)
+	}
+	fw.set(nil, true)
+	time.Sleep(2 * recheck)
+	for i := range 3 {
+		if r := ask(t, "udp", addr, "multi.full.test.", dns.TypeA, false); len(answerAddrs(r)) != 2 {
+			t.Errorf("#%d multi.full.test with room again: %v, want both", i, answerAddrs(r))
+		}
+	}
+	if n, got := fw.learns(); n != 1 || !slices.Equal(got, addrs("192.0.2.20")) {
+		t.Errorf("with room: firewall asked %d times for %v, want once for 192.0.2.20", n, got)
 	}
 }
