@@ -497,13 +497,18 @@ func (s *Server) withholdAnswer(q *query, req *dns.Msg, wire []byte) []byte {
 }
 
 // withheldServfail is the SERVFAIL of an answer whose addresses full
-// learned sets refused (withholdAnswer), counted.
+// learned sets refused (withholdAnswer), counted. It keeps the query's
+// path (cache, upstream): the answer came that way, and its time in
+// query_duration_seconds includes the exchange and the firewall's wait.
 func (s *Server) withheldServfail(q *query, req *dns.Msg) []byte {
 	s.m.setFullServfail.Inc()
 	if req == nil {
 		req = q.request()
 	}
-	return s.local(q, req, dns.RcodeServerFailure, dns.ExtendedErrorCodeOther, "egressd: firewall learned set full")
+	path := q.path
+	out := s.local(q, req, dns.RcodeServerFailure, dns.ExtendedErrorCodeOther, "egressd: firewall learned set full")
+	q.path = path
+	return out
 }
 
 // request is the query as local answers it when it was not unpacked (the

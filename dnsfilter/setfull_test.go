@@ -13,6 +13,8 @@ import (
 	"time"
 
 	"github.com/miekg/dns"
+	"github.com/prometheus/client_golang/prometheus"
+	dto "github.com/prometheus/client_model/go"
 
 	"egressd/policy"
 )
@@ -559,5 +561,35 @@ func TestSetFullRecheck(t *testing.T) {
 	}
 	if n, got := fw.learns(); n != 1 || !slices.Equal(got, addrs("192.0.2.20")) {
 		t.Errorf("with room: firewall asked %d times for %v, want once for 192.0.2.20", n, got)
+	}
+}
+
+// histCount is the number of observations of a histogram's child.
+func histCount(h prometheus.Observer) uint64 {
+	var m dto.Metric
+	if err := h.(prometheus.Metric).Write(&m); err != nil {
+		return 0
+	}
+	return m.GetHistogram().GetSampleCount()
+}
+
+// TestSetFullServfailPath: the SERVFAIL of an answer whose addresses full
+// sets refused is timed under the path the answer came by (upstream,
+// cache: the time includes the exchange and the firewall's wait), as a
+// trimmed answer is, not as a local answer (README's metric table:
+// "local" is an answer made here without asking upstream).
+func TestSetFullServfailPath(t *testing.T) {
+	fw := &fullFirewall{}
+	fw.set(map[string][]netip.Addr{"ntp": addrs("192.0.2.22")}, true)
+	s := startSetFull(t, fw, &syncBuffer{}, time.Hour)
+	addr := s.Addrs()[0].String()
+	for range 2 { // a miss, then a hit
+		if r := ask(t, "udp", addr, "one.full.test.", dns.TypeA, false); r.Rcode != dns.RcodeServerFailure {
+			t.Fatalf("one.full.test: %s, want SERVFAIL", dns.RcodeToString[r.Rcode])
+		}
+	}
+	waitFor(t, func() bool { return histCount(s.durCache)+histCount(s.durUpstream)+histCount(s.durLocal) >= 2 })
+	if up, hit, local := histCount(s.durUpstream), histCount(s.durCache), histCount(s.durLocal); up != 1 || hit != 1 || local != 0 {
+		t.Errorf("query_duration_seconds upstream %d, cache %d, local %d; want 1, 1, 0", up, hit, local)
 	}
 }
