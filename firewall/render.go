@@ -634,13 +634,13 @@ func renderAllows(cfg Config, eng *policy.Engine, now time.Time, rs *Ruleset) al
 					switch {
 					case p.Addr().Is4() && p.Bits() == 0:
 						any4 = true
-					case p.Addr().Is4() && policy.HoldsGuarded(a.guards, p):
+					case p.Addr().Is4() && !policy.OpensHeld(a.guards, p):
 						wide4 = append(wide4, p)
 					case p.Addr().Is4():
 						nets4 = append(nets4, p)
 					case p.Bits() == 0:
 						any6 = true
-					case policy.HoldsGuarded(a.guards, p):
+					case !policy.OpensHeld(a.guards, p):
 						wide6 = append(wide6, p)
 					default:
 						nets6 = append(nets6, p)

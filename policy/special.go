@@ -77,10 +77,14 @@ func SpecialRange(a netip.Addr, own []netip.Addr, allow []netip.Prefix) (netip.P
 // loopback; "127.0.0.1/32" does. A destination in one of the engine's
 // NAT64 prefixes, whose g is then in NAT64 form (Engine.SpecialRange),
 // is named by an IPv4 prefix in that form too: "169.254.169.254/32"
-// opens 64:ff9b::a9fe:a9fe.
+// opens 64:ff9b::a9fe:a9fe. A prefix that holds a guarded destination it
+// does not open names none (OpensHeld), as in the firewall's forward chain
+// and DestOpens: "64:ff9b:1::/48" opens no part of the local-use /48 around
+// a NAT64 prefix inside it.
 func (e *Engine) CIDRNames(in Input, g netip.Prefix) bool {
 	a := in.Dest.Unmap()
 	_, nat, isNAT := NAT64Embedded(e.nat64, a)
+	guards := e.guardList()
 	now := in.Now
 	if now.IsZero() {
 		now = time.Now()
@@ -110,7 +114,7 @@ func (e *Engine) CIDRNames(in Input, g netip.Prefix) bool {
 			if t.Kind != TargetPrefix {
 				continue
 			}
-			if p := prefixFor(t.Prefix, nat, isNAT); p.Contains(a) && OpensGuarded(p, g) {
+			if p := prefixFor(t.Prefix, nat, isNAT); p.Contains(a) && OpensGuarded(p, g) && OpensHeld(guards, p) {
 				return true
 			}
 		}
@@ -158,7 +162,7 @@ func (e *Engine) DestOpens(i int, a netip.Addr) bool {
 		if !p.Contains(a) {
 			return false
 		}
-		return !guarded || (p.Bits() > 0 && !HoldsGuarded(guards, p))
+		return !guarded || OpensHeld(guards, p)
 	}
 	for _, t := range e.pol.Rules[i].To {
 		switch t.Kind {
@@ -180,6 +184,15 @@ func (e *Engine) DestOpens(i int, a netip.Addr) bool {
 		}
 	}
 	return false
+}
+
+// OpensHeld reports whether the CIDR target p opens the guarded
+// destinations (of guards, GuardList) it holds: it is no /0 and holds none
+// it does not open (HoldsGuarded). The firewall renders such a prefix's
+// accept without excluding the guarded sets (firewall/render.go); the
+// proxy's guard (Engine.CIDRNames) and Engine.DestOpens judge by it alike.
+func OpensHeld(guards []netip.Prefix, p netip.Prefix) bool {
+	return p.Bits() > 0 && !HoldsGuarded(guards, p)
 }
 
 // HoldsGuarded reports whether the CIDR target p shares addresses with a
