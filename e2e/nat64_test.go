@@ -75,19 +75,7 @@ rules:
 // every synthesized address, the allowed name's too: special-range;
 // TestHardeningRanges, proxy's TestDecideNAT64.)
 func TestNAT64(t *testing.T) {
-	tp := &topo{dir: t.TempDir()}
-	tp.lan = testnet.New(t, "h7lan")
-	tp.gw = testnet.New(t, "h7gw")
-	tp.inet = testnet.New(t, "h7net")
-	// The client has IPv6 only; the gateway keeps its usual addresses.
-	testnet.Link(t, tp.lan, "eth0", []string{lanClient6 + "/64"}, tp.gw, "lan0", []string{gwLAN4 + "/24", gwLAN6 + "/64"})
-	testnet.Link(t, tp.gw, "wan0", []string{gwWAN4 + "/24", gwWAN6 + "/64"}, tp.inet, "eth0", []string{inetWAN4 + "/24", inetWAN6 + "/64"})
-	tp.lan.MustRun("ip", "-6", "route", "add", "default", "via", gwLAN6)
-	tp.gw.MustRun("ip", "route", "add", "default", "via", inetWAN4)
-	tp.gw.MustRun("ip", "-6", "route", "add", "default", "via", inetWAN6)
-	tp.gw.MustRun("sysctl", "-qw", "net.ipv6.conf.all.forwarding=1")
-	tp.inet.MustRun("ip", "-6", "route", "add", "2001:db8:1::/64", "via", gwWAN6)
-	tp.makePKI(t)
+	tp := newIPv6OnlyTopo(t, "h7")
 
 	u := tp.startUpstream(t)
 	// The DNS64 upstream: synthesized AAAA records only.
@@ -96,7 +84,8 @@ func TestNAT64(t *testing.T) {
 	u.add(nat64UDPName + ". 300 IN AAAA " + nat64Metadata)
 
 	origin := tp.newDualOrigin(t, []string{nat64Allowed, nat64Denied})
-	hits := tp.nat64Servers(t)
+	hits := tp.nat64Servers(t, []string{nat64CIDR, nat64Metadata}, []int{7443, 8443},
+		[]string{net.JoinHostPort(nat64CIDR, "9001"), net.JoinHostPort(nat64Metadata, "9002")})
 
 	for _, withFlag := range []bool{true, false} {
 		t.Run(fmt.Sprintf("nat64-prefix=%v", withFlag), func(t *testing.T) {
@@ -107,15 +96,7 @@ func TestNAT64(t *testing.T) {
 				d.extra = append(d.extra, "--nat64-prefix", nat64Prefix)
 			}
 			d.start()
-			t.Cleanup(func() {
-				if t.Failed() {
-					t.Logf("egressd output:\n%s", d.logs())
-					t.Logf("flows:\n%s", d.events())
-					out, _ := tp.gw.Run("nft", "list", "table", "inet", "egressd")
-					t.Logf("ruleset:\n%s", out)
-				}
-				d.stop()
-			})
+			d.stopAtCleanup(t)
 			// event waits for the proxy's event of the connection from
 			// port and checks its reason.
 			event := func(what string, port int, reason string) {
@@ -222,6 +203,20 @@ func TestNAT64(t *testing.T) {
 	}
 }
 
+// stopAtCleanup stops d when t ends, logging its output, its flows and
+// the gateway's ruleset should t have failed.
+func (d *daemon) stopAtCleanup(t *testing.T) {
+	t.Cleanup(func() {
+		if t.Failed() {
+			t.Logf("egressd output:\n%s", d.logs())
+			t.Logf("flows:\n%s", d.events())
+			out, _ := d.tp.gw.Run("nft", "list", "table", "inet", "egressd")
+			t.Logf("ruleset:\n%s", out)
+		}
+		d.stop()
+	})
+}
+
 // nat64Hits counts what the NAT64 test's servers saw.
 type nat64Hits struct {
 	mu  sync.Mutex
@@ -241,17 +236,37 @@ func (h *nat64Hits) udp(addr string, port int) int {
 	return h.dgs[net.JoinHostPort(addr, fmt.Sprint(port))]
 }
 
-// nat64Servers runs the servers the test reaches by address: TCP on
-// 7443 and 8443 of nat64CIDR and nat64Metadata (each answers "ok" to a
-// line), UDP echo on nat64CIDR:9001 and nat64Metadata:9002.
-func (tp *topo) nat64Servers(t *testing.T) *nat64Hits {
+// newIPv6OnlyTopo is the NAT64 tests' network: the LAN client has IPv6
+// only, the gateway keeps its usual addresses; the namespaces' names begin
+// with tag.
+func newIPv6OnlyTopo(t *testing.T, tag string) *topo {
+	t.Helper()
+	tp := &topo{dir: t.TempDir()}
+	tp.lan = testnet.New(t, tag+"lan")
+	tp.gw = testnet.New(t, tag+"gw")
+	tp.inet = testnet.New(t, tag+"net")
+	testnet.Link(t, tp.lan, "eth0", []string{lanClient6 + "/64"}, tp.gw, "lan0", []string{gwLAN4 + "/24", gwLAN6 + "/64"})
+	testnet.Link(t, tp.gw, "wan0", []string{gwWAN4 + "/24", gwWAN6 + "/64"}, tp.inet, "eth0", []string{inetWAN4 + "/24", inetWAN6 + "/64"})
+	tp.lan.MustRun("ip", "-6", "route", "add", "default", "via", gwLAN6)
+	tp.gw.MustRun("ip", "route", "add", "default", "via", inetWAN4)
+	tp.gw.MustRun("ip", "-6", "route", "add", "default", "via", inetWAN6)
+	tp.gw.MustRun("sysctl", "-qw", "net.ipv6.conf.all.forwarding=1")
+	tp.inet.MustRun("ip", "-6", "route", "add", "2001:db8:1::/64", "via", gwWAN6)
+	tp.makePKI(t)
+	return tp
+}
+
+// nat64Servers runs the servers a NAT64 test reaches by address, in the
+// internet namespace, which gets addrs: TCP on tcpPorts of each of addrs
+// (each answers "ok" to a line), UDP echo on each of udp (address:port).
+func (tp *topo) nat64Servers(t *testing.T, addrs []string, tcpPorts []int, udp []string) *nat64Hits {
 	t.Helper()
 	h := &nat64Hits{m: map[string]int{}, dgs: map[string]int{}}
 	var wg sync.WaitGroup
 	t.Cleanup(wg.Wait)
-	for _, a := range []string{nat64CIDR, nat64Metadata} {
+	for _, a := range addrs {
 		tp.inet.AddAddr(t, "eth0", a+"/128")
-		for _, port := range []int{7443, 8443} {
+		for _, port := range tcpPorts {
 			addr := net.JoinHostPort(a, fmt.Sprint(port))
 			ln, err := tp.inet.Listen("tcp", addr)
 			if err != nil {
@@ -278,7 +293,7 @@ func (tp *topo) nat64Servers(t *testing.T) *nat64Hits {
 			}()
 		}
 	}
-	for _, addr := range []string{net.JoinHostPort(nat64CIDR, "9001"), net.JoinHostPort(nat64Metadata, "9002")} {
+	for _, addr := range udp {
 		pc, err := tp.inet.ListenPacket("udp", addr)
 		if err != nil {
 			t.Fatal(err)
