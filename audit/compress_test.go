@@ -50,7 +50,7 @@ func countDir(t *testing.T, dir string) (readDirN, loadN, replayN int, st LoadSt
 	}
 	loadN = int(lst.Events)
 	n := 0
-	if err := l.history(time.Time{}, func(Event) { n++ }); err != nil || n != loadN {
+	if err := l.history(context.Background(), time.Time{}, func(Event) { n++ }); err != nil || n != loadN {
 		t.Errorf("LoadDir's history read %d events (%v), its load %d", n, err, loadN)
 	}
 	if _, _, err := readPath(dir, func(Event) { replayN++ }); err != nil {

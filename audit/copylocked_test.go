@@ -22,6 +22,7 @@ var (
 	ledgerLeftOut = map[string]string{
 		"mu":        "the overlay has its own lock",
 		"reporting": "a report takes the ledger's turn to build, never the overlay's",
+		"windows":   "a window's report takes the ledger's turn to read, never the overlay's",
 		"flows":     "no flow records: the overlay's table holds only the open flows counted on it",
 		"ring":      "no flow records: snapshotOpen counts the open flows from the overlay's ring",
 		"ringPos":   "no flow records",

@@ -679,9 +679,8 @@ func LoadDir(dir string, eng *policy.Engine, opt LedgerOptions, log *slog.Logger
 		return nil, st, err
 	}
 	skip := l.archLast()
-	l.history = func(since time.Time, fn func(Event)) error {
-		_, err := readDir(dir, slog.New(slog.DiscardHandler), since, false, skip, fn)
-		return err
+	l.history = func(ctx context.Context, since time.Time, fn func(Event)) error {
+		return scanDir(ctx, dir, since, skip, fn)
 	}
 	return l, st, nil
 }
@@ -818,13 +817,28 @@ var testHookArchiveRead func()
 // scan streams the recorded events (for windowed reports). It holds off
 // rotation, which renames the current file and opens a new one: a listing
 // taken in between would miss the renamed file.
-func (j *Journal) scan(since time.Time, fn func(Event)) error {
+func (j *Journal) scan(ctx context.Context, since time.Time, fn func(Event)) error {
 	// A background read sets archLast once it read the summary: before,
 	// the files in it would be read again.
-	<-j.archReady
+	select {
+	case <-j.archReady:
+	case <-ctx.Done():
+		return ctx.Err()
+	}
 	j.rotMu.RLock()
 	defer j.rotMu.RUnlock()
-	_, err := readDir(j.cfg.Dir, slog.New(slog.DiscardHandler), since, false, j.archLast, fn)
+	return scanDir(ctx, j.cfg.Dir, since, j.archLast, fn)
+}
+
+// scanDir is readDir for a window's report (Ledger.history): it stops,
+// with ctx's error, once ctx ends (its caller left), before the next file
+// or at the next 64 KiB of one.
+func scanDir(ctx context.Context, dir string, since time.Time, skip string, fn func(Event)) error {
+	ctl := &loadCtl{stop: ctx.Done(), curLimit: -1}
+	_, err := readDirCtl(dir, slog.New(slog.DiscardHandler), since, false, skip, ctl, nil, fn)
+	if err != nil && ctx.Err() != nil {
+		return ctx.Err()
+	}
 	return err
 }
 

@@ -3,6 +3,7 @@ package audit
 import (
 	"bytes"
 	"cmp"
+	"context"
 	"encoding/hex"
 	"hash/maphash"
 	"maps"
@@ -119,6 +120,12 @@ type Ledger struct {
 	// (the wait for the start-up read, the open flows, a window's log
 	// read) is done without it.
 	reporting chan struct{}
+	// windows is the turn to read a window (Since) of the event log into
+	// a ledger of its own, held until that window's report is built: at
+	// the bounds each such ledger is as big as l, and several read at
+	// once took that much each (BenchmarkReportsHeap "since").
+	// windowReads at a time; the others wait.
+	windows chan struct{}
 
 	mu      sync.Mutex // guards following
 	eng     *policy.Engine
@@ -154,9 +161,10 @@ type Ledger struct {
 	// shedMarks are (time, count) of shed records, for windowed reports.
 	shedMarks []shedMark
 	// history, when set, streams the recorded events since a time: the
-	// journal sets it so that reports over a window re-read the log.
+	// journal sets it so that reports over a window re-read the log. It
+	// stops, with ctx's error, once ctx ends (at the next 64 KiB).
 	ech     echStats
-	history func(since time.Time, fn func(Event)) error
+	history func(ctx context.Context, since time.Time, fn func(Event)) error
 	// metrics, when set, counts live events per rule and verdict.
 	metrics *ledgerMetrics
 	// firstEvent is the time of the oldest event added (not from the
@@ -354,6 +362,7 @@ func NewLedger(eng *policy.Engine, opt LedgerOptions) *Ledger {
 		seed:    maphash.MakeSeed(),
 
 		reporting: make(chan struct{}, 1),
+		windows:   make(chan struct{}, windowReads),
 	}
 }
 

@@ -1,6 +1,7 @@
 package audit
 
 import (
+	"context"
 	"net/netip"
 	"slices"
 	"sync"
@@ -153,7 +154,7 @@ func TestReportOpenFlowsSinceReportedMeanwhile(t *testing.T) {
 		return []Event{ntp}
 	})
 	logged := false
-	l.history = func(since time.Time, fn func(Event)) error {
+	l.history = func(_ context.Context, since time.Time, fn func(Event)) error {
 		mu.Lock()
 		defer mu.Unlock()
 		if logged {

@@ -354,6 +354,9 @@ type DroppedReport struct {
 // turn: the wait for a restart's read of the event log, the list of the
 // open flows, and a window's (Since) read of the log, which takes seconds
 // for a month's log and would hold up every plain report meanwhile.
+// Windows are read one at a time (windowReads), each into a ledger of its
+// own held until its report is built; a second window's report waits for
+// the first's, and ReportContext's read stops when ctx ends.
 func (l *Ledger) Report(opt ReportOptions) *Report {
 	r, _ := l.ReportContext(context.Background(), opt)
 	return r
@@ -398,13 +401,22 @@ func (l *Ledger) ReportContext(ctx context.Context, opt ReportOptions) (*Report,
 		l.mu.Unlock()
 		if hist != nil {
 			// The window's own ledger: no one else copies it, so its
-			// read needs no turn.
+			// read needs no build turn; it takes a window's, held
+			// until the window's report is built.
+			if err := takeToken(ctx, l.windows, windowWaitHook); err != nil {
+				return nil, err
+			}
+			defer func() { <-l.windows }()
 			tmp := NewLedger(eng, l.opt)
 			// The latest event's mode (EventMode) is the whole log's: a
 			// window that holds none of its events has it too.
 			tmp.lastMode = mode
-			var wrongClock uint64
-			err := hist(since, func(ev Event) {
+			var wrongClock, read uint64
+			err := hist(ctx, since, func(ev Event) {
+				read++
+				if windowEventHook != nil {
+					windowEventHook(ctx, read)
+				}
 				if ev.Time.Before(since) {
 					if ev.Kind != KindShed && ev.Time.Before(SourceFloor) {
 						wrongClock++
@@ -417,6 +429,9 @@ func (l *Ledger) ReportContext(ctx context.Context, opt ReportOptions) (*Report,
 				}
 				tmp.add(&ev)
 			})
+			if err := ctx.Err(); err != nil { // the read stopped: the caller is gone
+				return nil, err
+			}
 			if err != nil {
 				notes = append(notes, fmt.Sprintf("reading the event log: %v", err))
 			}
@@ -429,7 +444,7 @@ func (l *Ledger) ReportContext(ctx context.Context, opt ReportOptions) (*Report,
 			opt.Since = time.Time{}
 		}
 	}
-	if err := l.takeTurn(ctx); err != nil {
+	if err := takeToken(ctx, l.reporting, reportWaitHook); err != nil {
 		return nil, err
 	}
 	if opt.Now.IsZero() {
@@ -457,28 +472,35 @@ func (l *Ledger) ReportContext(ctx context.Context, opt ReportOptions) (*Report,
 	return r, nil
 }
 
-// takeTurn waits for l's turn to build a report (reporting), or for ctx
-// to end: then it returns ctx's error, without the turn.
-func (l *Ledger) takeTurn(ctx context.Context) error {
+// takeToken waits for a turn (a token of turns: l.reporting to build a
+// report, l.windows to read a window), or for ctx to end: then it returns
+// ctx's error, without the turn. hook, when set (tests), is called when
+// it waits.
+func takeToken(ctx context.Context, turns chan struct{}, hook func()) error {
 	select {
-	case l.reporting <- struct{}{}:
+	case turns <- struct{}{}:
 		return nil
 	default:
 	}
-	if reportWaitHook != nil {
-		reportWaitHook()
+	if hook != nil {
+		hook()
 	}
 	select {
-	case l.reporting <- struct{}{}:
+	case turns <- struct{}{}:
 	case <-ctx.Done():
 		return ctx.Err()
 	}
 	if err := ctx.Err(); err != nil { // both were ready: the caller is gone
-		<-l.reporting
+		<-turns
 		return err
 	}
 	return nil
 }
+
+// windowReads is how many windows' reads of the event log (each into a
+// ledger of its own, as big as the ledger at its bounds) are under way at
+// once (Ledger.windows): one, as reports are built one at a time.
+const windowReads = 1
 
 // SetOpenFlows sets fn as the source of the flows open now that no event
 // reported yet (capture's table: a UDP flow is reported after 60 s of
@@ -772,6 +794,15 @@ var reportBuildHook func(*Ledger)
 // reportWaitHook, set by tests, is called when Report waits for another's
 // report to be made.
 var reportWaitHook func()
+
+// windowWaitHook, set by tests, is called when a window's report waits
+// for another window's read of the event log (windowReads).
+var windowWaitHook func()
+
+// windowEventHook, set by tests, is called with each event a window's read
+// of the event log passes on, with the report's context and the events
+// passed on so far.
+var windowEventHook func(ctx context.Context, events uint64)
 
 // allowedNowHook, set by tests, is called each time a report decides a
 // dropped entry's allowed_now (not from its memo).

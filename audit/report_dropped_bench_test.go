@@ -19,21 +19,7 @@ import (
 func fullDroppedLedger(tb testing.TB, allowAll bool) *Ledger {
 	l := NewLedger(compileBase(tb, ""), LedgerOptions{})
 	o := l.opt
-	n := 0
-	for e := range o.MaxDropped {
-		name := fmt.Sprintf("h%04d.drop.example", e)
-		for c := range o.MaxClients {
-			client := netip.AddrFrom4([4]byte{192, 168, 50 + byte(c/200), byte(c%200 + 1)})
-			for m := range maxClientMACs {
-				n++
-				ev := Event{Kind: KindFlow, Source: SourceCapture, Time: t0.Add(time.Duration(n) * time.Millisecond),
-					Client: client, ClientPort: uint16(n), ClientMAC: fmt.Sprintf("02:00:00:%02x:%02x:%02x", c, m, e%256),
-					Dest: netip.AddrFrom4([4]byte{203, 0, 113, byte(e)}), DestPort: 443, Proto: "tcp", Name: name,
-					Verdict: policy.Deny, Reason: policy.ReasonNoRule, Mode: policy.ModeAudit}
-				l.add(&ev)
-			}
-		}
-	}
+	fullDroppedEvents(o, func(ev *Event) { l.add(ev) })
 	if allowAll {
 		// A rule naming a MAC: each client's MACs are decided (allowedNow).
 		l.SetPolicy(compileBase(tb, `  - name: printer
@@ -55,6 +41,27 @@ func fullDroppedLedger(tb testing.TB, allowAll bool) *Ledger {
 		}
 	}
 	return l
+}
+
+// fullDroppedEvents passes fn the events of fullDroppedLedger: each of
+// o.MaxDropped destinations denied to each of o.MaxClients clients from
+// each of maxClientMACs MACs.
+func fullDroppedEvents(o LedgerOptions, fn func(*Event)) {
+	n := 0
+	for e := range o.MaxDropped {
+		name := fmt.Sprintf("h%04d.drop.example", e)
+		for c := range o.MaxClients {
+			client := netip.AddrFrom4([4]byte{192, 168, 50 + byte(c/200), byte(c%200 + 1)})
+			for m := range maxClientMACs {
+				n++
+				ev := Event{Kind: KindFlow, Source: SourceCapture, Time: t0.Add(time.Duration(n) * time.Millisecond),
+					Client: client, ClientPort: uint16(n), ClientMAC: fmt.Sprintf("02:00:00:%02x:%02x:%02x", c, m, e%256),
+					Dest: netip.AddrFrom4([4]byte{203, 0, 113, byte(e)}), DestPort: 443, Proto: "tcp", Name: name,
+					Verdict: policy.Deny, Reason: policy.ReasonNoRule, Mode: policy.ModeAudit}
+				fn(&ev)
+			}
+		}
+	}
 }
 
 // BenchmarkReportDroppedFull is the report of a ledger whose dropped list

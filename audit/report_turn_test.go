@@ -117,7 +117,7 @@ func TestWindowReportReadsLogWhileAnotherBuilds(t *testing.T) {
 		return []Event{open}
 	})
 	l.mu.Lock()
-	l.history = func(since time.Time, fn func(Event)) error {
+	l.history = func(_ context.Context, since time.Time, fn func(Event)) error {
 		select {
 		case <-openIn:
 		default:
