@@ -42,6 +42,20 @@ type Reporter interface {
 // turn could no longer be written to its client.
 const writeTimeout = 60 * time.Second
 
+// maxReports is how many reports ("/", "/report.json") the server has in
+// progress at once: waiting for their turn, reading their window (since=)
+// from the event log, built or written. One more is refused at once (503,
+// Retry-After: busyRetryAfter) and counted. Without it each request held
+// a goroutine for up to writeTimeout, and each since= a window's ledger
+// (the ledger reads one window at a time; the others wait), so a client
+// looping on /report.json took goroutines and memory without bound. Four
+// is a few operators and a poller; `egressd report` asks for one.
+const maxReports = 4
+
+// busyRetryAfter is the Retry-After, in seconds, of a report refused past
+// maxReports: about a build at the ledger's bounds.
+const busyRetryAfter = "5"
+
 // Check is a named readiness check: a non-nil error names a degraded
 // state ("event log write failing") and makes /readyz answer 503.
 type Check struct {
@@ -85,6 +99,9 @@ type Server struct {
 
 	reloadOK   prometheus.Gauge
 	reloadTime prometheus.Gauge
+	refusedRep prometheus.Counter // reports refused past maxReports
+
+	reports chan struct{} // a token for each report in progress (maxReports)
 
 	mu     sync.Mutex // guards following
 	loaded time.Time  // the last successful load or reload
@@ -95,15 +112,37 @@ type Server struct {
 
 	hosts map[string]bool // Config.Hosts, normalHost'd
 
-	now       func() time.Time // the clock of the refusal log's pacing
-	refusedMu sync.Mutex       // guards following
-	refusedAt time.Time        // when a refusal was last logged
-	refused   int              // refusals since, not logged
+	now     func() time.Time // the clock of the refusal logs' pacing
+	refused paced            // requests for another host (logRefused)
+	busy    paced            // reports refused past maxReports (logBusy)
+}
+
+// paced paces a log line: at most one an every, the next one counting
+// the events between.
+type paced struct {
+	mu sync.Mutex // guards following
+	at time.Time  // when a line was last logged
+	n  int        // events since, not logged
+}
+
+// event records an event at now; it returns whether to log a line, and
+// the events it counts (itself and those not logged since the last).
+func (p *paced) event(now time.Time, every time.Duration) (int, bool) {
+	p.mu.Lock()
+	defer p.mu.Unlock()
+	if !p.at.IsZero() && now.Sub(p.at) < every {
+		p.n++
+		return 0, false
+	}
+	n := p.n + 1
+	p.at, p.n = now, 0
+	return n, true
 }
 
 // New builds the server and registers its metrics: egress_build_info,
-// egress_config_last_reload_successful and
-// egress_config_last_reload_success_timestamp_seconds. It does not listen.
+// egress_config_last_reload_successful,
+// egress_config_last_reload_success_timestamp_seconds and
+// egress_admin_reports_refused_total. It does not listen.
 func New(cfg Config, deps Deps) (*Server, error) {
 	if deps.Reporter == nil {
 		return nil, errors.New("admin: a reporter is required")
@@ -123,7 +162,7 @@ func New(cfg Config, deps Deps) (*Server, error) {
 	if deps.Logger == nil {
 		deps.Logger = slog.Default()
 	}
-	s := &Server{cfg: cfg, deps: deps, log: deps.Logger, now: time.Now}
+	s := &Server{cfg: cfg, deps: deps, log: deps.Logger, now: time.Now, reports: make(chan struct{}, maxReports)}
 	for _, h := range cfg.Hosts {
 		if err := CheckHost(h); err != nil {
 			return nil, err
@@ -151,14 +190,18 @@ func New(cfg Config, deps Deps) (*Server, error) {
 		Namespace: "egress", Subsystem: "config", Name: "last_reload_success_timestamp_seconds",
 		Help: "Unix time of the last successful configuration (policy) load or reload.",
 	})
-	for _, c := range []prometheus.Collector{build, s.reloadOK, s.reloadTime} {
+	s.refusedRep = prometheus.NewCounter(prometheus.CounterOpts{
+		Namespace: "egress", Subsystem: "admin", Name: "reports_refused_total",
+		Help: "Report requests (/, /report.json) answered 503 at once because as many reports as the admin server builds at a time were in progress.",
+	})
+	for _, c := range []prometheus.Collector{build, s.reloadOK, s.reloadTime, s.refusedRep} {
 		if err := deps.Registry.Register(c); err != nil {
 			return nil, fmt.Errorf("admin: register metrics: %w", err)
 		}
 	}
 	s.mux = http.NewServeMux()
-	s.mux.HandleFunc("GET /{$}", s.serveHTML)
-	s.mux.HandleFunc("GET /report.json", s.serveJSON)
+	s.mux.HandleFunc("GET /{$}", s.capped(s.serveHTML))
+	s.mux.HandleFunc("GET /report.json", s.capped(s.serveJSON))
 	s.mux.HandleFunc("GET /healthz", func(w http.ResponseWriter, _ *http.Request) {
 		w.Header().Set("Content-Type", "text/plain; charset=utf-8")
 		fmt.Fprintln(w, "ok")
@@ -308,16 +351,10 @@ const refusedEvery = time.Minute
 
 // logRefused logs a request hostOK refused, at most once a refusedEvery.
 func (s *Server) logRefused(r *http.Request) {
-	now := s.now()
-	s.refusedMu.Lock()
-	if !s.refusedAt.IsZero() && now.Sub(s.refusedAt) < refusedEvery {
-		s.refused++
-		s.refusedMu.Unlock()
+	n, ok := s.refused.event(s.now(), refusedEvery)
+	if !ok {
 		return
 	}
-	n := s.refused + 1
-	s.refusedAt, s.refused = now, 0
-	s.refusedMu.Unlock()
 	s.log.Warn("admin: refused a request for a host the admin server does not answer to (DNS rebinding?); --admin-hosts names more",
 		"host", r.Host, "remote", r.RemoteAddr, "path", r.URL.Path, "refused", n)
 }
@@ -397,6 +434,33 @@ func ParseSince(s string, now time.Time) (time.Time, error) {
 		return t, nil
 	}
 	return time.Time{}, fmt.Errorf("admin: since %q: expected a duration such as 24h or 7d, or an RFC 3339 time", s)
+}
+
+// capped serves a report with h while fewer than maxReports are in
+// progress, holding a slot until h returns; past them it answers at once,
+// 503 with Retry-After, and counts and logs it (at most a line a
+// refusedEvery).
+func (s *Server) capped(h http.HandlerFunc) http.HandlerFunc {
+	return func(w http.ResponseWriter, r *http.Request) {
+		select {
+		case s.reports <- struct{}{}:
+			defer func() { <-s.reports }()
+			h(w, r)
+		default:
+			s.refuseBusy(w, r)
+		}
+	}
+}
+
+// refuseBusy answers a report past maxReports.
+func (s *Server) refuseBusy(w http.ResponseWriter, r *http.Request) {
+	s.refusedRep.Inc()
+	if n, log := s.busy.event(s.now(), refusedEvery); log {
+		s.log.Warn("admin: too many reports in progress; answered 503, retry after "+busyRetryAfter+" s",
+			"remote", r.RemoteAddr, "path", r.URL.Path, "in_progress", maxReports, "refused", n)
+	}
+	w.Header().Set("Retry-After", busyRetryAfter)
+	http.Error(w, fmt.Sprintf("admin: %d reports in progress, as many as are made at a time; retry in %s s", maxReports, busyRetryAfter), http.StatusServiceUnavailable)
 }
 
 func (s *Server) report(w http.ResponseWriter, r *http.Request) (*audit.Report, bool) {
