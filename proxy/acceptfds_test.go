@@ -1,6 +1,7 @@
 package proxy
 
 import (
+	"errors"
 	"fmt"
 	"log/slog"
 	"net"
@@ -26,7 +27,9 @@ func TestServeOutOfFDsStops(t *testing.T) {
 // ("http: Accept error: ...; retrying in 5ms", one a second at the
 // longest pause) and slept up to a second deaf to Close: the log has the
 // proxy's one rate-limited line and none of http.Server's, and Close
-// ends ServeExplicit.
+// ends ServeExplicit with the listener closed (serveOutOfFDs: with the
+// listener's Close ignored, the proxy's done channel alone ended the
+// pause and the test passed).
 func TestServeExplicitOutOfFDsStops(t *testing.T) {
 	logs := serveOutOfFDs(t, (*Proxy).ServeExplicit)
 	if all := strings.Join(logs, "\n"); strings.Contains(all, "Accept error") {
@@ -37,8 +40,8 @@ func TestServeExplicitOutOfFDsStops(t *testing.T) {
 // serveOutOfFDs runs serve on a loopback listener, runs the test process
 // out of descriptors with a connection waiting in the listener's queue,
 // waits for the proxy's "accept failing" line and for the pause to grow
-// to a second, closes the proxy and checks that serve returns nil, with
-// the line logged once. It returns the log's lines (debug level).
+// to a second, closes the proxy and checks that serve returns nil, the
+// listener closed, with the line logged once. It returns the log's lines (debug level).
 func serveOutOfFDs(t *testing.T, serve func(*Proxy, net.Listener) error) []string {
 	t.Helper()
 	eng, err := policy.Compile("p", []byte(fmt.Sprintf(testPolicy, "enforce")))
@@ -87,6 +90,14 @@ func serveOutOfFDs(t *testing.T, serve func(*Proxy, net.Listener) error) []strin
 		t.Fatalf("serve has not returned 5 s after Close while accept waited out EMFILE")
 	}
 	release()
+	// Close closed the listener itself, not only ended the wait: with
+	// its Close ignored, p.done alone ended the pause and serve returned
+	// all the same, the socket left open behind it (taking connections
+	// into a queue no one accepts). The descriptor's state says so, not
+	// a dial that could meet another socket on the port.
+	if err := ln.(*net.TCPListener).SetDeadline(time.Time{}); !errors.Is(err, net.ErrClosed) {
+		t.Errorf("the listener after Close: %v, want it closed (net.ErrClosed)", err)
+	}
 	if n := count(); n != 1 {
 		t.Errorf("the log says %q %d times in under 10 s, want once: %q", warn, n, logs.lines())
 	}
