@@ -353,7 +353,8 @@ func TestSetFullTrimmedNotAuthenticated(t *testing.T) {
 // an address its CIDR holds whatever its learned set took: the firewall's
 // accept for the CIDR lets the client's packets out. Its full set refusing
 // the address does not withhold it; an address only a full set would have
-// opened is withheld still, and so is a guarded one "*" does not open.
+// opened is withheld still, and so is a guarded one inside a CIDR wider
+// than its range (the accept for such a CIDR leaves the range out).
 func TestSetFullCIDR(t *testing.T) {
 	rule := func(name, to, ports string) string {
 		return "  - name: " + name + "\n    to: " + to + "\n    ports: [" + ports + "]\n"
@@ -377,7 +378,14 @@ func TestSetFullCIDR(t *testing.T) {
 			map[string][]netip.Addr{"ntp": all}, "out.full.test.", addrs("192.0.2.40")},
 		{"names and 0.0.0.0/0", head + rule("ntp", `["*.full.test", 0.0.0.0/0]`, "123/udp"),
 			map[string][]netip.Addr{"ntp": all}, "out.full.test.", addrs("192.0.2.40")},
-		{"* does not open a guarded address", head + rule("ntp", `["*", "*.full.test"]`, "123/udp"),
+		// Not "*": the firewall keeps no learned set for a rule with
+		// "*" (Wants is false), so no set of its refuses an address and
+		// withhold never asks what its "*" opens (policy's and
+		// firewall's TestDestOpens* hold "*" off the guarded ranges). A
+		// CIDR wider than a guarded range is the case a set serves:
+		// 128.0.0.0/1 leaves the rule its IPv4 set, and its accept
+		// leaves out 169.254.0.0/16.
+		{"a CIDR wider than a guarded range does not open it", head + rule("ntp", `["*.full.test", 128.0.0.0/1]`, "123/udp"),
 			map[string][]netip.Addr{"ntp": all}, "meta.full.test.", nil},
 		{"a CIDR inside a guarded range opens it", head + rule("ntp", `["*.full.test", 169.254.169.254/32]`, "123/udp"),
 			map[string][]netip.Addr{"ntp": all}, "meta.full.test.", addrs("169.254.169.254")},
