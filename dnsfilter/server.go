@@ -124,6 +124,10 @@ type Server struct {
 	fullRecheck time.Duration
 	fullMu      sync.Mutex
 	fullWarned  map[string]int64 // "rule/set": when its refusal was last a warning (unix ns)
+	// tcpWrap, set by tests before Run, wraps each TCP listener as it
+	// is opened (the server serves and closes what it returns); nil:
+	// none.
+	tcpWrap func(net.Listener) net.Listener
 
 	closing   atomic.Bool
 	ready     chan struct{} // closed once listeners are bound
@@ -271,7 +275,9 @@ func (s *Server) Run(ctx context.Context) error {
 	for _, srv := range s.tcpSrv {
 		g.Go(func() error {
 			err := srv.ActivateAndServe()
-			if s.closing.Load() {
+			if s.closing.Load() || s.isDone() {
+				// Close closes done before shutdown sets closing: an
+				// accept's pause ends (net.ErrClosed) in between.
 				return nil
 			}
 			return fmt.Errorf("dnsfilter: tcp: %w", err)
@@ -322,6 +328,16 @@ func (s *Server) Close() error {
 		s.shutdown()
 	}
 	return nil
+}
+
+// isDone reports whether done is closed: Close or shutdown began.
+func (s *Server) isDone() bool {
+	select {
+	case <-s.done:
+		return true
+	default:
+		return false
+	}
 }
 
 func (s *Server) shutdown() {
@@ -475,6 +491,9 @@ func (s *Server) listenOne(host, port string, readers int) error {
 	if err != nil {
 		closeAll()
 		return fmt.Errorf("dnsfilter: listen tcp: %w", err)
+	}
+	if s.tcpWrap != nil {
+		l = s.tcpWrap(l)
 	}
 	ucs := s.toRaw(conns)
 	srv := &dns.Server{

@@ -42,9 +42,22 @@ type tcpLimits struct {
 }
 
 // tcpLimited wraps a TCP listener of the server with its limits and the
-// write deadline.
+// write deadline, over a netutil.RetryListener: that waits out an
+// accept's error worth retrying on the same listener (out of file
+// descriptors, EMFILE and ENFILE; out of memory or socket buffers, ENOMEM
+// and ENOBUFS) with a growing pause, 5 ms to a second, and says so in the
+// log at most every 10 s. miekg/dns retries a temporary error at once,
+// and the connection waiting in the queue fails each accept again: without
+// the pause the loop spun a core for as long as the descriptors were out
+// (TestFDExhaustion). Shutdown (done closed) ends a pause with
+// net.ErrClosed, which miekg/dns does not retry: giving it the temporary
+// error back had it spin until shutdown closed the listener
+// (TestTCPAcceptNoSpinAtShutdown).
 func (s *Server) tcpLimited(l net.Listener) net.Listener {
-	return tcpListener{Listener: l, s: s}
+	rl := netutil.NewRetryListener(l, s.done, func(err error) {
+		s.log.Warn("dnsfilter: tcp accept failing: retrying", "listen", l.Addr().String(), audit.LogError, audit.ErrorText(err))
+	})
+	return tcpListener{Listener: rl, s: s}
 }
 
 // tcpListener accepts client TCP connections under the server's limits
@@ -55,34 +68,18 @@ func (s *Server) tcpLimited(l net.Listener) net.Listener {
 // descriptor, and with it ShutdownContext (which waits for every
 // connection) and so Run.
 type tcpListener struct {
-	net.Listener
-	s *Server
+	net.Listener // a netutil.RetryListener (tcpLimited)
+	s            *Server
 }
 
-// Accept waits out an accept's error worth retrying on the same listener
-// (out of file descriptors, EMFILE and ENFILE; out of memory or socket
-// buffers, ENOMEM and ENOBUFS) with a growing pause, 5 ms to a second,
-// and says so in the log at most every 10 s: miekg/dns retries a
-// temporary error at once, and the connection waiting in the queue
-// fails each accept again, so without the pause the loop spun a core for
-// as long as the descriptors were out (TestFDExhaustion).
+// Accept accepts the next connection under the limits; one over them is
+// closed at once.
 func (l tcpListener) Accept() (net.Conn, error) {
-	var pause netutil.AcceptBackoff // one timer for every pause
 	for {
 		c, err := l.Listener.Accept()
 		if err != nil {
-			if !netutil.AcceptRetry(err) {
-				return nil, err
-			}
-			l.s.warnOnce("accept", 10*time.Second, func() {
-				l.s.log.Warn("dnsfilter: tcp accept failing: retrying", "listen", l.Addr().String(), audit.LogError, audit.ErrorText(err))
-			})
-			if !pause.Wait(l.s.done, nil) {
-				return nil, err
-			}
-			continue
+			return nil, err
 		}
-		pause.Reset()
 		client := netip.Addr{}
 		if ap, ok := c.RemoteAddr().(*net.TCPAddr); ok {
 			client = ap.AddrPort().Addr().Unmap()

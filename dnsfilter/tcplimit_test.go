@@ -6,6 +6,8 @@ import (
 	"log/slog"
 	"net"
 	"strings"
+	"sync"
+	"sync/atomic"
 	"testing"
 	"time"
 
@@ -191,4 +193,104 @@ func TestTCPAcceptOutOfFDsStops(t *testing.T) {
 		release()
 		t.Fatalf("Run has not returned 5 s after the cancel while accept waited out EMFILE")
 	}
+}
+
+// TestTCPAcceptNoSpinAtShutdown: a TCP accept waiting out EMFILE when
+// shutdown begins (done closed) ends there: no accept is tried again on
+// the listener before shutdown closes it. Before, tcpListener.Accept gave
+// miekg/dns the temporary EMFILE error back once done was closed, and
+// miekg/dns retries a temporary error at once: the loop spun (an accept,
+// EMFILE, back) until the listener's close. The listener here (tcpWrap)
+// counts the accepts begun after done is closed, and its Close waits
+// 50 ms before closing the socket, as a shutdown slow to reach it: a
+// spinning loop makes thousands of accepts meanwhile, one that stopped
+// at most the one a pause's end began as done closed. Loopback only; no
+// speed is asserted.
+func TestTCPAcceptNoSpinAtShutdown(t *testing.T) {
+	var logs syncBuffer
+	s, err := New(Config{Listen: []string{"127.0.0.1:0"}, UDPReaders: 1, ClientRate: -1},
+		Deps{Policy: compile(t, gatePolicy), Logger: slog.New(slog.NewJSONHandler(&logs, nil))})
+	if err != nil {
+		t.Fatal(err)
+	}
+	var cl *countingListener
+	s.tcpWrap = func(l net.Listener) net.Listener {
+		cl = &countingListener{Listener: l, done: s.done}
+		return cl
+	}
+	ctx, cancel := context.WithCancel(context.Background())
+	defer cancel()
+	done := make(chan error, 1)
+	go func() { done <- s.Run(ctx) }()
+	select {
+	case <-s.Ready():
+	case err := <-done:
+		t.Fatalf("run: %v", err)
+	}
+	addr := s.Addrs()[0].String()
+
+	connect := testnet.DialQueued(t, addr)
+	release := testnet.OutOfFDs(t)
+	defer release()
+	defer connect()()
+	const warn = "dnsfilter: tcp accept failing: retrying"
+	for deadline := time.Now().Add(10 * time.Second); !strings.Contains(logs.String(), warn); {
+		if time.Now().After(deadline) {
+			release()
+			t.Fatalf("the log does not say %q out of descriptors: %s", warn, logs.String())
+		}
+		time.Sleep(10 * time.Millisecond)
+	}
+	cancel()
+	select {
+	case err := <-done:
+		if err != nil {
+			t.Errorf("run: %v", err)
+		}
+	case <-time.After(5 * time.Second):
+		release()
+		t.Fatal("Run has not returned 5 s after the cancel while accept waited out EMFILE")
+	}
+	release()
+	n, errs := cl.afterDone.Load(), cl.errsAfterDone.Load()
+	t.Logf("%d accepts begun after done was closed, %d of them failing before the listener closed", n, errs)
+	if n > 1 {
+		t.Errorf("%d accepts begun after shutdown began (%d failing), want at most 1: the accept loop spun until the listener closed", n, errs)
+	}
+}
+
+// countingListener counts the accepts begun once done is closed, and
+// those of them that failed while the listener was still open; its
+// Close waits closeDelay before closing the socket.
+type countingListener struct {
+	net.Listener
+	done          <-chan struct{}
+	afterDone     atomic.Int64
+	errsAfterDone atomic.Int64
+	closed        atomic.Bool
+	closeOnce     sync.Once
+}
+
+const closeDelay = 50 * time.Millisecond
+
+func (l *countingListener) Accept() (net.Conn, error) {
+	select {
+	case <-l.done:
+		l.afterDone.Add(1)
+		c, err := l.Listener.Accept()
+		if err != nil && !l.closed.Load() {
+			l.errsAfterDone.Add(1)
+		}
+		return c, err
+	default:
+		return l.Listener.Accept()
+	}
+}
+
+func (l *countingListener) Close() error {
+	l.closeOnce.Do(func() {
+		time.Sleep(closeDelay)
+		l.closed.Store(true)
+	})
+	return l.Listener.Close()
 }
