@@ -6,6 +6,7 @@ import (
 	"log/slog"
 	"net"
 	"strings"
+	"sync/atomic"
 	"testing"
 	"time"
 
@@ -106,10 +107,10 @@ func serveOutOfFDs(t *testing.T, serve func(*Proxy, net.Listener) error) []strin
 
 // TestExplicitRetiredOutOfFDs: an explicit listener whose accept waits
 // out EMFILE (netutil.RetryListener's pause, a second long by then) is
-// closed by SetExplicitAddrs, which closes the listener under the
-// wrapper, not the wrapper; its address, given again at once once the
-// descriptors are back, is listened on and answered while the old
-// server may still be in its pause; the old one ends as a retired
+// closed by SetExplicitAddrs (through the wrapper, which ends the pause:
+// TestExplicitRetiredPauseEnds); its address, given again at once once
+// the descriptors are back, is listened on and answered; the old one
+// ends as a retired
 // listener (no "accept failed" reopening of its own, no server kept),
 // and Run ends clean. Loopback only.
 func TestExplicitRetiredOutOfFDs(t *testing.T) {
@@ -174,4 +175,76 @@ func TestExplicitRetiredOutOfFDs(t *testing.T) {
 		t.Errorf("a retired listener was taken for a failed one:\n%s", s)
 	}
 	endRun(t, cancel, ran)
+}
+
+// TestExplicitRetiredPauseEnds: an explicit listener retired by
+// SetExplicitAddrs while its accept waits out EMFILE ends that wait at
+// its close: no accept is tried on it after the close. Before,
+// SetExplicitAddrs closed the listener under the RetryListener, whose
+// pause (a second long by then) only the proxy's Close ended: the loop
+// slept it out, accepted once more on the closed listener (net.ErrClosed)
+// and only then went, up to a second later. Observed by the order of
+// events on the listener (an accept begun after its Close began), not by
+// time. Loopback only.
+func TestExplicitRetiredPauseEnds(t *testing.T) {
+	p, logs := loggedExplicitProxy(t)
+	cancel, ran := runReady(t, p)
+	defer cancel()
+	inner, err := net.Listen("tcp", "127.0.0.3:0")
+	if err != nil {
+		t.Fatalf("no 127.0.0.3 (Linux's lo holds 127.0.0.0/8): %v", err)
+	}
+	addr := inner.Addr().String()
+	ln := &orderListener{Listener: inner}
+	p.explicitMu.Lock()
+	p.explicitLns[addr] = ln
+	p.explicitMu.Unlock()
+	kept := make(chan struct{})
+	go func() { p.keepExplicit(addr, ln); close(kept) }()
+
+	connect := testnet.DialQueued(t, addr)
+	release := testnet.OutOfFDs(t)
+	defer release()
+	defer connect()()
+	const warn = "proxy: accept failing: retrying"
+	for deadline := time.Now().Add(10 * time.Second); !strings.Contains(logs(), warn); {
+		if time.Now().After(deadline) {
+			release()
+			t.Fatalf("the log does not say %q out of descriptors:\n%s", warn, logs())
+		}
+		time.Sleep(10 * time.Millisecond)
+	}
+	if err := p.SetExplicitAddrs([]string{"127.0.0.1:0"}); err != nil {
+		t.Fatalf("retire %s: %v", addr, err)
+	}
+	select {
+	case <-kept:
+	case <-time.After(5 * time.Second):
+		release()
+		t.Fatalf("keepExplicit of %s has not returned 5 s after the listener was retired", addr)
+	}
+	release()
+	if n := ln.afterClose.Load(); n != 0 {
+		t.Errorf("%d accepts on %s begun after its Close: the pause went on past the retiring close", n, addr)
+	}
+	endRun(t, cancel, ran)
+}
+
+// orderListener counts the accepts begun after its Close began.
+type orderListener struct {
+	net.Listener
+	closed     atomic.Bool
+	afterClose atomic.Int64
+}
+
+func (l *orderListener) Accept() (net.Conn, error) {
+	if l.closed.Load() {
+		l.afterClose.Add(1)
+	}
+	return l.Listener.Accept()
+}
+
+func (l *orderListener) Close() error {
+	l.closed.Store(true)
+	return l.Listener.Close()
 }

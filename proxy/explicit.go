@@ -166,9 +166,18 @@ func (p *Proxy) ServeExplicit(ln net.Listener) error {
 	// The wrapper waits out EMFILE and the like on the same listener
 	// (keepExplicit would close it) with its own pause, which Close and
 	// p.done end: http.Server's would sleep up to a second through them,
-	// and log each retry (TestServeExplicitOutOfFDsStops).
+	// and log each retry (TestServeExplicitOutOfFDsStops). SetExplicitAddrs
+	// retiring ln closes the wrapper (retryLns), ending a pause too: closing
+	// ln under it left the pause to run out, up to a second
+	// (TestExplicitRetiredPauseEnds).
 	rl := netutil.NewRetryListener(ln, p.done, func(err error) { p.acceptFailing(ln, err) })
+	p.explicitMu.Lock()
+	p.retryLns[ln] = rl
+	p.explicitMu.Unlock()
 	err := srv.Serve(peekListener{rl, p})
+	p.explicitMu.Lock()
+	delete(p.retryLns, ln)
+	p.explicitMu.Unlock()
 	if errors.Is(err, http.ErrServerClosed) {
 		return nil
 	}

@@ -68,7 +68,11 @@ func (p *Proxy) SetExplicitAddrs(addrs []string) error {
 		delete(p.explicitLns, a)
 		p.retired[ln] = true
 		p.forgetListener(ln)
-		_ = ln.Close()
+		if rl := p.retryLns[ln]; rl != nil {
+			_ = rl.Close() // ln's too, and an accept's pause ends
+		} else {
+			_ = ln.Close()
+		}
 		p.log.Info("proxy: explicit proxy: stopped listening on "+a, "addr", a)
 	}
 	for a := range p.explicitFailed {

@@ -76,11 +76,15 @@ type Proxy struct {
 	// opened for; retired, those SetExplicitAddrs closed, until their
 	// Serve returns (or, when it returned first, their keepExplicit
 	// finds them retired); explicitFailed, the addresses that did not open
-	// (logged once); and explicitDown, the addresses whose listener failed
-	// to accept, closed and due to be opened again (keepExplicit).
+	// (logged once); explicitDown, the addresses whose listener failed
+	// to accept, closed and due to be opened again (keepExplicit); and
+	// retryLns, the RetryListener ServeExplicit serves each listener
+	// through while it does, which SetExplicitAddrs closes in its
+	// listener's place so that a pause waiting out EMFILE ends at once.
 	explicitMu     sync.Mutex
 	explicitLns    map[string]net.Listener
 	retired        map[net.Listener]bool
+	retryLns       map[net.Listener]*netutil.RetryListener
 	explicitFailed map[string]bool
 	explicitDown   map[string]*downListener
 	// explicitChanges wakes ExplicitChanges' reader when a listener goes
@@ -190,6 +194,7 @@ func New(cfg Config, deps Deps) (*Proxy, error) {
 
 		explicitLns:    map[string]net.Listener{},
 		retired:        map[net.Listener]bool{},
+		retryLns:       map[net.Listener]*netutil.RetryListener{},
 		explicitFailed: map[string]bool{},
 		explicitDown:   map[string]*downListener{},
 
