@@ -5,6 +5,7 @@ import (
 	"fmt"
 	"log/slog"
 	"net"
+	"slices"
 	"strings"
 	"sync/atomic"
 	"testing"
@@ -247,4 +248,55 @@ func (l *orderListener) Accept() (net.Conn, error) {
 func (l *orderListener) Close() error {
 	l.closed.Store(true)
 	return l.Listener.Close()
+}
+
+// TestAcceptFailingNamesListener: the transparent and an explicit
+// listener out of descriptors at once each have their "accept failing"
+// line, naming its address and kind. Before, one line (rate-limited for
+// the proxy as a whole) named whichever listener failed first, and the
+// other's failure went unsaid. Loopback only.
+func TestAcceptFailingNamesListener(t *testing.T) {
+	eng, err := policy.Compile("p", []byte(fmt.Sprintf(testPolicy, "enforce")))
+	if err != nil {
+		t.Fatal(err)
+	}
+	var logs lockedBuf
+	p, err := New(Config{}, Deps{Policy: policy.NewStore(eng), Logger: slog.New(slog.NewTextHandler(&logs, nil))})
+	if err != nil {
+		t.Fatal(err)
+	}
+	defer p.Close()
+	lns := map[string]net.Listener{}
+	for _, kind := range []string{"transparent", "explicit"} {
+		ln, err := net.Listen("tcp", "127.0.0.1:0")
+		if err != nil {
+			t.Fatal(err)
+		}
+		lns[kind] = ln
+	}
+	go p.Serve(lns["transparent"])
+	go p.ServeExplicit(lns["explicit"])
+	var connects []func() func()
+	for _, ln := range lns {
+		connects = append(connects, testnet.DialQueued(t, ln.Addr().String()))
+	}
+	release := testnet.OutOfFDs(t)
+	defer release()
+	for _, c := range connects {
+		defer c()()
+	}
+	want := func(kind string) string { return fmt.Sprintf("kind=%s listen=%s", kind, lns[kind].Addr()) }
+	logged := func(kind string) bool {
+		return slices.ContainsFunc(logs.lines(), func(l string) bool {
+			return strings.Contains(l, `msg="proxy: accept failing: retrying"`) && strings.Contains(l, want(kind))
+		})
+	}
+	has := func() bool { return logged("transparent") && logged("explicit") }
+	for deadline := time.Now().Add(10 * time.Second); !has() && time.Now().Before(deadline); {
+		time.Sleep(10 * time.Millisecond)
+	}
+	release()
+	if !has() {
+		t.Errorf("the log does not have %q and %q:\n%s", want("transparent"), want("explicit"), strings.Join(logs.lines(), "\n"))
+	}
 }

@@ -170,7 +170,7 @@ func (p *Proxy) ServeExplicit(ln net.Listener) error {
 	// retiring ln closes the wrapper (retryLns), ending a pause too: closing
 	// ln under it left the pause to run out, up to a second
 	// (TestExplicitRetiredPauseEnds).
-	rl := netutil.NewRetryListener(ln, p.done, func(err error) { p.acceptFailing(ln, err) })
+	rl := netutil.NewRetryListener(ln, p.done, func(err error) { p.acceptFailing("explicit", ln, err) })
 	p.explicitMu.Lock()
 	p.retryLns[ln] = rl
 	p.explicitMu.Unlock()

@@ -467,7 +467,7 @@ func (p *Proxy) Serve(ln net.Listener) error {
 			var ne net.Error
 			if errors.As(err, &ne) && ne.Timeout() || netutil.AcceptRetry(err) {
 				// EMFILE and friends: back off instead of spinning.
-				p.acceptFailing(ln, err)
+				p.acceptFailing("transparent", ln, err)
 				// Close ends the pause, or Run would wait it out
 				// (TestServeOutOfFDsStops).
 				if !pause.Wait(p.done, nil) {
@@ -577,19 +577,24 @@ func (p *Proxy) acquireDevice(client netip.Addr) (dev string, ok bool) {
 	return dev, false
 }
 
-// acceptFailing logs that accepting on ln fails for a reason waited out
-// (out of file descriptors, say), at most once every 10 s: the
-// connections meanwhile wait in the listener's queue, unanswered.
-func (p *Proxy) acceptFailing(ln net.Listener, err error) {
+// acceptFailing logs that accepting on ln, a listener of kind
+// ("transparent", "explicit"), fails for a reason waited out (out of file
+// descriptors, say), naming the listener, at most once every 10 s for
+// each: the connections meanwhile wait in its queue, unanswered. One
+// line for the proxy as a whole named whichever listener failed first,
+// and left the others' failures unsaid (TestAcceptFailingNamesListener).
+func (p *Proxy) acceptFailing(kind string, ln net.Listener, err error) {
+	addr := ln.Addr().String()
+	scope := "accept " + kind + " " + addr
 	p.limMu.Lock()
 	now := time.Now()
-	warn := now.Sub(p.lastWarn["accept"]) >= 10*time.Second
+	warn := now.Sub(p.lastWarn[scope]) >= 10*time.Second
 	if warn {
-		p.lastWarn["accept"] = now
+		p.lastWarn[scope] = now
 	}
 	p.limMu.Unlock()
 	if warn {
-		p.log.Warn("proxy: accept failing: retrying", "listen", ln.Addr().String(), audit.LogError, audit.ErrorText(err))
+		p.log.Warn("proxy: accept failing: retrying", "kind", kind, "listen", addr, audit.LogError, audit.ErrorText(err))
 	}
 }
 
