@@ -26,6 +26,7 @@ import (
 	"github.com/prometheus/client_golang/prometheus/promhttp"
 
 	"egressd/audit"
+	"egressd/internal/netutil"
 )
 
 // DefaultAddr is the admin address when none is configured.
@@ -388,7 +389,15 @@ func (s *Server) Run(ctx context.Context) error {
 	s.mu.Unlock()
 	stop := context.AfterFunc(ctx, func() { s.Close() })
 	defer stop()
-	if err := srv.Serve(ln); err != nil && !errors.Is(err, http.ErrServerClosed) {
+	// The wrapper waits out EMFILE and the like with a pause that Close
+	// (Shutdown closes it) and ctx end, and one log line every 10 s, as
+	// egressd run's admin listener: http.Server would sleep up to a
+	// second through Close and write each retry to stderr
+	// (TestRunOutOfFDs).
+	rl := netutil.NewRetryListener(ln, ctx.Done(), func(err error) {
+		s.log.Warn("admin: accept failing: retrying", "listen", ln.Addr().String(), audit.LogError, audit.ErrorText(err))
+	})
+	if err := srv.Serve(rl); err != nil && !errors.Is(err, http.ErrServerClosed) {
 		return fmt.Errorf("admin: serve: %w", err)
 	}
 	return nil

@@ -15,8 +15,9 @@ func TestDependencyDirection(t *testing.T) {
 	// HTTP request-line, request-head and authority syntax the proxy and
 	// capture share, since neither may import the other; internal/tlshello,
 	// the ClientHello parser they share, is one for the same reason.
-	// internal/netutil (socket helpers) serves the proxy, capture
-	// and, for the WAN socket filter, the DNS forwarder; it uses
+	// internal/netutil (socket helpers) serves the proxy, capture,
+	// for the WAN socket filter the DNS forwarder, and for the accept
+	// that waits out EMFILE (RetryListener) the admin server; it uses
 	// internal/netns (a leaf: a function run in another network
 	// namespace), which internal/testnet shares. internal/memlimit (the
 	// cgroup's memory limit, for egressd run) is a leaf, as is
@@ -36,7 +37,7 @@ func TestDependencyDirection(t *testing.T) {
 		"egressd/internal/netns":      {},
 		"egressd/internal/netutil":    {"egressd/internal/netns"},
 		"egressd/audit":               {"egressd/policy", "egressd/internal/httpwire", "egressd/internal/jsonenc", "egressd/internal/setaside", "egressd/internal/atomicfile"},
-		"egressd/admin":               {"egressd/policy", "egressd/audit", "egressd/internal/httpwire", "egressd/internal/jsonenc", "egressd/internal/setaside", "egressd/internal/atomicfile"},
+		"egressd/admin":               {"egressd/policy", "egressd/audit", "egressd/internal/netutil", "egressd/internal/netns", "egressd/internal/httpwire", "egressd/internal/jsonenc", "egressd/internal/setaside", "egressd/internal/atomicfile"},
 		"egressd/dnsfilter":           {"egressd/policy", "egressd/audit", "egressd/internal/httpwire", "egressd/internal/jsonenc", "egressd/internal/netutil", "egressd/internal/netns", "egressd/internal/logjson", "egressd/internal/setaside", "egressd/internal/atomicfile"},
 		"egressd/proxy":               {"egressd/policy", "egressd/audit", "egressd/internal/jsonenc", "egressd/internal/netutil", "egressd/internal/netns", "egressd/internal/httpwire", "egressd/internal/logjson", "egressd/internal/tlshello", "egressd/internal/setaside", "egressd/internal/atomicfile"},
 		"egressd/capture":             {"egressd/policy", "egressd/audit", "egressd/internal/jsonenc", "egressd/internal/netutil", "egressd/internal/netns", "egressd/internal/httpwire", "egressd/internal/logjson", "egressd/internal/tlshello", "egressd/internal/setaside", "egressd/internal/atomicfile"},
