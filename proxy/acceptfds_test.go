@@ -111,9 +111,8 @@ func serveOutOfFDs(t *testing.T, serve func(*Proxy, net.Listener) error) []strin
 // closed by SetExplicitAddrs (through the wrapper, which ends the pause:
 // TestExplicitRetiredPauseEnds); its address, given again at once once
 // the descriptors are back, is listened on and answered; the old one
-// ends as a retired
-// listener (no "accept failed" reopening of its own, no server kept),
-// and Run ends clean. Loopback only.
+// ends as a retired listener (no "accept failed" reopening of its own,
+// no server kept), and Run ends clean. Loopback only.
 func TestExplicitRetiredOutOfFDs(t *testing.T) {
 	p, logs := loggedExplicitProxy(t)
 	cancel, ran := runReady(t, p)
@@ -140,14 +139,10 @@ func TestExplicitRetiredOutOfFDs(t *testing.T) {
 	connect := testnet.DialQueued(t, addr)
 	release := testnet.OutOfFDs(t)
 	closeQueued := connect()
-	const warn = "proxy: accept failing: retrying"
-	for deadline := time.Now().Add(10 * time.Second); !strings.Contains(logs(), warn); {
-		if time.Now().After(deadline) {
-			release()
-			closeQueued()
-			t.Fatalf("the log does not say %q out of descriptors:\n%s", warn, logs())
-		}
-		time.Sleep(10 * time.Millisecond)
+	if !waitAcceptFailing(logs) {
+		release()
+		closeQueued()
+		t.Fatalf("the log does not say %q out of descriptors:\n%s", acceptFailingLine, logs())
 	}
 	time.Sleep(1500 * time.Millisecond) // the pauses are a second long now
 	err = p.SetExplicitAddrs([]string{"127.0.0.1:0"})
@@ -207,13 +202,9 @@ func TestExplicitRetiredPauseEnds(t *testing.T) {
 	release := testnet.OutOfFDs(t)
 	defer release()
 	defer connect()()
-	const warn = "proxy: accept failing: retrying"
-	for deadline := time.Now().Add(10 * time.Second); !strings.Contains(logs(), warn); {
-		if time.Now().After(deadline) {
-			release()
-			t.Fatalf("the log does not say %q out of descriptors:\n%s", warn, logs())
-		}
-		time.Sleep(10 * time.Millisecond)
+	if !waitAcceptFailing(logs) {
+		release()
+		t.Fatalf("the log does not say %q out of descriptors:\n%s", acceptFailingLine, logs())
 	}
 	if err := p.SetExplicitAddrs([]string{"127.0.0.1:0"}); err != nil {
 		t.Fatalf("retire %s: %v", addr, err)
@@ -299,4 +290,19 @@ func TestAcceptFailingNamesListener(t *testing.T) {
 	if !has() {
 		t.Errorf("the log does not have %q and %q:\n%s", want("transparent"), want("explicit"), strings.Join(logs.lines(), "\n"))
 	}
+}
+
+// acceptFailingLine is the proxy's line for an accept waiting out EMFILE.
+const acceptFailingLine = "proxy: accept failing: retrying"
+
+// waitAcceptFailing waits, at most 10 s, for logs to have
+// acceptFailingLine; false if it does not.
+func waitAcceptFailing(logs func() string) bool {
+	for deadline := time.Now().Add(10 * time.Second); !strings.Contains(logs(), acceptFailingLine); {
+		if time.Now().After(deadline) {
+			return false
+		}
+		time.Sleep(10 * time.Millisecond)
+	}
+	return true
 }
