@@ -182,11 +182,13 @@ type Event struct {
 	// its connections' hellos named other than Name (quic-go's shared
 	// Transport: one client port, one server address, a connection per
 	// host), each of which the policy allowed by its name when capture
-	// read it. Name is the first hello's; after a reload that no longer
-	// allows one of the others, that one's, and the first hello's name is
-	// among these. Each appears once, normalized as the policy reads a
-	// name, in the order the hellos came. A reload and a replay judge
-	// the flow on each (capture's redecide, Replayer). Bound keeps at
+	// read it. Name is the first hello's; after a reload that makes the
+	// flow a would-be deny, the name its address was learned for (which
+	// a rule no longer allows), and the first hello's name is among
+	// these. Each appears once, normalized as the policy reads a
+	// name, in the order the hellos came. A replay judges the flow on
+	// each (Replayer); capture's reload by the name its address was
+	// learned for, as the forward chain reads no hello. Bound keeps at
 	// most MaxOtherNames, each cut to MaxNameBytes (a log read back may
 	// hold anything).
 	OtherNames []string `json:"other_names,omitempty"`

@@ -236,7 +236,7 @@ func (p *proc) request(f *flow, h *httpwire.Head, err error) bool {
 		if _, err := netip.ParseAddr(h.Host); h.Host != "" && err != nil {
 			name, src = h.Host, audit.NameHost
 		}
-		d, ev.Name, ev.NameSource = p.decide(eng, f, name, src, path)
+		d, ev.Name, ev.NameSource, _ = p.decide(eng, f, name, src, path)
 		ev.Path = path
 	}
 	if p.decideAt.IsZero() {

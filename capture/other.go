@@ -212,8 +212,8 @@ func (p *proc) denyOther(f *flow, echo bool) {
 	f.echo = echo
 	if echo {
 		in := p.flowInput(f, "")
-		d, name, src := p.decideForwarded(eng, in, "", "", f.first)
-		f.dec = p.special(eng, in, d, true)
+		d, name, src, learned := p.decideForwarded(eng, in, "", "", f.first)
+		f.dec, f.learned = p.special(eng, in, d, true), learned
 		if name != "" {
 			f.evName, f.evSrc = name, src
 			return

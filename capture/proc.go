@@ -201,7 +201,14 @@ type flow struct {
 	// (quicAttempt), normalized, audit.MaxOtherNames at most: its
 	// events' OtherNames, and what a reload judges again (redecide).
 	otherNames []string
-	noPath     bool // decided as showing no path (showsNoPath), for its events
+	// learned: a forwarded flow's (UDP, TCP to a port not redirected, an
+	// echo) name of the answer whose rule's learned set admitted its
+	// address when decided (decideForwarded), whatever name its hello
+	// carried: a reload in audit mode keeps the flow allowed while a
+	// rule allows that name, as the firewall keeps the flow of its
+	// mark's rule (redecide). Zero where a CIDR rule admitted it.
+	learned admitName
+	noPath  bool // decided as showing no path (showsNoPath), for its events
 	// ruled: decided by the policy's rules (classify: decide), not denied
 	// by capture for what the client sent (deny) nor as a connection
 	// opened before enforce: a reload in audit mode judges it again
@@ -2032,20 +2039,25 @@ func (p *proc) quicAttempt(f *flow, v uint32, dcid, payload []byte) {
 }
 
 // eventOthers returns the names f's hellos carried other than its
-// record's (evName: the first hello's, or after a reload the other name
-// it is denied for), normalized, in the order they came: its event's
-// OtherNames.
+// record's (evName: the first hello's, or after a reload the name its
+// address was learned for, which it is denied for), normalized, in the
+// order they came, audit.MaxOtherNames at most: its event's OtherNames.
+// (A record moved to a learned name no hello carried leaves all four
+// hellos' names but one to show: the last is left out, of a flow denied
+// anyway.)
 func (f *flow) eventOthers() []string {
-	if len(f.otherNames) == 0 {
+	rec, _ := policy.NormalizeName(f.evName)
+	first, ok := policy.NormalizeName(f.name)
+	withFirst := ok && f.name != "" && f.app == appQUIC && rec != "" && first != rec
+	if len(f.otherNames) == 0 && !withFirst {
 		return nil
 	}
-	rec, _ := policy.NormalizeName(f.evName)
 	out := make([]string, 0, len(f.otherNames)+1)
-	if n, ok := policy.NormalizeName(f.name); ok && f.name != "" && n != rec {
-		out = append(out, n)
+	if withFirst {
+		out = append(out, first)
 	}
 	for _, n := range f.otherNames {
-		if n != rec {
+		if n != rec && len(out) < audit.MaxOtherNames {
 			out = append(out, n)
 		}
 	}
@@ -2053,6 +2065,13 @@ func (f *flow) eventOthers() []string {
 		return nil
 	}
 	return out
+}
+
+// named reports whether a hello of f, a QUIC flow, named n, a
+// normalized name: its first (f.name) or another (f.otherNames).
+func (f *flow) named(n string) bool {
+	first, ok := policy.NormalizeName(f.name)
+	return ok && f.name != "" && n == first || slices.Contains(f.otherNames, n)
 }
 
 // otherName records name, which a new QUIC connection of f named and
@@ -2730,7 +2749,7 @@ func (p *proc) classify(f *flow) {
 	}
 	// An HTTP flow is decided with its request's path, as the proxy's
 	// decideHTTP decides it (host/path rules match it).
-	f.dec, f.evName, f.evSrc = p.decide(eng, f, f.name, f.nameSrc, f.path)
+	f.dec, f.evName, f.evSrc, f.learned = p.decide(eng, f, f.name, f.nameSrc, f.path)
 	f.noPath = f.showsNoPath()
 	f.ruled = true
 	if f.dec.Allowed() && p.forwardedBeforeEnforce(eng, f) {
@@ -2806,7 +2825,7 @@ func (p *proc) beforeEnforce(eng *policy.Engine, f *flow) bool {
 func (p *proc) decideBeforeEnforce(eng *policy.Engine, f *flow, name string, src audit.NameSource) {
 	if p.c.cfg.TCPPorts != nil {
 		f.forwarded = true
-		f.dec, f.evName, f.evSrc = p.decide(eng, f, name, src, f.path)
+		f.dec, f.evName, f.evSrc, f.learned = p.decide(eng, f, name, src, f.path)
 		if f.dec.Allowed() {
 			// By a CIDR rule, or by a learned address the enforce
 			// ruleset holds: an answer of the forwarder (seeded), not
@@ -2840,7 +2859,7 @@ func (f *flow) showsNoPath() bool {
 // client sent it; src how it was found) and path, or by address when
 // name is empty. It returns the decision and the name and name source
 // to record.
-func (p *proc) decide(eng *policy.Engine, f *flow, name string, src audit.NameSource, path string) (policy.Decision, string, audit.NameSource) {
+func (p *proc) decide(eng *policy.Engine, f *flow, name string, src audit.NameSource, path string) (policy.Decision, string, audit.NameSource, admitName) {
 	return p.decideIn(eng, f, p.flowInput(f, path), name, src, true)
 }
 
@@ -2848,7 +2867,9 @@ func (p *proc) decide(eng *policy.Engine, f *flow, name string, src audit.NameSo
 // decides on the facts of the flow's decision: rejudge); vouch says
 // whether an allowed name's address must be vouched for (vouched), which
 // a reload does not ask again of a connection vouched for when it opened.
-func (p *proc) decideIn(eng *policy.Engine, f *flow, in policy.Input, name string, src audit.NameSource, vouch bool) (policy.Decision, string, audit.NameSource) {
+// learned is decideForwarded's, for a flow nftables forwards (zero for
+// any other).
+func (p *proc) decideIn(eng *policy.Engine, f *flow, in policy.Input, name string, src audit.NameSource, vouch bool) (policy.Decision, string, audit.NameSource, admitName) {
 	path := in.Path
 	// Forwarded by nftables, not proxied (UDP, TCP to a port not
 	// redirected): the firewall's form of the special-range guard.
@@ -2857,8 +2878,8 @@ func (p *proc) decideIn(eng *policy.Engine, f *flow, in policy.Input, name strin
 	if fwd && in.Port != 53 {
 		// nftables reads no name: by address alone, and matches the
 		// frame's source MAC (in's).
-		d, name, src = p.decideForwarded(eng, in, name, src, f.first)
-		return p.special(eng, in, d, fwd), name, src
+		d, name, src, learned := p.decideForwarded(eng, in, name, src, f.first)
+		return p.special(eng, in, d, fwd), name, src, learned
 	}
 	// The proxy or the forwarder decides it: with the client's MAC as
 	// they see it.
@@ -2919,7 +2940,7 @@ func (p *proc) decideIn(eng *policy.Engine, f *flow, in policy.Input, name strin
 	// proxy's decideHTTP refuses it (path-form).
 	pin := in
 	pin.Name = name
-	return eng.PathForm(pin, path, d), name, src
+	return eng.PathForm(pin, path, d), name, src, admitName{}
 }
 
 // sameDevice reports whether LAN addresses a and b are one device's
@@ -3070,8 +3091,11 @@ func (p *proc) flowInput(f *flow, path string) policy.Input {
 //
 // name and src are the client's own name, if any, kept for the record;
 // without one, the name the credited answer gave, or else the first
-// answer's.
-func (p *proc) decideForwarded(eng *policy.Engine, in policy.Input, name string, src audit.NameSource, at time.Time) (policy.Decision, string, audit.NameSource) {
+// answer's. learned is the credited answer's name whatever the client
+// named (zero where a CIDR rule or none admits the address): what the
+// flow's mark stands for, which a reload judges again once the answer
+// expired (flow.learned, redecide).
+func (p *proc) decideForwarded(eng *policy.Engine, in policy.Input, name string, src audit.NameSource, at time.Time) (_ policy.Decision, _ string, _ audit.NameSource, learned admitName) {
 	if name != "" {
 		if n, ok := policy.NormalizeName(name); ok {
 			name = n
@@ -3083,7 +3107,7 @@ func (p *proc) decideForwarded(eng *policy.Engine, in policy.Input, name string,
 		src = audit.NameNone
 	}
 	if d.Allowed() {
-		return d, name, src
+		return d, name, src, admitName{}
 	}
 	p.grants = p.grants[:0]
 	n := 0
@@ -3100,6 +3124,13 @@ func (p *proc) decideForwarded(eng *policy.Engine, in policy.Input, name string,
 	}
 	if best >= 0 {
 		d = policy.Decision{Verdict: policy.Allow, Rule: eng.Rules()[best].Name, RuleIndex: best, Reason: policy.ReasonAllowed, Mode: eng.Mode()}
+		learned = admitName{p.grants[bi].Name, audit.NameDNSLearned}
+		if bi >= n {
+			learned.src = audit.NameDNSAnswer
+		}
+		if l, ok := policy.NormalizeName(learned.name); ok {
+			learned.name = l
+		}
 	} else if len(p.grants) > 0 {
 		bi = 0
 	}
@@ -3109,7 +3140,16 @@ func (p *proc) decideForwarded(eng *policy.Engine, in policy.Input, name string,
 			src = audit.NameDNSAnswer
 		}
 	}
-	return d, name, src
+	return d, name, src, learned
+}
+
+// admitName is the name of a DNS answer whose rule's learned set
+// admitted a flow's address (decideForwarded), normalized, and how capture
+// knows the answer: dns-learned (the forwarder's) or dns-answer (seen on
+// the wire).
+type admitName struct {
+	name string
+	src  audit.NameSource
 }
 
 // learnedRule returns the lowest rule whose learned set the answer g fed

@@ -269,33 +269,32 @@ func (p *proc) redecide() {
 				continue // denied all along, whatever the policy
 			}
 			in := p.flowInput(f, "")
-			d, name, src := p.decideForwarded(eng, in, f.name, f.nameSrc, f.first)
+			d, name, src, learned := p.decideForwarded(eng, in, f.name, f.nameSrc, f.first)
 			d = p.special(eng, in, d, true)
 			if oth && name == "" {
 				name, src = f.evName, f.evSrc // the name denyOther found
 			}
-			if !d.Allowed() && f.dec.Allowed() && f.evName != "" {
+			if !d.Allowed() && f.dec.Allowed() && f.learned.name != "" {
 				// The name its address was learned for still counts
 				// where a rule allows it: the firewall keeps the flow of
-				// an unchanged rule however long ago the answer expired
-				// (and the proxy a DNS-learned name). A QUIC flow's
-				// other names (its later connections' hellos) count
-				// too: one the new policy does not allow leaves the
-				// flow judged by its address alone, as the forward
-				// chain judges it, and recorded under that name. But
-				// where the rule that let the flow out (its mark's)
-				// still allows its name, the firewall keeps the flow
-				// whatever became of its other names' rules: they
-				// are no part of its mark (TestRedecideQUICOtherNames,
-				// 47603).
-				byAddr := d
+				// its mark's rule, unchanged, however long ago the
+				// answer expired (and the proxy a DNS-learned name).
+				// Only that name: the forward chain reads no hello, so
+				// a QUIC flow's names (its hellos', first and other)
+				// neither keep it nor cut it, whichever rules allow
+				// them (TestRedecideQUICLearnedName; before session 31
+				// the first hello's name was judged instead).
 				nin := in
-				nin.Name, nin.NoPath = f.evName, false
-				d = p.special(eng, nin, eng.Decide(nin), true)
-				for _, o := range f.otherNames {
-					nin.Name = o
-					if d.Allowed() && d.Rule != f.dec.Rule && !p.special(eng, nin, eng.Decide(nin), true).Allowed() {
-						d, name, src = byAddr, o, audit.NameQUIC
+				nin.Name, nin.NoPath = f.learned.name, false
+				if nd := p.special(eng, nin, eng.Decide(nin), true); nd.Allowed() {
+					d, learned = nd, f.learned
+				} else {
+					// Recorded under that name, the one enforce would
+					// drop the flow for: the report lists its drop
+					// there, the hellos' names in other_names.
+					name, src = f.learned.name, f.learned.src
+					if f.named(name) {
+						src = audit.NameQUIC
 					}
 				}
 			}
@@ -304,7 +303,7 @@ func (p *proc) redecide() {
 					// A would-be deny the new policy allows (the rule
 					// --suggest proposed, added in audit mode): the
 					// rule's, as after the reload to enforce.
-					f.dec, f.evName, f.evSrc = d, name, src
+					f.dec, f.evName, f.evSrc, f.learned = d, name, src, learned
 					p.emitNow(f, "policy reload: the new policy allows this open flow (audit mode)", slog.LevelInfo)
 				}
 				continue
@@ -330,7 +329,7 @@ func (p *proc) redecide() {
 			case oth && !f.echo:
 				d = protocolDenied(eng)
 			case fwd:
-				d, name, src = p.decideForwarded(eng, in, f.name, f.nameSrc, p.now)
+				d, name, src, f.learned = p.decideForwarded(eng, in, f.name, f.nameSrc, p.now)
 				d = p.special(eng, in, d, true)
 				if oth && name == "" {
 					name, src = f.evName, f.evSrc
@@ -420,7 +419,7 @@ func (p *proc) rejudge(eng *policy.Engine, f *flow) {
 	}
 	in := p.flowInput(f, path)
 	in.NoPath, in.PathCut = f.noPath, f.pathLen > 0
-	d, name, src := p.decideIn(eng, f, in, f.name, f.nameSrc, !was)
+	d, name, src, _ := p.decideIn(eng, f, in, f.name, f.nameSrc, !was)
 	if !d.Allowed() && was && f.name == "" && f.evName != "" {
 		nin := in
 		nin.Name = f.evName
@@ -445,7 +444,7 @@ func (p *proc) rejudge(eng *policy.Engine, f *flow) {
 		if g := p.special(eng, gin, policy.Decision{Verdict: policy.Allow, Mode: eng.Mode()}, fwd); !g.Allowed() {
 			d = g
 		} else {
-			hd, hname, hsrc := p.decideIn(eng.HostLevel(), f, in, f.name, f.nameSrc, !was)
+			hd, hname, hsrc, _ := p.decideIn(eng.HostLevel(), f, in, f.name, f.nameSrc, !was)
 			if was || !hd.Allowed() {
 				return // the record stays: allowed either way, or not known
 			}

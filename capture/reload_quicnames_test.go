@@ -21,8 +21,11 @@ import (
 // it allowed only if the new policy allows each of them: one of the
 // flow's names that no rule allows now makes it a would-be deny,
 // recorded under that name (47601). A flow to the same address whose
-// hello named the first name alone stays allowed by that name, as before
-// (47602). A flow let out by the rule of its first name (its address
+// hello named the first name alone is a would-be deny too, recorded under
+// the name its address was learned for, its hello's name in other_names:
+// enforce cuts it (its mark's rule is gone), whatever its hello named
+// (47602; before session 31 (Q4) it stayed allowed by its hello's name:
+// TestRedecideQUICLearnedName). A flow let out by the rule of its first name (its address
 // given out for it) stays allowed where that rule still allows the name
 // but the answer is gone (expired at the reload) and its second name's
 // rule is removed: the firewall keeps it, the rule of its mark unchanged
@@ -82,7 +85,7 @@ func TestRedecideQUICOtherNames(t *testing.T) {
 	wants := map[uint16]want{
 		47600: {policy.Allow, decoyName, []string{"b.allowed.test"}},
 		47601: {policy.Deny, "b.allowed.test", []string{decoyName}},
-		47602: {policy.Allow, decoyName, nil},
+		47602: {policy.Deny, "b.allowed.test", []string{decoyName}},
 		47603: {policy.Allow, decoyName, []string{"b.allowed.test"}},
 	}
 	for _, f := range flows {
@@ -98,7 +101,7 @@ func TestRedecideQUICOtherNames(t *testing.T) {
 				f.cport, last.Verdict, last.Reason, last.Name, last.OtherNames, w.verdict, w.name, w.others, flowEvents(rec, f.cport))
 		}
 	}
-	if d := droppedAt(r, "b.allowed.test", 443); d == nil || d.Flows != 1 {
-		t.Errorf("report: drop of b.allowed.test %+v, want the flow the reload no longer allows", d)
+	if d := droppedAt(r, "b.allowed.test", 443); d == nil || d.Flows != 2 {
+		t.Errorf("report: drop of b.allowed.test %+v, want the two flows the reload no longer allows", d)
 	}
 }
