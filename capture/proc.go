@@ -2045,12 +2045,19 @@ func (p *proc) quicAttempt(f *flow, v uint32, dcid, payload []byte) {
 // (A record moved to a learned name no hello carried leaves all four
 // hellos' names but one to show: the last is left out, of a flow denied
 // anyway.)
+//
+// Where the record is the first hello's (nearly always) that is
+// f.otherNames itself, capped at its length, which no event allocates
+// for: capture only appends to it (past the events' length), or drops it.
 func (f *flow) eventOthers() []string {
+	if len(f.otherNames) == 0 && (f.name == "" || f.evName == f.name) {
+		return nil
+	}
 	rec, _ := policy.NormalizeName(f.evName)
 	first, ok := policy.NormalizeName(f.name)
 	withFirst := ok && f.name != "" && f.app == appQUIC && rec != "" && first != rec
-	if len(f.otherNames) == 0 && !withFirst {
-		return nil
+	if !withFirst && !slices.Contains(f.otherNames, rec) {
+		return f.otherNames[:len(f.otherNames):len(f.otherNames)]
 	}
 	out := make([]string, 0, len(f.otherNames)+1)
 	if withFirst {
@@ -2078,20 +2085,37 @@ func (f *flow) named(n string) bool {
 // the policy allows by itself (quicAttempt), in f.otherNames where it is
 // not f's first name or one recorded already. It reports false where
 // f.otherNames holds audit.MaxOtherNames already: a host the record
-// could not show would be hidden (a reload would not judge it either),
-// so the caller denies the flow, as it denies one connection more than
-// it keeps hellos of.
+// could not show would be hidden, so the caller denies the flow, as it
+// denies one connection more than it keeps hellos of; likewise where the
+// name does not fit in Config.MaxStreamBytes (the names are held for the
+// flow's life, counted there: charge).
 func (p *proc) otherName(f *flow, name string) bool {
 	n, _ := policy.NormalizeName(name) // nameAllowed took it
-	if first, ok := policy.NormalizeName(f.name); ok && n == first || slices.Contains(f.otherNames, n) {
+	if f.named(n) {
 		return true
 	}
 	if len(f.otherNames) >= audit.MaxOtherNames {
 		return false
 	}
+	p.charge(f) // the hello just read
+	cost := len(n)
+	if f.otherNames == nil {
+		cost += audit.MaxOtherNames * stringHeader
+	}
+	if p.streamBytes+cost > p.c.cfg.MaxStreamBytes {
+		p.stats.streamLimited.Add(1)
+		return false
+	}
+	if f.otherNames == nil {
+		f.otherNames = make([]string, 0, audit.MaxOtherNames)
+	}
 	f.otherNames = append(f.otherNames, n)
 	return true
 }
+
+// stringHeader is the size of a string header (64-bit): what a slot of
+// flow.otherNames holds besides its bytes.
+const stringHeader = 16
 
 // nameAllowed reports whether the policy allows name itself, as the
 // proxy decides a hello's name (decideIn: the guard, the address vouched
@@ -2190,10 +2214,10 @@ func (p *proc) checkSent(f *flow, dir int, seq uint32) {
 // sentDeny denies f, which the client sent the bytes it was decided on
 // again, different, as stream-conflict, and ends the watch.
 func (p *proc) sentDeny(f *flow) {
-	f.sent, f.quic = nil, nil
+	f.sent, f.quic, f.otherNames = nil, nil, nil
 	p.charge(f)
 	f.dec = policy.Decision{Verdict: policy.Deny, RuleIndex: -1, Reason: ReasonStreamConflict, Mode: f.dec.Mode}
-	f.evName, f.evSrc, f.otherNames = "", audit.NameNone, nil
+	f.evName, f.evSrc = "", audit.NameNone
 	f.ruled = false // capture's own denial: no reload judges it again
 	if f.reported {
 		p.emitNow(f, "capture: the client sent the bytes of its hello again, different: denied", slog.LevelWarn)
@@ -2262,9 +2286,14 @@ func (p *proc) streamRoom(f *flow, n int) bool {
 
 // charge counts the bytes f's buffers hold now in p.streamBytes: a QUIC
 // flow's Initial keys too (quicKeyCost each) but its first DCID's, which
-// every QUIC flow has.
+// every QUIC flow has, and its other names (otherName: held until it
+// ends; before session 31 (Q4) they were not counted, up to about 50 MB
+// at 65,536 flows).
 func (p *proc) charge(f *flow) {
-	n := 0
+	n := cap(f.otherNames) * stringHeader
+	for _, o := range f.otherNames {
+		n += len(o)
+	}
 	for _, s := range f.st {
 		if s != nil {
 			n += cap(s.buf) + s.pendLen
@@ -2595,6 +2624,10 @@ func (p *proc) end(f *flow, how string) {
 	}
 	p.done(f)
 	p.emit(f, how)
+	if f.otherNames != nil {
+		f.otherNames = nil // its last event carried them
+		p.charge(f)
+	}
 }
 
 // When a flow is classified and reported.

@@ -39,10 +39,10 @@ func quicFlowOps(port int, ds []quicDgram) []byte {
 // attempts). Seeds: TestQUICNewAttempt's flows (Version Negotiation,
 // Retry, several DCIDs and keys, new connections from one port),
 // coalesced Initials. Invariants: no panic (not even a recovered one);
-// after each datagram every flow's charge is what its buffers and keys
-// hold now (proc.charge), and all flows' charges add up to
-// proc.streamBytes; when the flows end, streamBytes is zero; every flow
-// is emitted once.
+// after each datagram every flow's charge is what its buffers, keys and
+// other names hold now (proc.charge), and all flows' charges add up to
+// proc.streamBytes; when the flows end, streamBytes is zero (the other
+// names given back too); every flow is emitted once.
 func FuzzQUICFlow(f *testing.F) {
 	for _, c := range newAttemptCases(f) {
 		f.Add(quicFlowOps(0, c.dgrams))
@@ -83,6 +83,13 @@ func FuzzQUICFlow(f *testing.F) {
 				}
 				if p.streamBytes != total {
 					t.Fatalf("%s: streamBytes %d, was %d", when, p.streamBytes, total)
+				}
+				names := 0
+				for _, o := range fl.otherNames {
+					names += len(o)
+				}
+				if fl.held < names {
+					t.Fatalf("%s: flow %d holds %d bytes of other names, charged %d in all", when, fl.cport, names, fl.held)
 				}
 				sum += fl.held
 			}

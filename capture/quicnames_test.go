@@ -96,3 +96,99 @@ func TestQUICOtherNamesBounded(t *testing.T) {
 		}
 	}
 }
+
+// TestQUICOtherNamesCharged: the other names a QUIC flow keeps (up to
+// audit.MaxOtherNames of up to 255 bytes each, for as long as the flow
+// lives) are counted in the capture buffers' bound (MaxStreamBytes), as
+// its kept hellos and keys are, and given back when the flow ends. Before
+// session 31 (Q4) they were not: about 50 MB at 65,536 flows held
+// outside it.
+func TestQUICOtherNamesCharged(t *testing.T) {
+	srv := netip.MustParseAddr("203.0.113.10")
+	capt, err := New(Config{}, Deps{Policy: policy.NewStore(testEngine(t, testPolicy)), Sink: &recorder{}, DNS: factsMap{srv: {decoyName}}})
+	if err != nil {
+		t.Fatal(err)
+	}
+	p := capt.proc
+	cli, dst := netip.AddrPortFrom(netip.MustParseAddr("192.0.2.10"), 47000), netip.AddrPortFrom(srv, 443)
+	now := time.Unix(1e9, 0)
+	names := []string{decoyName, "b.allowed.test", "c.allowed.test"}
+	for i, n := range names {
+		now = now.Add(time.Millisecond)
+		dg := clientInitialV(t, quicV1, []byte{byte(i + 1), 1, 1, 1}, nil, 0, 0, handHello(sniExt(n))[5:])
+		p.packet(udpFrame(t, macClient, macGW, cli, dst, dg), now, layers.LinkTypeEthernet)
+	}
+	// Past heldWait the kept hellos give way to their digests: what the
+	// flow holds then is mostly its keys and its names.
+	p.now = now.Add(heldWait + time.Second)
+	p.sweep()
+	if len(p.flows) != 1 {
+		t.Fatalf("%d flows, want 1", len(p.flows))
+	}
+	for _, f := range p.flows {
+		if !slices.Equal(f.otherNames, names[1:]) {
+			t.Fatalf("other names %q, want %q", f.otherNames, names[1:])
+		}
+		with := f.held
+		keep := f.otherNames
+		f.otherNames = nil
+		p.charge(f)
+		without := f.held
+		f.otherNames = keep
+		p.charge(f)
+		if n := len(names[1]) + len(names[2]); with-without < n {
+			t.Errorf("the flow's other names are charged %d bytes, want at least their %d", with-without, n)
+		}
+		if p.streamBytes != f.held {
+			t.Errorf("streamBytes %d, the one flow holds %d", p.streamBytes, f.held)
+		}
+		// Its events carry the names without a copy each.
+		if a := testing.AllocsPerRun(100, func() { _ = f.eventOthers() }); a != 0 {
+			t.Errorf("eventOthers allocates %.0f times an event, want none", a)
+		}
+	}
+	p.flush("end-of-capture")
+	if p.streamBytes != 0 {
+		t.Errorf("the flow ended holding %d bytes", p.streamBytes)
+	}
+}
+
+// TestQUICOtherNameBound: a later connection's hello naming another
+// allowed host that would take the capture buffers past MaxStreamBytes
+// (the hello and keys it brings, and the name the flow would hold for its
+// life) is stream-conflict, as a hello that does not fit is: the bound
+// holds. Before session 31 (Q4) the name was kept past it.
+func TestQUICOtherNameBound(t *testing.T) {
+	srv := netip.MustParseAddr("203.0.113.10")
+	rec := &recorder{}
+	capt, err := New(Config{}, Deps{Policy: policy.NewStore(testEngine(t, testPolicy)), Sink: rec, DNS: factsMap{srv: {decoyName}}})
+	if err != nil {
+		t.Fatal(err)
+	}
+	p := capt.proc
+	cli, dst := netip.AddrPortFrom(netip.MustParseAddr("192.0.2.10"), 47000), netip.AddrPortFrom(srv, 443)
+	now := time.Unix(1e9, 0)
+	send := func(i int, name string) []byte {
+		now = now.Add(time.Millisecond)
+		dg := clientInitialV(t, quicV1, []byte{byte(i + 1), 1, 1, 1}, nil, 0, 0, handHello(sniExt(name))[5:])
+		p.packet(udpFrame(t, macClient, macGW, cli, dst, dg), now, layers.LinkTypeEthernet)
+		return dg
+	}
+	send(0, decoyName)
+	send(1, "b.allowed.test")
+	// Room for the next datagram's bytes, not for what its hello keeps.
+	dg := clientInitialV(t, quicV1, []byte{3, 1, 1, 1}, nil, 0, 0, handHello(sniExt("c.allowed.test"))[5:])
+	p.c.cfg.MaxStreamBytes = p.streamBytes + len(dg)
+	limited := p.stats.streamLimited.Load()
+	send(2, "c.allowed.test")
+	if p.streamBytes > p.c.cfg.MaxStreamBytes {
+		t.Errorf("capture holds %d bytes, past the bound %d", p.streamBytes, p.c.cfg.MaxStreamBytes)
+	}
+	if p.stats.streamLimited.Load() != limited+1 {
+		t.Errorf("streamLimited %d, want %d", p.stats.streamLimited.Load(), limited+1)
+	}
+	p.flush("end-of-capture")
+	if evs := rec.all(); len(evs) != 1 || evs[0].Reason != ReasonStreamConflict {
+		t.Errorf("events %+v, want one stream-conflict", evs)
+	}
+}
