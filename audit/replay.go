@@ -160,9 +160,11 @@ func (r *Replayer) Emit(ev Event) {
 		r.res.Flows++
 		d = r.eng.Decide(in)
 		// A QUIC flow's other names (its later connections' hellos)
-		// must each be allowed too, as capture's reload judges them:
-		// the first the candidate does not allow decides the flow and
-		// names the change.
+		// must each be allowed too, as capture lets a later connection
+		// through only where the policy allows its name: the first the
+		// candidate does not allow decides the flow and names the
+		// change. (Capture's reload judges the flow by the name its
+		// address was learned for, which the event does not carry.)
 		for _, o := range ev.OtherNames {
 			oin := in
 			oin.Name = o

@@ -2124,7 +2124,14 @@ const stringHeader = 16
 // where that is no decoy. A UDP flow is decided by its address, for
 // either connection the same; the name is what the record shows, and a
 // first hello that names an allowed host must not hide a second that
-// names one the policy does not allow.
+// names one the policy does not allow. The client's MAC is the frame's
+// (flowInput), the one the flow is judged with everywhere else: the
+// forward chain matches it, its events carry it (eventMAC), the ledger
+// credits its other names and a replay judges them with it. (Before
+// session 31 (Q4) it was the neighbour table's, the proxy's, which
+// never sees UDP: a client the table has none for, a rule of the second
+// name naming the frame's MAC, was a false stream-conflict:
+// TestQUICOtherNameFrameMAC.)
 func (p *proc) nameAllowed(f *flow, name string) bool {
 	n, ok := policy.NormalizeName(name)
 	if !ok || !tlshello.Named(name) {
@@ -2132,7 +2139,7 @@ func (p *proc) nameAllowed(f *flow, name string) bool {
 	}
 	eng := p.c.deps.Policy.Load()
 	in := p.flowInput(f, "")
-	in.ClientMAC, in.Name = p.lanMAC(eng, f), n
+	in.Name = n
 	d := p.special(eng, in, eng.Decide(in), true)
 	return d.Allowed() && p.vouched(eng, in, d)
 }

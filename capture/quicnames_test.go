@@ -1,6 +1,7 @@
 package capture
 
 import (
+	"net"
 	"net/netip"
 	"slices"
 	"testing"
@@ -9,6 +10,7 @@ import (
 	"github.com/gopacket/gopacket/layers"
 
 	"egressd/audit"
+	"egressd/internal/fakemac"
 	"egressd/policy"
 )
 
@@ -190,5 +192,61 @@ func TestQUICOtherNameBound(t *testing.T) {
 	p.flush("end-of-capture")
 	if evs := rec.all(); len(evs) != 1 || evs[0].Reason != ReasonStreamConflict {
 		t.Errorf("events %+v, want one stream-conflict", evs)
+	}
+}
+
+// TestQUICOtherNameFrameMAC: a QUIC flow's later connection naming
+// another host is judged with the client MAC the flow is judged with
+// everywhere else, the frame's source address (flowInput): the forward
+// chain matches it, the flow's events carry it, and the ledger credits
+// the flow's other names and a replay judges them with it. Here the
+// neighbour table has no entry for the client (it is behind a router, or
+// the entry expired) and the rule of the second name names the frame's
+// MAC: the second connection is allowed and recorded, and the report
+// credits its rule. Before session 31 (Q4) it was judged with the
+// neighbour table's MAC (the proxy's, which never sees UDP): a false
+// stream-conflict.
+func TestQUICOtherNameFrameMAC(t *testing.T) {
+	const pol = `version: 1
+mode: audit
+groups:
+  kiosks: ["02:00:00:00:00:01"]
+rules:
+  - name: web
+    to: [a.allowed.test]
+    ports: [443/udp]
+  - name: kiosk
+    from: [kiosks]
+    to: [c.allowed.test]
+    ports: [443/udp]
+`
+	srv := netip.MustParseAddr("203.0.113.10")
+	rec := &recorder{}
+	store := policy.NewStore(testEngine(t, pol))
+	ledger := audit.NewLedger(store.Load(), audit.LedgerOptions{})
+	macs := fakemac.New(map[netip.Addr]net.HardwareAddr{})
+	capt, err := New(Config{}, Deps{Policy: store, Sink: audit.Tee(rec, ledger), DNS: factsMap{srv: {decoyName}}, MACs: macs})
+	if err != nil {
+		t.Fatal(err)
+	}
+	cli, dst := netip.AddrPortFrom(netip.MustParseAddr("192.0.2.10"), 47000), netip.AddrPortFrom(srv, 443)
+	now := time.Unix(1e9, 0)
+	for i, n := range []string{decoyName, "c.allowed.test"} {
+		now = now.Add(time.Millisecond)
+		dg := clientInitialV(t, quicV1, []byte{byte(i + 1), 1, 1, 1}, nil, 0, 0, handHello(sniExt(n))[5:])
+		capt.proc.packet(udpFrame(t, macClient, macGW, cli, dst, dg), now, layers.LinkTypeEthernet)
+	}
+	capt.proc.flush("end-of-capture")
+	evs := rec.all()
+	if len(evs) != 1 || evs[0].Verdict != policy.Allow || evs[0].ClientMAC != macClient.String() || !slices.Equal(evs[0].OtherNames, []string{"c.allowed.test"}) {
+		t.Fatalf("events %+v; want one allowed, MAC %s, others c.allowed.test", evs, macClient)
+	}
+	r := ledger.Report(audit.ReportOptions{})
+	credited := false
+	for _, rr := range r.Rules {
+		credited = credited || rr.Name == "kiosk" && rr.Flows == 1
+	}
+	if !credited {
+		t.Errorf("report rules %+v: want kiosk credited the flow", r.Rules)
 	}
 }
