@@ -338,6 +338,7 @@ type flowEvent struct {
 	RCode      string    `json:"rcode"`
 	Filtered   string    `json:"filtered"`
 	Front      string    `json:"front"`
+	OtherNames []string  `json:"other_names"`
 }
 
 func (e flowEvent) String() string {

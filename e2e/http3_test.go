@@ -18,7 +18,8 @@ import (
 )
 
 // The HTTP/3 test's names: one a rule of its own opens on 443/udp, one no
-// rule allows. Each has a quic-go HTTP/3 server on UDP 443 of its address
+// rule allows; a second name of the first's address, its own rule's
+// (TestHTTP3OtherNames). Each has a quic-go HTTP/3 server on UDP 443 of its address
 // (nginx has TCP 443 there).
 const (
 	h3Rule    = "e2e-h3"
@@ -26,6 +27,8 @@ const (
 	h3AllowIP = dockerIP4
 	h3Denied  = trackerName
 	h3DenyIP  = trackerIP
+	h3Second  = "second.h3.example"
+	h3Rule2   = "e2e-h3-second"
 )
 
 const h3Rules = `
@@ -350,4 +353,71 @@ func TestHTTP3(t *testing.T) {
 			}
 		}
 	})
+}
+
+// TestHTTP3OtherNames: one quic-go Transport (one UDP socket, one client
+// port) makes two HTTP/3 connections to one server address, each naming
+// another host, each host allowed by a rule of its own, both names
+// resolved through the gateway to that address (quic-go's shared
+// Transport, an HTTP/3 client's pool). Audit mode: both requests succeed;
+// capture records one flow, under the first connection's name, with the
+// second's in other_names, and the report credits the flow to both rules
+// (the second's would otherwise be listed unused).
+func TestHTTP3OtherNames(t *testing.T) {
+	tp := newTopo(t)
+	tp.startH3Server(t, h3AllowIP+":443")
+	d := newDaemon(t, tp, "audit")
+	d.writePolicy(append(testPolicy(t), h3Rules+`
+  - name: `+h3Rule2+`
+    why: a second name of the HTTP/3 server's address (TestHTTP3OtherNames)
+    to: ["`+h3Second+`"]
+    ports: [443/udp]
+`...))
+	d.start()
+	t.Cleanup(func() {
+		if t.Failed() {
+			t.Logf("egressd output:\n%s", d.logs())
+		}
+	})
+	for _, n := range []string{h3Allowed, h3Second} {
+		if rcode, addrs := tp.dig(t, n, "A"); rcode != "NOERROR" || len(addrs) != 1 || addrs[0] != h3AllowIP {
+			t.Fatalf("dig %s: %s %v, want %s", n, rcode, addrs, h3AllowIP)
+		}
+	}
+	cl := tp.newH3Client(t)
+	for _, n := range []string{h3Allowed, h3Second} {
+		if body, err := cl.get(n, h3AllowIP, http.MethodGet); err != nil || !strings.Contains(body, "sni="+n) {
+			t.Fatalf("HTTP/3 GET https://%s/ at %s on the shared transport: %q %v", n, h3AllowIP, body, err)
+		}
+	}
+	// Capture records a UDP flow when it ends: a clean stop ends them.
+	time.Sleep(300 * time.Millisecond)
+	d.stop()
+	var got []flowEvent
+	for _, ev := range d.allEvents() {
+		if ev.Kind == "flow" && ev.Proto == "udp" && ev.ClientPort == cl.port && ev.Dest == h3AllowIP && ev.DestPort == 443 {
+			got = append(got, ev)
+		}
+	}
+	if len(got) != 1 {
+		t.Fatalf("%d capture events for port %d, want 1: %v\nflows:\n%s", len(got), cl.port, got, d.events())
+	}
+	ev := got[0]
+	if ev.Name != h3Allowed || ev.NameSource != "quic-sni" || ev.Verdict != "allow" || ev.Rule != h3Rule ||
+		len(ev.OtherNames) != 1 || ev.OtherNames[0] != h3Second {
+		t.Errorf("recorded as %v other_names %q; want %s from the QUIC SNI, allowed by %s, other_names [%s]", ev, ev.OtherNames, h3Allowed, h3Rule, h3Second)
+	}
+	r, out := d.reportStateJSON()
+	flows := map[string]uint64{}
+	for _, rr := range r.Rules {
+		flows[rr.Name] = rr.Flows
+	}
+	if flows[h3Rule] != 1 || flows[h3Rule2] != 1 {
+		t.Errorf("report: %s %d flows, %s %d; want the flow credited to both\n%s", h3Rule, flows[h3Rule], h3Rule2, flows[h3Rule2], out)
+	}
+	for _, u := range r.UnusedRules {
+		if u == h3Rule2 {
+			t.Errorf("report lists %s unused\n%s", h3Rule2, out)
+		}
+	}
 }

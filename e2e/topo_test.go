@@ -90,6 +90,7 @@ var zone = [][3]string{
 	{"1.pool.ntp.org", "A", "198.51.100.125"}, // TestKnownBugs
 	{"2.pool.ntp.org", "A", "198.51.100.126"},
 	{clockName, "A", clockIP},
+	{h3Second, "A", dockerIP4}, // a second name of dockerIP4: TestHTTP3OtherNames
 }
 
 // poolNames are the pool.ntp.org names of the zone, each with its own
