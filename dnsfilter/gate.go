@@ -134,22 +134,23 @@ func (s *Server) clientMAC(eng *policy.Engine, client netip.Addr) net.HardwareAd
 // gateMark records that the firewall holds a cached answer's addresses for
 // rules (indexes into the engine's rules), under a policy engine: later
 // hits that need no other rule's set need not ask it again. refused are
-// the addresses full sets refused (Unreachable), remembered until until
-// (unix nanoseconds): hits before then withhold them without asking the
-// firewall, the first hit after asks again for those only.
+// the addresses full sets refused (Unreachable), each remembered until its
+// own until: hits before then withhold it without asking the firewall,
+// the first hit after of a client of its rule asks again for it. A mark
+// is not changed once stored.
 type gateMark struct {
 	eng     *policy.Engine
 	rules   []int
 	refused []refusal
-	why     string // the firewall's error that refused them
-	until   int64
 }
 
 // refusal is one address a rule's full learned set refused.
 type refusal struct {
 	rule, set string
 	addr      netip.Addr
-	ok        bool // Unreachable's ok: the refusal keeps the client out
+	ok        bool   // Unreachable's ok: the refusal keeps the client out
+	until     int64  // remembered until (unix nanoseconds)
+	why       string // the firewall's error that refused it
 }
 
 // fullRecheck is how long a gateMark remembers a full set's refusal
@@ -169,14 +170,14 @@ func (g *gateMark) covers(eng *policy.Engine, rules []int) bool {
 	return true
 }
 
-// refuses reports whether the mark's refusals hold addr for rule.
-func (g *gateMark) refuses(rule string, addr netip.Addr) bool {
+// refusal returns the mark's refusal of addr for rule.
+func (g *gateMark) refusal(rule string, addr netip.Addr) (refusal, bool) {
 	for _, f := range g.refused {
 		if f.rule == rule && f.addr == addr {
-			return true
+			return f, true
 		}
 	}
-	return false
+	return refusal{}, false
 }
 
 // gateRules appends to dst the rules whose learned sets must take the
@@ -252,9 +253,12 @@ func (s *Server) gate(q *query, e *entry, now int64) {
 		old = nil
 	}
 	clock := s.now().UnixNano()
-	recheck := old != nil && clock >= old.until
 	ls := make([]Learned, 0, len(e.addrs)*len(rules))
 	ask := make([]Learned, 0, len(e.addrs)*len(rules))
+	// The refusals remembered and not asked again: each for its own
+	// interval, renewed only by asking (a hit of another rule's client
+	// must not keep this rule's from an address that fits now).
+	var refused []refusal
 	for _, r := range rules {
 		held := old != nil && slices.Contains(old.rules, r)
 		for _, a := range e.addrs {
@@ -262,25 +266,20 @@ func (s *Server) gate(q *query, e *entry, now int64) {
 				l := Learned{Client: client, ClientMAC: q.mac, Name: e.name, Addr: a.addr, Rule: all[r].Name,
 					Expires: time.Unix(0, a.expires).Add(time.Second)}
 				ls = append(ls, l)
-				if !held || recheck && old.refuses(l.Rule, l.Addr) {
+				if !held {
 					ask = append(ask, l)
+				} else if f, ok := old.refusal(l.Rule, l.Addr.Unmap()); ok {
+					if clock >= f.until {
+						ask = append(ask, l)
+					} else {
+						refused = append(refused, f)
+					}
 				}
 			}
 		}
 	}
 	if len(ls) == 0 {
 		return
-	}
-	// The refusals remembered and not asked again.
-	var refused []refusal
-	why, until := "", clock+int64(s.fullRecheck)
-	if old != nil && !recheck {
-		for _, f := range old.refused {
-			if slices.ContainsFunc(rules, func(r int) bool { return all[r].Name == f.rule }) {
-				refused = append(refused, f)
-			}
-		}
-		why, until = old.why, old.until
 	}
 	var err error
 	if len(ask) > 0 {
@@ -290,24 +289,32 @@ func (s *Server) gate(q *query, e *entry, now int64) {
 		cancel()
 		s.m.learnDuration.Observe(time.Since(start).Seconds())
 	}
+	why := ""
+	if len(refused) > 0 {
+		why = refused[0].why
+	}
+	if err != nil {
+		why = err.Error()
+	}
 	asked, only := refusals(err)
+	for i := range asked {
+		asked[i].until, asked[i].why = clock+int64(s.fullRecheck), why
+	}
 	fresh := len(asked) > 0
 	refused = append(refused, asked...)
 	switch {
-	case len(ask) == 0 && !recheck:
+	case len(ask) == 0:
 		// All remembered: nothing asked, the mark stays.
 	case err == nil || only:
 		if err == nil {
-			if len(ask) > 0 {
-				s.m.learnOK.Inc()
-			}
+			s.m.learnOK.Inc()
 		} else {
 			s.m.learnError.Inc()
-			why = err.Error()
 		}
 		// Keep what an earlier mark under this engine held too: clients
-		// of other groups may need other rules, and their refusals.
-		held, kept := slices.Clone(rules), slices.Clone(refused)
+		// of other groups may need other rules, and their refusals (as
+		// they were: not asked again, not renewed).
+		held, kept := slices.Clone(rules), slices.Clone(asked)
 		if old != nil {
 			for _, r := range old.rules {
 				if !slices.Contains(held, r) {
@@ -315,23 +322,17 @@ func (s *Server) gate(q *query, e *entry, now int64) {
 				}
 			}
 			for _, f := range old.refused {
-				if !slices.ContainsFunc(kept, func(g refusal) bool { return g.rule == f.rule && g.addr == f.addr }) &&
-					!slices.ContainsFunc(ask, func(l Learned) bool { return l.Rule == f.rule && l.Addr.Unmap() == f.addr }) {
+				if !slices.ContainsFunc(ask, func(l Learned) bool { return l.Rule == f.rule && l.Addr.Unmap() == f.addr }) {
 					kept = append(kept, f)
 				}
 			}
 		}
-		w, u := why, until
-		if len(kept) == 0 {
-			w, u = "", 0
-		}
-		e.gate.Store(&gateMark{eng: q.eng, rules: held, refused: kept, why: w, until: u})
+		e.gate.Store(&gateMark{eng: q.eng, rules: held, refused: kept})
 	case errors.Is(err, context.DeadlineExceeded):
 		s.m.learnTimeout.Inc()
 		why = "timeout"
 	default:
 		s.m.learnError.Inc()
-		why = err.Error()
 	}
 	if len(refused) == 0 && err == nil {
 		return

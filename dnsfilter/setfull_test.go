@@ -9,6 +9,7 @@ import (
 	"slices"
 	"strings"
 	"sync"
+	"sync/atomic"
 	"testing"
 	"time"
 
@@ -599,5 +600,69 @@ func TestSetFullServfailPath(t *testing.T) {
 	waitFor(t, func() bool { return histCount(s.durCache)+histCount(s.durUpstream)+histCount(s.durLocal) >= 2 })
 	if up, hit, local := histCount(s.durUpstream), histCount(s.durCache), histCount(s.durLocal); up != 1 || hit != 1 || local != 0 {
 		t.Errorf("query_duration_seconds upstream %d, cache %d, local %d; want 1, 1, 0", up, hit, local)
+	}
+}
+
+// setFullClients: ntp's set feeds 127.0.0.1's answers, sip's 127.0.0.2's,
+// for the same names.
+const setFullClients = `version: 1
+mode: enforce
+rules:
+  - name: ntp
+    from: [127.0.0.1]
+    to: ["*.full.test"]
+    ports: [123/udp]
+  - name: sip
+    from: [127.0.0.2]
+    to: ["*.full.test"]
+    ports: [5060/udp]
+`
+
+// startSetFullClock is startSetFull with setFullClients and a clock the
+// test moves forward (by adding to skew).
+func startSetFullClock(t *testing.T, fw Firewall, recheck time.Duration, skew *atomic.Int64) *Server {
+	t.Helper()
+	up := newFakeUpstream(t, setFullZone)
+	s, err := New(Config{Listen: []string{"127.0.0.1:0"}, UDPReaders: 2, ClientRate: -1, Upstreams: []string{up.Addr}, AllowPrivateAnswers: true},
+		Deps{Policy: compile(t, setFullClients), Firewall: fw, Sink: &recSink{}, Logger: slog.New(slog.DiscardHandler)})
+	if err != nil {
+		t.Fatal(err)
+	}
+	s.fullRecheck = recheck
+	s.now = func() time.Time { return time.Now().Add(time.Duration(skew.Load())) }
+	runServer(t, s, nil)
+	return s
+}
+
+// TestSetFullRecheckOtherClient: a hit of a client whose rules the
+// refusal is not of (sip's 127.0.0.2) does not renew another rule's
+// remembered refusal (ntp's): 127.0.0.1's first hit after the interval
+// asks the firewall again. It did renew it (the mark's one "until"):
+// a sip client asking the name every second kept ntp's clients from an
+// address the set had room for, without end.
+func TestSetFullRecheckOtherClient(t *testing.T) {
+	fw := &fullFirewall{}
+	fw.set(map[string][]netip.Addr{"ntp": addrs("192.0.2.22")}, true)
+	var skew atomic.Int64
+	recheck := 100 * time.Second // 2.25 of them within the answer's TTL (300 s)
+	s := startSetFullClock(t, fw, recheck, &skew)
+	addr := s.Addrs()[0].String()
+	if r := exchangeFrom(t, "127.0.0.1", "udp", addr, "one.full.test.", dns.TypeA); r.Rcode != dns.RcodeServerFailure {
+		t.Fatalf("ntp client: %s %v, want SERVFAIL", dns.RcodeToString[r.Rcode], answerAddrs(r))
+	}
+	fw.set(nil, true) // room again
+	for i := range 3 {
+		skew.Add(int64(recheck) * 3 / 4)
+		if r := exchangeFrom(t, "127.0.0.2", "udp", addr, "one.full.test.", dns.TypeA); !slices.Equal(answerAddrs(r), addrs("192.0.2.22")) {
+			t.Errorf("#%d sip client: %s %v, want 192.0.2.22", i, dns.RcodeToString[r.Rcode], answerAddrs(r))
+		}
+		// 1.5 intervals after the refusal, and on.
+		if i == 0 {
+			continue
+		}
+		if r := exchangeFrom(t, "127.0.0.1", "udp", addr, "one.full.test.", dns.TypeA); !slices.Equal(answerAddrs(r), addrs("192.0.2.22")) {
+			t.Errorf("#%d ntp client %v after the refusal, room again: %s %v, want 192.0.2.22",
+				i, time.Duration(skew.Load()), dns.RcodeToString[r.Rcode], answerAddrs(r))
+		}
 	}
 }
