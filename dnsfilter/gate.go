@@ -393,8 +393,10 @@ func (s *Server) warnFull(refused []refusal, now int64, fresh bool) bool {
 			warn = true
 		}
 	}
-	// Forget the sets not warned of in a while: the map holds at most
-	// the sets that refused in the last interval or so.
+	// Forget the sets not warned of in a while, once there are many: the
+	// keys are the firewall's rule/set pairs (two sets a rule), so the
+	// map holds at most 64 or the sets that refused in the last
+	// interval, whatever names clients ask.
 	if len(s.fullWarned) > 64 {
 		for k, last := range s.fullWarned {
 			if now-last >= int64(s.fullRecheck) {

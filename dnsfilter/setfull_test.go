@@ -5,6 +5,7 @@ import (
 	"errors"
 	"fmt"
 	"log/slog"
+	"net"
 	"net/netip"
 	"slices"
 	"strings"
@@ -665,4 +666,49 @@ func TestSetFullRecheckOtherClient(t *testing.T) {
 				i, time.Duration(skew.Load()), dns.RcodeToString[r.Rcode], answerAddrs(r))
 		}
 	}
+}
+
+// TestSetFullConcurrentHits: hits of two clients of different rules at
+// once, refusals remembered for a moment so marks are replaced while
+// others read them (run with -race): the ntp client, whose set stays
+// full, is never given the address, the sip client always is.
+func TestSetFullConcurrentHits(t *testing.T) {
+	fw := &fullFirewall{}
+	fw.set(map[string][]netip.Addr{"ntp": addrs("192.0.2.22")}, true)
+	var skew atomic.Int64
+	s := startSetFullClock(t, fw, time.Millisecond, &skew)
+	addr := s.Addrs()[0].String()
+	var wg sync.WaitGroup
+	for g := range 8 {
+		wg.Add(1)
+		go func() {
+			defer wg.Done()
+			src := []string{"127.0.0.1", "127.0.0.2"}[g%2]
+			for range 25 {
+				r, err := tryAskFrom(src, addr, "one.full.test.")
+				if err != nil {
+					t.Errorf("%s: %v", src, err)
+					return
+				}
+				got := answerAddrs(r)
+				if src == "127.0.0.1" && (r.Rcode != dns.RcodeServerFailure || len(got) != 0) {
+					t.Errorf("ntp client (set full): %s %v, want SERVFAIL", dns.RcodeToString[r.Rcode], got)
+				}
+				if src == "127.0.0.2" && !slices.Equal(got, addrs("192.0.2.22")) {
+					t.Errorf("sip client: %s %v, want 192.0.2.22", dns.RcodeToString[r.Rcode], got)
+				}
+			}
+		}()
+	}
+	wg.Wait()
+}
+
+// tryAskFrom is exchangeFrom over UDP, returning its error (for
+// goroutines other than the test's).
+func tryAskFrom(src, addr, name string) (*dns.Msg, error) {
+	m := new(dns.Msg)
+	m.SetQuestion(name, dns.TypeA)
+	c := &dns.Client{Net: "udp", Timeout: 6 * time.Second, Dialer: &net.Dialer{Timeout: 6 * time.Second, LocalAddr: &net.UDPAddr{IP: net.ParseIP(src)}}}
+	r, _, err := c.Exchange(m, addr)
+	return r, err
 }
