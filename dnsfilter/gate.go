@@ -413,7 +413,8 @@ func (s *Server) warnFull(refused []refusal, now int64, fresh bool) bool {
 // (policy.Engine.DestOpens: the firewall's accept for those lets the
 // client out whatever the learned set took), and no other rule's path
 // (the proxy) covers the name. It sets q.withheld, q.fullSets and
-// q.servfail (no address of ls is left). The set keeps its live
+// q.servfail (no address of ls is left), and q.enforced when it leaves
+// one out. The set keeps its live
 // addresses: evicting one would cut a client answered with it, to serve
 // this one.
 func (s *Server) withhold(q *query, ls []Learned, rules []int, refused []refusal) {
@@ -458,6 +459,10 @@ func (s *Server) withhold(q *query, ls []Learned, rules []int, refused []refusal
 		}
 	}
 	q.servfail = !left && len(q.withheld) > 0
+	// Enforcement changed the answer (trimmed, or SERVFAIL): the event
+	// and line say so, under the allow verdict the policy gave. The
+	// report counts the query as its rule's all the same.
+	q.enforced = q.enforced || len(q.withheld) > 0
 }
 
 // withholdAnswer leaves q.withheld out of the rendered answer wire, or

@@ -50,7 +50,7 @@ type query struct {
 	eng      *policy.Engine   // the engine dec came from
 	mac      net.HardwareAddr // the client's MAC dec was made with; nil: none (or the policy names no MAC)
 	dev      string           // the MAC of the client's device as text, as the rate limiter found it; "": none known
-	enforced bool             // answered locally by hardening, whatever the mode
+	enforced bool             // answered locally by hardening, whatever the mode, or addresses withheld (enforce mode)
 	rcode    int              // -1: not answered (dropped)
 	path     string
 	hit      bool

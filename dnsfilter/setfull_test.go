@@ -18,6 +18,7 @@ import (
 	"github.com/prometheus/client_golang/prometheus"
 	dto "github.com/prometheus/client_model/go"
 
+	"egressd/audit"
 	"egressd/policy"
 )
 
@@ -711,4 +712,81 @@ func tryAskFrom(src, addr, name string) (*dns.Msg, error) {
 	c := &dns.Client{Net: "udp", Timeout: 6 * time.Second, Dialer: &net.Dialer{Timeout: 6 * time.Second, LocalAddr: &net.UDPAddr{IP: net.ParseIP(src)}}}
 	r, _, err := c.Exchange(m, addr)
 	return r, err
+}
+
+// TestSetFullEventEnforced: the event and line of an answer enforcement
+// changed (a full set's address left out: trimmed, or SERVFAIL) say
+// enforced, under the allow verdict and rule the policy gave; one no
+// address was left out of, and audit mode's, say not. The report counts
+// the queries as the rule's (the policy allowed them), none as a drop.
+func TestSetFullEventEnforced(t *testing.T) {
+	up := newFakeUpstream(t, setFullZone)
+	fw := &fullFirewall{}
+	fw.set(map[string][]netip.Addr{"ntp": addrs("192.0.2.22", "192.0.2.20")}, true)
+	store := compile(t, setFullPolicy)
+	logs := &syncBuffer{}
+	ts := startServer(t, "", Config{Upstreams: []string{up.Addr}, AllowPrivateAnswers: true},
+		Deps{Policy: store, Firewall: fw, Logger: slog.New(slog.NewJSONHandler(logs, nil))})
+	for _, c := range []struct {
+		name     string
+		rcode    int
+		enforced bool
+	}{
+		{"one.full.test", dns.RcodeServerFailure, true},
+		{"multi.full.test", dns.RcodeSuccess, true}, // trimmed
+		{"in.full.test", dns.RcodeSuccess, false},
+	} {
+		for i := range 2 { // a miss, then a hit (the refusal remembered)
+			if r := ask(t, "udp", ts.Addr, c.name+".", dns.TypeA, false); r.Rcode != c.rcode {
+				t.Fatalf("%s #%d: %s, want %s", c.name, i, dns.RcodeToString[r.Rcode], dns.RcodeToString[c.rcode])
+			}
+			var ev audit.Event
+			waitFor(t, func() bool {
+				evs := 0
+				for _, e := range ts.Sink.Events() {
+					if e.Name == c.name {
+						evs++
+						ev = e
+					}
+				}
+				return evs == i+1
+			})
+			if ev.Enforced != c.enforced || ev.Verdict != policy.Allow || ev.Rule != "ntp" {
+				t.Errorf("%s #%d: event enforced %v, verdict %s, rule %s; want enforced %v, allow, ntp", c.name, i, ev.Enforced, ev.Verdict, ev.Rule, c.enforced)
+			}
+		}
+		waitFor(t, func() bool { return len(nameLines(logs, c.name)) == 2 })
+		for _, l := range nameLines(logs, c.name) {
+			if want := fmt.Sprintf(`"enforced":%v`, c.enforced); !strings.Contains(l, want) {
+				t.Errorf("line %s\nwant %s", l, want)
+			}
+		}
+	}
+	led := audit.NewLedger(store.Load(), audit.LedgerOptions{})
+	for _, ev := range ts.Sink.Events() {
+		led.Emit(ev)
+	}
+	rep := led.Report(audit.ReportOptions{})
+	if len(rep.Dropped) != 0 {
+		t.Errorf("report drops %+v, want none (the policy allowed every query)", rep.Dropped)
+	}
+	for _, r := range rep.Rules {
+		if r.Name == "ntp" && r.Queries != 6 {
+			t.Errorf("report: ntp credited %d queries, want 6", r.Queries)
+		}
+	}
+
+	// Audit mode never changes an answer: not enforced.
+	eng, err := policy.Compile("p.yaml", []byte(strings.Replace(setFullPolicy, "mode: enforce", "mode: audit", 1)))
+	if err != nil {
+		t.Fatal(err)
+	}
+	store.Swap(eng)
+	if r := ask(t, "udp", ts.Addr, "one.full.test.", dns.TypeA, false); r.Rcode != dns.RcodeSuccess {
+		t.Fatalf("one.full.test in audit mode: %s", dns.RcodeToString[r.Rcode])
+	}
+	waitFor(t, func() bool { return len(nameLines(logs, "one.full.test")) == 3 })
+	if ev, _ := ts.Sink.find("one.full.test"); ev.Enforced || ev.Mode != policy.ModeAudit {
+		t.Errorf("one.full.test in audit mode: event enforced %v, mode %s; want false, audit", ev.Enforced, ev.Mode)
+	}
 }
