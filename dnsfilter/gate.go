@@ -62,7 +62,10 @@ type Firewall interface {
 // the tree errors.Join and %w make: refusals) that refuse one address to one rule
 // for good, not for a moment: in egressd, firewall.SetFullError, a
 // learned set full of live addresses. ok is false when the refusal does
-// not keep the client from the address (audit mode: nothing is dropped).
+// not keep the client from the address (audit mode: nothing is dropped;
+// the firewall's installed rule opens it by a CIDR or "*" of its own):
+// the firewall judges it with its ruleset, which after a reload may not
+// be the policy the answer was decided under.
 type Unreachable interface {
 	error
 	Unreachable() (rule, set string, addr netip.Addr, ok bool)
@@ -409,10 +412,10 @@ func (s *Server) warnFull(refused []refusal, now int64, fresh bool) bool {
 
 // withhold finds the addresses of ls that the client cannot reach: every
 // one of rules (the rules that need them, indexes into q.eng's) refused
-// them for good (Unreachable) and opens them by no CIDR or "*" of its own
-// (policy.Engine.DestOpens: the firewall's accept for those lets the
-// client out whatever the learned set took), and no other rule's path
-// (the proxy) covers the name. It sets q.withheld, q.fullSets and
+// them for good (Unreachable with ok: the firewall's installed rule opens
+// them by no CIDR or "*" of its own, whose accept lets the client out
+// whatever the learned set took), and no other rule's path (the proxy)
+// covers the name. It sets q.withheld, q.fullSets and
 // q.servfail (no address of ls is left), and q.enforced when it leaves
 // one out. The set keeps its live
 // addresses: evicting one would cut a client answered with it, to serve
@@ -426,23 +429,13 @@ func (s *Server) withhold(q *query, ls []Learned, rules []int, refused []refusal
 	}
 	seen := map[ruleAddr]bool{}
 	count := map[netip.Addr]int{}
-	all := q.eng.Rules()
 	for _, f := range refused {
+		// A refusal that keeps the client from nothing (ok false: audit
+		// mode, or the installed rule's CIDR or "*" opens the address,
+		// as the firewall judges it with its own ruleset) is not counted.
 		if k := (ruleAddr{f.rule, f.addr}); f.ok && !seen[k] {
 			seen[k] = true
-			// A refusal by a rule whose CIDR (or "*") opens the address
-			// keeps the client from nothing: not counted. Asked only
-			// when a set refused, once per rule and address.
-			opens := false
-			for _, r := range rules {
-				if all[r].Name == f.rule {
-					opens = q.eng.DestOpens(r, k.addr)
-					break
-				}
-			}
-			if !opens {
-				count[k.addr]++
-			}
+			count[k.addr]++
 		}
 		if k := f.rule + "/" + f.set; !slices.Contains(q.fullSets, k) {
 			q.fullSets = append(q.fullSets, k)

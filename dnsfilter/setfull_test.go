@@ -65,7 +65,8 @@ func (e *fullErr) Unreachable() (string, string, netip.Addr, bool) {
 
 // fullFirewall refuses the addresses in full[rule], as a firewall whose
 // learned set for the rule is full of live addresses; enforced says
-// whether that keeps the client from them.
+// whether that keeps the client from them (but those the rule's CIDR or
+// "*" opens, as firewall.SetFullError says).
 type fullFirewall struct {
 	mu       sync.Mutex
 	full     map[string][]netip.Addr
@@ -91,10 +92,24 @@ func (f *fullFirewall) Learn(ctx context.Context, eng *policy.Engine, ls []Learn
 	var errs []error
 	for _, l := range ls {
 		if slices.Contains(f.full[l.Rule], l.Addr) {
-			errs = append(errs, fmt.Errorf("learn: %w", &fullErr{l.Rule, l.Addr, f.enforced}))
+			// Keeps the client out unless the rule opens the address
+			// otherwise: the firewall judges that with its installed
+			// policy (firewall.SetFullError), here the answer's.
+			errs = append(errs, fmt.Errorf("learn: %w", &fullErr{l.Rule, l.Addr, f.enforced && !destOpens(eng, l.Rule, l.Addr)}))
 		}
 	}
 	return errors.Join(errs...)
+}
+
+// destOpens is firewall's: whether eng's rule of that name opens addr by
+// a CIDR or "*" of its own.
+func destOpens(eng *policy.Engine, rule string, addr netip.Addr) bool {
+	for i, r := range eng.Rules() {
+		if r.Name == rule {
+			return eng.DestOpens(i, addr)
+		}
+	}
+	return false
 }
 
 // learns returns how often Learn was called and the addresses it was

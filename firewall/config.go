@@ -206,6 +206,10 @@ type SetFullError struct {
 	// Enforced: the set is in the kernel (enforce mode), which drops the
 	// rule's forwarded traffic to Addr. In audit mode nothing is dropped.
 	Enforced bool
+	// Opened: the installed rule opens Addr by a CIDR or "*" of its own
+	// (policy.Engine.DestOpens of the installed policy, when the refusal
+	// was made): its accept lets the client out whatever the set took.
+	Opened bool
 }
 
 func (e *SetFullError) Error() string {
@@ -217,9 +221,11 @@ func (e *SetFullError) Is(target error) bool { return target == ErrSetFull }
 
 // Unreachable tells the DNS forwarder (dnsfilter.Unreachable) that the
 // rule's forwarded ports stay closed to the address: ok is false in audit
-// mode.
+// mode, and when the installed rule opens the address otherwise (Opened).
+// The firewall judges it, with the ruleset it has: after a reload the
+// policy an answer was decided under may not be the installed one.
 func (e *SetFullError) Unreachable() (rule, set string, addr netip.Addr, ok bool) {
-	return e.Rule, e.Set, e.Addr, e.Enforced
+	return e.Rule, e.Set, e.Addr, e.Enforced && !e.Opened
 }
 
 func (c Config) dnsPort() uint16 {

@@ -134,9 +134,11 @@ func opensByRule(rs *Ruleset, r policy.Rule, dst netip.Addr, pr policy.PortRange
 // has names: learned sets, but for the families "*" or a /0 opens), every destination of destOpensAddrs and every forwarded
 // port range of the rule, policy.Engine.DestOpens says the rule opens the
 // destination exactly when the rendered firewall's accept rules of that
-// rule (its learned sets empty) let a client of the rule out to it: the
-// DNS forwarder keeps in an answer an address a full learned set refused
-// only where the firewall lets the client reach it all the same. With no
+// rule (its learned sets empty) let a client of the rule out to it: a full
+// learned set's refusal says it keeps the client out of nothing
+// (SetFullError.Opened, DestOpens of the installed policy), and the DNS
+// forwarder keeps the address in an answer, only where the firewall lets
+// the client reach it all the same. With no
 // NAT64 prefix, the well-known one, one inside the local-use /48, and one
 // outside the guarded ranges.
 func TestDestOpensMatchesForward(t *testing.T) {

@@ -708,7 +708,8 @@ func (f *Firewall) LearnAll(ctx context.Context, as []Address) error {
 			f.dropExpired(set, m, now)
 			if len(m) >= f.cfg.maxLearned() {
 				f.m.setFull.Inc()
-				errs = append(errs, &SetFullError{Rule: a.Rule, Set: set, Addr: addr, Len: len(m), Enforced: rs.inKernel})
+				errs = append(errs, &SetFullError{Rule: a.Rule, Set: set, Addr: addr, Len: len(m), Enforced: rs.inKernel,
+					Opened: destOpens(f.eng, a.Rule, addr)})
 				continue
 			}
 		}
@@ -758,6 +759,22 @@ func (f *Firewall) LearnAll(ctx context.Context, as []Address) error {
 		}
 	}
 	return errors.Join(errs...)
+}
+
+// destOpens reports whether eng's rule of that name opens addr by a CIDR
+// or "*" of its own (policy.Engine.DestOpens): eng is the installed
+// policy, whose accept rules are the ruleset's, not the one the answer
+// was decided under (a reload may have gone in since).
+func destOpens(eng *policy.Engine, rule string, addr netip.Addr) bool {
+	if eng == nil {
+		return false
+	}
+	for i, r := range eng.Rules() {
+		if r.Name == rule {
+			return eng.DestOpens(i, addr)
+		}
+	}
+	return false
 }
 
 // coveredBy reports whether eng's rule a.Rule lets a.Client resolve

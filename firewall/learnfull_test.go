@@ -1,6 +1,7 @@
 package firewall
 
 import (
+	"context"
 	"errors"
 	"net/netip"
 	"testing"
@@ -196,5 +197,65 @@ rules:
 	}
 	if _, _, ok := rs.LearnedSets("star"); ok {
 		t.Error("LearnedSets(star): ok, with no learned set")
+	}
+}
+
+// TestSetFullOpenedByInstalled: a full set's refusal keeps the client
+// from the address (SetFullError.Unreachable's ok) unless the installed
+// rule opens it by a CIDR of its own; judged with the installed policy,
+// not the one the answer was decided under (Address.Engine): after a
+// reload that drops the rule's CIDR, an answer of the old policy's is
+// refused as unreachable, and the forwarder withholds it.
+func TestSetFullOpenedByInstalled(t *testing.T) {
+	now := time.Date(2026, 1, 1, 0, 0, 0, 0, time.UTC)
+	compileRule := func(to string) *policy.Engine {
+		eng, err := policy.Compile("p.yaml", []byte("version: 1\nmode: enforce\nrules:\n  - {name: ntp, to: ["+to+"], ports: [123/udp]}\n"))
+		if err != nil {
+			t.Fatal(err)
+		}
+		return eng
+	}
+	withCIDR, without := compileRule("ntp.test, 198.18.0.0/24"), compileRule("ntp.test")
+	fw, err := New(Config{MaxLearned: 1, MinTTL: 10 * time.Second}, Deps{Now: func() time.Time { return now }})
+	if err != nil {
+		t.Fatal(err)
+	}
+	install := func(eng *policy.Engine) {
+		rs, err := render(Config{}, eng.WithMode(policy.ModeAudit), now)
+		if err != nil {
+			t.Fatal(err)
+		}
+		fw.mu.Lock()
+		fw.rs, fw.eng = rs, eng
+		fw.mu.Unlock()
+	}
+	install(withCIDR)
+	if err := fw.Learn("ntp", netip.MustParseAddr("198.18.1.1"), time.Minute); err != nil {
+		t.Fatal(err)
+	}
+	// Enforced as the kernel's set would be; the set is full, so nothing
+	// is written.
+	fw.rs.inKernel = true
+	learn := func(eng *policy.Engine, a string) (ok bool) {
+		t.Helper()
+		err := fw.LearnAll(context.Background(), []Address{{Rule: "ntp", Addr: netip.MustParseAddr(a), TTL: time.Minute,
+			Engine: eng, Client: netip.MustParseAddr("192.0.2.9"), Name: "ntp.test"}})
+		var full *SetFullError
+		if !errors.As(err, &full) {
+			t.Fatalf("%s into a full set: %v, want a SetFullError", a, err)
+		}
+		_, _, _, ok = full.Unreachable()
+		return ok
+	}
+	if learn(withCIDR, "198.18.0.5") {
+		t.Error("198.18.0.5, in the installed rule's CIDR: unreachable, want reachable by the CIDR's accept")
+	}
+	if !learn(withCIDR, "198.18.2.5") {
+		t.Error("198.18.2.5, outside the CIDR: reachable, want unreachable")
+	}
+	install(without)
+	fw.rs.inKernel = true
+	if !learn(withCIDR, "198.18.0.5") {
+		t.Error("198.18.0.5 decided under the policy with the CIDR, the one without installed: reachable, want unreachable (no accept opens it)")
 	}
 }

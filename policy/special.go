@@ -139,8 +139,10 @@ var loopback4 = netip.MustParsePrefix("127.0.0.0/8")
 // DestOpens reports whether rule i (an index into Rules) opens the
 // destination a by what it names other than names, exactly as the
 // firewall's accept rules for the rule's forwarded ports do apart from its
-// learned sets (firewall/render.go), so that the DNS forwarder does not
-// withhold such an address when the rule's learned set is full: "*" and a
+// learned sets (firewall/render.go), so that the firewall's refusal of
+// such an address when the rule's learned set is full says it keeps the
+// client out of nothing (firewall.SetFullError.Opened, judged with the
+// installed policy), and the DNS forwarder does not withhold it: "*" and a
 // /0 open their family but the guarded destinations (GuardList, under the
 // engine's NAT64 prefixes); a CIDR target (an IPv4 one in its NAT64 forms
 // too) opens what it holds, but the guarded destinations when it holds one

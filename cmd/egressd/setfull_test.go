@@ -6,6 +6,7 @@ import (
 	"net"
 	"net/netip"
 	"slices"
+	"sync"
 	"testing"
 	"time"
 
@@ -70,6 +71,47 @@ func TestSetFullAnswerCIDR(t *testing.T) {
 	}
 }
 
+// TestSetFullAnswerReload: a reload's ruleset goes in while a query the
+// old policy decided is on its way to the firewall (reloadPolicy swaps the
+// store first; the hook replaces the ruleset before the query's Learn).
+// The old rule's CIDR opened the address, the new rule has none: the
+// client must not get an address the installed ruleset drops. The
+// forwarder asked the old engine (DestOpens) whether the rule opens it,
+// and kept it in the answer: a success, then a silent timeout.
+func TestSetFullAnswerReload(t *testing.T) {
+	newEng, err := policy.Compile("p.yaml", []byte("version: 1\nmode: enforce\nrules:\n  - {name: ntp, to: [ntp.test], ports: [123/udp]}\n"))
+	if err != nil {
+		t.Fatal(err)
+	}
+	var once sync.Once
+	ask, reach := setFullGatewayHook(t, "n3", "{name: ntp, to: [ntp.test, 198.18.2.2/32], ports: [123/udp]}",
+		map[string][]string{"ntp.test.": {"198.18.2.2"}}, func(fw *firewall.Firewall) {
+			once.Do(func() {
+				if err := fw.Replace(newEng); err != nil {
+					t.Errorf("replace: %v", err)
+				}
+			})
+		})
+	r := ask("ntp.test.")
+	if reach(netip.MustParseAddr("198.18.2.2")) {
+		t.Fatal("198.18.2.2 reachable after the reload: the new ruleset does not drop it, the test shows nothing")
+	}
+	if got := setFullAddrs(r); r.Rcode != dns.RcodeServerFailure || len(got) != 0 {
+		t.Errorf("ntp.test, its set full, the installed rule without the CIDR: rcode %s, addresses %v (unreachable); want SERVFAIL and none", dns.RcodeToString[r.Rcode], got)
+	}
+}
+
+// hookGate is a firewallGate that calls hook before each Learn.
+type hookGate struct {
+	*firewallGate
+	hook func()
+}
+
+func (h *hookGate) Learn(ctx context.Context, eng *policy.Engine, ls []dnsfilter.Learned) error {
+	h.hook()
+	return h.firewallGate.Learn(ctx, eng, ls)
+}
+
 // setFullGateway builds a gateway whose firewall (MaxLearned 2) installs
 // a policy of the one rule given, named ntp, its learned set full of live
 // addresses (198.18.2.10, 198.18.2.11), and a DNS forwarder answering
@@ -79,6 +121,13 @@ func TestSetFullAnswerCIDR(t *testing.T) {
 //
 //	client eth0 198.18.1.2 ── lan0 198.18.1.1 gateway (firewall) wan0 198.18.2.1 ── eth0 198.18.2.x server
 func setFullGateway(t *testing.T, tag, rule string, zone map[string][]string) (ask func(name string) *dns.Msg, reach func(netip.Addr) bool) {
+	t.Helper()
+	return setFullGatewayHook(t, tag, rule, zone, nil)
+}
+
+// setFullGatewayHook is setFullGateway whose forwarder calls hook with the
+// firewall before its first Learn (nil: none).
+func setFullGatewayHook(t *testing.T, tag, rule string, zone map[string][]string, hook func(*firewall.Firewall)) (ask func(name string) *dns.Msg, reach func(netip.Addr) bool) {
 	t.Helper()
 	testnet.RequireRoot(t)
 	client, gw, server := testnet.New(t, tag+"c"), testnet.New(t, tag+"g"), testnet.New(t, tag+"s")
@@ -121,8 +170,12 @@ func setFullGateway(t *testing.T, tag, rule string, zone map[string][]string) (a
 	up := setFullUpstream(t, zone)
 	g := &firewallGate{}
 	g.fw.Store(fw)
+	var gate dnsfilter.Firewall = g
+	if hook != nil {
+		gate = &hookGate{firewallGate: g, hook: func() { hook(fw) }}
+	}
 	s, err := dnsfilter.New(dnsfilter.Config{Listen: []string{"127.0.0.1:0"}, Upstreams: []string{up}, ClientRate: -1, AllowPrivateAnswers: true},
-		dnsfilter.Deps{Policy: policy.NewStore(eng), Firewall: g})
+		dnsfilter.Deps{Policy: policy.NewStore(eng), Firewall: gate})
 	if err != nil {
 		t.Fatal(err)
 	}
