@@ -64,3 +64,61 @@ rules:
 		}
 	}
 }
+
+// TestCIDRNamesMapped: the IPv4-mapped form of an address that is not
+// guarded (SpecialRange's 0.0.0.0/0; the explicit proxy may be asked for
+// one, CONNECT [::ffff:198.51.100.2]) opens by any IPv4 CIDR rule that
+// holds the address, "0.0.0.0/0" and "128.0.0.0/1" too, as the address
+// itself does: forward never carries a mapped destination, so the
+// firewall's accept for a prefix that holds guarded ranges (OpensHeld)
+// says nothing of it. "*" and "::/0" name no IPv4 range; the mapped form
+// of a guarded address opens only by a rule inside its range.
+func TestCIDRNamesMapped(t *testing.T) {
+	base, err := Compile("p.yaml", []byte(`version: 1
+mode: enforce
+rules:
+  - {name: any4, to: ["0.0.0.0/0"], ports: [8001/tcp]}
+  - {name: half, to: ["128.0.0.0/1"], ports: [8002/tcp]}
+  - {name: doc, to: ["198.51.100.0/24"], ports: [8003/tcp]}
+  - {name: star, to: ["*"], ports: [8004/tcp]}
+  - {name: any6, to: ["::/0"], ports: [8005/tcp]}
+  - {name: lan, to: ["10.0.0.0/8"], ports: [8006/tcp]}
+  - {name: meta, to: ["169.254.169.254/32"], ports: [8007/tcp]}
+`))
+	if err != nil {
+		t.Fatal(err)
+	}
+	for _, nat := range []string{"", "64:ff9b::/96"} {
+		ps, err := ParseNAT64(nat)
+		if err != nil {
+			t.Fatal(err)
+		}
+		eng := base.WithNAT64(ps)
+		for _, c := range []struct {
+			dest string
+			port uint16
+			want bool
+		}{
+			{"::ffff:198.51.100.2", 8001, true},
+			{"::ffff:198.51.100.2", 8002, true},
+			{"::ffff:198.51.100.2", 8003, true},
+			{"::ffff:198.51.100.2", 8004, false},
+			{"::ffff:198.51.100.2", 8005, false},
+			{"::ffff:10.1.2.3", 8001, true},
+			{"::ffff:10.1.2.3", 8006, true},
+			{"::ffff:169.254.169.254", 8001, false},
+			{"::ffff:169.254.169.254", 8002, false},
+			{"::ffff:169.254.169.254", 8007, true},
+			{"::ffff:127.0.0.1", 8001, false},
+		} {
+			a := netip.MustParseAddr(c.dest)
+			g, ok := eng.SpecialRange(a, nil, nil)
+			if !ok {
+				t.Fatalf("%s is not guarded", a)
+			}
+			if got := eng.CIDRNames(Input{Dest: a, Port: c.port, Proto: TCP}, g); got != c.want {
+				t.Errorf("nat64 %q: CIDRNames(%s:%d, %s) = %v, want %v", nat, a, c.port, g, got, c.want)
+			}
+		}
+	}
+}

@@ -80,11 +80,20 @@ func SpecialRange(a netip.Addr, own []netip.Addr, allow []netip.Prefix) (netip.P
 // opens 64:ff9b::a9fe:a9fe. A prefix that holds a guarded destination it
 // does not open names none (OpensHeld), as in the firewall's forward chain
 // and DestOpens: "64:ff9b:1::/48" opens no part of the local-use /48 around
-// a NAT64 prefix inside it.
+// a NAT64 prefix inside it. The IPv4-mapped form of an address no range
+// guards is named by any IPv4 CIDR rule that holds it ("0.0.0.0/0",
+// "128.0.0.0/1"), not by "*" or "::/0".
 func (e *Engine) CIDRNames(in Input, g netip.Prefix) bool {
 	a := in.Dest.Unmap()
 	_, nat, isNAT := NAT64Embedded(e.nat64, a)
 	guards := e.guardList()
+	// The mapped form of an address no range guards (g is then
+	// 0.0.0.0/0, SpecialRange) is guarded as such only: any IPv4 CIDR
+	// rule holding the address names it, "0.0.0.0/0" too, as the address
+	// itself is opened. Forward never carries a mapped destination, so the
+	// firewall's accept for a prefix holding guarded ranges (OpensHeld)
+	// says nothing of it.
+	mappedOnly := g.Bits() == 0
 	now := in.Now
 	if now.IsZero() {
 		now = time.Now()
@@ -114,7 +123,7 @@ func (e *Engine) CIDRNames(in Input, g netip.Prefix) bool {
 			if t.Kind != TargetPrefix {
 				continue
 			}
-			if p := prefixFor(t.Prefix, nat, isNAT); p.Contains(a) && OpensGuarded(p, g) && OpensHeld(guards, p) {
+			if p := prefixFor(t.Prefix, nat, isNAT); p.Contains(a) && OpensGuarded(p, g) && (mappedOnly || OpensHeld(guards, p)) {
 				return true
 			}
 		}
