@@ -46,6 +46,14 @@ func TestHardeningEmbeddings(t *testing.T) {
 	} else {
 		wantEvent(t, d, "control CONNECT", byClientPort(port), "allow", "")
 	}
+	// The IPv4-mapped form of an ordinary address counts as the address
+	// under 0.0.0.0/0 (README: ::ffff:17.1.2.3 counts as 17.1.2.3).
+	mapped := "[::ffff:" + dockerIP4 + "]:443"
+	if body, port, err := tp.rawHTTP(proxyAddr, "CONNECT "+mapped+" HTTP/1.1\r\nHost: "+mapped+"\r\n\r\n"); !strings.HasPrefix(body, "HTTP/1.1 200") {
+		t.Errorf("control: CONNECT %s: %q", mapped, firstLine(body, err))
+	} else {
+		wantEvent(t, d, "control CONNECT mapped", byClientPort(port), "allow", "")
+	}
 	if o := tp.sendHello("["+dockerIP6+"]:443", buildHello(helloSpec{sni: [][]string{{dockerIP6}}}), 0, 0); o.denied || o.err != nil {
 		t.Errorf("control: IP-literal SNI to [%s]:443: %v", dockerIP6, o)
 	} else if ev := wantEvent(t, d, "control hello", byClientPort(o.port), "allow", ""); ev.Dest != dockerIP6 {
