@@ -448,9 +448,18 @@ func ParseSince(s string, now time.Time) (time.Time, error) {
 // capped serves a report with h while fewer than maxReports are in
 // progress, holding a slot until h returns; past them it answers at once,
 // 503 with Retry-After, and counts and logs it (at most a line a
-// refusedEvery).
+// refusedEvery). A request with a body is answered 400 at once: net/http
+// ends a request's context when its client leaves only once the body was
+// read to its end, so a report asked with a body never sent went on (its
+// window read, built) for no one, holding its slot until writeTimeout.
 func (s *Server) capped(h http.HandlerFunc) http.HandlerFunc {
 	return func(w http.ResponseWriter, r *http.Request) {
+		if r.ContentLength != 0 {
+			// Closed after: net/http would wait to discard the body first.
+			w.Header().Set("Connection", "close")
+			http.Error(w, "admin: a report request has no body", http.StatusBadRequest)
+			return
+		}
 		select {
 		case s.reports <- struct{}{}:
 			defer func() { <-s.reports }()
