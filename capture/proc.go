@@ -3164,7 +3164,7 @@ func (p *proc) decideForwarded(eng *policy.Engine, in policy.Input, name string,
 	}
 	if best >= 0 {
 		d = policy.Decision{Verdict: policy.Allow, Rule: eng.Rules()[best].Name, RuleIndex: best, Reason: policy.ReasonAllowed, Mode: eng.Mode()}
-		learned = admitName{p.grants[bi].Name, audit.NameDNSLearned}
+		learned = admitName{p.grants[bi].Name, audit.NameDNSLearned, d.Rule}
 		if bi >= n {
 			learned.src = audit.NameDNSAnswer
 		}
@@ -3184,12 +3184,14 @@ func (p *proc) decideForwarded(eng *policy.Engine, in policy.Input, name string,
 }
 
 // admitName is the name of a DNS answer whose rule's learned set
-// admitted a flow's address (decideForwarded), normalized, and how capture
+// admitted a flow's address (decideForwarded), normalized, how capture
 // knows the answer: dns-learned (the forwarder's) or dns-answer (seen on
-// the wire).
+// the wire), and that rule's name: the rule of the flow's mark, whose
+// tag the firewall's sweep reads at a reload (redecide).
 type admitName struct {
 	name string
 	src  audit.NameSource
+	rule string
 }
 
 // learnedRule returns the lowest rule whose learned set the answer g fed

@@ -3,6 +3,7 @@ package capture
 import (
 	"context"
 	"log/slog"
+	"slices"
 	"strings"
 	"time"
 
@@ -34,10 +35,10 @@ import (
 //     address with the protocol icmp, any other denied whatever the
 //     rules) again where nothing else does.
 //     In audit mode nothing is cut, but a flow the new policy would
-//     deny (by address, the answers live when it began, or the name its
-//     address was learned for, which a rule must still allow: as the
-//     firewall keeps an unchanged rule's flows however long ago their
-//     answers expired) gets that would-be deny, as the proxy's
+//     deny (as the firewall's sweep decides it: the rule of its mark,
+//     which must still allow the name its address was learned for,
+//     however long ago the answer expired (keptByMark); else by address,
+//     a CIDR rule or the answers live now) gets that would-be deny, as the proxy's
 //     connections do in audit mode: one info line and an event at once, so the report
 //     counts the flow as one enforce would now drop; its later events
 //     carry the deny. A would-be deny the new policy allows (the rule
@@ -269,34 +270,40 @@ func (p *proc) redecide() {
 				continue // denied all along, whatever the policy
 			}
 			in := p.flowInput(f, "")
-			d, name, src, learned := p.decideForwarded(eng, in, f.name, f.nameSrc, f.first)
-			d = p.special(eng, in, d, true)
-			if oth && name == "" {
-				name, src = f.evName, f.evSrc // the name denyOther found
+			// As the sweep (firewall/sweep.go, keeps): the rule of the
+			// flow's mark first, however long ago its answer expired;
+			// else the new chain's judgement of a first packet now: a
+			// CIDR rule, or a learned set live now (not the answers
+			// live when the flow began: an expired one is in no set).
+			d, name, src, learned := p.keptByMark(eng, in, f)
+			if !d.Allowed() {
+				d, name, src, learned = p.decideForwarded(eng, in, f.name, f.nameSrc, p.now)
+				d = p.special(eng, in, d, true)
+			}
+			if name == "" {
+				// The name denyOther found, or the answer's the flow
+				// was decided with, expired since.
+				name, src = f.evName, f.evSrc
 			}
 			if !d.Allowed() && f.dec.Allowed() && f.learned.name != "" {
-				// The name its address was learned for still counts
-				// where a rule allows it: the firewall keeps the flow of
-				// its mark's rule, unchanged, however long ago the
-				// answer expired (and the proxy a DNS-learned name).
-				// Only that name: the forward chain reads no hello, so
-				// a QUIC flow's names (its hellos', first and other)
+				// Recorded under the name its address was learned for,
+				// the one enforce would drop the flow for: the report
+				// lists its drop there, the hellos' names in
+				// other_names. The forward chain reads no hello, so a
+				// QUIC flow's names (its hellos', first and other)
 				// neither keep it nor cut it, whichever rules allow
 				// them (TestRedecideQUICLearnedName; before session 31
 				// the first hello's name was judged instead).
-				nin := in
-				nin.Name, nin.NoPath = f.learned.name, false
-				if nd := p.special(eng, nin, eng.Decide(nin), true); nd.Allowed() {
-					d, learned = nd, f.learned
-				} else {
-					// Recorded under that name, the one enforce would
-					// drop the flow for: the report lists its drop
-					// there, the hellos' names in other_names.
-					name, src = f.learned.name, f.learned.src
-					if f.named(name) {
-						src = audit.NameQUIC
-					}
+				name, src = f.learned.name, f.learned.src
+				if f.named(name) {
+					src = audit.NameQUIC
 				}
+			}
+			if d.Allowed() && f.dec.Allowed() {
+				// Kept: by the rule whose tag the sweep gives its mark
+				// from now on (zero: by a CIDR rule), which a later
+				// reload reads.
+				f.learned = learned
 			}
 			if d.Allowed() {
 				if !f.dec.Allowed() && f.dec.Mode == policy.ModeAudit {
@@ -371,6 +378,39 @@ func (p *proc) redecide() {
 			p.emitNow(f, "policy reload: the enforce ruleset drops this flow opened in audit mode", slog.LevelWarn)
 		}
 	}
+}
+
+// keptByMark reports whether the firewall's sweep would keep f, a
+// forwarded flow let out by a learned address (flow.learned), at a reload
+// to eng by the rule of its mark alone: that rule unchanged, or the rule
+// of its name whose names it kept (a port added, its clients changed),
+// however long ago the answer expired (firewall/sweep.go, keeps). Capture
+// knows no former rule's content: the rule of that name must still let
+// f's client reach the name its address was learned for, on f's port.
+// Before session 31 (R31) any rule that allowed the name kept the flow,
+// where the sweep cuts it once the answer expired
+// (TestRedecideLearnedRuleRemoved). It returns a deny where it does not
+// keep f.
+func (p *proc) keptByMark(eng *policy.Engine, in policy.Input, f *flow) (policy.Decision, string, audit.NameSource, admitName) {
+	no := policy.Decision{Verdict: policy.Deny, RuleIndex: -1, Mode: eng.Mode()}
+	if f.learned.name == "" || !f.dec.Allowed() {
+		return no, "", "", admitName{}
+	}
+	nin := in
+	nin.Name, nin.Path, nin.NoPath = f.learned.name, "", false
+	var buf [8]int
+	rules := eng.Rules()
+	for _, r := range eng.NameRules(nin, 0, buf[:0]) {
+		if rules[r].Name != f.learned.rule || !slices.ContainsFunc(rules[r].Ports, func(pr policy.PortRange) bool { return pr.Contains(in.Port, in.Proto) }) {
+			continue
+		}
+		d := p.special(eng, in, policy.Decision{Verdict: policy.Allow, Rule: rules[r].Name, RuleIndex: r, Reason: policy.ReasonAllowed, Mode: eng.Mode()}, true)
+		if !d.Allowed() {
+			break
+		}
+		return d, f.evName, f.evSrc, f.learned
+	}
+	return no, "", "", admitName{}
 }
 
 // rejudge judges again, in audit mode, a TCP connection to a port the
