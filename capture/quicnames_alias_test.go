@@ -1,15 +1,9 @@
 package capture
 
 import (
-	"net/netip"
 	"slices"
 	"sync"
 	"testing"
-	"time"
-
-	"github.com/gopacket/gopacket/layers"
-
-	"egressd/policy"
 )
 
 // TestQUICOtherNamesEventAlias: an event carries its flow's other names
@@ -18,20 +12,7 @@ import (
 // held event (the journal's, the ledger's goroutine) sees the names of
 // its time while capture appends (run with -race).
 func TestQUICOtherNamesEventAlias(t *testing.T) {
-	srv := netip.MustParseAddr("203.0.113.10")
-	rec := &recorder{}
-	capt, err := New(Config{}, Deps{Policy: policy.NewStore(testEngine(t, testPolicy)), Sink: rec, DNS: factsMap{srv: {decoyName}}})
-	if err != nil {
-		t.Fatal(err)
-	}
-	p := capt.proc
-	cli, dst := netip.AddrPortFrom(netip.MustParseAddr("192.0.2.10"), 47000), netip.AddrPortFrom(srv, 443)
-	now := time.Unix(1e9, 0)
-	send := func(i int, name string) {
-		now = now.Add(time.Millisecond)
-		dg := clientInitialV(t, quicV1, []byte{byte(i + 1), 1, 1, 1}, nil, 0, 0, handHello(sniExt(name))[5:])
-		p.packet(udpFrame(t, macClient, macGW, cli, dst, dg), now, layers.LinkTypeEthernet)
-	}
+	p, rec, send := quicNamesProc(t)
 	send(0, decoyName)
 	send(1, "b.allowed.test")
 	if len(p.flows) != 1 {

@@ -161,21 +161,7 @@ func TestQUICOtherNamesCharged(t *testing.T) {
 // life) is stream-conflict, as a hello that does not fit is: the bound
 // holds. Before session 31 (Q4) the name was kept past it.
 func TestQUICOtherNameBound(t *testing.T) {
-	srv := netip.MustParseAddr("203.0.113.10")
-	rec := &recorder{}
-	capt, err := New(Config{}, Deps{Policy: policy.NewStore(testEngine(t, testPolicy)), Sink: rec, DNS: factsMap{srv: {decoyName}}})
-	if err != nil {
-		t.Fatal(err)
-	}
-	p := capt.proc
-	cli, dst := netip.AddrPortFrom(netip.MustParseAddr("192.0.2.10"), 47000), netip.AddrPortFrom(srv, 443)
-	now := time.Unix(1e9, 0)
-	send := func(i int, name string) []byte {
-		now = now.Add(time.Millisecond)
-		dg := clientInitialV(t, quicV1, []byte{byte(i + 1), 1, 1, 1}, nil, 0, 0, handHello(sniExt(name))[5:])
-		p.packet(udpFrame(t, macClient, macGW, cli, dst, dg), now, layers.LinkTypeEthernet)
-		return dg
-	}
+	p, rec, send := quicNamesProc(t)
 	send(0, decoyName)
 	send(1, "b.allowed.test")
 	// Room for the next datagram's bytes, not for what its hello keeps.
@@ -248,5 +234,26 @@ rules:
 	}
 	if !credited {
 		t.Errorf("report rules %+v: want kiosk credited the flow", r.Rules)
+	}
+}
+
+// quicNamesProc is a capture of testPolicy whose DNS gave 203.0.113.10
+// out for decoyName, and send, which hands it the i-th QUIC connection's
+// Initial from one client port to that address, its hello naming name.
+func quicNamesProc(t *testing.T) (*proc, *recorder, func(i int, name string) []byte) {
+	srv := netip.MustParseAddr("203.0.113.10")
+	rec := &recorder{}
+	capt, err := New(Config{}, Deps{Policy: policy.NewStore(testEngine(t, testPolicy)), Sink: rec, DNS: factsMap{srv: {decoyName}}})
+	if err != nil {
+		t.Fatal(err)
+	}
+	p := capt.proc
+	cli, dst := netip.AddrPortFrom(netip.MustParseAddr("192.0.2.10"), 47000), netip.AddrPortFrom(srv, 443)
+	now := time.Unix(1e9, 0)
+	return p, rec, func(i int, name string) []byte {
+		now = now.Add(time.Millisecond)
+		dg := clientInitialV(t, quicV1, []byte{byte(i + 1), 1, 1, 1}, nil, 0, 0, handHello(sniExt(name))[5:])
+		p.packet(udpFrame(t, macClient, macGW, cli, dst, dg), now, layers.LinkTypeEthernet)
+		return dg
 	}
 }

@@ -6,7 +6,6 @@ import (
 	"testing"
 	"time"
 
-	"egressd/audit"
 	"egressd/policy"
 )
 
@@ -46,14 +45,6 @@ func TestRedecideLearnedRuleRemoved(t *testing.T) {
 			p.udp(false, srv, cli, 443, cport, append([]byte{0x40}, make([]byte, 40)...))
 		}
 	}
-	last := func(rec *recorder) (last audit.Event) {
-		for _, ev := range rec.all() {
-			if ev.Kind == audit.KindFlow && ev.ClientPort == cport {
-				last = ev
-			}
-		}
-		return last
-	}
 	for _, tc := range []struct {
 		name    string
 		wire    bool // the answer seen on the wire (TTL 10 s), not the forwarder's
@@ -90,7 +81,7 @@ func TestRedecideLearnedRuleRemoved(t *testing.T) {
 				}})
 			}
 			rec, _ := reloadRunSteps(t, Config{}, fmt.Sprintf(ntpPolicy, policy.ModeAudit, ruleB+ruleB2), facts, flow(tc.wire), steps...)
-			ev := last(rec)
+			ev := lastFlowEvent(rec, cport)
 			if ev.Verdict != tc.verdict || (tc.rule != "" && ev.Rule != tc.rule) {
 				t.Errorf("last event %s %s rule %q name %q; want %s rule %q (events %q)",
 					ev.Verdict, ev.Reason, ev.Rule, ev.Name, tc.verdict, tc.rule, flowEvents(rec, cport))

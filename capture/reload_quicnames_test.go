@@ -145,14 +145,7 @@ func TestRedecideQUICLearnedName(t *testing.T) {
 	}
 	// The flow's first event comes after the reload (a minute open, or
 	// the reload's): its last is what the reload made of it.
-	last := func(rec *recorder) (last audit.Event) {
-		for _, ev := range rec.all() {
-			if ev.Kind == audit.KindFlow && ev.ClientPort == cport {
-				last = ev
-			}
-		}
-		return last
-	}
+	last := func(rec *recorder) audit.Event { return lastFlowEvent(rec, cport) }
 
 	t.Run("removed", func(t *testing.T) {
 		facts := factsMap{learnedB: {"b.allowed.test"}}

@@ -313,6 +313,16 @@ func wantFlowEvents(t *testing.T, rec *recorder, want map[uint16][]string) {
 	}
 }
 
+// lastFlowEvent is the last event of the flow from client port cport.
+func lastFlowEvent(rec *recorder, cport uint16) (last audit.Event) {
+	for _, ev := range rec.all() {
+		if ev.Kind == audit.KindFlow && ev.ClientPort == cport {
+			last = ev
+		}
+	}
+	return last
+}
+
 // flowEvents are the events of the flow from client port cport, as
 // "source verdict reason mode enforced close".
 func flowEvents(rec *recorder, cport uint16) []string {
