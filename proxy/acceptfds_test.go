@@ -181,7 +181,12 @@ func TestExplicitRetiredOutOfFDs(t *testing.T) {
 // slept it out, accepted once more on the closed listener (net.ErrClosed)
 // and only then went, up to a second later. Observed by the order of
 // events on the listener (an accept begun after its Close began), not by
-// time. Loopback only.
+// time: the listener holds its third failing accept's EMFILE until the
+// retire is done, so the close comes before the pause that error starts
+// has a timer, never as it fires (retired from the test's goroutine
+// meanwhile, a loaded box's late wake of the accept loop saw the timer
+// and the close at once about one run in six, and accepted once more).
+// Loopback only.
 func TestExplicitRetiredPauseEnds(t *testing.T) {
 	p, logs := loggedExplicitProxy(t)
 	cancel, ran := runReady(t, p)
@@ -191,7 +196,7 @@ func TestExplicitRetiredPauseEnds(t *testing.T) {
 		t.Fatalf("no 127.0.0.3 (Linux's lo holds 127.0.0.0/8): %v", err)
 	}
 	addr := inner.Addr().String()
-	ln := &orderListener{Listener: inner}
+	ln := &orderListener{Listener: inner, holdAt: 3, held: make(chan struct{}), resume: make(chan struct{})}
 	p.explicitMu.Lock()
 	p.explicitLns[addr] = ln
 	p.explicitMu.Unlock()
@@ -202,13 +207,28 @@ func TestExplicitRetiredPauseEnds(t *testing.T) {
 	release := testnet.OutOfFDs(t)
 	defer release()
 	defer connect()()
-	if !waitAcceptFailing(logs) {
+	resumed := false
+	resume := func() {
+		if !resumed {
+			resumed = true
+			close(ln.resume)
+		}
+	}
+	defer resume()
+	select {
+	case <-ln.held:
+	case <-time.After(10 * time.Second):
 		release()
-		t.Fatalf("the log does not say %q out of descriptors:\n%s", acceptFailingLine, logs())
+		t.Fatalf("no third failing accept on %s out of descriptors:\n%s", addr, logs())
+	}
+	if !strings.Contains(logs(), acceptFailingLine) {
+		t.Errorf("the log does not say %q at the third failing accept:\n%s", acceptFailingLine, logs())
 	}
 	if err := p.SetExplicitAddrs([]string{"127.0.0.1:0"}); err != nil {
+		resume()
 		t.Fatalf("retire %s: %v", addr, err)
 	}
+	resume()
 	select {
 	case <-kept:
 	case <-time.After(5 * time.Second):
@@ -222,18 +242,29 @@ func TestExplicitRetiredPauseEnds(t *testing.T) {
 	endRun(t, cancel, ran)
 }
 
-// orderListener counts the accepts begun after its Close began.
+// orderListener counts the accepts begun after its Close began. Its
+// holdAt-th failing accept (if holdAt is not 0) closes held and returns
+// its error only once resume is closed.
 type orderListener struct {
 	net.Listener
 	closed     atomic.Bool
 	afterClose atomic.Int64
+
+	holdAt       int64
+	failed       atomic.Int64
+	held, resume chan struct{}
 }
 
 func (l *orderListener) Accept() (net.Conn, error) {
 	if l.closed.Load() {
 		l.afterClose.Add(1)
 	}
-	return l.Listener.Accept()
+	c, err := l.Listener.Accept()
+	if err != nil && l.holdAt != 0 && l.failed.Add(1) == l.holdAt {
+		close(l.held)
+		<-l.resume
+	}
+	return c, err
 }
 
 func (l *orderListener) Close() error {
