@@ -260,7 +260,7 @@ func (r *Replayer) Emit(ev Event) {
 }
 
 // guard is the special-range guard the proxy, the firewall and capture
-// put after the rules (policy.Engine.SpecialRange): a flow or request the
+// put after the rules (policy.Engine.GuardRefuses): a flow or request the
 // candidate allows to a guarded range, or under the engine's NAT64
 // prefixes to one's NAT64 form, is refused unless a CIDR rule names it.
 // Recorded flows passed the running gateway's guard; a candidate or a
@@ -269,11 +269,10 @@ func (r *Replayer) Emit(ev Event) {
 // --nat64-prefix). The gateway's own addresses are not known here; DNS to
 // port 53 is the forwarder's, as everywhere.
 func (r *Replayer) guard(in policy.Input, d policy.Decision) policy.Decision {
-	if !d.Allowed() || !in.Dest.IsValid() || in.Port == 53 {
+	if !d.Allowed() || in.Port == 53 {
 		return d
 	}
-	g, ok := r.eng.SpecialRange(in.Dest, nil, nil)
-	if !ok || r.eng.CIDRNames(in, g) {
+	if _, refused := r.eng.GuardRefuses(in, nil, nil); !refused {
 		return d
 	}
 	return policy.Decision{Verdict: policy.Deny, RuleIndex: -1, Reason: reasonSpecialRange, Mode: r.eng.Mode()}

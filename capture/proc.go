@@ -3218,7 +3218,7 @@ func (p *proc) learnedRule(eng *policy.Engine, in policy.Input, g DNSGrant) int 
 	return -1
 }
 
-// special applies the proxy's special-range guard (Engine.SpecialRange,
+// special applies the proxy's special-range guard (Engine.GuardRefuses,
 // THREATS.md F1, F2) to d, the decision of in: a destination in a guarded
 // range (link-local and cloud metadata, CGNAT, loopback, the IPv6 forms
 // that carry an IPv4 address, …) that d allows is refused with
@@ -3244,14 +3244,10 @@ func (p *proc) special(eng *policy.Engine, in policy.Input, d policy.Decision, f
 	if !fwd {
 		own = p.own.Load().list
 	}
-	g, ok := eng.SpecialRange(in.Dest, own, nil)
-	if !ok {
-		return d
-	}
 	if a := in.Dest.Unmap(); !d.Allowed() && (fwd || !a.IsLoopback() && !a.IsUnspecified()) {
 		return d
 	}
-	if eng.CIDRNames(in, g) {
+	if _, refused := eng.GuardRefuses(in, own, nil); !refused {
 		return d
 	}
 	return policy.Decision{Verdict: policy.Deny, RuleIndex: -1, Reason: ReasonSpecialRange, Mode: eng.Mode()}

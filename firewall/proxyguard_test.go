@@ -59,17 +59,16 @@ var proxyGuardAddrs = slices.Concat(destOpensAddrs, []string{
 
 // proxyOpens is the proxy's decision of a transparent TCP flow to in.Dest
 // without a name (proxy/decide.go, decideAddr and selfDecision): the
-// policy allows it, and the special-range guard (policy.Engine.SpecialRange
-// under the gateway's own addresses own, no configured exception) finds
-// no guarded range, or one a CIDR rule for the flow names
-// (policy.Engine.CIDRNames).
+// policy allows it, and the special-range guard the proxy calls
+// (policy.Engine.GuardRefuses, under the gateway's own addresses own, no
+// configured exception) does not refuse it.
 func proxyOpens(eng *policy.Engine, in policy.Input, own []netip.Addr) bool {
 	in.Proto = policy.TCP
 	if !eng.Decide(in).Allowed() {
 		return false
 	}
-	g, ok := eng.SpecialRange(in.Dest, own, nil)
-	return !ok || eng.CIDRNames(in, g)
+	_, refused := eng.GuardRefuses(in, own, nil)
+	return !refused
 }
 
 // TestProxyGuardMatchesForward: for every rule of proxyGuardPolicy, every

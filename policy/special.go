@@ -71,6 +71,26 @@ func SpecialRange(a netip.Addr, own []netip.Addr, allow []netip.Prefix) (netip.P
 	return netip.Prefix{}, false
 }
 
+// GuardRefuses is the special-range guard (THREATS.md F1, F2) the proxy
+// puts after the rules, and capture, audit --replay and policy explain
+// with it; the firewall's guarded sets keep forwarded traffic so alike
+// (own nil): it returns the guarded range that holds in.Dest
+// (Engine.SpecialRange, with the gateway's own addresses own and the
+// configured exceptions allow) when no CIDR rule that applies to in names
+// the destination from inside it (CIDRNames). False for no destination,
+// one no range guards, or one such a rule names. The caller's decision
+// stands then; else it is refused, special-range.
+func (e *Engine) GuardRefuses(in Input, own []netip.Addr, allow []netip.Prefix) (netip.Prefix, bool) {
+	if !in.Dest.IsValid() {
+		return netip.Prefix{}, false
+	}
+	g, ok := e.SpecialRange(in.Dest, own, allow)
+	if !ok || e.CIDRNames(in, g) {
+		return netip.Prefix{}, false
+	}
+	return g, true
+}
+
 // CIDRNames reports whether a rule that applies to in (its client, port
 // and protocol, TCP when unset; at in.Now) names the destination by a
 // prefix inside the guarded range g: "0.0.0.0/0" or "*" do not open

@@ -169,7 +169,7 @@ func (p *Proxy) decideNameVouched(ctx context.Context, eng *policy.Engine, in po
 		return v
 	}
 	if in.Dest.IsValid() {
-		if g, ok := specialRange(eng, in.Dest, p.ownAddrs(), p.cfg.AllowSpecial); ok && !cidrRuleNames(eng, in, g) {
+		if p.guardRefuses(eng, in) {
 			v.d = denyDecision(eng, ReasonSpecialRange)
 			return v
 		}
@@ -261,7 +261,7 @@ func (p *Proxy) decideAddrKnown(eng *policy.Engine, in policy.Input, src audit.N
 		}
 	}
 	if v.d.Allowed() {
-		if g, ok := specialRange(eng, in.Dest, p.ownAddrs(), p.cfg.AllowSpecial); ok && !cidrRuleNames(eng, in, g) {
+		if p.guardRefuses(eng, in) {
 			v.d = denyDecision(eng, ReasonSpecialRange)
 		}
 	}
@@ -285,15 +285,13 @@ func (p *Proxy) selfDecision(eng *policy.Engine, in policy.Input) (policy.Decisi
 		return policy.Decision{}, false
 	}
 	a := in.Dest.Unmap()
-	g, ok := specialRange(eng, a, p.ownAddrs(), p.cfg.AllowSpecial)
-	if !ok {
-		return policy.Decision{}, false
-	}
 	self := a.IsLoopback() || a.IsUnspecified()
 	for _, o := range p.ownAddrs() {
 		self = self || o.Unmap() == a
 	}
-	if !self || cidrRuleNames(eng, in, g) {
+	// The unmapped form: a configured exception is an IPv4 prefix.
+	in.Dest = a
+	if !self || !p.guardRefuses(eng, in) {
 		return policy.Decision{}, false
 	}
 	return policy.Decision{Verdict: policy.Deny, RuleIndex: -1, Reason: ReasonSpecialRange, Mode: policy.ModeEnforce}, true

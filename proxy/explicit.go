@@ -520,7 +520,7 @@ func (p *Proxy) decideTarget(ctx context.Context, eng *policy.Engine, client net
 		if v.d.Allowed() {
 			// decideAddr guarded the unmapped form only when it was
 			// allowed by address; guard the literal as written too.
-			if g, ok := specialRange(eng, a, p.ownAddrs(), p.cfg.AllowSpecial); ok && !cidrRuleNames(eng, in, g) {
+			if p.guardRefuses(eng, in) {
 				v.d = denyDecision(eng, ReasonSpecialRange)
 			}
 		}
@@ -566,7 +566,7 @@ func (p *Proxy) decideTarget(ctx context.Context, eng *policy.Engine, client net
 	var special bool
 	for _, a := range addrs {
 		in.Dest = a
-		if g, ok := specialRange(eng, a, p.ownAddrs(), p.cfg.AllowSpecial); ok && !cidrRuleNames(eng, in, g) {
+		if p.guardRefuses(eng, in) {
 			special = true
 			continue
 		}
@@ -813,7 +813,7 @@ func (p *Proxy) againConnect(eng *policy.Engine, v verdict, addr netip.AddrPort,
 	}
 	in := p.withMAC(eng, v.in)
 	in.Now, in.Dest, in.Name = time.Now(), addr.Addr(), v.name
-	if g, ok := specialRange(eng, addr.Addr(), p.ownAddrs(), p.cfg.AllowSpecial); ok && !cidrRuleNames(eng, in, g) {
+	if p.guardRefuses(eng, in) {
 		return denyDecision(eng, ReasonSpecialRange)
 	}
 	if noPath {

@@ -1,28 +1,22 @@
 package proxy
 
 import (
-	"net/netip"
-
 	"egressd/policy"
 )
 
 // The special-range guard (THREATS.md F1, F2) is policy's
-// (Engine.SpecialRange, Engine.CIDRNames), shared with capture, which
-// reports in audit mode what the guard would refuse, and with the
-// firewall's guarded sets.
+// (Engine.GuardRefuses: Engine.SpecialRange, Engine.CIDRNames), shared
+// with capture, which reports in audit mode what the guard would refuse,
+// audit --replay, policy explain, and the firewall's guarded sets.
 
-// specialRange returns the guarded prefix that holds a, if any, under
-// eng's NAT64 prefixes (a NAT64 destination is guarded as the IPv4
-// address it embeds). own are the gateway's own addresses; allow are the
-// configured exceptions.
-func specialRange(eng *policy.Engine, a netip.Addr, own []netip.Addr, allow []netip.Prefix) (netip.Prefix, bool) {
-	return eng.SpecialRange(a, own, allow)
-}
-
-// cidrRuleNames reports whether a rule that applies to this TCP flow names
-// the destination by a prefix inside the guarded range g: "0.0.0.0/0" or
-// "*" do not open loopback; "127.0.0.1/32" does.
-func cidrRuleNames(eng *policy.Engine, in policy.Input, g netip.Prefix) bool {
+// guardRefuses reports whether the special-range guard refuses in's TCP
+// flow to in.Dest under eng's NAT64 prefixes (a NAT64 destination is
+// guarded as the IPv4 address it embeds), the gateway's own addresses and
+// the configured exceptions: it is in a guarded range no CIDR rule for
+// the flow names from inside ("0.0.0.0/0" or "*" do not open loopback;
+// "127.0.0.1/32" does).
+func (p *Proxy) guardRefuses(eng *policy.Engine, in policy.Input) bool {
 	in.Proto = policy.TCP
-	return eng.CIDRNames(in, g)
+	_, refused := eng.GuardRefuses(in, p.ownAddrs(), p.cfg.AllowSpecial)
+	return refused
 }

@@ -67,12 +67,12 @@ func TestSpecialRanges(t *testing.T) {
 	for _, s := range []string{"127.0.0.1", "169.254.169.254", "100.100.100.200", "::1", "fe80::1", "::ffff:169.254.169.254",
 		"::ffff:127.0.0.1", "::ffff:8.8.8.8", "64:ff9b::a9fe:a9fe", "2002:a9fe:a9fe::1", "2001:0:4136:e378::1", "fd00:ec2::254",
 		"198.18.1.1", "224.0.0.1", "0.0.0.0", "168.63.129.16"} {
-		if _, ok := specialRange(policy.New(&policy.Policy{}), netip.MustParseAddr(s), own, nil); !ok {
+		if _, ok := policy.New(&policy.Policy{}).SpecialRange(netip.MustParseAddr(s), own, nil); !ok {
 			t.Errorf("%s is not guarded", s)
 		}
 	}
 	for _, s := range []string{"198.18.2.2", "203.0.113.9", "2001:db8::1", "10.1.2.3"} {
-		if _, ok := specialRange(policy.New(&policy.Policy{}), netip.MustParseAddr(s), own, nil); ok {
+		if _, ok := policy.New(&policy.Policy{}).SpecialRange(netip.MustParseAddr(s), own, nil); ok {
 			t.Errorf("%s is guarded", s)
 		}
 	}
@@ -89,16 +89,16 @@ rules:
 		t.Fatal(err)
 	}
 	meta := netip.MustParseAddr("169.254.169.254")
-	g, _ := specialRange(policy.New(&policy.Policy{}), meta, nil, nil)
-	if cidrRuleNames(eng, policy.Input{Dest: meta, Port: 443}, g) {
+	if _, refused := eng.GuardRefuses(policy.Input{Dest: meta, Port: 443, Proto: policy.TCP}, nil, nil); !refused {
 		t.Error("0.0.0.0/0 opened the metadata address")
 	}
-	if !cidrRuleNames(eng, policy.Input{Dest: meta, Port: 80}, g) {
+	if _, refused := eng.GuardRefuses(policy.Input{Dest: meta, Port: 80, Proto: policy.TCP}, nil, nil); refused {
 		t.Error("a /32 rule did not open the metadata address")
 	}
 	mapped := netip.MustParseAddr("::ffff:169.254.169.254")
-	g, _ = specialRange(policy.New(&policy.Policy{}), mapped, nil, nil)
-	if !cidrRuleNames(eng, policy.Input{Dest: mapped, Port: 80}, g) || cidrRuleNames(eng, policy.Input{Dest: mapped, Port: 443}, g) {
+	_, refused80 := eng.GuardRefuses(policy.Input{Dest: mapped, Port: 80, Proto: policy.TCP}, nil, nil)
+	_, refused443 := eng.GuardRefuses(policy.Input{Dest: mapped, Port: 443, Proto: policy.TCP}, nil, nil)
+	if refused80 || !refused443 {
 		t.Error("mapped form not guarded as its IPv4 address")
 	}
 }

@@ -1,0 +1,60 @@
+package policy
+
+import (
+	"net/netip"
+	"testing"
+)
+
+// TestGuardRefuses: the special-range guard the proxy, capture, audit
+// --replay and policy explain call refuses a guarded destination no CIDR
+// rule for the flow names from inside its range, and says which range;
+// it lets through no destination, an unguarded one, a named one, a
+// configured exception, and guards the gateway's own addresses.
+func TestGuardRefuses(t *testing.T) {
+	e := mustCompile(t, `version: 1
+rules:
+  - {name: all, to: ["*", "0.0.0.0/0", "::/0"], ports: [443/tcp, 443/udp]}
+  - {name: meta, to: [169.254.169.254/32], ports: [80/tcp]}
+  - {name: local, to: ["64:ff9b:1::/48"], ports: [8443/tcp]}
+`)
+	own := []netip.Addr{netip.MustParseAddr("198.18.0.1")}
+	allow := []netip.Prefix{netip.MustParsePrefix("100.64.1.0/24")}
+	local := e.WithNAT64([]netip.Prefix{netip.MustParsePrefix("64:ff9b:1::/96")})
+	for _, c := range []struct {
+		eng   *Engine
+		dest  string
+		port  uint16
+		proto Proto
+		want  string // the range refused by, "" for none
+	}{
+		{e, "", 443, TCP, ""},
+		{e, "198.51.100.1", 443, TCP, ""},
+		{e, "169.254.169.254", 443, TCP, "169.254.0.0/16"},
+		{e, "169.254.169.254", 443, UDP, "169.254.0.0/16"},
+		{e, "169.254.169.254", 80, TCP, ""},
+		{e, "::ffff:169.254.169.254", 80, TCP, ""},
+		{e, "::ffff:169.254.169.254", 443, TCP, "169.254.0.0/16"},
+		{e, "127.0.0.1", 443, TCP, "127.0.0.0/8"},
+		{e, "2002:a9fe:a9fe::1", 443, TCP, "2002::/16"},
+		{e, "100.64.1.5", 443, TCP, ""},
+		{e, "100.64.2.5", 443, TCP, "100.64.0.0/10"},
+		{e, "198.18.0.1", 443, TCP, "198.18.0.1/32"},
+		{e, "64:ff9b:1:1::10", 8443, TCP, ""},
+		{local, "64:ff9b:1:1::10", 8443, TCP, "64:ff9b:1::/48"},
+		{local, "64:ff9b:1::a9fe:a9fe", 443, TCP, "64:ff9b:1::a9fe:0/112"},
+		{local, "64:ff9b:1::a9fe:a9fe", 80, TCP, ""},
+	} {
+		in := Input{Port: c.port, Proto: c.proto}
+		if c.dest != "" {
+			in.Dest = netip.MustParseAddr(c.dest)
+		}
+		g, refused := c.eng.GuardRefuses(in, own, allow)
+		got := ""
+		if refused {
+			got = g.String()
+		}
+		if got != c.want {
+			t.Errorf("%s %d/%v nat64 %v: refused by %q, want %q", c.dest, c.port, c.proto, c.eng.NAT64(), got, c.want)
+		}
+	}
+}
