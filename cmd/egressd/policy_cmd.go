@@ -127,6 +127,11 @@ type explanation struct {
 	DNS      policy.Verdict `json:"dns,omitempty"` // for names: may the client resolve it
 	DNSRule  string         `json:"dns_rule,omitempty"`
 	Warnings []string       `json:"warnings,omitempty"`
+	// SpecialRange is the guarded range the special-range guard refuses
+	// the destination by (reason special-range); AllowedBy the rule that
+	// allows it but for the guard, if any.
+	SpecialRange string `json:"special_range,omitempty"`
+	AllowedBy    string `json:"allowed_by,omitempty"`
 }
 
 func cmdPolicyExplain(args []string, stdout, stderr io.Writer) int {
@@ -196,8 +201,45 @@ func cmdPolicyExplain(args []string, stdout, stderr io.Writer) int {
 		}
 		d = policy.Decision{Verdict: policy.Deny, RuleIndex: -1, Reason: proxy.ReasonHTTPBad, Mode: eng.Mode()}
 	}
+	// The special-range guard after the rules (THREATS.md F1, F2), the
+	// one the proxy calls (policy.Engine.GuardRefuses); the firewall's
+	// guarded sets keep forwarded traffic (UDP, ICMP) out alike. TCP is the
+	// proxy's (run's --tcp-ports all), which refuses the gateway itself,
+	// loopback or unspecified, whatever the rules say and in audit mode
+	// too (its selfDecision); the forward chain never carries those. DNS
+	// (port 53) is the forwarder's, whatever its destination, as capture
+	// and audit --replay judge it. The gateway's own addresses are not
+	// known here (README).
+	var guardNote, guardRange, allowedBy string
+	if rawNote == "" && in.Port != 53 && dest.Addr.IsValid() {
+		a := dest.Addr.Unmap()
+		self := in.Proto == policy.TCP && (a.IsLoopback() || a.IsUnspecified())
+		if g, refused := eng.GuardRefuses(in, nil, nil); refused && (d.Allowed() || self) {
+			mode := eng.Mode()
+			if self {
+				mode = policy.ModeEnforce
+			}
+			held := fmt.Sprintf("%s is in the guarded range %s", dest.Addr, g)
+			if d.Allowed() {
+				held = fmt.Sprintf("rule %s allows %s, but it is in the guarded range %s", d.Rule, dest.Addr, g)
+			}
+			guardNote = fmt.Sprintf("%s: the proxy and the firewall refuse it (%s) unless a CIDR rule inside %s names it, holding no guarded range it does not open (\"*\", a /0 or a broader prefix do not)",
+				held, proxy.ReasonSpecialRange, g)
+			for _, n := range nat {
+				if g.Bits() < n.Bits() && g.Contains(n.Addr()) {
+					guardNote += fmt.Sprintf("; %s holds the NAT64 prefix %s, whose guarded forms a rule naming %s does not open", g, n, g)
+				}
+			}
+			if self {
+				guardNote += "; it is the gateway itself, which the proxy refuses so in audit mode too"
+			}
+			guardRange, allowedBy = g.String(), d.Rule
+			d = policy.Decision{Verdict: policy.Deny, RuleIndex: -1, Reason: proxy.ReasonSpecialRange, Mode: mode}
+		}
+	}
 	ex := explanation{Verdict: d.Verdict, Rule: d.Rule, Reason: d.Reason, Mode: d.Mode, Dest: *to,
-		Name: dest.Name, Path: dest.Path, Port: policy.PortRange{Lo: in.Port, Hi: in.Port, Proto: in.Proto}.String(), From: *from}
+		Name: dest.Name, Path: dest.Path, Port: policy.PortRange{Lo: in.Port, Hi: in.Port, Proto: in.Proto}.String(), From: *from,
+		SpecialRange: guardRange, AllowedBy: allowedBy}
 	if dest.Addr.IsValid() {
 		ex.IP = dest.Addr.String()
 	}
@@ -222,12 +264,11 @@ func cmdPolicyExplain(args []string, stdout, stderr io.Writer) int {
 	if rawNote != "" {
 		ex.Warnings = append(ex.Warnings, rawNote)
 	}
+	if guardNote != "" {
+		ex.Warnings = append(ex.Warnings, guardNote)
+	}
 	if v4, p, ok := policy.NAT64Embedded(nat, dest.Addr); ok {
-		note := fmt.Sprintf("%s is %s behind the NAT64 prefix %s: decided as both", dest.Addr, v4, p)
-		if g, ok := eng.SpecialRange(dest.Addr, nil, nil); ok && !eng.CIDRNames(in, g) {
-			note += fmt.Sprintf("; %s is in a guarded range (%s): the proxy and firewall refuse it (special-range) unless a CIDR rule inside that range allows it", v4, g)
-		}
-		ex.Warnings = append(ex.Warnings, note)
+		ex.Warnings = append(ex.Warnings, fmt.Sprintf("%s is %s behind the NAT64 prefix %s: decided as both", dest.Addr, v4, p))
 	}
 	if dest.Port != 0 && dest.Port != in.Port {
 		ex.Warnings = append(ex.Warnings, fmt.Sprintf("decided on --port %s, not on port %d that --to names", ex.Port, dest.Port))
@@ -261,6 +302,8 @@ func cmdPolicyExplain(args []string, stdout, stderr io.Writer) int {
 		}
 	case d.Rule != "":
 		fmt.Fprintf(stdout, "  reason: %s (rule %s)\n", d.Reason, d.Rule)
+	case ex.SpecialRange != "":
+		fmt.Fprintf(stdout, "  reason: %s (%s)\n", d.Reason, ex.SpecialRange)
 	default:
 		fmt.Fprintf(stdout, "  reason: %s\n", d.Reason)
 	}

@@ -1,0 +1,155 @@
+package main
+
+import (
+	"encoding/json"
+	"os"
+	"path/filepath"
+	"strings"
+	"testing"
+)
+
+// guardPolicy opens the guarded ranges (THREATS.md F1, F2) every way a
+// rule can hold them: "*", the /0s, wide prefixes, and CIDR rules inside
+// a guarded range, which alone open it.
+const guardPolicy = `rules:
+  - {name: any, to: ["*"], ports: [443/tcp]}
+  - {name: v4all, to: ["0.0.0.0/0"], ports: [444/tcp, 444/udp]}
+  - {name: v6all, to: ["::/0"], ports: [445/tcp]}
+  - {name: wide, to: ["128.0.0.0/1", "64.0.0.0/2"], ports: [446/tcp]}
+  - {name: metadata, to: ["169.254.169.254/32", "100.64.0.0/10"], ports: [447/tcp]}
+  - {name: local-nat64, to: ["64:ff9b:1::/48"], ports: [448/tcp]}
+`
+
+// TestExplainSpecialRange: explain says what the proxy and the firewall
+// do with a destination in a guarded range: a rule that holds it without
+// naming it from inside (policy.Engine.GuardRefuses, the proxy's guard)
+// leaves it refused, special-range, and the JSON names the range and the
+// rule that would have allowed it; a CIDR rule inside the range opens it.
+// Loopback and the unspecified address, the gateway itself, are the
+// proxy's special-range whatever the rules say (enforced in audit mode
+// too); forwarded UDP to them is the rules'. Before, explain printed
+// ALLOW for each.
+func TestExplainSpecialRange(t *testing.T) {
+	dir := t.TempDir()
+	pol := filepath.Join(dir, "p.yaml")
+	if err := os.WriteFile(pol, []byte("mode: enforce\n"+guardPolicy), 0o644); err != nil {
+		t.Fatal(err)
+	}
+	audit := filepath.Join(dir, "audit.yaml")
+	if err := os.WriteFile(audit, []byte("mode: audit\n"+guardPolicy), 0o644); err != nil {
+		t.Fatal(err)
+	}
+	const (
+		nat   = "64:ff9b::/96"
+		local = "64:ff9b:1::/96"
+	)
+	cases := []struct {
+		file, to, port, nat string
+		verdict, reason     string
+		rule                string // the allowing rule, or the guard's overridden one
+		rng                 string // special_range
+		mode                string
+	}{
+		// Metadata under "*", the /0, a wide prefix, a URL; TCP and UDP.
+		{pol, "169.254.169.254", "443/tcp", "", "deny", "special-range", "any", "169.254.0.0/16", "enforce"},
+		{pol, "https://169.254.169.254/latest/meta-data", "", "", "deny", "special-range", "any", "169.254.0.0/16", "enforce"},
+		{pol, "169.254.169.254", "444/tcp", "", "deny", "special-range", "v4all", "169.254.0.0/16", "enforce"},
+		{pol, "169.254.169.254", "444/udp", "", "deny", "special-range", "v4all", "169.254.0.0/16", "enforce"},
+		{pol, "169.254.169.254", "446/tcp", "", "deny", "special-range", "wide", "169.254.0.0/16", "enforce"},
+		// A CIDR rule inside the range opens what it holds, only that.
+		{pol, "169.254.169.254", "447/tcp", "", "allow", "", "metadata", "", "enforce"},
+		{pol, "169.254.169.253", "447/tcp", "", "deny", "port-not-allowed", "", "", "enforce"},
+		// CGNAT, Alibaba's metadata.
+		{pol, "100.100.100.200", "446/tcp", "", "deny", "special-range", "wide", "100.64.0.0/10", "enforce"},
+		{pol, "100.100.100.200", "447/tcp", "", "allow", "", "metadata", "", "enforce"},
+		// Loopback and unspecified: the gateway itself, refused by the
+		// proxy whatever the rules say (enforce, in audit mode too).
+		{pol, "127.0.0.1", "443/tcp", "", "deny", "special-range", "any", "127.0.0.0/8", "enforce"},
+		{pol, "127.0.0.1", "449/tcp", "", "deny", "special-range", "", "127.0.0.0/8", "enforce"},
+		{pol, "127.0.0.1", "449/udp", "", "deny", "port-not-allowed", "", "", "enforce"},
+		{pol, "::1", "445/tcp", "", "deny", "special-range", "v6all", "::1/128", "enforce"},
+		{pol, "0.0.0.0", "444/tcp", "", "deny", "special-range", "v4all", "0.0.0.0/8", "enforce"},
+		{audit, "127.0.0.1", "443/tcp", "", "deny", "special-range", "any", "127.0.0.0/8", "enforce"},
+		{audit, "169.254.169.254", "443/tcp", "", "deny", "special-range", "any", "169.254.0.0/16", "audit"},
+		// IPv4-mapped, 6to4, NAT64 forms of metadata.
+		{pol, "::ffff:169.254.169.254", "444/tcp", "", "deny", "special-range", "v4all", "169.254.0.0/16", "enforce"},
+		{pol, "::ffff:169.254.169.254", "447/tcp", "", "allow", "", "metadata", "", "enforce"},
+		{pol, "2002:a9fe:a9fe::1", "445/tcp", "", "deny", "special-range", "v6all", "2002::/16", "enforce"},
+		{pol, "64:ff9b::a9fe:a9fe", "445/tcp", "", "deny", "special-range", "v6all", "64:ff9b::/96", "enforce"},
+		{pol, "64:ff9b::a9fe:a9fe", "444/tcp", nat, "deny", "special-range", "v4all", "64:ff9b::a9fe:0/112", "enforce"},
+		{pol, "64:ff9b::a9fe:a9fe", "443/tcp", nat, "deny", "special-range", "any", "64:ff9b::a9fe:0/112", "enforce"},
+		{pol, "64:ff9b::a9fe:a9fe", "447/tcp", nat, "allow", "", "metadata", "", "enforce"},
+		{pol, "64:ff9b::a00:1", "444/tcp", nat, "deny", "special-range", "v4all", "64:ff9b::a00:0/104", "enforce"},
+		{pol, "64:ff9b::c633:640a", "444/tcp", nat, "allow", "", "v4all", "", "enforce"},
+		// The local-use /48: a rule naming it opens it, but not the rest
+		// of it around a NAT64 prefix inside it (the firewall's forward
+		// chain excludes the NAT64 forms it holds).
+		{pol, "64:ff9b:1:1::10", "448/tcp", "", "allow", "", "local-nat64", "", "enforce"},
+		{pol, "64:ff9b:1:1::10", "448/tcp", local, "deny", "special-range", "local-nat64", "64:ff9b:1::/48", "enforce"},
+		{pol, "64:ff9b:1:1::10", "445/tcp", "", "deny", "special-range", "v6all", "64:ff9b:1::/48", "enforce"},
+		// Unguarded addresses are the rules'.
+		{pol, "198.51.100.10", "444/tcp", "", "allow", "", "v4all", "", "enforce"},
+		{pol, "2001:db8::10", "445/tcp", "", "allow", "", "v6all", "", "enforce"},
+		{pol, "::ffff:198.51.100.10", "444/tcp", "", "allow", "", "v4all", "", "enforce"},
+		// DNS is the forwarder's, whatever its destination.
+		{pol, "169.254.169.254", "53/udp", "", "deny", "port-not-allowed", "", "", "enforce"},
+	}
+	for _, c := range cases {
+		args := []string{"policy", "explain", c.file, "--to", c.to, "--json"}
+		if c.port != "" {
+			args = append(args, "--port", c.port)
+		}
+		if c.nat != "" {
+			args = append(args, "--nat64-prefix", c.nat)
+		}
+		code, out, stderr := runCLI(t, args...)
+		if code != exitOK {
+			t.Fatalf("%v: exit %d: %s", args, code, stderr)
+		}
+		var ex struct {
+			Verdict, Rule, Reason, Mode string
+			SpecialRange                string `json:"special_range"`
+			AllowedBy                   string `json:"allowed_by"`
+			Warnings                    []string
+		}
+		if err := json.Unmarshal([]byte(out), &ex); err != nil {
+			t.Fatalf("%v: %v: %q", args, err, out)
+		}
+		name := c.to + " " + c.port + " nat64 " + c.nat + " " + filepath.Base(c.file)
+		if ex.Verdict != c.verdict || (c.verdict == "deny" && ex.Reason != c.reason) || ex.SpecialRange != c.rng || ex.Mode != c.mode {
+			t.Errorf("%s: %s %s range %q mode %s, want %s %s range %q mode %s", name, ex.Verdict, ex.Reason, ex.SpecialRange, ex.Mode, c.verdict, c.reason, c.rng, c.mode)
+		}
+		switch {
+		case c.verdict == "allow" && ex.Rule != c.rule:
+			t.Errorf("%s: rule %q, want %q", name, ex.Rule, c.rule)
+		case c.reason == "special-range" && (ex.Rule != "" || ex.AllowedBy != c.rule):
+			t.Errorf("%s: rule %q allowed_by %q, want no rule, allowed_by %q", name, ex.Rule, ex.AllowedBy, c.rule)
+		}
+		if c.reason == "special-range" {
+			w := strings.Join(ex.Warnings, "\n")
+			if !strings.Contains(w, c.rng) || !strings.Contains(w, "CIDR rule") {
+				t.Errorf("%s: notes %q, want the range and what opens it", name, ex.Warnings)
+			}
+		}
+	}
+
+	// The text says it as plainly: DENY, the reason with the range, the
+	// rule that holds the address, and what would open it.
+	code, out, stderr := runCLI(t, "policy", "explain", pol, "--to", "169.254.169.254", "--port", "444/tcp")
+	if code != exitOK {
+		t.Fatalf("exit %d: %s", code, stderr)
+	}
+	for _, want := range []string{
+		"DENY 169.254.169.254 on 444/tcp\n",
+		"  reason: special-range (169.254.0.0/16)\n",
+		"rule v4all allows 169.254.169.254",
+		"a CIDR rule inside 169.254.0.0/16",
+	} {
+		if !strings.Contains(out, want) {
+			t.Errorf("text lacks %q:\n%s", want, out)
+		}
+	}
+	if strings.Contains(out, "ALLOW") {
+		t.Errorf("text says ALLOW:\n%s", out)
+	}
+}
