@@ -28,10 +28,23 @@ import (
 //     31 (R31) that second reload looked for b's rule alone.
 //   - the reload only adds a port to b, the answer expired: the sweep
 //     keeps the flow by the rule of the same name whose names it kept.
+//   - the reload takes c.allowed.test from b (b named b and c), the
+//     answer expired: b is changed and keeps not all its old names, the
+//     sweep cuts the flow: a would-be deny; where it only adds a name,
+//     kept. Before session 31 (Q5) capture, which knew no former rule's
+//     content, kept it while b still allowed the learned name.
+//   - the flow's address is in a CIDR rule ranked after b, whose learned
+//     set admitted it too: the chain's first accept, b's, marked it. The
+//     reload removes the CIDR rule, the answer expired: the sweep keeps
+//     the flow by b, unchanged. Before session 31 (Q5) capture, which
+//     recorded the CIDR rule, made it a would-be deny.
 func TestRedecideLearnedRuleRemoved(t *testing.T) {
 	ruleB := udpRule("b")
 	ruleB2 := "  - name: b2\n    to: [b.allowed.test]\n    ports: [443/udp]\n"
 	ruleBWide := "  - name: b\n    to: [b.allowed.test]\n    ports: [443/udp, 8443/udp]\n"
+	ruleBC := "  - name: b\n    to: [b.allowed.test, c.allowed.test]\n    ports: [443/udp]\n"
+	ruleBCD := "  - name: b\n    to: [b.allowed.test, c.allowed.test, d.allowed.test]\n    ports: [443/udp]\n"
+	ruleNet := "  - name: net\n    to: [203.0.113.0/24]\n    ports: [443/udp]\n"
 	srv := netip.MustParseAddr("203.0.113.80")
 	cli := netip.MustParseAddr("192.0.2.95")
 	resolver := netip.MustParseAddr("192.0.2.53")
@@ -47,6 +60,7 @@ func TestRedecideLearnedRuleRemoved(t *testing.T) {
 	}
 	for _, tc := range []struct {
 		name    string
+		base    string // the rules before the reload; ruleB+ruleB2 when empty
 		wire    bool // the answer seen on the wire (TTL 10 s), not the forwarder's
 		expire  bool // the forwarder's answer expired at the reload
 		rules   string
@@ -54,11 +68,15 @@ func TestRedecideLearnedRuleRemoved(t *testing.T) {
 		verdict policy.Verdict
 		rule    string
 	}{
-		{"forwarder-expired", false, true, ruleB2, "", policy.Deny, ""},
-		{"wire-expired", true, false, ruleB2, "", policy.Deny, ""},
-		{"forwarder-live", false, false, ruleB2, "", policy.Allow, ""},
-		{"forwarder-live-then-expired", false, false, ruleB2, ruleB2 + udpRule("a"), policy.Allow, ""},
-		{"port-added", false, true, ruleBWide, "", policy.Allow, "b"},
+		{"forwarder-expired", "", false, true, ruleB2, "", policy.Deny, ""},
+		{"wire-expired", "", true, false, ruleB2, "", policy.Deny, ""},
+		{"forwarder-live", "", false, false, ruleB2, "", policy.Allow, ""},
+		{"forwarder-live-then-expired", "", false, false, ruleB2, ruleB2 + udpRule("a"), policy.Allow, ""},
+		{"port-added", "", false, true, ruleBWide, "", policy.Allow, "b"},
+		{"name-dropped", ruleBC, false, true, ruleB, "", policy.Deny, ""},
+		{"name-added", ruleBC, false, true, ruleBCD, "", policy.Allow, ""},
+		{"cidr-after-learned-removed", ruleB + ruleNet, false, true, ruleB, "", policy.Allow, ""},
+		{"cidr-after-learned-removed-then-b-narrowed", ruleBC + ruleNet, false, true, ruleBC, ruleB, policy.Deny, ""},
 	} {
 		t.Run(tc.name, func(t *testing.T) {
 			facts := factsMap{}
@@ -80,7 +98,11 @@ func TestRedecideLearnedRuleRemoved(t *testing.T) {
 					then(c, store)
 				}})
 			}
-			rec, _ := reloadRunSteps(t, Config{}, fmt.Sprintf(ntpPolicy, policy.ModeAudit, ruleB+ruleB2), facts, flow(tc.wire), steps...)
+			base := tc.base
+			if base == "" {
+				base = ruleB + ruleB2
+			}
+			rec, _ := reloadRunSteps(t, Config{}, fmt.Sprintf(ntpPolicy, policy.ModeAudit, base), facts, flow(tc.wire), steps...)
 			ev := lastFlowEvent(rec, cport)
 			if ev.Verdict != tc.verdict || (tc.rule != "" && ev.Rule != tc.rule) {
 				t.Errorf("last event %s %s rule %q name %q; want %s rule %q (events %q)",
