@@ -206,7 +206,8 @@ type flow struct {
 	// address when decided (decideForwarded), whatever name its hello
 	// carried: a reload in audit mode keeps the flow allowed while a
 	// rule allows that name, as the firewall keeps the flow of its
-	// mark's rule (redecide). Zero where a CIDR rule admitted it.
+	// mark's rule (redecide). Zero where a CIDR rule admitted it and no
+	// earlier rule's learned set did (the chain's first accept marks it).
 	learned admitName
 	noPath  bool // decided as showing no path (showsNoPath), for its events
 	// ruled: decided by the policy's rules (classify: decide), not denied
@@ -3132,9 +3133,10 @@ func (p *proc) flowInput(f *flow, path string) policy.Input {
 // name and src are the client's own name, if any, kept for the record;
 // without one, the name the credited answer gave, or else the first
 // answer's. learned is the credited answer's name whatever the client
-// named (zero where a CIDR rule or none admits the address): what the
-// flow's mark stands for, which a reload judges again once the answer
-// expired (flow.learned, redecide).
+// named (zero where none admits the address, or a CIDR rule and no
+// earlier rule's learned set does): what the flow's mark stands for (the
+// chain's first accept rule), which a reload judges again once the
+// answer expired (flow.learned, redecide).
 func (p *proc) decideForwarded(eng *policy.Engine, in policy.Input, name string, src audit.NameSource, at time.Time) (_ policy.Decision, _ string, _ audit.NameSource, learned admitName) {
 	if name != "" {
 		if n, ok := policy.NormalizeName(name); ok {
@@ -3146,7 +3148,7 @@ func (p *proc) decideForwarded(eng *policy.Engine, in policy.Input, name string,
 	if name == "" && src == "" {
 		src = audit.NameNone
 	}
-	if d.Allowed() {
+	if d.Allowed() && d.RuleIndex <= 0 {
 		return d, name, src, admitName{}
 	}
 	p.grants = p.grants[:0]
@@ -3162,15 +3164,19 @@ func (p *proc) decideForwarded(eng *policy.Engine, in policy.Input, name string,
 			best, bi = r, i
 		}
 	}
+	if d.Allowed() {
+		// A CIDR rule allows it, and is credited; but the chain's first
+		// accept marks the flow: an earlier rule's learned set, where
+		// one admits the address, is the rule of its mark, which a
+		// reload reads (keptByMark).
+		if best >= 0 && best < d.RuleIndex {
+			learned = p.grantAdmits(eng, best, bi, n)
+		}
+		return d, name, src, learned
+	}
 	if best >= 0 {
 		d = policy.Decision{Verdict: policy.Allow, Rule: eng.Rules()[best].Name, RuleIndex: best, Reason: policy.ReasonAllowed, Mode: eng.Mode()}
-		learned = admitName{p.grants[bi].Name, audit.NameDNSLearned, d.Rule}
-		if bi >= n {
-			learned.src = audit.NameDNSAnswer
-		}
-		if l, ok := policy.NormalizeName(learned.name); ok {
-			learned.name = l
-		}
+		learned = p.grantAdmits(eng, best, bi, n)
 	} else if len(p.grants) > 0 {
 		bi = 0
 	}
@@ -3181,6 +3187,19 @@ func (p *proc) decideForwarded(eng *policy.Engine, in policy.Input, name string,
 		}
 	}
 	return d, name, src, learned
+}
+
+// grantAdmits is the admitName of p.grants[bi], whose rule rule's
+// learned set admits the flow; the first n grants are the forwarder's.
+func (p *proc) grantAdmits(eng *policy.Engine, rule, bi, n int) admitName {
+	a := admitName{p.grants[bi].Name, audit.NameDNSLearned, eng.Rules()[rule].Name}
+	if bi >= n {
+		a.src = audit.NameDNSAnswer
+	}
+	if l, ok := policy.NormalizeName(a.name); ok {
+		a.name = l
+	}
+	return a
 }
 
 // admitName is the name of a DNS answer whose rule's learned set

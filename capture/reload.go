@@ -36,8 +36,10 @@ import (
 //     rules) again where nothing else does.
 //     In audit mode nothing is cut, but a flow the new policy would
 //     deny (as the firewall's sweep decides it: the rule of its mark,
-//     which must still allow the name its address was learned for,
-//     however long ago the answer expired (keptByMark); else by address,
+//     which must still allow the name its address was learned for and,
+//     compared with the policy before the reload (Redecide's prev), be
+//     unchanged or keep all its names, however long ago the answer
+//     expired (keptByMark); else by address,
 //     a CIDR rule or the answers live now) gets that would-be deny, as the proxy's
 //     connections do in audit mode: one info line and an event at once, so the report
 //     counts the flow as one enforce would now drop; its later events
@@ -100,11 +102,12 @@ import (
 // goes to the sink as it came.
 const maxRevokes = 65536
 
-// pendingOp is a queued Revoke (ev set) or Redecide (ev nil), queued at
-// at.
+// pendingOp is a queued Revoke (ev set) or Redecide (ev nil, prev its
+// policy before the reload), queued at at.
 type pendingOp struct {
-	ev *audit.Event
-	at time.Time
+	ev   *audit.Event
+	prev *policy.Engine
+	at   time.Time
 }
 
 // Revoke records a forwarded flow the firewall cut (its event, source
@@ -124,11 +127,13 @@ func (c *Capture) Revoke(ev audit.Event) {
 
 // Redecide judges the live forwarded flows again under the policy the
 // store now holds: call it after a policy reload succeeded (egressd run
-// does). See above.
-func (c *Capture) Redecide() {
+// does), with prev the policy before it (the store's Swap returns it;
+// nil: unknown), whose rules the firewall's sweep compares with the new
+// ones (keptByMark). See above.
+func (c *Capture) Redecide(prev *policy.Engine) {
 	c.pendMu.Lock()
 	if !c.stopped {
-		c.pending = append(c.pending, pendingOp{at: c.clock()})
+		c.pending = append(c.pending, pendingOp{prev: prev, at: c.clock()})
 		c.hasPending.Store(true)
 	}
 	c.pendMu.Unlock()
@@ -173,7 +178,7 @@ func (p *proc) applyPending(until time.Time) {
 	for _, op := range p.c.takePending(until, false) {
 		switch {
 		case op.ev == nil:
-			p.redecide()
+			p.redecide(op.prev)
 		case p.revoke(op.ev, !until.IsZero() && p.now.Sub(op.at) < revokeWait):
 		default:
 			again = append(again, op)
@@ -249,8 +254,9 @@ func (p *proc) revoke(ev *audit.Event, wait bool) bool {
 	return true
 }
 
-// redecide judges the live forwarded flows again (see above).
-func (p *proc) redecide() {
+// redecide judges the live forwarded flows again (see above); prev is the
+// policy before the reload (nil: unknown).
+func (p *proc) redecide(prev *policy.Engine) {
 	eng := p.c.deps.Policy.Load()
 	inAudit := eng.Mode() == policy.ModeAudit
 	for _, f := range p.flows {
@@ -275,7 +281,7 @@ func (p *proc) redecide() {
 			// else the new chain's judgement of a first packet now: a
 			// CIDR rule, or a learned set live now (not the answers
 			// live when the flow began: an expired one is in no set).
-			d, name, src, learned := p.keptByMark(eng, in, f)
+			d, name, src, learned := p.keptByMark(eng, prev, in, f)
 			if !d.Allowed() {
 				d, name, src, learned = p.decideForwarded(eng, in, f.name, f.nameSrc, p.now)
 				d = p.special(eng, in, d, true)
@@ -381,17 +387,20 @@ func (p *proc) redecide() {
 }
 
 // keptByMark reports whether the firewall's sweep would keep f, a
-// forwarded flow let out by a learned address (flow.learned), at a reload
-// to eng by the rule of its mark alone: that rule unchanged, or the rule
-// of its name whose names it kept (a port added, its clients changed),
-// however long ago the answer expired (firewall/sweep.go, keeps). Capture
-// knows no former rule's content: the rule of that name must still let
-// f's client reach the name its address was learned for, on f's port.
-// Before session 31 (R31) any rule that allowed the name kept the flow,
-// where the sweep cuts it once the answer expired
-// (TestRedecideLearnedRuleRemoved). It returns a deny where it does not
-// keep f.
-func (p *proc) keptByMark(eng *policy.Engine, in policy.Input, f *flow) (policy.Decision, string, audit.NameSource, admitName) {
+// forwarded flow whose mark is the rule whose learned set let it out
+// (flow.learned), at a reload from prev to eng by the rule of its mark
+// alone, however long ago the answer expired (firewall/sweep.go, keeps):
+// that rule unchanged, or the rule of its name that kept all its old
+// names (a port added, a name added, its clients changed), the test the
+// sweep makes (policy.KeepsLearned, on prev's rule and eng's). That rule
+// must also still let f's client reach the name its address was learned
+// for, on f's port. Without prev's rule (prev unknown) the rule of the
+// name is taken as keeping its names. Before session 31 any rule that
+// allowed the name kept the flow, where the sweep cuts it once the
+// answer expired (R31: TestRedecideLearnedRuleRemoved), and a rule that
+// dropped another of its names kept it, where the sweep cuts it too
+// (Q5). It returns a deny where it does not keep f.
+func (p *proc) keptByMark(eng, prev *policy.Engine, in policy.Input, f *flow) (policy.Decision, string, audit.NameSource, admitName) {
 	no := policy.Decision{Verdict: policy.Deny, RuleIndex: -1, Mode: eng.Mode()}
 	if f.learned.name == "" || !f.dec.Allowed() {
 		return no, "", "", admitName{}
@@ -404,6 +413,9 @@ func (p *proc) keptByMark(eng *policy.Engine, in policy.Input, f *flow) (policy.
 		if rules[r].Name != f.learned.rule || !slices.ContainsFunc(rules[r].Ports, func(pr policy.PortRange) bool { return pr.Contains(in.Port, in.Proto) }) {
 			continue
 		}
+		if old, ok := ruleNamed(prev, f.learned.rule); ok && !policy.KeepsLearned(policy.LearnedNames(old), policy.LearnedNames(rules[r])) {
+			break
+		}
 		d := p.special(eng, in, policy.Decision{Verdict: policy.Allow, Rule: rules[r].Name, RuleIndex: r, Reason: policy.ReasonAllowed, Mode: eng.Mode()}, true)
 		if !d.Allowed() {
 			break
@@ -411,6 +423,19 @@ func (p *proc) keptByMark(eng *policy.Engine, in policy.Input, f *flow) (policy.
 		return d, f.evName, f.evSrc, f.learned
 	}
 	return no, "", "", admitName{}
+}
+
+// ruleNamed returns eng's rule named name; false without one (or eng).
+func ruleNamed(eng *policy.Engine, name string) (policy.Rule, bool) {
+	if eng == nil {
+		return policy.Rule{}, false
+	}
+	for _, r := range eng.Rules() {
+		if r.Name == name {
+			return r, true
+		}
+	}
+	return policy.Rule{}, false
 }
 
 // rejudge judges again, in audit mode, a TCP connection to a port the

@@ -61,8 +61,8 @@ func TestRedecideLearnedRuleRemoved(t *testing.T) {
 	for _, tc := range []struct {
 		name    string
 		base    string // the rules before the reload; ruleB+ruleB2 when empty
-		wire    bool // the answer seen on the wire (TTL 10 s), not the forwarder's
-		expire  bool // the forwarder's answer expired at the reload
+		wire    bool   // the answer seen on the wire (TTL 10 s), not the forwarder's
+		expire  bool   // the forwarder's answer expired at the reload
 		rules   string
 		then    string // a second reload's rules, once the answer expired
 		verdict policy.Verdict

@@ -83,8 +83,7 @@ func TestRedecideOtherProtocols(t *testing.T) {
 	gre := netip.MustParseAddr("203.0.113.20")
 	t.Run("audit-removes", func(t *testing.T) {
 		rec, r := otherReloadRun(t, fmt.Sprintf(pingPolicy, policy.ModeAudit, pingRule), []netip.Addr{ping}, nil, func(c *Capture, store *policy.Store) {
-			store.Swap(testEngine(t, fmt.Sprintf(pingPolicy, policy.ModeAudit, "")))
-			c.Redecide()
+			c.Redecide(store.Swap(testEngine(t, fmt.Sprintf(pingPolicy, policy.ModeAudit, ""))))
 		})
 		want := []string{
 			"capture allow monitoring allowed audit enforced=false ",
@@ -100,8 +99,7 @@ func TestRedecideOtherProtocols(t *testing.T) {
 	})
 	t.Run("audit-adds", func(t *testing.T) {
 		rec, r := otherReloadRun(t, fmt.Sprintf(pingPolicy, policy.ModeAudit, ""), []netip.Addr{ping}, nil, func(c *Capture, store *policy.Store) {
-			store.Swap(testEngine(t, fmt.Sprintf(pingPolicy, policy.ModeAudit, pingRule)))
-			c.Redecide()
+			c.Redecide(store.Swap(testEngine(t, fmt.Sprintf(pingPolicy, policy.ModeAudit, pingRule))))
 		})
 		want := []string{
 			"capture deny  no-rule audit enforced=false ",
@@ -119,8 +117,7 @@ func TestRedecideOtherProtocols(t *testing.T) {
 		admitted := netip.MustParseAddr("203.0.113.10")
 		denied := netip.MustParseAddr("192.0.2.9")
 		rec, r := otherReloadRun(t, fmt.Sprintf(pingPolicy, policy.ModeAudit, ""), []netip.Addr{admitted, denied}, []netip.Addr{gre}, func(c *Capture, store *policy.Store) {
-			store.Swap(testEngine(t, fmt.Sprintf(pingPolicy, policy.ModeEnforce, pingRule)))
-			c.Redecide()
+			c.Redecide(store.Swap(testEngine(t, fmt.Sprintf(pingPolicy, policy.ModeEnforce, pingRule))))
 		})
 		for dest, want := range map[netip.Addr]string{
 			admitted: "capture allow monitoring allowed enforce enforced=false ",

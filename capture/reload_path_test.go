@@ -94,7 +94,6 @@ func reloadHTTP(t *testing.T, cli, srv netip.Addr, before, after string, conns [
 			tcs[i].send(false, []byte("data: x\n\n"), 1400, nil, nil)
 		}
 	}, func(c *Capture, store *policy.Store) {
-		store.Swap(testEngine(t, fmt.Sprintf(ntpPolicy, policy.ModeAudit, after)))
-		c.Redecide()
+		c.Redecide(store.Swap(testEngine(t, fmt.Sprintf(ntpPolicy, policy.ModeAudit, after))))
 	})
 }

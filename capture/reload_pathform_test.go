@@ -48,8 +48,7 @@ func TestRedecideAuditPathFormLearned(t *testing.T) {
 			tcs[i].send(false, []byte("data: x\n\n"), 1400, nil, nil)
 		}
 	}, func(c *Capture, store *policy.Store) {
-		store.Swap(testEngine(t, fmt.Sprintf(ntpPolicy, policy.ModeAudit, after)))
-		c.Redecide()
+		c.Redecide(store.Swap(testEngine(t, fmt.Sprintf(ntpPolicy, policy.ModeAudit, after))))
 	})
 	form := []string{"capture allow allowed audit enforced=false ", "capture deny path-form audit enforced=false ", "capture deny path-form audit enforced=false end-of-capture"}
 	for port, want := range map[uint16][]string{

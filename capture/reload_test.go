@@ -298,8 +298,7 @@ func keepTCPFrom(conns []reloadTCP, from []int, keep func(c *tcpConn)) func(p *p
 // of mode and rules, then Redecide.
 func redecideTo(t *testing.T, mode policy.Mode, rules string) func(c *Capture, store *policy.Store) {
 	return func(c *Capture, store *policy.Store) {
-		store.Swap(testEngine(t, fmt.Sprintf(ntpPolicy, mode, rules)))
-		c.Redecide()
+		c.Redecide(store.Swap(testEngine(t, fmt.Sprintf(ntpPolicy, mode, rules))))
 	}
 }
 
@@ -423,11 +422,9 @@ func TestRedecideAuditForwarded(t *testing.T) {
 		// The forwarder's answer for the named flow has expired since:
 		// its rule, unchanged, still lets it run.
 		delete(facts, named)
-		store.Swap(testEngine(t, fmt.Sprintf(ntpPolicy, policy.ModeAudit, namedRule)))
-		c.Redecide()
+		c.Redecide(store.Swap(testEngine(t, fmt.Sprintf(ntpPolicy, policy.ModeAudit, namedRule))))
 		c.proc.applyPending(time.Time{}) // before the next reload
-		store.Swap(testEngine(t, with))
-		c.Redecide()
+		c.Redecide(store.Swap(testEngine(t, with)))
 	})
 	want := []string{
 		"capture allow allowed audit enforced=false ",
@@ -598,8 +595,7 @@ rules:
 	swapped := false
 	feed(t, capt, path, func(ts time.Time) {
 		if !swapped && ts.After(reload) {
-			store.Swap(testEngine(t, fmt.Sprintf(pol, policy.ModeEnforce, named)))
-			capt.Redecide()
+			capt.Redecide(store.Swap(testEngine(t, fmt.Sprintf(pol, policy.ModeEnforce, named))))
 			swapped = true
 		}
 	})

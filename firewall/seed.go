@@ -81,7 +81,7 @@ func (fr *flowRule) learnsMore(old *Ruleset) bool {
 	}
 	for _, o := range old.flows {
 		if o.name == fr.name && len(o.names) > 0 {
-			return !subset(fr.names, o.names) || !sameClients(fr.from, o.from)
+			return !policy.NamesSubset(fr.names, o.names) || !sameClients(fr.from, o.from)
 		}
 	}
 	return true
@@ -103,7 +103,7 @@ func (rs *Ruleset) narrowedFrom(old *Ruleset) map[string]bool {
 			continue
 		}
 		for _, o := range old.flows {
-			if o.name == fr.name && len(o.names) > 0 && (!subset(o.names, fr.names) || !sameClients(fr.from, o.from)) {
+			if o.name == fr.name && len(o.names) > 0 && (!policy.NamesSubset(o.names, fr.names) || !sameClients(fr.from, o.from)) {
 				if out == nil {
 					out = map[string]bool{}
 				}

@@ -104,13 +104,7 @@ func (rs *Ruleset) addFlowRule(r policy.Rule, ports []policy.PortRange, any4, an
 	fr := &flowRule{name: r.Name, from: r.From, ports: ports, any4: any4, any6: any6, nets: nets, wide: wide, guards: rs.guards}
 	if names {
 		fr.learn = rs.learn[r.Name]
-		for _, t := range r.To {
-			if t.Kind == policy.TargetName || t.Kind == policy.TargetHostPath {
-				fr.names = append(fr.names, t.Pattern)
-			}
-		}
-		slices.Sort(fr.names)
-		fr.names = slices.Compact(fr.names)
+		fr.names = policy.LearnedNames(r)
 	}
 	fr.fp = fingerprint(r, ports)
 	fr.opens = fr.opensHash()
@@ -321,8 +315,9 @@ func (fr *flowRule) admits(k flowKey, was *flowRule, live func(set string, a net
 		return true
 	}
 	// Let out by the same rule's learned addresses (not by its CIDRs),
-	// whose names the rule still has.
-	return same && len(was.names) > 0 && !was.byAddress(k.dst) && subset(was.names, fr.names)
+	// whose names the rule still has (capture predicts this in audit
+	// mode with the same test).
+	return same && !was.byAddress(k.dst) && policy.KeepsLearned(was.names, fr.names)
 }
 
 // byAddress reports whether the rule's CIDR targets open dst (special
@@ -357,16 +352,6 @@ func guarded(guards []netip.Prefix, a netip.Addr) bool {
 func sameClients(a, b policy.ClientSet) bool {
 	return slices.Equal(a.Prefixes, b.Prefixes) &&
 		slices.EqualFunc(a.MACs, b.MACs, func(x, y net.HardwareAddr) bool { return string(x) == string(y) })
-}
-
-// subset reports whether every element of the sorted a is in the sorted b.
-func subset(a, b []string) bool {
-	for _, s := range a {
-		if _, ok := slices.BinarySearch(b, s); !ok {
-			return false
-		}
-	}
-	return true
 }
 
 // maxSince bounds Firewall.since: after that many enforce rulesets in a

@@ -1550,7 +1550,7 @@ func (d *daemon) reloadPolicy() bool {
 		// a flow the new policy would deny is recorded so, and after a
 		// switch to enforce a flow from audit mode that the enforce
 		// ruleset drops is recorded dropped.
-		d.capture.Redecide()
+		d.capture.Redecide(old)
 	}
 	d.log.Info("policy reloaded", "policy", d.source, "rules", len(eng.Rules()), audit.LogMode, string(eng.Mode()))
 	return true
