@@ -71,6 +71,16 @@ type Unreachable interface {
 	Unreachable() (rule, set string, addr netip.Addr, ok bool)
 }
 
+// Provisional is what an Unreachable refusal may also be: judged with a
+// ruleset other than the policy the answer was decided under (in
+// egressd, firewall.SetFullError during a reload, before its ruleset goes
+// in or after). Its ok may change when the reload's ruleset goes in, so
+// the forwarder does not remember it (fullRecheck): the next hit asks
+// again.
+type Provisional interface {
+	Provisional() bool
+}
+
 // ClientDevices tells the device of a LAN client address, where a
 // device's addresses share one client's limits (the rate limit). In
 // egressd, cmd/egressd wires the LAN interfaces' neighbour tables
@@ -152,6 +162,7 @@ type refusal struct {
 	rule, set string
 	addr      netip.Addr
 	ok        bool   // Unreachable's ok: the refusal keeps the client out
+	prov      bool   // Provisional: not remembered past the query
 	until     int64  // remembered until (unix nanoseconds)
 	why       string // the firewall's error that refused it
 }
@@ -302,6 +313,11 @@ func (s *Server) gate(q *query, e *entry, now int64) {
 	asked, only := refusals(err)
 	for i := range asked {
 		asked[i].until, asked[i].why = clock+int64(s.fullRecheck), why
+		if asked[i].prov {
+			// Judged with another ruleset than q.eng's (a reload):
+			// the next hit asks again.
+			asked[i].until = clock
+		}
 	}
 	fresh := len(asked) > 0
 	refused = append(refused, asked...)
@@ -361,7 +377,8 @@ func refusals(err error) (out []refusal, only bool) {
 		case nil:
 		case Unreachable:
 			rule, set, a, ok := x.Unreachable()
-			out = append(out, refusal{rule: rule, set: set, addr: a.Unmap(), ok: ok})
+			p, _ := x.(Provisional)
+			out = append(out, refusal{rule: rule, set: set, addr: a.Unmap(), ok: ok, prov: p != nil && p.Provisional()})
 		case interface{ Unwrap() []error }:
 			for _, e := range x.Unwrap() {
 				walk(e)

@@ -56,7 +56,10 @@ type fullErr struct {
 	rule string
 	addr netip.Addr
 	ok   bool
+	prov bool // Provisional: judged with a ruleset other than the answer's policy's
 }
+
+func (e *fullErr) Provisional() bool { return e.prov }
 
 func (e *fullErr) Error() string { return "full: " + e.rule + " " + e.addr.String() }
 func (e *fullErr) Unreachable() (string, string, netip.Addr, bool) {
@@ -71,6 +74,7 @@ type fullFirewall struct {
 	mu       sync.Mutex
 	full     map[string][]netip.Addr
 	enforced bool
+	other    bool      // judged with an installed policy other than the answer's (a reload going in)
 	wants    []string  // the rules with learned sets; nil: ntp and sip
 	asked    []Learned // every address Learn was given, in order
 	calls    int
@@ -95,7 +99,7 @@ func (f *fullFirewall) Learn(ctx context.Context, eng *policy.Engine, ls []Learn
 			// Keeps the client out unless the rule opens the address
 			// otherwise: the firewall judges that with its installed
 			// policy (firewall.SetFullError), here the answer's.
-			errs = append(errs, fmt.Errorf("learn: %w", &fullErr{l.Rule, l.Addr, f.enforced && !destOpens(eng, l.Rule, l.Addr)}))
+			errs = append(errs, fmt.Errorf("learn: %w", &fullErr{l.Rule, l.Addr, f.enforced && !destOpens(eng, l.Rule, l.Addr), f.other}))
 		}
 	}
 	return errors.Join(errs...)
@@ -260,7 +264,7 @@ func (slowFullFirewall) Learn(ctx context.Context, eng *policy.Engine, ls []Lear
 	for _, l := range ls {
 		switch l.Addr {
 		case netip.MustParseAddr("192.0.2.20"):
-			errs = append(errs, &fullErr{l.Rule, l.Addr, true})
+			errs = append(errs, &fullErr{rule: l.Rule, addr: l.Addr, ok: true})
 		case netip.MustParseAddr("192.0.2.21"):
 			slow = true
 		}
@@ -803,5 +807,36 @@ func TestSetFullEventEnforced(t *testing.T) {
 	waitFor(t, func() bool { return len(nameLines(logs, "one.full.test")) == 3 })
 	if ev, _ := ts.Sink.find("one.full.test"); ev.Enforced || ev.Mode != policy.ModeAudit {
 		t.Errorf("one.full.test in audit mode: event enforced %v, mode %s; want false, audit", ev.Enforced, ev.Mode)
+	}
+}
+
+// TestSetFullProvisionalNotRemembered: a refusal the firewall judged with
+// a ruleset other than the answer's policy's (Provisional: a reload going
+// in, whose ruleset may open or close the address at once) is not
+// remembered for fullRecheck: the next hit asks the firewall again, where
+// a settled refusal is remembered (cmd/egressd
+// TestSetFullAnswerReloadRemembered: the hit gave an address the new
+// ruleset drops).
+func TestSetFullProvisionalNotRemembered(t *testing.T) {
+	for _, other := range []bool{false, true} {
+		fw := &fullFirewall{}
+		fw.set(map[string][]netip.Addr{"ntp": addrs("192.0.2.22")}, true)
+		fw.other = other
+		var skew atomic.Int64
+		s := startSetFullClock(t, fw, time.Hour, &skew)
+		addr := s.Addrs()[0].String()
+		for i := range 2 {
+			if r := exchangeFrom(t, "127.0.0.1", "udp", addr, "one.full.test.", dns.TypeA); r.Rcode != dns.RcodeServerFailure {
+				t.Errorf("provisional %v, #%d: %s %v, want SERVFAIL", other, i, dns.RcodeToString[r.Rcode], answerAddrs(r))
+			}
+			n, _ := fw.learns()
+			want := 1
+			if i == 1 && !other {
+				want = 0 // remembered for the hour
+			}
+			if n != want {
+				t.Errorf("provisional %v, #%d: the firewall asked %d times, want %d", other, i, n, want)
+			}
+		}
 	}
 }

@@ -210,6 +210,12 @@ type SetFullError struct {
 	// (policy.Engine.DestOpens of the installed policy, when the refusal
 	// was made): its accept lets the client out whatever the set took.
 	Opened bool
+	// OtherPolicy: the address's answer was decided under a policy other
+	// than the installed one (Address.Engine: a reload going in, its
+	// store swapped before its ruleset). Opened is the installed rule's,
+	// which the reload's ruleset may change at once: the forwarder asks
+	// again at the next hit, not remembering the refusal for a second.
+	OtherPolicy bool
 }
 
 func (e *SetFullError) Error() string {
@@ -227,6 +233,11 @@ func (e *SetFullError) Is(target error) bool { return target == ErrSetFull }
 func (e *SetFullError) Unreachable() (rule, set string, addr netip.Addr, ok bool) {
 	return e.Rule, e.Set, e.Addr, e.Enforced && !e.Opened
 }
+
+// Provisional tells the DNS forwarder that the refusal was judged with an
+// installed policy other than the answer's (a reload going in): its ok may
+// change with the reload's ruleset, so it is not remembered.
+func (e *SetFullError) Provisional() bool { return e.OtherPolicy }
 
 func (c Config) dnsPort() uint16 {
 	if c.DNSPort == 0 {

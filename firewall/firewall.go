@@ -709,7 +709,7 @@ func (f *Firewall) LearnAll(ctx context.Context, as []Address) error {
 			if len(m) >= f.cfg.maxLearned() {
 				f.m.setFull.Inc()
 				errs = append(errs, &SetFullError{Rule: a.Rule, Set: set, Addr: addr, Len: len(m), Enforced: rs.inKernel,
-					Opened: destOpens(f.eng, a.Rule, addr)})
+					Opened: destOpens(f.eng, a.Rule, addr), OtherPolicy: a.Engine != nil && a.Engine != f.eng})
 				continue
 			}
 		}

@@ -245,6 +245,12 @@ func TestSetFullOpenedByInstalled(t *testing.T) {
 			t.Fatalf("%s into a full set: %v, want a SetFullError", a, err)
 		}
 		_, _, _, ok = full.Unreachable()
+		fw.mu.Lock()
+		other := eng != fw.eng
+		fw.mu.Unlock()
+		if full.Provisional() != other {
+			t.Errorf("%s: Provisional %v, want %v (the answer's policy the installed one: %v)", a, full.Provisional(), other, !other)
+		}
 		return ok
 	}
 	if learn(withCIDR, "198.18.0.5") {

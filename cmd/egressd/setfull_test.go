@@ -1,12 +1,14 @@
 package main
 
 import (
+	"cmp"
 	"context"
 	"errors"
 	"net"
 	"net/netip"
 	"slices"
 	"sync"
+	"sync/atomic"
 	"testing"
 	"time"
 
@@ -91,13 +93,46 @@ func TestSetFullAnswerReload(t *testing.T) {
 					t.Errorf("replace: %v", err)
 				}
 			})
-		})
+		}, nil)
 	r := ask("ntp.test.")
 	if reach(netip.MustParseAddr("198.18.2.2")) {
 		t.Fatal("198.18.2.2 reachable after the reload: the new ruleset does not drop it, the test shows nothing")
 	}
 	if got := setFullAddrs(r); r.Rcode != dns.RcodeServerFailure || len(got) != 0 {
 		t.Errorf("ntp.test, its set full, the installed rule without the CIDR: rcode %s, addresses %v (unreachable); want SERVFAIL and none", dns.RcodeToString[r.Rcode], got)
+	}
+}
+
+// TestSetFullAnswerReloadRemembered: a query of the reloaded policy
+// (reloadPolicy swaps the store first) reaches the firewall before the
+// new ruleset goes in: the installed rule's CIDR opens the address, and
+// the answer keeps it, rightly. The refusal is remembered with the cached
+// answer for a second; the new ruleset (no CIDR) goes in, and the next
+// hit within that second gave the client the address again, which the
+// installed ruleset now drops. A refusal the firewall judged with a
+// ruleset other than the answer's policy's is not remembered.
+func TestSetFullAnswerReloadRemembered(t *testing.T) {
+	newEng, err := policy.Compile("p.yaml", []byte("version: 1\nmode: enforce\nrules:\n  - {name: ntp, to: [ntp.test], ports: [123/udp]}\n"))
+	if err != nil {
+		t.Fatal(err)
+	}
+	var fwp atomic.Pointer[firewall.Firewall]
+	ask, reach := setFullGatewayHook(t, "n4", "{name: ntp, to: [ntp.test, 198.18.2.2/32], ports: [123/udp]}",
+		map[string][]string{"ntp.test.": {"198.18.2.2"}}, func(fw *firewall.Firewall) { fwp.Store(fw) }, newEng)
+	want := []netip.Addr{netip.MustParseAddr("198.18.2.2")}
+	if r := ask("ntp.test."); r.Rcode != dns.RcodeSuccess || !slices.Equal(setFullAddrs(r), want) {
+		t.Fatalf("ntp.test before the new ruleset goes in (the installed rule's CIDR opens it): rcode %s, addresses %v; want NOERROR and %v",
+			dns.RcodeToString[r.Rcode], setFullAddrs(r), want)
+	}
+	if err := fwp.Load().Replace(newEng); err != nil {
+		t.Fatal(err)
+	}
+	r := ask("ntp.test.") // a cache hit, within the second the refusal is remembered
+	if reach(want[0]) {
+		t.Fatal("198.18.2.2 reachable after the reload: the new ruleset does not drop it, the test shows nothing")
+	}
+	if got := setFullAddrs(r); r.Rcode != dns.RcodeServerFailure || len(got) != 0 {
+		t.Errorf("ntp.test after the new ruleset went in (no CIDR), its set full: rcode %s, addresses %v (unreachable); want SERVFAIL and none", dns.RcodeToString[r.Rcode], got)
 	}
 }
 
@@ -122,12 +157,13 @@ func (h *hookGate) Learn(ctx context.Context, eng *policy.Engine, ls []dnsfilter
 //	client eth0 198.18.1.2 ── lan0 198.18.1.1 gateway (firewall) wan0 198.18.2.1 ── eth0 198.18.2.x server
 func setFullGateway(t *testing.T, tag, rule string, zone map[string][]string) (ask func(name string) *dns.Msg, reach func(netip.Addr) bool) {
 	t.Helper()
-	return setFullGatewayHook(t, tag, rule, zone, nil)
+	return setFullGatewayHook(t, tag, rule, zone, nil, nil)
 }
 
 // setFullGatewayHook is setFullGateway whose forwarder calls hook with the
-// firewall before its first Learn (nil: none).
-func setFullGatewayHook(t *testing.T, tag, rule string, zone map[string][]string, hook func(*firewall.Firewall)) (ask func(name string) *dns.Msg, reach func(netip.Addr) bool) {
+// firewall before each Learn (nil: none), and decides its queries under
+// store (nil: the installed policy's engine).
+func setFullGatewayHook(t *testing.T, tag, rule string, zone map[string][]string, hook func(*firewall.Firewall), store *policy.Engine) (ask func(name string) *dns.Msg, reach func(netip.Addr) bool) {
 	t.Helper()
 	testnet.RequireRoot(t)
 	client, gw, server := testnet.New(t, tag+"c"), testnet.New(t, tag+"g"), testnet.New(t, tag+"s")
@@ -175,7 +211,7 @@ func setFullGatewayHook(t *testing.T, tag, rule string, zone map[string][]string
 		gate = &hookGate{firewallGate: g, hook: func() { hook(fw) }}
 	}
 	s, err := dnsfilter.New(dnsfilter.Config{Listen: []string{"127.0.0.1:0"}, Upstreams: []string{up}, ClientRate: -1, AllowPrivateAnswers: true},
-		dnsfilter.Deps{Policy: policy.NewStore(eng), Firewall: gate})
+		dnsfilter.Deps{Policy: policy.NewStore(cmp.Or(store, eng)), Firewall: gate})
 	if err != nil {
 		t.Fatal(err)
 	}
