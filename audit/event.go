@@ -134,7 +134,11 @@ type Event struct {
 	Rule    string         `json:"rule,omitempty"`
 	Mode    policy.Mode    `json:"mode"`
 	Reason  string         `json:"reason,omitempty"`
-	// Enforced is true when the flow or query was actually blocked.
+	// Enforced is true when the flow or query was actually blocked, or
+	// when enforcement changed what an allowed query got: the DNS
+	// forwarder withheld the addresses full learned sets refused
+	// (trimmed, or SERVFAIL; Verdict stays allow, and the ledger counts
+	// the query under its rule).
 	Enforced bool `json:"enforced,omitempty"`
 
 	BytesOut uint64  `json:"bytes_out,omitempty"` // client to destination
