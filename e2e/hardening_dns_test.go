@@ -27,6 +27,9 @@ const (
 	echName      = "ech.nirovision.com"
 	privIP       = "10.1.2.3"
 	metaIP       = "169.254.169.254"
+	// echConfig is an ECHConfigList (public name public.tls-ech.dev), as
+	// an HTTPS record's ech parameter carries it.
+	echConfig = "AEn+DQBFKwAgACABWIHUGj4u+PIggYXcR5JF0gYk3dCRioBW8uJq9H4mKAAIAAEAAQABAANAEnB1YmxpYy50bHMtZWNoLmRldgAA"
 )
 
 // TestHardeningDNS: what hides or smuggles the name (ECH, QUIC, DoT, DoH),
@@ -45,7 +48,7 @@ func TestHardeningDNS(t *testing.T) {
 		rebindMapped + ". 300 IN AAAA ::ffff:169.254.169.254",
 		cnameOut + ". 300 IN CNAME " + trackerName + ".",
 		cnameIn + ". 300 IN CNAME " + dockerName + ".",
-		echName + ". 300 IN HTTPS 1 . alpn=h2 ipv4hint=" + dockerIP4 + "," + privIP + " ech=AEn+DQBFKwAgACABWIHUGj4u+PIggYXcR5JF0gYk3dCRioBW8uJq9H4mKAAIAAEAAQABAANAEnB1YmxpYy50bHMtZWNoLmRldgAA",
+		echName + ". 300 IN HTTPS 1 . alpn=h2 ipv4hint=" + dockerIP4 + "," + privIP + " ech=" + echConfig,
 		echName + ". 300 IN A " + dockerIP4,
 		"dns.google. 300 IN A " + dohIP4,
 		"cloudflare-dns.com. 300 IN A " + dohIP4,
@@ -97,35 +100,7 @@ func TestHardeningDNS(t *testing.T) {
 		wantEvent(t, d, "ECH public name", byClientPort(o.port), "deny", "no-rule")
 		// The forwarder strips the ech parameter (and private hints) from
 		// HTTPS records, so clients have no ECH config to use.
-		m, err := tp.dnsQuery(echName, dns.TypeHTTPS, 3*time.Second)
-		if err != nil || m.Rcode != dns.RcodeSuccess {
-			t.Fatalf("HTTPS %s: %v %v", echName, m, err)
-		}
-		var https *dns.HTTPS
-		for _, rr := range m.Answer {
-			if h, ok := rr.(*dns.HTTPS); ok {
-				https = h
-			}
-		}
-		if https == nil {
-			t.Fatalf("HTTPS %s: no HTTPS record in %v", echName, m)
-		}
-		for _, kv := range https.Value {
-			if kv.Key() == dns.SVCB_ECHCONFIG {
-				t.Errorf("HTTPS %s still carries ech: %v", echName, https)
-			}
-			if kv.Key() == dns.SVCB_IPV4HINT && strings.Contains(kv.String(), privIP) {
-				t.Errorf("HTTPS %s still carries the private hint %s: %v", echName, privIP, https)
-			}
-		}
-		t.Logf("HTTPS %s through egressd: %v", echName, https)
-		// The query's event says what was stripped: the report counts it.
-		ev := d.waitEvent(t, "the HTTPS query for "+echName, func(ev flowEvent) bool {
-			return ev.Kind == "dns" && ev.Name == echName && ev.QType == "HTTPS"
-		})
-		if ev.Filtered != "rebinding+ech" {
-			t.Errorf("HTTPS %s: event filtered %q, want rebinding+ech: %v", echName, ev.Filtered, ev)
-		}
+		wantECHStripped(t, tp, d, echName, "rebinding+ech")
 	})
 
 	t.Run("quic", func(t *testing.T) {
@@ -364,4 +339,101 @@ func udpExchange(tp *topo, addr string, pkt []byte) error {
 	buf := make([]byte, 2048)
 	_, err = c.Read(buf)
 	return err
+}
+
+// wantECHStripped asks the forwarder for name's HTTPS record and checks
+// that the ech parameter and any private hint are gone and that the
+// query's event says what was removed (filtered: the report counts it).
+func wantECHStripped(t *testing.T, tp *topo, d *daemon, name, filtered string) {
+	t.Helper()
+	m, err := tp.dnsQuery(name, dns.TypeHTTPS, 3*time.Second)
+	if err != nil || m.Rcode != dns.RcodeSuccess {
+		t.Fatalf("HTTPS %s: %v %v", name, m, err)
+	}
+	var https *dns.HTTPS
+	for _, rr := range m.Answer {
+		if h, ok := rr.(*dns.HTTPS); ok {
+			https = h
+		}
+	}
+	if https == nil {
+		t.Fatalf("HTTPS %s: no HTTPS record in %v", name, m)
+	}
+	for _, kv := range https.Value {
+		if kv.Key() == dns.SVCB_ECHCONFIG {
+			t.Errorf("HTTPS %s still carries ech: %v", name, https)
+		}
+		if kv.Key() == dns.SVCB_IPV4HINT && strings.Contains(kv.String(), privIP) {
+			t.Errorf("HTTPS %s still carries the private hint %s: %v", name, privIP, https)
+		}
+	}
+	t.Logf("HTTPS %s through egressd: %v", name, https)
+	ev := d.waitEvent(t, "the HTTPS query for "+name, func(ev flowEvent) bool {
+		return ev.Kind == "dns" && ev.Name == name && ev.QType == "HTTPS"
+	})
+	if ev.Filtered != filtered {
+		t.Errorf("HTTPS %s: event filtered %q, want %s: %v", name, ev.Filtered, filtered, ev)
+	}
+}
+
+// echPublic is the ECH provider's public name (THREATS.md B1), which
+// TestHardeningDNS/ech sees denied; echRule allow-lists it on 443.
+const (
+	echPublic = "cloudflare-ech.com"
+	echRule   = `
+  - name: ech-public
+    why: the ECH public name allow-listed
+    to: ["` + echPublic + `"]
+    ports: [443/tcp]
+`
+)
+
+// TestHardeningDNSECHAllowed (THREATS.md B1, "denied unless allow-listed":
+// the allow-listed half), in enforce and audit mode, with the ECH public
+// name in a rule. The forwarder still strips the ech parameter from its
+// HTTPS record (README: the forwarder strips ech; a rule makes no
+// exception, only dnsfilter.Config.KeepECH would, which no flag sets), so
+// a client gets no config. A hello shaped as ECH (0xfe0d) whose outer SNI
+// is the allowed name is decided by that outer name: allowed, answered by
+// the origin, recorded under the outer name and the rule. Another ECH
+// provider's name in no rule (defo.ie) is denied beside it.
+func TestHardeningDNSECHAllowed(t *testing.T) {
+	for _, mode := range []string{"enforce", "audit"} {
+		t.Run(mode, func(t *testing.T) {
+			tp := newTopo(t)
+			u := tp.startUpstream(t)
+			// The public name resolves to the origin, which answers
+			// any SNI, so "allowed" is a ServerHello back.
+			u.add(echPublic + ". 300 IN HTTPS 1 . alpn=h2 ech=" + echConfig)
+			u.add(echPublic + ". 300 IN A " + dockerIP4)
+			d := modeDaemonRules(t, tp, u, mode, echRule)
+			if rcode, addrs := tp.dig(t, echPublic, "A"); rcode != "NOERROR" || len(addrs) == 0 {
+				t.Fatalf("dig %s: %s %v", echPublic, rcode, addrs)
+			}
+			wantECHStripped(t, tp, d, echPublic, "ech")
+			for _, c := range []struct{ sni, verdict, reason, rule string }{
+				{echPublic, "allow", "allowed", "ech-public"},
+				{"defo.ie", "deny", "no-rule", ""},
+			} {
+				o := tp.sendHello(dockerIP4+":443", buildHello(helloSpec{sni: [][]string{{c.sni}}, ech: true}), 0, 0)
+				if o.port == 0 {
+					t.Errorf("ECH hello with outer SNI %s: %v", c.sni, o)
+					continue
+				}
+				if want := c.verdict == "deny" && mode == "enforce"; o.denied != want || o.err != nil {
+					t.Errorf("%s mode: ECH hello with outer SNI %s: %v, want denied %v", mode, c.sni, o, want)
+				}
+				ev := d.waitEvent(t, "ECH hello for "+c.sni, func(e flowEvent) bool {
+					return e.Kind == "flow" && e.ClientPort == o.port && !e.Time.Before(dialedAt(o.port))
+				})
+				if ev.Kind == "" {
+					continue
+				}
+				t.Logf("%s mode: %v", mode, ev)
+				if ev.Verdict != c.verdict || ev.Reason != c.reason || ev.Rule != c.rule || ev.Name != c.sni || ev.NameSource != "sni" || ev.Enforced != (mode == "enforce" && c.verdict == "deny") {
+					t.Errorf("%s mode: ECH hello with outer SNI %s recorded as %v; want %s %q rule %q under the outer name", mode, c.sni, ev, c.verdict, c.reason, c.rule)
+				}
+			}
+		})
+	}
 }

@@ -430,8 +430,15 @@ func (tp *topo) dialLAN(t *testing.T, addr string, d time.Duration) net.Conn {
 // modeDaemon is hardeningDaemon in either mode.
 func modeDaemon(t *testing.T, tp *topo, u *recUpstream, mode string) *daemon {
 	t.Helper()
+	return modeDaemonRules(t, tp, u, mode, "")
+}
+
+// modeDaemonRules is modeDaemon with extraRules appended to the policy
+// (hardeningDaemon is its enforce mode).
+func modeDaemonRules(t *testing.T, tp *topo, u *recUpstream, mode, extraRules string) *daemon {
+	t.Helper()
 	d := newDaemon(t, tp, mode)
-	d.writePolicy(append(testPolicy(t), hardeningRules...))
+	d.writePolicy(append(testPolicy(t), (hardeningRules + extraRules)...))
 	d.extra = []string{"--upstream-dns", u.addr}
 	d.start()
 	t.Cleanup(func() {

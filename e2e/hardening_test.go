@@ -48,16 +48,7 @@ const hardeningRules = `
 // hardeningRules, forwarding to the recording upstream.
 func hardeningDaemon(t *testing.T, tp *topo, u *recUpstream, extraRules string) *daemon {
 	t.Helper()
-	d := newDaemon(t, tp, "enforce")
-	d.writePolicy(append(testPolicy(t), (hardeningRules + extraRules)...))
-	d.extra = []string{"--upstream-dns", u.addr}
-	d.start()
-	t.Cleanup(func() {
-		if t.Failed() {
-			t.Logf("egressd output:\n%s", d.logs())
-		}
-	})
-	return d
+	return modeDaemonRules(t, tp, u, "enforce", extraRules)
 }
 
 // wantEvent checks the proxy's event for a connection: verdict and, when
