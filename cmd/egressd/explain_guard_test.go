@@ -153,3 +153,64 @@ func TestExplainSpecialRange(t *testing.T) {
 		t.Errorf("text says ALLOW:\n%s", out)
 	}
 }
+
+// TestExplainMappedLiteral: an IPv4-mapped literal is what an explicit
+// CONNECT [::ffff:198.51.100.10]:443 or an absolute URL asks the proxy
+// for (a transparent flow's destination is never mapped), and the proxy
+// guards it as written (decideTarget): any IPv4 CIDR rule holding the
+// address opens it, "0.0.0.0/0" too, but "*" does not
+// (policy/TestCIDRNamesMapped, proxy: 403 special-range). Explain
+// unmapped the literal first and printed ALLOW under "*"; the range it
+// names is the mapped one, not the guard's 0.0.0.0/0 placeholder, and
+// its note says what does open it.
+func TestExplainMappedLiteral(t *testing.T) {
+	pol := filepath.Join(t.TempDir(), "p.yaml")
+	if err := os.WriteFile(pol, []byte("mode: enforce\n"+guardPolicy), 0o644); err != nil {
+		t.Fatal(err)
+	}
+	for _, c := range []struct {
+		to, port        string
+		verdict, reason string
+		rule, rng       string
+	}{
+		{"[::ffff:198.51.100.10]:443", "", "deny", "special-range", "any", "::ffff:0:0/96"},
+		{"https://[::ffff:198.51.100.10]/x", "", "deny", "special-range", "any", "::ffff:0:0/96"},
+		{"::ffff:198.51.100.10", "444/tcp", "allow", "", "v4all", ""},
+		{"::ffff:198.51.100.10", "446/tcp", "allow", "", "wide", ""},
+		// The address itself, as a transparent flow carries it.
+		{"198.51.100.10", "443/tcp", "allow", "", "any", ""},
+		// A guarded address's mapped form is its range's, as before.
+		{"::ffff:169.254.169.254", "443/tcp", "deny", "special-range", "any", "169.254.0.0/16"},
+	} {
+		args := []string{"policy", "explain", pol, "--to", c.to, "--json"}
+		if c.port != "" {
+			args = append(args, "--port", c.port)
+		}
+		code, out, stderr := runCLI(t, args...)
+		if code != exitOK {
+			t.Fatalf("%v: exit %d: %s", args, code, stderr)
+		}
+		var ex struct {
+			Verdict, Rule, Reason string
+			SpecialRange          string `json:"special_range"`
+			AllowedBy             string `json:"allowed_by"`
+			Warnings              []string
+		}
+		if err := json.Unmarshal([]byte(out), &ex); err != nil {
+			t.Fatalf("%v: %v: %q", args, err, out)
+		}
+		rule := ex.Rule
+		if c.verdict == "deny" {
+			rule = ex.AllowedBy
+		}
+		if ex.Verdict != c.verdict || (c.verdict == "deny" && ex.Reason != c.reason) || ex.SpecialRange != c.rng || rule != c.rule {
+			t.Errorf("%s %s: %s %s rule %q range %q, want %s %s rule %q range %q", c.to, c.port, ex.Verdict, ex.Reason, rule, ex.SpecialRange, c.verdict, c.reason, c.rule, c.rng)
+		}
+		if c.rng == "::ffff:0:0/96" {
+			w := strings.Join(ex.Warnings, "\n")
+			if !strings.Contains(w, "0.0.0.0/0 does") || strings.Contains(w, "a /0 or a broader prefix do not") {
+				t.Errorf("%s: notes %q, want what opens the mapped form (an IPv4 CIDR rule holding 198.51.100.10)", c.to, ex.Warnings)
+			}
+		}
+	}
+}
