@@ -371,7 +371,7 @@ func TestParseDest(t *testing.T) {
 		{in: "https://notion.so/nirovision/x?y=1", want: Dest{Name: "notion.so", Path: "/nirovision/x", Port: 443}},
 		{in: "http://user@notion.so", want: Dest{Name: "notion.so", Port: 80}},
 		{in: "17.1.2.3", want: Dest{Addr: netip.MustParseAddr("17.1.2.3")}},
-		{in: "::ffff:17.1.2.3", want: Dest{Addr: netip.MustParseAddr("17.1.2.3")}},
+		{in: "::ffff:17.1.2.3", want: Dest{Addr: netip.MustParseAddr("17.1.2.3"), Mapped: true}},
 		{in: "[2001:db8::1]:443", want: Dest{Addr: netip.MustParseAddr("2001:db8::1"), Port: 443}},
 		{in: "ｅｘａｍｐｌｅ．ｃｏｍ", want: Dest{Name: "example.com"}},
 		{in: "[example.com]", err: true},

@@ -135,9 +135,12 @@ func allDigits(s string) bool {
 // Dest is a destination typed by a person: a name, an address, or a URL.
 type Dest struct {
 	Name string     // normalised name, empty for an address
-	Addr netip.Addr // valid when the destination is an address
-	Path string     // URL path, empty when none was given
-	Port uint16     // port from a URL or host:port, 0 when none
+	Addr netip.Addr // valid when the destination is an address, unmapped
+	// Mapped is set when Addr was written in its IPv4-mapped form
+	// (::ffff:198.51.100.2), which the explicit proxy is asked for as such.
+	Mapped bool
+	Path   string // URL path, empty when none was given
+	Port   uint16 // port from a URL or host:port, 0 when none
 }
 
 // ParseDest parses a name ("api.nirovision.com"), an address ("17.1.2.3",
@@ -184,7 +187,7 @@ func ParseDest(s string) (Dest, error) {
 		if err != nil {
 			return d, fmt.Errorf("policy: %q: only an IPv6 address may stand in brackets", orig)
 		}
-		d.Addr = a.Unmap()
+		d.Addr, d.Mapped = a.Unmap(), a.Is4In6()
 	} else {
 		if strings.Count(s, ":") == 1 {
 			i := strings.IndexByte(s, ':')
@@ -195,7 +198,7 @@ func ParseDest(s string) (Dest, error) {
 			d.Port, host = p, s[:i]
 		}
 		if a, err := netip.ParseAddr(host); err == nil {
-			d.Addr = a.Unmap()
+			d.Addr, d.Mapped = a.Unmap(), a.Is4In6()
 		} else {
 			n, ok := NormalizeInput(host)
 			if !ok {

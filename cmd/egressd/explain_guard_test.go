@@ -173,8 +173,8 @@ func TestExplainMappedLiteral(t *testing.T) {
 		verdict, reason string
 		rule, rng       string
 	}{
-		{"[::ffff:198.51.100.10]:443", "", "deny", "special-range", "any", "::ffff:0:0/96"},
-		{"https://[::ffff:198.51.100.10]/x", "", "deny", "special-range", "any", "::ffff:0:0/96"},
+		{"[::ffff:198.51.100.10]:443", "", "deny", "special-range", "any", "::ffff:0.0.0.0/96"},
+		{"https://[::ffff:198.51.100.10]/x", "", "deny", "special-range", "any", "::ffff:0.0.0.0/96"},
 		{"::ffff:198.51.100.10", "444/tcp", "allow", "", "v4all", ""},
 		{"::ffff:198.51.100.10", "446/tcp", "allow", "", "wide", ""},
 		// The address itself, as a transparent flow carries it.
@@ -206,7 +206,7 @@ func TestExplainMappedLiteral(t *testing.T) {
 		if ex.Verdict != c.verdict || (c.verdict == "deny" && ex.Reason != c.reason) || ex.SpecialRange != c.rng || rule != c.rule {
 			t.Errorf("%s %s: %s %s rule %q range %q, want %s %s rule %q range %q", c.to, c.port, ex.Verdict, ex.Reason, rule, ex.SpecialRange, c.verdict, c.reason, c.rule, c.rng)
 		}
-		if c.rng == "::ffff:0:0/96" {
+		if c.rng == "::ffff:0.0.0.0/96" {
 			w := strings.Join(ex.Warnings, "\n")
 			if !strings.Contains(w, "0.0.0.0/0 does") || strings.Contains(w, "a /0 or a broader prefix do not") {
 				t.Errorf("%s: notes %q, want what opens the mapped form (an IPv4 CIDR rule holding 198.51.100.10)", c.to, ex.Warnings)

@@ -6,6 +6,7 @@ import (
 	"errors"
 	"fmt"
 	"io"
+	"net/netip"
 	"strings"
 
 	"egressd/internal/httpwire"
@@ -214,7 +215,14 @@ func cmdPolicyExplain(args []string, stdout, stderr io.Writer) int {
 	if rawNote == "" && in.Port != 53 && dest.Addr.IsValid() {
 		a := dest.Addr.Unmap()
 		self := in.Proto == policy.TCP && (a.IsLoopback() || a.IsUnspecified())
-		if g, refused := eng.GuardRefuses(in, nil, nil); refused && (d.Allowed() || self) {
+		gin := in
+		if dest.Mapped && in.Proto == policy.TCP {
+			// The explicit proxy is asked for the mapped form as written
+			// (decideTarget guards the literal); a transparent flow's
+			// destination and forwarded traffic are never mapped.
+			gin.Dest = netip.AddrFrom16(dest.Addr.As16())
+		}
+		if g, refused := eng.GuardRefuses(gin, nil, nil); refused && (d.Allowed() || self) {
 			mode := eng.Mode()
 			if self {
 				mode = policy.ModeEnforce
@@ -225,6 +233,14 @@ func cmdPolicyExplain(args []string, stdout, stderr io.Writer) int {
 			}
 			guardNote = fmt.Sprintf("%s: the proxy and the firewall refuse it (%s) unless a CIDR rule inside %s names it, holding no guarded range it does not open (\"*\", a /0 or a broader prefix do not)",
 				held, proxy.ReasonSpecialRange, g)
+			if g.Bits() == 0 {
+				// SpecialRange's placeholder for the mapped form of an
+				// address no range guards (CIDRNames): named by any IPv4
+				// CIDR rule holding the address.
+				g = netip.MustParsePrefix("::ffff:0:0/96")
+				guardNote = fmt.Sprintf("rule %s allows %s, but the explicit proxy, asked for its IPv4-mapped form %s, refuses it (%s) unless an IPv4 CIDR rule holds %s (0.0.0.0/0 does; \"*\" and ::/0 do not); a transparent flow to %s is not refused so",
+					d.Rule, dest.Addr, gin.Dest, proxy.ReasonSpecialRange, dest.Addr, dest.Addr)
+			}
 			for _, n := range nat {
 				if g.Bits() < n.Bits() && g.Contains(n.Addr()) {
 					guardNote += fmt.Sprintf("; %s holds the NAT64 prefix %s, whose guarded forms a rule naming %s does not open", g, n, g)
