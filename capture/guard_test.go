@@ -310,7 +310,7 @@ rules:
 		t.Run(string(to), func(t *testing.T) {
 			r := newGuardRig(t, policy.ModeAudit)
 			r.udp("198.51.100.77", 5000, "203.0.113.9", 9000) // forged
-			r.c.proc.redecide(r.c.deps.Policy.Swap(testEngine(t, open).WithMode(to)))
+			r.c.proc.redecide(r.c.deps.Policy.Swap(testEngine(t, open).WithMode(to)), nil)
 			r.udp("198.51.100.77", 5000, "203.0.113.9", 9000)
 			// A LAN client's datagram to the same place: the reload's
 			// policy and mode are in force (the forged flow's verdict

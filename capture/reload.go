@@ -103,11 +103,11 @@ import (
 const maxRevokes = 65536
 
 // pendingOp is a queued Revoke (ev set) or Redecide (ev nil, prev its
-// policy before the reload), queued at at.
+// policy before the reload, next the one it put in), queued at at.
 type pendingOp struct {
-	ev   *audit.Event
-	prev *policy.Engine
-	at   time.Time
+	ev         *audit.Event
+	prev, next *policy.Engine
+	at         time.Time
 }
 
 // Revoke records a forwarded flow the firewall cut (its event, source
@@ -129,11 +129,14 @@ func (c *Capture) Revoke(ev audit.Event) {
 // store now holds: call it after a policy reload succeeded (egressd run
 // does), with prev the policy before it (the store's Swap returns it;
 // nil: unknown), whose rules the firewall's sweep compares with the new
-// ones (keptByMark). See above.
+// ones (keptByMark). The new ones are the store's at the call: a later
+// reload queued before this one is applied is judged against them, as
+// the sweep judges each ruleset against the one it replaced. See above.
 func (c *Capture) Redecide(prev *policy.Engine) {
+	next := c.deps.Policy.Load()
 	c.pendMu.Lock()
 	if !c.stopped {
-		c.pending = append(c.pending, pendingOp{prev: prev, at: c.clock()})
+		c.pending = append(c.pending, pendingOp{prev: prev, next: next, at: c.clock()})
 		c.hasPending.Store(true)
 	}
 	c.pendMu.Unlock()
@@ -178,7 +181,7 @@ func (p *proc) applyPending(until time.Time) {
 	for _, op := range p.c.takePending(until, false) {
 		switch {
 		case op.ev == nil:
-			p.redecide(op.prev)
+			p.redecide(op.prev, op.next)
 		case p.revoke(op.ev, !until.IsZero() && p.now.Sub(op.at) < revokeWait):
 		default:
 			again = append(again, op)
@@ -255,8 +258,9 @@ func (p *proc) revoke(ev *audit.Event, wait bool) bool {
 }
 
 // redecide judges the live forwarded flows again (see above); prev is the
-// policy before the reload (nil: unknown).
-func (p *proc) redecide(prev *policy.Engine) {
+// policy before the reload (nil: unknown), next the one it put in (nil:
+// the store's now, which a later reload may have replaced since).
+func (p *proc) redecide(prev, next *policy.Engine) {
 	eng := p.c.deps.Policy.Load()
 	inAudit := eng.Mode() == policy.ModeAudit
 	for _, f := range p.flows {
@@ -281,7 +285,7 @@ func (p *proc) redecide(prev *policy.Engine) {
 			// else the new chain's judgement of a first packet now: a
 			// CIDR rule, or a learned set live now (not the answers
 			// live when the flow began: an expired one is in no set).
-			d, name, src, learned := p.keptByMark(eng, prev, in, f)
+			d, name, src, learned := p.keptByMark(eng, prev, next, in, f)
 			if !d.Allowed() {
 				d, name, src, learned = p.decideForwarded(eng, in, f.name, f.nameSrc, p.now)
 				d = p.special(eng, in, d, true)
@@ -399,8 +403,14 @@ func (p *proc) redecide(prev *policy.Engine) {
 // allowed the name kept the flow, where the sweep cuts it once the
 // answer expired (R31: TestRedecideLearnedRuleRemoved), and a rule that
 // dropped another of its names kept it, where the sweep cuts it too
-// (Q5). It returns a deny where it does not keep f.
-func (p *proc) keptByMark(eng, prev *policy.Engine, in policy.Input, f *flow) (policy.Decision, string, audit.NameSource, admitName) {
+// (Q5). Where a later reload replaced next (the policy this reload put
+// in) before this one is applied, the mark must also have held from prev
+// to next: the sweep judged that ruleset against prev's, and the later
+// reload is judged against next's (before session 31 (R35) prev was
+// compared with eng alone: a rule that dropped a name, or went, and came
+// back in the later reload kept the flow the sweep cut). It returns a
+// deny where it does not keep f.
+func (p *proc) keptByMark(eng, prev, next *policy.Engine, in policy.Input, f *flow) (policy.Decision, string, audit.NameSource, admitName) {
 	no := policy.Decision{Verdict: policy.Deny, RuleIndex: -1, Mode: eng.Mode()}
 	if f.learned.name == "" || !f.dec.Allowed() {
 		return no, "", "", admitName{}
@@ -408,21 +418,42 @@ func (p *proc) keptByMark(eng, prev *policy.Engine, in policy.Input, f *flow) (p
 	nin := in
 	nin.Name, nin.Path, nin.NoPath = f.learned.name, "", false
 	var buf [8]int
-	rules := eng.Rules()
-	for _, r := range eng.NameRules(nin, 0, buf[:0]) {
-		if rules[r].Name != f.learned.rule || !slices.ContainsFunc(rules[r].Ports, func(pr policy.PortRange) bool { return pr.Contains(in.Port, in.Proto) }) {
-			continue
+	if next != nil && next != eng {
+		// The names kept from prev to next and from prev to eng: kept
+		// from next to eng too, which that later reload judges.
+		r, ok := markRule(next, nin, f.learned.rule, buf[:0])
+		if !ok || !keepsNames(prev, next.Rules()[r]) {
+			return no, "", "", admitName{}
 		}
-		if old, ok := ruleNamed(prev, f.learned.rule); ok && !policy.KeepsLearned(policy.LearnedNames(old), policy.LearnedNames(rules[r])) {
-			break
+	}
+	if r, ok := markRule(eng, nin, f.learned.rule, buf[:0]); ok && keepsNames(prev, eng.Rules()[r]) {
+		d := p.special(eng, in, policy.Decision{Verdict: policy.Allow, Rule: eng.Rules()[r].Name, RuleIndex: r, Reason: policy.ReasonAllowed, Mode: eng.Mode()}, true)
+		if d.Allowed() {
+			return d, f.evName, f.evSrc, f.learned
 		}
-		d := p.special(eng, in, policy.Decision{Verdict: policy.Allow, Rule: rules[r].Name, RuleIndex: r, Reason: policy.ReasonAllowed, Mode: eng.Mode()}, true)
-		if !d.Allowed() {
-			break
-		}
-		return d, f.evName, f.evSrc, f.learned
 	}
 	return no, "", "", admitName{}
+}
+
+// markRule returns the index of eng's rule named rule that lets in (its
+// Name the name a flow's address was learned for) reach that name on
+// in's port; false without one.
+func markRule(eng *policy.Engine, in policy.Input, rule string, buf []int) (int, bool) {
+	rules := eng.Rules()
+	for _, r := range eng.NameRules(in, 0, buf) {
+		if rules[r].Name == rule && slices.ContainsFunc(rules[r].Ports, func(pr policy.PortRange) bool { return pr.Contains(in.Port, in.Proto) }) {
+			return r, true
+		}
+	}
+	return 0, false
+}
+
+// keepsNames reports whether now, a rule of a policy after prev, kept all
+// the names prev's rule of its name had (policy.KeepsLearned); true
+// without prev or without such a rule in it (unknown).
+func keepsNames(prev *policy.Engine, now policy.Rule) bool {
+	old, ok := ruleNamed(prev, now.Name)
+	return !ok || policy.KeepsLearned(policy.LearnedNames(old), policy.LearnedNames(now))
 }
 
 // ruleNamed returns eng's rule named name; false without one (or eng).
