@@ -9,6 +9,14 @@ import (
 	"egressd/policy"
 )
 
+// Rules b and b2 of the learned-flow reload tests: b2 opens b's name
+// too; b widened by a port, by a name.
+const (
+	ruleB2    = "  - name: b2\n    to: [b.allowed.test]\n    ports: [443/udp]\n"
+	ruleBWide = "  - name: b\n    to: [b.allowed.test]\n    ports: [443/udp, 8443/udp]\n"
+	ruleBC    = "  - name: b\n    to: [b.allowed.test, c.allowed.test]\n    ports: [443/udp]\n"
+)
+
 // TestRedecideLearnedRuleRemoved: a reload in audit mode keeps a
 // forwarded flow let out by a learned address as the firewall's sweep
 // does in enforce mode (firewall/sweep.go, keeps): its mark's rule
@@ -40,9 +48,6 @@ import (
 //     recorded the CIDR rule, made it a would-be deny.
 func TestRedecideLearnedRuleRemoved(t *testing.T) {
 	ruleB := udpRule("b")
-	ruleB2 := "  - name: b2\n    to: [b.allowed.test]\n    ports: [443/udp]\n"
-	ruleBWide := "  - name: b\n    to: [b.allowed.test]\n    ports: [443/udp, 8443/udp]\n"
-	ruleBC := "  - name: b\n    to: [b.allowed.test, c.allowed.test]\n    ports: [443/udp]\n"
 	ruleBCD := "  - name: b\n    to: [b.allowed.test, c.allowed.test, d.allowed.test]\n    ports: [443/udp]\n"
 	ruleNet := "  - name: net\n    to: [203.0.113.0/24]\n    ports: [443/udp]\n"
 	srv := netip.MustParseAddr("203.0.113.80")

@@ -25,9 +25,6 @@ import (
 //   - b gains a port (A→B), then a name (B→C): kept all along.
 func TestRedecideQueuedReloads(t *testing.T) {
 	ruleB := udpRule("b")
-	ruleB2 := "  - name: b2\n    to: [b.allowed.test]\n    ports: [443/udp]\n"
-	ruleBC := "  - name: b\n    to: [b.allowed.test, c.allowed.test]\n    ports: [443/udp]\n"
-	ruleBWide := "  - name: b\n    to: [b.allowed.test]\n    ports: [443/udp, 8443/udp]\n"
 	ruleBWideC := "  - name: b\n    to: [b.allowed.test, c.allowed.test]\n    ports: [443/udp, 8443/udp]\n"
 	srv := netip.MustParseAddr("203.0.113.80")
 	cli := netip.MustParseAddr("192.0.2.95")
