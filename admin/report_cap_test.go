@@ -133,6 +133,10 @@ func TestReportsCapFreedByLeavingClient(t *testing.T) {
 	ts := httptest.NewServer(s.Handler())
 	defer ts.Close()
 	for round := range 3 {
+		// The last round's probe, whose client left too, may still hold
+		// its slot: a request of this round would be 503 and never ask
+		// the ledger (a hang in CI).
+		waitSlotsFree(t, s, round)
 		ctx, cancel := context.WithCancel(context.Background())
 		var wg sync.WaitGroup
 		for range maxReports {
@@ -148,8 +152,12 @@ func TestReportsCapFreedByLeavingClient(t *testing.T) {
 				}
 			}()
 		}
-		for range maxReports {
-			<-rep.in
+		for i := range maxReports {
+			select {
+			case <-rep.in:
+			case <-time.After(30 * time.Second):
+				t.Fatalf("round %d: %d of %d reports asked the ledger", round, i, maxReports)
+			}
 		}
 		cancel()
 		wg.Wait()
@@ -187,6 +195,19 @@ func TestReportsCapFreedByLeavingClient(t *testing.T) {
 			}
 			break
 		}
+	}
+}
+
+// waitSlotsFree waits until no report holds a slot of s (the handlers of
+// clients that left give theirs back on their own time), or fails.
+func waitSlotsFree(t *testing.T, s *Server, round int) {
+	t.Helper()
+	deadline := time.Now().Add(30 * time.Second)
+	for len(s.reports) > 0 {
+		if time.Now().After(deadline) {
+			t.Fatalf("round %d: %d report slots still held by clients that left", round, len(s.reports))
+		}
+		time.Sleep(5 * time.Millisecond)
 	}
 }
 
