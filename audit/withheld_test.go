@@ -1,0 +1,120 @@
+package audit
+
+import (
+	"bytes"
+	"context"
+	"encoding/json"
+	"fmt"
+	"strings"
+	"testing"
+	"time"
+)
+
+// withheldEvents are queries of updates.example.org (rule dns-only): five
+// allowed, three of them answered with addresses withheld (the rule's
+// learned set full: Enforced under the allow verdict), one of those
+// retransmitted (its ID kept: one query), and one first reported plain
+// then withheld (a retransmission the set refused meanwhile: one query,
+// withheld).
+func withheldEvents(t *testing.T) []Event {
+	eng := loadPolicy(t, "policy.yaml")
+	var evs []Event
+	for i := range 5 {
+		ev := dnsEvent(eng, t0.Add(time.Duration(i)*time.Second), 5353, uint16(100+i), "updates.example.org")
+		ev.Enforced = i < 3
+		evs = append(evs, ev)
+	}
+	if evs[0].Rule != "dns-only" || evs[0].Enforced != true {
+		t.Fatalf("fixture: %+v, want allowed by dns-only", evs[0])
+	}
+	re := evs[1]
+	re.Time = re.Time.Add(500 * time.Millisecond)
+	evs = append(evs, re)
+	plain := dnsEvent(eng, t0.Add(10*time.Second), 5354, 200, "updates.example.org")
+	later := plain
+	later.Time, later.Enforced = later.Time.Add(time.Second), true
+	return append(evs, plain, later)
+}
+
+// checkWithheld checks that r counts n withheld answers under dns-only,
+// in each of its forms.
+func checkWithheld(t *testing.T, name string, r *Report, n uint64) {
+	t.Helper()
+	u := ruleByName(r, "dns-only")
+	if u == nil || u.Queries != 6 || u.AnswersWithheld != n {
+		t.Fatalf("%s: dns-only = %+v, want 6 queries, %d answers withheld", name, u, n)
+	}
+	var txt, html, js bytes.Buffer
+	if err := r.WriteText(&txt); err != nil {
+		t.Fatal(err)
+	}
+	if err := r.WriteHTML(&html); err != nil {
+		t.Fatal(err)
+	}
+	if err := r.WriteJSON(&js); err != nil {
+		t.Fatal(err)
+	}
+	note := fmt.Sprintf("%d answers withheld: learned set full", n)
+	if !strings.Contains(txt.String(), "  dns-only: "+note) {
+		t.Errorf("%s: the text report has no note on dns-only's withheld answers:\n%s", name, txt.String())
+	}
+	if !strings.Contains(html.String(), `<li data-rule="dns-only">dns-only: `+note) {
+		t.Errorf("%s: the HTML report has no note on dns-only's withheld answers", name)
+	}
+	var back struct {
+		Rules []map[string]any `json:"rules"`
+	}
+	if err := json.Unmarshal(js.Bytes(), &back); err != nil {
+		t.Fatal(err)
+	}
+	for _, ru := range back.Rules {
+		if got, want := ru["answers_withheld"], ru["name"] == "dns-only"; (got != nil) != want || want && got != float64(n) {
+			t.Errorf("%s: JSON rule %v answers_withheld = %v", name, ru["name"], got)
+		}
+	}
+}
+
+// TestReportAnswersWithheld: a query whose answer the DNS forwarder cut
+// because the rule's learned set was full (enforce mode: an allowed DNS
+// event with enforced true) counts under its rule as a withheld answer,
+// and the report says so, live, over a window (since=), and after the
+// ledger's summary is read back (a restart); a report without such
+// queries has no field and no note (TestGoldenReports).
+func TestReportAnswersWithheld(t *testing.T) {
+	eng := loadPolicy(t, "policy.yaml")
+	evs := withheldEvents(t)
+	l := NewLedger(eng, LedgerOptions{})
+	for _, ev := range evs {
+		l.Emit(ev)
+	}
+	checkWithheld(t, "live", l.Report(ReportOptions{Now: reportNow}), 4)
+
+	l.mu.Lock()
+	l.history = func(_ context.Context, _ time.Time, fn func(Event)) error {
+		for _, ev := range evs {
+			fn(ev)
+		}
+		return nil
+	}
+	l.mu.Unlock()
+	checkWithheld(t, "window", l.Report(ReportOptions{Now: reportNow, Since: t0.Add(-time.Hour)}), 4)
+
+	b, err := json.Marshal(l.export())
+	if err != nil {
+		t.Fatal(err)
+	}
+	a, err := parseArchive(b)
+	if err != nil {
+		t.Fatal(err)
+	}
+	restarted := NewLedger(eng, LedgerOptions{})
+	restarted.importArchive(a)
+	checkWithheld(t, "summary", restarted.Report(ReportOptions{Now: reportNow}), 4)
+	// Queries after the restart add to the summary's.
+	more := dnsEvent(eng, t0.Add(time.Minute), 5355, 300, "updates.example.org")
+	more.Enforced = true
+	restarted.Emit(more)
+	if u := ruleByName(restarted.Report(ReportOptions{Now: reportNow}), "dns-only"); u == nil || u.AnswersWithheld != 5 {
+		t.Errorf("after the restart: dns-only = %+v, want 5 answers withheld", u)
+	}
+}
