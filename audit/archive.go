@@ -121,6 +121,7 @@ type archRule struct {
 	BytesOut         uint64       `json:"bytes_out,omitempty"`
 	BytesIn          uint64       `json:"bytes_in,omitempty"`
 	Denied           uint64       `json:"denied,omitempty"`
+	Withheld         uint64       `json:"answers_withheld,omitempty"`
 	Clients          []netip.Addr `json:"clients,omitempty"`
 	ClientsTruncated bool         `json:"clients_truncated,omitempty"`
 	ClientMACs       []archMACs   `json:"client_macs,omitempty"`
@@ -411,6 +412,7 @@ func (l *Ledger) importArchive(a *archive) {
 		rs.bytesOut += r.BytesOut
 		rs.bytesIn += r.BytesIn
 		rs.denied += r.Denied
+		rs.withheld += min(r.Withheld, r.Queries)
 		importClients(&rs.clients, r.Clients, r.ClientMACs, r.ClientsTruncated, l.opt.MaxClients)
 		rs.dests.set(r.Dests, l.opt.MaxDestinations)
 		rs.seen(r.First.UTC())
@@ -694,7 +696,7 @@ func (l *Ledger) export() *archive {
 		Rules: []archRule{}, Dropped: []archDrop{}}
 	for _, rs := range l.rules {
 		a.Rules = append(a.Rules, archRule{Name: rs.name, Flows: rs.flows, Queries: rs.queries, Requests: rs.requests,
-			BytesOut: rs.bytesOut, BytesIn: rs.bytesIn, Denied: rs.denied,
+			BytesOut: rs.bytesOut, BytesIn: rs.bytesIn, Denied: rs.denied, Withheld: rs.withheld,
 			Clients: rs.clients.addrs(), ClientsTruncated: rs.clients.truncated, ClientMACs: rs.clients.macs(),
 			Dests: rs.dests.top(len(rs.dests.h)), First: rs.first, Last: rs.last})
 	}

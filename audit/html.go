@@ -4,6 +4,7 @@ import (
 	"fmt"
 	"html/template"
 	"io"
+	"slices"
 
 	"egressd/policy"
 )
@@ -50,7 +51,8 @@ func (r *Report) WriteHTML(w io.Writer) error {
 		Audit       bool
 		Requests    bool // a Requests column: some were counted
 		MACs        bool // a Devices column: some client had a MAC
-	}{r, bars, len(r.Rules)*26 + 4, r.Mode == policy.ModeAudit, r.Totals.Requests > 0, r.anyMACs()}
+		Withheld    bool // some rule's answers were withheld: a note on each
+	}{r, bars, len(r.Rules)*26 + 4, r.Mode == policy.ModeAudit, r.Totals.Requests > 0, r.anyMACs(), slices.ContainsFunc(r.Rules, func(u RuleReport) bool { return u.AnswersWithheld > 0 })}
 	if err := htmlTmpl.Execute(w, data); err != nil {
 		return fmt.Errorf("audit: write html report: %w", err)
 	}
@@ -58,6 +60,7 @@ func (r *Report) WriteHTML(w io.Writer) error {
 }
 
 var htmlTmpl = template.Must(template.New("report").Funcs(template.FuncMap{
+	"withheld": withheldNote,
 	"time":     fmtTime,
 	"bytes":    fmtBytes,
 	"count":    fmtCount,
@@ -117,7 +120,8 @@ code{font-family:ui-monospace,Menlo,Consolas,monospace}
 {{range .Rules}}<tr data-rule="{{.Name}}"><td>{{.Name}}{{if not .InPolicy}} <em>(not in policy)</em>{{end}}</td><td class="n flows">{{.Flows}}</td><td class="n">{{.Queries}}</td>{{if $.Requests}}<td class="n requests">{{.Requests}}</td>{{end}}<td class="n">{{bytes .BytesOut}}</td><td class="n">{{bytes .BytesIn}}</td><td class="clients">{{template "clients" .}}</td>{{if $.MACs}}<td class="n devices">{{count .DeviceCount .DevicesTruncated}}</td>{{end}}<td>{{range $i, $d := .TopDestinations}}{{if $i}}, {{end}}{{$d.Dest}} ({{$d.Count}}){{end}}</td><td>{{time .FirstSeen}}</td><td>{{time .LastSeen}}</td></tr>
 {{end}}</tbody>
 </table>
-{{else}}<p id="no-rules">No rule has been used yet.</p>{{end}}
+{{if $.Withheld}}<ul id="answers-withheld">{{range .Rules}}{{if .AnswersWithheld}}<li data-rule="{{.Name}}">{{.Name}}: {{withheld .}}</li>{{end}}{{end}}</ul>
+{{end}}{{else}}<p id="no-rules">No rule has been used yet.</p>{{end}}
 
 <h2>Unused rules ({{len .UnusedRules}})</h2>
 {{if .UnusedRules}}<ul id="unused">{{range .UnusedRules}}<li>{{.}}</li>{{end}}</ul>{{else}}<p>Every rule has been used.</p>{{end}}

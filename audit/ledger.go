@@ -238,9 +238,13 @@ type ruleStats struct {
 	requests          uint64
 	bytesOut, bytesIn uint64
 	denied            uint64 // flows denied citing this rule (expired)
-	clients           clientSet
-	dests             destCounter
-	first, last       time.Time
+	// withheld are queries whose answer the DNS forwarder cut because
+	// full learned sets refused addresses (allowed DNS events with
+	// Enforced set): RuleReport.AnswersWithheld.
+	withheld    uint64
+	clients     clientSet
+	dests       destCounter
+	first, last time.Time
 }
 
 type dropKey struct {
@@ -588,6 +592,9 @@ func (l *Ledger) attributeLocked(rec *flowRec, ev *Event, t time.Time) {
 			l.totals.Allowed++
 		} else {
 			rs.queries++
+			if ev.Enforced {
+				rs.withheld++
+			}
 		}
 		rs.bytesOut += ev.BytesOut
 		rs.bytesIn += ev.BytesIn
@@ -887,6 +894,9 @@ func (l *Ledger) mergeLocked(r *flowRec, ev *Event, t time.Time) {
 		r.rule.seen(t)
 		if ev.ClientMAC != "" { // the first report may have come without it
 			r.rule.clients.add(ev.Client.Unmap(), ev.ClientMAC, l.opt.MaxClients)
+		}
+		if ev.Enforced && !r.enforced && r.id.kind == KindDNS { // a retransmission the full set cut
+			r.rule.withheld++
 		}
 	case r.drop != nil:
 		if ev.ClientMAC != "" {

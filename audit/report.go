@@ -218,6 +218,22 @@ type RuleReport struct {
 	// OpenFlows are those of Flows open now, not reported by an event
 	// yet (Report.OpenFlows).
 	OpenFlows uint64 `json:"open_flows,omitempty"`
+	// AnswersWithheld are those of Queries (enforce mode) whose answer
+	// the DNS forwarder cut, trimmed or SERVFAIL, because the rule's
+	// learned set was full (Event.Enforced under the allow verdict): the
+	// client did not get every address the name has.
+	AnswersWithheld uint64 `json:"answers_withheld,omitempty"`
+}
+
+// maxLearnedNote is the learned set's size as withheldNote gives it:
+// firewall's DefaultMaxLearned, which no flag or policy field changes.
+const maxLearnedNote = "65536"
+
+// withheldNote is the report's note on a rule whose queries got answers
+// cut by its full learned set (RuleReport.AnswersWithheld).
+func withheldNote(u RuleReport) string {
+	return plural(u.AnswersWithheld, "answer", "answers") + " withheld: learned set full (at most " + maxLearnedNote +
+		" live addresses per family)"
 }
 
 // ClientDevices say which LAN devices a rule's or a dropped entry's
@@ -939,7 +955,7 @@ func (l *Ledger) buildLocked(opt ReportOptions) *Report {
 			BytesOut: rs.bytesOut, BytesIn: rs.bytesIn,
 			Clients: cl, ClientCount: len(cl), ClientsTruncated: rs.clients.truncated, ClientDevices: rs.clients.report(),
 			Destinations: names, TopDestinations: top,
-			FirstSeen: rs.first, LastSeen: rs.last, InPolicy: in,
+			FirstSeen: rs.first, LastSeen: rs.last, InPolicy: in, AnswersWithheld: rs.withheld,
 		})
 	}
 	slices.SortFunc(r.Rules, func(a, b RuleReport) int {
@@ -1083,6 +1099,11 @@ func (r *Report) WriteText(w io.Writer) error {
 				fmtTime(u.FirstSeen), fmtTime(u.LastSeen), shortList(textNames(u.Destinations), 3))
 		}
 		tw.Flush()
+		for _, u := range r.Rules {
+			if u.AnswersWithheld > 0 {
+				fmt.Fprintf(ew, "  %s: %s\n", u.Name, withheldNote(u))
+			}
+		}
 		fmt.Fprintf(ew, "\nCLIENTS BY RULE\n")
 		for _, u := range r.Rules {
 			fmt.Fprintf(ew, "  %s: %s\n", u.Name, clientList(u.Clients, u.ClientsTruncated, u.ClientDevices))
