@@ -14,6 +14,7 @@ import (
 
 	"github.com/miekg/dns"
 
+	"egressd/audit"
 	"egressd/dnsfilter"
 	"egressd/firewall"
 	"egressd/internal/testnet"
@@ -28,7 +29,7 @@ import (
 // answer with only the learned addresses when some were; what it gets it
 // can reach (setFullGateway).
 func TestSetFullAnswer(t *testing.T) {
-	ask, reach := setFullGateway(t, "n1", "{name: ntp, to: [ntp.test, pool.test], ports: [123/udp]}",
+	ask, reach, led := setFullGateway(t, "n1", "{name: ntp, to: [ntp.test, pool.test], ports: [123/udp]}",
 		map[string][]string{"ntp.test.": {"198.18.2.2"}, "pool.test.": {"198.18.2.2", "198.18.2.10"}})
 
 	// ntp.test's only address: refused by the full set.
@@ -54,6 +55,25 @@ func TestSetFullAnswer(t *testing.T) {
 	if want := []netip.Addr{netip.MustParseAddr("198.18.2.10")}; r.Rcode != dns.RcodeSuccess || !slices.Equal(got, want) {
 		t.Errorf("pool.test with the set full: rcode %s, addresses %v; want NOERROR and %v", dns.RcodeToString[r.Rcode], got, want)
 	}
+
+	// The report says so: both queries under ntp, both with answers
+	// withheld (the forwarder's events: allow, enforced).
+	var u *audit.RuleReport
+	for deadline := time.Now().Add(5 * time.Second); ; time.Sleep(10 * time.Millisecond) {
+		u = nil
+		rep := led.Report(audit.ReportOptions{})
+		for i := range rep.Rules {
+			if rep.Rules[i].Name == "ntp" {
+				u = &rep.Rules[i]
+			}
+		}
+		if u != nil && u.Queries >= 2 || time.Now().After(deadline) {
+			break
+		}
+	}
+	if u == nil || u.Queries != 2 || u.AnswersWithheld != 2 {
+		t.Errorf("the report's ntp: %+v; want 2 queries, 2 answers withheld", u)
+	}
 }
 
 // TestSetFullAnswerCIDR: a rule with names and a CIDR opens the CIDR's
@@ -61,7 +81,7 @@ func TestSetFullAnswer(t *testing.T) {
 // not keep the client from it: the answer keeps it, and the client's
 // packets go out by the CIDR's accept.
 func TestSetFullAnswerCIDR(t *testing.T) {
-	ask, reach := setFullGateway(t, "n2", "{name: ntp, to: [ntp.test, 198.18.2.2/32], ports: [123/udp]}",
+	ask, reach, _ := setFullGateway(t, "n2", "{name: ntp, to: [ntp.test, 198.18.2.2/32], ports: [123/udp]}",
 		map[string][]string{"ntp.test.": {"198.18.2.2"}})
 	r := ask("ntp.test.")
 	want := []netip.Addr{netip.MustParseAddr("198.18.2.2")}
@@ -86,7 +106,7 @@ func TestSetFullAnswerReload(t *testing.T) {
 		t.Fatal(err)
 	}
 	var once sync.Once
-	ask, reach := setFullGatewayHook(t, "n3", "{name: ntp, to: [ntp.test, 198.18.2.2/32], ports: [123/udp]}",
+	ask, reach, _ := setFullGatewayHook(t, "n3", "{name: ntp, to: [ntp.test, 198.18.2.2/32], ports: [123/udp]}",
 		map[string][]string{"ntp.test.": {"198.18.2.2"}}, func(fw *firewall.Firewall) {
 			once.Do(func() {
 				if err := fw.Replace(newEng); err != nil {
@@ -117,7 +137,7 @@ func TestSetFullAnswerReloadRemembered(t *testing.T) {
 		t.Fatal(err)
 	}
 	var fwp atomic.Pointer[firewall.Firewall]
-	ask, reach := setFullGatewayHook(t, "n4", "{name: ntp, to: [ntp.test, 198.18.2.2/32], ports: [123/udp]}",
+	ask, reach, _ := setFullGatewayHook(t, "n4", "{name: ntp, to: [ntp.test, 198.18.2.2/32], ports: [123/udp]}",
 		map[string][]string{"ntp.test.": {"198.18.2.2"}}, func(fw *firewall.Firewall) { fwp.Store(fw) }, newEng)
 	want := []netip.Addr{netip.MustParseAddr("198.18.2.2")}
 	if r := ask("ntp.test."); r.Rcode != dns.RcodeSuccess || !slices.Equal(setFullAddrs(r), want) {
@@ -155,15 +175,16 @@ func (h *hookGate) Learn(ctx context.Context, eng *policy.Engine, ls []dnsfilter
 // server echoes on 198.18.2.2 and 198.18.2.10).
 //
 //	client eth0 198.18.1.2 ── lan0 198.18.1.1 gateway (firewall) wan0 198.18.2.1 ── eth0 198.18.2.x server
-func setFullGateway(t *testing.T, tag, rule string, zone map[string][]string) (ask func(name string) *dns.Msg, reach func(netip.Addr) bool) {
+func setFullGateway(t *testing.T, tag, rule string, zone map[string][]string) (ask func(name string) *dns.Msg, reach func(netip.Addr) bool, led *audit.Ledger) {
 	t.Helper()
 	return setFullGatewayHook(t, tag, rule, zone, nil, nil)
 }
 
 // setFullGatewayHook is setFullGateway whose forwarder calls hook with the
 // firewall before each Learn (nil: none), and decides its queries under
-// store (nil: the installed policy's engine).
-func setFullGatewayHook(t *testing.T, tag, rule string, zone map[string][]string, hook func(*firewall.Firewall), store *policy.Engine) (ask func(name string) *dns.Msg, reach func(netip.Addr) bool) {
+// store (nil: the installed policy's engine). Its forwarder's events go
+// to led.
+func setFullGatewayHook(t *testing.T, tag, rule string, zone map[string][]string, hook func(*firewall.Firewall), store *policy.Engine) (ask func(name string) *dns.Msg, reach func(netip.Addr) bool, led *audit.Ledger) {
 	t.Helper()
 	testnet.RequireRoot(t)
 	client, gw, server := testnet.New(t, tag+"c"), testnet.New(t, tag+"g"), testnet.New(t, tag+"s")
@@ -184,6 +205,7 @@ func setFullGatewayHook(t *testing.T, tag, rule string, zone map[string][]string
 	if err != nil {
 		t.Fatal(err)
 	}
+	led = audit.NewLedger(eng, audit.LedgerOptions{})
 	fw, err := firewall.New(firewall.Config{NetNS: "/var/run/netns/" + gw.Name, LANs: []string{"lan0"}, WAN: "wan0", ProxyPort: 3129, DNSPort: 53, MaxLearned: 2}, firewall.Deps{})
 	if err != nil {
 		t.Fatal(err)
@@ -211,7 +233,7 @@ func setFullGatewayHook(t *testing.T, tag, rule string, zone map[string][]string
 		gate = &hookGate{firewallGate: g, hook: func() { hook(fw) }}
 	}
 	s, err := dnsfilter.New(dnsfilter.Config{Listen: []string{"127.0.0.1:0"}, Upstreams: []string{up}, ClientRate: -1, AllowPrivateAnswers: true},
-		dnsfilter.Deps{Policy: policy.NewStore(cmp.Or(store, eng)), Firewall: gate})
+		dnsfilter.Deps{Policy: policy.NewStore(cmp.Or(store, eng)), Firewall: gate, Sink: led})
 	if err != nil {
 		t.Fatal(err)
 	}
@@ -241,7 +263,7 @@ func setFullGatewayHook(t *testing.T, tag, rule string, zone map[string][]string
 	if !reach(netip.MustParseAddr("198.18.2.10")) {
 		t.Fatal("198.18.2.10, in the set: no echo; the topology does not forward")
 	}
-	return func(name string) *dns.Msg { return setFullAsk(t, dnsAddr, name) }, reach
+	return func(name string) *dns.Msg { return setFullAsk(t, dnsAddr, name) }, reach, led
 }
 
 // setFullUpstream serves A records on loopback (UDP) until the test ends.
