@@ -105,16 +105,7 @@ func TestReportDevices(t *testing.T) {
 	r := deviceLedger(LedgerOptions{}).Report(ReportOptions{Now: reportNow})
 	checkDeviceReport(t, r)
 
-	var txt, html, js bytes.Buffer
-	if err := r.WriteText(&txt); err != nil {
-		t.Fatal(err)
-	}
-	if err := r.WriteHTML(&html); err != nil {
-		t.Fatal(err)
-	}
-	if err := r.WriteJSON(&js); err != nil {
-		t.Fatal(err)
-	}
+	txt, html, js := writeForms(t, r)
 	for _, want := range []string{
 		"192.168.50.23 (" + macB + ", 2 devices)",
 		"192.168.50.24 (" + macC + ")",
@@ -153,7 +144,7 @@ func TestReportDevices(t *testing.T) {
 		len(back.Dropped) != 1 || back.Dropped[0].DeviceCount != 4 || !cmp.Equal(back.Dropped[0].ClientMACs, wantDeviceMACs) {
 		t.Errorf("json report's devices: %s", js.String())
 	}
-	rr, err := ReadReportJSON(&js)
+	rr, err := ReadReportJSON(js)
 	if err != nil {
 		t.Fatal(err)
 	}

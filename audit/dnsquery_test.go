@@ -1,7 +1,6 @@
 package audit
 
 import (
-	"encoding/json"
 	"net/netip"
 	"testing"
 	"time"
@@ -127,16 +126,7 @@ func TestQueriesFromOneSocketArchive(t *testing.T) {
 	for i := range 3 {
 		l.Emit(dnsEvent(eng, t0.Add(time.Duration(i)*100*time.Millisecond), 5354, uint16(i), "tracker.example"))
 	}
-	b, err := json.Marshal(l.export())
-	if err != nil {
-		t.Fatal(err)
-	}
-	a, err := parseArchive(b)
-	if err != nil {
-		t.Fatal(err)
-	}
-	next := NewLedger(eng, LedgerOptions{})
-	next.importArchive(a)
+	next := fromSummary(t, eng, l)
 	for _, id := range []uint16{2, 3} { // the last one again, and a new one
 		ev := dnsEvent(eng, t0.Add(time.Second), 5354, id, "tracker.example")
 		next.add(&ev)

@@ -8,6 +8,8 @@ import (
 	"strings"
 	"testing"
 	"time"
+
+	"egressd/policy"
 )
 
 // withheldEvents are queries of updates.example.org (rule dns-only): five
@@ -44,16 +46,7 @@ func checkWithheld(t *testing.T, name string, r *Report, n uint64) {
 	if u == nil || u.Queries != 6 || u.AnswersWithheld != n {
 		t.Fatalf("%s: dns-only = %+v, want 6 queries, %d answers withheld", name, u, n)
 	}
-	var txt, html, js bytes.Buffer
-	if err := r.WriteText(&txt); err != nil {
-		t.Fatal(err)
-	}
-	if err := r.WriteHTML(&html); err != nil {
-		t.Fatal(err)
-	}
-	if err := r.WriteJSON(&js); err != nil {
-		t.Fatal(err)
-	}
+	txt, html, js := writeForms(t, r)
 	note := fmt.Sprintf("%d answers withheld: learned set full", n)
 	if !strings.Contains(txt.String(), "  dns-only: "+note) {
 		t.Errorf("%s: the text report has no note on dns-only's withheld answers:\n%s", name, txt.String())
@@ -99,16 +92,7 @@ func TestReportAnswersWithheld(t *testing.T) {
 	l.mu.Unlock()
 	checkWithheld(t, "window", l.Report(ReportOptions{Now: reportNow, Since: t0.Add(-time.Hour)}), 4)
 
-	b, err := json.Marshal(l.export())
-	if err != nil {
-		t.Fatal(err)
-	}
-	a, err := parseArchive(b)
-	if err != nil {
-		t.Fatal(err)
-	}
-	restarted := NewLedger(eng, LedgerOptions{})
-	restarted.importArchive(a)
+	restarted := fromSummary(t, eng, l)
 	checkWithheld(t, "summary", restarted.Report(ReportOptions{Now: reportNow}), 4)
 	// Queries after the restart add to the summary's.
 	more := dnsEvent(eng, t0.Add(time.Minute), 5355, 300, "updates.example.org")
@@ -117,4 +101,37 @@ func TestReportAnswersWithheld(t *testing.T) {
 	if u := ruleByName(restarted.Report(ReportOptions{Now: reportNow}), "dns-only"); u == nil || u.AnswersWithheld != 5 {
 		t.Errorf("after the restart: dns-only = %+v, want 5 answers withheld", u)
 	}
+}
+
+// writeForms writes r as text, HTML and JSON.
+func writeForms(t *testing.T, r *Report) (txt, html, js *bytes.Buffer) {
+	t.Helper()
+	txt, html, js = new(bytes.Buffer), new(bytes.Buffer), new(bytes.Buffer)
+	if err := r.WriteText(txt); err != nil {
+		t.Fatal(err)
+	}
+	if err := r.WriteHTML(html); err != nil {
+		t.Fatal(err)
+	}
+	if err := r.WriteJSON(js); err != nil {
+		t.Fatal(err)
+	}
+	return txt, html, js
+}
+
+// fromSummary is a fresh ledger under eng started from l's summary (its
+// export written and read back), as after a restart.
+func fromSummary(t *testing.T, eng *policy.Engine, l *Ledger) *Ledger {
+	t.Helper()
+	b, err := json.Marshal(l.export())
+	if err != nil {
+		t.Fatal(err)
+	}
+	a, err := parseArchive(b)
+	if err != nil {
+		t.Fatal(err)
+	}
+	next := NewLedger(eng, LedgerOptions{})
+	next.importArchive(a)
+	return next
 }
