@@ -895,7 +895,9 @@ func (l *Ledger) mergeLocked(r *flowRec, ev *Event, t time.Time) {
 		if ev.ClientMAC != "" { // the first report may have come without it
 			r.rule.clients.add(ev.Client.Unmap(), ev.ClientMAC, l.opt.MaxClients)
 		}
-		if ev.Enforced && !r.enforced && r.id.kind == KindDNS { // a retransmission the full set cut
+		// A retransmission the full set cut; never past the rule's
+		// queries (a damaged summary may count withheld its plain query).
+		if ev.Enforced && !r.enforced && r.id.kind == KindDNS && r.rule.withheld < r.rule.queries {
 			r.rule.withheld++
 		}
 	case r.drop != nil:

@@ -5,6 +5,7 @@ import (
 	"context"
 	"encoding/json"
 	"fmt"
+	"net/netip"
 	"strings"
 	"testing"
 	"time"
@@ -134,4 +135,79 @@ func fromSummary(t *testing.T, eng *policy.Engine, l *Ledger) *Ledger {
 	next := NewLedger(eng, LedgerOptions{})
 	next.importArchive(a)
 	return next
+}
+
+// TestAnswersWithheldSummaryBound: a damaged or edited summary that
+// counts a rule's query withheld (answers_withheld 1 of 1 query) while
+// its remembered copy of that query says it was answered whole
+// (enforced false) never makes the rule count more withheld answers
+// than queries: a retransmission of the query the full set cut merges
+// into the query (no new one), so it may not add a withheld answer past
+// the query count the summary read capped it at.
+func TestAnswersWithheldSummaryBound(t *testing.T) {
+	eng := loadPolicy(t, "policy.yaml")
+	l := NewLedger(eng, LedgerOptions{})
+	ev := dnsEvent(eng, t0, 5353, 100, "updates.example.org")
+	l.Emit(ev)
+	a := l.export()
+	found := false
+	for i := range a.Rules {
+		if a.Rules[i].Name == "dns-only" {
+			a.Rules[i].Withheld, found = 1, true
+		}
+	}
+	if !found || len(a.Open) != 1 || a.Open[0].Enforced {
+		t.Fatalf("fixture: rules %+v, remembered %+v", a.Rules, a.Open)
+	}
+	b, err := json.Marshal(a)
+	if err != nil {
+		t.Fatal(err)
+	}
+	back, err := parseArchive(b)
+	if err != nil {
+		t.Fatal(err)
+	}
+	next := NewLedger(eng, LedgerOptions{})
+	next.importArchive(back)
+	re := ev
+	re.Time, re.Enforced = re.Time.Add(time.Second), true
+	next.Emit(re)
+	u := ruleByName(next.Report(ReportOptions{Now: reportNow}), "dns-only")
+	if u == nil || u.Queries != 1 || u.AnswersWithheld > u.Queries {
+		t.Errorf("dns-only = %+v, want 1 query, at most 1 answer withheld", u)
+	}
+}
+
+// TestAnswersWithheldOnlyAllowedQueries: only allowed DNS queries with
+// enforced set count as withheld answers: not a denied query the
+// forwarder refused (enforced), not an allowed flow the firewall let
+// through (enforced on a flow means something else), not a query in
+// audit mode (enforced false).
+func TestAnswersWithheldOnlyAllowedQueries(t *testing.T) {
+	eng := loadPolicy(t, "policy.yaml")
+	l := NewLedger(eng, LedgerOptions{})
+	denied := dnsEvent(eng, t0, 5353, 1, "evil.example.net")
+	denied.Enforced, denied.Rule = true, "dns-only" // an expired rule's name on a deny
+	if denied.Verdict != policy.Deny {
+		t.Fatalf("fixture: %+v, want denied", denied)
+	}
+	l.Emit(denied)
+	plain := dnsEvent(eng, t0.Add(time.Second), 5354, 2, "updates.example.org")
+	l.Emit(plain)
+	flow := plain
+	flow.Kind, flow.Name, flow.QType, flow.QueryID, flow.Enforced = KindFlow, "updates.example.org", "", 0, true
+	flow.Dest, flow.DestPort, flow.Proto = netip.MustParseAddr("198.51.100.7"), 443, "tcp"
+	l.Emit(flow)
+	r := l.Report(ReportOptions{Now: reportNow})
+	for _, u := range r.Rules {
+		if u.AnswersWithheld != 0 {
+			t.Errorf("rule %s counts %d answers withheld, want none", u.Name, u.AnswersWithheld)
+		}
+	}
+	txt, html, js := writeForms(t, r)
+	for name, b := range map[string]*bytes.Buffer{"text": txt, "html": html, "json": js} {
+		if s := b.String(); strings.Contains(s, "withheld") {
+			t.Errorf("%s report mentions withheld answers:\n%s", name, s)
+		}
+	}
 }
