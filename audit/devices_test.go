@@ -210,16 +210,7 @@ func TestClientMACsBounded(t *testing.T) {
 // seen with each client.
 func TestArchiveKeepsMACs(t *testing.T) {
 	a := deviceLedger(LedgerOptions{}).export()
-	b, err := json.Marshal(a)
-	if err != nil {
-		t.Fatal(err)
-	}
-	back, err := parseArchive(b)
-	if err != nil {
-		t.Fatal(err)
-	}
-	l := NewLedger(nil, LedgerOptions{})
-	l.importArchive(back)
+	l := fromArchive(t, nil, a)
 	checkDeviceReport(t, l.Report(ReportOptions{Now: reportNow}))
 
 	// Cut to fit (fitArchive): the MACs of clients cut go with them.

@@ -124,16 +124,23 @@ func writeForms(t *testing.T, r *Report) (txt, html, js *bytes.Buffer) {
 // export written and read back), as after a restart.
 func fromSummary(t *testing.T, eng *policy.Engine, l *Ledger) *Ledger {
 	t.Helper()
-	b, err := json.Marshal(l.export())
+	return fromArchive(t, eng, l.export())
+}
+
+// fromArchive is a fresh ledger under eng started from the summary a,
+// written and read back.
+func fromArchive(t *testing.T, eng *policy.Engine, a *archive) *Ledger {
+	t.Helper()
+	b, err := json.Marshal(a)
 	if err != nil {
 		t.Fatal(err)
 	}
-	a, err := parseArchive(b)
+	back, err := parseArchive(b)
 	if err != nil {
 		t.Fatal(err)
 	}
 	next := NewLedger(eng, LedgerOptions{})
-	next.importArchive(a)
+	next.importArchive(back)
 	return next
 }
 
@@ -159,16 +166,7 @@ func TestAnswersWithheldSummaryBound(t *testing.T) {
 	if !found || len(a.Open) != 1 || a.Open[0].Enforced {
 		t.Fatalf("fixture: rules %+v, remembered %+v", a.Rules, a.Open)
 	}
-	b, err := json.Marshal(a)
-	if err != nil {
-		t.Fatal(err)
-	}
-	back, err := parseArchive(b)
-	if err != nil {
-		t.Fatal(err)
-	}
-	next := NewLedger(eng, LedgerOptions{})
-	next.importArchive(back)
+	next := fromArchive(t, eng, a)
 	re := ev
 	re.Time, re.Enforced = re.Time.Add(time.Second), true
 	next.Emit(re)
