@@ -26,11 +26,34 @@ const (
 )
 
 // dialLoopbackViaGW connects from the LAN to addr, a loopback address and
-// port, through the gateway: the LAN host (root on its own machine) takes
-// 127.0.0.1 out of its own local table and routes it to the gateway, for
-// the length of the call. It reports whether the gateway's service
-// answered.
-func (tp *topo) dialLoopbackViaGW(t *testing.T, addr string) (bool, error) {
+// port, through the gateway (loopbackViaGW). It reports whether the
+// gateway's service answered.
+func (tp *topo) dialLoopbackViaGW(t *testing.T, addr string) (ok bool, err error) {
+	t.Helper()
+	tp.loopbackViaGW(t, func() {
+		ctx, cancel := context.WithTimeout(context.Background(), 2*time.Second)
+		defer cancel()
+		c, derr := tp.lan.DialContext(ctx, "tcp", addr)
+		if derr != nil {
+			err = derr
+			return
+		}
+		defer c.Close()
+		c.SetReadDeadline(time.Now().Add(2 * time.Second))
+		if _, err = c.Write([]byte("GET /report.json HTTP/1.0\r\n\r\n")); err != nil {
+			return
+		}
+		b := make([]byte, 64)
+		n, rerr := c.Read(b)
+		ok, err = n > 0, fmt.Errorf("read %q: %v", b[:n], rerr)
+	})
+	return ok, err
+}
+
+// loopbackViaGW runs fn while the LAN host (root on its own machine)
+// routes 127.0.0.1 to the gateway: it takes 127.0.0.1 out of its own
+// local table, for the length of the call.
+func (tp *topo) loopbackViaGW(t *testing.T, fn func()) {
 	t.Helper()
 	tp.lan.MustRun("sysctl", "-qw", "net.ipv4.conf.all.route_localnet=1")
 	tp.lan.MustRun("sysctl", "-qw", "net.ipv4.conf.eth0.route_localnet=1")
@@ -43,20 +66,7 @@ func (tp *topo) dialLoopbackViaGW(t *testing.T, addr string) (bool, error) {
 		tp.lan.Run("ip", "route", "del", "127.0.0.1/32", "via", gwLAN4, "dev", "eth0")
 		tp.lan.Run("ip", "route", "add", "local", "127.0.0.1", "dev", "lo", "table", "local")
 	}()
-	ctx, cancel := context.WithTimeout(context.Background(), 2*time.Second)
-	defer cancel()
-	c, err := tp.lan.DialContext(ctx, "tcp", addr)
-	if err != nil {
-		return false, err
-	}
-	defer c.Close()
-	c.SetReadDeadline(time.Now().Add(2 * time.Second))
-	if _, err := c.Write([]byte("GET /report.json HTTP/1.0\r\n\r\n")); err != nil {
-		return false, err
-	}
-	b := make([]byte, 64)
-	n, err := c.Read(b)
-	return n > 0, fmt.Errorf("read %q: %v", b[:n], err)
+	fn()
 }
 
 // sendRogueRA sends three Router Advertisements from the LAN client to

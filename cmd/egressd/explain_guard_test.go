@@ -214,3 +214,57 @@ func TestExplainMappedLiteral(t *testing.T) {
 		}
 	}
 }
+
+// TestExplainLoopbackNamed: the gateway's loopback is no destination
+// from the LAN whatever the rules say, a CIDR rule naming 127.0.0.1 too:
+// the firewall's antispoof chain drops every packet from the LAN to
+// 127.0.0.0/8 in enforce mode, before the proxy, the forwarder or the
+// forward chain (Linux drops it as a martian anyway unless
+// route_localnet=1), and the proxy refuses a request for it (the explicit
+// proxy, in audit mode too). Explain printed ALLOW for TCP, UDP and ICMP
+// under such a rule, and its note said a CIDR rule inside 127.0.0.0/8
+// would open it (e2e/TestExplainMatchesDaemon).
+func TestExplainLoopbackNamed(t *testing.T) {
+	const loop = `rules:
+  - {name: loop, to: ["127.0.0.1/32"], ports: [9902/tcp, 7780/udp, 53/udp, icmp]}
+  - {name: wide, to: ["0.0.0.0/0"], ports: [7777/udp]}
+`
+	dir := t.TempDir()
+	for _, mode := range []string{"enforce", "audit"} {
+		pol := filepath.Join(dir, mode+".yaml")
+		if err := os.WriteFile(pol, []byte("mode: "+mode+"\n"+loop), 0o644); err != nil {
+			t.Fatal(err)
+		}
+		for _, c := range []struct{ to, port, allowedBy, mode string }{
+			{"127.0.0.1", "9902/tcp", "loop", "enforce"},
+			{"127.0.0.1", "7780/udp", "loop", mode},
+			{"127.0.0.1", "icmp", "loop", mode},
+			{"127.0.0.1", "7777/udp", "wide", mode},
+			{"127.0.0.1", "53/udp", "loop", mode},
+			{"127.0.0.2", "7780/udp", "", mode},
+		} {
+			code, out, stderr := runCLI(t, "policy", "explain", pol, "--to", c.to, "--port", c.port, "--json")
+			if code != exitOK {
+				t.Fatalf("exit %d: %s", code, stderr)
+			}
+			var ex struct {
+				Verdict, Rule, Reason, Mode string
+				SpecialRange                string `json:"special_range"`
+				AllowedBy                   string `json:"allowed_by"`
+				Warnings                    []string
+			}
+			if err := json.Unmarshal([]byte(out), &ex); err != nil {
+				t.Fatalf("%v: %q", err, out)
+			}
+			name := mode + " " + c.to + " " + c.port
+			if ex.Verdict != "deny" || ex.Reason != "special-range" || ex.SpecialRange != "127.0.0.0/8" || ex.Rule != "" || ex.AllowedBy != c.allowedBy || ex.Mode != c.mode {
+				t.Errorf("%s: %s %s range %q rule %q allowed_by %q mode %s, want deny special-range 127.0.0.0/8, allowed_by %q, mode %s",
+					name, ex.Verdict, ex.Reason, ex.SpecialRange, ex.Rule, ex.AllowedBy, ex.Mode, c.allowedBy, c.mode)
+			}
+			w := strings.Join(ex.Warnings, "\n")
+			if !strings.Contains(w, "gateway itself") || strings.Contains(w, "unless a CIDR rule") {
+				t.Errorf("%s: notes %q, want the gateway itself and no rule that would open it", name, ex.Warnings)
+			}
+		}
+	}
+}
