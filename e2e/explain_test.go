@@ -47,11 +47,15 @@ rules:
 
 // explainCase is one destination asked of explain and tried for real.
 type explainCase struct {
-	kind string // "name" (TLS with SNI, or plain HTTP on 80), "tcp", "udp", "icmp"
+	kind string // "name" (curl: TLS with SNI, or plain HTTP on 80), "sni" (a ClientHello to a witness), "tcp", "udp", "icmp", "connect" (the explicit proxy asked for the gateway's loopback)
 	to   string // explain's --to: a name or an address
 	port string // explain's --port
 	ip   string // where the attempt goes (a name's address in the zone)
 	loop bool   // the gateway's loopback: tried while the LAN routes 127.0.0.1 to it
+	// byAddr: a CIDR rule holds the name's address on this port, which
+	// explain of the name cannot know (it knows no DNS answer): its note
+	// says so, and explain of the address DNS gave is the prediction.
+	byAddr bool
 }
 
 // TestExplainMatchesDaemon: `egressd policy explain --json` predicts what
@@ -79,6 +83,8 @@ func TestExplainMatchesDaemon(t *testing.T) {
 		{kind: "name", to: vendorName, port: "80/tcp", ip: vendorIP},    // named, not on 80
 		{kind: "name", to: trackerName, port: "443/tcp", ip: trackerIP}, // no rule
 		{kind: "name", to: lookalike, port: "443/tcp", ip: lookalikeIP}, // *.docker.com must not hold it
+		// x-exact names notion.so on 443 only; x-wide holds its address on 8443.
+		{kind: "sni", to: notionName, port: "8443/tcp", ip: notionIP, byAddr: true},
 		{kind: "tcp", to: inRange, port: "5222/tcp"},
 		{kind: "tcp", to: inRange, port: "5226/tcp"},
 		{kind: "tcp", to: outside, port: "5222/tcp"},
@@ -96,17 +102,28 @@ func TestExplainMatchesDaemon(t *testing.T) {
 		{kind: "tcp", to: loopback, port: "9902/tcp", loop: true},
 		{kind: "udp", to: loopback, port: "7780/udp", loop: true},
 		{kind: "icmp", to: loopback, port: "icmp", loop: true},
+		// The explicit proxy, asked for the gateway's loopback, takes it
+		// under the rule naming it (proxy's selfDecision), not under
+		// 0.0.0.0/0: explain's note says which.
+		{kind: "connect", to: loopback, port: "9902/tcp"},
+		{kind: "connect", to: loopback, port: "8443/tcp"},
 	}
 
+	addr := func(c explainCase) string {
+		if c.ip != "" {
+			return c.ip
+		}
+		return c.to
+	}
 	// The servers: witnesses in the internet namespace, and services on
 	// the gateway's loopback counting what reaches them.
 	var tcpW, udpW []string
 	for _, c := range cases {
-		if c.loop || c.kind == "name" || c.kind == "icmp" {
+		if c.loop || c.kind == "name" || c.kind == "icmp" || c.kind == "connect" {
 			continue
 		}
-		hp := net.JoinHostPort(c.to, strings.Split(c.port, "/")[0])
-		if c.kind == "tcp" {
+		hp := net.JoinHostPort(addr(c), strings.Split(c.port, "/")[0])
+		if c.kind != "udp" {
 			tcpW = append(tcpW, hp)
 		} else {
 			udpW = append(udpW, hp)
@@ -125,13 +142,10 @@ func TestExplainMatchesDaemon(t *testing.T) {
 		}
 		return tryCase(t, tp, w, loopHits, c, ip)
 	}
-	addr := func(c explainCase) string {
-		if c.ip != "" {
-			return c.ip
-		}
-		return c.to
-	}
 	for _, c := range cases {
+		if c.kind == "connect" {
+			continue // the explicit proxy is egressd's
+		}
 		if !attempt(c, addr(c)) {
 			t.Fatalf("without egressd, %s %s (%s) does not get through: the test would prove nothing", c.kind, c.to, c.port)
 		}
@@ -146,7 +160,7 @@ func TestExplainMatchesDaemon(t *testing.T) {
 		t.Run(c.kind+"/"+c.to+"/"+c.port, func(t *testing.T) {
 			ex := explain(t, d.policy, c.to, c.port)
 			ip := addr(c)
-			if c.kind == "name" {
+			if c.kind == "name" || c.kind == "sni" {
 				// The client asks the daemon's DNS first; explain's "dns"
 				// says whether it answers.
 				rcode, addrs := tp.dig(t, c.to, "A")
@@ -160,7 +174,21 @@ func TestExplainMatchesDaemon(t *testing.T) {
 				// A name DNS refused is tried at the address anyway, as a
 				// client that learned it elsewhere would.
 			}
+			if c.byAddr {
+				if w := strings.Join(ex.Warnings, "\n"); !strings.Contains(w, "does not know the addresses") {
+					t.Errorf("explain of %s on %s (%s) has no note that a CIDR rule may allow its address: %q", c.to, c.port, ex.Verdict, ex.Warnings)
+				}
+				ex = explain(t, d.policy, ip, c.port)
+			}
 			got := attempt(c, ip)
+			if c.kind == "connect" {
+				// A client's own connection to loopback is refused (the
+				// cases above); the note says what the explicit proxy does.
+				if explicit := strings.Contains(strings.Join(ex.Warnings, "\n"), "the explicit proxy allows it"); ex.Verdict != "deny" || got != explicit {
+					t.Errorf("explain says %s, the explicit proxy allows it: %v (notes %q); CONNECT %s:%s got through: %v", ex.Verdict, explicit, ex.Warnings, c.to, c.port, got)
+				}
+				return
+			}
 			if got != (ex.Verdict == "allow") {
 				t.Errorf("explain says %s (rule %q, reason %s, notes %q); the real attempt from the LAN got through: %v\nevents:\n%s",
 					ex.Verdict, ex.Rule, ex.Reason, ex.Warnings, got, d.events())
@@ -263,7 +291,7 @@ func tryCase(t *testing.T, tp *topo, w *witness, loopHits map[string]*atomic.Int
 	hp := net.JoinHostPort(ip, portStr)
 	count := func() int64 {
 		switch {
-		case c.loop:
+		case c.loop || c.kind == "connect":
 			return loopHits[proto+":"+portStr].Load()
 		case proto == "udp":
 			return int64(w.hits("udp:" + hp))
@@ -279,6 +307,18 @@ func tryCase(t *testing.T, tp *topo, w *witness, loopHits map[string]*atomic.Int
 		return err == nil && strings.Contains(body, "host="+c.to)
 	case "icmp":
 		return tp.icmpEchoed(t, ip)
+	case "connect":
+		before := count()
+		connectVia(tp.dialTCP, net.JoinHostPort(gwLAN4, "3128"), hp)
+		for deadline := time.Now().Add(2 * time.Second); count() == before && time.Now().Before(deadline); {
+			time.Sleep(20 * time.Millisecond)
+		}
+		return count() > before
+	case "sni":
+		before := count()
+		tp.sendHello(hp, buildHello(helloSpec{sni: [][]string{{c.to}}}), 0, 0)
+		w.settle()
+		return count() > before
 	case "udp":
 		before := count()
 		err := udpExchange(tp, hp, []byte("explain"))

@@ -27,8 +27,8 @@ const guardPolicy = `rules:
 // rule that would have allowed it; a CIDR rule inside the range opens it.
 // Loopback and the unspecified address, the gateway itself, are the
 // proxy's special-range whatever the rules say (enforced in audit mode
-// too); forwarded UDP to them is the rules'. Before, explain printed
-// ALLOW for each.
+// too); UDP to loopback is dropped by the firewall's antispoof chain
+// (TestExplainLoopbackNamed). Before, explain printed ALLOW for each.
 func TestExplainSpecialRange(t *testing.T) {
 	dir := t.TempDir()
 	pol := filepath.Join(dir, "p.yaml")
@@ -66,7 +66,7 @@ func TestExplainSpecialRange(t *testing.T) {
 		// proxy whatever the rules say (enforce, in audit mode too).
 		{pol, "127.0.0.1", "443/tcp", "", "deny", "special-range", "any", "127.0.0.0/8", "enforce"},
 		{pol, "127.0.0.1", "449/tcp", "", "deny", "special-range", "", "127.0.0.0/8", "enforce"},
-		{pol, "127.0.0.1", "449/udp", "", "deny", "port-not-allowed", "", "", "enforce"},
+		{pol, "127.0.0.1", "449/udp", "", "deny", "special-range", "", "127.0.0.0/8", "enforce"},
 		{pol, "::1", "445/tcp", "", "deny", "special-range", "v6all", "::1/128", "enforce"},
 		{pol, "0.0.0.0", "444/tcp", "", "deny", "special-range", "v4all", "0.0.0.0/8", "enforce"},
 		{audit, "127.0.0.1", "443/tcp", "", "deny", "special-range", "any", "127.0.0.0/8", "enforce"},
@@ -126,9 +126,14 @@ func TestExplainSpecialRange(t *testing.T) {
 			t.Errorf("%s: rule %q allowed_by %q, want no rule, allowed_by %q", name, ex.Rule, ex.AllowedBy, c.rule)
 		}
 		if c.reason == "special-range" {
+			// The gateway itself (loopback, unspecified) no rule opens.
 			w := strings.Join(ex.Warnings, "\n")
-			if !strings.Contains(w, c.rng) || !strings.Contains(w, "CIDR rule") {
-				t.Errorf("%s: notes %q, want the range and what opens it", name, ex.Warnings)
+			self := strings.HasPrefix(c.to, "127.") || c.to == "::1" || c.to == "0.0.0.0"
+			// What opens it: a CIDR rule inside the range, for the gateway
+			// itself only on TCP, the proxy's (TestExplainLoopbackNamed).
+			opens := !self || strings.HasSuffix(c.port, "/tcp")
+			if !strings.Contains(w, c.rng) || self != strings.Contains(w, "gateway itself") || opens != strings.Contains(w, "CIDR rule") {
+				t.Errorf("%s: notes %q, want the range and what opens it (the gateway itself: TCP's proxy only)", name, ex.Warnings)
 			}
 		}
 	}
@@ -261,10 +266,53 @@ func TestExplainLoopbackNamed(t *testing.T) {
 				t.Errorf("%s: %s %s range %q rule %q allowed_by %q mode %s, want deny special-range 127.0.0.0/8, allowed_by %q, mode %s",
 					name, ex.Verdict, ex.Reason, ex.SpecialRange, ex.Rule, ex.AllowedBy, ex.Mode, c.allowedBy, c.mode)
 			}
+			// No rule opens it to a client's own connection; the explicit
+			// proxy, asked for it, takes it under the rule naming it.
 			w := strings.Join(ex.Warnings, "\n")
-			if !strings.Contains(w, "gateway itself") || strings.Contains(w, "unless a CIDR rule") {
-				t.Errorf("%s: notes %q, want the gateway itself and no rule that would open it", name, ex.Warnings)
+			explicit := c.port == "9902/tcp"
+			if !strings.Contains(w, "no rule opens") || explicit != strings.Contains(w, "the explicit proxy allows it") || !strings.HasSuffix(c.port, "/tcp") && strings.Contains(w, "CIDR rule") {
+				t.Errorf("%s: notes %q, want the gateway itself, which no rule opens (the explicit proxy allows it: %v)", name, ex.Warnings, explicit)
 			}
+		}
+	}
+}
+
+// TestExplainNameUnderCIDR: explain decides a name by the rules that name
+// it; it does not know the addresses DNS will answer for it, which a CIDR
+// rule may allow (the proxy decides by the address first). Where a CIDR
+// rule applies to the port, a note says so and to ask about the address
+// (e2e/TestExplainMatchesDaemon: notion.so on 8443 under 0.0.0.0/0).
+func TestExplainNameUnderCIDR(t *testing.T) {
+	pol := filepath.Join(t.TempDir(), "p.yaml")
+	if err := os.WriteFile(pol, []byte(`rules:
+  - {name: docs, to: [notion.so], ports: [443/tcp]}
+  - {name: wide, to: ["0.0.0.0/0"], ports: [8443/tcp]}
+  - {name: ntp, to: ["198.51.100.200/30"], ports: [123/udp]}
+`), 0o644); err != nil {
+		t.Fatal(err)
+	}
+	for _, c := range []struct{ to, port, verdict, cidr string }{
+		{"notion.so", "8443/tcp", "deny", "wide"},
+		{"time.example", "123/udp", "deny", "ntp"},
+		{"notion.so", "443/tcp", "allow", ""},
+		{"notion.so", "8444/tcp", "deny", ""},
+		{"198.51.100.9", "8443/tcp", "allow", ""},
+	} {
+		code, out, stderr := runCLI(t, "policy", "explain", pol, "--to", c.to, "--port", c.port, "--json")
+		if code != exitOK {
+			t.Fatalf("exit %d: %s", code, stderr)
+		}
+		var ex struct {
+			Verdict  string
+			Warnings []string
+		}
+		if err := json.Unmarshal([]byte(out), &ex); err != nil {
+			t.Fatalf("%v: %q", err, out)
+		}
+		w := strings.Join(ex.Warnings, "\n")
+		noted := strings.Contains(w, "does not know the addresses")
+		if ex.Verdict != c.verdict || noted != (c.cidr != "") || c.cidr != "" && !strings.Contains(w, "rule "+c.cidr+" ") {
+			t.Errorf("%s %s: %s, notes %q; want %s, a note naming rule %q: %v", c.to, c.port, ex.Verdict, ex.Warnings, c.verdict, c.cidr, c.cidr != "")
 		}
 	}
 }

@@ -7,7 +7,9 @@ import (
 	"fmt"
 	"io"
 	"net/netip"
+	"slices"
 	"strings"
+	"time"
 
 	"egressd/internal/httpwire"
 	"egressd/policy"
@@ -204,17 +206,21 @@ func cmdPolicyExplain(args []string, stdout, stderr io.Writer) int {
 	}
 	// The special-range guard after the rules (THREATS.md F1, F2), the
 	// one the proxy calls (policy.Engine.GuardRefuses); the firewall's
-	// guarded sets keep forwarded traffic (UDP, ICMP) out alike. TCP is the
-	// proxy's (run's --tcp-ports all), which refuses the gateway itself,
-	// loopback or unspecified, whatever the rules say and in audit mode
-	// too (its selfDecision); the forward chain never carries those. DNS
+	// guarded sets keep forwarded traffic (UDP, ICMP) out alike. DNS
 	// (port 53) is the forwarder's, whatever its destination, as capture
-	// and audit --replay judge it. The gateway's own addresses are not
-	// known here (README).
+	// and audit --replay judge it. Loopback is no destination from the
+	// LAN, whatever the rules say, a CIDR rule naming it too: the
+	// antispoof chain drops every packet to 127.0.0.0/8 from the LAN
+	// before the redirects (DNS and TCP included) and the forward chain,
+	// and Linux drops ::1 anyway; the proxy refuses it, and the
+	// unspecified address on TCP, in audit mode too (its selfDecision:
+	// the explicit proxy). The gateway's own addresses are not known here
+	// (README).
 	var guardNote, guardRange, allowedBy string
-	if rawNote == "" && in.Port != 53 && dest.Addr.IsValid() {
+	if rawNote == "" && dest.Addr.IsValid() {
 		a := dest.Addr.Unmap()
-		self := in.Proto == policy.TCP && (a.IsLoopback() || a.IsUnspecified())
+		loop := a.IsLoopback()
+		self := loop || in.Proto == policy.TCP && a.IsUnspecified()
 		gin := in
 		if dest.Mapped && in.Proto == policy.TCP {
 			// The explicit proxy is asked for the mapped form as written
@@ -222,9 +228,16 @@ func cmdPolicyExplain(args []string, stdout, stderr io.Writer) int {
 			// destination and forwarded traffic are never mapped.
 			gin.Dest = netip.AddrFrom16(dest.Addr.As16())
 		}
-		if g, refused := eng.GuardRefuses(gin, nil, nil); refused && (d.Allowed() || self) {
+		g, refused := eng.GuardRefuses(gin, nil, nil)
+		// The explicit proxy is asked for loopback itself: a CIDR rule
+		// inside the range that names it opens it there (selfDecision).
+		explicitOpens := loop && in.Proto == policy.TCP && !refused
+		if loop {
+			g, refused = policy.SpecialRange(a, nil, nil)
+		}
+		if refused && (in.Port != 53 || loop) && (d.Allowed() || self) {
 			mode := eng.Mode()
-			if self {
+			if self && in.Proto == policy.TCP {
 				mode = policy.ModeEnforce
 			}
 			held := fmt.Sprintf("%s is in the guarded range %s", dest.Addr, g)
@@ -247,7 +260,7 @@ func cmdPolicyExplain(args []string, stdout, stderr io.Writer) int {
 				}
 			}
 			if self {
-				guardNote += "; it is the gateway itself, which the proxy refuses so in audit mode too"
+				guardNote = selfNote(held, g, loop, in.Proto, explicitOpens)
 			}
 			guardRange, allowedBy = g.String(), d.Rule
 			d = policy.Decision{Verdict: policy.Deny, RuleIndex: -1, Reason: proxy.ReasonSpecialRange, Mode: mode}
@@ -279,6 +292,15 @@ func cmdPolicyExplain(args []string, stdout, stderr io.Writer) int {
 	}
 	if rawNote != "" {
 		ex.Warnings = append(ex.Warnings, rawNote)
+	}
+	if dest.Name != "" && !dest.Addr.IsValid() && (d.Reason == policy.ReasonNoRule || d.Reason == policy.ReasonPort) {
+		// The proxy decides a name's connection by its address first (a
+		// CIDR rule that allows it decides); which addresses DNS answers
+		// is not known here.
+		for _, r := range cidrRulesFor(eng, in) {
+			ex.Warnings = append(ex.Warnings, fmt.Sprintf("explain does not know the addresses DNS answers for %s: rule %s allows the addresses it holds (%s) on %s, whatever the name; ask with --to ADDRESS",
+				dest.Name, r.name, strings.Join(r.prefixes, ", "), ex.Port))
+		}
 	}
 	if guardNote != "" {
 		ex.Warnings = append(ex.Warnings, guardNote)
@@ -335,6 +357,62 @@ func cmdPolicyExplain(args []string, stdout, stderr io.Writer) int {
 	}
 	fmt.Fprintf(stdout, "  mode:   %s\n", d.Mode)
 	return exitOK
+}
+
+// cidrRule is a rule's name and its CIDR targets as written.
+type cidrRule struct {
+	name     string
+	prefixes []string
+}
+
+// cidrRulesFor are the rules with CIDR targets that apply to in's
+// client, port and protocol now: they allow a name's connection by its
+// address, whatever the name.
+func cidrRulesFor(eng *policy.Engine, in policy.Input) []cidrRule {
+	var out []cidrRule
+	now := time.Now()
+	for _, r := range eng.Rules() {
+		if !r.Expires.IsZero() && !now.Before(r.Expires) || !r.From.Contains(in.Client, in.ClientMAC) ||
+			!slices.ContainsFunc(r.Ports, func(p policy.PortRange) bool { return p.Contains(in.Port, in.Proto) }) {
+			continue
+		}
+		c := cidrRule{name: r.Name}
+		for _, t := range r.To {
+			if t.Kind == policy.TargetPrefix {
+				c.prefixes = append(c.prefixes, t.Raw)
+			}
+		}
+		if len(c.prefixes) > 0 {
+			out = append(out, c)
+		}
+	}
+	return out
+}
+
+// selfNote is explain's note for a destination that is the gateway
+// itself (loopback, or the unspecified address on TCP) and no rule opens
+// to a client's own connection: held says which rule allows it, if any;
+// explicitOpens that a CIDR rule inside the range names it, which the
+// explicit proxy takes.
+func selfNote(held string, g netip.Prefix, loop bool, proto policy.Proto, explicitOpens bool) string {
+	var by []string
+	if loop {
+		if g.Addr().Is4() {
+			by = append(by, "the firewall drops every packet from the LAN to 127.0.0.0/8 in enforce mode, before the proxy, the DNS forwarder and the forward chain (Linux drops it as a martian anyway unless route_localnet=1)")
+		} else {
+			by = append(by, "Linux drops ::1 from the LAN whatever the settings")
+		}
+	}
+	switch {
+	case explicitOpens:
+		by = append(by, "but the explicit proxy allows it: asked for it (CONNECT, an absolute URL), it dials the gateway's own service under the CIDR rule inside "+g.String()+" that names it")
+	case proto == policy.TCP:
+		by = append(by, "the proxy refuses it, the explicit proxy too, in audit mode too, unless a CIDR rule inside "+g.String()+" names it")
+	}
+	if !loop {
+		return fmt.Sprintf("%s: it is the gateway itself (%s): %s", held, proxy.ReasonSpecialRange, strings.Join(by, "; "))
+	}
+	return fmt.Sprintf("%s: it is the gateway itself, which no rule opens to a client's own connection (%s): %s", held, proxy.ReasonSpecialRange, strings.Join(by, "; "))
 }
 
 // escapeTarget is path with each byte a request target does not carry
