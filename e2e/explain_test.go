@@ -8,10 +8,11 @@ import (
 	"net/netip"
 	"os/exec"
 	"strings"
-	"sync"
 	"sync/atomic"
 	"testing"
 	"time"
+
+	"egressd/internal/testnet"
 )
 
 // explainPolicy mixes the kinds of rule `policy explain` decides: names
@@ -130,17 +131,17 @@ func TestExplainMatchesDaemon(t *testing.T) {
 		}
 	}
 	w := tp.newWitness(t, tcpW, udpW)
-	loopHits := gwLoopServices(t, tp, []string{"tcp:8443", "tcp:9902", "udp:7777", "udp:7780"})
+	svc := startLoopServices(t, tp, []string{"8443", "9902"}, []string{"7777", "7780"})
 	tp.gw.MustRun("sysctl", "-qw", "net.ipv4.conf.all.route_localnet=1")
 	tp.gw.MustRun("sysctl", "-qw", "net.ipv4.conf.lan0.route_localnet=1")
 
 	attempt := func(c explainCase, ip string) bool {
 		if c.loop {
 			var ok bool
-			tp.loopbackViaGW(t, func() { ok = tryCase(t, tp, w, loopHits, c, ip) })
+			tp.loopbackViaGW(t, func() { ok = tryCase(t, tp, w, svc, c, ip) })
 			return ok
 		}
-		return tryCase(t, tp, w, loopHits, c, ip)
+		return tryCase(t, tp, w, svc, c, ip)
 	}
 	for _, c := range cases {
 		if c.kind == "connect" {
@@ -225,74 +226,52 @@ func explain(t *testing.T, file, to, port string) explanation {
 	return ex
 }
 
-// gwLoopServices listens on 127.0.0.1 in the gateway on each
-// "tcp:PORT" or "udp:PORT" and counts what reaches each (a TCP
-// connection accepted, a UDP datagram, echoed).
-func gwLoopServices(t *testing.T, tp *topo, specs []string) map[string]*atomic.Int64 {
+// gwLoopServices are services on the gateway's loopback, counting what
+// reaches 127.0.0.1: TCP connections on each port of tcp (startOwnServer),
+// UDP datagrams on each of udp (echoed).
+type gwLoopServices struct {
+	tcp map[string]*ownServer
+	udp map[string]*atomic.Int64
+}
+
+func startLoopServices(t *testing.T, tp *topo, tcp, udp []string) *gwLoopServices {
 	t.Helper()
-	hits := map[string]*atomic.Int64{}
-	var wg sync.WaitGroup
-	t.Cleanup(wg.Wait)
-	for _, s := range specs {
-		network, port, _ := strings.Cut(s, ":")
-		n := &atomic.Int64{}
-		hits[s] = n
-		a := "127.0.0.1:" + port
-		if network == "tcp" {
-			ln, err := tp.gw.Listen("tcp", a)
-			if err != nil {
-				t.Fatal(err)
-			}
-			t.Cleanup(func() { ln.Close() })
-			wg.Add(1)
-			go func() {
-				defer wg.Done()
-				for {
-					c, err := ln.Accept()
-					if err != nil {
-						return
-					}
-					n.Add(1)
-					c.Write([]byte("hit\n"))
-					c.Close()
-				}
-			}()
-			continue
-		}
-		pc, err := tp.gw.ListenPacket("udp", a)
+	s := &gwLoopServices{tcp: map[string]*ownServer{}, udp: map[string]*atomic.Int64{}}
+	for _, port := range tcp {
+		s.tcp[port] = startOwnServer(t, tp.gw, port)
+	}
+	for _, port := range udp {
+		pc, err := tp.gw.ListenPacket("udp", "127.0.0.1:"+port)
 		if err != nil {
 			t.Fatal(err)
 		}
-		t.Cleanup(func() { pc.Close() })
-		wg.Add(1)
-		go func() {
-			defer wg.Done()
-			buf := make([]byte, 2048)
-			for {
-				k, from, err := pc.ReadFrom(buf)
-				if err != nil {
-					return
-				}
-				n.Add(1)
-				pc.WriteTo(buf[:k], from)
-			}
-		}()
+		n := &atomic.Int64{}
+		s.udp[port] = n
+		testnet.UDPEcho(t, pc, func(p []byte, _ net.Addr) []byte { n.Add(1); return p })
 	}
-	return hits
+	return s
+}
+
+// hits is how many connections or datagrams reached 127.0.0.1 on port/proto.
+func (s *gwLoopServices) hits(port, proto string) int64 {
+	if proto == "udp" {
+		return s.udp[port].Load()
+	}
+	return int64(s.tcp[port].count("127.0.0.1"))
 }
 
 // tryCase makes one real attempt from the LAN at c, to ip, and reports
 // whether it got through: the origin answered the name (curl), a witness
 // or loopback service counted the TCP connection or UDP datagram (and
 // the echo came back), the echo reply came back.
-func tryCase(t *testing.T, tp *topo, w *witness, loopHits map[string]*atomic.Int64, c explainCase, ip string) bool {
+func tryCase(t *testing.T, tp *topo, w *witness, loop *gwLoopServices, c explainCase, ip string) bool {
 	t.Helper()
 	portStr, proto, _ := strings.Cut(c.port, "/")
 	hp := net.JoinHostPort(ip, portStr)
 	count := func() int64 {
 		switch {
 		case c.loop || c.kind == "connect":
-			return loopHits[proto+":"+portStr].Load()
+			return loop.hits(portStr, proto)
 		case proto == "udp":
 			return int64(w.hits("udp:" + hp))
 		default:

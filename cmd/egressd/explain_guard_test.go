@@ -20,6 +20,30 @@ const guardPolicy = `rules:
   - {name: local-nat64, to: ["64:ff9b:1::/48"], ports: [448/tcp]}
 `
 
+// guardExplained is the JSON of `policy explain --json`, the fields the
+// guard tests read.
+type guardExplained struct {
+	Verdict, Rule, Reason, Mode string
+	SpecialRange                string `json:"special_range"`
+	AllowedBy                   string `json:"allowed_by"`
+	Warnings                    []string
+}
+
+// explainJSON runs `egressd policy explain ARGS --json` and decodes it.
+func explainJSON(t *testing.T, args ...string) guardExplained {
+	t.Helper()
+	args = append(append([]string{"policy", "explain"}, args...), "--json")
+	code, out, stderr := runCLI(t, args...)
+	if code != exitOK {
+		t.Fatalf("%v: exit %d: %s", args, code, stderr)
+	}
+	var ex guardExplained
+	if err := json.Unmarshal([]byte(out), &ex); err != nil {
+		t.Fatalf("%v: %v: %q", args, err, out)
+	}
+	return ex
+}
+
 // TestExplainSpecialRange: explain says what the proxy and the firewall
 // do with a destination in a guarded range: a rule that holds it without
 // naming it from inside (policy.Engine.GuardRefuses, the proxy's guard)
@@ -95,26 +119,14 @@ func TestExplainSpecialRange(t *testing.T) {
 		{pol, "169.254.169.254", "53/udp", "", "deny", "port-not-allowed", "", "", "enforce"},
 	}
 	for _, c := range cases {
-		args := []string{"policy", "explain", c.file, "--to", c.to, "--json"}
+		args := []string{c.file, "--to", c.to}
 		if c.port != "" {
 			args = append(args, "--port", c.port)
 		}
 		if c.nat != "" {
 			args = append(args, "--nat64-prefix", c.nat)
 		}
-		code, out, stderr := runCLI(t, args...)
-		if code != exitOK {
-			t.Fatalf("%v: exit %d: %s", args, code, stderr)
-		}
-		var ex struct {
-			Verdict, Rule, Reason, Mode string
-			SpecialRange                string `json:"special_range"`
-			AllowedBy                   string `json:"allowed_by"`
-			Warnings                    []string
-		}
-		if err := json.Unmarshal([]byte(out), &ex); err != nil {
-			t.Fatalf("%v: %v: %q", args, err, out)
-		}
+		ex := explainJSON(t, args...)
 		name := c.to + " " + c.port + " nat64 " + c.nat + " " + filepath.Base(c.file)
 		if ex.Verdict != c.verdict || (c.verdict == "deny" && ex.Reason != c.reason) || ex.SpecialRange != c.rng || ex.Mode != c.mode {
 			t.Errorf("%s: %s %s range %q mode %s, want %s %s range %q mode %s", name, ex.Verdict, ex.Reason, ex.SpecialRange, ex.Mode, c.verdict, c.reason, c.rng, c.mode)
@@ -187,23 +199,11 @@ func TestExplainMappedLiteral(t *testing.T) {
 		// A guarded address's mapped form is its range's, as before.
 		{"::ffff:169.254.169.254", "443/tcp", "deny", "special-range", "any", "169.254.0.0/16"},
 	} {
-		args := []string{"policy", "explain", pol, "--to", c.to, "--json"}
+		args := []string{pol, "--to", c.to}
 		if c.port != "" {
 			args = append(args, "--port", c.port)
 		}
-		code, out, stderr := runCLI(t, args...)
-		if code != exitOK {
-			t.Fatalf("%v: exit %d: %s", args, code, stderr)
-		}
-		var ex struct {
-			Verdict, Rule, Reason string
-			SpecialRange          string `json:"special_range"`
-			AllowedBy             string `json:"allowed_by"`
-			Warnings              []string
-		}
-		if err := json.Unmarshal([]byte(out), &ex); err != nil {
-			t.Fatalf("%v: %v: %q", args, err, out)
-		}
+		ex := explainJSON(t, args...)
 		rule := ex.Rule
 		if c.verdict == "deny" {
 			rule = ex.AllowedBy
@@ -248,19 +248,7 @@ func TestExplainLoopbackNamed(t *testing.T) {
 			{"127.0.0.1", "53/udp", "loop", mode},
 			{"127.0.0.2", "7780/udp", "", mode},
 		} {
-			code, out, stderr := runCLI(t, "policy", "explain", pol, "--to", c.to, "--port", c.port, "--json")
-			if code != exitOK {
-				t.Fatalf("exit %d: %s", code, stderr)
-			}
-			var ex struct {
-				Verdict, Rule, Reason, Mode string
-				SpecialRange                string `json:"special_range"`
-				AllowedBy                   string `json:"allowed_by"`
-				Warnings                    []string
-			}
-			if err := json.Unmarshal([]byte(out), &ex); err != nil {
-				t.Fatalf("%v: %q", err, out)
-			}
+			ex := explainJSON(t, pol, "--to", c.to, "--port", c.port)
 			name := mode + " " + c.to + " " + c.port
 			if ex.Verdict != "deny" || ex.Reason != "special-range" || ex.SpecialRange != "127.0.0.0/8" || ex.Rule != "" || ex.AllowedBy != c.allowedBy || ex.Mode != c.mode {
 				t.Errorf("%s: %s %s range %q rule %q allowed_by %q mode %s, want deny special-range 127.0.0.0/8, allowed_by %q, mode %s",
@@ -298,17 +286,7 @@ func TestExplainNameUnderCIDR(t *testing.T) {
 		{"notion.so", "8444/tcp", "deny", ""},
 		{"198.51.100.9", "8443/tcp", "allow", ""},
 	} {
-		code, out, stderr := runCLI(t, "policy", "explain", pol, "--to", c.to, "--port", c.port, "--json")
-		if code != exitOK {
-			t.Fatalf("exit %d: %s", code, stderr)
-		}
-		var ex struct {
-			Verdict  string
-			Warnings []string
-		}
-		if err := json.Unmarshal([]byte(out), &ex); err != nil {
-			t.Fatalf("%v: %q", err, out)
-		}
+		ex := explainJSON(t, pol, "--to", c.to, "--port", c.port)
 		w := strings.Join(ex.Warnings, "\n")
 		noted := strings.Contains(w, "does not know the addresses")
 		if ex.Verdict != c.verdict || noted != (c.cidr != "") || c.cidr != "" && !strings.Contains(w, "rule "+c.cidr+" ") {
