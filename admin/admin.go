@@ -53,6 +53,14 @@ const writeTimeout = 60 * time.Second
 // is a few operators and a poller; `egressd report` asks for one.
 const maxReports = 4
 
+// clientReports is how many of the maxReports slots one client address
+// (an IPv6 client's /64, which it picks its addresses from) holds at
+// once; its next report is refused as past maxReports. Half: a client
+// looping on slow since= reports leaves the other half to the other
+// operators, and a single operator's page and `egressd report` both run.
+// All local clients are one address (127.0.0.1 or ::1) to it.
+const clientReports = 2
+
 // busyRetryAfter is the Retry-After, in seconds, of a report refused past
 // maxReports: about a build at the ledger's bounds.
 const busyRetryAfter = "5"
@@ -100,9 +108,12 @@ type Server struct {
 
 	reloadOK   prometheus.Gauge
 	reloadTime prometheus.Gauge
-	refusedRep prometheus.Counter // reports refused past maxReports
+	refusedRep *prometheus.CounterVec // reports refused past maxReports ("all") or clientReports ("client")
 
 	reports chan struct{} // a token for each report in progress (maxReports)
+
+	slotsMu     sync.Mutex     // guards clientSlots
+	clientSlots map[string]int // the slots each client holds (clientKey), when any
 
 	mu     sync.Mutex // guards following
 	loaded time.Time  // the last successful load or reload
@@ -115,7 +126,8 @@ type Server struct {
 
 	now     func() time.Time // the clock of the refusal logs' pacing
 	refused paced            // requests for another host (logRefused)
-	busy    paced            // reports refused past maxReports (logBusy)
+	busy    paced            // reports refused past maxReports (refuseBusy)
+	greedy  paced            // reports refused past clientReports (refuseBusy)
 }
 
 // paced paces a log line: at most one an every, the next one counting
@@ -191,10 +203,13 @@ func New(cfg Config, deps Deps) (*Server, error) {
 		Namespace: "egress", Subsystem: "config", Name: "last_reload_success_timestamp_seconds",
 		Help: "Unix time of the last successful configuration (policy) load or reload.",
 	})
-	s.refusedRep = prometheus.NewCounter(prometheus.CounterOpts{
+	s.refusedRep = prometheus.NewCounterVec(prometheus.CounterOpts{
 		Namespace: "egress", Subsystem: "admin", Name: "reports_refused_total",
-		Help: "Report requests (/, /report.json) answered 503 at once because as many reports as the admin server builds at a time were in progress.",
-	})
+		Help: "Report requests (/, /report.json) answered 503 at once because as many reports as the admin server makes at a time were in progress (limit all), or as many of the client's address as it makes for one (limit client).",
+	}, []string{"limit"})
+	for _, l := range []string{limitAll, limitClient} {
+		s.refusedRep.WithLabelValues(l)
+	}
 	for _, c := range []prometheus.Collector{build, s.reloadOK, s.reloadTime, s.refusedRep} {
 		if err := deps.Registry.Register(c); err != nil {
 			return nil, fmt.Errorf("admin: register metrics: %w", err)
@@ -446,12 +461,13 @@ func ParseSince(s string, now time.Time) (time.Time, error) {
 }
 
 // capped serves a report with h while fewer than maxReports are in
-// progress, holding a slot until h returns; past them it answers at once,
-// 503 with Retry-After, and counts and logs it (at most a line a
-// refusedEvery). A request with a body is answered 400 at once: net/http
-// ends a request's context when its client leaves only once the body was
-// read to its end, so a report asked with a body never sent went on (its
-// window read, built) for no one, holding its slot until writeTimeout.
+// progress, and fewer than clientReports of the request's client address,
+// holding a slot until h returns; past them it answers at once, 503 with
+// Retry-After, and counts and logs it (at most a line a refusedEvery). A
+// request with a body is answered 400 at once: net/http ends a request's
+// context when its client leaves only once the body was read to its end,
+// so a report asked with a body never sent went on (its window read,
+// built) for no one, holding its slot until writeTimeout.
 func (s *Server) capped(h http.HandlerFunc) http.HandlerFunc {
 	return func(w http.ResponseWriter, r *http.Request) {
 		if r.ContentLength != 0 {
@@ -460,25 +476,86 @@ func (s *Server) capped(h http.HandlerFunc) http.HandlerFunc {
 			http.Error(w, "admin: a report request has no body", http.StatusBadRequest)
 			return
 		}
+		client := clientKey(r.RemoteAddr)
+		if !s.takeClientSlot(client) {
+			s.refuseBusy(w, r, limitClient)
+			return
+		}
+		defer s.giveClientSlot(client)
 		select {
 		case s.reports <- struct{}{}:
 			defer func() { <-s.reports }()
 			h(w, r)
 		default:
-			s.refuseBusy(w, r)
+			s.refuseBusy(w, r, limitAll)
 		}
 	}
 }
 
-// refuseBusy answers a report past maxReports.
-func (s *Server) refuseBusy(w http.ResponseWriter, r *http.Request) {
-	s.refusedRep.Inc()
-	if n, log := s.busy.event(s.now(), refusedEvery); log {
-		s.log.Warn("admin: too many reports in progress; answered 503, retry after "+busyRetryAfter+" s",
-			"remote", r.RemoteAddr, "path", r.URL.Path, "in_progress", maxReports, "refused", n)
+// clientKey is the client a report request's remote address counts
+// under (clientReports): its IP address, an IPv6 one's /64.
+func clientKey(remote string) string {
+	ap, err := netip.ParseAddrPort(remote)
+	if err != nil {
+		return remote
+	}
+	a := ap.Addr().Unmap()
+	if a.Is6() {
+		if p, err := a.WithZone("").Prefix(64); err == nil {
+			return p.String()
+		}
+	}
+	return a.String()
+}
+
+// takeClientSlot takes one of client's clientReports slots, if it has
+// one left.
+func (s *Server) takeClientSlot(client string) bool {
+	s.slotsMu.Lock()
+	defer s.slotsMu.Unlock()
+	if s.clientSlots[client] >= clientReports {
+		return false
+	}
+	if s.clientSlots == nil {
+		s.clientSlots = map[string]int{}
+	}
+	s.clientSlots[client]++
+	return true
+}
+
+// giveClientSlot gives back a slot takeClientSlot took.
+func (s *Server) giveClientSlot(client string) {
+	s.slotsMu.Lock()
+	defer s.slotsMu.Unlock()
+	if s.clientSlots[client]--; s.clientSlots[client] <= 0 {
+		delete(s.clientSlots, client)
+	}
+}
+
+// The limit label values of egress_admin_reports_refused_total.
+const (
+	limitAll    = "all"    // maxReports in progress
+	limitClient = "client" // clientReports of the request's client in progress
+)
+
+// refuseBusy answers a report past maxReports (limitAll) or past its
+// client's clientReports (limitClient).
+func (s *Server) refuseBusy(w http.ResponseWriter, r *http.Request, limit string) {
+	s.refusedRep.WithLabelValues(limit).Inc()
+	pace, msg, body := &s.busy, "admin: too many reports in progress",
+		fmt.Sprintf("admin: %d reports in progress, as many as are made at a time; retry in %s s", maxReports, busyRetryAfter)
+	n := maxReports
+	if limit == limitClient {
+		pace, msg, body = &s.greedy, "admin: a client has as many reports in progress as one may",
+			fmt.Sprintf("admin: %d reports of this client in progress, as many as are made at a time for one; retry in %s s", clientReports, busyRetryAfter)
+		n = clientReports
+	}
+	if refused, log := pace.event(s.now(), refusedEvery); log {
+		s.log.Warn(msg+"; answered 503, retry after "+busyRetryAfter+" s",
+			"remote", r.RemoteAddr, "path", r.URL.Path, "in_progress", n, "refused", refused)
 	}
 	w.Header().Set("Retry-After", busyRetryAfter)
-	http.Error(w, fmt.Sprintf("admin: %d reports in progress, as many as are made at a time; retry in %s s", maxReports, busyRetryAfter), http.StatusServiceUnavailable)
+	http.Error(w, body, http.StatusServiceUnavailable)
 }
 
 func (s *Server) report(w http.ResponseWriter, r *http.Request) (*audit.Report, bool) {

@@ -65,7 +65,13 @@ func testLedger(t *testing.T, reg prometheus.Registerer) (*audit.Ledger, *policy
 
 func get(t *testing.T, url string) (int, http.Header, []byte) {
 	t.Helper()
-	resp, err := http.Get(url)
+	return getFrom(t, http.DefaultClient, url)
+}
+
+// getFrom is get with client c.
+func getFrom(t *testing.T, c *http.Client, url string) (int, http.Header, []byte) {
+	t.Helper()
+	resp, err := c.Get(url)
 	if err != nil {
 		t.Fatal(err)
 	}

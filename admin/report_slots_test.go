@@ -28,6 +28,28 @@ func (r panicReporter) ReportContext(ctx context.Context, opt audit.ReportOption
 	return r.Ledger.ReportContext(ctx, opt)
 }
 
+// runServer runs s (configured on 127.0.0.1:0) until the test ends and
+// returns the address it listens on.
+func runServer(t *testing.T, s *Server) string {
+	t.Helper()
+	done := make(chan error, 1)
+	go func() { done <- s.Run(context.Background()) }()
+	t.Cleanup(func() {
+		s.Close()
+		if err := <-done; err != nil {
+			t.Error(err)
+		}
+	})
+	for range 500 {
+		if addr := s.Addr(); addr != "127.0.0.1:0" {
+			return addr
+		}
+		time.Sleep(10 * time.Millisecond)
+	}
+	t.Fatal("the admin server does not listen after 5 s")
+	return ""
+}
+
 // TestReportSlotsFreedOnEveryPath: against Run's server on loopback, every
 // way out of a report's handler gives its slot back: a bad since= (400), a
 // request with a body (400), a HEAD, HTML and JSON, a handler that panics,
@@ -40,19 +62,7 @@ func TestReportSlotsFreedOnEveryPath(t *testing.T) {
 	if err != nil {
 		t.Fatal(err)
 	}
-	done := make(chan error, 1)
-	go func() { done <- s.Run(context.Background()) }()
-	defer func() {
-		s.Close()
-		if err := <-done; err != nil {
-			t.Error(err)
-		}
-	}()
-	var addr string
-	for i := 0; i < 500 && (addr == "" || addr == "127.0.0.1:0"); i++ {
-		time.Sleep(10 * time.Millisecond)
-		addr = s.Addr()
-	}
+	addr := runServer(t, s)
 	raw := func(req string, read int) {
 		c, err := net.DialTimeout("tcp", addr, 10*time.Second)
 		if err != nil {
@@ -103,13 +113,7 @@ func TestReportSlotsFreedOnEveryPath(t *testing.T) {
 		}
 		wg.Wait()
 	}
-	deadline := time.Now().Add(60 * time.Second)
-	for len(s.reports) > 0 {
-		if time.Now().After(deadline) {
-			t.Fatalf("%d report slots still held after every request ended", len(s.reports))
-		}
-		time.Sleep(10 * time.Millisecond)
-	}
+	waitSlotsFree(t, s, 60*time.Second, "every request ended")
 	// All maxReports slots serve.
 	for range maxReports {
 		s.reports <- struct{}{}
