@@ -39,15 +39,23 @@ type Reporter interface {
 	ReportContext(context.Context, audit.ReportOptions) (*audit.Report, error)
 }
 
-// writeTimeout is the admin server's: a report that waits longer for its
-// turn could no longer be written to its client.
+// writeTimeout is the admin server's: the time to write an answer. A
+// report's handler sets it again once its report is made (report), so a
+// window's read longer than it still reaches its client.
 const writeTimeout = 60 * time.Second
+
+// reportLimit bounds a report's making, its wait for its turns and its
+// window's (since=) read: past it the report is given up, 503, with a
+// body that asks for a shorter window. A month's log reads in seconds;
+// ten minutes is a slow disk's year, and a slot (and the one window read
+// at a time) held no longer than that by a client still there.
+const reportLimit = 10 * time.Minute
 
 // maxReports is how many reports ("/", "/report.json") the server has in
 // progress at once: waiting for their turn, reading their window (since=)
 // from the event log, built or written. One more is refused at once (503,
 // Retry-After: busyRetryAfter) and counted. Without it each request held
-// a goroutine for up to writeTimeout, and each since= a window's ledger
+// a goroutine for up to reportLimit, and each since= a window's ledger
 // (the ledger reads one window at a time; the others wait), so a client
 // looping on /report.json took goroutines and memory without bound. Four
 // is a few operators and a poller; `egressd report` asks for one.
@@ -115,6 +123,9 @@ type Server struct {
 	slotsMu     sync.Mutex     // guards clientSlots
 	clientSlots map[string]int // the slots each client holds (clientKey), when any
 
+	writeTimeout time.Duration // writeTimeout; shorter in tests
+	reportLimit  time.Duration // reportLimit; shorter in tests
+
 	mu     sync.Mutex // guards following
 	loaded time.Time  // the last successful load or reload
 	failed string     // a note on the last reload, when it failed
@@ -175,7 +186,8 @@ func New(cfg Config, deps Deps) (*Server, error) {
 	if deps.Logger == nil {
 		deps.Logger = slog.Default()
 	}
-	s := &Server{cfg: cfg, deps: deps, log: deps.Logger, now: time.Now, reports: make(chan struct{}, maxReports)}
+	s := &Server{cfg: cfg, deps: deps, log: deps.Logger, now: time.Now, reports: make(chan struct{}, maxReports),
+		writeTimeout: writeTimeout, reportLimit: reportLimit}
 	for _, h := range cfg.Hosts {
 		if err := CheckHost(h); err != nil {
 			return nil, err
@@ -393,7 +405,7 @@ func (s *Server) Run(ctx context.Context) error {
 		return fmt.Errorf("admin: listen %s: %w", s.cfg.Addr, err)
 	}
 	srv := &http.Server{Handler: s.Handler(), ReadHeaderTimeout: 5 * time.Second, ReadTimeout: 10 * time.Second,
-		WriteTimeout: writeTimeout, IdleTimeout: 60 * time.Second}
+		WriteTimeout: s.writeTimeout, IdleTimeout: 60 * time.Second}
 	s.mu.Lock()
 	if s.closed {
 		s.mu.Unlock()
@@ -467,7 +479,7 @@ func ParseSince(s string, now time.Time) (time.Time, error) {
 // request with a body is answered 400 at once: net/http ends a request's
 // context when its client leaves only once the body was read to its end,
 // so a report asked with a body never sent went on (its window read,
-// built) for no one, holding its slot until writeTimeout.
+// built) for no one, holding its slot until reportLimit.
 func (s *Server) capped(h http.HandlerFunc) http.HandlerFunc {
 	return func(w http.ResponseWriter, r *http.Request) {
 		if r.ContentLength != 0 {
@@ -564,14 +576,26 @@ func (s *Server) report(w http.ResponseWriter, r *http.Request) (*audit.Report, 
 		http.Error(w, err.Error(), http.StatusBadRequest)
 		return nil, false
 	}
-	// The request's context ends when its client leaves; the write
-	// timeout does not end it, so the wait is bounded by it too.
-	ctx, cancel := context.WithTimeout(r.Context(), writeTimeout)
+	// The request's context ends when its client leaves; reportLimit
+	// bounds the rest. Nothing is written meanwhile, so the write
+	// deadline (writeTimeout from the request) is put past that bound,
+	// and set again to writeTimeout for the answer: a window's read
+	// longer than writeTimeout reaches its client, rather than a cut
+	// connection every time. (An error, a test's recorder: net/http's
+	// deadline stays.)
+	rc := http.NewResponseController(w)
+	rc.SetWriteDeadline(time.Now().Add(s.reportLimit + s.writeTimeout))
+	ctx, cancel := context.WithTimeout(r.Context(), s.reportLimit)
 	defer cancel()
 	rep, err := s.deps.Reporter.ReportContext(ctx, audit.ReportOptions{Since: since})
+	rc.SetWriteDeadline(time.Now().Add(s.writeTimeout))
 	if err != nil {
 		s.log.Debug("admin: report given up", audit.LogError, err)
-		http.Error(w, "admin: report: "+err.Error(), http.StatusServiceUnavailable)
+		msg := "admin: report: " + err.Error()
+		if errors.Is(err, context.DeadlineExceeded) && r.Context().Err() == nil {
+			msg = fmt.Sprintf("admin: report: not made within %v (its since= window read from the event log, or its wait for another's); ask for a shorter since=", s.reportLimit)
+		}
+		http.Error(w, msg, http.StatusServiceUnavailable)
 		return nil, false
 	}
 	s.mu.Lock()

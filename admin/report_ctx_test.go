@@ -30,6 +30,29 @@ func (r *leavingReporter) ReportContext(ctx context.Context, opt audit.ReportOpt
 	return rep, err
 }
 
+// askLeaving asks for url on a request of its own and returns how to
+// leave (cancel: the client closes its connection) and the request's
+// error, once it ended (nil: it was answered). Its client gives up after
+// a minute, so that a test that is wrong fails rather than hangs.
+func askLeaving(t *testing.T, url string) (cancel context.CancelFunc, got chan error) {
+	t.Helper()
+	ctx, cancel := context.WithCancel(context.Background())
+	t.Cleanup(cancel)
+	req, err := http.NewRequestWithContext(ctx, "GET", url, nil)
+	if err != nil {
+		t.Fatal(err)
+	}
+	got = make(chan error, 1)
+	go func() {
+		resp, err := (&http.Client{Timeout: time.Minute}).Do(req)
+		if err == nil {
+			resp.Body.Close()
+		}
+		got <- err
+	}()
+	return cancel, got
+}
+
 // TestReportGivesUpWhenClientLeaves: the report handlers ask for the
 // report with the request's context, so a client that leaves while its
 // report waits for its turn (`egressd report` gives up after 30 s) costs
@@ -43,19 +66,7 @@ func TestReportGivesUpWhenClientLeaves(t *testing.T) {
 			t.Fatal(err)
 		}
 		ts := httptest.NewServer(s.Handler())
-		ctx, cancel := context.WithCancel(context.Background())
-		req, err := http.NewRequestWithContext(ctx, "GET", ts.URL+path, nil)
-		if err != nil {
-			t.Fatal(err)
-		}
-		got := make(chan error, 1)
-		go func() {
-			resp, err := http.DefaultClient.Do(req)
-			if err == nil {
-				resp.Body.Close()
-			}
-			got <- err
-		}()
+		cancel, got := askLeaving(t, ts.URL+path)
 		select {
 		case <-rep.in:
 		case err := <-got:

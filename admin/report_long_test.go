@@ -1,0 +1,126 @@
+package admin
+
+import (
+	"context"
+	"errors"
+	"io"
+	"log/slog"
+	"net/http"
+	"strings"
+	"testing"
+	"time"
+
+	"egressd/audit"
+)
+
+// slowReporter is the real ledger, asked through a report whose window
+// read takes took (a month's log on a slow disk), or until the request's
+// context ends: then it says how (ended) and answers no report.
+type slowReporter struct {
+	*audit.Ledger
+	took  time.Duration
+	in    chan struct{} // a report was asked for
+	ended chan error    // the context's error, when it ended first
+}
+
+func (r *slowReporter) ReportContext(ctx context.Context, opt audit.ReportOptions) (*audit.Report, error) {
+	r.in <- struct{}{}
+	select {
+	case <-time.After(r.took):
+	case <-ctx.Done():
+		r.ended <- ctx.Err()
+		return nil, ctx.Err()
+	}
+	return r.Ledger.ReportContext(ctx, opt)
+}
+
+// slowServer runs, on loopback, a server whose write timeout is short
+// (as a month's since= read is longer than the 60 s) and whose reports
+// take took each.
+func slowServer(t *testing.T, took, limit time.Duration) (string, *slowReporter) {
+	t.Helper()
+	l, _ := testLedger(t, nil)
+	rep := &slowReporter{Ledger: l, took: took, in: make(chan struct{}, 10), ended: make(chan error, 10)}
+	s, err := New(Config{Addr: "127.0.0.1:0"}, Deps{Reporter: rep, Logger: slog.New(slog.DiscardHandler)})
+	if err != nil {
+		t.Fatal(err)
+	}
+	s.writeTimeout, s.reportLimit = 300*time.Millisecond, limit
+	return runServer(t, s), rep
+}
+
+// TestReportLongerThanWriteTimeout: a report whose window read takes
+// longer than the write timeout is answered, whole, to its client still
+// there. Before, the write deadline (60 s from the request) had passed
+// when the report was ready, and its client got a cut connection every
+// time, however often it asked again.
+func TestReportLongerThanWriteTimeout(t *testing.T) {
+	addr, _ := slowServer(t, 1500*time.Millisecond, reportLimit)
+	c := &http.Client{Timeout: time.Minute}
+	for _, tc := range []struct{ path, want string }{
+		{"/report.json?since=7d", `"totals"`},
+		{"/?since=30d", "</html>"},
+	} {
+		resp, err := c.Get("http://" + addr + tc.path)
+		if err != nil {
+			t.Errorf("%s, read for 5 times the write timeout: %v; want the report", tc.path, err)
+			continue
+		}
+		b, err := io.ReadAll(resp.Body)
+		resp.Body.Close()
+		if resp.StatusCode != http.StatusOK || err != nil || !strings.Contains(string(b), tc.want) {
+			t.Errorf("%s, read for 5 times the write timeout: %d, %v, %.200s; want 200 and the whole report", tc.path, resp.StatusCode, err, b)
+		}
+	}
+}
+
+// TestReportPastItsLimit: a report not made within reportLimit (its read
+// and its wait for its turns) is given up and answered 503, with a body
+// that says to ask for a shorter window, rather than a cut connection.
+func TestReportPastItsLimit(t *testing.T) {
+	addr, rep := slowServer(t, time.Hour, time.Second)
+	c := &http.Client{Timeout: time.Minute}
+	resp, err := c.Get("http://" + addr + "/report.json?since=365d")
+	if err != nil {
+		t.Fatalf("a report past its limit: %v; want 503 saying why", err)
+	}
+	b, _ := io.ReadAll(resp.Body)
+	resp.Body.Close()
+	if resp.StatusCode != http.StatusServiceUnavailable || !strings.Contains(string(b), "shorter since=") {
+		t.Errorf("a report past its limit: %d %q; want 503 asking for a shorter since=", resp.StatusCode, b)
+	}
+	select {
+	case err := <-rep.ended:
+		if !errors.Is(err, context.DeadlineExceeded) {
+			t.Errorf("the ledger's read past the limit ended with %v, want its deadline", err)
+		}
+	case <-time.After(30 * time.Second):
+		t.Errorf("the ledger's read was not told to stop")
+	}
+}
+
+// TestLongReportStopsWhenClientLeaves: a report that reads past the write
+// timeout still stops at once when its client leaves: the ledger's read
+// is told (context.Canceled), not left to run to reportLimit.
+func TestLongReportStopsWhenClientLeaves(t *testing.T) {
+	addr, rep := slowServer(t, time.Hour, reportLimit)
+	cancel, got := askLeaving(t, "http://"+addr+"/report.json?since=30d")
+	select {
+	case <-rep.in:
+	case err := <-got:
+		t.Fatalf("answered (%v) before the report was asked of the ledger", err)
+	case <-time.After(30 * time.Second):
+		t.Fatal("the report was not asked of the ledger")
+	}
+	time.Sleep(time.Second) // past the write timeout
+	cancel()
+	<-got
+	select {
+	case err := <-rep.ended:
+		if !errors.Is(err, context.Canceled) {
+			t.Errorf("the ledger's read after its client left ended with %v, want context.Canceled", err)
+		}
+	case <-time.After(30 * time.Second):
+		t.Errorf("the ledger's read was not stopped 30 s after its client left")
+	}
+}
