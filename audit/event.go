@@ -197,6 +197,18 @@ type Event struct {
 	// hold anything).
 	OtherNames []string `json:"other_names,omitempty"`
 
+	// LearnedName, on a capture flow event of a flow nftables forwards
+	// by address (UDP, TCP to a port not redirected, an echo), is the
+	// name of the DNS answer whose rule's learned set let its address
+	// out (normalized): the name the flow's mark stands for, whatever
+	// name its hello carried (Name, OtherNames). Capture's reload judges
+	// the flow by it, as the firewall's sweep does, and so does a replay
+	// (Replayer). Absent where a CIDR rule alone let it out, where no
+	// answer did (a drop), and in logs written before session 32 (a
+	// replay then judges Name and OtherNames, as before). Bound cuts it
+	// to MaxNameBytes (a log read back may hold anything).
+	LearnedName string `json:"learned_name,omitempty"`
+
 	// expanded marks an event read from a summary record (Event.expand).
 	expanded uint8
 }
@@ -266,6 +278,7 @@ func (e *Event) Bound() {
 	// came from, and a line of the log's length is no key of that length.
 	e.Rule, _ = bound(e.Rule, 0, MaxNameBytes)
 	e.ClientMAC, _ = bound(e.ClientMAC, 0, MaxNameBytes)
+	e.LearnedName, _ = bound(e.LearnedName, 0, MaxNameBytes)
 	if listNeedsBound(e.TopClients, MaxAlarmClients) {
 		e.TopClients = boundList(e.TopClients, MaxAlarmClients)
 	}
@@ -300,8 +313,8 @@ func boundList(list []string, n int) []string {
 // needsBound reports whether Bound would change e.
 func (e *Event) needsBound() bool {
 	return len(e.Name) > MaxNameBytes || len(e.Path) > MaxPathBytes || len(e.Front) > MaxNameBytes ||
-		len(e.Rule) > MaxNameBytes || len(e.ClientMAC) > MaxNameBytes ||
-		!utf8.ValidString(e.Name) || !utf8.ValidString(e.Path) || !utf8.ValidString(e.Front) ||
+		len(e.Rule) > MaxNameBytes || len(e.ClientMAC) > MaxNameBytes || len(e.LearnedName) > MaxNameBytes ||
+		!utf8.ValidString(e.LearnedName) || !utf8.ValidString(e.Name) || !utf8.ValidString(e.Path) || !utf8.ValidString(e.Front) ||
 		!utf8.ValidString(e.Rule) || !utf8.ValidString(e.ClientMAC) || listNeedsBound(e.TopClients, MaxAlarmClients) ||
 		listNeedsBound(e.OtherNames, MaxOtherNames)
 }

@@ -176,6 +176,9 @@ func decodeFast(b []byte, ev *Event) bool {
 		case "other_names":
 			ev.OtherNames, i, ok = stringsValue(b, i)
 			bit = 37
+		case "learned_name":
+			ev.LearnedName, i, ok = stringValue(b, i)
+			bit = 38
 		default: // another spelling (encoding/json folds case), or unknown
 			return false
 		}

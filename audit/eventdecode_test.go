@@ -67,6 +67,7 @@ func TestDecodeFastMatchesJSON(t *testing.T) {
 		ev.Name, ev.Path, ev.Front, ev.Rule, ev.Reason, ev.Close = pick(), pick(), pick(), pick(), pick(), pick()
 		ev.QType, ev.RCode, ev.Upstream, ev.Filtered, ev.ClientMAC = pick(), pick(), pick(), pick(), pick()
 		ev.NameSource = NameSource(pick())
+		ev.LearnedName = pick()
 		ev.NameLen, ev.PathLen, ev.FrontLen = r.IntN(2)*r.IntN(1<<16), r.IntN(2)*r.IntN(1<<16), r.IntN(2)*r.IntN(1<<16)
 		ev.Time = time.Unix(r.Int64N(1<<34), r.Int64N(1e9)*int64(r.IntN(2))).UTC()
 		if r.IntN(4) == 0 {
@@ -88,7 +89,7 @@ func TestDecodeFastMatchesJSON(t *testing.T) {
 		if took {
 			fast++
 		}
-		if want := plain(ev.Name + ev.Path + ev.Front + ev.Rule + ev.Reason + ev.Close + ev.QType + ev.RCode + ev.Upstream + ev.Filtered + ev.ClientMAC + string(ev.NameSource)); took != want {
+		if want := plain(ev.Name + ev.Path + ev.Front + ev.Rule + ev.Reason + ev.Close + ev.QType + ev.RCode + ev.Upstream + ev.Filtered + ev.ClientMAC + string(ev.NameSource) + ev.LearnedName); took != want {
 			t.Fatalf("decodeFast took %v, want %v: %s", took, want, b)
 		}
 	}
@@ -138,6 +139,8 @@ func FuzzDecodeEvent(f *testing.F) {
 	f.Add([]byte(`{"kind":"flow","proto":"udp","name":"a.test","other_names":["b.test","c.test","b.test"]}`))
 	f.Add([]byte(`{"kind":"flow","other_names":["\u0000x","<b>\n",""],"other_names":[]}`))
 	f.Add([]byte("{\"kind\":\"flow\",\"other_names\":[\"\xff\xfe\",\"a\x01\"]}"))
+	f.Add([]byte(`{"kind":"flow","proto":"udp","name":"a.test","other_names":["c.test"],"learned_name":"b.test"}`))
+	f.Add([]byte(`{"kind":"flow","learned_name":"b.test","learned_name":""}`))
 	f.Fuzz(func(t *testing.T, b []byte) {
 		checkDecode(t, b)
 	})

@@ -118,6 +118,7 @@ func (ev *Event) appendJSON(b []byte) ([]byte, error) {
 	}
 	b = appendStringsField(b, `,"top_clients":[`, ev.TopClients)
 	b = appendStringsField(b, `,"other_names":[`, ev.OtherNames)
+	b = appendStringField(b, `,"learned_name":`, ev.LearnedName)
 	return append(b, "}\n"...), nil
 }
 

@@ -1200,7 +1200,7 @@ const defaultQueueBytes = 64 << 20
 // ownText copies for it (the rule, the MAC and the rest are the policy's
 // and the component's, shared), and an alarm's top clients.
 func queueBytes(ev *Event) int64 {
-	n := int64(unsafe.Sizeof(*ev)) + int64(len(ev.Name)+len(ev.Path)+len(ev.Front))
+	n := int64(unsafe.Sizeof(*ev)) + int64(len(ev.Name)+len(ev.Path)+len(ev.Front)+len(ev.LearnedName))
 	for _, c := range ev.TopClients {
 		n += int64(unsafe.Sizeof(c)) + int64(len(c))
 	}

@@ -27,9 +27,11 @@ func quicFlowEvent(eng *policy.Engine, others ...string) Event {
 	return ev
 }
 
-// TestReplayOtherNames: `audit --replay` judges a QUIC flow on each of
-// the names its hellos carried (Name, OtherNames), as capture's reload
-// does: a candidate that drops the rule of a later connection's host
+// TestReplayOtherNames: `audit --replay` judges a QUIC flow whose event
+// does not carry the name its address was learned for (LearnedName: a log
+// written before session 32) on each of the names its hellos carried
+// (Name, OtherNames), as capture lets a later connection through only
+// where the policy allows its name: a candidate that drops the rule of a later connection's host
 // drops the flow, listed under that host; the recorded policy, and a
 // candidate that keeps both rules, change nothing. Before session 30 the
 // other names were not recorded, and the flow was judged on its first

@@ -156,15 +156,34 @@ func (r *Replayer) Emit(ev Event) {
 	case KindRequest:
 		r.res.Requests++
 		d = r.eng.Decide(in)
-	default:
+	case KindFlow:
 		r.res.Flows++
+		if ev.LearnedName != "" {
+			// A flow nftables forwards by address, let out by the
+			// learned set of the answer for LearnedName: judged as the
+			// forward chain judges its next packet and capture's reload
+			// judges it (capture/reload.go), by the address (a CIDR
+			// rule) and then that name, whatever names its hellos
+			// carried (Name, OtherNames: the chain reads no hello), in
+			// the order the proxy and capture decide a name DNS gave an
+			// address out for (policy.DecideLearned). No path either:
+			// the chain reads none. A deny is listed under that name,
+			// as capture records it.
+			in.Name, in.Path, in.PathCut, in.NoPath, replaced = "", "", false, false, false
+			d, _ = r.eng.DecideLearned(in, r.eng.Decide(in), []string{ev.LearnedName})
+			if !d.Allowed() {
+				ev.Name = ev.LearnedName
+			}
+			break
+		}
 		d = r.eng.Decide(in)
 		// A QUIC flow's other names (its later connections' hellos)
 		// must each be allowed too, as capture lets a later connection
 		// through only where the policy allows its name: the first the
 		// candidate does not allow decides the flow and names the
-		// change. (Capture's reload judges the flow by the name its
-		// address was learned for, which the event does not carry.)
+		// change. (A log written before session 32 does not carry the
+		// name its address was learned for, by which capture's reload
+		// judges the flow: LearnedName, above.)
 		for _, o := range ev.OtherNames {
 			oin := in
 			oin.Name = o

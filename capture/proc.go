@@ -3418,7 +3418,7 @@ func (p *proc) event(f *flow, how string) audit.Event {
 	ev := audit.Event{
 		Kind: audit.KindFlow, Source: audit.SourceCapture, Time: f.first,
 		Client: cli, ClientPort: f.cport, Dest: f.srv.Unmap(), DestPort: f.sport, Proto: ps,
-		Name: f.evName, NameSource: f.evSrc, OtherNames: f.eventOthers(), Path: f.path, PathLen: f.pathLen, NoPath: f.noPath,
+		Name: f.evName, NameSource: f.evSrc, OtherNames: f.eventOthers(), LearnedName: f.learned.name, Path: f.path, PathLen: f.pathLen, NoPath: f.noPath,
 		BytesOut: f.bytes[0], BytesIn: f.bytes[1], Duration: f.last.Sub(f.first).Seconds(), Close: how,
 	}
 	ev.ClientMAC = f.eventMAC()
