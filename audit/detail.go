@@ -108,6 +108,9 @@ type shapeKey struct {
 	nameLen    int
 	pathLen    int
 	frontLen   int
+	// learned: a forwarded flow's LearnedName, by which a replay judges
+	// it (Replayer).
+	learned string
 }
 
 // owned returns k with its own copy of the client's text: an event's
@@ -115,7 +118,7 @@ type shapeKey struct {
 // and path in one with the request target, up to 64 KiB), which a key
 // kept for the interval would keep whole.
 func (k shapeKey) owned() shapeKey {
-	k.name, k.path, k.front = strings.Clone(k.name), strings.Clone(k.path), strings.Clone(k.front)
+	k.name, k.path, k.front, k.learned = strings.Clone(k.name), strings.Clone(k.path), strings.Clone(k.front), strings.Clone(k.learned)
 	return k
 }
 
@@ -128,12 +131,12 @@ func (ev *Event) ownText() {
 }
 
 // textBytes is the client text k keeps.
-func (k *shapeKey) textBytes() int { return len(k.name) + len(k.path) + len(k.front) }
+func (k *shapeKey) textBytes() int { return len(k.name) + len(k.path) + len(k.front) + len(k.learned) }
 
 func shapeOf(ev *Event) shapeKey {
 	return shapeKey{ev.Kind, ev.Source, ev.Client.Unmap(), ev.ClientMAC, ev.Dest.Unmap(), ev.DestPort, ev.Proto,
 		ev.Name, ev.NameSource, ev.Path, ev.NoPath, ev.Front, ev.Verdict, ev.Rule, ev.Mode, ev.Reason,
-		ev.Enforced, ev.QType, ev.RCode, ev.Filtered, ev.NameLen, ev.PathLen, ev.FrontLen}
+		ev.Enforced, ev.QType, ev.RCode, ev.Filtered, ev.NameLen, ev.PathLen, ev.FrontLen, ev.LearnedName}
 }
 
 // shapeAgg is one shape of the interval: written once at least, and the
@@ -388,7 +391,7 @@ func (agg *shapeAgg) add(ev *Event) {
 	if agg.n == 0 && agg.dups == 0 {
 		agg.ev = *ev
 		// The key's copy of the client's text, not ev's.
-		agg.ev.Name, agg.ev.Path, agg.ev.Front = agg.key.name, agg.key.path, agg.key.front
+		agg.ev.Name, agg.ev.Path, agg.ev.Front, agg.ev.LearnedName = agg.key.name, agg.key.path, agg.key.front, agg.key.learned
 		agg.ev.ClientPort = 0 // the shape, not one connection
 		agg.ev.QueryID = 0    // nor one query
 		agg.ev.Until = ev.Time

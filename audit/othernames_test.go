@@ -2,6 +2,8 @@ package audit
 
 import (
 	"net/netip"
+	"os"
+	"path/filepath"
 	"slices"
 	"strings"
 	"testing"
@@ -169,5 +171,54 @@ func TestQueueBytesOtherNames(t *testing.T) {
 	ev.OtherNames = []string{strings.Repeat("b", 200), "c.test"}
 	if got, want := queueBytes(&ev), base+2*int64(unsafe.Sizeof(""))+206; got != want {
 		t.Errorf("queueBytes with two other names %d, want %d", got, want)
+	}
+}
+
+// TestReplayLearnedNameSummary: a noisy device's denied QUIC flows past
+// its detail budget are held back into summary records, one per shape;
+// the name each flow's address was learned for (LearnedName) is part of
+// the shape, so the events a summary stands for replay on their own
+// learned name: a candidate that allows b.example.com newly allows the
+// flows learned for it and none of those learned for c.example.com,
+// whose hellos named the same host. Without it in the shape the two
+// kinds would be one summary, replayed on the first's name.
+func TestReplayLearnedNameSummary(t *testing.T) {
+	dir := t.TempDir()
+	j, _, _ := openJournal(t, JournalConfig{Dir: dir, DetailBurst: 2, DetailRate: 1, DetailInterval: time.Hour}, nil)
+	j.now = func() time.Time { return t0 } // no refill: the burst alone
+	const n = 40
+	for i := range n {
+		ev := Event{Kind: KindFlow, Source: SourceCapture, Time: t0.Add(time.Duration(i) * time.Millisecond), Client: netip.MustParseAddr("192.0.2.10"),
+			ClientPort: uint16(40000 + i), ClientMAC: "aa:bb:cc:00:00:07", Dest: netip.MustParseAddr("203.0.113.20"), DestPort: 443, Proto: "udp",
+			Name: "x.unlisted.test", NameSource: NameQUIC, LearnedName: []string{"b.example.com", "c.example.com"}[i%2], Close: "idle"}
+		ev.Stamp(policy.Decision{Verdict: policy.Deny, Mode: policy.ModeAudit, Reason: policy.ReasonNoRule})
+		j.Emit(ev)
+	}
+	if err := j.Close(); err != nil {
+		t.Fatal(err)
+	}
+	summaries := 0
+	if _, _, err := readPath(dir, func(ev Event) {
+		if ev.expanded != 0 {
+			summaries++
+		}
+	}); err != nil {
+		t.Fatal(err)
+	}
+	if summaries == 0 {
+		b, _ := os.ReadFile(filepath.Join(dir, CurrentLog))
+		t.Fatalf("no event came from a summary record: the test proves nothing\n%s", b)
+	}
+	r := NewReplayer(compileRules(t, quicRule("b")), t0.Add(time.Minute))
+	if _, err := ReplayPath(dir, r); err != nil {
+		t.Fatal(err)
+	}
+	res := r.Result()
+	allowed := uint64(0)
+	for _, ch := range res.NewlyAllowed {
+		allowed += ch.Flows
+	}
+	if res.Flows != n || allowed != n/2 || res.Unchanged != n/2 {
+		t.Errorf("replay: %d flows, %d newly allowed, %d unchanged; want %d, %d, %d (%+v)", res.Flows, allowed, res.Unchanged, n, n/2, n/2, res.NewlyAllowed)
 	}
 }
