@@ -237,8 +237,11 @@ const (
 	MaxAlarmClients = 5
 	// MaxOtherNames bounds the other names a flow event carries
 	// (OtherNames): capture keeps the hellos of at most four connections
-	// of a QUIC flow at once, and denies one naming a fifth host.
-	MaxOtherNames = 3
+	// of a QUIC flow at once, and denies one naming a fifth host; a flow
+	// a reload records under the name its address was learned for shows
+	// all four hellos' names here (before session 32, three: one was
+	// lost).
+	MaxOtherNames = 4
 )
 
 // Clip returns s if it has at most max bytes, else its first bytes cut at

@@ -198,8 +198,8 @@ type flow struct {
 	evSrc    audit.NameSource
 	// otherNames: a QUIC flow's later connections' hello names that
 	// differ from its first's, each allowed by its own name when read
-	// (quicAttempt), normalized, audit.MaxOtherNames at most: its
-	// events' OtherNames, and what a reload judges again (redecide).
+	// (quicAttempt), normalized, maxOtherNames at most: its events'
+	// OtherNames, and what a reload judges again (redecide).
 	otherNames []string
 	// learned: a forwarded flow's (UDP, TCP to a port not redirected, an
 	// echo) name of the answer whose rule's learned set admitted its
@@ -2042,10 +2042,10 @@ func (p *proc) quicAttempt(f *flow, v uint32, dcid, payload []byte) {
 // eventOthers returns the names f's hellos carried other than its
 // record's (evName: the first hello's, or after a reload the name its
 // address was learned for, which it is denied for), normalized, in the
-// order they came, audit.MaxOtherNames at most: its event's OtherNames.
-// (A record moved to a learned name no hello carried leaves all four
-// hellos' names but one to show: the last is left out, of a flow denied
-// anyway.)
+// order they came: its event's OtherNames. A record moved to a learned
+// name no hello carried shows all four hellos' names there
+// (audit.MaxOtherNames is one more than maxOtherNames; before session 32
+// the last was left out: TestRedecideQUICFourNames).
 //
 // Where the record is the first hello's (nearly always) that is
 // f.otherNames itself, capped at its length, which no event allocates
@@ -2085,7 +2085,7 @@ func (f *flow) named(n string) bool {
 // otherName records name, which a new QUIC connection of f named and
 // the policy allows by itself (quicAttempt), in f.otherNames where it is
 // not f's first name or one recorded already. It reports false where
-// f.otherNames holds audit.MaxOtherNames already: a host the record
+// f.otherNames holds maxOtherNames already: a host the record
 // could not show would be hidden, so the caller denies the flow, as it
 // denies one connection more than it keeps hellos of; likewise where the
 // name does not fit in Config.MaxStreamBytes (the names are held for the
@@ -2095,24 +2095,30 @@ func (p *proc) otherName(f *flow, name string) bool {
 	if f.named(n) {
 		return true
 	}
-	if len(f.otherNames) >= audit.MaxOtherNames {
+	if len(f.otherNames) >= maxOtherNames {
 		return false
 	}
 	p.charge(f) // the hello just read
 	cost := len(n)
 	if f.otherNames == nil {
-		cost += audit.MaxOtherNames * stringHeader
+		cost += maxOtherNames * stringHeader
 	}
 	if p.streamBytes+cost > p.c.cfg.MaxStreamBytes {
 		p.stats.streamLimited.Add(1)
 		return false
 	}
 	if f.otherNames == nil {
-		f.otherNames = make([]string, 0, audit.MaxOtherNames)
+		f.otherNames = make([]string, 0, maxOtherNames)
 	}
 	f.otherNames = append(f.otherNames, n)
 	return true
 }
+
+// maxOtherNames bounds the other names a QUIC flow keeps (flow.otherNames):
+// its kept hellos' names but the first's. Its events carry up to one more
+// (audit.MaxOtherNames): the first hello's, where a reload recorded the
+// flow under the name its address was learned for (eventOthers).
+const maxOtherNames = maxQUICAttempts - 1
 
 // stringHeader is the size of a string header (64-bit): what a slot of
 // flow.otherNames holds besides its bytes.

@@ -59,7 +59,7 @@ func TestQUICOtherNames(t *testing.T) {
 }
 
 // TestQUICOtherNamesBounded: a QUIC flow records at most
-// audit.MaxOtherNames other hosts; a later connection (its hello kept
+// maxOtherNames other hosts; a later connection (its hello kept
 // once the first ones' gave way, past heldWait) naming one more host is
 // stream-conflict, not a host the record hides. One naming a host
 // recorded already stays allowed.
@@ -100,7 +100,7 @@ func TestQUICOtherNamesBounded(t *testing.T) {
 }
 
 // TestQUICOtherNamesCharged: the other names a QUIC flow keeps (up to
-// audit.MaxOtherNames of up to 255 bytes each, for as long as the flow
+// maxOtherNames of up to 255 bytes each, for as long as the flow
 // lives) are counted in the capture buffers' bound (MaxStreamBytes), as
 // its kept hellos and keys are, and given back when the flow ends. Before
 // session 31 (Q4) they were not: about 50 MB at 65,536 flows held

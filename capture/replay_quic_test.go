@@ -4,6 +4,7 @@ import (
 	"fmt"
 	"log/slog"
 	"net/netip"
+	"slices"
 	"testing"
 	"time"
 
@@ -118,5 +119,42 @@ func TestReplayQUICLearnedName(t *testing.T) {
 	// first hello's x.unlisted.test has no rule).
 	if got := dropped(replay(without, ruleB+ruleC)); got != "x.unlisted.test "+policy.ReasonNoRule {
 		t.Errorf("old log: newly dropped %q, want x.unlisted.test on the hellos' names as before", got)
+	}
+}
+
+// TestRedecideQUICFourNames: a QUIC flow whose four connections' hellos
+// named four hosts (the first and three others, as many as capture
+// keeps), its address learned for a fifth, which a reload in audit mode
+// makes a would-be deny: recorded under the learned name, the event
+// carries all four hellos' names in other_names. Before session 32 it
+// carried three (audit.MaxOtherNames was capture's bound on the other
+// names, one fewer than the hellos): the record lost a host the client
+// named.
+func TestRedecideQUICFourNames(t *testing.T) {
+	learnedB := netip.MustParseAddr("203.0.113.81") // DNS gave it out for b.allowed.test
+	cli := netip.MustParseAddr("192.0.2.97")
+	const cport = 47621
+	names := []string{"x.unlisted.test", "a.allowed.test", "c.allowed.test", "d.allowed.test"}
+	each := func(p *pcapWriter, s int) {
+		if s == 0 {
+			for i, n := range names {
+				p.udp(true, cli, learnedB, cport, 443, clientInitialV(t, quicV1, []byte{byte(i + 1), 2, 3, 4}, nil, 0, 0, handHello(sniExt(n))[5:]))
+			}
+		}
+		p.udp(true, cli, learnedB, cport, 443, append([]byte{0x40}, make([]byte, 40)...))
+		p.udp(false, learnedB, cli, 443, cport, append([]byte{0x40}, make([]byte, 40)...))
+	}
+	others := udpRule("a") + udpRule("c") + udpRule("d")
+	rec, _ := reloadRunEach(t, fmt.Sprintf(ntpPolicy, policy.ModeAudit, udpRule("b")+others), factsMap{learnedB: {"b.allowed.test"}}, 40*time.Second,
+		each, redecideTo(t, policy.ModeAudit, others))
+	ev := lastFlowEvent(rec, cport)
+	if ev.Verdict != policy.Deny || ev.Name != "b.allowed.test" || !slices.Equal(ev.OtherNames, names) {
+		t.Errorf("last event %s %s %q others %q; want a would-be deny under b.allowed.test, others %q (events %q)",
+			ev.Verdict, ev.Reason, ev.Name, ev.OtherNames, names, flowEvents(rec, cport))
+	}
+	// The log keeps them.
+	ev.Bound()
+	if !slices.Equal(ev.OtherNames, names) {
+		t.Errorf("bounded: others %q, want %q", ev.OtherNames, names)
 	}
 }
