@@ -259,70 +259,125 @@ func (s *Server) gate(q *query, e *entry, now int64) {
 	if !s.needsGate(e, q.eng, q.dec, q.client.Addr(), q.mac, q.start) {
 		return
 	}
-	client := q.client.Addr().Unmap()
-	rules, other := s.gateRules(q.eng, client, q.mac, e.name, q.start, q.dec.RuleIndex, nil)
-	all := q.eng.Rules()
-	old := e.gate.Load()
-	if old != nil && old.eng != q.eng {
-		old = nil
+	p := s.planGate(q, e, now)
+	if len(p.ls) == 0 {
+		return
 	}
-	clock := s.now().UnixNano()
-	ls := make([]Learned, 0, len(e.addrs)*len(rules))
-	ask := make([]Learned, 0, len(e.addrs)*len(rules))
-	// The refusals remembered and not asked again: each for its own
-	// interval, renewed only by asking (a hit of another rule's client
-	// must not keep this rule's from an address that fits now).
-	var refused []refusal
-	for _, r := range rules {
-		held := old != nil && slices.Contains(old.rules, r)
+	err := s.learnAsked(q.eng, p.ask)
+	why := p.why(err)
+	asked, only := refusals(err)
+	p.stamp(asked, why, s.fullRecheck)
+	refused := append(p.refused, asked...)
+	if s.markGate(q.eng, e, p, asked, err, only) {
+		why = "timeout"
+	}
+	if len(refused) == 0 && err == nil {
+		return
+	}
+	s.reportGate(q, p, refused, why, err, only, len(asked) > 0)
+}
+
+// gatePlan is what gate hands the firewall for one answer, and what it
+// does not ask again (planGate).
+type gatePlan struct {
+	rules []int // the rules that need the addresses (gateRules)
+	other bool  // some rule that lets the client resolve the name needs none
+	// old is the entry's mark under the query's engine (nil: none, or
+	// one under another engine).
+	old   *gateMark
+	clock int64 // the server's clock (unix ns): refusals' until
+	// ls are the answer's live addresses for each of rules; ask those of
+	// them the firewall is asked for: all of a rule old does not hold,
+	// and the refusals of old whose interval is over.
+	ls, ask []Learned
+	// refused are the refusals remembered and not asked again: each for
+	// its own interval, renewed only by asking (a hit of another rule's
+	// client must not keep this rule's from an address that fits now).
+	refused []refusal
+}
+
+// planGate works out, for an answer that needsGate, which addresses each
+// rule needs and which of them the firewall must be asked for.
+func (s *Server) planGate(q *query, e *entry, now int64) gatePlan {
+	client := q.client.Addr().Unmap()
+	var p gatePlan
+	p.rules, p.other = s.gateRules(q.eng, client, q.mac, e.name, q.start, q.dec.RuleIndex, nil)
+	all := q.eng.Rules()
+	p.old = e.gate.Load()
+	if p.old != nil && p.old.eng != q.eng {
+		p.old = nil
+	}
+	p.clock = s.now().UnixNano()
+	p.ls = make([]Learned, 0, len(e.addrs)*len(p.rules))
+	p.ask = make([]Learned, 0, len(e.addrs)*len(p.rules))
+	for _, r := range p.rules {
+		held := p.old != nil && slices.Contains(p.old.rules, r)
 		for _, a := range e.addrs {
-			if a.expires > now {
-				l := Learned{Client: client, ClientMAC: q.mac, Name: e.name, Addr: a.addr, Rule: all[r].Name,
-					Expires: time.Unix(0, a.expires).Add(time.Second)}
-				ls = append(ls, l)
-				if !held {
-					ask = append(ask, l)
-				} else if f, ok := old.refusal(l.Rule, l.Addr.Unmap()); ok {
-					if clock >= f.until {
-						ask = append(ask, l)
-					} else {
-						refused = append(refused, f)
-					}
+			if a.expires <= now {
+				continue
+			}
+			l := Learned{Client: client, ClientMAC: q.mac, Name: e.name, Addr: a.addr, Rule: all[r].Name,
+				Expires: time.Unix(0, a.expires).Add(time.Second)}
+			p.ls = append(p.ls, l)
+			if !held {
+				p.ask = append(p.ask, l)
+			} else if f, ok := p.old.refusal(l.Rule, l.Addr.Unmap()); ok {
+				if p.clock >= f.until {
+					p.ask = append(p.ask, l)
+				} else {
+					p.refused = append(p.refused, f)
 				}
 			}
 		}
 	}
-	if len(ls) == 0 {
-		return
+	return p
+}
+
+// learnAsked asks the firewall to learn ask (nothing when it is empty),
+// waiting at most LearnTimeout, and observes how long it took.
+func (s *Server) learnAsked(eng *policy.Engine, ask []Learned) error {
+	if len(ask) == 0 {
+		return nil
 	}
-	var err error
-	if len(ask) > 0 {
-		start := time.Now()
-		ctx, cancel := context.WithTimeout(s.baseCtx, s.cfg.LearnTimeout)
-		err = s.fw.Learn(ctx, q.eng, ask)
-		cancel()
-		s.m.learnDuration.Observe(time.Since(start).Seconds())
-	}
-	why := ""
-	if len(refused) > 0 {
-		why = refused[0].why
-	}
+	start := time.Now()
+	ctx, cancel := context.WithTimeout(s.baseCtx, s.cfg.LearnTimeout)
+	err := s.fw.Learn(ctx, eng, ask)
+	cancel()
+	s.m.learnDuration.Observe(time.Since(start).Seconds())
+	return err
+}
+
+// why is the firewall's error the query's line gives: err's, or else the
+// first remembered refusal's ("" when there is neither).
+func (p *gatePlan) why(err error) string {
 	if err != nil {
-		why = err.Error()
+		return err.Error()
 	}
-	asked, only := refusals(err)
+	if len(p.refused) > 0 {
+		return p.refused[0].why
+	}
+	return ""
+}
+
+// stamp gives the refusals the firewall just made their interval and
+// error: remembered for recheck, a Provisional one not at all (judged
+// with another ruleset than the query's, a reload: the next hit asks
+// again).
+func (p *gatePlan) stamp(asked []refusal, why string, recheck time.Duration) {
 	for i := range asked {
-		asked[i].until, asked[i].why = clock+int64(s.fullRecheck), why
+		asked[i].until, asked[i].why = p.clock+int64(recheck), why
 		if asked[i].prov {
-			// Judged with another ruleset than q.eng's (a reload):
-			// the next hit asks again.
-			asked[i].until = clock
+			asked[i].until = p.clock
 		}
 	}
-	fresh := len(asked) > 0
-	refused = append(refused, asked...)
+}
+
+// markGate counts the firewall's answer to p.ask and, when it took them
+// (err nil, or full sets' refusals only), stores the entry's new mark. It
+// reports whether the firewall timed out.
+func (s *Server) markGate(eng *policy.Engine, e *entry, p gatePlan, asked []refusal, err error, only bool) (timeout bool) {
 	switch {
-	case len(ask) == 0:
+	case len(p.ask) == 0:
 		// All remembered: nothing asked, the mark stays.
 	case err == nil || only:
 		if err == nil {
@@ -330,40 +385,51 @@ func (s *Server) gate(q *query, e *entry, now int64) {
 		} else {
 			s.m.learnError.Inc()
 		}
-		// Keep what an earlier mark under this engine held too: clients
-		// of other groups may need other rules, and their refusals (as
-		// they were: not asked again, not renewed).
-		held, kept := slices.Clone(rules), slices.Clone(asked)
-		if old != nil {
-			for _, r := range old.rules {
-				if !slices.Contains(held, r) {
-					held = append(held, r)
-				}
-			}
-			for _, f := range old.refused {
-				if !slices.ContainsFunc(ask, func(l Learned) bool { return l.Rule == f.rule && l.Addr.Unmap() == f.addr }) {
-					kept = append(kept, f)
-				}
-			}
-		}
-		e.gate.Store(&gateMark{eng: q.eng, rules: held, refused: kept})
+		e.gate.Store(p.mark(eng, asked))
 	case errors.Is(err, context.DeadlineExceeded):
 		s.m.learnTimeout.Inc()
-		why = "timeout"
+		return true
 	default:
 		s.m.learnError.Inc()
 	}
-	if len(refused) == 0 && err == nil {
-		return
+	return false
+}
+
+// mark is the entry's mark once the firewall took p.ask, refusing asked:
+// it keeps what an earlier mark under this engine held too, as clients of
+// other groups may need other rules, and their refusals (as they were:
+// not asked again, not renewed).
+func (p *gatePlan) mark(eng *policy.Engine, asked []refusal) *gateMark {
+	held, kept := slices.Clone(p.rules), slices.Clone(asked)
+	if p.old != nil {
+		for _, r := range p.old.rules {
+			if !slices.Contains(held, r) {
+				held = append(held, r)
+			}
+		}
+		for _, f := range p.old.refused {
+			if !slices.ContainsFunc(p.ask, func(l Learned) bool { return l.Rule == f.rule && l.Addr.Unmap() == f.addr }) {
+				kept = append(kept, f)
+			}
+		}
 	}
+	return &gateMark{eng: eng, rules: held, refused: kept}
+}
+
+// reportGate puts on q what the firewall's answer means for the query's
+// line and answer: why (fwErr), whether a full set's refusal is a
+// warning (quietFull; fresh: the firewall made one just now) and, in
+// enforce mode when no other rule's path covers the name, the addresses
+// withheld (withhold).
+func (s *Server) reportGate(q *query, p gatePlan, refused []refusal, why string, err error, only, fresh bool) {
 	q.fwErr = why
 	if len(refused) > 0 && (err == nil || only) {
-		q.quietFull = !s.warnFull(refused, clock, fresh)
+		q.quietFull = !s.warnFull(refused, p.clock, fresh)
 	}
 	// A timeout too: the firewall's error joins the refusals it made
 	// before waiting on the addresses it was still writing.
-	if !other && q.dec.Mode == policy.ModeEnforce {
-		s.withhold(q, ls, rules, refused)
+	if !p.other && q.dec.Mode == policy.ModeEnforce {
+		s.withhold(q, p.ls, p.rules, refused)
 	}
 }
 
