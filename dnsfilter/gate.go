@@ -424,7 +424,7 @@ func (p *gatePlan) mark(eng *policy.Engine, asked []refusal) *gateMark {
 func (s *Server) reportGate(q *query, p gatePlan, refused []refusal, why string, err error, only, fresh bool) {
 	q.fwErr = why
 	if len(refused) > 0 && (err == nil || only) {
-		q.quietFull = !s.warnFull(refused, p.clock, fresh)
+		q.quietFull = !s.warnFull(q.eng, refused, p.clock, fresh)
 	}
 	// A timeout too: the firewall's error joins the refusals it made
 	// before waiting on the addresses it was still writing.
@@ -461,12 +461,22 @@ func refusals(err error) (out []refusal, only bool) {
 
 // warnFull reports whether the line of a query whose answer full sets
 // refused is a warning: the first for one of the sets in fullRecheck,
-// counted from a refusal the firewall made (fresh), not one remembered.
-func (s *Server) warnFull(refused []refusal, now int64, fresh bool) bool {
+// counted from a refusal the firewall made (fresh), not one remembered,
+// and the first under a new running policy: a reload asks the firewall
+// everything again (gate), and forgets the sets warned of, so that the
+// map holds those of the running policy's rules, two sets a rule (and
+// those of queries still decided under the last one), whatever the
+// reloads before named (TestSetFullWarnedReload). eng is the policy the
+// query was decided under.
+func (s *Server) warnFull(eng *policy.Engine, refused []refusal, now int64, fresh bool) bool {
 	s.fullMu.Lock()
 	defer s.fullMu.Unlock()
 	if s.fullWarned == nil {
 		s.fullWarned = map[string]int64{}
+	}
+	if eng != s.fullEng && eng == s.pol.Load() {
+		clear(s.fullWarned)
+		s.fullEng = eng
 	}
 	warn := false
 	for _, f := range refused {
@@ -480,9 +490,9 @@ func (s *Server) warnFull(refused []refusal, now int64, fresh bool) bool {
 		}
 	}
 	// Forget the sets not warned of in a while, once there are many: the
-	// keys are the firewall's rule/set pairs (two sets a rule), so the
-	// map holds at most 64 or the sets that refused in the last
-	// interval, whatever names clients ask.
+	// keys are the firewall's rule/set pairs (two sets a rule), so past a
+	// reload's clear the map holds at most 64 or the sets that refused
+	// in the last interval, whatever names clients ask.
 	if len(s.fullWarned) > 64 {
 		for k, last := range s.fullWarned {
 			if now-last >= int64(s.fullRecheck) {

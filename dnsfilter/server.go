@@ -124,6 +124,7 @@ type Server struct {
 	fullRecheck time.Duration
 	fullMu      sync.Mutex
 	fullWarned  map[string]int64 // "rule/set": when its refusal was last a warning (unix ns)
+	fullEng     *policy.Engine   // the running policy fullWarned is of (warnFull)
 	// tcpWrap, set by tests before Run, wraps each TCP listener as it
 	// is opened (the server serves and closes what it returns); nil:
 	// none.

@@ -5,6 +5,7 @@ import (
 	"errors"
 	"fmt"
 	"log/slog"
+	"maps"
 	"net"
 	"net/netip"
 	"slices"
@@ -838,5 +839,56 @@ func TestSetFullProvisionalNotRemembered(t *testing.T) {
 				t.Errorf("provisional %v, #%d: the firewall asked %d times, want %d", other, i, n, want)
 			}
 		}
+	}
+}
+
+// TestSetFullWarnedReload: the sets whose refusals were warned of
+// (Server.fullWarned) are the running policy's: a reload forgets the
+// others, so that the map holds at most two sets a rule whatever the
+// reloads before named, and the first refusal of a set after a reload is
+// a warning again, as the reload asks the firewall everything again.
+// Before, the map was pruned only past 64 sets: each reload that renamed
+// a rule left its sets in it, and a reload kept a set's refusals quiet.
+func TestSetFullWarnedReload(t *testing.T) {
+	const reloads = 10
+	fw := &fullFirewall{full: map[string][]netip.Addr{}, enforced: true}
+	for i := range reloads {
+		name := fmt.Sprintf("ntp%d", i)
+		fw.wants = append(fw.wants, name)
+		fw.full[name] = addrs("192.0.2.22")
+	}
+	logs := &syncBuffer{}
+	s := startSetFull(t, fw, logs, time.Hour)
+	addr := s.Addrs()[0].String()
+	reload := func(i int) {
+		t.Helper()
+		eng, err := policy.Compile("p", []byte(strings.ReplaceAll(setFullPolicy, "name: ntp", fmt.Sprintf("name: ntp%d", i))))
+		if err != nil {
+			t.Fatal(err)
+		}
+		s.pol.Swap(eng)
+		if r := ask(t, "udp", addr, "one.full.test.", dns.TypeA, false); r.Rcode != dns.RcodeServerFailure {
+			t.Errorf("reload %d: one.full.test: %s %v, want SERVFAIL", i, dns.RcodeToString[r.Rcode], answerAddrs(r))
+		}
+	}
+	for i := range reloads {
+		reload(i)
+	}
+	reload(reloads - 1) // the same policy again: a reload all the same
+	s.fullMu.Lock()
+	warned := slices.Sorted(maps.Keys(s.fullWarned))
+	s.fullMu.Unlock()
+	if rules := len(s.pol.Load().Rules()); len(warned) > 2*rules {
+		t.Errorf("%d sets remembered as warned of after %d reloads, want at most %d (two a rule): %v", len(warned), reloads+1, 2*rules, warned)
+	}
+	waitFor(t, func() bool { return len(nameLines(logs, "one.full.test")) >= reloads+1 })
+	warn := 0
+	for _, l := range nameLines(logs, "one.full.test") {
+		if strings.Contains(l, `"level":"WARN"`) {
+			warn++
+		}
+	}
+	if warn != reloads+1 {
+		t.Errorf("%d warnings for %d refusals each the first after a reload, want %d\n%s", warn, reloads+1, reloads+1, logs.String())
 	}
 }
