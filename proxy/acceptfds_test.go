@@ -112,7 +112,9 @@ func serveOutOfFDs(t *testing.T, serve func(*Proxy, net.Listener) error) []strin
 // TestExplicitRetiredPauseEnds); its address, given again at once once
 // the descriptors are back, is listened on and answered; the old one
 // ends as a retired listener (no "accept failed" reopening of its own,
-// no server kept), and Run ends clean. Loopback only.
+// no server kept, and its "accept failing" line's time forgotten: the map
+// kept one for every address that ever ran out of descriptors), and Run
+// ends clean. Loopback only.
 func TestExplicitRetiredOutOfFDs(t *testing.T) {
 	p, logs := loggedExplicitProxy(t)
 	cancel, ran := runReady(t, p)
@@ -169,6 +171,12 @@ func TestExplicitRetiredOutOfFDs(t *testing.T) {
 	}
 	if s := logs(); strings.Contains(s, "accept on "+addr+" failed") {
 		t.Errorf("a retired listener was taken for a failed one:\n%s", s)
+	}
+	p.limMu.Lock()
+	_, kept := p.lastWarn[acceptScope("explicit", addr)]
+	p.limMu.Unlock()
+	if kept {
+		t.Errorf("the retired listener on %s is still in the accept-failing warnings' map: one entry kept for every address that ever ran out of descriptors", addr)
 	}
 	endRun(t, cancel, ran)
 }

@@ -178,6 +178,7 @@ func (p *Proxy) ServeExplicit(ln net.Listener) error {
 	p.explicitMu.Lock()
 	delete(p.retryLns, ln)
 	p.explicitMu.Unlock()
+	p.forgetAcceptFailing("explicit", ln) // no accept on ln calls it again
 	if errors.Is(err, http.ErrServerClosed) {
 		return nil
 	}

@@ -585,7 +585,7 @@ func (p *Proxy) acquireDevice(client netip.Addr) (dev string, ok bool) {
 // and left the others' failures unsaid (TestAcceptFailingNamesListener).
 func (p *Proxy) acceptFailing(kind string, ln net.Listener, err error) {
 	addr := ln.Addr().String()
-	scope := "accept " + kind + " " + addr
+	scope := acceptScope(kind, addr)
 	p.limMu.Lock()
 	now := time.Now()
 	warn := now.Sub(p.lastWarn[scope]) >= 10*time.Second
@@ -596,6 +596,21 @@ func (p *Proxy) acceptFailing(kind string, ln net.Listener, err error) {
 	if warn {
 		p.log.Warn("proxy: accept failing: retrying", "kind", kind, "listen", addr, audit.LogError, audit.ErrorText(err))
 	}
+}
+
+// acceptScope is the key of acceptFailing's lines for the listener of
+// kind on addr in lastWarn.
+func acceptScope(kind, addr string) string { return "accept " + kind + " " + addr }
+
+// forgetAcceptFailing forgets when accepting on ln, a listener of kind,
+// was last said to fail (acceptFailing), once ln is served no more:
+// lastWarn kept an entry for every explicit address that ever ran out of
+// descriptors, retired or not (TestExplicitRetiredOutOfFDs). A listener
+// opened on the address again says so again at its first failure.
+func (p *Proxy) forgetAcceptFailing(kind string, ln net.Listener) {
+	p.limMu.Lock()
+	delete(p.lastWarn, acceptScope(kind, ln.Addr().String()))
+	p.limMu.Unlock()
 }
 
 func (p *Proxy) release(client netip.Addr) {
