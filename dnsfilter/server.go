@@ -274,15 +274,7 @@ func (s *Server) Run(ctx context.Context) error {
 		g.Go(func() error { return s.readUDP(c) })
 	}
 	for _, srv := range s.tcpSrv {
-		g.Go(func() error {
-			err := srv.ActivateAndServe()
-			if s.closing.Load() || s.isDone() {
-				// Close closes done before shutdown sets closing: an
-				// accept's pause ends (net.ErrClosed) in between.
-				return nil
-			}
-			return fmt.Errorf("dnsfilter: tcp: %w", err)
-		})
+		g.Go(func() error { return s.tcpServed(srv.ActivateAndServe()) })
 	}
 	s.mu.Unlock()
 	g.Go(func() error {
@@ -329,6 +321,18 @@ func (s *Server) Close() error {
 		s.shutdown()
 	}
 	return nil
+}
+
+// tcpServed is what Run's TCP server ends with, its ActivateAndServe
+// having returned err: nil once the server is stopping, else err. Close
+// closes done before Run's shutdown sets closing: an accept's pause ends
+// (net.ErrClosed) in between, and is a clean stop too
+// (TestTCPServedAfterClose).
+func (s *Server) tcpServed(err error) error {
+	if s.closing.Load() || s.isDone() {
+		return nil
+	}
+	return fmt.Errorf("dnsfilter: tcp: %w", err)
 }
 
 // isDone reports whether done is closed: Close or shutdown began.

@@ -2,6 +2,7 @@ package dnsfilter
 
 import (
 	"context"
+	"errors"
 	"fmt"
 	"log/slog"
 	"net"
@@ -248,4 +249,31 @@ func (l *countingListener) Close() error {
 		l.closed.Store(true)
 	})
 	return l.Listener.Close()
+}
+
+// TestTCPServedAfterClose: a TCP server's end between Close and Run's
+// shutdown (done closed, closing not yet set: an accept's pause ended by
+// done, net.ErrClosed) is a clean stop, not Run's error; an end while
+// the server runs on is one. Run's own goroutines leave that gap to the
+// scheduler, so the server here is marked running, as Run marks it, and
+// is not run.
+func TestTCPServedAfterClose(t *testing.T) {
+	s, err := New(Config{Listen: []string{"127.0.0.1:0"}, ClientRate: -1}, Deps{Policy: compile(t, gatePolicy)})
+	if err != nil {
+		t.Fatal(err)
+	}
+	defer s.shutdown()
+	if err := s.tcpServed(net.ErrClosed); !errors.Is(err, net.ErrClosed) {
+		t.Errorf("ended while running: %v, want net.ErrClosed", err)
+	}
+	s.mu.Lock()
+	s.running = true // Close leaves the shutdown to Run
+	s.mu.Unlock()
+	s.Close()
+	if s.closing.Load() {
+		t.Fatal("closing set by Close of a running server: the gap is not there to test")
+	}
+	if err := s.tcpServed(net.ErrClosed); err != nil {
+		t.Errorf("ended after Close, before shutdown: %v, want nil (a clean stop)", err)
+	}
 }
