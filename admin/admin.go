@@ -416,18 +416,24 @@ func (s *Server) Run(ctx context.Context) error {
 	s.mu.Unlock()
 	stop := context.AfterFunc(ctx, func() { s.Close() })
 	defer stop()
-	// The wrapper waits out EMFILE and the like with a pause that Close
-	// (Shutdown closes it) and ctx end, and one log line every 10 s, as
-	// egressd run's admin listener: http.Server would sleep up to a
-	// second through Close and write each retry to stderr
-	// (TestRunOutOfFDs).
-	rl := netutil.NewRetryListener(ln, ctx.Done(), func(err error) {
-		s.log.Warn("admin: accept failing: retrying", "listen", ln.Addr().String(), audit.LogError, audit.ErrorText(err))
-	})
-	if err := srv.Serve(rl); err != nil && !errors.Is(err, http.ErrServerClosed) {
+	// Close (Shutdown closes the listener) and ctx end the wrapper's
+	// pause (TestRunOutOfFDs).
+	if err := srv.Serve(RetryListener(ln, ctx.Done(), s.log)); err != nil && !errors.Is(err, http.ErrServerClosed) {
 		return fmt.Errorf("admin: serve: %w", err)
 	}
 	return nil
+}
+
+// RetryListener wraps ln, an admin listener, for an http.Server: it waits
+// out EMFILE and the like with a pause that stop and the listener's close
+// end, and logs to log one line every 10 s at most (admin: accept
+// failing: retrying). http.Server would sleep up to a second through a
+// Shutdown and write each retry to stderr. Run serves with it, and so
+// does egressd run's admin listener.
+func RetryListener(ln net.Listener, stop <-chan struct{}, log *slog.Logger) net.Listener {
+	return netutil.NewRetryListener(ln, stop, func(err error) {
+		log.Warn("admin: accept failing: retrying", "listen", ln.Addr().String(), audit.LogError, audit.ErrorText(err))
+	})
 }
 
 // Close stops the server, letting requests in flight finish for up to

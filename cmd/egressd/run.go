@@ -1723,12 +1723,8 @@ func (d *daemon) serveAdmin(ctx context.Context, wg *sync.WaitGroup) (string, er
 		})
 		defer stop()
 		// The wrapper waits out EMFILE and the like with a pause
-		// that Shutdown ends, and one log line every 10 s: http.Server
-		// would sleep up to a second through Shutdown and write each
-		// retry to stderr (TestFDExhaustion).
-		err := hs.Serve(netutil.NewRetryListener(ln, ctx.Done(), func(err error) {
-			d.log.Warn("admin: accept failing: retrying", "listen", ln.Addr().String(), audit.LogError, audit.ErrorText(err))
-		}))
+		// that Shutdown ends (TestFDExhaustion).
+		err := hs.Serve(admin.RetryListener(ln, ctx.Done(), d.log))
 		if ctx.Err() == nil && !errors.Is(err, http.ErrServerClosed) {
 			// An accept error the wrapper does not wait out ends the
 			// admin listener; the rest of egressd runs on.
