@@ -3,12 +3,12 @@ package admin
 import (
 	"context"
 	"errors"
-	"net/http"
 	"net/http/httptest"
 	"testing"
 	"time"
 
 	"egressd/audit"
+	"egressd/internal/testnet"
 )
 
 // leavingReporter is the real ledger, asked through a report that waits
@@ -34,23 +34,11 @@ func (r *leavingReporter) ReportContext(ctx context.Context, opt audit.ReportOpt
 // leave (cancel: the client closes its connection) and the request's
 // error, once it ended (nil: it was answered). Its client gives up after
 // a minute, so that a test that is wrong fails rather than hangs.
-func askLeaving(t *testing.T, url string) (cancel context.CancelFunc, got chan error) {
+func askLeaving(t *testing.T, url string) (cancel context.CancelFunc, got <-chan error) {
 	t.Helper()
 	ctx, cancel := context.WithCancel(context.Background())
 	t.Cleanup(cancel)
-	req, err := http.NewRequestWithContext(ctx, "GET", url, nil)
-	if err != nil {
-		t.Fatal(err)
-	}
-	got = make(chan error, 1)
-	go func() {
-		resp, err := (&http.Client{Timeout: time.Minute}).Do(req)
-		if err == nil {
-			resp.Body.Close()
-		}
-		got <- err
-	}()
-	return cancel, got
+	return cancel, testnet.Get(ctx, url)
 }
 
 // TestReportGivesUpWhenClientLeaves: the report handlers ask for the

@@ -5,7 +5,6 @@ import (
 	"errors"
 	"fmt"
 	"log/slog"
-	"net/http"
 	"net/http/httptest"
 	"net/netip"
 	"os"
@@ -16,6 +15,7 @@ import (
 
 	"egressd/admin"
 	"egressd/audit"
+	"egressd/internal/testnet"
 	"egressd/policy"
 )
 
@@ -80,18 +80,7 @@ func TestWindowReadStopsWhenClientLeaves(t *testing.T) {
 	}
 	ts := httptest.NewServer(s.Handler())
 	ctx, cancel := context.WithCancel(context.Background())
-	req, err := http.NewRequestWithContext(ctx, "GET", ts.URL+"/report.json?since=7d", nil)
-	if err != nil {
-		t.Fatal(err)
-	}
-	got := make(chan error, 1)
-	go func() {
-		resp, err := http.DefaultClient.Do(req)
-		if err == nil {
-			resp.Body.Close()
-		}
-		got <- err
-	}()
+	got := testnet.Get(ctx, ts.URL+"/report.json?since=7d")
 	select {
 	case <-held:
 	case err := <-got:
