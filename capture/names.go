@@ -43,10 +43,14 @@ type ClientMACs interface {
 }
 
 // DNSGrant is one answer of egressd's DNS forwarder: Client was given an
-// address for Name (normalised).
+// address for Name (normalised). Since, when set, is when the firewall
+// began to hold the address for it: a flow whose first packet came
+// before was not let out by it (enforce mode dropped it), and capture
+// does not credit it to the answer. Zero: held since before any flow.
 type DNSGrant struct {
 	Client netip.Addr
 	Name   string
+	Since  time.Time
 }
 
 // learned is capture's own table of names learned from DNS answers seen on
@@ -73,6 +77,10 @@ type learnedName struct {
 	// egressd's forwarder given this answer: policy.LearnedLifetime of
 	// its TTL.
 	fwExpires time.Time
+	// seen is when the answer was first seen, or again after the
+	// firewall's hold (fwExpires) of an earlier one had ended: a flow
+	// whose first packet came before it was not let out by it.
+	seen time.Time
 }
 
 // nameAnswer is what answers for one name gave out, to any client: the
@@ -135,7 +143,7 @@ func (l *learned) add(client, addr netip.Addr, name string, now time.Time, ttl t
 	}
 	na.add(addr, now.Add(ttl))
 	// Move or insert name at the front.
-	nn := learnedName{name: name, client: client, expires: now.Add(ttl), fwExpires: fwExp}
+	nn := learnedName{name: name, client: client, expires: now.Add(ttl), fwExpires: fwExp, seen: now}
 	j := 0
 	for ; j < e.n; j++ {
 		if e.names[j].name == name && e.names[j].client == client {
@@ -150,6 +158,9 @@ func (l *learned) add(client, addr netip.Addr, name string, now time.Time, ttl t
 	} else {
 		// The firewall never shortens an address's time in its set.
 		nn.fwExpires = maxTime(nn.fwExpires, e.names[j].fwExpires)
+		if !now.After(e.names[j].fwExpires) {
+			nn.seen = e.names[j].seen // the same hold
+		}
 	}
 	copy(e.names[1:j+1], e.names[:j])
 	e.names[0] = nn
@@ -176,9 +187,9 @@ func (l *learned) namesFor(client, addr netip.Addr, now time.Time, out []string)
 	return out
 }
 
-// given appends to out the live answers that gave addr out, with the
-// client that asked: until their TTL as the firewall keeps them (fw), or
-// else as long as namesFor keeps them.
+// given appends to out the answers that gave addr out, with the client
+// that asked, live at now: seen by then, and until their TTL as the
+// firewall keeps them (fw), or else as long as namesFor keeps them.
 func (l *learned) given(addr netip.Addr, now time.Time, fw bool, out []DNSGrant) []DNSGrant {
 	l.mu.Lock()
 	defer l.mu.Unlock()
@@ -191,7 +202,7 @@ func (l *learned) given(addr netip.Addr, now time.Time, fw bool, out []DNSGrant)
 		if fw {
 			exp = n.fwExpires
 		}
-		if !now.After(exp) {
+		if !now.After(exp) && !n.seen.After(now) {
 			out = append(out, DNSGrant{Client: n.client, Name: n.name})
 		}
 	}

@@ -3160,7 +3160,13 @@ func (p *proc) decideForwarded(eng *policy.Engine, in policy.Input, name string,
 	p.grants = p.grants[:0]
 	n := 0
 	if p.c.deps.DNS != nil {
-		p.grants = append(p.grants, p.c.deps.DNS.Given(in.Dest)...)
+		for _, g := range p.c.deps.DNS.Given(in.Dest) {
+			// An answer given after the flow's first packet did not
+			// let it out: nftables had dropped it by then.
+			if g.Since.IsZero() || at.IsZero() || !g.Since.After(at) {
+				p.grants = append(p.grants, g)
+			}
+		}
 		n = len(p.grants)
 	}
 	p.grants = p.c.learned.given(in.Dest, at, p.decideAt.IsZero(), p.grants)

@@ -26,6 +26,13 @@ type Learned struct {
 	// mode answers every name, and the table keeps those answers too).
 	Rule    string
 	Expires time.Time
+	// Since is when the enforce firewall's hold of the address for this
+	// client and name began (Table.Held): its first learn, or the first
+	// after an earlier hold had ended; zero when it is not known (an
+	// entry restored from the state directory, held since before this
+	// process). A flow whose first packet came before it was not let out
+	// by this answer. Learn ignores it.
+	Since time.Time
 }
 
 // Table is the learned-address table: for every allowed answer, and in
@@ -107,6 +114,9 @@ type tableItem struct {
 	// (policy.LearnedLifetime from each learn, never shortened); the item
 	// is kept until both times are past.
 	held int64
+	// since is when the current hold began (Learned.Since): 0 when not
+	// known (restored).
+	since int64
 }
 
 // keep is when the item may go: its answer expired and the firewall would
@@ -237,7 +247,11 @@ func (t *Table) live(addr netip.Addr, held bool) []Learned {
 			exp = it.held
 		}
 		if exp > now {
-			out = append(out, Learned{Client: it.client, Name: it.name, Addr: addr, Rule: it.rule, Expires: time.Unix(0, exp)})
+			l := Learned{Client: it.client, Name: it.name, Addr: addr, Rule: it.rule, Expires: time.Unix(0, exp)}
+			if held && it.since != 0 {
+				l.Since = time.Unix(0, it.since)
+			}
+			out = append(out, l)
 		}
 	}
 	return out
@@ -498,6 +512,10 @@ func (t *Table) Learn(l Learned) {
 			}
 			sh.norule += noRule(l.Rule) - noRule(items[i].rule)
 			keep, was := items[i].keep(), noRule(items[i].rule)
+			if items[i].held <= now {
+				// The firewall let the address go meanwhile: a new hold.
+				items[i].since = now
+			}
 			items[i].expires, items[i].rule = exp, l.Rule
 			items[i].held = max(items[i].held, held)
 			if items[i].keep() != keep || noRule(l.Rule) > was {
@@ -509,7 +527,7 @@ func (t *Table) Learn(l Learned) {
 		}
 	}
 	if !found {
-		it := tableItem{client: l.Client, name: l.Name, rule: l.Rule, expires: exp, held: held}
+		it := tableItem{client: l.Client, name: l.Name, rule: l.Rule, expires: exp, held: held, since: now}
 		if len(items) >= maxPerAddr {
 			// Replace the pair of this address that goes first: the
 			// soonest-expiring pair of a client holding a quarter of

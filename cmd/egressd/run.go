@@ -2118,7 +2118,7 @@ func (c captureFacts) Given(addr netip.Addr) []capture.DNSGrant {
 	}
 	out := make([]capture.DNSGrant, len(ls))
 	for i, l := range ls {
-		out[i] = capture.DNSGrant{Client: l.Client, Name: l.Name}
+		out[i] = capture.DNSGrant{Client: l.Client, Name: l.Name, Since: l.Since}
 	}
 	return out
 }

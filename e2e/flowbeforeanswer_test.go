@@ -1,0 +1,73 @@
+package e2e
+
+import (
+	"context"
+	"net/netip"
+	"testing"
+	"time"
+)
+
+// TestFlowBeforeAnswerDropped: in enforce mode a device sends NTP to an
+// address it has not asked the gateway for (a cached address after its
+// answer expired, chrony at boot), gets no answer (the firewall's learned
+// set does not hold it), then asks DNS for the name within the 10 s
+// capture waits for a UDP flow's name. The report must count that first
+// flow as dropped, as the kernel dropped it, not as allowed by the ntp
+// rule under the name the later answer gave. Before, capture took the
+// forwarder's answers live when it decided the flow, not at its first
+// packet, and the dropped flow counted as an allowed ntp flow: a device
+// whose NTP failed looked fine in the report. The next flow, after the
+// answer, is allowed under ntp.
+func TestFlowBeforeAnswerDropped(t *testing.T) {
+	tp := newTopo(t)
+	d := newDaemon(t, tp, "enforce")
+	d.start()
+	t.Cleanup(func() {
+		if t.Failed() {
+			t.Logf("egressd output:\n%s", d.logs())
+			t.Logf("flows:\n%s", d.events())
+		}
+	})
+	ctx, cancel := context.WithTimeout(context.Background(), 2*time.Minute)
+	defer cancel()
+
+	const name, ip = "2.pool.ntp.org", "198.51.100.126"
+	addr := netip.MustParseAddr(ip)
+	if err := tp.ntpFrom(ctx, addr, time.Second); err == nil {
+		t.Fatalf("NTP to %s before any DNS answer for %s was answered; want it dropped", ip, name)
+	}
+	if got := tp.resolve4(t, ctx, name); got != addr {
+		t.Fatalf("%s resolved to %v, want %s", name, got, ip)
+	}
+	if err := tp.ntpFrom(ctx, addr, 2*time.Second); err != nil {
+		t.Fatalf("NTP to %s after the answer: %v", ip, err)
+	}
+
+	// Capture decides a UDP flow without a name 10 s after it began;
+	// the live report counts both flows once decided.
+	deadline := time.Now().Add(30 * time.Second)
+	for {
+		r := d.report()
+		var ntpFlows, dropped uint64
+		for _, ru := range r.Rules {
+			if ru.Name == "ntp" {
+				ntpFlows = ru.Flows
+			}
+		}
+		for _, dr := range r.Dropped {
+			if (dr.Dest == ip || dr.Dest == name) && dr.Port == 123 && dr.Proto == "udp" {
+				dropped = dr.Flows
+			}
+		}
+		if ntpFlows+dropped >= 2 {
+			if ntpFlows != 1 || dropped != 1 {
+				t.Fatalf("report: ntp rule %d flows, dropped %s:123/udp %d flows; want 1 and 1 (the flow before the answer was dropped by the firewall)", ntpFlows, ip, dropped)
+			}
+			return
+		}
+		if time.Now().After(deadline) {
+			t.Fatalf("report after 30s: ntp rule %d flows, dropped %d; want both flows counted", ntpFlows, dropped)
+		}
+		time.Sleep(500 * time.Millisecond)
+	}
+}
