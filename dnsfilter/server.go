@@ -145,12 +145,13 @@ func New(cfg Config, deps Deps) (*Server, error) {
 		return nil, errors.New("dnsfilter: no policy")
 	}
 	cfg = cfg.withDefaults()
-	ups := cfg.Upstreams
+	ups, from := cfg.Upstreams, ""
 	if len(ups) == 0 {
 		var err error
 		if ups, err = readResolvConf(cfg.ResolvConf); err != nil {
 			return nil, err
 		}
+		from = ", from " + cfg.ResolvConf + ","
 	}
 	s := &Server{
 		cfg:   cfg,
@@ -204,7 +205,7 @@ func New(cfg Config, deps Deps) (*Server, error) {
 			return nil, err
 		}
 		if loopsBack(ap, cfg.Listen) {
-			return nil, fmt.Errorf("dnsfilter: upstream %s is one of our own listen addresses (a forwarding loop)", ap)
+			return nil, fmt.Errorf("dnsfilter: upstream %s%s is one of our own listen addresses (%w)", ap, from, ErrUpstreamLoop)
 		}
 		u := newUpstream(ap, s.m, cfg.UDPSize)
 		u.mux.answers = s.sendAnswers
@@ -787,3 +788,7 @@ func loopsBack(up netip.AddrPort, listen []string) bool {
 	}
 	return false
 }
+
+// ErrUpstreamLoop is the error New returns (wrapped) when an upstream is
+// one of the forwarder's own listen addresses.
+var ErrUpstreamLoop = errors.New("a forwarding loop")

@@ -1,6 +1,7 @@
 package dnsfilter
 
 import (
+	"errors"
 	"fmt"
 	"net/netip"
 	"reflect"
@@ -191,6 +192,16 @@ func TestConfigValidate(t *testing.T) {
 	}
 	if _, err := New(Config{Upstreams: []string{"127.0.0.1"}}, Deps{Policy: compile(t, enforcePolicy)}); err == nil || !contains(err.Error(), "loop") {
 		t.Errorf("upstream 127.0.0.1:53 while listening on :53: %v", err)
+	}
+	// A gateway whose resolv.conf names a local stub (systemd-resolved's
+	// 127.0.0.53, a resolver egressd replaces): the error says where the
+	// upstream came from, and that it is a loop.
+	stub := dir + "/resolv-stub.conf"
+	if err := writeFile(stub, "nameserver 127.0.0.53\n"); err != nil {
+		t.Fatal(err)
+	}
+	if _, err := New(Config{ResolvConf: stub}, Deps{Policy: compile(t, enforcePolicy)}); err == nil || !contains(err.Error(), "loop") || !contains(err.Error(), "from "+stub) || !errors.Is(err, ErrUpstreamLoop) {
+		t.Errorf("upstream 127.0.0.53:53 from %s while listening on :53: %v; want a loop error naming the file", stub, err)
 	}
 	if _, err := New(Config{ResolvConf: dir + "/missing"}, Deps{Policy: compile(t, enforcePolicy)}); err == nil {
 		t.Errorf("missing resolv.conf accepted")

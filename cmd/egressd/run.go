@@ -1018,7 +1018,7 @@ func (d *daemon) run(ctx context.Context) error {
 		dnsDeps.MACs, dnsDeps.Devices = d.macs, d.macs
 	}
 	if d.dns, err = dnsfilter.New(dnsCfg, dnsDeps); err != nil {
-		d.degrade("dns", err.Error())
+		d.degrade("dns", dnsNotRunning(err))
 	}
 	// What the forwarder gave one address of a LAN device, it gave the
 	// device (lanFacts): the proxy and capture ask the same facts.
@@ -2103,6 +2103,16 @@ func (f lanFacts) NamesFor(client, addr netip.Addr) []string {
 		}
 	}
 	return names
+}
+
+// dnsNotRunning is the reason the forwarder did not start, err, with
+// what to do where the operator may not know: an upstream that loops back
+// (resolv.conf naming a local stub) is replaced with --upstream-dns.
+func dnsNotRunning(err error) string {
+	if errors.Is(err, dnsfilter.ErrUpstreamLoop) {
+		return err.Error() + "; give --upstream-dns the site's resolver"
+	}
+	return err.Error()
 }
 
 // captureFacts is dnsfilter's learned-address table as capture asks it.
