@@ -119,6 +119,19 @@ type tableItem struct {
 	since int64
 }
 
+// learned is the item as a Learned of addr: Expires is the answer's TTL,
+// or with held the firewall's hold, which Since then begins.
+func (it *tableItem) learned(addr netip.Addr, held bool) Learned {
+	l := Learned{Client: it.client, Name: it.name, Addr: addr, Rule: it.rule, Expires: time.Unix(0, it.expires)}
+	if held {
+		l.Expires = time.Unix(0, it.held)
+		if it.since != 0 {
+			l.Since = time.Unix(0, it.since)
+		}
+	}
+	return l
+}
+
 // keep is when the item may go: its answer expired and the firewall would
 // have let the address go.
 func (it *tableItem) keep() int64 { return max(it.expires, it.held) }
@@ -247,11 +260,7 @@ func (t *Table) live(addr netip.Addr, held bool) []Learned {
 			exp = it.held
 		}
 		if exp > now {
-			l := Learned{Client: it.client, Name: it.name, Addr: addr, Rule: it.rule, Expires: time.Unix(0, exp)}
-			if held && it.since != 0 {
-				l.Since = time.Unix(0, it.since)
-			}
-			out = append(out, l)
+			out = append(out, it.learned(addr, held))
 		}
 	}
 	return out
@@ -270,7 +279,7 @@ func (t *Table) HeldAll(dst []Learned) []Learned {
 		for addr, items := range sh.m {
 			for _, it := range items {
 				if it.held > now {
-					dst = append(dst, Learned{Client: it.client, Name: it.name, Addr: addr, Rule: it.rule, Expires: time.Unix(0, it.held)})
+					dst = append(dst, it.learned(addr, true))
 				}
 			}
 		}
