@@ -1018,7 +1018,7 @@ func (d *daemon) run(ctx context.Context) error {
 		dnsDeps.MACs, dnsDeps.Devices = d.macs, d.macs
 	}
 	if d.dns, err = dnsfilter.New(dnsCfg, dnsDeps); err != nil {
-		d.degrade("dns", dnsNotRunning(err))
+		d.degrade("dns", dnsNotRunning(err, err.Error()))
 	}
 	// What the forwarder gave one address of a LAN device, it gave the
 	// device (lanFacts): the proxy and capture ask the same facts.
@@ -1036,7 +1036,7 @@ func (d *daemon) run(ctx context.Context) error {
 		go func() {
 			defer wg.Done()
 			if err := d.dns.Run(ctx); err != nil && ctx.Err() == nil {
-				d.degrade("dns", listenCapHint(err, caps, "CAP_NET_BIND_SERVICE to listen on port 53 (or give --dns-listen a port above 1023)"))
+				d.degrade("dns", dnsNotRunning(err, listenCapHint(err, caps, "CAP_NET_BIND_SERVICE to listen on port 53 (or give --dns-listen a port above 1023)")))
 			}
 		}()
 	}
@@ -2105,14 +2105,19 @@ func (f lanFacts) NamesFor(client, addr netip.Addr) []string {
 	return names
 }
 
-// dnsNotRunning is the reason the forwarder did not start, err, with
-// what to do where the operator may not know: an upstream that loops back
-// (resolv.conf naming a local stub) is replaced with --upstream-dns.
-func dnsNotRunning(err error) string {
-	if errors.Is(err, dnsfilter.ErrUpstreamLoop) {
-		return err.Error() + "; give --upstream-dns the site's resolver"
+// dnsNotRunning is why, the reason the forwarder did not start (err),
+// with what to do where the operator may not know: an upstream that loops
+// back (resolv.conf naming a local stub) is replaced with --upstream-dns;
+// a port another resolver holds is freed, or left to it. The forwarder
+// does not try to listen again by itself.
+func dnsNotRunning(err error, why string) string {
+	switch {
+	case errors.Is(err, dnsfilter.ErrUpstreamLoop):
+		return why + "; give --upstream-dns the site's resolver"
+	case errors.Is(err, syscall.EADDRINUSE):
+		return why + "; another program holds the port (a resolver: systemd-resolved, dnsmasq, unbound): stop it, or give --dns-listen an address it leaves free (the LAN address), then start egressd again"
 	}
-	return err.Error()
+	return why
 }
 
 // captureFacts is dnsfilter's learned-address table as capture asks it.

@@ -1,10 +1,13 @@
 package main
 
 import (
+	"context"
+	"net"
 	"os"
 	"path/filepath"
 	"strings"
 	"testing"
+	"time"
 
 	"egressd/dnsfilter"
 	"egressd/policy"
@@ -36,10 +39,55 @@ func TestDNSLoopSaysWhatToDo(t *testing.T) {
 	if err == nil {
 		t.Fatal("dnsfilter.New accepted an upstream on its own listen address")
 	}
-	msg := dnsNotRunning(err)
+	msg := dnsNotRunning(err, err.Error())
 	for _, want := range []string{"127.0.0.53:53", rc, "forwarding loop", "--upstream-dns"} {
 		if !strings.Contains(msg, want) {
 			t.Errorf("%q does not say %q", msg, want)
+		}
+	}
+}
+
+// TestRunDNSPortTaken: on a gateway where another resolver already holds
+// the DNS port (systemd-resolved on 127.0.0.53:53, a dnsmasq or unbound
+// egressd is to replace), the forwarder's NOT RUNNING line says that
+// another program holds the port and what to do: stop it, or give
+// --dns-listen an address it leaves free, and start egressd again (the
+// forwarder does not try again by itself). Before, it said only "bind:
+// address already in use".
+func TestRunDNSPortTaken(t *testing.T) {
+	taken, err := net.ListenPacket("udp", "127.0.0.1:0")
+	if err != nil {
+		t.Fatal(err)
+	}
+	defer taken.Close()
+	busy := taken.LocalAddr().String()
+	dir := t.TempDir()
+	var out, errb lockedBuffer
+	ctx, cancel := context.WithCancel(context.Background())
+	done := make(chan int, 1)
+	go func() {
+		done <- cmdRun(ctx, []string{"--mode", "audit", "--lan", "lo", "--wan", "lo", "--no-firewall",
+			"--dns-listen", busy, "--proxy-listen", "127.0.0.1:0", "--explicit-proxy-listen", "off",
+			"--admin", "127.0.0.1:0", "--upstream-dns", "127.0.0.1:9", "--state-dir", filepath.Join(dir, "state")}, &out, &errb)
+	}()
+	defer func() {
+		cancel()
+		select {
+		case <-done:
+		case <-time.After(20 * time.Second):
+			t.Fatalf("egressd run did not stop within 20s\n%s", errb.String())
+		}
+	}()
+	for deadline := time.Now().Add(10 * time.Second); !strings.Contains(out.String(), "NOT RUNNING: dns:"); {
+		if time.Now().After(deadline) {
+			t.Fatalf("no NOT RUNNING line for dns in 10s\nstdout:\n%s\nstderr:\n%s", out.String(), errb.String())
+		}
+		time.Sleep(20 * time.Millisecond)
+	}
+	got := out.String()
+	for _, want := range []string{"address already in use", "another program", "--dns-listen", "start egressd again"} {
+		if !strings.Contains(got, want) {
+			t.Errorf("the dns NOT RUNNING line does not say %q:\n%s", want, got)
 		}
 	}
 }
