@@ -1239,7 +1239,11 @@ func (d *daemon) run(ctx context.Context) error {
 			if e != nil && len(d.proxyUsers) > 0 {
 				auth = fmt.Sprintf(" (HTTP Basic authentication, %d users)", len(d.proxyUsers))
 			}
-			d.say("proxy: transparent on %s, explicit on %s%s", addrOrOff(t), joinAddrs(d.proxy.ExplicitAddrs()), auth)
+			explicit := "explicit off"
+			if ea := d.proxy.ExplicitAddrs(); len(ea) > 0 {
+				explicit = "explicit on " + joinAddrs(ea)
+			}
+			d.say("proxy: transparent on %s, %s%s", addrOrOff(t), explicit, auth)
 			if pcfg.MaxConns > 0 {
 				d.say("proxy: at most %d connections, %d per client (memory)", pcfg.MaxConns, pcfg.MaxConnsPerClient)
 			}

@@ -5,6 +5,7 @@ import (
 	"net"
 	"os"
 	"path/filepath"
+	"regexp"
 	"strings"
 	"testing"
 	"time"
@@ -85,6 +86,11 @@ func TestRunDNSPortTaken(t *testing.T) {
 		time.Sleep(20 * time.Millisecond)
 	}
 	got := out.String()
+	// --explicit-proxy-listen off: the proxy line says the explicit
+	// proxy is off, not that it listens "on off" (before).
+	if !regexp.MustCompile(`(?m)^proxy: transparent on 127\.0\.0\.1:[1-9]\d*, explicit off$`).MatchString(got) {
+		t.Errorf("want the proxy line to say the explicit proxy is off:\n%s", got)
+	}
 	for _, want := range []string{"address already in use", "another program", "--dns-listen", "start egressd again"} {
 		if !strings.Contains(got, want) {
 			t.Errorf("the dns NOT RUNNING line does not say %q:\n%s", want, got)
