@@ -1,7 +1,6 @@
 package main
 
 import (
-	"context"
 	"net"
 	"os"
 	"path/filepath"
@@ -12,7 +11,6 @@ import (
 
 	"egressd/dnsfilter"
 	"egressd/policy"
-	"egressd/profiles"
 )
 
 // TestDNSLoopSaysWhatToDo: on a gateway whose /etc/resolv.conf names a
@@ -23,20 +21,12 @@ import (
 // of our own listen addresses (a forwarding loop)": no word of
 // resolv.conf, nor of --upstream-dns.
 func TestDNSLoopSaysWhatToDo(t *testing.T) {
-	src, err := profiles.Get("nirovision")
-	if err != nil {
-		t.Fatal(err)
-	}
-	eng, err := policy.Compile(profiles.File("nirovision"), src)
-	if err != nil {
-		t.Fatal(err)
-	}
-	store := policy.NewStore(eng)
+	store := policy.NewStore(seedEngine(t))
 	rc := filepath.Join(t.TempDir(), "resolv.conf")
 	if err := os.WriteFile(rc, []byte("nameserver 127.0.0.53\n"), 0o644); err != nil {
 		t.Fatal(err)
 	}
-	_, err = dnsfilter.New(dnsfilter.Config{Listen: []string{":53"}, ResolvConf: rc}, dnsfilter.Deps{Policy: store})
+	_, err := dnsfilter.New(dnsfilter.Config{Listen: []string{":53"}, ResolvConf: rc}, dnsfilter.Deps{Policy: store})
 	if err == nil {
 		t.Fatal("dnsfilter.New accepted an upstream on its own listen address")
 	}
@@ -62,30 +52,14 @@ func TestRunDNSPortTaken(t *testing.T) {
 	}
 	defer taken.Close()
 	busy := taken.LocalAddr().String()
-	dir := t.TempDir()
-	var out, errb lockedBuffer
-	ctx, cancel := context.WithCancel(context.Background())
-	done := make(chan int, 1)
-	go func() {
-		done <- cmdRun(ctx, []string{"--mode", "audit", "--lan", "lo", "--wan", "lo", "--no-firewall",
-			"--dns-listen", busy, "--proxy-listen", "127.0.0.1:0", "--explicit-proxy-listen", "off",
-			"--admin", "127.0.0.1:0", "--upstream-dns", "127.0.0.1:9", "--state-dir", filepath.Join(dir, "state")}, &out, &errb)
-	}()
-	defer func() {
-		cancel()
-		select {
-		case <-done:
-		case <-time.After(20 * time.Second):
-			t.Fatalf("egressd run did not stop within 20s\n%s", errb.String())
-		}
-	}()
-	for deadline := time.Now().Add(10 * time.Second); !strings.Contains(out.String(), "NOT RUNNING: dns:"); {
+	r := startRun(t, buildEgressd(t), t.TempDir(), "--mode", "audit", "--dns-listen", busy, "--explicit-proxy-listen", "off")
+	for deadline := time.Now().Add(10 * time.Second); !strings.Contains(r.out.String(), "NOT RUNNING: dns:"); {
 		if time.Now().After(deadline) {
-			t.Fatalf("no NOT RUNNING line for dns in 10s\nstdout:\n%s\nstderr:\n%s", out.String(), errb.String())
+			t.Fatalf("no NOT RUNNING line for dns in 10s\nstdout:\n%s\nstderr:\n%s", r.out.String(), r.errb.String())
 		}
 		time.Sleep(20 * time.Millisecond)
 	}
-	got := out.String()
+	got := r.out.String()
 	// --explicit-proxy-listen off: the proxy line says the explicit
 	// proxy is off, not that it listens "on off" (before).
 	if !regexp.MustCompile(`(?m)^proxy: transparent on 127\.0\.0\.1:[1-9]\d*, explicit off$`).MatchString(got) {

@@ -14,14 +14,7 @@ import (
 // host would be a false alarm (found by the day-two walkthrough). Every
 // other warning stays.
 func TestRunWarningsInspect(t *testing.T) {
-	src, err := profiles.Get("nirovision")
-	if err != nil {
-		t.Fatal(err)
-	}
-	eng, err := policy.Compile(profiles.File("nirovision"), src)
-	if err != nil {
-		t.Fatal(err)
-	}
+	eng := seedEngine(t)
 	count := func(ws []policy.Problem) (path, other int) {
 		for _, w := range ws {
 			if strings.Contains(w.Msg, "without inspection") {
@@ -43,4 +36,18 @@ func TestRunWarningsInspect(t *testing.T) {
 	if p, o := count(runWarnings(eng, true)); p != 0 || o != otherAll {
 		t.Errorf("with --inspect: %d path and %d other warnings, want 0 and %d", p, o, otherAll)
 	}
+}
+
+// seedEngine is the embedded seed profile, compiled.
+func seedEngine(t *testing.T) *policy.Engine {
+	t.Helper()
+	src, err := profiles.Get("nirovision")
+	if err != nil {
+		t.Fatal(err)
+	}
+	eng, err := policy.Compile(profiles.File("nirovision"), src)
+	if err != nil {
+		t.Fatal(err)
+	}
+	return eng
 }
