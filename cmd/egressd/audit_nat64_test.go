@@ -15,10 +15,11 @@ import (
 )
 
 // writeUDPPcap writes an Ethernet pcap holding one UDP datagram from
-// client to each of dests, on port ports[i], from client port 41000+i.
+// client to each of dests, on port ports[i], from client port 41000+i
+// (IPv4 where the client's address is).
 func writeUDPPcap(t *testing.T, client netip.Addr, dests []netip.Addr, ports []uint16) string {
 	t.Helper()
-	path := filepath.Join(t.TempDir(), "nat64.pcap")
+	path := filepath.Join(t.TempDir(), "udp.pcap")
 	f, err := os.Create(path)
 	if err != nil {
 		t.Fatal(err)
@@ -29,12 +30,16 @@ func writeUDPPcap(t *testing.T, client netip.Addr, dests []netip.Addr, ports []u
 	}
 	at := time.Date(2026, 12, 6, 10, 0, 0, 0, time.UTC)
 	for i, dst := range dests {
-		eth := &layers.Ethernet{SrcMAC: []byte{2, 0, 0, 0, 0, 1}, DstMAC: []byte{2, 0, 0, 0, 0, 2}, EthernetType: layers.EthernetTypeIPv6}
-		ip := &layers.IPv6{Version: 6, HopLimit: 64, NextHeader: layers.IPProtocolUDP, SrcIP: client.AsSlice(), DstIP: dst.AsSlice()}
+		var ip gopacket.NetworkLayer = &layers.IPv6{Version: 6, HopLimit: 64, NextHeader: layers.IPProtocolUDP, SrcIP: client.AsSlice(), DstIP: dst.AsSlice()}
+		etype := layers.EthernetTypeIPv6
+		if client.Is4() {
+			ip, etype = &layers.IPv4{Version: 4, TTL: 64, Protocol: layers.IPProtocolUDP, SrcIP: client.AsSlice(), DstIP: dst.AsSlice()}, layers.EthernetTypeIPv4
+		}
+		eth := &layers.Ethernet{SrcMAC: []byte{2, 0, 0, 0, 0, 1}, DstMAC: []byte{2, 0, 0, 0, 0, 2}, EthernetType: etype}
 		udp := &layers.UDP{SrcPort: layers.UDPPort(41000 + i), DstPort: layers.UDPPort(ports[i])}
 		udp.SetNetworkLayerForChecksum(ip)
 		buf := gopacket.NewSerializeBuffer()
-		if err := gopacket.SerializeLayers(buf, gopacket.SerializeOptions{FixLengths: true, ComputeChecksums: true}, eth, ip, udp, gopacket.Payload("hello")); err != nil {
+		if err := gopacket.SerializeLayers(buf, gopacket.SerializeOptions{FixLengths: true, ComputeChecksums: true}, eth, ip.(gopacket.SerializableLayer), udp, gopacket.Payload("hello")); err != nil {
 			t.Fatal(err)
 		}
 		at = at.Add(time.Millisecond)
