@@ -286,12 +286,13 @@ func (r *Replayer) Emit(ev Event) {
 // NAT64 prefix it did not have can move one into it (a "*" that replaces
 // the CIDR rule naming 169.254.169.254, the NAT64 form of metadata under
 // --nat64-prefix). The gateway's own addresses are not known here; DNS to
-// port 53 is the forwarder's, as everywhere.
+// port 53 is the forwarder's, as everywhere; loopback no rule opens from
+// the LAN (policy.Engine.LANRefuses: enforce's antispoof chain drops it).
 func (r *Replayer) guard(in policy.Input, d policy.Decision) policy.Decision {
-	if !d.Allowed() || in.Port == 53 {
+	if !d.Allowed() {
 		return d
 	}
-	if _, refused := r.eng.GuardRefuses(in, nil, nil); !refused {
+	if _, refused := r.eng.LANRefuses(in, nil, nil); !refused {
 		return d
 	}
 	return policy.Decision{Verdict: policy.Deny, RuleIndex: -1, Reason: reasonSpecialRange, Mode: r.eng.Mode()}

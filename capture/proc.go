@@ -3256,7 +3256,10 @@ func (p *proc) learnedRule(eng *policy.Engine, in policy.Input, g DNSGrant) int 
 // special-range unless a CIDR rule names the range; loopback and the
 // unspecified address, the gateway itself, are refused so whatever d says
 // (the proxy's selfDecision). DNS is left alone: enforce mode redirects it
-// to the forwarder, whatever its destination. The gateway's own addresses
+// to the forwarder, whatever its destination, but for loopback, which no
+// rule opens from the LAN on any port or protocol (Engine.LANRefuses: the
+// antispoof chain drops it; a live frame guard records first,
+// loopback-destination). The gateway's own addresses
 // (Config.OwnAddrs) are guarded as the proxy guards them: capture records
 // no flow to one, but under the engine's NAT64 prefixes a destination
 // that embeds one is the proxy's special-range.
@@ -3268,9 +3271,6 @@ func (p *proc) learnedRule(eng *policy.Engine, in policy.Input, g DNSGrant) int 
 // where a rule allows them; the firewall's sets hold none of the gateway's
 // own addresses, so a forwarded flow to one's NAT64 form is the rule's.
 func (p *proc) special(eng *policy.Engine, in policy.Input, d policy.Decision, fwd bool) policy.Decision {
-	if in.Port == 53 {
-		return d
-	}
 	var own []netip.Addr
 	if !fwd {
 		own = p.own.Load().list
@@ -3278,7 +3278,7 @@ func (p *proc) special(eng *policy.Engine, in policy.Input, d policy.Decision, f
 	if a := in.Dest.Unmap(); !d.Allowed() && (fwd || !a.IsLoopback() && !a.IsUnspecified()) {
 		return d
 	}
-	if _, refused := eng.GuardRefuses(in, own, nil); !refused {
+	if _, refused := eng.LANRefuses(in, own, nil); !refused {
 		return d
 	}
 	return policy.Decision{Verdict: policy.Deny, RuleIndex: -1, Reason: ReasonSpecialRange, Mode: eng.Mode()}

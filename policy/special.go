@@ -91,6 +91,40 @@ func (e *Engine) GuardRefuses(in Input, own []netip.Addr, allow []netip.Prefix) 
 	return g, true
 }
 
+// LANLoopback returns the loopback range that holds a, a destination a
+// LAN host sends a packet to, if any: no rule opens it, whatever it
+// names (127.0.0.1/32 too). Enforce mode's firewall drops every packet
+// from the LAN to 127.0.0.0/8 (its antispoof chain, before the proxy, the
+// DNS forwarder and the forward chain; firewall/render.go) and Linux drops
+// ::1 from any other interface. An IPv4-mapped ::ffff:127.0.0.1 in an
+// IPv6 header is no loopback destination to the kernel (capture/guard.go):
+// it is GuardRefuses's. The explicit proxy, asked for loopback itself,
+// dials it from the gateway: GuardRefuses's too (proxy selfDecision).
+func LANLoopback(a netip.Addr) (netip.Prefix, bool) {
+	switch {
+	case a.Is4() && a.IsLoopback():
+		return netip.MustParsePrefix("127.0.0.0/8"), true
+	case a == netip.IPv6Loopback():
+		return netip.MustParsePrefix("::1/128"), true
+	}
+	return netip.Prefix{}, false
+}
+
+// LANRefuses is the guard on what a LAN host sends as capture and audit
+// --replay judge it (policy explain with them): loopback (LANLoopback) on
+// every port and protocol whatever the rules; else DNS (port 53), the
+// forwarder's whatever its destination, is not refused; else
+// GuardRefuses.
+func (e *Engine) LANRefuses(in Input, own []netip.Addr, allow []netip.Prefix) (netip.Prefix, bool) {
+	if g, ok := LANLoopback(in.Dest); ok {
+		return g, true
+	}
+	if in.Port == 53 {
+		return netip.Prefix{}, false
+	}
+	return e.GuardRefuses(in, own, allow)
+}
+
 // CIDRNames reports whether a rule that applies to in (its client, port
 // and protocol, TCP when unset; at in.Now) names the destination by a
 // prefix inside the guarded range g: "0.0.0.0/0" or "*" do not open

@@ -232,8 +232,8 @@ func cmdPolicyExplain(args []string, stdout, stderr io.Writer) int {
 		// The explicit proxy is asked for loopback itself: a CIDR rule
 		// inside the range that names it opens it there (selfDecision).
 		explicitOpens := loop && in.Proto == policy.TCP && !refused
-		if loop {
-			g, refused = policy.SpecialRange(a, nil, nil)
+		if lg, ok := policy.LANLoopback(a); ok {
+			g, refused = lg, true
 		}
 		if refused && (in.Port != 53 || loop) && (d.Allowed() || self) {
 			mode := eng.Mode()
