@@ -58,3 +58,42 @@ rules:
 		}
 	}
 }
+
+// TestLANRefuses: what a LAN host sends to loopback is refused on every
+// port and protocol, a rule naming it too (enforce's antispoof chain
+// drops 127.0.0.0/8 from the LAN, Linux ::1), DNS to loopback included;
+// other DNS is the forwarder's; the rest is GuardRefuses's, the mapped
+// form of loopback too (no loopback destination in an IPv6 header).
+func TestLANRefuses(t *testing.T) {
+	e := mustCompile(t, `version: 1
+rules:
+  - {name: loop, to: ["127.0.0.1/32", "::1/128"], ports: [9902/tcp, 7780/udp, 53/udp]}
+  - {name: all, to: ["0.0.0.0/0"], ports: [443/tcp]}
+`)
+	for _, c := range []struct {
+		dest  string
+		port  uint16
+		proto Proto
+		want  string // the range refused by, "" for none
+	}{
+		{"127.0.0.1", 9902, TCP, "127.0.0.0/8"},
+		{"127.0.0.1", 7780, UDP, "127.0.0.0/8"},
+		{"127.0.0.1", 53, UDP, "127.0.0.0/8"},
+		{"127.0.0.2", 443, TCP, "127.0.0.0/8"},
+		{"::1", 7780, UDP, "::1/128"},
+		{"::ffff:127.0.0.1", 9902, TCP, ""},
+		{"::ffff:127.0.0.1", 443, TCP, "127.0.0.0/8"},
+		{"169.254.169.254", 53, UDP, ""},
+		{"169.254.169.254", 443, TCP, "169.254.0.0/16"},
+		{"198.51.100.1", 443, TCP, ""},
+	} {
+		g, refused := e.LANRefuses(Input{Dest: netip.MustParseAddr(c.dest), Port: c.port, Proto: c.proto}, nil, nil)
+		got := ""
+		if refused {
+			got = g.String()
+		}
+		if got != c.want {
+			t.Errorf("%s %d/%v: refused by %q, want %q", c.dest, c.port, c.proto, got, c.want)
+		}
+	}
+}
