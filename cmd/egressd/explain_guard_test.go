@@ -276,6 +276,8 @@ func TestExplainNameUnderCIDR(t *testing.T) {
   - {name: docs, to: [notion.so], ports: [443/tcp]}
   - {name: wide, to: ["0.0.0.0/0"], ports: [8443/tcp]}
   - {name: ntp, to: ["198.51.100.200/30"], ports: [123/udp]}
+  - {name: loop, to: ["127.0.0.1/32", "::1/128"], ports: [9902/tcp]}
+  - {name: loopwide, to: ["127.0.0.1/32", "198.51.100.0/24"], ports: [9903/tcp]}
 `), 0o644); err != nil {
 		t.Fatal(err)
 	}
@@ -285,11 +287,15 @@ func TestExplainNameUnderCIDR(t *testing.T) {
 		{"notion.so", "443/tcp", "allow", ""},
 		{"notion.so", "8444/tcp", "deny", ""},
 		{"198.51.100.9", "8443/tcp", "allow", ""},
+		// Loopback no rule opens from the LAN: a rule naming only it
+		// allows no address of a name's (policy.LANLoopback).
+		{"notion.so", "9902/tcp", "deny", ""},
+		{"notion.so", "9903/tcp", "deny", "loopwide"},
 	} {
 		ex := explainJSON(t, pol, "--to", c.to, "--port", c.port)
 		w := strings.Join(ex.Warnings, "\n")
 		noted := strings.Contains(w, "does not know the addresses")
-		if ex.Verdict != c.verdict || noted != (c.cidr != "") || c.cidr != "" && !strings.Contains(w, "rule "+c.cidr+" ") {
+		if ex.Verdict != c.verdict || noted != (c.cidr != "") || c.cidr != "" && !strings.Contains(w, "rule "+c.cidr+" ") || strings.Contains(w, "127.0.0.1/32") {
 			t.Errorf("%s %s: %s, notes %q; want %s, a note naming rule %q: %v", c.to, c.port, ex.Verdict, ex.Warnings, c.verdict, c.cidr, c.cidr != "")
 		}
 	}
