@@ -367,7 +367,7 @@ type cidrRule struct {
 
 // cidrRulesFor are the rules with CIDR targets that apply to in's
 // client, port and protocol now: they allow a name's connection by its
-// address, whatever the name.
+// address, whatever the name, but for loopback (policy.LANLoopback).
 func cidrRulesFor(eng *policy.Engine, in policy.Input) []cidrRule {
 	var out []cidrRule
 	now := time.Now()
@@ -378,7 +378,9 @@ func cidrRulesFor(eng *policy.Engine, in policy.Input) []cidrRule {
 		}
 		c := cidrRule{name: r.Name}
 		for _, t := range r.To {
-			if t.Kind == policy.TargetPrefix {
+			// Loopback no rule opens from the LAN (a prefix inside it
+			// allows nothing; one around it the rest).
+			if g, loop := policy.LANLoopback(t.Prefix.Addr()); t.Kind == policy.TargetPrefix && !(loop && policy.OpensGuarded(t.Prefix, g)) {
 				c.prefixes = append(c.prefixes, t.Raw)
 			}
 		}
