@@ -137,3 +137,52 @@ func testGatewayGuardRecorded(t *testing.T, mode string) {
 		t.Errorf("report --suggest proposes a rule for the forged sources' flows:\n%s", sug)
 	}
 }
+
+// TestAuditLoopbackNamedLive: audit mode's capture records TCP, UDP and
+// ICMP echo from the LAN to the gateway's loopback as enforce mode's
+// antispoof chain would drop them (loopback-destination), under a rule
+// naming 127.0.0.1/32 too (explainPolicy's x-loop), though in audit mode
+// they get through (the gateway has route_localnet=1): audit predicts
+// enforce (e2e/TestExplainMatchesDaemon). The offline audit and --replay:
+// cmd/egressd/TestAuditLoopbackNamed.
+func TestAuditLoopbackNamedLive(t *testing.T) {
+	tp := newTopo(t)
+	w := tp.newWitness(t, nil, nil)
+	svc := startLoopServices(t, tp, []string{"9902"}, []string{"7780"})
+	tp.gw.MustRun("sysctl", "-qw", "net.ipv4.conf.all.route_localnet=1")
+	tp.gw.MustRun("sysctl", "-qw", "net.ipv4.conf.lan0.route_localnet=1")
+	d := newDaemon(t, tp, "audit")
+	d.writePolicy([]byte(strings.Replace(explainPolicy, "mode: enforce", "mode: audit", 1)))
+	d.start()
+	cases := []explainCase{
+		{kind: "tcp", to: "127.0.0.1", port: "9902/tcp", loop: true},
+		{kind: "udp", to: "127.0.0.1", port: "7780/udp", loop: true},
+		{kind: "icmp", to: "127.0.0.1", port: "icmp", loop: true},
+	}
+	for _, c := range cases {
+		var ok bool
+		tp.loopbackViaGW(t, func() { ok = tryCase(t, tp, w, svc, c, c.to) })
+		if !ok {
+			t.Fatalf("audit mode: %s to 127.0.0.1 (%s) does not get through: the test would prove nothing", c.kind, c.port)
+		}
+	}
+	time.Sleep(time.Second) // capture's ring blocks
+	d.stop()
+	seen := map[string]bool{}
+	var log strings.Builder
+	for _, ev := range d.allEvents() {
+		if ev.Kind != "flow" || ev.Dest != "127.0.0.1" {
+			continue
+		}
+		log.WriteString(ev.String() + "\n")
+		seen[ev.Proto] = true
+		if ev.Verdict != "deny" || ev.Reason != "loopback-destination" || ev.Enforced {
+			t.Errorf("%v: want deny loopback-destination, not enforced (audit mode)", ev)
+		}
+	}
+	for _, p := range []string{"tcp", "udp", "icmp"} {
+		if !seen[p] {
+			t.Errorf("no %s flow event to 127.0.0.1:\n%s", p, log.String())
+		}
+	}
+}
