@@ -405,7 +405,8 @@ func (s *Server) Run(ctx context.Context) error {
 		return fmt.Errorf("admin: listen %s: %w", s.cfg.Addr, err)
 	}
 	srv := &http.Server{Handler: s.Handler(), ReadHeaderTimeout: 5 * time.Second, ReadTimeout: 10 * time.Second,
-		WriteTimeout: s.writeTimeout, IdleTimeout: 60 * time.Second}
+		WriteTimeout: s.writeTimeout, IdleTimeout: 60 * time.Second,
+		ConnContext: func(ctx context.Context, c net.Conn) context.Context { return context.WithValue(ctx, connKey{}, c) }}
 	s.mu.Lock()
 	if s.closed {
 		s.mu.Unlock()
@@ -593,6 +594,7 @@ func (s *Server) report(w http.ResponseWriter, r *http.Request) (*audit.Report, 
 	rc.SetWriteDeadline(time.Now().Add(s.reportLimit + s.writeTimeout))
 	ctx, cancel := context.WithTimeout(r.Context(), s.reportLimit)
 	defer cancel()
+	defer watchClient(r, cancel)()
 	rep, err := s.deps.Reporter.ReportContext(ctx, audit.ReportOptions{Since: since})
 	rc.SetWriteDeadline(time.Now().Add(s.writeTimeout))
 	if err != nil {
@@ -610,6 +612,42 @@ func (s *Server) report(w http.ResponseWriter, r *http.Request) (*audit.Report, 
 	}
 	s.mu.Unlock()
 	return rep, true
+}
+
+// connKey keys a request's connection in its context (Run's ConnContext).
+type connKey struct{}
+
+// clientWatch is how often watchClient looks at a report's connection.
+const clientWatch = 250 * time.Millisecond
+
+// watchClient calls cancel when r's client has left, its connection no
+// longer established, until the stop it returns is called. net/http ends
+// a request's context when its client leaves only while it watches the
+// connection, and it stops once it reads a byte of a next request
+// (HTTP/1.1 pipelining): such a client that left would hold its report's
+// slots, and the one window read at a time, for the whole reportLimit.
+func watchClient(r *http.Request, cancel context.CancelFunc) (stop func()) {
+	c, ok := r.Context().Value(connKey{}).(net.Conn)
+	if !ok {
+		return func() {}
+	}
+	done := make(chan struct{})
+	go func() {
+		t := time.NewTicker(clientWatch)
+		defer t.Stop()
+		for {
+			select {
+			case <-done:
+				return
+			case <-t.C:
+				if netutil.PeerGone(c) {
+					cancel()
+					return
+				}
+			}
+		}
+	}()
+	return func() { close(done) }
 }
 
 func (s *Server) serveJSON(w http.ResponseWriter, r *http.Request) {

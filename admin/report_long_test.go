@@ -5,6 +5,7 @@ import (
 	"errors"
 	"io"
 	"log/slog"
+	"net"
 	"net/http"
 	"strings"
 	"testing"
@@ -122,5 +123,45 @@ func TestLongReportStopsWhenClientLeaves(t *testing.T) {
 		}
 	case <-time.After(30 * time.Second):
 		t.Errorf("the ledger's read was not stopped 30 s after its client left")
+	}
+}
+
+// TestPipelinedReportStopsWhenClientLeaves: a client that sends a report
+// request and the start of the next on the same connection (HTTP/1.1
+// pipelining), then leaves, is noticed as one that left: net/http stops
+// watching a connection once it reads a byte of the next request, so its
+// report's context never ended, and the report held its slots and the one
+// window read at a time for the whole reportLimit (10 minutes) for no one.
+func TestPipelinedReportStopsWhenClientLeaves(t *testing.T) {
+	addr, rep := slowServer(t, time.Hour, reportLimit)
+	for _, next := range []string{"G", "GET /report.json HTTP/1.1\r\nHost: 127.0.0.1\r\n\r\n"} {
+		c, err := net.DialTimeout("tcp", addr, 10*time.Second)
+		if err != nil {
+			t.Fatal(err)
+		}
+		if _, err := io.WriteString(c, "GET /report.json?since=30d HTTP/1.1\r\nHost: 127.0.0.1\r\n\r\n"); err != nil {
+			t.Fatal(err)
+		}
+		select {
+		case <-rep.in:
+		case <-time.After(30 * time.Second):
+			c.Close()
+			t.Fatal("the report was not asked of the ledger")
+		}
+		// The next request, sent once the report's is read: net/http
+		// reads its first byte, and no more.
+		if _, err := io.WriteString(c, next); err != nil {
+			t.Fatal(err)
+		}
+		time.Sleep(500 * time.Millisecond)
+		c.Close()
+		select {
+		case err := <-rep.ended:
+			if !errors.Is(err, context.Canceled) {
+				t.Errorf("pipelined %q: the ledger's read after its client left ended with %v, want context.Canceled", next, err)
+			}
+		case <-time.After(30 * time.Second):
+			t.Fatalf("pipelined %q: the ledger's read was not stopped 30 s after its client left", next)
+		}
 	}
 }
