@@ -51,6 +51,13 @@ const writeTimeout = 60 * time.Second
 // at a time) held no longer than that by a client still there.
 const reportLimit = 10 * time.Minute
 
+// MaxReportTime is the longest the admin server takes over a report,
+// from its request to the end of its answer: reportLimit to make it (its
+// wait for its turns and its window's read; its build, when begun, ends
+// past it), then writeTimeout to write it. Nothing is sent meanwhile: a
+// client such as `egressd report` waits for the answer that long.
+const MaxReportTime = reportLimit + writeTimeout
+
 // maxReports is how many reports ("/", "/report.json") the server has in
 // progress at once: waiting for their turn, reading their window (since=)
 // from the event log, built or written. One more is refused at once (503,

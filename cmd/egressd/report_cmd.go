@@ -154,30 +154,62 @@ func cmdReport(ctx context.Context, args []string, stdout, stderr io.Writer) int
 // errNoDaemon means nothing listens at the admin address.
 var errNoDaemon = errors.New("no daemon answering")
 
-// fetchReport reads /report.json from the daemon's admin API.
+// daemonWait is how long fetchReport waits for the daemon to answer at
+// all (its /healthz), and reportWait for its report: the daemon sends
+// nothing while it reads a since= window, for up to admin.MaxReportTime,
+// so a report's wait can only be long, and a daemon that does not answer
+// is told by its /healthz first. Variables: shorter in tests.
+var (
+	daemonWait = 10 * time.Second
+	reportWait = admin.MaxReportTime + time.Minute
+)
+
+// fetchReport reads /report.json from the daemon's admin API: once its
+// /healthz answered within daemonWait, waiting for the report up to
+// reportWait (a long window's read takes minutes).
 func fetchReport(ctx context.Context, addr, since string) (*audit.Report, error) {
-	ctx, cancel := context.WithTimeout(ctx, 30*time.Second)
-	defer cancel()
-	u := url.URL{Scheme: "http", Host: addr, Path: "/report.json"}
-	if since != "" {
-		u.RawQuery = url.Values{"since": {since}}.Encode()
-	}
-	req, err := http.NewRequestWithContext(ctx, http.MethodGet, u.String(), nil)
-	if err != nil {
-		return nil, fmt.Errorf("admin address %q: %w", addr, err)
-	}
 	client := &http.Client{Transport: &http.Transport{
 		Proxy:       nil, // the admin API is local: never through a proxy
 		DialContext: (&net.Dialer{Timeout: 2 * time.Second}).DialContext,
 	}}
-	resp, err := client.Do(req)
-	if err != nil {
-		var op *net.OpError
-		if errors.As(err, &op) && op.Op == "dial" {
-			return nil, fmt.Errorf("%w at %s: %v", errNoDaemon, addr, err)
+	defer client.CloseIdleConnections()
+	get := func(path, query string, wait time.Duration) (*http.Response, context.CancelFunc, error) {
+		ctx, cancel := context.WithTimeout(ctx, wait)
+		u := url.URL{Scheme: "http", Host: addr, Path: path, RawQuery: query}
+		req, err := http.NewRequestWithContext(ctx, http.MethodGet, u.String(), nil)
+		if err != nil {
+			cancel()
+			return nil, nil, fmt.Errorf("admin address %q: %w", addr, err)
 		}
-		return nil, fmt.Errorf("daemon at %s: %w", addr, err)
+		resp, err := client.Do(req)
+		if err != nil {
+			cancel()
+			var op *net.OpError
+			if errors.As(err, &op) && op.Op == "dial" {
+				return nil, nil, fmt.Errorf("%w at %s: %v", errNoDaemon, addr, err)
+			}
+			if errors.Is(err, context.DeadlineExceeded) && ctx.Err() != nil && path == "/healthz" {
+				return nil, nil, fmt.Errorf("daemon at %s: not answering (its /healthz within %v): %w", addr, wait, err)
+			}
+			return nil, nil, fmt.Errorf("daemon at %s: %w", addr, err)
+		}
+		return resp, cancel, nil
 	}
+	resp, cancel, err := get("/healthz", "", daemonWait)
+	if err != nil {
+		return nil, err
+	}
+	io.Copy(io.Discard, io.LimitReader(resp.Body, 512))
+	resp.Body.Close()
+	cancel()
+	var q string
+	if since != "" {
+		q = url.Values{"since": {since}}.Encode()
+	}
+	if resp, cancel, err = get("/report.json", q, reportWait); err != nil {
+		return nil, err
+	}
+	defer cancel()
 	defer resp.Body.Close()
 	if resp.StatusCode != http.StatusOK {
 		b, _ := io.ReadAll(io.LimitReader(resp.Body, 512))
