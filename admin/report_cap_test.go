@@ -278,24 +278,28 @@ func TestReportsClientShare(t *testing.T) {
 		}
 	}
 
+	// The share the README gives a client, written out: the test is
+	// not to follow clientReports wherever it is set (all 4 was the
+	// defect).
+	const share = 2
 	greedy := clientFrom(t, "127.0.0.2")
-	for range clientReports {
+	for range share {
 		start(greedy, "/report.json?since=30d")
 	}
-	asked(clientReports, "the greedy client")
+	asked(share, "the greedy client")
 	code, h, body := getFrom(t, greedy, ts.URL+"/report.json?since=30d")
 	if code != http.StatusServiceUnavailable || h.Get("Retry-After") != busyRetryAfter {
 		t.Errorf("the greedy client's report %d with %d of its own in progress: %d, Retry-After %q (%s); want 503 with Retry-After %s",
-			clientReports+1, clientReports, code, h.Get("Retry-After"), body, busyRetryAfter)
+			share+1, share, code, h.Get("Retry-After"), body, busyRetryAfter)
 	}
 	noneAsked("the greedy client's report past its share")
 
 	// Another operator still gets the slots left.
 	other := clientFrom(t, "127.0.0.3")
-	for range maxReports - clientReports {
+	for range maxReports - share {
 		start(other, "/")
 	}
-	asked(maxReports-clientReports, "another client, with the greedy one at its share")
+	asked(maxReports-share, "another client, with the greedy one at its share")
 	// And past them, all are taken: the cap refuses a third client.
 	if code, h, body := getFrom(t, clientFrom(t, "127.0.0.4"), ts.URL+"/report.json"); code != http.StatusServiceUnavailable || h.Get("Retry-After") != busyRetryAfter {
 		t.Errorf("a third client with %d reports in progress: %d, Retry-After %q (%s); want 503", maxReports, code, h.Get("Retry-After"), body)
