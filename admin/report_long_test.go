@@ -3,11 +3,13 @@ package admin
 import (
 	"context"
 	"errors"
+	"fmt"
 	"io"
 	"log/slog"
 	"net"
 	"net/http"
 	"strings"
+	"syscall"
 	"testing"
 	"time"
 
@@ -164,4 +166,58 @@ func TestPipelinedReportStopsWhenClientLeaves(t *testing.T) {
 			t.Fatalf("pipelined %q: the ledger's read was not stopped 30 s after its client left", next)
 		}
 	}
+}
+
+// bigReporter is the real ledger, whose reports carry notes enough (8 MB)
+// to fill a connection's buffers.
+type bigReporter struct {
+	*audit.Ledger
+	in chan struct{} // a report was asked for
+}
+
+func (r bigReporter) ReportContext(ctx context.Context, opt audit.ReportOptions) (*audit.Report, error) {
+	r.in <- struct{}{}
+	rep, err := r.Ledger.ReportContext(ctx, opt)
+	if err == nil {
+		for i := range 80000 {
+			rep.Notes = append(rep.Notes, fmt.Sprintf("note %d: %s", i, strings.Repeat("x", 90)))
+		}
+	}
+	return rep, err
+}
+
+// TestSlowReaderHoldsNoSlotPastWriteTimeout: a client that asks for a
+// report and reads none of it holds its slots for the write timeout from
+// the report's making, not for reportLimit too: the write deadline put
+// past reportLimit for the making is set again, to writeTimeout, once
+// the report is made.
+func TestSlowReaderHoldsNoSlotPastWriteTimeout(t *testing.T) {
+	l, _ := testLedger(t, nil)
+	in := make(chan struct{}, 1)
+	s, err := New(Config{Addr: "127.0.0.1:0"}, Deps{Reporter: bigReporter{l, in}, Logger: slog.New(slog.DiscardHandler)})
+	if err != nil {
+		t.Fatal(err)
+	}
+	s.writeTimeout = 300 * time.Millisecond
+	addr := runServer(t, s)
+	d := net.Dialer{Timeout: 10 * time.Second, Control: func(_, _ string, rc syscall.RawConn) error {
+		return rc.Control(func(fd uintptr) { syscall.SetsockoptInt(int(fd), syscall.SOL_SOCKET, syscall.SO_RCVBUF, 4096) })
+	}}
+	c, err := d.Dial("tcp", addr)
+	if err != nil {
+		t.Fatal(err)
+	}
+	defer c.Close()
+	if _, err := io.WriteString(c, "GET /report.json HTTP/1.1\r\nHost: 127.0.0.1\r\n\r\n"); err != nil {
+		t.Fatal(err)
+	}
+	// The report is asked, made, and its writing blocks on the client
+	// that reads nothing.
+	select {
+	case <-in:
+	case <-time.After(30 * time.Second):
+		t.Fatal("the report was not asked of the ledger")
+	}
+	time.Sleep(time.Second)
+	waitSlotsFree(t, s, 30*time.Second, "a client reading nothing of its report")
 }
