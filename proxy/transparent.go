@@ -476,18 +476,7 @@ func synAckRetransmitted(c *net.TCPConn) bool {
 }
 
 // tcpInfo returns c's TCP_INFO; nil on an error.
-func tcpInfo(c *net.TCPConn) *unix.TCPInfo {
-	rc, err := c.SyscallConn()
-	if err != nil {
-		return nil
-	}
-	var ti *unix.TCPInfo
-	var terr error
-	if err := rc.Control(func(fd uintptr) { ti, terr = unix.GetsockoptTCPInfo(int(fd), unix.IPPROTO_TCP, unix.TCP_INFO) }); err != nil || terr != nil {
-		return nil
-	}
-	return ti
-}
+func tcpInfo(c *net.TCPConn) *unix.TCPInfo { return netutil.TCPInfo(c) }
 
 // clientEnded reports whether c's client has ended it: the socket is no
 // longer established (a reset closed it, a FIN put it in CLOSE-WAIT). An
