@@ -71,3 +71,71 @@ func TestFlowBeforeAnswerDropped(t *testing.T) {
 		time.Sleep(500 * time.Millisecond)
 	}
 }
+
+// TestFlowBeforeAnswerSameSocketAllowed: as TestFlowBeforeAnswerDropped,
+// but the device sends its NTP request again from the same socket after
+// the answer (chrony's or WireGuard's retries keep their 5-tuple). The
+// first datagram was dropped: no conntrack entry was confirmed for it, so
+// the next one is a new packet to the forward chain, which the ntp rule's
+// learned set now admits, and the server answers. Capture sees one flow;
+// it was let out from the answer on, so the report counts it under ntp,
+// not as dropped (U1's check took the flow's first packet alone and
+// counted it dropped, though the device's NTP worked).
+func TestFlowBeforeAnswerSameSocketAllowed(t *testing.T) {
+	tp := newTopo(t)
+	d := newDaemon(t, tp, "enforce")
+	d.start()
+	t.Cleanup(func() {
+		if t.Failed() {
+			t.Logf("egressd output:\n%s", d.logs())
+			t.Logf("flows:\n%s", d.events())
+		}
+	})
+	ctx, cancel := context.WithTimeout(context.Background(), 2*time.Minute)
+	defer cancel()
+
+	const name, ip = "2.pool.ntp.org", "198.51.100.126"
+	addr := netip.MustParseAddr(ip)
+	c, err := tp.lan.DialContext(ctx, "udp", netip.AddrPortFrom(addr, 123).String())
+	if err != nil {
+		t.Fatal(err)
+	}
+	defer c.Close()
+	req := ntpRequest()
+	answers := func(r []byte) bool { return ntpAnswers(req, r) }
+	if err := askWithin(c, time.Second, req, answers); err == nil {
+		t.Fatalf("NTP to %s before any DNS answer for %s was answered; want it dropped", ip, name)
+	}
+	if got := tp.resolve4(t, ctx, name); got != addr {
+		t.Fatalf("%s resolved to %v, want %s", name, got, ip)
+	}
+	if err := askWithin(c, 2*time.Second, req, answers); err != nil {
+		t.Fatalf("NTP to %s from the same socket after the answer: %v (want it let out: a new packet to the forward chain)", ip, err)
+	}
+
+	deadline := time.Now().Add(30 * time.Second)
+	for {
+		r := d.report()
+		var ntpFlows, dropped uint64
+		for _, ru := range r.Rules {
+			if ru.Name == "ntp" {
+				ntpFlows = ru.Flows
+			}
+		}
+		for _, dr := range r.Dropped {
+			if (dr.Dest == ip || dr.Dest == name) && dr.Port == 123 && dr.Proto == "udp" {
+				dropped = dr.Flows
+			}
+		}
+		if ntpFlows+dropped >= 1 {
+			if ntpFlows != 1 || dropped != 0 {
+				t.Fatalf("report: ntp rule %d flows, dropped %s:123/udp %d flows; want 1 and 0 (the flow's datagrams after the answer were let out and answered)", ntpFlows, ip, dropped)
+			}
+			return
+		}
+		if time.Now().After(deadline) {
+			t.Fatalf("report after 30s: ntp rule %d flows, dropped %d; want the flow counted", ntpFlows, dropped)
+		}
+		time.Sleep(500 * time.Millisecond)
+	}
+}
