@@ -188,9 +188,10 @@ func (l *learned) namesFor(client, addr netip.Addr, now time.Time, out []string)
 }
 
 // given appends to out the answers that gave addr out, with the client
-// that asked, live at now: seen by then, and until their TTL as the
+// that asked, live at now: seen by last (a flow's last packet so far: one
+// seen after it let none of the flow out), and until their TTL as the
 // firewall keeps them (fw), or else as long as namesFor keeps them.
-func (l *learned) given(addr netip.Addr, now time.Time, fw bool, out []DNSGrant) []DNSGrant {
+func (l *learned) given(addr netip.Addr, now, last time.Time, fw bool, out []DNSGrant) []DNSGrant {
 	l.mu.Lock()
 	defer l.mu.Unlock()
 	e := l.m[addr.Unmap()]
@@ -202,7 +203,7 @@ func (l *learned) given(addr netip.Addr, now time.Time, fw bool, out []DNSGrant)
 		if fw {
 			exp = n.fwExpires
 		}
-		if !now.After(exp) && !n.seen.After(now) {
+		if !now.After(exp) && !n.seen.After(last) {
 			out = append(out, DNSGrant{Client: n.client, Name: n.name})
 		}
 	}

@@ -212,7 +212,7 @@ func (p *proc) denyOther(f *flow, echo bool) {
 	f.echo = echo
 	if echo {
 		in := p.flowInput(f, "")
-		d, name, src, learned := p.decideForwarded(eng, in, "", "", f.first)
+		d, name, src, learned := p.decideForwarded(eng, in, "", "", f.first, f.last)
 		f.dec, f.learned = p.special(eng, in, d, true), learned
 		if name != "" {
 			f.evName, f.evSrc = name, src

@@ -2925,7 +2925,7 @@ func (p *proc) decideIn(eng *policy.Engine, f *flow, in policy.Input, name strin
 	if fwd && in.Port != 53 {
 		// nftables reads no name: by address alone, and matches the
 		// frame's source MAC (in's).
-		d, name, src, learned := p.decideForwarded(eng, in, name, src, f.first)
+		d, name, src, learned := p.decideForwarded(eng, in, name, src, f.first, f.last)
 		return p.special(eng, in, d, fwd), name, src, learned
 	}
 	// The proxy or the forwarder decides it: with the client's MAC as
@@ -2960,7 +2960,7 @@ func (p *proc) decideIn(eng *policy.Engine, f *flow, in policy.Input, name strin
 			// address of its device: not to another client's, as the
 			// proxy goes by what DNS gave this client's device.
 			var wire [4]DNSGrant
-			gs := p.c.learned.given(in.Dest, p.now, false, wire[:0])
+			gs := p.c.learned.given(in.Dest, p.now, p.now, false, wire[:0])
 			for pass := range 2 {
 				for _, g := range gs {
 					own := g.Client.Unmap() == in.Client
@@ -3134,7 +3134,13 @@ func (p *proc) flowInput(f *flow, path string) policy.Input {
 //
 // The wire answers are those live at the flow's first packet (at), when
 // nftables judged it, although capture may decide a UDP flow later (it
-// looks for a QUIC hello first).
+// looks for a QUIC hello first). An answer given after the flow's last
+// packet so far (last) let none of it out: the set did not hold the
+// address, and nftables dropped every packet. One given between its first
+// and last packets let the later packets out (a dropped packet confirms
+// no conntrack entry, so the next one of the same 5-tuple is new to the
+// forward chain, which the set now admits): the flow got out, and is
+// credited to it.
 //
 // name and src are the client's own name, if any, kept for the record;
 // without one, the name the credited answer gave, or else the first
@@ -3143,7 +3149,7 @@ func (p *proc) flowInput(f *flow, path string) policy.Input {
 // earlier rule's learned set does): what the flow's mark stands for (the
 // chain's first accept rule), which a reload judges again once the
 // answer expired (flow.learned, redecide).
-func (p *proc) decideForwarded(eng *policy.Engine, in policy.Input, name string, src audit.NameSource, at time.Time) (_ policy.Decision, _ string, _ audit.NameSource, learned admitName) {
+func (p *proc) decideForwarded(eng *policy.Engine, in policy.Input, name string, src audit.NameSource, at, last time.Time) (_ policy.Decision, _ string, _ audit.NameSource, learned admitName) {
 	if name != "" {
 		if n, ok := policy.NormalizeName(name); ok {
 			name = n
@@ -3161,15 +3167,15 @@ func (p *proc) decideForwarded(eng *policy.Engine, in policy.Input, name string,
 	n := 0
 	if p.c.deps.DNS != nil {
 		for _, g := range p.c.deps.DNS.Given(in.Dest) {
-			// An answer given after the flow's first packet did not
-			// let it out: nftables had dropped it by then.
-			if g.Since.IsZero() || at.IsZero() || !g.Since.After(at) {
+			// An answer given after the flow's last packet did not
+			// let it out: nftables had dropped them all by then.
+			if g.Since.IsZero() || last.IsZero() || !g.Since.After(last) {
 				p.grants = append(p.grants, g)
 			}
 		}
 		n = len(p.grants)
 	}
-	p.grants = p.c.learned.given(in.Dest, at, p.decideAt.IsZero(), p.grants)
+	p.grants = p.c.learned.given(in.Dest, at, last, p.decideAt.IsZero(), p.grants)
 	best, bi := -1, -1
 	for i, g := range p.grants {
 		if r := p.learnedRule(eng, in, g); r >= 0 && (best < 0 || r < best) {

@@ -287,7 +287,7 @@ func (p *proc) redecide(prev, next *policy.Engine) {
 			// live when the flow began: an expired one is in no set).
 			d, name, src, learned := p.keptByMark(eng, prev, next, in, f)
 			if !d.Allowed() {
-				d, name, src, learned = p.decideForwarded(eng, in, f.name, f.nameSrc, p.now)
+				d, name, src, learned = p.decideForwarded(eng, in, f.name, f.nameSrc, p.now, p.now)
 				d = p.special(eng, in, d, true)
 			}
 			if name == "" {
@@ -346,7 +346,7 @@ func (p *proc) redecide(prev, next *policy.Engine) {
 			case oth && !f.echo:
 				d = protocolDenied(eng)
 			case fwd:
-				d, name, src, f.learned = p.decideForwarded(eng, in, f.name, f.nameSrc, p.now)
+				d, name, src, f.learned = p.decideForwarded(eng, in, f.name, f.nameSrc, p.now, p.now)
 				d = p.special(eng, in, d, true)
 				if oth && name == "" {
 					name, src = f.evName, f.evSrc
