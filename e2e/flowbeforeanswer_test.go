@@ -45,10 +45,20 @@ func TestFlowBeforeAnswerDropped(t *testing.T) {
 
 	// Capture decides a UDP flow without a name 10 s after it began;
 	// the live report counts both flows once decided.
+	if ntpFlows, dropped := ntpCounts(t, d, name, ip, 2); ntpFlows != 1 || dropped != 1 {
+		t.Fatalf("report: ntp rule %d flows, dropped %s:123/udp %d flows; want 1 and 1 (the flow before the answer was dropped by the firewall)", ntpFlows, ip, dropped)
+	}
+}
+
+// ntpCounts polls d's report, for up to 30 s, until it counts want flows
+// to ip:123/udp (name's address) under the ntp rule and dropped together,
+// and returns the two counts.
+func ntpCounts(t *testing.T, d *daemon, name, ip string, want uint64) (ntpFlows, dropped uint64) {
+	t.Helper()
 	deadline := time.Now().Add(30 * time.Second)
 	for {
 		r := d.report()
-		var ntpFlows, dropped uint64
+		ntpFlows, dropped = 0, 0
 		for _, ru := range r.Rules {
 			if ru.Name == "ntp" {
 				ntpFlows = ru.Flows
@@ -59,14 +69,11 @@ func TestFlowBeforeAnswerDropped(t *testing.T) {
 				dropped = dr.Flows
 			}
 		}
-		if ntpFlows+dropped >= 2 {
-			if ntpFlows != 1 || dropped != 1 {
-				t.Fatalf("report: ntp rule %d flows, dropped %s:123/udp %d flows; want 1 and 1 (the flow before the answer was dropped by the firewall)", ntpFlows, ip, dropped)
-			}
-			return
+		if ntpFlows+dropped >= want {
+			return ntpFlows, dropped
 		}
 		if time.Now().After(deadline) {
-			t.Fatalf("report after 30s: ntp rule %d flows, dropped %d; want both flows counted", ntpFlows, dropped)
+			t.Fatalf("report after 30s: ntp rule %d flows, dropped %s:123/udp %d; want %d flows counted", ntpFlows, ip, dropped, want)
 		}
 		time.Sleep(500 * time.Millisecond)
 	}
@@ -113,29 +120,7 @@ func TestFlowBeforeAnswerSameSocketAllowed(t *testing.T) {
 		t.Fatalf("NTP to %s from the same socket after the answer: %v (want it let out: a new packet to the forward chain)", ip, err)
 	}
 
-	deadline := time.Now().Add(30 * time.Second)
-	for {
-		r := d.report()
-		var ntpFlows, dropped uint64
-		for _, ru := range r.Rules {
-			if ru.Name == "ntp" {
-				ntpFlows = ru.Flows
-			}
-		}
-		for _, dr := range r.Dropped {
-			if (dr.Dest == ip || dr.Dest == name) && dr.Port == 123 && dr.Proto == "udp" {
-				dropped = dr.Flows
-			}
-		}
-		if ntpFlows+dropped >= 1 {
-			if ntpFlows != 1 || dropped != 0 {
-				t.Fatalf("report: ntp rule %d flows, dropped %s:123/udp %d flows; want 1 and 0 (the flow's datagrams after the answer were let out and answered)", ntpFlows, ip, dropped)
-			}
-			return
-		}
-		if time.Now().After(deadline) {
-			t.Fatalf("report after 30s: ntp rule %d flows, dropped %d; want the flow counted", ntpFlows, dropped)
-		}
-		time.Sleep(500 * time.Millisecond)
+	if ntpFlows, dropped := ntpCounts(t, d, name, ip, 1); ntpFlows != 1 || dropped != 0 {
+		t.Fatalf("report: ntp rule %d flows, dropped %s:123/udp %d flows; want 1 and 0 (the flow's datagrams after the answer were let out and answered)", ntpFlows, ip, dropped)
 	}
 }
