@@ -892,3 +892,88 @@ func TestSetFullWarnedReload(t *testing.T) {
 		t.Errorf("%d warnings for %d refusals each the first after a reload, want %d\n%s", warn, reloads+1, reloads+1, logs.String())
 	}
 }
+
+// heldFullFirewall is a fullFirewall whose Learn under hold waits, once
+// it has said so on entered, until release is closed.
+type heldFullFirewall struct {
+	*fullFirewall
+	hold    atomic.Pointer[policy.Engine]
+	entered chan struct{}
+	release chan struct{}
+}
+
+func (f *heldFullFirewall) Learn(ctx context.Context, eng *policy.Engine, ls []Learned) error {
+	if eng == f.hold.Load() {
+		close(f.entered)
+		<-f.release
+	}
+	return f.fullFirewall.Learn(ctx, eng, ls)
+}
+
+// TestSetFullWarnedInFlightReload: a query decided under the policy a
+// reload replaced, whose firewall answer lands after the first refusal
+// under the new policy was warned of, neither forgets the sets warned of
+// nor warns: it is not the running policy's (warnFull compares with the
+// Store's), and the set's refusal was a warning already in the interval.
+// A later refusal of the same set under the running policy is quiet too.
+// Had the late query taken its policy for a new one, it would have
+// cleared the map and warned, and the next query under the running
+// policy, finding its policy changed again, cleared and warned once more.
+func TestSetFullWarnedInFlightReload(t *testing.T) {
+	fw := &heldFullFirewall{fullFirewall: &fullFirewall{}, entered: make(chan struct{}), release: make(chan struct{})}
+	fw.set(map[string][]netip.Addr{"ntp": addrs("192.0.2.22", "192.0.2.20", "192.0.2.21", "192.0.2.18")}, true)
+	logs := &syncBuffer{}
+	s := startSetFull(t, fw, logs, time.Hour)
+	fw.hold.Store(s.pol.Load())
+	addr := s.Addrs()[0].String()
+	late := make(chan *dns.Msg, 1)
+	go func() {
+		r, err := tryAskFrom("127.0.0.1", addr, "one.full.test.")
+		if err != nil {
+			t.Errorf("one.full.test under the old policy: %v", err)
+		}
+		late <- r
+	}()
+	select {
+	case <-fw.entered:
+	case <-time.After(10 * time.Second):
+		close(fw.release)
+		t.Fatal("the firewall was not asked for one.full.test")
+	}
+	eng, err := policy.Compile("p", []byte(setFullPolicy))
+	if err != nil {
+		close(fw.release)
+		t.Fatal(err)
+	}
+	s.pol.Swap(eng)
+	if r := ask(t, "udp", addr, "multi.full.test.", dns.TypeA, false); r.Rcode != dns.RcodeServerFailure {
+		t.Errorf("multi.full.test under the new policy: %s %v, want SERVFAIL", dns.RcodeToString[r.Rcode], answerAddrs(r))
+	}
+	close(fw.release)
+	if r := <-late; r != nil && r.Rcode != dns.RcodeServerFailure {
+		t.Errorf("one.full.test under the old policy: %s %v, want SERVFAIL", dns.RcodeToString[r.Rcode], answerAddrs(r))
+	}
+	waitFor(t, func() bool { return len(nameLines(logs, "one.full.test")) >= 1 })
+	if r := ask(t, "udp", addr, "in.full.test.", dns.TypeA, false); r.Rcode != dns.RcodeServerFailure {
+		t.Errorf("in.full.test under the new policy: %s %v, want SERVFAIL", dns.RcodeToString[r.Rcode], answerAddrs(r))
+	}
+	lines := func() []string {
+		return slices.Concat(nameLines(logs, "multi.full.test"), nameLines(logs, "one.full.test"), nameLines(logs, "in.full.test"))
+	}
+	waitFor(t, func() bool { return len(lines()) >= 3 })
+	for i, l := range lines() {
+		want := `"level":"INFO"`
+		if i == 0 {
+			want = `"level":"WARN"` // the first refusal under the new policy
+		}
+		if !strings.Contains(l, want) || !strings.Contains(l, `"set_full":"ntp/dns4_ntp"`) {
+			t.Errorf("line %d: %s\nwant %s and set_full ntp/dns4_ntp", i, l, want)
+		}
+	}
+	s.fullMu.Lock()
+	fullEng := s.fullEng
+	s.fullMu.Unlock()
+	if fullEng != eng {
+		t.Errorf("the sets warned of are taken as another policy's than the running one")
+	}
+}
