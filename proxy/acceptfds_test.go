@@ -345,3 +345,71 @@ func waitAcceptFailing(logs func() string) bool {
 	}
 	return true
 }
+
+// TestExplicitReservedOutOfFDsWarnsOnce: an explicit address whose
+// listener runs out of descriptors, is retired and given again, out of
+// descriptors again each time, says "accept failing" once for each
+// listener, at its first failure (its time forgotten once the last one
+// was served no more), and not at each of the failures that follow
+// (the wrapper's pauses, 5 ms doubling): no line a failure however often
+// the address is served again. Two limits keep it so, the wrapper's
+// (netutil.RetryListener, one line a listener every 10 s) and the proxy's
+// (acceptFailing, one an address every 10 s, forgotten at the retire):
+// with both dropped, each failure was a line. That the time is forgotten
+// is TestExplicitRetiredOutOfFDs's check (here, a line held back for the
+// old listener's 10 s would come within the wait). Loopback only.
+func TestExplicitReservedOutOfFDsWarnsOnce(t *testing.T) {
+	p, logs := loggedExplicitProxy(t)
+	cancel, ran := runReady(t, p)
+	defer cancel()
+	free, err := net.Listen("tcp", "127.0.0.3:0")
+	if err != nil {
+		t.Fatalf("no 127.0.0.3 (Linux's lo holds 127.0.0.0/8): %v", err)
+	}
+	addr := free.Addr().String()
+	free.Close()
+	count := func() int {
+		n := 0
+		for _, l := range strings.Split(logs(), "\n") {
+			if strings.Contains(l, acceptFailingLine) && strings.Contains(l, "listen="+addr) {
+				n++
+			}
+		}
+		return n
+	}
+	servers := func() int {
+		p.mu.Lock()
+		defer p.mu.Unlock()
+		return len(p.servers)
+	}
+	const listeners = 3
+	for i := range listeners {
+		if err := p.SetExplicitAddrs([]string{"127.0.0.1:0", addr}); err != nil {
+			t.Fatalf("listener %d: %v", i, err)
+		}
+		connect := testnet.DialQueued(t, addr)
+		release := testnet.OutOfFDs(t)
+		closeQueued := connect()
+		for deadline := time.Now().Add(10 * time.Second); count() < i+1 && time.Now().Before(deadline); {
+			time.Sleep(10 * time.Millisecond)
+		}
+		// The pauses 5, 10, 20, 40, 80 and 160 ms: six failures more.
+		time.Sleep(400 * time.Millisecond)
+		err := p.SetExplicitAddrs([]string{"127.0.0.1:0"})
+		release()
+		closeQueued()
+		if err != nil {
+			t.Fatalf("retire listener %d: %v", i, err)
+		}
+		if n := count(); n != i+1 {
+			t.Errorf("after listener %d's failures the log says %q %d times for %s, want %d (once a listener)", i, acceptFailingLine, n, addr, i+1)
+		}
+		for deadline := time.Now().Add(10 * time.Second); servers() != 1; {
+			if time.Now().After(deadline) {
+				t.Fatalf("listener %d: %d servers kept, want 1 (Run's)", i, servers())
+			}
+			time.Sleep(20 * time.Millisecond)
+		}
+	}
+	endRun(t, cancel, ran)
+}
