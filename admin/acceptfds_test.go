@@ -20,6 +20,26 @@ import (
 // through Close. Loopback only; the test fails only past 5 s, not on
 // speed.
 func TestRunOutOfFDs(t *testing.T) {
+	runOutOfFDs(t, func(s *Server, cancel context.CancelFunc) { s.Close() })
+}
+
+// TestRunOutOfFDsCancel: Run's context ending (the way example_test's
+// errgroup ends it) ends Run while its accept waits out EMFILE, as Close
+// does, with the one line, and Run returns nil. Before, the wrapper's
+// stop (ctx.Done) ended the pause before Run's Close at the context's
+// end had begun Shutdown as often as not, and Run returned "admin:
+// serve: accept ...: use of closed network connection", an error to the
+// errgroup (a few rounds, each a toss-up).
+func TestRunOutOfFDsCancel(t *testing.T) {
+	for range 8 {
+		runOutOfFDs(t, func(s *Server, cancel context.CancelFunc) { cancel() })
+	}
+}
+
+// runOutOfFDs is TestRunOutOfFDs with Run ended by end, given the server
+// and the cancel of Run's context.
+func runOutOfFDs(t *testing.T, end func(*Server, context.CancelFunc)) {
+	t.Helper()
 	l, _ := testLedger(t, nil)
 	var mu sync.Mutex
 	var logs bytes.Buffer
@@ -36,8 +56,10 @@ func TestRunOutOfFDs(t *testing.T) {
 		defer mu.Unlock()
 		return logs.String()
 	}
+	ctx, cancel := context.WithCancel(context.Background())
+	defer cancel()
 	done := make(chan error, 1)
-	go func() { done <- s.Run(context.Background()) }()
+	go func() { done <- s.Run(ctx) }()
 	deadline := time.Now().Add(10 * time.Second)
 	for s.Addr() == "127.0.0.1:0" && time.Now().Before(deadline) {
 		time.Sleep(10 * time.Millisecond)
@@ -56,7 +78,7 @@ func TestRunOutOfFDs(t *testing.T) {
 		}
 		time.Sleep(10 * time.Millisecond)
 	}
-	s.Close()
+	end(s, cancel)
 	select {
 	case err := <-done:
 		if err != nil {
@@ -64,7 +86,7 @@ func TestRunOutOfFDs(t *testing.T) {
 		}
 	case <-time.After(5 * time.Second):
 		release()
-		t.Fatal("Run has not returned 5 s after Close while out of descriptors")
+		t.Fatal("Run has not returned 5 s after it was ended while out of descriptors")
 	}
 	if n := strings.Count(logged(), "admin: accept failing"); n != 1 {
 		t.Errorf("%d accept-failing lines, want 1:\n%s", n, logged())
