@@ -425,8 +425,12 @@ func (s *Server) Run(ctx context.Context) error {
 	stop := context.AfterFunc(ctx, func() { s.Close() })
 	defer stop()
 	// Close (Shutdown closes the listener) and ctx end the wrapper's
-	// pause (TestRunOutOfFDs).
-	if err := srv.Serve(RetryListener(ln, ctx.Done(), s.log)); err != nil && !errors.Is(err, http.ErrServerClosed) {
+	// pause (TestRunOutOfFDs). At ctx's end the wrapper may end it
+	// before the Close above has begun Shutdown: Serve then returns the
+	// wrapper's net.ErrClosed, not http.ErrServerClosed, and that is a
+	// stop as asked too (TestRunOutOfFDsCancel).
+	err = srv.Serve(RetryListener(ln, ctx.Done(), s.log))
+	if err != nil && !errors.Is(err, http.ErrServerClosed) && !(ctx.Err() != nil && errors.Is(err, net.ErrClosed)) {
 		return fmt.Errorf("admin: serve: %w", err)
 	}
 	return nil
