@@ -119,12 +119,7 @@ func TestExplicitRetiredOutOfFDs(t *testing.T) {
 	p, logs := loggedExplicitProxy(t)
 	cancel, ran := runReady(t, p)
 	defer cancel()
-	free, err := net.Listen("tcp", "127.0.0.3:0")
-	if err != nil {
-		t.Fatalf("no 127.0.0.3 (Linux's lo holds 127.0.0.0/8): %v", err)
-	}
-	addr := free.Addr().String()
-	free.Close()
+	addr := freeAddr3(t)
 	if err := p.SetExplicitAddrs([]string{"127.0.0.1:0", addr}); err != nil {
 		t.Fatal(err)
 	}
@@ -132,11 +127,7 @@ func TestExplicitRetiredOutOfFDs(t *testing.T) {
 	if !answers(addr) {
 		t.Fatalf("%s does not answer once given", addr)
 	}
-	servers := func() int {
-		p.mu.Lock()
-		defer p.mu.Unlock()
-		return len(p.servers)
-	}
+	servers := func() int { return serverCount(p) }
 
 	connect := testnet.DialQueued(t, addr)
 	release := testnet.OutOfFDs(t)
@@ -147,7 +138,7 @@ func TestExplicitRetiredOutOfFDs(t *testing.T) {
 		t.Fatalf("the log does not say %q out of descriptors:\n%s", acceptFailingLine, logs())
 	}
 	time.Sleep(1500 * time.Millisecond) // the pauses are a second long now
-	err = p.SetExplicitAddrs([]string{"127.0.0.1:0"})
+	err := p.SetExplicitAddrs([]string{"127.0.0.1:0"})
 	release()
 	closeQueued()
 	if err != nil {
@@ -356,18 +347,13 @@ func waitAcceptFailing(logs func() string) bool {
 // (netutil.RetryListener, one line a listener every 10 s) and the proxy's
 // (acceptFailing, one an address every 10 s, forgotten at the retire):
 // with both dropped, each failure was a line. That the time is forgotten
-// is TestExplicitRetiredOutOfFDs's check (here, a line held back for the
-// old listener's 10 s would come within the wait). Loopback only.
+// is TestExplicitRetiredOutOfFDs's check (here the wait for each line,
+// up to 10 s, would outlast a line held back). Loopback only.
 func TestExplicitReservedOutOfFDsWarnsOnce(t *testing.T) {
 	p, logs := loggedExplicitProxy(t)
 	cancel, ran := runReady(t, p)
 	defer cancel()
-	free, err := net.Listen("tcp", "127.0.0.3:0")
-	if err != nil {
-		t.Fatalf("no 127.0.0.3 (Linux's lo holds 127.0.0.0/8): %v", err)
-	}
-	addr := free.Addr().String()
-	free.Close()
+	addr := freeAddr3(t)
 	count := func() int {
 		n := 0
 		for _, l := range strings.Split(logs(), "\n") {
@@ -377,11 +363,7 @@ func TestExplicitReservedOutOfFDsWarnsOnce(t *testing.T) {
 		}
 		return n
 	}
-	servers := func() int {
-		p.mu.Lock()
-		defer p.mu.Unlock()
-		return len(p.servers)
-	}
+	servers := func() int { return serverCount(p) }
 	const listeners = 3
 	for i := range listeners {
 		if err := p.SetExplicitAddrs([]string{"127.0.0.1:0", addr}); err != nil {
@@ -412,4 +394,24 @@ func TestExplicitReservedOutOfFDsWarnsOnce(t *testing.T) {
 		}
 	}
 	endRun(t, cancel, ran)
+}
+
+// freeAddr3 is a free loopback address on 127.0.0.3 (a port listened on
+// and closed).
+func freeAddr3(t *testing.T) string {
+	t.Helper()
+	free, err := net.Listen("tcp", "127.0.0.3:0")
+	if err != nil {
+		t.Fatalf("no 127.0.0.3 (Linux's lo holds 127.0.0.0/8): %v", err)
+	}
+	defer free.Close()
+	return free.Addr().String()
+}
+
+// serverCount is how many explicit servers p keeps (Run's and each
+// listener's not yet retired).
+func serverCount(p *Proxy) int {
+	p.mu.Lock()
+	defer p.mu.Unlock()
+	return len(p.servers)
 }
