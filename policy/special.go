@@ -98,8 +98,11 @@ func (e *Engine) GuardRefuses(in Input, own []netip.Addr, allow []netip.Prefix) 
 // DNS forwarder and the forward chain; firewall/render.go) and Linux drops
 // ::1 from any other interface. An IPv4-mapped ::ffff:127.0.0.1 in an
 // IPv6 header is no loopback destination to the kernel (capture/guard.go):
-// it is GuardRefuses's. The explicit proxy, asked for loopback itself,
-// dials it from the gateway: GuardRefuses's too (proxy selfDecision).
+// it is GuardRefuses's. Redirected to the transparent proxy, which reads
+// it unmapped (127.0.0.1), it is this one's: the proxy refuses it
+// (proxy handleTransparent), as capture, which unmaps it too. The
+// explicit proxy, asked for loopback itself, dials it from the gateway:
+// GuardRefuses's too (proxy selfDecision).
 func LANLoopback(a netip.Addr) (netip.Prefix, bool) {
 	switch {
 	case a.Is4() && a.IsLoopback():

@@ -294,8 +294,13 @@ func (p *Proxy) selfDecision(eng *policy.Engine, in policy.Input) (policy.Decisi
 	if !self || !p.guardRefuses(eng, in) {
 		return policy.Decision{}, false
 	}
-	return policy.Decision{Verdict: policy.Deny, RuleIndex: -1, Reason: ReasonSpecialRange, Mode: policy.ModeEnforce}, true
+	return selfRefusal, true
 }
+
+// selfRefusal is the refusal of a destination that is the gateway itself
+// (selfDecision, and loopback from the LAN: handleTransparent): made in
+// enforce mode whatever the policy's.
+var selfRefusal = policy.Decision{Verdict: policy.Deny, RuleIndex: -1, Reason: ReasonSpecialRange, Mode: policy.ModeEnforce}
 
 // literalAddr returns the address a name-shaped string spells, if it is an
 // IP literal (with or without brackets, IPv6 zone refused).
