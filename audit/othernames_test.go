@@ -163,7 +163,7 @@ func TestOpenFlowsOtherNamesMoved(t *testing.T) {
 }
 
 // TestQueueBytesOtherNames: the journal's queue bound (QueueBytes) counts
-// an event's other names as it counts its top clients: up to 3 names of
+// an event's other names as it counts its top clients: up to 4 names of
 // 255 bytes each an event, which it left out before session 30 (R27).
 func TestQueueBytesOtherNames(t *testing.T) {
 	ev := Event{Kind: KindFlow, Time: t0, Proto: "udp", Name: "a.test"}
