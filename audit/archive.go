@@ -135,6 +135,8 @@ type archDrop struct {
 	Port             uint16       `json:"port"`
 	Proto            string       `json:"proto"`
 	IP               netip.Addr   `json:"ip,omitzero"`
+	IPs              []netip.Addr `json:"ips,omitempty"` // when more than one
+	IPsTruncated     bool         `json:"ips_truncated,omitempty"`
 	Flows            uint64       `json:"flows,omitempty"`
 	Queries          uint64       `json:"queries,omitempty"`
 	Requests         uint64       `json:"requests,omitempty"`
@@ -441,6 +443,11 @@ func (l *Ledger) importArchive(a *archive) {
 		ds.bytesIn += d.BytesIn
 		ds.reason, ds.rule = Clip(d.Reason, MaxNameBytes), Clip(d.Rule, MaxNameBytes)
 		ds.ip = d.IP.Unmap()
+		for _, a := range d.IPs {
+			ds.addIP(a.Unmap())
+		}
+		ds.addIP(ds.ip)
+		ds.ipsTruncated = ds.ipsTruncated || d.IPsTruncated
 		importClients(&ds.clients, d.Clients, d.ClientMACs, d.ClientsTruncated, l.opt.MaxClients)
 		ds.seen(d.First.UTC())
 		ds.seen(d.Last.UTC())
@@ -715,6 +722,7 @@ func (l *Ledger) export() *archive {
 			continue
 		}
 		a.Dropped = append(a.Dropped, archDrop{Dest: ds.key.dest, Port: ds.key.port, Proto: ds.key.proto, IP: ds.ip,
+			IPs: ds.ipList(), IPsTruncated: ds.ipsTruncated,
 			Flows: ds.flows, Queries: ds.queries, Requests: ds.requests, EnforcedFlows: ds.enforcedFlows, Enforced: ds.enforced,
 			BytesOut: ds.bytesOut, BytesIn: ds.bytesIn, Reason: ds.reason, Rule: ds.rule,
 			Clients: ds.clients.addrs(), ClientsTruncated: ds.clients.truncated, ClientMACs: ds.clients.macs(), First: ds.first, Last: ds.last})

@@ -66,6 +66,7 @@ var htmlTmpl = template.Must(template.New("report").Funcs(template.FuncMap{
 	"count":    fmtCount,
 	"enforced": func(d DroppedReport) string { return d.enforcedText() },
 	"port":     func(d DroppedReport) string { return d.portText() },
+	"ips":      func(d DroppedReport) string { return d.ipsText() },
 	"reason":   func(d DroppedReport) string { return d.reasonText() },
 	"plural":   func(n uint64, one, many string) string { return plural(n, one, many) },
 	"date":     expiresDate,
@@ -148,7 +149,7 @@ Clients: {{count .ClientCount .ClientsTruncated}}.</p>
 <table id="dropped">
 <thead><tr><th>Destination</th><th>IP</th><th>Port</th><th>Flows</th><th>Queries</th>{{if $.Requests}}<th>Requests</th>{{end}}<th>Clients</th>{{if $.MACs}}<th>Devices</th>{{end}}<th>Enforced</th><th>Reason</th><th>First seen</th><th>Last seen</th></tr></thead>
 <tbody>
-{{range .Dropped}}<tr><td>{{.Dest}}</td><td>{{.IP}}</td><td>{{port .}}</td><td class="n flows">{{.Flows}}</td><td class="n">{{.Queries}}</td>{{if $.Requests}}<td class="n requests">{{.Requests}}</td>{{end}}<td class="clients">{{template "clients" .}}</td>{{if $.MACs}}<td class="n devices">{{count .DeviceCount .DevicesTruncated}}</td>{{end}}<td{{if or .Enforced .EnforcedFlows}} class="enforced"{{end}}>{{enforced .}}</td><td>{{reason .}}</td><td>{{time .FirstSeen}}</td><td>{{time .LastSeen}}</td></tr>
+{{range .Dropped}}<tr><td>{{.Dest}}</td><td>{{ips .}}</td><td>{{port .}}</td><td class="n flows">{{.Flows}}</td><td class="n">{{.Queries}}</td>{{if $.Requests}}<td class="n requests">{{.Requests}}</td>{{end}}<td class="clients">{{template "clients" .}}</td>{{if $.MACs}}<td class="n devices">{{count .DeviceCount .DevicesTruncated}}</td>{{end}}<td{{if or .Enforced .EnforcedFlows}} class="enforced"{{end}}>{{enforced .}}</td><td>{{reason .}}</td><td>{{time .FirstSeen}}</td><td>{{time .LastSeen}}</td></tr>
 {{end}}</tbody>
 </table>
 {{else}}<p>Nothing {{if .Audit}}would be{{else}}was{{end}} dropped.</p>{{end}}

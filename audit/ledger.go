@@ -255,7 +255,9 @@ type dropKey struct {
 
 type dropStats struct {
 	key               dropKey
-	ip                netip.Addr
+	ip                netip.Addr   // the latest flow's
+	ips               []netip.Addr // the distinct addresses of its flows, at most maxDropIPs
+	ipsTruncated      bool
 	flows, queries    uint64
 	requests          uint64
 	enforcedFlows     uint64
@@ -268,6 +270,33 @@ type dropStats struct {
 	// on: a report decides again only an entry whose inputs changed
 	// since (a reload, a rule expired, a client or MAC seen).
 	allowed allowedMemo
+}
+
+// maxDropIPs bounds the addresses a dropped entry lists (a name behind
+// a CDN goes to many): past it the list is marked truncated.
+const maxDropIPs = 8
+
+// addIP notes an address of the entry's flows.
+func (ds *dropStats) addIP(a netip.Addr) {
+	if !a.IsValid() || slices.Contains(ds.ips, a) {
+		return
+	}
+	if len(ds.ips) >= maxDropIPs {
+		ds.ipsTruncated = true
+		return
+	}
+	ds.ips = append(ds.ips, a)
+}
+
+// ipList is the entry's addresses, sorted, when it has more than one
+// (or lost some to the bound): nil for one, which ip says.
+func (ds *dropStats) ipList() []netip.Addr {
+	if len(ds.ips) < 2 && !ds.ipsTruncated {
+		return nil
+	}
+	l := slices.Clone(ds.ips)
+	slices.SortFunc(l, netip.Addr.Compare)
+	return l
 }
 
 // allowedMemo is allowedNow of a dropped entry as decided by eng, with
@@ -628,6 +657,9 @@ func (l *Ledger) attributeLocked(rec *flowRec, ev *Event, t time.Time) {
 			} else {
 				ds.queries++
 			}
+			if ev.Dest.IsValid() && ev.Kind == KindFlow {
+				ds.addIP(ev.Dest.Unmap())
+			}
 			if !t.Before(ds.last) {
 				ds.enforced = ev.Enforced
 				if ev.Dest.IsValid() && ev.Kind == KindFlow { // a query's Dest is the resolver
@@ -809,6 +841,9 @@ func (l *Ledger) addRequestLocked(ev *Event) {
 	l.totals.DroppedRequests++
 	ds := l.dropLocked(ev)
 	ds.requests++
+	if ev.Dest.IsValid() {
+		ds.addIP(ev.Dest.Unmap())
+	}
 	if !t.Before(ds.last) {
 		ds.enforced = ev.Enforced
 		if ev.Dest.IsValid() {

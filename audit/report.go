@@ -332,8 +332,12 @@ type ExpiredRule struct {
 // DroppedReport is one entry of the dropped list: what was (enforced) or
 // would be (audit mode) dropped, grouped by destination, port and protocol.
 type DroppedReport struct {
-	Dest             string   `json:"dest"`
-	IP               string   `json:"ip"` // the latest address seen, "" when none
+	Dest string `json:"dest"`
+	IP   string `json:"ip"` // the latest address seen, "" when none
+	// IPs are the distinct addresses of its flows, sorted, when there
+	// are more than one (at most maxDropIPs; IPsTruncated when more).
+	IPs              []string `json:"ips,omitempty"`
+	IPsTruncated     bool     `json:"ips_truncated,omitempty"`
 	Port             uint16   `json:"port"`
 	Proto            string   `json:"proto"` // "tcp", "udp", "dns" for denied queries, or another IP protocol (Event.Proto; Port 0)
 	Flows            uint64   `json:"flows"`
@@ -359,6 +363,35 @@ type DroppedReport struct {
 	// drops, from --suggest, say): "" when none does, or with no policy.
 	// --suggest proposes no rule for it.
 	AllowedNow string `json:"allowed_now,omitempty"`
+}
+
+// otherIPs is "+N" for the addresses besides the latest (IP) an entry
+// lists, "+N…" when the list is truncated; "" when there is one.
+func (d DroppedReport) otherIPs() string {
+	if len(d.IPs) < 2 && !d.IPsTruncated {
+		return ""
+	}
+	n := len(d.IPs)
+	if slices.Contains(d.IPs, d.IP) {
+		n--
+	}
+	if d.IPsTruncated {
+		return fmt.Sprintf("+%d…", n)
+	}
+	return fmt.Sprintf("+%d", n)
+}
+
+// ipsText lists an entry's addresses: its IPs, "…" after them when
+// truncated, else the one address.
+func (d DroppedReport) ipsText() string {
+	if len(d.IPs) == 0 {
+		return d.IP
+	}
+	s := strings.Join(d.IPs, ", ")
+	if d.IPsTruncated {
+		s += ", …"
+	}
+	return s
 }
 
 // Report builds a report. It is a snapshot: later events do not change it.
@@ -985,8 +1018,12 @@ func (l *Ledger) buildLocked(opt ReportOptions) *Report {
 		if ds.ip.IsValid() {
 			ip = ds.ip.String()
 		}
+		var ips []string
+		if l := ds.ipList(); l != nil {
+			ips = addrStrings(l)
+		}
 		r.Dropped = append(r.Dropped, DroppedReport{
-			Dest: ds.key.dest, IP: ip, Port: ds.key.port, Proto: ds.key.proto,
+			Dest: ds.key.dest, IP: ip, IPs: ips, IPsTruncated: ds.ipsTruncated, Port: ds.key.port, Proto: ds.key.proto,
 			Flows: ds.flows, Queries: ds.queries, Requests: ds.requests, BytesOut: ds.bytesOut, BytesIn: ds.bytesIn,
 			Clients: cl, ClientCount: len(cl), ClientsTruncated: ds.clients.truncated, ClientDevices: ds.clients.report(),
 			Enforced: ds.enforced, EnforcedFlows: ds.enforcedFlows,
@@ -1184,6 +1221,8 @@ func (r *Report) WriteText(w io.Writer) error {
 			ip := d.IP
 			if ip == "" || ip == d.Dest {
 				ip = "-"
+			} else if others := d.otherIPs(); others != "" {
+				ip += " " + others
 			}
 			enf := d.enforcedText()
 			reason := d.reasonText()
@@ -1192,6 +1231,16 @@ func (r *Report) WriteText(w io.Writer) error {
 				fmtTime(d.FirstSeen), fmtTime(d.LastSeen))
 		}
 		tw.Flush()
+		several := false
+		for _, d := range r.Dropped {
+			if len(d.IPs) > 1 || d.IPsTruncated {
+				if !several {
+					fmt.Fprintf(ew, "\nADDRESSES (entries whose flows went to more than one; IP above is the latest)\n")
+					several = true
+				}
+				fmt.Fprintf(ew, "  %s %s: %s\n", textName(d.Dest), d.portText(), d.ipsText())
+			}
+		}
 		who := "CLIENTS THAT TRIED (by entry above)"
 		fmt.Fprintf(ew, "\n%s\n", who)
 		for _, d := range r.Dropped {
