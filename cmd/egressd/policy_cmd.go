@@ -40,11 +40,18 @@ func cmdPolicy(ctx context.Context, args []string, stdout, stderr io.Writer) int
 // loadEngine compiles a policy file, or an embedded profile when file is
 // "profile:NAME". Warnings go to stderr.
 func loadEngine(file string, stderr io.Writer) (*policy.Engine, error) {
+	return loadEngineAs(file, file, stderr)
+}
+
+// loadEngineAs is loadEngine of file under another name (the file's
+// origin, for the state directory's copy of a policy): errors,
+// warnings and reports name it.
+func loadEngineAs(file, name string, stderr io.Writer) (*policy.Engine, error) {
 	src, err := policySource(file)
 	if err != nil {
 		return nil, err
 	}
-	eng, err := policy.Compile(file, src)
+	eng, err := policy.Compile(name, src)
 	if err != nil {
 		return nil, err
 	}

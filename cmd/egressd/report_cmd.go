@@ -83,15 +83,20 @@ func cmdReport(ctx context.Context, args []string, stdout, stderr io.Writer) int
 	}
 	if rep == nil {
 		var eng *policy.Engine
+		name := *policyFile
 		if *policyFile == "" {
 			// The daemon keeps a copy of the policy it runs in the state
-			// directory, so that unused rules can be listed without it.
+			// directory, so that unused rules can be listed without it,
+			// and where it came from, the name the report gives it.
 			if p := filepath.Join(*stateDir, runningPolicyFile); fileExists(p) {
-				*policyFile = p
+				*policyFile, name = p, p
+				if b, err := os.ReadFile(filepath.Join(*stateDir, runningSourceFile)); err == nil && strings.TrimSpace(string(b)) != "" {
+					name = strings.TrimSpace(string(b))
+				}
 			}
 		}
 		if *policyFile != "" {
-			if eng, err = loadEngine(*policyFile, stderr); err != nil {
+			if eng, err = loadEngineAs(*policyFile, name, stderr); err != nil {
 				fmt.Fprintln(stderr, "egressd:", err)
 				return exitFail
 			}

@@ -378,7 +378,7 @@ func newDaemon(cfg runConfig, stdout, stderr io.Writer) (*daemon, error) {
 	}
 	// The temporary files of the writes a kill cut short (atomicfile: a
 	// new name each write, which the next does not reuse).
-	for _, f := range []string{runningPolicyFile, runningFirewallFile, pendingFile} {
+	for _, f := range []string{runningPolicyFile, runningSourceFile, runningFirewallFile, pendingFile} {
 		for _, name := range atomicfile.RemoveTemps(filepath.Join(cfg.stateDir, f)) {
 			d.log.Info("removed the temporary file of a state file's write that did not finish", "file", name)
 		}
@@ -450,6 +450,11 @@ const nat64Usage = "NAT64 prefixes of the site's DNS64/NAT64 (RFC 6052 /96), com
 // runningPolicyFile is the copy of the running policy in the state
 // directory, which `egressd report` reads when the daemon is not running.
 const runningPolicyFile = "policy.yaml"
+
+// runningSourceFile names, beside runningPolicyFile, where the copy came
+// from (--policy's file or profile:NAME), so that `egressd report
+// --state-dir` names the policy as the running daemon does.
+const runningSourceFile = "policy.source"
 
 // runningFirewallFile records, beside runningPolicyFile, what else the
 // ruleset of the copy's policy in the kernel was rendered with that the
@@ -637,7 +642,7 @@ func (d *daemon) savePolicy(installed bool) {
 		if !settled {
 			d.noteReplacedCopy()
 		}
-		if err = writeAtomic(copyPath, d.src); err == nil {
+		if err = d.writeCopy(copyPath); err == nil {
 			err = writeRecord(recPath, firewallRecord{Version: firewallRecordVersion, TCPPorts: d.cfg.tcpPorts, NAT64: &d.cfg.nat64, CTMarkBits: d.cfg.ctMarkBits, PolicySHA256: hex.EncodeToString(sum[:])})
 		}
 		if err == nil && settled {
@@ -659,12 +664,21 @@ func (d *daemon) savePolicy(installed bool) {
 			}
 		}
 		if err == nil {
-			err = writeAtomic(copyPath, d.src)
+			err = d.writeCopy(copyPath)
 		}
 	}
 	if err != nil {
 		d.log.Warn("cannot keep a copy of the policy in the state directory", audit.LogError, err.Error())
 	}
+}
+
+// writeCopy writes the running policy's copy to p, and where it came
+// from beside it (runningSourceFile).
+func (d *daemon) writeCopy(p string) error {
+	if err := writeAtomic(p, d.src); err != nil {
+		return err
+	}
+	return writeAtomic(filepath.Join(filepath.Dir(p), runningSourceFile), []byte(d.source+"\n"))
 }
 
 // writeRecord writes rec as runningFirewallFile's content, to p.
