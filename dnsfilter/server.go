@@ -496,7 +496,7 @@ func (s *Server) listenOne(host, port string, readers int) error {
 	l, err := tlc.Listen(context.Background(), "tcp", bound)
 	if err != nil {
 		closeAll()
-		return fmt.Errorf("dnsfilter: listen tcp: %w", err)
+		return fmt.Errorf("dnsfilter: %w", err) // net.OpError: "listen tcp ADDR: ..."
 	}
 	if s.tcpWrap != nil {
 		l = s.tcpWrap(l)
@@ -569,7 +569,7 @@ func (s *Server) listenUDP(network, addr string, reuse bool, readers int, v6only
 	}}
 	pc, err := lc.ListenPacket(ctx, network, addr)
 	if err != nil {
-		return nil, 0, fmt.Errorf("dnsfilter: listen udp: %w", err)
+		return nil, 0, fmt.Errorf("dnsfilter: %w", err) // net.OpError: "listen udp ADDR: ..."
 	}
 	first := pc.(*net.UDPConn)
 	p := first.LocalAddr().(*net.UDPAddr).AddrPort().Port()
@@ -586,7 +586,7 @@ func (s *Server) listenUDP(network, addr string, reuse bool, readers int, v6only
 			for _, c := range conns {
 				_ = c.Close()
 			}
-			return nil, 0, fmt.Errorf("dnsfilter: listen udp: %w", err)
+			return nil, 0, fmt.Errorf("dnsfilter: %w", err) // net.OpError: "listen udp ADDR: ..."
 		}
 		conns = append(conns, pc.(*net.UDPConn))
 	}

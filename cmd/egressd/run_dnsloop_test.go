@@ -71,3 +71,47 @@ func TestRunDNSPortTaken(t *testing.T) {
 		}
 	}
 }
+
+// TestRunDNSPortTakenSaysListenOnce: the forwarder's NOT RUNNING line
+// names the failed listen once, for UDP and for TCP (its UDP port free,
+// its TCP port held). Before session 32 it read "dnsfilter: listen tcp:
+// listen tcp 127.0.0.1:53: bind: ...".
+func TestRunDNSPortTakenSaysListenOnce(t *testing.T) {
+	bin := buildEgressd(t)
+	for _, proto := range []string{"udp", "tcp"} {
+		t.Run(proto, func(t *testing.T) {
+			var busy string
+			if proto == "udp" {
+				taken, err := net.ListenPacket("udp", "127.0.0.1:0")
+				if err != nil {
+					t.Fatal(err)
+				}
+				defer taken.Close()
+				busy = taken.LocalAddr().String()
+			} else {
+				taken, err := net.Listen("tcp", "127.0.0.1:0")
+				if err != nil {
+					t.Fatal(err)
+				}
+				defer taken.Close()
+				busy = taken.Addr().String()
+			}
+			r := startRun(t, bin, t.TempDir(), "--mode", "audit", "--dns-listen", busy)
+			var line string
+			for deadline := time.Now().Add(10 * time.Second); line == ""; {
+				for _, l := range strings.Split(r.out.String(), "\n") {
+					if strings.Contains(l, "NOT RUNNING: dns:") {
+						line = l
+					}
+				}
+				if line == "" && time.Now().After(deadline) {
+					t.Fatalf("no NOT RUNNING line for dns in 10s\nstdout:\n%s\nstderr:\n%s", r.out.String(), r.errb.String())
+				}
+				time.Sleep(20 * time.Millisecond)
+			}
+			if n := strings.Count(line, "listen "+proto); n != 1 || !strings.Contains(line, "listen "+proto+" "+busy+": bind: address already in use") {
+				t.Errorf("the dns NOT RUNNING line names the listen %d times, want once, with the address:\n%s", n, line)
+			}
+		})
+	}
+}
