@@ -77,6 +77,17 @@ func (d *daemon) logs() string {
 	return b.String()
 }
 
+// dumpOnFailure logs what egressd printed and its flow events when the
+// test has failed, at its end.
+func (d *daemon) dumpOnFailure() {
+	d.t.Cleanup(func() {
+		if d.t.Failed() {
+			d.t.Logf("egressd output:\n%s", d.logs())
+			d.t.Logf("flows:\n%s", d.events())
+		}
+	})
+}
+
 // events returns the flow events of the event log in the state directory,
 // one short line each, for failure messages.
 func (d *daemon) events() string {

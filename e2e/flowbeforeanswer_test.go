@@ -22,12 +22,7 @@ func TestFlowBeforeAnswerDropped(t *testing.T) {
 	tp := newTopo(t)
 	d := newDaemon(t, tp, "enforce")
 	d.start()
-	t.Cleanup(func() {
-		if t.Failed() {
-			t.Logf("egressd output:\n%s", d.logs())
-			t.Logf("flows:\n%s", d.events())
-		}
-	})
+	d.dumpOnFailure()
 	ctx, cancel := context.WithTimeout(context.Background(), 2*time.Minute)
 	defer cancel()
 
@@ -92,12 +87,7 @@ func TestFlowBeforeAnswerSameSocketAllowed(t *testing.T) {
 	tp := newTopo(t)
 	d := newDaemon(t, tp, "enforce")
 	d.start()
-	t.Cleanup(func() {
-		if t.Failed() {
-			t.Logf("egressd output:\n%s", d.logs())
-			t.Logf("flows:\n%s", d.events())
-		}
-	})
+	d.dumpOnFailure()
 	ctx, cancel := context.WithTimeout(context.Background(), 2*time.Minute)
 	defer cancel()
 

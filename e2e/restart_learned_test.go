@@ -36,12 +36,7 @@ func TestRestartKeepsLearnedAddresses(t *testing.T) {
 	tp := newTopo(t)
 	d := newDaemon(t, tp, "enforce")
 	d.start()
-	t.Cleanup(func() {
-		if t.Failed() {
-			t.Logf("egressd output:\n%s", d.logs())
-			t.Logf("flows:\n%s", d.events())
-		}
-	})
+	d.dumpOnFailure()
 
 	ctx, cancel := context.WithTimeout(context.Background(), 3*time.Minute)
 	defer cancel()
@@ -159,12 +154,7 @@ func TestRestartAuditToEnforceKeepsDeniedAnswers(t *testing.T) {
 	}
 	d.writePolicy(seed)
 	d.start()
-	t.Cleanup(func() {
-		if t.Failed() {
-			t.Logf("egressd output:\n%s", d.logs())
-			t.Logf("flows:\n%s", d.events())
-		}
-	})
+	d.dumpOnFailure()
 
 	ctx, cancel := context.WithTimeout(context.Background(), time.Minute)
 	defer cancel()
