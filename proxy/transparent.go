@@ -483,18 +483,15 @@ const deferredFirstByteWait = 50 * time.Millisecond
 // from a request socket starts with): under TCP_DEFER_ACCEPT, that is the
 // kernel's wait for a silent client ending. An error reports false.
 func synAckRetransmitted(c *net.TCPConn) bool {
-	ti := tcpInfo(c)
+	ti := netutil.TCPInfo(c)
 	return ti != nil && ti.Total_retrans > 0
 }
-
-// tcpInfo returns c's TCP_INFO; nil on an error.
-func tcpInfo(c *net.TCPConn) *unix.TCPInfo { return netutil.TCPInfo(c) }
 
 // clientEnded reports whether c's client has ended it: the socket is no
 // longer established (a reset closed it, a FIN put it in CLOSE-WAIT). An
 // error reports true, leaving capture's word as it was before.
 func clientEnded(c *net.TCPConn) bool {
-	ti := tcpInfo(c)
+	ti := netutil.TCPInfo(c)
 	return ti == nil || ti.State != unix.BPF_TCP_ESTABLISHED
 }
 
