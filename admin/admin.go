@@ -73,7 +73,9 @@ const maxReports = 4
 // once; its next report is refused as past maxReports. Half: a client
 // looping on slow since= reports leaves the other half to the other
 // operators, and a single operator's page and `egressd report` both run.
-// All local clients are one address (127.0.0.1 or ::1) to it.
+// A local client counts by its source address: 127.0.0.1 (or ::1) by
+// default, so local clients share one, but any other 127.0.0.0/8 source
+// is a client of its own (README).
 const clientReports = 2
 
 // busyRetryAfter is the Retry-After, in seconds, of a report refused past
