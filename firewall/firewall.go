@@ -16,6 +16,7 @@ import (
 	"time"
 
 	"github.com/google/nftables"
+	"github.com/mdlayher/netlink"
 	"golang.org/x/sys/unix"
 
 	"egressd/audit"
@@ -153,7 +154,7 @@ func (f *Firewall) connLocked() (*nftables.Conn, error) {
 	if f.conn != nil {
 		return f.conn, nil
 	}
-	opts := []nftables.ConnOption{nftables.AsLasting()}
+	opts := []nftables.ConnOption{nftables.AsLasting(), nftables.WithSockOptions(bigReceiveBuffer)}
 	if f.cfg.NetNS != "" {
 		ns, err := os.Open(f.cfg.NetNS)
 		if err != nil {
@@ -170,6 +171,33 @@ func (f *Firewall) connLocked() (*nftables.Conn, error) {
 	}
 	f.conn = c
 	return c, nil
+}
+
+// batchReceiveBuffer is the netlink socket's receive buffer. The kernel
+// acknowledges every message of a batch (each set, element list and
+// rule) before the firewall reads the first acknowledgement; with the
+// default buffer (rmem_default, 208 KiB) a ruleset of a few hundred
+// rules overflowed it and the install failed with ENOBUFS.
+const batchReceiveBuffer = 8 << 20
+
+// bigReceiveBuffer sets the socket's receive buffer to
+// batchReceiveBuffer, past net.core.rmem_max (SO_RCVBUFFORCE, which
+// CAP_NET_ADMIN allows; without it, as large as rmem_max lets).
+func bigReceiveBuffer(c *netlink.Conn) error {
+	rc, err := c.SyscallConn()
+	if err != nil {
+		return err
+	}
+	var serr error
+	if err := rc.Control(func(fd uintptr) {
+		serr = unix.SetsockoptInt(int(fd), unix.SOL_SOCKET, unix.SO_RCVBUFFORCE, batchReceiveBuffer)
+	}); err != nil {
+		return err
+	}
+	if serr != nil {
+		return c.SetReadBuffer(batchReceiveBuffer)
+	}
+	return nil
 }
 
 // Install renders eng and installs the ruleset, replacing any egressd table
