@@ -96,6 +96,20 @@ type Config struct {
 	// must not write these bits, nor egressd any other.
 	CTMarkBits uint32
 
+	// FastPath (enforce mode only; audit mode installs nothing new) has
+	// the proxy decide each new TCP connection it would get from its
+	// queued packets instead of terminating it (FASTPATH: chain fastpath
+	// and the first rules of forward, fast.go): the LAN's initial SYNs
+	// to the redirected ports, and the packets with payload of a
+	// connection userspace marked pending, go to NFQUEUE queue
+	// FastPathQueue; a connection it allows is then forwarded by the
+	// kernel. With no reader on the queue the kernel drops them (fail
+	// closed). It needs at least 3 tag bits in CTMarkBits (FastMarks).
+	FastPath bool
+	// FastPathQueue is the NFQUEUE queue number of the fast path. Zero
+	// means DefaultFastPathQueue (3300).
+	FastPathQueue uint16
+
 	// NetNS is the path of the network namespace to install into, such as
 	// /var/run/netns/NAME. Empty means the process's own namespace.
 	NetNS string
@@ -305,6 +319,8 @@ func (c Config) Validate(mode policy.Mode) error {
 	}
 	if err := CheckCTMarkBits(c.CTMarkBits); err != nil {
 		errs = append(errs, err)
+	} else if c.FastPath && layoutOf(c.CTMarkBits).count < fastMinTags {
+		errs = append(errs, fmt.Errorf("firewall: the fast path needs at least 3 tag bits below the enforced bit; conntrack mark bits 0x%08x have fewer", c.CTMarkBits))
 	}
 	if c.MaxLearned < 0 {
 		errs = append(errs, errors.New("firewall: MaxLearned is negative"))

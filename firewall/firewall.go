@@ -255,10 +255,10 @@ func (f *Firewall) apply(eng *policy.Engine, op string, only *policy.Engine) err
 	if sw.ran {
 		attrs = append(attrs, "flows_kept", sw.kept, "flows_cut", sw.cut)
 	}
-	short := uint64(len(rs.flows)) > uint64(rs.mark.count)
+	short := uint64(len(rs.flows)) > uint64(rs.ruleTags())
 	if short {
 		// More rules than tags (Config.CheckTags): rules share tags.
-		attrs = append(attrs, "ct_mark_tags", rs.mark.count, "ct_mark_tags_wanted", len(rs.flows))
+		attrs = append(attrs, "ct_mark_tags", rs.ruleTags(), "ct_mark_tags_wanted", len(rs.flows))
 	}
 	if sw.err != nil || short {
 		if sw.err != nil {

@@ -188,6 +188,24 @@ func ruleExprs(r Rule, sets map[string]*nftables.Set) ([]expr.Any, error) {
 			&expr.Bitwise{SourceRegister: 1, DestRegister: 1, Len: 4, Mask: m, Xor: make([]byte, 4)},
 			&expr.Cmp{Op: expr.CmpOpEq, Register: 1, Data: m})
 	}
+	if r.CTMarkAnd != 0 {
+		e = append(e, &expr.Ct{Register: 1, Key: expr.CtKeyMARK},
+			&expr.Bitwise{SourceRegister: 1, DestRegister: 1, Len: 4, Mask: binaryutil.NativeEndian.PutUint32(r.CTMarkAnd), Xor: make([]byte, 4)},
+			&expr.Cmp{Op: expr.CmpOpEq, Register: 1, Data: binaryutil.NativeEndian.PutUint32(r.CTMarkEq)})
+	}
+	if r.CTReply || r.CTOriginal {
+		dir := byte(0) // IP_CT_DIR_ORIGINAL
+		if r.CTReply {
+			dir = 1
+		}
+		e = append(e, &expr.Ct{Register: 1, Key: expr.CtKeyDIRECTION},
+			&expr.Cmp{Op: expr.CmpOpEq, Register: 1, Data: []byte{dir}})
+	}
+	if r.MarkAnd != 0 {
+		e = append(e, &expr.Meta{Key: expr.MetaKeyMARK, Register: 1},
+			&expr.Bitwise{SourceRegister: 1, DestRegister: 1, Len: 4, Mask: binaryutil.NativeEndian.PutUint32(r.MarkAnd), Xor: make([]byte, 4)},
+			&expr.Cmp{Op: expr.CmpOpEq, Register: 1, Data: binaryutil.NativeEndian.PutUint32(r.MarkEq)})
+	}
 	fam := r.Family
 	if fam == FamilyAny && (r.SrcSet != "" || r.DstSet != "" || r.DstNotSet != "") {
 		return nil, fmt.Errorf("an address set without a family")
@@ -289,6 +307,21 @@ func ruleExprs(r Rule, sets map[string]*nftables.Set) ([]expr.Any, error) {
 			}
 		}
 	}
+	if r.SYN {
+		if r.Proto != policy.TCP {
+			return nil, fmt.Errorf("a SYN match for a rule that does not match TCP")
+		}
+		e = append(e, &expr.Payload{DestRegister: 1, Base: expr.PayloadBaseTransportHeader, Offset: 13, Len: 1},
+			&expr.Bitwise{SourceRegister: 1, DestRegister: 1, Len: 1, Mask: []byte{tcpSYN | tcpACK}, Xor: []byte{0}},
+			&expr.Cmp{Op: expr.CmpOpEq, Register: 1, Data: []byte{tcpSYN}})
+	}
+	if r.EmptyTCP != 0 {
+		x, err := emptyTCPExprs(r)
+		if err != nil {
+			return nil, err
+		}
+		e = append(e, x...)
+	}
 	if r.Counter {
 		e = append(e, &expr.Counter{})
 	}
@@ -325,6 +358,8 @@ func ruleExprs(r Rule, sets map[string]*nftables.Set) ([]expr.Any, error) {
 			&expr.Redir{RegisterProtoMin: 1, Flags: natRangeProtoSpecified})
 	case Masquerade:
 		e = append(e, &expr.Masq{})
+	case Queue:
+		e = append(e, queueTarget(r.Verdict.Queue))
 	default:
 		return nil, fmt.Errorf("no verdict")
 	}

@@ -48,6 +48,12 @@ type Ruleset struct {
 	// rule expired reads the marks its ruleset wrote before as the same
 	// rules' (Deps.Previous is rendered as of the start).
 	expiredTags map[uint32]bool
+	// fast says the ruleset has the fast path (Config.FastPath, enforce
+	// mode): the fast tag is reserved (drawTag), and the connections
+	// marked fast-allowed are kept by a reload only while fastFP, what
+	// the fast path's decisions depend on, is unchanged (keeps).
+	fast   bool
+	fastFP uint64
 	// guards are the guarded destinations the sets hold (guardList):
 	// policy.GuardedRanges, adjusted for the engine's NAT64 prefixes.
 	guards []netip.Prefix
@@ -126,7 +132,16 @@ type Rule struct {
 	// CTMark matches connections whose conntrack mark has these bits
 	// (ct mark & CTMark == CTMark); 0: no match.
 	CTMark uint32
-	Family Family // meta nfproto; implied by SrcSet/DstSet
+	// CTMarkAnd and CTMarkEq match connections whose conntrack mark's
+	// bits under CTMarkAnd are CTMarkEq (ct mark & CTMarkAnd ==
+	// CTMarkEq); a zero CTMarkAnd: no match. MarkAnd and MarkEq match the
+	// packet mark the same way (meta mark).
+	CTMarkAnd, CTMarkEq uint32
+	MarkAnd, MarkEq     uint32
+	// CTReply matches packets of a connection's reply direction (ct
+	// direction reply), CTOriginal those of its original direction.
+	CTReply, CTOriginal bool
+	Family              Family // meta nfproto; implied by SrcSet/DstSet
 	// SrcSet, DstSet name address sets of Family; SrcMACSet a MAC set.
 	SrcSet, DstSet, SrcMACSet string
 	// DstNotSet names an address set of Family the destination must not
@@ -145,8 +160,17 @@ type Rule struct {
 	// type echo-request, icmpv6 type echo-request (policy.ICMP).
 	Echo bool
 	// Ports is the destination port range of Proto; zero Lo: any port.
-	Ports   policy.PortRange
-	Counter bool
+	Ports policy.PortRange
+	// SYN matches a TCP segment with SYN set and ACK clear (tcp flags &
+	// (syn | ack) == syn), with Proto TCP.
+	SYN bool
+	// EmptyTCP, when not zero, matches a TCP segment of that data offset
+	// (in 32-bit words, 5-15) that provably carries no payload: IPv4
+	// without options (ihl 5) and total length 20+4*EmptyTCP, or IPv6
+	// whose next header is TCP and payload length 4*EmptyTCP. Family
+	// must be IPv4 or IPv6.
+	EmptyTCP uint8
+	Counter  bool
 	// SetCTMarkMask and SetCTMark set the bits of the connection's
 	// conntrack mark under the mask to SetCTMark (the others kept) before
 	// the verdict; a zero mask: none.
@@ -241,6 +265,7 @@ type CTState uint32
 const (
 	CTEstablished CTState = 2
 	CTRelated     CTState = 4
+	CTNew         CTState = 8
 )
 
 // VerdictKind is what a matching rule does.
@@ -255,12 +280,14 @@ const (
 	RejectTCPReset // TCP reset
 	Redirect       // to the gateway's own address, port Verdict.Port
 	Masquerade
+	Queue // to userspace, NFQUEUE queue Verdict.Queue (fast.go)
 )
 
 // Verdict is a rule's action.
 type Verdict struct {
-	Kind VerdictKind
-	Port uint16 // Redirect
+	Kind  VerdictKind
+	Port  uint16 // Redirect
+	Queue uint16 // Queue
 }
 
 // Chain names.
@@ -295,6 +322,9 @@ func render(cfg Config, eng *policy.Engine, now time.Time) (*Ruleset, error) {
 		return nil, err
 	}
 	rs := &Ruleset{Mode: mode, learn: map[string][2]string{}, inKernel: mode == policy.ModeEnforce, mark: layoutOf(cfg.CTMarkBits)}
+	if cfg.FastPath && mode == policy.ModeEnforce {
+		rs.fast, rs.fastFP = true, fastFingerprint(eng, now)
+	}
 	ar := renderAllows(cfg, eng, now, rs)
 
 	guard := cfg.WAN != "" && (mode == policy.ModeEnforce || cfg.GuardWAN)
@@ -305,7 +335,17 @@ func render(cfg Config, eng *policy.Engine, now time.Time) (*Ruleset, error) {
 		rs.Sets = append(rs.Sets, ar.sets...)
 		rs.Sets = append(rs.Sets, Set{Name: setLoopback4, Kind: SetPrefixes, Family: IPv4, Prefixes: []netip.Prefix{netip.MustParsePrefix("127.0.0.0/8")}})
 		rs.Chains = append(rs.Chains, Chain{Name: chainAntispoof, Type: "filter", Hook: "prerouting", Priority: -300, Rules: antispoofRules(cfg)})
-		rs.Chains = append(rs.Chains, Chain{Name: chainPrerouting, Type: "nat", Hook: "prerouting", Priority: -100, Rules: redirectRules(cfg, eng.HostPathPorts())})
+		if rs.fast {
+			rs.Chains = append(rs.Chains, Chain{Name: chainFastPath, Type: "filter", Hook: "prerouting", Priority: -150, Rules: fastPathRules(cfg, eng.HostPathPorts())})
+		}
+		redirects := redirectRules(cfg, eng.HostPathPorts())
+		if rs.fast {
+			// Before the TCP redirects (DNS and the gateway's own
+			// services come first, and are never queued as pending).
+			i := slices.IndexFunc(redirects, func(r Rule) bool { return r.Verdict.Port != 0 && r.Proto == policy.TCP && r.Ports.Lo != 53 })
+			redirects = slices.Insert(redirects, i, fastNATRule(cfg, rs.mark))
+		}
+		rs.Chains = append(rs.Chains, Chain{Name: chainPrerouting, Type: "nat", Hook: "prerouting", Priority: -100, Rules: redirects})
 	}
 	if mode == policy.ModeEnforce || guard {
 		var rules []Rule
@@ -319,6 +359,11 @@ func render(cfg Config, eng *policy.Engine, now time.Time) (*Ruleset, error) {
 	}
 	if mode == policy.ModeEnforce || guard {
 		var rules []Rule
+		if rs.fast {
+			// First: nothing below may accept or drop a pending
+			// connection's packets before these rules see them.
+			rules = fastForwardRules(cfg, rs.mark)
+		}
 		est := Rule{CTState: CTEstablished | CTRelated, Verdict: Verdict{Kind: Accept}, Comment: "replies and related traffic"}
 		if mode == policy.ModeEnforce {
 			// Only connections this ruleset let out: not one that began
@@ -450,19 +495,8 @@ func redirectRules(cfg Config, extra []policy.PortRange) []Rule {
 		{IIf: lan.IIf, IIfSet: lan.IIfSet, Proto: policy.TCP, Ports: portRange(53, policy.TCP), Verdict: Verdict{Kind: Redirect, Port: dns}, Comment: "DNS over TCP to the forwarder"},
 		{IIf: lan.IIf, IIfSet: lan.IIfSet, FibLocal: true, Verdict: Verdict{Kind: Return}, Comment: "the gateway's own services"},
 	}
-	ranges := cfg.TCPPorts
-	if len(ranges) == 0 {
-		ranges = []policy.PortRange{{}}
-	} else {
-		ranges = slices.Clone(ranges)
-		for _, pr := range extra {
-			if !slices.Contains(ranges, pr) {
-				ranges = append(ranges, pr)
-			}
-		}
-	}
 	p4, p6 := cfg.ProxyPort, cfg.proxyPort6()
-	for _, pr := range ranges {
+	for _, pr := range redirectedPorts(cfg, extra) {
 		if p4 == p6 {
 			rules = append(rules, Rule{IIf: lan.IIf, IIfSet: lan.IIfSet, Proto: policy.TCP, Ports: pr, Verdict: Verdict{Kind: Redirect, Port: p4}, Comment: "TCP to the transparent proxy"})
 			continue
@@ -779,8 +813,12 @@ func (c Config) CheckTags(eng *policy.Engine) error {
 		}
 	}
 	l := layoutOf(c.CTMarkBits)
-	if uint64(n) > uint64(l.count) {
-		return fmt.Errorf("firewall: conntrack mark bits 0x%08x hold %d rule tags, and the policy has %d rules that forward traffic: widen the run of bits (each bit doubles the tags)", l.owned(), l.count, n)
+	tags := l.count
+	if c.FastPath {
+		tags-- // the fast tag (fast.go)
+	}
+	if uint64(n) > uint64(tags) {
+		return fmt.Errorf("firewall: conntrack mark bits 0x%08x hold %d rule tags, and the policy has %d rules that forward traffic: widen the run of bits (each bit doubles the tags)", l.owned(), tags, n)
 	}
 	return nil
 }

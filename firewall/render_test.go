@@ -45,6 +45,10 @@ func TestGolden(t *testing.T) {
 		{"audit", siteConfig, policy.ModeAudit},
 		{"audit-guard-masquerade", func() Config { c := siteConfig; c.GuardWAN, c.Masquerade = true, true; return c }(), policy.ModeAudit},
 		{"enforce-two-lans", func() Config { c := siteConfig; c.LANs = []string{"lan0.10", "lan0.20"}; return c }(), policy.ModeEnforce},
+		{"enforce-fast-path", func() Config { c := siteConfig; c.FastPath = true; return c }(), policy.ModeEnforce},
+		{"enforce-fast-path-tcp-ports", func() Config { c := siteConfig; c.FastPath, c.TCPPorts = true, tcp; return c }(), policy.ModeEnforce},
+		// Audit mode has no fast path: the same table as without it.
+		{"audit", func() Config { c := siteConfig; c.FastPath = true; return c }(), policy.ModeAudit},
 	}
 	for _, c := range cases {
 		t.Run(c.name, func(t *testing.T) {

@@ -123,7 +123,7 @@ func (rs *Ruleset) addFlowRule(r policy.Rule, ports []policy.PortRange, any4, an
 // an expired rule's (Ruleset.expiredTags); the one the fingerprint gives
 // when none is free.
 func (rs *Ruleset) drawTag(fp uint64) uint32 {
-	n := rs.mark.count
+	n := rs.ruleTags()
 	tag := uint32(fp%uint64(n)) + 1
 	for range n {
 		if len(rs.byTag[tag]) == 0 && !rs.expiredTags[tag] {
@@ -132,6 +132,15 @@ func (rs *Ruleset) drawTag(fp uint64) uint32 {
 		tag = tag%n + 1
 	}
 	return tag
+}
+
+// ruleTags is how many tags rules draw from: the layout's, but the fast
+// tag (the last one) with the fast path.
+func (rs *Ruleset) ruleTags() uint32 {
+	if rs.fast {
+		return rs.mark.count - 1
+	}
+	return rs.mark.count
 }
 
 // expiredTag takes, for an expired rule with fingerprint fp, the tag it
@@ -235,6 +244,16 @@ func keyOf(e netutil.ConntrackEntry) flowKey {
 // now. A connection kept gets the tag it should carry from now on: that
 // of the rule of rs that keeps it (0 for tag 0).
 func (rs *Ruleset) keeps(since []*Ruleset, mark uint32, k flowKey, live func(set string, a netip.Addr) bool) (keep bool, newTag uint32) {
+	if rs.fast && mark&rs.mark.owned() == rs.mark.fastAllowed() {
+		// Let out by the fast path: kept while what its decisions
+		// depend on is what it was in every ruleset it can come from.
+		for _, old := range since {
+			if old.fast && old.mark == rs.mark && old.fastFP != rs.fastFP {
+				return false, 0
+			}
+		}
+		return true, rs.mark.fastTag()
+	}
 	var was []*flowRule // the rules the tag can stand for, one per fingerprint
 	zero, other := false, false
 	for _, old := range since {

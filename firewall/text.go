@@ -92,6 +92,8 @@ func priorityName(p int) string {
 		return "srcnat"
 	case -300:
 		return "raw"
+	case -150:
+		return "mangle"
 	}
 	return strconv.Itoa(p)
 }
@@ -131,16 +133,31 @@ func (r Rule) String() string {
 		if r.CTState&CTRelated != 0 {
 			st = append(st, "related")
 		}
+		if r.CTState&CTNew != 0 {
+			st = append(st, "new")
+		}
 		w = append(w, "ct state "+strings.Join(st, ","))
 	}
 	if r.CTMark != 0 {
 		w = append(w, fmt.Sprintf("ct mark & 0x%08x == 0x%08x", r.CTMark, r.CTMark))
 	}
+	if r.CTMarkAnd != 0 {
+		w = append(w, fmt.Sprintf("ct mark & 0x%08x == 0x%08x", r.CTMarkAnd, r.CTMarkEq))
+	}
+	if r.CTReply {
+		w = append(w, "ct direction reply")
+	}
+	if r.CTOriginal {
+		w = append(w, "ct direction original")
+	}
+	if r.MarkAnd != 0 {
+		w = append(w, fmt.Sprintf("meta mark & 0x%08x == 0x%08x", r.MarkAnd, r.MarkEq))
+	}
 	ip := "ip"
 	if r.Family == IPv6 {
 		ip = "ip6"
 	}
-	if r.Family != FamilyAny && r.SrcSet == "" && r.DstSet == "" && r.DstNotSet == "" && !r.ICMPv6 && !r.ICMP {
+	if r.Family != FamilyAny && r.SrcSet == "" && r.DstSet == "" && r.DstNotSet == "" && !r.ICMPv6 && !r.ICMP && r.EmptyTCP == 0 {
 		w = append(w, "meta nfproto "+r.Family.String())
 	}
 	if r.SrcSet != "" {
@@ -175,7 +192,8 @@ func (r Rule) String() string {
 			w = append(w, "icmp type echo-request")
 		}
 	}
-	if r.Proto != 0 {
+	// nft leaves out a meta l4proto that a later tcp match implies.
+	if r.Proto != 0 && !(r.EmptyTCP != 0 && r.Family == IPv4) && !(r.SYN && r.Ports.Lo == 0) {
 		switch {
 		case r.Ports.Lo == 0:
 			w = append(w, "meta l4proto "+r.Proto.String())
@@ -185,13 +203,28 @@ func (r Rule) String() string {
 			w = append(w, fmt.Sprintf("%s dport %d-%d", r.Proto, r.Ports.Lo, r.Ports.Hi))
 		}
 	}
+	if r.SYN {
+		w = append(w, "tcp flags syn / syn,ack")
+	}
+	if r.EmptyTCP != 0 {
+		if r.Family == IPv6 {
+			w = append(w, fmt.Sprintf("ip6 nexthdr tcp ip6 length %d", 4*int(r.EmptyTCP)))
+		} else {
+			w = append(w, fmt.Sprintf("ip version 4 ip hdrlength 5 ip length %d", 20+4*int(r.EmptyTCP)))
+		}
+		w = append(w, fmt.Sprintf("tcp doff %d", r.EmptyTCP))
+	}
 	if r.Counter {
 		w = append(w, "counter")
 	}
 	if r.SetCTMarkMask != 0 {
 		// As nft lists it: (mark & (^mask | value)) | value, which is
 		// (mark & ^mask) | value.
-		w = append(w, fmt.Sprintf("ct mark set ct mark & 0x%08x | 0x%08x", ^r.SetCTMarkMask|r.SetCTMark, r.SetCTMark))
+		if keep := ^r.SetCTMarkMask | r.SetCTMark; keep == 0xffffffff {
+			w = append(w, fmt.Sprintf("ct mark set ct mark | 0x%08x", r.SetCTMark))
+		} else {
+			w = append(w, fmt.Sprintf("ct mark set ct mark & 0x%08x | 0x%08x", keep, r.SetCTMark))
+		}
 	}
 	switch r.Verdict.Kind {
 	case Accept:
@@ -208,6 +241,8 @@ func (r Rule) String() string {
 		w = append(w, fmt.Sprintf("redirect to :%d", r.Verdict.Port))
 	case Masquerade:
 		w = append(w, "masquerade")
+	case Queue:
+		w = append(w, fmt.Sprintf("xt target NFQUEUE queue %d", r.Verdict.Queue))
 	}
 	if r.Comment != "" {
 		w = append(w, fmt.Sprintf("comment %q", r.Comment))
