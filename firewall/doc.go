@@ -149,6 +149,34 @@
 // drew the same tag. After 16 enforce rulesets in a row whose looks all
 // failed, the oldest one's tags are forgotten the same way.
 //
+// # The fast path
+//
+// With Config.FastPath (enforce mode; fast.go) the proxy decides a new
+// TCP connection from its queued packets and the kernel forwards the
+// rest. Chain fastpath (filter, prerouting, priority -150) queues the
+// LAN's initial SYNs to the redirected ports (NFQUEUE through
+// nft_compat, queue Config.FastPathQueue, no bypass: no reader, no
+// connection). Userspace answers with a packet mark of [FastMarks] under
+// the owned bits: Pending keeps the SYN from the redirect (nat
+// prerouting) and gives the connection the conntrack mark "pending";
+// forward's first rules, before anything that accepts or drops, pass a
+// pending connection's replies and its LAN packets that provably carry
+// no payload (IPv4 without options, IPv6 without extension headers, the
+// lengths checked exactly), and queue the rest; a packet released with
+// Allowed (NF_REPEAT) marks the connection "fast-allowed", and one with
+// Denied "denied", dropped from then on. The values are tags of the
+// owned run: fast-allowed is the enforced bit with the last tag, which
+// no rule draws; pending and denied are the last two tags without the
+// enforced bit; the packet marks Pending, Allowed and Denied the three
+// before them, without it, so no rule's mark, and no conntrack mark
+// copied into the packet mark, is a verdict. It needs 3 tag bits. A
+// reload keeps the fast-allowed connections while every rule that covers
+// TCP (and the NAT64 prefixes) is unchanged, and cuts them all
+// otherwise: they share one tag, so the look cannot tell whose rule
+// changed. Pending and denied connections lack the enforced bit and are
+// not looked at (a pending one is decided by userspace under the policy
+// it has then).
+//
 // [Render] turns a policy and a [Config] into a [Ruleset] without touching
 // the kernel (egressd firewall print shows it); [Firewall.Install],
 // [Firewall.Replace] and [Firewall.Remove] apply it in one netlink batch each
