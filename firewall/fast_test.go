@@ -239,35 +239,24 @@ func (tp *topo) fastServer(t *testing.T, addr string) *fastServer {
 	if err != nil {
 		t.Fatal(err)
 	}
-	t.Cleanup(func() { ln.Close() })
-	go func() {
+	serve(t, ln, func(c net.Conn) {
+		s.accepted.Add(1)
+		s.remotes <- c.RemoteAddr().String()
+		fmt.Fprintf(c, "hi\n")
+		buf := make([]byte, 64<<10)
 		for {
-			c, err := ln.Accept()
+			n, err := c.Read(buf)
+			s.read.Add(int64(n))
+			if n > 0 {
+				if _, werr := c.Write(buf[:n]); werr != nil {
+					return
+				}
+			}
 			if err != nil {
 				return
 			}
-			s.accepted.Add(1)
-			s.remotes <- c.RemoteAddr().String()
-			go func() {
-				defer c.Close()
-				c.SetDeadline(time.Now().Add(30 * time.Second))
-				fmt.Fprintf(c, "hi\n")
-				buf := make([]byte, 64<<10)
-				for {
-					n, err := c.Read(buf)
-					s.read.Add(int64(n))
-					if n > 0 {
-						if _, werr := c.Write(buf[:n]); werr != nil {
-							return
-						}
-					}
-					if err != nil {
-						return
-					}
-				}
-			}()
 		}
-	}()
+	})
 	return s
 }
 
@@ -292,19 +281,6 @@ func fastTopo(t *testing.T, num uint16) (*topo, *Firewall, *atomic.Int32) {
 		t.Fatal(err)
 	}
 	return tp, fw, &proxied
-}
-
-func dialClient(t *testing.T, tp *topo, addr string) net.Conn {
-	t.Helper()
-	ctx, cancel := context.WithTimeout(context.Background(), 5*time.Second)
-	defer cancel()
-	c, err := tp.client.DialContext(ctx, "tcp", addr)
-	if err != nil {
-		t.Fatalf("dial %s: %v", addr, err)
-	}
-	t.Cleanup(func() { c.Close() })
-	c.SetDeadline(time.Now().Add(20 * time.Second))
-	return c
 }
 
 // dialAsync dials in the background (the SYN waits in the queue for a
