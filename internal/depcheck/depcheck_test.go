@@ -23,9 +23,11 @@ func TestDependencyDirection(t *testing.T) {
 	// cgroup's memory limit, for egressd run) is a leaf, as is
 	// internal/setaside (state files refused at a load, kept numbered)
 	// and internal/atomicfile (state files written whole or not at
-	// all), which audit uses.
+	// all), which audit uses. internal/nfq (the NFQUEUE client, TCP
+	// segment parser and injector of the fast path) is a leaf.
 	allowed := map[string][]string{
 		"egressd/internal/memlimit":   {},
+		"egressd/internal/nfq":        {},
 		"egressd/internal/setaside":   {},
 		"egressd/internal/atomicfile": {},
 		"egressd/policy":              {},

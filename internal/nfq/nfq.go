@@ -1,0 +1,504 @@
+// Package nfq is a netlink client for the kernel's NFQUEUE (nfnetlink_queue):
+// packets an nftables rule hands to a queue (the compat target of Target) are
+// read by Serve, and each gets a verdict from Verdict or VerdictMark, in any
+// order, by its packet ID.
+//
+// The socket is configured fail closed: no NFQA_CFG_F_FAIL_OPEN, so when the
+// queue is full (Config.MaxLen) or the socket's receive buffer is (NoENOBUFS
+// is set; Stats counts what the kernel dropped), the kernel drops the packet.
+// Packets are copied whole (copy range 0xffff).
+//
+// # Reader
+//
+// Serve reads through Go's netpoller, not on a thread of its own blocked in
+// recv: the socket is non-blocking and registered with the runtime poller,
+// and each read is a recvmmsg that takes every message waiting (up to
+// batchSize) in one system call. Under load, when packets are waiting, a read
+// costs exactly that one call and never parks; when the queue is idle the
+// goroutine parks in the poller and holds no thread. The netpoller also gives
+// Close and a context's end a clean way to wake a reader (a blocking recv on a
+// netlink socket cannot be interrupted by closing it). BenchmarkQueue measured
+// both ways on a veth pair between two namespaces, 2 cores shared: see
+// BenchmarkQueue and BenchmarkQueueBlocking (blocking_test.go); the blocking
+// thread was no faster per packet, and it needs a receive timeout to notice
+// Close.
+//
+// Serve allocates nothing per packet: the Packet it passes holds slices of
+// its read buffers, valid only inside the callback. Verdicts are sent without
+// an ACK (one send each); a verdict the kernel refuses (an unknown packet ID)
+// comes back as an error message on the read side, which Serve counts
+// (Stats.VerdictErrors) and otherwise ignores.
+package nfq
+
+import (
+	"context"
+	"encoding/binary"
+	"errors"
+	"fmt"
+	"os"
+	"sync"
+	"sync/atomic"
+	"syscall"
+	"time"
+	"unsafe"
+
+	"github.com/google/nftables/expr"
+	"github.com/google/nftables/xt"
+	"golang.org/x/sys/unix"
+)
+
+// Verdict is a netfilter verdict for a queued packet.
+type Verdict uint32
+
+// The verdicts a queued packet can get.
+const (
+	Drop   Verdict = 0 // NF_DROP
+	Accept Verdict = 1 // NF_ACCEPT: the packet goes on after the queueing rule
+	Repeat Verdict = 4 // NF_REPEAT: the hook's chains see the packet again (with a new mark)
+)
+
+// Packet is one queued packet as Serve hands it to its callback.
+type Packet struct {
+	ID    uint32 // for Verdict
+	Mark  uint32 // the packet mark (meta mark) when queued
+	InIf  uint32 // index of the input interface, 0 if none
+	OutIf uint32 // index of the output interface, 0 if none
+	Hook  uint8  // netfilter hook (0 prerouting, 1 input, 2 forward, 3 output, 4 postrouting)
+	Proto uint16 // hardware protocol (ETH_P_IP 0x0800, ETH_P_IPV6 0x86dd), host order
+	// Data is the IP packet (from the IP header on). It is valid only
+	// inside the callback: copy what must outlive it.
+	Data []byte
+}
+
+// Config configures a queue's socket. Open uses the defaults.
+type Config struct {
+	Queue uint16
+	// MaxLen is how many packets the kernel holds for this queue awaiting
+	// a verdict; beyond it new packets are dropped. 0 means DefaultMaxLen.
+	MaxLen uint32
+	// RcvBuf is the socket's receive buffer in bytes (SO_RCVBUFFORCE).
+	// 0 means DefaultRcvBuf.
+	RcvBuf int
+}
+
+// Defaults of Config.
+const (
+	DefaultMaxLen = 4096
+	DefaultRcvBuf = 8 << 20
+)
+
+// Conn is a netlink socket bound to one queue.
+type Conn struct {
+	queue uint16
+	fd    int      // the socket; written to directly by verdicts
+	file  *os.File // the same fd, registered with the netpoller, for reads
+	rc    syscall.RawConn
+
+	mu     sync.RWMutex // read-held by verdicts, held by Close
+	closed atomic.Bool
+
+	enobufs   atomic.Uint64
+	verdErrs  atomic.Uint64
+	serveOnce atomic.Bool
+}
+
+// Stats are a queue socket's counters.
+type Stats struct {
+	// ENOBUFS counts reads that failed with ENOBUFS: the receive buffer
+	// overflowed and the kernel dropped packets (with NETLINK_NO_ENOBUFS
+	// set the kernel should not report these; counted if it does).
+	ENOBUFS uint64
+	// VerdictErrors counts verdicts the kernel refused (reported on the
+	// read side), such as one for a packet ID it does not hold.
+	VerdictErrors uint64
+}
+
+// Stats returns the socket's counters.
+func (c *Conn) Stats() Stats {
+	return Stats{ENOBUFS: c.enobufs.Load(), VerdictErrors: c.verdErrs.Load()}
+}
+
+// netlink and nfnetlink_queue constants (linux/netfilter/nfnetlink_queue.h).
+const (
+	nfnlSubsysQueue = 3
+	msgPacket       = 0
+	msgVerdict      = 1
+	msgConfig       = 2
+
+	cfgCmd    = 1
+	cfgParams = 2
+	cfgMaxLen = 3
+	cfgMask   = 4
+	cfgFlags  = 5
+
+	cmdBind = 1
+
+	copyPacket = 2
+
+	flagFailOpen = 1
+
+	attrPacketHdr = 1
+	attrVerdict   = 2
+	attrMark      = 3
+	attrInDev     = 5
+	attrOutDev    = 6
+	attrPayload   = 10
+
+	nlmsgHdrLen  = 16
+	nfgenHdrLen  = 4
+	batchSize    = 16
+	bufSize      = 0xffff + 512 // a whole packet and its attributes
+	requestWait  = 5 * time.Second
+	errorPayload = 4 + nlmsgHdrLen
+)
+
+// Open binds queue with the default Config. It must run in the network
+// namespace of the queue (internal/netns.Do): the socket stays there.
+func Open(queue uint16) (*Conn, error) {
+	return OpenConfig(Config{Queue: queue})
+}
+
+// OpenConfig binds cfg.Queue: bind, copy mode packet, range 0xffff,
+// maximum length, flags without fail-open, each request acknowledged.
+// Binding a queue another socket holds fails (EPERM).
+func OpenConfig(cfg Config) (*Conn, error) {
+	if cfg.MaxLen == 0 {
+		cfg.MaxLen = DefaultMaxLen
+	}
+	if cfg.RcvBuf == 0 {
+		cfg.RcvBuf = DefaultRcvBuf
+	}
+	fd, err := unix.Socket(unix.AF_NETLINK, unix.SOCK_RAW|unix.SOCK_CLOEXEC, unix.NETLINK_NETFILTER)
+	if err != nil {
+		return nil, fmt.Errorf("nfq: socket: %w", err)
+	}
+	c := &Conn{queue: cfg.Queue, fd: fd}
+	if err := c.configure(cfg); err != nil {
+		unix.Close(fd)
+		return nil, err
+	}
+	if err := unix.SetNonblock(fd, true); err != nil {
+		unix.Close(fd)
+		return nil, fmt.Errorf("nfq: nonblock: %w", err)
+	}
+	c.file = os.NewFile(uintptr(fd), "nfq")
+	rc, err := c.file.SyscallConn()
+	if err != nil {
+		c.file.Close()
+		return nil, fmt.Errorf("nfq: %w", err)
+	}
+	c.rc = rc
+	return c, nil
+}
+
+func (c *Conn) configure(cfg Config) error {
+	fd := c.fd
+	if err := unix.Bind(fd, &unix.SockaddrNetlink{Family: unix.AF_NETLINK}); err != nil {
+		return fmt.Errorf("nfq: bind socket: %w", err)
+	}
+	if err := unix.SetsockoptInt(fd, unix.SOL_SOCKET, unix.SO_RCVBUFFORCE, cfg.RcvBuf); err != nil {
+		return fmt.Errorf("nfq: SO_RCVBUFFORCE: %w", err)
+	}
+	if err := unix.SetsockoptInt(fd, unix.SOL_NETLINK, unix.NETLINK_NO_ENOBUFS, 1); err != nil {
+		return fmt.Errorf("nfq: NETLINK_NO_ENOBUFS: %w", err)
+	}
+	// A receive timeout bounds each acknowledgement's wait while the
+	// socket is still blocking.
+	tv := unix.NsecToTimeval(requestWait.Nanoseconds())
+	if err := unix.SetsockoptTimeval(fd, unix.SOL_SOCKET, unix.SO_RCVTIMEO, &tv); err != nil {
+		return fmt.Errorf("nfq: SO_RCVTIMEO: %w", err)
+	}
+	var be4 [4]byte
+	steps := []struct {
+		what string
+		typ  uint16
+		data []byte
+	}{
+		{"bind queue", cfgCmd, []byte{cmdBind, 0, 0, 0}}, // pf 0: unused since 3.8
+		{"copy mode", cfgParams, []byte{0, 0, 0xff, 0xff, copyPacket}},
+		{"queue length", cfgMaxLen, binary.BigEndian.AppendUint32(be4[:0], cfg.MaxLen)},
+	}
+	for i, s := range steps {
+		m := c.message(msgConfig, unix.NLM_F_ACK, uint32(i+1), attr(s.typ, s.data))
+		if err := c.request(m, uint32(i+1)); err != nil {
+			if i == 0 && err == unix.EPERM {
+				return fmt.Errorf("nfq: bind queue %d: another socket holds it: %w", cfg.Queue, err)
+			}
+			return fmt.Errorf("nfq: %s %d: %w", s.what, cfg.Queue, err)
+		}
+	}
+	// Flags: fail-open off (the default, said explicitly: fail closed).
+	m := c.message(msgConfig, unix.NLM_F_ACK, uint32(len(steps)+1),
+		append(attr(cfgMask, []byte{0, 0, 0, flagFailOpen}), attr(cfgFlags, []byte{0, 0, 0, 0})...))
+	if err := c.request(m, uint32(len(steps)+1)); err != nil {
+		return fmt.Errorf("nfq: flags %d: %w", cfg.Queue, err)
+	}
+	return nil
+}
+
+// attr encodes one netlink attribute, padded to 4 bytes.
+func attr(typ uint16, data []byte) []byte {
+	b := make([]byte, 4, 4+len(data)+3)
+	binary.NativeEndian.PutUint16(b, uint16(4+len(data)))
+	binary.NativeEndian.PutUint16(b[2:], typ)
+	b = append(b, data...)
+	for len(b)%4 != 0 {
+		b = append(b, 0)
+	}
+	return b
+}
+
+// message encodes an nfnetlink_queue message with the given attributes.
+func (c *Conn) message(typ, flags uint16, seq uint32, attrs []byte) []byte {
+	b := make([]byte, nlmsgHdrLen+nfgenHdrLen, nlmsgHdrLen+nfgenHdrLen+len(attrs))
+	b = append(b, attrs...)
+	binary.NativeEndian.PutUint32(b[0:], uint32(len(b)))
+	binary.NativeEndian.PutUint16(b[4:], nfnlSubsysQueue<<8|typ)
+	binary.NativeEndian.PutUint16(b[6:], unix.NLM_F_REQUEST|flags)
+	binary.NativeEndian.PutUint32(b[8:], seq)
+	b[16] = unix.AF_UNSPEC
+	binary.BigEndian.PutUint16(b[18:], c.queue)
+	return b
+}
+
+// request sends a config message and waits for its acknowledgement. A
+// packet queued meanwhile (the queue is bound before its copy mode is set)
+// is dropped: Serve has not started, and a held packet would wait forever.
+func (c *Conn) request(m []byte, seq uint32) error {
+	if _, err := unix.Write(c.fd, m); err != nil {
+		return err
+	}
+	buf := make([]byte, bufSize)
+	for {
+		n, _, err := unix.Recvfrom(c.fd, buf, 0)
+		if err == unix.EINTR {
+			continue
+		}
+		if err != nil {
+			return err
+		}
+		for b := buf[:n]; len(b) >= nlmsgHdrLen; {
+			l := int(binary.NativeEndian.Uint32(b))
+			if l < nlmsgHdrLen || l > len(b) {
+				break
+			}
+			msg := b[:l]
+			b = b[min(nlmAlign(l), len(b)):]
+			typ := binary.NativeEndian.Uint16(msg[4:])
+			switch {
+			case typ == unix.NLMSG_ERROR && len(msg) >= nlmsgHdrLen+errorPayload && binary.NativeEndian.Uint32(msg[nlmsgHdrLen+4+8:]) == seq:
+				if e := int32(binary.NativeEndian.Uint32(msg[nlmsgHdrLen:])); e != 0 {
+					return unix.Errno(-e)
+				}
+				return nil
+			case typ == nfnlSubsysQueue<<8|msgPacket:
+				var p Packet
+				if parsePacket(msg, &p) {
+					c.sendVerdict(p.ID, Drop, 0, false)
+				}
+			}
+		}
+	}
+}
+
+func nlmAlign(l int) int { return (l + 3) &^ 3 }
+
+// Verdict gives the packet id its verdict.
+func (c *Conn) Verdict(id uint32, v Verdict) error {
+	return c.sendVerdict(id, v, 0, false)
+}
+
+// VerdictMark gives the packet id its verdict and sets its packet mark
+// (the whole 32 bits: keep the bits that are not yours from Packet.Mark).
+// With Repeat the hook's chains see the packet again with the new mark.
+func (c *Conn) VerdictMark(id uint32, v Verdict, mark uint32) error {
+	return c.sendVerdict(id, v, mark, true)
+}
+
+// errClosed is returned for verdicts after Close.
+var errClosed = errors.New("nfq: closed")
+
+// verdictLen is the length of a verdict message with a mark.
+const verdictLen = nlmsgHdrLen + nfgenHdrLen + 4 + 8 + 4 + 4
+
+func (c *Conn) sendVerdict(id uint32, v Verdict, mark uint32, withMark bool) error {
+	var b [verdictLen]byte
+	n := verdictLen
+	if !withMark {
+		n -= 8
+	}
+	binary.NativeEndian.PutUint32(b[0:], uint32(n))
+	binary.NativeEndian.PutUint16(b[4:], nfnlSubsysQueue<<8|msgVerdict)
+	binary.NativeEndian.PutUint16(b[6:], unix.NLM_F_REQUEST)
+	b[16] = unix.AF_UNSPEC
+	binary.BigEndian.PutUint16(b[18:], c.queue)
+	binary.NativeEndian.PutUint16(b[20:], 12)
+	binary.NativeEndian.PutUint16(b[22:], attrVerdict)
+	binary.BigEndian.PutUint32(b[24:], uint32(v))
+	binary.BigEndian.PutUint32(b[28:], id)
+	if withMark {
+		binary.NativeEndian.PutUint16(b[32:], 8)
+		binary.NativeEndian.PutUint16(b[34:], attrMark)
+		binary.BigEndian.PutUint32(b[36:], mark)
+	}
+	c.mu.RLock()
+	defer c.mu.RUnlock()
+	if c.closed.Load() {
+		return errClosed
+	}
+	for {
+		_, _, e := unix.Syscall(unix.SYS_WRITE, uintptr(c.fd), uintptr(unsafe.Pointer(&b[0])), uintptr(n))
+		switch e {
+		case 0:
+			return nil
+		case unix.EINTR:
+			continue
+		default:
+			return fmt.Errorf("nfq: verdict %d: %w", id, e)
+		}
+	}
+}
+
+// Close closes the socket: Serve returns nil, later verdicts fail, and the
+// kernel drops the packets still held for the queue (fail closed).
+func (c *Conn) Close() error {
+	c.mu.Lock()
+	defer c.mu.Unlock()
+	if c.closed.Swap(true) {
+		return nil
+	}
+	return c.file.Close()
+}
+
+// Serve reads queued packets and calls fn for each, on Serve's goroutine,
+// until ctx ends (it returns ctx.Err()) or Close is called (it returns
+// nil). fn must not block long: packets wait meanwhile. It may give the
+// verdict itself or leave it to another goroutine, later. Serve may run
+// once per Conn.
+func (c *Conn) Serve(ctx context.Context, fn func(Packet)) error {
+	if !c.serveOnce.CompareAndSwap(false, true) {
+		return errors.New("nfq: serve called twice")
+	}
+	stop := context.AfterFunc(ctx, func() { c.file.SetReadDeadline(time.Unix(1, 0)) })
+	defer stop()
+
+	var (
+		bufs  = make([]byte, batchSize*bufSize)
+		iovs  [batchSize]unix.Iovec
+		hdrs  [batchSize]unix.Mmsghdr
+		got   int
+		errno syscall.Errno
+	)
+	for i := range hdrs {
+		iovs[i].Base = &bufs[i*bufSize]
+		iovs[i].SetLen(bufSize)
+		hdrs[i].Hdr.Iov = &iovs[i]
+		hdrs[i].Hdr.SetIovlen(1)
+	}
+	read := func(fd uintptr) bool {
+		r, _, e := unix.Syscall6(unix.SYS_RECVMMSG, fd, uintptr(unsafe.Pointer(&hdrs[0])), batchSize, unix.MSG_DONTWAIT, 0, 0)
+		if e == unix.EAGAIN {
+			return false
+		}
+		got, errno = int(r), e
+		return true
+	}
+	var p Packet
+	for {
+		if err := c.rc.Read(read); err != nil {
+			if ctx.Err() != nil {
+				return ctx.Err()
+			}
+			if c.closed.Load() {
+				return nil
+			}
+			return fmt.Errorf("nfq: read: %w", err)
+		}
+		switch errno {
+		case 0:
+		case unix.EINTR:
+			continue
+		case unix.ENOBUFS:
+			c.enobufs.Add(1)
+			continue
+		default:
+			return fmt.Errorf("nfq: read: %w", errno)
+		}
+		for i := 0; i < got; i++ {
+			b := bufs[i*bufSize : i*bufSize+int(hdrs[i].Len)]
+			for len(b) >= nlmsgHdrLen {
+				l := int(binary.NativeEndian.Uint32(b))
+				if l < nlmsgHdrLen || l > len(b) {
+					break
+				}
+				msg := b[:l]
+				b = b[min(nlmAlign(l), len(b)):]
+				switch binary.NativeEndian.Uint16(msg[4:]) {
+				case nfnlSubsysQueue<<8 | msgPacket:
+					p = Packet{}
+					if parsePacket(msg, &p) {
+						fn(p)
+					}
+				case unix.NLMSG_ERROR:
+					if len(msg) >= nlmsgHdrLen+4 && binary.NativeEndian.Uint32(msg[nlmsgHdrLen:]) != 0 {
+						c.verdErrs.Add(1)
+					}
+				}
+			}
+		}
+	}
+}
+
+// parsePacket reads a packet message's attributes into p; false when it has
+// no packet header.
+func parsePacket(msg []byte, p *Packet) bool {
+	if len(msg) < nlmsgHdrLen+nfgenHdrLen {
+		return false
+	}
+	hdr := false
+	for a := msg[nlmsgHdrLen+nfgenHdrLen:]; len(a) >= 4; {
+		al := int(binary.NativeEndian.Uint16(a))
+		if al < 4 || al > len(a) {
+			break
+		}
+		v := a[4:al]
+		switch binary.NativeEndian.Uint16(a[2:]) & 0x3fff {
+		case attrPacketHdr:
+			if len(v) >= 7 {
+				p.ID = binary.BigEndian.Uint32(v)
+				p.Proto = binary.BigEndian.Uint16(v[4:])
+				p.Hook = v[6]
+				hdr = true
+			}
+		case attrMark:
+			if len(v) >= 4 {
+				p.Mark = binary.BigEndian.Uint32(v)
+			}
+		case attrInDev:
+			if len(v) >= 4 {
+				p.InIf = binary.BigEndian.Uint32(v)
+			}
+		case attrOutDev:
+			if len(v) >= 4 {
+				p.OutIf = binary.BigEndian.Uint32(v)
+			}
+		case attrPayload:
+			p.Data = v
+		}
+		a = a[min(nlmAlign(al), len(a)):]
+	}
+	return hdr
+}
+
+// Target is the NFQUEUE target (xt_NFQUEUE revision 3 through nft_compat:
+// this kernel has no nftables queue expression) that queues a packet to
+// queue. Without a reader bound to the queue the kernel drops the packet
+// (no bypass flag: fail closed).
+func Target(queue uint16) expr.Any {
+	// struct xt_NFQ_info_v3 { u16 queuenum; u16 queues_total; u16 flags; },
+	// host byte order, padded to 8 bytes.
+	info := make(xt.Unknown, 8)
+	binary.NativeEndian.PutUint16(info[0:], queue)
+	binary.NativeEndian.PutUint16(info[2:], 1)
+	return &expr.Target{Name: "NFQUEUE", Rev: 3, Info: &info}
+}
