@@ -1,0 +1,142 @@
+package nfq
+
+import (
+	"context"
+	"errors"
+	"io"
+	"net"
+	"sync"
+	"syscall"
+	"testing"
+	"time"
+
+	"golang.org/x/sys/unix"
+
+	"egressd/internal/testnet"
+)
+
+// flowWatch records, from the queue at the gateway's forward hook, the
+// last segment of the client's to port 7001.
+type flowWatch struct {
+	mu   sync.Mutex
+	last TCPSegment // without its payload
+}
+
+func (w *flowWatch) get() TCPSegment {
+	w.mu.Lock()
+	defer w.mu.Unlock()
+	return w.last
+}
+
+// TestInject: in a client - gateway - server topology, the gateway injects
+// a segment with payload that the client reads, then RSTs that reset the
+// server's and the client's sockets, IPv4 and IPv6; the sequence numbers
+// come from the queued segments, as the fast path takes them.
+func TestInject(t *testing.T) {
+	cli := testnet.New(t, "nnfqcli")
+	gw := testnet.New(t, "nnfqgw")
+	srv := testnet.New(t, "nnfqsrv")
+	testnet.Link(t, cli, "c0", []string{"192.0.2.1/24", "fd00:33::1/64"}, gw, "g0", []string{"192.0.2.254/24", "fd00:33::fe/64"})
+	testnet.Link(t, gw, "g1", []string{"198.51.100.254/24", "fd00:34::fe/64"}, srv, "s0", []string{"198.51.100.2/24", "fd00:34::2/64"})
+	cli.MustRun("ip", "route", "add", "default", "via", "192.0.2.254")
+	cli.MustRun("ip", "-6", "route", "add", "default", "via", "fd00:33::fe")
+	srv.MustRun("ip", "route", "add", "default", "via", "198.51.100.254")
+	srv.MustRun("ip", "-6", "route", "add", "default", "via", "fd00:34::fe")
+	gw.MustRun("sysctl", "-qw", "net.ipv4.ip_forward=1", "net.ipv6.conf.all.forwarding=1")
+	gw.MustRun("nft", "add table inet nnfq")
+	gw.MustRun("nft", "add chain inet nnfq in { type filter hook forward priority 0; policy accept; }")
+	tp := &topo{srv: gw}
+	tp.queueRule(t, unix.IPPROTO_TCP, 7001, 12)
+	c := tp.open(t, Config{Queue: 12})
+	w := &flowWatch{}
+	serve(c, func(p Packet) {
+		if seg, err := ParseTCP(p.Data); err == nil {
+			w.mu.Lock()
+			w.last = TCPSegment{Src: seg.Src, Dst: seg.Dst, Seq: seg.Seq, Ack: seg.Ack, Flags: seg.Flags}
+			w.mu.Unlock()
+		}
+		c.Verdict(p.ID, Accept)
+	})
+	var in *Injector
+	if err := gw.Do(func() (err error) { in, err = NewInjector(); return }); err != nil {
+		t.Fatal(err)
+	}
+	defer in.Close()
+
+	for _, srvAddr := range []string{"198.51.100.2:7001", "[fd00:34::2]:7001"} {
+		t.Run(srvAddr, func(t *testing.T) {
+			ln, err := srv.Listen("tcp", srvAddr)
+			if err != nil {
+				t.Fatal(err)
+			}
+			defer ln.Close()
+			cc, err := cli.DialContext(context.Background(), "tcp", srvAddr)
+			if err != nil {
+				t.Fatal(err)
+			}
+			defer cc.Close()
+			sc, err := ln.Accept()
+			if err != nil {
+				t.Fatal(err)
+			}
+			defer sc.Close()
+			cc.SetDeadline(time.Now().Add(10 * time.Second))
+			sc.SetDeadline(time.Now().Add(10 * time.Second))
+			cc.Write([]byte("hello"))
+			io.ReadFull(sc, make([]byte, 5))
+			sc.Write([]byte("world"))
+			io.ReadFull(cc, make([]byte, 5))
+			// The client's ACK of "world" says the server's next
+			// sequence number; its seq is the client's next.
+			var last TCPSegment
+			deadline := time.Now().Add(5 * time.Second)
+			for {
+				last = w.get()
+				if last.Flags&ACK != 0 && last.Flags&PSH == 0 && last.Src.Addr().String() == cc.LocalAddr().(*net.TCPAddr).AddrPort().Addr().Unmap().String() && last.Src.Port() == cc.LocalAddr().(*net.TCPAddr).AddrPort().Port() {
+					break
+				}
+				if time.Now().After(deadline) {
+					t.Fatalf("no bare ack of the client's: %+v", last)
+				}
+				time.Sleep(10 * time.Millisecond)
+			}
+			client, server := last.Src, last.Dst
+			cliNext, srvNext := last.Seq, last.Ack
+
+			// A segment with a wrong checksum is not read (were it,
+			// the client would read "corrupt" below): the client's
+			// stack checks checksums, so the injected ones are right.
+			bad, _ := BuildTCP(server, client, srvNext, cliNext, PSH|ACK, []byte("corrupt"))
+			bad[len(bad)-1] ^= 0xff
+			if client.Addr().Is4() {
+				err = unix.Sendto(in.fd4, bad, 0, &unix.SockaddrInet4{Addr: client.Addr().As4()})
+			} else {
+				err = unix.Sendto(in.fd6, bad, 0, &unix.SockaddrInet6{Addr: client.Addr().As16()})
+			}
+			if err != nil {
+				t.Fatal(err)
+			}
+			if err := in.Segment(server, client, srvNext, cliNext, PSH|ACK, []byte("injected")); err != nil {
+				t.Fatal(err)
+			}
+			buf := make([]byte, 16)
+			n, err := cc.Read(buf)
+			if err != nil || string(buf[:n]) != "injected" {
+				t.Fatalf("client read %q, %v; want the injected payload", buf[:n], err)
+			}
+
+			if err := in.Reset(client, server, cliNext, srvNext); err != nil {
+				t.Fatal(err)
+			}
+			if _, err := sc.Read(buf); !errors.Is(err, syscall.ECONNRESET) {
+				t.Errorf("server read after an injected rst: %v", err)
+			}
+			if err := in.Reset(server, client, srvNext+uint32(len("injected")), cliNext); err != nil {
+				t.Fatal(err)
+			}
+			if _, err := cc.Read(buf); !errors.Is(err, syscall.ECONNRESET) {
+				t.Errorf("client read after an injected rst: %v", err)
+			}
+		})
+	}
+}
