@@ -166,7 +166,7 @@ func TestServeAccept(t *testing.T) {
 	var s seen
 	done := serve(c, func(p Packet) {
 		s.add(p)
-		if err := c.Verdict(p.ID, Accept); err != nil {
+		if err := c.Verdict(p.ID, Accept); err != nil && !errors.Is(err, ErrClosed) {
 			t.Errorf("verdict: %v", err)
 		}
 	})
@@ -418,4 +418,33 @@ func TestBusy(t *testing.T) {
 	c := tp.open(t, Config{Queue: 11, MaxLen: 16})
 	c.Close()
 	tp.open(t, Config{Queue: 11})
+}
+
+// TestQueueFull: beyond Config.MaxLen packets awaiting a verdict the
+// kernel drops (fail closed), and Stats says how many.
+func TestQueueFull(t *testing.T) {
+	tp := newTopo(t)
+	tp.queueRule(t, unix.IPPROTO_UDP, 7002, 13)
+	c := tp.open(t, Config{Queue: 13, MaxLen: 4})
+	held := make(chan uint32, 16)
+	serve(c, func(p Packet) { held <- p.ID })
+	uc, err := tp.cli.DialContext(context.Background(), "udp", "192.0.2.2:7002")
+	if err != nil {
+		t.Fatal(err)
+	}
+	defer uc.Close()
+	for range 10 {
+		uc.Write([]byte("x"))
+	}
+	deadline := time.Now().Add(5 * time.Second)
+	for len(held) < 4 && time.Now().Before(deadline) {
+		time.Sleep(10 * time.Millisecond)
+	}
+	time.Sleep(100 * time.Millisecond)
+	if len(held) != 4 {
+		t.Errorf("%d packets queued, want 4", len(held))
+	}
+	if st := c.Stats(); st.QueueDropped != 6 || st.UserDropped != 0 {
+		t.Errorf("stats %+v, want 6 dropped for a full queue", st)
+	}
 }
