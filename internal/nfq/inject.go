@@ -7,6 +7,8 @@ import (
 	"net/netip"
 
 	"golang.org/x/sys/unix"
+
+	"egressd/internal/netns"
 )
 
 // Injector sends TCP segments built whole (IP header included) through raw
@@ -20,9 +22,15 @@ type Injector struct {
 }
 
 // NewInjector opens the raw sockets (IPv4 IPPROTO_RAW, which implies
-// IP_HDRINCL, and IPv6 IPPROTO_RAW, which implies IPV6_HDRINCL). It needs
-// CAP_NET_RAW; run it in the namespace to send from (internal/netns.Do).
-func NewInjector() (*Injector, error) {
+// IP_HDRINCL, and IPv6 IPPROTO_RAW, which implies IPV6_HDRINCL) in the
+// network namespace at path netNS ("": the calling thread's). It needs
+// CAP_NET_RAW.
+func NewInjector(netNS string) (*Injector, error) {
+	if netNS != "" {
+		var in *Injector
+		err := netns.Do(netNS, func() (err error) { in, err = NewInjector(""); return })
+		return in, err
+	}
 	fd4, err := unix.Socket(unix.AF_INET, unix.SOCK_RAW|unix.SOCK_CLOEXEC, unix.IPPROTO_RAW)
 	if err != nil {
 		return nil, fmt.Errorf("nfq: raw ipv4 socket: %w", err)

@@ -57,8 +57,8 @@ func TestInject(t *testing.T) {
 		}
 		c.Verdict(p.ID, Accept)
 	})
-	var in *Injector
-	if err := gw.Do(func() (err error) { in, err = NewInjector(); return }); err != nil {
+	in, err := NewInjector("/var/run/netns/" + gw.Name)
+	if err != nil {
 		t.Fatal(err)
 	}
 	defer in.Close()

@@ -69,11 +69,12 @@ func (tp *topo) queueRule(t testing.TB, proto byte, port uint16, q uint16) {
 	}
 }
 
-// open opens queue q in srv, closed at cleanup.
+// open opens a queue in srv, closed at cleanup.
 func (tp *topo) open(t testing.TB, cfg Config) *Conn {
 	t.Helper()
-	var c *Conn
-	if err := tp.srv.Do(func() (err error) { c, err = OpenConfig(cfg); return }); err != nil {
+	cfg.NetNS = "/var/run/netns/" + tp.srv.Name
+	c, err := OpenConfig(cfg)
+	if err != nil {
 		t.Fatal(err)
 	}
 	t.Cleanup(func() { c.Close() })
