@@ -113,18 +113,8 @@ func BenchmarkQueueBlocking(b *testing.B) {
 		done := make(chan struct{})
 		go func() {
 			defer close(done)
-			var (
-				bufs = make([]byte, batchSize*bufSize)
-				iovs [batchSize]unix.Iovec
-				hdrs [batchSize]unix.Mmsghdr
-				p    Packet
-			)
-			for i := range hdrs {
-				iovs[i].Base = &bufs[i*bufSize]
-				iovs[i].SetLen(bufSize)
-				hdrs[i].Hdr.Iov = &iovs[i]
-				hdrs[i].Hdr.SetIovlen(1)
-			}
+			bt := newBatch()
+			var p Packet
 			for {
 				select {
 				case <-quit:
@@ -133,12 +123,12 @@ func BenchmarkQueueBlocking(b *testing.B) {
 				}
 				// Blocks (the 5 s receive timeout Open sets ends
 				// it when idle); MSG_WAITFORONE: return after the first.
-				r, _, e := unix.Syscall6(unix.SYS_RECVMMSG, uintptr(c.fd), uintptr(unsafe.Pointer(&hdrs[0])), batchSize, 0x10000, 0, 0)
+				r, _, e := unix.Syscall6(unix.SYS_RECVMMSG, uintptr(c.fd), uintptr(unsafe.Pointer(&bt.hdrs[0])), batchSize, 0x10000, 0, 0)
 				if e != 0 {
 					continue
 				}
 				for i := 0; i < int(r); i++ {
-					c.handle(bufs[i*bufSize:i*bufSize+int(hdrs[i].Len)], &p, fn)
+					c.handle(bt.msg(i), &p, fn)
 				}
 			}
 		}()

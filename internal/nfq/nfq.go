@@ -450,20 +450,12 @@ func (c *Conn) Serve(ctx context.Context, fn func(Packet)) error {
 	defer stop()
 
 	var (
-		bufs  = make([]byte, batchSize*bufSize)
-		iovs  [batchSize]unix.Iovec
-		hdrs  [batchSize]unix.Mmsghdr
+		bt    = newBatch()
 		got   int
 		errno syscall.Errno
 	)
-	for i := range hdrs {
-		iovs[i].Base = &bufs[i*bufSize]
-		iovs[i].SetLen(bufSize)
-		hdrs[i].Hdr.Iov = &iovs[i]
-		hdrs[i].Hdr.SetIovlen(1)
-	}
 	read := func(fd uintptr) bool {
-		r, _, e := unix.Syscall6(unix.SYS_RECVMMSG, fd, uintptr(unsafe.Pointer(&hdrs[0])), batchSize, unix.MSG_DONTWAIT, 0, 0)
+		r, _, e := unix.Syscall6(unix.SYS_RECVMMSG, fd, uintptr(unsafe.Pointer(&bt.hdrs[0])), batchSize, unix.MSG_DONTWAIT, 0, 0)
 		if e == unix.EAGAIN {
 			return false
 		}
@@ -492,9 +484,32 @@ func (c *Conn) Serve(ctx context.Context, fn func(Packet)) error {
 			return fmt.Errorf("nfq: read: %w", errno)
 		}
 		for i := 0; i < got && !c.closed.Load(); i++ {
-			c.handle(bufs[i*bufSize:i*bufSize+int(hdrs[i].Len)], &p, fn)
+			c.handle(bt.msg(i), &p, fn)
 		}
 	}
+}
+
+// batch is the buffers of one recvmmsg.
+type batch struct {
+	bufs []byte
+	iovs [batchSize]unix.Iovec
+	hdrs [batchSize]unix.Mmsghdr
+}
+
+func newBatch() *batch {
+	b := &batch{bufs: make([]byte, batchSize*bufSize)}
+	for i := range b.hdrs {
+		b.iovs[i].Base = &b.bufs[i*bufSize]
+		b.iovs[i].SetLen(bufSize)
+		b.hdrs[i].Hdr.Iov = &b.iovs[i]
+		b.hdrs[i].Hdr.SetIovlen(1)
+	}
+	return b
+}
+
+// msg is the datagram the last recvmmsg put in buffer i.
+func (b *batch) msg(i int) []byte {
+	return b.bufs[i*bufSize : i*bufSize+int(b.hdrs[i].Len)]
 }
 
 // handle hands the packets in one datagram to fn (p is Serve's, so that

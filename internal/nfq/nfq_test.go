@@ -4,6 +4,7 @@ import (
 	"context"
 	"encoding/binary"
 	"errors"
+	"net"
 	"net/netip"
 	"os"
 	"strconv"
@@ -135,6 +136,23 @@ func (tp *topo) echoServer(t testing.TB, addr string) {
 	}()
 }
 
+// udp listens on srv's 192.0.2.2:7002 and dials it from cli; both are
+// closed at cleanup.
+func (tp *topo) udp(t testing.TB) (net.PacketConn, net.Conn) {
+	t.Helper()
+	pc, err := tp.srv.ListenPacket("udp", "192.0.2.2:7002")
+	if err != nil {
+		t.Fatal(err)
+	}
+	t.Cleanup(func() { pc.Close() })
+	uc, err := tp.cli.DialContext(context.Background(), "udp", "192.0.2.2:7002")
+	if err != nil {
+		t.Fatal(err)
+	}
+	t.Cleanup(func() { uc.Close() })
+	return pc, uc
+}
+
 // roundTrip dials addr from cli and echoes a line through it.
 func (tp *topo) roundTrip(addr string, timeout time.Duration) error {
 	ctx, cancel := context.WithTimeout(context.Background(), timeout)
@@ -177,16 +195,7 @@ func TestServeAccept(t *testing.T) {
 			t.Fatalf("%s through the queue: %v", addr, err)
 		}
 	}
-	pc, err := tp.srv.ListenPacket("udp", "192.0.2.2:7002")
-	if err != nil {
-		t.Fatal(err)
-	}
-	defer pc.Close()
-	uc, err := tp.cli.DialContext(context.Background(), "udp", "192.0.2.2:7002")
-	if err != nil {
-		t.Fatal(err)
-	}
-	defer uc.Close()
+	pc, uc := tp.udp(t)
 	uc.Write([]byte("datagram"))
 	pc.SetReadDeadline(time.Now().Add(5 * time.Second))
 	buf := make([]byte, 64)
@@ -316,16 +325,7 @@ func TestOutOfOrder(t *testing.T) {
 	const n = 8
 	ids := make(chan uint32, n)
 	serve(c, func(p Packet) { ids <- p.ID })
-	pc, err := tp.srv.ListenPacket("udp", "192.0.2.2:7002")
-	if err != nil {
-		t.Fatal(err)
-	}
-	defer pc.Close()
-	uc, err := tp.cli.DialContext(context.Background(), "udp", "192.0.2.2:7002")
-	if err != nil {
-		t.Fatal(err)
-	}
-	defer uc.Close()
+	pc, uc := tp.udp(t)
 	var held []uint32
 	for i := range n {
 		uc.Write([]byte{byte(i)})
@@ -429,11 +429,7 @@ func TestQueueFull(t *testing.T) {
 	c := tp.open(t, Config{Queue: 13, MaxLen: 4})
 	held := make(chan uint32, 16)
 	serve(c, func(p Packet) { held <- p.ID })
-	uc, err := tp.cli.DialContext(context.Background(), "udp", "192.0.2.2:7002")
-	if err != nil {
-		t.Fatal(err)
-	}
-	defer uc.Close()
+	_, uc := tp.udp(t)
 	for range 10 {
 		uc.Write([]byte("x"))
 	}
