@@ -50,6 +50,9 @@ func TestInject(t *testing.T) {
 	c := tp.open(t, Config{Queue: 12})
 	w := &flowWatch{}
 	serve(c, func(p Packet) {
+		if p.Hook != 2 {
+			t.Errorf("queued at hook %d, want forward (2)", p.Hook)
+		}
 		if seg, err := ParseTCP(p.Data); err == nil {
 			w.mu.Lock()
 			w.last = TCPSegment{Src: seg.Src, Dst: seg.Dst, Seq: seg.Seq, Ack: seg.Ack, Flags: seg.Flags}
