@@ -16,7 +16,15 @@ import (
 // any address: the gateway speaking for a server to a client or for a
 // client to a server. The kernel routes each by its destination; a
 // segment goes through the output and postrouting hooks of that
-// namespace's ruleset like any locally generated packet.
+// namespace's ruleset like any locally generated packet. egressd's own
+// ruleset does not stop them (TestInjectUnderEnforce): it has no output
+// chain, and its postrouting chain only masquerades. Conntrack sees them:
+// a segment of a connection the gateway tracks takes that connection's
+// NAT (a RST to the server leaves from the masqueraded address and port,
+// as the server knows the client); a data segment that matches no entry
+// (to the client, when the connection is masqueraded: its reply tuple
+// names the WAN address) may start one of its own by mid-stream pickup,
+// which the RST after it closes.
 type Injector struct {
 	fd4, fd6 int
 }

@@ -5,6 +5,8 @@ import (
 	"errors"
 	"io"
 	"net"
+	"net/netip"
+	"strings"
 	"sync"
 	"syscall"
 	"testing"
@@ -141,5 +143,58 @@ func TestInject(t *testing.T) {
 				t.Errorf("client read after an injected rst: %v", err)
 			}
 		})
+	}
+}
+
+// TestInjectUnderEnforce: egressd's enforce ruleset (the firewall's golden
+// file, installed as nft lists it) does not stop injected segments: it has
+// no output chain, and its prerouting, input and forward chains do not
+// see locally generated packets. From the gateway, a segment in the
+// client's name reaches the server through wan0 and one in the server's
+// name reaches the client through lan0, IPv4 and IPv6.
+func TestInjectUnderEnforce(t *testing.T) {
+	cli := testnet.New(t, "nnfqcli")
+	gw := testnet.New(t, "nnfqgw")
+	srv := testnet.New(t, "nnfqsrv")
+	testnet.Link(t, cli, "c0", []string{"192.0.2.1/24", "fd00:33::1/64"}, gw, "lan0", []string{"192.0.2.254/24", "fd00:33::fe/64"})
+	testnet.Link(t, gw, "wan0", []string{"198.51.100.254/24", "fd00:34::fe/64"}, srv, "s0", []string{"198.51.100.2/24", "fd00:34::2/64"})
+	gw.MustRun("sysctl", "-qw", "net.ipv4.ip_forward=1", "net.ipv6.conf.all.forwarding=1")
+	gw.MustRun("nft", "-f", "../../firewall/testdata/enforce.nft")
+	for _, ns := range []*testnet.NS{cli, srv} {
+		ns.MustRun("nft", "add table inet nnfq")
+		ns.MustRun("nft", "add chain inet nnfq in { type filter hook input priority -10; policy accept; }")
+		ns.MustRun("nft", "add rule inet nnfq in tcp sport 7001 counter")
+		ns.MustRun("nft", "add rule inet nnfq in tcp dport 7001 counter")
+	}
+	in, err := NewInjector("/var/run/netns/" + gw.Name)
+	if err != nil {
+		t.Fatal(err)
+	}
+	defer in.Close()
+	for _, a := range [][2]string{{"192.0.2.1:40000", "198.51.100.2:7001"}, {"[fd00:33::1]:40000", "[fd00:34::2]:7001"}} {
+		client, server := netip.MustParseAddrPort(a[0]), netip.MustParseAddrPort(a[1])
+		if err := in.Segment(client, server, 1000, 2000, ACK, []byte("to the server")); err != nil {
+			t.Fatal(err)
+		}
+		if err := in.Reset(server, client, 2000, 1000); err != nil {
+			t.Fatal(err)
+		}
+	}
+	for _, c := range []struct {
+		ns   *testnet.NS
+		rule string
+	}{{srv, "tcp dport 7001 counter packets 2 "}, {cli, "tcp sport 7001 counter packets 2 "}} {
+		deadline := time.Now().Add(5 * time.Second)
+		for {
+			out := c.ns.MustRun("nft", "list chain inet nnfq in")
+			if strings.Contains(out, c.rule) {
+				break
+			}
+			if time.Now().After(deadline) {
+				t.Errorf("%s: want %q (IPv4 and IPv6):\n%s\ngateway:\n%s", c.ns.Name, c.rule, out, gw.MustRun("nft", "list table inet egressd"))
+				break
+			}
+			time.Sleep(20 * time.Millisecond)
+		}
 	}
 }
