@@ -23,10 +23,11 @@ import (
 // NAT (a RST to the server leaves from the masqueraded address and port,
 // as the server knows the client); a data segment that matches no entry
 // (to the client, when the connection is masqueraded: its reply tuple
-// names the WAN address) may start one of its own by mid-stream pickup,
-// which the RST after it closes.
+// names the WAN address) starts one of its own, whose NAT then changes
+// it: send to the client with SegmentL2 and ResetL2.
 type Injector struct {
 	fd4, fd6 int
+	fdL2     int // AF_PACKET, SOCK_DGRAM: SegmentL2
 }
 
 // NewInjector opens the raw sockets (IPv4 IPPROTO_RAW, which implies
@@ -48,13 +49,68 @@ func NewInjector(netNS string) (*Injector, error) {
 		unix.Close(fd4)
 		return nil, fmt.Errorf("nfq: raw ipv6 socket: %w", err)
 	}
-	return &Injector{fd4: fd4, fd6: fd6}, nil
+	// Protocol 0: the socket sends only, it receives nothing.
+	fdL2, err := unix.Socket(unix.AF_PACKET, unix.SOCK_DGRAM|unix.SOCK_CLOEXEC, 0)
+	if err != nil {
+		unix.Close(fd4)
+		unix.Close(fd6)
+		return nil, fmt.Errorf("nfq: packet socket: %w", err)
+	}
+	return &Injector{fd4: fd4, fd6: fd6, fdL2: fdL2}, nil
 }
 
 // Close closes the sockets.
 func (in *Injector) Close() error {
-	return errors.Join(unix.Close(in.fd4), unix.Close(in.fd6))
+	return errors.Join(unix.Close(in.fd4), unix.Close(in.fd6), unix.Close(in.fdL2))
 }
+
+// L2 says where SegmentL2 sends: out of the interface with index IfIndex,
+// to the link-layer address Addr[:AddrLen] (a queued packet's InIf and
+// HWAddr).
+type L2 struct {
+	IfIndex int
+	Addr    [8]byte
+	AddrLen uint8
+}
+
+// L2Of is where an answer to the queued packet p goes: back out of the
+// interface it came in on, to the address it came from.
+func L2Of(p Packet) L2 {
+	return L2{IfIndex: int(p.InIf), Addr: p.HWAddr, AddrLen: p.HWAddrLen}
+}
+
+// SegmentL2 sends a TCP segment as Segment does, but on the link layer
+// (an AF_PACKET socket): out of l2's interface to its address, past
+// netfilter and conntrack. That is the way to the client: a segment sent
+// to it through the IP layer in the server's name matches no conntrack
+// entry when the gateway masquerades (the connection's reply tuple names
+// the WAN address), so it starts one of its own, and NAT gives that one
+// another source port, as the connection's holds the tuple: the client
+// never sees it (TestInject).
+func (in *Injector) SegmentL2(l2 L2, from, to netip.AddrPort, seq, ack uint32, flags uint8, payload []byte) error {
+	pkt, err := BuildTCP(from, to, seq, ack, flags, payload)
+	if err != nil {
+		return err
+	}
+	proto := uint16(unix.ETH_P_IPV6)
+	if to.Addr().Unmap().Is4() {
+		proto = unix.ETH_P_IP
+	}
+	sa := &unix.SockaddrLinklayer{Protocol: htons(proto), Ifindex: l2.IfIndex, Halen: l2.AddrLen, Addr: l2.Addr}
+	if err := unix.Sendto(in.fdL2, pkt, 0, sa); err != nil {
+		return fmt.Errorf("nfq: inject %v > %v on interface %d: %w", from, to, l2.IfIndex, err)
+	}
+	return nil
+}
+
+// ResetL2 sends a RST (with ACK) as Reset does, on the link layer as
+// SegmentL2 does.
+func (in *Injector) ResetL2(l2 L2, from, to netip.AddrPort, seq, ack uint32) error {
+	return in.SegmentL2(l2, from, to, seq, ack, RST|ACK, nil)
+}
+
+// htons is a protocol number in network byte order, as sockaddr_ll wants.
+func htons(v uint16) uint16 { return v<<8 | v>>8 }
 
 // Reset sends a RST (with ACK) from from to to: seq must be the receiver's
 // next expected sequence number (its RCV.NXT: the ack field of a segment

@@ -6,6 +6,7 @@ import (
 	"io"
 	"net"
 	"net/netip"
+	"strconv"
 	"strings"
 	"sync"
 	"syscall"
@@ -22,18 +23,22 @@ import (
 type flowWatch struct {
 	mu   sync.Mutex
 	last TCPSegment // without its payload
+	l2   L2         // where it came from
 }
 
-func (w *flowWatch) get() TCPSegment {
+func (w *flowWatch) get() (TCPSegment, L2) {
 	w.mu.Lock()
 	defer w.mu.Unlock()
-	return w.last
+	return w.last, w.l2
 }
 
-// TestInject: in a client - gateway - server topology, the gateway injects
-// a segment with payload that the client reads, then RSTs that reset the
-// server's and the client's sockets, IPv4 and IPv6; the sequence numbers
-// come from the queued segments, as the fast path takes them.
+// TestInject: in a client - gateway - server topology, the gateway
+// masquerading, the gateway injects a segment with payload that the client
+// reads, then RSTs that reset the server's and the client's sockets, IPv4
+// and IPv6; the sequence numbers and the client's link-layer address come
+// from the queued segments, as the fast path takes them. To the client on
+// the link layer (SegmentL2), to the server through the IP layer (its RST
+// gets the connection's NAT).
 func TestInject(t *testing.T) {
 	cli := testnet.New(t, "nnfqcli")
 	gw := testnet.New(t, "nnfqgw")
@@ -47,8 +52,24 @@ func TestInject(t *testing.T) {
 	gw.MustRun("sysctl", "-qw", "net.ipv4.ip_forward=1", "net.ipv6.conf.all.forwarding=1")
 	gw.MustRun("nft", "add table inet nnfq")
 	gw.MustRun("nft", "add chain inet nnfq in { type filter hook forward priority 0; policy accept; }")
+	// The gateway masquerades, as egressd --masquerade does: the server
+	// knows the client by the gateway's WAN address.
+	gw.MustRun("nft", "add table inet nnfqnat")
+	gw.MustRun("nft", "add chain inet nnfqnat post { type nat hook postrouting priority 100; policy accept; }")
+	gw.MustRun("nft", "add rule inet nnfqnat post oifname g1 masquerade")
 	tp := &topo{srv: gw}
 	tp.queueRule(t, unix.IPPROTO_TCP, 7001, 12)
+	gwLAN, _ := strconv.Atoi(gw.IfIndex(t, "g0"))
+	var cliMAC [6]byte
+	if err := cli.Do(func() error {
+		ifi, err := net.InterfaceByName("c0")
+		if err == nil {
+			cliMAC = [6]byte(ifi.HardwareAddr)
+		}
+		return err
+	}); err != nil {
+		t.Fatal(err)
+	}
 	c := tp.open(t, Config{Queue: 12})
 	w := &flowWatch{}
 	serve(c, func(p Packet) {
@@ -58,6 +79,7 @@ func TestInject(t *testing.T) {
 		if seg, err := ParseTCP(p.Data); err == nil {
 			w.mu.Lock()
 			w.last = TCPSegment{Src: seg.Src, Dst: seg.Dst, Seq: seg.Seq, Ack: seg.Ack, Flags: seg.Flags}
+			w.l2 = L2Of(p)
 			w.mu.Unlock()
 		}
 		c.Verdict(p.ID, Accept)
@@ -94,9 +116,10 @@ func TestInject(t *testing.T) {
 			// The client's ACK of "world" says the server's next
 			// sequence number; its seq is the client's next.
 			var last TCPSegment
+			var l2 L2
 			deadline := time.Now().Add(5 * time.Second)
 			for {
-				last = w.get()
+				last, l2 = w.get()
 				if last.Flags&ACK != 0 && last.Flags&PSH == 0 && last.Src.Addr().String() == cc.LocalAddr().(*net.TCPAddr).AddrPort().Addr().Unmap().String() && last.Src.Port() == cc.LocalAddr().(*net.TCPAddr).AddrPort().Port() {
 					break
 				}
@@ -106,6 +129,9 @@ func TestInject(t *testing.T) {
 				time.Sleep(10 * time.Millisecond)
 			}
 			client, server := last.Src, last.Dst
+			if l2.IfIndex != gwLAN || l2.AddrLen != 6 || [6]byte(l2.Addr[:6]) != cliMAC {
+				t.Fatalf("queued from %+v, want interface %d address %x", l2, gwLAN, cliMAC)
+			}
 			cliNext, srvNext := last.Seq, last.Ack
 
 			// A segment with a wrong checksum is not read (were it,
@@ -113,15 +139,14 @@ func TestInject(t *testing.T) {
 			// stack checks checksums, so the injected ones are right.
 			bad, _ := BuildTCP(server, client, srvNext, cliNext, PSH|ACK, []byte("corrupt"))
 			bad[len(bad)-1] ^= 0xff
+			proto := uint16(unix.ETH_P_IPV6)
 			if client.Addr().Is4() {
-				err = unix.Sendto(in.fd4, bad, 0, &unix.SockaddrInet4{Addr: client.Addr().As4()})
-			} else {
-				err = unix.Sendto(in.fd6, bad, 0, &unix.SockaddrInet6{Addr: client.Addr().As16()})
+				proto = unix.ETH_P_IP
 			}
-			if err != nil {
+			if err := unix.Sendto(in.fdL2, bad, 0, &unix.SockaddrLinklayer{Protocol: htons(proto), Ifindex: l2.IfIndex, Halen: 6, Addr: l2.Addr}); err != nil {
 				t.Fatal(err)
 			}
-			if err := in.Segment(server, client, srvNext, cliNext, PSH|ACK, []byte("injected")); err != nil {
+			if err := in.SegmentL2(l2, server, client, srvNext, cliNext, PSH|ACK, []byte("injected")); err != nil {
 				t.Fatal(err)
 			}
 			buf := make([]byte, 16)
@@ -136,7 +161,7 @@ func TestInject(t *testing.T) {
 			if _, err := sc.Read(buf); !errors.Is(err, syscall.ECONNRESET) {
 				t.Errorf("server read after an injected rst: %v", err)
 			}
-			if err := in.Reset(server, client, srvNext+uint32(len("injected")), cliNext); err != nil {
+			if err := in.ResetL2(l2, server, client, srvNext+uint32(len("injected")), cliNext); err != nil {
 				t.Fatal(err)
 			}
 			if _, err := cc.Read(buf); !errors.Is(err, syscall.ECONNRESET) {

@@ -85,6 +85,11 @@ type Packet struct {
 	OutIf uint32 // index of the output interface, 0 if none
 	Hook  uint8  // netfilter hook (0 prerouting, 1 input, 2 forward, 3 output, 4 postrouting)
 	Proto uint16 // hardware protocol (ETH_P_IP 0x0800, ETH_P_IPV6 0x86dd), host order
+	// HWAddr[:HWAddrLen] is the link-layer source address of a packet
+	// that came in on an Ethernet-like interface (the client's MAC, or a
+	// LAN-side router's): where Injector.SegmentL2 sends an answer.
+	HWAddr    [8]byte
+	HWAddrLen uint8
 	// Data is the IP packet (from the IP header on). It is valid only
 	// inside the callback: copy what must outlive it.
 	Data []byte
@@ -197,6 +202,7 @@ const (
 	attrMark      = 3
 	attrInDev     = 5
 	attrOutDev    = 6
+	attrHWAddr    = 9
 	attrPayload   = 10
 
 	nlmsgHdrLen  = 16
@@ -568,6 +574,13 @@ func parsePacket(msg []byte, p *Packet) bool {
 		case attrOutDev:
 			if len(v) >= 4 {
 				p.OutIf = binary.BigEndian.Uint32(v)
+			}
+		case attrHWAddr: // struct nfqnl_msg_packet_hw { be16 len; u16 pad; u8 addr[8] }
+			if len(v) >= 12 {
+				if n := binary.BigEndian.Uint16(v); n <= 8 {
+					p.HWAddrLen = uint8(n)
+					copy(p.HWAddr[:], v[4:12])
+				}
 			}
 		case attrPayload:
 			p.Data = v
