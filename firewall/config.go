@@ -109,6 +109,12 @@ type Config struct {
 	// FastPathQueue is the NFQUEUE queue number of the fast path. Zero
 	// means DefaultFastPathQueue (3300).
 	FastPathQueue uint16
+	// FastPathPorts are the TCP ports whose new connections go to the
+	// queue (each a redirected port: one the proxy would get otherwise);
+	// none means port 443 only. The proxy takes the fast path for TLS
+	// only (a plain HTTP connection's later requests must each be read),
+	// so another port's SYNs would cost a trip to userspace for nothing.
+	FastPathPorts []policy.PortRange
 
 	// NetNS is the path of the network namespace to install into, such as
 	// /var/run/netns/NAME. Empty means the process's own namespace.

@@ -8,7 +8,6 @@ import (
 	"time"
 
 	"github.com/google/nftables/expr"
-	"github.com/google/nftables/xt"
 	"golang.org/x/sys/unix"
 
 	"egressd/policy"
@@ -107,7 +106,7 @@ func fastPathRules(cfg Config, extra []policy.PortRange) []Rule {
 		{IIf: lan.IIf, IIfSet: lan.IIfSet, Proto: policy.TCP, Ports: portRange(53, policy.TCP), Verdict: Verdict{Kind: Return}, Comment: "DNS over TCP: the forwarder's"},
 		{IIf: lan.IIf, IIfSet: lan.IIfSet, FibLocal: true, Verdict: Verdict{Kind: Return}, Comment: "the gateway's own services"},
 	}
-	for _, pr := range redirectedPorts(cfg, extra) {
+	for _, pr := range cfg.fastPorts(redirectedPorts(cfg, extra)) {
 		rules = append(rules, Rule{IIf: lan.IIf, IIfSet: lan.IIfSet, CTState: CTNew, Proto: policy.TCP, Ports: pr, SYN: true,
 			Verdict: Verdict{Kind: Queue, Queue: cfg.fastQueue()}, Comment: "fast path: the proxy decides each new connection"})
 	}
@@ -193,17 +192,24 @@ func emptyTCPExprs(r Rule) ([]expr.Any, error) {
 		&expr.Cmp{Op: expr.CmpOpEq, Register: 1, Data: []byte{d << 4}}), nil
 }
 
-// queueTarget is the xtables target NFQUEUE (revision 3) through
-// nft_compat: the kernels egressd runs on may lack nftables' own queue
-// expression (CONFIG_NFT_QUEUE). Its info is struct xt_NFQ_info_v3
-// {queuenum, queues_total, flags uint16}, host byte order, padded to 8
-// bytes; flags 0: no NFQ_FLAG_BYPASS, so with no reader the kernel drops
-// (fail closed).
-func queueTarget(q uint16) expr.Any {
-	info := make(xt.Unknown, 8)
-	binary.NativeEndian.PutUint16(info[0:], q)
-	binary.NativeEndian.PutUint16(info[2:], 1) // queues_total
-	return &expr.Target{Name: "NFQUEUE", Rev: 3, Info: &info}
+// fastPorts are the port ranges of Config.FastPathPorts (443 when none)
+// that the proxy would get (redirected): a range counts when one
+// redirected range holds all of it.
+func (c Config) fastPorts(redirected []policy.PortRange) []policy.PortRange {
+	want := c.FastPathPorts
+	if len(want) == 0 {
+		want = []policy.PortRange{portRange(443, policy.TCP)}
+	}
+	var out []policy.PortRange
+	for _, w := range want {
+		for _, r := range redirected {
+			if r == (policy.PortRange{}) || r.Lo <= w.Lo && w.Hi <= r.Hi {
+				out = append(out, w)
+				break
+			}
+		}
+	}
+	return out
 }
 
 // fastFingerprint hashes what the fast path's decisions depend on, for a

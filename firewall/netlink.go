@@ -12,6 +12,7 @@ import (
 	"github.com/google/nftables/userdata"
 	"golang.org/x/sys/unix"
 
+	"egressd/internal/nfq"
 	"egressd/policy"
 )
 
@@ -359,7 +360,7 @@ func ruleExprs(r Rule, sets map[string]*nftables.Set) ([]expr.Any, error) {
 	case Masquerade:
 		e = append(e, &expr.Masq{})
 	case Queue:
-		e = append(e, queueTarget(r.Verdict.Queue))
+		e = append(e, nfq.Target(r.Verdict.Queue))
 	default:
 		return nil, fmt.Errorf("no verdict")
 	}

@@ -43,7 +43,7 @@ func TestDependencyDirection(t *testing.T) {
 		"egressd/dnsfilter":           {"egressd/policy", "egressd/audit", "egressd/internal/httpwire", "egressd/internal/jsonenc", "egressd/internal/netutil", "egressd/internal/netns", "egressd/internal/logjson", "egressd/internal/setaside", "egressd/internal/atomicfile"},
 		"egressd/proxy":               {"egressd/policy", "egressd/audit", "egressd/internal/jsonenc", "egressd/internal/netutil", "egressd/internal/netns", "egressd/internal/httpwire", "egressd/internal/logjson", "egressd/internal/tlshello", "egressd/internal/setaside", "egressd/internal/atomicfile"},
 		"egressd/capture":             {"egressd/policy", "egressd/audit", "egressd/internal/jsonenc", "egressd/internal/netutil", "egressd/internal/netns", "egressd/internal/httpwire", "egressd/internal/logjson", "egressd/internal/tlshello", "egressd/internal/setaside", "egressd/internal/atomicfile"},
-		"egressd/firewall":            {"egressd/policy", "egressd/audit", "egressd/internal/httpwire", "egressd/internal/jsonenc", "egressd/internal/netutil", "egressd/internal/netns", "egressd/internal/setaside", "egressd/internal/atomicfile"},
+		"egressd/firewall":            {"egressd/policy", "egressd/audit", "egressd/internal/httpwire", "egressd/internal/nfq", "egressd/internal/jsonenc", "egressd/internal/netutil", "egressd/internal/netns", "egressd/internal/setaside", "egressd/internal/atomicfile"},
 	}
 	for pkg, ok := range allowed {
 		out, err := exec.Command("go", "list", "-deps", "-f", "{{.ImportPath}}", pkg).Output()
