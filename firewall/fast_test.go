@@ -34,7 +34,8 @@ type testQueue struct {
 type queued struct {
 	id, mark uint32
 	syn, ack bool
-	payload  int // TCP payload bytes
+	payload  int    // TCP payload bytes
+	pkt      []byte // the IP packet
 }
 
 func nlAttr(typ uint16, data ...byte) []byte {
@@ -170,6 +171,7 @@ func (q *testQueue) read() {
 				p.payload = len(tcp) - int(tcp[12]>>4)*4
 			}
 			_ = ipLen
+			p.pkt = append([]byte(nil), pkt...)
 			select {
 			case q.C <- p:
 			default:
