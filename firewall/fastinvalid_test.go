@@ -133,3 +133,72 @@ func TestFastPathInvalidNotForwarded(t *testing.T) {
 	}
 }
 
+// TestFastPathTupleReuse: a new connection on the 5-tuple of a
+// fast-allowed one is decided again. After the server resets the
+// connection, conntrack keeps its entry (state CLOSE, 10 s) and lets a
+// new SYN from the client through it as "ignored" (it is not a new
+// connection to nftables, and it keeps the ct mark fast-allowed); the
+// server's SYN-ACK puts conntrack back in sync. That SYN, and the new
+// connection's data, must still reach userspace.
+func TestFastPathTupleReuse(t *testing.T) {
+	const num = 47
+	tp, _, proxied := fastTopo(t, num)
+	var accepted atomic.Int32
+	ln, err := tp.server.Listen("tcp", "198.18.2.2:8443")
+	if err != nil {
+		t.Fatal(err)
+	}
+	serve(t, ln, func(c net.Conn) {
+		accepted.Add(1)
+		buf := make([]byte, 16)
+		c.Read(buf)
+		// Reset: close with unread data and a zero linger.
+		c.(*net.TCPConn).SetLinger(0)
+	})
+	q := tp.openTestQueue(t, num)
+	m := FastMarks(Config{})
+	dial := func() chan net.Conn {
+		ch := make(chan net.Conn, 1)
+		go func() {
+			var c net.Conn
+			tp.client.Do(func() (err error) {
+				d := net.Dialer{LocalAddr: &net.TCPAddr{IP: net.ParseIP("198.18.1.2"), Port: 41000}, Timeout: 5 * time.Second}
+				c, err = d.Dial("tcp", "198.18.2.2:8443")
+				return err
+			})
+			ch <- c
+		}()
+		return ch
+	}
+	ch := dial()
+	syn := q.next(t, "SYN")
+	q.verdict(t, syn.id, nfAccept, int64(syn.mark&^m.Mask|m.Pending))
+	conn := connOf(t, ch)
+	conn.Write([]byte("first"))
+	data := q.next(t, "first data")
+	q.verdict(t, data.id, nfRepeat, int64(data.mark&^m.Mask|m.Allowed))
+	conn.SetReadDeadline(time.Now().Add(3 * time.Second))
+	if _, err := conn.Read(make([]byte, 1)); err == nil {
+		t.Fatal("the server did not reset the first connection")
+	}
+	conn.Close()
+	if n := accepted.Load(); n != 1 {
+		t.Fatalf("server accepted %d, want 1", n)
+	}
+	// The same 5-tuple at once.
+	ch = dial()
+	select {
+	case p := <-q.C:
+		if !p.syn || p.ack {
+			t.Fatalf("queued %+v, want the new SYN", p)
+		}
+		q.verdict(t, p.id, nfDrop, -1)
+	case c := <-ch:
+		if c != nil {
+			c.Close()
+		}
+		t.Fatalf("a new connection on a fast-allowed connection's 5-tuple went out undecided (server accepted %d, proxy %d); its SYN was never queued", accepted.Load(), proxied.Load())
+	case <-time.After(6 * time.Second):
+		t.Fatal("neither queued nor connected")
+	}
+}
