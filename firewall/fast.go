@@ -132,6 +132,8 @@ func fastNATRule(cfg Config, l markLayout) Rule {
 //     from then on passes as established;
 //   - Marks.Denied: marked denied, and dropped, as every later packet of
 //     a denied connection;
+//   - a SYN from the client of a fast-allowed connection: dropped (a new
+//     connection on its 5-tuple that conntrack did not start afresh);
 //   - a pending connection: replies pass, packets from the LAN that
 //     provably carry no payload (the handshake's ACK, FIN, RST) pass,
 //     every other packet is queued until userspace decides.
@@ -144,6 +146,13 @@ func fastForwardRules(cfg Config, l markLayout) []Rule {
 		{MarkAnd: m.Mask, MarkEq: m.Allowed, SetCTMarkMask: owned, SetCTMark: l.fastAllowed(), Verdict: Verdict{Kind: Accept}, Comment: "fast path: allowed"},
 		{MarkAnd: m.Mask, MarkEq: m.Denied, SetCTMarkMask: owned, SetCTMark: l.fastDeniedCT(), Counter: true, Verdict: Verdict{Kind: Drop}, Comment: "fast path: denied"},
 		{CTMarkAnd: owned, CTMarkEq: l.fastDeniedCT(), Counter: true, Verdict: Verdict{Kind: Drop}, Comment: "fast path: a denied connection"},
+		// A SYN on a fast-allowed connection is another connection on
+		// its 5-tuple: conntrack lets a new SYN through an entry the
+		// server reset (state CLOSE) as "ignored", the ct mark kept, and
+		// gets back in sync from the server's SYN-ACK, so it would go
+		// out undecided. Dropped: the client's retransmission after the
+		// entry expires (10 s) is a new connection, decided anew.
+		{CTMarkAnd: owned, CTMarkEq: l.fastAllowed(), CTOriginal: true, Proto: policy.TCP, SYN: true, Counter: true, Verdict: Verdict{Kind: Drop}, Comment: "fast path: a new SYN on a decided connection's 5-tuple"},
 		{CTMarkAnd: owned, CTMarkEq: l.fastPendingCT(), CTReply: true, Verdict: Verdict{Kind: Accept}, Comment: "fast path: replies of a pending connection"},
 	}
 	for _, fam := range []Family{IPv4, IPv6} {

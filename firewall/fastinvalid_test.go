@@ -138,8 +138,9 @@ func TestFastPathInvalidNotForwarded(t *testing.T) {
 // connection, conntrack keeps its entry (state CLOSE, 10 s) and lets a
 // new SYN from the client through it as "ignored" (it is not a new
 // connection to nftables, and it keeps the ct mark fast-allowed); the
-// server's SYN-ACK puts conntrack back in sync. That SYN, and the new
-// connection's data, must still reach userspace.
+// server's SYN-ACK puts conntrack back in sync. That SYN must not reach
+// the server undecided: it is queued, or dropped (the client's dial
+// fails or waits for a retransmission after the entry expires).
 func TestFastPathTupleReuse(t *testing.T) {
 	const num = 47
 	tp, _, proxied := fastTopo(t, num)
@@ -194,6 +195,13 @@ func TestFastPathTupleReuse(t *testing.T) {
 		}
 		q.verdict(t, p.id, nfDrop, -1)
 	case c := <-ch:
+		if c == nil && accepted.Load() == 1 {
+			// Dropped, not queued: nothing went out undecided.
+			if n := counterOf(t, tp, "fast path: a new SYN on a decided connection's 5-tuple"); n == 0 {
+				t.Error("the SYN was not dropped by the fast path's rule")
+			}
+			break
+		}
 		if c != nil {
 			c.Close()
 		}
