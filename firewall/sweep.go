@@ -244,9 +244,13 @@ func keyOf(e netutil.ConntrackEntry) flowKey {
 // now. A connection kept gets the tag it should carry from now on: that
 // of the rule of rs that keeps it (0 for tag 0).
 func (rs *Ruleset) keeps(since []*Ruleset, mark uint32, k flowKey, live func(set string, a netip.Addr) bool) (keep bool, newTag uint32) {
-	if rs.fast && mark&rs.mark.owned() == rs.mark.fastAllowed() {
+	if rs.fast && mark&rs.mark.owned() == rs.mark.fastAllowed() && k.proto == policy.TCP &&
+		!slices.ContainsFunc(since, func(o *Ruleset) bool { return o.Mode == policy.ModeEnforce && !o.fast && o.mark == rs.mark }) {
 		// Let out by the fast path: kept while what its decisions
 		// depend on is what it was in every ruleset it can come from.
+		// (Only TCP is, and only where every enforce ruleset it can come
+		// from had the fast path: without it the mark is a rule's,
+		// decided below.)
 		for _, old := range since {
 			if old.fast && old.mark == rs.mark && old.fastFP != rs.fastFP {
 				return false, 0
