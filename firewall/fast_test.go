@@ -266,6 +266,12 @@ func (tp *topo) fastServer(t *testing.T, addr string) *fastServer {
 // proxy stand-in that counts its connections, the server on 443.
 func fastTopo(t *testing.T, num uint16) (*topo, *Firewall, *atomic.Int32) {
 	t.Helper()
+	return fastTopoWith(t, Config{FastPath: true, FastPathQueue: num})
+}
+
+// fastTopoWith is fastTopo with the firewall's Config cfg.
+func fastTopoWith(t *testing.T, cfg Config) (*topo, *Firewall, *atomic.Int32) {
+	t.Helper()
 	requireNft(t)
 	tp := newTopo(t)
 	var proxied atomic.Int32
@@ -278,7 +284,7 @@ func fastTopo(t *testing.T, num uint16) (*topo, *Firewall, *atomic.Int32) {
 		od, _ := origDst(c)
 		fmt.Fprintf(c, "proxy orig=%s\n", od)
 	})
-	fw := tp.firewall(t, Config{FastPath: true, FastPathQueue: num})
+	fw := tp.firewall(t, cfg)
 	if err := fw.Install(compile(t, testPolicy)); err != nil {
 		t.Fatal(err)
 	}

@@ -3,7 +3,6 @@ package firewall
 import (
 	"context"
 	"encoding/binary"
-	"fmt"
 	"net"
 	"net/netip"
 	"sync/atomic"
@@ -21,23 +20,12 @@ import (
 // fast path lets out to it.
 func fastTopoPorts(t *testing.T, num uint16) (*topo, *atomic.Int32) {
 	t.Helper()
-	requireNft(t)
-	tp := newTopo(t)
-	var proxied atomic.Int32
-	ln, err := tp.gw.Listen("tcp", fmt.Sprintf("[::]:%d", proxyPort))
-	if err != nil {
-		t.Fatal(err)
-	}
-	serve(t, ln, func(c net.Conn) { proxied.Add(1) })
-	fw := tp.firewall(t, Config{FastPath: true, FastPathQueue: num, TCPPorts: []policy.PortRange{{Lo: 443, Hi: 443, Proto: policy.TCP}}})
-	if err := fw.Install(compile(t, testPolicy)); err != nil {
-		t.Fatal(err)
-	}
+	tp, fw, proxied := fastTopoWith(t, Config{FastPath: true, FastPathQueue: num, TCPPorts: []policy.PortRange{{Lo: 443, Hi: 443, Proto: policy.TCP}}})
 	if err := fw.LearnAll(context.Background(), []Address{{Rule: "web", Addr: netip.MustParseAddr("198.18.2.2"), TTL: time.Minute,
 		Client: netip.MustParseAddr("198.18.1.2"), Name: "www.example.test"}}); err != nil {
 		t.Fatal(err)
 	}
-	return tp, &proxied
+	return tp, proxied
 }
 
 // csum is the Internet checksum of b, folded from sum.
