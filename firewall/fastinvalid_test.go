@@ -133,7 +133,7 @@ func TestFastPathTupleReuse(t *testing.T) {
 	const num = 47
 	tp, _, proxied := fastTopo(t, num)
 	var accepted atomic.Int32
-	ln, err := tp.server.Listen("tcp", "198.18.2.2:8443")
+	ln, err := tp.server.Listen("tcp", "198.18.2.2:443")
 	if err != nil {
 		t.Fatal(err)
 	}
@@ -152,7 +152,7 @@ func TestFastPathTupleReuse(t *testing.T) {
 			var c net.Conn
 			tp.client.Do(func() (err error) {
 				d := net.Dialer{LocalAddr: &net.TCPAddr{IP: net.ParseIP("198.18.1.2"), Port: 41000}, Timeout: 5 * time.Second}
-				c, err = d.Dial("tcp", "198.18.2.2:8443")
+				c, err = d.Dial("tcp", "198.18.2.2:443")
 				return err
 			})
 			ch <- c
