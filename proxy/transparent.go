@@ -353,9 +353,20 @@ type peekResult struct {
 	head  *httpwire.Head // the first HTTP request head, when it parsed
 }
 
+// peekSource is what the peek reads a connection's first bytes from: the
+// accepted socket (handleTransparent), or the client's stream rebuilt
+// from its queued packets (the fast path's flowStream, fastpath.go), so
+// that both are decided by the same code on the same bytes. A read past
+// the deadline set fails with an error whose Timeout() is true.
+type peekSource interface {
+	io.Reader
+	SetReadDeadline(time.Time) error
+}
+
 // peek reads the first bytes within the hello deadline and decides.
-// deferred: c was accepted under TCP_DEFER_ACCEPT (firstBytes).
-func (p *Proxy) peek(c *net.TCPConn, eng *policy.Engine, in policy.Input, start time.Time, deferred bool) (streamKind, verdict, peekResult) {
+// deferred: c is a *net.TCPConn accepted under TCP_DEFER_ACCEPT
+// (firstBytes).
+func (p *Proxy) peek(c peekSource, eng *policy.Engine, in policy.Input, start time.Time, deferred bool) (streamKind, verdict, peekResult) {
 	rc := &recorder{r: c, max: p.cfg.HelloMaxBytes, share: peekShare{b: p.peekMem, client: in.Client, keyOf: p.keyOf}}
 	res := peekResult{rec: rc}
 	defer c.SetReadDeadline(time.Time{})
@@ -459,15 +470,16 @@ func (p *Proxy) peek(c *net.TCPConn, eng *policy.Engine, in policy.Input, start 
 // the server speaks first. Otherwise (a connection accepted at once, as a
 // SYN cookie is, without the kernel's wait) the rest of the first-byte
 // wait still applies.
-func (p *Proxy) firstBytes(c *net.TCPConn, rc *recorder, start time.Time, deferred bool) error {
+func (p *Proxy) firstBytes(c peekSource, rc *recorder, start time.Time, deferred bool) error {
 	wait := min(p.cfg.FirstByteWait, p.cfg.HelloTimeout)
-	if !deferred || wait <= deferredFirstByteWait {
+	tc, isTCP := c.(*net.TCPConn)
+	if !deferred || !isTCP || wait <= deferredFirstByteWait {
 		c.SetReadDeadline(start.Add(wait))
 		return rc.fill(1)
 	}
 	c.SetReadDeadline(start.Add(deferredFirstByteWait))
 	err := rc.fill(1)
-	if err == nil || !isTimeout(err) || synAckRetransmitted(c) {
+	if err == nil || !isTimeout(err) || synAckRetransmitted(tc) {
 		return err
 	}
 	c.SetReadDeadline(start.Add(wait))
