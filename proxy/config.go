@@ -126,6 +126,15 @@ type Config struct {
 	// interfaces, read when Run or Serve starts. Proxy.SetOwnAddrs
 	// replaces them while the proxy runs.
 	OwnAddrs []netip.Addr
+
+	// FastMarks are the packet-mark values the fast path's verdicts set
+	// (ServeQueue; egressd run fills them from firewall.FastMarks). Used
+	// only by ServeQueue.
+	FastMarks FastMarks
+	// FastFlows bounds the fast path's flow table (connections it took
+	// and is deciding, and those decided in the last 30 s); a SYN past it
+	// goes to the proxy. Zero: 16,384.
+	FastFlows int
 }
 
 // Deps are the proxy's collaborators; cmd/ wires them.
@@ -179,6 +188,9 @@ type Deps struct {
 	// only where that matters (capture: where it lined the connection's
 	// 4-tuple), and only during the call.
 	Accepted func(client, dest netip.AddrPort, ended func() bool) (lined bool)
+	// Inject sends the fast path's deny answers and resets (ServeQueue).
+	// Nil: none sent (a denied fast connection's packets are dropped).
+	Inject Injector
 }
 
 // ClientDevices tells the device of a LAN client address, where a
@@ -295,6 +307,9 @@ func (c Config) withDefaults() Config {
 	}
 	if c.PeekBudget == 0 {
 		c.PeekBudget = defaultPeekBudget
+	}
+	if c.FastFlows <= 0 {
+		c.FastFlows = defaultFastFlows
 	}
 	if c.DenyPage == "" {
 		c.DenyPage = defaultDenyPage

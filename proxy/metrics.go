@@ -15,6 +15,11 @@ type metrics struct {
 	hellos    *prometheus.CounterVec // parser
 	revoked   *prometheus.CounterVec // mode
 	reopens   prometheus.Counter
+	// The fast path's (ServeQueue).
+	fastSYNs     *prometheus.CounterVec // result
+	fastVerdicts *prometheus.CounterVec // verdict
+	fastErrors   *prometheus.CounterVec // op
+	fastFlows    prometheus.Gauge
 	// The hellos series of each parser, resolved once: the peek counts
 	// every TLS connection.
 	helloFast, helloTLS prometheus.Counter
@@ -63,6 +68,22 @@ func newMetrics(reg prometheus.Registerer) (*metrics, error) {
 			Namespace: "egress", Subsystem: "proxy", Name: "listener_reopens_total",
 			Help: "Explicit-proxy listeners opened again on their address after their accept failed for good (closed, then opened after a wait: keepExplicit).",
 		}),
+		fastSYNs: prometheus.NewCounterVec(prometheus.CounterOpts{
+			Namespace: "egress", Subsystem: "proxy", Name: "fast_syns_total",
+			Help: "SYNs the fast path answered, by result: fast (taken: decided from its queued packets), or why it went to the proxy: not-learned (the address was not given out by our DNS to this client for a name an allowing rule covers), inspect (host/path rules decide the host), guard (special range, the gateway, loopback), limit (a connection limit), fast-open (the SYN carries data), table-full, audit-mode, malformed.",
+		}, []string{"result"}),
+		fastVerdicts: prometheus.NewCounterVec(prometheus.CounterOpts{
+			Namespace: "egress", Subsystem: "proxy", Name: "fast_verdicts_total",
+			Help: "Verdicts the fast path gave queued packets: accept, accept-pending (a fast SYN), repeat-allowed (the packet that hands an allowed connection to the kernel), repeat-denied (the packet that marks a connection denied), drop.",
+		}, []string{"verdict"}),
+		fastErrors: prometheus.NewCounterVec(prometheus.CounterOpts{
+			Namespace: "egress", Subsystem: "proxy", Name: "fast_errors_total",
+			Help: "Fast-path failures, by op: verdict (the queue refused a verdict), parse (a queued packet that is not TCP the fast path reads), unknown-flow (a queued segment of no flow the table holds: denied), inject (a deny answer or reset not sent), serve (the queue's reader failed).",
+		}, []string{"op"}),
+		fastFlows: prometheus.NewGauge(prometheus.GaugeOpts{
+			Namespace: "egress", Subsystem: "proxy", Name: "fast_flows",
+			Help: "Connections in the fast path's flow table: being decided, or decided in the last 30 s.",
+		}),
 	}
 	for _, mode := range []string{"enforce", "audit"} { // served from the start, at 0
 		m.revoked.WithLabelValues(mode)
@@ -73,7 +94,7 @@ func newMetrics(reg prometheus.Registerer) (*metrics, error) {
 	m.helloFast = m.hellos.WithLabelValues("fast")
 	m.helloTLS = m.hellos.WithLabelValues("crypto-tls")
 	if reg != nil {
-		for _, c := range []prometheus.Collector{m.conns, m.active, m.bytes, m.limitHits, m.peek, m.conntrack, m.requests, m.hellos, m.revoked, m.reopens} {
+		for _, c := range []prometheus.Collector{m.conns, m.active, m.bytes, m.limitHits, m.peek, m.conntrack, m.requests, m.hellos, m.revoked, m.reopens, m.fastSYNs, m.fastVerdicts, m.fastErrors, m.fastFlows} {
 			if err := reg.Register(c); err != nil {
 				return nil, err
 			}

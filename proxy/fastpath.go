@@ -1,0 +1,711 @@
+package proxy
+
+import (
+	"context"
+	"encoding/binary"
+	"errors"
+	"io"
+	"net"
+	"net/netip"
+	"os"
+	"sync"
+	"syscall"
+	"time"
+
+	"egressd/audit"
+	"egressd/policy"
+)
+
+// The fast path (egressd run --fast-path, enforce mode; /tmp design:
+// FASTPATH.md of session 33). The firewall queues (NFQUEUE) the SYN of
+// each LAN connection to a port it would redirect to the proxy, and,
+// for a connection the fast path took, the client's packets that carry
+// bytes until it is decided. ServeQueue answers them:
+//
+//   - a SYN is fast when the destination is one our DNS gave out to this
+//     client for a name that a rule allowing the port covers, and that
+//     rule needs no inspection (decideAddr: by address, then the names
+//     given out; the special-range guard and the gateway's own addresses
+//     included), the mode is enforce, it carries no data (TCP Fast Open)
+//     and the client is within its connection limits (a slot is held
+//     until the decision). Fast: ACCEPT with the packet mark
+//     FastMarks.Pending (the firewall then skips the redirect and queues
+//     the client's bytes); otherwise ACCEPT unchanged (the redirect to the
+//     proxy, as without the fast path). The SYN's sequence number (ISN)
+//     starts the flow;
+//   - the client's segments of a fast flow are held (no verdict) and
+//     reassembled from ISN+1 (reassembler); a worker runs the transparent
+//     proxy's own peek and decision (peek, through flowStream) on that
+//     stream, within the same first-byte wait and hello deadline. A
+//     segment the reassembler refuses (before ISN+1, other bytes where
+//     bytes were held, past HelloMaxBytes) denies the flow,
+//     ReasonStreamMismatch;
+//   - allowed: the held packets are accepted in the order they came, the
+//     last one NF_REPEAT with FastMarks.Allowed (the firewall makes it the
+//     connection's mark: the kernel forwards the rest). Denied: they are
+//     dropped, one NF_REPEAT with FastMarks.Denied (later packets are
+//     dropped by the firewall), and the proxy's deny answer (a TLS alert,
+//     the 403 page, nothing otherwise) then a reset are sent to the
+//     client, a reset to the server (Deps.Inject);
+//   - one event and canonical line per fast connection, written at the
+//     decision (close fast-path, fast-path-denied, or client-closed-early),
+//     with the bytes the client sent before it (BytesOut): the proxy does
+//     not see the rest of a connection the kernel forwards.
+//
+// A decided flow stays in the table for fastKeep, so that a packet queued
+// before its mark took hold is answered the same way (and a client that
+// was silent at first, decided on the address, gets its mark with its
+// first segment); a queued segment of a flow the table does not know
+// (gone, or from before a restart) is denied (NF_REPEAT with Denied, and
+// resets both ways).
+
+// QueueVerdict is a verdict on a queued packet (NF_DROP, NF_ACCEPT,
+// NF_REPEAT).
+//
+// TODO(nfq): internal/nfq (helper N) defines Packet and Verdict; once it
+// is on main these become aliases of nfq.Packet and nfq.Verdict, so that
+// *nfq.Conn is a Queue.
+type QueueVerdict uint32
+
+// The verdicts the fast path gives.
+const (
+	VerdictDrop   QueueVerdict = 0
+	VerdictAccept QueueVerdict = 1
+	VerdictRepeat QueueVerdict = 4
+)
+
+// QueuePacket is a queued packet: Data is the IP packet, valid only
+// during the callback.
+type QueuePacket struct {
+	ID   uint32
+	Mark uint32
+	InIf uint32
+	Hook uint8
+	Data []byte
+}
+
+// Queue is the NFQUEUE the fast path reads (*nfq.Conn).
+type Queue interface {
+	// Serve calls fn for each queued packet, on one goroutine, until ctx
+	// ends or the queue is closed.
+	Serve(ctx context.Context, fn func(QueuePacket)) error
+	Verdict(id uint32, v QueueVerdict) error
+	VerdictMark(id uint32, v QueueVerdict, mark uint32) error
+}
+
+// FastMarks are the packet-mark values the fast path's verdicts set, in
+// egressd's owned bits (firewall.FastMarks): a verdict's mark is the
+// packet's with Mask cleared, then the value set.
+type FastMarks struct {
+	Mask, Pending, Allowed, Denied uint32
+}
+
+// Injector sends TCP segments from any address to any other (a raw
+// socket): the fast path's deny answer and resets.
+//
+// TODO(tcpinject): helper N's injector (internal/tcpinject) is this;
+// cmd/egressd sets Deps.Inject to it. Until then no answer is sent: a
+// denied fast connection's packets are dropped, and the client waits
+// out its own timeout.
+type Injector interface {
+	Reset(from, to netip.AddrPort, seq, ack uint32) error
+	Segment(from, to netip.AddrPort, seq, ack uint32, flags uint8, payload []byte) error
+}
+
+// TCP flags.
+const (
+	tcpFIN = 0x01
+	tcpSYN = 0x02
+	tcpRST = 0x04
+	tcpPSH = 0x08
+	tcpACK = 0x10
+)
+
+// Close reasons of fast connections.
+const (
+	closeFast       = "fast-path"        // allowed: handed to the kernel
+	closeFastDenied = "fast-path-denied" // denied on the fast path: dropped, answered, reset
+)
+
+// ReasonStreamMismatch: the client's queued segments do not make one
+// stream (a segment before its first byte, other bytes where bytes were
+// held, or past the window): the server could read another stream than
+// the one decided.
+const ReasonStreamMismatch = "stream-mismatch"
+
+// fastKeep is how long a decided flow stays in the table.
+const fastKeep = 30 * time.Second
+
+// defaultFastFlows bounds the flow table (Config.FastFlows).
+const defaultFastFlows = 16384
+
+// flowKey is a TCP flow, from the client's side.
+type flowKey struct{ client, dest netip.AddrPort }
+
+type fastState uint8
+
+const (
+	fastPending fastState = iota
+	fastAllowed
+	fastDenied
+)
+
+type heldPacket struct{ id, mark uint32 }
+
+// fastFlow is one connection the fast path took.
+type fastFlow struct {
+	key   flowKey
+	start time.Time
+	at    policyAt
+	in    policy.Input
+	f     *flowRecord
+
+	wake chan struct{} // a byte came, the deadline changed, the stream ended
+
+	mu       sync.Mutex // guards following
+	asm      *reassembler
+	read     int // bytes the peek has read
+	fin      bool
+	finOff   int
+	end      error // the stream ended otherwise: the client's reset, the proxy's shutdown
+	refused  error // a segment the reassembler refused
+	deadline time.Time
+	held     []heldPacket
+	srvNext  uint32 // the server's next sequence number (a held segment's ack)
+	haveSrv  bool
+	state    fastState
+	marked   bool // the connection's lasting mark was given (a NF_REPEAT)
+	expires  time.Time
+}
+
+// fastQueue serves one queue.
+type fastQueue struct {
+	p     *Proxy
+	q     Queue
+	marks FastMarks
+	max   int
+
+	mu    sync.Mutex
+	flows map[flowKey]*fastFlow
+	wg    sync.WaitGroup
+}
+
+// ServeQueue answers the fast path's queued packets from q until ctx
+// ends or q fails; it returns once every flow it was deciding is decided.
+func (p *Proxy) ServeQueue(ctx context.Context, q Queue) error {
+	s := &fastQueue{p: p, q: q, marks: p.cfg.FastMarks, max: p.cfg.FastFlows, flows: map[flowKey]*fastFlow{}}
+	sweepCtx, stop := context.WithCancel(ctx)
+	done := make(chan struct{})
+	go func() { defer close(done); s.sweep(sweepCtx) }()
+	err := q.Serve(ctx, s.packet)
+	stop()
+	<-done
+	// What is still undecided ends: its peek reads net.ErrClosed (a
+	// shutdown).
+	s.mu.Lock()
+	for _, fl := range s.flows {
+		fl.mu.Lock()
+		if fl.state == fastPending && fl.end == nil {
+			fl.end = net.ErrClosed
+		}
+		fl.mu.Unlock()
+		fl.poke()
+	}
+	s.mu.Unlock()
+	s.wg.Wait()
+	if err != nil && !errors.Is(err, context.Canceled) && ctx.Err() == nil {
+		p.met.fastErrors.WithLabelValues("serve").Inc()
+		return err
+	}
+	return nil
+}
+
+// sweep takes decided flows out of the table once kept fastKeep.
+func (s *fastQueue) sweep(ctx context.Context) {
+	t := time.NewTicker(time.Second)
+	defer t.Stop()
+	for {
+		select {
+		case <-ctx.Done():
+			return
+		case now := <-t.C:
+			s.mu.Lock()
+			for k, fl := range s.flows {
+				fl.mu.Lock()
+				old := fl.state != fastPending && now.After(fl.expires)
+				fl.mu.Unlock()
+				if old {
+					delete(s.flows, k)
+				}
+			}
+			s.p.met.fastFlows.Set(float64(len(s.flows)))
+			s.mu.Unlock()
+		}
+	}
+}
+
+// verdict gives v (with mark, when set) and counts it.
+func (s *fastQueue) verdict(id uint32, v QueueVerdict, mark uint32, setMark bool) {
+	var err error
+	label := "accept"
+	switch {
+	case setMark:
+		err = s.q.VerdictMark(id, v, mark)
+		switch mark & s.marks.Mask {
+		case s.marks.Pending:
+			label = "accept-pending"
+		case s.marks.Allowed:
+			label = "repeat-allowed"
+		default:
+			label = "repeat-denied"
+		}
+	default:
+		err = s.q.Verdict(id, v)
+		if v == VerdictDrop {
+			label = "drop"
+		}
+	}
+	s.p.met.fastVerdicts.WithLabelValues(label).Inc()
+	if err != nil {
+		s.p.met.fastErrors.WithLabelValues("verdict").Inc()
+		s.p.log.Debug("proxy: fast path: verdict", audit.LogError, err.Error())
+	}
+}
+
+// withMark is orig with the owned bits set to m.
+func (s *fastQueue) withMark(orig, m uint32) uint32 { return orig&^s.marks.Mask | m }
+
+// packet answers one queued packet (the queue's goroutine).
+func (s *fastQueue) packet(pk QueuePacket) {
+	seg, err := parseTCP(pk.Data)
+	if err != nil {
+		// Not a TCP packet the fast path reads: a SYN goes to the proxy
+		// (accepted unchanged: the redirect), anything else of a pending
+		// flow is dropped (fail closed).
+		s.p.met.fastErrors.WithLabelValues("parse").Inc()
+		if pk.Hook == hookPrerouting {
+			s.p.met.fastSYNs.WithLabelValues("malformed").Inc()
+			s.verdict(pk.ID, VerdictAccept, 0, false)
+			return
+		}
+		s.verdict(pk.ID, VerdictDrop, 0, false)
+		return
+	}
+	if seg.flags&(tcpSYN|tcpACK) == tcpSYN {
+		if s.syn(seg) {
+			s.verdict(pk.ID, VerdictAccept, s.withMark(pk.Mark, s.marks.Pending), true)
+		} else {
+			s.verdict(pk.ID, VerdictAccept, 0, false)
+		}
+		return
+	}
+	key := flowKey{seg.src, seg.dst}
+	s.mu.Lock()
+	fl := s.flows[key]
+	s.mu.Unlock()
+	if fl == nil {
+		s.unknown(pk, seg)
+		return
+	}
+	fl.mu.Lock()
+	switch fl.state {
+	case fastAllowed, fastDenied:
+		v, m := VerdictAccept, s.marks.Allowed
+		if fl.state == fastDenied {
+			v, m = VerdictDrop, s.marks.Denied
+		}
+		first := !fl.marked
+		fl.marked = true
+		fl.mu.Unlock()
+		if first {
+			s.verdict(pk.ID, VerdictRepeat, s.withMark(pk.Mark, m), true)
+		} else {
+			s.verdict(pk.ID, v, 0, false)
+		}
+		return
+	}
+	// Pending.
+	if seg.flags&tcpRST != 0 {
+		if fl.end == nil {
+			fl.end = syscall.ECONNRESET
+		}
+		fl.mu.Unlock()
+		fl.poke()
+		s.verdict(pk.ID, VerdictAccept, 0, false) // the server may forget the connection
+		return
+	}
+	if len(seg.payload) == 0 && seg.flags&tcpFIN == 0 {
+		fl.mu.Unlock()
+		s.verdict(pk.ID, VerdictAccept, 0, false) // an ACK the firewall could not prove empty
+		return
+	}
+	if fl.refused == nil {
+		if err := fl.asm.add(seg.seq, seg.payload); err != nil {
+			fl.refused = err
+		} else if seg.flags&tcpFIN != 0 && !fl.fin {
+			fl.fin = true
+			fl.finOff = int(int32(seg.seq-fl.asm.first)) + len(seg.payload)
+		}
+	}
+	fl.held = append(fl.held, heldPacket{pk.ID, pk.Mark})
+	if seg.flags&tcpACK != 0 {
+		fl.srvNext, fl.haveSrv = seg.ack, true
+	}
+	fl.mu.Unlock()
+	fl.poke()
+}
+
+// Netfilter hooks (Packet.Hook).
+const (
+	hookPrerouting = 0
+	hookForward    = 2
+)
+
+// unknown answers a queued segment of a flow the table does not know:
+// denied, with resets both ways when it carries data (a connection the
+// firewall holds pending that no decision can release).
+func (s *fastQueue) unknown(pk QueuePacket, seg tcpSeg) {
+	s.p.met.fastErrors.WithLabelValues("unknown-flow").Inc()
+	if len(seg.payload) == 0 && seg.flags&(tcpFIN|tcpSYN) == 0 {
+		s.verdict(pk.ID, VerdictAccept, 0, false)
+		return
+	}
+	s.verdict(pk.ID, VerdictRepeat, s.withMark(pk.Mark, s.marks.Denied), true)
+	if seg.flags&tcpACK != 0 {
+		s.resets(seg.src, seg.dst, seg.seq, seg.ack, 0, nil)
+	}
+}
+
+// syn decides whether seg, a SYN, is fast, and if so starts its flow.
+func (s *fastQueue) syn(seg tcpSeg) bool {
+	p := s.p
+	key := flowKey{seg.src, seg.dst}
+	s.mu.Lock()
+	if fl := s.flows[key]; fl != nil {
+		fl.mu.Lock()
+		pending := fl.state == fastPending
+		if pending && fl.asm.contig == 0 && len(fl.asm.buf) == 0 {
+			fl.asm = newReassembler(seg.seq, p.cfg.HelloMaxBytes) // a SYN sent again
+		}
+		fl.mu.Unlock()
+		if pending {
+			s.mu.Unlock()
+			return true
+		}
+		delete(s.flows, key) // a new connection on a decided flow's ports
+	}
+	full := len(s.flows) >= s.max
+	s.mu.Unlock()
+	why := s.declines(seg, full)
+	if why != "" {
+		p.met.fastSYNs.WithLabelValues(why).Inc()
+		return false
+	}
+	return true
+}
+
+// declines returns why seg's connection is not fast ("" when it is,
+// then its flow is in the table and decided by a worker).
+func (s *fastQueue) declines(seg tcpSeg, full bool) string {
+	p := s.p
+	switch {
+	case len(seg.payload) > 0:
+		return "fast-open"
+	case full:
+		return "table-full"
+	}
+	start := time.Now()
+	at := p.policyNow()
+	eng := at.eng
+	if eng.Mode() != policy.ModeEnforce {
+		return "audit-mode"
+	}
+	client, dest := seg.src.Addr().Unmap(), seg.dst.Addr().Unmap()
+	if _, ok := policy.LANLoopback(dest); ok {
+		return "guard"
+	}
+	in := policy.Input{Client: client, Dest: dest, Port: seg.dst.Port(), Proto: policy.TCP, Now: start}
+	in.ClientMAC = p.clientMAC(eng, client)
+	v := p.decideAddr(eng, in, audit.NameNone)
+	switch {
+	case v.d.Reason == ReasonSpecialRange:
+		return "guard"
+	case !v.d.Allowed() || v.src != audit.NameDNSLearned:
+		return "not-learned"
+	case v.inspect:
+		return "inspect"
+	}
+	ok, dev, _ := p.slots.AcquireDevice(client)
+	if !ok {
+		return "limit" // the proxy refuses it, and counts it
+	}
+	p.met.active.Inc()
+	p.met.fastSYNs.WithLabelValues("fast").Inc()
+	f := &flowRecord{listener: "transparent", ev: audit.Event{
+		Kind: audit.KindFlow, Source: audit.SourceProxy, Time: start,
+		Client: audit.ClientAddr(client), ClientPort: seg.src.Port(), Proto: "tcp",
+		Dest: dest, DestPort: seg.dst.Port(), ClientMAC: dev,
+	}, portDone: true}
+	if in.ClientMAC != nil {
+		f.ev.ClientMAC = in.ClientMAC.String()
+	}
+	if p.deps.Accepted != nil {
+		f.lined = p.deps.Accepted(seg.src, netip.AddrPortFrom(dest, seg.dst.Port()), func() bool { return false })
+	}
+	fl := &fastFlow{key: flowKey{seg.src, seg.dst}, start: start, at: at, in: in, f: f,
+		wake: make(chan struct{}, 1), asm: newReassembler(seg.seq, p.cfg.HelloMaxBytes)}
+	s.mu.Lock()
+	s.flows[fl.key] = fl
+	p.met.fastFlows.Set(float64(len(s.flows)))
+	s.mu.Unlock()
+	s.wg.Add(1)
+	p.work.run(func() {
+		defer s.wg.Done()
+		s.decide(fl)
+	})
+	return ""
+}
+
+// decide runs the transparent proxy's peek and decision on fl's stream,
+// then gives the held packets their verdicts.
+func (s *fastQueue) decide(fl *fastFlow) {
+	p := s.p
+	eng := fl.at.eng
+	kind, v, head := p.peek(flowStream{fl}, eng, fl.in, fl.start, false)
+	defer head.rec.share.release()
+	p.met.peek.Observe(time.Since(fl.start).Seconds())
+
+	fl.mu.Lock()
+	refused := fl.refused
+	fl.mu.Unlock()
+	if refused != nil {
+		v = verdict{d: denyDecision(eng, ReasonStreamMismatch), src: audit.NameNone, how: byBytes}
+	} else if v.inspect && v.d.Allowed() {
+		// Host/path rules decide this host, and the fast path sees no
+		// request after the first: the proxy would inspect it. Refused,
+		// as a reload refuses a spliced connection allowed only so.
+		v.d = denyDecision(eng, policy.ReasonPathUnseen)
+	}
+	f := fl.f
+	f.ev.Stamp(v.d)
+	f.ev.Name, f.ev.NameSource = v.name, v.src
+	f.ev.NoPath = kind == kindOther
+	if kind == kindHTTP && head.Path != "" {
+		f.ev.Path = head.Path
+	}
+	deny := v.enforced()
+	f.ev.Enforced = deny
+	switch {
+	case deny:
+		f.ev.Close = closeFastDenied
+	case head.early:
+		f.ev.Close = closeEarly
+	default:
+		f.ev.Close = closeFast
+	}
+	if head.early && head.ours {
+		f.ev.Close = closeShutdown
+	}
+
+	fl.mu.Lock()
+	held := fl.held
+	fl.held = nil
+	fl.state = fastAllowed
+	if deny {
+		fl.state = fastDenied
+	}
+	fl.marked = len(held) > 0
+	fl.expires = time.Now().Add(fastKeep)
+	f.ev.BytesOut = uint64(fl.asm.contig)
+	cliNext := fl.asm.first + uint32(len(fl.asm.buf))
+	srvNext, haveSrv := fl.srvNext, fl.haveSrv
+	fl.mu.Unlock()
+
+	if deny {
+		for i, h := range held {
+			if i == len(held)-1 {
+				s.verdict(h.id, VerdictRepeat, s.withMark(h.mark, s.marks.Denied), true)
+			} else {
+				s.verdict(h.id, VerdictDrop, 0, false)
+			}
+		}
+		if haveSrv {
+			var answer []byte
+			switch kind {
+			case kindTLS:
+				answer = tlsAlertAccessDenied
+			case kindHTTP:
+				host := v.name
+				if host == "" {
+					host = fl.key.dest.Addr().String()
+				}
+				answer = p.httpDeny(DenyInfo{Host: host, Path: head.Path, Client: fl.key.client.Addr().String(), Rule: v.d.Rule, Reason: v.d.Reason})
+			}
+			s.resets(fl.key.client, fl.key.dest, fl.asm.first, srvNext, cliNext, answer)
+		}
+	} else {
+		for i, h := range held {
+			if i == len(held)-1 {
+				s.verdict(h.id, VerdictRepeat, s.withMark(h.mark, s.marks.Allowed), true)
+			} else {
+				s.verdict(h.id, VerdictAccept, 0, false)
+			}
+		}
+	}
+	p.release(fl.key.client.Addr().Unmap())
+	p.finish(f)
+}
+
+// resets answers a refused connection: answer (if any) then a reset to
+// the client, from the server's address; a reset to the server, from the
+// client's. cliSeq is the client's sequence number the server expects
+// (nothing held reached it), srvNext the server's next one (a held
+// segment's ack), cliNext past the client's highest byte seen (0: cliSeq
+// is it).
+func (s *fastQueue) resets(client, dest netip.AddrPort, cliSeq, srvNext, cliNext uint32, answer []byte) {
+	inj := s.p.deps.Inject
+	if inj == nil {
+		return // TODO(tcpinject): no injector wired yet
+	}
+	if cliNext == 0 {
+		cliNext = cliSeq
+	}
+	var errs []error
+	if len(answer) > 0 {
+		errs = append(errs, inj.Segment(dest, client, srvNext, cliNext, tcpPSH|tcpACK, answer))
+	}
+	errs = append(errs,
+		inj.Reset(dest, client, srvNext+uint32(len(answer)), cliNext),
+		inj.Reset(client, dest, cliSeq, srvNext))
+	if err := errors.Join(errs...); err != nil {
+		s.p.met.fastErrors.WithLabelValues("inject").Inc()
+		s.p.log.Debug("proxy: fast path: inject", audit.LogError, err.Error())
+	}
+}
+
+// poke wakes fl's reader.
+func (fl *fastFlow) poke() {
+	select {
+	case fl.wake <- struct{}{}:
+	default:
+	}
+}
+
+// flowStream is the peek's view of a fast flow: the client's bytes as
+// reassembled (peekSource).
+type flowStream struct{ fl *fastFlow }
+
+func (s flowStream) Read(b []byte) (int, error) {
+	fl := s.fl
+	for {
+		fl.mu.Lock()
+		if r := fl.asm.ready(fl.read); len(r) > 0 && fl.refused == nil {
+			n := copy(b, r)
+			fl.read += n
+			fl.mu.Unlock()
+			return n, nil
+		}
+		switch {
+		case fl.refused != nil:
+			fl.mu.Unlock()
+			return 0, fl.refused
+		case fl.end != nil:
+			err := fl.end
+			fl.mu.Unlock()
+			return 0, err
+		case fl.fin && fl.read >= fl.finOff:
+			fl.mu.Unlock()
+			return 0, io.EOF
+		}
+		dl := fl.deadline
+		fl.mu.Unlock()
+		var timeout <-chan time.Time
+		var t *time.Timer
+		if !dl.IsZero() {
+			d := time.Until(dl)
+			if d <= 0 {
+				return 0, os.ErrDeadlineExceeded
+			}
+			t = time.NewTimer(d)
+			timeout = t.C
+		}
+		select {
+		case <-fl.wake:
+		case <-timeout:
+		}
+		if t != nil {
+			t.Stop()
+		}
+	}
+}
+
+func (s flowStream) SetReadDeadline(t time.Time) error {
+	s.fl.mu.Lock()
+	s.fl.deadline = t
+	s.fl.mu.Unlock()
+	s.fl.poke()
+	return nil
+}
+
+// tcpSeg is what the fast path reads of a queued TCP packet.
+type tcpSeg struct {
+	src, dst netip.AddrPort
+	seq, ack uint32
+	flags    uint8
+	payload  []byte
+}
+
+var errNotTCP = errors.New("proxy: fast path: not a TCP packet the fast path reads")
+
+// parseTCP reads an IPv4 or IPv6 packet carrying TCP (no IPv4
+// fragments, no IPv6 extension headers).
+//
+// TODO(nfq): nfq.ParseTCP (helper N) replaces it once on main.
+func parseTCP(ip []byte) (tcpSeg, error) {
+	var seg tcpSeg
+	if len(ip) < 1 {
+		return seg, errNotTCP
+	}
+	var t []byte
+	var src, dst netip.Addr
+	switch ip[0] >> 4 {
+	case 4:
+		if len(ip) < 20 {
+			return seg, errNotTCP
+		}
+		ihl := int(ip[0]&0x0f) * 4
+		tot := int(binary.BigEndian.Uint16(ip[2:]))
+		if ihl < 20 || tot < ihl || tot > len(ip) || ip[9] != syscall.IPPROTO_TCP ||
+			binary.BigEndian.Uint16(ip[6:])&0x3fff != 0 { // MF or a fragment offset
+			return seg, errNotTCP
+		}
+		src, dst = netip.AddrFrom4([4]byte(ip[12:16])), netip.AddrFrom4([4]byte(ip[16:20]))
+		t = ip[ihl:tot]
+	case 6:
+		if len(ip) < 40 || ip[6] != syscall.IPPROTO_TCP {
+			return seg, errNotTCP
+		}
+		pl := int(binary.BigEndian.Uint16(ip[4:]))
+		if 40+pl > len(ip) {
+			return seg, errNotTCP
+		}
+		src, dst = netip.AddrFrom16([16]byte(ip[8:24])), netip.AddrFrom16([16]byte(ip[24:40]))
+		t = ip[40 : 40+pl]
+	default:
+		return seg, errNotTCP
+	}
+	if len(t) < 20 {
+		return seg, errNotTCP
+	}
+	doff := int(t[12]>>4) * 4
+	if doff < 20 || doff > len(t) {
+		return seg, errNotTCP
+	}
+	seg.src = netip.AddrPortFrom(src, binary.BigEndian.Uint16(t[0:]))
+	seg.dst = netip.AddrPortFrom(dst, binary.BigEndian.Uint16(t[2:]))
+	seg.seq = binary.BigEndian.Uint32(t[4:])
+	seg.ack = binary.BigEndian.Uint32(t[8:])
+	seg.flags = t[13]
+	seg.payload = t[doff:]
+	return seg, nil
+}

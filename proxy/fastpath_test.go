@@ -1,0 +1,392 @@
+package proxy
+
+import (
+	"bytes"
+	"context"
+	"crypto/tls"
+	"encoding/binary"
+	"fmt"
+	"io"
+	"log/slog"
+	"net/netip"
+	"sync"
+	"testing"
+	"time"
+
+	"egressd/audit"
+	"egressd/internal/tlshello/hellotest"
+	"egressd/policy"
+)
+
+// fakeQueue is a Queue the test feeds: the one fake of the fast path's
+// tests (the kernel's queue is the e2e test's, with internal/nfq and the
+// firewall's rules).
+type fakeQueue struct {
+	in chan QueuePacket
+
+	mu       sync.Mutex
+	verdicts map[uint32]gotVerdict
+}
+
+type gotVerdict struct {
+	v       QueueVerdict
+	mark    uint32
+	setMark bool
+}
+
+func newFakeQueue() *fakeQueue {
+	return &fakeQueue{in: make(chan QueuePacket), verdicts: map[uint32]gotVerdict{}}
+}
+
+func (q *fakeQueue) Serve(ctx context.Context, fn func(QueuePacket)) error {
+	for {
+		select {
+		case <-ctx.Done():
+			return ctx.Err()
+		case pk := <-q.in:
+			fn(pk)
+		}
+	}
+}
+
+func (q *fakeQueue) set(id uint32, g gotVerdict) error {
+	q.mu.Lock()
+	defer q.mu.Unlock()
+	if _, ok := q.verdicts[id]; ok {
+		return fmt.Errorf("packet %d: a second verdict", id)
+	}
+	q.verdicts[id] = g
+	return nil
+}
+
+func (q *fakeQueue) Verdict(id uint32, v QueueVerdict) error {
+	return q.set(id, gotVerdict{v: v})
+}
+
+func (q *fakeQueue) VerdictMark(id uint32, v QueueVerdict, mark uint32) error {
+	return q.set(id, gotVerdict{v: v, mark: mark, setMark: true})
+}
+
+// wait returns the verdicts of ids once each has one (10 s at most).
+func (q *fakeQueue) wait(t *testing.T, ids []uint32) []gotVerdict {
+	t.Helper()
+	deadline := time.Now().Add(10 * time.Second)
+	for {
+		q.mu.Lock()
+		var out []gotVerdict
+		for _, id := range ids {
+			if g, ok := q.verdicts[id]; ok {
+				out = append(out, g)
+			}
+		}
+		q.mu.Unlock()
+		if len(out) == len(ids) {
+			return out
+		}
+		if time.Now().After(deadline) {
+			t.Fatalf("%d of %d packets have a verdict", len(out), len(ids))
+		}
+		time.Sleep(10 * time.Millisecond)
+	}
+}
+
+// fakeInjector records what the fast path would send.
+type fakeInjector struct {
+	mu   sync.Mutex
+	sent []injected
+}
+
+type injected struct {
+	from, to netip.AddrPort
+	seq, ack uint32
+	flags    uint8
+	payload  []byte
+}
+
+func (i *fakeInjector) Reset(from, to netip.AddrPort, seq, ack uint32) error {
+	return i.Segment(from, to, seq, ack, tcpRST|tcpACK, nil)
+}
+
+func (i *fakeInjector) Segment(from, to netip.AddrPort, seq, ack uint32, flags uint8, payload []byte) error {
+	i.mu.Lock()
+	i.sent = append(i.sent, injected{from, to, seq, ack, flags, append([]byte(nil), payload...)})
+	i.mu.Unlock()
+	return nil
+}
+
+// tcpPacket builds an IPv4 or IPv6 TCP packet (checksums left zero: the
+// fast path reads, it does not check them; the kernel did).
+func tcpPacket(src, dst netip.AddrPort, seq, ack uint32, flags uint8, payload []byte) []byte {
+	t := make([]byte, 20, 20+len(payload))
+	binary.BigEndian.PutUint16(t[0:], src.Port())
+	binary.BigEndian.PutUint16(t[2:], dst.Port())
+	binary.BigEndian.PutUint32(t[4:], seq)
+	binary.BigEndian.PutUint32(t[8:], ack)
+	t[12] = 5 << 4
+	t[13] = flags
+	binary.BigEndian.PutUint16(t[14:], 65535)
+	t = append(t, payload...)
+	if src.Addr().Is4() {
+		ip := make([]byte, 20, 20+len(t))
+		ip[0] = 0x45
+		binary.BigEndian.PutUint16(ip[2:], uint16(20+len(t)))
+		ip[8], ip[9] = 64, 6
+		s, d := src.Addr().As4(), dst.Addr().As4()
+		copy(ip[12:], s[:])
+		copy(ip[16:], d[:])
+		return append(ip, t...)
+	}
+	ip := make([]byte, 40, 40+len(t))
+	ip[0] = 0x60
+	binary.BigEndian.PutUint16(ip[4:], uint16(len(t)))
+	ip[6], ip[7] = 6, 64
+	s, d := src.Addr().As16(), dst.Addr().As16()
+	copy(ip[8:], s[:])
+	copy(ip[24:], d[:])
+	return append(ip, t...)
+}
+
+// goClientHello is the ClientHello record crypto/tls's client writes for
+// name ("": none).
+func goClientHello(t *testing.T, name string) []byte {
+	if name == "" {
+		// crypto/tls sends no SNI for an IP address.
+		name = srvV4.String()
+	}
+	return hellotest.GoHello(t, name, &tls.Config{})
+}
+
+// fastMarks are the test's marks: owned bits 0x00fff000, an operator bit
+// 0x1 on every packet.
+var fastMarks = FastMarks{Mask: 0x00fff000, Pending: 0x00101000, Allowed: 0x00102000, Denied: 0x00103000}
+
+const operatorBit = 0x1
+
+type fastRig struct {
+	p   *Proxy
+	q   *fakeQueue
+	inj *fakeInjector
+	evs *events
+	id  uint32
+}
+
+func newFastRig(t *testing.T) *fastRig {
+	eng, err := policy.Compile("p", []byte(fmt.Sprintf(testPolicy, "enforce")))
+	if err != nil {
+		t.Fatal(err)
+	}
+	f := &facts{}
+	f.add(clientV4, srvV4, "www.allowed.test")
+	f.add(clientV6, srvV6, "www.allowed.test")
+	f.add(clientV4, spoofV4, "www.allowed.test")
+	r := &fastRig{q: newFakeQueue(), inj: &fakeInjector{}, evs: &events{}}
+	r.p, err = New(Config{FastMarks: fastMarks, OwnAddrs: []netip.Addr{gwLanV4}, FirstByteWait: 5 * time.Second, HelloTimeout: 8 * time.Second},
+		Deps{Policy: policy.NewStore(eng), DNS: f, Sink: r.evs, Inject: r.inj, Logger: slog.New(slog.NewTextHandler(io.Discard, nil))})
+	if err != nil {
+		t.Fatal(err)
+	}
+	ctx, cancel := context.WithCancel(context.Background())
+	done := make(chan error, 1)
+	go func() { done <- r.p.ServeQueue(ctx, r.q) }()
+	t.Cleanup(func() {
+		cancel()
+		if err := <-done; err != nil {
+			t.Errorf("ServeQueue: %v", err)
+		}
+		r.p.Close()
+	})
+	return r
+}
+
+// send queues one packet and returns its id.
+func (r *fastRig) send(hook uint8, data []byte) uint32 {
+	r.id++
+	r.q.in <- QueuePacket{ID: r.id, Mark: operatorBit, Hook: hook, Data: data}
+	return r.id
+}
+
+// connect queues client's SYN to dest and returns its verdict and the
+// ISN.
+func (r *fastRig) connect(t *testing.T, client, dest netip.AddrPort) (gotVerdict, uint32) {
+	t.Helper()
+	isn := uint32(0xfffff000) + uint32(client.Port()) // the stream wraps the sequence space
+	id := r.send(hookPrerouting, tcpPacket(client, dest, isn, 0, tcpSYN, nil))
+	return r.q.wait(t, []uint32{id})[0], isn
+}
+
+// stream queues the client's bytes in segments of seg bytes (in reverse
+// order when backwards: all but the first; the first last) and returns
+// their ids in the order sent.
+func (r *fastRig) stream(client, dest netip.AddrPort, isn uint32, b []byte, seg int, backwards bool) []uint32 {
+	type s struct {
+		off int
+		b   []byte
+	}
+	var segs []s
+	for off := 0; off < len(b); off += seg {
+		segs = append(segs, s{off, b[off:min(off+seg, len(b))]})
+	}
+	if backwards && len(segs) > 2 {
+		rest := segs[1:]
+		for i, j := 0, len(rest)-1; i < j; i, j = i+1, j-1 {
+			rest[i], rest[j] = rest[j], rest[i]
+		}
+		segs = append(rest, segs[0])
+	}
+	var ids []uint32
+	for _, x := range segs {
+		ids = append(ids, r.send(hookForward, tcpPacket(client, dest, isn+1+uint32(x.off), 5000, tcpACK|tcpPSH, x.b)))
+	}
+	return ids
+}
+
+// checkAllowed: every held packet accepted, the last NF_REPEAT with the
+// Allowed mark and the operator's bit kept.
+func checkAllowed(t *testing.T, got []gotVerdict) {
+	t.Helper()
+	for i, g := range got {
+		want := gotVerdict{v: VerdictAccept}
+		if i == len(got)-1 {
+			want = gotVerdict{v: VerdictRepeat, mark: fastMarks.Allowed | operatorBit, setMark: true}
+		}
+		if g != want {
+			t.Fatalf("packet %d of %d: verdict %+v, want %+v", i, len(got), g, want)
+		}
+	}
+}
+
+// checkDenied: no held packet accepted, one NF_REPEAT with the Denied
+// mark.
+func checkDenied(t *testing.T, got []gotVerdict) {
+	t.Helper()
+	repeats := 0
+	for i, g := range got {
+		switch {
+		case g == gotVerdict{v: VerdictDrop}:
+		case g == gotVerdict{v: VerdictRepeat, mark: fastMarks.Denied | operatorBit, setMark: true}:
+			repeats++
+		default:
+			t.Fatalf("packet %d of %d: verdict %+v on a denied flow", i, len(got), g)
+		}
+	}
+	if repeats != 1 {
+		t.Fatalf("%d packets marked denied, want 1", repeats)
+	}
+}
+
+func TestServeQueue(t *testing.T) {
+	r := newFastRig(t)
+	port := uint16(40000)
+	next := func(client netip.Addr) netip.AddrPort { port++; return netip.AddrPortFrom(client, port) }
+	pending := gotVerdict{v: VerdictAccept, mark: fastMarks.Pending | operatorBit, setMark: true}
+	large := hellotest.Build(hellotest.SNIExt("www.allowed.test"), hellotest.Ext(0x0015, make([]byte, 11<<10)))
+	for _, c := range []struct {
+		name      string
+		client    netip.Addr
+		dest      netip.AddrPort
+		bytes     []byte
+		seg       int
+		backwards bool
+		allowed   bool
+		reason    string
+		nameWant  string
+		answer    []byte // the deny answer sent to the client
+	}{
+		{name: "tls one byte a segment", client: clientV4, dest: netip.AddrPortFrom(srvV4, 443), bytes: goClientHello(t, "www.allowed.test"), seg: 1, allowed: true, nameWant: "www.allowed.test"},
+		{name: "tls several records", client: clientV4, dest: netip.AddrPortFrom(srvV4, 443), bytes: hellotest.Refragment(goClientHello(t, "www.allowed.test"), 100), seg: 77, allowed: true, nameWant: "www.allowed.test"},
+		{name: "tls 11 KB out of order", client: clientV4, dest: netip.AddrPortFrom(srvV4, 443), bytes: large, seg: 1000, backwards: true, allowed: true, nameWant: "www.allowed.test"},
+		{name: "tls ipv6", client: clientV6, dest: netip.AddrPortFrom(srvV6, 443), bytes: goClientHello(t, "www.allowed.test"), seg: 300, allowed: true, nameWant: "www.allowed.test"},
+		{name: "no sni", client: clientV4, dest: netip.AddrPortFrom(srvV4, 443), bytes: goClientHello(t, ""), seg: 500, allowed: true, nameWant: "www.allowed.test"},
+		{name: "http host", client: clientV4, dest: netip.AddrPortFrom(srvV4, 80), bytes: []byte("GET /x HTTP/1.1\r\nHost: www.allowed.test\r\n\r\n"), seg: 3, allowed: true, nameWant: "www.allowed.test"},
+		{name: "duplicate sni", client: clientV4, dest: netip.AddrPortFrom(srvV4, 443), bytes: hellotest.Build(hellotest.SNIExt("www.allowed.test", "evil.example")), seg: 40, reason: ReasonDuplicateSNI, answer: tlsAlertAccessDenied},
+		{name: "sni of another rule", client: clientV4, dest: netip.AddrPortFrom(srvV4, 443), bytes: goClientHello(t, "ech-front.allowed-ech.test"), seg: 600, reason: ReasonSNIMismatch, nameWant: "ech-front.allowed-ech.test", answer: tlsAlertAccessDenied},
+		{name: "sni denied", client: clientV4, dest: netip.AddrPortFrom(srvV4, 443), bytes: goClientHello(t, "evil.example"), seg: 600, reason: policy.ReasonNoRule, nameWant: "evil.example", answer: tlsAlertAccessDenied},
+		{name: "http host denied", client: clientV4, dest: netip.AddrPortFrom(srvV4, 80), bytes: []byte("GET / HTTP/1.1\r\nHost: evil.example\r\n\r\n"), seg: 10, reason: policy.ReasonNoRule, nameWant: "evil.example", answer: []byte("HTTP/1.1 403 Forbidden\r\n")},
+	} {
+		t.Run(c.name, func(t *testing.T) {
+			client := next(c.client)
+			syn, isn := r.connect(t, client, c.dest)
+			if syn != pending {
+				t.Fatalf("SYN: verdict %+v, want %+v", syn, pending)
+			}
+			ids := r.stream(client, c.dest, isn, c.bytes, c.seg, c.backwards)
+			ev := r.evs.wait(t, "of the flow", func(ev audit.Event) bool { return ev.ClientPort == client.Port() })
+			got := r.q.wait(t, ids)
+			if c.allowed {
+				checkAllowed(t, got)
+				if ev.Verdict != policy.Allow || ev.Close != closeFast || ev.Name != c.nameWant || ev.BytesOut != uint64(len(c.bytes)) {
+					t.Errorf("event %+v: want allowed, close %s, name %s, %d bytes out", ev, closeFast, c.nameWant, len(c.bytes))
+				}
+				return
+			}
+			checkDenied(t, got)
+			if ev.Verdict != policy.Deny || !ev.Enforced || ev.Reason != c.reason || ev.Close != closeFastDenied || ev.Name != c.nameWant {
+				t.Errorf("event %+v: want denied %s, close %s, name %q", ev, c.reason, closeFastDenied, c.nameWant)
+			}
+			r.inj.mu.Lock()
+			sent := r.inj.sent
+			r.inj.sent = nil
+			r.inj.mu.Unlock()
+			// The answer and a reset to the client, a reset to the server.
+			if len(sent) != 3 || !bytes.HasPrefix(sent[0].payload, c.answer) || sent[0].to != client || sent[0].seq != 5000 ||
+				sent[1].flags&tcpRST == 0 || sent[1].to != client || sent[1].seq != 5000+uint32(len(sent[0].payload)) ||
+				sent[2].flags&tcpRST == 0 || sent[2].to != c.dest || sent[2].seq != isn+1 {
+				t.Errorf("injected %+v", sent)
+			}
+		})
+	}
+
+	t.Run("not given out", func(t *testing.T) {
+		// Toward an address our DNS gave out to another client only (or
+		// to none): the proxy's, whatever SNI follows.
+		client := next(client2V4)
+		syn, _ := r.connect(t, client, netip.AddrPortFrom(srvV4, 443))
+		if syn != (gotVerdict{v: VerdictAccept}) {
+			t.Fatalf("SYN: verdict %+v, want accept unmarked", syn)
+		}
+		syn, _ = r.connect(t, next(clientV4), netip.AddrPortFrom(deniedV4, 443))
+		if syn != (gotVerdict{v: VerdictAccept}) {
+			t.Fatalf("SYN: verdict %+v, want accept unmarked", syn)
+		}
+	})
+	t.Run("fast open", func(t *testing.T) {
+		client := next(clientV4)
+		id := r.send(hookPrerouting, tcpPacket(client, netip.AddrPortFrom(srvV4, 443), 1, 0, tcpSYN, []byte("GET")))
+		if g := r.q.wait(t, []uint32{id})[0]; g != (gotVerdict{v: VerdictAccept}) {
+			t.Fatalf("SYN with data: verdict %+v, want accept unmarked", g)
+		}
+	})
+	t.Run("overlap with other bytes", func(t *testing.T) {
+		client, dest := next(clientV4), netip.AddrPortFrom(srvV4, 443)
+		_, isn := r.connect(t, client, dest)
+		hello := goClientHello(t, "www.allowed.test")
+		ids := r.stream(client, dest, isn, hello[:100], 100, false)
+		other := bytes.Clone(hello[50:150])
+		other[0] ^= 0xff
+		ids = append(ids, r.send(hookForward, tcpPacket(client, dest, isn+1+50, 5000, tcpACK, other)))
+		ids = append(ids, r.stream(client, dest, isn+100, hello[100:], 1000, false)...)
+		ev := r.evs.wait(t, "of the flow", func(ev audit.Event) bool { return ev.ClientPort == client.Port() })
+		checkDenied(t, r.q.wait(t, ids))
+		if ev.Reason != ReasonStreamMismatch {
+			t.Errorf("reason %q, want %q", ev.Reason, ReasonStreamMismatch)
+		}
+	})
+	t.Run("before the ISN", func(t *testing.T) {
+		client, dest := next(clientV4), netip.AddrPortFrom(srvV4, 443)
+		_, isn := r.connect(t, client, dest)
+		hello := goClientHello(t, "www.allowed.test")
+		ids := []uint32{r.send(hookForward, tcpPacket(client, dest, isn, 5000, tcpACK, hello))}
+		ev := r.evs.wait(t, "of the flow", func(ev audit.Event) bool { return ev.ClientPort == client.Port() })
+		checkDenied(t, r.q.wait(t, ids))
+		if ev.Reason != ReasonStreamMismatch {
+			t.Errorf("reason %q, want %q", ev.Reason, ReasonStreamMismatch)
+		}
+	})
+	t.Run("unknown flow", func(t *testing.T) {
+		client := next(clientV4)
+		id := r.send(hookForward, tcpPacket(client, netip.AddrPortFrom(srvV4, 443), 7, 9, tcpACK, []byte("x")))
+		if g := r.q.wait(t, []uint32{id})[0]; g != (gotVerdict{v: VerdictRepeat, mark: fastMarks.Denied | operatorBit, setMark: true}) {
+			t.Fatalf("segment of no flow: verdict %+v, want repeat denied", g)
+		}
+	})
+}
