@@ -517,7 +517,8 @@ func (s *fastQueue) decide(fl *fastFlow) {
 	fl.marked = len(held) > 0
 	fl.expires = time.Now().Add(fastKeep)
 	f.ev.BytesOut = uint64(fl.asm.contig)
-	cliNext := fl.asm.first + uint32(len(fl.asm.buf))
+	cliSeq := fl.asm.first
+	cliNext := cliSeq + uint32(len(fl.asm.buf))
 	srvNext, haveSrv := fl.srvNext, fl.haveSrv
 	fl.mu.Unlock()
 
@@ -541,7 +542,7 @@ func (s *fastQueue) decide(fl *fastFlow) {
 				}
 				answer = p.httpDeny(DenyInfo{Host: host, Path: head.Path, Client: fl.key.client.Addr().String(), Rule: v.d.Rule, Reason: v.d.Reason})
 			}
-			s.resets(fl.key.client, fl.key.dest, fl.asm.first, srvNext, cliNext, answer)
+			s.resets(fl.key.client, fl.key.dest, cliSeq, srvNext, cliNext, answer)
 		}
 	} else {
 		for i, h := range held {
