@@ -2,7 +2,6 @@ package proxy
 
 import (
 	"context"
-	"encoding/binary"
 	"errors"
 	"io"
 	"net"
@@ -13,6 +12,7 @@ import (
 	"time"
 
 	"egressd/audit"
+	"egressd/internal/nfq"
 	"egressd/policy"
 )
 
@@ -59,38 +59,13 @@ import (
 // (gone, or from before a restart) is denied (NF_REPEAT with Denied, and
 // resets both ways).
 
-// QueueVerdict is a verdict on a queued packet (NF_DROP, NF_ACCEPT,
-// NF_REPEAT).
-//
-// TODO(nfq): internal/nfq (helper N) defines Packet and Verdict; once it
-// is on main these become aliases of nfq.Packet and nfq.Verdict, so that
-// *nfq.Conn is a Queue.
-type QueueVerdict uint32
-
-// The verdicts the fast path gives.
-const (
-	VerdictDrop   QueueVerdict = 0
-	VerdictAccept QueueVerdict = 1
-	VerdictRepeat QueueVerdict = 4
-)
-
-// QueuePacket is a queued packet: Data is the IP packet, valid only
-// during the callback.
-type QueuePacket struct {
-	ID   uint32
-	Mark uint32
-	InIf uint32
-	Hook uint8
-	Data []byte
-}
-
-// Queue is the NFQUEUE the fast path reads (*nfq.Conn).
+// Queue is the NFQUEUE the fast path reads: *nfq.Conn.
 type Queue interface {
 	// Serve calls fn for each queued packet, on one goroutine, until ctx
 	// ends or the queue is closed.
-	Serve(ctx context.Context, fn func(QueuePacket)) error
-	Verdict(id uint32, v QueueVerdict) error
-	VerdictMark(id uint32, v QueueVerdict, mark uint32) error
+	Serve(ctx context.Context, fn func(nfq.Packet)) error
+	Verdict(id uint32, v nfq.Verdict) error
+	VerdictMark(id uint32, v nfq.Verdict, mark uint32) error
 }
 
 // FastMarks are the packet-mark values the fast path's verdicts set, in
@@ -100,26 +75,18 @@ type FastMarks struct {
 	Mask, Pending, Allowed, Denied uint32
 }
 
-// Injector sends TCP segments from any address to any other (a raw
-// socket): the fast path's deny answer and resets.
-//
-// TODO(tcpinject): helper N's injector (internal/tcpinject) is this;
-// cmd/egressd sets Deps.Inject to it. Until then no answer is sent: a
-// denied fast connection's packets are dropped, and the client waits
-// out its own timeout.
+// Injector sends the fast path's deny answers and resets: *nfq.Injector.
+// What goes to the client goes on the link layer (SegmentL2, ResetL2: out
+// of the interface the held packet came in on, to the address it came
+// from), since under masquerade a segment to the client through the IP
+// layer starts a conntrack entry of its own whose NAT changes its port;
+// the reset to the server goes through the IP layer (Reset), where it
+// takes the connection's NAT.
 type Injector interface {
 	Reset(from, to netip.AddrPort, seq, ack uint32) error
-	Segment(from, to netip.AddrPort, seq, ack uint32, flags uint8, payload []byte) error
+	SegmentL2(l2 nfq.L2, from, to netip.AddrPort, seq, ack uint32, flags uint8, payload []byte) error
+	ResetL2(l2 nfq.L2, from, to netip.AddrPort, seq, ack uint32) error
 }
-
-// TCP flags.
-const (
-	tcpFIN = 0x01
-	tcpSYN = 0x02
-	tcpRST = 0x04
-	tcpPSH = 0x08
-	tcpACK = 0x10
-)
 
 // Close reasons of fast connections.
 const (
@@ -172,6 +139,7 @@ type fastFlow struct {
 	deadline time.Time
 	held     []heldPacket
 	srvNext  uint32 // the server's next sequence number (a held segment's ack)
+	l2       nfq.L2 // where the client's segments came from (a held packet's)
 	haveSrv  bool
 	state    fastState
 	marked   bool // the connection's lasting mark was given (a NF_REPEAT)
@@ -245,7 +213,7 @@ func (s *fastQueue) sweep(ctx context.Context) {
 }
 
 // verdict gives v (with mark, when set) and counts it.
-func (s *fastQueue) verdict(id uint32, v QueueVerdict, mark uint32, setMark bool) {
+func (s *fastQueue) verdict(id uint32, v nfq.Verdict, mark uint32, setMark bool) {
 	var err error
 	label := "accept"
 	switch {
@@ -261,7 +229,7 @@ func (s *fastQueue) verdict(id uint32, v QueueVerdict, mark uint32, setMark bool
 		}
 	default:
 		err = s.q.Verdict(id, v)
-		if v == VerdictDrop {
+		if v == nfq.Drop {
 			label = "drop"
 		}
 	}
@@ -276,8 +244,8 @@ func (s *fastQueue) verdict(id uint32, v QueueVerdict, mark uint32, setMark bool
 func (s *fastQueue) withMark(orig, m uint32) uint32 { return orig&^s.marks.Mask | m }
 
 // packet answers one queued packet (the queue's goroutine).
-func (s *fastQueue) packet(pk QueuePacket) {
-	seg, err := parseTCP(pk.Data)
+func (s *fastQueue) packet(pk nfq.Packet) {
+	seg, err := nfq.ParseTCP(pk.Data)
 	if err != nil {
 		// Not a TCP packet the fast path reads: a SYN goes to the proxy
 		// (accepted unchanged: the redirect), anything else of a pending
@@ -285,21 +253,21 @@ func (s *fastQueue) packet(pk QueuePacket) {
 		s.p.met.fastErrors.WithLabelValues("parse").Inc()
 		if pk.Hook == hookPrerouting {
 			s.p.met.fastSYNs.WithLabelValues("malformed").Inc()
-			s.verdict(pk.ID, VerdictAccept, 0, false)
+			s.verdict(pk.ID, nfq.Accept, 0, false)
 			return
 		}
-		s.verdict(pk.ID, VerdictDrop, 0, false)
+		s.verdict(pk.ID, nfq.Drop, 0, false)
 		return
 	}
-	if seg.flags&(tcpSYN|tcpACK) == tcpSYN {
+	if seg.Flags&(nfq.SYN|nfq.ACK) == nfq.SYN {
 		if s.syn(seg) {
-			s.verdict(pk.ID, VerdictAccept, s.withMark(pk.Mark, s.marks.Pending), true)
+			s.verdict(pk.ID, nfq.Accept, s.withMark(pk.Mark, s.marks.Pending), true)
 		} else {
-			s.verdict(pk.ID, VerdictAccept, 0, false)
+			s.verdict(pk.ID, nfq.Accept, 0, false)
 		}
 		return
 	}
-	key := flowKey{seg.src, seg.dst}
+	key := flowKey{seg.Src, seg.Dst}
 	s.mu.Lock()
 	fl := s.flows[key]
 	s.mu.Unlock()
@@ -310,47 +278,48 @@ func (s *fastQueue) packet(pk QueuePacket) {
 	fl.mu.Lock()
 	switch fl.state {
 	case fastAllowed, fastDenied:
-		v, m := VerdictAccept, s.marks.Allowed
+		v, m := nfq.Accept, s.marks.Allowed
 		if fl.state == fastDenied {
-			v, m = VerdictDrop, s.marks.Denied
+			v, m = nfq.Drop, s.marks.Denied
 		}
 		first := !fl.marked
 		fl.marked = true
 		fl.mu.Unlock()
 		if first {
-			s.verdict(pk.ID, VerdictRepeat, s.withMark(pk.Mark, m), true)
+			s.verdict(pk.ID, nfq.Repeat, s.withMark(pk.Mark, m), true)
 		} else {
 			s.verdict(pk.ID, v, 0, false)
 		}
 		return
 	}
 	// Pending.
-	if seg.flags&tcpRST != 0 {
+	if seg.Flags&nfq.RST != 0 {
 		if fl.end == nil {
 			fl.end = syscall.ECONNRESET
 		}
 		fl.mu.Unlock()
 		fl.poke()
-		s.verdict(pk.ID, VerdictAccept, 0, false) // the server may forget the connection
+		s.verdict(pk.ID, nfq.Accept, 0, false) // the server may forget the connection
 		return
 	}
-	if len(seg.payload) == 0 && seg.flags&tcpFIN == 0 {
+	if len(seg.Payload) == 0 && seg.Flags&nfq.FIN == 0 {
 		fl.mu.Unlock()
-		s.verdict(pk.ID, VerdictAccept, 0, false) // an ACK the firewall could not prove empty
+		s.verdict(pk.ID, nfq.Accept, 0, false) // an ACK the firewall could not prove empty
 		return
 	}
 	if fl.refused == nil {
-		if err := fl.asm.add(seg.seq, seg.payload); err != nil {
+		if err := fl.asm.add(seg.Seq, seg.Payload); err != nil {
 			fl.refused = err
-		} else if seg.flags&tcpFIN != 0 && !fl.fin {
+		} else if seg.Flags&nfq.FIN != 0 && !fl.fin {
 			fl.fin = true
-			fl.finOff = int(int32(seg.seq-fl.asm.first)) + len(seg.payload)
+			fl.finOff = int(int32(seg.Seq-fl.asm.first)) + len(seg.Payload)
 		}
 	}
 	fl.held = append(fl.held, heldPacket{pk.ID, pk.Mark})
-	if seg.flags&tcpACK != 0 {
-		fl.srvNext, fl.haveSrv = seg.ack, true
+	if seg.Flags&nfq.ACK != 0 {
+		fl.srvNext, fl.haveSrv = seg.Ack, true
 	}
+	fl.l2 = nfq.L2Of(pk)
 	fl.mu.Unlock()
 	fl.poke()
 }
@@ -364,28 +333,28 @@ const (
 // unknown answers a queued segment of a flow the table does not know:
 // denied, with resets both ways when it carries data (a connection the
 // firewall holds pending that no decision can release).
-func (s *fastQueue) unknown(pk QueuePacket, seg tcpSeg) {
+func (s *fastQueue) unknown(pk nfq.Packet, seg nfq.TCPSegment) {
 	s.p.met.fastErrors.WithLabelValues("unknown-flow").Inc()
-	if len(seg.payload) == 0 && seg.flags&(tcpFIN|tcpSYN) == 0 {
-		s.verdict(pk.ID, VerdictAccept, 0, false)
+	if len(seg.Payload) == 0 && seg.Flags&(nfq.FIN|nfq.SYN) == 0 {
+		s.verdict(pk.ID, nfq.Accept, 0, false)
 		return
 	}
-	s.verdict(pk.ID, VerdictRepeat, s.withMark(pk.Mark, s.marks.Denied), true)
-	if seg.flags&tcpACK != 0 {
-		s.resets(seg.src, seg.dst, seg.seq, seg.ack, 0, nil)
+	s.verdict(pk.ID, nfq.Repeat, s.withMark(pk.Mark, s.marks.Denied), true)
+	if seg.Flags&nfq.ACK != 0 {
+		s.resets(nfq.L2Of(pk), seg.Src, seg.Dst, seg.Seq, seg.Ack, 0, nil)
 	}
 }
 
 // syn decides whether seg, a SYN, is fast, and if so starts its flow.
-func (s *fastQueue) syn(seg tcpSeg) bool {
+func (s *fastQueue) syn(seg nfq.TCPSegment) bool {
 	p := s.p
-	key := flowKey{seg.src, seg.dst}
+	key := flowKey{seg.Src, seg.Dst}
 	s.mu.Lock()
 	if fl := s.flows[key]; fl != nil {
 		fl.mu.Lock()
 		pending := fl.state == fastPending
 		if pending && fl.asm.contig == 0 && len(fl.asm.buf) == 0 {
-			fl.asm = newReassembler(seg.seq, p.cfg.HelloMaxBytes) // a SYN sent again
+			fl.asm = newReassembler(seg.Seq, p.cfg.HelloMaxBytes) // a SYN sent again
 		}
 		fl.mu.Unlock()
 		if pending {
@@ -406,10 +375,10 @@ func (s *fastQueue) syn(seg tcpSeg) bool {
 
 // declines returns why seg's connection is not fast ("" when it is,
 // then its flow is in the table and decided by a worker).
-func (s *fastQueue) declines(seg tcpSeg, full bool) string {
+func (s *fastQueue) declines(seg nfq.TCPSegment, full bool) string {
 	p := s.p
 	switch {
-	case len(seg.payload) > 0:
+	case len(seg.Payload) > 0:
 		return "fast-open"
 	case full:
 		return "table-full"
@@ -420,11 +389,11 @@ func (s *fastQueue) declines(seg tcpSeg, full bool) string {
 	if eng.Mode() != policy.ModeEnforce {
 		return "audit-mode"
 	}
-	client, dest := seg.src.Addr().Unmap(), seg.dst.Addr().Unmap()
+	client, dest := seg.Src.Addr().Unmap(), seg.Dst.Addr().Unmap()
 	if _, ok := policy.LANLoopback(dest); ok {
 		return "guard"
 	}
-	in := policy.Input{Client: client, Dest: dest, Port: seg.dst.Port(), Proto: policy.TCP, Now: start}
+	in := policy.Input{Client: client, Dest: dest, Port: seg.Dst.Port(), Proto: policy.TCP, Now: start}
 	in.ClientMAC = p.clientMAC(eng, client)
 	v := p.decideAddr(eng, in, audit.NameNone)
 	switch {
@@ -443,17 +412,17 @@ func (s *fastQueue) declines(seg tcpSeg, full bool) string {
 	p.met.fastSYNs.WithLabelValues("fast").Inc()
 	f := &flowRecord{listener: "transparent", ev: audit.Event{
 		Kind: audit.KindFlow, Source: audit.SourceProxy, Time: start,
-		Client: audit.ClientAddr(client), ClientPort: seg.src.Port(), Proto: "tcp",
-		Dest: dest, DestPort: seg.dst.Port(), ClientMAC: dev,
+		Client: audit.ClientAddr(client), ClientPort: seg.Src.Port(), Proto: "tcp",
+		Dest: dest, DestPort: seg.Dst.Port(), ClientMAC: dev,
 	}, portDone: true}
 	if in.ClientMAC != nil {
 		f.ev.ClientMAC = in.ClientMAC.String()
 	}
 	if p.deps.Accepted != nil {
-		f.lined = p.deps.Accepted(seg.src, netip.AddrPortFrom(dest, seg.dst.Port()), func() bool { return false })
+		f.lined = p.deps.Accepted(seg.Src, netip.AddrPortFrom(dest, seg.Dst.Port()), func() bool { return false })
 	}
-	fl := &fastFlow{key: flowKey{seg.src, seg.dst}, start: start, at: at, in: in, f: f,
-		wake: make(chan struct{}, 1), asm: newReassembler(seg.seq, p.cfg.HelloMaxBytes)}
+	fl := &fastFlow{key: flowKey{seg.Src, seg.Dst}, start: start, at: at, in: in, f: f,
+		wake: make(chan struct{}, 1), asm: newReassembler(seg.Seq, p.cfg.HelloMaxBytes)}
 	s.mu.Lock()
 	s.flows[fl.key] = fl
 	p.met.fastFlows.Set(float64(len(s.flows)))
@@ -519,15 +488,15 @@ func (s *fastQueue) decide(fl *fastFlow) {
 	f.ev.BytesOut = uint64(fl.asm.contig)
 	cliSeq := fl.asm.first
 	cliNext := cliSeq + uint32(len(fl.asm.buf))
-	srvNext, haveSrv := fl.srvNext, fl.haveSrv
+	srvNext, haveSrv, l2 := fl.srvNext, fl.haveSrv, fl.l2
 	fl.mu.Unlock()
 
 	if deny {
 		for i, h := range held {
 			if i == len(held)-1 {
-				s.verdict(h.id, VerdictRepeat, s.withMark(h.mark, s.marks.Denied), true)
+				s.verdict(h.id, nfq.Repeat, s.withMark(h.mark, s.marks.Denied), true)
 			} else {
-				s.verdict(h.id, VerdictDrop, 0, false)
+				s.verdict(h.id, nfq.Drop, 0, false)
 			}
 		}
 		if haveSrv {
@@ -542,14 +511,14 @@ func (s *fastQueue) decide(fl *fastFlow) {
 				}
 				answer = p.httpDeny(DenyInfo{Host: host, Path: head.Path, Client: fl.key.client.Addr().String(), Rule: v.d.Rule, Reason: v.d.Reason})
 			}
-			s.resets(fl.key.client, fl.key.dest, cliSeq, srvNext, cliNext, answer)
+			s.resets(l2, fl.key.client, fl.key.dest, cliSeq, srvNext, cliNext, answer)
 		}
 	} else {
 		for i, h := range held {
 			if i == len(held)-1 {
-				s.verdict(h.id, VerdictRepeat, s.withMark(h.mark, s.marks.Allowed), true)
+				s.verdict(h.id, nfq.Repeat, s.withMark(h.mark, s.marks.Allowed), true)
 			} else {
-				s.verdict(h.id, VerdictAccept, 0, false)
+				s.verdict(h.id, nfq.Accept, 0, false)
 			}
 		}
 	}
@@ -558,25 +527,26 @@ func (s *fastQueue) decide(fl *fastFlow) {
 }
 
 // resets answers a refused connection: answer (if any) then a reset to
-// the client, from the server's address; a reset to the server, from the
-// client's. cliSeq is the client's sequence number the server expects
-// (nothing held reached it), srvNext the server's next one (a held
-// segment's ack), cliNext past the client's highest byte seen (0: cliSeq
-// is it).
-func (s *fastQueue) resets(client, dest netip.AddrPort, cliSeq, srvNext, cliNext uint32, answer []byte) {
+// the client, from the server's address, on the link layer toward l2 (the
+// client's packets came from there); a reset to the server, from the
+// client's, through the IP layer. cliSeq is the client's sequence number
+// the server expects (nothing held reached it), srvNext the server's next
+// one (a held segment's ack), cliNext past the client's highest byte seen
+// (0: cliSeq is it).
+func (s *fastQueue) resets(l2 nfq.L2, client, dest netip.AddrPort, cliSeq, srvNext, cliNext uint32, answer []byte) {
 	inj := s.p.deps.Inject
 	if inj == nil {
-		return // TODO(tcpinject): no injector wired yet
+		return // no injector (a test's): the client waits out its own timeout
 	}
 	if cliNext == 0 {
 		cliNext = cliSeq
 	}
 	var errs []error
 	if len(answer) > 0 {
-		errs = append(errs, inj.Segment(dest, client, srvNext, cliNext, tcpPSH|tcpACK, answer))
+		errs = append(errs, inj.SegmentL2(l2, dest, client, srvNext, cliNext, nfq.PSH|nfq.ACK, answer))
 	}
 	errs = append(errs,
-		inj.Reset(dest, client, srvNext+uint32(len(answer)), cliNext),
+		inj.ResetL2(l2, dest, client, srvNext+uint32(len(answer)), cliNext),
 		inj.Reset(client, dest, cliSeq, srvNext))
 	if err := errors.Join(errs...); err != nil {
 		s.p.met.fastErrors.WithLabelValues("inject").Inc()
@@ -646,67 +616,4 @@ func (s flowStream) SetReadDeadline(t time.Time) error {
 	s.fl.mu.Unlock()
 	s.fl.poke()
 	return nil
-}
-
-// tcpSeg is what the fast path reads of a queued TCP packet.
-type tcpSeg struct {
-	src, dst netip.AddrPort
-	seq, ack uint32
-	flags    uint8
-	payload  []byte
-}
-
-var errNotTCP = errors.New("proxy: fast path: not a TCP packet the fast path reads")
-
-// parseTCP reads an IPv4 or IPv6 packet carrying TCP (no IPv4
-// fragments, no IPv6 extension headers).
-//
-// TODO(nfq): nfq.ParseTCP (helper N) replaces it once on main.
-func parseTCP(ip []byte) (tcpSeg, error) {
-	var seg tcpSeg
-	if len(ip) < 1 {
-		return seg, errNotTCP
-	}
-	var t []byte
-	var src, dst netip.Addr
-	switch ip[0] >> 4 {
-	case 4:
-		if len(ip) < 20 {
-			return seg, errNotTCP
-		}
-		ihl := int(ip[0]&0x0f) * 4
-		tot := int(binary.BigEndian.Uint16(ip[2:]))
-		if ihl < 20 || tot < ihl || tot > len(ip) || ip[9] != syscall.IPPROTO_TCP ||
-			binary.BigEndian.Uint16(ip[6:])&0x3fff != 0 { // MF or a fragment offset
-			return seg, errNotTCP
-		}
-		src, dst = netip.AddrFrom4([4]byte(ip[12:16])), netip.AddrFrom4([4]byte(ip[16:20]))
-		t = ip[ihl:tot]
-	case 6:
-		if len(ip) < 40 || ip[6] != syscall.IPPROTO_TCP {
-			return seg, errNotTCP
-		}
-		pl := int(binary.BigEndian.Uint16(ip[4:]))
-		if 40+pl > len(ip) {
-			return seg, errNotTCP
-		}
-		src, dst = netip.AddrFrom16([16]byte(ip[8:24])), netip.AddrFrom16([16]byte(ip[24:40]))
-		t = ip[40 : 40+pl]
-	default:
-		return seg, errNotTCP
-	}
-	if len(t) < 20 {
-		return seg, errNotTCP
-	}
-	doff := int(t[12]>>4) * 4
-	if doff < 20 || doff > len(t) {
-		return seg, errNotTCP
-	}
-	seg.src = netip.AddrPortFrom(src, binary.BigEndian.Uint16(t[0:]))
-	seg.dst = netip.AddrPortFrom(dst, binary.BigEndian.Uint16(t[2:]))
-	seg.seq = binary.BigEndian.Uint32(t[4:])
-	seg.ack = binary.BigEndian.Uint32(t[8:])
-	seg.flags = t[13]
-	seg.payload = t[doff:]
-	return seg, nil
 }

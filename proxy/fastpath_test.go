@@ -4,7 +4,6 @@ import (
 	"bytes"
 	"context"
 	"crypto/tls"
-	"encoding/binary"
 	"fmt"
 	"io"
 	"log/slog"
@@ -14,6 +13,7 @@ import (
 	"time"
 
 	"egressd/audit"
+	"egressd/internal/nfq"
 	"egressd/internal/tlshello/hellotest"
 	"egressd/policy"
 )
@@ -22,23 +22,23 @@ import (
 // tests (the kernel's queue is the e2e test's, with internal/nfq and the
 // firewall's rules).
 type fakeQueue struct {
-	in chan QueuePacket
+	in chan nfq.Packet
 
 	mu       sync.Mutex
 	verdicts map[uint32]gotVerdict
 }
 
 type gotVerdict struct {
-	v       QueueVerdict
+	v       nfq.Verdict
 	mark    uint32
 	setMark bool
 }
 
 func newFakeQueue() *fakeQueue {
-	return &fakeQueue{in: make(chan QueuePacket), verdicts: map[uint32]gotVerdict{}}
+	return &fakeQueue{in: make(chan nfq.Packet), verdicts: map[uint32]gotVerdict{}}
 }
 
-func (q *fakeQueue) Serve(ctx context.Context, fn func(QueuePacket)) error {
+func (q *fakeQueue) Serve(ctx context.Context, fn func(nfq.Packet)) error {
 	for {
 		select {
 		case <-ctx.Done():
@@ -59,11 +59,11 @@ func (q *fakeQueue) set(id uint32, g gotVerdict) error {
 	return nil
 }
 
-func (q *fakeQueue) Verdict(id uint32, v QueueVerdict) error {
+func (q *fakeQueue) Verdict(id uint32, v nfq.Verdict) error {
 	return q.set(id, gotVerdict{v: v})
 }
 
-func (q *fakeQueue) VerdictMark(id uint32, v QueueVerdict, mark uint32) error {
+func (q *fakeQueue) VerdictMark(id uint32, v nfq.Verdict, mark uint32) error {
 	return q.set(id, gotVerdict{v: v, mark: mark, setMark: true})
 }
 
@@ -97,6 +97,7 @@ type fakeInjector struct {
 }
 
 type injected struct {
+	l2       nfq.L2 // zero: through the IP layer
 	from, to netip.AddrPort
 	seq, ack uint32
 	flags    uint8
@@ -104,46 +105,27 @@ type injected struct {
 }
 
 func (i *fakeInjector) Reset(from, to netip.AddrPort, seq, ack uint32) error {
-	return i.Segment(from, to, seq, ack, tcpRST|tcpACK, nil)
+	return i.SegmentL2(nfq.L2{}, from, to, seq, ack, nfq.RST|nfq.ACK, nil)
 }
 
-func (i *fakeInjector) Segment(from, to netip.AddrPort, seq, ack uint32, flags uint8, payload []byte) error {
+func (i *fakeInjector) ResetL2(l2 nfq.L2, from, to netip.AddrPort, seq, ack uint32) error {
+	return i.SegmentL2(l2, from, to, seq, ack, nfq.RST|nfq.ACK, nil)
+}
+
+func (i *fakeInjector) SegmentL2(l2 nfq.L2, from, to netip.AddrPort, seq, ack uint32, flags uint8, payload []byte) error {
 	i.mu.Lock()
-	i.sent = append(i.sent, injected{from, to, seq, ack, flags, append([]byte(nil), payload...)})
+	i.sent = append(i.sent, injected{l2, from, to, seq, ack, flags, append([]byte(nil), payload...)})
 	i.mu.Unlock()
 	return nil
 }
 
-// tcpPacket builds an IPv4 or IPv6 TCP packet (checksums left zero: the
-// fast path reads, it does not check them; the kernel did).
+// tcpPacket builds an IPv4 or IPv6 TCP packet (nfq.BuildTCP).
 func tcpPacket(src, dst netip.AddrPort, seq, ack uint32, flags uint8, payload []byte) []byte {
-	t := make([]byte, 20, 20+len(payload))
-	binary.BigEndian.PutUint16(t[0:], src.Port())
-	binary.BigEndian.PutUint16(t[2:], dst.Port())
-	binary.BigEndian.PutUint32(t[4:], seq)
-	binary.BigEndian.PutUint32(t[8:], ack)
-	t[12] = 5 << 4
-	t[13] = flags
-	binary.BigEndian.PutUint16(t[14:], 65535)
-	t = append(t, payload...)
-	if src.Addr().Is4() {
-		ip := make([]byte, 20, 20+len(t))
-		ip[0] = 0x45
-		binary.BigEndian.PutUint16(ip[2:], uint16(20+len(t)))
-		ip[8], ip[9] = 64, 6
-		s, d := src.Addr().As4(), dst.Addr().As4()
-		copy(ip[12:], s[:])
-		copy(ip[16:], d[:])
-		return append(ip, t...)
+	b, err := nfq.BuildTCP(src, dst, seq, ack, flags, payload)
+	if err != nil {
+		panic(err)
 	}
-	ip := make([]byte, 40, 40+len(t))
-	ip[0] = 0x60
-	binary.BigEndian.PutUint16(ip[4:], uint16(len(t)))
-	ip[6], ip[7] = 6, 64
-	s, d := src.Addr().As16(), dst.Addr().As16()
-	copy(ip[8:], s[:])
-	copy(ip[24:], d[:])
-	return append(ip, t...)
+	return b
 }
 
 // goClientHello is the ClientHello record crypto/tls's client writes for
@@ -161,6 +143,11 @@ func goClientHello(t *testing.T, name string) []byte {
 var fastMarks = FastMarks{Mask: 0x00fff000, Pending: 0x00101000, Allowed: 0x00102000, Denied: 0x00103000}
 
 const operatorBit = 0x1
+
+// lanIf and clientHW are where the rig's queued packets came from.
+const lanIf = 7
+
+var clientHW = [8]byte{0x02, 0, 0, 0, 0, 0x42}
 
 type fastRig struct {
 	p   *Proxy
@@ -201,7 +188,7 @@ func newFastRig(t *testing.T) *fastRig {
 // send queues one packet and returns its id.
 func (r *fastRig) send(hook uint8, data []byte) uint32 {
 	r.id++
-	r.q.in <- QueuePacket{ID: r.id, Mark: operatorBit, Hook: hook, Data: data}
+	r.q.in <- nfq.Packet{ID: r.id, Mark: operatorBit, Hook: hook, InIf: lanIf, HWAddr: clientHW, HWAddrLen: 6, Data: data}
 	return r.id
 }
 
@@ -210,7 +197,7 @@ func (r *fastRig) send(hook uint8, data []byte) uint32 {
 func (r *fastRig) connect(t *testing.T, client, dest netip.AddrPort) (gotVerdict, uint32) {
 	t.Helper()
 	isn := uint32(0xfffff000) + uint32(client.Port()) // the stream wraps the sequence space
-	id := r.send(hookPrerouting, tcpPacket(client, dest, isn, 0, tcpSYN, nil))
+	id := r.send(hookPrerouting, tcpPacket(client, dest, isn, 0, nfq.SYN, nil))
 	return r.q.wait(t, []uint32{id})[0], isn
 }
 
@@ -235,7 +222,7 @@ func (r *fastRig) stream(client, dest netip.AddrPort, isn uint32, b []byte, seg 
 	}
 	var ids []uint32
 	for _, x := range segs {
-		ids = append(ids, r.send(hookForward, tcpPacket(client, dest, isn+1+uint32(x.off), 5000, tcpACK|tcpPSH, x.b)))
+		ids = append(ids, r.send(hookForward, tcpPacket(client, dest, isn+1+uint32(x.off), 5000, nfq.ACK|nfq.PSH, x.b)))
 	}
 	return ids
 }
@@ -245,9 +232,9 @@ func (r *fastRig) stream(client, dest netip.AddrPort, isn uint32, b []byte, seg 
 func checkAllowed(t *testing.T, got []gotVerdict) {
 	t.Helper()
 	for i, g := range got {
-		want := gotVerdict{v: VerdictAccept}
+		want := gotVerdict{v: nfq.Accept}
 		if i == len(got)-1 {
-			want = gotVerdict{v: VerdictRepeat, mark: fastMarks.Allowed | operatorBit, setMark: true}
+			want = gotVerdict{v: nfq.Repeat, mark: fastMarks.Allowed | operatorBit, setMark: true}
 		}
 		if g != want {
 			t.Fatalf("packet %d of %d: verdict %+v, want %+v", i, len(got), g, want)
@@ -262,8 +249,8 @@ func checkDenied(t *testing.T, got []gotVerdict) {
 	repeats := 0
 	for i, g := range got {
 		switch {
-		case g == gotVerdict{v: VerdictDrop}:
-		case g == gotVerdict{v: VerdictRepeat, mark: fastMarks.Denied | operatorBit, setMark: true}:
+		case g == gotVerdict{v: nfq.Drop}:
+		case g == gotVerdict{v: nfq.Repeat, mark: fastMarks.Denied | operatorBit, setMark: true}:
 			repeats++
 		default:
 			t.Fatalf("packet %d of %d: verdict %+v on a denied flow", i, len(got), g)
@@ -278,7 +265,7 @@ func TestServeQueue(t *testing.T) {
 	r := newFastRig(t)
 	port := uint16(40000)
 	next := func(client netip.Addr) netip.AddrPort { port++; return netip.AddrPortFrom(client, port) }
-	pending := gotVerdict{v: VerdictAccept, mark: fastMarks.Pending | operatorBit, setMark: true}
+	pending := gotVerdict{v: nfq.Accept, mark: fastMarks.Pending | operatorBit, setMark: true}
 	large := hellotest.Build(hellotest.SNIExt("www.allowed.test"), hellotest.Ext(0x0015, make([]byte, 11<<10)))
 	for _, c := range []struct {
 		name      string
@@ -327,10 +314,13 @@ func TestServeQueue(t *testing.T) {
 			sent := r.inj.sent
 			r.inj.sent = nil
 			r.inj.mu.Unlock()
-			// The answer and a reset to the client, a reset to the server.
-			if len(sent) != 3 || !bytes.HasPrefix(sent[0].payload, c.answer) || sent[0].to != client || sent[0].seq != 5000 ||
-				sent[1].flags&tcpRST == 0 || sent[1].to != client || sent[1].seq != 5000+uint32(len(sent[0].payload)) ||
-				sent[2].flags&tcpRST == 0 || sent[2].to != c.dest || sent[2].seq != isn+1 {
+			// The answer and a reset to the client on the link layer, back
+			// where its packets came from; a reset to the server through
+			// the IP layer.
+			toClient := nfq.L2{IfIndex: lanIf, Addr: clientHW, AddrLen: 6}
+			if len(sent) != 3 || !bytes.HasPrefix(sent[0].payload, c.answer) || sent[0].to != client || sent[0].seq != 5000 || sent[0].l2 != toClient ||
+				sent[1].flags&nfq.RST == 0 || sent[1].to != client || sent[1].seq != 5000+uint32(len(sent[0].payload)) || sent[1].l2 != toClient ||
+				sent[2].flags&nfq.RST == 0 || sent[2].to != c.dest || sent[2].seq != isn+1 || sent[2].l2 != (nfq.L2{}) {
 				t.Errorf("injected %+v", sent)
 			}
 		})
@@ -341,18 +331,18 @@ func TestServeQueue(t *testing.T) {
 		// to none): the proxy's, whatever SNI follows.
 		client := next(client2V4)
 		syn, _ := r.connect(t, client, netip.AddrPortFrom(srvV4, 443))
-		if syn != (gotVerdict{v: VerdictAccept}) {
+		if syn != (gotVerdict{v: nfq.Accept}) {
 			t.Fatalf("SYN: verdict %+v, want accept unmarked", syn)
 		}
 		syn, _ = r.connect(t, next(clientV4), netip.AddrPortFrom(deniedV4, 443))
-		if syn != (gotVerdict{v: VerdictAccept}) {
+		if syn != (gotVerdict{v: nfq.Accept}) {
 			t.Fatalf("SYN: verdict %+v, want accept unmarked", syn)
 		}
 	})
 	t.Run("fast open", func(t *testing.T) {
 		client := next(clientV4)
-		id := r.send(hookPrerouting, tcpPacket(client, netip.AddrPortFrom(srvV4, 443), 1, 0, tcpSYN, []byte("GET")))
-		if g := r.q.wait(t, []uint32{id})[0]; g != (gotVerdict{v: VerdictAccept}) {
+		id := r.send(hookPrerouting, tcpPacket(client, netip.AddrPortFrom(srvV4, 443), 1, 0, nfq.SYN, []byte("GET")))
+		if g := r.q.wait(t, []uint32{id})[0]; g != (gotVerdict{v: nfq.Accept}) {
 			t.Fatalf("SYN with data: verdict %+v, want accept unmarked", g)
 		}
 	})
@@ -363,7 +353,7 @@ func TestServeQueue(t *testing.T) {
 		ids := r.stream(client, dest, isn, hello[:100], 100, false)
 		other := bytes.Clone(hello[50:150])
 		other[0] ^= 0xff
-		ids = append(ids, r.send(hookForward, tcpPacket(client, dest, isn+1+50, 5000, tcpACK, other)))
+		ids = append(ids, r.send(hookForward, tcpPacket(client, dest, isn+1+50, 5000, nfq.ACK, other)))
 		ids = append(ids, r.stream(client, dest, isn+100, hello[100:], 1000, false)...)
 		ev := r.evs.wait(t, "of the flow", func(ev audit.Event) bool { return ev.ClientPort == client.Port() })
 		checkDenied(t, r.q.wait(t, ids))
@@ -375,7 +365,7 @@ func TestServeQueue(t *testing.T) {
 		client, dest := next(clientV4), netip.AddrPortFrom(srvV4, 443)
 		_, isn := r.connect(t, client, dest)
 		hello := goClientHello(t, "www.allowed.test")
-		ids := []uint32{r.send(hookForward, tcpPacket(client, dest, isn, 5000, tcpACK, hello))}
+		ids := []uint32{r.send(hookForward, tcpPacket(client, dest, isn, 5000, nfq.ACK, hello))}
 		ev := r.evs.wait(t, "of the flow", func(ev audit.Event) bool { return ev.ClientPort == client.Port() })
 		checkDenied(t, r.q.wait(t, ids))
 		if ev.Reason != ReasonStreamMismatch {
@@ -384,8 +374,8 @@ func TestServeQueue(t *testing.T) {
 	})
 	t.Run("unknown flow", func(t *testing.T) {
 		client := next(clientV4)
-		id := r.send(hookForward, tcpPacket(client, netip.AddrPortFrom(srvV4, 443), 7, 9, tcpACK, []byte("x")))
-		if g := r.q.wait(t, []uint32{id})[0]; g != (gotVerdict{v: VerdictRepeat, mark: fastMarks.Denied | operatorBit, setMark: true}) {
+		id := r.send(hookForward, tcpPacket(client, netip.AddrPortFrom(srvV4, 443), 7, 9, nfq.ACK, []byte("x")))
+		if g := r.q.wait(t, []uint32{id})[0]; g != (gotVerdict{v: nfq.Repeat, mark: fastMarks.Denied | operatorBit, setMark: true}) {
 			t.Fatalf("segment of no flow: verdict %+v, want repeat denied", g)
 		}
 	})

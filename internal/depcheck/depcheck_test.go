@@ -24,7 +24,8 @@ func TestDependencyDirection(t *testing.T) {
 	// internal/setaside (state files refused at a load, kept numbered)
 	// and internal/atomicfile (state files written whole or not at
 	// all), which audit uses. internal/nfq (the NFQUEUE client, TCP
-	// segment parser and injector of the fast path) uses internal/netns.
+	// segment parser and injector of the fast path) uses internal/netns;
+	// the proxy's fast path reads its queue and injects through it.
 	allowed := map[string][]string{
 		"egressd/internal/memlimit":   {},
 		"egressd/internal/nfq":        {"egressd/internal/netns"},
@@ -41,7 +42,7 @@ func TestDependencyDirection(t *testing.T) {
 		"egressd/audit":               {"egressd/policy", "egressd/internal/httpwire", "egressd/internal/jsonenc", "egressd/internal/setaside", "egressd/internal/atomicfile"},
 		"egressd/admin":               {"egressd/policy", "egressd/audit", "egressd/internal/netutil", "egressd/internal/netns", "egressd/internal/httpwire", "egressd/internal/jsonenc", "egressd/internal/setaside", "egressd/internal/atomicfile"},
 		"egressd/dnsfilter":           {"egressd/policy", "egressd/audit", "egressd/internal/httpwire", "egressd/internal/jsonenc", "egressd/internal/netutil", "egressd/internal/netns", "egressd/internal/logjson", "egressd/internal/setaside", "egressd/internal/atomicfile"},
-		"egressd/proxy":               {"egressd/policy", "egressd/audit", "egressd/internal/jsonenc", "egressd/internal/netutil", "egressd/internal/netns", "egressd/internal/httpwire", "egressd/internal/logjson", "egressd/internal/tlshello", "egressd/internal/setaside", "egressd/internal/atomicfile"},
+		"egressd/proxy":               {"egressd/policy", "egressd/audit", "egressd/internal/jsonenc", "egressd/internal/netutil", "egressd/internal/netns", "egressd/internal/httpwire", "egressd/internal/logjson", "egressd/internal/tlshello", "egressd/internal/setaside", "egressd/internal/atomicfile", "egressd/internal/nfq"},
 		"egressd/capture":             {"egressd/policy", "egressd/audit", "egressd/internal/jsonenc", "egressd/internal/netutil", "egressd/internal/netns", "egressd/internal/httpwire", "egressd/internal/logjson", "egressd/internal/tlshello", "egressd/internal/setaside", "egressd/internal/atomicfile"},
 		"egressd/firewall":            {"egressd/policy", "egressd/audit", "egressd/internal/httpwire", "egressd/internal/nfq", "egressd/internal/jsonenc", "egressd/internal/netutil", "egressd/internal/netns", "egressd/internal/setaside", "egressd/internal/atomicfile"},
 	}
