@@ -135,6 +135,12 @@ type Config struct {
 	// and is deciding, and those decided in the last 30 s); a SYN past it
 	// goes to the proxy. Zero: 16,384.
 	FastFlows int
+	// FastPorts are the destination ports whose SYNs the fast path may
+	// take; a SYN to another port goes to the proxy. Nil: 443 only. A
+	// plain HTTP request on a fast connection is refused
+	// (ReasonFastPathHTTP), so a port that carries HTTP belongs here
+	// only if refusing it is meant.
+	FastPorts []uint16
 }
 
 // Deps are the proxy's collaborators; cmd/ wires them.
@@ -310,6 +316,9 @@ func (c Config) withDefaults() Config {
 	}
 	if c.FastFlows <= 0 {
 		c.FastFlows = defaultFastFlows
+	}
+	if c.FastPorts == nil {
+		c.FastPorts = defaultFastPorts
 	}
 	if c.DenyPage == "" {
 		c.DenyPage = defaultDenyPage

@@ -7,6 +7,7 @@ import (
 	"net"
 	"net/netip"
 	"os"
+	"slices"
 	"sync"
 	"syscall"
 	"time"
@@ -22,7 +23,8 @@ import (
 // for a connection the fast path took, the client's packets that carry
 // bytes until it is decided. ServeQueue answers them:
 //
-//   - a SYN is fast when the destination is one our DNS gave out to this
+//   - a SYN is fast when its port is one of Config.FastPorts (443 unless
+//     set), the destination is one our DNS gave out to this
 //     client for a name that a rule allowing the port covers, and that
 //     rule needs no inspection (decideAddr: by address, then the names
 //     given out; the special-range guard and the gateway's own addresses
@@ -47,6 +49,10 @@ import (
 //     dropped by the firewall), and the proxy's deny answer (a TLS alert,
 //     the 403 page, nothing otherwise) then a reset are sent to the
 //     client, a reset to the server (Deps.Inject);
+//   - a plain HTTP request on a fast connection is refused,
+//     ReasonFastPathHTTP (the kernel would forward the connection's later
+//     requests unread); bytes that are neither TLS nor HTTP are decided
+//     by the address, as the proxy does;
 //   - one event and canonical line per fast connection, written at the
 //     decision (close fast-path, fast-path-denied, or client-closed-early),
 //     with the bytes the client sent before it (BytesOut): the proxy does
@@ -99,6 +105,16 @@ const (
 // held, or past the window): the server could read another stream than
 // the one decided.
 const ReasonStreamMismatch = "stream-mismatch"
+
+// ReasonFastPathHTTP: a plain HTTP request on a fast connection, which the
+// proxy would have allowed. The kernel forwards a fast connection's later
+// requests unread, so the proxy could not decide each request head of a
+// keep-alive connection as it does (THREATS.md C6): the connection is
+// refused rather than let out on its first request's decision.
+const ReasonFastPathHTTP = "fast-path-http"
+
+// defaultFastPorts are the ports whose SYNs may be fast (Config.FastPorts).
+var defaultFastPorts = []uint16{443}
 
 // fastKeep is how long a decided flow stays in the table.
 const fastKeep = 30 * time.Second
@@ -380,6 +396,8 @@ func (s *fastQueue) declines(seg nfq.TCPSegment, full bool) string {
 	switch {
 	case len(seg.Payload) > 0:
 		return "fast-open"
+	case !slices.Contains(p.cfg.FastPorts, seg.Dst.Port()):
+		return "port"
 	case full:
 		return "table-full"
 	}
@@ -449,6 +467,10 @@ func (s *fastQueue) decide(fl *fastFlow) {
 	fl.mu.Unlock()
 	if refused != nil {
 		v = verdict{d: denyDecision(eng, ReasonStreamMismatch), src: audit.NameNone, how: byBytes}
+	} else if kind == kindHTTP && v.d.Allowed() {
+		// Plain HTTP: the proxy decides every request head of the
+		// connection; the kernel would forward the later ones unread.
+		v.d = denyDecision(eng, ReasonFastPathHTTP)
 	} else if v.inspect && v.d.Allowed() {
 		// Host/path rules decide this host, and the fast path sees no
 		// request after the first: the proxy would inspect it. Refused,

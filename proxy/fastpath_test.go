@@ -12,6 +12,8 @@ import (
 	"testing"
 	"time"
 
+	dto "github.com/prometheus/client_model/go"
+
 	"egressd/audit"
 	"egressd/internal/nfq"
 	"egressd/internal/tlshello/hellotest"
@@ -227,6 +229,13 @@ func (r *fastRig) stream(client, dest netip.AddrPort, isn uint32, b []byte, seg 
 	return ids
 }
 
+// fastSYNs is egress_proxy_fast_syns_total{result}.
+func fastSYNs(p *Proxy, result string) float64 {
+	var m dto.Metric
+	_ = p.met.fastSYNs.WithLabelValues(result).Write(&m)
+	return m.GetCounter().GetValue()
+}
+
 // checkAllowed: every held packet accepted, the last NF_REPEAT with the
 // Allowed mark and the operator's bit kept.
 func checkAllowed(t *testing.T, got []gotVerdict) {
@@ -284,11 +293,18 @@ func TestServeQueue(t *testing.T) {
 		{name: "tls 11 KB out of order", client: clientV4, dest: netip.AddrPortFrom(srvV4, 443), bytes: large, seg: 1000, backwards: true, allowed: true, nameWant: "www.allowed.test"},
 		{name: "tls ipv6", client: clientV6, dest: netip.AddrPortFrom(srvV6, 443), bytes: goClientHello(t, "www.allowed.test"), seg: 300, allowed: true, nameWant: "www.allowed.test"},
 		{name: "no sni", client: clientV4, dest: netip.AddrPortFrom(srvV4, 443), bytes: goClientHello(t, ""), seg: 500, allowed: true, nameWant: "www.allowed.test"},
-		{name: "http host", client: clientV4, dest: netip.AddrPortFrom(srvV4, 80), bytes: []byte("GET /x HTTP/1.1\r\nHost: www.allowed.test\r\n\r\n"), seg: 3, allowed: true, nameWant: "www.allowed.test"},
+		// Plain HTTP has no fast path: the kernel would forward the
+		// connection's later requests unread (C6). A request the proxy
+		// would allow is refused fast-path-http; one it would deny keeps
+		// its reason.
+		{name: "http-allowed-host", client: clientV4, dest: netip.AddrPortFrom(srvV4, 443), bytes: []byte("GET /x HTTP/1.1\r\nHost: www.allowed.test\r\n\r\n"), seg: 3, reason: ReasonFastPathHTTP, nameWant: "www.allowed.test", answer: []byte("HTTP/1.1 403 Forbidden\r\n")},
+		// Neither TLS nor HTTP (a device's VPN over 443): by the address,
+		// as the proxy decides it.
+		{name: "other-bytes", client: clientV4, dest: netip.AddrPortFrom(srvV4, 443), bytes: []byte("\x00\x38vpn handshake, not tls, not http"), seg: 100, allowed: true, nameWant: "www.allowed.test"},
 		{name: "duplicate sni", client: clientV4, dest: netip.AddrPortFrom(srvV4, 443), bytes: hellotest.Build(hellotest.SNIExt("www.allowed.test", "evil.example")), seg: 40, reason: ReasonDuplicateSNI, answer: tlsAlertAccessDenied},
 		{name: "sni of another rule", client: clientV4, dest: netip.AddrPortFrom(srvV4, 443), bytes: goClientHello(t, "ech-front.allowed-ech.test"), seg: 600, reason: ReasonSNIMismatch, nameWant: "ech-front.allowed-ech.test", answer: tlsAlertAccessDenied},
 		{name: "sni denied", client: clientV4, dest: netip.AddrPortFrom(srvV4, 443), bytes: goClientHello(t, "evil.example"), seg: 600, reason: policy.ReasonNoRule, nameWant: "evil.example", answer: tlsAlertAccessDenied},
-		{name: "http host denied", client: clientV4, dest: netip.AddrPortFrom(srvV4, 80), bytes: []byte("GET / HTTP/1.1\r\nHost: evil.example\r\n\r\n"), seg: 10, reason: policy.ReasonNoRule, nameWant: "evil.example", answer: []byte("HTTP/1.1 403 Forbidden\r\n")},
+		{name: "http-denied-host", client: clientV4, dest: netip.AddrPortFrom(srvV4, 443), bytes: []byte("GET / HTTP/1.1\r\nHost: evil.example\r\n\r\n"), seg: 10, reason: policy.ReasonNoRule, nameWant: "evil.example", answer: []byte("HTTP/1.1 403 Forbidden\r\n")},
 	} {
 		t.Run(c.name, func(t *testing.T) {
 			client := next(c.client)
@@ -337,6 +353,18 @@ func TestServeQueue(t *testing.T) {
 		syn, _ = r.connect(t, next(clientV4), netip.AddrPortFrom(deniedV4, 443))
 		if syn != (gotVerdict{v: nfq.Accept}) {
 			t.Fatalf("SYN: verdict %+v, want accept unmarked", syn)
+		}
+	})
+	t.Run("port-80", func(t *testing.T) {
+		// Not a fast port (443 only by default): the proxy's, where
+		// every request head of the connection is decided.
+		before := fastSYNs(r.p, "port")
+		syn, _ := r.connect(t, next(clientV4), netip.AddrPortFrom(srvV4, 80))
+		if syn != (gotVerdict{v: nfq.Accept}) {
+			t.Fatalf("SYN to port 80: verdict %+v, want accept unmarked", syn)
+		}
+		if got := fastSYNs(r.p, "port") - before; got != 1 {
+			t.Errorf("fast_syns_total{result=port} rose by %v, want 1", got)
 		}
 	})
 	t.Run("fast open", func(t *testing.T) {

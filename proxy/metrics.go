@@ -70,7 +70,7 @@ func newMetrics(reg prometheus.Registerer) (*metrics, error) {
 		}),
 		fastSYNs: prometheus.NewCounterVec(prometheus.CounterOpts{
 			Namespace: "egress", Subsystem: "proxy", Name: "fast_syns_total",
-			Help: "SYNs the fast path answered, by result: fast (taken: decided from its queued packets), or why it went to the proxy: not-learned (the address was not given out by our DNS to this client for a name an allowing rule covers), inspect (host/path rules decide the host), guard (special range, the gateway, loopback), limit (a connection limit), fast-open (the SYN carries data), table-full, audit-mode, malformed.",
+			Help: "SYNs the fast path answered, by result: fast (taken: decided from its queued packets), or why it went to the proxy: port (not one of the fast ports), not-learned (the address was not given out by our DNS to this client for a name an allowing rule covers), inspect (host/path rules decide the host), guard (special range, the gateway, loopback), limit (a connection limit), fast-open (the SYN carries data), table-full, audit-mode, malformed.",
 		}, []string{"result"}),
 		fastVerdicts: prometheus.NewCounterVec(prometheus.CounterOpts{
 			Namespace: "egress", Subsystem: "proxy", Name: "fast_verdicts_total",
