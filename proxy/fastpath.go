@@ -155,11 +155,15 @@ type fastFlow struct {
 	deadline time.Time
 	held     []heldPacket
 	srvNext  uint32 // the server's next sequence number (a held segment's ack)
-	l2       nfq.L2 // where the client's segments came from (a held packet's)
-	haveSrv  bool
-	state    fastState
-	marked   bool // the connection's lasting mark was given (a NF_REPEAT)
-	expires  time.Time
+	// l2 is where the client's packets come from: the SYN's interface and
+	// link-layer source, or a held packet's when the kernel gave one (at
+	// the forward hook it may not: queued behind egressd's ruleset, the
+	// held segments came without NFQA_HWADDR, TestFastPathKernel).
+	l2      nfq.L2
+	haveSrv bool
+	state   fastState
+	marked  bool // the connection's lasting mark was given (a NF_REPEAT)
+	expires time.Time
 }
 
 // fastQueue serves one queue.
@@ -276,7 +280,7 @@ func (s *fastQueue) packet(pk nfq.Packet) {
 		return
 	}
 	if seg.Flags&(nfq.SYN|nfq.ACK) == nfq.SYN {
-		if s.syn(seg) {
+		if s.syn(seg, nfq.L2Of(pk)) {
 			s.verdict(pk.ID, nfq.Accept, s.withMark(pk.Mark, s.marks.Pending), true)
 		} else {
 			s.verdict(pk.ID, nfq.Accept, 0, false)
@@ -335,7 +339,9 @@ func (s *fastQueue) packet(pk nfq.Packet) {
 	if seg.Flags&nfq.ACK != 0 {
 		fl.srvNext, fl.haveSrv = seg.Ack, true
 	}
-	fl.l2 = nfq.L2Of(pk)
+	if pk.HWAddrLen > 0 {
+		fl.l2 = nfq.L2Of(pk)
+	}
 	fl.mu.Unlock()
 	fl.poke()
 }
@@ -362,7 +368,7 @@ func (s *fastQueue) unknown(pk nfq.Packet, seg nfq.TCPSegment) {
 }
 
 // syn decides whether seg, a SYN, is fast, and if so starts its flow.
-func (s *fastQueue) syn(seg nfq.TCPSegment) bool {
+func (s *fastQueue) syn(seg nfq.TCPSegment, l2 nfq.L2) bool {
 	p := s.p
 	key := flowKey{seg.Src, seg.Dst}
 	s.mu.Lock()
@@ -381,7 +387,7 @@ func (s *fastQueue) syn(seg nfq.TCPSegment) bool {
 	}
 	full := len(s.flows) >= s.max
 	s.mu.Unlock()
-	why := s.declines(seg, full)
+	why := s.declines(seg, full, l2)
 	if why != "" {
 		p.met.fastSYNs.WithLabelValues(why).Inc()
 		return false
@@ -391,7 +397,7 @@ func (s *fastQueue) syn(seg nfq.TCPSegment) bool {
 
 // declines returns why seg's connection is not fast ("" when it is,
 // then its flow is in the table and decided by a worker).
-func (s *fastQueue) declines(seg nfq.TCPSegment, full bool) string {
+func (s *fastQueue) declines(seg nfq.TCPSegment, full bool, l2 nfq.L2) string {
 	p := s.p
 	switch {
 	case len(seg.Payload) > 0:
@@ -440,7 +446,7 @@ func (s *fastQueue) declines(seg nfq.TCPSegment, full bool) string {
 		f.lined = p.deps.Accepted(seg.Src, netip.AddrPortFrom(dest, seg.Dst.Port()), func() bool { return false })
 	}
 	fl := &fastFlow{key: flowKey{seg.Src, seg.Dst}, start: start, at: at, in: in, f: f,
-		wake: make(chan struct{}, 1), asm: newReassembler(seg.Seq, p.cfg.HelloMaxBytes)}
+		wake: make(chan struct{}, 1), asm: newReassembler(seg.Seq, p.cfg.HelloMaxBytes), l2: l2}
 	s.mu.Lock()
 	s.flows[fl.key] = fl
 	p.met.fastFlows.Set(float64(len(s.flows)))

@@ -268,7 +268,8 @@ type topo struct {
 	proxy   *Proxy
 	store   *policy.Store
 	res     dnsResolver
-	state   string // the proxy's state dir (inspection CA)
+	state   string         // the proxy's state dir (inspection CA)
+	tlsSrv  *countListener // the server's TLS listener (:443)
 }
 
 type topoOpts struct {
@@ -278,6 +279,11 @@ type topoOpts struct {
 	// ownListener: the transparent listener is the one the proxy opens
 	// itself (listenTransparent, as Run does), not the test's.
 	ownListener bool
+	// fastQueue: the gateway's rules are the firewall package's enforce
+	// ruleset with its fast path on this queue (masquerading on the WAN
+	// side), not the test's redirect table, and the proxy's ServeQueue
+	// reads the queue (fastKernel).
+	fastQueue uint16
 }
 
 func newTopo(t *testing.T, o topoOpts) *topo {
@@ -305,16 +311,12 @@ func newTopo(t *testing.T, o topoOpts) *topo {
 	tp.s.MustRun("ip", "-6", "route", "add", "default", "via", "2001:db8:2::1")
 	tp.g.MustRun("sysctl", "-qw", "net.ipv4.ip_forward=1")
 	tp.g.MustRun("sysctl", "-qw", "net.ipv6.conf.all.forwarding=1")
-	rules := filepath.Join(t.TempDir(), "redirect.nft")
-	os.WriteFile(rules, []byte(fmt.Sprintf(`table inet egressd_test {
-	chain prerouting {
-		type nat hook prerouting priority dstnat; policy accept;
-		iifname "gwc" tcp dport %d return
-		iifname "gwc" meta l4proto tcp redirect to :%d
+	var fast *fastKernel
+	if o.fastQueue != 0 {
+		fast = tp.installFastPath(t, o.mode, o.fastQueue)
+	} else {
+		tp.installRedirect(t)
 	}
-}
-`, explicitPort, transparentPort)), 0o644)
-	tp.g.MustRun("nft", "-f", rules)
 
 	tp.startServers(t)
 
@@ -357,6 +359,9 @@ func newTopo(t *testing.T, o topoOpts) *topo {
 		Dial:      tp.g.DialContext,
 		Conntrack: ct,
 	}
+	if fast != nil {
+		cfg.FastMarks, deps.Inject = fast.marks, fast.inj
+	}
 	if o.deps != nil {
 		o.deps(&deps)
 	}
@@ -389,7 +394,27 @@ func newTopo(t *testing.T, o topoOpts) *topo {
 		<-done
 		<-done
 	})
+	if fast != nil {
+		fast.serve(t, p) // stops before the proxy closes
+	}
 	return tp
+}
+
+// installRedirect is the gateway's rules without the firewall package:
+// every TCP connection from the client side to the transparent listener,
+// but the explicit proxy's port.
+func (tp *topo) installRedirect(t *testing.T) {
+	t.Helper()
+	rules := filepath.Join(t.TempDir(), "redirect.nft")
+	os.WriteFile(rules, []byte(fmt.Sprintf(`table inet egressd_test {
+	chain prerouting {
+		type nat hook prerouting priority dstnat; policy accept;
+		iifname "gwc" tcp dport %d return
+		iifname "gwc" meta l4proto tcp redirect to :%d
+	}
+}
+`, explicitPort, transparentPort)), 0o644)
+	tp.g.MustRun("nft", "-f", rules)
 }
 
 // testWriter sends log lines to t.Log, until the test ends.
@@ -418,6 +443,7 @@ func (tp *topo) startServers(t *testing.T) {
 	if err != nil {
 		t.Fatal(err)
 	}
+	tp.tlsSrv = &countListener{Listener: tlsLn}
 	httpLn, err := tp.s.Listen("tcp", "[::]:80")
 	if err != nil {
 		t.Fatal(err)
@@ -435,7 +461,7 @@ func (tp *topo) startServers(t *testing.T) {
 		ErrorLog: nil}
 	tlsSrv.ErrorLog = nil
 	httpSrv := &http.Server{Handler: http.HandlerFunc(echoHandler)}
-	go tlsSrv.ServeTLS(tlsLn, "", "")
+	go tlsSrv.ServeTLS(tp.tlsSrv, "", "")
 	go httpSrv.Serve(httpLn)
 	echo := func(c net.Conn) {
 		io.Copy(c, c) // echo until the client half-closes, then close
