@@ -40,6 +40,7 @@ import (
 	"egressd/internal/logjson"
 	"egressd/internal/memlimit"
 	"egressd/internal/netutil"
+	"egressd/internal/nfq"
 	"egressd/internal/sdnotify"
 	"egressd/policy"
 	"egressd/profiles"
@@ -75,6 +76,8 @@ type runConfig struct {
 	ctMarkBits  string
 	nat64       string
 	inspect     bool
+	fastPath    bool
+	fastPorts   string
 	denyAnswer  string
 	tunnelAlarm int
 	logLevel    string
@@ -103,6 +106,8 @@ func (c *runConfig) flags(fs *flag.FlagSet) {
 	fs.StringVar(&c.ctMarkBits, "ct-mark-bits", defaultCTMarkBits, ctMarkBitsUsage)
 	nat64Flag(fs, &c.nat64)
 	fs.BoolVar(&c.inspect, "inspect", false, "decrypt connections to hosts with host/path rules (CA in the state directory; egressd ca export)")
+	fs.BoolVar(&c.fastPath, "fast-path", false, "in enforce mode, decide new TLS connections to --fast-path-ports from their queued packets (NFQUEUE) and let the kernel forward those allowed instead of proxying them, where the address is one the DNS forwarder gave the client for a name the rule allows; others go to the proxy as before (needs the firewall)")
+	fs.StringVar(&c.fastPorts, "fast-path-ports", "443", "TCP ports whose new connections --fast-path decides (comma-separated, N or N-M; TLS only: plain HTTP keeps the proxy, which reads every request)")
 	fs.StringVar(&c.denyAnswer, "dns-deny", "", "answer to denied names in enforce mode: REFUSED (default), NXDOMAIN or NULL")
 	fs.IntVar(&c.tunnelAlarm, "dns-tunnel-threshold", 500, "distinct names of one wildcard rule's zone one client may send upstream in a minute before the DNS forwarder raises a dns-tunnel alarm (queries are still answered); all clients together may send twice it (dns-tunnel-zone), one client ten times it in an hour (dns-tunnel-slow), all clients twenty times it in an hour (dns-tunnel-zone-slow); 0 turns the alarms off")
 	fs.StringVar(&c.logLevel, "log-level", "info", "debug, info, warn or error")
@@ -284,8 +289,18 @@ func checkFlagValues(cfg runConfig) error {
 	bad("tcp-ports", err)
 	_, err = parsePortProtos(cfg.wanOpen)
 	bad("wan-open", err)
-	_, err = parseCTMarkBits(cfg.ctMarkBits)
+	bits, err := parseCTMarkBits(cfg.ctMarkBits)
 	bad("ct-mark-bits", err)
+	if cfg.fastPath {
+		if cfg.noFirewall {
+			bad("fast-path", errors.New("egressd: the fast path needs the firewall (it queues the connections), not --no-firewall"))
+		}
+		ports, err := parseFastPorts(cfg.fastPorts)
+		bad("fast-path-ports", err)
+		if err == nil && len(ports) > 0 {
+			bad("fast-path", firewall.Config{FastPath: true, CTMarkBits: bits}.Validate(policy.ModeAudit))
+		}
+	}
 	_, err = policy.ParseNAT64(cfg.nat64)
 	bad("nat64-prefix", err)
 	bad("dns-listen", dnsfilter.Config{Listen: splitList(cfg.dnsListen)}.Validate())
@@ -315,7 +330,42 @@ func checkFlagValues(cfg runConfig) error {
 func firewallConfig(cfg runConfig) firewall.Config {
 	tcpPorts, _ := parseTCPPorts(cfg.tcpPorts)
 	bits, _ := parseCTMarkBits(cfg.ctMarkBits)
-	return firewall.Config{TCPPorts: tcpPorts, CTMarkBits: bits}
+	fc := firewall.Config{TCPPorts: tcpPorts, CTMarkBits: bits, FastPath: cfg.fastPath}
+	if cfg.fastPath {
+		fc.FastPathPorts, _ = parseFastPorts(cfg.fastPorts)
+	}
+	return fc
+}
+
+// maxFastPorts bounds --fast-path-ports: TLS ports are few, and the
+// proxy checks each SYN's port against the list.
+const maxFastPorts = 64
+
+// parseFastPorts parses --fast-path-ports: TCP ports or ranges, at least
+// one and at most maxFastPorts ports ("all" is no answer: the fast path
+// is for TLS only).
+func parseFastPorts(s string) ([]policy.PortRange, error) {
+	if t := strings.TrimSpace(s); t == "" || t == "all" {
+		return nil, fmt.Errorf("egressd: %q: name the TLS ports (443, 8443, 5223)", s)
+	}
+	ranges, err := parseTCPPorts(s)
+	if err == nil && len(portList(ranges)) > maxFastPorts {
+		err = fmt.Errorf("egressd: %q: more than %d ports (the fast path is for the TLS ports)", s, maxFastPorts)
+	}
+	return ranges, err
+}
+
+// portList lists the ports of ranges, each once, up to maxFastPorts+1.
+func portList(ranges []policy.PortRange) []uint16 {
+	var out []uint16
+	for _, r := range ranges {
+		for p := int(r.Lo); p <= int(r.Hi) && len(out) <= maxFastPorts; p++ {
+			if !slices.Contains(out, uint16(p)) {
+				out = append(out, uint16(p))
+			}
+		}
+	}
+	return out
 }
 
 // denyAnswer maps --dns-deny, in any case, to dnsfilter's names: REFUSED
@@ -1064,6 +1114,25 @@ func (d *daemon) run(ctx context.Context) error {
 	if d.macs != nil {
 		pdeps.MACs, pdeps.Devices = d.macs, d.macs
 	}
+	fcfg := firewallConfig(cfg)
+	var fastQueue *nfq.Conn
+	if fcfg.FastPath {
+		// The fast path (firewall's chain fastpath): the queue and the
+		// injector for its deny answers, opened before the firewall
+		// installs the rules that queue to it. Without a reader the
+		// kernel drops what the rules queue: new TLS connections to the
+		// fast ports fail (closed) until a restart mends it.
+		pcfg.FastMarks = proxy.FastMarks(firewall.FastMarks(fcfg))
+		pcfg.FastPorts = portList(fcfg.FastPathPorts)
+		inj, err := nfq.NewInjector(d.fwNetNS)
+		if err == nil {
+			pdeps.Inject = inj
+			fastQueue, err = nfq.OpenConfig(nfq.Config{Queue: firewall.DefaultFastPathQueue, NetNS: d.fwNetNS})
+		}
+		if err != nil {
+			d.degrade("fast-path", err.Error())
+		}
+	}
 	if d.proxy, err = proxy.New(pcfg, pdeps); err != nil {
 		d.degrade("proxy", err.Error())
 	} else {
@@ -1086,6 +1155,16 @@ func (d *daemon) run(ctx context.Context) error {
 				d.degrade("proxy", listenCapHint(err, caps, "CAP_NET_BIND_SERVICE for a listen port below 1024"))
 			}
 		}()
+		if fastQueue != nil {
+			wg.Add(1)
+			go func() {
+				defer wg.Done()
+				defer fastQueue.Close()
+				if err := d.proxy.ServeQueue(ctx, fastQueue); err != nil && ctx.Err() == nil {
+					d.degrade("fast-path", err.Error())
+				}
+			}()
+		}
 	}
 
 	// What holds an interface's index where the operator named the
@@ -1388,6 +1467,9 @@ func (d *daemon) startFirewall(lans []string, wan string, gate *firewallGate) er
 	}
 	proxyPort, dnsPort := listenPort(d.cfg.transparent), listenPort(firstOf(splitList(d.cfg.dnsListen)))
 	fcfg := firewall.Config{LANs: lans, WAN: wan, ProxyPort: proxyPort, DNSPort: dnsPort, TCPPorts: tcpPorts, Masquerade: d.cfg.masquerade, GuardWAN: d.cfg.guardWAN, WANOpen: wanOpen, CTMarkBits: markBits, NetNS: d.fwNetNS}
+	if fc := firewallConfig(d.cfg); fc.FastPath {
+		fcfg.FastPath, fcfg.FastPathPorts = true, fc.FastPathPorts
+	}
 	// The flows a reload cuts go to capture, which records each on its
 	// own record of the flow (its start, name and bytes: counted once in
 	// the report), or to the event log as the firewall reports them when
