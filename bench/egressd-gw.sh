@@ -13,6 +13,10 @@
 # every lookup go upstream, and its answer to AAAA without an address
 # (REFUSED) is not cached either.
 #
+# With EGRESSD_FAST=1 (bench/proxy-tls.sh EGRESSD=fast) it runs with
+# --fast-path and its own firewall instead of --no-firewall (the peers
+# script's REDIRECT is then not used for egressd: bench/egressd-fast-hook.sh).
+#
 # Environment: EGRESSD_BIN (the binary), EGRESSD_ENV (variables for the
 # daemon only), SERVER_IP, GW_LAN (gwc) and GW_WAN (gws), the peers
 # script's interface names. Stopping this script (TERM) stops both children
@@ -33,8 +37,10 @@ dnsmasq -k --no-resolv --no-hosts --bind-interfaces --listen-address=127.0.0.1 -
 	--address="/allowed.test/$SERVER_IP" --address=/allowed.test/2001:db8::2 --local-ttl=300 \
 	--pid-file= >"$DIR/dnsmasq.log" 2>&1 &
 DNSMASQ=$!
+FW=--no-firewall
+[ "${EGRESSD_FAST:-}" != 1 ] || FW=--fast-path
 # shellcheck disable=SC2086 # EGRESSD_ENV is a list of VAR=value words
-env ${EGRESSD_ENV:-} "$EGRESSD_BIN" run --policy "$DIR/policy.yaml" --no-firewall \
+env ${EGRESSD_ENV:-} "$EGRESSD_BIN" run --policy "$DIR/policy.yaml" $FW \
 	--proxy-listen ":$PORT" --explicit-proxy-listen off --lan "${GW_LAN:-gwc}" --wan "${GW_WAN:-gws}" \
 	--upstream-dns 127.0.0.1:5353 --dns-listen :53 --state-dir "$DIR/state" --admin 127.0.0.1:9901 &
 EGRESSD=$!

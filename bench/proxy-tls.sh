@@ -21,6 +21,10 @@
 #   EGRESSD=daemon  measure `egressd run` itself in proxybench's place
 #   (bench/egressd-gw.sh: its DNS forwarder, capture on the client-side
 #   interface, journal and admin server too; PROXYBENCH_ENV applies to it)
+#   EGRESSD=fast  the same with --fast-path and egressd's own firewall
+#   (enforce ruleset, kept dormant while another system is measured:
+#   bench/egressd-fast-hook.sh, run from a copy of the peers script whose
+#   redirect_to asks it first)
 # Traffic stays in the namespaces the peers script creates (198.18.0.0/15).
 set -euo pipefail
 cd "$(dirname "$0")/.."
@@ -30,7 +34,7 @@ BIN=$(mktemp -d /tmp/proxybench.XXXXXX)
 trap 'rm -rf "$BIN"' EXIT
 GO=${GO:-$(command -v go || echo /usr/local/go/bin/go)}
 "$GO" build -o "$BIN/proxybench" ./bench/cmd/proxybench
-[ "${EGRESSD:-}" != daemon ] || CGO_ENABLED=0 "$GO" build -o "$BIN/egressd" ./cmd/egressd
+case ${EGRESSD:-} in daemon | fast) CGO_ENABLED=0 "$GO" build -o "$BIN/egressd" ./cmd/egressd ;; esac
 # egressd needs many descriptors for splice pipes at high connection rates.
 ulimit -n "$(ulimit -Hn)" 2>/dev/null || true
 export SYSTEMS=${SYSTEMS:-"direct egressd haproxy"}
@@ -40,6 +44,19 @@ export CUSTOM_TLS_CMD="${PROXYBENCH_ENV:+env $PROXYBENCH_ENV }$BIN/proxybench -t
 if [ "${EGRESSD:-}" = daemon ]; then
 	# egressd run itself, with its DNS forwarder, capture and journal
 	CUSTOM_TLS_CMD="env EGRESSD_BIN=$BIN/egressd EGRESSD_ENV='${PROXYBENCH_ENV:-}' sh $PWD/bench/egressd-gw.sh {PORT}"
+fi
+if [ "${EGRESSD:-}" = fast ]; then
+	CUSTOM_TLS_CMD="env EGRESSD_BIN=$BIN/egressd EGRESSD_FAST=1 EGRESSD_ENV='${PROXYBENCH_ENV:-}' sh $PWD/bench/egressd-gw.sh {PORT}"
+	# The peers script's redirect_to asks the hook first (a copy, patched
+	# here: the shared script is not ours to change).
+	export REDIRECT_HOOK="sh $PWD/bench/egressd-fast-hook.sh"
+	awk '{ print } /^redirect_to\(\) \{/ {
+		print "\tif REDIRECT_PORT=\"$1\" HOOK_PORT=\"${PORT[$CUSTOM_TLS_NAME]:-}\" NS_G=$NS_G NS_C=$NS_C G1_IP=$G1_IP ALLOWED=$ALLOWED $REDIRECT_HOOK; then"
+		print "\t\tnsx $NS_G nft flush chain ip btls prerouting; return"
+		print "\tfi"
+	}' "$PEERS_TLS" >"$BIN/peers-tls.sh"
+	grep -q REDIRECT_HOOK "$BIN/peers-tls.sh" || { echo "proxy-tls.sh: could not patch redirect_to in $PEERS_TLS" >&2; exit 1; }
+	PEERS_TLS=$BIN/peers-tls.sh
 fi
 # The peers script's log goes to stderr as before and to a file, from which
 # rounds.sh counts the rounds egressd won against each system.
