@@ -1,0 +1,57 @@
+package main
+
+import (
+	"io"
+	"slices"
+	"strings"
+	"testing"
+)
+
+// TestFastPathFlags: --fast-path needs the firewall and TLS ports to
+// decide; the values it takes reach the firewall's configuration.
+func TestFastPathFlags(t *testing.T) {
+	parse := func(args ...string) (runConfig, error) {
+		var cfg runConfig
+		fs := newFlags("run", io.Discard)
+		cfg.flags(fs)
+		if _, err := parseArgs(fs, args); err != nil {
+			t.Fatal(err)
+		}
+		return cfg, checkFlagValues(cfg)
+	}
+	for _, tc := range []struct {
+		args []string
+		want string // in the error; "": none
+	}{
+		{[]string{"--fast-path"}, ""},
+		{[]string{"--fast-path", "--fast-path-ports", "443,8443,5223"}, ""},
+		{[]string{"--fast-path", "--no-firewall"}, "--fast-path: egressd: the fast path needs the firewall"},
+		{[]string{"--fast-path", "--fast-path-ports", "all"}, "--fast-path-ports: egressd: \"all\": name the TLS ports"},
+		{[]string{"--fast-path", "--fast-path-ports", "1-1000"}, "more than 64 ports"},
+		{[]string{"--fast-path", "--fast-path-ports", "443/udp"}, "--fast-path-ports"},
+		{[]string{"--fast-path", "--ct-mark-bits", "0x00003000"}, "the fast path needs at least 3 tag bits"},
+		{[]string{"--no-firewall", "--fast-path-ports", "all"}, ""}, // without --fast-path the ports are not read
+	} {
+		_, err := parse(tc.args...)
+		switch {
+		case tc.want == "" && err != nil:
+			t.Errorf("%v: %v", tc.args, err)
+		case tc.want != "" && (err == nil || !strings.Contains(err.Error(), tc.want)):
+			t.Errorf("%v: error %v, want one saying %q", tc.args, err, tc.want)
+		}
+	}
+	cfg, err := parse("--fast-path", "--fast-path-ports", "8443,443,9000-9001")
+	if err != nil {
+		t.Fatal(err)
+	}
+	fc := firewallConfig(cfg)
+	if !fc.FastPath || len(fc.FastPathPorts) != 3 {
+		t.Fatalf("firewall config: fast path %v, ports %v", fc.FastPath, fc.FastPathPorts)
+	}
+	if got := portList(fc.FastPathPorts); !slices.Equal(got, []uint16{8443, 443, 9000, 9001}) {
+		t.Errorf("the proxy's ports: %v", got)
+	}
+	if cfg, _ := parse(); firewallConfig(cfg).FastPath {
+		t.Error("the fast path is on without --fast-path")
+	}
+}
