@@ -85,6 +85,21 @@ func (r *reassembler) add(seq uint32, payload []byte) error {
 	return nil
 }
 
+// holds says every byte of the n at seq was taken already (a
+// retransmission; add says whether they are the same bytes).
+func (r *reassembler) holds(seq uint32, n int) bool {
+	off := int64(int32(seq - r.first))
+	if n == 0 || off < 0 || off+int64(n) > int64(len(r.buf)) {
+		return false
+	}
+	for i := int(off); i < int(off)+n; i++ {
+		if !r.has(i) {
+			return false
+		}
+	}
+	return true
+}
+
 func (r *reassembler) has(i int) bool { return r.have[i/64]&(1<<(i%64)) != 0 }
 
 // ready returns the bytes from offset from up to the first hole.

@@ -122,6 +122,24 @@ const fastKeep = 30 * time.Second
 // defaultFastFlows bounds the flow table (Config.FastFlows).
 const defaultFastFlows = 16384
 
+// Bounds of the packets the fast path holds (no verdict yet) in the
+// kernel's queue, which drops every packet past its length
+// (nfq.DefaultMaxLen), new connections' SYNs included: all clients' at
+// most half of it, the rest for SYNs and the packets answered at once;
+// one client's at most an eighth of that. A client over its bound (or
+// all over theirs) gets no new fast connection (the proxy takes them,
+// fast_syns "held"), and a pending connection of it that sends another
+// new segment is refused, ReasonLimit. A retransmission of bytes held
+// already is dropped, not held: the held copy goes to the server.
+const (
+	fastHeldMax       = nfq.DefaultMaxLen / 2
+	fastHeldPerClient = fastHeldMax / 8
+)
+
+// errFastHeld: the client (or all clients) hold as many queued packets
+// as the fast path allows.
+var errFastHeld = errors.New("proxy: fast path: too many held packets")
+
 // flowKey is a TCP flow, from the client's side.
 type flowKey struct{ client, dest netip.AddrPort }
 
@@ -176,12 +194,48 @@ type fastQueue struct {
 	mu    sync.Mutex
 	flows map[flowKey]*fastFlow
 	wg    sync.WaitGroup
+
+	hmu     sync.Mutex // guards following; taken under a flow's mu, takes none
+	heldAll int
+	heldBy  map[netip.Addr]int // by client
+}
+
+// holdOne counts a packet of client's as held, if within the bounds.
+func (s *fastQueue) holdOne(client netip.Addr) bool {
+	s.hmu.Lock()
+	defer s.hmu.Unlock()
+	if s.heldAll >= fastHeldMax || s.heldBy[client] >= fastHeldPerClient {
+		return false
+	}
+	s.heldAll++
+	s.heldBy[client]++
+	return true
+}
+
+// unhold gives back n held packets of client's.
+func (s *fastQueue) unhold(client netip.Addr, n int) {
+	if n == 0 {
+		return
+	}
+	s.hmu.Lock()
+	s.heldAll -= n
+	if s.heldBy[client] -= n; s.heldBy[client] <= 0 {
+		delete(s.heldBy, client)
+	}
+	s.hmu.Unlock()
+}
+
+// overHeld says client may hold no more packets.
+func (s *fastQueue) overHeld(client netip.Addr) bool {
+	s.hmu.Lock()
+	defer s.hmu.Unlock()
+	return s.heldAll >= fastHeldMax || s.heldBy[client] >= fastHeldPerClient
 }
 
 // ServeQueue answers the fast path's queued packets from q until ctx
 // ends or q fails; it returns once every flow it was deciding is decided.
 func (p *Proxy) ServeQueue(ctx context.Context, q Queue) error {
-	s := &fastQueue{p: p, q: q, marks: p.cfg.FastMarks, max: p.cfg.FastFlows, flows: map[flowKey]*fastFlow{}}
+	s := &fastQueue{p: p, q: q, marks: p.cfg.FastMarks, max: p.cfg.FastFlows, flows: map[flowKey]*fastFlow{}, heldBy: map[netip.Addr]int{}}
 	sweepCtx, stop := context.WithCancel(ctx)
 	done := make(chan struct{})
 	go func() { defer close(done); s.sweep(sweepCtx) }()
@@ -327,13 +381,35 @@ func (s *fastQueue) packet(pk nfq.Packet) {
 		s.verdict(pk.ID, nfq.Accept, 0, false) // an ACK the firewall could not prove empty
 		return
 	}
+	if fl.refused != nil && len(fl.held) > 0 {
+		// Refused: every held packet is dropped at the decision, and one
+		// of them gives the denied mark.
+		fl.mu.Unlock()
+		s.verdict(pk.ID, nfq.Drop, 0, false)
+		return
+	}
 	if fl.refused == nil {
+		again := fl.asm.holds(seg.Seq, len(seg.Payload)) && (seg.Flags&nfq.FIN == 0 || fl.fin)
 		if err := fl.asm.add(seg.Seq, seg.Payload); err != nil {
 			fl.refused = err
+		} else if again {
+			// A retransmission of held bytes: the held copy goes.
+			fl.mu.Unlock()
+			s.verdict(pk.ID, nfq.Drop, 0, false)
+			return
 		} else if seg.Flags&nfq.FIN != 0 && !fl.fin {
 			fl.fin = true
 			fl.finOff = int(int32(seg.Seq-fl.asm.first)) + len(seg.Payload)
 		}
+	}
+	if !s.holdOne(fl.key.client.Addr().Unmap()) {
+		if fl.refused == nil {
+			fl.refused = errFastHeld
+		}
+		fl.mu.Unlock()
+		fl.poke()
+		s.verdict(pk.ID, nfq.Drop, 0, false)
+		return
 	}
 	fl.held = append(fl.held, heldPacket{pk.ID, pk.Mark})
 	if seg.Flags&nfq.ACK != 0 {
@@ -406,6 +482,8 @@ func (s *fastQueue) declines(seg nfq.TCPSegment, full bool, l2 nfq.L2) string {
 		return "port"
 	case full:
 		return "table-full"
+	case s.overHeld(seg.Src.Addr().Unmap()):
+		return "held"
 	}
 	start := time.Now()
 	at := p.policyNow()
@@ -471,7 +549,9 @@ func (s *fastQueue) decide(fl *fastFlow) {
 	fl.mu.Lock()
 	refused := fl.refused
 	fl.mu.Unlock()
-	if refused != nil {
+	if errors.Is(refused, errFastHeld) {
+		v = verdict{d: denyDecision(eng, ReasonLimit), src: audit.NameNone, how: byBytes}
+	} else if refused != nil {
 		v = verdict{d: denyDecision(eng, ReasonStreamMismatch), src: audit.NameNone, how: byBytes}
 	} else if kind == kindHTTP && v.d.Allowed() {
 		// Plain HTTP: the proxy decides every request head of the
@@ -518,6 +598,7 @@ func (s *fastQueue) decide(fl *fastFlow) {
 	cliNext := cliSeq + uint32(len(fl.asm.buf))
 	srvNext, haveSrv, l2 := fl.srvNext, fl.haveSrv, fl.l2
 	fl.mu.Unlock()
+	s.unhold(fl.key.client.Addr().Unmap(), len(held))
 
 	if deny {
 		for i, h := range held {

@@ -47,7 +47,7 @@ func TestFastPathHeldPacketsBounded(t *testing.T) {
 		c.SetNoDelay(true)
 		for i := range bytesEach {
 			if _, err := c.Write([]byte{[]byte("\x16\x03\x01\x40\x00\x01\x00\x3f\xfc\x03")[i]}); err != nil {
-				t.Fatal(err)
+				break // refused (reset): the client is over a bound
 			}
 		}
 	}
