@@ -295,7 +295,10 @@ func TestServeQueue(t *testing.T) {
 		nameWant  string
 		answer    []byte // the deny answer sent to the client
 	}{
-		{name: "tls one byte a segment", client: clientV4, dest: netip.AddrPortFrom(srvV4, 443), bytes: goClientHello(t, "www.allowed.test"), seg: 1, allowed: true, nameWant: "www.allowed.test"},
+		{name: "tls 8 bytes a segment", client: clientV4, dest: netip.AddrPortFrom(srvV4, 443), bytes: goClientHello(t, "www.allowed.test"), seg: 8, allowed: true, nameWant: "www.allowed.test"},
+		// A byte a segment, a hello is more packets than one client may
+		// hold in the kernel's queue (fastHeldPerClient): refused, limit.
+		{name: "tls one byte a segment", client: clientV4, dest: netip.AddrPortFrom(srvV4, 443), bytes: goClientHello(t, "www.allowed.test"), seg: 1, reason: ReasonLimit, answer: tlsAlertAccessDenied},
 		{name: "tls several records", client: clientV4, dest: netip.AddrPortFrom(srvV4, 443), bytes: hellotest.Refragment(goClientHello(t, "www.allowed.test"), 100), seg: 77, allowed: true, nameWant: "www.allowed.test"},
 		{name: "tls 11 KB out of order", client: clientV4, dest: netip.AddrPortFrom(srvV4, 443), bytes: large, seg: 1000, backwards: true, allowed: true, nameWant: "www.allowed.test"},
 		{name: "tls ipv6", client: clientV6, dest: netip.AddrPortFrom(srvV6, 443), bytes: goClientHello(t, "www.allowed.test"), seg: 300, allowed: true, nameWant: "www.allowed.test"},
@@ -405,6 +408,24 @@ func TestServeQueue(t *testing.T) {
 		checkDenied(t, r.q.wait(t, ids))
 		if ev.Reason != ReasonStreamMismatch {
 			t.Errorf("reason %q, want %q", ev.Reason, ReasonStreamMismatch)
+		}
+	})
+	t.Run("retransmission dropped", func(t *testing.T) {
+		// A segment of bytes held already is dropped, not held (the held
+		// copy goes to the server): retransmissions do not fill the queue.
+		client, dest := next(clientV4), netip.AddrPortFrom(srvV4, 443)
+		_, isn := r.connect(t, client, dest)
+		hello := goClientHello(t, "www.allowed.test")
+		first := r.send(hookForward, tcpPacket(client, dest, isn+1, 5000, nfq.ACK, hello[:100]))
+		again := r.send(hookForward, tcpPacket(client, dest, isn+1, 5000, nfq.ACK, hello[:100]))
+		if g := r.q.wait(t, []uint32{again})[0]; g != (gotVerdict{v: nfq.Drop}) {
+			t.Fatalf("retransmission: verdict %+v, want drop", g)
+		}
+		rest := r.send(hookForward, tcpPacket(client, dest, isn+101, 5000, nfq.ACK, hello[100:]))
+		ev := r.evs.wait(t, "of the flow", func(ev audit.Event) bool { return ev.ClientPort == client.Port() })
+		checkAllowed(t, r.q.wait(t, []uint32{first, rest}))
+		if ev.Verdict != policy.Allow || ev.BytesOut != uint64(len(hello)) {
+			t.Errorf("event %+v: want allowed, %d bytes out", ev, len(hello))
 		}
 	})
 	t.Run("unknown flow", func(t *testing.T) {
