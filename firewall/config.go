@@ -179,6 +179,14 @@ type Deps struct {
 	// old ones are left as they are: they may be the operator's now).
 	// Nil: not known, this Config's.
 	PreviousCTMarkBits *uint32
+	// PreviousFastPath is the Config.FastPath the earlier egressd ran
+	// Previous with (egressd run: recorded beside the copy): with the
+	// fast path the last tag is reserved (fast-allowed) and rules draw
+	// from one fewer, so every tag may move across a restart that turns
+	// it on or off. Nil: not known (an egressd before it recorded it);
+	// Previous is then read both ways, and a tag the two readings give
+	// different meanings is decided again.
+	PreviousFastPath *bool
 	// Pending are the policies an earlier egressd was putting in after
 	// Previous, oldest first, without knowing whether they went in (egressd
 	// run: written before an enforce install or reload, removed once the
@@ -195,6 +203,7 @@ type Prior struct {
 	Policy     *policy.Engine
 	TCPPorts   *[]policy.PortRange
 	CTMarkBits *uint32
+	FastPath   *bool
 }
 
 // ClientMACs tells a LAN client's MAC address (egressd run: the LAN
