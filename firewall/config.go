@@ -198,7 +198,8 @@ type Deps struct {
 }
 
 // Prior is a policy an earlier egressd may have installed, with what it
-// ran it with (Deps.Pending): nil ports or bits are this Config's.
+// ran it with (Deps.Pending): nil ports or bits are this Config's; a nil
+// FastPath is read both ways (Deps.PreviousFastPath).
 type Prior struct {
 	Policy     *policy.Engine
 	TCPPorts   *[]policy.PortRange

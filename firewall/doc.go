@@ -175,7 +175,12 @@
 // otherwise: they share one tag, so the look cannot tell whose rule
 // changed. Pending and denied connections lack the enforced bit and are
 // not looked at (a pending one is decided by userspace under the policy
-// it has then).
+// it has then). Rules draw their tags from one fewer with the fast path,
+// so a restart that turns it on or off moves them: the start reads the
+// earlier run's marks with its setting (Deps.PreviousFastPath; read both
+// ways when not known), and a mark that one ruleset reads as
+// fast-allowed and another as a rule's is decided again, never kept by
+// either reading.
 //
 // [Render] turns a policy and a [Config] into a [Ruleset] without touching
 // the kernel (egressd firewall print shows it); [Firewall.Install],

@@ -126,8 +126,9 @@ func New(cfg Config, deps Deps) (*Firewall, error) {
 	// (sweep.go), rendered with the ports forward handled then, when
 	// known; and as those of the policies it may have put in after it.
 	// One that does not render here is left out: its tags are then read
-	// as the others', as without it.
-	for i, p := range append([]Prior{{Policy: deps.Previous, TCPPorts: deps.PreviousTCPPorts, CTMarkBits: deps.PreviousCTMarkBits}}, deps.Pending...) {
+	// as the others', as without it. Whether it ran with the fast path
+	// moves the tags (ruleTags); not known, it is read both ways.
+	for i, p := range append([]Prior{{Policy: deps.Previous, TCPPorts: deps.PreviousTCPPorts, CTMarkBits: deps.PreviousCTMarkBits, FastPath: deps.PreviousFastPath}}, deps.Pending...) {
 		if p.Policy == nil {
 			continue
 		}
@@ -138,12 +139,19 @@ func New(cfg Config, deps Deps) (*Firewall, error) {
 		if p.CTMarkBits != nil {
 			prev.CTMarkBits = *p.CTMarkBits
 		}
-		rs, err := Render(prev, p.Policy)
-		if err != nil {
-			f.log.Warn("firewall: a policy before this start does not render; conntrack mark tags are read as the others'", "pending", i > 0, audit.LogError, err.Error())
-			continue
+		fast := []bool{false, true}
+		if p.FastPath != nil {
+			fast = []bool{*p.FastPath}
 		}
-		f.since = append(f.since, rs)
+		for _, fp := range fast {
+			prev.FastPath = fp
+			rs, err := Render(prev, p.Policy)
+			if err != nil {
+				f.log.Warn("firewall: a policy before this start does not render; conntrack mark tags are read as the others'", "pending", i > 0, "fast_path", fp, audit.LogError, err.Error())
+				continue
+			}
+			f.since = append(f.since, rs)
+		}
 	}
 	return f, nil
 }

@@ -23,7 +23,9 @@ import (
 // earlier run had, here this run's: no --mode override) and the new
 // ruleset is that file's with this run's flags. A false cut here is an outage at every upgrade. Policies: the
 // seed profile (its file says audit; run with --mode enforce) and the
-// test site's, each with and without a NAT64 prefix. No kernel.
+// test site's, each with and without a NAT64 prefix, and with the
+// earlier run's --fast-path recorded (off) or not known (an egressd
+// before the record: the marks are read both ways). No kernel.
 func TestRestartUnchangedPolicyKeeps(t *testing.T) {
 	seed, err := profiles.Get("nirovision")
 	if err != nil {
@@ -40,27 +42,31 @@ func TestRestartUnchangedPolicyKeeps(t *testing.T) {
 		{"site", site},
 	} {
 		for _, n64 := range [][]netip.Prefix{nil, nat64} {
-			eng := tc.prev.WithMode(policy.ModeEnforce).WithNAT64(n64)
-			f, err := New(siteConfig, Deps{Previous: tc.prev.WithNAT64(n64), Logger: slog.New(slog.NewTextHandler(io.Discard, nil))})
-			if err != nil {
-				t.Fatal(err)
-			}
-			if len(f.since) != 1 {
-				t.Fatalf("%s: %d rulesets read from Previous, want 1", tc.name, len(f.since))
-			}
-			rs, err := Render(siteConfig, eng)
-			if err != nil {
-				t.Fatal(err)
-			}
-			if len(rs.flows) == 0 {
-				t.Fatalf("%s: no rule with a tag", tc.name)
-			}
-			since := append(f.since, rs)
-			for _, fr := range rs.flows {
-				for _, dst := range []netip.Addr{netip.MustParseAddr("192.0.2.77"), netip.MustParseAddr("2001:db8:77::1")} {
-					k := flowKey{client: netip.MustParseAddr("198.18.1.5"), dst: dst, port: fr.ports[0].Lo, proto: fr.ports[0].Proto}
-					if keep, tag := rs.keeps(since, defaultMark(fr.tag), k, noLive); !keep || tag != fr.tag {
-						t.Errorf("%s (NAT64 %v): rule %s's flow to %s: keeps = %v under tag %d, want true under %d", tc.name, n64, fr.name, dst, keep, tag, fr.tag)
+			for _, fast := range []*bool{new(bool), nil} {
+				eng := tc.prev.WithMode(policy.ModeEnforce).WithNAT64(n64)
+				f, err := New(siteConfig, Deps{Previous: tc.prev.WithNAT64(n64), PreviousFastPath: fast, Logger: slog.New(slog.NewTextHandler(io.Discard, nil))})
+				if err != nil {
+					t.Fatal(err)
+				}
+				// Not known whether it had the fast path (an egressd before
+				// the record): read with it and without.
+				if want := map[bool]int{true: 1, false: 2}[fast != nil]; len(f.since) != want {
+					t.Fatalf("%s: %d rulesets read from Previous, want %d", tc.name, len(f.since), want)
+				}
+				rs, err := Render(siteConfig, eng)
+				if err != nil {
+					t.Fatal(err)
+				}
+				if len(rs.flows) == 0 {
+					t.Fatalf("%s: no rule with a tag", tc.name)
+				}
+				since := append(f.since, rs)
+				for _, fr := range rs.flows {
+					for _, dst := range []netip.Addr{netip.MustParseAddr("192.0.2.77"), netip.MustParseAddr("2001:db8:77::1")} {
+						k := flowKey{client: netip.MustParseAddr("198.18.1.5"), dst: dst, port: fr.ports[0].Lo, proto: fr.ports[0].Proto}
+						if keep, tag := rs.keeps(since, defaultMark(fr.tag), k, noLive); !keep || tag != fr.tag {
+							t.Errorf("%s (NAT64 %v, fast path known %v): rule %s's flow to %s: keeps = %v under tag %d, want true under %d", tc.name, n64, fast != nil, fr.name, dst, keep, tag, fr.tag)
+						}
 					}
 				}
 			}

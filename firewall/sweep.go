@@ -259,7 +259,11 @@ func (rs *Ruleset) keeps(since []*Ruleset, mark uint32, k flowKey, live func(set
 		return true, rs.mark.fastTag()
 	}
 	var was []*flowRule // the rules the tag can stand for, one per fingerprint
-	zero, other := false, false
+	// fast: a ruleset it can come from reads it as fast-allowed, no
+	// rule's (a restart that turned the fast path on or off, or one
+	// not known to have: Deps.PreviousFastPath). Not kept by a rule's
+	// tag then, nor decided with a rule as a hint.
+	zero, other, fast := false, false, false
 	for _, old := range since {
 		if mark&old.mark.enforced == 0 {
 			continue
@@ -270,6 +274,10 @@ func (rs *Ruleset) keeps(since []*Ruleset, mark uint32, k flowKey, live func(set
 			continue
 		}
 		other = true
+		if old.fast && tag == old.mark.fastTag() {
+			fast = true
+			continue
+		}
 		for _, fr := range old.byTag[tag] {
 			if !slices.ContainsFunc(was, func(w *flowRule) bool { return w.fp == fr.fp }) {
 				was = append(was, fr)
@@ -286,7 +294,7 @@ func (rs *Ruleset) keeps(since []*Ruleset, mark uint32, k flowKey, live func(set
 	// tag in rs. A tag none of them used (from before an egressd start,
 	// whose rulesets are unknown) is decided again, with no rule as a
 	// hint.
-	if len(was) > 0 && !zero {
+	if len(was) > 0 && !zero && !fast {
 		newTag = 0
 		for _, fr := range was {
 			now := rs.byFP[fr.fp]
@@ -301,7 +309,7 @@ func (rs *Ruleset) keeps(since []*Ruleset, mark uint32, k flowKey, live func(set
 		}
 	}
 	var hint *flowRule
-	if len(was) == 1 && !zero {
+	if len(was) == 1 && !zero && !fast {
 		hint = was[0]
 	}
 	for _, fr := range rs.flows {
