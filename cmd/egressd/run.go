@@ -137,6 +137,9 @@ type daemon struct {
 	// prevCTMarkBits are the --ct-mark-bits its marks were written at
 	// (recorded beside the copy; this run's when not).
 	prevCTMarkBits *uint32
+	// prevFastPath is whether that ruleset had the fast path (--fast-path:
+	// the tags move with it); nil: not known (read both ways).
+	prevFastPath *bool
 	// prevPending are the enforce policies the egressd before this start
 	// was putting in when it stopped, unrecorded (pendingFile).
 	prevPending []firewall.Prior
