@@ -39,6 +39,9 @@ type pendingPolicy struct {
 	TCPPorts   string `json:"tcp_ports"`
 	NAT64      string `json:"nat64_prefix"`
 	CTMarkBits string `json:"ct_mark_bits"`
+	// FastPath is --fast-path; nil: not known (a note of an egressd
+	// before the field, or of a copy without a record of it).
+	FastPath *bool `json:"fast_path,omitempty"`
 }
 
 // pendingVersion is the version pendingFile is written with; one of
@@ -96,7 +99,7 @@ func (d *daemon) pendingPolicies() []firewall.Prior {
 			d.log.Warn("a policy an earlier egressd was putting in does not compile; its conntrack mark tags are read as the others'", "file", p, audit.LogError, err.Error())
 			continue
 		}
-		out = append(out, firewall.Prior{Policy: eng.WithNAT64(nat64), TCPPorts: &ports, CTMarkBits: &bits})
+		out = append(out, firewall.Prior{Policy: eng.WithNAT64(nat64), TCPPorts: &ports, CTMarkBits: &bits, FastPath: pp.FastPath})
 	}
 	return out
 }
@@ -106,7 +109,7 @@ func (d *daemon) pendingPolicies() []firewall.Prior {
 // failure is logged, and the install goes on: a kill before the copy is
 // then read as before (the copy's policy alone).
 func (d *daemon) notePending(src []byte) {
-	d.note(pendingPolicy{Source: string(src), TCPPorts: d.cfg.tcpPorts, NAT64: d.cfg.nat64, CTMarkBits: d.cfg.ctMarkBits})
+	d.note(pendingPolicy{Source: string(src), TCPPorts: d.cfg.tcpPorts, NAT64: d.cfg.nat64, CTMarkBits: d.cfg.ctMarkBits, FastPath: &d.cfg.fastPath})
 }
 
 // note adds pp to pendingFile, synced, the newest.
@@ -159,6 +162,7 @@ func (d *daemon) noteReplacedCopy() {
 		if rec.CTMarkBits != "" {
 			pp.CTMarkBits = rec.CTMarkBits
 		}
+		pp.FastPath = rec.FastPath
 	}
 	d.note(pp)
 }

@@ -437,7 +437,7 @@ func newDaemon(cfg runConfig, stdout, stderr io.Writer) (*daemon, error) {
 		}
 	}
 	if !cfg.noFirewall {
-		d.prevPolicy, d.prevTCPPorts, d.prevCTMarkBits = d.previousPolicy() // before savePolicy writes over the copy
+		d.prevPolicy, d.prevTCPPorts, d.prevCTMarkBits, d.prevFastPath = d.previousPolicy() // before savePolicy writes over the copy
 		d.prevPending = d.pendingPolicies()
 	}
 	eng, src, err := d.loadPolicy()
@@ -538,6 +538,10 @@ type firewallRecord struct {
 	// not recorded (an egressd before the field, which ignores it: the
 	// version stays), read as this run's.
 	CTMarkBits string `json:"ct_mark_bits,omitempty"`
+	// FastPath is --fast-path, with which the rules' tags move (the fast
+	// path reserves one); nil: not recorded (an egressd before the
+	// field, which ignores it: the version stays), read both ways.
+	FastPath *bool `json:"fast_path,omitempty"`
 }
 
 // firewallRecordVersion is the version runningFirewallFile is written
@@ -552,13 +556,14 @@ const firewallRecordVersion = 1
 // of this copy: this run's are used, and this run's prefixes); the
 // record's MarksPolicy instead of the copy when it names one (the copy
 // is of a run that put no enforce ruleset in); and the --ct-mark-bits
-// its marks are at (markBits: recorded, or this run's). Nil when there
+// its marks are at (markBits: recorded, or this run's), and whether it
+// had the fast path (fastPath: recorded; nil when not known). Nil when there
 // is none, or it does not compile (a newer egressd's, rolled back from):
 // said, and the tags are read as the new policy's.
-func (d *daemon) previousPolicy() (eng *policy.Engine, tcpPorts *[]policy.PortRange, markBits *uint32) {
-	eng, tcpPorts, nat64, markBits := d.previousRecorded()
+func (d *daemon) previousPolicy() (eng *policy.Engine, tcpPorts *[]policy.PortRange, markBits *uint32, fastPath *bool) {
+	eng, tcpPorts, nat64, markBits, fastPath := d.previousRecorded()
 	if eng == nil {
-		return nil, nil, nil
+		return nil, nil, nil, nil
 	}
 	if nat64 == nil {
 		// Checked by checkFlagValues.
@@ -570,22 +575,22 @@ func (d *daemon) previousPolicy() (eng *policy.Engine, tcpPorts *[]policy.PortRa
 		this, _ := parseCTMarkBits(d.cfg.ctMarkBits)
 		markBits = &this
 	}
-	return eng.WithNAT64(*nat64), tcpPorts, markBits
+	return eng.WithNAT64(*nat64), tcpPorts, markBits, fastPath
 }
 
 // previousRecorded is previousPolicy's reading of the copy and the
-// record: the policy, and the --tcp-ports, --nat64-prefix and
-// --ct-mark-bits recorded for it (nil: not known).
-func (d *daemon) previousRecorded() (eng *policy.Engine, tcpPorts *[]policy.PortRange, nat64 *[]netip.Prefix, markBits *uint32) {
+// record: the policy, and the --tcp-ports, --nat64-prefix,
+// --ct-mark-bits and --fast-path recorded for it (nil: not known).
+func (d *daemon) previousRecorded() (eng *policy.Engine, tcpPorts *[]policy.PortRange, nat64 *[]netip.Prefix, markBits *uint32, fastPath *bool) {
 	p := filepath.Join(d.cfg.stateDir, runningPolicyFile)
 	src, err := os.ReadFile(p)
 	if err != nil {
-		return nil, nil, nil, nil
+		return nil, nil, nil, nil, nil
 	}
 	eng, err = policy.Compile(p, src)
 	if err != nil {
 		d.log.Warn("the state directory's copy of the policy before this start does not compile; conntrack mark tags are read as the new policy's", audit.LogError, err.Error())
-		return nil, nil, nil, nil
+		return nil, nil, nil, nil, nil
 	}
 	rp := filepath.Join(d.cfg.stateDir, runningFirewallFile)
 	b, err := os.ReadFile(rp)
@@ -593,7 +598,7 @@ func (d *daemon) previousRecorded() (eng *policy.Engine, tcpPorts *[]policy.Port
 		if !errors.Is(err, os.ErrNotExist) {
 			d.log.Warn("cannot read the record of the --tcp-ports the policy before this start ran with; its tags are read with this run's", "file", rp, audit.LogError, err.Error())
 		}
-		return eng, nil, nil, nil
+		return eng, nil, nil, nil, nil
 	}
 	var rec firewallRecord
 	sum := sha256.Sum256(src)
@@ -601,19 +606,19 @@ func (d *daemon) previousRecorded() (eng *policy.Engine, tcpPorts *[]policy.Port
 	switch err := json.Unmarshal(b, &rec); {
 	case err != nil:
 		d.log.Warn("the record of the --tcp-ports the policy before this start ran with does not parse; its tags are read with this run's", "file", rp, audit.LogError, err.Error())
-		return eng, nil, nil, nil
+		return eng, nil, nil, nil, nil
 	case rec.Version != firewallRecordVersion:
 		d.log.Warn("the record of the --tcp-ports the policy before this start ran with is of another version; its tags are read with this run's", "file", rp, "version", rec.Version)
-		return eng, nil, nil, nil
+		return eng, nil, nil, nil, nil
 	case rec.PolicySHA256 != hex.EncodeToString(sum[:]):
 		// The copy was written after the record (an audit-mode start, an
 		// egressd from before the record): not its ports.
 		d.log.Info("the record of --tcp-ports is of another copy of the policy; the tags of the policy before this start are read with this run's", "file", rp)
-		return eng, nil, nil, nil
+		return eng, nil, nil, nil, nil
 	}
 	if ports, err = parseTCPPorts(rec.TCPPorts); err != nil {
 		d.log.Warn("the record of the --tcp-ports the policy before this start ran with does not parse; its tags are read with this run's", "file", rp, audit.LogError, err.Error())
-		return eng, nil, nil, nil
+		return eng, nil, nil, nil, nil
 	}
 	if rec.NAT64 != nil {
 		n, err := policy.ParseNAT64(*rec.NAT64)
@@ -637,11 +642,11 @@ func (d *daemon) previousRecorded() (eng *policy.Engine, tcpPorts *[]policy.Port
 		meng, err := policy.Compile(rp, []byte(rec.MarksPolicy))
 		if err != nil {
 			d.log.Warn("the policy whose ruleset marked the flows still out does not compile; conntrack mark tags are read as the new policy's", "file", rp, audit.LogError, err.Error())
-			return nil, nil, nil, nil
+			return nil, nil, nil, nil, nil
 		}
-		return meng, &ports, nat64, markBits
+		return meng, &ports, nat64, markBits, rec.FastPath
 	}
-	return eng, &ports, nat64, markBits
+	return eng, &ports, nat64, markBits, rec.FastPath
 }
 
 // readFirewallRecord returns the record beside the copy when it is of
@@ -696,7 +701,7 @@ func (d *daemon) savePolicy(installed bool) {
 			d.noteReplacedCopy()
 		}
 		if err = d.writeCopy(copyPath); err == nil {
-			err = writeRecord(recPath, firewallRecord{Version: firewallRecordVersion, TCPPorts: d.cfg.tcpPorts, NAT64: &d.cfg.nat64, CTMarkBits: d.cfg.ctMarkBits, PolicySHA256: hex.EncodeToString(sum[:])})
+			err = writeRecord(recPath, firewallRecord{Version: firewallRecordVersion, TCPPorts: d.cfg.tcpPorts, NAT64: &d.cfg.nat64, CTMarkBits: d.cfg.ctMarkBits, FastPath: &d.cfg.fastPath, PolicySHA256: hex.EncodeToString(sum[:])})
 		}
 		if err == nil && settled {
 			d.donePending()
@@ -1495,7 +1500,7 @@ func (d *daemon) startFirewall(lans []string, wan string, gate *firewallGate) er
 			return out
 		}
 	}
-	fdeps := firewall.Deps{Logger: d.log, Registerer: d.reg, Sink: cuts, Given: given, Previous: d.prevPolicy, PreviousTCPPorts: d.prevTCPPorts, PreviousCTMarkBits: d.prevCTMarkBits, Pending: d.prevPending}
+	fdeps := firewall.Deps{Logger: d.log, Registerer: d.reg, Sink: cuts, Given: given, Previous: d.prevPolicy, PreviousTCPPorts: d.prevTCPPorts, PreviousCTMarkBits: d.prevCTMarkBits, PreviousFastPath: d.prevFastPath, Pending: d.prevPending}
 	if d.macs != nil {
 		fdeps.MACs = d.macs
 	}
