@@ -55,6 +55,9 @@ func cmdFirewallPrint(args []string, stdout, stderr io.Writer) int {
 	markBits := fs.String("ct-mark-bits", defaultCTMarkBits, ctMarkBitsUsage)
 	var nat64 string
 	nat64Flag(fs, &nat64)
+	var fast bool
+	var fastPorts string
+	fastPathFlags(fs, &fast, &fastPorts)
 	pos, err := parseArgs(fs, args)
 	if err != nil {
 		return flagErr(err)
@@ -98,6 +101,15 @@ func cmdFirewallPrint(args []string, stdout, stderr io.Writer) int {
 		fmt.Fprintln(stderr, "egressd firewall print: --ct-mark-bits:", err)
 		return exitUsage
 	}
+	if fast {
+		// egressd run --fast-path's chain, queue and marks, as it
+		// installs them.
+		if cfg.FastPathPorts, err = parseFastPorts(fastPorts); err != nil {
+			fmt.Fprintln(stderr, "egressd firewall print: --fast-path-ports:", err)
+			return exitUsage
+		}
+		cfg.FastPath = true
+	}
 	nat, ok := nat64Prefixes("firewall print", nat64, stderr)
 	if !ok {
 		return exitUsage
@@ -130,6 +142,9 @@ func cmdFirewallPrint(args []string, stdout, stderr io.Writer) int {
 		// The flags, with the mode: --mode enforce without --lan, say.
 		fmt.Fprintln(stderr, "egressd:", err)
 		return exitUsage
+	}
+	if cfg.FastPath && eng.Mode() != policy.ModeEnforce {
+		fmt.Fprintln(stderr, "egressd firewall print: warning: --fast-path: audit mode has no fast path (enforce only)")
 	}
 	if err := cfg.CheckTags(eng); err != nil {
 		fmt.Fprintln(stderr, "egressd firewall print: warning: --ct-mark-bits:", err, "(rules will share conntrack mark tags)")

@@ -106,8 +106,7 @@ func (c *runConfig) flags(fs *flag.FlagSet) {
 	fs.StringVar(&c.ctMarkBits, "ct-mark-bits", defaultCTMarkBits, ctMarkBitsUsage)
 	nat64Flag(fs, &c.nat64)
 	fs.BoolVar(&c.inspect, "inspect", false, "decrypt connections to hosts with host/path rules (CA in the state directory; egressd ca export)")
-	fs.BoolVar(&c.fastPath, "fast-path", false, "in enforce mode, decide new TLS connections to --fast-path-ports from their queued packets (NFQUEUE) and let the kernel forward those allowed instead of proxying them, where the address is one the DNS forwarder gave the client for a name the rule allows; others go to the proxy as before (needs the firewall)")
-	fs.StringVar(&c.fastPorts, "fast-path-ports", "443", "TCP ports whose new connections --fast-path decides (comma-separated, N or N-M; TLS only: plain HTTP keeps the proxy, which reads every request)")
+	fastPathFlags(fs, &c.fastPath, &c.fastPorts)
 	fs.StringVar(&c.denyAnswer, "dns-deny", "", "answer to denied names in enforce mode: REFUSED (default), NXDOMAIN or NULL")
 	fs.IntVar(&c.tunnelAlarm, "dns-tunnel-threshold", 500, "distinct names of one wildcard rule's zone one client may send upstream in a minute before the DNS forwarder raises a dns-tunnel alarm (queries are still answered); all clients together may send twice it (dns-tunnel-zone), one client ten times it in an hour (dns-tunnel-slow), all clients twenty times it in an hour (dns-tunnel-zone-slow); 0 turns the alarms off")
 	fs.StringVar(&c.logLevel, "log-level", "info", "debug, info, warn or error")
@@ -343,6 +342,13 @@ func firewallConfig(cfg runConfig) firewall.Config {
 // maxFastPorts bounds --fast-path-ports: TLS ports are few, and the
 // proxy checks each SYN's port against the list.
 const maxFastPorts = 64
+
+// fastPathFlags defines --fast-path and --fast-path-ports (egressd run,
+// and firewall print, which shows the ruleset run installs with them).
+func fastPathFlags(fs *flag.FlagSet, fast *bool, ports *string) {
+	fs.BoolVar(fast, "fast-path", false, "in enforce mode, decide new TLS connections to --fast-path-ports from their queued packets (NFQUEUE) and let the kernel forward those allowed instead of proxying them, where the address is one the DNS forwarder gave the client for a name the rule allows; others go to the proxy as before (needs the firewall)")
+	fs.StringVar(ports, "fast-path-ports", "443", "TCP ports whose new connections --fast-path decides (comma-separated, N or N-M; TLS only: plain HTTP keeps the proxy, which reads every request)")
+}
 
 // parseFastPorts parses --fast-path-ports: TCP ports or ranges, at least
 // one and at most maxFastPorts ports ("all" is no answer: the fast path
