@@ -2,8 +2,6 @@ package main
 
 import (
 	"fmt"
-	"io"
-	"os"
 	"path/filepath"
 	"testing"
 )
@@ -25,25 +23,7 @@ func TestRestartFastPathRecorded(t *testing.T) {
 	)
 	start := func(t *testing.T, state, src string, fast bool) *daemon {
 		t.Helper()
-		pol := filepath.Join(filepath.Dir(state), "p.yaml")
-		if err := os.WriteFile(pol, []byte(src), 0o644); err != nil {
-			t.Fatal(err)
-		}
-		var cfg runConfig
-		fs := newFlags("run", io.Discard)
-		cfg.flags(fs)
-		args := []string{"--policy", pol, "--lan", "lan0", "--wan", "wan0", "--state-dir", state}
-		if fast {
-			args = append(args, "--fast-path")
-		}
-		if _, err := parseArgs(fs, args); err != nil {
-			t.Fatal(err)
-		}
-		d, err := newDaemon(cfg, io.Discard, io.Discard)
-		if err != nil {
-			t.Fatal(err)
-		}
-		return d
+		return startRecorded(t, state, src, fmt.Sprintf("--fast-path=%v", fast))
 	}
 	yes, no := true, false
 	for _, tc := range []struct {

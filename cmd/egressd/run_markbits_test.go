@@ -2,8 +2,6 @@ package main
 
 import (
 	"fmt"
-	"io"
-	"os"
 	"path/filepath"
 	"testing"
 )
@@ -23,21 +21,7 @@ func TestRestartCTMarkBitsRecorded(t *testing.T) {
 	)
 	start := func(t *testing.T, state, src, bits string) *daemon {
 		t.Helper()
-		pol := filepath.Join(filepath.Dir(state), "p.yaml")
-		if err := os.WriteFile(pol, []byte(src), 0o644); err != nil {
-			t.Fatal(err)
-		}
-		var cfg runConfig
-		fs := newFlags("run", io.Discard)
-		cfg.flags(fs)
-		if _, err := parseArgs(fs, []string{"--policy", pol, "--lan", "lan0", "--wan", "wan0", "--state-dir", state, "--ct-mark-bits", bits}); err != nil {
-			t.Fatal(err)
-		}
-		d, err := newDaemon(cfg, io.Discard, io.Discard)
-		if err != nil {
-			t.Fatal(err)
-		}
-		return d
+		return startRecorded(t, state, src, "--ct-mark-bits", bits)
 	}
 	const moved, other = "0x07ff0000", "0x00000ffe"
 	for _, tc := range []struct {

@@ -1,7 +1,6 @@
 package main
 
 import (
-	"io"
 	"os"
 	"path/filepath"
 	"slices"
@@ -41,22 +40,7 @@ func TestAuditStartKeepsMarksPolicy(t *testing.T) {
 			state := filepath.Join(dir, "state")
 			start := func(src, tcpPorts string, extra ...string) *daemon {
 				t.Helper()
-				pol := filepath.Join(dir, "p.yaml")
-				if err := os.WriteFile(pol, []byte(src), 0o644); err != nil {
-					t.Fatal(err)
-				}
-				var cfg runConfig
-				fs := newFlags("run", io.Discard)
-				cfg.flags(fs)
-				args := append([]string{"--policy", pol, "--lan", "lan0", "--wan", "wan0", "--state-dir", state, "--tcp-ports", tcpPorts}, extra...)
-				if _, err := parseArgs(fs, args); err != nil {
-					t.Fatal(err)
-				}
-				d, err := newDaemon(cfg, io.Discard, io.Discard)
-				if err != nil {
-					t.Fatal(err)
-				}
-				return d
+				return startRecorded(t, state, src, append([]string{"--tcp-ports", tcpPorts}, extra...)...)
 			}
 			// The enforce run: its ruleset went in.
 			start(e, "443").savePolicy(true)

@@ -32,21 +32,7 @@ func TestRestartNAT64Recorded(t *testing.T) {
 	const p64, p65 = "2001:db8:64::/96", "2001:db8:65::/96"
 	start := func(t *testing.T, state, src, nat64 string) *daemon {
 		t.Helper()
-		pol := filepath.Join(filepath.Dir(state), "p.yaml")
-		if err := os.WriteFile(pol, []byte(src), 0o644); err != nil {
-			t.Fatal(err)
-		}
-		var cfg runConfig
-		fs := newFlags("run", io.Discard)
-		cfg.flags(fs)
-		if _, err := parseArgs(fs, []string{"--policy", pol, "--lan", "lan0", "--wan", "wan0", "--state-dir", state, "--nat64-prefix", nat64}); err != nil {
-			t.Fatal(err)
-		}
-		d, err := newDaemon(cfg, io.Discard, io.Discard)
-		if err != nil {
-			t.Fatal(err)
-		}
-		return d
+		return startRecorded(t, state, src, "--nat64-prefix", nat64)
 	}
 	for _, tc := range []struct {
 		name    string
@@ -83,6 +69,28 @@ func TestRestartNAT64Recorded(t *testing.T) {
 			}
 		})
 	}
+}
+
+// startRecorded makes the daemon of egressd run with policy src (written
+// beside state), --lan lan0 --wan wan0 --state-dir state and extra: what
+// it reads of the run before from the state directory, as a start does.
+func startRecorded(t *testing.T, state, src string, extra ...string) *daemon {
+	t.Helper()
+	pol := filepath.Join(filepath.Dir(state), "p.yaml")
+	if err := os.WriteFile(pol, []byte(src), 0o644); err != nil {
+		t.Fatal(err)
+	}
+	var cfg runConfig
+	fs := newFlags("run", io.Discard)
+	cfg.flags(fs)
+	if _, err := parseArgs(fs, append([]string{"--policy", pol, "--lan", "lan0", "--wan", "wan0", "--state-dir", state}, extra...)); err != nil {
+		t.Fatal(err)
+	}
+	d, err := newDaemon(cfg, io.Discard, io.Discard)
+	if err != nil {
+		t.Fatal(err)
+	}
+	return d
 }
 
 // writeState writes the state directory's copy of the policy and, when
