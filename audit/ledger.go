@@ -787,11 +787,23 @@ func anotherFlow(rec *flowRec, ev *Event) bool {
 		ev.Source == rec.source && !ev.Time.Equal(rec.start)
 }
 
+//
+// A connection the proxy's fast path allowed is the kernel's after the
+// decision: the proxy does not follow it, and a reload's sweep cuts it
+// as it cuts any forwarded flow. That cut (capture's report of it, or the
+// firewall's) moves it too, though the proxy decided it: the only
+// proxy-decided connections the firewall can cut are those (a
+// redirected one never reaches the forward chain).
 func redecided(rec *flowRec, ev *Event) bool {
 	return ev.Kind == KindFlow && ev.Verdict == policy.Deny && rec.rule != nil &&
 		(ev.Source == rec.source && ev.Time.Equal(rec.start) ||
-			ev.Source == SourceFirewall && rec.source != SourceProxy)
+			ev.Source == SourceFirewall && rec.source != SourceProxy ||
+			ev.Source != SourceProxy && rec.source == SourceProxy && ev.Enforced && ev.Close == closeRevoked)
 }
+
+// closeRevoked is the close reason of a flow a reload cut (capture's and
+// the firewall's reports of the cut, the proxy's of its own).
+const closeRevoked = "policy-revoked"
 
 // recredited reports whether ev, a later report of the flow rec counts as
 // a would-be deny of audit mode (not enforced), allows it after a policy
