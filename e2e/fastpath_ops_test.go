@@ -5,6 +5,7 @@ import (
 	"slices"
 	"strings"
 	"testing"
+	"time"
 )
 
 // dockerKeepAlive opens a keep-alive HTTPS connection to dockerName by the
@@ -106,5 +107,43 @@ func testFastPathReload(t *testing.T, fast bool) {
 	waitReport(t, d, func(r *report) bool { return droppedFlows(r, 443, "tcp", true) == 1 })
 	if n := ruleFlows(d.report(), "vendor-cloud"); n != 0 {
 		t.Errorf("report: vendor-cloud still has %d flows after its connection was cut", n)
+	}
+}
+
+// TestFastPathReport: one HTTPS request to dockerName counts in the report
+// as one flow of vendor-cloud, with bytes both ways, by the fast path as
+// by the proxy (the ledger merges the proxy's event, written at the fast
+// path's decision, with capture's record of the whole connection).
+func TestFastPathReport(t *testing.T) {
+	for _, fast := range []bool{true, false} {
+		t.Run(map[bool]string{true: "fast", false: "proxy"}[fast], func(t *testing.T) {
+			tp := newTopo(t)
+			d := newDaemon(t, tp, "enforce")
+			if fast {
+				d.extra = []string{"--fast-path"}
+			}
+			d.start()
+			defer d.stop()
+			d.dumpOnFailure()
+			ka := dockerKeepAlive(t, tp, d)
+			if _, err := ka.get("/second"); err != nil {
+				t.Fatal(err)
+			}
+			ka.close()
+			waitReport(t, d, func(r *report) bool { return ruleFlows(r, "vendor-cloud") > 0 })
+			time.Sleep(2 * time.Second) // capture's record at the close
+			r := d.report()
+			for _, rr := range r.Rules {
+				if rr.Name == "vendor-cloud" {
+					t.Logf("vendor-cloud: %d flows, %d bytes out, %d in", rr.Flows, rr.BytesOut, rr.BytesIn)
+					if rr.Flows != 1 || rr.BytesOut < 1000 || rr.BytesIn < 1000 {
+						t.Errorf("vendor-cloud: %d flows, %d bytes out, %d in; want 1 flow, the two requests' bytes both ways", rr.Flows, rr.BytesOut, rr.BytesIn)
+					}
+				}
+			}
+			if len(r.Dropped) != 0 {
+				t.Errorf("dropped: %+v, want none", r.Dropped)
+			}
+		})
 	}
 }
