@@ -1,0 +1,173 @@
+package e2e
+
+import (
+	"bufio"
+	"context"
+	"crypto/tls"
+	"egressd/firewall"
+	"egressd/internal/nfq"
+	"errors"
+	"strings"
+	"syscall"
+	"testing"
+	"time"
+)
+
+// TestFastPathModeFlip: enforce → audit → enforce with the fast path. A
+// connection the fast path allowed goes on through both switches; one
+// the fast path took but had not decided yet (no hello) when the switch
+// to audit came completes in audit mode; back in enforce, new
+// connections are taken fast again (the queue reader served on through a
+// ruleset that stopped queueing).
+func TestFastPathModeFlip(t *testing.T) {
+	tp := newTopo(t)
+	d := newDaemon(t, tp, "")
+	d.extra = []string{"--fast-path"}
+	seed := testPolicy(t)
+	d.writePolicy(enforcePolicy(t, seed))
+	d.start()
+	defer d.stop()
+	d.dumpOnFailure()
+	ka := dockerKeepAlive(t, tp, d)
+
+	// Pending: the SYN taken fast, no byte sent yet.
+	fast := func() float64 { return d.metric(`egress_proxy_fast_syns_total{result="fast"}`) }
+	before := fast()
+	ctx, cancel := context.WithTimeout(context.Background(), 5*time.Second)
+	defer cancel()
+	raw, err := tp.lan.DialContext(ctx, "tcp", dockerIP4+":443")
+	if err != nil {
+		t.Fatal(err)
+	}
+	defer raw.Close()
+	if got := fast() - before; got != 1 {
+		t.Fatalf("the pending connection: %v fast SYNs, want 1", got)
+	}
+
+	d.writePolicy(seed) // audit
+	d.hup(true)
+	if _, err := ka.get("/audit"); err != nil {
+		t.Errorf("fast connection in audit mode: %v", err)
+	}
+	tc := tls.Client(raw, &tls.Config{ServerName: dockerName, RootCAs: tp.pool})
+	tc.SetDeadline(time.Now().Add(5 * time.Second))
+	pending := &keepAlive{name: dockerName, tc: tc, br: bufio.NewReader(tc)}
+	if err := tc.Handshake(); err != nil {
+		t.Errorf("the connection pending at the switch to audit: handshake: %v", err)
+	} else if _, err := pending.get("/pending"); err != nil {
+		t.Errorf("the connection pending at the switch to audit: %v", err)
+	}
+	if body, err := tp.curl(dockerName, 443, dockerIP4, "/audit-new", true); err != nil || !strings.Contains(body, "sni="+dockerName) {
+		t.Errorf("a new connection in audit mode: %q %v", body, err)
+	}
+
+	d.writePolicy(enforcePolicy(t, seed))
+	d.hup(true)
+	if _, err := ka.get("/enforce-again"); err != nil {
+		t.Errorf("the fast connection after enforce→audit→enforce: %v", err)
+	}
+	before = fast()
+	if body, err := tp.curl(dockerName, 443, dockerIP4, "/enforce-new", true); err != nil || !strings.Contains(body, "sni="+dockerName) {
+		t.Errorf("a new connection back in enforce mode: %q %v", body, err)
+	}
+	if got := fast() - before; got != 1 {
+		t.Errorf("back in enforce: %v fast SYNs, want 1 (the queue reader still serves)", got)
+	}
+}
+
+// TestFastPathRestart: egressd stopped with a live fast-allowed
+// connection and one the fast path took but had not decided (no byte
+// sent): the first goes on while egressd is stopped (the kernel forwards
+// it) and new TLS connections fail (closed); started again with
+// --fast-path, the first is kept and the second, whose hello now comes
+// to a reader that never saw its SYN, is refused with a reset, not left
+// to its client's timeout. Started again without --fast-path, the first
+// is cut (its mark is no rule's) and the report says so.
+func TestFastPathRestart(t *testing.T) {
+	tp := newTopo(t)
+	d := newDaemon(t, tp, "enforce")
+	d.extra = []string{"--fast-path"}
+	d.start()
+	d.dumpOnFailure()
+	ka := dockerKeepAlive(t, tp, d)
+	ctx, cancel := context.WithTimeout(context.Background(), 30*time.Second)
+	defer cancel()
+	raw, err := tp.lan.DialContext(ctx, "tcp", dockerIP4+":443")
+	if err != nil {
+		t.Fatal(err)
+	}
+	defer raw.Close()
+	d.stop()
+
+	if _, err := ka.get("/stopped"); err != nil {
+		t.Errorf("fast connection while egressd is stopped: %v", err)
+	}
+	if !newTLSFails(tp) {
+		t.Errorf("a new TLS connection got out while egressd was stopped")
+	}
+
+	d.start()
+	if _, err := ka.get("/restarted-fast"); err != nil {
+		t.Errorf("fast connection after a restart with --fast-path: %v", err)
+	}
+	tc := tls.Client(raw, &tls.Config{ServerName: dockerName, RootCAs: tp.pool})
+	tc.SetDeadline(time.Now().Add(5 * time.Second))
+	if err := tc.Handshake(); !errors.Is(err, syscall.ECONNRESET) {
+		t.Errorf("the connection pending at the stop, its hello after the restart: %v, want a reset (unknown-flow %v, inject errors %v)", err,
+			d.metric(`egress_proxy_fast_errors_total{op="unknown-flow"}`), d.metric(`egress_proxy_fast_errors_total{op="inject"}`))
+	}
+	d.stop()
+
+	d.extra = nil
+	d.start()
+	defer d.stop()
+	if _, err := ka.get("/restarted-proxy"); err == nil {
+		t.Errorf("the fast connection still served after a restart without --fast-path")
+	}
+	waitReport(t, d, func(r *report) bool { return droppedFlows(r, 443, "tcp", true) == 1 })
+	ka.close()
+	if body, err := tp.curl(dockerName, 443, dockerIP4, "/proxy", true); err != nil || !strings.Contains(body, "sni="+dockerName) {
+		t.Errorf("a new connection without the fast path: %q %v", body, err)
+	}
+}
+
+// TestFastPathQueueTaken: another process holds the fast path's queue
+// when egressd starts with --fast-path: the fast-path part is NOT
+// RUNNING on /readyz with a clear error, and new TLS connections to the
+// fast ports do not get out (fail closed).
+func TestFastPathQueueTaken(t *testing.T) {
+	tp := newTopo(t)
+	q, err := nfq.OpenConfig(nfq.Config{Queue: firewall.DefaultFastPathQueue, NetNS: "/var/run/netns/" + tp.gw.Name})
+	if err != nil {
+		t.Fatalf("binding the queue in the gateway: %v", err)
+	}
+	defer q.Close()
+	d := newDaemon(t, tp, "enforce")
+	d.extra = []string{"--fast-path"}
+	d.unready = true
+	d.start()
+	defer d.stop()
+	d.dumpOnFailure()
+	code, body, err := d.get("/readyz")
+	t.Logf("readyz: %d %v\n%s", code, err, body)
+	if code != 503 || !strings.Contains(body, "fast-path") {
+		t.Errorf("readyz %d, want 503 naming the fast-path part:\n%s", code, body)
+	}
+	for _, l := range strings.Split(d.logs(), "\n") {
+		if strings.Contains(l, "fast-path") || strings.Contains(l, "fast path") {
+			t.Logf("log: %s", l)
+		}
+	}
+	if st, addrs := tp.dig(t, dockerName, "A"); st != "NOERROR" || len(addrs) != 1 {
+		t.Fatalf("dig %s: %s %v", dockerName, st, addrs)
+	}
+	start := time.Now()
+	_, cerr := tp.curl(dockerName, 443, dockerIP4, "/taken", true)
+	t.Logf("a new TLS connection with the queue taken: %v after %v", cerr, time.Since(start))
+	if cerr == nil {
+		t.Errorf("a TLS connection got out with the queue held by another process")
+	}
+	if body, err := tp.curl(dockerName, 80, dockerIP4, "/plain", false); err != nil {
+		t.Logf("plain HTTP (port 80, the proxy): %q %v", body, err)
+	}
+}
