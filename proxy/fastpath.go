@@ -438,9 +438,39 @@ func (s *fastQueue) unknown(pk nfq.Packet, seg nfq.TCPSegment) {
 		return
 	}
 	s.verdict(pk.ID, nfq.Repeat, s.withMark(pk.Mark, s.marks.Denied), true)
-	if seg.Flags&nfq.ACK != 0 {
-		s.resets(nfq.L2Of(pk), seg.Src, seg.Dst, seg.Seq, seg.Ack, 0, nil)
+	if seg.Flags&nfq.ACK == 0 {
+		return
 	}
+	l2 := nfq.L2Of(pk)
+	if l2.AddrLen > 0 || s.p.deps.Inject == nil {
+		s.resets(l2, seg.Src, seg.Dst, seg.Seq, seg.Ack, 0, nil)
+		return
+	}
+	// A segment held at the forward hook comes without the client's
+	// link-layer address (a known flow's answer goes to its SYN's): the
+	// neighbour table's, asked off the queue's goroutine (it may wait for
+	// the kernel). Without one (a client behind a router) the client's
+	// reset goes through the IP layer, which reaches it where the gateway
+	// does not masquerade. Before, it went to no address: after a restart
+	// the client of a connection held pending waited out its own timeout.
+	s.wg.Add(1)
+	go func() {
+		defer s.wg.Done()
+		var mac net.HardwareAddr
+		if s.p.deps.MACs != nil {
+			mac = s.p.deps.MACs.ClientMAC(seg.Src.Addr())
+		}
+		if len(mac) > 0 && len(mac) <= len(l2.Addr) {
+			l2.AddrLen = uint8(copy(l2.Addr[:], mac))
+			s.resets(l2, seg.Src, seg.Dst, seg.Seq, seg.Ack, 0, nil)
+			return
+		}
+		inj := s.p.deps.Inject
+		if err := errors.Join(inj.Reset(seg.Dst, seg.Src, seg.Ack, seg.Seq), inj.Reset(seg.Src, seg.Dst, seg.Seq, seg.Ack)); err != nil {
+			s.p.met.fastErrors.WithLabelValues("inject").Inc()
+			s.p.log.Debug("proxy: fast path: inject", audit.LogError, err.Error())
+		}
+	}()
 }
 
 // syn decides whether seg, a SYN, is fast, and if so starts its flow.
