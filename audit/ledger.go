@@ -787,13 +787,13 @@ func anotherFlow(rec *flowRec, ev *Event) bool {
 		ev.Source == rec.source && !ev.Time.Equal(rec.start)
 }
 
-//
-// A connection the proxy's fast path allowed is the kernel's after the
-// decision: the proxy does not follow it, and a reload's sweep cuts it
-// as it cuts any forwarded flow. That cut (capture's report of it, or the
-// firewall's) moves it too, though the proxy decided it: the only
-// proxy-decided connections the firewall can cut are those (a
-// redirected one never reaches the forward chain).
+// redecided is described above (before anotherFlow). A connection the
+// proxy's fast path allowed is the kernel's after the decision: the
+// proxy does not follow it, and a reload's sweep cuts it as it cuts any
+// forwarded flow. That cut (capture's report of it, or the firewall's)
+// moves it too, though the proxy decided it: the only proxy-decided
+// connections the firewall can cut are those (a redirected one never
+// reaches the forward chain).
 func redecided(rec *flowRec, ev *Event) bool {
 	return ev.Kind == KindFlow && ev.Verdict == policy.Deny && rec.rule != nil &&
 		(ev.Source == rec.source && ev.Time.Equal(rec.start) ||
