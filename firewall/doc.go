@@ -154,7 +154,8 @@
 // With Config.FastPath (enforce mode; fast.go) the proxy decides a new
 // TCP connection from its queued packets and the kernel forwards the
 // rest. Chain fastpath (filter, prerouting, priority -150) queues the
-// LAN's initial SYNs to the redirected ports (NFQUEUE through
+// LAN's initial SYNs to the fast ports (Config.FastPathPorts, 443 when
+// none) among the redirected ones (NFQUEUE through
 // nft_compat, queue Config.FastPathQueue, no bypass: no reader, no
 // connection). Userspace answers with a packet mark of [FastMarks] under
 // the owned bits: Pending keeps the SYN from the redirect (nat
