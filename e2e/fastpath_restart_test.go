@@ -171,3 +171,31 @@ func TestFastPathQueueTaken(t *testing.T) {
 		t.Logf("plain HTTP (port 80, the proxy): %q %v", body, err)
 	}
 }
+
+// TestFastPathNoNetAdmin: egressd run --fast-path without CAP_NET_ADMIN
+// (which the queue needs): the fast-path part is NOT RUNNING on /readyz,
+// and its reason says which capability it lacks, as the other parts'
+// do. Before, it said "nfq: SO_RCVBUFFORCE: operation not permitted".
+func TestFastPathNoNetAdmin(t *testing.T) {
+	tp := newTopo(t)
+	d := newDaemon(t, tp, "enforce")
+	d.extra = []string{"--fast-path"}
+	d.wrap = []string{"setpriv", "--bounding-set=-net_admin", "--inh-caps=-net_admin", "--"}
+	d.unready = true
+	d.start()
+	defer d.stop()
+	d.dumpOnFailure()
+	code, body, err := d.get("/readyz")
+	if err != nil || code != 503 {
+		t.Fatalf("readyz: %d %v, want 503", code, err)
+	}
+	var line string // the parts are listed "name: reason; name: reason"
+	for _, part := range strings.Split(strings.TrimSpace(body), "; ") {
+		if strings.Contains(part, "fast-path: ") {
+			line = part
+		}
+	}
+	if !strings.Contains(line, "needs CAP_NET_ADMIN") {
+		t.Errorf("readyz's fast-path line does not name CAP_NET_ADMIN: %q\n%s", line, body)
+	}
+}
