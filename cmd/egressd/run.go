@@ -1139,12 +1139,14 @@ func (d *daemon) run(ctx context.Context) error {
 		pcfg.FastMarks = proxy.FastMarks(firewall.FastMarks(fcfg))
 		pcfg.FastPorts = portList(fcfg.FastPathPorts)
 		inj, err := nfq.NewInjector(d.fwNetNS)
-		if err == nil {
+		if err != nil {
+			d.degrade("fast-path", withCapHint(err, caps.netRaw, "CAP_NET_RAW (the fast path's raw sockets for its resets)"))
+		} else {
 			pdeps.Inject = inj
 			fastQueue, err = nfq.OpenConfig(nfq.Config{Queue: firewall.DefaultFastPathQueue, NetNS: d.fwNetNS})
-		}
-		if err != nil {
-			d.degrade("fast-path", err.Error())
+			if err != nil {
+				d.degrade("fast-path", withCapHint(err, caps.netAdmin, "CAP_NET_ADMIN (the fast path's NFQUEUE queue)"))
+			}
 		}
 	}
 	if d.proxy, err = proxy.New(pcfg, pdeps); err != nil {
