@@ -428,6 +428,37 @@ func TestServeQueue(t *testing.T) {
 			t.Errorf("event %+v: want allowed, %d bytes out", ev, len(hello))
 		}
 	})
+	t.Run("second SYN with another ISN", func(t *testing.T) {
+		// The client sends its SYN again with another sequence number
+		// (with a TTL that reaches the gateway, not the server, or out of
+		// the server's window): the server keeps the first ISN. Deciding
+		// on bytes from the second would decide another stream than the
+		// server reads: the second SYN is dropped and the connection
+		// refused. A SYN sent again with the same ISN keeps its answer.
+		client, dest := next(clientV4), netip.AddrPortFrom(srvV4, 443)
+		_, isn := r.connect(t, client, dest)
+		same := r.send(hookPrerouting, tcpPacket(client, dest, isn, 0, nfq.SYN, nil))
+		if g := r.q.wait(t, []uint32{same})[0]; g != pending {
+			t.Fatalf("the SYN sent again, same ISN: verdict %+v, want %+v", g, pending)
+		}
+		other := isn + 100000
+		id := r.send(hookPrerouting, tcpPacket(client, dest, other, 0, nfq.SYN, nil))
+		if g := r.q.wait(t, []uint32{id})[0]; g != (gotVerdict{v: nfq.Drop}) {
+			t.Fatalf("a SYN with another ISN: verdict %+v, want drop", g)
+		}
+		ev := r.evs.wait(t, "of the flow", func(ev audit.Event) bool { return ev.ClientPort == client.Port() })
+		if ev.Verdict != policy.Deny || ev.Reason != ReasonStreamMismatch {
+			t.Errorf("event %+v: want denied %s", ev, ReasonStreamMismatch)
+		}
+		// The SYN with the other ISN, again: still dropped (the
+		// connection's mark has not landed: no new flow on it).
+		id = r.send(hookPrerouting, tcpPacket(client, dest, other, 0, nfq.SYN, nil))
+		if g := r.q.wait(t, []uint32{id})[0]; g != (gotVerdict{v: nfq.Drop}) {
+			t.Fatalf("the SYN with another ISN, again: verdict %+v, want drop", g)
+		}
+		// The bytes of the other stream are not let out.
+		checkDenied(t, r.q.wait(t, r.stream(client, dest, other, goClientHello(t, "www.allowed.test"), 500, false)))
+	})
 	t.Run("unknown flow", func(t *testing.T) {
 		client := next(clientV4)
 		id := r.send(hookForward, tcpPacket(client, netip.AddrPortFrom(srvV4, 443), 7, 9, nfq.ACK, []byte("x")))
