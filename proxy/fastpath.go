@@ -334,10 +334,13 @@ func (s *fastQueue) packet(pk nfq.Packet) {
 		return
 	}
 	if seg.Flags&(nfq.SYN|nfq.ACK) == nfq.SYN {
-		if s.syn(seg, nfq.L2Of(pk)) {
+		switch s.syn(seg, nfq.L2Of(pk)) {
+		case synFast:
 			s.verdict(pk.ID, nfq.Accept, s.withMark(pk.Mark, s.marks.Pending), true)
-		} else {
+		case synProxy:
 			s.verdict(pk.ID, nfq.Accept, 0, false)
+		default:
+			s.verdict(pk.ID, nfq.Drop, 0, false)
 		}
 		return
 	}
@@ -473,21 +476,45 @@ func (s *fastQueue) unknown(pk nfq.Packet, seg nfq.TCPSegment) {
 	}()
 }
 
-// syn decides whether seg, a SYN, is fast, and if so starts its flow.
-func (s *fastQueue) syn(seg nfq.TCPSegment, l2 nfq.L2) bool {
+// What syn says of a SYN.
+type synAnswer uint8
+
+const (
+	synFast  synAnswer = iota // accepted with the Pending mark
+	synProxy                  // accepted unchanged: the redirect to the proxy
+	synDrop                   // dropped: another ISN on a flow whose mark has not landed
+)
+
+// syn decides whether seg, a SYN, is fast, and if so starts its flow. A
+// SYN on a flow of the table whose lasting mark has not landed (pending,
+// or decided with no packet marked yet) is the same connection to the
+// firewall (its conntrack entry, marked pending, is not redirected
+// again): sent again with the flow's ISN it gets the same answer; with
+// another ISN it is dropped and a pending flow refused
+// (ReasonStreamMismatch), since the server may keep the first ISN (the
+// second SYN sent with a TTL that ends at the gateway, or outside the
+// server's window) while the fast path would read the stream from the
+// second.
+func (s *fastQueue) syn(seg nfq.TCPSegment, l2 nfq.L2) synAnswer {
 	p := s.p
 	key := flowKey{seg.Src, seg.Dst}
 	s.mu.Lock()
 	if fl := s.flows[key]; fl != nil {
 		fl.mu.Lock()
-		pending := fl.state == fastPending
-		if pending && fl.asm.contig == 0 && len(fl.asm.buf) == 0 {
-			fl.asm = newReassembler(seg.Seq, p.cfg.HelloMaxBytes) // a SYN sent again
+		live := fl.state == fastPending || !fl.marked
+		same := seg.Seq+1 == fl.asm.first
+		if live && !same && fl.state == fastPending && fl.refused == nil {
+			fl.refused = errSegConflict
 		}
 		fl.mu.Unlock()
-		if pending {
+		if live {
 			s.mu.Unlock()
-			return true
+			if !same {
+				fl.poke()
+				p.met.fastSYNs.WithLabelValues("isn-mismatch").Inc()
+				return synDrop
+			}
+			return synFast
 		}
 		delete(s.flows, key) // a new connection on a decided flow's ports
 	}
@@ -496,9 +523,9 @@ func (s *fastQueue) syn(seg nfq.TCPSegment, l2 nfq.L2) bool {
 	why := s.declines(seg, full, l2)
 	if why != "" {
 		p.met.fastSYNs.WithLabelValues(why).Inc()
-		return false
+		return synProxy
 	}
-	return true
+	return synFast
 }
 
 // declines returns why seg's connection is not fast ("" when it is,
