@@ -594,6 +594,11 @@ func (s *fastQueue) declines(seg nfq.TCPSegment, full bool, l2 nfq.L2) string {
 	return ""
 }
 
+// fastDecidedHook, when set (a test's), is called by decide once the peek
+// has decided, before the held packets get their verdicts: a test queues
+// a segment then.
+var fastDecidedHook func(flowKey)
+
 // decide runs the transparent proxy's peek and decision on fl's stream,
 // then gives the held packets their verdicts.
 func (s *fastQueue) decide(fl *fastFlow) {
@@ -606,6 +611,9 @@ func (s *fastQueue) decide(fl *fastFlow) {
 	fl.mu.Lock()
 	refused := fl.refused
 	fl.mu.Unlock()
+	if h := fastDecidedHook; h != nil {
+		h(fl.key)
+	}
 	if errors.Is(refused, errFastHeld) {
 		v = verdict{d: denyDecision(eng, ReasonLimit), src: audit.NameNone, how: byBytes}
 	} else if refused != nil {

@@ -459,6 +459,33 @@ func TestServeQueue(t *testing.T) {
 		// The bytes of the other stream are not let out.
 		checkDenied(t, r.q.wait(t, r.stream(client, dest, other, goClientHello(t, "www.allowed.test"), 500, false)))
 	})
+	t.Run("segment while deciding", func(t *testing.T) {
+		// A segment with other bytes queued while the decision is being
+		// made (after the peek, before the held packets' verdicts) must
+		// not be released with them as allowed: the connection is refused.
+		client, dest := next(clientV4), netip.AddrPortFrom(srvV4, 443)
+		_, isn := r.connect(t, client, dest)
+		hello := goClientHello(t, "www.allowed.test")
+		other := bytes.Clone(hello[:50])
+		other[10] ^= 0xff
+		const late, sentinel = 1 << 30, 1<<30 + 1
+		idle := next(clientV4)
+		fastDecidedHook = func(k flowKey) {
+			if k.client != client {
+				return
+			}
+			r.q.in <- nfq.Packet{ID: late, Mark: operatorBit, Hook: hookForward, InIf: lanIf, Data: tcpPacket(client, dest, isn+1, 5000, nfq.ACK, other)}
+			// The queue's goroutine takes this one once done with late.
+			r.q.in <- nfq.Packet{ID: sentinel, Hook: hookForward, InIf: lanIf, Data: tcpPacket(idle, dest, 1, 1, nfq.ACK, nil)}
+		}
+		t.Cleanup(func() { fastDecidedHook = nil })
+		ids := r.stream(client, dest, isn, hello, 400, false)
+		ev := r.evs.wait(t, "of the flow", func(ev audit.Event) bool { return ev.ClientPort == client.Port() })
+		checkDenied(t, r.q.wait(t, append(ids, late)))
+		if ev.Verdict != policy.Deny || ev.Reason != ReasonStreamMismatch {
+			t.Errorf("event %+v: want denied %s", ev, ReasonStreamMismatch)
+		}
+	})
 	t.Run("unknown flow", func(t *testing.T) {
 		client := next(clientV4)
 		id := r.send(hookForward, tcpPacket(client, netip.AddrPortFrom(srvV4, 443), 7, 9, nfq.ACK, []byte("x")))
