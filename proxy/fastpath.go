@@ -608,12 +608,14 @@ func (s *fastQueue) decide(fl *fastFlow) {
 	defer head.rec.share.release()
 	p.met.peek.Observe(time.Since(fl.start).Seconds())
 
-	fl.mu.Lock()
-	refused := fl.refused
-	fl.mu.Unlock()
 	if h := fastDecidedHook; h != nil {
 		h(fl.key)
 	}
+	// One critical section from the refusal read to the state set: a
+	// segment queued in between would otherwise be held after the look
+	// at the refusal its bytes cause, and released with the others.
+	fl.mu.Lock()
+	refused := fl.refused
 	if errors.Is(refused, errFastHeld) {
 		v = verdict{d: denyDecision(eng, ReasonLimit), src: audit.NameNone, how: byBytes}
 	} else if refused != nil {
@@ -648,8 +650,6 @@ func (s *fastQueue) decide(fl *fastFlow) {
 	if head.early && head.ours {
 		f.ev.Close = closeShutdown
 	}
-
-	fl.mu.Lock()
 	held := fl.held
 	fl.held = nil
 	fl.state = fastAllowed
