@@ -28,6 +28,7 @@ type fakeQueue struct {
 
 	mu       sync.Mutex
 	verdicts map[uint32]gotVerdict
+	order    []uint32 // ids in the order of their verdicts
 }
 
 type gotVerdict struct {
@@ -58,6 +59,7 @@ func (q *fakeQueue) set(id uint32, g gotVerdict) error {
 		return fmt.Errorf("packet %d: a second verdict", id)
 	}
 	q.verdicts[id] = g
+	q.order = append(q.order, id)
 	return nil
 }
 
@@ -89,6 +91,22 @@ func (q *fakeQueue) wait(t *testing.T, ids []uint32) []gotVerdict {
 			t.Fatalf("%d of %d packets have a verdict", len(out), len(ids))
 		}
 		time.Sleep(10 * time.Millisecond)
+	}
+}
+
+// inOrder fails t unless ids got their verdicts in that order.
+func (q *fakeQueue) inOrder(t *testing.T, ids []uint32) {
+	t.Helper()
+	q.mu.Lock()
+	defer q.mu.Unlock()
+	at := map[uint32]int{}
+	for i, id := range q.order {
+		at[id] = i
+	}
+	for i := 1; i < len(ids); i++ {
+		if at[ids[i]] < at[ids[i-1]] {
+			t.Fatalf("packet %d (the %dth in sequence) had its verdict before packet %d", ids[i], i, ids[i-1])
+		}
 	}
 }
 
@@ -212,7 +230,7 @@ func (r *fastRig) connect(t *testing.T, client, dest netip.AddrPort) (gotVerdict
 
 // stream queues the client's bytes in segments of seg bytes (in reverse
 // order when backwards: all but the first; the first last) and returns
-// their ids in the order sent.
+// their ids in sequence order.
 func (r *fastRig) stream(client, dest netip.AddrPort, isn uint32, b []byte, seg int, backwards bool) []uint32 {
 	type s struct {
 		off int
@@ -229,9 +247,9 @@ func (r *fastRig) stream(client, dest netip.AddrPort, isn uint32, b []byte, seg 
 		}
 		segs = append(rest, segs[0])
 	}
-	var ids []uint32
+	ids := make([]uint32, len(segs))
 	for _, x := range segs {
-		ids = append(ids, r.send(hookForward, tcpPacket(client, dest, isn+1+uint32(x.off), 5000, nfq.ACK|nfq.PSH, x.b)))
+		ids[x.off/seg] = r.send(hookForward, tcpPacket(client, dest, isn+1+uint32(x.off), 5000, nfq.ACK|nfq.PSH, x.b))
 	}
 	return ids
 }
@@ -326,7 +344,11 @@ func TestServeQueue(t *testing.T) {
 			ev := r.evs.wait(t, "of the flow", func(ev audit.Event) bool { return ev.ClientPort == client.Port() })
 			got := r.q.wait(t, ids)
 			if c.allowed {
+				// Released in sequence order, the last one marked: an
+				// out-of-order segment reaching the server first could be
+				// replaced by a later one covering it.
 				checkAllowed(t, got)
+				r.q.inOrder(t, ids)
 				if ev.Verdict != policy.Allow || ev.Close != closeFast || ev.Name != c.nameWant || ev.BytesOut != uint64(len(c.bytes)) {
 					t.Errorf("event %+v: want allowed, close %s, name %s, %d bytes out", ev, closeFast, c.nameWant, len(c.bytes))
 				}
@@ -484,6 +506,45 @@ func TestServeQueue(t *testing.T) {
 		checkDenied(t, r.q.wait(t, append(ids, late)))
 		if ev.Verdict != policy.Deny || ev.Reason != ReasonStreamMismatch {
 			t.Errorf("event %+v: want denied %s", ev, ReasonStreamMismatch)
+		}
+	})
+	t.Run("segment after the decision", func(t *testing.T) {
+		// Segments queued after the decision, before the connection's
+		// mark lands, are compared with the bytes decided: the same bytes
+		// pass, other bytes are dropped and the connection cut (the
+		// denied mark, resets both ways).
+		client, dest := next(clientV4), netip.AddrPortFrom(srvV4, 443)
+		_, isn := r.connect(t, client, dest)
+		hello := goClientHello(t, "www.allowed.test")
+		ids := r.stream(client, dest, isn, hello, 300, false)
+		ev := r.evs.wait(t, "of the flow", func(ev audit.Event) bool { return ev.ClientPort == client.Port() })
+		checkAllowed(t, r.q.wait(t, ids))
+		if ev.Verdict != policy.Allow {
+			t.Fatalf("event %+v: want allowed", ev)
+		}
+		same := r.send(hookForward, tcpPacket(client, dest, isn+1, 5000, nfq.ACK, hello[:100]))
+		if g := r.q.wait(t, []uint32{same})[0]; g != (gotVerdict{v: nfq.Accept}) {
+			t.Fatalf("the same bytes again: verdict %+v, want accept", g)
+		}
+		r.inj.mu.Lock()
+		r.inj.sent = nil
+		r.inj.mu.Unlock()
+		other := bytes.Clone(hello[:100])
+		other[50] ^= 0xff
+		id := r.send(hookForward, tcpPacket(client, dest, isn+1, 5000, nfq.ACK, other))
+		if g := r.q.wait(t, []uint32{id})[0]; g != (gotVerdict{v: nfq.Repeat, mark: fastMarks.Denied | operatorBit, setMark: true}) {
+			t.Fatalf("other bytes after the decision: verdict %+v, want repeat denied", g)
+		}
+		id = r.send(hookForward, tcpPacket(client, dest, isn+1+uint32(len(hello)), 5000, nfq.ACK, []byte("more")))
+		if g := r.q.wait(t, []uint32{id})[0]; g != (gotVerdict{v: nfq.Drop}) {
+			t.Fatalf("a segment of the cut connection: verdict %+v, want drop", g)
+		}
+		r.inj.mu.Lock()
+		sent := r.inj.sent
+		r.inj.mu.Unlock()
+		if len(sent) != 2 || sent[0].flags&nfq.RST == 0 || sent[0].to != client || sent[0].seq != 5000 ||
+			sent[1].flags&nfq.RST == 0 || sent[1].to != dest || sent[1].seq != isn+1+uint32(len(hello)) || sent[1].ack != 5000 {
+			t.Errorf("injected %+v, want resets to the client and the server", sent)
 		}
 	})
 	t.Run("unknown flow", func(t *testing.T) {
