@@ -43,20 +43,15 @@ func (r *reassembler) add(seq uint32, payload []byte) error {
 	if len(payload) == 0 {
 		return nil
 	}
-	off := int64(int32(seq - r.first)) // sequence space wraps: the signed distance
-	if off < 0 {
-		return errSegBeforeISN
+	if err := r.check(seq, payload); err != nil {
+		return err
 	}
+	off := r.offset(seq)
 	end := off + int64(len(payload))
 	if end > int64(r.max) {
 		return errSegBeyondCap
 	}
 	o, e := int(off), int(end)
-	for i := o; i < min(e, len(r.buf)); i++ {
-		if r.has(i) && r.buf[i] != payload[i-o] {
-			return errSegConflict
-		}
-	}
 	if e > len(r.buf) {
 		if e > cap(r.buf) {
 			nb := make([]byte, e, min(max(e, 2*cap(r.buf), 512), r.max))
@@ -85,10 +80,39 @@ func (r *reassembler) add(seq uint32, payload []byte) error {
 	return nil
 }
 
+// offset is seq's distance from the stream's first byte (sequence space
+// wraps: the signed distance).
+func (r *reassembler) offset(seq uint32) int64 { return int64(int32(seq - r.first)) }
+
+// check compares the segment of payload at seq with the bytes taken: a
+// segment before the stream's first byte (errSegBeforeISN) or with other
+// bytes where bytes were taken (errSegConflict) is refused. It takes
+// nothing, and sets no window: past the bytes taken there is nothing to
+// compare (the fast path's look at segments queued after its decision).
+func (r *reassembler) check(seq uint32, payload []byte) error {
+	if len(payload) == 0 {
+		return nil
+	}
+	off := r.offset(seq)
+	if off < 0 {
+		return errSegBeforeISN
+	}
+	if off >= int64(len(r.buf)) {
+		return nil
+	}
+	o := int(off)
+	for i := o; i < min(o+len(payload), len(r.buf)); i++ {
+		if r.has(i) && r.buf[i] != payload[i-o] {
+			return errSegConflict
+		}
+	}
+	return nil
+}
+
 // holds says every byte of the n at seq was taken already (a
 // retransmission; add says whether they are the same bytes).
 func (r *reassembler) holds(seq uint32, n int) bool {
-	off := int64(int32(seq - r.first))
+	off := r.offset(seq)
 	if n == 0 || off < 0 || off+int64(n) > int64(len(r.buf)) {
 		return false
 	}

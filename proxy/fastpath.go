@@ -1,6 +1,7 @@
 package proxy
 
 import (
+	"cmp"
 	"context"
 	"errors"
 	"io"
@@ -42,9 +43,11 @@ import (
 //     segment the reassembler refuses (before ISN+1, other bytes where
 //     bytes were held, past HelloMaxBytes) denies the flow,
 //     ReasonStreamMismatch;
-//   - allowed: the held packets are accepted in the order they came, the
+//   - allowed: the held packets are accepted in sequence order, the
 //     last one NF_REPEAT with FastMarks.Allowed (the firewall makes it the
-//     connection's mark: the kernel forwards the rest). Denied: they are
+//     connection's mark: the kernel forwards the rest). A segment queued
+//     before the mark took hold is compared with the bytes decided: other
+//     bytes cut the connection (cut: the denied mark, resets both ways). Denied: they are
 //     dropped, one NF_REPEAT with FastMarks.Denied (later packets are
 //     dropped by the firewall), and the proxy's deny answer (a TLS alert,
 //     the 403 page, nothing otherwise) then a reset are sent to the
@@ -151,7 +154,12 @@ const (
 	fastDenied
 )
 
-type heldPacket struct{ id, mark uint32 }
+// heldPacket is a queued packet the fast path holds; off is its
+// sequence number's offset in the client's stream (the release order).
+type heldPacket struct {
+	id, mark uint32
+	off      int64
+}
 
 // fastFlow is one connection the fast path took.
 type fastFlow struct {
@@ -355,6 +363,10 @@ func (s *fastQueue) packet(pk nfq.Packet) {
 	fl.mu.Lock()
 	switch fl.state {
 	case fastAllowed, fastDenied:
+		if fl.state == fastAllowed && fl.asm.check(seg.Seq, seg.Payload) != nil {
+			s.cut(fl, pk, seg)
+			return
+		}
 		v, m := nfq.Accept, s.marks.Allowed
 		if fl.state == fastDenied {
 			v, m = nfq.Drop, s.marks.Denied
@@ -414,7 +426,7 @@ func (s *fastQueue) packet(pk nfq.Packet) {
 		s.verdict(pk.ID, nfq.Drop, 0, false)
 		return
 	}
-	fl.held = append(fl.held, heldPacket{pk.ID, pk.Mark})
+	fl.held = append(fl.held, heldPacket{pk.ID, pk.Mark, fl.asm.offset(seg.Seq)})
 	if seg.Flags&nfq.ACK != 0 {
 		fl.srvNext, fl.haveSrv = seg.Ack, true
 	}
@@ -423,6 +435,31 @@ func (s *fastQueue) packet(pk nfq.Packet) {
 	}
 	fl.mu.Unlock()
 	fl.poke()
+}
+
+// cut answers pk, a segment of fl (allowed, fl.mu held; cut unlocks it)
+// queued after the decision, before the connection's mark took hold
+// (nothing is queued after), whose bytes differ from those decided or
+// start before them: dropped with the denied mark, which replaces the
+// allowed one, and resets both ways (the server has read the stream up to
+// its first hole).
+func (s *fastQueue) cut(fl *fastFlow, pk nfq.Packet, seg nfq.TCPSegment) {
+	fl.state = fastDenied
+	fl.marked = true
+	l2 := fl.l2
+	if pk.HWAddrLen > 0 {
+		l2 = nfq.L2Of(pk)
+	}
+	cliNext := fl.asm.first + uint32(fl.asm.contig)
+	fl.mu.Unlock()
+	s.p.met.fastErrors.WithLabelValues("late-conflict").Inc()
+	s.p.log.Warn("proxy: fast path: other bytes after the decision, connection cut",
+		audit.LogClient, seg.Src.Addr().Unmap().String(), audit.LogClientPort, seg.Src.Port(),
+		audit.LogDest, seg.Dst.Addr().Unmap().String(), audit.LogDestPort, seg.Dst.Port())
+	s.verdict(pk.ID, nfq.Repeat, s.withMark(pk.Mark, s.marks.Denied), true)
+	if seg.Flags&nfq.ACK != 0 {
+		s.resets(l2, seg.Src, seg.Dst, cliNext, seg.Ack, cliNext, nil)
+	}
 }
 
 // Netfilter hooks (Packet.Hook).
@@ -652,6 +689,10 @@ func (s *fastQueue) decide(fl *fastFlow) {
 	}
 	held := fl.held
 	fl.held = nil
+	// Released in sequence order: the server's kernel replaces
+	// out-of-order bytes a later segment covers, so a segment reaching it
+	// before the ones in front could be another stream's.
+	slices.SortStableFunc(held, func(a, b heldPacket) int { return cmp.Compare(a.off, b.off) })
 	fl.state = fastAllowed
 	if deny {
 		fl.state = fastDenied
