@@ -8,6 +8,7 @@ import (
 	"io"
 	"log/slog"
 	"net/netip"
+	"slices"
 	"sync"
 	"testing"
 	"time"
@@ -545,6 +546,37 @@ func TestServeQueue(t *testing.T) {
 		if len(sent) != 2 || sent[0].flags&nfq.RST == 0 || sent[0].to != client || sent[0].seq != 5000 ||
 			sent[1].flags&nfq.RST == 0 || sent[1].to != dest || sent[1].seq != isn+1+uint32(len(hello)) || sent[1].ack != 5000 {
 			t.Errorf("injected %+v, want resets to the client and the server", sent)
+		}
+	})
+	t.Run("reassembly charged to the peek budget", func(t *testing.T) {
+		// One byte at offset 60,000 makes the reassembler hold 60,000
+		// bytes: the peek budget counts them, and a client past its share
+		// of it (a tenth: 1.6 MB) has its pending connections refused
+		// connection-limit, as the proxy refuses a peek that does not fit.
+		before := r.p.peekMem.inUse()
+		var ports []uint16
+		for range 40 {
+			client, dest := next(clientV4), netip.AddrPortFrom(srvV4, 443)
+			_, isn := r.connect(t, client, dest)
+			r.send(hookForward, tcpPacket(client, dest, isn+1+60000, 5000, nfq.ACK, []byte{0x16}))
+			ports = append(ports, client.Port())
+			if n := r.p.peekMem.inUse() - before; len(ports) == 1 && n < 60000-peekFree {
+				// The queue's goroutine has taken the segment (the channel
+				// is unbuffered) but may not be done with it: wait.
+				deadline := time.Now().Add(2 * time.Second)
+				for r.p.peekMem.inUse()-before < 60000-peekFree && time.Now().Before(deadline) {
+					time.Sleep(5 * time.Millisecond)
+				}
+				if n := r.p.peekMem.inUse() - before; n < 60000-peekFree {
+					t.Fatalf("a byte at offset 60,000: the peek budget counts %d bytes, want %d or more", n, 60000-peekFree)
+				}
+			}
+		}
+		ev := r.evs.wait(t, "refused for the budget", func(ev audit.Event) bool {
+			return slices.Contains(ports, ev.ClientPort) && ev.Reason == ReasonLimit
+		})
+		if ev.Verdict != policy.Deny || ev.Close != closeFastDenied {
+			t.Errorf("event %+v: want denied, close %s", ev, closeFastDenied)
 		}
 	})
 	t.Run("unknown flow", func(t *testing.T) {
