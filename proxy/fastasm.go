@@ -22,7 +22,9 @@ var (
 // conflict (errSegConflict) and deny the flow, because the server could
 // read either copy and the proxy decided one. A segment that starts before
 // ISN+1 (errSegBeforeISN) or ends past the window (errSegBeyondCap, the
-// most the peek reads: Config.HelloMaxBytes) is refused likewise.
+// most the peek reads: Config.HelloMaxBytes) is refused likewise; so is
+// one whose offset would grow the buffer past what the peek budget gives
+// (errPeekBudget: a byte at offset 60,000 takes 60,000).
 // Out-of-order segments wait at their offset; contig is the length of
 // the prefix with no hole, all the reader may read.
 type reassembler struct {
@@ -31,6 +33,9 @@ type reassembler struct {
 	buf    []byte   // bytes at their offset; len is the highest end seen
 	have   []uint64 // bit i: buf[i] was received
 	contig int      // buf[:contig] has no hole
+	// share, when set, is charged for buf's capacity (the peek budget):
+	// a growth that does not fit refuses the segment (errPeekBudget).
+	share *peekShare
 }
 
 func newReassembler(isn uint32, max int) *reassembler {
@@ -54,7 +59,11 @@ func (r *reassembler) add(seq uint32, payload []byte) error {
 	o, e := int(off), int(end)
 	if e > len(r.buf) {
 		if e > cap(r.buf) {
-			nb := make([]byte, e, min(max(e, 2*cap(r.buf), 512), r.max))
+			c := min(max(e, 2*cap(r.buf), 512), r.max)
+			if r.share != nil && r.share.fit(cap(r.buf), c-cap(r.buf)) < c-cap(r.buf) {
+				return errPeekBudget
+			}
+			nb := make([]byte, e, c)
 			copy(nb, r.buf)
 			r.buf = nb
 		} else {

@@ -173,7 +173,8 @@ type fastFlow struct {
 
 	mu       sync.Mutex // guards following
 	asm      *reassembler
-	read     int // bytes the peek has read
+	share    peekShare // what asm's buffer takes of the peek budget, until the flow leaves the table
+	read     int       // bytes the peek has read
 	fin      bool
 	finOff   int
 	end      error // the stream ended otherwise: the client's reset, the proxy's shutdown
@@ -263,6 +264,13 @@ func (p *Proxy) ServeQueue(ctx context.Context, q Queue) error {
 	}
 	s.mu.Unlock()
 	s.wg.Wait()
+	s.mu.Lock()
+	for _, fl := range s.flows {
+		fl.mu.Lock()
+		fl.share.release()
+		fl.mu.Unlock()
+	}
+	s.mu.Unlock()
 	if err != nil && !errors.Is(err, context.Canceled) && ctx.Err() == nil {
 		p.met.fastErrors.WithLabelValues("serve").Inc()
 		return err
@@ -283,6 +291,9 @@ func (s *fastQueue) sweep(ctx context.Context) {
 			for k, fl := range s.flows {
 				fl.mu.Lock()
 				old := fl.state != fastPending && now.After(fl.expires)
+				if old {
+					fl.share.release()
+				}
 				fl.mu.Unlock()
 				if old {
 					delete(s.flows, k)
@@ -553,6 +564,9 @@ func (s *fastQueue) syn(seg nfq.TCPSegment, l2 nfq.L2) synAnswer {
 			}
 			return synFast
 		}
+		fl.mu.Lock()
+		fl.share.release()
+		fl.mu.Unlock()
 		delete(s.flows, key) // a new connection on a decided flow's ports
 	}
 	full := len(s.flows) >= s.max
@@ -618,7 +632,9 @@ func (s *fastQueue) declines(seg nfq.TCPSegment, full bool, l2 nfq.L2) string {
 		f.lined = p.deps.Accepted(seg.Src, netip.AddrPortFrom(dest, seg.Dst.Port()), func() bool { return false })
 	}
 	fl := &fastFlow{key: flowKey{seg.Src, seg.Dst}, start: start, at: at, in: in, f: f,
-		wake: make(chan struct{}, 1), asm: newReassembler(seg.Seq, p.cfg.HelloMaxBytes), l2: l2}
+		wake: make(chan struct{}, 1), asm: newReassembler(seg.Seq, p.cfg.HelloMaxBytes), l2: l2,
+		share: peekShare{b: p.peekMem, client: client, keyOf: p.keyOf}}
+	fl.asm.share = &fl.share
 	s.mu.Lock()
 	s.flows[fl.key] = fl
 	p.met.fastFlows.Set(float64(len(s.flows)))
@@ -654,6 +670,9 @@ func (s *fastQueue) decide(fl *fastFlow) {
 	fl.mu.Lock()
 	refused := fl.refused
 	if errors.Is(refused, errFastHeld) {
+		v = verdict{d: denyDecision(eng, ReasonLimit), src: audit.NameNone, how: byBytes}
+	} else if errors.Is(refused, errPeekBudget) {
+		p.peekRefused(fl.in.Client)
 		v = verdict{d: denyDecision(eng, ReasonLimit), src: audit.NameNone, how: byBytes}
 	} else if refused != nil {
 		v = verdict{d: denyDecision(eng, ReasonStreamMismatch), src: audit.NameNone, how: byBytes}
