@@ -94,6 +94,23 @@ func FuzzReassembler(f *testing.F) {
 		if r.contig > 64 || len(r.buf) > 64 {
 			t.Fatalf("past the window: contig %d, buf %d", r.contig, len(r.buf))
 		}
+		// check (segments after the decision): the stream's bytes again
+		// agree, wherever they start and however long; one byte other
+		// than a byte taken conflicts.
+		for i := 0; i+1 < len(cuts); i += 2 {
+			off, n := int(cuts[i])%len(stream), int(cuts[i+1])
+			b := stream[off:min(off+n, len(stream))]
+			if err := r.check(uint32(1001+off), b); err != nil {
+				t.Fatalf("the stream's bytes at %d (%d) after: %v", off, len(b), err)
+			}
+			if off < k && len(b) > 0 && r.has(off) {
+				c := bytes.Clone(b)
+				c[0] ^= 1
+				if err := r.check(uint32(1001+off), c); err != errSegConflict {
+					t.Fatalf("another byte at %d: check %v, want a conflict", off, err)
+				}
+			}
+		}
 	})
 }
 
