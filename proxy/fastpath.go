@@ -47,11 +47,12 @@ import (
 //     last one NF_REPEAT with FastMarks.Allowed (the firewall makes it the
 //     connection's mark: the kernel forwards the rest). A segment queued
 //     before the mark took hold is compared with the bytes decided: other
-//     bytes cut the connection (cut: the denied mark, resets both ways). Denied: they are
-//     dropped, one NF_REPEAT with FastMarks.Denied (later packets are
-//     dropped by the firewall), and the proxy's deny answer (a TLS alert,
-//     the 403 page, nothing otherwise) then a reset are sent to the
-//     client, a reset to the server (Deps.Inject);
+//     bytes cut the connection (cut: the denied mark, resets both ways).
+//     Denied: they are dropped, one NF_REPEAT with FastMarks.Denied (later
+//     packets are dropped by the firewall), and the proxy's deny answer (a
+//     TLS alert, the 403 page, nothing otherwise) then a reset are sent to
+//     the client, a reset to the server (Deps.Inject). A second SYN with
+//     another ISN is dropped, and refuses a pending flow (syn);
 //   - a plain HTTP request on a fast connection is refused,
 //     ReasonFastPathHTTP (the kernel would forward the connection's later
 //     requests unread); bytes that are neither TLS nor HTTP are decided
