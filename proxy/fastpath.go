@@ -722,6 +722,12 @@ func (s *fastQueue) decide(fl *fastFlow) {
 	f.ev.BytesOut = uint64(fl.asm.contig)
 	cliSeq := fl.asm.first
 	cliNext := cliSeq + uint32(len(fl.asm.buf))
+	if kind == kindOther && refused != nil && len(fl.asm.ready(0)) > 0 && fl.asm.buf[0] == 0x16 {
+		// Refused before the peek read the first byte (held segments
+		// came faster than it woke): a TLS record's first byte still
+		// gets the TLS alert.
+		kind = kindTLS
+	}
 	srvNext, haveSrv, l2 := fl.srvNext, fl.haveSrv, fl.l2
 	fl.mu.Unlock()
 	s.unhold(fl.key.client.Addr().Unmap(), len(held))
