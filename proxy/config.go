@@ -141,6 +141,13 @@ type Config struct {
 	// (ReasonFastPathHTTP), so a port that carries HTTP belongs here
 	// only if refusing it is meant.
 	FastPorts []uint16
+
+	// fastDecided is a test hook: when set, the fast path's decide calls
+	// it once the peek has decided a flow, before the held packets get
+	// their verdicts (a test queues a segment then). Set in the Config
+	// given to New, it is read-only while the proxy runs, so parallel
+	// tests, each with its own proxy, do not share it.
+	fastDecided func(flowKey)
 }
 
 // Deps are the proxy's collaborators; cmd/ wires them.

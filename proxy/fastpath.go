@@ -648,11 +648,6 @@ func (s *fastQueue) declines(seg nfq.TCPSegment, full bool, l2 nfq.L2) string {
 	return ""
 }
 
-// fastDecidedHook, when set (a test's), is called by decide once the peek
-// has decided, before the held packets get their verdicts: a test queues
-// a segment then.
-var fastDecidedHook func(flowKey)
-
 // decide runs the transparent proxy's peek and decision on fl's stream,
 // then gives the held packets their verdicts.
 func (s *fastQueue) decide(fl *fastFlow) {
@@ -662,7 +657,7 @@ func (s *fastQueue) decide(fl *fastFlow) {
 	defer head.rec.share.release()
 	p.met.peek.Observe(time.Since(fl.start).Seconds())
 
-	if h := fastDecidedHook; h != nil {
+	if h := p.cfg.fastDecided; h != nil {
 		h(fl.key)
 	}
 	// One critical section from the refusal read to the state set: a

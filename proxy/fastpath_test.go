@@ -10,6 +10,7 @@ import (
 	"net/netip"
 	"slices"
 	"sync"
+	"sync/atomic"
 	"testing"
 	"time"
 
@@ -176,6 +177,9 @@ type fastRig struct {
 	inj *fakeInjector
 	evs *events
 	id  uint32
+	// decided is what the proxy's Config.fastDecided hook calls (nil:
+	// nothing): a subtest sets it while the rig's proxy runs.
+	decided atomic.Pointer[func(flowKey)]
 }
 
 func newFastRig(t *testing.T) *fastRig {
@@ -188,7 +192,12 @@ func newFastRig(t *testing.T) *fastRig {
 	f.add(clientV6, srvV6, "www.allowed.test")
 	f.add(clientV4, spoofV4, "www.allowed.test")
 	r := &fastRig{q: newFakeQueue(), inj: &fakeInjector{}, evs: &events{}}
-	r.p, err = New(Config{FastMarks: fastMarks, OwnAddrs: []netip.Addr{gwLanV4}, FirstByteWait: 5 * time.Second, HelloTimeout: 8 * time.Second},
+	decided := func(k flowKey) {
+		if h := r.decided.Load(); h != nil {
+			(*h)(k)
+		}
+	}
+	r.p, err = New(Config{FastMarks: fastMarks, OwnAddrs: []netip.Addr{gwLanV4}, FirstByteWait: 5 * time.Second, HelloTimeout: 8 * time.Second, fastDecided: decided},
 		Deps{Policy: policy.NewStore(eng), DNS: f, Sink: r.evs, Inject: r.inj, Logger: slog.New(slog.NewTextHandler(io.Discard, nil))})
 	if err != nil {
 		t.Fatal(err)
@@ -493,7 +502,7 @@ func TestServeQueue(t *testing.T) {
 		other[10] ^= 0xff
 		const late, sentinel = 1 << 30, 1<<30 + 1
 		idle := next(clientV4)
-		fastDecidedHook = func(k flowKey) {
+		hook := func(k flowKey) {
 			if k.client != client {
 				return
 			}
@@ -501,7 +510,8 @@ func TestServeQueue(t *testing.T) {
 			// The queue's goroutine takes this one once done with late.
 			r.q.in <- nfq.Packet{ID: sentinel, Hook: hookForward, InIf: lanIf, Data: tcpPacket(idle, dest, 1, 1, nfq.ACK, nil)}
 		}
-		t.Cleanup(func() { fastDecidedHook = nil })
+		r.decided.Store(&hook)
+		t.Cleanup(func() { r.decided.Store(nil) })
 		ids := r.stream(client, dest, isn, hello, 400, false)
 		ev := r.evs.wait(t, "of the flow", func(ev audit.Event) bool { return ev.ClientPort == client.Port() })
 		checkDenied(t, r.q.wait(t, append(ids, late)))
