@@ -64,16 +64,36 @@ func (tp *topo) installFastPath(t *testing.T, mode string, queue uint16) *fastKe
 	return &fastKernel{marks: FastMarks(firewall.FastMarks(cfg)), q: q, inj: inj}
 }
 
-// serve runs p.ServeQueue on the queue until the test ends.
-func (k *fastKernel) serve(t *testing.T, p *Proxy) {
+// serve runs p.ServeQueue on the queue until the test ends, through tap
+// when set (tapQueue).
+func (k *fastKernel) serve(t *testing.T, p *Proxy, tap func(nfq.Packet)) {
+	var q Queue = k.q
+	if tap != nil {
+		q = tapQueue{Queue: k.q, tap: tap}
+	}
 	ctx, cancel := context.WithCancel(context.Background())
 	done := make(chan error, 1)
-	go func() { done <- p.ServeQueue(ctx, k.q) }()
+	go func() { done <- p.ServeQueue(ctx, q) }()
 	t.Cleanup(func() {
 		cancel()
 		if err := <-done; err != nil {
 			t.Errorf("ServeQueue: %v", err)
 		}
+	})
+}
+
+// tapQueue is the kernel's queue with a test's look at each packet
+// before the fast path's, on the queue's goroutine: tap may wait (the
+// kernel keeps the packets behind it queued), as a packet read late would.
+type tapQueue struct {
+	Queue
+	tap func(nfq.Packet)
+}
+
+func (q tapQueue) Serve(ctx context.Context, fn func(nfq.Packet)) error {
+	return q.Queue.Serve(ctx, func(pk nfq.Packet) {
+		q.tap(pk)
+		fn(pk)
 	})
 }
 

@@ -27,6 +27,7 @@ import (
 
 	"egressd/audit"
 	"egressd/internal/netutil"
+	"egressd/internal/nfq"
 	"egressd/internal/testnet"
 	"egressd/internal/tlshello/hellotest"
 	"egressd/policy"
@@ -284,6 +285,9 @@ type topoOpts struct {
 	// side), not the test's redirect table, and the proxy's ServeQueue
 	// reads the queue (fastKernel).
 	fastQueue uint16
+	// fastTap, with fastQueue: ServeQueue reads the queue through it (a
+	// test's look at each queued packet before the fast path's: tapQueue).
+	fastTap func(nfq.Packet)
 }
 
 func newTopo(t *testing.T, o topoOpts) *topo {
@@ -395,7 +399,7 @@ func newTopo(t *testing.T, o topoOpts) *topo {
 		<-done
 	})
 	if fast != nil {
-		fast.serve(t, p) // stops before the proxy closes
+		fast.serve(t, p, o.fastTap) // stops before the proxy closes
 	}
 	return tp
 }

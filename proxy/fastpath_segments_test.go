@@ -1,0 +1,196 @@
+package proxy
+
+import (
+	"errors"
+	"net"
+	"net/netip"
+	"os"
+	"sync"
+	"testing"
+	"time"
+
+	dto "github.com/prometheus/client_model/go"
+	"golang.org/x/sys/unix"
+
+	"egressd/audit"
+	"egressd/internal/nfq"
+	"egressd/policy"
+)
+
+// The fast path's answers to crafted segments on the kernel's own path
+// (as TestFastPathKernel: the firewall's ruleset in the gateway, the real
+// queue and injector): the client's connection is a real socket, and the
+// segments it would not send are sent from the client's namespace through
+// an nfq.Injector of its own, at the socket's sequence numbers (seqsOf).
+
+// fastErrs is egress_proxy_fast_errors_total{what}.
+func fastErrs(p *Proxy, what string) float64 {
+	var m dto.Metric
+	_ = p.met.fastErrors.WithLabelValues(what).Write(&m)
+	return m.GetCounter().GetValue()
+}
+
+// TCP_REPAIR_QUEUE's queues (linux/tcp.h).
+const (
+	tcpRecvQueue = 1
+	tcpSendQueue = 2
+)
+
+// seqsOf returns c's next sequence number to send and the next one it
+// expects (TCP_REPAIR, off again without a window probe).
+func seqsOf(t *testing.T, c *net.TCPConn) (snd, rcv uint32) {
+	t.Helper()
+	raw, err := c.SyscallConn()
+	if err != nil {
+		t.Fatal(err)
+	}
+	var errs []error
+	err = raw.Control(func(fd uintptr) {
+		s := int(fd)
+		seq := func(queue int) uint32 {
+			errs = append(errs, unix.SetsockoptInt(s, unix.SOL_TCP, unix.TCP_REPAIR_QUEUE, queue))
+			v, err := unix.GetsockoptInt(s, unix.SOL_TCP, unix.TCP_QUEUE_SEQ)
+			errs = append(errs, err)
+			return uint32(v)
+		}
+		if err := unix.SetsockoptInt(s, unix.SOL_TCP, unix.TCP_REPAIR, 1); err != nil {
+			errs = append(errs, err)
+			return
+		}
+		snd, rcv = seq(tcpSendQueue), seq(tcpRecvQueue)
+		errs = append(errs, unix.SetsockoptInt(s, unix.SOL_TCP, unix.TCP_REPAIR, unix.TCP_REPAIR_OFF_NO_WP))
+	})
+	if err := errors.Join(append(errs, err)...); err != nil {
+		t.Fatalf("TCP_REPAIR: %v", err)
+	}
+	return snd, rcv
+}
+
+// clientInjector sends crafted segments from the client's namespace.
+func (tp *topo) clientInjector(t *testing.T) *nfq.Injector {
+	t.Helper()
+	inj, err := nfq.NewInjector("/var/run/netns/" + tp.c.Name)
+	if err != nil {
+		t.Fatal(err)
+	}
+	t.Cleanup(func() { inj.Close() })
+	return inj
+}
+
+// nftHold adds table inet egressd_hold with one chain on hook and rule
+// in ns's ruleset until the test ends.
+func nftHold(t *testing.T, ns interface{ MustRun(...string) string }, hook, rule string) func() {
+	t.Helper()
+	ns.MustRun("nft", "add table inet egressd_hold { chain c { type filter hook "+hook+" priority 0; policy accept; "+rule+"; }; }")
+	var once sync.Once
+	del := func() { once.Do(func() { ns.MustRun("nft", "delete table inet egressd_hold") }) }
+	t.Cleanup(del)
+	return del
+}
+
+// readErr reads c until it fails (10 s at most) and returns how many
+// bytes it read and why it stopped.
+func readErr(c net.Conn) (int, error) {
+	c.SetReadDeadline(time.Now().Add(10 * time.Second))
+	n := 0
+	b := make([]byte, 4096)
+	for {
+		m, err := c.Read(b)
+		n += m
+		if err != nil {
+			return n, err
+		}
+	}
+}
+
+// TestFastPathKernelSecondSYN: a second SYN with another ISN on a pending
+// fast connection (the first reached the gateway, not the server: sent
+// with a TTL that ends there) is dropped and the connection refused
+// stream-mismatch; the client's stream never reaches the server.
+func TestFastPathKernelSecondSYN(t *testing.T) {
+	client, dest := netip.AddrPortFrom(clientV4, 41001), netip.AddrPortFrom(srvV4, 443)
+	syns := make(chan uint32, 4) // the client's SYNs' sequence numbers, as queued
+	tp := newTopo(t, topoOpts{fastQueue: 3303, config: func(c *Config) { c.FirstByteWait = 5 * time.Second },
+		fastTap: func(pk nfq.Packet) {
+			seg, err := nfq.ParseTCP(pk.Data)
+			if err == nil && seg.Src.Addr().Unmap() == client.Addr() && seg.Src.Port() == client.Port() && seg.Flags&(nfq.SYN|nfq.ACK) == nfq.SYN {
+				select {
+				case syns <- seg.Seq:
+				default:
+				}
+			}
+		}})
+	tp.facts.add(clientV4, srvV4, "www.allowed.test")
+	inj := tp.clientInjector(t)
+
+	// The server does not see the client's SYN until the second is sent.
+	open := nftHold(t, tp.s, "input", "tcp dport 443 tcp flags & (syn|ack) == syn drop")
+	dialed := make(chan net.Conn, 1)
+	go func() {
+		var c net.Conn
+		tp.c.Do(func() (err error) {
+			d := net.Dialer{Timeout: 20 * time.Second, LocalAddr: net.TCPAddrFromAddrPort(client)}
+			c, err = d.Dial("tcp", dest.String())
+			return err
+		})
+		dialed <- c
+	}()
+	var isn uint32
+	select {
+	case isn = <-syns:
+	case <-time.After(10 * time.Second):
+		t.Fatal("the client's SYN was not queued")
+	}
+	mismatch := fastSYNs(tp.proxy, "isn-mismatch")
+	// Another ISN within conntrack's window of the first (the gateway's
+	// conntrack takes it as the SYN sent again, and the server's SYN-ACK
+	// to the first later).
+	if err := inj.Segment(client, dest, isn-1000, 0, nfq.SYN, nil); err != nil {
+		t.Fatal(err)
+	}
+	ev := tp.ev.wait(t, "of the fast connection", func(ev audit.Event) bool { return ev.ClientPort == client.Port() })
+	if ev.Verdict != policy.Deny || !ev.Enforced || ev.Reason != ReasonStreamMismatch || ev.Close != closeFastDenied {
+		t.Errorf("event %+v: want denied %s, close %s", ev, ReasonStreamMismatch, closeFastDenied)
+	}
+	if got := fastSYNs(tp.proxy, "isn-mismatch") - mismatch; got != 1 {
+		t.Errorf("fast_syns_total{result=isn-mismatch} rose by %v, want 1", got)
+	}
+
+	// The client's own SYN, sent again, makes the connection; its hello
+	// is dropped (the connection is denied): the server reads nothing, the
+	// client gets no answer.
+	read, accepted := tp.tlsSrv.read.Load(), tp.tlsSrv.accepted.Load()
+	open()
+	var c net.Conn
+	select {
+	case c = <-dialed:
+	case <-time.After(25 * time.Second):
+		t.Fatal("the dial did not end")
+	}
+	if c == nil {
+		t.Fatal("the client's connection was not made after its SYN was sent again")
+	}
+	defer c.Close()
+	if _, err := c.Write(goClientHello(t, "www.allowed.test")); err != nil {
+		t.Fatal(err)
+	}
+	deadline := time.Now().Add(10 * time.Second)
+	for tp.tlsSrv.accepted.Load()-accepted < 1 {
+		if time.Now().After(deadline) {
+			t.Fatal("the server did not accept the connection")
+		}
+		time.Sleep(10 * time.Millisecond)
+	}
+	c.SetReadDeadline(time.Now().Add(2 * time.Second))
+	n, err := c.Read(make([]byte, 100))
+	if !errors.Is(err, os.ErrDeadlineExceeded) {
+		t.Errorf("the client read %d bytes, %v: want nothing", n, err)
+	}
+	if n := tp.tlsSrv.accepted.Load() - accepted; n != 1 {
+		t.Errorf("server accepted %d connections, want 1", n)
+	}
+	if n := tp.tlsSrv.read.Load() - read; n != 0 {
+		t.Errorf("server read %d bytes of a refused connection", n)
+	}
+}
+
