@@ -6,6 +6,7 @@ import (
 	"net/netip"
 	"os"
 	"sync"
+	"syscall"
 	"testing"
 	"time"
 
@@ -194,3 +195,58 @@ func TestFastPathKernelSecondSYN(t *testing.T) {
 	}
 }
 
+// TestFastPathKernelPeekBudget: the reassembly buffer is charged to the
+// peek budget. One byte far ahead on a pending fast connection takes the
+// bytes up to it; a client past its share is refused connection-limit,
+// reset both ways, and the server reads nothing.
+func TestFastPathKernelPeekBudget(t *testing.T) {
+	tp := newTopo(t, topoOpts{fastQueue: 3305, config: func(c *Config) {
+		c.FirstByteWait = 5 * time.Second
+		c.PeekBudget = 400 << 10 // a client's share: 40 KiB
+	}})
+	tp.facts.add(clientV4, srvV4, "www.allowed.test")
+	inj := tp.clientInjector(t)
+	dest := netip.AddrPortFrom(srvV4, 443)
+	const far = 30000 // a byte at offset 30,000 takes some 26 KiB past peekFree: one fits, two do not
+	read, accepted, ended := tp.tlsSrv.read.Load(), tp.tlsSrv.accepted.Load(), tp.tlsSrv.ended.Load()
+
+	farByte := func(c *net.TCPConn) netip.AddrPort {
+		snd, rcv := seqsOf(t, c)
+		local := addrPortOf(c.LocalAddr())
+		if err := inj.Segment(local, dest, snd+far, rcv, nfq.ACK|nfq.PSH, []byte{0x16}); err != nil {
+			t.Fatal(err)
+		}
+		return local
+	}
+	farByte(tp.dialFromClient(t, clientV4, dest))
+	deadline := time.Now().Add(10 * time.Second)
+	for tp.proxy.peekMem.inUse() < far-peekFree {
+		if time.Now().After(deadline) {
+			t.Fatalf("a byte at offset %d: the peek budget counts %d bytes, want %d or more", far, tp.proxy.peekMem.inUse(), far-peekFree)
+		}
+		time.Sleep(10 * time.Millisecond)
+	}
+	c := tp.dialFromClient(t, clientV4, dest)
+	second := farByte(c)
+	ev := tp.ev.wait(t, "of the second connection", func(ev audit.Event) bool { return ev.ClientPort == second.Port() })
+	if ev.Verdict != policy.Deny || !ev.Enforced || ev.Reason != ReasonLimit || ev.Close != closeFastDenied {
+		t.Errorf("event %+v: want denied %s, close %s", ev, ReasonLimit, closeFastDenied)
+	}
+	if n, err := readErr(c); !errors.Is(err, syscall.ECONNRESET) {
+		t.Errorf("the client read %d bytes, then %v: want a reset", n, err)
+	}
+	// The server had both connections, read nothing of either, and the
+	// refused one was reset.
+	for tp.tlsSrv.ended.Load()-ended < 1 {
+		if time.Now().After(deadline) {
+			t.Fatal("the server's side of the refused connection did not end")
+		}
+		time.Sleep(10 * time.Millisecond)
+	}
+	if n := tp.tlsSrv.accepted.Load() - accepted; n != 2 {
+		t.Errorf("server accepted %d connections, want 2", n)
+	}
+	if n := tp.tlsSrv.read.Load() - read; n != 0 {
+		t.Errorf("server read %d bytes", n)
+	}
+}
