@@ -1,11 +1,13 @@
 package proxy
 
 import (
+	"bytes"
 	"errors"
 	"net"
 	"net/netip"
 	"os"
 	"sync"
+	"sync/atomic"
 	"syscall"
 	"testing"
 	"time"
@@ -192,6 +194,92 @@ func TestFastPathKernelSecondSYN(t *testing.T) {
 	}
 	if n := tp.tlsSrv.read.Load() - read; n != 0 {
 		t.Errorf("server read %d bytes of a refused connection", n)
+	}
+}
+
+// TestFastPathKernelLateSegment: a segment queued after the decision,
+// before the connection's mark took hold, with other bytes than those
+// decided, cuts the connection: the client and the server are reset, and
+// the server read only the bytes decided. The fast path's decided hook
+// sends it; the tap holds it until the held packets have their verdicts.
+func TestFastPathKernelLateSegment(t *testing.T) {
+	var target atomic.Pointer[netip.AddrPort]
+	var other []byte
+	var snd, rcv uint32
+	seen, release := make(chan struct{}), make(chan struct{})
+	var seenOnce sync.Once
+	var inj *nfq.Injector
+	hookErr := make(chan error, 1)
+	tp := newTopo(t, topoOpts{fastQueue: 3304,
+		config: func(c *Config) {
+			c.FirstByteWait = 5 * time.Second
+			c.fastDecided = func(k flowKey) {
+				if a := target.Load(); a == nil || k.client != *a {
+					return
+				}
+				err := inj.Segment(k.client, k.dest, snd, rcv, nfq.ACK|nfq.PSH, other)
+				if err == nil {
+					select {
+					case <-seen:
+					case <-time.After(5 * time.Second):
+						err = errors.New("the late segment was not queued")
+					}
+				}
+				hookErr <- err
+			}
+		},
+		fastTap: func(pk nfq.Packet) {
+			seg, err := nfq.ParseTCP(pk.Data)
+			if a := target.Load(); err != nil || a == nil || seg.Src != *a || !bytes.Equal(seg.Payload, other) {
+				return
+			}
+			seenOnce.Do(func() { close(seen) })
+			select {
+			case <-release:
+			case <-time.After(10 * time.Second):
+			}
+		}})
+	tp.facts.add(clientV4, srvV4, "www.allowed.test")
+	inj = tp.clientInjector(t)
+	dest := netip.AddrPortFrom(srvV4, 443)
+	// The server's answer is held back, as it would be in flight when the
+	// late segment comes: the client's reset is at the sequence number it
+	// expects.
+	nftHold(t, tp.s, "output", "tcp sport 443 ip length > 200 drop")
+
+	read := tp.tlsSrv.read.Load()
+	c := tp.dialFromClient(t, clientV4, dest)
+	snd, rcv = seqsOf(t, c)
+	hello := goClientHello(t, "www.allowed.test")
+	other = bytes.Clone(hello[:100])
+	other[50] ^= 0xff
+	local := addrPortOf(c.LocalAddr())
+	target.Store(&local)
+	cuts := fastErrs(tp.proxy, "late-conflict")
+	if _, err := c.Write(hello); err != nil {
+		t.Fatal(err)
+	}
+	ev := tp.ev.wait(t, "of the fast connection", func(ev audit.Event) bool { return ev.ClientPort == local.Port() })
+	if err := <-hookErr; err != nil {
+		t.Fatal(err)
+	}
+	if ev.Verdict != policy.Allow || ev.Close != closeFast || ev.BytesOut != uint64(len(hello)) {
+		t.Errorf("event %+v: want allowed, close %s, %d bytes out", ev, closeFast, len(hello))
+	}
+	close(release)
+
+	n, err := readErr(c)
+	if !errors.Is(err, syscall.ECONNRESET) {
+		t.Errorf("the client read %d bytes, then %v: want a reset", n, err)
+	}
+	if got := fastErrs(tp.proxy, "late-conflict") - cuts; got != 1 {
+		t.Errorf("fast_errors_total{what=late-conflict} rose by %v, want 1", got)
+	}
+	// The server read the hello decided, not the other bytes, and was
+	// reset.
+	tp.tlsSrv.idle(t)
+	if n := tp.tlsSrv.read.Load() - read; n != int64(len(hello)) {
+		t.Errorf("server read %d bytes, want the %d of the hello decided", n, len(hello))
 	}
 }
 
