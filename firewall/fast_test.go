@@ -4,30 +4,26 @@ import (
 	"bufio"
 	"bytes"
 	"context"
-	"encoding/binary"
 	"fmt"
 	"io"
 	"net"
 	"regexp"
 	"strconv"
 	"strings"
-	"sync"
 	"sync/atomic"
 	"testing"
 	"time"
 
-	"golang.org/x/sys/unix"
+	"egressd/internal/nfq"
 )
 
-// testQueue is a minimal NFQUEUE reader (raw nfnetlink), userspace's
-// stand-in for the fast path's tests: every queued packet goes to C.
+// testQueue is userspace's stand-in for the fast path in its tests: the
+// project's NFQUEUE client (internal/nfq) bound in the gateway's
+// namespace, every queued packet sent to C.
 type testQueue struct {
-	fd   int
-	num  uint16
-	mu   sync.Mutex
-	seq  uint32
+	conn *nfq.Conn
 	C    chan queued
-	done chan struct{}
+	done chan struct{} // Serve has returned
 }
 
 // queued is a packet the kernel queued, parsed as far as the tests need.
@@ -38,168 +34,53 @@ type queued struct {
 	pkt      []byte // the IP packet
 }
 
-func nlAttr(typ uint16, data ...byte) []byte {
-	b := make([]byte, 4, 4+len(data)+3)
-	binary.NativeEndian.PutUint16(b, uint16(4+len(data)))
-	binary.NativeEndian.PutUint16(b[2:], typ)
-	b = append(b, data...)
-	for len(b)%4 != 0 {
-		b = append(b, 0)
-	}
-	return b
-}
-
-func (q *testQueue) msg(typ, flags uint16, attrs ...[]byte) []byte {
-	b := make([]byte, 16, 64)
-	b = append(b, unix.AF_UNSPEC, 0, byte(q.num>>8), byte(q.num))
-	for _, a := range attrs {
-		b = append(b, a...)
-	}
-	q.seq++
-	binary.NativeEndian.PutUint32(b[0:], uint32(len(b)))
-	binary.NativeEndian.PutUint16(b[4:], 3<<8|typ) // NFNL_SUBSYS_QUEUE
-	binary.NativeEndian.PutUint16(b[6:], unix.NLM_F_REQUEST|flags)
-	binary.NativeEndian.PutUint32(b[8:], q.seq)
-	return b
-}
-
 // openTestQueue binds queue num in the gateway's namespace and reads it
 // until the test ends (or Close).
 func (tp *topo) openTestQueue(t *testing.T, num uint16) *testQueue {
 	t.Helper()
-	q := &testQueue{num: num, C: make(chan queued, 64), done: make(chan struct{})}
-	err := tp.gw.Do(func() error {
-		fd, err := unix.Socket(unix.AF_NETLINK, unix.SOCK_RAW|unix.SOCK_CLOEXEC, unix.NETLINK_NETFILTER)
-		if err != nil {
-			return err
-		}
-		q.fd = fd
-		return unix.Bind(fd, &unix.SockaddrNetlink{Family: unix.AF_NETLINK})
-	})
+	conn, err := nfq.OpenConfig(nfq.Config{Queue: num, NetNS: tp.nsPath})
 	if err != nil {
-		t.Fatalf("nfqueue socket: %v", err)
+		t.Fatalf("nfqueue: %v", err)
 	}
-	for _, m := range [][]byte{
-		q.msg(2, unix.NLM_F_ACK, nlAttr(1, 1, 0, 0, 0)),          // NFQNL_CFG_CMD_BIND
-		q.msg(2, unix.NLM_F_ACK, nlAttr(2, 0, 0, 0xff, 0xff, 2)), // copy packet, 0xffff bytes
-		q.msg(2, unix.NLM_F_ACK, nlAttr(3, 0, 0, 0x10, 0)),       // queue maxlen
-	} {
-		if err := unix.Sendto(q.fd, m, 0, &unix.SockaddrNetlink{Family: unix.AF_NETLINK}); err != nil {
-			t.Fatal(err)
-		}
-		buf := make([]byte, 8192)
-		n, _, err := unix.Recvfrom(q.fd, buf, 0)
-		if err != nil {
-			t.Fatal(err)
-		}
-		if n >= 20 && binary.NativeEndian.Uint16(buf[4:]) == unix.NLMSG_ERROR {
-			if e := int32(binary.NativeEndian.Uint32(buf[16:])); e != 0 {
-				t.Fatalf("nfqueue config: %v", unix.Errno(-e))
+	q := &testQueue{conn: conn, C: make(chan queued, 64), done: make(chan struct{})}
+	go func() {
+		defer close(q.done)
+		conn.Serve(context.Background(), func(pk nfq.Packet) {
+			p := queued{id: pk.ID, mark: pk.Mark, pkt: bytes.Clone(pk.Data)}
+			if seg, err := nfq.ParseTCP(pk.Data); err == nil {
+				p.syn, p.ack, p.payload = seg.Flags&nfq.SYN != 0, seg.Flags&nfq.ACK != 0, len(seg.Payload)
 			}
-		}
-	}
-	go q.read()
+			select {
+			case q.C <- p:
+			default:
+			}
+		})
+	}()
 	t.Cleanup(q.Close)
 	return q
 }
 
 // Close stops reading: the kernel drops what it holds and what it
 // queues from now on (no bypass).
-func (q *testQueue) Close() {
-	q.mu.Lock()
-	defer q.mu.Unlock()
-	if q.fd >= 0 {
-		unix.Close(q.fd)
-		q.fd = -1
-	}
-}
+func (q *testQueue) Close() { q.conn.Close() }
 
-func (q *testQueue) read() {
-	defer close(q.done)
-	buf := make([]byte, 1<<17)
-	for {
-		q.mu.Lock()
-		fd := q.fd
-		q.mu.Unlock()
-		if fd < 0 {
-			return
-		}
-		n, _, err := unix.Recvfrom(fd, buf, 0)
-		if err != nil {
-			if err == unix.EINTR || err == unix.ENOBUFS {
-				continue
-			}
-			return
-		}
-		for b := buf[:n]; len(b) >= 16; {
-			l := int(binary.NativeEndian.Uint32(b))
-			if l < 16 || l > len(b) {
-				break
-			}
-			m := b[:l]
-			b = b[min((l+3)&^3, len(b)):]
-			if binary.NativeEndian.Uint16(m[4:]) != 3<<8 { // NFQNL_MSG_PACKET
-				continue
-			}
-			var p queued
-			var pkt []byte
-			for a := m[20:]; len(a) >= 4; {
-				al := int(binary.NativeEndian.Uint16(a))
-				if al < 4 || al > len(a) {
-					break
-				}
-				switch binary.NativeEndian.Uint16(a[2:]) & 0x7fff {
-				case 1: // NFQA_PACKET_HDR
-					p.id = binary.BigEndian.Uint32(a[4:])
-				case 3: // NFQA_MARK
-					p.mark = binary.BigEndian.Uint32(a[4:])
-				case 10: // NFQA_PAYLOAD
-					pkt = a[4:al]
-				}
-				a = a[min((al+3)&^3, len(a)):]
-			}
-			var tcp []byte
-			ipLen := len(pkt)
-			switch {
-			case len(pkt) >= 20 && pkt[0]>>4 == 4:
-				tcp = pkt[int(pkt[0]&0xf)*4:]
-			case len(pkt) >= 40 && pkt[0]>>4 == 6:
-				tcp = pkt[40:]
-			}
-			if len(tcp) >= 20 {
-				p.syn, p.ack = tcp[13]&0x02 != 0, tcp[13]&0x10 != 0
-				p.payload = len(tcp) - int(tcp[12]>>4)*4
-			}
-			_ = ipLen
-			p.pkt = append([]byte(nil), pkt...)
-			select {
-			case q.C <- p:
-			default:
-			}
-		}
-	}
-}
-
-// Verdicts (NF_DROP, NF_ACCEPT, NF_REPEAT).
+// Verdicts, as the tests name them.
 const (
-	nfDrop   = 0
-	nfAccept = 1
-	nfRepeat = 4
+	nfDrop   = nfq.Drop
+	nfAccept = nfq.Accept
+	nfRepeat = nfq.Repeat
 )
 
 // verdict answers packet id; mark >= 0 sets the packet mark.
-func (q *testQueue) verdict(t *testing.T, id, v uint32, mark int64) {
+func (q *testQueue) verdict(t *testing.T, id uint32, v nfq.Verdict, mark int64) {
 	t.Helper()
-	var h [8]byte
-	binary.BigEndian.PutUint32(h[0:], v)
-	binary.BigEndian.PutUint32(h[4:], id)
-	attrs := [][]byte{nlAttr(2, h[:]...)}
+	var err error
 	if mark >= 0 {
-		attrs = append(attrs, nlAttr(3, byte(mark>>24), byte(mark>>16), byte(mark>>8), byte(mark)))
+		err = q.conn.VerdictMark(id, v, uint32(mark))
+	} else {
+		err = q.conn.Verdict(id, v)
 	}
-	q.mu.Lock()
-	defer q.mu.Unlock()
-	if err := unix.Sendto(q.fd, q.msg(1, 0, attrs...), 0, &unix.SockaddrNetlink{Family: unix.AF_NETLINK}); err != nil {
+	if err != nil {
 		t.Fatalf("verdict: %v", err)
 	}
 }
