@@ -17,6 +17,7 @@ import (
 
 	"egressd/audit"
 	"egressd/internal/nfq"
+	"egressd/internal/testnet"
 	"egressd/policy"
 )
 
@@ -82,7 +83,7 @@ func (tp *topo) clientInjector(t *testing.T) *nfq.Injector {
 
 // nftHold adds table inet egressd_hold with one chain on hook and rule
 // in ns's ruleset until the test ends.
-func nftHold(t *testing.T, ns interface{ MustRun(...string) string }, hook, rule string) func() {
+func nftHold(t *testing.T, ns *testnet.NS, hook, rule string) func() {
 	t.Helper()
 	ns.MustRun("nft", "add table inet egressd_hold { chain c { type filter hook "+hook+" priority 0; policy accept; "+rule+"; }; }")
 	var once sync.Once
