@@ -132,9 +132,11 @@ func TestFastPathRestart(t *testing.T) {
 }
 
 // TestFastPathQueueTaken: another process holds the fast path's queue
-// when egressd starts with --fast-path: the fast-path part is NOT
-// RUNNING on /readyz with a clear error, and new TLS connections to the
-// fast ports do not get out (fail closed).
+// when egressd starts with --fast-path: egressd installs the ruleset
+// without the fast path (no chain fastpath, no rule that queues), says
+// so in one warning line, and the fast-path part is NOT RUNNING on
+// /readyz (the operator asked for it); allowed TLS connections go
+// through the proxy, denied ones are refused as before.
 func TestFastPathQueueTaken(t *testing.T) {
 	tp := newTopo(t)
 	q, err := nfq.OpenConfig(nfq.Config{Queue: firewall.DefaultFastPathQueue, NetNS: "/var/run/netns/" + tp.gw.Name})
@@ -153,22 +155,37 @@ func TestFastPathQueueTaken(t *testing.T) {
 	if code != 503 || !strings.Contains(body, "fast-path") {
 		t.Errorf("readyz %d, want 503 naming the fast-path part:\n%s", code, body)
 	}
+	var warned []string
 	for _, l := range strings.Split(d.logs(), "\n") {
-		if strings.Contains(l, "fast-path") || strings.Contains(l, "fast path") {
-			t.Logf("log: %s", l)
+		if strings.Contains(l, "fast path is off") && strings.Contains(l, "through the proxy") && strings.Contains(l, `"level":"WARN"`) {
+			warned = append(warned, l)
 		}
 	}
+	if len(warned) != 1 {
+		t.Errorf("%d warning lines that the fast path is off and connections go through the proxy, want 1:\n%s", len(warned), strings.Join(warned, "\n"))
+	}
+	rs := tp.gw.MustRun("nft", "list", "ruleset")
+	if !strings.Contains(rs, "table inet egressd") {
+		t.Fatalf("no table inet egressd in the gateway:\n%s", rs)
+	}
+	if strings.Contains(rs, "chain fastpath") || strings.Contains(rs, "queue") {
+		t.Errorf("the ruleset has the fast path (chain fastpath, a rule that queues) with its queue held by another process:\n%s", rs)
+	}
+
 	if st, addrs := tp.dig(t, dockerName, "A"); st != "NOERROR" || len(addrs) != 1 {
 		t.Fatalf("dig %s: %s %v", dockerName, st, addrs)
 	}
-	start := time.Now()
-	_, cerr := tp.curl(dockerName, 443, dockerIP4, "/taken", true)
-	t.Logf("a new TLS connection with the queue taken: %v after %v", cerr, time.Since(start))
-	if cerr == nil {
-		t.Errorf("a TLS connection got out with the queue held by another process")
+	if body, err := tp.curl(dockerName, 443, dockerIP4, "/taken", true); err != nil || !strings.Contains(body, "sni="+dockerName) {
+		t.Errorf("an allowed TLS connection with the queue taken, through the proxy: %q %v", body, err)
 	}
-	if body, err := tp.curl(dockerName, 80, dockerIP4, "/plain", false); err != nil {
-		t.Logf("plain HTTP (port 80, the proxy): %q %v", body, err)
+	ev := d.waitEvent(t, "the allowed connection's close", func(e flowEvent) bool {
+		return e.Kind == "flow" && e.Dest == dockerIP4 && e.DestPort == 443 && e.Close != ""
+	})
+	if ev.Source != "proxy" || strings.HasPrefix(ev.Close, "fast-path") || ev.Verdict != "allow" {
+		t.Errorf("the allowed connection's event: %v, want the proxy's, allowed, not closed fast-path", ev)
+	}
+	if out, err := tp.sClient(dockerIP4, 443, trackerName); err == nil {
+		t.Errorf("SNI %s toward %s's address: the handshake completed\n%s", trackerName, dockerName, out)
 	}
 }
 
