@@ -7,6 +7,8 @@ import (
 	"egressd/firewall"
 	"egressd/internal/nfq"
 	"errors"
+	"os"
+	"path/filepath"
 	"strings"
 	"syscall"
 	"testing"
@@ -170,6 +172,11 @@ func TestFastPathQueueTaken(t *testing.T) {
 	}
 	if strings.Contains(rs, "chain fastpath") || strings.Contains(rs, "queue") {
 		t.Errorf("the ruleset has the fast path (chain fastpath, a rule that queues) with its queue held by another process:\n%s", rs)
+	}
+	// What the next start reads the conntrack marks with: the layout
+	// installed, without the fast path.
+	if rec, err := os.ReadFile(filepath.Join(d.stateDir, "policy.firewall.json")); err != nil || !strings.Contains(string(rec), `"fast_path":false`) {
+		t.Errorf("the firewall record does not say the fast path is off: %v\n%s", err, rec)
 	}
 
 	if st, addrs := tp.dig(t, dockerName, "A"); st != "NOERROR" || len(addrs) != 1 {

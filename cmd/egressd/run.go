@@ -327,16 +327,35 @@ func checkFlagValues(cfg runConfig) error {
 	return nil
 }
 
-// firewallConfig is the part of the firewall's configuration that the
-// policy's rule tags depend on (checked by checkFlagValues first).
-func firewallConfig(cfg runConfig) firewall.Config {
-	tcpPorts, _ := parseTCPPorts(cfg.tcpPorts)
-	bits, _ := parseCTMarkBits(cfg.ctMarkBits)
-	fc := firewall.Config{TCPPorts: tcpPorts, CTMarkBits: bits, FastPath: cfg.fastPath}
-	if cfg.fastPath {
-		fc.FastPathPorts, _ = parseFastPorts(cfg.fastPorts)
+// firewallConfig is the firewall's configuration for egressd run with
+// cfg, on the LAN interfaces lans and the WAN interface wan, in the
+// network namespace file netns ("": this process's); the part the
+// policy's rule tags depend on needs none of the three. The values were
+// checked by checkFlagValues; the error names the flag of one that was
+// not.
+func firewallConfig(cfg runConfig, lans []string, wan, netns string) (firewall.Config, error) {
+	tcpPorts, err := parseTCPPorts(cfg.tcpPorts)
+	if err != nil {
+		return firewall.Config{}, fmt.Errorf("--tcp-ports: %w", err)
 	}
-	return fc
+	wanOpen, err := parsePortProtos(cfg.wanOpen)
+	if err != nil {
+		return firewall.Config{}, fmt.Errorf("--wan-open: %w", err)
+	}
+	markBits, err := parseCTMarkBits(cfg.ctMarkBits)
+	if err != nil {
+		return firewall.Config{}, fmt.Errorf("--ct-mark-bits: %w", err)
+	}
+	fc := firewall.Config{LANs: lans, WAN: wan, NetNS: netns,
+		ProxyPort: listenPort(cfg.transparent), DNSPort: listenPort(firstOf(splitList(cfg.dnsListen))),
+		TCPPorts: tcpPorts, Masquerade: cfg.masquerade, GuardWAN: cfg.guardWAN, WANOpen: wanOpen, CTMarkBits: markBits}
+	if cfg.fastPath {
+		if fc.FastPathPorts, err = parseFastPorts(cfg.fastPorts); err != nil {
+			return firewall.Config{}, fmt.Errorf("--fast-path-ports: %w", err)
+		}
+		fc.FastPath = true
+	}
+	return fc, nil
 }
 
 // maxFastPorts bounds --fast-path-ports: TLS ports are few, and the
@@ -460,7 +479,8 @@ func newDaemon(cfg runConfig, stdout, stderr io.Writer) (*daemon, error) {
 		// may cut some flows of unchanged rules too. Said at start, so
 		// the operator can widen the bits; not a reason to refuse a
 		// policy that worked before the flag existed.
-		if err := firewallConfig(cfg).CheckTags(eng); err != nil {
+		fc, _ := firewallConfig(cfg, nil, "", "") // checked by checkFlagValues
+		if err := fc.CheckTags(eng); err != nil {
 			d.log.Warn("firewall: rules will share conntrack mark tags", audit.LogError, err.Error())
 		}
 	}
@@ -1128,26 +1148,10 @@ func (d *daemon) run(ctx context.Context) error {
 	if d.macs != nil {
 		pdeps.MACs, pdeps.Devices = d.macs, d.macs
 	}
-	fcfg := firewallConfig(cfg)
 	var fastQueue *nfq.Conn
-	if fcfg.FastPath {
-		// The fast path (firewall's chain fastpath): the queue and the
-		// injector for its deny answers, opened before the firewall
-		// installs the rules that queue to it. Without a reader the
-		// kernel drops what the rules queue: new TLS connections to the
-		// fast ports fail (closed) until a restart mends it.
-		pcfg.FastMarks = proxy.FastMarks(firewall.FastMarks(fcfg))
-		pcfg.FastPorts = portList(fcfg.FastPathPorts)
-		inj, err := nfq.NewInjector(d.fwNetNS)
-		if err != nil {
-			d.degrade("fast-path", withCapHint(err, caps.netRaw, "CAP_NET_RAW (the fast path's raw sockets for its resets)"))
-		} else {
-			pdeps.Inject = inj
-			fastQueue, err = nfq.OpenConfig(nfq.Config{Queue: firewall.DefaultFastPathQueue, NetNS: d.fwNetNS})
-			if err != nil {
-				d.degrade("fast-path", withCapHint(err, caps.netAdmin, "CAP_NET_ADMIN (the fast path's NFQUEUE queue)"))
-			}
-		}
+	if cfg.fastPath {
+		fastQueue = d.openFastPath(caps, &pcfg, &pdeps)
+		cfg.fastPath = d.cfg.fastPath // off when its queue could not be had
 	}
 	if d.proxy, err = proxy.New(pcfg, pdeps); err != nil {
 		d.degrade("proxy", err.Error())
@@ -1177,7 +1181,9 @@ func (d *daemon) run(ctx context.Context) error {
 				defer wg.Done()
 				defer fastQueue.Close()
 				if err := d.proxy.ServeQueue(ctx, fastQueue); err != nil && ctx.Err() == nil {
-					d.degrade("fast-path", err.Error())
+					// The ruleset goes on queueing to a queue no one
+					// reads: the kernel drops what it queues.
+					d.degrade("fast-path", err.Error()+": new connections to the fast ports fail (closed) until a restart")
 				}
 			}()
 		}
@@ -1440,6 +1446,39 @@ func (d *daemon) run(ctx context.Context) error {
 	}
 }
 
+// openFastPath opens the fast path's queue and the injector for its
+// deny answers and resets, before the firewall installs the rules that
+// queue to it (firewall's chain fastpath), and sets the proxy's side of
+// it in pcfg and pdeps. When either cannot be had (another process holds
+// the queue; no CAP_NET_ADMIN or CAP_NET_RAW), the rules would queue
+// new connections to no reader (the kernel drops them) or to a
+// stranger's: egressd goes on as if --fast-path were not given (the
+// plain ruleset, its record and note say so: d.cfg.fastPath is cleared),
+// those connections go through the proxy, and the part is not running
+// (/readyz: the operator asked for it). Nil then.
+func (d *daemon) openFastPath(caps capabilities, pcfg *proxy.Config, pdeps *proxy.Deps) *nfq.Conn {
+	var why string
+	inj, err := nfq.NewInjector(d.fwNetNS)
+	if err != nil {
+		why = withCapHint(err, caps.netRaw, "CAP_NET_RAW (the fast path's raw sockets for its resets)")
+	} else {
+		q, err := nfq.OpenConfig(nfq.Config{Queue: firewall.DefaultFastPathQueue, NetNS: d.fwNetNS})
+		if err == nil {
+			fcfg, _ := firewallConfig(d.cfg, nil, "", "") // checked by checkFlagValues
+			pcfg.FastMarks = proxy.FastMarks(firewall.FastMarks(fcfg))
+			pcfg.FastPorts = portList(fcfg.FastPathPorts)
+			pdeps.Inject = inj
+			return q
+		}
+		inj.Close()
+		why = withCapHint(err, caps.netAdmin, "CAP_NET_ADMIN (the fast path's NFQUEUE queue)")
+	}
+	d.cfg.fastPath = false
+	d.log.Warn("the fast path is off: its queue cannot be opened; the ruleset goes in without it and new connections to the fast ports go through the proxy", audit.LogError, why)
+	d.degrade("fast-path", why+" (off: connections go through the proxy)")
+	return nil
+}
+
 // removeLeftoverFirewall removes the nftables table an earlier egressd
 // in enforce mode left, if there is one; it reports whether none is left.
 func (d *daemon) removeLeftoverFirewall() bool {
@@ -1469,22 +1508,9 @@ func leftoverHint(why string) string {
 // startFirewall installs the ruleset and hands it to the DNS forwarder's
 // gate, which feeds it the addresses of allowed answers.
 func (d *daemon) startFirewall(lans []string, wan string, gate *firewallGate) error {
-	tcpPorts, err := parseTCPPorts(d.cfg.tcpPorts)
+	fcfg, err := firewallConfig(d.cfg, lans, wan, d.fwNetNS)
 	if err != nil {
-		return fmt.Errorf("--tcp-ports: %w", err)
-	}
-	wanOpen, err := parsePortProtos(d.cfg.wanOpen)
-	if err != nil {
-		return fmt.Errorf("--wan-open: %w", err)
-	}
-	markBits, err := parseCTMarkBits(d.cfg.ctMarkBits)
-	if err != nil {
-		return fmt.Errorf("--ct-mark-bits: %w", err)
-	}
-	proxyPort, dnsPort := listenPort(d.cfg.transparent), listenPort(firstOf(splitList(d.cfg.dnsListen)))
-	fcfg := firewall.Config{LANs: lans, WAN: wan, ProxyPort: proxyPort, DNSPort: dnsPort, TCPPorts: tcpPorts, Masquerade: d.cfg.masquerade, GuardWAN: d.cfg.guardWAN, WANOpen: wanOpen, CTMarkBits: markBits, NetNS: d.fwNetNS}
-	if fc := firewallConfig(d.cfg); fc.FastPath {
-		fcfg.FastPath, fcfg.FastPathPorts = true, fc.FastPathPorts
+		return err
 	}
 	// The flows a reload cuts go to capture, which records each on its
 	// own record of the flow (its start, name and bytes: counted once in

@@ -44,14 +44,15 @@ func TestFastPathFlags(t *testing.T) {
 	if err != nil {
 		t.Fatal(err)
 	}
-	fc := firewallConfig(cfg)
-	if !fc.FastPath || len(fc.FastPathPorts) != 3 {
-		t.Fatalf("firewall config: fast path %v, ports %v", fc.FastPath, fc.FastPathPorts)
+	fc, err := firewallConfig(cfg, nil, "", "")
+	if err != nil || !fc.FastPath || len(fc.FastPathPorts) != 3 {
+		t.Fatalf("firewall config: fast path %v, ports %v (%v)", fc.FastPath, fc.FastPathPorts, err)
 	}
 	if got := portList(fc.FastPathPorts); !slices.Equal(got, []uint16{8443, 443, 9000, 9001}) {
 		t.Errorf("the proxy's ports: %v", got)
 	}
-	if cfg, _ := parse(); firewallConfig(cfg).FastPath {
+	cfg, _ = parse()
+	if fc, _ := firewallConfig(cfg, nil, "", ""); fc.FastPath {
 		t.Error("the fast path is on without --fast-path")
 	}
 }
