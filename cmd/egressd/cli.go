@@ -109,6 +109,14 @@ func parseArgs(fs *flag.FlagSet, args []string) ([]string, error) {
 	}
 }
 
+// given reports whether the flag name of fs was set on the command line
+// (not left at its default).
+func given(fs *flag.FlagSet, name string) bool {
+	set := false
+	fs.Visit(func(f *flag.Flag) { set = set || f.Name == name })
+	return set
+}
+
 // exclusive reports, on stderr, the first pair of flags of fs that were
 // both given though they exclude each other; false when there is none.
 func exclusive(fs *flag.FlagSet, stderr io.Writer, pairs ...[2]string) bool {

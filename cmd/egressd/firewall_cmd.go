@@ -101,6 +101,10 @@ func cmdFirewallPrint(args []string, stdout, stderr io.Writer) int {
 		fmt.Fprintln(stderr, "egressd firewall print: --ct-mark-bits:", err)
 		return exitUsage
 	}
+	if !fast && given(fs, "fast-path-ports") {
+		fmt.Fprintln(stderr, "egressd firewall print:", errFastPortsAlone)
+		return exitUsage
+	}
 	if fast {
 		// egressd run --fast-path's chain, queue and marks, as it
 		// installs them.

@@ -78,10 +78,13 @@ type runConfig struct {
 	inspect     bool
 	fastPath    bool
 	fastPorts   string
-	denyAnswer  string
-	tunnelAlarm int
-	logLevel    string
-	logFormat   string
+	// fastPortsGiven: --fast-path-ports was on the command line (set by
+	// parse), which without --fast-path is a flag that would do nothing.
+	fastPortsGiven bool
+	denyAnswer     string
+	tunnelAlarm    int
+	logLevel       string
+	logFormat      string
 }
 
 func (c *runConfig) flags(fs *flag.FlagSet) {
@@ -111,6 +114,15 @@ func (c *runConfig) flags(fs *flag.FlagSet) {
 	fs.IntVar(&c.tunnelAlarm, "dns-tunnel-threshold", 500, "distinct names of one wildcard rule's zone one client may send upstream in a minute before the DNS forwarder raises a dns-tunnel alarm (queries are still answered); all clients together may send twice it (dns-tunnel-zone), one client ten times it in an hour (dns-tunnel-slow), all clients twenty times it in an hour (dns-tunnel-zone-slow); 0 turns the alarms off")
 	fs.StringVar(&c.logLevel, "log-level", "info", "debug, info, warn or error")
 	fs.StringVar(&c.logFormat, "log-format", "json", "json or text")
+}
+
+// parse parses args with fs, whose flags are c's (flags), and notes
+// which of them were given that checkFlagValues asks about; it returns
+// the positional arguments.
+func (c *runConfig) parse(fs *flag.FlagSet, args []string) ([]string, error) {
+	pos, err := parseArgs(fs, args)
+	c.fastPortsGiven = given(fs, "fast-path-ports")
+	return pos, err
 }
 
 // daemon holds what `egressd run` started, for reload and shutdown.
@@ -206,7 +218,7 @@ func cmdRun(ctx context.Context, args []string, stdout, stderr io.Writer) int {
 	var cfg runConfig
 	fs := newFlags("run", stderr)
 	cfg.flags(fs)
-	pos, err := parseArgs(fs, args)
+	pos, err := cfg.parse(fs, args)
 	if err != nil {
 		return flagErr(err)
 	}
@@ -293,6 +305,9 @@ func checkFlagValues(cfg runConfig) error {
 	bad("wan-open", err)
 	bits, err := parseCTMarkBits(cfg.ctMarkBits)
 	bad("ct-mark-bits", err)
+	if cfg.fastPortsGiven && !cfg.fastPath {
+		errs = append(errs, errFastPortsAlone)
+	}
 	if cfg.fastPath {
 		if cfg.noFirewall {
 			bad("fast-path", errors.New("egressd: the fast path needs the firewall (it queues the connections), not --no-firewall"))
@@ -362,11 +377,15 @@ func firewallConfig(cfg runConfig, lans []string, wan, netns string) (firewall.C
 // proxy checks each SYN's port against the list.
 const maxFastPorts = 64
 
+// errFastPortsAlone is --fast-path-ports given without --fast-path, which
+// would do nothing (egressd run, firewall print).
+var errFastPortsAlone = errors.New("--fast-path-ports needs --fast-path")
+
 // fastPathFlags defines --fast-path and --fast-path-ports (egressd run,
 // and firewall print, which shows the ruleset run installs with them).
 func fastPathFlags(fs *flag.FlagSet, fast *bool, ports *string) {
 	fs.BoolVar(fast, "fast-path", false, "in enforce mode, decide new TLS connections to --fast-path-ports from their queued packets (NFQUEUE) and let the kernel forward those allowed instead of proxying them, where the address is one the DNS forwarder gave the client for a name the rule allows; others go to the proxy as before (needs the firewall)")
-	fs.StringVar(ports, "fast-path-ports", "443", "TCP ports whose new connections --fast-path decides (comma-separated, N or N-M; TLS only: plain HTTP keeps the proxy, which reads every request)")
+	fs.StringVar(ports, "fast-path-ports", "443", "TCP ports whose new connections --fast-path decides (comma-separated, N or N-M; TLS only: plain HTTP keeps the proxy, which reads every request; needs --fast-path)")
 }
 
 // parseFastPorts parses --fast-path-ports: TCP ports or ranges, at least

@@ -1,6 +1,7 @@
 package main
 
 import (
+	"context"
 	"io"
 	"slices"
 	"strings"
@@ -14,7 +15,7 @@ func TestFastPathFlags(t *testing.T) {
 		var cfg runConfig
 		fs := newFlags("run", io.Discard)
 		cfg.flags(fs)
-		if _, err := parseArgs(fs, args); err != nil {
+		if _, err := cfg.parse(fs, args); err != nil {
 			t.Fatal(err)
 		}
 		return cfg, checkFlagValues(cfg)
@@ -30,7 +31,14 @@ func TestFastPathFlags(t *testing.T) {
 		{[]string{"--fast-path", "--fast-path-ports", "1-1000"}, "more than 64 ports"},
 		{[]string{"--fast-path", "--fast-path-ports", "443/udp"}, "--fast-path-ports"},
 		{[]string{"--fast-path", "--ct-mark-bits", "0x00003000"}, "the fast path needs at least 3 tag bits"},
-		{[]string{"--no-firewall", "--fast-path-ports", "all"}, ""}, // without --fast-path the ports are not read
+		{[]string{"--fast-path", "--fast-path-ports", "443"}, ""},
+		// Without --fast-path the ports would do nothing: refused, the
+		// default too when it is given; not given, it is not read.
+		{[]string{"--fast-path-ports", "8443"}, "--fast-path-ports needs --fast-path"},
+		{[]string{"--fast-path-ports", "443"}, "--fast-path-ports needs --fast-path"},
+		{[]string{"--no-firewall", "--fast-path-ports", "all"}, "--fast-path-ports needs --fast-path"},
+		{[]string{"--fast-path=false", "--fast-path-ports", "443"}, "--fast-path-ports needs --fast-path"},
+		{[]string{"--no-firewall"}, ""},
 	} {
 		_, err := parse(tc.args...)
 		switch {
@@ -54,5 +62,19 @@ func TestFastPathFlags(t *testing.T) {
 	cfg, _ = parse()
 	if fc, _ := firewallConfig(cfg, nil, "", ""); fc.FastPath {
 		t.Error("the fast path is on without --fast-path")
+	}
+
+	// Both commands, as the operator runs them: a usage error, with the
+	// message, before anything starts.
+	for _, args := range [][]string{
+		{"run", "--no-firewall", "--state-dir", t.TempDir(), "--fast-path-ports", "8443"},
+		{"firewall", "print", "--mode", "enforce", "--lan", "lan0", "--fast-path-ports", "8443"},
+		{"firewall", "print", "--fast-path-ports", "443"},
+	} {
+		var out, errb strings.Builder
+		code := run(context.Background(), args, &out, &errb)
+		if code != exitUsage || !strings.Contains(errb.String(), "--fast-path-ports needs --fast-path") || out.Len() != 0 {
+			t.Errorf("egressd %s: exit %d, want %d saying --fast-path-ports needs --fast-path\nstdout: %s\nstderr: %s", strings.Join(args, " "), code, exitUsage, out.String(), errb.String())
+		}
 	}
 }
