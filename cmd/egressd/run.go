@@ -481,7 +481,8 @@ func newDaemon(cfg runConfig, stdout, stderr io.Writer) (*daemon, error) {
 		}
 	}
 	if !cfg.noFirewall {
-		d.prevPolicy, d.prevTCPPorts, d.prevCTMarkBits, d.prevFastPath = d.previousPolicy() // before savePolicy writes over the copy
+		prev := d.previousPolicy() // before savePolicy writes over the copy
+		d.prevPolicy, d.prevTCPPorts, d.prevCTMarkBits, d.prevFastPath = prev.eng, prev.tcpPorts, prev.markBits, prev.fastPath
 		d.prevPending = d.pendingPolicies()
 	}
 	eng, src, err := d.loadPolicy()
@@ -602,40 +603,53 @@ const firewallRecordVersion = 1
 // record's MarksPolicy instead of the copy when it names one (the copy
 // is of a run that put no enforce ruleset in); and the --ct-mark-bits
 // its marks are at (markBits: recorded, or this run's), and whether it
-// had the fast path (fastPath: recorded; nil when not known). Nil when there
+// had the fast path (fastPath: recorded; nil when not known). No eng when there
 // is none, or it does not compile (a newer egressd's, rolled back from):
 // said, and the tags are read as the new policy's.
-func (d *daemon) previousPolicy() (eng *policy.Engine, tcpPorts *[]policy.PortRange, markBits *uint32, fastPath *bool) {
-	eng, tcpPorts, nat64, markBits, fastPath := d.previousRecorded()
-	if eng == nil {
-		return nil, nil, nil, nil
+func (d *daemon) previousPolicy() recorded {
+	r := d.previousRecorded()
+	if r.eng == nil {
+		return recorded{}
 	}
-	if nat64 == nil {
+	if r.nat64 == nil {
 		// Checked by checkFlagValues.
 		this, _ := policy.ParseNAT64(d.cfg.nat64)
-		nat64 = &this
+		r.nat64 = &this
 	}
-	if markBits == nil {
+	if r.markBits == nil {
 		// Checked by checkFlagValues.
 		this, _ := parseCTMarkBits(d.cfg.ctMarkBits)
-		markBits = &this
+		r.markBits = &this
 	}
-	return eng.WithNAT64(*nat64), tcpPorts, markBits, fastPath
+	r.eng = r.eng.WithNAT64(*r.nat64)
+	return r
+}
+
+// recorded is the policy the egressd before this start ran with and
+// what its ruleset was rendered with, as previousRecorded reads them
+// (nil: not known); previousPolicy fills in this run's --nat64-prefix
+// and --ct-mark-bits for those not known.
+type recorded struct {
+	eng      *policy.Engine
+	tcpPorts *[]policy.PortRange
+	nat64    *[]netip.Prefix
+	markBits *uint32
+	fastPath *bool
 }
 
 // previousRecorded is previousPolicy's reading of the copy and the
 // record: the policy, and the --tcp-ports, --nat64-prefix,
 // --ct-mark-bits and --fast-path recorded for it (nil: not known).
-func (d *daemon) previousRecorded() (eng *policy.Engine, tcpPorts *[]policy.PortRange, nat64 *[]netip.Prefix, markBits *uint32, fastPath *bool) {
+func (d *daemon) previousRecorded() recorded {
 	p := filepath.Join(d.cfg.stateDir, runningPolicyFile)
 	src, err := os.ReadFile(p)
 	if err != nil {
-		return nil, nil, nil, nil, nil
+		return recorded{}
 	}
-	eng, err = policy.Compile(p, src)
+	eng, err := policy.Compile(p, src)
 	if err != nil {
 		d.log.Warn("the state directory's copy of the policy before this start does not compile; conntrack mark tags are read as the new policy's", audit.LogError, err.Error())
-		return nil, nil, nil, nil, nil
+		return recorded{}
 	}
 	rp := filepath.Join(d.cfg.stateDir, runningFirewallFile)
 	b, err := os.ReadFile(rp)
@@ -643,7 +657,7 @@ func (d *daemon) previousRecorded() (eng *policy.Engine, tcpPorts *[]policy.Port
 		if !errors.Is(err, os.ErrNotExist) {
 			d.log.Warn("cannot read the record of the --tcp-ports the policy before this start ran with; its tags are read with this run's", "file", rp, audit.LogError, err.Error())
 		}
-		return eng, nil, nil, nil, nil
+		return recorded{eng: eng}
 	}
 	var rec firewallRecord
 	sum := sha256.Sum256(src)
@@ -651,26 +665,27 @@ func (d *daemon) previousRecorded() (eng *policy.Engine, tcpPorts *[]policy.Port
 	switch err := json.Unmarshal(b, &rec); {
 	case err != nil:
 		d.log.Warn("the record of the --tcp-ports the policy before this start ran with does not parse; its tags are read with this run's", "file", rp, audit.LogError, err.Error())
-		return eng, nil, nil, nil, nil
+		return recorded{eng: eng}
 	case rec.Version != firewallRecordVersion:
 		d.log.Warn("the record of the --tcp-ports the policy before this start ran with is of another version; its tags are read with this run's", "file", rp, "version", rec.Version)
-		return eng, nil, nil, nil, nil
+		return recorded{eng: eng}
 	case rec.PolicySHA256 != hex.EncodeToString(sum[:]):
 		// The copy was written after the record (an audit-mode start, an
 		// egressd from before the record): not its ports.
 		d.log.Info("the record of --tcp-ports is of another copy of the policy; the tags of the policy before this start are read with this run's", "file", rp)
-		return eng, nil, nil, nil, nil
+		return recorded{eng: eng}
 	}
 	if ports, err = parseTCPPorts(rec.TCPPorts); err != nil {
 		d.log.Warn("the record of the --tcp-ports the policy before this start ran with does not parse; its tags are read with this run's", "file", rp, audit.LogError, err.Error())
-		return eng, nil, nil, nil, nil
+		return recorded{eng: eng}
 	}
+	r := recorded{eng: eng, tcpPorts: &ports, fastPath: rec.FastPath}
 	if rec.NAT64 != nil {
 		n, err := policy.ParseNAT64(*rec.NAT64)
 		if err != nil {
 			d.log.Warn("the record of the --nat64-prefix the policy before this start ran with does not parse; its rules are read with this run's", "file", rp, audit.LogError, err.Error())
 		} else {
-			nat64 = &n
+			r.nat64 = &n
 		}
 	}
 	if rec.CTMarkBits != "" {
@@ -678,7 +693,7 @@ func (d *daemon) previousRecorded() (eng *policy.Engine, tcpPorts *[]policy.Port
 		if err != nil {
 			d.log.Warn("the record of the --ct-mark-bits the policy before this start ran with does not parse; its marks are read at this run's", "file", rp, audit.LogError, err.Error())
 		} else {
-			markBits = &b
+			r.markBits = &b
 		}
 	}
 	if rec.MarksPolicy != "" {
@@ -687,11 +702,11 @@ func (d *daemon) previousRecorded() (eng *policy.Engine, tcpPorts *[]policy.Port
 		meng, err := policy.Compile(rp, []byte(rec.MarksPolicy))
 		if err != nil {
 			d.log.Warn("the policy whose ruleset marked the flows still out does not compile; conntrack mark tags are read as the new policy's", "file", rp, audit.LogError, err.Error())
-			return nil, nil, nil, nil, nil
+			return recorded{}
 		}
-		return meng, &ports, nat64, markBits, rec.FastPath
+		r.eng = meng
 	}
-	return eng, &ports, nat64, markBits, rec.FastPath
+	return r
 }
 
 // readFirewallRecord returns the record beside the copy when it is of
