@@ -148,6 +148,11 @@ type Config struct {
 	// given to New, it is read-only while the proxy runs, so parallel
 	// tests, each with its own proxy, do not share it.
 	fastDecided func(flowKey)
+	// fastWorker is a test hook: when it says so for a flow, its
+	// decision is a worker's even on a complete ClientHello (a test
+	// queues a segment while a worker decides, which the queue's
+	// goroutine, deciding, cannot take meanwhile).
+	fastWorker func(flowKey) bool
 }
 
 // Deps are the proxy's collaborators; cmd/ wires them.

@@ -15,6 +15,7 @@ import (
 
 	"egressd/audit"
 	"egressd/internal/nfq"
+	"egressd/internal/tlshello"
 	"egressd/policy"
 )
 
@@ -192,7 +193,23 @@ type fastFlow struct {
 	state   fastState
 	marked  bool // the connection's lasting mark was given (a NF_REPEAT)
 	expires time.Time
+	// runner is who decides the flow: nobody yet (its hello is not
+	// complete), the queue's goroutine (quick), or a worker (kick).
+	runner fastRunner
+	// quickWait: the quick decision's peek would have waited for bytes
+	// (errQuickWait); its result is not used.
+	quickWait bool
+	timer     *time.Timer // the first-byte wait: then a worker decides
 }
+
+// fastRunner is who decides a pending flow (fastFlow.runner).
+type fastRunner uint8
+
+const (
+	runNone   fastRunner = iota // nobody yet: the hello is not complete
+	runQuick                    // the queue's goroutine, on a complete hello
+	runWorker                   // a worker, which waits for bytes as the proxy does
+)
 
 // fastQueue serves one queue.
 type fastQueue struct {
@@ -261,7 +278,7 @@ func (p *Proxy) ServeQueue(ctx context.Context, q Queue) error {
 			fl.end = net.ErrClosed
 		}
 		fl.mu.Unlock()
-		fl.poke()
+		s.kick(fl)
 	}
 	s.mu.Unlock()
 	s.wg.Wait()
@@ -399,7 +416,7 @@ func (s *fastQueue) packet(pk nfq.Packet) {
 			fl.end = syscall.ECONNRESET
 		}
 		fl.mu.Unlock()
-		fl.poke()
+		s.kick(fl)
 		s.verdict(pk.ID, nfq.Accept, 0, false) // the server may forget the connection
 		return
 	}
@@ -434,7 +451,7 @@ func (s *fastQueue) packet(pk nfq.Packet) {
 			fl.refused = errFastHeld
 		}
 		fl.mu.Unlock()
-		fl.poke()
+		s.kick(fl)
 		s.verdict(pk.ID, nfq.Drop, 0, false)
 		return
 	}
@@ -446,7 +463,7 @@ func (s *fastQueue) packet(pk nfq.Packet) {
 		fl.l2 = nfq.L2Of(pk)
 	}
 	fl.mu.Unlock()
-	fl.poke()
+	s.kick(fl)
 }
 
 // cut answers pk, a segment of fl (allowed, fl.mu held; cut unlocks it)
@@ -559,7 +576,7 @@ func (s *fastQueue) syn(seg nfq.TCPSegment, l2 nfq.L2) synAnswer {
 		if live {
 			s.mu.Unlock()
 			if !same {
-				fl.poke()
+				s.kick(fl)
 				p.met.fastSYNs.WithLabelValues("isn-mismatch").Inc()
 				return synDrop
 			}
@@ -636,24 +653,139 @@ func (s *fastQueue) declines(seg nfq.TCPSegment, full bool, l2 nfq.L2) string {
 		wake: make(chan struct{}, 1), asm: newReassembler(seg.Seq, p.cfg.HelloMaxBytes), l2: l2,
 		share: peekShare{b: p.peekMem, client: client, keyOf: p.keyOf}}
 	fl.asm.share = &fl.share
+	s.wg.Add(1) // until concluded
 	s.mu.Lock()
 	s.flows[fl.key] = fl
 	p.met.fastFlows.Set(float64(len(s.flows)))
 	s.mu.Unlock()
-	s.wg.Add(1)
-	p.work.run(func() {
-		defer s.wg.Done()
-		s.decide(fl)
-	})
+	// Nobody waits for the client's first bytes: the segment that
+	// completes its hello has the queue's goroutine decide (kick, quick);
+	// a client silent for the first-byte wait has a worker decide (on
+	// the address, as the proxy does), and so has a flow whose bytes
+	// need waiting for (not TLS, a stream that ended or was refused).
+	fl.mu.Lock()
+	fl.timer = time.AfterFunc(min(p.cfg.FirstByteWait, p.cfg.HelloTimeout), func() { s.toWorker(fl) })
+	fl.mu.Unlock()
 	return ""
 }
 
-// decide runs the transparent proxy's peek and decision on fl's stream,
-// then gives the held packets their verdicts.
+// kick has fl decided when it can be: a worker that runs already is
+// woken; with nobody deciding yet, a complete ClientHello is decided at
+// once on the caller's goroutine (quick), and a stream that needs waiting
+// for (other bytes than TLS, ended, refused) gets a worker. A hello not
+// complete yet waits for its next segment, or the first-byte wait.
+func (s *fastQueue) kick(fl *fastFlow) {
+	fl.mu.Lock()
+	switch fl.runner {
+	case runWorker:
+		fl.mu.Unlock()
+		fl.poke()
+		return
+	case runQuick:
+		fl.mu.Unlock()
+		return
+	}
+	if fl.state != fastPending {
+		fl.mu.Unlock()
+		return
+	}
+	b := fl.asm.ready(0)
+	switch {
+	case fl.refused != nil || fl.end != nil || fl.fin || len(b) > 0 && b[0] != 0x16:
+		fl.runner = runWorker
+	case len(b) == 0:
+		fl.mu.Unlock()
+		return
+	default:
+		if _, err := tlshello.Read(b, nil); err == tlshello.ErrShort {
+			fl.mu.Unlock()
+			return
+		}
+		fl.runner = runQuick
+		if h := s.p.cfg.fastWorker; h != nil && h(fl.key) {
+			fl.runner = runWorker
+		}
+	}
+	quick := fl.runner == runQuick
+	fl.mu.Unlock()
+	if quick {
+		s.quick(fl)
+		return
+	}
+	s.p.work.run(func() { s.decide(fl) })
+}
+
+// toWorker has a worker decide fl, unless someone decides it already:
+// the first-byte wait ended.
+func (s *fastQueue) toWorker(fl *fastFlow) {
+	fl.mu.Lock()
+	switch fl.runner {
+	case runQuick, runWorker:
+		fl.mu.Unlock()
+		return // quick hands the flow to a worker if it must wait
+	}
+	fl.runner = runWorker
+	fl.mu.Unlock()
+	s.p.work.run(func() { s.decide(fl) })
+}
+
+// errQuickWait: the quick decision's stream has no more bytes now, and a
+// worker must wait for them. It is not expected (quick starts on a hello
+// tlshello has whole), but if the peek reads further the decision is
+// left to a worker, from the stream's start.
+var errQuickWait = errors.New("proxy: fast path: the stream needs waiting for")
+
+// quick decides fl on the queue's goroutine, whose segment completed its
+// ClientHello: no worker is woken. The server name is vouched for by
+// local facts only (our DNS's answers, CIDR rules); where only a fresh
+// lookup could vouch for it, a worker looks up, as the proxy would.
+func (s *fastQueue) quick(fl *fastFlow) {
+	p := s.p
+	kind, v, head := p.peek(flowStream{fl, true}, fl.at.eng, fl.in, fl.start, false, vouchLocal)
+	fl.mu.Lock()
+	waits := fl.quickWait
+	if waits {
+		// Undone: the worker reads the stream from its start.
+		fl.quickWait, fl.read = false, 0
+		fl.runner = runWorker
+	}
+	fl.mu.Unlock()
+	if waits {
+		head.rec.share.release()
+		p.work.run(func() { s.decide(fl) })
+		return
+	}
+	if kind == kindTLS && v.how == byName && v.d.Reason == ReasonSNIMismatch && p.deps.Resolver != nil {
+		fl.mu.Lock()
+		fl.runner = runWorker
+		fl.mu.Unlock()
+		p.work.run(func() {
+			v := p.decideNameVouched(context.Background(), fl.at.eng, v.in, v.src, vouchLookup)
+			s.conclude(fl, kind, v, head, false)
+		})
+		return
+	}
+	s.conclude(fl, kind, v, head, true)
+}
+
+// decide runs the transparent proxy's peek and decision on fl's stream
+// (a worker), then gives the held packets their verdicts.
 func (s *fastQueue) decide(fl *fastFlow) {
+	kind, v, head := s.p.peek(flowStream{fl, false}, fl.at.eng, fl.in, fl.start, false, vouchLookup)
+	s.conclude(fl, kind, v, head, false)
+}
+
+// conclude gives fl's held packets their verdicts on what the peek read
+// and decided, and records the connection.
+func (s *fastQueue) conclude(fl *fastFlow, kind streamKind, v verdict, head peekResult, onQueue bool) {
 	p := s.p
 	eng := fl.at.eng
-	kind, v, head := p.peek(flowStream{fl}, eng, fl.in, fl.start, false)
+	defer s.wg.Done()
+	if onQueue {
+		p.met.fastOnQueue.Inc()
+	} else {
+		p.met.fastOnWorker.Inc()
+	}
 	defer head.rec.share.release()
 	p.met.peek.Observe(time.Since(fl.start).Seconds())
 
@@ -724,6 +856,7 @@ func (s *fastQueue) decide(fl *fastFlow) {
 		kind = kindTLS
 	}
 	srvNext, haveSrv, l2 := fl.srvNext, fl.haveSrv, fl.l2
+	fl.timer.Stop()
 	fl.mu.Unlock()
 	s.unhold(fl.key.client.Addr().Unmap(), len(held))
 
@@ -800,7 +933,10 @@ func (fl *fastFlow) poke() {
 
 // flowStream is the peek's view of a fast flow: the client's bytes as
 // reassembled (peekSource).
-type flowStream struct{ fl *fastFlow }
+type flowStream struct {
+	fl    *fastFlow
+	quick bool // the queue's goroutine reads: it must not wait (errQuickWait)
+}
 
 func (s flowStream) Read(b []byte) (int, error) {
 	fl := s.fl
@@ -823,6 +959,11 @@ func (s flowStream) Read(b []byte) (int, error) {
 		case fl.fin && fl.read >= fl.finOff:
 			fl.mu.Unlock()
 			return 0, io.EOF
+		}
+		if s.quick {
+			fl.quickWait = true
+			fl.mu.Unlock()
+			return 0, errQuickWait
 		}
 		dl := fl.deadline
 		fl.mu.Unlock()

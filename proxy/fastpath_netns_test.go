@@ -165,7 +165,7 @@ func TestFastPathKernel(t *testing.T) {
 	syns := func(result string) float64 { return fastSYNs(tp.proxy, result) }
 
 	t.Run("allowed", func(t *testing.T) {
-		fast := syns("fast")
+		fast, onQueue := syns("fast"), counterValue(tp.proxy.met.fastOnQueue)
 		c := tp.dialAtFirstWrite(t, dest)
 		body, err := tp.tlsGet(c, "www.allowed.test", "/fast", nil)
 		if err != nil || !strings.Contains(body, "sni=www.allowed.test") {
@@ -177,6 +177,10 @@ func TestFastPathKernel(t *testing.T) {
 		}
 		if got := syns("fast") - fast; got != 1 {
 			t.Errorf("fast_syns_total{result=fast} rose by %v, want 1", got)
+		}
+		// Go's hello is one segment: the queue's goroutine decides it.
+		if got := counterValue(tp.proxy.met.fastOnQueue) - onQueue; got != 1 {
+			t.Errorf("fast_decisions_total{on=queue} rose by %v, want 1", got)
 		}
 	})
 

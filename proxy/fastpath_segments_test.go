@@ -214,6 +214,9 @@ func TestFastPathKernelLateSegment(t *testing.T) {
 	tp := newTopo(t, topoOpts{fastQueue: 3304,
 		config: func(c *Config) {
 			c.FirstByteWait = 5 * time.Second
+			// A worker decides: the hook waits for the tap, which runs
+			// on the queue's goroutine.
+			c.fastWorker = func(flowKey) bool { return true }
 			c.fastDecided = func(k flowKey) {
 				if a := target.Load(); a == nil || k.client != *a {
 					return

@@ -14,6 +14,7 @@ import (
 	"testing"
 	"time"
 
+	"github.com/prometheus/client_golang/prometheus"
 	dto "github.com/prometheus/client_model/go"
 
 	"egressd/audit"
@@ -180,6 +181,9 @@ type fastRig struct {
 	// decided is what the proxy's Config.fastDecided hook calls (nil:
 	// nothing): a subtest sets it while the rig's proxy runs.
 	decided atomic.Pointer[func(flowKey)]
+	// worker is the client whose flows a worker decides
+	// (Config.fastWorker), if any.
+	worker atomic.Pointer[netip.AddrPort]
 }
 
 func newFastRig(t *testing.T) *fastRig {
@@ -197,8 +201,15 @@ func newFastRig(t *testing.T) *fastRig {
 			(*h)(k)
 		}
 	}
-	r.p, err = New(Config{FastMarks: fastMarks, OwnAddrs: []netip.Addr{gwLanV4}, FirstByteWait: 5 * time.Second, HelloTimeout: 8 * time.Second, fastDecided: decided},
-		Deps{Policy: policy.NewStore(eng), DNS: f, Sink: r.evs, Inject: r.inj, Logger: slog.New(slog.NewTextHandler(io.Discard, nil))})
+	worker := func(k flowKey) bool {
+		w := r.worker.Load()
+		return w != nil && *w == k.client
+	}
+	r.p, err = New(Config{FastMarks: fastMarks, OwnAddrs: []netip.Addr{gwLanV4}, FirstByteWait: 5 * time.Second, HelloTimeout: 8 * time.Second, fastDecided: decided, fastWorker: worker},
+		Deps{Policy: policy.NewStore(eng), DNS: f, Sink: r.evs, Inject: r.inj, Logger: slog.New(slog.NewTextHandler(io.Discard, nil)),
+			// A fresh lookup vouches for one server name of another rule
+			// toward spoofV4 (given out for www.allowed.test).
+			Resolver: startDNS(t, map[string][]netip.Addr{"ech-front.allowed-ech.test": {spoofV4}})})
 	if err != nil {
 		t.Fatal(err)
 	}
@@ -264,6 +275,13 @@ func (r *fastRig) stream(client, dest netip.AddrPort, isn uint32, b []byte, seg 
 	return ids
 }
 
+// counterValue is c's value.
+func counterValue(c prometheus.Counter) float64 {
+	var m dto.Metric
+	_ = c.Write(&m)
+	return m.GetCounter().GetValue()
+}
+
 // fastSYNs is egress_proxy_fast_syns_total{result}.
 func fastSYNs(p *Proxy, result string) float64 {
 	var m dto.Metric
@@ -322,6 +340,9 @@ func TestServeQueue(t *testing.T) {
 		reason    string
 		nameWant  string
 		answer    []byte // the deny answer sent to the client
+		// worker: a worker decides (else the queue's goroutine, on the
+		// segment that completes the ClientHello: fast_decisions).
+		worker bool
 	}{
 		{name: "tls 8 bytes a segment", client: clientV4, dest: netip.AddrPortFrom(srvV4, 443), bytes: goClientHello(t, "www.allowed.test"), seg: 8, allowed: true, nameWant: "www.allowed.test"},
 		// A byte a segment, a hello is more packets than one client may
@@ -335,14 +356,21 @@ func TestServeQueue(t *testing.T) {
 		// connection's later requests unread (C6). A request the proxy
 		// would allow is refused fast-path-http; one it would deny keeps
 		// its reason.
-		{name: "http-allowed-host", client: clientV4, dest: netip.AddrPortFrom(srvV4, 443), bytes: []byte("GET /x HTTP/1.1\r\nHost: www.allowed.test\r\n\r\n"), seg: 3, reason: ReasonFastPathHTTP, nameWant: "www.allowed.test", answer: []byte("HTTP/1.1 403 Forbidden\r\n")},
+		{name: "http-allowed-host", client: clientV4, dest: netip.AddrPortFrom(srvV4, 443), bytes: []byte("GET /x HTTP/1.1\r\nHost: www.allowed.test\r\n\r\n"), seg: 3, reason: ReasonFastPathHTTP, nameWant: "www.allowed.test", answer: []byte("HTTP/1.1 403 Forbidden\r\n"), worker: true},
 		// Neither TLS nor HTTP (a device's VPN over 443): by the address,
 		// as the proxy decides it.
-		{name: "other-bytes", client: clientV4, dest: netip.AddrPortFrom(srvV4, 443), bytes: []byte("\x00\x38vpn handshake, not tls, not http"), seg: 100, allowed: true, nameWant: "www.allowed.test"},
+		{name: "other-bytes", client: clientV4, dest: netip.AddrPortFrom(srvV4, 443), bytes: []byte("\x00\x38vpn handshake, not tls, not http"), seg: 100, allowed: true, nameWant: "www.allowed.test", worker: true},
 		{name: "duplicate sni", client: clientV4, dest: netip.AddrPortFrom(srvV4, 443), bytes: hellotest.Build(hellotest.SNIExt("www.allowed.test", "evil.example")), seg: 40, reason: ReasonDuplicateSNI, answer: tlsAlertAccessDenied},
-		{name: "sni of another rule", client: clientV4, dest: netip.AddrPortFrom(srvV4, 443), bytes: goClientHello(t, "ech-front.allowed-ech.test"), seg: 600, reason: ReasonSNIMismatch, nameWant: "ech-front.allowed-ech.test", answer: tlsAlertAccessDenied},
+		{name: "sni of another rule", client: clientV4, dest: netip.AddrPortFrom(srvV4, 443), bytes: goClientHello(t, "ech-front.allowed-ech.test"), seg: 600, reason: ReasonSNIMismatch, nameWant: "ech-front.allowed-ech.test", answer: tlsAlertAccessDenied, worker: true},
 		{name: "sni denied", client: clientV4, dest: netip.AddrPortFrom(srvV4, 443), bytes: goClientHello(t, "evil.example"), seg: 600, reason: policy.ReasonNoRule, nameWant: "evil.example", answer: tlsAlertAccessDenied},
-		{name: "http-denied-host", client: clientV4, dest: netip.AddrPortFrom(srvV4, 443), bytes: []byte("GET / HTTP/1.1\r\nHost: evil.example\r\n\r\n"), seg: 10, reason: policy.ReasonNoRule, nameWant: "evil.example", answer: []byte("HTTP/1.1 403 Forbidden\r\n")},
+		{name: "http-denied-host", client: clientV4, dest: netip.AddrPortFrom(srvV4, 443), bytes: []byte("GET / HTTP/1.1\r\nHost: evil.example\r\n\r\n"), seg: 10, reason: policy.ReasonNoRule, nameWant: "evil.example", answer: []byte("HTTP/1.1 403 Forbidden\r\n"), worker: true},
+		// A server name of another rule than the name given out: local
+		// facts do not vouch for it, so a worker asks a fresh lookup
+		// (the queue's goroutine does not wait on one), which vouches
+		// toward spoofV4 (above: refused toward srvV4).
+		{name: "sni vouched by a lookup", client: clientV4, dest: netip.AddrPortFrom(spoofV4, 443), bytes: goClientHello(t, "ech-front.allowed-ech.test"), seg: 600, allowed: true, nameWant: "ech-front.allowed-ech.test", worker: true},
+		// Another name of the same rule: vouched by the name given out.
+		{name: "sni of the same rule", client: clientV4, dest: netip.AddrPortFrom(srvV4, 443), bytes: goClientHello(t, "api.allowed.test"), seg: 2000, allowed: true, nameWant: "api.allowed.test"},
 	} {
 		t.Run(c.name, func(t *testing.T) {
 			client := next(c.client)
@@ -350,9 +378,16 @@ func TestServeQueue(t *testing.T) {
 			if syn != pending {
 				t.Fatalf("SYN: verdict %+v, want %+v", syn, pending)
 			}
+			onQueue, onWorker := counterValue(r.p.met.fastOnQueue), counterValue(r.p.met.fastOnWorker)
 			ids := r.stream(client, c.dest, isn, c.bytes, c.seg, c.backwards)
 			ev := r.evs.wait(t, "of the flow", func(ev audit.Event) bool { return ev.ClientPort == client.Port() })
 			got := r.q.wait(t, ids)
+			if c.reason != ReasonLimit { // refused while the hello came: a worker, or the queue
+				q, w := counterValue(r.p.met.fastOnQueue)-onQueue, counterValue(r.p.met.fastOnWorker)-onWorker
+				if want := [2]float64{1, 0}; c.worker && [2]float64{q, w} != [2]float64{0, 1} || !c.worker && [2]float64{q, w} != want {
+					t.Errorf("decided on the queue %v times, on a worker %v, want worker %v", q, w, c.worker)
+				}
+			}
 			if c.allowed {
 				// Released in sequence order, the last one marked: an
 				// out-of-order segment reaching the server first could be
@@ -495,7 +530,11 @@ func TestServeQueue(t *testing.T) {
 		// A segment with other bytes queued while the decision is being
 		// made (after the peek, before the held packets' verdicts) must
 		// not be released with them as allowed: the connection is refused.
+		// A worker decides (the queue's goroutine, deciding a complete
+		// hello itself, takes no segment meanwhile).
 		client, dest := next(clientV4), netip.AddrPortFrom(srvV4, 443)
+		r.worker.Store(&client)
+		t.Cleanup(func() { r.worker.Store(nil) })
 		_, isn := r.connect(t, client, dest)
 		hello := goClientHello(t, "www.allowed.test")
 		other := bytes.Clone(hello[:50])

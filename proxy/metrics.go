@@ -20,6 +20,9 @@ type metrics struct {
 	fastVerdicts *prometheus.CounterVec // verdict
 	fastErrors   *prometheus.CounterVec // op
 	fastFlows    prometheus.Gauge
+	fastDecided  *prometheus.CounterVec // on
+	// The series of fastDecided, resolved once.
+	fastOnQueue, fastOnWorker prometheus.Counter
 	// The hellos series of each parser, resolved once: the peek counts
 	// every TLS connection.
 	helloFast, helloTLS prometheus.Counter
@@ -80,6 +83,10 @@ func newMetrics(reg prometheus.Registerer) (*metrics, error) {
 			Namespace: "egress", Subsystem: "proxy", Name: "fast_errors_total",
 			Help: "Fast-path failures, by op: verdict (the queue refused a verdict), parse (a queued packet that is not TCP the fast path reads), unknown-flow (a queued segment of no flow the table holds: denied), inject (a deny answer or reset not sent), serve (the queue's reader failed).",
 		}, []string{"op"}),
+		fastDecided: prometheus.NewCounterVec(prometheus.CounterOpts{
+			Namespace: "egress", Subsystem: "proxy", Name: "fast_decisions_total",
+			Help: "Fast connections decided, by where: queue (on the queue's reader, by the segment that completed the ClientHello: no goroutine woken) or worker (a worker that waited for the client's bytes: a silent client, bytes that are not TLS, a stream that ended or was refused, a server name only a fresh lookup vouches for).",
+		}, []string{"on"}),
 		fastFlows: prometheus.NewGauge(prometheus.GaugeOpts{
 			Namespace: "egress", Subsystem: "proxy", Name: "fast_flows",
 			Help: "Connections in the fast path's flow table: being decided, or decided in the last 30 s.",
@@ -93,8 +100,10 @@ func newMetrics(reg prometheus.Registerer) (*metrics, error) {
 	}
 	m.helloFast = m.hellos.WithLabelValues("fast")
 	m.helloTLS = m.hellos.WithLabelValues("crypto-tls")
+	m.fastOnQueue = m.fastDecided.WithLabelValues("queue")
+	m.fastOnWorker = m.fastDecided.WithLabelValues("worker")
 	if reg != nil {
-		for _, c := range []prometheus.Collector{m.conns, m.active, m.bytes, m.limitHits, m.peek, m.conntrack, m.requests, m.hellos, m.revoked, m.reopens, m.fastSYNs, m.fastVerdicts, m.fastErrors, m.fastFlows} {
+		for _, c := range []prometheus.Collector{m.conns, m.active, m.bytes, m.limitHits, m.peek, m.conntrack, m.requests, m.hellos, m.revoked, m.reopens, m.fastSYNs, m.fastVerdicts, m.fastErrors, m.fastFlows, m.fastDecided} {
 			if err := reg.Register(c); err != nil {
 				return nil, err
 			}

@@ -161,7 +161,7 @@ func (p *Proxy) handleTransparent(c *net.TCPConn, ours bool) {
 		p.setKeepAlive(c)
 	}
 
-	kind, v, head := p.peek(c, eng, in, start, ours && p.deferAccept)
+	kind, v, head := p.peek(c, eng, in, start, ours && p.deferAccept, vouchLookup)
 	defer head.rec.share.release() // the recording is replayed by then
 	p.met.peek.Observe(time.Since(start).Seconds())
 	f.ev.Stamp(v.d)
@@ -365,8 +365,11 @@ type peekSource interface {
 
 // peek reads the first bytes within the hello deadline and decides.
 // deferred: c is a *net.TCPConn accepted under TCP_DEFER_ACCEPT
-// (firstBytes).
-func (p *Proxy) peek(c peekSource, eng *policy.Engine, in policy.Input, start time.Time, deferred bool) (streamKind, verdict, peekResult) {
+// (firstBytes). how says how a ClientHello's server name vouches for the
+// destination (decideNameVouched): vouchLookup for a new connection;
+// the fast path's decision on the queue's goroutine, which must not
+// wait on a lookup, asks vouchLocal first (fastQueue.quick).
+func (p *Proxy) peek(c peekSource, eng *policy.Engine, in policy.Input, start time.Time, deferred bool, how vouchBy) (streamKind, verdict, peekResult) {
 	rc := &recorder{r: c, max: p.cfg.HelloMaxBytes, share: peekShare{b: p.peekMem, client: in.Client, keyOf: p.keyOf}}
 	res := peekResult{rec: rc}
 	defer c.SetReadDeadline(time.Time{})
@@ -435,7 +438,7 @@ func (p *Proxy) peek(c peekSource, eng *policy.Engine, in policy.Input, start ti
 			sni = n
 		}
 		in.Name = sni
-		return kindTLS, p.decideName(ctx, eng, in, audit.NameSNI), res
+		return kindTLS, p.decideNameVouched(ctx, eng, in, audit.NameSNI, how), res
 	}
 	for {
 		yes, more := looksHTTP(rc.buf)
