@@ -38,9 +38,12 @@ import (
 //     proxy, as without the fast path). The SYN's sequence number (ISN)
 //     starts the flow;
 //   - the client's segments of a fast flow are held (no verdict) and
-//     reassembled from ISN+1 (reassembler); a worker runs the transparent
-//     proxy's own peek and decision (peek, through flowStream) on that
-//     stream, within the same first-byte wait and hello deadline. A
+//     reassembled from ISN+1 (reassembler); the transparent proxy's own
+//     peek and decision (peek, through flowStream) run on that stream,
+//     within the same first-byte wait and hello deadline: on the queue's
+//     goroutine when a segment completes the ClientHello (kick, quick),
+//     else on a worker (a silent client, other bytes, a stream ended or
+//     refused, a server name only a fresh lookup vouches for). A
 //     segment the reassembler refuses (before ISN+1, other bytes where
 //     bytes were held, past HelloMaxBytes) denies the flow,
 //     ReasonStreamMismatch;
@@ -200,6 +203,69 @@ type fastFlow struct {
 	// (errQuickWait); its result is not used.
 	quickWait bool
 	timer     *time.Timer // the first-byte wait: then a worker decides
+	scan      helloScan   // kick's walk of the hello's records
+}
+
+// helloScan is kick's walk of a pending flow's stream for a complete
+// ClientHello: the records it has walked are not walked again, so that a
+// hello cut into many segments costs the queue's goroutine (which reads
+// every connection's packets) each byte once, not a parse of the stream
+// from its start per segment (quadratic in the segments).
+type helloScan struct {
+	off     int     // the stream's offset of the next record's header
+	headers int     // bytes of the record headers walked
+	body    int     // handshake bytes of the records walked
+	hdr     [4]byte // the handshake message's header, as far as walked
+	nhdr    int
+}
+
+// short reports whether b, the stream from its start (longer at each
+// call, the same bytes before), is the start of a ClientHello that more
+// bytes can complete: what tlshello.Read says with ErrShort, whose checks
+// it mirrors. false: the hello is whole, or not one (tlshello.Read then
+// says which).
+func (h *helloScan) short(b []byte) bool {
+	const recordHandshake, typeClientHello = 0x16, 1
+	for {
+		rest := b[h.off:]
+		if len(rest) < 5 {
+			if len(rest) >= 1 && rest[0] != recordHandshake || len(rest) >= 2 && rest[1] >= 0x10 {
+				return false
+			}
+			return h.headers+h.body+5+1 <= tlshello.MaxBytes
+		}
+		if rest[0] != recordHandshake || rest[1] >= 0x10 {
+			return false
+		}
+		n := int(rest[3])<<8 | int(rest[4])
+		if n == 0 || n > tlshello.MaxRecord {
+			return false
+		}
+		headers, body := h.headers+5, h.body+n
+		frag := rest[5:min(len(rest), 5+n)]
+		hdr, nhdr := h.hdr, h.nhdr
+		for i := 0; nhdr < len(hdr) && i < len(frag); i++ {
+			hdr[nhdr] = frag[i]
+			nhdr++
+		}
+		if nhdr >= 1 && hdr[0] != typeClientHello {
+			return false
+		}
+		m := 4 + (int(hdr[1])<<16 | int(hdr[2])<<8 | int(hdr[3]))
+		if nhdr == len(hdr) {
+			if more := m - body; more > 0 && headers+5*((more+tlshello.MaxRecord-1)/tlshello.MaxRecord)+m > tlshello.MaxBytes {
+				return false
+			}
+		}
+		if headers+body > tlshello.MaxBytes || len(frag) < n {
+			return headers+body <= tlshello.MaxBytes // a partial record: short
+		}
+		h.off += 5 + n
+		h.headers, h.body, h.hdr, h.nhdr = headers, body, hdr, nhdr
+		if nhdr == len(hdr) && body >= m {
+			return false
+		}
+	}
 }
 
 // fastRunner is who decides a pending flow (fastFlow.runner).
@@ -598,7 +664,8 @@ func (s *fastQueue) syn(seg nfq.TCPSegment, l2 nfq.L2) synAnswer {
 }
 
 // declines returns why seg's connection is not fast ("" when it is,
-// then its flow is in the table and decided by a worker).
+// then its flow is in the table, decided when kick or its first-byte
+// wait says).
 func (s *fastQueue) declines(seg nfq.TCPSegment, full bool, l2 nfq.L2) string {
 	p := s.p
 	switch {
@@ -697,11 +764,17 @@ func (s *fastQueue) kick(fl *fastFlow) {
 		fl.mu.Unlock()
 		return
 	default:
-		if _, err := tlshello.Read(b, nil); err == tlshello.ErrShort {
+		if fl.scan.short(b) {
 			fl.mu.Unlock()
 			return
 		}
+		s.p.fastScanned.Add(int64(fl.scan.headers + fl.scan.body + len(b)))
 		fl.runner = runQuick
+		if _, err := tlshello.Read(b, nil); err == tlshello.ErrShort {
+			// The walk and tlshello disagree (not expected: short
+			// mirrors it): a worker reads the hello, as the proxy does.
+			fl.runner = runWorker
+		}
 		if h := s.p.cfg.fastWorker; h != nil && h(fl.key) {
 			fl.runner = runWorker
 		}

@@ -19,6 +19,7 @@ import (
 
 	"egressd/audit"
 	"egressd/internal/nfq"
+	"egressd/internal/tlshello"
 	"egressd/internal/tlshello/hellotest"
 	"egressd/policy"
 )
@@ -633,6 +634,68 @@ func TestServeQueue(t *testing.T) {
 		id := r.send(hookForward, tcpPacket(client, netip.AddrPortFrom(srvV4, 443), 7, 9, nfq.ACK, []byte("x")))
 		if g := r.q.wait(t, []uint32{id})[0]; g != (gotVerdict{v: nfq.Repeat, mark: fastMarks.Denied | operatorBit, setMark: true}) {
 			t.Fatalf("segment of no flow: verdict %+v, want repeat denied", g)
+		}
+	})
+}
+
+// A ClientHello dribbled in many segments (here in records of a byte,
+// a few records a segment) is looked at once by the queue's goroutine,
+// which reads every connection's packets: each segment's kick walks the
+// records it completes, not the stream from its start again (that made a
+// hello of n segments cost n parses there, quadratic in its length).
+func TestServeQueueDribbledHelloScannedOnce(t *testing.T) {
+	r := newFastRig(t)
+	client, dest := netip.AddrPortFrom(clientV4, 41000), netip.AddrPortFrom(srvV4, 443)
+	hello := hellotest.Refragment(goClientHello(t, "www.allowed.test"), 1)
+	seg := len(hello)/200 + 1 // 200 segments: fewer than a client may hold (fastHeldPerClient)
+	syn, isn := r.connect(t, client, dest)
+	if syn.mark != fastMarks.Pending|operatorBit {
+		t.Fatalf("SYN: verdict %+v, want pending", syn)
+	}
+	onQueue := counterValue(r.p.met.fastOnQueue)
+	ids := r.stream(client, dest, isn, hello, seg, false)
+	ev := r.evs.wait(t, "of the flow", func(ev audit.Event) bool { return ev.ClientPort == client.Port() })
+	checkAllowed(t, r.q.wait(t, ids))
+	if ev.Verdict != policy.Allow || ev.Name != "www.allowed.test" {
+		t.Errorf("event %+v: want allowed, www.allowed.test", ev)
+	}
+	if got := counterValue(r.p.met.fastOnQueue) - onQueue; got != 1 {
+		t.Errorf("fast_decisions_total{on=queue} rose by %v, want 1", got)
+	}
+	// Each record walked once, then one parse of the whole hello.
+	if got, most := r.p.fastScanned.Load(), int64(3*len(hello)); got > most {
+		t.Errorf("the queue's goroutine looked at %d bytes for a hello of %d in %d segments, want at most %d", got, len(hello), len(ids), most)
+	}
+}
+
+// FuzzHelloScan: kick's walk, given a stream that grows by cuts, says
+// short exactly where tlshello.Read says ErrShort.
+func FuzzHelloScan(f *testing.F) {
+	hello := hellotest.Build(hellotest.SNIExt("www.allowed.test"))
+	f.Add(hello, []byte{3, 40})
+	f.Add(hellotest.Refragment(hello, 1), []byte{7, 7, 7})
+	f.Add(hellotest.Refragment(hello, 10), []byte{1, 0, 200})
+	f.Add(hellotest.Build(hellotest.SNIExt("a.test"), hellotest.Ext(0x0015, make([]byte, 20<<10))), []byte{255, 255})
+	f.Add([]byte("\x16\x03\x01\x00\x05\x02\x00\x00\x01\x00"), []byte{5})
+	f.Add([]byte("GET / HTTP/1.1\r\n"), []byte{1})
+	f.Fuzz(func(t *testing.T, stream, cuts []byte) {
+		var h helloScan
+		at := 0
+		for i := 0; ; i++ {
+			step := len(stream) - at
+			if i < len(cuts) {
+				step = min(step, int(cuts[i])*8+1)
+			}
+			at += step
+			b := stream[:at]
+			short := h.short(b)
+			_, err := tlshello.Read(b, nil)
+			if short != (err == tlshello.ErrShort) {
+				t.Fatalf("%d bytes (cut %d): short %v, tlshello.Read %v", at, i, short, err)
+			}
+			if !short || at == len(stream) {
+				return
+			}
 		}
 	})
 }

@@ -138,6 +138,10 @@ type Proxy struct {
 	explicitErr error
 
 	work workers // runs handleTransparent and the tunnels' ends
+	// fastScanned counts the stream bytes the fast path's queue goroutine
+	// has looked at for a complete ClientHello (fastQueue.kick): a test
+	// bounds it by the bytes the client sent.
+	fastScanned atomic.Int64
 
 	// live are the forwarded connections a reload decides again and
 	// the live report lists open (*liveConn → struct{}), each until its
