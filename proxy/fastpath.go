@@ -468,11 +468,28 @@ func (s *fastQueue) packet(pk nfq.Packet) {
 		}
 		first := !fl.marked
 		fl.marked = true
+		// A flow refused with nothing held (a second SYN with another
+		// ISN, a segment past the held bound) had no segment whose ack
+		// says where the server is, so nobody was answered at the
+		// decision: its first segment after is (else the client waits
+		// out its own timeout).
+		answer := first && fl.state == fastDenied && seg.Flags&(nfq.ACK|nfq.RST) == nfq.ACK
+		l2, cliSeq := fl.l2, fl.asm.first
+		if pk.HWAddrLen > 0 {
+			l2 = nfq.L2Of(pk)
+		}
 		fl.mu.Unlock()
 		if first {
 			s.verdict(pk.ID, nfq.Repeat, s.withMark(pk.Mark, m), true)
 		} else {
 			s.verdict(pk.ID, v, 0, false)
+		}
+		if answer {
+			var alert []byte
+			if seg.Seq == cliSeq && len(seg.Payload) > 0 && seg.Payload[0] == 0x16 {
+				alert = tlsAlertAccessDenied // the start of a TLS stream
+			}
+			s.resets(l2, fl.key.client, fl.key.dest, cliSeq, seg.Ack, seg.Seq+uint32(len(seg.Payload)), alert)
 		}
 		return
 	}

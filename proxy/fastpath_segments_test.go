@@ -5,7 +5,6 @@ import (
 	"errors"
 	"net"
 	"net/netip"
-	"os"
 	"sync"
 	"sync/atomic"
 	"syscall"
@@ -163,7 +162,7 @@ func TestFastPathKernelSecondSYN(t *testing.T) {
 	// The client's own SYN, sent again, makes the connection; its hello
 	// is dropped (the connection is denied): the server reads nothing, the
 	// client gets no answer.
-	read, accepted := tp.tlsSrv.read.Load(), tp.tlsSrv.accepted.Load()
+	read, accepted, ended := tp.tlsSrv.read.Load(), tp.tlsSrv.accepted.Load(), tp.tlsSrv.ended.Load()
 	open()
 	var c net.Conn
 	select {
@@ -185,10 +184,17 @@ func TestFastPathKernelSecondSYN(t *testing.T) {
 		}
 		time.Sleep(10 * time.Millisecond)
 	}
-	c.SetReadDeadline(time.Now().Add(2 * time.Second))
-	n, err := c.Read(make([]byte, 100))
-	if !errors.Is(err, os.ErrDeadlineExceeded) {
-		t.Errorf("the client read %d bytes, %v: want nothing", n, err)
+	// Refused with nothing held, the connection is answered at its
+	// first segment after: the TLS alert and a reset to the client, a
+	// reset to the server (before, the client waited out its timeout).
+	if n, err := readErr(c); n != len(tlsAlertAccessDenied) || !errors.Is(err, syscall.ECONNRESET) {
+		t.Errorf("the client read %d bytes, then %v: want the %d-byte TLS alert, then a reset", n, err, len(tlsAlertAccessDenied))
+	}
+	for tp.tlsSrv.ended.Load()-ended < 1 {
+		if time.Now().After(deadline) {
+			t.Fatal("the server's side of the refused connection did not end")
+		}
+		time.Sleep(10 * time.Millisecond)
 	}
 	if n := tp.tlsSrv.accepted.Load() - accepted; n != 1 {
 		t.Errorf("server accepted %d connections, want 1", n)

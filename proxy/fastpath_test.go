@@ -524,8 +524,24 @@ func TestServeQueue(t *testing.T) {
 		if g := r.q.wait(t, []uint32{id})[0]; g != (gotVerdict{v: nfq.Drop}) {
 			t.Fatalf("the SYN with another ISN, again: verdict %+v, want drop", g)
 		}
-		// The bytes of the other stream are not let out.
+		// The bytes of the other stream are not let out, and the first
+		// of them is answered (nothing was held at the decision to say
+		// where the server is): a reset to the client on the link layer,
+		// at the server's sequence number its ack gives, and one to the
+		// server at the first ISN's stream.
+		r.inj.mu.Lock()
+		r.inj.sent = nil
+		r.inj.mu.Unlock()
 		checkDenied(t, r.q.wait(t, r.stream(client, dest, other, goClientHello(t, "www.allowed.test"), 500, false)))
+		r.inj.mu.Lock()
+		sent := r.inj.sent
+		r.inj.sent = nil
+		r.inj.mu.Unlock()
+		toClient := nfq.L2{IfIndex: lanIf, Addr: clientHW, AddrLen: 6}
+		if len(sent) != 2 || sent[0].flags&nfq.RST == 0 || sent[0].to != client || sent[0].seq != 5000 || sent[0].l2 != toClient ||
+			sent[1].flags&nfq.RST == 0 || sent[1].to != dest || sent[1].seq != isn+1 {
+			t.Errorf("injected %+v, want a reset to the client at 5000 and one to the server at %d", sent, isn+1)
+		}
 	})
 	t.Run("segment while deciding", func(t *testing.T) {
 		// A segment with other bytes queued while the decision is being
