@@ -786,12 +786,10 @@ func (s *fastQueue) kick(fl *fastFlow) {
 			return
 		}
 		s.p.fastScanned.Add(int64(fl.scan.headers + fl.scan.body + len(b)))
+		// Should the walk and tlshello disagree (not expected: short
+		// mirrors it), quick's peek reads for more (errQuickWait) and
+		// hands the flow to a worker.
 		fl.runner = runQuick
-		if _, err := tlshello.Read(b, nil); err == tlshello.ErrShort {
-			// The walk and tlshello disagree (not expected: short
-			// mirrors it): a worker reads the hello, as the proxy does.
-			fl.runner = runWorker
-		}
 		if h := s.p.cfg.fastWorker; h != nil && h(fl.key) {
 			fl.runner = runWorker
 		}
