@@ -492,18 +492,6 @@ func newDaemon(cfg runConfig, stdout, stderr io.Writer) (*daemon, error) {
 	// Copied into the state directory once it runs (run): in enforce
 	// mode, once the firewall took it.
 	d.src, d.srcEnforce = src, eng.Mode() == policy.ModeEnforce
-	if !cfg.noFirewall {
-		// The firewall may first install on a reload to enforce. With
-		// more rules that forward than --ct-mark-bits has tags, rules
-		// share tags: a reload still cuts what it no longer allows, but
-		// may cut some flows of unchanged rules too. Said at start, so
-		// the operator can widen the bits; not a reason to refuse a
-		// policy that worked before the flag existed.
-		fc, _ := firewallConfig(cfg, nil, "", "") // checked by checkFlagValues
-		if err := fc.CheckTags(eng); err != nil {
-			d.log.Warn("firewall: rules will share conntrack mark tags", audit.LogError, err.Error())
-		}
-	}
 	d.store = policy.NewStore(eng)
 	d.reg = prometheus.NewRegistry()
 	d.reg.MustRegister(collectors.NewGoCollector(), collectors.NewProcessCollector(collectors.ProcessCollectorOpts{}))
@@ -890,13 +878,20 @@ func listenCapHint(err error, caps capabilities, bindHint string) string {
 // again on every notice and every linkRecheck, and a LAN port left empty
 // would repeat the same line each time.
 func (d *daemon) degrade(part, why string) {
-	d.mu.Lock()
-	was, ok := d.degraded[part]
-	d.degraded[part] = why
-	d.mu.Unlock()
-	if !ok || was != why {
+	if d.setDegraded(part, why) {
 		d.log.Error("part not running", "part", part, audit.LogReason, why)
 	}
+}
+
+// setDegraded is degrade without its log line, for a caller that says
+// it in a line of its own; it reports whether the part was running or
+// had another reason.
+func (d *daemon) setDegraded(part, why string) bool {
+	d.mu.Lock()
+	defer d.mu.Unlock()
+	was, ok := d.degraded[part]
+	d.degraded[part] = why
+	return !ok || was != why
 }
 
 // undegrade records that a part degrade named runs again.
@@ -1186,6 +1181,10 @@ func (d *daemon) run(ctx context.Context) error {
 	if cfg.fastPath {
 		fastQueue = d.openFastPath(caps, &pcfg, &pdeps)
 		cfg.fastPath = d.cfg.fastPath // off when its queue could not be had
+	}
+	if !cfg.noFirewall {
+		// Once the fast path is known to be on or off: it takes a tag.
+		d.checkTags(eng)
 	}
 	if d.proxy, err = proxy.New(pcfg, pdeps); err != nil {
 		d.degrade("proxy", err.Error())
@@ -1508,9 +1507,26 @@ func (d *daemon) openFastPath(caps capabilities, pcfg *proxy.Config, pdeps *prox
 		why = withCapHint(err, caps.netAdmin, "CAP_NET_ADMIN (the fast path's NFQUEUE queue)")
 	}
 	d.cfg.fastPath = false
+	// One line, the warning: the part is not running (/readyz, the
+	// summary), without degrade's own line besides.
+	d.setDegraded("fast-path", why+" (off: connections go through the proxy)")
 	d.log.Warn("the fast path is off: its queue cannot be opened; the ruleset goes in without it and new connections to the fast ports go through the proxy", audit.LogError, why)
-	d.degrade("fast-path", why+" (off: connections go through the proxy)")
 	return nil
+}
+
+// checkTags warns when the ruleset egressd installs for eng, with the
+// fast path as it is now (openFastPath may have turned it off), has
+// fewer tags than eng has rules that forward: rules share tags, and a
+// reload still cuts what it no longer allows, but may cut some flows of
+// unchanged rules too. Said at start, in audit mode too (the firewall
+// may first install on a reload to enforce), so the operator can widen
+// --ct-mark-bits; not a reason to refuse a policy that worked before the
+// flag existed.
+func (d *daemon) checkTags(eng *policy.Engine) {
+	fc, _ := firewallConfig(d.cfg, nil, "", "") // checked by checkFlagValues
+	if err := fc.CheckTags(eng); err != nil {
+		d.log.Warn("firewall: rules will share conntrack mark tags", audit.LogError, err.Error())
+	}
 }
 
 // removeLeftoverFirewall removes the nftables table an earlier egressd

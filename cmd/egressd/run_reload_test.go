@@ -77,9 +77,19 @@ func TestRunRejectsBadTCPPorts(t *testing.T) {
 // namespace, the process and the policy file's path.
 func runInNS(t *testing.T, src string, args ...string) (*testnet.NS, *testnet.Proc, string) {
 	t.Helper()
+	return runInNSAfter(t, src, nil, args...)
+}
+
+// runInNSAfter is runInNS calling before, when not nil, with the
+// namespace once it is made, before egressd starts in it.
+func runInNSAfter(t *testing.T, src string, before func(*testnet.NS), args ...string) (*testnet.NS, *testnet.Proc, string) {
+	t.Helper()
 	ns := testnet.New(t, "run")
 	if _, err := ns.Run("nft", "--version"); err != nil {
 		t.Fatalf("nft (Debian package nftables) is not installed: %v", err)
+	}
+	if before != nil {
+		before(ns)
 	}
 	testnet.Link(t, testnet.New(t, "runc"), "eth0", []string{"198.18.1.2/24"}, ns, "lan0", []string{"198.18.1.1/24"})
 	testnet.Link(t, ns, "wan0", []string{"198.18.2.1/24"}, testnet.New(t, "runs"), "eth0", []string{"198.18.2.2/24"})
