@@ -1491,8 +1491,10 @@ func (d *daemon) run(ctx context.Context) error {
 // (/readyz: the operator asked for it). Nil then.
 func (d *daemon) openFastPath(caps capabilities, pcfg *proxy.Config, pdeps *proxy.Deps) *nfq.Conn {
 	var why string
+	what := "its queue" // the one that could not be opened
 	inj, err := nfq.NewInjector(d.fwNetNS)
 	if err != nil {
+		what = "its injector (raw sockets for its resets)"
 		why = withCapHint(err, caps.netRaw, "CAP_NET_RAW (the fast path's raw sockets for its resets)")
 	} else {
 		q, err := nfq.OpenConfig(nfq.Config{Queue: firewall.DefaultFastPathQueue, NetNS: d.fwNetNS})
@@ -1510,7 +1512,7 @@ func (d *daemon) openFastPath(caps capabilities, pcfg *proxy.Config, pdeps *prox
 	// One line, the warning: the part is not running (/readyz, the
 	// summary), without degrade's own line besides.
 	d.setDegraded("fast-path", why+" (off: connections go through the proxy)")
-	d.log.Warn("the fast path is off: its queue cannot be opened; the ruleset goes in without it and new connections to the fast ports go through the proxy", audit.LogError, why)
+	d.log.Warn("the fast path is off: "+what+" cannot be opened; the ruleset goes in without it and new connections to the fast ports go through the proxy", audit.LogError, why)
 	return nil
 }
 

@@ -2,6 +2,7 @@ package main
 
 import (
 	"fmt"
+	"log/slog"
 	"os"
 	"path/filepath"
 	"strings"
@@ -11,6 +12,7 @@ import (
 	"egressd/internal/nfq"
 	"egressd/internal/testnet"
 	"egressd/policy"
+	"egressd/proxy"
 )
 
 // TestRunFastPathQueueTaken: egressd run --fast-path with the fast path's
@@ -82,4 +84,54 @@ func TestRunFastPathQueueTaken(t *testing.T) {
 	if err != nil || !strings.Contains(string(rec), `"fast_path":false`) {
 		t.Errorf("the firewall record does not say the fast path is off: %v\n%s", err, rec)
 	}
+}
+
+// TestOpenFastPath: openFastPath with its queue and injector to be had
+// sets the proxy's side of the fast path (marks, ports, injector) and
+// leaves --fast-path on; with the injector not to be had (here: no such
+// namespace; in the field, no CAP_NET_RAW) it turns the fast path off,
+// leaves the proxy without marks, ports or injector, and its one line
+// names what could not be opened: the injector, not the queue. Before,
+// the line said "its queue cannot be opened" whichever failed.
+func TestOpenFastPath(t *testing.T) {
+	open := func(t *testing.T, netns string) (*daemon, *nfq.Conn, proxy.Config, proxy.Deps, string) {
+		t.Helper()
+		var logs lockedBuffer
+		d := &daemon{cfg: runConfig{fastPath: true, fastPorts: "443,8443", ctMarkBits: defaultCTMarkBits}, fwNetNS: netns,
+			log: slog.New(slog.NewJSONHandler(&logs, nil)), degraded: map[string]string{}}
+		var pcfg proxy.Config
+		var pdeps proxy.Deps
+		q := d.openFastPath(capabilities{true, true, true}, &pcfg, &pdeps)
+		return d, q, pcfg, pdeps, logs.String()
+	}
+	t.Run("open", func(t *testing.T) {
+		ns := testnet.New(t, "fp")
+		d, q, pcfg, pdeps, logs := open(t, "/var/run/netns/"+ns.Name)
+		if q == nil {
+			t.Fatalf("no queue:\n%s", logs)
+		}
+		q.Close()
+		if inj, ok := pdeps.Inject.(*nfq.Injector); !ok || inj == nil {
+			t.Errorf("the proxy has no injector: %v", pdeps.Inject)
+		} else {
+			inj.Close()
+		}
+		if !d.cfg.fastPath || len(pcfg.FastPorts) != 2 || pcfg.FastMarks == (proxy.FastMarks{}) || len(d.degradedParts()) != 0 || logs != "" {
+			t.Errorf("fast path %v, ports %v, marks %+v, degraded %v, logs:\n%s", d.cfg.fastPath, pcfg.FastPorts, pcfg.FastMarks, d.degradedParts(), logs)
+		}
+	})
+	t.Run("no injector", func(t *testing.T) {
+		d, q, pcfg, pdeps, logs := open(t, filepath.Join(t.TempDir(), "no-such-netns"))
+		if q != nil {
+			q.Close()
+			t.Fatal("a queue in a namespace that does not exist")
+		}
+		if d.cfg.fastPath || pcfg.FastPorts != nil || pcfg.FastMarks != (proxy.FastMarks{}) || pdeps.Inject != nil || d.degradedParts()["fast-path"] == "" {
+			t.Errorf("after the fallback: fast path %v, ports %v, marks %+v, injector %v, degraded %v", d.cfg.fastPath, pcfg.FastPorts, pcfg.FastMarks, pdeps.Inject, d.degradedParts())
+		}
+		lines := strings.Split(strings.TrimSpace(logs), "\n")
+		if len(lines) != 1 || !strings.Contains(lines[0], "the fast path is off: its injector") || strings.Contains(lines[0], "queue cannot") {
+			t.Errorf("the fallback's log, want one line naming the injector:\n%s", logs)
+		}
+	})
 }
