@@ -36,6 +36,9 @@ func TestFastPathFlags(t *testing.T) {
 		// default too when it is given; not given, it is not read.
 		{[]string{"--fast-path-ports", "8443"}, "--fast-path-ports needs --fast-path"},
 		{[]string{"--fast-path-ports", "443"}, "--fast-path-ports needs --fast-path"},
+		{[]string{"--fast-path-ports=8443"}, "--fast-path-ports needs --fast-path"},
+		{[]string{"-fast-path-ports", "8443", "--mode", "audit"}, "--fast-path-ports needs --fast-path"},
+		{[]string{"--fast-path-ports=8443", "--fast-path"}, ""},
 		{[]string{"--no-firewall", "--fast-path-ports", "all"}, "--fast-path-ports needs --fast-path"},
 		{[]string{"--fast-path=false", "--fast-path-ports", "443"}, "--fast-path-ports needs --fast-path"},
 		{[]string{"--no-firewall"}, ""},
