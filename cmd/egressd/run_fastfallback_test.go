@@ -135,3 +135,30 @@ func TestOpenFastPath(t *testing.T) {
 		}
 	})
 }
+
+// TestFastPathFallbackRecorded: a start with --fast-path whose queue or
+// injector could not be had notes and records the ruleset it put in as
+// without the fast path, and the next start (the queue free again, or
+// still taken) reads the marks of that run with the layout without it:
+// the note of the policy going in and the record beside the copy both
+// say fast_path false.
+func TestFastPathFallbackRecorded(t *testing.T) {
+	const e = "version: 1\nmode: enforce\nrules:\n  - {name: e, to: [192.0.2.1/32], ports: [9000/udp]}\n"
+	state := filepath.Join(t.TempDir(), "state")
+	d := startRecorded(t, state, e, "--fast-path")
+	d.fwNetNS = filepath.Join(t.TempDir(), "no-such-netns")
+	if q := d.openFastPath(capabilities{true, true, true}, &proxy.Config{}, &proxy.Deps{}); q != nil {
+		q.Close()
+		t.Fatal("a queue in a namespace that does not exist")
+	}
+	d.notePending(d.src)
+	next := startRecorded(t, state, e, "--fast-path")
+	if len(next.prevPending) != 1 || next.prevPending[0].FastPath == nil || *next.prevPending[0].FastPath {
+		t.Errorf("the policy noted going in, after the fallback: %+v, want one with the fast path off", next.prevPending)
+	}
+	d.savePolicy(true)
+	next = startRecorded(t, state, e, "--fast-path")
+	if got := next.prevFastPath; got == nil || *got {
+		t.Errorf("the run after the fallback's fast path is read as %s, want false", boolPtr(got))
+	}
+}
