@@ -190,17 +190,25 @@ func TestFastPathKernelSecondSYN(t *testing.T) {
 	if n, err := readErr(c); n != len(tlsAlertAccessDenied) || !errors.Is(err, syscall.ECONNRESET) {
 		t.Errorf("the client read %d bytes, then %v: want the %d-byte TLS alert, then a reset", n, err, len(tlsAlertAccessDenied))
 	}
-	for tp.tlsSrv.ended.Load()-ended < 1 {
+	tp.tlsSrv.refused(t, deadline, ended, accepted, read, 1)
+}
+
+// refused checks the server's side of refused connections, given the
+// counts before: the refused one ended by deadline, wantAccepted
+// connections were accepted, and nothing was read.
+func (l *countListener) refused(t *testing.T, deadline time.Time, ended, accepted int32, read int64, wantAccepted int32) {
+	t.Helper()
+	for l.ended.Load()-ended < 1 {
 		if time.Now().After(deadline) {
 			t.Fatal("the server's side of the refused connection did not end")
 		}
 		time.Sleep(10 * time.Millisecond)
 	}
-	if n := tp.tlsSrv.accepted.Load() - accepted; n != 1 {
-		t.Errorf("server accepted %d connections, want 1", n)
+	if n := l.accepted.Load() - accepted; n != wantAccepted {
+		t.Errorf("server accepted %d connections, want %d", n, wantAccepted)
 	}
-	if n := tp.tlsSrv.read.Load() - read; n != 0 {
-		t.Errorf("server read %d bytes of a refused connection", n)
+	if n := l.read.Load() - read; n != 0 {
+		t.Errorf("server read %d bytes of refused connections", n)
 	}
 }
 
@@ -335,16 +343,5 @@ func TestFastPathKernelPeekBudget(t *testing.T) {
 	}
 	// The server had both connections, read nothing of either, and the
 	// refused one was reset.
-	for tp.tlsSrv.ended.Load()-ended < 1 {
-		if time.Now().After(deadline) {
-			t.Fatal("the server's side of the refused connection did not end")
-		}
-		time.Sleep(10 * time.Millisecond)
-	}
-	if n := tp.tlsSrv.accepted.Load() - accepted; n != 2 {
-		t.Errorf("server accepted %d connections, want 2", n)
-	}
-	if n := tp.tlsSrv.read.Load() - read; n != 0 {
-		t.Errorf("server read %d bytes", n)
-	}
+	tp.tlsSrv.refused(t, deadline, ended, accepted, read, 2)
 }
