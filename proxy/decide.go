@@ -281,20 +281,10 @@ func (p *Proxy) decideAddrKnown(eng *policy.Engine, in policy.Input, src audit.N
 // Nothing a site relies on goes through the proxy to the gateway itself:
 // the firewall leaves traffic to the gateway's addresses alone.
 func (p *Proxy) selfDecision(eng *policy.Engine, in policy.Input) (policy.Decision, bool) {
-	if !in.Dest.IsValid() {
-		return policy.Decision{}, false
+	if _, ok := selfGuard(eng, in, p.ownAddrs(), p.cfg.AllowSpecial); ok {
+		return selfRefusal, true
 	}
-	a := in.Dest.Unmap()
-	self := a.IsLoopback() || a.IsUnspecified()
-	for _, o := range p.ownAddrs() {
-		self = self || o.Unmap() == a
-	}
-	// The unmapped form: a configured exception is an IPv4 prefix.
-	in.Dest = a
-	if !self || !p.guardRefuses(eng, in) {
-		return policy.Decision{}, false
-	}
-	return selfRefusal, true
+	return policy.Decision{}, false
 }
 
 // selfRefusal is the refusal of a destination that is the gateway itself
