@@ -26,7 +26,18 @@ type guardExplained struct {
 	Verdict, Rule, Reason, Mode string
 	SpecialRange                string `json:"special_range"`
 	AllowedBy                   string `json:"allowed_by"`
-	Warnings                    []string
+	// Guard is the guard that refused it, if one did; Explicit and
+	// Transparent what each proxy does with a TCP address
+	// (TestExplainAgreesWithProxy).
+	Guard                 string
+	Explicit, Transparent *proxyExplained
+	Warnings              []string
+}
+
+// proxyExplained is one proxy's decision in `policy explain --json`.
+type proxyExplained struct {
+	Verdict, Rule, Reason, Mode, Guard string
+	SpecialRange                       string `json:"special_range"`
 }
 
 // explainJSON runs `egressd policy explain ARGS --json` and decodes it.

@@ -142,6 +142,61 @@ type explanation struct {
 	// allows it but for the guard, if any.
 	SpecialRange string `json:"special_range,omitempty"`
 	AllowedBy    string `json:"allowed_by,omitempty"`
+	// Guard is the guard that refused it (reason special-range):
+	// proxy.GuardLANLoopback, GuardSelf, GuardSpecialRange, or
+	// guardMartian.
+	Guard string `json:"guard,omitempty"`
+	// Explicit and Transparent are what each proxy does with a TCP
+	// connection to an address (proxy.DecideLiteral, the proxy's own
+	// guards): the explicit proxy asked for the literal as written, the
+	// transparent proxy a client's redirected flow (not on port 53, the
+	// DNS forwarder's). The verdict above is a client's own connection's,
+	// but for an IPv4-mapped literal, which only the explicit proxy is
+	// asked for as such.
+	Explicit    *proxyExplanation `json:"explicit,omitempty"`
+	Transparent *proxyExplanation `json:"transparent,omitempty"`
+}
+
+// proxyExplanation is one proxy's decision in explain's JSON.
+type proxyExplanation struct {
+	Verdict      policy.Verdict `json:"verdict"`
+	Rule         string         `json:"rule,omitempty"`
+	Reason       string         `json:"reason"`
+	Mode         policy.Mode    `json:"mode"`
+	Guard        string         `json:"guard,omitempty"`
+	SpecialRange string         `json:"special_range,omitempty"`
+}
+
+// guardMartian: Linux drops a packet from the LAN to 0.0.0.0/8 as a
+// martian destination before the forward chain, in either mode, whatever
+// the rules; only the REDIRECTs (TCP to the proxy, DNS to the forwarder)
+// come before it.
+const guardMartian = "martian"
+
+// martian4 is what guardMartian holds.
+var martian4 = netip.MustParsePrefix("0.0.0.0/8")
+
+// literalExplained is proxy.DecideLiteral's decision of in (the explicit
+// proxy's when explicit), for explain: the gateway's own addresses and
+// the configured exceptions are not known here.
+func literalExplained(eng *policy.Engine, in policy.Input, explicit bool) *proxyExplanation {
+	d, r := proxy.DecideLiteral(eng, in, nil, nil, explicit)
+	pe := &proxyExplanation{Verdict: d.Verdict, Rule: d.Rule, Reason: d.Reason, Mode: d.Mode, Guard: r.Guard}
+	if r.Guard != "" {
+		pe.SpecialRange = r.Range.String()
+	}
+	return pe
+}
+
+// proxyLine is the text of one proxy's decision.
+func proxyLine(pe *proxyExplanation) string {
+	if pe.Verdict == policy.Allow {
+		return fmt.Sprintf("ALLOW (rule %s)", pe.Rule)
+	}
+	if pe.Guard != "" {
+		return fmt.Sprintf("DENY (%s, %s guard, %s)", pe.Reason, pe.Guard, pe.SpecialRange)
+	}
+	return fmt.Sprintf("DENY (%s)", pe.Reason)
 }
 
 func cmdPolicyExplain(args []string, stdout, stderr io.Writer) int {
@@ -223,7 +278,8 @@ func cmdPolicyExplain(args []string, stdout, stderr io.Writer) int {
 	// unspecified address on TCP, in audit mode too (its selfDecision:
 	// the explicit proxy). The gateway's own addresses are not known here
 	// (README).
-	var guardNote, guardRange, allowedBy string
+	var guardNote, guardRange, allowedBy, guard string
+	var explicitPx, transparentPx *proxyExplanation
 	if rawNote == "" && dest.Addr.IsValid() {
 		a := dest.Addr.Unmap()
 		loop := a.IsLoopback()
@@ -235,16 +291,31 @@ func cmdPolicyExplain(args []string, stdout, stderr io.Writer) int {
 			// destination and forwarded traffic are never mapped.
 			gin.Dest = netip.AddrFrom16(dest.Addr.As16())
 		}
+		if in.Proto == policy.TCP {
+			// What each proxy does, by the proxy's own guards.
+			explicitPx = literalExplained(eng, gin, true)
+			if in.Port != 53 {
+				transparentPx = literalExplained(eng, in, false)
+			}
+		}
 		g, refused := eng.GuardRefuses(gin, nil, nil)
+		guard = proxy.GuardSpecialRange
+		if self && in.Proto == policy.TCP {
+			guard = proxy.GuardSelf
+		}
 		// The explicit proxy is asked for loopback itself: a CIDR rule
 		// inside the range that names it opens it there (selfDecision).
-		explicitOpens := loop && in.Proto == policy.TCP && !refused
+		explicitOpens := loop && explicitPx != nil && explicitPx.Verdict == policy.Allow
 		if lg, ok := policy.LANLoopback(a); ok {
-			g, refused = lg, true
+			g, refused, guard = lg, true, proxy.GuardLANLoopback
 		}
-		if refused && (in.Port != 53 || loop) && (d.Allowed() || self) {
+		martian := !dest.Mapped && in.Proto != policy.TCP && martian4.Contains(a)
+		if martian {
+			g, refused, guard = martian4, true, guardMartian
+		}
+		if refused && (in.Port != 53 || loop) && (d.Allowed() || self || martian) {
 			mode := eng.Mode()
-			if self && in.Proto == policy.TCP {
+			if self && in.Proto == policy.TCP || martian {
 				mode = policy.ModeEnforce
 			}
 			held := fmt.Sprintf("%s is in the guarded range %s", dest.Addr, g)
@@ -269,13 +340,19 @@ func cmdPolicyExplain(args []string, stdout, stderr io.Writer) int {
 			if self {
 				guardNote = selfNote(held, g, loop, in.Proto, explicitOpens)
 			}
+			if martian {
+				guardNote = fmt.Sprintf("%s: Linux drops a packet from the LAN to %s as a martian destination before the forward chain, in either mode, whatever the rules, a CIDR rule naming it too (%s, guard %s); only TCP, which the proxy takes (--port N/tcp), and DNS reach the gateway so",
+					held, g, proxy.ReasonSpecialRange, guardMartian)
+			}
 			guardRange, allowedBy = g.String(), d.Rule
 			d = policy.Decision{Verdict: policy.Deny, RuleIndex: -1, Reason: proxy.ReasonSpecialRange, Mode: mode}
+		} else {
+			guard = ""
 		}
 	}
 	ex := explanation{Verdict: d.Verdict, Rule: d.Rule, Reason: d.Reason, Mode: d.Mode, Dest: *to,
 		Name: dest.Name, Path: dest.Path, Port: policy.PortRange{Lo: in.Port, Hi: in.Port, Proto: in.Proto}.String(), From: *from,
-		SpecialRange: guardRange, AllowedBy: allowedBy}
+		SpecialRange: guardRange, AllowedBy: allowedBy, Guard: guard, Explicit: explicitPx, Transparent: transparentPx}
 	if dest.Addr.IsValid() {
 		ex.IP = dest.Addr.String()
 	}
@@ -349,8 +426,19 @@ func cmdPolicyExplain(args []string, stdout, stderr io.Writer) int {
 		fmt.Fprintf(stdout, "  reason: %s (rule %s)\n", d.Reason, d.Rule)
 	case ex.SpecialRange != "":
 		fmt.Fprintf(stdout, "  reason: %s (%s)\n", d.Reason, ex.SpecialRange)
+		fmt.Fprintf(stdout, "  guard:  %s\n", ex.Guard)
 	default:
 		fmt.Fprintf(stdout, "  reason: %s\n", d.Reason)
+	}
+	// Each proxy's decision where one differs from the verdict above.
+	top := &proxyExplanation{Verdict: d.Verdict, Rule: d.Rule, Reason: d.Reason, Mode: d.Mode, Guard: ex.Guard, SpecialRange: ex.SpecialRange}
+	for _, px := range []struct {
+		name string
+		pe   *proxyExplanation
+	}{{"explicit proxy", ex.Explicit}, {"transparent proxy", ex.Transparent}} {
+		if px.pe != nil && proxyLine(px.pe) != proxyLine(top) {
+			fmt.Fprintf(stdout, "  %s: %s\n", px.name, proxyLine(px.pe))
+		}
 	}
 	if ex.DNS != "" {
 		if ex.DNS == policy.Allow {
