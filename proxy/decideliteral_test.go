@@ -83,7 +83,7 @@ rules:
 
 						// The transparent proxy, its flow redirected.
 						var want policy.Decision
-						if _, ok := policy.LANLoopback(a.Unmap()); ok {
+						if _, ok := lanLoopback(a.Unmap()); ok {
 							want = selfRefusal // handleTransparent
 						} else {
 							tin := in
@@ -110,5 +110,33 @@ func check(t *testing.T, name string, want, got policy.Decision, r Refusal) {
 	}
 	if (r.Guard != "") != (got.Reason == ReasonSpecialRange) || r.Guard != "" && !r.Range.IsValid() {
 		t.Errorf("%s: %s %s, refusal %+v: a guard's refusal, special-range, names the guard and its range", name, got.Verdict, got.Reason, r)
+	}
+}
+
+// TestLANLoopbackThisHost: the transparent proxy refuses "this host"
+// (0.0.0.0, ::, in any form) as it refuses loopback, whatever the rules:
+// a SYN forged to 0.0.0.0 and redirected reached the gateway's own
+// services when dialled, under a rule naming 0.0.0.0/32.
+func TestLANLoopbackThisHost(t *testing.T) {
+	eng, err := policy.Compile("p.yaml", []byte(`mode: enforce
+rules:
+  - {name: zero, to: ["0.0.0.0/32", "::/128", "127.0.0.1/32"], ports: [80/tcp]}
+`))
+	if err != nil {
+		t.Fatal(err)
+	}
+	for _, c := range []struct {
+		dst     string
+		refused bool
+	}{
+		{"0.0.0.0", true}, {"::", true}, {"::ffff:0.0.0.0", true},
+		{"127.0.0.1", true}, {"::1", true}, {"::ffff:127.0.0.1", true},
+		{"198.51.100.7", false},
+	} {
+		in := policy.Input{Client: netip.MustParseAddr("192.0.2.10"), Dest: netip.MustParseAddr(c.dst), Port: 80, Proto: policy.TCP, Now: time.Now()}
+		d, r := DecideLiteral(eng, in, nil, nil, false)
+		if got := r.Guard == GuardLANLoopback; got != c.refused || c.refused && d.Allowed() {
+			t.Errorf("transparent %s: %s, refusal %+v; want refused as loopback: %v", c.dst, d.Verdict, r, c.refused)
+		}
 	}
 }

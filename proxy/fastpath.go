@@ -702,7 +702,7 @@ func (s *fastQueue) declines(seg nfq.TCPSegment, full bool, l2 nfq.L2) string {
 		return "audit-mode"
 	}
 	client, dest := seg.Src.Addr().Unmap(), seg.Dst.Addr().Unmap()
-	if _, ok := policy.LANLoopback(dest); ok {
+	if _, ok := lanLoopback(dest); ok {
 		return "guard"
 	}
 	in := policy.Input{Client: client, Dest: dest, Port: seg.Dst.Port(), Proto: policy.TCP, Now: start}

@@ -33,9 +33,9 @@ func specialGuard(eng *policy.Engine, in policy.Input, own []netip.Addr, allow [
 // The guards that refuse a destination (Refusal.Guard), each recorded as
 // ReasonSpecialRange.
 const (
-	// GuardLANLoopback: loopback from the LAN, which the transparent
-	// proxy refuses whatever the rules (policy.LANLoopback;
-	// handleTransparent), in audit mode too.
+	// GuardLANLoopback: loopback from the LAN, or "this host" (0.0.0.0,
+	// ::), which the transparent proxy refuses whatever the rules
+	// (lanLoopback; handleTransparent), in audit mode too.
 	GuardLANLoopback = "lan-loopback"
 	// GuardSelf: the gateway itself (a loopback or unspecified address,
 	// or one of its own, in any form), refused before the rules, in
@@ -47,6 +47,19 @@ const (
 	// (policy.Engine.GuardRefuses).
 	GuardSpecialRange = "special-range"
 )
+
+// lanLoopback is the loopback range that holds a, the original
+// destination of a redirected flow from the LAN, if any: the transparent
+// proxy refuses it unread, whatever the rules (GuardLANLoopback). It is
+// policy.LANLoopback, and "this host", 0.0.0.0 and ::, which Linux does
+// not forward (a martian) but which, dialled by the proxy, reach the
+// gateway's own services as loopback does.
+func lanLoopback(a netip.Addr) (netip.Prefix, bool) {
+	if a.IsUnspecified() {
+		return netip.PrefixFrom(a, a.BitLen()), true
+	}
+	return policy.LANLoopback(a)
+}
 
 // Refusal says which guard refused a destination, and by which guarded
 // range (DecideLiteral).
@@ -88,7 +101,7 @@ func DecideLiteral(eng *policy.Engine, in policy.Input, own []netip.Addr, allow 
 	in.Proto, in.Name = policy.TCP, ""
 	if !explicit {
 		in.Dest = in.Dest.Unmap()
-		if g, ok := policy.LANLoopback(in.Dest); ok {
+		if g, ok := lanLoopback(in.Dest); ok {
 			return selfRefusal, Refusal{GuardLANLoopback, g}
 		}
 	}

@@ -145,14 +145,15 @@ func (p *Proxy) handleTransparent(c *net.TCPConn, ours bool) {
 	if in.ClientMAC = p.clientMAC(eng, ca.Addr()); in.ClientMAC != nil {
 		f.ev.ClientMAC = in.ClientMAC.String()
 	}
-	if _, ok := policy.LANLoopback(orig.Addr()); ok {
+	if _, ok := lanLoopback(orig.Addr()); ok {
 		// Loopback from the LAN, which no rule opens (policy.LANRefuses):
 		// the firewall drops 127.0.0.0/8 before the REDIRECT, but not the
 		// IPv4-mapped ::ffff:127.0.0.1 in an IPv6 header, which origDst
 		// reads unmapped. Dialled, it reached the gateway's own loopback
 		// services under a rule naming 127.0.0.1/32 (e2e
 		// TestMappedLoopbackTransparent). Refused unread, in audit mode
-		// too (selfDecision).
+		// too (selfDecision); so is 0.0.0.0 or :: (lanLoopback), which a
+		// forged SYN can carry: dialled, it is the gateway itself.
 		f.ev.Stamp(selfRefusal)
 		f.ev.Enforced, f.ev.Close = true, closeDenied
 		return

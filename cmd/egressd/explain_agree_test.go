@@ -213,9 +213,10 @@ rules:
 			{"0.0.0.0", "icmp", "deny", "martian", "zero"},
 			{"0.0.0.0", "81/udp", "deny", "martian", "wide"},
 			{"0.0.0.0", "82/udp", "deny", "martian", ""},
-			// The forwarder's, and the proxy's.
+			// The forwarder's; the transparent proxy refuses "this
+			// host" as loopback, whatever the rules.
 			{"0.0.0.0", "53/udp", "allow", "", ""},
-			{"0.0.0.0", "80/tcp", "allow", "", ""},
+			{"0.0.0.0", "80/tcp", "deny", "lan-loopback", "zero"},
 		} {
 			ex := explainJSON(t, pol, "--to", c.to, "--port", c.port)
 			name := mode + " " + c.to + " " + c.port

@@ -305,9 +305,16 @@ func cmdPolicyExplain(args []string, stdout, stderr io.Writer) int {
 		}
 		// The explicit proxy is asked for loopback itself: a CIDR rule
 		// inside the range that names it opens it there (selfDecision).
-		explicitOpens := loop && explicitPx != nil && explicitPx.Verdict == policy.Allow
+		explicitOpens := self && explicitPx != nil && explicitPx.Verdict == policy.Allow
 		if lg, ok := policy.LANLoopback(a); ok {
 			g, refused, guard = lg, true, proxy.GuardLANLoopback
+		}
+		if transparentPx != nil && transparentPx.Guard == proxy.GuardLANLoopback && !loop && !refused {
+			// "This host" (0.0.0.0, ::) under a CIDR rule naming it: the
+			// transparent proxy refuses a redirected flow to it as
+			// loopback, whatever the rules (the explicit proxy, asked
+			// for it, dials it under that rule).
+			g, refused, guard = netip.PrefixFrom(a, a.BitLen()), true, proxy.GuardLANLoopback
 		}
 		martian := !dest.Mapped && in.Proto != policy.TCP && martian4.Contains(a)
 		if martian {
@@ -499,6 +506,9 @@ func selfNote(held string, g netip.Prefix, loop bool, proto policy.Proto, explic
 		} else {
 			by = append(by, "Linux drops ::1 from the LAN whatever the settings")
 		}
+	}
+	if !loop && proto == policy.TCP {
+		by = append(by, "the transparent proxy refuses a LAN client's connection to it whatever the rules, in audit mode too (guard "+proxy.GuardLANLoopback+"): dialled, it would reach the gateway's own services")
 	}
 	switch {
 	case explicitOpens:
