@@ -153,6 +153,10 @@ type Config struct {
 	// queues a segment while a worker decides, which the queue's
 	// goroutine, deciding, cannot take meanwhile).
 	fastWorker func(flowKey) bool
+	// fastKeep is a test setting: how long a decided flow stays in the
+	// fast path's table (zero: fastKeep, 30 s), so that a test need not
+	// wait for it.
+	fastKeep time.Duration
 }
 
 // Deps are the proxy's collaborators; cmd/ wires them.
@@ -328,6 +332,9 @@ func (c Config) withDefaults() Config {
 	}
 	if c.FastFlows <= 0 {
 		c.FastFlows = defaultFastFlows
+	}
+	if c.fastKeep <= 0 {
+		c.fastKeep = fastKeep
 	}
 	if c.FastPorts == nil {
 		c.FastPorts = defaultFastPorts

@@ -283,6 +283,7 @@ type fastQueue struct {
 	q     Queue
 	marks FastMarks
 	max   int
+	keep  time.Duration // Config.fastKeep
 
 	mu    sync.Mutex
 	flows map[flowKey]*fastFlow
@@ -328,7 +329,7 @@ func (s *fastQueue) overHeld(client netip.Addr) bool {
 // ServeQueue answers the fast path's queued packets from q until ctx
 // ends or q fails; it returns once every flow it was deciding is decided.
 func (p *Proxy) ServeQueue(ctx context.Context, q Queue) error {
-	s := &fastQueue{p: p, q: q, marks: p.cfg.FastMarks, max: p.cfg.FastFlows, flows: map[flowKey]*fastFlow{}, heldBy: map[netip.Addr]int{}}
+	s := &fastQueue{p: p, q: q, marks: p.cfg.FastMarks, max: p.cfg.FastFlows, keep: p.cfg.fastKeep, flows: map[flowKey]*fastFlow{}, heldBy: map[netip.Addr]int{}}
 	sweepCtx, stop := context.WithCancel(ctx)
 	done := make(chan struct{})
 	go func() { defer close(done); s.sweep(sweepCtx) }()
@@ -362,9 +363,11 @@ func (p *Proxy) ServeQueue(ctx context.Context, q Queue) error {
 	return nil
 }
 
-// sweep takes decided flows out of the table once kept fastKeep.
+// sweep takes decided flows out of the table once kept fastKeep: it
+// looks every second, or four times a keep when that is shorter (a
+// test's).
 func (s *fastQueue) sweep(ctx context.Context) {
-	t := time.NewTicker(time.Second)
+	t := time.NewTicker(min(time.Second, s.keep/4))
 	defer t.Stop()
 	for {
 		select {
@@ -933,7 +936,7 @@ func (s *fastQueue) conclude(fl *fastFlow, kind streamKind, v verdict, head peek
 		fl.state = fastDenied
 	}
 	fl.marked = len(held) > 0
-	fl.expires = time.Now().Add(fastKeep)
+	fl.expires = time.Now().Add(s.keep)
 	f.ev.BytesOut = uint64(fl.asm.contig)
 	cliSeq := fl.asm.first
 	cliNext := cliSeq + uint32(len(fl.asm.buf))

@@ -187,7 +187,9 @@ type fastRig struct {
 	worker atomic.Pointer[netip.AddrPort]
 }
 
-func newFastRig(t *testing.T) *fastRig {
+// newFastRig starts ServeQueue on a fake queue; opts change the proxy's
+// Config.
+func newFastRig(t *testing.T, opts ...func(*Config)) *fastRig {
 	eng, err := policy.Compile("p", []byte(fmt.Sprintf(testPolicy, "enforce")))
 	if err != nil {
 		t.Fatal(err)
@@ -206,7 +208,11 @@ func newFastRig(t *testing.T) *fastRig {
 		w := r.worker.Load()
 		return w != nil && *w == k.client
 	}
-	r.p, err = New(Config{FastMarks: fastMarks, OwnAddrs: []netip.Addr{gwLanV4}, FirstByteWait: 5 * time.Second, HelloTimeout: 8 * time.Second, fastDecided: decided, fastWorker: worker},
+	cfg := Config{FastMarks: fastMarks, OwnAddrs: []netip.Addr{gwLanV4}, FirstByteWait: 5 * time.Second, HelloTimeout: 8 * time.Second, fastDecided: decided, fastWorker: worker}
+	for _, o := range opts {
+		o(&cfg)
+	}
+	r.p, err = New(cfg,
 		Deps{Policy: policy.NewStore(eng), DNS: f, Sink: r.evs, Inject: r.inj, Logger: slog.New(slog.NewTextHandler(io.Discard, nil)),
 			// A fresh lookup vouches for one server name of another rule
 			// toward spoofV4 (given out for www.allowed.test).
