@@ -132,7 +132,8 @@ type Config struct {
 	// only by ServeQueue.
 	FastMarks FastMarks
 	// FastFlows bounds the fast path's flow table (connections it took
-	// and is deciding, and those decided in the last 30 s); a SYN past it
+	// and is deciding, those decided in the last 30 s, and those allowed
+	// in the last 10 minutes whose client has not spoken yet); a SYN past it
 	// goes to the proxy. Zero: 16,384.
 	FastFlows int
 	// FastPorts are the destination ports whose SYNs the fast path may
@@ -153,10 +154,11 @@ type Config struct {
 	// queues a segment while a worker decides, which the queue's
 	// goroutine, deciding, cannot take meanwhile).
 	fastWorker func(flowKey) bool
-	// fastKeep is a test setting: how long a decided flow stays in the
-	// fast path's table (zero: fastKeep, 30 s), so that a test need not
-	// wait for it.
-	fastKeep time.Duration
+	// fastKeep and fastKeepSilent are test settings: how long a decided
+	// flow stays in the fast path's table (zero: fastKeep, 30 s), and
+	// one allowed with no packet marked yet (zero: fastKeepSilent, 10 min),
+	// so that a test need not wait for them.
+	fastKeep, fastKeepSilent time.Duration
 }
 
 // Deps are the proxy's collaborators; cmd/ wires them.
@@ -335,6 +337,9 @@ func (c Config) withDefaults() Config {
 	}
 	if c.fastKeep <= 0 {
 		c.fastKeep = fastKeep
+	}
+	if c.fastKeepSilent <= 0 {
+		c.fastKeepSilent = fastKeepSilent
 	}
 	if c.FastPorts == nil {
 		c.FastPorts = defaultFastPorts

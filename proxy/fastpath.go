@@ -67,11 +67,12 @@ import (
 //     not see the rest of a connection the kernel forwards.
 //
 // A decided flow stays in the table for fastKeep, so that a packet queued
-// before its mark took hold is answered the same way (and a client that
-// was silent at first, decided on the address, gets its mark with its
-// first segment); a queued segment of a flow the table does not know
-// (gone, or from before a restart) is denied (NF_REPEAT with Denied, and
-// resets both ways).
+// before its mark took hold is answered the same way; one allowed with
+// nothing held (a client silent at first, decided on the address) has no
+// mark until its first segment, which gives it: it stays until then, up
+// to fastKeepSilent, then fastKeep more. A queued segment of a flow the
+// table does not know (gone, or from before a restart) is denied
+// (NF_REPEAT with Denied, and resets both ways).
 
 // Queue is the NFQUEUE the fast path reads: *nfq.Conn.
 type Queue interface {
@@ -124,8 +125,29 @@ const ReasonFastPathHTTP = "fast-path-http"
 // defaultFastPorts are the ports whose SYNs may be fast (Config.FastPorts).
 var defaultFastPorts = []uint16{443}
 
-// fastKeep is how long a decided flow stays in the table.
+// fastKeep is how long a decided flow stays in the table (from its
+// decision, or from its first segment after: fastKeepSilent).
 const fastKeep = 30 * time.Second
+
+// fastKeepSilent is how long a flow allowed with no packet marked (its
+// client silent until the decision, on the address: a protocol where
+// the server speaks first) stays in the table waiting for its client's
+// first segment, which gives the connection its mark; without the flow,
+// that segment would be unknown and cut a connection that was allowed.
+// What bounds it: such a flow holds no bytes (nothing was held) and its
+// decision's record is let go, so it costs its entry alone (about 1 KB);
+// but the table's cap (Config.FastFlows) counts it, and a full table
+// sends new connections to the proxy (slower, none cut), while a client
+// that never speaks (a connection opened and closed unused: its FIN,
+// without bytes, passes the firewall unqueued) leaves its flow until
+// this bound: 10 minutes keeps the table for 27 such connections a
+// second. conntrack's bound for the connection, its established timeout
+// (5 days by default), is no guide: a client of a server-first protocol
+// (SMTP, IMAP, POP3) answers the server within seconds. One that stays
+// silent for longer than this, then speaks, is cut (its segment is
+// unknown: the denied mark, resets both ways). A flow whose client reset
+// it before the decision is not kept so.
+const fastKeepSilent = 10 * time.Minute
 
 // defaultFastFlows bounds the flow table (Config.FastFlows).
 const defaultFastFlows = 16384
@@ -195,7 +217,8 @@ type fastFlow struct {
 	haveSrv bool
 	state   fastState
 	marked  bool // the connection's lasting mark was given (a NF_REPEAT)
-	expires time.Time
+	decided time.Time
+	expires time.Time // the sweep takes the decided flow out past it
 	// runner is who decides the flow: nobody yet (its hello is not
 	// complete), the queue's goroutine (quick), or a worker (kick).
 	runner fastRunner
@@ -284,6 +307,8 @@ type fastQueue struct {
 	marks FastMarks
 	max   int
 	keep  time.Duration // Config.fastKeep
+	// keepSilent is Config.fastKeepSilent.
+	keepSilent time.Duration
 
 	mu    sync.Mutex
 	flows map[flowKey]*fastFlow
@@ -329,7 +354,7 @@ func (s *fastQueue) overHeld(client netip.Addr) bool {
 // ServeQueue answers the fast path's queued packets from q until ctx
 // ends or q fails; it returns once every flow it was deciding is decided.
 func (p *Proxy) ServeQueue(ctx context.Context, q Queue) error {
-	s := &fastQueue{p: p, q: q, marks: p.cfg.FastMarks, max: p.cfg.FastFlows, keep: p.cfg.fastKeep, flows: map[flowKey]*fastFlow{}, heldBy: map[netip.Addr]int{}}
+	s := &fastQueue{p: p, q: q, marks: p.cfg.FastMarks, max: p.cfg.FastFlows, keep: p.cfg.fastKeep, keepSilent: p.cfg.fastKeepSilent, flows: map[flowKey]*fastFlow{}, heldBy: map[netip.Addr]int{}}
 	sweepCtx, stop := context.WithCancel(ctx)
 	done := make(chan struct{})
 	go func() { defer close(done); s.sweep(sweepCtx) }()
@@ -471,6 +496,11 @@ func (s *fastQueue) packet(pk nfq.Packet) {
 		}
 		first := !fl.marked
 		fl.marked = true
+		if first && fl.state == fastAllowed {
+			// Kept for a silent client until now: what is queued before
+			// the mark takes hold is answered for fastKeep more.
+			fl.expires = time.Now().Add(s.keep)
+		}
 		// A flow refused with nothing held (a second SYN with another
 		// ISN, a segment past the held bound) had no segment whose ack
 		// says where the server is, so nobody was answered at the
@@ -561,6 +591,7 @@ func (s *fastQueue) packet(pk nfq.Packet) {
 func (s *fastQueue) cut(fl *fastFlow, pk nfq.Packet, seg nfq.TCPSegment) {
 	fl.state = fastDenied
 	fl.marked = true
+	fl.expires = time.Now().Add(s.keep)
 	l2 := fl.l2
 	if pk.HWAddrLen > 0 {
 		l2 = nfq.L2Of(pk)
@@ -653,7 +684,10 @@ func (s *fastQueue) syn(seg nfq.TCPSegment, l2 nfq.L2) synAnswer {
 	s.mu.Lock()
 	if fl := s.flows[key]; fl != nil {
 		fl.mu.Lock()
-		live := fl.state == fastPending || !fl.marked
+		// Past fastKeep, a flow kept for its silent client's first
+		// segment is not the live connection to a SYN: one sent then is
+		// a new connection on its ports, as if the flow were gone.
+		live := fl.state == fastPending || !fl.marked && time.Since(fl.decided) < s.keep
 		same := seg.Seq+1 == fl.asm.first
 		if live && !same && fl.state == fastPending && fl.refused == nil {
 			fl.refused = errSegConflict
@@ -936,7 +970,11 @@ func (s *fastQueue) conclude(fl *fastFlow, kind streamKind, v verdict, head peek
 		fl.state = fastDenied
 	}
 	fl.marked = len(held) > 0
-	fl.expires = time.Now().Add(s.keep)
+	fl.decided = time.Now()
+	fl.expires = fl.decided.Add(s.keep)
+	if !deny && !fl.marked && fl.end == nil {
+		fl.expires = fl.decided.Add(s.keepSilent) // until its first segment marks it
+	}
 	f.ev.BytesOut = uint64(fl.asm.contig)
 	cliSeq := fl.asm.first
 	cliNext := cliSeq + uint32(len(fl.asm.buf))
@@ -984,6 +1022,11 @@ func (s *fastQueue) conclude(fl *fastFlow, kind streamKind, v verdict, head peek
 	}
 	p.release(fl.key.client.Addr().Unmap())
 	p.finish(f)
+	// The flow may stay in the table for up to fastKeepSilent: what only
+	// the decision read (the policy engine, the record) is let go.
+	fl.mu.Lock()
+	fl.at, fl.f, fl.in = policyAt{}, nil, policy.Input{}
+	fl.mu.Unlock()
 }
 
 // resets answers a refused connection: answer (if any) then a reset to

@@ -1,0 +1,162 @@
+package proxy
+
+import (
+	"net/netip"
+	"testing"
+	"time"
+
+	dto "github.com/prometheus/client_model/go"
+
+	"egressd/audit"
+	"egressd/internal/nfq"
+	"egressd/policy"
+)
+
+// fastFlowsIn is egress_proxy_fast_flows, the flow table's length at the
+// last sweep.
+func fastFlowsIn(p *Proxy) float64 {
+	var m dto.Metric
+	_ = p.met.fastFlows.Write(&m)
+	return m.GetGauge().GetValue()
+}
+
+// waitFlows waits (10 s at most) until the sweep has the table at n
+// flows or fewer.
+func waitFlows(t *testing.T, p *Proxy, n float64) {
+	t.Helper()
+	deadline := time.Now().Add(10 * time.Second)
+	for fastFlowsIn(p) > n {
+		if time.Now().After(deadline) {
+			t.Fatalf("the flow table has %v flows, want %v", fastFlowsIn(p), n)
+		}
+		time.Sleep(10 * time.Millisecond)
+	}
+}
+
+// TestServeQueueKeep: a decided flow stays in the table for the keep time
+// (Config.fastKeep) so that a packet queued before its mark took hold is
+// answered as decided; past it, a flow that was denied, or allowed and
+// marked, is gone (a segment of it is unknown: the denied mark). A client
+// silent at first (a protocol where the server speaks first), allowed on
+// the address with nothing held and so not marked, stays until its first
+// segment, which gets the allowed mark: before, it left the table with
+// the others, and its first segment after the keep time cut the
+// connection it had been allowed.
+func TestServeQueueKeep(t *testing.T) {
+	const keep = 300 * time.Millisecond
+	r := newFastRig(t, func(c *Config) { c.FirstByteWait, c.fastKeep = 2*time.Second, keep })
+	dest := netip.AddrPortFrom(srvV4, 443)
+	pending := gotVerdict{v: nfq.Accept, mark: fastMarks.Pending | operatorBit, setMark: true}
+	repeatAllowed := gotVerdict{v: nfq.Repeat, mark: fastMarks.Allowed | operatorBit, setMark: true}
+	repeatDenied := gotVerdict{v: nfq.Repeat, mark: fastMarks.Denied | operatorBit, setMark: true}
+	connect := func(port uint16) (netip.AddrPort, uint32) {
+		t.Helper()
+		client := netip.AddrPortFrom(clientV4, port)
+		syn, isn := r.connect(t, client, dest)
+		if syn != pending {
+			t.Fatalf("SYN: verdict %+v, want %+v", syn, pending)
+		}
+		return client, isn
+	}
+	eventOf := func(client netip.AddrPort) audit.Event {
+		t.Helper()
+		return r.evs.wait(t, "of the flow", func(ev audit.Event) bool { return ev.ClientPort == client.Port() })
+	}
+	segment := func(client netip.AddrPort, seq uint32, b []byte) gotVerdict {
+		t.Helper()
+		return r.q.wait(t, []uint32{r.send(hookForward, tcpPacket(client, dest, seq, 5000, nfq.ACK|nfq.PSH, b))})[0]
+	}
+
+	silent, silentISN := connect(42001)
+	silent2, silent2ISN := connect(42002)
+	marked, markedISN := connect(42003)
+	hello := goClientHello(t, "www.allowed.test")
+	checkAllowed(t, r.q.wait(t, r.stream(marked, dest, markedISN, hello, 1000, false)))
+	denied, deniedISN := connect(42004)
+	checkDenied(t, r.q.wait(t, r.stream(denied, dest, deniedISN, goClientHello(t, "evil.example"), 1000, false)))
+	if ev := eventOf(denied); ev.Verdict != policy.Deny {
+		t.Fatalf("event %+v: want denied", ev)
+	}
+	// A client that resets its connection before sending a byte: allowed
+	// on the address with nothing held, but not kept for a first segment
+	// (it has ended).
+	reset, resetISN := connect(42005)
+	if g := r.q.wait(t, []uint32{r.send(hookForward, tcpPacket(reset, dest, resetISN+1, 5000, nfq.RST|nfq.ACK, nil))})[0]; g != (gotVerdict{v: nfq.Accept}) {
+		t.Fatalf("an RST without bytes: verdict %+v, want accept", g)
+	}
+	if ev := eventOf(reset); ev.Close != closeEarly {
+		t.Fatalf("event %+v: want close %s", ev, closeEarly)
+	}
+	for _, c := range []netip.AddrPort{silent, silent2} {
+		if ev := eventOf(c); ev.Verdict != policy.Allow || ev.Close != closeFast || ev.BytesOut != 0 {
+			t.Fatalf("silent client: event %+v: want allowed on the address, close %s, no bytes", ev, closeFast)
+		}
+	}
+	// Past the keep time of the silent flows' decision (the last), and
+	// the sweeps after it: the marked, the denied and the reset flow are
+	// gone, the silent ones kept.
+	time.Sleep(keep + 4*(keep/4))
+	waitFlows(t, r.p, 2)
+	time.Sleep(2 * (keep / 4))
+	if n := fastFlowsIn(r.p); n != 2 {
+		t.Errorf("the flow table has %v flows past the keep time, want the 2 silent ones", n)
+	}
+
+	unknown := counterValue(r.p.met.fastErrors.WithLabelValues("unknown-flow"))
+	// The silent client speaks: its first segment gets the allowed mark
+	// (the connection is the kernel's), a later one queued before the
+	// mark took hold is accepted.
+	if g := segment(silent, silentISN+1, []byte("EHLO client.test\r\n")); g != repeatAllowed {
+		t.Fatalf("the silent client's first segment past the keep time: verdict %+v, want %+v", g, repeatAllowed)
+	}
+	if g := segment(silent, silentISN+1+18, []byte("QUIT\r\n")); g != (gotVerdict{v: nfq.Accept}) {
+		t.Fatalf("the silent client's second segment: verdict %+v, want accept", g)
+	}
+	// A SYN with another ISN on the 4-tuple of a silent flow kept past
+	// the keep time is a new connection (as when the flow had left the
+	// table), not one dropped as the same connection's.
+	if syn := r.send(hookPrerouting, tcpPacket(silent2, dest, silent2ISN+1<<20, 0, nfq.SYN, nil)); r.q.wait(t, []uint32{syn})[0] != pending {
+		t.Fatalf("a new SYN on a silent flow's ports past the keep time: verdict %+v, want %+v", r.q.wait(t, []uint32{syn})[0], pending)
+	}
+	// The marked and the denied flow left the table: their segments are
+	// unknown, denied.
+	if g := segment(marked, markedISN+1+uint32(len(hello)), []byte("more")); g != repeatDenied {
+		t.Fatalf("a segment of the allowed, marked flow past the keep time: verdict %+v, want %+v (unknown)", g, repeatDenied)
+	}
+	if g := segment(denied, deniedISN+1, []byte("again")); g != repeatDenied {
+		t.Fatalf("a segment of the denied flow past the keep time: verdict %+v, want %+v (unknown)", g, repeatDenied)
+	}
+	if n := counterValue(r.p.met.fastErrors.WithLabelValues("unknown-flow")) - unknown; n != 2 {
+		t.Errorf("unknown-flow errors rose by %v, want 2 (the marked and the denied flow)", n)
+	}
+	// Marked, the silent flow leaves the table after the keep time too.
+	waitFlows(t, r.p, 1) // the new connection on silent2's ports, pending
+	if g := segment(silent, silentISN+1+24, []byte("late")); g != repeatDenied {
+		t.Fatalf("a segment of the silent flow past the keep time after its mark: verdict %+v, want %+v (unknown)", g, repeatDenied)
+	}
+}
+
+// TestServeQueueSilentBound: a silent client's flow, allowed on the
+// address and not marked, is kept at most Config.fastKeepSilent: its
+// first segment after that is unknown, denied (the bound keeps clients
+// that never speak again from filling the table for good).
+func TestServeQueueSilentBound(t *testing.T) {
+	r := newFastRig(t, func(c *Config) {
+		c.FirstByteWait, c.fastKeep, c.fastKeepSilent = 200*time.Millisecond, 100*time.Millisecond, 600*time.Millisecond
+	})
+	client, dest := netip.AddrPortFrom(clientV4, 42101), netip.AddrPortFrom(srvV4, 443)
+	_, isn := r.connect(t, client, dest)
+	ev := r.evs.wait(t, "of the flow", func(ev audit.Event) bool { return ev.ClientPort == client.Port() })
+	if ev.Verdict != policy.Allow {
+		t.Fatalf("event %+v: want allowed on the address", ev)
+	}
+	at := time.Now()
+	waitFlows(t, r.p, 0)
+	if d := time.Since(at); d < 400*time.Millisecond {
+		t.Errorf("the silent flow left the table %v after its decision, want the silent bound (600 ms)", d)
+	}
+	id := r.send(hookForward, tcpPacket(client, dest, isn+1, 5000, nfq.ACK|nfq.PSH, []byte("late")))
+	if g := r.q.wait(t, []uint32{id})[0]; g != (gotVerdict{v: nfq.Repeat, mark: fastMarks.Denied | operatorBit, setMark: true}) {
+		t.Fatalf("the silent client's first segment past the bound: verdict %+v, want repeat denied", g)
+	}
+}
