@@ -72,7 +72,10 @@ import (
 // mark until its first segment, which gives it: it stays until then, up
 // to fastKeepSilent, then fastKeep more. A queued segment of a flow the
 // table does not know (gone, or from before a restart) is denied
-// (NF_REPEAT with Denied, and resets both ways).
+// (NF_REPEAT with Denied, and resets both ways). An RST that carries
+// bytes, on a pending flow, is dropped and refuses it (its bytes would
+// go out unread); one without passes (the server forgets the
+// connection) and ends the flow's stream.
 
 // Queue is the NFQUEUE the fast path reads: *nfq.Conn.
 type Queue interface {
@@ -169,6 +172,11 @@ const (
 // errFastHeld: the client (or all clients) hold as many queued packets
 // as the fast path allows.
 var errFastHeld = errors.New("proxy: fast path: too many held packets")
+
+// errResetPayload: the client's RST on a pending flow carries bytes,
+// which the server's host would get unread (the flow is refused,
+// ReasonStreamMismatch).
+var errResetPayload = errors.New("proxy: fast path: a reset with bytes")
 
 // flowKey is a TCP flow, from the client's side.
 type flowKey struct{ client, dest netip.AddrPort }
@@ -527,6 +535,23 @@ func (s *fastQueue) packet(pk nfq.Packet) {
 		return
 	}
 	// Pending.
+	if seg.Flags&nfq.RST != 0 && len(seg.Payload) > 0 {
+		// An RST with bytes: passed, it would take them to the server's
+		// host unread (and end the stream, then allowed on the address
+		// with nothing read). Dropped, and the flow refused; the server
+		// gets a reset without bytes at the decision, where its ack says.
+		if fl.refused == nil {
+			fl.refused = errResetPayload
+		}
+		if seg.Flags&nfq.ACK != 0 {
+			fl.srvNext, fl.haveSrv = seg.Ack, true
+		}
+		fl.mu.Unlock()
+		s.kick(fl)
+		s.p.met.fastErrors.WithLabelValues("reset-payload").Inc()
+		s.verdict(pk.ID, nfq.Drop, 0, false)
+		return
+	}
 	if seg.Flags&nfq.RST != 0 {
 		if fl.end == nil {
 			fl.end = syscall.ECONNRESET

@@ -160,3 +160,76 @@ func TestServeQueueSilentBound(t *testing.T) {
 		t.Fatalf("the silent client's first segment past the bound: verdict %+v, want repeat denied", g)
 	}
 }
+
+// TestServeQueueResetWithPayload: an RST that carries bytes, on a pending
+// flow, must not take them out undecided. Before, the queue accepted it
+// as it was (for the server to forget the connection), bytes and all,
+// and the flow, ended, was allowed on the address without them read.
+// Now it is dropped, the flow refused (stream-mismatch: bytes outside the
+// stream), and the server reset by the fast path at the sequence number
+// it expects (a reset without bytes).
+func TestServeQueueResetWithPayload(t *testing.T) {
+	r := newFastRig(t)
+	dest := netip.AddrPortFrom(srvV4, 443)
+	hello := goClientHello(t, "www.allowed.test")
+	for _, c := range []struct {
+		name string
+		held int // bytes of the hello held before the reset
+	}{
+		{"nothing held", 0},
+		{"part of a hello held", 100},
+	} {
+		t.Run(c.name, func(t *testing.T) {
+			client := netip.AddrPortFrom(clientV4, 42200+uint16(c.held))
+			_, isn := r.connect(t, client, dest)
+			var ids []uint32
+			if c.held > 0 {
+				ids = r.stream(client, dest, isn, hello[:c.held], c.held, false)
+			}
+			r.inj.mu.Lock()
+			r.inj.sent = nil
+			r.inj.mu.Unlock()
+			errs := counterValue(r.p.met.fastErrors.WithLabelValues("reset-payload"))
+			rst := r.send(hookForward, tcpPacket(client, dest, isn+1+uint32(c.held), 5000, nfq.RST|nfq.ACK, []byte("secret bytes in a reset")))
+			if g := r.q.wait(t, []uint32{rst})[0]; g != (gotVerdict{v: nfq.Drop}) {
+				t.Fatalf("an RST with bytes on a pending flow: verdict %+v, want drop", g)
+			}
+			if n := counterValue(r.p.met.fastErrors.WithLabelValues("reset-payload")) - errs; n != 1 {
+				t.Errorf("fast_errors_total{op=reset-payload} rose by %v, want 1", n)
+			}
+			ev := r.evs.wait(t, "of the flow", func(ev audit.Event) bool { return ev.ClientPort == client.Port() })
+			if ev.Verdict != policy.Deny || ev.Reason != ReasonStreamMismatch || ev.Close != closeFastDenied {
+				t.Errorf("event %+v: want denied %s, close %s", ev, ReasonStreamMismatch, closeFastDenied)
+			}
+			if len(ids) > 0 {
+				checkDenied(t, r.q.wait(t, ids))
+			}
+			r.inj.mu.Lock()
+			sent := r.inj.sent
+			r.inj.mu.Unlock()
+			var toServer []injected
+			for _, s := range sent {
+				if s.to == dest {
+					toServer = append(toServer, s)
+				}
+			}
+			if len(toServer) != 1 || toServer[0].flags&nfq.RST == 0 || toServer[0].seq != isn+1 || toServer[0].ack != 5000 || len(toServer[0].payload) != 0 {
+				t.Errorf("sent to the server %+v, want one reset at %d, ack 5000, no bytes", toServer, isn+1)
+			}
+			// Later segments of the connection are denied.
+			id := r.send(hookForward, tcpPacket(client, dest, isn+1, 5000, nfq.ACK|nfq.PSH, hello))
+			if g := r.q.wait(t, []uint32{id})[0]; g.v == nfq.Accept || g.v == nfq.Repeat && g.mark != fastMarks.Denied|operatorBit {
+				t.Errorf("a segment after: verdict %+v, want dropped or repeat denied", g)
+			}
+		})
+	}
+	t.Run("reset without bytes", func(t *testing.T) {
+		// Passed: the server forgets the connection.
+		client := netip.AddrPortFrom(clientV4, 42400)
+		_, isn := r.connect(t, client, dest)
+		rst := r.send(hookForward, tcpPacket(client, dest, isn+1, 5000, nfq.RST|nfq.ACK, nil))
+		if g := r.q.wait(t, []uint32{rst})[0]; g != (gotVerdict{v: nfq.Accept}) {
+			t.Fatalf("an RST without bytes on a pending flow: verdict %+v, want accept", g)
+		}
+	})
+}
