@@ -163,7 +163,10 @@ type flow struct {
 	// synISN, on the port pair (tcpPacket): a new connection if the server
 	// answers it.
 	synNew bool
-	synISN uint32
+	// synAgain: how many times a retransmission of the client's SYN
+	// judged the flow again (rejudgeSYN), maxSYNRejudge at most.
+	synAgain uint8
+	synISN   uint32
 	// urg: the client's urgent mark (see urgent): the byte at sequence
 	// number urgSeq is out of the stream a receiver without SO_OOBINLINE
 	// reads, and out of st[0]; urgGot: a segment holding it arrived.
@@ -1114,6 +1117,9 @@ func (p *proc) tcpPacket(src, dst netip.Addr, mac []byte) {
 		// Forwarded by nftables, not proxied: decided at once by address.
 		f.forwarded, f.inspect = true, false
 		p.classify(f)
+	} else if dir == 0 && t.SYN && !t.ACK && p.rejudgeSYN(f, t.Seq) {
+		f.decided = false
+		p.classify(f)
 	}
 	if dir == 0 && t.ACK && !t.SYN && !t.RST {
 		f.acked = true
@@ -1175,6 +1181,37 @@ func (p *proc) tcpPacket(src, dst netip.Addr, mac []byte) {
 			p.end(f, "fin")
 		}
 	}
+}
+
+// maxSYNRejudge bounds how many retransmissions of a client's SYN judge
+// a forwarded connection again (rejudgeSYN): Linux sends 6 by default
+// (net.ipv4.tcp_syn_retries), 1, 3, 7, 15, 31 and 63 s after the first.
+const maxSYNRejudge = 6
+
+// rejudgeSYN reports whether the client's SYN at sequence number seq, a
+// retransmission of the one that began f (the same initial sequence
+// number), is to judge f again, and counts it. The forward chain judges
+// every SYN of a connection whose earlier SYNs it dropped as a new packet
+// (a dropped packet confirms no conntrack entry): one that comes after
+// DNS gave the address out for a rule's name gets out, and the connection
+// works (a client that connected from a stale cache, or before its own
+// lookup's answer). So a forwarded TCP flow decided dropped is judged
+// again, by address with the answers given by now (decideForwarded's
+// last), at each retransmitted SYN until one passes, while the handshake
+// has not gone further: the server sent nothing (no SYN-ACK got back to
+// the client) and the client only SYNs (est); at most maxSYNRejudge times,
+// and only before its first report. In audit mode, where nothing drops the
+// first SYN, the verdict is that of the first SYN after the answer, as
+// enforce mode would have let that one out.
+func (p *proc) rejudgeSYN(f *flow, seq uint32) bool {
+	if !f.decided || !f.forwarded || !f.ruled || f.dec.Allowed() || f.reported || f.closed ||
+		f.inbound || f.guarded || f.revoked || f.enforceJudged ||
+		!f.haveBase[0] || seq+1 != f.base[0] || f.pkts[1] != 0 || !f.est.IsZero() ||
+		f.synAgain >= maxSYNRejudge {
+		return false
+	}
+	f.synAgain++
+	return true
 }
 
 // resetTaken reports whether the server takes a client's reset at
@@ -2654,7 +2691,10 @@ func (p *proc) end(f *flow, how string) {
 // comes first. That is when the proxy decides a connection too, so a
 // reload while a flow is open changes neither verdict: a connection no rule
 // allowed when it opened stays a drop even if a rule allowing it arrives
-// later (enforce would have refused it then).
+// later (enforce would have refused it then). A forwarded TCP flow
+// (nftables', decided at its first packet) decided dropped is decided
+// again at a retransmission of its SYN while its handshake went no
+// further (rejudgeSYN): the forward chain judges that SYN anew.
 //
 // The decision is kept in the flow and stamped on every event of the flow.
 // Events go out as follows. The ledger counts a flow once by its 5-tuple
