@@ -163,10 +163,10 @@ type flow struct {
 	// synISN, on the port pair (tcpPacket): a new connection if the server
 	// answers it.
 	synNew bool
-	// synAgain: how many times a retransmission of the client's SYN
-	// judged the flow again (rejudgeSYN), maxSYNRejudge at most.
-	synAgain uint8
-	synISN   uint32
+	// again: how many times a packet of the client judged the flow
+	// again (judgeAgain: a retransmitted SYN, a later datagram).
+	again  uint8
+	synISN uint32
 	// urg: the client's urgent mark (see urgent): the byte at sequence
 	// number urgSeq is out of the stream a receiver without SO_OOBINLINE
 	// reads, and out of st[0]; urgGot: a segment holding it arrived.
@@ -1183,10 +1183,12 @@ func (p *proc) tcpPacket(src, dst netip.Addr, mac []byte) {
 	}
 }
 
-// maxSYNRejudge bounds how many retransmissions of a client's SYN judge
-// a forwarded connection again (rejudgeSYN): Linux sends 6 by default
+// maxRejudge bounds how many retransmissions of a client's SYN judge a
+// forwarded connection again (rejudgeSYN): Linux sends 6 by default
 // (net.ipv4.tcp_syn_retries), 1, 3, 7, 15, 31 and 63 s after the first.
-const maxSYNRejudge = 6
+// A UDP flow's datagrams after its decision judge it again as many times,
+// then only at its 2^n-th client datagram (rejudgeDatagram).
+const maxRejudge = 6
 
 // rejudgeSYN reports whether the client's SYN at sequence number seq, a
 // retransmission of the one that began f (the same initial sequence
@@ -1199,18 +1201,47 @@ const maxSYNRejudge = 6
 // again, by address with the answers given by now (decideForwarded's
 // last), at each retransmitted SYN until one passes, while the handshake
 // has not gone further: the server sent nothing (no SYN-ACK got back to
-// the client) and the client only SYNs (est); at most maxSYNRejudge times,
+// the client) and the client only SYNs (est); at most maxRejudge times,
 // and only before its first report. In audit mode, where nothing drops the
 // first SYN, the verdict is that of the first SYN after the answer, as
 // enforce mode would have let that one out.
 func (p *proc) rejudgeSYN(f *flow, seq uint32) bool {
-	if !f.decided || !f.forwarded || !f.ruled || f.dec.Allowed() || f.reported || f.closed ||
-		f.inbound || f.guarded || f.revoked || f.enforceJudged ||
-		!f.haveBase[0] || seq+1 != f.base[0] || f.pkts[1] != 0 || !f.est.IsZero() ||
-		f.synAgain >= maxSYNRejudge {
+	if !f.forwarded || !f.haveBase[0] || seq+1 != f.base[0] || !f.est.IsZero() || f.again >= maxRejudge {
 		return false
 	}
-	f.synAgain++
+	return p.judgeAgain(f)
+}
+
+// rejudgeDatagram reports whether the client's datagram just counted,
+// of f, a UDP flow nftables forwards, is to judge f again, and counts it:
+// as a retransmitted SYN (rejudgeSYN), a datagram after every earlier one
+// was dropped is new to the forward chain, which lets it out once DNS
+// gave the address out. A UDP flow is decided 10 s after it began, on its
+// datagrams so far (decideForwarded); one decided dropped is judged again
+// at a later datagram of its client while the server has sent nothing,
+// the first maxRejudge times, then at the client's 2^n-th datagram (a
+// burst before the answer does not use up the judgements of a datagram
+// after it, and a flow is judged again at most some 70 times).
+func (p *proc) rejudgeDatagram(f *flow) bool {
+	n := f.pkts[0]
+	if f.proto != 17 || f.sport == 53 || f.cport == 53 || f.again >= maxRejudge && n&(n-1) != 0 {
+		return false
+	}
+	return p.judgeAgain(f)
+}
+
+// judgeAgain reports whether f, a forwarded flow decided dropped by the
+// policy (not denied by capture, nor opened before enforce), not reported
+// yet, whose server sent nothing, is to be judged again, and counts it
+// (to 255).
+func (p *proc) judgeAgain(f *flow) bool {
+	if !f.decided || !f.ruled || f.dec.Allowed() || f.reported || f.closed ||
+		f.inbound || f.guarded || f.revoked || f.enforceJudged || f.pkts[1] != 0 {
+		return false
+	}
+	if f.again < 255 {
+		f.again++
+	}
 	return true
 }
 
@@ -2422,6 +2453,10 @@ func (p *proc) udpPacket(src, dst netip.Addr, sp, dp layers.UDPPort, payload []b
 	if f.inbound {
 		return
 	}
+	if dir == 0 && p.rejudgeDatagram(f) {
+		f.decided = false
+		p.classify(f)
+	}
 	if s == 53 || d == 53 {
 		f.app = appDNS
 		p.classify(f) // by address: DNS flows carry no name of their own
@@ -2691,10 +2726,11 @@ func (p *proc) end(f *flow, how string) {
 // comes first. That is when the proxy decides a connection too, so a
 // reload while a flow is open changes neither verdict: a connection no rule
 // allowed when it opened stays a drop even if a rule allowing it arrives
-// later (enforce would have refused it then). A forwarded TCP flow
-// (nftables', decided at its first packet) decided dropped is decided
-// again at a retransmission of its SYN while its handshake went no
-// further (rejudgeSYN): the forward chain judges that SYN anew.
+// later (enforce would have refused it then). A forwarded flow decided
+// dropped is decided again at a retransmission of its SYN while its
+// handshake went no further (rejudgeSYN), or at a UDP flow's later
+// datagram while its server sent nothing (rejudgeDatagram): the forward
+// chain judges that packet anew.
 //
 // The decision is kept in the flow and stamped on every event of the flow.
 // Events go out as follows. The ledger counts a flow once by its 5-tuple

@@ -107,14 +107,14 @@ func TestForwardedSYNRetransmittedAfterAnswer(t *testing.T) {
 
 // TestForwardedSYNRejudgeBounded: a client that repeats its SYN (the same
 // ISN) far more often than a kernel retransmits it has its connection
-// judged again at most maxSYNRejudge times: an answer that came only after
+// judged again at most maxRejudge times: an answer that came only after
 // those leaves the flow dropped, as the first SYNs were.
 func TestForwardedSYNRejudgeBounded(t *testing.T) {
 	cli := netip.MustParseAddr("192.0.2.70")
 	srv := netip.MustParseAddr("203.0.113.42")
 	p := newPcap(t)
 	c := &tcpConn{p: p, cli: cli, srv: srv, cport: 45002, sport: 5222, cseq: 100, sseq: 1}
-	for range maxSYNRejudge + 1 {
+	for range maxRejudge + 1 {
 		c.seg(true, "S", c.cseq, nil)
 	}
 	p.now = p.now.Add(100 * time.Millisecond)
@@ -127,6 +127,66 @@ func TestForwardedSYNRejudgeBounded(t *testing.T) {
 	for _, ev := range r.events {
 		if ev.Kind == audit.KindFlow && ev.ClientPort == 45002 && ev.Verdict != policy.Deny {
 			t.Errorf("a SYN repeated past the bound of re-judgements: %s rule %q, want dropped (judged no more)", ev.Verdict, ev.Rule)
+		}
+	}
+}
+
+// ntpLatePolicy: NTP names, forwarded by the rule's learned set.
+const ntpLatePolicy = `version: 1
+mode: %s
+rules:
+  - name: ntp
+    to: ["*.time.test"]
+    ports: [123/udp]
+`
+
+// TestForwardedUDPAfterDecisionAfterAnswer: as a retransmitted SYN, a
+// datagram a client sends again from the same socket after the DNS answer
+// is a new packet to the forward chain when every earlier one was dropped
+// (no conntrack entry was confirmed), and the learned set now lets it out.
+// Capture decides a UDP flow 10 s after it began; a datagram after that,
+// and after the answer, while the server has sent nothing, judges the flow
+// again: allowed, in audit and in enforce mode. One whose every datagram
+// came before the answer stays dropped. Before, a flow decided dropped at
+// 10 s stayed dropped though its later datagrams got out and were answered.
+func TestForwardedUDPAfterDecisionAfterAnswer(t *testing.T) {
+	cli := netip.MustParseAddr("192.0.2.70")
+	late := netip.MustParseAddr("203.0.113.50")
+	never := netip.MustParseAddr("203.0.113.51")
+	other := netip.MustParseAddr("203.0.113.52")
+	p := newPcap(t)
+	start := p.now
+	p.udp(true, cli, late, 46000, 123, []byte("ntp"))
+	p.udp(true, cli, never, 46001, 123, []byte("ntp"))
+	p.now = p.now.Add(4 * time.Second)
+	p.udp(true, cli, late, 46000, 123, []byte("ntp"))
+	p.udp(true, cli, never, 46001, 123, []byte("ntp"))
+	// Past classifyWait: another flow's datagram sweeps both, decided
+	// dropped (no answer yet).
+	p.now = start.Add(11 * time.Second)
+	p.udp(true, cli, other, 46002, 9, []byte("x"))
+	p.now = start.Add(12 * time.Second)
+	facts := grantFacts{
+		late:  {{Client: cli, Name: "a.time.test", Since: p.now}},
+		never: {{Client: cli, Name: "b.time.test", Since: p.now}},
+	}
+	p.now = start.Add(14 * time.Second)
+	p.udp(true, cli, late, 46000, 123, []byte("ntp")) // from the same socket, after the answer
+	p.udp(false, late, cli, 123, 46000, []byte("ntp reply"))
+	path := p.close()
+	for _, mode := range []policy.Mode{policy.ModeAudit, policy.ModeEnforce} {
+		r := synthRun(t, path, fmt.Sprintf(ntpLatePolicy, mode), facts, Config{})
+		got := map[uint16]audit.Event{}
+		for _, ev := range r.events {
+			if ev.Kind == audit.KindFlow && ev.DestPort == 123 {
+				got[ev.ClientPort] = ev
+			}
+		}
+		if ev := got[46000]; ev.Verdict != policy.Allow || ev.Rule != "ntp" || ev.Name != "a.time.test" {
+			t.Errorf("%s mode: datagrams before the answer, one after it and after the decision: %s rule %q name %q, want allowed by ntp, a.time.test", mode, ev.Verdict, ev.Rule, ev.Name)
+		}
+		if ev := got[46001]; ev.Verdict != policy.Deny || ev.Rule != "" {
+			t.Errorf("%s mode: every datagram before the answer: %s rule %q, want dropped", mode, ev.Verdict, ev.Rule)
 		}
 	}
 }
