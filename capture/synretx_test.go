@@ -11,13 +11,17 @@ import (
 )
 
 // synRetxPolicy: a name rule on a port --tcp-ports 443 leaves to the
-// forward chain (5222), which lets a connection out by its learned set.
+// forward chain (5222), and one for NTP, which the chain forwards too: it
+// lets a flow out by the rule's learned set.
 const synRetxPolicy = `version: 1
 mode: %s
 rules:
   - name: chat
     to: ["*.chat.test"]
     ports: [5222/tcp]
+  - name: ntp
+    to: ["*.time.test"]
+    ports: [123/udp]
 `
 
 // TestForwardedSYNRetransmittedAfterAnswer: a client connects to an
@@ -131,15 +135,6 @@ func TestForwardedSYNRejudgeBounded(t *testing.T) {
 	}
 }
 
-// ntpLatePolicy: NTP names, forwarded by the rule's learned set.
-const ntpLatePolicy = `version: 1
-mode: %s
-rules:
-  - name: ntp
-    to: ["*.time.test"]
-    ports: [123/udp]
-`
-
 // TestForwardedUDPAfterDecisionAfterAnswer: as a retransmitted SYN, a
 // datagram a client sends again from the same socket after the DNS answer
 // is a new packet to the forward chain when every earlier one was dropped
@@ -175,7 +170,7 @@ func TestForwardedUDPAfterDecisionAfterAnswer(t *testing.T) {
 	p.udp(false, late, cli, 123, 46000, []byte("ntp reply"))
 	path := p.close()
 	for _, mode := range []policy.Mode{policy.ModeAudit, policy.ModeEnforce} {
-		r := synthRun(t, path, fmt.Sprintf(ntpLatePolicy, mode), facts, Config{})
+		r := synthRun(t, path, fmt.Sprintf(synRetxPolicy, mode), facts, Config{})
 		got := map[uint16]audit.Event{}
 		for _, ev := range r.events {
 			if ev.Kind == audit.KindFlow && ev.DestPort == 123 {

@@ -84,6 +84,28 @@ func ntpCounts(t *testing.T, d *daemon, name, ip string, want uint64) (ntpFlows,
 // not as dropped (U1's check took the flow's first packet alone and
 // counted it dropped, though the device's NTP worked).
 func TestFlowBeforeAnswerSameSocketAllowed(t *testing.T) {
+	sameSocketAfterAnswer(t, false)
+}
+
+// TestFlowBeforeAnswerSameSocketAfterDecision: as
+// TestFlowBeforeAnswerSameSocketAllowed, but the device asks DNS, and
+// sends its NTP request again from the same socket, only after capture
+// decided the flow (10 s after it began, dropped: no answer had come).
+// The datagram after the answer is a new packet to the forward chain,
+// which the ntp rule's learned set admits, and the server answers: the
+// report counts the flow under ntp, not dropped. Before session 34,
+// capture kept the drop it decided at 10 s.
+func TestFlowBeforeAnswerSameSocketAfterDecision(t *testing.T) {
+	sameSocketAfterAnswer(t, true)
+}
+
+// sameSocketAfterAnswer sends an NTP request to a pool name's address
+// before any DNS answer for it (dropped), from one socket; with decided,
+// it waits until capture decided that flow (dropped) first; then it
+// resolves the name, sends the request again from the same socket, which
+// must be answered, and wants the report to count the flow under ntp,
+// not dropped, before and after it is decided.
+func sameSocketAfterAnswer(t *testing.T, decided bool) {
 	tp := newTopo(t)
 	d := newDaemon(t, tp, "enforce")
 	d.start()
@@ -100,12 +122,21 @@ func TestFlowBeforeAnswerSameSocketAllowed(t *testing.T) {
 	defer c.Close()
 	req := ntpRequest()
 	answers := func(r []byte) bool { return ntpAnswers(req, r) }
+	began := time.Now()
 	if err := askWithin(c, time.Second, req, answers); err == nil {
 		t.Fatalf("NTP to %s before any DNS answer for %s was answered; want it dropped", ip, name)
+	}
+	if decided {
+		// Past classifyWait and the sweep after it (every 5 s): decided.
+		time.Sleep(time.Until(began.Add(17 * time.Second)))
+		if ntpFlows, dropped := ntpCounts(t, d, name, ip, 1); ntpFlows != 0 || dropped != 1 {
+			t.Fatalf("report once the flow is decided, before the answer: ntp rule %d flows, dropped %s:123/udp %d flows; want 0 and 1", ntpFlows, ip, dropped)
+		}
 	}
 	if got := tp.resolve4(t, ctx, name); got != addr {
 		t.Fatalf("%s resolved to %v, want %s", name, got, ip)
 	}
+	askedAgain := time.Now()
 	if err := askWithin(c, 2*time.Second, req, answers); err != nil {
 		t.Fatalf("NTP to %s from the same socket after the answer: %v (want it let out: a new packet to the forward chain)", ip, err)
 	}
@@ -113,10 +144,11 @@ func TestFlowBeforeAnswerSameSocketAllowed(t *testing.T) {
 	// Until capture decides the flow (classifyWait, 10 s after it began),
 	// the live report lists it as it would be decided now, from the
 	// packets capture has read so far: read before the datagram after the
-	// answer, it is listed dropped for a moment (CI saw it). So wait for
-	// the counts wanted, and check they hold once the flow is decided.
-	began := time.Now()
-	deadline := began.Add(30 * time.Second)
+	// answer, it is listed dropped for a moment (CI saw it). A decided
+	// flow is judged again when capture reads that datagram, a moment
+	// after the server answered it. So wait for the counts wanted, and
+	// check they hold once the flow is decided.
+	deadline := askedAgain.Add(30 * time.Second)
 	for {
 		ntpFlows, dropped := ntpCounts(t, d, name, ip, 1)
 		if ntpFlows == 1 && dropped == 0 {

@@ -3,7 +3,6 @@ package e2e
 import (
 	"context"
 	"net"
-	"net/netip"
 	"testing"
 	"time"
 )
@@ -59,63 +58,5 @@ func TestSYNRetransmittedAfterAnswerAllowed(t *testing.T) {
 		if dr.Dest == intakeIP || dr.Dest == intakeName {
 			t.Errorf("report lists %s:%d/%s dropped (%d flows); the connection worked", dr.Dest, dr.Port, dr.Proto, dr.Flows)
 		}
-	}
-}
-
-// TestFlowBeforeAnswerSameSocketAfterDecision: as
-// TestFlowBeforeAnswerSameSocketAllowed, but the device asks DNS, and
-// sends its NTP request again from the same socket, only after capture
-// decided the flow (10 s after it began, dropped: no answer had come).
-// The datagram after the answer is a new packet to the forward chain,
-// which the ntp rule's learned set admits, and the server answers: the
-// report counts the flow under ntp, not dropped. Before, capture kept the
-// drop it decided at 10 s.
-func TestFlowBeforeAnswerSameSocketAfterDecision(t *testing.T) {
-	tp := newTopo(t)
-	d := newDaemon(t, tp, "enforce")
-	d.start()
-	d.dumpOnFailure()
-	ctx, cancel := context.WithTimeout(context.Background(), 2*time.Minute)
-	defer cancel()
-
-	const name, ip = "2.pool.ntp.org", "198.51.100.126"
-	addr := netip.MustParseAddr(ip)
-	c, err := tp.lan.DialContext(ctx, "udp", netip.AddrPortFrom(addr, 123).String())
-	if err != nil {
-		t.Fatal(err)
-	}
-	defer c.Close()
-	req := ntpRequest()
-	answers := func(r []byte) bool { return ntpAnswers(req, r) }
-	began := time.Now()
-	if err := askWithin(c, time.Second, req, answers); err == nil {
-		t.Fatalf("NTP to %s before any DNS answer for %s was answered; want it dropped", ip, name)
-	}
-	// Capture decides the flow 10 s after it began: dropped.
-	if ntpFlows, dropped := ntpCounts(t, d, name, ip, 1); ntpFlows != 0 || dropped != 1 {
-		t.Fatalf("report before the answer: ntp rule %d flows, dropped %s:123/udp %d flows; want 0 and 1", ntpFlows, ip, dropped)
-	}
-	// Past classifyWait and the sweep after it (every 5 s): decided.
-	time.Sleep(time.Until(began.Add(17 * time.Second)))
-	if ntpFlows, dropped := ntpCounts(t, d, name, ip, 1); ntpFlows != 0 || dropped != 1 {
-		t.Fatalf("report once the flow is decided, before the answer: ntp rule %d flows, dropped %s:123/udp %d flows; want 0 and 1", ntpFlows, ip, dropped)
-	}
-	if got := tp.resolve4(t, ctx, name); got != addr {
-		t.Fatalf("%s resolved to %v, want %s", name, got, ip)
-	}
-	if err := askWithin(c, 2*time.Second, req, answers); err != nil {
-		t.Fatalf("NTP to %s from the same socket after the answer: %v (want it let out: a new packet to the forward chain)", ip, err)
-	}
-	// Capture reads the datagram a moment after the server answered it.
-	deadline := time.Now().Add(10 * time.Second)
-	for {
-		ntpFlows, dropped := ntpCounts(t, d, name, ip, 1)
-		if ntpFlows == 1 && dropped == 0 {
-			break
-		}
-		if time.Now().After(deadline) {
-			t.Fatalf("report 10s after the answer: ntp rule %d flows, dropped %s:123/udp %d flows; want 1 and 0 (its datagram after the answer was let out and answered)", ntpFlows, ip, dropped)
-		}
-		time.Sleep(500 * time.Millisecond)
 	}
 }
