@@ -70,7 +70,10 @@ import (
 // before its mark took hold is answered the same way; one allowed with
 // nothing held (a client silent at first, decided on the address) has no
 // mark until its first segment, which gives it: it stays until then, up
-// to fastKeepSilent, then fastKeep more. A queued segment of a flow the
+// to fastKeepSilent, then fastKeep more; that first segment decides it
+// again under the policy running then (fastQueue.again: a reload since
+// that no longer allows it cuts it), as does a decision made after a
+// reload that came since the flow's SYN. A queued segment of a flow the
 // table does not know (gone, or from before a restart) is denied
 // (NF_REPEAT with Denied, and resets both ways). An RST that carries
 // bytes, on a pending flow, is dropped and refuses it (its bytes would
@@ -227,6 +230,11 @@ type fastFlow struct {
 	marked  bool // the connection's lasting mark was given (a NF_REPEAT)
 	decided time.Time
 	expires time.Time // the sweep takes the decided flow out past it
+	// v is what an allowed flow with no packet marked yet was decided on:
+	// its first segment has it decided again under the policy running
+	// then (a reload since: its pending conntrack mark is not what the
+	// firewall's sweep reads).
+	v verdict
 	// runner is who decides the flow: nobody yet (its hello is not
 	// complete), the queue's goroutine (quick), or a worker (kick).
 	runner fastRunner
@@ -495,8 +503,21 @@ func (s *fastQueue) packet(pk nfq.Packet) {
 	switch fl.state {
 	case fastAllowed, fastDenied:
 		if fl.state == fastAllowed && fl.asm.check(seg.Seq, seg.Payload) != nil {
-			s.cut(fl, pk, seg)
+			s.cut(fl, pk, seg, nil)
 			return
+		}
+		if fl.state == fastAllowed && !fl.marked {
+			// Its first segment gives the connection its mark: decided
+			// again under the policy running now (s.again), which a
+			// reload since may have changed.
+			v := fl.v
+			fl.mu.Unlock()
+			d, deny := s.again(v)
+			fl.mu.Lock()
+			if deny && fl.state == fastAllowed && !fl.marked {
+				s.cut(fl, pk, seg, &d)
+				return
+			}
 		}
 		v, m := nfq.Accept, s.marks.Allowed
 		if fl.state == fastDenied {
@@ -610,12 +631,15 @@ func (s *fastQueue) packet(pk nfq.Packet) {
 // cut answers pk, a segment of fl (allowed, fl.mu held; cut unlocks it)
 // queued after the decision, before the connection's mark took hold
 // (nothing is queued after), whose bytes differ from those decided or
-// start before them: dropped with the denied mark, which replaces the
-// allowed one, and resets both ways (the server has read the stream up to
-// its first hole).
-func (s *fastQueue) cut(fl *fastFlow, pk nfq.Packet, seg nfq.TCPSegment) {
+// start before them, or (revoked, the new decision) the first segment of
+// a flow allowed with nothing marked that the policy running now denies:
+// dropped with the denied mark, which replaces the allowed one, and
+// resets both ways (the server has read the stream up to its first
+// hole).
+func (s *fastQueue) cut(fl *fastFlow, pk nfq.Packet, seg nfq.TCPSegment, revoked *policy.Decision) {
 	fl.state = fastDenied
 	fl.marked = true
+	fl.v = verdict{}
 	fl.expires = time.Now().Add(s.keep)
 	l2 := fl.l2
 	if pk.HWAddrLen > 0 {
@@ -623,10 +647,16 @@ func (s *fastQueue) cut(fl *fastFlow, pk nfq.Packet, seg nfq.TCPSegment) {
 	}
 	cliNext := fl.asm.first + uint32(fl.asm.contig)
 	fl.mu.Unlock()
-	s.p.met.fastErrors.WithLabelValues("late-conflict").Inc()
-	s.p.log.Warn("proxy: fast path: other bytes after the decision, connection cut",
-		audit.LogClient, seg.Src.Addr().Unmap().String(), audit.LogClientPort, seg.Src.Port(),
-		audit.LogDest, seg.Dst.Addr().Unmap().String(), audit.LogDestPort, seg.Dst.Port())
+	attrs := []any{audit.LogClient, seg.Src.Addr().Unmap().String(), audit.LogClientPort, seg.Src.Port(),
+		audit.LogDest, seg.Dst.Addr().Unmap().String(), audit.LogDestPort, seg.Dst.Port()}
+	if revoked != nil {
+		s.p.met.revoked.WithLabelValues(string(policy.ModeEnforce)).Inc()
+		s.p.log.Warn("proxy: fast path: policy reload: connection cut at its first segment, the new policy denies it",
+			append(attrs, audit.LogRule, revoked.Rule, audit.LogReason, revoked.Reason)...)
+	} else {
+		s.p.met.fastErrors.WithLabelValues("late-conflict").Inc()
+		s.p.log.Warn("proxy: fast path: other bytes after the decision, connection cut", attrs...)
+	}
 	s.verdict(pk.ID, nfq.Repeat, s.withMark(pk.Mark, s.marks.Denied), true)
 	if seg.Flags&nfq.ACK != 0 {
 		s.resets(l2, seg.Src, seg.Dst, cliNext, seg.Ack, cliNext, nil)
@@ -942,6 +972,16 @@ func (s *fastQueue) conclude(fl *fastFlow, kind streamKind, v verdict, head peek
 	if h := p.cfg.fastDecided; h != nil {
 		h(fl.key)
 	}
+	if v.d.Allowed() && p.deps.Policy.Load() != eng {
+		// A reload went in since the SYN: the firewall's sweep after it
+		// did not read this connection (pending, its conntrack mark has
+		// no enforced bit), so it is decided under the policy running
+		// now, as the proxy decides one it registers after a reload
+		// began (addLive).
+		if d, deny := s.again(v); deny {
+			v.d = d
+		}
+	}
 	// One critical section from the refusal read to the state set: a
 	// segment queued in between would otherwise be held after the look
 	// at the refusal its bytes cause, and released with the others.
@@ -995,6 +1035,9 @@ func (s *fastQueue) conclude(fl *fastFlow, kind streamKind, v verdict, head peek
 		fl.state = fastDenied
 	}
 	fl.marked = len(held) > 0
+	if !deny && !fl.marked {
+		fl.v = v // its first segment decides it again (packet)
+	}
 	fl.decided = time.Now()
 	fl.expires = fl.decided.Add(s.keep)
 	if !deny && !fl.marked && fl.end == nil {
@@ -1052,6 +1095,18 @@ func (s *fastQueue) conclude(fl *fastFlow, kind streamKind, v verdict, head peek
 	fl.mu.Lock()
 	fl.at, fl.f, fl.in = policyAt{}, nil, policy.Input{}
 	fl.mu.Unlock()
+}
+
+// again decides a flow allowed on v again under the policy running now,
+// as a reload decides the proxy's own connections (Proxy.again: local
+// facts only, no lookup); deny says the decision refuses it. A reload
+// cuts the fast-allowed connections whose rules changed (the firewall's
+// sweep), but one allowed with nothing marked yet carries the pending
+// conntrack mark, which the sweep does not read: its first segment,
+// which would give it the allowed mark, is decided so.
+func (s *fastQueue) again(v verdict) (d policy.Decision, deny bool) {
+	d = s.p.again(s.p.deps.Policy.Load(), v)
+	return d, !d.Allowed() && d.Mode == policy.ModeEnforce
 }
 
 // resets answers a refused connection: answer (if any) then a reset to

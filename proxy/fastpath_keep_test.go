@@ -1,6 +1,7 @@
 package proxy
 
 import (
+	"fmt"
 	"net/netip"
 	"testing"
 	"time"
@@ -232,4 +233,110 @@ func TestServeQueueResetWithPayload(t *testing.T) {
 			t.Fatalf("an RST without bytes on a pending flow: verdict %+v, want accept", g)
 		}
 	})
+}
+
+// TestServeQueueSilentReload: a silent client's flow, allowed on the
+// address with nothing held, has no mark until its first segment: its
+// conntrack entry carries the pending mark, which a reload's firewall
+// sweep does not look at (it cuts fast-allowed connections, marked with
+// the enforced bit), and the fast path's table keeps the flow allowed up
+// to fastKeepSilent. Its first segment after a reload is decided again
+// under the policy now running, as a reload decides the proxy's own
+// connections: still allowed, it gets the allowed mark; no longer, it is
+// cut (the denied mark, resets both ways). Before, it got the allowed
+// mark under a policy that no longer allowed it, and the kernel forwarded
+// the connection.
+func TestServeQueueSilentReload(t *testing.T) {
+	r := newFastRig(t, func(c *Config) { c.FirstByteWait = 200 * time.Millisecond })
+	dest := netip.AddrPortFrom(srvV4, 443)
+	repeatAllowed := gotVerdict{v: nfq.Repeat, mark: fastMarks.Allowed | operatorBit, setMark: true}
+	repeatDenied := gotVerdict{v: nfq.Repeat, mark: fastMarks.Denied | operatorBit, setMark: true}
+	reload := func(src string) {
+		t.Helper()
+		eng, err := policy.Compile("p", []byte(src))
+		if err != nil {
+			t.Fatal(err)
+		}
+		r.p.deps.Policy.Swap(eng)
+		r.p.Redecide()
+	}
+	kept, keptISN := netip.AddrPortFrom(clientV4, 42501), uint32(0)
+	revoked, revokedISN := netip.AddrPortFrom(clientV4, 42502), uint32(0)
+	_, keptISN = r.connect(t, kept, dest)
+	_, revokedISN = r.connect(t, revoked, dest)
+	for _, c := range []netip.AddrPort{kept, revoked} {
+		ev := r.evs.wait(t, "of the flow", func(ev audit.Event) bool { return ev.ClientPort == c.Port() })
+		if ev.Verdict != policy.Allow || ev.Close != closeFast {
+			t.Fatalf("silent client: event %+v: want allowed on the address, close %s", ev, closeFast)
+		}
+	}
+	// A reload that still allows it: the first segment gets the allowed
+	// mark.
+	reload(fmt.Sprintf(testPolicy, "enforce"))
+	id := r.send(hookForward, tcpPacket(kept, dest, keptISN+1, 5000, nfq.ACK|nfq.PSH, []byte("EHLO client.test\r\n")))
+	if g := r.q.wait(t, []uint32{id})[0]; g != repeatAllowed {
+		t.Fatalf("a silent client's first segment after a reload that still allows it: verdict %+v, want %+v", g, repeatAllowed)
+	}
+	// A reload that no longer allows it: cut.
+	reload("version: 1\nmode: enforce\nrules:\n  - name: vpn\n    to: [198.18.2.4/32]\n    ports: [8443/tcp]\n")
+	r.inj.mu.Lock()
+	r.inj.sent = nil
+	r.inj.mu.Unlock()
+	revokedBefore := counterValue(r.p.met.revoked.WithLabelValues(string(policy.ModeEnforce)))
+	id = r.send(hookForward, tcpPacket(revoked, dest, revokedISN+1, 5000, nfq.ACK|nfq.PSH, []byte("EHLO client.test\r\n")))
+	if g := r.q.wait(t, []uint32{id})[0]; g != repeatDenied {
+		t.Fatalf("a silent client's first segment after a reload that denies it: verdict %+v, want %+v", g, repeatDenied)
+	}
+	if n := counterValue(r.p.met.revoked.WithLabelValues(string(policy.ModeEnforce))) - revokedBefore; n != 1 {
+		t.Errorf("reload_revoked_total{mode=enforce} rose by %v, want 1", n)
+	}
+	r.inj.mu.Lock()
+	sent := r.inj.sent
+	r.inj.mu.Unlock()
+	var toServer, toClient bool
+	for _, s := range sent {
+		switch {
+		case s.to == dest && s.from == revoked && s.flags&nfq.RST != 0 && s.seq == revokedISN+1 && s.ack == 5000:
+			toServer = true
+		case s.to == revoked && s.from == dest && s.flags&nfq.RST != 0 && s.seq == 5000:
+			toClient = true
+		}
+	}
+	if !toServer || !toClient {
+		t.Errorf("sent %+v: want a reset to the server (seq %d, ack 5000) and one to the client (seq 5000)", sent, revokedISN+1)
+	}
+	// Its later segments are dropped.
+	id = r.send(hookForward, tcpPacket(revoked, dest, revokedISN+1+18, 5000, nfq.ACK|nfq.PSH, []byte("QUIT\r\n")))
+	if g := r.q.wait(t, []uint32{id})[0]; g != (gotVerdict{v: nfq.Drop}) {
+		t.Fatalf("a later segment of the cut flow: verdict %+v, want drop", g)
+	}
+}
+
+// TestServeQueuePendingReload: a flow being decided when a reload goes in
+// (its SYN came under the old policy, its hello completes after) is
+// decided under the policy running at its decision. The firewall's sweep
+// runs once the new ruleset is in and reads marked connections only: one
+// still pending then (its conntrack mark has no enforced bit) that gets
+// the allowed mark after is not cut, so the decision must not be the old
+// policy's. Before, the flow was decided with the engine loaded at its
+// SYN and let out under a policy that no longer allowed it.
+func TestServeQueuePendingReload(t *testing.T) {
+	r := newFastRig(t)
+	dest := netip.AddrPortFrom(srvV4, 443)
+	hello := goClientHello(t, "www.allowed.test")
+	client := netip.AddrPortFrom(clientV4, 42601)
+	_, isn := r.connect(t, client, dest)
+	ids := r.stream(client, dest, isn, hello[:100], 100, false)
+	eng, err := policy.Compile("p", []byte("version: 1\nmode: enforce\nrules:\n  - name: vpn\n    to: [198.18.2.4/32]\n    ports: [8443/tcp]\n"))
+	if err != nil {
+		t.Fatal(err)
+	}
+	r.p.deps.Policy.Swap(eng)
+	r.p.Redecide()
+	ids = append(ids, r.send(hookForward, tcpPacket(client, dest, isn+1+100, 5000, nfq.ACK|nfq.PSH, hello[100:])))
+	checkDenied(t, r.q.wait(t, ids))
+	ev := r.evs.wait(t, "of the flow", func(ev audit.Event) bool { return ev.ClientPort == client.Port() })
+	if ev.Verdict != policy.Deny || ev.Close != closeFastDenied || !ev.Enforced {
+		t.Errorf("event %+v: want denied under the policy running at the decision, close %s", ev, closeFastDenied)
+	}
 }
