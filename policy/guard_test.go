@@ -69,6 +69,7 @@ func TestLANRefuses(t *testing.T) {
 rules:
   - {name: loop, to: ["127.0.0.1/32", "::1/128"], ports: [9902/tcp, 7780/udp, 53/udp]}
   - {name: all, to: ["0.0.0.0/0"], ports: [443/tcp]}
+  - {name: zero, to: ["0.0.0.0/32", "::/128"], ports: [80/tcp, 81/udp, 53/udp]}
 `)
 	for _, c := range []struct {
 		dest  string
@@ -76,6 +77,14 @@ rules:
 		proto Proto
 		want  string // the range refused by, "" for none
 	}{
+		// "This host", which a rule names: the transparent proxy
+		// refuses it as loopback (TCP, redirected; dialled, it is the
+		// gateway), the kernel forwards it nowhere (a martian); DNS is
+		// the forwarder's.
+		{"0.0.0.0", 80, TCP, "0.0.0.0/32"},
+		{"::", 80, TCP, "::/128"},
+		{"0.0.0.0", 81, UDP, "0.0.0.0/32"},
+		{"0.0.0.0", 53, UDP, ""},
 		{"127.0.0.1", 9902, TCP, "127.0.0.0/8"},
 		{"127.0.0.1", 7780, UDP, "127.0.0.0/8"},
 		{"127.0.0.1", 53, UDP, "127.0.0.0/8"},

@@ -116,14 +116,20 @@ func LANLoopback(a netip.Addr) (netip.Prefix, bool) {
 // LANRefuses is the guard on what a LAN host sends as capture and audit
 // --replay judge it (policy explain with them): loopback (LANLoopback) on
 // every port and protocol whatever the rules; else DNS (port 53), the
-// forwarder's whatever its destination, is not refused; else
-// GuardRefuses.
+// forwarder's whatever its destination, is not refused; else "this host"
+// (0.0.0.0, ::) whatever the rules: the transparent proxy refuses a TCP
+// connection redirected to it as loopback (dialled, it is the gateway
+// itself: proxy GuardLANLoopback), and the kernel forwards nothing to it
+// (a martian); else GuardRefuses.
 func (e *Engine) LANRefuses(in Input, own []netip.Addr, allow []netip.Prefix) (netip.Prefix, bool) {
 	if g, ok := LANLoopback(in.Dest); ok {
 		return g, true
 	}
 	if in.Port == 53 {
 		return netip.Prefix{}, false
+	}
+	if a := in.Dest; a.IsUnspecified() {
+		return netip.PrefixFrom(a, a.BitLen()), true
 	}
 	return e.GuardRefuses(in, own, allow)
 }
