@@ -158,6 +158,14 @@ const fastKeepSilent = 10 * time.Minute
 // defaultFastFlows bounds the flow table (Config.FastFlows).
 const defaultFastFlows = 16384
 
+// fastFlowsShare: one client's flows take at most 1/fastFlowsShare of the
+// table (Config.FastFlows), so that one client's connections kept for
+// their silent client (fastKeepSilent), opened faster than the bound
+// lets them go, do not send every other client's new connections to the
+// proxy; past it, its own new connections go there (fast_syns
+// table-full).
+const fastFlowsShare = 8
+
 // Bounds of the packets the fast path holds (no verdict yet) in the
 // kernel's queue, which drops every packet past its length
 // (nfq.DefaultMaxLen), new connections' SYNs included: all clients' at
@@ -326,9 +334,10 @@ type fastQueue struct {
 	// keepSilent is Config.fastKeepSilent.
 	keepSilent time.Duration
 
-	mu    sync.Mutex
-	flows map[flowKey]*fastFlow
-	wg    sync.WaitGroup
+	mu       sync.Mutex
+	flows    map[flowKey]*fastFlow
+	byClient map[netip.Addr]int // flows in the table, by client (unmapped)
+	wg       sync.WaitGroup
 
 	hmu     sync.Mutex // guards following; taken under a flow's mu, takes none
 	heldAll int
@@ -370,7 +379,7 @@ func (s *fastQueue) overHeld(client netip.Addr) bool {
 // ServeQueue answers the fast path's queued packets from q until ctx
 // ends or q fails; it returns once every flow it was deciding is decided.
 func (p *Proxy) ServeQueue(ctx context.Context, q Queue) error {
-	s := &fastQueue{p: p, q: q, marks: p.cfg.FastMarks, max: p.cfg.FastFlows, keep: p.cfg.fastKeep, keepSilent: p.cfg.fastKeepSilent, flows: map[flowKey]*fastFlow{}, heldBy: map[netip.Addr]int{}}
+	s := &fastQueue{p: p, q: q, marks: p.cfg.FastMarks, max: p.cfg.FastFlows, keep: p.cfg.fastKeep, keepSilent: p.cfg.fastKeepSilent, flows: map[flowKey]*fastFlow{}, byClient: map[netip.Addr]int{}, heldBy: map[netip.Addr]int{}}
 	sweepCtx, stop := context.WithCancel(ctx)
 	done := make(chan struct{})
 	go func() { defer close(done); s.sweep(sweepCtx) }()
@@ -424,12 +433,24 @@ func (s *fastQueue) sweep(ctx context.Context) {
 				}
 				fl.mu.Unlock()
 				if old {
-					delete(s.flows, k)
+					s.remove(k)
 				}
 			}
 			s.p.met.fastFlows.Set(float64(len(s.flows)))
 			s.mu.Unlock()
 		}
+	}
+}
+
+// remove takes k's flow out of the table (s.mu held).
+func (s *fastQueue) remove(k flowKey) {
+	if _, ok := s.flows[k]; !ok {
+		return
+	}
+	delete(s.flows, k)
+	c := k.client.Addr().Unmap()
+	if s.byClient[c]--; s.byClient[c] <= 0 {
+		delete(s.byClient, c)
 	}
 }
 
@@ -760,9 +781,9 @@ func (s *fastQueue) syn(seg nfq.TCPSegment, l2 nfq.L2) synAnswer {
 		fl.mu.Lock()
 		fl.share.release()
 		fl.mu.Unlock()
-		delete(s.flows, key) // a new connection on a decided flow's ports
+		s.remove(key) // a new connection on a decided flow's ports
 	}
-	full := len(s.flows) >= s.max
+	full := len(s.flows) >= s.max || s.byClient[seg.Src.Addr().Unmap()] >= max(1, s.max/fastFlowsShare)
 	s.mu.Unlock()
 	why := s.declines(seg, full, l2)
 	if why != "" {
@@ -832,6 +853,7 @@ func (s *fastQueue) declines(seg nfq.TCPSegment, full bool, l2 nfq.L2) string {
 	s.wg.Add(1) // until concluded
 	s.mu.Lock()
 	s.flows[fl.key] = fl
+	s.byClient[client]++
 	p.met.fastFlows.Set(float64(len(s.flows)))
 	s.mu.Unlock()
 	// Nobody waits for the client's first bytes: the segment that

@@ -340,3 +340,26 @@ func TestServeQueuePendingReload(t *testing.T) {
 		t.Errorf("event %+v: want denied under the policy running at the decision, close %s", ev, closeFastDenied)
 	}
 }
+
+// TestServeQueueClientShare: one client's flows take at most an eighth
+// of the flow table (Config.FastFlows): past it, its new connections go
+// to the proxy (fast_syns table-full), while another client's are still
+// fast. Flows kept for a silent client stay up to 10 minutes, so one
+// client opening and closing connections unused filled the whole table
+// alone, and every client's new connections went to the proxy, before.
+func TestServeQueueClientShare(t *testing.T) {
+	r := newFastRig(t, func(c *Config) { c.FastFlows = 16 })
+	pending := gotVerdict{v: nfq.Accept, mark: fastMarks.Pending | operatorBit, setMark: true}
+	full := counterValue(r.p.met.fastSYNs.WithLabelValues("table-full"))
+	for i, want := range []gotVerdict{pending, pending, {v: nfq.Accept}} {
+		if g, _ := r.connect(t, netip.AddrPortFrom(clientV4, 42701+uint16(i)), netip.AddrPortFrom(srvV4, 443)); g != want {
+			t.Fatalf("client's SYN %d: verdict %+v, want %+v", i+1, g, want)
+		}
+	}
+	if n := counterValue(r.p.met.fastSYNs.WithLabelValues("table-full")) - full; n != 1 {
+		t.Errorf("fast_syns_total{result=table-full} rose by %v, want 1", n)
+	}
+	if g, _ := r.connect(t, netip.AddrPortFrom(clientV6, 42701), netip.AddrPortFrom(srvV6, 443)); g != pending {
+		t.Fatalf("another client's SYN: verdict %+v, want %+v", g, pending)
+	}
+}
