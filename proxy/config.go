@@ -134,7 +134,8 @@ type Config struct {
 	// FastFlows bounds the fast path's flow table (connections it took
 	// and is deciding, those decided in the last 30 s, and those allowed
 	// in the last 10 minutes whose client has not spoken yet); a SYN past it,
-	// or past a client's eighth of it, goes to the proxy. Zero: 16,384.
+	// or past a client's eighth of it (its flows not handed to the kernel
+	// yet), goes to the proxy. Zero: 16,384.
 	FastFlows int
 	// FastPorts are the destination ports whose SYNs the fast path may
 	// take; a SYN to another port goes to the proxy. Nil: 443 only. A

@@ -158,12 +158,16 @@ const fastKeepSilent = 10 * time.Minute
 // defaultFastFlows bounds the flow table (Config.FastFlows).
 const defaultFastFlows = 16384
 
-// fastFlowsShare: one client's flows take at most 1/fastFlowsShare of the
-// table (Config.FastFlows), so that one client's connections kept for
-// their silent client (fastKeepSilent), opened faster than the bound
-// lets them go, do not send every other client's new connections to the
-// proxy; past it, its own new connections go there (fast_syns
-// table-full).
+// fastFlowsShare: one client's flows not marked yet (being decided, or
+// kept for their silent client's first segment: fastKeepSilent) take at
+// most 1/fastFlowsShare of the table (Config.FastFlows), so that one
+// client's connections kept so, opened faster than the bound lets them
+// go, do not send every other client's new connections to the proxy;
+// past it, its own new connections go there (fast_syns table-full).
+// Flows whose connection has its mark (the kernel's now, kept fastKeep
+// for stragglers queued before it) do not count: a client opening
+// connections at a high rate (a site behind a router is one client)
+// keeps the fast path.
 const fastFlowsShare = 8
 
 // Bounds of the packets the fast path holds (no verdict yet) in the
@@ -236,6 +240,7 @@ type fastFlow struct {
 	haveSrv bool
 	state   fastState
 	marked  bool // the connection's lasting mark was given (a NF_REPEAT)
+	counted bool // in its client's count of flows not marked (byClient)
 	decided time.Time
 	expires time.Time // the sweep takes the decided flow out past it
 	// v is what an allowed flow with no packet marked yet was decided on:
@@ -334,14 +339,16 @@ type fastQueue struct {
 	// keepSilent is Config.fastKeepSilent.
 	keepSilent time.Duration
 
-	mu       sync.Mutex
-	flows    map[flowKey]*fastFlow
-	byClient map[netip.Addr]int // flows in the table, by client (unmapped)
-	wg       sync.WaitGroup
+	mu    sync.Mutex
+	flows map[flowKey]*fastFlow
+	wg    sync.WaitGroup
 
 	hmu     sync.Mutex // guards following; taken under a flow's mu, takes none
 	heldAll int
 	heldBy  map[netip.Addr]int // by client
+	// byClient: flows in the table not marked yet (fastFlow.counted), by
+	// client (unmapped).
+	byClient map[netip.Addr]int
 }
 
 // holdOne counts a packet of client's as held, if within the bounds.
@@ -444,14 +451,37 @@ func (s *fastQueue) sweep(ctx context.Context) {
 
 // remove takes k's flow out of the table (s.mu held).
 func (s *fastQueue) remove(k flowKey) {
-	if _, ok := s.flows[k]; !ok {
+	fl, ok := s.flows[k]
+	if !ok {
 		return
 	}
+	fl.mu.Lock()
+	s.uncount(fl)
+	fl.mu.Unlock()
 	delete(s.flows, k)
-	c := k.client.Addr().Unmap()
+}
+
+// uncount takes fl out of its client's count of flows not marked yet
+// (byClient), if it is in it (fl.mu held): its connection got its mark,
+// or it leaves the table.
+func (s *fastQueue) uncount(fl *fastFlow) {
+	if !fl.counted {
+		return
+	}
+	fl.counted = false
+	c := fl.key.client.Addr().Unmap()
+	s.hmu.Lock()
 	if s.byClient[c]--; s.byClient[c] <= 0 {
 		delete(s.byClient, c)
 	}
+	s.hmu.Unlock()
+}
+
+// unmarked is how many flows of client's not marked yet the table holds.
+func (s *fastQueue) unmarked(client netip.Addr) int {
+	s.hmu.Lock()
+	defer s.hmu.Unlock()
+	return s.byClient[client]
 }
 
 // verdict gives v (with mark, when set) and counts it.
@@ -546,6 +576,7 @@ func (s *fastQueue) packet(pk nfq.Packet) {
 		}
 		first := !fl.marked
 		fl.marked = true
+		s.uncount(fl)
 		if first && fl.state == fastAllowed {
 			// Kept for a silent client until now: what is queued before
 			// the mark takes hold is answered for fastKeep more.
@@ -660,6 +691,7 @@ func (s *fastQueue) packet(pk nfq.Packet) {
 func (s *fastQueue) cut(fl *fastFlow, pk nfq.Packet, seg nfq.TCPSegment, revoked *policy.Decision) {
 	fl.state = fastDenied
 	fl.marked = true
+	s.uncount(fl)
 	fl.v = verdict{}
 	fl.expires = time.Now().Add(s.keep)
 	l2 := fl.l2
@@ -783,7 +815,7 @@ func (s *fastQueue) syn(seg nfq.TCPSegment, l2 nfq.L2) synAnswer {
 		fl.mu.Unlock()
 		s.remove(key) // a new connection on a decided flow's ports
 	}
-	full := len(s.flows) >= s.max || s.byClient[seg.Src.Addr().Unmap()] >= max(1, s.max/fastFlowsShare)
+	full := len(s.flows) >= s.max || s.unmarked(seg.Src.Addr().Unmap()) >= max(1, s.max/fastFlowsShare)
 	s.mu.Unlock()
 	why := s.declines(seg, full, l2)
 	if why != "" {
@@ -853,7 +885,10 @@ func (s *fastQueue) declines(seg nfq.TCPSegment, full bool, l2 nfq.L2) string {
 	s.wg.Add(1) // until concluded
 	s.mu.Lock()
 	s.flows[fl.key] = fl
+	fl.counted = true // not marked yet
+	s.hmu.Lock()
 	s.byClient[client]++
+	s.hmu.Unlock()
 	p.met.fastFlows.Set(float64(len(s.flows)))
 	s.mu.Unlock()
 	// Nobody waits for the client's first bytes: the segment that
@@ -1057,6 +1092,9 @@ func (s *fastQueue) conclude(fl *fastFlow, kind streamKind, v verdict, head peek
 		fl.state = fastDenied
 	}
 	fl.marked = len(held) > 0
+	if fl.marked {
+		s.uncount(fl)
+	}
 	if !deny && !fl.marked {
 		fl.v = v // its first segment decides it again (packet)
 	}
