@@ -157,6 +157,9 @@ func TestFastPathQueueTaken(t *testing.T) {
 	if code != 503 || !strings.Contains(body, "fast-path") {
 		t.Errorf("readyz %d, want 503 naming the fast-path part:\n%s", code, body)
 	}
+	// The JSON log goes through a buffer of its own: wait for the line
+	// (the readiness summary, on stdout, can come first).
+	d.waitLog(t, "fast path is off", 1)
 	var warned []string
 	for _, l := range strings.Split(d.logs(), "\n") {
 		if strings.Contains(l, "fast path is off") && strings.Contains(l, "through the proxy") && strings.Contains(l, `"level":"WARN"`) {
