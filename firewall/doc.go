@@ -181,7 +181,13 @@
 // earlier run's marks with its setting (Deps.PreviousFastPath; read both
 // ways when not known), and a mark that one ruleset reads as
 // fast-allowed and another as a rule's is decided again, never kept by
-// either reading.
+// either reading. [Firewall.DropFastPath] turns the fast path off while
+// running (its queue's reader is gone): the ruleset goes in again
+// without it and the marks are read as at a reload, the rulesets with
+// it among those they can come from, so the fast-allowed connections
+// are decided again (to a fast port, which forward leaves to the proxy:
+// cut) and the rules' connections keep their rules under the tags they
+// have without it.
 //
 // [Render] turns a policy and a [Config] into a [Ruleset] without touching
 // the kernel (egressd firewall print shows it); [Firewall.Install],

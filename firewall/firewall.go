@@ -46,6 +46,9 @@ type Firewall struct {
 
 	// cur is rs, for Wants without a lock.
 	cur atomic.Pointer[Ruleset]
+	// fastOff: DropFastPath turned Config.FastPath off for the rest of
+	// the Firewall's life; every ruleset renders without it.
+	fastOff atomic.Bool
 
 	mu  sync.Mutex // guards the fields below
 	eng *policy.Engine
@@ -226,6 +229,38 @@ func (f *Firewall) Install(eng *policy.Engine) error { return f.apply(eng, "inst
 // were, and so does what the firewall knows of them.
 func (f *Firewall) Replace(eng *policy.Engine) error { return f.apply(eng, "replace", nil) }
 
+// DropFastPath turns the fast path (Config.FastPath) off for the rest of
+// the Firewall's life, when its queue's reader is gone: the ruleset
+// installed with it queues new connections to the fast ports to no one
+// (no bypass: the kernel drops them), so it is replaced by eng's without
+// it, as Replace does, and a later Replace or Install renders without
+// it too. The conntrack marks are read as at any reload (sweep.go): the
+// rulesets with the fast path stay in since, so a fast-allowed
+// connection, whose mark is no rule's without the fast path (rules draw
+// their tags from one more), is decided again as forward decides a new
+// one; to a fast port, which forward leaves to the proxy, it is cut
+// (and reported, as every cut is). Pending connections, whose packets
+// were queued, lose the fast path's rules that passed or queued them
+// and are dropped (fail closed). It reports whether a ruleset was
+// replaced: none is when none with the fast path is installed.
+func (f *Firewall) DropFastPath(eng *policy.Engine) (bool, error) {
+	f.fastOff.Store(true)
+	if rs := f.cur.Load(); rs == nil || !rs.fast {
+		return false, nil
+	}
+	return true, f.apply(eng, "replace", nil)
+}
+
+// config is the Config rulesets render with: Config.FastPath off once
+// DropFastPath turned it off.
+func (f *Firewall) config() Config {
+	cfg := f.cfg
+	if f.fastOff.Load() {
+		cfg.FastPath = false
+	}
+	return cfg
+}
+
 // apply renders eng and installs it. When only is set, it does so only if
 // only is still the installed policy once the netlink lock is held (a
 // re-render must not undo a Replace that went first), and else does
@@ -283,12 +318,19 @@ func (f *Firewall) apply(eng *policy.Engine, op string, only *policy.Engine) err
 // ruleset it replaced (nil: none) and the new one (nil: none installed).
 func (f *Firewall) swapIn(eng *policy.Engine, op string, only *policy.Engine) (old, rs *Ruleset, seeded seedResult, err error) {
 	now := f.now()
-	rs, err = render(f.cfg, eng, now)
+	rs, err = render(f.config(), eng, now)
 	if err != nil {
 		return nil, nil, seeded, err
 	}
 	f.ioMu.Lock()
 	defer f.ioMu.Unlock()
+	if rs.fast && f.fastOff.Load() {
+		// DropFastPath came between the render and the lock: the
+		// fast path must not come back.
+		if rs, err = render(f.config(), eng, now); err != nil {
+			return nil, nil, seeded, err
+		}
+	}
 	f.mu.Lock()
 	if only != nil && (f.closed || f.eng != only || f.rs == nil) {
 		f.mu.Unlock()
