@@ -383,8 +383,20 @@ func (s *fastQueue) overHeld(client netip.Addr) bool {
 	return s.heldAll >= fastHeldMax || s.heldBy[client] >= fastHeldPerClient
 }
 
+// SetFast sets the fast path's side of Config (FastMarks, FastPorts; nil
+// ports: 443) and Deps (Inject), for a ServeQueue started after it: a
+// proxy made before its queue was opened (egressd opens it when a reload
+// turns the policy to enforce). Not while ServeQueue runs.
+func (p *Proxy) SetFast(marks FastMarks, ports []uint16, inj Injector) {
+	if ports == nil {
+		ports = defaultFastPorts
+	}
+	p.cfg.FastMarks, p.cfg.FastPorts, p.deps.Inject = marks, ports, inj
+}
+
 // ServeQueue answers the fast path's queued packets from q until ctx
-// ends or q fails; it returns once every flow it was deciding is decided.
+// ends or q fails (a *QueueError); it returns once every flow it was
+// deciding is decided.
 func (p *Proxy) ServeQueue(ctx context.Context, q Queue) error {
 	s := &fastQueue{p: p, q: q, marks: p.cfg.FastMarks, max: p.cfg.FastFlows, keep: p.cfg.fastKeep, keepSilent: p.cfg.fastKeepSilent, flows: map[flowKey]*fastFlow{}, byClient: map[netip.Addr]int{}, heldBy: map[netip.Addr]int{}}
 	sweepCtx, stop := context.WithCancel(ctx)
@@ -395,11 +407,15 @@ func (p *Proxy) ServeQueue(ctx context.Context, q Queue) error {
 	<-done
 	// What is still undecided ends: its peek reads net.ErrClosed (a
 	// shutdown).
+	pending := 0
 	s.mu.Lock()
 	for _, fl := range s.flows {
 		fl.mu.Lock()
-		if fl.state == fastPending && fl.end == nil {
-			fl.end = net.ErrClosed
+		if fl.state == fastPending {
+			pending++
+			if fl.end == nil {
+				fl.end = net.ErrClosed
+			}
 		}
 		fl.mu.Unlock()
 		s.kick(fl)
@@ -415,10 +431,21 @@ func (p *Proxy) ServeQueue(ctx context.Context, q Queue) error {
 	s.mu.Unlock()
 	if err != nil && !errors.Is(err, context.Canceled) && ctx.Err() == nil {
 		p.met.fastErrors.WithLabelValues("serve").Inc()
-		return err
+		return &QueueError{Err: err, Pending: pending}
 	}
 	return nil
 }
+
+// QueueError is ServeQueue's error when its queue fails: Pending
+// connections were waiting for a decision then (their packets queued to
+// a reader that is gone: lost, fail closed).
+type QueueError struct {
+	Err     error
+	Pending int
+}
+
+func (e *QueueError) Error() string { return e.Err.Error() }
+func (e *QueueError) Unwrap() error { return e.Err }
 
 // sweep takes decided flows out of the table once kept fastKeep: it
 // looks every second, or four times a keep when that is shorter (a
