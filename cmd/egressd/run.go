@@ -210,6 +210,15 @@ type daemon struct {
 	// transparent connection it accepts (proxyAccepted).
 	proxyTells atomic.Pointer[capture.Capture]
 
+	// fastFailed carries the failure of the fast path's queue reader
+	// to the main loop (fastPathFailed); serveFast starts a reader on
+	// a queue openFastPath opened (run sets it); fastOpen: one was
+	// started (the queue is open and read until it fails or egressd
+	// stops).
+	fastFailed chan *proxy.QueueError
+	serveFast  func(q *nfq.Conn)
+	fastOpen   bool
+
 	mu       sync.Mutex // guards degraded
 	degraded map[string]string
 }
@@ -448,7 +457,7 @@ func newDaemon(cfg runConfig, stdout, stderr io.Writer) (*daemon, error) {
 	if err != nil {
 		return nil, err
 	}
-	d := &daemon{cfg: cfg, log: log, out: stdout, degraded: map[string]string{}}
+	d := &daemon{cfg: cfg, log: log, out: stdout, degraded: map[string]string{}, fastFailed: make(chan *proxy.QueueError, 1)}
 	d.wan = cfg.wan
 	if d.wan == "" {
 		d.wan = defaultRouteInterface()
@@ -1178,17 +1187,27 @@ func (d *daemon) run(ctx context.Context) error {
 		pdeps.MACs, pdeps.Devices = d.macs, d.macs
 	}
 	var fastQueue *nfq.Conn
-	if cfg.fastPath {
+	if cfg.fastPath && eng.Mode() == policy.ModeEnforce {
+		// Only in enforce mode: audit mode has no fast path, and a
+		// reload to enforce opens it then (reloadPolicy).
 		fastQueue = d.openFastPath(caps, &pcfg, &pdeps)
-		cfg.fastPath = d.cfg.fastPath // off when its queue could not be had
 	}
+	if d.proxy, err = proxy.New(pcfg, pdeps); err != nil {
+		d.degrade("proxy", err.Error())
+		if d.cfg.fastPath && eng.Mode() == policy.ModeEnforce {
+			// Nobody would read the queue: the ruleset goes in
+			// without the fast path, as when the queue cannot be had
+			// (in audit mode, the reload to enforce says so).
+			d.noFastPathProxy(fastQueue, pdeps.Inject, err.Error())
+			fastQueue = nil
+		}
+	}
+	cfg.fastPath = d.cfg.fastPath // off when its queue could not be had or read
 	if !cfg.noFirewall {
 		// Once the fast path is known to be on or off: it takes a tag.
 		d.checkTags(eng)
 	}
-	if d.proxy, err = proxy.New(pcfg, pdeps); err != nil {
-		d.degrade("proxy", err.Error())
-	} else {
+	if d.proxy != nil {
 		wg.Add(2)
 		go func() {
 			defer wg.Done()
@@ -1208,17 +1227,30 @@ func (d *daemon) run(ctx context.Context) error {
 				d.degrade("proxy", listenCapHint(err, caps, "CAP_NET_BIND_SERVICE for a listen port below 1024"))
 			}
 		}()
-		if fastQueue != nil {
+		prx := d.proxy
+		d.serveFast = func(q *nfq.Conn) {
+			d.fastOpen = true
 			wg.Add(1)
 			go func() {
 				defer wg.Done()
-				defer fastQueue.Close()
-				if err := d.proxy.ServeQueue(ctx, fastQueue); err != nil && ctx.Err() == nil {
-					// The ruleset goes on queueing to a queue no one
-					// reads: the kernel drops what it queues.
-					d.degrade("fast-path", err.Error()+": new connections to the fast ports fail (closed) until a restart")
+				defer q.Close()
+				stop := breakQueueHook(ctx, q)
+				defer stop()
+				err := prx.ServeQueue(ctx, q)
+				var qerr *proxy.QueueError
+				if errors.As(err, &qerr) && ctx.Err() == nil {
+					// The ruleset queues to a queue no one reads:
+					// the main loop puts it in again without the
+					// fast path (fastPathFailed).
+					select {
+					case d.fastFailed <- qerr:
+					case <-ctx.Done():
+					}
 				}
 			}()
+		}
+		if fastQueue != nil {
+			d.serveFast(fastQueue)
 		}
 	}
 
@@ -1473,6 +1505,8 @@ func (d *daemon) run(ctx context.Context) error {
 		select {
 		case <-hup:
 			d.reload()
+		case qerr := <-d.fastFailed:
+			d.fastPathFailed(qerr)
 		case <-ctx.Done():
 			return d.shutdown(cancel, &wg)
 		}
@@ -1508,12 +1542,132 @@ func (d *daemon) openFastPath(caps capabilities, pcfg *proxy.Config, pdeps *prox
 		inj.Close()
 		why = withCapHint(err, caps.netAdmin, "CAP_NET_ADMIN (the fast path's NFQUEUE queue)")
 	}
+	d.noFastPath(nil, nil, what+" cannot be opened; the ruleset goes in without it and new connections to the fast ports go through the proxy", why+" (off: connections go through the proxy)", why)
+	return nil
+}
+
+// noFastPath turns the fast path off before a ruleset with it goes in
+// (d.cfg.fastPath cleared: the ruleset, its record and note are without
+// it), closing its queue and injector if they were opened: the part is
+// not running, for reason, and one warning line says what (after "the
+// fast path is off: "), with err.
+func (d *daemon) noFastPath(q *nfq.Conn, inj proxy.Injector, what, reason, err string) {
+	if q != nil {
+		q.Close()
+	}
+	if c, ok := inj.(io.Closer); ok {
+		c.Close()
+	}
 	d.cfg.fastPath = false
 	// One line, the warning: the part is not running (/readyz, the
 	// summary), without degrade's own line besides.
-	d.setDegraded("fast-path", why+" (off: connections go through the proxy)")
-	d.log.Warn("the fast path is off: "+what+" cannot be opened; the ruleset goes in without it and new connections to the fast ports go through the proxy", audit.LogError, why)
-	return nil
+	d.setDegraded("fast-path", reason)
+	d.log.Warn("the fast path is off: "+what, audit.LogError, err)
+}
+
+// noFastPathProxy is noFastPath when the proxy, which would read the
+// queue, could not be made (why: proxy.New's error).
+func (d *daemon) noFastPathProxy(q *nfq.Conn, inj proxy.Injector, why string) {
+	d.noFastPath(q, inj, "the proxy, which reads its queue, is not running; the ruleset goes in without it (new connections to the fast ports are redirected to the proxy's port, as without --fast-path)",
+		"the proxy, which reads its queue, is not running (off)", why)
+}
+
+// fastPathForEnforce opens the fast path's queue when a reload turns the
+// policy to enforce and none is open (a start in audit mode opens none:
+// the fast path is enforce mode's), before the ruleset goes in: as at
+// a start in enforce mode, it goes in without the fast path when the
+// queue or injector cannot be had.
+func (d *daemon) fastPathForEnforce(eng *policy.Engine) {
+	if !d.cfg.fastPath || d.fastOpen {
+		return
+	}
+	var q *nfq.Conn
+	var pcfg proxy.Config
+	var pdeps proxy.Deps
+	if d.proxy == nil || d.serveFast == nil {
+		d.noFastPathProxy(nil, nil, d.degradedParts()["proxy"])
+	} else {
+		q = d.openFastPath(d.caps, &pcfg, &pdeps)
+	}
+	if q == nil {
+		if d.fw != nil {
+			// Installed in audit mode with the fast path asked for:
+			// its enforce ruleset goes in without it.
+			d.fw.DropFastPath(eng)
+		}
+		return
+	}
+	d.proxy.SetFast(pcfg.FastMarks, pcfg.FastPorts, pdeps.Inject)
+	d.serveFast(q)
+}
+
+// fastPathFailed: the fast path's queue reader failed while running
+// (proxy.ServeQueue's error). The ruleset queues the new connections to
+// the fast ports to no one (no bypass: the kernel drops them), so it
+// goes in again without the fast path, as a start whose queue cannot be
+// had installs it, and those connections go through the proxy. The
+// conntrack marks are read as at a reload (firewall.DropFastPath): the
+// connections the kernel forwarded on the fast path are cut, since
+// without it their mark is no rule's and the proxy's ports are not
+// forwarded (the firewall's line counts them, flows_cut); the ones
+// pending a decision lose their reader and are dropped (fail closed).
+// The record and the note say fast_path false, for the next start.
+func (d *daemon) fastPathFailed(qerr *proxy.QueueError) {
+	d.cfg.fastPath = false
+	reason := "its queue reader failed: " + qerr.Error() + " (off: connections go through the proxy)"
+	what := "its queue reader failed; the ruleset went in again without it and new connections to the fast ports go through the proxy; the connections the kernel forwarded on it are cut (firewall: flows_cut), those pending a decision are lost"
+	if d.fw != nil {
+		eng := d.store.Load()
+		if eng.Mode() == policy.ModeEnforce {
+			// Noted before it goes in (pendingFile), as a reload does.
+			d.notePending(d.src)
+		}
+		replaced, err := d.fw.DropFastPath(eng)
+		switch {
+		case err != nil:
+			reason = "its queue reader failed: " + qerr.Error() + "; nftables refused the ruleset without it: " + err.Error() + ": new connections to the fast ports fail (closed) until a reload puts it in"
+			what = "its queue reader failed, and nftables refused the ruleset without it: new connections to the fast ports fail (closed) until a reload puts it in; those pending a decision are lost"
+			d.setDegraded("fast-path", reason)
+			d.log.Error("the fast path is off: "+what, audit.LogError, qerr.Error()+"; "+err.Error(), "pending_lost", qerr.Pending)
+			return
+		case replaced:
+			d.savePolicy(true)
+		default:
+			what = "its queue reader failed; the ruleset (" + string(eng.Mode()) + " mode) does not use it and will go in without it"
+		}
+	} else {
+		what = "its queue reader failed; no ruleset is installed, and none will go in with it"
+	}
+	d.setDegraded("fast-path", reason)
+	d.log.Warn("the fast path is off: "+what, audit.LogError, qerr.Error(), "pending_lost", qerr.Pending)
+}
+
+// breakQueueHook, when EGRESSD_TEST_BREAK_FAST_QUEUE names a file (the
+// e2e tests), breaks q's reads (nfq.Conn.Break) once the file exists:
+// the fast path's queue reader fails as on a read error of its socket.
+// It returns a func that stops the watch.
+func breakQueueHook(ctx context.Context, q *nfq.Conn) func() {
+	path := os.Getenv("EGRESSD_TEST_BREAK_FAST_QUEUE")
+	if path == "" {
+		return func() {}
+	}
+	ctx, stop := context.WithCancel(ctx)
+	go func() {
+		t := time.NewTicker(50 * time.Millisecond)
+		defer t.Stop()
+		for {
+			select {
+			case <-ctx.Done():
+				return
+			case <-t.C:
+				if _, err := os.Stat(path); err == nil {
+					q.Break()
+					return
+				}
+			}
+		}
+	}()
+	return stop
 }
 
 // checkTags warns when the ruleset egressd installs for eng, with the
@@ -1696,6 +1850,11 @@ func (d *daemon) reloadPolicy() bool {
 	}
 	old := d.store.Swap(eng)
 	d.ledger.SetPolicy(eng)
+	if eng.Mode() == policy.ModeEnforce && !d.cfg.noFirewall {
+		// Before the ruleset and its note: whether it has the fast
+		// path is known once its queue is open, or could not be.
+		d.fastPathForEnforce(eng)
+	}
 	if d.fw != nil && eng.Mode() == policy.ModeEnforce {
 		// Noted before it goes in (pendingFile).
 		d.notePending(src)
