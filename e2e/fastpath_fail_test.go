@@ -41,7 +41,8 @@ func noQueueRuleset(t *testing.T, tp *topo, when string) {
 
 // TestFastPathQueueFails: the fast path's queue reader fails while
 // egressd runs (a read error of its socket, made by the test hook
-// EGRESSD_TEST_BREAK_FAST_QUEUE). egressd puts the ruleset in again
+// EGRESSD_TEST_BREAK_FAST_QUEUE, only in the e2e build: tag egressd_e2e,
+// cmd/egressd/testhook_e2e.go). egressd puts the ruleset in again
 // without the fast path, as a start whose queue is taken does: new TLS
 // connections go through the proxy (allowed ones get out, an SNI that is
 // not the name's is refused), one warning line says so with the

@@ -28,11 +28,11 @@ func TestMain(m *testing.M) {
 	if _, err := os.Stat(gobin); err != nil {
 		gobin = "go"
 	}
-	out, err := exec.Command(gobin, "build", "-o", egressdBin, "egressd/cmd/egressd").CombinedOutput()
+	out, err := exec.Command(gobin, "build", "-tags", "egressd_e2e", "-o", egressdBin, "egressd/cmd/egressd").CombinedOutput()
 	if err != nil {
 		// Once more: a build cache shared with concurrent builds (go test
 		// ./... builds packages in parallel) can fail a build spuriously.
-		out, err = exec.Command(gobin, "build", "-o", egressdBin, "egressd/cmd/egressd").CombinedOutput()
+		out, err = exec.Command(gobin, "build", "-tags", "egressd_e2e", "-o", egressdBin, "egressd/cmd/egressd").CombinedOutput()
 	}
 	if err != nil {
 		fmt.Fprintf(os.Stderr, "e2e: go build egressd: %v\n%s", err, out)

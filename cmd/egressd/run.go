@@ -1642,34 +1642,6 @@ func (d *daemon) fastPathFailed(qerr *proxy.QueueError) {
 	d.log.Warn("the fast path is off: "+what, audit.LogError, qerr.Error(), "pending_lost", qerr.Pending)
 }
 
-// breakQueueHook, when EGRESSD_TEST_BREAK_FAST_QUEUE names a file (the
-// e2e tests), breaks q's reads (nfq.Conn.Break) once the file exists:
-// the fast path's queue reader fails as on a read error of its socket.
-// It returns a func that stops the watch.
-func breakQueueHook(ctx context.Context, q *nfq.Conn) func() {
-	path := os.Getenv("EGRESSD_TEST_BREAK_FAST_QUEUE")
-	if path == "" {
-		return func() {}
-	}
-	ctx, stop := context.WithCancel(ctx)
-	go func() {
-		t := time.NewTicker(50 * time.Millisecond)
-		defer t.Stop()
-		for {
-			select {
-			case <-ctx.Done():
-				return
-			case <-t.C:
-				if _, err := os.Stat(path); err == nil {
-					q.Break()
-					return
-				}
-			}
-		}
-	}()
-	return stop
-}
-
 // checkTags warns when the ruleset egressd installs for eng, with the
 // fast path as it is now (openFastPath may have turned it off), has
 // fewer tags than eng has rules that forward: rules share tags, and a

@@ -443,13 +443,6 @@ func (c *Conn) Close() error {
 	return c.file.Close()
 }
 
-// Break makes Serve's next read fail, as a read error of the socket
-// would (a test's fault: the socket stays open, bound to its queue,
-// until Close).
-func (c *Conn) Break() {
-	c.file.SetReadDeadline(time.Unix(1, 0))
-}
-
 // Serve reads queued packets and calls fn for each, on Serve's goroutine,
 // until ctx ends (it returns ctx.Err()) or Close is called (it returns
 // nil; packets read but not yet handed over are not). fn must not block long: packets wait meanwhile. It may give the
