@@ -218,6 +218,12 @@ type daemon struct {
 	fastFailed chan *proxy.QueueError
 	serveFast  func(q *nfq.Conn)
 	fastOpen   bool
+	// fastErr is the queue reader's failure; while nftables refuses the
+	// ruleset without the fast path, fastRetry fires when dropFastPath
+	// tries again (nil: no try due), fastTries refusals in a row.
+	fastErr   *proxy.QueueError
+	fastRetry <-chan time.Time
+	fastTries int
 
 	mu       sync.Mutex // guards degraded
 	degraded map[string]string
@@ -1507,6 +1513,8 @@ func (d *daemon) run(ctx context.Context) error {
 			d.reload()
 		case qerr := <-d.fastFailed:
 			d.fastPathFailed(qerr)
+		case <-d.fastRetry:
+			d.dropFastPath()
 		case <-ctx.Done():
 			return d.shutdown(cancel, &wg)
 		}
@@ -1614,6 +1622,25 @@ func (d *daemon) fastPathForEnforce(eng *policy.Engine) {
 // The record and the note say fast_path false, for the next start.
 func (d *daemon) fastPathFailed(qerr *proxy.QueueError) {
 	d.cfg.fastPath = false
+	d.fastErr, d.fastTries = qerr, 0
+	d.dropFastPath()
+}
+
+// fastRetryMax bounds the wait between two tries of the ruleset without
+// the fast path while nftables refuses it (dropFastPath).
+const fastRetryMax = 30 * time.Second
+
+// dropFastPath puts the ruleset in without the fast path once its queue
+// reader failed (fastPathFailed, d.fastErr). When nftables refuses it,
+// the ruleset in the kernel queues the new connections to the fast
+// ports to no one: the part says so (an error line, /readyz) and the
+// main loop tries again (d.fastRetry: after 1 s, doubling up to
+// fastRetryMax; a reload meanwhile renders without the fast path too)
+// until it goes in, and says so then.
+func (d *daemon) dropFastPath() {
+	qerr := d.fastErr
+	d.fastRetry = nil
+	retry := d.fastTries > 0
 	reason := "its queue reader failed: " + qerr.Error() + " (off: connections go through the proxy)"
 	what := "its queue reader failed; the ruleset went in again without it and new connections to the fast ports go through the proxy; the connections the kernel forwarded on it are cut (firewall: flows_cut), those pending a decision are lost"
 	if d.fw != nil {
@@ -1625,20 +1652,35 @@ func (d *daemon) fastPathFailed(qerr *proxy.QueueError) {
 		replaced, err := d.fw.DropFastPath(eng)
 		switch {
 		case err != nil:
-			reason = "its queue reader failed: " + qerr.Error() + "; nftables refused the ruleset without it: " + err.Error() + ": new connections to the fast ports fail (closed) until a reload puts it in"
-			what = "its queue reader failed, and nftables refused the ruleset without it: new connections to the fast ports fail (closed) until a reload puts it in; those pending a decision are lost"
+			d.fastTries++
+			wait := time.Second << min(d.fastTries-1, 5)
+			wait = min(wait, fastRetryMax)
+			d.fastRetry = time.After(wait)
+			reason = "its queue reader failed: " + qerr.Error() + "; nftables refused the ruleset without it: " + err.Error() + ": new connections to the fast ports fail (closed) until it goes in (tried again every " + fastRetryMax.String() + " at most)"
+			what = "its queue reader failed, and nftables refused the ruleset without it: new connections to the fast ports fail (closed) until it goes in (tried again); those pending a decision are lost"
 			d.setDegraded("fast-path", reason)
-			d.log.Error("the fast path is off: "+what, audit.LogError, qerr.Error()+"; "+err.Error(), "pending_lost", qerr.Pending)
+			if retry {
+				d.log.Error("the fast path is off: nftables refused the ruleset without it again: new connections to the fast ports fail (closed) until it goes in", audit.LogError, err.Error(), "tries", d.fastTries, "retry_in", wait.String())
+				return
+			}
+			d.log.Error("the fast path is off: "+what, audit.LogError, qerr.Error()+"; "+err.Error(), "pending_lost", qerr.Pending, "retry_in", wait.String())
 			return
 		case replaced:
 			d.savePolicy(true)
 		default:
+			// None with the fast path is installed: the mode's has none,
+			// or a reload put one without it in since a refusal.
 			what = "its queue reader failed; the ruleset (" + string(eng.Mode()) + " mode) does not use it and will go in without it"
 		}
 	} else {
 		what = "its queue reader failed; no ruleset is installed, and none will go in with it"
 	}
 	d.setDegraded("fast-path", reason)
+	if retry {
+		d.log.Warn("the fast path is off: the ruleset without it is in, after nftables refused it; new connections to the fast ports go through the proxy", "tries", d.fastTries+1)
+		d.fastTries = 0
+		return
+	}
 	d.log.Warn("the fast path is off: "+what, audit.LogError, qerr.Error(), "pending_lost", qerr.Pending)
 }
 
