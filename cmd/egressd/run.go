@@ -1667,9 +1667,12 @@ func (d *daemon) dropFastPath() {
 			return
 		case replaced:
 			d.savePolicy(true)
+		case retry:
+			// A reload or the firewall's re-render at an expiry put one
+			// without it in since the refusal: the record says so.
+			d.savePolicy(true)
 		default:
-			// None with the fast path is installed: the mode's has none,
-			// or a reload put one without it in since a refusal.
+			// None with the fast path is installed: the mode's has none.
 			what = "its queue reader failed; the ruleset (" + string(eng.Mode()) + " mode) does not use it and will go in without it"
 		}
 	} else {

@@ -25,8 +25,23 @@ import (
 // loop (fastRetry) until it goes in: then no rule queues, the record
 // says fast_path false, and a line says the ruleset without it is in.
 // Before, nothing tried again: the ruleset queued to no one until an
-// operator's reload.
+// operator's reload. Subtest rerendered: the firewall put the ruleset
+// without it in on its own before the try (its re-render at an expiry,
+// which renders without the fast path once it is dropped; here a
+// Replace of the same policy): the try again finds it in and the record
+// says so (before this commit's second fix, the record went on saying
+// fast_path true).
 func TestFastPathDropRefusedRetried(t *testing.T) {
+	for _, rerendered := range []bool{false, true} {
+		name := "retried"
+		if rerendered {
+			name = "rerendered"
+		}
+		t.Run(name, func(t *testing.T) { testFastPathDropRefusedRetried(t, rerendered) })
+	}
+}
+
+func testFastPathDropRefusedRetried(t *testing.T, rerendered bool) {
 	ns := testnet.New(t, "fdrp")
 	const src = "version: 1\nmode: enforce\nrules:\n  - name: web\n    to: [192.0.2.1/32]\n    ports: [443/tcp]\n"
 	dir := t.TempDir()
@@ -68,6 +83,15 @@ func TestFastPathDropRefusedRetried(t *testing.T) {
 	}
 	if !strings.Contains(logs.String(), `"level":"ERROR"`) || !strings.Contains(logs.String(), `"pending_lost":2`) {
 		t.Errorf("no error line with pending_lost after the refusal:\n%s", logs.String())
+	}
+
+	if rec, err := os.ReadFile(filepath.Join(d.cfg.stateDir, runningFirewallFile)); err != nil || !strings.Contains(string(rec), `"fast_path":true`) {
+		t.Errorf("the record after the refusal does not say the fast path is on (as in the kernel): %v\n%s", err, rec)
+	}
+	if rerendered {
+		if err := fw.Replace(eng); err != nil {
+			t.Fatal(err)
+		}
 	}
 
 	// The main loop's next try (run's select), with CAP_NET_ADMIN.
