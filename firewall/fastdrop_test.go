@@ -13,10 +13,17 @@ import (
 // nothing queued), so a new connection to a fast port is redirected to
 // the proxy; the fast-allowed connection open then is cut (its mark is
 // no rule's without the fast path, and the port is the proxy's); a
-// later Replace renders without it too.
+// later Replace renders without it too. A rule's connection open then
+// (UDP, rule udp-net) is kept: its mark is read as the fast path's
+// ruleset's, and its rule is unchanged without it.
 func TestDropFastPath(t *testing.T) {
 	const num = 61
 	tp, fw, proxied := fastTopo(t, num)
+	tp.serverUDP(t, "198.18.2.2:9000")
+	u := dialFlow(t, tp, "udp", "198.18.2.2:9000")
+	if err := u.ask(3 * time.Second); err != nil {
+		t.Fatalf("the rule's UDP flow before DropFastPath: %v", err)
+	}
 	s := tp.fastServer(t, "198.18.2.2:443")
 	q := tp.openTestQueue(t, num)
 	m := FastMarks(Config{})
@@ -48,6 +55,9 @@ func TestDropFastPath(t *testing.T) {
 		}
 	}
 	check("after DropFastPath")
+	if err := u.ask(3 * time.Second); err != nil {
+		t.Errorf("the rule's UDP flow after DropFastPath: %v (cut)", err)
+	}
 
 	// A new connection to the fast port: the proxy's.
 	before := proxied.Load()
