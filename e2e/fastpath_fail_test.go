@@ -237,3 +237,46 @@ func testFastPathAudit(t *testing.T, taken, guard bool) {
 		t.Errorf("the firewall record does not say the fast path is off: %v\n%s", err, rec)
 	}
 }
+
+// TestFastPathAuditRoundTrip: a start in enforce mode with --fast-path
+// opens the queue; a reload to audit keeps it open and read (the audit
+// ruleset queues nothing: no fast SYN), and the reload back to enforce
+// neither opens it again (it is egressd's already) nor turns the fast
+// path off: new TLS connections are taken fast again, /readyz stays 200
+// and no line says the fast path is off. (The reload to enforce opens
+// the queue only when none is open: a start in audit mode.)
+func TestFastPathAuditRoundTrip(t *testing.T) {
+	tp := newTopo(t)
+	d := newDaemon(t, tp, "") // the policy file's mode
+	d.writePolicy(enforcePolicy(t, testPolicy(t)))
+	d.extra = []string{"--fast-path"}
+	d.start()
+	defer d.stop()
+	d.dumpOnFailure()
+	if st, addrs := tp.dig(t, dockerName, "A"); st != "NOERROR" || len(addrs) != 1 {
+		t.Fatalf("dig %s: %s %v", dockerName, st, addrs)
+	}
+	fastTLS := func(when string, want float64) {
+		t.Helper()
+		before := d.metric(`egress_proxy_fast_syns_total{result="fast"}`)
+		if body, err := tp.curl(dockerName, 443, dockerIP4, "/"+when, true); err != nil || !strings.Contains(body, "sni="+dockerName) {
+			t.Errorf("%s: an allowed TLS connection: %q %v", when, body, err)
+		}
+		if got := d.metric(`egress_proxy_fast_syns_total{result="fast"}`) - before; got != want {
+			t.Errorf("%s: %v fast SYNs, want %v", when, got, want)
+		}
+	}
+	fastTLS("enforce", 1)
+	d.writePolicy(testPolicy(t))
+	d.hup(true)
+	fastTLS("audit", 0)
+	d.writePolicy(enforcePolicy(t, testPolicy(t)))
+	d.hup(true)
+	fastTLS("enforce-again", 1)
+	if code, body, err := d.get("/readyz"); err != nil || code != 200 {
+		t.Errorf("readyz after enforce, audit, enforce: %d %v\n%s", code, err, body)
+	}
+	if strings.Contains(d.logs(), "fast path is off") {
+		t.Errorf("a line says the fast path is off after enforce, audit, enforce:\n%s", d.logs())
+	}
+}
