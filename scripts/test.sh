@@ -16,6 +16,8 @@ if [ -n "$bad" ]; then echo "gofmt would change: $bad"; exit 1; fi
 
 echo "== go vet"
 go vet ./...
+# The e2e build's test hooks (build tag egressd_e2e: e2e/main_test.go).
+go vet -tags egressd_e2e ./cmd/egressd/ ./internal/nfq/
 
 echo "== go mod tidy"
 go mod tidy -diff
