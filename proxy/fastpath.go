@@ -5,6 +5,7 @@ import (
 	"context"
 	"errors"
 	"io"
+	"log/slog"
 	"net"
 	"net/netip"
 	"os"
@@ -62,9 +63,15 @@ import (
 //     requests unread); bytes that are neither TLS nor HTTP are decided
 //     by the address, as the proxy does;
 //   - one event and canonical line per fast connection, written at the
-//     decision (close fast-path, fast-path-denied, or client-closed-early),
-//     with the bytes the client sent before it (BytesOut): the proxy does
-//     not see the rest of a connection the kernel forwards.
+//     decision (close fast-path, fast-path-denied, client-closed-early, or
+//     shutdown: a flow pending when ServeQueue ends is refused,
+//     ReasonShutdown), with the bytes the client sent before it
+//     (BytesOut): the proxy does not see the rest of a connection the
+//     kernel forwards. A connection allowed with nothing marked whose
+//     first segment's new decision (below) denies it gets a second event,
+//     with its start and the new decision (redecided: cut, close
+//     policy-revoked; audit mode, a deny not enforced), which the report
+//     counts in place of the first.
 //
 // A decided flow stays in the table for fastKeep, so that a packet queued
 // before its mark took hold is answered the same way; one allowed with
@@ -72,8 +79,9 @@ import (
 // mark until its first segment, which gives it: it stays until then, up
 // to fastKeepSilent, then fastKeep more; that first segment decides it
 // again under the policy running then (fastQueue.again: a reload since
-// that no longer allows it cuts it), as does a decision made after a
-// reload that came since the flow's SYN. A queued segment of a flow the
+// that no longer allows it cuts it; in audit mode it goes on, recorded
+// as a deny not enforced), as does a decision made after a reload that
+// came since the flow's SYN. A queued segment of a flow the
 // table does not know (gone, or from before a restart) is denied
 // (NF_REPEAT with Denied, and resets both ways). An RST that carries
 // bytes, on a pending flow, is dropped and refuses it (its bytes would
@@ -140,8 +148,10 @@ const fastKeep = 30 * time.Second
 // the server speaks first) stays in the table waiting for its client's
 // first segment, which gives the connection its mark; without the flow,
 // that segment would be unknown and cut a connection that was allowed.
-// What bounds it: such a flow holds no bytes (nothing was held) and its
-// decision's record is let go, so it costs its entry alone (about 1 KB);
+// What bounds it: such a flow holds no bytes (nothing was held) and of
+// its decision keeps only the verdict and a copy of its event (for the
+// second event, should its first segment's new decision deny it), so it
+// costs its entry and that copy (about 1.5 KB);
 // but the table's cap (Config.FastFlows) counts it, and a full table
 // sends new connections to the proxy (slower, none cut), while a client
 // that never speaks (a connection opened and closed unused: its FIN,
@@ -248,6 +258,15 @@ type fastFlow struct {
 	// then (a reload since: its pending conntrack mark is not what the
 	// firewall's sweep reads).
 	v verdict
+	// rec is the event of an allowed flow with no packet marked yet, as
+	// written at its decision: when its first segment's new decision
+	// denies it, a second event of the connection (its start, the new
+	// decision) says so (fastQueue.redecided).
+	rec *audit.Event
+	// shut: the decision's read of the stream met the shutdown
+	// (ServeQueue ended while the flow was pending): it is refused,
+	// ReasonShutdown.
+	shut bool
 	// runner is who decides the flow: nobody yet (its hello is not
 	// complete), the queue's goroutine (quick), or a worker (kick).
 	runner fastRunner
@@ -580,6 +599,8 @@ func (s *fastQueue) packet(pk nfq.Packet) {
 	fl.mu.Lock()
 	switch fl.state {
 	case fastAllowed, fastDenied:
+		var wouldDeny *audit.Event // the record of a would-be deny of audit mode
+		var redecision policy.Decision
 		if fl.state == fastAllowed && fl.asm.check(seg.Seq, seg.Payload) != nil {
 			s.cut(fl, pk, seg, nil)
 			return
@@ -596,6 +617,12 @@ func (s *fastQueue) packet(pk nfq.Packet) {
 				s.cut(fl, pk, seg, &d)
 				return
 			}
+			if !d.Allowed() && fl.state == fastAllowed && !fl.marked {
+				// Audit mode: it goes on, its record says the new
+				// policy would deny it.
+				wouldDeny = fl.rec
+				redecision = d
+			}
 		}
 		v, m := nfq.Accept, s.marks.Allowed
 		if fl.state == fastDenied {
@@ -603,6 +630,7 @@ func (s *fastQueue) packet(pk nfq.Packet) {
 		}
 		first := !fl.marked
 		fl.marked = true
+		fl.rec = nil
 		s.uncount(fl)
 		if first && fl.state == fastAllowed {
 			// Kept for a silent client until now: what is queued before
@@ -631,6 +659,9 @@ func (s *fastQueue) packet(pk nfq.Packet) {
 				alert = tlsAlertAccessDenied // the start of a TLS stream
 			}
 			s.resets(l2, fl.key.client, fl.key.dest, cliSeq, seg.Ack, seg.Seq+uint32(len(seg.Payload)), alert)
+		}
+		if wouldDeny != nil {
+			s.redecided(wouldDeny, redecision)
 		}
 		return
 	}
@@ -720,6 +751,8 @@ func (s *fastQueue) cut(fl *fastFlow, pk nfq.Packet, seg nfq.TCPSegment, revoked
 	fl.marked = true
 	s.uncount(fl)
 	fl.v = verdict{}
+	rec := fl.rec
+	fl.rec = nil
 	fl.expires = time.Now().Add(s.keep)
 	l2 := fl.l2
 	if pk.HWAddrLen > 0 {
@@ -727,20 +760,44 @@ func (s *fastQueue) cut(fl *fastFlow, pk nfq.Packet, seg nfq.TCPSegment, revoked
 	}
 	cliNext := fl.asm.first + uint32(fl.asm.contig)
 	fl.mu.Unlock()
-	attrs := []any{audit.LogClient, seg.Src.Addr().Unmap().String(), audit.LogClientPort, seg.Src.Port(),
-		audit.LogDest, seg.Dst.Addr().Unmap().String(), audit.LogDestPort, seg.Dst.Port()}
-	if revoked != nil {
-		s.p.met.revoked.WithLabelValues(string(policy.ModeEnforce)).Inc()
-		s.p.log.Warn("proxy: fast path: policy reload: connection cut at its first segment, the new policy denies it",
-			append(attrs, audit.LogRule, revoked.Rule, audit.LogReason, revoked.Reason)...)
+	if revoked != nil && rec != nil {
+		s.redecided(rec, *revoked)
 	} else {
 		s.p.met.fastErrors.WithLabelValues("late-conflict").Inc()
-		s.p.log.Warn("proxy: fast path: other bytes after the decision, connection cut", attrs...)
+		s.p.log.Warn("proxy: fast path: other bytes after the decision, connection cut",
+			audit.LogClient, seg.Src.Addr().Unmap().String(), audit.LogClientPort, seg.Src.Port(),
+			audit.LogDest, seg.Dst.Addr().Unmap().String(), audit.LogDestPort, seg.Dst.Port())
 	}
 	s.verdict(pk.ID, nfq.Repeat, s.withMark(pk.Mark, s.marks.Denied), true)
 	if seg.Flags&nfq.ACK != 0 {
 		s.resets(l2, seg.Src, seg.Dst, cliNext, seg.Ack, cliNext, nil)
 	}
+}
+
+// redecided records the new decision d, a deny, of a connection allowed
+// with no packet marked whose first segment had it decided again (rec:
+// its event, written at its decision): a second event of the connection,
+// with its start and the new decision (enforce: enforced, close
+// policy-revoked, the connection cut; audit mode: a deny not enforced,
+// the connection going on), a line and reload_revoked_total{mode}, as a
+// reload records the proxy's own connections (Proxy.redecideOne). The
+// ledger moves the flow from its rule to the dropped list (audit:
+// redecided), as it does a flow a component decided again.
+func (s *fastQueue) redecided(rec *audit.Event, d policy.Decision) {
+	ev := *rec
+	ev.Stamp(d)
+	ev.Duration = time.Since(ev.Time).Seconds()
+	if ev.Enforced {
+		ev.Close = closeRevoked
+	}
+	s.p.deps.Sink.Emit(ev)
+	s.p.met.revoked.WithLabelValues(string(d.Mode)).Inc()
+	attrs := ev.AppendFlowAttrs(nil)
+	if ev.Enforced {
+		s.p.log.LogAttrs(context.Background(), slog.LevelWarn, "proxy: fast path: policy reload: connection cut at its first segment, the new policy denies it", attrs...)
+		return
+	}
+	s.p.log.LogAttrs(context.Background(), slog.LevelInfo, "proxy: fast path: policy reload: the new policy would deny this connection (audit mode: kept)", attrs...)
 }
 
 // Netfilter hooks (Packet.Hook).
@@ -1061,9 +1118,11 @@ func (s *fastQueue) conclude(fl *fastFlow, kind streamKind, v verdict, head peek
 		// did not read this connection (pending, its conntrack mark has
 		// no enforced bit), so it is decided under the policy running
 		// now, as the proxy decides one it registers after a reload
-		// began (addLive).
-		if d, deny := s.again(v); deny {
+		// began (addLive): denied in enforce mode, refused; in audit
+		// mode it goes on, recorded as a deny not enforced.
+		if d, _ := s.again(v); !d.Allowed() {
 			v.d = d
+			p.met.revoked.WithLabelValues(string(d.Mode)).Inc()
 		}
 	}
 	// One critical section from the refusal read to the state set: a
@@ -1078,6 +1137,11 @@ func (s *fastQueue) conclude(fl *fastFlow, kind streamKind, v verdict, head peek
 		v = verdict{d: denyDecision(eng, ReasonLimit), src: audit.NameNone, how: byBytes}
 	} else if refused != nil {
 		v = verdict{d: denyDecision(eng, ReasonStreamMismatch), src: audit.NameNone, how: byBytes}
+	} else if fl.shut {
+		// The shutdown ended the stream before the decision: never
+		// allowed, as the transparent proxy refuses a connection its
+		// Close cut during the peek.
+		v = verdict{d: denyDecision(eng, ReasonShutdown), src: audit.NameNone, how: byBytes}
 	} else if kind == kindHTTP && v.d.Allowed() {
 		// Plain HTTP: the proxy decides every request head of the
 		// connection; the kernel would forward the later ones unread.
@@ -1105,7 +1169,7 @@ func (s *fastQueue) conclude(fl *fastFlow, kind streamKind, v verdict, head peek
 	default:
 		f.ev.Close = closeFast
 	}
-	if head.early && head.ours {
+	if fl.shut && refused == nil {
 		f.ev.Close = closeShutdown
 	}
 	held := fl.held
@@ -1131,6 +1195,10 @@ func (s *fastQueue) conclude(fl *fastFlow, kind streamKind, v verdict, head peek
 		fl.expires = fl.decided.Add(s.keepSilent) // until its first segment marks it
 	}
 	f.ev.BytesOut = uint64(fl.asm.contig)
+	if !deny && !fl.marked {
+		rec := f.ev // its first segment's new decision may deny it (redecided)
+		fl.rec = &rec
+	}
 	cliSeq := fl.asm.first
 	cliNext := cliSeq + uint32(len(fl.asm.buf))
 	if kind == kindOther && refused != nil && len(fl.asm.ready(0)) > 0 && fl.asm.buf[0] == 0x16 {
@@ -1255,6 +1323,9 @@ func (s flowStream) Read(b []byte) (int, error) {
 			return 0, fl.refused
 		case fl.end != nil:
 			err := fl.end
+			if errors.Is(err, net.ErrClosed) {
+				fl.shut = true
+			}
 			fl.mu.Unlock()
 			return 0, err
 		case fl.fin && fl.read >= fl.finOff:

@@ -185,6 +185,9 @@ type fastRig struct {
 	// worker is the client whose flows a worker decides
 	// (Config.fastWorker), if any.
 	worker atomic.Pointer[netip.AddrPort]
+	// stop ends ServeQueue (a shutdown) and returns what it returned;
+	// the test's cleanup calls it too.
+	stop func() error
 }
 
 // newFastRig starts ServeQueue on a fake queue; opts change the proxy's
@@ -223,9 +226,12 @@ func newFastRig(t *testing.T, opts ...func(*Config)) *fastRig {
 	ctx, cancel := context.WithCancel(context.Background())
 	done := make(chan error, 1)
 	go func() { done <- r.p.ServeQueue(ctx, r.q) }()
-	t.Cleanup(func() {
+	r.stop = sync.OnceValue(func() error {
 		cancel()
-		if err := <-done; err != nil {
+		return <-done
+	})
+	t.Cleanup(func() {
+		if err := r.stop(); err != nil {
 			t.Errorf("ServeQueue: %v", err)
 		}
 		r.p.Close()

@@ -1,0 +1,186 @@
+package proxy
+
+import (
+	"fmt"
+	"log/slog"
+	"net/netip"
+	"testing"
+	"time"
+
+	"egressd/audit"
+	"egressd/internal/nfq"
+	"egressd/policy"
+)
+
+// vpnOnly is a policy that no longer allows the rig's fast flows (to
+// www.allowed.test on 443), in mode.
+const vpnOnly = "version: 1\nmode: %s\nrules:\n  - name: vpn\n    to: [198.18.2.4/32]\n    ports: [8443/tcp]\n"
+
+// fastReload swaps src in as the running policy and has the proxy decide
+// its connections again, as the daemon's reload does; it returns the
+// engine.
+func fastReload(t *testing.T, r *fastRig, src string) *policy.Engine {
+	t.Helper()
+	eng, err := policy.Compile("p", []byte(src))
+	if err != nil {
+		t.Fatal(err)
+	}
+	r.p.deps.Policy.Swap(eng)
+	r.p.Redecide()
+	return eng
+}
+
+// reportFromLog writes evs to an event log (a Journal in a state
+// directory of the test's) and reads it back as `egressd report` does
+// (audit.LoadDir), under eng.
+func reportFromLog(t *testing.T, evs []audit.Event, eng *policy.Engine) *audit.Report {
+	t.Helper()
+	dir := t.TempDir()
+	log := slog.New(slog.DiscardHandler)
+	j, _, err := audit.OpenJournal(audit.JournalConfig{Dir: dir, Logger: log}, audit.NewLedger(eng, audit.LedgerOptions{}))
+	if err != nil {
+		t.Fatal(err)
+	}
+	for _, ev := range evs {
+		j.Emit(ev)
+	}
+	if err := j.Close(); err != nil {
+		t.Fatal(err)
+	}
+	l, _, err := audit.LoadDir(dir, eng, audit.LedgerOptions{}, log)
+	if err != nil {
+		t.Fatal(err)
+	}
+	return l.Report(audit.ReportOptions{})
+}
+
+// eventsOf returns the events of the connection from client's port.
+func (e *events) of(port uint16) []audit.Event {
+	e.mu.Lock()
+	defer e.mu.Unlock()
+	var out []audit.Event
+	for _, ev := range e.evs {
+		if ev.ClientPort == port {
+			out = append(out, ev)
+		}
+	}
+	return out
+}
+
+// checkReportDropped: the report counts the one connection evs record as
+// dropped (enforced as said) for reason, and not under the rule
+// "allowed".
+func checkReportDropped(t *testing.T, evs []audit.Event, eng *policy.Engine, enforced bool, reason string) {
+	t.Helper()
+	r := reportFromLog(t, evs, eng)
+	for _, rr := range r.Rules {
+		if rr.Name == "allowed" && rr.Flows != 0 {
+			t.Errorf("report: rule allowed %+v: the connection still counts as allowed", rr)
+		}
+	}
+	if len(r.Dropped) != 1 || r.Dropped[0].Flows != 1 || r.Dropped[0].Enforced != enforced || r.Dropped[0].Reason != reason || r.Totals.Flows != 1 {
+		t.Errorf("report: dropped %+v, totals %+v: want the connection dropped once (enforced %v, reason %s)", r.Dropped, r.Totals, enforced, reason)
+	}
+}
+
+// TestServeQueueSilentReloadEvents: a silent client's flow, allowed on the
+// address with nothing marked and its event written, is decided again
+// at its first segment under the policy running then
+// (TestServeQueueSilentReload). When a reload since denies it, the events
+// must say so: in enforce mode a second event of the connection (same
+// start) says it was cut (denied, enforced, the new decision's reason,
+// close policy-revoked); in audit mode, where it goes on, that the new
+// policy would deny it. The report read from the event log then counts it
+// dropped, not under its old rule. Before, the cut got a metric and a log
+// line only: the events, and the report, still said allowed.
+func TestServeQueueSilentReloadEvents(t *testing.T) {
+	for _, c := range []struct {
+		mode     policy.Mode
+		verdict  gotVerdict
+		close    string
+		enforced bool
+	}{
+		{policy.ModeEnforce, gotVerdict{v: nfq.Repeat, mark: fastMarks.Denied | operatorBit, setMark: true}, closeRevoked, true},
+		{policy.ModeAudit, gotVerdict{v: nfq.Repeat, mark: fastMarks.Allowed | operatorBit, setMark: true}, closeFast, false},
+	} {
+		t.Run(string(c.mode), func(t *testing.T) {
+			r := newFastRig(t, func(c *Config) { c.FirstByteWait = 200 * time.Millisecond })
+			dest := netip.AddrPortFrom(srvV4, 443)
+			client := netip.AddrPortFrom(clientV4, 42511)
+			_, isn := r.connect(t, client, dest)
+			first := r.evs.wait(t, "of the flow", func(ev audit.Event) bool { return ev.ClientPort == client.Port() })
+			if first.Verdict != policy.Allow || first.Close != closeFast {
+				t.Fatalf("silent client: event %+v: want allowed on the address, close %s", first, closeFast)
+			}
+			eng := fastReload(t, r, fmt.Sprintf(vpnOnly, c.mode))
+			revoked := counterValue(r.p.met.revoked.WithLabelValues(string(c.mode)))
+			id := r.send(hookForward, tcpPacket(client, dest, isn+1, 5000, nfq.ACK|nfq.PSH, []byte("EHLO client.test\r\n")))
+			if g := r.q.wait(t, []uint32{id})[0]; g != c.verdict {
+				t.Fatalf("the first segment after the reload: verdict %+v, want %+v", g, c.verdict)
+			}
+			if n := counterValue(r.p.met.revoked.WithLabelValues(string(c.mode))) - revoked; n != 1 {
+				t.Errorf("reload_revoked_total{mode=%s} rose by %v, want 1", c.mode, n)
+			}
+			second := r.evs.wait(t, "of the connection's new decision", func(ev audit.Event) bool {
+				return ev.ClientPort == client.Port() && ev.Verdict == policy.Deny
+			})
+			if second.Close != c.close || second.Enforced != c.enforced || second.Mode != c.mode || second.Reason != policy.ReasonNoRule ||
+				!second.Time.Equal(first.Time) || second.Dest != first.Dest || second.Source != audit.SourceProxy {
+				t.Errorf("event %+v: want the flow of %v denied %s, enforced %v, close %s", second, first.Time, policy.ReasonNoRule, c.enforced, c.close)
+			}
+			evs := r.evs.of(client.Port())
+			if len(evs) != 2 {
+				t.Errorf("%d events of the connection, want 2 (its decision, its new decision)", len(evs))
+			}
+			checkReportDropped(t, evs, eng, c.enforced, policy.ReasonNoRule)
+		})
+	}
+}
+
+// TestServeQueuePendingReloadAudit: a flow pending across a reload to
+// audit mode whose new policy would deny it goes on (audit mode), and its
+// event says the new policy would deny it (not enforced), as a reload
+// records the proxy's own connections. Before, it was recorded allowed
+// under its old rule.
+func TestServeQueuePendingReloadAudit(t *testing.T) {
+	r := newFastRig(t)
+	dest := netip.AddrPortFrom(srvV4, 443)
+	hello := goClientHello(t, "www.allowed.test")
+	client := netip.AddrPortFrom(clientV4, 42611)
+	_, isn := r.connect(t, client, dest)
+	ids := r.stream(client, dest, isn, hello[:100], 100, false)
+	eng := fastReload(t, r, fmt.Sprintf(vpnOnly, policy.ModeAudit))
+	ids = append(ids, r.send(hookForward, tcpPacket(client, dest, isn+1+100, 5000, nfq.ACK|nfq.PSH, hello[100:])))
+	checkAllowed(t, r.q.wait(t, ids))
+	ev := r.evs.wait(t, "of the flow", func(ev audit.Event) bool { return ev.ClientPort == client.Port() })
+	if ev.Verdict != policy.Deny || ev.Enforced || ev.Mode != policy.ModeAudit || ev.Close != closeFast {
+		t.Errorf("event %+v: want a would-be deny of audit mode, close %s", ev, closeFast)
+	}
+	checkReportDropped(t, r.evs.of(client.Port()), eng, false, ev.Reason)
+}
+
+// TestServeQueueShutdownPending: a flow still pending when ServeQueue
+// ends (the proxy's shutdown) was never allowed: it is refused,
+// ReasonShutdown, enforced, close shutdown, its held packets dropped.
+// Before, a silent client's flow was decided on the address at the
+// shutdown and its event said allowed, close shutdown; one with part of
+// a hello held said hello-bad.
+func TestServeQueueShutdownPending(t *testing.T) {
+	r := newFastRig(t) // the first-byte wait (5 s) outlasts the test's steps
+	dest := netip.AddrPortFrom(srvV4, 443)
+	silent := netip.AddrPortFrom(clientV4, 42711)
+	partial := netip.AddrPortFrom(clientV4, 42712)
+	r.connect(t, silent, dest)
+	_, isn := r.connect(t, partial, dest)
+	ids := r.stream(partial, dest, isn, goClientHello(t, "www.allowed.test")[:100], 100, false)
+	if err := r.stop(); err != nil {
+		t.Fatalf("ServeQueue: %v", err)
+	}
+	checkDenied(t, r.q.wait(t, ids))
+	for _, c := range []netip.AddrPort{silent, partial} {
+		ev := r.evs.wait(t, "of the flow", func(ev audit.Event) bool { return ev.ClientPort == c.Port() })
+		if ev.Verdict != policy.Deny || !ev.Enforced || ev.Reason != ReasonShutdown || ev.Close != closeShutdown {
+			t.Errorf("port %d: event %+v: want denied %s, enforced, close %s", c.Port(), ev, ReasonShutdown, closeShutdown)
+		}
+	}
+}
