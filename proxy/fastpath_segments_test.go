@@ -5,6 +5,7 @@ import (
 	"errors"
 	"net"
 	"net/netip"
+	"regexp"
 	"sync"
 	"sync/atomic"
 	"syscall"
@@ -344,4 +345,51 @@ func TestFastPathKernelPeekBudget(t *testing.T) {
 	// The server had both connections, read nothing of either, and the
 	// refused one was reset.
 	tp.tlsSrv.refused(t, deadline, ended, accepted, read, 2)
+}
+
+// TestFastPathKernelResetPayload: an RST that carries bytes, on a pending
+// fast connection (the client silent so far), is dropped and the
+// connection refused stream-mismatch (TestServeQueueResetWithPayload, on
+// the kernel's path): the server's host gets no segment with the bytes
+// (an nftables counter in its namespace counts the resets with a
+// payload that reach it), its connection is reset by the fast path, and
+// the client is reset.
+func TestFastPathKernelResetPayload(t *testing.T) {
+	tp := newTopo(t, topoOpts{fastQueue: 3306, config: func(c *Config) { c.FirstByteWait = 5 * time.Second }})
+	tp.facts.add(clientV4, srvV4, "www.allowed.test")
+	inj := tp.clientInjector(t)
+	dest := netip.AddrPortFrom(srvV4, 443)
+	// A reset with bytes is longer than the headers (40 bytes: the
+	// injector's segments carry no options).
+	nftHold(t, tp.s, "input", "tcp dport 443 tcp flags & rst == rst ip length > 40 counter")
+	read, accepted, ended := tp.tlsSrv.read.Load(), tp.tlsSrv.accepted.Load(), tp.tlsSrv.ended.Load()
+	resets := fastErrs(tp.proxy, "reset-payload")
+
+	c := tp.dialFromClient(t, clientV4, dest)
+	local := addrPortOf(c.LocalAddr())
+	snd, rcv := seqsOf(t, c)
+	secret := []byte("secret bytes in a reset")
+	if err := inj.Segment(local, dest, snd, rcv, nfq.RST|nfq.ACK, secret); err != nil {
+		t.Fatal(err)
+	}
+	ev := tp.ev.wait(t, "of the fast connection", func(ev audit.Event) bool { return ev.ClientPort == local.Port() })
+	if ev.Verdict != policy.Deny || !ev.Enforced || ev.Reason != ReasonStreamMismatch || ev.Close != closeFastDenied {
+		t.Errorf("event %+v: want denied %s, close %s", ev, ReasonStreamMismatch, closeFastDenied)
+	}
+	if got := fastErrs(tp.proxy, "reset-payload") - resets; got != 1 {
+		t.Errorf("fast_errors_total{what=reset-payload} rose by %v, want 1", got)
+	}
+	if n, err := readErr(c); !errors.Is(err, syscall.ECONNRESET) {
+		t.Errorf("the client read %d bytes, then %v: want a reset", n, err)
+	}
+	deadline := time.Now().Add(10 * time.Second)
+	tp.tlsSrv.refused(t, deadline, ended, accepted, read, 1)
+	out := tp.s.MustRun("nft", "list table inet egressd_hold")
+	m := regexp.MustCompile(`counter packets (\d+)`).FindStringSubmatch(out)
+	if m == nil {
+		t.Fatalf("no counter in the server's ruleset:\n%s", out)
+	}
+	if m[1] != "0" {
+		t.Errorf("the server's host got %s resets with bytes, want none:\n%s", m[1], out)
+	}
 }
