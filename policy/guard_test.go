@@ -69,7 +69,8 @@ func TestLANRefuses(t *testing.T) {
 rules:
   - {name: loop, to: ["127.0.0.1/32", "::1/128"], ports: [9902/tcp, 7780/udp, 53/udp]}
   - {name: all, to: ["0.0.0.0/0"], ports: [443/tcp]}
-  - {name: zero, to: ["0.0.0.0/32", "::/128"], ports: [80/tcp, 81/udp, 53/udp]}
+  - {name: zero, to: ["0.0.0.0/32", "::/128"], ports: [80/tcp, 81/udp, 53/udp, icmp]}
+  - {name: five, to: ["0.0.0.5/32"], ports: [82/tcp, 82/udp]}
 `)
 	for _, c := range []struct {
 		dest  string
@@ -84,7 +85,17 @@ rules:
 		{"0.0.0.0", 80, TCP, "0.0.0.0/32"},
 		{"::", 80, TCP, "::/128"},
 		{"0.0.0.0", 81, UDP, "0.0.0.0/32"},
+		{"0.0.0.0", 0, ICMP, "0.0.0.0/32"},
 		{"0.0.0.0", 53, UDP, ""},
+		// The rest of 0.0.0.0/8, and :: over UDP, Linux routes like any
+		// address (LANThisHost): the special-range guard's, which a
+		// CIDR rule naming it opens.
+		{"0.0.0.5", 80, TCP, "0.0.0.0/8"},
+		{"0.0.0.5", 81, UDP, "0.0.0.0/8"},
+		{"0.0.0.5", 82, TCP, ""},
+		{"0.0.0.5", 82, UDP, ""},
+		{"0.255.255.255", 0, ICMP, "0.0.0.0/8"},
+		{"::", 81, UDP, ""},
 		{"127.0.0.1", 9902, TCP, "127.0.0.0/8"},
 		{"127.0.0.1", 7780, UDP, "127.0.0.0/8"},
 		{"127.0.0.1", 53, UDP, "127.0.0.0/8"},

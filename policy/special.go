@@ -113,14 +113,34 @@ func LANLoopback(a netip.Addr) (netip.Prefix, bool) {
 	return netip.Prefix{}, false
 }
 
+// LANThisHost returns the range of "this host", a, when a LAN host's
+// flow of proto (TCP when unset) to it has no path out whatever the
+// rules; DNS (port 53, the forwarder's whatever its destination) is the
+// caller's to set aside. Over TCP, 0.0.0.0 and :: are redirected to the
+// transparent proxy, which refuses them as loopback (dialled, each is the
+// gateway itself: proxy GuardLANLoopback). Any other protocol to 0.0.0.0
+// Linux drops as a martian destination before the forward chain
+// (ip_route_input_slow's ipv4_is_zeronet), in either mode. That holds
+// 0.0.0.0 alone since Linux 5.3 ("Allow 0.0.0.0/8 as a valid address
+// range"): the rest of 0.0.0.0/8 (0.0.0.5, 0.255.255.255) is routed and
+// forwarded like any address, and so is :: over IPv6 (both seen reaching
+// the forward chain on 6.18), where the special-range guard decides them,
+// as the firewall's forward chain does (GuardRefuses). The one answer for
+// capture, audit --replay (LANRefuses), the transparent proxy and the fast
+// path (proxy lanLoopback) and policy explain.
+func LANThisHost(a netip.Addr, proto Proto) (netip.Prefix, bool) {
+	if !a.IsUnspecified() || proto != 0 && proto != TCP && a.Is6() {
+		return netip.Prefix{}, false
+	}
+	return netip.PrefixFrom(a, a.BitLen()), true
+}
+
 // LANRefuses is the guard on what a LAN host sends as capture and audit
 // --replay judge it (policy explain with them): loopback (LANLoopback) on
 // every port and protocol whatever the rules; else DNS (port 53), the
 // forwarder's whatever its destination, is not refused; else "this host"
-// (0.0.0.0, ::) whatever the rules: the transparent proxy refuses a TCP
-// connection redirected to it as loopback (dialled, it is the gateway
-// itself: proxy GuardLANLoopback), and the kernel forwards nothing to it
-// (a martian); else GuardRefuses.
+// with no path out (LANThisHost: 0.0.0.0, and :: over TCP) whatever the
+// rules; else GuardRefuses.
 func (e *Engine) LANRefuses(in Input, own []netip.Addr, allow []netip.Prefix) (netip.Prefix, bool) {
 	if g, ok := LANLoopback(in.Dest); ok {
 		return g, true
@@ -128,8 +148,8 @@ func (e *Engine) LANRefuses(in Input, own []netip.Addr, allow []netip.Prefix) (n
 	if in.Port == 53 {
 		return netip.Prefix{}, false
 	}
-	if a := in.Dest; a.IsUnspecified() {
-		return netip.PrefixFrom(a, a.BitLen()), true
+	if g, ok := LANThisHost(in.Dest, in.Proto); ok {
+		return g, true
 	}
 	return e.GuardRefuses(in, own, allow)
 }

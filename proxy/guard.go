@@ -51,12 +51,14 @@ const (
 // lanLoopback is the loopback range that holds a, the original
 // destination of a redirected flow from the LAN, if any: the transparent
 // proxy refuses it unread, whatever the rules (GuardLANLoopback). It is
-// policy.LANLoopback, and "this host", 0.0.0.0 and ::, which Linux does
-// not forward (a martian) but which, dialled by the proxy, reach the
-// gateway's own services as loopback does.
+// policy.LANLoopback, and "this host", 0.0.0.0 and :: (policy.LANThisHost
+// over TCP, as capture and audit --replay judge it), which, dialled by
+// the proxy, reach the gateway's own services as loopback does. The rest
+// of 0.0.0.0/8 is not: Linux routes it like any address (since 5.3), and
+// the rules and the special-range guard decide it.
 func lanLoopback(a netip.Addr) (netip.Prefix, bool) {
-	if a.IsUnspecified() {
-		return netip.PrefixFrom(a, a.BitLen()), true
+	if g, ok := policy.LANThisHost(a, policy.TCP); ok {
+		return g, true
 	}
 	return policy.LANLoopback(a)
 }

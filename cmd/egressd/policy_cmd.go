@@ -167,14 +167,12 @@ type proxyExplanation struct {
 	SpecialRange string         `json:"special_range,omitempty"`
 }
 
-// guardMartian: Linux drops a packet from the LAN to 0.0.0.0/8 as a
+// guardMartian: Linux drops a packet from the LAN to 0.0.0.0 as a
 // martian destination before the forward chain, in either mode, whatever
 // the rules; only the REDIRECTs (TCP to the proxy, DNS to the forwarder)
-// come before it.
+// come before it (policy.LANThisHost). The rest of 0.0.0.0/8 it routes
+// like any address (since Linux 5.3): the special-range guard's.
 const guardMartian = "martian"
-
-// martian4 is what guardMartian holds.
-var martian4 = netip.MustParsePrefix("0.0.0.0/8")
 
 // literalExplained is proxy.DecideLiteral's decision of in (the explicit
 // proxy's when explicit), for explain: the gateway's own addresses and
@@ -316,9 +314,12 @@ func cmdPolicyExplain(args []string, stdout, stderr io.Writer) int {
 			// for it, dials it under that rule).
 			g, refused, guard = netip.PrefixFrom(a, a.BitLen()), true, proxy.GuardLANLoopback
 		}
-		martian := !dest.Mapped && in.Proto != policy.TCP && martian4.Contains(a)
-		if martian {
-			g, refused, guard = martian4, true, guardMartian
+		// "This host" over another protocol than TCP: a martian
+		// (policy.LANThisHost, as capture and audit --replay judge it).
+		martian := false
+		if mg, ok := policy.LANThisHost(a, in.Proto); ok && !dest.Mapped && in.Proto != policy.TCP {
+			martian = true
+			g, refused, guard = mg, true, guardMartian
 		}
 		if refused && (in.Port != 53 || loop) && (d.Allowed() || self || martian) {
 			mode := eng.Mode()
