@@ -126,7 +126,10 @@ func TestFastPathRestart(t *testing.T) {
 	if _, err := ka.get("/restarted-proxy"); err == nil {
 		t.Errorf("the fast connection still served after a restart without --fast-path")
 	}
-	waitReport(t, d, func(r *report) bool { return droppedFlows(r, 443, "tcp", true) == 1 })
+	// Two dropped: the connection pending at the first stop, refused
+	// shutdown (never allowed), and the fast one the restart without
+	// --fast-path cut.
+	waitReport(t, d, func(r *report) bool { return droppedFlows(r, 443, "tcp", true) == 2 })
 	ka.close()
 	if body, err := tp.curl(dockerName, 443, dockerIP4, "/proxy", true); err != nil || !strings.Contains(body, "sni="+dockerName) {
 		t.Errorf("a new connection without the fast path: %q %v", body, err)
