@@ -617,9 +617,10 @@ func (s *fastQueue) packet(pk nfq.Packet) {
 				s.cut(fl, pk, seg, &d)
 				return
 			}
-			if !d.Allowed() && fl.state == fastAllowed && !fl.marked {
+			if !d.Allowed() && fl.state == fastAllowed && !fl.marked && fl.rec != nil && fl.rec.Verdict == policy.Allow {
 				// Audit mode: it goes on, its record says the new
-				// policy would deny it.
+				// policy would deny it (once: a record that says so
+				// already, a decision across a reload, is not repeated).
 				wouldDeny = fl.rec
 				redecision = d
 			}

@@ -184,3 +184,30 @@ func TestServeQueueShutdownPending(t *testing.T) {
 		}
 	}
 }
+
+// TestServeQueueSilentAcrossReloadAudit: a silent client's flow decided
+// after a reload to audit mode whose policy would deny it is recorded so
+// at its decision (a deny not enforced); its first segment, decided
+// again, gets the allowed mark and no second event saying the same.
+func TestServeQueueSilentAcrossReloadAudit(t *testing.T) {
+	r := newFastRig(t, func(c *Config) { c.FirstByteWait = 300 * time.Millisecond })
+	dest := netip.AddrPortFrom(srvV4, 443)
+	client := netip.AddrPortFrom(clientV4, 42521)
+	_, isn := r.connect(t, client, dest)
+	fastReload(t, r, fmt.Sprintf(vpnOnly, policy.ModeAudit))
+	ev := r.evs.wait(t, "of the flow", func(ev audit.Event) bool { return ev.ClientPort == client.Port() })
+	if ev.Verdict != policy.Deny || ev.Enforced || ev.Mode != policy.ModeAudit || ev.Close != closeFast {
+		t.Fatalf("event %+v: want a would-be deny of audit mode, close %s", ev, closeFast)
+	}
+	id := r.send(hookForward, tcpPacket(client, dest, isn+1, 5000, nfq.ACK|nfq.PSH, []byte("EHLO client.test\r\n")))
+	if g := r.q.wait(t, []uint32{id})[0]; g != (gotVerdict{v: nfq.Repeat, mark: fastMarks.Allowed | operatorBit, setMark: true}) {
+		t.Fatalf("the first segment: verdict %+v, want repeat allowed", g)
+	}
+	// The queue's goroutine answers packets in turn: once a later one has
+	// its verdict, the first segment's handling is over.
+	id = r.send(hookForward, tcpPacket(client, dest, isn+1+18, 5000, nfq.ACK|nfq.PSH, []byte("QUIT\r\n")))
+	r.q.wait(t, []uint32{id})
+	if evs := r.evs.of(client.Port()); len(evs) != 1 {
+		t.Errorf("%d events of the connection, want 1: %+v", len(evs), evs)
+	}
+}
