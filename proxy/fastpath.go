@@ -1114,16 +1114,19 @@ func (s *fastQueue) conclude(fl *fastFlow, kind streamKind, v verdict, head peek
 	if h := p.cfg.fastDecided; h != nil {
 		h(fl.key)
 	}
+	revoked := false
 	if v.d.Allowed() && p.deps.Policy.Load() != eng {
 		// A reload went in since the SYN: the firewall's sweep after it
 		// did not read this connection (pending, its conntrack mark has
 		// no enforced bit), so it is decided under the policy running
 		// now, as the proxy decides one it registers after a reload
 		// began (addLive): denied in enforce mode, refused; in audit
-		// mode it goes on, recorded as a deny not enforced.
+		// mode it goes on, recorded as a deny not enforced. Counted
+		// revoked below, unless a refusal of its own (a stream
+		// mismatch, a limit, the shutdown) decides it instead.
 		if d, _ := s.again(v); !d.Allowed() {
 			v.d = d
-			p.met.revoked.WithLabelValues(string(d.Mode)).Inc()
+			revoked = true
 		}
 	}
 	// One critical section from the refusal read to the state set: a
@@ -1131,6 +1134,9 @@ func (s *fastQueue) conclude(fl *fastFlow, kind streamKind, v verdict, head peek
 	// at the refusal its bytes cause, and released with the others.
 	fl.mu.Lock()
 	refused := fl.refused
+	if refused != nil || fl.shut {
+		revoked = false
+	}
 	if errors.Is(refused, errFastHeld) {
 		v = verdict{d: denyDecision(eng, ReasonLimit), src: audit.NameNone, how: byBytes}
 	} else if errors.Is(refused, errPeekBudget) {
@@ -1243,6 +1249,9 @@ func (s *fastQueue) conclude(fl *fastFlow, kind streamKind, v verdict, head peek
 				s.verdict(h.id, nfq.Accept, 0, false)
 			}
 		}
+	}
+	if revoked {
+		p.met.revoked.WithLabelValues(string(v.d.Mode)).Inc()
 	}
 	p.release(fl.key.client.Addr().Unmap())
 	p.finish(f)

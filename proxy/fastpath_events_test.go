@@ -211,3 +211,29 @@ func TestServeQueueSilentAcrossReloadAudit(t *testing.T) {
 		t.Errorf("%d events of the connection, want 1: %+v", len(evs), evs)
 	}
 }
+
+// TestServeQueueShutdownAcrossReload: a flow still pending at the
+// shutdown, after a reload whose policy denies it, is recorded refused
+// shutdown, and the reload is not said to have revoked it: the shutdown
+// refused it (reload_revoked_total{mode=enforce} does not rise). Before,
+// the decision across the reload counted it revoked, then the shutdown
+// refused it: the counter said a reload cut a connection no event said
+// so of.
+func TestServeQueueShutdownAcrossReload(t *testing.T) {
+	r := newFastRig(t) // the first-byte wait (5 s) outlasts the test's steps
+	dest := netip.AddrPortFrom(srvV4, 443)
+	silent := netip.AddrPortFrom(clientV4, 42721)
+	r.connect(t, silent, dest)
+	fastReload(t, r, fmt.Sprintf(vpnOnly, policy.ModeEnforce))
+	revoked := counterValue(r.p.met.revoked.WithLabelValues(string(policy.ModeEnforce)))
+	if err := r.stop(); err != nil {
+		t.Fatalf("ServeQueue: %v", err)
+	}
+	ev := r.evs.wait(t, "of the flow", func(ev audit.Event) bool { return ev.ClientPort == silent.Port() })
+	if ev.Verdict != policy.Deny || !ev.Enforced || ev.Reason != ReasonShutdown || ev.Close != closeShutdown {
+		t.Errorf("event %+v: want denied %s, enforced, close %s", ev, ReasonShutdown, closeShutdown)
+	}
+	if n := counterValue(r.p.met.revoked.WithLabelValues(string(policy.ModeEnforce))) - revoked; n != 0 {
+		t.Errorf("reload_revoked_total{mode=enforce} rose by %v, want 0: the shutdown refused the connection", n)
+	}
+}
