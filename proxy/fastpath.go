@@ -71,7 +71,9 @@ import (
 //     first segment's new decision (below) denies it gets a second event,
 //     with its start and the new decision (redecided: cut, close
 //     policy-revoked; audit mode, a deny not enforced), which the report
-//     counts in place of the first.
+//     counts in place of the first; one recorded a would-be deny (a
+//     decision across a reload to audit mode) that it allows gets a
+//     second event allowed under its rule (the report credits the rule).
 //
 // A decided flow stays in the table for fastKeep, so that a packet queued
 // before its mark took hold is answered the same way; one allowed with
@@ -599,7 +601,10 @@ func (s *fastQueue) packet(pk nfq.Packet) {
 	fl.mu.Lock()
 	switch fl.state {
 	case fastAllowed, fastDenied:
-		var wouldDeny *audit.Event // the record of a would-be deny of audit mode
+		// The record, and the new decision, of a connection going on
+		// whose first segment's decision is news: a would-be deny of
+		// audit mode, or an allow of one recorded so.
+		var news *audit.Event
 		var redecision policy.Decision
 		if fl.state == fastAllowed && fl.asm.check(seg.Seq, seg.Payload) != nil {
 			s.cut(fl, pk, seg, nil)
@@ -617,11 +622,14 @@ func (s *fastQueue) packet(pk nfq.Packet) {
 				s.cut(fl, pk, seg, &d)
 				return
 			}
-			if !d.Allowed() && fl.state == fastAllowed && !fl.marked && fl.rec != nil && fl.rec.Verdict == policy.Allow {
-				// Audit mode: it goes on, its record says the new
-				// policy would deny it (once: a record that says so
-				// already, a decision across a reload, is not repeated).
-				wouldDeny = fl.rec
+			if fl.state == fastAllowed && !fl.marked && fl.rec != nil && d.Allowed() != (fl.rec.Verdict == policy.Allow) {
+				// It goes on. Audit mode, denied: its record says the
+				// new policy would deny it (once: a record that says so
+				// already, a decision across a reload, is not
+				// repeated). Allowed, its record a would-be deny (a
+				// decision across a reload to audit mode): the rule's
+				// now, as Redecide credits the proxy's own.
+				news = fl.rec
 				redecision = d
 			}
 		}
@@ -661,8 +669,8 @@ func (s *fastQueue) packet(pk nfq.Packet) {
 			}
 			s.resets(l2, fl.key.client, fl.key.dest, cliSeq, seg.Ack, seg.Seq+uint32(len(seg.Payload)), alert)
 		}
-		if wouldDeny != nil {
-			s.redecided(wouldDeny, redecision)
+		if news != nil {
+			s.redecided(news, redecision)
 		}
 		return
 	}
@@ -775,9 +783,12 @@ func (s *fastQueue) cut(fl *fastFlow, pk nfq.Packet, seg nfq.TCPSegment, revoked
 	}
 }
 
-// redecided records the new decision d, a deny, of a connection allowed
-// with no packet marked whose first segment had it decided again (rec:
-// its event, written at its decision): a second event of the connection,
+// redecided records the new decision d of a connection allowed with no
+// packet marked whose first segment had it decided again (rec: its
+// event, written at its decision), when it is news: an allow of a
+// would-be deny (a second event, allowed under its rule, which the ledger
+// credits to it in place of the deny: recredited, as a reload credits
+// the proxy's own), or a deny: a second event of the connection,
 // with its start and the new decision (enforce: enforced, close
 // policy-revoked, the connection cut; audit mode: a deny not enforced,
 // the connection going on), a line and reload_revoked_total{mode}, as a
@@ -788,6 +799,13 @@ func (s *fastQueue) redecided(rec *audit.Event, d policy.Decision) {
 	ev := *rec
 	ev.Stamp(d)
 	ev.Duration = time.Since(ev.Time).Seconds()
+	if d.Allowed() {
+		// A would-be deny the policy running now allows: credited to
+		// its rule (the ledger: recredited), no revocation.
+		s.p.deps.Sink.Emit(ev)
+		s.p.log.LogAttrs(context.Background(), slog.LevelInfo, "proxy: fast path: policy reload: the new policy allows this connection (a would-be deny until now)", ev.AppendFlowAttrs(nil)...)
+		return
+	}
 	if ev.Enforced {
 		ev.Close = closeRevoked
 	}

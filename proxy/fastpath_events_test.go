@@ -237,3 +237,50 @@ func TestServeQueueShutdownAcrossReload(t *testing.T) {
 		t.Errorf("reload_revoked_total{mode=enforce} rose by %v, want 0: the shutdown refused the connection", n)
 	}
 }
+
+// TestServeQueueSilentRecredited: a silent client's flow recorded, at a
+// decision across a reload to audit mode, as a would-be deny, whose first
+// segment comes after a reload whose policy allows it again, goes on
+// (audit mode either way), and a second event of the connection (its
+// start, the new decision: allowed under its rule) says so: the report
+// counts it under the rule, not as one enforce would drop, as the proxy
+// records its own connections (Redecide: a would-be deny the new policy
+// allows is credited to the rule) and the ledger reads it (recredited).
+// Before, its only event stayed the would-be deny: the report listed a
+// connection the policy running allows as one enforce would drop.
+func TestServeQueueSilentRecredited(t *testing.T) {
+	r := newFastRig(t, func(c *Config) { c.FirstByteWait = 300 * time.Millisecond })
+	dest := netip.AddrPortFrom(srvV4, 443)
+	client := netip.AddrPortFrom(clientV4, 42531)
+	_, isn := r.connect(t, client, dest)
+	fastReload(t, r, fmt.Sprintf(vpnOnly, policy.ModeAudit))
+	first := r.evs.wait(t, "of the flow", func(ev audit.Event) bool { return ev.ClientPort == client.Port() })
+	if first.Verdict != policy.Deny || first.Enforced || first.Mode != policy.ModeAudit {
+		t.Fatalf("event %+v: want a would-be deny of audit mode", first)
+	}
+	eng := fastReload(t, r, fmt.Sprintf(testPolicy, policy.ModeAudit))
+	id := r.send(hookForward, tcpPacket(client, dest, isn+1, 5000, nfq.ACK|nfq.PSH, []byte("EHLO client.test\r\n")))
+	if g := r.q.wait(t, []uint32{id})[0]; g != (gotVerdict{v: nfq.Repeat, mark: fastMarks.Allowed | operatorBit, setMark: true}) {
+		t.Fatalf("the first segment: verdict %+v, want repeat allowed", g)
+	}
+	second := r.evs.wait(t, "of the connection's new decision", func(ev audit.Event) bool {
+		return ev.ClientPort == client.Port() && ev.Verdict == policy.Allow
+	})
+	if second.Rule != "allowed" || second.Enforced || second.Mode != policy.ModeAudit || !second.Time.Equal(first.Time) || second.Source != audit.SourceProxy {
+		t.Errorf("event %+v: want the flow of %v allowed under rule allowed, audit mode", second, first.Time)
+	}
+	evs := r.evs.of(client.Port())
+	if len(evs) != 2 {
+		t.Errorf("%d events of the connection, want 2 (its decision, its new decision)", len(evs))
+	}
+	rep := reportFromLog(t, evs, eng)
+	var flows uint64
+	for _, rr := range rep.Rules {
+		if rr.Name == "allowed" {
+			flows = rr.Flows
+		}
+	}
+	if flows != 1 || len(rep.Dropped) != 0 || rep.Totals.Flows != 1 {
+		t.Errorf("report: rule allowed %d flows, dropped %+v, totals %+v: want the connection once, under allowed", flows, rep.Dropped, rep.Totals)
+	}
+}
