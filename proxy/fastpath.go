@@ -910,8 +910,11 @@ func (s *fastQueue) syn(seg nfq.TCPSegment, l2 nfq.L2) synAnswer {
 		if live {
 			s.mu.Unlock()
 			if !same {
-				s.kick(fl)
+				// Counted before the kick: the decision it may start
+				// writes the connection's event, which a reader may
+				// take as the SYN's outcome.
 				p.met.fastSYNs.WithLabelValues("isn-mismatch").Inc()
+				s.kick(fl)
 				return synDrop
 			}
 			return synFast
