@@ -690,8 +690,8 @@ func (s *fastQueue) packet(pk nfq.Packet) {
 			fl.srvNext, fl.haveSrv = seg.Ack, true
 		}
 		fl.mu.Unlock()
+		s.p.met.fastErrors.WithLabelValues("reset-payload").Inc() // before the decision's event (isn-mismatch)
 		s.kick(fl)
-		s.p.met.fastErrors.WithLabelValues("reset-payload").Inc()
 		s.verdict(pk.ID, nfq.Drop, 0, false)
 		return
 	}
