@@ -660,6 +660,11 @@ func (s *fastQueue) packet(pk nfq.Packet) {
 			l2 = nfq.L2Of(pk)
 		}
 		fl.mu.Unlock()
+		if news != nil {
+			// Recorded before the verdict, as a cut is: a reader that
+			// sees the segment answered sees the record and its count.
+			s.redecided(news, redecision)
+		}
 		if first {
 			s.verdict(pk.ID, nfq.Repeat, s.withMark(pk.Mark, m), true)
 		} else {
@@ -671,9 +676,6 @@ func (s *fastQueue) packet(pk nfq.Packet) {
 				alert = tlsAlertAccessDenied // the start of a TLS stream
 			}
 			s.resets(l2, fl.key.client, fl.key.dest, cliSeq, seg.Ack, seg.Seq+uint32(len(seg.Payload)), alert)
-		}
-		if news != nil {
-			s.redecided(news, redecision)
 		}
 		return
 	}
@@ -812,8 +814,8 @@ func (s *fastQueue) redecided(rec *audit.Event, d policy.Decision) {
 	if ev.Enforced {
 		ev.Close = closeRevoked
 	}
-	s.p.deps.Sink.Emit(ev)
 	s.p.met.revoked.WithLabelValues(string(d.Mode)).Inc()
+	s.p.deps.Sink.Emit(ev)
 	attrs := ev.AppendFlowAttrs(nil)
 	if ev.Enforced {
 		s.p.log.LogAttrs(context.Background(), slog.LevelWarn, "proxy: fast path: policy reload: connection cut at its first segment, the new policy denies it", attrs...)
