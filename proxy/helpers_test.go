@@ -196,7 +196,9 @@ func (e *events) wait(t *testing.T, what string, pred func(audit.Event) bool) au
 	}
 }
 
-// byClientPort matches the event of one connection.
+// byClientPort matches the event of one connection by its client port
+// alone (a link-local client's address carries a zone its event drops);
+// where a test's rig has seen other connections, byFlow.
 func byClientPort(port int) func(audit.Event) bool {
 	return func(ev audit.Event) bool { return int(ev.ClientPort) == port }
 }

@@ -61,7 +61,7 @@ insert rule inet egressd_test prerouting iifname "gwc" tcp dport 9445 redirect t
 		conn *net.TCPConn
 		port uint16
 	}{{"queued", queued, 9444}, {"accepted", late, 9445}} {
-		ev := tp.ev.wait(t, c.what, byClientPort(localPort(c.conn)))
+		ev := tp.ev.wait(t, c.what, byFlow(c.conn))
 		if ev.Verdict != policy.Deny || ev.Reason != ReasonShutdown || !ev.Enforced || ev.Close != closeShutdown ||
 			ev.Source != audit.SourceProxy || ev.Client != clientV4 || ev.Dest != echoV4 || ev.DestPort != c.port {
 			t.Errorf("%s: event %+v, want a deny %s, enforced, to %s:%d", c.what, ev, ReasonShutdown, echoV4, c.port)
@@ -170,7 +170,7 @@ func TestTransparentShutdownMidSetup(t *testing.T) {
 	devs.proxy.Store(tp.proxy)
 	dest := netip.AddrPortFrom(echoV4, 8443)
 	c := tp.dialFromClient(t, clientV4, dest)
-	ev := tp.ev.wait(t, "of the connection", byClientPort(localPort(c)))
+	ev := tp.ev.wait(t, "of the connection", byFlow(c))
 	if ev.Dest != dest.Addr() || ev.DestPort != dest.Port() || ev.Verdict != policy.Deny || ev.Reason != ReasonShutdown ||
 		!ev.Enforced || ev.Close != closeShutdown {
 		t.Errorf("event %+v, want a deny %s, enforced, to %s", ev, ReasonShutdown, dest)

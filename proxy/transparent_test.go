@@ -179,9 +179,8 @@ func TestTransparent(t *testing.T) {
 				time.Sleep(100 * time.Millisecond) // the proxy is reading when the reset comes
 			}
 			c.SetLinger(0)
-			port := localPort(c)
 			c.Close()
-			ev := tp.ev.wait(t, "reset hello", byClientPort(port))
+			ev := tp.ev.wait(t, "reset hello", byFlow(c))
 			if ev.Verdict != policy.Deny || ev.Reason != ReasonHelloBad {
 				t.Errorf("try %d: event %+v, want hello-malformed", i, ev)
 			}
@@ -555,9 +554,8 @@ func TestTransparentDeferAccept(t *testing.T) {
 
 	// Closed without a byte: the FIN reaches accept at once.
 	c := tp.dialFromClient(t, netip.Addr{}, netip.AddrPortFrom(srvV4, 443))
-	port := localPort(c)
 	c.Close()
-	if ev := tp.ev.wait(t, "early close", byClientPort(port)); ev.Close != closeEarly {
+	if ev := tp.ev.wait(t, "early close", byFlow(c)); ev.Close != closeEarly {
 		t.Errorf("early close: event %+v", ev)
 	}
 
