@@ -613,6 +613,7 @@ var unsuggested = map[string]string{
 	"ip-literal-form":          "a CONNECT host in a numeric form that is not an address: no rule allows it",
 	"connection-limit":         "the proxy's connection limit: no rule allows it",
 	"shutdown":                 "connections the proxy took as it shut down and reset unserved: no rule allows them; they pass once it runs again",
+	"fast-path-failed":         "connections the fast path was deciding when its queue reader failed, refused: no rule allows them; new ones go through the proxy",
 	"no-original-dst":          "the proxy could not read the original destination: no rule allows it",
 	"resolve-failed":           "the proxy could not resolve the name: no rule allows it",
 	"proxy-auth":               "the explicit proxy refused clients without valid credentials: they need credentials (--proxy-users), not a rule",

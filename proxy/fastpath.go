@@ -4,6 +4,7 @@ import (
 	"cmp"
 	"context"
 	"errors"
+	"fmt"
 	"io"
 	"log/slog"
 	"net"
@@ -65,9 +66,10 @@ import (
 //   - one event and canonical line per fast connection, written at the
 //     decision (close fast-path, fast-path-denied, client-closed-early, or
 //     shutdown: a flow pending when ServeQueue ends is refused,
-//     ReasonShutdown), with the bytes the client sent before it
-//     (BytesOut): the proxy does not see the rest of a connection the
-//     kernel forwards. A connection allowed with nothing marked whose
+//     ReasonShutdown; fast-path-failed, ReasonFastPathFailed, when it
+//     ends because the queue's reader failed), with the bytes the client
+//     sent before it (BytesOut): the proxy does not see the rest of a
+//     connection the kernel forwards. A connection allowed with nothing marked whose
 //     first segment's new decision (below) denies it gets a second event,
 //     with its start and the new decision (redecided: cut, close
 //     policy-revoked; audit mode, a deny not enforced), which the report
@@ -123,7 +125,18 @@ type Injector interface {
 const (
 	closeFast       = "fast-path"        // allowed: handed to the kernel
 	closeFastDenied = "fast-path-denied" // denied on the fast path: dropped, answered, reset
+	closeFastFailed = ReasonFastPathFailed
 )
+
+// ReasonFastPathFailed: the connection was pending a decision when the
+// fast path's queue reader failed (ServeQueue's QueueError): refused as
+// at a shutdown (its packets went to a reader that is gone), though the
+// proxy runs on and egressd goes on without the fast path.
+const ReasonFastPathFailed = "fast-path-failed"
+
+// errQueueFailed ends the stream of a flow pending when the queue's
+// reader failed: a net.ErrClosed, as at a shutdown, that says why.
+var errQueueFailed = fmt.Errorf("proxy: fast path: the queue reader failed: %w", net.ErrClosed)
 
 // ReasonStreamMismatch: the client's queued segments do not make one
 // stream (a segment before its first byte, other bytes where bytes were
@@ -268,10 +281,11 @@ type fastFlow struct {
 	// denies it, a second event of the connection (its start, the new
 	// decision) says so (fastQueue.redecided).
 	rec *audit.Event
-	// shut: the decision's read of the stream met the shutdown
-	// (ServeQueue ended while the flow was pending): it is refused,
-	// ReasonShutdown.
-	shut bool
+	// shut: the decision's read of the stream met the end of ServeQueue
+	// while the flow was pending: it is refused, the reason why
+	// (ReasonShutdown; ReasonFastPathFailed, the queue's reader failed).
+	// "" while ServeQueue runs.
+	shut string
 	// runner is who decides the flow: nobody yet (its hello is not
 	// complete), the queue's goroutine (quick), or a worker (kick).
 	runner fastRunner
@@ -427,10 +441,15 @@ func (p *Proxy) ServeQueue(ctx context.Context, q Queue) error {
 	done := make(chan struct{})
 	go func() { defer close(done); s.sweep(sweepCtx) }()
 	err := q.Serve(ctx, s.packet)
+	failed := err != nil && !errors.Is(err, context.Canceled) && ctx.Err() == nil
 	stop()
 	<-done
 	// What is still undecided ends: its peek reads net.ErrClosed (a
-	// shutdown).
+	// shutdown), errQueueFailed when the queue's reader failed.
+	end := net.ErrClosed
+	if failed {
+		end = errQueueFailed
+	}
 	pending := 0
 	s.mu.Lock()
 	for _, fl := range s.flows {
@@ -438,7 +457,7 @@ func (p *Proxy) ServeQueue(ctx context.Context, q Queue) error {
 		if fl.state == fastPending {
 			pending++
 			if fl.end == nil {
-				fl.end = net.ErrClosed
+				fl.end = end
 			}
 		}
 		fl.mu.Unlock()
@@ -453,7 +472,7 @@ func (p *Proxy) ServeQueue(ctx context.Context, q Queue) error {
 		fl.mu.Unlock()
 	}
 	s.mu.Unlock()
-	if err != nil && !errors.Is(err, context.Canceled) && ctx.Err() == nil {
+	if failed {
 		p.met.fastErrors.WithLabelValues("serve").Inc()
 		return &QueueError{Err: err, Pending: pending}
 	}
@@ -1160,7 +1179,7 @@ func (s *fastQueue) conclude(fl *fastFlow, kind streamKind, v verdict, head peek
 	// at the refusal its bytes cause, and released with the others.
 	fl.mu.Lock()
 	refused := fl.refused
-	if refused != nil || fl.shut {
+	if refused != nil || fl.shut != "" {
 		revoked = false
 	}
 	if errors.Is(refused, errFastHeld) {
@@ -1170,11 +1189,11 @@ func (s *fastQueue) conclude(fl *fastFlow, kind streamKind, v verdict, head peek
 		v = verdict{d: denyDecision(eng, ReasonLimit), src: audit.NameNone, how: byBytes}
 	} else if refused != nil {
 		v = verdict{d: denyDecision(eng, ReasonStreamMismatch), src: audit.NameNone, how: byBytes}
-	} else if fl.shut {
-		// The shutdown ended the stream before the decision: never
-		// allowed, as the transparent proxy refuses a connection its
-		// Close cut during the peek.
-		v = verdict{d: denyDecision(eng, ReasonShutdown), src: audit.NameNone, how: byBytes}
+	} else if fl.shut != "" {
+		// The shutdown (or the queue's failure) ended the stream before
+		// the decision: never allowed, as the transparent proxy refuses a
+		// connection its Close cut during the peek.
+		v = verdict{d: denyDecision(eng, fl.shut), src: audit.NameNone, how: byBytes}
 	} else if kind == kindHTTP && v.d.Allowed() {
 		// Plain HTTP: the proxy decides every request head of the
 		// connection; the kernel would forward the later ones unread.
@@ -1202,8 +1221,10 @@ func (s *fastQueue) conclude(fl *fastFlow, kind streamKind, v verdict, head peek
 	default:
 		f.ev.Close = closeFast
 	}
-	if fl.shut && refused == nil {
+	if fl.shut == ReasonShutdown && refused == nil {
 		f.ev.Close = closeShutdown
+	} else if fl.shut == ReasonFastPathFailed && refused == nil {
+		f.ev.Close = closeFastFailed
 	}
 	held := fl.held
 	fl.held = nil
@@ -1359,8 +1380,10 @@ func (s flowStream) Read(b []byte) (int, error) {
 			return 0, fl.refused
 		case fl.end != nil:
 			err := fl.end
-			if errors.Is(err, net.ErrClosed) {
-				fl.shut = true
+			if errors.Is(err, errQueueFailed) {
+				fl.shut = ReasonFastPathFailed
+			} else if errors.Is(err, net.ErrClosed) {
+				fl.shut = ReasonShutdown
 			}
 			fl.mu.Unlock()
 			return 0, err

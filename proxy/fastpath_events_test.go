@@ -1,6 +1,7 @@
 package proxy
 
 import (
+	"errors"
 	"fmt"
 	"log/slog"
 	"net/netip"
@@ -181,6 +182,33 @@ func TestServeQueueShutdownPending(t *testing.T) {
 		ev := r.evs.wait(t, "of the flow", func(ev audit.Event) bool { return ev.ClientPort == c.Port() })
 		if ev.Verdict != policy.Deny || !ev.Enforced || ev.Reason != ReasonShutdown || ev.Close != closeShutdown {
 			t.Errorf("port %d: event %+v: want denied %s, enforced, close %s", c.Port(), ev, ReasonShutdown, closeShutdown)
+		}
+	}
+}
+
+// TestServeQueueFailedPending: a flow still pending when the queue's
+// reader fails (a read error: ServeQueue returns a QueueError, egressd
+// goes on without the fast path) is refused as at a shutdown, but with
+// a reason of its own, fast-path-failed, close fast-path-failed: the
+// proxy did not shut down. Before, its event said shutdown.
+func TestServeQueueFailedPending(t *testing.T) {
+	r := newFastRig(t) // the first-byte wait (5 s) outlasts the test's steps
+	dest := netip.AddrPortFrom(srvV4, 443)
+	silent := netip.AddrPortFrom(clientV4, 42731)
+	partial := netip.AddrPortFrom(clientV4, 42732)
+	r.connect(t, silent, dest)
+	_, isn := r.connect(t, partial, dest)
+	ids := r.stream(partial, dest, isn, goClientHello(t, "www.allowed.test")[:100], 100, false)
+	err := r.failQueue(errors.New("nfq: read: broken"))
+	var qerr *QueueError
+	if !errors.As(err, &qerr) || qerr.Pending != 2 {
+		t.Fatalf("ServeQueue: %v, want a QueueError with 2 pending", err)
+	}
+	checkDenied(t, r.q.wait(t, ids))
+	for _, c := range []netip.AddrPort{silent, partial} {
+		ev := r.evs.wait(t, "of the flow", func(ev audit.Event) bool { return ev.ClientPort == c.Port() })
+		if ev.Verdict != policy.Deny || !ev.Enforced || ev.Reason != ReasonFastPathFailed || ev.Close != closeFastFailed {
+			t.Errorf("port %d: event %+v: want denied %s, enforced, close %s", c.Port(), ev, ReasonFastPathFailed, closeFastFailed)
 		}
 	}
 }

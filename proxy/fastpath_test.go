@@ -29,6 +29,9 @@ import (
 // firewall's rules).
 type fakeQueue struct {
 	in chan nfq.Packet
+	// fail ends Serve with the error sent, as a read error of the
+	// kernel's queue does.
+	fail chan error
 
 	mu       sync.Mutex
 	verdicts map[uint32]gotVerdict
@@ -42,7 +45,7 @@ type gotVerdict struct {
 }
 
 func newFakeQueue() *fakeQueue {
-	return &fakeQueue{in: make(chan nfq.Packet), verdicts: map[uint32]gotVerdict{}}
+	return &fakeQueue{in: make(chan nfq.Packet), fail: make(chan error), verdicts: map[uint32]gotVerdict{}}
 }
 
 func (q *fakeQueue) Serve(ctx context.Context, fn func(nfq.Packet)) error {
@@ -50,6 +53,8 @@ func (q *fakeQueue) Serve(ctx context.Context, fn func(nfq.Packet)) error {
 		select {
 		case <-ctx.Done():
 			return ctx.Err()
+		case err := <-q.fail:
+			return err
 		case pk := <-q.in:
 			fn(pk)
 		}
@@ -188,6 +193,18 @@ type fastRig struct {
 	// stop ends ServeQueue (a shutdown) and returns what it returned;
 	// the test's cleanup calls it too.
 	stop func() error
+	// done has what ServeQueue returned.
+	done chan error
+}
+
+// failQueue ends the queue's Serve with err, as a read error of the
+// kernel's queue does, and returns what ServeQueue returned; stop then
+// returns nil.
+func (r *fastRig) failQueue(err error) error {
+	r.q.fail <- err
+	got := <-r.done
+	r.done <- nil
+	return got
 }
 
 // newFastRig starts ServeQueue on a fake queue; opts change the proxy's
@@ -224,11 +241,11 @@ func newFastRig(t *testing.T, opts ...func(*Config)) *fastRig {
 		t.Fatal(err)
 	}
 	ctx, cancel := context.WithCancel(context.Background())
-	done := make(chan error, 1)
-	go func() { done <- r.p.ServeQueue(ctx, r.q) }()
+	r.done = make(chan error, 1)
+	go func() { r.done <- r.p.ServeQueue(ctx, r.q) }()
 	r.stop = sync.OnceValue(func() error {
 		cancel()
-		return <-done
+		return <-r.done
 	})
 	t.Cleanup(func() {
 		if err := r.stop(); err != nil {
