@@ -117,19 +117,20 @@ func TestFastPathQueueFails(t *testing.T) {
 	d.waitLog(t, `"flows_cut":1`, 1)
 }
 
-// TestFastPathProxyFails: proxy.New refuses its configuration (here
-// --inspect without a state directory for its CA) after the fast path's
-// queue was opened. Nobody would read the queue: egressd closes it and
-// installs the ruleset without the fast path, and says so in one
-// warning line; /readyz names both parts. Before, the ruleset queued the
-// new connections to port 443 to the open queue nobody read.
+// TestFastPathProxyFails: proxy.New refuses its configuration after the
+// fast path's queue was opened (a negative hello timeout, given by the
+// test hook EGRESSD_TEST_BREAK_PROXY_CONFIG, only in the e2e build:
+// cmd/egressd/testhook_e2e.go; no flag of egressd leads there since
+// --inspect with --state-dir "", which this test used, is a usage
+// error). Nobody would read the queue: egressd closes it and installs
+// the ruleset without the fast path, and says so in one warning line;
+// /readyz names both parts. Before, the ruleset queued the new
+// connections to port 443 to the open queue nobody read.
 func TestFastPathProxyFails(t *testing.T) {
 	tp := newTopo(t)
 	d := newDaemon(t, tp, "enforce")
-	d.extra = []string{"--fast-path", "--inspect", "--state-dir", ""}
-	// Without a state directory egressd writes its files in its
-	// working directory: the test's own.
-	d.wrap = []string{"env", "-C", t.TempDir(), "--"}
+	d.extra = []string{"--fast-path"}
+	d.wrap = []string{"env", "EGRESSD_TEST_BREAK_PROXY_CONFIG=1"}
 	d.unready = true
 	d.start()
 	defer d.stop()

@@ -333,6 +333,11 @@ func checkFlagValues(cfg runConfig) error {
 			bad("fast-path", firewall.Config{FastPath: true, CTMarkBits: bits}.Validate(policy.ModeAudit))
 		}
 	}
+	if cfg.inspect && cfg.stateDir == "" {
+		// The proxy would refuse it (its CA lives there) and egressd
+		// would run without the proxy.
+		bad("inspect", errors.New(`egressd: inspection needs a state directory for its CA, not --state-dir ""`))
+	}
 	_, err = policy.ParseNAT64(cfg.nat64)
 	bad("nat64-prefix", err)
 	bad("dns-listen", dnsfilter.Config{Listen: splitList(cfg.dnsListen)}.Validate())
@@ -1198,6 +1203,7 @@ func (d *daemon) run(ctx context.Context) error {
 		// reload to enforce opens it then (reloadPolicy).
 		fastQueue = d.openFastPath(caps, &pcfg, &pdeps)
 	}
+	breakProxyConfigHook(&pcfg)
 	if d.proxy, err = proxy.New(pcfg, pdeps); err != nil {
 		d.degrade("proxy", err.Error())
 		if d.cfg.fastPath && eng.Mode() == policy.ModeEnforce {

@@ -135,6 +135,9 @@ func TestRunWANOpen(t *testing.T) {
 // redirected to a forwarder that was not there, was gone), and --mode
 // and --log-level exited 1 where every other command exits 2. The
 // documented --dns-deny NULL was itself refused: dnsfilter spells it null.
+// Subtest --inspect: --inspect with --state-dir "" (no place for the
+// inspection CA); before, it started and ran without the proxy, whose
+// New refused the configuration (and the fast path fell back).
 func TestRunFlagValues(t *testing.T) {
 	base := []string{"--profile", "nirovision", "--mode", "audit", "--lan", "lo", "--wan", "lo", "--no-firewall",
 		"--dns-listen", "127.0.0.1:0", "--proxy-listen", "127.0.0.1:0", "--explicit-proxy-listen", "off",
@@ -152,15 +155,13 @@ func TestRunFlagValues(t *testing.T) {
 		{"--log-format", "xml", `--log-format "xml": expected json or text`},
 	} {
 		t.Run(c.flag, func(t *testing.T) {
-			ctx, cancel := context.WithTimeout(context.Background(), 5*time.Second)
-			defer cancel()
-			var out, errb lockedBuffer
-			code := cmdRun(ctx, append(append([]string{}, base...), c.flag, c.value, "--state-dir", filepath.Join(t.TempDir(), "state")), &out, &errb)
-			if ctx.Err() != nil || code != exitUsage || !strings.Contains(errb.String(), "egressd: "+c.want) || strings.Contains(out.String(), "listening") {
-				t.Errorf("%s %s: exit %d (context: %v), want %d at once with %q\nstdout:\n%s\nstderr:\n%s", c.flag, c.value, code, ctx.Err(), exitUsage, c.want, out.String(), errb.String())
-			}
+			refusedAtStart(t, append(append([]string{}, base...), c.flag, c.value, "--state-dir", filepath.Join(t.TempDir(), "state")), c.want)
 		})
 	}
+	t.Run("--inspect", func(t *testing.T) {
+		refusedAtStart(t, append(append([]string{}, base...), "--inspect", "--state-dir", ""),
+			`--inspect: egressd: inspection needs a state directory for its CA, not --state-dir ""`)
+	})
 	// Every documented --dns-deny value, in any case, starts DNS.
 	for _, v := range []string{"REFUSED", "nxdomain", "NULL", "null"} {
 		t.Run("dns-deny-"+v, func(t *testing.T) {
@@ -185,6 +186,19 @@ func TestRunFlagValues(t *testing.T) {
 				t.Errorf("--dns-deny %s: DNS not running\nstdout:\n%s\nstderr:\n%s", v, out.String(), errb.String())
 			}
 		})
+	}
+}
+
+// refusedAtStart fails t unless `egressd run` with args exits at once
+// with a usage error (exit 2) saying want, before anything listens.
+func refusedAtStart(t *testing.T, args []string, want string) {
+	t.Helper()
+	ctx, cancel := context.WithTimeout(context.Background(), 5*time.Second)
+	defer cancel()
+	var out, errb lockedBuffer
+	code := cmdRun(ctx, args, &out, &errb)
+	if ctx.Err() != nil || code != exitUsage || !strings.Contains(errb.String(), "egressd: "+want) || strings.Contains(out.String(), "listening") {
+		t.Errorf("%q: exit %d (context: %v), want %d at once with %q\nstdout:\n%s\nstderr:\n%s", args, code, ctx.Err(), exitUsage, want, out.String(), errb.String())
 	}
 }
 

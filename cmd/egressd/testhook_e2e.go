@@ -8,7 +8,20 @@ import (
 	"time"
 
 	"egressd/internal/nfq"
+	"egressd/proxy"
 )
+
+// breakProxyConfigHook, when EGRESSD_TEST_BREAK_PROXY_CONFIG is set,
+// gives c a negative hello timeout, which proxy.New refuses: the start
+// goes on without the proxy, after the fast path's queue was opened
+// (e2e/TestFastPathProxyFails). No flag of egressd leads there since
+// --inspect with --state-dir "" is a usage error. Only in a build with
+// the tag egressd_e2e.
+func breakProxyConfigHook(c *proxy.Config) {
+	if os.Getenv("EGRESSD_TEST_BREAK_PROXY_CONFIG") != "" {
+		c.HelloTimeout = -1
+	}
+}
 
 // breakQueueHook, when EGRESSD_TEST_BREAK_FAST_QUEUE names a file,
 // breaks q's reads (nfq.Conn.Break) once the file exists: the fast

@@ -10,8 +10,10 @@ import (
 
 // TestNoTestHookInBinary: egressd's own build (no build tags) reads no
 // test hook from its environment: the e2e tests' way to fail the fast
-// path's queue reader (EGRESSD_TEST_BREAK_FAST_QUEUE) and nfq.Conn.Break
-// are only in a build with the tag egressd_e2e. Before, run.go read the
+// path's queue reader (EGRESSD_TEST_BREAK_FAST_QUEUE) and nfq.Conn.Break,
+// and to have proxy.New refuse its configuration
+// (EGRESSD_TEST_BREAK_PROXY_CONFIG), are only in a build with the tag
+// egressd_e2e. Before, run.go read the
 // variable in every build, and nfq.Conn.Break was egressd's.
 func TestNoTestHookInBinary(t *testing.T) {
 	for _, dir := range []string{".", "../../internal/nfq"} {
@@ -31,19 +33,22 @@ func TestNoTestHookInBinary(t *testing.T) {
 			}
 		}
 	}
-	// The e2e build has it (else TestFastPathQueueFails breaks nothing).
+	// The e2e build has them (else TestFastPathQueueFails and
+	// TestFastPathProxyFails break nothing).
 	ctx := build.Default
 	ctx.BuildTags = append(ctx.BuildTags, "egressd_e2e")
 	pkg, err := ctx.ImportDir(".", 0)
 	if err != nil {
 		t.Fatal(err)
 	}
-	found := false
-	for _, f := range pkg.GoFiles {
-		src, _ := os.ReadFile(f)
-		found = found || strings.Contains(string(src), "EGRESSD_TEST_BREAK_FAST_QUEUE")
-	}
-	if !found {
-		t.Error("the build with the tag egressd_e2e has no EGRESSD_TEST_BREAK_FAST_QUEUE hook")
+	for _, hook := range []string{"EGRESSD_TEST_BREAK_FAST_QUEUE", "EGRESSD_TEST_BREAK_PROXY_CONFIG"} {
+		found := false
+		for _, f := range pkg.GoFiles {
+			src, _ := os.ReadFile(f)
+			found = found || strings.Contains(string(src), hook)
+		}
+		if !found {
+			t.Errorf("the build with the tag egressd_e2e has no %s hook", hook)
+		}
 	}
 }
