@@ -2,6 +2,7 @@ package e2e
 
 import (
 	"context"
+	"net"
 	"os"
 	"path/filepath"
 	"strings"
@@ -26,6 +27,27 @@ func fastPathOffLines(t *testing.T, d *daemon) []string {
 	return warned
 }
 
+// pendingFast opens a TCP connection from the LAN client to the docker
+// host's port 443 that the fast path takes (one more fast SYN) and that
+// sends no byte: a connection pending a decision. It is closed at the
+// test's end.
+func pendingFast(t *testing.T, tp *topo, d *daemon) net.Conn {
+	t.Helper()
+	fast := func() float64 { return d.metric(`egress_proxy_fast_syns_total{result="fast"}`) }
+	before := fast()
+	ctx, cancel := context.WithTimeout(context.Background(), 30*time.Second)
+	defer cancel()
+	raw, err := tp.lan.DialContext(ctx, "tcp", dockerIP4+":443")
+	if err != nil {
+		t.Fatal(err)
+	}
+	t.Cleanup(func() { raw.Close() })
+	if got := fast() - before; got != 1 {
+		t.Fatalf("the pending connection: %v fast SYNs, want 1", got)
+	}
+	return raw
+}
+
 // noQueueRuleset fails t when the gateway's ruleset has the fast path
 // (chain fastpath, a rule that queues), or no table inet egressd.
 func noQueueRuleset(t *testing.T, tp *topo, when string) {
@@ -47,11 +69,12 @@ func noQueueRuleset(t *testing.T, tp *topo, when string) {
 // connections go through the proxy (allowed ones get out, an SNI that is
 // not the name's is refused), one warning line says so with the
 // connections pending a decision lost (one here: a SYN taken fast, no
-// byte sent), /readyz names the part, the record says fast_path false;
-// the fast-allowed connection open at the failure is cut, and the
-// firewall's line counts it. Before, the ruleset went on queueing to the
-// queue nobody read: every new connection to port 443 timed out until a
-// restart.
+// byte sent), whose event says refused fast-path-failed (before session
+// 36, shutdown, though egressd did not stop), /readyz names the part,
+// the record says fast_path false; the fast-allowed connection open at
+// the failure is cut, and the firewall's line counts it. Before, the
+// ruleset went on queueing to the queue nobody read: every new
+// connection to port 443 timed out until a restart.
 func TestFastPathQueueFails(t *testing.T) {
 	tp := newTopo(t)
 	d := newDaemon(t, tp, "enforce")
@@ -62,19 +85,7 @@ func TestFastPathQueueFails(t *testing.T) {
 	defer d.stop()
 	d.dumpOnFailure()
 	ka := dockerKeepAlive(t, tp, d)
-
-	fast := func() float64 { return d.metric(`egress_proxy_fast_syns_total{result="fast"}`) }
-	before := fast()
-	ctx, cancel := context.WithTimeout(context.Background(), 30*time.Second)
-	defer cancel()
-	raw, err := tp.lan.DialContext(ctx, "tcp", dockerIP4+":443")
-	if err != nil {
-		t.Fatal(err)
-	}
-	defer raw.Close()
-	if got := fast() - before; got != 1 {
-		t.Fatalf("the pending connection: %v fast SYNs, want 1", got)
-	}
+	raw := pendingFast(t, tp, d)
 
 	if err := os.WriteFile(trigger, nil, 0o644); err != nil {
 		t.Fatal(err)
@@ -85,6 +96,15 @@ func TestFastPathQueueFails(t *testing.T) {
 		!strings.Contains(warned[0], "through the proxy") || !strings.Contains(warned[0], `"pending_lost":1`) {
 		t.Errorf("%d lines say the fast path is off, want one warning that its reader failed, connections go through the proxy, and one pending connection is lost:\n%s",
 			len(warned), strings.Join(warned, "\n"))
+	}
+	// The lost connection's event: refused for the failure, not for a
+	// shutdown egressd did not make.
+	port := raw.LocalAddr().(*net.TCPAddr).Port
+	ev := d.waitEvent(t, "the connection pending at the failure", func(e flowEvent) bool {
+		return e.Kind == "flow" && e.ClientPort == port && e.Dest == dockerIP4 && e.DestPort == 443
+	})
+	if ev.Verdict != "deny" || !ev.Enforced || ev.Reason != "fast-path-failed" || ev.Close != "fast-path-failed" {
+		t.Errorf("the connection pending at the failure: event %v, want denied fast-path-failed, enforced, close fast-path-failed", ev)
 	}
 	code, body, err := d.get("/readyz")
 	if err != nil || code != 503 || !strings.Contains(body, "fast-path") {

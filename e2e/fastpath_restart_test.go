@@ -33,18 +33,7 @@ func TestFastPathModeFlip(t *testing.T) {
 	ka := dockerKeepAlive(t, tp, d)
 
 	// Pending: the SYN taken fast, no byte sent yet.
-	fast := func() float64 { return d.metric(`egress_proxy_fast_syns_total{result="fast"}`) }
-	before := fast()
-	ctx, cancel := context.WithTimeout(context.Background(), 5*time.Second)
-	defer cancel()
-	raw, err := tp.lan.DialContext(ctx, "tcp", dockerIP4+":443")
-	if err != nil {
-		t.Fatal(err)
-	}
-	defer raw.Close()
-	if got := fast() - before; got != 1 {
-		t.Fatalf("the pending connection: %v fast SYNs, want 1", got)
-	}
+	raw := pendingFast(t, tp, d)
 
 	d.writePolicy(seed) // audit
 	d.hup(true)
@@ -68,7 +57,8 @@ func TestFastPathModeFlip(t *testing.T) {
 	if _, err := ka.get("/enforce-again"); err != nil {
 		t.Errorf("the fast connection after enforce→audit→enforce: %v", err)
 	}
-	before = fast()
+	fast := func() float64 { return d.metric(`egress_proxy_fast_syns_total{result="fast"}`) }
+	before := fast()
 	if body, err := tp.curl(dockerName, 443, dockerIP4, "/enforce-new", true); err != nil || !strings.Contains(body, "sni="+dockerName) {
 		t.Errorf("a new connection back in enforce mode: %q %v", body, err)
 	}
