@@ -10,10 +10,8 @@ import (
 	"testing"
 	"time"
 
-	"egressd/audit"
 	"egressd/firewall"
 	"egressd/internal/testnet"
-	"egressd/policy"
 	"egressd/proxy"
 )
 
@@ -44,33 +42,13 @@ func TestFastPathDropRefusedRetried(t *testing.T) {
 func testFastPathDropRefusedRetried(t *testing.T, rerendered bool) {
 	ns := testnet.New(t, "fdrp")
 	const src = "version: 1\nmode: enforce\nrules:\n  - name: web\n    to: [192.0.2.1/32]\n    ports: [443/tcp]\n"
-	dir := t.TempDir()
-	pol := filepath.Join(dir, "p.yaml")
-	if err := os.WriteFile(pol, []byte(src), 0o644); err != nil {
-		t.Fatal(err)
-	}
-	eng, err := policy.Compile(pol, []byte(src))
-	if err != nil {
-		t.Fatal(err)
-	}
 	var logs bytes.Buffer
 	log := slog.New(slog.NewJSONHandler(&logs, nil))
-	fw, err := firewall.New(firewall.Config{NetNS: "/var/run/netns/" + ns.Name, LANs: []string{"lan0"}, WAN: "wan0", ProxyPort: 3129, DNSPort: 53, FastPath: true},
-		firewall.Deps{Logger: log})
-	if err != nil {
-		t.Fatal(err)
-	}
-	t.Cleanup(func() { fw.Close() })
-	if err := fw.Install(eng); err != nil {
-		t.Fatal(err)
-	}
+	d, eng := firewallDaemon(t, ns, src, firewall.Config{FastPath: true}, firewall.Deps{Logger: log})
+	fw := d.fw
 	if rs := ns.MustRun("nft", "list", "table", "inet", "egressd"); !strings.Contains(rs, "chain fastpath") {
 		t.Fatalf("the ruleset installed with the fast path does not queue:\n%s", rs)
 	}
-	d := &daemon{cfg: runConfig{stateDir: filepath.Join(dir, "state"), fastPath: true}, log: log, store: policy.NewStore(eng), source: pol,
-		ledger: audit.NewLedger(eng, audit.LedgerOptions{}), fw: fw, degraded: map[string]string{}}
-	d.src, d.srcEnforce = []byte(src), true
-	d.savePolicy(true)
 
 	testnet.WithoutNetAdmin(t, func() {
 		d.fastPathFailed(&proxy.QueueError{Err: errors.New("nfq: read: broken"), Pending: 2})

@@ -54,29 +54,13 @@ func TestReloadRefusedInFirewallUndone(t *testing.T) {
 	// to seed its sets, before its transaction.
 	refused := fmt.Sprintf("version: 1\nmode: enforce\nrules:\n  - name: loop\n    to: [127.0.0.1/32]\n    ports: [%d/tcp]\n  - {name: ntp, to: [ntp.test], ports: [123/udp]}\n", port)
 
-	dir := t.TempDir()
-	pol := filepath.Join(dir, "p.yaml")
-	if err := os.WriteFile(pol, []byte(running), 0o644); err != nil {
-		t.Fatal(err)
-	}
-	eng, err := policy.Compile(pol, []byte(running))
-	if err != nil {
-		t.Fatal(err)
-	}
-	store := policy.NewStore(eng)
 	log := slog.New(slog.NewTextHandler(io.Discard, nil))
-	p, err := proxy.New(proxy.Config{OwnAddrs: []netip.Addr{}}, proxy.Deps{Policy: store, Logger: log})
-	if err != nil {
-		t.Fatal(err)
-	}
-	ln, err := net.Listen("tcp", "127.0.0.1:0")
-	if err != nil {
-		t.Fatal(err)
-	}
-	t.Cleanup(func() { ln.Close() })
-	go p.ServeExplicit(ln)
-
-	var tunnel net.Conn
+	var (
+		store  *policy.Store
+		eng    *policy.Engine
+		ln     net.Listener
+		tunnel net.Conn
+	)
 	given := func() []firewall.Given {
 		if tunnel == nil && store.Load() != eng {
 			// The refused policy is in the store: a CONNECT it allows
@@ -85,20 +69,21 @@ func TestReloadRefusedInFirewallUndone(t *testing.T) {
 		}
 		return nil
 	}
-	fw, err := firewall.New(firewall.Config{NetNS: "/var/run/netns/" + ns.Name, LANs: []string{"lan0"}, WAN: "wan0", ProxyPort: 3129, DNSPort: 53},
-		firewall.Deps{Logger: log, Given: given})
+	d, eng := firewallDaemon(t, ns, running, firewall.Config{}, firewall.Deps{Logger: log, Given: given})
+	store = d.store
+	p, err := proxy.New(proxy.Config{OwnAddrs: []netip.Addr{}}, proxy.Deps{Policy: store, Logger: log})
 	if err != nil {
 		t.Fatal(err)
 	}
-	t.Cleanup(func() { fw.Close() })
-	if err := fw.Install(eng); err != nil {
+	d.proxy = p
+	ln, err = net.Listen("tcp", "127.0.0.1:0")
+	if err != nil {
 		t.Fatal(err)
 	}
+	t.Cleanup(func() { ln.Close() })
+	go p.ServeExplicit(ln)
 
-	d := &daemon{cfg: runConfig{stateDir: filepath.Join(dir, "state")}, log: log, store: store, source: pol,
-		ledger: audit.NewLedger(eng, audit.LedgerOptions{}), proxy: p, fw: fw, degraded: map[string]string{}}
-	d.src = []byte(running)
-	d.savePolicy(true) // the start's copy of the running policy
+	pol := d.source
 	if err := os.WriteFile(pol, []byte(refused), 0o644); err != nil {
 		t.Fatal(err)
 	}
@@ -131,6 +116,40 @@ func TestReloadRefusedInFirewallUndone(t *testing.T) {
 			t.Fatalf("a tunnel only the refused policy allows is still open (read %d: %v)", n, err)
 		}
 	}
+}
+
+// firewallDaemon is the set-up of the tests that run the daemon's
+// firewall paths by hand: the policy src in a file of a temporary
+// directory, compiled; a real firewall in ns (fc, with the LAN lan0, the
+// WAN wan0, the proxy's port 3129 and DNS's 53), installed with it; a
+// daemon over them (no proxy, the fast path as fc says) whose state
+// directory has the start's copy of the policy (savePolicy). It returns
+// the daemon and the policy's engine.
+func firewallDaemon(t *testing.T, ns *testnet.NS, src string, fc firewall.Config, deps firewall.Deps) (*daemon, *policy.Engine) {
+	t.Helper()
+	dir := t.TempDir()
+	pol := filepath.Join(dir, "p.yaml")
+	if err := os.WriteFile(pol, []byte(src), 0o644); err != nil {
+		t.Fatal(err)
+	}
+	eng, err := policy.Compile(pol, []byte(src))
+	if err != nil {
+		t.Fatal(err)
+	}
+	fc.NetNS, fc.LANs, fc.WAN, fc.ProxyPort, fc.DNSPort = "/var/run/netns/"+ns.Name, []string{"lan0"}, "wan0", 3129, 53
+	fw, err := firewall.New(fc, deps)
+	if err != nil {
+		t.Fatal(err)
+	}
+	t.Cleanup(func() { fw.Close() })
+	if err := fw.Install(eng); err != nil {
+		t.Fatal(err)
+	}
+	d := &daemon{cfg: runConfig{stateDir: filepath.Join(dir, "state"), fastPath: fc.FastPath}, log: deps.Logger, store: policy.NewStore(eng), source: pol,
+		ledger: audit.NewLedger(eng, audit.LedgerOptions{}), fw: fw, degraded: map[string]string{}}
+	d.src, d.srcEnforce = []byte(src), eng.Mode() == policy.ModeEnforce
+	d.savePolicy(true)
+	return d, eng
 }
 
 // connectVia opens a CONNECT tunnel to authority through the explicit
