@@ -167,23 +167,11 @@ func TestServeQueuePendingReloadAudit(t *testing.T) {
 // shutdown and its event said allowed, close shutdown; one with part of
 // a hello held said hello-bad.
 func TestServeQueueShutdownPending(t *testing.T) {
-	r := newFastRig(t) // the first-byte wait (5 s) outlasts the test's steps
-	dest := netip.AddrPortFrom(srvV4, 443)
-	silent := netip.AddrPortFrom(clientV4, 42711)
-	partial := netip.AddrPortFrom(clientV4, 42712)
-	r.connect(t, silent, dest)
-	_, isn := r.connect(t, partial, dest)
-	ids := r.stream(partial, dest, isn, goClientHello(t, "www.allowed.test")[:100], 100, false)
-	if err := r.stop(); err != nil {
-		t.Fatalf("ServeQueue: %v", err)
-	}
-	checkDenied(t, r.q.wait(t, ids))
-	for _, c := range []netip.AddrPort{silent, partial} {
-		ev := r.evs.wait(t, "of the flow", func(ev audit.Event) bool { return ev.ClientPort == c.Port() })
-		if ev.Verdict != policy.Deny || !ev.Enforced || ev.Reason != ReasonShutdown || ev.Close != closeShutdown {
-			t.Errorf("port %d: event %+v: want denied %s, enforced, close %s", c.Port(), ev, ReasonShutdown, closeShutdown)
+	pendingAtEnd(t, func(r *fastRig) {
+		if err := r.stop(); err != nil {
+			t.Fatalf("ServeQueue: %v", err)
 		}
-	}
+	}, ReasonShutdown, closeShutdown)
 }
 
 // TestServeQueueFailedPending: a flow still pending when the queue's
@@ -192,23 +180,34 @@ func TestServeQueueShutdownPending(t *testing.T) {
 // a reason of its own, fast-path-failed, close fast-path-failed: the
 // proxy did not shut down. Before, its event said shutdown.
 func TestServeQueueFailedPending(t *testing.T) {
+	pendingAtEnd(t, func(r *fastRig) {
+		err := r.failQueue(errors.New("nfq: read: broken"))
+		var qerr *QueueError
+		if !errors.As(err, &qerr) || qerr.Pending != 2 {
+			t.Fatalf("ServeQueue: %v, want a QueueError with 2 pending", err)
+		}
+	}, ReasonFastPathFailed, closeFastFailed)
+}
+
+// pendingAtEnd has two flows pending (a silent client's, one with part
+// of a hello held) when end ends ServeQueue, and checks that both are
+// refused: the held packets dropped, each event denied, enforced, with
+// reason and closed.
+func pendingAtEnd(t *testing.T, end func(*fastRig), reason, closed string) {
+	t.Helper()
 	r := newFastRig(t) // the first-byte wait (5 s) outlasts the test's steps
 	dest := netip.AddrPortFrom(srvV4, 443)
-	silent := netip.AddrPortFrom(clientV4, 42731)
-	partial := netip.AddrPortFrom(clientV4, 42732)
+	silent := netip.AddrPortFrom(clientV4, 42711)
+	partial := netip.AddrPortFrom(clientV4, 42712)
 	r.connect(t, silent, dest)
 	_, isn := r.connect(t, partial, dest)
 	ids := r.stream(partial, dest, isn, goClientHello(t, "www.allowed.test")[:100], 100, false)
-	err := r.failQueue(errors.New("nfq: read: broken"))
-	var qerr *QueueError
-	if !errors.As(err, &qerr) || qerr.Pending != 2 {
-		t.Fatalf("ServeQueue: %v, want a QueueError with 2 pending", err)
-	}
+	end(r)
 	checkDenied(t, r.q.wait(t, ids))
 	for _, c := range []netip.AddrPort{silent, partial} {
 		ev := r.evs.wait(t, "of the flow", func(ev audit.Event) bool { return ev.ClientPort == c.Port() })
-		if ev.Verdict != policy.Deny || !ev.Enforced || ev.Reason != ReasonFastPathFailed || ev.Close != closeFastFailed {
-			t.Errorf("port %d: event %+v: want denied %s, enforced, close %s", c.Port(), ev, ReasonFastPathFailed, closeFastFailed)
+		if ev.Verdict != policy.Deny || !ev.Enforced || ev.Reason != reason || ev.Close != closed {
+			t.Errorf("port %d: event %+v: want denied %s, enforced, close %s", c.Port(), ev, reason, closed)
 		}
 	}
 }
