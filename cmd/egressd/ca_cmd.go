@@ -34,6 +34,12 @@ func cmdCA(_ context.Context, args []string, stdout, stderr io.Writer) int {
 		fmt.Fprintln(stderr, "usage: egressd "+commands["ca"].usage)
 		return exitUsage
 	}
+	if *stateDir == "" {
+		// "" would be the working directory's files, which no egressd
+		// run with --inspect loads (it refuses --state-dir "").
+		fmt.Fprintln(stderr, `egressd ca export: --state-dir "": the inspection CA needs a state directory`)
+		return exitUsage
+	}
 	ca, _, err := proxy.LoadOrCreateCA(*stateDir)
 	if err == nil {
 		err = caToDirOwner(*stateDir)

@@ -281,3 +281,24 @@ func TestCAExportWarnsOfExpiredCA(t *testing.T) {
 		t.Errorf("a new CA drew: %q", stderr)
 	}
 }
+
+// TestCAExportEmptyStateDir: `egressd ca export --state-dir ""` is a
+// usage error (exit 2, naming the flag), before any file is read or
+// made, as `egressd run --inspect --state-dir ""` is since session 36.
+// Before, it read the CA files of the working directory ("" joined with
+// ca.pem): it printed a CA found there, which no egressd run with
+// --inspect can load, or failed with exit 1 (as root, on the state
+// directory's owner: stat ""; with none there, on mkdir "").
+func TestCAExportEmptyStateDir(t *testing.T) {
+	cwd := t.TempDir()
+	if _, _, err := proxy.LoadOrCreateCA(cwd); err != nil {
+		t.Fatal(err)
+	}
+	t.Chdir(cwd)
+	for _, args := range [][]string{{"ca", "export", "--state-dir", ""}, {"ca", "export", "--state-dir="}} {
+		code, out, stderr := runCmd(t, args...)
+		if code != exitUsage || out != "" || !strings.Contains(stderr, `egressd ca export: --state-dir "": `) {
+			t.Errorf("%q: exit %d, want %d with a line naming --state-dir\nstdout:\n%s\nstderr:\n%s", args, code, exitUsage, out, stderr)
+		}
+	}
+}
