@@ -214,7 +214,7 @@ func TestSuggestNothing(t *testing.T) {
 var unfixable = []string{
 	"sni-mismatch", "special-range", "duplicate-sni", "hello-malformed", "hello-timeout",
 	"hello-too-large", "http-malformed", "host-mismatch", "http-framing", "path-form",
-	"ip-literal-form", "connection-limit", "shutdown", "no-original-dst", "resolve-failed", "proxy-auth",
+	"ip-literal-form", "connection-limit", "shutdown", "fast-path-failed", "stream-mismatch", "fast-path-http", "no-original-dst", "resolve-failed", "proxy-auth",
 	"reload-undecidable", "opened-before-enforce", "inbound", "urgent-data", "stream-conflict",
 	policy.ReasonInvalidName, policy.ReasonNoDestination, policy.ReasonPath, policy.ReasonPathUnseen, policy.ReasonPrivateRelay,
 	"doh-canary", "rate-limited", "qtype-refused", "class-refused", "opcode", "format-error", "upstream-failed",
