@@ -614,7 +614,7 @@ var unsuggested = map[string]string{
 	"connection-limit":         "the proxy's connection limit: no rule allows it",
 	"shutdown":                 "connections the proxy took as it shut down and reset unserved: no rule allows them; they pass once it runs again",
 	"fast-path-failed":         "connections the fast path was deciding when its queue reader failed, refused: no rule allows them; new ones go through the proxy",
-	"stream-mismatch":          "a fast-path connection whose queued segments did not make one stream (bytes sent twice, different, or past the window): no rule allows it",
+	"stream-mismatch":          "a fast-path connection whose queued segments did not make one stream (a segment before its start, other bytes where bytes were held, one past the window, a second SYN of another sequence number): no rule allows it",
 	"fast-path-http":           "plain HTTP to a --fast-path-ports port, refused since the kernel would forward its later requests unread: no rule allows it; leave the port out of --fast-path-ports (plain HTTP then goes through the proxy)",
 	"no-original-dst":          "the proxy could not read the original destination: no rule allows it",
 	"resolve-failed":           "the proxy could not resolve the name: no rule allows it",
