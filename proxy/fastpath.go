@@ -473,7 +473,7 @@ func (p *Proxy) ServeQueue(ctx context.Context, q Queue) error {
 	}
 	s.mu.Unlock()
 	if failed {
-		p.met.fastErrors.WithLabelValues("serve").Inc()
+		p.met.fastErrOf[feServe].Inc()
 		return &QueueError{Err: err, Pending: pending}
 	}
 	return nil
@@ -557,27 +557,27 @@ func (s *fastQueue) unmarked(client netip.Addr) int {
 // verdict gives v (with mark, when set) and counts it.
 func (s *fastQueue) verdict(id uint32, v nfq.Verdict, mark uint32, setMark bool) {
 	var err error
-	label := "accept"
+	kind := fvAccept
 	switch {
 	case setMark:
 		err = s.q.VerdictMark(id, v, mark)
 		switch mark & s.marks.Mask {
 		case s.marks.Pending:
-			label = "accept-pending"
+			kind = fvAcceptPending
 		case s.marks.Allowed:
-			label = "repeat-allowed"
+			kind = fvRepeatAllowed
 		default:
-			label = "repeat-denied"
+			kind = fvRepeatDenied
 		}
 	default:
 		err = s.q.Verdict(id, v)
 		if v == nfq.Drop {
-			label = "drop"
+			kind = fvDrop
 		}
 	}
-	s.p.met.fastVerdicts.WithLabelValues(label).Inc()
+	s.p.met.fastVerdictOf[kind].Inc()
 	if err != nil {
-		s.p.met.fastErrors.WithLabelValues("verdict").Inc()
+		s.p.met.fastErrOf[feVerdict].Inc()
 		s.p.log.Debug("proxy: fast path: verdict", audit.LogError, err.Error())
 	}
 }
@@ -592,9 +592,9 @@ func (s *fastQueue) packet(pk nfq.Packet) {
 		// Not a TCP packet the fast path reads: a SYN goes to the proxy
 		// (accepted unchanged: the redirect), anything else of a pending
 		// flow is dropped (fail closed).
-		s.p.met.fastErrors.WithLabelValues("parse").Inc()
+		s.p.met.fastErrOf[feParse].Inc()
 		if pk.Hook == hookPrerouting {
-			s.p.met.fastSYNs.WithLabelValues("malformed").Inc()
+			s.p.met.fastSYNOf[synMalformed].Inc()
 			s.verdict(pk.ID, nfq.Accept, 0, false)
 			return
 		}
@@ -711,7 +711,7 @@ func (s *fastQueue) packet(pk nfq.Packet) {
 			fl.srvNext, fl.haveSrv = seg.Ack, true
 		}
 		fl.mu.Unlock()
-		s.p.met.fastErrors.WithLabelValues("reset-payload").Inc() // before the decision's event (isn-mismatch)
+		s.p.met.fastErrOf[feResetPayload].Inc() // before the decision's event (isn-mismatch)
 		s.kick(fl)
 		s.verdict(pk.ID, nfq.Drop, 0, false)
 		return
@@ -796,7 +796,7 @@ func (s *fastQueue) cut(fl *fastFlow, pk nfq.Packet, seg nfq.TCPSegment, revoked
 	if revoked != nil && rec != nil {
 		s.redecided(rec, *revoked)
 	} else {
-		s.p.met.fastErrors.WithLabelValues("late-conflict").Inc()
+		s.p.met.fastErrOf[feLateConflict].Inc()
 		s.p.log.Warn("proxy: fast path: other bytes after the decision, connection cut",
 			audit.LogClient, seg.Src.Addr().Unmap().String(), audit.LogClientPort, seg.Src.Port(),
 			audit.LogDest, seg.Dst.Addr().Unmap().String(), audit.LogDestPort, seg.Dst.Port())
@@ -833,7 +833,7 @@ func (s *fastQueue) redecided(rec *audit.Event, d policy.Decision) {
 	if ev.Enforced {
 		ev.Close = closeRevoked
 	}
-	s.p.met.revoked.WithLabelValues(string(d.Mode)).Inc()
+	s.p.met.revokedIn(d.Mode).Inc()
 	s.p.deps.Sink.Emit(ev)
 	attrs := ev.AppendFlowAttrs(nil)
 	if ev.Enforced {
@@ -853,7 +853,7 @@ const (
 // denied, with resets both ways when it carries data (a connection the
 // firewall holds pending that no decision can release).
 func (s *fastQueue) unknown(pk nfq.Packet, seg nfq.TCPSegment) {
-	s.p.met.fastErrors.WithLabelValues("unknown-flow").Inc()
+	s.p.met.fastErrOf[feUnknownFlow].Inc()
 	if len(seg.Payload) == 0 && seg.Flags&(nfq.FIN|nfq.SYN) == 0 {
 		s.verdict(pk.ID, nfq.Accept, 0, false)
 		return
@@ -888,7 +888,7 @@ func (s *fastQueue) unknown(pk nfq.Packet, seg nfq.TCPSegment) {
 		}
 		inj := s.p.deps.Inject
 		if err := errors.Join(inj.Reset(seg.Dst, seg.Src, seg.Ack, seg.Seq), inj.Reset(seg.Src, seg.Dst, seg.Seq, seg.Ack)); err != nil {
-			s.p.met.fastErrors.WithLabelValues("inject").Inc()
+			s.p.met.fastErrOf[feInject].Inc()
 			s.p.log.Debug("proxy: fast path: inject", audit.LogError, err.Error())
 		}
 	}()
@@ -934,7 +934,7 @@ func (s *fastQueue) syn(seg nfq.TCPSegment, l2 nfq.L2) synAnswer {
 				// Counted before the kick: the decision it may start
 				// writes the connection's event, which a reader may
 				// take as the SYN's outcome.
-				p.met.fastSYNs.WithLabelValues("isn-mismatch").Inc()
+				p.met.fastSYNOf[synISNMismatch].Inc()
 				s.kick(fl)
 				return synDrop
 			}
@@ -948,55 +948,55 @@ func (s *fastQueue) syn(seg nfq.TCPSegment, l2 nfq.L2) synAnswer {
 	full := len(s.flows) >= s.max || s.unmarked(seg.Src.Addr().Unmap()) >= max(1, s.max/fastFlowsShare)
 	s.mu.Unlock()
 	why := s.declines(seg, full, l2)
-	if why != "" {
-		p.met.fastSYNs.WithLabelValues(why).Inc()
+	if why != synNone {
+		p.met.fastSYNOf[why].Inc()
 		return synProxy
 	}
 	return synFast
 }
 
-// declines returns why seg's connection is not fast ("" when it is,
+// declines returns why seg's connection is not fast (synNone when it is,
 // then its flow is in the table, decided when kick or its first-byte
 // wait says).
-func (s *fastQueue) declines(seg nfq.TCPSegment, full bool, l2 nfq.L2) string {
+func (s *fastQueue) declines(seg nfq.TCPSegment, full bool, l2 nfq.L2) synResult {
 	p := s.p
 	switch {
 	case len(seg.Payload) > 0:
-		return "fast-open"
+		return synFastOpen
 	case !slices.Contains(p.cfg.FastPorts, seg.Dst.Port()):
-		return "port"
+		return synPort
 	case full:
-		return "table-full"
+		return synTableFull
 	case s.overHeld(seg.Src.Addr().Unmap()):
-		return "held"
+		return synHeld
 	}
 	start := time.Now()
 	at := p.policyNow()
 	eng := at.eng
 	if eng.Mode() != policy.ModeEnforce {
-		return "audit-mode"
+		return synAuditMode
 	}
 	client, dest := seg.Src.Addr().Unmap(), seg.Dst.Addr().Unmap()
 	if _, ok := lanLoopback(dest); ok {
-		return "guard"
+		return synGuard
 	}
 	in := policy.Input{Client: client, Dest: dest, Port: seg.Dst.Port(), Proto: policy.TCP, Now: start}
 	in.ClientMAC = p.clientMAC(eng, client)
 	v := p.decideAddr(eng, in, audit.NameNone)
 	switch {
 	case v.d.Reason == ReasonSpecialRange:
-		return "guard"
+		return synGuard
 	case !v.d.Allowed() || v.src != audit.NameDNSLearned:
-		return "not-learned"
+		return synNotLearned
 	case v.inspect:
-		return "inspect"
+		return synInspect
 	}
 	ok, dev, _ := p.slots.AcquireDevice(client)
 	if !ok {
-		return "limit" // the proxy refuses it, and counts it
+		return synLimit // the proxy refuses it, and counts it
 	}
 	p.met.active.Inc()
-	p.met.fastSYNs.WithLabelValues("fast").Inc()
+	p.met.fastSYNOf[synResFast].Inc()
 	f := &flowRecord{listener: "transparent", ev: audit.Event{
 		Kind: audit.KindFlow, Source: audit.SourceProxy, Time: start,
 		Client: audit.ClientAddr(client), ClientPort: seg.Src.Port(), Proto: "tcp",
@@ -1029,7 +1029,7 @@ func (s *fastQueue) declines(seg nfq.TCPSegment, full bool, l2 nfq.L2) string {
 	fl.mu.Lock()
 	fl.timer = time.AfterFunc(min(p.cfg.FirstByteWait, p.cfg.HelloTimeout), func() { s.toWorker(fl) })
 	fl.mu.Unlock()
-	return ""
+	return synNone
 }
 
 // kick has fl decided when it can be: a worker that runs already is
@@ -1298,7 +1298,7 @@ func (s *fastQueue) conclude(fl *fastFlow, kind streamKind, v verdict, head peek
 		}
 	}
 	if revoked {
-		p.met.revoked.WithLabelValues(string(v.d.Mode)).Inc()
+		p.met.revokedIn(v.d.Mode).Inc()
 	}
 	p.release(fl.key.client.Addr().Unmap())
 	p.finish(f)
@@ -1344,7 +1344,7 @@ func (s *fastQueue) resets(l2 nfq.L2, client, dest netip.AddrPort, cliSeq, srvNe
 		inj.ResetL2(l2, dest, client, srvNext+uint32(len(answer)), cliNext),
 		inj.Reset(client, dest, cliSeq, srvNext))
 	if err := errors.Join(errs...); err != nil {
-		s.p.met.fastErrors.WithLabelValues("inject").Inc()
+		s.p.met.fastErrOf[feInject].Inc()
 		s.p.log.Debug("proxy: fast path: inject", audit.LogError, err.Error())
 	}
 }

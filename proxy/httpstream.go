@@ -307,7 +307,7 @@ func (p *Proxy) emitRequest(listener string, ev audit.Event, err error) {
 		ev.Close = closeDenied
 	}
 	p.deps.Sink.Emit(ev)
-	p.met.requests.WithLabelValues(string(ev.Verdict), string(ev.Mode)).Inc()
+	p.met.requestDone(ev.Verdict, ev.Mode)
 	level := slog.LevelInfo
 	if ev.Verdict == policy.Deny {
 		level = slog.LevelWarn

@@ -1,6 +1,12 @@
 package proxy
 
-import "github.com/prometheus/client_golang/prometheus"
+import (
+	"sync/atomic"
+
+	"github.com/prometheus/client_golang/prometheus"
+
+	"egressd/policy"
+)
 
 // metrics are the proxy's Prometheus series: namespace egress, subsystem
 // proxy, bounded labels only.
@@ -26,6 +32,159 @@ type metrics struct {
 	// The hellos series of each parser, resolved once: the peek counts
 	// every TLS connection.
 	helloFast, helloTLS prometheus.Counter
+	// The series counted per connection or per queued packet, each
+	// resolved at its first count (lazyCounter).
+	connsOf             [2][2][2]lazyCounter // listener, verdict, mode (connsIndex)
+	requestsOf          [2][2]lazyCounter    // verdict, mode (connsIndex)
+	bytesOut, bytesIn   lazyCounter
+	fastVerdictOf       [fastVerdictKinds]lazyCounter
+	fastSYNOf           [synResults]lazyCounter
+	fastErrOf           [fastErrOps]lazyCounter
+	ctSame, ctRemapped  prometheus.Counter // conntrack: served from the start
+	ctNotFound, ctError prometheus.Counter
+	ctTimeout           prometheus.Counter
+	revokedEnforce      prometheus.Counter // served from the start
+	revokedAudit        prometheus.Counter
+}
+
+// lazyCounter is one series of a CounterVec, looked up at its first count
+// and kept: later counts cost no look-up of its labels (hashing them,
+// the vec's lock), which the fast path paid per queued packet. As with a
+// look-up at each count, the series exists from its first count on (the
+// README's †), not before.
+type lazyCounter struct {
+	vec    *prometheus.CounterVec
+	labels []string
+	c      atomic.Pointer[prometheus.Counter]
+}
+
+func (l *lazyCounter) init(vec *prometheus.CounterVec, labels ...string) {
+	l.vec, l.labels = vec, labels
+}
+
+// counter is the series, looked up at the first call: callers racing
+// there get the same series (the vec's).
+func (l *lazyCounter) counter() prometheus.Counter {
+	if c := l.c.Load(); c != nil {
+		return *c
+	}
+	c := l.vec.WithLabelValues(l.labels...)
+	l.c.Store(&c)
+	return c
+}
+
+func (l *lazyCounter) Inc()          { l.counter().Inc() }
+func (l *lazyCounter) Add(v float64) { l.counter().Add(v) }
+
+// The fast path's verdicts (fast_verdicts_total{verdict}).
+type fastVerdictKind uint8
+
+const (
+	fvAccept fastVerdictKind = iota
+	fvAcceptPending
+	fvRepeatAllowed
+	fvRepeatDenied
+	fvDrop
+	fastVerdictKinds
+)
+
+var fastVerdictLabels = [fastVerdictKinds]string{"accept", "accept-pending", "repeat-allowed", "repeat-denied", "drop"}
+
+// What the fast path says of a SYN (fast_syns_total{result}); synNone:
+// nothing yet (declines: the SYN is fast).
+type synResult uint8
+
+const (
+	synNone synResult = iota
+	synResFast
+	synPort
+	synNotLearned
+	synInspect
+	synGuard
+	synLimit
+	synHeld
+	synFastOpen
+	synTableFull
+	synAuditMode
+	synMalformed
+	synISNMismatch
+	synResults
+)
+
+var synResultLabels = [synResults]string{"", "fast", "port", "not-learned", "inspect", "guard", "limit", "held", "fast-open", "table-full", "audit-mode", "malformed", "isn-mismatch"}
+
+// The fast path's failures (fast_errors_total{op}).
+type fastErrOp uint8
+
+const (
+	feVerdict fastErrOp = iota
+	feParse
+	feUnknownFlow
+	feInject
+	feServe
+	feLateConflict
+	feResetPayload
+	fastErrOps
+)
+
+var fastErrLabels = [fastErrOps]string{"verdict", "parse", "unknown-flow", "inject", "serve", "late-conflict", "reset-payload"}
+
+// connsIndex is where conns' series of (listener, verdict, mode) is in
+// connsOf; ok false: a label value it has no place for (looked up).
+func connsIndex(listener string, v policy.Verdict, m policy.Mode) (l, vi, mi int, ok bool) {
+	switch listener {
+	case "transparent":
+	case "explicit":
+		l = 1
+	default:
+		return 0, 0, 0, false
+	}
+	switch v {
+	case policy.Allow:
+	case policy.Deny:
+		vi = 1
+	default:
+		return 0, 0, 0, false
+	}
+	switch m {
+	case policy.ModeEnforce:
+	case policy.ModeAudit:
+		mi = 1
+	default:
+		return 0, 0, 0, false
+	}
+	return l, vi, mi, true
+}
+
+// connDone counts a connection decided (conns), and its bytes.
+func (m *metrics) connDone(listener string, v policy.Verdict, mode policy.Mode, out, in uint64) {
+	if l, vi, mi, ok := connsIndex(listener, v, mode); ok {
+		m.connsOf[l][vi][mi].Inc()
+	} else {
+		m.conns.WithLabelValues(listener, string(v), string(mode)).Inc()
+	}
+	m.bytesOut.Add(float64(out))
+	m.bytesIn.Add(float64(in))
+}
+
+// requestDone counts a later HTTP request decided (requests).
+func (m *metrics) requestDone(v policy.Verdict, mode policy.Mode) {
+	if _, vi, mi, ok := connsIndex("transparent", v, mode); ok {
+		m.requestsOf[vi][mi].Inc()
+		return
+	}
+	m.requests.WithLabelValues(string(v), string(mode)).Inc()
+}
+
+// revokedIn is reload_revoked_total's series of mode.
+func (m *metrics) revokedIn(mode policy.Mode) prometheus.Counter {
+	switch mode {
+	case policy.ModeEnforce:
+		return m.revokedEnforce
+	case policy.ModeAudit:
+		return m.revokedAudit
+	}
+	return m.revoked.WithLabelValues(string(mode))
 }
 
 func newMetrics(reg prometheus.Registerer) (*metrics, error) {
@@ -102,6 +261,32 @@ func newMetrics(reg prometheus.Registerer) (*metrics, error) {
 	m.helloTLS = m.hellos.WithLabelValues("crypto-tls")
 	m.fastOnQueue = m.fastDecided.WithLabelValues("queue")
 	m.fastOnWorker = m.fastDecided.WithLabelValues("worker")
+	m.revokedEnforce = m.revoked.WithLabelValues(string(policy.ModeEnforce))
+	m.revokedAudit = m.revoked.WithLabelValues(string(policy.ModeAudit))
+	m.ctSame, m.ctRemapped = m.conntrack.WithLabelValues("same"), m.conntrack.WithLabelValues("remapped")
+	m.ctNotFound, m.ctError = m.conntrack.WithLabelValues("not-found"), m.conntrack.WithLabelValues("error")
+	m.ctTimeout = m.conntrack.WithLabelValues("timeout")
+	for l, listener := range []string{"transparent", "explicit"} {
+		for vi, v := range []policy.Verdict{policy.Allow, policy.Deny} {
+			for mi, mode := range []policy.Mode{policy.ModeEnforce, policy.ModeAudit} {
+				m.connsOf[l][vi][mi].init(m.conns, listener, string(v), string(mode))
+				if l == 0 {
+					m.requestsOf[vi][mi].init(m.requests, string(v), string(mode))
+				}
+			}
+		}
+	}
+	m.bytesOut.init(m.bytes, "out")
+	m.bytesIn.init(m.bytes, "in")
+	for i := range m.fastVerdictOf {
+		m.fastVerdictOf[i].init(m.fastVerdicts, fastVerdictLabels[i])
+	}
+	for i := synResFast; i < synResults; i++ {
+		m.fastSYNOf[i].init(m.fastSYNs, synResultLabels[i])
+	}
+	for i := range m.fastErrOf {
+		m.fastErrOf[i].init(m.fastErrors, fastErrLabels[i])
+	}
 	if reg != nil {
 		for _, c := range []prometheus.Collector{m.conns, m.active, m.bytes, m.limitHits, m.peek, m.conntrack, m.requests, m.hellos, m.revoked, m.reopens, m.fastSYNs, m.fastVerdicts, m.fastErrors, m.fastFlows, m.fastDecided} {
 			if err := reg.Register(c); err != nil {

@@ -642,9 +642,7 @@ func (p *Proxy) finish(f *flowRecord) {
 	ev.Duration = time.Since(ev.Time).Seconds()
 	p.deps.Sink.Emit(*ev)
 	p.unlist(f) // after the event: listed open until then (OpenFlows)
-	p.met.conns.WithLabelValues(f.listener, string(ev.Verdict), string(ev.Mode)).Inc()
-	p.met.bytes.WithLabelValues("out").Add(float64(ev.BytesOut))
-	p.met.bytes.WithLabelValues("in").Add(float64(ev.BytesIn))
+	p.met.connDone(f.listener, ev.Verdict, ev.Mode, ev.BytesOut, ev.BytesIn)
 	level := slog.LevelInfo
 	switch {
 	case f.err != nil && ev.Verdict != policy.Deny:

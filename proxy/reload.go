@@ -275,11 +275,11 @@ func (p *Proxy) redecideOne(lc *liveConn) {
 	attrs := ev.AppendFlowAttrs(nil)
 	if enforce {
 		lc.close()
-		p.met.revoked.WithLabelValues(string(policy.ModeEnforce)).Inc()
+		p.met.revokedEnforce.Inc()
 		p.log.LogAttrs(context.Background(), slog.LevelWarn, "policy reload: connection closed, the new policy denies it", attrs...)
 		return
 	}
-	p.met.revoked.WithLabelValues(string(policy.ModeAudit)).Inc()
+	p.met.revokedAudit.Inc()
 	p.log.LogAttrs(context.Background(), slog.LevelInfo, "policy reload: the new policy would deny this open connection (audit mode: kept)", attrs...)
 }
 

@@ -314,33 +314,33 @@ func (p *Proxy) clientPort(c *net.TCPConn, f *flowRecord) {
 		p.ctOwn, p.ct = ct, ct
 	})
 	if p.ct == nil {
-		p.met.conntrack.WithLabelValues("error").Inc()
+		p.met.ctError.Inc()
 		return
 	}
 	orig, err := p.ct.OriginalSource(addrPortOf(c.LocalAddr()), remote)
 	switch {
 	case errors.Is(err, netutil.ErrNoConntrack):
-		p.met.conntrack.WithLabelValues("not-found").Inc()
+		p.met.ctNotFound.Inc()
 		return
 	case errors.Is(err, netutil.ErrConntrackTimeout):
-		p.met.conntrack.WithLabelValues("timeout").Inc()
+		p.met.ctTimeout.Inc()
 		p.log.Debug("proxy: conntrack lookup", audit.LogError, err.Error())
 		return
 	case err != nil || !orig.IsValid():
-		p.met.conntrack.WithLabelValues("error").Inc()
+		p.met.ctError.Inc()
 		p.log.Debug("proxy: conntrack lookup", audit.LogError, fmt.Sprint(err))
 		return
 	}
 	orig = netip.AddrPortFrom(orig.Addr().Unmap(), orig.Port())
 	switch {
 	case orig == remote:
-		p.met.conntrack.WithLabelValues("same").Inc()
+		p.met.ctSame.Inc()
 	case orig.Addr() != remote.Addr():
 		// Not a port remap: keep the socket's address and port together.
-		p.met.conntrack.WithLabelValues("error").Inc()
+		p.met.ctError.Inc()
 		p.log.Debug("proxy: conntrack lookup: another source address", "conntrack", orig.String(), "socket", remote.String())
 	default:
-		p.met.conntrack.WithLabelValues("remapped").Inc()
+		p.met.ctRemapped.Inc()
 		f.ev.ClientPort = orig.Port()
 	}
 }
