@@ -501,22 +501,27 @@ func (s *fastQueue) sweep(ctx context.Context) {
 		case <-ctx.Done():
 			return
 		case now := <-t.C:
-			s.mu.Lock()
-			for k, fl := range s.flows {
-				fl.mu.Lock()
-				old := fl.state != fastPending && now.After(fl.expires)
-				if old {
-					fl.share.release()
-				}
-				fl.mu.Unlock()
-				if old {
-					s.remove(k)
-				}
-			}
-			s.p.met.fastFlows.Set(float64(len(s.flows)))
-			s.mu.Unlock()
+			s.sweepOnce(now)
 		}
 	}
+}
+
+// sweepOnce takes out the decided flows whose keep ended before now.
+func (s *fastQueue) sweepOnce(now time.Time) {
+	s.mu.Lock()
+	for k, fl := range s.flows {
+		fl.mu.Lock()
+		old := fl.state != fastPending && now.After(fl.expires)
+		if old {
+			fl.share.release()
+		}
+		fl.mu.Unlock()
+		if old {
+			s.remove(k)
+		}
+	}
+	s.p.met.fastFlows.Set(float64(len(s.flows)))
+	s.mu.Unlock()
 }
 
 // remove takes k's flow out of the table (s.mu held).
