@@ -385,3 +385,83 @@ func TestServeQueueClientShareMarked(t *testing.T) {
 		checkAllowed(t, r.q.wait(t, ids))
 	}
 }
+
+// TestServeQueueKeepExpiry: the cases of the sweep's expiry lists
+// (fastQueue.keepFor) that the tests above do not reach. A flow kept for
+// its silent client, cut at its first segment by a reload that denies
+// it, leaves the table fastKeep after the cut (it moves from the silent
+// list to the other), not at the silent bound. A new connection on the
+// ports of a decided flow taken out of the table before its keep ended
+// (syn) is kept its own keep: the flow it replaced, due earlier, does
+// not take it out. The old sweep read every flow of the table; these
+// guard the lists that replaced it (each fails with keepFor not moving
+// the flow, and with a flow left in its list at remove and the sweep
+// taking out the key's flow).
+func TestServeQueueKeepExpiry(t *testing.T) {
+	dest := netip.AddrPortFrom(srvV4, 443)
+	pending := gotVerdict{v: nfq.Accept, mark: fastMarks.Pending | operatorBit, setMark: true}
+	repeatDenied := gotVerdict{v: nfq.Repeat, mark: fastMarks.Denied | operatorBit, setMark: true}
+	t.Run("cut", func(t *testing.T) {
+		const keep = 300 * time.Millisecond
+		r := newFastRig(t, func(c *Config) {
+			c.FirstByteWait, c.fastKeep, c.fastKeepSilent = 200*time.Millisecond, keep, time.Minute
+		})
+		client := netip.AddrPortFrom(clientV4, 42701)
+		_, isn := r.connect(t, client, dest)
+		if ev := r.evs.wait(t, "of the flow", func(ev audit.Event) bool { return ev.ClientPort == client.Port() }); ev.Verdict != policy.Allow {
+			t.Fatalf("event %+v: want allowed on the address", ev)
+		}
+		eng, err := policy.Compile("p", []byte("version: 1\nmode: enforce\nrules:\n  - name: vpn\n    to: [198.18.2.4/32]\n    ports: [8443/tcp]\n"))
+		if err != nil {
+			t.Fatal(err)
+		}
+		r.p.deps.Policy.Swap(eng)
+		r.p.Redecide()
+		id := r.send(hookForward, tcpPacket(client, dest, isn+1, 5000, nfq.ACK|nfq.PSH, []byte("EHLO client.test\r\n")))
+		if g := r.q.wait(t, []uint32{id})[0]; g != repeatDenied {
+			t.Fatalf("the first segment after a reload that denies it: verdict %+v, want %+v (cut)", g, repeatDenied)
+		}
+		cut := time.Now()
+		waitFlows(t, r.p, 0)
+		if d := time.Since(cut); d < keep/2 {
+			t.Errorf("the cut flow left the table %v after the cut, want about the keep time (%v)", d, keep)
+		}
+		id = r.send(hookForward, tcpPacket(client, dest, isn+1+18, 5000, nfq.ACK|nfq.PSH, []byte("QUIT\r\n")))
+		if g := r.q.wait(t, []uint32{id})[0]; g != repeatDenied {
+			t.Fatalf("a segment of the cut flow past its keep: verdict %+v, want %+v (unknown)", g, repeatDenied)
+		}
+	})
+	t.Run("reused-ports", func(t *testing.T) {
+		const keep = 2 * time.Second // the sweep looks every 500 ms
+		r := newFastRig(t, func(c *Config) { c.FirstByteWait, c.fastKeep = 5*time.Second, keep })
+		hello := goClientHello(t, "www.allowed.test")
+		client := netip.AddrPortFrom(clientV4, 42702)
+		_, isn := r.connect(t, client, dest)
+		checkAllowed(t, r.q.wait(t, r.stream(client, dest, isn, hello, 1000, false)))
+		first := time.Now()
+		time.Sleep(3 * keep / 4)
+		// A new connection on its ports: the decided flow, marked, is
+		// taken out; the new one decided and kept from now.
+		isn2 := isn + 1<<24
+		if g := r.q.wait(t, []uint32{r.send(hookPrerouting, tcpPacket(client, dest, isn2, 0, nfq.SYN, nil))})[0]; g != pending {
+			t.Fatalf("a new SYN on a decided flow's ports: verdict %+v, want %+v", g, pending)
+		}
+		checkAllowed(t, r.q.wait(t, r.stream(client, dest, isn2, hello, 1000, false)))
+		second := time.Now()
+		// Past the first flow's keep and a sweep after it, before the
+		// second's: a segment the second's mark had not caught yet (its
+		// hello again) is answered as decided, accepted.
+		time.Sleep(time.Until(first.Add(keep + keep/4 + 100*time.Millisecond)))
+		id := r.send(hookForward, tcpPacket(client, dest, isn2+1, 5000, nfq.ACK|nfq.PSH, hello[:1000]))
+		g := r.q.wait(t, []uint32{id})[0]
+		if late := time.Since(second); late >= keep {
+			t.Fatalf("the check came %v after the second flow's decision, past its keep (%v): the box is too slow for this test's timing", late, keep)
+		}
+		if g != (gotVerdict{v: nfq.Accept}) {
+			t.Fatalf("a segment of the new connection within its keep, past the replaced flow's: verdict %+v, want accept", g)
+		}
+		if n := fastFlowsIn(r.p); n != 1 {
+			t.Errorf("the flow table has %v flows, want 1 (the new connection's)", n)
+		}
+	})
+}
