@@ -117,3 +117,24 @@ func BenchmarkFastPathFlow(b *testing.B) {
 		i = (i + 1) % n
 	}
 }
+
+// BenchmarkFastVerdict: one verdict given and counted
+// (fast_verdicts_total), of the kinds a fast connection's packets get in
+// turn.
+func BenchmarkFastVerdict(b *testing.B) {
+	bf := newBenchFast(b, 1)
+	s := bf.s
+	b.ReportAllocs()
+	i := uint32(0)
+	for b.Loop() {
+		i++
+		switch i % 3 {
+		case 0:
+			s.verdict(i, nfq.Accept, s.withMark(operatorBit, fastMarks.Pending), true)
+		case 1:
+			s.verdict(i, nfq.Repeat, s.withMark(operatorBit, fastMarks.Allowed), true)
+		default:
+			s.verdict(i, nfq.Accept, 0, false)
+		}
+	}
+}
