@@ -52,7 +52,7 @@ type benchFast struct {
 	keys      []flowKey
 }
 
-func newBenchFast(b *testing.B, n int) *benchFast {
+func newBenchFast(b testing.TB, n int) *benchFast {
 	b.Helper()
 	eng, err := policy.Compile("p", []byte(fmt.Sprintf(testPolicy, "enforce")))
 	if err != nil {
@@ -85,7 +85,7 @@ func newBenchFast(b *testing.B, n int) *benchFast {
 
 // flow has the fast path take flow i and decide it (allowed on its
 // hello, on the caller's goroutine: quick).
-func (bf *benchFast) flow(b *testing.B, i int) {
+func (bf *benchFast) flow(b testing.TB, i int) {
 	bf.s.packet(nfq.Packet{ID: 1, Mark: operatorBit, Hook: hookPrerouting, InIf: lanIf, HWAddr: clientHW, HWAddrLen: 6, Data: bf.syn[i]})
 	if bf.q.id != 1 || bf.q.mark != fastMarks.Pending|operatorBit {
 		b.Fatalf("flow %d: SYN verdict %+v, want accept-pending", i, *bf.q)

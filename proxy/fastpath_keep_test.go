@@ -417,14 +417,18 @@ func TestServeQueueKeepExpiry(t *testing.T) {
 		}
 		r.p.deps.Policy.Swap(eng)
 		r.p.Redecide()
+		// Read before the segment is sent: the cut keeps the flow from
+		// later on, so it cannot leave the table before sent+keep however
+		// slowly the box runs (read after the verdict, a slow wake-up
+		// could make a correct keep look short).
+		sent := time.Now()
 		id := r.send(hookForward, tcpPacket(client, dest, isn+1, 5000, nfq.ACK|nfq.PSH, []byte("EHLO client.test\r\n")))
 		if g := r.q.wait(t, []uint32{id})[0]; g != repeatDenied {
 			t.Fatalf("the first segment after a reload that denies it: verdict %+v, want %+v (cut)", g, repeatDenied)
 		}
-		cut := time.Now()
 		waitFlows(t, r.p, 0)
-		if d := time.Since(cut); d < keep/2 {
-			t.Errorf("the cut flow left the table %v after the cut, want about the keep time (%v)", d, keep)
+		if d := time.Since(sent); d < keep {
+			t.Errorf("the cut flow left the table %v after its segment was sent, want at least the keep time (%v)", d, keep)
 		}
 		id = r.send(hookForward, tcpPacket(client, dest, isn+1+18, 5000, nfq.ACK|nfq.PSH, []byte("QUIT\r\n")))
 		if g := r.q.wait(t, []uint32{id})[0]; g != repeatDenied {
@@ -432,36 +436,77 @@ func TestServeQueueKeepExpiry(t *testing.T) {
 		}
 	})
 	t.Run("reused-ports", func(t *testing.T) {
-		const keep = 2 * time.Second // the sweep looks every 500 ms
-		r := newFastRig(t, func(c *Config) { c.FirstByteWait, c.fastKeep = 5*time.Second, keep })
-		hello := goClientHello(t, "www.allowed.test")
-		client := netip.AddrPortFrom(clientV4, 42702)
-		_, isn := r.connect(t, client, dest)
-		checkAllowed(t, r.q.wait(t, r.stream(client, dest, isn, hello, 1000, false)))
-		first := time.Now()
-		time.Sleep(3 * keep / 4)
+		// The fast path's queue without its goroutines (newBenchFast),
+		// swept at chosen times: the check does not hang on how fast the
+		// box runs (it used to sleep past the first flow's keep and had
+		// to be within the second's).
+		bf := newBenchFast(t, 1)
+		s, key := bf.s, bf.keys[0]
+		flowOf := func() *fastFlow {
+			s.mu.Lock()
+			defer s.mu.Unlock()
+			return s.flows[key]
+		}
+		expiresOf := func(fl *fastFlow) time.Time {
+			fl.mu.Lock()
+			defer fl.mu.Unlock()
+			return fl.expires
+		}
+		listed := func() (n int) {
+			s.emu.Lock()
+			defer s.emu.Unlock()
+			for _, l := range []*expiryList{&s.kept, &s.keptSilent} {
+				for fl := l.head; fl != nil; fl = fl.enext {
+					n++
+				}
+			}
+			return n
+		}
+		bf.flow(t, 0) // decided on its hello, marked: kept s.keep
+		first := flowOf()
+		firstExp := expiresOf(first)
+		for !time.Now().After(firstExp.Add(-s.keep)) {
+			// The second is decided after the first on the clock.
+		}
 		// A new connection on its ports: the decided flow, marked, is
-		// taken out; the new one decided and kept from now.
-		isn2 := isn + 1<<24
-		if g := r.q.wait(t, []uint32{r.send(hookPrerouting, tcpPacket(client, dest, isn2, 0, nfq.SYN, nil))})[0]; g != pending {
+		// taken out; the new one decided and kept from its decision.
+		client, dest := key.client, key.dest
+		isn2 := uint32(1 << 24) // flow 0's ISN is 0
+		s.packet(nfq.Packet{ID: 3, Mark: operatorBit, Hook: hookPrerouting, InIf: lanIf, HWAddr: clientHW, HWAddrLen: 6, Data: tcpPacket(client, dest, isn2, 0, nfq.SYN, nil)})
+		if g := *bf.q; g.id != 3 || g.v != nfq.Accept || g.mark != pending.mark {
 			t.Fatalf("a new SYN on a decided flow's ports: verdict %+v, want %+v", g, pending)
 		}
-		checkAllowed(t, r.q.wait(t, r.stream(client, dest, isn2, hello, 1000, false)))
-		second := time.Now()
-		// Past the first flow's keep and a sweep after it, before the
-		// second's: a segment the second's mark had not caught yet (its
-		// hello again) is answered as decided, accepted.
-		time.Sleep(time.Until(first.Add(keep + keep/4 + 100*time.Millisecond)))
-		id := r.send(hookForward, tcpPacket(client, dest, isn2+1, 5000, nfq.ACK|nfq.PSH, hello[:1000]))
-		g := r.q.wait(t, []uint32{id})[0]
-		if late := time.Since(second); late >= keep {
-			t.Fatalf("the check came %v after the second flow's decision, past its keep (%v): the box is too slow for this test's timing", late, keep)
+		hello := goClientHello(t, "www.allowed.test")
+		s.packet(nfq.Packet{ID: 4, Mark: operatorBit, Hook: hookForward, InIf: lanIf, Data: tcpPacket(client, dest, isn2+1, 5000, nfq.ACK|nfq.PSH, hello)})
+		if g := *bf.q; g.id != 4 || g.v != nfq.Repeat || g.mark != fastMarks.Allowed|operatorBit {
+			t.Fatalf("the new connection's hello: verdict %+v, want repeat-allowed", g)
 		}
-		if g != (gotVerdict{v: nfq.Accept}) {
+		second := flowOf()
+		if second == nil || second == first {
+			t.Fatalf("the table's flow of the ports is %p, want the new connection's (the first: %p)", second, first)
+		}
+		if n := listed(); n != 1 {
+			t.Errorf("the expiry lists hold %d flows, want 1 (the new connection's; the replaced one unlisted)", n)
+		}
+		// A sweep at the end of the second's keep: past the first's,
+		// not past the second's.
+		s.sweepOnce(expiresOf(second))
+		if fl := flowOf(); fl != second {
+			t.Fatalf("after a sweep past the replaced flow's keep, within the new one's: the table's flow is %p, want %p (the new connection's)", fl, second)
+		}
+		// A segment the second's mark had not caught yet (its hello
+		// again) is answered as decided: accepted, not unknown.
+		s.packet(nfq.Packet{ID: 5, Mark: operatorBit, Hook: hookForward, InIf: lanIf, Data: tcpPacket(client, dest, isn2+1, 5000, nfq.ACK|nfq.PSH, hello[:1000])})
+		if g := *bf.q; g.id != 5 || g.v != nfq.Accept || g.mark != 0 {
 			t.Fatalf("a segment of the new connection within its keep, past the replaced flow's: verdict %+v, want accept", g)
 		}
-		if n := fastFlowsIn(r.p); n != 1 {
-			t.Errorf("the flow table has %v flows, want 1 (the new connection's)", n)
+		// Past the second's keep: out of the table and of the lists.
+		s.sweepOnce(expiresOf(second).Add(time.Nanosecond))
+		if fl := flowOf(); fl != nil {
+			t.Errorf("after a sweep past the new connection's keep the table still has its flow")
+		}
+		if n := listed(); n != 0 {
+			t.Errorf("the expiry lists hold %d flows with the table empty, want 0", n)
 		}
 	})
 }
