@@ -1,8 +1,10 @@
 package proxy
 
 import (
+	"context"
 	"fmt"
 	"net/netip"
+	"sync"
 	"testing"
 	"time"
 
@@ -509,4 +511,134 @@ func TestServeQueueKeepExpiry(t *testing.T) {
 			t.Errorf("the expiry lists hold %d flows with the table empty, want 0", n)
 		}
 	})
+}
+
+// TestFastSweepRaces: the sweep (sweepOnce, on its own goroutine: a
+// look in two past the keep of flows marked, one in 128 past every keep)
+// against the queue's goroutine taking,
+// deciding and replacing flows on the same ports (hello flows decided on
+// it, silent ones by workers, then their first segment, or a cut: keepFor
+// from several goroutines). Under -race: no data race, no lock taken out
+// of order (a deadlock ends the test at its deadline); between rounds,
+// each expiry list in the order of its deadlines and every decided flow of
+// the table in a list (else it would never leave); a last sweep past
+// every keep leaves neither flows nor listed ones behind.
+func TestFastSweepRaces(t *testing.T) {
+	const n, rounds = 64, 6
+	bf := newBenchFast(t, n)
+	s := bf.s
+	s.q = &syncQueue{}                           // verdicts from workers too
+	s.p.cfg.FirstByteWait = 5 * time.Millisecond // silent flows decided soon, by workers
+	hello := goClientHello(t, "www.allowed.test")
+	var sweeping sync.Mutex // held by a look of the sweep, and by check: the lists at rest
+	stop := make(chan struct{})
+	swept := make(chan int)
+	go func() {
+		i := 0
+		defer func() { swept <- i }()
+		for ; ; i++ {
+			select {
+			case <-stop:
+				return
+			default:
+			}
+			now := time.Now()
+			switch {
+			case i%128 == 0:
+				now = now.Add(s.keepSilent + s.keep)
+			case i%2 == 0:
+				now = now.Add(s.keep)
+			}
+			sweeping.Lock()
+			s.sweepOnce(now)
+			sweeping.Unlock()
+			time.Sleep(100 * time.Microsecond)
+		}
+	}()
+	check := func(when string) {
+		t.Helper()
+		sweeping.Lock()
+		defer sweeping.Unlock()
+		s.emu.Lock()
+		for _, l := range []*expiryList{&s.kept, &s.keptSilent} {
+			for fl := l.head; fl != nil && fl.enext != nil; fl = fl.enext {
+				if fl.enext.expires.Before(fl.expires) {
+					s.emu.Unlock()
+					t.Fatalf("%s: an expiry list out of order: %v before %v", when, fl.expires, fl.enext.expires)
+				}
+			}
+		}
+		s.emu.Unlock()
+		s.mu.Lock()
+		defer s.mu.Unlock()
+		for _, fl := range s.flows {
+			fl.mu.Lock() // then emu, as remove takes them
+			s.emu.Lock()
+			decided, listed := fl.state != fastPending, fl.elist != nil
+			s.emu.Unlock()
+			fl.mu.Unlock()
+			if decided && !listed {
+				t.Fatalf("%s: a decided flow of the table (%v to %v) in no expiry list: it would never leave", when, fl.key.client, fl.key.dest)
+			}
+		}
+	}
+	for round := range rounds {
+		for i := range n {
+			client, dest := bf.keys[i].client, bf.keys[i].dest
+			isn := uint32(0x10000*i) + uint32(round)<<24
+			s.packet(nfq.Packet{ID: 1, Mark: operatorBit, Hook: hookPrerouting, InIf: lanIf, HWAddr: clientHW, HWAddrLen: 6, Data: tcpPacket(client, dest, isn, 0, nfq.SYN, nil)})
+			if i%2 == 0 {
+				s.packet(nfq.Packet{ID: 2, Mark: operatorBit, Hook: hookForward, InIf: lanIf, Data: tcpPacket(client, dest, isn+1, 5000, nfq.ACK|nfq.PSH, hello)})
+			}
+		}
+		time.Sleep(20 * time.Millisecond) // the silent ones decided by workers, most of them
+		check(fmt.Sprintf("round %d, before the silent ones' first segments", round))
+		for i := 1; i < n; i += 2 {
+			client, dest := bf.keys[i].client, bf.keys[i].dest
+			isn := uint32(0x10000*i) + uint32(round)<<24
+			s.packet(nfq.Packet{ID: 3, Mark: operatorBit, Hook: hookForward, InIf: lanIf, Data: tcpPacket(client, dest, isn+1, 5000, nfq.ACK|nfq.PSH, []byte("EHLO client.test\r\n"))})
+		}
+		check(fmt.Sprintf("round %d", round))
+	}
+	close(stop)
+	looks := <-swept
+	if looks < rounds {
+		t.Errorf("the sweep looked %d times, want at least %d", looks, rounds)
+	}
+	s.wg.Wait() // every flow concluded
+	check("at the end")
+	s.sweepOnce(time.Now().Add(s.keepSilent + s.keep))
+	s.mu.Lock()
+	left := len(s.flows)
+	s.mu.Unlock()
+	s.emu.Lock()
+	listed := s.kept.head != nil || s.keptSilent.head != nil
+	s.emu.Unlock()
+	if left != 0 || listed {
+		t.Errorf("after a sweep past every keep: %d flows in the table, flows listed %v; want none", left, listed)
+	}
+	m := s.p.met
+	t.Logf("decided on the queue %v, by workers %v; SYNs isn-mismatch %v; segments of no flow %v, cut %v; sweeps %d",
+		counterValue(m.fastOnQueue), counterValue(m.fastOnWorker), counterValue(m.fastSYNs.WithLabelValues("isn-mismatch")),
+		counterValue(m.fastErrors.WithLabelValues("unknown-flow")), counterValue(m.fastErrors.WithLabelValues("late-conflict")), looks)
+}
+
+// syncQueue is a Queue whose verdicts may come from several goroutines
+// (workers'): it counts them.
+type syncQueue struct {
+	mu sync.Mutex
+	n  int
+}
+
+func (q *syncQueue) Serve(ctx context.Context, fn func(nfq.Packet)) error { return nil }
+
+func (q *syncQueue) Verdict(id uint32, v nfq.Verdict) error {
+	q.mu.Lock()
+	q.n++
+	q.mu.Unlock()
+	return nil
+}
+
+func (q *syncQueue) VerdictMark(id uint32, v nfq.Verdict, mark uint32) error {
+	return q.Verdict(id, v)
 }
