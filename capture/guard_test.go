@@ -36,9 +36,14 @@ func newGuardRig(t *testing.T, mode policy.Mode) *guardRig {
 
 // newGuardRigLog is newGuardRig with Config.ProxyLines and a logger.
 func newGuardRigLog(t *testing.T, mode policy.Mode, proxyLines bool, log *slog.Logger) *guardRig {
+	return newGuardRigPolicy(t, testPolicy, mode, proxyLines, log)
+}
+
+// newGuardRigPolicy is newGuardRigLog with the policy src.
+func newGuardRigPolicy(t *testing.T, src string, mode policy.Mode, proxyLines bool, log *slog.Logger) *guardRig {
 	r := &guardRig{t: t, rec: &recorder{}, now: time.Date(2026, 1, 2, 3, 4, 5, 0, time.UTC), asked: map[netip.Addr]int{}}
 	own := []netip.Addr{netip.MustParseAddr("198.18.5.1"), netip.MustParseAddr("2001:db8:5::1")}
-	c, err := New(Config{OwnAddrs: own, ProxyLines: func() bool { return proxyLines }}, Deps{Policy: policy.NewStore(testEngine(t, testPolicy).WithMode(mode)), Sink: r.rec, Logger: log})
+	c, err := New(Config{OwnAddrs: own, ProxyLines: func() bool { return proxyLines }}, Deps{Policy: policy.NewStore(testEngine(t, src).WithMode(mode)), Sink: r.rec, Logger: log})
 	if err != nil {
 		t.Fatal(err)
 	}

@@ -39,8 +39,9 @@ import (
 // discovery or MLD. ICMP errors (destination unreachable, time exceeded,
 // packet too big, parameter problem, redirect) are about another flow,
 // and replies count in their request's flow if capture has it, never
-// start one. Those and link-local, multicast and broadcast packets are
-// counted as NotIP.
+// start one. Those, packets from a link-local, multicast, broadcast or
+// unspecified address (onLink) and packets to one Linux does not forward
+// (routed) are counted as NotIP.
 
 // ReasonProtocol: a packet of an IP protocol other than TCP and UDP, and
 // not an ICMP or ICMPv6 echo request (see above). No rule allows one; the
@@ -139,11 +140,32 @@ func icmp6Kind(typ uint8) int {
 }
 
 // onLink reports whether a is an address no router forwards to or from:
-// multicast, broadcast, link-local, loopback, unspecified.
+// multicast, broadcast, link-local, loopback, unspecified. As a
+// destination Linux is less strict (routed).
 func onLink(a netip.Addr) bool {
 	a = a.Unmap()
 	return a.IsMulticast() || a.IsLinkLocalUnicast() || a.IsLoopback() || a.IsUnspecified() ||
 		a == netip.AddrFrom4([4]byte{255, 255, 255, 255})
+}
+
+// routed reports whether Linux forwards, by its routes, a packet a LAN
+// host sends the gateway to dst (an IPv4 header's when dst.Is4, else an
+// IPv6 header's): not to IPv4's 0.0.0.0 (a martian), 255.255.255.255,
+// loopback or a multicast group, nor to IPv6's loopback, link-local or
+// multicast addresses. It forwards IPv4's link-local 169.254/16 (the
+// metadata address 169.254.169.254), IPv6's unspecified ::, and an
+// IPv4-mapped ::ffff:a.b.c.d, an IPv6 address to the kernel whatever it
+// carries (guard.go), as any unicast address: kernel 6.18, an echo
+// request to each crossed the gateway's forward chain, where enforce
+// mode's firewall judges it (its guarded sets hold them all).
+func routed(dst netip.Addr) bool {
+	switch {
+	case dst.Is4():
+		return !dst.IsUnspecified() && !dst.IsLoopback() && !dst.IsMulticast() && dst != netip.AddrFrom4([4]byte{255, 255, 255, 255})
+	case dst.Is4In6():
+		return true
+	}
+	return !dst.IsLoopback() && !dst.IsLinkLocalUnicast() && !dst.IsMulticast()
 }
 
 // otherPacket handles a packet of IP protocol proto (other) from src to
@@ -163,7 +185,7 @@ func (p *proc) otherPacket(src, dst netip.Addr, proto uint8, payload []byte, lat
 			kind, echo = icmp6Kind(payload[0]), payload[0] == 128
 		}
 	}
-	if kind == icmpNone || onLink(src) || onLink(dst) {
+	if kind == icmpNone || onLink(src) || !routed(dst) {
 		p.stats.notIP.Add(1)
 		return
 	}

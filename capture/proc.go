@@ -797,8 +797,8 @@ func (p *proc) unforwarded(has4 bool, dst netip.Addr, dmac []byte, dport uint16,
 	if has4 && !ip4SumOK(p.ip4.Contents) {
 		return true, p.routedFrame(dst, dmac, dport, tcp, udp)
 	}
-	if !dst.IsGlobalUnicast() {
-		return false, false // link-local, multicast, broadcast: not forwarded anyway
+	if !routed(dst) {
+		return false, false // loopback, multicast, broadcast: not forwarded anyway
 	}
 	if _, own := p.own.Load().set[dst.Unmap()]; own || p.redirectedNow(dport, tcp, udp) {
 		return false, false
@@ -825,7 +825,7 @@ func (p *proc) srcHasMAC() bool {
 // address or to a broadcast or multicast one), toward a unicast address
 // not its own, not redirected to the proxy or the forwarder.
 func (p *proc) routedFrame(dst netip.Addr, dmac []byte, dport uint16, tcp, udp bool) bool {
-	if len(dmac) != 6 || !p.gatewayMAC(dmac) || !dst.IsGlobalUnicast() {
+	if len(dmac) != 6 || !p.gatewayMAC(dmac) || !routed(dst) {
 		return false
 	}
 	_, own := p.own.Load().set[dst.Unmap()]
@@ -3348,9 +3348,9 @@ func (p *proc) learnedRule(eng *policy.Engine, in policy.Input, g DNSGrant) int 
 //
 // Traffic nftables forwards (fwd: UDP, and TCP to ports not redirected)
 // meets the same guard in the firewall (its guarded sets, opened only by a
-// CIDR rule inside the range: policy.OpensGuarded), but loopback and the
-// unspecified address are not forwarded at all, so they are refused only
-// where a rule allows them; the firewall's sets hold none of the gateway's
+// CIDR rule inside the range: policy.OpensGuarded), where loopback and
+// 0.0.0.0 never come (:: does, as any guarded address: routed), so a
+// forwarded flow to one is refused only where a rule allows it; the firewall's sets hold none of the gateway's
 // own addresses, so a forwarded flow to one's NAT64 form is the rule's.
 func (p *proc) special(eng *policy.Engine, in policy.Input, d policy.Decision, fwd bool) policy.Decision {
 	var own []netip.Addr
