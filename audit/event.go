@@ -145,6 +145,15 @@ type Event struct {
 	BytesIn  uint64  `json:"bytes_in,omitempty"`  // destination to client
 	Duration float64 `json:"duration_seconds,omitempty"`
 	Close    string  `json:"close,omitempty"` // how a connection ended
+	// Revised marks a later report of a flow its component reported
+	// already, at the same start, with a new decision: the proxy's fast
+	// path's second event of a connection (proxy fastQueue.redecided).
+	// The ledger moves the flow it finds (redecided, recredited); where it
+	// no longer holds the flow (past LedgerOptions.MaxFlows, the first
+	// report in the summary of rotated-out files) the first report's
+	// count stands and this one counts as a duplicate, as a held flow's
+	// later report merges into its summary: the connection counts once.
+	Revised bool `json:"revised,omitempty"`
 
 	// DNS queries. QueryID is the query's DNS message ID: with the
 	// client's address and port, name and type it tells one query from

@@ -179,6 +179,9 @@ func decodeFast(b []byte, ev *Event) bool {
 		case "learned_name":
 			ev.LearnedName, i, ok = stringValue(b, i)
 			bit = 38
+		case "revised":
+			ev.Revised, i, ok = boolValue(b, i)
+			bit = 39
 		default: // another spelling (encoding/json folds case), or unknown
 			return false
 		}

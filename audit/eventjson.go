@@ -83,6 +83,9 @@ func (ev *Event) appendJSON(b []byte) ([]byte, error) {
 		return b, err
 	}
 	b = appendStringField(b, `,"close":`, ev.Close)
+	if ev.Revised {
+		b = append(b, `,"revised":true`...)
+	}
 	b = appendStringField(b, `,"qtype":`, ev.QType)
 	if ev.QueryID != 0 {
 		b = append(b, `,"query_id":`...)

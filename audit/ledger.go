@@ -84,7 +84,9 @@ const (
 //     (redecided), and an allow of a flow counted as an audit-mode
 //     would-be deny, from the component that decided it, of the same
 //     start, after a reload (to enforce, or in audit mode) allowed the
-//     flow (recredited).
+//     flow (recredited). A report marked revised (Event.Revised) whose
+//     flow the ledger no longer holds is a duplicate: the first report's
+//     count stands.
 //   - A DNS query event is not a flow. An allowed query counts in its
 //     rule's "queries" (and its name as a destination, its client as a
 //     client, its time in first/last seen), so a rule whose names were only
@@ -585,6 +587,16 @@ func (l *Ledger) addRecLocked(ev *Event) (bool, *flowRec) {
 				l.mergeLocked(rec, ev, t)
 			}
 			return false, rec
+		}
+		if ev.Revised && ev.Kind == KindFlow {
+			// A later report of a flow the ledger no longer holds
+			// (Event.Revised): where the first report counted it is
+			// not known here (a deny does not say the rule it takes
+			// the flow from), so that count stands, as a held flow's
+			// summary does, and this one is a duplicate. Counted
+			// anew, the connection would count twice.
+			l.totals.Duplicates++
+			return false, nil
 		}
 	}
 	var rec *flowRec
