@@ -907,11 +907,17 @@ func (s *fastQueue) cut(fl *fastFlow, pk nfq.Packet, seg nfq.TCPSegment, revoked
 // the connection going on), a line and reload_revoked_total{mode}, as a
 // reload records the proxy's own connections (Proxy.redecideOne). The
 // ledger moves the flow from its rule to the dropped list (audit:
-// redecided), as it does a flow a component decided again.
+// redecided), as it does a flow a component decided again. The second
+// event is marked revised (audit.Event.Revised): where the ledger no
+// longer holds the first (it may come 10 minutes later), the first's
+// count stands and the connection counts once.
 func (s *fastQueue) redecided(rec *audit.Event, d policy.Decision) {
 	ev := *rec
 	ev.Stamp(d)
 	ev.Duration = time.Since(ev.Time).Seconds()
+	// Up to fastKeepSilent after the first: the ledger may hold the
+	// first no more, and must not count this one as a flow of its own.
+	ev.Revised = true
 	if d.Allowed() {
 		// A would-be deny the policy running now allows: credited to
 		// its rule (the ledger: recredited), no revocation.

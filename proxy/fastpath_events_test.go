@@ -126,8 +126,8 @@ func TestServeQueueSilentReloadEvents(t *testing.T) {
 				return ev.ClientPort == client.Port() && ev.Verdict == policy.Deny
 			})
 			if second.Close != c.close || second.Enforced != c.enforced || second.Mode != c.mode || second.Reason != policy.ReasonNoRule ||
-				!second.Time.Equal(first.Time) || second.Dest != first.Dest || second.Source != audit.SourceProxy {
-				t.Errorf("event %+v: want the flow of %v denied %s, enforced %v, close %s", second, first.Time, policy.ReasonNoRule, c.enforced, c.close)
+				!second.Time.Equal(first.Time) || second.Dest != first.Dest || second.Source != audit.SourceProxy || !second.Revised || first.Revised {
+				t.Errorf("event %+v: want the flow of %v denied %s, enforced %v, close %s, revised (the first not)", second, first.Time, policy.ReasonNoRule, c.enforced, c.close)
 			}
 			evs := r.evs.of(client.Port())
 			if len(evs) != 2 {
@@ -293,8 +293,8 @@ func TestServeQueueSilentRecredited(t *testing.T) {
 	second := r.evs.wait(t, "of the connection's new decision", func(ev audit.Event) bool {
 		return ev.ClientPort == client.Port() && ev.Verdict == policy.Allow
 	})
-	if second.Rule != "allowed" || second.Enforced || second.Mode != policy.ModeAudit || !second.Time.Equal(first.Time) || second.Source != audit.SourceProxy {
-		t.Errorf("event %+v: want the flow of %v allowed under rule allowed, audit mode", second, first.Time)
+	if second.Rule != "allowed" || second.Enforced || second.Mode != policy.ModeAudit || !second.Time.Equal(first.Time) || second.Source != audit.SourceProxy || !second.Revised || first.Revised {
+		t.Errorf("event %+v: want the flow of %v allowed under rule allowed, audit mode, revised (the first not)", second, first.Time)
 	}
 	evs := r.evs.of(client.Port())
 	if len(evs) != 2 {
