@@ -146,9 +146,11 @@ type Event struct {
 	Duration float64 `json:"duration_seconds,omitempty"`
 	Close    string  `json:"close,omitempty"` // how a connection ended
 	// Revised marks a later report of a flow its component reported
-	// already, at the same start, with a new decision: the proxy's fast
-	// path's second event of a connection (proxy fastQueue.redecided).
-	// The ledger moves the flow it finds (redecided, recredited); where it
+	// already, at the same start: the proxy's fast path's second event of
+	// a connection, with a new decision (proxy fastQueue.redecided), and
+	// capture's update of a flow it reported while open or at a reload,
+	// minutes or days after (capture's emit, emitNow). The ledger moves
+	// the flow it finds (redecided, recredited) or merges it; where it
 	// no longer holds the flow (past LedgerOptions.MaxFlows, the first
 	// report in the summary of rotated-out files) the first report's
 	// count stands and this one counts as a duplicate, as a held flow's

@@ -1,6 +1,7 @@
 package capture
 
 import (
+	"fmt"
 	"net/netip"
 	"os"
 	"testing"
@@ -152,7 +153,22 @@ func TestOpenFlowsReportedAfterAMinute(t *testing.T) {
 		p.sweep()
 	}
 	check("reported open after a minute", 1, 0)
+	// A busy LAN's DNS since (70,000 queries: past the ledger's 65,536
+	// flows and queries), which takes the flow's record out of the
+	// ledger: its end update, revised, counts as a duplicate, not as a
+	// flow of its own (before session 36: 2 flows).
+	dns := netip.MustParseAddr("192.0.2.1")
+	for i := range 70000 {
+		q := audit.Event{Kind: audit.KindDNS, Source: audit.SourceDNS, Time: start.Add(2*time.Minute + time.Duration(i)*time.Millisecond),
+			Client: netip.MustParseAddr("192.0.2.75"), ClientPort: uint16(1024 + i%60000), Dest: dns, DestPort: 53, Proto: "udp",
+			Name: fmt.Sprintf("q%d.allowed.test", i), QType: "A", QueryID: uint16(i)}
+		q.Stamp(policy.Decision{Verdict: policy.Allow, Rule: "dns", Reason: "allowed", Mode: policy.ModeAudit})
+		ledger.Emit(q)
+	}
 	p.now = start.Add(5 * time.Minute)
 	p.sweep()
 	check("ended", 2, 0)
+	if evs := rec.all(); len(evs) != 2 || evs[0].Revised || !evs[1].Revised {
+		t.Errorf("events %+v: want the end update revised, the first report not", evs)
+	}
 }

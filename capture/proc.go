@@ -3450,6 +3450,10 @@ func (p *proc) emit(f *flow, how string) {
 	}
 	ev := p.event(f, how)
 	if f.reported {
+		// Minutes or days after the first (a flow reported while
+		// open): the ledger may hold the first no more, and must not
+		// count this one as a flow of its own.
+		ev.Revised = true
 		p.stats.updates.Add(1)
 		p.c.deps.Sink.Emit(ev)
 		return

@@ -590,6 +590,7 @@ func (p *proc) emitNow(f *flow, msg string, level slog.Level) {
 		ev.Close = closeRevoked
 	}
 	if f.reported {
+		ev.Revised = true // as emit's update
 		p.stats.updates.Add(1)
 	} else {
 		f.reported = true
