@@ -61,11 +61,11 @@ func TestFastLateSecondEventCountedOnce(t *testing.T) {
 	allowAudit := allow
 	allowAudit.Mode = policy.ModeAudit
 	for _, tc := range []struct {
-		name       string
-		d1, d2     policy.Decision
-		busy       int
-		wantRule   uint64 // the connection under vendor-docs
-		wantDroped uint64 // among the drops
+		name        string
+		d1, d2      policy.Decision
+		busy        int
+		wantRule    uint64 // the connection under vendor-docs
+		wantDropped uint64 // among the drops
 	}{
 		{"cut", allow, cut, 0, 0, 1},
 		{"cut-late", allow, cut, 70000, 1, 0},
@@ -86,9 +86,9 @@ func TestFastLateSecondEventCountedOnce(t *testing.T) {
 						dropped += d.Flows
 					}
 				}
-				if inRule != tc.wantRule || dropped != tc.wantDroped || r.Totals.Flows != 1 || r.Totals.Allowed+r.Totals.Dropped != 1 {
+				if inRule != tc.wantRule || dropped != tc.wantDropped || r.Totals.Flows != 1 || r.Totals.Allowed+r.Totals.Dropped != 1 {
 					t.Errorf("%s: the connection %d times under vendor-docs, %d among the drops, totals %+v; want %d and %d, one flow",
-						how, inRule, dropped, r.Totals, tc.wantRule, tc.wantDroped)
+						how, inRule, dropped, r.Totals, tc.wantRule, tc.wantDropped)
 				}
 			}
 			l := NewLedger(eng, LedgerOptions{})
