@@ -235,7 +235,7 @@ func (p *proc) denyOther(f *flow, echo bool) {
 	if echo {
 		in := p.flowInput(f, "")
 		d, name, src, learned := p.decideForwarded(eng, in, "", "", f.first, f.last)
-		f.dec, f.learned = p.special(eng, in, d, true), learned
+		f.dec, f.learned = p.special(eng, f, in, d, true), learned
 		if name != "" {
 			f.evName, f.evSrc = name, src
 			return

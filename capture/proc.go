@@ -2215,7 +2215,7 @@ func (p *proc) nameAllowed(f *flow, name string) bool {
 	eng := p.c.deps.Policy.Load()
 	in := p.flowInput(f, "")
 	in.Name = n
-	d := p.special(eng, in, eng.Decide(in), true)
+	d := p.special(eng, f, in, eng.Decide(in), true)
 	return d.Allowed() && p.vouched(eng, in, d)
 }
 
@@ -3002,7 +3002,7 @@ func (p *proc) decideIn(eng *policy.Engine, f *flow, in policy.Input, name strin
 		// nftables reads no name: by address alone, and matches the
 		// frame's source MAC (in's).
 		d, name, src, learned := p.decideForwarded(eng, in, name, src, f.first, f.last)
-		return p.special(eng, in, d, fwd), name, src, learned
+		return p.special(eng, f, in, d, fwd), name, src, learned
 	}
 	// The proxy or the forwarder decides it: with the client's MAC as
 	// they see it.
@@ -3013,7 +3013,7 @@ func (p *proc) decideIn(eng *policy.Engine, f *flow, in policy.Input, name strin
 		}
 		in.Name = name
 		// The guard before the address check, as the proxy's decideName.
-		d = p.special(eng, in, eng.Decide(in), fwd)
+		d = p.special(eng, f, in, eng.Decide(in), fwd)
 		if d.Allowed() && vouch && !p.vouched(eng, in, d) {
 			d = policy.Decision{Verdict: policy.Deny, RuleIndex: -1, Reason: ReasonSNIMismatch, Mode: eng.Mode()}
 		}
@@ -3056,7 +3056,7 @@ func (p *proc) decideIn(eng *policy.Engine, f *flow, in policy.Input, name strin
 				}
 			}
 		}
-		d = p.special(eng, in, d, fwd)
+		d = p.special(eng, f, in, d, fwd)
 	}
 	// A path an origin may read as another one ("/api/../admin") is
 	// refused where only a host/path rule allows the request, as the
@@ -3352,13 +3352,21 @@ func (p *proc) learnedRule(eng *policy.Engine, in policy.Input, g DNSGrant) int 
 // 0.0.0.0 never come (:: does, as any guarded address: routed), so a
 // forwarded flow to one is refused only where a rule allows it; the firewall's sets hold none of the gateway's
 // own addresses, so a forwarded flow to one's NAT64 form is the rule's.
-func (p *proc) special(eng *policy.Engine, in policy.Input, d policy.Decision, fwd bool) policy.Decision {
+// A forwarded flow of f to an IPv4-mapped address in an IPv6 header
+// (f.srv ::ffff:a.b.c.d, which in carries unmapped) no rule opens: the
+// policy reads a rule's "::ffff:a.b.c.d/128" as a.b.c.d/32, which the
+// forward chain matches in IPv4 headers only, and its IPv6 accepts leave
+// out the guarded ::ffff:0:0/96 (routed): enforce drops it.
+func (p *proc) special(eng *policy.Engine, f *flow, in policy.Input, d policy.Decision, fwd bool) policy.Decision {
 	var own []netip.Addr
 	if !fwd {
 		own = p.own.Load().list
 	}
 	if a := in.Dest.Unmap(); !d.Allowed() && (fwd || !a.IsLoopback() && !a.IsUnspecified()) {
 		return d
+	}
+	if fwd && f.srv.Is4In6() {
+		return policy.Decision{Verdict: policy.Deny, RuleIndex: -1, Reason: ReasonSpecialRange, Mode: eng.Mode()}
 	}
 	if _, refused := eng.LANRefuses(in, own, nil); !refused {
 		return d

@@ -288,7 +288,7 @@ func (p *proc) redecide(prev, next *policy.Engine) {
 			d, name, src, learned := p.keptByMark(eng, prev, next, in, f)
 			if !d.Allowed() {
 				d, name, src, learned = p.decideForwarded(eng, in, f.name, f.nameSrc, p.now, p.now)
-				d = p.special(eng, in, d, true)
+				d = p.special(eng, f, in, d, true)
 			}
 			if name == "" {
 				// The name denyOther found, or the answer's the flow
@@ -347,7 +347,7 @@ func (p *proc) redecide(prev, next *policy.Engine) {
 				d = protocolDenied(eng)
 			case fwd:
 				d, name, src, f.learned = p.decideForwarded(eng, in, f.name, f.nameSrc, p.now, p.now)
-				d = p.special(eng, in, d, true)
+				d = p.special(eng, f, in, d, true)
 				if oth && name == "" {
 					name, src = f.evName, f.evSrc
 				}
@@ -427,7 +427,7 @@ func (p *proc) keptByMark(eng, prev, next *policy.Engine, in policy.Input, f *fl
 		}
 	}
 	if r, ok := markRule(eng, nin, f.learned.rule, buf[:0]); ok && keepsNames(prev, eng.Rules()[r]) {
-		d := p.special(eng, in, policy.Decision{Verdict: policy.Allow, Rule: eng.Rules()[r].Name, RuleIndex: r, Reason: policy.ReasonAllowed, Mode: eng.Mode()}, true)
+		d := p.special(eng, f, in, policy.Decision{Verdict: policy.Allow, Rule: eng.Rules()[r].Name, RuleIndex: r, Reason: policy.ReasonAllowed, Mode: eng.Mode()}, true)
 		if d.Allowed() {
 			return d, f.evName, f.evSrc, f.learned
 		}
@@ -520,7 +520,7 @@ func (p *proc) rejudge(eng *policy.Engine, f *flow) {
 		nin := in
 		nin.Name = f.evName
 		// The path as when it opened: the name does not lift path-form.
-		if dd := eng.PathForm(nin, path, p.special(eng, nin, eng.Decide(nin), false)); dd.Allowed() {
+		if dd := eng.PathForm(nin, path, p.special(eng, f, nin, eng.Decide(nin), false)); dd.Allowed() {
 			d, name, src = dd, f.evName, f.evSrc
 		}
 	}
@@ -537,7 +537,7 @@ func (p *proc) rejudge(eng *policy.Engine, f *flow) {
 		if !fwd {
 			gin.ClientMAC = p.lanMAC(eng, f) // as decideIn matches it
 		}
-		if g := p.special(eng, gin, policy.Decision{Verdict: policy.Allow, Mode: eng.Mode()}, fwd); !g.Allowed() {
+		if g := p.special(eng, f, gin, policy.Decision{Verdict: policy.Allow, Mode: eng.Mode()}, fwd); !g.Allowed() {
 			d = g
 		} else {
 			hd, hname, hsrc, _ := p.decideIn(eng.HostLevel(), f, in, f.name, f.nameSrc, !was)
