@@ -111,6 +111,7 @@ func TestDecodeFastEdges(t *testing.T) {
 		`{"duration_seconds":-0.0e-0}`, `{"duration_seconds":.5}`, `{"duration_seconds":1.}`, `{"duration_seconds":1e}`,
 		`{"duration_seconds":01}`, `{"duration_seconds":"1"}`, `{"latency_seconds":4.9e-324}`, `{"latency_seconds":2e-400}`,
 		`{"enforced":true}`, `{"enforced":false}`, `{"enforced":tru}`, `{"enforced":1}`, `{"enforced":null}`,
+		`{"revised":true}`, `{"revised":false}`, `{"revised":1}`, `{"revised":"true"}`, `{"revised":true,"revised":false}`, `{"Revised":true}`,
 		`{"time":"2026-12-04T13:05:06Z"}`, `{"time":"2026-12-04T13:05:06.123456789+05:30"}`, `{"time":"2026-12-04 13:05:06Z"}`,
 		`{"time":"2026-12-04T13:05:06+24:00"}`, `{"time":"2026-12-04T13:05:06z"}`, `{"time":""}`, `{"time":null}`, `{"time":1}`,
 		`{"time":"2026-12-04T13:05:06Z","time":"2026-12-04T13:05:07Z"}`, `{"until":"0001-01-01T00:00:00Z"}`,
@@ -141,6 +142,9 @@ func FuzzDecodeEvent(f *testing.F) {
 	f.Add([]byte("{\"kind\":\"flow\",\"other_names\":[\"\xff\xfe\",\"a\x01\"]}"))
 	f.Add([]byte(`{"kind":"flow","proto":"udp","name":"a.test","other_names":["c.test"],"learned_name":"b.test"}`))
 	f.Add([]byte(`{"kind":"flow","learned_name":"b.test","learned_name":""}`))
+	// A later report of a connection (session 36).
+	f.Add([]byte(`{"kind":"flow","source":"proxy","verdict":"deny","close":"policy-revoked","revised":true}`))
+	f.Add([]byte(`{"kind":"flow","revised":true,"revised":false,"revised":null}`))
 	f.Fuzz(func(t *testing.T, b []byte) {
 		checkDecode(t, b)
 	})

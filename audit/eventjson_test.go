@@ -126,7 +126,7 @@ func TestAppendJSONValues(t *testing.T) {
 		ev := base
 		ev.ClientPort, ev.DestPort = uint16(r.IntN(3)*r.IntN(65536)), uint16(r.IntN(2)*r.IntN(65536))
 		ev.BytesIn, ev.BytesOut, ev.Count = r.Uint64()>>r.IntN(64), uint64(r.IntN(2))*r.Uint64(), uint64(r.IntN(2)*r.IntN(5))
-		ev.Enforced, ev.CacheHit = r.IntN(2) == 0, r.IntN(2) == 0
+		ev.Enforced, ev.CacheHit, ev.Revised = r.IntN(2) == 0, r.IntN(2) == 0, r.IntN(2) == 0
 		ev.Duration = r.Float64() * math.Pow(10, float64(r.IntN(40)-20))
 		ev.Latency = float64(r.IntN(2)) * r.ExpFloat64() / 1e6
 		ev.Rule, ev.QType, ev.RCode = strs[r.IntN(len(strs))], strs[r.IntN(len(strs))], strs[r.IntN(len(strs))]
@@ -143,7 +143,8 @@ func FuzzEventJSON(f *testing.F) {
 	f.Add("", "", "", int64(0), 1e-9, uint64(0), uint16(0), []byte{})
 	f.Fuzz(func(t *testing.T, name, rule, path string, nanos int64, dur float64, n uint64, port uint16, ip []byte) {
 		ev := Event{Kind: KindFlow, Source: SourceDNS, Time: time.Unix(0, nanos).UTC(), Name: name, Rule: rule, Path: path,
-			Reason: name + path, Duration: dur, Latency: -dur, BytesIn: n, Count: n / 3, DestPort: port, ClientPort: port / 2}
+			Reason: name + path, Duration: dur, Latency: -dur, BytesIn: n, Count: n / 3, DestPort: port, ClientPort: port / 2,
+			Revised: n%2 == 1}
 		if n%3 != 0 { // an alarm's top clients: client text
 			ev.TopClients = []string{name, rule, path}[:n%3+1]
 		}
