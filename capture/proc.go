@@ -3356,7 +3356,8 @@ func (p *proc) learnedRule(eng *policy.Engine, in policy.Input, g DNSGrant) int 
 // (f.srv ::ffff:a.b.c.d, which in carries unmapped) no rule opens: the
 // policy reads a rule's "::ffff:a.b.c.d/128" as a.b.c.d/32, which the
 // forward chain matches in IPv4 headers only, and its IPv6 accepts leave
-// out the guarded ::ffff:0:0/96 (routed): enforce drops it.
+// out the guarded ::ffff:0:0/96 (routed): enforce drops it. DNS (port
+// 53) to one is redirected to the forwarder, as to any address.
 func (p *proc) special(eng *policy.Engine, f *flow, in policy.Input, d policy.Decision, fwd bool) policy.Decision {
 	var own []netip.Addr
 	if !fwd {
@@ -3365,7 +3366,7 @@ func (p *proc) special(eng *policy.Engine, f *flow, in policy.Input, d policy.De
 	if a := in.Dest.Unmap(); !d.Allowed() && (fwd || !a.IsLoopback() && !a.IsUnspecified()) {
 		return d
 	}
-	if fwd && f.srv.Is4In6() {
+	if fwd && in.Port != 53 && f.srv.Is4In6() { // DNS is the forwarder's (LANRefuses)
 		return policy.Decision{Verdict: policy.Deny, RuleIndex: -1, Reason: ReasonSpecialRange, Mode: eng.Mode()}
 	}
 	if _, refused := eng.LANRefuses(in, own, nil); !refused {

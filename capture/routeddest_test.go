@@ -29,7 +29,7 @@ import (
 // before the forward chain), or sent to another host's MAC address.
 // Before, none of the echoes and the GRE packet was recorded (NotIP).
 func TestOtherToRoutedOddDest(t *testing.T) {
-	const base = "version: 1\nmode: audit\nrules:\n  - {name: ping, to: %s, ports: [icmp, 80/udp]}\n"
+	const base = "version: 1\nmode: audit\nrules:\n  - {name: ping, to: %s, ports: [icmp, 80/udp, 53/udp]}\n"
 	for _, pc := range []struct {
 		name, to string
 		opens    bool
@@ -53,6 +53,9 @@ func TestOtherToRoutedOddDest(t *testing.T) {
 				// UDP to a mapped address a rule names: forwarded, and
 				// dropped by enforce's forward chain as the echo is.
 				r.udp("2001:db8:5::13", 40000, "::ffff:169.254.169.254", 80)
+				// DNS to one is redirected to the forwarder, as to any
+				// address: not the forward chain's.
+				r.udp("2001:db8:5::14", 40001, "::ffff:169.254.169.254", 53)
 				// Not forwarded by the kernel: none recorded.
 				r.icmp("198.18.5.12", "0.0.0.0", 8)
 				for _, dst := range []string{"::", "169.254.169.254"} {
@@ -119,8 +122,11 @@ func TestOtherToRoutedOddDest(t *testing.T) {
 				if es := evs["2001:db8:5::13"]; len(es) != 1 || es[0].Proto != "udp" || es[0].Verdict != policy.Deny || es[0].Reason != ReasonSpecialRange {
 					t.Errorf("UDP to ::ffff:169.254.169.254: %+v, want one special-range flow", es)
 				}
-				if len(evs) != 4 {
-					t.Errorf("flows of %d clients, want 4: %v", len(evs), evs)
+				if es := evs["2001:db8:5::14"]; len(es) != 1 || es[0].Verdict != policy.Allow {
+					t.Errorf("DNS to ::ffff:169.254.169.254: %+v, want one flow, the forwarder's", es)
+				}
+				if len(evs) != 5 {
+					t.Errorf("flows of %d clients, want 5: %v", len(evs), evs)
 				}
 			})
 		}
