@@ -297,6 +297,9 @@ type Capture struct {
 	ownSet  bool       // SetOwnAddrs was called: Open does not read the addresses
 	running bool
 	closed  bool
+	// isShut mirrors closed for Run, which looks at it between two
+	// packets without taking mu.
+	isShut atomic.Bool
 	// ifaces are what capture knows of each of Config.Interfaces: the
 	// index its socket is bound to (or about to be: swaps) and why it
 	// has none. Open and Follow set them.
@@ -557,6 +560,7 @@ func (c *Capture) Close() error {
 		return nil
 	}
 	c.closed = true
+	c.isShut.Store(true)
 	if !c.running {
 		for _, s := range c.sources {
 			if s.h != nil {
