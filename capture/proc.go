@@ -722,7 +722,13 @@ const maxFrameMACs = 65536
 // client's MAC address.
 func (p *proc) lookup(src netip.Addr, sp uint16, dst netip.Addr, dp uint16, proto uint8, srcIsClient, sure, outside bool, mac []byte) (*flow, int) {
 	k := makeKey(src, sp, dst, dp, proto)
-	f := p.flows[k]
+	return p.lookupAt(k, p.flows[k], src, sp, dst, dp, proto, srcIsClient, sure, outside, mac)
+}
+
+// lookupAt is lookup of the flow of k, the packet's key, where the caller
+// looked already: f is p.flows[k] (nil: none), which saves tcpPacket a
+// second look in the table per packet.
+func (p *proc) lookupAt(k flowKey, f *flow, src netip.Addr, sp uint16, dst netip.Addr, dp uint16, proto uint8, srcIsClient, sure, outside bool, mac []byte) (*flow, int) {
 	if f != nil && f.src != p.src {
 		p.stats.copies.Add(1)
 		if src == f.cli && sp == f.cport {
@@ -1083,6 +1089,7 @@ func (p *proc) tcpPacket(src, dst netip.Addr, mac []byte) {
 		// The port pair is reused by a new connection (not the copy, on
 		// another socket, of the SYN that began this one).
 		delete(p.flows, k)
+		f = nil
 	} else if f == nil && (t.RST || t.FIN) && len(t.Payload) == 0 {
 		return // the end of a connection we never saw
 	} else if f != nil && t.SYN && !t.ACK && f.haveBase[0] && t.Seq+1 != f.base[0] && dst == f.srv && dp == f.sport {
@@ -1107,7 +1114,7 @@ func (p *proc) tcpPacket(src, dst netip.Addr, mac []byte) {
 		clientIsSrc = !t.ACK
 	}
 	var dir int
-	f, dir = p.lookup(src, sp, dst, dp, 6, clientIsSrc, t.SYN, t.SYN && !t.ACK && p.sentByGateway(mac), mac)
+	f, dir = p.lookupAt(k, f, src, sp, dst, dp, 6, clientIsSrc, t.SYN, t.SYN && !t.ACK && p.sentByGateway(mac), mac)
 	if f == nil {
 		return
 	}
