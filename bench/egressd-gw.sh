@@ -19,8 +19,10 @@
 #
 # Environment: EGRESSD_BIN (the binary), EGRESSD_ENV (variables for the
 # daemon only), SERVER_IP, GW_LAN (gwc) and GW_WAN (gws), the peers
-# script's interface names. Stopping this script (TERM) stops both children
-# by PID.
+# script's interface names; EGRESSD_KEEP, a directory the temporary one
+# (policy, state directory with the event journal, dnsmasq's log) is
+# copied into when the daemon has stopped, before it is removed. Stopping
+# this script (TERM) stops both children by PID.
 set -eu
 PORT=$1
 : "${EGRESSD_BIN:?}" "${SERVER_IP:?}"
@@ -47,6 +49,9 @@ EGRESSD=$!
 stop() {
 	kill "$EGRESSD" "$DNSMASQ" 2>/dev/null || true
 	wait "$EGRESSD" "$DNSMASQ" 2>/dev/null || true
+	if [ -n "${EGRESSD_KEEP:-}" ]; then
+		mkdir -p "$EGRESSD_KEEP" && cp -a "$DIR/." "$EGRESSD_KEEP/" || true
+	fi
 	rm -rf "$DIR"
 	exit 0
 }

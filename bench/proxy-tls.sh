@@ -25,6 +25,10 @@
 #   (enforce ruleset, kept dormant while another system is measured:
 #   bench/egressd-fast-hook.sh, run from a copy of the peers script whose
 #   redirect_to asks it first)
+#   KEEP=dir  keep what the run leaves in dir: the peers script's log
+#   (peers.log), the custom system's log (custom.log: egressd's JSON lines)
+#   and, with EGRESSD=daemon or fast, egressd's state directory with its
+#   event journal (egressd-dir/)
 # Traffic stays in the namespaces the peers script creates (198.18.0.0/15).
 set -euo pipefail
 cd "$(dirname "$0")/.."
@@ -58,9 +62,18 @@ if [ "${EGRESSD:-}" = fast ]; then
 	grep -q REDIRECT_HOOK "$BIN/peers-tls.sh" || { echo "proxy-tls.sh: could not patch redirect_to in $PEERS_TLS" >&2; exit 1; }
 	PEERS_TLS=$BIN/peers-tls.sh
 fi
+if [ -n "${KEEP:-}" ]; then
+	mkdir -p "$KEEP"
+	KEEP=$(cd "$KEEP" && pwd)
+	export EGRESSD_KEEP=$KEEP/egressd-dir
+fi
 # The peers script's log goes to stderr as before and to a file, from which
 # rounds.sh counts the rounds egressd won against each system.
 { bash "$PEERS_TLS" 2>&1 1>&3 | tee "$BIN/peers.log" >&2; } 3>&1
+if [ -n "${KEEP:-}" ]; then
+	cp "$BIN/peers.log" "${BENCH_TLS_DIR:-/tmp/bench-tls}/custom.log" "$KEEP/" 2>/dev/null || true
+	echo "proxy-tls.sh: logs kept in $KEEP" >&2
+fi
 case " $SYSTEMS " in
 *" egressd "*) echo; bash bench/rounds.sh "$BIN/peers.log" egressd ;;
 esac
