@@ -54,10 +54,17 @@ if [ "${EGRESSD:-}" = fast ]; then
 	# The peers script's redirect_to asks the hook first (a copy, patched
 	# here: the shared script is not ours to change).
 	export REDIRECT_HOOK="sh $PWD/bench/egressd-fast-hook.sh"
+	# Beside check_filter's warning, a note when the only thing let through
+	# is the hello without SNI: egressd allows it by design here (the hook
+	# had the client ask egressd's DNS for $ALLOWED: dns-learned;
+	# bench/proxy-README.md). A denied SNI let through gets no note.
 	awk '{ print } /^redirect_to\(\) \{/ {
 		print "\tif REDIRECT_PORT=\"$1\" HOOK_PORT=\"${PORT[$CUSTOM_TLS_NAME]:-}\" NS_G=$NS_G NS_C=$NS_C G1_IP=$G1_IP ALLOWED=$ALLOWED $REDIRECT_HOOK; then"
 		print "\t\tnsx $NS_G nft flush chain ip btls prerouting; return"
 		print "\tfi"
+	}
+	/log "WARNING: \$sys let a denied connection through"/ {
+		print "\t\t[ \"$sys\" != \"$CUSTOM_TLS_NAME\" ] || [ -n \"$leaked\" ] || log \"NOTE: EGRESSD=fast: the hello without SNI went to the address egressd'"'"'s DNS gave this client for $ALLOWED; egressd allows it by design (dns-learned, bench/proxy-README.md)\""
 	}' "$PEERS_TLS" >"$BIN/peers-tls.sh"
 	grep -q REDIRECT_HOOK "$BIN/peers-tls.sh" || { echo "proxy-tls.sh: could not patch redirect_to in $PEERS_TLS" >&2; exit 1; }
 	PEERS_TLS=$BIN/peers-tls.sh
