@@ -3,7 +3,11 @@
 // connections, answers the first bytes with one byte and then holds them;
 // as "client" it opens -n connections to -target, each sending a ClientHello
 // with -sni and waiting for that byte (so the tunnel is established end to
-// end), prints "established N", then holds them for -hold.
+// end), prints "established N", then holds them for -hold, or until
+// SIGUSR1 ends the hold early. With -echo K it then checks that K of the
+// tunnels (spread over them) still carry bytes: each sends 16 bytes, the
+// server echoes what comes after the first bytes, and the client reads them
+// back; it prints "echo OK of K" (OK the tunnels that passed).
 package main
 
 import (
@@ -13,8 +17,10 @@ import (
 	"io"
 	"net"
 	"os"
+	"os/signal"
 	"sync"
 	"sync/atomic"
+	"syscall"
 	"time"
 )
 
@@ -56,7 +62,8 @@ func server(args []string) {
 				return
 			}
 			c.Write([]byte{'k'})
-			io.Copy(io.Discard, c)
+			io.Copy(c, c) // the echo -echo checks; nothing else is sent
+
 		}()
 	}
 }
@@ -96,6 +103,7 @@ func client(args []string) {
 	sni := fs.String("sni", "www.allowed.test", "server name")
 	hold := fs.Duration("hold", 30*time.Second, "how long to hold the tunnels")
 	par := fs.Int("c", 32, "concurrent dials")
+	echo := fs.Int("echo", 0, "after the hold, check that this many tunnels still carry bytes both ways")
 	fs.Parse(args)
 	h := hello(*sni)
 	var (
@@ -138,8 +146,37 @@ func client(args []string) {
 	wg.Wait()
 	fmt.Printf("established %d failed %d\n", len(conns), fails.Load())
 	os.Stdout.Sync()
-	time.Sleep(*hold)
+	usr1 := make(chan os.Signal, 1)
+	signal.Notify(usr1, syscall.SIGUSR1)
+	select {
+	case <-time.After(*hold):
+	case <-usr1:
+	}
+	if k := min(*echo, len(conns)); k > 0 {
+		fmt.Printf("echo %d of %d\n", echoCheck(conns, k), k)
+		os.Stdout.Sync()
+	}
 	for _, c := range conns {
 		c.Close()
 	}
+}
+
+// echoCheck sends 16 bytes on k of conns, spread over them, and reads them
+// back; it returns how many came back whole.
+func echoCheck(conns []net.Conn, k int) int {
+	ok := 0
+	for i := 0; i < k; i++ {
+		c := conns[i*len(conns)/k]
+		msg := []byte(fmt.Sprintf("echo%08d....", i))
+		c.SetDeadline(time.Now().Add(5 * time.Second))
+		if _, err := c.Write(msg); err != nil {
+			continue
+		}
+		got := make([]byte, len(msg))
+		if _, err := io.ReadFull(c, got); err == nil && string(got) == string(msg) {
+			ok++
+		}
+		c.SetDeadline(time.Time{})
+	}
+	return ok
 }
