@@ -28,7 +28,8 @@
 # holds no socket for a tunnel, and its flow table forgets a decided one
 # 30 s later. Its RSS is measured before, with the tunnels, once the table
 # has let go of them (egress_proxy_fast_flows back to its count before,
-# the tunnels still open and idle), and settled (SETTLE seconds later: egressd
+# the tunnels still open and idle), and settled (SETTLE seconds later, past
+# the Go runtime's forced collection every 2 minutes: egressd
 # run has no signal to collect its garbage). Every tunnel must have been
 # taken by the fast path (egress_proxy_fast_syns_total{result="fast"} rises
 # by N, no other result rises, and N events close `fast-path`).
@@ -40,7 +41,7 @@ cd "$(dirname "$0")/.."
 N=${N:-10000}
 HOLD=${HOLD:-20}
 ECHO=${ECHO:-50}
-SETTLE=${SETTLE:-30}
+SETTLE=${SETTLE:-130} # past the Go runtime's forced collection (every 2 minutes)
 SYSTEMS=${SYSTEMS:-"egressd haproxy"}
 NS_C=pidle-c; NS_G=pidle-g; NS_S=pidle-s
 PORT=15001
@@ -143,6 +144,7 @@ for sys in $SYSTEMS; do
 		fast0=$(metric 'egress_proxy_fast_syns_total{result="fast"}')
 		other0=$(fast_other)
 		flows0=$(metric egress_proxy_fast_flows)
+		heap0=$(metric go_memstats_heap_inuse_bytes)
 		per=0 ;;
 	haproxy)
 		{
@@ -188,6 +190,7 @@ for sys in $SYSTEMS; do
 		# every tunnel taken by the fast path, none by the proxy
 		fast=$(( $(metric 'egress_proxy_fast_syns_total{result="fast"}') - fast0 ))
 		other=$(( $(fast_other) - other0 ))
+		heap1=$(metric go_memstats_heap_inuse_bytes)
 		log "$sys: fast_syns fast +$fast, other results +$other, fast_flows $(metric egress_proxy_fast_flows), conntrack established $after_ct"
 		[ "$fast" -eq "$est" ] && [ "$other" -eq 0 ] || die "$sys: $est tunnels but fast_syns fast +$fast, other +$other"
 		# the flow table lets go of a decided connection 30 s after its decision
@@ -196,7 +199,13 @@ for sys in $SYSTEMS; do
 		[ "$flows" -le "$flows0" ] || die "$sys: the flow table still holds $flows connections"
 		log "$sys: the flow table let go of them $(( $(date +%s) - t0 )) s after the first dial; conntrack established $(ct_est)"
 		gone_rss=$(sum_rss $PIDS)
+		heap2=$(metric go_memstats_heap_inuse_bytes)
 		sleep "$SETTLE"
+		heap3=$(metric go_memstats_heap_inuse_bytes)
+		# the Go heap in use (live and not yet collected), per tunnel: with
+		# the tunnels, once the table let go, settled
+		log "$sys: go_memstats_heap_inuse_bytes $heap0 before; per tunnel $(awk -v h0="$heap0" -v a="$heap1" -v b="$heap2" -v c="$heap3" -v n="$est" \
+			'BEGIN { printf "%.2f KiB with the tunnels, %.2f once the table let go, %.2f settled", (a - h0) / n / 1024, (b - h0) / n / 1024, (c - h0) / n / 1024 }')"
 	fi
 	# settled: after a garbage collection (egressd: SIGUSR1 to proxybench;
 	# haproxy has no garbage to collect, the same figure is shown;
