@@ -711,11 +711,15 @@ func (c *Capture) Run(ctx context.Context) error {
 			}
 			// No packet, or none that may go before what another
 			// socket has not handed over yet: let packet time advance
-			// so idle flows end (up to the packet held, if one is).
-			horizon := now
-			if hold > 0 {
-				horizon = now.Add(-hold)
-			}
+			// so idle flows end, but only to ringLag before the clock.
+			// A ring that looks empty may still hold, in a block the
+			// kernel has not handed over (up to its timeout), packets
+			// it stamped before the look; packet time never goes back,
+			// so one stamped before it would start or go on in its flow
+			// at that later time. A packet held for another socket is
+			// younger than mergeLag (ringLag): it comes after the
+			// horizon too.
+			horizon := now.Add(-ringLag)
 			if horizon.After(p.now) {
 				p.now = horizon
 			}

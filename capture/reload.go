@@ -168,7 +168,9 @@ func (c *Capture) takePending(until time.Time, stop bool) []pendingOp {
 // ringLag is how long after a call the queue is applied when no packet
 // comes: a look at the ring that finds none does not mean the kernel
 // handed over every packet before the call (a block is handed over when
-// full or 64 ms after its first packet, afpacket's default).
+// full or 64 ms after its first packet, afpacket's default). For the same
+// reason Run lets packet time go on, when no packet comes, only to ringLag
+// before the clock (live.go).
 const ringLag = 200 * time.Millisecond
 
 // applyPending applies what Revoke and Redecide queued up to until (all

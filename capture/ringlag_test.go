@@ -1,0 +1,114 @@
+package capture
+
+import (
+	"context"
+	"net/netip"
+	"sync"
+	"testing"
+	"time"
+
+	"github.com/gopacket/gopacket"
+	"github.com/gopacket/gopacket/afpacket"
+
+	"egressd/policy"
+)
+
+// lateBlockSource is a socket in memory whose first read finds the ring
+// empty, and whose later reads hand over a connection's frames the kernel
+// stamped before that look (back by early, a millisecond apart): a
+// TPACKET_V3 block the kernel had not handed over yet, up to its block
+// timeout.
+type lateBlockSource struct {
+	frames []benchFrame
+	early  time.Duration
+	look   time.Time
+	i      int
+	done   chan struct{}
+	once   sync.Once
+}
+
+func (s *lateBlockSource) ZeroCopyReadPacketData() ([]byte, gopacket.CaptureInfo, error) {
+	if s.look.IsZero() {
+		s.look = time.Now()
+		return nil, gopacket.CaptureInfo{}, afpacket.ErrTimeout
+	}
+	if s.i >= len(s.frames) {
+		s.once.Do(func() { close(s.done) })
+		return nil, gopacket.CaptureInfo{}, afpacket.ErrTimeout
+	}
+	fr := s.frames[s.i]
+	ts := s.stamp(s.i)
+	s.i++
+	return fr.data, gopacket.CaptureInfo{Timestamp: ts, CaptureLength: len(fr.data), Length: len(fr.data)}, nil
+}
+
+// stamp is frame i's kernel stamp.
+func (s *lateBlockSource) stamp(i int) time.Time {
+	return s.look.Add(-s.early + time.Duration(i)*time.Millisecond)
+}
+
+func (s *lateBlockSource) KernelDrops() (uint64, error) { return 0, nil }
+func (s *lateBlockSource) Close()                       {}
+
+// TestRunIdleLookLateBlock: a look at the ring that finds no packet does
+// not mean the kernel handed over every packet it took before: a
+// TPACKET_V3 block is handed over when full or at its timeout (64 ms by
+// default). Run lets packet time go on to the clock when the ring looks
+// empty, so idle flows end; a connection whose frames the kernel stamped
+// 64 ms before that look, and handed over after it, still starts at its
+// SYN's stamp and lasts to its second FIN's (not from the look, with no
+// duration).
+func TestRunIdleLookLateBlock(t *testing.T) {
+	p := newPcap(t)
+	c := synthConn(p, 47610, 443, 1000)
+	c.handshake()
+	c.send(true, realClientHello(t, decoyName), 1400, nil, nil)
+	c.close()
+	frames := readFrames(t, p.close())
+	const early = 64 * time.Millisecond
+	if time.Duration(len(frames))*time.Millisecond >= early {
+		t.Fatalf("%d frames: they do not fit before the look", len(frames))
+	}
+
+	rec := &recorder{}
+	cp, err := New(Config{Interfaces: []string{"lo"}, OwnAddrs: []netip.Addr{}}, Deps{Policy: policy.NewStore(testEngine(t, testPolicy)), Sink: rec})
+	if err != nil {
+		t.Fatal(err)
+	}
+	src := &lateBlockSource{frames: frames, early: early, done: make(chan struct{})}
+	cp.openRingHook = func(string) (packetSource, error) { return src, nil }
+	if err := cp.Open(); err != nil {
+		t.Fatal(err)
+	}
+	ctx, cancel := context.WithCancel(context.Background())
+	defer cancel()
+	ran := make(chan error, 1)
+	go func() { ran <- cp.Run(ctx) }()
+	select {
+	case <-src.done:
+	case <-time.After(10 * time.Second):
+		t.Fatalf("Run did not read %d frames in 10 s", len(frames))
+	}
+	cancel()
+	if err := <-ran; err != nil {
+		t.Fatal(err)
+	}
+	// The flow ends at the second FIN (the last ACK comes after its event).
+	first, last := src.stamp(0), src.stamp(len(frames)-2)
+	n := 0
+	for _, ev := range rec.all() {
+		if ev.ClientPort != 47610 {
+			continue
+		}
+		n++
+		if !ev.Time.Equal(first) {
+			t.Errorf("flow starts %s, want its SYN's stamp %s (%v late)", ev.Time, first, ev.Time.Sub(first))
+		}
+		if want := last.Sub(first).Seconds(); ev.Duration != want {
+			t.Errorf("flow lasts %v s, want %v s (its packets' stamps)", ev.Duration, want)
+		}
+	}
+	if n != 1 {
+		t.Errorf("%d events of the flow, want 1: %+v", n, rec.all())
+	}
+}
