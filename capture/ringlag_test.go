@@ -112,3 +112,58 @@ func TestRunIdleLookLateBlock(t *testing.T) {
 		t.Errorf("%d events of the flow, want 1: %+v", n, rec.all())
 	}
 }
+
+// TestRunIdleEndsLateBlock: with packet time held ringLag behind the
+// clock when the ring looks empty, an idle link still ends its flows: a
+// datagram handed over late (stamped 64 ms before the look) ends as idle,
+// UDPIdle later, at the next sweep (5 s of packet time), by Run's clock
+// alone; its event starts at its stamp, with no duration.
+func TestRunIdleEndsLateBlock(t *testing.T) {
+	p := newPcap(t)
+	p.udp(true, synthCli, synthSrv, 40123, 123, []byte("ntp"))
+	frames := readFrames(t, p.close())
+
+	rec := &recorder{}
+	cp, err := New(Config{Interfaces: []string{"lo"}, OwnAddrs: []netip.Addr{}, UDPIdle: time.Second}, Deps{Policy: policy.NewStore(testEngine(t, testPolicy)), Sink: rec})
+	if err != nil {
+		t.Fatal(err)
+	}
+	src := &lateBlockSource{frames: frames, early: 64 * time.Millisecond, done: make(chan struct{})}
+	cp.openRingHook = func(string) (packetSource, error) { return src, nil }
+	if err := cp.Open(); err != nil {
+		t.Fatal(err)
+	}
+	ctx, cancel := context.WithCancel(context.Background())
+	defer cancel()
+	ran := make(chan error, 1)
+	go func() { ran <- cp.Run(ctx) }()
+	var got []int
+	deadline := time.Now().Add(20 * time.Second)
+	for {
+		got = got[:0]
+		for i, ev := range rec.all() {
+			if ev.ClientPort == 40123 {
+				got = append(got, i)
+			}
+		}
+		if len(got) > 0 || time.Now().After(deadline) {
+			break
+		}
+		time.Sleep(100 * time.Millisecond)
+	}
+	cancel()
+	if err := <-ran; err != nil {
+		t.Fatal(err)
+	}
+	all := rec.all()
+	if len(got) != 1 {
+		t.Fatalf("%d events of the datagram's flow in 20 s of an idle ring, want 1 (ended idle); all events, with the shutdown's: %+v", len(got), all)
+	}
+	ev := all[got[0]]
+	if ev.Close != "idle" {
+		t.Errorf("flow closed %q, want idle: %+v", ev.Close, ev)
+	}
+	if first := src.stamp(0); !ev.Time.Equal(first) || ev.Duration != 0 {
+		t.Errorf("flow starts %s and lasts %v s, want its datagram's stamp %s and 0 s", ev.Time, ev.Duration, first)
+	}
+}
