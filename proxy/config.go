@@ -150,6 +150,11 @@ type Config struct {
 	// given to New, it is read-only while the proxy runs, so parallel
 	// tests, each with its own proxy, do not share it.
 	fastDecided func(flowKey)
+	// fastRecording is a test hook: when set, the fast path's decision
+	// calls it once the flow's state is set, before the flow's event is
+	// written (a test queues the first segment of a flow allowed with
+	// nothing marked then). Read-only while the proxy runs.
+	fastRecording func(flowKey)
 	// fastWorker is a test hook: when it says so for a flow, its
 	// decision is a worker's even on a complete ClientHello (a test
 	// queues a segment while a worker decides, which the queue's

@@ -70,8 +70,8 @@ import (
 //     ends because the queue's reader failed), with the bytes the client
 //     sent before it (BytesOut): the proxy does not see the rest of a
 //     connection the kernel forwards. A connection allowed with nothing marked whose
-//     first segment's new decision (below) denies it gets a second event,
-//     with its start and the new decision (redecided: cut, close
+//     first segment's new decision (below) denies it gets a second event
+//     (written after the first), with its start and the new decision (redecided: cut, close
 //     policy-revoked; audit mode, a deny not enforced), which the report
 //     counts in place of the first; one recorded a would-be deny (a
 //     decision across a reload to audit mode) that it allows gets a
@@ -287,6 +287,14 @@ type fastFlow struct {
 	// denies it, a second event of the connection (its start, the new
 	// decision) says so (fastQueue.redecided).
 	rec *audit.Event
+	// recorded: the decision's event went out (conclude, after
+	// Proxy.finish). conclude publishes rec before it writes the event
+	// (its unlock): a revised event of the flow (redecided) written in
+	// between would reach the ledger before the first, which drops it (a
+	// revised event of a flow it does not hold). It waits for recordedC
+	// (made by the first to wait, closed at recorded).
+	recorded  bool
+	recordedC chan struct{}
 	// shut: the decision's read of the stream met the end of ServeQueue
 	// while the flow was pending: it is refused, the reason why
 	// (ReasonShutdown; ReasonFastPathFailed, the queue's reader failed).
@@ -717,6 +725,7 @@ func (s *fastQueue) packet(pk nfq.Packet) {
 		// audit mode, or an allow of one recorded so.
 		var news *audit.Event
 		var redecision policy.Decision
+		var recorded <-chan struct{} // closed once the first event is written, if news comes before it
 		if fl.state == fastAllowed && fl.asm.check(seg.Seq, seg.Payload) != nil {
 			s.cut(fl, pk, seg, nil)
 			return
@@ -742,6 +751,7 @@ func (s *fastQueue) packet(pk nfq.Packet) {
 				// now, as Redecide credits the proxy's own.
 				news = fl.rec
 				redecision = d
+				recorded = fl.firstOut()
 			}
 		}
 		v, m := nfq.Accept, s.marks.Allowed
@@ -771,7 +781,7 @@ func (s *fastQueue) packet(pk nfq.Packet) {
 		if news != nil {
 			// Recorded before the verdict, as a cut is: a reader that
 			// sees the segment answered sees the record and its count.
-			s.redecided(news, redecision)
+			s.redecided(news, redecision, recorded)
 		}
 		if first {
 			s.verdict(pk.ID, nfq.Repeat, s.withMark(pk.Mark, m), true)
@@ -875,6 +885,10 @@ func (s *fastQueue) cut(fl *fastFlow, pk nfq.Packet, seg nfq.TCPSegment, revoked
 	fl.v = verdict{}
 	rec := fl.rec
 	fl.rec = nil
+	var recorded <-chan struct{}
+	if revoked != nil && rec != nil {
+		recorded = fl.firstOut()
+	}
 	s.keepFor(fl, false)
 	l2 := fl.l2
 	if pk.HWAddrLen > 0 {
@@ -883,7 +897,7 @@ func (s *fastQueue) cut(fl *fastFlow, pk nfq.Packet, seg nfq.TCPSegment, revoked
 	cliNext := fl.asm.first + uint32(fl.asm.contig)
 	fl.mu.Unlock()
 	if revoked != nil && rec != nil {
-		s.redecided(rec, *revoked)
+		s.redecided(rec, *revoked, recorded)
 	} else {
 		s.p.met.fastErrOf[feLateConflict].Inc()
 		s.p.log.Warn("proxy: fast path: other bytes after the decision, connection cut",
@@ -910,8 +924,15 @@ func (s *fastQueue) cut(fl *fastFlow, pk nfq.Packet, seg nfq.TCPSegment, revoked
 // redecided), as it does a flow a component decided again. The second
 // event is marked revised (audit.Event.Revised): where the ledger no
 // longer holds the first (it may come 10 minutes later), the first's
-// count stands and the connection counts once.
-func (s *fastQueue) redecided(rec *audit.Event, d policy.Decision) {
+// count stands and the connection counts once. It is written after the
+// first: recorded (fastFlow.firstOut; nil: the first went out) is closed
+// once the decision wrote it. The queue's goroutine may wait here for a
+// worker's conclude between its unlock and its event: nothing there
+// waits on the queue's goroutine (a flow with a rec held no packet).
+func (s *fastQueue) redecided(rec *audit.Event, d policy.Decision, recorded <-chan struct{}) {
+	if recorded != nil {
+		<-recorded
+	}
 	ev := *rec
 	ev.Stamp(d)
 	ev.Duration = time.Since(ev.Time).Seconds()
@@ -1357,6 +1378,9 @@ func (s *fastQueue) conclude(fl *fastFlow, kind streamKind, v verdict, head peek
 	srvNext, haveSrv, l2 := fl.srvNext, fl.haveSrv, fl.l2
 	fl.timer.Stop()
 	fl.mu.Unlock()
+	if h := p.cfg.fastRecording; h != nil {
+		h(fl.key)
+	}
 	s.unhold(fl.key.client.Addr().Unmap(), len(held))
 
 	if deny {
@@ -1399,7 +1423,24 @@ func (s *fastQueue) conclude(fl *fastFlow, kind streamKind, v verdict, head peek
 	// the decision read (the policy engine, the record) is let go.
 	fl.mu.Lock()
 	fl.at, fl.f, fl.in = policyAt{}, nil, policy.Input{}
+	fl.recorded = true
+	if fl.recordedC != nil {
+		close(fl.recordedC) // a revised event of the flow waits (redecided)
+	}
 	fl.mu.Unlock()
+}
+
+// firstOut returns what a revised event of fl (redecided) waits for
+// before it is written: nil once the decision's event went out, else a
+// channel closed then. fl.mu held.
+func (fl *fastFlow) firstOut() <-chan struct{} {
+	if fl.recorded {
+		return nil
+	}
+	if fl.recordedC == nil {
+		fl.recordedC = make(chan struct{})
+	}
+	return fl.recordedC
 }
 
 // again decides a flow allowed on v again under the policy running now,

@@ -54,6 +54,13 @@ type benchFast struct {
 
 func newBenchFast(b testing.TB, n int) *benchFast {
 	b.Helper()
+	return newBenchFastTo(b, n, discardEvents{}, nil)
+}
+
+// newBenchFastTo is newBenchFast with the events going to sink, and opt
+// (if any) changing the proxy's Config.
+func newBenchFastTo(b testing.TB, n int, sink audit.Sink, opt func(*Config)) *benchFast {
+	b.Helper()
 	eng, err := policy.Compile("p", []byte(fmt.Sprintf(testPolicy, "enforce")))
 	if err != nil {
 		b.Fatal(err)
@@ -61,7 +68,10 @@ func newBenchFast(b testing.TB, n int) *benchFast {
 	f := &facts{}
 	f.add(clientV4, srvV4, "www.allowed.test")
 	cfg := Config{FastMarks: fastMarks, OwnAddrs: []netip.Addr{gwLanV4}}
-	p, err := New(cfg, Deps{Policy: policy.NewStore(eng), DNS: f, Sink: discardEvents{},
+	if opt != nil {
+		opt(&cfg)
+	}
+	p, err := New(cfg, Deps{Policy: policy.NewStore(eng), DNS: f, Sink: sink,
 		Logger: slog.New(slog.NewTextHandler(io.Discard, &slog.HandlerOptions{Level: slog.LevelError + 1}))})
 	if err != nil {
 		b.Fatal(err)

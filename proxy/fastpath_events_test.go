@@ -311,3 +311,110 @@ func TestServeQueueSilentRecredited(t *testing.T) {
 		t.Errorf("report: rule allowed %d flows, dropped %+v, totals %+v: want the connection once, under allowed", flows, rep.Dropped, rep.Totals)
 	}
 }
+
+// TestFastRevisedAfterFirst: a flow allowed with nothing marked (a
+// silent client's, decided on the address by a worker) keeps its event
+// (fastFlow.rec) for its first segment's new decision. When that segment
+// comes, after a reload that denies it, between the decision's unlock and
+// the decision's event (the queue's goroutine runs while the worker
+// writes), the connection's second event (revised, the new decision)
+// must still follow its first: the ledger drops a revised event of a
+// flow it does not hold, and the first (allowed) would stand for a
+// connection enforce cut. The test holds the worker there
+// (Config.fastRecording), reloads, and has the first segment answered.
+// Before, the revised event was written first, and the report counted
+// the connection under its old rule.
+func TestFastRevisedAfterFirst(t *testing.T) {
+	for _, c := range []struct {
+		mode     policy.Mode
+		verdict  benchQueue
+		close    string
+		enforced bool
+	}{
+		{policy.ModeEnforce, benchQueue{id: 2, v: nfq.Repeat, mark: fastMarks.Denied | operatorBit}, closeRevoked, true},
+		{policy.ModeAudit, benchQueue{id: 2, v: nfq.Repeat, mark: fastMarks.Allowed | operatorBit}, closeFast, false},
+	} {
+		t.Run(string(c.mode), func(t *testing.T) {
+			evs := &events{}
+			reached, resume := make(chan struct{}), make(chan struct{})
+			bf := newBenchFastTo(t, 1, evs, func(cfg *Config) {
+				cfg.FirstByteWait = 5 * time.Millisecond // decided on the address, by a worker
+				cfg.fastRecording = func(flowKey) {
+					close(reached)
+					<-resume
+				}
+			})
+			s, key := bf.s, bf.keys[0]
+			isn := uint32(0) // newBenchFast's flow 0
+			s.packet(nfq.Packet{ID: 1, Mark: operatorBit, Hook: hookPrerouting, InIf: lanIf, HWAddr: clientHW, HWAddrLen: 6, Data: bf.syn[0]})
+			if bf.q.id != 1 || bf.q.mark != fastMarks.Pending|operatorBit {
+				t.Fatalf("SYN verdict %+v, want accept-pending", *bf.q)
+			}
+			select {
+			case <-reached:
+			case <-time.After(10 * time.Second):
+				t.Fatal("the silent flow was not decided in 10 s")
+			}
+			eng, err := policy.Compile("p", []byte(fmt.Sprintf(vpnOnly, c.mode)))
+			if err != nil {
+				t.Fatal(err)
+			}
+			s.p.deps.Policy.Swap(eng)
+			done := make(chan struct{})
+			go func() {
+				defer close(done)
+				s.packet(nfq.Packet{ID: 2, Mark: operatorBit, Hook: hookForward, InIf: lanIf,
+					Data: tcpPacket(key.client, key.dest, isn+1, 5000, nfq.ACK|nfq.PSH, []byte("EHLO client.test\r\n"))})
+			}()
+			// The segment's handling ends, or waits for the flow's first
+			// event (the worker, held, has not written it).
+			for deadline := time.Now().Add(10 * time.Second); ; {
+				select {
+				case <-done:
+				default:
+					if !revisedWaits(s, key) {
+						if time.Now().After(deadline) {
+							close(resume)
+							t.Fatal("the first segment was neither answered nor waiting in 10 s")
+						}
+						time.Sleep(time.Millisecond)
+						continue
+					}
+				}
+				break
+			}
+			close(resume)
+			<-done
+			s.wg.Wait() // the decision concluded: its event written
+			if *bf.q != c.verdict {
+				t.Errorf("the first segment: verdict %+v, want %+v", *bf.q, c.verdict)
+			}
+			got := evs.of(key.client.Port())
+			if len(got) != 2 {
+				t.Fatalf("%d events of the connection, want 2 (its decision, its new decision): %+v", len(got), got)
+			}
+			first, second := got[0], got[1]
+			if first.Revised || first.Verdict != policy.Allow || first.Close != closeFast {
+				t.Errorf("the connection's first event %+v: want its decision (allowed on the address, close %s, not revised)", first, closeFast)
+			}
+			if !second.Revised || second.Verdict != policy.Deny || second.Enforced != c.enforced || second.Close != c.close || !second.Time.Equal(first.Time) {
+				t.Errorf("the connection's second event %+v: want the new decision (denied, enforced %v, close %s, revised, the first's start)", second, c.enforced, c.close)
+			}
+			checkReportDropped(t, got, eng, c.enforced, policy.ReasonNoRule)
+		})
+	}
+}
+
+// revisedWaits reports whether a revised event of key's flow waits for
+// the flow's first event (TestFastRevisedAfterFirst).
+func revisedWaits(s *fastQueue, key flowKey) bool {
+	s.mu.Lock()
+	fl := s.flows[key]
+	s.mu.Unlock()
+	if fl == nil {
+		return false
+	}
+	fl.mu.Lock()
+	defer fl.mu.Unlock()
+	return fl.recordedC != nil && !fl.recorded
+}
