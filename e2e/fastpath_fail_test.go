@@ -98,10 +98,12 @@ func TestFastPathQueueFails(t *testing.T) {
 			len(warned), strings.Join(warned, "\n"))
 	}
 	// The lost connection's event: refused for the failure, not for a
-	// shutdown egressd did not make.
-	port := raw.LocalAddr().(*net.TCPAddr).Port
+	// shutdown egressd did not make. The proxy's (the fast path's), of
+	// this flow: the capture may record the same connection.
+	local := raw.LocalAddr().(*net.TCPAddr)
 	ev := d.waitEvent(t, "the connection pending at the failure", func(e flowEvent) bool {
-		return e.Kind == "flow" && e.ClientPort == port && e.Dest == dockerIP4 && e.DestPort == 443
+		return e.Kind == "flow" && e.Source == "proxy" && e.Client == local.IP.String() && e.ClientPort == local.Port &&
+			e.Dest == dockerIP4 && e.DestPort == 443 && e.Proto == "tcp"
 	})
 	if ev.Verdict != "deny" || !ev.Enforced || ev.Reason != "fast-path-failed" || ev.Close != "fast-path-failed" {
 		t.Errorf("the connection pending at the failure: event %v, want denied fast-path-failed, enforced, close fast-path-failed", ev)
