@@ -35,6 +35,8 @@
 # by N, no other result rises, and N events close `fast-path`).
 #
 # Usage (root): bench/proxy-idle.sh      N=10000 SYSTEMS="egressd haproxy" bench/proxy-idle.sh
+#   PROXYBENCH_FLAGS="-heapprofile /tmp/idle" N=3000 SYSTEMS=egressd bench/proxy-idle.sh: also heap and
+#   goroutine profiles of proxybench with the tunnels open (/tmp/idle.heap, /tmp/idle.goroutine)
 set -euo pipefail
 export LC_ALL=C
 cd "$(dirname "$0")/.."
@@ -43,6 +45,7 @@ HOLD=${HOLD:-20}
 ECHO=${ECHO:-50}
 SETTLE=${SETTLE:-130} # past the Go runtime's forced collection (every 2 minutes)
 SYSTEMS=${SYSTEMS:-"egressd haproxy"}
+PROXYBENCH_FLAGS=${PROXYBENCH_FLAGS:-} # more flags for proxybench, e.g. "-heapprofile /tmp/idle" (written at the settle's SIGUSR1)
 NS_C=pidle-c; NS_G=pidle-g; NS_S=pidle-s
 PORT=15001
 W=
@@ -120,7 +123,7 @@ for sys in $SYSTEMS; do
 	hold=$HOLD
 	case $sys in
 	egressd)
-		ip netns exec $NS_G "$W/proxybench" -transparent :$SPORT -allow '*.allowed.test' -map www.allowed.test=198.18.2.2 >"$W/$sys.log" 2>&1 &
+		ip netns exec $NS_G "$W/proxybench" -transparent :$SPORT -allow '*.allowed.test' -map www.allowed.test=198.18.2.2 $PROXYBENCH_FLAGS >"$W/$sys.log" 2>&1 &
 		PID=$!
 		per=${EGRESSD_FDS_PER_TUNNEL:-2} ;;
 	egressd-fast)
@@ -210,7 +213,10 @@ for sys in $SYSTEMS; do
 	# settled: after a garbage collection (egressd: SIGUSR1 to proxybench;
 	# haproxy has no garbage to collect, the same figure is shown;
 	# egressd-fast: SETTLE seconds later, egressd run has no such signal)
-	if [ "$sys" = egressd ]; then kill -USR1 $PID; sleep 2; fi
+	if [ "$sys" = egressd ]; then
+		kill -USR1 $PID; sleep 2
+		[ -z "$PROXYBENCH_FLAGS" ] || grep -a '^proxybench: goroutines' "$W/$sys.log" | tail -1 >&2 || true
+	fi
 	settled_rss=$(sum_rss $PIDS); end_fds=$(sum_fds $PIDS)
 	# the tunnels, idle all this time, must still carry bytes
 	kill -USR1 $CPID 2>/dev/null || true

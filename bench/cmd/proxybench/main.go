@@ -87,7 +87,12 @@ func main() {
 	mutexProfile := flag.String("mutexprofile", "", "write a mutex contention profile at exit to this file")
 	memProfile := flag.String("memprofile", "", "write an allocation profile (every allocation since the start, sampled) at exit to this file")
 	metricsOut := flag.String("metrics", "", "write the proxy's metrics (Prometheus text format) at exit to this file")
+	memProfileRate := flag.Int("memprofilerate", 0, "runtime.MemProfileRate: sample an allocation every this many bytes (1: every one; 0: the runtime's default)")
+	heapProfile := flag.String("heapprofile", "", "on each SIGUSR1, after the collection, write a heap profile to FILE.heap and a goroutine profile to FILE.goroutine (what the open connections hold)")
 	flag.Parse()
+	if *memProfileRate > 0 {
+		runtime.MemProfileRate = *memProfileRate
+	}
 	for _, pf := range []struct{ name, file string }{{"block", *blockProfile}, {"mutex", *mutexProfile}, {"allocs", *memProfile}} {
 		if pf.file == "" {
 			continue
@@ -221,6 +226,20 @@ func main() {
 	go func() {
 		for range usr1 {
 			debug.FreeOSMemory()
+			if *heapProfile != "" {
+				var ms runtime.MemStats
+				runtime.ReadMemStats(&ms)
+				fmt.Fprintf(os.Stderr, "proxybench: goroutines %d heap_inuse %d stack_inuse %d sys %d\n", runtime.NumGoroutine(), ms.HeapInuse, ms.StackInuse, ms.Sys)
+				for _, name := range []string{"heap", "goroutine"} {
+					f, err := os.Create(*heapProfile + "." + name)
+					if err != nil {
+						fmt.Fprintln(os.Stderr, "proxybench:", err)
+						continue
+					}
+					pprof.Lookup(name).WriteTo(f, 0)
+					f.Close()
+				}
+			}
 		}
 	}()
 	fmt.Fprintf(os.Stderr, "proxybench: pid %d transparent %q explicit %q\n", os.Getpid(), *transparent, *explicit)
