@@ -797,8 +797,9 @@ func (p *Proxy) tunnelConnect(client net.Conn, st *connectState, v verdict, f *f
 		}
 	}
 	noPath := f.ev.NoPath
-	lc := p.addLive(st.at, f, func(e *policy.Engine) policy.Decision { return p.againConnect(e, v, st.addr, noPath) }, closeBoth(client, server))
+	lc := p.addLiveShared(st.at, f, func(e *policy.Engine) policy.Decision { return p.againConnect(e, v, st.addr, noPath) }, closeBoth(client, server))
 	out, in, reason := p.pipe(client, server)
+	p.endLive(lc) // before the record is written (addLiveShared)
 	f.ev.BytesOut, f.ev.BytesIn, f.ev.Close = uint64(out)+uint64(early), uint64(in), reason
 	p.stampLive(lc, &f.ev)
 }

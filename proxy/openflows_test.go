@@ -124,3 +124,50 @@ func TestOpenFlowsLists(t *testing.T) {
 		}
 	}
 }
+
+// TestOpenFlowsWhileTunnelsEnd: a tunnel's record is the one the live set
+// lists (addLiveShared), so listing the open flows and deciding them again
+// while tunnels end must not read the record as its end writes it (the
+// race detector checks; run with -race). Each event still has its bytes,
+// close reason and rule, and nothing is listed once all ended.
+func TestOpenFlowsWhileTunnelsEnd(t *testing.T) {
+	tp := newTopo(t, topoOpts{mode: "audit"})
+	tp.facts.add(clientV4, srvV4, "www.allowed.test")
+	lt := tp.openTunnels(t)
+	stop := make(chan struct{})
+	var wg sync.WaitGroup
+	wg.Add(1)
+	go func() {
+		defer wg.Done()
+		for i := 0; i < 1e6; i++ {
+			select {
+			case <-stop:
+				return
+			default:
+			}
+			tp.proxy.OpenFlows()
+			tp.proxy.live.Range(func(k, _ any) bool {
+				tp.proxy.redecideAgain(k.(*liveConn))
+				return true
+			})
+		}
+	}()
+	checkEchoSurvives(t, tp, lt.echoT, "transparent-echo")
+	checkEchoSurvives(t, tp, lt.echoC, "connect-echo")
+	for _, c := range []struct {
+		what string
+		c    net.Conn
+		tc   net.Conn
+	}{{"transparent TLS", lt.tlsT.raw, lt.tlsT.tc}, {"CONNECT TLS", lt.tlsC.raw, lt.tlsC.tc}} {
+		c.tc.Close()
+		ev := tp.ev.wait(t, c.what, func(ev audit.Event) bool { return byClient(c.c)(ev) && ev.DestPort == 443 })
+		if ev.Verdict != policy.Allow || ev.Rule != "allowed" || ev.Close != closeClient || ev.BytesOut == 0 || ev.BytesIn == 0 {
+			t.Errorf("%s: event %+v", c.what, ev)
+		}
+	}
+	close(stop)
+	wg.Wait()
+	if open := tp.proxy.OpenFlows(); len(open) != 0 {
+		t.Errorf("%d flows listed open after all ended: %+v", len(open), open)
+	}
+}

@@ -96,9 +96,14 @@ type liveConn struct {
 	decide func(eng *policy.Engine) policy.Decision
 	// close closes both sides; immutable.
 	close func()
-	// flow is a copy of the record at the registration, for the log
-	// line and OpenFlows.
-	flow audit.Event
+	// flow is the record as registered, for the log line and OpenFlows,
+	// read under mu. A copy (addLive), or, for a tunnel (addLiveShared),
+	// the record itself while the connection lives: an idle tunnel then
+	// holds one record, not two (about 600 bytes each). The record's
+	// owner writes it again only after endLive, which swaps a copy in
+	// first (shared false from then on).
+	flow   *audit.Event
+	shared bool
 
 	mu      sync.Mutex // guards following
 	eng     *policy.Engine
@@ -116,7 +121,20 @@ type liveConn struct {
 // it with endLive once the connection is over, and finish takes it out of
 // the live set once its event is emitted (unlist).
 func (p *Proxy) addLive(at policyAt, f *flowRecord, decide func(*policy.Engine) policy.Decision, close func()) *liveConn {
-	lc := &liveConn{decide: decide, close: close, flow: f.ev, eng: at.eng, allowed: f.ev.Verdict == policy.Allow}
+	ev := f.ev
+	return p.register(at, f, &ev, false, decide, close)
+}
+
+// addLiveShared is addLive for a connection whose record nobody writes
+// from the registration until the caller's endLive (a tunnel: its
+// record is written once both directions ended): the live set reads the
+// record itself, not a copy of it, until then.
+func (p *Proxy) addLiveShared(at policyAt, f *flowRecord, decide func(*policy.Engine) policy.Decision, close func()) *liveConn {
+	return p.register(at, f, &f.ev, true, decide, close)
+}
+
+func (p *Proxy) register(at policyAt, f *flowRecord, flow *audit.Event, shared bool, decide func(*policy.Engine) policy.Decision, close func()) *liveConn {
+	lc := &liveConn{decide: decide, close: close, flow: flow, shared: shared, eng: at.eng, allowed: flow.Verdict == policy.Allow}
 	f.lc = lc
 	p.live.Store(lc, struct{}{})
 	if p.gen.Load() != at.gen {
@@ -144,11 +162,18 @@ func (p *Proxy) policyNow() policyAt {
 // live set, listed open, until its event is emitted: unlist). It returns
 // the decision the record takes from the re-decisions (nil if none:
 // liveConn.redecided) and whether the proxy closed the connection for
-// it. The caller stamps its record with them.
+// it. The caller stamps its record with them. A record shared with the
+// live set (addLiveShared) is the caller's to write again once endLive
+// returned (a copy stays listed open until unlist); a second call only
+// reads the outcome.
 func (p *Proxy) endLive(lc *liveConn) (*policy.Decision, bool) {
 	lc.mu.Lock()
 	defer lc.mu.Unlock()
 	lc.ended = true
+	if lc.shared {
+		ev := *lc.flow
+		lc.flow, lc.shared = &ev, false
+	}
 	return lc.redecided, lc.revoked
 }
 
@@ -177,7 +202,7 @@ func (p *Proxy) OpenFlows() []audit.Event {
 	p.live.Range(func(k, _ any) bool {
 		lc := k.(*liveConn)
 		lc.mu.Lock()
-		ev := lc.flow
+		ev := *lc.flow
 		if lc.redecided != nil {
 			ev.Stamp(*lc.redecided)
 		}
@@ -237,13 +262,14 @@ func (p *Proxy) redecideOne(lc *liveConn) {
 		return
 	}
 	lc.eng = eng
+	ev := *lc.flow // the record is the owner's to write once ended (endLive)
 	d := lc.decide(eng)
 	wasAllowed := lc.allowed
 	lc.allowed = d.Allowed()
 	if d.Allowed() {
 		// The record's decision now: the last re-decision's, else the
 		// start's.
-		rec := lc.flow.Verdict == policy.Deny && !lc.flow.Enforced
+		rec := ev.Verdict == policy.Deny && !ev.Enforced
 		if lc.redecided != nil {
 			rec = lc.redecided.Verdict == policy.Deny && lc.redecided.Mode != policy.ModeEnforce
 		}
@@ -256,7 +282,6 @@ func (p *Proxy) redecideOne(lc *liveConn) {
 		// A would-be deny of audit mode: the rule's now.
 		lc.redecided = &d
 		lc.mu.Unlock()
-		ev := lc.flow
 		ev.Stamp(d)
 		p.log.LogAttrs(context.Background(), slog.LevelInfo, "policy reload: the new policy allows this open connection (a would-be deny until now)", ev.AppendFlowAttrs(nil)...)
 		return
@@ -270,7 +295,6 @@ func (p *Proxy) redecideOne(lc *liveConn) {
 		// news for the log or the counter at every reload.
 		return
 	}
-	ev := lc.flow
 	ev.Stamp(d)
 	attrs := ev.AppendFlowAttrs(nil)
 	if enforce {

@@ -259,7 +259,7 @@ func (p *Proxy) handleTransparent(c *net.TCPConn, ours bool) {
 	if up != nil {
 		again = up.latestAgain
 	}
-	lc := p.addLive(at, f, again, closeBoth(c, server))
+	lc := p.addLiveShared(at, f, again, closeBoth(c, server))
 	if up != nil {
 		up.lc = lc // before the tunnel's goroutines read it
 	}
@@ -267,6 +267,7 @@ func (p *Proxy) handleTransparent(c *net.TCPConn, ours bool) {
 		p.untrackConn(server)
 		p.untrackConn(c)
 		p.release(ca.Addr())
+		p.endLive(lc) // before the record is written (addLiveShared)
 		f.ev.BytesOut = uint64(out) + replayed
 		f.ev.BytesIn = uint64(in)
 		f.ev.Close = reason
