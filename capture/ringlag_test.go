@@ -1,16 +1,12 @@
 package capture
 
 import (
-	"context"
-	"net/netip"
 	"sync"
 	"testing"
 	"time"
 
 	"github.com/gopacket/gopacket"
 	"github.com/gopacket/gopacket/afpacket"
-
-	"egressd/policy"
 )
 
 // lateBlockSource is a socket in memory whose first read finds the ring
@@ -70,29 +66,14 @@ func TestRunIdleLookLateBlock(t *testing.T) {
 		t.Fatalf("%d frames: they do not fit before the look", len(frames))
 	}
 
-	rec := &recorder{}
-	cp, err := New(Config{Interfaces: []string{"lo"}, OwnAddrs: []netip.Addr{}}, Deps{Policy: policy.NewStore(testEngine(t, testPolicy)), Sink: rec})
-	if err != nil {
-		t.Fatal(err)
-	}
 	src := &lateBlockSource{frames: frames, early: early, done: make(chan struct{})}
-	cp.openRingHook = func(string) (packetSource, error) { return src, nil }
-	if err := cp.Open(); err != nil {
-		t.Fatal(err)
-	}
-	ctx, cancel := context.WithCancel(context.Background())
-	defer cancel()
-	ran := make(chan error, 1)
-	go func() { ran <- cp.Run(ctx) }()
+	rec, stop := runOn(t, Config{}, src)
 	select {
 	case <-src.done:
 	case <-time.After(10 * time.Second):
 		t.Fatalf("Run did not read %d frames in 10 s", len(frames))
 	}
-	cancel()
-	if err := <-ran; err != nil {
-		t.Fatal(err)
-	}
+	stop()
 	// The flow ends at the second FIN (the last ACK comes after its event).
 	first, last := src.stamp(0), src.stamp(len(frames)-2)
 	n := 0
@@ -123,20 +104,8 @@ func TestRunIdleEndsLateBlock(t *testing.T) {
 	p.udp(true, synthCli, synthSrv, 40123, 123, []byte("ntp"))
 	frames := readFrames(t, p.close())
 
-	rec := &recorder{}
-	cp, err := New(Config{Interfaces: []string{"lo"}, OwnAddrs: []netip.Addr{}, UDPIdle: time.Second}, Deps{Policy: policy.NewStore(testEngine(t, testPolicy)), Sink: rec})
-	if err != nil {
-		t.Fatal(err)
-	}
 	src := &lateBlockSource{frames: frames, early: 64 * time.Millisecond, done: make(chan struct{})}
-	cp.openRingHook = func(string) (packetSource, error) { return src, nil }
-	if err := cp.Open(); err != nil {
-		t.Fatal(err)
-	}
-	ctx, cancel := context.WithCancel(context.Background())
-	defer cancel()
-	ran := make(chan error, 1)
-	go func() { ran <- cp.Run(ctx) }()
+	rec, stop := runOn(t, Config{UDPIdle: time.Second}, src)
 	var got []int
 	deadline := time.Now().Add(20 * time.Second)
 	for {
@@ -151,10 +120,7 @@ func TestRunIdleEndsLateBlock(t *testing.T) {
 		}
 		time.Sleep(100 * time.Millisecond)
 	}
-	cancel()
-	if err := <-ran; err != nil {
-		t.Fatal(err)
-	}
+	stop()
 	all := rec.all()
 	if len(got) != 1 {
 		t.Fatalf("%d events of the datagram's flow in 20 s of an idle ring, want 1 (ended idle); all events, with the shutdown's: %+v", len(got), all)

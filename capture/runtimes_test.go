@@ -6,6 +6,7 @@ import (
 	"io"
 	"net/netip"
 	"os"
+	"sync"
 	"testing"
 	"time"
 
@@ -35,29 +36,14 @@ func TestRunPacketTimes(t *testing.T) {
 	// The flow ends at the second FIN (the last ACK comes after its event).
 	first, last := frames[0].ts, frames[len(frames)-2].ts
 
-	rec := &recorder{}
-	cp, err := New(Config{Interfaces: []string{"lo"}, OwnAddrs: []netip.Addr{}}, Deps{Policy: policy.NewStore(testEngine(t, testPolicy)), Sink: rec})
-	if err != nil {
-		t.Fatal(err)
-	}
 	src := &replaySource{frames: frames, n: len(frames), done: make(chan struct{})}
-	cp.openRingHook = func(string) (packetSource, error) { return src, nil }
-	if err := cp.Open(); err != nil {
-		t.Fatal(err)
-	}
-	ctx, cancel := context.WithCancel(context.Background())
-	defer cancel()
-	ran := make(chan error, 1)
-	go func() { ran <- cp.Run(ctx) }()
+	rec, stop := runOn(t, Config{}, src)
 	select {
 	case <-src.done:
 	case <-time.After(10 * time.Second):
 		t.Fatalf("Run did not read %d frames in 10 s", len(frames))
 	}
-	cancel()
-	if err := <-ran; err != nil {
-		t.Fatal(err)
-	}
+	stop()
 	n := 0
 	for _, ev := range rec.all() {
 		if ev.ClientPort != 47600 {
@@ -99,4 +85,36 @@ func readFrames(t *testing.T, path string) []benchFrame {
 		}
 		out = append(out, benchFrame{ts: ci.Timestamp, data: data})
 	}
+}
+
+// runOn runs capture's Run on src, one socket on "lo" (cfg's interfaces and
+// own addresses are set so), with testPolicy, until stop, which ends Run
+// and fails the test on its error; rec gets the events.
+func runOn(t *testing.T, cfg Config, src packetSource) (rec *recorder, stop func()) {
+	t.Helper()
+	rec = &recorder{}
+	cfg.Interfaces, cfg.OwnAddrs = []string{"lo"}, []netip.Addr{}
+	cp, err := New(cfg, Deps{Policy: policy.NewStore(testEngine(t, testPolicy)), Sink: rec})
+	if err != nil {
+		t.Fatal(err)
+	}
+	cp.openRingHook = func(string) (packetSource, error) { return src, nil }
+	if err := cp.Open(); err != nil {
+		t.Fatal(err)
+	}
+	ctx, cancel := context.WithCancel(context.Background())
+	ran := make(chan error, 1)
+	go func() { ran <- cp.Run(ctx) }()
+	var once sync.Once
+	stop = func() {
+		t.Helper()
+		once.Do(func() {
+			cancel()
+			if err := <-ran; err != nil {
+				t.Fatal(err)
+			}
+		})
+	}
+	t.Cleanup(func() { cancel() })
+	return rec, stop
 }
