@@ -134,10 +134,22 @@ func fastNATRule(cfg Config, l markLayout) Rule {
 //     a denied connection;
 //   - a SYN from the client of a fast-allowed connection: dropped (a new
 //     connection on its 5-tuple that conntrack did not start afresh);
+//   - est, the forward chain's rule for the established and related
+//     traffic of connections let out (their conntrack mark has the
+//     enforced bit): every packet of a decided connection is accepted
+//     here, by the chain's 5th rule instead of its 29th;
 //   - a pending connection: replies pass, packets from the LAN that
 //     provably carry no payload (the handshake's ACK, FIN, RST) pass,
 //     every other packet is queued until userspace decides.
-func fastForwardRules(cfg Config, l markLayout) []Rule {
+//
+// est comes before the pending connection's rules, not after them, with
+// the same verdicts: each of those rules needs the owned bits to be the
+// pending value, whose enforced bit is clear, so no packet est accepts
+// is one of theirs. It comes after the packet-mark rules (a packet
+// queued while its connection was pending gets its verdict mark when the
+// connection may be let out already) and the drop of a new SYN on a
+// fast-allowed connection's 5-tuple (TestFastForwardEstablishedEarly).
+func fastForwardRules(cfg Config, l markLayout, est Rule) []Rule {
 	lan := cfg.lanMatch()
 	m := l.fastMarks()
 	owned := l.owned()
@@ -153,6 +165,7 @@ func fastForwardRules(cfg Config, l markLayout) []Rule {
 		// out undecided. Dropped: the client's retransmission after the
 		// entry expires (10 s) is a new connection, decided anew.
 		{CTMarkAnd: owned, CTMarkEq: l.fastAllowed(), CTOriginal: true, Proto: policy.TCP, SYN: true, Counter: true, Verdict: Verdict{Kind: Drop}, Comment: "fast path: a new SYN on a decided connection's 5-tuple"},
+		est,
 		{CTMarkAnd: owned, CTMarkEq: l.fastPendingCT(), CTReply: true, Verdict: Verdict{Kind: Accept}, Comment: "fast path: replies of a pending connection"},
 	}
 	for _, fam := range []Family{IPv4, IPv6} {

@@ -359,11 +359,6 @@ func render(cfg Config, eng *policy.Engine, now time.Time) (*Ruleset, error) {
 	}
 	if mode == policy.ModeEnforce || guard {
 		var rules []Rule
-		if rs.fast {
-			// First: nothing below may accept or drop a pending
-			// connection's packets before these rules see them.
-			rules = fastForwardRules(cfg, rs.mark)
-		}
 		est := Rule{CTState: CTEstablished | CTRelated, Verdict: Verdict{Kind: Accept}, Comment: "replies and related traffic"}
 		if mode == policy.ModeEnforce {
 			// Only connections this ruleset let out: not one that began
@@ -371,7 +366,14 @@ func render(cfg Config, eng *policy.Engine, now time.Time) (*Ruleset, error) {
 			est.CTMark = rs.mark.enforced
 			est.Comment = "replies and related traffic of connections let out in enforce mode"
 		}
-		rules = append(rules, est)
+		if rs.fast {
+			// First: nothing below may accept or drop a pending
+			// connection's packets before these rules see them; est
+			// among them, before the pending connection's rules.
+			rules = fastForwardRules(cfg, rs.mark, est)
+		} else {
+			rules = append(rules, est)
+		}
 		if guard {
 			rules = append(rules, Rule{IIf: cfg.WAN, Counter: true, Verdict: Verdict{Kind: Drop},
 				Comment: "new connections from the WAN side"})
