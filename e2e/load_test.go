@@ -348,26 +348,7 @@ func TestHardeningLoad(t *testing.T) {
 // factor, logging why.
 func fdBudget(t *testing.T, wantTun, wantSlow, pid int) (int, int) {
 	need := uint64(2*wantTun + wantSlow + 512)
-	limit := func(pid int) uint64 {
-		var old unix.Rlimit
-		if err := unix.Prlimit(pid, unix.RLIMIT_NOFILE, nil, &old); err != nil {
-			t.Fatalf("prlimit %d: %v", pid, err)
-		}
-		if old.Cur >= need {
-			return old.Cur
-		}
-		want := unix.Rlimit{Cur: need, Max: max(need, old.Max)}
-		if err := unix.Prlimit(pid, unix.RLIMIT_NOFILE, &want, nil); err == nil {
-			return need
-		}
-		// Not permitted above the hard limit: take the hard limit.
-		want = unix.Rlimit{Cur: old.Max, Max: old.Max}
-		if err := unix.Prlimit(pid, unix.RLIMIT_NOFILE, &want, nil); err != nil {
-			return old.Cur
-		}
-		return old.Max
-	}
-	have := min(limit(0), limit(pid))
+	have := min(raiseNOFILE(t, 0, need), raiseNOFILE(t, pid, need))
 	if have >= need {
 		return wantTun, wantSlow
 	}
@@ -376,6 +357,30 @@ func fdBudget(t *testing.T, wantTun, wantSlow, pid int) (int, int) {
 	t.Logf("descriptor limit %d (raising it needs CAP_SYS_RESOURCE, which this machine does not grant): %d tunnels and %d slowloris clients instead of %d and %d",
 		have, nTun, nSlow, wantTun, wantSlow)
 	return nTun, nSlow
+}
+
+// raiseNOFILE raises the soft descriptor limit of process pid (0: this
+// one) to need, and its hard limit too where it may (CAP_SYS_RESOURCE);
+// where it may not, to the hard limit. It returns the soft limit then.
+func raiseNOFILE(t *testing.T, pid int, need uint64) uint64 {
+	t.Helper()
+	var old unix.Rlimit
+	if err := unix.Prlimit(pid, unix.RLIMIT_NOFILE, nil, &old); err != nil {
+		t.Fatalf("prlimit %d: %v", pid, err)
+	}
+	if old.Cur >= need {
+		return old.Cur
+	}
+	want := unix.Rlimit{Cur: need, Max: max(need, old.Max)}
+	if err := unix.Prlimit(pid, unix.RLIMIT_NOFILE, &want, nil); err == nil {
+		return need
+	}
+	// Not permitted above the hard limit: take the hard limit.
+	want = unix.Rlimit{Cur: old.Max, Max: old.Max}
+	if err := unix.Prlimit(pid, unix.RLIMIT_NOFILE, &want, nil); err != nil {
+		return old.Cur
+	}
+	return old.Max
 }
 
 func envInt(name string, def int) int {
