@@ -339,6 +339,11 @@ type flowEvent struct {
 	Filtered   string    `json:"filtered"`
 	Front      string    `json:"front"`
 	OtherNames []string  `json:"other_names"`
+	// Count, on a summary record of the detail budget, is how many events
+	// of this shape it stands for (0 on an event written alone).
+	Count      uint64 `json:"count"`
+	Duplicates uint64 `json:"duplicates"`
+	Revised    bool   `json:"revised"`
 }
 
 func (e flowEvent) String() string {
