@@ -88,6 +88,7 @@ func TestHardeningLoadFastPath(t *testing.T) {
 		}
 	}()
 	opened := time.Since(mark)
+	t.Logf("the kernel's queue after the tunnels opened: %s", nfqStats(tp))
 	mark = phase(fmt.Sprintf("%d tunnels opened (%d slowloris clients started)", len(conns), nSlow), mark)
 	origin.running(t)
 	rss, hwm, thr := d.rss()
@@ -218,7 +219,7 @@ func TestHardeningLoadFastPath(t *testing.T) {
 		syns[k] -= syns0[k]
 	}
 	t.Logf("slowloris clients' denied events: %d (%d of them in %d summary records): %v", slowN, summarized, summaries, slowBy)
-	t.Logf("fast_syns during the load: %v (the tunnels' %d, the slowloris clients' and the legitimate client's)", syns, len(conns))
+	t.Logf("fast_syns during the load: %v (the tunnels' %d, the slowloris clients' and the legitimate client's); the kernel's queue: %s", syns, len(conns), nfqStats(tp))
 	if slowN != nSlow {
 		t.Errorf("slowloris: %d denied events of its %d connections", slowN, nSlow)
 		byPort := map[int]int{}
@@ -246,7 +247,17 @@ func TestHardeningLoadFastPath(t *testing.T) {
 	if f := int(syns["fast"]); f < len(conns) {
 		t.Errorf("fast_syns fast %d, fewer than the %d tunnels", f, len(conns))
 	}
-	mark = phase("slowloris clients' events read", mark)
+	// The slowloris clients' device gave back its share of held packets
+	// and flows: its next connection goes fast again.
+	before := d.metric(`egress_proxy_fast_syns_total{result="fast"}`)
+	body, _, err = tp.tlsGet(dockerIP4+":443", dockerName, nil, nil)
+	if err != nil || !strings.Contains(body, "sni="+dockerName) {
+		t.Errorf("legitimate client after the slowloris clients: %q %v", body, err)
+	}
+	if got := d.metric(`egress_proxy_fast_syns_total{result="fast"}`) - before; got != 1 {
+		t.Errorf("the slowloris clients' device after them: %v fast SYNs, want 1 (fast_syns %v)", got, fastSyns(t, d))
+	}
+	mark = phase("slowloris clients' events read, their device fast again", mark)
 
 	for _, c := range conns {
 		c.Close()
@@ -297,4 +308,18 @@ func fastSyns(t *testing.T, d *daemon) map[string]float64 {
 		out[res] = f
 	}
 	return out
+}
+
+// nfqStats is the gateway's NFQUEUE line (/proc/net/netfilter/nfnetlink_queue):
+// queue, peer, packets waiting, copy mode and range, dropped by the kernel
+// (the queue full), dropped for the reader (its socket full), last id.
+func nfqStats(tp *topo) string {
+	out, err := tp.gw.Run("cat", "/proc/net/netfilter/nfnetlink_queue")
+	if err != nil {
+		return fmt.Sprintf("(%v)", err)
+	}
+	if f := strings.Fields(out); len(f) >= 8 {
+		return fmt.Sprintf("queue %s: %s waiting, %s dropped (queue full), %s dropped (reader's socket full), last id %s", f[0], f[2], f[5], f[6], f[7])
+	}
+	return strings.TrimSpace(out)
 }
