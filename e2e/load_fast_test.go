@@ -171,7 +171,21 @@ func TestHardeningLoadFastPath(t *testing.T) {
 	// takes the client's SYNs while it holds its share (fast_syns held).
 	res := <-slow
 	if res.err != nil || res.closed != nSlow {
-		t.Errorf("slowloris: %d of %d closed by egressd: %v", res.closed, nSlow, res.err)
+		// Known (session 37, not fixed): the fast path's first-byte wait
+		// (1 s) runs from the SYN, the proxy's from its accept, so it
+		// takes in the handshake with the origin; a slowloris client
+		// whose first byte came later than that (the box loaded) is
+		// decided on the address, as a silent client, and handed to the
+		// kernel: egressd never reads its hello nor closes it.
+		var silent []string
+		for _, ev := range d.eventsWith(fmt.Appendf(nil, `"dest_ip":%q`, dockerIP4)) {
+			if ev.Kind == "flow" && ev.Source == "proxy" && ev.Client == lanClient4 && ev.Verdict == "allow" &&
+				ev.NameSource == "dns-learned" && ev.Close == "fast-path" && !ev.Time.Before(began) {
+				silent = append(silent, ev.String())
+			}
+		}
+		t.Errorf("slowloris: %d of %d closed by egressd: %v; the device's fast connections decided on the address as silent (first byte later than the first-byte wait from the SYN): %d\n%s",
+			res.closed, nSlow, res.err, len(silent), strings.Join(silent, "\n"))
 	}
 	t.Logf("slowloris: %d of %d closed within %v of the last one's start (hello deadline 10 s)", res.closed, nSlow, res.closedAfter.Round(time.Millisecond))
 	mark = phase("slowloris clients closed", mark)
