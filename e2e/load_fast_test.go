@@ -1,14 +1,20 @@
 package e2e
 
 import (
+	"bytes"
+	"context"
+	"crypto/tls"
 	"fmt"
 	"io"
+	"net"
 	"slices"
 	"strings"
 	"testing"
 	"time"
 
 	"github.com/miekg/dns"
+
+	"egressd/internal/testnet"
 )
 
 // TestHardeningLoadFastPath is issue 7's load case at its full figures
@@ -58,6 +64,16 @@ func TestHardeningLoadFastPath(t *testing.T) {
 	// it asked for the name too, so their SYNs may be fast.
 	if rcode, addrs := tp.dig(t, dockerName, "A"); rcode != "NOERROR" || !slices.Contains(addrs, dockerIP4) {
 		t.Fatalf("dig %s: %s %v", dockerName, rcode, addrs)
+	}
+	// The legitimate client is another device: the slowloris device's
+	// own new connections share its bound of held packets (256), and one
+	// taken fast just before its slow ones fill it is refused
+	// connection-limit at its next segment, as they are (by design: the
+	// limits count a device).
+	const legitSrc = "198.18.1.11"
+	legitDev := tp.newLANDevice(t, "e2h5ot", legitSrc, "2001:db8:1::11")
+	if m, err := dnsAsk(legitDev, legitSrc, gwLAN4, dockerName, dns.TypeA, false); err != nil || m.Rcode != dns.RcodeSuccess || len(m.Answer) == 0 {
+		t.Fatalf("device %s: %s A: %v %v", legitSrc, dockerName, m, err)
 	}
 
 	fds0 := d.fds()
@@ -116,8 +132,8 @@ func TestHardeningLoadFastPath(t *testing.T) {
 		t.Errorf("egressd peak RSS %d KiB over 1 GiB with %d tunnels", hwm, nTun)
 	}
 
-	// The tunnels carry data (sampled), and a legitimate client, the
-	// slowloris clients' own device, is still served, its DNS answered.
+	// The tunnels carry data (sampled), and a legitimate client is still
+	// served, DNS answered.
 	echoed := 0
 	for i := 0; i < len(conns); i += max(1, len(conns)/50) {
 		c := conns[i]
@@ -133,9 +149,9 @@ func TestHardeningLoadFastPath(t *testing.T) {
 		}
 		echoed++
 	}
-	body, _, err := tp.tlsGet(dockerIP4+":443", dockerName, nil, nil)
+	body, err := tlsGetFrom(tp, legitDev, legitSrc, dockerIP4+":443", dockerName)
 	if err != nil || !strings.Contains(body, "sni="+dockerName) {
-		t.Errorf("legitimate client with the tunnels and slowloris clients open: %q %v", body, err)
+		t.Errorf("legitimate client (another device) with the tunnels and slowloris clients open: %q %v", body, err)
 	}
 	if rcode, _ := tp.dig(t, dockerName, "A"); rcode != "NOERROR" {
 		t.Errorf("DNS under load: %s", rcode)
@@ -364,4 +380,29 @@ func transparentDenied(t *testing.T, d *daemon) int {
 		}
 	}
 	return n
+}
+
+// tlsGetFrom makes one HTTPS request to addr with sni from address src of
+// ns and returns the body.
+func tlsGetFrom(tp *topo, ns *testnet.NS, src, addr, sni string) (string, error) {
+	ctx, cancel := context.WithTimeout(context.Background(), 15*time.Second)
+	defer cancel()
+	var c net.Conn
+	err := ns.Do(func() (err error) {
+		d := net.Dialer{LocalAddr: &net.TCPAddr{IP: net.ParseIP(src)}}
+		c, err = d.DialContext(ctx, "tcp", addr)
+		return
+	})
+	if err != nil {
+		return "", err
+	}
+	defer c.Close()
+	tc := tls.Client(c, &tls.Config{ServerName: sni, RootCAs: tp.pool, NextProtos: []string{"http/1.1"}})
+	tc.SetDeadline(time.Now().Add(20 * time.Second))
+	fmt.Fprintf(tc, "GET /load HTTP/1.1\r\nHost: %s\r\nConnection: close\r\n\r\n", sni)
+	b, err := io.ReadAll(io.LimitReader(tc, 64<<10))
+	if i := bytes.Index(b, []byte("\r\n\r\n")); i >= 0 {
+		b = b[i+4:]
+	}
+	return string(b), err
 }
