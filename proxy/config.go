@@ -165,6 +165,10 @@ type Config struct {
 	// one allowed with no packet marked yet (zero: fastKeepSilent, 10 min),
 	// so that a test need not wait for them.
 	fastKeep, fastKeepSilent time.Duration
+	// fastHandshake is a test setting: the handshake's allowance added
+	// to the fast path's first-byte wait, which runs from the SYN
+	// (fastFirstByteWait; zero: deferAcceptWait, 1 s).
+	fastHandshake time.Duration
 }
 
 // Deps are the proxy's collaborators; cmd/ wires them.
@@ -346,6 +350,9 @@ func (c Config) withDefaults() Config {
 	}
 	if c.fastKeepSilent <= 0 {
 		c.fastKeepSilent = fastKeepSilent
+	}
+	if c.fastHandshake <= 0 {
+		c.fastHandshake = deferAcceptWait
 	}
 	if c.FastPorts == nil {
 		c.FastPorts = defaultFastPorts

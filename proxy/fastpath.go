@@ -1143,9 +1143,25 @@ func (s *fastQueue) declines(seg nfq.TCPSegment, full bool, l2 nfq.L2) synResult
 	// the address, as the proxy does), and so has a flow whose bytes
 	// need waiting for (not TLS, a stream that ended or was refused).
 	fl.mu.Lock()
-	fl.timer = time.AfterFunc(min(p.cfg.FirstByteWait, p.cfg.HelloTimeout), func() { s.toWorker(fl) })
+	fl.timer = time.AfterFunc(p.fastFirstByteWait(), func() { s.toWorker(fl) })
 	fl.mu.Unlock()
 	return synNone
+}
+
+// fastFirstByteWait is the fast path's first-byte wait, from the SYN:
+// the proxy's counted from the same point. The proxy waits FirstByteWait
+// from the completed handshake (accept), and the handshake takes up to
+// the SYN-ACK's initial RTO more when the client's ACK waits for its
+// bytes under TCP_DEFER_ACCEPT, or a SYN or SYN-ACK is lost and resent
+// after the RTO (deferAcceptWait, 1 s, which is that RTO). Waiting
+// FirstByteWait from the SYN, the fast path read a client whose first
+// byte came later than that (a busy client, a resent SYN) as silent and
+// allowed it on the address, its hello never read. Still bounded by
+// HelloTimeout, as the whole hello is. Server-first protocols are not
+// slowed: the server's packets are replies, never queued, and the
+// client's first segment (its answer) ends the wait.
+func (p *Proxy) fastFirstByteWait() time.Duration {
+	return min(p.cfg.FirstByteWait+p.cfg.fastHandshake, p.cfg.HelloTimeout)
 }
 
 // kick has fl decided when it can be: a worker that runs already is

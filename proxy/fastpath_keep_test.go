@@ -529,6 +529,7 @@ func TestFastSweepRaces(t *testing.T) {
 	s := bf.s
 	s.q = &syncQueue{}                           // verdicts from workers too
 	s.p.cfg.FirstByteWait = 5 * time.Millisecond // silent flows decided soon, by workers
+	s.p.cfg.fastHandshake = time.Nanosecond      // no handshake allowance on top
 	hello := goClientHello(t, "www.allowed.test")
 	var sweeping sync.Mutex // held by a look of the sweep, and by check: the lists at rest
 	stop := make(chan struct{})
