@@ -98,6 +98,15 @@ func TestHardeningLoadFastPath(t *testing.T) {
 	mark := phase("set-up (topology, origin, egressd, devices)", began)
 
 	slow := startSlowloris(tp, dockerIP4+":443", nSlow)
+	// On a failure before their result is read, the slowloris clients
+	// (up to 30 s more) close their connections before the namespaces
+	// go, not in the tests after this one.
+	slowRead := false
+	defer func() {
+		if !slowRead {
+			<-slow
+		}
+	}()
 	conns, failed, firstErr := openTunnels(srcs, loadIP+":443", loadName, nTun, 64)
 	defer func() {
 		for _, c := range conns {
@@ -187,6 +196,7 @@ func TestHardeningLoadFastPath(t *testing.T) {
 	// connection-limit; or its hello deadline) or by the proxy, which
 	// takes the client's SYNs while it holds its share (fast_syns held).
 	res := <-slow
+	slowRead = true
 	if res.err != nil || res.closed != nSlow {
 		// A slowloris client the fast path took for silent is decided
 		// on the address and handed to the kernel: egressd never reads
