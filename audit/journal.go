@@ -240,7 +240,6 @@ type Journal struct {
 	torn        bool   // the file may end in a partial line (after a write error)
 	reopen      bool   // a rotation could not open the new file: flush tries again
 	lastFlush   time.Time
-	lastErrLog  time.Time
 	encodeBuf   []byte
 	detail      *detailBudget // nil: every event written
 	testHookPre func()        // tests: called before each write, to stall the writer
@@ -332,17 +331,34 @@ func OpenJournal(cfg JournalConfig, ledger *Ledger) (*Journal, LoadStats, error)
 		j.lines = newDetailBudget(cfg.DetailBurst, cfg.DetailRate, cfg.DetailInterval)
 		j.lines.lines = true
 	}
-	f, err := os.OpenFile(filepath.Join(cfg.Dir, CurrentLog), os.O_CREATE|os.O_WRONLY|os.O_APPEND, 0o640)
-	if err != nil {
-		return nil, LoadStats{}, fmt.Errorf("audit: open event log: %w", err)
-	}
-	fi, err := f.Stat()
-	if err != nil {
-		f.Close()
-		return nil, LoadStats{}, fmt.Errorf("audit: open event log: %w", err)
-	}
-	j.f, j.size = f, fi.Size()
 	cur := filepath.Join(cfg.Dir, CurrentLog)
+	f, err := os.OpenFile(cur, os.O_CREATE|os.O_WRONLY|os.O_APPEND, 0o640)
+	switch {
+	case errors.Is(err, syscall.EROFS):
+		// A read-only directory (a card the kernel remounted read-only
+		// after I/O errors, a read-only image): the log is read, events
+		// are counted, and each flush tries to open the log again
+		// (openCurrent), so writing resumes once it is writable. What
+		// is not written is counted (WriteFailed, Err, one log line).
+		fi, serr := os.Stat(cur)
+		if serr != nil && !errors.Is(serr, os.ErrNotExist) {
+			return nil, LoadStats{}, fmt.Errorf("audit: open event log: %w", serr)
+		}
+		if serr == nil {
+			j.size = fi.Size()
+		}
+		j.reopen = true
+		j.failed(err)
+	case err != nil:
+		return nil, LoadStats{}, fmt.Errorf("audit: open event log: %w", err)
+	default:
+		fi, err := f.Stat()
+		if err != nil {
+			f.Close()
+			return nil, LoadStats{}, fmt.Errorf("audit: open event log: %w", err)
+		}
+		j.f, j.size = f, fi.Size()
+	}
 	j.torn = endsTorn(cur, j.size)
 	if cfg.Background && j.torn {
 		// The writer appends while the log is read, so the read cannot
@@ -393,7 +409,7 @@ func (j *Journal) load(saw func(time.Time)) (LoadStats, error) {
 	})
 	if err == nil && !j.cfg.Background {
 		// The read cut a torn last line off: the file ends whole now.
-		if fi, serr := j.f.Stat(); serr == nil {
+		if fi, serr := os.Stat(filepath.Join(j.cfg.Dir, CurrentLog)); serr == nil {
 			j.size = fi.Size()
 		}
 		j.torn = endsTorn(filepath.Join(j.cfg.Dir, CurrentLog), j.size)
@@ -1580,12 +1596,24 @@ func (j *Journal) flush() {
 			j.ledger.addUnwritten(lost)
 		}
 		j.torn = (n > 0 && j.buf[n-1] != '\n') || (n == 0 && j.torn)
+		if j.f != nil && (errors.Is(err, syscall.EROFS) || errors.Is(err, syscall.EIO)) {
+			// The filesystem went read-only under the open file (ext4
+			// errors=remount-ro) or the device fails: that file stays
+			// so until a restart. The next flush opens the log by its
+			// name, which a filesystem mounted anew makes writable.
+			j.f.Close()
+			j.f, j.reopen = nil, true
+		}
 		j.failed(err)
 	} else {
 		j.torn = false
 		j.mu.Lock()
+		was := j.lastErr
 		j.lastErr = nil
 		j.mu.Unlock()
+		if was != nil {
+			j.log.Info("audit: event log written again", "lost_events", j.writeFailed.Load())
+		}
 	}
 	j.buf, j.ends = j.buf[:0], j.ends[:0]
 	if j.f != nil && j.size >= j.cfg.MaxFileBytes && !j.bgWrite {
@@ -1597,14 +1625,18 @@ func (j *Journal) flush() {
 
 var errJournalClosed = errors.New("audit: event log is not open")
 
-// failed records and (rate-limited) logs a write error.
+// failed records a write error and logs it when it starts a failure,
+// or is of another errno than the one before (a full disk that went
+// read-only): once, not at each flush while it lasts ("event log
+// written again" ends it).
 func (j *Journal) failed(err error) {
 	err = fmt.Errorf("audit: write event log: %w", err)
 	j.mu.Lock()
+	was := j.lastErr
 	j.lastErr = err
 	j.mu.Unlock()
-	if time.Since(j.lastErrLog) > 10*time.Second {
-		j.lastErrLog = time.Now()
+	var e1, e2 syscall.Errno
+	if was == nil || !errors.As(was, &e1) || !errors.As(err, &e2) || e1 != e2 {
 		j.log.Error("audit: event log write failed; events are still counted but will be missing after a restart",
 			LogError, err, "lost_events", j.writeFailed.Load())
 	}
@@ -1689,19 +1721,24 @@ func (j *Journal) clock() time.Time {
 	return time.Now()
 }
 
-// openCurrent opens the current file for appending after a rotation could
-// not.
+// openCurrent opens the current file for appending after a rotation, the
+// open at the start or a write on a read-only filesystem could not. The
+// error is the open's as it is (the path and the errno).
 func (j *Journal) openCurrent() error {
-	f, err := os.OpenFile(filepath.Join(j.cfg.Dir, CurrentLog), os.O_CREATE|os.O_WRONLY|os.O_APPEND, 0o640)
+	cur := filepath.Join(j.cfg.Dir, CurrentLog)
+	f, err := os.OpenFile(cur, os.O_CREATE|os.O_WRONLY|os.O_APPEND, 0o640)
 	if err != nil {
-		return fmt.Errorf("reopen after rotation: %w", err)
+		return err
 	}
 	fi, err := f.Stat()
 	if err != nil {
 		f.Close()
-		return fmt.Errorf("reopen after rotation: %w", err)
+		return err
 	}
 	j.f, j.size, j.reopen = f, fi.Size(), false
+	// The file may end in a partial line (a write cut short before the
+	// failure): the next line starts on a line of its own.
+	j.torn = endsTorn(cur, j.size)
 	return nil
 }
 
