@@ -1098,6 +1098,12 @@ func (d *daemon) run(ctx context.Context) error {
 	} else {
 		d.journal, d.ledger, d.sink = j, j.Ledger(), j
 		d.say("event log: %s (reading the earlier events in the background)", cfg.stateDir)
+		if err := j.Err(); err != nil {
+			// A read-only state directory: the site stays online, the
+			// events are counted and not written until it is writable
+			// (/readyz 503, egress_audit_write_failed_events_total).
+			d.say("WARNING: %v: events are counted but not written until the state directory is writable", err)
+		}
 		j.RegisterMetrics(d.reg)
 		// The journal outlives the components: it stops in shutdown,
 		// after them, so that what they emit while stopping (capture
