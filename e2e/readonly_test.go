@@ -249,6 +249,18 @@ func readOnlyAtStart(t *testing.T, tp *topo) {
 	d.unready = true
 	d.start()
 	defer d.stop()
+	// The start says it, with the path and the errno (waited for: the
+	// output is buffered).
+	warn := "WARNING: audit: write event log: open " + filepath.Join(d.stateDir, "events.ndjson") + ": read-only file system"
+	for deadline := time.Now().Add(5 * time.Second); ; time.Sleep(100 * time.Millisecond) {
+		if b, _ := os.ReadFile(d.logFile); bytes.Contains(b, []byte(warn)) {
+			break
+		}
+		if time.Now().After(deadline) {
+			t.Errorf("no line %q at the start", warn)
+			break
+		}
+	}
 	d.readOnlyFailing(tp, "on a read-only state directory from the start")
 	sameFiles(t, d.stateDir, before, false, "read-only from the start")
 
