@@ -559,6 +559,11 @@ func (j *Journal) endLoad(r loadResult) {
 func (j *Journal) readTail() error {
 	path := filepath.Join(j.cfg.Dir, CurrentLog)
 	f, err := os.Open(path)
+	if errors.Is(err, os.ErrNotExist) && j.loadedFrom == 0 {
+		// No log, and none could be made during the read (a read-only
+		// state directory): nothing was written to read back.
+		return nil
+	}
 	if err != nil {
 		return fmt.Errorf("audit: read event log: %w", err)
 	}
