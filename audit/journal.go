@@ -41,7 +41,9 @@ const (
 
 // JournalConfig configures the event log.
 type JournalConfig struct {
-	// Dir is the state directory; it is created if missing. Required.
+	// Dir is the state directory; it is created if missing (when its
+	// parent is read-only, the journal opens as on a read-only
+	// directory and the first flush that can makes it). Required.
 	Dir string
 	// MaxFileBytes is the size at which the current file is rotated.
 	// Default 64 MiB.
@@ -239,6 +241,7 @@ type Journal struct {
 	shedLogged  uint64 // shed count already recorded in the log
 	torn        bool   // the file may end in a partial line (after a write error)
 	reopen      bool   // a rotation could not open the new file: flush tries again
+	mkdir       bool   // the state directory could not be made at the open: openCurrent makes it
 	lastFlush   time.Time
 	encodeBuf   []byte
 	detail      *detailBudget // nil: every event written
@@ -276,6 +279,10 @@ type Journal struct {
 	unfed atomic.Uint64
 	// tornCut: OpenJournal cut a torn last line off (Background).
 	tornCut bool
+	// noDir: the state directory did not exist at the open and could
+	// not be made (a read-only parent): load reads nothing. Set before
+	// Run, read by the load only.
+	noDir bool
 }
 
 // shedLine is a shed record in the write buffer: its end in buf and its
@@ -315,8 +322,14 @@ func OpenJournal(cfg JournalConfig, ledger *Ledger) (*Journal, LoadStats, error)
 		return nil, LoadStats{}, err
 	}
 	cfg.fill()
-	if err := os.MkdirAll(cfg.Dir, 0o750); err != nil {
-		return nil, LoadStats{}, fmt.Errorf("audit: state directory: %w", err)
+	// A state directory that is missing and cannot be made because its
+	// parent is read-only (a read-only root image, a card remounted
+	// read-only) is a read-only directory: the journal opens, counts
+	// what it cannot write, and the flush makes the directory once it
+	// can (openCurrent).
+	mkdirErr := os.MkdirAll(cfg.Dir, 0o750)
+	if mkdirErr != nil && !errors.Is(mkdirErr, syscall.EROFS) {
+		return nil, LoadStats{}, fmt.Errorf("audit: state directory: %w", mkdirErr)
 	}
 	j := &Journal{
 		cfg: cfg, ledger: ledger, log: cfg.Logger,
@@ -332,8 +345,16 @@ func OpenJournal(cfg JournalConfig, ledger *Ledger) (*Journal, LoadStats, error)
 		j.lines.lines = true
 	}
 	cur := filepath.Join(cfg.Dir, CurrentLog)
-	f, err := os.OpenFile(cur, os.O_CREATE|os.O_WRONLY|os.O_APPEND, 0o640)
+	var f *os.File
+	err := mkdirErr
+	if err == nil {
+		f, err = os.OpenFile(cur, os.O_CREATE|os.O_WRONLY|os.O_APPEND, 0o640)
+	}
 	switch {
+	case mkdirErr != nil:
+		// No directory: nothing to read; the flush makes it.
+		j.noDir, j.mkdir, j.reopen = true, true, true
+		j.failed(mkdirErr)
 	case errors.Is(err, syscall.EROFS):
 		// A read-only directory (a card the kernel remounted read-only
 		// after I/O errors, a read-only image): the log is read, events
@@ -401,6 +422,11 @@ func OpenJournal(cfg JournalConfig, ledger *Ledger) (*Journal, LoadStats, error)
 // each event's time. Closing j.ctl.stop ends the read (ErrLoadStopped).
 func (j *Journal) load(saw func(time.Time)) (LoadStats, error) {
 	defer j.archKnown()
+	if j.noDir {
+		// The directory did not exist at the open (and could not be
+		// made): an empty log, as a new directory's.
+		return LoadStats{}, nil
+	}
 	st, err := loadInto(j.cfg.Dir, j.cfg.Logger, true, j.ledger, j.ctl, func(ev Event) { saw(ev.Time) }, func() {
 		j.rotMu.Lock()
 		j.archLast = j.ledger.archLast()
@@ -1730,6 +1756,13 @@ func (j *Journal) clock() time.Time {
 // open at the start or a write on a read-only filesystem could not. The
 // error is the open's as it is (the path and the errno).
 func (j *Journal) openCurrent() error {
+	if j.mkdir {
+		// The state directory could not be made at the open.
+		if err := os.MkdirAll(j.cfg.Dir, 0o750); err != nil {
+			return err
+		}
+		j.mkdir = false
+	}
 	cur := filepath.Join(j.cfg.Dir, CurrentLog)
 	f, err := os.OpenFile(cur, os.O_CREATE|os.O_WRONLY|os.O_APPEND, 0o640)
 	if err != nil {
