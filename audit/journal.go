@@ -1722,10 +1722,10 @@ func (j *Journal) rotate() {
 	if err != nil {
 		// The next flush tries again (openCurrent): a full disk or no
 		// free descriptor must not end the log until a restart.
+		// Said here (failed): the retries fail with the same errno,
+		// which failed takes for the failure already said.
 		j.f, j.reopen = nil, true
-		j.mu.Lock()
-		j.lastErr = fmt.Errorf("audit: rotate event log: %w", err)
-		j.mu.Unlock()
+		j.failed(fmt.Errorf("rotate: %w", err))
 		return
 	}
 	j.f, j.size = f, 0
