@@ -1596,6 +1596,19 @@ func (j *Journal) flush() {
 	err := errJournalClosed
 	if j.f == nil && j.reopen {
 		err = j.openCurrent()
+		if err == nil && j.torn && j.buf[0] != '\n' {
+			// The file opened ends in a partial line (a filesystem
+			// mounted anew after its last write reached the disk in
+			// part), and the lines were put together before it was
+			// known: the first starts on a line of its own.
+			j.buf = append([]byte{'\n'}, j.buf...)
+			for i := range j.ends {
+				j.ends[i]++
+			}
+			for i := range j.shedLines {
+				j.shedLines[i].end++
+			}
+		}
 	}
 	if j.f != nil {
 		n, err = j.f.Write(j.buf)
@@ -1775,7 +1788,7 @@ func (j *Journal) openCurrent() error {
 	}
 	j.f, j.size, j.reopen = f, fi.Size(), false
 	// The file may end in a partial line (a write cut short before the
-	// failure): the next line starts on a line of its own.
+	// failure): the next line starts on a line of its own (flush).
 	j.torn = endsTorn(cur, j.size)
 	return nil
 }
