@@ -235,13 +235,16 @@ type Journal struct {
 
 	// Owned by the writer (Run, or Close when Run never ran).
 	f           *os.File
-	size        int64  // of f
-	buf         []byte // lines not yet written
-	ends        []int  // end offsets in buf of the event lines
-	shedLogged  uint64 // shed count already recorded in the log
-	torn        bool   // the file may end in a partial line (after a write error)
-	reopen      bool   // a rotation could not open the new file: flush tries again
-	mkdir       bool   // the state directory could not be made at the open: openCurrent makes it
+	size        int64     // of f
+	buf         []byte    // lines not yet written
+	ends        []int     // end offsets in buf of the event lines
+	shedLogged  uint64    // shed count already recorded in the log
+	torn        bool      // the file may end in a partial line (after a write error)
+	reopen      bool      // a rotation could not open the new file: flush tries again
+	mkdir       bool      // the state directory could not be made at the open: openCurrent makes it
+	loggedErr   error     // the write error the last failure line said (failed)
+	lastErrLog  time.Time // when
+	errSaid     bool      // the failure going on was said in a line
 	lastFlush   time.Time
 	encodeBuf   []byte
 	detail      *detailBudget // nil: every event written
@@ -1655,9 +1658,11 @@ func (j *Journal) flush() {
 		was := j.lastErr
 		j.lastErr = nil
 		j.mu.Unlock()
-		if was != nil {
+		if was != nil && j.errSaid {
+			// Only after a failure a line said (failed).
 			j.log.Info("audit: event log written again", "lost_events", j.writeFailed.Load())
 		}
+		j.errSaid = false
 	}
 	j.buf, j.ends = j.buf[:0], j.ends[:0]
 	if j.f != nil && j.size >= j.cfg.MaxFileBytes && !j.bgWrite {
@@ -1679,8 +1684,13 @@ func (j *Journal) failed(err error) {
 	was := j.lastErr
 	j.lastErr = err
 	j.mu.Unlock()
+	// A failure that comes back at once after a write that worked (a
+	// rotation failing while appends work, a card failing now and then)
+	// is said once per 10 s, not at each flush, unless its errno is new.
 	var e1, e2 syscall.Errno
-	if was == nil || !errors.As(was, &e1) || !errors.As(err, &e2) || e1 != e2 {
+	newErrno := j.loggedErr == nil || !errors.As(j.loggedErr, &e1) || !errors.As(err, &e2) || e1 != e2
+	if (was == nil || newErrno) && (newErrno || time.Since(j.lastErrLog) >= 10*time.Second) {
+		j.loggedErr, j.lastErrLog, j.errSaid = err, time.Now(), true
 		j.log.Error("audit: event log write failed; events are still counted but will be missing after a restart",
 			LogError, err, "lost_events", j.writeFailed.Load())
 	}
