@@ -12,34 +12,45 @@ import (
 	"time"
 )
 
-// roMount mounts a tmpfs on a new directory, fills it with fill, and
-// remounts it read-only; the returned function remounts it read-write.
-// The mount goes at cleanup.
-func roMount(t *testing.T, fill func(dir string)) (dir string, writable func()) {
+// tmpfsDir mounts a tmpfs with the mount options opts on a new directory
+// and unmounts it at cleanup (lazily, and failing the test, when it is
+// busy).
+func tmpfsDir(t *testing.T, opts string) string {
 	t.Helper()
 	if os.Geteuid() != 0 {
-		t.Fatal("a read-only mount needs root")
+		t.Fatal("a tmpfs mount needs root")
 	}
-	dir = t.TempDir()
-	mount := func(args ...string) {
-		t.Helper()
-		if out, err := exec.Command("mount", args...).CombinedOutput(); err != nil {
-			t.Fatalf("mount %v: %v: %s", args, err, out)
-		}
+	dir := t.TempDir()
+	if out, err := exec.Command("mount", "-t", "tmpfs", "-o", opts, "tmpfs", dir).CombinedOutput(); err != nil {
+		t.Fatalf("mount tmpfs -o %s: %v: %s", opts, err, out)
 	}
-	mount("-t", "tmpfs", "-o", "size=4m,mode=0700", "tmpfs", dir)
 	t.Cleanup(func() {
 		if out, err := exec.Command("umount", dir).CombinedOutput(); err != nil {
 			t.Errorf("umount %s: %v: %s", dir, err, out)
 			exec.Command("umount", "-l", dir).Run()
 		}
 	})
+	return dir
+}
+
+// roMount mounts a tmpfs on a new directory (tmpfsDir), fills it with
+// fill, and remounts it read-only; the returned function remounts it
+// read-write. The mount goes at cleanup.
+func roMount(t *testing.T, fill func(dir string)) (dir string, writable func()) {
+	t.Helper()
+	dir = tmpfsDir(t, "size=4m,mode=0700")
+	remount := func(opts string) {
+		t.Helper()
+		if out, err := exec.Command("mount", "-o", opts, dir).CombinedOutput(); err != nil {
+			t.Fatalf("mount -o %s: %v: %s", opts, err, out)
+		}
+	}
 	fill(dir)
-	mount("-o", "remount,ro", dir)
+	remount("remount,ro")
 	if err := os.WriteFile(filepath.Join(dir, "probe"), nil, 0o600); err == nil {
 		t.Fatal("the tmpfs is writable after remount,ro")
 	}
-	return dir, func() { mount("-o", "remount,rw", dir) }
+	return dir, func() { remount("remount,rw") }
 }
 
 // TestJournalReadOnlyDir: a state directory read-only at the open. The

@@ -5,7 +5,6 @@ import (
 	"fmt"
 	"log/slog"
 	"os"
-	"os/exec"
 	"path/filepath"
 	"strings"
 	"testing"
@@ -19,21 +18,9 @@ import (
 // open failed with the same errno, which the line-per-failure rule took
 // for the failure already said: nothing in the log, ever.
 func TestJournalRotateOpenFailLogged(t *testing.T) {
-	if os.Geteuid() != 0 {
-		t.Fatal("a tmpfs mount needs root")
-	}
 	eng := loadPolicy(t, "policy.yaml")
 	evs := fixtureEvents(t, eng)
-	dir := t.TempDir()
-	if out, err := exec.Command("mount", "-t", "tmpfs", "-o", "size=4m,nr_inodes=16,mode=0700", "tmpfs", dir).CombinedOutput(); err != nil {
-		t.Fatalf("mount: %v: %s", err, out)
-	}
-	t.Cleanup(func() {
-		if out, err := exec.Command("umount", dir).CombinedOutput(); err != nil {
-			t.Errorf("umount %s: %v: %s", dir, err, out)
-			exec.Command("umount", "-l", dir).Run()
-		}
-	})
+	dir := tmpfsDir(t, "size=4m,nr_inodes=16,mode=0700")
 	var logs syncBuffer
 	j, _, err := OpenJournal(JournalConfig{Dir: dir, MaxFileBytes: 2000, MaxFiles: 100, DetailBurst: -1,
 		Logger: slog.New(slog.NewTextHandler(&logs, nil))}, NewLedger(eng, LedgerOptions{}))
