@@ -1088,7 +1088,11 @@ func readFileCtl(path string, log *slog.Logger, repair bool, st *LoadStats, ctl 
 	}
 	if st.Torn && repair {
 		// Cut the partial line so the next event starts on its own line.
-		if err := os.Truncate(path, good); err != nil {
+		// On a read-only filesystem it stays: the journal opens degraded
+		// (OpenJournal), and its first write there, once it is writable,
+		// starts on a line of its own (torn), as after a cut that failed
+		// at a background open.
+		if err := os.Truncate(path, good); err != nil && !errors.Is(err, syscall.EROFS) {
 			return fmt.Errorf("audit: repair event log: %w", err)
 		}
 	}
