@@ -96,7 +96,9 @@ type JournalConfig struct {
 	// (the detail budget applies from the read's end), and once the read
 	// ended the writer reads them back from the current file into the
 	// ledger, after the old ones, each once: a crash during the read
-	// loses none of them, and none waits in memory. Reports made
+	// loses none of them, and none waits in memory (but those whose write
+	// fails, held to be counted after the read as unwritten: hold).
+	// Reports made
 	// meanwhile say the read is not done (Report.Loading). No rotation,
 	// fold or compression runs before the read ends; Close stops it and
 	// still writes what is queued (the ledger then lacks what was
@@ -256,6 +258,13 @@ type Journal struct {
 	// shedLines are the shed records in buf while bgWrite: one that
 	// does not reach the file is recorded again (recordShed).
 	shedLines []shedLine
+	// held are the lines of the events whose write failed while bgWrite
+	// (a read-only state directory at the start), heldN of them: not in
+	// the log, so not read back (readTail), they are counted after the
+	// read (endLoad), as unwritten, as the events after it are. At most
+	// QueueLen events and QueueBytes bytes; past that they are shed.
+	held  []byte
+	heldN int
 	// testHookFolded, when set, is called by fold after each file it
 	// deleted (tests: a report taken then).
 	testHookFolded func()
@@ -567,9 +576,11 @@ func (j *Journal) endLoad(r loadResult) {
 				err = terr
 			}
 		}
+		j.feedHeld()
 		j.bgWrite = false
 		j.unfed.Store(0)
 	}
+	j.held, j.heldN = nil, 0
 	j.afterLoad(!stopped)
 	j.loadStats, j.loadErr = st, err
 	j.loading.Store(false)
@@ -1638,10 +1649,14 @@ func (j *Journal) flush() {
 	if err != nil {
 		lost := uint64(len(j.ends)) - ok
 		if j.bgWrite {
-			// Not in the log, so not in the ledger after the read
-			// either (readTail): in no count, as shed events are.
-			j.unfed.Add(-lost)
-			j.shed.Add(lost)
+			// Not in the log, so not read back after the read
+			// (readTail): held to be counted after it, as the events
+			// whose write fails after it are (write-failed,
+			// unwritten); past the bound, shed (in no count).
+			kept := j.hold(int(ok))
+			j.writeFailed.Add(kept)
+			j.unfed.Add(-(lost - kept))
+			j.shed.Add(lost - kept)
 		} else {
 			j.writeFailed.Add(lost)
 			j.ledger.addUnwritten(lost)
@@ -1677,6 +1692,41 @@ func (j *Journal) flush() {
 }
 
 var errJournalClosed = errors.New("audit: event log is not open")
+
+// hold keeps the lines of the event lines in buf from the from-th on (a
+// write during the background read that did not reach the file) for the
+// ledger after the read (feedHeld), within QueueLen events and
+// QueueBytes bytes, and returns how many it kept: the first ones.
+func (j *Journal) hold(from int) uint64 {
+	var kept uint64
+	for _, end := range j.ends[from:] {
+		start := bytes.LastIndexByte(j.buf[:end-1], '\n') + 1
+		if j.heldN >= j.cfg.QueueLen || int64(len(j.held)+end-start) > j.cfg.QueueBytes {
+			break
+		}
+		j.held = append(j.held, j.buf[start:end]...)
+		j.heldN++
+		kept++
+	}
+	return kept
+}
+
+// feedHeld counts the events held by hold in the ledger, as unwritten
+// (endLoad, after readTail: after the events written during the read,
+// though some of those may have come later, once the log was writable
+// again).
+func (j *Journal) feedHeld() {
+	if j.heldN == 0 {
+		return
+	}
+	var st LoadStats
+	readStream(bytes.NewReader(j.held), "held events", j.log, &st, func(ev Event) {
+		j.saw(ev.Time)
+		j.ledger.emit(ev)
+	})
+	j.ledger.addUnwritten(uint64(j.heldN))
+	j.held, j.heldN = nil, 0
+}
 
 // failed records a write error and logs it when it starts a failure,
 // or is of another errno than the one before (a full disk that went

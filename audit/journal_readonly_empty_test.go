@@ -35,8 +35,8 @@ func TestJournalReadOnlyDirNoLog(t *testing.T) {
 	case <-time.After(10 * time.Second):
 		t.Fatal("the background read did not end in 10 s")
 	}
-	// After the read: one emitted during it is shed when its write
-	// fails (in no count, TestJournalBackground's rule).
+	// After the read (one emitted during it is held and counted after
+	// it: TestJournalReadOnlyDirDuringRead).
 	waitFor(t, func() bool { return !j.loading.Load() })
 	j.Emit(evs[2])
 	if loadErr != nil || j.LoadErr() != nil {
