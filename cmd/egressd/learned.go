@@ -69,7 +69,7 @@ type learnedStore struct {
 
 	turn    chan struct{} // holds a token while a load or save runs; its holder owns the following
 	saved   uint64        // table.Changes() at the last write
-	failing string        // the last write's error, "" when it worked
+	failing string        // the last write's error (failKey), "" when it worked
 	next    time.Time     // no periodic write before it (the budget)
 
 	// since is when the write under way began, nil when none; flush reads
@@ -215,8 +215,8 @@ func (s *learnedStore) saveLocked(now time.Time) error {
 	// sync) has taken the bytes.
 	s.next = now.Add(s.spacing(size))
 	switch {
-	case err != nil && err.Error() != s.failing:
-		s.failing = err.Error()
+	case err != nil && failKey(err) != s.failing:
+		s.failing = failKey(err)
 		s.log.Warn("learned addresses: cannot write the table to the state directory: a restart loses them", audit.LogError, err.Error())
 	case err == nil && s.failing != "":
 		s.failing = ""
@@ -226,6 +226,18 @@ func (s *learnedStore) saveLocked(now time.Time) error {
 		s.saved = changes
 	}
 	return err
+}
+
+// failKey is what tells one write failure from another: its errno, when
+// it has one, else its text. The text of a failure to create the
+// temporary file names that file, a new random name at each save: on a
+// read-only state directory each save said it again, every 30 s.
+func failKey(err error) string {
+	var errno syscall.Errno
+	if errors.As(err, &errno) {
+		return "errno " + errno.Error()
+	}
+	return err.Error()
 }
 
 // writeFile writes the table as its file (atomicfile), mode 0600. It
@@ -297,6 +309,8 @@ func (d *daemon) restoreLearned(ctx context.Context, wg *sync.WaitGroup, table *
 		d.say("learned addresses: %d restored from %s", n, s.path)
 	}
 	if err := s.probe(); err != nil {
+		// Said here: the saves that fail alike say nothing more.
+		s.failing = failKey(err)
 		d.log.Warn("learned addresses: cannot write the table to the state directory: a restart loses them", audit.LogError, err.Error())
 		d.say("warning: learned addresses: %v: they will not survive a restart", err)
 	}
