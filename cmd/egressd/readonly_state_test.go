@@ -1,19 +1,26 @@
 package main
 
 import (
+	"bufio"
 	"bytes"
 	"context"
 	"io"
 	"log/slog"
+	"net"
+	"net/http"
 	"net/netip"
 	"os"
 	"os/exec"
 	"path/filepath"
+	"regexp"
 	"strings"
 	"sync"
 	"testing"
 	"time"
 
+	"github.com/miekg/dns"
+
+	"egressd/audit"
 	"egressd/dnsfilter"
 	"egressd/policy"
 )
@@ -156,5 +163,148 @@ func TestPolicyCopyReadOnlyStateDir(t *testing.T) {
 	}
 	if b, _ := os.ReadFile(filepath.Join(dir, runningSourceFile)); string(b) != "/etc/egressd/policy.yaml\n" {
 		t.Errorf("%s once writable: %q", runningSourceFile, b)
+	}
+}
+
+// TestRunReadOnlyStateDir: `egressd run` (in enforce mode, --inspect,
+// no firewall) on a state directory read-only at the start that holds
+// an earlier run's event log and no CA: it starts and serves (DNS
+// answers, the proxy refuses a denied CONNECT), says what it cannot
+// write (the event log, the learned-address table, the CA), /readyz is
+// 503 naming the event log and the errno, /healthz 200, the live report
+// counts the earlier events and the new ones; nothing in the directory
+// changes. Once the directory is writable the event log is written again
+// (after the earlier events) and /readyz is 200.
+func TestRunReadOnlyStateDir(t *testing.T) {
+	const old = 50
+	dir, writable := roStateDir(t, func(dir string) { writeEventLog(t, dir, old) })
+	logBefore, err := os.ReadFile(filepath.Join(dir, audit.CurrentLog))
+	if err != nil {
+		t.Fatal(err)
+	}
+	var out, errb lockedBuffer
+	ctx, cancel := context.WithCancel(context.Background())
+	done := make(chan int, 1)
+	go func() {
+		done <- cmdRun(ctx, []string{"--mode", "enforce", "--lan", "lo", "--wan", "lo", "--no-firewall", "--inspect",
+			"--dns-listen", "127.0.0.1:0", "--proxy-listen", "127.0.0.1:0", "--explicit-proxy-listen", "127.0.0.1:0",
+			"--admin", "127.0.0.1:0", "--upstream-dns", "127.0.0.1:9", "--state-dir", dir}, &out, &errb)
+	}()
+	defer func() {
+		cancel()
+		select {
+		case <-done:
+		case <-time.After(20 * time.Second):
+			t.Errorf("egressd run did not stop within 20s\n%s", errb.String())
+		}
+	}()
+	want := func(re *regexp.Regexp) string {
+		t.Helper()
+		for deadline := time.Now().Add(15 * time.Second); ; time.Sleep(20 * time.Millisecond) {
+			if m := re.FindStringSubmatch(out.String() + errb.String()); m != nil {
+				return m[len(m)-1]
+			}
+			if time.Now().After(deadline) {
+				t.Fatalf("no %s in 15s\nstdout:\n%s\nstderr:\n%s", re, out.String(), errb.String())
+			}
+		}
+	}
+	dnsAddr := want(regexp.MustCompile(`dns: listening on (127\.0\.0\.1:\d+)`))
+	proxyAddr := want(regexp.MustCompile(`explicit on (127\.0\.0\.1:\d+)`))
+	adminAddr := want(regexp.MustCompile(`admin: http://(127\.0\.0\.1:\d+)/`))
+	want(regexp.MustCompile(`WARNING: audit: write event log: open \S+events\.ndjson: read-only file system`))
+	want(regexp.MustCompile(`warning: learned addresses: .*read-only file system`))
+	want(regexp.MustCompile(`inspection CA cannot be loaded.*read-only file system`))
+	want(regexp.MustCompile(`event log: \S+ \((\d+) earlier events restored`))
+
+	get := func(path string) (int, string) {
+		t.Helper()
+		res, err := http.Get("http://" + adminAddr + path)
+		if err != nil {
+			t.Fatal(err)
+		}
+		defer res.Body.Close()
+		b, _ := io.ReadAll(res.Body)
+		return res.StatusCode, string(b)
+	}
+	traffic := func(when string) {
+		t.Helper()
+		m := new(dns.Msg)
+		m.SetQuestion("pool.ntp.test.", dns.TypeA)
+		c := &dns.Client{Net: "udp", Timeout: 6 * time.Second}
+		if _, _, err := c.Exchange(m, dnsAddr); err != nil {
+			t.Errorf("DNS %s: %v", when, err)
+		}
+		conn, err := net.Dial("tcp", proxyAddr)
+		if err != nil {
+			t.Fatalf("proxy %s: %v", when, err)
+		}
+		defer conn.Close()
+		conn.SetDeadline(time.Now().Add(10 * time.Second))
+		io.WriteString(conn, "CONNECT tracker.example:443 HTTP/1.1\r\nHost: tracker.example:443\r\n\r\n")
+		resp, err := http.ReadResponse(bufio.NewReader(conn), &http.Request{Method: http.MethodConnect})
+		if err != nil {
+			t.Fatalf("proxy %s: %v", when, err)
+		}
+		resp.Body.Close()
+		if resp.StatusCode != http.StatusForbidden {
+			t.Errorf("CONNECT to a denied name %s: %d, want 403", when, resp.StatusCode)
+		}
+	}
+	traffic("on the read-only directory")
+	var code int
+	var body string
+	for i := 0; i < 100; i++ {
+		if code, body = get("/readyz"); code == 503 && strings.Contains(body, "event log write failing") {
+			break
+		}
+		time.Sleep(50 * time.Millisecond)
+	}
+	if code != 503 || !strings.Contains(body, "event log write failing") || !strings.Contains(body, "read-only file system") {
+		t.Errorf("/readyz on the read-only directory: %d %q", code, body)
+	}
+	if code, body := get("/healthz"); code != 200 {
+		t.Errorf("/healthz on the read-only directory: %d %q", code, body)
+	}
+	var r *audit.Report
+	for i := 0; i < 100; i++ {
+		_, b := get("/report.json")
+		if r, err = audit.ReadReportJSON(strings.NewReader(b)); err != nil {
+			t.Fatal(err)
+		}
+		if r.Loading == nil && r.Totals.Events >= old+2 && r.UnwrittenEvents >= 2 {
+			break
+		}
+		time.Sleep(50 * time.Millisecond)
+	}
+	if r.Loading != nil || r.Totals.Events != old+2 || r.UnwrittenEvents != 2 {
+		t.Errorf("report on the read-only directory: loading %+v, %d events, %d unwritten; want %d earlier and 2 new, unwritten", r.Loading, r.Totals.Events, r.UnwrittenEvents, old)
+	}
+	if ents, _ := os.ReadDir(dir); len(ents) == 0 {
+		t.Error("the directory is empty")
+	} else if b, _ := os.ReadFile(filepath.Join(dir, audit.CurrentLog)); !bytes.Equal(b, logBefore) {
+		t.Error("the event log changed on the read-only directory")
+	}
+
+	// One line each, not one per flush or save.
+	for _, line := range []string{"event log write failed", "cannot write the table", "inspection CA cannot be loaded"} {
+		if n := strings.Count(errb.String(), line); n != 1 {
+			t.Errorf("%d log lines %q, want 1:\n%s", n, line, errb.String())
+		}
+	}
+
+	writable()
+	for i := 0; i < 100; i++ {
+		traffic("once writable")
+		if code, body = get("/readyz"); code == 200 {
+			break
+		}
+		time.Sleep(100 * time.Millisecond)
+	}
+	if code != 200 {
+		t.Errorf("/readyz once writable: %d %q", code, body)
+	}
+	if b, _ := os.ReadFile(filepath.Join(dir, audit.CurrentLog)); !bytes.HasPrefix(b, logBefore) || len(b) == len(logBefore) {
+		t.Errorf("the event log once writable: %d bytes (was %d), want the earlier events and new ones after them", len(b), len(logBefore))
 	}
 }
