@@ -1693,10 +1693,10 @@ func (j *Journal) flush() {
 
 var errJournalClosed = errors.New("audit: event log is not open")
 
-// hold keeps the lines of the event lines in buf from the from-th on (a
-// write during the background read that did not reach the file) for the
-// ledger after the read (feedHeld), within QueueLen events and
-// QueueBytes bytes, and returns how many it kept: the first ones.
+// hold keeps the event lines of buf from the from-th on (a write during
+// the background read that did not reach the file) for the ledger after
+// the read (feedHeld), within QueueLen events and QueueBytes bytes, and
+// returns how many it kept: the first ones.
 func (j *Journal) hold(from int) uint64 {
 	var kept uint64
 	for _, end := range j.ends[from:] {
