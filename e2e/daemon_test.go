@@ -337,7 +337,8 @@ type report struct {
 		Enforced bool     `json:"enforced"`
 		Reason   string   `json:"reason"`
 	} `json:"dropped"`
-	ShedEvents uint64 `json:"shed_events"`
+	ShedEvents      uint64 `json:"shed_events"`
+	UnwrittenEvents uint64 `json:"unwritten_events"`
 }
 
 // report runs `egressd report --json` in the gateway, against the running

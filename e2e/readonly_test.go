@@ -11,8 +11,9 @@ import (
 	"time"
 )
 
-// A read-only state directory (THREATS.md G3), at start and while
-// egressd runs, in enforce mode: egressd keeps deciding, /readyz and
+// A read-only state directory (THREATS.md G3), at start (in enforce and
+// in audit mode) and while egressd runs (enforce mode): egressd keeps
+// deciding, /readyz and
 // egress_audit_write_failed_events_total say the event log is not
 // written, one log line says why, nothing on disk is changed, and
 // writing resumes once the directory is writable again.
@@ -34,13 +35,15 @@ func TestHardeningReadOnlyStateDir(t *testing.T) {
 		}
 	}
 	tp := newTopo(t)
-	t.Run("at-start", func(t *testing.T) { readOnlyAtStart(t, tp) })
+	t.Run("at-start", func(t *testing.T) { readOnlyAtStart(t, tp, "enforce") })
+	t.Run("at-start-audit", func(t *testing.T) { readOnlyAtStart(t, tp, "audit") })
 	t.Run("while-running", func(t *testing.T) { readOnlyWhileRunning(t, tp) })
 }
 
 // roTraffic is one allowed TLS connection after its DNS answer and one
-// denied: it fails the test if either is not what enforce says.
-func roTraffic(t *testing.T, tp *topo, when string) {
+// to a name no rule allows: it fails the test if either is not what the
+// mode says (enforce refuses the second, audit lets it through).
+func roTraffic(t *testing.T, tp *topo, mode, when string) {
 	t.Helper()
 	if rcode, addrs := tp.dig(t, dockerName, "A"); rcode != "NOERROR" || len(addrs) == 0 {
 		t.Errorf("dig %s %s: %s %v", dockerName, when, rcode, addrs)
@@ -48,7 +51,11 @@ func roTraffic(t *testing.T, tp *topo, when string) {
 	if err := tp.legitGet(); err != nil {
 		t.Errorf("allowed connection %s: %v", when, err)
 	}
-	if o := tp.sendHello(trackerIP+":443", buildHello(helloSpec{sni: [][]string{{trackerName}}}), 0, 0); !o.denied {
+	o := tp.sendHello(trackerIP+":443", buildHello(helloSpec{sni: [][]string{{trackerName}}}), 0, 0)
+	if mode == "audit" && (o.denied || o.err != nil) {
+		t.Errorf("connection no rule allows %s, audit mode: %v, want it through", when, o)
+	}
+	if mode != "audit" && !o.denied {
 		t.Errorf("denied connection %s: %v", when, o)
 	}
 }
@@ -125,7 +132,7 @@ func (d *daemon) waitReady(tp *topo, code int, when string) string {
 	var body string
 	deadline := time.Now().Add(10 * time.Second)
 	for i := 0; ; i++ {
-		roTraffic(t, tp, fmt.Sprintf("%s (round %d)", when, i))
+		roTraffic(t, tp, d.mode, fmt.Sprintf("%s (round %d)", when, i))
 		got, body, _ = d.get("/readyz")
 		if got == code || time.Now().After(deadline) {
 			break
@@ -150,7 +157,7 @@ func (d *daemon) readOnlyFailing(tp *topo, when string) {
 		t.Errorf("/readyz %s: %q, want it to name \"event log write failing\" and \"read-only file system\"", when, body)
 	}
 	for i := 0; i < 3; i++ {
-		roTraffic(t, tp, fmt.Sprintf("%s (more, %d)", when, i))
+		roTraffic(t, tp, d.mode, fmt.Sprintf("%s (more, %d)", when, i))
 		time.Sleep(500 * time.Millisecond)
 	}
 	if code, body, err := d.get("/healthz"); err != nil || code != 200 {
@@ -201,7 +208,7 @@ func (d *daemon) resumed(tp *topo, since time.Time, when string) {
 		if newer > 0 || time.Now().After(deadline) {
 			break
 		}
-		roTraffic(t, tp, when)
+		roTraffic(t, tp, d.mode, when)
 	}
 	if newer == 0 {
 		t.Errorf("%s: no flow event written since", when)
@@ -209,11 +216,16 @@ func (d *daemon) resumed(tp *topo, since time.Time, when string) {
 	t.Logf("%s: %d flow events written since", when, newer)
 }
 
-func readOnlyAtStart(t *testing.T, tp *topo) {
-	d := newDaemon(t, tp, "enforce")
+func readOnlyAtStart(t *testing.T, tp *topo, mode string) {
+	d := newDaemon(t, tp, mode)
 	d.dumpOnFailure()
 	d.start()
-	roTraffic(t, tp, "before")
+	roTraffic(t, tp, mode, "before")
+	// Its decision in the log before the stop (capture's, in audit
+	// mode, comes after the connection).
+	d.waitEvent(t, "the connection no rule allows", func(e flowEvent) bool {
+		return e.Kind == "flow" && e.Name == trackerName && e.Verdict == "deny"
+	})
 	d.stop()
 	// A CA, for ca export on the read-only directory.
 	if out, err := exec.Command(egressdBin, "ca", "export", "--state-dir", d.stateDir).CombinedOutput(); err != nil {
@@ -222,6 +234,21 @@ func readOnlyAtStart(t *testing.T, tp *topo) {
 	before := snapshot(t, d.stateDir)
 	if len(before["events.ndjson"]) == 0 {
 		t.Fatalf("no event log after the first run: %v", before)
+	}
+	// What the first run counted for the connection no rule allows:
+	// the read-only run's live report counts more.
+	trackerFlows := func(r *report) uint64 {
+		for _, dr := range r.Dropped {
+			if dr.Dest == trackerName && dr.Port == 443 && dr.Enforced == (mode == "enforce") {
+				return dr.Flows
+			}
+		}
+		return 0
+	}
+	r0, _ := d.reportStateJSON()
+	flows0 := trackerFlows(r0)
+	if flows0 == 0 {
+		t.Fatalf("the first run's report counts no flow to %s:443", trackerName)
 	}
 	roRun := func(args ...string) ([]byte, error) {
 		cmd := exec.Command("unshare", append([]string{"--mount", "--propagation", "private", "sh", "-c",
@@ -262,6 +289,15 @@ func readOnlyAtStart(t *testing.T, tp *topo) {
 		}
 	}
 	d.readOnlyFailing(tp, "on a read-only state directory from the start")
+	if b, _ := os.ReadFile(d.logFile); bytes.Count(b, []byte(warn)) != 1 {
+		t.Errorf("%d lines %q, want 1", bytes.Count(b, []byte(warn)), warn)
+	}
+	// The live report counts what it decided (in audit mode the
+	// connection enforce would refuse, capture's), and the events it
+	// could not write.
+	waitReport(t, d, func(r *report) bool {
+		return r.Mode == mode && r.UnwrittenEvents > 0 && trackerFlows(r) > flows0
+	})
 	sameFiles(t, d.stateDir, before, false, "read-only from the start")
 
 	made := time.Now()
@@ -311,7 +347,7 @@ func readOnlyWhileRunning(t *testing.T, tp *topo) {
 	d.stateDir = mnt
 	d.start()
 	defer d.stop()
-	roTraffic(t, tp, "on a writable state directory")
+	roTraffic(t, tp, d.mode, "on a writable state directory")
 	for deadline := time.Now().Add(5 * time.Second); ; time.Sleep(100 * time.Millisecond) {
 		if fi, err := os.Stat(filepath.Join(mnt, "events.ndjson")); err == nil && fi.Size() > 0 {
 			break
