@@ -261,8 +261,11 @@ type Journal struct {
 	// held are the lines of the events whose write failed while bgWrite
 	// (a read-only state directory at the start), heldN of them: not in
 	// the log, so not read back (readTail), they are counted after the
-	// read (endLoad), as unwritten, as the events after it are. At most
-	// QueueLen events and QueueBytes bytes; past that they are shed.
+	// read (endLoad), as unwritten, as the events after it are. They
+	// count against the queue's bounds with the queued events (heldN
+	// with npending against QueueLen, their bytes in qbytes): past
+	// them, they are shed, and Emit sheds. The writer alone writes
+	// them; heldN under qmu, which Emit reads.
 	held  []byte
 	heldN int
 	// testHookFolded, when set, is called by fold after each file it
@@ -580,7 +583,7 @@ func (j *Journal) endLoad(r loadResult) {
 		j.bgWrite = false
 		j.unfed.Store(0)
 	}
-	j.held, j.heldN = nil, 0
+	j.dropHeld()
 	j.afterLoad(!stopped)
 	j.loadStats, j.loadErr = st, err
 	j.loading.Store(false)
@@ -1188,7 +1191,7 @@ func (j *Journal) Emit(ev Event) {
 	ev.ownText()
 	size := queueBytes(&ev)
 	j.qmu.Lock()
-	if j.npending >= j.cfg.QueueLen || j.qbytes+size > j.cfg.QueueBytes {
+	if j.npending+j.heldN >= j.cfg.QueueLen || j.qbytes+size > j.cfg.QueueBytes {
 		j.qmu.Unlock()
 		j.shed.Add(1)
 		return
@@ -1695,20 +1698,34 @@ var errJournalClosed = errors.New("audit: event log is not open")
 
 // hold keeps the event lines of buf from the from-th on (a write during
 // the background read that did not reach the file) for the ledger after
-// the read (feedHeld), within QueueLen events and QueueBytes bytes, and
-// returns how many it kept: the first ones.
+// the read (feedHeld), and returns how many it kept: the first ones. They
+// count against the queue's bounds, with what is queued: QueueLen events
+// and QueueBytes bytes in all (Emit sheds past them).
 func (j *Journal) hold(from int) uint64 {
 	var kept uint64
+	j.qmu.Lock()
+	defer j.qmu.Unlock()
 	for _, end := range j.ends[from:] {
 		start := bytes.LastIndexByte(j.buf[:end-1], '\n') + 1
-		if j.heldN >= j.cfg.QueueLen || int64(len(j.held)+end-start) > j.cfg.QueueBytes {
+		size := int64(end - start)
+		if j.npending+j.heldN >= j.cfg.QueueLen || j.qbytes+size > j.cfg.QueueBytes {
 			break
 		}
 		j.held = append(j.held, j.buf[start:end]...)
 		j.heldN++
+		j.qbytes += size
 		kept++
 	}
 	return kept
+}
+
+// dropHeld lets the held events go (counted by feedHeld, or not after a
+// stopped read), and their place in the queue's bounds.
+func (j *Journal) dropHeld() {
+	j.qmu.Lock()
+	j.qbytes -= int64(len(j.held))
+	j.held, j.heldN = nil, 0
+	j.qmu.Unlock()
 }
 
 // feedHeld counts the events held by hold in the ledger, as unwritten
@@ -1725,7 +1742,7 @@ func (j *Journal) feedHeld() {
 		j.ledger.emit(ev)
 	})
 	j.ledger.addUnwritten(uint64(j.heldN))
-	j.held, j.heldN = nil, 0
+	j.dropHeld()
 }
 
 // failed records a write error and logs it when it starts a failure,
