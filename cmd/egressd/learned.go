@@ -309,9 +309,10 @@ func (d *daemon) restoreLearned(ctx context.Context, wg *sync.WaitGroup, table *
 		d.say("learned addresses: %d restored from %s", n, s.path)
 	}
 	if err := s.probe(); err != nil {
-		// Said here: the saves that fail alike say nothing more.
+		// Said here, as the saves say it (component dns): the saves
+		// that fail alike say nothing more.
 		s.failing = failKey(err)
-		d.log.Warn("learned addresses: cannot write the table to the state directory: a restart loses them", audit.LogError, err.Error())
+		s.log.Warn("learned addresses: cannot write the table to the state directory: a restart loses them", audit.LogError, err.Error())
 		d.say("warning: learned addresses: %v: they will not survive a restart", err)
 	}
 	d.learned = s

@@ -111,6 +111,12 @@ func TestLearnedReadOnlyStateDir(t *testing.T) {
 	if n := strings.Count(logs.String(), "cannot write the table"); n != 1 {
 		t.Errorf("%d lines say the table cannot be written (the start's and 3 saves), want 1:\n%s", n, logs.String())
 	}
+	// The start's line is the saves' line: the same component.
+	for _, line := range strings.Split(logs.String(), "\n") {
+		if strings.Contains(line, "cannot write the table") && !strings.Contains(line, "component=dns") {
+			t.Errorf("the line lacks component=dns, which the saves' line has: %s", line)
+		}
+	}
 	if b, _ := os.ReadFile(filepath.Join(dir, learnedFileName)); !bytes.Equal(b, fileBefore) {
 		t.Errorf("the table's file changed on the read-only directory")
 	}
