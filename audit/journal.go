@@ -265,9 +265,14 @@ type Journal struct {
 	// count against the queue's bounds with the queued events (heldN
 	// with npending against QueueLen, their bytes in qbytes): past
 	// them, they are shed, and Emit sheds. The writer alone writes
-	// them; heldN under qmu, which Emit reads.
-	held  []byte
-	heldN int
+	// them; heldN under qmu, which Emit reads. The lines are kept in
+	// chunks of heldChunk bytes, each line whole in one, not in one
+	// array append grows (1.25 times the bytes, and the old array with
+	// the new at each growth): heldBytes of lines in at most one
+	// chunk's more.
+	held      [][]byte
+	heldN     int
+	heldBytes int64
 	// testHookFolded, when set, is called by fold after each file it
 	// deleted (tests: a report taken then).
 	testHookFolded func()
@@ -1711,20 +1716,29 @@ func (j *Journal) hold(from int) uint64 {
 		if j.npending+j.heldN >= j.cfg.QueueLen || j.qbytes+size > j.cfg.QueueBytes {
 			break
 		}
-		j.held = append(j.held, j.buf[start:end]...)
+		last := len(j.held) - 1
+		if last < 0 || cap(j.held[last])-len(j.held[last]) < int(size) {
+			j.held = append(j.held, make([]byte, 0, max(heldChunk, int(size))))
+			last++
+		}
+		j.held[last] = append(j.held[last], j.buf[start:end]...)
 		j.heldN++
+		j.heldBytes += size
 		j.qbytes += size
 		kept++
 	}
 	return kept
 }
 
+// heldChunk is the size of a chunk of held event lines (hold).
+const heldChunk = 64 << 10
+
 // dropHeld lets the held events go (counted by feedHeld, or not after a
 // stopped read), and their place in the queue's bounds.
 func (j *Journal) dropHeld() {
 	j.qmu.Lock()
-	j.qbytes -= int64(len(j.held))
-	j.held, j.heldN = nil, 0
+	j.qbytes -= j.heldBytes
+	j.held, j.heldN, j.heldBytes = nil, 0, 0
 	j.qmu.Unlock()
 }
 
@@ -1737,10 +1751,12 @@ func (j *Journal) feedHeld() {
 		return
 	}
 	var st LoadStats
-	readStream(bytes.NewReader(j.held), "held events", j.log, &st, func(ev Event) {
-		j.saw(ev.Time)
-		j.ledger.emit(ev)
-	})
+	for _, c := range j.held {
+		readStream(bytes.NewReader(c), "held events", j.log, &st, func(ev Event) {
+			j.saw(ev.Time)
+			j.ledger.emit(ev)
+		})
+	}
 	j.ledger.addUnwritten(uint64(j.heldN))
 	j.dropHeld()
 }

@@ -2,6 +2,7 @@ package audit
 
 import (
 	"log/slog"
+	"reflect"
 	"sync/atomic"
 	"testing"
 	"time"
@@ -75,7 +76,9 @@ func TestJournalReadOnlyDirHeldWithinQueue(t *testing.T) {
 			j.qmu.Lock()
 			queued, qbytes := j.npending, j.qbytes
 			j.qmu.Unlock()
-			heldN, heldBytes := j.heldN, int64(len(j.held)) // the writer waits in the hook
+			heldN := j.heldN // the writer waits in the hook
+			used, _ := heldSizes(reflect.ValueOf(j).Elem().FieldByName("held"))
+			heldBytes := int64(used)
 			if queued+heldN > c.queueLen {
 				t.Errorf("%d events queued and %d held, over the queue's %d", queued, heldN, c.queueLen)
 			}
@@ -112,4 +115,75 @@ func TestJournalReadOnlyDirHeldWithinQueue(t *testing.T) {
 			}
 		})
 	}
+}
+
+// TestJournalReadOnlyDirHeldMemory: the memory of the held events is
+// their lines' bytes (what counts against QueueBytes) and at most one
+// chunk more, not an array append grew (up to 1.25 times the bytes, and
+// the old array with the new at each growth, as the queue was before
+// session 26). 20,000 events are held during the stalled read. It failed
+// before: the lines were in one slice grown by append.
+func TestJournalReadOnlyDirHeldMemory(t *testing.T) {
+	const old, fresh = 300, 20000
+	dir, _ := roMount(t, func(dir string) { writeOldLog(t, dir, old) })
+	release := make(chan struct{})
+	stalled, _ := stallLoad(t, release)
+	var stall atomic.Bool
+	entered, gate := make(chan struct{}), make(chan struct{})
+	j, l, _ := openJournal(t, JournalConfig{Dir: dir, DetailBurst: -1, Background: true,
+		Logger: slog.New(slog.DiscardHandler)}, nil)
+	j.testHookPre = func() {
+		if stall.CompareAndSwap(true, false) {
+			entered <- struct{}{}
+			<-gate
+		}
+	}
+	runJournal(t, j)
+	<-stalled
+	at := time.Date(2026, 2, 1, 0, 0, 0, 0, time.UTC)
+	for i := 1; i <= fresh; i++ {
+		j.Emit(seqEvent(10000+i, at.Add(time.Duration(i)*time.Microsecond)))
+	}
+	for i := 0; j.WriteFailed()+j.Shed() < fresh && i < 60000; i++ {
+		time.Sleep(time.Millisecond)
+	}
+	if j.WriteFailed() != fresh {
+		t.Fatalf("%d write-failed, %d shed; want the %d held", j.WriteFailed(), j.Shed(), fresh)
+	}
+	stall.Store(true)
+	j.Emit(seqEvent(1, at))
+	select {
+	case <-entered:
+	case <-time.After(time.Minute):
+		t.Fatal("the writer did not take the event")
+	}
+	// The writer waits in the hook: its held lines may be read.
+	used, capacity := heldSizes(reflect.ValueOf(j).Elem().FieldByName("held"))
+	if used == 0 || capacity > used+64<<10 {
+		t.Errorf("%d events held in %d bytes of lines, %d allocated; want at most 64 KiB more", j.heldN, used, capacity)
+	}
+	close(gate)
+	close(release)
+	if g := j.waitLoaded(time.Minute); g != nil {
+		t.Fatalf("the read did not end whole: %+v", g)
+	}
+	if !j.Sync(time.Minute) {
+		t.Fatal("Sync after the read did not return")
+	}
+	if r := l.Report(ReportOptions{}); r.Totals.Flows != old+fresh+1 || r.UnwrittenEvents != fresh+1 {
+		t.Errorf("after the read: %d flows, %d unwritten; want %d, %d", r.Totals.Flows, r.UnwrittenEvents, old+fresh+1, fresh+1)
+	}
+}
+
+// heldSizes sums the lengths and capacities of the byte slices in v (a
+// []byte, or a slice of them).
+func heldSizes(v reflect.Value) (used, capacity int) {
+	if v.Type().Elem().Kind() == reflect.Uint8 {
+		return v.Len(), v.Cap()
+	}
+	for i := range v.Len() {
+		u, c := heldSizes(v.Index(i))
+		used, capacity = used+u, capacity+c
+	}
+	return used, capacity
 }
