@@ -5,7 +5,9 @@ import (
 	"crypto/tls"
 	"crypto/x509"
 	"fmt"
+	"net"
 	"net/http"
+	"net/url"
 	"os"
 	"os/exec"
 	"path/filepath"
@@ -44,7 +46,7 @@ func TestInspectCAReadOnlyStateDir(t *testing.T) {
 	was := caCheckEvery
 	caCheckEvery = time.Hour
 	defer func() { caCheckEvery = was }()
-	addr, _, tlsPort, _, p := loopbackExplicitProxy(t, docsPublicPolicy, func(c *Config) { c.StateDir = dir }, nil, nil)
+	addr, plainPort, tlsPort, _, p := loopbackExplicitProxy(t, docsPublicPolicy, func(c *Config) { c.StateDir = dir }, nil, nil)
 
 	if _, err := p.ensureCA(); err == nil || !strings.Contains(err.Error(), "read-only file system") || !strings.Contains(err.Error(), dir) {
 		t.Errorf("the CA on a read-only directory: %v, want the path and \"read-only file system\"", err)
@@ -53,11 +55,24 @@ func TestInspectCAReadOnlyStateDir(t *testing.T) {
 		t.Errorf("CA expiry metric %v while no CA can be made, want 1", e)
 	}
 	for i := range 2 {
-		conn, code := connectDocs(t, addr, tlsPort)
-		conn.Close()
-		if code != http.StatusForbidden {
-			t.Errorf("inspected CONNECT %d on a read-only directory: %d, want 403 (fail closed)", i, code)
+		conn, err := net.Dial("tcp", addr)
+		if err != nil {
+			t.Fatal(err)
 		}
+		conn.SetDeadline(time.Now().Add(20 * time.Second))
+		auth := fmt.Sprintf("docs.paths.test:%d", tlsPort)
+		fmt.Fprintf(conn, "CONNECT %s HTTP/1.1\r\nHost: %s\r\n\r\n", auth, auth)
+		resp, err := http.ReadResponse(bufio.NewReader(conn), &http.Request{Method: http.MethodConnect})
+		checkRefused(t, fmt.Sprintf("inspected CONNECT %d on a read-only directory (fail closed)", i), resp, err, http.StatusForbidden, "inspection-unavailable")
+		conn.Close()
+	}
+	// The rest is served: a plain request the policy allows.
+	proxyURL, _ := url.Parse("http://" + addr)
+	client := &http.Client{Transport: &http.Transport{Proxy: http.ProxyURL(proxyURL)}, Timeout: 20 * time.Second}
+	if resp, err := client.Get(fmt.Sprintf("http://docs.paths.test:%d/public/ro", plainPort)); err != nil || resp.StatusCode != http.StatusOK {
+		t.Errorf("plain request through the proxy on a read-only directory: %v %v, want 200", resp, err)
+	} else {
+		resp.Body.Close()
 	}
 	if ents, _ := os.ReadDir(dir); len(ents) != 0 {
 		t.Errorf("files in the read-only directory: %v", ents)
