@@ -519,3 +519,75 @@ func TestFirstBytes(t *testing.T) {
 		p.Close()
 	}
 }
+
+// TestFirstBytesLateWorker: a client whose first bytes came at once is
+// read, not decided as server-first, when the proxy's worker looks only
+// after the first-byte wait has run out (a gateway short of CPU: the
+// connection's goroutine ran late). A read deadline already past fails
+// without looking at the socket, so the bytes waiting in it went unread:
+// under TestHardeningLoad at load 16-22 such tunnels were decided on the
+// address (the tunnels' devices had not asked for the name) and reset.
+// The worker's lateness is the start the test gives (2 s ago: past both
+// deferredFirstByteWait and the 1 s wait); deferred (TCP_DEFER_ACCEPT)
+// and not (SYN cookies always on: accept at once, the first-byte wait
+// counted from accept).
+func TestFirstBytesLateWorker(t *testing.T) {
+	testnet.RequireRoot(t)
+	for _, cookies := range []bool{false, true} {
+		ns := testnet.New(t, "pxlw")
+		ns.MustRun("ip", "link", "set", "lo", "up")
+		if cookies {
+			ns.MustRun("sysctl", "-qw", "net.ipv4.tcp_syncookies=2")
+		}
+		p := bareProxy(t, Config{FirstByteWait: time.Second})
+		var ln net.Listener
+		if err := ns.Do(func() (err error) { ln, err = p.listenTransparent(context.Background(), "127.0.0.1:0"); return }); err != nil {
+			t.Fatal(err)
+		}
+		out, err := ns.DialContext(context.Background(), "tcp", ln.Addr().String())
+		if err != nil {
+			t.Fatal(err)
+		}
+		if _, err := out.Write([]byte("prompt hello")); err != nil {
+			t.Fatal(err)
+		}
+		a, err := ln.Accept()
+		if err != nil {
+			t.Fatal(err)
+		}
+		c := a.(*net.TCPConn)
+		// The bytes are in the socket before the worker looks.
+		for deadline := time.Now().Add(5 * time.Second); inQueue(t, c) < len("prompt hello"); {
+			if time.Now().After(deadline) {
+				t.Fatalf("SYN cookies %v: the client's bytes not in the accepted socket after 5 s", cookies)
+			}
+			time.Sleep(10 * time.Millisecond)
+		}
+		late := time.Now().Add(-2 * time.Second)
+		rc := &recorder{r: c, max: 1024}
+		err = p.firstBytes(c, rc, late, p.deferAccept && !cookies)
+		if err != nil || string(rc.buf) != "prompt hello" {
+			t.Errorf("SYN cookies %v: first bytes waiting when a late worker looks: %q, %v; want them read", cookies, rc.buf, err)
+		}
+		out.Close()
+		a.Close()
+		ln.Close()
+		p.Close()
+	}
+}
+
+// inQueue is how many bytes wait in c's receive queue (SIOCINQ).
+func inQueue(t *testing.T, c *net.TCPConn) int {
+	t.Helper()
+	rc, err := c.SyscallConn()
+	if err != nil {
+		t.Fatal(err)
+	}
+	var n int
+	var ierr error
+	rc.Control(func(fd uintptr) { n, ierr = unix.IoctlGetInt(int(fd), unix.SIOCINQ) })
+	if ierr != nil {
+		t.Fatal(ierr)
+	}
+	return n
+}

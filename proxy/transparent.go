@@ -475,20 +475,57 @@ func (p *Proxy) peek(c peekSource, eng *policy.Engine, in policy.Input, start ti
 // the server speaks first. Otherwise (a connection accepted at once, as a
 // SYN cookie is, without the kernel's wait) the rest of the first-byte
 // wait still applies.
+//
+// A timeout is the client's silence only if no byte waits in the socket
+// (waitingBytes): a read whose deadline has passed fails without looking,
+// so a worker that ran late (a gateway short of CPU, with the wait
+// already over when its goroutine got to the read) took a client whose
+// ClientHello had come at once for a server that speaks first, decided it
+// on the address, and reset it.
 func (p *Proxy) firstBytes(c peekSource, rc *recorder, start time.Time, deferred bool) error {
 	wait := min(p.cfg.FirstByteWait, p.cfg.HelloTimeout)
 	tc, isTCP := c.(*net.TCPConn)
 	if !deferred || !isTCP || wait <= deferredFirstByteWait {
 		c.SetReadDeadline(start.Add(wait))
-		return rc.fill(1)
+		return lateLook(c, rc, rc.fill(1))
 	}
 	c.SetReadDeadline(start.Add(deferredFirstByteWait))
-	err := rc.fill(1)
+	err := lateLook(c, rc, rc.fill(1))
 	if err == nil || !isTimeout(err) || synAckRetransmitted(tc) {
 		return err
 	}
 	c.SetReadDeadline(start.Add(wait))
+	return lateLook(c, rc, rc.fill(1))
+}
+
+// lateLook returns err, the first-byte wait's read's, unless it is a
+// timeout while bytes wait in c's socket: then it reads them (firstBytes).
+func lateLook(c peekSource, rc *recorder, err error) error {
+	if err == nil || !isTimeout(err) {
+		return err
+	}
+	tc, ok := c.(*net.TCPConn)
+	if !ok || !waitingBytes(tc) {
+		return err
+	}
+	// The bytes are there: the read returns at once; peek sets the
+	// hello deadline after.
+	c.SetReadDeadline(time.Now().Add(deferredFirstByteWait))
 	return rc.fill(1)
+}
+
+// waitingBytes reports whether bytes wait in c's receive queue (SIOCINQ).
+// An error reports false.
+func waitingBytes(c *net.TCPConn) bool {
+	rc, err := c.SyscallConn()
+	if err != nil {
+		return false
+	}
+	n := 0
+	if rc.Control(func(fd uintptr) { n, err = unix.IoctlGetInt(int(fd), unix.SIOCINQ) }) != nil || err != nil {
+		return false
+	}
+	return n > 0
 }
 
 // deferredFirstByteWait is the first-byte wait after a deferred accept
