@@ -199,16 +199,18 @@ func (u *recUpstream) seenNames() []string {
 // witness counts TCP connections accepted and UDP datagrams received on
 // addresses a test adds to the internet namespace: proof that something
 // got through, or did not. TCP peers get "hit\n" and then an echo of what
-// they send; UDP datagrams are echoed.
+// they send, for as long as the test runs (its connections are closed at
+// its cleanup); UDP datagrams are echoed.
 type witness struct {
 	tcp, udp atomic.Int64
 	mu       sync.Mutex
 	byAddr   map[string]int
+	open     map[net.Conn]struct{} // TCP connections not yet ended; nil once closed
 }
 
 func (tp *topo) newWitness(t *testing.T, tcpAddrs, udpAddrs []string) *witness {
 	t.Helper()
-	w := &witness{byAddr: map[string]int{}}
+	w := &witness{byAddr: map[string]int{}, open: map[net.Conn]struct{}{}}
 	added := map[string]bool{}
 	addAddr := func(hp string) {
 		h, _, _ := net.SplitHostPort(hp)
@@ -234,6 +236,19 @@ func (tp *topo) newWitness(t *testing.T, tcpAddrs, udpAddrs []string) *witness {
 	}
 	var wg sync.WaitGroup
 	t.Cleanup(wg.Wait)
+	// Before the wait (cleanups run last first): the connections still
+	// open end, whatever their peers do. Not a deadline on each: a tunnel
+	// of the load test stays open as long as the test needs it (at a load
+	// of 19 on 2 cores opening 9,280 took 61 s, and the first ones' 60 s
+	// deadline closed them before their echo was checked).
+	t.Cleanup(func() {
+		w.mu.Lock()
+		defer w.mu.Unlock()
+		for c := range w.open {
+			c.Close()
+		}
+		w.open = nil
+	})
 	for _, a := range tcpAddrs {
 		addAddr(a)
 		ln, err := tp.inet.Listen("tcp", a)
@@ -254,12 +269,22 @@ func (tp *topo) newWitness(t *testing.T, tcpAddrs, udpAddrs []string) *witness {
 				w.tcp.Add(1)
 				w.mu.Lock()
 				w.byAddr[a]++
+				if w.open == nil { // the cleanup has begun
+					w.mu.Unlock()
+					c.Close()
+					continue
+				}
+				w.open[c] = struct{}{}
 				w.mu.Unlock()
 				conns.Add(1)
 				go func() {
 					defer conns.Done()
-					defer c.Close()
-					c.SetDeadline(time.Now().Add(60 * time.Second))
+					defer func() {
+						w.mu.Lock()
+						delete(w.open, c)
+						w.mu.Unlock()
+						c.Close()
+					}()
 					c.Write([]byte("hit\n"))
 					// A read/write loop, not io.Copy: TCPConn to TCPConn
 					// splices through a pipe held while blocked, two
