@@ -61,11 +61,22 @@ func TestHardeningLoad(t *testing.T) {
 		nTun, nSlow := fdBudget(t, envInt("E2E_TUNNELS", 10000), envInt("E2E_SLOWLORIS", 1000), d.proc.Cmd.Process.Pid)
 		// The tunnels come from several LAN devices, as at a site: one
 		// device may hold at most the proxy's per-client limit (5,000).
+		// Each asks egressd's DNS for the origin's name first, as a
+		// device at a site does: a tunnel whose client this process was
+		// too busy to have speak within the proxy's first-byte wait (1 s
+		// after the handshake; at a load of 35 on 2 cores some were
+		// silent for longer) is decided on the address, which only the
+		// name our DNS gave that device allows (without it: deny
+		// no-rule, the tunnel closed before its hello).
 		var srcs []tunnelSrc
 		for i := range (nTun + 3999) / 4000 {
 			src := fmt.Sprintf("198.18.1.%d", 100+i)
 			ns := tp.newLANDevice(t, fmt.Sprintf("e2h4tn%d", i), src, fmt.Sprintf("2001:db8:1::1:%d", i))
 			srcs = append(srcs, tunnelSrc{ns, src})
+			m, err := dnsAsk(ns, src, gwLAN4, loadName, dns.TypeA, false)
+			if err != nil || m.Rcode != dns.RcodeSuccess || len(m.Answer) != 1 || !strings.Contains(m.Answer[0].String(), loadIP) {
+				t.Fatalf("device %s: %s A: %v %v", src, loadName, m, err)
+			}
 		}
 		slow := startSlowloris(tp, dockerIP4+":443", nSlow)
 		// On a failure before their result is read, the slowloris clients
