@@ -148,6 +148,36 @@ func TestHardeningLoad(t *testing.T) {
 		if a := d.metric("egress_proxy_active_connections"); a > 0 {
 			t.Errorf("%v proxy connections still active 10 s after every client closed", a)
 		}
+		// Every tunnel egressd took has its event now: each allowed,
+		// none refused or cut (by the name its hello gave, or by the
+		// address our DNS gave its device when this process left the
+		// client silent past the first-byte wait; how many is logged).
+		needle := fmt.Appendf(nil, `"dest_ip":%q`, loadIP)
+		var byHow map[string]int
+		var n int
+		deadline = time.Now().Add(30 * time.Second)
+		for {
+			byHow, n = map[string]int{}, 0
+			for _, ev := range d.eventsWith(needle) {
+				if ev.Kind == "flow" && ev.Source == "proxy" && ev.Dest == loadIP && !ev.Time.Before(start) {
+					byHow[ev.Verdict+"/"+ev.NameSource+"/"+ev.Close]++
+					n++
+				}
+			}
+			if n >= nTun || time.Now().After(deadline) {
+				break
+			}
+			time.Sleep(500 * time.Millisecond)
+		}
+		t.Logf("the tunnels' events by verdict/name source/close: %v", byHow)
+		if n != nTun {
+			t.Errorf("%d events of the %d tunnels", n, nTun)
+		}
+		for k, m := range byHow {
+			if !strings.HasPrefix(k, "allow/") || !strings.HasSuffix(k, "/client-closed") {
+				t.Errorf("%d tunnels %s, want allowed and ended by their client", m, k)
+			}
+		}
 	})
 
 	t.Run("dns-flood", func(t *testing.T) {
