@@ -524,9 +524,12 @@ func TestFirstBytes(t *testing.T) {
 // read, not decided as server-first, when the proxy's worker looks only
 // after the first-byte wait has run out (a gateway short of CPU: the
 // connection's goroutine ran late). A read deadline already past fails
-// without looking at the socket, so the bytes waiting in it went unread:
-// under TestHardeningLoad at load 16-22 such tunnels were decided on the
-// address (the tunnels' devices had not asked for the name) and reset.
+// without looking at the socket, so the bytes waiting in it went unread
+// and the connection was decided on the address, as a silent one (denied
+// where the device had not asked our DNS for the name: closed with its
+// hello unread, a reset). Found reading the proxy's path while
+// TestHardeningLoad failed under load (session 38); its failures there
+// had other causes, in the test.
 // The worker's lateness is the start the test gives (2 s ago: past both
 // deferredFirstByteWait and the 1 s wait); deferred (TCP_DEFER_ACCEPT)
 // and not (SYN cookies always on: accept at once, the first-byte wait
