@@ -151,7 +151,12 @@ func TestHardeningLoad(t *testing.T) {
 		// Every tunnel egressd took has its event now: each allowed,
 		// none refused or cut (by the name its hello gave, or by the
 		// address our DNS gave its device when this process left the
-		// client silent past the first-byte wait; how many is logged).
+		// client silent past the first-byte wait; how many is logged),
+		// each ended by a close, not a reset or a timeout. The close is
+		// the client's, but the event may say server-closed: the proxy
+		// marks which direction ended first after it has passed that
+		// end on, and the origin's close it causes can be marked first
+		// (under load, 20 of 9,280: the echoed ones).
 		needle := fmt.Appendf(nil, `"dest_ip":%q`, loadIP)
 		var byHow map[string]int
 		var n int
@@ -174,8 +179,8 @@ func TestHardeningLoad(t *testing.T) {
 			t.Errorf("%d events of the %d tunnels", n, nTun)
 		}
 		for k, m := range byHow {
-			if !strings.HasPrefix(k, "allow/") || !strings.HasSuffix(k, "/client-closed") {
-				t.Errorf("%d tunnels %s, want allowed and ended by their client", m, k)
+			if !strings.HasPrefix(k, "allow/") || !strings.HasSuffix(k, "/client-closed") && !strings.HasSuffix(k, "/server-closed") {
+				t.Errorf("%d tunnels %s, want allowed and ended by a close", m, k)
 			}
 		}
 	})
