@@ -337,6 +337,10 @@ func (t *tunnel) upstream() {
 		n, err = copyConn(t.server, t.client, t.idle(t.client))
 	}
 	t.out, t.errOut = n, err
+	// Marked before the end is passed on: the other side's close that
+	// it causes (an echo, a server that closes on EOF) must not be
+	// marked first.
+	t.first.CompareAndSwap(0, 1)
 	if err == nil {
 		closeWrite(t.server)
 		t.halfClose(t.server)
@@ -344,13 +348,13 @@ func (t *tunnel) upstream() {
 		t.client.Close()
 		t.server.Close()
 	}
-	t.first.CompareAndSwap(0, 1)
 	t.end()
 }
 
 func (t *tunnel) downstream() {
 	n, err := copyConn(t.client, t.server, t.idle(t.server))
 	t.in, t.errIn = n, err
+	t.first.CompareAndSwap(0, 2) // before the end is passed on (upstream)
 	denied := t.sendDeny()
 	if err == nil {
 		closeWrite(t.client)
@@ -361,7 +365,6 @@ func (t *tunnel) downstream() {
 		t.client.Close()
 		t.server.Close()
 	}
-	t.first.CompareAndSwap(0, 2)
 	t.end()
 }
 

@@ -7,6 +7,7 @@ import (
 	"net"
 	"os"
 	"strings"
+	"sync"
 	"testing"
 	"time"
 )
@@ -221,4 +222,63 @@ func TestHalfCloseTimeout(t *testing.T) {
 	case <-time.After(5 * time.Second):
 		t.Fatal("half-closed tunnel to a silent origin did not end")
 	}
+}
+
+// TestTunnelCloseReasonFirstEnd: a tunnel whose client closes first is
+// client-closed even when the server's close, which the client's caused,
+// is seen before the client's direction has finished passing its close
+// on. The direction that ended first was marked only after closing the
+// other side's write half, so a server that closes on EOF (an echo, a
+// witness) was often marked first under load: server-closed. The server
+// side here holds its CloseWrite until the server's close has been read,
+// as a goroutine preempted there does.
+func TestTunnelCloseReasonFirstEnd(t *testing.T) {
+	client, proxyIn := tcpPair(t)
+	proxyOut, server := tcpPair(t)
+	var p Proxy
+	p.done = make(chan struct{})
+	ended := make(chan string, 1)
+	late := &lateCloseWrite{Conn: proxyOut, eof: make(chan struct{})}
+	p.startTunnel(proxyIn, late, func(_, _ int64, reason string) { ended <- reason })
+	go func() { io.Copy(server, server); server.CloseWrite() }() // echo, closes on EOF
+	client.Write([]byte("ping"))
+	client.CloseWrite()
+	if b, err := io.ReadAll(client); string(b) != "ping" || err != nil {
+		t.Fatalf("echo %q, %v", b, err)
+	}
+	select {
+	case r := <-ended:
+		if r != closeClient {
+			t.Errorf("close reason %q, want %q (the client closed first)", r, closeClient)
+		}
+	case <-time.After(10 * time.Second):
+		t.Fatal("tunnel not ended 10 s after both sides closed")
+	}
+}
+
+// lateCloseWrite is a net.Conn (no WriteTo, ReadFrom: the tunnel copies
+// through Read and Write) whose CloseWrite returns only after Read has
+// returned EOF, and a moment more.
+type lateCloseWrite struct {
+	net.Conn
+	eof     chan struct{}
+	eofOnce sync.Once
+}
+
+func (c *lateCloseWrite) Read(b []byte) (int, error) {
+	n, err := c.Conn.Read(b)
+	if err == io.EOF {
+		c.eofOnce.Do(func() { close(c.eof) })
+	}
+	return n, err
+}
+
+func (c *lateCloseWrite) CloseWrite() error {
+	err := c.Conn.(*net.TCPConn).CloseWrite()
+	select {
+	case <-c.eof:
+		time.Sleep(100 * time.Millisecond) // the other direction ends meanwhile
+	case <-time.After(5 * time.Second):
+	}
+	return err
 }
