@@ -533,7 +533,7 @@ func TestFirstBytes(t *testing.T) {
 // The worker's lateness is the start the test gives (2 s ago: past both
 // deferredFirstByteWait and the 1 s wait); deferred (TCP_DEFER_ACCEPT)
 // and not (SYN cookies always on: accept at once, the first-byte wait
-// counted from accept).
+// counted from accept). A silent client is still taken for one.
 func TestFirstBytesLateWorker(t *testing.T) {
 	testnet.RequireRoot(t)
 	for _, cookies := range []bool{false, true} {
@@ -571,6 +571,22 @@ func TestFirstBytesLateWorker(t *testing.T) {
 		err = p.firstBytes(c, rc, late, p.deferAccept && !cookies)
 		if err != nil || string(rc.buf) != "prompt hello" {
 			t.Errorf("SYN cookies %v: first bytes waiting when a late worker looks: %q, %v; want them read", cookies, rc.buf, err)
+		}
+		out.Close()
+		a.Close()
+		// A silent client is still silent to a late worker: the wait is
+		// over, nothing is read, the server speaks first.
+		out, err = ns.DialContext(context.Background(), "tcp", ln.Addr().String())
+		if err != nil {
+			t.Fatal(err)
+		}
+		if a, err = ln.Accept(); err != nil {
+			t.Fatal(err)
+		}
+		c = a.(*net.TCPConn)
+		rc = &recorder{r: c, max: 1024}
+		if err = p.firstBytes(c, rc, time.Now().Add(-2*time.Second), p.deferAccept && !cookies); !isTimeout(err) || len(rc.buf) != 0 {
+			t.Errorf("SYN cookies %v: a silent client when a late worker looks: %q, %v; want a timeout", cookies, rc.buf, err)
 		}
 		out.Close()
 		a.Close()
