@@ -957,3 +957,26 @@ func (w *witness) settle() {
 		}
 	}
 }
+
+// echoSample writes a line to about n of conns, spread over them, and
+// checks that each echoes it back (the load tests' tunnels to an echo
+// origin); it returns how many did.
+func echoSample(t *testing.T, conns []net.Conn, n int) int {
+	t.Helper()
+	echoed := 0
+	for i := 0; i < len(conns); i += max(1, len(conns)/n) {
+		c := conns[i]
+		c.SetDeadline(time.Now().Add(5 * time.Second))
+		if _, err := io.WriteString(c, "ping\n"); err != nil {
+			t.Errorf("tunnel %d: %v", i, err)
+			continue
+		}
+		buf := make([]byte, 5)
+		if _, err := io.ReadFull(c, buf); err != nil || string(buf) != "ping\n" {
+			t.Errorf("tunnel %d echo: %q %v", i, buf, err)
+			continue
+		}
+		echoed++
+	}
+	return echoed
+}

@@ -143,21 +143,7 @@ func TestHardeningLoadFastPath(t *testing.T) {
 
 	// The tunnels carry data (sampled), and a legitimate client is still
 	// served, DNS answered.
-	echoed := 0
-	for i := 0; i < len(conns); i += max(1, len(conns)/50) {
-		c := conns[i]
-		c.SetDeadline(time.Now().Add(5 * time.Second))
-		if _, err := io.WriteString(c, "ping\n"); err != nil {
-			t.Errorf("tunnel %d: %v", i, err)
-			continue
-		}
-		buf := make([]byte, 5)
-		if _, err := io.ReadFull(c, buf); err != nil || string(buf) != "ping\n" {
-			t.Errorf("tunnel %d echo: %q %v", i, buf, err)
-			continue
-		}
-		echoed++
-	}
+	echoed := echoSample(t, conns, 50)
 	body, err := tlsGetFrom(tp, legitDev, legitSrc, dockerIP4+":443", dockerName)
 	if err != nil || !strings.Contains(body, "sni="+dockerName) {
 		t.Errorf("legitimate client (another device) with the tunnels and slowloris clients open: %q %v", body, err)

@@ -110,18 +110,7 @@ func TestHardeningLoad(t *testing.T) {
 			}
 		}
 		// The tunnels carry data, and a legitimate client is still served.
-		for i := 0; i < len(conns); i += max(1, len(conns)/20) {
-			c := conns[i]
-			c.SetDeadline(time.Now().Add(5 * time.Second))
-			if _, err := io.WriteString(c, "ping\n"); err != nil {
-				t.Errorf("tunnel %d: %v", i, err)
-				continue
-			}
-			buf := make([]byte, 5)
-			if _, err := io.ReadFull(c, buf); err != nil || string(buf) != "ping\n" {
-				t.Errorf("tunnel %d echo: %q %v", i, buf, err)
-			}
-		}
+		echoSample(t, conns, 20)
 		legit("with the tunnels and slowloris clients open")
 		if rcode, _ := tp.dig(t, dockerName, "A"); rcode != "NOERROR" {
 			t.Errorf("DNS under load: %s", rcode)
