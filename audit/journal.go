@@ -199,6 +199,9 @@ type Journal struct {
 	writeFailed atomic.Uint64 // events lost to write errors
 	summarized  atomic.Uint64 // events held back into summary records
 	quieted     atomic.Uint64 // decision lines held back into summary lines
+	// lostFirst are the flows whose first report Emit shed: a revised
+	// report of one is written as a first report (writeEvent).
+	lostFirst *lostFirsts
 
 	linesMu sync.Mutex    // guards lines
 	lines   *detailBudget // of decision log lines (QuietLine); nil: none
@@ -352,7 +355,7 @@ func OpenJournal(cfg JournalConfig, ledger *Ledger) (*Journal, LoadStats, error)
 		return nil, LoadStats{}, fmt.Errorf("audit: state directory: %w", mkdirErr)
 	}
 	j := &Journal{
-		cfg: cfg, ledger: ledger, log: cfg.Logger,
+		cfg: cfg, ledger: ledger, log: cfg.Logger, lostFirst: newLostFirsts(),
 		kick: make(chan struct{}, 1), syncs: make(chan chan struct{}),
 		stop: make(chan struct{}), done: make(chan struct{}),
 		loaded: make(chan struct{}), archReady: make(chan struct{}),
@@ -1199,6 +1202,7 @@ func (j *Journal) Emit(ev Event) {
 	if j.npending+j.heldN >= j.cfg.QueueLen || j.qbytes+size > j.cfg.QueueBytes {
 		j.qmu.Unlock()
 		j.shed.Add(1)
+		j.lostFirst.add(&ev, lostShed)
 		return
 	}
 	if last := len(j.pending) - 1; last >= 0 && len(j.pending[last]) < queueChunk {
@@ -1520,6 +1524,11 @@ func (j *Journal) Close() error {
 
 func (j *Journal) writeEvent(ev Event) {
 	j.saw(ev.Time)
+	if ev.Revised && ev.Kind == KindFlow && j.lostFirst.take(&ev) == lostShed {
+		// Neither the ledger nor the log has the flow (lostFirsts):
+		// this report counts as it.
+		ev.Revised = false
+	}
 	if j.bgWrite {
 		// During the background read the event is written alone, whole,
 		// and counted by readTail after the read: the detail budget's
@@ -1533,6 +1542,7 @@ func (j *Journal) writeEvent(ev Event) {
 		j.encodeBuf = line
 		if err != nil {
 			j.shed.Add(1) // in no count: not in the log for readTail
+			j.lostFirst.add(&ev, lostShed)
 			return
 		}
 		j.unfed.Add(1)
@@ -1665,6 +1675,7 @@ func (j *Journal) flush() {
 			j.writeFailed.Add(kept)
 			j.unfed.Add(-(lost - kept))
 			j.shed.Add(lost - kept)
+			j.lostLines(int(ok+kept), len(j.ends), lostShed)
 		} else {
 			j.writeFailed.Add(lost)
 			j.ledger.addUnwritten(lost)
@@ -1700,6 +1711,16 @@ func (j *Journal) flush() {
 }
 
 var errJournalClosed = errors.New("audit: event log is not open")
+
+// lostLines notes the first reports among the event lines of buf from the
+// from-th to the to-th (a write that did not reach the log) as lost how
+// (lostFirsts).
+func (j *Journal) lostLines(from, to int, how lostHow) {
+	if from >= to {
+		return
+	}
+	j.lostFirst.addLines(j.buf, j.ends[from:to], how)
+}
 
 // hold keeps the event lines of buf from the from-th on (a write during
 // the background read that did not reach the file) for the ledger after

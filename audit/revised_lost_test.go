@@ -1,0 +1,108 @@
+package audit
+
+import (
+	"net/netip"
+	"testing"
+	"time"
+
+	"egressd/policy"
+)
+
+// lostFirstCases are a connection's first report and its revised one
+// (Event.Revised, the same start): capture's report of a connection a
+// minute in and its update at the end, and the proxy's fast path's
+// allow and its cut after a reload; with where the connection counts
+// (the revised report's attribution: the only report of it there is).
+func lostFirstCases(t0 time.Time) []struct {
+	name          string
+	first, second Event
+	rule, dropped uint64
+} {
+	allow := policy.Decision{Verdict: policy.Allow, Rule: "vendor-docs", Reason: "allowed", Mode: policy.ModeEnforce}
+	cut := policy.Decision{Verdict: policy.Deny, Reason: policy.ReasonNoRule, Mode: policy.ModeEnforce}
+	capFirst := Event{Kind: KindFlow, Source: SourceCapture, Time: t0, Client: netip.MustParseAddr("198.18.1.10"), ClientPort: 40200,
+		Dest: netip.MustParseAddr("203.0.113.11"), DestPort: 443, Proto: "tcp", Name: "docs.example", NameSource: NameDNSLearned,
+		BytesOut: 2000, BytesIn: 40000, Duration: 60}
+	capFirst.Stamp(allow)
+	capSecond := capFirst
+	capSecond.Revised, capSecond.BytesOut, capSecond.BytesIn, capSecond.Duration, capSecond.Close = true, 9000, 900000, 240, "fin"
+	fastFirst, fastSecond := fastEvents(t0, allow, cut)
+	return []struct {
+		name          string
+		first, second Event
+		rule, dropped uint64
+	}{
+		{"capture-update", capFirst, capSecond, 1, 0},
+		{"fast-cut", fastFirst, fastSecond, 0, 1},
+	}
+}
+
+// later is a revised report of ev's flow after ev: more bytes.
+func later(ev Event) Event {
+	ev.Revised, ev.BytesIn = true, ev.BytesIn+1000
+	return ev
+}
+
+// checkOneFlow fails unless r counts the connection of lostFirstCases
+// once: rule times under vendor-docs, dropped among the drops.
+func checkOneFlow(t *testing.T, how string, r *Report, rule, dropped uint64) {
+	t.Helper()
+	var inRule, inDropped uint64
+	if rr := ruleOf(r, "vendor-docs"); rr != nil {
+		inRule = rr.Flows
+	}
+	for _, d := range r.Dropped {
+		if d.Port == 443 {
+			inDropped += d.Flows
+		}
+	}
+	if inRule != rule || inDropped != dropped || r.Totals.Flows != 1 || r.Totals.Allowed+r.Totals.Dropped != 1 {
+		t.Errorf("%s: the connection %d times under vendor-docs, %d among the drops, totals %+v; want %d and %d, one flow",
+			how, inRule, inDropped, r.Totals, rule, dropped)
+	}
+}
+
+// TestRevisedAfterShedFirst: the journal shed a connection's first report
+// (its queue full: "could not keep up"); the connection's revised report
+// (Event.Revised) is the only report of it there is, and counts as the
+// flow, attributed as it says, live and after a restart, with the shed
+// event counted as shed. It failed before: the revised report found no
+// record of the flow in the ledger and counted as a duplicate, 0 flows
+// and 1 shed.
+func TestRevisedAfterShedFirst(t *testing.T) {
+	eng := loadPolicy(t, "policy.yaml")
+	t0 := time.Date(2026, 12, 7, 10, 0, 0, 0, time.UTC)
+	for _, tc := range lostFirstCases(t0) {
+		t.Run(tc.name, func(t *testing.T) {
+			dir := t.TempDir()
+			j, live, _ := openJournal(t, JournalConfig{Dir: dir, QueueLen: 1}, eng)
+			filler := busyQueries(t0, 1, time.Second)[0] // a query: no flow
+			j.Emit(filler)
+			j.Emit(tc.first) // the queue is full: shed
+			if j.Shed() != 1 {
+				t.Fatalf("shed %d events, want the first report", j.Shed())
+			}
+			j.takeBatch()
+			j.Emit(tc.second)
+			j.takeBatch()
+			j.Emit(later(tc.second)) // merges into the flow the second counted
+			if err := j.Close(); err != nil {
+				t.Fatal(err)
+			}
+			r := live.Report(ReportOptions{Now: reportNow})
+			checkOneFlow(t, "live", r, tc.rule, tc.dropped)
+			if r.ShedEvents != 1 {
+				t.Errorf("live: %d shed, want 1", r.ShedEvents)
+			}
+			back, _, err := LoadDir(dir, eng, LedgerOptions{}, nil)
+			if err != nil {
+				t.Fatal(err)
+			}
+			rb := back.Report(ReportOptions{Now: reportNow})
+			checkOneFlow(t, "read back", rb, tc.rule, tc.dropped)
+			if rb.ShedEvents != 1 {
+				t.Errorf("read back: %d shed, want 1", rb.ShedEvents)
+			}
+		})
+	}
+}
