@@ -199,8 +199,9 @@ type Journal struct {
 	writeFailed atomic.Uint64 // events lost to write errors
 	summarized  atomic.Uint64 // events held back into summary records
 	quieted     atomic.Uint64 // decision lines held back into summary lines
-	// lostFirst are the flows whose first report Emit shed: a revised
-	// report of one is written as a first report (writeEvent).
+	// lostFirst are the flows whose first report Emit shed or the writer
+	// could not write: a revised report of one is written as a first
+	// report (writeEvent).
 	lostFirst *lostFirsts
 
 	linesMu sync.Mutex    // guards lines
@@ -1524,12 +1525,26 @@ func (j *Journal) Close() error {
 
 func (j *Journal) writeEvent(ev Event) {
 	j.saw(ev.Time)
-	if ev.Revised && ev.Kind == KindFlow && j.lostFirst.take(&ev) == lostShed {
-		// Neither the ledger nor the log has the flow (lostFirsts):
-		// this report counts as it.
-		ev.Revised = false
+	// first: ev is a revised report of a flow whose first report the
+	// log lacks (lostFirsts), written as a first report.
+	first := false
+	if ev.Revised && ev.Kind == KindFlow {
+		switch j.lostFirst.take(&ev) {
+		case lostShed:
+			// Neither the ledger nor the log has the flow: this
+			// report counts as it.
+			ev.Revised = false
+		case lostUnwritten:
+			// The ledger counted the flow: this report merges into
+			// it (or is a duplicate of it, forgotten), and stands
+			// for it in the log.
+			first = true
+		}
 	}
 	if j.bgWrite {
+		// The ledger reads the line (readTail), and the lost first
+		// report after it (feedHeld): counted as the line says.
+		ev.Revised = ev.Revised && !first
 		// During the background read the event is written alone, whole,
 		// and counted by readTail after the read: the detail budget's
 		// choice to hold it back needs the ledger's count of its flow
@@ -1549,8 +1564,12 @@ func (j *Journal) writeEvent(ev Event) {
 		j.append(line, true)
 		return
 	}
-	if j.detail == nil {
+	if j.detail == nil || first {
+		// A revised report that stands for a lost first report is
+		// written whole, never held back into a summary (whose later
+		// reports count as duplicates).
 		j.ledger.emit(ev)
+		ev.Revised = ev.Revised && !first
 	} else {
 		if j.detail.full() {
 			j.writeSummaries()
@@ -1572,6 +1591,7 @@ func (j *Journal) writeEvent(ev Event) {
 	if err != nil {
 		j.writeFailed.Add(1)
 		j.ledger.addUnwritten(1)
+		j.lostFirst.add(&ev, lostUnwritten)
 		return
 	}
 	j.append(line, true)
@@ -1675,10 +1695,12 @@ func (j *Journal) flush() {
 			j.writeFailed.Add(kept)
 			j.unfed.Add(-(lost - kept))
 			j.shed.Add(lost - kept)
+			j.lostLines(int(ok), int(ok+kept), lostUnwritten)
 			j.lostLines(int(ok+kept), len(j.ends), lostShed)
 		} else {
 			j.writeFailed.Add(lost)
 			j.ledger.addUnwritten(lost)
+			j.lostLines(int(ok), len(j.ends), lostUnwritten)
 		}
 		j.torn = (n > 0 && j.buf[n-1] != '\n') || (n == 0 && j.torn)
 		if j.f != nil && (errors.Is(err, syscall.EROFS) || errors.Is(err, syscall.EIO)) {

@@ -1,7 +1,10 @@
 package audit
 
 import (
+	"log/slog"
 	"net/netip"
+	"os"
+	"path/filepath"
 	"testing"
 	"time"
 
@@ -103,6 +106,51 @@ func TestRevisedAfterShedFirst(t *testing.T) {
 			if rb.ShedEvents != 1 {
 				t.Errorf("read back: %d shed, want 1", rb.ShedEvents)
 			}
+		})
+	}
+}
+
+// TestRevisedAfterUnwrittenFirst: the journal could not write a
+// connection's first report (a full disk); the ledger counted it, and
+// merges the revised report into it live. After a restart the log holds
+// only the revised report, which counts as the flow (attributed as it
+// says): the connection counts once. It failed before: read back, the
+// revised report was a duplicate of a flow the ledger did not hold, 0
+// flows.
+func TestRevisedAfterUnwrittenFirst(t *testing.T) {
+	eng := loadPolicy(t, "policy.yaml")
+	t0 := time.Date(2026, 12, 7, 10, 0, 0, 0, time.UTC)
+	for _, tc := range lostFirstCases(t0) {
+		t.Run(tc.name, func(t *testing.T) {
+			dir, fill, free := fullTmpfs(t)
+			j, live, _ := openJournal(t, JournalConfig{Dir: dir, Logger: slog.New(slog.DiscardHandler)}, eng)
+			t.Cleanup(func() { j.Close() }) // before the tmpfs's unmount
+			// A page of the tmpfs taken, so that fill's 64 KiB fill it.
+			if err := os.WriteFile(filepath.Join(dir, "pad"), []byte{1}, 0o600); err != nil {
+				t.Fatal(err)
+			}
+			fill()
+			j.Emit(tc.first)
+			j.takeBatch()
+			j.flush() // ENOSPC: the first report is not in the log
+			if j.WriteFailed() != 1 {
+				t.Fatalf("%d events failed to be written, want the first report", j.WriteFailed())
+			}
+			free()
+			j.Emit(tc.second)
+			j.Emit(later(tc.second)) // merges into the flow counted
+			if err := j.Close(); err != nil {
+				t.Fatal(err)
+			}
+			if j.Written() != 2 {
+				t.Fatalf("%d events written, want the revised reports", j.Written())
+			}
+			checkOneFlow(t, "live", live.Report(ReportOptions{Now: reportNow}), tc.rule, tc.dropped)
+			back, _, err := LoadDir(dir, eng, LedgerOptions{}, nil)
+			if err != nil {
+				t.Fatal(err)
+			}
+			checkOneFlow(t, "read back", back.Report(ReportOptions{Now: reportNow}), tc.rule, tc.dropped)
 		})
 	}
 }
