@@ -155,6 +155,9 @@ type Event struct {
 	// report in the summary of rotated-out files) the first report's
 	// count stands and this one counts as a duplicate, as a held flow's
 	// later report merges into its summary: the connection counts once.
+	// Where the journal lost the first report (shed it, or could not
+	// write it) it writes this one unmarked, the only report of the
+	// connection there is, which counts as the flow (lostFirsts).
 	Revised bool `json:"revised,omitempty"`
 
 	// DNS queries. QueryID is the query's DNS message ID: with the

@@ -86,7 +86,9 @@ const (
 //     start, after a reload (to enforce, or in audit mode) allowed the
 //     flow (recredited). A report marked revised (Event.Revised) whose
 //     flow the ledger no longer holds is a duplicate: the first report's
-//     count stands.
+//     count stands. (The journal clears the mark of a revised report
+//     whose first report it shed or could not write: that one is the
+//     connection's only report, and counts as the flow: lostFirsts.)
 //   - A DNS query event is not a flow. An allowed query counts in its
 //     rule's "queries" (and its name as a destination, its client as a
 //     client, its time in first/last seen), so a rule whose names were only
@@ -594,7 +596,8 @@ func (l *Ledger) addRecLocked(ev *Event) (bool, *flowRec) {
 			// not known here (a deny does not say the rule it takes
 			// the flow from), so that count stands, as a held flow's
 			// summary does, and this one is a duplicate. Counted
-			// anew, the connection would count twice.
+			// anew, the connection would count twice. (A first
+			// report the journal lost never gets here: lostFirsts.)
 			l.totals.Duplicates++
 			return false, nil
 		}
