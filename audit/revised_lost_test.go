@@ -154,3 +154,53 @@ func TestRevisedAfterUnwrittenFirst(t *testing.T) {
 		})
 	}
 }
+
+// TestRevisedAfterShedFirstDuringRead is TestRevisedAfterShedFirst while
+// the background read of the log at the start runs (JournalConfig.
+// Background): the revised report is written during the read and read
+// back into the ledger after it (readTail), as a first report.
+func TestRevisedAfterShedFirstDuringRead(t *testing.T) {
+	eng := loadPolicy(t, "policy.yaml")
+	t0 := time.Date(2026, 12, 7, 10, 0, 0, 0, time.UTC)
+	for _, tc := range lostFirstCases(t0) {
+		t.Run(tc.name, func(t *testing.T) {
+			dir := t.TempDir()
+			queries := busyQueries(t0, 3, time.Second) // no flows
+			writeLogFile(t, dir, CurrentLog, queries[:1])
+			release := make(chan struct{})
+			stalled, _ := stallLoad(t, release)
+			j, live, _ := openJournal(t, JournalConfig{Dir: dir, Background: true, QueueLen: 1}, eng)
+			entered, resume := stallWriter(j)
+			runJournal(t, j)
+			<-stalled
+			j.Emit(queries[1]) // the writer takes it and stalls
+			<-entered
+			j.Emit(queries[2]) // the queue is full
+			j.Emit(tc.first)   // shed
+			if j.Shed() != 1 {
+				t.Fatalf("shed %d events, want the first report", j.Shed())
+			}
+			close(resume)
+			if !waitWritten(j, 2) {
+				t.Fatalf("the writer wrote %d events of 2", j.Written())
+			}
+			j.Emit(tc.second)
+			if !waitWritten(j, 3) {
+				t.Fatalf("the writer wrote %d events of 3", j.Written())
+			}
+			close(release)
+			if g := j.waitLoaded(time.Minute); g != nil {
+				t.Fatalf("the read did not end whole: %+v", g)
+			}
+			if !j.Sync(time.Minute) {
+				t.Fatal("Sync after the read did not return")
+			}
+			checkOneFlow(t, "live", live.Report(ReportOptions{Now: reportNow}), tc.rule, tc.dropped)
+			back, _, err := LoadDir(dir, eng, LedgerOptions{}, nil)
+			if err != nil {
+				t.Fatal(err)
+			}
+			checkOneFlow(t, "read back", back.Report(ReportOptions{Now: reportNow}), tc.rule, tc.dropped)
+		})
+	}
+}
