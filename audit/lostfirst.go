@@ -2,13 +2,14 @@ package audit
 
 import (
 	"bytes"
+	"encoding/binary"
 	"hash/maphash"
 	"sync"
 	"sync/atomic"
 )
 
 // How a flow's first report was lost (lostFirsts).
-type lostHow uint8
+type lostHow uint64
 
 const (
 	lostNone lostHow = iota
@@ -21,10 +22,11 @@ const (
 	lostUnwritten
 )
 
-// maxLostFirsts bounds the flows lostFirsts keeps (some 1.5 MB at the
-// bound): past it the oldest are forgotten, and a revised report of one
+// lostSlots is the size of lostFirsts' table (512 KiB, made at the
+// first loss): it keeps about the last 65,536 flows lost, fewer where
+// two take one slot (the newer stays); a revised report of one it lost
 // counts as a duplicate, as before.
-const maxLostFirsts = 65536
+const lostSlots = 1 << 16
 
 // lostFirsts are the flows whose first report (a flow event not marked
 // revised) the journal shed or could not write, by a hash of the
@@ -39,27 +41,37 @@ const maxLostFirsts = 65536
 // report is counted so live too; an unwritten one's merges live into the
 // flow counted (it is counted once as it is), and counts as it after a
 // restart.
+//
+// A table of lostSlots hashes, each slot the hash of one flow with how
+// its first report was lost in the low bits, written and taken with
+// atomics: Emit's shed, the path of a journal that cannot keep up, takes
+// no lock more for it.
 type lostFirsts struct {
-	n    atomic.Int64 // len(m): writeEvent looks up nothing while 0
-	mu   sync.Mutex   // guards following
-	seed maphash.Seed
-	m    map[uint64]lostHow
-	ring []uint64 // insertion order, for the bound
-	pos  int
+	seed  maphash.Seed
+	once  sync.Once
+	slots atomic.Pointer[[lostSlots]atomic.Uint64]
 }
 
-// lostKey is what a flow's first report and its revised one share.
-type lostKey struct {
-	FlowKey
-	source Source
-	start  int64 // Unix ns
-}
+const lostHowBits = 3 // the low bits of a slot: its lostHow
 
 func newLostFirsts() *lostFirsts { return &lostFirsts{seed: maphash.MakeSeed()} }
 
-// hash digests ev's lostKey.
+// hash digests what a flow's first report and its revised one share: the
+// component, the 5-tuple and the start; its low bits are zero.
 func (lf *lostFirsts) hash(ev *Event) uint64 {
-	return maphash.Comparable(lf.seed, lostKey{ev.Key(), ev.Source, ev.Time.UnixNano()})
+	var a [96]byte
+	b := a[:0]
+	k := ev.Key()
+	c, d := k.Client.As16(), k.Dest.As16()
+	b = append(b, c[:]...)
+	b = append(b, d[:]...)
+	b = binary.BigEndian.AppendUint16(b, k.ClientPort)
+	b = binary.BigEndian.AppendUint16(b, k.DestPort)
+	b = binary.BigEndian.AppendUint64(b, uint64(ev.Time.UnixNano()))
+	b = append(b, k.Proto...)
+	b = append(b, 0)
+	b = append(b, ev.Source...)
+	return maphash.Bytes(lf.seed, b) &^ (1<<lostHowBits - 1)
 }
 
 // firstReport reports whether ev is a flow's first report (one that
@@ -71,23 +83,13 @@ func (lf *lostFirsts) add(ev *Event, how lostHow) {
 	if !firstReport(ev) {
 		return
 	}
+	t := lf.slots.Load()
+	if t == nil {
+		lf.once.Do(func() { lf.slots.Store(new([lostSlots]atomic.Uint64)) })
+		t = lf.slots.Load()
+	}
 	h := lf.hash(ev)
-	lf.mu.Lock()
-	defer lf.mu.Unlock()
-	if lf.m == nil {
-		lf.m = map[uint64]lostHow{}
-	}
-	if _, ok := lf.m[h]; !ok {
-		if len(lf.ring) < maxLostFirsts {
-			lf.ring = append(lf.ring, h)
-		} else {
-			delete(lf.m, lf.ring[lf.pos])
-			lf.ring[lf.pos] = h
-			lf.pos = (lf.pos + 1) % maxLostFirsts
-		}
-	}
-	lf.m[h] = how
-	lf.n.Store(int64(len(lf.m)))
+	t[(h>>lostHowBits)%lostSlots].Store(h | uint64(how))
 }
 
 // addLines notes the first reports among event lines of buf that did not
@@ -107,16 +109,15 @@ func (lf *lostFirsts) addLines(buf []byte, ends []int, how lostHow) {
 // it (lostNone: it was not, or not that lostFirsts remembers). ev is a
 // revised flow report.
 func (lf *lostFirsts) take(ev *Event) lostHow {
-	if lf.n.Load() == 0 {
+	t := lf.slots.Load()
+	if t == nil {
 		return lostNone
 	}
 	h := lf.hash(ev)
-	lf.mu.Lock()
-	defer lf.mu.Unlock()
-	how, ok := lf.m[h]
-	if ok {
-		delete(lf.m, h)
-		lf.n.Store(int64(len(lf.m)))
+	s := &t[(h>>lostHowBits)%lostSlots]
+	v := s.Load()
+	if v&^(1<<lostHowBits-1) != h || !s.CompareAndSwap(v, 0) {
+		return lostNone
 	}
-	return how
+	return lostHow(v & (1<<lostHowBits - 1))
 }
