@@ -199,9 +199,9 @@ type Journal struct {
 	writeFailed atomic.Uint64 // events lost to write errors
 	summarized  atomic.Uint64 // events held back into summary records
 	quieted     atomic.Uint64 // decision lines held back into summary lines
-	// lostFirst are the flows whose first report Emit shed or the writer
-	// could not write: a revised report of one is written as a first
-	// report (writeEvent).
+	// lostFirst are the connections whose first report Emit shed or the
+	// writer could not write, where no other report counted them: a
+	// revised report of one is written as a first report (writeEvent).
 	lostFirst *lostFirsts
 
 	linesMu sync.Mutex    // guards lines
@@ -244,6 +244,7 @@ type Journal struct {
 	size        int64     // of f
 	buf         []byte    // lines not yet written
 	ends        []int     // end offsets in buf of the event lines
+	firstLines  []int     // indexes in ends of the lines lostFirsts notes if lost (writeEvent's keep)
 	shedLogged  uint64    // shed count already recorded in the log
 	torn        bool      // the file may end in a partial line (after a write error)
 	reopen      bool      // a rotation could not open the new file: flush tries again
@@ -1203,7 +1204,11 @@ func (j *Journal) Emit(ev Event) {
 	if j.npending+j.heldN >= j.cfg.QueueLen || j.qbytes+size > j.cfg.QueueBytes {
 		j.qmu.Unlock()
 		j.shed.Add(1)
-		j.lostFirst.add(&ev, lostShed)
+		if firstReport(&ev) && !j.ledger.holdsFlow(&ev) {
+			// The connection's only report so far: no other
+			// component's counted it (lostFirsts).
+			j.lostFirst.add(&ev, lostShed)
+		}
 		return
 	}
 	if last := len(j.pending) - 1; last >= 0 && len(j.pending[last]) < queueChunk {
@@ -1532,8 +1537,10 @@ func (j *Journal) writeEvent(ev Event) {
 		switch j.lostFirst.take(&ev) {
 		case lostShed:
 			// Neither the ledger nor the log has the flow: this
-			// report counts as it.
-			ev.Revised = false
+			// report counts as it, unless another component's
+			// report of the connection, queued when the first was
+			// shed, counted it since.
+			ev.Revised = j.ledger.holdsFlow(&ev)
 		case lostUnwritten:
 			// The ledger counted the flow: this report merges into
 			// it (or is a duplicate of it, forgotten), and stands
@@ -1561,21 +1568,27 @@ func (j *Journal) writeEvent(ev Event) {
 			return
 		}
 		j.unfed.Add(1)
+		if firstReport(&ev) {
+			// Counted after the read: kept if its write fails.
+			j.firstLines = append(j.firstLines, len(j.ends))
+		}
 		j.append(line, true)
 		return
 	}
+	var counted bool
 	if j.detail == nil || first {
 		// A revised report that stands for a lost first report is
 		// written whole, never held back into a summary (whose later
 		// reports count as duplicates).
-		j.ledger.emit(ev)
+		counted = j.ledger.emit(ev)
 		ev.Revised = ev.Revised && !first
 	} else {
 		if j.detail.full() {
 			j.writeSummaries()
 		}
 		now := j.clock()
-		_, held := j.ledger.emitHold(ev, j.detail.gen, func(counted bool, twin *heldFlow) (bool, *heldFlow) {
+		var held bool
+		counted, held = j.ledger.emitHold(ev, j.detail.gen, func(counted bool, twin *heldFlow) (bool, *heldFlow) {
 			return j.detail.holdFlow(&ev, counted, twin, now)
 		})
 		if held {
@@ -1583,6 +1596,10 @@ func (j *Journal) writeEvent(ev Event) {
 			return
 		}
 	}
+	// keep: the log must keep ev for its connection to count read back
+	// (lostFirsts notes it if the write fails). A first report merged
+	// into another component's report counted is not: that one stands.
+	keep := first || counted && firstReport(&ev)
 	if j.testHookPre != nil {
 		j.testHookPre()
 	}
@@ -1591,8 +1608,13 @@ func (j *Journal) writeEvent(ev Event) {
 	if err != nil {
 		j.writeFailed.Add(1)
 		j.ledger.addUnwritten(1)
-		j.lostFirst.add(&ev, lostUnwritten)
+		if keep {
+			j.lostFirst.add(&ev, lostUnwritten)
+		}
 		return
+	}
+	if keep {
+		j.firstLines = append(j.firstLines, len(j.ends))
 	}
 	j.append(line, true)
 }
@@ -1724,7 +1746,7 @@ func (j *Journal) flush() {
 		}
 		j.errSaid = false
 	}
-	j.buf, j.ends = j.buf[:0], j.ends[:0]
+	j.buf, j.ends, j.firstLines = j.buf[:0], j.ends[:0], j.firstLines[:0]
 	if j.f != nil && j.size >= j.cfg.MaxFileBytes && !j.bgWrite {
 		// Not during the background read, which reads the current
 		// file by its name (endLoad rotates it after).
@@ -1734,14 +1756,15 @@ func (j *Journal) flush() {
 
 var errJournalClosed = errors.New("audit: event log is not open")
 
-// lostLines notes the first reports among the event lines of buf from the
-// from-th to the to-th (a write that did not reach the log) as lost how
-// (lostFirsts).
+// lostLines notes the first reports the log must keep (firstLines) among
+// the event lines of buf from the from-th to the to-th (a write that did
+// not reach the log) as lost how (lostFirsts).
 func (j *Journal) lostLines(from, to int, how lostHow) {
-	if from >= to {
-		return
+	for _, i := range j.firstLines {
+		if i >= from && i < to {
+			j.lostFirst.addLine(j.buf, j.ends[i], how)
+		}
 	}
-	j.lostFirst.addLines(j.buf, j.ends[from:to], how)
 }
 
 // hold keeps the event lines of buf from the from-th on (a write during

@@ -481,6 +481,25 @@ func (l *Ledger) add(ev *Event) {
 	l.mu.Unlock()
 }
 
+// holdsFlow reports whether the ledger holds a flow that ev, a flow
+// report, would count as a duplicate of: another report of its connection
+// (another component's) counted it. The journal keeps a lost first report
+// (lostFirsts) only of a connection no report counted: a later report of
+// one that counted stays a duplicate, in the log too, where the ledger
+// read again may have forgotten the flow by then.
+func (l *Ledger) holdsFlow(ev *Event) bool {
+	id := flowID{FlowKey: ev.Key(), kind: KindFlow}
+	id.Proto = knownText(id.Proto)
+	if !id.keyed() {
+		return false
+	}
+	h := id.hash(l.seed)
+	l.mu.Lock()
+	defer l.mu.Unlock()
+	rec := l.findLocked(id, h, ev.Time.UTC())
+	return rec != nil && !anotherFlow(rec, ev)
+}
+
 // addShed records n events shed at t.
 func (l *Ledger) addShed(t time.Time, n uint64) {
 	if n == 0 {

@@ -30,7 +30,9 @@ const lostSlots = 1 << 16
 
 // lostFirsts are the flows whose first report (a flow event not marked
 // revised) the journal shed or could not write, by a hash of the
-// component, the 5-tuple and the start. A later report of such a flow
+// component, the 5-tuple and the start, where no other component's report
+// of the connection counted it (Ledger.holdsFlow when shed; the ledger's
+// count when the write failed). A later report of such a flow
 // (Event.Revised, the same start) is the only report of the connection
 // there is in the ledger (shed) or in the log (unwritten): the journal
 // writes it as a first report, its mark cleared, so that it counts as the
@@ -40,7 +42,11 @@ const lostSlots = 1 << 16
 // of a flow it does not hold as a duplicate. A shed first report's later
 // report is counted so live too; an unwritten one's merges live into the
 // flow counted (it is counted once as it is), and counts as it after a
-// restart.
+// restart. Where another component's report counted the connection (the
+// proxy's of a connection capture reports too), that report stands, in
+// the log too: the later report stays marked, a duplicate where the
+// ledger forgot the flow, as before (counted anew, the connection would
+// count twice: TestRevisedAfterShedFirstOfAFlowCounted).
 //
 // A table of lostSlots hashes, each slot the hash of one flow with how
 // its first report was lost in the low bits, written and taken with
@@ -92,16 +98,14 @@ func (lf *lostFirsts) add(ev *Event, how lostHow) {
 	t[(h>>lostHowBits)%lostSlots].Store(h | uint64(how))
 }
 
-// addLines notes the first reports among event lines of buf that did not
-// reach the log (ends: each line's end in buf) as lost how.
-func (lf *lostFirsts) addLines(buf []byte, ends []int, how lostHow) {
-	for _, end := range ends {
-		start := bytes.LastIndexByte(buf[:end-1], '\n') + 1
-		body := bytes.TrimSpace(buf[start:end])
-		var ev Event
-		if len(body) > 0 && body[0] == '{' && decodeEvent(body, &ev) {
-			lf.add(&ev, how)
-		}
+// addLine notes the first report of the event line of buf that ends at
+// end, which did not reach the log, as lost how.
+func (lf *lostFirsts) addLine(buf []byte, end int, how lostHow) {
+	start := bytes.LastIndexByte(buf[:end-1], '\n') + 1
+	body := bytes.TrimSpace(buf[start:end])
+	var ev Event
+	if len(body) > 0 && body[0] == '{' && decodeEvent(body, &ev) {
+		lf.add(&ev, how)
 	}
 }
 
