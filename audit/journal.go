@@ -1204,9 +1204,10 @@ func (j *Journal) Emit(ev Event) {
 	if j.npending+j.heldN >= j.cfg.QueueLen || j.qbytes+size > j.cfg.QueueBytes {
 		j.qmu.Unlock()
 		j.shed.Add(1)
-		if firstReport(&ev) && !j.ledger.holdsFlow(&ev) {
+		if firstReport(&ev) && !j.ledger.holdsFlow(&ev, true) {
 			// The connection's only report so far: no other
-			// component's counted it (lostFirsts).
+			// component's counted it (lostFirsts). Not noted where
+			// the ledger is busy (the writer's): Emit never waits.
 			j.lostFirst.add(&ev, lostShed)
 		}
 		return
@@ -1540,7 +1541,7 @@ func (j *Journal) writeEvent(ev Event) {
 			// report counts as it, unless another component's
 			// report of the connection, queued when the first was
 			// shed, counted it since.
-			ev.Revised = j.ledger.holdsFlow(&ev)
+			ev.Revised = j.ledger.holdsFlow(&ev, false)
 		case lostUnwritten:
 			// The ledger counted the flow: this report merges into
 			// it (or is a duplicate of it, forgotten), and stands

@@ -486,15 +486,20 @@ func (l *Ledger) add(ev *Event) {
 // (another component's) counted it. The journal keeps a lost first report
 // (lostFirsts) only of a connection no report counted: a later report of
 // one that counted stays a duplicate, in the log too, where the ledger
-// read again may have forgotten the flow by then.
-func (l *Ledger) holdsFlow(ev *Event) bool {
+// read again may have forgotten the flow by then. try: not when the lock
+// is taken (Journal.Emit, which never waits on it); it reports true then.
+func (l *Ledger) holdsFlow(ev *Event, try bool) bool {
 	id := flowID{FlowKey: ev.Key(), kind: KindFlow}
 	id.Proto = knownText(id.Proto)
 	if !id.keyed() {
 		return false
 	}
 	h := id.hash(l.seed)
-	l.mu.Lock()
+	if !try {
+		l.mu.Lock()
+	} else if !l.mu.TryLock() {
+		return true
+	}
 	defer l.mu.Unlock()
 	rec := l.findLocked(id, h, ev.Time.UTC())
 	return rec != nil && !anotherFlow(rec, ev)

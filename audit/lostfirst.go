@@ -51,7 +51,9 @@ const lostSlots = 1 << 16
 // A table of lostSlots hashes, each slot the hash of one flow with how
 // its first report was lost in the low bits, written and taken with
 // atomics: Emit's shed, the path of a journal that cannot keep up, takes
-// no lock more for it.
+// no lock more for it (it tries the ledger's, for Ledger.holdsFlow, and
+// notes nothing where the writer holds it: a revised report of that
+// connection counts as a duplicate, as before, never twice).
 type lostFirsts struct {
 	seed  maphash.Seed
 	once  sync.Once
