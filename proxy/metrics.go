@@ -40,7 +40,8 @@ type metrics struct {
 	fastVerdictOf       [fastVerdictKinds]lazyCounter
 	fastSYNOf           [synResults]lazyCounter
 	fastErrOf           [fastErrOps]lazyCounter
-	ctSame, ctRemapped  prometheus.Counter // conntrack: served from the start
+	limitOf             [limitScopes]lazyCounter // limit_rejections_total: counted per refused connection
+	ctSame, ctRemapped  prometheus.Counter       // conntrack: served from the start
 	ctNotFound, ctError prometheus.Counter
 	ctTimeout           prometheus.Counter
 	revokedEnforce      prometheus.Counter // served from the start
@@ -75,6 +76,31 @@ func (l *lazyCounter) counter() prometheus.Counter {
 
 func (l *lazyCounter) Inc()          { l.counter().Inc() }
 func (l *lazyCounter) Add(v float64) { l.counter().Add(v) }
+
+// The scopes of limit_rejections_total: the proxy's connection caps
+// (netutil.SlotRefusal's), the peek memory budget (peekRefused).
+type limitScope uint8
+
+const (
+	limitGlobal limitScope = iota
+	limitClient
+	limitPeek
+	limitScopes
+)
+
+var limitScopeLabels = [limitScopes]string{"global", "client", "peek"}
+
+// limitHit counts a connection refused for a limit of scope: a flood of
+// them (the case the limits are for) looks no series up.
+func (m *metrics) limitHit(scope string) {
+	for i, l := range limitScopeLabels {
+		if l == scope {
+			m.limitOf[i].Inc()
+			return
+		}
+	}
+	m.limitHits.WithLabelValues(scope).Inc() // a scope the slots added since
+}
 
 // The fast path's verdicts (fast_verdicts_total{verdict}).
 type fastVerdictKind uint8
@@ -286,6 +312,9 @@ func newMetrics(reg prometheus.Registerer) (*metrics, error) {
 	}
 	for i := range m.fastErrOf {
 		m.fastErrOf[i].init(m.fastErrors, fastErrLabels[i])
+	}
+	for i := range m.limitOf {
+		m.limitOf[i].init(m.limitHits, limitScopeLabels[i])
 	}
 	if reg != nil {
 		for _, c := range []prometheus.Collector{m.conns, m.active, m.bytes, m.limitHits, m.peek, m.conntrack, m.requests, m.hellos, m.revoked, m.reopens, m.fastSYNs, m.fastVerdicts, m.fastErrors, m.fastFlows, m.fastDecided} {

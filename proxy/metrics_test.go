@@ -66,6 +66,7 @@ func TestLazyCounters(t *testing.T) {
 		{"egress_proxy_fast_verdicts_total", fastVerdictLabels[:], func(i int) { m.fastVerdictOf[i].Inc() }},
 		{"egress_proxy_fast_syns_total", synResultLabels[synResFast:], func(i int) { m.fastSYNOf[synResFast+synResult(i)].Inc() }},
 		{"egress_proxy_fast_errors_total", fastErrLabels[:], func(i int) { m.fastErrOf[i].Inc() }},
+		{"egress_proxy_limit_rejections_total", limitScopeLabels[:], func(i int) { m.limitHit(limitScopeLabels[i]) }},
 	} {
 		if got := seriesOf(t, reg, c.name); len(got) != 0 {
 			t.Errorf("%s has series %v before any count", c.name, got)

@@ -160,7 +160,7 @@ func (s *peekShare) release() {
 // peekRefused counts a connection refused for the budget and logs it, at
 // most once a second.
 func (p *Proxy) peekRefused(client netip.Addr) {
-	p.met.limitHits.WithLabelValues("peek").Inc()
+	p.met.limitOf[limitPeek].Inc()
 	p.limMu.Lock()
 	now := time.Now()
 	warn := now.Sub(p.lastWarn["peek"]) >= time.Second

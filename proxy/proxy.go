@@ -563,7 +563,7 @@ func (p *Proxy) acquireDevice(client netip.Addr) (dev string, ok bool) {
 		p.met.active.Inc()
 		return dev, true
 	}
-	p.met.limitHits.WithLabelValues(why.Scope).Inc()
+	p.met.limitHit(why.Scope)
 	p.limMu.Lock()
 	now := time.Now()
 	warn := now.Sub(p.lastWarn[why.Scope]) >= time.Second
