@@ -277,6 +277,10 @@ type fastFlow struct {
 	// guarded by fastQueue.emu: nil elist once out of it.
 	elist        *expiryList
 	eprev, enext *fastFlow
+	// gone: the flow left the table (remove; fastQueue.emu held), so no
+	// keepFor lists it again. The queue's goroutine may hold it from a
+	// look-up made before (packet), and keep it then.
+	gone bool
 	// v is what an allowed flow with no packet marked yet was decided on:
 	// its first segment has it decided again under the policy running
 	// then (a reload since: its pending conntrack mark is not what the
@@ -448,7 +452,10 @@ func (fl *fastFlow) unlist() {
 
 // keepFor has the sweep take fl (decided, fl.mu held) out of the table
 // s.keep from now, or s.keepSilent (silent): it sets fl.expires and
-// moves fl to the back of that duration's list. It returns now.
+// moves fl to the back of that duration's list. It returns now. A flow
+// out of the table already (gone: the sweep took it out after the
+// caller found it there) is in no list and stays so: listed, it would
+// wait out its keep there, skipped by each sweep.
 func (s *fastQueue) keepFor(fl *fastFlow, silent bool) time.Time {
 	l, d := &s.kept, s.keep
 	if silent {
@@ -457,8 +464,10 @@ func (s *fastQueue) keepFor(fl *fastFlow, silent bool) time.Time {
 	s.emu.Lock()
 	now := time.Now()
 	fl.expires = now.Add(d)
-	fl.unlist()
-	l.push(fl)
+	if !fl.gone {
+		fl.unlist()
+		l.push(fl)
+	}
 	s.emu.Unlock()
 	return now
 }
@@ -623,6 +632,7 @@ func (s *fastQueue) remove(k flowKey) {
 	s.uncount(fl)
 	s.emu.Lock()
 	fl.unlist()
+	fl.gone = true
 	s.emu.Unlock()
 	fl.mu.Unlock()
 	delete(s.flows, k)

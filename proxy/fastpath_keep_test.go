@@ -5,6 +5,7 @@ import (
 	"fmt"
 	"net/netip"
 	"sync"
+	"sync/atomic"
 	"testing"
 	"time"
 
@@ -642,4 +643,89 @@ func (q *syncQueue) Verdict(id uint32, v nfq.Verdict) error {
 
 func (q *syncQueue) VerdictMark(id uint32, v nfq.Verdict, mark uint32) error {
 	return q.Verdict(id, v)
+}
+
+// TestFastSweepRekept: a flow allowed with nothing marked (its client
+// silent at first, decided on the address) whose first segment comes as
+// the sweep takes it out of the table, past its keep. The queue's
+// goroutine found the flow in the table, then let its lock go while the
+// policy decided it again (fastQueue.again: the DNS's names of the
+// address, asked here, run the sweep then), and kept it (keepFor) after
+// the sweep removed it: before this test's commit the flow went back
+// into an expiry list with no table entry behind it, skipped there by
+// each sweep until its deadline (fastKeep, 30 s), holding its memory.
+// Now a flow out of the table is not listed again: the lists and the
+// table agree.
+func TestFastSweepRekept(t *testing.T) {
+	bf := newBenchFast(t, 1)
+	s, key := bf.s, bf.keys[0]
+	s.p.cfg.FirstByteWait = 5 * time.Millisecond // decided silent, by a worker
+	s.p.cfg.fastHandshake = time.Nanosecond
+	hf := &sweepFacts{DNSFacts: s.p.deps.DNS}
+	s.p.deps.DNS = hf
+	client, dest := key.client, key.dest
+	s.packet(nfq.Packet{ID: 1, Mark: operatorBit, Hook: hookPrerouting, InIf: lanIf, HWAddr: clientHW, HWAddrLen: 6, Data: bf.syn[0]})
+	if g := *bf.q; g.id != 1 || g.mark != fastMarks.Pending|operatorBit {
+		t.Fatalf("SYN: verdict %+v, want accept-pending", g)
+	}
+	s.wg.Wait() // decided by a worker: allowed, nothing held
+	s.mu.Lock()
+	fl := s.flows[key]
+	s.mu.Unlock()
+	if fl == nil {
+		t.Fatal("the silent flow is not in the table after its decision")
+	}
+	fl.mu.Lock()
+	st, marked, expires := fl.state, fl.marked, fl.expires
+	fl.mu.Unlock()
+	if st != fastAllowed || marked {
+		t.Fatalf("the silent flow: state %v, marked %v; want allowed, nothing marked", st, marked)
+	}
+	swept := false
+	sweep := func() {
+		// The queue's goroutine, deciding the first segment again, holds
+		// no lock: the sweep past the flow's keep takes it out.
+		s.sweepOnce(expires.Add(time.Nanosecond))
+		s.mu.Lock()
+		swept = s.flows[key] == nil
+		s.mu.Unlock()
+	}
+	hf.hook.Store(&sweep)
+	s.packet(nfq.Packet{ID: 2, Mark: operatorBit, Hook: hookForward, InIf: lanIf, Data: tcpPacket(client, dest, 1, 5000, nfq.ACK|nfq.PSH, []byte("EHLO client.test\r\n"))})
+	hf.hook.Store(nil)
+	if !swept {
+		t.Fatal("the sweep did not take the flow out while its first segment was decided again (the window this test is about was not reached)")
+	}
+	if g := *bf.q; g.id != 2 {
+		t.Fatalf("the first segment got no verdict (last %+v)", g)
+	}
+	s.mu.Lock()
+	left := len(s.flows)
+	s.mu.Unlock()
+	var listed []*fastFlow
+	s.emu.Lock()
+	for _, l := range []*expiryList{&s.kept, &s.keptSilent} {
+		for f := l.head; f != nil; f = f.enext {
+			listed = append(listed, f)
+		}
+	}
+	s.emu.Unlock()
+	if left != 0 || len(listed) != 0 {
+		t.Errorf("after the sweep took the flow out as its first segment kept it: %d flows in the table, %d in the expiry lists; want none (a listed flow of no table entry)", left, len(listed))
+	}
+}
+
+// sweepFacts is the proxy's DNS facts, calling hook (when set) at each
+// NamesFor: a test runs the sweep there, while the fast path decides a
+// flow again with its lock let go.
+type sweepFacts struct {
+	DNSFacts
+	hook atomic.Pointer[func()]
+}
+
+func (f *sweepFacts) NamesFor(client, addr netip.Addr) []string {
+	if h := f.hook.Load(); h != nil {
+		(*h)()
+	}
+	return f.DNSFacts.NamesFor(client, addr)
 }
