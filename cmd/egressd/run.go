@@ -1254,17 +1254,7 @@ func (d *daemon) run(ctx context.Context) error {
 				defer q.Close()
 				stop := breakQueueHook(ctx, q)
 				defer stop()
-				err := prx.ServeQueue(ctx, q)
-				var qerr *proxy.QueueError
-				if errors.As(err, &qerr) && ctx.Err() == nil {
-					// The ruleset queues to a queue no one reads:
-					// the main loop puts it in again without the
-					// fast path (fastPathFailed).
-					select {
-					case d.fastFailed <- qerr:
-					case <-ctx.Done():
-					}
-				}
+				d.queueEnded(ctx, prx.ServeQueue(ctx, q))
 			}()
 		}
 		if fastQueue != nil {
@@ -1619,6 +1609,35 @@ func (d *daemon) fastPathForEnforce(eng *policy.Engine) {
 	}
 	d.proxy.SetFast(pcfg.FastMarks, pcfg.FastPorts, pdeps.Inject)
 	d.serveFast(q)
+}
+
+// queueEnded takes the end of the fast path's queue reader
+// (proxy.ServeQueue's error, on its goroutine). A QueueError says the
+// reader failed while egressd ran (ServeQueue reads the stop before it
+// says so: a failure the stop caused is none), and the connections
+// pending then are recorded fast-path-failed: the line that says why is
+// written whatever comes after. The ruleset queues to a queue no one
+// reads: the main loop puts it in again without the fast path
+// (fastPathFailed); once the stop has begun, the main loop may have
+// left, and the stop writes the line instead (fastFailedStopping): here,
+// or from the failure left unread (shutdown).
+func (d *daemon) queueEnded(ctx context.Context, err error) {
+	var qerr *proxy.QueueError
+	if !errors.As(err, &qerr) {
+		return
+	}
+	select {
+	case d.fastFailed <- qerr:
+	case <-ctx.Done():
+		d.fastFailedStopping(qerr)
+	}
+}
+
+// fastFailedStopping writes the line of a fast path's queue reader that
+// failed as egressd stops (queueEnded, shutdown): the ruleset is left as
+// the stop leaves it.
+func (d *daemon) fastFailedStopping(qerr *proxy.QueueError) {
+	d.log.Warn("the fast path is off: its queue reader failed as egressd was stopping; those pending a decision are lost", audit.LogError, qerr.Error(), "pending_lost", qerr.Pending)
 }
 
 // fastPathFailed: the fast path's queue reader failed while running
@@ -2033,6 +2052,14 @@ func (d *daemon) shutdown(cancel context.CancelFunc, wg *sync.WaitGroup) error {
 	case <-done:
 	case <-time.After(10 * time.Second):
 		errs = append(errs, errors.New("run: parts did not stop within 10s"))
+	}
+	select {
+	case qerr := <-d.fastFailed:
+		// The queue reader failed just before the stop, and the main
+		// loop took the stop first: its pending connections' events say
+		// fast-path-failed, and the line says why (queueEnded).
+		d.fastFailedStopping(qerr)
+	default:
 	}
 	if d.learned != nil {
 		// After DNS stopped: nothing learns any more. A failure was
