@@ -472,6 +472,17 @@ func (s *fastQueue) keepFor(fl *fastFlow, silent bool) time.Time {
 	return now
 }
 
+// lapsed says fl (allowed with nothing marked, fl.mu held) is kept no
+// longer at now: out of the table (the sweep took it out after the
+// caller found it there) or past its keep (fastKeepSilent), which the
+// sweep, once a second, has not acted on yet. Its client's first
+// segment is then a flow's the table does not know (unknown: cut), as
+// the README says of a client silent for longer, whether or not the
+// sweep has run.
+func (fl *fastFlow) lapsed(now time.Time) bool {
+	return fl.gone || now.After(fl.expires)
+}
+
 // holdOne counts a packet of client's as held, if within the bounds.
 func (s *fastQueue) holdOne(client netip.Addr) bool {
 	s.hmu.Lock()
@@ -736,6 +747,11 @@ func (s *fastQueue) packet(pk nfq.Packet) {
 		var news *audit.Event
 		var redecision policy.Decision
 		var recorded <-chan struct{} // closed once the first event is written, if news comes before it
+		if fl.state == fastAllowed && !fl.marked && fl.lapsed(time.Now()) {
+			fl.mu.Unlock()
+			s.unknown(pk, seg)
+			return
+		}
 		if fl.state == fastAllowed && fl.asm.check(seg.Seq, seg.Payload) != nil {
 			s.cut(fl, pk, seg, nil)
 			return
@@ -748,6 +764,13 @@ func (s *fastQueue) packet(pk nfq.Packet) {
 			fl.mu.Unlock()
 			d, deny := s.again(v)
 			fl.mu.Lock()
+			if fl.gone {
+				// The sweep took it out meanwhile (its keep ended as
+				// the segment came): unknown, as it is a moment later.
+				fl.mu.Unlock()
+				s.unknown(pk, seg)
+				return
+			}
 			if deny && fl.state == fastAllowed && !fl.marked {
 				s.cut(fl, pk, seg, &d)
 				return

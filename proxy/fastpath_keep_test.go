@@ -655,7 +655,8 @@ func (q *syncQueue) VerdictMark(id uint32, v nfq.Verdict, mark uint32) error {
 // into an expiry list with no table entry behind it, skipped there by
 // each sweep until its deadline (fastKeep, 30 s), holding its memory.
 // Now a flow out of the table is not listed again: the lists and the
-// table agree.
+// table agree; and its segment is unknown, cut, as after the sweep
+// (before session 39's review it was let through, the flow gone).
 func TestFastSweepRekept(t *testing.T) {
 	bf := newBenchFast(t, 1)
 	s, key := bf.s, bf.keys[0]
@@ -696,8 +697,11 @@ func TestFastSweepRekept(t *testing.T) {
 	if !swept {
 		t.Fatal("the sweep did not take the flow out while its first segment was decided again (the window this test is about was not reached)")
 	}
-	if g := *bf.q; g.id != 2 {
-		t.Fatalf("the first segment got no verdict (last %+v)", g)
+	// Its keep ended as it came: unknown, cut (the denied mark), as it is
+	// a moment later; before, it was let through (repeat allowed) with
+	// the flow gone, its next queued segment then unknown, cut.
+	if g := *bf.q; g.id != 2 || g.v != nfq.Repeat || g.mark != fastMarks.Denied|operatorBit {
+		t.Errorf("the first segment, its flow swept out as it came: verdict %+v, want 2 repeat denied (unknown)", g)
 	}
 	s.mu.Lock()
 	left := len(s.flows)
@@ -728,4 +732,54 @@ func (f *sweepFacts) NamesFor(client, addr netip.Addr) []string {
 		(*h)()
 	}
 	return f.DNSFacts.NamesFor(client, addr)
+}
+
+// TestFastSilentLapsed: a silent client's flow, allowed on the address
+// with nothing marked, whose keep (fastKeepSilent) has ended when its
+// first segment comes, before the sweep (once a second) took it out of
+// the table: the segment is unknown, cut (the denied mark), as the
+// README says of a client silent for longer and as it is once the sweep
+// has run (TestServeQueueSilentBound). Before, the flow found in the
+// table let it through (repeat allowed) and was kept fastKeep more: how
+// late a speaker could be depended on the sweep's tick. Here no sweep
+// runs (the rig has none): the segment comes in that window.
+func TestFastSilentLapsed(t *testing.T) {
+	bf := newBenchFastTo(t, 1, discardEvents{}, func(c *Config) { c.fastKeepSilent = 20 * time.Millisecond })
+	s, key := bf.s, bf.keys[0]
+	s.p.cfg.FirstByteWait = 5 * time.Millisecond // decided silent, by a worker
+	s.p.cfg.fastHandshake = time.Nanosecond
+	s.packet(nfq.Packet{ID: 1, Mark: operatorBit, Hook: hookPrerouting, InIf: lanIf, HWAddr: clientHW, HWAddrLen: 6, Data: bf.syn[0]})
+	if g := *bf.q; g.id != 1 || g.mark != fastMarks.Pending|operatorBit {
+		t.Fatalf("SYN: verdict %+v, want accept-pending", g)
+	}
+	s.wg.Wait() // decided by a worker: allowed, nothing held
+	s.mu.Lock()
+	fl := s.flows[key]
+	s.mu.Unlock()
+	if fl == nil {
+		t.Fatal("the silent flow is not in the table after its decision")
+	}
+	fl.mu.Lock()
+	st, marked, expires := fl.state, fl.marked, fl.expires
+	fl.mu.Unlock()
+	if st != fastAllowed || marked {
+		t.Fatalf("the silent flow: state %v, marked %v; want allowed, nothing marked", st, marked)
+	}
+	time.Sleep(time.Until(expires) + 10*time.Millisecond)
+	unknown := counterValue(s.p.met.fastErrors.WithLabelValues("unknown-flow"))
+	s.packet(nfq.Packet{ID: 2, Mark: operatorBit, Hook: hookForward, InIf: lanIf, Data: tcpPacket(key.client, key.dest, 1, 5000, nfq.ACK|nfq.PSH, []byte("EHLO client.test\r\n"))})
+	if g := *bf.q; g.id != 2 || g.v != nfq.Repeat || g.mark != fastMarks.Denied|operatorBit {
+		t.Errorf("the first segment past the silent keep, before a sweep: verdict %+v, want 2 repeat denied (unknown)", g)
+	}
+	if n := counterValue(s.p.met.fastErrors.WithLabelValues("unknown-flow")) - unknown; n != 1 {
+		t.Errorf("fast_errors_total{op=unknown-flow} rose by %v, want 1", n)
+	}
+	// Not kept again: the next sweep takes it out.
+	s.sweepOnce(time.Now())
+	s.mu.Lock()
+	left := len(s.flows)
+	s.mu.Unlock()
+	if left != 0 {
+		t.Errorf("%d flows in the table after a sweep past the silent keep, want 0", left)
+	}
 }
