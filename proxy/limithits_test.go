@@ -4,6 +4,7 @@ import (
 	"io"
 	"log/slog"
 	"net/netip"
+	"slices"
 	"testing"
 
 	"github.com/prometheus/client_golang/prometheus"
@@ -69,6 +70,10 @@ func TestLimitHitsResolvedOnce(t *testing.T) {
 		}
 		if got := seriesOf(t, reg, "egress_proxy_limit_rejections_total")[r.scope]; got != runs+1 {
 			t.Errorf("limit_rejections_total{scope=%q} = %v, want %d", r.scope, got, runs+1)
+		}
+		i := slices.Index(limitScopeLabels[:], r.scope)
+		if i < 0 || p.met.limitOf[i].c.Load() == nil {
+			t.Errorf("scope %s: counted with its series never resolved (limitOf): a look-up of the vec per refusal", r.scope)
 		}
 	}
 }
