@@ -7,6 +7,8 @@ import (
 	"path/filepath"
 	"testing"
 	"time"
+
+	"egressd/policy"
 )
 
 // otherReportCase is capture's report of a proxied connection a minute in
@@ -69,15 +71,7 @@ func TestRevisedAfterShedFirstOfAFlowCounted(t *testing.T) {
 	}
 	j.Emit(capSecond)
 	j.takeBatch()
-	if err := j.Close(); err != nil {
-		t.Fatal(err)
-	}
-	checkFlows(t, "live", live.Report(ReportOptions{Now: reportNow}), 1+otherFillers)
-	back, _, err := LoadDir(dir, eng, LedgerOptions{MaxFlows: otherMaxFlows}, nil)
-	if err != nil {
-		t.Fatal(err)
-	}
-	checkFlows(t, "read back", back.Report(ReportOptions{Now: reportNow}), 1+otherFillers)
+	closeAndCount(t, j, live, dir, eng)
 }
 
 // TestRevisedAfterUnwrittenFirstOfAFlowCounted: capture's first report of
@@ -121,15 +115,7 @@ func TestRevisedAfterUnwrittenFirstOfAFlowCounted(t *testing.T) {
 	}
 	j.Emit(capSecond)
 	j.takeBatch()
-	if err := j.Close(); err != nil {
-		t.Fatal(err)
-	}
-	checkFlows(t, "live", live.Report(ReportOptions{Now: reportNow}), 1+otherFillers)
-	back, _, err := LoadDir(dir, eng, LedgerOptions{MaxFlows: otherMaxFlows}, nil)
-	if err != nil {
-		t.Fatal(err)
-	}
-	checkFlows(t, "read back", back.Report(ReportOptions{Now: reportNow}), 1+otherFillers)
+	closeAndCount(t, j, live, dir, eng)
 }
 
 // TestRevisedAfterShedFirstOfAFlowQueued is
@@ -159,6 +145,13 @@ func TestRevisedAfterShedFirstOfAFlowQueued(t *testing.T) {
 	}
 	j.Emit(capSecond)
 	j.takeBatch()
+	closeAndCount(t, j, live, dir, eng)
+}
+
+// closeAndCount closes j and checks that the connection and the fillers
+// count once each, live and read back from dir.
+func closeAndCount(t *testing.T, j *Journal, live *Ledger, dir string, eng *policy.Engine) {
+	t.Helper()
 	if err := j.Close(); err != nil {
 		t.Fatal(err)
 	}

@@ -665,23 +665,7 @@ func TestFastSweepRekept(t *testing.T) {
 	hf := &sweepFacts{DNSFacts: s.p.deps.DNS}
 	s.p.deps.DNS = hf
 	client, dest := key.client, key.dest
-	s.packet(nfq.Packet{ID: 1, Mark: operatorBit, Hook: hookPrerouting, InIf: lanIf, HWAddr: clientHW, HWAddrLen: 6, Data: bf.syn[0]})
-	if g := *bf.q; g.id != 1 || g.mark != fastMarks.Pending|operatorBit {
-		t.Fatalf("SYN: verdict %+v, want accept-pending", g)
-	}
-	s.wg.Wait() // decided by a worker: allowed, nothing held
-	s.mu.Lock()
-	fl := s.flows[key]
-	s.mu.Unlock()
-	if fl == nil {
-		t.Fatal("the silent flow is not in the table after its decision")
-	}
-	fl.mu.Lock()
-	st, marked, expires := fl.state, fl.marked, fl.expires
-	fl.mu.Unlock()
-	if st != fastAllowed || marked {
-		t.Fatalf("the silent flow: state %v, marked %v; want allowed, nothing marked", st, marked)
-	}
+	expires := silentDecided(t, bf)
 	swept := false
 	sweep := func() {
 		// The queue's goroutine, deciding the first segment again, holds
@@ -748,23 +732,7 @@ func TestFastSilentLapsed(t *testing.T) {
 	s, key := bf.s, bf.keys[0]
 	s.p.cfg.FirstByteWait = 5 * time.Millisecond // decided silent, by a worker
 	s.p.cfg.fastHandshake = time.Nanosecond
-	s.packet(nfq.Packet{ID: 1, Mark: operatorBit, Hook: hookPrerouting, InIf: lanIf, HWAddr: clientHW, HWAddrLen: 6, Data: bf.syn[0]})
-	if g := *bf.q; g.id != 1 || g.mark != fastMarks.Pending|operatorBit {
-		t.Fatalf("SYN: verdict %+v, want accept-pending", g)
-	}
-	s.wg.Wait() // decided by a worker: allowed, nothing held
-	s.mu.Lock()
-	fl := s.flows[key]
-	s.mu.Unlock()
-	if fl == nil {
-		t.Fatal("the silent flow is not in the table after its decision")
-	}
-	fl.mu.Lock()
-	st, marked, expires := fl.state, fl.marked, fl.expires
-	fl.mu.Unlock()
-	if st != fastAllowed || marked {
-		t.Fatalf("the silent flow: state %v, marked %v; want allowed, nothing marked", st, marked)
-	}
+	expires := silentDecided(t, bf)
 	time.Sleep(time.Until(expires) + 10*time.Millisecond)
 	unknown := counterValue(s.p.met.fastErrors.WithLabelValues("unknown-flow"))
 	s.packet(nfq.Packet{ID: 2, Mark: operatorBit, Hook: hookForward, InIf: lanIf, Data: tcpPacket(key.client, key.dest, 1, 5000, nfq.ACK|nfq.PSH, []byte("EHLO client.test\r\n"))})
@@ -782,4 +750,30 @@ func TestFastSilentLapsed(t *testing.T) {
 	if left != 0 {
 		t.Errorf("%d flows in the table after a sweep past the silent keep, want 0", left)
 	}
+}
+
+// silentDecided sends bf's first SYN and waits for its flow's decision as
+// a silent client's (allowed by a worker, nothing marked), and returns
+// when the flow's keep ends.
+func silentDecided(t *testing.T, bf *benchFast) time.Time {
+	t.Helper()
+	s, key := bf.s, bf.keys[0]
+	s.packet(nfq.Packet{ID: 1, Mark: operatorBit, Hook: hookPrerouting, InIf: lanIf, HWAddr: clientHW, HWAddrLen: 6, Data: bf.syn[0]})
+	if g := *bf.q; g.id != 1 || g.mark != fastMarks.Pending|operatorBit {
+		t.Fatalf("SYN: verdict %+v, want accept-pending", g)
+	}
+	s.wg.Wait() // decided by a worker: allowed, nothing held
+	s.mu.Lock()
+	fl := s.flows[key]
+	s.mu.Unlock()
+	if fl == nil {
+		t.Fatal("the silent flow is not in the table after its decision")
+	}
+	fl.mu.Lock()
+	st, marked, expires := fl.state, fl.marked, fl.expires
+	fl.mu.Unlock()
+	if st != fastAllowed || marked {
+		t.Fatalf("the silent flow: state %v, marked %v; want allowed, nothing marked", st, marked)
+	}
+	return expires
 }
