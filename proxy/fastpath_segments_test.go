@@ -194,17 +194,25 @@ func TestFastPathKernelSecondSYN(t *testing.T) {
 	tp.tlsSrv.refused(t, deadline, ended, accepted, read, 1)
 }
 
+// endedSince waits until a connection has ended at the server since it
+// counted ended ones: its accept can come after the client has seen its
+// connection end, so idle alone could pass with nothing yet accepted.
+func (l *countListener) endedSince(t *testing.T, deadline time.Time, ended int32) {
+	t.Helper()
+	for l.ended.Load()-ended < 1 {
+		if time.Now().After(deadline) {
+			t.Fatal("the server's side of the connection did not end")
+		}
+		time.Sleep(10 * time.Millisecond)
+	}
+}
+
 // refused checks the server's side of refused connections, given the
 // counts before: the refused one ended by deadline, wantAccepted
 // connections were accepted, and nothing was read.
 func (l *countListener) refused(t *testing.T, deadline time.Time, ended, accepted int32, read int64, wantAccepted int32) {
 	t.Helper()
-	for l.ended.Load()-ended < 1 {
-		if time.Now().After(deadline) {
-			t.Fatal("the server's side of the refused connection did not end")
-		}
-		time.Sleep(10 * time.Millisecond)
-	}
+	l.endedSince(t, deadline, ended)
 	if n := l.accepted.Load() - accepted; n != wantAccepted {
 		t.Errorf("server accepted %d connections, want %d", n, wantAccepted)
 	}
@@ -266,7 +274,7 @@ func TestFastPathKernelLateSegment(t *testing.T) {
 	// expects.
 	nftHold(t, tp.s, "output", "tcp sport 443 ip length > 200 drop")
 
-	read := tp.tlsSrv.read.Load()
+	read, ended := tp.tlsSrv.read.Load(), tp.tlsSrv.ended.Load()
 	c := tp.dialFromClient(t, clientV4, dest)
 	snd, rcv = seqsOf(t, c)
 	hello := goClientHello(t, "www.allowed.test")
@@ -296,6 +304,7 @@ func TestFastPathKernelLateSegment(t *testing.T) {
 	}
 	// The server read the hello decided, not the other bytes, and was
 	// reset.
+	tp.tlsSrv.endedSince(t, time.Now().Add(10*time.Second), ended)
 	tp.tlsSrv.idle(t)
 	if n := tp.tlsSrv.read.Load() - read; n != int64(len(hello)) {
 		t.Errorf("server read %d bytes, want the %d of the hello decided", n, len(hello))
