@@ -55,7 +55,14 @@ import (
 // destinations passes nft_fib where the default route leaves by the LAN
 // interface, but the kernel drops it after prerouting as a martian
 // source (it reaches neither the input nor the forward chain), so
-// neither mode lets it through. An IPv4-mapped address in an IPv6 header
+// neither mode lets it through. Nor does Linux forward a packet from
+// IPv6's :: (kernel 6.18: an echo request, a UDP datagram and a TCP SYN
+// from :: to a server's address passed prerouting, where nft_fib found
+// no route back, but reached neither the forward nor the input chain:
+// Ip6InAddrErrors), so one to an address it would forward (routed, not
+// the gateway's; :: too) is not recorded either; to the gateway's own address
+// the kernel takes it, and enforce mode's antispoof chain drops it
+// (forged-source). An IPv4-mapped address in an IPv6 header
 // (::ffff:198.18.1.77) is an IPv6 address: Linux passes such a packet to
 // netfilter (kernel 6.18: to the input and forward chains; no drop in
 // ip6_rcv_core), nft_fib looks its source up in the IPv6 table, where
@@ -79,8 +86,9 @@ const (
 	// the gateway; the input chain drops it.
 	ReasonRedirect = "redirect"
 
-	// reasonMartian: a packet from 0.0.0.0 the kernel drops in both
-	// modes; guard records no flow for it.
+	// reasonMartian: a packet from 0.0.0.0, or from :: to an address
+	// the gateway would forward, the kernel drops in both modes; guard
+	// records no flow for it.
 	reasonMartian = "martian"
 )
 
@@ -176,6 +184,8 @@ func (p *proc) guardReason(src, dst netip.Addr, proto uint8, payload []byte, lat
 	case src.Is4() && src.IsUnspecified():
 		return reasonMartian
 	case src.Is6() && src.IsUnspecified() && proto == uint8(layers.IPProtocolICMPv6) && (dst.IsLinkLocalUnicast() || dst.IsLinkLocalMulticast()):
+	case src.Is6() && src.IsUnspecified() && routed(dst) && !p.ownAddr(dst):
+		return reasonMartian
 	default:
 		back, known := p.routesBack(ifindex, src)
 		if !known {
@@ -208,10 +218,12 @@ func (p *proc) guardReason(src, dst netip.Addr, proto uint8, payload []byte, lat
 // interface is the gateway's to take (its input chain's): to one of its
 // addresses, or to a multicast, broadcast or link-local one.
 func (p *proc) toGateway(dst netip.Addr) bool {
-	if onLink(dst) {
-		return true
-	}
-	_, ok := p.own.Load().set[dst]
+	return onLink(dst) || p.ownAddr(dst)
+}
+
+// ownAddr reports whether a is one of the gateway's own addresses.
+func (p *proc) ownAddr(a netip.Addr) bool {
+	_, ok := p.own.Load().set[a]
 	return ok
 }
 
