@@ -3356,7 +3356,9 @@ func (p *proc) learnedRule(eng *policy.Engine, in policy.Input, g DNSGrant) int 
 // Traffic nftables forwards (fwd: UDP, and TCP to ports not redirected)
 // meets the same guard in the firewall (its guarded sets, opened only by a
 // CIDR rule inside the range: policy.OpensGuarded), where loopback and
-// 0.0.0.0 never come (:: does, as any guarded address: routed), so a
+// 0.0.0.0 never come (:: does, as any guarded address: routed; TCP to it
+// too on a port not redirected, which policy.LANThisHost takes for the
+// proxy's: kernel 6.18 forwarded a SYN to [::]:80), so a
 // forwarded flow to one is refused only where a rule allows it; the firewall's sets hold none of the gateway's
 // own addresses, so a forwarded flow to one's NAT64 form is the rule's.
 // A forwarded flow of f to an IPv4-mapped address in an IPv6 header
@@ -3376,7 +3378,13 @@ func (p *proc) special(eng *policy.Engine, f *flow, in policy.Input, d policy.De
 	if fwd && in.Port != 53 && f.srv.Is4In6() { // DNS is the forwarder's (LANRefuses)
 		return policy.Decision{Verdict: policy.Deny, RuleIndex: -1, Reason: ReasonSpecialRange, Mode: eng.Mode()}
 	}
-	if _, refused := eng.LANRefuses(in, own, nil); !refused {
+	refuses := eng.LANRefuses
+	if fwd && in.Port != 53 && in.Dest.Is6() && in.Dest.IsUnspecified() {
+		// TCP to :: on a port not redirected is the forward chain's,
+		// not the proxy's (LANThisHost): its guarded sets alone.
+		refuses = eng.GuardRefuses
+	}
+	if _, refused := refuses(in, own, nil); !refused {
 		return d
 	}
 	return policy.Decision{Verdict: policy.Deny, RuleIndex: -1, Reason: ReasonSpecialRange, Mode: eng.Mode()}
