@@ -238,8 +238,9 @@ type Stats struct {
 	Guarded, RPFUnchecked uint64
 	// Martian are LAN packets from 0.0.0.0 to neither the broadcast
 	// address nor a local multicast group, and from :: to an address
-	// the gateway would forward, which Linux drops in both modes
-	// (guard.go): no flow is recorded for them.
+	// the gateway routes out of another interface than the LAN one it
+	// came in on, which Linux drops in both modes (guard.go): no flow
+	// is recorded for them.
 	Martian uint64
 	Denied  uint64 // of those, denied (dropped or would-drop)
 	Updates uint64 // end events of flows first reported while open

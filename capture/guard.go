@@ -56,13 +56,18 @@ import (
 // interface, but the kernel drops it after prerouting as a martian
 // source (it reaches neither the input nor the forward chain), so
 // neither mode lets it through. Nor does Linux forward a packet from
-// IPv6's :: (kernel 6.18: an echo request, a UDP datagram and a TCP SYN
-// from :: to a server's address passed prerouting, where nft_fib found
-// no route back, but reached neither the forward nor the input chain:
-// Ip6InAddrErrors), so one to an address it would forward (routed, not
-// the gateway's; :: too) is not recorded either; to the gateway's own address
-// the kernel takes it, and enforce mode's antispoof chain drops it
-// (forged-source). An IPv4-mapped address in an IPv6 header
+// IPv6's :: out of another interface (kernel 6.18: an echo request, a
+// UDP datagram and a TCP SYN from :: to a server's address passed
+// prerouting, where nft_fib found no route back, but reached neither the
+// forward nor the input chain: Ip6InAddrErrors), so one to an address
+// it would forward by a route that leaves by another interface (routed,
+// not the gateway's; :: too, the default route's) is not recorded
+// either (one route lookup of the destination, as for a source, above).
+// Where the route leaves by the LAN interface it came in on, the kernel
+// forwards it (ip6_forward's redirect case; the same three to a subnet
+// routed via a LAN host crossed the forward chain), and to the
+// gateway's own address it takes it: enforce mode's antispoof chain
+// drops both (forged-source). An IPv4-mapped address in an IPv6 header
 // (::ffff:198.18.1.77) is an IPv6 address: Linux passes such a packet to
 // netfilter (kernel 6.18: to the input and forward chains; no drop in
 // ip6_rcv_core), nft_fib looks its source up in the IPv6 table, where
@@ -87,8 +92,8 @@ const (
 	ReasonRedirect = "redirect"
 
 	// reasonMartian: a packet from 0.0.0.0, or from :: to an address
-	// the gateway would forward, the kernel drops in both modes; guard
-	// records no flow for it.
+	// the gateway routes out of another interface, the kernel drops in
+	// both modes; guard records no flow for it.
 	reasonMartian = "martian"
 )
 
@@ -184,7 +189,7 @@ func (p *proc) guardReason(src, dst netip.Addr, proto uint8, payload []byte, lat
 	case src.Is4() && src.IsUnspecified():
 		return reasonMartian
 	case src.Is6() && src.IsUnspecified() && proto == uint8(layers.IPProtocolICMPv6) && (dst.IsLinkLocalUnicast() || dst.IsLinkLocalMulticast()):
-	case src.Is6() && src.IsUnspecified() && routed(dst) && !p.ownAddr(dst):
+	case src.Is6() && src.IsUnspecified() && routed(dst) && !p.ownAddr(dst) && p.leavesElsewhere(ifindex, dst):
 		return reasonMartian
 	default:
 		back, known := p.routesBack(ifindex, src)
@@ -212,6 +217,18 @@ func (p *proc) guardReason(src, dst netip.Addr, proto uint8, payload []byte, lat
 		return ""
 	}
 	return reason
+}
+
+// leavesElsewhere reports whether the gateway's best route to dst is
+// known to leave by another interface than the one with index ifindex.
+// Linux forwards a packet from IPv6's :: only back out of the interface
+// it came in on (ip6_forward checks the source after the redirect case:
+// kernel 6.18 forwarded an echo, UDP and a TCP SYN from :: to a subnet
+// routed via a LAN host, and dropped one to the server's address); an
+// unknown route (over the budget) is not.
+func (p *proc) leavesElsewhere(ifindex int, dst netip.Addr) bool {
+	back, known := p.routesBack(ifindex, dst)
+	return known && !back
 }
 
 // toGateway reports whether a packet to dst that came in on a LAN
