@@ -106,7 +106,6 @@ type countListener struct {
 }
 
 func (l *countListener) Accept() (net.Conn, error) {
-	time.Sleep(300 * time.Millisecond)
 	c, err := l.Listener.Accept()
 	if err != nil {
 		return nil, err
