@@ -237,7 +237,7 @@ type Stats struct {
 	// (over the lookup budget, no answer from the kernel).
 	Guarded, RPFUnchecked uint64
 	// Martian are LAN packets from 0.0.0.0 to neither the broadcast
-	// address nor a local multicast group, and from :: to an address
+	// address, a local multicast group nor 0.0.0.0, and from :: to an address
 	// the gateway routes out of another interface than the LAN one it
 	// came in on, which Linux drops in both modes (guard.go): no flow
 	// is recorded for them.

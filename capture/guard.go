@@ -52,10 +52,14 @@ import (
 //
 // What Linux itself drops in both modes is not recorded (no flow, but
 // Stats.Martian): a packet from 0.0.0.0 to anything but those DHCP
-// destinations passes nft_fib where the default route leaves by the LAN
-// interface, but the kernel drops it after prerouting as a martian
-// source (it reaches neither the input nor the forward chain), so
-// neither mode lets it through. Nor does Linux forward a packet from
+// destinations and 0.0.0.0 passes nft_fib where the default route
+// leaves by the LAN interface, but the kernel drops it after prerouting
+// as a martian source (it reaches neither the input nor the forward
+// chain; kernel 6.18: an echo, UDP and a TCP SYN to a server, to the
+// gateway's own addresses and to a subnet routed via a LAN host, which
+// for IPv6's :: it forwards), so neither mode lets it through. One from
+// 0.0.0.0 to 0.0.0.0 the kernel takes as a broadcast (it reached the
+// input chain) and nft_fib looks 0.0.0.0 up: checked as any source. Nor does Linux forward a packet from
 // IPv6's :: out of another interface (kernel 6.18: an echo request, a
 // UDP datagram and a TCP SYN from :: to a server's address passed
 // prerouting, where nft_fib found no route back, but reached neither the
@@ -186,7 +190,7 @@ func (p *proc) guardReason(src, dst netip.Addr, proto uint8, payload []byte, lat
 	// the kernel and to nft_fib (see above).
 	switch {
 	case src.Is4() && src.IsUnspecified() && (dst == netip.AddrFrom4([4]byte{255, 255, 255, 255}) || localMulticast4.Contains(dst)):
-	case src.Is4() && src.IsUnspecified():
+	case src.Is4() && src.IsUnspecified() && !dst.IsUnspecified():
 		return reasonMartian
 	case src.Is6() && src.IsUnspecified() && proto == uint8(layers.IPProtocolICMPv6) && (dst.IsLinkLocalUnicast() || dst.IsLinkLocalMulticast()):
 	case src.Is6() && src.IsUnspecified() && routed(dst) && !p.ownAddr(dst) && p.leavesElsewhere(ifindex, dst):
