@@ -237,10 +237,11 @@ type Stats struct {
 	// (over the lookup budget, no answer from the kernel).
 	Guarded, RPFUnchecked uint64
 	// Martian are LAN packets from 0.0.0.0 to neither the broadcast
-	// address, a local multicast group nor 0.0.0.0, and from :: to an address
-	// the gateway routes out of another interface than the LAN one it
-	// came in on, which Linux drops in both modes (guard.go): no flow
-	// is recorded for them.
+	// address, a local multicast group nor 0.0.0.0, to 0.0.0.0 that
+	// enforce mode does not redirect to the gateway, and from :: to an
+	// address the gateway routes out of another interface than the LAN
+	// one it came in on, which Linux drops in both modes (guard.go): no
+	// flow is recorded for them.
 	Martian uint64
 	Denied  uint64 // of those, denied (dropped or would-drop)
 	Updates uint64 // end events of flows first reported while open

@@ -59,11 +59,19 @@ import (
 // gateway's own addresses and to a subnet routed via a LAN host, which
 // for IPv6's :: it forwards), so neither mode lets it through. One from
 // 0.0.0.0 to 0.0.0.0 the kernel takes as a broadcast (it reached the
-// input chain) and nft_fib looks 0.0.0.0 up: checked as any source. Nor does Linux forward a packet from
-// IPv6's :: out of another interface (kernel 6.18: an echo request, a
-// UDP datagram and a TCP SYN from :: to a server's address passed
-// prerouting, where nft_fib found no route back, but reached neither the
-// forward nor the input chain: Ip6InAddrErrors), so one to an address
+// input chain) and nft_fib looks 0.0.0.0 up: checked as any source. A
+// packet from a LAN host to 0.0.0.0 the kernel drops as a martian
+// destination (kernel 6.18: an echo, UDP and a TCP SYN to a port not
+// redirected reached neither chain; the rest of 0.0.0.0/8 it forwards)
+// unless enforce mode redirects it to the proxy or the forwarder (TCP to
+// a port the proxy takes, DNS: localDest in guard), whose flow the
+// policy's guard decides (policy.LANThisHost); a later fragment of TCP
+// or UDP, which carries no port, is left to the policy too. Nor does
+// Linux forward a packet from IPv6's :: out of another interface
+// (kernel 6.18: an echo request, a UDP datagram and a TCP SYN from :: to
+// a server's address passed prerouting, where nft_fib found no route
+// back, but reached neither the forward nor the input chain:
+// Ip6InAddrErrors), so one to an address
 // it would forward by a route that leaves by another interface (routed,
 // not the gateway's; :: too, the default route's) is not recorded
 // either (one route lookup of the destination, as for a source, above).
@@ -95,9 +103,10 @@ const (
 	// the gateway; the input chain drops it.
 	ReasonRedirect = "redirect"
 
-	// reasonMartian: a packet from 0.0.0.0, or from :: to an address
-	// the gateway routes out of another interface, the kernel drops in
-	// both modes; guard records no flow for it.
+	// reasonMartian: a packet from 0.0.0.0, to 0.0.0.0 and not
+	// redirected, or from :: to an address the gateway routes out of
+	// another interface, the kernel drops in both modes; guard records
+	// no flow for it.
 	reasonMartian = "martian"
 )
 
@@ -177,8 +186,10 @@ var localMulticast4 = netip.MustParsePrefix("224.0.0.0/24")
 // guardReason says why enforce mode's gateway hardening drops a packet
 // from src to dst of IP protocol proto that a LAN host sent in on the
 // current live socket (payload: what follows its IP headers; later: a
-// fragment after the first), or "" when it passes (see above).
-func (p *proc) guardReason(src, dst netip.Addr, proto uint8, payload []byte, later bool) string {
+// fragment after the first; local: TCP or UDP enforce mode redirects to
+// the proxy or the forwarder, see localDest), or "" when it passes (see
+// above).
+func (p *proc) guardReason(src, dst netip.Addr, proto uint8, payload []byte, later, local bool) string {
 	ifindex := 0
 	if p.src > 0 && p.src <= len(p.ifindexes) {
 		ifindex = p.ifindexes[p.src-1]
@@ -191,6 +202,8 @@ func (p *proc) guardReason(src, dst netip.Addr, proto uint8, payload []byte, lat
 	switch {
 	case src.Is4() && src.IsUnspecified() && (dst == netip.AddrFrom4([4]byte{255, 255, 255, 255}) || localMulticast4.Contains(dst)):
 	case src.Is4() && src.IsUnspecified() && !dst.IsUnspecified():
+		return reasonMartian
+	case dst.Is4() && dst.IsUnspecified() && !src.IsUnspecified() && !local && !(later && (proto == 6 || proto == 17)):
 		return reasonMartian
 	case src.Is6() && src.IsUnspecified() && proto == uint8(layers.IPProtocolICMPv6) && (dst.IsLinkLocalUnicast() || dst.IsLinkLocalMulticast()):
 	case src.Is6() && src.IsUnspecified() && routed(dst) && !p.ownAddr(dst) && p.leavesElsewhere(ifindex, dst):
@@ -274,14 +287,6 @@ func (p *proc) guardPacket(src netip.Addr, sp uint16, dst netip.Addr, dp uint16,
 // true when the gateway hardening drops it: the pipeline reads no more
 // of it.
 func (p *proc) guard(src, dst netip.Addr, proto uint8, payload []byte, later, hasTCP, hasUDP bool) bool {
-	reason := p.guardReason(src, dst, proto, payload, later)
-	if reason == "" {
-		return false
-	}
-	if reason == reasonMartian {
-		p.stats.martian.Add(1)
-		return true
-	}
 	var sp, dp uint16
 	switch {
 	case later:
@@ -289,6 +294,21 @@ func (p *proc) guard(src, dst netip.Addr, proto uint8, payload []byte, later, ha
 		sp, dp = uint16(p.tcp.SrcPort), uint16(p.tcp.DstPort)
 	case hasUDP:
 		sp, dp = uint16(p.udp.SrcPort), uint16(p.udp.DstPort)
+	}
+	// localDest: to 0.0.0.0, enforce mode redirects it to the gateway
+	// (DNS to the forwarder, TCP to a port the proxy takes), whose NAT
+	// comes before the kernel's martian destination check.
+	localDest := false
+	if dst.Is4() && dst.IsUnspecified() {
+		localDest = (hasTCP || hasUDP) && dp == 53 || hasTCP && p.redirected(dp)
+	}
+	reason := p.guardReason(src, dst, proto, payload, later, localDest)
+	if reason == "" {
+		return false
+	}
+	if reason == reasonMartian {
+		p.stats.martian.Add(1)
+		return true
 	}
 	p.guardPacket(src, sp, dst, dp, proto, reason, len(payload), p.eth.SrcMAC)
 	return true

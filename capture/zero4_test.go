@@ -1,6 +1,7 @@
 package capture
 
 import (
+	"fmt"
 	"maps"
 	"net/netip"
 	"testing"
@@ -9,6 +10,81 @@ import (
 
 	"egressd/policy"
 )
+
+// TestZeroDest: Linux forwards nothing a LAN host sends to IPv4's 0.0.0.0
+// and takes none of it but what the firewall redirects (kernel 6.18,
+// client, gateway and server namespaces, the gateway's default route
+// toward the server: an echo request, a UDP datagram to port 9000 and a
+// TCP SYN to port 80, none redirected, passed the gateway's prerouting
+// chain, where `fib daddr type` said broadcast, and reached neither its
+// forward nor its input chain: ip_route_input_slow's martian
+// destination; a SYN to port 443, which a nat rule redirected, reached
+// the input chain, and the gateway answered it). So capture records no
+// flow for a live one that enforce mode does not redirect (Stats.Martian),
+// in either mode, and asks the routing table nothing: what no mode lets
+// out is no would-drop. TCP to a port the proxy takes
+// (Config.TCPPorts) is the proxy's, which refuses 0.0.0.0 whatever the
+// rules (special-range, policy.LANThisHost), and DNS the forwarder's.
+// 0.0.0.5, the rest of 0.0.0.0/8, Linux forwards (each of the three
+// crossed the forward chain and reached the server): a rule naming it
+// opens it. Before, UDP and the SYN to port 80 to 0.0.0.0 were recorded
+// special-range denials (Martian 0; the echo was no flow already,
+// TestOtherToRoutedOddDest, and not counted); the rest pins what capture
+// did: it fails if redirected TCP or DNS to 0.0.0.0 is taken for a
+// martian, or 0.0.0.5 for 0.0.0.0.
+func TestZeroDest(t *testing.T) {
+	const pol = "version: 1\nmode: audit\nrules:\n  - {name: r, to: [\"0.0.0.0/32\", \"0.0.0.5/32\"], ports: [icmp, 9000/udp, 80/tcp, 443/tcp, 53/udp]}\n"
+	for _, mode := range []policy.Mode{policy.ModeAudit, policy.ModeEnforce} {
+		t.Run(string(mode), func(t *testing.T) {
+			r := newGuardRigPolicy(t, pol, mode, false, nil)
+			r.c.cfg.TCPPorts = []policy.PortRange{{Lo: 443, Hi: 443, Proto: policy.TCP}}
+			syn := func(cli, dst string, port uint16) {
+				r.send(false, cli, dst, layers.IPProtocolTCP, &layers.TCP{SrcPort: 40001, DstPort: layers.TCPPort(port), SYN: true, Seq: 1, Window: 1024})
+			}
+			r.icmp("198.18.5.10", "0.0.0.0", 8)
+			r.udp("198.18.5.11", 40000, "0.0.0.0", 9000)
+			syn("198.18.5.12", "0.0.0.0", 80)  // not redirected
+			syn("198.18.5.13", "0.0.0.0", 443) // the proxy's
+			r.udp("198.18.5.14", 40002, "0.0.0.0", 53)
+			r.icmp("198.18.5.20", "0.0.0.5", 8)
+			r.udp("198.18.5.21", 40003, "0.0.0.5", 9000)
+			syn("198.18.5.22", "0.0.0.5", 80)
+			evs := r.events()
+			for _, cli := range []string{"198.18.5.10", "198.18.5.11", "198.18.5.12"} {
+				if es := evs[cli]; len(es) != 0 {
+					t.Errorf("from %s to 0.0.0.0: %+v, want no flow (a martian destination)", cli, es)
+				}
+			}
+			for _, c := range []struct {
+				cli, dst, proto string
+				port            uint16
+				want            string
+			}{
+				{"198.18.5.13", "0.0.0.0", "tcp", 443, "deny  " + ReasonSpecialRange},
+				{"198.18.5.20", "0.0.0.5", "icmp", 0, "allow r allowed"},
+				{"198.18.5.21", "0.0.0.5", "udp", 9000, "allow r allowed"},
+				{"198.18.5.22", "0.0.0.5", "tcp", 80, "allow r allowed"},
+			} {
+				es := evs[c.cli]
+				if len(es) != 1 || es[0].Dest != netip.MustParseAddr(c.dst) || es[0].Proto != c.proto || es[0].DestPort != c.port ||
+					fmt.Sprintf("%s %s %s", es[0].Verdict, es[0].Rule, es[0].Reason) != c.want {
+					t.Errorf("%s to %s:%d from %s: %+v, want one flow %q", c.proto, c.dst, c.port, c.cli, es, c.want)
+				}
+			}
+			if es := evs["198.18.5.14"]; len(es) != 1 || es[0].Dest != netip.IPv4Unspecified() || es[0].DestPort != 53 {
+				t.Errorf("DNS to 0.0.0.0: %+v, want one flow (the forwarder's)", es)
+			}
+			if st := r.c.Stats(); st.Martian != 3 {
+				t.Errorf("Stats.Martian %d, want 3", st.Martian)
+			}
+			for _, a := range []string{"198.18.5.10", "198.18.5.11", "198.18.5.12", "0.0.0.0"} {
+				if n := r.asked[netip.MustParseAddr(a)]; n != 0 {
+					t.Errorf("%s looked up %d times, want none (route lookups %v)", a, n, r.asked)
+				}
+			}
+		})
+	}
+}
 
 // TestZeroSource: Linux drops what a LAN host sends from 0.0.0.0 as a
 // martian source (kernel 6.18, client, gateway and server namespaces,
