@@ -1,6 +1,7 @@
 package capture
 
 import (
+	"encoding/binary"
 	"net/netip"
 	"time"
 
@@ -65,8 +66,11 @@ import (
 // redirected reached neither chain; the rest of 0.0.0.0/8 it forwards)
 // unless enforce mode redirects it to the proxy or the forwarder (TCP to
 // a port the proxy takes, DNS: localDest in guard), whose flow the
-// policy's guard decides (policy.LANThisHost); a later fragment of TCP
-// or UDP, which carries no port, is left to the policy too. Nor does
+// policy's guard decides (policy.LANThisHost). Conntrack reassembles a
+// fragmented datagram before the nat chain: its first fragment is
+// judged by the ports it carries, and a later one, which carries none,
+// goes to reassembly, which completes only with a first fragment that
+// passed. Nor does
 // Linux forward a packet from IPv6's :: out of another interface
 // (kernel 6.18: an echo request, a UDP datagram and a TCP SYN from :: to
 // a server's address passed prerouting, where nft_fib found no route
@@ -297,10 +301,17 @@ func (p *proc) guard(src, dst netip.Addr, proto uint8, payload []byte, later, ha
 	}
 	// localDest: to 0.0.0.0, enforce mode redirects it to the gateway
 	// (DNS to the forwarder, TCP to a port the proxy takes), whose NAT
-	// comes before the kernel's martian destination check.
+	// comes before the kernel's martian destination check. The first
+	// fragment of a datagram (no TCP or UDP layer decoded) has its
+	// ports too: conntrack reassembles the datagram before the nat
+	// chain redirects it by them.
 	localDest := false
 	if dst.Is4() && dst.IsUnspecified() {
-		localDest = (hasTCP || hasUDP) && dp == 53 || hasTCP && p.redirected(dp)
+		tcp, udp, port := hasTCP, hasUDP, dp
+		if !later && !hasTCP && !hasUDP && (proto == 6 || proto == 17) && len(payload) >= 4 {
+			tcp, udp, port = proto == 6, proto == 17, binary.BigEndian.Uint16(payload[2:4])
+		}
+		localDest = (tcp || udp) && port == 53 || tcp && p.redirected(port)
 	}
 	reason := p.guardReason(src, dst, proto, payload, later, localDest)
 	if reason == "" {

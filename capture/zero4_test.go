@@ -1,11 +1,13 @@
 package capture
 
 import (
+	"bytes"
 	"fmt"
 	"maps"
 	"net/netip"
 	"testing"
 
+	"github.com/gopacket/gopacket"
 	"github.com/gopacket/gopacket/layers"
 
 	"egressd/policy"
@@ -126,6 +128,56 @@ func TestZeroSource(t *testing.T) {
 			}
 			if want := map[netip.Addr]int{netip.IPv4Unspecified(): 1}; !maps.Equal(r.asked, want) {
 				t.Errorf("route lookups %v, want %v", r.asked, want)
+			}
+		})
+	}
+}
+
+// TestZeroDestFragments: a UDP datagram to 0.0.0.0 sent in IP fragments
+// is decided by its port as a whole one is (TestZeroDest): enforce mode's
+// conntrack reassembles it before the nat chain, which redirects DNS to
+// the forwarder, and the kernel drops the rest as a martian destination.
+// The first fragment carries the ports (the decoder takes it for a bare
+// fragment, without a UDP layer). Before, the first fragment of each was
+// taken for a martian whatever its port: the DNS query was no flow
+// (Martian 2); it fails too if the datagram to port 9000, whose later
+// fragment comes first, is recorded or not counted.
+func TestZeroDestFragments(t *testing.T) {
+	const pol = "version: 1\nmode: audit\nrules:\n  - {name: r, to: [\"0.0.0.0/32\"], ports: [9000/udp, 53/udp]}\n"
+	for _, mode := range []policy.Mode{policy.ModeAudit, policy.ModeEnforce} {
+		t.Run(string(mode), func(t *testing.T) {
+			r := newGuardRigPolicy(t, pol, mode, false, nil)
+			frags := func(cli string, dp uint16, id uint16, laterFirst bool) {
+				t.Helper()
+				src, dst := netip.MustParseAddr(cli), netip.IPv4Unspecified()
+				udp := &layers.UDP{SrcPort: 40000, DstPort: layers.UDPPort(dp)}
+				udp.SetNetworkLayerForChecksum(ipLayer(src, dst, layers.IPProtocolUDP))
+				buf := gopacket.NewSerializeBuffer()
+				if err := gopacket.SerializeLayers(buf, gopacket.SerializeOptions{FixLengths: true, ComputeChecksums: true}, udp, gopacket.Payload(bytes.Repeat([]byte("q"), 40))); err != nil {
+					t.Fatal(err)
+				}
+				dgram := buf.Bytes()
+				first := &layers.IPv4{Version: 4, TTL: 64, Protocol: layers.IPProtocolUDP, SrcIP: src.AsSlice(), DstIP: dst.AsSlice(), Id: id, Flags: layers.IPv4MoreFragments}
+				later := &layers.IPv4{Version: 4, TTL: 64, Protocol: layers.IPProtocolUDP, SrcIP: src.AsSlice(), DstIP: dst.AsSlice(), Id: id, FragOffset: 2}
+				if laterFirst {
+					r.liveIP(false, later, gopacket.Payload(dgram[16:]))
+					r.liveIP(false, first, gopacket.Payload(dgram[:16]))
+					return
+				}
+				r.liveIP(false, first, gopacket.Payload(dgram[:16]))
+				r.liveIP(false, later, gopacket.Payload(dgram[16:]))
+			}
+			frags("198.18.5.14", 53, 0x101, false)
+			frags("198.18.5.11", 9000, 0x102, true)
+			evs := r.events()
+			if es := evs["198.18.5.14"]; len(es) != 1 || es[0].Dest != netip.IPv4Unspecified() || es[0].DestPort != 53 || es[0].Proto != "udp" {
+				t.Errorf("DNS to 0.0.0.0 in fragments: %+v, want one flow (the forwarder's)", es)
+			}
+			if es := evs["198.18.5.11"]; len(es) != 0 {
+				t.Errorf("UDP to 0.0.0.0:9000 in fragments: %+v, want no flow (a martian destination)", es)
+			}
+			if st := r.c.Stats(); st.Martian != 1 || st.Fragments != 3 {
+				t.Errorf("Stats.Martian %d, Fragments %d, want 1 and 3 (the first of those to port 9000 a martian)", st.Martian, st.Fragments)
 			}
 		})
 	}
