@@ -762,7 +762,8 @@ func (s *fastQueue) packet(pk nfq.Packet) {
 			// reload since may have changed.
 			v := fl.v
 			fl.mu.Unlock()
-			d, deny := s.again(v)
+			d := s.again(s.p.deps.Policy.Load(), v)
+			deny := !d.Allowed() && d.Mode == policy.ModeEnforce
 			fl.mu.Lock()
 			if fl.gone {
 				// The sweep took it out meanwhile (its keep ended as
@@ -1311,7 +1312,12 @@ func (s *fastQueue) decide(fl *fastFlow) {
 // and decided, and records the connection.
 func (s *fastQueue) conclude(fl *fastFlow, kind streamKind, v verdict, head peekResult, onQueue bool) {
 	p := s.p
-	eng := fl.at.eng
+	// The policy running at the decision, loaded once: an allow decided
+	// again and every refusal below take its mode, so that they agree.
+	// Across a reload to audit mode, a refusal of the fast path's own
+	// (a limit, a stream mismatch, plain HTTP) lets the connection go on,
+	// recorded as a deny not enforced, as its allow would be decided.
+	eng := p.deps.Policy.Load()
 	defer s.wg.Done()
 	if onQueue {
 		p.met.fastOnQueue.Inc()
@@ -1325,7 +1331,13 @@ func (s *fastQueue) conclude(fl *fastFlow, kind streamKind, v verdict, head peek
 		h(fl.key)
 	}
 	revoked := false
-	if v.d.Allowed() && p.deps.Policy.Load() != eng {
+	if !v.d.Allowed() && v.how == byBytes && fl.at.eng != eng {
+		// A refusal the peek made on the bytes (a bad or oversized
+		// hello, the hello deadline, the peek budget) under the SYN's
+		// policy: the same refusal in the mode of the policy running.
+		v.d = s.again(eng, v)
+	}
+	if v.d.Allowed() && fl.at.eng != eng {
 		// A reload went in since the SYN: the firewall's sweep after it
 		// did not read this connection (pending, its conntrack mark has
 		// no enforced bit), so it is decided under the policy running
@@ -1334,7 +1346,7 @@ func (s *fastQueue) conclude(fl *fastFlow, kind streamKind, v verdict, head peek
 		// mode it goes on, recorded as a deny not enforced. Counted
 		// revoked below, unless a refusal of its own (a stream
 		// mismatch, a limit, the shutdown) decides it instead.
-		if d, _ := s.again(v); !d.Allowed() {
+		if d := s.again(eng, v); !d.Allowed() {
 			v.d = d
 			revoked = true
 		}
@@ -1376,12 +1388,17 @@ func (s *fastQueue) conclude(fl *fastFlow, kind streamKind, v verdict, head peek
 	if kind == kindHTTP && head.Path != "" {
 		f.ev.Path = head.Path
 	}
-	deny := v.enforced()
+	// Refused at the shutdown (or the queue's failure) in either mode,
+	// as the transparent proxy refuses a connection at its shutdown
+	// (refuseAtShutdown).
+	deny := v.enforced() || fl.shut != ""
 	f.ev.Enforced = deny
 	switch {
 	case deny:
 		f.ev.Close = closeFastDenied
-	case head.early:
+	case head.early && refused == nil:
+		// (A refused stream reads as ended to the peek; let through, in
+		// audit mode, its client did not close it.)
 		f.ev.Close = closeEarly
 	default:
 		f.ev.Close = closeFast
@@ -1492,16 +1509,15 @@ func (fl *fastFlow) firstOut() <-chan struct{} {
 	return fl.recordedC
 }
 
-// again decides a flow allowed on v again under the policy running now,
-// as a reload decides the proxy's own connections (Proxy.again: local
-// facts only, no lookup); deny says the decision refuses it. A reload
+// again decides a flow allowed on v again under eng, the policy running
+// now, as a reload decides the proxy's own connections (Proxy.again:
+// local facts only, no lookup). A reload
 // cuts the fast-allowed connections whose rules changed (the firewall's
 // sweep), but one allowed with nothing marked yet carries the pending
 // conntrack mark, which the sweep does not read: its first segment,
 // which would give it the allowed mark, is decided so.
-func (s *fastQueue) again(v verdict) (d policy.Decision, deny bool) {
-	d = s.p.again(s.p.deps.Policy.Load(), v)
-	return d, !d.Allowed() && d.Mode == policy.ModeEnforce
+func (s *fastQueue) again(eng *policy.Engine, v verdict) policy.Decision {
+	return s.p.again(eng, v)
 }
 
 // resets answers a refused connection: answer (if any) then a reset to

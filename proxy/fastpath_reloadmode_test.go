@@ -1,0 +1,147 @@
+package proxy
+
+import (
+	"bytes"
+	"fmt"
+	"net/netip"
+	"testing"
+
+	"egressd/audit"
+	"egressd/internal/nfq"
+	"egressd/policy"
+)
+
+// TestServeQueueRefusalAcrossReloadMode: a flow pending (its SYN taken
+// under enforce mode, its hello not complete) when a reload switches the
+// mode, then refused by the decision for a reason of the fast path's own
+// (other bytes where bytes were held: stream-mismatch; plain HTTP:
+// fast-path-http) or the peek's on the bytes (hello-bad), is refused in the mode of the policy running at the
+// decision, as its allow would be decided (fastQueue.again): after a
+// switch to audit mode it goes on (its held packets accepted, the last
+// with the allowed mark, nothing sent to either side), recorded as a
+// deny not enforced; after a switch to audit mode and back to enforce,
+// refused (dropped, the denied mark, the deny answer and resets),
+// enforced. The policy running allows the connection's host: no reload
+// revoked it. Before, every such refusal took the mode of the SYN's
+// policy: after the switch to audit mode the connection was refused with
+// resets, recorded enforced in enforce mode, under an audit policy.
+func TestServeQueueRefusalAcrossReloadMode(t *testing.T) {
+	hello := goClientHello(t, "www.allowed.test")
+	other := bytes.Repeat([]byte{0x16}, 100) // other bytes where hello[:100] is held
+	httpReq := []byte("GET /x HTTP/1.1\r\nHost: www.allowed.test\r\n\r\n")
+	for _, c := range []struct {
+		name   string
+		reason string
+		answer []byte
+		// before sends what comes before the reload, after what comes
+		// after it; each returns the ids of the packets the flow holds.
+		before, after func(r *fastRig, client, dest netip.AddrPort, isn uint32) []uint32
+	}{
+		{
+			name: "stream-mismatch", reason: ReasonStreamMismatch, answer: tlsAlertAccessDenied,
+			before: func(r *fastRig, client, dest netip.AddrPort, isn uint32) []uint32 {
+				return r.stream(client, dest, isn, hello[:100], 100, false)
+			},
+			after: func(r *fastRig, client, dest netip.AddrPort, isn uint32) []uint32 {
+				return r.stream(client, dest, isn, other, 100, false)
+			},
+		},
+		{
+			// Refused by the peek, on the bytes: a TLS record that is
+			// not a ClientHello.
+			name: "hello-bad", reason: ReasonHelloBad, answer: tlsAlertAccessDenied,
+			before: func(*fastRig, netip.AddrPort, netip.AddrPort, uint32) []uint32 { return nil },
+			after: func(r *fastRig, client, dest netip.AddrPort, isn uint32) []uint32 {
+				return r.stream(client, dest, isn, []byte("\x16\x03\x01\x00\x04\x02\x00\x00\x00"), 100, false)
+			},
+		},
+		{
+			name: "fast-path-http", reason: ReasonFastPathHTTP, answer: []byte("HTTP/1.1 403 Forbidden\r\n"),
+			before: func(*fastRig, netip.AddrPort, netip.AddrPort, uint32) []uint32 { return nil },
+			after: func(r *fastRig, client, dest netip.AddrPort, isn uint32) []uint32 {
+				return r.stream(client, dest, isn, httpReq, 10, false)
+			},
+		},
+	} {
+		for _, m := range []struct {
+			name  string
+			modes []policy.Mode // the reloads, in turn
+		}{
+			{"to-audit", []policy.Mode{policy.ModeAudit}},
+			{"to-audit-and-back", []policy.Mode{policy.ModeAudit, policy.ModeEnforce}},
+		} {
+			t.Run(c.name+"/"+m.name, func(t *testing.T) {
+				r := newFastRig(t) // the first-byte wait (5 s) outlasts the test's steps
+				dest := netip.AddrPortFrom(srvV4, 443)
+				client := netip.AddrPortFrom(clientV4, 42811)
+				syn, isn := r.connect(t, client, dest)
+				if syn.mark&fastMarks.Pending == 0 {
+					t.Fatalf("SYN: verdict %+v, want fast", syn)
+				}
+				ids := c.before(r, client, dest, isn)
+				mode := policy.ModeEnforce
+				for _, mode = range m.modes {
+					fastReload(t, r, fmt.Sprintf(testPolicy, mode))
+				}
+				revoked := counterValue(r.p.met.revoked.WithLabelValues(string(mode)))
+				ids = append(ids, c.after(r, client, dest, isn)...)
+				ev := r.evs.wait(t, "of the flow", func(ev audit.Event) bool { return ev.ClientPort == client.Port() })
+				got := r.q.wait(t, ids)
+				var toClient []injected
+				r.inj.mu.Lock()
+				for _, s := range r.inj.sent {
+					if s.to == client {
+						toClient = append(toClient, s)
+					}
+				}
+				r.inj.mu.Unlock()
+				enforced := mode == policy.ModeEnforce
+				if enforced {
+					checkDenied(t, got)
+					if len(toClient) != 2 || !bytes.HasPrefix(toClient[0].payload, c.answer) || toClient[1].flags&nfq.RST == 0 {
+						t.Errorf("sent to the client %+v: want the deny answer and a reset", toClient)
+					}
+				} else {
+					checkAllowed(t, got)
+					if len(toClient) != 0 {
+						t.Errorf("sent to the client %+v: want nothing (audit mode)", toClient)
+					}
+				}
+				close := closeFast
+				if enforced {
+					close = closeFastDenied
+				}
+				if ev.Verdict != policy.Deny || ev.Reason != c.reason || ev.Mode != mode || ev.Enforced != enforced || ev.Close != close {
+					t.Errorf("event %+v: want denied %s in %s mode, enforced %v, close %s", ev, c.reason, mode, enforced, close)
+				}
+				if n := counterValue(r.p.met.revoked.WithLabelValues(string(mode))) - revoked; n != 0 {
+					t.Errorf("reload_revoked_total{mode=%s} rose by %v, want 0: the policy running allows the host", mode, n)
+				}
+			})
+		}
+	}
+}
+
+// TestServeQueueShutdownAcrossReloadAudit: a flow still pending at the
+// shutdown after a reload to audit mode is refused as at any shutdown
+// (its held packets dropped, the denied mark; recorded denied shutdown,
+// enforced, close shutdown), as the transparent proxy refuses a
+// connection at its shutdown in either mode (refuseAtShutdown), and its
+// event has the mode of the policy running then (audit). Before, its
+// event said enforce mode, the SYN's policy's.
+func TestServeQueueShutdownAcrossReloadAudit(t *testing.T) {
+	r := newFastRig(t) // the first-byte wait (5 s) outlasts the test's steps
+	dest := netip.AddrPortFrom(srvV4, 443)
+	partial := netip.AddrPortFrom(clientV4, 42821)
+	_, isn := r.connect(t, partial, dest)
+	ids := r.stream(partial, dest, isn, goClientHello(t, "www.allowed.test")[:100], 100, false)
+	fastReload(t, r, fmt.Sprintf(testPolicy, policy.ModeAudit))
+	if err := r.stop(); err != nil {
+		t.Fatalf("ServeQueue: %v", err)
+	}
+	checkDenied(t, r.q.wait(t, ids))
+	ev := r.evs.wait(t, "of the flow", func(ev audit.Event) bool { return ev.ClientPort == partial.Port() })
+	if ev.Verdict != policy.Deny || !ev.Enforced || ev.Mode != policy.ModeAudit || ev.Reason != ReasonShutdown || ev.Close != closeShutdown {
+		t.Errorf("event %+v: want denied %s in audit mode, enforced, close %s", ev, ReasonShutdown, closeShutdown)
+	}
+}
