@@ -1312,11 +1312,12 @@ func (s *fastQueue) decide(fl *fastFlow) {
 // and decided, and records the connection.
 func (s *fastQueue) conclude(fl *fastFlow, kind streamKind, v verdict, head peekResult, onQueue bool) {
 	p := s.p
-	// The policy running at the decision, loaded once: an allow decided
-	// again and every refusal below take its mode, so that they agree.
-	// Across a reload to audit mode, a refusal of the fast path's own
-	// (a limit, a stream mismatch, plain HTTP) lets the connection go on,
-	// recorded as a deny not enforced, as its allow would be decided.
+	// The policy running at the decision, loaded once: the decision made
+	// again across a reload and every refusal below take it (its mode),
+	// so that they agree. Across a reload to audit mode, a refusal of the
+	// fast path's own (a limit, a stream mismatch, plain HTTP) lets the
+	// connection go on, recorded as a deny not enforced, as its allow
+	// would be decided.
 	eng := p.deps.Policy.Load()
 	defer s.wg.Done()
 	if onQueue {
@@ -1331,24 +1332,22 @@ func (s *fastQueue) conclude(fl *fastFlow, kind streamKind, v verdict, head peek
 		h(fl.key)
 	}
 	revoked := false
-	if !v.d.Allowed() && v.how == byBytes && fl.at.eng != eng {
-		// A refusal the peek made on the bytes (a bad or oversized
-		// hello, the hello deadline, the peek budget) under the SYN's
-		// policy: the same refusal in the mode of the policy running.
-		v.d = s.again(eng, v)
-	}
-	if v.d.Allowed() && fl.at.eng != eng {
+	if fl.at.eng != eng {
 		// A reload went in since the SYN: the firewall's sweep after it
 		// did not read this connection (pending, its conntrack mark has
 		// no enforced bit), so it is decided under the policy running
 		// now, as the proxy decides one it registers after a reload
 		// began (addLive): denied in enforce mode, refused; in audit
-		// mode it goes on, recorded as a deny not enforced. Counted
-		// revoked below, unless a refusal of its own (a stream
-		// mismatch, a limit, the shutdown) decides it instead.
-		if d := s.again(eng, v); !d.Allowed() {
+		// mode it goes on, recorded as a deny not enforced. An allow
+		// so denied is counted revoked below, unless a refusal of its
+		// own (a stream mismatch, a limit, the shutdown) decides it
+		// instead. A deny of the SYN's policy (a rule's, or a refusal
+		// the peek made on the bytes: Proxy.again keeps its reason) is
+		// decided so too: a new connection would be.
+		d := s.again(eng, v)
+		if !v.d.Allowed() || !d.Allowed() {
+			revoked = v.d.Allowed()
 			v.d = d
-			revoked = true
 		}
 	}
 	// One critical section from the refusal read to the state set: a

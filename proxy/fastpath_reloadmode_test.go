@@ -56,6 +56,14 @@ func TestServeQueueRefusalAcrossReloadMode(t *testing.T) {
 			},
 		},
 		{
+			// Denied by the SYN's policy: no rule allows the server name.
+			name: "no-rule", reason: policy.ReasonNoRule, answer: tlsAlertAccessDenied,
+			before: func(*fastRig, netip.AddrPort, netip.AddrPort, uint32) []uint32 { return nil },
+			after: func(r *fastRig, client, dest netip.AddrPort, isn uint32) []uint32 {
+				return r.stream(client, dest, isn, goClientHello(t, "evil.example"), 600, false)
+			},
+		},
+		{
 			name: "fast-path-http", reason: ReasonFastPathHTTP, answer: []byte("HTTP/1.1 403 Forbidden\r\n"),
 			before: func(*fastRig, netip.AddrPort, netip.AddrPort, uint32) []uint32 { return nil },
 			after: func(r *fastRig, client, dest netip.AddrPort, isn uint32) []uint32 {
@@ -143,5 +151,25 @@ func TestServeQueueShutdownAcrossReloadAudit(t *testing.T) {
 	ev := r.evs.wait(t, "of the flow", func(ev audit.Event) bool { return ev.ClientPort == partial.Port() })
 	if ev.Verdict != policy.Deny || !ev.Enforced || ev.Mode != policy.ModeAudit || ev.Reason != ReasonShutdown || ev.Close != closeShutdown {
 		t.Errorf("event %+v: want denied %s in audit mode, enforced, close %s", ev, ReasonShutdown, closeShutdown)
+	}
+}
+
+// TestServeQueueDenyAcrossReloadAllowed: a flow pending when a reload
+// puts in a policy that allows its server name, which the SYN's policy
+// denied, is decided under the policy running at the decision, as a new
+// connection would be: allowed under the new rule (its held packets
+// accepted, the last with the allowed mark). Before, the deny of the
+// SYN's policy stood, reset and recorded no-rule.
+func TestServeQueueDenyAcrossReloadAllowed(t *testing.T) {
+	r := newFastRig(t)
+	dest := netip.AddrPortFrom(srvV4, 443)
+	client := netip.AddrPortFrom(clientV4, 42831)
+	_, isn := r.connect(t, client, dest)
+	fastReload(t, r, "version: 1\nmode: enforce\nrules:\n  - name: widened\n    to: [\"*.allowed.test\", evil.example]\n    ports: [443/tcp]\n")
+	ids := r.stream(client, dest, isn, goClientHello(t, "evil.example"), 600, false)
+	ev := r.evs.wait(t, "of the flow", func(ev audit.Event) bool { return ev.ClientPort == client.Port() })
+	checkAllowed(t, r.q.wait(t, ids))
+	if ev.Verdict != policy.Allow || ev.Rule != "widened" || ev.Name != "evil.example" || ev.Close != closeFast {
+		t.Errorf("event %+v: want allowed under rule widened, name evil.example, close %s", ev, closeFast)
 	}
 }
