@@ -5,6 +5,7 @@ import (
 	"fmt"
 	"net/netip"
 	"testing"
+	"time"
 
 	"egressd/audit"
 	"egressd/internal/nfq"
@@ -171,5 +172,32 @@ func TestServeQueueDenyAcrossReloadAllowed(t *testing.T) {
 	checkAllowed(t, r.q.wait(t, ids))
 	if ev.Verdict != policy.Allow || ev.Rule != "widened" || ev.Name != "evil.example" || ev.Close != closeFast {
 		t.Errorf("event %+v: want allowed under rule widened, name evil.example, close %s", ev, closeFast)
+	}
+}
+
+// TestServeQueuePartialHelloAcrossAuditSwitch: a flow with part of its
+// hello held when a reload switches to audit mode, whose rest never comes
+// to the queue (the audit ruleset queues nothing more: the client's later
+// segments, and its retransmissions of those held, pass to the server),
+// is decided at its hello deadline: hello-timeout, in audit mode a deny
+// not enforced, its held packets let through with the allowed mark. Before,
+// the hello-timeout took the SYN's policy's mode, enforce: the
+// connection, going on in audit mode, was cut by resets both ways.
+func TestServeQueuePartialHelloAcrossAuditSwitch(t *testing.T) {
+	r := newFastRig(t, func(c *Config) { c.FirstByteWait, c.HelloTimeout = 200*time.Millisecond, 600*time.Millisecond })
+	dest := netip.AddrPortFrom(srvV4, 443)
+	client := netip.AddrPortFrom(clientV4, 42841)
+	_, isn := r.connect(t, client, dest)
+	ids := r.stream(client, dest, isn, goClientHello(t, "www.allowed.test")[:100], 100, false)
+	fastReload(t, r, fmt.Sprintf(testPolicy, policy.ModeAudit))
+	ev := r.evs.wait(t, "of the flow", func(ev audit.Event) bool { return ev.ClientPort == client.Port() })
+	checkAllowed(t, r.q.wait(t, ids))
+	if ev.Verdict != policy.Deny || ev.Reason != ReasonHelloTimeout || ev.Mode != policy.ModeAudit || ev.Enforced || ev.Close != closeFast {
+		t.Errorf("event %+v: want denied %s in audit mode, not enforced, close %s", ev, ReasonHelloTimeout, closeFast)
+	}
+	r.inj.mu.Lock()
+	defer r.inj.mu.Unlock()
+	if len(r.inj.sent) != 0 {
+		t.Errorf("sent %+v: want nothing (audit mode)", r.inj.sent)
 	}
 }
