@@ -201,3 +201,54 @@ func TestServeQueuePartialHelloAcrossAuditSwitch(t *testing.T) {
 		t.Errorf("sent %+v: want nothing (audit mode)", r.inj.sent)
 	}
 }
+
+// TestServeQueueDenyAcrossReloadSpoofed: a flow pending when a reload
+// puts in a policy that allows its server name, which the SYN's policy
+// denied, under a rule of its own, toward an address our DNS gave out
+// for another rule's name only: the name is not vouched for the address
+// (THREATS A2) under the new policy either, so it is refused
+// sni-mismatch in enforce mode (dropped, the denied mark, the TLS alert
+// and a reset); after a reload to audit mode it goes on, recorded as a
+// deny sni-mismatch not enforced. The decision made again on a deny
+// (fastQueue.again) redoes the vouching, on local facts: a spoofed SNI
+// does not ride through a reload. (The SYN's policy's deny, no-rule, was
+// kept before: the reason says the new policy decided it.)
+func TestServeQueueDenyAcrossReloadSpoofed(t *testing.T) {
+	for _, mode := range []policy.Mode{policy.ModeEnforce, policy.ModeAudit} {
+		t.Run(string(mode), func(t *testing.T) {
+			r := newFastRig(t)
+			dest := netip.AddrPortFrom(srvV4, 443) // our DNS gave it out for www.allowed.test
+			client := netip.AddrPortFrom(clientV4, 42851)
+			_, isn := r.connect(t, client, dest)
+			fastReload(t, r, fmt.Sprintf("version: 1\nmode: %s\nrules:\n  - name: allowed\n    to: [\"*.allowed.test\"]\n    ports: [443/tcp]\n  - name: evil\n    to: [evil.example]\n    ports: [443/tcp]\n", mode))
+			ids := r.stream(client, dest, isn, goClientHello(t, "evil.example"), 600, false)
+			ev := r.evs.wait(t, "of the flow", func(ev audit.Event) bool { return ev.ClientPort == client.Port() })
+			got := r.q.wait(t, ids)
+			var toClient []injected
+			r.inj.mu.Lock()
+			for _, s := range r.inj.sent {
+				if s.to == client {
+					toClient = append(toClient, s)
+				}
+			}
+			r.inj.mu.Unlock()
+			enforced := mode == policy.ModeEnforce
+			close := closeFast
+			if enforced {
+				close = closeFastDenied
+				checkDenied(t, got)
+				if len(toClient) != 2 || !bytes.HasPrefix(toClient[0].payload, tlsAlertAccessDenied) || toClient[1].flags&nfq.RST == 0 {
+					t.Errorf("sent to the client %+v: want the TLS alert and a reset", toClient)
+				}
+			} else {
+				checkAllowed(t, got)
+				if len(toClient) != 0 {
+					t.Errorf("sent to the client %+v: want nothing (audit mode)", toClient)
+				}
+			}
+			if ev.Verdict != policy.Deny || ev.Reason != ReasonSNIMismatch || ev.Mode != mode || ev.Enforced != enforced || ev.Name != "evil.example" || ev.Close != close {
+				t.Errorf("event %+v: want denied %s in %s mode, enforced %v, name evil.example, close %s", ev, ReasonSNIMismatch, mode, enforced, close)
+			}
+		})
+	}
+}
