@@ -268,8 +268,12 @@ type fastFlow struct {
 	haveSrv bool
 	state   fastState
 	marked  bool // the connection's lasting mark was given (a NF_REPEAT)
-	counted bool // in its client's count of flows not marked (byClient)
-	decided time.Time
+	// unmarked: let through in audit mode, a deny not enforced (or an
+	// allow) that no enforce policy it can be marked under allowed
+	// (conclude): never given the fast-allowed mark in audit mode.
+	unmarked bool
+	counted  bool // in its client's count of flows not marked (byClient)
+	decided  time.Time
 	// expires: the sweep takes the decided flow out past it. Set by
 	// keepFor only (fl.mu and fastQueue.emu held).
 	expires time.Time
@@ -774,6 +778,14 @@ func (s *fastQueue) packet(pk nfq.Packet) {
 			}
 			if deny && fl.state == fastAllowed && !fl.marked {
 				s.cut(fl, pk, seg, &d)
+				return
+			}
+			if fl.unmarked && fl.state == fastAllowed && !fl.marked && !(d.Allowed() && d.Mode == policy.ModeEnforce) {
+				// Let through in audit mode, which no enforce policy
+				// allowed (conclude): still without the fast-allowed
+				// mark, decided again at its next segment queued.
+				fl.mu.Unlock()
+				s.verdict(pk.ID, nfq.Accept, 0, false)
 				return
 			}
 			if fl.state == fastAllowed && !fl.marked && fl.rec != nil && d.Allowed() != (fl.rec.Verdict == policy.Allow) {
@@ -1332,6 +1344,7 @@ func (s *fastQueue) conclude(fl *fastFlow, kind streamKind, v verdict, head peek
 		h(fl.key)
 	}
 	revoked := false
+	synAllowed := v.d.Allowed() // by the SYN's policy, of enforce mode (declines)
 	if fl.at.eng != eng {
 		// A reload went in since the SYN: the firewall's sweep after it
 		// did not read this connection (pending, its conntrack mark has
@@ -1355,7 +1368,8 @@ func (s *fastQueue) conclude(fl *fastFlow, kind streamKind, v verdict, head peek
 	// at the refusal its bytes cause, and released with the others.
 	fl.mu.Lock()
 	refused := fl.refused
-	if refused != nil || fl.shut != "" {
+	own := refused != nil || fl.shut != "" // a refusal of the fast path's own
+	if own {
 		revoked = false
 	}
 	if errors.Is(refused, errFastHeld) {
@@ -1373,12 +1387,15 @@ func (s *fastQueue) conclude(fl *fastFlow, kind streamKind, v verdict, head peek
 	} else if kind == kindHTTP && v.d.Allowed() {
 		// Plain HTTP: the proxy decides every request head of the
 		// connection; the kernel would forward the later ones unread.
+		// (On its bytes: decided again, by packet, it stays refused.)
 		v.d = denyDecision(eng, ReasonFastPathHTTP)
+		v.how, own = byBytes, true
 	} else if v.inspect && v.d.Allowed() {
 		// Host/path rules decide this host, and the fast path sees no
 		// request after the first: the proxy would inspect it. Refused,
 		// as a reload refuses a spliced connection allowed only so.
 		v.d = denyDecision(eng, policy.ReasonPathUnseen)
+		v.how, own = byBytes, true
 	}
 	f := fl.f
 	f.ev.Stamp(v.d)
@@ -1417,7 +1434,19 @@ func (s *fastQueue) conclude(fl *fastFlow, kind streamKind, v verdict, head peek
 	if deny {
 		fl.state = fastDenied
 	}
-	fl.marked = len(held) > 0
+	// The fast-allowed mark is kept by a reload's firewall sweep while
+	// the rules (not the mode) are those of the enforce policies it can
+	// come from (firewall's fastFingerprint): it is given to a
+	// connection an enforce policy allowed, the running one or its
+	// SYN's (then, across a reload to audit mode, allowed or revoked
+	// there). One let through in audit mode otherwise (denied by the
+	// SYN's policy too, or refused for a reason of the fast path's own)
+	// has its held packets accepted without it: its conntrack entry
+	// stays pending, and its next segment queued under an enforce
+	// ruleset is decided again (packet), as the proxy's own connection
+	// let through in audit mode is at the switch back.
+	fl.unmarked = !deny && !(v.d.Allowed() && v.d.Mode == policy.ModeEnforce) && !(synAllowed && !own)
+	fl.marked = len(held) > 0 && !fl.unmarked
 	if fl.marked {
 		s.uncount(fl)
 	}
@@ -1472,7 +1501,7 @@ func (s *fastQueue) conclude(fl *fastFlow, kind streamKind, v verdict, head peek
 		}
 	} else {
 		for i, h := range held {
-			if i == len(held)-1 {
+			if i == len(held)-1 && !fl.unmarked {
 				s.verdict(h.id, nfq.Repeat, s.withMark(h.mark, s.marks.Allowed), true)
 			} else {
 				s.verdict(h.id, nfq.Accept, 0, false)

@@ -18,8 +18,8 @@ import (
 // (other bytes where bytes were held: stream-mismatch; plain HTTP:
 // fast-path-http) or the peek's on the bytes (hello-bad), is refused in the mode of the policy running at the
 // decision, as its allow would be decided (fastQueue.again): after a
-// switch to audit mode it goes on (its held packets accepted, the last
-// with the allowed mark, nothing sent to either side), recorded as a
+// switch to audit mode it goes on (its held packets accepted without the
+// fast-allowed mark, nothing sent to either side), recorded as a
 // deny not enforced; after a switch to audit mode and back to enforce,
 // refused (dropped, the denied mark, the deny answer and resets),
 // enforced. The policy running allows the connection's host: no reload
@@ -111,7 +111,7 @@ func TestServeQueueRefusalAcrossReloadMode(t *testing.T) {
 						t.Errorf("sent to the client %+v: want the deny answer and a reset", toClient)
 					}
 				} else {
-					checkAllowed(t, got)
+					checkUnmarked(t, got)
 					if len(toClient) != 0 {
 						t.Errorf("sent to the client %+v: want nothing (audit mode)", toClient)
 					}
@@ -180,7 +180,7 @@ func TestServeQueueDenyAcrossReloadAllowed(t *testing.T) {
 // to the queue (the audit ruleset queues nothing more: the client's later
 // segments, and its retransmissions of those held, pass to the server),
 // is decided at its hello deadline: hello-timeout, in audit mode a deny
-// not enforced, its held packets let through with the allowed mark. Before,
+// not enforced, its held packets let through without the fast-allowed mark. Before,
 // the hello-timeout took the SYN's policy's mode, enforce: the
 // connection, going on in audit mode, was cut by resets both ways.
 func TestServeQueuePartialHelloAcrossAuditSwitch(t *testing.T) {
@@ -191,7 +191,7 @@ func TestServeQueuePartialHelloAcrossAuditSwitch(t *testing.T) {
 	ids := r.stream(client, dest, isn, goClientHello(t, "www.allowed.test")[:100], 100, false)
 	fastReload(t, r, fmt.Sprintf(testPolicy, policy.ModeAudit))
 	ev := r.evs.wait(t, "of the flow", func(ev audit.Event) bool { return ev.ClientPort == client.Port() })
-	checkAllowed(t, r.q.wait(t, ids))
+	checkUnmarked(t, r.q.wait(t, ids))
 	if ev.Verdict != policy.Deny || ev.Reason != ReasonHelloTimeout || ev.Mode != policy.ModeAudit || ev.Enforced || ev.Close != closeFast {
 		t.Errorf("event %+v: want denied %s in audit mode, not enforced, close %s", ev, ReasonHelloTimeout, closeFast)
 	}
@@ -241,7 +241,7 @@ func TestServeQueueDenyAcrossReloadSpoofed(t *testing.T) {
 					t.Errorf("sent to the client %+v: want the TLS alert and a reset", toClient)
 				}
 			} else {
-				checkAllowed(t, got)
+				checkUnmarked(t, got)
 				if len(toClient) != 0 {
 					t.Errorf("sent to the client %+v: want nothing (audit mode)", toClient)
 				}
@@ -250,5 +250,60 @@ func TestServeQueueDenyAcrossReloadSpoofed(t *testing.T) {
 				t.Errorf("event %+v: want denied %s in %s mode, enforced %v, name evil.example, close %s", ev, ReasonSNIMismatch, mode, enforced, close)
 			}
 		})
+	}
+}
+
+// TestServeQueueAuditLetThroughUnmarked: a flow pending at a reload to
+// audit mode and then denied (no rule allows its server name, under the
+// SYN's policy and the new one) goes on, a deny not enforced, but its
+// held packets are accepted without the fast-allowed mark: that mark is
+// kept by a later reload's firewall sweep while the rules are those of
+// the enforce policy its SYN came under (the mode is no part of the
+// fast path's fingerprint), and that policy never allowed it. Its
+// conntrack entry stays pending, so after a reload back to enforce mode
+// its next segment is queued and decided again (the policy denies it:
+// cut, the denied mark, counted revoked), as the proxy cuts its own
+// connection let through in audit mode at the switch (Proxy.again).
+// Before, it got the fast-allowed mark, and a reload back to the same
+// rules in enforce mode kept it: a connection the enforce policy denies
+// went on.
+func TestServeQueueAuditLetThroughUnmarked(t *testing.T) {
+	r := newFastRig(t)
+	dest := netip.AddrPortFrom(srvV4, 443)
+	client := netip.AddrPortFrom(clientV4, 42861)
+	_, isn := r.connect(t, client, dest)
+	fastReload(t, r, fmt.Sprintf(testPolicy, policy.ModeAudit))
+	hello := goClientHello(t, "evil.example")
+	ids := r.stream(client, dest, isn, hello, 600, false)
+	ev := r.evs.wait(t, "of the flow", func(ev audit.Event) bool { return ev.ClientPort == client.Port() })
+	if ev.Verdict != policy.Deny || ev.Reason != policy.ReasonNoRule || ev.Enforced {
+		t.Fatalf("event %+v: want denied %s, not enforced", ev, policy.ReasonNoRule)
+	}
+	for i, g := range r.q.wait(t, ids) {
+		if g != (gotVerdict{v: nfq.Accept}) {
+			t.Fatalf("held packet %d of %d: verdict %+v, want accepted without a mark", i, len(ids), g)
+		}
+	}
+	fastReload(t, r, fmt.Sprintf(testPolicy, policy.ModeEnforce))
+	revoked := counterValue(r.p.met.revoked.WithLabelValues(string(policy.ModeEnforce)))
+	id := r.send(hookForward, tcpPacket(client, dest, isn+1+uint32(len(hello)), 5000, nfq.ACK|nfq.PSH, []byte("more")))
+	repeatDenied := gotVerdict{v: nfq.Repeat, mark: fastMarks.Denied | operatorBit, setMark: true}
+	if g := r.q.wait(t, []uint32{id})[0]; g != repeatDenied {
+		t.Fatalf("its next segment after the reload back to enforce mode: verdict %+v, want %+v", g, repeatDenied)
+	}
+	if n := counterValue(r.p.met.revoked.WithLabelValues(string(policy.ModeEnforce))) - revoked; n != 1 {
+		t.Errorf("reload_revoked_total{mode=enforce} rose by %v, want 1", n)
+	}
+}
+
+// checkUnmarked: every held packet accepted, none with the fast-allowed
+// mark (a connection let through in audit mode that no enforce policy
+// allowed: TestServeQueueAuditLetThroughUnmarked).
+func checkUnmarked(t *testing.T, got []gotVerdict) {
+	t.Helper()
+	for i, g := range got {
+		if g != (gotVerdict{v: nfq.Accept}) {
+			t.Fatalf("packet %d of %d: verdict %+v, want accepted without a mark", i, len(got), g)
+		}
 	}
 }
