@@ -96,14 +96,7 @@ func TestServeQueueRefusalAcrossReloadMode(t *testing.T) {
 				ids = append(ids, c.after(r, client, dest, isn)...)
 				ev := r.evs.wait(t, "of the flow", func(ev audit.Event) bool { return ev.ClientPort == client.Port() })
 				got := r.q.wait(t, ids)
-				var toClient []injected
-				r.inj.mu.Lock()
-				for _, s := range r.inj.sent {
-					if s.to == client {
-						toClient = append(toClient, s)
-					}
-				}
-				r.inj.mu.Unlock()
+				toClient := r.inj.sentTo(client)
 				enforced := mode == policy.ModeEnforce
 				if enforced {
 					checkDenied(t, got)
@@ -224,14 +217,7 @@ func TestServeQueueDenyAcrossReloadSpoofed(t *testing.T) {
 			ids := r.stream(client, dest, isn, goClientHello(t, "evil.example"), 600, false)
 			ev := r.evs.wait(t, "of the flow", func(ev audit.Event) bool { return ev.ClientPort == client.Port() })
 			got := r.q.wait(t, ids)
-			var toClient []injected
-			r.inj.mu.Lock()
-			for _, s := range r.inj.sent {
-				if s.to == client {
-					toClient = append(toClient, s)
-				}
-			}
-			r.inj.mu.Unlock()
+			toClient := r.inj.sentTo(client)
 			enforced := mode == policy.ModeEnforce
 			close := closeFast
 			if enforced {

@@ -148,6 +148,19 @@ func (i *fakeInjector) SegmentL2(l2 nfq.L2, from, to netip.AddrPort, seq, ack ui
 	return nil
 }
 
+// sentTo is what was sent to to, in order.
+func (i *fakeInjector) sentTo(to netip.AddrPort) []injected {
+	i.mu.Lock()
+	defer i.mu.Unlock()
+	var out []injected
+	for _, s := range i.sent {
+		if s.to == to {
+			out = append(out, s)
+		}
+	}
+	return out
+}
+
 // tcpPacket builds an IPv4 or IPv6 TCP packet (nfq.BuildTCP).
 func tcpPacket(src, dst netip.AddrPort, seq, ack uint32, flags uint8, payload []byte) []byte {
 	b, err := nfq.BuildTCP(src, dst, seq, ack, flags, payload)
