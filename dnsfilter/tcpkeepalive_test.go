@@ -16,6 +16,7 @@ import (
 // TCPIdleTimeout instead.
 func TestTCPNoKeepalive(t *testing.T) {
 	srv := startServer(t, "rules: []", Config{}, Deps{})
+	accepted, _, _ := srv.tcpLim.slots.Counts()
 	c, err := net.Dial("tcp", srv.Addr)
 	if err != nil {
 		t.Fatal(err)
@@ -34,7 +35,19 @@ func TestTCPNoKeepalive(t *testing.T) {
 	if tr == "" {
 		t.Fatalf("no server-side socket %d→%d in /proc/net/tcp", sport, cport)
 	}
-	time.Sleep(200 * time.Millisecond) // the server has accepted and set what it sets
+	// The socket is in /proc/net/tcp from the handshake on, in the
+	// kernel's accept queue, before the server has accepted it (and Go's
+	// accept sets the keepalive): wait for the server's accept itself,
+	// its connection slot taken. Before, a fixed 200 ms stood for it,
+	// and an accept later than that had the check pass with no accept.
+	for deadline := time.Now().Add(5 * time.Second); ; time.Sleep(10 * time.Millisecond) {
+		if n, _, _ := srv.tcpLim.slots.Counts(); n-accepted >= 1 {
+			break
+		}
+		if time.Now().After(deadline) {
+			t.Fatal("the server did not accept the connection in 5 s")
+		}
+	}
 	if tr = timerOf(t, sport, cport); tr != "0" {
 		t.Errorf("server side of an idle DNS TCP connection: timer %q, want 0 (no keepalive)", tr)
 	}
