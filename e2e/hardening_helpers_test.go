@@ -958,6 +958,26 @@ func (w *witness) settle() {
 	}
 }
 
+// settleAfter waits (10 s at most) until the witness has counted tcp
+// connections and udp datagrams in all, the probes made before egressd
+// starts ("without egressd, ... is reachable"), then settles. The probe's
+// connect completes for the client before the witness's accept loop has
+// counted it: on a busy box that count could come after settle's 300 ms
+// of quiet (which holds at once while nothing has been counted yet), past
+// the baseline, and be taken for a connection made while egressd
+// enforces. A witness counts from 0 when it is made.
+func (w *witness) settleAfter(t *testing.T, tcp, udp int64) {
+	t.Helper()
+	deadline := time.Now().Add(10 * time.Second)
+	for w.tcp.Load() < tcp || w.udp.Load() < udp {
+		if time.Now().After(deadline) {
+			t.Fatalf("witness: %d TCP connections and %d datagrams counted 10 s after the probes, want %d and %d", w.tcp.Load(), w.udp.Load(), tcp, udp)
+		}
+		time.Sleep(20 * time.Millisecond)
+	}
+	w.settle()
+}
+
 // echoSample writes a line to about n of conns, spread over them, and
 // checks that each echoes it back (the load tests' tunnels to an echo
 // origin); it returns how many did.

@@ -62,7 +62,7 @@ func TestHardeningModes(t *testing.T) {
 					t.Fatalf("without egressd, %s is not reachable from the LAN: the test would prove nothing", a)
 				}
 			}
-			w.settle()
+			w.settleAfter(t, int64(len(addrs)), 0)
 			base := map[string]int{}
 			for _, a := range addrs {
 				base[a] = w.hits(a)
@@ -167,7 +167,7 @@ func TestHardeningExplicitKeepAlive(t *testing.T) {
 			t.Fatalf("without egressd, %s is not reachable from the LAN: the test would prove nothing", a)
 		}
 	}
-	w.settle()
+	w.settleAfter(t, int64(len(otherPorts)), 0)
 	base := w.tcp.Load()
 	d := hardeningDaemon(t, tp, u, "")
 	if rcode, got := tp.dig(t, vendorName, "A"); rcode != "NOERROR" || len(got) == 0 {
@@ -259,7 +259,7 @@ func TestHardeningExplicitUpstreamDown(t *testing.T) {
 	if !tp.dialOK(freshIP + ":443") {
 		t.Fatalf("without egressd, %s:443 is not reachable from the LAN: the test would prove nothing", freshIP)
 	}
-	w.settle()
+	w.settleAfter(t, 1, 0)
 	base := w.tcp.Load()
 	d := hardeningDaemon(t, tp, u, "")
 	proxyAddr := gwLAN4 + ":3128"
