@@ -51,7 +51,7 @@ func TestHardeningRanges(t *testing.T) {
 	if err := udpExchange(tp, "["+tracker6+"]:7777", []byte("ping")); err != nil {
 		t.Fatalf("without egressd, UDP [%s]:7777 does not answer: %v", tracker6, err)
 	}
-	w.settle()
+	w.settleAfter(t, int64(len(tcp)), 1)
 	baseTCP, baseUDP := w.tcp.Load(), w.udp.Load()
 
 	d := hardeningDaemon(t, tp, u, anyRule)
