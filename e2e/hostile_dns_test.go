@@ -40,7 +40,7 @@ func TestHostileUpstreamAnswers(t *testing.T) {
 	if err := udpExchange(tp, spoofIP4+":123", []byte("ntp?")); err != nil {
 		t.Fatalf("without egressd, UDP %s:123 does not answer: %v", spoofIP4, err)
 	}
-	w.settle()
+	w.settleAfter(t, 1, 1)
 	base := w.hits(spoofIP4 + ":443")
 	baseUDP := w.hits("udp:" + spoofIP4 + ":123")
 
