@@ -71,7 +71,7 @@ func TestHardeningDNS(t *testing.T) {
 	if err := udpExchange(tp, dockerIP4+":443", []byte("ping")); err != nil {
 		t.Fatalf("without egressd, UDP %s:443 does not answer: %v", dockerIP4, err)
 	}
-	w.settle()
+	w.settleAfter(t, 1, 1)
 	baseTCP, baseUDP := w.tcp.Load(), w.udp.Load()
 
 	d := hardeningDaemon(t, tp, u, "")
