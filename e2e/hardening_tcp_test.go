@@ -161,7 +161,7 @@ func TestHardeningTCP(t *testing.T) {
 		c.Close()
 	}
 	ln.Close()
-	w.settle()
+	w.settleAfter(t, 2, 0)
 	base := w.tcp.Load()
 
 	d := hardeningDaemon(t, tp, u, "")
