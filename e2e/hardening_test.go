@@ -82,7 +82,7 @@ func TestHardeningNames(t *testing.T) {
 			t.Fatalf("without egressd, %s is not reachable from the LAN: the test would prove nothing", a)
 		}
 	}
-	w.settle()
+	w.settleAfter(t, 3, 0)
 	base := w.tcp.Load()
 
 	d := hardeningDaemon(t, tp, u, "")
