@@ -122,7 +122,7 @@ func TestHardeningProtocols(t *testing.T) {
 			t.Fatalf("without egressd, %s is not reachable from the LAN: the test would prove nothing", a)
 		}
 	}
-	pw.settle()
+	pw.settleAfter(t, int64(len(portAddrs)), 0)
 	ws := make([]*rawWitness, len(rawProtos))
 	for i, p := range rawProtos {
 		ws[i] = tp.newRawWitness(t, p.network)
