@@ -218,7 +218,34 @@ func TestLiveNeverWaitsInPoll(t *testing.T) {
 	b := testnet.New(t, "cpb")
 	testnet.Link(t, a, "pl0", []string{"198.18.9.1/24"}, b, "pl1", []string{"198.18.9.2/24"})
 	c := startLive(t, b, Config{Interfaces: []string{"pl1"}}, Deps{Policy: policy.NewStore(testEngine(t, testPolicy)), Sink: &recorder{}})
-	time.Sleep(300 * time.Millisecond) // Run is in its loop, the interface idle
+	sink, err := b.ListenPacket("udp", "198.18.9.2:9")
+	if err != nil {
+		t.Fatal(err)
+	}
+	defer sink.Close()
+	conn, err := a.DialContext(context.Background(), "udp", "198.18.9.2:9")
+	if err != nil {
+		t.Fatal(err)
+	}
+	defer conn.Close()
+	send := func() {
+		t.Helper()
+		if _, err := conn.Write([]byte("egressd capture test")); err != nil {
+			t.Fatal(err)
+		}
+	}
+	// Run is in its loop: it has read a datagram. Before, a fixed 300 ms
+	// stood for it, and a Run that had not begun by the end of the looks
+	// (a busy box) had them find no thread in ppoll, whatever Run's wait.
+	send()
+	deadline := time.Now().Add(10 * time.Second)
+	for st := c.Stats(); st.Packets-st.NotIP < 1; st = c.Stats() {
+		if time.Now().After(deadline) {
+			t.Fatalf("capture read no datagram 10 s after one was sent (stats %+v)", st)
+		}
+		time.Sleep(10 * time.Millisecond)
+	}
+	time.Sleep(300 * time.Millisecond) // the interface idle
 	inPoll := 0
 	for range 50 {
 		tasks, _ := filepath.Glob("/proc/self/task/*/syscall")
@@ -236,36 +263,24 @@ func TestLiveNeverWaitsInPoll(t *testing.T) {
 	if inPoll > 0 {
 		t.Errorf("a thread was in ppoll in %d of 50 looks while capture ran on an idle interface", inPoll)
 	}
-	sink, err := b.ListenPacket("udp", "198.18.9.2:9")
-	if err != nil {
-		t.Fatal(err)
-	}
-	defer sink.Close()
-	conn, err := a.DialContext(context.Background(), "udp", "198.18.9.2:9")
-	if err != nil {
-		t.Fatal(err)
-	}
-	defer conn.Close()
 	for range 3 {
-		if _, err := conn.Write([]byte("egressd capture test")); err != nil {
-			t.Fatal(err)
-		}
+		send()
 		time.Sleep(50 * time.Millisecond)
 	}
-	// Wait until Run has read the datagrams themselves, not any 3
+	// Wait until Run has read the datagrams themselves, not any 4
 	// packets: the link's ARP packets (NotIP: 6 of the 8 or 9 packets)
 	// reach that count first, and a stop then, with Run behind the ring
 	// (a loaded box, or a wait of up to maxRingWait after the idle
 	// spell), left datagrams unread: once "0 own flows".
-	deadline := time.Now().Add(10 * time.Second)
-	for st := c.Stats(); time.Now().Before(deadline) && (st.Own == 0 || st.Packets-st.NotIP < 3); st = c.Stats() {
+	deadline = time.Now().Add(10 * time.Second)
+	for st := c.Stats(); time.Now().Before(deadline) && (st.Own == 0 || st.Packets-st.NotIP < 4); st = c.Stats() {
 		time.Sleep(20 * time.Millisecond)
 	}
 	if err := c.stop(); err != nil {
 		t.Fatalf("run: %v", err)
 	}
-	if st := c.Stats(); st.Own != 1 || st.Flows != 0 || st.Packets-st.NotIP < 3 {
-		t.Errorf("datagrams to the namespace's own 198.18.9.2: %d own flows, %d recorded, %d IP packets; want 1, 0 and the 3 datagrams at least (stats %+v)",
+	if st := c.Stats(); st.Own != 1 || st.Flows != 0 || st.Packets-st.NotIP < 4 {
+		t.Errorf("datagrams to the namespace's own 198.18.9.2: %d own flows, %d recorded, %d IP packets; want 1, 0 and the 4 datagrams at least (stats %+v)",
 			st.Own, st.Flows, st.Packets-st.NotIP, st)
 	}
 }
