@@ -168,13 +168,21 @@ func TestRunProxyUsers(t *testing.T) {
 	if warned("alice") != 2 || warned("carol") != 1 || warned("bob") != 1 {
 		t.Errorf("unsalted warnings after the reload: alice %d, carol %d, bob %d; want 2, 1, 1\nstderr:\n%s", warned("alice"), warned("carol"), warned("bob"), errb.String())
 	}
-	reload("carol:new\n", http.StatusForbidden) // a plain password: refused, carol stays
-	time.Sleep(500 * time.Millisecond)          // the reload has had time to (wrongly) apply
+	// A plain password: refused, carol stays. reload's wait for carol's
+	// 403 holds before the reload has run (she had it already), and a
+	// fixed 500 ms stood for the reload: a later one had carol asked
+	// before it. Wait for the reload's own line (written after the users
+	// were, or were not, replaced), then ask.
+	const failed = "reload of the proxy users failed, keeping the running ones"
+	before := strings.Count(errb.String(), failed)
+	reload("carol:new\n", http.StatusForbidden)
+	for deadline := time.Now().Add(10 * time.Second); strings.Count(errb.String(), failed) == before; time.Sleep(20 * time.Millisecond) {
+		if time.Now().After(deadline) {
+			t.Fatalf("no error line for the unusable file 10s after SIGHUP:\n%s", errb.String())
+		}
+	}
 	if code, _, _ := ask(carol); code != http.StatusForbidden {
 		t.Errorf("carol after a reload of an unusable file: %d, want 403 (the running users kept)", code)
-	}
-	if !strings.Contains(errb.String(), "reload of the proxy users failed, keeping the running ones") {
-		t.Errorf("no error line for the unusable file:\n%s", errb.String())
 	}
 }
 
