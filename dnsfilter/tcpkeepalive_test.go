@@ -40,14 +40,7 @@ func TestTCPNoKeepalive(t *testing.T) {
 	// accept sets the keepalive): wait for the server's accept itself,
 	// its connection slot taken. Before, a fixed 200 ms stood for it,
 	// and an accept later than that had the check pass with no accept.
-	for deadline := time.Now().Add(5 * time.Second); ; time.Sleep(10 * time.Millisecond) {
-		if n, _, _ := srv.tcpLim.slots.Counts(); n-accepted >= 1 {
-			break
-		}
-		if time.Now().After(deadline) {
-			t.Fatal("the server did not accept the connection in 5 s")
-		}
-	}
+	waitFor(t, func() bool { n, _, _ := srv.tcpLim.slots.Counts(); return n > accepted })
 	if tr = timerOf(t, sport, cport); tr != "0" {
 		t.Errorf("server side of an idle DNS TCP connection: timer %q, want 0 (no keepalive)", tr)
 	}
