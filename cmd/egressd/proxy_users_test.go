@@ -171,18 +171,29 @@ func TestRunProxyUsers(t *testing.T) {
 	// A plain password: refused, carol stays. reload's wait for carol's
 	// 403 holds before the reload has run (she had it already), and a
 	// fixed 500 ms stood for the reload: a later one had carol asked
-	// before it. Wait for the reload's own line (written after the users
-	// were, or were not, replaced), then ask.
-	const failed = "reload of the proxy users failed, keeping the running ones"
-	before := strings.Count(errb.String(), failed)
+	// before it. Wait for the reload's own line, failed or not (written
+	// after the users were, or were not, replaced), then ask.
+	const failed, reloaded = "reload of the proxy users failed, keeping the running ones", `"msg":"proxy users reloaded"`
+	lines := func() (failures, all int) {
+		s := errb.String()
+		f := strings.Count(s, failed)
+		return f, f + strings.Count(s, reloaded)
+	}
+	before, beforeAll := lines()
 	reload("carol:new\n", http.StatusForbidden)
-	for deadline := time.Now().Add(10 * time.Second); strings.Count(errb.String(), failed) == before; time.Sleep(20 * time.Millisecond) {
+	for deadline := time.Now().Add(10 * time.Second); ; time.Sleep(20 * time.Millisecond) {
+		if _, all := lines(); all > beforeAll {
+			break
+		}
 		if time.Now().After(deadline) {
-			t.Fatalf("no error line for the unusable file 10s after SIGHUP:\n%s", errb.String())
+			t.Fatalf("no line of the proxy users' reload 10s after SIGHUP:\n%s", errb.String())
 		}
 	}
 	if code, _, _ := ask(carol); code != http.StatusForbidden {
 		t.Errorf("carol after a reload of an unusable file: %d, want 403 (the running users kept)", code)
+	}
+	if n, _ := lines(); n == before {
+		t.Errorf("no error line for the unusable file:\n%s", errb.String())
 	}
 }
 
