@@ -41,13 +41,7 @@ func TestRunWithoutCapabilities(t *testing.T) {
 		t.Fatal(err)
 	}
 	defer func() { cmd.Process.Kill(); cmd.Wait() }()
-	deadline := time.Now().Add(30 * time.Second)
-	for !strings.Contains(out.String(), "admin: http://") && time.Now().Before(deadline) {
-		time.Sleep(100 * time.Millisecond)
-	}
-	time.Sleep(500 * time.Millisecond) // the DNS listener's failure comes from its own goroutine
-	got := out.String()
-	for _, want := range []string{
+	wants := []string{
 		"NOT RUNNING: capture: needs CAP_NET_RAW",
 		"NOT RUNNING: firewall: needs CAP_NET_ADMIN",
 		"needs CAP_NET_BIND_SERVICE",
@@ -56,9 +50,25 @@ func TestRunWithoutCapabilities(t *testing.T) {
 		"admin: http://127.0.0.1:",
 		// Go's default processors; GOMAXPROCS unset here
 		fmt.Sprintf("go: %d processors\n", runtime.GOMAXPROCS(0)),
-	} {
+	}
+	// Wait (at most 30 s) for every line: the NOT RUNNING lines come
+	// after the admin line.
+	all := func(got string) bool {
+		for _, want := range wants {
+			if !strings.Contains(got, want) {
+				return false
+			}
+		}
+		return true
+	}
+	deadline := time.Now().Add(30 * time.Second)
+	for !all(out.String()) && time.Now().Before(deadline) {
+		time.Sleep(100 * time.Millisecond)
+	}
+	got := out.String()
+	for _, want := range wants {
 		if !strings.Contains(got, want) {
-			t.Errorf("output lacks %q:\n%s", want, got)
+			t.Errorf("output lacks %q after 30 s:\n%s", want, got)
 		}
 	}
 }
