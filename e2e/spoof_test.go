@@ -7,6 +7,7 @@ import (
 	"math/rand/v2"
 	"net"
 	"net/netip"
+	"strconv"
 	"strings"
 	"sync"
 	"sync/atomic"
@@ -93,6 +94,8 @@ func TestSpoofedSources(t *testing.T) {
 	}()
 
 	limited0 := d.metric("egress_dnsfilter_rate_limited_total")
+	up0Requests := metricSum(t, d, "egress_dnsfilter_upstream_requests_total")
+	up0Failures := metricSum(t, d, "egress_dnsfilter_upstream_failures_total")
 	up0 := u.recv.Load()
 	var other atomic.Int64
 	wg.Add(1)
@@ -111,7 +114,21 @@ func TestSpoofedSources(t *testing.T) {
 	if err != nil {
 		t.Fatalf("forged flood: %v (%d sent)", err, sent)
 	}
-	time.Sleep(time.Second) // the last queries' upstream round trips
+	// Wait (at most 20 s) for the last queries' upstream round trips:
+	// until the gateway's DNS sockets hold no unread query and every
+	// query the forwarder sent upstream has reached the upstream (or
+	// timed out, a failure).
+	for deadline := time.Now().Add(20 * time.Second); ; time.Sleep(100 * time.Millisecond) {
+		queued := udpRxQueued(t, tp.gw, 53)
+		forwarded := int64(metricSum(t, d, "egress_dnsfilter_upstream_requests_total") - up0Requests)
+		failed := int64(metricSum(t, d, "egress_dnsfilter_upstream_failures_total") - up0Failures)
+		if queued == 0 && u.recv.Load()-up0+failed >= forwarded {
+			break
+		}
+		if time.Now().After(deadline) {
+			t.Fatalf("20 s after the flood the gateway's DNS sockets hold %d bytes unread, and of the %d queries the forwarder sent upstream %d reached it, %d failed", queued, forwarded, u.recv.Load()-up0, failed)
+		}
+	}
 	limited := d.metric("egress_dnsfilter_rate_limited_total") - limited0
 	upstream := u.recv.Load() - up0
 	share := 2000 + int(500*took.Seconds()) // one client's: burst 2,000 + 500/s
@@ -279,6 +296,54 @@ func udp6Checksum(src, dst [16]byte, seg []byte) uint16 {
 		return c
 	}
 	return 0xffff
+}
+
+// metricSum returns the sum of every series of the metric name on
+// /metrics, whatever their labels (0 when there is none).
+func metricSum(t *testing.T, d *daemon, name string) float64 {
+	t.Helper()
+	_, body, err := d.get("/metrics")
+	if err != nil {
+		t.Fatalf("GET /metrics: %v", err)
+	}
+	var sum float64
+	for _, line := range strings.Split(body, "\n") {
+		series, v, ok := strings.Cut(line, " ")
+		if !ok || series != name && !strings.HasPrefix(series, name+"{") {
+			continue
+		}
+		f, err := strconv.ParseFloat(v, 64)
+		if err != nil {
+			t.Fatalf("/metrics: %q: %v", line, err)
+		}
+		sum += f
+	}
+	return sum
+}
+
+// udpRxQueued returns the bytes queued unread on the UDP sockets of ns
+// (IPv4 and IPv6) bound to port (/proc/net/udp's rx_queue).
+func udpRxQueued(t *testing.T, ns *testnet.NS, port uint16) int64 {
+	t.Helper()
+	out, err := ns.Run("cat", "/proc/net/udp", "/proc/net/udp6")
+	if err != nil {
+		t.Fatalf("/proc/net/udp in %s: %v\n%s", ns.Name, err, out)
+	}
+	var sum int64
+	for _, line := range strings.Split(out, "\n") {
+		f := strings.Fields(line)
+		// sl local_address rem_address st tx_queue:rx_queue ...
+		if len(f) < 5 || !strings.HasSuffix(f[1], fmt.Sprintf(":%04X", port)) {
+			continue
+		}
+		_, rx, _ := strings.Cut(f[4], ":")
+		n, err := strconv.ParseInt(rx, 16, 64)
+		if err != nil {
+			t.Fatalf("/proc/net/udp: %q: %v", line, err)
+		}
+		sum += n
+	}
+	return sum
 }
 
 // tail returns the last n bytes of s.
