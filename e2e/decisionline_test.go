@@ -187,6 +187,8 @@ func TestOneDecisionLineResetBurst(t *testing.T) {
 	tp := newTopo(t)
 	d := newDaemon(t, tp, "enforce")
 	d.start()
+	flows0 := metricSum(t, d, "egress_capture_flows_total")
+	drops0 := d.metric("egress_capture_kernel_drops_total")
 	const n = 1500
 	name := func(i int) string { return fmt.Sprintf("r7-burst-%d.example", i) }
 	var wg sync.WaitGroup
@@ -241,7 +243,23 @@ func TestOneDecisionLineResetBurst(t *testing.T) {
 		}
 		time.Sleep(100 * time.Millisecond)
 	}
-	time.Sleep(2 * time.Second) // capture's reports of the last ones
+	// Wait (at most 30 s) for capture's reports of the last ones: it has
+	// reported a flow (once each, its decision line then or never) for
+	// every opened connection. When the kernel dropped packets of the
+	// burst capture may never see some: then until it has read all the
+	// kernel kept (its packet count holds still for 2 s).
+	for deadline, last, still := time.Now().Add(30*time.Second), -1.0, 0; metricSum(t, d, "egress_capture_flows_total")-flows0 < float64(len(opened)); {
+		if pk := d.metric("egress_capture_packets_total"); pk != last {
+			last, still = pk, 0
+		} else if still++; still >= 20 && d.metric("egress_capture_kernel_drops_total") > drops0 {
+			t.Logf("capture reported %v flows of %d opened connections; the kernel dropped packets (%s)", metricSum(t, d, "egress_capture_flows_total")-flows0, len(opened), d.captureCounters())
+			break
+		}
+		if time.Now().After(deadline) {
+			t.Fatalf("in 30 s capture reported %v flows of %d opened connections (%s)", metricSum(t, d, "egress_capture_flows_total")-flows0, len(opened), d.captureCounters())
+		}
+		time.Sleep(100 * time.Millisecond)
+	}
 	d.stop()
 	lines := map[string]int{}
 	unnamed, summed := 0, 0
