@@ -265,6 +265,29 @@ func (d *daemon) metric(series string) float64 {
 	return v
 }
 
+// metricSum returns the sum of every series of the metric name on
+// /metrics, whatever their labels (0 when there is none).
+func (d *daemon) metricSum(name string) float64 {
+	d.t.Helper()
+	_, body, err := d.get("/metrics")
+	if err != nil {
+		d.t.Fatalf("GET /metrics: %v", err)
+	}
+	var sum float64
+	for _, line := range strings.Split(body, "\n") {
+		series, v, ok := strings.Cut(line, " ")
+		if !ok || series != name && !strings.HasPrefix(series, name+"{") {
+			continue
+		}
+		f, err := strconv.ParseFloat(v, 64)
+		if err != nil {
+			d.t.Fatalf("/metrics: %q: %v", line, err)
+		}
+		sum += f
+	}
+	return sum
+}
+
 // captureCounters returns capture's counters on /metrics
 // (egress_capture_*_total: packets, kernel drops, malformed, evicted, …)
 // as one line, for a failure's diagnosis; the error when /metrics fails.

@@ -187,7 +187,7 @@ func TestOneDecisionLineResetBurst(t *testing.T) {
 	tp := newTopo(t)
 	d := newDaemon(t, tp, "enforce")
 	d.start()
-	flows0 := metricSum(t, d, "egress_capture_flows_total")
+	flows0 := d.metricSum("egress_capture_flows_total")
 	drops0 := d.metric("egress_capture_kernel_drops_total")
 	const n = 1500
 	name := func(i int) string { return fmt.Sprintf("r7-burst-%d.example", i) }
@@ -248,15 +248,15 @@ func TestOneDecisionLineResetBurst(t *testing.T) {
 	// every opened connection. When the kernel dropped packets of the
 	// burst capture may never see some: then until it has read all the
 	// kernel kept (its packet count holds still for 2 s).
-	for deadline, last, still := time.Now().Add(30*time.Second), -1.0, 0; metricSum(t, d, "egress_capture_flows_total")-flows0 < float64(len(opened)); {
+	for deadline, last, still := time.Now().Add(30*time.Second), -1.0, 0; d.metricSum("egress_capture_flows_total")-flows0 < float64(len(opened)); {
 		if pk := d.metric("egress_capture_packets_total"); pk != last {
 			last, still = pk, 0
 		} else if still++; still >= 20 && d.metric("egress_capture_kernel_drops_total") > drops0 {
-			t.Logf("capture reported %v flows of %d opened connections; the kernel dropped packets (%s)", metricSum(t, d, "egress_capture_flows_total")-flows0, len(opened), d.captureCounters())
+			t.Logf("capture reported %v flows of %d opened connections; the kernel dropped packets (%s)", d.metricSum("egress_capture_flows_total")-flows0, len(opened), d.captureCounters())
 			break
 		}
 		if time.Now().After(deadline) {
-			t.Fatalf("in 30 s capture reported %v flows of %d opened connections (%s)", metricSum(t, d, "egress_capture_flows_total")-flows0, len(opened), d.captureCounters())
+			t.Fatalf("in 30 s capture reported %v flows of %d opened connections (%s)", d.metricSum("egress_capture_flows_total")-flows0, len(opened), d.captureCounters())
 		}
 		time.Sleep(100 * time.Millisecond)
 	}

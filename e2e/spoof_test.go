@@ -94,8 +94,8 @@ func TestSpoofedSources(t *testing.T) {
 	}()
 
 	limited0 := d.metric("egress_dnsfilter_rate_limited_total")
-	up0Requests := metricSum(t, d, "egress_dnsfilter_upstream_requests_total")
-	up0Failures := metricSum(t, d, "egress_dnsfilter_upstream_failures_total")
+	up0Requests := d.metricSum("egress_dnsfilter_upstream_requests_total")
+	up0Failures := d.metricSum("egress_dnsfilter_upstream_failures_total")
 	up0 := u.recv.Load()
 	var other atomic.Int64
 	wg.Add(1)
@@ -120,8 +120,8 @@ func TestSpoofedSources(t *testing.T) {
 	// timed out, a failure).
 	for deadline := time.Now().Add(20 * time.Second); ; time.Sleep(100 * time.Millisecond) {
 		queued := udpRxQueued(t, tp.gw, 53)
-		forwarded := int64(metricSum(t, d, "egress_dnsfilter_upstream_requests_total") - up0Requests)
-		failed := int64(metricSum(t, d, "egress_dnsfilter_upstream_failures_total") - up0Failures)
+		forwarded := int64(d.metricSum("egress_dnsfilter_upstream_requests_total") - up0Requests)
+		failed := int64(d.metricSum("egress_dnsfilter_upstream_failures_total") - up0Failures)
 		if queued == 0 && u.recv.Load()-up0+failed >= forwarded {
 			break
 		}
@@ -296,29 +296,6 @@ func udp6Checksum(src, dst [16]byte, seg []byte) uint16 {
 		return c
 	}
 	return 0xffff
-}
-
-// metricSum returns the sum of every series of the metric name on
-// /metrics, whatever their labels (0 when there is none).
-func metricSum(t *testing.T, d *daemon, name string) float64 {
-	t.Helper()
-	_, body, err := d.get("/metrics")
-	if err != nil {
-		t.Fatalf("GET /metrics: %v", err)
-	}
-	var sum float64
-	for _, line := range strings.Split(body, "\n") {
-		series, v, ok := strings.Cut(line, " ")
-		if !ok || series != name && !strings.HasPrefix(series, name+"{") {
-			continue
-		}
-		f, err := strconv.ParseFloat(v, 64)
-		if err != nil {
-			t.Fatalf("/metrics: %q: %v", line, err)
-		}
-		sum += f
-	}
-	return sum
 }
 
 // udpRxQueued returns the bytes queued unread on the UDP sockets of ns
